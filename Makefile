@@ -1,0 +1,55 @@
+# resp2chat — every target installs what it needs, so a fresh clone only needs `make test`.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV      := .venv
+PY        := $(VENV)/bin/python
+TOOLS     := .tools
+CODEX_VER := 0.169.0
+CODEX     := $(TOOLS)/codex-$(CODEX_VER)/node_modules/.bin/codex
+
+# mitmproxy 12 needs Python >= 3.12: prefer 3.13 (newest pydantic), accept 3.12,
+# from PATH or from pyenv's versions folder. Override with `make PYTHON=/path/to/python3`.
+PYTHON ?= $(shell for c in python3.13 python3.12 \
+	$$HOME/.pyenv/versions/3.13*/bin/python3 $$HOME/.pyenv/versions/3.12*/bin/python3 python3; do \
+	  p=$$(command -v $$c 2>/dev/null) || continue; \
+	  $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && { echo $$p; break; }; \
+	done)
+
+.PHONY: help venv codex test test-fast run bench clean
+
+help:
+	@echo "make run        start the gateway on 127.0.0.1:4000 (bundled demo upstream if no backend is configured)"
+	@echo "make test       install everything needed and run every test"
+	@echo "make test-fast  unit tests only (no mitmdump, no Codex CLI)"
+	@echo "make bench      benchmark against plain mitmproxy and codex-relay"
+
+$(VENV)/.stamp: pyproject.toml
+	@test -n "$(PYTHON)" || { echo "error: no Python >= 3.12 found (set PYTHON=...)"; exit 1; }
+	@echo "using $(PYTHON) ($$($(PYTHON) --version))"
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+venv: $(VENV)/.stamp
+
+$(CODEX):
+	@command -v npm >/dev/null || { echo "error: npm is needed to install Codex CLI"; exit 1; }
+	mkdir -p $(TOOLS)/codex-$(CODEX_VER)
+	cd $(TOOLS)/codex-$(CODEX_VER) && npm install --no-audit --no-fund --silent @openai/codex@$(CODEX_VER)
+
+codex: $(CODEX)
+
+test: venv codex
+	CODEX_BIN=$(abspath $(CODEX)) $(PY) -m pytest -q
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not codex" tests/test_lowering.py tests/test_sse.py tests/test_translator.py
+
+run: venv
+	$(VENV)/bin/resp2chat start
+
+clean:
+	rm -rf $(VENV) $(TOOLS) .pytest_cache

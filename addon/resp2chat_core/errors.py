@@ -1,0 +1,98 @@
+"""Errors the gateway reports, in the two shapes clients understand.
+
+Before a stream starts, an error is an HTTP status with an OpenAI error body. Once a Responses
+stream has started (or the client asked for one), it is a ``response.failed`` event whose
+``error.code`` is one Codex knows how to act on (see ``classify_upstream_error``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+
+@dataclass
+class GatewayError(Exception):
+    """A request the gateway refuses; becomes ``status`` + ``{"error": {...}}``."""
+
+    message: str
+    param: str | None = None
+    code: str | None = None
+    status: int = 400
+    type: str = "invalid_request_error"
+
+    def __str__(self) -> str:
+        return self.message
+
+    def body(self) -> dict:
+        return error_body(self.message, type=self.type, param=self.param, code=self.code)
+
+
+def error_body(message: str, *, type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_json(message: str, *, status_type: str = "invalid_request_error", param=None, code=None) -> bytes:
+    return json.dumps(error_body(message, type=status_type, param=param, code=code)).encode()
+
+
+# Codex's reaction to ``response.failed`` codes (codex-rs, client.rs): context_length_exceeded
+# and insufficient_quota are fatal with a clear message; rate_limit_exceeded is retried after the
+# delay parsed from "try again in N s"; server_is_overloaded and unknown codes are retried.
+_CONTEXT_RE = re.compile(
+    r"context length|context window|maximum context|too many tokens|prompt is too long"
+    r"|exceeds? the (?:available )?context|n_ctx|reduce the length",
+    re.I,
+)
+_QUOTA_RE = re.compile(r"insufficient[_ ]quota|quota exceeded|billing|credit", re.I)
+
+
+def classify_upstream_error(status: int | None, message: str, upstream_code: object = None) -> str:
+    """Map an upstream failure (HTTP status and/or message) to a Responses error code."""
+    code = str(upstream_code or "")
+    if code in ("context_length_exceeded", "insufficient_quota", "rate_limit_exceeded"):
+        return code
+    if _CONTEXT_RE.search(message) or code in ("exceed_context_size_error", "context_length"):
+        return "context_length_exceeded"
+    if status == 429:
+        return "insufficient_quota" if _QUOTA_RE.search(message) else "rate_limit_exceeded"
+    if status == 402 or _QUOTA_RE.search(message):
+        return "insufficient_quota"
+    if status in (502, 503, 504, 529):
+        return "server_is_overloaded"
+    if status is not None and 400 <= status < 500:
+        return "invalid_request_error"
+    return "server_error"
+
+
+_SECRET_RE = re.compile(r"(?i)(bearer\s+|api[_-]?key[\"'=: ]+|sk-)[A-Za-z0-9._\-]{6,}")
+
+
+def sanitize(text: str, limit: int = 2000) -> str:
+    """Strip things that look like credentials from upstream text before a client sees it."""
+    text = _SECRET_RE.sub(lambda m: m.group(1) + "[redacted]", text)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def upstream_error_message(status: int | None, body: bytes) -> tuple[str, object]:
+    """Pull ``(message, upstream code)`` out of whatever error body a backend sent."""
+    text = body.decode("utf-8", "replace").strip()
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    message, code = "", None
+    if isinstance(data, dict):
+        err = data.get("error", data)
+        if isinstance(err, dict):
+            message = str(err.get("message") or err.get("detail") or err.get("msg") or "")
+            code = err.get("code") or err.get("type")
+        elif isinstance(err, str):
+            message = err
+        if not message and isinstance(data.get("detail"), str):
+            message = data["detail"]
+    if not message:
+        message = text or f"upstream returned HTTP {status}"
+    prefix = f"upstream HTTP {status}: " if status and status >= 400 else "upstream error: "
+    return prefix + sanitize(message), code

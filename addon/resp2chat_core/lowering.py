@@ -1,0 +1,305 @@
+"""Lowering: a validated Responses request -> one Chat Completions request body.
+
+Rules of this file:
+- Pure and byte-deterministic: the same request gives the same bytes, always. No clocks, no
+  randomness, no set iteration, no sort that depends on anything but the input. Server replay
+  hashes these bytes, and the backend's KV prefix cache rewards prompts that only grow.
+- History lowers the way the model produced it. One assistant turn in Responses is several items
+  (reasoning, message, function_call…); they fold back into one chat assistant message carrying
+  ``reasoning_content``, ``content`` and ``tool_calls``, so the backend re-reads its own turn.
+
+System messages: ``instructions`` plus the leading run of system/developer messages become one
+leading system message (joined by a blank line): templates such as Qwen's accept a system
+message only in first place. A system/developer message later in the conversation becomes a
+``user`` message with the same text; folding it into the leading one instead would rewrite the
+start of the prompt and throw away the backend's whole prefix cache.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import GatewayError
+from .schema import (
+    CustomToolCallItem, FunctionCallItem, ImagePart, LocalShellCallItem, MessageItem,
+    ReasoningItem, RefusalPart, ResponsesRequest, ToolOutputItem, ToolSearchCallItem,
+    ToolSearchOutputItem, WebSearchCallItem,
+)
+from .toolmap import LOCAL_SHELL_NAME, TOOL_SEARCH_NAME, ToolMap, build_tool_map, chat_name, lower_tool_choice
+
+
+@dataclass(frozen=True)
+class LoweringOptions:
+    flatten_content: bool = True  # text-only content as a plain string (every template takes it)
+    upstream_model: str | None = None  # force one model name upstream
+    model_map: dict[str, str] = field(default_factory=dict)
+    tool_denylist: frozenset[str] = frozenset()
+    extra_params: dict[str, Any] = field(default_factory=dict)  # merged into every chat request
+    drop_params: frozenset[str] = frozenset()  # removed from every chat request
+
+
+@dataclass
+class Lowered:
+    chat: dict  # the chat request
+    body: bytes  # its canonical encoding
+    tool_map: ToolMap
+    client_stream: bool  # what the *client* asked for; upstream is always streamed
+
+
+def encode(chat: dict) -> bytes:
+    return json.dumps(chat, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+# --- content -------------------------------------------------------------------------------
+
+
+def _part_text(part) -> str | None:
+    if isinstance(part, RefusalPart):
+        return part.refusal
+    if isinstance(part, ImagePart):
+        return None
+    return part.text
+
+
+def _image(part: ImagePart, where: str) -> dict:
+    if not part.image_url:
+        raise GatewayError(f"{where}: input_image needs image_url (file_id needs a file store)",
+                           param=f"{where}.image_url", code="unsupported_file_id")
+    image = {"url": part.image_url}
+    if part.detail:
+        image["detail"] = part.detail
+    return {"type": "image_url", "image_url": image}
+
+
+def _content(content, where: str, flatten: bool, allow_images: bool = True):
+    """Chat message content: a string when text-only (if flattening), else a part list."""
+    if isinstance(content, str):
+        return content
+    if flatten and not any(isinstance(p, ImagePart) for p in content):
+        return "\n".join(_part_text(p) for p in content)
+    parts = []
+    for j, p in enumerate(content):
+        if isinstance(p, ImagePart):
+            if not allow_images:
+                raise GatewayError(f"{where}[{j}]: images are only accepted in user content",
+                                   param=f"{where}[{j}]", code="invalid_value")
+            parts.append(_image(p, f"{where}[{j}]"))
+        else:
+            parts.append({"type": "text", "text": _part_text(p)})
+    return parts
+
+
+def _split_output(output, where: str) -> tuple[str, list[dict]]:
+    """Tool output -> (text for the tool message, image parts to show in a user message)."""
+    if isinstance(output, str):
+        return output, []
+    texts, images = [], []
+    for j, p in enumerate(output):
+        if isinstance(p, ImagePart):
+            images.append(_image(p, f"{where}[{j}]"))
+        else:
+            texts.append(_part_text(p))
+    return "\n".join(texts), images
+
+
+# --- history -------------------------------------------------------------------------------
+
+
+class _Conversation:
+    """Accumulates chat messages; folds one assistant turn's items into one message."""
+
+    def __init__(self, flatten: bool):
+        self.flatten = flatten
+        self.messages: list[dict] = []
+        self._reasoning: list[str] = []
+        self._notes: list[str] = []
+        self._content: Any = None
+        self._tool_calls: list[dict] = []
+        self._tool_images: list[dict] = []  # images from tool outputs, shown after the tool run
+
+    def _assistant_open(self) -> bool:
+        return bool(self._reasoning or self._notes or self._content is not None or self._tool_calls)
+
+    def flush_assistant(self) -> None:
+        if not self._assistant_open():
+            return
+        msg: dict = {"role": "assistant"}
+        content = self._content
+        if self._notes:
+            content = "\n".join(self._notes + ([content] if isinstance(content, str) and content else []))
+        msg["content"] = content if content is not None else ("" if not self._tool_calls else None)
+        if self._reasoning:
+            msg["reasoning_content"] = "\n\n".join(self._reasoning)
+        if self._tool_calls:
+            msg["tool_calls"] = self._tool_calls
+        self.messages.append(msg)
+        self._reasoning, self._notes, self._content, self._tool_calls = [], [], None, []
+
+    def flush_tool_images(self) -> None:
+        if self._tool_images:
+            self.messages.append({"role": "user", "content": self._tool_images})
+            self._tool_images = []
+
+    def add(self, msg: dict) -> None:
+        self.flush_assistant()
+        if msg["role"] != "tool":
+            self.flush_tool_images()
+        self.messages.append(msg)
+
+    def reasoning(self, text: str) -> None:
+        if self._content is not None or self._tool_calls:
+            self.flush_assistant()  # new reasoning starts a new generation
+        if text:
+            self._reasoning.append(text)
+
+    def assistant_content(self, content) -> None:
+        if self._content is not None or self._tool_calls:
+            self.flush_assistant()
+        self.flush_tool_images()
+        self._content = content
+
+    def tool_call(self, call_id: str, name: str, arguments: str) -> None:
+        self.flush_tool_images()
+        self._tool_calls.append(
+            {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+        )
+
+    def note(self, text: str) -> None:
+        self._notes.append(text)
+
+    def finish(self) -> list[dict]:
+        self.flush_assistant()
+        self.flush_tool_images()
+        return self.messages
+
+
+def _lower_input(req: ResponsesRequest, flatten: bool) -> list[dict]:
+    items = [MessageItem(role="user", content=req.input)] if isinstance(req.input, str) else req.input
+    conv = _Conversation(flatten)
+
+    # instructions + leading system/developer run -> a single first system message
+    system: list[str] = [req.instructions] if req.instructions else []
+    start = 0
+    while start < len(items) and isinstance(items[start], MessageItem) and items[start].role in ("system", "developer"):
+        c = _content(items[start].content, f"input[{start}].content", True, allow_images=False)
+        system.append(c)
+        start += 1
+    if system:
+        conv.add({"role": "system", "content": "\n\n".join(system)})
+
+    for i in range(start, len(items)):
+        item, where = items[i], f"input[{i}]"
+        if isinstance(item, MessageItem):
+            if item.role == "assistant":
+                conv.assistant_content(_content(item.content, f"{where}.content", True, allow_images=False))
+            else:  # user, and system/developer after the leading run (see module docstring)
+                conv.add({"role": "user", "content": _content(item.content, f"{where}.content", flatten)})
+        elif isinstance(item, ReasoningItem):
+            parts = item.content if item.content else item.summary
+            conv.reasoning("\n\n".join(p.text for p in parts))
+        elif isinstance(item, FunctionCallItem):
+            conv.tool_call(item.call_id, chat_name(item.name, item.namespace), item.arguments)
+        elif isinstance(item, CustomToolCallItem):
+            conv.tool_call(item.call_id, chat_name(item.name, item.namespace), _json({"input": item.input}))
+        elif isinstance(item, LocalShellCallItem):
+            a = item.action
+            args = {"command": a.command}
+            if a.working_directory:
+                args["workdir"] = a.working_directory
+            if a.timeout_ms is not None:
+                args["timeout_ms"] = a.timeout_ms
+            conv.tool_call(_call_id(item, where), LOCAL_SHELL_NAME, _json(args))
+        elif isinstance(item, ToolSearchCallItem):
+            args = item.arguments if isinstance(item.arguments, str) else _json(item.arguments or {})
+            conv.tool_call(_call_id(item, where), TOOL_SEARCH_NAME, args)
+        elif isinstance(item, WebSearchCallItem):
+            # A hosted search ran on the server; the chat model only needs to know it happened.
+            query = (item.action or {}).get("query") or ""
+            conv.note(f"(searched the web for: {query})" if query else "(searched the web)")
+        elif isinstance(item, ToolOutputItem):
+            text, images = _split_output(item.output, f"{where}.output")
+            conv.add({"role": "tool", "tool_call_id": _call_id(item, where), "content": text})
+            conv._tool_images.extend(images)
+        elif isinstance(item, ToolSearchOutputItem):
+            conv.add({"role": "tool", "tool_call_id": _call_id(item, where), "content": _json(item.tools)})
+    return conv.finish()
+
+
+def _call_id(item, where: str) -> str:
+    cid = getattr(item, "call_id", None) or getattr(item, "id", None)
+    if not cid:
+        raise GatewayError(f"{where}.call_id: required", param=f"{where}.call_id", code="invalid_value")
+    return cid
+
+
+# --- request parameters --------------------------------------------------------------------
+
+
+def _response_format(fmt: dict | None):
+    if not fmt or fmt.get("type") in (None, "text"):
+        return None
+    if fmt["type"] == "json_object":
+        return {"type": "json_object"}
+    if fmt["type"] == "json_schema":
+        if not isinstance(fmt.get("schema"), dict):
+            raise GatewayError("text.format.schema: required for json_schema", param="text.format.schema", code="invalid_value")
+        spec = {"name": fmt.get("name") or "response", "schema": fmt["schema"]}
+        if fmt.get("description"):
+            spec["description"] = fmt["description"]
+        if fmt.get("strict") is not None:
+            spec["strict"] = fmt["strict"]
+        return {"type": "json_schema", "json_schema": spec}
+    raise GatewayError(f"text.format.type: unsupported {fmt['type']!r}", param="text.format.type", code="invalid_value")
+
+
+def lower(req: ResponsesRequest, opts: LoweringOptions = LoweringOptions()) -> Lowered:
+    if req.previous_response_id:
+        raise GatewayError(
+            f"previous response {req.previous_response_id!r} not found: this gateway keeps no "
+            f"responses; send the whole conversation in `input`",
+            param="previous_response_id", code="previous_response_not_found",
+        )
+    if req.background:
+        raise GatewayError("background responses are not supported", param="background", code="unsupported_parameter")
+
+    tmap = build_tool_map(req.tools, opts.tool_denylist)
+    tool_choice, tools = lower_tool_choice(req.tool_choice, tmap)
+
+    chat: dict[str, Any] = {
+        "model": opts.upstream_model or opts.model_map.get(req.model, req.model),
+        "messages": _lower_input(req, opts.flatten_content),
+    }
+    if tools:
+        chat["tools"] = tools
+        if tool_choice is not None:
+            chat["tool_choice"] = tool_choice
+        if req.parallel_tool_calls is not None:
+            chat["parallel_tool_calls"] = req.parallel_tool_calls
+    elif tool_choice == "required" or isinstance(tool_choice, dict):
+        raise GatewayError("tool_choice requires a tool, but no tool is left for the backend",
+                           param="tool_choice", code="invalid_value")
+    response_format = _response_format(req.text.format if req.text else None)
+    if response_format:
+        chat["response_format"] = response_format
+    if req.reasoning and req.reasoning.effort:
+        chat["reasoning_effort"] = req.reasoning.effort
+    if req.max_output_tokens is not None:
+        chat["max_tokens"] = req.max_output_tokens
+    if req.temperature is not None:
+        chat["temperature"] = req.temperature
+    if req.top_p is not None:
+        chat["top_p"] = req.top_p
+    # Always stream upstream, with usage: one translation path, and Codex needs real token counts.
+    chat["stream"] = True
+    chat["stream_options"] = {"include_usage": True}
+    if opts.extra_params:
+        chat.update(opts.extra_params)
+    for key in opts.drop_params:
+        chat.pop(key, None)
+    return Lowered(chat=chat, body=encode(chat), tool_map=tmap, client_stream=bool(req.stream))

@@ -1,0 +1,175 @@
+"""Responses tools <-> chat-completions functions, and the names that travel between them.
+
+A chat backend only knows flat functions whose names match ``^[a-zA-Z0-9_-]{1,64}$``. Responses
+tools are richer: namespaces (``multi_agent_v1``, ``mcp__server__``), freeform ``custom`` tools
+(apply_patch) and ``local_shell``. ``ToolMap`` flattens them into functions and remembers, for each
+chat-side name, which Responses item a call to it must become. Names are derived by a pure
+function of (namespace, name), so history lowering and the live stream agree without state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+
+from .errors import GatewayError
+from .schema import (
+    CustomTool, FunctionTool, HostedTool, LocalShellTool, NamespaceTool, ToolSearchTool,
+)
+
+_VALID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+_INVALID_CHARS = re.compile(r"[^a-zA-Z0-9_-]")
+
+LOCAL_SHELL_NAME = "local_shell"
+TOOL_SEARCH_NAME = "tool_search"
+
+LOCAL_SHELL_PARAMETERS = {
+    "type": "object",
+    "properties": {
+        "command": {"type": "array", "items": {"type": "string"}, "description": "The command and its arguments, e.g. [\"bash\", \"-lc\", \"ls\"]."},
+        "workdir": {"type": "string", "description": "Working directory to run the command in."},
+        "timeout_ms": {"type": "integer", "description": "Timeout in milliseconds."},
+    },
+    "required": ["command"],
+    "additionalProperties": False,
+}
+
+CUSTOM_PARAMETERS = {
+    "type": "object",
+    "properties": {"input": {"type": "string", "description": "The raw input for this tool."}},
+    "required": ["input"],
+    "additionalProperties": False,
+}
+
+
+def chat_name(name: str, namespace: str | None = None) -> str:
+    """The chat-side function name for a Responses tool; valid on strict backends."""
+    if namespace:
+        # `mcp__server__` already ends in a separator; `multi_agent_v1` gets one.
+        name = namespace + name if namespace.endswith("_") else f"{namespace}__{name}"
+    if _VALID.match(name):
+        return name
+    safe = _INVALID_CHARS.sub("_", name)
+    if len(safe) > 64:
+        safe = safe[:55] + "_" + hashlib.sha256(name.encode()).hexdigest()[:8]
+    return safe
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a chat tool call must come back as: ``kind`` is the Responses item family."""
+
+    kind: str  # "function" | "custom" | "local_shell" | "tool_search"
+    name: str
+    namespace: str | None = None
+
+
+@dataclass
+class ToolMap:
+    chat_tools: list[dict] = field(default_factory=list)
+    targets: dict[str, Target] = field(default_factory=dict)
+
+    def target(self, chat_tool_name: str) -> Target:
+        # A name the model made up still comes back as a function call: the client reports it.
+        return self.targets.get(chat_tool_name) or Target("function", chat_tool_name)
+
+    def _add(self, target: Target, definition: dict, where: str) -> None:
+        cname = definition["function"]["name"]
+        if cname in self.targets:
+            raise GatewayError(
+                f"{where}: tool name {cname!r} collides with another tool once flattened for the "
+                f"chat backend", param=where, code="tool_name_collision",
+            )
+        self.targets[cname] = target
+        self.chat_tools.append(definition)
+
+
+def _function(name: str, description: str | None, parameters: dict | None, strict: bool | None = None) -> dict:
+    fn: dict = {"name": name}
+    if description:
+        fn["description"] = description
+    fn["parameters"] = parameters if parameters is not None else {"type": "object", "properties": {}}
+    if strict:
+        fn["strict"] = True
+    return {"type": "function", "function": fn}
+
+
+def _custom_description(tool: CustomTool) -> str:
+    text = tool.description or ""
+    fmt = tool.format or {}
+    if fmt.get("type") == "grammar" and fmt.get("definition"):
+        text += (
+            f"\n\nPut the raw tool input in the `input` argument. It must follow this "
+            f"{fmt.get('syntax', '')} grammar:\n{fmt['definition']}"
+        )
+    return text
+
+
+def build_tool_map(tools, denylist: frozenset[str] = frozenset()) -> ToolMap:
+    """Flatten validated Responses tools into chat functions, in the client's order."""
+    tmap = ToolMap()
+    for i, tool in enumerate(tools or ()):
+        where = f"tools[{i}]"
+        if isinstance(tool, HostedTool):
+            continue  # server-side tools: the backend cannot run them; the client has fallbacks
+        if isinstance(tool, NamespaceTool):
+            members = [(tool.name, t, f"{where}.tools[{j}]") for j, t in enumerate(tool.tools)]
+        else:
+            members = [(None, tool, where)]
+        for ns, t, loc in members:
+            if isinstance(t, (FunctionTool, CustomTool)) and (t.name in denylist or chat_name(t.name, ns) in denylist):
+                continue
+            if isinstance(t, FunctionTool):
+                tmap._add(Target("function", t.name, ns),
+                          _function(chat_name(t.name, ns), t.description, t.parameters, t.strict), loc)
+            elif isinstance(t, CustomTool):
+                tmap._add(Target("custom", t.name, ns),
+                          _function(chat_name(t.name, ns), _custom_description(t), CUSTOM_PARAMETERS), loc)
+            elif isinstance(t, LocalShellTool) and LOCAL_SHELL_NAME not in denylist:
+                tmap._add(Target("local_shell", LOCAL_SHELL_NAME),
+                          _function(LOCAL_SHELL_NAME, "Run a command on the user's machine.", LOCAL_SHELL_PARAMETERS), loc)
+            elif isinstance(t, ToolSearchTool) and TOOL_SEARCH_NAME not in denylist:
+                tmap._add(Target("tool_search", TOOL_SEARCH_NAME),
+                          _function(TOOL_SEARCH_NAME, t.description, t.parameters), loc)
+    return tmap
+
+
+_CHOICE_MODES = ("auto", "none", "required")
+
+
+def lower_tool_choice(choice, tmap: ToolMap) -> tuple[object, list[dict]]:
+    """Return ``(chat tool_choice or None, chat tools)``; ``allowed_tools`` narrows the list."""
+    tools = tmap.chat_tools
+    if choice is None:
+        return None, tools
+    if isinstance(choice, str):
+        if choice not in _CHOICE_MODES:
+            raise GatewayError(f"tool_choice: unknown mode {choice!r}", param="tool_choice", code="invalid_value")
+        return choice, tools
+    kind = choice.get("type")
+    if kind in ("function", "custom"):
+        name = choice.get("name")
+        if not isinstance(name, str) or not name:
+            raise GatewayError("tool_choice.name: required for a named tool", param="tool_choice.name", code="invalid_value")
+        cname = chat_name(name, choice.get("namespace"))
+        if cname not in tmap.targets:
+            raise GatewayError(f"tool_choice: no tool named {name!r} in tools", param="tool_choice.name", code="invalid_value")
+        return {"type": "function", "function": {"name": cname}}, tools
+    if kind == "allowed_tools":
+        mode = choice.get("mode", "auto")
+        if mode not in ("auto", "required"):
+            raise GatewayError(f"tool_choice.mode: unknown mode {mode!r}", param="tool_choice.mode", code="invalid_value")
+        allowed = set()
+        for t in choice.get("tools") or ():
+            if isinstance(t, dict) and t.get("type") == "local_shell":
+                allowed.add(LOCAL_SHELL_NAME)
+            elif isinstance(t, dict) and t.get("name"):
+                allowed.add(chat_name(t["name"], t.get("namespace")))
+        return mode, [t for t in tools if t["function"]["name"] in allowed]
+    if kind in ("local_shell", "tool_search"):
+        cname = LOCAL_SHELL_NAME if kind == "local_shell" else TOOL_SEARCH_NAME
+        if cname in tmap.targets:
+            return {"type": "function", "function": {"name": cname}}, tools
+    raise GatewayError(f"tool_choice: type {kind!r} is not supported by a chat backend",
+                       param="tool_choice.type", code="unsupported_tool_choice")

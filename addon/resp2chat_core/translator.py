@@ -1,0 +1,522 @@
+"""Stream translator: chat-completions SSE bytes in, Responses SSE bytes out.
+
+Rules of this file:
+- Sans-I/O. ``feed(bytes) -> bytes`` and ``finish() -> bytes`` are the whole interface; the
+  caller owns sockets, threads and timers. Nothing here imports mitmproxy.
+- Total. Every input, however broken, ends in exactly one terminal event (``response.completed``,
+  ``response.incomplete`` or ``response.failed``) and nothing after it. ``feed`` never raises for
+  bad upstream data (a raise inside mitmproxy's stream callable hangs the client).
+- Hot path. ``feed`` runs once per socket read: plain dicts, string-built delta events, one
+  ``bytes`` result per call, no pydantic, no re-parsing of earlier bytes.
+
+Theory of operation
+-------------------
+Upstream chunks carry deltas of three kinds: reasoning, text, and tool calls (by ``index``). The
+Responses stream wants *items*: a reasoning item, a message item, one item per tool call, each
+opened (``output_item.added``), filled (delta events) and closed (``output_item.done``), in
+output order. So the translator keeps at most one *open kind* of item. A delta of the open kind
+extends it; a delta of another kind closes what is open and opens its own item. Tool calls are
+the one kind that can hold several items open at once (parallel calls stream by index, and a
+backend may interleave them), all closed together when another kind or the end arrives.
+
+Two state machines, both as tables:
+
+``_PHASES`` — the response as a whole::
+
+    WAITING ──first event──▶ STREAMING ──finish_reason──▶ FINISHING ──[DONE] / end──▶ DONE
+       │                        │  ▲ deltas                   │ usage, stray deltas
+       └─────── error payload / end of stream / garbage ──────┴────────────▶ DONE (failed)
+
+``_ITEM_TRANSITIONS`` — what an incoming delta does to the open item (below).
+
+Text and reasoning that are only whitespace do not open an item (Qwen-style models emit
+"\\n\\n" between thinking and a tool call); they are kept and prepended if real text follows.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+
+from .errors import classify_upstream_error, sanitize, upstream_error_message
+from .sse import SSEParser
+from .toolmap import ToolMap
+from .usage import find_usage, to_responses_usage
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_loads = json.loads
+
+
+class Phase(Enum):
+    WAITING = "waiting"  # nothing sent to the client yet
+    STREAMING = "streaming"  # response.created sent; deltas flowing
+    FINISHING = "finishing"  # finish_reason seen; items closed; waiting for usage / [DONE]
+    DONE = "done"  # terminal event sent; everything else is ignored
+
+
+# (phase, what happened) -> next phase. Anything not listed is ignored in that phase.
+_PHASES = {
+    (Phase.WAITING, "chunk"): Phase.STREAMING,
+    (Phase.WAITING, "finish_reason"): Phase.FINISHING,
+    (Phase.WAITING, "done"): Phase.DONE,  # [DONE] with no answer: an empty, completed response
+    (Phase.WAITING, "fail"): Phase.DONE,
+    (Phase.STREAMING, "chunk"): Phase.STREAMING,
+    (Phase.STREAMING, "finish_reason"): Phase.FINISHING,
+    (Phase.STREAMING, "done"): Phase.DONE,
+    (Phase.STREAMING, "fail"): Phase.DONE,
+    (Phase.FINISHING, "chunk"): Phase.FINISHING,
+    (Phase.FINISHING, "finish_reason"): Phase.FINISHING,
+    (Phase.FINISHING, "done"): Phase.DONE,
+    (Phase.FINISHING, "fail"): Phase.DONE,
+}
+
+
+class Kind(Enum):
+    NONE = "none"
+    REASONING = "reasoning"
+    TEXT = "text"
+    TOOL = "tool"
+
+
+# (open kind, incoming delta kind) -> action. "extend": feed the open item(s);
+# "switch": close everything open, then open an item for the incoming kind.
+_ITEM_TRANSITIONS = {
+    (Kind.NONE, Kind.REASONING): "switch",
+    (Kind.NONE, Kind.TEXT): "switch",
+    (Kind.NONE, Kind.TOOL): "switch",
+    (Kind.REASONING, Kind.REASONING): "extend",
+    (Kind.REASONING, Kind.TEXT): "switch",
+    (Kind.REASONING, Kind.TOOL): "switch",
+    (Kind.TEXT, Kind.REASONING): "switch",
+    (Kind.TEXT, Kind.TEXT): "extend",
+    (Kind.TEXT, Kind.TOOL): "switch",
+    (Kind.TOOL, Kind.REASONING): "switch",
+    (Kind.TOOL, Kind.TEXT): "switch",
+    (Kind.TOOL, Kind.TOOL): "extend",  # a new index opens one more tool item beside the others
+}
+
+_INCOMPLETE_REASONS = {"length": "max_output_tokens", "content_filter": "content_filter"}
+
+
+@dataclass
+class TurnContext:
+    """What the translator needs to know about the request it answers."""
+
+    response_id: str
+    created_at: int
+    model: str  # the model name the client asked for (echoed back)
+    tool_map: ToolMap = field(default_factory=ToolMap)
+    echo: dict = field(default_factory=dict)  # request fields echoed into every Response object
+
+
+@dataclass
+class _Tool:
+    output_index: int
+    item_id: str
+    call_id: str
+    chat_name: str
+    kind: str  # Target.kind: function | custom | local_shell | tool_search
+    name: str
+    namespace: str | None
+    args: list[str] = field(default_factory=list)
+
+
+class Translator:
+    def __init__(self, ctx: TurnContext):
+        self.ctx = ctx
+        self.phase = Phase.WAITING
+        self.open = Kind.NONE
+        self.output: list[dict] = []  # finished items, in output order
+        self.usage: dict | None = None
+        self.finish_reason: str | None = None
+        self.error: dict | None = None
+        self.events = 0  # also the next sequence_number
+        self._parser = SSEParser()
+        self._out: list[str] = []
+        self._next_index = 0
+        self._suffix = ctx.response_id.removeprefix("resp_")
+        self._echo_json = _dumps(ctx.echo)[1:-1]
+        # open items
+        self._item_id = ""
+        self._item_index = 0
+        self._text: list[str] = []
+        self._ws = ""  # leading whitespace held back until real text arrives
+        self._ws_kind = Kind.NONE
+        self._tools: dict[object, _Tool] = {}
+        self._tool_wait: dict[object, list[str]] = {}  # args seen before the call's name
+
+    # --- public interface ------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> bytes:
+        if self.phase is Phase.DONE:
+            return b""
+        try:
+            for payload in self._parser.feed(data):
+                self._payload(payload)
+                if self.phase is Phase.DONE:
+                    break
+        except Exception as exc:  # noqa: BLE001 — a bug here must not hang the client
+            self.fail("server_error", f"gateway failed to translate the upstream stream: {exc!r}")
+        return self._flush()
+
+    def finish(self) -> bytes:
+        """The upstream body ended (mitmproxy calls the stream callable with b"")."""
+        if self.phase is not Phase.DONE:
+            try:
+                for payload in self._parser.finish():
+                    self._payload(payload)
+                    if self.phase is Phase.DONE:
+                        break
+                if self.phase is Phase.FINISHING or (self.phase is Phase.STREAMING and self._saw_done):
+                    self._complete()
+                elif self.phase is not Phase.DONE:
+                    self.fail("server_error", "upstream stream ended before the response was finished")
+            except Exception as exc:  # noqa: BLE001
+                self.fail("server_error", f"gateway failed to finish the response: {exc!r}")
+        return self._flush()
+
+    def fail(self, code: str, message: str) -> bytes:
+        """Terminate with ``response.failed`` (idempotent); returns pending output."""
+        if self.phase is not Phase.DONE:
+            self._start()
+            self.error = {"code": code, "message": message}
+            self._emit_response("response.failed", "failed")
+            self.phase = Phase.DONE
+        return self._flush()
+
+    def fail_upstream(self, status: int | None, body: bytes) -> bytes:
+        """An upstream error body (HTTP error or JSON error) -> ``response.failed``."""
+        message, code = upstream_error_message(status, body)
+        return self.fail(classify_upstream_error(status, message, code), message)
+
+    def translate_body(self, body: bytes) -> bytes:
+        """A non-streamed ``chat.completion`` JSON (a backend that ignored ``stream``)."""
+        try:
+            data = _loads(body)
+        except ValueError:
+            return self.fail("server_error", "upstream sent a body that is neither SSE nor JSON: "
+                             + sanitize(body[:200].decode("utf-8", "replace")))
+        if not isinstance(data, dict) or "error" in data or data.get("object") == "error":
+            return self.fail_upstream(200, body)
+        for choice in data.get("choices") or ():
+            if isinstance(choice, dict) and "message" in choice:
+                choice["delta"] = choice.pop("message")
+        self._chunk(data)
+        self._saw_done = True
+        return self.finish()
+
+    @property
+    def done(self) -> bool:
+        return self.phase is Phase.DONE
+
+    def response(self) -> dict:
+        """The Response object as it stands (final once ``done``)."""
+        return _loads(self._response_json(self._status or "in_progress", self._incomplete))
+
+    # --- upstream events -------------------------------------------------------------------
+
+    _saw_done = False
+    _status: str | None = None
+    _incomplete: dict | None = None
+
+    def _payload(self, payload: str) -> None:
+        if payload == "[DONE]":
+            self._saw_done = True
+            if self.phase in (Phase.STREAMING, Phase.FINISHING, Phase.WAITING):
+                self._complete()
+            return
+        try:
+            chunk = _loads(payload)
+        except ValueError:
+            # Some servers forget the blank line between events: try each line on its own.
+            lines = payload.split("\n")
+            if len(lines) > 1:
+                for line in lines:
+                    self._payload(line.removeprefix("data:").strip())
+                return
+            self.fail("server_error", "upstream sent an event that is not JSON: " + sanitize(payload[:200]))
+            return
+        if not isinstance(chunk, dict):
+            self.fail("server_error", "upstream sent an event that is not a JSON object")
+            return
+        if "error" in chunk or chunk.get("object") == "error":
+            self.fail_upstream(None, payload.encode())
+            return
+        self._chunk(chunk)
+
+    def _chunk(self, chunk: dict) -> None:
+        self._start()
+        usage = find_usage(chunk)
+        if usage is not None:
+            self.usage = to_responses_usage(usage)
+        for choice in chunk.get("choices") or ():
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue  # n > 1 is never requested; ignore extra choices
+            delta = choice.get("delta") or {}
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if reasoning and isinstance(reasoning, str):
+                self._delta(Kind.REASONING, reasoning)
+            content = delta.get("content")
+            if content and isinstance(content, str):
+                self._delta(Kind.TEXT, content)
+            calls = delta.get("tool_calls")
+            if calls and isinstance(calls, list):
+                for pos, call in enumerate(calls):
+                    if isinstance(call, dict):
+                        self._tool_delta(pos, call)
+            reason = choice.get("finish_reason")
+            if reason:
+                self._finish_reason(reason)
+
+    def _start(self) -> None:
+        if self.phase is Phase.WAITING:
+            self.phase = Phase.STREAMING
+            self._emit_response("response.created", "in_progress")
+            self._emit_response("response.in_progress", "in_progress")
+
+    def _finish_reason(self, reason: str) -> None:
+        self._close_open()
+        self.finish_reason = reason
+        self.phase = _PHASES[(self.phase, "finish_reason")]
+
+    def _complete(self) -> None:
+        self._start()
+        self._close_open()
+        self._ws = ""
+        reason = _INCOMPLETE_REASONS.get(self.finish_reason or "")
+        if reason:
+            self._emit_response("response.incomplete", "incomplete", {"reason": reason})
+        else:
+            self._emit_response("response.completed", "completed")
+        self.phase = Phase.DONE
+
+    # --- items -----------------------------------------------------------------------------
+
+    def _delta(self, kind: Kind, text: str) -> None:
+        if self.open is not kind and not text.strip():
+            if self._ws_kind is not kind:
+                self._ws = ""
+            self._ws, self._ws_kind = self._ws + text, kind
+            return
+        if _ITEM_TRANSITIONS[(self.open, kind)] == "switch":
+            self._close_open()
+            self._open_item(kind)
+        if self._ws:
+            if self._ws_kind is kind:
+                text = self._ws + text
+            self._ws, self._ws_kind = "", Kind.NONE
+        self._text.append(text)
+        delta = _dumps(text)
+        seq = self.events
+        self.events += 1
+        if kind is Kind.TEXT:
+            self._out.append(
+                'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+                f'"sequence_number":{seq},"item_id":"{self._item_id}","output_index":{self._item_index},'
+                f'"content_index":0,"delta":{delta},"logprobs":[]}}\n\n'
+            )
+        else:
+            self._out.append(
+                'event: response.reasoning_summary_text.delta\ndata: {"type":'
+                f'"response.reasoning_summary_text.delta","sequence_number":{seq},'
+                f'"item_id":"{self._item_id}","output_index":{self._item_index},'
+                f'"summary_index":0,"delta":{delta}}}\n\n'
+            )
+
+    def _open_item(self, kind: Kind) -> None:
+        self.open = kind
+        if kind is Kind.TOOL:
+            return  # tool items open one by one in _tool_delta
+        self._item_index = self._alloc_index()
+        self._text = []
+        if kind is Kind.TEXT:
+            self._item_id = f"msg_{self._suffix}_{self._item_index}"
+            self._emit("response.output_item.added", output_index=self._item_index, item={
+                "id": self._item_id, "type": "message", "status": "in_progress", "role": "assistant", "content": []})
+            self._emit("response.content_part.added", item_id=self._item_id, output_index=self._item_index,
+                       content_index=0, part={"type": "output_text", "text": "", "annotations": []})
+        else:
+            self._item_id = f"rs_{self._suffix}_{self._item_index}"
+            self._emit("response.output_item.added", output_index=self._item_index, item={
+                "id": self._item_id, "type": "reasoning", "summary": []})
+            self._emit("response.reasoning_summary_part.added", item_id=self._item_id,
+                       output_index=self._item_index, summary_index=0, part={"type": "summary_text", "text": ""})
+
+    def _close_open(self) -> None:
+        kind, self.open = self.open, Kind.NONE
+        if kind is Kind.TEXT:
+            text = "".join(self._text)
+            part = {"type": "output_text", "text": text, "annotations": []}
+            ids = {"item_id": self._item_id, "output_index": self._item_index}
+            self._emit("response.output_text.done", **ids, content_index=0, text=text, logprobs=[])
+            self._emit("response.content_part.done", **ids, content_index=0, part=part)
+            self._item_done({"id": self._item_id, "type": "message", "status": "completed",
+                             "role": "assistant", "content": [part]})
+        elif kind is Kind.REASONING:
+            text = "".join(self._text)
+            part = {"type": "summary_text", "text": text}
+            ids = {"item_id": self._item_id, "output_index": self._item_index}
+            self._emit("response.reasoning_summary_text.done", **ids, summary_index=0, text=text)
+            self._emit("response.reasoning_summary_part.done", **ids, summary_index=0, part=part)
+            self._item_done({"id": self._item_id, "type": "reasoning", "summary": [part]})
+        elif kind is Kind.TOOL:
+            for tool in sorted(self._tools.values(), key=lambda t: t.output_index):
+                self._close_tool(tool)
+            self._tools.clear()
+            self._tool_wait.clear()
+
+    def _item_done(self, item: dict, output_index: int | None = None) -> None:
+        index = self._item_index if output_index is None else output_index
+        self._emit("response.output_item.done", output_index=index, item=item)
+        self.output.append(item)
+
+    def _alloc_index(self) -> int:
+        index, self._next_index = self._next_index, self._next_index + 1
+        return index
+
+    # --- tool calls ------------------------------------------------------------------------
+
+    def _tool_delta(self, pos: int, call: dict) -> None:
+        key = call.get("index", call.get("id") or pos)
+        fn = call.get("function") or {}
+        args = fn.get("arguments")
+        if isinstance(args, dict):  # a few servers send parsed arguments
+            args = _dumps(args)
+        tool = self._tools.get(key) if self.open is Kind.TOOL else None
+        if tool is None:
+            name = fn.get("name")
+            if not name:  # arguments before the name: hold them until it arrives
+                if args:
+                    self._tool_wait.setdefault(key, []).append(args)
+                return
+            if _ITEM_TRANSITIONS[(self.open, Kind.TOOL)] == "switch":
+                self._close_open()
+                self._open_item(Kind.TOOL)
+            tool = self._open_tool(key, name, call.get("id"))
+            held = self._tool_wait.pop(key, None)
+            if held:
+                self._tool_args(tool, "".join(held))
+        if args:
+            self._tool_args(tool, args)
+
+    def _open_tool(self, key, chat_name: str, call_id) -> _Tool:
+        target = self.ctx.tool_map.target(chat_name)
+        index = self._alloc_index()
+        prefix = {"function": "fc", "custom": "ctc", "local_shell": "lsh", "tool_search": "ts"}[target.kind]
+        tool = _Tool(index, f"{prefix}_{self._suffix}_{index}", call_id or f"call_{self._suffix[:16]}_{index}",
+                     chat_name, target.kind, target.name, target.namespace)
+        self._tools[key] = tool
+        self._emit("response.output_item.added", output_index=index, item=self._tool_item(tool, "in_progress", ""))
+        return tool
+
+    def _tool_args(self, tool: _Tool, args: str) -> None:
+        tool.args.append(args)
+        if tool.kind == "function":  # stream live; other kinds need the whole JSON to decode
+            seq = self.events
+            self.events += 1
+            self._out.append(
+                'event: response.function_call_arguments.delta\ndata: {"type":'
+                f'"response.function_call_arguments.delta","sequence_number":{seq},'
+                f'"item_id":"{tool.item_id}","output_index":{tool.output_index},"delta":{_dumps(args)}}}\n\n'
+            )
+
+    def _close_tool(self, tool: _Tool) -> None:
+        raw = "".join(tool.args)
+        ids = {"item_id": tool.item_id, "output_index": tool.output_index}
+        if tool.kind == "function":
+            # Codex parses arguments as JSON: a zero-argument call must still be an object.
+            args = raw if raw.strip() else "{}"
+            self._emit("response.function_call_arguments.done", **ids, name=tool.name, arguments=args)
+            item = self._tool_item(tool, "completed", args)
+        elif tool.kind == "custom":
+            value = _decode_custom_input(raw)
+            self._emit("response.custom_tool_call_input.delta", **ids, delta=value)
+            self._emit("response.custom_tool_call_input.done", **ids, input=value)
+            item = self._tool_item(tool, "completed", value)
+        else:
+            item = self._tool_item(tool, "completed", raw)
+        self._item_done(item, tool.output_index)
+
+    def _tool_item(self, tool: _Tool, status: str, payload: str) -> dict:
+        if tool.kind == "function":
+            item = {"id": tool.item_id, "type": "function_call", "status": status, "arguments": payload,
+                    "call_id": tool.call_id, "name": tool.name}
+        elif tool.kind == "custom":
+            item = {"id": tool.item_id, "type": "custom_tool_call", "status": status, "call_id": tool.call_id,
+                    "name": tool.name, "input": payload}
+        elif tool.kind == "local_shell":
+            args = _json_object(payload)
+            command = args.get("command")
+            if isinstance(command, str):
+                command = ["bash", "-lc", command]
+            action = {"type": "exec", "command": command if isinstance(command, list) else [],
+                      "timeout_ms": args.get("timeout_ms"), "working_directory": args.get("workdir"),
+                      "env": {}, "user": None}
+            return {"id": tool.item_id, "type": "local_shell_call", "status": status,
+                    "call_id": tool.call_id, "action": action}
+        else:  # tool_search
+            return {"id": tool.item_id, "type": "tool_search_call", "status": status, "call_id": tool.call_id,
+                    "execution": "client", "arguments": _json_object(payload)}
+        if tool.namespace:
+            item["namespace"] = tool.namespace
+        return item
+
+    # --- encoding --------------------------------------------------------------------------
+
+    def _emit(self, type_: str, **fields) -> None:
+        seq = self.events
+        self.events += 1
+        body = _dumps(fields)
+        self._out.append(f'event: {type_}\ndata: {{"type":"{type_}","sequence_number":{seq},{body[1:]}\n\n')
+
+    def _response_json(self, status: str, incomplete: dict | None = None) -> str:
+        usage = _dumps(self.usage) if self.usage and status != "in_progress" else "null"
+        error = _dumps(self.error) if self.error else "null"
+        return (
+            f'{{"id":"{self.ctx.response_id}","object":"response","created_at":{self.ctx.created_at},'
+            f'"status":"{status}","error":{error},"incomplete_details":{_dumps(incomplete)},'
+            f'"model":{_dumps(self.ctx.model)},"output":{_dumps(self.output) if status != "in_progress" else "[]"},'
+            f'"usage":{usage}' + (f",{self._echo_json}" if self._echo_json else "") + "}"
+        )
+
+    def _emit_response(self, type_: str, status: str, incomplete: dict | None = None) -> None:
+        if status != "in_progress":
+            self._status = status
+            self._incomplete = incomplete
+        seq = self.events
+        self.events += 1
+        self._out.append(
+            f'event: {type_}\ndata: {{"type":"{type_}","sequence_number":{seq},'
+            f'"response":{self._response_json(status, incomplete)}}}\n\n'
+        )
+
+    def _flush(self) -> bytes:
+        if not self._out:
+            return b""
+        out = "".join(self._out).encode()
+        self._out.clear()
+        return out
+
+
+def _json_object(raw: str) -> dict:
+    try:
+        value = _loads(raw) if raw.strip() else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _decode_custom_input(raw: str) -> str:
+    """A custom tool's raw input from the one-string-parameter function the model called."""
+    try:
+        value = _loads(raw)
+    except ValueError:
+        return raw  # the model wrote the raw input instead of JSON: that *is* the input
+    if isinstance(value, dict):
+        if isinstance(value.get("input"), str):
+            return value["input"]
+        strings = [v for v in value.values() if isinstance(v, str)]
+        if len(strings) == 1:
+            return strings[0]
+    return value if isinstance(value, str) else raw

@@ -1,0 +1,77 @@
+"""One Responses turn, from request bytes to a ready translator: the core's front door.
+
+``begin_turn`` does everything that happens once per request (decode, validate, lower, prepare
+the fields echoed into Response objects), so the per-chunk path has nothing left to decide.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from .errors import GatewayError
+from .lowering import Lowered, LoweringOptions, lower
+from .schema import parse_request
+from .translator import Translator, TurnContext
+
+# Request fields a Response object echoes back, with the API's defaults when absent.
+_ECHO_DEFAULTS = (
+    ("instructions", None),
+    ("max_output_tokens", None),
+    ("parallel_tool_calls", True),
+    ("previous_response_id", None),
+    ("reasoning", None),
+    ("store", False),
+    ("temperature", None),
+    ("text", {"format": {"type": "text"}}),
+    ("tool_choice", "auto"),
+    ("tools", []),
+    ("top_p", None),
+    ("truncation", "disabled"),
+    ("metadata", {}),
+)
+
+
+def echo_fields(raw: dict) -> dict:
+    echo = {}
+    for key, default in _ECHO_DEFAULTS:
+        value = raw.get(key)
+        echo[key] = default if value is None else value
+    return echo
+
+
+@dataclass
+class Turn:
+    lowered: Lowered
+    ctx: TurnContext
+
+    @property
+    def chat_body(self) -> bytes:
+        return self.lowered.body
+
+    @property
+    def client_stream(self) -> bool:
+        return self.lowered.client_stream
+
+    def translator(self) -> Translator:
+        return Translator(self.ctx)
+
+
+def decode_body(body: bytes) -> dict:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise GatewayError(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise GatewayError("request body must be a JSON object", code="invalid_json")
+    return data
+
+
+def begin_turn(body: bytes, opts: LoweringOptions, response_id: str, created_at: int) -> Turn:
+    """Raise ``GatewayError`` for a request the gateway cannot serve."""
+    raw = decode_body(body)
+    req = parse_request(raw)
+    lowered = lower(req, opts)
+    ctx = TurnContext(response_id=response_id, created_at=created_at, model=req.model,
+                      tool_map=lowered.tool_map, echo=echo_fields(raw))
+    return Turn(lowered, ctx)
