@@ -132,6 +132,8 @@ class Resp2Chat:
     def _default_proxy_options(self) -> None:
         """A gateway, not a proxy: lazy upstream connections, loopback port 4000, reverse mode."""
         opts, changes = ctx.options, {}
+        if "connection_strategy" not in opts:
+            return  # not inside a proxy (unit tests with a bare options manager)
         if opts.connection_strategy != "lazy":
             changes["connection_strategy"] = "lazy"  # eager would reset clients when upstream is down
         if not opts.store_streamed_bodies:

@@ -157,7 +157,7 @@ class Translator:
                 if self.phase is Phase.DONE:
                     break
         except Exception as exc:  # noqa: BLE001 — a bug here must not hang the client
-            self.fail("server_error", f"gateway failed to translate the upstream stream: {exc!r}")
+            self._fail("server_error", f"gateway failed to translate the upstream stream: {exc!r}")
         return self._flush()
 
     def finish(self) -> bytes:
@@ -171,24 +171,20 @@ class Translator:
                 if self.phase is Phase.FINISHING or (self.phase is Phase.STREAMING and self._saw_done):
                     self._complete()
                 elif self.phase is not Phase.DONE:
-                    self.fail("server_error", "upstream stream ended before the response was finished")
+                    self._fail("server_error", "upstream stream ended before the response was finished")
             except Exception as exc:  # noqa: BLE001
-                self.fail("server_error", f"gateway failed to finish the response: {exc!r}")
+                self._fail("server_error", f"gateway failed to finish the response: {exc!r}")
         return self._flush()
 
     def fail(self, code: str, message: str) -> bytes:
         """Terminate with ``response.failed`` (idempotent); returns pending output."""
-        if self.phase is not Phase.DONE:
-            self._start()
-            self.error = {"code": code, "message": message}
-            self._emit_response("response.failed", "failed")
-            self.phase = Phase.DONE
+        self._fail(code, message)
         return self._flush()
 
     def fail_upstream(self, status: int | None, body: bytes) -> bytes:
         """An upstream error body (HTTP error or JSON error) -> ``response.failed``."""
-        message, code = upstream_error_message(status, body)
-        return self.fail(classify_upstream_error(status, message, code), message)
+        self._fail_upstream(status, body)
+        return self._flush()
 
     def translate_body(self, body: bytes) -> bytes:
         """A non-streamed ``chat.completion`` JSON (a backend that ignored ``stream``)."""
@@ -235,13 +231,13 @@ class Translator:
                 for line in lines:
                     self._payload(line.removeprefix("data:").strip())
                 return
-            self.fail("server_error", "upstream sent an event that is not JSON: " + sanitize(payload[:200]))
+            self._fail("server_error", "upstream sent an event that is not JSON: " + sanitize(payload[:200]))
             return
         if not isinstance(chunk, dict):
-            self.fail("server_error", "upstream sent an event that is not a JSON object")
+            self._fail("server_error", "upstream sent an event that is not a JSON object")
             return
         if "error" in chunk or chunk.get("object") == "error":
-            self.fail_upstream(None, payload.encode())
+            self._fail_upstream(None, payload.encode())
             return
         self._chunk(chunk)
 
@@ -268,6 +264,17 @@ class Translator:
             reason = choice.get("finish_reason")
             if reason:
                 self._finish_reason(reason)
+
+    def _fail(self, code: str, message: str) -> None:
+        if self.phase is not Phase.DONE:
+            self._start()
+            self.error = {"code": code, "message": message}
+            self._emit_response("response.failed", "failed")
+            self.phase = Phase.DONE
+
+    def _fail_upstream(self, status: int | None, body: bytes) -> None:
+        message, code = upstream_error_message(status, body)
+        self._fail(classify_upstream_error(status, message, code), message)
 
     def _start(self) -> None:
         if self.phase is Phase.WAITING:

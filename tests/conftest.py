@@ -1,0 +1,216 @@
+"""Shared fixtures: a scripted chat upstream, real mitmdump gateways, the real Codex CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+
+from resp2chat_cli.demo_upstream import serve_in_thread
+
+ROOT = Path(__file__).resolve().parent.parent
+ADDON = ROOT / "addon" / "resp2chat.py"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+CODEX_FIXTURES = FIXTURES / "codex-0.169.0"
+MITMDUMP = Path(sys.executable).with_name("mitmdump")
+
+
+def codex_fixture(name: str) -> dict:
+    return json.loads((CODEX_FIXTURES / name).read_text())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            if requests.get(url, timeout=1).status_code < 500:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+@dataclass
+class Upstream:
+    base_url: str  # http://127.0.0.1:PORT/v1
+    server: object
+
+    @property
+    def origin(self) -> str:
+        return self.base_url.removesuffix("/v1")
+
+    def requests(self) -> list[dict]:
+        return requests.get(self.origin + "/_requests", timeout=5).json()
+
+    def clear(self) -> None:
+        requests.delete(self.origin + "/_requests", timeout=5)
+
+
+@pytest.fixture(scope="session")
+def upstream():
+    server, base_url = serve_in_thread()
+    yield Upstream(base_url, server)
+    server.shutdown()
+    server.server_close()
+
+
+@dataclass
+class Gateway:
+    proc: subprocess.Popen
+    port: int
+    log_path: Path
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_gateway(upstream_url: str, tmp: Path, *extra: str, env: dict | None = None) -> Gateway:
+    """A real `mitmdump -s addon/resp2chat.py --mode reverse:…` on a free loopback port."""
+    port = free_port()
+    log_path = tmp / f"mitmdump-{port}.log"
+    args = [str(MITMDUMP), "-s", str(ADDON), "--mode", f"reverse:{upstream_url}",
+            "--listen-host", "127.0.0.1", "--listen-port", str(port),
+            "--set", f"confdir={tmp / 'mitmconf'}", *extra]
+    proc = subprocess.Popen(args, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, cwd=tmp,
+                            env={**os.environ, **(env or {})})
+    gw = Gateway(proc, port, log_path, args)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
+    except Exception:
+        gw.stop()
+        raise RuntimeError(f"gateway did not start:\n{gw.log()}")
+    return gw
+
+
+@pytest.fixture(scope="session")
+def gateway(upstream, tmp_path_factory):
+    gw = start_gateway(upstream.origin, tmp_path_factory.mktemp("gateway"))
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture
+def gateway_factory(tmp_path):
+    started: list[Gateway] = []
+
+    def make(upstream_url: str, *extra: str, env: dict | None = None) -> Gateway:
+        gw = start_gateway(upstream_url, tmp_path, *extra, env=env)
+        started.append(gw)
+        return gw
+
+    yield make
+    for gw in started:
+        gw.stop()
+
+
+# --- Codex CLI -------------------------------------------------------------------------------
+
+
+def _codex_bin() -> str | None:
+    env = os.environ.get("CODEX_BIN")
+    if env:
+        return env
+    local = ROOT / ".tools" / "codex-0.169.0" / "node_modules" / ".bin" / "codex"
+    return str(local) if local.exists() else shutil.which("codex")
+
+
+@pytest.fixture(scope="session")
+def codex_bin() -> str:
+    path = _codex_bin()
+    if not path or not Path(path).exists():
+        pytest.fail("Codex CLI not found: run `make codex` (or set CODEX_BIN)")
+    return path
+
+
+@dataclass
+class CodexRun:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+@dataclass
+class Codex:
+    """A Codex CLI with its own CODEX_HOME pointed at a gateway, run headless."""
+
+    bin: str
+    home: Path
+    workdir: Path
+
+    def configure(self, base_url: str, model: str = "demo-model") -> None:
+        (self.home / "config.toml").write_text(
+            f'model = "{model}"\nmodel_provider = "gw"\n\n[model_providers.gw]\n'
+            f'name = "resp2chat"\nbase_url = "{base_url}"\nwire_api = "responses"\n'
+            "requires_openai_auth = false\nrequest_max_retries = 0\nstream_max_retries = 0\n"
+        )
+
+    def exec(self, *args: str, timeout: float = 120) -> CodexRun:
+        cmd = [self.bin, "exec", "--skip-git-repo-check", "--dangerously-bypass-approvals-and-sandbox", *args]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CODEX_"))}
+        env["CODEX_HOME"] = str(self.home)
+        proc = subprocess.run(cmd, cwd=self.workdir, env=env, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=timeout)
+        return CodexRun(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture
+def codex(codex_bin, tmp_path, gateway) -> Codex:
+    home, work = tmp_path / "codex-home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    cx = Codex(codex_bin, home, work)
+    cx.configure(gateway.base_url)
+    return cx
+
+
+# --- SSE helpers -----------------------------------------------------------------------------
+
+
+def parse_sse(raw: bytes) -> list[dict]:
+    """Strict reader for what the gateway emits: `event:` + `data:` + blank line, each event."""
+    events = []
+    text = raw.decode()
+    assert text.endswith("\n\n"), "stream must end with a blank line"
+    for block in text.split("\n\n")[:-1]:
+        lines = block.split("\n")
+        assert len(lines) == 2 and lines[0].startswith("event: ") and lines[1].startswith("data: "), block[:200]
+        event = json.loads(lines[1][6:])
+        assert event["type"] == lines[0][7:]
+        events.append(event)
+    return events

@@ -1,0 +1,293 @@
+"""End to end: the real Codex CLI 0.169.0 -> real mitmdump + addon -> the scripted chat upstream.
+
+Each test runs `codex exec` headless (see conftest.Codex) and checks both what a user sees
+(Codex's stdout/stderr, files in the workdir) and what the chat backend received.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import struct
+import time
+import uuid
+import zlib
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.codex
+
+SYSTEM_PROMPT_START = "You are a coding agent running in the Codex CLI"
+NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def diag(run, gateway) -> str:
+    """Context for a failed assertion: what Codex printed and the end of the mitmdump log."""
+    return (f"\n--- codex exit {run.returncode}\n--- stdout:\n{run.stdout[-3000:]}\n--- stderr:\n"
+            f"{run.stderr[-3000:]}\n--- mitmdump log (tail):\n{gateway.log()[-3000:]}")
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False, sort_keys=False)
+
+
+def text_of(content) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(p.get("text") or "" for p in content if isinstance(p, dict))
+    return ""
+
+
+def tool_names(body: dict) -> list[str]:
+    return [t["function"]["name"] for t in body.get("tools") or []]
+
+
+def make_png(path: Path, width: int = 4, height: int = 4, rgb=(255, 0, 0)) -> bytes:
+    """A tiny valid RGB PNG written with zlib/struct only."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    row = b"\x00" + bytes(rgb) * width  # filter type 0 + pixels
+    data = (b"\x89PNG\r\n\x1a\n"
+            + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(row * height))
+            + chunk(b"IEND", b""))
+    path.write_bytes(data)
+    return data
+
+
+def set_retries(codex, *, stream: int, request: int = 0) -> None:
+    """Rewrite the retry settings in the CODEX_HOME config that the fixture wrote."""
+    cfg = codex.home / "config.toml"
+    text = cfg.read_text()
+    assert "stream_max_retries = 0" in text and "request_max_retries = 0" in text, text
+    cfg.write_text(text.replace("stream_max_retries = 0", f"stream_max_retries = {stream}")
+                       .replace("request_max_retries = 0", f"request_max_retries = {request}"))
+
+
+# --- 1. plain answer -------------------------------------------------------------------------
+
+
+def test_plain_answer(codex, upstream, gateway):
+    upstream.clear()
+    run = codex.exec("say hi")
+    assert run.returncode == 0, diag(run, gateway)
+    assert "You said: say hi" in run.stdout, diag(run, gateway)
+
+    reqs = upstream.requests()
+    assert len(reqs) == 1, f"expected one chat request, got {len(reqs)}" + diag(run, gateway)
+    body = reqs[0]
+    msgs = body["messages"]
+
+    # Codex's developer prompt becomes the one leading system message.
+    assert msgs[0]["role"] == "system"
+    assert SYSTEM_PROMPT_START in text_of(msgs[0]["content"])
+    assert [m["role"] for m in msgs].count("system") == 1
+    assert msgs[-1]["role"] == "user" and text_of(msgs[-1]["content"]).strip() == "say hi"
+    assert any("<environment_context>" in text_of(m["content"]) for m in msgs if m["role"] == "user")
+
+    # Tools: plain chat functions with names strict backends accept; namespaces flattened.
+    names = tool_names(body)
+    assert all(t["type"] == "function" and isinstance(t["function"].get("parameters"), dict)
+               for t in body["tools"]), body["tools"]
+    assert "exec_command" in names, names
+    bad = [n for n in names if not NAME_RE.match(n)]
+    assert not bad, f"tool names invalid for chat backends: {bad}"
+    assert len(names) == len(set(names)), f"duplicate tool names: {names}"
+    assert any(n.startswith("multi_agent_v1") and n != "multi_agent_v1" for n in names), \
+        f"multi_agent_v1 namespace tools missing (not flattened?): {names}"
+
+    assert body["stream"] is True
+    assert body.get("stream_options", {}).get("include_usage") is True, body.get("stream_options")
+    assert body["model"] == "demo-model"
+
+
+# --- 2. a tool call really executed ----------------------------------------------------------
+
+
+def test_tool_call_executed_and_result_sent_back(codex, upstream, gateway):
+    marker = f"resp2chat-{uuid.uuid4().hex}"
+    command = f"echo {marker}"
+    upstream.clear()
+    run = codex.exec(f"please run this\nrun: {command}")
+    assert run.returncode == 0, diag(run, gateway)
+
+    # Codex itself shows the command it ran and the command's output.
+    assert command in run.output, diag(run, gateway)
+    assert re.search(rf"^{marker}$", run.output, re.M), "command output not shown" + diag(run, gateway)
+
+    reqs = upstream.requests()
+    assert len(reqs) == 2, f"expected tool-call request + follow-up, got {len(reqs)}" + diag(run, gateway)
+    first, second = reqs
+    prev = first["messages"]
+    msgs = second["messages"]
+    # The follow-up resends the first request unchanged, then the call and its result.
+    assert [dumps(m) for m in msgs[:len(prev)]] == [dumps(m) for m in prev], "history prefix changed"
+    assert dumps(second["tools"]) == dumps(first["tools"]), "tool list changed between requests"
+    assert len(msgs) == len(prev) + 2, [m["role"] for m in msgs]
+
+    call_msg, tool_msg = msgs[len(prev)], msgs[len(prev) + 1]
+    assert call_msg["role"] == "assistant", call_msg
+    calls = call_msg.get("tool_calls") or []
+    assert len(calls) == 1, call_msg
+    call = calls[0]
+    assert call["type"] == "function"
+    assert call["function"]["name"] == "exec_command"
+    args = json.loads(call["function"]["arguments"])
+    assert args.get("cmd") == command, args
+    assert call.get("id")
+
+    assert tool_msg["role"] == "tool", tool_msg
+    assert tool_msg["tool_call_id"] == call["id"]
+    result = text_of(tool_msg["content"])
+    # The real command output (not just the echoed command text) reached the backend.
+    assert re.search(rf"^{marker}$", result, re.M), result
+    assert "exited with code 0" in result, result
+
+    assert f"The tool returned: {marker}" in run.stdout, diag(run, gateway)
+
+
+# --- 3. a tool call that writes a file -------------------------------------------------------
+
+
+def test_tool_call_writes_file(codex, upstream, gateway):
+    target = codex.workdir / "made-by-codex.txt"
+    assert not target.exists()
+    upstream.clear()
+    run = codex.exec("run: echo hi > made-by-codex.txt")
+    assert run.returncode == 0, diag(run, gateway)
+    assert target.exists(), "the command did not run in the workdir" + diag(run, gateway)
+    assert target.read_text() == "hi\n"
+    # One call, one follow-up with the (empty-output) result, then Codex's final answer.
+    reqs = upstream.requests()
+    assert len(reqs) == 2, diag(run, gateway)
+    assert reqs[1]["messages"][-1]["role"] == "tool"
+    assert "The tool returned:" in run.stdout, diag(run, gateway)
+
+
+# --- 4. resume: prefix stability across turns ------------------------------------------------
+
+
+def test_resume_keeps_prefix_stable(codex, upstream, gateway):
+    upstream.clear()
+    first = codex.exec("hello there")
+    assert first.returncode == 0, diag(first, gateway)
+    assert "You said: hello there" in first.stdout, diag(first, gateway)
+    reqs = upstream.requests()
+    assert len(reqs) == 1, diag(first, gateway)
+    prev = reqs[0]
+
+    upstream.clear()
+    run = codex.exec("resume", "--last", "and now summarize")
+    assert run.returncode == 0, diag(run, gateway)
+    assert "You said: and now summarize" in run.stdout, diag(run, gateway)
+    reqs = upstream.requests()
+    assert len(reqs) == 1, diag(run, gateway)
+    body = reqs[0]
+    msgs, old = body["messages"], prev["messages"]
+
+    # System prompt and the first user messages are byte-identical (KV/prefix caches hit).
+    assert dumps(msgs[0]) == dumps(old[0]), "system message changed on resume"
+    first_users = [i for i, m in enumerate(old) if m["role"] == "user"]
+    for i in first_users:
+        assert dumps(msgs[i]) == dumps(old[i]), f"user message {i} changed on resume"
+    # The whole previous request is an exact prefix of the resumed one ...
+    assert [dumps(m) for m in msgs[:len(old)]] == [dumps(m) for m in old], "history prefix changed on resume"
+    assert dumps(body["tools"]) == dumps(prev["tools"]), "tool list changed on resume"
+    # ... followed by the earlier assistant answer, then the new prompt.
+    answer = msgs[len(old)]
+    assert answer["role"] == "assistant", answer
+    assert text_of(answer["content"]).strip() == "You said: hello there", answer
+    assert not answer.get("tool_calls")
+    assert msgs[-1]["role"] == "user" and text_of(msgs[-1]["content"]).strip() == "and now summarize"
+    assert len(msgs) == len(old) + 2, [m["role"] for m in msgs]
+
+
+# --- 5. image input --------------------------------------------------------------------------
+
+
+def test_image_input(codex, upstream, gateway, tmp_path):
+    png = tmp_path / "red.png"
+    data = make_png(png)
+    upstream.clear()
+    run = codex.exec("--image", str(png), "--", "what color is this")
+    assert run.returncode == 0, diag(run, gateway)
+    assert "(I see 1 image(s))" in run.stdout, diag(run, gateway)
+
+    reqs = upstream.requests()
+    assert len(reqs) == 1, diag(run, gateway)
+    last = reqs[0]["messages"][-1]
+    assert last["role"] == "user"
+    parts = last["content"]
+    assert isinstance(parts, list), parts
+    images = [p for p in parts if p.get("type") == "image_url"]
+    assert len(images) == 1, parts
+    url = images[0]["image_url"]["url"]
+    prefix = "data:image/png;base64,"
+    assert url.startswith(prefix), url[:80]
+    sent = base64.b64decode(url[len(prefix):], validate=True)
+    assert sent.startswith(b"\x89PNG\r\n\x1a\n")
+    assert sent == data, "image bytes changed on the way"
+    assert any(p.get("type") == "text" and "what color is this" in p["text"] for p in parts), parts
+
+
+# --- 6. failed upstream turns ----------------------------------------------------------------
+
+
+def _failing_exec(codex, prompt):
+    start = time.monotonic()
+    run = codex.exec(prompt, timeout=90)  # TimeoutExpired (a hang) fails the test
+    return run, time.monotonic() - start
+
+
+def test_upstream_400_fails_the_turn(codex, upstream, gateway):
+    upstream.clear()
+    run, elapsed = _failing_exec(codex, "error: 400 something is wrong")
+    assert run.returncode != 0, diag(run, gateway)
+    assert elapsed < 60, f"took {elapsed:.0f}s"
+    assert "something is wrong" in run.output, diag(run, gateway)
+    assert "400" in run.output, diag(run, gateway)
+    assert "You said" not in run.stdout
+    assert len(upstream.requests()) == 1
+
+
+def test_upstream_429_fails_the_turn_as_rate_limit(codex, upstream, gateway):
+    upstream.clear()
+    run, elapsed = _failing_exec(codex, "error: 429 slow down")
+    assert run.returncode != 0, diag(run, gateway)
+    assert elapsed < 60, f"took {elapsed:.0f}s"
+    # Codex reports it as a rate limit, with the backend's message.
+    assert "rate limit" in run.output.lower(), diag(run, gateway)
+    assert "slow down" in run.output, diag(run, gateway)
+    assert "You said" not in run.stdout
+    assert len(upstream.requests()) == 1
+
+
+def test_upstream_429_is_retried_when_retries_allowed(codex, upstream, gateway):
+    """429 must be mapped to something Codex retries (a raw HTTP 429 is fatal for Codex)."""
+    set_retries(codex, stream=2)
+    upstream.clear()
+    run, _ = _failing_exec(codex, "error: 429 slow down")
+    assert run.returncode != 0, diag(run, gateway)
+    assert len(upstream.requests()) == 3, diag(run, gateway)
+    assert "slow down" in run.output, diag(run, gateway)
+
+
+def test_upstream_400_is_not_retried(codex, upstream, gateway):
+    """A 400 is deterministic: resending the same body cannot succeed, so Codex must not retry it
+    even when retries are allowed (WIRE.md: HTTP 400 is fatal for Codex)."""
+    set_retries(codex, stream=2)
+    upstream.clear()
+    run, _ = _failing_exec(codex, "error: 400 something is wrong")
+    assert run.returncode != 0, diag(run, gateway)
+    assert "something is wrong" in run.output, diag(run, gateway)
+    n = len(upstream.requests())
+    assert n == 1, f"a 400 from upstream was sent {n} times (Codex retried it)" + diag(run, gateway)
+    assert "Reconnecting" not in run.output, diag(run, gateway)
