@@ -16,15 +16,20 @@ sans-I/O package ``resp2chat_core`` beside it. Per flow:
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
+import os
+import sys
 import time
 import uuid
 from urllib.parse import urlsplit
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.proxy import mode_specs
 
+from resp2chat_cli.config import load_settings
+from resp2chat_core import settings as S
 from resp2chat_core.errors import GatewayError, error_json
 from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.translator import Translator
@@ -33,17 +38,15 @@ from resp2chat_core.turn import Turn, begin_turn
 log = logging.getLogger("resp2chat")
 
 DEFAULT_UPSTREAM = "http://127.0.0.1:8000/v1"
-DEFAULT_LISTEN = ("127.0.0.1", 4000)
 RESPONSES_PATHS = ("/v1/responses", "/responses")
 JSON_HEADERS = {"content-type": "application/json"}
 
 # HTTP status for a non-streaming client whose response failed, by error code.
 _FAILED_STATUS = {
     "context_length_exceeded": 400,
-    "invalid_request_error": 400,
+    "invalid_prompt": 400,
     "rate_limit_exceeded": 429,
     "insufficient_quota": 429,
-    "server_is_overloaded": 503,
 }
 
 
@@ -52,11 +55,9 @@ class _Upstream:
 
     def __init__(self, url: str):
         parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise exceptions.OptionsError(f"resp2chat_upstream_base_url: {url!r} is not an http(s) URL")
         self.url = url.rstrip("/")
         self.scheme = parts.scheme
-        self.host = parts.hostname
+        self.host = parts.hostname or ""
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         self.prefix = parts.path.rstrip("/")
 
@@ -96,41 +97,99 @@ class _SSEStream:
         return out or []
 
 
+class _RawPrinter:
+    """`resp2chat start --raw`: the model's deltas on stdout as they arrive."""
+
+    _STYLE = {"reasoning": "\x1b[2;3m", "tool": "\x1b[36m"}  # dim italic thinking, cyan tool calls
+
+    def __init__(self) -> None:
+        self.last = "end"
+
+    def __call__(self, kind: str, text: str) -> None:
+        if kind != self.last and self.last not in ("end", "tool") and kind != "end":
+            sys.stdout.write("\n")
+        self.last = kind
+        style = self._STYLE.get(kind)
+        sys.stdout.write(f"{style}{text}\x1b[0m" if style else text)
+        sys.stdout.flush()
+
+
 class Resp2Chat:
     def __init__(self) -> None:
         self.turns: dict[str, Turn] = {}
+        self.settings: dict = {f.name: f.default for f in S.FIELDS}
+        self.base: dict = dict(self.settings)  # environment + file, under --set
         self.upstream: _Upstream | None = None
         self.lowering = LoweringOptions()
+        self.demo = None  # the bundled demo upstream server, when upstream_base_url == "demo"
+        self.request_log = None
         self._rebind = False
 
+    # --- options ---------------------------------------------------------------------------
+
     def load(self, loader) -> None:
-        loader.add_option("resp2chat_upstream_base_url", str, "",
-                          "Chat Completions base URL, e.g. http://127.0.0.1:8000/v1 (may carry a path "
-                          "prefix). Empty: the reverse-proxy target plus /v1.")
-        loader.add_option("resp2chat_upstream_api_key", str, "",
-                          "API key sent upstream as 'Authorization: Bearer …' (never logged or saved).")
-        loader.add_option("resp2chat_upstream_model", str, "",
-                          "Send this model name upstream whatever the client asks for.")
-        loader.add_option("resp2chat_flatten_content", bool, True,
-                          "Send text-only message content as a plain string (every chat template accepts it).")
-        loader.add_option("resp2chat_forward_client_auth", bool, False,
-                          "Forward the client's Authorization header upstream when no upstream key is set.")
+        try:
+            self.base, _, _ = load_settings()
+        except S.SettingsError as exc:
+            log.error(f"resp2chat: {exc}")  # an error at start-up stops mitmdump (errorcheck)
+        for f in S.FIELDS:
+            default = "" if f.name in S.SECRET_FIELDS else S.to_option(f, self.base[f.name])
+            loader.add_option(f.option, S.option_type(f), default, f.help)
+        loader.add_option("resp2chat_raw", bool, False,
+                          "Print the model's streamed text, reasoning and tool calls to stdout.")
 
     def configure(self, updated: set[str]) -> None:
-        opts = ctx.options
-        if "resp2chat_upstream_base_url" in updated:
-            url = opts.resp2chat_upstream_base_url
-            self.upstream = _Upstream(url) if url else None
-        if updated & {"resp2chat_upstream_model", "resp2chat_flatten_content"}:
-            self.lowering = LoweringOptions(
-                flatten_content=opts.resp2chat_flatten_content,
-                upstream_model=opts.resp2chat_upstream_model or None,
-            )
-        if "resp2chat_upstream_base_url" in updated or "mode" in updated:
-            self._default_proxy_options()
+        if not any(name.startswith("resp2chat_") for name in updated) and "mode" not in updated:
+            return
+        try:
+            self.settings = self._effective()
+        except S.SettingsError as exc:
+            raise exceptions.OptionsError(str(exc)) from None
+        s = self.settings
+        self.lowering = LoweringOptions(
+            flatten_content=s["flatten_content"],
+            upstream_model=s["upstream_model"] or None,
+            model_map=s["model_map"],
+            tool_denylist=frozenset(s["tool_denylist"]),
+            extra_params=s["upstream_extra_params"],
+            drop_params=frozenset(s["drop_upstream_params"]),
+        )
+        self._configure_upstream(s["upstream_base_url"])
+        self._open_request_log(s["upstream_request_log_path"])
+        self._default_proxy_options()
+
+    def _effective(self) -> dict:
+        out = {}
+        for f in S.FIELDS:
+            value = getattr(ctx.options, f.option)
+            if f.name in S.SECRET_FIELDS and not value:
+                value = self.base[f.name]
+            if f.kind == "map" and isinstance(value, str):
+                value = S.coerce(f, value or "{}", f.option)
+            elif f.kind == "list":
+                value = list(value)
+            S.validate(f.name, value)
+            out[f.name] = value
+        return out
+
+    def _configure_upstream(self, url: str) -> None:
+        if url == "demo":
+            if self.demo is None:
+                from resp2chat_cli.demo_upstream import serve_in_thread
+
+                self.demo, demo_url = serve_in_thread()
+                log.info(f"resp2chat: serving the bundled demo upstream at {demo_url}")
+            host, port = self.demo.server_address[:2]
+            url = f"http://{host}:{port}/v1"
+        self.upstream = _Upstream(url) if url else None
+
+    def _open_request_log(self, path: str) -> None:
+        if self.request_log:
+            self.request_log.close()
+        self.request_log = open(path, "a", buffering=1) if path else None
 
     def _default_proxy_options(self) -> None:
-        """A gateway, not a proxy: lazy upstream connections, loopback port 4000, reverse mode."""
+        """A gateway, not a proxy: lazy upstream connections, bind_addr, reverse mode."""
         opts, changes = ctx.options, {}
         if "connection_strategy" not in opts:
             return  # not inside a proxy (unit tests with a bare options manager)
@@ -140,15 +199,24 @@ class Resp2Chat:
             changes["store_streamed_bodies"] = True  # flow files keep the translated stream
         modes = list(opts.mode)
         if modes == ["regular"]:
-            target = urlsplit(opts.resp2chat_upstream_base_url or DEFAULT_UPSTREAM)
+            target = urlsplit(self.upstream.url if self.upstream else DEFAULT_UPSTREAM)
             modes = [f"reverse:{target.scheme}://{target.netloc}"]
         # mitmproxy's default listen address (all interfaces, 8080) is a proxy's; a gateway stays
-        # on loopback. Scripts load after the servers start, so the address goes into the mode
+        # on bind_addr. Scripts load after the servers start, so the address goes into the mode
         # spec (`reverse:URL@host:port`): a changed spec is what makes mitmproxy rebind.
-        if len(modes) == 1 and opts.listen_host == "" and opts.listen_port is None:
+        host, port = S.parse_bind(self.settings["bind_addr"])
+        if len(modes) == 1:
             spec = mode_specs.ProxyMode.parse(modes[0])
-            if spec.custom_listen_host is None and spec.custom_listen_port is None:
-                modes = [f"{modes[0]}@{DEFAULT_LISTEN[0]}:{DEFAULT_LISTEN[1]}"]
+            want = (opts.listen_host or host, opts.listen_port or port)
+            if spec.custom_listen_host is None and spec.custom_listen_port is None \
+                    and want != (opts.listen_host, opts.listen_port):
+                modes = [f"{modes[0]}@{want[0]}:{want[1]}"]
+        for m in modes:
+            listen = mode_specs.ProxyMode.parse(m).listen_host(opts.listen_host)
+            if not S.is_loopback(listen or "0.0.0.0") and not self.settings["gateway_api_key"]:
+                raise exceptions.OptionsError(
+                    f"resp2chat: listening on {listen or 'all interfaces'} needs gateway_api_key "
+                    f"(clients must then send it as a Bearer token); or bind to 127.0.0.1")
         if modes != list(opts.mode):
             changes["mode"] = modes
             self._rebind = True
@@ -162,6 +230,14 @@ class Resp2Chat:
             self._rebind = False
             asyncio.ensure_future(ps.setup_servers())
 
+    def done(self) -> None:
+        if self.demo is not None:
+            self.demo.shutdown()
+            self.demo.server_close()
+            self.demo = None
+        if self.request_log:
+            self.request_log.close()
+
     # --- hooks -----------------------------------------------------------------------------
 
     def request(self, flow: http.HTTPFlow) -> None:
@@ -171,10 +247,22 @@ class Resp2Chat:
         path = req.path.split("?", 1)[0]
         if path == "/healthz":
             flow.response = http.Response.make(200, b'{"status":"ok"}', JSON_HEADERS)
+        elif not self._authorized(req):
+            flow.response = http.Response.make(401, error_json(
+                "missing or wrong gateway API key (send it as 'Authorization: Bearer …')",
+                status_type="authentication_error", code="invalid_api_key"), JSON_HEADERS)
         elif path in RESPONSES_PATHS and req.method == "POST":
             self._begin(flow)
         elif path.startswith("/v1/"):
             self._to_upstream(flow, path[3:] + req.path[len(path):])
+
+    def _authorized(self, req: http.Request) -> bool:
+        key = self.settings["gateway_api_key"]
+        if not key:
+            return True
+        given = req.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        given = given or req.headers.get("x-api-key", "")
+        return hmac.compare_digest(given.encode(), key.encode())
 
     def _begin(self, flow: http.HTTPFlow) -> None:
         try:
@@ -189,15 +277,20 @@ class Resp2Chat:
         flow.request.headers["accept"] = "text/event-stream"
         flow.request.headers["accept-encoding"] = "identity"  # the translator reads raw bytes
         self._to_upstream(flow, "/chat/completions")
+        if self.request_log:
+            self.request_log.write(json.dumps(
+                {"ts": time.time(), "flow": flow.id, "session": _session_key(flow),
+                 "url": flow.request.pretty_url, "body": turn.lowered.chat}, ensure_ascii=False) + "\n")
 
     def _to_upstream(self, flow: http.HTTPFlow, path: str) -> None:
         upstream = self.upstream or _reverse_target(flow)
         upstream.route(flow, path)
-        key = ctx.options.resp2chat_upstream_api_key
+        key = self.settings["upstream_api_key"]
         if key:
             flow.request.headers["authorization"] = f"Bearer {key}"
-        elif not ctx.options.resp2chat_forward_client_auth:
+        elif not self.settings["forward_client_auth"] or self.settings["gateway_api_key"]:
             flow.request.headers.pop("authorization", None)
+        flow.request.headers.pop("x-api-key", None)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         turn = self.turns.get(flow.id)
@@ -205,7 +298,10 @@ class Resp2Chat:
             return
         resp = flow.response
         status, ctype = resp.status_code, resp.headers.get("content-type", "")
-        resp.stream = _SSEStream(turn.translator(), status, ctype)
+        translator = turn.translator()
+        if ctx.options.resp2chat_raw:
+            translator.observer = _RawPrinter()
+        resp.stream = _SSEStream(translator, status, ctype)
         resp.status_code, resp.reason = 200, "OK"
         for name in ("content-length", "content-encoding", "content-type", "transfer-encoding"):
             resp.headers.pop(name, None)
@@ -247,10 +343,23 @@ class Resp2Chat:
         else:
             flow.response = http.Response.make(200, json.dumps(result, ensure_ascii=False), JSON_HEADERS)
 
+    # --- commands --------------------------------------------------------------------------
+
+    @command.command("resp2chat.settings")
+    def show_settings(self) -> str:
+        """The effective settings (secrets hidden)."""
+        shown = {k: ("[set]" if v else "") if k in S.SECRET_FIELDS else v for k, v in self.settings.items()}
+        return json.dumps(shown, indent=2)
+
 
 def _reverse_target(flow: http.HTTPFlow) -> _Upstream:
     req = flow.request
     return _Upstream(f"{req.scheme}://{req.host}:{req.port}/v1")
+
+
+def _session_key(flow: http.HTTPFlow) -> str | None:
+    h = flow.request.headers
+    return h.get("session-id") or h.get("thread-id") or None
 
 
 def _redact(flow: http.HTTPFlow) -> None:

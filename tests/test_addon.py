@@ -6,7 +6,7 @@ import importlib.util
 import json
 
 import pytest
-from mitmproxy import http
+from mitmproxy import exceptions, http
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow
 
@@ -223,4 +223,20 @@ def test_gateway_defaults_loopback_4000_lazy(addon):
 def test_explicit_listen_address_is_respected(addon):
     with taddons.context(Proxyserver(), addon) as tctx:
         tctx.configure(addon, mode=["reverse:http://10.0.0.5:9000"], listen_port=5555)
-        assert tctx.options.mode == ["reverse:http://10.0.0.5:9000"]
+        assert tctx.options.mode == ["reverse:http://10.0.0.5:9000@127.0.0.1:5555"]
+        tctx.configure(addon, mode=["reverse:http://10.0.0.5:9000@127.0.0.1:6000"])
+        assert tctx.options.mode == ["reverse:http://10.0.0.5:9000@127.0.0.1:6000"]
+
+
+def test_binding_beyond_loopback_needs_gateway_key(addon):
+    with taddons.context(Proxyserver(), addon) as tctx:
+        with pytest.raises(exceptions.OptionsError, match="gateway_api_key"):
+            tctx.configure(addon, mode=["reverse:http://10.0.0.5:9000@0.0.0.0:4000"])
+        tctx.configure(addon, mode=["reverse:http://10.0.0.5:9000@0.0.0.0:4000"],
+                       resp2chat_gateway_api_key="gw-key")
+        f = responses_flow({"model": "m", "input": "hi"})
+        addon.request(f)
+        assert f.response.status_code == 401
+        f = responses_flow({"model": "m", "input": "hi"}, headers={"authorization": "Bearer gw-key"})
+        addon.request(f)
+        assert f.response is None and "authorization" not in f.request.headers

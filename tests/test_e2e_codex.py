@@ -291,3 +291,15 @@ def test_upstream_400_is_not_retried(codex, upstream, gateway):
     n = len(upstream.requests())
     assert n == 1, f"a 400 from upstream was sent {n} times (Codex retried it)" + diag(run, gateway)
     assert "Reconnecting" not in run.output, diag(run, gateway)
+
+
+def test_upstream_503_is_retried(codex, upstream, gateway):
+    """A 502/503/504 from a chat backend is transient (model loading, queue full): Codex should
+    retry it like it retries a 5xx of its own, and not tell the user to switch models."""
+    set_retries(codex, stream=2)
+    upstream.clear()
+    run, _ = _failing_exec(codex, "error: 503 busy")
+    assert run.returncode != 0, diag(run, gateway)
+    n = len(upstream.requests())
+    assert n == 3, f"a 503 from upstream was sent {n} time(s), expected 1 + 2 retries" + diag(run, gateway)
+    assert "busy" in run.output, diag(run, gateway)

@@ -124,7 +124,8 @@ def test_sdk_incomplete_on_length(client):
 
 @pytest.mark.parametrize("prompt,code", [
     ("error: 429 slow down", "rate_limit_exceeded"),
-    ("error: 503 busy", "server_is_overloaded"),
+    ("error: 503 busy", "server_error"),
+    ("error: 400 bad", "invalid_prompt"),
     ("midstream-error", "server_error"),
     ("truncate", "server_error"),
 ])

@@ -37,9 +37,12 @@ def error_json(message: str, *, status_type: str = "invalid_request_error", para
     return json.dumps(error_body(message, type=status_type, param=param, code=code)).encode()
 
 
-# Codex's reaction to ``response.failed`` codes (codex-rs, client.rs): context_length_exceeded
-# and insufficient_quota are fatal with a clear message; rate_limit_exceeded is retried after the
-# delay parsed from "try again in N s"; server_is_overloaded and unknown codes are retried.
+# Codex 0.169's reaction to ``response.failed`` codes, as observed with the real CLI:
+# context_length_exceeded, insufficient_quota and invalid_prompt end the turn with the message;
+# rate_limit_exceeded is retried after the delay parsed from "try again in N s";
+# server_is_overloaded is fatal with a canned "model is at capacity" text (so we never send it:
+# an overloaded backend is worth retrying and its message worth showing); any other code is
+# retried with its message. A 4xx other than 429 can never succeed: invalid_prompt.
 _CONTEXT_RE = re.compile(
     r"context length|context window|maximum context|too many tokens|prompt is too long"
     r"|exceeds? the (?:available )?context|n_ctx|reduce the length",
@@ -59,10 +62,8 @@ def classify_upstream_error(status: int | None, message: str, upstream_code: obj
         return "insufficient_quota" if _QUOTA_RE.search(message) else "rate_limit_exceeded"
     if status == 402 or _QUOTA_RE.search(message):
         return "insufficient_quota"
-    if status in (502, 503, 504, 529):
-        return "server_is_overloaded"
     if status is not None and 400 <= status < 500:
-        return "invalid_request_error"
+        return "invalid_prompt"
     return "server_error"
 
 

@@ -22,6 +22,8 @@ class SSEParser:
 
     def feed(self, chunk: bytes) -> list[str]:
         """Return the data payloads of every event completed by ``chunk``."""
+        if not chunk:
+            return []
         if self._pending_cr and chunk.startswith(b"\n"):
             chunk = chunk[1:]
         self._pending_cr = chunk.endswith(b"\r")

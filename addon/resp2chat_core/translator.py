@@ -213,6 +213,7 @@ class Translator:
     # --- upstream events -------------------------------------------------------------------
 
     _saw_done = False
+    observer = None  # optional callable(kind, text) for live display: "reasoning" | "text" | "tool" | "end"
     _status: str | None = None
     _incomplete: dict | None = None
 
@@ -291,6 +292,8 @@ class Translator:
         self._start()
         self._close_open()
         self._ws = ""
+        if self.observer is not None:
+            self.observer("end", "\n")
         reason = _INCOMPLETE_REASONS.get(self.finish_reason or "")
         if reason:
             self._emit_response("response.incomplete", "incomplete", {"reason": reason})
@@ -314,6 +317,8 @@ class Translator:
                 text = self._ws + text
             self._ws, self._ws_kind = "", Kind.NONE
         self._text.append(text)
+        if self.observer is not None:
+            self.observer("reasoning" if kind is Kind.REASONING else "text", text)
         delta = _dumps(text)
         seq = self.events
         self.events += 1
@@ -414,11 +419,15 @@ class Translator:
         tool = _Tool(index, f"{prefix}_{self._suffix}_{index}", call_id or f"call_{self._suffix[:16]}_{index}",
                      chat_name, target.kind, target.name, target.namespace)
         self._tools[key] = tool
+        if self.observer is not None:
+            self.observer("tool", f"\n[{tool.name}] ")
         self._emit("response.output_item.added", output_index=index, item=self._tool_item(tool, "in_progress", ""))
         return tool
 
     def _tool_args(self, tool: _Tool, args: str) -> None:
         tool.args.append(args)
+        if self.observer is not None:
+            self.observer("tool", args)
         if tool.kind == "function":  # stream live; other kinds need the whole JSON to decode
             seq = self.events
             self.events += 1

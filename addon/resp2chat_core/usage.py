@@ -37,11 +37,14 @@ def to_responses_usage(u: dict) -> dict:
         cached = _int(u.get("prompt_cache_hit_tokens"))
     if not cached and isinstance(u.get("timings"), dict):
         cached = _int(u["timings"].get("cache_n"))
+    # Only OpenRouter-style backends report cache writes; 0 when unknown (the field is required).
+    written = _int(pdet.get("cache_write_tokens")) if isinstance(pdet, dict) else 0
     reasoning = _int(cdet.get("reasoning_tokens")) if isinstance(cdet, dict) else 0
     total = _int(u.get("total_tokens")) or inp + out
     return {
         "input_tokens": inp,
-        "input_tokens_details": {"cached_tokens": min(cached, inp) if inp else cached},
+        "input_tokens_details": {"cached_tokens": min(cached, inp) if inp else cached,
+                                 "cache_write_tokens": written},
         "output_tokens": out,
         "output_tokens_details": {"reasoning_tokens": reasoning},
         "total_tokens": total,

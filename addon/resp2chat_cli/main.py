@@ -1,0 +1,246 @@
+"""The ``resp2chat`` command: configure, start, print-config, analyze."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import requests
+
+from resp2chat_core import settings as S
+from resp2chat_cli.config import config_path, load_settings, read_file, write_file
+
+ADDON = Path(__file__).resolve().parent.parent / "resp2chat.py"
+DEFAULT_UPSTREAM = "http://127.0.0.1:8000/v1"
+
+
+def _fail(message: str) -> int:
+    print(f"resp2chat: {message}", file=sys.stderr)
+    return 2
+
+
+def _settings() -> tuple[dict, dict, Path]:
+    try:
+        return load_settings()
+    except S.SettingsError as exc:
+        raise SystemExit(_fail(str(exc))) from None
+
+
+def effective_upstream(values: dict) -> str:
+    return values["upstream_base_url"] or DEFAULT_UPSTREAM
+
+
+def list_models(base_url: str, api_key: str = "", timeout: float = 3.0) -> list[dict]:
+    """The upstream's /models entries ([] when it does not answer)."""
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        r = requests.get(base_url.rstrip("/") + "/models", headers=headers, timeout=timeout)
+        data = r.json() if r.ok else {}
+    except (requests.RequestException, ValueError):
+        return []
+    models = data.get("data") if isinstance(data, dict) else None
+    return [m for m in models or () if isinstance(m, dict) and m.get("id")]
+
+
+def context_window(model: dict) -> int | None:
+    """vLLM max_model_len, OpenRouter/LM Studio context_length, llama.cpp meta.n_ctx_train."""
+    for key in ("max_model_len", "context_length", "max_context_length", "context_window"):
+        if isinstance(model.get(key), int) and model[key] > 0:
+            return model[key]
+    meta = model.get("meta")
+    if isinstance(meta, dict) and isinstance(meta.get("n_ctx_train"), int):
+        return meta["n_ctx_train"]
+    return None
+
+
+# --- configure -------------------------------------------------------------------------------
+
+
+def _ask(prompt: str, current: str) -> str:
+    shown = f" [{current}]" if current else ""
+    print(f"{prompt}{shown}: ", end="", flush=True)
+    line = sys.stdin.readline()
+    if not line:
+        return current
+    return line.strip() or current
+
+
+def cmd_configure(args) -> int:
+    path = config_path()
+    try:
+        values, _ = S.resolve(read_file(path), {})
+    except S.SettingsError as exc:
+        return _fail(str(exc))
+    given = {name: getattr(args, name) for name in ("upstream_base_url", "upstream_api_key", "upstream_model", "bind_addr")
+             if getattr(args, name) is not None}
+    for item in args.set or ():
+        name, _, raw = item.partition("=")
+        if name not in S.BY_NAME:
+            return _fail(f"--set {name}: unknown setting (known: {', '.join(S.BY_NAME)})")
+        given[name] = raw
+    interactive = not args.yes
+    try:
+        for name, raw in given.items():
+            values[name] = S.coerce(S.BY_NAME[name], raw, "command line")
+            S.validate(name, values[name])
+        if interactive:
+            values["upstream_base_url"] = _ask("Chat Completions base URL", effective_upstream(values))
+            S.validate("upstream_base_url", values["upstream_base_url"])
+            key = _ask("Upstream API key (empty for none)", "[keep]" if values["upstream_api_key"] else "")
+            if key != "[keep]":
+                values["upstream_api_key"] = key
+            models = list_models(values["upstream_base_url"], values["upstream_api_key"])
+            if models:
+                print("Models offered by the upstream:")
+                for i, m in enumerate(models, 1):
+                    window = context_window(m)
+                    print(f"  {i}. {m['id']}" + (f"  (context {window})" if window else ""))
+            else:
+                print("(the upstream did not list models at /models; type a name)")
+            choice = _ask("Model to use", values["upstream_model"] or (models[0]["id"] if models else ""))
+            if choice.isdigit() and models and 1 <= int(choice) <= len(models):
+                choice = models[int(choice) - 1]["id"]
+            values["upstream_model"] = choice
+            values["bind_addr"] = _ask("Gateway listen address", values["bind_addr"])
+            S.validate("bind_addr", values["bind_addr"])
+    except S.SettingsError as exc:
+        return _fail(str(exc))
+    changed = {k: v for k, v in values.items() if v != S.BY_NAME[k].default}
+    write_file(path, changed)
+    print(f"wrote {path}")
+    return 0
+
+
+# --- start -----------------------------------------------------------------------------------
+
+
+def _upstream_answers(url: str) -> bool:
+    try:
+        requests.get(url.rstrip("/") + "/models", timeout=1.5)
+        return True
+    except requests.RequestException:
+        return False
+
+
+def build_start_command(args, values: dict, sources: dict) -> tuple[list[str], dict]:
+    tool = "mitmweb" if args.web else "mitmdump"
+    exe = Path(sys.executable).with_name(tool)
+    cmd = [str(exe) if exe.exists() else (shutil.which(tool) or tool), "-s", str(ADDON)]
+    env = dict(os.environ)
+    if args.demo or (sources["upstream_base_url"] == "default" and not _upstream_answers(DEFAULT_UPSTREAM)):
+        env["RESP2CHAT_UPSTREAM_BASE_URL"] = "demo"
+        print(f"resp2chat: no backend configured and none at {DEFAULT_UPSTREAM}: serving the bundled demo "
+              "upstream (configure one with `resp2chat configure`)", file=sys.stderr)
+    if not any(a == "--mode" or a.startswith("--mode=") for a in args.mitmproxy_args):
+        # Name the listen address in the mode so mitmproxy never binds its default *:8080 first.
+        target = urlsplit(effective_upstream(values))
+        cmd += ["--mode", f"reverse:{target.scheme}://{target.netloc}@{values['bind_addr']}"]
+    if args.raw:
+        cmd += ["--set", "resp2chat_raw=true", "--set", "flow_detail=0", "--set", "termlog_verbosity=warn"]
+    cmd += args.mitmproxy_args
+    return cmd, env
+
+
+def cmd_start(args) -> int:
+    values, sources, _ = _settings()
+    cmd, env = build_start_command(args, values, sources)
+    host, port = S.parse_bind(values["bind_addr"])
+    print(f"resp2chat: gateway on http://{host}:{port}/v1 -> "
+          f"{'demo upstream' if env.get('RESP2CHAT_UPSTREAM_BASE_URL') == 'demo' else effective_upstream(values)}",
+          file=sys.stderr)
+    sys.stdout.flush()
+    os.execvpe(cmd[0], cmd, env)  # signals (Ctrl-C, systemd stop) go straight to mitmproxy
+
+
+# --- print-config ----------------------------------------------------------------------------
+
+
+def codex_config(values: dict, models: list[dict], provider: str = "resp2chat") -> str:
+    host, port = S.parse_bind(values["bind_addr"])
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    model = values["upstream_model"] or (models[0]["id"] if models else "demo-model")
+    window = next((context_window(m) for m in models if m["id"] == model), None)
+    lines = [
+        f"# ~/.codex/config.toml — Codex CLI through resp2chat (generated by `resp2chat print-config`)",
+        f'model = "{model}"',
+        f'model_provider = "{provider}"',
+    ]
+    if window:
+        lines += [f"model_context_window = {window}",
+                  f"model_auto_compact_token_limit = {int(window * 0.9)}"]
+    lines += [
+        "",
+        f"[model_providers.{provider}]",
+        'name = "resp2chat"',
+        f'base_url = "http://{host}:{port}/v1"',
+        'wire_api = "responses"',
+        "requires_openai_auth = false",
+    ]
+    if values["gateway_api_key"]:
+        lines.append('env_key = "RESP2CHAT_GATEWAY_API_KEY"  # export it with the gateway key')
+    lines.append("stream_idle_timeout_ms = 300000")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_print_config(args) -> int:
+    values, _, _ = _settings()
+    models = [] if args.offline else list_models(effective_upstream(values), values["upstream_api_key"])
+    sys.stdout.write(codex_config(values, models, args.provider))
+    return 0
+
+
+# --- analyze ---------------------------------------------------------------------------------
+
+
+def cmd_analyze(args) -> int:
+    from resp2chat_cli.analyze import main as analyze_main
+
+    return analyze_main(args)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="resp2chat", description="OpenAI Responses API gateway for any Chat Completions backend (a mitmproxy addon).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("configure", help="write ~/.config/resp2chat/config.yaml (interactive unless -y)")
+    c.add_argument("--upstream-base-url", dest="upstream_base_url")
+    c.add_argument("--upstream-api-key", dest="upstream_api_key")
+    c.add_argument("--upstream-model", dest="upstream_model")
+    c.add_argument("--bind-addr", dest="bind_addr")
+    c.add_argument("--set", action="append", metavar="FIELD=VALUE", help="any setting (repeatable)")
+    c.add_argument("-y", "--yes", action="store_true", help="no questions: write the given values")
+    c.set_defaults(func=cmd_configure)
+
+    s = sub.add_parser("start", help="run the gateway (mitmdump, or mitmweb with --web)")
+    s.add_argument("--web", action="store_true", help="run mitmweb for interactive inspection")
+    s.add_argument("--raw", action="store_true", help="print the model's streamed output to stdout")
+    s.add_argument("--demo", action="store_true", help="use the bundled demo upstream")
+    s.add_argument("mitmproxy_args", nargs=argparse.REMAINDER, help="passed on to mitmdump/mitmweb (after --)")
+    s.set_defaults(func=cmd_start)
+
+    pc = sub.add_parser("print-config", help="print a ~/.codex/config.toml for this gateway")
+    pc.add_argument("--provider", default="resp2chat", help="provider id in Codex's config")
+    pc.add_argument("--offline", action="store_true", help="do not ask the upstream for model metadata")
+    pc.set_defaults(func=cmd_print_config)
+
+    a = sub.add_parser("analyze", help="prefix-cache analysis of recorded flows or a JSONL upstream log")
+    a.add_argument("files", nargs="+")
+    a.add_argument("--json", action="store_true", help="machine-readable output")
+    a.set_defaults(func=cmd_analyze)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if getattr(args, "mitmproxy_args", None) and args.mitmproxy_args[0] == "--":
+        args.mitmproxy_args = args.mitmproxy_args[1:]
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""The gateway's settings: one table, one resolution rule, no I/O.
+
+Every field exists in three places with one name: the YAML file (``upstream_base_url``), the
+environment (``RESP2CHAT_UPSTREAM_BASE_URL``) and a mitmproxy option
+(``--set resp2chat_upstream_base_url=…``). Precedence is ``--set`` > environment > file >
+default. The addon gets there by declaring each option with *environment-or-file* as its
+default, so mitmproxy's own ``--set`` handling supplies the top layer.
+
+Secrets (``SECRET_FIELDS``) are the exception: their option default stays empty, because
+option defaults are shown by ``mitmdump --options`` and in mitmweb's options editor. The addon
+resolves them itself (``--set`` value, else environment, else file).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+
+class SettingsError(ValueError):
+    """An invalid value: names the field, the value and why."""
+
+    def __init__(self, field: str, value: Any, why: str, source: str = ""):
+        self.field, self.value, self.why = field, value, why
+        where = f" (from {source})" if source else ""
+        shown = "[hidden]" if field in SECRET_FIELDS else repr(value)
+        super().__init__(f"{field}{where}: {shown} is invalid: {why}")
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    kind: str  # str | int | bool | map | list
+    default: Any
+    help: str
+    env_fallbacks: tuple[str, ...] = ()
+
+    @property
+    def env(self) -> str:
+        return "RESP2CHAT_" + self.name.upper()
+
+    @property
+    def option(self) -> str:
+        return "resp2chat_" + self.name
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("bind_addr", "str", "127.0.0.1:4000", "Address the gateway listens on (host:port). Binding beyond loopback requires gateway_api_key."),
+    Field("upstream_base_url", "str", "", "Chat Completions base URL, e.g. http://127.0.0.1:8000/v1 (may carry a path prefix: requests go to {base}/chat/completions). Empty: the --mode reverse target plus /v1, else http://127.0.0.1:8000/v1. 'demo' runs the bundled demo upstream."),
+    Field("upstream_api_key", "str", "", "Key sent upstream as 'Authorization: Bearer …'. Never logged or saved.", ("OPENAI_API_KEY",)),
+    Field("upstream_model", "str", "", "Send this model name upstream whatever the client asks for (after model_map)."),
+    Field("model_map", "map", {}, "Rename models on the way upstream: {client_model: upstream_model}."),
+    Field("tool_denylist", "list", [], "Tool names removed before the upstream sees them (Responses or flattened chat names)."),
+    Field("upstream_extra_params", "map", {}, "JSON object merged into every chat request (e.g. {\"chat_template_kwargs\": {\"enable_thinking\": false}})."),
+    Field("drop_upstream_params", "list", [], "Chat request keys removed before sending (e.g. stream_options, parallel_tool_calls for backends that reject them)."),
+    Field("flatten_content", "bool", True, "Send text-only message content as a plain string (every chat template accepts it)."),
+    Field("forward_client_auth", "bool", False, "Forward the client's Authorization header upstream when no upstream_api_key is set."),
+    Field("request_timeout_secs", "int", 60, "No upstream bytes for this long: the turn fails with a clear error and the upstream request is dropped."),
+    Field("connect_timeout_secs", "int", 10, "Upstream connect timeout."),
+    Field("max_replay_entries", "int", 1000, "Replay cache capacity (identical requests answered without the upstream); 0 disables."),
+    Field("upstream_request_log_path", "str", "", "Append every chat request sent upstream to this JSONL file (no headers, no keys)."),
+    Field("brave_api_key", "str", "", "Brave Search API key: enables the proxy-side web_search tool.", ("BRAVE_SEARCH_API_KEY",)),
+    Field("brave_base_url", "str", "https://api.search.brave.com", "Brave Search API base URL."),
+    Field("brave_max_results", "int", 5, "Search results given to the model per web search."),
+    Field("max_web_search_rounds", "int", 5, "Web searches the gateway runs at most within one turn."),
+    Field("session_ttl_hours", "int", 168, "Stored responses (previous_response_id) expire after this many hours."),
+    Field("max_sessions", "int", 256, "Stored responses kept at most."),
+    Field("max_session_memory_mb", "int", 512, "Memory the response store may use at most."),
+    Field("gateway_api_key", "str", "", "Clients must present this key (Authorization: Bearer …); required when bind_addr is not loopback."),
+)
+
+BY_NAME = {f.name: f for f in FIELDS}
+SECRET_FIELDS = frozenset({"upstream_api_key", "brave_api_key", "gateway_api_key"})
+
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
+_HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):(\d{1,5})$")
+
+
+def coerce(field: Field, value: Any, source: str = "") -> Any:
+    """Parse a value from YAML (typed) or the environment (a string) into the field's kind."""
+    k = field.kind
+    try:
+        if k == "str":
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise SettingsError(field.name, value, "expected a string", source)
+            return str(value)
+        if k == "int":
+            if isinstance(value, bool):
+                raise SettingsError(field.name, value, "expected a whole number", source)
+            number = int(value, 10) if isinstance(value, str) else value
+            if not isinstance(number, int) or number < 0:
+                raise SettingsError(field.name, value, "expected a whole number >= 0", source)
+            return number
+        if k == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _TRUE or text in _FALSE:
+                return text in _TRUE
+            raise SettingsError(field.name, value, "expected true or false", source)
+        if k == "map":
+            data = json.loads(value) if isinstance(value, str) else value
+            if not isinstance(data, dict):
+                raise SettingsError(field.name, value, "expected a mapping (YAML) or a JSON object", source)
+            return data
+        if k == "list":
+            if isinstance(value, str):
+                text = value.strip()
+                data = json.loads(text) if text.startswith("[") else [s.strip() for s in text.split(",") if s.strip()]
+            else:
+                data = value
+            if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
+                raise SettingsError(field.name, value, "expected a list of strings", source)
+            return list(data)
+    except (ValueError, TypeError) as exc:
+        if isinstance(exc, SettingsError):
+            raise
+        raise SettingsError(field.name, value, str(exc), source) from None
+    raise AssertionError(k)
+
+
+def validate(name: str, value: Any) -> None:
+    """Checks beyond the type, shared by the file, the environment and --set."""
+    if name == "bind_addr" and not _HOSTPORT.match(value):
+        raise SettingsError(name, value, "expected host:port, e.g. 127.0.0.1:4000")
+    if name in ("upstream_base_url", "brave_base_url") and value and value != "demo":
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SettingsError(name, value, "expected an http:// or https:// URL")
+    if name == "upstream_request_log_path" and value and "\n" in value:
+        raise SettingsError(name, value, "expected a file path")
+
+
+def resolve(file_values: Mapping[str, Any], env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Defaults < file < environment. Returns (values, where each value came from)."""
+    unknown = sorted(set(file_values) - set(BY_NAME))
+    if unknown:
+        raise SettingsError(unknown[0], file_values[unknown[0]], f"unknown setting (known: {', '.join(BY_NAME)})", "config file")
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for f in FIELDS:
+        value, source = f.default, "default"
+        if f.name in file_values and file_values[f.name] is not None:
+            value, source = coerce(f, file_values[f.name], "config file"), "config file"
+        for var in (f.env, *f.env_fallbacks):
+            if var in env:
+                value, source = coerce(f, env[var], var), var
+                break
+        validate(f.name, value)
+        values[f.name], sources[f.name] = value, source
+    return values, sources
+
+
+def parse_bind(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def to_option(field: Field, value: Any) -> Any:
+    """A settings value as its mitmproxy option value (maps travel as JSON strings)."""
+    if field.kind == "map":
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+def option_type(field: Field):
+    from typing import Sequence
+
+    return {"str": str, "int": int, "bool": bool, "map": str, "list": Sequence[str]}[field.kind]
