@@ -32,7 +32,8 @@ def _settings() -> tuple[dict, dict, Path]:
 
 
 def effective_upstream(values: dict) -> str:
-    return values["upstream_base_url"] or DEFAULT_UPSTREAM
+    url = values["upstream_base_url"]
+    return url if url and url != "demo" else DEFAULT_UPSTREAM
 
 
 def list_models(base_url: str, api_key: str = "", timeout: float = 3.0) -> list[dict]:
@@ -132,13 +133,16 @@ def build_start_command(args, values: dict, sources: dict) -> tuple[list[str], d
     exe = Path(sys.executable).with_name(tool)
     cmd = [str(exe) if exe.exists() else (shutil.which(tool) or tool), "-s", str(ADDON)]
     env = dict(os.environ)
+    demo = values["upstream_base_url"] == "demo"
     if args.demo or (sources["upstream_base_url"] == "default" and not _upstream_answers(DEFAULT_UPSTREAM)):
-        env["RESP2CHAT_UPSTREAM_BASE_URL"] = "demo"
-        print(f"resp2chat: no backend configured and none at {DEFAULT_UPSTREAM}: serving the bundled demo "
-              "upstream (configure one with `resp2chat configure`)", file=sys.stderr)
+        env["RESP2CHAT_UPSTREAM_BASE_URL"], demo = "demo", True
+        if not args.demo:
+            print(f"resp2chat: no backend configured and none at {DEFAULT_UPSTREAM}: serving the bundled "
+                  "demo upstream (configure one with `resp2chat configure`)", file=sys.stderr)
     if not any(a == "--mode" or a.startswith("--mode=") for a in args.mitmproxy_args):
         # Name the listen address in the mode so mitmproxy never binds its default *:8080 first.
-        target = urlsplit(effective_upstream(values))
+        # (the demo upstream's port is only known inside the addon, which routes /v1 to it)
+        target = urlsplit(DEFAULT_UPSTREAM if demo else effective_upstream(values))
         cmd += ["--mode", f"reverse:{target.scheme}://{target.netloc}@{values['bind_addr']}"]
     if args.raw:
         cmd += ["--set", "resp2chat_raw=true", "--set", "flow_detail=0", "--set", "termlog_verbosity=warn"]

@@ -1,0 +1,586 @@
+"""Lowering (Responses request -> chat request), schema validation and the tool map.
+
+Pure unit tests: no network, no mitmproxy. Fixtures are real Codex 0.169.0 requests.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from resp2chat_core.errors import GatewayError
+from resp2chat_core.lowering import LoweringOptions, lower
+from resp2chat_core.schema import parse_request
+from resp2chat_core.toolmap import chat_name
+
+FIXTURE_DIR = Path(__file__).resolve().parent / "fixtures" / "codex-0.169.0"
+FIXTURES = sorted(p.name for p in FIXTURE_DIR.glob("*.json"))
+NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+
+PNG = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAQAAAAECAIAAAAmkwkpAAAAEElEQVR4nGP4z8AARwzEcQCukw/x0F8jngAAAABJRU5ErkJggg=="
+OBJ = {"type": "object", "properties": {"x": {"type": "string"}}, "required": ["x"]}
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def fixture_body(name: str) -> dict:
+    return json.loads((FIXTURE_DIR / name).read_text())["body"]
+
+
+def lower_raw(body: dict, opts: LoweringOptions = LoweringOptions()):
+    return lower(parse_request(body), opts)
+
+
+def chat(body: dict) -> dict:
+    return lower_raw(body).chat
+
+
+def req(input_, **kw) -> dict:
+    return {"model": "m", "input": input_, **kw}
+
+
+def msg(role: str, *texts: str, kind: str = "input_text") -> dict:
+    return {"type": "message", "role": role, "content": [{"type": kind, "text": t} for t in texts]}
+
+
+def user(text: str) -> dict:
+    return msg("user", text)
+
+
+def fn_tool(name: str, params: dict | None = None) -> dict:
+    return {"type": "function", "name": name, "description": f"tool {name}", "strict": False,
+            "parameters": params or OBJ}
+
+
+def fcall(call_id: str, name: str, args: str = '{"x":"1"}', namespace: str | None = None) -> dict:
+    item = {"type": "function_call", "call_id": call_id, "name": name, "arguments": args}
+    if namespace:
+        item["namespace"] = namespace
+    return item
+
+
+def fout(call_id: str, output) -> dict:
+    return {"type": "function_call_output", "call_id": call_id, "output": output}
+
+
+def gateway_error(body: dict) -> GatewayError:
+    with pytest.raises(GatewayError) as info:
+        lower_raw(body)
+    assert info.value.status == 400
+    return info.value
+
+
+def tool_names(c: dict) -> list[str]:
+    return [t["function"]["name"] for t in c.get("tools", [])]
+
+
+# --- real Codex fixtures -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_fixture_lowers_deterministically(name):
+    body = fixture_body(name)
+    first = lower_raw(body)
+    second = lower_raw(fixture_body(name))
+    roundtrip = lower_raw(json.loads(json.dumps(copy.deepcopy(body))))
+    assert first.body == second.body == roundtrip.body
+    assert json.loads(first.body) == first.chat
+    assert first.client_stream is True
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_fixture_shape(name):
+    body = fixture_body(name)
+    c = chat(body)
+    msgs = c["messages"]
+    # instructions (absent here) + the two leading developer messages -> one system message
+    lead = [it for it in body["input"][:2]]
+    assert all(it["role"] == "developer" for it in lead)
+    expected_system = "\n\n".join("\n".join(p["text"] for p in it["content"]) for it in lead)
+    assert msgs[0] == {"role": "system", "content": expected_system}
+    assert [m["role"] for m in msgs].count("system") == 1
+    assert msgs[1]["role"] == "user" and msgs[1]["content"].startswith("<environment_context>")
+    # every function tool and every namespace member, in client order; web_search stripped
+    expected = []
+    for t in body["tools"]:
+        if t["type"] == "function":
+            expected.append(t["name"])
+        elif t["type"] == "namespace":
+            expected += [f"{t['name']}__{m['name']}" for m in t["tools"]]
+    assert tool_names(c) == expected
+    assert "multi_agent_v1__close_agent" in expected
+    assert all(NAME_RE.match(n) for n in tool_names(c))
+    assert c["tool_choice"] == "auto" and c["parallel_tool_calls"] is True
+    assert c["stream"] is True and c["stream_options"] == {"include_usage": True}
+    assert "reasoning_effort" not in c  # reasoning {summary: auto} carries no effort
+    for key in ("input", "store", "include", "client_metadata", "reasoning", "instructions", "text"):
+        assert key not in c
+
+
+def test_fixture_tool_turn_history():
+    c = chat(fixture_body("04-resumed-session-turn3.json"))
+    roles = [m["role"] for m in c["messages"]]
+    assert roles == ["system", "user", "user", "assistant", "tool", "assistant", "user"]
+    call = c["messages"][3]
+    assert call["content"] is None
+    assert call["reasoning_content"] == "think0 think1 think2 "
+    assert call["tool_calls"] == [{"id": "call_1", "type": "function", "function": {
+        "name": "exec_command", "arguments": '{"cmd": "echo hello-from-tool"}'}}]
+    assert c["messages"][4]["tool_call_id"] == "call_1"
+    assert c["messages"][4]["content"].endswith("hello-from-tool\n")
+    answer = c["messages"][5]
+    assert answer["reasoning_content"] == "think0 think1 think2 "
+    assert answer["content"].startswith("word0 word1") and "tool_calls" not in answer
+    assert c["messages"][6] == {"role": "user", "content": "[text] and now summarize"}
+
+
+def test_fixture_image_input():
+    c = chat(fixture_body("05-image-input.json"))
+    last = c["messages"][-1]
+    assert last["role"] == "user"
+    assert last["content"] == [
+        {"type": "text", "text": '<image name=[Image #1] path="red.png">'},
+        {"type": "image_url", "image_url": {"url": PNG, "detail": "high"}},
+        {"type": "text", "text": "</image>"},
+        {"type": "text", "text": "[text] what color is this"},
+    ]
+
+
+# --- messages ------------------------------------------------------------------------------
+
+
+def test_system_rule_instructions_and_leading_run():
+    c = chat(req([msg("developer", "D1"), {"role": "system", "content": "S2"}, user("hi"),
+                  msg("developer", "late dev"), msg("system", "late sys")], instructions="INS"))
+    assert c["messages"] == [
+        {"role": "system", "content": "INS\n\nD1\n\nS2"},
+        {"role": "user", "content": "hi"},
+        {"role": "user", "content": "late dev"},
+        {"role": "user", "content": "late sys"},
+    ]
+
+
+def test_no_system_message_without_instructions_or_leading_developer():
+    c = chat(req([user("hi"), msg("developer", "later")]))
+    assert c["messages"] == [{"role": "user", "content": "hi"}, {"role": "user", "content": "later"}]
+
+
+def test_string_input_is_one_user_message():
+    c = chat(req("hello", instructions="be brief"))
+    assert c["messages"] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+
+
+def test_text_only_content_flattened_with_newline():
+    c = chat(req([msg("user", "a", "b", "c"), {"role": "user", "content": "plain"}]))
+    assert c["messages"] == [{"role": "user", "content": "a\nb\nc"}, {"role": "user", "content": "plain"}]
+
+
+def test_mixed_image_content_becomes_parts():
+    content = [
+        {"type": "input_text", "text": "look"},
+        {"type": "input_image", "image_url": PNG, "detail": "low"},
+        {"type": "input_image", "image_url": "https://example.com/cat.jpg"},
+    ]
+    c = chat(req([{"type": "message", "role": "user", "content": content}]))
+    assert c["messages"][0]["content"] == [
+        {"type": "text", "text": "look"},
+        {"type": "image_url", "image_url": {"url": PNG, "detail": "low"}},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}},
+    ]
+
+
+def test_image_file_id_is_a_named_400():
+    content = [{"type": "input_text", "text": "see"}, {"type": "input_image", "file_id": "file-123"}]
+    err = gateway_error(req([{"type": "message", "role": "user", "content": content}]))
+    assert err.param is not None and err.param.startswith("input[0].content[1]")
+
+
+def test_assistant_history_and_reasoning():
+    c = chat(req([
+        user("q1"),
+        {"type": "reasoning", "summary": [{"type": "summary_text", "text": "thinking"}]},
+        msg("assistant", "answer", kind="output_text"),
+        user("q2"),
+    ]))
+    assert c["messages"] == [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "answer", "reasoning_content": "thinking"},
+        {"role": "user", "content": "q2"},
+    ]
+
+
+def test_reasoning_content_preferred_over_summary():
+    c = chat(req([
+        user("q"),
+        {"type": "reasoning", "summary": [{"type": "summary_text", "text": "short"}],
+         "content": [{"type": "reasoning_text", "text": "full thoughts"}], "encrypted_content": None},
+        msg("assistant", "a", kind="output_text"),
+    ]))
+    assert c["messages"][1]["reasoning_content"] == "full thoughts"
+
+
+def test_reasoning_text_and_function_calls_fold_into_one_assistant_message():
+    c = chat(req([
+        user("do two things"),
+        {"type": "reasoning", "summary": [{"type": "summary_text", "text": "plan"}]},
+        msg("assistant", "on it", kind="output_text"),
+        fcall("c1", "a"),
+        fcall("c2", "b", '{"x":"2"}'),
+        fout("c1", "one"),
+        fout("c2", "two"),
+        user("thanks"),
+    ], tools=[fn_tool("a"), fn_tool("b")]))
+    m = c["messages"]
+    assert [x["role"] for x in m] == ["user", "assistant", "tool", "tool", "user"]
+    assert m[1] == {
+        "role": "assistant", "content": "on it", "reasoning_content": "plan",
+        "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "a", "arguments": '{"x":"1"}'}},
+            {"id": "c2", "type": "function", "function": {"name": "b", "arguments": '{"x":"2"}'}},
+        ],
+    }
+    assert m[2] == {"role": "tool", "tool_call_id": "c1", "content": "one"}
+    assert m[3] == {"role": "tool", "tool_call_id": "c2", "content": "two"}
+
+
+def test_new_reasoning_after_tool_run_starts_new_assistant_message():
+    c = chat(req([
+        user("q"), fcall("c1", "a"), fout("c1", "r1"),
+        {"type": "reasoning", "summary": [{"type": "summary_text", "text": "next"}]},
+        fcall("c2", "a"), fout("c2", "r2"),
+    ], tools=[fn_tool("a")]))
+    assistants = [m for m in c["messages"] if m["role"] == "assistant"]
+    assert [[t["id"] for t in a["tool_calls"]] for a in assistants] == [["c1"], ["c2"]]
+    assert "reasoning_content" not in assistants[0]
+    assert assistants[1]["reasoning_content"] == "next"
+
+
+def test_function_call_output_array_with_image():
+    c = chat(req([
+        user("look at both"),
+        fcall("c1", "view_image", '{"path":"a.png"}'),
+        fcall("c2", "view_image", '{"path":"b.png"}'),
+        fout("c1", [{"type": "input_text", "text": "first"}, {"type": "input_text", "text": "line"}]),
+        fout("c2", [{"type": "input_text", "text": "image b:"},
+                    {"type": "input_image", "image_url": PNG, "detail": "high"}]),
+        user("what do you see"),
+    ], tools=[fn_tool("view_image")]))
+    m = c["messages"]
+    assert [x["role"] for x in m] == ["user", "assistant", "tool", "tool", "user", "user"]
+    assert m[2] == {"role": "tool", "tool_call_id": "c1", "content": "first\nline"}
+    assert m[3] == {"role": "tool", "tool_call_id": "c2", "content": "image b:"}
+    assert m[4] == {"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": PNG, "detail": "high"}}]}
+    assert m[5] == {"role": "user", "content": "what do you see"}
+
+
+def test_custom_tool_call_history():
+    patch = "*** Begin Patch\n*** Add File: a.txt\n+hi\n*** End Patch"
+    c = chat(req([
+        user("patch it"),
+        {"type": "custom_tool_call", "call_id": "p1", "name": "apply_patch", "input": patch},
+        {"type": "custom_tool_call_output", "call_id": "p1", "output": "Done!"},
+    ], tools=[{"type": "custom", "name": "apply_patch", "description": "patch",
+               "format": {"type": "grammar", "syntax": "lark", "definition": "start: x"}}]))
+    call = c["messages"][1]["tool_calls"][0]
+    assert call["id"] == "p1" and call["function"]["name"] == "apply_patch"
+    assert json.loads(call["function"]["arguments"]) == {"input": patch}
+    assert c["messages"][2] == {"role": "tool", "tool_call_id": "p1", "content": "Done!"}
+
+
+def test_local_shell_call_history():
+    c = chat(req([
+        user("list"),
+        {"type": "local_shell_call", "call_id": "ls1", "status": "completed",
+         "action": {"type": "exec", "command": ["ls", "-la"], "working_directory": "/tmp",
+                    "timeout_ms": 5000, "env": {}}},
+        {"type": "local_shell_call_output", "call_id": "ls1", "output": "total 0"},
+    ], tools=[{"type": "local_shell"}]))
+    call = c["messages"][1]["tool_calls"][0]
+    assert call["id"] == "ls1" and call["function"]["name"] == "local_shell"
+    assert json.loads(call["function"]["arguments"]) == {"command": ["ls", "-la"], "workdir": "/tmp",
+                                                         "timeout_ms": 5000}
+    assert c["messages"][2] == {"role": "tool", "tool_call_id": "ls1", "content": "total 0"}
+
+
+def test_tool_search_call_and_output_history():
+    found = [{"type": "function", "name": "found_tool", "parameters": OBJ}]
+    c = chat(req([
+        user("find a tool"),
+        {"type": "tool_search_call", "call_id": "ts1", "execution": "client", "status": "completed",
+         "arguments": {"query": "weather"}},
+        {"type": "tool_search_output", "call_id": "ts1", "execution": "client", "status": "completed",
+         "tools": found},
+    ], tools=[{"type": "tool_search", "execution": "client", "description": "search tools",
+               "parameters": {"type": "object", "properties": {"query": {"type": "string"}}}}]))
+    assert "tool_search" in tool_names(c)
+    call = c["messages"][1]["tool_calls"][0]
+    assert call["id"] == "ts1" and call["function"]["name"] == "tool_search"
+    assert json.loads(call["function"]["arguments"]) == {"query": "weather"}
+    tool_msg = c["messages"][2]
+    assert tool_msg["role"] == "tool" and tool_msg["tool_call_id"] == "ts1"
+    assert json.loads(tool_msg["content"]) == found
+
+
+def test_web_search_call_history_becomes_assistant_note():
+    c = chat(req([
+        user("weather?"),
+        {"type": "web_search_call", "id": "ws_1", "status": "completed",
+         "action": {"type": "search", "query": "weather paris"}},
+        msg("assistant", "Sunny.", kind="output_text"),
+        user("thanks"),
+    ], tools=[{"type": "web_search", "external_web_access": True}]))
+    m = c["messages"]
+    assert [x["role"] for x in m] == ["user", "assistant", "user"]
+    assert "weather paris" in m[1]["content"] and m[1]["content"].endswith("Sunny.")
+    assert "tools" not in c  # web_search is stripped, nothing left
+
+
+def test_namespaced_function_call_history_uses_flattened_name():
+    c = chat(req([
+        user("close it"),
+        fcall("c1", "close_agent", '{"id":"a"}', namespace="multi_agent_v1"),
+        fcall("c2", "x", "{}", namespace="mcp__srv__"),
+        fout("c1", "ok"), fout("c2", "ok"),
+    ], tools=[{"type": "namespace", "name": "multi_agent_v1", "description": "agents",
+               "tools": [fn_tool("close_agent")]},
+              {"type": "namespace", "name": "mcp__srv__", "description": "mcp", "tools": [fn_tool("x")]}]))
+    assert tool_names(c) == ["multi_agent_v1__close_agent", "mcp__srv__x"]
+    calls = c["messages"][1]["tool_calls"]
+    assert [t["function"]["name"] for t in calls] == ["multi_agent_v1__close_agent", "mcp__srv__x"]
+
+
+# --- tools ---------------------------------------------------------------------------------
+
+
+def test_dotted_names_sanitized_and_consistent_with_history():
+    c = chat(req([user("q"), fcall("c1", "srv.read.file"), fout("c1", "x")],
+                 tools=[fn_tool("srv.read.file")]))
+    assert tool_names(c) == ["srv_read_file"]
+    assert c["messages"][1]["tool_calls"][0]["function"]["name"] == "srv_read_file"
+
+
+def test_long_names_truncated_deterministically():
+    long_a = "mcp.server." + "a" * 80 + ".one"
+    long_b = "mcp.server." + "a" * 80 + ".two"
+    tools = [fn_tool(long_a), fn_tool(long_b)]
+    c1 = chat(req([user("q"), fcall("c1", long_a), fout("c1", "x")], tools=tools))
+    c2 = chat(req([user("q"), fcall("c1", long_a), fout("c1", "x")], tools=copy.deepcopy(tools)))
+    names = tool_names(c1)
+    assert names == tool_names(c2)
+    assert len(set(names)) == 2
+    assert all(NAME_RE.match(n) for n in names)
+    assert c1["messages"][1]["tool_calls"][0]["function"]["name"] == names[0]
+    assert chat_name(long_a) == names[0]
+
+
+@pytest.mark.parametrize("tools", [
+    [fn_tool("a.b"), fn_tool("a_b")],
+    [fn_tool("multi_agent_v1__close_agent"),
+     {"type": "namespace", "name": "multi_agent_v1", "tools": [fn_tool("close_agent")]}],
+    [fn_tool("dup"), fn_tool("dup")],
+])
+def test_tool_name_collision(tools):
+    err = gateway_error(req([user("q")], tools=tools))
+    assert err.code == "tool_name_collision"
+    assert err.param is not None and err.param.startswith("tools[1]")
+
+
+def test_function_tool_definition():
+    c = chat(req([user("q")], tools=[{"type": "function", "name": "f", "description": "does f",
+                                      "strict": True, "parameters": OBJ}]))
+    assert c["tools"] == [{"type": "function", "function": {
+        "name": "f", "description": "does f", "parameters": OBJ, "strict": True}}]
+
+
+def test_custom_tool_becomes_function_with_input_string():
+    grammar = 'start: begin_patch hunk+ end_patch\nbegin_patch: "*** Begin Patch" LF'
+    c = chat(req([user("q")], tools=[{"type": "custom", "name": "apply_patch", "description": "Edit files.",
+                                      "format": {"type": "grammar", "syntax": "lark", "definition": grammar}}]))
+    (tool,) = c["tools"]
+    fn = tool["function"]
+    assert tool["type"] == "function" and fn["name"] == "apply_patch"
+    params = fn["parameters"]
+    assert params["type"] == "object"
+    assert list(params["properties"]) == ["input"]
+    assert params["properties"]["input"]["type"] == "string"
+    assert params["required"] == ["input"]
+    assert fn["description"].startswith("Edit files.")
+    assert grammar in fn["description"] and "lark" in fn["description"]
+
+
+def test_local_shell_tool():
+    c = chat(req([user("q")], tools=[{"type": "local_shell"}]))
+    (tool,) = c["tools"]
+    fn = tool["function"]
+    assert fn["name"] == "local_shell"
+    assert fn["parameters"]["properties"]["command"]["type"] == "array"
+    assert fn["parameters"]["required"] == ["command"]
+
+
+def test_hosted_tools_stripped():
+    c = chat(req([user("q")], tools=[{"type": "web_search", "external_web_access": True},
+                                     fn_tool("f"), {"type": "image_generation", "output_format": "png"}],
+                 tool_choice="auto", parallel_tool_calls=False))
+    assert tool_names(c) == ["f"]
+    assert c["tool_choice"] == "auto" and c["parallel_tool_calls"] is False
+
+
+def test_only_hosted_tools_leaves_no_tool_fields():
+    c = chat(req([user("q")], tools=[{"type": "web_search"}], tool_choice="auto", parallel_tool_calls=True))
+    assert "tools" not in c and "tool_choice" not in c and "parallel_tool_calls" not in c
+
+
+def test_unsupported_tool_type_names_its_place():
+    err = gateway_error(req([user("q")], tools=[fn_tool("f"), {"type": "file_search", "vector_store_ids": ["v"]}]))
+    assert err.param == "tools[1].type"
+    assert "tools[1]" in err.message and "file_search" in err.message
+
+
+def test_unknown_item_type_names_its_place():
+    err = gateway_error(req([user("q"), {"type": "telepathy", "payload": 1}]))
+    assert err.param == "input[1].type"
+    assert "input[1]" in err.message and "telepathy" in err.message
+
+
+@pytest.mark.parametrize("item", [
+    {"type": "compaction", "encrypted_content": "gAAAA"},
+    {"type": "item_reference", "id": "msg_123"},
+])
+def test_compaction_and_item_reference_are_clear_400(item):
+    err = gateway_error(req([user("q"), item]))
+    assert err.status == 400
+    assert err.param == "input[1].type"
+    assert item["type"] in err.message
+
+
+# --- tool_choice ---------------------------------------------------------------------------
+
+NS_TOOLS = [fn_tool("a"), fn_tool("b"),
+            {"type": "namespace", "name": "multi_agent_v1", "description": "agents",
+             "tools": [fn_tool("close_agent"), fn_tool("spawn_agent")]}]
+
+
+@pytest.mark.parametrize("mode", ["auto", "none", "required"])
+def test_tool_choice_modes(mode):
+    c = chat(req([user("q")], tools=NS_TOOLS, tool_choice=mode))
+    assert c["tool_choice"] == mode
+    assert len(c["tools"]) == 4
+
+
+def test_tool_choice_named_function():
+    c = chat(req([user("q")], tools=NS_TOOLS, tool_choice={"type": "function", "name": "b"}))
+    assert c["tool_choice"] == {"type": "function", "function": {"name": "b"}}
+
+
+def test_tool_choice_named_namespaced_function():
+    c = chat(req([user("q")], tools=NS_TOOLS,
+                 tool_choice={"type": "function", "name": "close_agent", "namespace": "multi_agent_v1"}))
+    assert c["tool_choice"] == {"type": "function", "function": {"name": "multi_agent_v1__close_agent"}}
+
+
+def test_tool_choice_named_custom_tool():
+    c = chat(req([user("q")], tools=[{"type": "custom", "name": "apply_patch", "description": "p"}],
+                 tool_choice={"type": "custom", "name": "apply_patch"}))
+    assert c["tool_choice"] == {"type": "function", "function": {"name": "apply_patch"}}
+
+
+def test_tool_choice_allowed_tools_narrows():
+    c = chat(req([user("q")], tools=NS_TOOLS, tool_choice={
+        "type": "allowed_tools", "mode": "required",
+        "tools": [{"type": "function", "name": "b"},
+                  {"type": "function", "name": "spawn_agent", "namespace": "multi_agent_v1"}]}))
+    assert c["tool_choice"] == "required"
+    assert tool_names(c) == ["b", "multi_agent_v1__spawn_agent"]
+
+
+def test_tool_choice_unknown_name_is_400():
+    err = gateway_error(req([user("q")], tools=NS_TOOLS, tool_choice={"type": "function", "name": "nope"}))
+    assert err.param == "tool_choice.name"
+    assert "nope" in err.message
+
+
+def test_tool_choice_required_without_tools_is_400():
+    err = gateway_error(req([user("q")], tools=[{"type": "web_search"}], tool_choice="required"))
+    assert err.param == "tool_choice"
+
+
+# --- request parameters --------------------------------------------------------------------
+
+
+def test_sampling_and_limits():
+    c = chat(req([user("q")], max_output_tokens=256, temperature=0.3, top_p=0.9,
+                 reasoning={"effort": "high", "summary": "auto"}))
+    assert c["max_tokens"] == 256
+    assert c["temperature"] == 0.3 and c["top_p"] == 0.9
+    assert c["reasoning_effort"] == "high"
+    assert "max_output_tokens" not in c and "reasoning" not in c
+
+
+def test_json_schema_format():
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+              "additionalProperties": False}
+    c = chat(req([user("q")], text={"format": {"type": "json_schema", "name": "num", "schema": schema,
+                                               "strict": True}, "verbosity": "low"}))
+    assert c["response_format"] == {"type": "json_schema",
+                                    "json_schema": {"name": "num", "schema": schema, "strict": True}}
+
+
+def test_text_format_text_sends_no_response_format():
+    c = chat(req([user("q")], text={"format": {"type": "text"}}))
+    assert "response_format" not in c
+
+
+@pytest.mark.parametrize("stream", [True, False, None])
+def test_upstream_always_streams_with_usage(stream):
+    body = req([user("q")])
+    if stream is not None:
+        body["stream"] = stream
+    low = lower_raw(body)
+    assert low.chat["stream"] is True
+    assert low.chat["stream_options"] == {"include_usage": True}
+    assert low.client_stream is bool(stream)
+
+
+def test_previous_response_id_not_found():
+    err = gateway_error(req([user("q")], previous_response_id="resp_abc"))
+    assert err.code == "previous_response_not_found"
+    assert err.param == "previous_response_id"
+
+
+# --- malformed requests --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body,param", [
+    (req([{"type": "message", "role": "wizard", "content": "hi"}]), "input[0].role"),
+    (req([user("q")], temperature=5), "temperature"),
+    (req([user("q")], top_p=1.5), "top_p"),
+    (req([user("q")], max_output_tokens=0), "max_output_tokens"),
+    (req([user("q"), {"type": "function_call", "name": "f", "arguments": "{}"}]), "input[1].call_id"),
+    (req([user("q"), {"type": "function_call_output", "output": "x"}]), "input[1].call_id"),
+    (req([user("q"), {"type": "message", "role": "user", "content": [{"type": "input_text"}]}]),
+     "input[1].content[0].text"),
+    (req([user("q")], tools=[{"type": "function", "name": ""}]), "tools[0].name"),
+    ({"input": "q"}, "model"),
+])
+def test_malformed_field_is_named(body, param):
+    err = gateway_error(body)
+    assert err.param == param, err.message
+    assert param in err.message
+
+
+def test_request_must_be_object():
+    with pytest.raises(GatewayError):
+        parse_request(["not", "an", "object"])
+
+
+def test_unknown_top_level_and_item_keys_are_tolerated():
+    body = req([{**user("q"), "id": "msg_1", "status": "completed", "phase": "x"}],
+               store=False, include=["reasoning.encrypted_content"], prompt_cache_key="k",
+               client_metadata={"a": "b"}, service_tier="auto")
+    assert chat(body)["messages"] == [{"role": "user", "content": "q"}]

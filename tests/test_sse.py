@@ -1,0 +1,138 @@
+"""SSEParser: the incremental WHATWG-style event parser the translator reads upstream with."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from resp2chat_core.sse import SSEParser
+
+
+def parse(*pieces: bytes) -> tuple[list[str], SSEParser]:
+    p = SSEParser()
+    out: list[str] = []
+    for piece in pieces:
+        out += p.feed(piece)
+    out += p.finish()
+    return out, p
+
+
+def events(*pieces: bytes) -> list[str]:
+    return parse(*pieces)[0]
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n", b"\r"])
+def test_line_endings(eol):
+    raw = b"data: one" + eol + eol + b"data: two" + eol + eol
+    assert events(raw) == ["one", "two"]
+
+
+def test_feed_returns_only_completed_events():
+    p = SSEParser()
+    assert p.feed(b"data: a\n") == []
+    assert p.feed(b"\ndata: b") == ["a"]
+    assert p.feed(b"\n") == []
+    assert p.feed(b"\n") == ["b"]
+    assert p.finish() == []
+
+
+def test_crlf_split_between_feeds():
+    # "\r" ends one read, "\n" starts the next: one line ending, not two
+    assert events(b"data: a\r", b"\ndata: b\r\n\r\n") == ["a\nb"]
+    assert events(b"data: a\r\n\r", b"\n") == ["a"]
+
+
+def test_lone_cr_then_next_line_in_next_feed():
+    assert events(b"data: a\r", b"data: b\r\r") == ["a\nb"]
+
+
+def test_empty_feed_between_cr_and_lf():
+    # feed(b"") is a valid call; it must not forget that a CR is waiting for its LF
+    assert events(b"data: a\r", b"", b"\ndata: b\n\n") == ["a\nb"]
+
+
+def test_multiline_data_joined_by_lf():
+    assert events(b"data: {\"a\":\ndata: 1}\n\n") == ['{"a":\n1}']
+
+
+def test_comments_counted_and_not_returned():
+    out, p = parse(b": PROCESSING\n\n:keep-alive\ndata: x\n\n: bye\n\n")
+    assert out == ["x"]
+    assert p.comments == 3
+
+
+def test_event_id_retry_fields_ignored():
+    assert events(b"event: message\nid: 7\nretry: 100\ndata: x\n\nevent: ping\n\n") == ["x"]
+
+
+def test_data_without_space_and_extra_spaces():
+    assert events(b"data:x\n\ndata:  y\n\n") == ["x", " y"]
+
+
+def test_empty_data_line_is_an_event():
+    assert events(b"data:\n\n") == [""]
+
+
+def test_trailing_event_without_blank_line_returned_by_finish():
+    p = SSEParser()
+    assert p.feed(b"data: a\n\ndata: [DONE]") == ["a"]
+    assert p.finish() == ["[DONE]"]
+    p = SSEParser()
+    assert p.feed(b"data: last\n") == []
+    assert p.finish() == ["last"]
+
+
+def test_utf8_char_split_across_feeds():
+    raw = "data: héllo 世界 🎉\n\n".encode()
+    star = raw.index("🎉".encode())
+    cut = raw.index("世".encode()) + 1
+    assert events(raw[:cut], raw[cut:star + 2], raw[star + 2:]) == ["héllo 世界 🎉"]
+
+
+def test_finish_on_empty_stream():
+    assert events() == []
+    assert events(b"") == []
+
+
+# --- property: any split of any encoding parses the same -----------------------------------
+
+_value = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n"), max_size=12)
+_event = st.lists(_value, min_size=1, max_size=4)  # the data lines of one event
+_stream = st.lists(st.tuples(_event, st.booleans()), min_size=0, max_size=6)  # (event, comment before?)
+
+
+def _encode(stream, eols: list[bytes]) -> bytes:
+    """Serialize events; line endings drawn from ``eols`` in turn. A CR followed by an empty
+    LF-terminated line would read as one CRLF, so that pairing is avoided (it is not ambiguity
+    the parser can resolve)."""
+    lines: list[bytes] = []
+    for data_lines, comment in stream:
+        if comment:
+            lines.append(b": ping")
+        lines += [b"data: " + v.encode() for v in data_lines]
+        lines.append(b"")
+    out, prev = [], b""
+    for k, line in enumerate(lines):
+        eol = eols[k % len(eols)]
+        if prev == b"\r" and eol == b"\n" and not line:
+            eol = b"\r"
+        out.append(line + eol)
+        prev = eol
+    return b"".join(out)
+
+
+@settings(max_examples=300, deadline=None)
+@given(stream=_stream,
+       eols=st.lists(st.sampled_from([b"\n", b"\r\n", b"\r"]), min_size=1, max_size=8),
+       cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=12))
+def test_property_random_splits_match_unsplit_parse(stream, eols, cuts):
+    raw = _encode(stream, eols)
+    expected = ["\n".join(data_lines) for data_lines, _ in stream]
+    whole, p_whole = parse(raw)
+    assert whole == expected
+    points = sorted({c % (len(raw) + 1) for c in cuts})
+    pieces = [raw[a:b] for a, b in zip([0, *points], [*points, len(raw)])]
+    split, p_split = parse(*pieces)
+    assert split == whole
+    assert p_split.comments == p_whole.comments == sum(c for _, c in stream)

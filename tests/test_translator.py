@@ -1,0 +1,635 @@
+"""Translator: chat-completions SSE in, Responses SSE out.
+
+Every test checks the whole output stream against the invariants Codex and the openai SDK rely
+on (``check``): contiguous sequence numbers, exactly one terminal event and nothing after it,
+every delta after its item's ``output_item.added``, strictly increasing output indexes, and every
+event valid as ``openai.types.responses.ResponseStreamEvent``.
+"""
+
+from __future__ import annotations
+
+import json
+import typing
+from pathlib import Path
+
+import pydantic
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from openai.types.responses import ResponseStreamEvent
+
+from resp2chat_core.lowering import LoweringOptions
+from resp2chat_core.translator import Translator
+from resp2chat_core.turn import begin_turn
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "codex-0.169.0" / "02-tool-call-turn1.json"
+RESP_ID = "resp_0123456789abcdef"
+CREATED = 1795311942
+LONG_NAME = "mcp.server." + "x" * 80
+GRAMMAR = 'start: begin_patch hunk+ end_patch\nbegin_patch: "*** Begin Patch" LF'
+
+EVENT_ADAPTER = pydantic.TypeAdapter(ResponseStreamEvent)
+EVENT_CLASSES = {  # event type -> its SDK class, to explain a union failure in a few lines
+    typing.get_args(cls.model_fields["type"].annotation)[0]: cls
+    for cls in typing.get_args(typing.get_args(ResponseStreamEvent)[0])
+}
+TERMINAL = {"response.completed", "response.incomplete", "response.failed"}
+DELTAS = {
+    "response.output_text.delta", "response.reasoning_summary_text.delta", "response.reasoning_text.delta",
+    "response.function_call_arguments.delta", "response.custom_tool_call_input.delta",
+}
+ITEM_EVENTS = DELTAS | {
+    "response.output_text.done", "response.reasoning_summary_text.done", "response.reasoning_text.done",
+    "response.function_call_arguments.done", "response.custom_tool_call_input.done",
+    "response.content_part.added", "response.content_part.done",
+    "response.reasoning_summary_part.added", "response.reasoning_summary_part.done",
+}
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def request_body() -> dict:
+    """The real Codex request, plus the tool kinds Codex sends to other models."""
+    body = json.loads(FIXTURE.read_text())["body"]
+    body["tools"] = body["tools"] + [
+        {"type": "custom", "name": "apply_patch", "description": "Edit files.",
+         "format": {"type": "grammar", "syntax": "lark", "definition": GRAMMAR}},
+        {"type": "namespace", "name": "mcp__srv__", "description": "an MCP server",
+         "tools": [{"type": "function", "name": "x", "description": "x", "strict": False,
+                    "parameters": {"type": "object", "properties": {}}}]},
+        {"type": "function", "name": "srv.read", "description": "dotted", "strict": False,
+         "parameters": {"type": "object", "properties": {}}},
+        {"type": "function", "name": LONG_NAME, "description": "long", "strict": False,
+         "parameters": {"type": "object", "properties": {}}},
+        {"type": "local_shell"},
+        {"type": "tool_search", "execution": "client", "description": "find tools",
+         "parameters": {"type": "object", "properties": {"query": {"type": "string"}}}},
+    ]
+    return body
+
+
+def new_turn():
+    return begin_turn(json.dumps(request_body()).encode(), LoweringOptions(), RESP_ID, CREATED)
+
+
+def chat_tool_name(name: str) -> str:
+    """The chat-side name the lowering gave a tool (by its Responses name)."""
+    turn = new_turn()
+    for cname, target in turn.ctx.tool_map.targets.items():
+        if target.name == name:
+            return cname
+    raise KeyError(name)
+
+
+def translator() -> Translator:
+    return new_turn().translator()
+
+
+def chunk(delta: dict | None = None, finish: str | None = None, **extra) -> dict:
+    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "up",
+            "choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}], **extra}
+
+
+def tc(index: int, *, id: str | None = None, name: str | None = None, args: str | None = None) -> dict:
+    call: dict = {"index": index}
+    fn: dict = {}
+    if id:
+        call["id"] = id
+        call["type"] = "function"
+    if name is not None:
+        fn["name"] = name
+    if args is not None:
+        fn["arguments"] = args
+    call["function"] = fn
+    return call
+
+
+def sse(*payloads, done: bool = True, eol: str = "\n") -> bytes:
+    out = ""
+    for p in payloads:
+        out += "data: " + (p if isinstance(p, str) else json.dumps(p)) + eol + eol
+    if done:
+        out += "data: [DONE]" + eol + eol
+    return out.encode()
+
+
+def parse_events(raw: bytes) -> list[dict]:
+    text = raw.decode()
+    assert text == "" or text.endswith("\n\n")
+    out = []
+    for block in text.split("\n\n")[:-1]:
+        lines = block.split("\n")
+        assert len(lines) == 2 and lines[0].startswith("event: ") and lines[1].startswith("data: "), block
+        ev = json.loads(lines[1][6:])
+        assert ev["type"] == lines[0][7:]
+        out.append(ev)
+    return out
+
+
+def check(raw: bytes) -> list[dict]:
+    """Parse a whole translated stream and assert the invariants every stream must hold."""
+    evs = parse_events(raw)
+    assert [e["sequence_number"] for e in evs] == list(range(len(evs)))
+    types = [e["type"] for e in evs]
+    assert types[:2] == ["response.created", "response.in_progress"]
+    assert sum(t in TERMINAL for t in types) == 1 and types[-1] in TERMINAL
+    added: dict[str, int] = {}
+    last_index = -1
+    for e in evs:
+        if e["type"] == "response.output_item.added":
+            assert e["output_index"] > last_index
+            last_index = e["output_index"]
+            added[e["item"]["id"]] = e["output_index"]
+        elif e["type"] in ITEM_EVENTS:
+            assert added.get(e["item_id"]) == e["output_index"], f"{e['type']} before its item was added"
+        elif e["type"] == "response.output_item.done":
+            assert added.get(e["item"]["id"]) == e["output_index"]
+    for e in evs:
+        assert e.get("response", {"id": RESP_ID})["id"] == RESP_ID
+    terminal = evs[-1]["response"]
+    if terminal["status"] != "failed":
+        done = [e for e in evs if e["type"] == "response.output_item.done"]
+        assert sorted(e["output_index"] for e in done) == sorted(added.values())
+        assert terminal["output"] == [e["item"] for e in sorted(done, key=lambda e: e["output_index"])]
+    return evs
+
+
+# Codes the real API and Codex use that the SDK's ResponseError enum does not list (WIRE.md:
+# Codex acts on them). Where the SDK and Codex disagree, Codex wins; the rest must validate.
+CODEX_ONLY_CODES = {"context_length_exceeded", "insufficient_quota"}
+
+
+def check_sdk(evs: list[dict]) -> None:
+    """Every event must validate as the openai SDK's ``ResponseStreamEvent``."""
+    bad = []
+    for e in evs:
+        err = e.get("response", {}).get("error") or {}
+        if err.get("code") in CODEX_ONLY_CODES:
+            e = {**e, "response": {**e["response"], "error": {**err, "code": "server_error"}}}
+        try:
+            EVENT_ADAPTER.validate_python(e)
+        except pydantic.ValidationError:
+            cls = EVENT_CLASSES.get(e["type"])
+            try:
+                detail = cls.model_validate(e) and "(validates alone?)" if cls else "unknown event type"
+            except pydantic.ValidationError as exc:
+                detail = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in exc.errors())
+            bad.append(f"#{e['sequence_number']} {e['type']}: {detail}")
+    if bad:
+        pytest.fail("events rejected by openai.types.responses.ResponseStreamEvent:\n  " + "\n  ".join(bad),
+                    pytrace=False)
+
+
+def run(raw: bytes, tr: Translator | None = None, out: bytes = b"") -> list[dict]:
+    """Feed ``raw`` (after ``out``, what ``tr`` already emitted), finish, check the invariants.
+    Tests call ``check_sdk`` last, so their own assertions run even when the SDK check fails."""
+    tr = tr or translator()
+    evs = check(out + tr.feed(raw) + tr.finish())
+    assert tr.done
+    assert tr.feed(sse(chunk({"content": "late"}))) == b"" and tr.finish() == b""
+    return evs
+
+
+def types(evs) -> list[str]:
+    return [e["type"] for e in evs]
+
+
+def of(evs, type_: str) -> list[dict]:
+    return [e for e in evs if e["type"] == type_]
+
+
+def items(evs) -> list[dict]:
+    return [e["item"] for e in of(evs, "response.output_item.done")]
+
+
+USAGE = {"prompt_tokens": 1200, "completion_tokens": 80, "total_tokens": 1280,
+         "prompt_tokens_details": {"cached_tokens": 1024}, "completion_tokens_details": {"reasoning_tokens": 30}}
+
+
+# --- whole responses -----------------------------------------------------------------------
+
+
+def test_reasoning_then_text_full_sequence():
+    evs = run(sse(chunk({"role": "assistant", "content": ""}), chunk({"reasoning_content": "Let me "}),
+                  chunk({"reasoning_content": "think."}), chunk({"content": "Hello"}), chunk({"content": " world"}),
+                  chunk(finish="stop"), {"id": "chatcmpl-1", "choices": [], "usage": USAGE}))
+    assert types(evs) == [
+        "response.created", "response.in_progress",
+        "response.output_item.added", "response.reasoning_summary_part.added",
+        "response.reasoning_summary_text.delta", "response.reasoning_summary_text.delta",
+        "response.reasoning_summary_text.done", "response.reasoning_summary_part.done",
+        "response.output_item.done",
+        "response.output_item.added", "response.content_part.added",
+        "response.output_text.delta", "response.output_text.delta",
+        "response.output_text.done", "response.content_part.done", "response.output_item.done",
+        "response.completed",
+    ]
+    reasoning, message = items(evs)
+    assert reasoning["type"] == "reasoning"
+    assert reasoning["summary"] == [{"type": "summary_text", "text": "Let me think."}]
+    assert message["type"] == "message" and message["role"] == "assistant"
+    assert message["content"][0]["type"] == "output_text" and message["content"][0]["text"] == "Hello world"
+    assert [e["delta"] for e in of(evs, "response.output_text.delta")] == ["Hello", " world"]
+    assert of(evs, "response.output_text.done")[0]["text"] == "Hello world"
+    final = evs[-1]["response"]
+    assert final["status"] == "completed" and final["model"] == "fake-model"
+    assert final["created_at"] == CREATED
+    assert evs[0]["response"]["status"] == "in_progress" and evs[0]["response"]["output"] == []
+    check_sdk(evs)
+
+
+def test_text_deltas_stream_live():
+    tr = translator()
+    first = parse_events(tr.feed(sse(chunk({"content": "Hel"}), done=False)))
+    assert types(first)[-1] == "response.output_text.delta" and first[-1]["delta"] == "Hel"
+    second = parse_events(tr.feed(sse(chunk({"content": "lo"}), done=False)))
+    assert types(second) == ["response.output_text.delta"]
+    check_sdk(first + second)
+
+
+def test_function_call_streamed_by_index():
+    tr = translator()
+    out = tr.feed(sse(chunk({"role": "assistant", "tool_calls": [tc(0, id="call_up_1", name="exec_command", args="")]}),
+                      chunk({"tool_calls": [tc(0, args='{"cmd":')]}), done=False))
+    live = parse_events(out)
+    assert types(live)[-2:] == ["response.output_item.added", "response.function_call_arguments.delta"]
+    assert live[-1]["delta"] == '{"cmd":'
+    out += tr.feed(sse(chunk({"tool_calls": [tc(0, args=' "ls"}')]}), chunk(finish="tool_calls")))
+    evs = check(out + tr.finish())
+    added = of(evs, "response.output_item.added")[0]["item"]
+    assert added["type"] == "function_call" and added["call_id"] == "call_up_1" and added["name"] == "exec_command"
+    assert [e["delta"] for e in of(evs, "response.function_call_arguments.delta")] == ['{"cmd":', ' "ls"}']
+    (args_done,) = of(evs, "response.function_call_arguments.done")
+    assert args_done["arguments"] == '{"cmd": "ls"}' and args_done["name"] == "exec_command"
+    (item,) = items(evs)
+    assert item["type"] == "function_call" and item["status"] == "completed"
+    assert item["call_id"] == "call_up_1" and item["name"] == "exec_command"
+    assert item["arguments"] == '{"cmd": "ls"}'
+    assert "namespace" not in item
+    assert evs[-1]["type"] == "response.completed"
+    check_sdk(evs)
+
+
+@pytest.mark.parametrize("name,namespace", [("close_agent", "multi_agent_v1"), ("x", "mcp__srv__")])
+def test_namespaced_call_gets_namespace_back(name, namespace):
+    cname = chat_tool_name(name)
+    assert cname == (f"{namespace}__{name}" if not namespace.endswith("_") else namespace + name)
+    evs = run(sse(chunk({"tool_calls": [tc(0, id="call_ns", name=cname, args='{"id":"a"}')]}),
+                  chunk(finish="tool_calls")))
+    (item,) = items(evs)
+    assert item["name"] == name and item["namespace"] == namespace
+    assert of(evs, "response.output_item.added")[0]["item"]["namespace"] == namespace
+    assert of(evs, "response.function_call_arguments.done")[0]["name"] == name
+    check_sdk(evs)
+
+
+@pytest.mark.parametrize("name", ["srv.read", LONG_NAME])
+def test_sanitized_names_map_back_to_client_names(name):
+    cname = chat_tool_name(name)
+    assert cname != name
+    evs = run(sse(chunk({"tool_calls": [tc(0, id="call_s", name=cname, args="{}")]}), chunk(finish="tool_calls")))
+    (item,) = items(evs)
+    assert item["name"] == name and "namespace" not in item
+    check_sdk(evs)
+
+
+def test_custom_tool_call():
+    patch = "*** Begin Patch\n*** Add File: hello.txt\n+hi \"there\"\n*** End Patch\n"
+    args = json.dumps({"input": patch})
+    evs = run(sse(chunk({"tool_calls": [tc(0, id="call_patch", name="apply_patch", args="")]}),
+                  chunk({"tool_calls": [tc(0, args=args[:20])]}), chunk({"tool_calls": [tc(0, args=args[20:])]}),
+                  chunk(finish="tool_calls")))
+    assert not of(evs, "response.function_call_arguments.delta")
+    assert not of(evs, "response.function_call_arguments.done")
+    deltas = of(evs, "response.custom_tool_call_input.delta")
+    assert "".join(d["delta"] for d in deltas) == patch
+    (done,) = of(evs, "response.custom_tool_call_input.done")
+    assert done["input"] == patch
+    (item,) = items(evs)
+    assert item["type"] == "custom_tool_call"
+    assert item["name"] == "apply_patch" and item["call_id"] == "call_patch" and item["input"] == patch
+    assert types(evs).index("response.custom_tool_call_input.done") < types(evs).index("response.output_item.done")
+    check_sdk(evs)
+
+
+@pytest.mark.parametrize("args,action", [
+    ('{"command":["ls","-la"],"workdir":"/tmp","timeout_ms":500}',
+     {"command": ["ls", "-la"], "working_directory": "/tmp", "timeout_ms": 500}),
+    ('{"command":"ls -la"}', {"command": ["bash", "-lc", "ls -la"]}),
+])
+def test_local_shell_call(args, action):
+    evs = run(sse(chunk({"tool_calls": [tc(0, id="call_sh", name="local_shell", args=args)]}),
+                  chunk(finish="tool_calls")))
+    (item,) = items(evs)
+    assert item["type"] == "local_shell_call" and item["call_id"] == "call_sh"
+    assert item["action"]["type"] == "exec"
+    assert {k: v for k, v in item["action"].items() if k in action} == action
+    check_sdk(evs)
+
+
+def test_tool_search_call():
+    evs = run(sse(chunk({"tool_calls": [tc(0, id="call_ts", name="tool_search", args='{"query":"weather"}')]}),
+                  chunk(finish="tool_calls")))
+    (item,) = items(evs)
+    assert item["type"] == "tool_search_call" and item["call_id"] == "call_ts"
+    assert item["execution"] == "client" and item["arguments"] == {"query": "weather"}
+    check_sdk(evs)
+
+
+def test_parallel_tool_calls_each_own_item():
+    evs = run(sse(
+        chunk({"tool_calls": [tc(0, id="call_a", name="exec_command", args='{"cmd":')]}),
+        chunk({"tool_calls": [tc(1, id="call_b", name="view_image", args='{"path":')]}),
+        chunk({"tool_calls": [tc(0, args='"ls"}')]}),
+        chunk({"tool_calls": [tc(1, args='"a.png"}')]}),
+        chunk(finish="tool_calls"),
+    ))
+    a, b = items(evs)
+    assert (a["call_id"], a["name"], a["arguments"]) == ("call_a", "exec_command", '{"cmd":"ls"}')
+    assert (b["call_id"], b["name"], b["arguments"]) == ("call_b", "view_image", '{"path":"a.png"}')
+    assert a["id"] != b["id"]
+    added = of(evs, "response.output_item.added")
+    assert [e["item"]["call_id"] for e in added] == ["call_a", "call_b"]
+    for e in of(evs, "response.function_call_arguments.delta"):
+        owner = next(x for x in added if x["item"]["id"] == e["item_id"])
+        assert e["delta"] in (('{"cmd":', '"ls"}') if owner["item"]["call_id"] == "call_a" else ('{"path":', '"a.png"}'))
+    check_sdk(evs)
+
+
+def test_parallel_calls_in_one_chunk():
+    evs = run(sse(chunk({"tool_calls": [tc(0, id="c0", name="exec_command", args='{"cmd":"a"}'),
+                                        tc(1, id="c1", name="exec_command", args='{"cmd":"b"}')]}),
+                  chunk(finish="tool_calls")))
+    assert [(i["call_id"], i["arguments"]) for i in items(evs)] == [("c0", '{"cmd":"a"}'), ("c1", '{"cmd":"b"}')]
+    check_sdk(evs)
+
+
+def test_zero_arg_call_has_empty_object_arguments():
+    evs = run(sse(chunk({"tool_calls": [tc(0, id="call_g", name="get_goal", args="")]}), chunk(finish="tool_calls")))
+    (item,) = items(evs)
+    assert item["arguments"] == "{}"
+    assert of(evs, "response.function_call_arguments.done")[0]["arguments"] == "{}"
+    check_sdk(evs)
+
+
+def test_ollama_whole_tool_call_in_one_chunk_with_stop():
+    raw = sse({"model": "qwen3", "created_at": "x", "choices": [{"index": 0, "delta": {
+        "role": "assistant", "content": "", "tool_calls": [{"id": "call_ol", "index": 0, "type": "function",
+                                                            "function": {"name": "exec_command",
+                                                                         "arguments": '{"cmd":"pwd"}'}}]},
+        "finish_reason": "stop"}]})
+    evs = run(raw)
+    (item,) = items(evs)
+    assert item["type"] == "function_call" and item["call_id"] == "call_ol" and item["arguments"] == '{"cmd":"pwd"}'
+    assert evs[-1]["type"] == "response.completed"
+    check_sdk(evs)
+
+
+def test_missing_call_id_is_generated_and_unique():
+    evs = run(sse(chunk({"tool_calls": [tc(0, name="exec_command", args="{}"), tc(1, name="get_goal", args="{}")]}),
+                  chunk(finish="tool_calls")))
+    ids = [i["call_id"] for i in items(evs)]
+    assert all(ids) and len(set(ids)) == 2
+    check_sdk(evs)
+
+
+def test_whitespace_content_before_tool_call_creates_no_message():
+    evs = run(sse(chunk({"reasoning_content": "need ls"}), chunk({"content": "\n\n"}),
+                  chunk({"tool_calls": [tc(0, id="call_w", name="exec_command", args='{"cmd":"ls"}')]}),
+                  chunk(finish="tool_calls")))
+    assert [i["type"] for i in items(evs)] == ["reasoning", "function_call"]
+    assert not of(evs, "response.output_text.delta")
+    check_sdk(evs)
+
+
+def test_text_after_tool_call_is_a_new_message():
+    evs = run(sse(chunk({"tool_calls": [tc(0, id="c", name="exec_command", args="{}")]}), chunk({"content": "done"}),
+                  chunk(finish="stop")))
+    assert [i["type"] for i in items(evs)] == ["function_call", "message"]
+    check_sdk(evs)
+
+
+# --- usage ---------------------------------------------------------------------------------
+
+
+def test_usage_only_final_chunk():
+    evs = run(sse(chunk({"content": "hi"}), chunk(finish="stop"),
+                  {"id": "chatcmpl-1", "object": "chat.completion.chunk", "choices": [], "usage": USAGE}))
+    assert evs[-1]["type"] == "response.completed"
+    usage = evs[-1]["response"]["usage"]
+    assert (usage["input_tokens"], usage["output_tokens"], usage["total_tokens"]) == (1200, 80, 1280)
+    assert usage["input_tokens_details"]["cached_tokens"] == 1024
+    assert usage["output_tokens_details"]["reasoning_tokens"] == 30
+    check_sdk(evs)
+
+
+def test_deepseek_prompt_cache_hit_tokens():
+    usage = {"prompt_tokens": 500, "completion_tokens": 20, "total_tokens": 520,
+             "prompt_cache_hit_tokens": 384, "prompt_cache_miss_tokens": 116}
+    evs = run(sse(chunk({"content": "ok"}), chunk(finish="stop"), {"choices": [], "usage": usage}))
+    u = evs[-1]["response"]["usage"]
+    assert (u["input_tokens"], u["output_tokens"], u["total_tokens"]) == (500, 20, 520)
+    assert u["input_tokens_details"]["cached_tokens"] == 384
+    check_sdk(evs)
+
+
+def test_usage_in_finish_chunk_without_done():
+    evs = run(sse(chunk({"content": "ok"}), chunk(finish="stop", usage={"prompt_tokens": 3, "completion_tokens": 1,
+                                                                        "total_tokens": 4}), done=False))
+    assert evs[-1]["type"] == "response.completed"
+    assert evs[-1]["response"]["usage"]["total_tokens"] == 4
+    check_sdk(evs)
+
+
+# --- endings -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("finish,reason", [("length", "max_output_tokens"), ("content_filter", "content_filter")])
+def test_incomplete(finish, reason):
+    evs = run(sse(chunk({"content": "partial"}), chunk(finish=finish)))
+    assert evs[-1]["type"] == "response.incomplete"
+    resp = evs[-1]["response"]
+    assert resp["status"] == "incomplete" and resp["incomplete_details"] == {"reason": reason}
+    assert resp["output"][0]["content"][0]["text"] == "partial"
+    check_sdk(evs)
+
+
+def test_error_payload_mid_stream_fails_and_stops():
+    tr = translator()
+    out = tr.feed(sse(chunk({"content": "Hel"}),
+                      {"error": {"message": "Rate limit reached, try again in 2s", "code": "rate_limit_exceeded"}},
+                      chunk({"content": "lo"}), chunk(finish="stop")))
+    assert tr.done
+    evs = run(b"", tr, out)
+    assert evs[-1]["type"] == "response.failed"
+    err = evs[-1]["response"]["error"]
+    assert err["code"] == "rate_limit_exceeded" and "try again in 2s" in err["message"]
+    assert [e["delta"] for e in of(evs, "response.output_text.delta")] == ["Hel"]
+    check_sdk(evs)
+
+
+@pytest.mark.parametrize("status,body,code", [
+    (429, b'{"error":{"message":"Rate limit reached. Please try again in 20s.","type":"requests"}}',
+     "rate_limit_exceeded"),
+    (400, b'{"error":{"message":"This model\'s maximum context length is 8192 tokens. However, you requested '
+          b'9000 tokens.","type":"invalid_request_error","code":null}}', "context_length_exceeded"),
+    # Codex 0.169 treats server_is_overloaded as fatal ("model at capacity"); a 5xx must stay
+    # retryable, so it maps to server_error (errors.py, observed with the real CLI).
+    (503, b"Service Unavailable", "server_error"),
+    (400, b'{"error":{"message":"unknown field foo","type":"invalid_request_error"}}', "invalid_prompt"),
+])
+def test_fail_upstream_http_errors(status, body, code):
+    tr = translator()
+    out = tr.fail_upstream(status, body)
+    evs = check(out + tr.finish())
+    assert types(evs) == ["response.created", "response.in_progress", "response.failed"]
+    err = evs[-1]["response"]["error"]
+    assert err["code"] == code
+    assert str(status) in err["message"]
+    assert evs[-1]["response"]["status"] == "failed"
+    check_sdk(evs)
+
+
+def test_end_without_finish_reason_or_done_fails():
+    evs = run(sse(chunk({"content": "cut off"}), done=False))
+    assert evs[-1]["type"] == "response.failed"
+    assert evs[-1]["response"]["error"]["code"] == "server_error"
+    check_sdk(evs)
+
+
+def test_empty_upstream_body_fails():
+    tr = translator()
+    evs = check(tr.finish())
+    assert evs[-1]["type"] == "response.failed"
+    check_sdk(evs)
+
+
+def test_done_without_finish_reason_completes():
+    evs = run(sse(chunk({"content": "hi"})))
+    assert evs[-1]["type"] == "response.completed"
+    assert items(evs)[0]["content"][0]["text"] == "hi"
+    check_sdk(evs)
+
+
+def test_done_alone_completes_empty():
+    evs = run(sse())
+    assert types(evs) == ["response.created", "response.in_progress", "response.completed"]
+    assert evs[-1]["response"]["output"] == []
+    check_sdk(evs)
+
+
+@pytest.mark.parametrize("payload", ["not json at all", "{\"choices\": [", "[1, 2]", "42", "\"text\"", "null"])
+def test_bad_payload_fails(payload):
+    evs = run(sse(chunk({"content": "a"}), payload, chunk({"content": "b"}), chunk(finish="stop")))
+    assert evs[-1]["type"] == "response.failed"
+    assert [e["delta"] for e in of(evs, "response.output_text.delta")] == ["a"]
+    check_sdk(evs)
+
+
+def test_comments_and_crlf_are_transparent():
+    raw = b": OPENROUTER PROCESSING\r\n\r\n" + sse(chunk({"content": "x"}), chunk(finish="stop"), eol="\r\n")
+    evs = run(raw)
+    assert evs[-1]["type"] == "response.completed" and items(evs)[0]["content"][0]["text"] == "x"
+    check_sdk(evs)
+
+
+def test_translate_body_whole_completion():
+    body = {
+        "id": "chatcmpl-9", "object": "chat.completion", "created": 1, "model": "up",
+        "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+            "role": "assistant", "content": "Running it.", "reasoning_content": "should run ls",
+            "tool_calls": [{"id": "call_b", "type": "function",
+                            "function": {"name": "exec_command", "arguments": '{"cmd":"ls"}'}}]}}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+    }
+    tr = translator()
+    evs = check(tr.translate_body(json.dumps(body).encode()))
+    assert tr.done and tr.finish() == b""
+    assert [i["type"] for i in items(evs)] == ["reasoning", "message", "function_call"]
+    assert items(evs)[1]["content"][0]["text"] == "Running it."
+    assert items(evs)[2]["call_id"] == "call_b" and items(evs)[2]["arguments"] == '{"cmd":"ls"}'
+    assert evs[-1]["type"] == "response.completed"
+    assert evs[-1]["response"]["usage"]["total_tokens"] == 15
+    check_sdk(evs)
+
+
+@pytest.mark.parametrize("body", [b"<html>502 Bad Gateway</html>", b'{"error":{"message":"boom"}}', b"[]"])
+def test_translate_body_errors_fail(body):
+    evs = check(translator().translate_body(body))
+    assert evs[-1]["type"] == "response.failed"
+    check_sdk(evs)
+
+
+def test_minimal_request_echo_is_a_valid_response():
+    tr = begin_turn(b'{"model":"gpt-x","input":"hi"}', LoweringOptions(), RESP_ID, CREATED).translator()
+    evs = run(sse(chunk({"content": "hello"}), chunk(finish="stop")), tr)
+    resp = evs[-1]["response"]
+    assert resp["model"] == "gpt-x" and resp["tools"] == [] and resp["tool_choice"] == "auto"
+    check_sdk(evs)
+
+
+def test_response_snapshot_matches_terminal_event():
+    tr = translator()
+    evs = check(tr.feed(sse(chunk({"content": "hi"}), chunk(finish="stop"))) + tr.finish())
+    assert tr.response() == evs[-1]["response"]
+    check_sdk(evs)
+
+
+# --- property: any split of the upstream bytes gives the same output -----------------------
+
+def multiline(payload: dict, eol: str) -> bytes:
+    """One event whose JSON spans two ``data:`` lines (joined by LF, which JSON allows)."""
+    text = json.dumps(payload)
+    cut = text.index(",") + 1
+    return f"data: {text[:cut]}{eol}data: {text[cut:]}{eol}{eol}".encode()
+
+
+STREAMS = {
+    "reasoning-text-usage-crlf": multiline(chunk({"role": "assistant", "reasoning_content": "思考中…"}), "\r\n") + sse(
+        chunk({"reasoning_content": " ok 🎉"}),
+        chunk({"content": "\n\n"}), chunk({"content": "Grüße, "}), chunk({"content": "мир"}), chunk(finish="stop"),
+        {"choices": [], "usage": USAGE}, eol="\r\n"),
+    "parallel-tools-with-comments": b": PROCESSING\n\n" + sse(
+        chunk({"tool_calls": [tc(0, id="call_a", name="exec_command", args='{"cmd":')]}),
+        chunk({"tool_calls": [tc(1, id="call_b", name="multi_agent_v1__close_agent", args="{")]}),
+        chunk({"tool_calls": [tc(0, args='"ls"}')]}), chunk({"tool_calls": [tc(1, args="}")]}),
+        chunk(finish="tool_calls")),
+    "custom-tool-lone-cr": sse(
+        chunk({"content": "Patching."}),
+        chunk({"tool_calls": [tc(0, id="call_p", name="apply_patch", args='{"input":"*** Begin')]}),
+        chunk({"tool_calls": [tc(0, args=' Patch\\n*** End Patch"}')]}), chunk(finish="tool_calls"), eol="\r"),
+    "error-mid-stream": sse(chunk({"content": "a"}), {"error": {"message": "overloaded", "code": 503}},
+                            chunk({"content": "b"})),
+    "truncated": sse(chunk({"content": "no end"}), done=False),
+}
+
+
+@settings(max_examples=40, deadline=None)
+@given(name=st.sampled_from(sorted(STREAMS)), data=st.data())
+def test_property_any_split_same_output(name, data):
+    raw = STREAMS[name]
+    cuts = data.draw(st.lists(st.integers(min_value=1, max_value=len(raw) - 1), max_size=25, unique=True))
+    pieces = [raw[a:b] for a, b in zip([0, *sorted(cuts)], [*sorted(cuts), len(raw)])]
+    whole_tr = translator()
+    whole = whole_tr.feed(raw) + whole_tr.finish()
+    split_tr = translator()
+    split = b"".join(split_tr.feed(p) for p in pieces) + split_tr.finish()
+    assert split == whole
+    check(whole)
+
+
+@pytest.mark.parametrize("name", sorted(STREAMS))
+def test_byte_at_a_time_same_output(name):
+    raw = STREAMS[name]
+    whole_tr, split_tr = translator(), translator()
+    whole = whole_tr.feed(raw) + whole_tr.finish()
+    split = b"".join(split_tr.feed(raw[i:i + 1]) for i in range(len(raw))) + split_tr.finish()
+    assert split == whole
+
+
+@pytest.mark.parametrize("name", sorted(STREAMS))
+def test_fixture_streams_are_valid(name):
+    tr = translator()
+    evs = check(tr.feed(STREAMS[name]) + tr.finish())
+    check_sdk(evs)
