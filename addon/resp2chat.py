@@ -28,10 +28,12 @@ from urllib.parse import urlsplit
 from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.proxy import mode_specs
 
+from resp2chat_cli import views
 from resp2chat_cli.config import load_settings
 from resp2chat_core import settings as S
 from resp2chat_core.errors import GatewayError, error_json
 from resp2chat_core.lowering import LoweringOptions
+from resp2chat_core.replay import MAX_ENTRY_BYTES, ReplayCache, replay_key
 from resp2chat_core.translator import Translator
 from resp2chat_core.turn import Turn, begin_turn
 
@@ -40,6 +42,7 @@ log = logging.getLogger("resp2chat")
 DEFAULT_UPSTREAM = "http://127.0.0.1:8000/v1"
 RESPONSES_PATHS = ("/v1/responses", "/responses")
 JSON_HEADERS = {"content-type": "application/json"}
+META = "resp2chat"  # flow.metadata key: saved in flow files, read by the views and `analyze`
 
 # HTTP status for a non-streaming client whose response failed, by error code.
 _FAILED_STATUS = {
@@ -68,7 +71,11 @@ class _Upstream:
 
 
 class _SSEStream:
-    """The stream callable: one translator per flow; never raises, never returns b"" early."""
+    """The stream callable: one translator per flow; never raises, never returns b"" early.
+
+    It also keeps the upstream bytes (up to a cap): flow files record them, and the replay
+    cache answers identical requests from them.
+    """
 
     __slots__ = ("translator", "status", "mode", "buffer")
 
@@ -81,11 +88,11 @@ class _SSEStream:
     def __call__(self, data: bytes):
         t = self.translator
         try:
+            if data and len(self.buffer) < MAX_ENTRY_BYTES:
+                self.buffer += data
             if self.mode == "sse":
                 out = t.feed(data) if data else t.finish()
             elif data:
-                if len(self.buffer) < 1 << 20:
-                    self.buffer += data
                 out = b""
             elif self.status == 200:
                 out = t.translate_body(bytes(self.buffer))
@@ -123,6 +130,7 @@ class Resp2Chat:
         self.lowering = LoweringOptions()
         self.demo = None  # the bundled demo upstream server, when upstream_base_url == "demo"
         self.request_log = None
+        self.replay = ReplayCache(0)
         self._rebind = False
 
     # --- options ---------------------------------------------------------------------------
@@ -137,6 +145,9 @@ class Resp2Chat:
             loader.add_option(f.option, S.option_type(f), default, f.help)
         loader.add_option("resp2chat_raw", bool, False,
                           "Print the model's streamed text, reasoning and tool calls to stdout.")
+        loader.add_option("resp2chat_replay_preload", str, "",
+                          "Flow file whose completed resp2chat turns preload the replay cache.")
+        views.register()
 
     def configure(self, updated: set[str]) -> None:
         if not any(name.startswith("resp2chat_") for name in updated) and "mode" not in updated:
@@ -156,6 +167,9 @@ class Resp2Chat:
         )
         self._configure_upstream(s["upstream_base_url"])
         self._open_request_log(s["upstream_request_log_path"])
+        self.replay.resize(s["max_replay_entries"])
+        if "resp2chat_replay_preload" in updated and ctx.options.resp2chat_replay_preload:
+            self._preload(ctx.options.resp2chat_replay_preload)
         self._default_proxy_options()
 
     def _effective(self) -> dict:
@@ -183,6 +197,22 @@ class Resp2Chat:
             url = f"http://{host}:{port}/v1"
         self.upstream = _Upstream(url) if url else None
 
+    def _preload(self, path: str) -> None:
+        from mitmproxy import io
+
+        try:
+            with open(os.path.expanduser(path), "rb") as fh:
+                flows = list(io.FlowReader(fh).stream())
+        except (OSError, exceptions.FlowReadException) as exc:
+            raise exceptions.OptionsError(f"resp2chat_replay_preload: cannot read {path}: {exc}") from None
+        loaded = 0
+        for f in flows:
+            meta = f.metadata.get(META) or {}
+            if isinstance(f, http.HTTPFlow) and meta.get("status") == "completed" and meta.get("upstream_sse"):
+                loaded += self.replay.put(replay_key(meta.get("upstream", ""), f.request.content or b""),
+                                          meta["upstream_sse"].encode())
+        log.info(f"resp2chat: replay cache preloaded with {loaded} answers from {path}")
+
     def _open_request_log(self, path: str) -> None:
         if self.request_log:
             self.request_log.close()
@@ -197,6 +227,9 @@ class Resp2Chat:
             changes["connection_strategy"] = "lazy"  # eager would reset clients when upstream is down
         if not opts.store_streamed_bodies:
             changes["store_streamed_bodies"] = True  # flow files keep the translated stream
+        if getattr(opts, "server_replay", None) and not (opts.server_replay_ignore_host and opts.server_replay_ignore_port):
+            # A recording made against another upstream address must still match.
+            changes["server_replay_ignore_host"] = changes["server_replay_ignore_port"] = True
         modes = list(opts.mode)
         if modes == ["regular"]:
             target = urlsplit(self.upstream.url if self.upstream else DEFAULT_UPSTREAM)
@@ -241,7 +274,7 @@ class Resp2Chat:
     # --- hooks -----------------------------------------------------------------------------
 
     def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response or flow.is_replay:
+        if flow.response or flow.is_replay == "response":
             return
         req = flow.request
         path = req.path.split("?", 1)[0]
@@ -265,18 +298,30 @@ class Resp2Chat:
         return hmac.compare_digest(given.encode(), key.encode())
 
     def _begin(self, flow: http.HTTPFlow) -> None:
+        body = flow.request.get_content(strict=False) or b""
+        meta = flow.metadata[META] = {"responses_request": body.decode("utf-8", "replace")}
         try:
-            turn = begin_turn(flow.request.get_content(strict=False) or b"", self.lowering,
-                              "resp_" + uuid.uuid4().hex, int(time.time()))
+            turn = begin_turn(body, self.lowering, "resp_" + uuid.uuid4().hex, int(time.time()))
         except GatewayError as err:
+            meta["status"] = "rejected"
             flow.response = http.Response.make(err.status, json.dumps(err.body()), JSON_HEADERS)
             return
-        self.turns[flow.id] = turn
+        meta["response_id"] = turn.ctx.response_id
         flow.request.content = turn.chat_body
         flow.request.headers["content-type"] = "application/json"
         flow.request.headers["accept"] = "text/event-stream"
         flow.request.headers["accept-encoding"] = "identity"  # the translator reads raw bytes
         self._to_upstream(flow, "/chat/completions")
+        meta["upstream"] = upstream_url = (self.upstream or _reverse_target(flow)).url
+        key = replay_key(upstream_url, turn.chat_body)
+        # Server replay answers after this hook and would overwrite a cache answer.
+        cached = None if getattr(ctx.options, "server_replay", None) else self.replay.get(key)
+        if cached is not None:
+            meta["replay_cache"] = "hit"
+            self._answer_from_cache(flow, turn, cached)
+            return
+        meta["replay_key"] = key
+        self.turns[flow.id] = turn
         if self.request_log:
             self.request_log.write(json.dumps(
                 {"ts": time.time(), "flow": flow.id, "session": _session_key(flow),
@@ -312,11 +357,46 @@ class Resp2Chat:
 
     def response(self, flow: http.HTTPFlow) -> None:
         turn = self.turns.pop(flow.id, None)
-        if turn is None:
-            return
-        if not turn.client_stream:
-            self._answer_whole(flow, turn)
+        if turn is not None and flow.is_replay != "response":
+            upstream_sse = bytes(flow.response.stream.buffer) if isinstance(flow.response.stream, _SSEStream) \
+                else flow.response.get_content(strict=False) or b""
+            if not turn.client_stream:
+                self._answer_whole(flow, turn)
+            self._record(flow, turn, upstream_sse)
         _redact(flow)
+
+    def _record(self, flow: http.HTTPFlow, turn: Turn, upstream_sse: bytes) -> None:
+        """Flow metadata (saved with -w), a one-line comment (shown in mitmweb), the cache."""
+        t = turn.active
+        meta = flow.metadata[META]
+        meta["upstream_sse"] = upstream_sse.decode("utf-8", "replace")
+        if t is None:
+            return
+        meta["status"] = status = t.response()["status"] if t.done else "unfinished"
+        meta["usage"] = t.usage
+        calls = sum(1 for item in t.output if item["type"] not in ("message", "reasoning"))
+        u = t.usage or {}
+        took = (flow.response.timestamp_end or time.time()) - flow.request.timestamp_start
+        flow.comment = (
+            f"{turn.ctx.model} · {status}"
+            + (f" ({t.error['code']})" if t.error else "")
+            + (f" · in {u['input_tokens']} (cached {u['input_tokens_details']['cached_tokens']})"
+               f" out {u['output_tokens']}" if u else "")
+            + (f" · {calls} tool call{'s' if calls != 1 else ''}" if calls else "")
+            + f" · {took * 1000:.0f} ms"
+        )
+        if status == "completed" and meta.get("replay_key"):
+            self.replay.put(meta["replay_key"], upstream_sse)
+
+    def _answer_from_cache(self, flow: http.HTTPFlow, turn: Turn, upstream_sse: bytes) -> None:
+        t = turn.translator()
+        out = t.feed(upstream_sse) + t.finish()
+        if turn.client_stream:
+            flow.response = http.Response.make(200, out, {"content-type": "text/event-stream; charset=utf-8",
+                                                          "cache-control": "no-cache"})
+        else:
+            flow.response = http.Response.make(200, json.dumps(t.response(), ensure_ascii=False), JSON_HEADERS)
+        flow.comment = f"{turn.ctx.model} · replay cache hit"
 
     def error(self, flow: http.HTTPFlow) -> None:
         self.turns.pop(flow.id, None)

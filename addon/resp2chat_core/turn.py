@@ -44,6 +44,7 @@ def echo_fields(raw: dict) -> dict:
 class Turn:
     lowered: Lowered
     ctx: TurnContext
+    active: Translator | None = None  # the translator answering this turn, once there is one
 
     @property
     def chat_body(self) -> bytes:
@@ -54,7 +55,8 @@ class Turn:
         return self.lowered.client_stream
 
     def translator(self) -> Translator:
-        return Translator(self.ctx)
+        self.active = Translator(self.ctx)
+        return self.active
 
 
 def decode_body(body: bytes) -> dict:

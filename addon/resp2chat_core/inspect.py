@@ -1,0 +1,174 @@
+"""Readable renderings of both sides of a turn, for mitmweb's contentviews and the analyzer.
+
+Raw SSE is hundreds of one-token events; a person wants to see the conversation. Runs of deltas
+for the same item collapse into one line with the joined text.
+"""
+
+from __future__ import annotations
+
+import json
+
+from .sse import SSEParser
+
+
+def _events(raw: bytes) -> list[dict | str]:
+    parser = SSEParser()
+    out: list[dict | str] = []
+    for payload in parser.feed(raw) + parser.finish():
+        try:
+            out.append(json.loads(payload))
+        except ValueError:
+            out.append(payload)
+    return out
+
+
+def _short(text: str, width: int = 400) -> str:
+    text = json.dumps(text, ensure_ascii=False)
+    return text if len(text) <= width else text[:width] + "…\""
+
+
+def describe_responses_sse(raw: bytes) -> str:
+    lines: list[str] = []
+    run: tuple | None = None  # (type, item_id, first seq, pieces)
+
+    def close_run():
+        if run:
+            kind, item, first, pieces = run
+            lines.append(f"{first:>5}  {kind} ×{len(pieces)}  {item}  {_short(''.join(pieces))}")
+
+    for ev in _events(raw):
+        if not isinstance(ev, dict):
+            close_run(), lines.append(f"       (not JSON) {ev[:80]}")
+            run = None
+            continue
+        kind, seq = ev.get("type", "?"), ev.get("sequence_number", -1)
+        if kind.endswith(".delta"):
+            item = ev.get("item_id", "")
+            if run and run[0] == kind and run[1] == item:
+                run[3].append(str(ev.get("delta", "")))
+                continue
+            close_run()
+            run = (kind, item, seq, [str(ev.get("delta", ""))])
+            continue
+        close_run()
+        run = None
+        detail = ""
+        if "response" in ev:
+            r = ev["response"]
+            detail = f"status={r.get('status')}"
+            if r.get("error"):
+                detail += f" error={r['error'].get('code')}: {r['error'].get('message')}"
+            if r.get("usage"):
+                u = r["usage"]
+                detail += (f" usage: in={u.get('input_tokens')} (cached "
+                           f"{(u.get('input_tokens_details') or {}).get('cached_tokens')}) out={u.get('output_tokens')}")
+            if r.get("incomplete_details"):
+                detail += f" incomplete={r['incomplete_details'].get('reason')}"
+        elif "item" in ev:
+            it = ev["item"]
+            detail = f"#{ev.get('output_index')} {it.get('type')} {it.get('id', '')}"
+            if it.get("name"):
+                detail += f" {it.get('namespace') + '.' if it.get('namespace') else ''}{it['name']}"
+            if ev["type"].endswith(".done") and it.get("type") in ("function_call", "custom_tool_call"):
+                detail += " " + _short(it.get("arguments", it.get("input", "")), 200)
+        lines.append(f"{seq:>5}  {kind}  {detail}".rstrip())
+    close_run()
+    return "\n".join(lines)
+
+
+def describe_chat_sse(raw: bytes) -> str:
+    lines: list[str] = []
+    current: list = [None, []]  # [label, pieces]
+
+    def flush():
+        if current[0]:
+            lines.append(f"{current[0]}: {_short(''.join(current[1]))}")
+        current[0], current[1] = None, []
+
+    def add(label: str, text: str):
+        if current[0] != label:
+            flush()
+            current[0] = label
+        current[1].append(text)
+
+    for ev in _events(raw):
+        if not isinstance(ev, dict):
+            flush()
+            lines.append(f"[{ev}]" if ev == "[DONE]" else f"(not JSON) {ev[:120]}")
+            continue
+        if "error" in ev:
+            flush()
+            lines.append(f"error: {json.dumps(ev['error'], ensure_ascii=False)}")
+        for ch in ev.get("choices") or ():
+            d = ch.get("delta") or ch.get("message") or {}
+            if d.get("reasoning_content") or d.get("reasoning"):
+                add("reasoning", d.get("reasoning_content") or d.get("reasoning"))
+            if d.get("content"):
+                add("content", d["content"])
+            for tc in d.get("tool_calls") or ():
+                fn = tc.get("function") or {}
+                label = f"tool_call[{tc.get('index', 0)}]"
+                if fn.get("name"):
+                    flush()
+                    current[0] = label
+                    current[1] = [f"{fn['name']} id={tc.get('id')} args="]
+                add(label, fn.get("arguments") or "")
+            if ch.get("finish_reason"):
+                flush()
+                lines.append(f"finish_reason: {ch['finish_reason']}")
+        if ev.get("usage"):
+            flush()
+            lines.append(f"usage: {json.dumps(ev['usage'])}")
+    flush()
+    return "\n".join(lines)
+
+
+def _content_text(content) -> str:
+    if isinstance(content, str):
+        return content
+    out = []
+    for p in content or ():
+        if isinstance(p, dict):
+            out.append(p.get("text") or p.get("refusal") or (f"[{p.get('type')}]"))
+    return " ".join(out)
+
+
+def describe_responses_request(body: dict) -> str:
+    lines = [f"model={body.get('model')} stream={body.get('stream')} tools={len(body.get('tools') or [])}"
+             f" tool_choice={body.get('tool_choice')} reasoning={body.get('reasoning')}"]
+    if body.get("instructions"):
+        lines.append(f"instructions: {_short(body['instructions'], 200)}")
+    items = body.get("input")
+    items = [{"role": "user", "content": items}] if isinstance(items, str) else items or []
+    for i, it in enumerate(items):
+        kind = it.get("type", "message")
+        if kind == "message":
+            lines.append(f"[{i}] {it.get('role')}: {_short(_content_text(it.get('content')), 200)}")
+        elif kind in ("function_call", "custom_tool_call"):
+            lines.append(f"[{i}] {kind} {it.get('call_id')} {it.get('name')} {_short(it.get('arguments', it.get('input', '')), 200)}")
+        elif kind.endswith("_output"):
+            out = it.get("output")
+            lines.append(f"[{i}] {kind} {it.get('call_id')}: {_short(_content_text(out), 200)}")
+        elif kind == "reasoning":
+            lines.append(f"[{i}] reasoning: {_short(_content_text(it.get('summary')), 200)}")
+        else:
+            lines.append(f"[{i}] {kind}")
+    tools = [t.get("name") or t.get("type") for t in body.get("tools") or ()]
+    if tools:
+        lines.append("tools: " + ", ".join(map(str, tools)))
+    return "\n".join(lines)
+
+
+def describe_chat_request(body: dict) -> str:
+    lines = [f"model={body.get('model')} tools={len(body.get('tools') or [])} tool_choice={body.get('tool_choice')}"]
+    for i, m in enumerate(body.get("messages") or ()):
+        text = _content_text(m.get("content"))
+        extra = ""
+        if m.get("reasoning_content"):
+            extra += f" reasoning={_short(m['reasoning_content'], 80)}"
+        for tc in m.get("tool_calls") or ():
+            extra += f" call {tc.get('id')} {tc['function']['name']}({tc['function']['arguments'][:120]})"
+        if m.get("tool_call_id"):
+            extra += f" for {m['tool_call_id']}"
+        lines.append(f"[{i}] {m.get('role')}: {_short(text, 200)}{extra}")
+    return "\n".join(lines)
