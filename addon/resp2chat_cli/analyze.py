@@ -1,0 +1,102 @@
+"""`resp2chat analyze FILE…`: prefix-cache analysis of recorded flows or an upstream JSONL log."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from resp2chat_core.prefix import analyze
+
+
+def _session_of(meta: dict, headers) -> str:
+    try:
+        original = json.loads(meta.get("responses_request") or "{}")
+    except ValueError:
+        original = {}
+    key = original.get("prompt_cache_key") if isinstance(original, dict) else None
+    return key or headers.get("session-id") or headers.get("thread-id") or "default"
+
+
+def read_flows(path: Path) -> list[tuple[float, str, dict]]:
+    from mitmproxy import http, io
+
+    out = []
+    with path.open("rb") as fh:
+        for f in io.FlowReader(fh).stream():
+            if not isinstance(f, http.HTTPFlow) or not f.request.path.split("?")[0].endswith("/chat/completions"):
+                continue
+            try:
+                chat = json.loads(f.request.content or b"")
+            except ValueError:
+                continue
+            if isinstance(chat, dict) and "messages" in chat:
+                out.append((f.request.timestamp_start, _session_of(f.metadata.get("resp2chat") or {}, f.request.headers), chat))
+    return out
+
+
+def read_jsonl(path: Path) -> list[tuple[float, str, dict]]:
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            raise SystemExit(f"resp2chat analyze: {path}:{n}: not JSON") from None
+        body = rec.get("body", rec)
+        out.append((rec.get("ts", n), rec.get("session") or "default", body))
+    return out
+
+
+def load(paths: list[str]) -> list[tuple[str, dict]]:
+    records = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise SystemExit(f"resp2chat analyze: {p}: no such file")
+        with p.open("rb") as fh:
+            head = fh.read(1)
+        records += read_jsonl(p) if head == b"{" else read_flows(p)
+    records.sort(key=lambda r: r[0])
+    return [(session, chat) for _, session, chat in records]
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{value * 100:.1f}%"
+
+
+def render_table(report) -> str:
+    sessions = {}
+    lines = [f"{'#':>3} {'session':<10} {'turn':>4} {'KB':>7} {'tokens':>7} {'prefix/prev':>12} {'radix hit':>10}  first divergence"]
+    for r in report.rows:
+        short = sessions.setdefault(r.session, f"s{len(sessions) + 1}")
+        prev = "-" if r.prev_prefix_tokens is None else f"{r.prev_prefix_tokens}/{r.prev_tokens}"
+        radix = f"{r.radix_cached_tokens / r.tokens * 100:.1f}%" if r.tokens else "-"
+        div = ""
+        if r.divergence:
+            d = r.divergence
+            div = f"{d['segment']} +{d['offset']}: was {d['previous']!r} now {d['current']!r}"
+        lines.append(f"{r.index:>3} {short:<10} {r.turn:>4} {r.size / 1024:>7.1f} {r.tokens:>7} {prev:>12} {radix:>10}  {div}")
+    s = report.summary()
+    lines += [
+        "",
+        f"{s['requests']} requests in {s['sessions']} session(s); {s['prompt_tokens']} prompt tokens "
+        f"({s['token_estimate']})",
+        f"turns after the first: session prefix hit {_pct(s['session_prefix_hit_ratio_later_turns'])}, "
+        f"simulated radix cache hit {_pct(s['radix_hit_ratio_later_turns'])}",
+        f"all requests: simulated radix cache hit {_pct(s['radix_hit_ratio_all'])}",
+    ]
+    if len(sessions) > 1:
+        lines.append("sessions: " + ", ".join(f"{v}={k}" for k, v in sessions.items()))
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    report = analyze(load(args.files))
+    if args.json:
+        json.dump({"summary": report.summary(), "requests": [r.as_dict() for r in report.rows]},
+                  sys.stdout, indent=2, ensure_ascii=False)
+        sys.stdout.write("\n")
+    else:
+        print(render_table(report))
+    return 0

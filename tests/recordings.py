@@ -1,0 +1,89 @@
+"""Record real Codex CLI sessions through the gateway into flow files (`make recordings`).
+
+    python tests/recordings.py recordings/
+
+Each scenario runs Codex CLI 0.169.0 headless against a fresh `mitmdump -s addon/resp2chat.py -w
+FILE` in front of the scripted upstream. Codex runs in a fixed working directory
+(`WORKDIR`), because its requests carry the cwd: replaying a recording with real Codex needs the
+same path (and date) to produce byte-identical requests.
+"""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import sys
+import tempfile
+import zlib
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "addon"))
+
+from conftest import Codex, _codex_bin, start_gateway  # noqa: E402
+from resp2chat_cli.demo_upstream import serve_in_thread  # noqa: E402
+
+WORKDIR = Path(tempfile.gettempdir()) / "resp2chat-recording-workdir"  # and CODEX_HOME inside it
+
+
+def png(path: Path, rgb=(255, 0, 0), size=4) -> Path:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + bytes(rgb) * size for _ in range(size))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return path
+
+
+# name -> list of codex exec argument lists, run in order (later ones usually `resume --last`)
+SCENARIOS: dict[str, list[list[str]]] = {
+    "plain-answer": [["say hi"]],
+    "tool-call-loop": [["run: echo hello-from-tool"]],
+    "resumed-session": [["run: echo first-turn"], ["resume", "--last", "and now summarize"],
+                        ["resume", "--last", "one more question"]],
+    "image-input": [["--image", "red.png", "--", "what color is this"]],
+}
+
+
+def record(name: str, out_dir: Path, codex_bin: str, upstream_origin: str, scratch: Path) -> Path:
+    target = (out_dir / f"{name}.mitm").resolve()
+    target.unlink(missing_ok=True)
+    WORKDIR.mkdir(exist_ok=True)
+    png(WORKDIR / "red.png")
+    home = WORKDIR / ".codex-home"  # named in Codex's prompt (skill paths): keep it fixed too
+    if home.exists():
+        shutil.rmtree(home)
+    home.mkdir()
+    gw = start_gateway(upstream_origin, scratch, "-w", str(target), "--set", "resp2chat_max_replay_entries=0")
+    try:
+        codex = Codex(codex_bin, home, WORKDIR)
+        codex.configure(gw.base_url)
+        for args in SCENARIOS[name]:
+            run = codex.exec(*args)
+            if run.returncode != 0:
+                raise RuntimeError(f"{name}: codex exec {args} failed:\n{run.output}")
+    finally:
+        gw.stop()
+    return target
+
+
+def main(argv: list[str]) -> int:
+    out_dir = Path(argv[0] if argv else "recordings")
+    out_dir.mkdir(exist_ok=True)
+    codex_bin = _codex_bin()
+    if not codex_bin:
+        print("Codex CLI not found: run `make codex`", file=sys.stderr)
+        return 1
+    server, base_url = serve_in_thread()
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            for name in SCENARIOS:
+                print(f"recorded {record(name, out_dir, codex_bin, base_url.removesuffix('/v1'), Path(scratch))}")
+    finally:
+        server.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,259 @@
+"""Recording (-w), offline replay (--server-replay), the replay cache and `resp2chat analyze`."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import openai
+import pytest
+import requests
+from mitmproxy import http, io
+from mitmproxy.test import taddons
+
+from conftest import ROOT, Codex, free_port, parse_sse
+
+RECORDINGS = sorted((ROOT / "recordings").glob("*.mitm"))
+DEAD_UPSTREAM = "http://127.0.0.1:9"  # discard port: nothing listens
+SECRET_UPSTREAM_KEY = "sk-planted-upstream-7f3a9c"
+SECRET_CLIENT_KEY = "sk-planted-client-1b2c3d"
+
+
+def read_flows(path: Path) -> list[http.HTTPFlow]:
+    with path.open("rb") as fh:
+        return [f for f in io.FlowReader(fh).stream() if isinstance(f, http.HTTPFlow)]
+
+
+def turns(path: Path) -> list[http.HTTPFlow]:
+    return [f for f in read_flows(path) if "resp2chat" in f.metadata]
+
+
+def resp2chat(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "resp2chat_cli.main", *args], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT, env={"PYTHONPATH": str(ROOT / "addon"), "PATH": "/usr/bin:/bin"})
+
+
+def strip_ids(raw: bytes) -> str:
+    text = raw.decode()
+    text = re.sub(r"resp_[0-9a-f]{32}", "resp_X", text)
+    text = re.sub(r"(msg|rs|fc|ctc|lsh|ts)_[0-9a-f]{32}_", r"\1_X_", text)
+    text = re.sub(r"call_[0-9a-f]{16}_", "call_X_", text)
+    return re.sub(r'"created_at":\d+', '"created_at":0', text)
+
+
+# --- recording -----------------------------------------------------------------------------
+
+
+def test_flow_file_holds_both_sides_and_no_secrets(upstream, gateway_factory, tmp_path):
+    path = tmp_path / "session.mitm"
+    gw = gateway_factory(upstream.origin, "-w", str(path), "--set", f"resp2chat_upstream_api_key={SECRET_UPSTREAM_KEY}")
+    client = openai.OpenAI(base_url=gw.base_url, api_key=SECRET_CLIENT_KEY, max_retries=0)
+    events = list(client.responses.create(model="demo-model", input="record me", stream=True))
+    client.responses.create(model="demo-model", input="run: ls", tools=[
+        {"type": "function", "name": "exec_command", "parameters": {"type": "object", "properties": {}}}])
+    gw.stop()
+
+    raw = path.read_bytes()
+    assert SECRET_UPSTREAM_KEY.encode() not in raw and SECRET_CLIENT_KEY.encode() not in raw
+    assert SECRET_UPSTREAM_KEY not in gw.log() and SECRET_CLIENT_KEY not in gw.log()
+
+    streamed, whole = turns(path)
+    meta = streamed.metadata["resp2chat"]
+    assert json.loads(meta["responses_request"])["input"] == "record me"  # what the client sent
+    assert json.loads(streamed.request.content)["messages"][-1]["content"] == "record me"  # what upstream got
+    assert "chat.completion.chunk" in meta["upstream_sse"]  # what upstream answered
+    recorded = parse_sse(streamed.response.content)  # what the client received
+    assert [e["type"] for e in recorded] == [e.type for e in events]
+    assert recorded[-1]["response"]["id"] == events[-1].response.id == meta["response_id"]
+    assert meta["status"] == "completed" and meta["usage"]["input_tokens"] > 0
+    assert re.fullmatch(r"demo-model · completed · in \d+ \(cached \d+\) out \d+ · \d+ ms", streamed.comment)
+    assert "1 tool call" in whole.comment
+    assert json.loads(whole.response.content)["output"][-1]["type"] == "function_call"
+
+
+# --- offline replay of the committed recordings ---------------------------------------------
+
+
+def test_recordings_exist():
+    names = {p.stem for p in RECORDINGS}
+    assert {"plain-answer", "tool-call-loop", "resumed-session", "image-input"} <= names
+
+
+@pytest.mark.parametrize("recording", RECORDINGS, ids=lambda p: p.stem)
+def test_recording_replays_offline_with_identical_events(recording, gateway_factory):
+    gw = gateway_factory(DEAD_UPSTREAM, "--server-replay", str(recording))
+    recorded = turns(recording)
+    assert recorded
+    for flow in recorded:
+        body = json.loads(flow.metadata["resp2chat"]["responses_request"])
+        r = requests.post(gw.base_url + "/responses", json=body, timeout=30)
+        assert r.status_code == 200
+        assert r.content == flow.response.content  # byte for byte what Codex saw when recorded
+        assert parse_sse(r.content)[-1]["type"] == "response.completed"
+
+
+@pytest.mark.codex
+def test_codex_session_recorded_then_replayed_without_upstream(upstream, gateway_factory, codex_bin, tmp_path):
+    # Codex's prompt names its cwd and CODEX_HOME (skill paths): both runs share them.
+    work, home, path = tmp_path / "work", tmp_path / "home", tmp_path / "live.mitm"
+    work.mkdir(), home.mkdir()
+    live = gateway_factory(upstream.origin, "-w", str(path), "--set", "resp2chat_max_replay_entries=0")
+    first = Codex(codex_bin, home, work)
+    first.configure(live.base_url)
+    run1 = first.exec("run: echo replay-me")
+    live.stop()
+    assert run1.returncode == 0 and "The tool returned: replay-me" in run1.stdout
+
+    # Tool output carries wall times, so the follow-up request differs byte-wise from the
+    # recording: match by order instead of by body.
+    offline = gateway_factory(DEAD_UPSTREAM, "--server-replay", str(path), "--set", "server_replay_extra=502",
+                              "--set", "server_replay_ignore_content=true")
+    second = Codex(codex_bin, home, work)
+    second.configure(offline.base_url)
+    run2 = second.exec("run: echo replay-me")
+    assert run2.returncode == 0, run2.output
+    assert "The tool returned: replay-me" in run2.stdout
+    assert "replay-me" in run2.output  # Codex really ran the replayed tool call again
+
+
+def test_client_replay_against_another_backend(upstream, tmp_path):
+    """`mitmdump -C` sends a recording's chat requests to a different upstream."""
+    recording = ROOT / "recordings" / "tool-call-loop.mitm"
+    from resp2chat_cli.demo_upstream import serve_in_thread
+
+    other, other_url = serve_in_thread(dialect="ollama")
+    try:
+        mitmdump = Path(sys.executable).with_name("mitmdump")
+        proc = subprocess.run(
+            [str(mitmdump), "-n", "-s", str(ROOT / "addon" / "resp2chat.py"), "-C", str(recording),
+             "--set", f"resp2chat_upstream_base_url={other_url}", "--set", f"confdir={tmp_path}",
+             "--set", "client_replay_concurrency=1", "--listen-port", str(free_port())],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        got = requests.get(other_url.removesuffix("/v1") + "/_requests", timeout=5).json()
+    finally:
+        other.shutdown()
+    sent = [json.loads(f.request.content) for f in turns(recording)]
+    assert got == sent, proc.stdout + proc.stderr
+
+
+# --- replay cache ----------------------------------------------------------------------------
+
+
+def test_replay_cache_answers_identical_requests_without_upstream(upstream, gateway_factory):
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=2")
+    body = {"model": "demo-model", "input": "cache me please", "stream": True}
+    upstream.clear()
+    first = requests.post(gw.base_url + "/responses", json=body, timeout=30).content
+    second = requests.post(gw.base_url + "/responses", json=body, timeout=30).content
+    assert len(upstream.requests()) == 1
+    assert strip_ids(first) == strip_ids(second)
+    assert parse_sse(first)[-1]["response"]["id"] != parse_sse(second)[-1]["response"]["id"]
+    # stream:false lowers to the same chat body (upstream is always streamed): a hit as well
+    whole = requests.post(gw.base_url + "/responses", json={**body, "stream": False}, timeout=30).json()
+    assert whole["output"][-1]["content"][0]["text"] == "You said: cache me please"
+    assert len(upstream.requests()) == 1
+    # FIFO with capacity 2: two more distinct prompts evict the first
+    for prompt in ("other one", "another one"):
+        requests.post(gw.base_url + "/responses", json={**body, "input": prompt}, timeout=30)
+    requests.post(gw.base_url + "/responses", json=body, timeout=30)
+    assert len(upstream.requests()) == 4
+
+
+def test_replay_cache_skips_failures_and_can_be_disabled(upstream, gateway_factory):
+    gw = gateway_factory(upstream.origin)
+    upstream.clear()
+    for _ in range(2):
+        requests.post(gw.base_url + "/responses", json={"model": "m", "input": "error: 500 boom", "stream": True}, timeout=30)
+    assert len(upstream.requests()) == 2
+    off = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0")
+    for _ in range(2):
+        requests.post(off.base_url + "/responses", json={"model": "m", "input": "no cache"}, timeout=30)
+    assert len(upstream.requests()) == 4
+
+
+def test_replay_cache_preload_from_flow_file(gateway_factory):
+    recording = ROOT / "recordings" / "plain-answer.mitm"
+    flow = turns(recording)[0]
+    gw = gateway_factory(DEAD_UPSTREAM, "--set", f"resp2chat_replay_preload={recording}",
+                         "--set", f"resp2chat_upstream_base_url={flow.metadata['resp2chat']['upstream']}")
+    body = json.loads(flow.metadata["resp2chat"]["responses_request"])
+    r = requests.post(gw.base_url + "/responses", json=body, timeout=30)
+    assert strip_ids(r.content) == strip_ids(flow.response.content)
+
+
+# --- analyze ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["resumed-session", "tool-call-loop"])
+def test_analyze_multi_turn_recordings(name):
+    out = resp2chat("analyze", "--json", str(ROOT / "recordings" / f"{name}.mitm"))
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    rows = report["requests"]
+    assert len(rows) >= 2 and all(r["turn"] == i + 1 for i, r in enumerate(rows))
+    assert report["summary"]["radix_hit_ratio_later_turns"] >= 0.97
+    assert report["summary"]["session_prefix_hit_ratio_later_turns"] >= 0.97
+    table = resp2chat("analyze", str(ROOT / "recordings" / f"{name}.mitm")).stdout
+    assert "simulated radix cache hit" in table and "1 token = 4 bytes" in table
+
+
+def test_analyze_reports_first_divergence(tmp_path):
+    base = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "hi"}]
+    log = tmp_path / "upstream.jsonl"
+    lines = [
+        {"session": "a", "body": {"messages": base}},
+        {"session": "a", "body": {"messages": base + [{"role": "assistant", "content": "hello"}]}},
+        {"session": "a", "body": {"messages": [{"role": "system", "content": "You are terse."}] + base[1:]}},
+    ]
+    log.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    report = json.loads(resp2chat("analyze", "--json", str(log)).stdout)
+    third = report["requests"][2]
+    assert third["divergence"]["segment"] == "messages[0] (system)"
+    assert third["divergence"]["previous"].startswith("helpful") and third["divergence"]["current"].startswith("terse")
+    assert report["requests"][1]["divergence"] is None
+
+
+def test_upstream_request_log_feeds_analyze(upstream, gateway_factory, tmp_path):
+    log = tmp_path / "up.jsonl"
+    gw = gateway_factory(upstream.origin, "--set", f"resp2chat_upstream_request_log_path={log}",
+                         "--set", "resp2chat_upstream_api_key=sk-never-in-log-123456")
+    history = [{"role": "user", "content": "first"}]
+    for text in ("second", "third"):
+        r = requests.post(gw.base_url + "/responses", json={"model": "m", "input": history}, timeout=30,
+                          headers={"session-id": "sess-1"}).json()
+        history += [o for o in r["output"]] + [{"role": "user", "content": text}]
+    gw.stop()
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["session"] for r in records] == ["sess-1", "sess-1"]
+    assert "sk-never-in-log" not in log.read_text()
+    report = json.loads(resp2chat("analyze", "--json", str(log)).stdout)
+    second = report["requests"][1]
+    assert second["turn"] == 2 and second["divergence"] is None  # turn 2 extends turn 1
+
+
+# --- mitmweb contentviews ----------------------------------------------------------------------
+
+
+def test_contentviews_render_a_recorded_turn():
+    from mitmproxy import contentviews
+
+    from resp2chat_cli import views
+
+    views.register()
+    flow = [f for f in turns(ROOT / "recordings" / "tool-call-loop.mitm")][0]
+    with taddons.context():  # contentviews read mitmproxy options
+        req = contentviews.prettify_message(flow.request, flow)
+        events = contentviews.prettify_message(flow.response, flow)
+        up = contentviews.prettify_message(flow.response, flow, view_name="resp2chat upstream")
+    assert req.view_name == "resp2chat request"
+    assert "== Responses request (from the client) ==" in req.text and "run: echo hello-from-tool" in req.text
+    assert "== chat request (to the backend) ==" in req.text and "[0] system:" in req.text
+    assert events.view_name == "resp2chat events"
+    assert "response.function_call_arguments.delta ×" in events.text
+    assert re.search(r"response\.output_item\.done  #1 function_call fc_\w+ exec_command", events.text)
+    assert "reasoning: \"Thinking about: run: echo hello-from-tool\"" in up.text
+    assert re.search(r'tool_call\[0\]: "exec_command id=\S+ args=\{\\"cmd\\": \\"echo hello-from-tool\\"\}"', up.text)
+    assert "finish_reason: tool_calls" in up.text
