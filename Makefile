@@ -52,6 +52,9 @@ test-fast: venv
 run: venv
 	$(VENV)/bin/resp2chat start
 
+bench: venv
+	$(PY) bench/run.py --out bench-results.json
+
 recordings: venv codex
 	CODEX_BIN=$(abspath $(CODEX)) $(PY) tests/recordings.py recordings/
 
