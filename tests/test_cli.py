@@ -1,0 +1,283 @@
+"""The resp2chat CLI and configuration: real processes, real stdin, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import openai
+import pytest
+import requests
+import yaml
+
+from conftest import ROOT, Codex, free_port, start_gateway, wait_http
+
+from resp2chat_core.settings import FIELDS
+
+RESP2CHAT = Path(sys.executable).with_name("resp2chat")
+
+
+def cli_env(tmp_path: Path, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RESP2CHAT_", "OPENAI_", "BRAVE_"))}
+    env.update(HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path / "xdg"), **extra)
+    return env
+
+
+def run_cli(tmp_path: Path, *args: str, stdin: str = "", **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(RESP2CHAT), *args], input=stdin, capture_output=True, text=True, timeout=60,
+                          env=cli_env(tmp_path, **env), cwd=tmp_path)
+
+
+def config_file(tmp_path: Path) -> Path:
+    return tmp_path / "xdg" / "resp2chat" / "config.yaml"
+
+
+# --- configure -------------------------------------------------------------------------------
+
+
+def test_configure_interactive_reads_real_stdin(tmp_path, upstream):
+    answers = f"{upstream.base_url}\nsk-typed-upstream-key\n1\n127.0.0.1:4555\n"
+    out = run_cli(tmp_path, "configure", stdin=answers)
+    assert out.returncode == 0, out.stderr
+    assert "Chat Completions base URL [http://127.0.0.1:8000/v1]:" in out.stdout
+    assert "1. demo-model  (context 131072)" in out.stdout  # probed the upstream's /models
+    path = config_file(tmp_path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    saved = yaml.safe_load(path.read_text())
+    assert saved == {"bind_addr": "127.0.0.1:4555", "upstream_base_url": upstream.base_url,
+                     "upstream_api_key": "sk-typed-upstream-key", "upstream_model": "demo-model"}
+    # run again: current values are the defaults, empty answers keep them
+    again = run_cli(tmp_path, "configure", stdin="\n\n\n\n")
+    assert f"[{upstream.base_url}]" in again.stdout and "[[keep]]" in again.stdout
+    assert yaml.safe_load(path.read_text()) == saved
+
+
+def test_configure_non_interactive_and_typed_values(tmp_path):
+    out = run_cli(tmp_path, "configure", "-y", "--upstream-base-url", "https://llm.example/api/v1",
+                  "--set", 'model_map={"gpt-5": "qwen3"}', "--set", "tool_denylist=web_search,view_image",
+                  "--set", "request_timeout_secs=90", "--set", "flatten_content=false")
+    assert out.returncode == 0, out.stderr
+    saved = yaml.safe_load(config_file(tmp_path).read_text())
+    assert saved == {"upstream_base_url": "https://llm.example/api/v1", "model_map": {"gpt-5": "qwen3"},
+                     "tool_denylist": ["web_search", "view_image"], "flatten_content": False,
+                     "request_timeout_secs": 90}
+
+
+@pytest.mark.parametrize("args,field", [
+    (["--bind-addr", "everywhere"], "bind_addr"),
+    (["--upstream-base-url", "ftp://x"], "upstream_base_url"),
+    (["--set", "max_replay_entries=-3"], "max_replay_entries"),
+    (["--set", "nonsense=1"], "nonsense"),
+])
+def test_configure_rejects_invalid_values(tmp_path, args, field):
+    out = run_cli(tmp_path, "configure", "-y", *args)
+    assert out.returncode == 2
+    assert field in out.stderr and "invalid" in out.stderr or "unknown setting" in out.stderr
+    assert not config_file(tmp_path).exists()
+
+
+# --- precedence and start-up validation ------------------------------------------------------
+
+
+def test_precedence_set_over_env_over_file(tmp_path, upstream):
+    config_file(tmp_path).parent.mkdir(parents=True)
+    config_file(tmp_path).write_text("upstream_model: file-model\nmodel_map: {demo: mapped}\n")
+    seen = []
+    for env, extra, expect in [
+        ({}, (), "file-model"),
+        ({"RESP2CHAT_UPSTREAM_MODEL": "env-model"}, (), "env-model"),
+        ({"RESP2CHAT_UPSTREAM_MODEL": "env-model"}, ("--set", "resp2chat_upstream_model=set-model"), "set-model"),
+    ]:
+        gw = start_gateway(upstream.origin, tmp_path, *extra, env={**cli_env(tmp_path), **env})
+        try:
+            requests.post(gw.base_url + "/responses", json={"model": "demo", "input": "which model"}, timeout=30)
+        finally:
+            gw.stop()
+        seen.append((upstream.requests()[-1]["model"], expect))
+    assert [s for s, _ in seen] == [e for _, e in seen]
+
+
+def test_model_map_applies_without_upstream_model(tmp_path, upstream):
+    env = cli_env(tmp_path, RESP2CHAT_MODEL_MAP='{"gpt-5-codex": "demo-model"}')
+    gw = start_gateway(upstream.origin, tmp_path, env=env)
+    try:
+        requests.post(gw.base_url + "/responses", json={"model": "gpt-5-codex", "input": "x"}, timeout=30)
+    finally:
+        gw.stop()
+    assert upstream.requests()[-1]["model"] == "demo-model"
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"RESP2CHAT_MAX_REPLAY_ENTRIES": "lots"}, "max_replay_entries (from RESP2CHAT_MAX_REPLAY_ENTRIES): 'lots' is invalid"),
+    ({"RESP2CHAT_BIND_ADDR": "0.0.0.0:4000"}, "needs gateway_api_key"),
+    ({"RESP2CHAT_UPSTREAM_BASE_URL": "localhost:8000"}, "upstream_base_url"),
+])
+def test_invalid_settings_stop_start_up(tmp_path, env, needle):
+    mitmdump = Path(sys.executable).with_name("mitmdump")
+    proc = subprocess.run([str(mitmdump), "-s", str(ROOT / "addon" / "resp2chat.py"), "--set", f"confdir={tmp_path}"],
+                          capture_output=True, text=True, timeout=30, env=cli_env(tmp_path, **env), cwd=tmp_path)
+    assert proc.returncode != 0
+    assert needle in proc.stdout + proc.stderr
+
+
+def test_invalid_config_file_stops_start_up(tmp_path):
+    config_file(tmp_path).parent.mkdir(parents=True)
+    config_file(tmp_path).write_text("brave_max_results: many\n")
+    out = run_cli(tmp_path, "start")
+    assert out.returncode != 0 and "brave_max_results (from config file): 'many' is invalid" in out.stderr
+
+
+# --- request shaping settings, end to end ------------------------------------------------------
+
+
+class _Capture(BaseHTTPRequestHandler):
+    """An upstream that records headers and answers one fixed chat stream."""
+
+    protocol_version = "HTTP/1.1"
+    seen: list[dict] = []
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["content-length"]))
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        type(self).seen.append({"headers": headers, "body": json.loads(body), "path": self.path})
+        chunk = {"choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": "stop"}]}
+        data = f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode()
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def capture():
+    _Capture.seen = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Capture)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server, _Capture.seen
+    server.shutdown()
+
+
+def test_shaping_settings_and_credentials(tmp_path, capture):
+    server, seen = capture
+    port = server.server_address[1]
+    env = cli_env(tmp_path,
+                  RESP2CHAT_UPSTREAM_BASE_URL=f"http://127.0.0.1:{port}/api/v1",
+                  OPENAI_API_KEY="sk-upstream-from-openai-env",
+                  RESP2CHAT_TOOL_DENYLIST="view_image,multi_agent_v1__wait_agent",
+                  RESP2CHAT_UPSTREAM_EXTRA_PARAMS='{"chat_template_kwargs": {"enable_thinking": false}}',
+                  RESP2CHAT_DROP_UPSTREAM_PARAMS="parallel_tool_calls,stream_options")
+    gw = start_gateway("http://127.0.0.1:9", tmp_path, env=env)
+    try:
+        body = json.loads((ROOT / "tests/fixtures/codex-0.169.0/01-text-only.json").read_text())["body"]
+        r = requests.post(gw.base_url + "/responses", json=body, timeout=30,
+                          headers={"authorization": "Bearer sk-client-never-forwarded"})
+        assert r.status_code == 200 and b"response.completed" in r.content
+    finally:
+        gw.stop()
+    got = seen[-1]
+    assert got["path"] == "/api/v1/chat/completions"  # path prefix kept
+    assert got["headers"]["authorization"] == "Bearer sk-upstream-from-openai-env"
+    names = [t["function"]["name"] for t in got["body"]["tools"]]
+    assert "view_image" not in names and "multi_agent_v1__wait_agent" not in names and "exec_command" in names
+    assert got["body"]["chat_template_kwargs"] == {"enable_thinking": False}
+    assert "parallel_tool_calls" not in got["body"] and "stream_options" not in got["body"]
+    assert "sk-client-never-forwarded" not in json.dumps(got) and "sk-upstream-from-openai-env" not in gw.log()
+
+
+# --- start -----------------------------------------------------------------------------------
+
+
+def _start(tmp_path, *args, **env) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    proc = subprocess.Popen([str(RESP2CHAT), "start", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=cli_env(tmp_path, RESP2CHAT_BIND_ADDR=f"127.0.0.1:{port}", **env), cwd=tmp_path)
+    wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
+    return proc, port
+
+
+def _stop(proc: subprocess.Popen) -> str:
+    proc.terminate()
+    out, _ = proc.communicate(timeout=15)
+    return out.decode(errors="replace")
+
+
+def test_start_uses_configured_upstream(tmp_path, upstream):
+    proc, port = _start(tmp_path, RESP2CHAT_UPSTREAM_BASE_URL=upstream.base_url)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        assert client.responses.create(model="demo-model", input="via start").output_text == "You said: via start"
+    finally:
+        out = _stop(proc)
+    assert f"gateway on http://127.0.0.1:{port}/v1 -> {upstream.base_url}" in out
+    assert f"listening at 127.0.0.1:{port}" in out and "*:8080" not in out
+
+
+def test_start_falls_back_to_demo_and_raw_prints_the_stream(tmp_path):
+    # nothing configured (and nothing at :8000 here): the bundled demo upstream answers
+    proc, port = _start(tmp_path, "--raw")
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        list(client.responses.create(model="demo-model", input="raw mode", stream=True))
+        time.sleep(0.3)
+    finally:
+        out = _stop(proc)
+    assert "serving the bundled demo upstream" in out
+    assert "\x1b[2;3mThinking " in out and "You said: raw mode" in out
+
+
+# --- print-config ------------------------------------------------------------------------------
+
+
+def test_print_config_is_valid_codex_toml_with_context_window(tmp_path, upstream):
+    out = run_cli(tmp_path, "print-config", RESP2CHAT_UPSTREAM_BASE_URL=upstream.base_url,
+                  RESP2CHAT_BIND_ADDR="127.0.0.1:4777")
+    assert out.returncode == 0, out.stderr
+    cfg = tomllib.loads(out.stdout)
+    assert cfg["model"] == "demo-model" and cfg["model_context_window"] == 131072
+    provider = cfg["model_providers"][cfg["model_provider"]]
+    assert provider["base_url"] == "http://127.0.0.1:4777/v1" and provider["wire_api"] == "responses"
+    assert "env_key" not in provider
+    keyed = tomllib.loads(run_cli(tmp_path, "print-config", "--offline", RESP2CHAT_GATEWAY_API_KEY="gw").stdout)
+    assert keyed["model_providers"]["resp2chat"]["env_key"] == "RESP2CHAT_GATEWAY_API_KEY"
+
+
+@pytest.mark.codex
+def test_print_config_drives_real_codex(tmp_path, upstream, codex_bin):
+    gw = start_gateway(upstream.origin, tmp_path, env=cli_env(tmp_path))
+    env = cli_env(tmp_path, RESP2CHAT_UPSTREAM_BASE_URL=upstream.base_url, RESP2CHAT_BIND_ADDR=f"127.0.0.1:{gw.port}")
+    try:
+        home, work = tmp_path / "codex-home", tmp_path / "work"
+        home.mkdir(), work.mkdir()
+        (home / "config.toml").write_text(subprocess.run(
+            [str(RESP2CHAT), "print-config"], capture_output=True, text=True, env=env, check=True).stdout)
+        run = Codex(codex_bin, home, work).exec("configured by print-config")
+    finally:
+        gw.stop()
+    assert run.returncode == 0, run.output
+    assert "You said: configured by print-config" in run.stdout
+
+
+# --- README stays true -------------------------------------------------------------------------
+
+
+def test_readme_documents_every_setting_and_command():
+    readme = (ROOT / "README.md").read_text()
+    for f in FIELDS:
+        assert f"| `{f.name}` | `{f.env}`" in readme, f.name
+    for cmd in ("resp2chat configure", "resp2chat start", "resp2chat print-config", "resp2chat analyze", "make test"):
+        assert cmd in readme, cmd
