@@ -188,19 +188,24 @@ class Translator:
 
     def translate_body(self, body: bytes) -> bytes:
         """A non-streamed ``chat.completion`` JSON (a backend that ignored ``stream``)."""
+        self._json_body(body)
+        return self.finish()
+
+    def _json_body(self, body: bytes) -> None:
         try:
             data = _loads(body)
         except ValueError:
-            return self.fail("server_error", "upstream sent a body that is neither SSE nor JSON: "
-                             + sanitize(body[:200].decode("utf-8", "replace")))
+            self._fail("server_error", "upstream sent a body that is neither SSE nor JSON: "
+                       + sanitize(body[:200].decode("utf-8", "replace")))
+            return
         if not isinstance(data, dict) or "error" in data or data.get("object") == "error":
-            return self.fail_upstream(200, body)
+            self._fail_upstream(200, body)
+            return
         for choice in data.get("choices") or ():
             if isinstance(choice, dict) and "message" in choice:
                 choice["delta"] = choice.pop("message")
         self._chunk(data)
         self._saw_done = True
-        return self.finish()
 
     @property
     def done(self) -> bool:
@@ -236,6 +241,9 @@ class Translator:
             return
         if not isinstance(chunk, dict):
             self._fail("server_error", "upstream sent an event that is not a JSON object")
+            return
+        if "resp2chat" in chunk and isinstance(chunk["resp2chat"], dict):
+            self._marker(chunk["resp2chat"])
             return
         if "error" in chunk or chunk.get("object") == "error":
             self._fail_upstream(None, payload.encode())
@@ -273,9 +281,23 @@ class Translator:
             self._emit_response("response.failed", "failed")
             self.phase = Phase.DONE
 
-    def _fail_upstream(self, status: int | None, body: bytes) -> None:
+    def _fail_upstream(self, status: int | None, body: bytes, retry_after: str | None = None) -> None:
         message, code = upstream_error_message(status, body)
-        self._fail(classify_upstream_error(status, message, code), message)
+        code = classify_upstream_error(status, message, code)
+        if retry_after and code == "rate_limit_exceeded" and "try again in" not in message:
+            message += f" (try again in {retry_after}s)"  # Codex reads its retry delay from this
+        self._fail(code, message)
+
+    def _marker(self, m: dict) -> None:
+        """In-band events from the upstream relay (resp2chat_cli/relay.py), not from the model."""
+        if m.get("keepalive"):
+            self._start()  # a data event resets the client's idle timer; SSE comments do not
+            self._emit_response("response.in_progress", "in_progress")
+        elif isinstance(m.get("upstream_error"), dict):
+            e = m["upstream_error"]
+            self._fail_upstream(e.get("status"), str(e.get("body") or "").encode(), e.get("retry_after"))
+        elif isinstance(m.get("upstream_json"), str):
+            self._json_body(m["upstream_json"].encode())
 
     def _start(self) -> None:
         if self.phase is Phase.WAITING:
