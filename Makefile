@@ -17,13 +17,14 @@ PYTHON ?= $(shell for c in python3.13 python3.12 \
 	  $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && { echo $$p; break; }; \
 	done)
 
-.PHONY: help venv codex test test-fast run bench recordings clean
+.PHONY: help venv codex test test-fast run bench soak recordings clean
 
 help:
 	@echo "make run        start the gateway on 127.0.0.1:4000 (bundled demo upstream if no backend is configured)"
 	@echo "make test       install everything needed and run every test"
 	@echo "make test-fast  unit tests only (no mitmdump, no Codex CLI)"
 	@echo "make bench      benchmark against plain mitmproxy and codex-relay"
+	@echo "make soak       64 concurrent Codex-like streams for 60 s through a real mitmdump"
 	@echo "make recordings re-record the Codex sessions in recordings/"
 
 $(VENV)/.stamp: pyproject.toml
@@ -54,6 +55,9 @@ run: venv
 
 bench: venv
 	$(PY) bench/run.py --out bench-results.json
+
+soak: venv
+	$(PY) tests/soak.py --streams 64 --seconds 60
 
 recordings: venv codex
 	CODEX_BIN=$(abspath $(CODEX)) $(PY) tests/recordings.py recordings/

@@ -30,6 +30,7 @@ from mitmproxy.proxy import mode_specs
 
 from resp2chat_cli import views
 from resp2chat_cli.config import load_settings
+from resp2chat_cli.relay import TARGET_HEADER, Relay
 from resp2chat_core import settings as S
 from resp2chat_core.errors import GatewayError, error_json
 from resp2chat_core.lowering import LoweringOptions
@@ -77,13 +78,14 @@ class _SSEStream:
     cache answers identical requests from them.
     """
 
-    __slots__ = ("translator", "status", "mode", "buffer")
+    __slots__ = ("translator", "status", "mode", "buffer", "secrets")
 
-    def __init__(self, translator: Translator, status: int, content_type: str):
+    def __init__(self, translator: Translator, status: int, content_type: str, secrets: tuple[bytes, ...] = ()):
         self.translator = translator
         self.status = status
         self.mode = "sse" if status == 200 and "json" not in content_type else "buffer"
         self.buffer = bytearray()
+        self.secrets = secrets
 
     def __call__(self, data: bytes):
         t = self.translator
@@ -100,6 +102,8 @@ class _SSEStream:
                 out = t.fail_upstream(self.status, bytes(self.buffer))
         except BaseException as exc:  # noqa: BLE001 — raising here would hang the client
             out = t.fail("server_error", f"gateway error: {exc!r}")
+        if self.secrets and out:
+            out = _scrub(out, self.secrets)  # a backend that echoes our key must not show it
         # b"" mid-stream would end the client's chunked body early: say "nothing" with [].
         return out or []
 
@@ -131,6 +135,7 @@ class Resp2Chat:
         self.demo = None  # the bundled demo upstream server, when upstream_base_url == "demo"
         self.request_log = None
         self.replay = ReplayCache(0)
+        self.relay = Relay()
         self._rebind = False
 
     # --- options ---------------------------------------------------------------------------
@@ -168,6 +173,10 @@ class Resp2Chat:
         self._configure_upstream(s["upstream_base_url"])
         self._open_request_log(s["upstream_request_log_path"])
         self.replay.resize(s["max_replay_entries"])
+        self.relay.connect_timeout = s["connect_timeout_secs"] or None
+        self.relay.idle_timeout = s["request_timeout_secs"] or float("inf")
+        self.relay.keepalive = s["keepalive_secs"] or float("inf")
+        self.relay.verify_tls = not getattr(ctx.options, "ssl_insecure", False)
         if "resp2chat_replay_preload" in updated and ctx.options.resp2chat_replay_preload:
             self._preload(ctx.options.resp2chat_replay_preload)
         self._default_proxy_options()
@@ -256,14 +265,17 @@ class Resp2Chat:
         if changes:
             opts.update(**changes)
 
-    def running(self) -> None:
+    async def running(self) -> None:
+        if not self.relay.port:
+            await self.relay.start()
         # mitmdump brings its servers up while scripts are still loading, with the options of
         # that moment: if we changed the mode, ask the proxy server to apply it now.
         if self._rebind and (ps := ctx.master.addons.get("proxyserver")):
             self._rebind = False
             asyncio.ensure_future(ps.setup_servers())
 
-    def done(self) -> None:
+    async def done(self) -> None:
+        await self.relay.close()
         if self.demo is not None:
             self.demo.shutdown()
             self.demo.server_close()
@@ -272,6 +284,21 @@ class Resp2Chat:
             self.request_log.close()
 
     # --- hooks -----------------------------------------------------------------------------
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # Refuse an oversized body before mitmproxy reads it (a lying content-length is caught
+        # again in `request`, once the body is in).
+        size = flow.request.headers.get("content-length", "")
+        if size.isdigit() and int(size) > self._body_limit():
+            self._too_large(flow)
+
+    def _body_limit(self) -> int:
+        return self.settings["max_request_body_mb"] << 20
+
+    def _too_large(self, flow: http.HTTPFlow) -> None:
+        flow.response = http.Response.make(413, error_json(
+            f"request body larger than max_request_body_mb ({self.settings['max_request_body_mb']} MiB)",
+            code="request_too_large"), {**JSON_HEADERS, "connection": "close"})
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.is_replay == "response":
@@ -285,7 +312,10 @@ class Resp2Chat:
                 "missing or wrong gateway API key (send it as 'Authorization: Bearer …')",
                 status_type="authentication_error", code="invalid_api_key"), JSON_HEADERS)
         elif path in RESPONSES_PATHS and req.method == "POST":
-            self._begin(flow)
+            if len(req.raw_content or b"") > self._body_limit():
+                self._too_large(flow)
+            else:
+                self._begin(flow)
         elif path.startswith("/v1/"):
             self._to_upstream(flow, path[3:] + req.path[len(path):])
 
@@ -311,8 +341,12 @@ class Resp2Chat:
         flow.request.headers["content-type"] = "application/json"
         flow.request.headers["accept"] = "text/event-stream"
         flow.request.headers["accept-encoding"] = "identity"  # the translator reads raw bytes
+        upstream = self.upstream or _reverse_target(flow)
         self._to_upstream(flow, "/chat/completions")
-        meta["upstream"] = upstream_url = (self.upstream or _reverse_target(flow)).url
+        meta["upstream"] = upstream_url = upstream.url
+        if self.relay.port:  # see resp2chat_cli/relay.py for why turns take this hop
+            flow.request.headers[TARGET_HEADER] = flow.request.url
+            flow.request.host, flow.request.port, flow.request.scheme = "127.0.0.1", self.relay.port, "http"
         key = replay_key(upstream_url, turn.chat_body)
         # Server replay answers after this hook and would overwrite a cache answer.
         cached = None if getattr(ctx.options, "server_replay", None) else self.replay.get(key)
@@ -346,7 +380,7 @@ class Resp2Chat:
         translator = turn.translator()
         if ctx.options.resp2chat_raw:
             translator.observer = _RawPrinter()
-        resp.stream = _SSEStream(translator, status, ctype)
+        resp.stream = _SSEStream(translator, status, ctype, self._secrets())
         resp.status_code, resp.reason = 200, "OK"
         for name in ("content-length", "content-encoding", "content-type", "transfer-encoding"):
             resp.headers.pop(name, None)
@@ -365,11 +399,14 @@ class Resp2Chat:
             self._record(flow, turn, upstream_sse)
         _redact(flow)
 
+    def _secrets(self) -> tuple[bytes, ...]:
+        return tuple(v.encode() for k in S.SECRET_FIELDS if len(v := self.settings[k]) >= 6)
+
     def _record(self, flow: http.HTTPFlow, turn: Turn, upstream_sse: bytes) -> None:
         """Flow metadata (saved with -w), a one-line comment (shown in mitmweb), the cache."""
         t = turn.active
         meta = flow.metadata[META]
-        meta["upstream_sse"] = upstream_sse.decode("utf-8", "replace")
+        meta["upstream_sse"] = _scrub(upstream_sse, self._secrets()).decode("utf-8", "replace")
         if t is None:
             return
         meta["status"] = status = t.response()["status"] if t.done else "unfinished"
@@ -390,7 +427,7 @@ class Resp2Chat:
 
     def _answer_from_cache(self, flow: http.HTTPFlow, turn: Turn, upstream_sse: bytes) -> None:
         t = turn.translator()
-        out = t.feed(upstream_sse) + t.finish()
+        out = _scrub(t.feed(upstream_sse) + t.finish(), self._secrets())
         if turn.client_stream:
             flow.response = http.Response.make(200, out, {"content-type": "text/event-stream; charset=utf-8",
                                                           "cache-control": "no-cache"})
@@ -422,6 +459,7 @@ class Resp2Chat:
                 status, error_json(err["message"], status_type="upstream_error", code=err["code"]), JSON_HEADERS)
         else:
             flow.response = http.Response.make(200, json.dumps(result, ensure_ascii=False), JSON_HEADERS)
+        flow.response.content = _scrub(flow.response.content, self._secrets())
 
     # --- commands --------------------------------------------------------------------------
 
@@ -430,6 +468,13 @@ class Resp2Chat:
         """The effective settings (secrets hidden)."""
         shown = {k: ("[set]" if v else "") if k in S.SECRET_FIELDS else v for k, v in self.settings.items()}
         return json.dumps(shown, indent=2)
+
+
+def _scrub(data: bytes, secrets: tuple[bytes, ...]) -> bytes:
+    for secret in secrets:
+        if secret in data:
+            data = data.replace(secret, b"[redacted]")
+    return data
 
 
 def _reverse_target(flow: http.HTTPFlow) -> _Upstream:
@@ -447,6 +492,7 @@ def _redact(flow: http.HTTPFlow) -> None:
     for name in ("authorization", "x-api-key"):
         if name in flow.request.headers:
             flow.request.headers[name] = "[redacted]"
+    flow.request.headers.pop(TARGET_HEADER, None)  # served its purpose; a URL may hold userinfo
 
 
 addons = [Resp2Chat()]

@@ -514,6 +514,7 @@ DIALECTS = {"vllm": VLLM(), "ollama": Ollama(), "llamacpp": LlamaCpp(), "deepsee
 
 class DemoServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 256  # socketserver's default of 5 resets connections under a burst
 
     def __init__(self, address, *, dialect, max_context, chunk_delay, log_path=None):
         if dialect not in DIALECTS:

@@ -144,9 +144,13 @@ UNSUPPORTED_ITEMS = {
 
 
 def _item_tag(value: Any) -> str | None:
-    if isinstance(value, dict):
-        return value.get("type", "message")  # EasyInputMessage: {"role", "content"}
-    return getattr(value, "type", None)
+    tag = value.get("type", "message") if isinstance(value, dict) else getattr(value, "type", None)
+    return tag if isinstance(tag, str) else None  # EasyInputMessage ({"role", "content"}) has no type
+
+
+def _tool_tag(value: Any) -> str | None:
+    tag = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return tag if isinstance(tag, str) else None
 
 
 Item = Annotated[
@@ -211,7 +215,7 @@ TOOL_TYPES = {
 
 Tool = Annotated[
     Union[tuple(Annotated[m, Tag(t)] for t, m in TOOL_TYPES.items())],  # type: ignore[misc]
-    Discriminator(lambda v: v.get("type") if isinstance(v, dict) else getattr(v, "type", None)),
+    Discriminator(_tool_tag),
 ]
 
 
@@ -269,8 +273,9 @@ def parse_request(data: Any) -> ResponsesRequest:
     """Validate a decoded JSON body; raise ``GatewayError`` naming the first bad field."""
     if not isinstance(data, dict):
         raise GatewayError("request body must be a JSON object")
-    for i, item in enumerate(data.get("input") or []):
-        kind = item.get("type", "message") if isinstance(item, dict) else None
+    items = data.get("input")
+    for i, item in enumerate(items if isinstance(items, list) else ()):
+        kind = _item_tag(item)
         if kind in UNSUPPORTED_ITEMS:
             raise GatewayError(
                 f"input[{i}]: item type {kind!r} is not supported: {UNSUPPORTED_ITEMS[kind]}",

@@ -60,6 +60,8 @@ FIELDS: tuple[Field, ...] = (
     Field("forward_client_auth", "bool", False, "Forward the client's Authorization header upstream when no upstream_api_key is set."),
     Field("request_timeout_secs", "int", 60, "No upstream bytes for this long: the turn fails with a clear error and the upstream request is dropped."),
     Field("connect_timeout_secs", "int", 10, "Upstream connect timeout."),
+    Field("keepalive_secs", "int", 15, "While the upstream is silent before its first byte (long prefill), send the client a data event this often (Codex's idle timer ignores SSE comments)."),
+    Field("max_request_body_mb", "int", 32, "Larger Responses requests are refused with 413."),
     Field("max_replay_entries", "int", 1000, "Replay cache capacity (identical requests answered without the upstream); 0 disables."),
     Field("upstream_request_log_path", "str", "", "Append every chat request sent upstream to this JSONL file (no headers, no keys)."),
     Field("brave_api_key", "str", "", "Brave Search API key: enables the proxy-side web_search tool.", ("BRAVE_SEARCH_API_KEY",)),

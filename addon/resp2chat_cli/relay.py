@@ -1,0 +1,255 @@
+"""The upstream relay: an in-process asyncio hop between mitmproxy and the chat backend.
+
+Why it exists: mitmproxy streams a response body only as it arrives from the server, and an
+addon can neither write into a live stream nor stream a body it makes itself. Yet a gateway
+must speak *when the backend is silent*: keep Codex's idle timer alive during a long prefill,
+fail a turn whose backend stalls, say "cannot connect" as a proper event, and (later) run
+tool loops such as web search inside one turn. So the addon points each translated request at
+this relay, which answers mitmproxy at once with ``200 text/event-stream`` and then forwards the
+backend's body, adding its own events in band where needed:
+
+    data: {"resp2chat": {"accepted": true}}                        at once: the turn has started
+    data: {"resp2chat": {"keepalive": true}}                       backend silent (first byte pending)
+    data: {"resp2chat": {"upstream_error": {"status": 429, "body": "…", "retry_after": "2"}}}
+    data: {"resp2chat": {"upstream_json": "…"}}                    backend ignored stream=true
+
+A marker is only ever inserted between two SSE events, never inside one. The relay closes the
+backend connection when mitmproxy's side goes away (the client disconnected), so a cancelled
+turn stops costing GPU time. Backend connections are pooled across clients (keep-alive).
+
+The relay speaks HTTP/1.1 on both sides with h11 (mitmproxy's own dependency).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+import time
+from urllib.parse import urlsplit
+
+import h11
+
+log = logging.getLogger("resp2chat.relay")
+
+TARGET_HEADER = "x-resp2chat-target"  # full upstream URL for this request
+_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"host",
+        b"proxy-connection", b"te", b"upgrade", TARGET_HEADER.encode()}
+MAX_ERROR_BODY = 1 << 20
+READ = 65536
+
+
+def marker(payload: dict) -> bytes:
+    return b"data: " + json.dumps({"resp2chat": payload}, ensure_ascii=False).encode() + b"\n\n"
+
+
+ACCEPTED = marker({"accepted": True})
+
+
+class Relay:
+    def __init__(self, *, connect_timeout: float = 10.0, idle_timeout: float = 60.0, keepalive: float = 15.0,
+                 verify_tls: bool = True):
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.keepalive = keepalive
+        self.verify_tls = verify_tls
+        self.server: asyncio.base_events.Server | None = None
+        self.port = 0
+        self.exchanges = 0  # in flight: tests check that aborted turns leave nothing behind
+        self._pool: dict[tuple, list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def close(self) -> None:
+        if self.server:
+            self.server.close()
+        for conns in self._pool.values():
+            for _, w in conns:
+                w.close()
+        self._pool.clear()
+
+    # --- mitmproxy side ----------------------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                request, body = await _read_message(conn, reader)
+                if request is None:
+                    return
+                await self._exchange(request, body, reader, writer, conn)
+                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    return
+                conn.start_next_cycle()
+        except (ConnectionError, h11.ProtocolError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def _exchange(self, request: h11.Request, body: bytes, reader, writer, conn: h11.Connection) -> None:
+        self.exchanges += 1
+        target = dict(request.headers).get(TARGET_HEADER.encode(), b"").decode()
+        writer.write(conn.send(h11.Response(status_code=200, headers=[
+            (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+            (b"transfer-encoding", b"chunked")])))
+        # The client hears "response.created" now, not after the backend's prefill.
+        writer.write(conn.send(h11.Data(data=ACCEPTED)))
+        # The only thing mitmproxy may send while we stream is EOF: the client went away.
+        gone = asyncio.ensure_future(reader.read(1))
+        pump = asyncio.ensure_future(self._pump(target, request, body, writer, conn))
+        try:
+            await asyncio.wait({gone, pump}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (gone, pump):
+                if not task.done():
+                    task.cancel()
+            self.exchanges -= 1
+        if pump.done() and not pump.cancelled() and pump.exception() is None:
+            writer.write(conn.send(h11.EndOfMessage()))
+            await writer.drain()
+
+    async def _pump(self, target: str, request: h11.Request, body: bytes, down: asyncio.StreamWriter,
+                    conn: h11.Connection) -> None:
+        def send(data: bytes) -> None:
+            if data:
+                down.write(conn.send(h11.Data(data=data)))
+
+        def fail(status: int, message: str, kind: str) -> None:
+            send(marker({"upstream_error": {"status": status, "body": json.dumps(
+                {"error": {"message": message, "type": kind}})}}))
+
+        url = urlsplit(target)
+        key = (url.scheme, url.hostname, url.port or (443 if url.scheme == "https" else 80))
+        for attempt in (1, 2):
+            try:
+                up_reader, up_writer, pooled = await self._connect(key)
+            except (OSError, asyncio.TimeoutError) as exc:
+                reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else (exc.strerror or str(exc))
+                fail(502, f"cannot connect to the upstream {url.scheme}://{url.netloc}: {reason}", "upstream_unavailable")
+                return
+            outcome, answered = "broken", [False]
+            try:
+                outcome = await self._forward(url, request, body, up_reader, up_writer, send, down, answered)
+            except (OSError, h11.ProtocolError) as exc:
+                outcome = "stale" if pooled and not answered[0] else "broken"
+                if outcome == "broken" and not answered[0]:
+                    fail(502, f"the upstream connection failed: {exc}", "upstream_unavailable")
+            finally:
+                if outcome == "reusable":
+                    self._pool.setdefault(key, []).append((up_reader, up_writer))
+                else:
+                    up_writer.close()
+            if outcome != "stale" or attempt == 2:
+                return
+            # a pooled connection the backend had closed meanwhile: once more on a fresh one
+
+    # --- backend side ----------------------------------------------------------------------
+
+    async def _connect(self, key: tuple):
+        idle = self._pool.get(key)
+        while idle:
+            r, w = idle.pop()
+            if not w.is_closing() and not r.at_eof():
+                return r, w, True
+            w.close()
+        scheme, host, port = key
+        tls = None
+        if scheme == "https":
+            tls = ssl.create_default_context()
+            if not self.verify_tls:
+                tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
+        r, w = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=tls), self.connect_timeout)
+        return r, w, False
+
+    async def _forward(self, url, request: h11.Request, body: bytes, up_reader, up_writer, send, down,
+                       answered: list[bool]) -> str:
+        """Send the request, stream the answer back; "reusable" or "broken" for the connection.
+        ``answered[0]`` turns true with the backend's first byte (a stale pooled connection
+        fails before it, and is retried)."""
+        client = h11.Connection(h11.CLIENT)
+        path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        headers = [(n, v) for n, v in request.headers if n not in _HOP]
+        headers += [(b"host", url.netloc.encode()), (b"content-length", str(len(body)).encode())]
+        up_writer.write(client.send(h11.Request(method="POST", target=path, headers=headers)))
+        up_writer.write(client.send(h11.Data(data=body)) + client.send(h11.EndOfMessage()))
+
+        status, ctype, retry_after = 0, b"", None
+        held = bytearray()  # an error or JSON body, kept to be sent as one marker
+        at_boundary, streamed = True, False
+        last = time.monotonic()
+        while True:
+            event = client.next_event()
+            if event is h11.NEED_DATA:
+                wait = self.idle_timeout - (time.monotonic() - last)
+                if wait <= 0:
+                    if at_boundary:
+                        send(marker({"upstream_error": {"status": 504, "body": json.dumps({"error": {
+                            "message": f"the upstream sent nothing for {self.idle_timeout:g} s",
+                            "type": "upstream_timeout"}})}}))
+                    return "broken"
+                try:
+                    data = await asyncio.wait_for(up_reader.read(READ), min(wait, self.keepalive))
+                except asyncio.TimeoutError:
+                    if at_boundary and not streamed:  # prefill: keep the client's idle timer alive
+                        send(marker({"keepalive": True}))
+                        await down.drain()
+                    continue
+                client.receive_data(data)
+                answered[0] = answered[0] or bool(data)
+                last = time.monotonic()
+                continue
+            if isinstance(event, h11.Response):
+                status = event.status_code
+                hdrs = dict(event.headers)
+                ctype = hdrs.get(b"content-type", b"")
+                retry_after = hdrs.get(b"retry-after")
+            elif isinstance(event, h11.Data):
+                if status == 200 and b"json" not in ctype:
+                    send(event.data)
+                    streamed = True
+                    tail = event.data[-2:]
+                    at_boundary = tail == b"\n\n" or event.data[-4:] == b"\r\n\r\n"
+                    if down.transport.get_write_buffer_size() > 1 << 20:
+                        await down.drain()  # a slow client: push back on the backend
+                elif len(held) < MAX_ERROR_BODY:
+                    held += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            elif isinstance(event, h11.ConnectionClosed):
+                if not status:
+                    raise ConnectionResetError("closed before answering")
+                break
+        if status != 200:
+            error = {"status": status, "body": held.decode("utf-8", "replace")}
+            if retry_after:
+                error["retry_after"] = retry_after.decode("latin-1")
+            send(marker({"upstream_error": error}))
+        elif b"json" in ctype:
+            send(marker({"upstream_json": held.decode("utf-8", "replace")}))
+        done = client.our_state is h11.DONE and client.their_state is h11.DONE
+        return "reusable" if done else "broken"
+
+
+async def _read_message(conn: h11.Connection, reader: asyncio.StreamReader):
+    """One request and its whole body from mitmproxy; (None, b"") at EOF."""
+    request, body = None, bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await reader.read(READ)
+            conn.receive_data(data)
+            if not data and request is None:
+                return None, b""
+            continue
+        if isinstance(event, h11.Request):
+            request = event
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            return request, bytes(body)
+        elif isinstance(event, h11.ConnectionClosed):
+            return None, b""

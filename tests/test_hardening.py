@@ -1,0 +1,316 @@
+"""Hardening: timeouts, disconnects, malformed input, secrets, resource use, a short soak."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import openai
+import pytest
+import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import codex_fixture, parse_sse
+from soak import soak
+
+DEAD = "http://127.0.0.1:9"
+
+
+def stream_events(gw, body: dict, **kw) -> list[dict]:
+    r = requests.post(gw.base_url + "/responses", json={"stream": True, **body}, timeout=30, **kw)
+    assert r.status_code == 200, r.text
+    return parse_sse(r.content)
+
+
+def failed_error(events: list[dict]) -> dict:
+    assert events[-1]["type"] == "response.failed", [e["type"] for e in events]
+    assert sum(e["type"].startswith("response.") and "response" in e and e["response"]["status"] != "in_progress"
+               for e in events) == 1
+    return events[-1]["response"]["error"]
+
+
+# --- upstream down, stalled, cut ----------------------------------------------------------------
+
+
+def test_upstream_down_is_a_clear_error_not_a_reset(gateway_factory):
+    gw = gateway_factory(DEAD)
+    err = failed_error(stream_events(gw, {"model": "m", "input": "anyone there?"}))
+    assert err["code"] == "server_error" and "cannot connect to the upstream http://127.0.0.1:9" in err["message"]
+    whole = requests.post(gw.base_url + "/responses", json={"model": "m", "input": "x"}, timeout=30)
+    assert whole.status_code == 502 and "cannot connect" in whole.json()["error"]["message"]
+
+
+def test_silent_upstream_times_out_with_response_failed(upstream, gateway_factory):
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_request_timeout_secs=1")
+    started = time.monotonic()
+    err = failed_error(stream_events(gw, {"model": "m", "input": "words: 5\nslow: 2500"}))
+    assert time.monotonic() - started < 2.4
+    assert err["code"] == "server_error" and "sent nothing for 1 s" in err["message"]
+
+
+class _Slow(BaseHTTPRequestHandler):
+    """Sends its response headers only after `delay` s (a long prefill), then one answer."""
+
+    protocol_version = "HTTP/1.1"
+    delay = 2.5
+    closed: list[float] = []
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["content-length"]))
+        prompt = "forever" if b"forever" else ""
+        time.sleep(self.delay)
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        n = 0
+        try:
+            while True:
+                chunk = {"choices": [{"index": 0, "delta": {"content": f"t{n} "}, "finish_reason": None}]}
+                data = f"data: {json.dumps(chunk)}\n\n".encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+                n += 1
+                if n == 3 and not type(self).forever:
+                    end = b"data: " + json.dumps({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}).encode()
+                    end += b"\n\ndata: [DONE]\n\n"
+                    self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(end), end))
+                    return
+                time.sleep(0.05)
+        except OSError:
+            type(self).closed.append(time.monotonic())
+        del prompt
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture
+def slow_upstream():
+    _Slow.closed, _Slow.forever, _Slow.delay = [], False, 2.5
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Slow)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server, _Slow
+    server.shutdown()
+
+
+def test_prefill_keepalive_sends_data_events(slow_upstream, gateway_factory):
+    server, _ = slow_upstream
+    gw = gateway_factory(f"http://127.0.0.1:{server.server_address[1]}", "--set", "resp2chat_keepalive_secs=1")
+    with requests.post(gw.base_url + "/responses", json={"model": "m", "input": "x", "stream": True},
+                       stream=True, timeout=30) as r:
+        started, arrivals = time.monotonic(), []
+        for line in r.iter_lines():
+            if line.startswith(b"data: "):
+                arrivals.append((time.monotonic() - started, json.loads(line[6:])["type"]))
+    types = [t for _, t in arrivals]
+    assert types[0] == "response.created" and arrivals[0][0] < 0.5  # at once, before the backend answers
+    keepalives = [t for t, kind in arrivals if kind == "response.in_progress" and t > 0.5]
+    assert len(keepalives) >= 1 and all(t < 2.6 for t in keepalives)  # data events during the silence
+    assert types[-1] == "response.completed"
+
+
+def test_client_disconnect_cancels_the_upstream_request(slow_upstream, gateway_factory):
+    server, handler = slow_upstream
+    handler.forever, handler.delay = True, 0
+    gw = gateway_factory(f"http://127.0.0.1:{server.server_address[1]}")
+    with requests.post(gw.base_url + "/responses", json={"model": "m", "input": "x", "stream": True},
+                       stream=True, timeout=30) as r:
+        for line in r.iter_lines():
+            if b"output_text.delta" in line:
+                break
+        left = time.monotonic()
+    # closing the client connection must stop the backend's generation promptly
+    deadline = time.monotonic() + 5
+    while not handler.closed and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert handler.closed and handler.closed[0] - left < 3
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_aborted_streams_leave_no_growth(upstream, gateway_factory):
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0", "--set", "flow_detail=0")
+    body = json.dumps({"model": "m", "input": "words: 400\nnoreason\nslow: 5", "stream": True}).encode()
+    request = (f"POST /v1/responses HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+               f"content-length: {len(body)}\r\n\r\n").encode() + body
+
+    def abort_one():
+        with socket.create_connection(("127.0.0.1", gw.port)) as s:
+            s.sendall(request)
+            got = b""
+            while b"output_text.delta" not in got:
+                got += s.recv(65536)
+
+    for _ in range(20):  # warm up: imports, pools, allocator
+        abort_one()
+    time.sleep(1)
+    rss0, fds0 = _rss_kb(gw.proc.pid), _fds(gw.proc.pid)
+    for _ in range(200):
+        abort_one()
+    time.sleep(2)  # let the upstream side notice and close
+    rss1, fds1 = _rss_kb(gw.proc.pid), _fds(gw.proc.pid)
+    assert fds1 <= fds0 + 4, (fds0, fds1)
+    assert rss1 - rss0 < 15_000, f"RSS grew {rss1 - rss0} KiB over 200 aborted streams"
+
+
+# --- malformed input -------------------------------------------------------------------------
+
+
+def test_oversized_body_is_413(gateway_factory, upstream):
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_request_body_mb=1")
+    big = {"model": "m", "input": "x" * (1_200_000)}
+    r = requests.post(gw.base_url + "/responses", json=big, timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    ok = requests.post(gw.base_url + "/responses", json={"model": "m", "input": "small"}, timeout=30)
+    assert ok.status_code == 200
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 5) | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(
+        ["type", "role", "content", "text", "name", "call_id", "arguments", "output", "input", "tools",
+         "model", "image_url", "summary", "namespace", "tool_choice", "format"]), inner, max_size=5),
+    max_leaves=20)
+
+
+def _mutate(body: dict, path: list, value):
+    target = body
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return body
+
+
+@st.composite
+def broken_codex_bodies(draw):
+    body = codex_fixture("03-tool-call-turn2-with-output.json")["body"]
+    body["input"] = body["input"][2:]  # keep it small: fewer bytes per example
+    body["tools"] = body["tools"][:2]
+    i = draw(st.integers(0, len(body["input"]) - 1))
+    item = body["input"][i]
+    key = draw(st.sampled_from(sorted(item) + ["type", "nonsense"]))
+    return _mutate(body, ["input", i, key], draw(json_values))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(json_values, broken_codex_bodies()))
+def test_fuzz_requests_are_400_or_served_in_process(body):
+    from resp2chat_core.errors import GatewayError
+    from resp2chat_core.lowering import LoweringOptions
+    from resp2chat_core.turn import begin_turn
+
+    try:
+        turn = begin_turn(json.dumps(body).encode(), LoweringOptions(), "resp_x", 0)
+    except GatewayError as err:
+        assert err.status == 400 and err.message
+        return
+    assert json.loads(turn.chat_body)["messages"] is not None
+
+
+def test_fuzzed_requests_through_mitmdump_never_500_or_hang(gateway):
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                     HealthCheck.function_scoped_fixture])
+    @given(st.one_of(json_values, broken_codex_bodies()))
+    def check(body):
+        r = requests.post(gateway.base_url + "/responses", data=json.dumps(body), timeout=20,
+                          headers={"content-type": "application/json"})
+        assert r.status_code in (200, 400), r.text[:300]
+        if r.status_code == 400:
+            err = r.json()["error"]
+            assert err["message"] and err["type"] == "invalid_request_error"
+
+    check()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(
+    st.binary(max_size=40),
+    st.sampled_from([b"data: [DONE]\n\n", b"data: {}\n\n", b": ping\n\n", b"data: {\"choices\":null}\n\n",
+                     b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n', b"\r\n", b"data: {\"error\":1}\n\n",
+                     b'data: {"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{"}}]}}]}\n\n',
+                     b'data: {"choices":[{"delta":{"tool_calls":[{"function":{"name":"x"}}]},"finish_reason":"length"}]}\n\n']),
+), max_size=12))
+def test_fuzz_upstream_garbage_ends_in_exactly_one_terminal_event(pieces):
+    from resp2chat_core.translator import Translator, TurnContext
+
+    t = Translator(TurnContext("resp_fuzz", 0, "m"))
+    out = b"".join(t.feed(p) for p in pieces) + t.finish()
+    assert t.feed(b"data: more\n\n") == b"" and t.finish() == b""
+    events = [json.loads(line[6:]) for line in out.decode().split("\n") if line.startswith("data: ")]
+    terminal = [e for e in events if e["type"] in ("response.completed", "response.failed", "response.incomplete")]
+    assert len(terminal) == 1 and events[-1] is terminal[0]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+
+
+# --- secrets -------------------------------------------------------------------------------
+
+
+class _LeakyAuth(BaseHTTPRequestHandler):
+    """An upstream that echoes the key it got in its 401 body, as some providers do."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["content-length"]))
+        key = self.headers.get("authorization", "").removeprefix("Bearer ")
+        body = json.dumps({"error": {"message": f"Incorrect API key provided: {key}", "code": "invalid_api_key"}}).encode()
+        self.send_response(401)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
+
+
+def test_secrets_never_reach_logs_flows_or_clients(gateway_factory, tmp_path):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _LeakyAuth)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    key, client_key = "sk-planted-secret-4242abcd", "sk-client-planted-9999"
+    flows, log = tmp_path / "f.mitm", tmp_path / "up.jsonl"
+    try:
+        gw = gateway_factory(f"http://127.0.0.1:{server.server_address[1]}", "-w", str(flows),
+                             "--set", f"resp2chat_upstream_request_log_path={log}",
+                             "--set", "termlog_verbosity=debug", "--set", "flow_detail=4",
+                             env={"RESP2CHAT_UPSTREAM_API_KEY": key})
+        client = openai.OpenAI(base_url=gw.base_url, api_key=client_key, max_retries=0)
+        events = list(client.responses.create(model="m", input="hi", stream=True))
+        with pytest.raises(openai.BadRequestError) as info:
+            client.responses.create(model="m", input="hi")
+        gw.stop()
+    finally:
+        server.shutdown()
+    message = events[-1].response.error.message
+    assert events[-1].type == "response.failed" and "Incorrect API key provided" in message
+    for text in (message, str(info.value), gw.log(), flows.read_bytes().decode("utf-8", "replace"), log.read_text()):
+        assert key not in text and client_key not in text
+    assert "[redacted]" in message
+
+
+# --- soak ----------------------------------------------------------------------------------
+
+
+def test_short_soak_loses_nothing(upstream, gateway_factory):
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0", "--set", "flow_detail=0")
+    stats = asyncio.run(soak(gw.base_url, streams=32, seconds=6, words=30))
+    assert stats.failures == []
+    assert stats.streams >= 32 and stats.events > 32 * 30
