@@ -31,7 +31,8 @@ def read_flows(path: Path) -> list[tuple[float, str, dict]]:
             except ValueError:
                 continue
             if isinstance(chat, dict) and "messages" in chat:
-                out.append((f.request.timestamp_start, _session_of(f.metadata.get("resp2chat") or {}, f.request.headers), chat))
+                meta = f.metadata.get("resp2chat") or {}
+                out.append((f.request.timestamp_start, _session_of(meta, f.request.headers), chat, meta.get("usage")))
     return out
 
 
@@ -45,11 +46,11 @@ def read_jsonl(path: Path) -> list[tuple[float, str, dict]]:
         except ValueError:
             raise SystemExit(f"resp2chat analyze: {path}:{n}: not JSON") from None
         body = rec.get("body", rec)
-        out.append((rec.get("ts", n), rec.get("session") or "default", body))
+        out.append((rec.get("ts", n), rec.get("session") or "default", body, None))
     return out
 
 
-def load(paths: list[str]) -> list[tuple[str, dict]]:
+def load(paths: list[str]) -> list[tuple]:
     records = []
     for p in map(Path, paths):
         if not p.exists():
@@ -58,7 +59,7 @@ def load(paths: list[str]) -> list[tuple[str, dict]]:
             head = fh.read(1)
         records += read_jsonl(p) if head == b"{" else read_flows(p)
     records.sort(key=lambda r: r[0])
-    return [(session, chat) for _, session, chat in records]
+    return [rest for _, *rest in records]
 
 
 def _pct(value) -> str:
@@ -67,7 +68,8 @@ def _pct(value) -> str:
 
 def render_table(report) -> str:
     sessions = {}
-    lines = [f"{'#':>3} {'session':<10} {'turn':>4} {'KB':>7} {'tokens':>7} {'prefix/prev':>12} {'radix hit':>10}  first divergence"]
+    lines = [f"{'#':>3} {'session':<10} {'turn':>4} {'KB':>7} {'tokens':>7} {'prefix/prev':>12} {'radix hit':>10}"
+             f" {'server cached':>14}  first divergence"]
     for r in report.rows:
         short = sessions.setdefault(r.session, f"s{len(sessions) + 1}")
         prev = "-" if r.prev_prefix_tokens is None else f"{r.prev_prefix_tokens}/{r.prev_tokens}"
@@ -76,7 +78,9 @@ def render_table(report) -> str:
         if r.divergence:
             d = r.divergence
             div = f"{d['segment']} +{d['offset']}: was {d['previous']!r} now {d['current']!r}"
-        lines.append(f"{r.index:>3} {short:<10} {r.turn:>4} {r.size / 1024:>7.1f} {r.tokens:>7} {prev:>12} {radix:>10}  {div}")
+        server = f"{r.server_cached_tokens}/{r.server_prompt_tokens}" if r.server_prompt_tokens else "-"
+        lines.append(f"{r.index:>3} {short:<10} {r.turn:>4} {r.size / 1024:>7.1f} {r.tokens:>7} {prev:>12} {radix:>10}"
+                     f" {server:>14}  {div}")
     s = report.summary()
     lines += [
         "",
@@ -85,6 +89,7 @@ def render_table(report) -> str:
         f"turns after the first: session prefix hit {_pct(s['session_prefix_hit_ratio_later_turns'])}, "
         f"simulated radix cache hit {_pct(s['radix_hit_ratio_later_turns'])}",
         f"all requests: simulated radix cache hit {_pct(s['radix_hit_ratio_all'])}",
+        f"turns after the first, as the backend reported (usage cached_tokens): {_pct(s['server_cached_ratio_later_turns'])}",
     ]
     if len(sessions) > 1:
         lines.append("sessions: " + ", ".join(f"{v}={k}" for k, v in sessions.items()))

@@ -82,6 +82,8 @@ class Row:
     prev_tokens: int | None
     radix_cached_tokens: int  # longest prefix shared with any earlier request
     divergence: dict | None = None  # where this prompt stops extending the previous one
+    server_prompt_tokens: int | None = None  # what the backend reported, when recorded
+    server_cached_tokens: int | None = None
 
     def as_dict(self) -> dict:
         return self.__dict__.copy()
@@ -111,6 +113,13 @@ class Report:
         return self._sum(rows, "prev_prefix_tokens") / total if total else None
 
     @property
+    def server_hit_ratio(self) -> float | None:
+        """The backend's own figure (usage cached_tokens / prompt tokens), turns after the first."""
+        rows = [r for r in self.later_turns if r.server_prompt_tokens]
+        total = self._sum(rows, "server_prompt_tokens")
+        return self._sum(rows, "server_cached_tokens") / total if total else None
+
+    @property
     def overall_radix_hit_ratio(self) -> float | None:
         total = self._sum(self.rows, "tokens")
         return self._sum(self.rows, "radix_cached_tokens") / total if total else None
@@ -124,17 +133,18 @@ class Report:
             "session_prefix_hit_ratio_later_turns": self.session_hit_ratio,
             "radix_hit_ratio_later_turns": self.radix_hit_ratio,
             "radix_hit_ratio_all": self.overall_radix_hit_ratio,
+            "server_cached_ratio_later_turns": self.server_hit_ratio,
             "token_estimate": f"1 token = {BYTES_PER_TOKEN} bytes of canonical JSON (tools, then messages)",
         }
 
 
-def analyze(requests: list[tuple[str, dict]]) -> Report:
-    """``requests``: (session key, chat request body) in the order they were sent."""
+def analyze(requests: list[tuple]) -> Report:
+    """``requests``: (session key, chat request body[, Responses usage]) in the order sent."""
     report = Report()
     last: dict[str, Prompt] = {}
     turns: dict[str, int] = {}
     seen: list[bytes] = []  # every earlier prompt, sorted: the radix cache's contents
-    for i, (session, chat) in enumerate(requests):
+    for i, (session, chat, *rest) in enumerate(requests):
         p = Prompt.from_chat(chat)
         turns[session] = turns.get(session, 0) + 1
         # The longest prefix shared with any earlier prompt is shared with a sorted neighbour.
@@ -151,6 +161,10 @@ def analyze(requests: list[tuple[str, dict]]) -> Report:
                     "segment": where, "offset": offset, "byte": lcp,
                     "previous": _excerpt(prev.data, lcp), "current": _excerpt(p.data, lcp),
                 }
+        usage = rest[0] if rest else None
+        if isinstance(usage, dict) and usage.get("input_tokens"):
+            row.server_prompt_tokens = usage["input_tokens"]
+            row.server_cached_tokens = (usage.get("input_tokens_details") or {}).get("cached_tokens", 0)
         bisect.insort(seen, p.data)
         last[session] = p
         report.rows.append(row)
