@@ -51,8 +51,25 @@ _CONTEXT_RE = re.compile(
 _QUOTA_RE = re.compile(r"insufficient[_ ]quota|quota exceeded|billing|credit", re.I)
 
 
+def _status_code(value: object) -> int | None:
+    """An HTTP status hidden in an error's ``code`` (vLLM: ``"code": 400``; OpenRouter: 429)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and value.isdigit():
+        number = int(value)
+    else:
+        return None
+    return number if 400 <= number <= 599 else None
+
+
 def classify_upstream_error(status: int | None, message: str, upstream_code: object = None) -> str:
-    """Map an upstream failure (HTTP status and/or message) to a Responses error code."""
+    """Map an upstream failure (HTTP status and/or message) to a Responses error code.
+
+    A failure reported inside a 200 stream (mid-stream ``{"error": …}``, a JSON error body
+    served with 200) has no useful HTTP status; the error's own numeric ``code`` stands in.
+    """
+    if status is None or status < 400:
+        status = _status_code(upstream_code) or status
     code = str(upstream_code or "")
     if code in ("context_length_exceeded", "insufficient_quota", "rate_limit_exceeded"):
         return code
@@ -85,10 +102,15 @@ def upstream_error_message(status: int | None, body: bytes) -> tuple[str, object
         data = None
     message, code = "", None
     if isinstance(data, dict):
-        err = data.get("error", data)
+        err = data.get("error") or data
         if isinstance(err, dict):
             message = str(err.get("message") or err.get("detail") or err.get("msg") or "")
             code = err.get("code") or err.get("type")
+            meta = err.get("metadata")
+            raw = meta.get("raw") if isinstance(meta, dict) else None
+            if isinstance(raw, str) and raw and raw not in message:
+                # OpenRouter: "Provider returned error" + the provider's own words in metadata.raw
+                message = f"{message}: {raw}" if message else raw
         elif isinstance(err, str):
             message = err
         if not message and isinstance(data.get("detail"), str):
