@@ -30,7 +30,30 @@ Two state machines, both as tables:
 ``_ITEM_TRANSITIONS`` — what an incoming delta does to the open item (below).
 
 Text and reasoning that are only whitespace do not open an item (Qwen-style models emit
-"\\n\\n" between thinking and a tool call); they are kept and prepended if real text follows.
+"\\n\\n" between thinking and a tool call or the answer); if real text of the same kind follows,
+they are prepended without their line breaks (indentation stays, blank lines go).
+
+Dialects (tests/fixtures/dialects/ holds one recorded-shape stream per rule below)
+-------------------------------------------------------------------------------------
+- Reasoning arrives as ``delta.reasoning_content`` (DeepSeek, sglang, llama.cpp, LM Studio,
+  older vLLM), ``delta.reasoning`` (vLLM >= 0.10, Ollama, OpenRouter, Groq), Mistral's
+  ``content: [{"type": "thinking", …}]`` parts, or ``<think>…</think>`` inside ``content``
+  (servers without a reasoning parser): ``think.ThinkSplitter`` turns the tags into reasoning
+  deltas, tags split across chunks included. It costs nothing once the think block is over.
+- Tool calls: the first delta of an ``index`` names the call (id, name), later ones append
+  argument text (vLLM, sglang, llama.cpp, LM Studio, DeepSeek, OpenRouter); or each call comes
+  whole in one delta (Ollama, Mistral, Kimi/Groq), possibly without ``index`` (keyed by id) and
+  with a ``finish_reason`` of ``stop``; a new id on a known index is a new call. Arguments are
+  normalized once, at the end (``_function_arguments``).
+- Endings: ``[DONE]``; or a finish_reason and then the end of the body (no ``[DONE]``: Ollama
+  forks, some proxies); ``length``/``max_tokens``/``model_length`` -> ``response.incomplete``;
+  ``error``/``abort``/``insufficient_system_resource`` -> ``response.failed``. Neither a
+  finish_reason nor ``[DONE]`` before the body ends -> ``response.failed`` (cut short).
+- Errors in a 200 stream: ``data: {"error": …}``, vLLM's ``{"object": "error", …}``, a bare JSON
+  line, or a body that holds no SSE event at all (a JSON error or completion served as
+  ``text/event-stream``, an HTML error page): until the first event the parser keeps the
+  lines that are no SSE field (``SSEParser.stray``), read as a whole body if no event came.
+- Usage: see usage.py (top-level, ``x_groq``, per-choice; every cached-token spelling).
 """
 
 from __future__ import annotations
@@ -41,6 +64,7 @@ from enum import Enum
 
 from .errors import classify_upstream_error, sanitize, upstream_error_message
 from .sse import SSEParser
+from .think import BREAK, REASONING, WATCH, ThinkSplitter
 from .toolmap import ToolMap
 from .usage import find_usage, to_responses_usage
 
@@ -96,7 +120,18 @@ _ITEM_TRANSITIONS = {
     (Kind.TOOL, Kind.TOOL): "extend",  # a new index opens one more tool item beside the others
 }
 
-_INCOMPLETE_REASONS = {"length": "max_output_tokens", "content_filter": "content_filter"}
+# finish_reason -> how the response ends. Absent: completed ("stop", "tool_calls", "eos", …).
+_INCOMPLETE_REASONS = {
+    "length": "max_output_tokens",
+    "max_tokens": "max_output_tokens",  # Anthropic-style gateways
+    "model_length": "max_output_tokens",  # Mistral: the context filled up while generating
+    "content_filter": "content_filter",
+}
+_FAILED_REASONS = frozenset({
+    "error",  # OpenRouter / Mistral: the provider failed mid-generation
+    "abort",  # sglang / vLLM: the request was aborted server-side
+    "insufficient_system_resource",  # DeepSeek: interrupted for lack of capacity; worth a retry
+})
 
 
 @dataclass
@@ -108,6 +143,7 @@ class TurnContext:
     model: str  # the model name the client asked for (echoed back)
     tool_map: ToolMap = field(default_factory=ToolMap)
     echo: dict = field(default_factory=dict)  # request fields echoed into every Response object
+    think: str = "auto"  # <think> tags in content: "auto" | "open" (template opens it) | "off"; think.py
 
 
 @dataclass
@@ -128,7 +164,8 @@ class Translator:
         self.phase = Phase.WAITING
         self.open = Kind.NONE
         self.output: list[dict] = []  # finished items, in output order
-        self.usage: dict | None = None
+        self._usage_raw: dict | None = None  # the upstream's usage object, converted when shown
+        self._usage: dict | None = None
         self.finish_reason: str | None = None
         self.error: dict | None = None
         self.events = 0  # also the next sequence_number
@@ -143,8 +180,11 @@ class Translator:
         self._text: list[str] = []
         self._ws = ""  # leading whitespace held back until real text arrives
         self._ws_kind = Kind.NONE
-        self._tools: dict[object, _Tool] = {}
+        self._tools: dict[object, _Tool] = {}  # open tool items by upstream key (index, else id)
+        self._tool_list: list[_Tool] = []  # open tool items in output order
         self._tool_wait: dict[object, list[str]] = {}  # args seen before the call's name
+        self._think = ThinkSplitter(ctx.think) if ctx.think != "off" else None  # None: plain text
+        self._saw_event = False  # an upstream event (not a relay marker) arrived
 
     # --- public interface ------------------------------------------------------------------
 
@@ -168,6 +208,8 @@ class Translator:
                     self._payload(payload)
                     if self.phase is Phase.DONE:
                         break
+                if not self._saw_event and self._parser.stray and self.phase is not Phase.DONE:
+                    self._not_sse(b"\n".join(self._parser.stray))
                 if self.phase is Phase.FINISHING or (self.phase is Phase.STREAMING and self._saw_done):
                     self._complete()
                 elif self.phase is not Phase.DONE:
@@ -198,7 +240,7 @@ class Translator:
             self._fail("server_error", "upstream sent a body that is neither SSE nor JSON: "
                        + sanitize(body[:200].decode("utf-8", "replace")))
             return
-        if not isinstance(data, dict) or "error" in data or data.get("object") == "error":
+        if not isinstance(data, dict) or data.get("error") or data.get("object") == "error":
             self._fail_upstream(200, body)
             return
         for choice in data.get("choices") or ():
@@ -207,9 +249,22 @@ class Translator:
         self._chunk(data)
         self._saw_done = True
 
+    def _not_sse(self, body: bytes) -> None:
+        """The body ended without one SSE event, but held other lines: read it as a whole body
+        (a JSON answer or error, or garbage quoted in the failure)."""
+        self._parser.stray = None
+        self._json_body(body)
+
     @property
     def done(self) -> bool:
         return self.phase is Phase.DONE
+
+    @property
+    def usage(self) -> dict | None:
+        """Responses usage (converted once from the upstream's last usage object)."""
+        if self._usage is None and self._usage_raw is not None:
+            self._usage = to_responses_usage(self._usage_raw)
+        return self._usage
 
     def response(self) -> dict:
         """The Response object as it stands (final once ``done``)."""
@@ -223,7 +278,7 @@ class Translator:
     _incomplete: dict | None = None
 
     def _payload(self, payload: str) -> None:
-        if payload == "[DONE]":
+        if payload == "[DONE]" or (payload[:1] in ("[", " ") and payload.strip() == "[DONE]"):
             self._saw_done = True
             if self.phase in (Phase.STREAMING, Phase.FINISHING, Phase.WAITING):
                 self._complete()
@@ -237,15 +292,19 @@ class Translator:
                 for line in lines:
                     self._payload(line.removeprefix("data:").strip())
                 return
-            self._fail("server_error", "upstream sent an event that is not JSON: " + sanitize(payload[:200]))
-            return
+            if payload.strip():
+                self._fail("server_error", "upstream sent an event that is not JSON: " + sanitize(payload[:200]))
+            return  # an event with empty data (a keep-alive) is no event
         if not isinstance(chunk, dict):
             self._fail("server_error", "upstream sent an event that is not a JSON object")
             return
         if "resp2chat" in chunk and isinstance(chunk["resp2chat"], dict):
             self._marker(chunk["resp2chat"])
             return
-        if "error" in chunk or chunk.get("object") == "error":
+        if not self._saw_event:
+            self._saw_event = True
+            self._parser.stray = None  # SSE after all: stop keeping non-SSE lines
+        if chunk.get("error") or chunk.get("object") == "error":
             self._fail_upstream(None, payload.encode())
             return
         self._chunk(chunk)
@@ -254,25 +313,83 @@ class Translator:
         self._start()
         usage = find_usage(chunk)
         if usage is not None:
-            self.usage = to_responses_usage(usage)
-        for choice in chunk.get("choices") or ():
-            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+            self._usage_raw, self._usage = usage, None
+        choices = chunk.get("choices")
+        if not choices or not isinstance(choices, list):
+            return
+        for choice in choices:
+            if not isinstance(choice, dict) or (choice.get("index") or 0) != 0:
                 continue  # n > 1 is never requested; ignore extra choices
-            delta = choice.get("delta") or {}
-            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-            if reasoning and isinstance(reasoning, str):
-                self._delta(Kind.REASONING, reasoning)
-            content = delta.get("content")
-            if content and isinstance(content, str):
-                self._delta(Kind.TEXT, content)
-            calls = delta.get("tool_calls")
-            if calls and isinstance(calls, list):
-                for pos, call in enumerate(calls):
-                    if isinstance(call, dict):
-                        self._tool_delta(pos, call)
+            delta = choice.get("delta")
+            if delta and isinstance(delta, dict):
+                reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                if reasoning and isinstance(reasoning, str):
+                    if self._think is not None:
+                        self._settle_think()
+                    self._delta(Kind.REASONING, reasoning)
+                content = delta.get("content")
+                if content:
+                    if content.__class__ is str:
+                        if self._think is None:
+                            self._delta(Kind.TEXT, content)
+                        else:
+                            self._content(content)
+                    elif isinstance(content, list):
+                        self._content_parts(content)
+                calls = delta.get("tool_calls")
+                if calls and isinstance(calls, list):
+                    if self._think is not None:
+                        self._settle_think()
+                    for pos, call in enumerate(calls):
+                        if isinstance(call, dict):
+                            self._tool_delta(pos, call)
             reason = choice.get("finish_reason")
-            if reason:
+            if reason and isinstance(reason, str):
+                if self._usage_raw is None and isinstance(choice.get("usage"), dict) and choice["usage"]:
+                    self._usage_raw, self._usage = choice["usage"], None  # Moonshot/Kimi: usage in the choice
                 self._finish_reason(reason)
+                if self.phase is Phase.DONE:
+                    return
+
+    def _content(self, text: str) -> None:
+        think = self._think
+        if think is None or (think.state == WATCH and not think.held and "<" not in text):
+            self._delta(Kind.TEXT, text)  # plain text, or text that cannot hold (part of) a tag
+            return
+        self._think_pieces(think.feed(text))
+
+    def _content_parts(self, parts: list) -> None:
+        """Content as a list of parts: Mistral's ``{"type": "thinking", "thinking": [{"type":
+        "text", "text": …}]}`` reasoning chunks and ``{"type": "text", "text": …}`` text."""
+        for part in parts:
+            if isinstance(part, str):
+                self._content(part)
+            elif not isinstance(part, dict):
+                continue
+            elif part.get("type") == "thinking":
+                thinking = part.get("thinking")
+                for piece in thinking if isinstance(thinking, list) else [thinking]:
+                    text = piece.get("text") if isinstance(piece, dict) else piece
+                    if text and isinstance(text, str):
+                        if self._think is not None:
+                            self._settle_think()
+                        self._delta(Kind.REASONING, text)
+            elif isinstance(part.get("text"), str) and part["text"]:
+                self._content(part["text"])
+
+    def _think_pieces(self, pieces: list[tuple[str, str]]) -> None:
+        for kind, text in pieces:
+            if kind == BREAK:
+                if self.open is Kind.TEXT:
+                    self._close_open()  # what streamed as text was a think block without its <think>
+            else:
+                self._delta(Kind.REASONING if kind == REASONING else Kind.TEXT, text)
+        if self._think is not None and self._think.passing:
+            self._think = None  # the think block (if any) is over: content is plain text from now on
+
+    def _settle_think(self) -> None:
+        """Another kind of delta arrives: release held content first, in order."""
+        self._think_pieces(self._think.settle())
 
     def _fail(self, code: str, message: str) -> None:
         if self.phase is not Phase.DONE:
@@ -290,7 +407,9 @@ class Translator:
 
     def _marker(self, m: dict) -> None:
         """In-band events from the upstream relay (resp2chat_cli/relay.py), not from the model."""
-        if m.get("keepalive"):
+        if m.get("accepted"):
+            self._start()
+        elif m.get("keepalive"):
             self._start()  # a data event resets the client's idle timer; SSE comments do not
             self._emit_response("response.in_progress", "in_progress")
         elif isinstance(m.get("upstream_error"), dict):
@@ -306,12 +425,20 @@ class Translator:
             self._emit_response("response.in_progress", "in_progress")
 
     def _finish_reason(self, reason: str) -> None:
+        reason = reason.lower()
+        if self._think is not None:
+            self._think_pieces(self._think.flush())
+        if reason in _FAILED_REASONS:
+            self._fail("server_error", f"upstream stopped generating: finish_reason {reason!r}")
+            return
         self._close_open()
         self.finish_reason = reason
         self.phase = _PHASES[(self.phase, "finish_reason")]
 
     def _complete(self) -> None:
         self._start()
+        if self._think is not None:
+            self._think_pieces(self._think.flush())
         self._close_open()
         self._ws = ""
         if self.observer is not None:
@@ -336,7 +463,8 @@ class Translator:
             self._open_item(kind)
         if self._ws:
             if self._ws_kind is kind:
-                text = self._ws + text
+                # Keep indentation, drop the blank lines that separate thinking from the answer.
+                text = self._ws.lstrip("\r\n") + text
             self._ws, self._ws_kind = "", Kind.NONE
         self._text.append(text)
         if self.observer is not None:
@@ -395,9 +523,10 @@ class Translator:
             self._emit("response.reasoning_summary_part.done", **ids, summary_index=0, part=part)
             self._item_done({"id": self._item_id, "type": "reasoning", "summary": [part]})
         elif kind is Kind.TOOL:
-            for tool in sorted(self._tools.values(), key=lambda t: t.output_index):
+            for tool in self._tool_list:  # allocated in output order
                 self._close_tool(tool)
             self._tools.clear()
+            self._tool_list.clear()
             self._tool_wait.clear()
 
     def _item_done(self, item: dict, output_index: int | None = None) -> None:
@@ -412,15 +541,21 @@ class Translator:
     # --- tool calls ------------------------------------------------------------------------
 
     def _tool_delta(self, pos: int, call: dict) -> None:
-        key = call.get("index", call.get("id") or pos)
-        fn = call.get("function") or {}
+        key = call.get("index")
+        if key is None:  # Mistral-style whole calls may omit the index: the id, else the position
+            key = call.get("id") or pos
+        fn = call.get("function")
+        if not isinstance(fn, dict):
+            fn = {}
         args = fn.get("arguments")
-        if isinstance(args, dict):  # a few servers send parsed arguments
-            args = _dumps(args)
+        if args is not None and not isinstance(args, str):
+            args = _dumps(args)  # a few servers send parsed arguments (Ollama-style objects)
+        name = fn.get("name")
         tool = self._tools.get(key) if self.open is Kind.TOOL else None
+        if tool is not None and name and call.get("id") and call["id"] != tool.call_id:
+            tool = None  # a new call that reuses an index (servers that number every call 0)
         if tool is None:
-            name = fn.get("name")
-            if not name:  # arguments before the name: hold them until it arrives
+            if not name or not isinstance(name, str):  # arguments before the name: hold them
                 if args:
                     self._tool_wait.setdefault(key, []).append(args)
                 return
@@ -438,9 +573,12 @@ class Translator:
         target = self.ctx.tool_map.target(chat_name)
         index = self._alloc_index()
         prefix = {"function": "fc", "custom": "ctc", "local_shell": "lsh", "tool_search": "ts"}[target.kind]
-        tool = _Tool(index, f"{prefix}_{self._suffix}_{index}", call_id or f"call_{self._suffix[:16]}_{index}",
+        if not call_id or not isinstance(call_id, str):
+            call_id = f"call_{self._suffix[:16]}_{index}"
+        tool = _Tool(index, f"{prefix}_{self._suffix}_{index}", call_id,
                      chat_name, target.kind, target.name, target.namespace)
         self._tools[key] = tool
+        self._tool_list.append(tool)
         if self.observer is not None:
             self.observer("tool", f"\n[{tool.name}] ")
         self._emit("response.output_item.added", output_index=index, item=self._tool_item(tool, "in_progress", ""))
@@ -463,8 +601,7 @@ class Translator:
         raw = "".join(tool.args)
         ids = {"item_id": tool.item_id, "output_index": tool.output_index}
         if tool.kind == "function":
-            # Codex parses arguments as JSON: a zero-argument call must still be an object.
-            args = raw if raw.strip() else "{}"
+            args = _function_arguments(raw)
             self._emit("response.function_call_arguments.done", **ids, name=tool.name, arguments=args)
             item = self._tool_item(tool, "completed", args)
         elif tool.kind == "custom":
@@ -535,6 +672,28 @@ class Translator:
         out = "".join(self._out).encode()
         self._out.clear()
         return out
+
+
+def _function_arguments(raw: str) -> str:
+    """The arguments string Codex will parse as JSON. Deltas went out as they came; the done
+    event and the item carry this normalized form:
+
+    - empty, whitespace or ``null`` (zero-argument calls) -> ``{}``: it must still be an object;
+    - a JSON *string* holding an object (double-encoded by some servers) -> the object;
+    - anything else as it is, invalid JSON included: Codex answers the model with the parse
+      error, which lets the model retry; guessing a repair could run a different command.
+    """
+    text = raw.strip()
+    if not text or text == "null":
+        return "{}"
+    if text[0] == '"':
+        try:
+            inner = _loads(text)
+            if isinstance(inner, str) and isinstance(_loads(inner), dict):
+                return inner
+        except ValueError:
+            pass
+    return raw
 
 
 def _json_object(raw: str) -> dict:
