@@ -1,0 +1,423 @@
+"""Upstream dialect matrix: every backend's chunk shapes, through the translator and a real mitmdump.
+
+Each fixture in tests/fixtures/dialects/ is a pair (see the README there):
+
+    <name>.sse            the upstream response body, byte for byte as that server sends it
+    <name>.expected.json  which backend and shapes it covers, the HTTP status and content type
+                          the server answers with, and the Responses events the client must get,
+                          as a compact projection (``project`` below)
+
+Three ways each fixture runs, all compared against the same projection:
+
+1. the translator, whole (``test_fixture``), also validated by the openai SDK's event types;
+2. the translator, cut at random places (``test_any_split_same_events``, hypothesis) and one
+   byte at a time: byte-identical output;
+3. a real ``mitmdump -s addon/resp2chat.py`` in front of a tiny upstream that replays the
+   fixture verbatim with chunked transfer encoding, read by the openai SDK
+   (``client.responses.create(stream=True)``): ``test_end_to_end_sdk``.
+
+Set RESP2CHAT_REGEN_DIALECTS=1 to rewrite the ``events`` of every expected file from the
+translator's current output (then review the diff: the expected files are the specification).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import openai
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import start_gateway
+from resp2chat_core.lowering import LoweringOptions
+from resp2chat_core.think import ThinkSplitter
+from resp2chat_core.translator import Translator
+from resp2chat_core.turn import begin_turn
+from test_translator import CREATED, RESP_ID, check, check_sdk, parse_events
+
+DIR = Path(__file__).resolve().parent / "fixtures" / "dialects"
+NAMES = sorted(p.name.removesuffix(".sse") for p in DIR.glob("*.sse"))
+REGEN = os.environ.get("RESP2CHAT_REGEN_DIALECTS") == "1"
+
+
+def _fn(name: str, props: dict, required: list[str]) -> dict:
+    return {"type": "function", "name": name, "description": name, "strict": False,
+            "parameters": {"type": "object", "properties": props, "required": required}}
+
+
+TOOLS = [
+    _fn("exec_command", {"cmd": {"type": "string"}, "workdir": {"type": "string"}}, ["cmd"]),
+    _fn("get_weather", {"city": {"type": "string"}}, ["city"]),
+    _fn("add", {"a": {"type": "integer"}, "b": {"type": "integer"}}, ["a", "b"]),
+    _fn("multiply", {"a": {"type": "integer"}, "b": {"type": "integer"}}, ["a", "b"]),
+    _fn("get_goal", {}, []),
+]
+
+
+def request_body(name: str) -> dict:
+    """What the client sends: the model name selects the fixture on the replay upstream."""
+    return {"model": name, "input": "hello", "tools": TOOLS, "stream": True}
+
+
+def meta(name: str) -> dict:
+    return json.loads((DIR / f"{name}.expected.json").read_text())
+
+
+def raw(name: str) -> bytes:
+    return (DIR / f"{name}.sse").read_bytes()
+
+
+def translator(name: str) -> Translator:
+    turn = begin_turn(json.dumps(request_body(name)).encode(), LoweringOptions(), RESP_ID, CREATED)
+    turn.ctx.think = meta(name).get("think", "auto")
+    return turn.translator()
+
+
+def translate(name: str, pieces: list[bytes] | None = None) -> bytes:
+    """Run a fixture the way the addon does: error status, JSON body, or a stream fed in pieces."""
+    http = meta(name)["http"]
+    tr = translator(name)
+    body = raw(name)
+    if http["status"] != 200:
+        out = tr.fail_upstream(http["status"], body)
+    elif "json" in http["content_type"]:
+        out = tr.translate_body(body)
+    else:
+        out = b"".join(tr.feed(p) for p in (pieces if pieces is not None else [body])) + tr.finish()
+    assert tr.done
+    return out
+
+
+# --- the projection --------------------------------------------------------------------------
+
+_DELTAS = {"response.output_text.delta", "response.reasoning_summary_text.delta",
+           "response.reasoning_text.delta", "response.function_call_arguments.delta",
+           "response.custom_tool_call_input.delta"}
+_TERMINAL = {"response.completed", "response.incomplete", "response.failed"}
+
+
+def _call_id(call_id: str, suffix: str) -> str:
+    return "<generated>" if suffix and suffix in call_id else call_id
+
+
+def _item(item: dict, suffix: str) -> dict:
+    kind = item.get("type")
+    if kind == "message":
+        return {"type": kind, "text": "".join(p.get("text") or "" for p in item.get("content") or [])}
+    if kind == "reasoning":
+        return {"type": kind, "summary": "".join(p.get("text") or "" for p in item.get("summary") or [])}
+    out = {"type": kind, "name": item.get("name"), "call_id": _call_id(item.get("call_id") or "", suffix)}
+    if kind == "function_call":
+        out["arguments"] = item.get("arguments")
+    elif kind == "custom_tool_call":
+        out["input"] = item.get("input")
+    if item.get("namespace"):
+        out["namespace"] = item["namespace"]
+    return out
+
+
+def project(events: list[dict], messages: bool = True) -> list[list]:
+    """The compact, order-preserving view of a Responses stream that expected files hold.
+
+    - ``response.`` is dropped from every type; ids are left out (they embed the response id);
+      a call_id the gateway generated reads ``<generated>``;
+    - a run of delta events of one type for one item becomes one entry with the joined text
+      (how many deltas a run has is the upstream's chunking, not a property of the dialect);
+    - ``in_progress`` after the first is dropped (keep-alive events of the relay);
+    - items are ``{type, text}`` (message), ``{type, summary}`` (reasoning), ``{type, name,
+      call_id, arguments}`` (function_call) and the like;
+    - the terminal event is ``[type, {status, usage: [input, cached, output, reasoning, total]
+      or null, error: [code, message] or null, incomplete: reason or null}]``; with
+      ``messages=False`` the error message is left out.
+    """
+    out: list[list] = []
+    suffix = ""
+    seen_progress = False
+    for e in events:
+        t = e["type"]
+        short = t.removeprefix("response.")
+        if t == "response.created":
+            suffix = e["response"]["id"].removeprefix("resp_")
+            out.append([short])
+        elif t == "response.in_progress":
+            if not seen_progress:
+                out.append([short])
+            seen_progress = True
+        elif t in _DELTAS:
+            if out and out[-1][0] == short and out[-1][1] == e["output_index"]:
+                out[-1][2] += e["delta"]
+            else:
+                out.append([short, e["output_index"], e["delta"]])
+        elif t in ("response.output_item.added", "response.output_item.done"):
+            out.append([short, e["output_index"], _item(e["item"], suffix)])
+        elif t in ("response.output_text.done", "response.reasoning_summary_text.done",
+                   "response.reasoning_text.done"):
+            out.append([short, e["output_index"], e["text"]])
+        elif t == "response.function_call_arguments.done":
+            out.append([short, e["output_index"], e.get("name"), e["arguments"]])
+        elif t == "response.custom_tool_call_input.done":
+            out.append([short, e["output_index"], e["input"]])
+        elif t in _TERMINAL:
+            r = e["response"]
+            u = r.get("usage")
+            usage = None if not u else [
+                u["input_tokens"], (u.get("input_tokens_details") or {}).get("cached_tokens"),
+                u["output_tokens"], (u.get("output_tokens_details") or {}).get("reasoning_tokens"),
+                u["total_tokens"]]
+            err = r.get("error")
+            error = None if not err else ([err["code"], err["message"]] if messages else [err["code"]])
+            inc = (r.get("incomplete_details") or {}).get("reason")
+            out.append([short, {"status": r["status"], "usage": usage, "error": error, "incomplete": inc}])
+        else:
+            out.append([short, e.get("output_index")])
+    return out
+
+
+def _without_messages(projection: list[list]) -> list[list]:
+    out = []
+    for entry in projection:
+        if entry[0] in ("completed", "incomplete", "failed") and entry[1]["error"]:
+            entry = [entry[0], {**entry[1], "error": entry[1]["error"][:1]}]
+        out.append(entry)
+    return out
+
+
+def _write_expected(name: str, events: list[list]) -> None:
+    doc = meta(name)
+    head = {k: v for k, v in doc.items() if k != "events"}
+    text = json.dumps(head, indent=1, ensure_ascii=False)[:-2]
+    lines = ",\n  ".join(json.dumps(e, ensure_ascii=False) for e in events)
+    (DIR / f"{name}.expected.json").write_text(f'{text},\n "events": [\n  {lines}\n ]\n}}\n')
+
+
+# --- 1. the translator -----------------------------------------------------------------------
+
+
+def test_every_fixture_has_expectations():
+    assert len(NAMES) >= 30
+    for name in NAMES:
+        doc = meta(name)
+        assert doc["backend"] and doc["covers"] and doc["http"]["status"] in (200, 400, 429, 500, 503)
+        assert REGEN or doc["events"], f"{name}: no expected events (run with RESP2CHAT_REGEN_DIALECTS=1)"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fixture(name):
+    out = translate(name)
+    evs = check(out)
+    got = project(evs)
+    if REGEN:
+        _write_expected(name, got)
+    assert got == meta(name)["events"]
+    check_sdk(evs)
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=st.sampled_from([n for n in NAMES if meta(n)["http"] == {"status": 200,
+                                                                      "content_type": "text/event-stream"}]),
+       data=st.data())
+def test_any_split_same_events(name, data):
+    body = raw(name)
+    cuts = data.draw(st.lists(st.integers(min_value=1, max_value=len(body) - 1), max_size=40, unique=True))
+    points = sorted(cuts)
+    pieces = [body[a:b] for a, b in zip([0, *points], [*points, len(body)])]
+    assert translate(name, pieces) == translate(name)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if meta(n)["http"]["content_type"] == "text/event-stream"])
+def test_byte_at_a_time_same_events(name):
+    body = raw(name)
+    assert translate(name, [body[i:i + 1] for i in range(len(body))]) == translate(name)
+
+
+# --- focused checks the projection alone would not make obvious ------------------------------
+
+
+def test_think_open_without_tag_in_auto_mode():
+    """Unconfigured, a stream that starts inside thinking streams as text until ``</think>``;
+    the text cannot be unsent, so that message closes there and the answer is its own message."""
+    tr = translator("think-open-no-tag")
+    tr.ctx.think = "auto"
+    tr = Translator(tr.ctx)
+    evs = check(tr.feed(raw("think-open-no-tag")) + tr.finish())
+    items = [e["item"] for e in evs if e["type"] == "response.output_item.done"]
+    assert [i["type"] for i in items] == ["message", "message"]
+    assert items[0]["content"][0]["text"] == "Okay, the user says hi.\n"
+    assert items[1]["content"][0]["text"] == "Hi there!"
+    assert "</think>" not in json.dumps(evs)
+    check_sdk(evs)
+
+
+def test_think_off_leaves_content_alone():
+    tr = translator("think-tags")
+    tr.ctx.think = "off"
+    tr = Translator(tr.ctx)
+    evs = check(tr.feed(raw("think-tags")) + tr.finish())
+    (item,) = [e["item"] for e in evs if e["type"] == "response.output_item.done"]
+    assert item["content"][0]["text"].startswith("<think>\nOkay")
+
+
+def test_arguments_stream_live():
+    """Argument deltas leave the translator as they arrive, before the call is finished."""
+    tr = translator("vllm-reasoning-content-tools")
+    body = raw("vllm-reasoning-content-tools")
+    cut = body.index(b'"arguments":" -la"')
+    live = parse_events(tr.feed(body[:cut]))
+    assert [e["delta"] for e in live if e["type"] == "response.function_call_arguments.delta"] == ['{"cmd": "', "ls"]
+
+
+@pytest.mark.parametrize("chunks,expected", [
+    (["<think>a</think>b"], [("reasoning", "a"), ("text", "b")]),
+    (["<", "t", "h", "i", "n", "k", ">", "x", "<", "/", "think", ">", " y"], [("reasoning", "x"), ("text", "y")]),
+    (["  \n<think>\n\n", "r1\n\n", "r2\n", "</think>\n\n\nA"], [("reasoning", "r1"), ("reasoning", "\n\nr2"),
+                                                               ("text", "A")]),
+    (["<thinking>"], [("text", "<thinking>")]),
+    (["hi <think> there"], [("text", "hi <think> there")]),
+    (["plain", " </think>", " answer"], [("text", "plain"), ("text", " "), ("break", ""), ("text", "answer")]),
+    (["<th"], [("text", "<th")]),
+    (["<think>unclosed <"], [("reasoning", "unclosed"), ("reasoning", " <")]),
+])
+def test_think_splitter_units(chunks, expected):
+    sp = ThinkSplitter("auto")
+    got: list[tuple[str, str]] = []
+    for c in chunks:
+        got += sp.feed(c)
+    got += sp.flush()
+    assert got == expected
+
+
+# --- 3. end to end through a real mitmdump -----------------------------------------------------
+
+
+class _Replay(BaseHTTPRequestHandler):
+    """Answers POST /v1/chat/completions with the fixture named by the request's model."""
+
+    protocol_version = "HTTP/1.1"
+    seen: list[dict] = []
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        length = int(self.headers.get("content-length") or 0)
+        body = json.loads(self.rfile.read(length) or b"{}")
+        _Replay.seen.append(body)
+        name = body.get("model", "")
+        if name not in NAMES:
+            self.send_response(404)
+            self.send_header("content-length", "0")
+            self.end_headers()
+            return
+        http = meta(name)["http"]
+        data = raw(name)
+        self.send_response(http["status"])
+        self.send_header("content-type", http["content_type"])
+        if http["status"] != 200 or "json" in http["content_type"]:
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
+        self.send_header("transfer-encoding", "chunked")
+        self.send_header("cache-control", "no-cache")
+        self.end_headers()
+        rng = random.Random(name)  # odd, repeatable boundaries: mid-line, mid-UTF-8, mid-CRLF
+        pos = 0
+        while pos < len(data):
+            n = rng.randint(1, 97)
+            piece = data[pos:pos + n]
+            pos += n
+            self.wfile.write(b"%X\r\n%s\r\n" % (len(piece), piece))
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+
+@pytest.fixture(scope="module")
+def replay_upstream():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Replay)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def dialect_gateway(replay_upstream, tmp_path_factory):
+    gw = start_gateway(replay_upstream, tmp_path_factory.mktemp("dialects"), "--set", "resp2chat_max_replay_entries=0")
+    yield gw
+    gw.stop()
+
+
+# Fixtures whose expectations need a per-model setting the gateway does not take yet.
+_E2E_SKIP = {name for name in NAMES if meta(name).get("think", "auto") != "auto"}
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in _E2E_SKIP])
+def test_end_to_end_sdk(name, dialect_gateway):
+    client = openai.OpenAI(base_url=dialect_gateway.base_url, api_key="unused", max_retries=0, timeout=30)
+    body = request_body(name)
+    body.pop("stream")
+    events = [e.model_dump(mode="json") for e in client.responses.create(**body, stream=True)]
+    got = project(events, messages=False)
+    assert got == _without_messages(meta(name)["events"])
+    want = meta(name)["events"][-1][1]["error"]
+    if want:  # the message may gain context on the way (e.g. a retry hint), never lose it
+        assert want[1].split(": ", 1)[-1][:40] in events[-1]["response"]["error"]["message"]
+
+
+# --- the pieces behind the matrix ------------------------------------------------------------
+
+
+def test_parser_bom_bare_json_and_stray_lines():
+    from resp2chat_core.sse import SSEParser
+
+    p = SSEParser()
+    bom = b"\xef\xbb\xbfdata: a\n\n"
+    assert p.feed(bom[:1]) == [] and p.feed(bom[1:2]) == [] and p.feed(bom[2:]) == ["a"]
+    p = SSEParser()
+    assert p.feed(b'data: a\n\n{"error": {"message": "x"}}\n<html>\n') == ["a", '{"error": {"message": "x"}}']
+    assert p.stray == [b"<html>"]
+    p.stray = None  # the reader saw SSE: nothing more is kept
+    assert p.feed(b"junk\n") == [] and p.stray is None
+    p = SSEParser()
+    assert p.feed(b'{\n  "error": "pretty"\n}\n') == [] and b"\n".join(p.stray) == b'{\n  "error": "pretty"\n}'
+
+
+@pytest.mark.parametrize("usage,expected", [
+    ({"prompt_tokens": 100, "completion_tokens": 10, "prompt_tokens_details": {"cached_tokens": 64}}, (100, 64, 10, 0, 110)),
+    ({"prompt_tokens": 100, "completion_tokens": 10, "prompt_cache_hit_tokens": 32}, (100, 32, 10, 0, 110)),
+    ({"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110, "cached_tokens": 16}, (100, 16, 10, 0, 110)),
+    ({"input_tokens": 100, "output_tokens": 10, "cache_read_input_tokens": 80}, (100, 80, 10, 0, 110)),
+    ({"prompt_tokens": 100, "completion_tokens": 10, "timings": {"cache_n": 99}}, (100, 99, 10, 0, 110)),
+    ({"prompt_tokens": 100.0, "completion_tokens": 10, "reasoning_tokens": 4}, (100, 0, 10, 4, 110)),
+    ({"prompt_tokens": None, "completion_tokens": -1, "prompt_tokens_details": None}, (0, 0, 0, 0, 0)),
+])
+def test_usage_spellings(usage, expected):
+    from resp2chat_core.usage import to_responses_usage
+
+    u = to_responses_usage(usage)
+    assert (u["input_tokens"], u["input_tokens_details"]["cached_tokens"], u["output_tokens"],
+            u["output_tokens_details"]["reasoning_tokens"], u["total_tokens"]) == expected
+
+
+@pytest.mark.parametrize("status,body,code", [
+    (None, b'{"error": {"message": "slow down", "code": 429}}', "rate_limit_exceeded"),
+    (None, b'{"object": "error", "message": "bad value for top_k", "type": "BadRequestError", "code": 400}',
+     "invalid_prompt"),
+    (200, b'{"error": {"message": "Provider returned error", "code": 400, "metadata": {"raw": '
+          b'"{\\"message\\": \\"prompt is too long: 210000 tokens\\"}"}}}', "context_length_exceeded"),
+    (None, b'{"error": {"message": "boom", "code": 502}}', "server_error"),
+    (503, b'{"detail": "overloaded"}', "server_error"),
+])
+def test_error_classification_in_band(status, body, code):
+    from resp2chat_core.errors import classify_upstream_error, upstream_error_message
+
+    message, upstream_code = upstream_error_message(status, body)
+    assert classify_upstream_error(status, message, upstream_code) == code
