@@ -272,6 +272,33 @@ def test_print_config_drives_real_codex(tmp_path, upstream, codex_bin):
     assert "You said: configured by print-config" in run.stdout
 
 
+@pytest.mark.codex
+def test_print_config_catalog_gives_codex_real_metadata_and_apply_patch(tmp_path, upstream, codex_bin):
+    gw = start_gateway(upstream.origin, tmp_path, env=cli_env(tmp_path))
+    env = cli_env(tmp_path, RESP2CHAT_UPSTREAM_BASE_URL=upstream.base_url, RESP2CHAT_BIND_ADDR=f"127.0.0.1:{gw.port}")
+    home, work = tmp_path / "codex-home", tmp_path / "work"
+    home.mkdir(), work.mkdir()
+    try:
+        out = subprocess.run([str(RESP2CHAT), "print-config", "--catalog", str(home / "models.json"), "--codex", codex_bin],
+                             capture_output=True, text=True, env=env, check=True)
+        (home / "config.toml").write_text(out.stdout)
+        catalog = json.loads((home / "models.json").read_text())["models"][0]
+        assert catalog["slug"] == "demo-model" and catalog["context_window"] == 131072
+        patch = "*** Begin Patch\n*** Add File: patched.txt\n+made by apply_patch\n*** End Patch\n"
+        upstream.clear()
+        run = Codex(codex_bin, home, work).exec(f"call: apply_patch {json.dumps({'input': patch})}")
+    finally:
+        gw.stop()
+    assert run.returncode == 0, run.output
+    assert "Model metadata for" not in run.output  # no fallback metadata
+    first = upstream.requests()[0]
+    apply_patch = next(t["function"] for t in first["tools"] if t["function"]["name"] == "apply_patch")
+    assert list(apply_patch["parameters"]["properties"]) == ["input"] and "grammar" in apply_patch["description"]
+    # Codex applied the freeform patch our custom_tool_call carried, and sent back its output
+    assert (work / "patched.txt").read_text() == "made by apply_patch\n"
+    assert upstream.requests()[-1]["messages"][-1]["role"] == "tool"
+
+
 # --- README stays true -------------------------------------------------------------------------
 
 
