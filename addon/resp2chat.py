@@ -31,6 +31,7 @@ from mitmproxy.proxy import mode_specs
 from resp2chat_cli import views
 from resp2chat_cli.config import load_settings
 from resp2chat_cli.relay import TARGET_HEADER, Relay
+from resp2chat_cli.store import ResponseStore
 from resp2chat_core import settings as S
 from resp2chat_core.errors import GatewayError, error_json
 from resp2chat_core.lowering import LoweringOptions
@@ -136,6 +137,8 @@ class Resp2Chat:
         self.request_log = None
         self.replay = ReplayCache(0)
         self.relay = Relay()
+        self.store: ResponseStore | None = None
+        self._store_config: tuple | None = None
         self._rebind = False
 
     # --- options ---------------------------------------------------------------------------
@@ -173,6 +176,12 @@ class Resp2Chat:
         self._configure_upstream(s["upstream_base_url"])
         self._open_request_log(s["upstream_request_log_path"])
         self.replay.resize(s["max_replay_entries"])
+        store_config = (s["session_ttl_hours"], s["max_sessions"], s["max_session_memory_mb"], s["session_store_dir"])
+        if store_config != self._store_config:
+            self._store_config = store_config
+            self.store = ResponseStore(ttl=s["session_ttl_hours"] * 3600, max_entries=s["max_sessions"],
+                                       max_bytes=s["max_session_memory_mb"] << 20,
+                                       directory=s["session_store_dir"] or None)
         self.relay.connect_timeout = s["connect_timeout_secs"] or None
         self.relay.idle_timeout = s["request_timeout_secs"] or float("inf")
         self.relay.keepalive = s["keepalive_secs"] or float("inf")
@@ -316,6 +325,8 @@ class Resp2Chat:
                 self._too_large(flow)
             else:
                 self._begin(flow)
+        elif path.startswith(tuple(p + "/" for p in RESPONSES_PATHS)):
+            self._stored(flow, path.rsplit("/", 1)[1])
         elif path.startswith("/v1/"):
             self._to_upstream(flow, path[3:] + req.path[len(path):])
 
@@ -327,11 +338,29 @@ class Resp2Chat:
         given = given or req.headers.get("x-api-key", "")
         return hmac.compare_digest(given.encode(), key.encode())
 
+    def _stored(self, flow: http.HTTPFlow, response_id: str) -> None:
+        """GET / DELETE /v1/responses/{id}: the response store."""
+        method = flow.request.method
+        entry = self.store.get(response_id) if self.store and method in ("GET", "DELETE") else None
+        if entry is None:
+            status, body = (404, error_json(f"no stored response {response_id!r}", code="response_not_found")) \
+                if method in ("GET", "DELETE") else (405, error_json(f"{method} is not supported here"))
+        elif method == "GET":
+            status, body = 200, json.dumps(entry["response"], ensure_ascii=False).encode()
+        else:
+            self.store.delete(response_id)
+            status, body = 200, json.dumps({"id": response_id, "object": "response", "deleted": True}).encode()
+        flow.response = http.Response.make(status, body, JSON_HEADERS)
+
+    def _history(self, response_id: str) -> list | None:
+        entry = self.store.get(response_id) if self.store else None
+        return entry["items"] if entry else None
+
     def _begin(self, flow: http.HTTPFlow) -> None:
         body = flow.request.get_content(strict=False) or b""
         meta = flow.metadata[META] = {"responses_request": body.decode("utf-8", "replace")}
         try:
-            turn = begin_turn(body, self.lowering, "resp_" + uuid.uuid4().hex, int(time.time()))
+            turn = begin_turn(body, self.lowering, "resp_" + uuid.uuid4().hex, int(time.time()), self._history)
         except GatewayError as err:
             meta["status"] = "rejected"
             flow.response = http.Response.make(err.status, json.dumps(err.body()), JSON_HEADERS)
@@ -424,6 +453,8 @@ class Resp2Chat:
         )
         if status == "completed" and meta.get("replay_key"):
             self.replay.put(meta["replay_key"], upstream_sse)
+        if status == "completed" and turn.store and self.store is not None:
+            self.store.put(turn.ctx.response_id, turn.items + t.output, t.response())
 
     def _answer_from_cache(self, flow: http.HTTPFlow, turn: Turn, upstream_sse: bytes) -> None:
         t = turn.translator()
@@ -434,6 +465,8 @@ class Resp2Chat:
         else:
             flow.response = http.Response.make(200, json.dumps(t.response(), ensure_ascii=False), JSON_HEADERS)
         flow.comment = f"{turn.ctx.model} · replay cache hit"
+        if t.done and t.response()["status"] == "completed" and turn.store and self.store is not None:
+            self.store.put(turn.ctx.response_id, turn.items + t.output, t.response())
 
     def error(self, flow: http.HTTPFlow) -> None:
         self.turns.pop(flow.id, None)

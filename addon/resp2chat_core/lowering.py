@@ -259,12 +259,9 @@ def _response_format(fmt: dict | None):
 
 
 def lower(req: ResponsesRequest, opts: LoweringOptions = LoweringOptions()) -> Lowered:
-    if req.previous_response_id:
-        raise GatewayError(
-            f"previous response {req.previous_response_id!r} not found: this gateway keeps no "
-            f"responses; send the whole conversation in `input`",
-            param="previous_response_id", code="previous_response_not_found",
-        )
+    if req.previous_response_id:  # begin_turn resolves it from the response store
+        raise GatewayError(f"previous response {req.previous_response_id!r} not found",
+                           param="previous_response_id", code="previous_response_not_found")
     if req.background:
         raise GatewayError("background responses are not supported", param="background", code="unsupported_parameter")
 

@@ -71,6 +71,7 @@ FIELDS: tuple[Field, ...] = (
     Field("session_ttl_hours", "int", 168, "Stored responses (previous_response_id) expire after this many hours."),
     Field("max_sessions", "int", 256, "Stored responses kept at most."),
     Field("max_session_memory_mb", "int", 512, "Memory the response store may use at most."),
+    Field("session_store_dir", "str", "", "Also keep stored responses in this directory (0600 files) so previous_response_id survives a restart; empty: memory only."),
     Field("gateway_api_key", "str", "", "Clients must present this key (Authorization: Bearer …); required when bind_addr is not loopback."),
 )
 

@@ -7,7 +7,8 @@ the fields echoed into Response objects), so the per-chunk path has nothing left
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 from .errors import GatewayError
 from .lowering import Lowered, LoweringOptions, lower
@@ -45,6 +46,8 @@ class Turn:
     lowered: Lowered
     ctx: TurnContext
     active: Translator | None = None  # the translator answering this turn, once there is one
+    items: list = field(default_factory=list)  # the whole conversation as input items (for storing)
+    store: bool = False  # the client wants this response kept (`store` not false)
 
     @property
     def chat_body(self) -> bytes:
@@ -69,11 +72,28 @@ def decode_body(body: bytes) -> dict:
     return data
 
 
-def begin_turn(body: bytes, opts: LoweringOptions, response_id: str, created_at: int) -> Turn:
-    """Raise ``GatewayError`` for a request the gateway cannot serve."""
+def begin_turn(body: bytes, opts: LoweringOptions, response_id: str, created_at: int,
+               history: Callable[[str], list | None] | None = None) -> Turn:
+    """Raise ``GatewayError`` for a request the gateway cannot serve.
+
+    ``history(previous_response_id)`` returns the stored conversation a request continues
+    (None when unknown): it is put in front of the new input, as if the client had sent it all.
+    """
     raw = decode_body(body)
+    echo = echo_fields(raw)
+    items = raw.get("input")
+    if isinstance(items, str):
+        items = [{"role": "user", "content": items}]
+    previous = raw.get("previous_response_id")
+    if isinstance(previous, str) and previous and isinstance(items, list):
+        earlier = history(previous) if history else None
+        if earlier is None:
+            raise GatewayError(f"previous response {previous!r} not found (unknown, expired or not stored)",
+                               param="previous_response_id", code="previous_response_not_found")
+        items = earlier + items
+        raw = {**raw, "input": items, "previous_response_id": None}
     req = parse_request(raw)
     lowered = lower(req, opts)
     ctx = TurnContext(response_id=response_id, created_at=created_at, model=req.model,
-                      tool_map=lowered.tool_map, echo=echo_fields(raw))
-    return Turn(lowered, ctx)
+                      tool_map=lowered.tool_map, echo=echo)
+    return Turn(lowered, ctx, items=items if isinstance(items, list) else [], store=raw.get("store") is not False)
