@@ -1,0 +1,674 @@
+#!/usr/bin/env python3
+"""resp2chat benchmark: the same workload, in one run, through every path.
+
+    .venv/bin/python bench/run.py --out bench-results.json     # `make bench`
+    .venv/bin/python bench/run.py --smoke --out /tmp/smoke.json
+
+Paths (each a separate process, answering the same scripted upstream):
+
+    direct        client -> upstream                                  (the limit)
+    passthrough   client -> mitmdump --mode reverse --set stream_large_bodies=1 -> upstream
+                  (plain mitmproxy streaming: the architecture's floor)
+    resp2chat     client -> mitmdump -s addon/resp2chat.py -> upstream  (replay cache off)
+    codex-relay   client -> codex-relay (Rust) -> upstream
+
+direct and passthrough are sent the chat request the addon itself sends upstream; resp2chat and
+codex-relay get the Codex Responses request (~40 KB). Phases per path:
+
+    c1      sequential answers on one keep-alive connection: TTFT (first text delta) and total
+    rss     100 streams open at once (paced at 50 events/s): peak RSS of the gateway process
+    paced   64 streams x 50 events/s (`slow: 20`): inter-delta gaps at the client
+    c64     64 connections, unpaced answers back to back (text and tool-call variants
+            alternating): throughput, TTFT/total under load, gateway CPU per answer and event
+    replay  (resp2chat only, own gateway with the replay cache on) a new request, then the
+            identical request again, answered from memory
+
+Gateway CPU is utime+stime of the gateway process from /proc/<pid>/stat over the phase. On a
+machine with 2+ cores the gateway is pinned to one core and the upstream and this client
+(asyncio over raw sockets, one process) to another, so they do not steal the gateway's core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from client import Answer, Conn  # noqa: E402
+from workload import Variant, make_variant  # noqa: E402
+
+ADDON = ROOT / "addon" / "resp2chat.py"
+BIN = Path(sys.executable).parent
+RELAY_SPEC = "codex-relay>=0.5.8"
+TICK = os.sysconf("SC_CLK_TCK")
+PATHS = ("direct", "passthrough", "resp2chat", "codex-relay")
+BASELINES = ("passthrough", "codex-relay")
+PHASES = ("c1", "rss", "paced", "c64")
+
+FULL = dict(deltas=200, reasoning_words=50, warmup=4, c1=100, conc=64, per_conn=6,
+            paced_streams=64, paced_ms=20, rss_streams=100, replay=40)
+SMOKE = dict(deltas=20, reasoning_words=6, warmup=1, c1=3, conc=4, per_conn=2,
+             paced_streams=4, paced_ms=5, rss_streams=5, replay=3)
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_cpu(pid: int) -> float:
+    """utime + stime of a process (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def proc_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def machine_busy() -> float:
+    """CPU seconds all cores spent busy since boot (/proc/stat: everything but idle and iowait)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v[:8]) - v[3] - v[4]) / TICK
+
+
+def self_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+class Proc:
+    def __init__(self, name: str, cmd: list[str], workdir: Path, cpus: set[int] | None, env: dict | None = None):
+        self.name, self.cmd = name, cmd
+        self.log_path = workdir / f"{name}.log"
+        preexec = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+        self.proc = subprocess.Popen(cmd, stdout=self.log_path.open("wb"), stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, cwd=workdir, env=env, preexec_fn=preexec)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_tail(self, n: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def wait_ready(proc: Proc, port: int, path: str | None, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.proc.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited with {proc.proc.returncode}:\n{proc.log_tail()}")
+        try:
+            if path is None:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
+                if r.status < 500:
+                    return
+        except urllib.error.HTTPError as e:
+            if e.code < 500:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{proc.name} not ready on port {port} within {timeout}s:\n{proc.log_tail()}")
+
+
+def clean_env(workdir: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RESP2CHAT_", "CODEX_RELAY_"))}
+    env["RESP2CHAT_CONFIG"] = str(workdir / "no-config.yaml")  # defaults only, whatever ~/.config holds
+    return env
+
+
+def find_relay(install: bool) -> str | None:
+    for cand in (BIN / "codex-relay", shutil.which("codex-relay")):
+        if cand and Path(cand).exists():
+            return str(cand)
+    if not install:
+        return None
+    print(f"codex-relay not found: pip install '{RELAY_SPEC}' into {sys.prefix}", flush=True)
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", RELAY_SPEC])
+    if r.returncode == 0 and (BIN / "codex-relay").exists():
+        return str(BIN / "codex-relay")
+    print("codex-relay could not be installed: that path is skipped", flush=True)
+    return None
+
+
+@dataclass
+class Target:
+    name: str
+    port: int
+    mode: str  # "chat" | "responses"
+    proc: Proc | None  # the gateway (None: direct)
+
+    @property
+    def path(self) -> str:
+        return "/v1/chat/completions" if self.mode == "chat" else "/v1/responses"
+
+    def body(self, v: Variant) -> bytes:
+        return v.chat_body if self.mode == "chat" else v.responses_body
+
+
+def start_target(name: str, up_port: int, workdir: Path, cpus: set[int] | None, relay_bin: str | None,
+                 extra: tuple[str, ...] = ()) -> Target:
+    if name == "direct":
+        return Target(name, up_port, "chat", None)
+    port = free_port()
+    env = clean_env(workdir)
+    upstream = f"http://127.0.0.1:{up_port}"
+    mitm = [str(BIN / "mitmdump"), "-q", "--mode", f"reverse:{upstream}", "--listen-host", "127.0.0.1",
+            "--listen-port", str(port), "--set", f"confdir={workdir / 'mitmconf'}"]
+    if name == "passthrough":
+        proc = Proc(name, [*mitm, "--set", "stream_large_bodies=1"], workdir, cpus, env)
+        ready = "/v1/models"
+        mode = "chat"
+    elif name.startswith("resp2chat"):
+        proc = Proc(name, [*mitm, "-s", str(ADDON), *extra], workdir, cpus, env)
+        ready, mode = "/healthz", "responses"
+    elif name == "codex-relay":
+        proc = Proc(name, [relay_bin, "--port", str(port), "--bind", "127.0.0.1", "--upstream", upstream + "/v1"],
+                    workdir, cpus, env)
+        ready, mode = None, "responses"
+    else:
+        raise ValueError(name)
+    try:
+        wait_ready(proc, port, ready)
+    except Exception:
+        proc.stop()
+        raise
+    return Target(name, port, mode, proc)
+
+
+# --- phases ------------------------------------------------------------------------------------
+
+
+class Meter:
+    """CPU of the gateway, the upstream and this client process over a phase."""
+
+    def __init__(self, gateway: Proc | None, upstream: Proc):
+        self.gateway, self.upstream = gateway, upstream
+
+    def __enter__(self):
+        self.t = time.perf_counter()
+        self.g = proc_cpu(self.gateway.pid) if self.gateway else 0.0
+        self.u = proc_cpu(self.upstream.pid)
+        self.c = self_cpu()
+        self.m = machine_busy()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.t
+        self.gateway_cpu = (proc_cpu(self.gateway.pid) - self.g) if self.gateway else None
+        self.upstream_cpu = proc_cpu(self.upstream.pid) - self.u
+        self.client_cpu = self_cpu() - self.c
+        # CPU used by anything else on the machine meanwhile (other jobs skew every figure)
+        self.other_cpu = machine_busy() - self.m - (self.gateway_cpu or 0) - self.upstream_cpu - self.client_cpu
+
+    def as_dict(self) -> dict:
+        return {"wall_s": round(self.wall, 3), "gateway_cpu_s": _r(self.gateway_cpu, 3),
+                "upstream_cpu_s": round(self.upstream_cpu, 3), "client_cpu_s": round(self.client_cpu, 3),
+                "other_cpu_s": round(max(self.other_cpu, 0.0), 3)}
+
+
+async def run_load(target: Target, plans: list[list[Variant]], *, gaps: bool = False,
+                   during=None) -> list[tuple[Variant, Answer]]:
+    """One keep-alive connection per plan, each running its plan's requests back to back."""
+    conns = [Conn("127.0.0.1", target.port) for _ in plans]
+    for c in conns:  # connect first, so the timed part is requests only
+        await c.open()
+
+    async def worker(conn: Conn, plan: list[Variant]):
+        return [(v, await conn.request(target.path, target.body(v), target.mode, gaps=gaps)) for v in plan]
+
+    tasks = [asyncio.ensure_future(worker(c, p)) for c, p in zip(conns, plans)]
+    side = asyncio.ensure_future(during()) if during else None
+    try:
+        results = await asyncio.gather(*tasks)
+    finally:
+        if side:
+            side.cancel()
+        for c in conns:
+            c.close()
+    return [pair for r in results for pair in r]
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    k = (len(s) - 1) * q
+    lo = int(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def dist_ms(values: list[float]) -> dict:
+    return {"n": len(values), "p50": _r(_ms(pct(values, 0.5))), "p99": _r(_ms(pct(values, 0.99))),
+            "max": _r(_ms(max(values) if values else None))}
+
+
+def _ms(x):
+    return None if x is None else x * 1000
+
+
+def _r(x, nd=2):
+    return None if x is None else round(x, nd)
+
+
+def check(pairs: list[tuple[Variant, Answer]]) -> dict:
+    lost = sum(a.lost(v.expect) for v, a in pairs)
+    errors = [a.error for _, a in pairs if a.error or a.status != 200]
+    return {"answers": len(pairs), "lost_events": lost,
+            "failed_answers": sum(1 for _, a in pairs if a.error or a.status != 200 or not a.terminal),
+            "first_error": str(errors[0])[:300] if errors else None}
+
+
+def upstream_chunks(v: Variant) -> int:
+    return v.content_deltas + 4  # role chunk, deltas, finish chunk, usage chunk, [DONE]
+
+
+async def phase_c1(target: Target, upstream: Proc, cfg: dict, w: dict) -> tuple[dict, list]:
+    with Meter(target.proc, upstream) as m:
+        pairs = await run_load(target, [[w["text"]] * cfg["c1"]])
+    return {**m.as_dict(),
+            "ttft_ms": dist_ms([a.ttft for _, a in pairs if a.ttft is not None]),
+            "first_event_ms": dist_ms([a.first_event - a.t0 for _, a in pairs if a.first_event]),
+            "total_ms": dist_ms([a.total for _, a in pairs if a.total is not None])}, pairs
+
+
+async def phase_rss(target: Target, upstream: Proc, cfg: dict, w: dict) -> tuple[dict, list]:
+    """Peak RSS while N paced streams are open together."""
+    gw = target.proc
+    idle = proc_rss(gw.pid)
+    samples: list[int] = []
+
+    async def sample():
+        while True:
+            samples.append(proc_rss(gw.pid))
+            await asyncio.sleep(0.05)
+
+    pairs = await run_load(target, [[w["paced"]]] * cfg["rss_streams"], during=sample)
+    peak = max(samples, default=idle)
+    return {"streams": cfg["rss_streams"], "idle_mb": round(idle / 2**20, 1), "peak_mb": round(peak / 2**20, 1),
+            "added_mb": round((peak - idle) / 2**20, 1)}, pairs
+
+
+async def phase_paced(target: Target, upstream: Proc, cfg: dict, w: dict) -> tuple[dict, list]:
+    """N streams at 1000/paced_ms events/s each: gaps between consecutive deltas at the client."""
+    with Meter(target.proc, upstream) as m:
+        pairs = await run_load(target, [[w["paced"]]] * cfg["paced_streams"], gaps=True)
+    gaps = [b - a for _, ans in pairs for a, b in zip(ans.delta_times, ans.delta_times[1:])]
+    return {**m.as_dict(), "streams": cfg["paced_streams"], "interval_ms": cfg["paced_ms"],
+            "gap_ms": dist_ms(gaps)}, pairs
+
+
+async def phase_c64(target: Target, upstream: Proc, cfg: dict, w: dict) -> tuple[dict, list]:
+    """N connections, unpaced answers back to back, text and tool-call variants alternating."""
+    n = cfg["conc"]
+    mix = (w["text"], w["reasoning"], w["tool"])
+    plans = [[mix[(i + j) % 3] for j in range(cfg["per_conn"])] for i in range(n)]
+    with Meter(target.proc, upstream) as m:
+        pairs = await run_load(target, plans)
+    answers = len(pairs)
+    chunks = sum(upstream_chunks(v) for v, _ in pairs)
+    events = sum(a.events for _, a in pairs)
+    load = {**m.as_dict(), "connections": n, "upstream_chunks": chunks, "client_events": events,
+            "answers_per_s": round(answers / m.wall, 1), "upstream_chunks_per_s": round(chunks / m.wall),
+            "client_events_per_s": round(events / m.wall),
+            "ttft_ms": dist_ms([a.ttft for v, a in pairs if v.name == "text" and a.ttft is not None]),
+            "total_ms": dist_ms([a.total for v, a in pairs if v.name == "text" and a.total is not None]),
+            "total_by_variant_ms": {k: dist_ms([a.total for v, a in pairs if v.name == k and a.total is not None])
+                                    for k in ("text", "reasoning", "tool")}}
+    if target.proc is not None:
+        load["cpu_ms_per_answer"] = _r(m.gateway_cpu * 1000 / answers, 3)
+        load["cpu_us_per_event"] = _r(m.gateway_cpu * 1e6 / chunks, 2)  # per upstream chunk
+        load["cpu_us_per_client_event"] = _r(m.gateway_cpu * 1e6 / events, 2)
+    return load, pairs
+
+
+PHASE_FUNCS = {"c1": phase_c1, "rss": phase_rss, "paced": phase_paced, "c64": phase_c64}
+
+
+async def measure_path(target: Target, upstream: Proc, cfg: dict, w: dict, phases=PHASES, on_phase=None) -> dict:
+    out: dict = {}
+    # warm-up: imports, first connections, caches; its answers are checked like the rest
+    checks = [check(await run_load(target, [[w["text"], w["reasoning"], w["tool"]] * cfg["warmup"]]))]
+    for name in phases:
+        if name == "rss" and target.proc is None:
+            continue  # no gateway process on the direct path
+        if on_phase:
+            on_phase(name, "start")
+        res, pairs = await PHASE_FUNCS[name](target, upstream, cfg, w)
+        checks.append(c := check(pairs))
+        out[name] = {**c, **res}
+        if on_phase:
+            on_phase(name, "end")
+    out["lost_events"] = sum(c["lost_events"] for c in checks)
+    out["failed_answers"] = sum(c["failed_answers"] for c in checks)
+    out["first_error"] = next((c["first_error"] for c in checks if c["first_error"]), None)
+    return out
+
+
+async def measure_replay(target: Target, upstream: Proc, cfg: dict) -> dict:
+    """Pairs of (new request -> upstream, the same request again -> replay cache)."""
+    miss, hit = [], []
+    conn = Conn("127.0.0.1", target.port)
+    try:
+        for i in range(cfg["replay"]):
+            v = make_variant("text", deltas=cfg["deltas"], reasoning_words=cfg["reasoning_words"],
+                             nonce=f"{os.getpid()}-{time.time_ns()}-{i}")
+            miss.append((v, await conn.request(target.path, v.responses_body, "responses")))
+            hit.append((v, await conn.request(target.path, v.responses_body, "responses")))
+    finally:
+        conn.close()
+    c = check(miss + hit)
+    m50 = pct([a.total for _, a in miss if a.total], 0.5)
+    h50 = pct([a.total for _, a in hit if a.total], 0.5)
+    return {**c, "miss_total_ms": dist_ms([a.total for _, a in miss if a.total]),
+            "hit_total_ms": dist_ms([a.total for _, a in hit if a.total]),
+            "speedup_p50": _r(m50 / h50 if m50 and h50 else None, 1)}
+
+
+# --- report ------------------------------------------------------------------------------------
+
+
+def _get(d: dict, dotted: str):
+    for k in dotted.split("."):
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def derive(results: dict) -> dict:
+    """Added latencies against direct, ratios against the baselines, target verdicts."""
+    paths = results["paths"]
+    direct = paths.get("direct", {})
+    for name, r in paths.items():
+        if name == "direct" or not direct:
+            continue
+        added: dict = {}
+        for key in ("c1.ttft_ms", "c1.total_ms", "c64.ttft_ms", "c64.total_ms", "paced.gap_ms"):
+            phase, metric = key.split(".")
+            for q in ("p50", "p99"):
+                a, b = _get(r, f"{key}.{q}"), _get(direct, f"{key}.{q}")
+                if a is not None and b is not None:
+                    added.setdefault(phase, {}).setdefault(metric.removesuffix("_ms"), {})[q] = round(a - b, 2)
+        r["added_ms"] = added
+
+    me = paths.get("resp2chat", {})
+    ratios = {}
+    for base in BASELINES:
+        b = paths.get(base)
+        if not b or not me:
+            continue
+        for key in ("c64.cpu_us_per_event", "c64.cpu_ms_per_answer", "c64.upstream_chunks_per_s", "rss.peak_mb",
+                    "added_ms.c1.ttft.p50", "added_ms.c1.total.p50", "added_ms.paced.gap.p99"):
+            x, y = _get(me, key), _get(b, key)
+            if isinstance(x, (int, float)) and isinstance(y, (int, float)) and y:
+                ratios[f"resp2chat/{base}:{key}"] = round(x / y, 2)
+    results["ratios"] = ratios
+
+    def target(value, limit, ok):
+        return {"value": value, "target": limit, "met": None if value is None else ok(value)}
+
+    t = {}
+    if me:
+        t["cpu_per_event_vs_passthrough"] = target(ratios.get("resp2chat/passthrough:c64.cpu_us_per_event"),
+                                                   "<= 1.25x", lambda v: v <= 1.25)
+        t["cpu_per_event_vs_codex_relay"] = target(ratios.get("resp2chat/codex-relay:c64.cpu_us_per_event"),
+                                                   "<= 3x", lambda v: v <= 3)
+        t["added_ttft_p50_c1_ms"] = target(_get(me, "added_ms.c1.ttft.p50"), "<= 5 ms", lambda v: v <= 5)
+        t["added_gap_p99_64x50_ms"] = target(_get(me, "added_ms.paced.gap.p99"), "<= 25 ms", lambda v: v <= 25)
+        t["lost_events"] = target(me.get("lost_events"), "== 0", lambda v: v == 0)
+    rp = results.get("replay")
+    if rp:
+        t["replay_hit_speedup"] = target(rp.get("speedup_p50"), ">= 10x", lambda v: v >= 10)
+    results["targets"] = t
+    return results
+
+
+ROWS = [
+    ("c=1 TTFT p50 / p99 (ms)", "c1.ttft_ms.p50", "c1.ttft_ms.p99"),
+    ("c=1 added TTFT p50 / p99 (ms)", "added_ms.c1.ttft.p50", "added_ms.c1.ttft.p99"),
+    ("c=1 total p50 / p99 (ms)", "c1.total_ms.p50", "c1.total_ms.p99"),
+    ("c=1 added total p50 / p99 (ms)", "added_ms.c1.total.p50", "added_ms.c1.total.p99"),
+    ("c=64 upstream chunks/s", "c64.upstream_chunks_per_s", None),
+    ("c=64 client events/s", "c64.client_events_per_s", None),
+    ("c=64 added TTFT p50 / p99 (ms)", "added_ms.c64.ttft.p50", "added_ms.c64.ttft.p99"),
+    ("c=64 added total p50 / p99 (ms)", "added_ms.c64.total.p50", "added_ms.c64.total.p99"),
+    ("gateway CPU per answer (ms)", "c64.cpu_ms_per_answer", None),
+    ("gateway CPU per event (µs)", "c64.cpu_us_per_event", None),
+    ("gateway CPU per client event (µs)", "c64.cpu_us_per_client_event", None),
+    ("64x50ev/s gap p50 / p99 (ms)", "paced.gap_ms.p50", "paced.gap_ms.p99"),
+    ("64x50ev/s added gap p99 (ms)", "added_ms.paced.gap.p99", None),
+    ("RSS idle / 100 streams (MB)", "rss.idle_mb", "rss.peak_mb"),
+    ("lost events / failed answers", "lost_events", "failed_answers"),
+]
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.0f}" if abs(x) >= 1000 else f"{x:.2f}" if abs(x) < 10 else f"{x:.1f}"
+    return str(x)
+
+
+def table(results: dict) -> str:
+    paths = [p for p in PATHS if p in results["paths"]]
+    cols = ["metric", *paths, *(f"r2c/{b}" for b in BASELINES if b in paths and "resp2chat" in paths)]
+    rows = []
+    for label, a, b in ROWS:
+        row = [label]
+        for p in paths:
+            r = results["paths"][p]
+            va, vb = _get(r, a), (_get(r, b) if b else None)
+            row.append(_fmt(va) + (f" / {_fmt(vb)}" if b else ""))
+        for base in BASELINES:
+            if base in paths and "resp2chat" in paths:
+                x, y = _get(results["paths"]["resp2chat"], a), _get(results["paths"][base], a)
+                ok = isinstance(x, (int, float)) and isinstance(y, (int, float)) and y > 0 and x >= 0
+                row.append(f"{x / y:.2f}x" if ok and ("cpu" in a or "per_s" in a or "mb" in a) else "")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in [cols, *rows]) for i in range(len(cols))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    rp = results.get("replay")
+    if rp:
+        lines.append("")
+        lines.append(f"replay cache (resp2chat, {rp['answers'] // 2} pairs): hit total p50 {_fmt(rp['hit_total_ms']['p50'])} ms "
+                     f"p99 {_fmt(rp['hit_total_ms']['p99'])} ms; same request upstream (miss) p50 "
+                     f"{_fmt(rp['miss_total_ms']['p50'])} ms -> {_fmt(rp['speedup_p50'])}x faster; lost {rp['lost_events']}")
+    noisy = [f"{p}/{ph} {r[ph]['other_cpu_s'] / r[ph]['wall_s']:.0%}"
+             for p, r in results["paths"].items() for ph in PHASES
+             if ph in r and r[ph].get("other_cpu_s") is not None and r[ph]["wall_s"]
+             and r[ph]["other_cpu_s"] / r[ph]["wall_s"] > 0.2]
+    if noisy:
+        lines.append("")
+        lines.append("WARNING: other processes used CPU during (share of one core): " + ", ".join(noisy)
+                     + " — wall-time figures of those phases are skewed; CPU per event is not")
+    lines.append("")
+    pin = results["machine"]["pinning"]
+    if pin == "none":
+        lines.append("pinning: none (gateway, upstream and client share all cores)")
+    else:
+        lines.append(f"pinning: gateway on CPU {pin['gateway']}, upstream + client on CPU {pin['upstream+client']}")
+    for name, t in results.get("targets", {}).items():
+        verdict = {True: "MET", False: "NOT MET", None: "n/a"}[t["met"]]
+        lines.append(f"target {name}: {_fmt(t['value'])} ({t['target']}) {verdict}")
+    return "\n".join(lines)
+
+
+# --- main --------------------------------------------------------------------------------------
+
+
+def wait_quiet(limit_s: float, max_busy: float = 0.25) -> float:
+    """Wait (at most limit_s) until the machine is nearly idle: other jobs skew every figure.
+    Returns the busy fraction of all cores over the last second measured."""
+    deadline = time.monotonic() + limit_s
+    ncpu = os.cpu_count() or 1
+    while True:
+        b0 = machine_busy()
+        time.sleep(1.0)
+        busy = (machine_busy() - b0) / ncpu
+        if busy <= max_busy or time.monotonic() >= deadline:
+            return round(busy, 2)
+
+
+def git_state() -> dict:
+    def git(*a):
+        r = subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    dirty = git("status", "--porcelain", "--", "addon")
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "addon_uncommitted": [line[3:] for line in dirty.splitlines()] if dirty else []}
+
+
+def versions(relay_bin: str | None) -> dict:
+    v = {"python": platform.python_version()}
+    try:
+        import mitmproxy.version
+
+        v["mitmproxy"] = mitmproxy.version.VERSION
+    except Exception:  # noqa: BLE001
+        pass
+    if relay_bin:
+        r = subprocess.run([relay_bin, "--version"], capture_output=True, text=True)
+        v["codex-relay"] = r.stdout.strip().removeprefix("codex-relay ")
+    return v
+
+
+async def main_async(args, cfg: dict) -> dict:
+    ncpu = len(os.sched_getaffinity(0))
+    pin = not args.no_pin and ncpu >= 2
+    cpus = sorted(os.sched_getaffinity(0))
+    gw_cpus, rest_cpus = ({cpus[-1]}, set(cpus[:-1])) if pin else (None, None)
+    if pin:
+        os.sched_setaffinity(0, rest_cpus)  # this client process
+
+    relay_bin = None
+    wanted = [p for p in PATHS if p in args.paths]
+    if "codex-relay" in wanted:
+        relay_bin = find_relay(install=not args.no_install)
+        if relay_bin is None:
+            wanted.remove("codex-relay")
+
+    size = {"deltas": cfg["deltas"], "reasoning_words": cfg["reasoning_words"]}
+    work = {k: make_variant(k, **size) for k in ("text", "reasoning", "tool")}
+    work["paced"] = make_variant("reasoning", **size, slow_ms=cfg["paced_ms"])
+    text = work["text"]
+    results: dict = {
+        "machine": {"cpus": ncpu, "loadavg_at_start": os.getloadavg(), "pinning": {"gateway": sorted(gw_cpus), "upstream+client": sorted(rest_cpus)}
+                    if pin else "none", "clock_ticks_per_s": TICK, "platform": platform.platform()},
+        "versions": versions(relay_bin),
+        "git": git_state(),
+        "workload": {**cfg, "request_bytes": len(text.responses_body), "chat_request_bytes": len(text.chat_body),
+                     "upstream_chunks_per_answer": {k: upstream_chunks(v) for k, v in work.items()},
+                     "fixture": "tests/fixtures/codex-0.169.0/01-text-only.json", "smoke": args.smoke},
+        "paths": {},
+    }
+    workdir = Path(tempfile.mkdtemp(prefix="resp2chat-bench-"))
+    up_port = free_port()
+    upstream = Proc("upstream", [sys.executable, str(HERE / "upstream.py"), "--port", str(up_port)],
+                    workdir, rest_cpus, clean_env(workdir))
+    try:
+        wait_ready(upstream, up_port, "/healthz")
+        for name in wanted:
+            busy = wait_quiet(0 if args.smoke else args.quiet_wait)
+            print(f"[bench] {name} ... (machine {busy:.0%} busy before)", flush=True)
+            target = start_target(name, up_port, workdir, gw_cpus, relay_bin,
+                                  ("--set", "resp2chat_max_replay_entries=0"))
+            try:
+                results["paths"][name] = await measure_path(target, upstream, cfg, work, args.phases)
+            finally:
+                if target.proc:
+                    target.proc.stop()
+            r = results["paths"][name]
+            print(f"[bench] {name}: c1 TTFT p50 {_get(r, 'c1.ttft_ms.p50')} ms, "
+                  f"c64 {_get(r, 'c64.upstream_chunks_per_s')} chunks/s, lost {r['lost_events']}", flush=True)
+        if "resp2chat" in wanted and not args.no_replay:
+            print("[bench] resp2chat replay cache ...", flush=True)
+            target = start_target("resp2chat-replay", up_port, workdir, gw_cpus, relay_bin)
+            try:
+                results["replay"] = await measure_replay(target, upstream, cfg)
+            finally:
+                target.proc.stop()
+    finally:
+        upstream.stop()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"[bench] logs kept in {workdir}")
+    return derive(results)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="bench-results.json", help="JSON results file")
+    ap.add_argument("--smoke", action="store_true", help="tiny workload (seconds): for tests")
+    ap.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
+    ap.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
+    ap.add_argument("--no-pin", action="store_true", help="do not pin the gateway to its own core")
+    ap.add_argument("--no-install", action="store_true", help="skip codex-relay when it is not installed")
+    ap.add_argument("--no-replay", action="store_true", help="skip the replay-cache measurement")
+    ap.add_argument("--keep", action="store_true", help="keep the process logs")
+    ap.add_argument("--quiet-wait", type=float, default=60.0,
+                    help="before each path, wait up to this many seconds for other jobs to go quiet")
+    for key, value in FULL.items():
+        ap.add_argument("--" + key.replace("_", "-"), type=int, default=None, help=f"(full: {value})")
+    args = ap.parse_args(argv)
+    cfg = dict(SMOKE if args.smoke else FULL)
+    for key in FULL:
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    results = asyncio.run(main_async(args, cfg))
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print()
+    print(table(results))
+    print(f"\nresults written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
