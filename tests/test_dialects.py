@@ -421,3 +421,61 @@ def test_error_classification_in_band(status, body, code):
 
     message, upstream_code = upstream_error_message(status, body)
     assert classify_upstream_error(status, message, upstream_code) == code
+
+
+# --- the scripted upstream's extra dialects, through the session gateway ---------------------
+# The demo upstream (resp2chat_cli.demo_upstream) speaks some of these shapes live: a whole turn
+# and a tool loop, with the openai SDK and with the real Codex CLI.
+
+DEMO_DIALECTS = ["think", "mistral", "kimi"]
+EXEC_TOOL = _fn("exec_command", {"cmd": {"type": "string"}}, ["cmd"])
+
+
+@pytest.mark.parametrize("dialect", DEMO_DIALECTS)
+@pytest.mark.parametrize("stream", [True, False])
+def test_demo_dialect_tool_loop_sdk(dialect, stream, gateway, upstream):
+    client = openai.OpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0, timeout=30,
+                           default_headers={"x-demo-dialect": dialect})
+
+    def ask(inp):
+        if not stream:
+            return client.responses.create(model="demo-model", input=inp, tools=[EXEC_TOOL])
+        with client.responses.stream(model="demo-model", input=inp, tools=[EXEC_TOOL]) as s:
+            for _ in s:
+                pass
+            return s.get_final_response()
+
+    first = ask("run: echo 42")
+    reasoning, call = first.output
+    assert reasoning.type == "reasoning" and reasoning.summary[0].text == "Thinking about: run: echo 42"
+    assert call.type == "function_call" and json.loads(call.arguments) == {"cmd": "echo 42"}
+    assert first.usage.input_tokens > 0
+    if dialect == "kimi":
+        assert call.call_id == "functions.exec_command:0"
+    history = [{"role": "user", "content": "run: echo 42"}, *[o.model_dump(exclude_none=True) for o in first.output],
+               {"type": "function_call_output", "call_id": call.call_id, "output": "42\n"}]
+    upstream.clear()
+    second = ask(history)
+    assert second.output_text == "The tool returned: 42"
+    assert [o.type for o in second.output] == ["reasoning", "message"]
+    sent = upstream.requests()[-1]["messages"]
+    assert sent[1]["tool_calls"][0]["id"] == call.call_id and sent[1]["reasoning_content"]
+    assert "<think>" not in json.dumps(sent)
+
+
+@pytest.mark.codex
+@pytest.mark.parametrize("dialect", ["think", "mistral"])
+def test_demo_dialect_codex_tool_loop(dialect, codex, upstream, gateway):
+    cfg = codex.home / "config.toml"
+    cfg.write_text(cfg.read_text() + f'http_headers = {{ "x-demo-dialect" = "{dialect}" }}\n')
+    upstream.clear()
+    run = codex.exec("run: echo dialect-ok")
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-3000:] + gateway.log()[-2000:]
+    assert "The tool returned: dialect-ok" in run.stdout, output[-3000:]
+    assert "<think>" not in output and "</think>" not in output
+    first, second = upstream.requests()
+    call = next(m for m in second["messages"] if m.get("tool_calls"))["tool_calls"][0]
+    assert call["function"]["name"] == "exec_command"
+    if dialect == "mistral":  # the header reached the upstream: Mistral-style 9-character ids
+        assert len(call["id"]) == 9, call

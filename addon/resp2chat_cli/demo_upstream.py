@@ -3,7 +3,7 @@
 Used as the bundled demo backend, as the upstream of end-to-end tests (real
 Codex CLI + real mitmdump) and as the benchmark upstream. It validates requests
 like a strict real backend and streams the chunk shapes real servers emit
-("dialects": vllm, ollama, llamacpp, deepseek).
+("dialects": vllm, ollama, llamacpp, deepseek; think, mistral, kimi).
 
 What the "model" answers depends on the LAST message. For a user message the
 first matching directive wins (one per line, at the start of the line):
@@ -41,7 +41,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 MODEL_ID = "demo-model"
@@ -507,7 +507,94 @@ class DeepSeek(VLLM):
                 "prompt_cache_miss_tokens": ctx.prompt_tokens - ctx.cached_tokens}
 
 
-DIALECTS = {"vllm": VLLM(), "ollama": Ollama(), "llamacpp": LlamaCpp(), "deepseek": DeepSeek()}
+class Think(VLLM):
+    """A server without a reasoning parser (vLLM/sglang without --reasoning-parser, llama.cpp
+    --reasoning-format none): the thinking arrives inside content, wrapped in <think> tags."""
+
+    reasoning_key = "content"
+
+    @staticmethod
+    def _tagged(plan):
+        if not plan.reasoning:
+            return plan
+        return replace(plan, reasoning=["<think>\n", *plan.reasoning, "\n</think>\n\n"])
+
+    def stream(self, plan, ctx):
+        return super().stream(self._tagged(plan), ctx)
+
+    def message(self, plan):
+        calls = [self.tool_call(i, n, a) for i, (n, a) in enumerate(plan.tool_calls)]
+        text = "".join(self._tagged(plan).reasoning) + "".join(plan.text)
+        return {"role": "assistant", "content": text or None, "tool_calls": calls}
+
+
+class Mistral(VLLM):
+    """Mistral La Plateforme: 9-character tool ids, each call whole in one delta, the calls, the
+    finish_reason and usage in one last chunk; Magistral reasoning as content "thinking" parts."""
+
+    choice_extra = {}
+
+    def tool_id(self):
+        return uuid.uuid4().hex[:9]
+
+    def usage(self, plan, ctx):
+        return {"prompt_tokens": ctx.prompt_tokens, "total_tokens": ctx.prompt_tokens + plan.completion_tokens,
+                "completion_tokens": plan.completion_tokens}
+
+    def reasoning_delta(self, word):
+        return {"content": [{"type": "thinking", "thinking": [{"type": "text", "text": word}]}]}
+
+    def tool_deltas(self, i, name, args):
+        return []  # the calls ride on the closing chunk
+
+    def closing(self, plan, ctx):
+        delta = {}
+        if plan.tool_calls:
+            delta["tool_calls"] = [{"id": self.tool_id(), "function": {"name": n, "arguments": a}, "index": i}
+                                   for i, (n, a) in enumerate(plan.tool_calls)]
+        chunk = {**self.envelope(ctx), "choices": [{"index": 0, "delta": delta,
+                                                    "finish_reason": self.finish_reason(plan)}]}
+        if ctx.include_usage:
+            chunk["usage"] = self.usage(plan, ctx)
+        return [chunk]
+
+    def message(self, plan):
+        msg = super().message(plan)
+        thinking = msg.pop(self.reasoning_key)
+        if thinking:
+            msg["content"] = [{"type": "thinking", "thinking": [{"type": "text", "text": thinking}]},
+                              {"type": "text", "text": msg["content"] or ""}]
+        return msg
+
+
+class Kimi(VLLM):
+    """Moonshot/Kimi API: tool ids functions.<name>:<n>, usage inside the finishing choice with a
+    top-level cached_tokens."""
+
+    choice_extra = {}
+
+    def tool_deltas(self, i, name, args):
+        yield {"tool_calls": [{"index": i, "id": f"functions.{name}:{i}", "type": "function",
+                               "function": {"name": name, "arguments": ""}}]}
+        for piece in _pieces(args):
+            yield {"tool_calls": [{"index": i, "function": {"arguments": piece}}]}
+
+    def tool_call(self, i, name, args):
+        return {"id": f"functions.{name}:{i}", "type": "function", "function": {"name": name, "arguments": args}}
+
+    def usage(self, plan, ctx):
+        return {"prompt_tokens": ctx.prompt_tokens, "completion_tokens": plan.completion_tokens,
+                "total_tokens": ctx.prompt_tokens + plan.completion_tokens, "cached_tokens": ctx.cached_tokens}
+
+    def closing(self, plan, ctx):
+        choice = {"index": 0, "delta": {}, "finish_reason": self.finish_reason(plan)}
+        if ctx.include_usage:
+            choice["usage"] = self.usage(plan, ctx)
+        return [{**self.envelope(ctx), "choices": [choice]}]
+
+
+DIALECTS = {"vllm": VLLM(), "ollama": Ollama(), "llamacpp": LlamaCpp(), "deepseek": DeepSeek(),
+            "think": Think(), "mistral": Mistral(), "kimi": Kimi()}
 
 
 # ---------------------------------------------------------------- HTTP
