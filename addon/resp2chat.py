@@ -30,7 +30,7 @@ from mitmproxy.proxy import mode_specs
 
 from resp2chat_cli import views
 from resp2chat_cli.config import load_settings
-from resp2chat_cli.relay import TARGET_HEADER, Relay
+from resp2chat_cli.relay import TARGET_HEADER, WEB_SEARCH_HEADER, Relay
 from resp2chat_cli.store import ResponseStore
 from resp2chat_core import settings as S
 from resp2chat_core.errors import GatewayError, error_json
@@ -172,6 +172,7 @@ class Resp2Chat:
             tool_denylist=frozenset(s["tool_denylist"]),
             extra_params=s["upstream_extra_params"],
             drop_params=frozenset(s["drop_upstream_params"]),
+            web_search=bool(s["brave_api_key"]),
         )
         self._configure_upstream(s["upstream_base_url"])
         self._open_request_log(s["upstream_request_log_path"])
@@ -185,6 +186,8 @@ class Resp2Chat:
         self.relay.connect_timeout = s["connect_timeout_secs"] or None
         self.relay.idle_timeout = s["request_timeout_secs"] or float("inf")
         self.relay.keepalive = s["keepalive_secs"] or float("inf")
+        self.relay.brave_key, self.relay.brave_base_url = s["brave_api_key"], s["brave_base_url"]
+        self.relay.brave_max_results, self.relay.max_search_rounds = s["brave_max_results"], s["max_web_search_rounds"]
         self.relay.verify_tls = not getattr(ctx.options, "ssl_insecure", False)
         if "resp2chat_replay_preload" in updated and ctx.options.resp2chat_replay_preload:
             self._preload(ctx.options.resp2chat_replay_preload)
@@ -375,6 +378,8 @@ class Resp2Chat:
         meta["upstream"] = upstream_url = upstream.url
         if self.relay.port:  # see resp2chat_cli/relay.py for why turns take this hop
             flow.request.headers[TARGET_HEADER] = flow.request.url
+            if any(t.kind == "web_search" for t in turn.lowered.tool_map.targets.values()):
+                flow.request.headers[WEB_SEARCH_HEADER] = "1"
             flow.request.host, flow.request.port, flow.request.scheme = "127.0.0.1", self.relay.port, "http"
         key = replay_key(upstream_url, turn.chat_body)
         # Server replay answers after this hook and would overwrite a cache answer.
@@ -526,6 +531,7 @@ def _redact(flow: http.HTTPFlow) -> None:
         if name in flow.request.headers:
             flow.request.headers[name] = "[redacted]"
     flow.request.headers.pop(TARGET_HEADER, None)  # served its purpose; a URL may hold userinfo
+    flow.request.headers.pop(WEB_SEARCH_HEADER, None)
 
 
 addons = [Resp2Chat()]

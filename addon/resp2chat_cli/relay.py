@@ -27,15 +27,19 @@ import json
 import logging
 import ssl
 import time
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import h11
+
+from resp2chat_core import searchloop
+from resp2chat_core.searchloop import RoundFilter
 
 log = logging.getLogger("resp2chat.relay")
 
 TARGET_HEADER = "x-resp2chat-target"  # full upstream URL for this request
+WEB_SEARCH_HEADER = "x-resp2chat-web-search"  # the gateway runs this turn's web searches
 _HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"host",
-        b"proxy-connection", b"te", b"upgrade", TARGET_HEADER.encode()}
+        b"proxy-connection", b"te", b"upgrade", TARGET_HEADER.encode(), WEB_SEARCH_HEADER.encode()}
 MAX_ERROR_BODY = 1 << 20
 READ = 65536
 
@@ -54,6 +58,10 @@ class Relay:
         self.idle_timeout = idle_timeout
         self.keepalive = keepalive
         self.verify_tls = verify_tls
+        self.brave_key = ""  # web search runs only with a key
+        self.brave_base_url = "https://api.search.brave.com"
+        self.brave_max_results = 5
+        self.max_search_rounds = 5
         self.server: asyncio.base_events.Server | None = None
         self.port = 0
         self.exchanges = 0  # in flight: tests check that aborted turns leave nothing behind
@@ -118,6 +126,14 @@ class Relay:
             if data:
                 down.write(conn.send(h11.Data(data=data)))
 
+        if dict(request.headers).get(WEB_SEARCH_HEADER.encode()) and self.brave_key:
+            await self._search_loop(target, request, body, send, down)
+        else:
+            await self._round(target, request, body, send, send, down)
+
+    async def _round(self, target: str, request: h11.Request, body: bytes, send, sink, down) -> bool:
+        """One upstream request; the body of a 200 stream goes to ``sink``, everything else to
+        ``send``. True when the backend answered 200 and its stream ended properly."""
         def fail(status: int, message: str, kind: str) -> None:
             send(marker({"upstream_error": {"status": status, "body": json.dumps(
                 {"error": {"message": message, "type": kind}})}}))
@@ -130,10 +146,10 @@ class Relay:
             except (OSError, asyncio.TimeoutError) as exc:
                 reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else (exc.strerror or str(exc))
                 fail(502, f"cannot connect to the upstream {url.scheme}://{url.netloc}: {reason}", "upstream_unavailable")
-                return
+                return False
             outcome, answered = "broken", [False]
             try:
-                outcome = await self._forward(url, request, body, up_reader, up_writer, send, down, answered)
+                outcome = await self._forward(url, request.headers, body, up_reader, up_writer, send, sink, down, answered)
             except (OSError, h11.ProtocolError) as exc:
                 outcome = "stale" if pooled and not answered[0] else "broken"
                 if outcome == "broken" and not answered[0]:
@@ -144,8 +160,58 @@ class Relay:
                 else:
                     up_writer.close()
             if outcome != "stale" or attempt == 2:
-                return
+                return outcome in ("reusable", "ended")
             # a pooled connection the backend had closed meanwhile: once more on a fresh one
+        return False
+
+    async def _search_loop(self, target: str, request: h11.Request, body: bytes, send, down) -> None:
+        """Rounds of: stream the model, run its web searches, ask again (see searchloop.py)."""
+        chat, usages, rounds = json.loads(body), [], 0
+        while True:
+            filt = RoundFilter()
+            ok = await self._round(target, request, body, send, lambda d: send(filt.feed(d)), down)
+            tail, result = filt.finish()
+            send(tail)
+            if not ok or not result.done:
+                send(_round_end(result))  # a failed round: let the translator see how it ended
+                return
+            if result.usage:
+                usages.append(result.usage)
+            results = []
+            for call in result.searches:
+                send(marker({"web_search": {"phase": "started", "id": call["id"], "query": call["query"]}}))
+                await down.drain()
+                text, sources = await self._brave(call["query"])
+                results.append((call["id"], text))
+                send(marker({"web_search": {"phase": "done", "id": call["id"], "query": call["query"],
+                                            "sources": sources}}))
+            if not result.searches or result.client_calls:
+                # Nothing to search, or the client has tool calls to run first: the turn ends here.
+                send(searchloop.final_chunks(result.finish_reason, usages))
+                return
+            rounds += 1
+            chat = searchloop.next_request(chat, result.assistant, results, rounds >= self.max_search_rounds)
+            body = json.dumps(chat, ensure_ascii=False, separators=(",", ":")).encode()
+
+    async def _brave(self, query: str) -> tuple[str, list[str]]:
+        """Brave Search -> (text for the model, source URLs). Failures become text, not errors."""
+        url = urlsplit(self.brave_base_url.rstrip("/") + "/res/v1/web/search?"
+                      + urlencode({"q": query, "count": self.brave_max_results}))
+        key = (url.scheme, url.hostname, url.port or (443 if url.scheme == "https" else 80))
+        try:
+            reader, writer, _ = await self._connect(key)
+            try:
+                status, data = await asyncio.wait_for(_get(url, reader, writer, [
+                    (b"accept", b"application/json"), (b"x-subscription-token", self.brave_key.encode())]),
+                    self.idle_timeout if self.idle_timeout != float("inf") else None)
+            finally:
+                writer.close()
+            if status != 200:
+                message = data.decode("utf-8", "replace")[:300].replace(self.brave_key, "[redacted]")
+                return f"Web search failed (HTTP {status}): {message}", []
+            return searchloop.format_results(query, json.loads(data), self.brave_max_results)
+        except (OSError, asyncio.TimeoutError, ValueError, h11.ProtocolError) as exc:
+            return f"Web search failed: {type(exc).__name__}: {exc}", []
 
     # --- backend side ----------------------------------------------------------------------
 
@@ -165,14 +231,14 @@ class Relay:
         r, w = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=tls), self.connect_timeout)
         return r, w, False
 
-    async def _forward(self, url, request: h11.Request, body: bytes, up_reader, up_writer, send, down,
+    async def _forward(self, url, request_headers, body: bytes, up_reader, up_writer, send, sink, down,
                        answered: list[bool]) -> str:
         """Send the request, stream the answer back; "reusable" or "broken" for the connection.
         ``answered[0]`` turns true with the backend's first byte (a stale pooled connection
         fails before it, and is retried)."""
         client = h11.Connection(h11.CLIENT)
         path = (url.path or "/") + (f"?{url.query}" if url.query else "")
-        headers = [(n, v) for n, v in request.headers if n not in _HOP]
+        headers = [(n, v) for n, v in request_headers if n not in _HOP]
         headers += [(b"host", url.netloc.encode()), (b"content-length", str(len(body)).encode())]
         up_writer.write(client.send(h11.Request(method="POST", target=path, headers=headers)))
         up_writer.write(client.send(h11.Data(data=body)) + client.send(h11.EndOfMessage()))
@@ -209,7 +275,7 @@ class Relay:
                 retry_after = hdrs.get(b"retry-after")
             elif isinstance(event, h11.Data):
                 if status == 200 and b"json" not in ctype:
-                    send(event.data)
+                    sink(event.data)
                     streamed = True
                     tail = event.data[-2:]
                     at_boundary = tail == b"\n\n" or event.data[-4:] == b"\r\n\r\n"
@@ -231,7 +297,32 @@ class Relay:
         elif b"json" in ctype:
             send(marker({"upstream_json": held.decode("utf-8", "replace")}))
         done = client.our_state is h11.DONE and client.their_state is h11.DONE
-        return "reusable" if done else "broken"
+        return "reusable" if done else ("ended" if status == 200 else "broken")
+
+
+def _round_end(result) -> bytes:
+    """Close a round that failed or was cut: its finish reason if it had one, else nothing
+    (the translator then reports the stream as cut short)."""
+    return searchloop.final_chunks(result.finish_reason, []) if result.finish_reason else b""
+
+
+async def _get(url, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, headers: list) -> tuple[int, bytes]:
+    client = h11.Connection(h11.CLIENT)
+    target = (url.path or "/") + (f"?{url.query}" if url.query else "")
+    writer.write(client.send(h11.Request(method="GET", target=target, headers=[
+        (b"host", url.netloc.encode()), (b"connection", b"close"), *headers])))
+    writer.write(client.send(h11.EndOfMessage()))
+    status, body = 0, bytearray()
+    while True:
+        event = client.next_event()
+        if event is h11.NEED_DATA:
+            client.receive_data(await reader.read(READ))
+        elif isinstance(event, h11.Response):
+            status = event.status_code
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+            return status, bytes(body)
 
 
 async def _read_message(conn: h11.Connection, reader: asyncio.StreamReader):

@@ -38,6 +38,7 @@ class LoweringOptions:
     tool_denylist: frozenset[str] = frozenset()
     extra_params: dict[str, Any] = field(default_factory=dict)  # merged into every chat request
     drop_params: frozenset[str] = frozenset()  # removed from every chat request
+    web_search: bool = False  # the gateway runs web searches (offer a web_search function)
 
 
 @dataclass
@@ -265,7 +266,7 @@ def lower(req: ResponsesRequest, opts: LoweringOptions = LoweringOptions()) -> L
     if req.background:
         raise GatewayError("background responses are not supported", param="background", code="unsupported_parameter")
 
-    tmap = build_tool_map(req.tools, opts.tool_denylist)
+    tmap = build_tool_map(req.tools, opts.tool_denylist, opts.web_search)
     tool_choice, tools = lower_tool_choice(req.tool_choice, tmap)
 
     chat: dict[str, Any] = {

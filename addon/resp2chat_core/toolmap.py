@@ -23,6 +23,14 @@ _INVALID_CHARS = re.compile(r"[^a-zA-Z0-9_-]")
 
 LOCAL_SHELL_NAME = "local_shell"
 TOOL_SEARCH_NAME = "tool_search"
+WEB_SEARCH_NAME = "web_search"  # offered when the gateway runs searches itself (brave_api_key)
+
+WEB_SEARCH_PARAMETERS = {
+    "type": "object",
+    "properties": {"query": {"type": "string", "description": "What to search the web for."}},
+    "required": ["query"],
+    "additionalProperties": False,
+}
 
 LOCAL_SHELL_PARAMETERS = {
     "type": "object",
@@ -72,7 +80,9 @@ class ToolMap:
 
     def target(self, chat_tool_name: str) -> Target:
         # A name the model made up still comes back as a function call: the client reports it.
-        return self.targets.get(chat_tool_name) or Target("function", chat_tool_name)
+        # So does web_search if it reaches the client (the gateway's search loop normally takes it).
+        target = self.targets.get(chat_tool_name)
+        return target if target and target.kind != "web_search" else Target("function", chat_tool_name)
 
     def _add(self, target: Target, definition: dict, where: str) -> None:
         cname = definition["function"]["name"]
@@ -106,13 +116,22 @@ def _custom_description(tool: CustomTool) -> str:
     return text
 
 
-def build_tool_map(tools, denylist: frozenset[str] = frozenset()) -> ToolMap:
-    """Flatten validated Responses tools into chat functions, in the client's order."""
+def build_tool_map(tools, denylist: frozenset[str] = frozenset(), web_search: bool = False) -> ToolMap:
+    """Flatten validated Responses tools into chat functions, in the client's order.
+
+    Hosted tools are dropped (the backend cannot run them; clients have fallbacks), except
+    ``web_search`` when the gateway runs searches itself (``web_search=True``).
+    """
     tmap = ToolMap()
     for i, tool in enumerate(tools or ()):
         where = f"tools[{i}]"
         if isinstance(tool, HostedTool):
-            continue  # server-side tools: the backend cannot run them; the client has fallbacks
+            if web_search and tool.type.startswith("web_search") and WEB_SEARCH_NAME not in tmap.targets \
+                    and WEB_SEARCH_NAME not in denylist:
+                tmap._add(Target("web_search", WEB_SEARCH_NAME), _function(
+                    WEB_SEARCH_NAME, "Search the web. Returns the top results: title, URL and a snippet each.",
+                    WEB_SEARCH_PARAMETERS), where)
+            continue
         if isinstance(tool, NamespaceTool):
             members = [(tool.name, t, f"{where}.tools[{j}]") for j, t in enumerate(tool.tools)]
         else:

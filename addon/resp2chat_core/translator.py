@@ -180,7 +180,8 @@ class Translator:
         self._text: list[str] = []
         self._ws = ""  # leading whitespace held back until real text arrives
         self._ws_kind = Kind.NONE
-        self._tools: dict[object, _Tool] = {}  # open tool items by upstream key (index, else id)
+        self._tools: dict[object, _Tool] = {}
+        self._searches: dict[str, tuple[int, dict]] = {}  # web searches in flight: id -> (index, item)  # open tool items by upstream key (index, else id)
         self._tool_list: list[_Tool] = []  # open tool items in output order
         self._tool_wait: dict[object, list[str]] = {}  # args seen before the call's name
         self._think = ThinkSplitter(ctx.think) if ctx.think != "off" else None  # None: plain text
@@ -417,6 +418,28 @@ class Translator:
             self._fail_upstream(e.get("status"), str(e.get("body") or "").encode(), e.get("retry_after"))
         elif isinstance(m.get("upstream_json"), str):
             self._json_body(m["upstream_json"].encode())
+        elif isinstance(m.get("web_search"), dict):
+            self._web_search(m["web_search"])
+
+    def _web_search(self, w: dict) -> None:
+        """A search the gateway runs for the model (the relay's web-search loop)."""
+        self._start()
+        key = str(w.get("id"))
+        if w.get("phase") == "started":
+            self._close_open()
+            index = self._alloc_index()
+            item = {"id": f"ws_{self._suffix}_{index}", "type": "web_search_call", "status": "in_progress",
+                    "action": {"type": "search", "query": str(w.get("query", ""))}}
+            self._searches[key] = (index, item)
+            self._emit("response.output_item.added", output_index=index, item=item)
+            self._emit("response.web_search_call.in_progress", output_index=index, item_id=item["id"])
+            self._emit("response.web_search_call.searching", output_index=index, item_id=item["id"])
+        elif key in self._searches:
+            index, item = self._searches.pop(key)
+            sources = [{"type": "url", "url": u} for u in w.get("sources") or () if isinstance(u, str)]
+            item = {**item, "status": "completed", "action": {**item["action"], "sources": sources}}
+            self._emit("response.web_search_call.completed", output_index=index, item_id=item["id"])
+            self._item_done(item, index)
 
     def _start(self) -> None:
         if self.phase is Phase.WAITING:

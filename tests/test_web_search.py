@@ -1,0 +1,165 @@
+"""The gateway's own web_search loop (Brave), against a fake Brave server on loopback."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+import openai
+import pytest
+
+from conftest import Codex
+
+BRAVE_KEY = "brave-planted-key-123456"
+WEB_SEARCH = {"type": "web_search"}
+EXEC = {"type": "function", "name": "exec_command",
+        "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}}}
+
+
+class _Brave(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    queries: list[dict] = []
+    status = 200
+    delay = 0.0
+
+    def do_GET(self):
+        url = urlsplit(self.path)
+        q = parse_qs(url.query)
+        type(self).queries.append({"path": url.path, "q": q.get("q", [""])[0], "count": q.get("count", [""])[0],
+                                   "token": self.headers.get("x-subscription-token")})
+        time.sleep(self.delay)
+        if self.status != 200:
+            body = json.dumps({"error": "quota exhausted"}).encode()
+        else:
+            body = json.dumps({"web": {"results": [
+                {"title": f"<strong>Result {i}</strong> for {q['q'][0]}", "url": f"https://example.org/{i}",
+                 "description": f"snippet &amp; text {i}"} for i in range(1, 9)]}}).encode()
+        self.send_response(self.status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture
+def brave():
+    _Brave.queries, _Brave.status, _Brave.delay = [], 200, 0.0
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Brave)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", _Brave
+    server.shutdown()
+
+
+@pytest.fixture
+def search_gateway(upstream, gateway_factory, brave):
+    url, _ = brave
+    return gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0",
+                           "--set", "resp2chat_brave_max_results=3",
+                           env={"BRAVE_SEARCH_API_KEY": BRAVE_KEY, "RESP2CHAT_BRAVE_BASE_URL": url})
+
+
+def client_for(gw):
+    return openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0, timeout=30)
+
+
+SEARCH_PROMPT = 'call: web_search {"query": "mitmproxy addons"}'
+
+
+def test_search_loop_is_one_continuous_stream(search_gateway, upstream, brave):
+    _, handler = brave
+    upstream.clear()
+    events = list(client_for(search_gateway).responses.create(
+        model="demo-model", input=SEARCH_PROMPT, tools=[WEB_SEARCH], stream=True))
+    types = [e.type for e in events]
+    assert types.count("response.completed") == 1 and types[-1] == "response.completed"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    i = types.index("response.web_search_call.in_progress")
+    assert types[i - 1] == "response.output_item.added"
+    assert types[i:i + 3] == ["response.web_search_call.in_progress", "response.web_search_call.searching",
+                              "response.web_search_call.completed"]
+    final = events[-1].response
+    kinds = [o.type for o in final.output]
+    assert kinds == ["reasoning", "web_search_call", "reasoning", "message"]
+    call = final.output[1]
+    assert call.status == "completed" and call.action.query == "mitmproxy addons"
+    assert [s.url for s in call.action.sources] == [f"https://example.org/{i}" for i in (1, 2, 3)]
+    assert final.output_text == "The tool returned: snippet & text 3"
+    # Brave got the query, the key and the result count; the model got the results back
+    assert handler.queries == [{"path": "/res/v1/web/search", "q": "mitmproxy addons", "count": "3", "token": BRAVE_KEY}]
+    first, second = upstream.requests()[-2:]
+    assert any(t["function"]["name"] == "web_search" for t in first["tools"])
+    assistant, tool = second["messages"][-2:]
+    assert assistant["tool_calls"][0]["function"]["name"] == "web_search"
+    assert tool["role"] == "tool" and tool["tool_call_id"] == assistant["tool_calls"][0]["id"]
+    assert tool["content"].startswith("Web search results for: mitmproxy addons\n\n1. Result 1 for mitmproxy addons")
+    # one usage for the whole turn: the last round's prompt, every round's completion
+    assert final.usage.input_tokens > 0 and final.usage.output_tokens > 0
+
+
+def test_non_streaming_client_gets_the_whole_loop(search_gateway):
+    resp = client_for(search_gateway).responses.create(model="demo-model", input=SEARCH_PROMPT, tools=[WEB_SEARCH])
+    assert [o.type for o in resp.output] == ["reasoning", "web_search_call", "reasoning", "message"]
+
+
+def test_brave_errors_become_a_tool_result(search_gateway, upstream, brave):
+    _, handler = brave
+    handler.status = 500
+    upstream.clear()
+    resp = client_for(search_gateway).responses.create(model="demo-model", input=SEARCH_PROMPT, tools=[WEB_SEARCH])
+    assert resp.status == "completed"
+    tool = upstream.requests()[-1]["messages"][-1]
+    assert tool["content"].startswith("Web search failed (HTTP 500)") and BRAVE_KEY not in tool["content"]
+
+
+def test_last_round_takes_the_search_tool_away(upstream, gateway_factory, brave):
+    url, _ = brave
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_web_search_rounds=1",
+                         env={"RESP2CHAT_BRAVE_API_KEY": BRAVE_KEY, "RESP2CHAT_BRAVE_BASE_URL": url})
+    upstream.clear()
+    client_for(gw).responses.create(model="demo-model", input=SEARCH_PROMPT, tools=[WEB_SEARCH, EXEC])
+    second = upstream.requests()[-1]
+    assert [t["function"]["name"] for t in second["tools"]] == ["exec_command"]
+
+
+def test_without_a_key_web_search_is_stripped(gateway, upstream):
+    upstream.clear()
+    client_for(gateway).responses.create(model="demo-model", input="plain", tools=[WEB_SEARCH, EXEC])
+    assert [t["function"]["name"] for t in upstream.requests()[-1]["tools"]] == ["exec_command"]
+
+
+def test_other_streams_flow_while_a_search_is_in_flight(search_gateway, brave):
+    _, handler = brave
+    handler.delay = 2.0
+    client = client_for(search_gateway)
+    done = {}
+
+    def searching():
+        done["search"] = client.responses.create(model="demo-model", input=SEARCH_PROMPT, tools=[WEB_SEARCH])
+
+    t = threading.Thread(target=searching)
+    t.start()
+    time.sleep(0.5)  # the search is now waiting on Brave
+    started = time.monotonic()
+    quick = list(client.responses.create(model="demo-model", input="words: 20\nnoreason", stream=True))
+    took = time.monotonic() - started
+    t.join(30)
+    assert quick[-1].type == "response.completed" and took < 1.2, took
+    assert done["search"].status == "completed"
+
+
+@pytest.mark.codex
+def test_codex_sees_web_search_items(search_gateway, codex_bin, tmp_path):
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir(), work.mkdir()
+    codex = Codex(codex_bin, home, work)
+    codex.configure(search_gateway.base_url)
+    run = codex.exec(SEARCH_PROMPT)
+    assert run.returncode == 0, run.output
+    assert "The tool returned: snippet & text 3" in run.stdout
