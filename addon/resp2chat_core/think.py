@@ -25,7 +25,8 @@ States (``mode`` picks the first one)::
   tag with no opener then appears in that first text, the text so far cannot be unsent, so
   the splitter asks for a BREAK: the text item closes there and the answer after the tag
   becomes a message of its own. Configure ``open`` for such models to get a reasoning item.
-- ``open`` starts in THINK (a redundant leading ``<think>`` is dropped).
+- ``open`` starts in THINK (a redundant leading ``<think>`` is dropped). THINK is entered
+  through THINK_LEAD, which drops the whitespace right after the opening tag.
 - ``off`` never splits (the translator does not create a splitter at all).
 
 In PASS the translator stops calling the splitter: text after the think block costs nothing.
@@ -51,12 +52,11 @@ def _partial_tag(buf: str, tag: str) -> int:
 
 
 class ThinkSplitter:
-    __slots__ = ("state", "held", "opened")
+    __slots__ = ("state", "held")
 
     def __init__(self, mode: str = "auto"):
         self.state = THINK_LEAD if mode == "open" else START
-        self.held = ""
-        self.opened = mode == "open"  # a think block was entered (by tag or by configuration)
+        self.held = ""  # a suffix that may still become a tag (or whitespace before one)
 
     @property
     def passing(self) -> bool:
@@ -71,7 +71,7 @@ class ThinkSplitter:
             if state == START:
                 lead = buf.lstrip()
                 if lead.startswith(OPEN):
-                    self.state, self.opened, buf = THINK_LEAD, True, lead[len(OPEN):]
+                    self.state, buf = THINK_LEAD, lead[len(OPEN):]
                 elif not lead or OPEN.startswith(lead):
                     self.held = buf  # only whitespace, or a possible "<thi…" so far
                     return out
@@ -84,7 +84,7 @@ class ThinkSplitter:
                 if buf.startswith(OPEN):  # configured "open" but the model wrote the tag anyway
                     buf = buf[len(OPEN):]
                     continue
-                if OPEN.startswith(buf) and not self._closing_prefix(buf):
+                if OPEN.startswith(buf) and not CLOSE.startswith(buf):
                     self.held = buf
                     return out
                 self.state = THINK
@@ -125,10 +125,6 @@ class ThinkSplitter:
                 out.append((TEXT, buf))
                 return out
         return out
-
-    @staticmethod
-    def _closing_prefix(buf: str) -> bool:
-        return CLOSE.startswith(buf)
 
     def settle(self) -> list[tuple[str, str]]:
         """Another kind of item is opening: release what is held; a watched text is final."""
