@@ -474,7 +474,13 @@ class Resp2Chat:
             self.store.put(turn.ctx.response_id, turn.items + t.output, t.response())
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self.turns.pop(flow.id, None)
+        turn = self.turns.pop(flow.id, None)
+        # Codex hangs up as soon as it has response.completed, which the translator sends at the
+        # backend's [DONE], a moment before the upstream body ends: mitmproxy then reports
+        # "Client disconnected" instead of a response. The turn happened all the same; record it
+        # (status, usage, upstream SSE; replay cache and response store when completed).
+        if turn is not None and flow.response is not None and isinstance(flow.response.stream, _SSEStream):
+            self._record(flow, turn, bytes(flow.response.stream.buffer))
         _redact(flow)
 
     def _answer_whole(self, flow: http.HTTPFlow, turn: Turn) -> None:

@@ -240,3 +240,27 @@ def test_binding_beyond_loopback_needs_gateway_key(addon):
         f = responses_flow({"model": "m", "input": "hi"}, headers={"authorization": "Bearer gw-key"})
         addon.request(f)
         assert f.response is None and "authorization" not in f.request.headers
+
+
+def test_turn_recorded_when_client_hangs_up_after_completed(addon):
+    """Codex closes the connection on response.completed (sent at [DONE]), which can beat the end
+    of the upstream body: mitmproxy then calls `error`, not `response`. Seen with llama-server."""
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon)
+        f = responses_flow({"model": "m", "input": "hi", "stream": True})
+        addon.request(f)
+        upstream_response(f, b"")
+        addon.responseheaders(f)
+        usage = {"prompt_tokens": 9, "completion_tokens": 1, "total_tokens": 10,
+                 "prompt_tokens_details": {"cached_tokens": 8}}
+        out = f.response.stream(chunk({"content": "Hi"}) + chunk(finish="stop")
+                                + b'data: {"choices": [], "usage": ' + json.dumps(usage).encode() + b"}\n\n"
+                                + b"data: [DONE]\n\n")
+        assert b"event: response.completed" in out
+        f.error = flow_error = tflow.terr("Client disconnected.")
+        addon.error(f)
+        meta = f.metadata["resp2chat"]
+        assert f.error is flow_error and f.id not in addon.turns
+        assert meta["status"] == "completed"
+        assert meta["usage"]["input_tokens"] == 9 and meta["usage"]["input_tokens_details"]["cached_tokens"] == 8
+        assert "[DONE]" in meta["upstream_sse"]
