@@ -173,6 +173,11 @@ class Resp2Chat:
             extra_params=s["upstream_extra_params"],
             drop_params=frozenset(s["drop_upstream_params"]),
             web_search=bool(s["brave_api_key"]),
+            model_extra_params=s["model_extra_params"],
+            max_tokens_field=s["max_tokens_field"],
+            reasoning_effort_map=s["reasoning_effort_map"],
+            history_reasoning_field=s["history_reasoning_field"],
+            think_tags=s["think_tags"],
         )
         self._configure_upstream(s["upstream_base_url"])
         self._open_request_log(s["upstream_request_log_path"])

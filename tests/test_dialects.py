@@ -355,13 +355,20 @@ def dialect_gateway(replay_upstream, tmp_path_factory):
     gw.stop()
 
 
-# Fixtures whose expectations need a per-model setting the gateway does not take yet.
-_E2E_SKIP = {name for name in NAMES if meta(name).get("think", "auto") != "auto"}
+@pytest.fixture(scope="module")
+def dialect_gateway_think_open(replay_upstream, tmp_path_factory):
+    """For models whose template opens <think> itself (think_tags: open)."""
+    gw = start_gateway(replay_upstream, tmp_path_factory.mktemp("dialects-open"), "--set",
+                       "resp2chat_max_replay_entries=0", "--set", 'resp2chat_think_tags={"*": "open"}')
+    yield gw
+    gw.stop()
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n not in _E2E_SKIP])
-def test_end_to_end_sdk(name, dialect_gateway):
-    client = openai.OpenAI(base_url=dialect_gateway.base_url, api_key="unused", max_retries=0, timeout=30)
+@pytest.mark.parametrize("name", NAMES)
+def test_end_to_end_sdk(name, request):
+    mode = meta(name).get("think", "auto")
+    gw = request.getfixturevalue({"auto": "dialect_gateway", "open": "dialect_gateway_think_open"}[mode])
+    client = openai.OpenAI(base_url=gw.base_url, api_key="unused", max_retries=0, timeout=30)
     body = request_body(name)
     body.pop("stream")
     events = [e.model_dump(mode="json") for e in client.responses.create(**body, stream=True)]

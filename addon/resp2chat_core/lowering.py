@@ -39,6 +39,14 @@ class LoweringOptions:
     extra_params: dict[str, Any] = field(default_factory=dict)  # merged into every chat request
     drop_params: frozenset[str] = frozenset()  # removed from every chat request
     web_search: bool = False  # the gateway runs web searches (offer a web_search function)
+    model_extra_params: dict[str, dict] = field(default_factory=dict)  # per upstream model, after extra_params
+    max_tokens_field: str = "max_tokens"  # or max_completion_tokens
+    reasoning_effort_map: dict[str, str] = field(default_factory=dict)  # "" drops the effort
+    history_reasoning_field: str = "reasoning_content"  # or "reasoning", or "none"
+    think_tags: dict[str, str] = field(default_factory=dict)  # upstream model (or "*") -> think mode
+
+    def think_mode(self, model: str) -> str:
+        return self.think_tags.get(model) or self.think_tags.get("*") or "auto"
 
 
 @dataclass
@@ -115,8 +123,9 @@ def _split_output(output, where: str) -> tuple[str, list[dict]]:
 class _Conversation:
     """Accumulates chat messages; folds one assistant turn's items into one message."""
 
-    def __init__(self, flatten: bool):
+    def __init__(self, flatten: bool, reasoning_field: str = "reasoning_content"):
         self.flatten = flatten
+        self.reasoning_field = reasoning_field
         self.messages: list[dict] = []
         self._reasoning: list[str] = []
         self._notes: list[str] = []
@@ -135,8 +144,8 @@ class _Conversation:
         if self._notes:
             content = "\n".join(self._notes + ([content] if isinstance(content, str) and content else []))
         msg["content"] = content if content is not None else ("" if not self._tool_calls else None)
-        if self._reasoning:
-            msg["reasoning_content"] = "\n\n".join(self._reasoning)
+        if self._reasoning and self.reasoning_field != "none":
+            msg[self.reasoning_field] = "\n\n".join(self._reasoning)
         if self._tool_calls:
             msg["tool_calls"] = self._tool_calls
         self.messages.append(msg)
@@ -180,9 +189,9 @@ class _Conversation:
         return self.messages
 
 
-def _lower_input(req: ResponsesRequest, flatten: bool) -> list[dict]:
+def _lower_input(req: ResponsesRequest, flatten: bool, reasoning_field: str = "reasoning_content") -> list[dict]:
     items = [MessageItem(role="user", content=req.input)] if isinstance(req.input, str) else req.input
-    conv = _Conversation(flatten)
+    conv = _Conversation(flatten, reasoning_field)
 
     # instructions + leading system/developer run -> a single first system message
     system: list[str] = [req.instructions] if req.instructions else []
@@ -269,9 +278,10 @@ def lower(req: ResponsesRequest, opts: LoweringOptions = LoweringOptions()) -> L
     tmap = build_tool_map(req.tools, opts.tool_denylist, opts.web_search)
     tool_choice, tools = lower_tool_choice(req.tool_choice, tmap)
 
+    model = opts.upstream_model or opts.model_map.get(req.model, req.model)
     chat: dict[str, Any] = {
-        "model": opts.upstream_model or opts.model_map.get(req.model, req.model),
-        "messages": _lower_input(req, opts.flatten_content),
+        "model": model,
+        "messages": _lower_input(req, opts.flatten_content, opts.history_reasoning_field),
     }
     if tools:
         chat["tools"] = tools
@@ -286,9 +296,11 @@ def lower(req: ResponsesRequest, opts: LoweringOptions = LoweringOptions()) -> L
     if response_format:
         chat["response_format"] = response_format
     if req.reasoning and req.reasoning.effort:
-        chat["reasoning_effort"] = req.reasoning.effort
+        effort = opts.reasoning_effort_map.get(req.reasoning.effort, req.reasoning.effort)
+        if effort:
+            chat["reasoning_effort"] = effort
     if req.max_output_tokens is not None:
-        chat["max_tokens"] = req.max_output_tokens
+        chat[opts.max_tokens_field] = req.max_output_tokens
     if req.temperature is not None:
         chat["temperature"] = req.temperature
     if req.top_p is not None:
@@ -298,6 +310,12 @@ def lower(req: ResponsesRequest, opts: LoweringOptions = LoweringOptions()) -> L
     chat["stream_options"] = {"include_usage": True}
     if opts.extra_params:
         chat.update(opts.extra_params)
+    for key, value in opts.model_extra_params.get(model, {}).items():
+        # one level deep, so per-model chat_template_kwargs add to the global ones
+        if isinstance(value, dict) and isinstance(chat.get(key), dict):
+            chat[key] = {**chat[key], **value}
+        else:
+            chat[key] = value
     for key in opts.drop_params:
         chat.pop(key, None)
     return Lowered(chat=chat, body=encode(chat), tool_map=tmap, client_stream=bool(req.stream))

@@ -56,6 +56,11 @@ FIELDS: tuple[Field, ...] = (
     Field("tool_denylist", "list", [], "Tool names removed before the upstream sees them (Responses or flattened chat names)."),
     Field("upstream_extra_params", "map", {}, "JSON object merged into every chat request (e.g. {\"chat_template_kwargs\": {\"enable_thinking\": false}})."),
     Field("drop_upstream_params", "list", [], "Chat request keys removed before sending (e.g. stream_options, parallel_tool_calls for backends that reject them)."),
+    Field("model_extra_params", "map", {}, "Per upstream model: a JSON object merged after upstream_extra_params (one level deep), e.g. {\"qwen3\": {\"chat_template_kwargs\": {\"enable_thinking\": true}}}."),
+    Field("max_tokens_field", "str", "max_tokens", "Where max_output_tokens goes upstream: max_tokens or max_completion_tokens."),
+    Field("reasoning_effort_map", "map", {}, "Rename reasoning efforts for the backend, e.g. {\"minimal\": \"low\", \"xhigh\": \"high\"}; \"\" drops it."),
+    Field("history_reasoning_field", "str", "reasoning_content", "Key that carries earlier reasoning on assistant messages: reasoning_content, reasoning (newer vLLM, Ollama) or none (Groq, Mistral reject it)."),
+    Field("think_tags", "map", {}, "<think> tags in content, per upstream model (\"*\" for all): auto (split tags), open (the template already opened <think>: DeepSeek-R1, QwQ), off."),
     Field("flatten_content", "bool", True, "Send text-only message content as a plain string (every chat template accepts it)."),
     Field("forward_client_auth", "bool", False, "Forward the client's Authorization header upstream when no upstream_api_key is set."),
     Field("request_timeout_secs", "int", 60, "No upstream bytes for this long: the turn fails with a clear error and the upstream request is dropped."),
@@ -133,6 +138,16 @@ def validate(name: str, value: Any) -> None:
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise SettingsError(name, value, "expected an http:// or https:// URL")
+    if name == "max_tokens_field" and value not in ("max_tokens", "max_completion_tokens"):
+        raise SettingsError(name, value, "expected max_tokens or max_completion_tokens")
+    if name == "history_reasoning_field" and value not in ("reasoning_content", "reasoning", "none"):
+        raise SettingsError(name, value, "expected reasoning_content, reasoning or none")
+    if name == "think_tags" and any(v not in ("auto", "open", "off") for v in value.values()):
+        raise SettingsError(name, value, "each value must be auto, open or off")
+    if name in ("reasoning_effort_map",) and any(not isinstance(v, str) for v in value.values()):
+        raise SettingsError(name, value, "each value must be a string")
+    if name == "model_extra_params" and any(not isinstance(v, dict) for v in value.values()):
+        raise SettingsError(name, value, "each value must be a JSON object")
     if name == "upstream_request_log_path" and value and "\n" in value:
         raise SettingsError(name, value, "expected a file path")
 

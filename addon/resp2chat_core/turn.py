@@ -95,5 +95,5 @@ def begin_turn(body: bytes, opts: LoweringOptions, response_id: str, created_at:
     req = parse_request(raw)
     lowered = lower(req, opts)
     ctx = TurnContext(response_id=response_id, created_at=created_at, model=req.model,
-                      tool_map=lowered.tool_map, echo=echo)
+                      tool_map=lowered.tool_map, echo=echo, think=opts.think_mode(lowered.chat["model"]))
     return Turn(lowered, ctx, items=items if isinstance(items, list) else [], store=raw.get("store") is not False)
