@@ -8,6 +8,8 @@ PY        := $(VENV)/bin/python
 TOOLS     := .tools
 CODEX_VER := 0.169.0
 CODEX     := $(TOOLS)/codex-$(CODEX_VER)/node_modules/.bin/codex
+# llama.cpp's server and a generated tiny model, built once outside the repo (tests/llamacpp/)
+LLAMA_CACHE ?= $(HOME)/.cache/resp2chat-llamacpp
 
 # mitmproxy 12 needs Python >= 3.12: prefer 3.13 (newest pydantic), accept 3.12,
 # from PATH or from pyenv's versions folder. Override with `make PYTHON=/path/to/python3`.
@@ -17,7 +19,7 @@ PYTHON ?= $(shell for c in python3.13 python3.12 \
 	  $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && { echo $$p; break; }; \
 	done)
 
-.PHONY: help venv codex test test-fast run bench soak recordings clean
+.PHONY: help venv codex llamacpp test test-fast run bench soak recordings clean
 
 help:
 	@echo "make run        start the gateway on 127.0.0.1:4000 (bundled demo upstream if no backend is configured)"
@@ -44,8 +46,11 @@ $(CODEX):
 
 codex: $(CODEX)
 
-test: venv codex
-	CODEX_BIN=$(abspath $(CODEX)) $(PY) -m pytest -q
+llamacpp:
+	bash tests/llamacpp/build.sh $(LLAMA_CACHE)
+
+test: venv codex llamacpp
+	RESP2CHAT_LLAMACPP_DIR=$(LLAMA_CACHE) CODEX_BIN=$(abspath $(CODEX)) $(PY) -m pytest -q
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not codex" tests/test_lowering.py tests/test_sse.py tests/test_translator.py

@@ -115,6 +115,8 @@ class Relay:
             for task in (gone, pump):
                 if not task.done():
                     task.cancel()
+            # Wait for the cancellations: a still-pending read would steal the next request.
+            await asyncio.gather(gone, pump, return_exceptions=True)
             self.exchanges -= 1
         if pump.done() and not pump.cancelled() and pump.exception() is None:
             writer.write(conn.send(h11.EndOfMessage()))

@@ -6,9 +6,10 @@
 #
 # Produces (idempotent; a second run with both present exits at once):
 #   CACHE_DIR/bin/llama-server    the server binary (CPU only, Release)
-#   CACHE_DIR/tiny-qwen3.gguf     tiny random-weight qwen2-arch model + Qwen3 template
+#   CACHE_DIR/tiny-qwen3.gguf     tiny random-weight qwen3-arch model + Qwen3 template
 # Also keeps CACHE_DIR/src (unpacked sdist), CACHE_DIR/build (cmake tree, so a
-# rebuild is incremental) and CACHE_DIR/venv (numpy for gguf-py).
+# rebuild is incremental) and CACHE_DIR/venv (numpy + pyyaml for gguf-py).
+# Concurrent runs on the same CACHE_DIR wait for each other (flock).
 #
 # Only PyPI / Debian registries are reachable, so the source comes from PyPI
 # and nothing else is downloaded (no model, no curl/openssl at runtime).
@@ -36,6 +37,17 @@ if [ -x "$BIN" ] && [ -s "$MODEL" ]; then
     exit 0
 fi
 T0=$SECONDS
+
+# One build per CACHE_DIR at a time (e.g. parallel test workers): wait for the
+# lock, then re-check, since the other run may have finished the job.
+if command -v flock >/dev/null; then
+    exec 9>"$CACHE/.build.lock"
+    flock -n 9 || { log "another build.sh holds $CACHE/.build.lock: waiting"; flock 9; }
+    if [ -x "$BIN" ] && [ -s "$MODEL" ]; then
+        log "built meanwhile by another run: $BIN and $MODEL"
+        exit 0
+    fi
+fi
 
 # --- a python3 for pip / the venv: the machine's, else any pyenv version ---
 PYTHON=""
@@ -111,12 +123,13 @@ if [ ! -x "$BIN" ]; then
         -DBUILD_SHARED_LIBS=OFF \
         >"$CACHE/cmake-configure.log" 2>&1 \
         || { tail -30 "$CACHE/cmake-configure.log" >&2; die "cmake configure failed (log: $CACHE/cmake-configure.log)"; }
-    log "building llama-server with -j$JOBS (~8 min on 2 cores; log: $CACHE/build.log)"
+    log "building llama-server with -j$JOBS (206 steps, ~8 min on 2 idle cores, longer under load; log: $CACHE/build.log)"
     TB=$SECONDS
-    # Progress: ninja prints "[n/N] ..." lines; show every 50th so the log stays short.
+    # Progress: ninja prints "[n/N] ..." lines; show every 25th so the log stays short.
     set +e
     cmake --build "$BUILD" --target llama-server -j "$JOBS" 2>&1 | tee "$CACHE/build.log" \
-        | awk '/^\[[0-9]+\/[0-9]+\]/ { split(substr($1,2), a, "/"); n=a[1]+0; if (n % 50 == 0 || n == a[2]+0) { printf "[llamacpp-build]   %s/%s\n", n, a[2]; fflush() } }'
+        | awk '/^\[[0-9]+\/[0-9]+\]/ { gsub(/[][]/, "", $1); split($1, a, "/"); n = a[1] + 0; N = a[2] + 0;
+                if (n % 25 == 0 || n == N) { printf "[llamacpp-build]   compiled %d/%d\n", n, N; fflush() } }'
     rc=${PIPESTATUS[0]}
     set -e
     [ "$rc" -eq 0 ] || { grep -E 'error|FAILED' "$CACHE/build.log" | head -20 >&2; die "build failed (log: $CACHE/build.log)"; }

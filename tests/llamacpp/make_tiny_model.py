@@ -48,10 +48,12 @@ N_LAYER = 2
 # Qwen2.5/Qwen3 define them as the added tokens below (same ids as Qwen3's
 # tokenizer.json). Putting them back makes "<think>", "</think>",
 # "<tool_call>" and "</tool_call>" single tokens as in the real model, so the
-# Qwen3 template's markup tokenizes (and is counted) realistically. Types:
-# CONTROL (3) for the ones Qwen marks special (never printed as text by
-# llama.cpp), USER_DEFINED (4) for the rest (always parsed from text and
-# printed as text, which the reasoning / tool-call parsers rely on).
+# Qwen3 template's markup tokenizes (and is counted) realistically, and a test
+# can name them in logit_bias. Types: USER_DEFINED (4) for the reasoning and
+# tool markup (always parsed from text and printed as text, which
+# llama-server's reasoning / tool-call parsers rely on); CONTROL (3) for the
+# rest (never printed as text; llama.cpp would otherwise warn at load that
+# the <|fim_*|>-like ones "look like control tokens" and retype them anyway).
 CONTROL, USER_DEFINED = int(gguf.TokenType.CONTROL), int(gguf.TokenType.USER_DEFINED)
 QWEN3_ADDED_TOKENS = {
     151646: ("<|object_ref_start|>", CONTROL),
@@ -67,12 +69,12 @@ QWEN3_ADDED_TOKENS = {
     151656: ("<|video_pad|>", CONTROL),
     151657: ("<tool_call>", USER_DEFINED),
     151658: ("</tool_call>", USER_DEFINED),
-    151659: ("<|fim_prefix|>", USER_DEFINED),
-    151660: ("<|fim_middle|>", USER_DEFINED),
-    151661: ("<|fim_suffix|>", USER_DEFINED),
-    151662: ("<|fim_pad|>", USER_DEFINED),
-    151663: ("<|repo_name|>", USER_DEFINED),
-    151664: ("<|file_sep|>", USER_DEFINED),
+    151659: ("<|fim_prefix|>", CONTROL),
+    151660: ("<|fim_middle|>", CONTROL),
+    151661: ("<|fim_suffix|>", CONTROL),
+    151662: ("<|fim_pad|>", CONTROL),
+    151663: ("<|repo_name|>", CONTROL),
+    151664: ("<|file_sep|>", CONTROL),
     151665: ("<tool_response>", USER_DEFINED),
     151666: ("</tool_response>", USER_DEFINED),
     151667: ("<think>", USER_DEFINED),
