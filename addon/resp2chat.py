@@ -20,7 +20,6 @@ import hmac
 import json
 import logging
 import os
-import sys
 import time
 import uuid
 from urllib.parse import urlsplit
@@ -30,13 +29,15 @@ from mitmproxy.proxy import mode_specs
 
 from resp2chat_cli import views
 from resp2chat_cli.config import load_settings
+from resp2chat_cli.mitm import (
+    FAILED_STATUS, RawPrinter, SSEStream, Upstream, redact, reverse_target, scrub, session_key,
+)
 from resp2chat_cli.relay import TARGET_HEADER, WEB_SEARCH_HEADER, Relay
 from resp2chat_cli.store import ResponseStore
 from resp2chat_core import settings as S
 from resp2chat_core.errors import GatewayError, error_json
 from resp2chat_core.lowering import LoweringOptions
-from resp2chat_core.replay import MAX_ENTRY_BYTES, ReplayCache, replay_key
-from resp2chat_core.translator import Translator
+from resp2chat_core.replay import ReplayCache, replay_key
 from resp2chat_core.turn import Turn, begin_turn
 
 log = logging.getLogger("resp2chat")
@@ -46,92 +47,13 @@ RESPONSES_PATHS = ("/v1/responses", "/responses")
 JSON_HEADERS = {"content-type": "application/json"}
 META = "resp2chat"  # flow.metadata key: saved in flow files, read by the views and `analyze`
 
-# HTTP status for a non-streaming client whose response failed, by error code.
-_FAILED_STATUS = {
-    "context_length_exceeded": 400,
-    "invalid_prompt": 400,
-    "rate_limit_exceeded": 429,
-    "insufficient_quota": 429,
-}
-
-
-class _Upstream:
-    """Where chat requests go: scheme, host, port and path prefix (``/v1``, ``/api/v1``…)."""
-
-    def __init__(self, url: str):
-        parts = urlsplit(url)
-        self.url = url.rstrip("/")
-        self.scheme = parts.scheme
-        self.host = parts.hostname or ""
-        self.port = parts.port or (443 if parts.scheme == "https" else 80)
-        self.prefix = parts.path.rstrip("/")
-
-    def route(self, flow: http.HTTPFlow, path: str) -> None:
-        flow.request.scheme, flow.request.host, flow.request.port = self.scheme, self.host, self.port
-        flow.request.path = self.prefix + path
-        flow.request.headers["host"] = self.host if self.port in (80, 443) else f"{self.host}:{self.port}"
-
-
-class _SSEStream:
-    """The stream callable: one translator per flow; never raises, never returns b"" early.
-
-    It also keeps the upstream bytes (up to a cap): flow files record them, and the replay
-    cache answers identical requests from them.
-    """
-
-    __slots__ = ("translator", "status", "mode", "buffer", "secrets")
-
-    def __init__(self, translator: Translator, status: int, content_type: str, secrets: tuple[bytes, ...] = ()):
-        self.translator = translator
-        self.status = status
-        self.mode = "sse" if status == 200 and "json" not in content_type else "buffer"
-        self.buffer = bytearray()
-        self.secrets = secrets
-
-    def __call__(self, data: bytes):
-        t = self.translator
-        try:
-            if data and len(self.buffer) < MAX_ENTRY_BYTES:
-                self.buffer += data
-            if self.mode == "sse":
-                out = t.feed(data) if data else t.finish()
-            elif data:
-                out = b""
-            elif self.status == 200:
-                out = t.translate_body(bytes(self.buffer))
-            else:
-                out = t.fail_upstream(self.status, bytes(self.buffer))
-        except BaseException as exc:  # noqa: BLE001 — raising here would hang the client
-            out = t.fail("server_error", f"gateway error: {exc!r}")
-        if self.secrets and out:
-            out = _scrub(out, self.secrets)  # a backend that echoes our key must not show it
-        # b"" mid-stream would end the client's chunked body early: say "nothing" with [].
-        return out or []
-
-
-class _RawPrinter:
-    """`resp2chat start --raw`: the model's deltas on stdout as they arrive."""
-
-    _STYLE = {"reasoning": "\x1b[2;3m", "tool": "\x1b[36m"}  # dim italic thinking, cyan tool calls
-
-    def __init__(self) -> None:
-        self.last = "end"
-
-    def __call__(self, kind: str, text: str) -> None:
-        if kind != self.last and self.last not in ("end", "tool") and kind != "end":
-            sys.stdout.write("\n")
-        self.last = kind
-        style = self._STYLE.get(kind)
-        sys.stdout.write(f"{style}{text}\x1b[0m" if style else text)
-        sys.stdout.flush()
-
 
 class Resp2Chat:
     def __init__(self) -> None:
         self.turns: dict[str, Turn] = {}
         self.settings: dict = {f.name: f.default for f in S.FIELDS}
         self.base: dict = dict(self.settings)  # environment + file, under --set
-        self.upstream: _Upstream | None = None
+        self.upstream: Upstream | None = None
         self.lowering = LoweringOptions()
         self.demo = None  # the bundled demo upstream server, when upstream_base_url == "demo"
         self.request_log = None
@@ -221,7 +143,7 @@ class Resp2Chat:
                 log.info(f"resp2chat: serving the bundled demo upstream at {demo_url}")
             host, port = self.demo.server_address[:2]
             url = f"http://{host}:{port}/v1"
-        self.upstream = _Upstream(url) if url else None
+        self.upstream = Upstream(url) if url else None
 
     def _preload(self, path: str) -> None:
         from mitmproxy import io
@@ -378,7 +300,7 @@ class Resp2Chat:
         flow.request.headers["content-type"] = "application/json"
         flow.request.headers["accept"] = "text/event-stream"
         flow.request.headers["accept-encoding"] = "identity"  # the translator reads raw bytes
-        upstream = self.upstream or _reverse_target(flow)
+        upstream = self.upstream or reverse_target(flow)
         self._to_upstream(flow, "/chat/completions")
         meta["upstream"] = upstream_url = upstream.url
         if self.relay.port:  # see resp2chat_cli/relay.py for why turns take this hop
@@ -397,11 +319,11 @@ class Resp2Chat:
         self.turns[flow.id] = turn
         if self.request_log:
             self.request_log.write(json.dumps(
-                {"ts": time.time(), "flow": flow.id, "session": _session_key(flow),
+                {"ts": time.time(), "flow": flow.id, "session": session_key(flow),
                  "url": flow.request.pretty_url, "body": turn.lowered.chat}, ensure_ascii=False) + "\n")
 
     def _to_upstream(self, flow: http.HTTPFlow, path: str) -> None:
-        upstream = self.upstream or _reverse_target(flow)
+        upstream = self.upstream or reverse_target(flow)
         upstream.route(flow, path)
         key = self.settings["upstream_api_key"]
         if key:
@@ -418,8 +340,8 @@ class Resp2Chat:
         status, ctype = resp.status_code, resp.headers.get("content-type", "")
         translator = turn.translator()
         if ctx.options.resp2chat_raw:
-            translator.observer = _RawPrinter()
-        resp.stream = _SSEStream(translator, status, ctype, self._secrets())
+            translator.observer = RawPrinter()
+        resp.stream = SSEStream(translator, status, ctype, self._secrets())
         resp.status_code, resp.reason = 200, "OK"
         for name in ("content-length", "content-encoding", "content-type", "transfer-encoding"):
             resp.headers.pop(name, None)
@@ -431,12 +353,12 @@ class Resp2Chat:
     def response(self, flow: http.HTTPFlow) -> None:
         turn = self.turns.pop(flow.id, None)
         if turn is not None and flow.is_replay != "response":
-            upstream_sse = bytes(flow.response.stream.buffer) if isinstance(flow.response.stream, _SSEStream) \
+            upstream_sse = bytes(flow.response.stream.buffer) if isinstance(flow.response.stream, SSEStream) \
                 else flow.response.get_content(strict=False) or b""
             if not turn.client_stream:
                 self._answer_whole(flow, turn)
             self._record(flow, turn, upstream_sse)
-        _redact(flow)
+        redact(flow)
 
     def _secrets(self) -> tuple[bytes, ...]:
         return tuple(v.encode() for k in S.SECRET_FIELDS if len(v := self.settings[k]) >= 6)
@@ -445,7 +367,7 @@ class Resp2Chat:
         """Flow metadata (saved with -w), a one-line comment (shown in mitmweb), the cache."""
         t = turn.active
         meta = flow.metadata[META]
-        meta["upstream_sse"] = _scrub(upstream_sse, self._secrets()).decode("utf-8", "replace")
+        meta["upstream_sse"] = scrub(upstream_sse, self._secrets()).decode("utf-8", "replace")
         if t is None:
             return
         meta["status"] = status = t.response()["status"] if t.done else "unfinished"
@@ -468,7 +390,7 @@ class Resp2Chat:
 
     def _answer_from_cache(self, flow: http.HTTPFlow, turn: Turn, upstream_sse: bytes) -> None:
         t = turn.translator()
-        out = _scrub(t.feed(upstream_sse) + t.finish(), self._secrets())
+        out = scrub(t.feed(upstream_sse) + t.finish(), self._secrets())
         if turn.client_stream:
             flow.response = http.Response.make(200, out, {"content-type": "text/event-stream; charset=utf-8",
                                                           "cache-control": "no-cache"})
@@ -484,9 +406,9 @@ class Resp2Chat:
         # backend's [DONE], a moment before the upstream body ends: mitmproxy then reports
         # "Client disconnected" instead of a response. The turn happened all the same; record it
         # (status, usage, upstream SSE; replay cache and response store when completed).
-        if turn is not None and flow.response is not None and isinstance(flow.response.stream, _SSEStream):
+        if turn is not None and flow.response is not None and isinstance(flow.response.stream, SSEStream):
             self._record(flow, turn, bytes(flow.response.stream.buffer))
-        _redact(flow)
+        redact(flow)
 
     def _answer_whole(self, flow: http.HTTPFlow, turn: Turn) -> None:
         """A non-streaming client: run the same translation over the whole upstream body."""
@@ -503,12 +425,12 @@ class Resp2Chat:
         result = t.response()
         if result["status"] == "failed":
             err = result["error"]
-            status = _FAILED_STATUS.get(err["code"], 502)
+            status = FAILED_STATUS.get(err["code"], 502)
             flow.response = http.Response.make(
                 status, error_json(err["message"], status_type="upstream_error", code=err["code"]), JSON_HEADERS)
         else:
             flow.response = http.Response.make(200, json.dumps(result, ensure_ascii=False), JSON_HEADERS)
-        flow.response.content = _scrub(flow.response.content, self._secrets())
+        flow.response.content = scrub(flow.response.content, self._secrets())
 
     # --- commands --------------------------------------------------------------------------
 
@@ -517,32 +439,6 @@ class Resp2Chat:
         """The effective settings (secrets hidden)."""
         shown = {k: ("[set]" if v else "") if k in S.SECRET_FIELDS else v for k, v in self.settings.items()}
         return json.dumps(shown, indent=2)
-
-
-def _scrub(data: bytes, secrets: tuple[bytes, ...]) -> bytes:
-    for secret in secrets:
-        if secret in data:
-            data = data.replace(secret, b"[redacted]")
-    return data
-
-
-def _reverse_target(flow: http.HTTPFlow) -> _Upstream:
-    req = flow.request
-    return _Upstream(f"{req.scheme}://{req.host}:{req.port}/v1")
-
-
-def _session_key(flow: http.HTTPFlow) -> str | None:
-    h = flow.request.headers
-    return h.get("session-id") or h.get("thread-id") or None
-
-
-def _redact(flow: http.HTTPFlow) -> None:
-    """Flow files (-w) and mitmweb must never show credentials."""
-    for name in ("authorization", "x-api-key"):
-        if name in flow.request.headers:
-            flow.request.headers[name] = "[redacted]"
-    flow.request.headers.pop(TARGET_HEADER, None)  # served its purpose; a URL may hold userinfo
-    flow.request.headers.pop(WEB_SEARCH_HEADER, None)
 
 
 addons = [Resp2Chat()]
