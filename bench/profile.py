@@ -7,7 +7,8 @@
     .venv/bin/python bench/profile.py --summarize prof-c64.txt            # summary of a saved profile
 
 py-spy (PyPI `py-spy`, a static binary) is looked for beside this Python, on PATH, or given with
---py-spy. It samples the mitmdump process from outside (no code change, ~no overhead at 250 Hz);
+--py-spy. It samples the mitmdump process from outside (no code change; it pauses the process for each
+sample, a few % of overhead at 500 Hz);
 the raw collapsed stacks are written to --out and summarised: self time per file and function,
 and inclusive time of the functions in the addon's own files.
 """
@@ -105,7 +106,12 @@ def main() -> int:
     ap.add_argument("--phase", choices=[*run.PHASES, "replay"], default="c64")
     ap.add_argument("--out", default="prof.txt", help="raw collapsed stacks (py-spy -f raw)")
     ap.add_argument("--py-spy")
-    ap.add_argument("--rate", type=int, default=250, help="samples per second")
+    ap.add_argument("--path", choices=("resp2chat", "passthrough"), default="resp2chat",
+                    help="profile the addon, or plain mitmproxy passthrough for comparison")
+    ap.add_argument("--addon", type=Path, default=run.ADDON, help="the addon script to load (A/B a change)")
+    ap.add_argument("--rate", type=int, default=500, help="samples per second")
+    ap.add_argument("--nonblocking", action="store_true",
+                    help="sample without pausing the process (less overhead, some stacks torn)")
     ap.add_argument("--summarize", metavar="FILE", help="only summarise an existing profile")
     args = ap.parse_args()
     if args.summarize:
@@ -128,9 +134,11 @@ def main() -> int:
     try:
         run.wait_ready(upstream, port, "/healthz")
         extra = () if args.phase == "replay" else ("--set", "resp2chat_max_replay_entries=0")
-        target = run.start_target("resp2chat", port, workdir, gw_cpus, None, extra)
+        if args.path == "passthrough" and args.phase == "replay":
+            sys.exit("replay is the addon's")
+        target = run.start_target(args.path, port, workdir, gw_cpus, None, extra, args.addon)
         spy_cmd = [spy_bin, "record", "-p", str(target.proc.pid), "-f", "raw", "-o", args.out,
-                   "-r", str(args.rate), "--nonblocking"]
+                   "-r", str(args.rate), *(["--nonblocking"] if args.nonblocking else [])]
         print(asyncio.run(drive(target, upstream, args.phase, cfg, w, spy_cmd)))
     finally:
         if target:

@@ -60,11 +60,12 @@ TICK = os.sysconf("SC_CLK_TCK")
 PATHS = ("direct", "passthrough", "resp2chat", "codex-relay")
 BASELINES = ("passthrough", "codex-relay")
 PHASES = ("c1", "rss", "paced", "c64")
+NOISY = 0.2  # other processes' CPU during a phase, in cores, above which the phase is retried
 
 FULL = dict(deltas=200, reasoning_words=50, warmup=4, c1=100, conc=64, per_conn=6,
-            paced_streams=64, paced_ms=20, rss_streams=100, replay=40)
+            paced_streams=64, paced_ms=20, stagger_ms=1000, rss_streams=100, replay=40)
 SMOKE = dict(deltas=20, reasoning_words=6, warmup=1, c1=3, conc=4, per_conn=2,
-             paced_streams=4, paced_ms=5, rss_streams=5, replay=3)
+             paced_streams=4, paced_ms=5, stagger_ms=20, rss_streams=5, replay=3)
 
 
 # --- processes ---------------------------------------------------------------------------------
@@ -92,10 +93,11 @@ def proc_rss(pid: int) -> int:
 
 
 def machine_busy() -> float:
-    """CPU seconds all cores spent busy since boot (/proc/stat: everything but idle and iowait)."""
+    """CPU seconds all cores spent in processes since boot (/proc/stat user + nice + system;
+    irq and softirq are left out: loopback networking of our own processes lands there)."""
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
-    return (sum(v[:8]) - v[3] - v[4]) / TICK
+    return (v[0] + v[1] + v[2]) / TICK
 
 
 def self_cpu() -> float:
@@ -188,7 +190,7 @@ class Target:
 
 
 def start_target(name: str, up_port: int, workdir: Path, cpus: set[int] | None, relay_bin: str | None,
-                 extra: tuple[str, ...] = ()) -> Target:
+                 extra: tuple[str, ...] = (), addon: Path = ADDON) -> Target:
     if name == "direct":
         return Target(name, up_port, "chat", None)
     port = free_port()
@@ -201,7 +203,7 @@ def start_target(name: str, up_port: int, workdir: Path, cpus: set[int] | None, 
         ready = "/v1/models"
         mode = "chat"
     elif name.startswith("resp2chat"):
-        proc = Proc(name, [*mitm, "-s", str(ADDON), *extra], workdir, cpus, env)
+        proc = Proc(name, [*mitm, "-s", str(addon), *extra], workdir, cpus, env)
         ready, mode = "/healthz", "responses"
     elif name == "codex-relay":
         proc = Proc(name, [relay_bin, "--port", str(port), "--bind", "127.0.0.1", "--upstream", upstream + "/v1"],
@@ -249,16 +251,20 @@ class Meter:
 
 
 async def run_load(target: Target, plans: list[list[Variant]], *, gaps: bool = False,
-                   during=None) -> list[tuple[Variant, Answer]]:
-    """One keep-alive connection per plan, each running its plan's requests back to back."""
+                   during=None, stagger: float = 0.0) -> list[tuple[Variant, Answer]]:
+    """One keep-alive connection per plan, each running its plan's requests back to back;
+    the i-th connection starts i * stagger / len(plans) seconds after the first."""
     conns = [Conn("127.0.0.1", target.port) for _ in plans]
     for c in conns:  # connect first, so the timed part is requests only
         await c.open()
 
-    async def worker(conn: Conn, plan: list[Variant]):
+    async def worker(conn: Conn, plan: list[Variant], delay: float):
+        if delay:
+            await asyncio.sleep(delay)
         return [(v, await conn.request(target.path, target.body(v), target.mode, gaps=gaps)) for v in plan]
 
-    tasks = [asyncio.ensure_future(worker(c, p)) for c, p in zip(conns, plans)]
+    tasks = [asyncio.ensure_future(worker(c, p, i * stagger / len(plans)))
+             for i, (c, p) in enumerate(zip(conns, plans))]
     side = asyncio.ensure_future(during()) if during else None
     try:
         results = await asyncio.gather(*tasks)
@@ -325,19 +331,25 @@ async def phase_rss(target: Target, upstream: Proc, cfg: dict, w: dict) -> tuple
             samples.append(proc_rss(gw.pid))
             await asyncio.sleep(0.05)
 
-    pairs = await run_load(target, [[w["paced"]]] * cfg["rss_streams"], during=sample)
+    with Meter(gw, upstream) as m:
+        pairs = await run_load(target, [[w["paced"]]] * cfg["rss_streams"], during=sample,
+                               stagger=cfg["stagger_ms"] / 1000)
     peak = max(samples, default=idle)
-    return {"streams": cfg["rss_streams"], "idle_mb": round(idle / 2**20, 1), "peak_mb": round(peak / 2**20, 1),
+    return {**m.as_dict(), "streams": cfg["rss_streams"], "idle_mb": round(idle / 2**20, 1), "peak_mb": round(peak / 2**20, 1),
             "added_mb": round((peak - idle) / 2**20, 1)}, pairs
 
 
 async def phase_paced(target: Target, upstream: Proc, cfg: dict, w: dict) -> tuple[dict, list]:
     """N streams at 1000/paced_ms events/s each: gaps between consecutive deltas at the client."""
     with Meter(target.proc, upstream) as m:
-        pairs = await run_load(target, [[w["paced"]]] * cfg["paced_streams"], gaps=True)
+        pairs = await run_load(target, [[w["paced"]]] * cfg["paced_streams"], gaps=True,
+                               stagger=cfg["stagger_ms"] / 1000)
     gaps = [b - a for _, ans in pairs for a, b in zip(ans.delta_times, ans.delta_times[1:])]
-    return {**m.as_dict(), "streams": cfg["paced_streams"], "interval_ms": cfg["paced_ms"],
-            "gap_ms": dist_ms(gaps)}, pairs
+    res = {**m.as_dict(), "streams": cfg["paced_streams"], "interval_ms": cfg["paced_ms"],
+           "start_stagger_ms": cfg["stagger_ms"], "gap_ms": {**dist_ms(gaps), "p999": _r(_ms(pct(gaps, 0.999)))}}
+    if target.proc is not None:  # CPU per event when every read carries one event (no batching)
+        res["cpu_us_per_event"] = _r(m.gateway_cpu * 1e6 / sum(upstream_chunks(v) for v, _ in pairs), 2)
+    return res, pairs
 
 
 async def phase_c64(target: Target, upstream: Proc, cfg: dict, w: dict) -> tuple[dict, list]:
@@ -376,9 +388,22 @@ async def measure_path(target: Target, upstream: Proc, cfg: dict, w: dict, phase
             continue  # no gateway process on the direct path
         if on_phase:
             on_phase(name, "start")
-        res, pairs = await PHASE_FUNCS[name](target, upstream, cfg, w)
-        checks.append(c := check(pairs))
-        out[name] = {**c, **res}
+        # Other jobs on the machine skew wall times: a phase during which they used more than
+        # NOISY of a core is run again after waiting for quiet (cfg["retries"] times at most),
+        # and the quietest attempt is kept. Every attempt's answers are checked for lost events.
+        best = None
+        for attempt in range(1 + cfg.get("retries", 0)):
+            if attempt:
+                wait_quiet(cfg.get("quiet_wait", 0))
+            res, pairs = await PHASE_FUNCS[name](target, upstream, cfg, w)
+            checks.append(c := check(pairs))
+            noise = res["other_cpu_s"] / res["wall_s"] if res.get("wall_s") else 0.0
+            if best is None or noise < best[0]:
+                best = (noise, {**c, **res, "attempts": attempt + 1})
+            if noise <= NOISY:
+                break
+        best[1]["attempts"] = attempt + 1
+        out[name] = best[1]
         if on_phase:
             on_phase(name, "end")
     out["lost_events"] = sum(c["lost_events"] for c in checks)
@@ -391,6 +416,7 @@ async def measure_replay(target: Target, upstream: Proc, cfg: dict) -> dict:
     """Pairs of (new request -> upstream, the same request again -> replay cache)."""
     miss, hit = [], []
     conn = Conn("127.0.0.1", target.port)
+    meter = Meter(target.proc, upstream).__enter__()
     try:
         for i in range(cfg["replay"]):
             v = make_variant("text", deltas=cfg["deltas"], reasoning_words=cfg["reasoning_words"],
@@ -399,10 +425,11 @@ async def measure_replay(target: Target, upstream: Proc, cfg: dict) -> dict:
             hit.append((v, await conn.request(target.path, v.responses_body, "responses")))
     finally:
         conn.close()
+        meter.__exit__()
     c = check(miss + hit)
     m50 = pct([a.total for _, a in miss if a.total], 0.5)
     h50 = pct([a.total for _, a in hit if a.total], 0.5)
-    return {**c, "miss_total_ms": dist_ms([a.total for _, a in miss if a.total]),
+    return {**c, **meter.as_dict(), "miss_total_ms": dist_ms([a.total for _, a in miss if a.total]),
             "hit_total_ms": dist_ms([a.total for _, a in hit if a.total]),
             "speedup_p50": _r(m50 / h50 if m50 and h50 else None, 1)}
 
@@ -440,7 +467,7 @@ def derive(results: dict) -> dict:
         b = paths.get(base)
         if not b or not me:
             continue
-        for key in ("c64.cpu_us_per_event", "c64.cpu_ms_per_answer", "c64.upstream_chunks_per_s", "rss.peak_mb",
+        for key in ("c64.cpu_us_per_event", "paced.cpu_us_per_event", "c64.cpu_ms_per_answer", "c64.upstream_chunks_per_s", "rss.peak_mb",
                     "added_ms.c1.ttft.p50", "added_ms.c1.total.p50", "added_ms.paced.gap.p99"):
             x, y = _get(me, key), _get(b, key)
             if isinstance(x, (int, float)) and isinstance(y, (int, float)) and y:
@@ -456,10 +483,18 @@ def derive(results: dict) -> dict:
                                                    "<= 1.25x", lambda v: v <= 1.25)
         t["cpu_per_event_vs_codex_relay"] = target(ratios.get("resp2chat/codex-relay:c64.cpu_us_per_event"),
                                                    "<= 3x", lambda v: v <= 3)
+        # the same, when every read carries one event (64 x 50 events/s): no batching to hide behind
+        t["cpu_per_event_paced_vs_passthrough"] = target(
+            ratios.get("resp2chat/passthrough:paced.cpu_us_per_event"), "<= 1.25x", lambda v: v <= 1.25)
+        t["cpu_per_event_paced_vs_codex_relay"] = target(
+            ratios.get("resp2chat/codex-relay:paced.cpu_us_per_event"), "<= 3x", lambda v: v <= 3)
         t["added_ttft_p50_c1_ms"] = target(_get(me, "added_ms.c1.ttft.p50"), "<= 5 ms", lambda v: v <= 5)
         t["added_gap_p99_64x50_ms"] = target(_get(me, "added_ms.paced.gap.p99"), "<= 25 ms", lambda v: v <= 25)
         t["lost_events"] = target(me.get("lost_events"), "== 0", lambda v: v == 0)
     rp = results.get("replay")
+    d_total = _get(direct, "c1.total_ms.p50")
+    if rp and d_total and _get(rp, "hit_total_ms.p50"):
+        rp["speedup_vs_direct_p50"] = round(d_total / rp["hit_total_ms"]["p50"], 1)
     if rp:
         t["replay_hit_speedup"] = target(rp.get("speedup_p50"), ">= 10x", lambda v: v >= 10)
     results["targets"] = t
@@ -478,6 +513,7 @@ ROWS = [
     ("gateway CPU per answer (ms)", "c64.cpu_ms_per_answer", None),
     ("gateway CPU per event (µs)", "c64.cpu_us_per_event", None),
     ("gateway CPU per client event (µs)", "c64.cpu_us_per_client_event", None),
+    ("gateway CPU per event, paced (µs)", "paced.cpu_us_per_event", None),
     ("64x50ev/s gap p50 / p99 (ms)", "paced.gap_ms.p50", "paced.gap_ms.p99"),
     ("64x50ev/s added gap p99 (ms)", "added_ms.paced.gap.p99", None),
     ("RSS idle / 100 streams (MB)", "rss.idle_mb", "rss.peak_mb"),
@@ -518,11 +554,13 @@ def table(results: dict) -> str:
         lines.append("")
         lines.append(f"replay cache (resp2chat, {rp['answers'] // 2} pairs): hit total p50 {_fmt(rp['hit_total_ms']['p50'])} ms "
                      f"p99 {_fmt(rp['hit_total_ms']['p99'])} ms; same request upstream (miss) p50 "
-                     f"{_fmt(rp['miss_total_ms']['p50'])} ms -> {_fmt(rp['speedup_p50'])}x faster; lost {rp['lost_events']}")
+                     f"{_fmt(rp['miss_total_ms']['p50'])} ms -> {_fmt(rp['speedup_p50'])}x faster "
+                     f"(direct upstream p50 {_fmt(_get(results, 'paths.direct.c1.total_ms.p50'))} ms); "
+                     f"lost {rp['lost_events']}")
     noisy = [f"{p}/{ph} {r[ph]['other_cpu_s'] / r[ph]['wall_s']:.0%}"
              for p, r in results["paths"].items() for ph in PHASES
              if ph in r and r[ph].get("other_cpu_s") is not None and r[ph]["wall_s"]
-             and r[ph]["other_cpu_s"] / r[ph]["wall_s"] > 0.2]
+             and r[ph]["other_cpu_s"] / r[ph]["wall_s"] > NOISY]
     if noisy:
         lines.append("")
         lines.append("WARNING: other processes used CPU during (share of one core): " + ", ".join(noisy)
@@ -542,16 +580,15 @@ def table(results: dict) -> str:
 # --- main --------------------------------------------------------------------------------------
 
 
-def wait_quiet(limit_s: float, max_busy: float = 0.25) -> float:
-    """Wait (at most limit_s) until the machine is nearly idle: other jobs skew every figure.
-    Returns the busy fraction of all cores over the last second measured."""
+def wait_quiet(limit_s: float) -> float:
+    """Wait (at most limit_s) until other jobs use at most NOISY of a core: they skew every
+    figure. Returns the cores busy over the last half second measured."""
     deadline = time.monotonic() + limit_s
-    ncpu = os.cpu_count() or 1
     while True:
         b0 = machine_busy()
-        time.sleep(1.0)
-        busy = (machine_busy() - b0) / ncpu
-        if busy <= max_busy or time.monotonic() >= deadline:
+        time.sleep(0.5)
+        busy = (machine_busy() - b0) / 0.5
+        if busy <= NOISY or time.monotonic() >= deadline:
             return round(busy, 2)
 
 
@@ -603,6 +640,7 @@ async def main_async(args, cfg: dict) -> dict:
                     if pin else "none", "clock_ticks_per_s": TICK, "platform": platform.platform()},
         "versions": versions(relay_bin),
         "git": git_state(),
+        "addon": str(args.addon),
         "workload": {**cfg, "request_bytes": len(text.responses_body), "chat_request_bytes": len(text.chat_body),
                      "upstream_chunks_per_answer": {k: upstream_chunks(v) for k, v in work.items()},
                      "fixture": "tests/fixtures/codex-0.169.0/01-text-only.json", "smoke": args.smoke},
@@ -616,9 +654,9 @@ async def main_async(args, cfg: dict) -> dict:
         wait_ready(upstream, up_port, "/healthz")
         for name in wanted:
             busy = wait_quiet(0 if args.smoke else args.quiet_wait)
-            print(f"[bench] {name} ... (machine {busy:.0%} busy before)", flush=True)
+            print(f"[bench] {name} ... ({busy:.2f} cores busy before)", flush=True)
             target = start_target(name, up_port, workdir, gw_cpus, relay_bin,
-                                  ("--set", "resp2chat_max_replay_entries=0"))
+                                  ("--set", "resp2chat_max_replay_entries=0"), args.addon)
             try:
                 results["paths"][name] = await measure_path(target, upstream, cfg, work, args.phases)
             finally:
@@ -629,7 +667,7 @@ async def main_async(args, cfg: dict) -> dict:
                   f"c64 {_get(r, 'c64.upstream_chunks_per_s')} chunks/s, lost {r['lost_events']}", flush=True)
         if "resp2chat" in wanted and not args.no_replay:
             print("[bench] resp2chat replay cache ...", flush=True)
-            target = start_target("resp2chat-replay", up_port, workdir, gw_cpus, relay_bin)
+            target = start_target("resp2chat-replay", up_port, workdir, gw_cpus, relay_bin, (), args.addon)
             try:
                 results["replay"] = await measure_replay(target, upstream, cfg)
             finally:
@@ -653,12 +691,19 @@ def main(argv=None) -> int:
     ap.add_argument("--no-install", action="store_true", help="skip codex-relay when it is not installed")
     ap.add_argument("--no-replay", action="store_true", help="skip the replay-cache measurement")
     ap.add_argument("--keep", action="store_true", help="keep the process logs")
+    ap.add_argument("--addon", type=Path, default=ADDON,
+                    help="the addon script the resp2chat path loads (A/B a change: a copy or a wrapper)")
+    ap.add_argument("--retries", type=int, default=3,
+                    help="run a phase again (keeping the quietest attempt) when other jobs used the CPU meanwhile")
     ap.add_argument("--quiet-wait", type=float, default=60.0,
                     help="before each path, wait up to this many seconds for other jobs to go quiet")
     for key, value in FULL.items():
         ap.add_argument("--" + key.replace("_", "-"), type=int, default=None, help=f"(full: {value})")
     args = ap.parse_args(argv)
+    args.addon = args.addon.resolve()  # the gateway runs in a temporary directory
     cfg = dict(SMOKE if args.smoke else FULL)
+    cfg["retries"] = 0 if args.smoke else args.retries
+    cfg["quiet_wait"] = 0 if args.smoke else args.quiet_wait
     for key in FULL:
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
