@@ -20,6 +20,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from urllib.parse import urlsplit
@@ -37,7 +38,7 @@ from resp2chat_cli.store import ResponseStore
 from resp2chat_core import settings as S
 from resp2chat_core.errors import GatewayError, error_json
 from resp2chat_core.lowering import LoweringOptions
-from resp2chat_core.replay import ReplayCache, replay_key
+from resp2chat_core.replay import ReplayCache, pack, replay_key, unpack_fresh
 from resp2chat_core.turn import Turn, begin_turn
 
 log = logging.getLogger("resp2chat")
@@ -156,9 +157,12 @@ class Resp2Chat:
         loaded = 0
         for f in flows:
             meta = f.metadata.get(META) or {}
-            if isinstance(f, http.HTTPFlow) and meta.get("status") == "completed" and meta.get("upstream_sse"):
-                loaded += self.replay.put(replay_key(meta.get("upstream", ""), f.request.content or b""),
-                                          meta["upstream_sse"].encode())
+            if isinstance(f, http.HTTPFlow) and meta.get("status") == "completed" and f.response:
+                created = re.search(rb'"created_at":(\d+)', f.response.content or b"")
+                if created and meta.get("response_id"):
+                    loaded += self.replay.put(
+                        replay_key(self._cache_context(meta.get("upstream", "")), meta["responses_request"].encode()),
+                        pack(meta["response_id"], int(created[1]), f.response.content))
         log.info(f"resp2chat: replay cache preloaded with {loaded} answers from {path}")
 
     def _open_request_log(self, path: str) -> None:
@@ -308,7 +312,7 @@ class Resp2Chat:
             if any(t.kind == "web_search" for t in turn.lowered.tool_map.targets.values()):
                 flow.request.headers[WEB_SEARCH_HEADER] = "1"
             flow.request.host, flow.request.port, flow.request.scheme = "127.0.0.1", self.relay.port, "http"
-        key = replay_key(upstream_url, turn.chat_body)
+        key = replay_key(self._cache_context(upstream_url), body)
         # Server replay answers after this hook and would overwrite a cache answer.
         cached = None if getattr(ctx.options, "server_replay", None) else self.replay.get(key)
         if cached is not None:
@@ -360,6 +364,9 @@ class Resp2Chat:
             self._record(flow, turn, upstream_sse)
         redact(flow)
 
+    def _cache_context(self, upstream_url: str) -> str:
+        return f"{upstream_url}\n{self.lowering!r}"  # same request, other settings: other answer
+
     def _secrets(self) -> tuple[bytes, ...]:
         return tuple(v.encode() for k in S.SECRET_FIELDS if len(v := self.settings[k]) >= 6)
 
@@ -383,22 +390,23 @@ class Resp2Chat:
             + (f" · {calls} tool call{'s' if calls != 1 else ''}" if calls else "")
             + f" · {took * 1000:.0f} ms"
         )
-        if status == "completed" and meta.get("replay_key"):
-            self.replay.put(meta["replay_key"], upstream_sse)
+        answer = bytes(flow.response.stream.sent) if isinstance(flow.response.stream, SSEStream) \
+            else flow.response.content
+        if status == "completed" and meta.get("replay_key") and answer:
+            self.replay.put(meta["replay_key"], pack(turn.ctx.response_id, turn.ctx.created_at, answer))
         if status == "completed" and turn.store and self.store is not None:
             self.store.put(turn.ctx.response_id, turn.items + t.output, t.response())
 
-    def _answer_from_cache(self, flow: http.HTTPFlow, turn: Turn, upstream_sse: bytes) -> None:
-        t = turn.translator()
-        out = scrub(t.feed(upstream_sse) + t.finish(), self._secrets())
-        if turn.client_stream:
-            flow.response = http.Response.make(200, out, {"content-type": "text/event-stream; charset=utf-8",
-                                                          "cache-control": "no-cache"})
-        else:
-            flow.response = http.Response.make(200, json.dumps(t.response(), ensure_ascii=False), JSON_HEADERS)
+    def _answer_from_cache(self, flow: http.HTTPFlow, turn: Turn, entry: bytes) -> None:
+        body = unpack_fresh(entry, turn.ctx.response_id, turn.ctx.created_at)
+        ctype = "text/event-stream; charset=utf-8" if turn.client_stream else "application/json"
+        flow.response = http.Response.make(200, body, {"content-type": ctype, "cache-control": "no-cache"})
         flow.comment = f"{turn.ctx.model} · replay cache hit"
-        if t.done and t.response()["status"] == "completed" and turn.store and self.store is not None:
-            self.store.put(turn.ctx.response_id, turn.items + t.output, t.response())
+        if turn.store and self.store is not None:  # previous_response_id works after a hit too
+            last = body if not turn.client_stream else body[body.rindex(b"data: ") + 6:]
+            final = json.loads(last)
+            final = final.get("response", final)
+            self.store.put(turn.ctx.response_id, turn.items + final["output"], final)
 
     def error(self, flow: http.HTTPFlow) -> None:
         turn = self.turns.pop(flow.id, None)
@@ -407,6 +415,8 @@ class Resp2Chat:
         # "Client disconnected" instead of a response. The turn happened all the same; record it
         # (status, usage, upstream SSE; replay cache and response store when completed).
         if turn is not None and flow.response is not None and isinstance(flow.response.stream, SSEStream):
+            if not flow.response.raw_content:  # mitmproxy stores a streamed body only at its end
+                flow.response.raw_content = bytes(flow.response.stream.sent)
             self._record(flow, turn, bytes(flow.response.stream.buffer))
         redact(flow)
 

@@ -264,3 +264,6 @@ def test_turn_recorded_when_client_hangs_up_after_completed(addon):
         assert meta["status"] == "completed"
         assert meta["usage"]["input_tokens"] == 9 and meta["usage"]["input_tokens_details"]["cached_tokens"] == 8
         assert "[DONE]" in meta["upstream_sse"]
+        # the flow file keeps what the client got (mitmproxy stores a streamed body only at its
+        # end, which never came): server replay of this recording must answer in full
+        assert f.response.raw_content == out

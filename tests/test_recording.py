@@ -151,15 +151,17 @@ def test_replay_cache_answers_identical_requests_without_upstream(upstream, gate
     assert len(upstream.requests()) == 1
     assert strip_ids(first) == strip_ids(second)
     assert parse_sse(first)[-1]["response"]["id"] != parse_sse(second)[-1]["response"]["id"]
-    # stream:false lowers to the same chat body (upstream is always streamed): a hit as well
+    # the same request without streaming is another request (another answer shape): a miss, then a hit
     whole = requests.post(gw.base_url + "/responses", json={**body, "stream": False}, timeout=30).json()
+    again = requests.post(gw.base_url + "/responses", json={**body, "stream": False}, timeout=30).json()
     assert whole["output"][-1]["content"][0]["text"] == "You said: cache me please"
-    assert len(upstream.requests()) == 1
+    assert again["output"] == [{**o, "id": o["id"].replace(whole["id"][5:], again["id"][5:])} for o in whole["output"]]
+    assert again["id"] != whole["id"] and len(upstream.requests()) == 2
     # FIFO with capacity 2: two more distinct prompts evict the first
     for prompt in ("other one", "another one"):
         requests.post(gw.base_url + "/responses", json={**body, "input": prompt}, timeout=30)
     requests.post(gw.base_url + "/responses", json=body, timeout=30)
-    assert len(upstream.requests()) == 4
+    assert len(upstream.requests()) == 5
 
 
 def test_replay_cache_skips_failures_and_can_be_disabled(upstream, gateway_factory):
@@ -179,9 +181,11 @@ def test_replay_cache_preload_from_flow_file(gateway_factory):
     flow = turns(recording)[0]
     gw = gateway_factory(DEAD_UPSTREAM, "--set", f"resp2chat_replay_preload={recording}",
                          "--set", f"resp2chat_upstream_base_url={flow.metadata['resp2chat']['upstream']}")
-    body = json.loads(flow.metadata["resp2chat"]["responses_request"])
-    r = requests.post(gw.base_url + "/responses", json=body, timeout=30)
+    # the cache is keyed on the request's exact bytes: send what Codex sent
+    r = requests.post(gw.base_url + "/responses", data=flow.metadata["resp2chat"]["responses_request"].encode(),
+                      headers={"content-type": "application/json"}, timeout=30)
     assert strip_ids(r.content) == strip_ids(flow.response.content)
+    assert parse_sse(r.content)[-1]["response"]["id"] != flow.metadata["resp2chat"]["response_id"]
 
 
 # --- analyze ---------------------------------------------------------------------------------

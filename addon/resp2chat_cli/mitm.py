@@ -41,17 +41,18 @@ class Upstream:
 class SSEStream:
     """The stream callable: one translator per flow; never raises, never returns b"" early.
 
-    It also keeps the upstream bytes (up to a cap): flow files record them, and the replay
-    cache answers identical requests from them.
+    It also keeps both sides' bytes (up to a cap): flow files record the upstream's, and the
+    replay cache answers identical requests with the client's.
     """
 
-    __slots__ = ("translator", "status", "mode", "buffer", "secrets")
+    __slots__ = ("translator", "status", "mode", "buffer", "sent", "secrets")
 
     def __init__(self, translator: Translator, status: int, content_type: str, secrets: tuple[bytes, ...] = ()):
         self.translator = translator
         self.status = status
         self.mode = "sse" if status == 200 and "json" not in content_type else "buffer"
-        self.buffer = bytearray()
+        self.buffer = bytearray()  # what the upstream sent (recorded in flow metadata)
+        self.sent = bytearray()  # what the client got (what the replay cache answers with)
         self.secrets = secrets
 
     def __call__(self, data: bytes):
@@ -71,6 +72,8 @@ class SSEStream:
             out = t.fail("server_error", f"gateway error: {exc!r}")
         if self.secrets and out:
             out = scrub(out, self.secrets)  # a backend that echoes our key must not show it
+        if out and len(self.sent) < MAX_ENTRY_BYTES:
+            self.sent += out
         # b"" mid-stream would end the client's chunked body early: say "nothing" with [].
         return out or []
 

@@ -247,11 +247,25 @@ class Relay:
 
         status, ctype, retry_after = 0, b"", None
         held = bytearray()  # an error or JSON body, kept to be sent as one marker
+        pending: list[bytes] = []  # stream data from one upstream read: forwarded as one chunk
         at_boundary, streamed = True, False
         last = time.monotonic()
         while True:
-            event = client.next_event()
+            try:
+                event = client.next_event()
+            except h11.RemoteProtocolError:
+                sink(b"".join(pending))  # what arrived before the break still goes out
+                raise
             if event is h11.NEED_DATA:
+                if pending:
+                    # One downstream chunk per upstream read, not per upstream chunk: mitmproxy
+                    # and the translator pay per chunk, and a read under load carries many.
+                    data = pending[0] if len(pending) == 1 else b"".join(pending)
+                    pending.clear()
+                    sink(data)
+                    at_boundary = data.endswith((b"\n\n", b"\r\n\r\n"))
+                    if down.transport.get_write_buffer_size() > 1 << 20:
+                        await down.drain()  # a slow client: push back on the backend
                 wait = self.idle_timeout - (time.monotonic() - last)
                 if wait <= 0:
                     if at_boundary:
@@ -260,8 +274,9 @@ class Relay:
                             "type": "upstream_timeout"}})}}))
                     return "broken"
                 try:
-                    data = await asyncio.wait_for(up_reader.read(READ), min(wait, self.keepalive))
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(min(wait, self.keepalive)):
+                        data = await up_reader.read(READ)
+                except TimeoutError:
                     if at_boundary and not streamed:  # prefill: keep the client's idle timer alive
                         send(marker({"keepalive": True}))
                         await down.drain()
@@ -270,21 +285,21 @@ class Relay:
                 answered[0] = answered[0] or bool(data)
                 last = time.monotonic()
                 continue
+            if isinstance(event, h11.Data):
+                if status == 200 and b"json" not in ctype:
+                    pending.append(event.data)
+                    streamed = True
+                elif len(held) < MAX_ERROR_BODY:
+                    held += event.data
+                continue
+            if pending:
+                sink(b"".join(pending))
+                pending.clear()
             if isinstance(event, h11.Response):
                 status = event.status_code
                 hdrs = dict(event.headers)
                 ctype = hdrs.get(b"content-type", b"")
                 retry_after = hdrs.get(b"retry-after")
-            elif isinstance(event, h11.Data):
-                if status == 200 and b"json" not in ctype:
-                    sink(event.data)
-                    streamed = True
-                    tail = event.data[-2:]
-                    at_boundary = tail == b"\n\n" or event.data[-4:] == b"\r\n\r\n"
-                    if down.transport.get_write_buffer_size() > 1 << 20:
-                        await down.drain()  # a slow client: push back on the backend
-                elif len(held) < MAX_ERROR_BODY:
-                    held += event.data
             elif isinstance(event, h11.EndOfMessage):
                 break
             elif isinstance(event, h11.ConnectionClosed):

@@ -1,9 +1,10 @@
-"""Replay cache: completed upstream answers keyed by the SHA-256 of the exact chat request.
+"""Replay cache: completed answers keyed by the SHA-256 of the exact client request.
 
-An identical request (same lowered bytes, same upstream) is answered from memory: the stored
-upstream SSE is translated again by a fresh translator, so the client gets fresh response and
-item ids and otherwise the very same events. Only answers that completed are kept. FIFO with a
-fixed number of entries and a per-entry size cap, so memory is bounded whatever the traffic.
+An identical request (same bytes, same upstream, same settings) is answered from memory with the
+very answer the client got the first time, its response id and ``created_at`` swapped for fresh
+ones (item and call ids derive from the response id, so they change with it). Only answers that
+completed are kept. FIFO with a fixed number of entries and a per-entry size cap, so memory is
+bounded whatever the traffic.
 """
 
 from __future__ import annotations
@@ -14,8 +15,22 @@ from collections import OrderedDict
 MAX_ENTRY_BYTES = 4 << 20
 
 
-def replay_key(upstream_url: str, chat_body: bytes) -> str:
-    return hashlib.sha256(upstream_url.encode() + b"\n" + chat_body).hexdigest()
+def replay_key(context: str, request_body: bytes) -> str:
+    """``context``: what else decides the answer (upstream URL, effective lowering settings)."""
+    return hashlib.sha256(context.encode() + b"\n" + request_body).hexdigest()
+
+
+def pack(response_id: str, created_at: int, body: bytes) -> bytes:
+    return f"{response_id} {created_at}\n".encode() + body
+
+
+def unpack_fresh(entry: bytes, response_id: str, created_at: int) -> bytes:
+    """The stored answer under a new response id and creation time."""
+    head, _, body = entry.partition(b"\n")
+    old_id, old_created = head.decode().split(" ")
+    old, new = old_id.removeprefix("resp_").encode(), response_id.removeprefix("resp_").encode()
+    body = body.replace(old, new).replace(old[:16], new[:16])  # item ids, then generated call ids
+    return body.replace(b'"created_at":%s' % old_created.encode(), b'"created_at":%d' % created_at)
 
 
 class ReplayCache:

@@ -481,7 +481,8 @@ class Translator:
                 self._ws = ""
             self._ws, self._ws_kind = self._ws + text, kind
             return
-        if _ITEM_TRANSITIONS[(self.open, kind)] == "switch":
+        # (the table says "extend" exactly when the kinds match: skip the lookup then)
+        if self.open is not kind and _ITEM_TRANSITIONS[(self.open, kind)] == "switch":
             self._close_open()
             self._open_item(kind)
         if self._ws:
