@@ -28,13 +28,13 @@ from urllib.parse import urlsplit
 from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.proxy import mode_specs
 
-from resp2chat_cli import views
-from resp2chat_cli.config import load_settings
-from resp2chat_cli.mitm import (
+from resp2chat_io import views
+from resp2chat_io.config import load_settings
+from resp2chat_io.mitm import (
     FAILED_STATUS, RawPrinter, SSEStream, Upstream, redact, reverse_target, scrub, session_key,
 )
-from resp2chat_cli.relay import TARGET_HEADER, WEB_SEARCH_HEADER, Relay
-from resp2chat_cli.store import ResponseStore
+from resp2chat_io.relay import TARGET_HEADER, WEB_SEARCH_HEADER, Relay
+from resp2chat_io.store import ResponseStore
 from resp2chat_core import settings as S
 from resp2chat_core.errors import GatewayError, error_json
 from resp2chat_core.lowering import LoweringOptions
@@ -138,7 +138,7 @@ class Resp2Chat:
     def _configure_upstream(self, url: str) -> None:
         if url == "demo":
             if self.demo is None:
-                from resp2chat_cli.demo_upstream import serve_in_thread
+                from resp2chat_io.demo_upstream import serve_in_thread
 
                 self.demo, demo_url = serve_in_thread()
                 log.info(f"resp2chat: serving the bundled demo upstream at {demo_url}")
@@ -307,7 +307,7 @@ class Resp2Chat:
         upstream = self.upstream or reverse_target(flow)
         self._to_upstream(flow, "/chat/completions")
         meta["upstream"] = upstream_url = upstream.url
-        if self.relay.port:  # see resp2chat_cli/relay.py for why turns take this hop
+        if self.relay.port:  # see resp2chat_io/relay.py for why turns take this hop
             flow.request.headers[TARGET_HEADER] = flow.request.url
             if any(t.kind == "web_search" for t in turn.lowered.tool_map.targets.values()):
                 flow.request.headers[WEB_SEARCH_HEADER] = "1"

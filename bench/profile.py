@@ -34,7 +34,7 @@ import run  # noqa: E402
 from client import Conn  # noqa: E402
 from workload import make_variant  # noqa: E402
 
-OURS = ("resp2chat.py", "resp2chat_core/", "resp2chat_cli/")
+OURS = ("resp2chat.py", "resp2chat_core/", "resp2chat_io/")
 
 
 def _frame(frame: str) -> tuple[str, str]:

@@ -1,4 +1,4 @@
-"""The bench's upstream: the bundled demo upstream (resp2chat_cli.demo_upstream), unchanged,
+"""The bench's upstream: the bundled demo upstream (resp2chat_io.demo_upstream), unchanged,
 with a listen backlog large enough for 100 connections opened at once (socketserver's default
 of 5 drops SYNs under a burst, and a dropped SYN costs a 1 s retransmit: noise, not gateway).
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "addon"))
 
-from resp2chat_cli import demo_upstream  # noqa: E402
+from resp2chat_io import demo_upstream  # noqa: E402
 
 demo_upstream.DemoServer.request_queue_size = 1024
 

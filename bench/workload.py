@@ -2,7 +2,7 @@
 
 Every request is a real Codex CLI 0.169.0 request (tests/fixtures/codex-0.169.0, ~40 KB: the
 system prompt, AGENTS.md context and the tool list) with the text of its last user message
-replaced by directives for the demo upstream (resp2chat_cli.demo_upstream):
+replaced by directives for the demo upstream (resp2chat_io.demo_upstream):
 
 - ``text``: text only (``noreason``, ``words: N``): the first content chunk is the first text token.
 - ``reasoning``: R reasoning deltas, then text. The upstream's reasoning is "Thinking about: <the

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from resp2chat_cli.demo_upstream import serve_in_thread
+from resp2chat_io.demo_upstream import serve_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDON = ROOT / "addon" / "resp2chat.py"

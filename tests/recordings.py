@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "addon"))
 
 from conftest import Codex, _codex_bin, start_gateway  # noqa: E402
-from resp2chat_cli.demo_upstream import serve_in_thread  # noqa: E402
+from resp2chat_io.demo_upstream import serve_in_thread  # noqa: E402
 
 WORKDIR = Path(tempfile.gettempdir()) / "resp2chat-recording-workdir"  # and CODEX_HOME inside it
 

@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     import tempfile
 
     from conftest import start_gateway
-    from resp2chat_cli.demo_upstream import serve_in_thread
+    from resp2chat_io.demo_upstream import serve_in_thread
 
     server = gw = None
     base = args.gateway

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from resp2chat_cli import demo_upstream
-from resp2chat_cli.demo_upstream import serve_in_thread
+from resp2chat_io import demo_upstream
+from resp2chat_io.demo_upstream import serve_in_thread
 
 DIALECTS = ["vllm", "ollama", "llamacpp", "deepseek"]
 EXEC_TOOL = {"type": "function", "function": {"name": "exec_command", "parameters": {"type": "object"}}}
@@ -302,7 +302,7 @@ def test_keep_alive_and_chunked_framing(base):
 def test_main_cli_prints_url_logs_and_stops_on_sigterm(tmp_path):
     log = tmp_path / "requests.jsonl"
     env = {**os.environ, "PYTHONPATH": str(Path(demo_upstream.__file__).parents[1])}
-    proc = subprocess.Popen([sys.executable, "-m", "resp2chat_cli.demo_upstream", "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "resp2chat_io.demo_upstream", "--port", "0",
                              "--dialect", "ollama", "--log", str(log)],
                             stdout=subprocess.PIPE, text=True, env=env)
     try:

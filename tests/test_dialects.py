@@ -431,7 +431,7 @@ def test_error_classification_in_band(status, body, code):
 
 
 # --- the scripted upstream's extra dialects, through the session gateway ---------------------
-# The demo upstream (resp2chat_cli.demo_upstream) speaks some of these shapes live: a whole turn
+# The demo upstream (resp2chat_io.demo_upstream) speaks some of these shapes live: a whole turn
 # and a tool loop, with the openai SDK and with the real Codex CLI.
 
 DEMO_DIALECTS = ["think", "mistral", "kimi"]

@@ -32,7 +32,7 @@ def turns(path: Path) -> list[http.HTTPFlow]:
 
 
 def resp2chat(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "resp2chat_cli.main", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "resp2chat_io.main", *args], capture_output=True, text=True,
                           timeout=60, cwd=ROOT, env={"PYTHONPATH": str(ROOT / "addon"), "PATH": "/usr/bin:/bin"})
 
 
@@ -122,7 +122,7 @@ def test_codex_session_recorded_then_replayed_without_upstream(upstream, gateway
 def test_client_replay_against_another_backend(upstream, tmp_path):
     """`mitmdump -C` sends a recording's chat requests to a different upstream."""
     recording = ROOT / "recordings" / "tool-call-loop.mitm"
-    from resp2chat_cli.demo_upstream import serve_in_thread
+    from resp2chat_io.demo_upstream import serve_in_thread
 
     other, other_url = serve_in_thread(dialect="ollama")
     try:
@@ -244,7 +244,7 @@ def test_upstream_request_log_feeds_analyze(upstream, gateway_factory, tmp_path)
 def test_contentviews_render_a_recorded_turn():
     from mitmproxy import contentviews
 
-    from resp2chat_cli import views
+    from resp2chat_io import views
 
     views.register()
     flow = [f for f in turns(ROOT / "recordings" / "tool-call-loop.mitm")][0]

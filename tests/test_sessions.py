@@ -8,7 +8,7 @@ import openai
 import pytest
 import requests
 
-from resp2chat_cli.store import ResponseStore
+from resp2chat_io.store import ResponseStore
 
 EXEC = {"type": "function", "name": "exec_command",
         "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}}}

@@ -407,7 +407,7 @@ class Translator:
         self._fail(code, message)
 
     def _marker(self, m: dict) -> None:
-        """In-band events from the upstream relay (resp2chat_cli/relay.py), not from the model."""
+        """In-band events from the upstream relay (resp2chat_io/relay.py), not from the model."""
         if m.get("accepted"):
             self._start()
         elif m.get("keepalive"):

@@ -7,7 +7,7 @@
 relay.py internals as of commit 0de5b39; see docs/performance.md.
 """
 
-from resp2chat_cli import relay as _relay
+from resp2chat_io import relay as _relay
 
 
 async def _no_start(self):

@@ -11,7 +11,7 @@ relay.py internals as of commit 0de5b39 and will break when they change; see doc
 import asyncio
 
 import h11
-from resp2chat_cli import relay as R
+from resp2chat_io import relay as R
 
 
 async def _pump(self, target, request, body, down, conn):

@@ -193,7 +193,7 @@ def read_turns(flow_path: Path) -> list[dict]:
 def analyze_json(flow_path: Path) -> dict:
     """`resp2chat analyze --json FILE`, run as the command a user would run."""
     cli = Path(sys.executable).with_name("resp2chat")
-    cmd = [str(cli)] if cli.exists() else [sys.executable, "-c", "import sys; from resp2chat_cli.main import main; sys.exit(main())"]
+    cmd = [str(cli)] if cli.exists() else [sys.executable, "-c", "import sys; from resp2chat_io.main import main; sys.exit(main())"]
     proc = subprocess.run([*cmd, "analyze", "--json", str(flow_path)], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT / "addon")})
     if proc.returncode != 0:

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 from mitmproxy import http
 
-from resp2chat_cli.relay import TARGET_HEADER, WEB_SEARCH_HEADER
+from resp2chat_io.relay import TARGET_HEADER, WEB_SEARCH_HEADER
 from resp2chat_core.replay import MAX_ENTRY_BYTES
 from resp2chat_core.translator import Translator
 

@@ -27,7 +27,7 @@ json.dumps([tools, messages]). A simulated KV prefix cache remembers the last
 of 16 tokens. Completion tokens = reasoning words + text words + 8-character
 tool-argument pieces.
 
-    python -m resp2chat_cli.demo_upstream --port 8000 --dialect vllm
+    python -m resp2chat_io.demo_upstream --port 8000 --dialect vllm
 """
 
 from __future__ import annotations
@@ -781,7 +781,7 @@ def _interrupt(signum, frame):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m resp2chat_cli.demo_upstream",
+    ap = argparse.ArgumentParser(prog="python -m resp2chat_io.demo_upstream",
                                  description="Scripted OpenAI-compatible Chat Completions demo server.")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import requests
 
 from resp2chat_core import settings as S
-from resp2chat_cli.config import config_path, load_settings, read_file, write_file
+from resp2chat_io.config import config_path, load_settings, read_file, write_file
 
 ADDON = Path(__file__).resolve().parent.parent / "resp2chat.py"
 DEFAULT_UPSTREAM = "http://127.0.0.1:8000/v1"
@@ -251,7 +251,7 @@ def cmd_print_config(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from resp2chat_cli.analyze import main as analyze_main
+    from resp2chat_io.analyze import main as analyze_main
 
     return analyze_main(args)
 
