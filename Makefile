@@ -58,8 +58,10 @@ test-fast: venv
 run: venv
 	$(VENV)/bin/resp2chat start
 
-bench: venv
+bench: venv codex llamacpp
 	$(PY) bench/run.py --out bench-results.json
+	@echo "KV cache on a real server (llama.cpp), a Codex session of 3 turns:"
+	RESP2CHAT_LLAMACPP_DIR=$(LLAMA_CACHE) CODEX_BIN=$(abspath $(CODEX)) $(PY) tests/llamacpp/kv_figure.py
 
 soak: venv
 	$(PY) tests/soak.py --streams 64 --seconds 60

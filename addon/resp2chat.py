@@ -38,7 +38,7 @@ from resp2chat_io.store import ResponseStore
 from resp2chat_core import settings as S
 from resp2chat_core.errors import GatewayError, error_json
 from resp2chat_core.lowering import LoweringOptions
-from resp2chat_core.replay import ReplayCache, pack, replay_key, unpack_fresh
+from resp2chat_core.replay import ReplayCache, entry_flags, pack, replay_key, unpack_fresh
 from resp2chat_core.turn import Turn, begin_turn
 
 log = logging.getLogger("resp2chat")
@@ -160,9 +160,11 @@ class Resp2Chat:
             if isinstance(f, http.HTTPFlow) and meta.get("status") == "completed" and f.response:
                 created = re.search(rb'"created_at":(\d+)', f.response.content or b"")
                 if created and meta.get("response_id"):
+                    request = json.loads(meta["responses_request"])
                     loaded += self.replay.put(
                         replay_key(self._cache_context(meta.get("upstream", "")), meta["responses_request"].encode()),
-                        pack(meta["response_id"], int(created[1]), f.response.content))
+                        pack(meta["response_id"], int(created[1]), f.response.content,
+                             stream=request.get("stream") is True, store=request.get("store") is not False))
         log.info(f"resp2chat: replay cache preloaded with {loaded} answers from {path}")
 
     def _open_request_log(self, path: str) -> None:
@@ -293,33 +295,36 @@ class Resp2Chat:
     def _begin(self, flow: http.HTTPFlow) -> None:
         body = flow.request.get_content(strict=False) or b""
         meta = flow.metadata[META] = {"responses_request": body.decode("utf-8", "replace")}
+        upstream = self.upstream or reverse_target(flow)
+        key = replay_key(self._cache_context(upstream.url), body)
+        # Server replay answers after this hook and would overwrite a cache answer.
+        entry = None if getattr(ctx.options, "server_replay", None) else self.replay.get(key)
+        if entry is not None and not entry_flags(entry)[1]:
+            # These very bytes were validated and answered before: no parsing, no lowering.
+            self._answer_from_cache(flow, entry, "resp_" + uuid.uuid4().hex, int(time.time()))
+            return
         try:
             turn = begin_turn(body, self.lowering, "resp_" + uuid.uuid4().hex, int(time.time()), self._history)
         except GatewayError as err:
             meta["status"] = "rejected"
             flow.response = http.Response.make(err.status, json.dumps(err.body()), JSON_HEADERS)
             return
+        if entry is not None:  # a hit whose response must be stored (previous_response_id)
+            self._answer_from_cache(flow, entry, turn.ctx.response_id, turn.ctx.created_at, turn)
+            return
         meta["response_id"] = turn.ctx.response_id
+        meta["replay_key"] = key
+        meta["upstream"] = upstream.url
         flow.request.content = turn.chat_body
         flow.request.headers["content-type"] = "application/json"
         flow.request.headers["accept"] = "text/event-stream"
         flow.request.headers["accept-encoding"] = "identity"  # the translator reads raw bytes
-        upstream = self.upstream or reverse_target(flow)
         self._to_upstream(flow, "/chat/completions")
-        meta["upstream"] = upstream_url = upstream.url
         if self.relay.port:  # see resp2chat_io/relay.py for why turns take this hop
             flow.request.headers[TARGET_HEADER] = flow.request.url
             if any(t.kind == "web_search" for t in turn.lowered.tool_map.targets.values()):
                 flow.request.headers[WEB_SEARCH_HEADER] = "1"
             flow.request.host, flow.request.port, flow.request.scheme = "127.0.0.1", self.relay.port, "http"
-        key = replay_key(self._cache_context(upstream_url), body)
-        # Server replay answers after this hook and would overwrite a cache answer.
-        cached = None if getattr(ctx.options, "server_replay", None) else self.replay.get(key)
-        if cached is not None:
-            meta["replay_cache"] = "hit"
-            self._answer_from_cache(flow, turn, cached)
-            return
-        meta["replay_key"] = key
         self.turns[flow.id] = turn
         if self.request_log:
             self.request_log.write(json.dumps(
@@ -393,20 +398,23 @@ class Resp2Chat:
         answer = bytes(flow.response.stream.sent) if isinstance(flow.response.stream, SSEStream) \
             else flow.response.content
         if status == "completed" and meta.get("replay_key") and answer:
-            self.replay.put(meta["replay_key"], pack(turn.ctx.response_id, turn.ctx.created_at, answer))
+            self.replay.put(meta["replay_key"], pack(turn.ctx.response_id, turn.ctx.created_at, answer,
+                                                     stream=turn.client_stream, store=turn.store))
         if status == "completed" and turn.store and self.store is not None:
             self.store.put(turn.ctx.response_id, turn.items + t.output, t.response())
 
-    def _answer_from_cache(self, flow: http.HTTPFlow, turn: Turn, entry: bytes) -> None:
-        body = unpack_fresh(entry, turn.ctx.response_id, turn.ctx.created_at)
-        ctype = "text/event-stream; charset=utf-8" if turn.client_stream else "application/json"
+    def _answer_from_cache(self, flow: http.HTTPFlow, entry: bytes, response_id: str, created_at: int,
+                           turn: Turn | None = None) -> None:
+        body = unpack_fresh(entry, response_id, created_at)
+        stream, store = entry_flags(entry)
+        ctype = "text/event-stream; charset=utf-8" if stream else "application/json"
         flow.response = http.Response.make(200, body, {"content-type": ctype, "cache-control": "no-cache"})
-        flow.comment = f"{turn.ctx.model} · replay cache hit"
-        if turn.store and self.store is not None:  # previous_response_id works after a hit too
-            last = body if not turn.client_stream else body[body.rindex(b"data: ") + 6:]
-            final = json.loads(last)
+        flow.metadata[META].update(replay_cache="hit", response_id=response_id, status="completed")
+        flow.comment = f"replay cache hit · {response_id}"
+        if turn is not None and store and self.store is not None:  # previous_response_id works after hits
+            final = json.loads(body[body.rindex(b"data: ") + 6:] if stream else body)
             final = final.get("response", final)
-            self.store.put(turn.ctx.response_id, turn.items + final["output"], final)
+            self.store.put(response_id, turn.items + final["output"], final)
 
     def error(self, flow: http.HTTPFlow) -> None:
         turn = self.turns.pop(flow.id, None)

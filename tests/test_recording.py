@@ -261,3 +261,15 @@ def test_contentviews_render_a_recorded_turn():
     assert "reasoning: \"Thinking about: run: echo hello-from-tool\"" in up.text
     assert re.search(r'tool_call\[0\]: "exec_command id=\S+ args=\{\\"cmd\\": \\"echo hello-from-tool\\"\}"', up.text)
     assert "finish_reason: tool_calls" in up.text
+
+
+def test_replay_cache_hit_still_stores_for_previous_response_id(upstream, gateway_factory):
+    gw = gateway_factory(upstream.origin)
+    client = openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0)
+    upstream.clear()
+    first = client.responses.create(model="demo-model", input="remember me")
+    hit = client.responses.create(model="demo-model", input="remember me")
+    assert len(upstream.requests()) == 1 and hit.id != first.id and hit.output_text == first.output_text
+    follow = client.responses.create(model="demo-model", input="and now?", previous_response_id=hit.id)
+    assert follow.output_text == "You said: and now?"
+    assert upstream.requests()[-1]["messages"][0]["content"] == "remember me"

@@ -20,14 +20,21 @@ def replay_key(context: str, request_body: bytes) -> str:
     return hashlib.sha256(context.encode() + b"\n" + request_body).hexdigest()
 
 
-def pack(response_id: str, created_at: int, body: bytes) -> bytes:
-    return f"{response_id} {created_at}\n".encode() + body
+def pack(response_id: str, created_at: int, body: bytes, *, stream: bool, store: bool) -> bytes:
+    """An entry: the answer, and what a hit needs to know without parsing the request again."""
+    return f"{response_id} {created_at} {int(stream)} {int(store)}\n".encode() + body
+
+
+def entry_flags(entry: bytes) -> tuple[bool, bool]:
+    """(the client streamed, the client wants the response stored) of an entry's request."""
+    fields = entry[:entry.index(b"\n")].split(b" ")
+    return fields[2] == b"1", fields[3] == b"1"
 
 
 def unpack_fresh(entry: bytes, response_id: str, created_at: int) -> bytes:
     """The stored answer under a new response id and creation time."""
     head, _, body = entry.partition(b"\n")
-    old_id, old_created = head.decode().split(" ")
+    old_id, old_created = head.decode().split(" ")[:2]
     old, new = old_id.removeprefix("resp_").encode(), response_id.removeprefix("resp_").encode()
     body = body.replace(old, new).replace(old[:16], new[:16])  # item ids, then generated call ids
     return body.replace(b'"created_at":%s' % old_created.encode(), b'"created_at":%d' % created_at)

@@ -42,7 +42,7 @@ for p in (str(TESTS), str(ROOT / "addon")):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from conftest import Codex, CodexRun, Gateway, _codex_bin, free_port, start_gateway  # noqa: E402
+from conftest import Codex, CodexRun, Gateway, _codex_bin, free_port, start_gateway, stop_process  # noqa: E402
 
 DEFAULT_DIR = Path.home() / ".cache" / "resp2chat-llamacpp"
 MODEL_ID = "tiny-qwen3"
@@ -118,13 +118,7 @@ class LlamaServer:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
     def __enter__(self) -> "LlamaServer":
         return self.start()
