@@ -54,6 +54,16 @@ Dialects (tests/fixtures/dialects/ holds one recorded-shape stream per rule belo
   ``text/event-stream``, an HTML error page): until the first event the parser keeps the
   lines that are no SSE field (``SSEParser.stray``), read as a whole body if no event came.
 - Usage: see usage.py (top-level, ``x_groq``, per-choice; every cached-token spelling).
+
+Relay markers
+-------------
+Events shaped ``{"resp2chat": {...}}`` come from the gateway's own upstream relay
+(resp2chat_io/relay.py), never from a model: ``accepted`` (start now: ``response.created``),
+``keepalive`` (a ``response.in_progress`` data event while the backend is silent),
+``upstream_error`` (the backend's HTTP error or a connect/stall failure -> ``response.failed``),
+``upstream_json`` (a backend that answered a stream request with one JSON body) and
+``web_search`` (a search the gateway runs: a ``web_search_call`` item, opened at ``started``
+and closed at ``done``).
 """
 
 from __future__ import annotations
