@@ -40,6 +40,15 @@ def upstream_response(flow, body: bytes, status=200, ctype="text/event-stream"):
     return flow
 
 
+def streaming_flow(addon) -> http.HTTPFlow:
+    """A streaming /v1/responses flow whose upstream answered 200: the stream callable is set."""
+    f = responses_flow({"model": "m", "input": "hi", "stream": True})
+    addon.request(f)
+    upstream_response(f, b"")
+    addon.responseheaders(f)
+    return f
+
+
 def chunk(delta=None, finish=None) -> bytes:
     c = {"choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}]}
     return b"data: " + json.dumps(c).encode() + b"\n\n"
@@ -89,10 +98,7 @@ def test_client_authorization_dropped_unless_forwarding(addon):
 def test_saved_flows_never_hold_credentials(addon):
     with taddons.context(addon) as tctx:
         tctx.configure(addon, resp2chat_upstream_api_key="sk-upstream-secret")
-        f = responses_flow({"model": "m", "input": "hi", "stream": True})
-        addon.request(f)
-        upstream_response(f, b"")
-        addon.responseheaders(f)
+        f = streaming_flow(addon)
         addon.response(f)
         assert "sk-upstream-secret" not in json.dumps(f.get_state(), default=str)
 
@@ -146,10 +152,7 @@ def test_stream_callable_translates_and_fixes_headers(addon):
 def test_stream_callable_never_raises(addon, monkeypatch):
     with taddons.context(addon) as tctx:
         tctx.configure(addon)
-        f = responses_flow({"model": "m", "input": "hi", "stream": True})
-        addon.request(f)
-        upstream_response(f, b"")
-        addon.responseheaders(f)
+        f = streaming_flow(addon)
         stream = f.response.stream
 
         def boom(data):
@@ -247,10 +250,7 @@ def test_turn_recorded_when_client_hangs_up_after_completed(addon):
     of the upstream body: mitmproxy then calls `error`, not `response`. Seen with llama-server."""
     with taddons.context(addon) as tctx:
         tctx.configure(addon)
-        f = responses_flow({"model": "m", "input": "hi", "stream": True})
-        addon.request(f)
-        upstream_response(f, b"")
-        addon.responseheaders(f)
+        f = streaming_flow(addon)
         usage = {"prompt_tokens": 9, "completion_tokens": 1, "total_tokens": 10,
                  "prompt_tokens_details": {"cached_tokens": 8}}
         out = f.response.stream(chunk({"content": "Hi"}) + chunk(finish="stop")
