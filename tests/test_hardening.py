@@ -314,3 +314,35 @@ def test_short_soak_loses_nothing(upstream, gateway_factory):
     stats = asyncio.run(soak(gw.base_url, streams=32, seconds=6, words=30))
     assert stats.failures == []
     assert stats.streams >= 32 and stats.events > 32 * 30
+
+
+# --- https upstreams (the relay speaks TLS to the backend) -------------------------------------
+
+
+@pytest.fixture
+def tls_upstream(tmp_path):
+    import ssl
+    import subprocess
+
+    from resp2chat_io.demo_upstream import make_server
+
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", tmp_path / "k.pem",
+                    "-out", tmp_path / "c.pem", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    server = make_server()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"https://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+def test_https_upstream_verified_unless_told_otherwise(tls_upstream, gateway_factory):
+    strict = gateway_factory(DEAD, "--set", f"resp2chat_upstream_base_url={tls_upstream}")
+    r = requests.post(strict.base_url + "/responses", json={"model": "m", "input": "over tls"}, timeout=30)
+    assert r.status_code == 502 and "CERTIFICATE_VERIFY_FAILED" in r.json()["error"]["message"]
+    insecure = gateway_factory(DEAD, "--set", f"resp2chat_upstream_base_url={tls_upstream}", "--set", "ssl_insecure=true")
+    events = stream_events(insecure, {"model": "m", "input": "over tls"})
+    assert events[-1]["type"] == "response.completed"
+    assert events[-1]["response"]["output"][-1]["content"][0]["text"] == "You said: over tls"
