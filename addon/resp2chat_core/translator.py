@@ -73,6 +73,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from .errors import classify_upstream_error, sanitize, upstream_error_message
+from .jsonstring import InputStream
 from .sse import SSEParser
 from .think import BREAK, REASONING, WATCH, ThinkSplitter
 from .toolmap import ToolMap
@@ -166,6 +167,8 @@ class _Tool:
     name: str
     namespace: str | None
     args: list[str] = field(default_factory=list)
+    live: InputStream | None = None  # custom tools: the raw input decoded as the JSON arrives
+    streamed: list[str] = field(default_factory=list)  # custom input deltas already sent
 
 
 class Translator:
@@ -622,7 +625,7 @@ class Translator:
         tool.args.append(args)
         if self.observer is not None:
             self.observer("tool", args)
-        if tool.kind == "function":  # stream live; other kinds need the whole JSON to decode
+        if tool.kind == "function":  # stream live; local_shell/tool_search need the whole JSON
             seq = self.events
             self.events += 1
             self._out.append(
@@ -630,6 +633,14 @@ class Translator:
                 f'"response.function_call_arguments.delta","sequence_number":{seq},'
                 f'"item_id":"{tool.item_id}","output_index":{tool.output_index},"delta":{_dumps(args)}}}\n\n'
             )
+        elif tool.kind == "custom":
+            if tool.live is None:
+                tool.live = InputStream()
+            text = tool.live.feed(args)
+            if text:  # apply_patch's patch text, live, as the model writes it
+                tool.streamed.append(text)
+                self._emit("response.custom_tool_call_input.delta", item_id=tool.item_id,
+                           output_index=tool.output_index, delta=text)
 
     def _close_tool(self, tool: _Tool) -> None:
         raw = "".join(tool.args)
@@ -640,7 +651,10 @@ class Translator:
             item = self._tool_item(tool, "completed", args)
         elif tool.kind == "custom":
             value = _decode_custom_input(raw)
-            self._emit("response.custom_tool_call_input.delta", **ids, delta=value)
+            sent = "".join(tool.streamed)
+            if value.startswith(sent) and len(value) > len(sent):
+                # what live decoding could not send (another shape): the rest, in one delta
+                self._emit("response.custom_tool_call_input.delta", **ids, delta=value[len(sent):])
             self._emit("response.custom_tool_call_input.done", **ids, input=value)
             item = self._tool_item(tool, "completed", value)
         else:
