@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
+from .think import MODES as THINK_MODES
+
 
 class SettingsError(ValueError):
     """An invalid value: names the field, the value and why."""
@@ -130,6 +132,22 @@ def coerce(field: Field, value: Any, source: str = "") -> Any:
     raise AssertionError(k)
 
 
+def _either(words) -> str:
+    return ", ".join(words[:-1]) + f" or {words[-1]}"
+
+
+# Settings that take one of a few words, and maps whose values must pass a check.
+_CHOICES = {
+    "max_tokens_field": ("max_tokens", "max_completion_tokens"),
+    "history_reasoning_field": ("reasoning_content", "reasoning", "none"),
+}
+_MAP_VALUES = {
+    "think_tags": (lambda v: v in THINK_MODES, _either(THINK_MODES)),
+    "reasoning_effort_map": (lambda v: isinstance(v, str), "a string"),
+    "model_extra_params": (lambda v: isinstance(v, dict), "a JSON object"),
+}
+
+
 def validate(name: str, value: Any) -> None:
     """Checks beyond the type, shared by the file, the environment and --set."""
     if name == "bind_addr" and not _HOSTPORT.match(value):
@@ -138,16 +156,12 @@ def validate(name: str, value: Any) -> None:
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise SettingsError(name, value, "expected an http:// or https:// URL")
-    if name == "max_tokens_field" and value not in ("max_tokens", "max_completion_tokens"):
-        raise SettingsError(name, value, "expected max_tokens or max_completion_tokens")
-    if name == "history_reasoning_field" and value not in ("reasoning_content", "reasoning", "none"):
-        raise SettingsError(name, value, "expected reasoning_content, reasoning or none")
-    if name == "think_tags" and any(v not in ("auto", "open", "off") for v in value.values()):
-        raise SettingsError(name, value, "each value must be auto, open or off")
-    if name in ("reasoning_effort_map",) and any(not isinstance(v, str) for v in value.values()):
-        raise SettingsError(name, value, "each value must be a string")
-    if name == "model_extra_params" and any(not isinstance(v, dict) for v in value.values()):
-        raise SettingsError(name, value, "each value must be a JSON object")
+    if name in _CHOICES and value not in _CHOICES[name]:
+        raise SettingsError(name, value, "expected " + _either(_CHOICES[name]))
+    if name in _MAP_VALUES:
+        ok, what = _MAP_VALUES[name]
+        if not all(ok(v) for v in value.values()):
+            raise SettingsError(name, value, f"each value must be {what}")
     if name == "upstream_request_log_path" and value and "\n" in value:
         raise SettingsError(name, value, "expected a file path")
 
