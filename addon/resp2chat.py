@@ -62,6 +62,8 @@ class Resp2Chat:
         self.relay = Relay()
         self.store: ResponseStore | None = None
         self._store_config: tuple | None = None
+        self._lowering_repr = repr(self.lowering)
+        self.secrets: tuple[bytes, ...] = ()  # configured keys, scrubbed from everything we emit
         self._rebind = False
 
     # --- options ---------------------------------------------------------------------------
@@ -102,6 +104,9 @@ class Resp2Chat:
             history_reasoning_field=s["history_reasoning_field"],
             think_tags=s["think_tags"],
         )
+        # Derived once here, not per request: what the replay key adds, what is scrubbed.
+        self._lowering_repr = repr(self.lowering)
+        self.secrets = tuple(v.encode() for k in S.SECRET_FIELDS if len(v := s[k]) >= 6)
         self._configure_upstream(s["upstream_base_url"])
         self._open_request_log(s["upstream_request_log_path"])
         self.replay.resize(s["max_replay_entries"])
@@ -319,7 +324,7 @@ class Resp2Chat:
         flow.request.headers["content-type"] = "application/json"
         flow.request.headers["accept"] = "text/event-stream"
         flow.request.headers["accept-encoding"] = "identity"  # the translator reads raw bytes
-        self._to_upstream(flow, "/chat/completions")
+        self._to_upstream(flow, "/chat/completions", upstream)
         if self.relay.port:  # see resp2chat_io/relay.py for why turns take this hop
             flow.request.headers[TARGET_HEADER] = flow.request.url
             if any(t.kind == "web_search" for t in turn.lowered.tool_map.targets.values()):
@@ -331,9 +336,8 @@ class Resp2Chat:
                 {"ts": time.time(), "flow": flow.id, "session": session_key(flow),
                  "url": flow.request.pretty_url, "body": turn.lowered.chat}, ensure_ascii=False) + "\n")
 
-    def _to_upstream(self, flow: http.HTTPFlow, path: str) -> None:
-        upstream = self.upstream or reverse_target(flow)
-        upstream.route(flow, path)
+    def _to_upstream(self, flow: http.HTTPFlow, path: str, upstream: Upstream | None = None) -> None:
+        (upstream or self.upstream or reverse_target(flow)).route(flow, path)
         key = self.settings["upstream_api_key"]
         if key:
             flow.request.headers["authorization"] = f"Bearer {key}"
@@ -350,7 +354,7 @@ class Resp2Chat:
         translator = turn.translator()
         if ctx.options.resp2chat_raw:
             translator.observer = RawPrinter()
-        resp.stream = SSEStream(translator, status, ctype, self._secrets())
+        resp.stream = SSEStream(translator, status, ctype, self.secrets)
         resp.status_code, resp.reason = 200, "OK"
         for name in ("content-length", "content-encoding", "content-type", "transfer-encoding"):
             resp.headers.pop(name, None)
@@ -370,19 +374,17 @@ class Resp2Chat:
         redact(flow)
 
     def _cache_context(self, upstream_url: str) -> str:
-        return f"{upstream_url}\n{self.lowering!r}"  # same request, other settings: other answer
-
-    def _secrets(self) -> tuple[bytes, ...]:
-        return tuple(v.encode() for k in S.SECRET_FIELDS if len(v := self.settings[k]) >= 6)
+        return f"{upstream_url}\n{self._lowering_repr}"  # same request, other settings: other answer
 
     def _record(self, flow: http.HTTPFlow, turn: Turn, upstream_sse: bytes) -> None:
         """Flow metadata (saved with -w), a one-line comment (shown in mitmweb), the cache."""
         t = turn.active
         meta = flow.metadata[META]
-        meta["upstream_sse"] = scrub(upstream_sse, self._secrets()).decode("utf-8", "replace")
+        meta["upstream_sse"] = scrub(upstream_sse, self.secrets).decode("utf-8", "replace")
         if t is None:
             return
-        meta["status"] = status = t.response()["status"] if t.done else "unfinished"
+        final = t.response() if t.done else None
+        meta["status"] = status = final["status"] if final else "unfinished"
         meta["usage"] = t.usage
         calls = sum(1 for item in t.output if item["type"] not in ("message", "reasoning"))
         u = t.usage or {}
@@ -401,7 +403,7 @@ class Resp2Chat:
             self.replay.put(meta["replay_key"], pack(turn.ctx.response_id, turn.ctx.created_at, answer,
                                                      stream=turn.client_stream, store=turn.store))
         if status == "completed" and turn.store and self.store is not None:
-            self.store.put(turn.ctx.response_id, turn.items + t.output, t.response())
+            self.store.put(turn.ctx.response_id, turn.items + t.output, final)
 
     def _answer_from_cache(self, flow: http.HTTPFlow, entry: bytes, response_id: str, created_at: int,
                            turn: Turn | None = None) -> None:
@@ -448,7 +450,7 @@ class Resp2Chat:
                 status, error_json(err["message"], status_type="upstream_error", code=err["code"]), JSON_HEADERS)
         else:
             flow.response = http.Response.make(200, json.dumps(result, ensure_ascii=False), JSON_HEADERS)
-        flow.response.content = scrub(flow.response.content, self._secrets())
+        flow.response.content = scrub(flow.response.content, self.secrets)
 
     # --- commands --------------------------------------------------------------------------
 

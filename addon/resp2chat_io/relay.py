@@ -100,7 +100,9 @@ class Relay:
 
     async def _exchange(self, request: h11.Request, body: bytes, reader, writer, conn: h11.Connection) -> None:
         self.exchanges += 1
-        target = dict(request.headers).get(TARGET_HEADER.encode(), b"").decode()
+        headers = dict(request.headers)
+        target = headers.get(TARGET_HEADER.encode(), b"").decode()
+        searching = bool(headers.get(WEB_SEARCH_HEADER.encode())) and bool(self.brave_key)
         writer.write(conn.send(h11.Response(status_code=200, headers=[
             (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
             (b"transfer-encoding", b"chunked")])))
@@ -108,7 +110,7 @@ class Relay:
         writer.write(conn.send(h11.Data(data=ACCEPTED)))
         # The only thing mitmproxy may send while we stream is EOF: the client went away.
         gone = asyncio.ensure_future(reader.read(1))
-        pump = asyncio.ensure_future(self._pump(target, request, body, writer, conn))
+        pump = asyncio.ensure_future(self._pump(target, request, body, writer, searching))
         try:
             await asyncio.wait({gone, pump}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -123,14 +125,14 @@ class Relay:
             await writer.drain()
 
     async def _pump(self, target: str, request: h11.Request, body: bytes, down: asyncio.StreamWriter,
-                    conn: h11.Connection) -> None:
+                    searching: bool) -> None:
         def send(data: bytes) -> None:
             if data:
                 # chunked framing by hand: h11 adds nothing here but cost on the hot path
                 # (our response is always chunked; h11 still writes its end in _exchange)
                 down.write(b"%x\r\n%s\r\n" % (len(data), data))
 
-        if dict(request.headers).get(WEB_SEARCH_HEADER.encode()) and self.brave_key:
+        if searching:
             await self._search_loop(target, request, body, send, down)
         else:
             await self._round(target, request, body, send, send, down)
