@@ -28,6 +28,16 @@ def codex_fixture(name: str) -> dict:
     return json.loads((CODEX_FIXTURES / name).read_text())
 
 
+def send_json(handler, status: int, obj) -> None:
+    """Answer from a test upstream (BaseHTTPRequestHandler) with a JSON body."""
+    body = json.dumps(obj).encode()
+    handler.send_response(status)
+    handler.send_header("content-type", "application/json")
+    handler.send_header("content-length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

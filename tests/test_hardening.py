@@ -17,7 +17,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import codex_fixture, parse_sse
+from conftest import codex_fixture, parse_sse, send_json
 from soak import soak
 
 DEAD = "http://127.0.0.1:9"
@@ -271,12 +271,7 @@ class _LeakyAuth(BaseHTTPRequestHandler):
     def do_POST(self):
         self.rfile.read(int(self.headers["content-length"]))
         key = self.headers.get("authorization", "").removeprefix("Bearer ")
-        body = json.dumps({"error": {"message": f"Incorrect API key provided: {key}", "code": "invalid_api_key"}}).encode()
-        self.send_response(401)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        send_json(self, 401, {"error": {"message": f"Incorrect API key provided: {key}", "code": "invalid_api_key"}})
 
     def log_message(self, *a):
         pass

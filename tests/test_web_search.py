@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -11,7 +10,7 @@ from urllib.parse import parse_qs, urlsplit
 import openai
 import pytest
 
-from conftest import Codex
+from conftest import Codex, send_json
 
 BRAVE_KEY = "brave-planted-key-123456"
 WEB_SEARCH = {"type": "web_search"}
@@ -31,17 +30,9 @@ class _Brave(BaseHTTPRequestHandler):
         type(self).queries.append({"path": url.path, "q": q.get("q", [""])[0], "count": q.get("count", [""])[0],
                                    "token": self.headers.get("x-subscription-token")})
         time.sleep(self.delay)
-        if self.status != 200:
-            body = json.dumps({"error": "quota exhausted"}).encode()
-        else:
-            body = json.dumps({"web": {"results": [
-                {"title": f"<strong>Result {i}</strong> for {q['q'][0]}", "url": f"https://example.org/{i}",
-                 "description": f"snippet &amp; text {i}"} for i in range(1, 9)]}}).encode()
-        self.send_response(self.status)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        send_json(self, self.status, {"error": "quota exhausted"} if self.status != 200 else {"web": {"results": [
+            {"title": f"<strong>Result {i}</strong> for {q['q'][0]}", "url": f"https://example.org/{i}",
+             "description": f"snippet &amp; text {i}"} for i in range(1, 9)]}})
 
     def log_message(self, *a):
         pass
