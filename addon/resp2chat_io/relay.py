@@ -32,6 +32,7 @@ from urllib.parse import urlencode, urlsplit
 import h11
 
 from resp2chat_core import searchloop
+from resp2chat_core.chunked import ChunkedDecoder, ChunkedError
 from resp2chat_core.searchloop import RoundFilter
 
 log = logging.getLogger("resp2chat.relay")
@@ -249,34 +250,19 @@ class Relay:
         up_writer.write(client.send(h11.Request(method="POST", target=path, headers=headers)))
         up_writer.write(client.send(h11.Data(data=body)) + client.send(h11.EndOfMessage()))
 
-        status, ctype, retry_after = 0, b"", None
-        held = bytearray()  # an error or JSON body, kept to be sent as one marker
-        pending: list[bytes] = []  # stream data from one upstream read: forwarded as one chunk
-        at_boundary, streamed = True, False
-        last = time.monotonic()
-        while True:
-            try:
-                event = client.next_event()
-            except h11.RemoteProtocolError:
-                sink(b"".join(pending))  # what arrived before the break still goes out
-                raise
-            if event is h11.NEED_DATA:
-                if pending:
-                    # One downstream chunk per upstream read, not per upstream chunk: mitmproxy
-                    # and the translator pay per chunk, and a read under load carries many.
-                    data = pending[0] if len(pending) == 1 else b"".join(pending)
-                    pending.clear()
-                    sink(data)
-                    at_boundary = data.endswith((b"\n\n", b"\r\n\r\n"))
-                    if down.transport.get_write_buffer_size() > 1 << 20:
-                        await down.drain()  # a slow client: push back on the backend
+        at_boundary, streamed, last = True, False, time.monotonic()
+
+        async def recv() -> bytes | None:
+            """The backend's next bytes (b"" at EOF); None once it was silent for idle_timeout."""
+            nonlocal last
+            while True:
                 wait = self.idle_timeout - (time.monotonic() - last)
                 if wait <= 0:
                     if at_boundary:
                         send(marker({"upstream_error": {"status": 504, "body": json.dumps({"error": {
                             "message": f"the upstream sent nothing for {self.idle_timeout:g} s",
                             "type": "upstream_timeout"}})}}))
-                    return "broken"
+                    return None
                 try:
                     async with asyncio.timeout(min(wait, self.keepalive)):
                         data = await up_reader.read(READ)
@@ -285,40 +271,77 @@ class Relay:
                         send(marker({"keepalive": True}))
                         await down.drain()
                     continue
-                client.receive_data(data)
                 answered[0] = answered[0] or bool(data)
                 last = time.monotonic()
-                continue
-            if isinstance(event, h11.Data):
-                if status == 200 and b"json" not in ctype:
-                    pending.append(event.data)
-                    streamed = True
-                elif len(held) < MAX_ERROR_BODY:
-                    held += event.data
-                continue
-            if pending:
-                sink(b"".join(pending))
-                pending.clear()
-            if isinstance(event, h11.Response):
-                status = event.status_code
-                hdrs = dict(event.headers)
-                ctype = hdrs.get(b"content-type", b"")
-                retry_after = hdrs.get(b"retry-after")
-            elif isinstance(event, h11.EndOfMessage):
+                return data
+
+        async def forward(data: bytes) -> None:
+            # One downstream chunk per upstream read, not per upstream chunk: mitmproxy and the
+            # translator pay per chunk, and a read under load carries many.
+            nonlocal at_boundary, streamed
+            sink(data)
+            streamed = True
+            at_boundary = data.endswith((b"\n\n", b"\r\n\r\n"))
+            if down.transport.get_write_buffer_size() > 1 << 20:
+                await down.drain()  # a slow client: push back on the backend
+
+        # The head, through h11.
+        while True:
+            event = client.next_event()
+            if event is h11.NEED_DATA:
+                data = await recv()
+                if data is None:
+                    return "broken"
+                client.receive_data(data)
+            elif isinstance(event, h11.Response):
                 break
             elif isinstance(event, h11.ConnectionClosed):
-                if not status:
-                    raise ConnectionResetError("closed before answering")
+                raise ConnectionResetError("closed before answering")
+        hdrs = dict(event.headers)
+        status, ctype, retry_after = event.status_code, hdrs.get(b"content-type", b""), hdrs.get(b"retry-after")
+        stream = status == 200 and b"json" not in ctype
+
+        if stream and b"chunked" in hdrs.get(b"transfer-encoding", b"").lower():
+            # The hot path: our own chunked decoder (see chunked.py for why not h11).
+            decoder = ChunkedDecoder()
+            data = client.trailing_data[0]
+            while True:
+                try:
+                    piece = decoder.feed(data)
+                except ChunkedError as exc:
+                    raise h11.RemoteProtocolError(str(exc)) from None
+                if piece:
+                    await forward(piece)
+                if decoder.done:
+                    return "broken" if decoder.extra else "reusable"
+                data = await recv()
+                if not data:
+                    return "broken"  # silent too long, or closed before the last chunk
+
+        held = bytearray()  # an error or JSON body, kept to be sent as one marker
+        while True:
+            event = client.next_event()
+            if event is h11.NEED_DATA:
+                data = await recv()
+                if data is None:
+                    return "broken"
+                client.receive_data(data)
+            elif isinstance(event, h11.Data):
+                if stream:
+                    await forward(event.data)
+                elif len(held) < MAX_ERROR_BODY:
+                    held += event.data
+            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
                 break
         if status != 200:
             error = {"status": status, "body": held.decode("utf-8", "replace")}
             if retry_after:
                 error["retry_after"] = retry_after.decode("latin-1")
             send(marker({"upstream_error": error}))
-        elif b"json" in ctype:
+        elif not stream:
             send(marker({"upstream_json": held.decode("utf-8", "replace")}))
         done = client.our_state is h11.DONE and client.their_state is h11.DONE
-        return "reusable" if done else ("ended" if status == 200 else "broken")
+        return "reusable" if done else ("ended" if stream else "broken")
 
 
 def _round_end(result) -> bytes:

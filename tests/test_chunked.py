@@ -1,0 +1,85 @@
+"""ChunkedDecoder: the relay's decoder of a backend's chunked body, checked against h11's."""
+
+from __future__ import annotations
+
+import h11
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from resp2chat_core.chunked import ChunkedDecoder, ChunkedError
+
+
+def frame(pieces: list[bytes], tail: bytes = b"0\r\n\r\n") -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + tail
+
+
+def decode(*reads: bytes) -> tuple[bytes, ChunkedDecoder]:
+    d = ChunkedDecoder()
+    return b"".join(d.feed(r) for r in reads), d
+
+
+def h11_decode(raw: bytes) -> bytes:
+    """The reference: h11 reading the same body after a response head."""
+    c = h11.Connection(h11.CLIENT)
+    c.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
+    c.send(h11.EndOfMessage())
+    c.receive_data(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + raw)
+    out = b""
+    while not isinstance(event := c.next_event(), h11.EndOfMessage):
+        if isinstance(event, h11.Data):
+            out += event.data
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(min_size=1, max_size=300), max_size=20), st.data())
+def test_any_split_decodes_like_h11(pieces, data):
+    raw = frame(pieces)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(raw)), max_size=12)))
+    reads = [raw[a:b] for a, b in zip([0, *cuts], [*cuts, len(raw)])]
+    body, d = decode(*reads)
+    assert body == b"".join(pieces) == h11_decode(raw)
+    assert d.done and d.extra == b""
+
+
+def test_one_read_of_many_chunks_is_one_piece():
+    d = ChunkedDecoder()
+    assert d.feed(frame([b"data: a\n\n", b"data: b\n\n"], tail=b"")) == b"data: a\n\ndata: b\n\n"
+    assert not d.done
+
+
+def test_extensions_trailers_and_what_follows():
+    raw = b"5;name=value\r\nhello\r\n0\r\nx-checksum: 1\r\n\r\nHTTP/1.1 200 OK"
+    body, d = decode(raw)
+    assert body == b"hello" and d.done and d.extra == b"HTTP/1.1 200 OK"
+    assert d.feed(b"more") == b"" and d.extra.endswith(b"more")
+
+
+def test_upper_case_hex_and_whitespace_before_extension():
+    assert decode(b"A \r\n0123456789\r\n0\r\n\r\n")[0] == b"0123456789"
+
+
+@pytest.mark.parametrize("raw", [
+    b"zz\r\nhello\r\n",  # not hex
+    b"0x5\r\nhello\r\n",  # int(..., 16) would accept it
+    b"-5\r\nhello\r\n",
+    b"5\r\nhelloXX0\r\n\r\n",  # no CRLF after the data
+    b"\r\nhello\r\n",  # empty size line
+])
+def test_bad_framing_is_an_error(raw):
+    with pytest.raises(ChunkedError):
+        decode(raw)
+
+
+def test_endless_size_line_is_an_error():
+    d = ChunkedDecoder()
+    with pytest.raises(ChunkedError):
+        for _ in range(10):
+            d.feed(b"f" * 1000)
+
+
+def test_incomplete_body_is_not_done():
+    body, d = decode(b"5\r\nhel")
+    assert body == b"hel" and not d.done
+    assert d.feed(b"lo\r\n") == b"lo" and not d.done
