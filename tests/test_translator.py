@@ -633,3 +633,48 @@ def test_fixture_streams_are_valid(name):
     tr = translator()
     evs = check(tr.feed(STREAMS[name]) + tr.finish())
     check_sdk(evs)
+
+
+# --- the envelope fast path (Translator._learn) ---------------------------------------------
+
+_DELTAS = st.one_of(
+    st.builds(lambda t: {"content": t}, st.text(max_size=8)),
+    st.builds(lambda t: {"reasoning_content": t}, st.text(max_size=8)),
+    st.builds(lambda a: {"tool_calls": [{"index": 0, "function": {"arguments": a}}]}, st.text(max_size=8)),
+    st.just({}),
+    st.just({"role": "assistant", "content": None}),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_DELTAS, max_size=30), st.sampled_from(["stop", "length", "tool_calls"]), st.booleans())
+def test_envelope_fast_path_translates_like_full_decoding(deltas, finish, usage_alone):
+    """Chunks that repeat their envelope byte for byte (the fast path) and the same chunks with
+    a changing ``created`` (full decoding every time) give the same events."""
+    name = chat_tool_name("exec_command")
+    deltas = [{"tool_calls": [{"index": 0, "id": "call_1", "function": {"name": name, "arguments": ""}}]}
+              if "tool_calls" in d and i == next(j for j, e in enumerate(deltas) if "tool_calls" in e) else d
+              for i, d in enumerate(deltas)]
+    usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+    tail = [chunk(finish=finish), {**chunk(), "choices": [], "usage": usage}] if usage_alone \
+        else [chunk(finish=finish, usage=usage)]
+    outputs, hits = [], []
+    for vary in (False, True):
+        payloads = [{**chunk(d), "created": i if vary else 1} for i, d in enumerate(deltas)] + tail
+        t = translator()
+        outputs.append(t.feed(sse(*payloads)) + t.finish())
+        hits.append(t._hits)
+    assert outputs[0] == outputs[1]
+    check(outputs[0])
+    assert hits[1] == 0
+    if sum(1 for d in deltas if d) > 2:
+        assert hits[0] > 0  # the fast path did run
+
+
+def test_envelope_that_changes_every_chunk_is_no_longer_learnt():
+    t = translator()
+    t.feed(sse(*[{**chunk({"content": f"w{i} "}), "created": i} for i in range(40)], done=False))
+    assert t._envelope is None and t._misses > 8
+    out = t.feed(sse(chunk(finish="stop")))
+    assert parse_events(out)[-1]["response"]["output"][0]["content"][0]["text"] == " ".join(
+        f"w{i}" for i in range(40)) + " "
