@@ -21,7 +21,9 @@ codex-relay get the Codex Responses request (~40 KB). Phases per path:
     c64     64 connections, unpaced answers back to back (text and tool-call variants
             alternating): throughput, TTFT/total under load, gateway CPU per answer and event
     replay  (resp2chat only, own gateway with the replay cache on) a new request, then the
-            identical request again, answered from memory
+            identical request again, answered from memory; once against the scripted
+            upstream and once against llama.cpp's server with a tiny model (`make llamacpp`;
+            skipped when it is not built), since the scripted upstream is as fast as a hit
 
 Gateway CPU is utime+stime of the gateway process from /proc/<pid>/stat over the phase. On a
 machine with 2+ cores the gateway is pinned to one core and the upstream and this client
@@ -63,9 +65,9 @@ PHASES = ("c1", "rss", "paced", "c64")
 NOISY = 0.2  # other processes' CPU during a phase, in cores, above which the phase is retried
 
 FULL = dict(deltas=200, reasoning_words=50, warmup=4, c1=100, conc=64, per_conn=6,
-            paced_streams=64, paced_ms=20, stagger_ms=1000, rss_streams=100, replay=40)
+            paced_streams=64, paced_ms=20, stagger_ms=1000, rss_streams=100, replay=40, replay_real=10)
 SMOKE = dict(deltas=20, reasoning_words=6, warmup=1, c1=3, conc=4, per_conn=2,
-             paced_streams=4, paced_ms=5, stagger_ms=20, rss_streams=5, replay=3)
+             paced_streams=4, paced_ms=5, stagger_ms=20, rss_streams=5, replay=3, replay_real=1)
 
 
 # --- processes ---------------------------------------------------------------------------------
@@ -434,6 +436,50 @@ async def measure_replay(target: Target, upstream: Proc, cfg: dict) -> dict:
             "speedup_p50": _r(m50 / h50 if m50 and h50 else None, 1)}
 
 
+async def measure_replay_real(workdir: Path, cpus: set[int] | None, cfg: dict, addon: Path) -> dict:
+    """Replay-cache hits against a real backend: llama.cpp's server with the tiny model that
+    `make llamacpp` builds (tests/llamacpp). The scripted upstream answers in ~4 ms, as fast
+    as mitmproxy can hand back a stored answer; a model, even this tiny one on a CPU, does not.
+    Pairs of (new request -> llama-server, the same request -> replay cache); a hit must carry
+    exactly the text the miss streamed."""
+    sys.path.insert(0, str(ROOT / "tests" / "llamacpp"))
+    import kv_figure  # noqa: PLC0415 — tests' helpers; only needed here
+
+    why = kv_figure.missing_build()
+    if why:
+        return {"skipped": why}
+    server = kv_figure.LlamaServer(workdir / "llama-server.log").start()
+    target = None
+    try:
+        target = start_target("resp2chat-replay", server.port, workdir, cpus, None, (
+            "--set", "resp2chat_upstream_model=" + kv_figure.MODEL_ID,
+            "--set", "resp2chat_upstream_extra_params=" + json.dumps(kv_figure.STOP_BIAS)), addon)
+        conn = Conn("127.0.0.1", target.port)
+        miss, hit, differ = [], [], 0
+        try:
+            for i in range(cfg["replay_real"] + 1):  # the first pair warms the server's prompt cache
+                v = make_variant("text", deltas=cfg["deltas"], reasoning_words=cfg["reasoning_words"],
+                                 nonce=f"{os.getpid()}-{time.time_ns()}-{i}")
+                a = await conn.request(target.path, v.responses_body, "responses", timeout=300)
+                b = await conn.request(target.path, v.responses_body, "responses", timeout=300)
+                if i:
+                    miss.append(a)
+                    hit.append(b)
+                    differ += a.parts != b.parts or a.terminal is not True or b.terminal is not True
+        finally:
+            conn.close()
+        m50 = pct([a.total for a in miss if a.total], 0.5)
+        h50 = pct([a.total for a in hit if a.total], 0.5)
+        return {"pairs": len(miss), "backend": "llama.cpp llama-server, tiny random qwen3 (CPU)",
+                "mismatched_pairs": differ, "miss_total_ms": dist_ms([a.total for a in miss if a.total]),
+                "hit_total_ms": dist_ms([a.total for a in hit if a.total]),
+                "speedup_p50": _r(m50 / h50 if m50 and h50 else None, 1)}
+    finally:
+        if target and target.proc:
+            target.proc.stop()
+        server.stop()
+
+
 # --- report ------------------------------------------------------------------------------------
 
 
@@ -495,8 +541,13 @@ def derive(results: dict) -> dict:
     d_total = _get(direct, "c1.total_ms.p50")
     if rp and d_total and _get(rp, "hit_total_ms.p50"):
         rp["speedup_vs_direct_p50"] = round(d_total / rp["hit_total_ms"]["p50"], 1)
+    rr = results.get("replay_real")
+    if rr and "skipped" not in rr:
+        t["replay_hit_speedup"] = target(rr.get("speedup_p50"), ">= 10x", lambda v: v >= 10)
+        t["replay_hits_match_misses"] = target(rr.get("mismatched_pairs"), "== 0", lambda v: v == 0)
     if rp:
-        t["replay_hit_speedup"] = target(rp.get("speedup_p50"), ">= 10x", lambda v: v >= 10)
+        # against the ~4 ms scripted upstream a hit cannot win 10x: see docs/performance.md
+        t["replay_hit_speedup_vs_scripted_upstream"] = target(rp.get("speedup_p50"), ">= 10x", lambda v: v >= 10)
     results["targets"] = t
     return results
 
@@ -557,6 +608,12 @@ def table(results: dict) -> str:
                      f"{_fmt(rp['miss_total_ms']['p50'])} ms -> {_fmt(rp['speedup_p50'])}x faster "
                      f"(direct upstream p50 {_fmt(_get(results, 'paths.direct.c1.total_ms.p50'))} ms); "
                      f"lost {rp['lost_events']}")
+    rr = results.get("replay_real")
+    if rr:
+        lines.append(f"replay cache against a real backend: skipped ({rr['skipped']})" if "skipped" in rr else
+                     f"replay cache against a real backend ({rr['backend']}, {rr['pairs']} pairs): hit total p50 "
+                     f"{_fmt(rr['hit_total_ms']['p50'])} ms; miss p50 {_fmt(rr['miss_total_ms']['p50'])} ms -> "
+                     f"{_fmt(rr['speedup_p50'])}x faster; hits differing from their miss: {rr['mismatched_pairs']}")
     noisy = [f"{p}/{ph} {r[ph]['other_cpu_s'] / r[ph]['wall_s']:.0%}"
              for p, r in results["paths"].items() for ph in PHASES
              if ph in r and r[ph].get("other_cpu_s") is not None and r[ph]["wall_s"]
@@ -672,6 +729,9 @@ async def main_async(args, cfg: dict) -> dict:
                 results["replay"] = await measure_replay(target, upstream, cfg)
             finally:
                 target.proc.stop()
+            if cfg["replay_real"]:
+                print("[bench] resp2chat replay cache against llama.cpp ...", flush=True)
+                results["replay_real"] = await measure_replay_real(workdir, gw_cpus, cfg, args.addon)
     finally:
         upstream.stop()
         if not args.keep:
