@@ -60,16 +60,21 @@ class _Slow(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     delay = 2.5
+    headers_first = False
     closed: list[float] = []
 
     def do_POST(self):
         self.rfile.read(int(self.headers["content-length"]))
         prompt = "forever" if b"forever" else ""
-        time.sleep(self.delay)
+        if not type(self).headers_first:
+            time.sleep(self.delay)
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
         self.send_header("transfer-encoding", "chunked")
         self.end_headers()
+        if type(self).headers_first:  # llama.cpp-style: headers at once, the prefill after them
+            self.wfile.flush()
+            time.sleep(self.delay)
         n = 0
         try:
             while True:
@@ -94,7 +99,7 @@ class _Slow(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def slow_upstream():
-    _Slow.closed, _Slow.forever, _Slow.delay = [], False, 2.5
+    _Slow.closed, _Slow.forever, _Slow.delay, _Slow.headers_first = [], False, 2.5, False
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Slow)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -102,8 +107,10 @@ def slow_upstream():
     server.shutdown()
 
 
-def test_prefill_keepalive_sends_data_events(slow_upstream, gateway_factory):
-    server, _ = slow_upstream
+@pytest.mark.parametrize("headers_first", [False, True], ids=["head-late", "head-first"])
+def test_prefill_keepalive_sends_data_events(slow_upstream, gateway_factory, headers_first):
+    server, handler = slow_upstream
+    handler.headers_first = headers_first
     gw = gateway_factory(f"http://127.0.0.1:{server.server_address[1]}", "--set", "resp2chat_keepalive_secs=1")
     with requests.post(gw.base_url + "/responses", json={"model": "m", "input": "x", "stream": True},
                        stream=True, timeout=30) as r:

@@ -259,13 +259,12 @@ class Relay:
                 wait = self.idle_timeout - (time.monotonic() - last)
                 if wait <= 0:
                     if at_boundary:
-                        send(marker({"upstream_error": {"status": 504, "body": json.dumps({"error": {
-                            "message": f"the upstream sent nothing for {self.idle_timeout:g} s",
-                            "type": "upstream_timeout"}})}}))
+                        send(_stalled(self.idle_timeout))
                     return None
                 try:
                     async with asyncio.timeout(min(wait, self.keepalive)):
-                        data = await up_reader.read(READ)
+                        # all it holds: the chunked path hands the socket to _BodyPump after this
+                        data = await up_reader.read(1 << 22)
                 except TimeoutError:
                     if at_boundary and not streamed:  # prefill: keep the client's idle timer alive
                         send(marker({"keepalive": True}))
@@ -302,21 +301,36 @@ class Relay:
         stream = status == 200 and b"json" not in ctype
 
         if stream and b"chunked" in hdrs.get(b"transfer-encoding", b"").lower():
-            # The hot path: our own chunked decoder (see chunked.py for why not h11).
-            decoder = ChunkedDecoder()
-            data = client.trailing_data[0]
-            while True:
-                try:
-                    piece = decoder.feed(data)
-                except ChunkedError as exc:
-                    raise h11.RemoteProtocolError(str(exc)) from None
-                if piece:
-                    await forward(piece)
-                if decoder.done:
-                    return "broken" if decoder.extra else "reusable"
-                data = await recv()
-                if not data:
-                    return "broken"  # silent too long, or closed before the last chunk
+            # The hot path: the body goes from the backend's socket to mitmproxy's in the
+            # transport's own callback (_BodyPump), with no task switch or timer per read.
+            pump = _BodyPump(sink, down)
+            transport = pump.transport = up_writer.transport
+            original = transport.get_protocol()
+            transport.set_protocol(pump)  # recv() read all the StreamReader held: nothing is lost
+            try:
+                pump.data_received(client.trailing_data[0])
+                if up_reader.at_eof():
+                    pump.eof_received()
+                while not pump.outcome.done():
+                    now = time.monotonic()
+                    if now - pump.last >= self.idle_timeout:
+                        if pump.at_boundary:
+                            send(_stalled(self.idle_timeout))
+                        return "broken"
+                    wait = self.idle_timeout - (now - pump.last)
+                    if not pump.streamed:  # prefill: keep the client's idle timer alive
+                        quiet = now - max(pump.last, pump.last_keepalive)
+                        if quiet >= self.keepalive:
+                            send(marker({"keepalive": True}))
+                            pump.last_keepalive = now
+                            await down.drain()
+                            continue
+                        wait = min(wait, self.keepalive - quiet)
+                    await asyncio.wait({pump.outcome}, timeout=None if wait == float("inf") else max(wait, 0.001))
+                return pump.outcome.result()
+            finally:
+                transport.set_protocol(original)
+                pump.close()
 
         held = bytearray()  # an error or JSON body, kept to be sent as one marker
         while True:
@@ -342,6 +356,78 @@ class Relay:
             send(marker({"upstream_json": held.decode("utf-8", "replace")}))
         done = client.our_state is h11.DONE and client.their_state is h11.DONE
         return "reusable" if done else ("ended" if stream else "broken")
+
+
+def _stalled(idle_timeout: float) -> bytes:
+    return marker({"upstream_error": {"status": 504, "body": json.dumps({"error": {
+        "message": f"the upstream sent nothing for {idle_timeout:g} s", "type": "upstream_timeout"}})}})
+
+
+class _BodyPump(asyncio.Protocol):
+    """Stands in for the backend connection's protocol while a chunked stream is forwarded:
+    each read is decoded and written to mitmproxy's side at once, as one chunk. ``outcome``
+    resolves to "reusable" (the last chunk came, nothing after it) or "broken"."""
+
+    def __init__(self, sink, down: asyncio.StreamWriter) -> None:
+        self.sink, self.down = sink, down
+        self.decoder = ChunkedDecoder()
+        self.outcome: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.last = self.last_keepalive = time.monotonic()
+        self.at_boundary, self.streamed = True, False
+        self.transport: asyncio.Transport | None = None
+        self._resume: asyncio.Task | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.outcome.done() or not data:
+            return
+        self.last = time.monotonic()
+        try:
+            piece = self.decoder.feed(data)
+        except ChunkedError:
+            self._end("broken")
+            return
+        if piece:
+            self.sink(piece)
+            self.streamed = True
+            self.at_boundary = piece.endswith((b"\n\n", b"\r\n\r\n"))
+            if self.down.transport.get_write_buffer_size() > 1 << 20 and self._resume is None:
+                self._pause()  # a slow client: push back on the backend
+        if self.decoder.done:
+            self._end("broken" if self.decoder.extra else "reusable")
+
+    def _pause(self) -> None:
+        up = self.transport
+        if up is None:
+            return
+        up.pause_reading()
+
+        async def resume() -> None:
+            try:
+                await self.down.drain()
+            finally:
+                self._resume = None
+                if not up.is_closing():
+                    up.resume_reading()
+
+        self._resume = asyncio.ensure_future(resume())
+
+    def eof_received(self) -> bool:
+        self._end("broken")  # closed before the last chunk
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self._end("broken")
+
+    def _end(self, outcome: str) -> None:
+        if not self.outcome.done():
+            self.outcome.set_result(outcome)
+
+    def close(self) -> None:
+        self._end("broken")
+        if self._resume is not None:
+            self._resume.cancel()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()  # a pooled connection must read again (a no-op unless paused)
 
 
 def _round_end(result) -> bytes:
