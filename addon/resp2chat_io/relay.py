@@ -17,7 +17,9 @@ A marker is only ever inserted between two SSE events, never inside one. The rel
 backend connection when mitmproxy's side goes away (the client disconnected), so a cancelled
 turn stops costing GPU time. Backend connections are pooled across clients (keep-alive).
 
-The relay speaks HTTP/1.1 on both sides with h11 (mitmproxy's own dependency).
+The relay speaks HTTP/1.1 on both sides with h11 (mitmproxy's own dependency), except on the hot
+path: a backend's chunked stream is decoded by resp2chat_core/chunked.py inside the backend
+socket's own callback (``_BodyPump``) and written to mitmproxy as one chunk per read.
 """
 
 from __future__ import annotations
