@@ -327,14 +327,14 @@ class Resp2Chat:
         self._to_upstream(flow, "/chat/completions", upstream)
         if self.relay.port:  # see resp2chat_io/relay.py for why turns take this hop
             flow.request.headers[TARGET_HEADER] = flow.request.url
-            if any(t.kind == "web_search" for t in turn.lowered.tool_map.targets.values()):
+            if turn.web_search:
                 flow.request.headers[WEB_SEARCH_HEADER] = "1"
             flow.request.host, flow.request.port, flow.request.scheme = "127.0.0.1", self.relay.port, "http"
         self.turns[flow.id] = turn
-        if self.request_log:
-            self.request_log.write(json.dumps(
-                {"ts": time.time(), "flow": flow.id, "session": session_key(flow),
-                 "url": flow.request.pretty_url, "body": turn.lowered.chat}, ensure_ascii=False) + "\n")
+        if self.request_log:  # the body spliced in as sent: byte for byte what the upstream got
+            head = json.dumps({"ts": time.time(), "flow": flow.id, "session": session_key(flow),
+                               "url": flow.request.pretty_url}, ensure_ascii=False)
+            self.request_log.write(f'{head[:-1]}, "body": {turn.chat_body.decode()}}}\n')
 
     def _to_upstream(self, flow: http.HTTPFlow, path: str, upstream: Upstream | None = None) -> None:
         (upstream or self.upstream or reverse_target(flow)).route(flow, path)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .errors import GatewayError
-from .lowering import Lowered, LoweringOptions, lower
+from .lowering import LoweringOptions, lower
 from .schema import parse_request
 from .translator import Translator, TurnContext
 
@@ -43,19 +43,16 @@ def echo_fields(raw: dict) -> dict:
 
 @dataclass
 class Turn:
-    lowered: Lowered
+    """What outlives the request hook. Not the decoded request nor the lowered chat dict: a turn
+    lives as long as its stream, and with many streams open their ~100 KB each add up."""
+
+    chat_body: bytes  # the chat request, encoded (what goes upstream)
+    client_stream: bool  # what the *client* asked for; upstream is always streamed
     ctx: TurnContext
+    web_search: bool = False  # the request has a web_search tool: the gateway runs its searches
     active: Translator | None = None  # the translator answering this turn, once there is one
-    items: list = field(default_factory=list)  # the whole conversation as input items (for storing)
+    items: list = field(default_factory=list)  # the whole conversation as input items (kept only to store)
     store: bool = False  # the client wants this response kept (`store` not false)
-
-    @property
-    def chat_body(self) -> bytes:
-        return self.lowered.body
-
-    @property
-    def client_stream(self) -> bool:
-        return self.lowered.client_stream
 
     def translator(self) -> Translator:
         self.active = Translator(self.ctx)
@@ -95,5 +92,9 @@ def begin_turn(body: bytes, opts: LoweringOptions, response_id: str, created_at:
     req = parse_request(raw)
     lowered = lower(req, opts)
     ctx = TurnContext(response_id=response_id, created_at=created_at, model=req.model,
-                      tool_map=lowered.tool_map, echo=echo, think=opts.think_mode(lowered.chat["model"]))
-    return Turn(lowered, ctx, items=items if isinstance(items, list) else [], store=raw.get("store") is not False)
+                      tool_map=lowered.tool_map, echo=echo,
+                      think=opts.think_mode(lowered.chat["model"]))
+    store = raw.get("store") is not False
+    return Turn(lowered.body, lowered.client_stream, ctx,
+                web_search=any(t.kind == "web_search" for t in lowered.tool_map.targets.values()),
+                items=items if store and isinstance(items, list) else [], store=store)
