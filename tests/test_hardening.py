@@ -345,6 +345,7 @@ def test_https_upstream_verified_unless_told_otherwise(tls_upstream, gateway_fac
     r = requests.post(strict.base_url + "/responses", json={"model": "m", "input": "over tls"}, timeout=30)
     assert r.status_code == 502 and "CERTIFICATE_VERIFY_FAILED" in r.json()["error"]["message"]
     insecure = gateway_factory(DEAD, "--set", f"resp2chat_upstream_base_url={tls_upstream}", "--set", "ssl_insecure=true")
-    events = stream_events(insecure, {"model": "m", "input": "over tls"})
-    assert events[-1]["type"] == "response.completed"
-    assert events[-1]["response"]["output"][-1]["content"][0]["text"] == "You said: over tls"
+    for turn in range(2):  # a second turn: the relay pools the kept-alive TLS connection
+        events = stream_events(insecure, {"model": "m", "input": f"over tls {turn}"})
+        assert events[-1]["type"] == "response.completed"
+        assert events[-1]["response"]["output"][-1]["content"][0]["text"] == f"You said: over tls {turn}"
