@@ -39,7 +39,7 @@ from resp2chat_core import settings as S
 from resp2chat_core.errors import GatewayError, error_json
 from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.replay import ReplayCache, entry_flags, pack, replay_key, unpack_fresh
-from resp2chat_core.turn import Turn, begin_turn
+from resp2chat_core.turn import ToolsCache, Turn, begin_turn
 
 log = logging.getLogger("resp2chat")
 
@@ -59,6 +59,7 @@ class Resp2Chat:
         self.demo = None  # the bundled demo upstream server, when upstream_base_url == "demo"
         self.request_log = None
         self.replay = ReplayCache(0)
+        self.tools_cache = ToolsCache()
         self.relay = Relay()
         self.store: ResponseStore | None = None
         self._store_config: tuple | None = None
@@ -309,7 +310,8 @@ class Resp2Chat:
             self._answer_from_cache(flow, entry, "resp_" + uuid.uuid4().hex, int(time.time()))
             return
         try:
-            turn = begin_turn(body, self.lowering, "resp_" + uuid.uuid4().hex, int(time.time()), self._history)
+            turn = begin_turn(body, self.lowering, "resp_" + uuid.uuid4().hex, int(time.time()), self._history,
+                              self.tools_cache)
         except GatewayError as err:
             meta["status"] = "rejected"
             flow.response = http.Response.make(err.status, json.dumps(err.body()), JSON_HEADERS)

@@ -584,3 +584,59 @@ def test_unknown_top_level_and_item_keys_are_tolerated():
                store=False, include=["reasoning.encrypted_content"], prompt_cache_key="k",
                client_metadata={"a": "b"}, service_tier="auto")
     assert chat(body)["messages"] == [{"role": "user", "content": "q"}]
+
+
+# --- the tools cache (turn.ToolsCache) -----------------------------------------------------
+
+
+def _turn(body: dict, opts: LoweringOptions = LoweringOptions(), cache=None):
+    from resp2chat_core.turn import begin_turn
+
+    return begin_turn(json.dumps(body).encode(), opts, "resp_x", 1, tools_cache=cache)
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_tools_cache_gives_the_same_bytes(name):
+    """A turn whose tools come from the cache sends the same chat body and echoes the same
+    fields as one lowered from scratch — including when the earlier turn was another request."""
+    from resp2chat_core.turn import ToolsCache
+
+    cache = ToolsCache()
+    other = fixture_body(FIXTURES[0] if name != FIXTURES[0] else FIXTURES[1])
+    _turn(other, cache=cache)  # fills the cache (Codex sends the same tools in every fixture)
+    cold = _turn(fixture_body(name))
+    warm = _turn(fixture_body(name), cache=cache)
+    assert cache.hits == 1
+    assert warm.chat_body == cold.chat_body
+    assert warm.ctx.echo_json == cold.ctx.echo_json
+    assert warm.ctx.tool_map == cold.ctx.tool_map
+
+
+def test_tools_cache_misses_on_other_tools_or_tool_options():
+    from resp2chat_core.turn import ToolsCache
+
+    cache = ToolsCache(size=3)
+    body = req([user("hi")], tools=[fn_tool("a"), fn_tool("b")])
+    _turn(body, cache=cache)
+    fewer = _turn({**body, "tools": [fn_tool("a")]}, cache=cache)
+    assert cache.hits == 0 and tool_names(json.loads(fewer.chat_body)) == ["a"]
+    denied = _turn(body, LoweringOptions(tool_denylist=frozenset({"b"})), cache=cache)
+    assert cache.hits == 0 and tool_names(json.loads(denied.chat_body)) == ["a"]
+    again = _turn(body, cache=cache)
+    assert cache.hits == 1 and tool_names(json.loads(again.chat_body)) == ["a", "b"]
+    # allowed_tools narrows the list per request: the cached encoding is not used for it
+    narrowed = _turn({**body, "tool_choice": {"type": "allowed_tools", "mode": "auto",
+                                              "tools": [{"type": "function", "name": "b"}]}}, cache=cache)
+    assert tool_names(json.loads(narrowed.chat_body)) == ["b"]
+
+
+def test_cached_tools_do_not_excuse_the_rest_of_the_request():
+    from resp2chat_core.turn import ToolsCache
+
+    cache = ToolsCache()
+    body = req([user("hi")], tools=[fn_tool("a")])
+    _turn(body, cache=cache)
+    with pytest.raises(GatewayError):
+        _turn({**body, "input": [{"type": "message", "role": "user", "content": 5}]}, cache=cache)
+    with pytest.raises(GatewayError):
+        _turn({**body, "tool_choice": {"type": "function", "name": "nope"}}, cache=cache)

@@ -18,6 +18,7 @@ start of the prompt and throw away the backend's whole prefix cache.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +60,18 @@ class Lowered:
 
 def encode(chat: dict) -> bytes:
     return json.dumps(chat, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+_HOLDER = f"\x00resp2chat-{os.urandom(8).hex()}\x00"  # can't occur in a request: a fresh token per process
+_HOLDER_JSON = json.dumps(_HOLDER)
+
+
+def dumps_spliced(obj: dict, key: str, fragment: str) -> str:
+    """``json.dumps(obj)`` (compact, UTF-8) where ``obj[key]`` is already encoded as ``fragment``:
+    the same text, without encoding that value again (see turn.ToolsCache)."""
+    text = json.dumps({**obj, key: _HOLDER}, ensure_ascii=False, separators=(",", ":"))
+    i = text.find(_HOLDER_JSON)
+    return text[:i] + fragment + text[i + len(_HOLDER_JSON):]
 
 
 def _json(value: Any) -> str:
@@ -268,14 +281,17 @@ def _response_format(fmt: dict | None):
     raise GatewayError(f"text.format.type: unsupported {fmt['type']!r}", param="text.format.type", code="invalid_value")
 
 
-def lower(req: ResponsesRequest, opts: LoweringOptions = LoweringOptions()) -> Lowered:
+def lower(req: ResponsesRequest, opts: LoweringOptions = LoweringOptions(), known: ToolMap | None = None,
+          tools_json: str | None = None) -> Lowered:
+    """``known``: the tool map ``req``'s tools lowered to before (``req.tools`` is then not read),
+    ``tools_json`` its ``chat_tools`` encoded: both from turn.ToolsCache."""
     if req.previous_response_id:  # begin_turn resolves it from the response store
         raise GatewayError(f"previous response {req.previous_response_id!r} not found",
                            param="previous_response_id", code="previous_response_not_found")
     if req.background:
         raise GatewayError("background responses are not supported", param="background", code="unsupported_parameter")
 
-    tmap = build_tool_map(req.tools, opts.tool_denylist, opts.web_search)
+    tmap = known or build_tool_map(req.tools, opts.tool_denylist, opts.web_search)
     tool_choice, tools = lower_tool_choice(req.tool_choice, tmap)
 
     model = opts.upstream_model or opts.model_map.get(req.model, req.model)
@@ -318,4 +334,8 @@ def lower(req: ResponsesRequest, opts: LoweringOptions = LoweringOptions()) -> L
             chat[key] = value
     for key in opts.drop_params:
         chat.pop(key, None)
-    return Lowered(chat=chat, body=encode(chat), tool_map=tmap, client_stream=bool(req.stream))
+    if tools_json is not None and chat.get("tools") is tmap.chat_tools:
+        body = dumps_spliced(chat, "tools", tools_json).encode()
+    else:
+        body = encode(chat)
+    return Lowered(chat=chat, body=body, tool_map=tmap, client_stream=bool(req.stream))

@@ -155,17 +155,8 @@ class TurnContext:
     created_at: int
     model: str  # the model name the client asked for (echoed back)
     tool_map: ToolMap = field(default_factory=ToolMap)
-    echo: dict = field(default_factory=dict)  # request fields echoed into every Response object
+    echo_json: str = ""  # request fields echoed into every Response object: JSON members, no braces
     think: str = "auto"  # <think> tags in content: "auto" | "open" (template opens it) | "off"; think.py
-    _echo_json: str | None = field(default=None, repr=False)
-
-    def echo_json(self) -> str:
-        """``echo`` as JSON object members (no braces). Encoded on first use, when the stream
-        starts (not in the request hook, where it would delay the upstream request); the dict
-        is let go then, since a turn lives as long as its stream."""
-        if self._echo_json is None:
-            self._echo_json, self.echo = _dumps(self.echo)[1:-1], {}
-        return self._echo_json
 
 
 @dataclass
@@ -197,7 +188,7 @@ class Translator:
         self._out: list[str] = []
         self._next_index = 0
         self._suffix = ctx.response_id.removeprefix("resp_")
-        self._echo_json = ctx.echo_json()
+        self._echo_json = ctx.echo_json
         # open items
         self._item_id = ""
         self._item_index = 0
