@@ -32,6 +32,8 @@ def test_bench_smoke(tmp_path):
             assert r["rss"]["peak_mb"] > 0
             assert r["c64"]["cpu_us_per_event"] is not None
     assert results["replay"]["lost_events"] == 0 and results["replay"]["answers"] > 0
+    il = results["interleaved"]  # the CPU phases again, gateways taking turns
+    assert il["lost_events"] == 0 and il["c64"]["ratio_median"]["resp2chat/passthrough"] > 0
     assert set(results["targets"]) >= {"lost_events", "added_ttft_p50_c1_ms", "replay_hit_speedup_vs_scripted_upstream"}
     real = results["replay_real"]  # against llama.cpp's server when `make llamacpp` has built it
     if "skipped" not in real:
