@@ -83,3 +83,25 @@ def test_incomplete_body_is_not_done():
     body, d = decode(b"5\r\nhel")
     assert body == b"hel" and not d.done
     assert d.feed(b"lo\r\n") == b"lo" and not d.done
+
+
+@pytest.mark.parametrize("tail", [b"0\r\n\n", b"0\r\nx-a: 1\n\n", b"0\r\nx-a: 1\r\n\n", b"0\r\n\r\n"])
+def test_bare_lf_ends_the_trailer_section_as_in_h11(tail):
+    raw = b"5\r\nhello\r\n" + tail
+    body, d = decode(raw)
+    assert body == b"hello" == h11_decode(raw) and d.done and d.extra == b""
+
+
+@pytest.mark.parametrize("raw", [b"5\r\nhello\r\n0\r\nbad line\r\n\r\n", b"5\r\nhello\r\n0\r\n: x\r\n\r\n",
+                                 b"5\r\nhello\r\n0\r\n folded: x\r\n\r\n"])
+def test_malformed_trailer_is_an_error(raw):
+    with pytest.raises(ChunkedError):
+        decode(raw)
+
+
+def test_long_lines_fail_however_the_reads_are_split():
+    raw = b"5;" + b"e" * 5000 + b"\r\nhello\r\n0\r\n\r\n"
+    for cut in (0, 3, 2000, len(raw) - 1):
+        with pytest.raises(ChunkedError):
+            decode(raw[:cut], raw[cut:])
+    assert decode(b"00000000000000000005\r\nhello\r\n0\r\n\r\n")[0] == b"hello"  # h11 takes 20 digits too

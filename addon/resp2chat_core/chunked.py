@@ -6,16 +6,18 @@ through its whole connection state machine, one event object per chunk (~10 µs 
 fast backend packs a hundred chunks into one read: the relay then held the first token back
 for a millisecond while it decoded the rest. This decoder is a ``find`` and a slice per chunk.
 
-Strict where it matters (a bad size line or a missing CRLF is an error, never a guess); chunk
-extensions and trailers are read and dropped. ``done`` turns true after the last chunk and its
-trailers; bytes after them (a pipelined response nobody asked for) are in ``extra``.
+Strict where it matters (a bad size line, a missing CRLF or a malformed trailer is an error,
+never a guess), lenient where h11 is (the trailer section may end its lines with a bare LF);
+chunk extensions and trailers are read and dropped. ``done`` turns true after the last chunk and
+its trailers; bytes after them (a pipelined response nobody asked for) are in ``extra``.
 """
 
 from __future__ import annotations
 
 import re
 
-_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?")
+_SIZE = re.compile(rb"([0-9A-Fa-f]{1,20})[ \t]*(?:;[^\r\n]*)?")
+_TRAILER = re.compile(rb"[^:\s][^:]*:.*")  # a header field: name, colon, value (no obs-fold)
 MAX_LINE = 4096  # a size line or trailer longer than this is no chunked body
 
 
@@ -57,18 +59,21 @@ class ChunkedDecoder:
                 pos += 2
                 self._crlf = False
                 continue
-            j = buf.find(b"\r\n", pos)
+            j = buf.find(b"\n" if self._trailers else b"\r\n", pos)
+            if (end if j < 0 else j) - pos > MAX_LINE:  # however the reads were split
+                raise ChunkedError("chunk size line or trailer too long")
             if j < 0:
-                if end - pos > MAX_LINE:
-                    raise ChunkedError("chunk size line too long")
                 break
             if self._trailers:
-                if j == pos:  # the empty line: the body is complete
+                line = buf[pos:j - 1] if j > pos and buf[j - 1] == 0x0D else buf[pos:j]
+                pos = j + 1
+                if not line:  # the empty line: the body is complete
                     self.done = True
-                    self.extra = buf[j + 2:]
+                    self.extra = buf[pos:]
                     pos = end
                     break
-                pos = j + 2
+                if _TRAILER.fullmatch(line) is None:
+                    raise ChunkedError(f"bad trailer line {bytes(line)[:40]!r}")
                 continue
             m = _SIZE.fullmatch(buf, pos, j)
             if m is None:
