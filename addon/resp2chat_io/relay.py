@@ -305,14 +305,17 @@ class Relay:
         if stream and b"chunked" in hdrs.get(b"transfer-encoding", b"").lower():
             # The hot path: the body goes from the backend's socket to mitmproxy's in the
             # transport's own callback (_BodyPump), with no task switch or timer per read.
-            pump = _BodyPump(sink, down)
+            # Pooled afterwards only if the backend keeps the connection (h11 checked this itself
+            # before; cpp-httplib, llama.cpp's server, says "close" when a connection is used up).
+            keep = event.http_version == b"1.1" and b"close" not in hdrs.get(b"connection", b"").lower()
+            pump = _BodyPump(sink, down, keep)
             transport = pump.transport = up_writer.transport
             original = transport.get_protocol()
             transport.set_protocol(pump)  # recv() read all the StreamReader held: nothing is lost
             try:
                 pump.data_received(client.trailing_data[0])
-                if up_reader.at_eof():
-                    pump.eof_received()
+                if up_reader.at_eof() or up_reader.exception() is not None:
+                    pump.eof_received()  # what the StreamReader heard before the switch
                 while not pump.outcome.done():
                     now = time.monotonic()
                     if now - pump.last >= self.idle_timeout:
@@ -368,10 +371,11 @@ def _stalled(idle_timeout: float) -> bytes:
 class _BodyPump(asyncio.Protocol):
     """Stands in for the backend connection's protocol while a chunked stream is forwarded:
     each read is decoded and written to mitmproxy's side at once, as one chunk. ``outcome``
-    resolves to "reusable" (the last chunk came, nothing after it) or "broken"."""
+    resolves to "reusable" (the last chunk came, nothing after it, the backend keeps the
+    connection), "ended" (complete, but the connection is not to be reused) or "broken"."""
 
-    def __init__(self, sink, down: asyncio.StreamWriter) -> None:
-        self.sink, self.down = sink, down
+    def __init__(self, sink, down: asyncio.StreamWriter, keep: bool = True) -> None:
+        self.sink, self.down, self.keep = sink, down, keep
         self.decoder = ChunkedDecoder()
         self.outcome: asyncio.Future = asyncio.get_running_loop().create_future()
         self.last = self.last_keepalive = time.monotonic()
@@ -395,7 +399,7 @@ class _BodyPump(asyncio.Protocol):
             if self.down.transport.get_write_buffer_size() > 1 << 20 and self._resume is None:
                 self._pause()  # a slow client: push back on the backend
         if self.decoder.done:
-            self._end("broken" if self.decoder.extra else "reusable")
+            self._end("reusable" if self.keep and not self.decoder.extra else "ended")
 
     def _pause(self) -> None:
         up = self.transport
@@ -406,6 +410,8 @@ class _BodyPump(asyncio.Protocol):
         async def resume() -> None:
             try:
                 await self.down.drain()
+            except ConnectionError:
+                pass  # the client went away: the exchange is being torn down anyway
             finally:
                 self._resume = None
                 if not up.is_closing():
