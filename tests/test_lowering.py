@@ -640,3 +640,39 @@ def test_cached_tools_do_not_excuse_the_rest_of_the_request():
         _turn({**body, "input": [{"type": "message", "role": "user", "content": 5}]}, cache=cache)
     with pytest.raises(GatewayError):
         _turn({**body, "tool_choice": {"type": "function", "name": "nope"}}, cache=cache)
+
+
+@pytest.mark.parametrize("first,second", [
+    ({"const": True}, {"const": 1}),  # == calls these equal; JSON Schema does not
+    ({"maximum": 1.0}, {"maximum": 1}),
+    ({"b": {}, "a": {}}, {"a": {}, "b": {}}),  # key order is part of the bytes sent
+])
+def test_tools_cache_tells_json_values_apart_that_compare_equal(first, second):
+    from resp2chat_core.turn import ToolsCache
+
+    def body(props):
+        return req([user("hi")], tools=[{"type": "function", "name": "f", "parameters": {
+            "type": "object", "properties": {"x": props}}}])
+
+    cache = ToolsCache()
+    _turn(body(first), cache=cache)
+    warm = _turn(body(second), cache=cache)
+    assert warm.chat_body == _turn(body(second)).chat_body
+    assert warm.ctx.echo_json == _turn(body(second)).ctx.echo_json
+
+
+def test_tools_nested_too_deep_are_a_400_not_a_crash():
+    from resp2chat_core.turn import ToolsCache, begin_turn
+
+    deep = b'{"model":"m","input":"x","tools":' + b"[" * 5000 + b"]" * 5000 + b"}"
+    with pytest.raises(GatewayError):
+        begin_turn(deep, LoweringOptions(), "resp_x", 1, tools_cache=ToolsCache())
+
+
+def test_json_nested_beyond_the_decoder_is_a_400():
+    from resp2chat_core.turn import begin_turn
+
+    deep = b'{"model":"m","input":' + b"[" * 200000 + b"]" * 200000 + b"}"
+    with pytest.raises(GatewayError) as err:
+        begin_turn(deep, LoweringOptions(), "resp_x", 1)
+    assert err.value.status == 400 and "nested too deeply" in str(err.value.body())

@@ -7,6 +7,8 @@ the fields echoed into Response objects), so the per-chunk path has nothing left
 from __future__ import annotations
 
 import json
+import marshal
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -67,33 +69,38 @@ class ToolsCache:
 
     Codex resends the same tools (~30 KB of JSON) every turn, and validating, flattening and
     encoding them (for the chat body and for the echo in Response objects) was ~40% of a turn's
-    work. An entry is found again by value: ``==`` on the decoded JSON runs in C (~13 µs for
-    Codex's tools), and only lists that validated and lowered before are ever stored. Output is
-    byte for byte what lowering without the cache gives (tests/test_lowering.py checks).
+    work. The key is ``marshal`` (format 2) of the decoded tools: it keeps dict order and tells
+    ``true`` from ``1`` from ``1.0`` (``==`` does neither, and the bytes sent must be the ones the
+    request gives), and costs ~30 µs for Codex's tools. Only lists that validated and lowered
+    before are stored; output is byte for byte what lowering without the cache gives.
     """
 
     def __init__(self, size: int = 4):
         self.size = size
-        self._entries: list[tuple[list, tuple, ToolMap, str, str]] = []  # most recent first
+        self._entries: OrderedDict[tuple, tuple[ToolMap, str, str]] = OrderedDict()
         self.hits = 0
 
-    def find(self, raw_tools: list, opts: LoweringOptions) -> tuple[ToolMap, str, str] | None:
-        """(tool map, encoded chat tools, encoded raw tools) of an equal list lowered before."""
-        key = (opts.tool_denylist, opts.web_search)  # all of the options the tool map depends on
-        for i, (raw, k, tmap, chat_json, echo_json) in enumerate(self._entries):
-            if k == key and raw == raw_tools:
-                if i:
-                    self._entries.insert(0, self._entries.pop(i))
-                self.hits += 1
-                return tmap, chat_json, echo_json
-        return None
+    @staticmethod
+    def key(raw_tools: list, opts: LoweringOptions) -> tuple | None:
+        try:
+            packed = marshal.dumps(raw_tools, 2)
+        except ValueError:  # nested too deep to marshal: not a tool list that will validate anyway
+            return None
+        return packed, opts.tool_denylist, opts.web_search  # the tool map depends on these options only
 
-    def add(self, raw_tools: list, opts: LoweringOptions, tmap: ToolMap) -> tuple[ToolMap, str, str]:
-        entry = (raw_tools, (opts.tool_denylist, opts.web_search), tmap,
-                 _dumps(tmap.chat_tools), _dumps(raw_tools))
-        self._entries.insert(0, entry)
-        del self._entries[self.size:]
-        return entry[2:]
+    def find(self, key: tuple) -> tuple[ToolMap, str, str] | None:
+        """(tool map, encoded chat tools, encoded raw tools) of the same list lowered before."""
+        found = self._entries.get(key)
+        if found is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+        return found
+
+    def add(self, key: tuple, raw_tools: list, tmap: ToolMap) -> tuple[ToolMap, str, str]:
+        entry = self._entries[key] = (tmap, _dumps(tmap.chat_tools), _dumps(raw_tools))
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return entry
 
 
 def decode_body(body: bytes) -> dict:
@@ -101,6 +108,8 @@ def decode_body(body: bytes) -> dict:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise GatewayError(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise GatewayError("request body is nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise GatewayError("request body must be a JSON object", code="invalid_json")
     return data
@@ -127,12 +136,13 @@ def begin_turn(body: bytes, opts: LoweringOptions, response_id: str, created_at:
         items = earlier + items
         raw = {**raw, "input": items, "previous_response_id": None}
     tools = raw.get("tools")
-    known = tools_cache.find(tools, opts) if tools_cache is not None and tools and isinstance(tools, list) else None
+    key = ToolsCache.key(tools, opts) if tools_cache is not None and tools and isinstance(tools, list) else None
+    known = tools_cache.find(key) if key else None
     if known is None:
         req = parse_request(raw)
         lowered = lower(req, opts)
-        if tools_cache is not None and tools and isinstance(tools, list):
-            known = tools_cache.add(tools, opts, lowered.tool_map)
+        if key:
+            known = tools_cache.add(key, tools, lowered.tool_map)
     else:  # these tools validated and lowered before: the rest of the request still is checked
         req = parse_request({k: v for k, v in raw.items() if k != "tools"})
         lowered = lower(req, opts, known[0], known[1])
