@@ -678,3 +678,15 @@ def test_envelope_that_changes_every_chunk_is_no_longer_learnt():
     out = t.feed(sse(chunk(finish="stop")))
     assert parse_events(out)[-1]["response"]["output"][0]["content"][0]["text"] == " ".join(
         f"w{i}" for i in range(40)) + " "
+
+
+@pytest.mark.parametrize("dup", ['"delta" :', '"d\\u0065lta":'])
+def test_envelope_is_not_learnt_from_a_delta_key_that_decoding_overrides(dup):
+    """JSON keeps the last of duplicate keys: a template whose literal ``"delta":`` is followed
+    by another spelling of the key must not be learnt (the probe in _learn)."""
+    first = '{"choices":[{"index":0,"delta":{"content":"A"},%s{"content":"A"}}]}' % dup
+    second = '{"choices":[{"index":0,"delta":{"content":"B"},%s{"content":"A"}}]}' % dup
+    t = translator()
+    out = check(t.feed(sse(first, second, chunk(finish="stop"))) + t.finish())
+    assert [e["delta"] for e in out if e["type"] == "response.output_text.delta"] == ["A", "A"]
+    assert t._hits == 0

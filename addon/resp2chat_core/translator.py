@@ -361,9 +361,13 @@ class Translator:
             start += 1
         try:
             value, end = _raw_decode(payload, start)
-        except ValueError:
+            # The literal key found must be the one decoding keeps: put a probe value in its place
+            # (a duplicate "delta" key later on, or one spelled with escapes, would win instead).
+            probe = _loads(payload[:start] + '{"\\u0000":0}' + payload[end:])
+            kept = probe["choices"][0]["delta"]
+        except (ValueError, LookupError, TypeError):
             return
-        if value == delta:
+        if value == delta and kept == {"\x00": 0}:
             self._envelope = (payload[:start], payload[end:])
 
     def _chunk(self, chunk: dict, payload: str | None = None) -> None:
