@@ -286,17 +286,20 @@ class Relay:
             if down.transport.get_write_buffer_size() > 1 << 20:
                 await down.drain()  # a slow client: push back on the backend
 
-        # The head, through h11.
-        while True:
-            event = client.next_event()
-            if event is h11.NEED_DATA:
+        async def next_event():
+            """h11's next event, reading from the backend as needed; None once it went silent."""
+            while (event := client.next_event()) is h11.NEED_DATA:
                 data = await recv()
                 if data is None:
-                    return "broken"
+                    return None
                 client.receive_data(data)
-            elif isinstance(event, h11.Response):
-                break
-            elif isinstance(event, h11.ConnectionClosed):
+            return event
+
+        # The head, through h11.
+        while not isinstance(event := await next_event(), h11.Response):
+            if event is None:
+                return "broken"
+            if isinstance(event, h11.ConnectionClosed):
                 raise ConnectionResetError("closed before answering")
         hdrs = dict(event.headers)
         status, ctype, retry_after = event.status_code, hdrs.get(b"content-type", b""), hdrs.get(b"retry-after")
@@ -339,13 +342,10 @@ class Relay:
 
         held = bytearray()  # an error or JSON body, kept to be sent as one marker
         while True:
-            event = client.next_event()
-            if event is h11.NEED_DATA:
-                data = await recv()
-                if data is None:
-                    return "broken"
-                client.receive_data(data)
-            elif isinstance(event, h11.Data):
+            event = await next_event()
+            if event is None:
+                return "broken"
+            if isinstance(event, h11.Data):
                 if stream:
                     await forward(event.data)
                 elif len(held) < MAX_ERROR_BODY:
