@@ -58,24 +58,23 @@ class Lowered:
     client_stream: bool  # what the *client* asked for; upstream is always streamed
 
 
+dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # the one compact encoding
+
+
 def encode(chat: dict) -> bytes:
-    return json.dumps(chat, ensure_ascii=False, separators=(",", ":")).encode()
+    return dumps(chat).encode()
 
 
 _HOLDER = f"\x00resp2chat-{os.urandom(8).hex()}\x00"  # can't occur in a request: a fresh token per process
-_HOLDER_JSON = json.dumps(_HOLDER)
+_HOLDER_JSON = dumps(_HOLDER)
 
 
 def dumps_spliced(obj: dict, key: str, fragment: str) -> str:
     """``json.dumps(obj)`` (compact, UTF-8) where ``obj[key]`` is already encoded as ``fragment``:
     the same text, without encoding that value again (see turn.ToolsCache)."""
-    text = json.dumps({**obj, key: _HOLDER}, ensure_ascii=False, separators=(",", ":"))
+    text = dumps({**obj, key: _HOLDER})
     i = text.find(_HOLDER_JSON)
     return text[:i] + fragment + text[i + len(_HOLDER_JSON):]
-
-
-def _json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 # --- content -------------------------------------------------------------------------------
@@ -229,7 +228,7 @@ def _lower_input(req: ResponsesRequest, flatten: bool, reasoning_field: str = "r
         elif isinstance(item, FunctionCallItem):
             conv.tool_call(item.call_id, chat_name(item.name, item.namespace), item.arguments)
         elif isinstance(item, CustomToolCallItem):
-            conv.tool_call(item.call_id, chat_name(item.name, item.namespace), _json({"input": item.input}))
+            conv.tool_call(item.call_id, chat_name(item.name, item.namespace), dumps({"input": item.input}))
         elif isinstance(item, LocalShellCallItem):
             a = item.action
             args = {"command": a.command}
@@ -237,9 +236,9 @@ def _lower_input(req: ResponsesRequest, flatten: bool, reasoning_field: str = "r
                 args["workdir"] = a.working_directory
             if a.timeout_ms is not None:
                 args["timeout_ms"] = a.timeout_ms
-            conv.tool_call(_call_id(item, where), LOCAL_SHELL_NAME, _json(args))
+            conv.tool_call(_call_id(item, where), LOCAL_SHELL_NAME, dumps(args))
         elif isinstance(item, ToolSearchCallItem):
-            args = item.arguments if isinstance(item.arguments, str) else _json(item.arguments or {})
+            args = item.arguments if isinstance(item.arguments, str) else dumps(item.arguments or {})
             conv.tool_call(_call_id(item, where), TOOL_SEARCH_NAME, args)
         elif isinstance(item, WebSearchCallItem):
             # A hosted search ran on the server; the chat model only needs to know it happened.
@@ -250,7 +249,7 @@ def _lower_input(req: ResponsesRequest, flatten: bool, reasoning_field: str = "r
             conv.add({"role": "tool", "tool_call_id": _call_id(item, where), "content": text})
             conv._tool_images.extend(images)
         elif isinstance(item, ToolSearchOutputItem):
-            conv.add({"role": "tool", "tool_call_id": _call_id(item, where), "content": _json(item.tools)})
+            conv.add({"role": "tool", "tool_call_id": _call_id(item, where), "content": dumps(item.tools)})
     return conv.finish()
 
 

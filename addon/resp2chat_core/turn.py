@@ -13,12 +13,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .errors import GatewayError
-from .lowering import LoweringOptions, dumps_spliced, lower
+from .lowering import LoweringOptions, dumps, dumps_spliced, lower
 from .toolmap import ToolMap
 from .schema import parse_request
 from .translator import Translator, TurnContext
-
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 # Request fields a Response object echoes back, with the API's defaults when absent.
 _ECHO_DEFAULTS = (
@@ -97,7 +95,7 @@ class ToolsCache:
         return found
 
     def add(self, key: tuple, raw_tools: list, tmap: ToolMap) -> tuple[ToolMap, str, str]:
-        entry = self._entries[key] = (tmap, _dumps(tmap.chat_tools), _dumps(raw_tools))
+        entry = self._entries[key] = (tmap, dumps(tmap.chat_tools), dumps(raw_tools))
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
         return entry
@@ -146,7 +144,7 @@ def begin_turn(body: bytes, opts: LoweringOptions, response_id: str, created_at:
     else:  # these tools validated and lowered before: the rest of the request still is checked
         req = parse_request({k: v for k, v in raw.items() if k != "tools"})
         lowered = lower(req, opts, known[0], known[1])
-    echo_json = (dumps_spliced(echo, "tools", known[2]) if known and echo["tools"] is tools else _dumps(echo))[1:-1]
+    echo_json = (dumps_spliced(echo, "tools", known[2]) if known and echo["tools"] is tools else dumps(echo))[1:-1]
     ctx = TurnContext(response_id=response_id, created_at=created_at, model=req.model,
                       tool_map=lowered.tool_map, echo_json=echo_json,
                       think=opts.think_mode(lowered.chat["model"]))
