@@ -1,52 +1,31 @@
-"""The mitmproxy addon's hooks, driven with mitmproxy's own test helpers (taddons, tflow)."""
+"""The mitmproxy addons' hooks on the production path: mitmproxy's own test context (taddons,
+tflow), the real relay, a real backend on loopback.
+
+``Mitm.run`` does for one flow what mitmproxy's proxy core does: the request hooks; unless an
+addon answered, the request as mitmproxy assembles it to wherever the flow now points (the
+relay), the response head, the responseheaders hooks, each body chunk through the flow's stream
+callable, then the response hooks. Everything between is the gateway's own code.
+"""
 
 from __future__ import annotations
 
-import importlib.util
+import asyncio
 import json
 
 import pytest
-from mitmproxy import exceptions, http
+from mitmproxy import exceptions, hooks, http
 from mitmproxy.addons.proxyserver import Proxyserver
+from mitmproxy.net.http.http1 import assemble_request
 from mitmproxy.test import taddons, tflow
 
-from conftest import ADDON, codex_fixture
+from mitmproxy.proxy.layers.http import (
+    HttpErrorHook, HttpRequestHeadersHook, HttpRequestHook, HttpResponseHeadersHook, HttpResponseHook,
+)
 
+from conftest import codex_fixture
+from resp2chat_io.addons import build
 
-@pytest.fixture(scope="module")
-def mod():
-    spec = importlib.util.spec_from_file_location("resp2chat_addon_under_test", ADDON)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture
-def addon(mod):
-    return mod.Resp2Chat()
-
-
-def responses_flow(body: dict | bytes, path="/v1/responses", headers=None) -> http.HTTPFlow:
-    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = http.Request.make("POST", f"http://127.0.0.1:8000{path}", raw,
-                            {"content-type": "application/json", **(headers or {})})
-    f = tflow.tflow()
-    f.request = req
-    return f
-
-
-def upstream_response(flow, body: bytes, status=200, ctype="text/event-stream"):
-    flow.response = http.Response.make(status, body, {"content-type": ctype})
-    return flow
-
-
-def streaming_flow(addon) -> http.HTTPFlow:
-    """A streaming /v1/responses flow whose upstream answered 200: the stream callable is set."""
-    f = responses_flow({"model": "m", "input": "hi", "stream": True})
-    addon.request(f)
-    upstream_response(f, b"")
-    addon.responseheaders(f)
-    return f
+SECRET = "sk-upstream-secret"
 
 
 def chunk(delta=None, finish=None) -> bytes:
@@ -54,216 +33,361 @@ def chunk(delta=None, finish=None) -> bytes:
     return b"data: " + json.dumps(c).encode() + b"\n\n"
 
 
-def test_request_is_lowered_and_routed_to_reverse_target(addon):
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon)
-        f = responses_flow({"model": "m", "input": "hi", "stream": True})
-        addon.request(f)
-        assert f.response is None
-        assert f.request.path == "/v1/chat/completions"
-        assert (f.request.host, f.request.port) == ("127.0.0.1", 8000)
-        chat = json.loads(f.request.content)
-        assert chat["messages"] == [{"role": "user", "content": "hi"}]
-        assert chat["stream"] is True and chat["stream_options"] == {"include_usage": True}
+class Backend:
+    """A chat backend on loopback that answers every request with ``status``/``ctype`` and the
+    body in ``pieces`` (one chunked-encoding chunk each), and remembers what it was sent."""
+
+    def __init__(self):
+        self.status, self.ctype, self.pieces, self.delay = 200, "text/event-stream", [chunk(finish="stop")], 0.0
+        self.seen: list[tuple[bytes, bytes]] = []  # (head, body)
+        self.server = None
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader, writer):
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(next((ln.split(b":")[1] for ln in head.split(b"\r\n")
+                                   if ln.lower().startswith(b"content-length")), b"0"))
+                body = await reader.readexactly(length)
+                self.seen.append((head, body))
+                writer.write(b"HTTP/1.1 %d X\r\ncontent-type: %s\r\ntransfer-encoding: chunked\r\n\r\n"
+                             % (self.status, self.ctype.encode()))
+                for piece in self.pieces:
+                    writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                    await writer.drain()
+                    await asyncio.sleep(self.delay)
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
 
 
-def test_upstream_base_url_with_path_prefix_and_key(addon):
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, resp2chat_upstream_base_url="https://llm.example:8443/api/v1",
-                       resp2chat_upstream_api_key="sk-upstream-secret")
-        f = responses_flow({"model": "m", "input": "hi"}, headers={"authorization": "Bearer sk-client"})
-        addon.request(f)
-        r = f.request
-        assert (r.scheme, r.host, r.port, r.path) == ("https", "llm.example", 8443, "/api/v1/chat/completions")
-        assert r.headers["host"] == "llm.example:8443"
-        assert r.headers["authorization"] == "Bearer sk-upstream-secret"
-        m = tflow.tflow()
-        m.request = http.Request.make("GET", "http://127.0.0.1:8000/v1/models?x=1")
-        addon.request(m)
-        assert m.request.path == "/api/v1/models?x=1"
+class Mitm:
+    """The gateway's addons in a taddons context, with a mitmproxy-like flow driver."""
+
+    def __init__(self, tctx, addons):
+        self.tctx, self.addons = tctx, addons
+        self.by_name = {a.name: a for a in addons}
+
+    def __getitem__(self, name: str):
+        return self.by_name["resp2chat_" + name]
+
+    async def hook(self, hook) -> None:
+        await self.tctx.master.addons.handle_lifecycle(hook)
+
+    async def run(self, flow: http.HTTPFlow, *, hang_up_after_completed: bool = False) -> list:
+        """One flow through the hooks and the real relay; the stream callable's results."""
+        await self.hook(HttpRequestHeadersHook(flow))
+        if flow.response is None:
+            await self.hook(HttpRequestHook(flow))
+        if flow.response is not None:
+            await self.hook(HttpResponseHook(flow))
+            return []
+        reader, writer = await asyncio.open_connection(flow.request.host, flow.request.port)
+        writer.write(assemble_request(flow.request))
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k: v for k, v in (x.split(": ", 1) for x in lines[1:] if x)}
+        flow.response = http.Response.make(status, b"", headers)
+        await self.hook(HttpResponseHeadersHook(flow))
+        results, body = [], bytearray()
+        stream = flow.response.stream
+        while True:
+            size = int((await reader.readuntil(b"\r\n"))[:-2], 16)
+            data = (await reader.readexactly(size + 2))[:-2] if size else b""
+            if size == 0:
+                await reader.readuntil(b"\r\n")
+            if callable(stream):
+                results.append(stream(data))
+                out = b"".join(r if isinstance(r, bytes) else b"".join(r) for r in results)
+                if hang_up_after_completed and b"response.completed" in out:
+                    writer.close()
+                    flow.error = tflow.terr("Client disconnected.")
+                    await self.hook(HttpErrorHook(flow))
+                    return results
+            else:
+                body += data
+            if size == 0:
+                break
+        writer.close()
+        if callable(stream):
+            flow.response.data.content = b"".join(r if isinstance(r, bytes) else b"".join(r) for r in results)
+        else:
+            flow.response.content = bytes(body)
+        await self.hook(HttpResponseHook(flow))
+        return results
 
 
-def test_client_authorization_dropped_unless_forwarding(addon):
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon)
-        f = responses_flow({"model": "m", "input": "hi"}, headers={"authorization": "Bearer sk-client"})
-        addon.request(f)
-        assert "authorization" not in f.request.headers
-        tctx.configure(addon, resp2chat_forward_client_auth=True)
-        f = responses_flow({"model": "m", "input": "hi"}, headers={"authorization": "Bearer sk-client"})
-        addon.request(f)
-        assert f.request.headers["authorization"] == "Bearer sk-client"
+@pytest.fixture
+async def backend():
+    b = Backend()
+    await b.start()
+    yield b
+    b.server.close()
 
 
-def test_saved_flows_never_hold_credentials(addon):
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, resp2chat_upstream_api_key="sk-upstream-secret")
-        f = streaming_flow(addon)
-        addon.response(f)
-        assert "sk-upstream-secret" not in json.dumps(f.get_state(), default=str)
+@pytest.fixture
+async def gw(backend):
+    """The gateway's addons, configured and running, reverse-proxying to ``backend``."""
+    addons = build()
+    with taddons.context(*addons) as tctx:  # (no Proxyserver: nothing may bind a port)
+        tctx.master.addons.trigger(hooks.ConfigureHook(set(tctx.options.keys())))
+        # the replay cache would answer repeated requests without the backend: tested on its own
+        tctx.options.update(resp2chat_max_replay_entries=0)
+        await tctx.master.addons.trigger_event(hooks.RunningHook())
+        yield Mitm(tctx, addons)
+        await tctx.master.addons.trigger_event(hooks.DoneHook())
 
 
-def test_bad_request_answered_locally(addon):
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon)
-        f = responses_flow({"model": "m", "input": [{"type": "nope"}]})
-        addon.request(f)
-        assert f.response.status_code == 400
-        assert json.loads(f.response.content)["error"]["param"] == "input[0].type"
-        assert f.id not in addon.turns
+def responses_flow(body: dict | bytes, backend_url: str, path="/v1/responses", headers=None) -> http.HTTPFlow:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    f = tflow.tflow()
+    f.request = http.Request.make("POST", f"{backend_url}{path}", raw,
+                                  {"content-type": "application/json", **(headers or {})})
+    return f
 
 
-def test_healthz_answered_locally(addon):
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon)
-        f = tflow.tflow()
-        f.request = http.Request.make("GET", "http://127.0.0.1:8000/healthz")
-        addon.request(f)
-        assert f.response.status_code == 200
+def events_of(results: list) -> list[dict]:
+    out = b"".join(r if isinstance(r, bytes) else b"".join(r) for r in results)
+    return [json.loads(line[6:]) for line in out.decode().splitlines() if line.startswith("data: ")]
 
 
-def run_stream(addon, f, pieces: list[bytes]) -> tuple[list, bytes]:
-    addon.responseheaders(f)
-    stream = f.response.stream
-    assert callable(stream)
-    results = [stream(p) for p in pieces] + [stream(b"")]
-    return results, b"".join(r if isinstance(r, bytes) else b"".join(r) for r in results)
+async def test_a_turn_goes_through_the_relay_and_the_flow_shows_the_backend(gw, backend):
+    f = responses_flow({"model": "m", "input": "hi", "stream": True}, backend.url)
+    backend.pieces = [chunk({"content": "Hel"}), chunk({"content": "lo"}), chunk(finish="stop"), b"data: [DONE]\n\n"]
+    await gw.hook(HttpRequestHook(f))
+    relay = gw["upstreams"].relay
+    assert (f.request.host, f.request.port) == relay.address  # the hop (see relay/server.py)
+    f2 = responses_flow({"model": "m", "input": "hi", "stream": True}, backend.url)
+    results = await gw.run(f2)
+    head, body = backend.seen[-1]
+    assert head.startswith(b"POST /v1/chat/completions HTTP/1.1")
+    assert b"x-resp2chat" not in head.lower()  # the relay's own headers stop at the relay
+    chat = json.loads(body)
+    assert chat["messages"] == [{"role": "user", "content": "hi"}]
+    assert chat["stream"] is True and chat["stream_options"] == {"include_usage": True}
+    assert [e["type"] for e in events_of(results)][-1] == "response.completed"
+    # the flow (mitmweb, flow files) shows the real backend, and no relay headers
+    assert f2.request.url == backend.url + "/v1/chat/completions"
+    assert not [n for n in f2.request.headers if n.lower().startswith("x-resp2chat")]
+    assert f2.comment.startswith("POST /v1/responses → m · completed")
+    relay.forget(f.id)
 
 
-def test_stream_callable_translates_and_fixes_headers(addon):
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon)
-        f = responses_flow({"model": "m", "input": "hi", "stream": True})
-        addon.request(f)
-        upstream_response(f, b"")
-        f.response.headers["content-length"] = "123"
-        results, out = run_stream(addon, f, [chunk({"content": "Hel"})[:10], chunk({"content": "Hel"})[10:],
-                                             b": keep-alive\n\n", chunk(finish="stop"), b"data: [DONE]\n\n"])
-        assert f.response.headers["content-type"].startswith("text/event-stream")
-        assert "content-length" not in f.response.headers
-        assert f.response.headers["transfer-encoding"] == "chunked"
-        # nothing to say mid-stream must be [], never b"" (b"" ends the client's body early)
-        assert results[0] == [] and results[2] == []
-        assert all(r != b"" for r in results)
-        assert out.count(b"event: response.completed") == 1
-        assert b'"delta":"Hel"' in out
+async def test_upstream_base_url_with_path_prefix_and_key(gw, backend):
+    gw.tctx.options.update(resp2chat_upstream_base_url=backend.url + "/api/v1", resp2chat_upstream_api_key=SECRET)
+    f = responses_flow({"model": "m", "input": "hi"}, "http://127.0.0.1:8000", headers={"authorization": "Bearer sk-client"})
+    await gw.run(f)
+    head, _ = backend.seen[-1]
+    assert head.startswith(b"POST /api/v1/chat/completions ")
+    assert b"authorization: Bearer " + SECRET.encode() in head
+    assert f.request.url == backend.url + "/api/v1/chat/completions"
+    m = tflow.tflow()
+    m.request = http.Request.make("GET", "http://127.0.0.1:8000/v1/models?x=1")
+    await gw.hook(HttpRequestHook(m))
+    assert m.request.url == backend.url + "/api/v1/models?x=1"
 
 
-def test_stream_callable_never_raises(addon, monkeypatch):
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon)
-        f = streaming_flow(addon)
-        stream = f.response.stream
-
-        def boom(data):
-            raise RuntimeError("bug")
-
-        monkeypatch.setattr(stream.translator, "feed", boom)
-        out = stream(chunk({"content": "x"}))
-        assert b"response.failed" in out and b"RuntimeError" in out
-        assert stream(b"more") == [] and stream(b"") == []
+async def test_client_authorization_dropped_unless_forwarding(gw, backend):
+    await gw.run(responses_flow({"model": "m", "input": "hi"}, backend.url, headers={"authorization": "Bearer sk-client"}))
+    assert b"sk-client" not in backend.seen[-1][0]
+    gw.tctx.options.update(resp2chat_forward_client_auth=True)
+    await gw.run(responses_flow({"model": "m", "input": "hi"}, backend.url, headers={"authorization": "Bearer sk-client"}))
+    assert b"authorization: Bearer sk-client" in backend.seen[-1][0]
 
 
-def test_upstream_http_error_becomes_response_failed_stream(addon):
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon)
-        f = responses_flow({"model": "m", "input": "hi", "stream": True})
-        addon.request(f)
-        upstream_response(f, b"", status=400, ctype="application/json")
-        body = json.dumps({"error": {"message": "This model's maximum context length is 10 tokens. "
-                                                "However, you requested 99 tokens", "code": 400}}).encode()
-        _, out = run_stream(addon, f, [body[:20], body[20:]])
-        assert f.response.status_code == 200
-        events = [json.loads(line[6:]) for line in out.decode().splitlines() if line.startswith("data: ")]
-        assert [e["type"] for e in events] == ["response.created", "response.in_progress", "response.failed"]
-        assert events[-1]["response"]["error"]["code"] == "context_length_exceeded"
+async def test_saved_flows_never_hold_credentials(gw, backend):
+    gw.tctx.options.update(resp2chat_upstream_api_key=SECRET)
+    f = responses_flow({"model": "m", "input": "hi", "stream": True}, backend.url)
+    backend.pieces = [chunk({"content": "the key is " + SECRET}), chunk(finish="stop")]
+    results = await gw.run(f)
+    assert SECRET.encode() in b"".join(b for b, _ in backend.seen)  # it went upstream…
+    state = json.dumps(f.get_state(), default=str)
+    assert SECRET not in state  # …but neither the flow nor what the client got holds it
+    assert SECRET not in json.dumps(events_of(results))
 
 
-def test_non_streaming_client_gets_one_json_response(addon):
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon)
-        f = responses_flow({"model": "m", "input": "hi"})
-        addon.request(f)
-        upstream_response(f, chunk({"content": "Hello"}) + chunk(finish="stop") + b"data: [DONE]\n\n")
-        addon.responseheaders(f)
-        assert not callable(f.response.stream)
-        addon.response(f)
-        resp = json.loads(f.response.content)
-        assert f.response.status_code == 200
-        assert resp["object"] == "response" and resp["status"] == "completed"
-        assert resp["output"][0]["content"][0]["text"] == "Hello"
-        assert f.id not in addon.turns
+async def test_bad_request_answered_locally(gw, backend):
+    f = responses_flow({"model": "m", "input": [{"type": "nope"}]}, backend.url)
+    await gw.run(f)
+    assert f.response.status_code == 400
+    assert json.loads(f.response.content)["error"]["param"] == "input[0].type"
+    assert f.id not in gw["turns"].live and backend.seen == [] and gw["upstreams"].relay.expected == 0
 
 
-def test_codex_fixture_flow_round_trip(addon):
+async def test_healthz_answered_locally(gw, backend):
+    f = tflow.tflow()
+    f.request = http.Request.make("GET", backend.url + "/healthz")
+    await gw.run(f)
+    assert f.response.status_code == 200 and backend.seen == []
+
+
+async def test_no_client_can_address_the_relay(gw, backend):
+    """In a forward-proxy mode a client could name any host: never the relay's address."""
+    relay = gw["upstreams"].relay
+    f = tflow.tflow()
+    f.request = http.Request.make("POST", f"http://127.0.0.1:{relay.port}/v1/chat/completions", b"{}")
+    await gw.run(f)
+    assert f.response.status_code == 403 and relay.refused == 0 and backend.seen == []
+
+
+async def test_stream_callable_translates_and_fixes_headers(gw, backend):
+    backend.pieces = [chunk({"content": "Hel"})[:10], chunk({"content": "Hel"})[10:], b": keep-alive\n\n",
+                      chunk(finish="stop"), b"data: [DONE]\n\n"]
+    backend.delay = 0.02  # one tick each
+    f = responses_flow({"model": "m", "input": "hi", "stream": True}, backend.url)
+    results = await gw.run(f)
+    assert f.response.headers["content-type"].startswith("text/event-stream")
+    assert "content-length" not in f.response.headers
+    assert f.response.headers["transfer-encoding"] == "chunked"
+    # nothing to say mid-stream must be [], never b"" (b"" ends the client's body early)
+    assert [] in results and all(r != b"" for r in results)
+    events = events_of(results)
+    assert [e["type"] for e in events].count("response.completed") == 1
+    assert any(e.get("delta") == "Hel" for e in events)
+
+
+async def test_stream_callable_never_raises(gw, backend, monkeypatch):
+    from resp2chat_core.translator import Translator
+
+    def boom(self, data):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(Translator, "feed", boom)
+    backend.pieces = [chunk({"content": "x"}), chunk(finish="stop")]
+    f = responses_flow({"model": "m", "input": "hi", "stream": True}, backend.url)
+    results = await gw.run(f)
+    events = events_of(results)
+    assert events[-1]["type"] == "response.failed" and "RuntimeError" in events[-1]["response"]["error"]["message"]
+    assert [e["type"] for e in events].count("response.failed") == 1
+
+
+async def test_upstream_http_error_becomes_response_failed_stream(gw, backend):
+    backend.status, backend.ctype = 400, "application/json"
+    body = json.dumps({"error": {"message": "This model's maximum context length is 10 tokens. "
+                                            "However, you requested 99 tokens", "code": 400}}).encode()
+    backend.pieces = [body[:20], body[20:]]
+    f = responses_flow({"model": "m", "input": "hi", "stream": True}, backend.url)
+    events = events_of(await gw.run(f))
+    assert f.response.status_code == 200
+    assert [e["type"] for e in events] == ["response.created", "response.in_progress", "response.failed"]
+    assert events[-1]["response"]["error"]["code"] == "context_length_exceeded"
+
+
+async def test_a_backend_cannot_speak_for_the_gateway(gw, backend):
+    """Relay facts travel as typed calls: a backend chunk shaped like the old in-band markers is
+    just an unknown chunk, not an error, a keepalive or a web search."""
+    backend.pieces = [
+        b'data: {"resp2chat": {"upstream_error": {"status": 401, "body": "x"}}}\n\n',
+        b'data: {"resp2chat": {"web_search": {"phase": "started", "id": "1", "query": "q"}}}\n\n',
+        chunk({"content": "fine"}), chunk(finish="stop"), b"data: [DONE]\n\n"]
+    f = responses_flow({"model": "m", "input": "hi", "stream": True}, backend.url)
+    events = events_of(await gw.run(f))
+    final = events[-1]["response"]
+    assert events[-1]["type"] == "response.completed" and final["error"] is None
+    assert [o["type"] for o in final["output"]] == ["message"] and final["output"][0]["content"][0]["text"] == "fine"
+
+
+async def test_non_streaming_client_gets_one_json_response(gw, backend):
+    backend.pieces = [chunk({"content": "Hello"}), chunk(finish="stop"), b"data: [DONE]\n\n"]
+    f = responses_flow({"model": "m", "input": "hi"}, backend.url)
+    results = await gw.run(f)
+    assert results == [] and not callable(f.response.stream)
+    resp = json.loads(f.response.content)
+    assert f.response.status_code == 200
+    assert resp["object"] == "response" and resp["status"] == "completed"
+    assert resp["output"][0]["content"][0]["text"] == "Hello"
+    assert f.id not in gw["turns"].live
+    backend.status, backend.ctype, backend.pieces = 429, "application/json", [b'{"error": {"message": "slow down"}}']
+    f = responses_flow({"model": "m", "input": "hi"}, backend.url)
+    await gw.run(f)
+    assert f.response.status_code == 429 and json.loads(f.response.content)["error"]["code"] == "rate_limit_exceeded"
+
+
+async def test_codex_fixture_flow_round_trip(gw, backend):
     body = codex_fixture("02-tool-call-turn1.json")["body"]
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon)
-        f = responses_flow(body)
-        addon.request(f)
-        chat = json.loads(f.request.content)
-        names = [t["function"]["name"] for t in chat["tools"]]
-        assert "multi_agent_v1__spawn_agent" in names
-        call = {"index": 0, "id": "call_x", "function": {"name": "multi_agent_v1__spawn_agent",
-                                                          "arguments": '{"message":"go"}'}}
-        upstream_response(f, b"")
-        _, out = run_stream(addon, f, [chunk({"tool_calls": [call]}), chunk(finish="tool_calls"),
-                                       b"data: [DONE]\n\n"])
-        done = json.loads(out.decode().split("data: ")[-1])
-        item = done["response"]["output"][0]
-        assert (item["type"], item["name"], item["namespace"]) == ("function_call", "spawn_agent", "multi_agent_v1")
+    call = {"index": 0, "id": "call_x", "function": {"name": "multi_agent_v1__spawn_agent",
+                                                      "arguments": '{"message":"go"}'}}
+    backend.pieces = [chunk({"tool_calls": [call]}), chunk(finish="tool_calls"), b"data: [DONE]\n\n"]
+    f = responses_flow(body, backend.url)
+    events = events_of(await gw.run(f))
+    names = [t["function"]["name"] for t in json.loads(backend.seen[-1][1])["tools"]]
+    assert "multi_agent_v1__spawn_agent" in names
+    item = events[-1]["response"]["output"][0]
+    assert (item["type"], item["name"], item["namespace"]) == ("function_call", "spawn_agent", "multi_agent_v1")
 
 
-def test_gateway_defaults_loopback_4000_lazy(addon):
-    with taddons.context(Proxyserver(), addon) as tctx:
-        addon.configure(set(tctx.options.keys()))  # what mitmproxy's script loader does
+async def test_turn_recorded_when_client_hangs_up_after_completed(gw, backend):
+    """Codex closes the connection on response.completed (sent at [DONE]), which can beat the end
+    of the relay's body: mitmproxy then calls `error`, not `response`. Seen with llama-server."""
+    usage = {"prompt_tokens": 9, "completion_tokens": 1, "total_tokens": 10, "prompt_tokens_details": {"cached_tokens": 8}}
+    backend.pieces = [chunk({"content": "Hi"}) + chunk(finish="stop")
+                      + b'data: {"choices": [], "usage": ' + json.dumps(usage).encode() + b"}\n\ndata: [DONE]\n\n",
+                      b": the body goes on a little\n\n"]
+    backend.delay = 0.2
+    f = responses_flow({"model": "m", "input": "hi", "stream": True}, backend.url)
+    results = await gw.run(f, hang_up_after_completed=True)
+    out = b"".join(r if isinstance(r, bytes) else b"".join(r) for r in results)
+    meta = f.metadata["resp2chat"]
+    assert f.error is not None and f.id not in gw["turns"].live
+    assert meta["status"] == "completed"
+    assert meta["usage"]["input_tokens"] == 9 and meta["usage"]["input_tokens_details"]["cached_tokens"] == 8
+    assert "[DONE]" in meta["upstream_sse"]
+    # the flow file keeps what the client got (mitmproxy stores a streamed body only at its end,
+    # which never came): server replay of this recording must answer in full
+    assert f.response.raw_content == out
+    assert f.request.url == backend.url + "/v1/chat/completions"
+
+
+async def test_configure_acts_on_what_changed(gw, backend):
+    store_before = gw["store"].store
+    relay_client = gw["upstreams"].relay.client
+    assert relay_client.verify_tls is True
+    gw.tctx.options.update(ssl_insecure=True)  # a live change reaches the relay
+    assert relay_client.verify_tls is False
+    gw.tctx.options.update(resp2chat_max_replay_entries=7)
+    assert gw["replay"].cache.capacity == 7 and gw["store"].store is store_before  # the store was not rebuilt
+    gw.tctx.options.update(resp2chat_session_ttl_hours=1)
+    assert gw["store"].store is not store_before
+
+
+def test_gateway_defaults_loopback_4000_lazy():
+    with taddons.context(Proxyserver(), *build()) as tctx:
+        tctx.master.addons.trigger(hooks.ConfigureHook(set(tctx.options.keys())))  # what mitmproxy's script loader does
         opts = tctx.options
         assert opts.connection_strategy == "lazy"
         assert opts.store_streamed_bodies is True
         assert opts.mode == ["reverse:http://127.0.0.1:8000@127.0.0.1:4000"]
 
 
-def test_explicit_listen_address_is_respected(addon):
-    with taddons.context(Proxyserver(), addon) as tctx:
-        tctx.configure(addon, mode=["reverse:http://10.0.0.5:9000"], listen_port=5555)
+def test_explicit_listen_address_is_respected():
+    with taddons.context(Proxyserver(), *build()) as tctx:
+        tctx.options.update(mode=["reverse:http://10.0.0.5:9000"], listen_port=5555)
         assert tctx.options.mode == ["reverse:http://10.0.0.5:9000@127.0.0.1:5555"]
-        tctx.configure(addon, mode=["reverse:http://10.0.0.5:9000@127.0.0.1:6000"])
+        tctx.options.update(mode=["reverse:http://10.0.0.5:9000@127.0.0.1:6000"])
         assert tctx.options.mode == ["reverse:http://10.0.0.5:9000@127.0.0.1:6000"]
 
 
-def test_binding_beyond_loopback_needs_gateway_key(addon):
-    with taddons.context(Proxyserver(), addon) as tctx:
+def test_binding_beyond_loopback_needs_gateway_key():
+    with taddons.context(Proxyserver(), *build()) as tctx:
         with pytest.raises(exceptions.OptionsError, match="gateway_api_key"):
-            tctx.configure(addon, mode=["reverse:http://10.0.0.5:9000@0.0.0.0:4000"])
-        tctx.configure(addon, mode=["reverse:http://10.0.0.5:9000@0.0.0.0:4000"],
-                       resp2chat_gateway_api_key="gw-key")
-        f = responses_flow({"model": "m", "input": "hi"})
-        addon.request(f)
-        assert f.response.status_code == 401
-        f = responses_flow({"model": "m", "input": "hi"}, headers={"authorization": "Bearer gw-key"})
-        addon.request(f)
-        assert f.response is None and "authorization" not in f.request.headers
+            tctx.options.update(mode=["reverse:http://10.0.0.5:9000@0.0.0.0:4000"])
+        tctx.options.update(mode=["reverse:http://10.0.0.5:9000@0.0.0.0:4000"], resp2chat_gateway_api_key="gw-key")
 
 
-def test_turn_recorded_when_client_hangs_up_after_completed(addon):
-    """Codex closes the connection on response.completed (sent at [DONE]), which can beat the end
-    of the upstream body: mitmproxy then calls `error`, not `response`. Seen with llama-server."""
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon)
-        f = streaming_flow(addon)
-        usage = {"prompt_tokens": 9, "completion_tokens": 1, "total_tokens": 10,
-                 "prompt_tokens_details": {"cached_tokens": 8}}
-        out = f.response.stream(chunk({"content": "Hi"}) + chunk(finish="stop")
-                                + b'data: {"choices": [], "usage": ' + json.dumps(usage).encode() + b"}\n\n"
-                                + b"data: [DONE]\n\n")
-        assert b"event: response.completed" in out
-        f.error = flow_error = tflow.terr("Client disconnected.")
-        addon.error(f)
-        meta = f.metadata["resp2chat"]
-        assert f.error is flow_error and f.id not in addon.turns
-        assert meta["status"] == "completed"
-        assert meta["usage"]["input_tokens"] == 9 and meta["usage"]["input_tokens_details"]["cached_tokens"] == 8
-        assert "[DONE]" in meta["upstream_sse"]
-        # the flow file keeps what the client got (mitmproxy stores a streamed body only at its
-        # end, which never came): server replay of this recording must answer in full
-        assert f.response.raw_content == out
+async def test_gateway_key_is_required_and_not_forwarded(gw, backend):
+    gw.tctx.options.update(resp2chat_gateway_api_key="gw-key")
+    f = responses_flow({"model": "m", "input": "hi"}, backend.url)
+    await gw.run(f)
+    assert f.response.status_code == 401 and backend.seen == []
+    f = responses_flow({"model": "m", "input": "hi"}, backend.url, headers={"authorization": "Bearer gw-key"})
+    await gw.run(f)
+    assert f.response.status_code == 200 and b"gw-key" not in backend.seen[-1][0]

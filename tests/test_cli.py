@@ -66,10 +66,12 @@ def test_configure_non_interactive_and_typed_values(tmp_path):
                   "--set", 'model_map={"gpt-5": "qwen3"}', "--set", "tool_denylist=web_search,view_image",
                   "--set", "request_timeout_secs=90", "--set", "flatten_content=false")
     assert out.returncode == 0, out.stderr
+    # request_timeout_secs is the old name of upstream_idle_timeout_secs: still read, saved under the new one
+    assert "request_timeout_secs is deprecated" in out.stderr
     saved = yaml.safe_load(config_file(tmp_path).read_text())
     assert saved == {"upstream_base_url": "https://llm.example/api/v1", "model_map": {"gpt-5": "qwen3"},
                      "tool_denylist": ["web_search", "view_image"], "flatten_content": False,
-                     "request_timeout_secs": 90}
+                     "upstream_idle_timeout_secs": 90}
 
 
 @pytest.mark.parametrize("args,field", [

@@ -87,7 +87,7 @@ def translate(name: str, pieces: list[bytes] | None = None) -> bytes:
     if http["status"] != 200:
         out = tr.fail_upstream(http["status"], body)
     elif "json" in http["content_type"]:
-        out = tr.translate_body(body)
+        out = tr.translate_json(body)
     else:
         out = b"".join(tr.feed(p) for p in (pieces if pieces is not None else [body])) + tr.finish()
     assert tr.done

@@ -44,7 +44,7 @@ def test_max_tokens_field_and_effort_map():
 
 
 def test_model_extra_params_merge_one_level_after_global():
-    c = chat(extra_params={"chat_template_kwargs": {"enable_thinking": False}, "top_k": 20},
+    c = chat(upstream_extra_params={"chat_template_kwargs": {"enable_thinking": False}, "top_k": 20},
              model_extra_params={"qwen3": {"chat_template_kwargs": {"reasoning_budget": 512}, "top_k": 40},
                                  "other": {"top_k": 1}})
     assert c["chat_template_kwargs"] == {"enable_thinking": False, "reasoning_budget": 512}

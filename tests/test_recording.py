@@ -69,9 +69,13 @@ def test_flow_file_holds_both_sides_and_no_secrets(upstream, gateway_factory, tm
     assert [e["type"] for e in recorded] == [e.type for e in events]
     assert recorded[-1]["response"]["id"] == events[-1].response.id == meta["response_id"]
     assert meta["status"] == "completed" and meta["usage"]["input_tokens"] > 0
-    assert re.fullmatch(r"demo-model · completed · in \d+ \(cached \d+\) out \d+ · \d+ ms", streamed.comment)
+    assert re.fullmatch(r"POST /v1/responses → demo-model · completed · in \d+ \(cached \d+\) out \d+ · \d+ ms",
+                        streamed.comment)
     assert "1 tool call" in whole.comment
     assert json.loads(whole.response.content)["output"][-1]["type"] == "function_call"
+    for flow in (streamed, whole):  # the flow shows the real backend, not the in-process relay
+        assert flow.request.url == upstream.base_url + "/chat/completions"
+        assert not [h for h in flow.request.headers if h.lower().startswith("x-resp2chat")]
 
 
 # --- offline replay of the committed recordings ---------------------------------------------

@@ -1,7 +1,7 @@
-"""The upstream relay on its own (resp2chat_io/relay.py): flow control and connection reuse.
+"""The upstream relay on its own (resp2chat_io/relay/): who it serves, flow control, connection reuse.
 
-Here a raw asyncio client stands in for mitmproxy and a raw asyncio server for the backend, so
-the test controls exactly when each side reads.
+A raw asyncio client stands in for mitmproxy and a raw asyncio server for the backend, so the
+test controls exactly when each side reads.
 """
 
 from __future__ import annotations
@@ -10,17 +10,22 @@ import asyncio
 
 import pytest
 
-from resp2chat_io.relay import ACCEPTED, TARGET_HEADER, Relay
+from resp2chat_core.channel import Accepted, Channel
+from resp2chat_io.relay import Exchange, Relay, Target
+from resp2chat_io.relay.server import TICK
 
 CHUNK = b"data: " + b"x" * 32000 + b"\n\n"
 CHUNKS = 3000  # ~96 MB: far more than the socket buffers between the three of us hold (~25 MB)
 
 
-async def _backend(sent: list[int], conns: list[int], head: bytes = b"HTTP/1.1 200 OK\r\n", chunks: int = CHUNKS):
+async def _backend(sent: list[int], conns: list[int], head: bytes = b"HTTP/1.1 200 OK\r\n", chunks: int = CHUNKS,
+                   requests: list | None = None):
     async def serve(reader, writer):
         conns.append(1)
         while True:
             request = await reader.readuntil(b"\r\n\r\n")
+            if requests is not None:
+                requests.append(request)
             length = int(next(line.split(b":")[1] for line in request.split(b"\r\n")
                               if line.lower().startswith(b"content-length")))
             await reader.readexactly(length)
@@ -35,41 +40,61 @@ async def _backend(sent: list[int], conns: list[int], head: bytes = b"HTTP/1.1 2
     return await asyncio.start_server(serve, "127.0.0.1", 0)
 
 
-async def _request(reader, writer, port: int) -> None:
-    body = b'{"stream":true}'
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: r\r\ncontent-length: %d\r\n%s: http://127.0.0.1:%d/v1/chat"
-                 b"/completions\r\n\r\n%s" % (len(body), TARGET_HEADER.encode(), port, body))
-    await reader.readuntil(b"\r\n\r\n")
+def _request(headers: list[tuple[str, str]], body: bytes = b'{"stream":true}') -> bytes:
+    lines = b"".join(b"%s: %s\r\n" % (n.encode(), v.encode()) for n, v in headers)
+    return b"POST /v1/chat/completions HTTP/1.1\r\nhost: r\r\ncontent-length: %d\r\n%s\r\n%s" % (len(body), lines, body)
 
 
-async def _read_body(reader) -> bytes:
-    """The relay's chunked answer, de-chunked, up to its last chunk."""
-    out = bytearray()
+async def _consume(reader, channel: Channel, take_slowly: float = 0.0) -> list:
+    """What mitmproxy does: read the relay's head, then at each tick take the channel's items;
+    at the end of the body, the last ones."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    items = []
     while True:
         size = int((await reader.readuntil(b"\r\n"))[:-2], 16)
         if size == 0:
             await reader.readuntil(b"\r\n")
-            return bytes(out)
-        out += (await reader.readexactly(size + 2))[:-2]
+            return items + channel.take()
+        assert await reader.readexactly(size + 2) == TICK[-3:]  # a tick's content means nothing
+        if take_slowly:
+            await asyncio.sleep(take_slowly)
+        items += channel.take()
 
 
-def test_slow_reader_pushes_back_on_the_backend_and_the_connection_is_reused():
+def _data(items: list) -> bytes:
+    return b"".join(i for i in items if isinstance(i, bytes))
+
+
+def test_slow_consumer_pushes_back_on_the_backend_and_the_connection_is_reused():
     async def main():
         sent, conns = [0], []
         backend = await _backend(sent, conns)
         port = backend.sockets[0].getsockname()[1]
         relay = Relay()
-        relay_port = await relay.start()
-        reader, writer = await asyncio.open_connection("127.0.0.1", relay_port, limit=1 << 20)
+        await relay.start()
+        reader, writer = await asyncio.open_connection(*relay.address, limit=1 << 20)
         try:
             for turn in range(2):
-                await _request(reader, writer, port)
+                ex = Exchange(f"turn{turn}", f"secret{turn}", Target(f"http://127.0.0.1:{port}/v1/chat/completions"))
+                writer.write(_request(relay.expect(ex)))
                 sent[0] = 0
-                await asyncio.sleep(1.5)  # we do not read: the relay must stop reading the backend
+                await reader.readuntil(b"\r\n\r\n")
+                await asyncio.sleep(1.5)  # nobody takes: the relay must stop reading the backend
                 assert sent[0] < CHUNKS * len(CHUNK) // 2, f"turn {turn}: backend was not pushed back"
-                body = await asyncio.wait_for(_read_body(reader), 60)
-                assert len(body) == len(ACCEPTED) + CHUNKS * len(CHUNK)  # all of it, in order
-                assert body.startswith(ACCEPTED) and body.count(CHUNK) == CHUNKS
+                items = [ex.channel.take()]
+                while True:
+                    size = int((await asyncio.wait_for(reader.readuntil(b"\r\n"), 60))[:-2], 16)
+                    if size == 0:
+                        await reader.readuntil(b"\r\n")
+                        break
+                    await reader.readexactly(size + 2)
+                    items.append(ex.channel.take())
+                items.append(ex.channel.take())
+                flat = [i for batch in items for i in batch]
+                assert flat[0] == Accepted()
+                body = _data(flat)
+                assert len(body) == CHUNKS * len(CHUNK) and body.count(CHUNK) == CHUNKS  # all of it, in order
             assert len(conns) == 1  # the second turn reused the backend connection (reading resumed)
         finally:
             writer.close()
@@ -87,15 +112,60 @@ def test_a_backend_that_closes_its_connection_is_not_reused(head):
         backend = await _backend(sent, conns, head, chunks=3)
         port = backend.sockets[0].getsockname()[1]
         relay = Relay()
-        relay_port = await relay.start()
-        reader, writer = await asyncio.open_connection("127.0.0.1", relay_port)
+        await relay.start()
+        reader, writer = await asyncio.open_connection(*relay.address)
         try:
-            for _ in range(2):
-                await _request(reader, writer, port)
-                assert (await asyncio.wait_for(_read_body(reader), 10)).count(CHUNK) == 3
-            assert len(conns) == 2 and not any(relay._pool.values())
+            for turn in range(2):
+                ex = Exchange(f"t{turn}", "s", Target(f"http://127.0.0.1:{port}/v1/chat/completions"))
+                writer.write(_request(relay.expect(ex)))
+                items = await asyncio.wait_for(_consume(reader, ex.channel), 10)
+                assert _data(items).count(CHUNK) == 3
+            assert len(conns) == 2 and relay.client.pooled == 0
         finally:
             writer.close()
+            await relay.close()
+            backend.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("forge", ["no headers", "unknown turn", "wrong secret", "replayed"])
+def test_a_forged_request_reaches_no_upstream(forge):
+    """Only a request naming a registered exchange with its secret is served, once; the URL it
+    would go to comes from the exchange, never from the request."""
+    async def main():
+        sent, conns, seen = [0], [], []
+        backend = await _backend(sent, conns, chunks=1, requests=seen)
+        port = backend.sockets[0].getsockname()[1]
+        relay = Relay()
+        await relay.start()
+        ex = Exchange("flow-1", "the-secret", Target(f"http://127.0.0.1:{port}/v1/chat/completions"))
+        headers = relay.expect(ex)
+        forged = {
+            "no headers": [("x-resp2chat-target", f"http://127.0.0.1:{port}/v1/chat/completions")],
+            "unknown turn": [("x-resp2chat-turn", "flow-2"), ("x-resp2chat-key", "the-secret")],
+            "wrong secret": [("x-resp2chat-turn", "flow-1"), ("x-resp2chat-key", "the-secreT")],
+            "replayed": headers,
+        }[forge]
+        try:
+            if forge == "replayed":  # the real request first, then the same bytes again
+                reader, writer = await asyncio.open_connection(*relay.address)
+                writer.write(_request(headers))
+                assert _data(await asyncio.wait_for(_consume(reader, ex.channel), 10)).count(CHUNK) == 1
+                writer.close()
+                seen.clear()
+            reader, writer = await asyncio.open_connection(*relay.address)
+            writer.write(_request(forged))
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, nothing answered
+            writer.close()
+            await asyncio.sleep(0.2)
+            assert seen == [] and relay.refused == 1
+            if forge == "wrong secret":  # a failed guess does not spend the real turn
+                reader, writer = await asyncio.open_connection(*relay.address)
+                writer.write(_request(headers))
+                assert _data(await asyncio.wait_for(_consume(reader, ex.channel), 10)).count(CHUNK) == 1
+                writer.close()
+        finally:
             await relay.close()
             backend.close()
 

@@ -534,7 +534,7 @@ def test_comments_and_crlf_are_transparent():
     check_sdk(evs)
 
 
-def test_translate_body_whole_completion():
+def test_translate_json_whole_completion():
     body = {
         "id": "chatcmpl-9", "object": "chat.completion", "created": 1, "model": "up",
         "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
@@ -544,7 +544,7 @@ def test_translate_body_whole_completion():
         "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
     }
     tr = translator()
-    evs = check(tr.translate_body(json.dumps(body).encode()))
+    evs = check(tr.translate_json(json.dumps(body).encode()))
     assert tr.done and tr.finish() == b""
     assert [i["type"] for i in items(evs)] == ["reasoning", "message", "function_call"]
     assert items(evs)[1]["content"][0]["text"] == "Running it."
@@ -555,8 +555,8 @@ def test_translate_body_whole_completion():
 
 
 @pytest.mark.parametrize("body", [b"<html>502 Bad Gateway</html>", b'{"error":{"message":"boom"}}', b"[]"])
-def test_translate_body_errors_fail(body):
-    evs = check(translator().translate_body(body))
+def test_translate_json_errors_fail(body):
+    evs = check(translator().translate_json(body))
     assert evs[-1]["type"] == "response.failed"
     check_sdk(evs)
 

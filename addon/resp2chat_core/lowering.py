@@ -33,18 +33,33 @@ from .toolmap import LOCAL_SHELL_NAME, TOOL_SEARCH_NAME, ToolMap, build_tool_map
 
 @dataclass(frozen=True)
 class LoweringOptions:
+    """The settings lowering reads, under their setting names (settings.py), plus one derived
+    flag: ``web_search``, true when the gateway runs web searches (``brave_api_key`` is set)."""
+
     flatten_content: bool = True  # text-only content as a plain string (every template takes it)
     upstream_model: str | None = None  # force one model name upstream
     model_map: dict[str, str] = field(default_factory=dict)
     tool_denylist: frozenset[str] = frozenset()
-    extra_params: dict[str, Any] = field(default_factory=dict)  # merged into every chat request
-    drop_params: frozenset[str] = frozenset()  # removed from every chat request
-    web_search: bool = False  # the gateway runs web searches (offer a web_search function)
-    model_extra_params: dict[str, dict] = field(default_factory=dict)  # per upstream model, after extra_params
+    upstream_extra_params: dict[str, Any] = field(default_factory=dict)  # merged into every chat request
+    drop_upstream_params: frozenset[str] = frozenset()  # removed from every chat request
+    web_search: bool = False  # derived: offer a web_search function the gateway answers itself
+    model_extra_params: dict[str, dict] = field(default_factory=dict)  # per upstream model, after the above
     max_tokens_field: str = "max_tokens"  # or max_completion_tokens
     reasoning_effort_map: dict[str, str] = field(default_factory=dict)  # "" drops the effort
     history_reasoning_field: str = "reasoning_content"  # or "reasoning", or "none"
     think_tags: dict[str, str] = field(default_factory=dict)  # upstream model (or "*") -> think mode
+
+    @classmethod
+    def from_settings(cls, values: dict, web_search: bool = False) -> "LoweringOptions":
+        """From resolved settings (the ``lowering`` fields of settings.py, same names)."""
+        return cls(
+            flatten_content=values["flatten_content"], upstream_model=values["upstream_model"] or None,
+            model_map=values["model_map"], tool_denylist=frozenset(values["tool_denylist"]),
+            upstream_extra_params=values["upstream_extra_params"],
+            drop_upstream_params=frozenset(values["drop_upstream_params"]), web_search=web_search,
+            model_extra_params=values["model_extra_params"], max_tokens_field=values["max_tokens_field"],
+            reasoning_effort_map=values["reasoning_effort_map"],
+            history_reasoning_field=values["history_reasoning_field"], think_tags=values["think_tags"])
 
     def think_mode(self, model: str) -> str:
         return self.think_tags.get(model) or self.think_tags.get("*") or "auto"
@@ -323,15 +338,15 @@ def lower(req: ResponsesRequest, opts: LoweringOptions = LoweringOptions(), know
     # Always stream upstream, with usage: one translation path, and Codex needs real token counts.
     chat["stream"] = True
     chat["stream_options"] = {"include_usage": True}
-    if opts.extra_params:
-        chat.update(opts.extra_params)
+    if opts.upstream_extra_params:
+        chat.update(opts.upstream_extra_params)
     for key, value in opts.model_extra_params.get(model, {}).items():
         # one level deep, so per-model chat_template_kwargs add to the global ones
         if isinstance(value, dict) and isinstance(chat.get(key), dict):
             chat[key] = {**chat[key], **value}
         else:
             chat[key] = value
-    for key in opts.drop_params:
+    for key in opts.drop_upstream_params:
         chat.pop(key, None)
     if tools_json is not None and chat.get("tools") is tmap.chat_tools:
         body = dumps_spliced(chat, "tools", tools_json).encode()

@@ -9,6 +9,10 @@ default, so mitmproxy's own ``--set`` handling supplies the top layer.
 Secrets (``SECRET_FIELDS``) are the exception: their option default stays empty, because
 option defaults are shown by ``mitmdump --options`` and in mitmweb's options editor. The addon
 resolves them itself (``--set`` value, else environment, else file).
+
+Each field names its ``owner``: the addon (resp2chat_io/addons/) that declares its option and
+hands it on to its consumer under the same name. A renamed field keeps its old name as an alias
+that is still read in all three places, with a deprecation note.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ class Field:
     default: Any
     help: str
     env_fallbacks: tuple[str, ...] = ()
+    owner: str = ""  # the addon that declares the option (resp2chat_io/addons/): see OWNERS
+    aliases: tuple[str, ...] = ()  # old names, still read (file, environment, --set) with a warning
 
     @property
     def env(self) -> str:
@@ -50,40 +56,51 @@ class Field:
 
 
 FIELDS: tuple[Field, ...] = (
-    Field("bind_addr", "str", "127.0.0.1:4000", "Address the gateway listens on (host:port). Binding beyond loopback requires gateway_api_key."),
-    Field("upstream_base_url", "str", "", "Chat Completions base URL, e.g. http://127.0.0.1:8000/v1 (may carry a path prefix: requests go to {base}/chat/completions). Empty: the --mode reverse target plus /v1, else http://127.0.0.1:8000/v1. 'demo' runs the bundled demo upstream."),
-    Field("upstream_api_key", "str", "", "Key sent upstream as 'Authorization: Bearer …'. Never logged or saved.", ("OPENAI_API_KEY",)),
-    Field("upstream_model", "str", "", "Send this model name upstream whatever the client asks for (after model_map)."),
-    Field("model_map", "map", {}, "Rename models on the way upstream: {client_model: upstream_model}."),
-    Field("tool_denylist", "list", [], "Tool names removed before the upstream sees them (Responses or flattened chat names)."),
-    Field("upstream_extra_params", "map", {}, "JSON object merged into every chat request (e.g. {\"chat_template_kwargs\": {\"enable_thinking\": false}})."),
-    Field("drop_upstream_params", "list", [], "Chat request keys removed before sending (e.g. stream_options, parallel_tool_calls for backends that reject them)."),
-    Field("model_extra_params", "map", {}, "Per upstream model: a JSON object merged after upstream_extra_params (one level deep), e.g. {\"qwen3\": {\"chat_template_kwargs\": {\"enable_thinking\": true}}}."),
-    Field("max_tokens_field", "str", "max_tokens", "Where max_output_tokens goes upstream: max_tokens or max_completion_tokens."),
-    Field("reasoning_effort_map", "map", {}, "Rename reasoning efforts for the backend, e.g. {\"minimal\": \"low\", \"xhigh\": \"high\"}; \"\" drops it."),
-    Field("history_reasoning_field", "str", "reasoning_content", "Key that carries earlier reasoning on assistant messages: reasoning_content, reasoning (newer vLLM, Ollama) or none (Groq, Mistral reject it)."),
-    Field("think_tags", "map", {}, "<think> tags in content, per upstream model (\"*\" for all): auto (split tags), open (the template already opened <think>: DeepSeek-R1, QwQ), off."),
-    Field("flatten_content", "bool", True, "Send text-only message content as a plain string (every chat template accepts it)."),
-    Field("forward_client_auth", "bool", False, "Forward the client's Authorization header upstream when no upstream_api_key is set."),
-    Field("request_timeout_secs", "int", 60, "No upstream bytes for this long: the turn fails with a clear error and the upstream request is dropped."),
-    Field("connect_timeout_secs", "int", 10, "Upstream connect timeout."),
-    Field("keepalive_secs", "int", 15, "While the upstream is silent before its first byte (long prefill), send the client a data event this often (Codex's idle timer ignores SSE comments)."),
-    Field("max_request_body_mb", "int", 32, "Larger Responses requests are refused with 413."),
-    Field("max_replay_entries", "int", 1000, "Replay cache capacity (identical requests answered without the upstream); 0 disables."),
-    Field("upstream_request_log_path", "str", "", "Append every chat request sent upstream to this JSONL file (no headers, no keys)."),
-    Field("brave_api_key", "str", "", "Brave Search API key: enables the proxy-side web_search tool.", ("BRAVE_SEARCH_API_KEY",)),
-    Field("brave_base_url", "str", "https://api.search.brave.com", "Brave Search API base URL."),
-    Field("brave_max_results", "int", 5, "Search results given to the model per web search."),
-    Field("max_web_search_rounds", "int", 5, "Web searches the gateway runs at most within one turn."),
-    Field("session_ttl_hours", "int", 168, "Stored responses (previous_response_id) expire after this many hours."),
-    Field("max_sessions", "int", 256, "Stored responses kept at most."),
-    Field("max_session_memory_mb", "int", 512, "Memory the response store may use at most."),
-    Field("session_store_dir", "str", "", "Also keep stored responses in this directory (0600 files) so previous_response_id survives a restart; empty: memory only."),
-    Field("gateway_api_key", "str", "", "Clients must present this key (Authorization: Bearer …); required when bind_addr is not loopback."),
+    Field("bind_addr", "str", "127.0.0.1:4000", "Address the gateway listens on (host:port). Binding beyond loopback requires gateway_api_key.", owner="listen"),
+    Field("upstream_base_url", "str", "", "Chat Completions base URL, e.g. http://127.0.0.1:8000/v1 (may carry a path prefix: requests go to {base}/chat/completions). Empty: the --mode reverse target plus /v1, else http://127.0.0.1:8000/v1. 'demo' runs the bundled demo upstream.", owner="upstreams"),
+    Field("upstream_api_key", "str", "", "Key sent upstream as 'Authorization: Bearer …'. Never logged or saved.", ("OPENAI_API_KEY",), owner="upstreams"),
+    Field("upstream_model", "str", "", "Send this model name upstream whatever the client asks for (after model_map).", owner="lowering"),
+    Field("model_map", "map", {}, "Rename models on the way upstream: {client_model: upstream_model}.", owner="lowering"),
+    Field("tool_denylist", "list", [], "Tool names removed before the upstream sees them (Responses or flattened chat names).", owner="lowering"),
+    Field("upstream_extra_params", "map", {}, "JSON object merged into every chat request (e.g. {\"chat_template_kwargs\": {\"enable_thinking\": false}}).", owner="lowering"),
+    Field("drop_upstream_params", "list", [], "Chat request keys removed before sending (e.g. stream_options, parallel_tool_calls for backends that reject them).", owner="lowering"),
+    Field("model_extra_params", "map", {}, "Per upstream model: a JSON object merged after upstream_extra_params (one level deep), e.g. {\"qwen3\": {\"chat_template_kwargs\": {\"enable_thinking\": true}}}.", owner="lowering"),
+    Field("max_tokens_field", "str", "max_tokens", "Where max_output_tokens goes upstream: max_tokens or max_completion_tokens.", owner="lowering"),
+    Field("reasoning_effort_map", "map", {}, "Rename reasoning efforts for the backend, e.g. {\"minimal\": \"low\", \"xhigh\": \"high\"}; \"\" drops it.", owner="lowering"),
+    Field("history_reasoning_field", "str", "reasoning_content", "Key that carries earlier reasoning on assistant messages: reasoning_content, reasoning (newer vLLM, Ollama) or none (Groq, Mistral reject it).", owner="lowering"),
+    Field("think_tags", "map", {}, "<think> tags in content, per upstream model (\"*\" for all): auto (split tags), open (the template already opened <think>: DeepSeek-R1, QwQ), off.", owner="lowering"),
+    Field("flatten_content", "bool", True, "Send text-only message content as a plain string (every chat template accepts it).", owner="lowering"),
+    Field("forward_client_auth", "bool", False, "Forward the client's Authorization header upstream when no upstream_api_key is set.", owner="upstreams"),
+    Field("upstream_idle_timeout_secs", "int", 60, "No upstream bytes for this long (before or during the answer): the turn fails with a clear error and the upstream request is dropped. 0: no limit.", aliases=("request_timeout_secs",), owner="upstreams"),
+    Field("connect_timeout_secs", "int", 10, "Upstream connect timeout.", owner="upstreams"),
+    Field("keepalive_secs", "int", 15, "While the upstream is silent before its first byte (long prefill), send the client a data event this often (Codex's idle timer ignores SSE comments).", owner="upstreams"),
+    Field("max_request_body_mb", "int", 32, "Larger Responses requests are refused with 413.", owner="gate"),
+    Field("max_replay_entries", "int", 1000, "Replay cache capacity (identical requests answered without the upstream); 0 disables.", owner="replay"),
+    Field("upstream_request_log_path", "str", "", "Append every chat request sent upstream to this JSONL file (no headers, no keys).", owner="request_log"),
+    Field("brave_api_key", "str", "", "Brave Search API key: enables the proxy-side web_search tool.", ("BRAVE_SEARCH_API_KEY",), owner="web_search"),
+    Field("brave_base_url", "str", "https://api.search.brave.com", "Brave Search API base URL.", owner="web_search"),
+    Field("brave_max_results", "int", 5, "Search results given to the model per web search.", owner="web_search"),
+    Field("max_web_search_rounds", "int", 5, "Web searches the gateway runs at most within one turn.", owner="web_search"),
+    Field("session_ttl_hours", "int", 168, "Stored responses (previous_response_id) expire after this many hours.", owner="store"),
+    Field("max_sessions", "int", 256, "Stored responses kept at most.", owner="store"),
+    Field("max_session_memory_mb", "int", 512, "Memory the response store may use at most.", owner="store"),
+    Field("session_store_dir", "str", "", "Also keep stored responses in this directory (0600 files) so previous_response_id survives a restart; empty: memory only.", owner="store"),
+    Field("gateway_api_key", "str", "", "Clients must present this key (Authorization: Bearer …); required when bind_addr is not loopback.", owner="gate"),
 )
 
 BY_NAME = {f.name: f for f in FIELDS}
+ALIASES = {old: f for f in FIELDS for old in f.aliases}  # old name -> its field
 SECRET_FIELDS = frozenset({"upstream_api_key", "brave_api_key", "gateway_api_key"})
+
+
+def owned_by(owner: str) -> tuple[Field, ...]:
+    """The fields whose options ``owner`` (an addon of resp2chat_io/addons/) declares."""
+    return tuple(f for f in FIELDS if f.owner == owner)
+
+
+def deprecated(old: str) -> str:
+    new = ALIASES[old].name
+    return f"{old} is deprecated: it is now called {new} (the old name still works)"
 
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 _HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):(\d{1,5})$")
@@ -167,17 +184,21 @@ def validate(name: str, value: Any) -> None:
 
 
 def resolve(file_values: Mapping[str, Any], env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
-    """Defaults < file < environment. Returns (values, where each value came from)."""
-    unknown = sorted(set(file_values) - set(BY_NAME))
+    """Defaults < file < environment. Returns (values, where each value came from). An old
+    name (``Field.aliases``) counts as its field's name, below the new name in each layer."""
+    unknown = sorted(set(file_values) - set(BY_NAME) - set(ALIASES))
     if unknown:
         raise SettingsError(unknown[0], file_values[unknown[0]], f"unknown setting (known: {', '.join(BY_NAME)})", "config file")
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for f in FIELDS:
         value, source = f.default, "default"
-        if f.name in file_values and file_values[f.name] is not None:
-            value, source = coerce(f, file_values[f.name], "config file"), "config file"
-        for var in (f.env, *f.env_fallbacks):
+        for key in (f.name, *f.aliases):
+            if key in file_values and file_values[key] is not None:
+                value, source = coerce(f, file_values[key], "config file"), "config file" + (
+                    f" ({key}, deprecated)" if key != f.name else "")
+                break
+        for var in (f.env, *("RESP2CHAT_" + a.upper() for a in f.aliases), *f.env_fallbacks):
             if var in env:
                 value, source = coerce(f, env[var], var), var
                 break
@@ -206,3 +227,10 @@ def option_type(field: Field):
     from typing import Sequence
 
     return {"str": str, "int": int, "bool": bool, "map": str, "list": Sequence[str]}[field.kind]
+
+
+def optional_type(field: Field):
+    """The option type of an alias (unset: ``None``)."""
+    from typing import Optional
+
+    return Optional[option_type(field)]

@@ -13,6 +13,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 
+from . import websearch
 from .errors import GatewayError
 from .schema import (
     CustomTool, FunctionTool, HostedTool, LocalShellTool, NamespaceTool, ToolSearchTool,
@@ -23,14 +24,6 @@ _INVALID_CHARS = re.compile(r"[^a-zA-Z0-9_-]")
 
 LOCAL_SHELL_NAME = "local_shell"
 TOOL_SEARCH_NAME = "tool_search"
-WEB_SEARCH_NAME = "web_search"  # offered when the gateway runs searches itself (brave_api_key)
-
-WEB_SEARCH_PARAMETERS = {
-    "type": "object",
-    "properties": {"query": {"type": "string", "description": "What to search the web for."}},
-    "required": ["query"],
-    "additionalProperties": False,
-}
 
 LOCAL_SHELL_PARAMETERS = {
     "type": "object",
@@ -126,11 +119,9 @@ def build_tool_map(tools, denylist: frozenset[str] = frozenset(), web_search: bo
     for i, tool in enumerate(tools or ()):
         where = f"tools[{i}]"
         if isinstance(tool, HostedTool):
-            if web_search and tool.type.startswith("web_search") and WEB_SEARCH_NAME not in tmap.targets \
-                    and WEB_SEARCH_NAME not in denylist:
-                tmap._add(Target("web_search", WEB_SEARCH_NAME), _function(
-                    WEB_SEARCH_NAME, "Search the web. Returns the top results: title, URL and a snippet each.",
-                    WEB_SEARCH_PARAMETERS), where)
+            if web_search and tool.type.startswith("web_search") and websearch.NAME not in tmap.targets \
+                    and websearch.NAME not in denylist:
+                tmap._add(Target("web_search", websearch.NAME), websearch.TOOL, where)
             continue
         if isinstance(tool, NamespaceTool):
             members = [(tool.name, t, f"{where}.tools[{j}]") for j, t in enumerate(tool.tools)]

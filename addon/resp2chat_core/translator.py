@@ -55,15 +55,15 @@ Dialects (tests/fixtures/dialects/ holds one recorded-shape stream per rule belo
   lines that are no SSE field (``SSEParser.stray``), read as a whole body if no event came.
 - Usage: see usage.py (top-level, ``x_groq``, per-choice; every cached-token spelling).
 
-Relay markers
--------------
-Events shaped ``{"resp2chat": {...}}`` come from the gateway's own upstream relay
-(resp2chat_io/relay.py), never from a model: ``accepted`` (start now: ``response.created``),
-``keepalive`` (a ``response.in_progress`` data event while the backend is silent),
-``upstream_error`` (the backend's HTTP error or a connect/stall failure -> ``response.failed``),
-``upstream_json`` (a backend that answered a stream request with one JSON body) and
-``web_search`` (a search the gateway runs: a ``web_search_call`` item, opened at ``started``
-and closed at ``done``).
+The gateway's own events
+------------------------
+What the gateway itself has to say about a turn never comes through ``feed``: the relay hands it
+over as calls (resp2chat_core/channel.py), so no backend can speak for the gateway: ``accepted``
+(``response.created`` at once), ``keepalive`` (a ``response.in_progress`` data event while the
+backend is silent), ``fail_upstream`` (the backend's HTTP error, or a connect/stall failure ->
+``response.failed``), ``translate_json`` (a backend that answered a stream request with one JSON
+body), ``search_started``/``search_done`` (a web search the gateway runs: a ``web_search_call``
+item, see websearch.py). A backend chunk shaped like anything else is just an unknown chunk.
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ import json
 from dataclasses import dataclass, field
 from enum import Enum
 
+from . import websearch
 from .errors import classify_upstream_error, sanitize, upstream_error_message
 from .jsonstring import InputStream
 from .sse import SSEParser
@@ -195,12 +196,12 @@ class Translator:
         self._text: list[str] = []
         self._ws = ""  # leading whitespace held back until real text arrives
         self._ws_kind = Kind.NONE
-        self._tools: dict[object, _Tool] = {}
-        self._searches: dict[str, tuple[int, dict]] = {}  # web searches in flight: id -> (index, item)  # open tool items by upstream key (index, else id)
+        self._tools: dict[object, _Tool] = {}  # open tool items by upstream key (index, else id)
+        self._searches: dict[str, tuple[int, dict]] = {}  # web searches in flight: call id -> (index, item)
         self._tool_list: list[_Tool] = []  # open tool items in output order
         self._tool_wait: dict[object, list[str]] = {}  # args seen before the call's name
         self._think = ThinkSplitter(ctx.think) if ctx.think != "off" else None  # None: plain text
-        self._saw_event = False  # an upstream event (not a relay marker) arrived
+        self._saw_event = False  # an upstream SSE event arrived
         self._envelope: tuple[str, str] | None = None  # see _learn
         self._hits = self._misses = 0
 
@@ -241,15 +242,51 @@ class Translator:
         self._fail(code, message)
         return self._flush()
 
-    def fail_upstream(self, status: int | None, body: bytes) -> bytes:
-        """An upstream error body (HTTP error or JSON error) -> ``response.failed``."""
-        self._fail_upstream(status, body)
+    # --- the gateway's own events (channel.py): calls, never bytes -------------------------
+
+    def accepted(self) -> bytes:
+        """The relay took the turn: ``response.created`` now, not after the backend's prefill."""
+        if self.phase is not Phase.DONE:
+            self._start()
         return self._flush()
 
-    def translate_body(self, body: bytes) -> bytes:
+    def keepalive(self) -> bytes:
+        """The backend is silent: a data event resets the client's idle timer (SSE comments do not)."""
+        if self.phase is not Phase.DONE:
+            self._start()
+            self._emit_response("response.in_progress", "in_progress")
+        return self._flush()
+
+    def fail_upstream(self, status: int | None, body: bytes, retry_after: str | None = None) -> bytes:
+        """An upstream error body (HTTP error or JSON error) -> ``response.failed``."""
+        self._fail_upstream(status, body, retry_after)
+        return self._flush()
+
+    def translate_json(self, body: bytes) -> bytes:
         """A non-streamed ``chat.completion`` JSON (a backend that ignored ``stream``)."""
-        self._json_body(body)
+        if self.phase is not Phase.DONE:
+            self._json_body(body)
         return self.finish()
+
+    def search_started(self, call_id: str, query: str) -> bytes:
+        if self.phase is not Phase.DONE:
+            self._start()
+            self._close_open()
+            index = self._alloc_index()
+            item = websearch.call_item(f"ws_{self._suffix}_{index}", query)
+            self._searches[call_id] = (index, item)
+            self._emit("response.output_item.added", output_index=index, item=item)
+            for event in websearch.STARTED_EVENTS:
+                self._emit(event, output_index=index, item_id=item["id"])
+        return self._flush()
+
+    def search_done(self, call_id: str, sources: tuple[str, ...]) -> bytes:
+        found = self._searches.pop(call_id, None)
+        if found is not None and self.phase is not Phase.DONE:
+            index, item = found
+            self._emit(websearch.DONE_EVENT, output_index=index, item_id=item["id"])
+            self._item_done(websearch.call_item(item["id"], item["action"]["query"], sources), index)
+        return self._flush()
 
     def _json_body(self, body: bytes) -> None:
         try:
@@ -329,9 +366,6 @@ class Translator:
             return  # an event with empty data (a keep-alive) is no event
         if not isinstance(chunk, dict):
             self._fail("server_error", "upstream sent an event that is not a JSON object")
-            return
-        if "resp2chat" in chunk and isinstance(chunk["resp2chat"], dict):
-            self._marker(chunk["resp2chat"])
             return
         if not self._saw_event:
             self._saw_event = True
@@ -471,41 +505,6 @@ class Translator:
         if retry_after and code == "rate_limit_exceeded" and "try again in" not in message:
             message += f" (try again in {retry_after}s)"  # Codex reads its retry delay from this
         self._fail(code, message)
-
-    def _marker(self, m: dict) -> None:
-        """In-band events from the upstream relay (resp2chat_io/relay.py), not from the model."""
-        if m.get("accepted"):
-            self._start()
-        elif m.get("keepalive"):
-            self._start()  # a data event resets the client's idle timer; SSE comments do not
-            self._emit_response("response.in_progress", "in_progress")
-        elif isinstance(m.get("upstream_error"), dict):
-            e = m["upstream_error"]
-            self._fail_upstream(e.get("status"), str(e.get("body") or "").encode(), e.get("retry_after"))
-        elif isinstance(m.get("upstream_json"), str):
-            self._json_body(m["upstream_json"].encode())
-        elif isinstance(m.get("web_search"), dict):
-            self._web_search(m["web_search"])
-
-    def _web_search(self, w: dict) -> None:
-        """A search the gateway runs for the model (the relay's web-search loop)."""
-        self._start()
-        key = str(w.get("id"))
-        if w.get("phase") == "started":
-            self._close_open()
-            index = self._alloc_index()
-            item = {"id": f"ws_{self._suffix}_{index}", "type": "web_search_call", "status": "in_progress",
-                    "action": {"type": "search", "query": str(w.get("query", ""))}}
-            self._searches[key] = (index, item)
-            self._emit("response.output_item.added", output_index=index, item=item)
-            self._emit("response.web_search_call.in_progress", output_index=index, item_id=item["id"])
-            self._emit("response.web_search_call.searching", output_index=index, item_id=item["id"])
-        elif key in self._searches:
-            index, item = self._searches.pop(key)
-            sources = [{"type": "url", "url": u} for u in w.get("sources") or () if isinstance(u, str)]
-            item = {**item, "status": "completed", "action": {**item["action"], "sources": sources}}
-            self._emit("response.web_search_call.completed", output_index=index, item_id=item["id"])
-            self._item_done(item, index)
 
     def _start(self) -> None:
         if self.phase is Phase.WAITING:

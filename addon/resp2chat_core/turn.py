@@ -36,6 +36,21 @@ _ECHO_DEFAULTS = (
 )
 
 
+SESSION_HEADERS = ("session-id", "thread-id")  # Codex sends both (the thread id)
+
+
+def session_key(prompt_cache_key: object, headers) -> str | None:
+    """The one definition of a session, used by the request log, ``analyze``, routing and
+    metrics: the request's ``prompt_cache_key``, else Codex's session header."""
+    if isinstance(prompt_cache_key, str) and prompt_cache_key:
+        return prompt_cache_key
+    for name in SESSION_HEADERS:
+        value = headers.get(name)
+        if value:
+            return value
+    return None
+
+
 def echo_fields(raw: dict) -> dict:
     echo = {}
     for key, default in _ECHO_DEFAULTS:
@@ -56,6 +71,7 @@ class Turn:
     active: Translator | None = None  # the translator answering this turn, once there is one
     items: list = field(default_factory=list)  # the whole conversation as input items (kept only to store)
     store: bool = False  # the client wants this response kept (`store` not false)
+    prompt_cache_key: str | None = None  # the client's, for session_key
 
     def translator(self) -> Translator:
         self.active = Translator(self.ctx)
@@ -149,6 +165,8 @@ def begin_turn(body: bytes, opts: LoweringOptions, response_id: str, created_at:
                       tool_map=lowered.tool_map, echo_json=echo_json,
                       think=opts.think_mode(lowered.chat["model"]))
     store = raw.get("store") is not False
+    pck = raw.get("prompt_cache_key")
     return Turn(lowered.body, lowered.client_stream, ctx,
                 web_search=any(t.kind == "web_search" for t in lowered.tool_map.targets.values()),
-                items=items if store and isinstance(items, list) else [], store=store)
+                items=items if store and isinstance(items, list) else [], store=store,
+                prompt_cache_key=pck if isinstance(pck, str) and pck else None)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from resp2chat_core.prefix import analyze
+from resp2chat_core.turn import session_key
 
 
 def _session_of(meta: dict, headers) -> str:
@@ -14,8 +15,7 @@ def _session_of(meta: dict, headers) -> str:
         original = json.loads(meta.get("responses_request") or "{}")
     except ValueError:
         original = {}
-    key = original.get("prompt_cache_key") if isinstance(original, dict) else None
-    return key or headers.get("session-id") or headers.get("thread-id") or "default"
+    return session_key(original.get("prompt_cache_key") if isinstance(original, dict) else None, headers) or "default"
 
 
 def read_flows(path: Path) -> list[tuple[float, str, dict]]:

@@ -81,6 +81,9 @@ def cmd_configure(args) -> int:
              if getattr(args, name) is not None}
     for item in args.set or ():
         name, _, raw = item.partition("=")
+        if name in S.ALIASES:
+            print(f"resp2chat: {S.deprecated(name)}", file=sys.stderr)
+            name = S.ALIASES[name].name
         if name not in S.BY_NAME:
             return _fail(f"--set {name}: unknown setting (known: {', '.join(S.BY_NAME)})")
         given[name] = raw

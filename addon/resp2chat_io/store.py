@@ -33,6 +33,12 @@ class ResponseStore:
             os.chmod(self.dir, 0o700)
             self._load_dir()
 
+    @classmethod
+    def from_settings(cls, values: dict) -> "ResponseStore":
+        """From the store settings (settings.py names; hours and MiB become seconds and bytes)."""
+        return cls(ttl=values["session_ttl_hours"] * 3600, max_entries=values["max_sessions"],
+                   max_bytes=values["max_session_memory_mb"] << 20, directory=values["session_store_dir"] or None)
+
     def __len__(self) -> int:
         return len(self._entries)
 

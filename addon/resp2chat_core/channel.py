@@ -1,0 +1,188 @@
+"""The typed, in-process link from the upstream relay to one turn's translator.
+
+Rules of this file:
+- Backend bytes are only ever backend data. What the *gateway* has to say about a turn (it has
+  started, the backend is silent, the backend failed, a web search runs) travels as the objects
+  below, never as bytes: nothing a backend sends can be mistaken for them.
+- Sans-I/O. The relay (resp2chat_io/relay/) produces, the stream callable consumes; both run on
+  mitmproxy's event loop, so there are no locks. ``wake`` and ``on_take`` are the only hooks
+  into the outside world, and neither is called re-entrantly.
+
+Theory of operation
+-------------------
+mitmproxy calls a flow's stream callable only when bytes arrive on the flow's server connection
+(mitmproxy issue #8103: an addon cannot write into a live stream). So the relay answers
+mitmproxy's request with a body of *ticks* whose content means nothing: a tick only makes
+mitmproxy call the callable, which then ``take``\\ s everything queued in this channel, in order.
+At most one tick is in flight (``_woken``): items that arrive before the callable ran ride on the
+same tick, so under load one mitmproxy pass serves many backend reads. Flow control is explicit:
+``size`` is the backend bytes waiting here; the relay stops reading the backend past a limit and
+``on_take`` tells it to read again.
+
+A consumer that needs no ticks sets ``push`` instead: every item goes to it at once, nothing
+queues (a client that did not ask for a stream gets one JSON body at the end, so nothing needs to
+reach mitmproxy before then; the WebSocket transport sends each event as a message).
+
+``Reader`` is the consumer's half: it applies items to a translator and keeps both sides' bytes
+for the flow record and the replay cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Union
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """The relay took the turn: the client may hear ``response.created`` now."""
+
+    def apply(self, t) -> bytes:
+        return t.accepted()
+
+
+@dataclass(frozen=True, slots=True)
+class Keepalive:
+    """The backend is still silent (a long prefill): keep the client's idle timer alive."""
+
+    def apply(self, t) -> bytes:
+        return t.keepalive()
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamFailed:
+    """The backend answered with an error status, could not be reached, or went silent.
+    ``body`` is the backend's own error body, or an OpenAI-style error the relay wrote."""
+
+    status: int
+    body: bytes
+    retry_after: str | None = None
+
+    def apply(self, t) -> bytes:
+        return t.fail_upstream(self.status, self.body, self.retry_after)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamJSON:
+    """The backend ignored ``stream: true`` and answered with one JSON body."""
+
+    body: bytes
+
+    def apply(self, t) -> bytes:
+        return t.translate_json(self.body)
+
+
+@dataclass(frozen=True, slots=True)
+class SearchStarted:
+    """The gateway runs a web search the model asked for (websearch.py)."""
+
+    call_id: str
+    query: str
+
+    def apply(self, t) -> bytes:
+        return t.search_started(self.call_id, self.query)
+
+
+@dataclass(frozen=True, slots=True)
+class SearchDone:
+    call_id: str
+    sources: tuple[str, ...]
+
+    def apply(self, t) -> bytes:
+        return t.search_done(self.call_id, self.sources)
+
+
+Event = Union[Accepted, Keepalive, UpstreamFailed, UpstreamJSON, SearchStarted, SearchDone]
+Item = Union[bytes, Event]
+
+
+class Channel:
+    __slots__ = ("_items", "size", "_woken", "wake", "on_take", "push")
+
+    def __init__(self, push: Callable[[Item], None] | None = None) -> None:
+        self._items: list[Item] = []
+        self.size = 0  # backend bytes queued, not yet taken
+        self._woken = False  # a tick is on its way to the consumer
+        self.wake: Callable[[], None] | None = None  # set by the relay: send one tick
+        self.on_take: Callable[[], None] | None = None  # set by the relay: resume reading
+        self.push = push  # a consumer that takes every item at once (no ticks, no queue)
+
+    # --- producer (the relay) ----------------------------------------------------------------
+
+    def data(self, chunk: bytes) -> None:
+        if chunk:
+            if self.push is not None:
+                self.push(chunk)
+                return
+            self._items.append(chunk)
+            self.size += len(chunk)
+            self._signal()
+
+    def event(self, event: Event) -> None:
+        if self.push is not None:
+            self.push(event)
+            return
+        self._items.append(event)
+        self._signal()
+
+    def _signal(self) -> None:
+        if not self._woken and self.wake is not None:
+            self._woken = True
+            self.wake()
+
+    # --- consumer (the stream callable) ------------------------------------------------------
+
+    def take(self) -> list[Item]:
+        items, self._items = self._items, []
+        self.size = 0
+        self._woken = False
+        if self.on_take is not None:
+            self.on_take()
+        return items
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+
+class Reader:
+    """Applies channel items to one translator and keeps what both sides said (up to ``cap``
+    bytes each): the backend's bytes for the flow record, the client's for the replay cache.
+    ``secrets`` (the configured keys) are scrubbed from what the client gets: a backend that
+    echoes a key must not show it."""
+
+    __slots__ = ("translator", "upstream", "sent", "cap", "secrets")
+
+    def __init__(self, translator, cap: int, secrets: tuple[bytes, ...] = ()) -> None:
+        self.translator = translator
+        self.upstream = bytearray()
+        self.sent = bytearray()
+        self.cap = cap
+        self.secrets = secrets
+
+    def apply(self, item: Item) -> bytes:
+        if item.__class__ is bytes:
+            if len(self.upstream) < self.cap:
+                self.upstream += item
+            return self._out(self.translator.feed(item))
+        return self._out(item.apply(self.translator))
+
+    def finish(self) -> bytes:
+        return self._out(self.translator.finish())
+
+    def fail(self, code: str, message: str) -> bytes:
+        return self._out(self.translator.fail(code, message))
+
+    def _out(self, out: bytes) -> bytes:
+        if out:
+            if self.secrets:
+                out = scrub(out, self.secrets)
+            if len(self.sent) < self.cap:
+                self.sent += out
+        return out
+
+
+def scrub(data: bytes, secrets: tuple[bytes, ...]) -> bytes:
+    for secret in secrets:
+        if secret in data:
+            data = data.replace(secret, b"[redacted]")
+    return data

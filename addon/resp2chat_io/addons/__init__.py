@@ -1,0 +1,48 @@
+"""The gateway as mitmproxy addons, each owning its options, hooks and commands.
+
+``build()`` wires them; the order is mitmproxy's hook order:
+
+- ``Listen``          bind_addr, reverse mode, lazy connections (a gateway, not a proxy)
+- ``Gate``            /healthz, the gateway key, body size limits, no client reaches the relay
+- ``StoredResponses`` GET/DELETE /v1/responses/{id}; previous_response_id's history
+- ``ReplayCache``     identical requests answered without the backend
+- ``Turns``           POST /v1/responses: lower, relay, stream, record
+- ``Upstreams``       every other /v1/* call to the upstream; the relay's lifetime and timeouts
+- ``RequestLog``      the chat requests sent upstream, as JSON lines
+- ``RawOutput``       --raw: the model's stream on stdout
+- ``WebSearch``       the web_search settings
+- ``SettingsCommand`` the resp2chat.settings command
+- ``Redact``          last: no credentials in flow files or mitmweb
+"""
+
+from __future__ import annotations
+
+from resp2chat_io import views
+
+from .base import SettingsSource
+from .gate import Gate
+from .listen import Listen
+from .raw import RawOutput
+from .redact import Redact
+from .replay import ReplayCache
+from .request_log import RequestLog
+from .settings_command import SettingsCommand
+from .store import StoredResponses
+from .turns import Turns
+from .upstreams import Upstreams
+from .websearch import WebSearch
+
+
+def build() -> list:
+    views.register()
+    source = SettingsSource()
+    upstreams = Upstreams(source)
+    search = WebSearch(source)
+    store = StoredResponses(source)
+    turns = Turns(source, upstreams, search, store)
+    replay = ReplayCache(source, upstreams, turns, store)
+    turns.finished += [replay.finished, store.finished]
+    return [
+        Listen(source, upstreams), Gate(source, upstreams.relay), store, replay, turns, upstreams,
+        RequestLog(source, turns), RawOutput(turns), search, SettingsCommand(source), Redact(),
+    ]

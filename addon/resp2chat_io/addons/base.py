@@ -1,0 +1,105 @@
+"""What every resp2chat addon shares: where settings come from, and owning some of them.
+
+``SettingsSource`` reads the environment and the config file once per process (the layer under
+mitmproxy's ``--set``). An addon that owns settings subclasses ``Owner``: it declares the options
+of its fields (``settings.owned_by(owner)``) in ``load`` and gets ``configure`` calls only for
+what it reads (``reads``). Values reach it under their setting names.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+from mitmproxy import ctx, exceptions
+
+from resp2chat_core import settings as S
+from resp2chat_io.config import load_settings
+
+log = logging.getLogger("resp2chat")
+
+META = "resp2chat"  # flow.metadata key: saved in flow files, read by the views and `analyze`
+
+
+class SettingsSource:
+    def __init__(self) -> None:
+        self.base: dict | None = None  # environment + file, under --set
+
+    def load(self) -> dict:
+        if self.base is None:
+            try:
+                self.base, sources, _ = load_settings()
+                for name, source in sources.items():
+                    if "deprecated" in source or any(source == "RESP2CHAT_" + a.upper() for a in S.BY_NAME[name].aliases):
+                        log.warning(f"resp2chat: {S.deprecated(S.BY_NAME[name].aliases[0])} ({source})")
+            except S.SettingsError as exc:
+                log.error(f"resp2chat: {exc}")  # an error at start-up stops mitmdump (errorcheck)
+                self.base = {f.name: f.default for f in S.FIELDS}
+        return self.base
+
+    def value(self, name: str) -> Any:
+        """A setting's effective value: ``--set`` > environment > file > default."""
+        f = S.BY_NAME[name]
+        value = getattr(ctx.options, f.option)
+        if f.name in S.SECRET_FIELDS and not value:
+            value = self.load()[f.name]
+        for old in f.aliases:
+            given = getattr(ctx.options, "resp2chat_" + old, None)
+            if given is not None:
+                log.warning(f"resp2chat: {S.deprecated(old)} (--set resp2chat_{old})")
+                value = given
+        if f.kind == "map" and isinstance(value, str):
+            value = S.coerce(f, value or "{}", f.option)
+        elif f.kind == "list":
+            value = list(value)
+        S.validate(f.name, value)
+        return value
+
+    def values(self, names) -> dict:
+        try:
+            return {n: self.value(n) for n in names}
+        except S.SettingsError as exc:
+            raise exceptions.OptionsError(str(exc)) from None
+
+    def secrets(self) -> tuple[bytes, ...]:
+        """The configured keys, scrubbed from everything the gateway emits."""
+        return tuple(v.encode() for k in sorted(S.SECRET_FIELDS) if len(v := self.value(k)) >= 6)
+
+
+class Owner:
+    """An addon that declares the options of its settings group and reads some settings."""
+
+    owner = ""  # its group in the settings table (Field.owner)
+    also_reads: Sequence[str] = ()  # settings owned elsewhere that it reads
+    watches: Sequence[str] = ()  # mitmproxy options it reads (e.g. "ssl_insecure")
+
+    def __init__(self, source: SettingsSource) -> None:
+        self.source = source
+        self.fields = S.owned_by(self.owner)
+        self.s: dict = {f.name: f.default for f in self.fields}
+        self.s.update({n: S.BY_NAME[n].default for n in self.also_reads})
+
+    def load(self, loader) -> None:
+        base = self.source.load()
+        for f in self.fields:
+            default = "" if f.name in S.SECRET_FIELDS else S.to_option(f, base[f.name])
+            loader.add_option(f.option, S.option_type(f), default, f.help)
+            for old in f.aliases:
+                loader.add_option("resp2chat_" + old, S.optional_type(f), None,
+                                  f"Deprecated: the old name of resp2chat_{f.name}.")
+
+    def _options(self) -> set[str]:
+        names = {f.name for f in self.fields} | set(self.also_reads)
+        opts = {S.BY_NAME[n].option for n in names}
+        opts |= {"resp2chat_" + a for n in names for a in S.BY_NAME[n].aliases}
+        return opts | set(self.watches)
+
+    def configure(self, updated: set[str]) -> None:
+        options = self._options()
+        if not updated & options or not all(o in ctx.options for o in options if o.startswith("resp2chat_")):
+            return  # nothing we read changed, or not every setting we read is declared yet
+        self.s = self.source.values([f.name for f in self.fields] + list(self.also_reads))
+        self.apply(updated)
+
+    def apply(self, updated: set[str]) -> None:
+        """React to changed settings (``self.s`` holds the new values)."""

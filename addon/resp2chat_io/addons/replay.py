@@ -1,0 +1,108 @@
+"""The replay cache: an identical request is answered at once, without the backend.
+
+Owns ``max_replay_entries`` (0: off) and ``resp2chat_replay_preload`` (fill it from a flow file).
+The cache itself (key, entries, fresh ids) is resp2chat_core/replay.py. ``request`` answers hits
+before turns.py lowers anything; completed turns come in as a ``finished`` listener.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+
+from mitmproxy import ctx, exceptions, http
+
+from resp2chat_core.errors import GatewayError
+from resp2chat_core.replay import ReplayCache as Cache, entry_flags, pack, replay_key, unpack_fresh
+
+from .base import META, Owner, log
+from .turns import RESPONSES_PATHS, new_response_id
+
+
+class ReplayCache(Owner):
+    name = "resp2chat_replay"
+    owner = "replay"
+
+    def __init__(self, source, upstreams, turns, store) -> None:
+        super().__init__(source)
+        self.upstreams, self.turns, self.store = upstreams, turns, store
+        self.cache = Cache(0)
+
+    def load(self, loader) -> None:
+        super().load(loader)
+        loader.add_option("resp2chat_replay_preload", str, "",
+                          "Flow file whose completed resp2chat turns preload the replay cache.")
+
+    def configure(self, updated: set[str]) -> None:
+        super().configure(updated)
+        if "resp2chat_replay_preload" in updated and ctx.options.resp2chat_replay_preload:
+            self._preload(ctx.options.resp2chat_replay_preload)
+
+    def apply(self, updated: set[str]) -> None:
+        self.cache.resize(self.s["max_replay_entries"])
+
+    def key(self, upstream_url: str, body: bytes) -> str:
+        # the same request with other settings or another upstream: another answer
+        return replay_key(f"{upstream_url}\n{self.turns.lowering_repr}", body)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.is_replay == "response" or self.cache.capacity <= 0:
+            return
+        if flow.request.method != "POST" or flow.request.path.split("?", 1)[0] not in RESPONSES_PATHS:
+            return
+        if getattr(ctx.options, "server_replay", None):
+            return  # server replay answers after this hook and would overwrite a cache answer
+        body = flow.request.get_content(strict=False) or b""
+        key = self.key(self.upstreams.target(flow).url, body)
+        flow.metadata.setdefault(META, {})["replay_key"] = key
+        entry = self.cache.get(key)
+        if entry is None:
+            return
+        stream, store = entry_flags(entry)
+        response_id, created_at = new_response_id(), int(time.time())
+        turn = None
+        if store:  # a hit whose response must be stored (previous_response_id works after hits)
+            try:
+                turn = self.turns.parse(body, response_id, created_at)
+            except GatewayError:
+                return  # not answerable any more (e.g. its previous response expired): turns.py says why
+        answer = unpack_fresh(entry, response_id, created_at)
+        ctype = "text/event-stream; charset=utf-8" if stream else "application/json"
+        flow.response = http.Response.make(200, answer, {"content-type": ctype, "cache-control": "no-cache"})
+        flow.metadata[META].update(replay_cache="hit", response_id=response_id, status="completed",
+                                   responses_request=body.decode("utf-8", "replace"))
+        flow.comment = f"replay cache hit · {response_id}"
+        if turn is not None:
+            final = json.loads(answer[answer.rindex(b"data: ") + 6:] if stream else answer)
+            final = final.get("response", final)
+            self.store.put(response_id, turn.items + final["output"], final)
+
+    def finished(self, done) -> None:
+        key = done.flow.metadata[META].get("replay_key")
+        if done.status == "completed" and key and done.answer:
+            t = done.turn
+            self.cache.put(key, pack(t.ctx.response_id, t.ctx.created_at, done.answer,
+                                     stream=t.client_stream, store=t.store))
+
+    def _preload(self, path: str) -> None:
+        from mitmproxy import io
+
+        try:
+            with open(os.path.expanduser(path), "rb") as fh:
+                flows = list(io.FlowReader(fh).stream())
+        except (OSError, exceptions.FlowReadException) as exc:
+            raise exceptions.OptionsError(f"resp2chat_replay_preload: cannot read {path}: {exc}") from None
+        loaded = 0
+        for f in flows:
+            meta = f.metadata.get(META) or {}
+            if isinstance(f, http.HTTPFlow) and meta.get("status") == "completed" and f.response:
+                created = re.search(rb'"created_at":(\d+)', f.response.content or b"")
+                if created and meta.get("response_id"):
+                    request = json.loads(meta["responses_request"])
+                    loaded += self.cache.put(
+                        self.key(meta.get("upstream", ""), meta["responses_request"].encode()),
+                        pack(meta["response_id"], int(created[1]), f.response.content,
+                             stream=request.get("stream") is True, store=request.get("store") is not False))
+        log.info(f"resp2chat: replay cache preloaded with {loaded} answers from {path}")

@@ -1,0 +1,45 @@
+"""The upstream request log: every chat request sent upstream, one JSON line each
+(``upstream_request_log_path``): time, flow, session, URL and the body byte for byte. No
+headers, no keys. ``resp2chat analyze`` reads it like a flow file."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from mitmproxy import http
+
+from resp2chat_core.turn import session_key
+
+from .base import Owner
+
+
+class RequestLog(Owner):
+    name = "resp2chat_request_log"
+    owner = "request_log"
+
+    def __init__(self, source, turns) -> None:
+        super().__init__(source)
+        self.turns = turns
+        self.file = None
+
+    def apply(self, updated: set[str]) -> None:
+        self.done()
+        path = self.s["upstream_request_log_path"]
+        self.file = open(path, "a", buffering=1) if path else None
+
+    def done(self) -> None:
+        if self.file:
+            self.file.close()
+            self.file = None
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        live = self.turns.live.get(flow.id) if self.file else None
+        if live is None:
+            return
+        turn = live.turn
+        head = json.dumps({"ts": time.time(), "flow": flow.id,
+                           "session": session_key(turn.prompt_cache_key, flow.request.headers),
+                           "url": live.upstream_url}, ensure_ascii=False)
+        # the body spliced in as sent: byte for byte what the upstream got
+        self.file.write(f'{head[:-1]}, "body": {turn.chat_body.decode()}}}\n')

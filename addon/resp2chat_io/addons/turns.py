@@ -1,0 +1,255 @@
+"""Turns: ``POST /v1/responses`` from request to recorded answer.
+
+- ``request``: decode, validate and lower the request (resp2chat_core/turn.py); the flow's
+  request becomes the chat request the backend receives (so flow files and server replay see
+  it), routed to the configured upstream; an ``Exchange`` is registered with the relay and the
+  flow is pointed at the relay with that exchange's name and secret.
+- ``responseheaders``: the request has gone out: the flow shows the real upstream URL again.
+  A streaming client gets the stream callable (``TurnStream``), which takes the turn's news
+  from the exchange's channel at each relay tick and answers with Responses events.
+- ``response`` / ``error``: a non-streaming client gets the finished Response as one JSON body
+  (or an HTTP error); the turn is recorded (flow metadata, comment) and announced to
+  ``finished`` listeners (replay cache, response store).
+
+Owns the lowering settings (model names, params, tool denylist, think tags…).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+from mitmproxy import http
+
+from resp2chat_core import settings as S
+from resp2chat_core.channel import Reader, scrub
+from resp2chat_core.errors import GatewayError, error_json
+from resp2chat_core.lowering import LoweringOptions
+from resp2chat_core.replay import MAX_ENTRY_BYTES
+from resp2chat_core.turn import ToolsCache, Turn, begin_turn
+from resp2chat_io.relay import KEY_HEADER, TURN_HEADER, Exchange, Target
+
+from .base import META, Owner
+
+RESPONSES_PATHS = ("/v1/responses", "/responses")
+JSON_HEADERS = {"content-type": "application/json"}
+
+# HTTP status for a non-streaming client whose response failed, by error code.
+FAILED_STATUS = {
+    "context_length_exceeded": 400,
+    "invalid_prompt": 400,
+    "rate_limit_exceeded": 429,
+    "insufficient_quota": 429,
+}
+
+
+def new_response_id() -> str:
+    return "resp_" + uuid.uuid4().hex
+
+
+@dataclass(eq=False)
+class Live:
+    """A turn between its ``request`` and its ``response``/``error`` hook."""
+
+    turn: Turn
+    exchange: Exchange
+    reader: Reader
+    upstream_url: str  # the backend URL the chat request goes to (what the flow shows)
+    client_path: str  # what the client asked for (/v1/responses)
+
+
+@dataclass
+class Finished:
+    """A recorded turn, as ``finished`` listeners get it."""
+
+    flow: http.HTTPFlow
+    turn: Turn
+    status: str  # completed | incomplete | failed | unfinished
+    final: dict | None  # the final Response object
+    answer: bytes  # what the client got (SSE, or the JSON body)
+    usage: dict | None = None
+
+
+class TurnStream:
+    """The stream callable: at each relay tick, what the channel holds, translated. Never
+    raises (a raise here hangs the client), never returns b"" early (that ends the body)."""
+
+    __slots__ = ("reader", "channel")
+
+    def __init__(self, reader: Reader, channel) -> None:
+        self.reader, self.channel = reader, channel
+
+    def __call__(self, data: bytes):
+        reader = self.reader
+        try:
+            items = self.channel.take()
+            if len(items) == 1:
+                out = reader.apply(items[0])
+            else:
+                out = b"".join([reader.apply(item) for item in items])
+            if not data:  # the relay's body ended: so did the turn
+                out += reader.finish()
+        except BaseException as exc:  # noqa: BLE001
+            out = reader.fail("server_error", f"gateway error: {exc!r}")
+        return out or []
+
+
+class Turns(Owner):
+    name = "resp2chat_turns"
+    owner = "lowering"
+    also_reads = tuple(sorted(S.SECRET_FIELDS))  # scrubbed from what clients get
+
+    def __init__(self, source, upstreams, search, store) -> None:
+        super().__init__(source)
+        self.upstreams, self.relay, self.search, self.store = upstreams, upstreams.relay, search, store
+        self.live: dict[str, Live] = {}
+        self.lowering = LoweringOptions()
+        self.lowering_repr = repr(self.lowering)  # part of the replay cache key
+        self.tools_cache = ToolsCache()
+        self.secrets: tuple[bytes, ...] = ()
+        self.finished: list[Callable[[Finished], None]] = []
+
+    def apply(self, updated: set[str]) -> None:
+        self.lowering = LoweringOptions.from_settings(self.s, web_search=bool(self.s["brave_api_key"]))
+        self.lowering_repr = repr(self.lowering)
+        self.secrets = tuple(v.encode() for k in sorted(S.SECRET_FIELDS) if len(v := self.s[k]) >= 6)
+
+    # --- request ---------------------------------------------------------------------------
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.is_replay == "response":
+            return
+        req = flow.request
+        path = req.path.split("?", 1)[0]
+        if path in RESPONSES_PATHS and req.method == "POST":
+            self.begin(flow, path)
+
+    def parse(self, body: bytes, response_id: str, created_at: int) -> Turn:
+        """Decode, validate and lower; ``GatewayError`` for a request the gateway cannot serve."""
+        return begin_turn(body, self.lowering, response_id, created_at, self.store.history, self.tools_cache)
+
+    def begin(self, flow: http.HTTPFlow, client_path: str) -> None:
+        body = flow.request.get_content(strict=False) or b""
+        meta = flow.metadata.setdefault(META, {})
+        meta["responses_request"] = body.decode("utf-8", "replace")
+        try:
+            turn = self.parse(body, new_response_id(), int(time.time()))
+        except GatewayError as err:
+            meta["status"] = "rejected"
+            flow.response = http.Response.make(err.status, json.dumps(err.body()), JSON_HEADERS)
+            return
+        upstream = self.upstreams.target(flow)
+        meta["response_id"] = turn.ctx.response_id
+        meta["upstream"] = upstream.url
+        req = flow.request
+        req.content = turn.chat_body
+        req.headers["content-type"] = "application/json"
+        req.headers["accept"] = "text/event-stream"
+        req.headers["accept-encoding"] = "identity"  # the translator reads raw bytes
+        upstream.route(flow, "/chat/completions")
+        self.upstreams.authorize(flow)
+        url = req.url
+        exchange = Exchange(flow.id, secrets.token_urlsafe(24), Target(url),
+                            search=self.search.settings if turn.web_search else None)
+        reader = Reader(turn.translator(), MAX_ENTRY_BYTES, self.secrets)
+        if not turn.client_stream:
+            exchange.channel.push = reader.apply  # one JSON body at the end: nothing to tick
+        # To the relay (see resp2chat_io/relay/server.py for why turns take this hop); the flow
+        # shows the upstream again once the request is out (responseheaders).
+        for name, value in self.relay.expect(exchange):
+            req.headers[name] = value
+        req.scheme, (req.host, req.port) = "http", self.relay.address
+        self.live[flow.id] = Live(turn, exchange, reader, url, client_path)
+
+    # --- response --------------------------------------------------------------------------
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        live = self.live.get(flow.id)
+        if live is None or flow.is_replay == "response":
+            return
+        self._show_upstream(flow, live)
+        if not live.turn.client_stream:
+            return
+        resp = flow.response
+        resp.stream = TurnStream(live.reader, live.exchange.channel)
+        resp.status_code, resp.reason = 200, "OK"
+        for name in ("content-length", "content-encoding", "content-type", "transfer-encoding"):
+            resp.headers.pop(name, None)
+        resp.headers["content-type"] = "text/event-stream; charset=utf-8"
+        resp.headers["cache-control"] = "no-cache"
+        if flow.request.http_version == "HTTP/1.1":
+            resp.headers["transfer-encoding"] = "chunked"
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        live = self._end(flow)
+        if live is None or flow.is_replay == "response":
+            return
+        if not live.turn.client_stream:
+            self._answer_whole(flow, live)
+        self._record(flow, live)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        live = self._end(flow)
+        # Codex hangs up as soon as it has response.completed, which the translator sends at the
+        # backend's [DONE], a moment before the relay's body ends: mitmproxy then reports
+        # "Client disconnected" instead of a response. The turn happened all the same: record it.
+        if live is not None and flow.response is not None and isinstance(flow.response.stream, TurnStream):
+            if not flow.response.raw_content:  # mitmproxy stores a streamed body only at its end
+                flow.response.raw_content = bytes(live.reader.sent)
+            self._record(flow, live)
+
+    def _end(self, flow: http.HTTPFlow) -> Live | None:
+        live = self.live.pop(flow.id, None)
+        if live is not None:
+            self.relay.forget(flow.id)  # when the relay never saw it (server replay, an error)
+            self._show_upstream(flow, live)
+        return live
+
+    @staticmethod
+    def _show_upstream(flow: http.HTTPFlow, live: Live) -> None:
+        """The flow shows the backend's URL, not the relay's, and no relay headers."""
+        req = flow.request
+        if req.headers.get(TURN_HEADER) is not None:
+            req.url = live.upstream_url
+            req.headers.pop(TURN_HEADER, None)
+            req.headers.pop(KEY_HEADER, None)
+
+    def _answer_whole(self, flow: http.HTTPFlow, live: Live) -> None:
+        """A non-streaming client: the same translation, finished, as one JSON body."""
+        live.reader.finish()
+        result = live.reader.translator.response()
+        if result["status"] == "failed":
+            err = result["error"]
+            status = FAILED_STATUS.get(err["code"], 502)
+            body = error_json(err["message"], status_type="upstream_error", code=err["code"])
+        else:
+            status, body = 200, json.dumps(result, ensure_ascii=False).encode()
+        flow.response = http.Response.make(status, scrub(body, self.secrets), JSON_HEADERS)
+
+    def _record(self, flow: http.HTTPFlow, live: Live) -> None:
+        """Flow metadata (saved with -w), a one-line comment (shown in mitmweb), listeners."""
+        turn, t, reader = live.turn, live.reader.translator, live.reader
+        meta = flow.metadata[META]
+        meta["upstream_sse"] = scrub(bytes(reader.upstream), self.secrets).decode("utf-8", "replace")
+        final = t.response() if t.done else None
+        meta["status"] = status = final["status"] if final else "unfinished"
+        meta["usage"] = t.usage
+        calls = sum(1 for item in t.output if item["type"] not in ("message", "reasoning"))
+        u = t.usage or {}
+        took = (flow.response.timestamp_end or time.time()) - flow.request.timestamp_start
+        flow.comment = (
+            f"{flow.request.method} {live.client_path} → {turn.ctx.model} · {status}"
+            + (f" ({t.error['code']})" if t.error else "")
+            + (f" · in {u['input_tokens']} (cached {u['input_tokens_details']['cached_tokens']})"
+               f" out {u['output_tokens']}" if u else "")
+            + (f" · {calls} tool call{'s' if calls != 1 else ''}" if calls else "")
+            + f" · {took * 1000:.0f} ms"
+        )
+        answer = bytes(reader.sent) if turn.client_stream else flow.response.content
+        done = Finished(flow, turn, status, final, answer, t.usage)
+        for listener in self.finished:
+            listener(done)

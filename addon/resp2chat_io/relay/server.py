@@ -1,0 +1,172 @@
+"""The relay's mitmproxy side: a loopback HTTP/1.1 server that serves only this gateway.
+
+mitmproxy forwards each translated turn here (the addon points the flow at ``Relay.address``),
+because mitmproxy calls a stream callable only when bytes arrive from the server and an addon
+can neither write into a live stream nor stream a body it makes (mitmproxy issue #8103).
+
+Who gets served: only a request that names an ``Exchange`` the addon registered (``expect``)
+and carries that exchange's per-turn secret, compared in constant time. The exchange is claimed
+once. Anything else — another local process, a replayed or forged request — gets the connection
+closed and never reaches a backend. Where the turn goes comes from the exchange (the gateway's
+configuration), never from the request.
+
+What it answers: ``200`` at once, then a body of meaningless *ticks* (``TICK``), each one only
+making mitmproxy call the flow's stream callable, which takes the turn's news from the
+in-process ``Channel`` (resp2chat_core/channel.py). When the client goes away, mitmproxy closes
+this connection and the backend call is cancelled with it, so a dropped turn stops costing GPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+
+import h11
+
+from .exchange import Exchange, run
+from .upstream import UpstreamClient, failure
+
+log = logging.getLogger("resp2chat.relay")
+
+TURN_HEADER = "x-resp2chat-turn"  # names the exchange (the flow id): not a secret
+KEY_HEADER = "x-resp2chat-key"  # the exchange's secret
+RELAY_HEADERS = frozenset({TURN_HEADER.encode(), KEY_HEADER.encode()})
+TICK = b"1\r\n.\r\n"  # one chunk, one byte: "take what the channel holds"
+READ = 65536
+MAX_REQUEST = 256 << 20  # what mitmproxy may send us (the addon bounds the real body far lower)
+
+
+class Relay:
+    def __init__(self) -> None:
+        self.client = UpstreamClient()
+        self.server: asyncio.base_events.Server | None = None
+        self.port = 0
+        self._expected: dict[str, Exchange] = {}
+        self.active = 0  # exchanges in flight: tests check that aborted turns leave nothing behind
+        self.refused = 0  # requests that named no registered exchange or the wrong secret
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return "127.0.0.1", self.port
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def close(self) -> None:
+        if self.server:
+            self.server.close()
+        self.client.close()
+        self._expected.clear()
+
+    def expect(self, exchange: Exchange) -> list[tuple[str, str]]:
+        """Register an exchange; returns the headers mitmproxy's request must carry."""
+        self._expected[exchange.turn_id] = exchange
+        return [(TURN_HEADER, exchange.turn_id), (KEY_HEADER, exchange.secret)]
+
+    def forget(self, turn_id: str) -> None:
+        """The turn ended without reaching us (a local answer, server replay, an error)."""
+        self._expected.pop(turn_id, None)
+
+    @property
+    def expected(self) -> int:
+        return len(self._expected)
+
+    def _claim(self, request: h11.Request) -> Exchange | None:
+        turn = key = b""
+        for name, value in request.headers:
+            if name == b"x-resp2chat-turn":
+                turn = value
+            elif name == b"x-resp2chat-key":
+                key = value
+        exchange = self._expected.get(turn.decode("latin-1"))
+        if exchange is None or not hmac.compare_digest(exchange.secret.encode(), key):
+            return None
+        del self._expected[exchange.turn_id]
+        return exchange
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 << 10)
+        try:
+            while True:
+                request = await _read_head(conn, reader)
+                if request is None:
+                    return
+                exchange = self._claim(request)
+                if exchange is None:
+                    self.refused += 1
+                    return  # not ours: nothing is answered, nothing goes upstream
+                body = await _read_body(conn, reader)
+                await self._exchange(exchange, request, body, reader, writer, conn)
+                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    return
+                conn.start_next_cycle()
+        except (ConnectionError, h11.ProtocolError, asyncio.IncompleteReadError, _TooLarge):
+            pass
+        finally:
+            writer.close()
+
+    async def _exchange(self, ex: Exchange, request: h11.Request, body: bytes, reader, writer,
+                        conn: h11.Connection) -> None:
+        self.active += 1
+        headers = [(n, v) for n, v in request.headers if n not in RELAY_HEADERS]
+        writer.write(conn.send(h11.Response(status_code=200, headers=[
+            (b"content-type", b"application/x-resp2chat-ticks"), (b"cache-control", b"no-cache"),
+            (b"transfer-encoding", b"chunked")])))
+        ex.channel.wake = lambda: writer.write(TICK)
+        # The only thing mitmproxy may send while we stream is EOF: the client went away.
+        gone = asyncio.ensure_future(reader.read(1))
+        task = asyncio.ensure_future(run(ex, self.client, headers, body))
+        try:
+            await asyncio.wait({gone, task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (gone, task):
+                if not t.done():
+                    t.cancel()
+            # Wait for the cancellations: a still-pending read would steal the next request.
+            await asyncio.gather(gone, task, return_exceptions=True)
+            self.active -= 1
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # a bug of ours: the turn still ends with a clear failure
+            log.error(f"resp2chat relay: {type(exc).__name__}: {exc}", exc_info=exc)
+            ex.channel.event(failure(502, "the gateway's relay failed", "server_error"))
+        ex.channel.wake = None
+        if task.cancelled():
+            return
+        writer.write(conn.send(h11.EndOfMessage()))
+        await writer.drain()
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _read_head(conn: h11.Connection, reader: asyncio.StreamReader) -> h11.Request | None:
+    """The next request's head from mitmproxy; None at EOF."""
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await reader.read(READ)
+            conn.receive_data(data)
+            continue
+        if isinstance(event, h11.Request):
+            return event
+        return None  # ConnectionClosed (or anything else between requests)
+
+
+async def _read_body(conn: h11.Connection, reader: asyncio.StreamReader) -> bytes:
+    body = bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await reader.read(READ))
+        elif isinstance(event, h11.Data):
+            body += event.data
+            if len(body) > MAX_REQUEST:
+                raise _TooLarge()
+        elif isinstance(event, h11.EndOfMessage):
+            return bytes(body)
+        else:
+            raise ConnectionResetError("mitmproxy's request ended early")

@@ -1,0 +1,370 @@
+"""The relay's HTTP/1.1 client for chat backends: pooled connections, TLS, one deadline rule.
+
+``UpstreamClient.call`` sends one chat request and hands what comes back to a turn's
+``Channel`` (resp2chat_core/channel.py): the body of a 200 stream as data, everything else as
+typed events (``UpstreamFailed``, ``UpstreamJSON``, ``Keepalive``). It returns an ``Outcome``.
+
+The one deadline rule (``_Watch``): from the moment the request is sent, a backend that sends
+nothing for ``idle_timeout`` seconds fails the turn (``UpstreamFailed`` 504), before its answer
+or in the middle of it; while no body byte has come yet (a long prefill), every ``keepalive``
+seconds of silence send the client a ``Keepalive``. Connecting has its own ``connect_timeout``.
+
+The hot path: a backend's chunked stream is decoded by resp2chat_core/chunked.py inside the
+backend socket's own callback (``_BodyPump`` stands in for the StreamReader's protocol), one
+``Channel.data`` per socket read, no task switch or timer per read. h11 (mitmproxy's own
+dependency) reads everything else: the response head, error and JSON bodies, unchunked streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Callable
+from urllib.parse import urlsplit
+
+import h11
+
+from resp2chat_core.channel import Channel, Keepalive, UpstreamFailed, UpstreamJSON
+from resp2chat_core.chunked import ChunkedDecoder, ChunkedError
+
+MAX_ERROR_BODY = 1 << 20  # an error or JSON body is kept up to this much
+READ = 65536
+FULL = 1 << 20  # backend bytes waiting in a channel before the relay stops reading the backend
+_HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"host",
+                  b"proxy-connection", b"te", b"upgrade", b"trailer"})
+
+
+class Outcome(enum.Enum):
+    """How one call ended, and what becomes of its connection."""
+
+    REUSABLE = "reusable"  # answered in full; the connection goes back to the pool
+    ENDED = "ended"  # answered in full; the backend does not keep the connection
+    BROKEN = "broken"  # failed or cut (reported to the channel); the connection is closed
+    STALE = "stale"  # a pooled connection the backend had closed meanwhile: retry on a fresh one
+
+    @property
+    def answered(self) -> bool:
+        return self in (Outcome.REUSABLE, Outcome.ENDED)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A backend URL, split once."""
+
+    url: str
+
+    @property
+    def parts(self):
+        return urlsplit(self.url)
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        p = self.parts
+        return p.scheme, p.hostname or "", p.port or (443 if p.scheme == "https" else 80)
+
+    @property
+    def origin(self) -> str:
+        p = self.parts
+        return f"{p.scheme}://{p.netloc}"
+
+
+def failure(status: int, message: str, kind: str) -> UpstreamFailed:
+    """A failure the relay itself observed, worded like a backend's error body."""
+    return UpstreamFailed(status, json.dumps({"error": {"message": message, "type": kind}}).encode())
+
+
+class _Watch:
+    """The one deadline rule (module docstring), shared by every wait of a call."""
+
+    __slots__ = ("idle", "keepalive", "channel", "last", "last_keepalive", "streaming", "paused")
+
+    def __init__(self, idle: float, keepalive: float, channel: Channel) -> None:
+        self.idle, self.keepalive, self.channel = idle, keepalive, channel
+        self.last = self.last_keepalive = time.monotonic()
+        self.streaming = False  # a body byte has come: no more keepalives
+        self.paused = False  # we stopped reading (a slow client): silence is ours, not the backend's
+
+    def _next(self) -> float | None:
+        """Seconds until the rule must act again; 0 when it must act now (None: never)."""
+        now = time.monotonic()
+        if self.paused:
+            self.last = now
+        wait = self.idle - (now - self.last)
+        if not self.streaming:
+            wait = min(wait, self.keepalive - (now - max(self.last, self.last_keepalive)))
+        return None if wait == float("inf") else max(wait, 0.0)
+
+    def _act(self) -> bool:
+        """A wait ran out: send a keepalive (True), or report the stall (False)."""
+        now = time.monotonic()
+        if now - self.last >= self.idle:
+            self.channel.event(failure(504, f"the upstream sent nothing for {self.idle:g} s", "upstream_timeout"))
+            return False
+        if not self.streaming and now - max(self.last, self.last_keepalive) >= self.keepalive:
+            self.channel.event(Keepalive())
+            self.last_keepalive = now
+        return True
+
+    async def read(self, reader: asyncio.StreamReader) -> bytes | None:
+        """The backend's next bytes (b"" at EOF); None once it was silent too long. Awaited
+        directly: what arrives before this coroutine resumes is returned with it, so nothing
+        is left behind in the StreamReader when the caller takes the socket over."""
+        while True:
+            wait = self._next()
+            if wait is None or wait > 0:
+                try:
+                    async with asyncio.timeout(wait):
+                        data = await reader.read(1 << 22)
+                except TimeoutError:
+                    pass
+                else:
+                    self.last = time.monotonic()
+                    return data
+            if not self._act():
+                return None
+
+    async def until(self, fut: asyncio.Future) -> bool:
+        """Wait for ``fut`` (resolved by a protocol callback); False if the backend was silent
+        too long first (the channel then has its ``UpstreamFailed``)."""
+        while not fut.done():
+            wait = self._next()
+            if wait is None or wait > 0:
+                await asyncio.wait({fut}, timeout=wait)
+            elif not self._act():
+                return False
+        return True
+
+
+class UpstreamClient:
+    def __init__(self) -> None:
+        self.connect_timeout: float | None = 10.0
+        self.idle_timeout = 60.0  # float("inf"): no limit
+        self.keepalive = 15.0
+        self.verify_tls = True
+        self._pool: dict[tuple, list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
+
+    def close(self) -> None:
+        for conns in self._pool.values():
+            for _, w in conns:
+                w.close()
+        self._pool.clear()
+
+    @property
+    def pooled(self) -> int:
+        return sum(len(c) for c in self._pool.values())
+
+    async def call(self, target: Target, headers: list[tuple[bytes, bytes]], body: bytes, channel: Channel,
+                   transform: Callable[[bytes], bytes] | None = None) -> Outcome:
+        """POST ``body`` to ``target``; the answer goes to ``channel`` (a 200 stream's bytes
+        through ``transform`` first). Never raises for backend trouble: it is reported."""
+        for attempt in (1, 2):
+            try:
+                # a second attempt (the pooled connection was stale) takes a fresh connection
+                reader, writer, pooled = await self._connect(target.key, pooled=attempt == 1)
+            except (OSError, asyncio.TimeoutError) as exc:
+                reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else (exc.strerror or str(exc))
+                channel.event(failure(502, f"cannot connect to the upstream {target.origin}: {reason}",
+                                      "upstream_unavailable"))
+                return Outcome.BROKEN
+            outcome, heard = Outcome.BROKEN, [False]
+            try:
+                outcome = await self._exchange(target, headers, body, reader, writer, channel, transform, heard)
+            except (OSError, h11.ProtocolError) as exc:
+                if pooled and not heard[0]:
+                    outcome = Outcome.STALE
+                else:
+                    outcome = Outcome.BROKEN
+                    if not heard[0]:
+                        channel.event(failure(502, f"the upstream connection failed: {exc}", "upstream_unavailable"))
+            finally:
+                if outcome is Outcome.REUSABLE:
+                    self._pool.setdefault(target.key, []).append((reader, writer))
+                else:
+                    writer.close()
+            if outcome is not Outcome.STALE:
+                return outcome
+        return Outcome.BROKEN  # not reached: a fresh connection is never stale
+
+    async def get(self, url: str, headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes]:
+        """A plain GET on a fresh connection (web search), whole body, bounded by idle_timeout."""
+        target = Target(url)
+        reader, writer, _ = await self._connect(target.key, pooled=False)
+        try:
+            conn = h11.Connection(h11.CLIENT)
+            parts = target.parts
+            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            writer.write(conn.send(h11.Request(method="GET", target=path, headers=[
+                (b"host", parts.netloc.encode()), (b"connection", b"close"), *headers])))
+            writer.write(conn.send(h11.EndOfMessage()))
+            status, data = 0, bytearray()
+            timeout = None if self.idle_timeout == float("inf") else self.idle_timeout
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await asyncio.wait_for(reader.read(READ), timeout))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                elif isinstance(event, h11.Data):
+                    if len(data) < MAX_ERROR_BODY:
+                        data += event.data
+                elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                    return status, bytes(data)
+        finally:
+            writer.close()
+
+    # --- connections ---------------------------------------------------------------------------
+
+    async def _connect(self, key: tuple, pooled: bool = True):
+        idle = self._pool.get(key) if pooled else None
+        while idle:
+            r, w = idle.pop()
+            if not w.is_closing() and not r.at_eof():
+                return r, w, True
+            w.close()
+        scheme, host, port = key
+        tls = None
+        if scheme == "https":
+            tls = ssl.create_default_context()
+            if not self.verify_tls:
+                tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
+        r, w = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=tls), self.connect_timeout)
+        return r, w, False
+
+    # --- one request and its answer ------------------------------------------------------------
+
+    async def _exchange(self, target: Target, headers, body: bytes, up_reader: asyncio.StreamReader,
+                        up_writer: asyncio.StreamWriter, channel: Channel, transform, heard: list[bool]) -> Outcome:
+        client = h11.Connection(h11.CLIENT)
+        parts = target.parts
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        sent = [(n, v) for n, v in headers if n not in _HOP]
+        sent += [(b"host", parts.netloc.encode()), (b"content-length", str(len(body)).encode())]
+        up_writer.write(client.send(h11.Request(method="POST", target=path, headers=sent)))
+        up_writer.write(client.send(h11.Data(data=body)) + client.send(h11.EndOfMessage()))
+        watch = _Watch(self.idle_timeout, self.keepalive, channel)
+
+        async def next_event():
+            """h11's next event, reading from the backend as needed; None once it went silent."""
+            while (event := client.next_event()) is h11.NEED_DATA:
+                data = await watch.read(up_reader)
+                if data is None:
+                    return None
+                heard[0] = heard[0] or bool(data)
+                client.receive_data(data)
+            return event
+
+        # The head, through h11.
+        while not isinstance(event := await next_event(), h11.Response):
+            if event is None:
+                return Outcome.BROKEN
+            if isinstance(event, h11.ConnectionClosed):
+                raise ConnectionResetError("closed before answering")
+        hdrs = dict(event.headers)
+        status, ctype, retry_after = event.status_code, hdrs.get(b"content-type", b""), hdrs.get(b"retry-after")
+        stream = status == 200 and b"json" not in ctype
+        put = channel.data if transform is None else (lambda d: channel.data(transform(d)))
+
+        if stream and b"chunked" in hdrs.get(b"transfer-encoding", b"").lower():
+            # Pooled afterwards only if the backend keeps the connection (cpp-httplib, llama.cpp's
+            # server, says "close" when a connection has served its share).
+            keep = event.http_version == b"1.1" and b"close" not in hdrs.get(b"connection", b"").lower()
+            return await self._pump(up_reader, up_writer, client.trailing_data[0], put, channel, watch, keep)
+
+        held = bytearray()  # an error or JSON body, kept to be reported whole
+        while True:
+            event = await next_event()
+            if event is None:
+                return Outcome.BROKEN
+            if isinstance(event, h11.Data):
+                if stream:
+                    watch.streaming = True
+                    put(bytes(event.data))  # (h11 may hand out a bytearray; the channel carries bytes)
+                elif len(held) < MAX_ERROR_BODY:
+                    held += event.data
+            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                break
+        if status != 200:
+            channel.event(UpstreamFailed(status, bytes(held), retry_after.decode("latin-1") if retry_after else None))
+        elif not stream:
+            channel.event(UpstreamJSON(bytes(held)))
+        done = client.our_state is h11.DONE and client.their_state is h11.DONE
+        return Outcome.REUSABLE if done else (Outcome.ENDED if stream else Outcome.BROKEN)
+
+    async def _pump(self, up_reader, up_writer, trailing: bytes, put, channel: Channel, watch: _Watch,
+                    keep: bool) -> Outcome:
+        """A chunked 200 stream: the body goes from the backend's socket to the channel in the
+        transport's own callback (``_BodyPump``)."""
+        pump = _BodyPump(put, channel, watch, keep)
+        transport = pump.transport = up_writer.transport
+        original = transport.get_protocol()
+        transport.set_protocol(pump)  # watch.read() took all the StreamReader held: nothing is lost
+        try:
+            pump.data_received(trailing)
+            if up_reader.at_eof() or up_reader.exception() is not None:
+                pump.eof_received()  # what the StreamReader heard before the switch
+            if not await watch.until(pump.outcome):
+                return Outcome.BROKEN
+            return pump.outcome.result()
+        finally:
+            transport.set_protocol(original)
+            pump.close()
+
+
+class _BodyPump(asyncio.Protocol):
+    """Stands in for the backend connection's protocol while a chunked stream is forwarded: each
+    read is decoded and put into the channel at once. ``outcome`` resolves to REUSABLE (the last
+    chunk came, nothing after it, the backend keeps the connection), ENDED or BROKEN. Past
+    ``FULL`` bytes waiting in the channel it stops reading the backend until they are taken."""
+
+    def __init__(self, put, channel: Channel, watch: _Watch, keep: bool) -> None:
+        self.put, self.channel, self.watch, self.keep = put, channel, watch, keep
+        self.decoder = ChunkedDecoder()
+        self.outcome: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+        self.paused = False
+
+    def data_received(self, data: bytes) -> None:
+        if self.outcome.done() or not data:
+            return
+        self.watch.last = time.monotonic()
+        try:
+            piece = self.decoder.feed(data)
+        except ChunkedError:
+            self._end(Outcome.BROKEN)
+            return
+        if piece:
+            self.watch.streaming = True
+            self.put(piece)
+            if self.channel.size > FULL and not self.paused and self.transport is not None:
+                self.paused = self.watch.paused = True  # a slow client: push back on the backend
+                self.transport.pause_reading()
+                self.channel.on_take = self._resume
+        if self.decoder.done:
+            self._end(Outcome.REUSABLE if self.keep and not self.decoder.extra else Outcome.ENDED)
+
+    def _resume(self) -> None:
+        self.channel.on_take = None
+        self.paused = self.watch.paused = False
+        self.watch.last = time.monotonic()  # the wait was ours, not the backend's silence
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def eof_received(self) -> bool:
+        self._end(Outcome.BROKEN)  # closed before the last chunk
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self._end(Outcome.BROKEN)
+
+    def _end(self, outcome: Outcome) -> None:
+        if not self.outcome.done():
+            self.outcome.set_result(outcome)
+
+    def close(self) -> None:
+        self._end(Outcome.BROKEN)
+        if self.paused:
+            self._resume()  # a pooled connection must read again

@@ -1,0 +1,132 @@
+"""resp2chat_core/websearch.py on its own: the tool, the loop and its events, without sockets."""
+
+from __future__ import annotations
+
+import json
+
+from resp2chat_core import websearch
+from resp2chat_core.lowering import LoweringOptions
+from resp2chat_core.sse import SSEParser
+from resp2chat_core.turn import begin_turn
+
+
+def sse(*chunks) -> bytes:
+    return b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+
+
+def delta(d=None, finish=None) -> dict:
+    return {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": d or {}, "finish_reason": finish}]}
+
+
+def call(index, cid, name, args) -> dict:
+    return delta({"tool_calls": [{"index": index, "id": cid, "type": "function",
+                                  "function": {"name": name, "arguments": args}}]})
+
+
+def usage(prompt, completion) -> dict:
+    return {"object": "chat.completion.chunk", "choices": [],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}
+
+
+def payloads(data: bytes) -> list:
+    p = SSEParser()
+    return [x if x == "[DONE]" else json.loads(x) for x in p.feed(data) + p.finish()]
+
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "news?"}],
+        "tools": [websearch.TOOL, {"type": "function", "function": {"name": "exec", "parameters": {}}}],
+        "tool_choice": "auto", "stream": True}
+
+
+def test_the_tool_is_offered_only_when_the_gateway_searches():
+    body = json.dumps({"model": "m", "input": "x", "tools": [{"type": "web_search"}]}).encode()
+    on = begin_turn(body, LoweringOptions(web_search=True), "resp_x", 0)
+    off = begin_turn(body, LoweringOptions(web_search=False), "resp_x", 0)
+    assert on.web_search and json.loads(on.chat_body)["tools"] == [websearch.TOOL]
+    assert not off.web_search and "tools" not in json.loads(off.chat_body)
+
+
+def test_a_search_round_then_an_answer_is_one_stream_with_one_ending():
+    loop = websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=5)
+    first = sse(delta({"reasoning_content": "let me look"}),
+                call(0, "call_1", "web_search", '{"query":'), call(0, None, None, '"mitmproxy"}'),
+                delta(finish="tool_calls"), usage(100, 10))
+    passed = b"".join(loop.feed(first[i:i + 7]) for i in range(0, len(first), 7))  # any split
+    out = payloads(passed)
+    # the client sees the reasoning, not the web_search call, no finish reason, no usage, no [DONE]
+    assert out == [delta({"reasoning_content": "let me look"})]
+    tail, step = loop.end_round(ok=True)
+    assert tail == b"" and step == [websearch.Search("call_1", "mitmproxy")]
+    loop.next_round(["1. result"])
+    nxt = json.loads(loop.body)
+    assert nxt["messages"][-2]["tool_calls"][0]["function"] == {"name": "web_search", "arguments": '{"query":"mitmproxy"}'}
+    assert nxt["messages"][-1] == {"role": "tool", "tool_call_id": "call_1", "content": "1. result"}
+    assert [t["function"]["name"] for t in nxt["tools"]] == ["web_search", "exec"]  # more rounds allowed
+
+    second = sse(delta({"content": "Here."}), delta(finish="stop"), usage(150, 5))
+    assert payloads(loop.feed(second)) == [delta({"content": "Here."})]
+    _, step = loop.end_round(ok=True)
+    assert isinstance(step, websearch.Finish)
+    end = payloads(step.tail)
+    assert end[0]["choices"][0]["finish_reason"] == "stop" and end[-1] == "[DONE]"
+    # the context the turn used (the last prompt) and every round's completion
+    assert end[1]["usage"] == {"prompt_tokens": 150, "completion_tokens": 15, "total_tokens": 165}
+
+
+def test_the_last_round_has_no_web_search_tool():
+    loop = websearch.SearchLoop(json.dumps({**CHAT, "tools": [websearch.TOOL]}).encode(), max_rounds=1)
+    loop.feed(sse(call(0, "c", "web_search", '{"query": "q"}'), delta(finish="tool_calls")))
+    _, step = loop.end_round(ok=True)
+    loop.next_round(["r"])
+    nxt = json.loads(loop.body)
+    assert "tools" not in nxt and "tool_choice" not in nxt
+
+
+def test_client_tools_in_the_same_round_end_the_turn_there():
+    loop = websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=5)
+    out = payloads(loop.feed(sse(call(0, "s", "web_search", '{"query": "q"}'), call(1, "e", "exec", "{}"),
+                                 delta(finish="tool_calls"))))
+    assert [c["choices"][0]["delta"]["tool_calls"][0]["id"] for c in out] == ["e"]  # only the client's call
+    _, step = loop.end_round(ok=True)
+    assert isinstance(step, websearch.Finish)
+    assert payloads(step.tail)[0]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_a_failed_or_cut_round_ends_the_loop_as_it_ended():
+    loop = websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=5)
+    loop.feed(b'data: {"choices":[{"index":0,"delta":{"content":"par')
+    _, step = loop.end_round(ok=False)
+    assert step == websearch.Finish(b"")  # nothing added: the translator reports the stream as cut
+    loop = websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=5)
+    loop.feed(b'data: ' + json.dumps(delta({"content": "x"}, finish="length")).encode() + b"\n\n")
+    _, step = loop.end_round(ok=False)
+    assert payloads(step.tail)[0]["choices"][0]["finish_reason"] == "length"
+
+
+def test_brave_request_and_answers():
+    url, headers = websearch.brave_request("https://api.search.brave.com/", "k-123", "a b&c", 3)
+    assert url == "https://api.search.brave.com/res/v1/web/search?q=a+b%26c&count=3"
+    assert (b"x-subscription-token", b"k-123") in headers
+    text, urls = websearch.read_brave("q", 200, json.dumps({"web": {"results": [
+        {"title": "<b>T</b> &amp; U", "url": "https://x", "description": "d"}] * 5}}).encode(), 2, "k-123")
+    assert urls == ["https://x", "https://x"] and "1. T & U" in text and "3." not in text
+    text, urls = websearch.read_brave("q", 429, b'{"error": "quota for k-123"}', 2, "k-123")
+    assert urls == [] and text.startswith("Web search failed (HTTP 429)") and "k-123" not in text
+    assert websearch.read_brave("q", 200, b"<html>", 2, "k")[0].startswith("Web search failed")
+    assert websearch.read_brave("q", 200, b"{}", 2, "k") == ("No web results for: q", [])
+
+
+def test_the_client_sees_a_web_search_call_item():
+    turn = begin_turn(json.dumps({"model": "m", "input": "x", "stream": True, "tools": [{"type": "web_search"}]}).encode(),
+                      LoweringOptions(web_search=True), "resp_" + "a" * 32, 0)
+    t = turn.translator()
+    out = t.accepted() + t.search_started("call_1", "mitmproxy") + t.search_done("call_1", ("https://x",))
+    out += t.feed(sse(delta({"content": "done"}), delta(finish="stop"))) + t.finish()
+    events = [json.loads(line[6:]) for line in out.decode().splitlines() if line.startswith("data: ")]
+    types = [e["type"] for e in events]
+    i = types.index("response.output_item.added")
+    assert types[i:i + 5] == ["response.output_item.added", *websearch.STARTED_EVENTS, websearch.DONE_EVENT,
+                              "response.output_item.done"]
+    item = events[-1]["response"]["output"][0]
+    assert item == websearch.call_item(item["id"], "mitmproxy", ("https://x",))
+    assert item["action"]["sources"] == [{"type": "url", "url": "https://x"}]
