@@ -85,12 +85,13 @@ FIELDS: tuple[Field, ...] = (
     Field("max_sessions", "int", 256, "Stored responses kept at most.", owner="store"),
     Field("max_session_memory_mb", "int", 512, "Memory the response store may use at most.", owner="store"),
     Field("session_store_dir", "str", "", "Also keep stored responses in this directory (0600 files) so previous_response_id survives a restart; empty: memory only.", owner="store"),
+    Field("seal_key", "str", "", "Secret that seals the encrypted_content the gateway hands clients (reasoning, compaction) so only it can read them back; replicas that share state need the same one. Empty: a random per-install key in seal.key beside the config file.", owner="lowering"),
     Field("gateway_api_key", "str", "", "Clients must present this key (Authorization: Bearer …); required when bind_addr is not loopback.", owner="gate"),
 )
 
 BY_NAME = {f.name: f for f in FIELDS}
 ALIASES = {old: f for f in FIELDS for old in f.aliases}  # old name -> its field
-SECRET_FIELDS = frozenset({"upstream_api_key", "brave_api_key", "gateway_api_key"})
+SECRET_FIELDS = frozenset({"upstream_api_key", "brave_api_key", "gateway_api_key", "seal_key"})
 
 
 def owned_by(owner: str) -> tuple[Field, ...]:

@@ -31,6 +31,7 @@ from resp2chat_core.errors import GatewayError, error_json
 from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.replay import MAX_ENTRY_BYTES
 from resp2chat_core.turn import ToolsCache, Turn, begin_turn
+from resp2chat_io import keys
 from resp2chat_io.relay import KEY_HEADER, TURN_HEADER, Exchange, Target
 
 from .base import META, Owner
@@ -112,11 +113,19 @@ class Turns(Owner):
         self.tools_cache = ToolsCache()
         self.secrets: tuple[bytes, ...] = ()
         self.finished: list[Callable[[Finished], None]] = []
+        self._seal_key: bytes | None = None
 
     def apply(self, updated: set[str]) -> None:
         self.lowering = LoweringOptions.from_settings(self.s, web_search=bool(self.s["brave_api_key"]))
         self.lowering_repr = repr(self.lowering)
         self.secrets = tuple(v.encode() for k in sorted(S.SECRET_FIELDS) if len(v := self.s[k]) >= 6)
+        self._seal_key = None
+
+    def seal_key(self) -> bytes:
+        """The key for resp2chat_core/seal.py (made on first use when ``seal_key`` is unset)."""
+        if self._seal_key is None:
+            self._seal_key = keys.seal_key(self.s["seal_key"])
+        return self._seal_key
 
     # --- request ---------------------------------------------------------------------------
 
