@@ -12,10 +12,29 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import tempfile
+
 import pytest
 import requests
 
-from resp2chat_io.demo_upstream import serve_in_thread
+
+def _hermetic() -> Path:
+    """Every test, and every process a test starts, runs with its own HOME and XDG folders and
+    without the developer's RESP2CHAT_*/OPENAI_*/BRAVE_* settings: a config file saved by
+    `resp2chat configure`, or an exported key, must not reach a test gateway."""
+    os.environ.setdefault("RESP2CHAT_LLAMACPP_DIR", str(Path.home() / ".cache" / "resp2chat-llamacpp"))
+    keep = {"RESP2CHAT_LLAMACPP_DIR", "RESP2CHAT_REGEN_DIALECTS"}  # the test suite's own knobs
+    for name in list(os.environ):
+        if name.startswith(("RESP2CHAT_", "OPENAI_", "BRAVE_", "XDG_", "CODEX_HOME")) and name not in keep:
+            del os.environ[name]
+    home = Path(tempfile.mkdtemp(prefix="resp2chat-test-home-"))
+    os.environ.update(HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"), XDG_DATA_HOME=str(home / ".local/share"))
+    return home
+
+
+TEST_HOME = _hermetic()
+
+from resp2chat_io.demo_upstream import serve_in_thread  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDON = ROOT / "addon" / "resp2chat.py"
@@ -119,7 +138,7 @@ def start_gateway(upstream_url: str, tmp: Path, *extra: str, env: dict | None = 
             "--listen-host", "127.0.0.1", "--listen-port", str(port),
             "--set", f"confdir={tmp / 'mitmconf'}", *extra]
     proc = subprocess.Popen(args, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, cwd=tmp,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, **(env or {})})  # os.environ is hermetic (_hermetic)
     gw = Gateway(proc, port, log_path, args)
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)

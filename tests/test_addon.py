@@ -391,3 +391,17 @@ async def test_gateway_key_is_required_and_not_forwarded(gw, backend):
     f = responses_flow({"model": "m", "input": "hi"}, backend.url, headers={"authorization": "Bearer gw-key"})
     await gw.run(f)
     assert f.response.status_code == 200 and b"gw-key" not in backend.seen[-1][0]
+
+
+async def test_an_unexpected_exception_fails_closed(gw, backend, monkeypatch):
+    """A bug in a hook must not let mitmproxy forward the untouched request (fail open)."""
+    def boom(*a, **k):
+        raise UnicodeEncodeError("utf-8", "x", 0, 1, "planted")
+
+    monkeypatch.setattr(gw["turns"], "parse", boom)
+    f = responses_flow({"model": "m", "input": "hi"}, backend.url)
+    await gw.run(f)
+    err = json.loads(f.response.content)["error"]
+    assert f.response.status_code == 500 and err["code"] == "server_error"
+    assert f.response.headers["x-request-id"] in err["message"] and "planted" not in err["message"]
+    assert backend.seen == [] and gw["upstreams"].relay.expected == 0

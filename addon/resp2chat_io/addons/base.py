@@ -8,10 +8,14 @@ what it reads (``reads``). Values reach it under their setting names.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 from typing import Any, Sequence
 
-from mitmproxy import ctx, exceptions
+from mitmproxy import ctx, exceptions, http
+
+from resp2chat_core.errors import error_json
 
 from resp2chat_core import settings as S
 from resp2chat_io.config import load_settings
@@ -19,6 +23,48 @@ from resp2chat_io.config import load_settings
 log = logging.getLogger("resp2chat")
 
 META = "resp2chat"  # flow.metadata key: saved in flow files, read by the views and `analyze`
+
+
+def request_id(flow: http.HTTPFlow) -> str:
+    """The gateway's id for a request: in error answers to the client and in the log."""
+    return "req_" + flow.id.replace("-", "")[:20]
+
+
+def fail_closed(flow: http.HTTPFlow, where: str, exc: BaseException) -> None:
+    """An unexpected exception in a hook: the request goes nowhere unmodified, the client gets a
+    500 ``server_error`` naming the request id (no internals), the log gets the details."""
+    rid = request_id(flow)
+    log.warning(f"resp2chat: {where} failed for {rid}: {type(exc).__name__}: {exc}", exc_info=exc)
+    flow.metadata.setdefault(META, {})["failed_in"] = where
+    if flow.response is not None and flow.response.stream:
+        return  # a started stream: its callable ends it (it never raises and always terminates)
+    flow.response = http.Response.make(500, error_json(
+        f"the gateway failed to handle this request (request id {rid})", status_type="server_error",
+        code="server_error"), {"content-type": "application/json", "x-request-id": rid})
+
+
+HOOKS = frozenset({"requestheaders", "request", "responseheaders", "response", "error"})
+
+
+def fails_closed(cls):
+    """Class decorator: every flow hook of an addon fails closed (``fail_closed``)."""
+    for name in HOOKS & set(vars(cls)):
+        hook = vars(cls)[name]
+        where = f"{getattr(cls, 'name', cls.__name__)}.{name}"
+        if inspect.iscoroutinefunction(hook):
+            async def wrapped(self, flow, _hook=hook, _where=where):
+                try:
+                    return await _hook(self, flow)
+                except Exception as exc:  # noqa: BLE001
+                    fail_closed(flow, _where, exc)
+        else:
+            def wrapped(self, flow, _hook=hook, _where=where):
+                try:
+                    return _hook(self, flow)
+                except Exception as exc:  # noqa: BLE001
+                    fail_closed(flow, _where, exc)
+        setattr(cls, name, functools.wraps(hook)(wrapped))
+    return cls
 
 
 class SettingsSource:

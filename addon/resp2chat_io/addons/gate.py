@@ -9,11 +9,12 @@ from mitmproxy import http
 
 from resp2chat_core.errors import error_json
 
-from .base import Owner
+from .base import Owner, fails_closed
 
 JSON_HEADERS = {"content-type": "application/json"}
 
 
+@fails_closed
 class Gate(Owner):
     name = "resp2chat_gate"
     owner = "gate"

@@ -7,6 +7,8 @@ import sys
 
 from mitmproxy import ctx, http
 
+from .base import fails_closed
+
 
 class RawPrinter:
     _STYLE = {"reasoning": "\x1b[2;3m", "tool": "\x1b[36m"}  # dim italic thinking, cyan tool calls
@@ -23,6 +25,7 @@ class RawPrinter:
         sys.stdout.flush()
 
 
+@fails_closed
 class RawOutput:
     name = "resp2chat_raw"
 

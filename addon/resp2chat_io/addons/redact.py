@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from mitmproxy import http
 
+from .base import fails_closed
 
+
+@fails_closed
 class Redact:
     name = "resp2chat_redact"
 

@@ -17,10 +17,11 @@ from mitmproxy import ctx, exceptions, http
 from resp2chat_core.errors import GatewayError
 from resp2chat_core.replay import ReplayCache as Cache, entry_flags, pack, replay_key, unpack_fresh
 
-from .base import META, Owner, log
+from .base import META, Owner, fails_closed, log
 from .turns import RESPONSES_PATHS, new_response_id
 
 
+@fails_closed
 class ReplayCache(Owner):
     name = "resp2chat_replay"
     owner = "replay"

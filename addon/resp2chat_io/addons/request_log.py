@@ -11,9 +11,10 @@ from mitmproxy import http
 
 from resp2chat_core.turn import session_key
 
-from .base import Owner
+from .base import Owner, fails_closed
 
 
+@fails_closed
 class RequestLog(Owner):
     name = "resp2chat_request_log"
     owner = "request_log"

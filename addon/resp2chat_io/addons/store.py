@@ -14,12 +14,13 @@ from mitmproxy import http
 from resp2chat_core.errors import error_json
 from resp2chat_io.store import ResponseStore
 
-from .base import Owner
+from .base import Owner, fails_closed
 
 JSON_HEADERS = {"content-type": "application/json"}
 PREFIXES = ("/v1/responses/", "/responses/")
 
 
+@fails_closed
 class StoredResponses(Owner):
     name = "resp2chat_store"
     owner = "store"

@@ -34,7 +34,7 @@ from resp2chat_core.turn import ToolsCache, Turn, begin_turn
 from resp2chat_io import keys
 from resp2chat_io.relay import KEY_HEADER, TURN_HEADER, Exchange, Target
 
-from .base import META, Owner
+from .base import META, Owner, fails_closed
 
 RESPONSES_PATHS = ("/v1/responses", "/responses")
 JSON_HEADERS = {"content-type": "application/json"}
@@ -99,6 +99,7 @@ class TurnStream:
         return out or []
 
 
+@fails_closed
 class Turns(Owner):
     name = "resp2chat_turns"
     owner = "lowering"
@@ -167,12 +168,12 @@ class Turns(Owner):
         reader = Reader(turn.translator(), MAX_ENTRY_BYTES, self.secrets)
         if not turn.client_stream:
             exchange.channel.push = reader.apply  # one JSON body at the end: nothing to tick
+        self.live[flow.id] = Live(turn, exchange, reader, url, client_path)  # (_end forgets it)
         # To the relay (see resp2chat_io/relay/server.py for why turns take this hop); the flow
         # shows the upstream again once the request is out (responseheaders).
         for name, value in self.relay.expect(exchange):
             req.headers[name] = value
         req.scheme, (req.host, req.port) = "http", self.relay.address
-        self.live[flow.id] = Live(turn, exchange, reader, url, client_path)
 
     # --- response --------------------------------------------------------------------------
 

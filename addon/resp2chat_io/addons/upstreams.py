@@ -18,7 +18,7 @@ from mitmproxy import ctx, http
 
 from resp2chat_io.relay import Relay
 
-from .base import Owner
+from .base import Owner, fails_closed
 
 log = logging.getLogger("resp2chat")
 
@@ -51,6 +51,7 @@ def reverse_target(flow: http.HTTPFlow) -> Upstream:
     return Upstream(f"{req.scheme}://{req.host}:{req.port}/v1")
 
 
+@fails_closed
 class Upstreams(Owner):
     name = "resp2chat_upstreams"
     owner = "upstreams"
