@@ -20,6 +20,8 @@ import binascii
 import hashlib
 import os
 
+from typing import Callable
+
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -58,3 +60,19 @@ def unseal(key: bytes, purpose: str, token: object) -> str:
     except InvalidTag:
         raise SealError("sealed by another key, for another purpose, or altered") from None
     return plain.decode("utf-8", "surrogatepass")
+
+
+class Sealer:
+    """``seal``/``unseal`` bound to the gateway's key, fetched only when first needed (the key may
+    live in a file made on first use): what the core's turn and translator are handed."""
+
+    __slots__ = ("_key",)
+
+    def __init__(self, key: Callable[[], bytes]) -> None:
+        self._key = key
+
+    def seal(self, purpose: str, plaintext: str) -> str:
+        return seal(self._key(), purpose, plaintext)
+
+    def unseal(self, purpose: str, token: object) -> str:
+        return unseal(self._key(), purpose, token)

@@ -75,6 +75,7 @@ from enum import Enum
 from . import websearch
 from .errors import classify_upstream_error, sanitize, upstream_error_message
 from .jsonstring import InputStream
+from .seal import Sealer
 from .sse import SSEParser
 from .think import BREAK, REASONING, WATCH, ThinkSplitter
 from .toolmap import ToolMap
@@ -158,6 +159,7 @@ class TurnContext:
     tool_map: ToolMap = field(default_factory=ToolMap)
     echo_json: str = ""  # request fields echoed into every Response object: JSON members, no braces
     think: str = "auto"  # <think> tags in content: "auto" | "open" (template opens it) | "off"; think.py
+    sealer: Sealer | None = None  # seals state handed to the client (encrypted_content); seal.py
 
 
 @dataclass

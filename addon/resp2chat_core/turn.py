@@ -16,6 +16,7 @@ from .errors import GatewayError
 from .lowering import LoweringOptions, dumps, dumps_spliced, lower
 from .toolmap import ToolMap
 from .schema import parse_request
+from .seal import Sealer
 from .translator import Translator, TurnContext
 
 # Request fields a Response object echoes back, with the API's defaults when absent.
@@ -130,11 +131,13 @@ def decode_body(body: bytes) -> dict:
 
 
 def begin_turn(body: bytes, opts: LoweringOptions, response_id: str, created_at: int,
-               history: Callable[[str], list | None] | None = None, tools_cache: ToolsCache | None = None) -> Turn:
+               history: Callable[[str], list | None] | None = None, tools_cache: ToolsCache | None = None,
+               sealer: Sealer | None = None) -> Turn:
     """Raise ``GatewayError`` for a request the gateway cannot serve.
 
     ``history(previous_response_id)`` returns the stored conversation a request continues
     (None when unknown): it is put in front of the new input, as if the client had sent it all.
+    ``sealer`` reads and writes the ``encrypted_content`` the gateway hands clients (seal.py).
     """
     raw = decode_body(body)
     echo = echo_fields(raw)
@@ -163,7 +166,7 @@ def begin_turn(body: bytes, opts: LoweringOptions, response_id: str, created_at:
     echo_json = (dumps_spliced(echo, "tools", known[2]) if known and echo["tools"] is tools else dumps(echo))[1:-1]
     ctx = TurnContext(response_id=response_id, created_at=created_at, model=req.model,
                       tool_map=lowered.tool_map, echo_json=echo_json,
-                      think=opts.think_mode(lowered.chat["model"]))
+                      think=opts.think_mode(lowered.chat["model"]), sealer=sealer)
     store = raw.get("store") is not False
     pck = raw.get("prompt_cache_key")
     return Turn(lowered.body, lowered.client_stream, ctx,

@@ -30,6 +30,7 @@ from resp2chat_core.channel import Reader, scrub
 from resp2chat_core.errors import GatewayError, error_json
 from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.replay import MAX_ENTRY_BYTES
+from resp2chat_core.seal import Sealer
 from resp2chat_core.turn import ToolsCache, Turn, begin_turn
 from resp2chat_io import keys
 from resp2chat_io.relay import KEY_HEADER, TURN_HEADER, Exchange, Target
@@ -115,6 +116,7 @@ class Turns(Owner):
         self.secrets: tuple[bytes, ...] = ()
         self.finished: list[Callable[[Finished], None]] = []
         self._seal_key: bytes | None = None
+        self.sealer = Sealer(self.seal_key)
 
     def apply(self, updated: set[str]) -> None:
         self.lowering = LoweringOptions.from_settings(self.s, web_search=bool(self.s["brave_api_key"]))
@@ -140,7 +142,8 @@ class Turns(Owner):
 
     def parse(self, body: bytes, response_id: str, created_at: int) -> Turn:
         """Decode, validate and lower; ``GatewayError`` for a request the gateway cannot serve."""
-        return begin_turn(body, self.lowering, response_id, created_at, self.store.history, self.tools_cache)
+        return begin_turn(body, self.lowering, response_id, created_at, self.store.history, self.tools_cache,
+                          self.sealer)
 
     def begin(self, flow: http.HTTPFlow, client_path: str) -> None:
         body = flow.request.get_content(strict=False) or b""
