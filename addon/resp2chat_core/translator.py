@@ -74,6 +74,7 @@ from enum import Enum
 
 from . import websearch
 from .errors import classify_upstream_error, sanitize, upstream_error_message
+from .inputs import REASONING_PURPOSE
 from .jsonstring import InputStream
 from .seal import Sealer
 from .sse import SSEParser
@@ -160,6 +161,7 @@ class TurnContext:
     echo_json: str = ""  # request fields echoed into every Response object: JSON members, no braces
     think: str = "auto"  # <think> tags in content: "auto" | "open" (template opens it) | "off"; think.py
     sealer: Sealer | None = None  # seals state handed to the client (encrypted_content); seal.py
+    encrypted_reasoning: bool = False  # include: ["reasoning.encrypted_content"]: reasoning items carry it sealed
 
 
 @dataclass
@@ -612,7 +614,11 @@ class Translator:
             ids = {"item_id": self._item_id, "output_index": self._item_index}
             self._emit("response.reasoning_summary_text.done", **ids, summary_index=0, text=text)
             self._emit("response.reasoning_summary_part.done", **ids, summary_index=0, part=part)
-            self._item_done({"id": self._item_id, "type": "reasoning", "summary": [part]})
+            item = {"id": self._item_id, "type": "reasoning", "summary": [part]}
+            if self.ctx.encrypted_reasoning and self.ctx.sealer is not None:
+                # what only this gateway can read back (inputs.py restores it for the backend)
+                item["encrypted_content"] = self.ctx.sealer.seal(REASONING_PURPOSE, text)
+            self._item_done(item)
         elif kind is Kind.TOOL:
             for tool in self._tool_list:  # allocated in output order
                 self._close_tool(tool)

@@ -1,4 +1,4 @@
-"""Stored responses: ``previous_response_id`` and ``GET``/``DELETE /v1/responses/{id}``.
+"""Stored responses: ``previous_response_id``, ``item_reference`` and ``GET``/``DELETE /v1/responses/{id}``.
 
 Owns the store settings (``session_ttl_hours``, ``max_sessions``, ``max_session_memory_mb``,
 ``session_store_dir``); keeps each completed turn whose request did not say ``store: false``
@@ -39,6 +39,10 @@ class StoredResponses(Owner):
     def history(self, response_id: str) -> list | None:
         entry = self.store.get(response_id) if self.store else None
         return entry["items"] if entry else None
+
+    def resolve_items(self, item_ids: list[str]) -> dict[str, dict]:
+        """``item_reference`` ids -> the stored items (resp2chat_core/inputs.py); missing: absent."""
+        return self.store.resolve_items(item_ids) if self.store else {}
 
     def put(self, response_id: str, items: list, final: dict) -> None:
         if self.store is not None:

@@ -143,7 +143,7 @@ class Turns(Owner):
     def parse(self, body: bytes, response_id: str, created_at: int) -> Turn:
         """Decode, validate and lower; ``GatewayError`` for a request the gateway cannot serve."""
         return begin_turn(body, self.lowering, response_id, created_at, self.store.history, self.tools_cache,
-                          self.sealer)
+                          self.sealer, resolve=self.store.resolve_items)
 
     def begin(self, flow: http.HTTPFlow, client_path: str) -> None:
         body = flow.request.get_content(strict=False) or b""
