@@ -73,3 +73,66 @@ def test_unsupported_and_corrupt_encodings(gateway):
     assert r.json()["error"]["code"] == "invalid_body"
     r = post(gateway.base_url, body, {"content-encoding": "identity"})
     assert r.status_code == 200
+
+
+# --- fields and items ----------------------------------------------------------------------
+
+
+def test_additional_tools_items_are_tools(gateway, upstream):
+    """Newer Codex delivers tools as an input item; calls to them come back with their namespace."""
+    upstream.clear()
+    spawn = {"type": "function", "name": "spawn_agent", "description": "spawn",
+             "parameters": {"type": "object", "properties": {"task": {"type": "string"}}}}
+    body = {"model": "demo-model", "stream": True, "tools": [
+        {"type": "function", "name": "exec_command", "parameters": {"type": "object", "properties": {}}}],
+        "input": [
+            {"type": "additional_tools", "role": "developer", "id": "at_1",
+             "tools": [{"type": "namespace", "name": "multi_agent_v1", "description": "agents", "tools": [spawn]}]},
+            {"role": "developer", "content": "You are Codex."},
+            {"role": "user", "content": 'call: multi_agent_v1__spawn_agent {"task": "t"}'}]}
+    r = post(gateway.base_url, body)
+    assert r.status_code == 200, r.text
+    call = parse_sse(r.content)[-1]["response"]["output"][-1]
+    assert (call["type"], call["namespace"], call["name"]) == ("function_call", "multi_agent_v1", "spawn_agent")
+    sent = upstream.requests()[-1]
+    assert [t["function"]["name"] for t in sent["tools"]] == ["exec_command", "multi_agent_v1__spawn_agent"]
+    assert sent["messages"][0] == {"role": "system", "content": "You are Codex."}  # the item is no message
+
+
+def test_cache_hints_and_client_metadata_are_accepted_not_forwarded(gateway, upstream):
+    upstream.clear()
+    body = {"model": "demo-model", "prompt_cache_key": "thread-1", "prompt_cache_options": {"mode": "explicit"},
+            "client_metadata": {"x-codex-turn": "1"}, "input": [
+                {"role": "developer", "content": [{"type": "input_text", "text": "Be brief.",
+                                                    "prompt_cache_breakpoint": {"mode": "explicit"}}]},
+                {"role": "user", "content": [{"type": "input_text", "text": "cache me",
+                                               "prompt_cache_breakpoint": {"mode": "explicit"}}]}]}
+    r = post(gateway.base_url, body)
+    assert r.status_code == 200, r.text
+    sent = upstream.requests()[-1]
+    assert sent["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "cache me"}]
+    assert not {"prompt_cache_key", "prompt_cache_options", "client_metadata"} & sent.keys()
+
+
+def test_prompt_cache_key_is_the_session_key(upstream, gateway_factory, tmp_path):
+    log = tmp_path / "upstream.jsonl"
+    gw = gateway_factory(upstream.origin, "--set", f"resp2chat_upstream_request_log_path={log}")
+    body = {"model": "demo-model", "input": "hi", "prompt_cache_key": "my-thread"}
+    assert post(gw.base_url, zstd.compress(json.dumps(body).encode()), {"content-encoding": "zstd",
+                                                                         "session-id": "header-id"}).status_code == 200
+    assert post(gw.base_url, {"model": "demo-model", "input": "hi"}, {"session-id": "header-id"}).status_code == 200
+    gw.stop()
+    sessions = [json.loads(line)["session"] for line in log.read_text().splitlines()]
+    assert sessions == ["my-thread", "header-id"]
+
+
+def test_conversation_is_refused_clearly(gateway):
+    r = post(gateway.base_url, {"model": "demo-model", "input": "hi", "conversation": "conv_123"})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == "conversation" and "Conversations API" in err["message"]
+    for method in ("POST", "GET"):
+        r = requests.request(method, gateway.base_url + "/conversations", json={}, timeout=30)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "unsupported_endpoint", r.text
+    r = requests.get(gateway.base_url + "/conversations/conv_123/items", timeout=30)
+    assert r.status_code == 404 and "Conversations API" in r.json()["error"]["message"]

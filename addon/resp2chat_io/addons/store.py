@@ -18,6 +18,7 @@ from .base import Owner, fails_closed
 
 JSON_HEADERS = {"content-type": "application/json"}
 PREFIXES = ("/v1/responses/", "/responses/")
+CONVERSATIONS = ("/v1/conversations", "/conversations")  # not implemented: answered here, not forwarded
 
 
 @fails_closed
@@ -56,6 +57,12 @@ class StoredResponses(Owner):
         if flow.response or flow.is_replay == "response":
             return
         path = flow.request.path.split("?", 1)[0]
+        if path.startswith(CONVERSATIONS) and path.removeprefix("/v1").split("/")[1] == "conversations":
+            flow.response = http.Response.make(404, error_json(
+                "the Conversations API is not supported by this gateway: send the whole history in input, "
+                "or continue a stored response with previous_response_id", code="unsupported_endpoint"),
+                JSON_HEADERS)
+            return
         if not path.startswith(PREFIXES):
             return
         response_id, method = path.rsplit("/", 1)[1], flow.request.method
