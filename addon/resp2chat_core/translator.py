@@ -55,6 +55,11 @@ Dialects (tests/fixtures/dialects/ holds one recorded-shape stream per rule belo
   lines that are no SSE field (``SSEParser.stray``), read as a whole body if no event came.
 - Usage: see usage.py (top-level, ``x_groq``, per-choice; every cached-token spelling).
 
+Stateless reasoning: when the request asked for ``include: ["reasoning.encrypted_content"]``
+(``TurnContext.encrypted_reasoning``; Codex always does), each reasoning item also carries its
+text sealed by ``TurnContext.sealer`` (seal.py, purpose ``reasoning``); inputs.py reads it back
+when the client returns the item, so the backend re-reads exactly the reasoning it produced.
+
 The gateway's own events
 ------------------------
 What the gateway itself has to say about a turn never comes through ``feed``: the relay hands it
