@@ -91,7 +91,7 @@ FIELDS: tuple[Field, ...] = (
     Field("upstreams", "entries", [], "Several upstreams, in order: each {name, base_url, api_key, models: [glob…]} plus any per-backend lowering setting (max_tokens_field, think_tags, model_map…). A model goes to the first upstream whose models match; later matches are its fallbacks (tried on connect failure, 5xx or 429 before the first byte). Empty: upstream_base_url alone.", owner="upstreams"),
     Field("routing_key_header", "str", "", "Send the session key (prompt_cache_key, else Codex's session header) upstream in this header, e.g. x-smg-routing-key, so a cache-aware router keeps each session on the replica holding its KV cache. Empty: off.", owner="upstreams"),
     Field("state_store_url", "str", "", "Where stored responses and the replay cache live: empty for this process's memory, or redis://[:password@]host:port/db (also Valkey) so replicas share them. Never logged.", owner="store"),
-    Field("access_log_path", "str", "", "Append one JSON line per turn (time, session, model, upstream, status, tokens, TTFT and total ms; no content) to this file; '-' for stderr. Empty: off.", owner="metrics"),
+    Field("access_log_path", "str", "", "Append one JSON line per turn (time, session, model, upstream, status, tokens, TTFT and total ms; no content, no secrets) to this file; '-' for stderr. Empty: off.", owner="access_log"),
 )
 
 BY_NAME = {f.name: f for f in FIELDS}
