@@ -10,7 +10,7 @@ Keys (``resp2chat:`` prefix; one Redis database per gateway fleet, chosen by the
 | key | type | what |
 | --- | --- | --- |
 | ``resp2chat:response:{id}`` | hash | ``data``: the entry JSON (items + Response, as store.py keeps it); ``items``: its item ids. Expires after ``session_ttl_hours`` |
-| ``resp2chat:item:{item_id}`` | string | the id of the response that holds the item (item references): same expiry, dropped with its response |
+| ``resp2chat:item:{item_id}`` | string | the id of the response whose output holds the item (item references): same expiry, dropped with its response |
 | ``resp2chat:responses`` | sorted set | response ids by the time they were stored (Redis's clock): the oldest go first |
 | ``resp2chat:responses:sizes`` / ``:bytes`` | hash / integer | each entry's size and their sum: ``max_session_memory_mb`` |
 | ``resp2chat:replay:{sha256}`` | string | a replay-cache entry (resp2chat_core/replay.py ``pack``), at most 4 MiB |
@@ -185,8 +185,9 @@ class RedisState:
             pass
 
 
-def _item_ids(items: list, response: dict) -> str:
-    ids = [i.get("id") for i in (*items, *(response.get("output") or ())) if isinstance(i, dict)]
+def _item_ids(response: dict) -> str:
+    """The ids of the items a response produced (its output): they live and die with it."""
+    ids = [i.get("id") for i in response.get("output") or () if isinstance(i, dict)]
     return " ".join(dict.fromkeys(i for i in ids if isinstance(i, str) and i and " " not in i))
 
 
@@ -207,7 +208,7 @@ class RedisResponseStore:
             return
         script = self.state.script("put_response")
         self.count, self.bytes = await self.state.call("store a response", lambda c: script(args=[
-            PREFIX, response_id, data, _item_ids(items, response), self.ttl, self.max_entries, self.max_bytes]))
+            PREFIX, response_id, data, _item_ids(response), self.ttl, self.max_entries, self.max_bytes]))
 
     async def get(self, response_id: str) -> dict | None:
         data = await self.state.call("read a stored response",
