@@ -8,7 +8,10 @@ Owns the store settings (``session_ttl_hours``, ``max_sessions``, ``max_session_
 ``redis://`` URL: it lives in Redis, shared by every replica (resp2chat_io/redis_state.py).
 Redis is asked asynchronously: ``request`` fetches the history a ``previous_response_id``
 continues from before turns.py lowers the request (``history`` then reads what was fetched),
-and answers ``503 store_unavailable`` when Redis cannot be reached; writes run as tasks.
+and answers ``503 store_unavailable`` when Redis cannot be reached; writes run as tasks. A
+response is written when its turn ends, a moment after the client read ``response.completed``:
+a client that continues at once on another replica can ask before the write landed, so an id
+Redis does not know yet is looked up again for up to ``FRESH_WAIT`` seconds before the 400.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from .base import Owner, fails_closed, log
 
 JSON_HEADERS = {"content-type": "application/json"}
 PREFIXES = ("/v1/responses/", "/responses/")
+FRESH_WAIT = 2.0  # seconds: how long a just-finished response may take to reach Redis
+FRESH_POLL = 0.05
 RESPONSES_PATHS = ("/v1/responses", "/responses")
 
 
@@ -148,6 +153,11 @@ class StoredResponses(Owner):
             return
         try:
             entry = await self.store.get(previous)
+            waited = 0.0
+            while entry is None and waited < FRESH_WAIT:  # maybe still on its way from another replica
+                await asyncio.sleep(FRESH_POLL)
+                waited += FRESH_POLL
+                entry = await self.store.get(previous)
         except StateUnavailable:
             flow.response = unavailable(f"previous_response_id {previous!r}")
             return
