@@ -13,6 +13,7 @@ first round of a web-search loop falls back (later rounds follow what the client
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
 
 import h11
@@ -21,6 +22,8 @@ from resp2chat_core import routing, websearch
 from resp2chat_core.channel import Accepted, Channel, Rerouted, SearchDone, SearchStarted
 
 from .upstream import Outcome, Target, UpstreamClient
+
+log = logging.getLogger("resp2chat.relay")
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,8 @@ async def _first_answer(ex: Exchange, client: UpstreamClient, headers: list[tupl
         if routing.falls_back(failure) and not last:
             failed.append((name, failure))
             ex.skipped.append((name, failure.status))
+            log.warning(f"resp2chat: upstream {name} failed before its first byte (HTTP {failure.status}): "
+                        f"trying {candidates[i + 1][0]} for model {ex.model!r}")
             continue
         if failed and routing.falls_back(failure):
             failure = routing.all_failed(ex.model, failed + [(name, failure)])
