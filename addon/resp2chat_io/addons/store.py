@@ -10,8 +10,9 @@ Redis is asked asynchronously: ``request`` fetches the history a ``previous_resp
 continues from before turns.py lowers the request (``history`` then reads what was fetched),
 and answers ``503 store_unavailable`` when Redis cannot be reached; writes run as tasks. A
 response is written when its turn ends, a moment after the client read ``response.completed``:
-a client that continues at once on another replica can ask before the write landed, so an id
-Redis does not know yet is looked up again for up to ``FRESH_WAIT`` seconds before the 400.
+a client that continues (or GETs it) at once on another replica can ask before the write
+landed, so an id Redis does not know yet is looked up again for up to ``FRESH_WAIT`` seconds
+before the 400/404.
 """
 
 from __future__ import annotations
@@ -135,7 +136,17 @@ class StoredResponses(Owner):
         flow.response = http.Response.make(status, body, JSON_HEADERS)
 
     async def _get(self, response_id: str) -> dict | None:
-        return await self.store.get(response_id) if self.shared else self.store.get(response_id)
+        return await self._fresh(response_id) if self.shared else self.store.get(response_id)
+
+    async def _fresh(self, response_id: str) -> dict | None:
+        """From Redis; an id it does not know yet is asked again for up to FRESH_WAIT seconds."""
+        entry = await self.store.get(response_id)
+        waited = 0.0
+        while entry is None and waited < FRESH_WAIT:  # maybe still on its way from another replica
+            await asyncio.sleep(FRESH_POLL)
+            waited += FRESH_POLL
+            entry = await self.store.get(response_id)
+        return entry
 
     async def _delete(self, response_id: str) -> bool:
         return await self.store.delete(response_id) if self.shared else self.store.delete(response_id)
@@ -152,12 +163,7 @@ class StoredResponses(Owner):
         if not isinstance(previous, str) or not previous:
             return
         try:
-            entry = await self.store.get(previous)
-            waited = 0.0
-            while entry is None and waited < FRESH_WAIT:  # maybe still on its way from another replica
-                await asyncio.sleep(FRESH_POLL)
-                waited += FRESH_POLL
-                entry = await self.store.get(previous)
+            entry = await self._fresh(previous)
         except StateUnavailable:
             flow.response = unavailable(f"previous_response_id {previous!r}")
             return
