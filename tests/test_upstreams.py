@@ -221,3 +221,24 @@ def test_invalid_entries_stop_start_up_naming_entry_and_field(tmp_path, value, n
         proc = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env)
         assert proc.returncode != 0
         assert named in proc.stdout + proc.stderr, (how, proc.stdout[-2000:], proc.stderr[-2000:])
+
+
+def test_a_fallback_reads_think_tags_its_own_way(tmp_path, demo_pair):
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    body = {"model": "demo-model", "input": "hello", "stream": True}
+    think = {"x-demo-dialect": "think"}  # the scripted upstream puts <think>…</think> in content
+    gw = gateway_with(tmp_path, [{"name": "dead", "base_url": dead},  # think_tags: auto (split them)
+                                 {"name": "raw", "base_url": demo_pair[0], "think_tags": {"*": "off"}}])
+    try:
+        events = parse_sse(requests.post(gw.base_url + "/responses", json=body, headers=think, timeout=30).content)
+        final = events[-1]["response"]
+        assert [o["type"] for o in final["output"]] == ["message"]  # "off": the tags stay text
+        assert "<think>" in final["output"][0]["content"][0]["text"]
+    finally:
+        gw.stop()
+    gw = gateway_with(tmp_path, [{"name": "split", "base_url": demo_pair[0]}])
+    try:  # the same answer from an upstream with the default (auto): reasoning + message
+        events = parse_sse(requests.post(gw.base_url + "/responses", json=body, headers=think, timeout=30).content)
+        assert [o["type"] for o in events[-1]["response"]["output"]] == ["reasoning", "message"]
+    finally:
+        gw.stop()
