@@ -14,6 +14,9 @@ AI_SDK_DIR := $(TOOLS)/ai-sdk-$(AI_SDK_VER)
 AI_SDK     := $(AI_SDK_DIR)/node_modules/ai/package.json
 # llama.cpp's server and a generated tiny model, built once outside the repo (tests/llamacpp/)
 LLAMA_CACHE ?= $(HOME)/.cache/resp2chat-llamacpp
+# smg (PyPI), the Rust inference router of the session-affinity tests, in its own venv
+SMG_VER   := 1.13.0
+SMG       := $(TOOLS)/smg-$(SMG_VER)/bin/smg
 
 # mitmproxy 12 needs Python >= 3.12: prefer 3.13 (newest pydantic), accept 3.12,
 # from PATH or from pyenv's versions folder. Override with `make PYTHON=/path/to/python3`.
@@ -23,7 +26,7 @@ PYTHON ?= $(shell for c in python3.13 python3.12 \
 	  $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && { echo $$p; break; }; \
 	done)
 
-.PHONY: help venv codex ai-sdk llamacpp test test-fast run bench soak recordings clean
+.PHONY: help venv codex ai-sdk llamacpp redis smg test test-fast run bench soak recordings clean
 
 help:
 	@echo "make run        start the gateway on 127.0.0.1:4000 (bundled demo upstream if no backend is configured)"
@@ -60,8 +63,25 @@ ai-sdk: $(AI_SDK)
 llamacpp:
 	bash tests/llamacpp/build.sh $(LLAMA_CACHE)
 
-test: venv codex ai-sdk llamacpp
-	RESP2CHAT_LLAMACPP_DIR=$(LLAMA_CACHE) CODEX_BIN=$(abspath $(CODEX)) AI_SDK_DIR=$(abspath $(AI_SDK_DIR)) $(PY) -m pytest -q
+# Debian's redis-server: the shared-state tests start their own on a free loopback port.
+redis:
+	@command -v redis-server >/dev/null || { \
+	  command -v apt-get >/dev/null || { echo "error: redis-server is needed (Debian/Ubuntu: apt-get install redis-server)"; exit 1; }; \
+	  SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \
+	  echo "installing redis-server with apt"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+	@redis-server --version
+
+$(SMG):
+	@test -n "$(PYTHON)" || { echo "error: no Python >= 3.12 found (set PYTHON=...)"; exit 1; }
+	$(PYTHON) -m venv $(TOOLS)/smg-$(SMG_VER)
+	$(TOOLS)/smg-$(SMG_VER)/bin/pip install -q smg==$(SMG_VER)
+
+smg: $(SMG)
+
+test: venv codex ai-sdk llamacpp redis smg
+	RESP2CHAT_LLAMACPP_DIR=$(LLAMA_CACHE) CODEX_BIN=$(abspath $(CODEX)) AI_SDK_DIR=$(abspath $(AI_SDK_DIR)) \
+	  SMG_BIN=$(abspath $(SMG)) $(PY) -m pytest -q
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not codex" tests/test_lowering.py tests/test_sse.py tests/test_translator.py
@@ -69,10 +89,12 @@ test-fast: venv
 run: venv
 	$(VENV)/bin/resp2chat start
 
-bench: venv codex llamacpp
+bench: venv codex llamacpp redis smg
 	$(PY) bench/run.py --out bench-results.json
 	@echo "KV cache on a real server (llama.cpp), a Codex session of 3 turns:"
 	RESP2CHAT_LLAMACPP_DIR=$(LLAMA_CACHE) CODEX_BIN=$(abspath $(CODEX)) $(PY) tests/llamacpp/kv_figure.py
+	@echo "Session affinity: smg + 2 llama-server replicas + 2 gateways sharing Redis, 8 sessions, affinity vs round_robin:"
+	RESP2CHAT_LLAMACPP_DIR=$(LLAMA_CACHE) SMG_BIN=$(abspath $(SMG)) $(PY) tests/llamacpp/fleet.py
 
 soak: venv
 	$(PY) tests/soak.py --streams 64 --seconds 60

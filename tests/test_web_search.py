@@ -154,3 +154,23 @@ def test_codex_sees_web_search_items(search_gateway, codex_bin, tmp_path):
     run = codex.exec(SEARCH_PROMPT)
     assert run.returncode == 0, run.output
     assert "The tool returned: snippet & text 3" in run.stdout
+
+
+def test_search_loop_after_a_fallback_stays_on_the_upstream_that_answered(upstream, gateway_factory, brave):
+    import json
+
+    from conftest import free_port
+
+    url, _ = brave
+    entries = [{"name": "down", "base_url": f"http://127.0.0.1:{free_port()}/v1"},
+               {"name": "demo", "base_url": upstream.base_url, "max_tokens_field": "max_completion_tokens"}]
+    gw = gateway_factory("http://127.0.0.1:9", "--set", "resp2chat_max_replay_entries=0",
+                         "--set", "resp2chat_upstreams=" + json.dumps(entries),
+                         env={"BRAVE_SEARCH_API_KEY": BRAVE_KEY, "RESP2CHAT_BRAVE_BASE_URL": url})
+    upstream.clear()
+    resp = client_for(gw).responses.create(model="demo-model", input=SEARCH_PROMPT, tools=[WEB_SEARCH],
+                                           max_output_tokens=200)
+    assert [o.type for o in resp.output] == ["reasoning", "web_search_call", "reasoning", "message"]
+    first, second = upstream.requests()[-2:]  # both rounds went to demo, each with demo's own lowering
+    assert first["max_completion_tokens"] == second["max_completion_tokens"] == 200
+    assert second["messages"][-1]["role"] == "tool"

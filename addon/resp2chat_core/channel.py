@@ -92,7 +92,18 @@ class SearchDone:
         return t.search_done(self.call_id, self.sources)
 
 
-Event = Union[Accepted, Keepalive, UpstreamFailed, UpstreamJSON, SearchStarted, SearchDone]
+@dataclass(frozen=True, slots=True)
+class Rerouted:
+    """A fallback upstream answers this turn and reads ``<think>`` tags its own way (its
+    ``think_tags``; routing.py): sent before its first byte, so nothing was translated yet."""
+
+    think: str
+
+    def apply(self, t) -> bytes:
+        return t.rethink(self.think)
+
+
+Event = Union[Accepted, Keepalive, UpstreamFailed, UpstreamJSON, SearchStarted, SearchDone, Rerouted]
 Item = Union[bytes, Event]
 
 
@@ -150,7 +161,7 @@ class Reader:
     ``secrets`` (the configured keys) are scrubbed from what the client gets: a backend that
     echoes a key must not show it."""
 
-    __slots__ = ("translator", "upstream", "sent", "cap", "secrets")
+    __slots__ = ("translator", "upstream", "sent", "cap", "secrets", "on_first")
 
     def __init__(self, translator, cap: int, secrets: tuple[bytes, ...] = ()) -> None:
         self.translator = translator
@@ -158,12 +169,19 @@ class Reader:
         self.sent = bytearray()
         self.cap = cap
         self.secrets = secrets
+        # called once, when the first events made from backend data leave (time to first
+        # token: the metrics addon sets it; the core reads no clock)
+        self.on_first: Callable[[], None] | None = None
 
     def apply(self, item: Item) -> bytes:
         if item.__class__ is bytes:
             if len(self.upstream) < self.cap:
                 self.upstream += item
-            return self._out(self.translator.feed(item))
+            out = self._out(self.translator.feed(item))
+            if out and self.on_first is not None:
+                self.on_first()
+                self.on_first = None
+            return out
         return self._out(item.apply(self.translator))
 
     def finish(self) -> bytes:

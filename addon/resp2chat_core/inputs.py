@@ -50,6 +50,13 @@ def _is_reference(item: object) -> bool:
     return kind == "item_reference" or (kind is None and "id" in item and "role" not in item and "content" not in item)
 
 
+def reference_ids(items: object) -> list[str]:
+    """The ids an input list refers to (for a store that must fetch them before ``expand``)."""
+    if not isinstance(items, list):
+        return []
+    return [i["id"] for i in items if _is_reference(i) and isinstance(i.get("id"), str) and i["id"]]
+
+
 def expand(raw: dict, items: list, resolve: Resolve | None = None,
            sealer: Sealer | None = None) -> tuple[dict, list]:
     """``(raw, items)`` with references resolved, sealed reasoning restored and additional tools

@@ -32,14 +32,15 @@ class SettingsError(ValueError):
     def __init__(self, field: str, value: Any, why: str, source: str = ""):
         self.field, self.value, self.why = field, value, why
         where = f" (from {source})" if source else ""
-        shown = "[hidden]" if field in SECRET_FIELDS else repr(value)
+        hide = field in SECRET_FIELDS or field in HOLDS_SECRETS or field.endswith(".api_key")
+        shown = "[hidden]" if hide else repr(value)
         super().__init__(f"{field}{where}: {shown} is invalid: {why}")
 
 
 @dataclass(frozen=True)
 class Field:
     name: str
-    kind: str  # str | int | bool | map | list
+    kind: str  # str | int | bool | map | list | entries (a list of mappings: upstreams)
     default: Any
     help: str
     env_fallbacks: tuple[str, ...] = ()
@@ -87,11 +88,31 @@ FIELDS: tuple[Field, ...] = (
     Field("session_store_dir", "str", "", "Also keep stored responses in this directory (0600 files) so previous_response_id survives a restart; empty: memory only.", owner="store"),
     Field("seal_key", "str", "", "Secret that seals the encrypted_content the gateway hands clients (reasoning, compaction) so only it can read them back; replicas that share state need the same one. Empty: a random per-install key in seal.key beside the config file.", owner="lowering"),
     Field("gateway_api_key", "str", "", "Clients must present this key (Authorization: Bearer …); required when bind_addr is not loopback.", owner="gate"),
+    Field("upstreams", "entries", [], "Several upstreams, in order: each {name, base_url, api_key, models: [glob…]} plus any per-backend lowering setting (max_tokens_field, think_tags, model_map…). A model goes to the first upstream whose models match; later matches are its fallbacks (tried on connect failure, 5xx or 429 before the first byte). Empty: upstream_base_url alone.", owner="upstreams"),
+    Field("routing_key_header", "str", "", "Send the session key (prompt_cache_key, else Codex's session header) upstream in this header, e.g. x-smg-routing-key, so a cache-aware router keeps each session on the replica holding its KV cache. Empty: off.", owner="upstreams"),
+    Field("state_store_url", "str", "", "Where stored responses and the replay cache live: empty for this process's memory, or redis://[:password@]host:port/db (also Valkey) so replicas share them. Never logged.", owner="store"),
+    Field("access_log_path", "str", "", "Append one JSON line per turn (time, session, model, upstream, status, tokens, TTFT and total ms; no content, no secrets) to this file; '-' for stderr. Empty: off.", owner="access_log"),
 )
 
 BY_NAME = {f.name: f for f in FIELDS}
 ALIASES = {old: f for f in FIELDS for old in f.aliases}  # old name -> its field
-SECRET_FIELDS = frozenset({"upstream_api_key", "brave_api_key", "gateway_api_key", "seal_key"})
+SECRET_FIELDS = frozenset({"upstream_api_key", "brave_api_key", "gateway_api_key", "seal_key", "state_store_url"})
+# Fields that are not secrets themselves but hold some (each upstream's api_key): their option
+# default stays empty like a secret's, and the addon resolves them the same way.
+HOLDS_SECRETS = frozenset({"upstreams"})
+
+
+def hidden_default(name: str) -> bool:
+    """The option's default stays empty (mitmdump --options and mitmweb show defaults)."""
+    return name in SECRET_FIELDS or name in HOLDS_SECRETS
+
+
+def secret_values(values: Mapping[str, Any], min_len: int = 6) -> tuple[bytes, ...]:
+    """Every configured secret (top-level keys and each upstream's api_key) in ``values``, to be
+    scrubbed from what the gateway emits. Shorter ones are not scrubbed (they would mangle text)."""
+    found = [values[k] for k in sorted(SECRET_FIELDS) if k in values]
+    found += [e.get("api_key") for e in values.get("upstreams") or () if isinstance(e, dict)]
+    return tuple(v.encode() for v in found if isinstance(v, str) and len(v) >= min_len)
 
 
 def owned_by(owner: str) -> tuple[Field, ...]:
@@ -104,6 +125,7 @@ def deprecated(old: str) -> str:
     return f"{old} is deprecated: it is now called {new} (the old name still works)"
 
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")  # an HTTP header name (RFC 9110 token)
 _HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):(\d{1,5})$")
 
 
@@ -143,6 +165,14 @@ def coerce(field: Field, value: Any, source: str = "") -> Any:
             if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
                 raise SettingsError(field.name, value, "expected a list of strings", source)
             return list(data)
+        if k == "entries":
+            data = json.loads(value) if isinstance(value, str) and value.strip() else (value or [])
+            if not isinstance(data, list):
+                raise SettingsError(field.name, "[hidden]", "expected a list (YAML) or a JSON array of objects", source)
+            for i, entry in enumerate(data):
+                if not isinstance(entry, dict):
+                    raise SettingsError(f"{field.name}[{i}]", "[hidden]", "expected a mapping (YAML) or a JSON object", source)
+            return [dict(e) for e in data]
     except (ValueError, TypeError) as exc:
         if isinstance(exc, SettingsError):
             raise
@@ -180,8 +210,18 @@ def validate(name: str, value: Any) -> None:
         ok, what = _MAP_VALUES[name]
         if not all(ok(v) for v in value.values()):
             raise SettingsError(name, value, f"each value must be {what}")
-    if name == "upstream_request_log_path" and value and "\n" in value:
+    if name in ("upstream_request_log_path", "access_log_path") and value and "\n" in value:
         raise SettingsError(name, value, "expected a file path")
+    if name == "upstreams" and value:
+        from .routing import parse_upstreams  # (routing imports this module)
+
+        parse_upstreams(value)
+    if name == "routing_key_header" and value and not _TOKEN.match(value):
+        raise SettingsError(name, value, "expected an HTTP header name, e.g. x-smg-routing-key")
+    if name == "state_store_url" and value:
+        parts = urlsplit(value)
+        if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+            raise SettingsError(name, "[hidden]", "expected redis://host:port/db, rediss://… or unix:///path")
 
 
 def resolve(file_values: Mapping[str, Any], env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -221,13 +261,15 @@ def to_option(field: Field, value: Any) -> Any:
     """A settings value as its mitmproxy option value (maps travel as JSON strings)."""
     if field.kind == "map":
         return json.dumps(value, sort_keys=True)
+    if field.kind == "entries":
+        return json.dumps(value) if value else ""
     return value
 
 
 def option_type(field: Field):
     from typing import Sequence
 
-    return {"str": str, "int": int, "bool": bool, "map": str, "list": Sequence[str]}[field.kind]
+    return {"str": str, "int": int, "bool": bool, "map": str, "list": Sequence[str], "entries": str}[field.kind]
 
 
 def optional_type(field: Field):

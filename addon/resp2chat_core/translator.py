@@ -271,6 +271,14 @@ class Translator:
         self._fail_upstream(status, body, retry_after)
         return self._flush()
 
+    def rethink(self, mode: str) -> bytes:
+        """Another upstream answers (a fallback, routing.py): read ``<think>`` tags its way.
+        Only before any backend byte was translated."""
+        if self.phase is not Phase.DONE and not self._saw_event and not self.output:
+            self.ctx.think = mode
+            self._think = ThinkSplitter(mode) if mode != "off" else None
+        return b""
+
     def translate_json(self, body: bytes) -> bytes:
         """A non-streamed ``chat.completion`` JSON (a backend that ignored ``stream``)."""
         if self.phase is not Phase.DONE:

@@ -10,7 +10,7 @@ import json
 import marshal
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 from . import inputs
 from .errors import GatewayError
@@ -74,6 +74,9 @@ class Turn:
     items: list = field(default_factory=list)  # the whole conversation as input items (kept only to store)
     store: bool = False  # the client wants this response kept (`store` not false)
     prompt_cache_key: str | None = None  # the client's, for session_key
+    # the fallback upstreams' chat bodies and think modes, in order (routing.py); a body of None
+    # is the same bytes as chat_body (that upstream lowers the same way)
+    alternates: tuple[tuple[bytes | None, str], ...] = ()
 
     def translator(self) -> Translator:
         self.active = Translator(self.ctx)
@@ -133,15 +136,23 @@ def decode_body(body: bytes) -> dict:
 
 def begin_turn(body: bytes, opts: LoweringOptions, response_id: str, created_at: int,
                history: Callable[[str], list | None] | None = None, tools_cache: ToolsCache | None = None,
-               sealer: Sealer | None = None, resolve: inputs.Resolve | None = None) -> Turn:
+               sealer: Sealer | None = None, resolve: inputs.Resolve | None = None,
+               route: Callable[[str], Sequence[LoweringOptions]] | None = None) -> Turn:
     """Raise ``GatewayError`` for a request the gateway cannot serve.
 
     ``history(previous_response_id)`` returns the stored conversation a request continues
     (None when unknown): it is put in front of the new input, as if the client had sent it all.
     ``sealer`` reads and writes the ``encrypted_content`` the gateway hands clients (seal.py).
     ``resolve(item ids)`` returns stored items for ``item_reference`` inputs (inputs.py).
+    ``route(model)`` (several upstreams, routing.py): the lowering options of each upstream that
+    serves the client's model, in order; the first replaces ``opts``, the others get their own
+    bodies (``Turn.alternates``). It raises ``GatewayError`` when no upstream serves the model.
     """
     raw = decode_body(body)
+    others: Sequence[LoweringOptions] = ()
+    if route is not None:
+        model = raw.get("model")
+        opts, *others = route(model if isinstance(model, str) else "")
     echo = echo_fields(raw)
     items = raw.get("input")
     if isinstance(items, str):
@@ -174,7 +185,19 @@ def begin_turn(body: bytes, opts: LoweringOptions, response_id: str, created_at:
                       encrypted_reasoning=inputs.wants_sealed_reasoning(raw))
     store = raw.get("store") is not False
     pck = raw.get("prompt_cache_key")
+    alternates = []
+    for alt in others:  # each fallback upstream: its own byte-deterministic body
+        if alt == opts:
+            alternates.append((None, ctx.think))
+            continue
+        same_tools = (alt.tool_denylist, alt.web_search) == (opts.tool_denylist, opts.web_search)
+        if known is not None and same_tools:
+            other = lower(req, alt, known[0], known[1])
+        else:  # req may lack its tools (the cache path): lower the whole request again
+            other = lower(parse_request(raw) if known is not None else req, alt)
+        alternates.append((other.body, alt.think_mode(other.chat["model"])))
     return Turn(lowered.body, lowered.client_stream, ctx,
                 web_search=any(t.kind == "web_search" for t in lowered.tool_map.targets.values()),
                 items=items if store and isinstance(items, list) else [], store=store,
-                prompt_cache_key=pck if isinstance(pck, str) and pck else None)
+                prompt_cache_key=pck if isinstance(pck, str) and pck else None,
+                alternates=tuple(alternates))

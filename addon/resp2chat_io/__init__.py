@@ -1,3 +1,12 @@
 """resp2chat's I/O side: everything around the core that touches sockets, files, processes or
 mitmproxy — the upstream relay, the response store, config files, the CLI, mitmweb views, and
 the demo upstream."""
+
+
+def __getattr__(name: str):
+    """``resp2chat_io.start(...)``: run a gateway from Python (api.py), imported on first use."""
+    if name in ("start", "Gateway", "GatewayError"):
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'resp2chat_io' has no attribute {name!r}")

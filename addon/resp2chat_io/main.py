@@ -33,6 +33,8 @@ def _settings() -> tuple[dict, dict, Path]:
 
 def effective_upstream(values: dict) -> str:
     url = values["upstream_base_url"]
+    if not url and values.get("upstreams"):  # several upstreams: the first (routing.py picks per model)
+        url = values["upstreams"][0].get("base_url") or ""
     return url if url and url != "demo" else DEFAULT_UPSTREAM
 
 
@@ -137,7 +139,8 @@ def build_start_command(args, values: dict, sources: dict) -> tuple[list[str], d
     cmd = [str(exe) if exe.exists() else (shutil.which(tool) or tool), "-s", str(ADDON)]
     env = dict(os.environ)
     demo = values["upstream_base_url"] == "demo"
-    if args.demo or (sources["upstream_base_url"] == "default" and not _upstream_answers(DEFAULT_UPSTREAM)):
+    if args.demo or (sources["upstream_base_url"] == "default" and not values["upstreams"]
+                     and not _upstream_answers(DEFAULT_UPSTREAM)):
         env["RESP2CHAT_UPSTREAM_BASE_URL"], demo = "demo", True
         if not args.demo:
             print(f"resp2chat: no backend configured and none at {DEFAULT_UPSTREAM}: serving the bundled "
@@ -157,9 +160,9 @@ def cmd_start(args) -> int:
     values, sources, _ = _settings()
     cmd, env = build_start_command(args, values, sources)
     host, port = S.parse_bind(values["bind_addr"])
-    print(f"resp2chat: gateway on http://{host}:{port}/v1 -> "
-          f"{'demo upstream' if env.get('RESP2CHAT_UPSTREAM_BASE_URL') == 'demo' else effective_upstream(values)}",
-          file=sys.stderr)
+    where = ("demo upstream" if env.get("RESP2CHAT_UPSTREAM_BASE_URL") == "demo" else
+             ", ".join(f"{u['name']} ({u['base_url']})" for u in values["upstreams"]) or effective_upstream(values))
+    print(f"resp2chat: gateway on http://{host}:{port}/v1 -> {where}", file=sys.stderr)
     sys.stdout.flush()
     os.execvpe(cmd[0], cmd, env)  # signals (Ctrl-C, systemd stop) go straight to mitmproxy
 

@@ -81,6 +81,8 @@ class LlamaServer:
     n_predict: int = 64
     extra: tuple[str, ...] = ()
     port: int = 0
+    slots: int = 1  # -np: sequences served at once, each with its own KV cache
+
     proc: subprocess.Popen | None = None
 
     @property
@@ -91,7 +93,7 @@ class LlamaServer:
         binary, model = build_paths()
         return [str(binary), "-m", str(model), "--alias", MODEL_ID,
                 "--host", "127.0.0.1", "--port", str(self.port), "--jinja", "--reasoning-format", "deepseek",
-                "-np", "1", "-c", str(self.ctx), "-n", str(self.n_predict), "--cache-reuse", "64", "--seed", "0",
+                "-np", str(self.slots), "-c", str(self.ctx), "-n", str(self.n_predict), "--cache-reuse", "64", "--seed", "0",
                 *self.extra]
 
     def start(self, timeout: float = 60.0) -> "LlamaServer":

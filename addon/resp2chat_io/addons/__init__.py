@@ -8,6 +8,9 @@
 - ``ReplayCache``     identical requests answered without the backend
 - ``Turns``           POST /v1/responses: lower, relay, stream, record
 - ``Upstreams``       every other /v1/* call to the upstream; the relay's lifetime and timeouts
+- ``Outcomes``        how each POST /v1/responses ended, for the next two
+- ``Metrics``         GET /metrics (Prometheus)
+- ``AccessLog``       one JSON line per turn (access_log_path)
 - ``RequestLog``      the chat requests sent upstream, as JSON lines
 - ``RawOutput``       --raw: the model's stream on stdout
 - ``WebSearch``       the web_search settings
@@ -19,9 +22,12 @@ from __future__ import annotations
 
 from resp2chat_io import views
 
+from .access_log import AccessLog
 from .base import SettingsSource
 from .gate import Gate
 from .listen import Listen
+from .metrics import Metrics
+from .outcomes import Outcomes
 from .raw import RawOutput
 from .redact import Redact
 from .replay import ReplayCache
@@ -41,8 +47,10 @@ def build() -> list:
     store = StoredResponses(source)
     turns = Turns(source, upstreams, search, store)
     replay = ReplayCache(source, upstreams, turns, store)
-    turns.finished += [replay.finished, store.finished]
+    outcomes = Outcomes()
+    turns.finished += [replay.finished, store.finished, outcomes.finished]
     return [
         Listen(source, upstreams), Gate(source, upstreams.relay), store, replay, turns, upstreams,
+        outcomes, Metrics(turns, store, replay, outcomes), AccessLog(source, outcomes),
         RequestLog(source, turns), RawOutput(turns), search, SettingsCommand(source), Redact(),
     ]

@@ -87,7 +87,7 @@ class SettingsSource:
         """A setting's effective value: ``--set`` > environment > file > default."""
         f = S.BY_NAME[name]
         value = getattr(ctx.options, f.option)
-        if f.name in S.SECRET_FIELDS and not value:
+        if S.hidden_default(f.name) and not value:
             value = self.load()[f.name]
         for old in f.aliases:
             given = getattr(ctx.options, "resp2chat_" + old, None)
@@ -96,6 +96,8 @@ class SettingsSource:
                 value = given
         if f.kind == "map" and isinstance(value, str):
             value = S.coerce(f, value or "{}", f.option)
+        elif f.kind == "entries" and isinstance(value, str):
+            value = S.coerce(f, value, f.option)
         elif f.kind == "list":
             value = list(value)
         S.validate(f.name, value)
@@ -109,7 +111,7 @@ class SettingsSource:
 
     def secrets(self) -> tuple[bytes, ...]:
         """The configured keys, scrubbed from everything the gateway emits."""
-        return tuple(v.encode() for k in sorted(S.SECRET_FIELDS) if len(v := self.value(k)) >= 6)
+        return S.secret_values({k: self.value(k) for k in (*sorted(S.SECRET_FIELDS), *sorted(S.HOLDS_SECRETS))})
 
 
 class Owner:
@@ -128,7 +130,7 @@ class Owner:
     def load(self, loader) -> None:
         base = self.source.load()
         for f in self.fields:
-            default = "" if f.name in S.SECRET_FIELDS else S.to_option(f, base[f.name])
+            default = "" if S.hidden_default(f.name) else S.to_option(f, base[f.name])
             loader.add_option(f.option, S.option_type(f), default, f.help)
             for old in f.aliases:
                 loader.add_option("resp2chat_" + old, S.optional_type(f), None,

@@ -2,11 +2,14 @@
 
 Owns ``max_replay_entries`` (0: off) and ``resp2chat_replay_preload`` (fill it from a flow file).
 The cache itself (key, entries, fresh ids) is resp2chat_core/replay.py. ``request`` answers hits
-before turns.py lowers anything; completed turns come in as a ``finished`` listener.
+before turns.py lowers anything; completed turns come in as a ``finished`` listener. With
+``state_store_url`` the entries live in Redis, shared by every replica (redis_state.py): a lookup
+Redis cannot answer is a miss, a write it cannot take is dropped.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -16,6 +19,7 @@ from mitmproxy import ctx, exceptions, http
 
 from resp2chat_core.errors import GatewayError
 from resp2chat_core.replay import ReplayCache as Cache, entry_flags, pack, replay_key, unpack_fresh
+from resp2chat_io.redis_state import RedisReplayCache, StateUnavailable
 
 from .base import META, Owner, fails_closed, log
 from .turns import RESPONSES_PATHS, new_response_id
@@ -25,11 +29,13 @@ from .turns import RESPONSES_PATHS, new_response_id
 class ReplayCache(Owner):
     name = "resp2chat_replay"
     owner = "replay"
+    also_reads = ("state_store_url",)  # (the store addon makes the Redis connection)
 
     def __init__(self, source, upstreams, turns, store) -> None:
         super().__init__(source)
         self.upstreams, self.turns, self.store = upstreams, turns, store
-        self.cache = Cache(0)
+        self.cache: Cache | RedisReplayCache = Cache(0)
+        self._writes: set[asyncio.Task] = set()
 
     def load(self, loader) -> None:
         super().load(loader)
@@ -42,13 +48,18 @@ class ReplayCache(Owner):
             self._preload(ctx.options.resp2chat_replay_preload)
 
     def apply(self, updated: set[str]) -> None:
+        state = self.store.state
+        if state is not None and getattr(self.cache, "state", None) is not state:
+            self.cache = RedisReplayCache(state, self.s["max_replay_entries"])
+        elif state is None and isinstance(self.cache, RedisReplayCache):
+            self.cache = Cache(self.s["max_replay_entries"])
         self.cache.resize(self.s["max_replay_entries"])
 
     def key(self, upstream_url: str, body: bytes) -> str:
         # the same request with other settings or another upstream: another answer
         return replay_key(f"{upstream_url}\n{self.turns.lowering_repr}", body)
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.is_replay == "response" or self.cache.capacity <= 0:
             return
         if flow.request.method != "POST" or flow.request.path.split("?", 1)[0] not in RESPONSES_PATHS:
@@ -56,9 +67,9 @@ class ReplayCache(Owner):
         if getattr(ctx.options, "server_replay", None):
             return  # server replay answers after this hook and would overwrite a cache answer
         body = flow.request.get_content(strict=False) or b""
-        key = self.key(self.upstreams.target(flow).url, body)
+        key = self.key(self.upstreams.cache_context(flow), body)
         flow.metadata.setdefault(META, {})["replay_key"] = key
-        entry = self.cache.get(key)
+        entry = await self.cache.get(key) if isinstance(self.cache, RedisReplayCache) else self.cache.get(key)
         if entry is None:
             return
         stream, store = entry_flags(entry)
@@ -84,8 +95,19 @@ class ReplayCache(Owner):
         key = done.flow.metadata[META].get("replay_key")
         if done.status == "completed" and key and done.answer:
             t = done.turn
-            self.cache.put(key, pack(t.ctx.response_id, t.ctx.created_at, done.answer,
-                                     stream=t.client_stream, store=t.store))
+            entry = pack(t.ctx.response_id, t.ctx.created_at, done.answer, stream=t.client_stream, store=t.store)
+            if isinstance(self.cache, RedisReplayCache):
+                task = asyncio.ensure_future(self._put(key, entry))
+                self._writes.add(task)
+                task.add_done_callback(self._writes.discard)
+            else:
+                self.cache.put(key, entry)
+
+    async def _put(self, key: str, entry: bytes) -> None:
+        try:
+            await self.cache.put(key, entry)
+        except StateUnavailable as exc:
+            log.warning(f"resp2chat: replay cache entry not kept: {exc}")
 
     def _preload(self, path: str) -> None:
         from mitmproxy import io
@@ -102,8 +124,15 @@ class ReplayCache(Owner):
                 created = re.search(rb'"created_at":(\d+)', f.response.content or b"")
                 if created and meta.get("response_id"):
                     request = json.loads(meta["responses_request"])
-                    loaded += self.cache.put(
-                        self.key(meta.get("upstream", ""), meta["responses_request"].encode()),
-                        pack(meta["response_id"], int(created[1]), f.response.content,
-                             stream=request.get("stream") is True, store=request.get("store") is not False))
+                    key = self.key(self.upstreams.cache_context(f) if self.upstreams.specs else meta.get("upstream", ""),
+                                   meta["responses_request"].encode())
+                    entry = pack(meta["response_id"], int(created[1]), f.response.content,
+                                 stream=request.get("stream") is True, store=request.get("store") is not False)
+                    if isinstance(self.cache, RedisReplayCache):  # written as the event loop runs
+                        task = asyncio.ensure_future(self._put(key, entry))
+                        self._writes.add(task)
+                        task.add_done_callback(self._writes.discard)
+                        loaded += 1
+                    else:
+                        loaded += self.cache.put(key, entry)
         log.info(f"resp2chat: replay cache preloaded with {loaded} answers from {path}")

@@ -21,5 +21,9 @@ class SettingsCommand:
         shown = {}
         for f in S.FIELDS:
             value = self.source.value(f.name)
-            shown[f.name] = ("[set]" if value else "") if f.name in S.SECRET_FIELDS else value
+            if f.name in S.SECRET_FIELDS:
+                value = "[set]" if value else ""
+            elif f.kind == "entries":
+                value = [{k: ("[set]" if v else "") if k == "api_key" else v for k, v in e.items()} for e in value]
+            shown[f.name] = value
         return json.dumps(shown, indent=2)

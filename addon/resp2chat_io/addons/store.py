@@ -1,24 +1,47 @@
 """Stored responses: ``previous_response_id``, ``item_reference`` and ``GET``/``DELETE /v1/responses/{id}``.
 
 Owns the store settings (``session_ttl_hours``, ``max_sessions``, ``max_session_memory_mb``,
-``session_store_dir``); keeps each completed turn whose request did not say ``store: false``
-(a ``finished`` listener of turns.py, and cache hits via ``put``).
+``session_store_dir``, ``state_store_url``); keeps each completed turn whose request did not say
+``store: false`` (a ``finished`` listener of turns.py, and cache hits via ``put``).
+
+``state_store_url`` empty: the store lives in this process (resp2chat_io/store.py). A
+``redis://`` URL: it lives in Redis, shared by every replica (resp2chat_io/redis_state.py).
+Redis is asked asynchronously: ``request`` fetches the history a ``previous_response_id``
+continues from, and the items its ``item_reference`` inputs name, before turns.py lowers the
+request (``history`` and ``resolve_items`` then read what was fetched),
+and answers ``503 store_unavailable`` when Redis cannot be reached; writes run as tasks. A
+response is written when its turn ends, a moment after the client read ``response.completed``:
+a client that continues (or GETs it) at once on another replica can ask before the write
+landed, so an id Redis does not know yet is looked up again for up to ``FRESH_WAIT`` seconds
+before the 400/404.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from mitmproxy import http
 
+from resp2chat_core import inputs
 from resp2chat_core.errors import error_json
+from resp2chat_io.redis_state import RedisResponseStore, RedisState, StateUnavailable, describe
 from resp2chat_io.store import ResponseStore
 
-from .base import Owner, fails_closed
+from .base import Owner, fails_closed, log
 
 JSON_HEADERS = {"content-type": "application/json"}
 PREFIXES = ("/v1/responses/", "/responses/")
 CONVERSATIONS = ("/v1/conversations", "/conversations")  # not implemented: answered here, not forwarded
+FRESH_WAIT = 2.0  # seconds: how long a just-finished response may take to reach Redis
+FRESH_POLL = 0.05
+RESPONSES_PATHS = ("/v1/responses", "/responses")
+
+
+def unavailable(why: str) -> http.Response:
+    return http.Response.make(503, error_json(
+        f"{why}: the shared state store (Redis) cannot be reached right now; try again shortly",
+        status_type="server_error", code="store_unavailable"), {**JSON_HEADERS, "retry-after": "1"})
 
 
 @fails_closed
@@ -28,32 +51,75 @@ class StoredResponses(Owner):
 
     def __init__(self, source) -> None:
         super().__init__(source)
-        self.store: ResponseStore | None = None
+        self.store: ResponseStore | RedisResponseStore | None = None
+        self.state: RedisState | None = None  # Redis, when state_store_url is set (also the replay cache's)
         self._config: tuple | None = None
+        self._fetched: dict[str, list | None] = {}  # previous_response_id -> its items (Redis)
+        self._fetched_items: dict[str, dict] = {}  # item_reference id -> the item (Redis)
+        self._fetching: dict[str, tuple[str | None, tuple[str, ...]]] = {}  # flow id -> what it fetched
+        self._writes: set[asyncio.Task] = set()
 
     def apply(self, updated: set[str]) -> None:
         config = tuple(self.s[f.name] for f in self.fields)
         if config != self._config:
             self._config = config
-            self.store = ResponseStore.from_settings(self.s)
+            url = self.s["state_store_url"]
+            if self.state is not None and self.state.url != url:
+                asyncio.ensure_future(self.state.close())
+                self.state = None
+            if url:
+                if self.state is None:
+                    self.state = RedisState(url)
+                    log.info(f"resp2chat: stored responses and the replay cache live in {describe(url)}")
+                self.store = RedisResponseStore(self.state, ttl=self.s["session_ttl_hours"] * 3600,
+                                                max_entries=self.s["max_sessions"],
+                                                max_bytes=self.s["max_session_memory_mb"] << 20)
+            else:
+                self.store = ResponseStore.from_settings(self.s)
+
+    @property
+    def shared(self) -> bool:
+        return self.state is not None
+
+    async def done(self) -> None:
+        if self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
+        if self.state is not None:
+            await self.state.close()
 
     def history(self, response_id: str) -> list | None:
+        if self.shared:
+            return self._fetched.get(response_id)  # fetched by `request` for this flow
         entry = self.store.get(response_id) if self.store else None
         return entry["items"] if entry else None
 
     def resolve_items(self, item_ids: list[str]) -> dict[str, dict]:
         """``item_reference`` ids -> the stored items (resp2chat_core/inputs.py); missing: absent."""
+        if self.shared:
+            return {i: self._fetched_items[i] for i in item_ids if i in self._fetched_items}
         return self.store.resolve_items(item_ids) if self.store else {}
 
     def put(self, response_id: str, items: list, final: dict) -> None:
-        if self.store is not None:
+        if self.store is None:
+            return
+        if not self.shared:
             self.store.put(response_id, items, final)
+            return
+        task = asyncio.ensure_future(self._put(response_id, items, final))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _put(self, response_id: str, items: list, final: dict) -> None:
+        try:
+            await self.store.put(response_id, items, final)
+        except StateUnavailable as exc:
+            log.warning(f"resp2chat: response {response_id} not stored: {exc}")
 
     def finished(self, done) -> None:
         if done.status == "completed" and done.turn.store:
             self.put(done.turn.ctx.response_id, done.turn.items + done.final["output"], done.final)
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.is_replay == "response":
             return
         path = flow.request.path.split("?", 1)[0]
@@ -63,16 +129,89 @@ class StoredResponses(Owner):
                 "or continue a stored response with previous_response_id", code="unsupported_endpoint"),
                 JSON_HEADERS)
             return
+        if self.shared and path in RESPONSES_PATHS and flow.request.method == "POST":
+            await self._prefetch(flow)
+            return
         if not path.startswith(PREFIXES):
             return
         response_id, method = path.rsplit("/", 1)[1], flow.request.method
-        entry = self.store.get(response_id) if self.store and method in ("GET", "DELETE") else None
+        try:
+            entry = await self._get(response_id) if self.store and method in ("GET", "DELETE") else None
+            if entry is not None and method == "DELETE":
+                await self._delete(response_id)
+        except StateUnavailable:
+            flow.response = unavailable(f"{method} {path}")
+            return
         if entry is None:
             status, body = (404, error_json(f"no stored response {response_id!r}", code="response_not_found")) \
                 if method in ("GET", "DELETE") else (405, error_json(f"{method} is not supported here"))
         elif method == "GET":
             status, body = 200, json.dumps(entry["response"], ensure_ascii=False).encode()
         else:
-            self.store.delete(response_id)
             status, body = 200, json.dumps({"id": response_id, "object": "response", "deleted": True}).encode()
         flow.response = http.Response.make(status, body, JSON_HEADERS)
+
+    async def _get(self, response_id: str) -> dict | None:
+        return await self._fresh(response_id) if self.shared else self.store.get(response_id)
+
+    async def _fresh(self, response_id: str) -> dict | None:
+        """From Redis; an id it does not know yet is asked again for up to FRESH_WAIT seconds."""
+        entry = await self.store.get(response_id)
+        waited = 0.0
+        while entry is None and waited < FRESH_WAIT:  # maybe still on its way from another replica
+            await asyncio.sleep(FRESH_POLL)
+            waited += FRESH_POLL
+            entry = await self.store.get(response_id)
+        return entry
+
+    async def _delete(self, response_id: str) -> bool:
+        return await self.store.delete(response_id) if self.shared else self.store.delete(response_id)
+
+    async def _prefetch(self, flow: http.HTTPFlow) -> None:
+        """Redis: what a request continues from (``previous_response_id``) and refers to
+        (``item_reference`` ids), fetched before turns.py lowers it."""
+        body = flow.request.get_content(strict=False) or b""
+        if b'"previous_response_id"' not in body and b'"id"' not in body:
+            return
+        try:
+            raw = json.loads(body)
+        except (ValueError, RecursionError):
+            return  # turns.py says what is wrong with it
+        if not isinstance(raw, dict):
+            return
+        previous = raw.get("previous_response_id")
+        previous = previous if isinstance(previous, str) and previous else None
+        refs = tuple(dict.fromkeys(inputs.reference_ids(raw.get("input"))))
+        if previous is None and not refs:
+            return
+        try:
+            if previous is not None:
+                entry = await self._fresh(previous)
+                self._fetched[previous] = entry["items"] if entry else None
+            for item_id in refs:
+                item = await self.store.item(item_id)
+                if item is not None:
+                    self._fetched_items[item_id] = item
+        except StateUnavailable:
+            what = f"previous_response_id {previous!r}" if previous is not None else "item_reference"
+            flow.response = unavailable(what)
+            return
+        self._fetching[flow.id] = (previous, refs)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._release(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._release(flow)
+
+    def _release(self, flow: http.HTTPFlow) -> None:
+        fetched = self._fetching.pop(flow.id, None)
+        if fetched is None:
+            return
+        previous, refs = fetched
+        still = self._fetching.values()
+        if previous is not None and all(previous != p for p, _ in still):
+            self._fetched.pop(previous, None)
+        for item_id in refs:
+            if all(item_id not in r for _, r in still):
+                self._fetched_items.pop(item_id, None)

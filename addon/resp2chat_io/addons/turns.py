@@ -25,15 +25,17 @@ from typing import Callable
 
 from mitmproxy import http
 
+from resp2chat_core import routing
 from resp2chat_core import settings as S
 from resp2chat_core.channel import Reader, scrub
 from resp2chat_core.errors import GatewayError, error_json
 from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.replay import MAX_ENTRY_BYTES
 from resp2chat_core.seal import Sealer
-from resp2chat_core.turn import ToolsCache, Turn, begin_turn
+from resp2chat_core.turn import ToolsCache, Turn, begin_turn, session_key
 from resp2chat_io import keys
 from resp2chat_io.relay import KEY_HEADER, TURN_HEADER, Exchange, Target
+from resp2chat_io.relay.exchange import Fallback
 
 from .base import META, Owner, fails_closed
 
@@ -62,6 +64,8 @@ class Live:
     reader: Reader
     upstream_url: str  # the backend URL the chat request goes to (what the flow shows)
     client_path: str  # what the client asked for (/v1/responses)
+    started: float = 0.0  # time.monotonic() at the request hook
+    first: float | None = None  # time.monotonic() when the first backend-made event left
 
 
 @dataclass
@@ -74,6 +78,10 @@ class Finished:
     final: dict | None  # the final Response object
     answer: bytes  # what the client got (SSE, or the JSON body)
     usage: dict | None = None
+    upstream: str = ""  # the name of the upstream that answered (or failed last): "default" with one
+    ttft: float | None = None  # seconds from the request to the first backend-made event
+    took: float = 0.0  # seconds from the request to the end of the turn
+    skipped: tuple = ()  # (name, status) of upstreams that failed before it and were fallen back from
 
 
 class TurnStream:
@@ -104,7 +112,7 @@ class TurnStream:
 class Turns(Owner):
     name = "resp2chat_turns"
     owner = "lowering"
-    also_reads = tuple(sorted(S.SECRET_FIELDS))  # scrubbed from what clients get
+    also_reads = tuple(sorted(S.SECRET_FIELDS)) + ("upstreams", "routing_key_header")  # secrets: scrubbed
 
     def __init__(self, source, upstreams, search, store) -> None:
         super().__init__(source)
@@ -114,14 +122,21 @@ class Turns(Owner):
         self.lowering_repr = repr(self.lowering)  # part of the replay cache key
         self.tools_cache = ToolsCache()
         self.secrets: tuple[bytes, ...] = ()
+        self.specs: tuple[routing.UpstreamSpec, ...] = ()  # several upstreams (routing.py)
+        self.lowering_by_upstream: dict[str, LoweringOptions] = {}
         self.finished: list[Callable[[Finished], None]] = []
         self._seal_key: bytes | None = None
         self.sealer = Sealer(self.seal_key)
 
     def apply(self, updated: set[str]) -> None:
-        self.lowering = LoweringOptions.from_settings(self.s, web_search=bool(self.s["brave_api_key"]))
-        self.lowering_repr = repr(self.lowering)
-        self.secrets = tuple(v.encode() for k in sorted(S.SECRET_FIELDS) if len(v := self.s[k]) >= 6)
+        web_search = bool(self.s["brave_api_key"])
+        self.lowering = LoweringOptions.from_settings(self.s, web_search=web_search)
+        self.specs = routing.parse_upstreams(self.s["upstreams"])
+        self.lowering_by_upstream = {s.name: LoweringOptions.from_settings(s.settings(self.s), web_search=web_search)
+                                     for s in self.specs}
+        self.lowering_repr = repr(self.lowering) + "".join(
+            f"\n{name}: {opts!r}" for name, opts in self.lowering_by_upstream.items())
+        self.secrets = S.secret_values(self.s)
         self._seal_key = None
 
     def seal_key(self) -> bytes:
@@ -143,7 +158,11 @@ class Turns(Owner):
     def parse(self, body: bytes, response_id: str, created_at: int) -> Turn:
         """Decode, validate and lower; ``GatewayError`` for a request the gateway cannot serve."""
         return begin_turn(body, self.lowering, response_id, created_at, self.store.history, self.tools_cache,
-                          self.sealer, resolve=self.store.resolve_items)
+                          self.sealer, resolve=self.store.resolve_items, route=self.route if self.specs else None)
+
+    def route(self, model: str) -> list[LoweringOptions]:
+        """Several upstreams: the lowering options of each one serving ``model``, in order."""
+        return [self.lowering_by_upstream[s.name] for s in routing.candidates(self.specs, model)]
 
     def begin(self, flow: http.HTTPFlow, client_path: str) -> None:
         body = flow.request.get_content(strict=False) or b""
@@ -155,23 +174,37 @@ class Turns(Owner):
             meta["status"] = "rejected"
             flow.response = http.Response.make(err.status, json.dumps(err.body()), JSON_HEADERS)
             return
-        upstream = self.upstreams.target(flow)
+        specs = routing.candidates(self.specs, turn.ctx.model) if self.specs else ()
+        upstream = self.upstreams.endpoint(specs[0]) if specs else self.upstreams.target(flow)
         meta["response_id"] = turn.ctx.response_id
         meta["upstream"] = upstream.url
+        meta["upstream_name"] = specs[0].name if specs else "default"
         req = flow.request
+        client_auth = req.headers.get("authorization")
         req.content = turn.chat_body
         req.headers["content-type"] = "application/json"
         req.headers["accept"] = "text/event-stream"
         req.headers["accept-encoding"] = "identity"  # the translator reads raw bytes
         upstream.route(flow, "/chat/completions")
-        self.upstreams.authorize(flow)
+        self.upstreams.authorize(flow, specs[0] if specs else None)
+        if affinity := self.upstreams.routing_key(session_key(turn.prompt_cache_key, req.headers)):
+            req.headers[affinity[0]] = affinity[1]
         url = req.url
+        fallbacks = tuple(
+            Fallback(spec.name, Target(self.upstreams.endpoint(spec).url + "/chat/completions"),
+                     (auth.encode() if (auth := self.upstreams.authorization(spec, client_auth)) else None),
+                     alt_body, think)
+            for spec, (alt_body, think) in zip(specs[1:], turn.alternates))
         exchange = Exchange(flow.id, secrets.token_urlsafe(24), Target(url),
-                            search=self.search.settings if turn.web_search else None)
+                            search=self.search.settings if turn.web_search else None,
+                            upstream=meta["upstream_name"], model=turn.ctx.model, think=turn.ctx.think,
+                            fallbacks=fallbacks)
         reader = Reader(turn.translator(), MAX_ENTRY_BYTES, self.secrets)
         if not turn.client_stream:
             exchange.channel.push = reader.apply  # one JSON body at the end: nothing to tick
-        self.live[flow.id] = Live(turn, exchange, reader, url, client_path)  # (_end forgets it)
+        live = Live(turn, exchange, reader, url, client_path, time.monotonic())
+        reader.on_first = lambda: setattr(live, "first", time.monotonic())
+        self.live[flow.id] = live  # (_end forgets it)
         # To the relay (see resp2chat_io/relay/server.py for why turns take this hop); the flow
         # shows the upstream again once the request is out (responseheaders).
         for name, value in self.relay.expect(exchange):
@@ -224,12 +257,21 @@ class Turns(Owner):
 
     @staticmethod
     def _show_upstream(flow: http.HTTPFlow, live: Live) -> None:
-        """The flow shows the backend's URL, not the relay's, and no relay headers."""
+        """The flow shows the backend's URL, not the relay's, and no relay headers; when a
+        fallback answered, its URL and the body it got."""
         req = flow.request
         if req.headers.get(TURN_HEADER) is not None:
             req.url = live.upstream_url
             req.headers.pop(TURN_HEADER, None)
             req.headers.pop(KEY_HEADER, None)
+        ex = live.exchange
+        if ex.answered and live.upstream_url != ex.fallbacks[ex.answered - 1].target.url:
+            fb = ex.fallbacks[ex.answered - 1]
+            live.upstream_url = req.url = fb.target.url
+            if fb.body is not None:
+                req.content = fb.body
+            meta = flow.metadata[META]
+            meta["upstream"], meta["upstream_name"] = fb.target.url.removesuffix("/chat/completions"), fb.name
 
     def _answer_whole(self, flow: http.HTTPFlow, live: Live) -> None:
         """A non-streaming client: the same translation, finished, as one JSON body."""
@@ -254,15 +296,23 @@ class Turns(Owner):
         calls = sum(1 for item in t.output if item["type"] not in ("message", "reasoning"))
         u = t.usage or {}
         took = (flow.response.timestamp_end or time.time()) - flow.request.timestamp_start
+        ex = live.exchange
+        name = meta.get("upstream_name", "default")
+        if ex.skipped:
+            meta["fallbacks"] = [{"upstream": n, "status": st} for n, st in ex.skipped]
         flow.comment = (
             f"{flow.request.method} {live.client_path} → {turn.ctx.model} · {status}"
             + (f" ({t.error['code']})" if t.error else "")
+            + (f" · via {name}" + (f" (after {', '.join(n for n, _ in ex.skipped)})" if ex.skipped else "")
+               if self.specs else "")
             + (f" · in {u['input_tokens']} (cached {u['input_tokens_details']['cached_tokens']})"
                f" out {u['output_tokens']}" if u else "")
             + (f" · {calls} tool call{'s' if calls != 1 else ''}" if calls else "")
             + f" · {took * 1000:.0f} ms"
         )
         answer = bytes(reader.sent) if turn.client_stream else flow.response.content
-        done = Finished(flow, turn, status, final, answer, t.usage)
+        done = Finished(flow, turn, status, final, answer, t.usage, name,
+                        None if live.first is None else live.first - live.started,
+                        time.monotonic() - live.started, tuple(ex.skipped))
         for listener in self.finished:
             listener(done)

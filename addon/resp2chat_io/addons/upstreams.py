@@ -4,18 +4,28 @@
   ``/v1``; ``demo`` runs the bundled demo upstream), ``upstream_api_key``,
   ``forward_client_auth`` and the relay's timeouts (``connect_timeout_secs``,
   ``upstream_idle_timeout_secs``, ``keepalive_secs``; mitmproxy's ``ssl_insecure``).
+- ``upstreams``: several named upstreams instead of one, each serving some models, later ones
+  the fallbacks of earlier ones (resp2chat_core/routing.py); ``routing_key_header``: the
+  session key goes upstream in that header (session affinity behind a router such as smg).
 - Runs the relay (resp2chat_io/relay/) for the lifetime of the gateway.
-- ``request``: any other ``/v1/*`` call (``GET /v1/models``…) goes to the upstream with the
-  upstream key. Turns (turns.py) ask ``target`` and ``authorize`` for theirs.
+- ``request``: any other ``/v1/*`` call goes to the upstream with the upstream key (with
+  several upstreams: the first; ``GET /v1/models`` asks them all and merges the lists).
+  Turns (turns.py) ask ``target``/``endpoint``, ``authorize`` and ``authorization`` for theirs.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
 import logging
+import re
 from urllib.parse import urlsplit
 
-from mitmproxy import ctx, http
+from mitmproxy import ctx, exceptions, http
 
+from resp2chat_core import routing
+from resp2chat_core.errors import error_json
 from resp2chat_io.relay import Relay
 
 from .base import Owner, fails_closed
@@ -63,17 +73,28 @@ class Upstreams(Owner):
         self.relay = Relay()
         self.configured: Upstream | None = None  # None: the reverse-proxy target
         self.demo = None  # the bundled demo upstream server, when upstream_base_url == "demo"
+        self.specs: tuple[routing.UpstreamSpec, ...] = ()  # several upstreams (empty: one)
+        self.endpoints: dict[str, Upstream] = {}  # by upstream name
+
+    def _demo_url(self) -> str:
+        if self.demo is None:
+            from resp2chat_io.demo_upstream import serve_in_thread
+
+            self.demo, demo_url = serve_in_thread()
+            log.info(f"resp2chat: serving the bundled demo upstream at {demo_url}")
+        host, port = self.demo.server_address[:2]
+        return f"http://{host}:{port}/v1"
 
     def apply(self, updated: set[str]) -> None:
         url = self.s["upstream_base_url"]
+        self.specs = routing.parse_upstreams(self.s["upstreams"])
+        if self.specs and url:
+            raise exceptions.OptionsError("resp2chat: upstream_base_url and upstreams are both set: upstreams "
+                                          "lists every upstream (drop upstream_base_url)")
+        self.endpoints = {s.name: Upstream(self._demo_url() if s.base_url == "demo" else s.base_url)
+                          for s in self.specs}
         if url == "demo":
-            if self.demo is None:
-                from resp2chat_io.demo_upstream import serve_in_thread
-
-                self.demo, demo_url = serve_in_thread()
-                log.info(f"resp2chat: serving the bundled demo upstream at {demo_url}")
-            host, port = self.demo.server_address[:2]
-            url = f"http://{host}:{port}/v1"
+            url = self._demo_url()
         self.configured = Upstream(url) if url else None
         client = self.relay.client
         client.connect_timeout = self.s["connect_timeout_secs"] or None
@@ -82,20 +103,53 @@ class Upstreams(Owner):
         client.verify_tls = not getattr(ctx.options, "ssl_insecure", False)
 
     def default_url(self) -> str:
+        if self.specs:
+            return self.endpoints[self.specs[0].name].url
         return self.configured.url if self.configured else DEFAULT_UPSTREAM
 
     def target(self, flow: http.HTTPFlow) -> Upstream:
+        if self.specs:
+            return self.endpoints[self.specs[0].name]
         return self.configured or reverse_target(flow)
 
-    def authorize(self, flow: http.HTTPFlow) -> None:
+    def endpoint(self, spec: routing.UpstreamSpec) -> Upstream:
+        return self.endpoints[spec.name]
+
+    def cache_context(self, flow: http.HTTPFlow) -> str:
+        """What, besides the request, decides which backends may answer (the replay cache key)."""
+        if self.specs:
+            return "\n".join(f"{s.name}={self.endpoints[s.name].url}" for s in self.specs)
+        return self.target(flow).url
+
+    def authorization(self, spec: routing.UpstreamSpec | None, client: str | None) -> str | None:
+        """The Authorization header an upstream gets: its key; else the client's, only with
+        ``forward_client_auth`` when the gateway itself has no key; else none."""
+        key = spec.api_key if spec is not None else self.s["upstream_api_key"]
+        if key:
+            return f"Bearer {key}"
+        if client and self.s["forward_client_auth"] and not self.s["gateway_api_key"]:
+            return client
+        return None
+
+    def authorize(self, flow: http.HTTPFlow, spec: routing.UpstreamSpec | None = None) -> None:
         """The upstream key replaces the client's credentials (which go upstream only with
         ``forward_client_auth``, when the gateway itself has no key)."""
         headers = flow.request.headers
-        if self.s["upstream_api_key"]:
-            headers["authorization"] = f"Bearer {self.s['upstream_api_key']}"
-        elif not self.s["forward_client_auth"] or self.s["gateway_api_key"]:
+        value = self.authorization(spec, headers.get("authorization"))
+        if value:
+            headers["authorization"] = value
+        else:
             headers.pop("authorization", None)
         headers.pop("x-api-key", None)
+
+    def routing_key(self, session: str | None) -> tuple[str, str] | None:
+        """(header, value) that keeps a session on one backend replica (``routing_key_header``)."""
+        name = self.s["routing_key_header"]
+        if not name or not session:
+            return None
+        if not _HEADER_VALUE.match(session):  # a client's odd key: still one stable value per session
+            session = hashlib.sha256(session.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        return name, session
 
     async def running(self) -> None:
         if not self.relay.port:
@@ -108,11 +162,57 @@ class Upstreams(Owner):
             self.demo.server_close()
             self.demo = None
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.is_replay == "response":
             return
         req = flow.request
         path = req.path.split("?", 1)[0]
         if path.startswith("/v1/") and (req.host, req.port) != self.relay.address:  # (turns.py routed its own)
+            if len(self.specs) > 1 and path == "/v1/models" and req.method == "GET":
+                await self.merged_models(flow)
+                return
             self.target(flow).route(flow, path[3:] + req.path[len(path):])
-            self.authorize(flow)
+            self.authorize(flow, self.specs[0] if self.specs else None)
+
+    async def merged_models(self, flow: http.HTTPFlow) -> None:
+        """``GET /v1/models`` with several upstreams: every upstream's list (the models its
+        ``models`` patterns let through), first listing of an id wins; an upstream that does not
+        answer is left out (and logged); none answering is a 502."""
+        client = flow.request.headers.get("authorization")
+
+        async def ask(spec: routing.UpstreamSpec):
+            headers = [(b"accept", b"application/json")]
+            if auth := self.authorization(spec, client):
+                headers.append((b"authorization", auth.encode()))
+            try:
+                status, body = await self.relay.client.get(self.endpoints[spec.name].url + "/models", headers)
+                data = json.loads(body) if status == 200 else None
+            except (OSError, asyncio.TimeoutError, ValueError) as exc:
+                log.warning(f"resp2chat: GET /models from upstream {spec.name}: {type(exc).__name__}: {exc}")
+                return None
+            except Exception as exc:  # noqa: BLE001 - h11 errors and the like: that upstream is out
+                log.warning(f"resp2chat: GET /models from upstream {spec.name}: {type(exc).__name__}: {exc}")
+                return None
+            if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+                log.warning(f"resp2chat: GET /models from upstream {spec.name}: HTTP {status}, no model list")
+                return None
+            return [m for m in data["data"] if isinstance(m, dict) and isinstance(m.get("id"), str)
+                    and spec.serves(m["id"])]
+
+        answers = await asyncio.gather(*(ask(s) for s in self.specs))
+        if all(a is None for a in answers):
+            flow.response = http.Response.make(502, error_json(
+                "no upstream answered GET /models (tried " + ", ".join(s.name for s in self.specs) + ")",
+                status_type="upstream_error", code="upstream_unavailable"), {"content-type": "application/json"})
+            return
+        merged, seen = [], set()
+        for spec, models in zip(self.specs, answers):
+            for m in models or ():
+                if m["id"] not in seen:
+                    seen.add(m["id"])
+                    merged.append(m)
+        flow.response = http.Response.make(200, json.dumps({"object": "list", "data": merged}),
+                                           {"content-type": "application/json"})
+
+
+_HEADER_VALUE = re.compile(r"^[\x21-\x7e]{1,256}$")

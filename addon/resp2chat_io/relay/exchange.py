@@ -3,19 +3,27 @@
 An ``Exchange`` is made by the addon when it lowers a turn and claimed by the relay when
 mitmproxy's request for it arrives (server.py). Everything it holds came from the gateway's own
 configuration and the validated turn: the backend URL is never read from a request.
+
+Several upstreams (resp2chat_core/routing.py): the exchange also holds the model's fallbacks,
+each with its own URL, key and body. A candidate's failure before its first byte goes no
+further than its ``Attempt`` while another candidate remains; the next one is called. Only the
+first round of a web-search loop falls back (later rounds follow what the client already has).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
 
 import h11
 
-from resp2chat_core import websearch
-from resp2chat_core.channel import Accepted, Channel, SearchDone, SearchStarted
+from resp2chat_core import routing, websearch
+from resp2chat_core.channel import Accepted, Channel, Rerouted, SearchDone, SearchStarted
 
-from .upstream import Target, UpstreamClient
+from .upstream import Outcome, Target, UpstreamClient
+
+log = logging.getLogger("resp2chat.relay")
 
 
 @dataclass(frozen=True)
@@ -28,6 +36,17 @@ class SearchSettings:
     max_web_search_rounds: int
 
 
+@dataclass(frozen=True)
+class Fallback:
+    """A later upstream for this turn's model (routing.py), from the gateway's configuration."""
+
+    name: str
+    target: Target  # its chat completions URL
+    authorization: bytes | None  # its Authorization header value (None: none is sent)
+    body: bytes | None  # its own lowering of the turn (None: the same bytes as the first's)
+    think: str  # how its <think> tags are read
+
+
 @dataclass(eq=False)
 class Exchange:
     turn_id: str  # the flow's id: names the exchange in mitmproxy's request to the relay
@@ -35,16 +54,29 @@ class Exchange:
     target: Target  # the configured backend's chat completions URL
     channel: Channel = field(default_factory=Channel)
     search: SearchSettings | None = None  # the gateway runs this turn's web searches
+    upstream: str = ""  # the first upstream's name (routing.py; "default" with one upstream)
+    model: str = ""  # the client's model name, for the error naming every upstream tried
+    think: str = "auto"  # the first upstream's think mode (a fallback's may differ)
+    fallbacks: tuple[Fallback, ...] = ()
+    answered: int = 0  # which candidate answered (or failed last): 0 the first, i the i-th fallback
+    skipped: list = field(default_factory=list)  # (name, status) of candidates that failed over
 
 
 async def run(ex: Exchange, client: UpstreamClient, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
     ex.channel.event(Accepted())
     if ex.search is None:
-        await client.call(ex.target, headers, body, ex.channel)
+        if ex.fallbacks:
+            await _first_answer(ex, client, headers, body, None)
+        else:
+            await client.call(ex.target, headers, body, ex.channel)
         return
-    loop = websearch.SearchLoop(body, ex.search.max_web_search_rounds)
+    if ex.fallbacks:
+        outcome, headers, loop = await _first_answer(ex, client, headers, body, ex.search.max_web_search_rounds)
+        target = ex.target if ex.answered == 0 else ex.fallbacks[ex.answered - 1].target
+    else:
+        loop, target = websearch.SearchLoop(body, ex.search.max_web_search_rounds), ex.target
+        outcome = await client.call(target, headers, loop.body, ex.channel, loop.feed)
     while True:
-        outcome = await client.call(ex.target, headers, loop.body, ex.channel, loop.feed)
         tail, step = loop.end_round(outcome.answered)
         ex.channel.data(tail)
         if isinstance(step, websearch.Finish):
@@ -57,6 +89,42 @@ async def run(ex: Exchange, client: UpstreamClient, headers: list[tuple[bytes, b
             texts.append(text)
             ex.channel.event(SearchDone(search.call_id, tuple(sources)))
         loop.next_round(texts)
+        outcome = await client.call(target, headers, loop.body, ex.channel, loop.feed)
+
+
+async def _first_answer(ex: Exchange, client: UpstreamClient, headers: list[tuple[bytes, bytes]], body: bytes,
+                        search_rounds: int | None):
+    """Call the candidates in order until one answers (routing.py's rule); returns the outcome,
+    the headers that went to the one that answered and its search loop (web search only)."""
+    failed: list[tuple[str, object]] = []
+    candidates = [(ex.upstream, ex.target, None, body, ex.think)] + [
+        (f.name, f.target, f.authorization, f.body if f.body is not None else body, f.think) for f in ex.fallbacks]
+    for i, (name, target, auth, cbody, think) in enumerate(candidates):
+        last = i == len(candidates) - 1
+        sent = headers if i == 0 else _with_authorization(headers, auth)
+        attempt = routing.Attempt(ex.channel, (Rerouted(think),) if think != ex.think else ())
+        loop = websearch.SearchLoop(cbody, search_rounds) if search_rounds is not None else None
+        ex.answered = i
+        outcome = await client.call(target, sent, loop.body if loop else cbody, attempt, loop.feed if loop else None)
+        failure = attempt.failure
+        if failure is None:
+            return outcome, sent, loop
+        if routing.falls_back(failure) and not last:
+            failed.append((name, failure))
+            ex.skipped.append((name, failure.status))
+            log.warning(f"resp2chat: upstream {name} failed before its first byte (HTTP {failure.status}): "
+                        f"trying {candidates[i + 1][0]} for model {ex.model!r}")
+            continue
+        if failed and routing.falls_back(failure):
+            failure = routing.all_failed(ex.model, failed + [(name, failure)])
+        ex.channel.event(failure)
+        return Outcome.BROKEN, sent, loop
+    raise AssertionError("not reached")
+
+
+def _with_authorization(headers: list[tuple[bytes, bytes]], value: bytes | None) -> list[tuple[bytes, bytes]]:
+    out = [(n, v) for n, v in headers if n.lower() != b"authorization"]
+    return out + [(b"authorization", value)] if value else out
 
 
 async def _brave(client: UpstreamClient, s: SearchSettings, query: str) -> tuple[str, list[str]]:

@@ -1,0 +1,55 @@
+"""The access log: one JSON line per ``POST /v1/responses`` (``access_log_path``; ``-``: stderr).
+
+``{"time", "request_id", "session", "model", "upstream", "status", "code", "http_status",
+"input_tokens", "cached_tokens", "output_tokens", "ttft_ms", "total_ms"}`` (+ ``"fallbacks"``
+when upstreams were fallen back from). No content, no headers, no keys: what an operator needs to
+follow a session and a latency, nothing a user said.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from .base import Owner
+from .outcomes import Outcome
+
+
+class AccessLog(Owner):
+    name = "resp2chat_access_log"
+    owner = "access_log"
+
+    def __init__(self, source, outcomes) -> None:
+        super().__init__(source)
+        self.file = None
+        outcomes.listeners.append(self.write)
+
+    def apply(self, updated: set[str]) -> None:
+        self.done()
+        path = self.s["access_log_path"]
+        self.file = sys.stderr if path == "-" else (open(path, "a", buffering=1) if path else None)
+
+    def done(self) -> None:
+        if self.file is not None and self.file is not sys.stderr:
+            self.file.close()
+        self.file = None
+
+    def write(self, o: Outcome) -> None:
+        if self.file is None:
+            return
+        u = o.usage or {}
+        line = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(o.at)) + f".{int(o.at % 1 * 1000):03d}Z",
+            "request_id": o.request_id, "session": o.session, "model": o.model, "upstream": o.upstream,
+            "status": o.status, "code": o.code, "http_status": o.http_status,
+            "input_tokens": u.get("input_tokens"),
+            "cached_tokens": (u.get("input_tokens_details") or {}).get("cached_tokens"),
+            "output_tokens": u.get("output_tokens"),
+            "ttft_ms": None if o.ttft is None else round(o.ttft * 1000, 1), "total_ms": round(o.took * 1000, 1),
+        }
+        if o.skipped:
+            line["fallbacks"] = [{"upstream": name, "status": status} for name, status in o.skipped]
+        self.file.write(json.dumps(line, ensure_ascii=False) + "\n")
+        if self.file is sys.stderr:
+            self.file.flush()

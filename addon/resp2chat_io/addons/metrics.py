@@ -1,0 +1,122 @@
+"""Metrics: ``GET /metrics`` in Prometheus's text format (``prometheus_client``).
+
+Answered by the gateway itself, behind the gate like every other path (beyond loopback it needs
+``gateway_api_key``). Per gateway process; each replica is scraped on its own.
+
+| metric | labels | what |
+| --- | --- | --- |
+| ``resp2chat_streams_in_flight`` | | turns between request and end (streams open to clients) |
+| ``resp2chat_turns_total`` | upstream, model, status, code | every ``POST /v1/responses`` by how it ended (completed, incomplete, failed, unfinished, rejected, replayed) and error code |
+| ``resp2chat_time_to_first_token_seconds`` | upstream, model | request to the first event made from backend data |
+| ``resp2chat_turn_duration_seconds`` | upstream, model | request to the end of the turn |
+| ``resp2chat_tokens_total`` | upstream, model, kind | prompt, cached (prompt tokens the backend's KV cache served), output |
+| ``resp2chat_fallbacks_total`` | upstream, status | an upstream failed before its first byte and the next one was tried |
+| ``resp2chat_replay_cache_hits_total`` / ``_misses_total`` | | replay-cache lookups |
+| ``resp2chat_replay_cache_entries`` | | entries (with Redis: after this replica's last write) |
+| ``resp2chat_stored_responses`` / ``_bytes`` | | the response store's size (likewise) |
+| ``resp2chat_state_store_up`` | | 1 while Redis answers, 0 when not (only with ``state_store_url``) |
+| ``resp2chat_state_store_errors_total`` | | Redis calls that failed |
+
+Model names come from clients: past ``MAX_MODELS`` distinct names, others count as ``other``, so
+a client cannot grow the metrics without bound.
+"""
+
+from __future__ import annotations
+
+from mitmproxy import http
+
+from .base import fails_closed
+from .outcomes import Outcome
+
+MAX_MODELS = 100
+PATH = "/metrics"
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
+DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)
+
+
+@fails_closed
+class Metrics:
+    name = "resp2chat_metrics"
+
+    def __init__(self, turns, store, replay, outcomes) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.turns, self.store, self.replay = turns, store, replay
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        by = ("upstream", "model")
+        Gauge("resp2chat_streams_in_flight", "Turns between request and end.", registry=r).set_function(
+            lambda: len(turns.live))
+        self.turns_total = Counter("resp2chat_turns", "POST /v1/responses by how it ended.",
+                                   (*by, "status", "code"), registry=r)
+        self.ttft = Histogram("resp2chat_time_to_first_token_seconds", "Request to the first event made from "
+                              "backend data.", by, buckets=TTFT_BUCKETS, registry=r)
+        self.duration = Histogram("resp2chat_turn_duration_seconds", "Request to the end of the turn.", by,
+                                  buckets=DURATION_BUCKETS, registry=r)
+        self.tokens = Counter("resp2chat_tokens", "Tokens by kind: prompt, cached (served from the backend's KV "
+                              "cache), output.", (*by, "kind"), registry=r)
+        self.fallbacks = Counter("resp2chat_fallbacks", "An upstream failed before its first byte and the next "
+                                 "was tried (upstream: the one that failed).", ("upstream", "status"), registry=r)
+        r.register(_Sizes(self))
+        self._models: set[str] = set()
+        outcomes.listeners.append(self.record)
+
+    def model(self, name: str) -> str:
+        if name in self._models:
+            return name
+        if len(self._models) < MAX_MODELS:
+            self._models.add(name)
+            return name
+        return "other"
+
+    def record(self, o: Outcome) -> None:
+        model = self.model(o.model)
+        self.turns_total.labels(o.upstream, model, o.status, o.code).inc()
+        for name, status in o.skipped:
+            self.fallbacks.labels(name, str(status)).inc()
+        if o.status in ("rejected", "replayed"):
+            return
+        if o.ttft is not None:
+            self.ttft.labels(o.upstream, model).observe(o.ttft)
+        self.duration.labels(o.upstream, model).observe(o.took)
+        u = o.usage or {}
+        for kind, value in (("prompt", u.get("input_tokens")), ("output", u.get("output_tokens")),
+                            ("cached", (u.get("input_tokens_details") or {}).get("cached_tokens"))):
+            if isinstance(value, int) and value > 0:
+                self.tokens.labels(o.upstream, model, kind).inc(value)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.is_replay == "response":
+            return
+        if flow.request.path.split("?", 1)[0] == PATH and flow.request.method in ("GET", "HEAD"):
+            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+            flow.response = http.Response.make(200, generate_latest(self.registry), {"content-type": CONTENT_TYPE_LATEST})
+
+
+class _Sizes:
+    """What is read at scrape time from the store, the replay cache and Redis."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        cache, store = self.m.replay.cache, self.m.store
+        yield CounterMetricFamily("resp2chat_replay_cache_hits", "Replay-cache lookups answered.", value=cache.hits)
+        yield CounterMetricFamily("resp2chat_replay_cache_misses", "Replay-cache lookups not answered.",
+                                  value=cache.misses)
+        yield GaugeMetricFamily("resp2chat_replay_cache_entries", "Replay-cache entries.", value=len(cache))
+        s = store.store
+        yield GaugeMetricFamily("resp2chat_stored_responses", "Stored responses (previous_response_id).",
+                                value=len(s) if s is not None else 0)
+        yield GaugeMetricFamily("resp2chat_stored_response_bytes", "Bytes of stored responses.",
+                                value=getattr(s, "bytes", 0) if s is not None else 0)
+        if store.state is not None:
+            yield GaugeMetricFamily("resp2chat_state_store_up", "1 while the shared state store answers.",
+                                    value=1 if store.state.up else 0)
+            yield CounterMetricFamily("resp2chat_state_store_errors", "Failed calls to the shared state store.",
+                                      value=store.state.errors)

@@ -1,0 +1,98 @@
+"""Outcomes: how every ``POST /v1/responses`` ended, as one record for metrics and the access log.
+
+A turn that reached a backend ends in turns.py (a ``finished`` listener: status, usage, the
+upstream that answered, time to first token). A request answered by the gateway itself ends in
+``response``: rejected (4xx: invalid request, unknown model…), a replay-cache hit, or 503 when the
+shared state store is down. Each becomes one ``Outcome`` for the ``listeners`` (metrics.py,
+access_log.py). Nothing in it is content: no prompt, no answer, no header but the session key.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from mitmproxy import http
+
+from resp2chat_core.turn import session_key
+
+from .base import META, fails_closed, request_id
+from .turns import RESPONSES_PATHS
+
+
+@dataclass
+class Outcome:
+    request_id: str
+    session: str | None
+    model: str  # the client's model name ("" when the request could not be read)
+    upstream: str  # the upstream that answered (or failed last); "replay-cache"; "" for none
+    status: str  # completed | incomplete | failed | unfinished | rejected | replayed
+    code: str  # the error code (failed, rejected), the incomplete reason, or ""
+    usage: dict | None = None
+    ttft: float | None = None  # seconds
+    took: float = 0.0  # seconds
+    http_status: int = 200
+    skipped: tuple = ()  # (name, status) of upstreams fallen back from
+    at: float = field(default_factory=time.time)
+
+
+@fails_closed
+class Outcomes:
+    name = "resp2chat_outcomes"
+
+    def __init__(self) -> None:
+        self.listeners: list[Callable[[Outcome], None]] = []
+
+    def finished(self, done) -> None:
+        """A turns.py ``finished`` listener."""
+        flow, t = done.flow, done.turn.active
+        code = ""
+        if t is not None and t.error:
+            code = t.error.get("code") or ""
+        elif done.final and done.final.get("incomplete_details"):
+            code = done.final["incomplete_details"].get("reason") or ""
+        self._emit(Outcome(request_id(flow), session_key(done.turn.prompt_cache_key, flow.request.headers),
+                           done.turn.ctx.model, done.upstream, done.status, code, done.usage, done.ttft, done.took,
+                           flow.response.status_code if flow.response else 0, done.skipped))
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._local(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._local(flow)
+
+    def _local(self, flow: http.HTTPFlow) -> None:
+        req = flow.request
+        meta = flow.metadata.get(META) or {}
+        if meta.get("response_id") and meta.get("replay_cache") != "hit":
+            return  # a turn: turns.py recorded it (finished)
+        if req.method != "POST" or req.path.split("?", 1)[0] not in RESPONSES_PATHS or flow.response is None:
+            return
+        body = meta.get("responses_request") or ""
+        model, pck = "", None
+        try:
+            raw = json.loads(body) if body else (json.loads(req.get_content(strict=False) or b"{}"))
+            if isinstance(raw, dict):
+                model = raw.get("model") if isinstance(raw.get("model"), str) else ""
+                pck = raw.get("prompt_cache_key")
+        except (ValueError, RecursionError):
+            pass
+        resp = flow.response
+        took = (resp.timestamp_end or time.time()) - req.timestamp_start
+        if meta.get("replay_cache") == "hit":
+            status, code, upstream = "replayed", "", "replay-cache"
+        else:
+            status, upstream = "rejected", ""
+            try:
+                code = (json.loads(resp.content or b"{}").get("error") or {}).get("code") or ""
+            except (ValueError, AttributeError, RecursionError):
+                code = ""
+            code = code if isinstance(code, str) else str(code)
+        self._emit(Outcome(request_id(flow), session_key(pck, req.headers), model, upstream, status, code,
+                           None, None, took, resp.status_code))
+
+    def _emit(self, outcome: Outcome) -> None:
+        for listener in self.listeners:
+            listener(outcome)

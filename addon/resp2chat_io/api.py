@@ -1,0 +1,205 @@
+"""Run a gateway from Python: test suites, notebooks, other tools.
+
+    import resp2chat_io
+
+    with resp2chat_io.start(upstream_base_url="http://127.0.0.1:8000/v1", model_map={"gpt-5": "qwen3"}) as gw:
+        client = openai.OpenAI(base_url=gw.url, api_key="unused")
+        ...
+
+``start`` runs ``mitmdump -s addon/resp2chat.py`` in a subprocess on a free loopback port (or the
+one given), with every keyword argument as a setting (``--set resp2chat_<name>=…``: the names of
+README's configuration table; maps, lists and ``upstreams`` as Python objects), waits until it
+answers ``/healthz`` and returns a ``Gateway``: ``url`` (``http://127.0.0.1:PORT/v1``, what a
+client's ``base_url`` wants), ``stop()`` (SIGTERM, then SIGKILL), a context manager. It fails
+with ``GatewayError`` naming the reason (an invalid setting, a port in use) and the log's tail.
+
+By default the gateway ignores the user's config file and ``RESP2CHAT_*`` environment
+(``isolated=True``), so what runs is what the call says; ``isolated=False`` layers the arguments
+over them like ``--set`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Sequence
+
+from resp2chat_core import settings as S
+
+ADDON = Path(__file__).resolve().parent.parent / "resp2chat.py"
+
+
+class GatewayError(RuntimeError):
+    """The gateway did not start (or a setting is invalid)."""
+
+
+def _mitmdump() -> str:
+    here = Path(sys.executable).with_name("mitmdump")
+    found = str(here) if here.exists() else shutil.which("mitmdump")
+    if not found:
+        raise GatewayError("mitmdump not found (pip install resp2chat brings mitmproxy)")
+    return found
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _option_value(name: str, value: Any) -> str:
+    """A setting as ``--set`` text, checked against the settings table first."""
+    if name in S.ALIASES:
+        name = S.ALIASES[name].name
+    field = S.BY_NAME.get(name)
+    if field is None:
+        raise GatewayError(f"unknown setting {name!r} (known: {', '.join(S.BY_NAME)})")
+    try:
+        if field.kind in ("map", "entries") and not isinstance(value, str):
+            text = json.dumps(value)
+        elif field.kind == "list" and not isinstance(value, str):
+            text = json.dumps(list(value))
+        elif field.kind == "bool":
+            text = "true" if value else "false"
+        else:
+            text = str(value)
+        S.validate(name, S.coerce(field, text, "start()"))
+    except S.SettingsError as exc:
+        raise GatewayError(str(exc)) from None
+    return f"resp2chat_{name}={text}"
+
+
+class Gateway:
+    """A running gateway process (see ``start``)."""
+
+    def __init__(self, proc: subprocess.Popen, host: str, port: int, log_path: Path, workdir: Path | None) -> None:
+        self.proc, self.host, self.port, self.log_path = proc, host, port, log_path
+        self._workdir = workdir  # a temporary folder start() made (removed at stop)
+
+    @property
+    def origin(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """The base URL clients use: ``http://HOST:PORT/v1``."""
+        return self.origin + "/v1"
+
+    @property
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def log(self) -> str:
+        """What mitmdump printed so far."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """Stop it: SIGTERM (mitmdump finishes writing flow files), SIGKILL after ``timeout``.
+        Returns the exit code; stopping twice is fine."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+        return self.proc.returncode
+
+    def __enter__(self) -> "Gateway":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<resp2chat gateway {self.url} pid={self.proc.pid}{'' if self.running else ' stopped'}>"
+
+
+def start(upstream_base_url: str | None = None, *, host: str = "127.0.0.1", port: int = 0,
+          isolated: bool = True, mitmproxy_args: Sequence[str] = (), log_path: str | os.PathLike | None = None,
+          env: dict[str, str] | None = None, timeout: float = 30.0, **settings: Any) -> Gateway:
+    """Start a gateway in a subprocess and wait until it answers; returns a ``Gateway``.
+
+    ``upstream_base_url``: the backend (``"demo"``: the bundled scripted one); ``**settings``: any
+    other setting by name (``upstreams=[{...}]``, ``state_store_url="redis://…"``,
+    ``gateway_api_key="…"``…). ``port=0`` picks a free one. ``mitmproxy_args``: more mitmdump
+    arguments (``["-w", "flows.mitm"]``). ``log_path``: where mitmdump's output goes (default: a
+    temporary file, removed at ``stop``). ``env``: extra environment variables for the process.
+    """
+    if upstream_base_url is not None:
+        settings["upstream_base_url"] = upstream_base_url
+    options = [_option_value(name, value) for name, value in settings.items()]
+    process_env = dict(os.environ)
+    workdir = Path(tempfile.mkdtemp(prefix="resp2chat-gateway-"))
+    if isolated:
+        for name in list(process_env):
+            if name.startswith("RESP2CHAT_") or name in ("OPENAI_API_KEY", "BRAVE_SEARCH_API_KEY"):
+                del process_env[name]
+        process_env["RESP2CHAT_CONFIG"] = str(workdir / "no-config.yaml")  # (never written: no file settings)
+    process_env.update(env or {})
+    log_file = Path(log_path) if log_path else workdir / "mitmdump.log"
+    why = ""
+    for _ in range(3):  # a free port can be taken between choosing it and binding it
+        chosen = port or _free_port(host)
+        # The reverse target only matters for paths outside /v1 (passed through as they are).
+        cmd = [_mitmdump(), "-s", str(ADDON), "--mode", f"reverse:{_reverse_target(settings)}@{host}:{chosen}",
+               "--set", f"confdir={workdir / 'mitmproxy'}"]
+        for opt in options:
+            cmd += ["--set", opt]
+        cmd += list(mitmproxy_args)
+        with log_file.open("ab") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=process_env, cwd=workdir)
+        gw = Gateway(proc, "127.0.0.1" if host in ("0.0.0.0", "::", "") else host, chosen, log_file, None)
+        why = _wait_ready(gw, timeout)
+        if why is None:
+            gw._workdir = workdir
+            return gw
+        gw.stop()
+        if port or "address already in use" not in why.lower():
+            break
+    shutil.rmtree(workdir, ignore_errors=True)
+    raise GatewayError(why)
+
+
+def _reverse_target(settings: dict) -> str:
+    url = settings.get("upstream_base_url") or ""
+    entries = settings.get("upstreams") or []
+    if not url and entries and isinstance(entries, list) and isinstance(entries[0], dict):
+        url = entries[0].get("base_url") or ""
+    if not url or url == "demo":
+        return "http://127.0.0.1:8000"
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _wait_ready(gw: Gateway, timeout: float) -> str | None:
+    """None once /healthz answers; else why not (with the log's tail)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if gw.proc.poll() is not None:
+            return f"the gateway exited with {gw.proc.returncode}:\n{gw.log()[-3000:]}"
+        try:
+            with urllib.request.urlopen(gw.origin + "/healthz", timeout=1) as r:
+                if r.status == 200:
+                    return None
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.05)
+    return f"the gateway did not answer /healthz within {timeout:g} s:\n{gw.log()[-3000:]}"

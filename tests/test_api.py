@@ -1,0 +1,61 @@
+"""The Python API (resp2chat_io.start): a real gateway subprocess, driven like a user's code would."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import openai
+import pytest
+import requests
+
+import resp2chat_io
+from resp2chat_io.api import Gateway, GatewayError
+
+
+def test_start_use_stop_as_a_context_manager(upstream, monkeypatch):
+    # isolated by default: the caller's environment does not leak into the gateway
+    monkeypatch.setenv("RESP2CHAT_UPSTREAM_MODEL", "not-this-one")
+    with resp2chat_io.start(upstream.base_url, model_map={"gpt-5": "demo-model"}, max_replay_entries=0,
+                            upstreams=[]) as gw:
+        assert isinstance(gw, Gateway) and gw.running
+        assert gw.url == f"http://127.0.0.1:{gw.port}/v1"
+        client = openai.OpenAI(base_url=gw.url, api_key="unused")
+        reply = client.responses.create(model="gpt-5", input="hello from code")
+        assert reply.output_text == "You said: hello from code"
+        assert upstream.requests()[-1]["model"] == "demo-model"
+        pid = gw.proc.pid
+    assert not gw.running and gw.proc.returncode is not None
+    with pytest.raises(requests.ConnectionError):
+        requests.get(gw.origin + "/healthz", timeout=2)
+    assert gw.stop() == gw.proc.returncode  # twice is fine
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_settings_are_checked_and_failures_are_explained(upstream, tmp_path):
+    with pytest.raises(GatewayError, match="max_tokens_field: 'n' is invalid"):
+        resp2chat_io.start(upstream.base_url, max_tokens_field="n")
+    with pytest.raises(GatewayError, match="unknown setting 'colour'"):
+        resp2chat_io.start(upstream.base_url, colour="red")
+    with pytest.raises(GatewayError, match=r"upstreams\[0\] \('a'\).base_url"):
+        resp2chat_io.start(upstreams=[{"name": "a"}])
+    with socket.socket() as taken:  # a port someone else holds: the gateway cannot start, and says why
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(GatewayError) as err:
+            resp2chat_io.start(upstream.base_url, port=taken.getsockname()[1], log_path=tmp_path / "gw.log")
+        assert "exited" in str(err.value) and (tmp_path / "gw.log").exists()
+
+
+def test_several_upstreams_and_mitmproxy_arguments(upstream, tmp_path):
+    flows = tmp_path / "flows.mitm"
+    entries = [{"name": "main", "base_url": upstream.base_url, "models": ["demo-*"]}]
+    gw = resp2chat_io.start(upstreams=entries, mitmproxy_args=["-w", str(flows)], access_log_path="-")
+    try:
+        r = requests.post(gw.url + "/responses", json={"model": "demo-model", "input": "hi"}, timeout=30)
+        assert r.status_code == 200
+        assert '"upstream": "main"' in gw.log()  # the access log went to mitmdump's stderr
+    finally:
+        gw.stop()
+    assert flows.stat().st_size > 0

@@ -1,0 +1,85 @@
+"""GET /metrics (Prometheus text, read with prometheus_client's own parser) and the JSON access
+log, through a real mitmdump with the openai SDK and the scripted upstream."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import free_port, start_gateway
+
+
+def scrape(gw, **headers) -> dict:
+    r = requests.get(gw.base_url.removesuffix("/v1") + "/metrics", headers=headers, timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain"), r.text
+    samples = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def value(samples: dict, name: str, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_and_access_log_per_upstream(upstream, tmp_path):
+    log_path = tmp_path / "access.jsonl"
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    entries = [{"name": "down", "base_url": dead, "models": ["demo-*"]},
+               {"name": "demo", "base_url": upstream.base_url, "api_key": "sk-demo-secret-123"}]
+    gw = start_gateway("http://127.0.0.1:9", tmp_path, "--set", "resp2chat_upstreams=" + json.dumps(entries),
+                       "--set", f"resp2chat_access_log_path={log_path}", "--set", "resp2chat_max_replay_entries=10")
+    try:
+        client = openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0)
+        before = scrape(gw)
+        assert value(before, "resp2chat_streams_in_flight") == 0
+        for _ in range(2):  # the second is a replay-cache hit
+            with client.responses.stream(model="demo-model", input="secret prompt words: 5",
+                                         prompt_cache_key="conv-7") as s:
+                list(s)
+        with pytest.raises(openai.BadRequestError):
+            client.responses.create(model="demo-model", input=[{"type": "bogus"}])
+        with pytest.raises(openai.APIStatusError):
+            client.responses.create(model="other", input="error: 503 overloaded")  # every upstream fails
+        m = scrape(gw)
+        labels = dict(upstream="demo", model="demo-model")
+        assert value(m, "resp2chat_turns_total", **labels, status="completed", code="") == 1
+        assert value(m, "resp2chat_turns_total", upstream="replay-cache", model="demo-model", status="replayed", code="") == 1
+        assert value(m, "resp2chat_turns_total", upstream="", model="demo-model", status="rejected", code="unsupported_item_type") == 1
+        assert value(m, "resp2chat_turns_total", upstream="demo", model="other", status="failed", code="server_error") == 1
+        assert value(m, "resp2chat_fallbacks_total", upstream="down", status="502") == 1
+        assert value(m, "resp2chat_time_to_first_token_seconds_count", **labels) == 1
+        assert 0 < value(m, "resp2chat_time_to_first_token_seconds_sum", **labels) <= value(
+            m, "resp2chat_turn_duration_seconds_sum", **labels)
+        assert value(m, "resp2chat_tokens_total", **labels, kind="prompt") > 0
+        assert value(m, "resp2chat_tokens_total", **labels, kind="output") > 0
+        assert value(m, "resp2chat_replay_cache_hits_total") == 1
+        assert value(m, "resp2chat_replay_cache_entries") == 1
+        lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+        assert [(x["upstream"], x["status"], x["code"]) for x in lines] == [
+            ("demo", "completed", ""), ("replay-cache", "replayed", ""), ("", "rejected", "unsupported_item_type"),
+            ("demo", "failed", "server_error")]
+        first = lines[0]
+        assert first["session"] == "conv-7" and first["model"] == "demo-model" and first["http_status"] == 200
+        assert first["input_tokens"] > 0 and first["output_tokens"] > 0 and first["cached_tokens"] is not None
+        assert 0 < first["ttft_ms"] <= first["total_ms"]
+        assert first["fallbacks"] == [{"upstream": "down", "status": 502}]
+        text = log_path.read_text()
+        assert "secret prompt" not in text and "word0" not in text and "sk-demo" not in text  # no content, no keys
+    finally:
+        gw.stop()
+
+
+def test_metrics_obey_the_gateway_key(upstream, tmp_path):
+    gw = start_gateway(upstream.origin, tmp_path, "--set", "resp2chat_gateway_api_key=gw-key-123456")
+    try:
+        r = requests.get(gw.base_url.removesuffix("/v1") + "/metrics", timeout=10)
+        assert r.status_code == 401
+        assert value(scrape(gw, authorization="Bearer gw-key-123456"), "resp2chat_streams_in_flight") == 0
+    finally:
+        gw.stop()

@@ -1,0 +1,122 @@
+"""Several upstreams in the core (resp2chat_core/routing.py): entries, which serve a model, when
+to fall back, the Attempt that holds a failure back, and each candidate's own lowering."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from resp2chat_core import settings as S
+from resp2chat_core.channel import Accepted, Channel, Keepalive, Rerouted, UpstreamFailed, UpstreamJSON
+from resp2chat_core.errors import GatewayError
+from resp2chat_core.lowering import LoweringOptions
+from resp2chat_core.routing import Attempt, all_failed, candidates, falls_back, parse_upstreams
+from resp2chat_core.turn import ToolsCache, begin_turn
+
+A = {"name": "a", "base_url": "http://10.0.0.1:8000/v1", "models": ["qwen*"], "api_key": "sk-aaaaaaaaaa"}
+B = {"name": "b", "base_url": "https://b.example/api/v1", "max_tokens_field": "max_completion_tokens",
+     "think_tags": {"*": "open"}}
+
+
+def test_entries_parse_with_defaults_and_overrides():
+    a, b = parse_upstreams([A, B])
+    assert (a.name, a.models, a.api_key, a.overrides) == ("a", ("qwen*",), "sk-aaaaaaaaaa", ())
+    assert b.models == ("*",) and dict(b.overrides) == {"max_tokens_field": "max_completion_tokens",
+                                                         "think_tags": {"*": "open"}}
+    assert b.settings({"max_tokens_field": "max_tokens", "flatten_content": True}) == {
+        "max_tokens_field": "max_completion_tokens", "flatten_content": True, "think_tags": {"*": "open"}}
+    assert "sk-aaaa" not in repr(a)
+
+
+@pytest.mark.parametrize("entries,field,why", [
+    ([{"base_url": "http://x/v1"}], "upstreams[0].name", "expected a name"),
+    ([A, {**B, "name": "a"}], "upstreams[1] ('a').name", "same name"),
+    ([A, {"name": "c"}], "upstreams[1] ('c').base_url", "required"),
+    ([{"name": "c", "base_url": "ftp://x"}], "upstreams[0] ('c').base_url", "http:// or https://"),
+    ([{**A, "models": []}], "upstreams[0] ('a').models", "non-empty list"),
+    ([{**A, "max_tokens_field": "tokens"}], "upstreams[0] ('a').max_tokens_field", "max_tokens or max_completion"),
+    ([{**A, "think_tags": {"*": "sometimes"}}], "upstreams[0] ('a').think_tags", "auto, open or off"),
+    ([{**A, "colour": "red"}], "upstreams[0] ('a').colour", "unknown field"),
+    ([{**A, "api_key": 5}], "upstreams[0] ('a').api_key", "expected a string"),
+    (["a"], "upstreams[0]", "mapping"),
+])
+def test_invalid_entries_name_the_entry_and_the_field(entries, field, why):
+    with pytest.raises(S.SettingsError) as err:
+        parse_upstreams(entries)
+    assert err.value.field == field and why in err.value.why, str(err.value)
+
+
+def test_the_setting_comes_from_file_environment_and_keys_never_show_in_errors():
+    values, sources = S.resolve({"upstreams": [A]}, {})
+    assert values["upstreams"] == [A] and sources["upstreams"] == "config file"
+    values, sources = S.resolve({}, {"RESP2CHAT_UPSTREAMS": json.dumps([A, B])})
+    assert [e["name"] for e in values["upstreams"]] == ["a", "b"]
+    with pytest.raises(S.SettingsError) as err:
+        S.resolve({}, {"RESP2CHAT_UPSTREAMS": '[{"name": "a", "api_key": "sk-secret-one", "base_url": "x"}'})
+    assert "sk-secret-one" not in str(err.value)
+    with pytest.raises(S.SettingsError) as err:
+        S.resolve({}, {"RESP2CHAT_UPSTREAMS": json.dumps([{**A, "api_key": ["sk-secret-two"]}])})
+    assert "sk-secret-two" not in str(err.value) and "upstreams[0] ('a').api_key" in str(err.value)
+    assert S.secret_values({"upstreams": [A], "upstream_api_key": ""}) == (b"sk-aaaaaaaaaa",)
+
+
+def test_a_model_goes_to_the_first_match_and_later_matches_are_its_fallbacks():
+    specs = parse_upstreams([A, B, {"name": "c", "base_url": "http://c/v1", "models": ["qwen3-*", "llama"]}])
+    assert [s.name for s in candidates(specs, "qwen3-coder")] == ["a", "b", "c"]
+    assert [s.name for s in candidates(specs, "llama")] == ["b", "c"]
+    assert [s.name for s in candidates(specs, "gpt-5")] == ["b"]
+    with pytest.raises(GatewayError) as err:
+        candidates(parse_upstreams([A]), "gpt-5")
+    assert err.value.status == 404 and err.value.code == "model_not_found" and "a: qwen*" in err.value.message
+
+
+def test_which_failures_fall_back():
+    assert falls_back(UpstreamFailed(502, b""))  # could not connect (the relay's own)
+    assert falls_back(UpstreamFailed(503, b"")) and falls_back(UpstreamFailed(504, b""))
+    assert falls_back(UpstreamFailed(429, b""))
+    assert not falls_back(UpstreamFailed(400, b"context too long")) and not falls_back(UpstreamFailed(401, b""))
+
+
+def test_an_attempt_holds_back_a_failure_before_the_first_byte_only():
+    ch = Channel()
+    at = Attempt(ch)
+    at.event(Keepalive())  # the gateway's own words to a waiting client: pass, commit nothing
+    at.event(UpstreamFailed(503, b'{"error": {"message": "busy"}}'))
+    assert ch.take() == [Keepalive()] and at.failure.status == 503 and not at.committed
+    at = Attempt(ch, (Rerouted("open"),))
+    at.data(b"data: {}\n\n")
+    at.event(UpstreamFailed(500, b"mid-stream"))  # after data: the turn hears it
+    assert ch.take() == [Rerouted("open"), b"data: {}\n\n", UpstreamFailed(500, b"mid-stream")]
+    assert at.failure is None and at.committed
+    at = Attempt(ch)
+    at.event(UpstreamJSON(b"{}"))  # a whole JSON answer commits too
+    assert at.committed and ch.take() == [UpstreamJSON(b"{}")]
+    at.on_take = print  # flow control reads and sets the real channel's
+    assert ch.on_take is print and at.size == ch.size == 0
+
+
+def test_all_failed_names_every_upstream_and_keeps_the_last_status():
+    failure = all_failed("qwen3", [("a", UpstreamFailed(502, json.dumps({"error": {"message": "cannot connect"}}).encode())),
+                                   ("b", UpstreamFailed(429, b'{"error": {"message": "slow down"}}', "7"))])
+    message = json.loads(failure.body)["error"]["message"]
+    assert failure.status == 429 and failure.retry_after == "7"
+    assert message.startswith("every upstream for model 'qwen3' failed: a (") and "cannot connect" in message
+    assert "b (upstream HTTP 429: slow down)" in message
+
+
+def test_each_candidate_gets_its_own_deterministic_body():
+    body = json.dumps({"model": "qwen3", "input": "hi", "max_output_tokens": 9,
+                       "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}]}).encode()
+    a = LoweringOptions()
+    b = LoweringOptions(max_tokens_field="max_completion_tokens", think_tags={"*": "off"})
+    for cache in (None, ToolsCache(), ToolsCache()):  # no cache, a miss, then (same cache) a hit
+        for _ in range(2 if cache else 1):
+            turn = begin_turn(body, LoweringOptions(), "resp_x", 0, tools_cache=cache, route=lambda m: [a, b, a])
+            (b_body, b_think), (same, a_think) = turn.alternates
+            assert json.loads(turn.chat_body)["max_tokens"] == 9 and "max_tokens" not in json.loads(b_body)
+            assert json.loads(b_body)["max_completion_tokens"] == 9 and json.loads(b_body)["tools"]
+            assert (b_think, same, a_think) == ("off", None, "auto")
+            assert begin_turn(body, b, "resp_x", 0).chat_body == b_body  # what b alone would get, byte for byte
+    with pytest.raises(GatewayError):
+        begin_turn(body, a, "resp_x", 0, route=lambda m: [a for _ in candidates(parse_upstreams([{**A, "models": ["llama*"]}]), m)])

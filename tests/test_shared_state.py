@@ -1,0 +1,215 @@
+"""Replicas sharing state through a real redis-server (`make redis`): previous_response_id and
+the replay cache across gateways, the bounds in Redis, Redis going away and coming back, and a
+replica killed mid-stream storing nothing."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import openai
+import pytest
+import requests
+
+from conftest import parse_sse, start_gateway, wait_http
+from redis_server import RedisServer, missing
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    why = missing()
+    if why:
+        pytest.fail(why)
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+def replicas(upstream, tmp_path, redis_url, n=2, *extra):
+    return [start_gateway(upstream.origin, tmp_path, "--set", f"resp2chat_state_store_url={redis_url}", *extra)
+            for _ in range(n)]
+
+
+def eventually(condition, timeout: float = 20.0) -> bool:
+    """Poll a condition (writes to Redis run as tasks after the answer): no sleep as a guess."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def wait_stored(r, response_id: str) -> None:
+    assert eventually(lambda: r.exists(f"resp2chat:response:{response_id}")), f"{response_id} never stored"
+
+
+def test_any_replica_continues_any_conversation(upstream, tmp_path, redis_server):
+    a, b = replicas(upstream, tmp_path, redis_server.url)
+    r = redis_server.client()
+    try:
+        ca, cb = (openai.OpenAI(base_url=g.base_url, api_key="x") for g in (a, b))
+        first = ca.responses.create(model="demo-model", input="remember the word apricot")
+        wait_stored(r, first.id)
+        second = cb.responses.create(model="demo-model", input="and now?", previous_response_id=first.id)
+        assert second.output_text == "You said: and now?"
+        sent = upstream.requests()[-1]["messages"]  # b sent the whole conversation upstream
+        assert [m["role"] for m in sent] == ["user", "assistant", "user"]
+        assert sent[0]["content"] == "remember the word apricot"
+        wait_stored(r, second.id)
+        third = ca.responses.create(model="demo-model", input="third", previous_response_id=second.id)
+        assert len(upstream.requests()[-1]["messages"]) == 5
+        assert cb.responses.retrieve(first.id).id == first.id  # GET on the other replica
+        wait_stored(r, third.id)
+        # every item of a stored conversation is indexed, under the newest response holding it,
+        # with that response's expiry
+        item_id = first.output[-1].id
+        assert r.get(f"resp2chat:item:{item_id}") == third.id.encode()
+        ttl = r.ttl(f"resp2chat:item:{item_id}")
+        assert 0 < ttl <= 168 * 3600 and abs(ttl - r.ttl(f"resp2chat:response:{third.id}")) <= 1
+        cb.responses.delete(first.id)  # DELETE on b: gone for a
+        with pytest.raises(openai.NotFoundError):
+            ca.responses.retrieve(first.id)
+        assert r.get(f"resp2chat:item:{item_id}") == third.id.encode()  # still held by the third
+        ca.responses.delete(third.id)  # the holder goes: so does its items' index
+        assert r.get(f"resp2chat:item:{item_id}") is None
+    finally:
+        for g in (a, b):
+            g.stop()
+
+
+def test_item_references_resolve_on_any_replica(upstream, tmp_path, redis_server):
+    """item_reference ids (inputs and outputs of a stored response) found through Redis; unknown → 400."""
+    a, b = replicas(upstream, tmp_path, redis_server.url)
+    r = redis_server.client()
+    try:
+        ca, cb = (openai.OpenAI(base_url=g.base_url, api_key="x", max_retries=0) for g in (a, b))
+        first = ca.responses.create(model="demo-model", input=[
+            {"type": "message", "id": "msg_client_0001", "role": "user", "content": "first question"}])
+        wait_stored(r, first.id)
+        reasoning, message = first.output
+        upstream.clear()
+        second = cb.responses.create(model="demo-model", input=[
+            {"type": "item_reference", "id": "msg_client_0001"},
+            {"type": "item_reference", "id": reasoning.id},
+            {"type": "item_reference", "id": message.id},
+            {"role": "user", "content": "second question"}])
+        assert second.output_text == "You said: second question"
+        assert upstream.requests()[-1]["messages"] == [
+            {"role": "user", "content": "first question"},
+            {"role": "assistant", "content": "You said: first question", "reasoning_content": "Thinking about: first question"},
+            {"role": "user", "content": "second question"}]
+        with pytest.raises(openai.BadRequestError) as err:
+            cb.responses.create(model="demo-model", input=[{"role": "user", "content": "x"},
+                                                           {"type": "item_reference", "id": "msg_nowhere"}])
+        assert err.value.body["code"] == "item_not_found" and err.value.body["param"] == "input[1].id"
+    finally:
+        for g in (a, b):
+            g.stop()
+
+
+def test_the_replay_cache_is_shared(upstream, tmp_path, redis_server):
+    a, b = replicas(upstream, tmp_path, redis_server.url)
+    try:
+        body = {"model": "demo-model", "input": "replay me across replicas", "stream": True}
+        upstream.clear()
+        first = requests.post(a.base_url + "/responses", json=body, timeout=30)
+        r = redis_server.client()
+        assert eventually(lambda: r.zcard("resp2chat:replays") == 1)
+        second = requests.post(b.base_url + "/responses", json=body, timeout=30)
+        assert len(upstream.requests()) == 1  # b answered from Redis
+        e1, e2 = parse_sse(first.content), parse_sse(second.content)
+        assert [e["type"] for e in e1] == [e["type"] for e in e2]
+        assert e1[-1]["response"]["id"] != e2[-1]["response"]["id"]
+        assert "resp2chat_replay_cache_hits_total 1.0" in requests.get(b.base_url.removesuffix("/v1") + "/metrics").text
+    finally:
+        for g in (a, b):
+            g.stop()
+
+
+def test_bounds_are_applied_in_redis(upstream, tmp_path, redis_server):
+    (gw,) = replicas(upstream, tmp_path, redis_server.url, 1, "--set", "resp2chat_max_sessions=2",
+                     "--set", "resp2chat_max_replay_entries=2", "--set", "resp2chat_session_ttl_hours=1")
+    r = redis_server.client()
+    try:
+        client = openai.OpenAI(base_url=gw.base_url, api_key="x")
+        ids = []
+        for i in range(4):
+            ids.append(client.responses.create(model="demo-model", input=f"number {i}").id)
+            wait_stored(r, ids[-1])
+        kept = [x.decode() for x in r.zrange("resp2chat:responses", 0, -1)]
+        assert kept == ids[2:]  # the oldest went first
+        assert not r.exists(f"resp2chat:response:{ids[0]}") and 0 < r.ttl(f"resp2chat:response:{ids[3]}") <= 3600
+        assert int(r.get("resp2chat:responses:bytes")) == sum(
+            len(r.hget(f"resp2chat:response:{x}", "data")) for x in kept)
+        assert r.zcard("resp2chat:replays") == 2 and len(r.keys("resp2chat:replay:*")) == 2
+        with pytest.raises(openai.BadRequestError) as err:
+            client.responses.create(model="demo-model", input="x", previous_response_id=ids[0])
+        assert err.value.code == "previous_response_not_found"
+    finally:
+        gw.stop()
+
+
+def test_redis_down_503_for_what_needs_it_plain_turns_work_recovery_automatic(upstream, tmp_path, redis_server):
+    (gw,) = replicas(upstream, tmp_path, redis_server.url, 1, "--set", "resp2chat_max_replay_entries=0")
+    client = openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0)
+    try:
+        first = client.responses.create(model="demo-model", input="before")
+        wait_stored(redis_server.client(), first.id)
+        redis_server.stop()
+        with pytest.raises(openai.InternalServerError) as err:
+            client.responses.create(model="demo-model", input="after", previous_response_id=first.id)
+        assert err.value.status_code == 503 and err.value.code == "store_unavailable"
+        assert "Redis" in err.value.message
+        assert requests.get(f"{gw.base_url}/responses/{first.id}").status_code == 503
+        plain = client.responses.create(model="demo-model", input="a plain turn")  # needs no store
+        assert plain.output_text == "You said: a plain turn"
+        metrics = requests.get(gw.base_url.removesuffix("/v1") + "/metrics").text
+        assert "resp2chat_state_store_up 0.0" in metrics
+        redis_server.start()  # same port, empty (no persistence): the gateway finds it again by itself
+        r = redis_server.client()
+        deadline = time.monotonic() + 30
+        while True:  # within the short back-off a write is still refused: the next turn's is kept
+            again = client.responses.create(model="demo-model", input="after recovery")
+            if eventually(lambda: r.exists(f"resp2chat:response:{again.id}"), 2):
+                break
+            assert time.monotonic() < deadline, "the gateway never used Redis again"
+        follow = client.responses.create(model="demo-model", input="continued", previous_response_id=again.id)
+        assert follow.output_text == "You said: continued"
+        assert "resp2chat_state_store_up 1.0" in requests.get(gw.base_url.removesuffix("/v1") + "/metrics").text
+    finally:
+        gw.stop()
+
+
+def test_a_replica_killed_mid_stream_stores_nothing(tmp_path, redis_server):
+    from resp2chat_io.demo_upstream import serve_in_thread
+
+    server, url = serve_in_thread(chunk_delay=0.05)  # a slow stream: 200 words take ~10 s
+    a, b = [start_gateway(url.removesuffix("/v1"), tmp_path, "--set", f"resp2chat_state_store_url={redis_server.url}")
+            for _ in range(2)]
+    try:
+        with requests.post(a.base_url + "/responses", json={"model": "demo-model", "input": "words: 200",
+                                                            "stream": True, "store": True}, stream=True, timeout=60) as r:
+            lines = r.iter_lines()
+            response_id = None
+            for line in lines:
+                if line.startswith(b"data: ") and b"output_text.delta" in line:
+                    break
+                if line.startswith(b"data: ") and response_id is None and b"response.created" in line:
+                    response_id = json.loads(line[6:])["response"]["id"]
+            a.proc.send_signal(signal.SIGKILL)
+            a.proc.wait(10)
+            with pytest.raises((requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError)):
+                for line in lines:
+                    assert b"response.completed" not in line
+        assert response_id
+        r2 = requests.get(f"{b.base_url}/responses/{response_id}", timeout=10)
+        assert r2.status_code == 404
+        assert not redis_server.client().exists(f"resp2chat:response:{response_id}")
+        wait_http(b.base_url.removesuffix("/v1") + "/healthz")  # the other replica is unaffected
+    finally:
+        a.stop()
+        b.stop()
+        server.shutdown()
+        server.server_close()

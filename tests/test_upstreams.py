@@ -1,0 +1,244 @@
+"""Several upstreams through a real mitmdump: routing by model, fallbacks before the first byte
+(never after), one error naming every upstream tried, per-upstream lowering, the flow showing the
+upstream that answered, merged /v1/models, the routing-key header, invalid entries at start-up."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import openai
+import pytest
+import requests
+
+from conftest import ADDON, MITMDUMP, free_port, parse_sse, send_json, start_gateway
+from resp2chat_io.demo_upstream import serve_in_thread
+
+
+class Refusing:
+    """A real HTTP backend that answers every chat request with one status (and counts them)."""
+
+    def __init__(self, status: int, message: str = "busy", models: tuple[str, ...] = ("other-model",)):
+        self.calls: list[dict] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                send_json(self, 200, {"object": "list", "data": [{"id": m, "object": "model"} for m in models]})
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                outer.calls.append({"body": json.loads(body), "authorization": self.headers.get("authorization")})
+                send_json(self, status, {"error": {"message": message, "type": "server_error"}})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def demo_pair():
+    """Two scripted upstreams (each records what it got)."""
+    servers = [serve_in_thread() for _ in range(2)]
+    yield [url for _, url in servers]
+    for server, _ in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def recorded(base_url: str) -> list[dict]:
+    return requests.get(base_url.removesuffix("/v1") + "/_requests", timeout=5).json()
+
+
+def gateway_with(tmp_path, entries, *extra):
+    return start_gateway("http://127.0.0.1:9", tmp_path, "--set", "resp2chat_upstreams=" + json.dumps(entries),
+                         "--set", "resp2chat_max_replay_entries=0", *extra)
+
+
+def test_fallback_on_refused_and_5xx_with_own_key_body_and_flow(tmp_path, demo_pair):
+    busy = Refusing(503)
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    flows = tmp_path / "flows.mitm"
+    entries = [{"name": "dead", "base_url": dead, "api_key": "sk-dead-000000"},
+               {"name": "busy", "base_url": busy.base_url, "api_key": "sk-busy-111111"},
+               {"name": "good", "base_url": demo_pair[0], "api_key": "sk-good-222222",
+                "max_tokens_field": "max_completion_tokens"}]
+    gw = gateway_with(tmp_path, entries, "-w", str(flows))
+    try:
+        client = openai.OpenAI(base_url=gw.base_url, api_key="client-key")
+        with client.responses.stream(model="demo-model", input="hello there", max_output_tokens=50) as stream:
+            events = [e.type for e in stream]
+            final = stream.get_final_response()
+        assert final.output_text == "You said: hello there" and events[-1] == "response.completed"
+        assert events.count("response.created") == 1  # one stream, whatever happened before
+        # busy got its own key and the primary's body; good its own key and its own lowering
+        assert busy.calls[0]["authorization"] == "Bearer sk-busy-111111"
+        assert busy.calls[0]["body"]["max_tokens"] == 50
+        got = recorded(demo_pair[0])[-1]
+        assert got["max_completion_tokens"] == 50 and "max_tokens" not in got
+    finally:
+        gw.stop()
+        busy.close()
+    from mitmproxy import io
+
+    with flows.open("rb") as fh:
+        flow = next(f for f in io.FlowReader(fh).stream() if f.request.path.endswith("/chat/completions"))
+    # the flow shows the upstream that answered and what it got; no key anywhere
+    assert flow.request.url == demo_pair[0] + "/chat/completions"
+    assert json.loads(flow.request.content)["max_completion_tokens"] == 50
+    assert flow.metadata["resp2chat"]["upstream_name"] == "good"
+    assert flow.metadata["resp2chat"]["fallbacks"] == [{"upstream": "dead", "status": 502},
+                                                       {"upstream": "busy", "status": 503}]
+    assert "via good (after dead, busy)" in flow.comment
+    assert b"sk-good" not in flows.read_bytes()
+
+
+def test_no_fallback_after_the_first_byte_nor_for_a_4xx(tmp_path, demo_pair):
+    entries = [{"name": "a", "base_url": demo_pair[0]}, {"name": "b", "base_url": demo_pair[1]}]
+    gw = gateway_with(tmp_path, entries)
+    try:
+        r = requests.post(gw.base_url + "/responses", json={"model": "demo-model", "input": "midstream-error",
+                                                            "stream": True}, timeout=30)
+        events = parse_sse(r.content)
+        assert events[-1]["type"] == "response.failed"
+        assert any(e["type"] == "response.output_text.delta" for e in events)  # it had started
+        r = requests.post(gw.base_url + "/responses", json={"model": "demo-model", "input": "error: 400 bad thing"},
+                          timeout=30)
+        assert r.status_code == 400 and "bad thing" in r.json()["error"]["message"]
+        assert recorded(demo_pair[1]) == []  # b was never asked
+        assert len(recorded(demo_pair[0])) == 2
+    finally:
+        gw.stop()
+
+
+def test_all_upstreams_down_is_one_clear_error_naming_them(tmp_path):
+    busy = Refusing(429, "slow down")
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    gw = gateway_with(tmp_path, [{"name": "dead", "base_url": dead}, {"name": "limited", "base_url": busy.base_url}])
+    try:
+        r = requests.post(gw.base_url + "/responses", json={"model": "m", "input": "hi", "stream": True}, timeout=30)
+        failed = parse_sse(r.content)[-1]
+        assert failed["type"] == "response.failed"
+        error = failed["response"]["error"]
+        assert error["code"] == "rate_limit_exceeded"  # the last one's status: Codex waits and retries
+        assert "every upstream for model 'm' failed" in error["message"]
+        assert "dead (" in error["message"] and "limited (upstream HTTP 429: slow down)" in error["message"]
+        r = requests.post(gw.base_url + "/responses", json={"model": "m", "input": "hi"}, timeout=30)
+        assert r.status_code == 429 and "every upstream" in r.json()["error"]["message"]
+    finally:
+        gw.stop()
+        busy.close()
+
+
+def test_models_route_by_glob_and_models_list_merges(tmp_path, demo_pair):
+    other = Refusing(500, models=("qwen3-coder", "demo-model", "not-routed"))
+    entries = [{"name": "qwen", "base_url": other.base_url, "models": ["qwen*", "demo-*"]},
+               {"name": "demo", "base_url": demo_pair[0], "models": ["demo-*"], "model_map": {"demo-x": "demo-model"}},
+               {"name": "gone", "base_url": f"http://127.0.0.1:{free_port()}/v1"}]
+    gw = gateway_with(tmp_path, entries)
+    try:
+        r = requests.post(gw.base_url + "/responses", json={"model": "demo-x", "input": "hi"}, timeout=30)
+        assert r.status_code == 200, r.text  # qwen failed (500) -> demo, with demo's own model_map
+        assert other.calls[-1]["body"]["model"] == "demo-x" and recorded(demo_pair[0])[-1]["model"] == "demo-model"
+        r = requests.post(gw.base_url + "/responses", json={"model": "llama", "input": "hi"}, timeout=30)
+        assert r.status_code == 502 and "cannot connect" in r.json()["error"]["message"]  # only "gone" ("*"): down
+        r = requests.get(gw.base_url + "/models", timeout=30)
+        ids = [m["id"] for m in r.json()["data"]]
+        assert ids == ["qwen3-coder", "demo-model"], ids  # merged, first wins, not-routed filtered out
+    finally:
+        gw.stop()
+        other.close()
+
+
+def test_unknown_model_and_routing_key_header(tmp_path, demo_pair):
+    gw = gateway_with(tmp_path, [{"name": "demo", "base_url": demo_pair[0], "models": ["demo-*"]}],
+                      "--set", "resp2chat_routing_key_header=x-smg-routing-key")
+    try:
+        r = requests.post(gw.base_url + "/responses", json={"model": "gpt-5", "input": "hi"}, timeout=30)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        assert "demo: demo-*" in r.json()["error"]["message"]
+    finally:
+        gw.stop()
+    # the header reaches the backend: a recording backend (the demo upstream does not keep headers)
+    got: list[dict] = []
+
+    class Recorder(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            got.append(dict(self.headers))
+            send_json(self, 500, {"error": {"message": "recorded"}})
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    gw = start_gateway(url.removesuffix("/v1"), tmp_path, "--set", "resp2chat_routing_key_header=x-smg-routing-key",
+                       "--set", "resp2chat_max_replay_entries=0")
+    try:
+        requests.post(gw.base_url + "/responses", json={"model": "m", "input": "hi", "prompt_cache_key": "conv-1"})
+        requests.post(gw.base_url + "/responses", json={"model": "m", "input": "hi"},
+                      headers={"session-id": "codex-session-9"})
+        requests.post(gw.base_url + "/responses", json={"model": "m", "input": "hi", "prompt_cache_key": "ü" * 5})
+        keys = [{k.lower(): v for k, v in h.items()}.get("x-smg-routing-key") for h in got]
+        assert keys[:2] == ["conv-1", "codex-session-9"]
+        assert len(keys[2]) == 32 and keys[2].isalnum()  # not a valid header value as is: hashed, stable
+    finally:
+        gw.stop()
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("value,named", [
+    ('[{"name": "a", "base_url": "http://x/v1"}, {"name": "b"}]', "upstreams[1] ('b').base_url"),
+    ('[{"name": "a", "base_url": "http://x/v1", "max_tokens_field": "n"}]', "upstreams[0] ('a').max_tokens_field"),
+])
+def test_invalid_entries_stop_start_up_naming_entry_and_field(tmp_path, value, named):
+    port = free_port()
+    for how in ("set", "env"):
+        args = [str(MITMDUMP), "-s", str(ADDON), "--mode", f"reverse:http://127.0.0.1:9@127.0.0.1:{port}",
+                "--set", f"confdir={tmp_path / 'conf'}"]
+        env = None
+        if how == "set":
+            args += ["--set", f"resp2chat_upstreams={value}"]
+        else:
+            env = {**os.environ, "RESP2CHAT_UPSTREAMS": value}
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env)
+        assert proc.returncode != 0
+        assert named in proc.stdout + proc.stderr, (how, proc.stdout[-2000:], proc.stderr[-2000:])
+
+
+def test_a_fallback_reads_think_tags_its_own_way(tmp_path, demo_pair):
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    body = {"model": "demo-model", "input": "hello", "stream": True}
+    think = {"x-demo-dialect": "think"}  # the scripted upstream puts <think>…</think> in content
+    gw = gateway_with(tmp_path, [{"name": "dead", "base_url": dead},  # think_tags: auto (split them)
+                                 {"name": "raw", "base_url": demo_pair[0], "think_tags": {"*": "off"}}])
+    try:
+        events = parse_sse(requests.post(gw.base_url + "/responses", json=body, headers=think, timeout=30).content)
+        final = events[-1]["response"]
+        assert [o["type"] for o in final["output"]] == ["message"]  # "off": the tags stay text
+        assert "<think>" in final["output"][0]["content"][0]["text"]
+    finally:
+        gw.stop()
+    gw = gateway_with(tmp_path, [{"name": "split", "base_url": demo_pair[0]}])
+    try:  # the same answer from an upstream with the default (auto): reasoning + message
+        events = parse_sse(requests.post(gw.base_url + "/responses", json=body, headers=think, timeout=30).content)
+        assert [o["type"] for o in events[-1]["response"]["output"]] == ["reasoning", "message"]
+    finally:
+        gw.stop()
