@@ -6,13 +6,12 @@ the fields echoed into Response objects), so the per-chunk path has nothing left
 
 from __future__ import annotations
 
-import json
 import marshal
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import inputs
+from . import inputs, requestbody
 from .errors import GatewayError
 from .lowering import LoweringOptions, dumps, dumps_spliced, lower
 from .toolmap import ToolMap
@@ -120,12 +119,7 @@ class ToolsCache:
 
 
 def decode_body(body: bytes) -> dict:
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise GatewayError(f"request body is not valid JSON: {exc}", code="invalid_json") from None
-    except RecursionError:
-        raise GatewayError("request body is nested too deeply", code="invalid_json") from None
+    data = requestbody.loads(body)  # strict UTF-8 JSON, or a 400 with the offset
     if not isinstance(data, dict):
         raise GatewayError("request body must be a JSON object", code="invalid_json")
     return data
