@@ -77,6 +77,19 @@ def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = N
     raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
+def wait_until(condition, timeout: float = 30.0, what: str = "the condition"):
+    """Poll ``condition()`` until it returns something true, and return that: tests wait on the
+    condition itself, never for a fixed time (a loaded 2-core CI machine must not flake)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not happen within {timeout} s")
+        time.sleep(0.02)
+
+
 @dataclass
 class Upstream:
     base_url: str  # http://127.0.0.1:PORT/v1

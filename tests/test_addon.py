@@ -266,7 +266,11 @@ async def test_stream_callable_never_raises(gw, backend, monkeypatch):
     f = responses_flow({"model": "m", "input": "hi", "stream": True}, backend.url)
     results = await gw.run(f)
     events = events_of(results)
-    assert events[-1]["type"] == "response.failed" and "RuntimeError" in events[-1]["response"]["error"]["message"]
+    error = events[-1]["response"]["error"]
+    assert events[-1]["type"] == "response.failed" and error["code"] == "server_error"
+    # the client gets the request id, the operator the exception (flow metadata, log)
+    assert f.response.headers["x-request-id"] in error["message"] and "bug" not in error["message"]
+    assert f.metadata["resp2chat"]["error"]["detail"] == "RuntimeError: bug"
     assert [e["type"] for e in events].count("response.failed") == 1
 
 

@@ -17,7 +17,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import codex_fixture, parse_sse, send_json
+from conftest import codex_fixture, parse_sse, send_json, wait_until
 from soak import soak
 
 DEAD = "http://127.0.0.1:9"
@@ -306,6 +306,61 @@ def test_secrets_never_reach_logs_flows_or_clients(gateway_factory, tmp_path):
     for text in (message, str(info.value), gw.log(), flows.read_bytes().decode("utf-8", "replace"), log.read_text()):
         assert key not in text and client_key not in text
     assert "[redacted]" in message
+
+
+class _HtmlError(BaseHTTPRequestHandler):
+    """A proxy in front of the backend that answers 502 with an HTML page naming internals."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["content-length"]))
+        body = b"<html><body>502 Bad Gateway: upstream 10.0.0.7:8000 password=hunter2</body></html>"
+        self.send_response(502)
+        self.send_header("content-type", "text/html")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
+
+
+def test_upstream_5xx_words_go_to_the_operator_not_the_client(upstream, gateway_factory, tmp_path):
+    """A backend's 5xx body and any non-JSON error body are the operator's: the client gets the
+    upstream status and the request id; the words are in the gateway's log and the flow file.
+    A 4xx JSON error is the client's: its text stays (scrubbed of key-like strings)."""
+    from mitmproxy import io
+
+    html = ThreadingHTTPServer(("127.0.0.1", 0), _HtmlError)
+    threading.Thread(target=html.serve_forever, daemon=True).start()
+    flows = tmp_path / "flows.mitm"
+    try:
+        gw = gateway_factory(upstream.origin, "-w", str(flows))
+        proxied = gateway_factory(f"http://127.0.0.1:{html.server_address[1]}")
+        planted = "password=hunter2 at 10.0.0.7"
+        events = stream_events(gw, {"model": "m", "input": f"error: 503 db down {planted}"})
+        err = failed_error(events)
+        rid = err["message"].split("request id ")[1].split(";")[0]
+        assert err["code"] == "server_error" and err["message"].startswith("upstream HTTP 503: ")
+        assert "hunter2" not in err["message"] and rid.startswith("req_")
+        whole = requests.post(gw.base_url + "/responses", json={"model": "m", "input": f"error: 500 {planted}"}, timeout=30)
+        assert whole.status_code == 502 and "hunter2" not in whole.text and whole.headers["x-request-id"] in whole.text
+        page = requests.post(proxied.base_url + "/responses", json={"model": "m", "input": "x"}, timeout=30)
+        assert page.status_code == 502 and "hunter2" not in page.text and "10.0.0.7" not in page.text
+        assert page.json()["error"]["message"].startswith("upstream HTTP 502: the upstream failed")
+        kept = failed_error(stream_events(gw, {"model": "m", "input": "error: 400 unknown field foo"}))
+        assert kept["code"] == "invalid_prompt" and kept["message"] == "upstream HTTP 400: unknown field foo"
+        # the operator's side: the log names the request id with the backend's words, and so does the flow
+        assert wait_until(lambda: f"{rid} failed (server_error): upstream HTTP 503: db down {planted}" in gw.log())
+        assert "502 Bad Gateway: upstream 10.0.0.7:8000 password=hunter2" in proxied.log()
+        gw.stop()
+        with flows.open("rb") as fh:
+            recorded = [f.metadata["resp2chat"] for f in io.FlowReader(fh).stream() if "resp2chat" in f.metadata]
+        details = [m["error"]["detail"] for m in recorded if "error" in m]
+        assert f"upstream HTTP 503: db down {planted}" in details
+    finally:
+        html.shutdown()
 
 
 # --- soak ----------------------------------------------------------------------------------
