@@ -143,11 +143,14 @@ def stop_process(proc: subprocess.Popen | None) -> None:
             proc.wait()
 
 
-def start_gateway(upstream_url: str, tmp: Path, *extra: str, env: dict | None = None) -> Gateway:
-    """A real `mitmdump -s addon/resp2chat.py --mode reverse:…` on a free loopback port."""
+def start_gateway(upstream_url: str, tmp: Path, *extra: str, env: dict | None = None,
+                  scripts_first: tuple[str, ...] = ()) -> Gateway:
+    """A real `mitmdump -s addon/resp2chat.py --mode reverse:…` on a free loopback port
+    (``scripts_first``: mitmproxy scripts loaded before the gateway's, e.g. tests/faults.py)."""
     port = free_port()
     log_path = tmp / f"mitmdump-{port}.log"
-    args = [str(MITMDUMP), "-s", str(ADDON), "--mode", f"reverse:{upstream_url}",
+    args = [str(MITMDUMP), *(a for script in scripts_first for a in ("-s", script)),
+            "-s", str(ADDON), "--mode", f"reverse:{upstream_url}",
             "--listen-host", "127.0.0.1", "--listen-port", str(port),
             "--set", f"confdir={tmp / 'mitmconf'}", *extra]
     proc = subprocess.Popen(args, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, cwd=tmp,

@@ -193,6 +193,9 @@ class Turns(Owner):
         live = self.live.get(flow.id)
         if live is None or flow.is_replay == "response":
             return
+        if "failed_in" in flow.metadata[META]:
+            self._end(flow)  # a later addon failed (base.fail_closed answered): not a turn any more
+            return
         self._show_upstream(flow, live)
         if not live.turn.client_stream:
             return
@@ -211,6 +214,8 @@ class Turns(Owner):
         live = self._end(flow)
         if live is None or flow.is_replay == "response":
             return
+        if "failed_in" in flow.metadata[META] and not isinstance(flow.response.stream, TurnStream):
+            return  # the answer is base.fail_closed's 500: the turn never reached its backend
         if not live.turn.client_stream:
             self._answer_whole(flow, live)
         self._record(flow, live)
