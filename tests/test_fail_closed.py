@@ -10,6 +10,9 @@ gateway's log, never to the client, and the next turn is served as usual.
 
 from __future__ import annotations
 
+import json
+import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -135,3 +138,56 @@ def test_a_failure_after_the_backend_answered_never_reaches_the_client(faulty):
     r = f.post({"stream": True})
     assert parse_sse(r.content)[-1]["type"] == "response.completed"
     assert_served(f)
+
+
+# --- start-up ----------------------------------------------------------------------------------
+
+
+def _started(gw) -> str | None:
+    """'finished' once mitmproxy's start-up check is over, 'exited' if it stopped the process."""
+    if gw.proc.poll() is not None:
+        return "exited"
+    return "finished" if "faults: start-up finished" in gw.log() else None
+
+
+@pytest.mark.parametrize("hold", ["before-the-gateway-runs", "after-the-gateway-runs"])
+def test_requests_during_start_up_cannot_stop_the_gateway(upstream, tmp_path, hold):
+    """mitmdump listens before its addons' `running` hooks have run, and its `errorcheck` exits
+    on any ERROR logged until they all have. tests/faults.py holds start-up open in that window:
+    before the gateway's own `running` (its relay is not serving yet) or after it."""
+    first = (FAULTS,) if hold.startswith("before") else ()
+    last = () if first else ("-s", FAULTS)
+    gw = start_gateway(upstream.origin, tmp_path, *last, "--set", "faults_hold_startup=true", scripts_first=first)
+    try:
+        f = Faults(gw, upstream)
+        wait_until(lambda: "faults: holding start-up" in gw.log(), what="start-up held open")
+        # failures in the request hooks: each gets its 500, and nothing is logged as an error
+        for stage in ("decode", "lowering", "routing"):
+            f.inject(stage)
+            assert_server_error(f.post({"stream": True}))
+        f.inject(None)
+        # bytes that are not HTTP, and a body that is not UTF-8
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=30) as s:
+            s.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+            s.recv(65536)
+        bad = requests.post(gw.base_url + "/responses", data=b'{"model":"m","input":"\xed\xa0\x80"}', timeout=30,
+                            headers={"content-type": "application/json"})
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
+        # a turn that starts now is answered once the gateway runs (before: it waits for the relay)
+        answers = {}
+        waiting = threading.Thread(target=lambda: answers.update(r=f.post({"stream": True})))
+        waiting.start()
+        if hold.startswith("after"):  # the relay runs: a failure inside it, during start-up
+            waiting.join(60)
+            f.inject("relay")
+            assert_failed_stream(f.post({"stream": True}))
+            f.inject(None)
+        assert requests.post(f"http://127.0.0.1:{gw.port}/_faults/release", timeout=10).text == "ok"
+        assert wait_until(lambda: _started(gw), what="the end of start-up") == "finished", gw.log()[-3000:]
+        waiting.join(60)
+        assert answers["r"].status_code == 200, answers["r"].text[:300]
+        assert parse_sse(answers["r"].content)[-1]["type"] == "response.completed"
+        assert_served(f)
+        assert gw.proc.poll() is None and "logged during startup" not in gw.log()
+    finally:
+        gw.stop()

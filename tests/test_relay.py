@@ -170,3 +170,29 @@ def test_a_forged_request_reaches_no_upstream(forge):
             backend.close()
 
     asyncio.run(main())
+
+
+def test_a_turn_that_arrives_before_the_relay_runs_waits_for_it():
+    """mitmproxy listens before the gateway's `running` hook starts the relay: a turn routed in
+    that window must reach the relay's port (bound on first use) and be served once it runs."""
+    async def main():
+        sent, conns = [0], []
+        backend = await _backend(sent, conns, chunks=2)
+        port = backend.sockets[0].getsockname()[1]
+        relay = Relay()
+        assert relay.server is None and relay.address[1] != 0  # bound, not serving yet
+        ex = Exchange("early", "s", Target(f"http://127.0.0.1:{port}/v1/chat/completions"))
+        reader, writer = await asyncio.open_connection(*relay.address)  # the kernel's backlog takes it
+        writer.write(_request(relay.expect(ex)))
+        await writer.drain()
+        try:
+            assert conns == []  # nothing served yet
+            await relay.start()
+            items = await asyncio.wait_for(_consume(reader, ex.channel), 10)
+            assert _data(items).count(CHUNK) == 2
+        finally:
+            writer.close()
+            await relay.close()
+            backend.close()
+
+    asyncio.run(main())
