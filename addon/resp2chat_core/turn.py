@@ -161,6 +161,9 @@ def begin_turn(body: bytes, opts: LoweringOptions, response_id: str, created_at:
     else:  # these tools validated and lowered before: the rest of the request still is checked
         req = parse_request({k: v for k, v in raw.items() if k != "tools"})
         lowered = lower(req, opts, known[0], known[1])
+    if not lowered.chat["messages"]:  # a chat request needs one message: no backend takes none
+        raise GatewayError("nothing to send the model: the request has no input, instructions or earlier "
+                           "conversation", param="input", code="invalid_value")
     echo_json = (dumps_spliced(echo, "tools", known[2]) if known and echo["tools"] is tools else dumps(echo))[1:-1]
     ctx = TurnContext(response_id=response_id, created_at=created_at, model=req.model,
                       tool_map=lowered.tool_map, echo_json=echo_json,
