@@ -34,6 +34,13 @@ def _hermetic() -> Path:
 
 TEST_HOME = _hermetic()
 
+
+def gateway_env() -> dict:
+    """The environment a test gateway starts from: the hermetic one, without even the test
+    suite's own RESP2CHAT_* knobs (a test adds what it means to set, e.g. test_cli's cli_env)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("RESP2CHAT_", "OPENAI_", "BRAVE_"))}
+
+
 from resp2chat_io.demo_upstream import serve_in_thread  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,7 +161,7 @@ def start_gateway(upstream_url: str, tmp: Path, *extra: str, env: dict | None = 
             "--listen-host", "127.0.0.1", "--listen-port", str(port),
             "--set", f"confdir={tmp / 'mitmconf'}", *extra]
     proc = subprocess.Popen(args, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, cwd=tmp,
-                            env={**os.environ, **(env or {})})  # os.environ is hermetic (_hermetic)
+                            env={**gateway_env(), **(env or {})})
     gw = Gateway(proc, port, log_path, args)
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
