@@ -26,7 +26,7 @@ PYTHON ?= $(shell for c in python3.13 python3.12 \
 	  $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && { echo $$p; break; }; \
 	done)
 
-.PHONY: help venv codex ai-sdk llamacpp redis smg test test-fast run bench soak recordings clean
+.PHONY: help venv codex ai-sdk llamacpp redis smg test test-fast run bench soak fuzz recordings clean
 
 help:
 	@echo "make run        start the gateway on 127.0.0.1:4000 (bundled demo upstream if no backend is configured)"
@@ -34,6 +34,7 @@ help:
 	@echo "make test-fast  unit tests only (no mitmdump, no Codex CLI)"
 	@echo "make bench      benchmark against plain mitmproxy and codex-relay"
 	@echo "make soak       64 concurrent Codex-like streams for 60 s through a real mitmdump"
+	@echo "make fuzz       20000 byte-level mutations of real Codex requests through a real mitmdump (random seed)"
 	@echo "make recordings re-record the Codex sessions in recordings/"
 
 $(VENV)/.stamp: pyproject.toml
@@ -98,6 +99,9 @@ bench: venv codex llamacpp redis smg
 
 soak: venv
 	$(PY) tests/soak.py --streams 64 --seconds 60
+
+fuzz: venv
+	$(PY) tests/fuzz.py --cases 20000 --findings fuzz-findings
 
 recordings: venv codex
 	CODEX_BIN=$(abspath $(CODEX)) $(PY) tests/recordings.py recordings/

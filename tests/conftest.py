@@ -34,6 +34,13 @@ def _hermetic() -> Path:
 
 TEST_HOME = _hermetic()
 
+
+def gateway_env() -> dict:
+    """The environment a test gateway starts from: the hermetic one, without even the test
+    suite's own RESP2CHAT_* knobs (a test adds what it means to set, e.g. test_cli's cli_env)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("RESP2CHAT_", "OPENAI_", "BRAVE_"))}
+
+
 from resp2chat_io.demo_upstream import serve_in_thread  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,6 +82,19 @@ def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = N
             pass
         time.sleep(0.1)
     raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+def wait_until(condition, timeout: float = 30.0, what: str = "the condition"):
+    """Poll ``condition()`` until it returns something true, and return that: tests wait on the
+    condition itself, never for a fixed time (a loaded 2-core CI machine must not flake)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not happen within {timeout} s")
+        time.sleep(0.02)
 
 
 @dataclass
@@ -130,15 +150,18 @@ def stop_process(proc: subprocess.Popen | None) -> None:
             proc.wait()
 
 
-def start_gateway(upstream_url: str, tmp: Path, *extra: str, env: dict | None = None) -> Gateway:
-    """A real `mitmdump -s addon/resp2chat.py --mode reverse:…` on a free loopback port."""
+def start_gateway(upstream_url: str, tmp: Path, *extra: str, env: dict | None = None,
+                  scripts_first: tuple[str, ...] = ()) -> Gateway:
+    """A real `mitmdump -s addon/resp2chat.py --mode reverse:…` on a free loopback port
+    (``scripts_first``: mitmproxy scripts loaded before the gateway's, e.g. tests/faults.py)."""
     port = free_port()
     log_path = tmp / f"mitmdump-{port}.log"
-    args = [str(MITMDUMP), "-s", str(ADDON), "--mode", f"reverse:{upstream_url}",
+    args = [str(MITMDUMP), *(a for script in scripts_first for a in ("-s", script)),
+            "-s", str(ADDON), "--mode", f"reverse:{upstream_url}",
             "--listen-host", "127.0.0.1", "--listen-port", str(port),
             "--set", f"confdir={tmp / 'mitmconf'}", *extra]
     proc = subprocess.Popen(args, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, cwd=tmp,
-                            env={**os.environ, **(env or {})})  # os.environ is hermetic (_hermetic)
+                            env={**gateway_env(), **(env or {})})
     gw = Gateway(proc, port, log_path, args)
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)

@@ -242,14 +242,15 @@ async def test_no_client_can_address_the_relay(gw, backend):
 async def test_stream_callable_translates_and_fixes_headers(gw, backend):
     backend.pieces = [chunk({"content": "Hel"})[:10], chunk({"content": "Hel"})[10:], b": keep-alive\n\n",
                       chunk(finish="stop"), b"data: [DONE]\n\n"]
-    backend.delay = 0.02  # one tick each
+    backend.delay = 0.02  # (a backend's pace: most pieces get a tick of their own)
     f = responses_flow({"model": "m", "input": "hi", "stream": True}, backend.url)
     results = await gw.run(f)
     assert f.response.headers["content-type"].startswith("text/event-stream")
     assert "content-length" not in f.response.headers
     assert f.response.headers["transfer-encoding"] == "chunked"
-    # nothing to say mid-stream must be [], never b"" (b"" ends the client's body early)
-    assert [] in results and all(r != b"" for r in results)
+    # nothing to say mid-stream must be [], never b"" (b"" ends the client's body early): a
+    # tick with nothing queued, whatever ticks the relay's timing gave
+    assert all(r != b"" for r in results) and f.response.stream(b".") == []
     events = events_of(results)
     assert [e["type"] for e in events].count("response.completed") == 1
     assert any(e.get("delta") == "Hel" for e in events)
@@ -266,7 +267,11 @@ async def test_stream_callable_never_raises(gw, backend, monkeypatch):
     f = responses_flow({"model": "m", "input": "hi", "stream": True}, backend.url)
     results = await gw.run(f)
     events = events_of(results)
-    assert events[-1]["type"] == "response.failed" and "RuntimeError" in events[-1]["response"]["error"]["message"]
+    error = events[-1]["response"]["error"]
+    assert events[-1]["type"] == "response.failed" and error["code"] == "server_error"
+    # the client gets the request id, the operator the exception (flow metadata, log)
+    assert f.response.headers["x-request-id"] in error["message"] and "bug" not in error["message"]
+    assert f.metadata["resp2chat"]["error"]["detail"] == "RuntimeError: bug"
     assert [e["type"] for e in events].count("response.failed") == 1
 
 

@@ -212,6 +212,22 @@ def _start(tmp_path, *args, **env) -> tuple[subprocess.Popen, int]:
     return proc, port
 
 
+def _read_until(proc: subprocess.Popen, needle: str, timeout: float = 30) -> str:
+    """What the process printed, read as it comes, up to and including ``needle``."""
+    import select
+
+    out, deadline = b"", time.monotonic() + timeout
+    while needle.encode() not in out:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([proc.stdout], [], [], left)[0]:
+            raise TimeoutError(f"{needle!r} not printed within {timeout} s: {out[-2000:]!r}")
+        chunk = os.read(proc.stdout.fileno(), 65536)
+        if not chunk:
+            break
+        out += chunk
+    return out.decode(errors="replace")
+
+
 def _stop(proc: subprocess.Popen) -> str:
     proc.terminate()
     out, _ = proc.communicate(timeout=15)
@@ -235,9 +251,10 @@ def test_start_falls_back_to_demo_and_raw_prints_the_stream(tmp_path):
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
         list(client.responses.create(model="demo-model", input="raw mode", stream=True))
-        time.sleep(0.3)
+        printed = _read_until(proc, "You said: raw mode")  # the gateway prints as the stream goes
     finally:
         out = _stop(proc)
+    out = printed + out
     assert "serving the bundled demo upstream" in out
     assert "\x1b[2;3mThinking " in out and "You said: raw mode" in out
 

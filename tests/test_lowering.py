@@ -676,3 +676,14 @@ def test_json_nested_beyond_the_decoder_is_a_400():
     with pytest.raises(GatewayError) as err:
         begin_turn(deep, LoweringOptions(), "resp_x", 1)
     assert err.value.status == 400 and "nested too deeply" in str(err.value.body())
+
+
+def test_a_request_with_nothing_to_send_is_refused_not_forwarded():
+    """No input, no instructions, no earlier conversation: `messages: []`, which no backend takes."""
+    from resp2chat_core.turn import begin_turn
+
+    with pytest.raises(GatewayError) as info:
+        begin_turn(b'{"model":"m","input":[]}', LoweringOptions(), "resp_x", 0)
+    assert info.value.status == 400 and info.value.param == "input"
+    assert json.loads(begin_turn(b'{"model":"m","input":[],"instructions":"be brief"}', LoweringOptions(),
+                                 "resp_x", 0).chat_body)["messages"] == [{"role": "system", "content": "be brief"}]

@@ -19,7 +19,8 @@ CHUNKS = 3000  # ~96 MB: far more than the socket buffers between the three of u
 
 
 async def _backend(sent: list[int], conns: list[int], head: bytes = b"HTTP/1.1 200 OK\r\n", chunks: int = CHUNKS,
-                   requests: list | None = None):
+                   requests: list | None = None, state: dict | None = None):
+    """``state["blocked"]``: the backend is waiting for its reader (its send buffer is full)."""
     async def serve(reader, writer):
         conns.append(1)
         while True:
@@ -32,7 +33,11 @@ async def _backend(sent: list[int], conns: list[int], head: bytes = b"HTTP/1.1 2
             writer.write(head + b"content-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
             for _ in range(chunks):
                 writer.write(b"%x\r\n%s\r\n" % (len(CHUNK), CHUNK))
+                if state is not None:
+                    state["blocked"] = writer.transport.get_write_buffer_size() > writer.transport.get_write_buffer_limits()[1]
                 await writer.drain()
+                if state is not None:
+                    state["blocked"] = False
                 sent[0] += len(CHUNK)
             writer.write(b"0\r\n\r\n")
             await writer.drain()
@@ -62,14 +67,22 @@ async def _consume(reader, channel: Channel, take_slowly: float = 0.0) -> list:
         items += channel.take()
 
 
+async def _until(condition, timeout: float = 60.0) -> None:
+    """Wait for a condition on this event loop (never for a fixed time)."""
+    async def poll():
+        while not condition():
+            await asyncio.sleep(0.01)
+    await asyncio.wait_for(poll(), timeout)
+
+
 def _data(items: list) -> bytes:
     return b"".join(i for i in items if isinstance(i, bytes))
 
 
 def test_slow_consumer_pushes_back_on_the_backend_and_the_connection_is_reused():
     async def main():
-        sent, conns = [0], []
-        backend = await _backend(sent, conns)
+        sent, conns, state = [0], [], {}
+        backend = await _backend(sent, conns, state=state)
         port = backend.sockets[0].getsockname()[1]
         relay = Relay()
         await relay.start()
@@ -80,7 +93,9 @@ def test_slow_consumer_pushes_back_on_the_backend_and_the_connection_is_reused()
                 writer.write(_request(relay.expect(ex)))
                 sent[0] = 0
                 await reader.readuntil(b"\r\n\r\n")
-                await asyncio.sleep(1.5)  # nobody takes: the relay must stop reading the backend
+                # nobody takes: the relay must stop reading the backend (it waits for a take), and
+                # the backend then waits for the relay
+                await _until(lambda: ex.channel.on_take is not None and state.get("blocked"))
                 assert sent[0] < CHUNKS * len(CHUNK) // 2, f"turn {turn}: backend was not pushed back"
                 items = [ex.channel.take()]
                 while True:
@@ -158,14 +173,39 @@ def test_a_forged_request_reaches_no_upstream(forge):
             writer.write(_request(forged))
             assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, nothing answered
             writer.close()
-            await asyncio.sleep(0.2)
-            assert seen == [] and relay.refused == 1
+            assert seen == [] and relay.refused == 1  # (it decides before it closes)
             if forge == "wrong secret":  # a failed guess does not spend the real turn
                 reader, writer = await asyncio.open_connection(*relay.address)
                 writer.write(_request(headers))
                 assert _data(await asyncio.wait_for(_consume(reader, ex.channel), 10)).count(CHUNK) == 1
                 writer.close()
         finally:
+            await relay.close()
+            backend.close()
+
+    asyncio.run(main())
+
+
+def test_a_turn_that_arrives_before_the_relay_runs_waits_for_it():
+    """mitmproxy listens before the gateway's `running` hook starts the relay: a turn routed in
+    that window must reach the relay's port (bound on first use) and be served once it runs."""
+    async def main():
+        sent, conns = [0], []
+        backend = await _backend(sent, conns, chunks=2)
+        port = backend.sockets[0].getsockname()[1]
+        relay = Relay()
+        assert relay.server is None and relay.address[1] != 0  # bound, not serving yet
+        ex = Exchange("early", "s", Target(f"http://127.0.0.1:{port}/v1/chat/completions"))
+        reader, writer = await asyncio.open_connection(*relay.address)  # the kernel's backlog takes it
+        writer.write(_request(relay.expect(ex)))
+        await writer.drain()
+        try:
+            assert conns == []  # nothing served yet
+            await relay.start()
+            items = await asyncio.wait_for(_consume(reader, ex.channel), 10)
+            assert _data(items).count(CHUNK) == 2
+        finally:
+            writer.close()
             await relay.close()
             backend.close()
 

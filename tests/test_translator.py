@@ -491,6 +491,65 @@ def test_fail_upstream_http_errors(status, body, code):
     check_sdk(evs)
 
 
+PLANTED = "password=hunter2 at 10.0.0.7"
+
+
+@pytest.mark.parametrize("status,body,shown", [
+    # a 5xx is written for the backend's operator: the client gets the status and the request id
+    (503, b'{"error":{"message":"db ' + PLANTED.encode() + b'","type":"server_error"}}', False),
+    (500, b"Traceback (most recent call last): " + PLANTED.encode(), False),
+    # a body that is no JSON error (an HTML page from a proxy), whatever the status
+    (404, b"<html><body>nginx " + PLANTED.encode() + b"</body></html>", False),
+    (None, b'{"error":{"message":"CUDA OOM ' + PLANTED.encode() + b'","code":500}}', False),  # mid-stream 5xx
+    # a 4xx JSON error is written for the client: it keeps its text (key-like strings scrubbed)
+    (400, b'{"error":{"message":"unknown field foo ' + PLANTED.encode() + b'"}}', True),
+    (429, b'{"error":{"message":"slow down ' + PLANTED.encode() + b'"}}', True),
+    (None, b'{"error":{"message":"model not found ' + PLANTED.encode() + b'"}}', True),  # a JSON error in a 200
+])
+def test_upstream_error_text_reaches_the_client_only_if_written_for_it(status, body, shown):
+    turn = new_turn()
+    turn.ctx.request_id = "req_abc123"
+    tr = turn.translator()
+    evs = check(tr.fail_upstream(status, body) + tr.finish())
+    message = evs[-1]["response"]["error"]["message"]
+    assert (PLANTED in message) is shown
+    assert PLANTED in tr.error_detail  # the operator always gets the backend's words (log, flow)
+    if not shown:
+        assert "req_abc123" in message and (str(status) in message if status else "upstream error" in message)
+    check_sdk(evs)
+
+
+def test_the_relays_own_failures_keep_their_words_and_name_the_request():
+    turn = new_turn()
+    turn.ctx.request_id = "req_abc123"
+    tr = turn.translator()
+    body = b'{"error":{"message":"cannot connect to the upstream http://127.0.0.1:9: Connection refused"}}'
+    evs = check(tr.fail_upstream(502, body, own=True) + tr.finish())
+    assert evs[-1]["response"]["error"] == {
+        "code": "server_error",
+        "message": "cannot connect to the upstream http://127.0.0.1:9: Connection refused (request id req_abc123)"}
+
+
+@pytest.mark.parametrize("raw", [
+    b"data: <html>" + PLANTED.encode() + b"</html>\n\n",  # an event that is not JSON
+    b"<html><body>" + PLANTED.encode() + b"</body></html>\n",  # a body that is neither SSE nor JSON
+])
+def test_non_json_upstream_bytes_are_not_quoted_to_the_client(raw):
+    tr = translator()
+    evs = run(raw, tr)
+    assert evs[-1]["response"]["error"]["code"] == "server_error"
+    assert PLANTED not in json.dumps(evs) and PLANTED in tr.error_detail
+
+
+def test_a_translator_bug_names_no_internals():
+    tr = translator()
+    tr._payload = lambda payload: 1 / 0
+    evs = run(sse(chunk({"content": "x"})), tr)
+    error = evs[-1]["response"]["error"]
+    assert error["message"].startswith("the gateway failed to translate") and "ZeroDivision" not in error["message"]
+    assert tr.error_detail == "ZeroDivisionError: division by zero"
+
+
 def test_end_without_finish_reason_or_done_fails():
     evs = run(sse(chunk({"content": "cut off"}), done=False))
     assert evs[-1]["type"] == "response.failed"

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 import openai
 import pytest
 
-from conftest import Codex, send_json
+from conftest import Codex, send_json, wait_until
 
 BRAVE_KEY = "brave-planted-key-123456"
 WEB_SEARCH = {"type": "web_search"}
@@ -22,14 +21,15 @@ class _Brave(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     queries: list[dict] = []
     status = 200
-    delay = 0.0
+    hold: threading.Event | None = None  # set: each search waits for it (a search in flight)
 
     def do_GET(self):
         url = urlsplit(self.path)
         q = parse_qs(url.query)
         type(self).queries.append({"path": url.path, "q": q.get("q", [""])[0], "count": q.get("count", [""])[0],
                                    "token": self.headers.get("x-subscription-token")})
-        time.sleep(self.delay)
+        if self.hold is not None:
+            self.hold.wait(60)
         send_json(self, self.status, {"error": "quota exhausted"} if self.status != 200 else {"web": {"results": [
             {"title": f"<strong>Result {i}</strong> for {q['q'][0]}", "url": f"https://example.org/{i}",
              "description": f"snippet &amp; text {i}"} for i in range(1, 9)]}})
@@ -40,7 +40,7 @@ class _Brave(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def brave():
-    _Brave.queries, _Brave.status, _Brave.delay = [], 200, 0.0
+    _Brave.queries, _Brave.status, _Brave.hold = [], 200, None
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Brave)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -127,7 +127,7 @@ def test_without_a_key_web_search_is_stripped(gateway, upstream):
 
 def test_other_streams_flow_while_a_search_is_in_flight(search_gateway, brave):
     _, handler = brave
-    handler.delay = 2.0
+    handler.hold = threading.Event()
     client = client_for(search_gateway)
     done = {}
 
@@ -136,12 +136,14 @@ def test_other_streams_flow_while_a_search_is_in_flight(search_gateway, brave):
 
     t = threading.Thread(target=searching)
     t.start()
-    time.sleep(0.5)  # the search is now waiting on Brave
-    started = time.monotonic()
-    quick = list(client.responses.create(model="demo-model", input="words: 20\nnoreason", stream=True))
-    took = time.monotonic() - started
+    try:
+        wait_until(lambda: handler.queries, what="the search reaching Brave")  # it now waits there
+        quick = list(client.responses.create(model="demo-model", input="words: 20\nnoreason", stream=True))
+        assert quick[-1].type == "response.completed"
+        assert "search" not in done and t.is_alive()  # served while the search was still in flight
+    finally:
+        handler.hold.set()
     t.join(30)
-    assert quick[-1].type == "response.completed" and took < 1.2, took
     assert done["search"].status == "completed"
 
 

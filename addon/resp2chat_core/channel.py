@@ -52,14 +52,16 @@ class Keepalive:
 @dataclass(frozen=True, slots=True)
 class UpstreamFailed:
     """The backend answered with an error status, could not be reached, or went silent.
-    ``body`` is the backend's own error body, or an OpenAI-style error the relay wrote."""
+    ``body`` is the backend's own error body, or an OpenAI-style error the relay wrote (``own``:
+    the gateway's wording, shown to the client; a backend's 5xx words are not, errors.py)."""
 
     status: int
     body: bytes
     retry_after: str | None = None
+    own: bool = False
 
     def apply(self, t) -> bytes:
-        return t.fail_upstream(self.status, self.body, self.retry_after)
+        return t.fail_upstream(self.status, self.body, self.retry_after, self.own)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,8 +189,8 @@ class Reader:
     def finish(self) -> bytes:
         return self._out(self.translator.finish())
 
-    def fail(self, code: str, message: str) -> bytes:
-        return self._out(self.translator.fail(code, message))
+    def fail(self, code: str, message: str, detail: str | None = None) -> bytes:
+        return self._out(self.translator.fail(code, message, detail))
 
     def _out(self, out: bytes) -> bytes:
         if out:

@@ -119,3 +119,62 @@ def upstream_error_message(status: int | None, body: bytes) -> tuple[str, object
         message = text or f"upstream returned HTTP {status}"
     prefix = f"upstream HTTP {status}: " if status and status >= 400 else "upstream error: "
     return prefix + sanitize(message), code
+
+
+# --- what a client sees of an upstream failure ------------------------------------------------
+#
+# A backend's 5xx body, and any error body that is not JSON (an HTML page from a proxy, a stack
+# trace), is written for its operator: it may name hosts, paths, credentials. The client gets a
+# generic message with the upstream status and the gateway's request id; the words go to the
+# gateway's log and the flow (``Translator.error_detail``). A 4xx JSON error is written for the
+# client (context too long, invalid request, rate limited) and keeps its text, scrubbed of
+# key-like strings (``sanitize``) and of the configured keys (channel.scrub). What the gateway
+# itself observed (cannot connect, a stall, its own bug) is its own wording, shown as it is.
+
+
+def _json_error(body: bytes) -> bool:
+    """Whether a body is a JSON object carrying an error (what an API writes for its clients)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and bool(data.get("error") or data.get("detail") or data.get("message"))
+
+
+def for_operator_only(status: int | None, body: bytes, upstream_code: object = None) -> bool:
+    """An upstream error whose text the client does not get: a 5xx (by HTTP status, or by the
+    error's own numeric code inside a 200 stream) or a body that is no JSON error."""
+    if status is None or status < 400:
+        status = _status_code(upstream_code) or status
+    return (status is not None and status >= 500) or not _json_error(body)
+
+
+def withheld(status: int | None, request_id: str = "", what: str = "the upstream failed") -> str:
+    """The generic message that stands for an upstream error the client does not see."""
+    where = f"upstream HTTP {status}: " if status and status >= 400 else "upstream error: "
+    rid = f"request id {request_id}; " if request_id else ""
+    return f"{where}{what} ({rid}the gateway's log has the details)"
+
+
+def gateway_failure(what: str, request_id: str = "") -> str:
+    """The message for the gateway's own unexpected failure (the exception goes to the log)."""
+    return f"the gateway failed to {what}" + (f" (request id {request_id})" if request_id else "")
+
+
+def upstream_failure(status: int | None, body: bytes, request_id: str = "",
+                     own: bool = False) -> tuple[str, str, str]:
+    """An upstream failure as (Responses error code, the client's message, the operator's detail).
+
+    ``own``: the relay wrote ``body`` itself (``channel.UpstreamFailed.own``): its message is
+    the gateway's own wording, shown with the request id."""
+    message, upstream_code = upstream_error_message(status, body)
+    code = classify_upstream_error(status, message, upstream_code)
+    if own:
+        try:
+            said = str(json.loads(body)["error"]["message"])
+        except (ValueError, KeyError, TypeError):
+            said = message
+        return code, said + (f" (request id {request_id})" if request_id else ""), message
+    if for_operator_only(status, body, upstream_code):
+        return code, withheld(status, request_id), message
+    return code, message, message

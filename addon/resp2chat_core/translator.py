@@ -78,7 +78,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from . import websearch
-from .errors import classify_upstream_error, sanitize, upstream_error_message
+from .errors import gateway_failure, sanitize, upstream_failure, withheld
 from .inputs import REASONING_PURPOSE
 from .jsonstring import InputStream
 from .seal import Sealer
@@ -167,6 +167,7 @@ class TurnContext:
     think: str = "auto"  # <think> tags in content: "auto" | "open" (template opens it) | "off"; think.py
     sealer: Sealer | None = None  # seals state handed to the client (encrypted_content); seal.py
     encrypted_reasoning: bool = False  # include: ["reasoning.encrypted_content"]: reasoning items carry it sealed
+    request_id: str = ""  # the gateway's id for the request: named in failures the client sees
 
 
 @dataclass
@@ -193,6 +194,7 @@ class Translator:
         self._usage: dict | None = None
         self.finish_reason: str | None = None
         self.error: dict | None = None
+        self.error_detail: str | None = None  # what the operator gets of a failure (errors.py)
         self.events = 0  # also the next sequence_number
         self._parser = SSEParser()
         self._out: list[str] = []
@@ -225,7 +227,8 @@ class Translator:
                 if self.phase is Phase.DONE:
                     break
         except Exception as exc:  # noqa: BLE001 — a bug here must not hang the client
-            self._fail("server_error", f"gateway failed to translate the upstream stream: {exc!r}")
+            self._fail("server_error", gateway_failure("translate the upstream stream", self.ctx.request_id),
+                       f"{type(exc).__name__}: {exc}")
         return self._flush()
 
     def finish(self) -> bytes:
@@ -243,12 +246,14 @@ class Translator:
                 elif self.phase is not Phase.DONE:
                     self._fail("server_error", "upstream stream ended before the response was finished")
             except Exception as exc:  # noqa: BLE001
-                self._fail("server_error", f"gateway failed to finish the response: {exc!r}")
+                self._fail("server_error", gateway_failure("finish the response", self.ctx.request_id),
+                           f"{type(exc).__name__}: {exc}")
         return self._flush()
 
-    def fail(self, code: str, message: str) -> bytes:
-        """Terminate with ``response.failed`` (idempotent); returns pending output."""
-        self._fail(code, message)
+    def fail(self, code: str, message: str, detail: str | None = None) -> bytes:
+        """Terminate with ``response.failed`` (idempotent); returns pending output. ``detail``
+        is for the operator (the log, the flow), never for the client."""
+        self._fail(code, message, detail)
         return self._flush()
 
     # --- the gateway's own events (channel.py): calls, never bytes -------------------------
@@ -266,9 +271,11 @@ class Translator:
             self._emit_response("response.in_progress", "in_progress")
         return self._flush()
 
-    def fail_upstream(self, status: int | None, body: bytes, retry_after: str | None = None) -> bytes:
-        """An upstream error body (HTTP error or JSON error) -> ``response.failed``."""
-        self._fail_upstream(status, body, retry_after)
+    def fail_upstream(self, status: int | None, body: bytes, retry_after: str | None = None,
+                      own: bool = False) -> bytes:
+        """An upstream error body (HTTP error or JSON error) -> ``response.failed``. ``own``: the
+        relay wrote the body (a failure it observed), not the backend."""
+        self._fail_upstream(status, body, retry_after, own)
         return self._flush()
 
     def rethink(self, mode: str) -> bytes:
@@ -309,8 +316,8 @@ class Translator:
         try:
             data = _loads(body)
         except ValueError:
-            self._fail("server_error", "upstream sent a body that is neither SSE nor JSON: "
-                       + sanitize(body[:200].decode("utf-8", "replace")))
+            self._fail("server_error", withheld(None, self.ctx.request_id, "upstream sent a body that is neither SSE nor JSON"),
+                       sanitize(body[:2000].decode("utf-8", "replace")))
             return
         if not isinstance(data, dict) or data.get("error") or data.get("object") == "error":
             self._fail_upstream(200, body)
@@ -379,7 +386,8 @@ class Translator:
                     self._payload(line.removeprefix("data:").strip())
                 return
             if payload.strip():
-                self._fail("server_error", "upstream sent an event that is not JSON: " + sanitize(payload[:200]))
+                self._fail("server_error", withheld(None, self.ctx.request_id, "upstream sent an event that is not JSON"),
+                           sanitize(payload[:2000]))
             return  # an event with empty data (a keep-alive) is no event
         if not isinstance(chunk, dict):
             self._fail("server_error", "upstream sent an event that is not a JSON object")
@@ -509,19 +517,20 @@ class Translator:
         """Another kind of delta arrives: release held content first, in order."""
         self._think_pieces(self._think.settle())
 
-    def _fail(self, code: str, message: str) -> None:
+    def _fail(self, code: str, message: str, detail: str | None = None) -> None:
         if self.phase is not Phase.DONE:
             self._start()
             self.error = {"code": code, "message": message}
+            self.error_detail = detail
             self._emit_response("response.failed", "failed")
             self.phase = Phase.DONE
 
-    def _fail_upstream(self, status: int | None, body: bytes, retry_after: str | None = None) -> None:
-        message, code = upstream_error_message(status, body)
-        code = classify_upstream_error(status, message, code)
+    def _fail_upstream(self, status: int | None, body: bytes, retry_after: str | None = None,
+                       own: bool = False) -> None:
+        code, message, detail = upstream_failure(status, body, self.ctx.request_id, own)
         if retry_after and code == "rate_limit_exceeded" and "try again in" not in message:
             message += f" (try again in {retry_after}s)"  # Codex reads its retry delay from this
-        self._fail(code, message)
+        self._fail(code, message, detail)
 
     def _start(self) -> None:
         if self.phase is Phase.WAITING:

@@ -6,13 +6,12 @@ the fields echoed into Response objects), so the per-chunk path has nothing left
 
 from __future__ import annotations
 
-import json
 import marshal
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from . import inputs
+from . import inputs, requestbody
 from .errors import GatewayError
 from .lowering import LoweringOptions, dumps, dumps_spliced, lower
 from .toolmap import ToolMap
@@ -123,12 +122,7 @@ class ToolsCache:
 
 
 def decode_body(body: bytes) -> dict:
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise GatewayError(f"request body is not valid JSON: {exc}", code="invalid_json") from None
-    except RecursionError:
-        raise GatewayError("request body is nested too deeply", code="invalid_json") from None
+    data = requestbody.loads(body)  # strict UTF-8 JSON, or a 400 with the offset
     if not isinstance(data, dict):
         raise GatewayError("request body must be a JSON object", code="invalid_json")
     return data
@@ -178,6 +172,9 @@ def begin_turn(body: bytes, opts: LoweringOptions, response_id: str, created_at:
     else:  # these tools validated and lowered before: the rest of the request still is checked
         req = parse_request({k: v for k, v in raw.items() if k != "tools"})
         lowered = lower(req, opts, known[0], known[1])
+    if not lowered.chat["messages"]:  # a chat request needs one message: no backend takes none
+        raise GatewayError("nothing to send the model: the request has no input, instructions or earlier "
+                           "conversation", param="input", code="invalid_value")
     echo_json = (dumps_spliced(echo, "tools", known[2]) if known and echo["tools"] is tools else dumps(echo))[1:-1]
     ctx = TurnContext(response_id=response_id, created_at=created_at, model=req.model,
                       tool_map=lowered.tool_map, echo_json=echo_json,

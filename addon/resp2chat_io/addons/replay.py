@@ -21,7 +21,7 @@ from resp2chat_core.errors import GatewayError
 from resp2chat_core.replay import ReplayCache as Cache, entry_flags, pack, replay_key, unpack_fresh
 from resp2chat_io.redis_state import RedisReplayCache, StateUnavailable
 
-from .base import META, Owner, fails_closed, log
+from .base import META, Owner, fails_closed, log, request_id
 from .turns import RESPONSES_PATHS, new_response_id
 
 
@@ -82,7 +82,8 @@ class ReplayCache(Owner):
                 return  # not answerable any more (e.g. its previous response expired): turns.py says why
         answer = unpack_fresh(entry, response_id, created_at)
         ctype = "text/event-stream; charset=utf-8" if stream else "application/json"
-        flow.response = http.Response.make(200, answer, {"content-type": ctype, "cache-control": "no-cache"})
+        flow.response = http.Response.make(200, answer, {"content-type": ctype, "cache-control": "no-cache",
+                                                         "x-request-id": request_id(flow)})
         flow.metadata[META].update(replay_cache="hit", response_id=response_id, status="completed",
                                    responses_request=body.decode("utf-8", "replace"))
         flow.comment = f"replay cache hit · {response_id}"

@@ -28,7 +28,7 @@ from mitmproxy import http
 from resp2chat_core import routing
 from resp2chat_core import settings as S
 from resp2chat_core.channel import Reader, scrub
-from resp2chat_core.errors import GatewayError, error_json
+from resp2chat_core.errors import GatewayError, error_json, gateway_failure
 from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.replay import MAX_ENTRY_BYTES
 from resp2chat_core.seal import Sealer
@@ -37,7 +37,7 @@ from resp2chat_io import keys
 from resp2chat_io.relay import KEY_HEADER, TURN_HEADER, Exchange, Target
 from resp2chat_io.relay.exchange import Fallback
 
-from .base import META, Owner, fails_closed
+from .base import META, Owner, fails_closed, log, request_id
 
 RESPONSES_PATHS = ("/v1/responses", "/responses")
 JSON_HEADERS = {"content-type": "application/json"}
@@ -86,12 +86,14 @@ class Finished:
 
 class TurnStream:
     """The stream callable: at each relay tick, what the channel holds, translated. Never
-    raises (a raise here hangs the client), never returns b"" early (that ends the body)."""
+    raises (a raise here hangs the client), never returns b"" early (that ends the body). A
+    failure of its own ends the stream with ``response.failed`` naming the request id; the
+    exception goes to the log."""
 
-    __slots__ = ("reader", "channel")
+    __slots__ = ("reader", "channel", "rid")
 
-    def __init__(self, reader: Reader, channel) -> None:
-        self.reader, self.channel = reader, channel
+    def __init__(self, reader: Reader, channel, rid: str = "") -> None:
+        self.reader, self.channel, self.rid = reader, channel, rid
 
     def __call__(self, data: bytes):
         reader = self.reader
@@ -104,7 +106,12 @@ class TurnStream:
             if not data:  # the relay's body ended: so did the turn
                 out += reader.finish()
         except BaseException as exc:  # noqa: BLE001
-            out = reader.fail("server_error", f"gateway error: {exc!r}")
+            log.warning(f"resp2chat: the stream of {self.rid} failed: {type(exc).__name__}: {exc}", exc_info=exc)
+            try:
+                out = reader.fail("server_error", gateway_failure("stream this response", self.rid),
+                                  f"{type(exc).__name__}: {exc}")
+            except BaseException:  # noqa: BLE001 — the translator itself is broken: end the body
+                out = b""
         return out or []
 
 
@@ -172,8 +179,10 @@ class Turns(Owner):
             turn = self.parse(body, new_response_id(), int(time.time()))
         except GatewayError as err:
             meta["status"] = "rejected"
-            flow.response = http.Response.make(err.status, json.dumps(err.body()), JSON_HEADERS)
+            flow.response = http.Response.make(err.status, json.dumps(err.body()),
+                                               {**JSON_HEADERS, "x-request-id": request_id(flow)})
             return
+        turn.ctx.request_id = request_id(flow)  # named in the failures the client sees
         specs = routing.candidates(self.specs, turn.ctx.model) if self.specs else ()
         upstream = self.upstreams.endpoint(specs[0]) if specs else self.upstreams.target(flow)
         meta["response_id"] = turn.ctx.response_id
@@ -217,16 +226,20 @@ class Turns(Owner):
         live = self.live.get(flow.id)
         if live is None or flow.is_replay == "response":
             return
+        if "failed_in" in flow.metadata[META]:
+            self._end(flow)  # a later addon failed (base.fail_closed answered): not a turn any more
+            return
         self._show_upstream(flow, live)
         if not live.turn.client_stream:
             return
         resp = flow.response
-        resp.stream = TurnStream(live.reader, live.exchange.channel)
+        resp.stream = TurnStream(live.reader, live.exchange.channel, live.turn.ctx.request_id)
         resp.status_code, resp.reason = 200, "OK"
         for name in ("content-length", "content-encoding", "content-type", "transfer-encoding"):
             resp.headers.pop(name, None)
         resp.headers["content-type"] = "text/event-stream; charset=utf-8"
         resp.headers["cache-control"] = "no-cache"
+        resp.headers["x-request-id"] = live.turn.ctx.request_id
         if flow.request.http_version == "HTTP/1.1":
             resp.headers["transfer-encoding"] = "chunked"
 
@@ -234,6 +247,8 @@ class Turns(Owner):
         live = self._end(flow)
         if live is None or flow.is_replay == "response":
             return
+        if "failed_in" in flow.metadata[META] and not isinstance(flow.response.stream, TurnStream):
+            return  # the answer is base.fail_closed's 500: the turn never reached its backend
         if not live.turn.client_stream:
             self._answer_whole(flow, live)
         self._record(flow, live)
@@ -283,7 +298,8 @@ class Turns(Owner):
             body = error_json(err["message"], status_type="upstream_error", code=err["code"])
         else:
             status, body = 200, json.dumps(result, ensure_ascii=False).encode()
-        flow.response = http.Response.make(status, scrub(body, self.secrets), JSON_HEADERS)
+        flow.response = http.Response.make(status, scrub(body, self.secrets),
+                                           {**JSON_HEADERS, "x-request-id": live.turn.ctx.request_id})
 
     def _record(self, flow: http.HTTPFlow, live: Live) -> None:
         """Flow metadata (saved with -w), a one-line comment (shown in mitmweb), listeners."""
@@ -292,6 +308,11 @@ class Turns(Owner):
         meta["upstream_sse"] = scrub(bytes(reader.upstream), self.secrets).decode("utf-8", "replace")
         final = t.response() if t.done else None
         meta["status"] = status = final["status"] if final else "unfinished"
+        if t.error:
+            # the failure as the operator sees it: the upstream's own words, or our exception
+            detail = scrub((t.error_detail or t.error["message"]).encode(), self.secrets).decode()
+            meta["error"] = {**t.error, "detail": detail}
+            log.warning(f"resp2chat: {turn.ctx.request_id} failed ({t.error['code']}): {detail}")
         meta["usage"] = t.usage
         calls = sum(1 for item in t.output if item["type"] not in ("message", "reasoning"))
         u = t.usage or {}

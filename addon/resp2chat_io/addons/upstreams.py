@@ -152,7 +152,7 @@ class Upstreams(Owner):
         return name, session
 
     async def running(self) -> None:
-        if not self.relay.port:
+        if self.relay.server is None:  # (its port may be bound already: a turn during start-up)
             await self.relay.start()
 
     async def done(self) -> None:

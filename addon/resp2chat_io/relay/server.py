@@ -10,6 +10,14 @@ once. Anything else — another local process, a replayed or forged request — 
 closed and never reaches a backend. Where the turn goes comes from the exchange (the gateway's
 configuration), never from the request.
 
+When: its port is bound the first time anyone asks for its ``address``, and served from
+``start`` (the gateway's ``running`` hook). mitmproxy listens before that hook runs, so a turn
+that arrives during start-up waits in the port's backlog instead of failing.
+
+Failures of one turn (a bug of ours included) are logged as warnings: mitmproxy's start-up check
+(``errorcheck``) stops the process on any ERROR logged before it is running, and no request may
+be able to do that.
+
 What it answers: ``200`` at once, then a body of meaningless *ticks* (``TICK``), each one only
 making mitmproxy call the flow's stream callable, which takes the turn's news from the
 in-process ``Channel`` (resp2chat_core/channel.py). When the client goes away, mitmproxy closes
@@ -21,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import socket
 
 import h11
 
@@ -42,22 +51,35 @@ class Relay:
         self.client = UpstreamClient()
         self.server: asyncio.base_events.Server | None = None
         self.port = 0
+        self._sock: socket.socket | None = None
         self._expected: dict[str, Exchange] = {}
         self.active = 0  # exchanges in flight: tests check that aborted turns leave nothing behind
         self.refused = 0  # requests that named no registered exchange or the wrong secret
 
     @property
     def address(self) -> tuple[str, int]:
+        if not self.port:
+            self._bind()
         return "127.0.0.1", self.port
 
+    def _bind(self) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(256)
+        sock.setblocking(False)
+        self._sock, self.port = sock, sock.getsockname()[1]
+
     async def start(self) -> int:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
+        if self._sock is None:
+            self._bind()
+        self.server = await asyncio.start_server(self._serve, sock=self._sock)
         return self.port
 
     async def close(self) -> None:
         if self.server:
             self.server.close()
+        elif self._sock is not None:
+            self._sock.close()
         self.client.close()
         self._expected.clear()
 
@@ -88,6 +110,12 @@ class Relay:
         return exchange
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._serve_connection(reader, writer)
+        except Exception as exc:  # noqa: BLE001 — a bug of ours: this connection ends, nothing else
+            log.warning(f"resp2chat relay: {type(exc).__name__}: {exc}", exc_info=exc)
+
+    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 << 10)
         try:
             while True:
@@ -129,8 +157,8 @@ class Relay:
             await asyncio.gather(gone, task, return_exceptions=True)
             self.active -= 1
         if not task.cancelled() and (exc := task.exception()) is not None:
-            # a bug of ours: the turn still ends with a clear failure
-            log.error(f"resp2chat relay: {type(exc).__name__}: {exc}", exc_info=exc)
+            # a bug of ours: the turn still ends with a clear failure (a warning: see the top)
+            log.warning(f"resp2chat relay: {type(exc).__name__}: {exc}", exc_info=exc)
             ex.channel.event(failure(502, "the gateway's relay failed", "server_error"))
         ex.channel.wake = None
         if task.cancelled():

@@ -74,7 +74,7 @@ class Target:
 
 def failure(status: int, message: str, kind: str) -> UpstreamFailed:
     """A failure the relay itself observed, worded like a backend's error body."""
-    return UpstreamFailed(status, json.dumps({"error": {"message": message, "type": kind}}).encode())
+    return UpstreamFailed(status, json.dumps({"error": {"message": message, "type": kind}}).encode(), own=True)
 
 
 class _Watch:

@@ -1,0 +1,53 @@
+"""Byte-level fuzzing through a real mitmdump (tests/fuzz.py has the rules): the findings kept as
+regression fixtures (tests/fixtures/fuzz/), then a seeded, bounded run of fresh mutations.
+`make fuzz` runs the long version with a random seed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import fuzz
+
+SEED, CASES = 1, 600  # ~15 s here; the bound is the count, so a slow machine runs the same cases
+
+
+@pytest.fixture(scope="module")
+def fuzzed(tmp_path_factory):
+    recorder, gw = fuzz.start(tmp_path_factory.mktemp("fuzz"))
+    yield recorder, gw
+    gw.stop()
+    recorder.shutdown()
+
+
+REGRESSIONS = fuzz.regressions()
+
+
+@pytest.mark.parametrize("name, case, want", REGRESSIONS, ids=[r[0] for r in REGRESSIONS])
+def test_kept_findings_stay_fixed(fuzzed, name, case, want):
+    recorder, gw = fuzzed
+    out, problem = fuzz.check(gw.base_url, recorder, case)
+    assert problem is None, f"{name} ({want['found']}): {problem}"
+    statuses = want["status"] if isinstance(want["status"], list) else [want["status"]]
+    assert out.status in statuses, out.body[:300]
+    if out.status != 200:
+        error = json.loads(out.body)["error"]
+        assert error["code"] == want.get("code", error["code"])
+        assert want.get("message", "") in error["message"]
+
+
+def test_every_kept_finding_is_explained():
+    assert len(REGRESSIONS) >= 10
+    for name, case, want in REGRESSIONS:
+        assert want["found"] and want["status"], name
+
+
+def test_seeded_byte_fuzzing_through_mitmdump(fuzzed, tmp_path):
+    recorder, gw = fuzzed
+    report = fuzz.fuzz(gw.base_url, recorder, SEED, CASES, findings=tmp_path / "findings")
+    found = "\n".join(f"  {case.name} ({len(case.body)} bytes): {problem}" for case, problem in report.findings)
+    assert not report.findings, f"{len(report.findings)} findings (minimized in {tmp_path / 'findings'}):\n{found}"
+    assert report.cases == CASES and gw.proc.poll() is None
+    # the mutations reach every outcome: served, refused, too large
+    assert {200, 400, 413} <= set(report.statuses), report.statuses
