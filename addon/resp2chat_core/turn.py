@@ -12,6 +12,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
+from . import compaction
 from .errors import GatewayError
 from .lowering import LoweringOptions, dumps, dumps_spliced, lower
 from .toolmap import ToolMap
@@ -73,9 +74,10 @@ class Turn:
     items: list = field(default_factory=list)  # the whole conversation as input items (kept only to store)
     store: bool = False  # the client wants this response kept (`store` not false)
     prompt_cache_key: str | None = None  # the client's, for session_key
+    compaction: bool = False  # Codex's remote compaction: the answer is one sealed summary (compaction.py)
 
     def translator(self) -> Translator:
-        self.active = Translator(self.ctx)
+        self.active = (compaction.CompactionTranslator if self.compaction else Translator)(self.ctx)
         return self.active
 
 
@@ -152,6 +154,14 @@ def begin_turn(body: bytes, opts: LoweringOptions, response_id: str, created_at:
                                param="previous_response_id", code="previous_response_not_found")
         items = earlier + items
         raw = {**raw, "input": items, "previous_response_id": None}
+    summarize = False
+    if isinstance(items, list):
+        # Codex's remote compaction (a trailing compaction_trigger) and the compaction items it
+        # keeps afterwards: the sealed summaries are opened here, lowering sees user messages.
+        kept, opened, summarize = compaction.prepare(items, sealer)
+        if opened is not items:
+            raw = {**raw, "input": opened}
+        items = kept
     tools = raw.get("tools")
     key = ToolsCache.key(tools, opts) if tools_cache is not None and tools and isinstance(tools, list) else None
     known = tools_cache.find(key) if key else None
@@ -163,6 +173,8 @@ def begin_turn(body: bytes, opts: LoweringOptions, response_id: str, created_at:
     else:  # these tools validated and lowered before: the rest of the request still is checked
         req = parse_request({k: v for k, v in raw.items() if k != "tools"})
         lowered = lower(req, opts, known[0], known[1])
+    if summarize:
+        lowered = compaction.summary_request(lowered)
     echo_json = (dumps_spliced(echo, "tools", known[2]) if known and echo["tools"] is tools else dumps(echo))[1:-1]
     ctx = TurnContext(response_id=response_id, created_at=created_at, model=req.model,
                       tool_map=lowered.tool_map, echo_json=echo_json,
@@ -170,6 +182,6 @@ def begin_turn(body: bytes, opts: LoweringOptions, response_id: str, created_at:
     store = raw.get("store") is not False
     pck = raw.get("prompt_cache_key")
     return Turn(lowered.body, lowered.client_stream, ctx,
-                web_search=any(t.kind == "web_search" for t in lowered.tool_map.targets.values()),
+                web_search=not summarize and any(t.kind == "web_search" for t in lowered.tool_map.targets.values()),
                 items=items if store and isinstance(items, list) else [], store=store,
-                prompt_cache_key=pck if isinstance(pck, str) and pck else None)
+                prompt_cache_key=pck if isinstance(pck, str) and pck else None, compaction=summarize)
