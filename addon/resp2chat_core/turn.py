@@ -132,16 +132,18 @@ def decode_body(body: bytes) -> dict:
     return data
 
 
-def begin_turn(body: bytes, opts: LoweringOptions, response_id: str, created_at: int,
+def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, created_at: int,
                history: Callable[[str], list | None] | None = None, tools_cache: ToolsCache | None = None,
                sealer: Sealer | None = None) -> Turn:
     """Raise ``GatewayError`` for a request the gateway cannot serve.
+
+    ``body`` is the request's bytes, or the request already decoded (a WebSocket message's).
 
     ``history(previous_response_id)`` returns the stored conversation a request continues
     (None when unknown): it is put in front of the new input, as if the client had sent it all.
     ``sealer`` reads and writes the ``encrypted_content`` the gateway hands clients (seal.py).
     """
-    raw = decode_body(body)
+    raw = body if isinstance(body, dict) else decode_body(body)
     echo = echo_fields(raw)
     items = raw.get("input")
     if isinstance(items, str):

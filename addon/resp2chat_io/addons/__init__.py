@@ -7,6 +7,7 @@
 - ``StoredResponses`` GET/DELETE /v1/responses/{id}; previous_response_id's history
 - ``ReplayCache``     identical requests answered without the backend
 - ``Turns``           POST /v1/responses: lower, relay, stream, record
+- ``ResponsesWebSocket`` ws://…/v1/responses: the same turns over a WebSocket (or a refusal)
 - ``Upstreams``       every other /v1/* call to the upstream; the relay's lifetime and timeouts
 - ``RequestLog``      the chat requests sent upstream, as JSON lines
 - ``RawOutput``       --raw: the model's stream on stdout
@@ -31,6 +32,7 @@ from .store import StoredResponses
 from .turns import Turns
 from .upstreams import Upstreams
 from .websearch import WebSearch
+from .websocket import ResponsesWebSocket
 
 
 def build() -> list:
@@ -42,7 +44,9 @@ def build() -> list:
     turns = Turns(source, upstreams, search, store)
     replay = ReplayCache(source, upstreams, turns, store)
     turns.finished += [replay.finished, store.finished]
+    request_log = RequestLog(source, turns)
+    sockets = ResponsesWebSocket(source, upstreams, turns, store, request_log)
     return [
-        Listen(source, upstreams), Gate(source, upstreams.relay), store, replay, turns, upstreams,
-        RequestLog(source, turns), RawOutput(turns), search, SettingsCommand(source), Redact(),
+        Listen(source, upstreams), Gate(source, upstreams.relay), store, replay, turns, sockets, upstreams,
+        request_log, RawOutput(turns), search, SettingsCommand(source), Redact(),
     ]

@@ -140,10 +140,11 @@ class Turns(Owner):
         if path in RESPONSES_PATHS and req.method == "POST":
             self.begin(flow, path)
 
-    def parse(self, body: bytes, response_id: str, created_at: int) -> Turn:
-        """Decode, validate and lower; ``GatewayError`` for a request the gateway cannot serve."""
-        return begin_turn(body, self.lowering, response_id, created_at, self.store.history, self.tools_cache,
-                          self.sealer)
+    def parse(self, body: bytes | dict, response_id: str, created_at: int, history=None) -> Turn:
+        """Decode, validate and lower; ``GatewayError`` for a request the gateway cannot serve.
+        ``history``: where ``previous_response_id`` is looked up (default: the response store)."""
+        return begin_turn(body, self.lowering, response_id, created_at, history or self.store.history,
+                          self.tools_cache, self.sealer)
 
     def begin(self, flow: http.HTTPFlow, client_path: str) -> None:
         body = flow.request.get_content(strict=False) or b""
@@ -251,7 +252,7 @@ class Turns(Owner):
         final = t.response() if t.done else None
         meta["status"] = status = final["status"] if final else "unfinished"
         meta["usage"] = t.usage
-        calls = sum(1 for item in t.output if item["type"] not in ("message", "reasoning"))
+        calls = sum(1 for item in t.output if item["type"] not in ("message", "reasoning", "compaction"))
         u = t.usage or {}
         took = (flow.response.timestamp_end or time.time()) - flow.request.timestamp_start
         flow.comment = (
@@ -260,6 +261,7 @@ class Turns(Owner):
             + (f" · in {u['input_tokens']} (cached {u['input_tokens_details']['cached_tokens']})"
                f" out {u['output_tokens']}" if u else "")
             + (f" · {calls} tool call{'s' if calls != 1 else ''}" if calls else "")
+            + (" · compaction" if turn.compaction else "")
             + f" · {took * 1000:.0f} ms"
         )
         answer = bytes(reader.sent) if turn.client_stream else flow.response.content

@@ -1,0 +1,233 @@
+"""The Responses WebSocket transport: the core (resp2chat_core/websocket.py) alone, then a raw
+WebSocket client through a real mitmdump (relay/websocket.py, addons/websocket.py). The real
+Codex CLI over the socket is in test_codex_builtin.py."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import requests
+from mitmproxy import http, io
+
+from resp2chat_core import websocket as ws
+from resp2chat_core.errors import GatewayError
+
+from conftest import parse_sse
+from wsclient import Refused, WSClient
+
+TOOLS = [{"type": "function", "name": "exec_command", "description": "run a command", "strict": False,
+          "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}, "required": ["cmd"]}}]
+
+
+def user(text: str) -> dict:
+    return {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+
+
+# --- the core ------------------------------------------------------------------------------
+
+
+def test_read_message():
+    create = ws.read_message('{"type": "response.create", "model": "m", "input": "hi", "generate": false}')
+    assert create.body == {"model": "m", "input": "hi"} and create.warmup and create.previous is None
+    assert not ws.read_message('{"type": "response.create", "model": "m", "input": []}').warmup
+    assert ws.read_message('{"type": "response.processed", "response_id": "resp_1"}') is None
+    for bad, code in [("nope", "invalid_json"), ("[1]", "invalid_json"), ('{"type": "response.append"}',
+                      "unsupported_message_type"), ('{"model": "m"}', "unsupported_message_type"),
+                      ('{"type": "response.create", "generate": "no"}', "invalid_value")]:
+        with pytest.raises(GatewayError) as err:
+            ws.read_message(bad)
+        assert err.value.code == code and err.value.status == 400
+    message = json.loads(ws.error_message(GatewayError("input[2]: bad", param="input[2]", code="invalid_value")))
+    assert message == {"type": "error", "status": 400, "error": {
+        "message": "input[2]: bad", "type": "invalid_request_error", "param": "input[2]", "code": "invalid_value"}}
+
+
+def test_messages_are_the_data_of_each_event():
+    sse = b'event: response.created\ndata: {"type":"response.created"}\n\nevent: x\ndata: {"type":"x","a":"b\\n"}\n\n'
+    assert ws.messages(sse) == ['{"type":"response.created"}', '{"type":"x","a":"b\\n"}']
+    assert ws.messages(b"") == []
+
+
+def test_connection_memory_continues_responses_and_is_bounded():
+    conn = ws.Connection(keep=2)
+    stored = {"resp_stored": [user("from the store")]}
+    conn.remember("resp_1", [user("a")])
+    create = ws.read_message(json.dumps({"type": "response.create", "model": "m", "input": "b",
+                                         "previous_response_id": "resp_1"}))
+    assert conn.conversation(create, stored.get) == [user("a"), {"role": "user", "content": "b"}]
+    create.body["previous_response_id"] = "resp_stored"  # not this connection's: the response store's
+    assert conn.conversation(create, stored.get)[0] == user("from the store")
+    create.body["previous_response_id"] = "resp_unknown"
+    assert conn.conversation(create, stored.get) is None
+    conn.remember("resp_2", [])
+    conn.remember("resp_3", [])
+    assert len(conn) == 2 and conn.history("resp_1") is None and conn.history("resp_3") == []
+
+
+# --- through a real mitmdump ---------------------------------------------------------------
+
+
+@pytest.fixture
+def gw(upstream, gateway_factory, tmp_path):
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0",
+                         "--set", f"resp2chat_upstream_request_log_path={tmp_path / 'up.jsonl'}",
+                         "-w", str(tmp_path / "flows.mitm"))
+    gw.request_log = tmp_path / "up.jsonl"
+    gw.flows = tmp_path / "flows.mitm"
+    return gw
+
+
+def logged_bodies(path: Path) -> list[bytes]:
+    """The chat requests the gateway sent upstream, byte for byte (the request log keeps them so)."""
+    out = []
+    for line in path.read_bytes().splitlines():
+        out.append(line[line.index(b', "body": ') + 10:-1])
+    return out
+
+
+def done(events: list[dict]) -> dict:
+    assert events[-1]["type"] == "response.completed", events[-1]
+    return events[-1]["response"]
+
+
+def test_a_conversation_over_the_socket_lowers_to_the_same_bytes_as_over_http(gw, upstream):
+    """previous_response_id + only the new input over the socket == the whole input over HTTP."""
+    instructions = {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "Be brief."}]}
+    base = {"model": "demo-model", "tools": TOOLS, "store": False, "stream": True, "parallel_tool_calls": True}
+    client = WSClient(gw.base_url)
+    first = [instructions, user("run: echo from-the-socket")]
+    r1 = done(client.turn({"type": "response.create", **base, "input": first}))
+    assert r1["output"][-1]["type"] == "function_call"
+    second = [{"type": "function_call_output", "call_id": r1["output"][-1]["call_id"], "output": "from-the-socket\n"}]
+    r2 = done(client.turn({"type": "response.create", **base, "previous_response_id": r1["id"], "input": second}))
+    assert r2["output"][-1]["content"][0]["text"] == "The tool returned: from-the-socket"
+    third = [user("thanks")]
+    r3 = done(client.turn({"type": "response.create", **base, "previous_response_id": r2["id"], "input": third}))
+    client.close()
+    # the same conversation, the client resending everything each time (as Codex does over HTTP)
+    full = first
+    for extra, earlier in ((None, None), (second, r1), (third, r2)):
+        if extra is not None:
+            full = full + earlier["output"] + extra
+        r = requests.post(gw.base_url + "/responses", json={**base, "input": full}, timeout=30)
+        assert parse_sse(r.content)[-1]["type"] == "response.completed"
+    bodies = logged_bodies(gw.request_log)
+    assert len(bodies) == 6
+    assert bodies[:3] == bodies[3:]  # byte for byte: the backend's prefix cache cannot tell them apart
+    assert r3["output"][-1]["content"][0]["text"] == "You said: thanks"
+
+
+def test_warm_up_is_answered_without_the_backend_and_then_continued(gw, upstream):
+    upstream.clear()
+    client = WSClient(gw.base_url)
+    warm = client.turn({"type": "response.create", "model": "demo-model", "input": [user("hello")], "generate": False})
+    assert [e["type"] for e in warm] == ["response.created", "response.in_progress", "response.completed"]
+    assert warm[-1]["response"]["output"] == [] and upstream.requests() == []
+    real = done(client.turn({"type": "response.create", "model": "demo-model", "input": [],
+                             "previous_response_id": warm[-1]["response"]["id"]}))
+    assert real["output"][-1]["content"][0]["text"] == "You said: hello"
+    assert [m["content"] for m in upstream.requests()[0]["messages"]] == ["hello"]
+    client.close()
+
+
+def test_bad_messages_get_an_error_and_the_socket_stays_usable(gw, upstream):
+    client = WSClient(gw.base_url)
+    cases = [
+        ("not json", "invalid_json", None),
+        ({"type": "response.cancel"}, "unsupported_message_type", "type"),
+        ({"type": "response.create", "model": "demo-model", "input": [{"type": "nonsense"}]}, "unsupported_item_type",
+         "input[0].type"),
+        ({"type": "response.create", "model": "demo-model", "input": "x", "previous_response_id": "resp_gone"},
+         "previous_response_not_found", "previous_response_id"),
+        ({"type": "response.create", "model": "demo-model",
+          "input": [{"type": "compaction", "encrypted_content": "r2c1.forged"}, user("go on")]},
+         "invalid_encrypted_content", "input[0].encrypted_content"),
+    ]
+    for message, code, param in cases:
+        [error] = client.turn(message)
+        assert error["type"] == "error" and error["status"] == 400, error
+        assert error["error"]["code"] == code and error["error"]["param"] == param
+    client.send({"type": "response.processed", "response_id": "resp_x"})  # an acknowledgement: no answer
+    client.ping()
+    ok = done(client.turn({"type": "response.create", "model": "demo-model", "input": "still here?"}))
+    assert ok["output"][-1]["content"][0]["text"] == "You said: still here?"
+    client.close()
+
+
+def test_upstream_failure_is_response_failed_on_the_socket(gw):
+    client = WSClient(gw.base_url)
+    events = client.turn({"type": "response.create", "model": "demo-model", "input": "error: 500 boom"})
+    assert events[-1]["type"] == "response.failed" and events[-1]["response"]["error"]["code"] == "server_error"
+    assert done(client.turn({"type": "response.create", "model": "demo-model", "input": "again"}))
+    client.close()
+
+
+def test_the_socket_is_recorded_in_the_flow_file(gw, upstream):
+    client = WSClient(gw.base_url, headers={"authorization": "Bearer sk-client-secret-123456"})
+    first = client.turn({"type": "response.create", "model": "demo-model", "input": "one", "generate": False})
+    second = client.turn({"type": "response.create", "model": "demo-model", "input": "two",
+                          "previous_response_id": first[-1]["response"]["id"]})
+    client.turn("oops")
+    client.close()
+    gw.stop()
+    [flow] = [f for f in io.FlowReader(gw.flows.open("rb")).stream() if isinstance(f, http.HTTPFlow)
+              and f.websocket is not None]
+    assert flow.request.path == "/v1/responses" and flow.response.status_code == 101
+    assert not [h for h in flow.request.headers if h.lower().startswith("x-resp2chat")]
+    assert b"sk-client-secret" not in gw.flows.read_bytes()
+    sent = [json.loads(m.content) for m in flow.websocket.messages if not m.from_client]
+    assert sent == first + second + [{"type": "error", "status": 400, "error": sent[-1]["error"]}]
+    meta = flow.metadata["resp2chat"]
+    assert meta["transport"] == "websocket"
+    warm, turn, rejected = meta["turns"]
+    assert warm["warmup"] and "chat_request" not in warm and rejected["status"] == "rejected"
+    assert turn["status"] == "completed" and turn["response_id"] == second[-1]["response"]["id"]
+    assert turn["chat_request"].encode() == logged_bodies(gw.request_log)[0]
+    assert "chat.completion.chunk" in turn["upstream_sse"]
+    assert [e["type"] for e in parse_sse(turn["events"].encode())] == [e["type"] for e in second]
+    assert flow.comment.startswith("WebSocket /v1/responses · 3 messages (1 warm-up, 1 completed, 1 rejected)")
+
+
+# --- refusals: never a GET to the backend ---------------------------------------------------
+
+
+class Recorder(BaseHTTPRequestHandler):
+    seen: list = []
+
+    def do_GET(self):
+        Recorder.seen.append(self.path)
+        self.send_response(200)
+        self.send_header("content-length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def recorder():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    Recorder.seen = []
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_upgrades_the_gateway_does_not_serve_are_refused_at_once(recorder, gateway_factory):
+    off = gateway_factory(recorder, "--set", "resp2chat_responses_websocket=false")
+    with pytest.raises(Refused) as err:
+        WSClient(off.base_url)
+    assert err.value.status == 426 and json.loads(err.value.body)["error"]["code"] == "websocket_disabled"
+    on = gateway_factory(recorder)
+    with pytest.raises(Refused) as err:
+        WSClient(on.base_url, path="/models")
+    assert err.value.status == 404 and json.loads(err.value.body)["error"]["code"] == "websocket_not_supported"
+    plain = requests.get(on.base_url + "/responses", timeout=10)
+    assert plain.status_code == 405 and plain.headers["allow"] == "POST"
+    assert requests.get(on.base_url + "/models", timeout=10).status_code == 200  # other GETs still go upstream
+    assert Recorder.seen == ["/v1/models"]
