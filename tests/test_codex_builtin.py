@@ -137,3 +137,33 @@ def test_websocket_off_codex_falls_back_at_once(upstream, gateway_factory, cx, t
     upgrades = [f for f in flows(path) if f.request.method == "GET" and f.request.path == "/v1/responses"]
     assert [f.response.status_code for f in upgrades] == [426]  # one refusal, no retry, nothing forwarded
     assert json.loads(upgrades[0].response.content)["error"]["code"] == "websocket_disabled"
+
+
+def test_a_websocket_session_replays_offline_to_a_rerun_over_either_transport(upstream, gateway_factory, cx, tmp_path):
+    """Recorded over the socket, rerun with --server-replay alone and no backend: the tool runs
+    again (so its output's wall time differs) and every turn is still answered."""
+    path = tmp_path / "session.mitm"
+    live = gateway_factory(upstream.origin, "-w", str(path), "--set", "resp2chat_max_replay_entries=0")
+    cx.configure_builtin(live.base_url)
+    assert "The tool returned: replay-me" in ok(cx.exec("run: echo replay-me"))
+    live.stop()
+    for transport in ("websocket", "http"):
+        replayed = tmp_path / f"replayed-{transport}.mitm"
+        offline = gateway_factory("http://127.0.0.1:9", "--server-replay", str(path), "-w", str(replayed),
+                                  "--set", f"resp2chat_responses_websocket={'true' if transport == 'websocket' else 'false'}")
+        cx.configure_builtin(offline.base_url)
+        output = ok(cx.exec("run: echo replay-me"))
+        assert "The tool returned: replay-me" in output and "stream disconnected" not in output, output
+        offline.stop()
+        again = flows(replayed)
+        if transport == "websocket":
+            [sock] = [f for f in again if f.websocket is not None]
+            answered = [t for t in sock.metadata["resp2chat"]["turns"] if not t["warmup"]]
+            assert [t.get("server_replay") for t in answered] == [True, True]
+            [recorded] = [f for f in flows(path) if f.websocket is not None]
+            recorded_turns = [t for t in recorded.metadata["resp2chat"]["turns"] if not t["warmup"]]
+            assert answered[1]["chat_request"] != recorded_turns[1]["chat_request"]  # the wall time differed
+            assert [t["events"] for t in answered] == [t["events"] for t in recorded_turns]
+        else:  # the socket's recording answers HTTP turns as well: the match is on the chat request
+            posts = [f for f in again if f.request.method == "POST"]
+            assert len(posts) == 2 and all(f.metadata["resp2chat"].get("server_replay") for f in posts)

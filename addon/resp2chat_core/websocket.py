@@ -108,6 +108,17 @@ def messages(sse: bytes) -> list[str]:
     return out
 
 
+def final_response(sse: bytes) -> dict | None:
+    """The Response object of a stream's last event (its terminal event)."""
+    at = sse.rfind(b"data: ")
+    try:
+        event = json.loads(sse[at + 6:]) if at >= 0 else None
+    except ValueError:
+        return None
+    response = event.get("response") if isinstance(event, dict) else None
+    return response if isinstance(response, dict) else None
+
+
 def input_items(body: dict) -> list | None:
     """A request's ``input`` as items (a string is one user message, as in begin_turn)."""
     items = body.get("input")

@@ -8,6 +8,7 @@
 - ``ReplayCache``     identical requests answered without the backend
 - ``Turns``           POST /v1/responses: lower, relay, stream, record
 - ``ResponsesWebSocket`` ws://…/v1/responses: the same turns over a WebSocket (or a refusal)
+- ``ServerReplay``    --server-replay answers reruns of recorded turns (what varies between runs ignored)
 - ``Upstreams``       every other /v1/* call to the upstream; the relay's lifetime and timeouts
 - ``RequestLog``      the chat requests sent upstream, as JSON lines
 - ``RawOutput``       --raw: the model's stream on stdout
@@ -26,6 +27,7 @@ from .listen import Listen
 from .raw import RawOutput
 from .redact import Redact
 from .replay import ReplayCache
+from .server_replay import ServerReplay
 from .request_log import RequestLog
 from .settings_command import SettingsCommand
 from .store import StoredResponses
@@ -45,8 +47,9 @@ def build() -> list:
     replay = ReplayCache(source, upstreams, turns, store)
     turns.finished += [replay.finished, store.finished]
     request_log = RequestLog(source, turns)
-    sockets = ResponsesWebSocket(source, upstreams, turns, store, request_log)
+    server_replay = ServerReplay(turns)
+    sockets = ResponsesWebSocket(source, upstreams, turns, store, request_log, server_replay)
     return [
-        Listen(source, upstreams), Gate(source, upstreams.relay), store, replay, turns, sockets, upstreams,
-        request_log, RawOutput(turns), search, SettingsCommand(source), Redact(),
+        Listen(source, upstreams), Gate(source, upstreams.relay), store, replay, turns, server_replay, sockets,
+        upstreams, request_log, RawOutput(turns), search, SettingsCommand(source), Redact(),
     ]

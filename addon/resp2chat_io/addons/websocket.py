@@ -66,10 +66,10 @@ class ResponsesWebSocket(Owner):
     name = "resp2chat_websocket"
     owner = "websocket"
 
-    def __init__(self, source, upstreams, turns, store, request_log=None) -> None:
+    def __init__(self, source, upstreams, turns, store, request_log=None, server_replay=None) -> None:
         super().__init__(source)
         self.upstreams, self.relay, self.turns, self.store = upstreams, upstreams.relay, turns, store
-        self.request_log = request_log
+        self.request_log, self.server_replay = request_log, server_replay
         self.live: dict[str, Live] = {}
 
     # --- the upgrade -------------------------------------------------------------------------
@@ -184,6 +184,9 @@ class ResponsesWebSocket(Owner):
             live.conn.remember(response_id, conversation or [])
             self._finish(live, text, turn, reader, warmup=True)
             return
+        if self.server_replay is not None and self.server_replay.active:
+            self._replay(live, text, turn, conversation, send)
+            return
         exchange = Exchange(f"{live.flow.id}:{live.turns}", "", Target(live.upstream_url),
                             search=self.turns.search.settings if turn.web_search else None)
         exchange.channel.push = lambda item: send(ws.messages(reader.apply(item)))
@@ -204,6 +207,26 @@ class ResponsesWebSocket(Owner):
                 conversation = conversation[:-1]
             live.conn.remember(response_id, conversation + t.output)
         self._finish(live, text, turn, reader)
+
+    def _replay(self, live: Live, text: str, turn, conversation: list | None, send) -> None:
+        """Offline replay (``--server-replay``): the recorded events of the same turn, if any."""
+        recorded = self.server_replay.events(turn.chat_body)
+        if recorded is None:
+            extra = ctx.options.server_replay_extra
+            if extra != "forward":  # as mitmproxy's server replay does for an unmatched request
+                status = int(extra) if extra.isdigit() else 502
+                send([ws.error_message(GatewayError("no recorded answer for this request (server replay)",
+                                                    code="not_recorded", status=status, type="server_error"))])
+                self._record(live, {"responses_request": text, "status": "rejected", "server_replay": "not recorded"})
+            return
+        send(ws.messages(recorded))
+        final = ws.final_response(recorded) or {}
+        if final.get("status") == "completed" and conversation is not None:
+            live.conn.remember(final["id"], conversation + final.get("output", []))
+        self._record(live, {"responses_request": text, "chat_request": turn.chat_body.decode("utf-8", "replace"),
+                            "response_id": final.get("id"), "status": final.get("status", "unfinished"),
+                            "usage": final.get("usage"), "warmup": False, "server_replay": True,
+                            "events": recorded.decode("utf-8", "replace")})
 
     def _finish(self, live: Live, text: str, turn, reader: Reader, warmup: bool = False) -> None:
         """Record a turn on the flow and tell the listeners (the response store…)."""
