@@ -308,5 +308,6 @@ def test_readme_documents_every_setting_and_command():
     readme = (ROOT / "README.md").read_text()
     for f in FIELDS:
         assert f"| `{f.name}` | `{f.env}`" in readme, f.name
-    for cmd in ("resp2chat configure", "resp2chat start", "resp2chat print-config", "resp2chat analyze", "make test"):
+    for cmd in ("resp2chat configure", "resp2chat start", "resp2chat print-config", "resp2chat analyze",
+                "resp2chat retranslate", "make test"):
         assert cmd in readme, cmd

@@ -1,4 +1,4 @@
-"""The ``resp2chat`` command: configure, start, print-config, analyze."""
+"""The ``resp2chat`` command: configure, start, print-config, analyze, retranslate."""
 
 from __future__ import annotations
 
@@ -259,6 +259,12 @@ def cmd_analyze(args) -> int:
     return analyze_main(args)
 
 
+def cmd_retranslate(args) -> int:
+    from resp2chat_io.retranslate import main as retranslate_main
+
+    return retranslate_main(args)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="resp2chat", description="OpenAI Responses API gateway for any Chat Completions backend (a mitmproxy addon).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -291,6 +297,15 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("files", nargs="+")
     a.add_argument("--json", action="store_true", help="machine-readable output")
     a.set_defaults(func=cmd_analyze)
+
+    r = sub.add_parser("retranslate", help="lower and translate recorded turns again with this code; diff "
+                       "against the recording (exit 1 on a difference)")
+    r.add_argument("files", nargs="+", help="flow files (mitmdump -w, make recordings)")
+    r.add_argument("--seal-key", metavar="SECRET", help="the seal_key the recording was made with (for sealed "
+                   "items: compaction summaries); default: the configured key, else this install's")
+    r.add_argument("-v", "--verbose", action="store_true", help="every turn, not only the ones that differ")
+    r.add_argument("--json", action="store_true", help="also print the results as JSON")
+    r.set_defaults(func=cmd_retranslate)
     return p
 
 

@@ -26,10 +26,11 @@ from typing import Callable
 from mitmproxy import http
 
 from resp2chat_core import settings as S
-from resp2chat_core.channel import Reader, scrub
+from resp2chat_core.channel import Reader, record_events, scrub
 from resp2chat_core.errors import GatewayError, error_json
 from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.replay import MAX_ENTRY_BYTES
+from resp2chat_core.retranslate import lowering_record
 from resp2chat_core.seal import Sealer
 from resp2chat_core.turn import ToolsCache, Turn, begin_turn
 from resp2chat_io import keys
@@ -112,6 +113,7 @@ class Turns(Owner):
         self.live: dict[str, Live] = {}
         self.lowering = LoweringOptions()
         self.lowering_repr = repr(self.lowering)  # part of the replay cache key
+        self.lowering_record = lowering_record(self.lowering)  # in each flow: `resp2chat retranslate` reads it
         self.tools_cache = ToolsCache()
         self.secrets: tuple[bytes, ...] = ()
         self.finished: list[Callable[[Finished], None]] = []
@@ -121,6 +123,7 @@ class Turns(Owner):
     def apply(self, updated: set[str]) -> None:
         self.lowering = LoweringOptions.from_settings(self.s, web_search=bool(self.s["brave_api_key"]))
         self.lowering_repr = repr(self.lowering)
+        self.lowering_record = lowering_record(self.lowering)
         self.secrets = tuple(v.encode() for k in sorted(S.SECRET_FIELDS) if len(v := self.s[k]) >= 6)
         self._seal_key = None
 
@@ -249,6 +252,9 @@ class Turns(Owner):
         turn, t, reader = live.turn, live.reader.translator, live.reader
         meta = flow.metadata[META]
         meta["upstream_sse"] = scrub(bytes(reader.upstream), self.secrets).decode("utf-8", "replace")
+        # what `resp2chat retranslate` needs to translate this turn again exactly
+        meta.update(created_at=turn.ctx.created_at, lowering=self.lowering_record,
+                    gateway_events=record_events(reader.gateway, self.secrets))
         final = t.response() if t.done else None
         meta["status"] = status = final["status"] if final else "unfinished"
         meta["usage"] = t.usage

@@ -28,7 +28,7 @@ from types import SimpleNamespace
 from mitmproxy import ctx, http
 
 from resp2chat_core import websocket as ws
-from resp2chat_core.channel import Accepted, Reader, scrub
+from resp2chat_core.channel import Reader, record_events, scrub
 from resp2chat_core.compaction import TRIGGER
 from resp2chat_core.errors import GatewayError, error_json
 from resp2chat_core.replay import MAX_ENTRY_BYTES
@@ -238,6 +238,8 @@ class ResponsesWebSocket(Owner):
         if not warmup:
             record["chat_request"] = turn.chat_body.decode("utf-8", "replace")
             record["upstream_sse"] = scrub(bytes(reader.upstream), self.turns.secrets).decode("utf-8", "replace")
+            record["gateway_events"] = record_events(reader.gateway, self.turns.secrets)
+            record["lowering"] = self.turns.lowering_record
         record["events"] = bytes(reader.sent).decode("utf-8", "replace")
         self._record(live, record)
         if not warmup:
