@@ -52,6 +52,36 @@ def test_messages_are_the_data_of_each_event():
     assert ws.messages(b"") == []
 
 
+def _chunk(delta=None, finish=None) -> bytes:
+    return b"data: " + json.dumps({"choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}]}).encode() + b"\n\n"
+
+
+def _translator():
+    from resp2chat_core.lowering import LoweringOptions
+    from resp2chat_core.turn import begin_turn
+
+    return begin_turn(b'{"model": "m", "input": "hi"}', LoweringOptions(), "resp_x", 1).translator()
+
+
+def test_the_deltas_one_backend_read_brings_go_out_as_one_message():
+    t = _translator()
+    coalesce = ws.Coalescer()
+    first = coalesce(t.accepted() + t.feed(_chunk({"reasoning_content": "a "}) + _chunk({"reasoning_content": "b"})
+                                           + _chunk({"content": "x"}) + _chunk({"content": "y"})))
+    second = coalesce(t.feed(_chunk({"content": "z"})) + t.feed(_chunk(finish="stop") + b"data: [DONE]\n\n"))
+    events = [json.loads(m) for _, m in first + second]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))  # still contiguous
+    deltas = [(e["type"].split(".")[1], e["delta"]) for e in events if e["type"].endswith(".delta")]
+    assert deltas == [("reasoning_summary_text", "a b"), ("output_text", "xy"), ("output_text", "z")]
+    assert events[-1]["response"]["output"][-1]["content"][0]["text"] == "xyz"
+    assert [k for k, _ in first + second] == [e["type"] for e in events]
+    # chunked otherwise, the same answer: the same once every run of deltas is merged
+    t2 = _translator()
+    whole = t2.accepted() + t2.feed(_chunk({"reasoning_content": "a b"}) + _chunk({"content": "xyz"})
+                                    + _chunk(finish="stop") + b"data: [DONE]\n\n")
+    assert ws.canonical(ws.as_sse(first + second)) == ws.canonical(whole) == ws.as_sse(ws.Coalescer()(whole))
+
+
 def test_connection_memory_continues_responses_and_is_bounded():
     conn = ws.Connection(keep=2)
     stored = {"resp_stored": [user("from the store")]}

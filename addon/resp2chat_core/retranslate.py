@@ -95,7 +95,10 @@ def check_turn(where: str, record: dict, history: History, sealer: Sealer | None
                *, answer: bytes | None = None, stream: bool = True) -> Result:
     """One recorded turn. ``record``: a flow's turn record (``responses_request``,
     ``chat_request``, ``upstream_sse``, ``response_id``, …); ``answer``: what the client got
-    (default: the record's ``events``); ``stream``: whether that was SSE or one JSON body."""
+    (default: the record's ``events``: a socket's turn, whose deltas went out merged as each
+    backend read brought them, so both sides are compared with every run of deltas merged);
+    ``stream``: whether that was SSE or one JSON body."""
+    merged = answer is None
     answer = (record.get("events") or "").encode() if answer is None else answer
     try:
         request = json.loads(record["responses_request"])
@@ -130,6 +133,8 @@ def check_turn(where: str, record: dict, history: History, sealer: Sealer | None
         again = Reader(turn.translator(), 0).apply(websocket.Warmup())
     else:
         again = translate(turn, record.get("upstream_sse", "").encode(), record.get("gateway_events"), stream)
+    if merged:
+        answer, again = websocket.canonical(answer), websocket.canonical(again)
     old, new = _events(answer, sealer), _events(again, sealer)
     if old != new:
         details += ["translation differs (recorded events, then now):"] + _diff(old, new)

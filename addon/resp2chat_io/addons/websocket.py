@@ -46,6 +46,7 @@ JSON_HEADERS = {"content-type": "application/json"}
 HANDSHAKE = ("upgrade", "connection", "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
              "sec-websocket-protocol", "content-length", "transfer-encoding", "host")
 RECORD_BUDGET = 64 << 20  # turn records kept on one socket's flow; later turns are noted without their bodies
+MAX_SENT = 1 << 16  # messages of one turn kept for its record
 
 
 @dataclass(eq=False)
@@ -179,34 +180,43 @@ class ResponsesWebSocket(Owner):
         reader = Reader(turn.translator(), MAX_ENTRY_BYTES, self.turns.secrets)
         if ctx.options.resp2chat_raw:
             reader.translator.observer = RawPrinter()
+        coalesce, sent = ws.Coalescer(), []
+
+        def out(sse: bytes) -> None:
+            """A channel item's events as messages (deltas of one read merged: ws.Coalescer)."""
+            messages = coalesce(sse)
+            if len(sent) < MAX_SENT:
+                sent.extend(messages)
+            send([message for _, message in messages])
+
         if create.warmup:
-            send(ws.messages(reader.apply(ws.Warmup())))
+            out(reader.apply(ws.Warmup()))
             live.conn.remember(response_id, conversation or [])
-            self._finish(live, text, turn, reader, warmup=True)
+            self._finish(live, text, turn, reader, sent, warmup=True)
             return
         if self.server_replay is not None and self.server_replay.active:
             self._replay(live, text, turn, conversation, send)
             return
         exchange = Exchange(f"{live.flow.id}:{live.turns}", "", Target(live.upstream_url),
                             search=self.turns.search.settings if turn.web_search else None)
-        exchange.channel.push = lambda item: send(ws.messages(reader.apply(item)))
+        exchange.channel.push = lambda item: out(reader.apply(item))
         if self.request_log is not None:
             self.request_log.write(live.flow, turn, live.upstream_url)
         try:
             await run(exchange, self.relay.client, live.headers, turn.chat_body)
         except asyncio.CancelledError:  # the socket closed: the backend call is dropped with it
-            self._finish(live, text, turn, reader)
+            self._finish(live, text, turn, reader, sent)
             raise
         except Exception as exc:  # noqa: BLE001 — a bug of ours: the turn still ends clearly
             log.error(f"resp2chat: websocket turn failed: {type(exc).__name__}: {exc}", exc_info=exc)
-            send(ws.messages(reader.apply(failure(502, "the gateway's relay failed", "server_error"))))
-        send(ws.messages(reader.finish()))
+            out(reader.apply(failure(502, "the gateway's relay failed", "server_error")))
+        out(reader.finish())
         t = reader.translator
         if t.done and t.response()["status"] == "completed" and conversation is not None:
             if conversation and isinstance(conversation[-1], dict) and conversation[-1].get("type") == TRIGGER:
                 conversation = conversation[:-1]
             live.conn.remember(response_id, conversation + t.output)
-        self._finish(live, text, turn, reader)
+        self._finish(live, text, turn, reader, sent)
 
     def _replay(self, live: Live, text: str, turn, conversation: list | None, send) -> None:
         """Offline replay (``--server-replay``): the recorded events of the same turn, if any."""
@@ -228,7 +238,7 @@ class ResponsesWebSocket(Owner):
                             "usage": final.get("usage"), "warmup": False, "server_replay": True,
                             "events": recorded.decode("utf-8", "replace")})
 
-    def _finish(self, live: Live, text: str, turn, reader: Reader, warmup: bool = False) -> None:
+    def _finish(self, live: Live, text: str, turn, reader: Reader, sent: list, warmup: bool = False) -> None:
         """Record a turn on the flow and tell the listeners (the response store…)."""
         t = reader.translator
         final = t.response() if t.done else None
@@ -240,10 +250,10 @@ class ResponsesWebSocket(Owner):
             record["upstream_sse"] = scrub(bytes(reader.upstream), self.turns.secrets).decode("utf-8", "replace")
             record["gateway_events"] = record_events(reader.gateway, self.turns.secrets)
             record["lowering"] = self.turns.lowering_record
-        record["events"] = bytes(reader.sent).decode("utf-8", "replace")
+        answer = ws.as_sse(sent)  # what the client got (deltas merged as they were sent)
+        record["events"] = answer.decode("utf-8", "replace")
         self._record(live, record)
         if not warmup:
-            answer = bytes(reader.sent)
             for listener in self.turns.finished:
                 listener(Finished(live.flow, turn, status, final, answer, t.usage))
 
