@@ -220,9 +220,9 @@ class Codex:
 
     def configure_builtin(self, base_url: str, model: str = "demo-model", extra: str = "") -> None:
         """Codex's built-in OpenAI provider pointed at the gateway (``openai_base_url``), as
-        people do who write no provider: WebSocket transport first, remote compaction."""
+        people do who write no provider: WebSocket transport first, remote compaction. (It needs
+        no key; a gateway key goes in ``env["CODEX_API_KEY"]``.)"""
         (self.home / "config.toml").write_text(f'model = "{model}"\nopenai_base_url = "{base_url}"\n{extra}')
-        self.env["OPENAI_API_KEY"] = "sk-resp2chat-test"
 
     def exec(self, *args: str, timeout: float = 120) -> CodexRun:
         cmd = [self.bin, "exec", "--skip-git-repo-check", "--dangerously-bypass-approvals-and-sandbox", *args]

@@ -64,6 +64,19 @@ def test_builtin_provider_speaks_websocket_multi_turn_with_tools_and_resume(upst
     assert "You said: and once more" in sockets[1].websocket.messages[-1].content.decode()
 
 
+def test_builtin_provider_with_the_gateway_key_in_codex_api_key(upstream, gateway_factory, cx, tmp_path):
+    path = tmp_path / "session.mitm"
+    gw = gateway_factory(upstream.origin, "-w", str(path), "--set", "resp2chat_gateway_api_key=gw-key-7c1e9a")
+    cx.configure_builtin(gw.base_url)
+    refused = cx.exec("who am i")  # no key: the upgrade and the HTTP fallback both get 401
+    assert refused.returncode != 0 and "401" in refused.output
+    cx.env["CODEX_API_KEY"] = "gw-key-7c1e9a"
+    assert "You said: with the key" in ok(cx.exec("with the key"))
+    gw.stop()
+    assert [f.response.status_code for f in flows(path) if f.websocket is not None] == [101]
+    assert b"gw-key-7c1e9a" not in path.read_bytes()
+
+
 def test_custom_provider_with_supports_websockets(upstream, gateway_factory, cx, tmp_path):
     path = tmp_path / "session.mitm"
     gw = gateway_factory(upstream.origin, "-w", str(path), "--set", "resp2chat_max_replay_entries=0")
