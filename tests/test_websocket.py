@@ -220,6 +220,22 @@ def test_the_socket_is_recorded_in_the_flow_file(gw, upstream):
     assert "chat.completion.chunk" in turn["upstream_sse"]
     assert [e["type"] for e in parse_sse(turn["events"].encode())] == [e["type"] for e in second]
     assert flow.comment.startswith("WebSocket /v1/responses · 3 messages (1 warm-up, 1 completed, 1 rejected)")
+    # mitmweb: each message readable, a client's beside the chat request the backend got for it
+    from mitmproxy import contentviews
+    from mitmproxy.test import taddons
+
+    from resp2chat_io import views
+
+    views.register()
+    client_messages = [m for m in flow.websocket.messages if m.from_client]
+    with taddons.context():
+        warm, real, bad = (contentviews.prettify_message(m, flow) for m in client_messages)
+        last = contentviews.prettify_message(flow.websocket.messages[-2], flow)
+    assert warm.view_name == real.view_name == last.view_name == "resp2chat message"
+    assert "a warm-up" in warm.text and "chat request" not in warm.text
+    assert "continuing resp_" in real.text and "== chat request (to the backend) ==" in real.text and "two" in real.text
+    assert "refused: invalid_json" in bad.text
+    assert "response.completed  status=completed" in last.text
 
 
 # --- refusals: never a GET to the backend ---------------------------------------------------
