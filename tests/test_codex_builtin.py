@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from mitmproxy import http, io
 
 from resp2chat_core.compaction import COMPACTION_PROMPT, SUMMARY_PREFIX
 
-from conftest import Codex
+from conftest import ROOT, Codex
 
 pytestmark = pytest.mark.codex
 
@@ -62,6 +64,12 @@ def test_builtin_provider_speaks_websocket_multi_turn_with_tools_and_resume(upst
     assert [json.loads(t["chat_request"]) for t in real] == upstream.requests()
     assert upstream.requests()[1]["messages"][-1]["role"] == "tool"  # the tool output came back over the socket
     assert "You said: and once more" in sockets[1].websocket.messages[-1].content.decode()
+    # resp2chat analyze reads a socket's turns like HTTP turns: one session whose prompt only grows
+    report = json.loads(subprocess.run([sys.executable, "-m", "resp2chat_io.main", "analyze", "--json", str(path)],
+                                       capture_output=True, text=True, check=True, cwd=ROOT,
+                                       env={"PYTHONPATH": str(ROOT / "addon"), "PATH": "/usr/bin:/bin"}).stdout)
+    assert report["summary"]["requests"] == 3 and report["summary"]["sessions"] == 1
+    assert report["summary"]["session_prefix_hit_ratio_later_turns"] >= 0.97
 
 
 def test_builtin_provider_with_the_gateway_key_in_codex_api_key(upstream, gateway_factory, cx, tmp_path):
