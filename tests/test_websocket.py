@@ -188,6 +188,32 @@ def test_bad_messages_get_an_error_and_the_socket_stays_usable(gw, upstream):
     client.close()
 
 
+def test_a_client_that_leaves_mid_turn_is_recorded_and_the_gateway_goes_on(gw, upstream, tmp_path):
+    client = WSClient(gw.base_url)
+    client.send({"type": "response.create", "model": "demo-model", "input": "words: 40\nnoreason\nslow: 200"})
+    while client.next_message()["type"] != "response.output_text.delta":
+        pass  # the answer is streaming, one word every 200 ms
+    client.sock.close()  # gone, without a close frame
+    again = WSClient(gw.base_url)
+    assert done(again.turn({"type": "response.create", "model": "demo-model", "input": "still serving?"}))
+    again.close()
+    gw.stop()
+    recorded = [f.metadata["resp2chat"]["turns"] for f in io.FlowReader(gw.flows.open("rb")).stream()
+                if isinstance(f, http.HTTPFlow) and f.websocket is not None]
+    assert [[t["status"] for t in turns] for turns in recorded] == [["unfinished"], ["completed"]]
+    words = [e for e in parse_sse(recorded[0][0]["events"].encode()) if e["type"] == "response.output_text.delta"]
+    assert 0 < len(words) < 40  # recorded as far as it went
+
+
+def test_a_message_over_the_body_limit_is_refused(upstream, gateway_factory):
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_request_body_mb=1")
+    client = WSClient(gw.base_url)
+    [error] = client.turn({"type": "response.create", "model": "demo-model", "input": "x" * (1 << 20)})
+    assert error["status"] == 413 and error["error"]["code"] == "request_too_large"
+    assert done(client.turn({"type": "response.create", "model": "demo-model", "input": "small"}))
+    client.close()
+
+
 def test_upstream_failure_is_response_failed_on_the_socket(gw):
     client = WSClient(gw.base_url)
     events = client.turn({"type": "response.create", "model": "demo-model", "input": "error: 500 boom"})

@@ -60,12 +60,14 @@ class Live:
     conn: ws.Connection = field(default_factory=ws.Connection)
     turns: int = 0
     recorded: int = 0  # bytes of turn records in the flow's metadata
+    current: tuple | None = None  # the turn in flight: (_finish's arguments)
 
 
 @fails_closed
 class ResponsesWebSocket(Owner):
     name = "resp2chat_websocket"
     owner = "websocket"
+    also_reads = ("max_request_body_mb",)  # a message is a request: the same limit
 
     def __init__(self, source, upstreams, turns, store, request_log=None, server_replay=None) -> None:
         super().__init__(source)
@@ -151,6 +153,9 @@ class ResponsesWebSocket(Owner):
         if live is not None:
             self.relay.forget(flow.id)
             self._show_client_url(flow, live)
+            if live.current is not None:  # the client left mid-turn: record it before the flow is saved
+                current, live.current = live.current, None
+                self._finish(live, *current)
 
     @staticmethod
     def _show_client_url(flow: http.HTTPFlow, live: Live) -> None:
@@ -166,6 +171,9 @@ class ResponsesWebSocket(Owner):
     async def message(self, live: Live, text: str, send) -> None:
         """One client message (the relay calls this in order, one at a time)."""
         try:
+            if len(text) > self.s["max_request_body_mb"] << 20:  # (characters: at most 4 bytes each)
+                raise GatewayError(f"message larger than max_request_body_mb ({self.s['max_request_body_mb']} MiB)",
+                                   code="request_too_large", status=413)
             create = ws.read_message(text)
             if create is None:
                 return  # response.processed: nothing to say
@@ -202,14 +210,18 @@ class ResponsesWebSocket(Owner):
         exchange.channel.push = lambda item: out(reader.apply(item))
         if self.request_log is not None:
             self.request_log.write(live.flow, turn, live.upstream_url)
+        live.current = (text, turn, reader, sent)
         try:
             await run(exchange, self.relay.client, live.headers, turn.chat_body)
         except asyncio.CancelledError:  # the socket closed: the backend call is dropped with it
-            self._finish(live, text, turn, reader, sent)
+            if live.current is not None:  # (not recorded yet by websocket_end)
+                live.current = None
+                self._finish(live, text, turn, reader, sent)
             raise
         except Exception as exc:  # noqa: BLE001 — a bug of ours: the turn still ends clearly
             log.error(f"resp2chat: websocket turn failed: {type(exc).__name__}: {exc}", exc_info=exc)
             out(reader.apply(failure(502, "the gateway's relay failed", "server_error")))
+        live.current = None
         out(reader.finish())
         t = reader.translator
         if t.done and t.response()["status"] == "completed" and conversation is not None:
