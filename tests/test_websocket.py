@@ -240,7 +240,7 @@ def test_the_socket_is_recorded_in_the_flow_file(gw, upstream):
     meta = flow.metadata["resp2chat"]
     assert meta["transport"] == "websocket"
     warm, turn, rejected = meta["turns"]
-    assert warm["warmup"] and "chat_request" not in warm and rejected["status"] == "rejected"
+    assert warm["warmup"] and "upstream_sse" not in warm and rejected["status"] == "rejected"
     assert turn["status"] == "completed" and turn["response_id"] == second[-1]["response"]["id"]
     assert turn["chat_request"].encode() == logged_bodies(gw.request_log)[0]
     assert "chat.completion.chunk" in turn["upstream_sse"]

@@ -99,14 +99,16 @@ def _blank(text: str, rules) -> str:
     return text
 
 
-def rerun_key(chat_body: bytes) -> str:
+def rerun_key(chat_body: bytes, kind: str = "") -> str:
     """What a recorded chat request and a rerun's must share to be the same request: the whole
     request, with ``VARIES_IN_TOOL_OUTPUT`` blanked in tool messages and ``VARIES_IN_MESSAGES``
-    in every text. (Not valid JSON: hashed as it is, so nothing else can change.)"""
+    in every text. (Not valid JSON: hashed as it is, so nothing else can change.) ``kind`` keeps
+    apart answers of another kind to the same request (a WebSocket warm-up's)."""
+    prefix = kind.encode() + b"\n"
     try:
         chat = json.loads(chat_body)
     except (ValueError, UnicodeDecodeError):
-        return hashlib.sha256(chat_body).hexdigest()
+        return hashlib.sha256(prefix + chat_body).hexdigest()
     messages = chat.get("messages") if isinstance(chat, dict) else None
     for message in messages if isinstance(messages, list) else ():
         if not isinstance(message, dict):
@@ -119,7 +121,7 @@ def rerun_key(chat_body: bytes) -> str:
             for part in content:
                 if isinstance(part, dict) and isinstance(part.get("text"), str):
                     part["text"] = _blank(part["text"], rules)
-    return hashlib.sha256(json.dumps(chat, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(prefix + json.dumps(chat, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
 
 
 class Recordings:
@@ -131,13 +133,13 @@ class Recordings:
     def __len__(self) -> int:
         return sum(len(v) for v in self._answers.values())
 
-    def add(self, chat_body: bytes, answer) -> None:
-        self._answers.setdefault(rerun_key(chat_body), []).append(answer)
+    def add(self, chat_body: bytes, answer, kind: str = "") -> None:
+        self._answers.setdefault(rerun_key(chat_body, kind), []).append(answer)
 
-    def take(self, chat_body: bytes, reuse: bool = False):
+    def take(self, chat_body: bytes, reuse: bool = False, kind: str = ""):
         if not self._answers:
             return None
-        key = rerun_key(chat_body)
+        key = rerun_key(chat_body, kind)
         found = self._answers.get(key)
         if not found:
             return None

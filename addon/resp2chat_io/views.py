@@ -102,7 +102,7 @@ class SocketMessageView(contentviews.Contentview):
         if body.get("generate") is False:
             head += ", a warm-up (answered without the backend)"
         out = [head + " ==", describe_responses_request(body)]
-        if turn and turn.get("chat_request"):
+        if turn and turn.get("chat_request") and not turn.get("warmup"):
             out += ["", "== chat request (to the backend) ==", describe_chat_request(json.loads(turn["chat_request"]))]
         return "\n".join(out + refused)
 

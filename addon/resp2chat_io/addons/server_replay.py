@@ -12,7 +12,8 @@ byte for byte):
 - ``request`` (after Turns lowered the request): a recorded answer for this chat request is
   handed to mitmproxy's server replay under this very request (``replay.server.add``), so it
   answers as it would an exact match (``server_replay_refresh``, ``_reuse``, ``_extra`` apply).
-- the WebSocket addon asks ``events`` for each turn on a socket and sends the recorded events.
+- the WebSocket addon asks ``events`` for each turn on a socket (and each warm-up, so a replayed
+  session keeps its recorded response ids) and sends the recorded events.
 
 Recordings are taken in recording order; with ``server_replay_reuse`` they are kept. mitmdump
 keeps serving (``keepserving``) until stopped, instead of stopping once mitmproxy's own replay
@@ -34,6 +35,7 @@ from .base import META, fails_closed
 log = logging.getLogger("resp2chat")
 
 SSE_HEADERS = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
+WARMUP = "warm-up"  # recordings of WebSocket warm-ups answer warm-ups only (Recordings kind)
 
 
 @dataclass
@@ -99,8 +101,8 @@ class ServerReplay:
             if meta.get("transport") == "websocket":
                 for n, turn in enumerate(meta.get("turns") or (), 1):
                     if turn.get("chat_request") and turn.get("events") and turn.get("status") == "completed":
-                        recordings.add(turn["chat_request"].encode(),
-                                       Answer(f"{f.id} turn {n}", sse=turn["events"].encode()))
+                        recordings.add(turn["chat_request"].encode(), Answer(f"{f.id} turn {n}", sse=turn["events"].encode()),
+                                       WARMUP if turn.get("warmup") else "")
             elif meta.get("responses_request") and f.response is not None and not meta.get("replay_cache") \
                     and f.request.path.split("?", 1)[0].endswith("/chat/completions"):
                 content = f.response.content or b""
@@ -139,9 +141,10 @@ class ServerReplay:
         else:
             flow.response, flow.is_replay = response, "response"
 
-    def events(self, chat_body: bytes) -> bytes | None:
-        """The recorded events for a WebSocket turn (None: no recording, or not as events)."""
+    def events(self, chat_body: bytes, warmup: bool = False) -> bytes | None:
+        """The recorded events for a WebSocket turn, or warm-up (None: no recording, or not as
+        events). A warm-up's recording answers only a warm-up: it holds no answer."""
         if not self.active:
             return None
-        answer = self.recordings.take(chat_body, ctx.options.server_replay_reuse)
+        answer = self.recordings.take(chat_body, ctx.options.server_replay_reuse, WARMUP if warmup else "")
         return answer.sse if answer is not None else None

@@ -102,7 +102,6 @@ class ResponsesWebSocket(Owner):
 
     @staticmethod
     def refuse(flow: http.HTTPFlow, status: int, message: str, code: str, **headers: str) -> None:
-        flow.metadata.setdefault(META, {})["status"] = "rejected"
         flow.response = http.Response.make(status, error_json(message, code=code), {**JSON_HEADERS, **headers})
 
     def open(self, flow: http.HTTPFlow) -> None:
@@ -197,13 +196,13 @@ class ResponsesWebSocket(Owner):
                 sent.extend(messages)
             send([message for _, message in messages])
 
+        if self.server_replay is not None and self.server_replay.active \
+                and self._replay(live, text, turn, conversation, send, create.warmup):
+            return  # answered from a recording (--server-replay)
         if create.warmup:
             out(reader.apply(ws.Warmup()))
             live.conn.remember(response_id, conversation or [])
             self._finish(live, text, turn, reader, sent, warmup=True)
-            return
-        if self.server_replay is not None and self.server_replay.active:
-            self._replay(live, text, turn, conversation, send)
             return
         exchange = Exchange(f"{live.flow.id}:{live.turns}", "", Target(live.upstream_url),
                             search=self.turns.search.settings if turn.web_search else None)
@@ -230,25 +229,28 @@ class ResponsesWebSocket(Owner):
             live.conn.remember(response_id, conversation + t.output)
         self._finish(live, text, turn, reader, sent)
 
-    def _replay(self, live: Live, text: str, turn, conversation: list | None, send) -> None:
-        """Offline replay (``--server-replay``): the recorded events of the same turn, if any."""
-        recorded = self.server_replay.events(turn.chat_body)
+    def _replay(self, live: Live, text: str, turn, conversation: list | None, send, warmup: bool = False) -> bool:
+        """Offline replay (``--server-replay``): the recorded events of the same turn (or
+        warm-up), if any. False: none, and the turn (or warm-up) is served as usual."""
+        recorded = self.server_replay.events(turn.chat_body, warmup)
         if recorded is None:
             extra = ctx.options.server_replay_extra
-            if extra != "forward":  # as mitmproxy's server replay does for an unmatched request
+            if extra != "forward" and not warmup:  # as mitmproxy's server replay does for an unmatched request
                 status = int(extra) if extra.isdigit() else 502
                 send([ws.error_message(GatewayError("no recorded answer for this request (server replay)",
                                                     code="not_recorded", status=status, type="server_error"))])
                 self._record(live, {"responses_request": text, "status": "rejected", "server_replay": "not recorded"})
-            return
+                return True
+            return False
         send(ws.messages(recorded))
         final = ws.final_response(recorded) or {}
         if final.get("status") == "completed" and conversation is not None:
             live.conn.remember(final["id"], conversation + final.get("output", []))
         self._record(live, {"responses_request": text, "chat_request": turn.chat_body.decode("utf-8", "replace"),
                             "response_id": final.get("id"), "status": final.get("status", "unfinished"),
-                            "usage": final.get("usage"), "warmup": False, "server_replay": True,
+                            "usage": final.get("usage"), "warmup": warmup, "server_replay": True,
                             "events": recorded.decode("utf-8", "replace")})
+        return True
 
     def _finish(self, live: Live, text: str, turn, reader: Reader, sent: list, warmup: bool = False) -> None:
         """Record a turn on the flow and tell the listeners (the response store…)."""
@@ -257,8 +259,8 @@ class ResponsesWebSocket(Owner):
         status = final["status"] if final else "unfinished"
         record = {"responses_request": text, "response_id": turn.ctx.response_id, "created_at": turn.ctx.created_at,
                   "status": status, "usage": t.usage, "warmup": warmup}
+        record["chat_request"] = turn.chat_body.decode("utf-8", "replace")  # (a warm-up's: what replay matches)
         if not warmup:
-            record["chat_request"] = turn.chat_body.decode("utf-8", "replace")
             record["upstream_sse"] = scrub(bytes(reader.upstream), self.turns.secrets).decode("utf-8", "replace")
             record["gateway_events"] = record_events(reader.gateway, self.turns.secrets)
             record["lowering"] = self.turns.lowering_record
