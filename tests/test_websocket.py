@@ -214,6 +214,17 @@ def test_a_message_over_the_body_limit_is_refused(upstream, gateway_factory):
     client.close()
 
 
+def test_a_bug_of_ours_ends_the_message_with_an_error_and_the_socket_goes_on(upstream, gateway_factory):
+    gw = gateway_factory(upstream.origin, "-s", str(Path(__file__).with_name("ws_fault.py")))
+    client = WSClient(gw.base_url)
+    [error] = client.turn({"type": "response.create", "model": "demo-model", "input": "raise a bug"})
+    assert error == {"type": "error", "status": 500, "error": {"message": "the gateway failed to handle this message",
+                                                               "type": "server_error", "param": None, "code": "server_error"}}
+    assert done(client.turn({"type": "response.create", "model": "demo-model", "input": "and now?"}))
+    client.close()
+    assert "injected by tests/ws_fault.py" in gw.log()  # the details go to the log, not the client
+
+
 def test_upstream_failure_is_response_failed_on_the_socket(gw):
     client = WSClient(gw.base_url)
     events = client.turn({"type": "response.create", "model": "demo-model", "input": "error: 500 boom"})

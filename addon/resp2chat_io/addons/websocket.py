@@ -168,7 +168,18 @@ class ResponsesWebSocket(Owner):
     # --- the messages ------------------------------------------------------------------------
 
     async def message(self, live: Live, text: str, send) -> None:
-        """One client message (the relay calls this in order, one at a time)."""
+        """One client message (the relay calls this in order, one at a time). Fails closed: a bug
+        of ours still ends the message with an ``error`` message, and the socket goes on."""
+        try:
+            await self._message(live, text, send)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            log.warning(f"resp2chat: a websocket message failed: {type(exc).__name__}: {exc}", exc_info=exc)
+            live.current = None
+            send([ws.server_error("the gateway failed to handle this message")])
+
+    async def _message(self, live: Live, text: str, send) -> None:
         try:
             if len(text) > self.s["max_request_body_mb"] << 20:  # (characters: at most 4 bytes each)
                 raise GatewayError(f"message larger than max_request_body_mb ({self.s['max_request_body_mb']} MiB)",
@@ -218,7 +229,7 @@ class ResponsesWebSocket(Owner):
                 self._finish(live, text, turn, reader, sent)
             raise
         except Exception as exc:  # noqa: BLE001 — a bug of ours: the turn still ends clearly
-            log.error(f"resp2chat: websocket turn failed: {type(exc).__name__}: {exc}", exc_info=exc)
+            log.warning(f"resp2chat: websocket turn failed: {type(exc).__name__}: {exc}", exc_info=exc)
             out(reader.apply(failure(502, "the gateway's relay failed", "server_error")))
         live.current = None
         out(reader.finish())

@@ -69,7 +69,7 @@ async def serve(sock: Socket, request: h11.Request, conn: h11.Connection, reader
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 — a bug of ours: log it, keep the socket
-                log.error(f"resp2chat relay: websocket message failed: {type(exc).__name__}: {exc}", exc_info=exc)
+                log.warning(f"resp2chat relay: websocket message failed: {type(exc).__name__}: {exc}", exc_info=exc)
 
     worker = asyncio.ensure_future(work())
     parts: list[str | bytes] = []
