@@ -92,10 +92,14 @@ def test_custom_provider_with_supports_websockets(upstream, gateway_factory, cx,
     with (cx.home / "config.toml").open("a") as fh:
         fh.write("supports_websockets = true\n")
     output = ok(cx.exec("run: echo custom-socket"))
-    assert "The tool returned: custom-socket" in output and not [m for m in FALLBACK if m in output]
+    again = ok(cx.exec("resume", "--last", "custom again"))
+    assert "The tool returned: custom-socket" in output and "You said: custom again" in again
+    assert not [m for m in FALLBACK if m in output + again]
     gw.stop()
-    [sock] = [f for f in flows(path) if f.websocket is not None]
-    assert [t["status"] for t in sock.metadata["resp2chat"]["turns"] if not t["warmup"]] == ["completed"] * 2
+    sockets = [f for f in flows(path) if f.websocket is not None]
+    assert [[t["status"] for t in f.metadata["resp2chat"]["turns"] if not t["warmup"]] for f in sockets] == \
+        [["completed"] * 2, ["completed"]]
+    assert not [f for f in flows(path) if f.request.method == "POST"]
 
 
 def normalized_bodies(log: Path) -> list[str]:

@@ -172,3 +172,15 @@ def test_stored_items_keep_the_sealed_item_and_drop_the_trigger():
     token = SEALER.seal(PURPOSE, "s")
     t2 = turn({**later_request(token), "store": True})
     assert {"type": "compaction", "encrypted_content": token} in t2.items
+
+
+def test_through_the_gateway_a_forged_item_is_a_400_naming_it(gateway):
+    import requests
+
+    body = later_request("r2c1.not-made-by-this-gateway")
+    r = requests.post(gateway.base_url + "/responses", json=body, timeout=30)
+    index = len(body["input"]) - 2
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == f"input[{index}].encrypted_content"
+    assert r.json()["error"]["code"] == "invalid_encrypted_content"
+    assert r.json()["error"]["message"].startswith(f"input[{index}]: ")
