@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 from mitmproxy import ctx, http
+from mitmproxy.utils import human
 
 from resp2chat_core import websocket as ws
 from resp2chat_core.channel import Reader, record_events, scrub
@@ -47,6 +48,7 @@ HANDSHAKE = ("upgrade", "connection", "sec-websocket-key", "sec-websocket-versio
              "sec-websocket-protocol", "content-length", "transfer-encoding", "host")
 RECORD_BUDGET = 64 << 20  # turn records kept on one socket's flow; later turns are noted without their bodies
 MAX_SENT = 1 << 16  # messages of one turn kept for its record
+QUIET_SOCKETS = "!~websocket"  # mitmdump's dumper_filter unless one is set
 
 
 @dataclass(eq=False)
@@ -76,6 +78,13 @@ class ResponsesWebSocket(Owner):
         self.live: dict[str, Live] = {}
 
     # --- the upgrade -------------------------------------------------------------------------
+
+    def configure(self, updated: set[str]) -> None:
+        super().configure(updated)
+        # mitmdump prints a line for every WebSocket message: hundreds a turn. Unless told
+        # otherwise, it leaves sockets out, and this addon logs one line per turn instead.
+        if "dumper_filter" in updated and "dumper_filter" in ctx.options and ctx.options.dumper_filter is None:
+            ctx.options.update(dumper_filter=QUIET_SOCKETS)
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.is_replay == "response":
@@ -293,6 +302,14 @@ class ResponsesWebSocket(Owner):
             live.recorded += size
         turns = flow.metadata[META]["turns"]
         turns.append(record)
+        if not record.get("warmup"):  # mitmdump's own output shows sockets quietly (QUIET_SOCKETS): one line a turn
+            u = record.get("usage")
+            log.info(f"{human.format_address(flow.client_conn.peername)}: WebSocket /v1/responses message "
+                     f"{len(turns)} · {record['status']}"
+                     + (f" ({record['error'].get('code')})" if record.get("error") else "")
+                     + (f" · in {u['input_tokens']} (cached {u['input_tokens_details']['cached_tokens']})"
+                        f" out {u['output_tokens']}" if u else "")
+                     + (" · server replay" if record.get("server_replay") else ""))
         counts: dict[str, int] = {}
         for r in turns:
             kind = "warm-up" if r.get("warmup") else r["status"]
