@@ -8,6 +8,10 @@ PY        := $(VENV)/bin/python
 TOOLS     := .tools
 CODEX_VER := 0.169.0
 CODEX     := $(TOOLS)/codex-$(CODEX_VER)/node_modules/.bin/codex
+# the Vercel AI SDK, a third-party Responses client the tests drive (tests/test_clients.py)
+AI_SDK_VER := 6.0.325
+AI_SDK_DIR := $(TOOLS)/ai-sdk-$(AI_SDK_VER)
+AI_SDK     := $(AI_SDK_DIR)/node_modules/ai/package.json
 # llama.cpp's server and a generated tiny model, built once outside the repo (tests/llamacpp/)
 LLAMA_CACHE ?= $(HOME)/.cache/resp2chat-llamacpp
 
@@ -19,7 +23,7 @@ PYTHON ?= $(shell for c in python3.13 python3.12 \
 	  $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && { echo $$p; break; }; \
 	done)
 
-.PHONY: help venv codex llamacpp test test-fast run bench soak recordings clean
+.PHONY: help venv codex ai-sdk llamacpp test test-fast run bench soak recordings clean
 
 help:
 	@echo "make run        start the gateway on 127.0.0.1:4000 (bundled demo upstream if no backend is configured)"
@@ -46,11 +50,18 @@ $(CODEX):
 
 codex: $(CODEX)
 
+$(AI_SDK):
+	@command -v npm >/dev/null || { echo "error: npm is needed to install the Vercel AI SDK"; exit 1; }
+	mkdir -p $(AI_SDK_DIR)
+	cd $(AI_SDK_DIR) && npm install --no-audit --no-fund --silent ai@$(AI_SDK_VER) @ai-sdk/openai@3.0.141 zod@3.25.76
+
+ai-sdk: $(AI_SDK)
+
 llamacpp:
 	bash tests/llamacpp/build.sh $(LLAMA_CACHE)
 
-test: venv codex llamacpp
-	RESP2CHAT_LLAMACPP_DIR=$(LLAMA_CACHE) CODEX_BIN=$(abspath $(CODEX)) $(PY) -m pytest -q
+test: venv codex ai-sdk llamacpp
+	RESP2CHAT_LLAMACPP_DIR=$(LLAMA_CACHE) CODEX_BIN=$(abspath $(CODEX)) AI_SDK_DIR=$(abspath $(AI_SDK_DIR)) $(PY) -m pytest -q
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not codex" tests/test_lowering.py tests/test_sse.py tests/test_translator.py

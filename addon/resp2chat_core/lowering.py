@@ -24,7 +24,7 @@ from typing import Any
 
 from .errors import GatewayError
 from .schema import (
-    CustomToolCallItem, FunctionCallItem, ImagePart, LocalShellCallItem, MessageItem,
+    AdditionalToolsItem, CustomToolCallItem, FunctionCallItem, ImagePart, LocalShellCallItem, MessageItem,
     ReasoningItem, RefusalPart, ResponsesRequest, ToolOutputItem, ToolSearchCallItem,
     ToolSearchOutputItem, WebSearchCallItem,
 )
@@ -223,9 +223,10 @@ def _lower_input(req: ResponsesRequest, flatten: bool, reasoning_field: str = "r
     # instructions + leading system/developer run -> a single first system message
     system: list[str] = [req.instructions] if req.instructions else []
     start = 0
-    while start < len(items) and isinstance(items[start], MessageItem) and items[start].role in ("system", "developer"):
-        c = _content(items[start].content, f"input[{start}].content", True, allow_images=False)
-        system.append(c)
+    while start < len(items) and (isinstance(items[start], AdditionalToolsItem) or (
+            isinstance(items[start], MessageItem) and items[start].role in ("system", "developer"))):
+        if isinstance(items[start], MessageItem):
+            system.append(_content(items[start].content, f"input[{start}].content", True, allow_images=False))
         start += 1
     if system:
         conv.add({"role": "system", "content": "\n\n".join(system)})
@@ -265,6 +266,7 @@ def _lower_input(req: ResponsesRequest, flatten: bool, reasoning_field: str = "r
             conv._tool_images.extend(images)
         elif isinstance(item, ToolSearchOutputItem):
             conv.add({"role": "tool", "tool_call_id": _call_id(item, where), "content": dumps(item.tools)})
+        # AdditionalToolsItem: its tools joined the request's tools (inputs.py); no message
     return conv.finish()
 
 

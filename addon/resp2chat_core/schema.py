@@ -121,6 +121,13 @@ class ToolSearchOutputItem(_Model):
     tools: list[Any] = []
 
 
+class AdditionalToolsItem(_Model):
+    """Tools delivered inside the input (newer Codex): inputs.py adds them to ``tools``."""
+
+    type: Literal["additional_tools"]
+    tools: list[Any] = []
+
+
 ITEM_TYPES: dict[str, type[_Model]] = {
     "message": MessageItem,
     "reasoning": ReasoningItem,
@@ -133,11 +140,12 @@ ITEM_TYPES: dict[str, type[_Model]] = {
     "custom_tool_call_output": ToolOutputItem,
     "local_shell_call_output": ToolOutputItem,
     "tool_search_output": ToolSearchOutputItem,
+    "additional_tools": AdditionalToolsItem,
 }
 
 # Known item types the gateway cannot carry to a chat backend, and why.
 UNSUPPORTED_ITEMS = {
-    "item_reference": "item references need a stored response; resend the item itself",
+    "item_reference": "item references need the response store (inputs.py); resend the item itself",
     "compaction": "compaction items hold another provider's encrypted state; start a new session",
     "image_generation_call": "image generation is not available through a chat backend",
 }

@@ -55,6 +55,11 @@ Dialects (tests/fixtures/dialects/ holds one recorded-shape stream per rule belo
   lines that are no SSE field (``SSEParser.stray``), read as a whole body if no event came.
 - Usage: see usage.py (top-level, ``x_groq``, per-choice; every cached-token spelling).
 
+Stateless reasoning: when the request asked for ``include: ["reasoning.encrypted_content"]``
+(``TurnContext.encrypted_reasoning``; Codex always does), each reasoning item also carries its
+text sealed by ``TurnContext.sealer`` (seal.py, purpose ``reasoning``); inputs.py reads it back
+when the client returns the item, so the backend re-reads exactly the reasoning it produced.
+
 The gateway's own events
 ------------------------
 What the gateway itself has to say about a turn never comes through ``feed``: the relay hands it
@@ -74,6 +79,7 @@ from enum import Enum
 
 from . import websearch
 from .errors import classify_upstream_error, sanitize, upstream_error_message
+from .inputs import REASONING_PURPOSE
 from .jsonstring import InputStream
 from .seal import Sealer
 from .sse import SSEParser
@@ -160,6 +166,7 @@ class TurnContext:
     echo_json: str = ""  # request fields echoed into every Response object: JSON members, no braces
     think: str = "auto"  # <think> tags in content: "auto" | "open" (template opens it) | "off"; think.py
     sealer: Sealer | None = None  # seals state handed to the client (encrypted_content); seal.py
+    encrypted_reasoning: bool = False  # include: ["reasoning.encrypted_content"]: reasoning items carry it sealed
 
 
 @dataclass
@@ -612,7 +619,11 @@ class Translator:
             ids = {"item_id": self._item_id, "output_index": self._item_index}
             self._emit("response.reasoning_summary_text.done", **ids, summary_index=0, text=text)
             self._emit("response.reasoning_summary_part.done", **ids, summary_index=0, part=part)
-            self._item_done({"id": self._item_id, "type": "reasoning", "summary": [part]})
+            item = {"id": self._item_id, "type": "reasoning", "summary": [part]}
+            if self.ctx.encrypted_reasoning and self.ctx.sealer is not None:
+                # what only this gateway can read back (inputs.py restores it for the backend)
+                item["encrypted_content"] = self.ctx.sealer.seal(REASONING_PURPOSE, text)
+            self._item_done(item)
         elif kind is Kind.TOOL:
             for tool in self._tool_list:  # allocated in output order
                 self._close_tool(tool)

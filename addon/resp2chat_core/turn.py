@@ -12,7 +12,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import compaction
+from . import compaction, inputs
 from .errors import GatewayError
 from .lowering import LoweringOptions, dumps, dumps_spliced, lower
 from .toolmap import ToolMap
@@ -134,7 +134,7 @@ def decode_body(body: bytes) -> dict:
 
 def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, created_at: int,
                history: Callable[[str], list | None] | None = None, tools_cache: ToolsCache | None = None,
-               sealer: Sealer | None = None) -> Turn:
+               sealer: Sealer | None = None, resolve: inputs.Resolve | None = None) -> Turn:
     """Raise ``GatewayError`` for a request the gateway cannot serve.
 
     ``body`` is the request's bytes, or the request already decoded (a WebSocket message's).
@@ -142,12 +142,15 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
     ``history(previous_response_id)`` returns the stored conversation a request continues
     (None when unknown): it is put in front of the new input, as if the client had sent it all.
     ``sealer`` reads and writes the ``encrypted_content`` the gateway hands clients (seal.py).
+    ``resolve(item ids)`` returns stored items for ``item_reference`` inputs (inputs.py).
     """
     raw = body if isinstance(body, dict) else decode_body(body)
     echo = echo_fields(raw)
     items = raw.get("input")
     if isinstance(items, str):
         items = [{"role": "user", "content": items}]
+    if isinstance(items, list):  # references, sealed reasoning, additional_tools (inputs.py)
+        raw, items = inputs.expand(raw, items, resolve, sealer)
     previous = raw.get("previous_response_id")
     if isinstance(previous, str) and previous and isinstance(items, list):
         earlier = history(previous) if history else None
@@ -180,7 +183,8 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
     echo_json = (dumps_spliced(echo, "tools", known[2]) if known and echo["tools"] is tools else dumps(echo))[1:-1]
     ctx = TurnContext(response_id=response_id, created_at=created_at, model=req.model,
                       tool_map=lowered.tool_map, echo_json=echo_json,
-                      think=opts.think_mode(lowered.chat["model"]), sealer=sealer)
+                      think=opts.think_mode(lowered.chat["model"]), sealer=sealer,
+                      encrypted_reasoning=inputs.wants_sealed_reasoning(raw))
     store = raw.get("store") is not False
     pck = raw.get("prompt_cache_key")
     return Turn(lowered.body, lowered.client_stream, ctx,

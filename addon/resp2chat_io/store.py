@@ -6,6 +6,12 @@ history the request started from, its own input, then its output — plus the Re
 for ``GET /v1/responses/{id}``. Entries expire after ``ttl`` seconds; beyond ``max_entries`` or
 ``max_bytes`` the oldest go first. With a directory, entries are also written there (one
 0600 JSON file each, directory 0700) and read back after a restart.
+
+Items are found by id too (``item_reference``): an index item id -> the stored responses whose
+conversation holds an item with that id, which lives and dies with them (``put`` adds a
+response's ids, dropping it, by expiry, eviction or ``delete``, removes them; a restart rebuilds it
+from the directory). The interface is what another backing store has to offer: ``put``, ``get``,
+``delete``, ``resolve_items``.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ class ResponseStore:
         self.clock = clock
         self.dir = Path(directory).expanduser() if directory else None
         self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()  # id -> (stored at, JSON)
+        self._item_ids: dict[str, tuple[str, ...]] = {}  # response id -> the item ids it holds
+        self._items: dict[str, list[str]] = {}  # item id -> response ids holding it, oldest first
         self.bytes = 0
         if self.dir:
             self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -50,6 +58,7 @@ class ResponseStore:
         now = self.clock()
         self._entries[response_id] = (now, data)
         self.bytes += len(data)
+        self._index(response_id, items)
         if self.dir:
             _write_private(self.dir / f"{response_id}.json", json.dumps({"stored_at": now}).encode()[:-1]
                            + b',"entry":' + data + b"}")
@@ -63,10 +72,42 @@ class ResponseStore:
     def delete(self, response_id: str) -> bool:
         return self._drop(response_id)
 
+    def resolve_items(self, item_ids: list[str]) -> dict[str, dict]:
+        """The stored items with these ids (as in the newest live response holding each); ids
+        not found are absent. Each response's entry is decoded once however many it serves."""
+        self._evict()
+        by_response: dict[str, list[str]] = {}
+        for item_id in dict.fromkeys(item_ids):
+            holders = self._items.get(item_id)
+            if holders:
+                by_response.setdefault(holders[-1], []).append(item_id)
+        found: dict[str, dict] = {}
+        for response_id, wanted in by_response.items():
+            want = set(wanted)
+            for item in json.loads(self._entries[response_id][1])["items"]:
+                if isinstance(item, dict) and item.get("id") in want:
+                    found[item["id"]] = item
+        return found
+
+    def _index(self, response_id: str, items: list) -> None:
+        ids = tuple(dict.fromkeys(i["id"] for i in items if isinstance(i, dict) and isinstance(i.get("id"), str)))
+        self._item_ids[response_id] = ids
+        for item_id in ids:
+            self._items.setdefault(item_id, []).append(response_id)
+
+    def _unindex(self, response_id: str) -> None:
+        for item_id in self._item_ids.pop(response_id, ()):
+            holders = self._items.get(item_id)
+            if holders is not None:
+                holders.remove(response_id)
+                if not holders:
+                    del self._items[item_id]
+
     def _drop(self, response_id: str) -> bool:
         found = self._entries.pop(response_id, None)
         if found is None:
             return False
+        self._unindex(response_id)
         self.bytes -= len(found[1])
         if self.dir:
             (self.dir / f"{response_id}.json").unlink(missing_ok=True)
@@ -95,6 +136,7 @@ class ResponseStore:
         for stored_at, rid, data in sorted(found):
             self._entries[rid] = (stored_at, data)
             self.bytes += len(data)
+            self._index(rid, json.loads(data)["items"])
         self._evict()
 
 

@@ -1,5 +1,7 @@
 """The gate: what every request meets first. ``/healthz``; the gateway key; body size limits;
-and no client may address the relay (it serves only the gateway's own requests)."""
+compressed bodies decoded (``content-encoding``, bounded by the same limit once decoded:
+resp2chat_core/content_encoding.py), so every later hook reads plain JSON; and no client may
+address the relay (it serves only the gateway's own requests)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import hmac
 
 from mitmproxy import http
 
+from resp2chat_core import content_encoding
 from resp2chat_core.errors import error_json
 
 from .base import Owner, fails_closed
@@ -34,10 +37,33 @@ class Gate(Owner):
     def limit(self) -> int:
         return self.s["max_request_body_mb"] << 20
 
-    def too_large(self, flow: http.HTTPFlow) -> None:
+    def too_large(self, flow: http.HTTPFlow, decoded: bool = False) -> None:
         flow.response = http.Response.make(413, error_json(
-            f"request body larger than max_request_body_mb ({self.s['max_request_body_mb']} MiB)",
+            f"request body larger than max_request_body_mb ({self.s['max_request_body_mb']} MiB)"
+            + (" once decoded" if decoded else ""),
             code="request_too_large"), {**JSON_HEADERS, "connection": "close"})
+
+    def decode(self, flow: http.HTTPFlow) -> None:
+        """A compressed body becomes the plain body (no ``content-encoding``), or a clear error."""
+        req = flow.request
+        header = req.headers.get("content-encoding", "")
+        try:
+            body = content_encoding.decode(req.raw_content or b"", header, self.limit) if req.raw_content else b""
+        except content_encoding.TooLarge:
+            self.too_large(flow, decoded=True)
+            return
+        except content_encoding.Unsupported as exc:
+            flow.response = http.Response.make(415, error_json(
+                f"content-encoding {str(exc)!r} is not supported (supported: {', '.join(content_encoding.SUPPORTED)})",
+                param="content-encoding", code="unsupported_content_encoding"), JSON_HEADERS)
+            return
+        except content_encoding.BadBody as exc:
+            flow.response = http.Response.make(400, error_json(
+                f"request body is {exc} (content-encoding: {header})", param="content-encoding",
+                code="invalid_body"), JSON_HEADERS)
+            return
+        del req.headers["content-encoding"]
+        req.content = body  # (no content-encoding left: stored as is, content-length updated)
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.is_replay == "response":
@@ -54,6 +80,8 @@ class Gate(Owner):
                 status_type="authentication_error", code="invalid_api_key"), JSON_HEADERS)
         elif len(req.raw_content or b"") > self.limit:
             self.too_large(flow)
+        elif "content-encoding" in req.headers:
+            self.decode(flow)
 
     def authorized(self, req: http.Request) -> bool:
         key = self.s["gateway_api_key"]

@@ -1,4 +1,4 @@
-"""Stored responses: ``previous_response_id`` and ``GET``/``DELETE /v1/responses/{id}``.
+"""Stored responses: ``previous_response_id``, ``item_reference`` and ``GET``/``DELETE /v1/responses/{id}``.
 
 Owns the store settings (``session_ttl_hours``, ``max_sessions``, ``max_session_memory_mb``,
 ``session_store_dir``); keeps each completed turn whose request did not say ``store: false``
@@ -18,6 +18,7 @@ from .base import Owner, fails_closed
 
 JSON_HEADERS = {"content-type": "application/json"}
 PREFIXES = ("/v1/responses/", "/responses/")
+CONVERSATIONS = ("/v1/conversations", "/conversations")  # not implemented: answered here, not forwarded
 
 
 @fails_closed
@@ -40,6 +41,10 @@ class StoredResponses(Owner):
         entry = self.store.get(response_id) if self.store else None
         return entry["items"] if entry else None
 
+    def resolve_items(self, item_ids: list[str]) -> dict[str, dict]:
+        """``item_reference`` ids -> the stored items (resp2chat_core/inputs.py); missing: absent."""
+        return self.store.resolve_items(item_ids) if self.store else {}
+
     def put(self, response_id: str, items: list, final: dict) -> None:
         if self.store is not None:
             self.store.put(response_id, items, final)
@@ -52,6 +57,12 @@ class StoredResponses(Owner):
         if flow.response or flow.is_replay == "response":
             return
         path = flow.request.path.split("?", 1)[0]
+        if path.startswith(CONVERSATIONS) and path.removeprefix("/v1").split("/")[1] == "conversations":
+            flow.response = http.Response.make(404, error_json(
+                "the Conversations API is not supported by this gateway: send the whole history in input, "
+                "or continue a stored response with previous_response_id", code="unsupported_endpoint"),
+                JSON_HEADERS)
+            return
         if not path.startswith(PREFIXES):
             return
         response_id, method = path.rsplit("/", 1)[1], flow.request.method

@@ -147,7 +147,7 @@ class Turns(Owner):
         """Decode, validate and lower; ``GatewayError`` for a request the gateway cannot serve.
         ``history``: where ``previous_response_id`` is looked up (default: the response store)."""
         return begin_turn(body, self.lowering, response_id, created_at, history or self.store.history,
-                          self.tools_cache, self.sealer)
+                          self.tools_cache, self.sealer, resolve=self.store.resolve_items)
 
     def begin(self, flow: http.HTTPFlow, client_path: str) -> None:
         body = flow.request.get_content(strict=False) or b""

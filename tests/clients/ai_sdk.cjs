@@ -1,0 +1,71 @@
+// The Vercel AI SDK (`ai` + `@ai-sdk/openai`) against a resp2chat gateway, default settings:
+// the OpenAI provider speaks the Responses API and keeps `store` on, so earlier assistant
+// messages and reasoning go back as item_reference. Run by tests/test_clients.py:
+//   node ai_sdk.cjs <scenario> <base_url>     (AI_SDK_DIR: the npm folder holding node_modules)
+// Prints one JSON object on stdout.
+const path = require("node:path");
+const { createRequire } = require("node:module");
+
+const need = createRequire(path.join(process.env.AI_SDK_DIR, "package.json"));
+const { streamText, generateText, Output, tool, stepCountIs } = need("ai");
+const { createOpenAI } = need("@ai-sdk/openai");
+const { z } = need("zod");
+
+const [scenario, baseURL] = process.argv.slice(2);
+const openai = createOpenAI({ baseURL, apiKey: "unused" });
+const model = openai("demo-model"); // the Responses API: the provider's default
+
+const scenarios = {
+  async stream() {
+    const result = streamText({ model, prompt: "hello from the ai sdk" });
+    const deltas = [];
+    for await (const delta of result.textStream) deltas.push(delta);
+    return { deltas, text: await result.text, reasoning: await result.reasoningText };
+  },
+
+  async tools() {
+    const ran = [];
+    const result = await generateText({
+      model,
+      prompt: 'call: get_weather {"city": "Paris"}',
+      tools: {
+        get_weather: tool({
+          description: "The weather in a city",
+          inputSchema: z.object({ city: z.string() }),
+          execute: async ({ city }) => {
+            ran.push(city);
+            return `sunny in ${city}`;
+          },
+        }),
+      },
+      stopWhen: stepCountIs(5),
+    });
+    return { ran, text: result.text, steps: result.steps.length };
+  },
+
+  async chat() {
+    const messages = [{ role: "user", content: "my name is Ada" }];
+    const first = await generateText({ model, messages });
+    messages.push(...first.response.messages);
+    messages.push({ role: "user", content: "what is my name" });
+    const second = await generateText({ model, messages });
+    return { first: first.text, second: second.text };
+  },
+
+  async structured() {
+    const result = await generateText({
+      model,
+      prompt: "answer as JSON\njson",
+      output: Output.object({ schema: z.object({ answer: z.string() }) }),
+    });
+    return { object: result.output };
+  },
+};
+
+scenarios[scenario]()
+  .then((out) => process.stdout.write(JSON.stringify(out) + "\n"))
+  .catch((err) => {
+    process.stderr.write(String((err && err.stack) || err) + "\n");
+    if (err && err.responseBody) process.stderr.write("response body: " + err.responseBody + "\n");
+    process.exit(1);
+  });

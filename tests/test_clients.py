@@ -1,0 +1,356 @@
+"""Third-party Responses clients, as people build with them, against a real mitmdump in front of
+the scripted upstream: the Vercel AI SDK (JavaScript, `ai` + `@ai-sdk/openai`), the OpenAI Agents
+SDK (`openai-agents`), LangChain (`langchain-openai`, ``use_responses_api=True``) and pydantic-ai
+(``OpenAIResponsesModel``). Each with its default settings: a streamed text answer, a multi-step
+tool loop in which the client runs the tool, a multi-turn chat built from the client's own
+returned history, and structured output that reaches the backend as ``response_format``.
+
+The clients come from their registries (Makefile: npm for the AI SDK, the venv's dev extras for
+the Python ones). The upstream answers by directives (demo_upstream.py): ``call: name {json}``
+makes a tool call, a tool result is answered "The tool returned: …", ``json`` answers
+``{"answer": …}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from mitmproxy import io as mitmio
+from pydantic import BaseModel
+
+from conftest import ROOT
+
+CALL = 'call: get_weather {"city": "Paris"}'
+AI_SDK_VERSION = "6.0.325"
+
+
+class Answer(BaseModel):
+    answer: str
+
+
+def weather(city: str) -> str:
+    return f"sunny in {city}"
+
+
+def assert_tool_loop(upstream_requests: list[dict]) -> None:
+    """The backend saw the call, then the client's tool result as a tool message."""
+    assert len(upstream_requests) == 2, [r["messages"][-1] for r in upstream_requests]
+    first, second = upstream_requests
+    assert [t["function"]["name"] for t in first["tools"]] == ["get_weather"]
+    call_msg, result = second["messages"][-2:]
+    (call,) = call_msg["tool_calls"]
+    assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+    assert result == {"role": "tool", "tool_call_id": call["id"], "content": result["content"]}
+    assert "sunny in Paris" in result["content"]
+
+
+def assert_chat_history(upstream_requests: list[dict], reasoning: str = "field") -> None:
+    """The second turn reached the backend with the first turn as the client kept it: the
+    reasoning as the assistant message's reasoning field, or (``"think-text"``: a client that
+    sends another provider's reasoning back as text) as an assistant message of its own."""
+    messages = upstream_requests[-1]["messages"]
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    assert users == ["my name is Ada", "what is my name"], messages
+    assistants = [m for m in messages if m["role"] == "assistant"]
+    if reasoning == "think-text":
+        think = assistants.pop(0)
+        assert think == {"role": "assistant", "content": "<think>\nThinking about: my name is Ada\n</think>"}
+    assert len(assistants) == 1, messages
+    assert assistants[0]["content"] == "You said: my name is Ada"
+    if reasoning == "field":
+        assert assistants[0]["reasoning_content"] == "Thinking about: my name is Ada"
+
+
+def assert_response_format(upstream_request: dict) -> None:
+    fmt = upstream_request["response_format"]
+    assert fmt["type"] == "json_schema", fmt
+    schema = fmt["json_schema"]["schema"]
+    assert schema["properties"]["answer"]["type"] == "string" and "answer" in schema["required"]
+
+
+def recorded_requests(flows: Path) -> list[dict]:
+    """The Responses requests the client sent, from the gateway's flow file (`-w`)."""
+    with flows.open("rb") as fh:
+        return [json.loads(f.metadata["resp2chat"]["responses_request"]) for f in mitmio.FlowReader(fh).stream()
+                if "responses_request" in f.metadata.get("resp2chat", {})]
+
+
+@pytest.fixture
+def recording_gateway(upstream, gateway_factory, tmp_path):
+    flows = tmp_path / "flows.mitm"
+    gw = gateway_factory(upstream.origin, "-w", str(flows), "--set", "resp2chat_max_replay_entries=0")
+    return gw, flows
+
+
+# --- the Vercel AI SDK (JavaScript) ------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ai_sdk_dir() -> Path:
+    path = Path(os.environ.get("AI_SDK_DIR") or ROOT / ".tools" / f"ai-sdk-{AI_SDK_VERSION}")
+    if not (path / "node_modules" / "ai").is_dir() or not shutil.which("node"):
+        pytest.fail("the Vercel AI SDK is not installed: run `make ai-sdk` (or set AI_SDK_DIR)")
+    return path
+
+
+def ai_sdk(ai_sdk_dir: Path, scenario: str, base_url: str) -> dict:
+    proc = subprocess.run(["node", str(ROOT / "tests" / "clients" / "ai_sdk.cjs"), scenario, base_url],
+                          env={**os.environ, "AI_SDK_DIR": str(ai_sdk_dir)}, capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_ai_sdk_streams_text(ai_sdk_dir, gateway, upstream):
+    upstream.clear()
+    out = ai_sdk(ai_sdk_dir, "stream", gateway.base_url)
+    assert out["text"] == "You said: hello from the ai sdk" == "".join(out["deltas"]) and len(out["deltas"]) > 1
+    assert out["reasoning"] == "Thinking about: hello from the ai sdk"
+
+
+def test_ai_sdk_tool_loop_with_item_references(ai_sdk_dir, recording_gateway, upstream):
+    gw, flows = recording_gateway
+    upstream.clear()
+    out = ai_sdk(ai_sdk_dir, "tools", gw.base_url)
+    assert out == {"ran": ["Paris"], "text": "The tool returned: sunny in Paris", "steps": 2}
+    assert_tool_loop(upstream.requests())
+    gw.stop()
+    second = recorded_requests(flows)[1]
+    # store is on by default: the step's reasoning and call come back as references
+    refs = [i for i in second["input"] if i.get("type") == "item_reference"]
+    assert second.get("store", True) is not False and refs, second["input"]
+    assert all(r["id"].startswith("rs_") for r in refs)  # the step's reasoning; the call is resent whole
+
+
+def test_ai_sdk_chat_from_its_own_history_uses_item_references(ai_sdk_dir, recording_gateway, upstream):
+    gw, flows = recording_gateway
+    upstream.clear()
+    out = ai_sdk(ai_sdk_dir, "chat", gw.base_url)
+    assert out == {"first": "You said: my name is Ada", "second": "You said: what is my name"}
+    assert_chat_history(upstream.requests())
+    gw.stop()
+    second = recorded_requests(flows)[1]
+    assert [i.get("type") for i in second["input"]] == [None, "item_reference", "item_reference", None], second
+
+
+def test_ai_sdk_structured_output(ai_sdk_dir, gateway, upstream):
+    upstream.clear()
+    assert ai_sdk(ai_sdk_dir, "structured", gateway.base_url) == {"object": {"answer": "You said: json"}}
+    assert_response_format(upstream.requests()[-1])
+
+
+# --- the OpenAI Agents SDK (Python) -------------------------------------------------------------
+
+
+@pytest.fixture
+def agents_model(gateway):
+    from agents import OpenAIResponsesModel, set_tracing_disabled
+    from openai import AsyncOpenAI
+
+    set_tracing_disabled(True)  # traces would go to api.openai.com: nothing to do with the gateway
+    return OpenAIResponsesModel(model="demo-model", openai_client=AsyncOpenAI(base_url=gateway.base_url, api_key="unused"))
+
+
+def test_agents_sdk_streams_text(agents_model, upstream):
+    from agents import Agent, Runner
+    from openai.types.responses import ResponseTextDeltaEvent
+
+    async def run():
+        result = Runner.run_streamed(Agent(name="a", instructions="Be brief.", model=agents_model), "hello agents")
+        deltas = [e.data.delta async for e in result.stream_events()
+                  if e.type == "raw_response_event" and isinstance(e.data, ResponseTextDeltaEvent)]
+        return deltas, result.final_output
+
+    deltas, final = asyncio.run(run())
+    assert final == "".join(deltas) == "You said: hello agents" and len(deltas) > 1
+
+
+def test_agents_sdk_tool_loop(agents_model, upstream):
+    from agents import Agent, Runner, function_tool
+
+    ran = []
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        ran.append(city)
+        return weather(city)
+
+    upstream.clear()
+    agent = Agent(name="t", instructions="Use tools.", model=agents_model, tools=[get_weather])
+    result = asyncio.run(Runner.run(agent, CALL))
+    assert ran == ["Paris"] and result.final_output == "The tool returned: sunny in Paris"
+    assert_tool_loop(upstream.requests())
+
+
+def test_agents_sdk_chat_from_its_own_history(agents_model, upstream):
+    from agents import Agent, Runner
+
+    agent = Agent(name="a", instructions="Be brief.", model=agents_model)
+    upstream.clear()
+
+    async def run():
+        first = await Runner.run(agent, "my name is Ada")
+        return await Runner.run(agent, first.to_input_list() + [{"role": "user", "content": "what is my name"}])
+
+    assert asyncio.run(run()).final_output == "You said: what is my name"
+    assert_chat_history(upstream.requests())
+
+
+def test_agents_sdk_structured_output(agents_model, upstream):
+    from agents import Agent, Runner
+
+    upstream.clear()
+    agent = Agent(name="s", instructions="Answer in JSON.", model=agents_model, output_type=Answer)
+    assert asyncio.run(Runner.run(agent, "answer as JSON\njson")).final_output == Answer(answer="You said: json")
+    assert_response_format(upstream.requests()[-1])
+
+
+# --- LangChain (langchain-openai) ---------------------------------------------------------------
+
+
+@pytest.fixture
+def chat_model(gateway):
+    from langchain_openai import ChatOpenAI
+
+    return ChatOpenAI(model="demo-model", base_url=gateway.base_url, api_key="unused", use_responses_api=True,
+                      max_retries=0)
+
+
+def test_langchain_streams_text(chat_model):
+    chunks = [c.text for c in chat_model.stream("hello langchain")]
+    assert "".join(chunks) == "You said: hello langchain" and sum(1 for c in chunks if c) > 1
+
+
+def test_langchain_tool_loop(chat_model, upstream):
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_core.tools import tool
+
+    @tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        return weather(city)
+
+    upstream.clear()
+    model = chat_model.bind_tools([get_weather])
+    messages = [HumanMessage(CALL)]
+    while (reply := model.invoke(messages)).tool_calls:  # the loop as LangChain's docs write it
+        messages.append(reply)
+        messages += [ToolMessage(get_weather.invoke(c["args"]), tool_call_id=c["id"]) for c in reply.tool_calls]
+        assert len(messages) < 10
+    assert reply.text == "The tool returned: sunny in Paris"
+    assert_tool_loop(upstream.requests())
+
+
+def test_langchain_chat_from_its_own_history(chat_model, upstream):
+    from langchain_core.messages import HumanMessage
+
+    upstream.clear()
+    history = [HumanMessage("my name is Ada")]
+    history += [chat_model.invoke(history), HumanMessage("what is my name")]
+    assert chat_model.invoke(history).text == "You said: what is my name"
+    assert_chat_history(upstream.requests())
+
+
+def test_langchain_structured_output(chat_model, upstream):
+    upstream.clear()
+    assert chat_model.with_structured_output(Answer).invoke("answer as JSON\njson") == Answer(answer="You said: json")
+    assert_response_format(upstream.requests()[-1])
+
+
+# --- pydantic-ai ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pai_model(gateway):
+    from pydantic_ai.models.openai import OpenAIResponsesModel
+    from pydantic_ai.providers.openai import OpenAIProvider
+
+    return OpenAIResponsesModel("demo-model", provider=OpenAIProvider(base_url=gateway.base_url, api_key="unused"))
+
+
+def test_pydantic_ai_streams_text(pai_model):
+    from pydantic_ai import Agent
+
+    async def run():
+        async with Agent(pai_model).run_stream("hello pydantic") as result:
+            return [d async for d in result.stream_text(delta=True, debounce_by=None)]
+
+    deltas = asyncio.run(run())
+    assert "".join(deltas) == "You said: hello pydantic" and len(deltas) > 1
+
+
+def test_pydantic_ai_tool_loop(pai_model, upstream):
+    from pydantic_ai import Agent
+
+    ran = []
+    agent = Agent(pai_model)
+
+    @agent.tool_plain
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        ran.append(city)
+        return weather(city)
+
+    upstream.clear()
+    result = asyncio.run(agent.run(CALL))
+    assert ran == ["Paris"] and result.output == "The tool returned: sunny in Paris"
+    assert_tool_loop(upstream.requests())
+
+
+def test_pydantic_ai_chat_from_its_own_history(pai_model, upstream):
+    from pydantic_ai import Agent
+
+    agent = Agent(pai_model)
+    upstream.clear()
+
+    async def run():
+        first = await agent.run("my name is Ada")
+        return await agent.run("what is my name", message_history=first.all_messages())
+
+    assert asyncio.run(run()).output == "You said: what is my name"
+    # pydantic-ai sends reasoning back as items only to models it knows do encrypted reasoning;
+    # to any other it sends the text in <think> tags (its default): the gateway passes that on
+    assert_chat_history(upstream.requests(), reasoning="think-text")
+
+
+def test_pydantic_ai_stateless_reasoning_round_trip(recording_gateway, upstream):
+    """Told the model does encrypted reasoning (its profile), with store off, pydantic-ai asks for
+    the sealed reasoning and hands it back; the backend gets its own reasoning as the field."""
+    from pydantic_ai import Agent
+    from pydantic_ai.models.openai import OpenAIResponsesModel, OpenAIResponsesModelSettings
+    from pydantic_ai.profiles.openai import OpenAIModelProfile
+    from pydantic_ai.providers.openai import OpenAIProvider
+
+    gw, flows = recording_gateway
+    model = OpenAIResponsesModel("demo-model", provider=OpenAIProvider(base_url=gw.base_url, api_key="unused"),
+                                 profile=OpenAIModelProfile(openai_supports_encrypted_reasoning_content=True))
+    agent = Agent(model, model_settings=OpenAIResponsesModelSettings(openai_store=False))
+    upstream.clear()
+
+    async def run():
+        first = await agent.run("my name is Ada")
+        return await agent.run("what is my name", message_history=first.all_messages())
+
+    assert asyncio.run(run()).output == "You said: what is my name"
+    assert_chat_history(upstream.requests())
+    gw.stop()
+    first, second = recorded_requests(flows)
+    assert first["include"] == ["reasoning.encrypted_content"] and second["store"] is False
+    (reasoning,) = [i for i in second["input"] if i.get("type") == "reasoning"]
+    assert reasoning["encrypted_content"].startswith("r2c1.")
+
+
+def test_pydantic_ai_structured_output(pai_model, upstream):
+    from pydantic_ai import Agent, NativeOutput
+
+    upstream.clear()
+    result = asyncio.run(Agent(pai_model, output_type=NativeOutput(Answer)).run("answer as JSON\njson"))
+    assert result.output == Answer(answer="You said: json")
+    assert_response_format(upstream.requests()[-1])

@@ -1,0 +1,159 @@
+"""item_reference: items of stored responses found by id (the store's index, through mitmdump,
+after replay-cache hits and restarts); and the core's input expansion (inputs.py)."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+import requests
+
+from resp2chat_core import inputs
+from resp2chat_core.errors import GatewayError
+from resp2chat_io.store import ResponseStore
+
+from conftest import parse_sse
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def conv(n: int) -> list[dict]:
+    return [{"role": "user", "content": f"q{n}"},
+            {"id": f"rs_{n}", "type": "reasoning", "summary": [{"type": "summary_text", "text": f"r{n}"}]},
+            {"id": f"msg_{n}", "type": "message", "role": "assistant", "status": "completed",
+             "content": [{"type": "output_text", "text": f"a{n}", "annotations": []}]}]
+
+
+# --- the store's index -----------------------------------------------------------------------
+
+
+def test_items_live_and_die_with_their_response():
+    clock = Clock()
+    store = ResponseStore(ttl=60, max_entries=2, max_bytes=1 << 20, clock=clock)
+    store.put("resp_00000001", conv(1), {})
+    assert store.resolve_items(["msg_1", "rs_1", "nope"]) == {"msg_1": conv(1)[2], "rs_1": conv(1)[1]}
+    store.delete("resp_00000001")
+    assert store.resolve_items(["msg_1"]) == {}
+    store.put("resp_00000002", conv(2), {})
+    store.put("resp_00000003", conv(3), {})
+    store.put("resp_00000004", conv(4), {})  # max_entries=2: response 2 and its items go
+    assert store.resolve_items(["msg_2", "msg_3", "msg_4"]).keys() == {"msg_3", "msg_4"}
+    clock.now += 61  # expired: their items with them
+    assert store.resolve_items(["msg_3", "msg_4"]) == {}
+    assert store._items == {} and store._item_ids == {}
+
+
+def test_an_item_held_by_two_responses_outlives_the_first():
+    store = ResponseStore(ttl=1e9, max_entries=10, max_bytes=1 << 20, clock=Clock())
+    store.put("resp_00000001", conv(1), {})
+    store.put("resp_00000002", conv(1) + conv(2), {})  # continued with previous_response_id
+    store.delete("resp_00000001")
+    assert store.resolve_items(["rs_1", "msg_2"]).keys() == {"rs_1", "msg_2"}
+    store.delete("resp_00000002")
+    assert store.resolve_items(["rs_1"]) == {} and store._items == {}
+
+
+def test_the_index_is_rebuilt_from_disk(tmp_path):
+    d = str(tmp_path / "store")
+    ResponseStore(ttl=3600, max_entries=10, max_bytes=1 << 20, directory=d).put("resp_00000001", conv(1), {})
+    again = ResponseStore(ttl=3600, max_entries=10, max_bytes=1 << 20, directory=d)
+    assert again.resolve_items(["msg_1"]) == {"msg_1": conv(1)[2]}
+
+
+# --- inputs.expand (pure) ----------------------------------------------------------------------
+
+
+def test_expand_resolves_references_and_names_the_index_of_a_missing_one():
+    stored = {i["id"]: i for i in conv(1) if "id" in i}
+    raw = {"model": "m", "input": [{"type": "item_reference", "id": "rs_1"}, {"id": "msg_1"},
+                                   {"role": "user", "content": "next"}]}
+    _, items = inputs.expand(raw, raw["input"], lambda ids: {i: stored[i] for i in ids if i in stored})
+    assert items == [stored["rs_1"], stored["msg_1"], {"role": "user", "content": "next"}]
+    raw["input"].insert(1, {"type": "item_reference", "id": "msg_gone"})
+    with pytest.raises(GatewayError) as err:
+        inputs.expand(raw, raw["input"], lambda ids: {i: stored[i] for i in ids if i in stored})
+    assert (err.value.code, err.value.param) == ("item_not_found", "input[1].id")
+    for bad in (None, "", 7):
+        with pytest.raises(GatewayError) as err:
+            inputs.expand(raw, [{"role": "user", "content": "x"}, {"type": "item_reference", "id": bad}], None)
+        assert (err.value.code, err.value.param) == ("invalid_value", "input[1].id")
+
+
+def test_expand_merges_additional_tools_and_refuses_conversation():
+    tool = {"type": "function", "name": "f", "parameters": {"type": "object"}}
+    more = {"type": "function", "name": "g", "parameters": {"type": "object"}}
+    raw = {"model": "m", "tools": [tool], "input": [
+        {"type": "additional_tools", "role": "developer", "tools": [more]}, {"role": "user", "content": "x"}]}
+    out, _ = inputs.expand(raw, raw["input"])
+    assert out["tools"] == [tool, more] and raw["tools"] == [tool]
+    with pytest.raises(GatewayError) as err:
+        inputs.expand({"model": "m", "conversation": "conv_1", "input": []}, [])
+    assert err.value.param == "conversation" and "Conversations API" in err.value.message
+
+
+# --- through a real mitmdump -------------------------------------------------------------------
+
+
+@pytest.fixture
+def client(gateway):
+    return openai.OpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0, timeout=30)
+
+
+def test_references_to_outputs_and_inputs_resolve_like_the_items(client, upstream):
+    first = client.responses.create(model="demo-model", input=[
+        {"type": "message", "id": "msg_client_0001", "role": "user", "content": "first question"}])
+    reasoning, message = first.output
+    upstream.clear()
+    second = client.responses.create(model="demo-model", input=[
+        {"type": "item_reference", "id": "msg_client_0001"},
+        {"type": "item_reference", "id": reasoning.id},
+        {"type": "item_reference", "id": message.id},
+        {"role": "user", "content": "second question"}])
+    assert second.output_text == "You said: second question"
+    sent = upstream.requests()[-1]["messages"]
+    assert sent == [
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": "You said: first question", "reasoning_content": "Thinking about: first question"},
+        {"role": "user", "content": "second question"}]
+
+
+def test_unknown_and_deleted_references_are_400_naming_the_index(client, gateway):
+    first = client.responses.create(model="demo-model", input="to be deleted")
+    body = {"model": "demo-model", "store": False, "input": [{"role": "user", "content": "x"},
+                                             {"type": "item_reference", "id": first.output[-1].id}]}
+    assert requests.post(gateway.base_url + "/responses", json=body, timeout=30).status_code == 200
+    client.responses.delete(first.id)  # (store: false above: no other response holds the item)
+    r = requests.post(gateway.base_url + "/responses", json=body, timeout=30)
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "item_not_found" and r.json()["error"]["param"] == "input[1].id"
+    body["input"][1] = {"type": "item_reference", "id": ["not", "an", "id"]}
+    r = requests.post(gateway.base_url + "/responses", json=body, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input[1].id"
+
+
+def test_references_after_a_replay_cache_hit_and_a_restart(upstream, gateway_factory, tmp_path):
+    store = tmp_path / "responses"
+    gw = gateway_factory(upstream.origin, "--set", f"resp2chat_session_store_dir={store}")
+    ask = {"model": "demo-model", "input": "cached question", "stream": True}
+    post = lambda body: requests.post(gw.base_url + "/responses", json=body, timeout=30)  # noqa: E731
+    miss = parse_sse(post(ask).content)[-1]["response"]
+    upstream.clear()
+    hit = parse_sse(post(ask).content)[-1]["response"]
+    assert upstream.requests() == [], "the second answer must come from the replay cache"
+    assert hit["id"] != miss["id"] and hit["output"][-1]["id"] != miss["output"][-1]["id"]
+    follow = {"model": "demo-model", "input": [{"role": "user", "content": "cached question"},
+                                               {"type": "item_reference", "id": hit["output"][-1]["id"]},
+                                               {"role": "user", "content": "after the hit"}]}
+    assert post(follow).json()["output"][-1]["content"][0]["text"] == "You said: after the hit"
+    gw.stop()
+    again = gateway_factory(upstream.origin, "--set", f"resp2chat_session_store_dir={store}")
+    r = requests.post(again.base_url + "/responses", json=follow, timeout=30)
+    assert r.status_code == 200, r.text
+    assert upstream.requests()[-1]["messages"][1]["content"] == "You said: cached question"

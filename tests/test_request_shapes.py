@@ -1,0 +1,138 @@
+"""The request shapes real clients send, through a real mitmdump: compressed bodies, input items
+and fields the gateway reads or accepts (additional_tools, prompt_cache_breakpoint,
+client_metadata, conversation)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import zlib
+
+import brotli
+import pytest
+import requests
+
+from resp2chat_core.content_encoding import _zstd as zstd
+from conftest import parse_sse
+
+ENCODERS = {"gzip": gzip.compress, "deflate": zlib.compress, "zstd": zstd.compress, "br": brotli.compress}
+
+
+def post(base_url: str, body: bytes | dict, headers: dict | None = None) -> requests.Response:
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    return requests.post(base_url + "/responses", data=data, timeout=30,
+                         headers={"content-type": "application/json", **(headers or {})})
+
+
+# --- compressed bodies ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("coding", sorted(ENCODERS))
+def test_compressed_request_bodies_are_decoded(gateway, upstream, coding):
+    upstream.clear()
+    body = {"model": "demo-model", "input": f"packed with {coding}", "stream": True}
+    r = post(gateway.base_url, ENCODERS[coding](json.dumps(body).encode()), {"content-encoding": coding})
+    assert r.status_code == 200, r.text
+    final = parse_sse(r.content)[-1]["response"]
+    assert final["output"][-1]["content"][0]["text"] == f"You said: packed with {coding}"
+    assert upstream.requests()[-1]["messages"][-1]["content"] == f"packed with {coding}"
+
+
+def test_codex_sized_zstd_request(gateway, upstream):
+    """Codex (enable_request_compression, with a ChatGPT login) sends zstd of its ~40 KB body."""
+    from conftest import codex_fixture
+
+    body = codex_fixture("03-tool-call-turn2-with-output.json")["body"]
+    r = post(gateway.base_url, zstd.compress(json.dumps(body).encode(), 3), {"content-encoding": "zstd"})
+    assert r.status_code == 200, r.text
+    assert parse_sse(r.content)[-1]["type"] == "response.completed"
+
+
+def test_a_zip_bomb_is_413_and_the_gateway_lives_on(gateway_factory, upstream):
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_request_body_mb=1")
+    inner = json.dumps({"model": "demo-model", "input": "x" * (4 << 20)}).encode()
+    bomb = gzip.compress(inner)
+    assert len(bomb) < 64 << 10
+    r = post(gw.base_url, bomb, {"content-encoding": "gzip"})
+    assert r.status_code == 413
+    assert r.json()["error"]["code"] == "request_too_large" and "once decoded" in r.json()["error"]["message"]
+    # under the limit once decoded: served
+    r = post(gw.base_url, gzip.compress(json.dumps({"model": "demo-model", "input": "small"}).encode()),
+             {"content-encoding": "gzip"})
+    assert r.status_code == 200 and r.json()["output"][-1]["content"][0]["text"] == "You said: small"
+
+
+def test_unsupported_and_corrupt_encodings(gateway):
+    body = json.dumps({"model": "demo-model", "input": "hi"}).encode()
+    r = post(gateway.base_url, body, {"content-encoding": "compress"})
+    assert r.status_code == 415
+    assert r.json()["error"]["code"] == "unsupported_content_encoding"
+    assert "compress" in r.json()["error"]["message"]
+    r = post(gateway.base_url, gzip.compress(body)[:-8], {"content-encoding": "gzip"})
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "invalid_body"
+    r = post(gateway.base_url, body, {"content-encoding": "identity"})
+    assert r.status_code == 200
+
+
+# --- fields and items ----------------------------------------------------------------------
+
+
+def test_additional_tools_items_are_tools(gateway, upstream):
+    """Newer Codex delivers tools as an input item; calls to them come back with their namespace."""
+    upstream.clear()
+    spawn = {"type": "function", "name": "spawn_agent", "description": "spawn",
+             "parameters": {"type": "object", "properties": {"task": {"type": "string"}}}}
+    body = {"model": "demo-model", "stream": True, "tools": [
+        {"type": "function", "name": "exec_command", "parameters": {"type": "object", "properties": {}}}],
+        "input": [
+            {"type": "additional_tools", "role": "developer", "id": "at_1",
+             "tools": [{"type": "namespace", "name": "multi_agent_v1", "description": "agents", "tools": [spawn]}]},
+            {"role": "developer", "content": "You are Codex."},
+            {"role": "user", "content": 'call: multi_agent_v1__spawn_agent {"task": "t"}'}]}
+    r = post(gateway.base_url, body)
+    assert r.status_code == 200, r.text
+    call = parse_sse(r.content)[-1]["response"]["output"][-1]
+    assert (call["type"], call["namespace"], call["name"]) == ("function_call", "multi_agent_v1", "spawn_agent")
+    sent = upstream.requests()[-1]
+    assert [t["function"]["name"] for t in sent["tools"]] == ["exec_command", "multi_agent_v1__spawn_agent"]
+    assert sent["messages"][0] == {"role": "system", "content": "You are Codex."}  # the item is no message
+
+
+def test_cache_hints_and_client_metadata_are_accepted_not_forwarded(gateway, upstream):
+    upstream.clear()
+    body = {"model": "demo-model", "prompt_cache_key": "thread-1", "prompt_cache_options": {"mode": "explicit"},
+            "client_metadata": {"x-codex-turn": "1"}, "input": [
+                {"role": "developer", "content": [{"type": "input_text", "text": "Be brief.",
+                                                    "prompt_cache_breakpoint": {"mode": "explicit"}}]},
+                {"role": "user", "content": [{"type": "input_text", "text": "cache me",
+                                               "prompt_cache_breakpoint": {"mode": "explicit"}}]}]}
+    r = post(gateway.base_url, body)
+    assert r.status_code == 200, r.text
+    sent = upstream.requests()[-1]
+    assert sent["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "cache me"}]
+    assert not {"prompt_cache_key", "prompt_cache_options", "client_metadata"} & sent.keys()
+
+
+def test_prompt_cache_key_is_the_session_key(upstream, gateway_factory, tmp_path):
+    log = tmp_path / "upstream.jsonl"
+    gw = gateway_factory(upstream.origin, "--set", f"resp2chat_upstream_request_log_path={log}")
+    body = {"model": "demo-model", "input": "hi", "prompt_cache_key": "my-thread"}
+    assert post(gw.base_url, zstd.compress(json.dumps(body).encode()), {"content-encoding": "zstd",
+                                                                         "session-id": "header-id"}).status_code == 200
+    assert post(gw.base_url, {"model": "demo-model", "input": "hi"}, {"session-id": "header-id"}).status_code == 200
+    gw.stop()
+    sessions = [json.loads(line)["session"] for line in log.read_text().splitlines()]
+    assert sessions == ["my-thread", "header-id"]
+
+
+def test_conversation_is_refused_clearly(gateway):
+    r = post(gateway.base_url, {"model": "demo-model", "input": "hi", "conversation": "conv_123"})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == "conversation" and "Conversations API" in err["message"]
+    for method in ("POST", "GET"):
+        r = requests.request(method, gateway.base_url + "/conversations", json={}, timeout=30)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "unsupported_endpoint", r.text
+    r = requests.get(gateway.base_url + "/conversations/conv_123/items", timeout=30)
+    assert r.status_code == 404 and "Conversations API" in r.json()["error"]["message"]
