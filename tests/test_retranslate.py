@@ -55,18 +55,26 @@ def rewrite(src: Path, dst: Path, change) -> None:
             writer.add(f)
 
 
-def test_a_translator_change_shows_up_as_a_diff(tmp_path):
-    source = ROOT / "recordings" / "tool-call-loop.mitm"
+def test_a_translator_change_shows_up_as_a_diff(upstream, gateway_factory, tmp_path):
+    source = tmp_path / "session.mitm"  # a text turn and a tool-call turn, recorded now
+    gw = gateway_factory(upstream.origin, "-w", str(source), "--set", "resp2chat_max_replay_entries=0")
+    tools = [{"type": "function", "name": "exec_command", "parameters": {"type": "object", "properties": {}}}]
+    for text in ("say hi", "run: echo hello"):
+        requests.post(gw.base_url + "/responses", json={"model": "demo-model", "input": text, "tools": tools,
+                                                        "stream": True}, timeout=30)
+    gw.stop()
+    out, results = retranslate(str(source))
+    assert out.returncode == 0 and [r["outcome"] for r in results] == ["same", "same"], out.stdout
 
     def events(f):  # what a changed translator would now make differently from the recording
         if f.response is not None and b"response.output_text.delta" in (f.response.content or b""):
-            f.response.content = f.response.content.replace(b'"delta":"The ', b'"delta":"A ', 1)
+            f.response.content = f.response.content.replace(b'"delta":"You ', b'"delta":"We ', 1)
 
     rewrite(source, tmp_path / "events.mitm", events)
     out, results = retranslate(str(tmp_path / "events.mitm"))
-    assert out.returncode == 1 and [r["outcome"] for r in results] == ["same", "differs"], out.stdout
+    assert out.returncode == 1 and [r["outcome"] for r in results] == ["differs", "same"], out.stdout
     assert "translation differs" in out.stdout
-    assert '-{"type":"response.output_text.delta"' in out.stdout and '"delta":"A "' in out.stdout
+    assert '-{"type":"response.output_text.delta"' in out.stdout and '"delta":"We "' in out.stdout
 
     def chat(f):  # a lowering change: the backend would now get other bytes
         if f.request.method == "POST":
