@@ -1,4 +1,5 @@
-"""A lean streaming HTTP/1.1 client over raw asyncio sockets (no HTTP library in the hot loop).
+"""A lean streaming HTTP/1.1 client over raw asyncio sockets (no HTTP library in the hot loop),
+and its WebSocket twin for the Responses WebSocket transport (``WSConn``).
 
 One ``Conn`` is one keep-alive TCP connection with TCP_NODELAY (as Codex's reqwest client has);
 ``Conn.request`` sends one POST in a single write and reads the streamed answer, timestamping
@@ -45,6 +46,7 @@ class Answer:
     delta_times: list | None = None
     terminal: bool = False  # a completed terminal event ([DONE] / response.completed)
     error: str | None = None
+    response_id: str | None = None  # (WSConn: what the next turn continues)
 
     @property
     def ttft(self) -> float | None:
@@ -259,3 +261,99 @@ class Conn:
             ans.terminal = RESPONSES_TERMINAL[etype]
             if not ans.terminal:
                 ans.error = (data or b"")[:300].decode("utf-8", "replace")
+
+
+class WSConn:
+    """One Responses WebSocket (``ws://…/v1/responses``), as Codex uses it: ``turn`` sends a
+    ``response.create`` and reads its event messages, timestamped like ``Conn``'s SSE events,
+    until the terminal one. wsproto (mitmproxy's dependency) does the framing."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.ws = None
+        self.pending: list[tuple[bytes, float]] = []
+
+    async def open(self) -> None:
+        import wsproto
+        import wsproto.events as E
+
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port, limit=1 << 20)
+        self.writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+        self.writer.write(self.ws.send(E.Request(host=f"{self.host}:{self.port}", target="/v1/responses")))
+        while True:
+            data = await self.reader.read(1 << 16)
+            if not data:
+                raise ProtocolError("closed during the upgrade")
+            self.ws.receive_data(data)
+            for event in self.ws.events():
+                if isinstance(event, E.AcceptConnection):
+                    return
+                if isinstance(event, E.RejectConnection):
+                    raise ProtocolError(f"upgrade refused: {event.status_code}")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = self.reader = None
+
+    async def turn(self, message: dict, timeout: float = 120.0) -> Answer:
+        try:
+            return await asyncio.wait_for(self._turn(message), timeout)
+        except (asyncio.TimeoutError, OSError, ProtocolError) as exc:
+            self.close()
+            ans = Answer()
+            ans.error = f"{type(exc).__name__}: {exc}"
+            return ans
+
+    async def _turn(self, message: dict) -> Answer:
+        import wsproto.events as E
+
+        ans = Answer(status=200)  # (a turn on the socket: no HTTP status of its own)
+        ans.t0 = _now()
+        self.writer.write(self.ws.send(E.TextMessage(data=json.dumps(message))))
+        parts: list[str] = []
+        while True:
+            data = await self.reader.read(1 << 16)
+            t = _now()
+            if not data:
+                raise ProtocolError("socket closed mid-turn")
+            self.ws.receive_data(data)
+            for event in self.ws.events():
+                if isinstance(event, E.TextMessage):
+                    parts.append(event.data)
+                    if event.message_finished:
+                        text, parts = "".join(parts), []
+                        if self._event(ans, text, t):
+                            ans.end = t
+                            return ans
+                elif isinstance(event, E.CloseConnection):
+                    raise ProtocolError("socket closed mid-turn")
+
+    @staticmethod
+    def _event(ans: Answer, text: str, t: float) -> bool:
+        """One event message; True once it is the turn's last."""
+        ans.events += 1
+        if ans.first_event is None:
+            ans.first_event = t
+        event = _loads(text)
+        etype = event.get("type", "").encode()
+        kind = RESPONSES_DELTAS.get(etype)
+        if kind is not None:
+            ans.parts[kind].append(event["delta"])
+            ans.deltas += 1
+            if kind == "text" and ans.first_text is None:
+                ans.first_text = t
+            return False
+        if etype in RESPONSES_TERMINAL:
+            ans.terminal = RESPONSES_TERMINAL[etype]
+            ans.response_id = event["response"]["id"]
+            if not ans.terminal:
+                ans.error = text[:300]
+            return True
+        if etype == b"error":
+            ans.error = text[:300]
+            return True
+        return False

@@ -23,6 +23,12 @@ codex-relay get the Codex Responses request (~40 KB). Phases per path:
     then    c64 and paced again, the gateways taking turns for 3 rounds: the CPU targets use
             the median of the per-round ratios, so a machine whose speed drifts over the run
             weighs on every path alike
+    websocket  (resp2chat only, own gateway) one Codex conversation (the real 40 KB request,
+            then turns that each add a question and its answer) over the Responses WebSocket
+            (a warm-up, then previous_response_id and only the new input) and over HTTP (the
+            whole conversation each turn), and its chat requests sent to the upstream directly:
+            per-turn added latency over direct (TTFT, total) and gateway CPU per turn, the three
+            taking turns for a few rounds (medians)
     replay  (resp2chat only, own gateway with the replay cache on) a new request, then the
             identical request again, answered from memory; once against the scripted
             upstream and once against llama.cpp's server with a tiny model (`make llamacpp`;
@@ -55,8 +61,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from client import Answer, Conn  # noqa: E402
-from workload import Variant, make_variant  # noqa: E402
+from client import Answer, Conn, WSConn  # noqa: E402
+from workload import Variant, conversation, make_variant  # noqa: E402
 
 ADDON = ROOT / "addon" / "resp2chat.py"
 BIN = Path(sys.executable).parent
@@ -68,9 +74,11 @@ PHASES = ("c1", "rss", "paced", "c64")
 NOISY = 0.2  # other processes' CPU during a phase, in cores, above which the phase is retried
 
 FULL = dict(deltas=200, reasoning_words=50, warmup=4, c1=100, conc=64, per_conn=6,
-            paced_streams=64, paced_ms=20, stagger_ms=1000, rss_streams=100, replay=40, replay_real=10, interleave=3)
+            paced_streams=64, paced_ms=20, stagger_ms=1000, rss_streams=100, replay=40, replay_real=10, interleave=3,
+            ws_turns=20, ws_rounds=3)
 SMOKE = dict(deltas=20, reasoning_words=6, warmup=1, c1=3, conc=4, per_conn=2,
-             paced_streams=4, paced_ms=5, stagger_ms=20, rss_streams=5, replay=3, replay_real=1, interleave=1)
+             paced_streams=4, paced_ms=5, stagger_ms=20, rss_streams=5, replay=3, replay_real=1, interleave=1,
+             ws_turns=2, ws_rounds=1)
 
 
 # --- processes ---------------------------------------------------------------------------------
@@ -452,6 +460,91 @@ async def measure_interleaved(names: list[str], up_port: int, workdir: Path, cpu
     return out
 
 
+async def measure_websocket(up_port: int, workdir: Path, cpus: set[int] | None, cfg: dict, addon: Path,
+                            upstream: Proc) -> dict:
+    """One Codex conversation over the Responses WebSocket, over HTTP, and straight to the
+    upstream (its chat requests): per-turn added latency over direct, gateway CPU per turn."""
+    turns = conversation(cfg["ws_turns"], cfg["deltas"])
+    target = start_target("resp2chat-websocket", up_port, workdir, cpus, None,
+                          ("--set", "resp2chat_max_replay_entries=0"), addon)
+    direct = Target("direct", up_port, "chat", None)
+    runs: dict = {t: {"ttft": [], "total": [], "cpu_ms_per_turn": [], "answers": []} for t in ("websocket", "http", "direct")}
+
+    async def over_http(conn_target: Target) -> list[Answer]:
+        conn = Conn("127.0.0.1", conn_target.port)
+        try:
+            bodies = [t.chat_body if conn_target.mode == "chat" else json.dumps(t.body).encode() for t in turns]
+            return [await conn.request(conn_target.path, body, conn_target.mode) for body in bodies]
+        finally:
+            conn.close()
+
+    async def over_socket() -> list[Answer]:
+        conn = WSConn("127.0.0.1", target.port)
+        await conn.open()
+        try:
+            first = turns[0].body
+            warm = await conn.turn({"type": "response.create", **first, "generate": False})
+            previous, answers = warm.response_id, []
+            for k, t in enumerate(turns):
+                rest = {key: v for key, v in t.body.items() if key != "input"}
+                ans = await conn.turn({"type": "response.create", **rest, "previous_response_id": previous,
+                                       "input": [] if k == 0 else t.new})
+                answers.append(ans)
+                previous = ans.response_id
+            return answers
+        finally:
+            conn.close()
+
+    try:
+        for r in range(cfg["ws_rounds"]):
+            order = ["websocket", "http", "direct"]
+            order = order[r % 3:] + order[:r % 3]
+            for name in order:
+                with Meter(target.proc if name != "direct" else None, upstream) as m:
+                    if name == "websocket":
+                        answers = await over_socket()
+                    else:
+                        answers = await over_http(direct if name == "direct" else target)
+                run = runs[name]
+                run["answers"] += list(zip(turns, answers))
+                run["ttft"].append([a.ttft for a in answers])
+                run["total"].append([a.total for a in answers])
+                if name != "direct":
+                    run["cpu_ms_per_turn"].append(m.gateway_cpu * 1000 / len(turns))
+    finally:
+        target.proc.stop()
+
+    out: dict = {"turns": len(turns), "rounds": cfg["ws_rounds"], "first_request_bytes": len(json.dumps(turns[0].body)),
+                 "last_request_bytes": len(json.dumps(turns[-1].body))}
+    for name, run in runs.items():
+        c = check([(SimpleVariant(t.expect), a) for t, a in run["answers"]])
+        res = {"lost_events": c["lost_events"], "failed_answers": c["failed_answers"], "first_error": c["first_error"],
+               "ttft_ms": dist_ms([x for rnd in run["ttft"] for x in rnd if x is not None]),
+               "total_ms": dist_ms([x for rnd in run["total"] for x in rnd if x is not None])}
+        if name != "direct":
+            res["cpu_ms_per_turn"] = _r(pct(run["cpu_ms_per_turn"], 0.5), 3)
+            for metric in ("ttft", "total"):  # per turn, against the same turn of the same round direct
+                added = [a - b for mine, base in zip(run[metric], runs["direct"][metric])
+                         for a, b in zip(mine, base) if a is not None and b is not None]
+                res[f"added_{metric}_ms"] = dist_ms(added)
+        out[name] = res
+    ws, http = out["websocket"], out["http"]
+    out["ratio_websocket_http"] = {
+        "cpu_per_turn": _r(ws["cpu_ms_per_turn"] / http["cpu_ms_per_turn"] if http["cpu_ms_per_turn"] else None, 2),
+        "added_ttft_p50": _r(_div(ws["added_ttft_ms"]["p50"], http["added_ttft_ms"]["p50"]), 2),
+        "added_total_p50": _r(_div(ws["added_total_ms"]["p50"], http["added_total_ms"]["p50"]), 2)}
+    return out
+
+
+def _div(a, b):
+    return a / b if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b > 0 else None
+
+
+@dataclass
+class SimpleVariant:
+    expect: dict
+
+
 async def measure_replay(target: Target, upstream: Proc, cfg: dict) -> dict:
     """Pairs of (new request -> upstream, the same request again -> replay cache)."""
     miss, hit = [], []
@@ -577,7 +670,10 @@ def derive(results: dict) -> dict:
         t["cpu_per_event_paced_vs_codex_relay"] = target(cpu_ratio("paced", "codex-relay"), "<= 3x", lambda v: v <= 3)
         t["added_ttft_p50_c1_ms"] = target(_get(me, "added_ms.c1.ttft.p50"), "<= 5 ms", lambda v: v <= 5)
         t["added_gap_p99_64x50_ms"] = target(_get(me, "added_ms.paced.gap.p99"), "<= 25 ms", lambda v: v <= 25)
-        t["lost_events"] = target(me.get("lost_events", 0) + il.get("lost_events", 0), "== 0", lambda v: v == 0)
+        wsr = results.get("websocket") or {}
+        lost_ws = sum(wsr.get(k, {}).get("lost_events", 0) for k in ("websocket", "http"))
+        t["lost_events"] = target(me.get("lost_events", 0) + il.get("lost_events", 0) + lost_ws, "== 0",
+                                  lambda v: v == 0)
     rp = results.get("replay")
     d_total = _get(direct, "c1.total_ms.p50")
     if rp and d_total and _get(rp, "hit_total_ms.p50"):
@@ -658,6 +754,19 @@ def table(results: dict) -> str:
                      f"{_fmt(rp['miss_total_ms']['p50'])} ms -> {_fmt(rp['speedup_p50'])}x faster "
                      f"(direct upstream p50 {_fmt(_get(results, 'paths.direct.c1.total_ms.p50'))} ms); "
                      f"lost {rp['lost_events']}")
+    wsr = results.get("websocket")
+    if wsr:
+        ws, http, ratio = wsr["websocket"], wsr["http"], wsr["ratio_websocket_http"]
+        lines.append("")
+        lines.append(f"WebSocket vs HTTP (resp2chat, a {wsr['turns']}-turn Codex conversation, "
+                     f"{wsr['first_request_bytes'] // 1024}->{wsr['last_request_bytes'] // 1024} KB, {wsr['rounds']} rounds):")
+        for label, key in (("added TTFT p50 / p99 (ms)", "added_ttft_ms"), ("added total p50 / p99 (ms)", "added_total_ms")):
+            lines.append(f"  {label:28s} websocket {_fmt(ws[key]['p50'])} / {_fmt(ws[key]['p99'])}   "
+                         f"http {_fmt(http[key]['p50'])} / {_fmt(http[key]['p99'])}")
+        lines.append(f"  {'gateway CPU per turn (ms)':28s} websocket {_fmt(ws['cpu_ms_per_turn'])}   "
+                     f"http {_fmt(http['cpu_ms_per_turn'])}   -> websocket/http {_fmt(ratio['cpu_per_turn'])}x")
+        lines.append(f"  lost events / failed answers: websocket {ws['lost_events']} / {ws['failed_answers']}, "
+                     f"http {http['lost_events']} / {http['failed_answers']}")
     rr = results.get("replay_real")
     if rr:
         lines.append(f"replay cache against a real backend: skipped ({rr['skipped']})" if "skipped" in rr else
@@ -779,6 +888,10 @@ async def main_async(args, cfg: dict) -> dict:
             print(f"[bench] CPU phases interleaved: {', '.join(names)} x {cfg['interleave']} rounds ...", flush=True)
             results["interleaved"] = await measure_interleaved(names, up_port, workdir, gw_cpus, relay_bin,
                                                                args.addon, upstream, cfg, work)
+        if "resp2chat" in wanted and "websocket" in args.extra:
+            print(f"[bench] resp2chat WebSocket vs HTTP, a {cfg['ws_turns']}-turn Codex conversation x "
+                  f"{cfg['ws_rounds']} rounds ...", flush=True)
+            results["websocket"] = await measure_websocket(up_port, workdir, gw_cpus, cfg, args.addon, upstream)
         if "resp2chat" in wanted and not args.no_replay:
             print("[bench] resp2chat replay cache ...", flush=True)
             target = start_target("resp2chat-replay", up_port, workdir, gw_cpus, relay_bin, (), args.addon)
@@ -807,6 +920,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-pin", action="store_true", help="do not pin the gateway to its own core")
     ap.add_argument("--no-install", action="store_true", help="skip codex-relay when it is not installed")
     ap.add_argument("--no-replay", action="store_true", help="skip the replay-cache measurement")
+    ap.add_argument("--extra", nargs="*", default=["websocket"], choices=["websocket"],
+                    help="phases beyond the per-path ones (default: websocket; none: --extra)")
     ap.add_argument("--keep", action="store_true", help="keep the process logs")
     ap.add_argument("--addon", type=Path, default=ADDON,
                     help="the addon script the resp2chat path loads (A/B a change: a copy or a wrapper)")

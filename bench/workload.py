@@ -96,3 +96,33 @@ def make_variant(kind: str, *, deltas: int, reasoning_words: int, slow_ms: int =
               "text": _words(text),
               "args": [args[i:i + ARG_PIECE] for i in range(0, len(args), ARG_PIECE)]}
     return Variant(kind, responses_body, turn.chat_body, {k: v for k, v in expect.items() if v}, slow_ms)
+
+
+@dataclass
+class Turn:
+    """One turn of a Codex conversation, as each transport sends it."""
+
+    body: dict  # the whole Responses request (HTTP resends everything)
+    new: list  # the items new since the previous turn's answer (the WebSocket sends only these)
+    chat_body: bytes  # what the addon sends upstream for it (the direct path sends this)
+    expect: dict
+
+
+def conversation(turns: int, deltas: int) -> list[Turn]:
+    """The real Codex request (~40 KB), then ``turns`` turns: each adds a user message asking for
+    ``deltas`` words of text and, once answered, the assistant's message. Every transport sends
+    the same conversation, so the backend gets the same chat bytes."""
+    base = _fixture_body()
+    items = base["input"][:-1]
+    answer = " ".join(f"word{i}" for i in range(deltas))
+    out = []
+    for k in range(turns):
+        ask = {"type": "message", "role": "user",
+               "content": [{"type": "input_text", "text": f"words: {deltas}\nnoreason\nturn {k}"}]}
+        items = items + [ask]
+        body = {**base, "input": items}
+        chat = begin_turn(json.dumps(body).encode(), LoweringOptions(), "resp_bench", 0).chat_body
+        out.append(Turn(body, [ask], chat, {"text": _words(answer)}))
+        items = items + [{"type": "message", "role": "assistant",
+                          "content": [{"type": "output_text", "text": answer}]}]
+    return out

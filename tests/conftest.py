@@ -232,6 +232,7 @@ class Codex:
     bin: str
     home: Path
     workdir: Path
+    env: dict = field(default_factory=dict)  # added to the hermetic environment (e.g. OPENAI_API_KEY)
 
     def configure(self, base_url: str, model: str = "demo-model") -> None:
         (self.home / "config.toml").write_text(
@@ -240,10 +241,17 @@ class Codex:
             "requires_openai_auth = false\nrequest_max_retries = 0\nstream_max_retries = 0\n"
         )
 
+    def configure_builtin(self, base_url: str, model: str = "demo-model", extra: str = "") -> None:
+        """Codex's built-in OpenAI provider pointed at the gateway (``openai_base_url``), as
+        people do who write no provider: WebSocket transport first, remote compaction. (It needs
+        no key; a gateway key goes in ``env["CODEX_API_KEY"]``.)"""
+        (self.home / "config.toml").write_text(f'model = "{model}"\nopenai_base_url = "{base_url}"\n{extra}')
+
     def exec(self, *args: str, timeout: float = 120) -> CodexRun:
         cmd = [self.bin, "exec", "--skip-git-repo-check", "--dangerously-bypass-approvals-and-sandbox", *args]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CODEX_"))}
         env["CODEX_HOME"] = str(self.home)
+        env.update(self.env)
         proc = subprocess.run(cmd, cwd=self.workdir, env=env, stdin=subprocess.DEVNULL,
                               capture_output=True, text=True, timeout=timeout)
         return CodexRun(proc.returncode, proc.stdout, proc.stderr)

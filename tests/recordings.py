@@ -3,7 +3,8 @@
     python tests/recordings.py recordings/
 
 Each scenario runs Codex CLI 0.169.0 headless against a fresh `mitmdump -s addon/resp2chat.py -w
-FILE` in front of the scripted upstream. Codex runs in a fixed working directory
+FILE` in front of the scripted upstream: on a custom provider, or on Codex's built-in provider
+(`openai_base_url`: the WebSocket transport, remote compaction). Codex runs in a fixed working directory
 (`WORKDIR`), because its requests carry the cwd: replaying a recording with real Codex needs the
 same path (and date) to produce byte-identical requests.
 """
@@ -43,7 +44,21 @@ SCENARIOS: dict[str, list[list[str]]] = {
     "resumed-session": [["run: echo first-turn"], ["resume", "--last", "and now summarize"],
                         ["resume", "--last", "one more question"]],
     "image-input": [["--image", "red.png", "--", "what color is this"]],
+    # Codex's built-in provider (openai_base_url): the Responses WebSocket, with warm-ups and
+    # previous_response_id, a tool call and a resume
+    "websocket-session": [["run: echo hello-over-the-socket"], ["resume", "--last", "and once more"]],
+    # the built-in provider's remote compaction (a tiny auto-compact limit: every run compacts),
+    # over HTTP here (the socket carries the same turns)
+    "remote-compaction": [["run: echo before-compaction"], ["resume", "--last", "after compaction"]],
 }
+BUILTIN_PROVIDER = {  # scenario -> the extra config.toml lines of Codex's built-in provider
+    "websocket-session": "",
+    "remote-compaction": "model_auto_compact_token_limit = 50\n",
+}
+GATEWAY_ARGS = {"remote-compaction": ["--set", "resp2chat_responses_websocket=false"]}
+# Compaction summaries are sealed (resp2chat_core/seal.py): recordings use this known key, so
+# `resp2chat retranslate --seal-key resp2chat-recordings` can open them. Test data, not a secret.
+SEAL_KEY = "resp2chat-recordings"
 
 
 def record(name: str, out_dir: Path, codex_bin: str, upstream_origin: str, scratch: Path) -> Path:
@@ -55,10 +70,14 @@ def record(name: str, out_dir: Path, codex_bin: str, upstream_origin: str, scrat
     if home.exists():
         shutil.rmtree(home)
     home.mkdir()
-    gw = start_gateway(upstream_origin, scratch, "-w", str(target), "--set", "resp2chat_max_replay_entries=0")
+    gw = start_gateway(upstream_origin, scratch, "-w", str(target), "--set", "resp2chat_max_replay_entries=0",
+                       "--set", f"resp2chat_seal_key={SEAL_KEY}", *GATEWAY_ARGS.get(name, ()))
     try:
         codex = Codex(codex_bin, home, WORKDIR)
-        codex.configure(gw.base_url)
+        if name in BUILTIN_PROVIDER:
+            codex.configure_builtin(gw.base_url, extra=BUILTIN_PROVIDER[name])
+        else:
+            codex.configure(gw.base_url)
         for args in SCENARIOS[name]:
             run = codex.exec(*args)
             if run.returncode != 0:

@@ -39,5 +39,13 @@ def test_bench_smoke(tmp_path):
     if "skipped" not in real:
         assert real["pairs"] == 1 and real["mismatched_pairs"] == 0, real
         assert results["targets"]["replay_hit_speedup"]["value"] > 0
+    ws = results["websocket"]  # one Codex conversation over the Responses WebSocket, over HTTP, and direct
+    for name in ("websocket", "http", "direct"):
+        assert ws[name]["lost_events"] == 0 and ws[name]["failed_answers"] == 0, (name, ws[name])
+        assert ws[name]["total_ms"]["n"] == ws["turns"] * ws["rounds"]
+    # (a smoke run's CPU can be under one clock tick: a figure, maybe 0, and a ratio when both have one)
+    assert ws["websocket"]["cpu_ms_per_turn"] >= 0 and ws["http"]["cpu_ms_per_turn"] >= 0
+    assert "cpu_per_turn" in ws["ratio_websocket_http"]
     assert results["targets"]["lost_events"]["met"] is True
     assert "resp2chat" in proc.stdout and "lost events" in proc.stdout  # the table was printed
+    assert "WebSocket vs HTTP" in proc.stdout

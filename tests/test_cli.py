@@ -292,6 +292,28 @@ def test_print_config_drives_real_codex(tmp_path, upstream, codex_bin):
 
 
 @pytest.mark.codex
+def test_print_config_builtin_drives_real_codex_over_the_websocket(tmp_path, upstream, codex_bin):
+    flows = tmp_path / "flows.mitm"
+    gw = start_gateway(upstream.origin, tmp_path, "-w", str(flows), env=cli_env(tmp_path))
+    env = cli_env(tmp_path, RESP2CHAT_UPSTREAM_BASE_URL=upstream.base_url, RESP2CHAT_BIND_ADDR=f"127.0.0.1:{gw.port}")
+    try:
+        home, work = tmp_path / "codex-home", tmp_path / "work"
+        home.mkdir(), work.mkdir()
+        text = subprocess.run([str(RESP2CHAT), "print-config", "--builtin"], capture_output=True, text=True, env=env,
+                              check=True).stdout
+        cfg = tomllib.loads(text)
+        assert cfg["openai_base_url"] == f"http://127.0.0.1:{gw.port}/v1" and "model_provider" not in cfg
+        assert cfg["model_context_window"] == 131072 and cfg["model_auto_compact_token_limit"] == 117964
+        (home / "config.toml").write_text(text)
+        run = Codex(codex_bin, home, work).exec("configured by print-config --builtin")
+    finally:
+        gw.stop()
+    assert run.returncode == 0, run.output
+    assert "You said: configured by print-config --builtin" in run.stdout and "Falling back" not in run.output
+    assert b"response.create" in flows.read_bytes()  # the turn went over the Responses WebSocket
+
+
+@pytest.mark.codex
 def test_print_config_catalog_gives_codex_real_metadata_and_apply_patch(tmp_path, upstream, codex_bin):
     gw = start_gateway(upstream.origin, tmp_path, env=cli_env(tmp_path))
     env = cli_env(tmp_path, RESP2CHAT_UPSTREAM_BASE_URL=upstream.base_url, RESP2CHAT_BIND_ADDR=f"127.0.0.1:{gw.port}")
@@ -325,5 +347,6 @@ def test_readme_documents_every_setting_and_command():
     readme = (ROOT / "README.md").read_text()
     for f in FIELDS:
         assert f"| `{f.name}` | `{f.env}`" in readme, f.name
-    for cmd in ("resp2chat configure", "resp2chat start", "resp2chat print-config", "resp2chat analyze", "make test"):
+    for cmd in ("resp2chat configure", "resp2chat start", "resp2chat print-config", "resp2chat analyze",
+                "resp2chat retranslate", "make test"):
         assert cmd in readme, cmd

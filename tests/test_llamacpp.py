@@ -180,6 +180,24 @@ def test_mid_stream_error(llama, gateway_factory):
     assert r.json()["error"]["code"] == "server_error", r.text
 
 
+def test_remote_compaction_reuses_the_servers_prefix_cache(llama, gateway_factory):
+    """The summary request is the conversation as a turn would send it, then the compaction prompt,
+    same tools (tool_choice none): a real server serves the conversation from its prefix cache."""
+    gw = gateway_factory(llama.origin, "--set", STOP, "--set", NO_REPLAY, "--set", f"resp2chat_upstream_model={MODEL}")
+    path = Path(__file__).resolve().parent / "fixtures" / "codex-0.169.0-builtin-provider" / \
+        "06-builtin-provider-remote-compaction.json"
+    body = json.loads(path.read_text())["body"]  # what Codex 0.169 sent: the history, then the trigger
+    status, plain = sse_events(gw, {**body, "input": body["input"][:-1]})  # the same conversation as a turn
+    assert status == 200 and plain[-1]["type"] == "response.completed"
+    status, compact = sse_events(gw, body)
+    assert status == 200 and compact[-1]["type"] == "response.completed", compact[-1]
+    final = compact[-1]["response"]
+    assert [item["type"] for item in final["output"]] == ["compaction"]
+    before = plain[-1]["response"]["usage"]["input_tokens"]
+    assert final["usage"]["input_tokens"] > before  # the conversation and the compaction prompt
+    assert final["usage"]["input_tokens_details"]["cached_tokens"] >= 0.98 * before, final["usage"]
+
+
 # --- Codex CLI: a multi-turn session and the real KV-cache figure -------------------------------
 
 

@@ -15,6 +15,8 @@ from mitmproxy import http, io
 from mitmproxy.test import taddons
 
 from conftest import ROOT, Codex, free_port, parse_sse
+from recordings import SEAL_KEY
+from wsclient import WSClient
 
 RECORDINGS = sorted((ROOT / "recordings").glob("*.mitm"))
 DEAD_UPSTREAM = "http://127.0.0.1:9"  # discard port: nothing listens
@@ -88,10 +90,19 @@ def test_recordings_exist():
 
 @pytest.mark.parametrize("recording", RECORDINGS, ids=lambda p: p.stem)
 def test_recording_replays_offline_with_identical_events(recording, gateway_factory):
-    gw = gateway_factory(DEAD_UPSTREAM, "--server-replay", str(recording))
+    # (compaction items in a recording open with the key it was recorded with: tests/recordings.py)
+    gw = gateway_factory(DEAD_UPSTREAM, "--server-replay", str(recording), "--set", f"resp2chat_seal_key={SEAL_KEY}")
     recorded = turns(recording)
     assert recorded
     for flow in recorded:
+        if flow.websocket is not None:  # a Responses WebSocket: the same messages get the same messages
+            client = WSClient(gw.base_url)
+            sent = [m for m in flow.websocket.messages if m.from_client]
+            expected = [json.loads(m.content) for m in flow.websocket.messages if not m.from_client]
+            got = [event for m in sent for event in client.turn(m.content.decode())]
+            client.close()
+            assert got == expected and got[-1]["type"] == "response.completed"
+            continue
         body = json.loads(flow.metadata["resp2chat"]["responses_request"])
         r = requests.post(gw.base_url + "/responses", json=body, timeout=30)
         assert r.status_code == 200
@@ -111,16 +122,21 @@ def test_codex_session_recorded_then_replayed_without_upstream(upstream, gateway
     live.stop()
     assert run1.returncode == 0 and "The tool returned: replay-me" in run1.stdout
 
-    # Tool output carries wall times, so the follow-up request differs byte-wise from the
-    # recording: match by order instead of by body.
-    offline = gateway_factory(DEAD_UPSTREAM, "--server-replay", str(path), "--set", "server_replay_extra=502",
-                              "--set", "server_replay_ignore_content=true")
+    # Tool output carries a wall time and a chunk id, so the follow-up request differs byte-wise
+    # from the recording: --server-replay alone still answers it (resp2chat_core/replay.py rerun_key).
+    replayed = tmp_path / "replayed.mitm"
+    offline = gateway_factory(DEAD_UPSTREAM, "--server-replay", str(path), "-w", str(replayed))
     second = Codex(codex_bin, home, work)
     second.configure(offline.base_url)
     run2 = second.exec("run: echo replay-me")
     assert run2.returncode == 0, run2.output
     assert "The tool returned: replay-me" in run2.stdout
     assert "replay-me" in run2.output  # Codex really ran the replayed tool call again
+    offline.stop()
+    live, again = turns(path), turns(replayed)
+    assert [f.metadata["resp2chat"].get("server_replay") for f in again] == [f.id for f in live]
+    assert live[1].request.content != again[1].request.content  # the tool output's wall time differed
+    assert [f.response.content for f in again] == [f.response.content for f in live]
 
 
 def test_client_replay_against_another_backend(upstream, tmp_path):
@@ -277,3 +293,31 @@ def test_replay_cache_hit_still_stores_for_previous_response_id(upstream, gatewa
     follow = client.responses.create(model="demo-model", input="and now?", previous_response_id=hit.id)
     assert follow.output_text == "You said: and now?"
     assert upstream.requests()[-1]["messages"][0]["content"] == "remember me"
+
+
+# --- what offline replay ignores between runs (resp2chat_core/replay.py rerun_key) -------------
+
+
+def _chat(tool_output: str, date: str = "2026-11-22", user: str = "run: echo hi") -> bytes:
+    env = f"<environment_context>\n  <cwd>/w</cwd>\n  <current_date>{date}</current_date>\n</environment_context>"
+    return json.dumps({"model": "m", "messages": [
+        {"role": "system", "content": "sys"}, {"role": "user", "content": env}, {"role": "user", "content": user},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "exec_command", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": tool_output}], "stream": True}).encode()
+
+
+def test_rerun_key_ignores_exactly_wall_time_chunk_id_and_date():
+    from resp2chat_core.replay import rerun_key
+
+    out = "Chunk ID: {}\nWall time: {} seconds\nProcess exited with code 0\nOriginal token count: 1\nOutput:\nhi\n"
+    recorded = rerun_key(_chat(out.format("f0ef16", "0.2428")))
+    assert rerun_key(_chat(out.format("1b79c3", "12.5"), date="2027-01-01")) == recorded
+    # anything else is compared byte for byte
+    for other in (_chat(out.format("f0ef16", "0.2428").replace("code 0", "code 1")),
+                  _chat(out.format("f0ef16", "0.2428"), user="run: echo ho"),
+                  _chat(out.format("f0ef16", "0.2428") + " "),
+                  _chat(out.format("f0ef16", "0.2428")).replace(b'"stream": true', b'"stream": false')):
+        assert rerun_key(other) != recorded
+    # a wall time the user typed is not tool output: it counts
+    assert rerun_key(_chat("x", user="Wall time: 1 seconds")) != rerun_key(_chat("x", user="Wall time: 2 seconds"))

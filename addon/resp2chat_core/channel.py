@@ -24,11 +24,14 @@ queues (a client that did not ask for a stream gets one JSON body at the end, so
 reach mitmproxy before then; the WebSocket transport sends each event as a message).
 
 ``Reader`` is the consumer's half: it applies items to a translator and keeps both sides' bytes
-for the flow record and the replay cache.
+for the flow record and the replay cache, and where among the backend's bytes each of the
+gateway's own events came (``gateway``), so a recording can be translated again exactly
+(``record_events`` / ``rebuild_event``; ``resp2chat retranslate``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Union
 
@@ -163,7 +166,7 @@ class Reader:
     ``secrets`` (the configured keys) are scrubbed from what the client gets: a backend that
     echoes a key must not show it."""
 
-    __slots__ = ("translator", "upstream", "sent", "cap", "secrets", "on_first")
+    __slots__ = ("translator", "upstream", "sent", "cap", "secrets", "on_first", "gateway")
 
     def __init__(self, translator, cap: int, secrets: tuple[bytes, ...] = ()) -> None:
         self.translator = translator
@@ -174,6 +177,7 @@ class Reader:
         # called once, when the first events made from backend data leave (time to first
         # token: the metrics addon sets it; the core reads no clock)
         self.on_first: Callable[[], None] | None = None
+        self.gateway: list[tuple[int, Event]] = []  # (backend bytes before it, event)
 
     def apply(self, item: Item) -> bytes:
         if item.__class__ is bytes:
@@ -184,6 +188,8 @@ class Reader:
                 self.on_first()
                 self.on_first = None
             return out
+        if len(self.gateway) < 4096:
+            self.gateway.append((len(self.upstream), item))
         return self._out(item.apply(self.translator))
 
     def finish(self) -> bytes:
@@ -206,3 +212,39 @@ def scrub(data: bytes, secrets: tuple[bytes, ...]) -> bytes:
         if secret in data:
             data = data.replace(secret, b"[redacted]")
     return data
+
+
+EVENTS = {cls.__name__: cls for cls in (Accepted, Keepalive, UpstreamFailed, UpstreamJSON, SearchStarted, SearchDone)}
+
+
+def record_events(gateway: list[tuple[int, object]], secrets: tuple[bytes, ...] = ()) -> list:
+    """A turn's gateway events for its flow record: ``[offset, name, fields]`` each, JSON-safe
+    (bytes as text, secrets scrubbed)."""
+    out = []
+    for at, item in gateway:
+        fields = {}
+        for f in dataclasses.fields(item) if dataclasses.is_dataclass(item) else ():
+            value = getattr(item, f.name)
+            if isinstance(value, bytes):
+                value = scrub(value, secrets).decode("utf-8", "replace")
+            elif isinstance(value, tuple):
+                value = list(value)
+            fields[f.name] = value
+        out.append([at, type(item).__name__, fields])
+    return out
+
+
+def rebuild_event(name: str, fields: dict) -> Event | None:
+    """An event from its record (None: not one of this file's)."""
+    cls = EVENTS.get(name)
+    if cls is None:
+        return None
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        value = fields.get(f.name)
+        if f.type in ("bytes",) and isinstance(value, str):
+            value = value.encode("utf-8")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)

@@ -5,11 +5,16 @@ very answer the client got the first time, its response id and ``created_at`` sw
 ones (item and call ids derive from the response id, so they change with it). Only answers that
 completed are kept. FIFO with a fixed number of entries and a per-entry size cap, so memory is
 bounded whatever the traffic.
+
+Offline replay (``--server-replay``) is here too: ``rerun_key`` matches a rerun of a recorded
+Codex session to its recording although tool output carries wall times (see ``rerun_key``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from collections import OrderedDict
 
 MAX_ENTRY_BYTES = 4 << 20
@@ -74,3 +79,73 @@ class ReplayCache:
         self.capacity = capacity
         while len(self._entries) > max(capacity, 0):
             self._entries.popitem(last=False)
+
+
+# --- offline replay that matches a rerun (``--server-replay``; addons/server_replay.py) -------
+
+# What differs between two runs of the same Codex session, blanked before two chat requests are
+# compared: Codex's exec tool output starts with a chunk id and the command's wall time, and its
+# environment context names today's date. Everything else must be equal, byte for byte.
+VARIES_IN_TOOL_OUTPUT = (
+    (re.compile(r"^Chunk ID: [0-9A-Za-z]+$", re.M), "Chunk ID: _"),
+    (re.compile(r"^Wall time: [0-9]+(?:\.[0-9]+)? seconds$", re.M), "Wall time: _ seconds"),
+)
+VARIES_IN_MESSAGES = ((re.compile(r"<current_date>[^<\n]*</current_date>"), "<current_date>_</current_date>"),)
+
+
+def _blank(text: str, rules) -> str:
+    for pattern, placeholder in rules:
+        text = pattern.sub(placeholder, text)
+    return text
+
+
+def rerun_key(chat_body: bytes, kind: str = "") -> str:
+    """What a recorded chat request and a rerun's must share to be the same request: the whole
+    request, with ``VARIES_IN_TOOL_OUTPUT`` blanked in tool messages and ``VARIES_IN_MESSAGES``
+    in every text. (Not valid JSON: hashed as it is, so nothing else can change.) ``kind`` keeps
+    apart answers of another kind to the same request (a WebSocket warm-up's)."""
+    prefix = kind.encode() + b"\n"
+    try:
+        chat = json.loads(chat_body)
+    except (ValueError, UnicodeDecodeError):
+        return hashlib.sha256(prefix + chat_body).hexdigest()
+    messages = chat.get("messages") if isinstance(chat, dict) else None
+    for message in messages if isinstance(messages, list) else ():
+        if not isinstance(message, dict):
+            continue
+        rules = VARIES_IN_MESSAGES + (VARIES_IN_TOOL_OUTPUT if message.get("role") == "tool" else ())
+        content = message.get("content")
+        if isinstance(content, str):
+            message["content"] = _blank(content, rules)
+        elif isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    part["text"] = _blank(part["text"], rules)
+    return hashlib.sha256(prefix + json.dumps(chat, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
+
+
+class Recordings:
+    """Recorded answers by ``rerun_key``, taken in recording order (``reuse``: kept for more)."""
+
+    def __init__(self) -> None:
+        self._answers: dict[str, list] = {}
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._answers.values())
+
+    def add(self, chat_body: bytes, answer, kind: str = "") -> None:
+        self._answers.setdefault(rerun_key(chat_body, kind), []).append(answer)
+
+    def take(self, chat_body: bytes, reuse: bool = False, kind: str = ""):
+        if not self._answers:
+            return None
+        key = rerun_key(chat_body, kind)
+        found = self._answers.get(key)
+        if not found:
+            return None
+        if reuse:
+            return found[0]
+        answer = found.pop(0)
+        if not found:
+            del self._answers[key]
+        return answer

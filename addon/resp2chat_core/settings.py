@@ -86,6 +86,7 @@ FIELDS: tuple[Field, ...] = (
     Field("max_sessions", "int", 256, "Stored responses kept at most.", owner="store"),
     Field("max_session_memory_mb", "int", 512, "Memory the response store may use at most.", owner="store"),
     Field("session_store_dir", "str", "", "Also keep stored responses in this directory (0600 files) so previous_response_id survives a restart; empty: memory only.", owner="store"),
+    Field("responses_websocket", "bool", True, "Serve the Responses WebSocket transport at /v1/responses (Codex's built-in provider; a custom provider with supports_websockets = true). Off: an upgrade is refused at once with 426 and clients use HTTP.", owner="websocket"),
     Field("seal_key", "str", "", "Secret that seals the encrypted_content the gateway hands clients (reasoning, compaction) so only it can read them back; replicas that share state need the same one. Empty: a random per-install key in seal.key beside the config file.", owner="lowering"),
     Field("gateway_api_key", "str", "", "Clients must present this key (Authorization: Bearer …); required when bind_addr is not loopback.", owner="gate"),
     Field("upstreams", "entries", [], "Several upstreams, in order: each {name, base_url, api_key, models: [glob…]} plus any per-backend lowering setting (max_tokens_field, think_tags, model_map…). A model goes to the first upstream whose models match; later matches are its fallbacks (tried on connect failure, 5xx or 429 before the first byte). Empty: upstream_base_url alone.", owner="upstreams"),

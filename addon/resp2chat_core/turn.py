@@ -11,7 +11,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from . import inputs, requestbody
+from . import compaction, inputs, requestbody
 from .errors import GatewayError
 from .lowering import LoweringOptions, dumps, dumps_spliced, lower
 from .toolmap import ToolMap
@@ -76,9 +76,10 @@ class Turn:
     # the fallback upstreams' chat bodies and think modes, in order (routing.py); a body of None
     # is the same bytes as chat_body (that upstream lowers the same way)
     alternates: tuple[tuple[bytes | None, str], ...] = ()
+    compaction: bool = False  # Codex's remote compaction: the answer is one sealed summary (compaction.py)
 
     def translator(self) -> Translator:
-        self.active = Translator(self.ctx)
+        self.active = (compaction.CompactionTranslator if self.compaction else Translator)(self.ctx)
         return self.active
 
 
@@ -128,11 +129,13 @@ def decode_body(body: bytes) -> dict:
     return data
 
 
-def begin_turn(body: bytes, opts: LoweringOptions, response_id: str, created_at: int,
+def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, created_at: int,
                history: Callable[[str], list | None] | None = None, tools_cache: ToolsCache | None = None,
                sealer: Sealer | None = None, resolve: inputs.Resolve | None = None,
                route: Callable[[str], Sequence[LoweringOptions]] | None = None) -> Turn:
     """Raise ``GatewayError`` for a request the gateway cannot serve.
+
+    ``body`` is the request's bytes, or the request already decoded (a WebSocket message's).
 
     ``history(previous_response_id)`` returns the stored conversation a request continues
     (None when unknown): it is put in front of the new input, as if the client had sent it all.
@@ -142,7 +145,7 @@ def begin_turn(body: bytes, opts: LoweringOptions, response_id: str, created_at:
     serves the client's model, in order; the first replaces ``opts``, the others get their own
     bodies (``Turn.alternates``). It raises ``GatewayError`` when no upstream serves the model.
     """
-    raw = decode_body(body)
+    raw = body if isinstance(body, dict) else decode_body(body)
     others: Sequence[LoweringOptions] = ()
     if route is not None:
         model = raw.get("model")
@@ -161,6 +164,14 @@ def begin_turn(body: bytes, opts: LoweringOptions, response_id: str, created_at:
                                param="previous_response_id", code="previous_response_not_found")
         items = earlier + items
         raw = {**raw, "input": items, "previous_response_id": None}
+    summarize = False
+    if isinstance(items, list):
+        # Codex's remote compaction (a trailing compaction_trigger) and the compaction items it
+        # keeps afterwards: the sealed summaries are opened here, lowering sees user messages.
+        kept, opened, summarize = compaction.prepare(items, sealer)
+        if opened is not items:
+            raw = {**raw, "input": opened}
+        items = kept
     tools = raw.get("tools")
     key = ToolsCache.key(tools, opts) if tools_cache is not None and tools and isinstance(tools, list) else None
     known = tools_cache.find(key) if key else None
@@ -175,6 +186,8 @@ def begin_turn(body: bytes, opts: LoweringOptions, response_id: str, created_at:
     if not lowered.chat["messages"]:  # a chat request needs one message: no backend takes none
         raise GatewayError("nothing to send the model: the request has no input, instructions or earlier "
                            "conversation", param="input", code="invalid_value")
+    if summarize:
+        lowered = compaction.summary_request(lowered)
     echo_json = (dumps_spliced(echo, "tools", known[2]) if known and echo["tools"] is tools else dumps(echo))[1:-1]
     ctx = TurnContext(response_id=response_id, created_at=created_at, model=req.model,
                       tool_map=lowered.tool_map, echo_json=echo_json,
@@ -192,9 +205,11 @@ def begin_turn(body: bytes, opts: LoweringOptions, response_id: str, created_at:
             other = lower(req, alt, known[0], known[1])
         else:  # req may lack its tools (the cache path): lower the whole request again
             other = lower(parse_request(raw) if known is not None else req, alt)
+        if summarize:
+            other = compaction.summary_request(other)
         alternates.append((other.body, alt.think_mode(other.chat["model"])))
     return Turn(lowered.body, lowered.client_stream, ctx,
-                web_search=any(t.kind == "web_search" for t in lowered.tool_map.targets.values()),
+                web_search=not summarize and any(t.kind == "web_search" for t in lowered.tool_map.targets.values()),
                 items=items if store and isinstance(items, list) else [], store=store,
                 prompt_cache_key=pck if isinstance(pck, str) and pck else None,
-                alternates=tuple(alternates))
+                alternates=tuple(alternates), compaction=summarize)

@@ -24,6 +24,14 @@ def read_flows(path: Path) -> list[tuple[float, str, dict]]:
     out = []
     with path.open("rb") as fh:
         for f in io.FlowReader(fh).stream():
+            meta = (f.metadata.get("resp2chat") or {}) if isinstance(f, http.HTTPFlow) else {}
+            if meta.get("transport") == "websocket":  # a Responses WebSocket: its turns' chat requests
+                for n, turn in enumerate(meta.get("turns") or ()):
+                    if turn.get("chat_request") and not turn.get("warmup"):  # (a warm-up never reached it)
+                        out.append((f.request.timestamp_start + n * 1e-6,
+                                    _session_of({"responses_request": turn.get("responses_request")}, f.request.headers),
+                                    json.loads(turn["chat_request"]), turn.get("usage")))
+                continue
             if not isinstance(f, http.HTTPFlow) or not f.request.path.split("?")[0].endswith("/chat/completions"):
                 continue
             try:

@@ -4,6 +4,8 @@
   above the chat request the backend received (the flow's request body).
 - "resp2chat events": the Responses events the client received, delta runs joined.
 - "resp2chat upstream": the backend's chat chunks (kept in the flow's metadata), joined likewise.
+- "resp2chat message": a message of the Responses WebSocket: a client's ``response.create`` (and
+  the chat request the backend got for it), or one event the gateway sent.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ def _meta(metadata: contentviews.Metadata) -> dict:
     return (flow.metadata.get(META) or {}) if flow is not None else {}
 
 
+def _is_socket_message(metadata: contentviews.Metadata) -> bool:
+    return metadata.websocket_message is not None
+
+
 def _is_response(metadata: contentviews.Metadata) -> bool:
     flow = metadata.flow
     return flow is not None and getattr(flow, "response", None) is metadata.http_message
@@ -42,6 +48,8 @@ class RequestView(contentviews.Contentview):
         return "\n".join(out)
 
     def render_priority(self, data: bytes, metadata: contentviews.Metadata) -> float:
+        if _is_socket_message(metadata):
+            return -1
         return 2 if _meta(metadata) and not _is_response(metadata) and data[:1] == b"{" else -1
 
 
@@ -52,6 +60,8 @@ class EventsView(contentviews.Contentview):
         return describe_responses_sse(data)
 
     def render_priority(self, data: bytes, metadata: contentviews.Metadata) -> float:
+        if _is_socket_message(metadata):
+            return -1
         return 2 if b'"type":"response.' in data[:4096] else -1
 
 
@@ -70,7 +80,37 @@ class UpstreamView(contentviews.Contentview):
         return 1 if _is_response(metadata) and _meta(metadata).get("upstream_sse") else -1
 
 
-VIEWS = (RequestView(), EventsView(), UpstreamView())
+class SocketMessageView(contentviews.Contentview):
+    name = "resp2chat message"
+
+    def prettify(self, data: bytes, metadata: contentviews.Metadata) -> str:
+        if not metadata.websocket_message.from_client:
+            return describe_responses_sse(b"data: " + data + b"\n\n")
+        text = data.decode("utf-8", "replace")
+        turn = next((t for t in _meta(metadata).get("turns") or () if t.get("responses_request") == text), None)
+        refused = ["", f"== refused: {turn['error'].get('code')}: {turn['error'].get('message')} =="] \
+            if turn and turn.get("error") else []
+        try:
+            body = json.loads(data)
+        except ValueError:
+            return "\n".join([f"(not JSON) {data[:200]!r}", *refused])
+        if not isinstance(body, dict):
+            return "\n".join([f"(not an object) {data[:200]!r}", *refused])
+        head = f"== {body.get('type')} (from the client)"
+        if body.get("previous_response_id"):
+            head += f", continuing {body['previous_response_id']} with only the new input"
+        if body.get("generate") is False:
+            head += ", a warm-up (answered without the backend)"
+        out = [head + " ==", describe_responses_request(body)]
+        if turn and turn.get("chat_request") and not turn.get("warmup"):
+            out += ["", "== chat request (to the backend) ==", describe_chat_request(json.loads(turn["chat_request"]))]
+        return "\n".join(out + refused)
+
+    def render_priority(self, data: bytes, metadata: contentviews.Metadata) -> float:
+        return 3 if _is_socket_message(metadata) and _meta(metadata).get("transport") == "websocket" else -1
+
+
+VIEWS = (RequestView(), EventsView(), UpstreamView(), SocketMessageView())
 
 
 def register() -> None:

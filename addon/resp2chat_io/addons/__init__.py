@@ -7,6 +7,8 @@
 - ``StoredResponses`` GET/DELETE /v1/responses/{id}; previous_response_id's history
 - ``ReplayCache``     identical requests answered without the backend
 - ``Turns``           POST /v1/responses: lower, relay, stream, record
+- ``ResponsesWebSocket`` ws://…/v1/responses: the same turns over a WebSocket (or a refusal)
+- ``ServerReplay``    --server-replay answers reruns of recorded turns (what varies between runs ignored)
 - ``Upstreams``       every other /v1/* call to the upstream; the relay's lifetime and timeouts
 - ``Outcomes``        how each POST /v1/responses ended, for the next two
 - ``Metrics``         GET /metrics (Prometheus)
@@ -31,12 +33,14 @@ from .outcomes import Outcomes
 from .raw import RawOutput
 from .redact import Redact
 from .replay import ReplayCache
+from .server_replay import ServerReplay
 from .request_log import RequestLog
 from .settings_command import SettingsCommand
 from .store import StoredResponses
 from .turns import Turns
 from .upstreams import Upstreams
 from .websearch import WebSearch
+from .websocket import ResponsesWebSocket
 
 
 def build() -> list:
@@ -49,8 +53,11 @@ def build() -> list:
     replay = ReplayCache(source, upstreams, turns, store)
     outcomes = Outcomes()
     turns.finished += [replay.finished, store.finished, outcomes.finished]
+    request_log = RequestLog(source, turns)
+    server_replay = ServerReplay(turns)
+    sockets = ResponsesWebSocket(source, upstreams, turns, store, request_log, server_replay)
     return [
-        Listen(source, upstreams), Gate(source, upstreams.relay), store, replay, turns, upstreams,
-        outcomes, Metrics(turns, store, replay, outcomes), AccessLog(source, outcomes),
-        RequestLog(source, turns), RawOutput(turns), search, SettingsCommand(source), Redact(),
+        Listen(source, upstreams), Gate(source, upstreams.relay), store, replay, turns, server_replay, sockets,
+        upstreams, outcomes, Metrics(turns, store, replay, outcomes), AccessLog(source, outcomes),
+        request_log, RawOutput(turns), search, SettingsCommand(source), Redact(),
     ]

@@ -38,9 +38,14 @@ class RequestLog(Owner):
         live = self.turns.live.get(flow.id) if self.file else None
         if live is None:
             return
-        turn = live.turn
+        self.write(flow, live.turn, live.upstream_url)
+
+    def write(self, flow: http.HTTPFlow, turn, url: str) -> None:
+        """One line for a turn's chat request (also the WebSocket transport's turns)."""
+        if self.file is None:
+            return
         head = json.dumps({"ts": time.time(), "flow": flow.id,
                            "session": session_key(turn.prompt_cache_key, flow.request.headers),
-                           "url": live.upstream_url}, ensure_ascii=False)
+                           "url": url}, ensure_ascii=False)
         # the body spliced in as sent: byte for byte what the upstream got
         self.file.write(f'{head[:-1]}, "body": {turn.chat_body.decode()}}}\n')

@@ -20,17 +20,18 @@ import json
 import secrets
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from mitmproxy import http
 
 from resp2chat_core import routing
 from resp2chat_core import settings as S
-from resp2chat_core.channel import Reader, scrub
+from resp2chat_core.channel import Reader, record_events, scrub
 from resp2chat_core.errors import GatewayError, error_json, gateway_failure
 from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.replay import MAX_ENTRY_BYTES
+from resp2chat_core.retranslate import lowering_record
 from resp2chat_core.seal import Sealer
 from resp2chat_core.turn import ToolsCache, Turn, begin_turn, session_key
 from resp2chat_io import keys
@@ -38,6 +39,7 @@ from resp2chat_io.relay import KEY_HEADER, TURN_HEADER, Exchange, Target
 from resp2chat_io.relay.exchange import Fallback
 
 from .base import META, Owner, fails_closed, log, request_id
+from .upstreams import Upstream
 
 RESPONSES_PATHS = ("/v1/responses", "/responses")
 JSON_HEADERS = {"content-type": "application/json"}
@@ -66,6 +68,18 @@ class Live:
     client_path: str  # what the client asked for (/v1/responses)
     started: float = 0.0  # time.monotonic() at the request hook
     first: float | None = None  # time.monotonic() when the first backend-made event left
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where one turn goes: ``Turns.plan``."""
+
+    upstream: Upstream  # the first upstream serving the model
+    spec: object | None  # its entry in ``upstreams`` (None: the one-upstream setup)
+    name: str  # its name ("default" in the one-upstream setup)
+    authorization: str | None  # the Authorization header it gets (None: none)
+    affinity: tuple[str, str] | None  # the routing-key header (routing_key_header), if any
+    fallbacks: tuple  # the later upstreams (relay/exchange.py Fallback)
 
 
 @dataclass
@@ -127,6 +141,7 @@ class Turns(Owner):
         self.live: dict[str, Live] = {}
         self.lowering = LoweringOptions()
         self.lowering_repr = repr(self.lowering)  # part of the replay cache key
+        self.lowering_record = lowering_record(self.lowering)  # in each flow: `resp2chat retranslate` reads it
         self.tools_cache = ToolsCache()
         self.secrets: tuple[bytes, ...] = ()
         self.specs: tuple[routing.UpstreamSpec, ...] = ()  # several upstreams (routing.py)
@@ -143,6 +158,7 @@ class Turns(Owner):
                                      for s in self.specs}
         self.lowering_repr = repr(self.lowering) + "".join(
             f"\n{name}: {opts!r}" for name, opts in self.lowering_by_upstream.items())
+        self.lowering_record = lowering_record(self.lowering)
         self.secrets = S.secret_values(self.s)
         self._seal_key = None
 
@@ -162,10 +178,12 @@ class Turns(Owner):
         if path in RESPONSES_PATHS and req.method == "POST":
             self.begin(flow, path)
 
-    def parse(self, body: bytes, response_id: str, created_at: int) -> Turn:
-        """Decode, validate and lower; ``GatewayError`` for a request the gateway cannot serve."""
-        return begin_turn(body, self.lowering, response_id, created_at, self.store.history, self.tools_cache,
-                          self.sealer, resolve=self.store.resolve_items, route=self.route if self.specs else None)
+    def parse(self, body: bytes | dict, response_id: str, created_at: int, history=None) -> Turn:
+        """Decode, validate and lower; ``GatewayError`` for a request the gateway cannot serve.
+        ``history``: where ``previous_response_id`` is looked up (default: the response store)."""
+        return begin_turn(body, self.lowering, response_id, created_at, history or self.store.history,
+                          self.tools_cache, self.sealer, resolve=self.store.resolve_items,
+                          route=self.route if self.specs else None)
 
     def route(self, model: str) -> list[LoweringOptions]:
         """Several upstreams: the lowering options of each one serving ``model``, in order."""
@@ -183,31 +201,21 @@ class Turns(Owner):
                                                {**JSON_HEADERS, "x-request-id": request_id(flow)})
             return
         turn.ctx.request_id = request_id(flow)  # named in the failures the client sees
-        specs = routing.candidates(self.specs, turn.ctx.model) if self.specs else ()
-        upstream = self.upstreams.endpoint(specs[0]) if specs else self.upstreams.target(flow)
-        meta["response_id"] = turn.ctx.response_id
-        meta["upstream"] = upstream.url
-        meta["upstream_name"] = specs[0].name if specs else "default"
         req = flow.request
-        client_auth = req.headers.get("authorization")
+        plan = self.plan(turn, flow, req.headers.get("authorization"))
+        meta["response_id"] = turn.ctx.response_id
+        meta["upstream"] = plan.upstream.url
+        meta["upstream_name"] = plan.name
         req.content = turn.chat_body
         req.headers["content-type"] = "application/json"
         req.headers["accept"] = "text/event-stream"
         req.headers["accept-encoding"] = "identity"  # the translator reads raw bytes
-        upstream.route(flow, "/chat/completions")
-        self.upstreams.authorize(flow, specs[0] if specs else None)
-        if affinity := self.upstreams.routing_key(session_key(turn.prompt_cache_key, req.headers)):
-            req.headers[affinity[0]] = affinity[1]
+        plan.upstream.route(flow, "/chat/completions")
+        self.upstreams.authorize(flow, plan.spec)
+        if plan.affinity:
+            req.headers[plan.affinity[0]] = plan.affinity[1]
         url = req.url
-        fallbacks = tuple(
-            Fallback(spec.name, Target(self.upstreams.endpoint(spec).url + "/chat/completions"),
-                     (auth.encode() if (auth := self.upstreams.authorization(spec, client_auth)) else None),
-                     alt_body, think)
-            for spec, (alt_body, think) in zip(specs[1:], turn.alternates))
-        exchange = Exchange(flow.id, secrets.token_urlsafe(24), Target(url),
-                            search=self.search.settings if turn.web_search else None,
-                            upstream=meta["upstream_name"], model=turn.ctx.model, think=turn.ctx.think,
-                            fallbacks=fallbacks)
+        exchange = self.exchange(flow.id, turn, plan)
         reader = Reader(turn.translator(), MAX_ENTRY_BYTES, self.secrets)
         if not turn.client_stream:
             exchange.channel.push = reader.apply  # one JSON body at the end: nothing to tick
@@ -219,6 +227,27 @@ class Turns(Owner):
         for name, value in self.relay.expect(exchange):
             req.headers[name] = value
         req.scheme, (req.host, req.port) = "http", self.relay.address
+
+    def plan(self, turn: Turn, flow: http.HTTPFlow, client_auth: str | None) -> "Plan":
+        """Where a turn goes (HTTP and WebSocket alike): the first upstream serving its model,
+        with its key, the session's routing key, and the later ones as fallbacks."""
+        specs = routing.candidates(self.specs, turn.ctx.model) if self.specs else ()
+        spec = specs[0] if specs else None
+        upstream = self.upstreams.endpoint(spec) if spec else self.upstreams.target(flow)
+        fallbacks = tuple(
+            Fallback(alt.name, Target(self.upstreams.endpoint(alt).url + "/chat/completions"),
+                     (auth.encode() if (auth := self.upstreams.authorization(alt, client_auth)) else None),
+                     alt_body, think)
+            for alt, (alt_body, think) in zip(specs[1:], turn.alternates))
+        return Plan(upstream, spec, spec.name if spec else "default",
+                    self.upstreams.authorization(spec, client_auth),
+                    self.upstreams.routing_key(session_key(turn.prompt_cache_key, flow.request.headers)), fallbacks)
+
+    def exchange(self, turn_id: str, turn: Turn, plan: "Plan", secret: str | None = None) -> Exchange:
+        return Exchange(turn_id, secrets.token_urlsafe(24) if secret is None else secret,
+                        Target(plan.upstream.url + "/chat/completions"),
+                        search=self.search.settings if turn.web_search else None,
+                        upstream=plan.name, model=turn.ctx.model, think=turn.ctx.think, fallbacks=plan.fallbacks)
 
     # --- response --------------------------------------------------------------------------
 
@@ -306,6 +335,9 @@ class Turns(Owner):
         turn, t, reader = live.turn, live.reader.translator, live.reader
         meta = flow.metadata[META]
         meta["upstream_sse"] = scrub(bytes(reader.upstream), self.secrets).decode("utf-8", "replace")
+        # what `resp2chat retranslate` needs to translate this turn again exactly
+        meta.update(created_at=turn.ctx.created_at, lowering=self.lowering_record,
+                    gateway_events=record_events(reader.gateway, self.secrets))
         final = t.response() if t.done else None
         meta["status"] = status = final["status"] if final else "unfinished"
         if t.error:
@@ -314,7 +346,7 @@ class Turns(Owner):
             meta["error"] = {**t.error, "detail": detail}
             log.warning(f"resp2chat: {turn.ctx.request_id} failed ({t.error['code']}): {detail}")
         meta["usage"] = t.usage
-        calls = sum(1 for item in t.output if item["type"] not in ("message", "reasoning"))
+        calls = sum(1 for item in t.output if item["type"] not in ("message", "reasoning", "compaction"))
         u = t.usage or {}
         took = (flow.response.timestamp_end or time.time()) - flow.request.timestamp_start
         ex = live.exchange
@@ -329,6 +361,7 @@ class Turns(Owner):
             + (f" · in {u['input_tokens']} (cached {u['input_tokens_details']['cached_tokens']})"
                f" out {u['output_tokens']}" if u else "")
             + (f" · {calls} tool call{'s' if calls != 1 else ''}" if calls else "")
+            + (" · compaction" if turn.compaction else "")
             + f" · {took * 1000:.0f} ms"
         )
         answer = bytes(reader.sent) if turn.client_stream else flow.response.content

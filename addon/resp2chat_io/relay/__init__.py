@@ -3,10 +3,13 @@
 - server.py    the mitmproxy side: serves only exchanges the addon registered
 - exchange.py  one turn's upstream work: a call, or the rounds of a web-search loop
 - upstream.py  the backend client: pooled connections, TLS, one deadline rule, outcomes
+- websocket.py the Responses WebSocket, terminated here: a registered socket's messages, in order
 """
 
 from .exchange import Exchange, SearchSettings
 from .server import KEY_HEADER, TURN_HEADER, Relay
 from .upstream import Outcome, Target, UpstreamClient
+from .websocket import Socket
 
-__all__ = ["Exchange", "SearchSettings", "Relay", "TURN_HEADER", "KEY_HEADER", "Outcome", "Target", "UpstreamClient"]
+__all__ = ["Exchange", "SearchSettings", "Relay", "TURN_HEADER", "KEY_HEADER", "Outcome", "Target", "UpstreamClient",
+           "Socket"]

@@ -33,6 +33,7 @@ import socket
 
 import h11
 
+from . import websocket
 from .exchange import Exchange, run
 from .upstream import UpstreamClient, failure
 
@@ -52,8 +53,9 @@ class Relay:
         self.server: asyncio.base_events.Server | None = None
         self.port = 0
         self._sock: socket.socket | None = None
-        self._expected: dict[str, Exchange] = {}
+        self._expected: dict[str, Exchange | websocket.Socket] = {}
         self.active = 0  # exchanges in flight: tests check that aborted turns leave nothing behind
+        self.sockets = 0  # Responses WebSockets open (websocket.py)
         self.refused = 0  # requests that named no registered exchange or the wrong secret
 
     @property
@@ -83,8 +85,8 @@ class Relay:
         self.client.close()
         self._expected.clear()
 
-    def expect(self, exchange: Exchange) -> list[tuple[str, str]]:
-        """Register an exchange; returns the headers mitmproxy's request must carry."""
+    def expect(self, exchange: Exchange | websocket.Socket) -> list[tuple[str, str]]:
+        """Register an exchange (or a socket); returns the headers mitmproxy's request must carry."""
         self._expected[exchange.turn_id] = exchange
         return [(TURN_HEADER, exchange.turn_id), (KEY_HEADER, exchange.secret)]
 
@@ -96,7 +98,7 @@ class Relay:
     def expected(self) -> int:
         return len(self._expected)
 
-    def _claim(self, request: h11.Request) -> Exchange | None:
+    def _claim(self, request: h11.Request) -> Exchange | websocket.Socket | None:
         turn = key = b""
         for name, value in request.headers:
             if name == b"x-resp2chat-turn":
@@ -126,6 +128,13 @@ class Relay:
                 if exchange is None:
                     self.refused += 1
                     return  # not ours: nothing is answered, nothing goes upstream
+                if isinstance(exchange, websocket.Socket):
+                    self.sockets += 1
+                    try:
+                        await websocket.serve(exchange, request, conn, reader, writer)
+                    finally:
+                        self.sockets -= 1
+                    return  # the connection was the socket's
                 body = await _read_body(conn, reader)
                 await self._exchange(exchange, request, body, reader, writer, conn)
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:

@@ -1,0 +1,156 @@
+"""Remote compaction: Codex's built-in provider asks the gateway to shorten a conversation.
+
+Rules of this file:
+- Sans-I/O. The summary request goes to the backend like any turn (the relay, an Exchange);
+  this file only decides what that request holds and what the client gets back.
+- The summary travels sealed (seal.py, purpose ``"compaction"``): only this gateway (or replicas
+  sharing its ``seal_key``) can read a compaction item, and no client can forge or alter one.
+- Deterministic. A later request that holds the item lowers it to the same bytes every time, at
+  the item's own place in the conversation, so the backend's prefix cache keeps working after
+  compaction (the item only ever sits where Codex put it, and Codex keeps it there).
+
+Theory of operation (the contract, from codex-rs ``compact_remote_v2.rs``, checked against the
+real Codex CLI 0.169.0; docs/codex.md has the details)::
+
+    Codex ── POST /v1/responses {input: [...history, {"type": "compaction_trigger"}], tools…}
+      gateway: lowers the history as for any turn, adds COMPACTION_PROMPT as the last user
+               message, tool_choice "none" (same tools, same prefix: the backend's cache holds
+               the whole conversation already) ──▶ backend answers with a summary
+      gateway ──▶ response.created … output_item.added/done {"type": "compaction",
+               "encrypted_content": seal(summary)} … response.completed (with the backend's usage)
+    Codex keeps its user messages and the compaction item, drops the rest, and sends
+    [...kept messages, {"type": "compaction", "encrypted_content": …}, new turn…] from then on.
+    gateway: the item becomes one user message, SUMMARY_PREFIX + summary, in its place.
+
+Codex counts ``output_item.done`` events and needs exactly one compaction item and a
+``response.completed``: so the summary is sent whole at the end (one item, no deltas), a summary
+cut by the backend's length limit is still a summary (completed, not incomplete), and a backend
+that wrote no text at all fails the turn with ``server_error`` (Codex retries it).
+"""
+
+from __future__ import annotations
+
+from .errors import GatewayError
+from .lowering import Lowered, encode
+from .seal import Sealer, SealError
+from .translator import Kind, Phase, Translator
+
+PURPOSE = "compaction"  # the seal purpose: a sealed reasoning text cannot pass for a summary
+TRIGGER = "compaction_trigger"
+ITEM = "compaction"
+
+COMPACTION_PROMPT = """\
+Stop here: do not continue the task and do not call any tools. This conversation is being \
+compacted to free up the context window, and your summary will replace everything above. \
+Another assistant (possibly you) will continue the work from your summary alone, so write it \
+for them:
+
+1. Goal: what the user wants, with every requirement, constraint and preference they stated.
+2. Decisions: what was decided or agreed, and why.
+3. Files and commands: the paths read, created or changed (what changed in each), and the \
+commands run with the results that matter (errors verbatim).
+4. State of the work: what is done, what is in progress, what remains, in order.
+5. Open questions: anything unresolved, unexpected or still to be checked.
+
+Be specific: exact paths, names, identifiers, values and error messages. Be concise: no \
+pleasantries, no repetition. Answer with the summary only.
+Write the summary now."""
+
+SUMMARY_PREFIX = ("[Summary of the conversation so far. The earlier turns were compacted to save "
+                  "context; continue the work from here.]\n\n")
+
+
+def prepare(items: list, sealer: Sealer | None) -> tuple[list, list, bool]:
+    """A request's input items -> (items to keep, items to lower, is a compaction request).
+
+    The trailing ``compaction_trigger`` is taken off both lists. In the items to lower, each
+    compaction item becomes the user message that carries its summary; the items to keep (what
+    a stored response remembers) keep the sealed item. ``GatewayError`` names an item the
+    gateway did not make, or one that was altered, and a trigger anywhere but last.
+    """
+    compaction = bool(items) and _type(items[-1]) == TRIGGER
+    kept = items[:-1] if compaction else items
+    lowered = kept
+    for i, item in enumerate(kept):
+        kind = _type(item)
+        if kind == TRIGGER:
+            raise GatewayError(f"input[{i}]: compaction_trigger must be the last input item",
+                               param=f"input[{i}].type", code="invalid_value")
+        if kind == ITEM:
+            if lowered is kept:
+                lowered = list(kept)
+            lowered[i] = {"type": "message", "role": "user", "content": SUMMARY_PREFIX + open_item(item, i, sealer)}
+    return kept, lowered, compaction
+
+
+def open_item(item: dict, i: int, sealer: Sealer | None) -> str:
+    """The summary a compaction item carries (``GatewayError`` if it is not one of ours)."""
+    token = item.get("encrypted_content")
+    if not isinstance(token, str) or not token:
+        raise GatewayError(f"input[{i}]: a compaction item needs its encrypted_content",
+                           param=f"input[{i}].encrypted_content", code="invalid_value")
+    if sealer is None:
+        raise GatewayError(f"input[{i}]: compaction items cannot be read here (no seal key)",
+                           param=f"input[{i}].encrypted_content", code="invalid_encrypted_content")
+    try:
+        return sealer.unseal(PURPOSE, token)
+    except SealError as exc:
+        raise GatewayError(
+            f"input[{i}]: this compaction item was not made by this gateway, or was altered ({exc}); "
+            "start a new session, or give the gateway the seal_key that made it",
+            param=f"input[{i}].encrypted_content", code="invalid_encrypted_content") from None
+
+
+def summary_request(lowered: Lowered) -> Lowered:
+    """The chat request that asks the backend for the summary: the conversation as lowered
+    for a normal turn, the prompt last, and no tool calls (the tools stay: same prefix)."""
+    chat = lowered.chat
+    chat["messages"].append({"role": "user", "content": COMPACTION_PROMPT})
+    if "tools" in chat:
+        chat["tool_choice"] = "none"
+    return Lowered(chat=chat, body=encode(chat), tool_map=lowered.tool_map, client_stream=lowered.client_stream)
+
+
+def _type(item) -> str | None:
+    return item.get("type") if isinstance(item, dict) else None
+
+
+class CompactionTranslator(Translator):
+    """The translator of a compaction turn: the backend's text becomes one sealed compaction
+    item, sent whole when the backend is done. Reasoning and (unrequested) tool calls are
+    dropped; everything else (the gateway's own events, failures, usage) is a turn's."""
+
+    def __init__(self, ctx) -> None:
+        super().__init__(ctx)
+        self._summary: list[str] = []
+
+    def _delta(self, kind: Kind, text: str) -> None:
+        if kind is Kind.TEXT:
+            self._summary.append(text)
+            if self.observer is not None:
+                self.observer("text", text)
+
+    def _tool_delta(self, pos: int, call: dict) -> None:
+        pass  # tool_choice is "none": a backend that calls a tool anyway is not heard
+
+    def _complete(self) -> None:
+        self._start()
+        if self._think is not None:
+            self._think_pieces(self._think.flush())
+        summary = "".join(self._summary).strip()
+        if not summary:
+            self._fail("server_error", "the backend wrote no summary for the compaction")
+            return
+        if self.ctx.sealer is None:
+            self._fail("server_error", "the gateway has no seal key for the compaction summary")
+            return
+        index = self._alloc_index()
+        item = {"id": f"cmp_{self._suffix}_{index}", "type": ITEM,
+                "encrypted_content": self.ctx.sealer.seal(PURPOSE, summary)}
+        self._emit("response.output_item.added", output_index=index, item=item)
+        self._item_done(item, index)
+        if self.observer is not None:
+            self.observer("end", "\n")
+        self.finish_reason = None  # a summary cut at the length limit is still the summary
+        self._emit_response("response.completed", "completed")
+        self.phase = Phase.DONE

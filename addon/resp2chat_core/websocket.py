@@ -1,0 +1,230 @@
+"""The Responses WebSocket transport, sans-I/O: its messages and what one connection remembers.
+
+Rules of this file:
+- Sans-I/O. The relay (resp2chat_io/relay/websocket.py) owns the socket and its frames, the
+  addon (resp2chat_io/addons/websocket.py) runs the turns; this file reads client messages,
+  writes server messages and keeps a connection's conversation. No mitmproxy, no sockets.
+- A turn over a socket is a turn: the same request lowers to the same chat bytes as over HTTP
+  (``begin_turn``), and the client gets the same events, each event one text message.
+- Bad input never closes the connection: it is an ``error`` message, and the next
+  ``response.create`` is served as if nothing happened.
+
+Theory of operation (the contract, from codex-rs ``responses_websocket.rs`` and ``client.rs``,
+checked against the real Codex CLI 0.169.0; docs/codex.md has the details)::
+
+    client ── GET /v1/responses, Upgrade: websocket ──▶ 101 (the relay terminates the socket)
+    client ── {"type": "response.create", <a Responses request>} ──▶ a turn
+    gateway ─ {"type": "response.created", …} … {"type": "response.completed", …}: the data of
+              each SSE event, one message each, in order
+    client ── {"type": "response.create", "previous_response_id": <the last response>,
+               "input": [only what is new]} ──▶ the connection's memory supplies the rest
+    client ── {"type": "response.create", "generate": false, …} (a warm-up) ──▶
+              response.created + response.completed with no output; nothing goes to the backend,
+              but the request is remembered as if answered (the next one continues it)
+    client ── {"type": "response.processed", "response_id": …} ──▶ (an acknowledgement: silence)
+    anything else ──▶ {"type": "error", "status": 400, "error": {message, type, param, code}}
+
+A continued request is resolved against this connection's own recent responses first (Codex
+sends ``store: false``: nothing is in the response store), then against the response store.
+``Connection.keep`` bounds the memory: Codex only ever continues its last response.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+from .errors import GatewayError, error_body
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # as the translator writes
+
+CREATE = "response.create"
+PROCESSED = "response.processed"
+NOT_REQUEST = ("type", "generate")  # message keys that are the transport's, not the request's
+
+
+@dataclass
+class Create:
+    """A ``response.create``: the Responses request it carries, and whether to generate."""
+
+    body: dict
+    warmup: bool  # generate: false — answer at once, remember, do not ask the backend
+
+    @property
+    def previous(self) -> str | None:
+        previous = self.body.get("previous_response_id")
+        return previous if isinstance(previous, str) and previous else None
+
+
+def read_message(text: str | bytes) -> Create | None:
+    """A client message -> a ``Create``, or None for an acknowledgement that needs no answer.
+    ``GatewayError`` for anything else (it becomes an ``error`` message)."""
+    try:
+        data = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise GatewayError(f"message is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise GatewayError("message is nested too deeply", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise GatewayError("message must be a JSON object", code="invalid_json")
+    kind = data.get("type")
+    if kind == PROCESSED:
+        return None
+    if kind != CREATE:
+        raise GatewayError(f"unsupported message type {kind!r}: send {{\"type\": \"response.create\", …}}",
+                           param="type", code="unsupported_message_type")
+    generate = data.get("generate", True)
+    if not isinstance(generate, bool):
+        raise GatewayError("generate: expected true or false", param="generate", code="invalid_value")
+    return Create({k: v for k, v in data.items() if k not in NOT_REQUEST}, warmup=not generate)
+
+
+@dataclass(frozen=True, slots=True)
+class Warmup:
+    """A channel-style event (channel.py): a warm-up's whole answer, the response opened and
+    completed with no output, without the backend."""
+
+    def apply(self, t) -> bytes:
+        return t.accepted() + t.feed(b"data: [DONE]\n\n")
+
+
+def error_message(err: GatewayError) -> str:
+    """The ``error`` message Codex reads as the HTTP error it would have got (status and body)."""
+    return json.dumps({"type": "error", "status": err.status, **err.body()}, ensure_ascii=False)
+
+
+def server_error(message: str) -> str:
+    return json.dumps({"type": "error", "status": 500,
+                       **error_body(message, type="server_error", code="server_error")})
+
+
+def messages(sse: bytes) -> list[str]:
+    """The translator's SSE events -> one message text each: the ``data`` of every event."""
+    out = []
+    for block in sse.decode("utf-8", "replace").split("\n\n"):
+        if block:
+            at = block.find("data: ")
+            out.append(block[at + 6:] if at >= 0 else block)
+    return out
+
+
+DELTAS = frozenset({"response.output_text.delta", "response.reasoning_summary_text.delta",
+                    "response.reasoning_text.delta", "response.function_call_arguments.delta",
+                    "response.custom_tool_call_input.delta"})
+_SEQ = ',"sequence_number":'
+
+
+class Coalescer:
+    """One turn's events -> its messages, consecutive deltas of one item merged into one.
+
+    mitmproxy runs every WebSocket message through its whole addon chain, twice (the message
+    hook, then an update): ~0.3 ms of the gateway's CPU per message, where the HTTP path pays one
+    pass per backend read whatever it carries. So what one backend read brings (``__call__``
+    gets the events of one channel item) goes out as few messages as it can: the deltas of one
+    item in a row become one delta with their texts joined, and sequence numbers stay
+    contiguous. A slow backend (one chunk per read) gets one message per chunk, as over HTTP;
+    a fast one, or a busy gateway, fewer. Clients join deltas anyway: the texts are the same.
+    """
+
+    __slots__ = ("shift",)
+
+    def __init__(self) -> None:
+        self.shift = 0  # events merged away so far: later sequence numbers move down by this
+
+    def __call__(self, sse: bytes) -> list[tuple[str, str]]:
+        """(event type, message text) for each message."""
+        out: list = []
+        last = None  # the (type, item, indexes) of out[-1] when it is a delta, as a dict
+        for block in sse.decode("utf-8", "replace").split("\n\n"):
+            if not block:
+                continue
+            head, _, data = block.partition("\ndata: ")
+            kind = head[7:] if head.startswith("event: ") else ""
+            if kind in DELTAS:
+                event = json.loads(data)
+                key = (kind, event.get("item_id"), event.get("output_index"), event.get("content_index"),
+                       event.get("summary_index"))
+                if key == last:
+                    out[-1][1]["delta"] += event["delta"]
+                    self.shift += 1
+                    continue
+                event["sequence_number"] -= self.shift
+                out.append((kind, event))
+                last = key
+                continue
+            last = None
+            if self.shift and (at := data.find(_SEQ)) >= 0:
+                start = at + len(_SEQ)
+                end = start
+                while end < len(data) and data[end].isdigit():
+                    end += 1
+                data = f"{data[:start]}{int(data[start:end]) - self.shift}{data[end:]}"
+            out.append((kind, data))
+        return [(kind, m if isinstance(m, str) else _dumps(m)) for kind, m in out]
+
+
+def as_sse(sent: list[tuple[str, str]]) -> bytes:
+    """Messages back as the SSE events they were (flow records, replay over HTTP)."""
+    return "".join(f"event: {kind}\ndata: {text}\n\n" for kind, text in sent).encode()
+
+
+def canonical(sse: bytes) -> bytes:
+    """A turn's events with every run of deltas merged: what two chunkings of the same answer
+    share (``resp2chat retranslate`` compares socket turns so)."""
+    return as_sse(Coalescer()(sse))
+
+
+def final_response(sse: bytes) -> dict | None:
+    """The Response object of a stream's last event (its terminal event)."""
+    at = sse.rfind(b"data: ")
+    try:
+        event = json.loads(sse[at + 6:]) if at >= 0 else None
+    except ValueError:
+        return None
+    response = event.get("response") if isinstance(event, dict) else None
+    return response if isinstance(response, dict) else None
+
+
+def input_items(body: dict) -> list | None:
+    """A request's ``input`` as items (a string is one user message, as in begin_turn)."""
+    items = body.get("input")
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    return items if isinstance(items, list) else None
+
+
+class Connection:
+    """What one socket remembers: for each of its last ``keep`` responses, the whole conversation
+    it ended (its request's items, then its output), so a request can continue it."""
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep
+        self._responses: OrderedDict[str, list] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._responses)
+
+    def history(self, response_id: str) -> list | None:
+        return self._responses.get(response_id)
+
+    def lookup(self, stored: Callable[[str], list | None] | None) -> Callable[[str], list | None]:
+        """``begin_turn``'s history: this connection's responses, then the response store."""
+        def history(response_id: str) -> list | None:
+            found = self._responses.get(response_id)
+            return found if found is not None or stored is None else stored(response_id)
+        return history
+
+    def conversation(self, create: Create, stored: Callable[[str], list | None] | None) -> list | None:
+        """The whole conversation a request holds: the one it continues, then its new input."""
+        items = input_items(create.body)
+        if items is None or create.previous is None:
+            return items
+        earlier = self.lookup(stored)(create.previous)
+        return None if earlier is None else earlier + items
+
+    def remember(self, response_id: str, items: list) -> None:
+        self._responses[response_id] = items
+        while len(self._responses) > self.keep:
+            self._responses.popitem(last=False)

@@ -1,0 +1,150 @@
+"""Offline replay that matches a rerun: ``--server-replay FILE`` with nothing else.
+
+mitmproxy's server replay matches a request on its exact bytes (here, the chat request after
+lowering). A rerun of a Codex session that ran a tool never sends the same bytes twice: Codex's
+tool output carries the command's wall time and a random chunk id, and its environment context
+names today's date. So this addon takes the *turns* of the replayed flow files over and matches
+them on ``rerun_key`` (resp2chat_core/replay.py: exactly those three blanked, everything else
+byte for byte):
+
+- at start, the turns (HTTP flows and each turn of a WebSocket flow) go into ``Recordings``;
+  mitmproxy's server replay keeps only the other flows (``GET /v1/models``…).
+- ``request`` (after Turns lowered the request): a recorded answer for this chat request is
+  handed to mitmproxy's server replay under this very request (``replay.server.add``), so it
+  answers as it would an exact match (``server_replay_refresh``, ``_reuse``, ``_extra`` apply).
+- the WebSocket addon asks ``events`` for each turn on a socket (and each warm-up, so a replayed
+  session keeps its recorded response ids) and sends the recorded events.
+
+Recordings are taken in recording order; with ``server_replay_reuse`` they are kept. mitmdump
+keeps serving (``keepserving``) until stopped, instead of stopping once mitmproxy's own replay
+has nothing left to serve.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+from mitmproxy import ctx, exceptions, http, io
+
+from resp2chat_core.replay import Recordings
+
+from .base import META, fails_closed
+
+log = logging.getLogger("resp2chat")
+
+SSE_HEADERS = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
+WARMUP = "warm-up"  # recordings of WebSocket warm-ups answer warm-ups only (Recordings kind)
+
+
+@dataclass
+class Answer:
+    """A recorded answer: the events (SSE) and/or the whole Response (JSON) the client got."""
+
+    origin: str  # where it was recorded, for the flow's record
+    sse: bytes | None = None
+    json: bytes | None = None
+    response: http.Response | None = None  # the recorded HTTP response, when there is one
+
+    def http(self, stream: bool) -> http.Response | None:
+        if self.response is not None and (self.sse is not None) == stream:
+            return self.response.copy()
+        if stream:
+            return http.Response.make(200, self.sse, SSE_HEADERS) if self.sse is not None else None
+        body = self.json if self.json is not None else _final(self.sse)
+        return None if body is None else http.Response.make(200, body, {"content-type": "application/json"})
+
+
+def _final(sse: bytes | None) -> bytes | None:
+    """The Response object of the last event of a recorded stream."""
+    if not sse:
+        return None
+    at = sse.rfind(b"data: ")
+    try:
+        event = json.loads(sse[at + 6:])
+    except ValueError:
+        return None
+    response = event.get("response") if isinstance(event, dict) else None
+    return json.dumps(response, ensure_ascii=False).encode() if isinstance(response, dict) else None
+
+
+@fails_closed
+class ServerReplay:
+    name = "resp2chat_server_replay"
+
+    def __init__(self, turns) -> None:
+        self.turns = turns
+        self.recordings = Recordings()
+        self.loaded: tuple[str, ...] = ()
+        self.others: list | None = None  # flows left to mitmproxy's own server replay
+
+    @property
+    def active(self) -> bool:
+        return bool(self.loaded)
+
+    def configure(self, updated: set[str]) -> None:
+        if "server_replay" not in updated or "server_replay" not in ctx.options:
+            return
+        paths = tuple(ctx.options.server_replay)
+        if paths != self.loaded:
+            self.read(paths)
+
+    def read(self, paths: tuple[str, ...]) -> None:
+        try:
+            flows = io.read_flows_from_paths(list(paths))
+        except exceptions.FlowReadException as exc:
+            raise exceptions.OptionsError(str(exc)) from None
+        recordings, others = Recordings(), []
+        for f in flows:
+            meta = (f.metadata.get(META) or {}) if isinstance(f, http.HTTPFlow) else {}
+            if meta.get("transport") == "websocket":
+                for n, turn in enumerate(meta.get("turns") or (), 1):
+                    if turn.get("chat_request") and turn.get("events") and turn.get("status") == "completed":
+                        recordings.add(turn["chat_request"].encode(), Answer(f"{f.id} turn {n}", sse=turn["events"].encode()),
+                                       WARMUP if turn.get("warmup") else "")
+            elif meta.get("responses_request") and f.response is not None and not meta.get("replay_cache") \
+                    and f.request.path.split("?", 1)[0].endswith("/chat/completions"):
+                content = f.response.content or b""
+                stream = f.response.headers.get("content-type", "").startswith("text/event-stream")
+                recordings.add(f.request.content or b"", Answer(f.id, sse=content if stream else None,
+                                                                json=None if stream else content, response=f.response))
+            else:
+                others.append(f)
+        self.recordings, self.others, self.loaded = recordings, others, paths
+        log.info(f"resp2chat: server replay: {len(recordings)} recorded turns match reruns "
+                 f"(tool wall times, chunk ids and the date ignored), {len(others)} other flows")
+        if recordings and "keepserving" in ctx.options and not ctx.options.keepserving:
+            # mitmdump stops once mitmproxy's own replay has nothing left, which now is only the
+            # flows that are no turns: keep serving reruns until stopped.
+            ctx.options.update(keepserving=True)
+        self.running()
+
+    def running(self) -> None:
+        """mitmproxy's server replay keeps the flows that are no turns (it loads all at start)."""
+        if self.others is not None and ctx.master is not None and "replay.server" in ctx.master.commands.commands:
+            ctx.master.commands.call("replay.server", self.others)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.is_replay == "response" or not self.active:
+            return
+        live = self.turns.live.get(flow.id)
+        answer = self.recordings.take(live.turn.chat_body, ctx.options.server_replay_reuse) if live else None
+        response = answer.http(live.turn.client_stream) if answer else None
+        if response is None:
+            return  # no recording: mitmproxy's server_replay_extra decides (forward, kill, a status)
+        flow.metadata[META]["server_replay"] = answer.origin
+        recorded = flow.copy()
+        recorded.response = response
+        if "replay.server.add" in ctx.master.commands.commands:
+            ctx.master.commands.call("replay.server.add", [recorded])  # it answers, as for an exact match
+        else:
+            flow.response, flow.is_replay = response, "response"
+
+    def events(self, chat_body: bytes, warmup: bool = False) -> bytes | None:
+        """The recorded events for a WebSocket turn, or warm-up (None: no recording, or not as
+        events). A warm-up's recording answers only a warm-up: it holds no answer."""
+        if not self.active:
+            return None
+        answer = self.recordings.take(chat_body, ctx.options.server_replay_reuse, WARMUP if warmup else "")
+        return answer.sse if answer is not None else None

@@ -1,0 +1,107 @@
+"""The relay's WebSocket side: it terminates the Responses WebSocket that mitmproxy forwards.
+
+Why the relay: an addon cannot answer the upgrade itself. mitmproxy accepts a 101 made by an
+addon, but its WebSocket layer then forwards the client's pings and the close handshake to a
+server connection that does not exist, and the connection crashes (mitmproxy 12.3). So, like
+a turn, a socket takes one in-process hop: the addon registers a ``Socket`` (named by the
+flow id, with its own secret compared in constant time), points the upgrade at the relay, and
+the relay answers ``101`` and speaks WebSocket with mitmproxy. Every message still passes
+through mitmproxy: its websocket hooks, flow files and mitmweb see the whole conversation.
+
+What happens to messages: each complete client message goes, in order and one at a time, to
+the socket's ``on_message`` (resp2chat_io/addons/websocket.py), which answers through ``send``
+(a list of text messages). Reading goes on meanwhile: pings are answered, and a close frame or
+EOF (the client went away) cancels the message being served, and with it the backend call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import h11
+from wsproto.connection import Connection, ConnectionState, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError, generate_accept_token
+
+log = logging.getLogger("resp2chat.relay")
+
+READ = 65536
+MAX_MESSAGE = 64 << 20  # a client message larger than this closes the socket (1009)
+
+Send = Callable[[list[str]], None]
+
+
+@dataclass(eq=False)
+class Socket:
+    turn_id: str  # the upgrade flow's id: names the socket in mitmproxy's request to the relay
+    secret: str  # per socket, random; compared in constant time
+    on_message: Callable[[str, Send], Awaitable[None]]  # serves one client message
+    on_close: Callable[[], None] | None = None
+
+
+async def serve(sock: Socket, request: h11.Request, conn: h11.Connection, reader: asyncio.StreamReader,
+                writer: asyncio.StreamWriter) -> None:
+    """Answer the upgrade (claimed by the relay for ``sock``) and run the socket until it closes."""
+    key = next((v for n, v in request.headers if n == b"sec-websocket-key"), b"")
+    while (event := conn.next_event()) is h11.NEED_DATA:  # the request's end (a GET has no body)
+        conn.receive_data(await reader.read(READ))
+    if not key or not isinstance(event, h11.EndOfMessage):
+        writer.write(conn.send(h11.Response(status_code=400, headers=[(b"content-length", b"0")])))
+        return
+    writer.write(conn.send(h11.InformationalResponse(status_code=101, headers=[
+        (b"upgrade", b"websocket"), (b"connection", b"Upgrade"),
+        (b"sec-websocket-accept", generate_accept_token(key))])))
+    ws = Connection(ConnectionType.SERVER, trailing_data=conn.trailing_data[0])
+    inbox: asyncio.Queue[str] = asyncio.Queue()
+
+    def send(texts: list[str]) -> None:
+        if ws.state is ConnectionState.OPEN and not writer.is_closing():
+            writer.write(b"".join(ws.send(TextMessage(data=text)) for text in texts))
+
+    async def work() -> None:
+        while True:
+            text = await inbox.get()
+            try:
+                await sock.on_message(text, send)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 — a bug of ours: log it, keep the socket
+                log.warning(f"resp2chat relay: websocket message failed: {type(exc).__name__}: {exc}", exc_info=exc)
+
+    worker = asyncio.ensure_future(work())
+    parts: list[str | bytes] = []
+    size = 0
+    try:
+        while True:
+            for event in ws.events():
+                if isinstance(event, Message):
+                    parts.append(event.data)
+                    size += len(event.data)
+                    if size > MAX_MESSAGE:
+                        writer.write(ws.send(CloseConnection(code=1009, reason="message too big")))
+                        return
+                    if event.message_finished:
+                        if isinstance(event, BytesMessage):
+                            text = b"".join(p if isinstance(p, bytes) else p.encode() for p in parts).decode("utf-8", "replace")
+                        else:
+                            text = "".join(parts)
+                        parts, size = [], 0
+                        inbox.put_nowait(text)
+                elif isinstance(event, Ping):
+                    writer.write(ws.send(event.response()))
+                elif isinstance(event, CloseConnection):
+                    if ws.state is ConnectionState.REMOTE_CLOSING:
+                        writer.write(ws.send(event.response()))
+                    return
+            await writer.drain()
+            ws.receive_data(await reader.read(READ) or None)
+    except (ConnectionError, LocalProtocolError, RemoteProtocolError):
+        pass
+    finally:
+        worker.cancel()
+        await asyncio.gather(worker, return_exceptions=True)
+        if sock.on_close is not None:
+            sock.on_close()

@@ -1,0 +1,194 @@
+"""The real Codex CLI 0.169.0 on its built-in provider (``openai_base_url``), and on a custom
+provider with ``supports_websockets = true``, through a real mitmdump: the Responses WebSocket
+transport, remote compaction, and the refusal when the transport is off."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mitmproxy import http, io
+
+from resp2chat_core.compaction import COMPACTION_PROMPT, SUMMARY_PREFIX
+
+from conftest import ROOT, Codex
+
+pytestmark = pytest.mark.codex
+
+FALLBACK = ("Falling back from WebSockets", "failed to connect to Responses WebSocket", "Reconnecting")
+
+
+def flows(path: Path) -> list[http.HTTPFlow]:
+    with path.open("rb") as fh:
+        return [f for f in io.FlowReader(fh).stream() if isinstance(f, http.HTTPFlow)]
+
+
+@pytest.fixture
+def cx(codex_bin, tmp_path) -> Codex:
+    home, work = tmp_path / "codex-home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    return Codex(codex_bin, home, work)
+
+
+def ok(run) -> str:
+    assert run.returncode == 0, run.output
+    return run.output
+
+
+def test_builtin_provider_speaks_websocket_multi_turn_with_tools_and_resume(upstream, gateway_factory, cx, tmp_path):
+    path = tmp_path / "session.mitm"
+    gw = gateway_factory(upstream.origin, "-w", str(path), "--set", "resp2chat_max_replay_entries=0")
+    cx.configure_builtin(gw.base_url)
+    upstream.clear()
+    first = ok(cx.exec("run: echo hello-over-the-socket"))
+    assert "The tool returned: hello-over-the-socket" in first
+    again = ok(cx.exec("resume", "--last", "and once more"))
+    assert "You said: and once more" in again
+    for output in (first, again):
+        assert not [m for m in FALLBACK if m in output], output
+    gw.stop()
+    recorded = flows(path)
+    sockets = [f for f in recorded if f.websocket is not None]
+    assert len(sockets) == 2 and not [f for f in recorded if f.request.method == "POST"]  # no HTTP turn at all
+    turns = [t for f in sockets for t in f.metadata["resp2chat"]["turns"]]
+    real = [t for t in turns if not t["warmup"]]
+    assert [t["status"] for t in real] == ["completed"] * 3 and any(t["warmup"] for t in turns)
+    # after its first message, Codex sends only what is new: the connection supplies the rest
+    continued = [json.loads(t["responses_request"]) for t in real]
+    assert all(c.get("previous_response_id") for c in continued)
+    assert [json.loads(t["chat_request"]) for t in real] == upstream.requests()
+    assert upstream.requests()[1]["messages"][-1]["role"] == "tool"  # the tool output came back over the socket
+    assert "You said: and once more" in sockets[1].websocket.messages[-1].content.decode()
+    # resp2chat analyze reads a socket's turns like HTTP turns: one session whose prompt only grows
+    report = json.loads(subprocess.run([sys.executable, "-m", "resp2chat_io.main", "analyze", "--json", str(path)],
+                                       capture_output=True, text=True, check=True, cwd=ROOT,
+                                       env={"PYTHONPATH": str(ROOT / "addon"), "PATH": "/usr/bin:/bin"}).stdout)
+    assert report["summary"]["requests"] == 3 and report["summary"]["sessions"] == 1
+    assert report["summary"]["session_prefix_hit_ratio_later_turns"] >= 0.97
+
+
+def test_builtin_provider_with_the_gateway_key_in_codex_api_key(upstream, gateway_factory, cx, tmp_path):
+    path = tmp_path / "session.mitm"
+    gw = gateway_factory(upstream.origin, "-w", str(path), "--set", "resp2chat_gateway_api_key=gw-key-7c1e9a")
+    cx.configure_builtin(gw.base_url)
+    refused = cx.exec("who am i")  # no key: the upgrade and the HTTP fallback both get 401
+    assert refused.returncode != 0 and "401" in refused.output
+    cx.env["CODEX_API_KEY"] = "gw-key-7c1e9a"
+    assert "You said: with the key" in ok(cx.exec("with the key"))
+    gw.stop()
+    assert [f.response.status_code for f in flows(path) if f.websocket is not None] == [101]
+    assert b"gw-key-7c1e9a" not in path.read_bytes()
+
+
+def test_custom_provider_with_supports_websockets(upstream, gateway_factory, cx, tmp_path):
+    path = tmp_path / "session.mitm"
+    gw = gateway_factory(upstream.origin, "-w", str(path), "--set", "resp2chat_max_replay_entries=0")
+    cx.configure(gw.base_url)
+    with (cx.home / "config.toml").open("a") as fh:
+        fh.write("supports_websockets = true\n")
+    output = ok(cx.exec("run: echo custom-socket"))
+    again = ok(cx.exec("resume", "--last", "custom again"))
+    assert "The tool returned: custom-socket" in output and "You said: custom again" in again
+    assert not [m for m in FALLBACK if m in output + again]
+    gw.stop()
+    sockets = [f for f in flows(path) if f.websocket is not None]
+    assert [[t["status"] for t in f.metadata["resp2chat"]["turns"] if not t["warmup"]] for f in sockets] == \
+        [["completed"] * 2, ["completed"]]
+    assert not [f for f in flows(path) if f.request.method == "POST"]
+
+
+def normalized_bodies(log: Path) -> list[str]:
+    """A Codex session's chat requests with what differs between two runs of it blanked: the
+    wall time and chunk id of tool output, and the demo backend's random tool-call ids."""
+    out = []
+    for line in log.read_text().splitlines():
+        body = line[line.index(', "body": ') + 10:-1]
+        body = re.sub(r"Wall time: [0-9.]+ seconds", "Wall time: _", body)
+        body = re.sub(r"Chunk ID: [0-9a-f]+", "Chunk ID: _", body)
+        out.append(re.sub(r"chatcmpl-tool-[0-9a-f]+", "call", body))
+    return out
+
+
+def test_a_codex_session_lowers_to_the_same_bytes_over_websocket_and_http(upstream, gateway_factory, cx, tmp_path):
+    logs = {}
+    for transport in ("websocket", "http"):
+        log = tmp_path / f"{transport}.jsonl"
+        gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0",
+                             "--set", f"resp2chat_upstream_request_log_path={log}",
+                             "--set", f"resp2chat_responses_websocket={'true' if transport == 'websocket' else 'false'}")
+        cx.configure_builtin(gw.base_url)  # the same CODEX_HOME and cwd: Codex's prompt names both
+        ok(cx.exec("run: echo same-bytes"))
+        ok(cx.exec("resume", "--last", "and then?"))
+        gw.stop()
+        logs[transport] = normalized_bodies(log)
+    assert len(logs["websocket"]) == 3
+    assert logs["websocket"] == logs["http"]
+
+
+@pytest.mark.parametrize("transport", ["websocket", "http"])
+def test_remote_compaction_over_several_resumes(transport, upstream, gateway_factory, cx):
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0",
+                         "--set", f"resp2chat_responses_websocket={'true' if transport == 'websocket' else 'false'}")
+    cx.configure_builtin(gw.base_url, extra="model_auto_compact_token_limit = 50\n")
+    upstream.clear()
+    runs = [cx.exec("run: echo first"), cx.exec("resume", "--last", "second question"),
+            cx.exec("resume", "--last", "third question")]
+    for run in runs:
+        output = ok(run)
+        assert "context compacted" in output and "Error running remote compact task" not in output, output
+    assert "You said: third question" in runs[-1].output
+    sent = upstream.requests()
+    summaries = [i for i, body in enumerate(sent) if body["messages"][-1]["content"] == COMPACTION_PROMPT]
+    assert len(summaries) >= 3  # each run compacted (the limit is tiny): the summary request reached the backend
+    for i in summaries:
+        assert sent[i]["tool_choice"] == "none" and sent[i]["tools"]  # same tools (prefix), no calls
+        later = sent[i + 1]["messages"]  # the next request carries the summary the backend wrote
+        assert {"role": "user", "content": SUMMARY_PREFIX + "You said: Write the summary now."} in later
+    assert sent[-1]["messages"][-1] == {"role": "user", "content": "third question"}
+
+
+def test_websocket_off_codex_falls_back_at_once(upstream, gateway_factory, cx, tmp_path):
+    path = tmp_path / "session.mitm"
+    gw = gateway_factory(upstream.origin, "-w", str(path), "--set", "resp2chat_responses_websocket=false")
+    cx.configure_builtin(gw.base_url)
+    output = ok(cx.exec("say hi"))
+    assert "You said: say hi" in output and "Reconnecting" not in output and "Falling back" not in output
+    gw.stop()
+    upgrades = [f for f in flows(path) if f.request.method == "GET" and f.request.path == "/v1/responses"]
+    assert [f.response.status_code for f in upgrades] == [426]  # one refusal, no retry, nothing forwarded
+    assert json.loads(upgrades[0].response.content)["error"]["code"] == "websocket_disabled"
+
+
+def test_a_websocket_session_replays_offline_to_a_rerun_over_either_transport(upstream, gateway_factory, cx, tmp_path):
+    """Recorded over the socket, rerun with --server-replay alone and no backend: the tool runs
+    again (so its output's wall time differs) and every turn is still answered."""
+    path = tmp_path / "session.mitm"
+    live = gateway_factory(upstream.origin, "-w", str(path), "--set", "resp2chat_max_replay_entries=0")
+    cx.configure_builtin(live.base_url)
+    assert "The tool returned: replay-me" in ok(cx.exec("run: echo replay-me"))
+    live.stop()
+    for transport in ("websocket", "http"):
+        replayed = tmp_path / f"replayed-{transport}.mitm"
+        offline = gateway_factory("http://127.0.0.1:9", "--server-replay", str(path), "-w", str(replayed),
+                                  "--set", f"resp2chat_responses_websocket={'true' if transport == 'websocket' else 'false'}")
+        cx.configure_builtin(offline.base_url)
+        output = ok(cx.exec("run: echo replay-me"))
+        assert "The tool returned: replay-me" in output and "stream disconnected" not in output, output
+        offline.stop()
+        again = flows(replayed)
+        if transport == "websocket":
+            [sock] = [f for f in again if f.websocket is not None]
+            answered = [t for t in sock.metadata["resp2chat"]["turns"] if not t["warmup"]]
+            assert [t.get("server_replay") for t in answered] == [True, True]
+            [recorded] = [f for f in flows(path) if f.websocket is not None]
+            recorded_turns = [t for t in recorded.metadata["resp2chat"]["turns"] if not t["warmup"]]
+            assert answered[1]["chat_request"] != recorded_turns[1]["chat_request"]  # the wall time differed
+            assert [t["events"] for t in answered] == [t["events"] for t in recorded_turns]
+        else:  # the socket's recording answers HTTP turns as well: the match is on the chat request
+            posts = [f for f in again if f.request.method == "POST"]
+            assert len(posts) == 2 and all(f.metadata["resp2chat"].get("server_replay") for f in posts)

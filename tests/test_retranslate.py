@@ -1,0 +1,146 @@
+"""Recordings as regression data: ``resp2chat retranslate`` lowers and translates every recorded
+turn again with the current code and diffs against the recording (resp2chat_core/retranslate.py).
+Offline replay hands back recorded events verbatim, so only this notices a translator change."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import requests
+from mitmproxy import http, io
+
+from conftest import ROOT, parse_sse
+from recordings import SEAL_KEY
+from wsclient import WSClient
+
+RECORDINGS = sorted((ROOT / "recordings").glob("*.mitm"))
+
+
+def retranslate(*args: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    out = subprocess.run([sys.executable, "-m", "resp2chat_io.main", "retranslate", "--json", *args],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env={"PYTHONPATH": str(ROOT / "addon"), "PATH": "/usr/bin:/bin", "HOME": os.environ["HOME"]})
+    results = [r for line in out.stdout.splitlines() if line.startswith("[") for r in json.loads(line)]
+    return out, results
+
+
+@pytest.mark.parametrize("recording", RECORDINGS, ids=lambda p: p.stem)
+def test_every_recording_translates_again_to_the_same_events(recording):
+    out, results = retranslate("--seal-key", SEAL_KEY, str(recording))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert results and all(r["outcome"] == "same" for r in results), out.stdout  # every turn checked
+    assert all(r["events"] > 0 for r in results)
+
+
+def flows(path: Path) -> list[http.HTTPFlow]:
+    with path.open("rb") as fh:
+        return [f for f in io.FlowReader(fh).stream() if isinstance(f, http.HTTPFlow)]
+
+
+def rewrite(src: Path, dst: Path, change) -> None:
+    recorded = flows(src)
+    for f in recorded:
+        change(f)
+    with dst.open("wb") as fh:
+        writer = io.FlowWriter(fh)
+        for f in recorded:
+            writer.add(f)
+
+
+def test_a_translator_change_shows_up_as_a_diff(upstream, gateway_factory, tmp_path):
+    source = tmp_path / "session.mitm"  # a text turn and a tool-call turn, recorded now
+    gw = gateway_factory(upstream.origin, "-w", str(source), "--set", "resp2chat_max_replay_entries=0")
+    tools = [{"type": "function", "name": "exec_command", "parameters": {"type": "object", "properties": {}}}]
+    for text in ("say hi", "run: echo hello"):
+        requests.post(gw.base_url + "/responses", json={"model": "demo-model", "input": text, "tools": tools,
+                                                        "stream": True}, timeout=30)
+    gw.stop()
+    out, results = retranslate(str(source))
+    assert out.returncode == 0 and [r["outcome"] for r in results] == ["same", "same"], out.stdout
+
+    def events(f):  # what a changed translator would now make differently from the recording
+        if f.response is not None and b"response.output_text.delta" in (f.response.content or b""):
+            f.response.content = f.response.content.replace(b'"delta":"You ', b'"delta":"We ', 1)
+
+    rewrite(source, tmp_path / "events.mitm", events)
+    out, results = retranslate(str(tmp_path / "events.mitm"))
+    assert out.returncode == 1 and [r["outcome"] for r in results] == ["differs", "same"], out.stdout
+    assert "translation differs" in out.stdout
+    assert '-{"type":"response.output_text.delta"' in out.stdout and '"delta":"We "' in out.stdout
+
+    def chat(f):  # a lowering change: the backend would now get other bytes
+        if f.request.method == "POST":
+            f.request.content = f.request.content.replace(b'"stream":true', b'"stream":true,"x":1')
+
+    rewrite(source, tmp_path / "chat.mitm", chat)
+    out, results = retranslate(str(tmp_path / "chat.mitm"))
+    assert out.returncode == 1 and "lowering differs" in out.stdout and '- "x": 1,' in out.stdout
+
+
+class Slow(BaseHTTPRequestHandler):
+    """A backend whose prefill takes longer than keepalive_secs: the gateway speaks meanwhile."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["content-length"]))
+        time.sleep(1.3)  # (the gateway sends a keepalive after 1 s: that is what is recorded)
+        chunks = [{"choices": [{"index": 0, "delta": {"content": "late but here"}, "finish_reason": None}]},
+                  {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+                  {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}]
+        body = b"".join(b"data: " + json.dumps({"id": "c", "object": "chat.completion.chunk", **c}).encode() + b"\n\n"
+                        for c in chunks) + b"data: [DONE]\n\n"
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_the_gateways_own_events_are_recorded_and_translated_again_in_place(upstream, gateway_factory, tmp_path):
+    slow = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=slow.serve_forever, daemon=True).start()
+    try:
+        path = tmp_path / "live.mitm"
+        gw = gateway_factory(f"http://127.0.0.1:{slow.server_address[1]}", "-w", str(path),
+                             "--set", "resp2chat_keepalive_secs=1", "--set", "resp2chat_max_replay_entries=0")
+        late = parse_sse(requests.post(gw.base_url + "/responses", json={"model": "m", "input": "hi", "stream": True},
+                                       timeout=30).content)
+        client = WSClient(gw.base_url)
+        over_socket = client.turn({"type": "response.create", "model": "m", "input": "hi"})
+        client.close()
+        failing = gateway_factory(upstream.origin, "-w", str(tmp_path / "failed.mitm"))
+        failed = requests.post(failing.base_url + "/responses", json={"model": "m", "input": "error: 429 slow down"},
+                               timeout=30)
+        gw.stop()
+        failing.stop()
+    finally:
+        slow.shutdown()
+    assert [e["type"] for e in late][:3] == ["response.created", "response.in_progress", "response.in_progress"]
+    assert [e["type"] for e in over_socket][:3] == ["response.created", "response.in_progress", "response.in_progress"]
+    assert failed.status_code == 429
+    recorded = [f for f in flows(path) if "resp2chat" in f.metadata]
+    kinds = [name for _, name, _ in recorded[0].metadata["resp2chat"]["gateway_events"]]
+    assert kinds[0] == "Accepted" and "Keepalive" in kinds
+    socket_turn = recorded[1].metadata["resp2chat"]["turns"][0]
+    assert "Keepalive" in [name for _, name, _ in socket_turn["gateway_events"]]
+    [failure] = [f for f in flows(tmp_path / "failed.mitm") if "resp2chat" in f.metadata]
+    assert [name for _, name, _ in failure.metadata["resp2chat"]["gateway_events"]] == ["Accepted", "UpstreamFailed"]
+    out, results = retranslate(str(path), str(tmp_path / "failed.mitm"))
+    assert out.returncode == 0 and [r["outcome"] for r in results] == ["same"] * 3, out.stdout
+    # without the recorded keepalive the events could not be made again: the record is what makes it exact
+    del recorded[0].metadata["resp2chat"]["gateway_events"]
+    rewrite(path, tmp_path / "no-events.mitm", lambda f: f.metadata.get("resp2chat", {}).pop("gateway_events", None))
+    out, results = retranslate(str(tmp_path / "no-events.mitm"))
+    assert out.returncode == 1 and results[0]["outcome"] == "differs"

@@ -1,0 +1,316 @@
+"""The Responses WebSocket transport: the core (resp2chat_core/websocket.py) alone, then a raw
+WebSocket client through a real mitmdump (relay/websocket.py, addons/websocket.py). The real
+Codex CLI over the socket is in test_codex_builtin.py."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import requests
+from mitmproxy import http, io
+
+from resp2chat_core import websocket as ws
+from resp2chat_core.errors import GatewayError
+
+from conftest import parse_sse
+from wsclient import Refused, WSClient
+
+TOOLS = [{"type": "function", "name": "exec_command", "description": "run a command", "strict": False,
+          "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}, "required": ["cmd"]}}]
+
+
+def user(text: str) -> dict:
+    return {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+
+
+# --- the core ------------------------------------------------------------------------------
+
+
+def test_read_message():
+    create = ws.read_message('{"type": "response.create", "model": "m", "input": "hi", "generate": false}')
+    assert create.body == {"model": "m", "input": "hi"} and create.warmup and create.previous is None
+    assert not ws.read_message('{"type": "response.create", "model": "m", "input": []}').warmup
+    assert ws.read_message('{"type": "response.processed", "response_id": "resp_1"}') is None
+    for bad, code in [("nope", "invalid_json"), ("[1]", "invalid_json"), ('{"type": "response.append"}',
+                      "unsupported_message_type"), ('{"model": "m"}', "unsupported_message_type"),
+                      ('{"type": "response.create", "generate": "no"}', "invalid_value")]:
+        with pytest.raises(GatewayError) as err:
+            ws.read_message(bad)
+        assert err.value.code == code and err.value.status == 400
+    message = json.loads(ws.error_message(GatewayError("input[2]: bad", param="input[2]", code="invalid_value")))
+    assert message == {"type": "error", "status": 400, "error": {
+        "message": "input[2]: bad", "type": "invalid_request_error", "param": "input[2]", "code": "invalid_value"}}
+
+
+def test_messages_are_the_data_of_each_event():
+    sse = b'event: response.created\ndata: {"type":"response.created"}\n\nevent: x\ndata: {"type":"x","a":"b\\n"}\n\n'
+    assert ws.messages(sse) == ['{"type":"response.created"}', '{"type":"x","a":"b\\n"}']
+    assert ws.messages(b"") == []
+
+
+def _chunk(delta=None, finish=None) -> bytes:
+    return b"data: " + json.dumps({"choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}]}).encode() + b"\n\n"
+
+
+def _translator():
+    from resp2chat_core.lowering import LoweringOptions
+    from resp2chat_core.turn import begin_turn
+
+    return begin_turn(b'{"model": "m", "input": "hi"}', LoweringOptions(), "resp_x", 1).translator()
+
+
+def test_the_deltas_one_backend_read_brings_go_out_as_one_message():
+    t = _translator()
+    coalesce = ws.Coalescer()
+    first = coalesce(t.accepted() + t.feed(_chunk({"reasoning_content": "a "}) + _chunk({"reasoning_content": "b"})
+                                           + _chunk({"content": "x"}) + _chunk({"content": "y"})))
+    second = coalesce(t.feed(_chunk({"content": "z"})) + t.feed(_chunk(finish="stop") + b"data: [DONE]\n\n"))
+    events = [json.loads(m) for _, m in first + second]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))  # still contiguous
+    deltas = [(e["type"].split(".")[1], e["delta"]) for e in events if e["type"].endswith(".delta")]
+    assert deltas == [("reasoning_summary_text", "a b"), ("output_text", "xy"), ("output_text", "z")]
+    assert events[-1]["response"]["output"][-1]["content"][0]["text"] == "xyz"
+    assert [k for k, _ in first + second] == [e["type"] for e in events]
+    # chunked otherwise, the same answer: the same once every run of deltas is merged
+    t2 = _translator()
+    whole = t2.accepted() + t2.feed(_chunk({"reasoning_content": "a b"}) + _chunk({"content": "xyz"})
+                                    + _chunk(finish="stop") + b"data: [DONE]\n\n")
+    assert ws.canonical(ws.as_sse(first + second)) == ws.canonical(whole) == ws.as_sse(ws.Coalescer()(whole))
+
+
+def test_connection_memory_continues_responses_and_is_bounded():
+    conn = ws.Connection(keep=2)
+    stored = {"resp_stored": [user("from the store")]}
+    conn.remember("resp_1", [user("a")])
+    create = ws.read_message(json.dumps({"type": "response.create", "model": "m", "input": "b",
+                                         "previous_response_id": "resp_1"}))
+    assert conn.conversation(create, stored.get) == [user("a"), {"role": "user", "content": "b"}]
+    create.body["previous_response_id"] = "resp_stored"  # not this connection's: the response store's
+    assert conn.conversation(create, stored.get)[0] == user("from the store")
+    create.body["previous_response_id"] = "resp_unknown"
+    assert conn.conversation(create, stored.get) is None
+    conn.remember("resp_2", [])
+    conn.remember("resp_3", [])
+    assert len(conn) == 2 and conn.history("resp_1") is None and conn.history("resp_3") == []
+
+
+# --- through a real mitmdump ---------------------------------------------------------------
+
+
+@pytest.fixture
+def gw(upstream, gateway_factory, tmp_path):
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0",
+                         "--set", f"resp2chat_upstream_request_log_path={tmp_path / 'up.jsonl'}",
+                         "-w", str(tmp_path / "flows.mitm"))
+    gw.request_log = tmp_path / "up.jsonl"
+    gw.flows = tmp_path / "flows.mitm"
+    return gw
+
+
+def logged_bodies(path: Path) -> list[bytes]:
+    """The chat requests the gateway sent upstream, byte for byte (the request log keeps them so)."""
+    out = []
+    for line in path.read_bytes().splitlines():
+        out.append(line[line.index(b', "body": ') + 10:-1])
+    return out
+
+
+def done(events: list[dict]) -> dict:
+    assert events[-1]["type"] == "response.completed", events[-1]
+    return events[-1]["response"]
+
+
+def test_a_conversation_over_the_socket_lowers_to_the_same_bytes_as_over_http(gw, upstream):
+    """previous_response_id + only the new input over the socket == the whole input over HTTP."""
+    instructions = {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "Be brief."}]}
+    base = {"model": "demo-model", "tools": TOOLS, "store": False, "stream": True, "parallel_tool_calls": True}
+    client = WSClient(gw.base_url)
+    first = [instructions, user("run: echo from-the-socket")]
+    r1 = done(client.turn({"type": "response.create", **base, "input": first}))
+    assert r1["output"][-1]["type"] == "function_call"
+    second = [{"type": "function_call_output", "call_id": r1["output"][-1]["call_id"], "output": "from-the-socket\n"}]
+    r2 = done(client.turn({"type": "response.create", **base, "previous_response_id": r1["id"], "input": second}))
+    assert r2["output"][-1]["content"][0]["text"] == "The tool returned: from-the-socket"
+    third = [user("thanks")]
+    r3 = done(client.turn({"type": "response.create", **base, "previous_response_id": r2["id"], "input": third}))
+    client.close()
+    # the same conversation, the client resending everything each time (as Codex does over HTTP)
+    full = first
+    for extra, earlier in ((None, None), (second, r1), (third, r2)):
+        if extra is not None:
+            full = full + earlier["output"] + extra
+        r = requests.post(gw.base_url + "/responses", json={**base, "input": full}, timeout=30)
+        assert parse_sse(r.content)[-1]["type"] == "response.completed"
+    bodies = logged_bodies(gw.request_log)
+    assert len(bodies) == 6
+    assert bodies[:3] == bodies[3:]  # byte for byte: the backend's prefix cache cannot tell them apart
+    assert r3["output"][-1]["content"][0]["text"] == "You said: thanks"
+
+
+def test_warm_up_is_answered_without_the_backend_and_then_continued(gw, upstream):
+    upstream.clear()
+    client = WSClient(gw.base_url)
+    warm = client.turn({"type": "response.create", "model": "demo-model", "input": [user("hello")], "generate": False})
+    assert [e["type"] for e in warm] == ["response.created", "response.in_progress", "response.completed"]
+    assert warm[-1]["response"]["output"] == [] and upstream.requests() == []
+    real = done(client.turn({"type": "response.create", "model": "demo-model", "input": [],
+                             "previous_response_id": warm[-1]["response"]["id"]}))
+    assert real["output"][-1]["content"][0]["text"] == "You said: hello"
+    assert [m["content"] for m in upstream.requests()[0]["messages"]] == ["hello"]
+    client.close()
+
+
+def test_bad_messages_get_an_error_and_the_socket_stays_usable(gw, upstream):
+    client = WSClient(gw.base_url)
+    cases = [
+        ("not json", "invalid_json", None),
+        ({"type": "response.cancel"}, "unsupported_message_type", "type"),
+        ({"type": "response.create", "model": "demo-model", "input": [{"type": "nonsense"}]}, "unsupported_item_type",
+         "input[0].type"),
+        ({"type": "response.create", "model": "demo-model", "input": "x", "previous_response_id": "resp_gone"},
+         "previous_response_not_found", "previous_response_id"),
+        ({"type": "response.create", "model": "demo-model",
+          "input": [{"type": "compaction", "encrypted_content": "r2c1.forged"}, user("go on")]},
+         "invalid_encrypted_content", "input[0].encrypted_content"),
+    ]
+    for message, code, param in cases:
+        [error] = client.turn(message)
+        assert error["type"] == "error" and error["status"] == 400, error
+        assert error["error"]["code"] == code and error["error"]["param"] == param
+    client.send({"type": "response.processed", "response_id": "resp_x"})  # an acknowledgement: no answer
+    client.ping()
+    ok = done(client.turn({"type": "response.create", "model": "demo-model", "input": "still here?"}))
+    assert ok["output"][-1]["content"][0]["text"] == "You said: still here?"
+    client.close()
+
+
+def test_a_client_that_leaves_mid_turn_is_recorded_and_the_gateway_goes_on(gw, upstream, tmp_path):
+    client = WSClient(gw.base_url)
+    client.send({"type": "response.create", "model": "demo-model", "input": "words: 40\nnoreason\nslow: 200"})
+    while client.next_message()["type"] != "response.output_text.delta":
+        pass  # the answer is streaming, one word every 200 ms
+    client.sock.close()  # gone, without a close frame
+    again = WSClient(gw.base_url)
+    assert done(again.turn({"type": "response.create", "model": "demo-model", "input": "still serving?"}))
+    again.close()
+    gw.stop()
+    recorded = [f.metadata["resp2chat"]["turns"] for f in io.FlowReader(gw.flows.open("rb")).stream()
+                if isinstance(f, http.HTTPFlow) and f.websocket is not None]
+    assert [[t["status"] for t in turns] for turns in recorded] == [["unfinished"], ["completed"]]
+    words = [e for e in parse_sse(recorded[0][0]["events"].encode()) if e["type"] == "response.output_text.delta"]
+    assert 0 < len(words) < 40  # recorded as far as it went
+
+
+def test_a_message_over_the_body_limit_is_refused(upstream, gateway_factory):
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_request_body_mb=1")
+    client = WSClient(gw.base_url)
+    [error] = client.turn({"type": "response.create", "model": "demo-model", "input": "x" * (1 << 20)})
+    assert error["status"] == 413 and error["error"]["code"] == "request_too_large"
+    assert done(client.turn({"type": "response.create", "model": "demo-model", "input": "small"}))
+    client.close()
+
+
+def test_a_bug_of_ours_ends_the_message_with_an_error_and_the_socket_goes_on(upstream, gateway_factory):
+    gw = gateway_factory(upstream.origin, "-s", str(Path(__file__).with_name("ws_fault.py")))
+    client = WSClient(gw.base_url)
+    [error] = client.turn({"type": "response.create", "model": "demo-model", "input": "raise a bug"})
+    assert error == {"type": "error", "status": 500, "error": {"message": "the gateway failed to handle this message",
+                                                               "type": "server_error", "param": None, "code": "server_error"}}
+    assert done(client.turn({"type": "response.create", "model": "demo-model", "input": "and now?"}))
+    client.close()
+    assert "injected by tests/ws_fault.py" in gw.log()  # the details go to the log, not the client
+
+
+def test_upstream_failure_is_response_failed_on_the_socket(gw):
+    client = WSClient(gw.base_url)
+    events = client.turn({"type": "response.create", "model": "demo-model", "input": "error: 500 boom"})
+    assert events[-1]["type"] == "response.failed" and events[-1]["response"]["error"]["code"] == "server_error"
+    assert done(client.turn({"type": "response.create", "model": "demo-model", "input": "again"}))
+    client.close()
+
+
+def test_the_socket_is_recorded_in_the_flow_file(gw, upstream):
+    client = WSClient(gw.base_url, headers={"authorization": "Bearer sk-client-secret-123456"})
+    first = client.turn({"type": "response.create", "model": "demo-model", "input": "one", "generate": False})
+    second = client.turn({"type": "response.create", "model": "demo-model", "input": "two",
+                          "previous_response_id": first[-1]["response"]["id"]})
+    client.turn("oops")
+    client.close()
+    gw.stop()
+    [flow] = [f for f in io.FlowReader(gw.flows.open("rb")).stream() if isinstance(f, http.HTTPFlow)
+              and f.websocket is not None]
+    assert flow.request.path == "/v1/responses" and flow.response.status_code == 101
+    assert not [h for h in flow.request.headers if h.lower().startswith("x-resp2chat")]
+    assert b"sk-client-secret" not in gw.flows.read_bytes()
+    sent = [json.loads(m.content) for m in flow.websocket.messages if not m.from_client]
+    assert sent == first + second + [{"type": "error", "status": 400, "error": sent[-1]["error"]}]
+    meta = flow.metadata["resp2chat"]
+    assert meta["transport"] == "websocket"
+    warm, turn, rejected = meta["turns"]
+    assert warm["warmup"] and "upstream_sse" not in warm and rejected["status"] == "rejected"
+    assert turn["status"] == "completed" and turn["response_id"] == second[-1]["response"]["id"]
+    assert turn["chat_request"].encode() == logged_bodies(gw.request_log)[0]
+    assert "chat.completion.chunk" in turn["upstream_sse"]
+    assert [e["type"] for e in parse_sse(turn["events"].encode())] == [e["type"] for e in second]
+    assert flow.comment.startswith("WebSocket /v1/responses · 3 messages (1 warm-up, 1 completed, 1 rejected)")
+    # mitmweb: each message readable, a client's beside the chat request the backend got for it
+    from mitmproxy import contentviews
+    from mitmproxy.test import taddons
+
+    from resp2chat_io import views
+
+    views.register()
+    client_messages = [m for m in flow.websocket.messages if m.from_client]
+    with taddons.context():
+        warm, real, bad = (contentviews.prettify_message(m, flow) for m in client_messages)
+        last = contentviews.prettify_message([m for m in flow.websocket.messages if not m.from_client][-2], flow)
+    assert warm.view_name == real.view_name == last.view_name == "resp2chat message"
+    assert "a warm-up" in warm.text and "chat request" not in warm.text
+    assert "continuing resp_" in real.text and "== chat request (to the backend) ==" in real.text and "two" in real.text
+    assert "refused: invalid_json" in bad.text
+    assert "response.completed  status=completed" in last.text
+
+
+# --- refusals: never a GET to the backend ---------------------------------------------------
+
+
+class Recorder(BaseHTTPRequestHandler):
+    seen: list = []
+
+    def do_GET(self):
+        Recorder.seen.append(self.path)
+        self.send_response(200)
+        self.send_header("content-length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def recorder():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    Recorder.seen = []
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_upgrades_the_gateway_does_not_serve_are_refused_at_once(recorder, gateway_factory):
+    off = gateway_factory(recorder, "--set", "resp2chat_responses_websocket=false")
+    with pytest.raises(Refused) as err:
+        WSClient(off.base_url)
+    assert err.value.status == 426 and json.loads(err.value.body)["error"]["code"] == "websocket_disabled"
+    on = gateway_factory(recorder)
+    with pytest.raises(Refused) as err:
+        WSClient(on.base_url, path="/models")
+    assert err.value.status == 404 and json.loads(err.value.body)["error"]["code"] == "websocket_not_supported"
+    plain = requests.get(on.base_url + "/responses", timeout=10)
+    assert plain.status_code == 405 and plain.headers["allow"] == "POST"
+    assert requests.get(on.base_url + "/models", timeout=10).status_code == 200  # other GETs still go upstream
+    assert Recorder.seen == ["/v1/models"]

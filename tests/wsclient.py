@@ -1,0 +1,94 @@
+"""A small blocking WebSocket client for the Responses WebSocket (tests and bench), on wsproto
+(mitmproxy's own dependency): connect, send ``response.create`` messages, read the events of
+each turn until its terminal event."""
+
+from __future__ import annotations
+
+import json
+import socket
+from urllib.parse import urlsplit
+
+import wsproto
+import wsproto.events as E
+
+TERMINAL = {"response.completed", "response.failed", "response.incomplete", "error"}
+
+
+class Refused(Exception):
+    def __init__(self, status: int, body: bytes):
+        super().__init__(f"upgrade refused: {status} {body[:200]!r}")
+        self.status, self.body = status, body
+
+
+class WSClient:
+    def __init__(self, base_url: str, path: str = "/responses", headers: dict | None = None, timeout: float = 60):
+        url = urlsplit(base_url)
+        self.sock = socket.create_connection((url.hostname, url.port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+        extra = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+        self.sock.sendall(self.ws.send(E.Request(host=url.netloc, target=url.path.rstrip("/") + path,
+                                                 extra_headers=extra)))
+        self.pending: list = []
+        refused, body = None, b""
+        while True:
+            for event in self._read():
+                if isinstance(event, E.AcceptConnection):
+                    return
+                if isinstance(event, E.RejectConnection):
+                    refused = event.status_code
+                    if not event.has_body:
+                        raise Refused(refused, body)
+                elif isinstance(event, E.RejectData):
+                    body += event.data
+                    if event.body_finished:
+                        raise Refused(refused, body)
+
+    def _read(self) -> list:
+        data = self.sock.recv(1 << 20)
+        self.ws.receive_data(data or None)
+        return list(self.ws.events())
+
+    def send(self, message) -> None:
+        text = message if isinstance(message, str) else json.dumps(message)
+        self.sock.sendall(self.ws.send(E.TextMessage(data=text)))
+
+    def next_message(self) -> dict | None:
+        """The next server message (None once the socket closed)."""
+        while not self.pending:
+            events = self._read()
+            for event in events:
+                if isinstance(event, E.TextMessage):
+                    self.pending.append(json.loads(event.data))
+                elif isinstance(event, E.CloseConnection):
+                    return None
+                elif isinstance(event, E.Ping):
+                    self.sock.sendall(self.ws.send(event.response()))
+        return self.pending.pop(0)
+
+    def events(self) -> list[dict]:
+        """One turn's messages, through its terminal event (or an ``error``)."""
+        out = []
+        while True:
+            event = self.next_message()
+            if event is None:
+                raise ConnectionError(f"socket closed after {out}")
+            out.append(event)
+            if event.get("type") in TERMINAL:
+                return out
+
+    def turn(self, message) -> list[dict]:
+        self.send(message)
+        return self.events()
+
+    def ping(self, payload: bytes = b"hi") -> None:
+        self.sock.sendall(self.ws.send(E.Ping(payload=payload)))
+
+    def close(self) -> None:
+        try:
+            self.sock.sendall(self.ws.send(E.CloseConnection(code=1000)))
+            self._read()
+        except OSError:
+            pass
+        finally:
+            self.sock.close()
