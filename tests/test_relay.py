@@ -210,3 +210,31 @@ def test_a_turn_that_arrives_before_the_relay_runs_waits_for_it():
             backend.close()
 
     asyncio.run(main())
+
+
+def test_accepted_connections_get_tcp_nodelay():
+    """asyncio sets TCP_NODELAY only on sockets whose proto is IPPROTO_TCP, and accepted sockets
+    inherit the listening socket's: with proto 0 every tick to mitmproxy waited for a delayed ACK
+    (the first token came ~40 ms late on every keep-alive request; make bench's c=1 TTFT)."""
+    import socket as _socket
+
+    async def main():
+        relay = Relay()
+        accepted = []
+        serve = relay._serve
+
+        async def spy(reader, writer):
+            s = writer.get_extra_info("socket")
+            accepted.append(s.getsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY))
+            await serve(reader, writer)
+
+        relay._serve = spy  # (start() serves with whatever _serve is then)
+        await relay.start()
+        reader, writer = await asyncio.open_connection(*relay.address)
+        writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        await relay.close()
+        assert accepted and accepted[0] != 0
+
+    asyncio.run(main())
