@@ -40,6 +40,12 @@ def test_settings_are_checked_and_failures_are_explained(upstream, tmp_path):
         resp2chat_io.start(upstream.base_url, colour="red")
     with pytest.raises(GatewayError, match=r"upstreams\[0\] \('a'\).base_url"):
         resp2chat_io.start(upstreams=[{"name": "a"}])
+    with pytest.raises(GatewayError) as err:  # a misspelt key: named, its value never shown
+        resp2chat_io.start(upstreams=[{"name": "a", "base_url": "http://u:pw-in-url@h/v1", "apikey": "sk-secret-123456"}])
+    assert "apikey" in str(err.value) and "sk-secret-123456" not in str(err.value)
+    with pytest.raises(GatewayError) as err:
+        resp2chat_io.start(upstreams=[{"name": "a", "base_url": "ftp://u:pw-in-url@h/v1"}])
+    assert "base_url" in str(err.value) and "pw-in-url" not in str(err.value)
     with socket.socket() as taken:  # a port someone else holds: the gateway cannot start, and says why
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -59,3 +65,15 @@ def test_several_upstreams_and_mitmproxy_arguments(upstream, tmp_path):
     finally:
         gw.stop()
     assert flows.stat().st_size > 0
+
+
+def test_secrets_never_reach_the_process_command_line(upstream):
+    """Any local user can read a command line (ps, /proc/PID/cmdline): keys go by environment."""
+    with resp2chat_io.start(upstream.base_url, gateway_api_key="gw-key-not-in-argv", seal_key="seal-not-in-argv",
+                            upstream_api_key="sk-up-not-in-argv") as gw:
+        cmdline = open(f"/proc/{gw.proc.pid}/cmdline", "rb").read()
+        assert b"not-in-argv" not in cmdline
+        r = requests.get(gw.origin + "/v1/models", timeout=5)
+        assert r.status_code == 401  # and yet the key is in force
+        ok = requests.get(gw.origin + "/v1/models", headers={"authorization": "Bearer gw-key-not-in-argv"}, timeout=5)
+        assert ok.status_code == 200

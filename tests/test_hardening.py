@@ -408,3 +408,20 @@ def test_https_upstream_verified_unless_told_otherwise(tls_upstream, gateway_fac
         events = stream_events(insecure, {"model": "m", "input": f"over tls {turn}"})
         assert events[-1]["type"] == "response.completed"
         assert events[-1]["response"]["output"][-1]["content"][0]["text"] == f"You said: over tls {turn}"
+
+
+@pytest.mark.parametrize("path", ["/v1/%72esponses", "/v1//responses", "/v1/./responses", "/v1/x/../responses"])
+def test_a_gateway_path_in_disguise_reaches_no_backend(gateway, upstream, path):
+    """A backend that percent-decodes or normalises paths (uvicorn: vLLM) would serve its own
+    /v1/responses to these, past validation, tool_denylist and routing."""
+    upstream.clear()
+    body = b'{"model": "m", "input": "hi"}'
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as s:  # the path as it is:
+        s.sendall(b"POST %s HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                  b"connection: close\r\n\r\n%s" % (path.encode(), len(body), body))  # (HTTP clients normalise it)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and json.loads(payload)["error"]["code"] == "invalid_path"
+    assert upstream.requests() == []

@@ -44,3 +44,19 @@ def test_install_key_is_made_once_private_and_kept(tmp_path, monkeypatch):
     assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
     assert keys.seal_key("") == first and len(first) == 32
     assert keys.seal_key("configured") == derive_key("configured") != first
+
+
+def test_a_broken_key_file_is_refused_not_used(tmp_path, monkeypatch):
+    """An empty or short seal.key (a crash mid-write elsewhere) would derive a key anyone can
+    compute: it is an error, never a key."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    monkeypatch.delenv("RESP2CHAT_CONFIG", raising=False)
+    path = keys.key_path()
+    path.parent.mkdir(parents=True)
+    for content in (b"", b"short"):
+        path.write_bytes(content)
+        with pytest.raises(keys.KeyFileError):
+            keys.seal_key("")
+    path.unlink()
+    made = keys.seal_key("")
+    assert len(made) == 32 and not [p for p in path.parent.iterdir() if p.name.startswith(".seal-")]

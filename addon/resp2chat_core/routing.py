@@ -73,7 +73,12 @@ def parse_upstreams(value: Sequence[dict]) -> tuple[UpstreamSpec, ...]:
         label = f"upstreams[{i}]" + (f" ({entry['name']!r})" if isinstance(entry.get("name"), str) else "")
 
         def bad(key: str, why: str, shown: Any = None) -> S.SettingsError:
-            return S.SettingsError(f"{label}.{key}", entry.get(key) if shown is None else shown, why)
+            # never a value that may be a secret: the key, an unknown field (a misspelt key?),
+            # a URL (it may carry user:password)
+            value = entry.get(key) if shown is None else shown
+            if key in ("api_key", "base_url") or key not in _OWN + OVERRIDABLE:
+                value = "[hidden]"
+            return S.SettingsError(f"{label}.{key}", value, why)
 
         unknown = sorted(set(entry) - set(_OWN) - set(OVERRIDABLE))
         if unknown:

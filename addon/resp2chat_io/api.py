@@ -145,6 +145,10 @@ def start(upstream_base_url: str | None = None, *, host: str = "127.0.0.1", port
     if upstream_base_url is not None:
         settings["upstream_base_url"] = upstream_base_url
     options = [_option_value(name, value) for name, value in settings.items()]
+    # Settings that are or may hold secrets go in the process environment (RESP2CHAT_<FIELD>), not
+    # on its command line, which any local user can read in `ps`.
+    secret = {o for o in options if o.split("=", 1)[0].removeprefix("resp2chat_") in S.SECRET_FIELDS | S.HOLDS_SECRETS}
+    options = [o for o in options if o not in secret]
     process_env = dict(os.environ)
     workdir = Path(tempfile.mkdtemp(prefix="resp2chat-gateway-"))
     if isolated:
@@ -152,6 +156,9 @@ def start(upstream_base_url: str | None = None, *, host: str = "127.0.0.1", port
             if name.startswith("RESP2CHAT_") or name in ("OPENAI_API_KEY", "BRAVE_SEARCH_API_KEY"):
                 del process_env[name]
         process_env["RESP2CHAT_CONFIG"] = str(workdir / "no-config.yaml")  # (never written: no file settings)
+    for opt in secret:
+        name, _, text = opt.partition("=")
+        process_env["RESP2CHAT_" + name.removeprefix("resp2chat_").upper()] = text
     process_env.update(env or {})
     log_file = Path(log_path) if log_path else workdir / "mitmdump.log"
     why = ""

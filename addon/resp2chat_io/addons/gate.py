@@ -6,6 +6,8 @@ address the relay (it serves only the gateway's own requests)."""
 from __future__ import annotations
 
 import hmac
+import posixpath
+from urllib.parse import unquote
 
 from mitmproxy import http
 
@@ -15,6 +17,19 @@ from resp2chat_core.errors import error_json
 from .base import Owner, fails_closed
 
 JSON_HEADERS = {"content-type": "application/json"}
+
+
+GATEWAY_PATHS = ("/v1/responses", "/responses", "/v1/conversations", "/conversations", "/healthz", "/metrics")
+
+
+def disguised(path: str) -> bool:
+    """A path that only once percent-decoded and normalised names one the gateway answers itself:
+    it must not reach a backend as it is."""
+    normal = posixpath.normpath(unquote(path)) if path else path
+    normal = "/" + normal.lstrip("/")
+    if normal == path:
+        return False
+    return any(normal == p or normal.startswith(p + "/") for p in GATEWAY_PATHS)
 
 
 @fails_closed
@@ -72,6 +87,12 @@ class Gate(Owner):
         if (req.host, req.port) == self.relay.address and self.relay.port:
             # a client asking mitmproxy (as a forward proxy) for the relay: never
             flow.response = http.Response.make(403, error_json("not a destination", code="forbidden"), JSON_HEADERS)
+        elif disguised(req.path.split("?", 1)[0]):
+            # /v1/%72esponses, /v1//responses, /v1/./responses…: a backend that decodes the path
+            # would serve its own /v1/responses past everything the gateway checks
+            flow.response = http.Response.make(400, error_json(
+                "the request path names a gateway endpoint in another spelling: use the plain path",
+                param="path", code="invalid_path"), JSON_HEADERS)
         elif req.path.split("?", 1)[0] == "/healthz":
             flow.response = http.Response.make(200, b'{"status":"ok"}', JSON_HEADERS)
         elif not self.authorized(req):
