@@ -45,6 +45,7 @@ STAGES = {
     "relay": ("resp2chat_io.relay.server", "run"),
     "upstream_client": ("resp2chat_io.relay.upstream", "UpstreamClient.call"),
     "response_headers": ("resp2chat_io.addons.turns", "Turns._show_upstream"),
+    "response_head": ("resp2chat_io.addons.turns", "Turns._answer_head"),  # in responseheaders only
     "stream_callable": ("resp2chat_core.channel", "Channel.take"),
     "translator": ("resp2chat_core.translator", "Translator._payload"),
     "answer": ("resp2chat_io.addons.turns", "Turns._answer_whole"),

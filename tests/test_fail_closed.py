@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -138,6 +140,64 @@ def test_a_failure_after_the_backend_answered_never_reaches_the_client(faulty):
     r = f.post({"stream": True})
     assert parse_sse(r.content)[-1]["type"] == "response.completed"
     assert_served(f)
+
+
+class Endless(BaseHTTPRequestHandler):
+    """A backend whose answer never ends by itself: it streams until the gateway hangs up, and
+    notes the calls it got (``started``) and the ones the gateway hung up on (``closed``)."""
+
+    protocol_version = "HTTP/1.1"
+    started: list[int] = []
+    closed: list[int] = []
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["content-length"]))
+        type(self).started.append(1)
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        n = 0
+        try:
+            while True:
+                chunk = {"choices": [{"index": 0, "delta": {"content": f"t{n} "}, "finish_reason": None}]}
+                data = f"data: {json.dumps(chunk)}\n\n".encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+                n += 1
+                time.sleep(0.05)  # (a model's pace, not a wait)
+        except OSError:
+            type(self).closed.append(n)
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture
+def endless(tmp_path):
+    Endless.started, Endless.closed = [], []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Endless)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_failure_at_the_response_head_answers_at_once_and_gives_the_backend_call_up(endless, tmp_path):
+    """The relay has answered and the backend call is under way: a failure in ``responseheaders``
+    is the 500 now (not once the backend is done: this one never is), and the backend call is
+    given up (dropped before it started, or hung up on)."""
+    gw = start_gateway(endless, tmp_path, scripts_first=(FAULTS,))
+    try:
+        f = Faults(gw, None)
+        f.inject("response_head")
+        for stream in (True, False):
+            assert_server_error(f.post({"stream": stream}))
+            wait_until(lambda: len(Endless.closed) == len(Endless.started), what="the backend call being given up")
+            assert "injected failure at response_head: password=hunter2" in gw.log()
+    finally:
+        gw.stop()
 
 
 # --- start-up ----------------------------------------------------------------------------------

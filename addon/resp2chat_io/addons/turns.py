@@ -38,7 +38,7 @@ from resp2chat_io import keys
 from resp2chat_io.relay import KEY_HEADER, TURN_HEADER, Exchange, Target
 from resp2chat_io.relay.exchange import Fallback
 
-from .base import META, Owner, fails_closed, log, request_id
+from .base import ABANDON, META, Owner, fails_closed, log, request_id
 from .upstreams import Upstream
 
 RESPONSES_PATHS = ("/v1/responses", "/responses")
@@ -222,6 +222,7 @@ class Turns(Owner):
         live = Live(turn, exchange, reader, url, client_path, time.monotonic())
         reader.on_first = lambda: setattr(live, "first", time.monotonic())
         self.live[flow.id] = live  # (_end forgets it)
+        ABANDON[flow.id] = exchange.abort  # failing closed at the response head gives the backend call up
         # To the relay (see resp2chat_io/relay/server.py for why turns take this hop); the flow
         # shows the upstream again once the request is out (responseheaders).
         for name, value in self.relay.expect(exchange):
@@ -258,6 +259,11 @@ class Turns(Owner):
         if "failed_in" in flow.metadata[META]:
             self._end(flow)  # a later addon failed (base.fail_closed answered): not a turn any more
             return
+        self._answer_head(flow, live)
+
+    def _answer_head(self, flow: http.HTTPFlow, live: Live) -> None:
+        """The relay answered: the flow shows the upstream again, and a streaming client gets
+        the stream callable."""
         self._show_upstream(flow, live)
         if not live.turn.client_stream:
             return
@@ -295,6 +301,7 @@ class Turns(Owner):
     def _end(self, flow: http.HTTPFlow) -> Live | None:
         live = self.live.pop(flow.id, None)
         if live is not None:
+            ABANDON.pop(flow.id, None)
             self.relay.forget(flow.id)  # when the relay never saw it (server replay, an error)
             self._show_upstream(flow, live)
         return live
