@@ -50,6 +50,8 @@ STAGES = {
     "translator": ("resp2chat_core.translator", "Translator._payload"),
     "answer": ("resp2chat_io.addons.turns", "Turns._answer_whole"),
     "finished": ("resp2chat_io.addons.turns", "Turns._record"),
+    "listener": ("resp2chat_io.addons.replay", "ReplayCache.finished"),  # the first of Turns.finished
+    "metrics": ("resp2chat_io.addons.metrics", "Metrics.record"),  # the first of Outcomes.listeners
 }
 
 active: str | None = None

@@ -116,8 +116,8 @@ class StoredResponses(Owner):
             log.warning(f"resp2chat: response {response_id} not stored: {exc}")
 
     def finished(self, done) -> None:
-        if done.status == "completed" and done.turn.store:
-            self.put(done.turn.ctx.response_id, done.turn.items + done.final["output"], done.final)
+        if done.status == "completed" and done.turn.store:  # (the final's id: a replayed answer keeps its own)
+            self.put(done.final["id"], done.turn.items + done.final["output"], done.final)
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.is_replay == "response":

@@ -34,6 +34,7 @@ from resp2chat_core.replay import MAX_ENTRY_BYTES
 from resp2chat_core.retranslate import lowering_record
 from resp2chat_core.seal import Sealer
 from resp2chat_core.turn import ToolsCache, Turn, begin_turn, session_key
+from resp2chat_core.websocket import final_response
 from resp2chat_io import keys
 from resp2chat_io.relay import KEY_HEADER, TURN_HEADER, Exchange, Target
 from resp2chat_io.relay.exchange import Fallback
@@ -42,6 +43,7 @@ from .base import ABANDON, META, Owner, fails_closed, log, request_id
 from .upstreams import Upstream
 
 RESPONSES_PATHS = ("/v1/responses", "/responses")
+SERVER_REPLAY = "server-replay"  # the upstream of a turn answered from a recording (Finished.upstream)
 JSON_HEADERS = {"content-type": "application/json"}
 
 # HTTP status for a non-streaming client whose response failed, by error code.
@@ -96,6 +98,8 @@ class Finished:
     ttft: float | None = None  # seconds from the request to the first backend-made event
     took: float = 0.0  # seconds from the request to the end of the turn
     skipped: tuple = ()  # (name, status) of upstreams that failed before it and were fallen back from
+    code: str = ""  # the error code when the client's answer is not the translator's (server_error:
+    # the turn failed closed; not_recorded: offline replay had no answer), or a replayed answer's
 
 
 class TurnStream:
@@ -257,7 +261,8 @@ class Turns(Owner):
         if live is None or flow.is_replay == "response":
             return
         if "failed_in" in flow.metadata[META]:
-            self._end(flow)  # a later addon failed (base.fail_closed answered): not a turn any more
+            self._end(flow)  # an earlier hook failed (base.fail_closed answered): the turn ends here
+            self._record(flow, live, failed=True)
             return
         self._answer_head(flow, live)
 
@@ -280,23 +285,32 @@ class Turns(Owner):
 
     def response(self, flow: http.HTTPFlow) -> None:
         live = self._end(flow)
-        if live is None or flow.is_replay == "response":
+        if live is None:
+            return
+        if flow.is_replay == "response":
+            self._replayed(flow, live)
             return
         if "failed_in" in flow.metadata[META] and not isinstance(flow.response.stream, TurnStream):
-            return  # the answer is base.fail_closed's 500: the turn never reached its backend
+            self._record(flow, live, failed=True)  # the answer is base.fail_closed's 500
+            return
         if not live.turn.client_stream:
             self._answer_whole(flow, live)
         self._record(flow, live)
 
     def error(self, flow: http.HTTPFlow) -> None:
         live = self._end(flow)
+        if live is None:
+            return
+        streamed = flow.response is not None and isinstance(flow.response.stream, TurnStream)
         # Codex hangs up as soon as it has response.completed, which the translator sends at the
         # backend's [DONE], a moment before the relay's body ends: mitmproxy then reports
         # "Client disconnected" instead of a response. The turn happened all the same: record it.
-        if live is not None and flow.response is not None and isinstance(flow.response.stream, TurnStream):
-            if not flow.response.raw_content:  # mitmproxy stores a streamed body only at its end
-                flow.response.raw_content = bytes(live.reader.sent)
-            self._record(flow, live)
+        if streamed and not flow.response.raw_content:  # mitmproxy stores a streamed body only at its end
+            flow.response.raw_content = bytes(live.reader.sent)
+        # Otherwise the client got nothing (it went away first, or the relay failed): recorded as
+        # it stood (unfinished, unless the backend had finished).
+        self._record(flow, live, failed="failed_in" in flow.metadata[META] and not streamed,
+                     answer=None if streamed else b"")
 
     def _end(self, flow: http.HTTPFlow) -> Live | None:
         live = self.live.pop(flow.id, None)
@@ -337,17 +351,23 @@ class Turns(Owner):
         flow.response = http.Response.make(status, scrub(body, self.secrets),
                                            {**JSON_HEADERS, "x-request-id": live.turn.ctx.request_id})
 
-    def _record(self, flow: http.HTTPFlow, live: Live) -> None:
-        """Flow metadata (saved with -w), a one-line comment (shown in mitmweb), listeners."""
+    def _record(self, flow: http.HTTPFlow, live: Live, failed: bool = False, answer: bytes | None = None) -> None:
+        """Flow metadata (saved with -w), a one-line comment (shown in mitmweb), listeners.
+        ``failed``: the client's answer is base.fail_closed's 500, whatever the backend said.
+        ``answer``: what the client got, when it is not the usual (the stream, or the body)."""
         turn, t, reader = live.turn, live.reader.translator, live.reader
         meta = flow.metadata[META]
         meta["upstream_sse"] = scrub(bytes(reader.upstream), self.secrets).decode("utf-8", "replace")
         # what `resp2chat retranslate` needs to translate this turn again exactly
         meta.update(created_at=turn.ctx.created_at, lowering=self.lowering_record,
                     gateway_events=record_events(reader.gateway, self.secrets))
-        final = t.response() if t.done else None
-        meta["status"] = status = final["status"] if final else "unfinished"
-        if t.error:
+        final = t.response() if t.done and not failed else None
+        meta["status"] = status = "failed" if failed else final["status"] if final else "unfinished"
+        code = "server_error" if failed else ""
+        if failed:
+            meta["error"] = {"code": code, "message": "the gateway failed to handle this request",
+                             "detail": f"failed closed in {meta.get('failed_in')}"}
+        elif t.error:
             # the failure as the operator sees it: the upstream's own words, or our exception
             detail = scrub((t.error_detail or t.error["message"]).encode(), self.secrets).decode()
             meta["error"] = {**t.error, "detail": detail}
@@ -355,14 +375,14 @@ class Turns(Owner):
         meta["usage"] = t.usage
         calls = sum(1 for item in t.output if item["type"] not in ("message", "reasoning", "compaction"))
         u = t.usage or {}
-        took = (flow.response.timestamp_end or time.time()) - flow.request.timestamp_start
+        took = ((flow.response.timestamp_end if flow.response else None) or time.time()) - flow.request.timestamp_start
         ex = live.exchange
         name = meta.get("upstream_name", "default")
         if ex.skipped:
             meta["fallbacks"] = [{"upstream": n, "status": st} for n, st in ex.skipped]
         flow.comment = (
             f"{flow.request.method} {live.client_path} → {turn.ctx.model} · {status}"
-            + (f" ({t.error['code']})" if t.error else "")
+            + (f" ({code or t.error['code']})" if code or t.error else "")
             + (f" · via {name}" + (f" (after {', '.join(n for n, _ in ex.skipped)})" if ex.skipped else "")
                if self.specs else "")
             + (f" · in {u['input_tokens']} (cached {u['input_tokens_details']['cached_tokens']})"
@@ -371,9 +391,42 @@ class Turns(Owner):
             + (" · compaction" if turn.compaction else "")
             + f" · {took * 1000:.0f} ms"
         )
-        answer = bytes(reader.sent) if turn.client_stream else flow.response.content
-        done = Finished(flow, turn, status, final, answer, t.usage, name,
-                        None if live.first is None else live.first - live.started,
-                        time.monotonic() - live.started, tuple(ex.skipped))
+        if answer is None:
+            answer = bytes(reader.sent) if turn.client_stream and not failed else flow.response.content
+        self.notify(Finished(flow, turn, status, final, answer, t.usage, name,
+                             None if live.first is None else live.first - live.started,
+                             time.monotonic() - live.started, tuple(ex.skipped), code))
+
+    def _replayed(self, flow: http.HTTPFlow, live: Live) -> None:
+        """A turn answered by offline replay (``--server-replay``): its recorded answer, or the
+        answer ``server_replay_extra`` gives a turn nothing was recorded for."""
+        meta = flow.metadata[META]
+        body = flow.response.content or b""
+        final = None
+        if meta.get("server_replay"):  # (addons/server_replay.py: where the answer was recorded)
+            if flow.response.headers.get("content-type", "").startswith("text/event-stream"):
+                final = final_response(body)
+            else:
+                try:
+                    final = json.loads(body)
+                except ValueError:
+                    final = None
+            final = final if isinstance(final, dict) and isinstance(final.get("output"), list) else None
+        status = final.get("status", "unfinished") if final else "failed"
+        code = "" if final else "not_recorded"
+        if final and (final.get("error") or final.get("incomplete_details")):
+            code = (final.get("error") or {}).get("code") or (final.get("incomplete_details") or {}).get("reason") or ""
+        meta["status"] = status
+        self.notify(Finished(flow, live.turn, status, final, body, (final or {}).get("usage"), SERVER_REPLAY,
+                             None, time.monotonic() - live.started, (), code))
+
+    def notify(self, done: Finished) -> None:
+        """Tell the ``finished`` listeners; one that fails is logged and the others still hear
+        of the turn (what the client got is settled by now)."""
         for listener in self.finished:
-            listener(done)
+            try:
+                listener(done)
+            except Exception as exc:  # noqa: BLE001
+                log.warning(f"resp2chat: recording {done.turn.ctx.request_id} failed in "
+                            f"{getattr(listener, '__qualname__', listener)}: {type(exc).__name__}: {exc}",
+                            exc_info=exc)

@@ -293,8 +293,7 @@ class ResponsesWebSocket(Owner):
         record["events"] = answer.decode("utf-8", "replace")
         self._record(live, record)
         if not warmup:
-            for listener in self.turns.finished:
-                listener(Finished(live.flow, turn, status, final, answer, t.usage))
+            self.turns.notify(Finished(live.flow, turn, status, final, answer, t.usage))
 
     def _record(self, live: Live, record: dict) -> None:
         flow = live.flow
