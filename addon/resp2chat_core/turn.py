@@ -154,16 +154,18 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
     items = raw.get("input")
     if isinstance(items, str):
         items = [{"role": "user", "content": items}]
-    if isinstance(items, list):  # references, sealed reasoning, additional_tools (inputs.py)
-        raw, items = inputs.expand(raw, items, resolve, sealer)
-    previous = raw.get("previous_response_id")
-    if isinstance(previous, str) and previous and isinstance(items, list):
-        earlier = history(previous) if history else None
-        if earlier is None:
-            raise GatewayError(f"previous response {previous!r} not found (unknown, expired or not stored)",
-                               param="previous_response_id", code="previous_response_not_found")
-        items = earlier + items
-        raw = {**raw, "input": items, "previous_response_id": None}
+    if isinstance(items, list):
+        previous = raw.get("previous_response_id")
+        earlier = None
+        if isinstance(previous, str) and previous:
+            earlier = history(previous) if history else None
+            if earlier is None:
+                raise GatewayError(f"previous response {previous!r} not found (unknown, expired or not stored)",
+                                   param="previous_response_id", code="previous_response_not_found")
+            raw = {**raw, "previous_response_id": None}
+        # the conversation it continues in front, then references, sealed reasoning and
+        # additional_tools across the whole of it (inputs.py)
+        raw, items = inputs.expand(raw, items, resolve, sealer, earlier)
     summarize = False
     if isinstance(items, list):
         # Codex's remote compaction (a trailing compaction_trigger) and the compaction items it
