@@ -4,6 +4,7 @@ replica killed mid-stream storing nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import time
@@ -213,3 +214,59 @@ def test_a_replica_killed_mid_stream_stores_nothing(tmp_path, redis_server):
         b.stop()
         server.shutdown()
         server.server_close()
+
+
+async def test_what_a_request_fetched_stays_until_it_ends_and_goes_then(redis_server):
+    """Redis is asked before the turn is lowered (StoredResponses._prefetch), one await after the
+    other. Another request that continues the same response and ends meanwhile must not drop
+    what this one fetched; and a fetch that fails half-way leaves nothing behind."""
+    from mitmproxy.test import taddons, tflow
+
+    from resp2chat_io.addons.base import SettingsSource
+    from resp2chat_io.addons.store import StoredResponses
+
+    def continuing(previous: str):
+        f = tflow.tflow()
+        f.request.method, f.request.path = "POST", "/v1/responses"
+        f.request.content = json.dumps({"model": "m", "previous_response_id": previous,
+                                        "input": [{"type": "item_reference", "id": "msg_1"}]}).encode()
+        return f
+
+    addon = StoredResponses(SettingsSource())
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, resp2chat_state_store_url=redis_server.url)
+        output = [{"type": "message", "id": "msg_1", "role": "assistant", "content": []}]
+        history = [{"role": "user", "content": "hi"}, *output]  # (as the store keeps a turn: inputs, then output)
+        await addon.store.put("resp_1", history, {"id": "resp_1", "output": output})
+        real, entered, go = addon.store.item, asyncio.Event(), asyncio.Event()
+
+        async def paused(item_id):  # the second await of a fetch, held until the test says
+            entered.set()
+            await go.wait()
+            return await real(item_id)
+
+        done_first = continuing("resp_1")
+        await addon.request(done_first)
+        addon.store.item = paused
+        a = continuing("resp_1")
+        fetching = asyncio.ensure_future(addon.request(a))
+        await entered.wait()  # a has its history, not its items yet
+        addon.response(done_first)  # the other request ends meanwhile
+        go.set()
+        await fetching
+        assert a.response is None and addon.history("resp_1") == history
+        assert addon.resolve_items(["msg_1"])["msg_1"]["id"] == "msg_1"
+        addon.response(a)
+        assert addon.history("resp_1") is None and not addon._fetched_items
+
+        entered.clear(), go.clear()
+        b = continuing("resp_1")
+        fetching = asyncio.ensure_future(addon.request(b))
+        await entered.wait()  # b has its history; Redis goes away before its items
+        redis_server.stop()
+        go.set()
+        await fetching
+        assert b.response.status_code == 503
+        addon.response(b)
+        assert addon.history("resp_1") is None and not addon._fetched and not addon._fetching
+        await addon.done()

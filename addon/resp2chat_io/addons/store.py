@@ -184,6 +184,9 @@ class StoredResponses(Owner):
         refs = tuple(dict.fromkeys(inputs.reference_ids(raw.get("input"))))
         if previous is None and not refs:
             return
+        # registered before the first await: another flow that ends meanwhile must not drop what
+        # this one fetches, and what it fetched goes when it ends (``_release``), however it ends
+        self._fetching[flow.id] = (previous, refs)
         try:
             if previous is not None:
                 entry = await self._fresh(previous)
@@ -194,9 +197,7 @@ class StoredResponses(Owner):
                     self._fetched_items[item_id] = item
         except StateUnavailable:
             what = f"previous_response_id {previous!r}" if previous is not None else "item_reference"
-            flow.response = unavailable(what)
-            return
-        self._fetching[flow.id] = (previous, refs)
+            flow.response = unavailable(what)  # (its response hook releases what was fetched)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._release(flow)
