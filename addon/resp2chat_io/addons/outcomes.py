@@ -83,10 +83,13 @@ class Outcomes:
         if flow.response is None or not turn and (
                 req.method != "POST" or req.path.split("?", 1)[0] not in RESPONSES_PATHS):
             return
-        body = meta.get("responses_request") or ""
+        # What the request said counts only once the gate let it in (turns.py, the replay cache
+        # and the store keep it then): never read from the body of a request the gate refused, or
+        # clients without the key could use up the metrics' model labels (MAX_MODELS).
+        body = meta.get("responses_request")
         model, pck = "", None
         try:
-            raw = json.loads(body) if body else (json.loads(req.get_content(strict=False) or b"{}"))
+            raw = json.loads(body) if body else None
             if isinstance(raw, dict):
                 model = raw.get("model") if isinstance(raw.get("model"), str) else ""
                 pck = raw.get("prompt_cache_key")
@@ -106,8 +109,8 @@ class Outcomes:
             except (ValueError, AttributeError, RecursionError):
                 code = ""
             code = code if isinstance(code, str) else str(code)
-        self._emit(Outcome(request_id(flow), session_key(pck, req.headers), model, upstream, status, code,
-                           None, None, took, resp.status_code))
+        self._emit(Outcome(request_id(flow), session_key(pck, req.headers) if body else None, model, upstream,
+                           status, code, None, None, took, resp.status_code))
 
     def _emit(self, outcome: Outcome) -> None:
         for listener in self.listeners:

@@ -28,7 +28,7 @@ from resp2chat_core.errors import error_json
 from resp2chat_io.redis_state import RedisResponseStore, RedisState, StateUnavailable, describe
 from resp2chat_io.store import ResponseStore
 
-from .base import Owner, fails_closed, log
+from .base import META, Owner, fails_closed, log
 
 JSON_HEADERS = {"content-type": "application/json"}
 PREFIXES = ("/v1/responses/", "/responses/")
@@ -198,6 +198,7 @@ class StoredResponses(Owner):
         except StateUnavailable:
             what = f"previous_response_id {previous!r}" if previous is not None else "item_reference"
             flow.response = unavailable(what)  # (its response hook releases what was fetched)
+            flow.metadata.setdefault(META, {})["responses_request"] = body.decode("utf-8", "replace")  # (outcomes.py)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._release(flow)
