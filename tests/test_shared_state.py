@@ -53,6 +53,7 @@ def test_any_replica_continues_any_conversation(upstream, tmp_path, redis_server
         ca, cb = (openai.OpenAI(base_url=g.base_url, api_key="x") for g in (a, b))
         first = ca.responses.create(model="demo-model", input="remember the word apricot")
         wait_stored(r, first.id)
+        assert cb.responses.retrieve(first.id).id == first.id  # (b has stored nothing itself yet)
         second = cb.responses.create(model="demo-model", input="and now?", previous_response_id=first.id)
         assert second.output_text == "You said: and now?"
         sent = upstream.requests()[-1]["messages"]  # b sent the whole conversation upstream
@@ -179,6 +180,26 @@ def test_redis_down_503_for_what_needs_it_plain_turns_work_recovery_automatic(up
         follow = client.responses.create(model="demo-model", input="continued", previous_response_id=again.id)
         assert follow.output_text == "You said: continued"
         assert "resp2chat_state_store_up 1.0" in requests.get(gw.base_url.removesuffix("/v1") + "/metrics").text
+    finally:
+        gw.stop()
+
+
+def test_redis_refusing_commands_is_a_miss_a_warning_or_a_503(upstream, tmp_path, redis_server):
+    """Redis answers, with an error reply (here an ACL's NOPERM; OOM past maxmemory and READONLY on
+    a replica are the same kind): the replay-cache lookup is a miss (not a 500), a write is a
+    warning (not a task exception logged as an error), a read the request needs is a 503."""
+    redis_server.client().execute_command("ACL", "SETUSER", "limited", "on", ">limited-pw-4711", "~*", "&*",
+                                          "+@all", "-get", "-evalsha", "-eval", "-hget")
+    url = f"redis://limited:limited-pw-4711@127.0.0.1:{redis_server.port}/0"
+    (gw,) = replicas(upstream, tmp_path, url, 1)
+    try:
+        r = requests.post(gw.base_url + "/responses", json={"model": "demo-model", "input": "refused"}, timeout=30)
+        assert r.status_code == 200 and r.json()["output"][-1]["content"][0]["text"] == "You said: refused"
+        assert eventually(lambda: "replay cache entry not kept" in gw.log() and "not stored" in gw.log())
+        assert "NoPermissionError" in gw.log() and "limited-pw-4711" not in gw.log()
+        got = requests.get(f"{gw.base_url}/responses/{r.json()['id']}", timeout=30)
+        assert got.status_code == 503 and got.json()["error"]["code"] == "store_unavailable"
+        assert "Task exception was never retrieved" not in gw.log() and "Traceback" not in gw.log()
     finally:
         gw.stop()
 

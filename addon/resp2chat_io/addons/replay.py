@@ -9,7 +9,6 @@ Redis cannot answer is a miss, a write it cannot take is dropped.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -19,7 +18,7 @@ from mitmproxy import ctx, exceptions, http
 
 from resp2chat_core.errors import GatewayError
 from resp2chat_core.replay import ReplayCache as Cache, entry_flags, pack, replay_key, unpack_fresh
-from resp2chat_io.redis_state import RedisReplayCache, StateUnavailable
+from resp2chat_io.redis_state import RedisReplayCache
 
 from .base import META, Owner, fails_closed, log, request_id
 from .turns import RESPONSES_PATHS, new_response_id
@@ -35,7 +34,6 @@ class ReplayCache(Owner):
         super().__init__(source)
         self.upstreams, self.turns, self.store = upstreams, turns, store
         self.cache: Cache | RedisReplayCache = Cache(0)
-        self._writes: set[asyncio.Task] = set()
 
     def load(self, loader) -> None:
         super().load(loader)
@@ -98,17 +96,13 @@ class ReplayCache(Owner):
             t = done.turn
             entry = pack(t.ctx.response_id, t.ctx.created_at, done.answer, stream=t.client_stream, store=t.store)
             if isinstance(self.cache, RedisReplayCache):
-                task = asyncio.ensure_future(self._put(key, entry))
-                self._writes.add(task)
-                task.add_done_callback(self._writes.discard)
+                self.cache.state.write("replay cache entry not kept", self.cache.put(key, entry))
             else:
                 self.cache.put(key, entry)
 
-    async def _put(self, key: str, entry: bytes) -> None:
-        try:
-            await self.cache.put(key, entry)
-        except StateUnavailable as exc:
-            log.warning(f"resp2chat: replay cache entry not kept: {exc}")
+    async def done(self) -> None:
+        if isinstance(self.cache, RedisReplayCache):
+            await self.cache.state.flush()  # (the store's done closes the connection after them)
 
     def _preload(self, path: str) -> None:
         from mitmproxy import io
@@ -130,9 +124,7 @@ class ReplayCache(Owner):
                     entry = pack(meta["response_id"], int(created[1]), f.response.content,
                                  stream=request.get("stream") is True, store=request.get("store") is not False)
                     if isinstance(self.cache, RedisReplayCache):  # written as the event loop runs
-                        task = asyncio.ensure_future(self._put(key, entry))
-                        self._writes.add(task)
-                        task.add_done_callback(self._writes.discard)
+                        self.cache.state.write("replay cache entry not preloaded", self.cache.put(key, entry))
                         loaded += 1
                     else:
                         loaded += self.cache.put(key, entry)

@@ -57,7 +57,6 @@ class StoredResponses(Owner):
         self._fetched: dict[str, list | None] = {}  # previous_response_id -> its items (Redis)
         self._fetched_items: dict[str, dict] = {}  # item_reference id -> the item (Redis)
         self._fetching: dict[str, tuple[str | None, tuple[str, ...]]] = {}  # flow id -> what it fetched
-        self._writes: set[asyncio.Task] = set()
 
     def apply(self, updated: set[str]) -> None:
         config = tuple(self.s[f.name] for f in self.fields)
@@ -82,22 +81,20 @@ class StoredResponses(Owner):
         return self.state is not None
 
     async def done(self) -> None:
-        if self._writes:
-            await asyncio.gather(*self._writes, return_exceptions=True)
         if self.state is not None:
-            await self.state.close()
+            await self.state.close()  # (after the writes still running: the replay cache's too)
 
     def history(self, response_id: str) -> list | None:
         if self.shared:
             return self._fetched.get(response_id)  # fetched by `request` for this flow
-        entry = self.store.get(response_id) if self.store else None
+        entry = self.store.get(response_id) if self.store is not None else None
         return entry["items"] if entry else None
 
     def resolve_items(self, item_ids: list[str]) -> dict[str, dict]:
         """``item_reference`` ids -> the stored items (resp2chat_core/inputs.py); missing: absent."""
         if self.shared:
             return {i: self._fetched_items[i] for i in item_ids if i in self._fetched_items}
-        return self.store.resolve_items(item_ids) if self.store else {}
+        return self.store.resolve_items(item_ids) if self.store is not None else {}
 
     def put(self, response_id: str, items: list, final: dict) -> None:
         if self.store is None:
@@ -105,15 +102,7 @@ class StoredResponses(Owner):
         if not self.shared:
             self.store.put(response_id, items, final)
             return
-        task = asyncio.ensure_future(self._put(response_id, items, final))
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
-
-    async def _put(self, response_id: str, items: list, final: dict) -> None:
-        try:
-            await self.store.put(response_id, items, final)
-        except StateUnavailable as exc:
-            log.warning(f"resp2chat: response {response_id} not stored: {exc}")
+        self.state.write(f"response {response_id} not stored", self.store.put(response_id, items, final))
 
     def finished(self, done) -> None:
         if done.status == "completed" and done.turn.store:  # (the final's id: a replayed answer keeps its own)
@@ -136,7 +125,7 @@ class StoredResponses(Owner):
             return
         response_id, method = path.rsplit("/", 1)[1], flow.request.method
         try:
-            entry = await self._get(response_id) if self.store and method in ("GET", "DELETE") else None
+            entry = await self._get(response_id) if self.store is not None and method in ("GET", "DELETE") else None
             if entry is not None and method == "DELETE":
                 await self._delete(response_id)
         except StateUnavailable:
