@@ -107,8 +107,11 @@ class ServerReplay:
                     and f.request.path.split("?", 1)[0].endswith("/chat/completions"):
                 content = f.response.content or b""
                 stream = f.response.headers.get("content-type", "").startswith("text/event-stream")
-                recordings.add(f.request.content or b"", Answer(f.id, sse=content if stream else None,
-                                                                json=None if stream else content, response=f.response))
+                # under the chat request of the turn's first upstream, which is what a rerun lowers
+                # (when a fallback answered, the flow shows the body that one got: turns.py)
+                chat = meta["chat_request"].encode() if meta.get("chat_request") else f.request.content or b""
+                recordings.add(chat, Answer(f.id, sse=content if stream else None,
+                                            json=None if stream else content, response=f.response))
             else:
                 others.append(f)
         self.recordings, self.others, self.loaded = recordings, others, paths

@@ -100,6 +100,7 @@ class Finished:
     skipped: tuple = ()  # (name, status) of upstreams that failed before it and were fallen back from
     code: str = ""  # the error code when the client's answer is not the translator's (server_error:
     # the turn failed closed; not_recorded: offline replay had no answer), or a replayed answer's
+    exchange: Exchange | None = None  # its upstream work: which candidate answered, the fallbacks sent
 
 
 class TurnStream:
@@ -146,6 +147,7 @@ class Turns(Owner):
         self.lowering = LoweringOptions()
         self.lowering_repr = repr(self.lowering)  # part of the replay cache key
         self.lowering_record = lowering_record(self.lowering)  # in each flow: `resp2chat retranslate` reads it
+        self.lowering_records: dict[str, dict] = {}  # the same, by upstream (several upstreams)
         self.tools_cache = ToolsCache()
         self.secrets: tuple[bytes, ...] = ()
         self.specs: tuple[routing.UpstreamSpec, ...] = ()  # several upstreams (routing.py)
@@ -163,6 +165,7 @@ class Turns(Owner):
         self.lowering_repr = repr(self.lowering) + "".join(
             f"\n{name}: {opts!r}" for name, opts in self.lowering_by_upstream.items())
         self.lowering_record = lowering_record(self.lowering)
+        self.lowering_records = {name: lowering_record(opts) for name, opts in self.lowering_by_upstream.items()}
         self.secrets = S.secret_values(self.s)
         self._seal_key = None
 
@@ -188,6 +191,21 @@ class Turns(Owner):
         return begin_turn(body, self.lowering, response_id, created_at, history or self.store.history,
                           self.tools_cache, self.sealer, resolve=self.store.resolve_items,
                           route=self.route if self.specs else None)
+
+    def recorded_lowering(self, model: str) -> dict:
+        """The lowering options a turn for ``model`` ran with, for its record (``resp2chat
+        retranslate`` lowers it again with them): its first upstream's (``lowering``) and, with
+        fallbacks, theirs in order (``lowering_fallbacks``)."""
+        try:
+            names = [s.name for s in routing.candidates(self.specs, model)] if self.specs else []
+        except GatewayError:
+            names = []
+        if not names:
+            return {"lowering": self.lowering_record}
+        found = {"lowering": self.lowering_records[names[0]]}
+        if len(names) > 1:
+            found["lowering_fallbacks"] = [self.lowering_records[n] for n in names[1:]]
+        return found
 
     def route(self, model: str) -> list[LoweringOptions]:
         """Several upstreams: the lowering options of each one serving ``model``, in order."""
@@ -243,7 +261,7 @@ class Turns(Owner):
             Fallback(alt.name, Target(self.upstreams.endpoint(alt).url + "/chat/completions"),
                      (auth.encode() if (auth := self.upstreams.authorization(alt, client_auth)) else None),
                      alt_body, think)
-            for alt, (alt_body, think) in zip(specs[1:], turn.alternates))
+            for alt, (alt_body, think, _tools) in zip(specs[1:], turn.alternates))
         return Plan(upstream, spec, spec.name if spec else "default",
                     self.upstreams.authorization(spec, client_auth),
                     self.upstreams.routing_key(session_key(turn.prompt_cache_key, flow.request.headers)), fallbacks)
@@ -323,7 +341,9 @@ class Turns(Owner):
     @staticmethod
     def _show_upstream(flow: http.HTTPFlow, live: Live) -> None:
         """The flow shows the backend's URL, not the relay's, and no relay headers; when a
-        fallback answered, its URL and the body it got."""
+        fallback answered, its URL and the body it got (the first upstream's body stays in the
+        record as ``chat_request``: offline replay matches a rerun on it, as it is what a rerun
+        lowers first)."""
         req = flow.request
         if req.headers.get(TURN_HEADER) is not None:
             req.url = live.upstream_url
@@ -333,9 +353,10 @@ class Turns(Owner):
         if ex.answered and live.upstream_url != ex.fallbacks[ex.answered - 1].target.url:
             fb = ex.fallbacks[ex.answered - 1]
             live.upstream_url = req.url = fb.target.url
-            if fb.body is not None:
-                req.content = fb.body
             meta = flow.metadata[META]
+            if fb.body is not None:
+                meta["chat_request"] = live.turn.chat_body.decode("utf-8", "replace")
+                req.content = fb.body
             meta["upstream"], meta["upstream_name"] = fb.target.url.removesuffix("/chat/completions"), fb.name
 
     def _answer_whole(self, flow: http.HTTPFlow, live: Live) -> None:
@@ -359,8 +380,8 @@ class Turns(Owner):
         meta = flow.metadata[META]
         meta["upstream_sse"] = scrub(bytes(reader.upstream), self.secrets).decode("utf-8", "replace")
         # what `resp2chat retranslate` needs to translate this turn again exactly
-        meta.update(created_at=turn.ctx.created_at, lowering=self.lowering_record,
-                    gateway_events=record_events(reader.gateway, self.secrets))
+        meta.update(created_at=turn.ctx.created_at, gateway_events=record_events(reader.gateway, self.secrets),
+                    **self.recorded_lowering(turn.ctx.model))
         final = t.response() if t.done and not failed else None
         meta["status"] = status = "failed" if failed else final["status"] if final else "unfinished"
         code = "server_error" if failed else ""
@@ -395,7 +416,7 @@ class Turns(Owner):
             answer = bytes(reader.sent) if turn.client_stream and not failed else flow.response.content
         self.notify(Finished(flow, turn, status, final, answer, t.usage, name,
                              None if live.first is None else live.first - live.started,
-                             time.monotonic() - live.started, tuple(ex.skipped), code))
+                             time.monotonic() - live.started, tuple(ex.skipped), code, ex))
 
     def _replayed(self, flow: http.HTTPFlow, live: Live) -> None:
         """A turn answered by offline replay (``--server-replay``): its recorded answer, or the

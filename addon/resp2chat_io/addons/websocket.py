@@ -288,7 +288,7 @@ class ResponsesWebSocket(Owner):
         if not warmup:
             record["upstream_sse"] = scrub(bytes(reader.upstream), self.turns.secrets).decode("utf-8", "replace")
             record["gateway_events"] = record_events(reader.gateway, self.turns.secrets)
-            record["lowering"] = self.turns.lowering_record
+            record.update(self.turns.recorded_lowering(turn.ctx.model))
         answer = ws.as_sse(sent)  # what the client got (deltas merged as they were sent)
         record["events"] = answer.decode("utf-8", "replace")
         self._record(live, record)

@@ -112,7 +112,7 @@ async def _first_answer(ex: Exchange, client: UpstreamClient, headers: list[tupl
     for i, (name, target, auth, cbody, think) in enumerate(candidates):
         last = i == len(candidates) - 1
         sent = headers if i == 0 else _with_authorization(headers, auth)
-        attempt = routing.Attempt(ex.channel, (Rerouted(think),) if think != ex.think else ())
+        attempt = routing.Attempt(ex.channel, (Rerouted(think, i),) if i else ())  # (its think tags, its tools)
         loop = websearch.SearchLoop(cbody, search_rounds) if search_rounds is not None else None
         ex.answered = i
         outcome = await client.call(target, sent, loop.body if loop else cbody, attempt, loop.feed if loop else None)
