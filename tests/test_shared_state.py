@@ -130,6 +130,32 @@ def test_the_replay_cache_is_shared(upstream, tmp_path, redis_server):
             g.stop()
 
 
+def test_replicas_with_other_seal_keys_do_not_share_answers(upstream, tmp_path, redis_server):
+    """An answer holds what its replica sealed (encrypted_content): a replica with another key
+    must not serve it from the shared replay cache (its client could not send it back). Without
+    seal_key each replica would seal with its own key: the gateway says so at start-up."""
+    a, b = (replicas(upstream, tmp_path, redis_server.url, 1, "--set", f"resp2chat_seal_key=key-of-{name}-0123456789")[0]
+            for name in ("a", "b"))
+    (unkeyed,) = replicas(upstream, tmp_path, redis_server.url, 1)
+    try:
+        assert "seal_key is not" in unkeyed.log() and "seal_key is not" not in a.log() + b.log()
+        body = {"model": "demo-model", "input": "think it over", "include": ["reasoning.encrypted_content"],
+                "store": False}
+        upstream.clear()
+        requests.post(a.base_url + "/responses", json=body, timeout=30)
+        r = redis_server.client()
+        assert eventually(lambda: r.zcard("resp2chat:replays") == 1)
+        second = requests.post(b.base_url + "/responses", json=body, timeout=30).json()
+        assert len(upstream.requests()) == 2  # b's own answer, not a's
+        reasoning = next(o for o in second["output"] if o["type"] == "reasoning")
+        follow = requests.post(b.base_url + "/responses", json={**body, "input": [
+            {"role": "user", "content": "think it over"}, reasoning, {"role": "user", "content": "and?"}]}, timeout=30)
+        assert follow.status_code == 200, follow.text  # b opens what b sealed
+    finally:
+        for g in (a, b, unkeyed):
+            g.stop()
+
+
 def test_bounds_are_applied_in_redis(upstream, tmp_path, redis_server):
     (gw,) = replicas(upstream, tmp_path, redis_server.url, 1, "--set", "resp2chat_max_sessions=2",
                      "--set", "resp2chat_max_replay_entries=2", "--set", "resp2chat_session_ttl_hours=1")

@@ -54,8 +54,10 @@ class ReplayCache(Owner):
         self.cache.resize(self.s["max_replay_entries"])
 
     def key(self, upstream_url: str, body: bytes) -> str:
-        # the same request with other settings or another upstream: another answer
-        return replay_key(f"{upstream_url}\n{self.turns.lowering_repr}", body)
+        # the same request with other settings, another upstream or another seal key (an answer
+        # holds what it sealed: after a key change, or on a replica with another key, the client
+        # could not send it back): another answer
+        return replay_key(f"{upstream_url}\n{self.turns.lowering_repr}\nseal {self.turns.seal_id()}", body)
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.is_replay == "response" or self.cache.capacity <= 0:

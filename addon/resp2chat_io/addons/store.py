@@ -48,6 +48,7 @@ def unavailable(why: str) -> http.Response:
 class StoredResponses(Owner):
     name = "resp2chat_store"
     owner = "store"
+    also_reads = ("seal_key",)  # (only to warn: replicas sharing state need the same one)
 
     def __init__(self, source) -> None:
         super().__init__(source)
@@ -70,6 +71,10 @@ class StoredResponses(Owner):
                 if self.state is None:
                     self.state = RedisState(url)
                     log.info(f"resp2chat: stored responses and the replay cache live in {describe(url)}")
+                if not self.s["seal_key"]:
+                    log.warning("resp2chat: state_store_url is set but seal_key is not: this replica seals "
+                                "encrypted_content (reasoning, compaction) with its own per-install key, which "
+                                "other replicas cannot open; give every replica the same seal_key")
                 self.store = RedisResponseStore(self.state, ttl=self.s["session_ttl_hours"] * 3600,
                                                 max_entries=self.s["max_sessions"],
                                                 max_bytes=self.s["max_session_memory_mb"] << 20)

@@ -16,6 +16,7 @@ Owns the lowering settings (model names, params, tool denylist, think tags…).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import time
@@ -154,6 +155,7 @@ class Turns(Owner):
         self.lowering_by_upstream: dict[str, LoweringOptions] = {}
         self.finished: list[Callable[[Finished], None]] = []
         self._seal_key: bytes | None = None
+        self._seal_id: str | None = None
         self.sealer = Sealer(self.seal_key)
 
     def apply(self, updated: set[str]) -> None:
@@ -167,13 +169,21 @@ class Turns(Owner):
         self.lowering_record = lowering_record(self.lowering)
         self.lowering_records = {name: lowering_record(opts) for name, opts in self.lowering_by_upstream.items()}
         self.secrets = S.secret_values(self.s)
-        self._seal_key = None
+        self._seal_key = self._seal_id = None
 
     def seal_key(self) -> bytes:
         """The key for resp2chat_core/seal.py (made on first use when ``seal_key`` is unset)."""
         if self._seal_key is None:
             self._seal_key = keys.seal_key(self.s["seal_key"])
         return self._seal_key
+
+    def seal_id(self) -> str:
+        """Which seal key this gateway seals with, as a one-way fingerprint (not the key): part of
+        the replay cache's key, since an answer holds what it sealed (encrypted_content) and only
+        that key opens it again."""
+        if self._seal_id is None:
+            self._seal_id = hashlib.sha256(b"resp2chat seal key id\n" + self.seal_key()).hexdigest()[:16]
+        return self._seal_id
 
     # --- request ---------------------------------------------------------------------------
 
