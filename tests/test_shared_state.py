@@ -281,6 +281,7 @@ async def test_what_a_request_fetched_stays_until_it_ends_and_goes_then(redis_se
 
     addon = StoredResponses(SettingsSource())
     with taddons.context(addon) as tctx:
+        tctx.options.add_option("resp2chat_seal_key", str, "", "(Turns declares it in a gateway)")
         tctx.configure(addon, resp2chat_state_store_url=redis_server.url)
         output = [{"type": "message", "id": "msg_1", "role": "assistant", "content": []}]
         history = [{"role": "user", "content": "hi"}, *output]  # (as the store keeps a turn: inputs, then output)
