@@ -159,9 +159,6 @@ class Channel:
             self.on_take()
         return items
 
-    def __bool__(self) -> bool:
-        return bool(self._items)
-
 
 class Reader:
     """Applies channel items to one translator and keeps what both sides said (up to ``cap``

@@ -19,10 +19,22 @@ from resp2chat_core.errors import error_json
 
 from resp2chat_core import settings as S
 from resp2chat_io.config import load_settings
+from resp2chat_io.relay import KEY_HEADER, TURN_HEADER
 
 log = logging.getLogger("resp2chat")
 
 META = "resp2chat"  # flow.metadata key: saved in flow files, read by the views and `analyze`
+RESPONSES_PATHS = ("/v1/responses", "/responses")  # where clients create responses (and open the WebSocket)
+
+
+def show_url(flow: http.HTTPFlow, url: str) -> None:
+    """A flow pointed at the relay shows ``url`` again (where its request really went, or what the
+    client asked for), without the relay's headers."""
+    req = flow.request
+    if req.headers.get(TURN_HEADER) is not None:
+        req.url = url
+        req.headers.pop(TURN_HEADER, None)
+        req.headers.pop(KEY_HEADER, None)
 
 
 def request_id(flow: http.HTTPFlow) -> str:
@@ -139,10 +151,6 @@ class SettingsSource:
             return {n: self.value(n) for n in names}
         except S.SettingsError as exc:
             raise exceptions.OptionsError(str(exc)) from None
-
-    def secrets(self) -> tuple[bytes, ...]:
-        """The configured keys, scrubbed from everything the gateway emits."""
-        return S.secret_values({k: self.value(k) for k in (*sorted(S.SECRET_FIELDS), *sorted(S.HOLDS_SECRETS))})
 
 
 class Owner:

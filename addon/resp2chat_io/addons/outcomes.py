@@ -21,8 +21,8 @@ from mitmproxy import http
 
 from resp2chat_core.turn import session_key
 
-from .base import META, fails_closed, log, request_id
-from .turns import RESPONSES_PATHS, SERVER_REPLAY
+from .base import META, RESPONSES_PATHS, fails_closed, log, request_id
+from .turns import SERVER_REPLAY
 
 
 @dataclass

@@ -18,10 +18,11 @@ from mitmproxy import ctx, exceptions, http
 
 from resp2chat_core.errors import GatewayError
 from resp2chat_core.replay import ReplayCache as Cache, entry_flags, pack, replay_key, unpack_fresh
+from resp2chat_core.websocket import final_response
 from resp2chat_io.redis_state import RedisReplayCache
 
-from .base import META, Owner, fails_closed, log, request_id
-from .turns import RESPONSES_PATHS, new_response_id
+from .base import META, RESPONSES_PATHS, Owner, fails_closed, log, request_id
+from .turns import new_response_id
 
 
 @fails_closed
@@ -88,8 +89,7 @@ class ReplayCache(Owner):
                                    responses_request=body.decode("utf-8", "replace"))
         flow.comment = f"replay cache hit · {response_id}"
         if turn is not None:
-            final = json.loads(answer[answer.rindex(b"data: ") + 6:] if stream else answer)
-            final = final.get("response", final)
+            final = final_response(answer) if stream else json.loads(answer)
             self.store.put(response_id, turn.items + final["output"], final)
 
     def finished(self, done) -> None:

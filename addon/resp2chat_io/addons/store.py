@@ -28,14 +28,13 @@ from resp2chat_core.errors import error_json
 from resp2chat_io.redis_state import RedisResponseStore, RedisState, StateUnavailable, describe
 from resp2chat_io.store import ResponseStore
 
-from .base import META, Owner, fails_closed, log
+from .base import META, RESPONSES_PATHS, Owner, fails_closed, log
 
 JSON_HEADERS = {"content-type": "application/json"}
 PREFIXES = ("/v1/responses/", "/responses/")
 CONVERSATIONS = ("/v1/conversations", "/conversations")  # not implemented: answered here, not forwarded
 FRESH_WAIT = 2.0  # seconds: how long a just-finished response may take to reach Redis
 FRESH_POLL = 0.05
-RESPONSES_PATHS = ("/v1/responses", "/responses")
 
 
 def unavailable(why: str) -> http.Response:

@@ -35,15 +35,15 @@ from resp2chat_core.replay import MAX_ENTRY_BYTES
 from resp2chat_core.retranslate import lowering_record
 from resp2chat_core.seal import Sealer
 from resp2chat_core.turn import ToolsCache, Turn, begin_turn, session_key
+from resp2chat_core.usage import usage_note
 from resp2chat_core.websocket import final_response
 from resp2chat_io import keys
-from resp2chat_io.relay import KEY_HEADER, TURN_HEADER, Exchange, Target
+from resp2chat_io.relay import Exchange, Target
 from resp2chat_io.relay.exchange import Fallback
 
-from .base import ABANDON, META, Owner, fails_closed, log, request_id
+from .base import ABANDON, META, RESPONSES_PATHS, Owner, fails_closed, log, request_id, show_url
 from .upstreams import Upstream
 
-RESPONSES_PATHS = ("/v1/responses", "/responses")
 SERVER_REPLAY = "server-replay"  # the upstream of a turn answered from a recording (Finished.upstream)
 JSON_HEADERS = {"content-type": "application/json"}
 
@@ -355,10 +355,7 @@ class Turns(Owner):
         record as ``chat_request``: offline replay matches a rerun on it, as it is what a rerun
         lowers first)."""
         req = flow.request
-        if req.headers.get(TURN_HEADER) is not None:
-            req.url = live.upstream_url
-            req.headers.pop(TURN_HEADER, None)
-            req.headers.pop(KEY_HEADER, None)
+        show_url(flow, live.upstream_url)
         ex = live.exchange
         if ex.answered and live.upstream_url != ex.fallbacks[ex.answered - 1].target.url:
             fb = ex.fallbacks[ex.answered - 1]
@@ -416,8 +413,7 @@ class Turns(Owner):
             + (f" ({code or t.error['code']})" if code or t.error else "")
             + (f" · via {name}" + (f" (after {', '.join(n for n, _ in ex.skipped)})" if ex.skipped else "")
                if self.specs else "")
-            + (f" · in {u['input_tokens']} (cached {u['input_tokens_details']['cached_tokens']})"
-               f" out {u['output_tokens']}" if u else "")
+            + usage_note(u)
             + (f" · {calls} tool call{'s' if calls != 1 else ''}" if calls else "")
             + (" · compaction" if turn.compaction else "")
             + f" · {took * 1000:.0f} ms"
