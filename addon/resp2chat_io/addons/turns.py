@@ -436,7 +436,7 @@ class Turns(Owner):
             else:
                 try:
                     final = json.loads(body)
-                except ValueError:
+                except (ValueError, RecursionError):
                     final = None
             final = final if isinstance(final, dict) and isinstance(final.get("output"), list) else None
         status = final.get("status", "unfinished") if final else "failed"
