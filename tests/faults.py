@@ -45,10 +45,13 @@ STAGES = {
     "relay": ("resp2chat_io.relay.server", "run"),
     "upstream_client": ("resp2chat_io.relay.upstream", "UpstreamClient.call"),
     "response_headers": ("resp2chat_io.addons.turns", "Turns._show_upstream"),
+    "response_head": ("resp2chat_io.addons.turns", "Turns._answer_head"),  # in responseheaders only
     "stream_callable": ("resp2chat_core.channel", "Channel.take"),
     "translator": ("resp2chat_core.translator", "Translator._payload"),
     "answer": ("resp2chat_io.addons.turns", "Turns._answer_whole"),
     "finished": ("resp2chat_io.addons.turns", "Turns._record"),
+    "listener": ("resp2chat_io.addons.replay", "ReplayCache.finished"),  # the first of Turns.finished
+    "metrics": ("resp2chat_io.addons.metrics", "Metrics.record"),  # the first of Outcomes.listeners
 }
 
 active: str | None = None

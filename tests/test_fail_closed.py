@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -29,8 +31,8 @@ BEFORE_BACKEND = ["gate", "replay", "decode", "validation", "lowering", "store",
 
 
 class Faults:
-    def __init__(self, gw, upstream):
-        self.gw, self.upstream = gw, upstream
+    def __init__(self, gw, upstream, access_log: Path | None = None):
+        self.gw, self.upstream, self.access_log = gw, upstream, access_log
         self.n = 0
 
     def inject(self, stage: str | None) -> None:
@@ -44,6 +46,16 @@ class Faults:
 
     def backend_count(self) -> int:
         return len(self.upstream.requests())
+
+    def outcomes(self, n: int) -> list[dict]:
+        """The access log once it has ``n`` lines (one per POST /v1/responses, however it ended)."""
+        def lines():
+            found = [json.loads(line) for line in self.access_log.read_text().splitlines()] \
+                if self.access_log.exists() else []
+            return found if len(found) >= n else None
+        found = wait_until(lines, what=f"{n} access log lines")
+        assert len(found) == n, found
+        return found
 
 
 def assert_server_error(r: requests.Response) -> None:
@@ -74,9 +86,16 @@ def assert_served(f: Faults) -> None:
 @pytest.fixture
 def faulty(upstream, tmp_path):
     gw = start_gateway(upstream.origin, tmp_path, "--set", f"resp2chat_upstream_request_log_path={tmp_path / 'up.jsonl'}",
-                       scripts_first=(FAULTS,))
-    yield Faults(gw, upstream)
+                       "--set", f"resp2chat_access_log_path={tmp_path / 'access.jsonl'}", scripts_first=(FAULTS,))
+    yield Faults(gw, upstream, tmp_path / "access.jsonl")
     gw.stop()
+
+
+def assert_reported(f: Faults, status: str, code: str = "server_error", http_status: int = 500) -> dict:
+    """The request just made is in the access log (so in the metrics) as it ended."""
+    line = f.outcomes(f.n)[-1]
+    assert (line["status"], line["code"], line["http_status"]) == (status, code, http_status), line
+    return line
 
 
 def test_a_failure_at_any_stage_before_the_backend_is_a_500_and_nothing_goes_upstream(faulty):
@@ -91,6 +110,8 @@ def test_a_failure_at_any_stage_before_the_backend_is_a_500_and_nothing_goes_ups
             assert_server_error(r)
             assert f.backend_count() == before, f"{stage}: the backend was called"
             assert f"injected failure at {stage}: password=hunter2" in f.gw.log()  # the operator sees it
+            # counted: a turn once it was lowered (routing, recording), else a request refused
+            assert_reported(f, "failed" if stage in ("routing", "recording") else "rejected")
         assert_served(f)
 
 
@@ -128,16 +149,113 @@ def test_a_failure_after_the_backend_answered_never_reaches_the_client(faulty):
     # the response head: the stream has not started, so the client gets the 500
     f.inject("response_headers")
     assert_server_error(f.post({"stream": True}))
+    assert_reported(f, "failed")
     assert_server_error(f.post({}))
+    assert_reported(f, "failed")
     # building a non-streaming answer, or recording a finished turn
     for stage in ("answer", "finished"):
         f.inject(stage)
         assert_server_error(f.post({}))
+        assert_reported(f, "failed")
     # a streaming client already has its whole answer when the turn is recorded
     f.inject("finished")
     r = f.post({"stream": True})
     assert parse_sse(r.content)[-1]["type"] == "response.completed"
     assert_served(f)
+
+
+class Endless(BaseHTTPRequestHandler):
+    """A backend whose answer never ends by itself: it streams until the gateway hangs up, and
+    notes the calls it got (``started``) and the ones the gateway hung up on (``closed``)."""
+
+    protocol_version = "HTTP/1.1"
+    started: list[int] = []
+    closed: list[int] = []
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["content-length"]))
+        type(self).started.append(1)
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        n = 0
+        try:
+            while True:
+                chunk = {"choices": [{"index": 0, "delta": {"content": f"t{n} "}, "finish_reason": None}]}
+                data = f"data: {json.dumps(chunk)}\n\n".encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+                n += 1
+                time.sleep(0.05)  # (a model's pace, not a wait)
+        except OSError:
+            type(self).closed.append(n)
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture
+def endless(tmp_path):
+    Endless.started, Endless.closed = [], []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Endless)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_failure_at_the_response_head_answers_at_once_and_gives_the_backend_call_up(endless, tmp_path):
+    """The relay has answered and the backend call is under way: a failure in ``responseheaders``
+    is the 500 now (not once the backend is done: this one never is), and the backend call is
+    given up (dropped before it started, or hung up on)."""
+    gw = start_gateway(endless, tmp_path, "--set", f"resp2chat_access_log_path={tmp_path / 'access.jsonl'}",
+                       scripts_first=(FAULTS,))
+    try:
+        f = Faults(gw, None, tmp_path / "access.jsonl")
+        f.inject("response_head")
+        for stream in (True, False):
+            assert_server_error(f.post({"stream": stream}))
+            wait_until(lambda: len(Endless.closed) == len(Endless.started), what="the backend call being given up")
+            assert "injected failure at response_head: password=hunter2" in gw.log()
+            assert_reported(f, "failed")
+    finally:
+        gw.stop()
+
+
+def test_a_failing_listener_changes_no_answer_and_the_others_still_hear_of_the_turn(faulty):
+    """The replay cache's listener fails: the answer is the turn's, the response store still
+    keeps it, the access log still has it. Then the metrics' listener fails: likewise."""
+    f = faulty
+    f.inject("listener")
+    r = f.post({})
+    assert r.status_code == 200 and r.json()["status"] == "completed", r.text[:300]
+    assert_reported(f, "completed", "", 200)
+    assert "injected failure at listener" in f.gw.log()
+    f.inject("metrics")
+    follow = f.post({"previous_response_id": r.json()["id"], "stream": True})  # the store kept it
+    assert parse_sse(follow.content)[-1]["type"] == "response.completed"
+    assert [m["content"] for m in f.upstream.requests()[-1]["messages"]][-1] == f"turn {f.n}"
+    assert len(f.upstream.requests()[-1]["messages"]) == 3
+    assert_reported(f, "completed", "", 200)
+    assert "injected failure at metrics" in f.gw.log()
+    assert_served(f)
+
+
+def test_a_client_gone_before_its_answer_is_counted(faulty, upstream):
+    """A client that did not stream hangs up while the backend still generates: the turn is in
+    the access log as unfinished (mitmproxy's error hook, no stream)."""
+    f = faulty
+    f.n += 1
+    before = f.backend_count()
+    body = json.dumps({"model": "demo-model", "input": "words: 200\nslow: 20"}).encode()
+    with socket.create_connection(("127.0.0.1", f.gw.port), timeout=30) as s:
+        s.sendall(b"POST /v1/responses HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                  b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        wait_until(lambda: f.backend_count() > before, what="the backend call")
+    line = f.outcomes(f.n)[-1]
+    assert (line["status"], line["model"], line["http_status"]) == ("unfinished", "demo-model", 0), line
 
 
 # --- start-up ----------------------------------------------------------------------------------

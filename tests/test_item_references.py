@@ -11,6 +11,7 @@ import requests
 
 from resp2chat_core import inputs
 from resp2chat_core.errors import GatewayError
+from resp2chat_core.seal import Sealer
 from resp2chat_io.store import ResponseStore
 
 from conftest import parse_sse
@@ -96,6 +97,34 @@ def test_expand_merges_additional_tools_and_refuses_conversation():
     with pytest.raises(GatewayError) as err:
         inputs.expand({"model": "m", "conversation": "conv_1", "input": []}, [])
     assert err.value.param == "conversation" and "Conversations API" in err.value.message
+
+
+def test_expand_makes_the_whole_conversation_whole():
+    """The history in front of the input (previous_response_id) is expanded like the input: its
+    additional tools first, in conversation order; a bad item of it is named by its place there."""
+    sealer = Sealer(lambda: b"k" * 32)
+    tool = {"type": "function", "name": "f", "parameters": {"type": "object"}}
+    more = {"type": "function", "name": "g", "parameters": {"type": "object"}}
+    earlier = [{"type": "additional_tools", "role": "developer", "tools": [tool]},
+               {"role": "user", "content": "x"},
+               {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "shown"}],
+                "encrypted_content": sealer.seal(inputs.REASONING_PURPOSE, "thought")}]
+    new = [{"type": "additional_tools", "role": "developer", "tools": [more]}, {"role": "user", "content": "y"}]
+    raw = {"model": "m", "input": new}
+    out, items = inputs.expand(raw, new, None, sealer, earlier)
+    assert out["tools"] == [tool, more] and out["input"] == items and len(items) == 5
+    assert items[2]["content"] == [{"type": "reasoning_text", "text": "thought"}] and "encrypted_content" not in items[2]
+    assert earlier[2]["encrypted_content"]  # the stored history itself is left as it was
+    plain, whole = inputs.expand({"model": "m", "input": new[1:]}, new[1:], None, sealer, [{"role": "user", "content": "x"}])
+    assert whole == plain["input"] == [{"role": "user", "content": "x"}, new[1]]  # (the common case: one pass)
+    other = Sealer(lambda: b"o" * 32)
+    with pytest.raises(GatewayError) as err:
+        inputs.expand(raw, new, None, other, earlier)
+    assert (err.value.code, err.value.param) == ("invalid_encrypted_content", "previous_response_id")
+    assert "item 2 of the conversation previous_response_id continues" in err.value.message
+    with pytest.raises(GatewayError) as err:
+        inputs.expand(raw, [{"type": "item_reference", "id": "gone"}], lambda ids: {}, sealer, earlier)
+    assert (err.value.code, err.value.param) == ("item_not_found", "input[0].id")  # the client's own index
 
 
 # --- through a real mitmdump -------------------------------------------------------------------

@@ -83,3 +83,27 @@ def test_metrics_obey_the_gateway_key(upstream, tmp_path):
         assert value(scrape(gw, authorization="Bearer gw-key-123456"), "resp2chat_streams_in_flight") == 0
     finally:
         gw.stop()
+
+
+def test_requests_without_the_key_cannot_use_up_the_model_labels(upstream, tmp_path):
+    """Metrics keep at most MAX_MODELS model names (later ones count as "other"): names from
+    requests the gate refused must not take them."""
+    from resp2chat_io.addons.metrics import MAX_MODELS
+
+    gw = start_gateway(upstream.origin, tmp_path, "--set", "resp2chat_gateway_api_key=gw-key-123456")
+    key = {"authorization": "Bearer gw-key-123456"}
+    try:
+        with requests.Session() as s:
+            for n in range(MAX_MODELS + 1):
+                r = s.post(gw.base_url + "/responses", json={"model": f"spam-{n}", "input": "x"}, timeout=10)
+                assert r.status_code == 401
+        r = requests.post(gw.base_url + "/responses", json={"model": "demo-model", "input": "hi"}, headers=key,
+                          timeout=30)
+        assert r.status_code == 200, r.text
+        m = scrape(gw, **key)
+        assert value(m, "resp2chat_turns_total", upstream="default", model="demo-model", status="completed", code="") == 1
+        assert value(m, "resp2chat_turns_total", upstream="", model="", status="rejected",
+                     code="invalid_api_key") == MAX_MODELS + 1
+        assert not any(dict(labels).get("model", "").startswith("spam-") for _, labels in m)
+    finally:
+        gw.stop()

@@ -110,6 +110,33 @@ def test_recording_replays_offline_with_identical_events(recording, gateway_fact
         assert parse_sse(r.content)[-1]["type"] == "response.completed"
 
 
+def test_a_replayed_turn_is_counted_and_stored(upstream, gateway_factory, tmp_path):
+    """A turn answered by offline replay is reported like any turn (metrics, access log: replayed,
+    upstream server-replay) and stored under the id it answered with; one nothing was recorded
+    for is reported too."""
+    recording, log_path = tmp_path / "stored.mitm", tmp_path / "access.jsonl"
+    body = {"model": "demo-model", "input": "keep me", "stream": True}  # (store: the default)
+    live = gateway_factory(upstream.origin, "-w", str(recording), "--set", "resp2chat_max_replay_entries=0")
+    recorded = parse_sse(requests.post(live.base_url + "/responses", json=body, timeout=30).content)[-1]
+    live.stop()
+    gw = gateway_factory(DEAD_UPSTREAM, "--server-replay", str(recording), "--set", f"resp2chat_access_log_path={log_path}")
+    r = requests.post(gw.base_url + "/responses", json=body, timeout=30)
+    final = parse_sse(r.content)[-1]["response"]
+    assert r.status_code == 200 and final == recorded["response"]
+    assert requests.get(f"{gw.base_url}/responses/{final['id']}", timeout=30).json()["id"] == final["id"]
+    gw.stop()
+    # nothing recorded for it, and mitmproxy's server_replay_extra answers (while it holds flows)
+    gw = gateway_factory(DEAD_UPSTREAM, "--server-replay", str(recording), "--set", "server_replay_extra=404",
+                         "--set", "server_replay_reuse=true", "--set", f"resp2chat_access_log_path={log_path}")
+    missing = requests.post(gw.base_url + "/responses", json={"model": "demo-model", "input": "never recorded"},
+                            timeout=30)
+    assert missing.status_code == 404
+    lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert [(x["upstream"], x["status"], x["code"], x["http_status"]) for x in lines] == [
+        ("server-replay", "replayed", "", 200), ("server-replay", "failed", "not_recorded", 404)]
+    assert lines[0]["output_tokens"] == final["usage"]["output_tokens"]
+
+
 @pytest.mark.codex
 def test_codex_session_recorded_then_replayed_without_upstream(upstream, gateway_factory, codex_bin, tmp_path):
     # Codex's prompt names its cwd and CODEX_HOME (skill paths): both runs share them.

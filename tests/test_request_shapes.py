@@ -99,6 +99,25 @@ def test_additional_tools_items_are_tools(gateway, upstream):
     assert sent["messages"][0] == {"role": "system", "content": "You are Codex."}  # the item is no message
 
 
+def test_additional_tools_of_an_earlier_turn_still_count_after_previous_response_id(gateway, upstream):
+    """The tools an earlier turn delivered as an item are part of the conversation: a request that
+    continues it (previous_response_id) still offers them, and a call to one comes back as it."""
+    spawn = {"type": "function", "name": "spawn_agent", "parameters": {"type": "object", "properties": {}}}
+    first = post(gateway.base_url, {"model": "demo-model", "input": [
+        {"type": "additional_tools", "role": "developer", "tools": [
+            {"type": "namespace", "name": "multi_agent_v1", "description": "agents", "tools": [spawn]}]},
+        {"role": "user", "content": "hello"}]})
+    assert first.status_code == 200, first.text
+    r = post(gateway.base_url, {"model": "demo-model", "stream": True, "previous_response_id": first.json()["id"],
+                                "input": 'call: multi_agent_v1__spawn_agent {"task": "t"}'})
+    assert r.status_code == 200, r.text
+    sent = upstream.requests()[-1]
+    assert [t["function"]["name"] for t in sent["tools"]] == ["multi_agent_v1__spawn_agent"]
+    assert [m["role"] for m in sent["messages"]] == ["user", "assistant", "user"]
+    call = parse_sse(r.content)[-1]["response"]["output"][-1]
+    assert (call["type"], call["namespace"], call["name"]) == ("function_call", "multi_agent_v1", "spawn_agent")
+
+
 def test_cache_hints_and_client_metadata_are_accepted_not_forwarded(gateway, upstream):
     upstream.clear()
     body = {"model": "demo-model", "prompt_cache_key": "thread-1", "prompt_cache_options": {"mode": "explicit"},

@@ -85,6 +85,23 @@ def test_a_translator_change_shows_up_as_a_diff(upstream, gateway_factory, tmp_p
     assert out.returncode == 1 and "lowering differs" in out.stdout and '- "x": 1,' in out.stdout
 
 
+def test_item_references_resolve_against_the_recording(upstream, gateway_factory, tmp_path):
+    """A turn that refers to an item of an earlier response (item_reference, as the Vercel AI SDK
+    sends) is lowered again against the recording, as the gateway lowered it against its store."""
+    source = tmp_path / "refs.mitm"
+    gw = gateway_factory(upstream.origin, "-w", str(source), "--set", "resp2chat_max_replay_entries=0")
+    first = requests.post(gw.base_url + "/responses", json={"model": "demo-model", "input": "remember me",
+                                                            "stream": True}, timeout=30)
+    said = parse_sse(first.content)[-1]["response"]["output"][-1]["id"]
+    second = requests.post(gw.base_url + "/responses", json={"model": "demo-model", "stream": True, "input": [
+        {"role": "user", "content": "remember me"}, {"type": "item_reference", "id": said},
+        {"role": "user", "content": "and now?"}]}, timeout=30)
+    assert parse_sse(second.content)[-1]["type"] == "response.completed"
+    gw.stop()
+    out, results = retranslate(str(source))
+    assert out.returncode == 0 and [r["outcome"] for r in results] == ["same", "same"], out.stdout
+
+
 class Slow(BaseHTTPRequestHandler):
     """A backend whose prefill takes longer than keepalive_secs: the gateway speaks meanwhile."""
 

@@ -110,13 +110,17 @@ def test_each_candidate_gets_its_own_deterministic_body():
                        "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}]}).encode()
     a = LoweringOptions()
     b = LoweringOptions(max_tokens_field="max_completion_tokens", think_tags={"*": "off"})
+    c = LoweringOptions(tool_denylist=frozenset({"f"}))
     for cache in (None, ToolsCache(), ToolsCache()):  # no cache, a miss, then (same cache) a hit
         for _ in range(2 if cache else 1):
-            turn = begin_turn(body, LoweringOptions(), "resp_x", 0, tools_cache=cache, route=lambda m: [a, b, a])
-            (b_body, b_think), (same, a_think) = turn.alternates
+            turn = begin_turn(body, LoweringOptions(), "resp_x", 0, tools_cache=cache, route=lambda m: [a, b, a, c])
+            (b_body, b_think, b_tools), (same, a_think, a_tools), (c_body, _, c_tools) = turn.alternates
             assert json.loads(turn.chat_body)["max_tokens"] == 9 and "max_tokens" not in json.loads(b_body)
             assert json.loads(b_body)["max_completion_tokens"] == 9 and json.loads(b_body)["tools"]
             assert (b_think, same, a_think) == ("off", None, "auto")
             assert begin_turn(body, b, "resp_x", 0).chat_body == b_body  # what b alone would get, byte for byte
+            # each candidate's own tool map, for the translator to take when it answers (Rerouted)
+            assert turn.ctx.tool_maps == (b_tools, a_tools, c_tools) and a_tools is turn.ctx.tool_map
+            assert "f" in a_tools.targets and "f" not in c_tools.targets and "tools" not in json.loads(c_body)
     with pytest.raises(GatewayError):
         begin_turn(body, a, "resp_x", 0, route=lambda m: [a for _ in candidates(parse_upstreams([{**A, "models": ["llama*"]}]), m)])

@@ -4,6 +4,7 @@ replica killed mid-stream storing nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import time
@@ -52,6 +53,7 @@ def test_any_replica_continues_any_conversation(upstream, tmp_path, redis_server
         ca, cb = (openai.OpenAI(base_url=g.base_url, api_key="x") for g in (a, b))
         first = ca.responses.create(model="demo-model", input="remember the word apricot")
         wait_stored(r, first.id)
+        assert cb.responses.retrieve(first.id).id == first.id  # (b has stored nothing itself yet)
         second = cb.responses.create(model="demo-model", input="and now?", previous_response_id=first.id)
         assert second.output_text == "You said: and now?"
         sent = upstream.requests()[-1]["messages"]  # b sent the whole conversation upstream
@@ -128,6 +130,32 @@ def test_the_replay_cache_is_shared(upstream, tmp_path, redis_server):
             g.stop()
 
 
+def test_replicas_with_other_seal_keys_do_not_share_answers(upstream, tmp_path, redis_server):
+    """An answer holds what its replica sealed (encrypted_content): a replica with another key
+    must not serve it from the shared replay cache (its client could not send it back). Without
+    seal_key each replica would seal with its own key: the gateway says so at start-up."""
+    a, b = (replicas(upstream, tmp_path, redis_server.url, 1, "--set", f"resp2chat_seal_key=key-of-{name}-0123456789")[0]
+            for name in ("a", "b"))
+    (unkeyed,) = replicas(upstream, tmp_path, redis_server.url, 1)
+    try:
+        assert "seal_key is not" in unkeyed.log() and "seal_key is not" not in a.log() + b.log()
+        body = {"model": "demo-model", "input": "think it over", "include": ["reasoning.encrypted_content"],
+                "store": False}
+        upstream.clear()
+        requests.post(a.base_url + "/responses", json=body, timeout=30)
+        r = redis_server.client()
+        assert eventually(lambda: r.zcard("resp2chat:replays") == 1)
+        second = requests.post(b.base_url + "/responses", json=body, timeout=30).json()
+        assert len(upstream.requests()) == 2  # b's own answer, not a's
+        reasoning = next(o for o in second["output"] if o["type"] == "reasoning")
+        follow = requests.post(b.base_url + "/responses", json={**body, "input": [
+            {"role": "user", "content": "think it over"}, reasoning, {"role": "user", "content": "and?"}]}, timeout=30)
+        assert follow.status_code == 200, follow.text  # b opens what b sealed
+    finally:
+        for g in (a, b, unkeyed):
+            g.stop()
+
+
 def test_bounds_are_applied_in_redis(upstream, tmp_path, redis_server):
     (gw,) = replicas(upstream, tmp_path, redis_server.url, 1, "--set", "resp2chat_max_sessions=2",
                      "--set", "resp2chat_max_replay_entries=2", "--set", "resp2chat_session_ttl_hours=1")
@@ -182,6 +210,26 @@ def test_redis_down_503_for_what_needs_it_plain_turns_work_recovery_automatic(up
         gw.stop()
 
 
+def test_redis_refusing_commands_is_a_miss_a_warning_or_a_503(upstream, tmp_path, redis_server):
+    """Redis answers, with an error reply (here an ACL's NOPERM; OOM past maxmemory and READONLY on
+    a replica are the same kind): the replay-cache lookup is a miss (not a 500), a write is a
+    warning (not a task exception logged as an error), a read the request needs is a 503."""
+    redis_server.client().execute_command("ACL", "SETUSER", "limited", "on", ">limited-pw-4711", "~*", "&*",
+                                          "+@all", "-get", "-evalsha", "-eval", "-hget")
+    url = f"redis://limited:limited-pw-4711@127.0.0.1:{redis_server.port}/0"
+    (gw,) = replicas(upstream, tmp_path, url, 1)
+    try:
+        r = requests.post(gw.base_url + "/responses", json={"model": "demo-model", "input": "refused"}, timeout=30)
+        assert r.status_code == 200 and r.json()["output"][-1]["content"][0]["text"] == "You said: refused"
+        assert eventually(lambda: "replay cache entry not kept" in gw.log() and "not stored" in gw.log())
+        assert "NoPermissionError" in gw.log() and "limited-pw-4711" not in gw.log()
+        got = requests.get(f"{gw.base_url}/responses/{r.json()['id']}", timeout=30)
+        assert got.status_code == 503 and got.json()["error"]["code"] == "store_unavailable"
+        assert "Task exception was never retrieved" not in gw.log() and "Traceback" not in gw.log()
+    finally:
+        gw.stop()
+
+
 def test_a_replica_killed_mid_stream_stores_nothing(tmp_path, redis_server):
     from resp2chat_io.demo_upstream import serve_in_thread
 
@@ -213,3 +261,60 @@ def test_a_replica_killed_mid_stream_stores_nothing(tmp_path, redis_server):
         b.stop()
         server.shutdown()
         server.server_close()
+
+
+async def test_what_a_request_fetched_stays_until_it_ends_and_goes_then(redis_server):
+    """Redis is asked before the turn is lowered (StoredResponses._prefetch), one await after the
+    other. Another request that continues the same response and ends meanwhile must not drop
+    what this one fetched; and a fetch that fails half-way leaves nothing behind."""
+    from mitmproxy.test import taddons, tflow
+
+    from resp2chat_io.addons.base import SettingsSource
+    from resp2chat_io.addons.store import StoredResponses
+
+    def continuing(previous: str):
+        f = tflow.tflow()
+        f.request.method, f.request.path = "POST", "/v1/responses"
+        f.request.content = json.dumps({"model": "m", "previous_response_id": previous,
+                                        "input": [{"type": "item_reference", "id": "msg_1"}]}).encode()
+        return f
+
+    addon = StoredResponses(SettingsSource())
+    with taddons.context(addon) as tctx:
+        tctx.options.add_option("resp2chat_seal_key", str, "", "(Turns declares it in a gateway)")
+        tctx.configure(addon, resp2chat_state_store_url=redis_server.url)
+        output = [{"type": "message", "id": "msg_1", "role": "assistant", "content": []}]
+        history = [{"role": "user", "content": "hi"}, *output]  # (as the store keeps a turn: inputs, then output)
+        await addon.store.put("resp_1", history, {"id": "resp_1", "output": output})
+        real, entered, go = addon.store.item, asyncio.Event(), asyncio.Event()
+
+        async def paused(item_id):  # the second await of a fetch, held until the test says
+            entered.set()
+            await go.wait()
+            return await real(item_id)
+
+        done_first = continuing("resp_1")
+        await addon.request(done_first)
+        addon.store.item = paused
+        a = continuing("resp_1")
+        fetching = asyncio.ensure_future(addon.request(a))
+        await entered.wait()  # a has its history, not its items yet
+        addon.response(done_first)  # the other request ends meanwhile
+        go.set()
+        await fetching
+        assert a.response is None and addon.history("resp_1") == history
+        assert addon.resolve_items(["msg_1"])["msg_1"]["id"] == "msg_1"
+        addon.response(a)
+        assert addon.history("resp_1") is None and not addon._fetched_items
+
+        entered.clear(), go.clear()
+        b = continuing("resp_1")
+        fetching = asyncio.ensure_future(addon.request(b))
+        await entered.wait()  # b has its history; Redis goes away before its items
+        redis_server.stop()
+        go.set()
+        await fetching
+        assert b.response.status_code == 503
+        addon.response(b)
+        assert addon.history("resp_1") is None and not addon._fetched and not addon._fetching
+        await addon.done()

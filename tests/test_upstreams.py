@@ -242,3 +242,48 @@ def test_a_fallback_reads_think_tags_its_own_way(tmp_path, demo_pair):
         assert [o["type"] for o in events[-1]["response"]["output"]] == ["reasoning", "message"]
     finally:
         gw.stop()
+
+
+def test_a_fallback_translates_with_its_own_tools_and_is_recorded_as_it_answered(tmp_path, demo_pair):
+    """The first upstream drops apply_patch (its tool_denylist), the fallback that answers keeps it:
+    its call comes back as the custom tool call it is, not as a function call. The flow, the
+    request log and the record say which upstream answered with what it got; offline replay files
+    the turn under the first upstream's chat request (what a rerun lowers first); `resp2chat
+    retranslate` translates it again the same (with the fallback's tools)."""
+    from mitmproxy import io
+
+    from test_retranslate import retranslate
+
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    entries = [{"name": "dead", "base_url": dead, "tool_denylist": ["apply_patch"]},
+               {"name": "good", "base_url": demo_pair[0]}]
+    flows, log = tmp_path / "flows.mitm", tmp_path / "up.jsonl"
+    body = {"model": "demo-model", "stream": True, "input": 'call: apply_patch {"input": "*** Begin Patch"}',
+            "tools": [{"type": "custom", "name": "apply_patch", "description": "edit files"}]}
+    gw = gateway_with(tmp_path, entries, "-w", str(flows), "--set", f"resp2chat_upstream_request_log_path={log}")
+    try:
+        answer = requests.post(gw.base_url + "/responses", json=body, timeout=30)
+        call = parse_sse(answer.content)[-1]["response"]["output"][-1]
+        assert (call["type"], call["name"], call["input"]) == ("custom_tool_call", "apply_patch", "*** Begin Patch")
+        assert [t["function"]["name"] for t in recorded(demo_pair[0])[-1]["tools"]] == ["apply_patch"]
+    finally:
+        gw.stop()
+    with flows.open("rb") as fh:
+        flow = next(f for f in io.FlowReader(fh).stream() if f.request.path.endswith("/chat/completions"))
+    meta = flow.metadata["resp2chat"]
+    assert flow.request.url == demo_pair[0] + "/chat/completions" and meta["upstream_name"] == "good"
+    assert "tools" in json.loads(flow.request.content) and "tools" not in json.loads(meta["chat_request"])
+    assert meta["lowering"]["tool_denylist"] == ["apply_patch"] and meta["lowering_fallbacks"][0]["tool_denylist"] == []
+    assert [e[1:] for e in meta["gateway_events"] if e[1] == "Rerouted"] == [["Rerouted", {"think": "auto", "alternate": 1}]]
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(x["upstream"], x["url"], "tools" in x["body"]) for x in lines] == [
+        ("dead", dead + "/chat/completions", False), ("good", demo_pair[0] + "/chat/completions", True)]
+    out, results = retranslate(str(flows))
+    assert out.returncode == 0 and [r["outcome"] for r in results] == ["same"], out.stdout
+    # offline, with both upstreams gone: the rerun lowers the first upstream's request, as live
+    offline = gateway_with(tmp_path, [{**entries[0]}, {"name": "good", "base_url": dead}], "--server-replay", str(flows))
+    try:
+        again = requests.post(offline.base_url + "/responses", json=body, timeout=30)
+        assert again.status_code == 200 and again.content == answer.content
+    finally:
+        offline.stop()

@@ -99,13 +99,16 @@ class SearchDone:
 
 @dataclass(frozen=True, slots=True)
 class Rerouted:
-    """A fallback upstream answers this turn and reads ``<think>`` tags its own way (its
-    ``think_tags``; routing.py): sent before its first byte, so nothing was translated yet."""
+    """A fallback upstream answers this turn (routing.py), the ``alternate``-th (1: the first
+    fallback): the translator reads ``<think>`` tags its way (its ``think_tags``) and its tool
+    calls with its tool map (its ``tool_denylist``…). Sent before its first byte, so nothing was
+    translated yet."""
 
     think: str
+    alternate: int = 0
 
     def apply(self, t) -> bytes:
-        return t.rethink(self.think)
+        return t.rethink(self.think, self.alternate)
 
 
 Event = Union[Accepted, Keepalive, UpstreamFailed, UpstreamJSON, SearchStarted, SearchDone, Rerouted]
@@ -155,9 +158,6 @@ class Channel:
         if self.on_take is not None:
             self.on_take()
         return items
-
-    def __bool__(self) -> bool:
-        return bool(self._items)
 
 
 class Reader:
@@ -214,7 +214,8 @@ def scrub(data: bytes, secrets: tuple[bytes, ...]) -> bytes:
     return data
 
 
-EVENTS = {cls.__name__: cls for cls in (Accepted, Keepalive, UpstreamFailed, UpstreamJSON, SearchStarted, SearchDone)}
+EVENTS = {cls.__name__: cls for cls in (Accepted, Keepalive, UpstreamFailed, UpstreamJSON, SearchStarted, SearchDone,
+                                         Rerouted)}
 
 
 def record_events(gateway: list[tuple[int, object]], secrets: tuple[bytes, ...] = ()) -> list:

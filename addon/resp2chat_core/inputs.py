@@ -5,7 +5,11 @@ Rules of this file:
   key only through the ``Sealer``: both are handed in by the caller (turn.py).
 - Byte-deterministic like lowering: the same request and the same store give the same items.
   Unsealing is (a sealed string decrypts to one text, whatever its random nonce).
-- Errors name the client's input index (``input[3].id``), before any stored history is prepended.
+- The whole conversation is made whole: the history ``previous_response_id`` puts in front
+  (``earlier``) as well as the new input, so what an earlier turn delivered (its
+  ``additional_tools``, its sealed reasoning) still counts when the conversation goes on.
+- Errors name the client's input index (``input[3].id``), not counting the history in front;
+  an item of that history is named by its place in it (``previous_response_id``).
 
 What it does, in input order:
 
@@ -58,32 +62,45 @@ def reference_ids(items: object) -> list[str]:
 
 
 def expand(raw: dict, items: list, resolve: Resolve | None = None,
-           sealer: Sealer | None = None) -> tuple[dict, list]:
+           sealer: Sealer | None = None, earlier: list | None = None) -> tuple[dict, list]:
     """``(raw, items)`` with references resolved, sealed reasoning restored and additional tools
-    merged into ``raw["tools"]``; ``items`` is the client's input list (not stored history)."""
+    merged into ``raw["tools"]``, in conversation order. ``items`` is the client's input list;
+    ``earlier``, the stored conversation a ``previous_response_id`` continues: it goes in front
+    (``raw["input"]`` and the items returned are then the whole conversation)."""
     if raw.get("conversation") is not None:
         raise GatewayError(
             "conversation is not supported: this gateway does not implement the Conversations API "
             "(/v1/conversations); send the whole history in input, or continue with previous_response_id",
             param="conversation", code="unsupported_parameter")
-    refs = [(i, item.get("id")) for i, item in enumerate(items) if _is_reference(item)]
+    before = len(earlier) if earlier else 0
+    whole = earlier + items if earlier else items
+
+    def where(i: int, field: str) -> tuple[str, str]:
+        """How item ``i`` of the whole conversation is named: (in a message, param)."""
+        if i >= before:
+            return f"input[{i - before}].{field}", f"input[{i - before}].{field}"
+        return f"item {i} of the conversation previous_response_id continues ({field})", "previous_response_id"
+
+    refs = [(i, item.get("id")) for i, item in enumerate(whole) if _is_reference(item)]
     extra_tools: list = []
     if not refs and not any(isinstance(item, dict) and item.get("type") in ("reasoning", "additional_tools")
-                            for item in items):
-        return raw, items  # nothing to do: the common case costs one pass
-    out = list(items)
+                            for item in whole):
+        return ({**raw, "input": whole} if earlier else raw), whole  # nothing to do: the common case costs one pass
+    out = list(whole)
     if refs:
         for i, ref in refs:
             if not isinstance(ref, str) or not ref:
-                raise GatewayError(f"input[{i}].id: an item_reference needs the id of an item",
-                                   param=f"input[{i}].id", code="invalid_value")
+                name, param = where(i, "id")
+                raise GatewayError(f"{name}: an item_reference needs the id of an item", param=param,
+                                   code="invalid_value")
         found = resolve([ref for _, ref in refs]) if resolve is not None else {}
         for i, ref in refs:
             item = found.get(ref)
             if item is None:
+                name, param = where(i, "id")
                 raise GatewayError(
-                    f"input[{i}]: item {ref!r} not found (unknown, expired, or its response was not stored)",
-                    param=f"input[{i}].id", code="item_not_found")
+                    f"{name.removesuffix('.id')}: item {ref!r} not found (unknown, expired, or its response was not "
+                    "stored)", param=param, code="item_not_found")
             out[i] = item
     for i, item in enumerate(out):
         if not isinstance(item, dict):
@@ -93,18 +110,18 @@ def expand(raw: dict, items: list, resolve: Resolve | None = None,
             try:
                 text = sealer.unseal(REASONING_PURPOSE, item["encrypted_content"])
             except SealError as exc:
+                name, param = where(i, "encrypted_content")
                 raise GatewayError(
-                    f"input[{i}].encrypted_content: {exc} (reasoning this gateway did not seal cannot be "
-                    "read back; drop the item or its encrypted_content)",
-                    param=f"input[{i}].encrypted_content", code="invalid_encrypted_content") from None
+                    f"{name}: {exc} (reasoning this gateway did not seal cannot be read back; drop the item or "
+                    "its encrypted_content)", param=param, code="invalid_encrypted_content") from None
             restored = {k: v for k, v in item.items() if k != "encrypted_content"}
             restored["content"] = [{"type": "reasoning_text", "text": text}]
             out[i] = restored
         elif kind == "additional_tools":
             tools = item.get("tools")
             if not isinstance(tools, list):
-                raise GatewayError(f"input[{i}].tools: a list of tools is required",
-                                   param=f"input[{i}].tools", code="invalid_value")
+                name, param = where(i, "tools")
+                raise GatewayError(f"{name}: a list of tools is required", param=param, code="invalid_value")
             extra_tools.extend(tools)
     raw = {**raw, "input": out}
     if extra_tools:

@@ -54,10 +54,6 @@ class ReplayCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    @property
-    def size_bytes(self) -> int:
-        return sum(len(v) for v in self._entries.values())
-
     def get(self, key: str) -> bytes | None:
         found = self._entries.get(key)
         if found is None:

@@ -6,7 +6,10 @@ through the current code instead and says where the result differs from what the
 
 - lowering: the recorded Responses request lowered again must give the recorded chat request,
   byte for byte (when the request stands alone: a request that continues a response of the same
-  recording is resolved against that recording, as the gateway did);
+  recording, or refers to its items, is resolved against that recording, as the gateway did). With
+  several upstreams, the record holds each candidate's options (``lowering``, then
+  ``lowering_fallbacks``) and the chat request of the first; a fallback that answered is in the
+  gateway's events (``Rerouted``) and is translated with its own tool map, as it was;
 - translation: the recorded backend stream, with the gateway's own events at the places where
   they came (``channel.record_events``: accepted, keepalives, failures, searches), through the
   current translator, must give the recorded events, byte for byte.
@@ -83,6 +86,17 @@ class History:
         earlier = self.responses.get(create.previous)
         return None if earlier is None else earlier + items
 
+    def items(self, item_ids: list[str]) -> dict[str, dict]:
+        """``item_reference`` ids -> the items of the recording's responses that hold them (the
+        newest first, as the store keeps them)."""
+        found: dict[str, dict] = {}
+        wanted = set(item_ids)
+        for conversation in reversed(list(self.responses.values())):
+            for item in conversation:
+                if isinstance(item, dict) and item.get("id") in wanted and item["id"] not in found:
+                    found[item["id"]] = item
+        return found
+
     def remember(self, response_id: str | None, conversation: list | None, events: bytes) -> None:
         final = websocket.final_response(events)
         if response_id and conversation is not None and final and final.get("status") == "completed":
@@ -114,14 +128,19 @@ def check_turn(where: str, record: dict, history: History, sealer: Sealer | None
     if not isinstance(created, int):
         found = _CREATED.search(answer)
         created = int(found[1]) if found else 0
+    candidates = [lowering_options(record.get("lowering"))] + [
+        lowering_options(r) for r in record.get("lowering_fallbacks") or ()]
     try:
-        turn = begin_turn(request, lowering_options(record.get("lowering")), response_id, created,
-                          lambda previous: history.responses.get(previous), None, sealer)
+        turn = begin_turn(request, candidates[0], response_id, created, lambda previous: history.responses.get(previous),
+                          None, sealer, resolve=history.items,
+                          route=(lambda model: candidates) if len(candidates) > 1 else None)
     except GatewayError as err:
         history.remember(response_id, conversation, answer)
-        if err.code in ("previous_response_not_found", "invalid_encrypted_content"):
-            why = "it continues a response this recording does not hold" if err.code == "previous_response_not_found" \
-                else "it holds sealed items this key cannot open (--seal-key: the key that recorded it)"
+        why = {"previous_response_not_found": "it continues a response this recording does not hold",
+               "item_not_found": "it refers to items this recording does not hold",
+               "invalid_encrypted_content": "it holds sealed items this key cannot open (--seal-key: the key "
+                                            "that recorded it)"}.get(err.code)
+        if why:
             return Result(where, "skipped", [f"cannot lower it again: {why}"])
         return Result(where, "differs", [f"the recorded request is now refused: {err}"])
     details: list[str] = []

@@ -168,6 +168,7 @@ class TurnContext:
     sealer: Sealer | None = None  # seals state handed to the client (encrypted_content); seal.py
     encrypted_reasoning: bool = False  # include: ["reasoning.encrypted_content"]: reasoning items carry it sealed
     request_id: str = ""  # the gateway's id for the request: named in failures the client sees
+    tool_maps: tuple = ()  # the fallback upstreams' tool maps, in order (routing.py): ``rethink`` takes one
 
 
 @dataclass
@@ -278,12 +279,14 @@ class Translator:
         self._fail_upstream(status, body, retry_after, own)
         return self._flush()
 
-    def rethink(self, mode: str) -> bytes:
-        """Another upstream answers (a fallback, routing.py): read ``<think>`` tags its way.
-        Only before any backend byte was translated."""
+    def rethink(self, mode: str, alternate: int = 0) -> bytes:
+        """Another upstream answers (the ``alternate``-th fallback, routing.py): read ``<think>``
+        tags and tool calls its way. Only before any backend byte was translated."""
         if self.phase is not Phase.DONE and not self._saw_event and not self.output:
             self.ctx.think = mode
             self._think = ThinkSplitter(mode) if mode != "off" else None
+            if isinstance(alternate, int) and 0 < alternate <= len(self.ctx.tool_maps):
+                self.ctx.tool_map = self.ctx.tool_maps[alternate - 1]
         return b""
 
     def translate_json(self, body: bytes) -> bytes:

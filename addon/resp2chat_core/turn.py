@@ -73,9 +73,9 @@ class Turn:
     items: list = field(default_factory=list)  # the whole conversation as input items (kept only to store)
     store: bool = False  # the client wants this response kept (`store` not false)
     prompt_cache_key: str | None = None  # the client's, for session_key
-    # the fallback upstreams' chat bodies and think modes, in order (routing.py); a body of None
-    # is the same bytes as chat_body (that upstream lowers the same way)
-    alternates: tuple[tuple[bytes | None, str], ...] = ()
+    # the fallback upstreams' chat bodies, think modes and tool maps, in order (routing.py); a body
+    # of None is the same bytes as chat_body (that upstream lowers the same way)
+    alternates: tuple[tuple[bytes | None, str, ToolMap], ...] = ()
     compaction: bool = False  # Codex's remote compaction: the answer is one sealed summary (compaction.py)
 
     def translator(self) -> Translator:
@@ -154,16 +154,18 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
     items = raw.get("input")
     if isinstance(items, str):
         items = [{"role": "user", "content": items}]
-    if isinstance(items, list):  # references, sealed reasoning, additional_tools (inputs.py)
-        raw, items = inputs.expand(raw, items, resolve, sealer)
-    previous = raw.get("previous_response_id")
-    if isinstance(previous, str) and previous and isinstance(items, list):
-        earlier = history(previous) if history else None
-        if earlier is None:
-            raise GatewayError(f"previous response {previous!r} not found (unknown, expired or not stored)",
-                               param="previous_response_id", code="previous_response_not_found")
-        items = earlier + items
-        raw = {**raw, "input": items, "previous_response_id": None}
+    if isinstance(items, list):
+        previous = raw.get("previous_response_id")
+        earlier = None
+        if isinstance(previous, str) and previous:
+            earlier = history(previous) if history else None
+            if earlier is None:
+                raise GatewayError(f"previous response {previous!r} not found (unknown, expired or not stored)",
+                                   param="previous_response_id", code="previous_response_not_found")
+            raw = {**raw, "previous_response_id": None}
+        # the conversation it continues in front, then references, sealed reasoning and
+        # additional_tools across the whole of it (inputs.py)
+        raw, items = inputs.expand(raw, items, resolve, sealer, earlier)
     summarize = False
     if isinstance(items, list):
         # Codex's remote compaction (a trailing compaction_trigger) and the compaction items it
@@ -198,7 +200,7 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
     alternates = []
     for alt in others:  # each fallback upstream: its own byte-deterministic body
         if alt == opts:
-            alternates.append((None, ctx.think))
+            alternates.append((None, ctx.think, lowered.tool_map))
             continue
         same_tools = (alt.tool_denylist, alt.web_search) == (opts.tool_denylist, opts.web_search)
         if known is not None and same_tools:
@@ -207,7 +209,8 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
             other = lower(parse_request(raw) if known is not None else req, alt)
         if summarize:
             other = compaction.summary_request(other)
-        alternates.append((other.body, alt.think_mode(other.chat["model"])))
+        alternates.append((other.body, alt.think_mode(other.chat["model"]), other.tool_map))
+    ctx.tool_maps = tuple(tools for _, _, tools in alternates)  # (a Rerouted event takes one)
     return Turn(lowered.body, lowered.client_stream, ctx,
                 web_search=not summarize and any(t.kind == "web_search" for t in lowered.tool_map.targets.values()),
                 items=items if store and isinstance(items, list) else [], store=store,

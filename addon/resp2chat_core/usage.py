@@ -59,6 +59,14 @@ def _detail(u: dict, *names: str) -> dict:
     return {}
 
 
+def usage_note(u: dict | None, lead: str = " · ") -> str:
+    """A Responses usage as flow comments and log lines show it (``" · in 812 (cached 768) out
+    31"``); "" for none."""
+    if not u:
+        return ""
+    return f"{lead}in {u['input_tokens']} (cached {u['input_tokens_details']['cached_tokens']}) out {u['output_tokens']}"
+
+
 def to_responses_usage(u: dict) -> dict:
     inp = _int(u.get("prompt_tokens", u.get("input_tokens")))
     out = _int(u.get("completion_tokens", u.get("output_tokens")))

@@ -25,7 +25,10 @@ Redis unreachable: ``StateUnavailable`` is raised for what needs it (the addons 
 ``previous_response_id`` and ``GET /v1/responses/{id}``; plain turns go on: a replay lookup is a
 miss, a response that cannot be stored is logged). After a failure, calls fail at once for a
 short back-off instead of waiting on a dead server each time; the next call after it tries
-again, so recovery is automatic when Redis returns.
+again, so recovery is automatic when Redis returns. Redis reachable but refusing a command (an
+error reply: ``OOM`` past ``maxmemory``, ``READONLY`` on a replica, ``NOPERM`` from an ACL) is
+``StateUnavailable`` too, without the back-off. Writes run as tasks (``write``) that never raise:
+a write that fails is a warning, and ``close`` waits for those still running.
 """
 
 from __future__ import annotations
@@ -153,9 +156,12 @@ class RedisState:
         self.errors = 0  # failed calls (metrics)
         self._down_until = 0.0
         self._backoff = BACKOFF[0]
+        self._refusal = ""  # the last error reply logged (each different one once, until a call succeeds)
+        self._writes: set[asyncio.Task] = set()
 
     async def call(self, what: str, make):
-        """Run ``await make(client)``; ``StateUnavailable`` if Redis is down (or was a moment ago)."""
+        """Run ``await make(client)``; ``StateUnavailable`` if Redis is down (or was a moment ago)
+        or refuses the command."""
         import redis.exceptions as rex
 
         if not self.up and time.monotonic() < self._down_until:
@@ -170,15 +176,45 @@ class RedisState:
                 self._backoff = min(self._backoff * 2, BACKOFF[1])
             self.up, self._down_until = False, time.monotonic() + self._backoff
             raise StateUnavailable(f"the state store ({self.where}) is unreachable") from None
+        except rex.RedisError as exc:  # an error reply (OOM, READONLY, NOPERM…): reachable, but no use now
+            self.errors += 1
+            refusal = f"{type(exc).__name__}: {exc}"
+            if refusal != self._refusal:
+                self._refusal = refusal
+                log.warning(f"resp2chat: state store {self.where} refused ({what}): {refusal}")
+            raise StateUnavailable(f"the state store ({self.where}) refused {what}: {refusal}") from None
         if not self.up:
             log.warning(f"resp2chat: state store {self.where} reachable again")
             self.up, self._backoff = True, BACKOFF[0]
+        self._refusal = ""
         return result
+
+    def write(self, what: str, write) -> None:
+        """Run the coroutine ``write`` as a task that never raises: a failure is a warning naming
+        ``what`` was lost (a task's exception would be logged as an ERROR, which stops a gateway
+        that is still starting). ``close`` waits for it."""
+        task = asyncio.ensure_future(self._write(what, write))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _write(self, what: str, write) -> None:
+        try:
+            await write
+        except StateUnavailable as exc:
+            log.warning(f"resp2chat: {what}: {exc}")
+        except Exception as exc:  # noqa: BLE001 — a bug of ours: still no task exception
+            log.warning(f"resp2chat: {what}: {type(exc).__name__}: {exc}", exc_info=exc)
+
+    async def flush(self) -> None:
+        """Wait for the writes still running."""
+        while self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
 
     def script(self, name: str):
         return self._scripts[name]
 
     async def close(self) -> None:
+        await self.flush()
         try:
             await self.client.aclose()
         except Exception:  # noqa: BLE001 - closing a pool to a dead server

@@ -46,7 +46,8 @@ def check_file(path: Path, sealer: Sealer | None) -> list[Result]:
         stream = flow.response is not None and flow.response.headers.get("content-type", "").startswith("text/event-stream")
         history = History() if meta.get("transport") == "websocket" else stored  # a socket remembers its own
         for name, record, answer, streamed in turns_of(meta, response, stream):
-            if answer is not None:  # an HTTP turn: its chat request is the flow's request
+            if answer is not None and not record.get("chat_request"):  # an HTTP turn: the flow's request
+                # (unless a fallback answered: the flow shows what it got, the record the first's)
                 record = {**record, "chat_request": (flow.request.content or b"").decode("utf-8", "replace")}
             where = f"flow {number} ({flow.request.method} {flow.request.path}) {name}"
             results.append(check_turn(where, record, history, sealer, answer=answer, stream=streamed))

@@ -52,8 +52,8 @@ def build() -> list:
     turns = Turns(source, upstreams, search, store)
     replay = ReplayCache(source, upstreams, turns, store)
     outcomes = Outcomes()
-    turns.finished += [replay.finished, store.finished, outcomes.finished]
     request_log = RequestLog(source, turns)
+    turns.finished += [replay.finished, store.finished, outcomes.finished, request_log.finished]
     server_replay = ServerReplay(turns)
     sockets = ResponsesWebSocket(source, upstreams, turns, store, request_log, server_replay)
     return [

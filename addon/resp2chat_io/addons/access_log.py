@@ -1,4 +1,6 @@
-"""The access log: one JSON line per ``POST /v1/responses`` (``access_log_path``; ``-``: stderr).
+"""The access log: one JSON line per turn, however it ended (``access_log_path``; ``-``: stderr):
+each ``POST /v1/responses`` (refused and replayed ones included) and each turn on the Responses
+WebSocket (outcomes.py).
 
 ``{"time", "request_id", "session", "model", "upstream", "status", "code", "http_status",
 "input_tokens", "cached_tokens", "output_tokens", "ttft_ms", "total_ms"}`` (+ ``"fallbacks"``

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from mitmproxy import ctx, exceptions, http
 
@@ -19,10 +19,22 @@ from resp2chat_core.errors import error_json
 
 from resp2chat_core import settings as S
 from resp2chat_io.config import load_settings
+from resp2chat_io.relay import KEY_HEADER, TURN_HEADER
 
 log = logging.getLogger("resp2chat")
 
 META = "resp2chat"  # flow.metadata key: saved in flow files, read by the views and `analyze`
+RESPONSES_PATHS = ("/v1/responses", "/responses")  # where clients create responses (and open the WebSocket)
+
+
+def show_url(flow: http.HTTPFlow, url: str) -> None:
+    """A flow pointed at the relay shows ``url`` again (where its request really went, or what the
+    client asked for), without the relay's headers."""
+    req = flow.request
+    if req.headers.get(TURN_HEADER) is not None:
+        req.url = url
+        req.headers.pop(TURN_HEADER, None)
+        req.headers.pop(KEY_HEADER, None)
 
 
 def request_id(flow: http.HTTPFlow) -> str:
@@ -30,17 +42,48 @@ def request_id(flow: http.HTTPFlow) -> str:
     return "req_" + flow.id.replace("-", "")[:20]
 
 
+# flow id -> what stops the work a flow set going before its answer began (a turn's backend call:
+# Exchange.abort, registered by turns.py): called when the flow fails closed at its response head.
+ABANDON: dict[str, Callable[[], None]] = {}
+
+
+class Refusal:
+    """A stream callable that sends one whole body in place of what the server sends: the 500 of
+    a flow that failed closed at its response head. mitmproxy sends its headers at once and the
+    body with the first bytes the server still sends, or at their end."""
+
+    __slots__ = ("body",)
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def __call__(self, data: bytes):
+        body, self.body = self.body, b""
+        return [body] if body else []
+
+
 def fail_closed(flow: http.HTTPFlow, where: str, exc: BaseException) -> None:
     """An unexpected exception in a hook: the request goes nowhere unmodified, the client gets a
-    500 ``server_error`` naming the request id (no internals), the log gets the details."""
+    500 ``server_error`` naming the request id (no internals), the log gets the details.
+
+    At the response head (``responseheaders``) nothing went out yet, but mitmproxy would read
+    the server's whole body into the 500 before sending it (and a turn's body lasts as long as
+    its backend call): the work the flow set going is given up (``ABANDON``) and the 500 is sent
+    as a stream (``Refusal``), so the client has it at once."""
     rid = request_id(flow)
     log.warning(f"resp2chat: {where} failed for {rid}: {type(exc).__name__}: {exc}", exc_info=exc)
     flow.metadata.setdefault(META, {})["failed_in"] = where
-    if flow.response is not None and flow.response.stream:
+    head = where.endswith(".responseheaders")
+    if not head and flow.response is not None and flow.response.stream:
         return  # a started stream: its callable ends it (it never raises and always terminates)
-    flow.response = http.Response.make(500, error_json(
-        f"the gateway failed to handle this request (request id {rid})", status_type="server_error",
-        code="server_error"), {"content-type": "application/json", "x-request-id": rid})
+    body = error_json(f"the gateway failed to handle this request (request id {rid})", status_type="server_error",
+                      code="server_error")
+    flow.response = http.Response.make(500, body, {"content-type": "application/json", "x-request-id": rid})
+    if head:
+        flow.response.stream = Refusal(body)
+        abandon = ABANDON.pop(flow.id, None)
+        if abandon is not None:
+            abandon()
 
 
 HOOKS = frozenset({"requestheaders", "request", "responseheaders", "response", "error"})
@@ -108,10 +151,6 @@ class SettingsSource:
             return {n: self.value(n) for n in names}
         except S.SettingsError as exc:
             raise exceptions.OptionsError(str(exc)) from None
-
-    def secrets(self) -> tuple[bytes, ...]:
-        """The configured keys, scrubbed from everything the gateway emits."""
-        return S.secret_values({k: self.value(k) for k in (*sorted(S.SECRET_FIELDS), *sorted(S.HOLDS_SECRETS))})
 
 
 class Owner:

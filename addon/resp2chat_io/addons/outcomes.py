@@ -1,10 +1,13 @@
 """Outcomes: how every ``POST /v1/responses`` ended, as one record for metrics and the access log.
 
-A turn that reached a backend ends in turns.py (a ``finished`` listener: status, usage, the
-upstream that answered, time to first token). A request answered by the gateway itself ends in
-``response``: rejected (4xx: invalid request, unknown model…), a replay-cache hit, or 503 when the
-shared state store is down. Each becomes one ``Outcome`` for the ``listeners`` (metrics.py,
-access_log.py). Nothing in it is content: no prompt, no answer, no header but the session key.
+A turn ends in turns.py (a ``finished`` listener: status, usage, the upstream that answered,
+time to first token), however it ended: answered, failed closed (``server_error``), the client
+gone, answered by offline replay (``replayed``, upstream ``server-replay``). A request answered
+by the gateway itself ends in ``response``: rejected (4xx: invalid request, unknown model…), a
+replay-cache hit, or 503 when the shared state store is down; so does a turn turns.py could not
+report (it failed while recording it). Each becomes one ``Outcome`` for the ``listeners``
+(metrics.py, access_log.py); a listener that fails is logged, the others still get it. Nothing in
+it is content: no prompt, no answer, no header but the session key.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from mitmproxy import http
 
 from resp2chat_core.turn import session_key
 
-from .base import META, fails_closed, request_id
-from .turns import RESPONSES_PATHS
+from .base import META, RESPONSES_PATHS, fails_closed, log, request_id
+from .turns import SERVER_REPLAY
 
 
 @dataclass
@@ -44,18 +47,25 @@ class Outcomes:
 
     def __init__(self) -> None:
         self.listeners: list[Callable[[Outcome], None]] = []
+        self._reported: set[str] = set()  # HTTP flows turns.py told us about (until their last hook)
 
     def finished(self, done) -> None:
         """A turns.py ``finished`` listener."""
         flow, t = done.flow, done.turn.active
-        code = ""
-        if t is not None and t.error:
+        code = done.code
+        if not code and t is not None and t.error:
             code = t.error.get("code") or ""
-        elif done.final and done.final.get("incomplete_details"):
+        elif not code and done.final and done.final.get("incomplete_details"):
             code = done.final["incomplete_details"].get("reason") or ""
+        status = done.status
+        if done.upstream == SERVER_REPLAY and done.final is not None:
+            status = "replayed"
+        if flow.websocket is None:
+            self._reported.add(flow.id)
         self._emit(Outcome(request_id(flow), session_key(done.turn.prompt_cache_key, flow.request.headers),
-                           done.turn.ctx.model, done.upstream, done.status, code, done.usage, done.ttft, done.took,
-                           flow.response.status_code if flow.response else 0, done.skipped))
+                           done.turn.ctx.model, done.upstream, status, code, done.usage, done.ttft, done.took,
+                           0 if flow.response is None or flow.error and not done.answer else flow.response.status_code,
+                           done.skipped))  # (0: the client got no answer)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._local(flow)
@@ -64,16 +74,22 @@ class Outcomes:
         self._local(flow)
 
     def _local(self, flow: http.HTTPFlow) -> None:
+        if flow.id in self._reported:
+            self._reported.discard(flow.id)
+            return  # a turn: turns.py reported it (finished)
         req = flow.request
         meta = flow.metadata.get(META) or {}
-        if meta.get("response_id") and meta.get("replay_cache") != "hit":
-            return  # a turn: turns.py recorded it (finished)
-        if req.method != "POST" or req.path.split("?", 1)[0] not in RESPONSES_PATHS or flow.response is None:
+        turn = bool(meta.get("response_id"))  # (its request is the chat request by now)
+        if flow.response is None or not turn and (
+                req.method != "POST" or req.path.split("?", 1)[0] not in RESPONSES_PATHS):
             return
-        body = meta.get("responses_request") or ""
+        # What the request said counts only once the gate let it in (turns.py, the replay cache
+        # and the store keep it then): never read from the body of a request the gate refused, or
+        # clients without the key could use up the metrics' model labels (MAX_MODELS).
+        body = meta.get("responses_request")
         model, pck = "", None
         try:
-            raw = json.loads(body) if body else (json.loads(req.get_content(strict=False) or b"{}"))
+            raw = json.loads(body) if body else None
             if isinstance(raw, dict):
                 model = raw.get("model") if isinstance(raw.get("model"), str) else ""
                 pck = raw.get("prompt_cache_key")
@@ -84,15 +100,22 @@ class Outcomes:
         if meta.get("replay_cache") == "hit":
             status, code, upstream = "replayed", "", "replay-cache"
         else:
-            status, upstream = "rejected", ""
+            # rejected before it was a turn; or a turn turns.py failed to report (it failed closed
+            # while recording it)
+            status = ("failed" if resp.status_code >= 400 else "unfinished") if turn else "rejected"
+            upstream = meta.get("upstream_name", "") if turn else ""
             try:
                 code = (json.loads(resp.content or b"{}").get("error") or {}).get("code") or ""
             except (ValueError, AttributeError, RecursionError):
                 code = ""
             code = code if isinstance(code, str) else str(code)
-        self._emit(Outcome(request_id(flow), session_key(pck, req.headers), model, upstream, status, code,
-                           None, None, took, resp.status_code))
+        self._emit(Outcome(request_id(flow), session_key(pck, req.headers) if body else None, model, upstream,
+                           status, code, None, None, took, resp.status_code))
 
     def _emit(self, outcome: Outcome) -> None:
         for listener in self.listeners:
-            listener(outcome)
+            try:
+                listener(outcome)
+            except Exception as exc:  # noqa: BLE001 — metrics or a log line must not change an answer
+                log.warning(f"resp2chat: {getattr(listener, '__qualname__', listener)} failed for "
+                            f"{outcome.request_id}: {type(exc).__name__}: {exc}", exc_info=exc)

@@ -9,7 +9,6 @@ Redis cannot answer is a miss, a write it cannot take is dropped.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -19,10 +18,11 @@ from mitmproxy import ctx, exceptions, http
 
 from resp2chat_core.errors import GatewayError
 from resp2chat_core.replay import ReplayCache as Cache, entry_flags, pack, replay_key, unpack_fresh
-from resp2chat_io.redis_state import RedisReplayCache, StateUnavailable
+from resp2chat_core.websocket import final_response
+from resp2chat_io.redis_state import RedisReplayCache
 
-from .base import META, Owner, fails_closed, log, request_id
-from .turns import RESPONSES_PATHS, new_response_id
+from .base import META, RESPONSES_PATHS, Owner, fails_closed, log, request_id
+from .turns import new_response_id
 
 
 @fails_closed
@@ -35,7 +35,6 @@ class ReplayCache(Owner):
         super().__init__(source)
         self.upstreams, self.turns, self.store = upstreams, turns, store
         self.cache: Cache | RedisReplayCache = Cache(0)
-        self._writes: set[asyncio.Task] = set()
 
     def load(self, loader) -> None:
         super().load(loader)
@@ -56,8 +55,10 @@ class ReplayCache(Owner):
         self.cache.resize(self.s["max_replay_entries"])
 
     def key(self, upstream_url: str, body: bytes) -> str:
-        # the same request with other settings or another upstream: another answer
-        return replay_key(f"{upstream_url}\n{self.turns.lowering_repr}", body)
+        # the same request with other settings, another upstream or another seal key (an answer
+        # holds what it sealed: after a key change, or on a replica with another key, the client
+        # could not send it back): another answer
+        return replay_key(f"{upstream_url}\n{self.turns.lowering_repr}\nseal {self.turns.seal_id()}", body)
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.is_replay == "response" or self.cache.capacity <= 0:
@@ -88,8 +89,7 @@ class ReplayCache(Owner):
                                    responses_request=body.decode("utf-8", "replace"))
         flow.comment = f"replay cache hit · {response_id}"
         if turn is not None:
-            final = json.loads(answer[answer.rindex(b"data: ") + 6:] if stream else answer)
-            final = final.get("response", final)
+            final = final_response(answer) if stream else json.loads(answer)
             self.store.put(response_id, turn.items + final["output"], final)
 
     def finished(self, done) -> None:
@@ -98,17 +98,13 @@ class ReplayCache(Owner):
             t = done.turn
             entry = pack(t.ctx.response_id, t.ctx.created_at, done.answer, stream=t.client_stream, store=t.store)
             if isinstance(self.cache, RedisReplayCache):
-                task = asyncio.ensure_future(self._put(key, entry))
-                self._writes.add(task)
-                task.add_done_callback(self._writes.discard)
+                self.cache.state.write("replay cache entry not kept", self.cache.put(key, entry))
             else:
                 self.cache.put(key, entry)
 
-    async def _put(self, key: str, entry: bytes) -> None:
-        try:
-            await self.cache.put(key, entry)
-        except StateUnavailable as exc:
-            log.warning(f"resp2chat: replay cache entry not kept: {exc}")
+    async def done(self) -> None:
+        if isinstance(self.cache, RedisReplayCache):
+            await self.cache.state.flush()  # (the store's done closes the connection after them)
 
     def _preload(self, path: str) -> None:
         from mitmproxy import io
@@ -130,9 +126,7 @@ class ReplayCache(Owner):
                     entry = pack(meta["response_id"], int(created[1]), f.response.content,
                                  stream=request.get("stream") is True, store=request.get("store") is not False)
                     if isinstance(self.cache, RedisReplayCache):  # written as the event loop runs
-                        task = asyncio.ensure_future(self._put(key, entry))
-                        self._writes.add(task)
-                        task.add_done_callback(self._writes.discard)
+                        self.cache.state.write("replay cache entry not preloaded", self.cache.put(key, entry))
                         loaded += 1
                     else:
                         loaded += self.cache.put(key, entry)

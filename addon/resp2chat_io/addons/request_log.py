@@ -1,6 +1,11 @@
 """The upstream request log: every chat request sent upstream, one JSON line each
-(``upstream_request_log_path``): time, flow, session, URL and the body byte for byte. No
-headers, no keys. ``resp2chat analyze`` reads it like a flow file."""
+(``upstream_request_log_path``): time, flow, session, URL (and, with several upstreams, the
+upstream's name) and the body byte for byte. No headers, no keys. ``resp2chat analyze`` reads it
+like a flow file.
+
+A turn's request is written when it goes out to its (first) upstream; when fallbacks were tried
+(resp2chat_core/routing.py), each one's request, as that upstream got it, is written when the
+turn ends (a ``finished`` listener of turns.py)."""
 
 from __future__ import annotations
 
@@ -38,14 +43,25 @@ class RequestLog(Owner):
         live = self.turns.live.get(flow.id) if self.file else None
         if live is None:
             return
-        self.write(flow, live.turn, live.upstream_url)
+        self.write(flow, live.turn, live.upstream_url, upstream=live.exchange.upstream if self.turns.specs else "")
 
-    def write(self, flow: http.HTTPFlow, turn, url: str) -> None:
-        """One line for a turn's chat request (also the WebSocket transport's turns)."""
+    def finished(self, done) -> None:
+        """A turns.py ``finished`` listener: the fallbacks' requests, when fallbacks were tried."""
+        ex = done.exchange
+        if self.file is None or ex is None or not ex.answered:
+            return
+        for fb in ex.fallbacks[:ex.answered]:
+            self.write(done.flow, done.turn, fb.target.url, fb.body, fb.name)
+
+    def write(self, flow: http.HTTPFlow, turn, url: str, body: bytes | None = None, upstream: str = "") -> None:
+        """One line for a turn's chat request (also the WebSocket transport's turns): ``body``,
+        when it is not the turn's own (a fallback's lowering)."""
         if self.file is None:
             return
-        head = json.dumps({"ts": time.time(), "flow": flow.id,
-                           "session": session_key(turn.prompt_cache_key, flow.request.headers),
-                           "url": url}, ensure_ascii=False)
+        line = {"ts": time.time(), "flow": flow.id, "session": session_key(turn.prompt_cache_key, flow.request.headers),
+                "url": url}
+        if upstream:
+            line["upstream"] = upstream
+        head = json.dumps(line, ensure_ascii=False)
         # the body spliced in as sent: byte for byte what the upstream got
-        self.file.write(f'{head[:-1]}, "body": {turn.chat_body.decode()}}}\n')
+        self.file.write(f'{head[:-1]}, "body": {(body or turn.chat_body).decode()}}}\n')

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from mitmproxy import ctx, exceptions, http, io
 
 from resp2chat_core.replay import Recordings
+from resp2chat_core.websocket import final_response
 
 from .base import META, fails_closed
 
@@ -52,21 +53,12 @@ class Answer:
             return self.response.copy()
         if stream:
             return http.Response.make(200, self.sse, SSE_HEADERS) if self.sse is not None else None
-        body = self.json if self.json is not None else _final(self.sse)
+        if self.json is not None:
+            body = self.json
+        else:  # the Response object of the recorded stream's last event
+            final = final_response(self.sse) if self.sse else None
+            body = None if final is None else json.dumps(final, ensure_ascii=False).encode()
         return None if body is None else http.Response.make(200, body, {"content-type": "application/json"})
-
-
-def _final(sse: bytes | None) -> bytes | None:
-    """The Response object of the last event of a recorded stream."""
-    if not sse:
-        return None
-    at = sse.rfind(b"data: ")
-    try:
-        event = json.loads(sse[at + 6:])
-    except ValueError:
-        return None
-    response = event.get("response") if isinstance(event, dict) else None
-    return json.dumps(response, ensure_ascii=False).encode() if isinstance(response, dict) else None
 
 
 @fails_closed
@@ -107,8 +99,11 @@ class ServerReplay:
                     and f.request.path.split("?", 1)[0].endswith("/chat/completions"):
                 content = f.response.content or b""
                 stream = f.response.headers.get("content-type", "").startswith("text/event-stream")
-                recordings.add(f.request.content or b"", Answer(f.id, sse=content if stream else None,
-                                                                json=None if stream else content, response=f.response))
+                # under the chat request of the turn's first upstream, which is what a rerun lowers
+                # (when a fallback answered, the flow shows the body that one got: turns.py)
+                chat = meta["chat_request"].encode() if meta.get("chat_request") else f.request.content or b""
+                recordings.add(chat, Answer(f.id, sse=content if stream else None,
+                                            json=None if stream else content, response=f.response))
             else:
                 others.append(f)
         self.recordings, self.others, self.loaded = recordings, others, paths

@@ -28,14 +28,13 @@ from resp2chat_core.errors import error_json
 from resp2chat_io.redis_state import RedisResponseStore, RedisState, StateUnavailable, describe
 from resp2chat_io.store import ResponseStore
 
-from .base import Owner, fails_closed, log
+from .base import META, RESPONSES_PATHS, Owner, fails_closed, log
 
 JSON_HEADERS = {"content-type": "application/json"}
 PREFIXES = ("/v1/responses/", "/responses/")
 CONVERSATIONS = ("/v1/conversations", "/conversations")  # not implemented: answered here, not forwarded
 FRESH_WAIT = 2.0  # seconds: how long a just-finished response may take to reach Redis
 FRESH_POLL = 0.05
-RESPONSES_PATHS = ("/v1/responses", "/responses")
 
 
 def unavailable(why: str) -> http.Response:
@@ -48,6 +47,7 @@ def unavailable(why: str) -> http.Response:
 class StoredResponses(Owner):
     name = "resp2chat_store"
     owner = "store"
+    also_reads = ("seal_key",)  # (only to warn: replicas sharing state need the same one)
 
     def __init__(self, source) -> None:
         super().__init__(source)
@@ -57,7 +57,6 @@ class StoredResponses(Owner):
         self._fetched: dict[str, list | None] = {}  # previous_response_id -> its items (Redis)
         self._fetched_items: dict[str, dict] = {}  # item_reference id -> the item (Redis)
         self._fetching: dict[str, tuple[str | None, tuple[str, ...]]] = {}  # flow id -> what it fetched
-        self._writes: set[asyncio.Task] = set()
 
     def apply(self, updated: set[str]) -> None:
         config = tuple(self.s[f.name] for f in self.fields)
@@ -71,6 +70,10 @@ class StoredResponses(Owner):
                 if self.state is None:
                     self.state = RedisState(url)
                     log.info(f"resp2chat: stored responses and the replay cache live in {describe(url)}")
+                if not self.s["seal_key"]:
+                    log.warning("resp2chat: state_store_url is set but seal_key is not: this replica seals "
+                                "encrypted_content (reasoning, compaction) with its own per-install key, which "
+                                "other replicas cannot open; give every replica the same seal_key")
                 self.store = RedisResponseStore(self.state, ttl=self.s["session_ttl_hours"] * 3600,
                                                 max_entries=self.s["max_sessions"],
                                                 max_bytes=self.s["max_session_memory_mb"] << 20)
@@ -82,22 +85,20 @@ class StoredResponses(Owner):
         return self.state is not None
 
     async def done(self) -> None:
-        if self._writes:
-            await asyncio.gather(*self._writes, return_exceptions=True)
         if self.state is not None:
-            await self.state.close()
+            await self.state.close()  # (after the writes still running: the replay cache's too)
 
     def history(self, response_id: str) -> list | None:
         if self.shared:
             return self._fetched.get(response_id)  # fetched by `request` for this flow
-        entry = self.store.get(response_id) if self.store else None
+        entry = self.store.get(response_id) if self.store is not None else None
         return entry["items"] if entry else None
 
     def resolve_items(self, item_ids: list[str]) -> dict[str, dict]:
         """``item_reference`` ids -> the stored items (resp2chat_core/inputs.py); missing: absent."""
         if self.shared:
             return {i: self._fetched_items[i] for i in item_ids if i in self._fetched_items}
-        return self.store.resolve_items(item_ids) if self.store else {}
+        return self.store.resolve_items(item_ids) if self.store is not None else {}
 
     def put(self, response_id: str, items: list, final: dict) -> None:
         if self.store is None:
@@ -105,19 +106,11 @@ class StoredResponses(Owner):
         if not self.shared:
             self.store.put(response_id, items, final)
             return
-        task = asyncio.ensure_future(self._put(response_id, items, final))
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
-
-    async def _put(self, response_id: str, items: list, final: dict) -> None:
-        try:
-            await self.store.put(response_id, items, final)
-        except StateUnavailable as exc:
-            log.warning(f"resp2chat: response {response_id} not stored: {exc}")
+        self.state.write(f"response {response_id} not stored", self.store.put(response_id, items, final))
 
     def finished(self, done) -> None:
-        if done.status == "completed" and done.turn.store:
-            self.put(done.turn.ctx.response_id, done.turn.items + done.final["output"], done.final)
+        if done.status == "completed" and done.turn.store:  # (the final's id: a replayed answer keeps its own)
+            self.put(done.final["id"], done.turn.items + done.final["output"], done.final)
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.is_replay == "response":
@@ -136,7 +129,7 @@ class StoredResponses(Owner):
             return
         response_id, method = path.rsplit("/", 1)[1], flow.request.method
         try:
-            entry = await self._get(response_id) if self.store and method in ("GET", "DELETE") else None
+            entry = await self._get(response_id) if self.store is not None and method in ("GET", "DELETE") else None
             if entry is not None and method == "DELETE":
                 await self._delete(response_id)
         except StateUnavailable:
@@ -184,6 +177,9 @@ class StoredResponses(Owner):
         refs = tuple(dict.fromkeys(inputs.reference_ids(raw.get("input"))))
         if previous is None and not refs:
             return
+        # registered before the first await: another flow that ends meanwhile must not drop what
+        # this one fetches, and what it fetched goes when it ends (``_release``), however it ends
+        self._fetching[flow.id] = (previous, refs)
         try:
             if previous is not None:
                 entry = await self._fresh(previous)
@@ -194,9 +190,8 @@ class StoredResponses(Owner):
                     self._fetched_items[item_id] = item
         except StateUnavailable:
             what = f"previous_response_id {previous!r}" if previous is not None else "item_reference"
-            flow.response = unavailable(what)
-            return
-        self._fetching[flow.id] = (previous, refs)
+            flow.response = unavailable(what)  # (its response hook releases what was fetched)
+            flow.metadata.setdefault(META, {})["responses_request"] = body.decode("utf-8", "replace")  # (outcomes.py)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._release(flow)

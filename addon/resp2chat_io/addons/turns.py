@@ -16,6 +16,7 @@ Owns the lowering settings (model names, params, tool denylist, think tags…).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import time
@@ -34,14 +35,16 @@ from resp2chat_core.replay import MAX_ENTRY_BYTES
 from resp2chat_core.retranslate import lowering_record
 from resp2chat_core.seal import Sealer
 from resp2chat_core.turn import ToolsCache, Turn, begin_turn, session_key
+from resp2chat_core.usage import usage_note
+from resp2chat_core.websocket import final_response
 from resp2chat_io import keys
-from resp2chat_io.relay import KEY_HEADER, TURN_HEADER, Exchange, Target
+from resp2chat_io.relay import Exchange, Target
 from resp2chat_io.relay.exchange import Fallback
 
-from .base import META, Owner, fails_closed, log, request_id
+from .base import ABANDON, META, RESPONSES_PATHS, Owner, fails_closed, log, request_id, show_url
 from .upstreams import Upstream
 
-RESPONSES_PATHS = ("/v1/responses", "/responses")
+SERVER_REPLAY = "server-replay"  # the upstream of a turn answered from a recording (Finished.upstream)
 JSON_HEADERS = {"content-type": "application/json"}
 
 # HTTP status for a non-streaming client whose response failed, by error code.
@@ -96,6 +99,9 @@ class Finished:
     ttft: float | None = None  # seconds from the request to the first backend-made event
     took: float = 0.0  # seconds from the request to the end of the turn
     skipped: tuple = ()  # (name, status) of upstreams that failed before it and were fallen back from
+    code: str = ""  # the error code when the client's answer is not the translator's (server_error:
+    # the turn failed closed; not_recorded: offline replay had no answer), or a replayed answer's
+    exchange: Exchange | None = None  # its upstream work: which candidate answered, the fallbacks sent
 
 
 class TurnStream:
@@ -142,12 +148,14 @@ class Turns(Owner):
         self.lowering = LoweringOptions()
         self.lowering_repr = repr(self.lowering)  # part of the replay cache key
         self.lowering_record = lowering_record(self.lowering)  # in each flow: `resp2chat retranslate` reads it
+        self.lowering_records: dict[str, dict] = {}  # the same, by upstream (several upstreams)
         self.tools_cache = ToolsCache()
         self.secrets: tuple[bytes, ...] = ()
         self.specs: tuple[routing.UpstreamSpec, ...] = ()  # several upstreams (routing.py)
         self.lowering_by_upstream: dict[str, LoweringOptions] = {}
         self.finished: list[Callable[[Finished], None]] = []
         self._seal_key: bytes | None = None
+        self._seal_id: str | None = None
         self.sealer = Sealer(self.seal_key)
 
     def apply(self, updated: set[str]) -> None:
@@ -159,14 +167,23 @@ class Turns(Owner):
         self.lowering_repr = repr(self.lowering) + "".join(
             f"\n{name}: {opts!r}" for name, opts in self.lowering_by_upstream.items())
         self.lowering_record = lowering_record(self.lowering)
+        self.lowering_records = {name: lowering_record(opts) for name, opts in self.lowering_by_upstream.items()}
         self.secrets = S.secret_values(self.s)
-        self._seal_key = None
+        self._seal_key = self._seal_id = None
 
     def seal_key(self) -> bytes:
         """The key for resp2chat_core/seal.py (made on first use when ``seal_key`` is unset)."""
         if self._seal_key is None:
             self._seal_key = keys.seal_key(self.s["seal_key"])
         return self._seal_key
+
+    def seal_id(self) -> str:
+        """Which seal key this gateway seals with, as a one-way fingerprint (not the key): part of
+        the replay cache's key, since an answer holds what it sealed (encrypted_content) and only
+        that key opens it again."""
+        if self._seal_id is None:
+            self._seal_id = hashlib.sha256(b"resp2chat seal key id\n" + self.seal_key()).hexdigest()[:16]
+        return self._seal_id
 
     # --- request ---------------------------------------------------------------------------
 
@@ -184,6 +201,21 @@ class Turns(Owner):
         return begin_turn(body, self.lowering, response_id, created_at, history or self.store.history,
                           self.tools_cache, self.sealer, resolve=self.store.resolve_items,
                           route=self.route if self.specs else None)
+
+    def recorded_lowering(self, model: str) -> dict:
+        """The lowering options a turn for ``model`` ran with, for its record (``resp2chat
+        retranslate`` lowers it again with them): its first upstream's (``lowering``) and, with
+        fallbacks, theirs in order (``lowering_fallbacks``)."""
+        try:
+            names = [s.name for s in routing.candidates(self.specs, model)] if self.specs else []
+        except GatewayError:
+            names = []
+        if not names:
+            return {"lowering": self.lowering_record}
+        found = {"lowering": self.lowering_records[names[0]]}
+        if len(names) > 1:
+            found["lowering_fallbacks"] = [self.lowering_records[n] for n in names[1:]]
+        return found
 
     def route(self, model: str) -> list[LoweringOptions]:
         """Several upstreams: the lowering options of each one serving ``model``, in order."""
@@ -222,6 +254,7 @@ class Turns(Owner):
         live = Live(turn, exchange, reader, url, client_path, time.monotonic())
         reader.on_first = lambda: setattr(live, "first", time.monotonic())
         self.live[flow.id] = live  # (_end forgets it)
+        ABANDON[flow.id] = exchange.abort  # failing closed at the response head gives the backend call up
         # To the relay (see resp2chat_io/relay/server.py for why turns take this hop); the flow
         # shows the upstream again once the request is out (responseheaders).
         for name, value in self.relay.expect(exchange):
@@ -238,7 +271,7 @@ class Turns(Owner):
             Fallback(alt.name, Target(self.upstreams.endpoint(alt).url + "/chat/completions"),
                      (auth.encode() if (auth := self.upstreams.authorization(alt, client_auth)) else None),
                      alt_body, think)
-            for alt, (alt_body, think) in zip(specs[1:], turn.alternates))
+            for alt, (alt_body, think, _tools) in zip(specs[1:], turn.alternates))
         return Plan(upstream, spec, spec.name if spec else "default",
                     self.upstreams.authorization(spec, client_auth),
                     self.upstreams.routing_key(session_key(turn.prompt_cache_key, flow.request.headers)), fallbacks)
@@ -256,8 +289,14 @@ class Turns(Owner):
         if live is None or flow.is_replay == "response":
             return
         if "failed_in" in flow.metadata[META]:
-            self._end(flow)  # a later addon failed (base.fail_closed answered): not a turn any more
+            self._end(flow)  # an earlier hook failed (base.fail_closed answered): the turn ends here
+            self._record(flow, live, failed=True)
             return
+        self._answer_head(flow, live)
+
+    def _answer_head(self, flow: http.HTTPFlow, live: Live) -> None:
+        """The relay answered: the flow shows the upstream again, and a streaming client gets
+        the stream callable."""
         self._show_upstream(flow, live)
         if not live.turn.client_stream:
             return
@@ -274,27 +313,37 @@ class Turns(Owner):
 
     def response(self, flow: http.HTTPFlow) -> None:
         live = self._end(flow)
-        if live is None or flow.is_replay == "response":
+        if live is None:
+            return
+        if flow.is_replay == "response":
+            self._replayed(flow, live)
             return
         if "failed_in" in flow.metadata[META] and not isinstance(flow.response.stream, TurnStream):
-            return  # the answer is base.fail_closed's 500: the turn never reached its backend
+            self._record(flow, live, failed=True)  # the answer is base.fail_closed's 500
+            return
         if not live.turn.client_stream:
             self._answer_whole(flow, live)
         self._record(flow, live)
 
     def error(self, flow: http.HTTPFlow) -> None:
         live = self._end(flow)
+        if live is None:
+            return
+        streamed = flow.response is not None and isinstance(flow.response.stream, TurnStream)
         # Codex hangs up as soon as it has response.completed, which the translator sends at the
         # backend's [DONE], a moment before the relay's body ends: mitmproxy then reports
         # "Client disconnected" instead of a response. The turn happened all the same: record it.
-        if live is not None and flow.response is not None and isinstance(flow.response.stream, TurnStream):
-            if not flow.response.raw_content:  # mitmproxy stores a streamed body only at its end
-                flow.response.raw_content = bytes(live.reader.sent)
-            self._record(flow, live)
+        if streamed and not flow.response.raw_content:  # mitmproxy stores a streamed body only at its end
+            flow.response.raw_content = bytes(live.reader.sent)
+        # Otherwise the client got nothing (it went away first, or the relay failed): recorded as
+        # it stood (unfinished, unless the backend had finished).
+        self._record(flow, live, failed="failed_in" in flow.metadata[META] and not streamed,
+                     answer=None if streamed else b"")
 
     def _end(self, flow: http.HTTPFlow) -> Live | None:
         live = self.live.pop(flow.id, None)
         if live is not None:
+            ABANDON.pop(flow.id, None)
             self.relay.forget(flow.id)  # when the relay never saw it (server replay, an error)
             self._show_upstream(flow, live)
         return live
@@ -302,19 +351,19 @@ class Turns(Owner):
     @staticmethod
     def _show_upstream(flow: http.HTTPFlow, live: Live) -> None:
         """The flow shows the backend's URL, not the relay's, and no relay headers; when a
-        fallback answered, its URL and the body it got."""
+        fallback answered, its URL and the body it got (the first upstream's body stays in the
+        record as ``chat_request``: offline replay matches a rerun on it, as it is what a rerun
+        lowers first)."""
         req = flow.request
-        if req.headers.get(TURN_HEADER) is not None:
-            req.url = live.upstream_url
-            req.headers.pop(TURN_HEADER, None)
-            req.headers.pop(KEY_HEADER, None)
+        show_url(flow, live.upstream_url)
         ex = live.exchange
         if ex.answered and live.upstream_url != ex.fallbacks[ex.answered - 1].target.url:
             fb = ex.fallbacks[ex.answered - 1]
             live.upstream_url = req.url = fb.target.url
-            if fb.body is not None:
-                req.content = fb.body
             meta = flow.metadata[META]
+            if fb.body is not None:
+                meta["chat_request"] = live.turn.chat_body.decode("utf-8", "replace")
+                req.content = fb.body
             meta["upstream"], meta["upstream_name"] = fb.target.url.removesuffix("/chat/completions"), fb.name
 
     def _answer_whole(self, flow: http.HTTPFlow, live: Live) -> None:
@@ -330,17 +379,23 @@ class Turns(Owner):
         flow.response = http.Response.make(status, scrub(body, self.secrets),
                                            {**JSON_HEADERS, "x-request-id": live.turn.ctx.request_id})
 
-    def _record(self, flow: http.HTTPFlow, live: Live) -> None:
-        """Flow metadata (saved with -w), a one-line comment (shown in mitmweb), listeners."""
+    def _record(self, flow: http.HTTPFlow, live: Live, failed: bool = False, answer: bytes | None = None) -> None:
+        """Flow metadata (saved with -w), a one-line comment (shown in mitmweb), listeners.
+        ``failed``: the client's answer is base.fail_closed's 500, whatever the backend said.
+        ``answer``: what the client got, when it is not the usual (the stream, or the body)."""
         turn, t, reader = live.turn, live.reader.translator, live.reader
         meta = flow.metadata[META]
         meta["upstream_sse"] = scrub(bytes(reader.upstream), self.secrets).decode("utf-8", "replace")
         # what `resp2chat retranslate` needs to translate this turn again exactly
-        meta.update(created_at=turn.ctx.created_at, lowering=self.lowering_record,
-                    gateway_events=record_events(reader.gateway, self.secrets))
-        final = t.response() if t.done else None
-        meta["status"] = status = final["status"] if final else "unfinished"
-        if t.error:
+        meta.update(created_at=turn.ctx.created_at, gateway_events=record_events(reader.gateway, self.secrets),
+                    **self.recorded_lowering(turn.ctx.model))
+        final = t.response() if t.done and not failed else None
+        meta["status"] = status = "failed" if failed else final["status"] if final else "unfinished"
+        code = "server_error" if failed else ""
+        if failed:
+            meta["error"] = {"code": code, "message": "the gateway failed to handle this request",
+                             "detail": f"failed closed in {meta.get('failed_in')}"}
+        elif t.error:
             # the failure as the operator sees it: the upstream's own words, or our exception
             detail = scrub((t.error_detail or t.error["message"]).encode(), self.secrets).decode()
             meta["error"] = {**t.error, "detail": detail}
@@ -348,25 +403,57 @@ class Turns(Owner):
         meta["usage"] = t.usage
         calls = sum(1 for item in t.output if item["type"] not in ("message", "reasoning", "compaction"))
         u = t.usage or {}
-        took = (flow.response.timestamp_end or time.time()) - flow.request.timestamp_start
+        took = ((flow.response.timestamp_end if flow.response else None) or time.time()) - flow.request.timestamp_start
         ex = live.exchange
         name = meta.get("upstream_name", "default")
         if ex.skipped:
             meta["fallbacks"] = [{"upstream": n, "status": st} for n, st in ex.skipped]
         flow.comment = (
             f"{flow.request.method} {live.client_path} → {turn.ctx.model} · {status}"
-            + (f" ({t.error['code']})" if t.error else "")
+            + (f" ({code or t.error['code']})" if code or t.error else "")
             + (f" · via {name}" + (f" (after {', '.join(n for n, _ in ex.skipped)})" if ex.skipped else "")
                if self.specs else "")
-            + (f" · in {u['input_tokens']} (cached {u['input_tokens_details']['cached_tokens']})"
-               f" out {u['output_tokens']}" if u else "")
+            + usage_note(u)
             + (f" · {calls} tool call{'s' if calls != 1 else ''}" if calls else "")
             + (" · compaction" if turn.compaction else "")
             + f" · {took * 1000:.0f} ms"
         )
-        answer = bytes(reader.sent) if turn.client_stream else flow.response.content
-        done = Finished(flow, turn, status, final, answer, t.usage, name,
-                        None if live.first is None else live.first - live.started,
-                        time.monotonic() - live.started, tuple(ex.skipped))
+        if answer is None:
+            answer = bytes(reader.sent) if turn.client_stream and not failed else flow.response.content
+        self.notify(Finished(flow, turn, status, final, answer, t.usage, name,
+                             None if live.first is None else live.first - live.started,
+                             time.monotonic() - live.started, tuple(ex.skipped), code, ex))
+
+    def _replayed(self, flow: http.HTTPFlow, live: Live) -> None:
+        """A turn answered by offline replay (``--server-replay``): its recorded answer, or the
+        answer ``server_replay_extra`` gives a turn nothing was recorded for."""
+        meta = flow.metadata[META]
+        body = flow.response.content or b""
+        final = None
+        if meta.get("server_replay"):  # (addons/server_replay.py: where the answer was recorded)
+            if flow.response.headers.get("content-type", "").startswith("text/event-stream"):
+                final = final_response(body)
+            else:
+                try:
+                    final = json.loads(body)
+                except (ValueError, RecursionError):
+                    final = None
+            final = final if isinstance(final, dict) and isinstance(final.get("output"), list) else None
+        status = final.get("status", "unfinished") if final else "failed"
+        code = "" if final else "not_recorded"
+        if final and (final.get("error") or final.get("incomplete_details")):
+            code = (final.get("error") or {}).get("code") or (final.get("incomplete_details") or {}).get("reason") or ""
+        meta["status"] = status
+        self.notify(Finished(flow, live.turn, status, final, body, (final or {}).get("usage"), SERVER_REPLAY,
+                             None, time.monotonic() - live.started, (), code))
+
+    def notify(self, done: Finished) -> None:
+        """Tell the ``finished`` listeners; one that fails is logged and the others still hear
+        of the turn (what the client got is settled by now)."""
         for listener in self.finished:
-            listener(done)
+            try:
+                listener(done)
+            except Exception as exc:  # noqa: BLE001
+                log.warning(f"resp2chat: recording {done.turn.ctx.request_id} failed in "
+                            f"{getattr(listener, '__qualname__', listener)}: {type(exc).__name__}: {exc}",
+                            exc_info=exc)

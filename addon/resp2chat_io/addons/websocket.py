@@ -32,11 +32,12 @@ from resp2chat_core.channel import Reader, record_events, scrub
 from resp2chat_core.compaction import TRIGGER
 from resp2chat_core.errors import GatewayError, error_json
 from resp2chat_core.replay import MAX_ENTRY_BYTES
-from resp2chat_io.relay import KEY_HEADER, TURN_HEADER, Socket
+from resp2chat_core.usage import usage_note
+from resp2chat_io.relay import Socket
 from resp2chat_io.relay.exchange import run
 from resp2chat_io.relay.upstream import failure
 
-from .base import META, Owner, fails_closed
+from .base import META, Owner, fails_closed, show_url
 from .raw import RawPrinter
 from .turns import RESPONSES_PATHS, Finished, new_response_id
 
@@ -168,11 +169,7 @@ class ResponsesWebSocket(Owner):
     @staticmethod
     def _show_client_url(flow: http.HTTPFlow, live: Live) -> None:
         """The flow shows what the client asked for, not the relay, and no relay headers."""
-        req = flow.request
-        if req.headers.get(TURN_HEADER) is not None:
-            req.url = live.url
-            req.headers.pop(TURN_HEADER, None)
-            req.headers.pop(KEY_HEADER, None)
+        show_url(flow, live.url)
 
     # --- the messages ------------------------------------------------------------------------
 
@@ -288,13 +285,12 @@ class ResponsesWebSocket(Owner):
         if not warmup:
             record["upstream_sse"] = scrub(bytes(reader.upstream), self.turns.secrets).decode("utf-8", "replace")
             record["gateway_events"] = record_events(reader.gateway, self.turns.secrets)
-            record["lowering"] = self.turns.lowering_record
+            record.update(self.turns.recorded_lowering(turn.ctx.model))
         answer = ws.as_sse(sent)  # what the client got (deltas merged as they were sent)
         record["events"] = answer.decode("utf-8", "replace")
         self._record(live, record)
         if not warmup:
-            for listener in self.turns.finished:
-                listener(Finished(live.flow, turn, status, final, answer, t.usage))
+            self.turns.notify(Finished(live.flow, turn, status, final, answer, t.usage))
 
     def _record(self, live: Live, record: dict) -> None:
         flow = live.flow
@@ -312,8 +308,7 @@ class ResponsesWebSocket(Owner):
             log.info(f"{human.format_address(flow.client_conn.peername)}: WebSocket /v1/responses message "
                      f"{len(turns)} · {record['status']}"
                      + (f" ({record['error'].get('code')})" if record.get("error") else "")
-                     + (f" · in {u['input_tokens']} (cached {u['input_tokens_details']['cached_tokens']})"
-                        f" out {u['output_tokens']}" if u else "")
+                     + usage_note(u)
                      + (" · server replay" if record.get("server_replay") else ""))
         counts: dict[str, int] = {}
         for r in turns:
@@ -324,6 +319,5 @@ class ResponsesWebSocket(Owner):
         flow.comment = (
             f"WebSocket /v1/responses · {len(turns)} message{'s' if len(turns) != 1 else ''} ("
             + ", ".join(f"{n} {kind}" for kind, n in counts.items()) + ")"
-            + (f" · last: in {u['input_tokens']} (cached {u['input_tokens_details']['cached_tokens']})"
-               f" out {u['output_tokens']}" if u else "")
+            + usage_note(u, " · last: ")
         )

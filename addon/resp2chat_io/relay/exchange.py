@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from typing import Callable
 
 import h11
 
@@ -60,6 +61,15 @@ class Exchange:
     fallbacks: tuple[Fallback, ...] = ()
     answered: int = 0  # which candidate answered (or failed last): 0 the first, i the i-th fallback
     skipped: list = field(default_factory=list)  # (name, status) of candidates that failed over
+    aborted: bool = False  # the addon gave the turn up (``abort``)
+    stop: Callable[[], None] | None = None  # set by the relay while it runs the exchange
+
+    def abort(self) -> None:
+        """The turn is given up (its flow failed closed before its answer began): the relay
+        cancels the backend call and ends its body at once (server.py)."""
+        self.aborted = True
+        if self.stop is not None:
+            self.stop()
 
 
 async def run(ex: Exchange, client: UpstreamClient, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
@@ -102,7 +112,7 @@ async def _first_answer(ex: Exchange, client: UpstreamClient, headers: list[tupl
     for i, (name, target, auth, cbody, think) in enumerate(candidates):
         last = i == len(candidates) - 1
         sent = headers if i == 0 else _with_authorization(headers, auth)
-        attempt = routing.Attempt(ex.channel, (Rerouted(think),) if think != ex.think else ())
+        attempt = routing.Attempt(ex.channel, (Rerouted(think, i),) if i else ())  # (its think tags, its tools)
         loop = websearch.SearchLoop(cbody, search_rounds) if search_rounds is not None else None
         ex.answered = i
         outcome = await client.call(target, sent, loop.body if loop else cbody, attempt, loop.feed if loop else None)

@@ -22,6 +22,8 @@ What it answers: ``200`` at once, then a body of meaningless *ticks* (``TICK``),
 making mitmproxy call the flow's stream callable, which takes the turn's news from the
 in-process ``Channel`` (resp2chat_core/channel.py). When the client goes away, mitmproxy closes
 this connection and the backend call is cancelled with it, so a dropped turn stops costing GPU.
+A turn the addon gives up (it failed closed at the response head: ``Exchange.abort``) has its
+backend call cancelled too, and its body ended at once.
 """
 
 from __future__ import annotations
@@ -158,10 +160,15 @@ class Relay:
         # The only thing mitmproxy may send while we stream is EOF: the client went away.
         gone = asyncio.ensure_future(reader.read(1))
         task = asyncio.ensure_future(run(ex, self.client, headers, body))
+        stopped = asyncio.get_running_loop().create_future()  # the addon gave the turn up (Exchange.abort)
+        ex.stop = lambda: stopped.done() or stopped.set_result(None)
+        if ex.aborted:
+            ex.stop()
         try:
-            await asyncio.wait({gone, task}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({gone, task, stopped}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for t in (gone, task):
+            ex.stop = None
+            for t in (gone, task, stopped):
                 if not t.done():
                     t.cancel()
             # Wait for the cancellations: a still-pending read would steal the next request.
@@ -172,8 +179,10 @@ class Relay:
             log.warning(f"resp2chat relay: {type(exc).__name__}: {exc}", exc_info=exc)
             ex.channel.event(failure(502, "the gateway's relay failed", "server_error"))
         ex.channel.wake = None
-        if task.cancelled():
-            return
+        if task.cancelled() and (not ex.aborted or (gone.done() and not gone.cancelled())):
+            return  # the client went away: so does this connection
+        # (aborted: the backend call was dropped; the body ends now, so mitmproxy sends the answer
+        # the addon put in its place at once)
         writer.write(conn.send(h11.EndOfMessage()))
         await writer.drain()
 

@@ -39,7 +39,6 @@ class Socket:
     turn_id: str  # the upgrade flow's id: names the socket in mitmproxy's request to the relay
     secret: str  # per socket, random; compared in constant time
     on_message: Callable[[str, Send], Awaitable[None]]  # serves one client message
-    on_close: Callable[[], None] | None = None
 
 
 async def serve(sock: Socket, request: h11.Request, conn: h11.Connection, reader: asyncio.StreamReader,
@@ -103,5 +102,3 @@ async def serve(sock: Socket, request: h11.Request, conn: h11.Connection, reader
     finally:
         worker.cancel()
         await asyncio.gather(worker, return_exceptions=True)
-        if sock.on_close is not None:
-            sock.on_close()
