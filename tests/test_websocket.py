@@ -5,12 +5,14 @@ Codex CLI over the socket is in test_codex_builtin.py."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import requests
+import wsproto.events as E
 from mitmproxy import http, io
 
 from resp2chat_core import websocket as ws
@@ -185,6 +187,35 @@ def test_bad_messages_get_an_error_and_the_socket_stays_usable(gw, upstream):
     client.ping()
     ok = done(client.turn({"type": "response.create", "model": "demo-model", "input": "still here?"}))
     assert ok["output"][-1]["content"][0]["text"] == "You said: still here?"
+    client.close()
+
+
+def test_a_message_is_read_as_strictly_as_an_http_body(gw, upstream):
+    """Non-finite and huge numbers, lone surrogates, invalid UTF-8 (a binary message): the HTTP
+    path's 400, byte offsets included, and nothing reaches the backend; the socket goes on."""
+    upstream.clear()
+    client = WSClient(gw.base_url)
+    bodies = [b'{"model":"demo-model","input":"x","temperature":NaN', b'{"model":"demo-model","input":"x","top_p":Infinity',
+              b'{"model":"demo-model","input":"x","temperature":1e999', b'{"model":"demo-model","input":"x","seed":' + b"9" * 5000,
+              b'{"model":"demo-model","input":"lone \\ud800 here"', b'{"model":"demo-model","input":"\\udc00\\ud800"',
+              b'{"model":"demo-model","input":"caf\xc3 \xed\xa0\x80"']
+    for body in bodies:
+        http_error = requests.post(gw.base_url + "/responses", data=body + b"}", timeout=30,
+                                   headers={"content-type": "application/json"})
+        assert http_error.status_code == 400, body
+        message = body + b',"type":"response.create"}'  # the same offsets: the transport's member comes last
+        if b"\xc3" in body or b"\xed" in body:
+            client.sock.sendall(client.ws.send(E.BytesMessage(data=message)))  # not UTF-8: only binary can carry it
+            error = client.events()[0]
+        else:
+            [error] = client.turn(message.decode())
+        assert error == {"type": "error", "status": 400, **http_error.json()}, body
+        assert error["error"]["code"] == "invalid_json"
+    assert "byte offset" in error["error"]["message"]
+    assert upstream.requests() == []
+    client.sock.sendall(client.ws.send(E.BytesMessage(data=json.dumps(
+        {"type": "response.create", "model": "demo-model", "input": "binary is fine"}).encode())))
+    assert done(client.events())["output"][-1]["content"][0]["text"] == "You said: binary is fine"
     client.close()
 
 

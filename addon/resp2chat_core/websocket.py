@@ -7,7 +7,8 @@ Rules of this file:
 - A turn over a socket is a turn: the same request lowers to the same chat bytes as over HTTP
   (``begin_turn``), and the client gets the same events, each event one text message.
 - Bad input never closes the connection: it is an ``error`` message, and the next
-  ``response.create`` is served as if nothing happened.
+  ``response.create`` is served as if nothing happened. A message is read with the HTTP body's
+  strict parser (requestbody.py): what one transport refuses, the other refuses alike.
 
 Theory of operation (the contract, from codex-rs ``responses_websocket.rs`` and ``client.rs``,
 checked against the real Codex CLI 0.169.0; docs/codex.md has the details)::
@@ -36,6 +37,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
+from . import requestbody
 from .errors import GatewayError, error_body
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # as the translator writes
@@ -58,17 +60,17 @@ class Create:
         return previous if isinstance(previous, str) and previous else None
 
 
-def read_message(text: str | bytes) -> Create | None:
+def read_message(message: str | bytes) -> Create | None:
     """A client message -> a ``Create``, or None for an acknowledgement that needs no answer.
-    ``GatewayError`` for anything else (it becomes an ``error`` message)."""
-    try:
-        data = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise GatewayError(f"message is not valid JSON: {exc}", code="invalid_json") from None
-    except RecursionError:
-        raise GatewayError("message is nested too deeply", code="invalid_json") from None
+    ``GatewayError`` for anything else (it becomes an ``error`` message).
+
+    Read exactly as an HTTP body is (requestbody.py: strict UTF-8, finite numbers, no lone
+    surrogates; the same 400 ``invalid_json`` with the byte offset): a message is a request."""
+    if isinstance(message, str):  # (surrogatepass: a lone surrogate fails UTF-8 decoding, with its offset)
+        message = message.encode("utf-8", "surrogatepass")
+    data = requestbody.loads(message)
     if not isinstance(data, dict):
-        raise GatewayError("message must be a JSON object", code="invalid_json")
+        raise GatewayError("request body must be a JSON object", code="invalid_json")
     kind = data.get("type")
     if kind == PROCESSED:
         return None
