@@ -41,8 +41,9 @@ def ok(run) -> str:
 
 
 def test_builtin_provider_speaks_websocket_multi_turn_with_tools_and_resume(upstream, gateway_factory, cx, tmp_path):
-    path = tmp_path / "session.mitm"
-    gw = gateway_factory(upstream.origin, "-w", str(path), "--set", "resp2chat_max_replay_entries=0")
+    path, access = tmp_path / "session.mitm", tmp_path / "access.jsonl"
+    gw = gateway_factory(upstream.origin, "-w", str(path), "--set", "resp2chat_max_replay_entries=0",
+                         "--set", f"resp2chat_access_log_path={access}")
     cx.configure_builtin(gw.base_url)
     upstream.clear()
     first = ok(cx.exec("run: echo hello-over-the-socket"))
@@ -64,6 +65,13 @@ def test_builtin_provider_speaks_websocket_multi_turn_with_tools_and_resume(upst
     assert [json.loads(t["chat_request"]) for t in real] == upstream.requests()
     assert upstream.requests()[1]["messages"][-1]["role"] == "tool"  # the tool output came back over the socket
     assert "You said: and once more" in sockets[1].websocket.messages[-1].content.decode()
+    # each socket turn is in the access log as an HTTP turn is: its own request id, the upstream,
+    # TTFT and duration, Codex's session (warm-ups are not turns)
+    lines = [json.loads(line) for line in access.read_text().splitlines()]
+    assert [(x["status"], x["upstream"], x["http_status"]) for x in lines] == [("completed", "default", 200)] * 3
+    assert [x["request_id"] for x in lines] == [t["request_id"] for t in real] and len({t["request_id"] for t in real}) == 3
+    assert all(0 < x["ttft_ms"] <= x["total_ms"] and x["output_tokens"] > 0 for x in lines)
+    assert len({x["session"] for x in lines}) == 1 and lines[0]["session"]
     # resp2chat analyze reads a socket's turns like HTTP turns: one session whose prompt only grows
     report = json.loads(subprocess.run([sys.executable, "-m", "resp2chat_io.main", "analyze", "--json", str(path)],
                                        capture_output=True, text=True, check=True, cwd=ROOT,

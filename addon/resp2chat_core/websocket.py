@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import requestbody
-from .errors import GatewayError, error_body
+from .errors import GatewayError
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # as the translator writes
 
@@ -95,11 +95,6 @@ class Warmup:
 def error_message(err: GatewayError) -> str:
     """The ``error`` message Codex reads as the HTTP error it would have got (status and body)."""
     return json.dumps({"type": "error", "status": err.status, **err.body()}, ensure_ascii=False)
-
-
-def server_error(message: str) -> str:
-    return json.dumps({"type": "error", "status": 500,
-                       **error_body(message, type="server_error", code="server_error")})
 
 
 def messages(sse: bytes) -> list[str]:

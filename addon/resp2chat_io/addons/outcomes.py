@@ -1,9 +1,10 @@
 """Outcomes: how every ``POST /v1/responses`` ended, as one record for metrics and the access log.
 
 A turn that reached a backend ends in turns.py (a ``finished`` listener: status, usage, the
-upstream that answered, time to first token). A request answered by the gateway itself ends in
-``response``: rejected (4xx: invalid request, unknown model…), a replay-cache hit, or 503 when the
-shared state store is down. Each becomes one ``Outcome`` for the ``listeners`` (metrics.py,
+upstream that answered, time to first token), over HTTP or a Responses WebSocket alike. A request
+answered by the gateway itself ends in ``response``: rejected (4xx: invalid request, unknown
+model…), a replay-cache hit, or 503 when the shared state store is down; a WebSocket message so
+answered comes from addons/websocket.py (``emit``). Each becomes one ``Outcome`` for the ``listeners`` (metrics.py,
 access_log.py). Nothing in it is content: no prompt, no answer, no header but the session key.
 """
 
@@ -53,9 +54,18 @@ class Outcomes:
             code = t.error.get("code") or ""
         elif done.final and done.final.get("incomplete_details"):
             code = done.final["incomplete_details"].get("reason") or ""
-        self._emit(Outcome(request_id(flow), session_key(done.turn.prompt_cache_key, flow.request.headers),
+        # a WebSocket turn has its own request id (the socket's flow has many) and is a 200 as a
+        # streamed HTTP turn would be (the flow's 101 is the socket's)
+        http_status = 200 if flow.websocket is not None else flow.response.status_code if flow.response else 0
+        self._emit(Outcome(done.turn.ctx.request_id or request_id(flow),
+                           session_key(done.turn.prompt_cache_key, flow.request.headers),
                            done.turn.ctx.model, done.upstream, done.status, code, done.usage, done.ttft, done.took,
-                           flow.response.status_code if flow.response else 0, done.skipped))
+                           http_status, done.skipped))
+
+    def emit(self, outcome: Outcome) -> None:
+        """How a request that another addon answered itself ended (a WebSocket message refused or
+        replayed: addons/websocket.py)."""
+        self._emit(outcome)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._local(flow)

@@ -98,6 +98,33 @@ class Finished:
     skipped: tuple = ()  # (name, status) of upstreams that failed before it and were fallen back from
 
 
+def settle(flow: http.HTTPFlow, turn: Turn, reader: Reader, answer: bytes, *, upstream: str, started: float,
+           first: float | None, skipped: tuple, secrets: tuple[bytes, ...], lowering: dict) -> tuple[Finished, dict]:
+    """A turn that ended, HTTP or WebSocket alike: the ``Finished`` its listeners get and its
+    record (what the flow keeps of it: the backend's stream and the gateway's own events for
+    ``resp2chat retranslate``, status, usage, error, fallbacks). A failure goes to the log with
+    the turn's request id and its detail (the upstream's own words, or our exception), which the
+    client never sees. ``started``/``first``: ``time.monotonic()`` at the request and at the
+    first event made from backend data."""
+    t = reader.translator
+    final = t.response() if t.done else None
+    status = final["status"] if final else "unfinished"
+    record = {"upstream_sse": scrub(bytes(reader.upstream), secrets).decode("utf-8", "replace"),
+              "created_at": turn.ctx.created_at, "lowering": lowering,
+              "gateway_events": record_events(reader.gateway, secrets), "status": status}
+    if t.error:
+        # the failure as the operator sees it: the upstream's own words, or our exception
+        detail = scrub((t.error_detail or t.error["message"]).encode(), secrets).decode()
+        record["error"] = {**t.error, "detail": detail}
+        log.warning(f"resp2chat: {turn.ctx.request_id} failed ({t.error['code']}): {detail}")
+    record["usage"] = t.usage
+    if skipped:
+        record["fallbacks"] = [{"upstream": n, "status": st} for n, st in skipped]
+    done = Finished(flow, turn, status, final, answer, t.usage, upstream,
+                    None if first is None else first - started, time.monotonic() - started, tuple(skipped))
+    return done, record
+
+
 class TurnStream:
     """The stream callable: at each relay tick, what the channel holds, translated. Never
     raises (a raise here hangs the client), never returns b"" early (that ends the body). A
@@ -147,6 +174,7 @@ class Turns(Owner):
         self.specs: tuple[routing.UpstreamSpec, ...] = ()  # several upstreams (routing.py)
         self.lowering_by_upstream: dict[str, LoweringOptions] = {}
         self.finished: list[Callable[[Finished], None]] = []
+        self.socket_turns = 0  # turns in flight on Responses WebSockets (addons/websocket.py): not in `live`
         self._seal_key: bytes | None = None
         self.sealer = Sealer(self.seal_key)
 
@@ -178,11 +206,12 @@ class Turns(Owner):
         if path in RESPONSES_PATHS and req.method == "POST":
             self.begin(flow, path)
 
-    def parse(self, body: bytes | dict, response_id: str, created_at: int, history=None) -> Turn:
+    def parse(self, body: bytes | dict, response_id: str, created_at: int, history=None, resolve=None) -> Turn:
         """Decode, validate and lower; ``GatewayError`` for a request the gateway cannot serve.
-        ``history``: where ``previous_response_id`` is looked up (default: the response store)."""
+        ``history``: where ``previous_response_id`` is looked up, ``resolve``: where
+        ``item_reference`` ids are (default: the response store, both)."""
         return begin_turn(body, self.lowering, response_id, created_at, history or self.store.history,
-                          self.tools_cache, self.sealer, resolve=self.store.resolve_items,
+                          self.tools_cache, self.sealer, resolve=resolve or self.store.resolve_items,
                           route=self.route if self.specs else None)
 
     def route(self, model: str) -> list[LoweringOptions]:
@@ -334,25 +363,16 @@ class Turns(Owner):
         """Flow metadata (saved with -w), a one-line comment (shown in mitmweb), listeners."""
         turn, t, reader = live.turn, live.reader.translator, live.reader
         meta = flow.metadata[META]
-        meta["upstream_sse"] = scrub(bytes(reader.upstream), self.secrets).decode("utf-8", "replace")
-        # what `resp2chat retranslate` needs to translate this turn again exactly
-        meta.update(created_at=turn.ctx.created_at, lowering=self.lowering_record,
-                    gateway_events=record_events(reader.gateway, self.secrets))
-        final = t.response() if t.done else None
-        meta["status"] = status = final["status"] if final else "unfinished"
-        if t.error:
-            # the failure as the operator sees it: the upstream's own words, or our exception
-            detail = scrub((t.error_detail or t.error["message"]).encode(), self.secrets).decode()
-            meta["error"] = {**t.error, "detail": detail}
-            log.warning(f"resp2chat: {turn.ctx.request_id} failed ({t.error['code']}): {detail}")
-        meta["usage"] = t.usage
+        ex = live.exchange
+        name = meta.get("upstream_name", "default")
+        answer = bytes(reader.sent) if turn.client_stream else flow.response.content
+        done, record = settle(flow, turn, reader, answer, upstream=name, started=live.started, first=live.first,
+                              skipped=ex.skipped, secrets=self.secrets, lowering=self.lowering_record)
+        meta.update(record)
+        status = done.status
         calls = sum(1 for item in t.output if item["type"] not in ("message", "reasoning", "compaction"))
         u = t.usage or {}
         took = (flow.response.timestamp_end or time.time()) - flow.request.timestamp_start
-        ex = live.exchange
-        name = meta.get("upstream_name", "default")
-        if ex.skipped:
-            meta["fallbacks"] = [{"upstream": n, "status": st} for n, st in ex.skipped]
         flow.comment = (
             f"{flow.request.method} {live.client_path} → {turn.ctx.model} · {status}"
             + (f" ({t.error['code']})" if t.error else "")
@@ -364,9 +384,5 @@ class Turns(Owner):
             + (" · compaction" if turn.compaction else "")
             + f" · {took * 1000:.0f} ms"
         )
-        answer = bytes(reader.sent) if turn.client_stream else flow.response.content
-        done = Finished(flow, turn, status, final, answer, t.usage, name,
-                        None if live.first is None else live.first - live.started,
-                        time.monotonic() - live.started, tuple(ex.skipped))
         for listener in self.finished:
             listener(done)
