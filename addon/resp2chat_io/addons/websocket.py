@@ -27,12 +27,14 @@ from dataclasses import dataclass, field
 from mitmproxy import ctx, http
 from mitmproxy.utils import human
 
+from resp2chat_core import inputs
 from resp2chat_core import websocket as ws
 from resp2chat_core.channel import Reader
 from resp2chat_core.compaction import TRIGGER
 from resp2chat_core.errors import GatewayError, error_json, gateway_failure
 from resp2chat_core.replay import MAX_ENTRY_BYTES
 from resp2chat_core.turn import Turn, session_key
+from resp2chat_io.redis_state import StateUnavailable
 from resp2chat_io.relay import KEY_HEADER, TURN_HEADER, Exchange, Socket
 from resp2chat_io.relay.exchange import run
 from resp2chat_io.relay.upstream import failure
@@ -40,6 +42,7 @@ from resp2chat_io.relay.upstream import failure
 from .base import META, Owner, fails_closed, request_id
 from .outcomes import Outcome
 from .raw import RawPrinter
+from .store import store_unavailable
 from .turns import RESPONSES_PATHS, new_response_id, settle
 
 log = logging.getLogger("resp2chat")
@@ -224,7 +227,7 @@ class ResponsesWebSocket(Owner):
             if create is None:
                 return  # response.processed: nothing to say
             m.request = create.body
-            stored, resolve = self.store.history, self.store.resolve_items
+            stored, resolve = await self._stored(live, create)
             turn = self.turns.parse(create.body, new_response_id(), int(time.time()), live.conn.lookup(stored),
                                     resolve)
         except GatewayError as err:
@@ -286,6 +289,25 @@ class ResponsesWebSocket(Owner):
                 conversation = conversation[:-1]
             live.conn.remember(turn.ctx.response_id, conversation + t.output)
         self._finish(live, m)
+
+    async def _stored(self, live: Live, create: ws.Create):
+        """Where the response store has this message's ``previous_response_id`` (when the
+        connection does not) and its ``item_reference`` ids: ``(history, resolve)`` for
+        ``Turns.parse``. With Redis they are fetched now, for this message alone (the HTTP path's
+        ``StoredResponses.request`` fetches them for its flow); Redis down: 503 store_unavailable."""
+        if not self.store.shared:
+            return self.store.history, self.store.resolve_items
+        previous = create.previous if create.previous and live.conn.history(create.previous) is None else None
+        refs = inputs.reference_ids(create.body.get("input"))
+        history, items = None, {}
+        if previous is not None or refs:
+            try:
+                history, items = await self.store.fetch(previous, refs)
+            except StateUnavailable:
+                raise store_unavailable(f"previous_response_id {previous!r}" if previous is not None
+                                        else "item_reference") from None
+        return ((lambda rid: history if rid == previous else None),
+                (lambda ids: {i: items[i] for i in ids if i in items}))
 
     def _settled(self, live: Live, m: Message) -> bool:
         """The turn ``m`` leaves the socket (True: it was in flight; False: already settled)."""
