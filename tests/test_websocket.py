@@ -98,6 +98,11 @@ def test_connection_memory_continues_responses_and_is_bounded():
     conn.remember("resp_2", [])
     conn.remember("resp_3", [])
     assert len(conn) == 2 and conn.history("resp_1") is None and conn.history("resp_3") == []
+    # kept as the response store keeps it: references resolved, additional_tools items kept
+    tools = {"type": "additional_tools", "tools": TOOLS}
+    create = ws.read_message(json.dumps({"type": "response.create", "model": "m", "previous_response_id": "resp_3",
+                                         "input": [{"type": "item_reference", "id": "msg_1"}, tools, user("c")]}))
+    assert conn.conversation(create, None, lambda ids: {"msg_1": user("resolved")}) == [user("resolved"), tools, user("c")]
 
 
 # --- through a real mitmdump ---------------------------------------------------------------
@@ -151,6 +156,37 @@ def test_a_conversation_over_the_socket_lowers_to_the_same_bytes_as_over_http(gw
     assert len(bodies) == 6
     assert bodies[:3] == bodies[3:]  # byte for byte: the backend's prefix cache cannot tell them apart
     assert r3["output"][-1]["content"][0]["text"] == "You said: thanks"
+
+
+def test_the_connection_remembers_the_input_made_whole(gw, upstream):
+    """What a socket turn referred to (item_reference) or carried sealed (reasoning) is kept in
+    the connection's memory resolved, as the response store keeps it: the next turn lowers to
+    the HTTP path's bytes for the whole conversation, even once the referenced response is gone."""
+    include = ["reasoning.encrypted_content"]
+    base = {"model": "demo-model", "store": False, "stream": True, "include": include}
+    stored = requests.post(gw.base_url + "/responses", timeout=30, json={
+        **base, "store": True, "input": [{"type": "message", "id": "msg_kept_1", "role": "user", "content": "kept"}]})
+    r0 = parse_sse(stored.content)[-1]["response"]
+    reasoning, message = r0["output"]
+    assert reasoning["encrypted_content"].startswith("r2c1.")
+    first = [{"type": "item_reference", "id": "msg_kept_1"}, reasoning, message, user("next")]
+    # the whole conversation as an HTTP client resends it (references and sealed items expanded)
+    assert requests.post(gw.base_url + "/responses", json={**base, "input": first}, timeout=30).ok
+    client = WSClient(gw.base_url)
+    r1 = done(client.turn({"type": "response.create", **base, "input": first}))
+    assert requests.delete(f"{gw.base_url}/responses/{r0['id']}", timeout=10).json()["deleted"]
+    r2 = done(client.turn({"type": "response.create", **base, "previous_response_id": r1["id"],
+                           "input": [user("and then")]}))
+    client.close()
+    assert r2["output"][-1]["content"][0]["text"] == "You said: and then"
+    whole = requests.post(gw.base_url + "/responses", timeout=30, json={
+        **base, "input": [{"type": "message", "role": "user", "content": "kept"}, reasoning, message, user("next"),
+                          *r1["output"], user("and then")]})
+    assert parse_sse(whole.content)[-1]["type"] == "response.completed"
+    bodies = logged_bodies(gw.request_log)
+    assert len(bodies) == 5 and bodies[1] == bodies[2] and bodies[3] == bodies[4]
+    sent = json.loads(bodies[3])["messages"]
+    assert sent[0] == {"role": "user", "content": "kept"} and sent[1]["reasoning_content"] == "Thinking about: kept"
 
 
 def test_warm_up_is_answered_without_the_backend_and_then_continued(gw, upstream):

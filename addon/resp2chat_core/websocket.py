@@ -27,7 +27,8 @@ checked against the real Codex CLI 0.169.0; docs/codex.md has the details)::
 
 A continued request is resolved against this connection's own recent responses first (Codex
 sends ``store: false``: nothing is in the response store), then against the response store.
-``Connection.keep`` bounds the memory: Codex only ever continues its last response.
+``Connection.keep`` bounds the memory: Codex only ever continues its last response. The memory
+keeps conversations as the response store does, made whole (``Connection.conversation``).
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
-from . import requestbody
+from . import inputs, requestbody
 from .errors import GatewayError
+from .seal import Sealer
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # as the translator writes
 
@@ -213,10 +215,18 @@ class Connection:
             return found if found is not None or stored is None else stored(response_id)
         return history
 
-    def conversation(self, create: Create, stored: Callable[[str], list | None] | None) -> list | None:
-        """The whole conversation a request holds: the one it continues, then its new input."""
+    def conversation(self, create: Create, stored: Callable[[str], list | None] | None,
+                     resolve: inputs.Resolve | None = None, sealer: Sealer | None = None) -> list | None:
+        """The whole conversation a request holds, as the response store keeps one: the one it
+        continues, then its new input made whole (``inputs.expand``: references resolved, sealed
+        reasoning opened, ``additional_tools`` items kept), so that what a later request continues
+        from memory needs nothing the store may have lost since. Called once the request lowered
+        (``begin_turn`` expanded the same input: this cannot fail then)."""
         items = input_items(create.body)
-        if items is None or create.previous is None:
+        if items is None:
+            return None
+        items = inputs.expand(create.body, items, resolve, sealer)[1]
+        if create.previous is None:
             return items
         earlier = self.lookup(stored)(create.previous)
         return None if earlier is None else earlier + items

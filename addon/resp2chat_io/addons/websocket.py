@@ -234,7 +234,7 @@ class ResponsesWebSocket(Owner):
             self._refuse(live, m, err, send)
             return
         turn.ctx.request_id = m.request_id  # named in the failures the client sees
-        conversation = live.conn.conversation(create, stored)
+        conversation = live.conn.conversation(create, stored, resolve, self.turns.sealer)
         m.turn = turn
         m.reader = reader = Reader(turn.translator(), MAX_ENTRY_BYTES, self.turns.secrets)
         if ctx.options.resp2chat_raw:
