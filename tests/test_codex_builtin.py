@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import requests
 from mitmproxy import http, io
 
 from resp2chat_core.compaction import COMPACTION_PROMPT, SUMMARY_PREFIX
@@ -179,14 +180,19 @@ def test_a_websocket_session_replays_offline_to_a_rerun_over_either_transport(up
     live = gateway_factory(upstream.origin, "-w", str(path), "--set", "resp2chat_max_replay_entries=0")
     cx.configure_builtin(live.base_url)
     assert "The tool returned: replay-me" in ok(cx.exec("run: echo replay-me"))
+    assert requests.get(live.base_url + "/models", timeout=10).ok  # a flow that is no turn (mitmproxy replays it)
     live.stop()
-    for transport in ("websocket", "http"):
-        replayed = tmp_path / f"replayed-{transport}.mitm"
+    # (server_replay_extra=kill: nothing unrecorded goes anywhere, and the socket still opens)
+    for transport, extra in (("websocket", "forward"), ("websocket", "kill"), ("http", "forward")):
+        replayed = tmp_path / f"replayed-{transport}-{extra}.mitm"
         offline = gateway_factory("http://127.0.0.1:9", "--server-replay", str(path), "-w", str(replayed),
+                                  "--set", f"server_replay_extra={extra}",
                                   "--set", f"resp2chat_responses_websocket={'true' if transport == 'websocket' else 'false'}")
         cx.configure_builtin(offline.base_url)
         output = ok(cx.exec("run: echo replay-me"))
         assert "The tool returned: replay-me" in output and "stream disconnected" not in output, output
+        if transport == "websocket":
+            assert not [m for m in FALLBACK if m in output], output
         offline.stop()
         again = flows(replayed)
         if transport == "websocket":

@@ -345,6 +345,40 @@ def test_the_socket_is_recorded_in_the_flow_file(gw, upstream):
     assert "response.completed  status=completed" in last.text
 
 
+@pytest.mark.parametrize("extra", ["kill", "404"])
+def test_server_replay_extra_keeps_the_socket_open(upstream, gateway_factory, tmp_path, extra):
+    """--server-replay with server_replay_extra kill (or a status): the upgrade is the gateway's
+    own, not an unrecorded request: the socket opens, recorded turns are answered, an unrecorded
+    one gets the extra's error message; other unrecorded requests still get the extra."""
+    path = tmp_path / "recorded.mitm"
+    live = gateway_factory(upstream.origin, "-w", str(path), "--set", "resp2chat_max_replay_entries=0")
+    assert requests.get(live.base_url + "/models", timeout=10).ok  # a flow that is no turn: mitmproxy replays it
+    client = WSClient(live.base_url)
+    recorded = done(client.turn({"type": "response.create", "model": "demo-model", "input": "replay me"}))
+    client.close()
+    live.stop()
+    offline = gateway_factory("http://127.0.0.1:9", "--server-replay", str(path),
+                              "--set", f"server_replay_extra={extra}", "--set", "server_replay_reuse=true")
+    for _ in range(2):  # (a second socket: what the first left in mitmproxy's server replay does not matter)
+        client = WSClient(offline.base_url)
+        again = done(client.turn({"type": "response.create", "model": "demo-model", "input": "replay me"}))
+        assert again["output"] == recorded["output"]
+        [missing] = client.turn({"type": "response.create", "model": "demo-model", "input": "never recorded"})
+        assert missing["status"] == (502 if extra == "kill" else 404) and missing["error"]["code"] == "not_recorded"
+        assert done(client.turn({"type": "response.create", "model": "demo-model", "input": "replay me"}))
+        client.close()
+    assert requests.get(offline.base_url + "/models", timeout=10).json()["data"]  # replayed by mitmproxy
+    if extra == "kill":
+        with pytest.raises(requests.ConnectionError):
+            requests.post(offline.base_url + "/responses", json={"model": "demo-model", "input": "nope"}, timeout=10)
+    else:
+        assert requests.post(offline.base_url + "/responses", json={"model": "demo-model", "input": "nope"},
+                             timeout=10).status_code == 404
+    offline.stop()
+    misses = [line for line in offline.log().splitlines() if "non-replay request" in line]
+    assert misses and not [line for line in misses if line.rstrip().endswith("/v1/responses")], misses
+
+
 # --- refusals: never a GET to the backend ---------------------------------------------------
 
 

@@ -12,6 +12,8 @@
 - the flow (the upgrade) records every turn in ``flow.metadata["resp2chat"]["turns"]``: the
   message, the chat request, the backend's stream and the events sent; ``flow.comment`` sums
   the socket up; finished turns go to ``Turns.finished`` listeners and the request log.
+- ``KeepUpgrades`` (added after mitmproxy's own server replay): ``server_replay_extra`` (kill,
+  a status) never stops a socket's upgrade; its unrecorded turns get the extra instead.
 
 Owns ``responses_websocket``.
 """
@@ -25,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 
 from mitmproxy import ctx, http
+from mitmproxy.flow import Error
 from mitmproxy.utils import human
 
 from resp2chat_core import inputs
@@ -146,6 +149,10 @@ class ResponsesWebSocket(Owner):
         for name, value in self.relay.expect(sock):
             req.headers[name] = value
         req.scheme, (req.host, req.port) = "http", self.relay.address
+
+    def running(self) -> None:
+        if ctx.master is not None and ctx.master.addons.get(KeepUpgrades.name) is None:
+            ctx.master.addons.add(KeepUpgrades(self))  # after mitmproxy's server replay: see there
 
     @staticmethod
     def upstream_headers(flow: http.HTTPFlow) -> list[tuple[bytes, bytes]]:
@@ -419,3 +426,47 @@ class ResponsesWebSocket(Owner):
             + (f" · last: in {u['input_tokens']} (cached {u['input_tokens_details']['cached_tokens']})"
                f" out {u['output_tokens']}" if u else "")
         )
+
+
+@fails_closed
+class KeepUpgrades:
+    """The socket's upgrade under ``--server-replay`` with ``server_replay_extra`` other than
+    ``forward``: mitmproxy's server replay kills it (or answers it with the status), as it does any
+    request it holds no recording for, and none can answer an upgrade (an addon cannot make the
+    ``101``: relay/websocket.py). The socket is the gateway's own (its turns are answered from
+    the recordings, or get the extra as an ``error`` message: ``_replay``). So this addon, added
+    at the end of the addon chain at ``running`` (after mitmproxy's ``ServerPlayback``), takes
+    that verdict off an upgrade this gateway serves, and the upgrade goes on to the relay; and
+    ``SocketMisses`` keeps mitmproxy's warning about it out of the log."""
+
+    name = "resp2chat_websocket_keep_upgrades"
+
+    def __init__(self, sockets: ResponsesWebSocket) -> None:
+        self.sockets = sockets
+        logging.getLogger().addFilter(SocketMisses(sockets))  # (mitmproxy logs it on the root logger)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.id not in self.sockets.live or flow.websocket is not None:
+            return
+        if flow.error is not None and flow.error.msg == Error.KILLED_MESSAGE:  # (Flow.kill, undone)
+            flow.error, flow.live = None, True
+        if flow.is_replay == "response":
+            flow.response, flow.is_replay = None, None
+
+
+class SocketMisses(logging.Filter):
+    """Drops mitmproxy's "server_playback: killed (or returned N) non-replay request" for an upgrade
+    on its way to the relay (``KeepUpgrades`` lets it through): the relay's address is ours alone."""
+
+    def __init__(self, sockets: ResponsesWebSocket) -> None:
+        super().__init__()
+        self.sockets = sockets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not isinstance(record.msg, str) or not record.msg.startswith("server_playback: ") \
+                or "non-replay request" not in record.msg:
+            return True
+        port = self.sockets.relay.port
+        url = record.msg.rsplit(" ", 1)[-1]
+        return not (port and url.startswith(f"http://127.0.0.1:{port}/")
+                    and url.split("?", 1)[0].endswith(RESPONSES_PATHS))
