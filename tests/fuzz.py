@@ -3,6 +3,7 @@
     python tests/fuzz.py --cases 20000                  (what `make fuzz` runs; a random seed)
     python tests/fuzz.py --cases 600 --seed 1           (what `make test` runs, tests/test_fuzz.py)
     python tests/fuzz.py --seed 5 --findings DIR        minimized findings written to DIR
+    python tests/fuzz.py --websocket --cases 5000       the same, as messages on a Responses WebSocket
 
 Each case is a real Codex 0.169.0 request (tests/fixtures/codex-0.169.0, whole or cut down to a
 few items and tools) put through one to three mutations of its bytes — bit flips, interesting
@@ -21,6 +22,11 @@ What must hold for every case (``problems``):
   terminal event, or one ``response`` object), never the backend's chat body handed through;
   and the backend received exactly one request, a well-formed chat request (``well_formed``):
   strict UTF-8, strict JSON (no NaN/Infinity), the chat shape, ``stream: true``.
+
+The WebSocket mode (``--websocket``) sends each case, with ``"type": "response.create"`` added
+last (``as_message``), as a message on one socket (``Socket``): the same rules hold for its
+answer (an ``error`` message is its status and body; a turn's messages, its stream), and the
+socket must stay open through every case.
 
 After the cases the gateway must still answer a normal turn and be running. A failing case is
 shrunk (``minimize``: spans are cut away while the same problem remains) and, with
@@ -183,6 +189,54 @@ class Outcome:
     error: str = ""
 
 
+class Socket:
+    """The WebSocket mode: one Responses WebSocket to the gateway that every case is sent on as
+    a message (text when it is UTF-8, else binary: only binary can carry invalid UTF-8), and
+    its answer read back as an Outcome: an ``error`` message is its status and error body, a
+    turn's messages are the SSE stream they stand for. The socket must survive every case: a
+    close or a hang is a problem, and the next case gets a new socket."""
+
+    def __init__(self, base_url: str, timeout: float = 30.0) -> None:
+        self.base_url, self.timeout, self.client = base_url, timeout, None
+
+    def send(self, case: Case) -> Outcome:
+        import wsproto.events as E
+        from wsclient import WSClient
+
+        try:
+            if self.client is None:
+                self.client = WSClient(self.base_url, timeout=self.timeout)
+            try:
+                message = E.TextMessage(data=case.body.decode("utf-8"))
+            except UnicodeDecodeError:
+                message = E.BytesMessage(data=case.body)
+            self.client.sock.sendall(self.client.ws.send(message))
+            events = self.client.events()
+        except Exception as exc:  # noqa: BLE001 — a close, a reset, a timeout, a refused upgrade
+            self.close()
+            return Outcome(None, error=f"the socket: {type(exc).__name__}: {exc}"[:300])
+        if len(events) == 1 and events[0].get("type") == "error":
+            return Outcome(events[0].get("status"), json.dumps({"error": events[0].get("error")}).encode(),
+                           {"content-type": "application/json"})
+        sse = b"".join(f"event: {e.get('type')}\ndata: {json.dumps(e)}\n\n".encode() for e in events)
+        return Outcome(200, sse, {"content-type": "text/event-stream"})
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+
+def as_message(body: bytes) -> bytes:
+    """An HTTP body as a ``response.create`` message: the transport's member goes last, so byte
+    offsets into the body stay those of the HTTP body (and its errors' messages the same)."""
+    head = body.rstrip()
+    if not (head.startswith(b"{") and head.endswith(b"}")):
+        return body
+    inner = head[:-1].rstrip()
+    return inner + (b"" if inner.endswith(b"{") else b",") + b'"type":"response.create"}'
+
+
 def send(base_url: str, case: Case, timeout: float = 30.0) -> Outcome:
     try:
         r = requests.post(base_url + "/responses", data=case.body, headers=case.headers, timeout=timeout)
@@ -265,8 +319,11 @@ def kind(problem: str) -> str:
 # --- the inputs and their mutations -----------------------------------------------------------
 
 
-def seeds() -> list[bytes]:
-    """The real Codex requests, whole and cut down (fewer bytes per case: more cases per second)."""
+def seeds(websocket: bool = False) -> list[bytes]:
+    """The real Codex requests, whole and cut down (fewer bytes per case: more cases per second);
+    as ``response.create`` messages in the WebSocket mode."""
+    if websocket:
+        return [as_message(seed) for seed in seeds()]
     out = []
     for path in sorted(CODEX_FIXTURES.glob("*.json")):
         body = json.loads(path.read_text())["body"]
@@ -447,19 +504,21 @@ def make_case(rng: random.Random, bases: list[bytes], n: int, tag: str) -> Case:
     return Case(f"{tag}-{n:05d}-{'+'.join(names) or 'none'}", data, headers)
 
 
-def cases(seed: int, count: int):
+def cases(seed: int, count: int, websocket: bool = False):
     rng = random.Random(seed)
-    bases = seeds()
+    bases = seeds(websocket)
     for n in range(count):
-        yield make_case(rng, bases, n, f"s{seed}")
+        yield make_case(rng, bases, n, f"{'ws' if websocket else 's'}{seed}")  # (a message has no headers)
 
 
 # --- running, shrinking, keeping --------------------------------------------------------------
 
 
-def check(base_url: str, recorder: Recorder, case: Case, timeout: float = 30.0) -> tuple[Outcome, str | None]:
+def check(base_url: str, recorder: Recorder, case: Case, timeout: float = 30.0,
+          socket: Socket | None = None) -> tuple[Outcome, str | None]:
+    """One case, over HTTP, or as a message on ``socket`` (the WebSocket mode)."""
     before = recorder.count()
-    out = send(base_url, case, timeout)
+    out = socket.send(case) if socket is not None else send(base_url, case, timeout)
     return out, problems(out, recorder.since(before))
 
 
@@ -493,7 +552,8 @@ def _elements(data: bytes) -> list[tuple[int, int]]:
     return [(a, b) for a, b in spans if b > a]
 
 
-def minimize(base_url: str, recorder: Recorder, case: Case, problem: str, budget: int = 400) -> Case:
+def minimize(base_url: str, recorder: Recorder, case: Case, problem: str, budget: int = 400,
+             socket: Socket | None = None) -> Case:
     """Cut JSON members, then plain byte spans, away while the same kind of problem remains (at
     most ``budget`` requests)."""
     want, body, tries = kind(problem), case.body, 0
@@ -501,7 +561,7 @@ def minimize(base_url: str, recorder: Recorder, case: Case, problem: str, budget
     def still(candidate: bytes) -> bool:
         nonlocal tries
         tries += 1
-        found = check(base_url, recorder, Case(case.name, candidate, case.headers))[1]
+        found = check(base_url, recorder, Case(case.name, candidate, case.headers), socket=socket)[1]
         return bool(found) and kind(found) == want
 
     progress = True
@@ -527,9 +587,9 @@ def minimize(base_url: str, recorder: Recorder, case: Case, problem: str, budget
     return Case(case.name, body, case.headers)
 
 
-def normal_turn_works(base_url: str, recorder: Recorder) -> str | None:
-    body = json.loads((CODEX_FIXTURES / "01-text-only.json").read_text())["body"]
-    return check(base_url, recorder, Case("normal-turn", json.dumps(body).encode()))[1]
+def normal_turn_works(base_url: str, recorder: Recorder, socket: Socket | None = None) -> str | None:
+    body = json.dumps(json.loads((CODEX_FIXTURES / "01-text-only.json").read_text())["body"]).encode()
+    return check(base_url, recorder, Case("normal-turn", as_message(body) if socket else body), socket=socket)[1]
 
 
 @dataclass
@@ -540,22 +600,28 @@ class Report:
 
 
 def fuzz(base_url: str, recorder: Recorder, seed: int, count: int, findings: Path | None = None,
-         shrink: bool = True, deadline: float | None = None) -> Report:
+         shrink: bool = True, deadline: float | None = None, websocket: bool = False) -> Report:
+    """``websocket``: every case a message on one Responses WebSocket (``Socket``), not a POST."""
     report = Report()
-    for case in cases(seed, count):
-        if deadline is not None and time.monotonic() > deadline:
-            break
-        out, problem = check(base_url, recorder, case)
-        report.cases += 1
-        report.statuses[out.status] = report.statuses.get(out.status, 0) + 1
-        if problem:
-            small = minimize(base_url, recorder, case, problem) if shrink else case
-            report.findings.append((small, problem))
-            if findings is not None:
-                save(findings, small, problem)
-    after = normal_turn_works(base_url, recorder)
-    if after:
-        report.findings.append((Case("normal-turn-after-fuzzing", b""), after))
+    socket = Socket(base_url) if websocket else None
+    try:
+        for case in cases(seed, count, websocket):
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            out, problem = check(base_url, recorder, case, socket=socket)
+            report.cases += 1
+            report.statuses[out.status] = report.statuses.get(out.status, 0) + 1
+            if problem:
+                small = minimize(base_url, recorder, case, problem, socket=socket) if shrink else case
+                report.findings.append((small, problem))
+                if findings is not None:
+                    save(findings, small, problem)
+        after = normal_turn_works(base_url, recorder, socket)
+        if after:
+            report.findings.append((Case("normal-turn-after-fuzzing", b""), after))
+    finally:
+        if socket is not None:
+            socket.close()
     return report
 
 
@@ -596,6 +662,7 @@ def main(argv=None) -> int:
     ap.add_argument("--findings", type=Path, help="write each (minimized) finding here as NAME.bin + NAME.json")
     ap.add_argument("--no-shrink", action="store_true")
     ap.add_argument("--addon", help="the mitmproxy script to fuzz (default: this checkout's addon/resp2chat.py)")
+    ap.add_argument("--websocket", action="store_true", help="send every case as a message on a Responses WebSocket")
     args = ap.parse_args(argv)
     import tempfile
 
@@ -604,7 +671,8 @@ def main(argv=None) -> int:
     started = time.monotonic()
     try:
         deadline = started + args.seconds if args.seconds else None
-        report = fuzz(gw.base_url, recorder, seed, args.cases, args.findings, not args.no_shrink, deadline)
+        report = fuzz(gw.base_url, recorder, seed, args.cases, args.findings, not args.no_shrink, deadline,
+                      args.websocket)
         alive = gw.proc.poll() is None
     finally:
         gw.stop()

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import requests
 from mitmproxy import http, io
 
 from resp2chat_core.compaction import COMPACTION_PROMPT, SUMMARY_PREFIX
@@ -41,8 +42,9 @@ def ok(run) -> str:
 
 
 def test_builtin_provider_speaks_websocket_multi_turn_with_tools_and_resume(upstream, gateway_factory, cx, tmp_path):
-    path = tmp_path / "session.mitm"
-    gw = gateway_factory(upstream.origin, "-w", str(path), "--set", "resp2chat_max_replay_entries=0")
+    path, access = tmp_path / "session.mitm", tmp_path / "access.jsonl"
+    gw = gateway_factory(upstream.origin, "-w", str(path), "--set", "resp2chat_max_replay_entries=0",
+                         "--set", f"resp2chat_access_log_path={access}")
     cx.configure_builtin(gw.base_url)
     upstream.clear()
     first = ok(cx.exec("run: echo hello-over-the-socket"))
@@ -64,6 +66,13 @@ def test_builtin_provider_speaks_websocket_multi_turn_with_tools_and_resume(upst
     assert [json.loads(t["chat_request"]) for t in real] == upstream.requests()
     assert upstream.requests()[1]["messages"][-1]["role"] == "tool"  # the tool output came back over the socket
     assert "You said: and once more" in sockets[1].websocket.messages[-1].content.decode()
+    # each socket turn is in the access log as an HTTP turn is: its own request id, the upstream,
+    # TTFT and duration, Codex's session (warm-ups are not turns)
+    lines = [json.loads(line) for line in access.read_text().splitlines()]
+    assert [(x["status"], x["upstream"], x["http_status"]) for x in lines] == [("completed", "default", 200)] * 3
+    assert [x["request_id"] for x in lines] == [t["request_id"] for t in real] and len({t["request_id"] for t in real}) == 3
+    assert all(0 < x["ttft_ms"] <= x["total_ms"] and x["output_tokens"] > 0 for x in lines)
+    assert len({x["session"] for x in lines}) == 1 and lines[0]["session"]
     # resp2chat analyze reads a socket's turns like HTTP turns: one session whose prompt only grows
     report = json.loads(subprocess.run([sys.executable, "-m", "resp2chat_io.main", "analyze", "--json", str(path)],
                                        capture_output=True, text=True, check=True, cwd=ROOT,
@@ -171,14 +180,19 @@ def test_a_websocket_session_replays_offline_to_a_rerun_over_either_transport(up
     live = gateway_factory(upstream.origin, "-w", str(path), "--set", "resp2chat_max_replay_entries=0")
     cx.configure_builtin(live.base_url)
     assert "The tool returned: replay-me" in ok(cx.exec("run: echo replay-me"))
+    assert requests.get(live.base_url + "/models", timeout=10).ok  # a flow that is no turn (mitmproxy replays it)
     live.stop()
-    for transport in ("websocket", "http"):
-        replayed = tmp_path / f"replayed-{transport}.mitm"
+    # (server_replay_extra=kill: nothing unrecorded goes anywhere, and the socket still opens)
+    for transport, extra in (("websocket", "forward"), ("websocket", "kill"), ("http", "forward")):
+        replayed = tmp_path / f"replayed-{transport}-{extra}.mitm"
         offline = gateway_factory("http://127.0.0.1:9", "--server-replay", str(path), "-w", str(replayed),
+                                  "--set", f"server_replay_extra={extra}",
                                   "--set", f"resp2chat_responses_websocket={'true' if transport == 'websocket' else 'false'}")
         cx.configure_builtin(offline.base_url)
         output = ok(cx.exec("run: echo replay-me"))
         assert "The tool returned: replay-me" in output and "stream disconnected" not in output, output
+        if transport == "websocket":
+            assert not [m for m in FALLBACK if m in output], output
         offline.stop()
         again = flows(replayed)
         if transport == "websocket":

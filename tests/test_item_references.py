@@ -3,7 +3,6 @@ after replay-cache hits and restarts); and the core's input expansion (inputs.py
 
 from __future__ import annotations
 
-import json
 
 import openai
 import pytest

@@ -107,3 +107,62 @@ def test_requests_without_the_key_cannot_use_up_the_model_labels(upstream, tmp_p
         assert not any(dict(labels).get("model", "").startswith("spam-") for _, labels in m)
     finally:
         gw.stop()
+
+
+def test_socket_turns_are_counted_and_logged_like_http_turns(upstream, tmp_path):
+    """Over the Responses WebSocket: the upstream that answered, fallbacks, TTFT, duration, one
+    request id per message (in failures, the log and the access log), refused messages counted."""
+    from wsclient import WSClient
+
+    log_path = tmp_path / "access.jsonl"
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    entries = [{"name": "down", "base_url": dead, "models": ["demo-*"]},
+               {"name": "demo", "base_url": upstream.base_url, "api_key": "sk-demo-secret-123"}]
+    gw = start_gateway("http://127.0.0.1:9", tmp_path, "--set", "resp2chat_upstreams=" + json.dumps(entries),
+                       "--set", f"resp2chat_access_log_path={log_path}")
+    try:
+        client = WSClient(gw.base_url, headers={"session-id": "sess-ws-1"})
+        create = {"type": "response.create", "model": "demo-model"}
+        warm = client.turn({**create, "input": "warming up", "generate": False})  # no turn: not counted
+        ok = client.turn({**create, "input": "words: 5", "previous_response_id": warm[-1]["response"]["id"]})
+        assert ok[-1]["type"] == "response.completed"
+        [refused] = client.turn({**create, "input": [{"type": "bogus"}]})
+        assert refused["status"] == 400
+        failed = client.turn({"type": "response.create", "model": "other", "input": "error: 503 overloaded"})
+        assert failed[-1]["type"] == "response.failed"
+        # a turn in flight is a stream in flight, as over HTTP
+        client.send({**create, "input": "words: 30\nslow: 100"})
+        while client.next_message()["type"] != "response.output_text.delta":
+            pass
+        assert value(scrape(gw), "resp2chat_streams_in_flight") == 1
+        assert client.events()[-1]["type"] == "response.completed"
+        client.close()
+        m = scrape(gw)
+        assert value(m, "resp2chat_streams_in_flight") == 0
+        labels = dict(upstream="demo", model="demo-model")
+        assert value(m, "resp2chat_turns_total", **labels, status="completed", code="") == 2
+        assert value(m, "resp2chat_turns_total", upstream="", model="demo-model", status="rejected",
+                     code="unsupported_item_type") == 1
+        assert value(m, "resp2chat_turns_total", upstream="demo", model="other", status="failed", code="server_error") == 1
+        assert value(m, "resp2chat_fallbacks_total", upstream="down", status="502") == 2  # ("other": demo only)
+        assert value(m, "resp2chat_time_to_first_token_seconds_count", **labels) == 2
+        assert 0 < value(m, "resp2chat_time_to_first_token_seconds_sum", **labels) <= value(
+            m, "resp2chat_turn_duration_seconds_sum", **labels)
+        assert value(m, "resp2chat_tokens_total", **labels, kind="output") > 0
+        lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+        assert [(x["upstream"], x["status"], x["code"], x["http_status"]) for x in lines] == [
+            ("demo", "completed", "", 200), ("", "rejected", "unsupported_item_type", 400),
+            ("demo", "failed", "server_error", 200), ("demo", "completed", "", 200)]
+        ids = [x["request_id"] for x in lines]
+        assert len(set(ids)) == 4 and len({i.rsplit("_", 1)[0] for i in ids}) == 1  # one socket, one id a message
+        assert [i.rsplit("_", 1)[1] for i in ids] == ["2", "3", "4", "5"]  # (message 1 was the warm-up)
+        first = lines[0]
+        assert first["session"] == "sess-ws-1" and first["fallbacks"] == [{"upstream": "down", "status": 502}]
+        assert 0 < first["ttft_ms"] <= first["total_ms"] and first["output_tokens"] > 0
+        # the failure names its request id to the client; the log has it with the upstream's detail
+        said = failed[-1]["response"]["error"]["message"]
+        assert ids[2] in said and "overloaded" not in said
+        assert f"{ids[2]} failed (server_error): " in gw.log() and "overloaded" in gw.log()
+        assert "sk-demo" not in log_path.read_text() + gw.log()
+    finally:
+        gw.stop()

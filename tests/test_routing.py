@@ -8,7 +8,7 @@ import json
 import pytest
 
 from resp2chat_core import settings as S
-from resp2chat_core.channel import Accepted, Channel, Keepalive, Rerouted, UpstreamFailed, UpstreamJSON
+from resp2chat_core.channel import Channel, Keepalive, Rerouted, UpstreamFailed, UpstreamJSON
 from resp2chat_core.errors import GatewayError
 from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.routing import Attempt, all_failed, candidates, falls_back, parse_upstreams

@@ -318,3 +318,58 @@ async def test_what_a_request_fetched_stays_until_it_ends_and_goes_then(redis_se
         addon.response(b)
         assert addon.history("resp_1") is None and not addon._fetched and not addon._fetching
         await addon.done()
+
+
+def test_socket_turns_find_stored_responses_and_items_in_redis(upstream, tmp_path, redis_server):
+    """A Responses WebSocket turn on one replica continues a response another stored and refers to
+    its items (fetched from Redis for the message); Redis down: 503 store_unavailable as an
+    error message, the socket goes on, and what needs no Redis still works."""
+    from wsclient import WSClient
+
+    a, b = replicas(upstream, tmp_path, redis_server.url)
+    r = redis_server.client()
+    client = None
+    try:
+        ca = openai.OpenAI(base_url=a.base_url, api_key="x", max_retries=0)
+        first = ca.responses.create(model="demo-model", input=[
+            {"type": "message", "id": "msg_client_ws_1", "role": "user", "content": "first question"}])
+        wait_stored(r, first.id)
+        reasoning, message = first.output
+        client = WSClient(b.base_url)
+        create = {"type": "response.create", "model": "demo-model"}
+        upstream.clear()
+        second = client.turn({**create, "input": "and now?", "previous_response_id": first.id, "store": True})
+        assert second[-1]["type"] == "response.completed", second[-1]
+        assert [m["role"] for m in upstream.requests()[-1]["messages"]] == ["user", "assistant", "user"]
+        third = client.turn({**create, "store": False, "input": [
+            {"type": "item_reference", "id": "msg_client_ws_1"}, {"type": "item_reference", "id": reasoning.id},
+            {"type": "item_reference", "id": message.id}, {"role": "user", "content": "second question"}]})
+        assert third[-1]["response"]["output"][-1]["content"][0]["text"] == "You said: second question"
+        assert upstream.requests()[-1]["messages"] == [
+            {"role": "user", "content": "first question"},
+            {"role": "assistant", "content": "You said: first question", "reasoning_content": "Thinking about: first question"},
+            {"role": "user", "content": "second question"}]
+        wait_stored(r, second[-1]["response"]["id"])  # a socket turn with store: true is shared too
+        assert get_response(a, second[-1]["response"]["id"]).status_code == 200
+        [unknown] = client.turn({**create, "input": [{"type": "item_reference", "id": "msg_nowhere"}]})
+        assert (unknown["status"], unknown["error"]["code"]) == (400, "item_not_found")
+        redis_server.stop()
+        for needs_redis in ({**create, "input": "x", "previous_response_id": first.id},
+                         {**create, "input": [{"type": "item_reference", "id": "msg_client_ws_1"}]}):
+            [down] = client.turn(needs_redis)
+            assert down["status"] == 503 and down["error"]["code"] == "store_unavailable", down
+            assert "Redis" in down["error"]["message"]
+        # a plain turn, and continuing a response of this very socket, need no Redis
+        plain = client.turn({**create, "input": "a plain turn", "store": False})
+        assert plain[-1]["type"] == "response.completed"
+        follow = client.turn({**create, "input": "go on", "previous_response_id": plain[-1]["response"]["id"]})
+        assert follow[-1]["response"]["output"][-1]["content"][0]["text"] == "You said: go on"
+    finally:
+        if client is not None:
+            client.close()
+        for g in (a, b):
+            g.stop()
+
+
+def get_response(gw, response_id: str):
+    return requests.get(f"{gw.base_url}/responses/{response_id}", timeout=10)

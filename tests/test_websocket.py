@@ -5,12 +5,14 @@ Codex CLI over the socket is in test_codex_builtin.py."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import requests
+import wsproto.events as E
 from mitmproxy import http, io
 
 from resp2chat_core import websocket as ws
@@ -96,6 +98,11 @@ def test_connection_memory_continues_responses_and_is_bounded():
     conn.remember("resp_2", [])
     conn.remember("resp_3", [])
     assert len(conn) == 2 and conn.history("resp_1") is None and conn.history("resp_3") == []
+    # kept as the response store keeps it: references resolved, additional_tools items kept
+    tools = {"type": "additional_tools", "tools": TOOLS}
+    create = ws.read_message(json.dumps({"type": "response.create", "model": "m", "previous_response_id": "resp_3",
+                                         "input": [{"type": "item_reference", "id": "msg_1"}, tools, user("c")]}))
+    assert conn.conversation(create, None, lambda ids: {"msg_1": user("resolved")}) == [user("resolved"), tools, user("c")]
 
 
 # --- through a real mitmdump ---------------------------------------------------------------
@@ -151,6 +158,37 @@ def test_a_conversation_over_the_socket_lowers_to_the_same_bytes_as_over_http(gw
     assert r3["output"][-1]["content"][0]["text"] == "You said: thanks"
 
 
+def test_the_connection_remembers_the_input_made_whole(gw, upstream):
+    """What a socket turn referred to (item_reference) or carried sealed (reasoning) is kept in
+    the connection's memory resolved, as the response store keeps it: the next turn lowers to
+    the HTTP path's bytes for the whole conversation, even once the referenced response is gone."""
+    include = ["reasoning.encrypted_content"]
+    base = {"model": "demo-model", "store": False, "stream": True, "include": include}
+    stored = requests.post(gw.base_url + "/responses", timeout=30, json={
+        **base, "store": True, "input": [{"type": "message", "id": "msg_kept_1", "role": "user", "content": "kept"}]})
+    r0 = parse_sse(stored.content)[-1]["response"]
+    reasoning, message = r0["output"]
+    assert reasoning["encrypted_content"].startswith("r2c1.")
+    first = [{"type": "item_reference", "id": "msg_kept_1"}, reasoning, message, user("next")]
+    # the whole conversation as an HTTP client resends it (references and sealed items expanded)
+    assert requests.post(gw.base_url + "/responses", json={**base, "input": first}, timeout=30).ok
+    client = WSClient(gw.base_url)
+    r1 = done(client.turn({"type": "response.create", **base, "input": first}))
+    assert requests.delete(f"{gw.base_url}/responses/{r0['id']}", timeout=10).json()["deleted"]
+    r2 = done(client.turn({"type": "response.create", **base, "previous_response_id": r1["id"],
+                           "input": [user("and then")]}))
+    client.close()
+    assert r2["output"][-1]["content"][0]["text"] == "You said: and then"
+    whole = requests.post(gw.base_url + "/responses", timeout=30, json={
+        **base, "input": [{"type": "message", "role": "user", "content": "kept"}, reasoning, message, user("next"),
+                          *r1["output"], user("and then")]})
+    assert parse_sse(whole.content)[-1]["type"] == "response.completed"
+    bodies = logged_bodies(gw.request_log)
+    assert len(bodies) == 5 and bodies[1] == bodies[2] and bodies[3] == bodies[4]
+    sent = json.loads(bodies[3])["messages"]
+    assert sent[0] == {"role": "user", "content": "kept"} and sent[1]["reasoning_content"] == "Thinking about: kept"
+
+
 def test_warm_up_is_answered_without_the_backend_and_then_continued(gw, upstream):
     upstream.clear()
     client = WSClient(gw.base_url)
@@ -188,6 +226,35 @@ def test_bad_messages_get_an_error_and_the_socket_stays_usable(gw, upstream):
     client.close()
 
 
+def test_a_message_is_read_as_strictly_as_an_http_body(gw, upstream):
+    """Non-finite and huge numbers, lone surrogates, invalid UTF-8 (a binary message): the HTTP
+    path's 400, byte offsets included, and nothing reaches the backend; the socket goes on."""
+    upstream.clear()
+    client = WSClient(gw.base_url)
+    bodies = [b'{"model":"demo-model","input":"x","temperature":NaN', b'{"model":"demo-model","input":"x","top_p":Infinity',
+              b'{"model":"demo-model","input":"x","temperature":1e999', b'{"model":"demo-model","input":"x","seed":' + b"9" * 5000,
+              b'{"model":"demo-model","input":"lone \\ud800 here"', b'{"model":"demo-model","input":"\\udc00\\ud800"',
+              b'{"model":"demo-model","input":"caf\xc3 \xed\xa0\x80"']
+    for body in bodies:
+        http_error = requests.post(gw.base_url + "/responses", data=body + b"}", timeout=30,
+                                   headers={"content-type": "application/json"})
+        assert http_error.status_code == 400, body
+        message = body + b',"type":"response.create"}'  # the same offsets: the transport's member comes last
+        if b"\xc3" in body or b"\xed" in body:
+            client.sock.sendall(client.ws.send(E.BytesMessage(data=message)))  # not UTF-8: only binary can carry it
+            error = client.events()[0]
+        else:
+            [error] = client.turn(message.decode())
+        assert error == {"type": "error", "status": 400, **http_error.json()}, body
+        assert error["error"]["code"] == "invalid_json"
+    assert "byte offset" in error["error"]["message"]
+    assert upstream.requests() == []
+    client.sock.sendall(client.ws.send(E.BytesMessage(data=json.dumps(
+        {"type": "response.create", "model": "demo-model", "input": "binary is fine"}).encode())))
+    assert done(client.events())["output"][-1]["content"][0]["text"] == "You said: binary is fine"
+    client.close()
+
+
 def test_a_client_that_leaves_mid_turn_is_recorded_and_the_gateway_goes_on(gw, upstream, tmp_path):
     client = WSClient(gw.base_url)
     client.send({"type": "response.create", "model": "demo-model", "input": "words: 40\nnoreason\nslow: 200"})
@@ -218,11 +285,14 @@ def test_a_bug_of_ours_ends_the_message_with_an_error_and_the_socket_goes_on(ups
     gw = gateway_factory(upstream.origin, "-s", str(Path(__file__).with_name("ws_fault.py")))
     client = WSClient(gw.base_url)
     [error] = client.turn({"type": "response.create", "model": "demo-model", "input": "raise a bug"})
-    assert error == {"type": "error", "status": 500, "error": {"message": "the gateway failed to handle this message",
-                                                               "type": "server_error", "param": None, "code": "server_error"}}
+    message = error["error"].pop("message")
+    assert error == {"type": "error", "status": 500, "error": {"type": "server_error", "param": None, "code": "server_error"}}
+    rid = re.fullmatch(r"the gateway failed to handle this message \(request id (req_[0-9a-f]{20}_1)\)", message)[1]
+    assert "injected" not in message
     assert done(client.turn({"type": "response.create", "model": "demo-model", "input": "and now?"}))
     client.close()
-    assert "injected by tests/ws_fault.py" in gw.log()  # the details go to the log, not the client
+    # the details go to the log, under the id the client was given, not to the client
+    assert re.search(f"websocket message {rid} failed: RuntimeError: a bug injected by tests/ws_fault.py", gw.log())
 
 
 def test_upstream_failure_is_response_failed_on_the_socket(gw):
@@ -273,6 +343,40 @@ def test_the_socket_is_recorded_in_the_flow_file(gw, upstream):
     assert "continuing resp_" in real.text and "== chat request (to the backend) ==" in real.text and "two" in real.text
     assert "refused: invalid_json" in bad.text
     assert "response.completed  status=completed" in last.text
+
+
+@pytest.mark.parametrize("extra", ["kill", "404"])
+def test_server_replay_extra_keeps_the_socket_open(upstream, gateway_factory, tmp_path, extra):
+    """--server-replay with server_replay_extra kill (or a status): the upgrade is the gateway's
+    own, not an unrecorded request: the socket opens, recorded turns are answered, an unrecorded
+    one gets the extra's error message; other unrecorded requests still get the extra."""
+    path = tmp_path / "recorded.mitm"
+    live = gateway_factory(upstream.origin, "-w", str(path), "--set", "resp2chat_max_replay_entries=0")
+    assert requests.get(live.base_url + "/models", timeout=10).ok  # a flow that is no turn: mitmproxy replays it
+    client = WSClient(live.base_url)
+    recorded = done(client.turn({"type": "response.create", "model": "demo-model", "input": "replay me"}))
+    client.close()
+    live.stop()
+    offline = gateway_factory("http://127.0.0.1:9", "--server-replay", str(path),
+                              "--set", f"server_replay_extra={extra}", "--set", "server_replay_reuse=true")
+    for _ in range(2):  # (a second socket: what the first left in mitmproxy's server replay does not matter)
+        client = WSClient(offline.base_url)
+        again = done(client.turn({"type": "response.create", "model": "demo-model", "input": "replay me"}))
+        assert again["output"] == recorded["output"]
+        [missing] = client.turn({"type": "response.create", "model": "demo-model", "input": "never recorded"})
+        assert missing["status"] == (502 if extra == "kill" else 404) and missing["error"]["code"] == "not_recorded"
+        assert done(client.turn({"type": "response.create", "model": "demo-model", "input": "replay me"}))
+        client.close()
+    assert requests.get(offline.base_url + "/models", timeout=10).json()["data"]  # replayed by mitmproxy
+    if extra == "kill":
+        with pytest.raises(requests.ConnectionError):
+            requests.post(offline.base_url + "/responses", json={"model": "demo-model", "input": "nope"}, timeout=10)
+    else:
+        assert requests.post(offline.base_url + "/responses", json={"model": "demo-model", "input": "nope"},
+                             timeout=10).status_code == 404
+    offline.stop()
+    misses = [line for line in offline.log().splitlines() if "non-replay request" in line]
+    assert misses and not [line for line in misses if line.rstrip().endswith("/v1/responses")], misses
 
 
 # --- refusals: never a GET to the backend ---------------------------------------------------

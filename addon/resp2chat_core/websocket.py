@@ -7,7 +7,8 @@ Rules of this file:
 - A turn over a socket is a turn: the same request lowers to the same chat bytes as over HTTP
   (``begin_turn``), and the client gets the same events, each event one text message.
 - Bad input never closes the connection: it is an ``error`` message, and the next
-  ``response.create`` is served as if nothing happened.
+  ``response.create`` is served as if nothing happened. A message is read with the HTTP body's
+  strict parser (requestbody.py): what one transport refuses, the other refuses alike.
 
 Theory of operation (the contract, from codex-rs ``responses_websocket.rs`` and ``client.rs``,
 checked against the real Codex CLI 0.169.0; docs/codex.md has the details)::
@@ -26,7 +27,8 @@ checked against the real Codex CLI 0.169.0; docs/codex.md has the details)::
 
 A continued request is resolved against this connection's own recent responses first (Codex
 sends ``store: false``: nothing is in the response store), then against the response store.
-``Connection.keep`` bounds the memory: Codex only ever continues its last response.
+``Connection.keep`` bounds the memory: Codex only ever continues its last response. The memory
+keeps conversations as the response store does, made whole (``Connection.conversation``).
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
-from .errors import GatewayError, error_body
+from . import inputs, requestbody
+from .errors import GatewayError
+from .seal import Sealer
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # as the translator writes
 
@@ -58,17 +62,17 @@ class Create:
         return previous if isinstance(previous, str) and previous else None
 
 
-def read_message(text: str | bytes) -> Create | None:
+def read_message(message: str | bytes) -> Create | None:
     """A client message -> a ``Create``, or None for an acknowledgement that needs no answer.
-    ``GatewayError`` for anything else (it becomes an ``error`` message)."""
-    try:
-        data = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise GatewayError(f"message is not valid JSON: {exc}", code="invalid_json") from None
-    except RecursionError:
-        raise GatewayError("message is nested too deeply", code="invalid_json") from None
+    ``GatewayError`` for anything else (it becomes an ``error`` message).
+
+    Read exactly as an HTTP body is (requestbody.py: strict UTF-8, finite numbers, no lone
+    surrogates; the same 400 ``invalid_json`` with the byte offset): a message is a request."""
+    if isinstance(message, str):  # (surrogatepass: a lone surrogate fails UTF-8 decoding, with its offset)
+        message = message.encode("utf-8", "surrogatepass")
+    data = requestbody.loads(message)
     if not isinstance(data, dict):
-        raise GatewayError("message must be a JSON object", code="invalid_json")
+        raise GatewayError("request body must be a JSON object", code="invalid_json")
     kind = data.get("type")
     if kind == PROCESSED:
         return None
@@ -93,11 +97,6 @@ class Warmup:
 def error_message(err: GatewayError) -> str:
     """The ``error`` message Codex reads as the HTTP error it would have got (status and body)."""
     return json.dumps({"type": "error", "status": err.status, **err.body()}, ensure_ascii=False)
-
-
-def server_error(message: str) -> str:
-    return json.dumps({"type": "error", "status": 500,
-                       **error_body(message, type="server_error", code="server_error")})
 
 
 def messages(sse: bytes) -> list[str]:
@@ -216,10 +215,18 @@ class Connection:
             return found if found is not None or stored is None else stored(response_id)
         return history
 
-    def conversation(self, create: Create, stored: Callable[[str], list | None] | None) -> list | None:
-        """The whole conversation a request holds: the one it continues, then its new input."""
+    def conversation(self, create: Create, stored: Callable[[str], list | None] | None,
+                     resolve: inputs.Resolve | None = None, sealer: Sealer | None = None) -> list | None:
+        """The whole conversation a request holds, as the response store keeps one: the one it
+        continues, then its new input made whole (``inputs.expand``: references resolved, sealed
+        reasoning opened, ``additional_tools`` items kept), so that what a later request continues
+        from memory needs nothing the store may have lost since. Called once the request lowered
+        (``begin_turn`` expanded the same input: this cannot fail then)."""
         items = input_items(create.body)
-        if items is None or create.previous is None:
+        if items is None:
+            return None
+        items = inputs.expand(create.body, items, resolve, sealer)[1]
+        if create.previous is None:
             return items
         earlier = self.lookup(stored)(create.previous)
         return None if earlier is None else earlier + items

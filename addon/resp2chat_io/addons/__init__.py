@@ -55,7 +55,7 @@ def build() -> list:
     request_log = RequestLog(source, turns)
     turns.finished += [replay.finished, store.finished, outcomes.finished, request_log.finished]
     server_replay = ServerReplay(turns)
-    sockets = ResponsesWebSocket(source, upstreams, turns, store, request_log, server_replay)
+    sockets = ResponsesWebSocket(source, upstreams, turns, store, request_log, server_replay, outcomes)
     return [
         Listen(source, upstreams), Gate(source, upstreams.relay), store, replay, turns, server_replay, sockets,
         upstreams, outcomes, Metrics(turns, store, replay, outcomes), AccessLog(source, outcomes),

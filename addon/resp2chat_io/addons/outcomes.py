@@ -1,13 +1,14 @@
 """Outcomes: how every ``POST /v1/responses`` ended, as one record for metrics and the access log.
 
 A turn ends in turns.py (a ``finished`` listener: status, usage, the upstream that answered,
-time to first token), however it ended: answered, failed closed (``server_error``), the client
-gone, answered by offline replay (``replayed``, upstream ``server-replay``). A request answered
-by the gateway itself ends in ``response``: rejected (4xx: invalid request, unknown model…), a
-replay-cache hit, or 503 when the shared state store is down; so does a turn turns.py could not
-report (it failed while recording it). Each becomes one ``Outcome`` for the ``listeners``
-(metrics.py, access_log.py); a listener that fails is logged, the others still get it. Nothing in
-it is content: no prompt, no answer, no header but the session key.
+time to first token), over HTTP or a Responses WebSocket alike, however it ended: answered, failed
+closed (``server_error``), the client gone, answered by offline replay (``replayed``, upstream
+``server-replay``). A request answered by the gateway itself ends in ``response``: rejected (4xx:
+invalid request, unknown model…), a replay-cache hit, or 503 when the shared state store is down;
+so does a turn turns.py could not report (it failed while recording it); a WebSocket message so
+answered comes from addons/websocket.py (``emit``). Each becomes one ``Outcome`` for the
+``listeners`` (metrics.py, access_log.py); a listener that fails is logged, the others still get
+it. Nothing in it is content: no prompt, no answer, no header but the session key.
 """
 
 from __future__ import annotations
@@ -62,10 +63,21 @@ class Outcomes:
             status = "replayed"
         if flow.websocket is None:
             self._reported.add(flow.id)
-        self._emit(Outcome(request_id(flow), session_key(done.turn.prompt_cache_key, flow.request.headers),
+            # (0: the client got no answer)
+            http_status = 0 if flow.response is None or flow.error and not done.answer else flow.response.status_code
+        else:
+            # a WebSocket turn has its own request id (the socket's flow has many) and is a 200 as
+            # a streamed HTTP turn would be (the flow's 101 is the socket's)
+            http_status = 200
+        self._emit(Outcome(done.turn.ctx.request_id or request_id(flow),
+                           session_key(done.turn.prompt_cache_key, flow.request.headers),
                            done.turn.ctx.model, done.upstream, status, code, done.usage, done.ttft, done.took,
-                           0 if flow.response is None or flow.error and not done.answer else flow.response.status_code,
-                           done.skipped))  # (0: the client got no answer)
+                           http_status, done.skipped))
+
+    def emit(self, outcome: Outcome) -> None:
+        """How a request that another addon answered itself ended (a WebSocket message refused or
+        replayed: addons/websocket.py)."""
+        self._emit(outcome)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._local(flow)

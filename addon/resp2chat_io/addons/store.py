@@ -9,7 +9,8 @@ Owns the store settings (``session_ttl_hours``, ``max_sessions``, ``max_session_
 Redis is asked asynchronously: ``request`` fetches the history a ``previous_response_id``
 continues from, and the items its ``item_reference`` inputs name, before turns.py lowers the
 request (``history`` and ``resolve_items`` then read what was fetched),
-and answers ``503 store_unavailable`` when Redis cannot be reached; writes run as tasks. A
+and answers ``503 store_unavailable`` when Redis cannot be reached; writes run as tasks. The
+WebSocket path awaits ``fetch`` for each message instead (addons/websocket.py). A
 response is written when its turn ends, a moment after the client read ``response.completed``:
 a client that continues (or GETs it) at once on another replica can ask before the write
 landed, so an id Redis does not know yet is looked up again for up to ``FRESH_WAIT`` seconds
@@ -24,7 +25,7 @@ import json
 from mitmproxy import http
 
 from resp2chat_core import inputs
-from resp2chat_core.errors import error_json
+from resp2chat_core.errors import GatewayError, error_json
 from resp2chat_io.redis_state import RedisResponseStore, RedisState, StateUnavailable, describe
 from resp2chat_io.store import ResponseStore
 
@@ -35,6 +36,12 @@ PREFIXES = ("/v1/responses/", "/responses/")
 CONVERSATIONS = ("/v1/conversations", "/conversations")  # not implemented: answered here, not forwarded
 FRESH_WAIT = 2.0  # seconds: how long a just-finished response may take to reach Redis
 FRESH_POLL = 0.05
+
+
+def store_unavailable(why: str) -> GatewayError:
+    """``unavailable`` as an error (a WebSocket message's: addons/websocket.py)."""
+    return GatewayError(f"{why}: the shared state store (Redis) cannot be reached right now; try again shortly",
+                        code="store_unavailable", status=503, type="server_error")
 
 
 def unavailable(why: str) -> http.Response:
@@ -159,6 +166,21 @@ class StoredResponses(Owner):
 
     async def _delete(self, response_id: str) -> bool:
         return await self.store.delete(response_id) if self.shared else self.store.delete(response_id)
+
+    async def fetch(self, previous: str | None, refs) -> tuple[list | None, dict[str, dict]]:
+        """Redis, for a caller that keeps what it fetched itself (a WebSocket message: its socket
+        serves one at a time): the history ``previous`` continues (None: unknown) and the items
+        the ``refs`` ids name (missing: absent). ``StateUnavailable`` when Redis is down."""
+        history = None
+        if previous is not None:
+            entry = await self._fresh(previous)
+            history = entry["items"] if entry else None
+        items = {}
+        for item_id in dict.fromkeys(refs):
+            item = await self.store.item(item_id)
+            if item is not None:
+                items[item_id] = item
+        return history, items
 
     async def _prefetch(self, flow: http.HTTPFlow) -> None:
         """Redis: what a request continues from (``previous_response_id``) and refers to

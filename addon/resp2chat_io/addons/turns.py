@@ -104,6 +104,41 @@ class Finished:
     exchange: Exchange | None = None  # its upstream work: which candidate answered, the fallbacks sent
 
 
+def settle(flow: http.HTTPFlow, turn: Turn, reader: Reader, answer: bytes, *, upstream: str, started: float,
+           first: float | None, skipped: tuple, secrets: tuple[bytes, ...], lowering: dict,
+           failed_in: str | None = None, exchange: Exchange | None = None) -> tuple[Finished, dict]:
+    """A turn that ended, HTTP or WebSocket alike: the ``Finished`` its listeners get and its
+    record (what the flow keeps of it: the backend's stream and the gateway's own events for
+    ``resp2chat retranslate``, status, usage, error, fallbacks). A failure goes to the log with
+    the turn's request id and its detail (the upstream's own words, or our exception), which the
+    client never sees. ``started``/``first``: ``time.monotonic()`` at the request and at the
+    first event made from backend data. ``lowering``: ``Turns.recorded_lowering``'s record.
+    ``failed_in``: the hook that failed closed (the client's answer is its 500, whatever the
+    backend said)."""
+    t = reader.translator
+    final = t.response() if t.done and failed_in is None else None
+    status = "failed" if failed_in is not None else final["status"] if final else "unfinished"
+    code = "server_error" if failed_in is not None else ""
+    record = {"upstream_sse": scrub(bytes(reader.upstream), secrets).decode("utf-8", "replace"),
+              "created_at": turn.ctx.created_at, **lowering,
+              "gateway_events": record_events(reader.gateway, secrets), "status": status}
+    if failed_in is not None:
+        record["error"] = {"code": code, "message": "the gateway failed to handle this request",
+                           "detail": f"failed closed in {failed_in}"}
+    elif t.error:
+        # the failure as the operator sees it: the upstream's own words, or our exception
+        detail = scrub((t.error_detail or t.error["message"]).encode(), secrets).decode()
+        record["error"] = {**t.error, "detail": detail}
+        log.warning(f"resp2chat: {turn.ctx.request_id} failed ({t.error['code']}): {detail}")
+    record["usage"] = t.usage
+    if skipped:
+        record["fallbacks"] = [{"upstream": n, "status": st} for n, st in skipped]
+    done = Finished(flow, turn, status, final, answer, t.usage, upstream,
+                    None if first is None else first - started, time.monotonic() - started, tuple(skipped),
+                    code, exchange)
+    return done, record
+
+
 class TurnStream:
     """The stream callable: at each relay tick, what the channel holds, translated. Never
     raises (a raise here hangs the client), never returns b"" early (that ends the body). A
@@ -154,6 +189,7 @@ class Turns(Owner):
         self.specs: tuple[routing.UpstreamSpec, ...] = ()  # several upstreams (routing.py)
         self.lowering_by_upstream: dict[str, LoweringOptions] = {}
         self.finished: list[Callable[[Finished], None]] = []
+        self.socket_turns = 0  # turns in flight on Responses WebSockets (addons/websocket.py): not in `live`
         self._seal_key: bytes | None = None
         self._seal_id: str | None = None
         self.sealer = Sealer(self.seal_key)
@@ -195,11 +231,12 @@ class Turns(Owner):
         if path in RESPONSES_PATHS and req.method == "POST":
             self.begin(flow, path)
 
-    def parse(self, body: bytes | dict, response_id: str, created_at: int, history=None) -> Turn:
+    def parse(self, body: bytes | dict, response_id: str, created_at: int, history=None, resolve=None) -> Turn:
         """Decode, validate and lower; ``GatewayError`` for a request the gateway cannot serve.
-        ``history``: where ``previous_response_id`` is looked up (default: the response store)."""
+        ``history``: where ``previous_response_id`` is looked up, ``resolve``: where
+        ``item_reference`` ids are (default: the response store, both)."""
         return begin_turn(body, self.lowering, response_id, created_at, history or self.store.history,
-                          self.tools_cache, self.sealer, resolve=self.store.resolve_items,
+                          self.tools_cache, self.sealer, resolve=resolve or self.store.resolve_items,
                           route=self.route if self.specs else None)
 
     def recorded_lowering(self, model: str) -> dict:
@@ -385,29 +422,18 @@ class Turns(Owner):
         ``answer``: what the client got, when it is not the usual (the stream, or the body)."""
         turn, t, reader = live.turn, live.reader.translator, live.reader
         meta = flow.metadata[META]
-        meta["upstream_sse"] = scrub(bytes(reader.upstream), self.secrets).decode("utf-8", "replace")
-        # what `resp2chat retranslate` needs to translate this turn again exactly
-        meta.update(created_at=turn.ctx.created_at, gateway_events=record_events(reader.gateway, self.secrets),
-                    **self.recorded_lowering(turn.ctx.model))
-        final = t.response() if t.done and not failed else None
-        meta["status"] = status = "failed" if failed else final["status"] if final else "unfinished"
-        code = "server_error" if failed else ""
-        if failed:
-            meta["error"] = {"code": code, "message": "the gateway failed to handle this request",
-                             "detail": f"failed closed in {meta.get('failed_in')}"}
-        elif t.error:
-            # the failure as the operator sees it: the upstream's own words, or our exception
-            detail = scrub((t.error_detail or t.error["message"]).encode(), self.secrets).decode()
-            meta["error"] = {**t.error, "detail": detail}
-            log.warning(f"resp2chat: {turn.ctx.request_id} failed ({t.error['code']}): {detail}")
-        meta["usage"] = t.usage
+        ex = live.exchange
+        name = meta.get("upstream_name", "default")
+        if answer is None:
+            answer = bytes(reader.sent) if turn.client_stream and not failed else flow.response.content
+        done, record = settle(flow, turn, reader, answer, upstream=name, started=live.started, first=live.first,
+                              skipped=ex.skipped, secrets=self.secrets, lowering=self.recorded_lowering(turn.ctx.model),
+                              failed_in=meta.get("failed_in") if failed else None, exchange=ex)
+        meta.update(record)
+        status, code = done.status, done.code
         calls = sum(1 for item in t.output if item["type"] not in ("message", "reasoning", "compaction"))
         u = t.usage or {}
         took = ((flow.response.timestamp_end if flow.response else None) or time.time()) - flow.request.timestamp_start
-        ex = live.exchange
-        name = meta.get("upstream_name", "default")
-        if ex.skipped:
-            meta["fallbacks"] = [{"upstream": n, "status": st} for n, st in ex.skipped]
         flow.comment = (
             f"{flow.request.method} {live.client_path} → {turn.ctx.model} · {status}"
             + (f" ({code or t.error['code']})" if code or t.error else "")
@@ -418,11 +444,7 @@ class Turns(Owner):
             + (" · compaction" if turn.compaction else "")
             + f" · {took * 1000:.0f} ms"
         )
-        if answer is None:
-            answer = bytes(reader.sent) if turn.client_stream and not failed else flow.response.content
-        self.notify(Finished(flow, turn, status, final, answer, t.usage, name,
-                             None if live.first is None else live.first - live.started,
-                             time.monotonic() - live.started, tuple(ex.skipped), code, ex))
+        self.notify(done)
 
     def _replayed(self, flow: http.HTTPFlow, live: Live) -> None:
         """A turn answered by offline replay (``--server-replay``): its recorded answer, or the

@@ -12,6 +12,8 @@
 - the flow (the upgrade) records every turn in ``flow.metadata["resp2chat"]["turns"]``: the
   message, the chat request, the backend's stream and the events sent; ``flow.comment`` sums
   the socket up; finished turns go to ``Turns.finished`` listeners and the request log.
+- ``KeepUpgrades`` (added after mitmproxy's own server replay): ``server_replay_extra`` (kill,
+  a status) never stops a socket's upgrade; its unrecorded turns get the extra instead.
 
 Owns ``responses_websocket``.
 """
@@ -25,21 +27,27 @@ import time
 from dataclasses import dataclass, field
 
 from mitmproxy import ctx, http
+from mitmproxy.flow import Error
 from mitmproxy.utils import human
 
+from resp2chat_core import inputs
 from resp2chat_core import websocket as ws
-from resp2chat_core.channel import Reader, record_events, scrub
+from resp2chat_core.channel import Reader
 from resp2chat_core.compaction import TRIGGER
-from resp2chat_core.errors import GatewayError, error_json
+from resp2chat_core.errors import GatewayError, error_json, gateway_failure
 from resp2chat_core.replay import MAX_ENTRY_BYTES
+from resp2chat_core.turn import Turn, session_key
 from resp2chat_core.usage import usage_note
-from resp2chat_io.relay import Socket
+from resp2chat_io.redis_state import StateUnavailable
+from resp2chat_io.relay import Exchange, Socket
 from resp2chat_io.relay.exchange import run
 from resp2chat_io.relay.upstream import failure
 
-from .base import META, Owner, fails_closed, show_url
+from .base import META, Owner, fails_closed, request_id, show_url
+from .outcomes import Outcome
 from .raw import RawPrinter
-from .turns import RESPONSES_PATHS, Finished, new_response_id
+from .store import store_unavailable
+from .turns import RESPONSES_PATHS, new_response_id, settle
 
 log = logging.getLogger("resp2chat")
 
@@ -61,9 +69,26 @@ class Live:
     headers: list[tuple[bytes, bytes]]  # sent to the backend with each turn (Codex's headers; no credentials)
     client_auth: str | None = None  # the client's Authorization (forward_client_auth; an upstream's key wins)
     conn: ws.Connection = field(default_factory=ws.Connection)
+    messages: int = 0  # client messages so far (each gets its own request id: request_id(flow)_n)
     turns: int = 0
     recorded: int = 0  # bytes of turn records in the flow's metadata
-    current: tuple | None = None  # the turn in flight: (_finish's arguments)
+    current: Message | None = None  # the turn in flight
+
+
+@dataclass(eq=False)
+class Message:
+    """One client message being served."""
+
+    text: str  # as received (a binary one decoded leniently: for the record only)
+    request_id: str  # in failures the client sees, the log, metrics and the access log
+    started: float  # time.monotonic() when it arrived
+    request: dict | None = None  # the Responses request it carries, once read
+    turn: Turn | None = None
+    reader: Reader | None = None
+    sent: list = field(default_factory=list)  # (event type, message) as sent, for the record
+    upstream: str = ""  # the name of the upstream it went to first
+    exchange: Exchange | None = None
+    first: float | None = None  # time.monotonic() when the first event made from backend data left
 
 
 @fails_closed
@@ -72,10 +97,10 @@ class ResponsesWebSocket(Owner):
     owner = "websocket"
     also_reads = ("max_request_body_mb",)  # a message is a request: the same limit
 
-    def __init__(self, source, upstreams, turns, store, request_log=None, server_replay=None) -> None:
+    def __init__(self, source, upstreams, turns, store, request_log=None, server_replay=None, outcomes=None) -> None:
         super().__init__(source)
         self.upstreams, self.relay, self.turns, self.store = upstreams, upstreams.relay, turns, store
-        self.request_log, self.server_replay = request_log, server_replay
+        self.request_log, self.server_replay, self.outcomes = request_log, server_replay, outcomes
         self.live: dict[str, Live] = {}
 
     # --- the upgrade -------------------------------------------------------------------------
@@ -126,6 +151,10 @@ class ResponsesWebSocket(Owner):
             req.headers[name] = value
         req.scheme, (req.host, req.port) = "http", self.relay.address
 
+    def running(self) -> None:
+        if ctx.master is not None and ctx.master.addons.get(KeepUpgrades.name) is None:
+            ctx.master.addons.add(KeepUpgrades(self))  # after mitmproxy's server replay: see there
+
     @staticmethod
     def upstream_headers(flow: http.HTTPFlow) -> list[tuple[bytes, bytes]]:
         """What each turn sends the backend besides its body and its upstream's credentials
@@ -162,9 +191,9 @@ class ResponsesWebSocket(Owner):
         if live is not None:
             self.relay.forget(flow.id)
             self._show_client_url(flow, live)
-            if live.current is not None:  # the client left mid-turn: record it before the flow is saved
-                current, live.current = live.current, None
-                self._finish(live, *current)
+            m = live.current
+            if m is not None and self._settled(live, m):  # the client left mid-turn: record it before the flow is saved
+                self._finish(live, m)
 
     @staticmethod
     def _show_client_url(flow: http.HTTPFlow, live: Live) -> None:
@@ -173,38 +202,48 @@ class ResponsesWebSocket(Owner):
 
     # --- the messages ------------------------------------------------------------------------
 
-    async def message(self, live: Live, text: str, send) -> None:
+    async def message(self, live: Live, message: str | bytes, send) -> None:
         """One client message (the relay calls this in order, one at a time). Fails closed: a bug
-        of ours still ends the message with an ``error`` message, and the socket goes on."""
+        of ours still ends the message with an ``error`` message naming its request id (the
+        details go to the log), and the socket goes on."""
+        live.messages += 1
+        m = Message(message if isinstance(message, str) else message.decode("utf-8", "replace"),
+                    f"{request_id(live.flow)}_{live.messages}", time.monotonic())
         try:
-            await self._message(live, text, send)
+            await self._message(live, m, message, send)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001
-            log.warning(f"resp2chat: a websocket message failed: {type(exc).__name__}: {exc}", exc_info=exc)
-            live.current = None
-            send([ws.server_error("the gateway failed to handle this message")])
+            log.warning(f"resp2chat: websocket message {m.request_id} failed: {type(exc).__name__}: {exc}",
+                        exc_info=exc)
+            self._settled(live, m)
+            self._refuse(live, m, GatewayError(gateway_failure("handle this message", m.request_id),
+                                               code="server_error", status=500, type="server_error"), send)
 
-    async def _message(self, live: Live, text: str, send) -> None:
+    async def _message(self, live: Live, m: Message, message: str | bytes, send) -> None:
+        # read as an HTTP body is (requestbody.py); a lone surrogate then fails as invalid UTF-8
+        body = message if isinstance(message, bytes) else message.encode("utf-8", "surrogatepass")
         try:
-            if len(text) > self.s["max_request_body_mb"] << 20:  # (characters: at most 4 bytes each)
+            if len(body) > self.s["max_request_body_mb"] << 20:
                 raise GatewayError(f"message larger than max_request_body_mb ({self.s['max_request_body_mb']} MiB)",
                                    code="request_too_large", status=413)
-            create = ws.read_message(text)
+            create = ws.read_message(body)
             if create is None:
                 return  # response.processed: nothing to say
-            response_id, created_at = new_response_id(), int(time.time())
-            conversation = live.conn.conversation(create, self.store.history)
-            turn = self.turns.parse(create.body, response_id, created_at, live.conn.lookup(self.store.history))
+            m.request = create.body
+            stored, resolve = await self._stored(live, create)
+            turn = self.turns.parse(create.body, new_response_id(), int(time.time()), live.conn.lookup(stored),
+                                    resolve)
         except GatewayError as err:
-            send([ws.error_message(err)])
-            self._record(live, {"responses_request": text, "status": "rejected", "error": err.body()["error"]})
+            self._refuse(live, m, err, send)
             return
-        live.turns += 1
-        reader = Reader(turn.translator(), MAX_ENTRY_BYTES, self.turns.secrets)
+        turn.ctx.request_id = m.request_id  # named in the failures the client sees
+        conversation = live.conn.conversation(create, stored, resolve, self.turns.sealer)
+        m.turn = turn
+        m.reader = reader = Reader(turn.translator(), MAX_ENTRY_BYTES, self.turns.secrets)
         if ctx.options.resp2chat_raw:
             reader.translator.observer = RawPrinter()
-        coalesce, sent = ws.Coalescer(), []
+        coalesce, sent = ws.Coalescer(), m.sent
 
         def out(sse: bytes) -> None:
             """A channel item's events as messages (deltas of one read merged: ws.Coalescer)."""
@@ -214,16 +253,19 @@ class ResponsesWebSocket(Owner):
             send([message for _, message in messages])
 
         if self.server_replay is not None and self.server_replay.active \
-                and self._replay(live, text, turn, conversation, send, create.warmup):
+                and self._replay(live, m, conversation, send, create.warmup):
             return  # answered from a recording (--server-replay)
         if create.warmup:
             out(reader.apply(ws.Warmup()))
-            live.conn.remember(response_id, conversation or [])
-            self._finish(live, text, turn, reader, sent, warmup=True)
+            live.conn.remember(turn.ctx.response_id, conversation or [])
+            self._warmed(live, m)
             return
+        live.turns += 1
         plan = self.turns.plan(turn, live.flow, live.client_auth)  # the same routing as over HTTP
         exchange = self.turns.exchange(f"{live.flow.id}:{live.turns}", turn, plan, secret="")
         exchange.channel.push = lambda item: out(reader.apply(item))
+        m.upstream, m.exchange = plan.name, exchange
+        reader.on_first = lambda: setattr(m, "first", time.monotonic())
         headers = list(live.headers)
         if plan.authorization:
             headers.append((b"authorization", plan.authorization.encode()))
@@ -231,66 +273,124 @@ class ResponsesWebSocket(Owner):
             headers.append((plan.affinity[0].lower().encode(), plan.affinity[1].encode()))
         if self.request_log is not None:
             self.request_log.write(live.flow, turn, exchange.target.url)
-        live.current = (text, turn, reader, sent)
+        live.current = m
+        self.turns.socket_turns += 1
         try:
             await run(exchange, self.relay.client, headers, turn.chat_body)
         except asyncio.CancelledError:  # the socket closed: the backend call is dropped with it
-            if live.current is not None:  # (not recorded yet by websocket_end)
-                live.current = None
-                self._finish(live, text, turn, reader, sent)
+            if self._settled(live, m):  # (not recorded yet by websocket_end)
+                self._finish(live, m)
             raise
         except Exception as exc:  # noqa: BLE001 — a bug of ours: the turn still ends clearly
-            log.warning(f"resp2chat: websocket turn failed: {type(exc).__name__}: {exc}", exc_info=exc)
+            log.warning(f"resp2chat: websocket turn {m.request_id} failed: {type(exc).__name__}: {exc}", exc_info=exc)
             out(reader.apply(failure(502, "the gateway's relay failed", "server_error")))
-        live.current = None
+        if not self._settled(live, m):
+            return  # the socket ended meanwhile: websocket_end recorded the turn
         out(reader.finish())
         t = reader.translator
         if t.done and t.response()["status"] == "completed" and conversation is not None:
             if conversation and isinstance(conversation[-1], dict) and conversation[-1].get("type") == TRIGGER:
                 conversation = conversation[:-1]
-            live.conn.remember(response_id, conversation + t.output)
-        self._finish(live, text, turn, reader, sent)
+            live.conn.remember(turn.ctx.response_id, conversation + t.output)
+        self._finish(live, m)
 
-    def _replay(self, live: Live, text: str, turn, conversation: list | None, send, warmup: bool = False) -> bool:
+    async def _stored(self, live: Live, create: ws.Create):
+        """Where the response store has this message's ``previous_response_id`` (when the
+        connection does not) and its ``item_reference`` ids: ``(history, resolve)`` for
+        ``Turns.parse``. With Redis they are fetched now, for this message alone (the HTTP path's
+        ``StoredResponses.request`` fetches them for its flow); Redis down: 503 store_unavailable."""
+        if not self.store.shared:
+            return self.store.history, self.store.resolve_items
+        previous = create.previous if create.previous and live.conn.history(create.previous) is None else None
+        refs = inputs.reference_ids(create.body.get("input"))
+        history, items = None, {}
+        if previous is not None or refs:
+            try:
+                history, items = await self.store.fetch(previous, refs)
+            except StateUnavailable:
+                raise store_unavailable(f"previous_response_id {previous!r}" if previous is not None
+                                        else "item_reference") from None
+        return ((lambda rid: history if rid == previous else None),
+                (lambda ids: {i: items[i] for i in ids if i in items}))
+
+    def _settled(self, live: Live, m: Message) -> bool:
+        """The turn ``m`` leaves the socket (True: it was in flight; False: already settled)."""
+        if live.current is not m:
+            return False
+        live.current = None
+        self.turns.socket_turns -= 1
+        return True
+
+    def _refuse(self, live: Live, m: Message, err: GatewayError, send, **note) -> None:
+        """A message the gateway answers itself with an ``error``: sent, recorded, counted."""
+        send([ws.error_message(err)])
+        self._record(live, {"responses_request": m.text, "request_id": m.request_id, "status": "rejected",
+                            "error": err.body()["error"], **note})
+        self._outcome(live, m, "rejected", err.code or "", err.status)
+
+    def _outcome(self, live: Live, m: Message, status: str, code: str, http_status: int, upstream: str = "",
+                 usage: dict | None = None) -> None:
+        """A message answered without a turn (refused, or replayed) for metrics and the access log,
+        as outcomes.py counts such an HTTP request."""
+        if self.outcomes is None:
+            return
+        raw = m.request or {}
+        model = raw.get("model") if isinstance(raw.get("model"), str) else ""
+        self.outcomes.emit(Outcome(m.request_id, session_key(raw.get("prompt_cache_key"), live.flow.request.headers),
+                                   model, upstream, status, code, usage, None, time.monotonic() - m.started,
+                                   http_status))
+
+    def _replay(self, live: Live, m: Message, conversation: list | None, send, warmup: bool = False) -> bool:
         """Offline replay (``--server-replay``): the recorded events of the same turn (or
         warm-up), if any. False: none, and the turn (or warm-up) is served as usual."""
+        turn = m.turn
         recorded = self.server_replay.events(turn.chat_body, warmup)
         if recorded is None:
             extra = ctx.options.server_replay_extra
             if extra != "forward" and not warmup:  # as mitmproxy's server replay does for an unmatched request
                 status = int(extra) if extra.isdigit() else 502
-                send([ws.error_message(GatewayError("no recorded answer for this request (server replay)",
-                                                    code="not_recorded", status=status, type="server_error"))])
-                self._record(live, {"responses_request": text, "status": "rejected", "server_replay": "not recorded"})
+                self._refuse(live, m, GatewayError("no recorded answer for this request (server replay)",
+                                                   code="not_recorded", status=status, type="server_error"),
+                             send, server_replay="not recorded")
                 return True
             return False
         send(ws.messages(recorded))
         final = ws.final_response(recorded) or {}
         if final.get("status") == "completed" and conversation is not None:
             live.conn.remember(final["id"], conversation + final.get("output", []))
-        self._record(live, {"responses_request": text, "chat_request": turn.chat_body.decode("utf-8", "replace"),
+        self._record(live, {"responses_request": m.text, "request_id": m.request_id,
+                            "chat_request": turn.chat_body.decode("utf-8", "replace"),
                             "response_id": final.get("id"), "status": final.get("status", "unfinished"),
                             "usage": final.get("usage"), "warmup": warmup, "server_replay": True,
                             "events": recorded.decode("utf-8", "replace")})
+        if not warmup:
+            self._outcome(live, m, "replayed", "", 200, "server-replay", final.get("usage"))
         return True
 
-    def _finish(self, live: Live, text: str, turn, reader: Reader, sent: list, warmup: bool = False) -> None:
-        """Record a turn on the flow and tell the listeners (the response store…)."""
-        t = reader.translator
-        final = t.response() if t.done else None
-        status = final["status"] if final else "unfinished"
-        record = {"responses_request": text, "response_id": turn.ctx.response_id, "created_at": turn.ctx.created_at,
-                  "status": status, "usage": t.usage, "warmup": warmup}
-        record["chat_request"] = turn.chat_body.decode("utf-8", "replace")  # (a warm-up's: what replay matches)
-        if not warmup:
-            record["upstream_sse"] = scrub(bytes(reader.upstream), self.turns.secrets).decode("utf-8", "replace")
-            record["gateway_events"] = record_events(reader.gateway, self.turns.secrets)
-            record.update(self.turns.recorded_lowering(turn.ctx.model))
-        answer = ws.as_sse(sent)  # what the client got (deltas merged as they were sent)
-        record["events"] = answer.decode("utf-8", "replace")
-        self._record(live, record)
-        if not warmup:
-            self.turns.notify(Finished(live.flow, turn, status, final, answer, t.usage))
+    def _warmed(self, live: Live, m: Message) -> None:
+        """Record a warm-up (answered without the backend: no turn, nothing to count)."""
+        turn, t = m.turn, m.reader.translator
+        self._record(live, {"responses_request": m.text, "request_id": m.request_id,
+                            "response_id": turn.ctx.response_id, "created_at": turn.ctx.created_at,
+                            "status": t.response()["status"] if t.done else "unfinished", "usage": t.usage,
+                            "warmup": True, "chat_request": turn.chat_body.decode("utf-8", "replace"),
+                            "events": ws.as_sse(m.sent).decode("utf-8", "replace")})  # (what replay matches)
+
+    def _finish(self, live: Live, m: Message) -> None:
+        """Record a turn on the flow and tell the listeners (the response store, metrics and the
+        access log…): turns.settle, as for an HTTP turn."""
+        ex = m.exchange
+        name = ex.fallbacks[ex.answered - 1].name if ex.answered else m.upstream
+        answer = ws.as_sse(m.sent)  # what the client got (deltas merged as they were sent)
+        done, record = settle(live.flow, m.turn, m.reader, answer, upstream=name, started=m.started, first=m.first,
+                              skipped=tuple(ex.skipped), secrets=self.turns.secrets,
+                              lowering=self.turns.recorded_lowering(m.turn.ctx.model), exchange=ex)
+        turn = m.turn
+        self._record(live, {"responses_request": m.text, "request_id": m.request_id,
+                            "response_id": turn.ctx.response_id, "warmup": False, "upstream_name": name,
+                            "chat_request": turn.chat_body.decode("utf-8", "replace"), **record,
+                            "events": answer.decode("utf-8", "replace")})
+        self.turns.notify(done)
 
     def _record(self, live: Live, record: dict) -> None:
         flow = live.flow
@@ -306,7 +406,7 @@ class ResponsesWebSocket(Owner):
         if not record.get("warmup"):  # mitmdump's own output shows sockets quietly (QUIET_SOCKETS): one line a turn
             u = record.get("usage")
             log.info(f"{human.format_address(flow.client_conn.peername)}: WebSocket /v1/responses message "
-                     f"{len(turns)} · {record['status']}"
+                     f"{len(turns)} ({record.get('request_id')}) · {record['status']}"
                      + (f" ({record['error'].get('code')})" if record.get("error") else "")
                      + usage_note(u)
                      + (" · server replay" if record.get("server_replay") else ""))
@@ -321,3 +421,47 @@ class ResponsesWebSocket(Owner):
             + ", ".join(f"{n} {kind}" for kind, n in counts.items()) + ")"
             + usage_note(u, " · last: ")
         )
+
+
+@fails_closed
+class KeepUpgrades:
+    """The socket's upgrade under ``--server-replay`` with ``server_replay_extra`` other than
+    ``forward``: mitmproxy's server replay kills it (or answers it with the status), as it does any
+    request it holds no recording for, and none can answer an upgrade (an addon cannot make the
+    ``101``: relay/websocket.py). The socket is the gateway's own (its turns are answered from
+    the recordings, or get the extra as an ``error`` message: ``_replay``). So this addon, added
+    at the end of the addon chain at ``running`` (after mitmproxy's ``ServerPlayback``), takes
+    that verdict off an upgrade this gateway serves, and the upgrade goes on to the relay; and
+    ``SocketMisses`` keeps mitmproxy's warning about it out of the log."""
+
+    name = "resp2chat_websocket_keep_upgrades"
+
+    def __init__(self, sockets: ResponsesWebSocket) -> None:
+        self.sockets = sockets
+        logging.getLogger().addFilter(SocketMisses(sockets))  # (mitmproxy logs it on the root logger)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.id not in self.sockets.live or flow.websocket is not None:
+            return
+        if flow.error is not None and flow.error.msg == Error.KILLED_MESSAGE:  # (Flow.kill, undone)
+            flow.error, flow.live = None, True
+        if flow.is_replay == "response":
+            flow.response, flow.is_replay = None, None
+
+
+class SocketMisses(logging.Filter):
+    """Drops mitmproxy's "server_playback: killed (or returned N) non-replay request" for an upgrade
+    on its way to the relay (``KeepUpgrades`` lets it through): the relay's address is ours alone."""
+
+    def __init__(self, sockets: ResponsesWebSocket) -> None:
+        super().__init__()
+        self.sockets = sockets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not isinstance(record.msg, str) or not record.msg.startswith("server_playback: ") \
+                or "non-replay request" not in record.msg:
+            return True
+        port = self.sockets.relay.port
+        url = record.msg.rsplit(" ", 1)[-1]
+        return not (port and url.startswith(f"http://127.0.0.1:{port}/")
+                    and url.split("?", 1)[0].endswith(RESPONSES_PATHS))

@@ -38,7 +38,7 @@ Send = Callable[[list[str]], None]
 class Socket:
     turn_id: str  # the upgrade flow's id: names the socket in mitmproxy's request to the relay
     secret: str  # per socket, random; compared in constant time
-    on_message: Callable[[str, Send], Awaitable[None]]  # serves one client message
+    on_message: Callable[[str | bytes, Send], Awaitable[None]]  # serves one client message (text, or binary)
 
 
 async def serve(sock: Socket, request: h11.Request, conn: h11.Connection, reader: asyncio.StreamReader,
@@ -54,7 +54,7 @@ async def serve(sock: Socket, request: h11.Request, conn: h11.Connection, reader
         (b"upgrade", b"websocket"), (b"connection", b"Upgrade"),
         (b"sec-websocket-accept", generate_accept_token(key))])))
     ws = Connection(ConnectionType.SERVER, trailing_data=conn.trailing_data[0])
-    inbox: asyncio.Queue[str] = asyncio.Queue()
+    inbox: asyncio.Queue[str | bytes] = asyncio.Queue()
 
     def send(texts: list[str]) -> None:
         if ws.state is ConnectionState.OPEN and not writer.is_closing():
@@ -62,9 +62,9 @@ async def serve(sock: Socket, request: h11.Request, conn: h11.Connection, reader
 
     async def work() -> None:
         while True:
-            text = await inbox.get()
+            message = await inbox.get()
             try:
-                await sock.on_message(text, send)
+                await sock.on_message(message, send)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 — a bug of ours: log it, keep the socket
@@ -83,12 +83,10 @@ async def serve(sock: Socket, request: h11.Request, conn: h11.Connection, reader
                         writer.write(ws.send(CloseConnection(code=1009, reason="message too big")))
                         return
                     if event.message_finished:
-                        if isinstance(event, BytesMessage):
-                            text = b"".join(p if isinstance(p, bytes) else p.encode() for p in parts).decode("utf-8", "replace")
-                        else:
-                            text = "".join(parts)
+                        # a binary message stays bytes: the addon reads it as strictly as an HTTP body
+                        message = b"".join(parts) if isinstance(event, BytesMessage) else "".join(parts)
                         parts, size = [], 0
-                        inbox.put_nowait(text)
+                        inbox.put_nowait(message)
                 elif isinstance(event, Ping):
                     writer.write(ws.send(event.response()))
                 elif isinstance(event, CloseConnection):
