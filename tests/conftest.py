@@ -64,6 +64,15 @@ def send_json(handler, status: int, obj) -> None:
     handler.wfile.write(body)
 
 
+def send_text_chunk(handler, n: int) -> None:
+    """One chat chunk with the content ``t<n> `` as one HTTP chunk, flushed: a test upstream
+    (BaseHTTPRequestHandler) streaming a chunked SSE body at its own pace."""
+    chunk = {"choices": [{"index": 0, "delta": {"content": f"t{n} "}, "finish_reason": None}]}
+    data = f"data: {json.dumps(chunk)}\n\n".encode()
+    handler.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+    handler.wfile.flush()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import parse_sse, start_gateway, wait_until
+from conftest import parse_sse, send_text_chunk, start_gateway, wait_until
 
 FAULTS = str(Path(__file__).with_name("faults.py"))
 PLANTED = "hunter2"  # faults.PLANTED: "password=hunter2 at 10.0.0.7"
@@ -182,10 +182,7 @@ class Endless(BaseHTTPRequestHandler):
         n = 0
         try:
             while True:
-                chunk = {"choices": [{"index": 0, "delta": {"content": f"t{n} "}, "finish_reason": None}]}
-                data = f"data: {json.dumps(chunk)}\n\n".encode()
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-                self.wfile.flush()
+                send_text_chunk(self, n)
                 n += 1
                 time.sleep(0.05)  # (a model's pace, not a wait)
         except OSError:

@@ -17,7 +17,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import codex_fixture, parse_sse, send_json, wait_until
+from conftest import codex_fixture, parse_sse, send_json, send_text_chunk, wait_until
 from soak import soak
 
 DEAD = "http://127.0.0.1:9"
@@ -71,10 +71,7 @@ class _Slow(BaseHTTPRequestHandler):
         n = 0
         try:
             while True:
-                chunk = {"choices": [{"index": 0, "delta": {"content": f"t{n} "}, "finish_reason": None}]}
-                data = f"data: {json.dumps(chunk)}\n\n".encode()
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-                self.wfile.flush()
+                send_text_chunk(self, n)
                 n += 1
                 if n == 3 and not type(self).forever:
                     end = b"data: " + json.dumps({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}).encode()

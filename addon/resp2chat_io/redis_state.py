@@ -59,12 +59,11 @@ def describe(url: str) -> str:
         parts.path if parts.hostname and parts.path else "")
 
 
-_PUT_RESPONSE = """
-local prefix, id, data, items = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local ttl, max_n, max_b = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+# one response gone: its hash, the item ids that still point at it, its size and its index entry
+# (both scripts below start with it; ``prefix`` is ARGV[1])
+_DROP = """
+local prefix = ARGV[1]
 local idx, sizes, total = prefix .. 'responses', prefix .. 'responses:sizes', prefix .. 'responses:bytes'
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local function drop(rid)
   local key = prefix .. 'response:' .. rid
   local ids = redis.call('HGET', key, 'items')
@@ -81,6 +80,13 @@ local function drop(rid)
   end
   redis.call('ZREM', idx, rid)
 end
+"""
+
+_PUT_RESPONSE = _DROP + """
+local id, data, items = ARGV[2], ARGV[3], ARGV[4]
+local ttl, max_n, max_b = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 for _, rid in ipairs(redis.call('ZRANGEBYSCORE', idx, '-inf', now - ttl)) do drop(rid) end
 drop(id)
 local key = prefix .. 'response:' .. id
@@ -100,24 +106,9 @@ end
 return {redis.call('ZCARD', idx), tonumber(redis.call('GET', total) or '0')}
 """
 
-_DROP_RESPONSE = """
-local prefix, id = ARGV[1], ARGV[2]
-local idx, sizes, total = prefix .. 'responses', prefix .. 'responses:sizes', prefix .. 'responses:bytes'
-local key = prefix .. 'response:' .. id
-local existed = redis.call('EXISTS', key)
-local ids = redis.call('HGET', key, 'items')
-if ids then
-  for iid in string.gmatch(ids, '%S+') do
-    if redis.call('GET', prefix .. 'item:' .. iid) == id then redis.call('DEL', prefix .. 'item:' .. iid) end
-  end
-end
-redis.call('DEL', key)
-local size = redis.call('HGET', sizes, id)
-if size then
-  redis.call('DECRBY', total, size)
-  redis.call('HDEL', sizes, id)
-end
-redis.call('ZREM', idx, id)
+_DROP_RESPONSE = _DROP + """
+local existed = redis.call('EXISTS', prefix .. 'response:' .. ARGV[2])
+drop(ARGV[2])
 return existed
 """
 
