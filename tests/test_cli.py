@@ -259,6 +259,18 @@ def test_start_falls_back_to_demo_and_raw_prints_the_stream(tmp_path):
     assert "\x1b[2;3mThinking " in out and "You said: raw mode" in out
 
 
+def test_start_demo_serves_the_demo_even_with_upstreams_configured(tmp_path):
+    config_file(tmp_path).parent.mkdir(parents=True)
+    config_file(tmp_path).write_text(
+        "upstreams:\n- {name: fleet, base_url: 'http://127.0.0.1:9/v1', models: ['*']}\n")
+    proc, port = _start(tmp_path, "--demo")
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        assert client.responses.create(model="demo-model", input="demo wins").output_text == "You said: demo wins"
+    finally:
+        _stop(proc)
+
+
 # --- print-config ------------------------------------------------------------------------------
 
 

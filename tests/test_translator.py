@@ -625,6 +625,7 @@ def test_minimal_request_echo_is_a_valid_response():
     evs = run(sse(chunk({"content": "hello"}), chunk(finish="stop")), tr)
     resp = evs[-1]["response"]
     assert resp["model"] == "gpt-x" and resp["tools"] == [] and resp["tool_choice"] == "auto"
+    assert resp["store"] is True  # the API's default, and the gateway keeps it
     check_sdk(evs)
 
 

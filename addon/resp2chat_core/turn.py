@@ -26,7 +26,7 @@ _ECHO_DEFAULTS = (
     ("parallel_tool_calls", True),
     ("previous_response_id", None),
     ("reasoning", None),
-    ("store", False),
+    ("store", True),  # the API's default, and the gateway's: kept unless the request says false
     ("temperature", None),
     ("text", {"format": {"type": "text"}}),
     ("tool_choice", "auto"),

@@ -142,6 +142,7 @@ def build_start_command(args, values: dict, sources: dict) -> tuple[list[str], d
     if args.demo or (sources["upstream_base_url"] == "default" and not values["upstreams"]
                      and not _upstream_answers(DEFAULT_UPSTREAM)):
         env["RESP2CHAT_UPSTREAM_BASE_URL"], demo = "demo", True
+        env["RESP2CHAT_UPSTREAMS"] = "[]"  # the demo instead of a configured list, not beside it
         if not args.demo:
             print(f"resp2chat: no backend configured and none at {DEFAULT_UPSTREAM}: serving the bundled "
                   "demo upstream (configure one with `resp2chat configure`)", file=sys.stderr)

@@ -92,7 +92,8 @@ class Smg:
                "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()),
                "--log-level", "warn", "--disable-retries"]
         self.proc = subprocess.Popen(cmd, stdout=self.log_path.open("wb"), stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env={**os.environ, "NO_COLOR": "1"})
+                                     stdin=subprocess.DEVNULL, env={**os.environ, "NO_COLOR": "1"},
+                                     cwd=self.log_path.parent)  # (anything it writes stays in the test dir)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -7,8 +7,8 @@
 - ``StoredResponses`` GET/DELETE /v1/responses/{id}; previous_response_id's history
 - ``ReplayCache``     identical requests answered without the backend
 - ``Turns``           POST /v1/responses: lower, relay, stream, record
-- ``ResponsesWebSocket`` ws://…/v1/responses: the same turns over a WebSocket (or a refusal)
 - ``ServerReplay``    --server-replay answers reruns of recorded turns (what varies between runs ignored)
+- ``ResponsesWebSocket`` ws://…/v1/responses: the same turns over a WebSocket (or a refusal)
 - ``Upstreams``       every other /v1/* call to the upstream; the relay's lifetime and timeouts
 - ``Outcomes``        how each POST /v1/responses ended, for the next two
 - ``Metrics``         GET /metrics (Prometheus)
