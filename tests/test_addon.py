@@ -410,3 +410,49 @@ async def test_an_unexpected_exception_fails_closed(gw, backend, monkeypatch):
     assert f.response.status_code == 500 and err["code"] == "server_error"
     assert f.response.headers["x-request-id"] in err["message"] and "planted" not in err["message"]
     assert backend.seen == [] and gw["upstreams"].relay.expected == 0
+
+
+def test_first_backend_bytes_are_sliced_once():
+    """A backend whose first read carries a long answer: the first tick translates about
+    FIRST_SLICE bytes of it (the first text delta goes out at once) and asks for one more tick
+    for the rest; what the client gets is byte for byte the unsliced translation."""
+    from resp2chat_core.channel import Accepted, Channel, Reader
+    from resp2chat_core.lowering import LoweringOptions
+    from resp2chat_core.turn import begin_turn
+    from resp2chat_io.addons.turns import FIRST_SLICE, TurnStream
+
+    answer = chunk({"role": "assistant", "content": ""}) + b"".join(chunk({"content": f"w{i} "}) for i in range(300))
+    later = chunk({"content": "late"}) + chunk(finish="stop") + b"data: [DONE]\n\n"
+    assert len(answer) > 4 * FIRST_SLICE
+
+    def stream() -> tuple[Channel, TurnStream, list]:
+        turn = begin_turn(json.dumps({"model": "m", "input": "hi", "stream": True}).encode(), LoweringOptions(),
+                          "resp_1", 1)
+        ticks = []
+        ch = Channel()
+        ch.wake = lambda: ticks.append(1)
+        return ch, TurnStream(Reader(turn.translator(), 1 << 20), ch), ticks
+
+    def out(result) -> bytes:
+        return result if isinstance(result, bytes) else b"".join(result)
+
+    ch, s, ticks = stream()
+    ch.event(Accepted())
+    ch.data(answer[:100])  # a first small read and a large one, taken by the same tick
+    ch.data(answer[100:])
+    first = out(s(b"."))
+    assert ticks == [1, 1] and b"response.output_text.delta" in first and len(first) < 4 * FIRST_SLICE
+    rest = out(s(b"."))
+    assert ticks == [1, 1] and ch.size == 0 and b"w299" in rest
+    ch.data(later)
+    assert ticks == [1, 1, 1]
+    late = out(s(b".")) + out(s(b""))
+
+    whole_ch, whole, _ = stream()
+    whole_ch.event(Accepted())
+    whole_ch.data(answer)
+    whole.sliced = True  # (translated in one go)
+    whole_out = out(whole(b"."))
+    whole_ch.data(later)
+    assert first + rest + late == whole_out + out(whole(b".")) + out(whole(b""))
+    assert late.count(b"event: response.completed\n") == 1

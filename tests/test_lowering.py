@@ -687,3 +687,36 @@ def test_a_request_with_nothing_to_send_is_refused_not_forwarded():
     assert info.value.status == 400 and info.value.param == "input"
     assert json.loads(begin_turn(b'{"model":"m","input":[],"instructions":"be brief"}', LoweringOptions(),
                                  "resp_x", 0).chat_body)["messages"] == [{"role": "system", "content": "be brief"}]
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_text_cache_gives_the_same_bytes(name):
+    """Long message texts (Codex's developer prompt) found in the text cache: the chat body is
+    byte for byte the cold lowering's, whatever another request left in the cache."""
+    from resp2chat_core.turn import ToolsCache
+
+    cache = ToolsCache()
+    other = fixture_body(FIXTURES[0] if name != FIXTURES[0] else FIXTURES[1])
+    _turn(other, cache=cache)
+    hits = cache.texts.hits
+    cold = _turn(fixture_body(name))
+    warm = _turn(fixture_body(name), cache=cache)
+    assert cache.texts.hits > hits
+    assert warm.chat_body == cold.chat_body
+
+
+def test_text_cache_keeps_only_long_texts_and_a_few():
+    from resp2chat_core.lowering import TextCache, dumps
+    from resp2chat_core.turn import ToolsCache
+
+    texts = TextCache(size=2)
+    long = ["é" * TextCache.MIN + str(i) for i in range(3)]
+    for text in long + long[-1:]:
+        assert texts.json(text) == dumps(text).encode()
+    assert texts.hits == 1 and list(texts._entries) == long[1:]
+    huge = "x" * (TextCache.MAX + 1)
+    assert texts.json(huge) == dumps(huge).encode() and huge not in texts._entries
+    # a short text is encoded in place (lower never asks the cache for one)
+    body = req([user("hi " * 2000), user("short")], tools=[fn_tool("a")])
+    cache = ToolsCache()
+    assert _turn(body, cache=cache).chat_body == _turn(body).chat_body == _turn(body, cache=cache).chat_body

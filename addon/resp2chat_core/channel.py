@@ -159,6 +159,15 @@ class Channel:
             self.on_take()
         return items
 
+    def give_back(self, items: list[Item]) -> None:
+        """The consumer took more than it handles in this call: ``items`` go back in front of
+        whatever came since, and one more tick is asked for (without ``wake``, the relay's body
+        has ended: the consumer's last call takes them)."""
+        if items:
+            self._items[:0] = items
+            self.size += sum(len(item) for item in items if item.__class__ is bytes)
+            self._signal()
+
 
 class Reader:
     """Applies channel items to one translator and keeps what both sides said (up to ``cap``

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 
 _SIZE = re.compile(rb"([0-9A-Fa-f]{1,20})[ \t]*(?:;[^\r\n]*)?")
+_HEX = b"0123456789abcdefABCDEF"
 _TRAILER = re.compile(rb"[^:\s][^:]*:.*")  # a header field: name, colon, value (no obs-fold)
 MAX_LINE = 4096  # a size line or trailer longer than this is no chunked body
 
@@ -43,23 +44,25 @@ class ChunkedDecoder:
         buf = self._buf + data if self._buf else data
         out = []
         pos, end = 0, len(buf)
+        need, crlf = self._need, self._crlf  # (locals in the loop, stored back at the end)
+        find, size_line, append = buf.find, _SIZE.fullmatch, out.append
         while pos < end:
-            if self._need:
-                take = min(self._need, end - pos)
-                out.append(buf[pos:pos + take])
+            if need:
+                take = min(need, end - pos)
+                append(buf[pos:pos + take])
                 pos += take
-                self._need -= take
-                self._crlf = not self._need
+                need -= take
+                crlf = not need
                 continue
-            if self._crlf:
+            if crlf:
                 if end - pos < 2:
                     break
                 if buf[pos:pos + 2] != b"\r\n":
                     raise ChunkedError("chunk data not followed by CRLF")
                 pos += 2
-                self._crlf = False
+                crlf = False
                 continue
-            j = buf.find(b"\n" if self._trailers else b"\r\n", pos)
+            j = find(b"\n" if self._trailers else b"\r\n", pos)
             if (end if j < 0 else j) - pos > MAX_LINE:  # however the reads were split
                 raise ChunkedError("chunk size line or trailer too long")
             if j < 0:
@@ -75,14 +78,26 @@ class ChunkedDecoder:
                 if _TRAILER.fullmatch(line) is None:
                     raise ChunkedError(f"bad trailer line {bytes(line)[:40]!r}")
                 continue
-            m = _SIZE.fullmatch(buf, pos, j)
-            if m is None:
-                raise ChunkedError(f"bad chunk size line {bytes(buf[pos:j])[:40]!r}")
-            size = int(m[1], 16)
+            line = buf[pos:j]
+            if line and not line.lstrip(_HEX) and len(line) <= 20:  # hex digits only (nearly always)
+                size = int(line, 16)
+            else:  # extensions, whitespace, or no size line at all
+                m = size_line(line)
+                if m is None:
+                    raise ChunkedError(f"bad chunk size line {bytes(line)[:40]!r}")
+                size = int(m[1], 16)
             pos = j + 2
-            if size:
-                self._need = size
-            else:
+            if not size:
                 self._trailers = True
+                continue
+            stop = pos + size
+            if stop + 2 <= end:  # the whole chunk and its CRLF are here: one step (the common case)
+                if not buf.startswith(b"\r\n", stop):
+                    raise ChunkedError("chunk data not followed by CRLF")
+                append(buf[pos:stop])
+                pos = stop + 2
+            else:
+                need = size
+        self._need, self._crlf = need, crlf
         self._buf = buf[pos:] if pos < end else b""
         return out[0] if len(out) == 1 else b"".join(out)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +91,76 @@ def dumps_spliced(obj: dict, key: str, fragment: str) -> str:
     text = dumps({**obj, key: _HOLDER})
     i = text.find(_HOLDER_JSON)
     return text[:i] + fragment + text[i + len(_HOLDER_JSON):]
+
+
+class TextCache:
+    """The encoded JSON of long message texts, for the last few distinct ones.
+
+    Codex sends the same ~17 KB developer prompt (and AGENTS.md context) every turn; encoding a
+    text that long is ~0.1 ms, finding it again a hash of it (~10 µs). An entry is the JSON of
+    its text and nothing else — the same bytes whoever sent that text — so what one request left
+    here changes no other request's body (test_lowering.py checks the bytes against a cold
+    lowering). Texts of ``MIN``..``MAX`` characters only, ``size`` of them.
+    """
+
+    MIN = 4096
+    MAX = 1 << 18
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self._entries: OrderedDict[str, bytes] = OrderedDict()
+        self.hits = 0
+
+    def json(self, text: str) -> bytes:
+        """``dumps(text).encode()``, from the cache when it holds the text."""
+        found = self._entries.get(text)
+        if found is not None:
+            self._entries.move_to_end(text)
+            self.hits += 1
+            return found
+        found = dumps(text).encode()
+        if len(text) <= self.MAX:
+            self._entries[text] = found
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        return found
+
+
+def _holder(k: int) -> str:
+    return f"{_HOLDER[:-1]}-{k}\x00"
+
+
+def encode_spliced(chat: dict, tools_json: bytes | None, texts: TextCache | None) -> bytes:
+    """``encode(chat)``, with the JSON already known as bytes spliced in instead of encoded
+    again: the tools' (``tools_json``, turn.ToolsCache) and long message texts' (``texts``).
+    The same bytes as ``encode(chat)``: UTF-8 of a concatenation is the concatenation of the
+    pieces' UTF-8."""
+    fragments: list[bytes] = []
+    obj = chat
+    if tools_json is not None:
+        obj = {**obj, "tools": _holder(0)}
+        fragments.append(tools_json)
+    messages = chat.get("messages")
+    if texts is not None and isinstance(messages, list):
+        spliced = None
+        for i, message in enumerate(messages):
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, str) and len(content) >= texts.MIN:
+                spliced = spliced or list(messages)
+                spliced[i] = {**message, "content": _holder(len(fragments))}
+                fragments.append(texts.json(content))
+        if spliced is not None:
+            obj = {**obj, "messages": spliced}
+    if not fragments:
+        return encode(chat)
+    text = dumps(obj)
+    found = sorted((text.find(dumps(_holder(k))), k) for k in range(len(fragments)))
+    out, pos = [], 0
+    for at, k in found:
+        out += (text[pos:at].encode(), fragments[k])
+        pos = at + len(dumps(_holder(k)))
+    out.append(text[pos:].encode())
+    return b"".join(out)
 
 
 # --- content -------------------------------------------------------------------------------
@@ -298,9 +369,10 @@ def _response_format(fmt: dict | None):
 
 
 def lower(req: ResponsesRequest, opts: LoweringOptions = LoweringOptions(), known: ToolMap | None = None,
-          tools_json: str | None = None) -> Lowered:
+          tools_json: bytes | None = None, texts: TextCache | None = None) -> Lowered:
     """``known``: the tool map ``req``'s tools lowered to before (``req.tools`` is then not read),
-    ``tools_json`` its ``chat_tools`` encoded: both from turn.ToolsCache."""
+    ``tools_json`` its ``chat_tools`` encoded: both from turn.ToolsCache. ``texts``: where the
+    JSON of long message texts is kept from turn to turn (the body's bytes are the same)."""
     if req.previous_response_id:  # begin_turn resolves it from the response store
         raise GatewayError(f"previous response {req.previous_response_id!r} not found",
                            param="previous_response_id", code="previous_response_not_found")
@@ -350,8 +422,6 @@ def lower(req: ResponsesRequest, opts: LoweringOptions = LoweringOptions(), know
             chat[key] = value
     for key in opts.drop_upstream_params:
         chat.pop(key, None)
-    if tools_json is not None and chat.get("tools") is tmap.chat_tools:
-        body = dumps_spliced(chat, "tools", tools_json).encode()
-    else:
-        body = encode(chat)
+    spliced_tools = tools_json if tools_json is not None and chat.get("tools") is tmap.chat_tools else None
+    body = encode_spliced(chat, spliced_tools, texts)
     return Lowered(chat=chat, body=body, tool_map=tmap, client_stream=bool(req.stream))

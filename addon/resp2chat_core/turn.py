@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 from . import compaction, inputs, requestbody
 from .errors import GatewayError
-from .lowering import LoweringOptions, dumps, dumps_spliced, lower
+from .lowering import LoweringOptions, TextCache, dumps, dumps_spliced, lower
 from .toolmap import ToolMap
 from .schema import parse_request
 from .seal import Sealer
@@ -92,12 +92,16 @@ class ToolsCache:
     ``true`` from ``1`` from ``1.0`` (``==`` does neither, and the bytes sent must be the ones the
     request gives), and costs ~30 µs for Codex's tools. Only lists that validated and lowered
     before are stored; output is byte for byte what lowering without the cache gives.
+
+    It also carries the turn's ``texts`` (lowering.TextCache): the JSON of long message texts,
+    which Codex resends as unchanged as its tools.
     """
 
     def __init__(self, size: int = 4):
         self.size = size
-        self._entries: OrderedDict[tuple, tuple[ToolMap, str, str]] = OrderedDict()
+        self._entries: OrderedDict[tuple, tuple[ToolMap, bytes, str]] = OrderedDict()
         self.hits = 0
+        self.texts = TextCache()
 
     @staticmethod
     def key(raw_tools: list, opts: LoweringOptions) -> tuple | None:
@@ -107,16 +111,16 @@ class ToolsCache:
             return None
         return packed, opts.tool_denylist, opts.web_search  # the tool map depends on these options only
 
-    def find(self, key: tuple) -> tuple[ToolMap, str, str] | None:
-        """(tool map, encoded chat tools, encoded raw tools) of the same list lowered before."""
+    def find(self, key: tuple) -> tuple[ToolMap, bytes, str] | None:
+        """(tool map, encoded chat tools (UTF-8), encoded raw tools) of the same list lowered before."""
         found = self._entries.get(key)
         if found is not None:
             self._entries.move_to_end(key)
             self.hits += 1
         return found
 
-    def add(self, key: tuple, raw_tools: list, tmap: ToolMap) -> tuple[ToolMap, str, str]:
-        entry = self._entries[key] = (tmap, dumps(tmap.chat_tools), dumps(raw_tools))
+    def add(self, key: tuple, raw_tools: list, tmap: ToolMap) -> tuple[ToolMap, bytes, str]:
+        entry = self._entries[key] = (tmap, dumps(tmap.chat_tools).encode(), dumps(raw_tools))
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
         return entry
@@ -177,14 +181,15 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
     tools = raw.get("tools")
     key = ToolsCache.key(tools, opts) if tools_cache is not None and tools and isinstance(tools, list) else None
     known = tools_cache.find(key) if key else None
+    texts = tools_cache.texts if tools_cache is not None else None
     if known is None:
         req = parse_request(raw)
-        lowered = lower(req, opts)
+        lowered = lower(req, opts, texts=texts)
         if key:
             known = tools_cache.add(key, tools, lowered.tool_map)
     else:  # these tools validated and lowered before: the rest of the request still is checked
         req = parse_request({k: v for k, v in raw.items() if k != "tools"})
-        lowered = lower(req, opts, known[0], known[1])
+        lowered = lower(req, opts, known[0], known[1], texts)
     if not lowered.chat["messages"]:  # a chat request needs one message: no backend takes none
         raise GatewayError("nothing to send the model: the request has no input, instructions or earlier "
                            "conversation", param="input", code="invalid_value")
@@ -204,9 +209,9 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
             continue
         same_tools = (alt.tool_denylist, alt.web_search) == (opts.tool_denylist, opts.web_search)
         if known is not None and same_tools:
-            other = lower(req, alt, known[0], known[1])
+            other = lower(req, alt, known[0], known[1], texts)
         else:  # req may lack its tools (the cache path): lower the whole request again
-            other = lower(parse_request(raw) if known is not None else req, alt)
+            other = lower(parse_request(raw) if known is not None else req, alt, texts=texts)
         if summarize:
             other = compaction.summary_request(other)
         alternates.append((other.body, alt.think_mode(other.chat["model"]), other.tool_map))
