@@ -187,6 +187,7 @@ def test_oversized_body_is_413(gateway_factory, upstream):
     big = {"model": "m", "input": "x" * (1_200_000)}
     r = requests.post(gw.base_url + "/responses", json=big, timeout=30)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert r.headers["x-request-id"].startswith("req_")
     ok = requests.post(gw.base_url + "/responses", json={"model": "m", "input": "small"}, timeout=30)
     assert ok.status_code == 200
 

@@ -79,7 +79,7 @@ def test_metrics_obey_the_gateway_key(upstream, tmp_path):
     gw = start_gateway(upstream.origin, tmp_path, "--set", "resp2chat_gateway_api_key=gw-key-123456")
     try:
         r = requests.get(gw.base_url.removesuffix("/v1") + "/metrics", timeout=10)
-        assert r.status_code == 401
+        assert r.status_code == 401 and r.headers["x-request-id"].startswith("req_")
         assert value(scrape(gw, authorization="Bearer gw-key-123456"), "resp2chat_streams_in_flight") == 0
     finally:
         gw.stop()

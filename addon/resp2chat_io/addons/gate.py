@@ -14,7 +14,7 @@ from mitmproxy import http
 from resp2chat_core import content_encoding
 from resp2chat_core.errors import error_json
 
-from .base import Owner, fails_closed
+from .base import Owner, fails_closed, request_id
 
 JSON_HEADERS = {"content-type": "application/json"}
 
@@ -47,6 +47,7 @@ class Gate(Owner):
         size = flow.request.headers.get("content-length", "")
         if size.isdigit() and int(size) > self.limit:
             self.too_large(flow)
+            self.name_it(flow)
 
     @property
     def limit(self) -> int:
@@ -103,6 +104,14 @@ class Gate(Owner):
             self.too_large(flow)
         elif "content-encoding" in req.headers:
             self.decode(flow)
+        self.name_it(flow)
+
+    @staticmethod
+    def name_it(flow: http.HTTPFlow) -> None:
+        """A refusal carries the gateway's request id, as every answer of a turn does (the
+        operator finds it in the flow and the access log)."""
+        if flow.response is not None and flow.response.status_code >= 400:
+            flow.response.headers["x-request-id"] = request_id(flow)
 
     def authorized(self, req: http.Request) -> bool:
         key = self.s["gateway_api_key"]
