@@ -81,19 +81,55 @@ def encode(chat: dict) -> bytes:
     return dumps(chat).encode()
 
 
-_HOLDER = f"\x00resp2chat-{os.urandom(8).hex()}\x00"  # can't occur in a request: a fresh token per process
-_HOLDER_JSON = dumps(_HOLDER)
+_HOLDER = f"\x00resp2chat-{os.urandom(8).hex()}"  # can't occur in a request: a fresh token per process
+
+
+def _holder(k: int) -> str:
+    return f"{_HOLDER}-{k}\x00"
+
+
+def _splice(text: str, fragments: list) -> list:
+    """``text`` (JSON holding ``_holder(k)`` for each ``k``) cut at the holders, ``fragments[k]``
+    in the place of each: the pieces in order (the text's as str, the fragments as given)."""
+    holders = [dumps(_holder(k)) for k in range(len(fragments))]
+    out, pos = [], 0
+    for at, k in sorted((text.find(h), k) for k, h in enumerate(holders)):
+        out += (text[pos:at], fragments[k])
+        pos = at + len(holders[k])
+    out.append(text[pos:])
+    return out
 
 
 def dumps_spliced(obj: dict, key: str, fragment: str) -> str:
     """``json.dumps(obj)`` (compact, UTF-8) where ``obj[key]`` is already encoded as ``fragment``:
     the same text, without encoding that value again (see turn.ToolsCache)."""
-    text = dumps({**obj, key: _HOLDER})
-    i = text.find(_HOLDER_JSON)
-    return text[:i] + fragment + text[i + len(_HOLDER_JSON):]
+    return "".join(_splice(dumps({**obj, key: _holder(0)}), [fragment]))
 
 
-class TextCache:
+class Recent:
+    """The entries of the last ``size`` distinct keys, the least recently used dropped first;
+    ``hits`` counts the keys found."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._entries: OrderedDict = OrderedDict()
+        self.hits = 0
+
+    def find(self, key):
+        found = self._entries.get(key)
+        if found is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+        return found
+
+    def keep(self, key, value):
+        self._entries[key] = value
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return value
+
+
+class TextCache(Recent):
     """The encoded JSON of long message texts, for the last few distinct ones.
 
     Codex sends the same ~17 KB developer prompt (and AGENTS.md context) every turn; encoding a
@@ -107,27 +143,16 @@ class TextCache:
     MAX = 1 << 18
 
     def __init__(self, size: int = 8):
-        self.size = size
-        self._entries: OrderedDict[str, bytes] = OrderedDict()
-        self.hits = 0
+        super().__init__(size)
 
     def json(self, text: str) -> bytes:
         """``dumps(text).encode()``, from the cache when it holds the text."""
-        found = self._entries.get(text)
-        if found is not None:
-            self._entries.move_to_end(text)
-            self.hits += 1
-            return found
-        found = dumps(text).encode()
-        if len(text) <= self.MAX:
-            self._entries[text] = found
-            while len(self._entries) > self.size:
-                self._entries.popitem(last=False)
+        found = self.find(text)
+        if found is None:
+            found = dumps(text).encode()
+            if len(text) <= self.MAX:
+                self.keep(text, found)
         return found
-
-
-def _holder(k: int) -> str:
-    return f"{_HOLDER[:-1]}-{k}\x00"
 
 
 def encode_spliced(chat: dict, tools_json: bytes | None, texts: TextCache | None) -> bytes:
@@ -153,14 +178,7 @@ def encode_spliced(chat: dict, tools_json: bytes | None, texts: TextCache | None
             obj = {**obj, "messages": spliced}
     if not fragments:
         return encode(chat)
-    text = dumps(obj)
-    found = sorted((text.find(dumps(_holder(k))), k) for k in range(len(fragments)))
-    out, pos = [], 0
-    for at, k in found:
-        out += (text[pos:at].encode(), fragments[k])
-        pos = at + len(dumps(_holder(k)))
-    out.append(text[pos:].encode())
-    return b"".join(out)
+    return b"".join(p.encode() if p.__class__ is str else p for p in _splice(dumps(obj), fragments))
 
 
 # --- content -------------------------------------------------------------------------------

@@ -7,13 +7,12 @@ the fields echoed into Response objects), so the per-chunk path has nothing left
 from __future__ import annotations
 
 import marshal
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from . import compaction, inputs, requestbody
 from .errors import GatewayError
-from .lowering import LoweringOptions, TextCache, dumps, dumps_spliced, lower
+from .lowering import LoweringOptions, Recent, TextCache, dumps, dumps_spliced, lower
 from .toolmap import ToolMap
 from .schema import parse_request
 from .seal import Sealer
@@ -83,7 +82,7 @@ class Turn:
         return self.active
 
 
-class ToolsCache:
+class ToolsCache(Recent):
     """What a request's tools lowered to, for the last few distinct tool lists.
 
     Codex resends the same tools (~30 KB of JSON) every turn, and validating, flattening and
@@ -98,9 +97,7 @@ class ToolsCache:
     """
 
     def __init__(self, size: int = 4):
-        self.size = size
-        self._entries: OrderedDict[tuple, tuple[ToolMap, bytes, str]] = OrderedDict()
-        self.hits = 0
+        super().__init__(size)
         self.texts = TextCache()
 
     @staticmethod
@@ -111,19 +108,10 @@ class ToolsCache:
             return None
         return packed, opts.tool_denylist, opts.web_search  # the tool map depends on these options only
 
-    def find(self, key: tuple) -> tuple[ToolMap, bytes, str] | None:
-        """(tool map, encoded chat tools (UTF-8), encoded raw tools) of the same list lowered before."""
-        found = self._entries.get(key)
-        if found is not None:
-            self._entries.move_to_end(key)
-            self.hits += 1
-        return found
+    # find(key): (tool map, encoded chat tools (UTF-8), encoded raw tools) of the same list lowered before
 
     def add(self, key: tuple, raw_tools: list, tmap: ToolMap) -> tuple[ToolMap, bytes, str]:
-        entry = self._entries[key] = (tmap, dumps(tmap.chat_tools).encode(), dumps(raw_tools))
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
-        return entry
+        return self.keep(key, (tmap, dumps(tmap.chat_tools).encode(), dumps(raw_tools)))
 
 
 def decode_body(body: bytes) -> dict:
