@@ -68,8 +68,8 @@ def prepare(items: list, sealer: Sealer | None) -> tuple[list, list, bool]:
     a stored response remembers) keep the sealed item. ``GatewayError`` names an item the
     gateway did not make, or one that was altered, and a trigger anywhere but last.
     """
-    compaction = bool(items) and _type(items[-1]) == TRIGGER
-    kept = items[:-1] if compaction else items
+    kept = untriggered(items)
+    compaction = kept is not items
     lowered = kept
     for i, item in enumerate(kept):
         kind = _type(item)
@@ -81,6 +81,11 @@ def prepare(items: list, sealer: Sealer | None) -> tuple[list, list, bool]:
                 lowered = list(kept)
             lowered[i] = {"type": "message", "role": "user", "content": SUMMARY_PREFIX + open_item(item, i, sealer)}
     return kept, lowered, compaction
+
+
+def untriggered(items: list) -> list:
+    """``items`` without a trailing ``compaction_trigger`` (``items`` itself when there is none)."""
+    return items[:-1] if items and _type(items[-1]) == TRIGGER else items
 
 
 def open_item(item: dict, i: int, sealer: Sealer | None) -> str:

@@ -30,7 +30,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from . import websocket
+from . import compaction, inputs, websocket
 from .channel import Reader, rebuild_event
 from .errors import GatewayError, error_json
 from .lowering import LoweringOptions
@@ -39,7 +39,7 @@ from .turn import begin_turn
 
 _SEALED = re.compile(re.escape(PREFIX) + r"[A-Za-z0-9_-]+")
 _CREATED = re.compile(rb'"created_at":(\d+)')
-PURPOSES = ("compaction", "reasoning")
+PURPOSES = (compaction.PURPOSE, inputs.REASONING_PURPOSE)
 
 
 def lowering_record(opts: LoweringOptions) -> dict:
@@ -100,9 +100,7 @@ class History:
     def remember(self, response_id: str | None, conversation: list | None, events: bytes) -> None:
         final = websocket.final_response(events)
         if response_id and conversation is not None and final and final.get("status") == "completed":
-            if conversation and isinstance(conversation[-1], dict) and conversation[-1].get("type") == "compaction_trigger":
-                conversation = conversation[:-1]
-            self.responses[response_id] = conversation + list(final.get("output") or ())
+            self.responses[response_id] = compaction.untriggered(conversation) + list(final.get("output") or ())
 
 
 def check_turn(where: str, record: dict, history: History, sealer: Sealer | None,

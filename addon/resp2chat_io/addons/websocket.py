@@ -33,7 +33,7 @@ from mitmproxy.utils import human
 from resp2chat_core import inputs
 from resp2chat_core import websocket as ws
 from resp2chat_core.channel import Reader
-from resp2chat_core.compaction import TRIGGER
+from resp2chat_core.compaction import untriggered
 from resp2chat_core.errors import GatewayError, error_json, gateway_failure
 from resp2chat_core.replay import MAX_ENTRY_BYTES
 from resp2chat_core.turn import Turn, session_key
@@ -47,7 +47,7 @@ from .base import META, Owner, fails_closed, request_id, show_url
 from .outcomes import Outcome
 from .raw import RawPrinter
 from .store import store_unavailable
-from .turns import RESPONSES_PATHS, new_response_id, settle
+from .turns import RESPONSES_PATHS, Finished, new_response_id, settle
 
 log = logging.getLogger("resp2chat")
 
@@ -287,12 +287,9 @@ class ResponsesWebSocket(Owner):
         if not self._settled(live, m):
             return  # the socket ended meanwhile: websocket_end recorded the turn
         out(reader.finish())
-        t = reader.translator
-        if t.done and t.response()["status"] == "completed" and conversation is not None:
-            if conversation and isinstance(conversation[-1], dict) and conversation[-1].get("type") == TRIGGER:
-                conversation = conversation[:-1]
-            live.conn.remember(turn.ctx.response_id, conversation + t.output)
-        self._finish(live, m)
+        done = self._finish(live, m)
+        if done.status == "completed" and conversation is not None:
+            live.conn.remember(turn.ctx.response_id, untriggered(conversation) + reader.translator.output)
 
     async def _stored(self, live: Live, create: ws.Create):
         """Where the response store has this message's ``previous_response_id`` (when the
@@ -376,9 +373,9 @@ class ResponsesWebSocket(Owner):
                             "warmup": True, "chat_request": turn.chat_body.decode("utf-8", "replace"),
                             "events": ws.as_sse(m.sent).decode("utf-8", "replace")})  # (what replay matches)
 
-    def _finish(self, live: Live, m: Message) -> None:
+    def _finish(self, live: Live, m: Message) -> Finished:
         """Record a turn on the flow and tell the listeners (the response store, metrics and the
-        access log…): turns.settle, as for an HTTP turn."""
+        access log…): turns.settle, as for an HTTP turn. Returns what they were told."""
         ex = m.exchange
         name = ex.fallbacks[ex.answered - 1].name if ex.answered else m.upstream
         answer = ws.as_sse(m.sent)  # what the client got (deltas merged as they were sent)
@@ -391,6 +388,7 @@ class ResponsesWebSocket(Owner):
                             "chat_request": turn.chat_body.decode("utf-8", "replace"), **record,
                             "events": answer.decode("utf-8", "replace")})
         self.turns.notify(done)
+        return done
 
     def _record(self, live: Live, record: dict) -> None:
         flow = live.flow
