@@ -7,29 +7,29 @@ Exit status: 0 when every turn that could be checked came out the same, 1 when o
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
 
 from resp2chat_core.retranslate import History, Result, check_turn, turns_of
-from resp2chat_core.seal import Sealer, derive_key
+from resp2chat_core.seal import Sealer
 
 
 def _sealer(given: str | None) -> Sealer | None:
     """The key that sealed the recording's items: --seal-key, else the configured one, else this
     install's key file if there is one (never a new one)."""
-    if given:
-        key = derive_key(given)
-        return Sealer(lambda: key)
     from resp2chat_io import keys
     from resp2chat_io.config import load_settings
 
-    try:
-        configured = load_settings()[0]["seal_key"]
-    except Exception:  # noqa: BLE001 — a broken config file only means: no configured key
-        configured = ""
+    configured = given
+    if not configured:
+        try:
+            configured = load_settings()[0]["seal_key"]
+        except Exception:  # noqa: BLE001 — a broken config file only means: no configured key
+            configured = ""
     if configured or keys.key_path().exists():
-        return Sealer(lambda: keys.seal_key(configured))
+        return Sealer(functools.cache(lambda: keys.seal_key(configured)))  # read once, when first needed
     return None
 
 
