@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Callable, Union, get_args
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,8 +223,7 @@ def scrub(data: bytes, secrets: tuple[bytes, ...]) -> bytes:
     return data
 
 
-EVENTS = {cls.__name__: cls for cls in (Accepted, Keepalive, UpstreamFailed, UpstreamJSON, SearchStarted, SearchDone,
-                                         Rerouted)}
+EVENTS = {cls.__name__: cls for cls in get_args(Event)}
 
 
 def record_events(gateway: list[tuple[int, object]], secrets: tuple[bytes, ...] = ()) -> list:

@@ -74,18 +74,16 @@ class Exchange:
 
 async def run(ex: Exchange, client: UpstreamClient, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
     ex.channel.event(Accepted())
-    if ex.search is None:
-        if ex.fallbacks:
-            await _first_answer(ex, client, headers, body, None)
-        else:
-            await client.call(ex.target, headers, body, ex.channel)
-        return
+    rounds = ex.search.max_web_search_rounds if ex.search is not None else None
     if ex.fallbacks:
-        outcome, headers, loop = await _first_answer(ex, client, headers, body, ex.search.max_web_search_rounds)
-        target = ex.target if ex.answered == 0 else ex.fallbacks[ex.answered - 1].target
-    else:
-        loop, target = websearch.SearchLoop(body, ex.search.max_web_search_rounds), ex.target
-        outcome = await client.call(target, headers, loop.body, ex.channel, loop.feed)
+        outcome, target, headers, loop = await _first_answer(ex, client, headers, body, rounds)
+    else:  # (straight into the channel: no Attempt to watch for a failure to fall back from)
+        target = ex.target
+        loop = websearch.SearchLoop(body, rounds) if rounds is not None else None
+        outcome = await client.call(target, headers, loop.body if loop else body, ex.channel,
+                                    loop.feed if loop else None)
+    if loop is None:
+        return
     while True:
         tail, step = loop.end_round(outcome.answered)
         ex.channel.data(tail)
@@ -105,7 +103,8 @@ async def run(ex: Exchange, client: UpstreamClient, headers: list[tuple[bytes, b
 async def _first_answer(ex: Exchange, client: UpstreamClient, headers: list[tuple[bytes, bytes]], body: bytes,
                         search_rounds: int | None):
     """Call the candidates in order until one answers (routing.py's rule); returns the outcome,
-    the headers that went to the one that answered and its search loop (web search only)."""
+    the target and headers that went to the one that answered, and its search loop (web search
+    only)."""
     failed: list[tuple[str, object]] = []
     candidates = [(ex.upstream, ex.target, None, body, ex.think)] + [
         (f.name, f.target, f.authorization, f.body if f.body is not None else body, f.think) for f in ex.fallbacks]
@@ -118,7 +117,7 @@ async def _first_answer(ex: Exchange, client: UpstreamClient, headers: list[tupl
         outcome = await client.call(target, sent, loop.body if loop else cbody, attempt, loop.feed if loop else None)
         failure = attempt.failure
         if failure is None:
-            return outcome, sent, loop
+            return outcome, target, sent, loop
         if routing.falls_back(failure) and not last:
             failed.append((name, failure))
             ex.skipped.append((name, failure.status))
@@ -128,7 +127,7 @@ async def _first_answer(ex: Exchange, client: UpstreamClient, headers: list[tupl
         if failed and routing.falls_back(failure):
             failure = routing.all_failed(ex.model, failed + [(name, failure)])
         ex.channel.event(failure)
-        return Outcome.BROKEN, sent, loop
+        return Outcome.BROKEN, target, sent, loop
     raise AssertionError("not reached")
 
 
