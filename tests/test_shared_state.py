@@ -286,16 +286,16 @@ async def test_what_a_request_fetched_stays_until_it_ends_and_goes_then(redis_se
         output = [{"type": "message", "id": "msg_1", "role": "assistant", "content": []}]
         history = [{"role": "user", "content": "hi"}, *output]  # (as the store keeps a turn: inputs, then output)
         await addon.store.put("resp_1", history, {"id": "resp_1", "output": output})
-        real, entered, go = addon.store.item, asyncio.Event(), asyncio.Event()
+        real, entered, go = addon.store.items, asyncio.Event(), asyncio.Event()
 
-        async def paused(item_id):  # the second await of a fetch, held until the test says
+        async def paused(item_ids):  # the second await of a fetch, held until the test says
             entered.set()
             await go.wait()
-            return await real(item_id)
+            return await real(item_ids)
 
         done_first = continuing("resp_1")
         await addon.request(done_first)
-        addon.store.item = paused
+        addon.store.items = paused
         a = continuing("resp_1")
         fetching = asyncio.ensure_future(addon.request(a))
         await entered.wait()  # a has its history, not its items yet

@@ -247,14 +247,26 @@ class RedisResponseStore:
         script = self.state.script("drop_response")
         return bool(await self.state.call("delete a stored response", lambda c: script(args=[PREFIX, response_id])))
 
-    async def item(self, item_id: str) -> dict | None:
-        """An item by its id, from the stored response that holds it (item references)."""
-        response_id = await self.state.call("look up an item", lambda c: c.get(f"{PREFIX}item:{item_id}"))
-        entry = await self.get(response_id.decode()) if response_id else None
-        for item in (*(entry or {}).get("items", ()), *((entry or {}).get("response") or {}).get("output", ())):
-            if isinstance(item, dict) and item.get("id") == item_id:
-                return item
-        return None
+    async def items(self, item_ids) -> dict[str, dict]:
+        """``item_reference`` ids -> the stored items (missing: absent), as store.ResponseStore's
+        ``resolve_items``: where they are in one round trip, each response holding some read and
+        decoded once however many it serves."""
+        ids = list(dict.fromkeys(item_ids))
+        if not ids:
+            return {}
+        holders = await self.state.call("look up items", lambda c: c.mget([f"{PREFIX}item:{i}" for i in ids]))
+        by_response: dict[str, set[str]] = {}
+        for item_id, response_id in zip(ids, holders):
+            if response_id:
+                by_response.setdefault(response_id.decode(), set()).add(item_id)
+        found: dict[str, dict] = {}
+        for response_id, wanted in by_response.items():
+            entry = await self.get(response_id) or {}
+            for item in (*entry.get("items", ()), *(entry.get("response") or {}).get("output", ())):
+                iid = item.get("id") if isinstance(item, dict) else None
+                if isinstance(iid, str) and iid in wanted and iid not in found:
+                    found[iid] = item
+        return {i: found[i] for i in ids if i in found}
 
 
 class RedisReplayCache:

@@ -175,12 +175,7 @@ class StoredResponses(Owner):
         if previous is not None:
             entry = await self._fresh(previous)
             history = entry["items"] if entry else None
-        items = {}
-        for item_id in dict.fromkeys(refs):
-            item = await self.store.item(item_id)
-            if item is not None:
-                items[item_id] = item
-        return history, items
+        return history, await self.store.items(refs)
 
     async def _prefetch(self, flow: http.HTTPFlow) -> None:
         """Redis: what a request continues from (``previous_response_id``) and refers to
@@ -203,17 +198,15 @@ class StoredResponses(Owner):
         # this one fetches, and what it fetched goes when it ends (``_release``), however it ends
         self._fetching[flow.id] = (previous, refs)
         try:
-            if previous is not None:
-                entry = await self._fresh(previous)
-                self._fetched[previous] = entry["items"] if entry else None
-            for item_id in refs:
-                item = await self.store.item(item_id)
-                if item is not None:
-                    self._fetched_items[item_id] = item
+            history, items = await self.fetch(previous, refs)
         except StateUnavailable:
             what = f"previous_response_id {previous!r}" if previous is not None else "item_reference"
             flow.response = unavailable(what)  # (its response hook releases what was fetched)
             flow.metadata.setdefault(META, {})["responses_request"] = body.decode("utf-8", "replace")  # (outcomes.py)
+            return
+        if previous is not None:
+            self._fetched[previous] = history
+        self._fetched_items.update(items)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._release(flow)
