@@ -69,15 +69,10 @@ class Outcomes:
             # a WebSocket turn has its own request id (the socket's flow has many) and is a 200 as
             # a streamed HTTP turn would be (the flow's 101 is the socket's)
             http_status = 200
-        self._emit(Outcome(done.turn.ctx.request_id or request_id(flow),
-                           session_key(done.turn.prompt_cache_key, flow.request.headers),
-                           done.turn.ctx.model, done.upstream, status, code, done.usage, done.ttft, done.took,
-                           http_status, done.skipped))
-
-    def emit(self, outcome: Outcome) -> None:
-        """How a request that another addon answered itself ended (a WebSocket message refused or
-        replayed: addons/websocket.py)."""
-        self._emit(outcome)
+        self.emit(Outcome(done.turn.ctx.request_id or request_id(flow),
+                          session_key(done.turn.prompt_cache_key, flow.request.headers),
+                          done.turn.ctx.model, done.upstream, status, code, done.usage, done.ttft, done.took,
+                          http_status, done.skipped))
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._local(flow)
@@ -121,10 +116,12 @@ class Outcomes:
             except (ValueError, AttributeError, RecursionError):
                 code = ""
             code = code if isinstance(code, str) else str(code)
-        self._emit(Outcome(request_id(flow), session_key(pck, req.headers) if body else None, model, upstream,
-                           status, code, None, None, took, resp.status_code))
+        self.emit(Outcome(request_id(flow), session_key(pck, req.headers) if body else None, model, upstream,
+                          status, code, None, None, took, resp.status_code))
 
-    def _emit(self, outcome: Outcome) -> None:
+    def emit(self, outcome: Outcome) -> None:
+        """Hand ``outcome`` to every listener (also how a request another addon answered itself
+        ended: a WebSocket message refused or replayed, addons/websocket.py)."""
         for listener in self.listeners:
             try:
                 listener(outcome)

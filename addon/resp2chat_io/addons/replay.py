@@ -97,10 +97,15 @@ class ReplayCache(Owner):
         if done.status == "completed" and key and done.answer:
             t = done.turn
             entry = pack(t.ctx.response_id, t.ctx.created_at, done.answer, stream=t.client_stream, store=t.store)
-            if isinstance(self.cache, RedisReplayCache):
-                self.cache.state.write("replay cache entry not kept", self.cache.put(key, entry))
-            else:
-                self.cache.put(key, entry)
+            self._put(key, entry, "replay cache entry not kept")
+
+    def _put(self, key: str, entry: bytes, lost: str) -> bool:
+        """Keep an entry: in memory at once; in Redis as a write task (a failure is a warning
+        naming what was ``lost``), counted as kept."""
+        if isinstance(self.cache, RedisReplayCache):
+            self.cache.state.write(lost, self.cache.put(key, entry))
+            return True
+        return self.cache.put(key, entry)
 
     async def done(self) -> None:
         if isinstance(self.cache, RedisReplayCache):
@@ -125,9 +130,5 @@ class ReplayCache(Owner):
                                    meta["responses_request"].encode())
                     entry = pack(meta["response_id"], int(created[1]), f.response.content,
                                  stream=request.get("stream") is True, store=request.get("store") is not False)
-                    if isinstance(self.cache, RedisReplayCache):  # written as the event loop runs
-                        self.cache.state.write("replay cache entry not preloaded", self.cache.put(key, entry))
-                        loaded += 1
-                    else:
-                        loaded += self.cache.put(key, entry)
+                    loaded += self._put(key, entry, "replay cache entry not preloaded")  # (Redis: as the loop runs)
         log.info(f"resp2chat: replay cache preloaded with {loaded} answers from {path}")

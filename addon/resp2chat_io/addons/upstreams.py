@@ -187,10 +187,7 @@ class Upstreams(Owner):
             try:
                 status, body = await self.relay.client.get(self.endpoints[spec.name].url + "/models", headers)
                 data = json.loads(body) if status == 200 else None
-            except (OSError, asyncio.TimeoutError, ValueError) as exc:
-                log.warning(f"resp2chat: GET /models from upstream {spec.name}: {type(exc).__name__}: {exc}")
-                return None
-            except Exception as exc:  # noqa: BLE001 - h11 errors and the like: that upstream is out
+            except Exception as exc:  # noqa: BLE001 - unreachable, not JSON, h11 errors…: that upstream is out
                 log.warning(f"resp2chat: GET /models from upstream {spec.name}: {type(exc).__name__}: {exc}")
                 return None
             if not isinstance(data, dict) or not isinstance(data.get("data"), list):
