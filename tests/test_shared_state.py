@@ -82,7 +82,8 @@ def test_any_replica_continues_any_conversation(upstream, tmp_path, redis_server
 
 
 def test_item_references_resolve_on_any_replica(upstream, tmp_path, redis_server):
-    """item_reference ids (inputs and outputs of a stored response) found through Redis; unknown → 400."""
+    """item_reference ids (the outputs of a stored response) found through Redis; unknown, or an
+    id a client gave its own input → 400."""
     a, b = replicas(upstream, tmp_path, redis_server.url)
     r = redis_server.client()
     try:
@@ -91,9 +92,12 @@ def test_item_references_resolve_on_any_replica(upstream, tmp_path, redis_server
             {"type": "message", "id": "msg_client_0001", "role": "user", "content": "first question"}])
         wait_stored(r, first.id)
         reasoning, message = first.output
+        with pytest.raises(openai.BadRequestError) as err:
+            cb.responses.create(model="demo-model", input=[{"type": "item_reference", "id": "msg_client_0001"}])
+        assert err.value.body["code"] == "item_not_found" and err.value.body["param"] == "input[0].id"
         upstream.clear()
         second = cb.responses.create(model="demo-model", input=[
-            {"type": "item_reference", "id": "msg_client_0001"},
+            {"role": "user", "content": "first question"},
             {"type": "item_reference", "id": reasoning.id},
             {"type": "item_reference", "id": message.id},
             {"role": "user", "content": "second question"}])
@@ -341,8 +345,10 @@ def test_socket_turns_find_stored_responses_and_items_in_redis(upstream, tmp_pat
         second = client.turn({**create, "input": "and now?", "previous_response_id": first.id, "store": True})
         assert second[-1]["type"] == "response.completed", second[-1]
         assert [m["role"] for m in upstream.requests()[-1]["messages"]] == ["user", "assistant", "user"]
+        [own] = client.turn({**create, "input": [{"type": "item_reference", "id": "msg_client_ws_1"}]})
+        assert (own["status"], own["error"]["code"]) == (400, "item_not_found")  # (a client's input: never by id)
         third = client.turn({**create, "store": False, "input": [
-            {"type": "item_reference", "id": "msg_client_ws_1"}, {"type": "item_reference", "id": reasoning.id},
+            {"role": "user", "content": "first question"}, {"type": "item_reference", "id": reasoning.id},
             {"type": "item_reference", "id": message.id}, {"role": "user", "content": "second question"}]})
         assert third[-1]["response"]["output"][-1]["content"][0]["text"] == "You said: second question"
         assert upstream.requests()[-1]["messages"] == [
@@ -355,7 +361,7 @@ def test_socket_turns_find_stored_responses_and_items_in_redis(upstream, tmp_pat
         assert (unknown["status"], unknown["error"]["code"]) == (400, "item_not_found")
         redis_server.stop()
         for needs_redis in ({**create, "input": "x", "previous_response_id": first.id},
-                         {**create, "input": [{"type": "item_reference", "id": "msg_client_ws_1"}]}):
+                         {**create, "input": [{"type": "item_reference", "id": message.id}]}):
             [down] = client.turn(needs_redis)
             assert down["status"] == 503 and down["error"]["code"] == "store_unavailable", down
             assert "Redis" in down["error"]["message"]
