@@ -275,6 +275,7 @@ async def test_what_a_request_fetched_stays_until_it_ends_and_goes_then(redis_se
 
     from resp2chat_io.addons.base import SettingsSource
     from resp2chat_io.addons.store import StoredResponses
+    from resp2chat_io.addons.upstreams import Upstreams
 
     def continuing(previous: str):
         f = tflow.tflow()
@@ -283,19 +284,21 @@ async def test_what_a_request_fetched_stays_until_it_ends_and_goes_then(redis_se
                                         "input": [{"type": "item_reference", "id": "msg_1"}]}).encode()
         return f
 
-    addon = StoredResponses(SettingsSource())
+    addon = StoredResponses(SettingsSource(), Upstreams(SettingsSource()))  # (the owner: "" without forward_client_auth)
     with taddons.context(addon) as tctx:
         tctx.options.add_option("resp2chat_seal_key", str, "", "(Turns declares it in a gateway)")
+        for cap in ("max_input_items", "max_tools", "max_content_parts"):
+            tctx.options.add_option(f"resp2chat_{cap}", int, 0, "(Gate declares them in a gateway)")
         tctx.configure(addon, resp2chat_state_store_url=redis_server.url)
         output = [{"type": "message", "id": "msg_1", "role": "assistant", "content": []}]
         history = [{"role": "user", "content": "hi"}, *output]  # (as the store keeps a turn: inputs, then output)
         await addon.store.put("resp_1", history, {"id": "resp_1", "output": output})
         real, entered, go = addon.store.items, asyncio.Event(), asyncio.Event()
 
-        async def paused(item_ids):  # the second await of a fetch, held until the test says
+        async def paused(item_ids, **owner):  # the second await of a fetch, held until the test says
             entered.set()
             await go.wait()
-            return await real(item_ids)
+            return await real(item_ids, **owner)
 
         done_first = continuing("resp_1")
         await addon.request(done_first)
@@ -306,10 +309,10 @@ async def test_what_a_request_fetched_stays_until_it_ends_and_goes_then(redis_se
         addon.response(done_first)  # the other request ends meanwhile
         go.set()
         await fetching
-        assert a.response is None and addon.history("resp_1") == history
-        assert addon.resolve_items(["msg_1"])["msg_1"]["id"] == "msg_1"
+        assert a.response is None and addon.history("resp_1", owner="") == history
+        assert addon.resolve_items(["msg_1"], owner="")["msg_1"]["id"] == "msg_1"
         addon.response(a)
-        assert addon.history("resp_1") is None and not addon._fetched_items
+        assert addon.history("resp_1", owner="") is None and not addon._fetched_items
 
         entered.clear(), go.clear()
         b = continuing("resp_1")
@@ -320,7 +323,7 @@ async def test_what_a_request_fetched_stays_until_it_ends_and_goes_then(redis_se
         await fetching
         assert b.response.status_code == 503
         addon.response(b)
-        assert addon.history("resp_1") is None and not addon._fetched and not addon._fetching
+        assert addon.history("resp_1", owner="") is None and not addon._fetched and not addon._fetching
         await addon.done()
 
 

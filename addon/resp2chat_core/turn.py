@@ -140,6 +140,7 @@ class Turn:
     # of None is the same bytes as chat_body (that upstream lowers the same way)
     alternates: tuple[tuple[bytes | None, str, ToolMap], ...] = ()
     compaction: bool = False  # Codex's remote compaction: the answer is one sealed summary (compaction.py)
+    owner: str = ""  # whose stored state it reads and writes (owner.py): set by the caller, who knows the client
 
     def translator(self) -> Translator:
         self.active = (compaction.CompactionTranslator if self.compaction else Translator)(self.ctx)
