@@ -107,8 +107,8 @@ class ResponseStore:
         self.bytes += len(data)
         self._index(response_id, owner, items, response)
         if self.dir:
-            _write_private(self.dir / f"{response_id}.json", json.dumps({"stored_at": now, "owner": owner}).encode()[:-1]
-                           + b',"entry":' + data + b"}")
+            head = json.dumps({"stored_at": now, "owner": owner}).encode()[:-1]
+            _write_private(self.dir / f"{response_id}.json", head + b',"entry":' + data + b"}")
         self._evict()
 
     def get(self, response_id: str, *, owner: str = owners.SHARED) -> dict | None:

@@ -151,7 +151,8 @@ class StoredResponses(Owner):
         response_id, method = path.rsplit("/", 1)[1], flow.request.method
         owner = self.upstreams.owner_of(flow)
         try:
-            entry = await self._get(response_id, owner) if self.store is not None and method in ("GET", "DELETE") else None
+            found = self.store is not None and method in ("GET", "DELETE")
+            entry = await self._get(response_id, owner) if found else None
             if entry is not None and method == "DELETE":
                 await self._delete(response_id, owner)
         except StateUnavailable:
@@ -200,7 +201,8 @@ class StoredResponses(Owner):
         if b'"previous_response_id"' not in body and b'"id"' not in body:
             return
         try:
-            wanted = await offload.reduce(body, functools.partial(_wanted, caps=self.caps))  # (a large body off the loop)
+            # (a large body off the loop, reduced there to what this needs)
+            wanted = await offload.reduce(body, functools.partial(_wanted, caps=self.caps))
         except GatewayError:
             return  # turns.py says what is wrong with it (invalid, or past the caps)
         if wanted is None:
@@ -215,7 +217,8 @@ class StoredResponses(Owner):
         except StateUnavailable:
             what = f"previous_response_id {shown(previous)!r}" if previous is not None else "item_reference"
             flow.response = unavailable(what)  # (its response hook releases what was fetched)
-            note_request(flow.metadata.setdefault(META, {}), body, {"model": model, "prompt_cache_key": pck})  # (outcomes.py)
+            note_request(flow.metadata.setdefault(META, {}), body,  # (outcomes.py)
+                         {"model": model, "prompt_cache_key": pck})
             return
         if previous is not None:
             self._fetched[(owner, previous)] = history

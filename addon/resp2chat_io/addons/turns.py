@@ -224,7 +224,8 @@ class TurnStream:
 class Turns(Owner):
     name = "resp2chat_turns"
     owner = "lowering"
-    also_reads = tuple(sorted(S.SECRET_FIELDS)) + ("upstreams", "routing_key_header", *Caps.SETTINGS)  # secrets: scrubbed
+    # (secrets: scrubbed from what a turn records; the caps: checked before a request is validated)
+    also_reads = tuple(sorted(S.SECRET_FIELDS)) + ("upstreams", "routing_key_header", *Caps.SETTINGS)
 
     def __init__(self, source, upstreams, search, store) -> None:
         super().__init__(source)
