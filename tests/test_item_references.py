@@ -31,19 +31,24 @@ def conv(n: int) -> list[dict]:
              "content": [{"type": "output_text", "text": f"a{n}", "annotations": []}]}]
 
 
+def made(n: int) -> dict:
+    """The Response of turn ``n`` of ``conv``: its output, the items the gateway produced."""
+    return {"id": f"resp_{n:08d}", "output": conv(n)[1:]}
+
+
 # --- the store's index -----------------------------------------------------------------------
 
 
 def test_items_live_and_die_with_their_response():
     clock = Clock()
     store = ResponseStore(ttl=60, max_entries=2, max_bytes=1 << 20, clock=clock)
-    store.put("resp_00000001", conv(1), {})
+    store.put("resp_00000001", conv(1), made(1))
     assert store.resolve_items(["msg_1", "rs_1", "nope"]) == {"msg_1": conv(1)[2], "rs_1": conv(1)[1]}
     store.delete("resp_00000001")
     assert store.resolve_items(["msg_1"]) == {}
-    store.put("resp_00000002", conv(2), {})
-    store.put("resp_00000003", conv(3), {})
-    store.put("resp_00000004", conv(4), {})  # max_entries=2: response 2 and its items go
+    store.put("resp_00000002", conv(2), made(2))
+    store.put("resp_00000003", conv(3), made(3))
+    store.put("resp_00000004", conv(4), made(4))  # max_entries=2: response 2 and its items go
     assert store.resolve_items(["msg_2", "msg_3", "msg_4"]).keys() == {"msg_3", "msg_4"}
     clock.now += 61  # expired: their items with them
     assert store.resolve_items(["msg_3", "msg_4"]) == {}
@@ -52,8 +57,8 @@ def test_items_live_and_die_with_their_response():
 
 def test_an_item_held_by_two_responses_outlives_the_first():
     store = ResponseStore(ttl=1e9, max_entries=10, max_bytes=1 << 20, clock=Clock())
-    store.put("resp_00000001", conv(1), {})
-    store.put("resp_00000002", conv(1) + conv(2), {})  # continued with previous_response_id
+    store.put("resp_00000001", conv(1), made(1))
+    store.put("resp_00000002", conv(1) + conv(2), made(2))  # continued with previous_response_id
     store.delete("resp_00000001")
     assert store.resolve_items(["rs_1", "msg_2"]).keys() == {"rs_1", "msg_2"}
     store.delete("resp_00000002")
@@ -62,7 +67,7 @@ def test_an_item_held_by_two_responses_outlives_the_first():
 
 def test_the_index_is_rebuilt_from_disk(tmp_path):
     d = str(tmp_path / "store")
-    ResponseStore(ttl=3600, max_entries=10, max_bytes=1 << 20, directory=d).put("resp_00000001", conv(1), {})
+    ResponseStore(ttl=3600, max_entries=10, max_bytes=1 << 20, directory=d).put("resp_00000001", conv(1), made(1))
     again = ResponseStore(ttl=3600, max_entries=10, max_bytes=1 << 20, directory=d)
     assert again.resolve_items(["msg_1"]) == {"msg_1": conv(1)[2]}
 
@@ -134,13 +139,18 @@ def client(gateway):
     return openai.OpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0, timeout=30)
 
 
-def test_references_to_outputs_and_inputs_resolve_like_the_items(client, upstream):
+def test_references_to_outputs_resolve_like_the_items_and_inputs_do_not(client, upstream):
+    """Only what the gateway produced is found by id: an id a client gave its own input names
+    nothing (tests/test_security_state.py: another client could redefine it)."""
     first = client.responses.create(model="demo-model", input=[
         {"type": "message", "id": "msg_client_0001", "role": "user", "content": "first question"}])
     reasoning, message = first.output
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model="demo-model", input=[{"type": "item_reference", "id": "msg_client_0001"}])
+    assert (err.value.code, err.value.param) == ("item_not_found", "input[0].id")
     upstream.clear()
     second = client.responses.create(model="demo-model", input=[
-        {"type": "item_reference", "id": "msg_client_0001"},
+        {"role": "user", "content": "first question"},
         {"type": "item_reference", "id": reasoning.id},
         {"type": "item_reference", "id": message.id},
         {"role": "user", "content": "second question"}])

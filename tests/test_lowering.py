@@ -720,3 +720,91 @@ def test_text_cache_keeps_only_long_texts_and_a_few():
     body = req([user("hi " * 2000), user("short")], tools=[fn_tool("a")])
     cache = ToolsCache()
     assert _turn(body, cache=cache).chat_body == _turn(body).chat_body == _turn(body, cache=cache).chat_body
+
+
+# --- caps: what one request may hold (turn.py check_caps) ------------------------------------------
+
+
+def _caps_error(body: dict, caps) -> GatewayError | None:
+    from resp2chat_core.turn import begin_turn
+
+    try:
+        begin_turn(json.dumps(body).encode(), LoweringOptions(), "resp_x", 0, caps=caps)
+    except GatewayError as err:
+        return err
+    return None
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_codex_requests_are_far_inside_the_default_caps(name):
+    from resp2chat_core import settings as S
+    from resp2chat_core.turn import Caps, check_caps
+
+    defaults = Caps.from_settings({f.name: f.default for f in S.FIELDS})
+    assert defaults == Caps(50000, 2000, 100000)
+    body = fixture_body(name)
+    check_caps(body, defaults)
+    # a Codex session adds a few items a turn and compacts long before its context fills: hundreds
+    # of times this one (~10 items, 9 tools + 5 namespaced, ~10 parts) stay inside every cap
+    check_caps({**body, "input": body["input"] * 500}, defaults)
+    assert _caps_error(body, defaults) is None
+
+
+def test_each_cap_is_a_400_naming_the_cap_and_its_setting():
+    from resp2chat_core.turn import Caps
+
+    fn = {"type": "function", "name": "f", "parameters": OBJ}
+    ns = {"type": "namespace", "name": "ns", "description": "", "tools": [{**fn, "name": "a"}, {**fn, "name": "b"}]}
+    part = {"type": "input_text", "text": "x"}
+    cases = [
+        (Caps(input_items=2), {"input": [user("a")] * 3}, "input", "3 input items", "max_input_items: 2"),
+        (Caps(tools=3), {"input": "x", "tools": [fn, ns]}, "tools", "4 tools", "max_tools: 3"),
+        (Caps(tools=3), {"input": [{"type": "additional_tools", "tools": [ns]}, user("x")], "tools": [fn]}, "tools",
+         "4 tools", "max_tools: 3"),
+        (Caps(content_parts=3), {"input": [{"role": "user", "content": [part] * 2}] * 2}, "input",
+         "4 content parts", "max_content_parts: 3"),
+        (Caps(content_parts=1), {"input": [{"type": "function_call_output", "call_id": "c", "output": [part] * 2}]},
+         "input", "2 content parts", "max_content_parts: 1"),
+    ]
+    for caps, body, param, counted, setting in cases:
+        err = _caps_error({"model": "m", **body}, caps)
+        assert err is not None and (err.status, err.code, err.param) == (400, "array_above_max_length", param), body
+        assert counted in err.message and setting in err.message, err.message
+    # at the cap is fine; 0 is no cap
+    assert _caps_error({"model": "m", "input": [user("a")] * 2}, Caps(input_items=2)) is None
+    assert _caps_error({"model": "m", "input": [user("a")] * 3}, Caps()) is None
+
+
+def test_caps_are_checked_before_validation_and_cost_one_count():
+    """900k items of anything are refused by their count, before anything looks at one of them."""
+    import time
+
+    from resp2chat_core.turn import Caps, check_caps
+
+    items = [{"type": "not-even-a-type"}] * 900_000
+    start = time.perf_counter()
+    with pytest.raises(GatewayError) as err:
+        check_caps({"model": "m", "input": items}, Caps(input_items=50000))
+    assert err.value.code == "array_above_max_length" and time.perf_counter() - start < 0.05
+    with pytest.raises(GatewayError) as err:
+        check_caps({"model": "m", "input": "x", "tools": [{}] * 900_000}, Caps(tools=2000))
+    assert err.value.param == "tools"
+
+
+def test_a_yielding_decode_is_the_same_value():
+    """requestbody.loads(yielding=True) (a large body in a worker thread) decodes what the plain
+    decoder does, and refuses what it refuses."""
+    from resp2chat_core import requestbody
+
+    for name in FIXTURES:
+        raw = (FIXTURE_DIR / name).read_bytes()
+        assert requestbody.loads(raw, yielding=True) == requestbody.loads(raw)
+    odd = b'{"a": [1, -0, 2.5e3, 12345678901234567890, {"b": {}}, [], true, null, "\\u00e9"]}'
+    assert requestbody.loads(odd, yielding=True) == requestbody.loads(odd)
+    assert type(requestbody.loads(b"[1]", yielding=True)[0]) is int
+    for bad in (b'{"a": NaN}', b'{"a": 1e400}', b'{"a": ' + b"1" * 5000 + b"}", b'{"a": "\\ud800"}'):
+        with pytest.raises(GatewayError) as plain:
+            requestbody.loads(bad)
+        with pytest.raises(GatewayError) as yielding:
+            requestbody.loads(bad, yielding=True)
+        assert yielding.value.message == plain.value.message

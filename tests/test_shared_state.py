@@ -82,7 +82,8 @@ def test_any_replica_continues_any_conversation(upstream, tmp_path, redis_server
 
 
 def test_item_references_resolve_on_any_replica(upstream, tmp_path, redis_server):
-    """item_reference ids (inputs and outputs of a stored response) found through Redis; unknown → 400."""
+    """item_reference ids (the outputs of a stored response) found through Redis; unknown, or an
+    id a client gave its own input → 400."""
     a, b = replicas(upstream, tmp_path, redis_server.url)
     r = redis_server.client()
     try:
@@ -91,9 +92,12 @@ def test_item_references_resolve_on_any_replica(upstream, tmp_path, redis_server
             {"type": "message", "id": "msg_client_0001", "role": "user", "content": "first question"}])
         wait_stored(r, first.id)
         reasoning, message = first.output
+        with pytest.raises(openai.BadRequestError) as err:
+            cb.responses.create(model="demo-model", input=[{"type": "item_reference", "id": "msg_client_0001"}])
+        assert err.value.body["code"] == "item_not_found" and err.value.body["param"] == "input[0].id"
         upstream.clear()
         second = cb.responses.create(model="demo-model", input=[
-            {"type": "item_reference", "id": "msg_client_0001"},
+            {"role": "user", "content": "first question"},
             {"type": "item_reference", "id": reasoning.id},
             {"type": "item_reference", "id": message.id},
             {"role": "user", "content": "second question"}])
@@ -271,6 +275,7 @@ async def test_what_a_request_fetched_stays_until_it_ends_and_goes_then(redis_se
 
     from resp2chat_io.addons.base import SettingsSource
     from resp2chat_io.addons.store import StoredResponses
+    from resp2chat_io.addons.upstreams import Upstreams
 
     def continuing(previous: str):
         f = tflow.tflow()
@@ -279,19 +284,21 @@ async def test_what_a_request_fetched_stays_until_it_ends_and_goes_then(redis_se
                                         "input": [{"type": "item_reference", "id": "msg_1"}]}).encode()
         return f
 
-    addon = StoredResponses(SettingsSource())
+    addon = StoredResponses(SettingsSource(), Upstreams(SettingsSource()))  # (the owner: "" without forward_client_auth)
     with taddons.context(addon) as tctx:
         tctx.options.add_option("resp2chat_seal_key", str, "", "(Turns declares it in a gateway)")
+        for cap in ("max_input_items", "max_tools", "max_content_parts"):
+            tctx.options.add_option(f"resp2chat_{cap}", int, 0, "(Gate declares them in a gateway)")
         tctx.configure(addon, resp2chat_state_store_url=redis_server.url)
         output = [{"type": "message", "id": "msg_1", "role": "assistant", "content": []}]
         history = [{"role": "user", "content": "hi"}, *output]  # (as the store keeps a turn: inputs, then output)
         await addon.store.put("resp_1", history, {"id": "resp_1", "output": output})
         real, entered, go = addon.store.items, asyncio.Event(), asyncio.Event()
 
-        async def paused(item_ids):  # the second await of a fetch, held until the test says
+        async def paused(item_ids, **owner):  # the second await of a fetch, held until the test says
             entered.set()
             await go.wait()
-            return await real(item_ids)
+            return await real(item_ids, **owner)
 
         done_first = continuing("resp_1")
         await addon.request(done_first)
@@ -302,10 +309,10 @@ async def test_what_a_request_fetched_stays_until_it_ends_and_goes_then(redis_se
         addon.response(done_first)  # the other request ends meanwhile
         go.set()
         await fetching
-        assert a.response is None and addon.history("resp_1") == history
-        assert addon.resolve_items(["msg_1"])["msg_1"]["id"] == "msg_1"
+        assert a.response is None and addon.history("resp_1", owner="") == history
+        assert addon.resolve_items(["msg_1"], owner="")["msg_1"]["id"] == "msg_1"
         addon.response(a)
-        assert addon.history("resp_1") is None and not addon._fetched_items
+        assert addon.history("resp_1", owner="") is None and not addon._fetched_items
 
         entered.clear(), go.clear()
         b = continuing("resp_1")
@@ -316,7 +323,7 @@ async def test_what_a_request_fetched_stays_until_it_ends_and_goes_then(redis_se
         await fetching
         assert b.response.status_code == 503
         addon.response(b)
-        assert addon.history("resp_1") is None and not addon._fetched and not addon._fetching
+        assert addon.history("resp_1", owner="") is None and not addon._fetched and not addon._fetching
         await addon.done()
 
 
@@ -341,8 +348,10 @@ def test_socket_turns_find_stored_responses_and_items_in_redis(upstream, tmp_pat
         second = client.turn({**create, "input": "and now?", "previous_response_id": first.id, "store": True})
         assert second[-1]["type"] == "response.completed", second[-1]
         assert [m["role"] for m in upstream.requests()[-1]["messages"]] == ["user", "assistant", "user"]
+        [own] = client.turn({**create, "input": [{"type": "item_reference", "id": "msg_client_ws_1"}]})
+        assert (own["status"], own["error"]["code"]) == (400, "item_not_found")  # (a client's input: never by id)
         third = client.turn({**create, "store": False, "input": [
-            {"type": "item_reference", "id": "msg_client_ws_1"}, {"type": "item_reference", "id": reasoning.id},
+            {"role": "user", "content": "first question"}, {"type": "item_reference", "id": reasoning.id},
             {"type": "item_reference", "id": message.id}, {"role": "user", "content": "second question"}]})
         assert third[-1]["response"]["output"][-1]["content"][0]["text"] == "You said: second question"
         assert upstream.requests()[-1]["messages"] == [
@@ -355,7 +364,7 @@ def test_socket_turns_find_stored_responses_and_items_in_redis(upstream, tmp_pat
         assert (unknown["status"], unknown["error"]["code"]) == (400, "item_not_found")
         redis_server.stop()
         for needs_redis in ({**create, "input": "x", "previous_response_id": first.id},
-                         {**create, "input": [{"type": "item_reference", "id": "msg_client_ws_1"}]}):
+                         {**create, "input": [{"type": "item_reference", "id": message.id}]}):
             [down] = client.turn(needs_redis)
             assert down["status"] == 503 and down["error"]["code"] == "store_unavailable", down
             assert "Redis" in down["error"]["message"]

@@ -169,7 +169,9 @@ def test_the_connection_remembers_the_input_made_whole(gw, upstream):
     r0 = parse_sse(stored.content)[-1]["response"]
     reasoning, message = r0["output"]
     assert reasoning["encrypted_content"].startswith("r2c1.")
-    first = [{"type": "item_reference", "id": "msg_kept_1"}, reasoning, message, user("next")]
+    # (a reference names an item the gateway produced: a client's own input ids name nothing)
+    first = [{"type": "message", "role": "user", "content": "kept"}, reasoning,
+             {"type": "item_reference", "id": message["id"]}, user("next")]
     # the whole conversation as an HTTP client resends it (references and sealed items expanded)
     assert requests.post(gw.base_url + "/responses", json={**base, "input": first}, timeout=30).ok
     client = WSClient(gw.base_url)

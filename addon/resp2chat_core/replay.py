@@ -1,8 +1,8 @@
 """Replay cache: completed answers keyed by the SHA-256 of the exact client request.
 
-An identical request (same bytes, same upstream, same settings) is answered from memory with the
-very answer the client got the first time, its response id and ``created_at`` swapped for fresh
-ones (item and call ids derive from the response id, so they change with it). Only answers that
+An identical request (same bytes, same upstream, same settings, same owner) is answered from
+memory with the very answer the client got the first time, its response id and ``created_at``
+swapped for fresh ones (item and call ids derive from the response id, so they change with it). Only answers that
 completed are kept. FIFO with a fixed number of entries and a per-entry size cap, so memory is
 bounded whatever the traffic.
 
@@ -20,9 +20,10 @@ from collections import OrderedDict
 MAX_ENTRY_BYTES = 4 << 20
 
 
-def replay_key(context: str, request_body: bytes) -> str:
-    """``context``: what else decides the answer (upstream URL, effective lowering settings)."""
-    return hashlib.sha256(context.encode() + b"\n" + request_body).hexdigest()
+def replay_key(context: str, request_body: bytes, owner: str) -> str:
+    """``context``: what else decides the answer (upstream URL, effective lowering settings);
+    ``owner`` (owner.py): whose answer it is, served to nobody else."""
+    return hashlib.sha256(f"owner {owner}\n{context}\n".encode() + request_body).hexdigest()
 
 
 def pack(response_id: str, created_at: int, body: bytes, *, stream: bool, store: bool) -> bytes:

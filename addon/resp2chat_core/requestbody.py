@@ -57,15 +57,29 @@ def _byte_offset(text: str, pos: int) -> int:
     return len(text[:pos].encode())
 
 
-def loads(body: bytes):
+def _same(value: dict) -> dict:
+    return value
+
+
+def _int(text: str) -> int:
+    return int(text)
+
+
+def loads(body: bytes, yielding: bool = False):
     """The body's JSON value; ``GatewayError`` (400 ``invalid_json``) if it is not strict UTF-8
-    JSON with finite numbers and valid Unicode strings."""
+    JSON with finite numbers and valid Unicode strings.
+
+    ``yielding``: for a decode in a worker thread (resp2chat_io/offload.py). The C decoder holds
+    the GIL from start to end, so a thread decoding 30 MB would stall the event loop as much as
+    decoding on it; with a Python-level hook at every object and number (the same values), the
+    interpreter hands the GIL over between them, as it does every few milliseconds."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise _invalid(f"request body is not valid UTF-8: {exc.reason} at byte offset {exc.start}") from None
+    hooks = {"object_hook": _same, "parse_int": _int} if yielding else {}
     try:
-        data = json.loads(text, parse_constant=_constant, parse_float=_float)
+        data = json.loads(text, parse_constant=_constant, parse_float=_float, **hooks)
     except json.JSONDecodeError as exc:
         raise _invalid(f"request body is not valid JSON: {exc.msg} at byte offset "
                        f"{_byte_offset(text, exc.pos)}") from None

@@ -1,7 +1,14 @@
 """One Responses turn, from request bytes to a ready translator: the core's front door.
 
-``begin_turn`` does everything that happens once per request (decode, validate, lower, prepare
-the fields echoed into Response objects), so the per-chunk path has nothing left to decide.
+``begin_turn`` does everything that happens once per request (decode, check the caps, validate,
+lower, prepare the fields echoed into Response objects), so the per-chunk path has nothing left
+to decide.
+
+``Caps`` bound what one request may hold (``max_input_items``, ``max_tools``,
+``max_content_parts``) before anything walks it item by item: validating and lowering cost time
+per item, and a 25 MB body of 900k tiny items would hold the event loop for seconds. A request
+over a cap is a 400 ``array_above_max_length`` naming the cap and its setting, after one pass
+over at most ``max_input_items`` items.
 """
 
 from __future__ import annotations
@@ -34,6 +41,63 @@ _ECHO_DEFAULTS = (
     ("truncation", "disabled"),
     ("metadata", {}),
 )
+
+
+@dataclass(frozen=True)
+class Caps:
+    """What one request may hold (settings.py: ``max_input_items``, ``max_tools``,
+    ``max_content_parts``; 0: no cap). Counted on the request as the client sent it (the history
+    ``previous_response_id`` puts in front is the store's, bounded there)."""
+
+    input_items: int = 0  # items in ``input``
+    tools: int = 0  # tools: ``tools``, the tools of ``namespace`` tools and of ``additional_tools`` items
+    content_parts: int = 0  # content parts (text, images…) of all input items together
+
+    SETTINGS = ("max_input_items", "max_tools", "max_content_parts")  # (in the order of the fields)
+
+    @classmethod
+    def from_settings(cls, values: dict) -> "Caps":
+        return cls(*(values[name] for name in cls.SETTINGS))
+
+
+def _over(what: str, count: int, setting: str, cap: int, param: str) -> GatewayError:
+    return GatewayError(f"{param}: {count} {what}, more than this gateway accepts in one request ({setting}: {cap})",
+                        param=param, code="array_above_max_length")
+
+
+def _tools(tools: object, counted: int, caps: Caps) -> int:
+    """``counted`` plus the tools of a ``tools`` list (a namespace counts as one, and so does each
+    of its tools); ``GatewayError`` past ``max_tools``. Walks at most ``caps.tools`` tools."""
+    if not isinstance(tools, list):
+        return counted
+    counted += len(tools)
+    if caps.tools and counted <= caps.tools:
+        counted += sum(len(t["tools"]) for t in tools if isinstance(t, dict) and isinstance(t.get("tools"), list))
+    if caps.tools and counted > caps.tools:
+        raise _over("tools", counted, "max_tools", caps.tools, "tools")
+    return counted
+
+
+def check_caps(raw: dict, caps: Caps) -> None:
+    """``GatewayError`` if the request holds more than ``caps`` allow. Cheap: the counts of the
+    lists first, then one pass over at most ``caps.input_items`` items, up to the first cap passed."""
+    items = raw.get("input")
+    items = items if isinstance(items, list) else ()
+    if caps.input_items and len(items) > caps.input_items:
+        raise _over("input items", len(items), "max_input_items", caps.input_items, "input")
+    tools = _tools(raw.get("tools"), 0, caps)
+    parts = 0
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        for key in ("content", "output", "summary"):
+            value = item.get(key)
+            if isinstance(value, list):
+                parts += len(value)
+        if caps.content_parts and parts > caps.content_parts:
+            raise _over("content parts", parts, "max_content_parts", caps.content_parts, "input")
+        if item.get("type") == "additional_tools":
+            tools = _tools(item.get("tools"), tools, caps)
 
 
 SESSION_HEADERS = ("session-id", "thread-id")  # Codex sends both (the thread id)
@@ -76,6 +140,7 @@ class Turn:
     # of None is the same bytes as chat_body (that upstream lowers the same way)
     alternates: tuple[tuple[bytes | None, str, ToolMap], ...] = ()
     compaction: bool = False  # Codex's remote compaction: the answer is one sealed summary (compaction.py)
+    owner: str = ""  # whose stored state it reads and writes (owner.py): set by the caller, who knows the client
 
     def translator(self) -> Translator:
         self.active = (compaction.CompactionTranslator if self.compaction else Translator)(self.ctx)
@@ -114,8 +179,10 @@ class ToolsCache(Recent):
         return self.keep(key, (tmap, dumps(tmap.chat_tools).encode(), dumps(raw_tools)))
 
 
-def decode_body(body: bytes) -> dict:
-    data = requestbody.loads(body)  # strict UTF-8 JSON, or a 400 with the offset
+def decode_body(body: bytes | object) -> dict:
+    """A request body (or its JSON value, decoded elsewhere: resp2chat_io/offload.py) as the
+    request object; ``GatewayError`` otherwise."""
+    data = requestbody.loads(body) if isinstance(body, bytes) else body  # strict UTF-8 JSON, or a 400 with the offset
     if not isinstance(data, dict):
         raise GatewayError("request body must be a JSON object", code="invalid_json")
     return data
@@ -124,10 +191,11 @@ def decode_body(body: bytes) -> dict:
 def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, created_at: int,
                history: Callable[[str], list | None] | None = None, tools_cache: ToolsCache | None = None,
                sealer: Sealer | None = None, resolve: inputs.Resolve | None = None,
-               route: Callable[[str], Sequence[LoweringOptions]] | None = None) -> Turn:
+               route: Callable[[str], Sequence[LoweringOptions]] | None = None, caps: Caps | None = None) -> Turn:
     """Raise ``GatewayError`` for a request the gateway cannot serve.
 
-    ``body`` is the request's bytes, or the request already decoded (a WebSocket message's).
+    ``body`` is the request's bytes, or the request already decoded (a WebSocket message's, or a
+    large body's, decoded in a worker thread). ``caps`` are checked first (``check_caps``).
 
     ``history(previous_response_id)`` returns the stored conversation a request continues
     (None when unknown): it is put in front of the new input, as if the client had sent it all.
@@ -137,7 +205,9 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
     serves the client's model, in order; the first replaces ``opts``, the others get their own
     bodies (``Turn.alternates``). It raises ``GatewayError`` when no upstream serves the model.
     """
-    raw = body if isinstance(body, dict) else decode_body(body)
+    raw = decode_body(body)
+    if caps is not None:
+        check_caps(raw, caps)
     others: Sequence[LoweringOptions] = ()
     if route is not None:
         model = raw.get("model")

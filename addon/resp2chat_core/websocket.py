@@ -70,7 +70,12 @@ def read_message(message: str | bytes) -> Create | None:
     surrogates; the same 400 ``invalid_json`` with the byte offset): a message is a request."""
     if isinstance(message, str):  # (surrogatepass: a lone surrogate fails UTF-8 decoding, with its offset)
         message = message.encode("utf-8", "surrogatepass")
-    data = requestbody.loads(message)
+    return parse_message(requestbody.loads(message))
+
+
+def parse_message(data: object) -> Create | None:
+    """``read_message`` of a message already decoded (with requestbody.py: a large one is decoded
+    off the event loop, resp2chat_io/offload.py)."""
     if not isinstance(data, dict):
         raise GatewayError("request body must be a JSON object", code="invalid_json")
     kind = data.get("type")

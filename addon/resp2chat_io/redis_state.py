@@ -5,21 +5,25 @@ item references) continue from, and the replay cache, in one Redis through the `
 library (``redis.asyncio`` on mitmproxy's event loop), so any replica continues any
 conversation.
 
-Keys (``resp2chat:`` prefix; one Redis database per gateway fleet, chosen by the URL's ``/db``):
+Keys (``resp2chat:`` prefix; one Redis database per gateway fleet, chosen by the URL's ``/db``).
+What a client stores lives under its owner's namespace ``{ns}`` (resp2chat_core/owner.py): empty
+for the one owner of a single-key gateway (the keys as they always were), ``owner:{owner}:``
+otherwise, so another owner's id is exactly a key that does not exist:
 
 | key | type | what |
 | --- | --- | --- |
-| ``resp2chat:response:{id}`` | hash | ``data``: the entry JSON (items + Response, as store.py keeps it); ``items``: its item ids. Expires after ``session_ttl_hours`` |
-| ``resp2chat:item:{item_id}`` | string | the id of the newest stored response whose conversation (inputs or output) holds the item (item references): same expiry, dropped with its response |
-| ``resp2chat:responses`` | sorted set | response ids by the time they were stored (Redis's clock): the oldest go first |
-| ``resp2chat:responses:sizes`` / ``:bytes`` | hash / integer | each entry's size and their sum: ``max_session_memory_mb`` |
-| ``resp2chat:replay:{sha256}`` | string | a replay-cache entry (resp2chat_core/replay.py ``pack``), at most 4 MiB |
+| ``resp2chat:{ns}response:{id}`` | hash | ``data``: the entry JSON (items + Response, as store.py keeps it); ``items``: the ids of the items it holds (below); ``d:{item_id}``: each one's digest (store.py ``item_digest``). Expires after ``session_ttl_hours`` |
+| ``resp2chat:{ns}item:{item_id}`` | string | the id of the newest stored response of that owner holding the item unchanged, for an item the gateway produced (a response's output; never a client's input): item references. Same expiry, dropped with that response |
+| ``resp2chat:responses`` | sorted set | ``{ns}{id}`` of every owner's responses by the time they were stored (Redis's clock): the oldest go first |
+| ``resp2chat:responses:sizes`` / ``:bytes`` | hash / integer | each entry's size (by ``{ns}{id}``) and their sum: ``max_session_memory_mb`` |
+| ``resp2chat:replay:{sha256}`` | string | a replay-cache entry (resp2chat_core/replay.py ``pack``), at most 4 MiB; the key's digest covers the owner (replay.py ``replay_key``) |
 | ``resp2chat:replays`` | sorted set | replay keys in the order they came: ``max_replay_entries`` (FIFO) |
 
 Bounds: each write runs one Lua script (atomic: a replica killed mid-write leaves either the
 whole entry or nothing) that first drops entries past their time, then the oldest until the
-count (``max_sessions``) and byte (``max_session_memory_mb``) caps hold again. Keys also carry
-Redis expiries, so nothing outlives its time even if no replica writes again.
+count (``max_sessions``) and byte (``max_session_memory_mb``) caps hold again: one bound over
+every owner's entries. Keys also carry Redis expiries, so nothing outlives its time even if no
+replica writes again.
 
 Redis unreachable: ``StateUnavailable`` is raised for what needs it (the addons answer 503 for
 ``previous_response_id`` and ``GET /v1/responses/{id}``; plain turns go on: a replay lookup is a
@@ -38,6 +42,9 @@ import json
 import logging
 import time
 from urllib.parse import urlsplit
+
+from resp2chat_core import owner as owners
+from resp2chat_io.store import held_items, item_digest, output_items, pick, valid_id, valid_item_id
 
 log = logging.getLogger("resp2chat")
 
@@ -59,44 +66,68 @@ def describe(url: str) -> str:
         parts.path if parts.hostname and parts.path else "")
 
 
-# one response gone: its hash, the item ids that still point at it, its size and its index entry
-# (both scripts below start with it; ``prefix`` is ARGV[1])
+# one response gone (by its member of the index, ``{ns}{id}``): its hash, the item keys that still
+# point at it, its size and its index entry (both scripts below start with it; ``prefix`` is ARGV[1])
 _DROP = """
 local prefix = ARGV[1]
 local idx, sizes, total = prefix .. 'responses', prefix .. 'responses:sizes', prefix .. 'responses:bytes'
-local function drop(rid)
-  local key = prefix .. 'response:' .. rid
+local function split(member)
+  local ns, rid = string.match(member, '^(owner:[^:]*:)(.*)$')
+  if ns then return ns, rid end
+  return '', member
+end
+local function drop(member)
+  local ns, rid = split(member)
+  local key = prefix .. ns .. 'response:' .. rid
   local ids = redis.call('HGET', key, 'items')
   if ids then
     for iid in string.gmatch(ids, '%S+') do
-      if redis.call('GET', prefix .. 'item:' .. iid) == rid then redis.call('DEL', prefix .. 'item:' .. iid) end
+      local ikey = prefix .. ns .. 'item:' .. iid
+      if redis.call('GET', ikey) == rid then redis.call('DEL', ikey) end
     end
   end
   redis.call('DEL', key)
-  local size = redis.call('HGET', sizes, rid)
+  local size = redis.call('HGET', sizes, member)
   if size then
     redis.call('DECRBY', total, size)
-    redis.call('HDEL', sizes, rid)
+    redis.call('HDEL', sizes, member)
   end
-  redis.call('ZREM', idx, rid)
+  redis.call('ZREM', idx, member)
 end
 """
 
+# ARGV: prefix, the response's member ({ns}{id}), its entry, the items it produced ("id digest …"),
+# the other items of its conversation with an id ("id digest …": held if produced before, unchanged),
+# ttl, max_sessions, max bytes
 _PUT_RESPONSE = _DROP + """
-local id, data, items = ARGV[2], ARGV[3], ARGV[4]
-local ttl, max_n, max_b = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local member, data, produced, others = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local ttl, max_n, max_b = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local ns, id = split(member)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-for _, rid in ipairs(redis.call('ZRANGEBYSCORE', idx, '-inf', now - ttl)) do drop(rid) end
-drop(id)
-local key = prefix .. 'response:' .. id
-redis.call('HSET', key, 'data', data, 'items', items)
-redis.call('EXPIRE', key, ttl)
-for iid in string.gmatch(items, '%S+') do
-  redis.call('SET', prefix .. 'item:' .. iid, id, 'EX', ttl)
+for _, old in ipairs(redis.call('ZRANGEBYSCORE', idx, '-inf', now - ttl)) do drop(old) end
+drop(member)
+local held, digests = {}, {}
+for iid, digest in string.gmatch(produced, '(%S+) (%S+)') do
+  held[#held + 1], digests[iid] = iid, digest
 end
-redis.call('ZADD', idx, now, id)
-redis.call('HSET', sizes, id, #data)
+for iid, digest in string.gmatch(others, '(%S+) (%S+)') do
+  if not digests[iid] then
+    local holder = redis.call('GET', prefix .. ns .. 'item:' .. iid)
+    if holder and redis.call('HGET', prefix .. ns .. 'response:' .. holder, 'd:' .. iid) == digest then
+      held[#held + 1], digests[iid] = iid, digest
+    end
+  end
+end
+local key = prefix .. ns .. 'response:' .. id
+redis.call('HSET', key, 'data', data, 'items', table.concat(held, ' '))
+for _, iid in ipairs(held) do
+  redis.call('HSET', key, 'd:' .. iid, digests[iid])
+  redis.call('SET', prefix .. ns .. 'item:' .. iid, id, 'EX', ttl)
+end
+redis.call('EXPIRE', key, ttl)
+redis.call('ZADD', idx, now, member)
+redis.call('HSET', sizes, member, #data)
 redis.call('INCRBY', total, #data)
 while redis.call('ZCARD', idx) > max_n or tonumber(redis.call('GET', total) or '0') > max_b do
   local oldest = redis.call('ZRANGE', idx, 0, 0)
@@ -107,7 +138,8 @@ return {redis.call('ZCARD', idx), tonumber(redis.call('GET', total) or '0')}
 """
 
 _DROP_RESPONSE = _DROP + """
-local existed = redis.call('EXISTS', prefix .. 'response:' .. ARGV[2])
+local ns, rid = split(ARGV[2])
+local existed = redis.call('EXISTS', prefix .. ns .. 'response:' .. rid)
 drop(ARGV[2])
 return existed
 """
@@ -212,11 +244,21 @@ class RedisState:
             pass
 
 
-def _item_ids(items: list) -> str:
-    """The ids of a stored conversation's items (its inputs and its output, as ``item_reference``
-    may name either): each ``item:`` key names the newest response holding the item."""
-    ids = [i.get("id") for i in items if isinstance(i, dict)]
-    return " ".join(dict.fromkeys(i for i in ids if isinstance(i, str) and i and " " not in i))
+def namespace(owner: str) -> str:
+    """Where an owner's keys live, after the prefix (see the key table): ``""`` for the one owner
+    of a single-key gateway."""
+    return f"owner:{owners.check(owner)}:" if owner else ""
+
+
+def _item_ids(items: list, response: dict) -> tuple[str, str]:
+    """For ``put``: the items a response produced, and the other items of its conversation with
+    an id (each may be one produced earlier, held unchanged), as ``"id digest …"`` (only ids that
+    can be the gateway's: no spaces)."""
+    produced = output_items(response)
+
+    def pairs(found) -> str:
+        return " ".join(dict.fromkeys(f"{iid} {item_digest(item)}" for iid, item in found if valid_item_id(iid)))
+    return pairs(produced.items()), pairs(held_items(items, produced))
 
 
 class RedisResponseStore:
@@ -230,42 +272,50 @@ class RedisResponseStore:
     def __len__(self) -> int:
         return self.count
 
-    async def put(self, response_id: str, items: list, response: dict) -> None:
+    async def put(self, response_id: str, items: list, response: dict, *, owner: str = owners.SHARED) -> None:
         data = json.dumps({"items": items, "response": response}, ensure_ascii=False, separators=(",", ":")).encode()
         if len(data) > self.max_bytes or self.ttl <= 0 or self.max_entries <= 0:
             return
         script = self.state.script("put_response")
+        produced, others = _item_ids(items, response)
+        member = namespace(owner) + response_id
         self.count, self.bytes = await self.state.call("store a response", lambda c: script(args=[
-            PREFIX, response_id, data, _item_ids(items), self.ttl, self.max_entries, self.max_bytes]))
+            PREFIX, member, data, produced, others, self.ttl, self.max_entries, self.max_bytes]))
 
-    async def get(self, response_id: str) -> dict | None:
-        data = await self.state.call("read a stored response",
-                                     lambda c: c.hget(f"{PREFIX}response:{response_id}", "data"))
+    async def get(self, response_id: str, *, owner: str = owners.SHARED) -> dict | None:
+        if not valid_id(response_id):
+            return None  # (a client's id that names no key of ours: another owner's namespace is out of reach)
+        key = f"{PREFIX}{namespace(owner)}response:{response_id}"
+        data = await self.state.call("read a stored response", lambda c: c.hget(key, "data"))
         return json.loads(data) if data else None
 
-    async def delete(self, response_id: str) -> bool:
+    async def delete(self, response_id: str, *, owner: str = owners.SHARED) -> bool:
+        if not valid_id(response_id):
+            return False
         script = self.state.script("drop_response")
-        return bool(await self.state.call("delete a stored response", lambda c: script(args=[PREFIX, response_id])))
+        member = namespace(owner) + response_id
+        return bool(await self.state.call("delete a stored response", lambda c: script(args=[PREFIX, member])))
 
-    async def items(self, item_ids) -> dict[str, dict]:
-        """``item_reference`` ids -> the stored items (missing: absent), as store.ResponseStore's
-        ``resolve_items``: where they are in one round trip, each response holding some read and
-        decoded once however many it serves."""
-        ids = list(dict.fromkeys(item_ids))
+    async def items(self, item_ids, *, owner: str = owners.SHARED) -> dict[str, dict]:
+        """``item_reference`` ids -> the owner's stored items, as the gateway produced them
+        (missing: absent), as store.ResponseStore's ``resolve_items``: where they are in one round
+        trip, each response holding some read and decoded once however many it serves."""
+        ids = list(dict.fromkeys(i for i in item_ids if valid_item_id(i)))
         if not ids:
             return {}
-        holders = await self.state.call("look up items", lambda c: c.mget([f"{PREFIX}item:{i}" for i in ids]))
-        by_response: dict[str, set[str]] = {}
-        for item_id, response_id in zip(ids, holders):
-            if response_id:
-                by_response.setdefault(response_id.decode(), set()).add(item_id)
+        ns = namespace(owner)
+        holders = await self.state.call("look up items", lambda c: c.mget([f"{PREFIX}{ns}item:{i}" for i in ids]))
+        by_response: dict[str, list[str]] = {}
+        for item_id, holder in zip(ids, holders):
+            if holder:
+                by_response.setdefault(holder.decode(), []).append(item_id)
         found: dict[str, dict] = {}
         for response_id, wanted in by_response.items():
-            entry = await self.get(response_id) or {}
-            for item in (*entry.get("items", ()), *(entry.get("response") or {}).get("output", ())):
-                iid = item.get("id") if isinstance(item, dict) else None
-                if isinstance(iid, str) and iid in wanted and iid not in found:
-                    found[iid] = item
+            key = f"{PREFIX}{ns}response:{response_id}"
+            data, *digests = await self.state.call("read a stored response", lambda c, key=key, wanted=wanted: c.hmget(
+                key, ["data", *(f"d:{i}" for i in wanted)]))
+            if data:
+                found.update(pick(json.loads(data), {i: d.decode() for i, d in zip(wanted, digests) if d}))
         return {i: found[i] for i in ids if i in found}
 
 

@@ -7,15 +7,24 @@ for ``GET /v1/responses/{id}``. Entries expire after ``ttl`` seconds; beyond ``m
 ``max_bytes`` the oldest go first. With a directory, entries are also written there (one
 0600 JSON file each, directory 0700) and read back after a restart.
 
-Items are found by id too (``item_reference``): an index item id -> the stored responses whose
-conversation holds an item with that id, which lives and dies with them (``put`` adds a
-response's ids, dropping it, by expiry, eviction or ``delete``, removes them; a restart rebuilds it
-from the directory). The interface is what another backing store has to offer: ``put``, ``get``,
-``delete``, ``resolve_items``.
+Every entry has an owner (resp2chat_core/owner.py): ``get``, ``delete`` and ``resolve_items``
+see only the caller's, so another owner's response or item is exactly an unknown one.
+
+Items are found by id too (``item_reference``), but only items the gateway itself produced: an
+index (owner, item id) -> the item's digest as the gateway output it, and the stored responses of
+that owner whose conversation holds it unchanged. A response's own output items start an entry;
+a later response holding one of them with the same digest (continued with
+``previous_response_id``, or resolved from a reference) becomes a holder too, so the item outlives
+the response that made it. What clients put in their input is never indexed: an input item
+reusing another response's item id (altered or not) cannot change what that id resolves to. The
+index lives and dies with its holders (``put`` adds a response's ids, dropping it, by expiry,
+eviction or ``delete``, removes them; a restart rebuilds it from the directory). The interface is
+what another backing store has to offer: ``put``, ``get``, ``delete``, ``resolve_items``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -24,7 +33,41 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
+from resp2chat_core import owner as owners
+
 _ID = re.compile(r"^resp_[A-Za-z0-9]{8,64}$")
+_RESPONSE_ID = re.compile(r"resp_[A-Za-z0-9]{1,64}")  # what a response id the gateway made can look like
+_ITEM_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")  # what an item id the gateway produced can look like
+
+
+def valid_id(response_id: object) -> bool:
+    """Whether a client's response id can be one the gateway made (others are unknown at once)."""
+    return isinstance(response_id, str) and bool(_RESPONSE_ID.fullmatch(response_id))
+
+
+def valid_item_id(item_id: object) -> bool:
+    """Whether a client's item id can be one the gateway produced (others are unknown at once)."""
+    return isinstance(item_id, str) and bool(_ITEM_ID.fullmatch(item_id))
+
+
+def item_digest(item: dict) -> str:
+    """An item's fingerprint, the same however its keys are ordered or it was stored (memory,
+    disk, Redis): a holder of an item id must hold the very item the gateway produced."""
+    text = json.dumps(item, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def output_items(response: dict) -> dict[str, dict]:
+    """The items a stored Response produced, by id: the only ones ``item_reference`` may name."""
+    output = response.get("output") if isinstance(response, dict) else None
+    return {i["id"]: i for i in output or () if isinstance(i, dict) and isinstance(i.get("id"), str) and i["id"]}
+
+
+def held_items(items: list, produced: dict[str, dict]) -> list[tuple[str, dict]]:
+    """(id, item) of a conversation's items with an id that it did not produce itself: each may
+    be an item produced earlier, held unchanged (or a client's copy: the digest tells)."""
+    return [(item["id"], item) for item in items if isinstance(item, dict) and isinstance(item.get("id"), str)
+            and item["id"] and item["id"] not in produced]
 
 
 class ResponseStore:
@@ -32,9 +75,10 @@ class ResponseStore:
         self.ttl, self.max_entries, self.max_bytes = ttl, max_entries, max_bytes
         self.clock = clock
         self.dir = Path(directory).expanduser() if directory else None
-        self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()  # id -> (stored at, JSON)
+        self._entries: OrderedDict[str, tuple[float, bytes, str]] = OrderedDict()  # id -> (stored at, JSON, owner)
         self._item_ids: dict[str, tuple[str, ...]] = {}  # response id -> the item ids it holds
-        self._items: dict[str, list[str]] = {}  # item id -> response ids holding it, oldest first
+        # (owner, item id) -> (its digest as produced, the response ids holding it unchanged, oldest first)
+        self._items: dict[tuple[str, str], tuple[str, list[str]]] = {}
         self.bytes = 0
         if self.dir:
             self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -50,64 +94,77 @@ class ResponseStore:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def put(self, response_id: str, items: list, response: dict) -> None:
+    def put(self, response_id: str, items: list, response: dict, *, owner: str = owners.SHARED) -> None:
+        """Keep a response: ``items`` its whole conversation (inputs, then output), ``response``
+        the Response object (its ``output`` are the items it produced)."""
+        owners.check(owner)
         data = json.dumps({"items": items, "response": response}, ensure_ascii=False, separators=(",", ":")).encode()
         if len(data) > self.max_bytes:
             return  # larger than the whole store: keeping it would evict everything else
         self._drop(response_id)
         now = self.clock()
-        self._entries[response_id] = (now, data)
+        self._entries[response_id] = (now, data, owner)
         self.bytes += len(data)
-        self._index(response_id, items)
+        self._index(response_id, owner, items, response)
         if self.dir:
-            _write_private(self.dir / f"{response_id}.json", json.dumps({"stored_at": now}).encode()[:-1]
-                           + b',"entry":' + data + b"}")
+            head = json.dumps({"stored_at": now, "owner": owner}).encode()[:-1]
+            _write_private(self.dir / f"{response_id}.json", head + b',"entry":' + data + b"}")
         self._evict()
 
-    def get(self, response_id: str) -> dict | None:
+    def get(self, response_id: str, *, owner: str = owners.SHARED) -> dict | None:
+        if not valid_id(response_id):
+            return None
         self._evict()
         found = self._entries.get(response_id)
-        return json.loads(found[1]) if found else None
+        return json.loads(found[1]) if found and found[2] == owner else None
 
-    def delete(self, response_id: str) -> bool:
-        return self._drop(response_id)
+    def delete(self, response_id: str, *, owner: str = owners.SHARED) -> bool:
+        found = self._entries.get(response_id)
+        return found is not None and found[2] == owner and self._drop(response_id)
 
-    def resolve_items(self, item_ids: list[str]) -> dict[str, dict]:
-        """The stored items with these ids (as in the newest live response holding each); ids
-        not found are absent. Each response's entry is decoded once however many it serves."""
+    def resolve_items(self, item_ids: list[str], *, owner: str = owners.SHARED) -> dict[str, dict]:
+        """The owner's items with these ids, as the gateway produced them (from the newest live
+        response holding each); ids not found are absent. Each response's entry is decoded once
+        however many it serves."""
         self._evict()
-        by_response: dict[str, list[str]] = {}
-        for item_id in dict.fromkeys(item_ids):
-            holders = self._items.get(item_id)
-            if holders:
-                by_response.setdefault(holders[-1], []).append(item_id)
-        found: dict[str, dict] = {}
-        for response_id, wanted in by_response.items():
-            want = set(wanted)
-            for item in json.loads(self._entries[response_id][1])["items"]:
-                if isinstance(item, dict) and item.get("id") in want:
-                    found[item["id"]] = item
-        return found
+        by_response: dict[str, dict[str, str]] = {}
+        for item_id in dict.fromkeys(i for i in item_ids if valid_item_id(i)):
+            found = self._items.get((owner, item_id))
+            if found and found[1]:
+                by_response.setdefault(found[1][-1], {})[item_id] = found[0]
+        return {item_id: item for response_id, wanted in by_response.items()
+                for item_id, item in pick(json.loads(self._entries[response_id][1]), wanted).items()}
 
-    def _index(self, response_id: str, items: list) -> None:
-        ids = tuple(dict.fromkeys(i["id"] for i in items if isinstance(i, dict) and isinstance(i.get("id"), str)))
-        self._item_ids[response_id] = ids
-        for item_id in ids:
-            self._items.setdefault(item_id, []).append(response_id)
+    def _index(self, response_id: str, owner: str, items: list, response: dict) -> None:
+        produced = output_items(response)
+        held: dict[str, None] = {}
+        for item_id, item in produced.items():
+            key, digest = (owner, item_id), item_digest(item)
+            found = self._items.get(key)
+            if found is None or found[0] != digest:
+                found = self._items[key] = (digest, [])
+            found[1].append(response_id)
+            held[item_id] = None
+        for item_id, item in held_items(items, produced):
+            found = self._items.get((owner, item_id))
+            if found is not None and item_id not in held and item_digest(item) == found[0]:
+                found[1].append(response_id)
+                held[item_id] = None
+        self._item_ids[response_id] = tuple(held)
 
-    def _unindex(self, response_id: str) -> None:
+    def _unindex(self, response_id: str, owner: str) -> None:
         for item_id in self._item_ids.pop(response_id, ()):
-            holders = self._items.get(item_id)
-            if holders is not None:
-                holders.remove(response_id)
-                if not holders:
-                    del self._items[item_id]
+            found = self._items.get((owner, item_id))
+            if found is not None and response_id in found[1]:
+                found[1].remove(response_id)
+                if not found[1]:
+                    del self._items[(owner, item_id)]
 
     def _drop(self, response_id: str) -> bool:
         found = self._entries.pop(response_id, None)
         if found is None:
             return False
-        self._unindex(response_id)
+        self._unindex(response_id, found[2])
         self.bytes -= len(found[1])
         if self.dir:
             (self.dir / f"{response_id}.json").unlink(missing_ok=True)
@@ -116,7 +173,7 @@ class ResponseStore:
     def _evict(self) -> None:
         cutoff = self.clock() - self.ttl
         while self._entries:
-            oldest_id, (stored_at, _) = next(iter(self._entries.items()))
+            oldest_id, (stored_at, _, _) = next(iter(self._entries.items()))
             if stored_at < cutoff or len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
                 self._drop(oldest_id)
             else:
@@ -130,14 +187,28 @@ class ResponseStore:
             try:
                 record = json.loads(path.read_bytes())
                 found.append((float(record["stored_at"]), path.stem,
-                              json.dumps(record["entry"], ensure_ascii=False, separators=(",", ":")).encode()))
+                              json.dumps(record["entry"], ensure_ascii=False, separators=(",", ":")).encode(),
+                              owners.check(record.get("owner", owners.SHARED))))
             except (OSError, ValueError, KeyError, TypeError):
                 path.unlink(missing_ok=True)  # a torn or foreign file: not ours to keep
-        for stored_at, rid, data in sorted(found):
-            self._entries[rid] = (stored_at, data)
+        for stored_at, rid, data, owner in sorted(found):
+            self._entries[rid] = (stored_at, data, owner)
             self.bytes += len(data)
-            self._index(rid, json.loads(data)["items"])
+            entry = json.loads(data)
+            self._index(rid, owner, entry["items"], entry["response"])
         self._evict()
+
+
+def pick(entry: dict, wanted: dict[str, str]) -> dict[str, dict]:
+    """From a stored entry, the items ``wanted`` names (item id -> digest): for each id, the one
+    copy in the conversation that is the item as produced (a client may have sent an altered
+    copy under the same id alongside it)."""
+    found: dict[str, dict] = {}
+    for item in entry.get("items", ()):
+        iid = item.get("id") if isinstance(item, dict) else None
+        if isinstance(iid, str) and iid in wanted and iid not in found and item_digest(item) == wanted[iid]:
+            found[iid] = item
+    return found
 
 
 def _write_private(path: Path, data: bytes) -> None:

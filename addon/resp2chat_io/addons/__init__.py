@@ -48,7 +48,7 @@ def build() -> list:
     source = SettingsSource()
     upstreams = Upstreams(source)
     search = WebSearch(source)
-    store = StoredResponses(source)
+    store = StoredResponses(source, upstreams)
     turns = Turns(source, upstreams, search, store)
     replay = ReplayCache(source, upstreams, turns, store)
     outcomes = Outcomes()

@@ -5,7 +5,8 @@ WebSocket (outcomes.py).
 ``{"time", "request_id", "session", "model", "upstream", "status", "code", "http_status",
 "input_tokens", "cached_tokens", "output_tokens", "ttft_ms", "total_ms"}`` (+ ``"fallbacks"``
 when upstreams were fallen back from). No content, no headers, no keys: what an operator needs to
-follow a session and a latency, nothing a user said.
+follow a session and a latency, nothing a user said. What a client chose (its model name and
+session key) is bounded (resp2chat_core/labels.py ``shown``): a line stays a line.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+
+from resp2chat_core.labels import shown
 
 from .base import Owner
 from .outcomes import Outcome
@@ -43,8 +46,9 @@ class AccessLog(Owner):
         u = o.usage or {}
         line = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(o.at)) + f".{int(o.at % 1 * 1000):03d}Z",
-            "request_id": o.request_id, "session": o.session, "model": o.model, "upstream": o.upstream,
-            "status": o.status, "code": o.code, "http_status": o.http_status,
+            "request_id": o.request_id, "session": None if o.session is None else shown(o.session),
+            "model": shown(o.model), "upstream": o.upstream, "status": o.status, "code": shown(o.code),
+            "http_status": o.http_status,
             "input_tokens": u.get("input_tokens"),
             "cached_tokens": (u.get("input_tokens_details") or {}).get("cached_tokens"),
             "output_tokens": u.get("output_tokens"),

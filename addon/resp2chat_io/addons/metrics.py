@@ -17,13 +17,19 @@ Answered by the gateway itself, behind the gate like every other path (beyond lo
 | ``resp2chat_state_store_up`` | | 1 while Redis answers, 0 when not (only with ``state_store_url``) |
 | ``resp2chat_state_store_errors_total`` | | Redis calls that failed |
 
-Model names come from clients: past ``MAX_MODELS`` distinct names, others count as ``other``, so
-a client cannot grow the metrics without bound.
+Model names come from clients, so a label is bounded in number and in size: a name gets a label
+of its own once a turn for it was accepted (lowered and sent to a backend; a request refused
+before, however many, names nothing new), if it is spelled as backends spell models
+(resp2chat_core/labels.py ``label_safe``: at most 128 characters), up to ``MAX_MODELS`` names;
+anything else counts as ``other`` (a request that could not be read: ``""``). Error codes are
+the gateway's own (``other`` otherwise).
 """
 
 from __future__ import annotations
 
 from mitmproxy import http
+
+from resp2chat_core.labels import code_label, label_safe
 
 from .base import fails_closed
 from .outcomes import Outcome
@@ -60,17 +66,18 @@ class Metrics:
         self._models: set[str] = set()
         outcomes.listeners.append(self.record)
 
-    def model(self, name: str) -> str:
-        if name in self._models:
+    def model(self, name: str, admit: bool) -> str:
+        """The label of a client's model name; ``admit``: a turn for it was accepted."""
+        if name in self._models or not name:
             return name
-        if len(self._models) < MAX_MODELS:
+        if admit and len(self._models) < MAX_MODELS and label_safe(name):
             self._models.add(name)
             return name
         return "other"
 
     def record(self, o: Outcome) -> None:
-        model = self.model(o.model)
-        self.turns_total.labels(o.upstream, model, o.status, o.code).inc()
+        model = self.model(o.model, admit=o.status != "rejected")
+        self.turns_total.labels(o.upstream, model, o.status, code_label(o.code)).inc()
         for name, status in o.skipped:
             self.fallbacks.labels(name, str(status)).inc()
         if o.status in ("rejected", "replayed"):

@@ -91,17 +91,11 @@ class Outcomes:
                 req.method != "POST" or req.path.split("?", 1)[0] not in RESPONSES_PATHS):
             return
         # What the request said counts only once the gate let it in (turns.py, the replay cache
-        # and the store keep it then): never read from the body of a request the gate refused, or
-        # clients without the key could use up the metrics' model labels (MAX_MODELS).
-        body = meta.get("responses_request")
-        model, pck = "", None
-        try:
-            raw = json.loads(body) if body else None
-            if isinstance(raw, dict):
-                model = raw.get("model") if isinstance(raw.get("model"), str) else ""
-                pck = raw.get("prompt_cache_key")
-        except (ValueError, RecursionError):
-            pass
+        # and the store keep it then, turns.note_request): never read from the body of a request
+        # the gate refused; and never decoded again here (a refused 30 MB body once is enough).
+        known = "responses_request" in meta
+        model = meta.get("request_model", "") if known else ""
+        pck = meta.get("request_cache_key") if known else None
         resp = flow.response
         took = (resp.timestamp_end or time.time()) - req.timestamp_start
         if meta.get("replay_cache") == "hit":
@@ -116,7 +110,7 @@ class Outcomes:
             except (ValueError, AttributeError, RecursionError):
                 code = ""
             code = code if isinstance(code, str) else str(code)
-        self.emit(Outcome(request_id(flow), session_key(pck, req.headers) if body else None, model, upstream,
+        self.emit(Outcome(request_id(flow), session_key(pck, req.headers) if known else None, model, upstream,
                           status, code, None, None, took, resp.status_code))
 
     def emit(self, outcome: Outcome) -> None:

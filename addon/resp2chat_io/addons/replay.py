@@ -5,6 +5,10 @@ The cache itself (key, entries, fresh ids) is resp2chat_core/replay.py. ``reques
 before turns.py lowers anything; completed turns come in as a ``finished`` listener. With
 ``state_store_url`` the entries live in Redis, shared by every replica (redis_state.py): a lookup
 Redis cannot answer is a miss, a write it cannot take is dropped.
+
+An answer is served only to its owner (``Upstreams.owner_of``: the key covers it): with
+``forward_client_auth`` a request with another credential, or none, is the backend's to judge,
+never a hit. Preloaded answers belong to the single-key owner.
 """
 
 from __future__ import annotations
@@ -16,13 +20,15 @@ import time
 
 from mitmproxy import ctx, exceptions, http
 
+from resp2chat_core import owner as owners
 from resp2chat_core.errors import GatewayError
 from resp2chat_core.replay import ReplayCache as Cache, entry_flags, pack, replay_key, unpack_fresh
 from resp2chat_core.websocket import final_response
+from resp2chat_io import offload
 from resp2chat_io.redis_state import RedisReplayCache
 
 from .base import META, RESPONSES_PATHS, Owner, fails_closed, log, request_id
-from .turns import new_response_id
+from .turns import new_response_id, note_request
 
 
 @fails_closed
@@ -54,11 +60,11 @@ class ReplayCache(Owner):
             self.cache = Cache(self.s["max_replay_entries"])
         self.cache.resize(self.s["max_replay_entries"])
 
-    def key(self, upstream_url: str, body: bytes) -> str:
+    def key(self, upstream_url: str, body: bytes, owner: str) -> str:
         # the same request with other settings, another upstream or another seal key (an answer
         # holds what it sealed: after a key change, or on a replica with another key, the client
-        # could not send it back): another answer
-        return replay_key(f"{upstream_url}\n{self.turns.lowering_repr}\nseal {self.turns.seal_id()}", body)
+        # could not send it back), or from another owner: another answer
+        return replay_key(f"{upstream_url}\n{self.turns.lowering_repr}\nseal {self.turns.seal_id()}", body, owner)
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.is_replay == "response" or self.cache.capacity <= 0:
@@ -68,7 +74,8 @@ class ReplayCache(Owner):
         if getattr(ctx.options, "server_replay", None):
             return  # server replay answers after this hook and would overwrite a cache answer
         body = flow.request.get_content(strict=False) or b""
-        key = self.key(self.upstreams.cache_context(flow), body)
+        owner = self.upstreams.owner_of(flow)
+        key = self.key(self.upstreams.cache_context(flow), body, owner)
         flow.metadata.setdefault(META, {})["replay_key"] = key
         entry = await self.cache.get(key) if isinstance(self.cache, RedisReplayCache) else self.cache.get(key)
         if entry is None:
@@ -76,21 +83,22 @@ class ReplayCache(Owner):
         stream, store = entry_flags(entry)
         response_id, created_at = new_response_id(), int(time.time())
         turn = None
-        if store:  # a hit whose response must be stored (previous_response_id works after hits)
-            try:
-                turn = self.turns.parse(body, response_id, created_at)
-            except GatewayError:
-                return  # not answerable any more (e.g. its previous response expired): turns.py says why
+        try:
+            raw = await offload.loads(body)  # (for its model in the metrics; a large one off the loop)
+            if store:  # a hit whose response must be stored (previous_response_id works after hits)
+                turn = self.turns.parse(raw, response_id, created_at, owner)
+        except GatewayError:
+            return  # not answerable any more (e.g. its previous response expired): turns.py says why
         answer = unpack_fresh(entry, response_id, created_at)
         ctype = "text/event-stream; charset=utf-8" if stream else "application/json"
         flow.response = http.Response.make(200, answer, {"content-type": ctype, "cache-control": "no-cache",
                                                          "x-request-id": request_id(flow)})
-        flow.metadata[META].update(replay_cache="hit", response_id=response_id, status="completed",
-                                   responses_request=body.decode("utf-8", "replace"))
+        flow.metadata[META].update(replay_cache="hit", response_id=response_id, status="completed")
+        note_request(flow.metadata[META], body, raw)
         flow.comment = f"replay cache hit · {response_id}"
         if turn is not None:
             final = final_response(answer) if stream else json.loads(answer)
-            self.store.put(response_id, turn.items + final["output"], final)
+            self.store.put(response_id, turn.items + final["output"], final, owner=owner)
 
     def finished(self, done) -> None:
         key = done.flow.metadata[META].get("replay_key")
@@ -127,7 +135,7 @@ class ReplayCache(Owner):
                 if created and meta.get("response_id"):
                     request = json.loads(meta["responses_request"])
                     key = self.key(self.upstreams.cache_context(f) if self.upstreams.specs else meta.get("upstream", ""),
-                                   meta["responses_request"].encode())
+                                   meta["responses_request"].encode(), owners.SHARED)
                     entry = pack(meta["response_id"], int(created[1]), f.response.content,
                                  stream=request.get("stream") is True, store=request.get("store") is not False)
                     loaded += self._put(key, entry, "replay cache entry not preloaded")  # (Redis: as the loop runs)

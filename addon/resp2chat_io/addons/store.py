@@ -4,6 +4,11 @@ Owns the store settings (``session_ttl_hours``, ``max_sessions``, ``max_session_
 ``session_store_dir``, ``state_store_url``); keeps each completed turn whose request did not say
 ``store: false`` (a ``finished`` listener of turns.py, and cache hits via ``put``).
 
+Everything stored has an owner (resp2chat_core/owner.py; for a request, ``Upstreams.owner_of``):
+``GET``/``DELETE``, ``previous_response_id`` and ``item_reference`` see only their own owner's
+responses and items, so another owner's id is exactly an unknown one (404,
+``previous_response_not_found``, ``item_not_found``).
+
 ``state_store_url`` empty: the store lives in this process (resp2chat_io/store.py). A
 ``redis://`` URL: it lives in Redis, shared by every replica (resp2chat_io/redis_state.py).
 Redis is asked asynchronously: ``request`` fetches the history a ``previous_response_id``
@@ -20,16 +25,21 @@ before the 400/404.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 
 from mitmproxy import http
 
 from resp2chat_core import inputs
 from resp2chat_core.errors import GatewayError, error_json
+from resp2chat_core.labels import shown
+from resp2chat_core.turn import Caps, check_caps
+from resp2chat_io import offload
 from resp2chat_io.redis_state import RedisResponseStore, RedisState, StateUnavailable, describe
 from resp2chat_io.store import ResponseStore
 
 from .base import META, RESPONSES_PATHS, Owner, fails_closed, log
+from .turns import note_request
 
 JSON_HEADERS = {"content-type": "application/json"}
 PREFIXES = ("/v1/responses/", "/responses/")
@@ -54,18 +64,21 @@ def unavailable(why: str) -> http.Response:
 class StoredResponses(Owner):
     name = "resp2chat_store"
     owner = "store"
-    also_reads = ("seal_key",)  # (only to warn: replicas sharing state need the same one)
+    also_reads = ("seal_key", *Caps.SETTINGS)  # (seal_key: only to warn, replicas sharing state need the same one)
 
-    def __init__(self, source) -> None:
+    def __init__(self, source, upstreams) -> None:
         super().__init__(source)
+        self.upstreams = upstreams  # whose stored state a request sees: ``upstreams.owner_of(flow)``
         self.store: ResponseStore | RedisResponseStore | None = None
         self.state: RedisState | None = None  # Redis, when state_store_url is set (also the replay cache's)
+        self.caps = Caps()  # (what a request may hold: nothing past them is looked up)
         self._config: tuple | None = None
-        self._fetched: dict[str, list | None] = {}  # previous_response_id -> its items (Redis)
-        self._fetched_items: dict[str, dict] = {}  # item_reference id -> the item (Redis)
-        self._fetching: dict[str, tuple[str | None, tuple[str, ...]]] = {}  # flow id -> what it fetched
+        self._fetched: dict[tuple[str, str], list | None] = {}  # (owner, previous_response_id) -> its items (Redis)
+        self._fetched_items: dict[tuple[str, str], dict] = {}  # (owner, item_reference id) -> the item (Redis)
+        self._fetching: dict[str, tuple[str, str | None, tuple[str, ...]]] = {}  # flow id -> what it fetched
 
     def apply(self, updated: set[str]) -> None:
+        self.caps = Caps.from_settings(self.s)
         config = tuple(self.s[f.name] for f in self.fields)
         if config != self._config:
             self._config = config
@@ -95,29 +108,30 @@ class StoredResponses(Owner):
         if self.state is not None:
             await self.state.close()  # (after the writes still running: the replay cache's too)
 
-    def history(self, response_id: str) -> list | None:
+    def history(self, response_id: str, *, owner: str) -> list | None:
+        """The conversation ``owner``'s stored response ``response_id`` ended (None: unknown)."""
         if self.shared:
-            return self._fetched.get(response_id)  # fetched by `request` for this flow
-        entry = self.store.get(response_id) if self.store is not None else None
+            return self._fetched.get((owner, response_id))  # fetched by `request` for this flow
+        entry = self.store.get(response_id, owner=owner) if self.store is not None else None
         return entry["items"] if entry else None
 
-    def resolve_items(self, item_ids: list[str]) -> dict[str, dict]:
-        """``item_reference`` ids -> the stored items (resp2chat_core/inputs.py); missing: absent."""
+    def resolve_items(self, item_ids: list[str], *, owner: str) -> dict[str, dict]:
+        """``item_reference`` ids -> ``owner``'s stored items (resp2chat_core/inputs.py); missing: absent."""
         if self.shared:
-            return {i: self._fetched_items[i] for i in item_ids if i in self._fetched_items}
-        return self.store.resolve_items(item_ids) if self.store is not None else {}
+            return {i: self._fetched_items[(owner, i)] for i in item_ids if (owner, i) in self._fetched_items}
+        return self.store.resolve_items(item_ids, owner=owner) if self.store is not None else {}
 
-    def put(self, response_id: str, items: list, final: dict) -> None:
+    def put(self, response_id: str, items: list, final: dict, *, owner: str) -> None:
         if self.store is None:
             return
         if not self.shared:
-            self.store.put(response_id, items, final)
+            self.store.put(response_id, items, final, owner=owner)
             return
-        self.state.write(f"response {response_id} not stored", self.store.put(response_id, items, final))
+        self.state.write(f"response {response_id} not stored", self.store.put(response_id, items, final, owner=owner))
 
     def finished(self, done) -> None:
         if done.status == "completed" and done.turn.store:  # (the final's id: a replayed answer keeps its own)
-            self.put(done.final["id"], done.turn.items + done.final["output"], done.final)
+            self.put(done.final["id"], done.turn.items + done.final["output"], done.final, owner=done.turn.owner)
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.is_replay == "response":
@@ -135,15 +149,17 @@ class StoredResponses(Owner):
         if not path.startswith(PREFIXES):
             return
         response_id, method = path.rsplit("/", 1)[1], flow.request.method
+        owner = self.upstreams.owner_of(flow)
         try:
-            entry = await self._get(response_id) if self.store is not None and method in ("GET", "DELETE") else None
+            found = self.store is not None and method in ("GET", "DELETE")
+            entry = await self._get(response_id, owner) if found else None
             if entry is not None and method == "DELETE":
-                await self._delete(response_id)
+                await self._delete(response_id, owner)
         except StateUnavailable:
             flow.response = unavailable(f"{method} {path}")
             return
         if entry is None:
-            status, body = (404, error_json(f"no stored response {response_id!r}", code="response_not_found")) \
+            status, body = (404, error_json(f"no stored response {shown(response_id)!r}", code="response_not_found")) \
                 if method in ("GET", "DELETE") else (405, error_json(f"{method} is not supported here"))
         elif method == "GET":
             status, body = 200, json.dumps(entry["response"], ensure_ascii=False).encode()
@@ -151,31 +167,32 @@ class StoredResponses(Owner):
             status, body = 200, json.dumps({"id": response_id, "object": "response", "deleted": True}).encode()
         flow.response = http.Response.make(status, body, JSON_HEADERS)
 
-    async def _get(self, response_id: str) -> dict | None:
-        return await self._fresh(response_id) if self.shared else self.store.get(response_id)
+    async def _get(self, response_id: str, owner: str) -> dict | None:
+        return await self._fresh(response_id, owner) if self.shared else self.store.get(response_id, owner=owner)
 
-    async def _fresh(self, response_id: str) -> dict | None:
+    async def _fresh(self, response_id: str, owner: str) -> dict | None:
         """From Redis; an id it does not know yet is asked again for up to FRESH_WAIT seconds."""
-        entry = await self.store.get(response_id)
+        entry = await self.store.get(response_id, owner=owner)
         waited = 0.0
         while entry is None and waited < FRESH_WAIT:  # maybe still on its way from another replica
             await asyncio.sleep(FRESH_POLL)
             waited += FRESH_POLL
-            entry = await self.store.get(response_id)
+            entry = await self.store.get(response_id, owner=owner)
         return entry
 
-    async def _delete(self, response_id: str) -> bool:
-        return await self.store.delete(response_id) if self.shared else self.store.delete(response_id)
+    async def _delete(self, response_id: str, owner: str) -> bool:
+        return await self.store.delete(response_id, owner=owner) if self.shared else \
+            self.store.delete(response_id, owner=owner)
 
-    async def fetch(self, previous: str | None, refs) -> tuple[list | None, dict[str, dict]]:
+    async def fetch(self, previous: str | None, refs, *, owner: str) -> tuple[list | None, dict[str, dict]]:
         """Redis, for a caller that keeps what it fetched itself (a WebSocket message: its socket
         serves one at a time): the history ``previous`` continues (None: unknown) and the items
-        the ``refs`` ids name (missing: absent). ``StateUnavailable`` when Redis is down."""
+        the ``refs`` ids name (missing: absent), ``owner``'s. ``StateUnavailable`` when Redis is down."""
         history = None
         if previous is not None:
-            entry = await self._fresh(previous)
+            entry = await self._fresh(previous, owner)
             history = entry["items"] if entry else None
-        return history, await self.store.items(refs)
+        return history, await self.store.items(refs, owner=owner)
 
     async def _prefetch(self, flow: http.HTTPFlow) -> None:
         """Redis: what a request continues from (``previous_response_id``) and refers to
@@ -184,29 +201,28 @@ class StoredResponses(Owner):
         if b'"previous_response_id"' not in body and b'"id"' not in body:
             return
         try:
-            raw = json.loads(body)
-        except (ValueError, RecursionError):
-            return  # turns.py says what is wrong with it
-        if not isinstance(raw, dict):
+            # (a large body off the loop, reduced there to what this needs)
+            wanted = await offload.reduce(body, functools.partial(_wanted, caps=self.caps))
+        except GatewayError:
+            return  # turns.py says what is wrong with it (invalid, or past the caps)
+        if wanted is None:
             return
-        previous = raw.get("previous_response_id")
-        previous = previous if isinstance(previous, str) and previous else None
-        refs = tuple(dict.fromkeys(inputs.reference_ids(raw.get("input"))))
-        if previous is None and not refs:
-            return
+        previous, refs, model, pck = wanted
+        owner = self.upstreams.owner_of(flow)
         # registered before the first await: another flow that ends meanwhile must not drop what
         # this one fetches, and what it fetched goes when it ends (``_release``), however it ends
-        self._fetching[flow.id] = (previous, refs)
+        self._fetching[flow.id] = (owner, previous, refs)
         try:
-            history, items = await self.fetch(previous, refs)
+            history, items = await self.fetch(previous, refs, owner=owner)
         except StateUnavailable:
-            what = f"previous_response_id {previous!r}" if previous is not None else "item_reference"
+            what = f"previous_response_id {shown(previous)!r}" if previous is not None else "item_reference"
             flow.response = unavailable(what)  # (its response hook releases what was fetched)
-            flow.metadata.setdefault(META, {})["responses_request"] = body.decode("utf-8", "replace")  # (outcomes.py)
+            note_request(flow.metadata.setdefault(META, {}), body,  # (outcomes.py)
+                         {"model": model, "prompt_cache_key": pck})
             return
         if previous is not None:
-            self._fetched[previous] = history
-        self._fetched_items.update(items)
+            self._fetched[(owner, previous)] = history
+        self._fetched_items.update(((owner, i), item) for i, item in items.items())
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._release(flow)
@@ -218,10 +234,25 @@ class StoredResponses(Owner):
         fetched = self._fetching.pop(flow.id, None)
         if fetched is None:
             return
-        previous, refs = fetched
-        still = self._fetching.values()
-        if previous is not None and all(previous != p for p, _ in still):
-            self._fetched.pop(previous, None)
+        owner, previous, refs = fetched
+        still = [(o, p, r) for o, p, r in self._fetching.values() if o == owner]
+        if previous is not None and all(previous != p for _, p, _ in still):
+            self._fetched.pop((owner, previous), None)
         for item_id in refs:
-            if all(item_id not in r for _, r in still):
-                self._fetched_items.pop(item_id, None)
+            if all(item_id not in r for _, _, r in still):
+                self._fetched_items.pop((owner, item_id), None)
+
+
+def _wanted(raw: object, caps: Caps) -> tuple | None:
+    """What a request needs from Redis (``previous_response_id``, ``item_reference`` ids; None:
+    nothing), and what outcomes.py reports of it (model, prompt_cache_key), should Redis be down.
+    ``GatewayError`` past the caps (before its items are walked)."""
+    if not isinstance(raw, dict):
+        return None
+    check_caps(raw, caps)
+    previous = raw.get("previous_response_id")
+    previous = previous if isinstance(previous, str) and previous else None
+    refs = tuple(dict.fromkeys(inputs.reference_ids(raw.get("input"))))
+    if previous is None and not refs:
+        return None
+    return previous, refs, raw.get("model"), raw.get("prompt_cache_key")

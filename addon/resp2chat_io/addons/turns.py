@@ -1,9 +1,11 @@
 """Turns: ``POST /v1/responses`` from request to recorded answer.
 
-- ``request``: decode, validate and lower the request (resp2chat_core/turn.py); the flow's
-  request becomes the chat request the backend receives (so flow files and server replay see
-  it), routed to the configured upstream; an ``Exchange`` is registered with the relay and the
-  flow is pointed at the relay with that exchange's name and secret.
+- ``request``: decode (a large body in a worker thread: resp2chat_io/offload.py), check the caps,
+  validate and lower the request (resp2chat_core/turn.py); the flow's request becomes the chat
+  request the backend receives (so flow files and server replay see it), routed to the
+  configured upstream; an ``Exchange`` is registered with the relay and the flow is pointed at
+  the relay with that exchange's name and secret. The turn's owner (``Upstreams.owner_of``) is
+  decided first, from the client's own headers.
 - ``responseheaders``: the request has gone out: the flow shows the real upstream URL again.
   A streaming client gets the stream callable (``TurnStream``), which takes the turn's news
   from the exchange's channel at each relay tick and answers with Responses events.
@@ -11,7 +13,8 @@
   (or an HTTP error); the turn is recorded (flow metadata, comment) and announced to
   ``finished`` listeners (replay cache, response store).
 
-Owns the lowering settings (model names, params, tool denylist, think tags…).
+Owns the lowering settings (model names, params, tool denylist, think tags…); reads the caps
+(``max_input_items``, ``max_tools``, ``max_content_parts``).
 """
 
 from __future__ import annotations
@@ -30,14 +33,15 @@ from resp2chat_core import routing
 from resp2chat_core import settings as S
 from resp2chat_core.channel import Reader, record_events, scrub
 from resp2chat_core.errors import GatewayError, error_json, gateway_failure
+from resp2chat_core.labels import shown
 from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.replay import MAX_ENTRY_BYTES
 from resp2chat_core.retranslate import lowering_record
 from resp2chat_core.seal import Sealer
-from resp2chat_core.turn import ToolsCache, Turn, begin_turn, session_key
+from resp2chat_core.turn import Caps, ToolsCache, Turn, begin_turn, session_key
 from resp2chat_core.usage import usage_note
 from resp2chat_core.websocket import final_response
-from resp2chat_io import keys
+from resp2chat_io import keys, offload
 from resp2chat_io.relay import Exchange, Target
 from resp2chat_io.relay.exchange import Fallback
 
@@ -58,6 +62,19 @@ FAILED_STATUS = {
 
 def new_response_id() -> str:
     return "resp_" + uuid.uuid4().hex
+
+
+def note_request(meta: dict, body: bytes, raw: object = None) -> None:
+    """Keep what outcomes.py reports of a request the gate let in, so that it never decodes a
+    body again: its text (the flow's record; ``body``, when given) and, once decoded (``raw``),
+    its model and ``prompt_cache_key``."""
+    if body is not None:
+        meta["responses_request"] = body.decode("utf-8", "replace")
+    if isinstance(raw, dict):
+        model, pck = raw.get("model"), raw.get("prompt_cache_key")
+        meta["request_model"] = model if isinstance(model, str) else ""
+        if isinstance(pck, str) and pck:
+            meta["request_cache_key"] = pck
 
 
 @dataclass(eq=False)
@@ -207,7 +224,8 @@ class TurnStream:
 class Turns(Owner):
     name = "resp2chat_turns"
     owner = "lowering"
-    also_reads = tuple(sorted(S.SECRET_FIELDS)) + ("upstreams", "routing_key_header")  # secrets: scrubbed
+    # (secrets: scrubbed from what a turn records; the caps: checked before a request is validated)
+    also_reads = tuple(sorted(S.SECRET_FIELDS)) + ("upstreams", "routing_key_header", *Caps.SETTINGS)
 
     def __init__(self, source, upstreams, search, store) -> None:
         super().__init__(source)
@@ -218,6 +236,7 @@ class Turns(Owner):
         self.lowering_record = lowering_record(self.lowering)  # in each flow: `resp2chat retranslate` reads it
         self.lowering_records: dict[str, dict] = {}  # the same, by upstream (several upstreams)
         self.tools_cache = ToolsCache()
+        self.caps = Caps()
         self.secrets: tuple[bytes, ...] = ()
         self.specs: tuple[routing.UpstreamSpec, ...] = ()  # several upstreams (routing.py)
         self.lowering_by_upstream: dict[str, LoweringOptions] = {}
@@ -238,6 +257,7 @@ class Turns(Owner):
         self.lowering_record = lowering_record(self.lowering)
         self.lowering_records = {name: lowering_record(opts) for name, opts in self.lowering_by_upstream.items()}
         self.secrets = S.secret_values(self.s)
+        self.caps = Caps.from_settings(self.s)
         self._seal_key = self._seal_id = None
 
     def seal_key(self) -> bytes:
@@ -256,21 +276,26 @@ class Turns(Owner):
 
     # --- request ---------------------------------------------------------------------------
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.is_replay == "response":
             return
         req = flow.request
         path = req.path.split("?", 1)[0]
         if path in RESPONSES_PATHS and req.method == "POST":
-            self.begin(flow, path)
+            await self.begin(flow, path)
 
-    def parse(self, body: bytes | dict, response_id: str, created_at: int, history=None, resolve=None) -> Turn:
-        """Decode, validate and lower; ``GatewayError`` for a request the gateway cannot serve.
+    def parse(self, body: bytes | dict, response_id: str, created_at: int, owner: str, history=None,
+              resolve=None) -> Turn:
+        """Decode, check the caps, validate and lower; ``GatewayError`` for a request the gateway
+        cannot serve. ``owner``: whose stored state it reads and will write (``Upstreams.owner_of``).
         ``history``: where ``previous_response_id`` is looked up, ``resolve``: where
-        ``item_reference`` ids are (default: the response store, both)."""
-        return begin_turn(body, self.lowering, response_id, created_at, history or self.store.history,
-                          self.tools_cache, self.sealer, resolve=resolve or self.store.resolve_items,
-                          route=self.route if self.specs else None)
+        ``item_reference`` ids are (default: the owner's, in the response store, both)."""
+        turn = begin_turn(body, self.lowering, response_id, created_at,
+                          history or (lambda rid: self.store.history(rid, owner=owner)), self.tools_cache,
+                          self.sealer, resolve=resolve or (lambda ids: self.store.resolve_items(ids, owner=owner)),
+                          route=self.route if self.specs else None, caps=self.caps)
+        turn.owner = owner
+        return turn
 
     def recorded_lowering(self, model: str) -> dict:
         """The lowering options a turn for ``model`` ran with, for its record (``resp2chat
@@ -291,16 +316,21 @@ class Turns(Owner):
         """Several upstreams: the lowering options of each one serving ``model``, in order."""
         return [self.lowering_by_upstream[s.name] for s in routing.candidates(self.specs, model)]
 
-    def begin(self, flow: http.HTTPFlow, client_path: str) -> None:
+    async def begin(self, flow: http.HTTPFlow, client_path: str) -> None:
+        owner = self.upstreams.owner_of(flow)  # (before the client's credentials are replaced below)
         body = flow.request.get_content(strict=False) or b""
         meta = flow.metadata.setdefault(META, {})
-        meta["responses_request"] = body.decode("utf-8", "replace")
+        note_request(meta, body)
+        raw = None
         try:
-            turn = self.parse(body, new_response_id(), int(time.time()))
+            raw = await offload.loads(body)  # (a large body off the loop)
+            note_request(meta, None, raw)
+            turn = self.parse(raw, new_response_id(), int(time.time()), owner)
         except GatewayError as err:
             meta["status"] = "rejected"
             flow.response = http.Response.make(err.status, json.dumps(err.body()),
                                                {**JSON_HEADERS, "x-request-id": request_id(flow)})
+            await offload.discard(raw, len(body))
             return
         turn.ctx.request_id = request_id(flow)  # named in the failures the client sees
         req = flow.request
@@ -468,7 +498,7 @@ class Turns(Owner):
         u = t.usage or {}
         took = ((flow.response.timestamp_end if flow.response else None) or time.time()) - flow.request.timestamp_start
         flow.comment = (
-            f"{flow.request.method} {live.client_path} → {turn.ctx.model} · {status}"
+            f"{flow.request.method} {live.client_path} → {shown(turn.ctx.model)} · {status}"
             + (f" ({code or t.error['code']})" if code or t.error else "")
             + (f" · via {name}" + (f" (after {', '.join(n for n, _ in ex.skipped)})" if ex.skipped else "")
                if self.specs else "")

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from mitmproxy import ctx, exceptions, http
 
+from resp2chat_core import owner as owners
 from resp2chat_core import routing
 from resp2chat_core.errors import error_json
 from resp2chat_io.relay import Relay
@@ -130,6 +131,18 @@ class Upstreams(Owner):
         if client and self.s["forward_client_auth"] and not self.s["gateway_api_key"]:
             return client
         return None
+
+    def owner_of(self, flow: http.HTTPFlow) -> str:
+        """Whose stored state a request sees and makes (resp2chat_core/owner.py): decided here
+        once, for every path (turns, the WebSocket, GET/DELETE of a stored response, the Redis
+        prefetch, the replay cache), from the client's request before its credentials are
+        replaced. When the client's ``Authorization`` may reach a backend (``authorization``:
+        ``forward_client_auth``, no gateway key, an upstream without its own key) the backend
+        decides who the client is, so each credential is its own owner (a digest of it);
+        otherwise every client of this gateway is one owner."""
+        forwarded = self.s["forward_client_auth"] and not self.s["gateway_api_key"] and (
+            any(not s.api_key for s in self.specs) if self.specs else not self.s["upstream_api_key"])
+        return owners.of_credential(flow.request.headers.get("authorization")) if forwarded else owners.SHARED
 
     def authorize(self, flow: http.HTTPFlow, spec: routing.UpstreamSpec | None = None) -> None:
         """The upstream key replaces the client's credentials (which go upstream only with

@@ -35,9 +35,11 @@ from resp2chat_core import websocket as ws
 from resp2chat_core.channel import Reader
 from resp2chat_core.compaction import untriggered
 from resp2chat_core.errors import GatewayError, error_json, gateway_failure
+from resp2chat_core.labels import shown
 from resp2chat_core.replay import MAX_ENTRY_BYTES
-from resp2chat_core.turn import Turn, session_key
+from resp2chat_core.turn import Turn, check_caps, session_key
 from resp2chat_core.usage import usage_note
+from resp2chat_io import offload
 from resp2chat_io.redis_state import StateUnavailable
 from resp2chat_io.relay import Exchange, Socket
 from resp2chat_io.relay.exchange import run
@@ -67,6 +69,7 @@ class Live:
     url: str  # what the client asked for (the flow shows it again once the 101 is in)
     upstream_url: str  # the (first) backend's chat completions URL
     headers: list[tuple[bytes, bytes]]  # sent to the backend with each turn (Codex's headers; no credentials)
+    owner: str  # whose stored state its turns read and write (Upstreams.owner_of, decided at the upgrade)
     client_auth: str | None = None  # the client's Authorization (forward_client_auth; an upstream's key wins)
     conn: ws.Connection = field(default_factory=ws.Connection)
     messages: int = 0  # client messages so far (each gets its own request id: request_id(flow)_n)
@@ -142,7 +145,7 @@ class ResponsesWebSocket(Owner):
     def open(self, flow: http.HTTPFlow) -> None:
         req = flow.request
         live = Live(flow, req.url, self.upstreams.target(flow).url + "/chat/completions", self.upstream_headers(flow),
-                    client_auth=req.headers.get("authorization"))
+                    self.upstreams.owner_of(flow), client_auth=req.headers.get("authorization"))
         sock = Socket(flow.id, secrets.token_urlsafe(24), lambda text, send: self.message(live, text, send))
         meta = flow.metadata.setdefault(META, {})
         meta.update(transport="websocket", upstream=live.upstream_url, turns=[])
@@ -223,19 +226,24 @@ class ResponsesWebSocket(Owner):
     async def _message(self, live: Live, m: Message, message: str | bytes, send) -> None:
         # read as an HTTP body is (requestbody.py); a lone surrogate then fails as invalid UTF-8
         body = message if isinstance(message, bytes) else message.encode("utf-8", "surrogatepass")
+        data = None
         try:
             if len(body) > self.s["max_request_body_mb"] << 20:
                 raise GatewayError(f"message larger than max_request_body_mb ({self.s['max_request_body_mb']} MiB)",
                                    code="request_too_large", status=413)
-            create = ws.read_message(body)
+            data = await offload.loads(body)  # (a large message off the loop, as an HTTP body)
+            create = ws.parse_message(data)
             if create is None:
                 return  # response.processed: nothing to say
             m.request = create.body
+            check_caps(create.body, self.turns.caps)  # (before the store is asked for what it names)
             stored, resolve = await self._stored(live, create)
-            turn = self.turns.parse(create.body, new_response_id(), int(time.time()), live.conn.lookup(stored),
-                                    resolve)
+            turn = self.turns.parse(create.body, new_response_id(), int(time.time()), live.owner,
+                                    live.conn.lookup(stored), resolve)
         except GatewayError as err:
             self._refuse(live, m, err, send)
+            m.request = None
+            await offload.discard(data, len(body))
             return
         turn.ctx.request_id = m.request_id  # named in the failures the client sees
         conversation = live.conn.conversation(create, stored, resolve, self.turns.sealer)
@@ -296,16 +304,18 @@ class ResponsesWebSocket(Owner):
         connection does not) and its ``item_reference`` ids: ``(history, resolve)`` for
         ``Turns.parse``. With Redis they are fetched now, for this message alone (the HTTP path's
         ``StoredResponses.request`` fetches them for its flow); Redis down: 503 store_unavailable."""
+        owner = live.owner
         if not self.store.shared:
-            return self.store.history, self.store.resolve_items
+            return (lambda rid: self.store.history(rid, owner=owner)), \
+                (lambda ids: self.store.resolve_items(ids, owner=owner))
         previous = create.previous if create.previous and live.conn.history(create.previous) is None else None
         refs = inputs.reference_ids(create.body.get("input"))
         history, items = None, {}
         if previous is not None or refs:
             try:
-                history, items = await self.store.fetch(previous, refs)
+                history, items = await self.store.fetch(previous, refs, owner=owner)
             except StateUnavailable:
-                raise store_unavailable(f"previous_response_id {previous!r}" if previous is not None
+                raise store_unavailable(f"previous_response_id {shown(previous)!r}" if previous is not None
                                         else "item_reference") from None
         return ((lambda rid: history if rid == previous else None),
                 (lambda ids: {i: items[i] for i in ids if i in items}))
@@ -405,7 +415,7 @@ class ResponsesWebSocket(Owner):
             u = record.get("usage")
             log.info(f"{human.format_address(flow.client_conn.peername)}: WebSocket /v1/responses message "
                      f"{len(turns)} ({record.get('request_id')}) · {record['status']}"
-                     + (f" ({record['error'].get('code')})" if record.get("error") else "")
+                     + (f" ({shown(str(record['error'].get('code')))})" if record.get("error") else "")
                      + usage_note(u)
                      + (" · server replay" if record.get("server_replay") else ""))
         counts: dict[str, int] = {}

@@ -1,0 +1,40 @@
+"""Whose stored state is whose: the owner of a turn, of the response it stores, of its cached answer.
+
+Rules of this file:
+- Sans-I/O. An owner is a short opaque string; which one a request has is decided in one place
+  (``Upstreams.owner_of`` in resp2chat_io/addons/upstreams.py), from the request as the client sent
+  it, for every path that reads or writes stored state (``POST /v1/responses``, the Responses
+  WebSocket, ``GET``/``DELETE /v1/responses/{id}``, the Redis prefetch, the replay cache).
+- Another owner's response id, item id or cached answer is exactly an unknown one: the stores
+  (store.py, redis_state.py) and the replay cache look up only within the owner.
+- An owner never holds a credential: a forwarded ``Authorization`` becomes a digest of it.
+
+Owners:
+
+- ``SHARED`` (``""``): one gateway key, or none: every client is one owner, as before owners.
+- ``forward_client_auth``: the backend decides who a client is by the ``Authorization`` the
+  gateway forwards, so each credential is its own owner, ``auth-`` + 32 hex digits of its
+  SHA-256 (``of_credential``); no credential is one owner too, told apart from every key.
+- (issue 23: a configured client's name.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+SHARED = ""
+_VALID = re.compile(r"[A-Za-z0-9_.-]{0,64}")  # safe as a Redis key part (no ':', no space) and a label
+
+
+def of_credential(authorization: str | None) -> str:
+    """The owner of a request whose credential the backend judges: a digest, never the credential."""
+    digest = hashlib.sha256(b"resp2chat owner\n" + (authorization or "").encode("utf-8", "surrogateescape"))
+    return "auth-" + digest.hexdigest()[:32]
+
+
+def check(owner: str) -> str:
+    """``owner``, or ``ValueError`` if it is not one (a bug: owners come from this module)."""
+    if not isinstance(owner, str) or not _VALID.fullmatch(owner):
+        raise ValueError(f"not an owner: {owner!r:.80}")
+    return owner

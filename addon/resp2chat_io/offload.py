@@ -1,0 +1,87 @@
+"""Work too big for mitmproxy's one event loop: a large request body decoded in a worker thread.
+
+mitmproxy runs every hook of every flow on one asyncio loop: while a hook decodes a 25 MB body,
+``/healthz`` and every open stream wait. A body of ``LARGE`` bytes or more is decoded in a worker
+thread instead (``loads``), with the decoder's Python-level hooks, so that the thread hands the
+GIL back between objects (requestbody.py ``yielding``) and the loop goes on meanwhile. What a
+refused request decoded is freed there too, container by container (``discard``): freeing a
+million items takes about as long as making them.
+
+One worker: large bodies are decoded one after the other, as they were on the loop, so their
+peak memory does not add up. Only decoding moves: checking the caps (turn.py ``check_caps``),
+validating and lowering stay on the loop (the lowering caches and the store are not
+thread-safe), after the caps bounded what they walk.
+
+Limit: CPython's JSON decoder gives the GIL up only at those hooks (objects and numbers); a body
+that is nothing but millions of empty arrays still holds the loop for the ~1 s its decoding takes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from concurrent.futures import ThreadPoolExecutor
+
+from resp2chat_core import requestbody
+
+LARGE = 1 << 20  # bytes: a body this large is decoded off the loop
+
+_worker: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _worker
+    if _worker is None:
+        _worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resp2chat-decode")
+    return _worker
+
+
+async def loads(body: bytes):
+    """``requestbody.loads(body)`` (strict JSON, ``GatewayError`` 400 otherwise), off the loop
+    when the body is large."""
+    if len(body) < LARGE:
+        return requestbody.loads(body)
+    return await asyncio.get_running_loop().run_in_executor(_pool(), functools.partial(requestbody.loads, body,
+                                                                                       yielding=True))
+
+
+async def reduce(body: bytes, fn):
+    """``fn`` of the body's JSON value (``GatewayError`` if it has none), for a caller that needs
+    only something small of it: a large body is decoded, reduced and freed in the worker, so
+    nothing of its size reaches the loop."""
+    if len(body) < LARGE:
+        return fn(requestbody.loads(body))
+    return await asyncio.get_running_loop().run_in_executor(_pool(), _reduce, body, fn)
+
+
+def _reduce(body: bytes, fn):
+    value = requestbody.loads(body, yielding=True)
+    try:
+        return fn(value)
+    finally:
+        _empty(value)
+
+
+async def discard(value, size: int) -> None:
+    """Free what a refused body of ``size`` bytes decoded to (``value`` is left empty), off the
+    loop when the body was large. The caller keeps no other reference into it."""
+    if size >= LARGE:
+        await asyncio.get_running_loop().run_in_executor(_pool(), _empty, value)
+
+
+def _empty(value) -> None:
+    """Empty every container of a decoded JSON value one element at a time: a Python loop, so the
+    GIL changes hands while a million items are freed."""
+    todo = [value]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, list):
+            while v:
+                x = v.pop()
+                if isinstance(x, (list, dict)):
+                    todo.append(x)
+        elif isinstance(v, dict):
+            while v:
+                x = v.popitem()[1]
+                if isinstance(x, (list, dict)):
+                    todo.append(x)
