@@ -16,6 +16,7 @@ from .lowering import LoweringOptions, Recent, TextCache, dumps, dumps_spliced, 
 from .toolmap import ToolMap
 from .schema import parse_request
 from .seal import Sealer
+from .sse import MAX_EVENT
 from .translator import Translator, TurnContext
 
 # Request fields a Response object echoes back, with the API's defaults when absent.
@@ -77,8 +78,9 @@ class Turn:
     alternates: tuple[tuple[bytes | None, str, ToolMap], ...] = ()
     compaction: bool = False  # Codex's remote compaction: the answer is one sealed summary (compaction.py)
 
-    def translator(self) -> Translator:
-        self.active = (compaction.CompactionTranslator if self.compaction else Translator)(self.ctx)
+    def translator(self, max_event: int = MAX_EVENT) -> Translator:
+        """``max_event``: the largest SSE event its backend may send (``max_upstream_event_mb``)."""
+        self.active = (compaction.CompactionTranslator if self.compaction else Translator)(self.ctx, max_event)
         return self.active
 
 

@@ -35,7 +35,6 @@ from resp2chat_core import websocket as ws
 from resp2chat_core.channel import Reader
 from resp2chat_core.compaction import untriggered
 from resp2chat_core.errors import GatewayError, error_json, gateway_failure
-from resp2chat_core.replay import MAX_ENTRY_BYTES
 from resp2chat_core.turn import Turn, session_key
 from resp2chat_core.usage import usage_note
 from resp2chat_io.redis_state import StateUnavailable
@@ -240,7 +239,7 @@ class ResponsesWebSocket(Owner):
         turn.ctx.request_id = m.request_id  # named in the failures the client sees
         conversation = live.conn.conversation(create, stored, resolve, self.turns.sealer)
         m.turn = turn
-        m.reader = reader = Reader(turn.translator(), MAX_ENTRY_BYTES, self.turns.secrets)
+        m.reader = reader = self.turns.reader(turn)
         if ctx.options.resp2chat_raw:
             reader.translator.observer = RawPrinter()
         coalesce, sent = ws.Coalescer(), m.sent
@@ -264,6 +263,7 @@ class ResponsesWebSocket(Owner):
         plan = self.turns.plan(turn, live.flow, live.client_auth)  # the same routing as over HTTP
         exchange = self.turns.exchange(f"{live.flow.id}:{live.turns}", turn, plan, secret="")
         exchange.channel.push = lambda item: out(reader.apply(item))
+        reader.channel = exchange.channel  # (closed once the turn is over: the relay stops reading the backend)
         m.upstream, m.exchange = plan.name, exchange
         reader.on_first = lambda: setattr(m, "first", time.monotonic())
         headers = list(live.headers)

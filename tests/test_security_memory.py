@@ -1,0 +1,235 @@
+"""Issue 21, track B: what a backend or a client can make the gateway hold, and for how long.
+
+Every test goes through a real mitmdump (HTTP and the Responses WebSocket) and measures the
+gateway process's memory (``/proc/PID/status``: VmHWM, the peak, reset before the part measured
+by writing 5 to ``/proc/PID/clear_refs``). The backends here are small real HTTP servers that
+misbehave on purpose (``Hostile``): a line that never ends, an event that never ends, a stream
+that goes on after its ``[DONE]``, a backend that stalls.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import parse_sse, wait_until
+from wsclient import WSClient
+
+MiB = 1 << 20
+
+
+# --- the gateway's memory ----------------------------------------------------------------------
+
+
+def _status(pid: int, field: str) -> int:
+    """A /proc/PID/status field in bytes (VmRSS, VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field}")
+
+
+class Peak:
+    """The gateway's peak memory from now on, above what it holds now."""
+
+    def __init__(self, gw) -> None:
+        self.pid = gw.proc.pid
+        Path(f"/proc/{self.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
+        self.base = _status(self.pid, "VmRSS")
+
+    @property
+    def grown(self) -> int:
+        return _status(self.pid, "VmHWM") - self.base
+
+
+# --- a backend that misbehaves ----------------------------------------------------------------
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def _event(delta: dict | None = None, finish: str | None = None) -> bytes:
+    return b"data: " + json.dumps({"choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}]}).encode() + b"\n\n"
+
+
+ANSWER = _event({"content": "hello"}) + _event(finish="stop") + b"data: [DONE]\n\n"
+PIECE = 256 << 10
+
+
+class Hostile(BaseHTTPRequestHandler):
+    """A chat backend whose answer depends on the model asked for:
+
+    - ``ok``: a short answer
+    - ``line``: ``data: `` and then 64 MiB without a line end
+    - ``lines``: ``data:`` lines without the blank line that ends an event, 64 MiB of them
+    - ``after-done``: a short answer, its ``[DONE]``, then 256 MiB more events
+    - ``stall``: the head, then nothing until ``release`` is set, then a short answer
+
+    Each call is noted in ``calls``: how many body bytes went out, and whether the gateway
+    closed the connection before the backend was done (``cut``)."""
+
+    protocol_version = "HTTP/1.1"
+    calls: list[dict] = []
+    release = threading.Event()
+
+    def do_POST(self):
+        model = json.loads(self.rfile.read(int(self.headers["content-length"])))["model"]
+        call = {"model": model, "sent": 0, "cut": False, "done": False}
+        type(self).calls.append(call)
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        self.wfile.flush()
+
+        def send(data: bytes) -> None:
+            self.wfile.write(_chunk(data))
+            call["sent"] += len(data)
+
+        try:
+            if model == "stall":
+                type(self).release.wait(120)
+            if model in ("ok", "stall", "after-done"):
+                send(ANSWER)
+            if model == "line":
+                send(b'data: {"choices":[{"index":0,"delta":{"content":"')
+                for _ in range(64 * MiB // PIECE):
+                    send(b"x" * PIECE)
+            elif model == "lines":
+                for _ in range(64 * MiB // PIECE):
+                    send((b"data: " + b"y" * 1000 + b"\n") * (PIECE // 1007))
+            elif model == "after-done":
+                more = _event({"content": "more"}) * (PIECE // len(_event({"content": "more"})))
+                for _ in range(256 * MiB // PIECE):
+                    send(more)
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+            call["done"] = True
+        except OSError:
+            call["cut"] = True
+            self.close_connection = True
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture
+def hostile():
+    Hostile.calls, Hostile.release = [], threading.Event()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"
+    yield server
+    Hostile.release.set()
+    server.shutdown()
+    server.server_close()
+
+
+def _post(gw, body: dict, timeout: float = 120) -> list[dict]:
+    r = requests.post(gw.base_url + "/responses", json={"stream": True, "input": "hi", **body}, timeout=timeout)
+    assert r.status_code == 200, r.text
+    return parse_sse(r.content)
+
+
+def _terminal(events: list[dict]) -> dict:
+    """The one terminal event of a turn (exactly one, and last)."""
+    ends = [e for e in events if e["type"] in ("response.completed", "response.failed", "response.incomplete")]
+    assert len(ends) == 1 and ends[0] is events[-1], [e["type"] for e in events]
+    return ends[0]["response"]
+
+
+def _oversized(response: dict) -> None:
+    assert response["status"] == "failed", response
+    error = response["error"]
+    assert error["code"] == "upstream_event_too_large", error
+    assert "max_upstream_event_mb (4 MiB)" in error["message"], error
+
+
+def _backend_stopped(model: str) -> dict:
+    """The backend's call for ``model`` was cut by the gateway long before the backend was done."""
+    call = [c for c in Hostile.calls if c["model"] == model][-1]
+    wait_until(lambda: call["cut"] or call["done"], what=f"the {model} call ending")
+    assert call["cut"] and not call["done"], call
+    return call
+
+
+# --- finding 5: a backend's line or event without end --------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["line", "lines"])
+def test_a_backend_event_without_end_fails_the_turn_holding_little(hostile, gateway_factory, model):
+    """64 MiB of one line (or of one event's data lines): the turn ends with one response.failed
+    naming max_upstream_event_mb, the gateway holds a few MiB at most meanwhile (it grew by
+    ~180 MiB, copying the held line again at every read), the backend call is dropped, and the
+    gateway answers meanwhile."""
+    gw = gateway_factory(hostile.url)
+    assert _terminal(_post(gw, {"model": "ok"}))["status"] == "completed"  # (warm: imports, pools)
+    peak = Peak(gw)
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(events=_post(gw, {"model": model})))
+    worker.start()
+    while worker.is_alive():  # the gateway keeps serving while the hostile turn runs
+        started = time.monotonic()
+        assert requests.get(f"http://127.0.0.1:{gw.port}/healthz", timeout=5).status_code == 200
+        assert time.monotonic() - started < 1
+        assert _terminal(_post(gw, {"model": "ok"}))["status"] == "completed"
+        worker.join(0.05)
+    assert peak.grown < 40 * MiB, f"the gateway grew {peak.grown / MiB:.0f} MiB"
+    _oversized(_terminal(result["events"]))
+    assert _backend_stopped(model)["sent"] < 40 * MiB
+
+
+def test_a_web_search_round_with_a_line_without_end_fails_the_same(hostile, gateway_factory):
+    """With the gateway's web search on, a round's stream is read by the search loop before the
+    translator: the same bound, the same failure."""
+    gw = gateway_factory(hostile.url, "--set", "resp2chat_brave_api_key=test-brave-key",
+                         "--set", "resp2chat_brave_base_url=http://127.0.0.1:9")
+    search = {"tools": [{"type": "web_search"}]}
+    assert _terminal(_post(gw, {"model": "ok", **search}))["status"] == "completed"
+    peak = Peak(gw)
+    events = _post(gw, {"model": "line", **search})
+    assert peak.grown < 40 * MiB, f"the gateway grew {peak.grown / MiB:.0f} MiB"
+    _oversized(_terminal(events))
+    assert _backend_stopped("line")["sent"] < 40 * MiB
+
+
+def test_a_backend_line_without_end_on_the_websocket(hostile, gateway_factory):
+    gw = gateway_factory(hostile.url)
+    client = WSClient(gw.base_url)
+    assert _terminal(client.turn({"type": "response.create", "model": "ok", "input": "hi"}))["status"] == "completed"
+    peak = Peak(gw)
+    events = client.turn({"type": "response.create", "model": "line", "input": "hi"})
+    assert peak.grown < 40 * MiB, f"the gateway grew {peak.grown / MiB:.0f} MiB"
+    _oversized(_terminal(events))
+    assert _backend_stopped("line")["sent"] < 40 * MiB
+    # the socket goes on
+    assert _terminal(client.turn({"type": "response.create", "model": "ok", "input": "again"}))["status"] == "completed"
+    client.close()
+
+
+# --- finding 5: a turn that is over costs nothing more ------------------------------------------
+
+
+def test_a_backend_that_goes_on_after_done_is_cut_and_the_client_stream_ends(hostile, gateway_factory):
+    """The answer is complete at [DONE]; the backend sends 256 MiB more: the client's stream ends
+    with the answer and the gateway stops reading (it read all of it before, and the client's
+    stream lasted as long)."""
+    gw = gateway_factory(hostile.url)
+    response = _terminal(_post(gw, {"model": "after-done"}))
+    assert response["status"] == "completed" and response["output"][0]["content"][0]["text"] == "hello"
+    assert _backend_stopped("after-done")["sent"] < 64 * MiB
+    client = WSClient(gw.base_url)
+    response = _terminal(client.turn({"type": "response.create", "model": "after-done", "input": "hi"}))
+    assert response["status"] == "completed" and response["output"][0]["content"][0]["text"] == "hello"
+    assert _backend_stopped("after-done")["sent"] < 64 * MiB
+    assert _terminal(client.turn({"type": "response.create", "model": "ok", "input": "again"}))["status"] == "completed"
+    client.close()
