@@ -233,3 +233,41 @@ def test_a_backend_that_goes_on_after_done_is_cut_and_the_client_stream_ends(hos
     assert _backend_stopped("after-done")["sent"] < 64 * MiB
     assert _terminal(client.turn({"type": "response.create", "model": "ok", "input": "again"}))["status"] == "completed"
     client.close()
+
+
+# --- the relay: half-sent requests ----------------------------------------------------------------
+
+
+def _listening_ports(pid: int) -> set[int]:
+    """The loopback TCP ports process ``pid`` listens on (its sockets in /proc/net/tcp)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = fd.readlink().name
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+            ports.add(int(fields[1].split(":")[1], 16))
+    return ports
+
+
+def test_the_relay_closes_a_connection_that_sends_half_a_request(upstream, gateway_factory):
+    """Any local process can open the relay's loopback port: one that sends half a head, or
+    nothing, is closed after the relay's deadline (10 s), not held forever."""
+    gw = gateway_factory(upstream.origin)
+    [relay] = _listening_ports(gw.proc.pid) - {gw.port}
+    half = socket.create_connection(("127.0.0.1", relay))
+    half.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-le")
+    silent = socket.create_connection(("127.0.0.1", relay))
+    started = time.monotonic()
+    for sock in (half, silent):
+        sock.settimeout(60)  # (the wait is the relay's: recv returns b"" once it closed the connection)
+        assert sock.recv(1) == b""
+        sock.close()
+    assert time.monotonic() - started < 30
+    assert _terminal(_post(gw, {"model": "demo-model"}))["status"] == "completed"  # the gateway goes on
