@@ -271,3 +271,130 @@ def test_the_relay_closes_a_connection_that_sends_half_a_request(upstream, gatew
         sock.close()
     assert time.monotonic() - started < 30
     assert _terminal(_post(gw, {"model": "demo-model"}))["status"] == "completed"  # the gateway goes on
+
+
+# --- finding 6: the Responses WebSocket ---------------------------------------------------------
+
+
+def _sender(client: WSClient, messages: list[bytes]) -> tuple[threading.Thread, dict]:
+    """Send ``messages`` (encoded frames) in 1 MiB pieces from a thread; ``progress`` says how
+    far it got and when it last got further."""
+    progress = {"sent": 0, "at": time.monotonic(), "error": None}
+
+    def run():
+        try:
+            for data in messages:
+                for i in range(0, len(data), MiB):
+                    client.sock.sendall(data[i:i + MiB])
+                    progress["sent"] += len(data[i:i + MiB])
+                    progress["at"] = time.monotonic()
+        except OSError as exc:
+            progress["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, progress
+
+
+def _frame(client: WSClient, text: str) -> bytes:
+    import wsproto.events as E
+
+    return client.ws.send(E.TextMessage(data=text))
+
+
+def test_messages_behind_a_stalled_turn_are_not_read_past_a_bound(hostile, gateway_factory):
+    """A turn stalls at the backend; the client sends 10 × 20 MB behind it. The relay stops
+    reading the socket once a message's worth waits (mitmproxy, then the client's TCP, push back)
+    instead of holding all of them (+550 MB). Nothing is lost: once the turn ends, every message
+    is answered, in order."""
+    gw = gateway_factory(hostile.url)
+    client = WSClient(gw.base_url, timeout=120)
+    assert _terminal(client.turn({"type": "response.create", "model": "ok", "input": "hi"}))["status"] == "completed"
+    peak = Peak(gw)
+    client.send({"type": "response.create", "model": "stall", "input": "hi"})
+    wait_until(lambda: any(c["model"] == "stall" for c in Hostile.calls), what="the stalled turn reaching the backend")
+    frame = _frame(client, "z" * (20 * MiB))  # (no JSON: each gets an error once its turn comes)
+    thread, progress = _sender(client, [frame] * 10)
+    # all of it sent (nothing pushed back), or nothing more taken for 3 s (pushed back)
+    wait_until(lambda: not thread.is_alive() or time.monotonic() - progress["at"] > 3, timeout=120,
+               what="the client sending everything, or being made to wait")
+    pushed_back = thread.is_alive()
+    Hostile.release.set()
+    thread.join(120)
+    assert progress["error"] is None and progress["sent"] == 10 * len(frame)
+    assert _terminal(client.events())["status"] == "completed"
+    errors = [client.next_message() for _ in range(10)]
+    assert [e["error"]["code"] for e in errors] == ["invalid_json"] * 10
+    client.close()
+    # a few copies of one message in flight (mitmproxy decodes, re-encodes and masks each), however many wait
+    assert peak.grown < 256 * MiB, f"the gateway grew {peak.grown / MiB:.0f} MiB"
+    assert pushed_back
+
+
+def test_a_long_socket_is_not_held_in_memory(upstream, gateway_factory):
+    """300 MB of messages on one socket (each refused: no JSON): mitmproxy would keep every one
+    in flow.websocket.messages (+290 MB); the socket's flow keeps its first ones."""
+    gw = gateway_factory(upstream.origin)
+    client = WSClient(gw.base_url, timeout=120)
+    assert _terminal(client.turn({"type": "response.create", "model": "demo-model", "input": "hi"}))["status"] == "completed"
+    peak = Peak(gw)
+    frame = _frame(client, "q" * (100 << 10))
+    thread, progress = _sender(client, [frame] * 3000)
+    for _ in range(3000):
+        assert client.next_message()["error"]["code"] == "invalid_json"
+    thread.join(60)
+    assert progress["error"] is None
+    assert _terminal(client.turn({"type": "response.create", "model": "demo-model", "input": "and?"}))["status"] == "completed"
+    client.close()
+    assert peak.grown < 120 * MiB, f"the gateway grew {peak.grown / MiB:.0f} MiB"
+
+
+def test_what_a_long_sockets_flow_file_keeps(upstream, gateway_factory, tmp_path):
+    """The flow file of a socket with 2500 refused messages and a turn: its first 4096 messages
+    and 1024 turn records, and how many of each it left out."""
+    from mitmproxy import http, io
+
+    flows = tmp_path / "socket.mitm"
+    gw = gateway_factory(upstream.origin, "-w", str(flows))
+    client = WSClient(gw.base_url)
+    for _ in range(2500):
+        client.send("nope")
+    for _ in range(2500):
+        assert client.next_message()["error"]["code"] == "invalid_json"
+    assert _terminal(client.turn({"type": "response.create", "model": "demo-model", "input": "hi"}))["status"] == "completed"
+    client.close()
+    wait_until(lambda: "WebSocket /v1/responses message 2501" in gw.log(), what="the last turn recorded")
+    gw.stop()
+    [flow] = [f for f in io.FlowReader(flows.open("rb")).stream() if isinstance(f, http.HTTPFlow) and f.websocket]
+    meta = flow.metadata["resp2chat"]
+    messages = flow.websocket.messages
+    sent = 2501 + 2500 + len([e for e in meta["turns"][-1:]])  # (at least: the turn's events are more than one)
+    assert len(messages) == 4096 and meta["messages_dropped"]["count"] >= sent - 4096
+    assert messages[0].from_client and messages[0].content == b"nope"  # the first ones
+    assert len(meta["turns"]) == 1024 and meta["turns_dropped"] == 2501 - 1024
+    assert flow.comment.startswith("WebSocket /v1/responses · 2501 messages (2500 rejected, 1 completed)")
+
+
+def test_a_message_over_the_body_limit_is_refused_while_it_arrives(upstream, gateway_factory):
+    """max_request_body_mb = 4: a 40 MB message is answered with the 413 error while the client
+    is still sending it (it took ~9 s of buffering and copying before, and 64 MiB was the
+    relay's own limit), the gateway holds about the limit of it, and the socket goes on; a
+    message just under the limit is served."""
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_request_body_mb=4")
+    client = WSClient(gw.base_url, timeout=120)
+    assert _terminal(client.turn({"type": "response.create", "model": "demo-model", "input": "hi"}))["status"] == "completed"
+    peak = Peak(gw)
+    big = _frame(client, json.dumps({"type": "response.create", "model": "demo-model", "input": "x" * (40 * MiB)}))
+    thread, progress = _sender(client, [big])
+    error = client.next_message()
+    finished = not thread.is_alive() and progress["sent"] == len(big)
+    assert error["type"] == "error" and error["status"] == 413 and error["error"]["code"] == "request_too_large"
+    assert "max_request_body_mb (4 MiB)" in error["error"]["message"]
+    assert not finished, "answered only once the client had sent all of it"
+    thread.join(60)
+    assert progress["error"] is None and progress["sent"] == len(big)  # (the rest was read, and dropped)
+    assert peak.grown < 24 * MiB, f"the gateway grew {peak.grown / MiB:.0f} MiB"
+    # (a warm-up: read, validated and lowered like a turn, answered without the backend)
+    under = {"type": "response.create", "model": "demo-model", "input": "y" * (4 * MiB - 4096), "generate": False}
+    assert _terminal(client.turn(under))["status"] == "completed"
+    client.close()
