@@ -72,6 +72,8 @@ class Hostile(BaseHTTPRequestHandler):
     - ``lines``: ``data:`` lines without the blank line that ends an event, 64 MiB of them
     - ``after-done``: a short answer, its ``[DONE]``, then 256 MiB more events
     - ``stall``: the head, then nothing until ``release`` is set, then a short answer
+    - ``unchunked``: a stream without chunked coding (its end is the connection's), 256 MiB of events
+    - ``error-flood``: a 500 whose body goes on for 256 MiB
 
     Each call is noted in ``calls``: how many body bytes went out, and whether the gateway
     closed the connection before the backend was done (``cut``)."""
@@ -82,17 +84,22 @@ class Hostile(BaseHTTPRequestHandler):
 
     def do_POST(self):
         model = json.loads(self.rfile.read(int(self.headers["content-length"])))["model"]
-        call = {"model": model, "sent": 0, "cut": False, "done": False}
+        call = {"model": model, "sent": 0, "cut": False, "done": False, "at": time.monotonic()}
         type(self).calls.append(call)
-        self.send_response(200)
-        self.send_header("content-type", "text/event-stream")
-        self.send_header("transfer-encoding", "chunked")
+        chunked = model != "unchunked"
+        self.send_response(500 if model == "error-flood" else 200)
+        self.send_header("content-type", "application/json" if model == "error-flood" else "text/event-stream")
+        if chunked:
+            self.send_header("transfer-encoding", "chunked")
+        else:
+            self.send_header("connection", "close")
         self.end_headers()
         self.wfile.flush()
 
         def send(data: bytes) -> None:
-            self.wfile.write(_chunk(data))
+            self.wfile.write(_chunk(data) if chunked else data)
             call["sent"] += len(data)
+            call["at"] = time.monotonic()
 
         try:
             if model == "stall":
@@ -106,10 +113,18 @@ class Hostile(BaseHTTPRequestHandler):
             elif model == "lines":
                 for _ in range(64 * MiB // PIECE):
                     send((b"data: " + b"y" * 1000 + b"\n") * (PIECE // 1007))
-            elif model == "after-done":
+            elif model in ("after-done", "unchunked"):
                 more = _event({"content": "more"}) * (PIECE // len(_event({"content": "more"})))
                 for _ in range(256 * MiB // PIECE):
                     send(more)
+            elif model == "error-flood":
+                send(b'{"error": {"message": "' + b"e" * PIECE)
+                for _ in range(256 * MiB // PIECE):
+                    send(b"e" * PIECE)
+            if not chunked:
+                call["done"] = True
+                self.close_connection = True
+                return
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
             call["done"] = True
@@ -233,6 +248,34 @@ def test_a_backend_that_goes_on_after_done_is_cut_and_the_client_stream_ends(hos
     assert _backend_stopped("after-done")["sent"] < 64 * MiB
     assert _terminal(client.turn({"type": "response.create", "model": "ok", "input": "again"}))["status"] == "completed"
     client.close()
+
+
+def test_an_unchunked_stream_to_a_slow_client_is_read_no_faster_than_it_is_taken(hostile, gateway_factory):
+    """A backend that streams without chunked coding (its body ends with its connection), and a
+    client that reads nothing: the relay pauses the backend once FULL bytes wait for the client,
+    as it does for a chunked stream (it read on into memory: +256 MiB)."""
+    gw = gateway_factory(hostile.url)
+    assert _terminal(_post(gw, {"model": "ok"}))["status"] == "completed"
+    peak = Peak(gw)
+    with requests.post(gw.base_url + "/responses", json={"model": "unchunked", "input": "hi", "stream": True},
+                       stream=True, timeout=60) as r:
+        assert r.status_code == 200
+        call = wait_until(lambda: next((c for c in Hostile.calls if c["model"] == "unchunked"), None))
+        # the backend sent all of it, or could send nothing more for 3 s (pushed back)
+        wait_until(lambda: call["done"] or time.monotonic() - call["at"] > 3, timeout=120,
+                   what="the backend sending everything, or being made to wait")
+        assert peak.grown < 64 * MiB, f"the gateway grew {peak.grown / MiB:.0f} MiB"
+        assert not call["done"]
+    wait_until(lambda: call["cut"], what="the backend call dropped with the client")
+
+
+def test_an_error_body_is_not_read_past_what_is_kept(hostile, gateway_factory):
+    """A backend's 500 whose body never ends: the relay keeps its first MiB, reports the failure
+    and drops the call (it read all 256 MiB, to throw it away)."""
+    gw = gateway_factory(hostile.url)
+    error = _terminal(_post(gw, {"model": "error-flood"}))["error"]
+    assert error["code"] == "server_error" and "upstream HTTP 500" in error["message"]
+    assert _backend_stopped("error-flood")["sent"] < 64 * MiB
 
 
 # --- the relay: half-sent requests ----------------------------------------------------------------
