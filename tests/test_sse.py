@@ -148,7 +148,7 @@ def test_a_line_without_end_is_refused_past_max_event_and_nothing_is_held():
         assert p.feed(b"x" * 65536) == []
     assert not p.oversized  # 15 * 64 KiB + the "data: " so far: under 1 MiB
     assert p.feed(b"x" * 65536 + b"\n\ndata: after\n\n") == []  # the line outgrew the bound
-    assert p.oversized and p._held == [] and p._data == []  # nothing of it is kept
+    assert p.oversized and p._tail == b"" and p._more == [] and p._data == []  # nothing of it is kept
     assert p.feed(b"data: more\n\n") == [] and p.finish() == []  # a refused stream is read no further
 
 
@@ -159,7 +159,7 @@ def test_an_event_of_many_data_lines_without_its_blank_line_is_refused():
         out += p.feed(b"data: " + b"y" * 60 + b"\n")
         if p.oversized:
             break
-    assert p.oversized and out == [] and p._data == []
+    assert p.oversized and out == [] and p._data == [] and p._tail == b""
 
 
 def test_a_long_line_in_one_piece_is_refused_too():

@@ -31,15 +31,17 @@ _BOM = b"\xef\xbb\xbf"
 _FIELDS = (b"event:", b"id:", b"retry:")
 STRAY_MAX = 1 << 16
 MAX_EVENT = 4 << 20  # the default of max_upstream_event_mb (settings.py), in bytes
+_SHORT = 4096  # an unfinished line up to this long is extended by copying; a longer one, by keeping pieces
 
 
 class SSEParser:
-    __slots__ = ("_held", "_held_size", "_data", "_data_size", "_pending_cr", "_started", "comments", "stray",
+    __slots__ = ("_tail", "_more", "_held", "_data", "_data_size", "_pending_cr", "_started", "comments", "stray",
                  "_stray_size", "max_event", "oversized")
 
     def __init__(self, max_event: int = MAX_EVENT) -> None:
-        self._held: list[bytes] = []  # the pieces of an incomplete last line, in order
-        self._held_size = 0
+        self._tail = b""  # an incomplete last line, as the last read with a line end left it
+        self._more: list[bytes] = []  # reads without any line end since: the same line, going on
+        self._held = 0  # bytes of the incomplete line (tail and more)
         self._data: list[bytes] = []  # data lines of the event being read
         self._data_size = 0
         self._pending_cr = False  # previous piece ended in CR: a LF now belongs to it
@@ -55,19 +57,18 @@ class SSEParser:
         if not chunk or self.oversized:
             return []
         if not self._started:
-            head = b"".join(self._held) + chunk if self._held else chunk
-            if len(head) < 3 and _BOM.startswith(head):
-                self._held, self._held_size = [head], len(head)  # too short to tell whether a BOM starts the stream
+            if len(self._tail) + len(chunk) < 3 and _BOM.startswith(self._tail + chunk):
+                self._tail += chunk  # too short to tell whether a BOM starts the stream
+                self._held = len(self._tail)
                 return []
             self._started = True
-            chunk, self._held, self._held_size = head.removeprefix(_BOM), [], 0
+            chunk, self._tail, self._held = (self._tail + chunk).removeprefix(_BOM), b"", 0
             if not chunk:
                 return []
         if self._pending_cr and chunk.startswith(b"\n"):
             chunk = chunk[1:]
         self._pending_cr = chunk.endswith(b"\r")
-        held = self._held
-        if not held and not self._data and chunk.endswith(b"\n\n") and b"\r" not in chunk \
+        if not self._tail and not self._data and chunk.endswith(b"\n\n") and b"\r" not in chunk \
                 and len(chunk) <= self.max_event:
             # Fast path: whole one-line `data:` events, the shape nearly every backend sends.
             parts = chunk[:-2].split(b"\n\n")
@@ -76,62 +77,65 @@ class SSEParser:
                     break
             else:
                 return [part[6:].decode("utf-8", "replace") for part in parts]
-        if b"\n" not in chunk and b"\r" not in chunk:
-            if chunk:  # the line goes on: kept as it came, joined once it ends
-                held.append(chunk)
-                self._held_size += len(chunk)
-                self._check()
+        if b"\n" not in chunk and b"\r" not in chunk:  # the line goes on
+            if self._more or len(self._tail) + len(chunk) > _SHORT:
+                self._more.append(chunk)  # kept as it came, joined once the line ends
+            else:
+                self._tail += chunk  # (a short one: copied, as cheap)
+            self._held += len(chunk)
+            if self._held + self._data_size > self.max_event:
+                self._oversize()
             return []
-        if held:
-            held.append(chunk)
-            buf = b"".join(held)  # each byte of a long line is copied once, here
+        if self._more:
+            buf = b"".join([self._tail, *self._more, chunk])  # each byte of a long line is copied once, here
+            self._more = []
         else:
-            buf = chunk
+            buf = self._tail + chunk if self._tail else chunk
         if b"\r" in buf:
             buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         lines = buf.split(b"\n")
-        tail = lines.pop()
-        self._held, self._held_size = ([tail], len(tail)) if tail else ([], 0)
-        out = self._lines(lines)
-        self._check()
+        self._tail = lines.pop()
+        self._held = len(self._tail)
+        out = self._lines(lines, len(buf) > self.max_event)
+        if self._held + self._data_size > self.max_event:
+            self._oversize()
         return out
 
     def finish(self) -> list[str]:
         """End of stream: an event not closed by a blank line still counts (many servers)."""
         if self.oversized:
             return []
-        tail = b"".join(self._held)
-        self._held, self._held_size = [], 0
-        return self._lines([tail, b""] if tail else [b""])
-
-    def _check(self) -> None:
-        if self._held_size + self._data_size > self.max_event:
-            self._oversize()
+        tail = b"".join([self._tail, *self._more]) if self._more else self._tail
+        self._tail, self._more, self._held = b"", [], 0
+        return self._lines([tail, b""] if tail else [b""], len(tail) > self.max_event)
 
     def _oversize(self) -> None:
         self.oversized = True
-        self._held, self._held_size, self._data, self._data_size = [], 0, [], 0
+        self._tail, self._more, self._held, self._data, self._data_size = b"", [], 0, [], 0
 
-    def _lines(self, lines: list[bytes]) -> list[str]:
+    def _lines(self, lines: list[bytes], long: bool) -> list[str]:
+        """``long``: the lines may hold one longer than ``max_event`` (they came in more bytes)."""
         out: list[str] = []
         data = self._data
+        counted = len(data)  # data lines of the event being read whose size is in _data_size
         limit = self.max_event
         for line in lines:
             if not line:
                 if data:
                     out.append(b"\n".join(data).decode("utf-8", "replace"))
                     data.clear()
-                    self._data_size = 0
-            elif len(line) > limit:  # whatever the line is (a comment too): no line may be this long
-                self._oversize()
+                    self._data_size = counted = 0
+            elif long and len(line) > limit:
+                self._oversize()  # (a line of any kind, a comment too)
                 return out
             elif line.startswith(b"data:"):
-                value = line[6:] if line[5:6] == b" " else line[5:]
-                data.append(value)
-                self._data_size += len(value) + 1
-                if self._data_size > limit:
-                    self._oversize()
-                    return out
+                data.append(line[6:] if line[5:6] == b" " else line[5:])
+                if long:
+                    self._data_size += len(data[-1]) + 1
+                    counted += 1
+                    if self._data_size > limit:
+                        self._oversize()
+                        return out
             elif line[0] == 0x3A:  # ":" comment / keep-alive
                 self.comments += 1
             elif line[0] == 0x7B and line.rstrip().endswith(b"}"):  # a bare JSON object line
@@ -140,4 +144,6 @@ class SSEParser:
                 self.stray.append(line)
                 self._stray_size += len(line) + 1
             # event:, id:, retry: and unknown fields are otherwise ignored
+        if len(data) > counted:  # (an event that goes on into the next read: its size so far)
+            self._data_size += sum(len(d) for d in data[counted:]) + len(data) - counted
         return out
