@@ -218,6 +218,12 @@ class ResponsesWebSocket(Owner):
         live = self.live.get(flow.id)
         if live is None or flow.websocket is None:
             return
+        try:
+            self._keep(flow, live)
+        except Exception as exc:  # noqa: BLE001 — a hook of mitmproxy's WebSocket layer: never raise into it
+            log.warning(f"resp2chat: keeping a WebSocket message failed: {type(exc).__name__}: {exc}", exc_info=exc)
+
+    def _keep(self, flow: http.HTTPFlow, live: Live) -> None:
         messages = flow.websocket.messages
         self._let_pass(live, messages)
         size = len(messages[-1].content) if messages else 0
@@ -477,19 +483,19 @@ class ResponsesWebSocket(Owner):
 
     def _record(self, live: Live, record: dict) -> None:
         flow = live.flow
-        size = sum(len(v) for v in record.values() if isinstance(v, str))
-        if live.recorded + size > RECORD_BUDGET:
-            record = {k: v for k, v in record.items() if k not in ("responses_request", "chat_request",
-                                                                    "upstream_sse", "events")}
-            record["truncated"] = True
-        else:
-            live.recorded += size
         meta = flow.metadata[META]
         live.records += 1
-        if live.records <= MAX_RECORDS:
-            meta["turns"].append(record)
-        else:
+        if live.records > MAX_RECORDS:
             meta["turns_dropped"] = live.records - MAX_RECORDS
+        else:
+            size = sum(len(v) for v in record.values() if isinstance(v, str))
+            if live.recorded + size > RECORD_BUDGET:
+                record = {k: v for k, v in record.items() if k not in ("responses_request", "chat_request",
+                                                                        "upstream_sse", "events")}
+                record["truncated"] = True
+            else:
+                live.recorded += size
+            meta["turns"].append(record)
         kind = "warm-up" if record.get("warmup") else record["status"]
         live.counts[kind] = live.counts.get(kind, 0) + 1
         if record.get("usage"):
