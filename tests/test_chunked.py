@@ -105,3 +105,15 @@ def test_long_lines_fail_however_the_reads_are_split():
         with pytest.raises(ChunkedError):
             decode(raw[:cut], raw[cut:])
     assert decode(b"00000000000000000005\r\nhello\r\n0\r\n\r\n")[0] == b"hello"  # h11 takes 20 digits too
+
+
+def test_an_endless_trailer_section_is_an_error():
+    """Trailers are dropped as they are read, but a finished body must not go on for ever."""
+    from resp2chat_core.chunked import MAX_TRAILERS
+
+    d = ChunkedDecoder()
+    assert d.feed(b"2\r\nok\r\n0\r\n") == b"ok"
+    with pytest.raises(ChunkedError, match="trailer section too long"):
+        for _ in range(MAX_TRAILERS // 20 + 1):
+            d.feed(b"x-trailer: 12345678\r\n")
+    assert not d.done

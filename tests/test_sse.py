@@ -136,3 +136,67 @@ def test_property_random_splits_match_unsplit_parse(stream, eols, cuts):
     split, p_split = parse(*pieces)
     assert split == whole
     assert p_split.comments == p_whole.comments == sum(c for _, c in stream)
+
+
+# --- bounds: what a backend's stream may make the parser hold -----------------------------------
+
+
+def test_a_line_without_end_is_refused_past_max_event_and_nothing_is_held():
+    p = SSEParser(max_event=1 << 20)
+    assert p.feed(b"data: before\n\ndata: ") == ["before"]
+    for _ in range(15):
+        assert p.feed(b"x" * 65536) == []
+    assert not p.oversized  # 15 * 64 KiB + the "data: " so far: under 1 MiB
+    assert p.feed(b"x" * 65536 + b"\n\ndata: after\n\n") == []  # the line outgrew the bound
+    assert p.oversized and p._tail == b"" and p._more == [] and p._data == []  # nothing of it is kept
+    assert p.feed(b"data: more\n\n") == [] and p.finish() == []  # a refused stream is read no further
+
+
+def test_an_event_of_many_data_lines_without_its_blank_line_is_refused():
+    p = SSEParser(max_event=1 << 16)
+    out = []
+    for _ in range(2000):
+        out += p.feed(b"data: " + b"y" * 60 + b"\n")
+        if p.oversized:
+            break
+    assert p.oversized and out == [] and p._data == [] and p._tail == b""
+
+
+def test_a_long_line_in_one_piece_is_refused_too():
+    """The bound does not depend on how the bytes were split: a long comment, a long bare line."""
+    for line in (b": " + b"k" * 5000, b"{" + b"1" * 5000 + b"}", b"data: " + b"z" * 5000):
+        p = SSEParser(max_event=4096)
+        assert p.feed(b"data: ok\n\n" + line + b"\n\ndata: next\n\n") == ["ok"]
+        assert p.oversized
+
+
+def test_under_the_bound_any_split_of_a_long_event_reads_the_same():
+    payload = b"w" * 200_000
+    raw = b"data: " + payload + b"\n\n"
+    p = SSEParser(max_event=1 << 20)
+    out = []
+    for i in range(0, len(raw), 977):
+        out += p.feed(raw[i:i + 977])
+    assert out == [payload.decode()] and not p.oversized
+    assert SSEParser(max_event=1 << 20).feed(raw) == [payload.decode()]  # (the fast path: one read)
+
+
+def test_one_read_holding_an_event_over_the_bound_is_refused_on_the_fast_path_too():
+    p = SSEParser(max_event=1000)
+    assert p.feed(b"data: " + b"a" * 2000 + b"\n\n") == [] and p.oversized
+
+
+def test_a_long_line_is_accumulated_in_linear_time():
+    """64 MiB of one line in 4 KiB reads: kept as pieces and joined once. Copying the held part
+    again at every read (the old ``tail + chunk``) is ~500 GB of copying for this: hours."""
+    import time
+
+    p = SSEParser(max_event=128 << 20)
+    piece = b"q" * 4096
+    assert p.feed(b"data: ") == []
+    started = time.monotonic()
+    for _ in range(16384):
+        p.feed(piece)
+        assert time.monotonic() - started < 10, "re-copying what is held at every read"
+    [event] = p.feed(b"\n\n")
+    assert len(event) == 64 << 20 and time.monotonic() - started < 10

@@ -111,12 +111,24 @@ class Rerouted:
         return t.rethink(self.think, self.alternate)
 
 
-Event = Union[Accepted, Keepalive, UpstreamFailed, UpstreamJSON, SearchStarted, SearchDone, Rerouted]
+@dataclass(frozen=True, slots=True)
+class Oversized:
+    """The backend sent an SSE event (or line) larger than ``limit`` bytes (``max_upstream_event_mb``),
+    seen by the relay (a web-search round reads the stream before the translator does): the turn
+    fails, and the relay has stopped reading the backend."""
+
+    limit: int
+
+    def apply(self, t) -> bytes:
+        return t.oversized(self.limit)
+
+
+Event = Union[Accepted, Keepalive, UpstreamFailed, UpstreamJSON, SearchStarted, SearchDone, Rerouted, Oversized]
 Item = Union[bytes, Event]
 
 
 class Channel:
-    __slots__ = ("_items", "size", "_woken", "wake", "on_take", "push")
+    __slots__ = ("_items", "size", "_woken", "wake", "on_take", "push", "closed")
 
     def __init__(self, push: Callable[[Item], None] | None = None) -> None:
         self._items: list[Item] = []
@@ -125,6 +137,10 @@ class Channel:
         self.wake: Callable[[], None] | None = None  # set by the relay: send one tick
         self.on_take: Callable[[], None] | None = None  # set by the relay: resume reading
         self.push = push  # a consumer that takes every item at once (no ticks, no queue)
+        # Set by the consumer (``Reader``) once its translator sent the turn's terminal event:
+        # more backend data is waste, and the relay stops reading the backend at the next (a
+        # backend's last bytes, the end of its body, still arrive: its connection is reused).
+        self.closed = False
 
     # --- producer (the relay) ----------------------------------------------------------------
 
@@ -173,12 +189,14 @@ class Reader:
     """Applies channel items to one translator and keeps what both sides said (up to ``cap``
     bytes each): the backend's bytes for the flow record, the client's for the replay cache.
     ``secrets`` (the configured keys) are scrubbed from what the client gets: a backend that
-    echoes a key must not show it."""
+    echoes a key must not show it. Once the translator is done, the ``channel`` it reads is
+    ``closed``: the relay stops reading the backend."""
 
-    __slots__ = ("translator", "upstream", "sent", "cap", "secrets", "on_first", "gateway")
+    __slots__ = ("translator", "upstream", "sent", "cap", "secrets", "on_first", "gateway", "channel")
 
-    def __init__(self, translator, cap: int, secrets: tuple[bytes, ...] = ()) -> None:
+    def __init__(self, translator, cap: int, secrets: tuple[bytes, ...] = (), channel: Channel | None = None) -> None:
         self.translator = translator
+        self.channel = channel
         self.upstream = bytearray()
         self.sent = bytearray()
         self.cap = cap
@@ -191,15 +209,18 @@ class Reader:
     def apply(self, item: Item) -> bytes:
         if item.__class__ is bytes:
             if len(self.upstream) < self.cap:
-                self.upstream += item
+                self.upstream += item[:self.cap - len(self.upstream)]
             out = self._out(self.translator.feed(item))
             if out and self.on_first is not None:
                 self.on_first()
                 self.on_first = None
-            return out
-        if len(self.gateway) < 4096:
-            self.gateway.append((len(self.upstream), item))
-        return self._out(item.apply(self.translator))
+        else:
+            if len(self.gateway) < 4096:
+                self.gateway.append((len(self.upstream), item))
+            out = self._out(item.apply(self.translator))
+        if self.channel is not None and self.translator.done:
+            self.channel.closed = True
+        return out
 
     def finish(self) -> bytes:
         return self._out(self.translator.finish())
@@ -212,7 +233,7 @@ class Reader:
             if self.secrets:
                 out = scrub(out, self.secrets)
             if len(self.sent) < self.cap:
-                self.sent += out
+                self.sent += out[:self.cap - len(self.sent)]
         return out
 
 

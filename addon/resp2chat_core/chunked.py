@@ -8,7 +8,8 @@ for a millisecond while it decoded the rest. This decoder is a ``find`` and a sl
 
 Strict where it matters (a bad size line, a missing CRLF or a malformed trailer is an error,
 never a guess), lenient where h11 is (the trailer section may end its lines with a bare LF);
-chunk extensions and trailers are read and dropped. ``done`` turns true after the last chunk and
+chunk extensions and trailers are read and dropped; a trailer section longer than
+``MAX_TRAILERS`` is an error (a backend must not keep a finished body going with trailers). ``done`` turns true after the last chunk and
 its trailers; bytes after them (a pipelined response nobody asked for) are in ``extra``.
 """
 
@@ -20,6 +21,7 @@ _SIZE = re.compile(rb"([0-9A-Fa-f]{1,20})[ \t]*(?:;[^\r\n]*)?")
 _HEX = b"0123456789abcdefABCDEF"
 _TRAILER = re.compile(rb"[^:\s][^:]*:.*")  # a header field: name, colon, value (no obs-fold)
 MAX_LINE = 4096  # a size line or trailer longer than this is no chunked body
+MAX_TRAILERS = 16 * MAX_LINE  # the whole trailer section
 
 
 class ChunkedError(ValueError):
@@ -27,7 +29,7 @@ class ChunkedError(ValueError):
 
 
 class ChunkedDecoder:
-    __slots__ = ("done", "extra", "_buf", "_need", "_crlf", "_trailers")
+    __slots__ = ("done", "extra", "_buf", "_need", "_crlf", "_trailers", "_trailer_bytes")
 
     def __init__(self) -> None:
         self.done = False
@@ -36,6 +38,7 @@ class ChunkedDecoder:
         self._need = 0  # data bytes of the current chunk still to come
         self._crlf = False  # the CRLF after a chunk's data is due
         self._trailers = False  # after the last chunk: trailer lines until an empty one
+        self._trailer_bytes = 0
 
     def feed(self, data: bytes) -> bytes:
         if self.done:
@@ -69,6 +72,9 @@ class ChunkedDecoder:
                 break
             if self._trailers:
                 line = buf[pos:j - 1] if j > pos and buf[j - 1] == 0x0D else buf[pos:j]
+                self._trailer_bytes += j + 1 - pos
+                if self._trailer_bytes > MAX_TRAILERS:
+                    raise ChunkedError("trailer section too long")
                 pos = j + 1
                 if not line:  # the empty line: the body is complete
                     self.done = True

@@ -33,6 +33,7 @@ from __future__ import annotations
 from .errors import GatewayError
 from .lowering import Lowered, encode
 from .seal import Sealer, SealError
+from .sse import MAX_EVENT
 from .translator import Kind, Phase, Translator
 
 PURPOSE = "compaction"  # the seal purpose: a sealed reasoning text cannot pass for a summary
@@ -125,8 +126,8 @@ class CompactionTranslator(Translator):
     item, sent whole when the backend is done. Reasoning and (unrequested) tool calls are
     dropped; everything else (the gateway's own events, failures, usage) is a turn's."""
 
-    def __init__(self, ctx) -> None:
-        super().__init__(ctx)
+    def __init__(self, ctx, max_event: int = MAX_EVENT) -> None:
+        super().__init__(ctx, max_event)
         self._summary: list[str] = []
 
     def _delta(self, kind: Kind, text: str) -> None:

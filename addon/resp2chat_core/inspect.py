@@ -12,7 +12,7 @@ from .sse import SSEParser
 
 
 def _events(raw: bytes) -> list[dict | str]:
-    parser = SSEParser()
+    parser = SSEParser(max(len(raw), 1))  # (a recorded body, already held whole: every event of it is shown)
     out: list[dict | str] = []
     for payload in parser.feed(raw) + parser.finish():
         try:

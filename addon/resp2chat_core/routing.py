@@ -183,6 +183,10 @@ class Attempt:
         return self.channel.size
 
     @property
+    def closed(self) -> bool:
+        return self.channel.closed
+
+    @property
     def on_take(self):
         return self.channel.on_take
 

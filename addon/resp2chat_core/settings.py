@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
+from .sse import MAX_EVENT
 from .think import MODES as THINK_MODES
 
 
@@ -75,6 +76,7 @@ FIELDS: tuple[Field, ...] = (
     Field("upstream_idle_timeout_secs", "int", 60, "No upstream bytes for this long (before or during the answer): the turn fails with a clear error and the upstream request is dropped. 0: no limit.", aliases=("request_timeout_secs",), owner="upstreams"),
     Field("connect_timeout_secs", "int", 10, "Upstream connect timeout.", owner="upstreams"),
     Field("keepalive_secs", "int", 15, "While the upstream is silent before its first byte (long prefill), send the client a data event this often (Codex's idle timer ignores SSE comments).", owner="upstreams"),
+    Field("max_upstream_event_mb", "int", MAX_EVENT >> 20, "A backend's SSE line or event larger than this ends the turn with response.failed (code upstream_event_too_large) and the upstream request is dropped: what a backend sends cannot grow the gateway's memory. At least 1.", owner="upstreams"),
     Field("max_request_body_mb", "int", 32, "Larger Responses requests are refused with 413.", owner="gate"),
     Field("max_input_items", "int", 50000, "Input items one request (HTTP body or WebSocket message) may hold; more: a 400 at once, before the request is validated. 0: no cap.", owner="gate"),
     Field("max_tools", "int", 2000, "Tools one request may hold (its tools, each namespace's tools, additional_tools items); more: a 400. 0: no cap.", owner="gate"),
@@ -208,6 +210,8 @@ def validate(name: str, value: Any) -> None:
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise SettingsError(name, value, "expected an http:// or https:// URL")
+    if name == "max_upstream_event_mb" and value < 1:
+        raise SettingsError(name, value, "expected a whole number >= 1 (MiB)")
     if name in _CHOICES and value not in _CHOICES[name]:
         raise SettingsError(name, value, "expected " + _either(_CHOICES[name]))
     if name in _MAP_VALUES:

@@ -6,7 +6,16 @@ of the same bytes yields the same events. Lines end in LF, CRLF or a lone CR; ``
 one event are joined by LF; ``:`` comment lines (OpenRouter's ``: PROCESSING``, DeepSeek's
 ``: keep-alive``) are counted but not returned; ``event:``/``id:``/``retry:`` are ignored, as Codex
 and the openai SDK ignore them for chat streams; a leading byte-order mark is dropped. Work per
-call is linear in the new bytes: no re-scan of the buffer.
+call is linear in the new bytes: no re-scan of the buffer, and an unfinished line is kept as the
+pieces it came in, joined once when its end arrives (a line that takes many reads is never copied
+again at each read).
+
+Bounded: what is held for the event being read (its ``data:`` lines so far and the unfinished
+line) never exceeds ``max_event`` bytes (the ``max_upstream_event_mb`` setting; a backend that
+sends a line without end, or an event without its blank line, must not grow the gateway). Past
+it the parser drops what it held, sets ``oversized`` and reads nothing more: the caller ends the
+turn (translator.py: ``response.failed`` with code ``upstream_event_too_large``). Events completed
+before are still returned.
 
 One liberty with the spec: a line that is a whole JSON object (``{`` … ``}``) outside any
 ``data:`` field is returned as a payload of its own. Servers that fail after the stream began
@@ -21,36 +30,46 @@ from __future__ import annotations
 _BOM = b"\xef\xbb\xbf"
 _FIELDS = (b"event:", b"id:", b"retry:")
 STRAY_MAX = 1 << 16
+MAX_EVENT = 4 << 20  # the default of max_upstream_event_mb (settings.py), in bytes
+_SHORT = 4096  # an unfinished line up to this long is extended by copying; a longer one, by keeping pieces
 
 
 class SSEParser:
-    __slots__ = ("_tail", "_data", "_pending_cr", "_started", "comments", "stray", "_stray_size")
+    __slots__ = ("_tail", "_more", "_held", "_data", "_data_size", "_pending_cr", "_started", "comments", "stray",
+                 "_stray_size", "max_event", "oversized")
 
-    def __init__(self) -> None:
-        self._tail = b""  # an incomplete last line
+    def __init__(self, max_event: int = MAX_EVENT) -> None:
+        self._tail = b""  # an incomplete last line, as the last read with a line end left it
+        self._more: list[bytes] = []  # reads without any line end since: the same line, going on
+        self._held = 0  # bytes of the incomplete line (tail and more)
         self._data: list[bytes] = []  # data lines of the event being read
+        self._data_size = 0
         self._pending_cr = False  # previous piece ended in CR: a LF now belongs to it
         self._started = False  # the first bytes (and a possible BOM) are behind us
         self.comments = 0
         self.stray: list[bytes] | None = []  # non-SSE lines, while the reader wants them
         self._stray_size = 0
+        self.max_event = max_event
+        self.oversized = False  # an event outgrew max_event: nothing more is read
 
     def feed(self, chunk: bytes) -> list[str]:
         """Return the data payloads of every event completed by ``chunk``."""
-        if not chunk:
+        if not chunk or self.oversized:
             return []
         if not self._started:
             if len(self._tail) + len(chunk) < 3 and _BOM.startswith(self._tail + chunk):
                 self._tail += chunk  # too short to tell whether a BOM starts the stream
+                self._held = len(self._tail)
                 return []
             self._started = True
-            chunk, self._tail = (self._tail + chunk).removeprefix(_BOM), b""
+            chunk, self._tail, self._held = (self._tail + chunk).removeprefix(_BOM), b"", 0
             if not chunk:
                 return []
         if self._pending_cr and chunk.startswith(b"\n"):
             chunk = chunk[1:]
         self._pending_cr = chunk.endswith(b"\r")
-        if not self._tail and not self._data and chunk.endswith(b"\n\n") and b"\r" not in chunk:
+        if not self._tail and not self._data and chunk.endswith(b"\n\n") and b"\r" not in chunk \
+                and len(chunk) <= self.max_event:
             # Fast path: whole one-line `data:` events, the shape nearly every backend sends.
             parts = chunk[:-2].split(b"\n\n")
             for part in parts:
@@ -58,29 +77,65 @@ class SSEParser:
                     break
             else:
                 return [part[6:].decode("utf-8", "replace") for part in parts]
-        buf = self._tail + chunk if self._tail else chunk
+        if b"\n" not in chunk and b"\r" not in chunk:  # the line goes on
+            if self._more or len(self._tail) + len(chunk) > _SHORT:
+                self._more.append(chunk)  # kept as it came, joined once the line ends
+            else:
+                self._tail += chunk  # (a short one: copied, as cheap)
+            self._held += len(chunk)
+            if self._held + self._data_size > self.max_event:
+                self._oversize()
+            return []
+        if self._more:
+            buf = b"".join([self._tail, *self._more, chunk])  # each byte of a long line is copied once, here
+            self._more = []
+        else:
+            buf = self._tail + chunk if self._tail else chunk
         if b"\r" in buf:
             buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         lines = buf.split(b"\n")
         self._tail = lines.pop()
-        return self._lines(lines)
+        self._held = len(self._tail)
+        out = self._lines(lines, len(buf) > self.max_event)
+        if self._held + self._data_size > self.max_event:
+            self._oversize()
+        return out
 
     def finish(self) -> list[str]:
         """End of stream: an event not closed by a blank line still counts (many servers)."""
-        lines = [self._tail, b""] if self._tail else [b""]
-        self._tail = b""
-        return self._lines(lines)
+        if self.oversized:
+            return []
+        tail = b"".join([self._tail, *self._more]) if self._more else self._tail
+        self._tail, self._more, self._held = b"", [], 0
+        return self._lines([tail, b""] if tail else [b""], len(tail) > self.max_event)
 
-    def _lines(self, lines: list[bytes]) -> list[str]:
+    def _oversize(self) -> None:
+        self.oversized = True
+        self._tail, self._more, self._held, self._data, self._data_size = b"", [], 0, [], 0
+
+    def _lines(self, lines: list[bytes], long: bool) -> list[str]:
+        """``long``: the lines may hold one longer than ``max_event`` (they came in more bytes)."""
         out: list[str] = []
         data = self._data
+        counted = len(data)  # data lines of the event being read whose size is in _data_size
+        limit = self.max_event
         for line in lines:
             if not line:
                 if data:
                     out.append(b"\n".join(data).decode("utf-8", "replace"))
                     data.clear()
+                    self._data_size = counted = 0
+            elif long and len(line) > limit:
+                self._oversize()  # (a line of any kind, a comment too)
+                return out
             elif line.startswith(b"data:"):
                 data.append(line[6:] if line[5:6] == b" " else line[5:])
+                if long:
+                    self._data_size += len(data[-1]) + 1
+                    counted += 1
+                    if self._data_size > limit:
+                        self._oversize()
+                        return out
             elif line[0] == 0x3A:  # ":" comment / keep-alive
                 self.comments += 1
             elif line[0] == 0x7B and line.rstrip().endswith(b"}"):  # a bare JSON object line
@@ -89,4 +144,6 @@ class SSEParser:
                 self.stray.append(line)
                 self._stray_size += len(line) + 1
             # event:, id:, retry: and unknown fields are otherwise ignored
+        if len(data) > counted:  # (an event that goes on into the next read: its size so far)
+            self._data_size += sum(len(d) for d in data[counted:]) + len(data) - counted
         return out

@@ -68,7 +68,8 @@ over as calls (resp2chat_core/channel.py), so no backend can speak for the gatew
 backend is silent), ``fail_upstream`` (the backend's HTTP error, or a connect/stall failure ->
 ``response.failed``), ``translate_json`` (a backend that answered a stream request with one JSON
 body), ``search_started``/``search_done`` (a web search the gateway runs: a ``web_search_call``
-item, see websearch.py). A backend chunk shaped like anything else is just an unknown chunk.
+item, see websearch.py), ``oversized`` (the relay saw the backend send an SSE event past
+``max_upstream_event_mb``; the translator's own parser sees it otherwise: sse.py). A backend chunk shaped like anything else is just an unknown chunk.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ from .errors import gateway_failure, sanitize, upstream_failure, withheld
 from .inputs import REASONING_PURPOSE
 from .jsonstring import InputStream
 from .seal import Sealer
-from .sse import SSEParser
+from .sse import MAX_EVENT, SSEParser
 from .think import BREAK, REASONING, WATCH, ThinkSplitter
 from .toolmap import ToolMap
 from .usage import find_usage, to_responses_usage
@@ -185,8 +186,13 @@ class _Tool:
     streamed: list[str] = field(default_factory=list)  # custom input deltas already sent
 
 
+OVERSIZED = "upstream_event_too_large"  # the code of a turn whose backend sent an event past max_event
+
+
 class Translator:
-    def __init__(self, ctx: TurnContext):
+    def __init__(self, ctx: TurnContext, max_event: int = MAX_EVENT):
+        """``max_event``: the largest SSE event (or line) the backend may send, in bytes
+        (``max_upstream_event_mb``; sse.py)."""
         self.ctx = ctx
         self.phase = Phase.WAITING
         self.open = Kind.NONE
@@ -197,7 +203,7 @@ class Translator:
         self.error: dict | None = None
         self.error_detail: str | None = None  # what the operator gets of a failure (errors.py)
         self.events = 0  # also the next sequence_number
-        self._parser = SSEParser()
+        self._parser = SSEParser(max_event)
         self._out: list[str] = []
         self._next_index = 0
         self._suffix = ctx.response_id.removeprefix("resp_")
@@ -227,6 +233,8 @@ class Translator:
                 self._payload(payload)
                 if self.phase is Phase.DONE:
                     break
+            if self._parser.oversized:
+                self._oversized(self._parser.max_event)
         except Exception as exc:  # noqa: BLE001 — a bug here must not hang the client
             self._fail("server_error", gateway_failure("translate the upstream stream", self.ctx.request_id),
                        f"{type(exc).__name__}: {exc}")
@@ -277,6 +285,12 @@ class Translator:
         """An upstream error body (HTTP error or JSON error) -> ``response.failed``. ``own``: the
         relay wrote the body (a failure it observed), not the backend."""
         self._fail_upstream(status, body, retry_after, own)
+        return self._flush()
+
+    def oversized(self, limit: int) -> bytes:
+        """The relay saw the backend send an SSE event larger than ``limit`` bytes (a web-search
+        round reads the stream before the translator does): the turn fails as if it were seen here."""
+        self._oversized(limit)
         return self._flush()
 
     def rethink(self, mode: str, alternate: int = 0) -> bytes:
@@ -527,6 +541,10 @@ class Translator:
             self.error_detail = detail
             self._emit_response("response.failed", "failed")
             self.phase = Phase.DONE
+
+    def _oversized(self, limit: int) -> None:
+        self._fail(OVERSIZED, f"the upstream sent an SSE event larger than max_upstream_event_mb "
+                              f"({limit / (1 << 20):g} MiB): the turn was ended and the upstream request dropped")
 
     def _fail_upstream(self, status: int | None, body: bytes, retry_after: str | None = None,
                        own: bool = False) -> None:

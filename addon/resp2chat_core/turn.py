@@ -23,6 +23,7 @@ from .lowering import LoweringOptions, Recent, TextCache, dumps, dumps_spliced, 
 from .toolmap import ToolMap
 from .schema import parse_request
 from .seal import Sealer
+from .sse import MAX_EVENT
 from .translator import Translator, TurnContext
 
 # Request fields a Response object echoes back, with the API's defaults when absent.
@@ -142,8 +143,9 @@ class Turn:
     compaction: bool = False  # Codex's remote compaction: the answer is one sealed summary (compaction.py)
     owner: str = ""  # whose stored state it reads and writes (owner.py): set by the caller, who knows the client
 
-    def translator(self) -> Translator:
-        self.active = (compaction.CompactionTranslator if self.compaction else Translator)(self.ctx)
+    def translator(self, max_event: int = MAX_EVENT) -> Translator:
+        """``max_event``: the largest SSE event its backend may send (``max_upstream_event_mb``)."""
+        self.active = (compaction.CompactionTranslator if self.compaction else Translator)(self.ctx, max_event)
         return self.active
 
 

@@ -31,7 +31,7 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import urlencode
 
-from .sse import SSEParser
+from .sse import MAX_EVENT, SSEParser
 from .usage import find_usage
 
 NAME = "web_search"  # the function offered to the model
@@ -79,25 +79,33 @@ class RoundResult:
 class SearchLoop:
     """One turn's rounds. Per round: ``body`` is the chat request to send, ``feed`` filters the
     backend's stream, ``end_round(ok)`` says what comes next; after ``Search`` steps the
-    caller runs the searches and hands their texts to ``next_round``."""
+    caller runs the searches and hands their texts to ``next_round``. A round whose stream
+    holds an SSE event larger than ``max_event`` bytes is refused: ``feed`` returns None from
+    then on and ``oversized`` is true (the caller stops reading and fails the turn)."""
 
-    def __init__(self, body: bytes, max_rounds: int):
+    def __init__(self, body: bytes, max_rounds: int, max_event: int = MAX_EVENT):
         self.body = body
         self.max_rounds = max_rounds
+        self.max_event = max_event
         self.rounds = 0
         self._chat: dict | None = None
-        self._filter = RoundFilter()
+        self._filter = RoundFilter(SSEParser(max_event))
         self._usages: list[dict] = []
         self._result: RoundResult | None = None
 
-    def feed(self, data: bytes) -> bytes:
-        return self._filter.feed(data)
+    def feed(self, data: bytes) -> bytes | None:
+        out = self._filter.feed(data)
+        return None if self._filter.oversized else out
+
+    @property
+    def oversized(self) -> bool:
+        return self._filter.oversized
 
     def end_round(self, ok: bool) -> tuple[bytes, Finish | list[Search]]:
         """(bytes still to pass on from this round, the next step). ``ok``: the backend
         answered 200 and its stream ended properly."""
         tail, result = self._filter.finish()
-        self._filter = RoundFilter()
+        self._filter = RoundFilter(SSEParser(self.max_event))
         if not ok or not result.done:
             # A failed or cut round: let the translator see how it ended (its finish reason if it
             # had one; else nothing, and the translator reports the stream as cut short).
@@ -134,6 +142,11 @@ class RoundFilter:
 
     def feed(self, data: bytes) -> bytes:
         return b"".join(self._payload(p) for p in self._parser.feed(data))
+
+    @property
+    def oversized(self) -> bool:
+        """An event of the round's stream outgrew the parser's bound (sse.py)."""
+        return self._parser.oversized
 
     def finish(self) -> tuple[bytes, RoundResult]:
         tail = b"".join(self._payload(p) for p in self._parser.finish())

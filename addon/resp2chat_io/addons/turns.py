@@ -224,8 +224,10 @@ class TurnStream:
 class Turns(Owner):
     name = "resp2chat_turns"
     owner = "lowering"
-    # (secrets: scrubbed from what a turn records; the caps: checked before a request is validated)
-    also_reads = tuple(sorted(S.SECRET_FIELDS)) + ("upstreams", "routing_key_header", *Caps.SETTINGS)
+    # secrets: scrubbed from what a turn records; the caps: checked before a request is validated;
+    # max_upstream_event_mb: bounds each turn's reading of the backend's stream
+    also_reads = tuple(sorted(S.SECRET_FIELDS)) + ("upstreams", "routing_key_header", *Caps.SETTINGS,
+                                                   "max_upstream_event_mb")
 
     def __init__(self, source, upstreams, search, store) -> None:
         super().__init__(source)
@@ -238,6 +240,7 @@ class Turns(Owner):
         self.tools_cache = ToolsCache()
         self.caps = Caps()
         self.secrets: tuple[bytes, ...] = ()
+        self.max_event = S.BY_NAME["max_upstream_event_mb"].default << 20  # bytes
         self.specs: tuple[routing.UpstreamSpec, ...] = ()  # several upstreams (routing.py)
         self.lowering_by_upstream: dict[str, LoweringOptions] = {}
         self.finished: list[Callable[[Finished], None]] = []
@@ -258,6 +261,7 @@ class Turns(Owner):
         self.lowering_records = {name: lowering_record(opts) for name, opts in self.lowering_by_upstream.items()}
         self.secrets = S.secret_values(self.s)
         self.caps = Caps.from_settings(self.s)
+        self.max_event = self.s["max_upstream_event_mb"] << 20
         self._seal_key = self._seal_id = None
 
     def seal_key(self) -> bytes:
@@ -348,7 +352,7 @@ class Turns(Owner):
             req.headers[plan.affinity[0]] = plan.affinity[1]
         url = req.url
         exchange = self.exchange(flow.id, turn, plan)
-        reader = Reader(turn.translator(), MAX_ENTRY_BYTES, self.secrets)
+        reader = self.reader(turn, exchange)
         if not turn.client_stream:
             exchange.channel.push = reader.apply  # one JSON body at the end: nothing to tick
         live = Live(turn, exchange, reader, url, client_path, time.monotonic())
@@ -380,7 +384,15 @@ class Turns(Owner):
         return Exchange(turn_id, secrets.token_urlsafe(24) if secret is None else secret,
                         Target(plan.upstream.url + "/chat/completions"),
                         search=self.search.settings if turn.web_search else None,
-                        upstream=plan.name, model=turn.ctx.model, think=turn.ctx.think, fallbacks=plan.fallbacks)
+                        upstream=plan.name, model=turn.ctx.model, think=turn.ctx.think, fallbacks=plan.fallbacks,
+                        max_event=self.max_event)
+
+    def reader(self, turn: Turn, exchange: Exchange | None = None) -> Reader:
+        """A turn's translator (bounded by ``max_upstream_event_mb``) in the ``Reader`` that feeds
+        it (HTTP and WebSocket alike); reading ``exchange``'s channel, which it closes once the
+        turn is over (the relay then stops reading the backend)."""
+        return Reader(turn.translator(self.max_event), MAX_ENTRY_BYTES, self.secrets,
+                      exchange.channel if exchange is not None else None)
 
     # --- response --------------------------------------------------------------------------
 

@@ -12,6 +12,10 @@
 - the flow (the upgrade) records every turn in ``flow.metadata["resp2chat"]["turns"]``: the
   message, the chat request, the backend's stream and the events sent; ``flow.comment`` sums
   the socket up; finished turns go to ``Turns.finished`` listeners and the request log.
+- a long socket is not held in memory: its flow keeps its first turn records (``MAX_RECORDS``,
+  bodies up to ``RECORD_BUDGET``) and its first messages in ``flow.websocket.messages``
+  (``MAX_MESSAGES``, ``MESSAGE_BUDGET``: mitmproxy would keep every one); later ones are counted
+  in the metadata (``turns_dropped``, ``messages_dropped``), and that is what a flow file keeps.
 - ``KeepUpgrades`` (added after mitmproxy's own server replay): ``server_replay_extra`` (kill,
   a status) never stops a socket's upgrade; its unrecorded turns get the extra instead.
 
@@ -36,10 +40,9 @@ from resp2chat_core.channel import Reader
 from resp2chat_core.compaction import untriggered
 from resp2chat_core.errors import GatewayError, error_json, gateway_failure
 from resp2chat_core.labels import shown
-from resp2chat_core.replay import MAX_ENTRY_BYTES
 from resp2chat_core.turn import Turn, check_caps, session_key
 from resp2chat_core.usage import usage_note
-from resp2chat_io import offload
+from resp2chat_io import mitm_websocket, offload
 from resp2chat_io.redis_state import StateUnavailable
 from resp2chat_io.relay import Exchange, Socket
 from resp2chat_io.relay.exchange import run
@@ -57,7 +60,11 @@ JSON_HEADERS = {"content-type": "application/json"}
 HANDSHAKE = ("upgrade", "connection", "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
              "sec-websocket-protocol", "content-length", "transfer-encoding", "host")
 RECORD_BUDGET = 64 << 20  # turn records kept on one socket's flow; later turns are noted without their bodies
+MAX_RECORDS = 1024  # turn records kept on one socket's flow; later turns are only counted
+MESSAGE_BUDGET = 16 << 20  # bytes of messages one socket's flow keeps in flow.websocket.messages (the first ones)
+MAX_MESSAGES = 4096  # messages one socket's flow keeps (the first ones); later ones are only counted
 MAX_SENT = 1 << 16  # messages of one turn kept for its record
+REFUSED_KEPT = 4096  # characters of a refused message its record keeps (what it was, not all of it)
 QUIET_SOCKETS = "!~websocket"  # mitmdump's dumper_filter unless one is set
 
 
@@ -66,6 +73,7 @@ class Live:
     """One open socket."""
 
     flow: http.HTTPFlow
+    sock: Socket  # its relay side (``sock.send`` answers the client)
     url: str  # what the client asked for (the flow shows it again once the 101 is in)
     upstream_url: str  # the (first) backend's chat completions URL
     headers: list[tuple[bytes, bytes]]  # sent to the backend with each turn (Codex's headers; no credentials)
@@ -75,7 +83,15 @@ class Live:
     messages: int = 0  # client messages so far (each gets its own request id: request_id(flow)_n)
     turns: int = 0
     recorded: int = 0  # bytes of turn records in the flow's metadata
+    records: int = 0  # turn records made (the flow keeps the first MAX_RECORDS)
+    counts: dict = field(default_factory=dict)  # records by status ("warm-up" for warm-ups), for the comment
+    usage: dict | None = None  # the last record's usage that had one
     current: Message | None = None  # the turn in flight
+    kept: int = 0  # messages kept in flow.websocket.messages, and their bytes
+    kept_bytes: int = 0
+    dropped: int = 0  # messages not kept, and their bytes
+    dropped_bytes: int = 0
+    passing: object = None  # the newest message, not to be kept: it leaves the list at the next one's hook
 
 
 @dataclass(eq=False)
@@ -105,6 +121,9 @@ class ResponsesWebSocket(Owner):
         self.upstreams, self.relay, self.turns, self.store = upstreams, upstreams.relay, turns, store
         self.request_log, self.server_replay, self.outcomes = request_log, server_replay, outcomes
         self.live: dict[str, Live] = {}
+        self.by_client: dict[str, Live] = {}  # the same, by the client connection's id
+        mitm_websocket.install()  # a client message is bounded while mitmproxy reads it (see there)
+        mitm_websocket.refused = self.oversized
 
     # --- the upgrade -------------------------------------------------------------------------
 
@@ -114,6 +133,14 @@ class ResponsesWebSocket(Owner):
         # otherwise, it leaves sockets out, and this addon logs one line per turn instead.
         if "dumper_filter" in updated and "dumper_filter" in ctx.options and ctx.options.dumper_filter is None:
             ctx.options.update(dumper_filter=QUIET_SOCKETS)
+
+    def apply(self, updated: set[str]) -> None:
+        mitm_websocket.limit = self.max_message
+
+    @property
+    def max_message(self) -> int:
+        """Bytes a client message may have: a message is a request (``max_request_body_mb``)."""
+        return self.s["max_request_body_mb"] << 20
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.is_replay == "response":
@@ -144,12 +171,14 @@ class ResponsesWebSocket(Owner):
 
     def open(self, flow: http.HTTPFlow) -> None:
         req = flow.request
-        live = Live(flow, req.url, self.upstreams.target(flow).url + "/chat/completions", self.upstream_headers(flow),
-                    self.upstreams.owner_of(flow), client_auth=req.headers.get("authorization"))
-        sock = Socket(flow.id, secrets.token_urlsafe(24), lambda text, send: self.message(live, text, send))
+        sock = Socket(flow.id, secrets.token_urlsafe(24), lambda text, send: self.message(live, text, send),
+                      self.max_message)
+        live = Live(flow, sock, req.url, self.upstreams.target(flow).url + "/chat/completions",
+                    self.upstream_headers(flow), self.upstreams.owner_of(flow),
+                    client_auth=req.headers.get("authorization"))
         meta = flow.metadata.setdefault(META, {})
         meta.update(transport="websocket", upstream=live.upstream_url, turns=[])
-        self.live[flow.id] = live  # (websocket_end or error forgets it)
+        self.live[flow.id] = self.by_client[flow.client_conn.id] = live  # (websocket_end or error forgets it)
         for name, value in self.relay.expect(sock):
             req.headers[name] = value
         req.scheme, (req.host, req.port) = "http", self.relay.address
@@ -183,8 +212,48 @@ class ResponsesWebSocket(Owner):
     def error(self, flow: http.HTTPFlow) -> None:
         self._end(flow)
 
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        """mitmproxy keeps every message of a socket in ``flow.websocket.messages``: this socket's
+        flow keeps its first ones (``MAX_MESSAGES``, ``MESSAGE_BUDGET``). A later one stays last
+        in the list while its hooks run (addons after this one read it there, mitmdump's output
+        too) and leaves it when the next one comes, or when the socket ends; it is counted in
+        ``metadata["resp2chat"]["messages_dropped"]``."""
+        live = self.live.get(flow.id)
+        if live is None or flow.websocket is None:
+            return
+        try:
+            self._keep(flow, live)
+        except Exception as exc:  # noqa: BLE001 — a hook of mitmproxy's WebSocket layer: never raise into it
+            log.warning(f"resp2chat: keeping a WebSocket message failed: {type(exc).__name__}: {exc}", exc_info=exc)
+
+    def _keep(self, flow: http.HTTPFlow, live: Live) -> None:
+        messages = flow.websocket.messages
+        self._let_pass(live, messages)
+        size = len(messages[-1].content) if messages else 0
+        if not live.dropped and live.kept < MAX_MESSAGES and live.kept_bytes + size <= MESSAGE_BUDGET:
+            live.kept += 1
+            live.kept_bytes += size
+            return
+        live.passing = messages[-1]
+        live.dropped += 1
+        live.dropped_bytes += size
+        flow.metadata[META]["messages_dropped"] = {"count": live.dropped, "bytes": live.dropped_bytes}
+
+    @staticmethod
+    def _let_pass(live: Live, messages: list) -> None:
+        """The message not kept leaves the list (it is near its end: mitmproxy only appends)."""
+        passing, live.passing = live.passing, None
+        if passing is not None:
+            for i in range(len(messages) - 1, max(len(messages) - 4, -1), -1):
+                if messages[i] is passing:
+                    del messages[i]
+                    return
+
     def websocket_end(self, flow: http.HTTPFlow) -> None:
         try:
+            live = self.live.get(flow.id)
+            if live is not None and flow.websocket is not None:
+                self._let_pass(live, flow.websocket.messages)  # (before the flow is saved: mitmproxy's save comes after)
             self._end(flow)
         except Exception as exc:  # noqa: BLE001 — recording must not break mitmproxy's hook chain
             log.warning(f"resp2chat: recording the WebSocket failed: {type(exc).__name__}: {exc}", exc_info=exc)
@@ -192,6 +261,7 @@ class ResponsesWebSocket(Owner):
     def _end(self, flow: http.HTTPFlow) -> None:
         live = self.live.pop(flow.id, None)
         if live is not None:
+            self.by_client.pop(flow.client_conn.id, None)
             self.relay.forget(flow.id)
             self._show_client_url(flow, live)
             m = live.current
@@ -204,6 +274,25 @@ class ResponsesWebSocket(Owner):
         show_url(flow, live.url)
 
     # --- the messages ------------------------------------------------------------------------
+
+    def oversized(self, client) -> None:
+        """mitmproxy refused a message of this client while it arrived (larger than
+        max_request_body_mb: resp2chat_io/mitm_websocket.py, which drops the rest of it): the
+        client hears it now, as an ``error`` like any refused message, and the socket goes on."""
+        live = self.by_client.get(client.id)
+        if live is None or live.sock.send is None:
+            return
+        try:
+            live.messages += 1
+            m = Message("", f"{request_id(live.flow)}_{live.messages}", time.monotonic())
+            self._refuse(live, m, self._too_large(), live.sock.send, oversized=True)
+        except Exception as exc:  # noqa: BLE001 — called from mitmproxy's WebSocket layer: never raise into it
+            log.warning(f"resp2chat: refusing an oversized WebSocket message failed: {type(exc).__name__}: {exc}",
+                        exc_info=exc)
+
+    def _too_large(self) -> GatewayError:
+        return GatewayError(f"message larger than max_request_body_mb ({self.s['max_request_body_mb']} MiB)",
+                            code="request_too_large", status=413)
 
     async def message(self, live: Live, message: str | bytes, send) -> None:
         """One client message (the relay calls this in order, one at a time). Fails closed: a bug
@@ -228,9 +317,8 @@ class ResponsesWebSocket(Owner):
         body = message if isinstance(message, bytes) else message.encode("utf-8", "surrogatepass")
         data = None
         try:
-            if len(body) > self.s["max_request_body_mb"] << 20:
-                raise GatewayError(f"message larger than max_request_body_mb ({self.s['max_request_body_mb']} MiB)",
-                                   code="request_too_large", status=413)
+            if len(body) > self.max_message:  # (mitmproxy refuses one first: ``oversized``)
+                raise self._too_large()
             data = await offload.loads(body)  # (a large message off the loop, as an HTTP body)
             create = ws.parse_message(data)
             if create is None:
@@ -248,7 +336,7 @@ class ResponsesWebSocket(Owner):
         turn.ctx.request_id = m.request_id  # named in the failures the client sees
         conversation = live.conn.conversation(create, stored, resolve, self.turns.sealer)
         m.turn = turn
-        m.reader = reader = Reader(turn.translator(), MAX_ENTRY_BYTES, self.turns.secrets)
+        m.reader = reader = self.turns.reader(turn)
         if ctx.options.resp2chat_raw:
             reader.translator.observer = RawPrinter()
         coalesce, sent = ws.Coalescer(), m.sent
@@ -272,6 +360,7 @@ class ResponsesWebSocket(Owner):
         plan = self.turns.plan(turn, live.flow, live.client_auth)  # the same routing as over HTTP
         exchange = self.turns.exchange(f"{live.flow.id}:{live.turns}", turn, plan, secret="")
         exchange.channel.push = lambda item: out(reader.apply(item))
+        reader.channel = exchange.channel  # (closed once the turn is over: the relay stops reading the backend)
         m.upstream, m.exchange = plan.name, exchange
         reader.on_first = lambda: setattr(m, "first", time.monotonic())
         headers = list(live.headers)
@@ -331,8 +420,10 @@ class ResponsesWebSocket(Owner):
     def _refuse(self, live: Live, m: Message, err: GatewayError, send, **note) -> None:
         """A message the gateway answers itself with an ``error``: sent, recorded, counted."""
         send([ws.error_message(err)])
-        self._record(live, {"responses_request": m.text, "request_id": m.request_id, "status": "rejected",
-                            "error": err.body()["error"], **note})
+        if len(m.text) > REFUSED_KEPT:
+            note["responses_request_chars"] = len(m.text)
+        self._record(live, {"responses_request": m.text[:REFUSED_KEPT], "request_id": m.request_id,
+                            "status": "rejected", "error": err.body()["error"], **note})
         self._outcome(live, m, "rejected", err.code or "", err.status)
 
     def _outcome(self, live: Live, m: Message, status: str, code: str, http_status: int, upstream: str = "",
@@ -402,32 +493,35 @@ class ResponsesWebSocket(Owner):
 
     def _record(self, live: Live, record: dict) -> None:
         flow = live.flow
-        size = sum(len(v) for v in record.values() if isinstance(v, str))
-        if live.recorded + size > RECORD_BUDGET:
-            record = {k: v for k, v in record.items() if k not in ("responses_request", "chat_request",
-                                                                    "upstream_sse", "events")}
-            record["truncated"] = True
+        meta = flow.metadata[META]
+        live.records += 1
+        if live.records > MAX_RECORDS:
+            meta["turns_dropped"] = live.records - MAX_RECORDS
         else:
-            live.recorded += size
-        turns = flow.metadata[META]["turns"]
-        turns.append(record)
+            size = sum(len(v) for v in record.values() if isinstance(v, str))
+            if live.recorded + size > RECORD_BUDGET:
+                record = {k: v for k, v in record.items() if k not in ("responses_request", "chat_request",
+                                                                        "upstream_sse", "events")}
+                record["truncated"] = True
+            else:
+                live.recorded += size
+            meta["turns"].append(record)
+        kind = "warm-up" if record.get("warmup") else record["status"]
+        live.counts[kind] = live.counts.get(kind, 0) + 1
+        if record.get("usage"):
+            live.usage = record["usage"]
         if not record.get("warmup"):  # mitmdump's own output shows sockets quietly (QUIET_SOCKETS): one line a turn
             u = record.get("usage")
             log.info(f"{human.format_address(flow.client_conn.peername)}: WebSocket /v1/responses message "
-                     f"{len(turns)} ({record.get('request_id')}) · {record['status']}"
+                     f"{live.records} ({record.get('request_id')}) · {record['status']}"
                      + (f" ({shown(str(record['error'].get('code')))})" if record.get("error") else "")
                      + usage_note(u)
                      + (" · server replay" if record.get("server_replay") else ""))
-        counts: dict[str, int] = {}
-        for r in turns:
-            kind = "warm-up" if r.get("warmup") else r["status"]
-            counts[kind] = counts.get(kind, 0) + 1
-        last = next((r for r in reversed(turns) if r.get("usage")), None)
-        u = last["usage"] if last else None
+        n = live.records
         flow.comment = (
-            f"WebSocket /v1/responses · {len(turns)} message{'s' if len(turns) != 1 else ''} ("
-            + ", ".join(f"{n} {kind}" for kind, n in counts.items()) + ")"
-            + usage_note(u, " · last: ")
+            f"WebSocket /v1/responses · {n} message{'s' if n != 1 else ''} ("
+            + ", ".join(f"{count} {kind}" for kind, count in live.counts.items()) + ")"
+            + usage_note(live.usage, " · last: ")
         )
 
 

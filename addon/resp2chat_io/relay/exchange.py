@@ -20,7 +20,8 @@ from typing import Callable
 import h11
 
 from resp2chat_core import routing, websearch
-from resp2chat_core.channel import Accepted, Channel, Rerouted, SearchDone, SearchStarted
+from resp2chat_core.channel import Accepted, Channel, Oversized, Rerouted, SearchDone, SearchStarted
+from resp2chat_core.sse import MAX_EVENT
 
 from .upstream import Outcome, Target, UpstreamClient
 
@@ -61,6 +62,7 @@ class Exchange:
     fallbacks: tuple[Fallback, ...] = ()
     answered: int = 0  # which candidate answered (or failed last): 0 the first, i the i-th fallback
     skipped: list = field(default_factory=list)  # (name, status) of candidates that failed over
+    max_event: int = MAX_EVENT  # the largest SSE event a backend may send (max_upstream_event_mb): web search reads it
     aborted: bool = False  # the addon gave the turn up (``abort``)
     stop: Callable[[], None] | None = None  # set by the relay while it runs the exchange
 
@@ -79,12 +81,17 @@ async def run(ex: Exchange, client: UpstreamClient, headers: list[tuple[bytes, b
         outcome, target, headers, loop = await _first_answer(ex, client, headers, body, rounds)
     else:  # (straight into the channel: no Attempt to watch for a failure to fall back from)
         target = ex.target
-        loop = websearch.SearchLoop(body, rounds) if rounds is not None else None
+        loop = websearch.SearchLoop(body, rounds, ex.max_event) if rounds is not None else None
         outcome = await client.call(target, headers, loop.body if loop else body, ex.channel,
                                     loop.feed if loop else None)
     if loop is None:
         return
     while True:
+        if loop.oversized:  # (the call stopped reading at once: upstream.py)
+            ex.channel.event(Oversized(loop.max_event))
+            return
+        if ex.channel.closed:
+            return  # the client has the turn's end already: no more rounds
         tail, step = loop.end_round(outcome.answered)
         ex.channel.data(tail)
         if isinstance(step, websearch.Finish):
@@ -112,7 +119,7 @@ async def _first_answer(ex: Exchange, client: UpstreamClient, headers: list[tupl
         last = i == len(candidates) - 1
         sent = headers if i == 0 else _with_authorization(headers, auth)
         attempt = routing.Attempt(ex.channel, (Rerouted(think, i),) if i else ())  # (its think tags, its tools)
-        loop = websearch.SearchLoop(cbody, search_rounds) if search_rounds is not None else None
+        loop = websearch.SearchLoop(cbody, search_rounds, ex.max_event) if search_rounds is not None else None
         ex.answered = i
         outcome = await client.call(target, sent, loop.body if loop else cbody, attempt, loop.feed if loop else None)
         failure = attempt.failure

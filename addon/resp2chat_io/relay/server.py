@@ -14,6 +14,12 @@ When: its port is bound the first time anyone asks for its ``address``, and serv
 ``start`` (the gateway's ``running`` hook). mitmproxy listens before that hook runs, so a turn
 that arrives during start-up waits in the port's backlog instead of failing.
 
+Half-sent requests: a request must arrive whole (head and body) within ``REQUEST_DEADLINE`` of
+its first byte, or of the connection for its first request; else the connection is closed. Only
+a connection that served a claimed exchange (mitmproxy's, kept alive) may wait for its next
+request without a deadline. Any local process can connect to the loopback port: none can hold a
+connection (and its buffers) open by sending half a head.
+
 Failures of one turn (a bug of ours included) are logged as warnings: mitmproxy's start-up check
 (``errorcheck``) stops the process on any ERROR logged before it is running, and no request may
 be able to do that.
@@ -47,6 +53,7 @@ RELAY_HEADERS = frozenset({TURN_HEADER.encode(), KEY_HEADER.encode()})
 TICK = b"1\r\n.\r\n"  # one chunk, one byte: "take what the channel holds"
 READ = 65536
 MAX_REQUEST = 256 << 20  # what mitmproxy may send us (the addon bounds the real body far lower)
+REQUEST_DEADLINE = 10.0  # seconds for a request to arrive whole (mitmproxy sends it at once, on loopback)
 
 
 class Relay:
@@ -123,9 +130,10 @@ class Relay:
 
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 << 10)
+        idle = False  # waiting for a kept-alive connection's next request: no deadline before its first byte
         try:
             while True:
-                request = await _read_head(conn, reader)
+                request, deadline = await _read_head(conn, reader, idle)
                 if request is None:
                     return
                 exchange = self._claim(request)
@@ -139,12 +147,13 @@ class Relay:
                     finally:
                         self.sockets -= 1
                     return  # the connection was the socket's
-                body = await _read_body(conn, reader)
+                body = await _read_body(conn, reader, deadline)
                 await self._exchange(exchange, request, body, reader, writer, conn)
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                     return
                 conn.start_next_cycle()
-        except (ConnectionError, h11.ProtocolError, asyncio.IncompleteReadError, _TooLarge):
+                idle = True
+        except (ConnectionError, h11.ProtocolError, asyncio.IncompleteReadError, _TooLarge, TimeoutError):
             pass
         finally:
             writer.close()
@@ -191,25 +200,35 @@ class _TooLarge(Exception):
     pass
 
 
-async def _read_head(conn: h11.Connection, reader: asyncio.StreamReader) -> h11.Request | None:
-    """The next request's head from mitmproxy; None at EOF."""
+async def _read_head(conn: h11.Connection, reader: asyncio.StreamReader,
+                     idle: bool) -> tuple[h11.Request | None, float]:
+    """The next request's head from mitmproxy (None at EOF) and the loop time by which its body
+    must be in too. ``idle``: a kept-alive connection, whose next request may take its time to
+    begin; otherwise the deadline runs from now. ``TimeoutError`` past the deadline."""
+    loop = asyncio.get_running_loop()
+    deadline = None if idle else loop.time() + REQUEST_DEADLINE
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            data = await reader.read(READ)
+            async with asyncio.timeout_at(deadline):
+                data = await reader.read(READ)
+            if deadline is None:
+                deadline = loop.time() + REQUEST_DEADLINE
             conn.receive_data(data)
             continue
         if isinstance(event, h11.Request):
-            return event
-        return None  # ConnectionClosed (or anything else between requests)
+            return event, deadline if deadline is not None else loop.time() + REQUEST_DEADLINE
+        return None, 0.0  # ConnectionClosed (or anything else between requests)
 
 
-async def _read_body(conn: h11.Connection, reader: asyncio.StreamReader) -> bytes:
+async def _read_body(conn: h11.Connection, reader: asyncio.StreamReader, deadline: float) -> bytes:
     body = bytearray()
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            conn.receive_data(await reader.read(READ))
+            async with asyncio.timeout_at(deadline):
+                data = await reader.read(READ)
+            conn.receive_data(data)
         elif isinstance(event, h11.Data):
             body += event.data
             if len(body) > MAX_REQUEST:

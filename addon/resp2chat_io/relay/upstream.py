@@ -31,7 +31,7 @@ import h11
 from resp2chat_core.channel import Channel, Keepalive, UpstreamFailed, UpstreamJSON
 from resp2chat_core.chunked import ChunkedDecoder, ChunkedError
 
-MAX_ERROR_BODY = 1 << 20  # an error or JSON body is kept up to this much
+MAX_ERROR_BODY = 1 << 20  # an error or JSON body is kept up to this much; the rest is not read
 READ = 65536
 FULL = 1 << 20  # backend bytes waiting in a channel before the relay stops reading the backend
 _HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"host",
@@ -160,7 +160,11 @@ class UpstreamClient:
     async def call(self, target: Target, headers: list[tuple[bytes, bytes]], body: bytes, channel: Channel,
                    transform: Callable[[bytes], bytes] | None = None) -> Outcome:
         """POST ``body`` to ``target``; the answer goes to ``channel`` (a 200 stream's bytes
-        through ``transform`` first). Never raises for backend trouble: it is reported."""
+        through ``transform`` first). Never raises for backend trouble: it is reported.
+
+        The call stops reading the backend (and closes its connection) when the consumer is done
+        with the turn (``channel.closed``) and more of the body comes, or when ``transform``
+        returns None (it refused the stream: the caller reports why)."""
         for attempt in (1, 2):
             try:
                 # a second attempt (the pooled connection was stale) takes a fresh connection
@@ -209,8 +213,9 @@ class UpstreamClient:
                 elif isinstance(event, h11.Response):
                     status = event.status_code
                 elif isinstance(event, h11.Data):
-                    if len(data) < MAX_ERROR_BODY:
-                        data += event.data
+                    data += event.data[:MAX_ERROR_BODY - len(data)]
+                    if len(data) >= MAX_ERROR_BODY:  # the rest is not read (the connection is closed)
+                        return status, bytes(data)
                 elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
                     return status, bytes(data)
         finally:
@@ -266,7 +271,14 @@ class UpstreamClient:
         hdrs = dict(event.headers)
         status, ctype, retry_after = event.status_code, hdrs.get(b"content-type", b""), hdrs.get(b"retry-after")
         stream = status == 200 and b"json" not in ctype
-        put = channel.data if transform is None else (lambda d: channel.data(transform(d)))
+
+        def put(data: bytes) -> bool:
+            """A 200 stream's bytes to the channel; False: read no more of it (the turn is over,
+            or ``transform`` refused the stream)."""
+            if channel.closed or (transform is not None and (data := transform(data)) is None):
+                return False
+            channel.data(data)
+            return True
 
         if stream and b"chunked" in hdrs.get(b"transfer-encoding", b"").lower():
             # Pooled afterwards only if the backend keeps the connection (cpp-httplib, llama.cpp's
@@ -274,7 +286,7 @@ class UpstreamClient:
             keep = event.http_version == b"1.1" and b"close" not in hdrs.get(b"connection", b"").lower()
             return await self._pump(up_reader, up_writer, client.trailing_data[0], put, channel, watch, keep)
 
-        held = bytearray()  # an error or JSON body, kept to be reported whole
+        held = bytearray()  # an error or JSON body, kept to be reported whole (up to MAX_ERROR_BODY)
         while True:
             event = await next_event()
             if event is None:
@@ -282,9 +294,14 @@ class UpstreamClient:
             if isinstance(event, h11.Data):
                 if stream:
                     watch.streaming = True
-                    put(bytes(event.data))  # (h11 may hand out a bytearray; the channel carries bytes)
-                elif len(held) < MAX_ERROR_BODY:
-                    held += event.data
+                    if not put(bytes(event.data)):  # (h11 may hand out a bytearray; the channel carries bytes)
+                        return Outcome.BROKEN
+                    if channel.size > FULL:
+                        await _taken(channel, watch)  # a slow client: push back on the backend
+                else:
+                    held += event.data[:MAX_ERROR_BODY - len(held)]
+                    if len(held) >= MAX_ERROR_BODY:
+                        break  # the rest is not read: nothing more of it would be kept
             elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
                 break
         if status != 200:
@@ -314,11 +331,24 @@ class UpstreamClient:
             pump.close()
 
 
+async def _taken(channel: Channel, watch: _Watch) -> None:
+    """Wait until the consumer took what waits in ``channel`` (the backend is not read meanwhile:
+    that silence is ours, not the backend's)."""
+    taken = asyncio.get_running_loop().create_future()
+    channel.on_take = lambda: taken.done() or taken.set_result(None)
+    try:
+        await taken
+    finally:
+        channel.on_take = None
+        watch.last = time.monotonic()
+
+
 class _BodyPump(asyncio.Protocol):
     """Stands in for the backend connection's protocol while a chunked stream is forwarded: each
     read is decoded and put into the channel at once. ``outcome`` resolves to REUSABLE (the last
-    chunk came, nothing after it, the backend keeps the connection), ENDED or BROKEN. Past
-    ``FULL`` bytes waiting in the channel it stops reading the backend until they are taken."""
+    chunk came, nothing after it, the backend keeps the connection), ENDED or BROKEN (also when
+    ``put`` says to read no more: the turn is over, or its stream was refused). Past ``FULL``
+    bytes waiting in the channel it stops reading the backend until they are taken."""
 
     def __init__(self, put, channel: Channel, watch: _Watch, keep: bool) -> None:
         self.put, self.channel, self.watch, self.keep = put, channel, watch, keep
@@ -338,7 +368,9 @@ class _BodyPump(asyncio.Protocol):
             return
         if piece:
             self.watch.streaming = True
-            self.put(piece)
+            if not self.put(piece):
+                self._end(Outcome.BROKEN)
+                return
             if self.channel.size > FULL and not self.paused and self.transport is not None:
                 self.paused = self.watch.paused = True  # a slow client: push back on the backend
                 self.transport.pause_reading()

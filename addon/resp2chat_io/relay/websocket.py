@@ -12,6 +12,14 @@ What happens to messages: each complete client message goes, in order and one at
 the socket's ``on_message`` (resp2chat_io/addons/websocket.py), which answers through ``send``
 (a list of text messages). Reading goes on meanwhile: pings are answered, and a close frame or
 EOF (the client went away) cancels the message being served, and with it the backend call.
+
+Bounds: a message larger than the socket's ``max_message`` (``max_request_body_mb``) closes the
+socket with 1009; none gets here, as mitmproxy refuses one while it arrives (the addon answers it
+with a 413 ``error`` through ``Socket.send``: resp2chat_io/mitm_websocket.py).
+Messages waiting behind the one being served are at most ``max_message`` bytes (or ``MAX_QUEUED``
+messages): past that the relay stops reading the socket until the worker takes one, and the
+backpressure reaches the client through mitmproxy (it stops reading a client whose messages it
+cannot pass on). A client that goes away meanwhile is noticed when reading resumes.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError, generate_
 log = logging.getLogger("resp2chat.relay")
 
 READ = 65536
-MAX_MESSAGE = 64 << 20  # a client message larger than this closes the socket (1009)
+MAX_QUEUED = 16  # client messages waiting behind the one being served, at most
 
 Send = Callable[[list[str]], None]
 
@@ -39,6 +47,8 @@ class Socket:
     turn_id: str  # the upgrade flow's id: names the socket in mitmproxy's request to the relay
     secret: str  # per socket, random; compared in constant time
     on_message: Callable[[str | bytes, Send], Awaitable[None]]  # serves one client message (text, or binary)
+    max_message: int  # bytes (characters of a text message) a client message may have: max_request_body_mb
+    send: Send | None = None  # set once the socket is open: the addon answers a message mitmproxy refused with it
 
 
 async def serve(sock: Socket, request: h11.Request, conn: h11.Connection, reader: asyncio.StreamReader,
@@ -55,14 +65,20 @@ async def serve(sock: Socket, request: h11.Request, conn: h11.Connection, reader
         (b"sec-websocket-accept", generate_accept_token(key))])))
     ws = Connection(ConnectionType.SERVER, trailing_data=conn.trailing_data[0])
     inbox: asyncio.Queue[str | bytes] = asyncio.Queue()
+    queued = [0]  # size of the messages in the inbox
+    room = asyncio.Event()  # set when the worker takes a message
 
     def send(texts: list[str]) -> None:
         if ws.state is ConnectionState.OPEN and not writer.is_closing():
             writer.write(b"".join(ws.send(TextMessage(data=text)) for text in texts))
 
+    sock.send = send
+
     async def work() -> None:
         while True:
             message = await inbox.get()
+            queued[0] -= len(message)
+            room.set()
             try:
                 await sock.on_message(message, send)
             except asyncio.CancelledError:
@@ -79,14 +95,15 @@ async def serve(sock: Socket, request: h11.Request, conn: h11.Connection, reader
                 if isinstance(event, Message):
                     parts.append(event.data)
                     size += len(event.data)
-                    if size > MAX_MESSAGE:
-                        writer.write(ws.send(CloseConnection(code=1009, reason="message too big")))
+                    if size > sock.max_message:
+                        writer.write(ws.send(CloseConnection(code=1009, reason="message too big: larger than max_request_body_mb")))
                         return
                     if event.message_finished:
                         # a binary message stays bytes: the addon reads it as strictly as an HTTP body
                         message = b"".join(parts) if isinstance(event, BytesMessage) else "".join(parts)
                         parts, size = [], 0
                         inbox.put_nowait(message)
+                        queued[0] += len(message)
                 elif isinstance(event, Ping):
                     writer.write(ws.send(event.response()))
                 elif isinstance(event, CloseConnection):
@@ -94,6 +111,9 @@ async def serve(sock: Socket, request: h11.Request, conn: h11.Connection, reader
                         writer.write(ws.send(event.response()))
                     return
             await writer.drain()
+            while inbox.qsize() >= MAX_QUEUED or (queued[0] and queued[0] >= sock.max_message):  # enough waits: read no more for now
+                room.clear()
+                await room.wait()
             ws.receive_data(await reader.read(READ) or None)
     except (ConnectionError, LocalProtocolError, RemoteProtocolError):
         pass

@@ -1,0 +1,443 @@
+"""Issue 21, track B: what a backend or a client can make the gateway hold, and for how long.
+
+Every test goes through a real mitmdump (HTTP and the Responses WebSocket) and measures the
+gateway process's memory (``/proc/PID/status``: VmHWM, the peak, reset before the part measured
+by writing 5 to ``/proc/PID/clear_refs``). The backends here are small real HTTP servers that
+misbehave on purpose (``Hostile``): a line that never ends, an event that never ends, a stream
+that goes on after its ``[DONE]``, a backend that stalls.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import parse_sse, wait_until
+from wsclient import WSClient
+
+MiB = 1 << 20
+
+
+# --- the gateway's memory ----------------------------------------------------------------------
+
+
+def _status(pid: int, field: str) -> int:
+    """A /proc/PID/status field in bytes (VmRSS, VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field}")
+
+
+class Peak:
+    """The gateway's peak memory from now on, above what it holds now."""
+
+    def __init__(self, gw) -> None:
+        self.pid = gw.proc.pid
+        Path(f"/proc/{self.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
+        self.base = _status(self.pid, "VmRSS")
+
+    @property
+    def grown(self) -> int:
+        return _status(self.pid, "VmHWM") - self.base
+
+
+# --- a backend that misbehaves ----------------------------------------------------------------
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def _event(delta: dict | None = None, finish: str | None = None) -> bytes:
+    return b"data: " + json.dumps({"choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}]}).encode() + b"\n\n"
+
+
+ANSWER = _event({"content": "hello"}) + _event(finish="stop") + b"data: [DONE]\n\n"
+PIECE = 256 << 10
+
+
+class Hostile(BaseHTTPRequestHandler):
+    """A chat backend whose answer depends on the model asked for:
+
+    - ``ok``: a short answer
+    - ``line``: ``data: `` and then 64 MiB without a line end
+    - ``lines``: ``data:`` lines without the blank line that ends an event, 64 MiB of them
+    - ``after-done``: a short answer, its ``[DONE]``, then 256 MiB more events
+    - ``stall``: the head, then nothing until ``release`` is set, then a short answer
+    - ``unchunked``: a stream without chunked coding (its end is the connection's), 256 MiB of events
+    - ``error-flood``: a 500 whose body goes on for 256 MiB
+
+    Each call is noted in ``calls``: how many body bytes went out, and whether the gateway
+    closed the connection before the backend was done (``cut``)."""
+
+    protocol_version = "HTTP/1.1"
+    calls: list[dict] = []
+    release = threading.Event()
+
+    def do_POST(self):
+        model = json.loads(self.rfile.read(int(self.headers["content-length"])))["model"]
+        call = {"model": model, "sent": 0, "cut": False, "done": False, "at": time.monotonic()}
+        type(self).calls.append(call)
+        chunked = model != "unchunked"
+        self.send_response(500 if model == "error-flood" else 200)
+        self.send_header("content-type", "application/json" if model == "error-flood" else "text/event-stream")
+        if chunked:
+            self.send_header("transfer-encoding", "chunked")
+        else:
+            self.send_header("connection", "close")
+        self.end_headers()
+        self.wfile.flush()
+
+        def send(data: bytes) -> None:
+            self.wfile.write(_chunk(data) if chunked else data)
+            call["sent"] += len(data)
+            call["at"] = time.monotonic()
+
+        try:
+            if model == "stall":
+                type(self).release.wait(120)
+            if model in ("ok", "stall", "after-done"):
+                send(ANSWER)
+            if model == "line":
+                send(b'data: {"choices":[{"index":0,"delta":{"content":"')
+                for _ in range(64 * MiB // PIECE):
+                    send(b"x" * PIECE)
+            elif model == "lines":
+                for _ in range(64 * MiB // PIECE):
+                    send((b"data: " + b"y" * 1000 + b"\n") * (PIECE // 1007))
+            elif model in ("after-done", "unchunked"):
+                more = _event({"content": "more"}) * (PIECE // len(_event({"content": "more"})))
+                for _ in range(256 * MiB // PIECE):
+                    send(more)
+            elif model == "error-flood":
+                send(b'{"error": {"message": "' + b"e" * PIECE)
+                for _ in range(256 * MiB // PIECE):
+                    send(b"e" * PIECE)
+            if not chunked:
+                call["done"] = True
+                self.close_connection = True
+                return
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+            call["done"] = True
+        except OSError:
+            call["cut"] = True
+            self.close_connection = True
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture
+def hostile():
+    Hostile.calls, Hostile.release = [], threading.Event()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"
+    yield server
+    Hostile.release.set()
+    server.shutdown()
+    server.server_close()
+
+
+def _post(gw, body: dict, timeout: float = 120) -> list[dict]:
+    r = requests.post(gw.base_url + "/responses", json={"stream": True, "input": "hi", **body}, timeout=timeout)
+    assert r.status_code == 200, r.text
+    return parse_sse(r.content)
+
+
+def _terminal(events: list[dict]) -> dict:
+    """The one terminal event of a turn (exactly one, and last)."""
+    ends = [e for e in events if e["type"] in ("response.completed", "response.failed", "response.incomplete")]
+    assert len(ends) == 1 and ends[0] is events[-1], [e["type"] for e in events]
+    return ends[0]["response"]
+
+
+def _oversized(response: dict) -> None:
+    assert response["status"] == "failed", response
+    error = response["error"]
+    assert error["code"] == "upstream_event_too_large", error
+    assert "max_upstream_event_mb (4 MiB)" in error["message"], error
+
+
+def _backend_stopped(model: str) -> dict:
+    """The backend's call for ``model`` was cut by the gateway long before the backend was done."""
+    call = [c for c in Hostile.calls if c["model"] == model][-1]
+    wait_until(lambda: call["cut"] or call["done"], what=f"the {model} call ending")
+    assert call["cut"] and not call["done"], call
+    return call
+
+
+# --- finding 5: a backend's line or event without end --------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["line", "lines"])
+def test_a_backend_event_without_end_fails_the_turn_holding_little(hostile, gateway_factory, model):
+    """64 MiB of one line (or of one event's data lines): the turn ends with one response.failed
+    naming max_upstream_event_mb, the gateway holds a few MiB at most meanwhile (it grew by
+    ~180 MiB, copying the held line again at every read), the backend call is dropped, and the
+    gateway answers meanwhile."""
+    gw = gateway_factory(hostile.url)
+    assert _terminal(_post(gw, {"model": "ok"}))["status"] == "completed"  # (warm: imports, pools)
+    peak = Peak(gw)
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(events=_post(gw, {"model": model})))
+    worker.start()
+    while worker.is_alive():  # the gateway keeps serving while the hostile turn runs
+        started = time.monotonic()
+        assert requests.get(f"http://127.0.0.1:{gw.port}/healthz", timeout=5).status_code == 200
+        assert time.monotonic() - started < 1
+        assert _terminal(_post(gw, {"model": "ok"}))["status"] == "completed"
+        worker.join(0.05)
+    assert peak.grown < 40 * MiB, f"the gateway grew {peak.grown / MiB:.0f} MiB"
+    _oversized(_terminal(result["events"]))
+    assert _backend_stopped(model)["sent"] < 40 * MiB
+
+
+def test_a_web_search_round_with_a_line_without_end_fails_the_same(hostile, gateway_factory):
+    """With the gateway's web search on, a round's stream is read by the search loop before the
+    translator: the same bound, the same failure."""
+    gw = gateway_factory(hostile.url, "--set", "resp2chat_brave_api_key=test-brave-key",
+                         "--set", "resp2chat_brave_base_url=http://127.0.0.1:9")
+    search = {"tools": [{"type": "web_search"}]}
+    assert _terminal(_post(gw, {"model": "ok", **search}))["status"] == "completed"
+    peak = Peak(gw)
+    events = _post(gw, {"model": "line", **search})
+    assert peak.grown < 40 * MiB, f"the gateway grew {peak.grown / MiB:.0f} MiB"
+    _oversized(_terminal(events))
+    assert _backend_stopped("line")["sent"] < 40 * MiB
+
+
+def test_a_backend_line_without_end_on_the_websocket(hostile, gateway_factory):
+    gw = gateway_factory(hostile.url)
+    client = WSClient(gw.base_url)
+    assert _terminal(client.turn({"type": "response.create", "model": "ok", "input": "hi"}))["status"] == "completed"
+    peak = Peak(gw)
+    events = client.turn({"type": "response.create", "model": "line", "input": "hi"})
+    assert peak.grown < 40 * MiB, f"the gateway grew {peak.grown / MiB:.0f} MiB"
+    _oversized(_terminal(events))
+    assert _backend_stopped("line")["sent"] < 40 * MiB
+    # the socket goes on
+    assert _terminal(client.turn({"type": "response.create", "model": "ok", "input": "again"}))["status"] == "completed"
+    client.close()
+
+
+# --- finding 5: a turn that is over costs nothing more ------------------------------------------
+
+
+def test_a_backend_that_goes_on_after_done_is_cut_and_the_client_stream_ends(hostile, gateway_factory):
+    """The answer is complete at [DONE]; the backend sends 256 MiB more: the client's stream ends
+    with the answer and the gateway stops reading (it read all of it before, and the client's
+    stream lasted as long)."""
+    gw = gateway_factory(hostile.url)
+    response = _terminal(_post(gw, {"model": "after-done"}))
+    assert response["status"] == "completed" and response["output"][0]["content"][0]["text"] == "hello"
+    assert _backend_stopped("after-done")["sent"] < 64 * MiB
+    client = WSClient(gw.base_url)
+    response = _terminal(client.turn({"type": "response.create", "model": "after-done", "input": "hi"}))
+    assert response["status"] == "completed" and response["output"][0]["content"][0]["text"] == "hello"
+    assert _backend_stopped("after-done")["sent"] < 64 * MiB
+    assert _terminal(client.turn({"type": "response.create", "model": "ok", "input": "again"}))["status"] == "completed"
+    client.close()
+
+
+def test_an_unchunked_stream_to_a_slow_client_is_read_no_faster_than_it_is_taken(hostile, gateway_factory):
+    """A backend that streams without chunked coding (its body ends with its connection), and a
+    client that reads nothing: the relay pauses the backend once FULL bytes wait for the client,
+    as it does for a chunked stream (it read on into memory: +256 MiB)."""
+    gw = gateway_factory(hostile.url)
+    assert _terminal(_post(gw, {"model": "ok"}))["status"] == "completed"
+    peak = Peak(gw)
+    with requests.post(gw.base_url + "/responses", json={"model": "unchunked", "input": "hi", "stream": True},
+                       stream=True, timeout=60) as r:
+        assert r.status_code == 200
+        call = wait_until(lambda: next((c for c in Hostile.calls if c["model"] == "unchunked"), None))
+        # the backend sent all of it, or could send nothing more for 3 s (pushed back)
+        wait_until(lambda: call["done"] or time.monotonic() - call["at"] > 3, timeout=120,
+                   what="the backend sending everything, or being made to wait")
+        assert peak.grown < 64 * MiB, f"the gateway grew {peak.grown / MiB:.0f} MiB"
+        assert not call["done"]
+    wait_until(lambda: call["cut"], what="the backend call dropped with the client")
+
+
+def test_an_error_body_is_not_read_past_what_is_kept(hostile, gateway_factory):
+    """A backend's 500 whose body never ends: the relay keeps its first MiB, reports the failure
+    and drops the call (it read all 256 MiB, to throw it away)."""
+    gw = gateway_factory(hostile.url)
+    error = _terminal(_post(gw, {"model": "error-flood"}))["error"]
+    assert error["code"] == "server_error" and "upstream HTTP 500" in error["message"]
+    assert _backend_stopped("error-flood")["sent"] < 64 * MiB
+
+
+# --- the relay: half-sent requests ----------------------------------------------------------------
+
+
+def _listening_ports(pid: int) -> set[int]:
+    """The loopback TCP ports process ``pid`` listens on (its sockets in /proc/net/tcp)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = fd.readlink().name
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+            ports.add(int(fields[1].split(":")[1], 16))
+    return ports
+
+
+def test_the_relay_closes_a_connection_that_sends_half_a_request(upstream, gateway_factory):
+    """Any local process can open the relay's loopback port: one that sends half a head, or
+    nothing, is closed after the relay's deadline (10 s), not held forever."""
+    gw = gateway_factory(upstream.origin)
+    [relay] = _listening_ports(gw.proc.pid) - {gw.port}
+    half = socket.create_connection(("127.0.0.1", relay))
+    half.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-le")
+    silent = socket.create_connection(("127.0.0.1", relay))
+    started = time.monotonic()
+    for sock in (half, silent):
+        sock.settimeout(60)  # (the wait is the relay's: recv returns b"" once it closed the connection)
+        assert sock.recv(1) == b""
+        sock.close()
+    assert time.monotonic() - started < 30
+    assert _terminal(_post(gw, {"model": "demo-model"}))["status"] == "completed"  # the gateway goes on
+
+
+# --- finding 6: the Responses WebSocket ---------------------------------------------------------
+
+
+def _sender(client: WSClient, messages: list[bytes]) -> tuple[threading.Thread, dict]:
+    """Send ``messages`` (encoded frames) in 1 MiB pieces from a thread; ``progress`` says how
+    far it got and when it last got further."""
+    progress = {"sent": 0, "at": time.monotonic(), "error": None}
+
+    def run():
+        try:
+            for data in messages:
+                for i in range(0, len(data), MiB):
+                    client.sock.sendall(data[i:i + MiB])
+                    progress["sent"] += len(data[i:i + MiB])
+                    progress["at"] = time.monotonic()
+        except OSError as exc:
+            progress["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, progress
+
+
+def _frame(client: WSClient, text: str) -> bytes:
+    import wsproto.events as E
+
+    return client.ws.send(E.TextMessage(data=text))
+
+
+def test_messages_behind_a_stalled_turn_are_not_read_past_a_bound(hostile, gateway_factory):
+    """A turn stalls at the backend; the client sends 10 × 20 MB behind it. The relay stops
+    reading the socket once a message's worth waits (mitmproxy, then the client's TCP, push back)
+    instead of holding all of them (+550 MB). Nothing is lost: once the turn ends, every message
+    is answered, in order."""
+    gw = gateway_factory(hostile.url)
+    client = WSClient(gw.base_url, timeout=120)
+    assert _terminal(client.turn({"type": "response.create", "model": "ok", "input": "hi"}))["status"] == "completed"
+    peak = Peak(gw)
+    client.send({"type": "response.create", "model": "stall", "input": "hi"})
+    wait_until(lambda: any(c["model"] == "stall" for c in Hostile.calls), what="the stalled turn reaching the backend")
+    frame = _frame(client, "z" * (20 * MiB))  # (no JSON: each gets an error once its turn comes)
+    thread, progress = _sender(client, [frame] * 10)
+    # all of it sent (nothing pushed back), or nothing more taken for 3 s (pushed back)
+    wait_until(lambda: not thread.is_alive() or time.monotonic() - progress["at"] > 3, timeout=120,
+               what="the client sending everything, or being made to wait")
+    pushed_back = thread.is_alive()
+    Hostile.release.set()
+    thread.join(120)
+    assert progress["error"] is None and progress["sent"] == 10 * len(frame)
+    assert _terminal(client.events())["status"] == "completed"
+    errors = [client.next_message() for _ in range(10)]
+    assert [e["error"]["code"] for e in errors] == ["invalid_json"] * 10
+    client.close()
+    # a few copies of one message in flight (mitmproxy decodes, re-encodes and masks each), however many wait
+    assert peak.grown < 256 * MiB, f"the gateway grew {peak.grown / MiB:.0f} MiB"
+    assert pushed_back
+
+
+def test_a_long_socket_is_not_held_in_memory(upstream, gateway_factory):
+    """300 MB of messages on one socket (each refused: no JSON): mitmproxy would keep every one
+    in flow.websocket.messages (+290 MB); the socket's flow keeps its first ones."""
+    gw = gateway_factory(upstream.origin)
+    client = WSClient(gw.base_url, timeout=120)
+    assert _terminal(client.turn({"type": "response.create", "model": "demo-model", "input": "hi"}))["status"] == "completed"
+    peak = Peak(gw)
+    frame = _frame(client, "q" * (100 << 10))
+    thread, progress = _sender(client, [frame] * 3000)
+    for _ in range(3000):
+        assert client.next_message()["error"]["code"] == "invalid_json"
+    thread.join(60)
+    assert progress["error"] is None
+    assert _terminal(client.turn({"type": "response.create", "model": "demo-model", "input": "and?"}))["status"] == "completed"
+    client.close()
+    assert peak.grown < 120 * MiB, f"the gateway grew {peak.grown / MiB:.0f} MiB"
+
+
+def test_what_a_long_sockets_flow_file_keeps(upstream, gateway_factory, tmp_path):
+    """The flow file of a socket with 2500 refused messages and a turn: its first 4096 messages
+    and 1024 turn records, and how many of each it left out."""
+    from mitmproxy import http, io
+
+    flows = tmp_path / "socket.mitm"
+    gw = gateway_factory(upstream.origin, "-w", str(flows))
+    client = WSClient(gw.base_url)
+    for _ in range(2500):
+        client.send("nope")
+    for _ in range(2500):
+        assert client.next_message()["error"]["code"] == "invalid_json"
+    assert _terminal(client.turn({"type": "response.create", "model": "demo-model", "input": "hi"}))["status"] == "completed"
+    client.close()
+    wait_until(lambda: "WebSocket /v1/responses message 2501" in gw.log(), what="the last turn recorded")
+    gw.stop()
+    [flow] = [f for f in io.FlowReader(flows.open("rb")).stream() if isinstance(f, http.HTTPFlow) and f.websocket]
+    meta = flow.metadata["resp2chat"]
+    messages = flow.websocket.messages
+    sent = 2501 + 2500 + len([e for e in meta["turns"][-1:]])  # (at least: the turn's events are more than one)
+    assert len(messages) == 4096 and meta["messages_dropped"]["count"] >= sent - 4096
+    assert messages[0].from_client and messages[0].content == b"nope"  # the first ones
+    assert len(meta["turns"]) == 1024 and meta["turns_dropped"] == 2501 - 1024
+    assert flow.comment.startswith("WebSocket /v1/responses · 2501 messages (2500 rejected, 1 completed)")
+
+
+def test_a_message_over_the_body_limit_is_refused_while_it_arrives(upstream, gateway_factory):
+    """max_request_body_mb = 4: a 40 MB message is answered with the 413 error while the client
+    is still sending it (it took ~9 s of buffering and copying before, and 64 MiB was the
+    relay's own limit), the gateway holds about the limit of it, and the socket goes on; a
+    message just under the limit is served."""
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_request_body_mb=4")
+    client = WSClient(gw.base_url, timeout=120)
+    assert _terminal(client.turn({"type": "response.create", "model": "demo-model", "input": "hi"}))["status"] == "completed"
+    peak = Peak(gw)
+    big = _frame(client, json.dumps({"type": "response.create", "model": "demo-model", "input": "x" * (40 * MiB)}))
+    thread, progress = _sender(client, [big])
+    error = client.next_message()
+    finished = not thread.is_alive() and progress["sent"] == len(big)
+    assert error["type"] == "error" and error["status"] == 413 and error["error"]["code"] == "request_too_large"
+    assert "max_request_body_mb (4 MiB)" in error["error"]["message"]
+    assert not finished, "answered only once the client had sent all of it"
+    thread.join(60)
+    assert progress["error"] is None and progress["sent"] == len(big)  # (the rest was read, and dropped)
+    assert peak.grown < 24 * MiB, f"the gateway grew {peak.grown / MiB:.0f} MiB"
+    # (a warm-up: read, validated and lowered like a turn, answered without the backend)
+    under = {"type": "response.create", "model": "demo-model", "input": "y" * (4 * MiB - 4096), "generate": False}
+    assert _terminal(client.turn(under))["status"] == "completed"
+    client.close()
