@@ -52,13 +52,16 @@ class Refusal:
     a flow that failed closed at its response head. mitmproxy sends its headers at once and the
     body with the first bytes the server still sends, or at their end."""
 
-    __slots__ = ("body",)
+    __slots__ = ("body", "sent")
 
     def __init__(self, body: bytes) -> None:
         self.body = body
+        self.sent = b""  # the body, once it went out (the client may hang up before the flow ends)
 
     def __call__(self, data: bytes):
         body, self.body = self.body, b""
+        if body:
+            self.sent = body
         return [body] if body else []
 
 

@@ -45,7 +45,7 @@ from resp2chat_io import keys, offload
 from resp2chat_io.relay import Exchange, Target
 from resp2chat_io.relay.exchange import Fallback
 
-from .base import ABANDON, META, RESPONSES_PATHS, Owner, fails_closed, log, request_id, show_url
+from .base import ABANDON, META, Refusal, RESPONSES_PATHS, Owner, fails_closed, log, request_id, show_url
 from .upstreams import Upstream
 
 SERVER_REPLAY = "server-replay"  # the upstream of a turn answered from a recording (Finished.upstream)
@@ -447,10 +447,14 @@ class Turns(Owner):
         # "Client disconnected" instead of a response. The turn happened all the same: record it.
         if streamed and not flow.response.raw_content:  # mitmproxy stores a streamed body only at its end
             flow.response.raw_content = bytes(live.reader.sent)
-        # Otherwise the client got nothing (it went away first, or the relay failed): recorded as
-        # it stood (unfinished, unless the backend had finished).
+        # A turn that failed closed at its response head sent its 500 at once: the client may
+        # have read it and hung up before the relay's body ended. Otherwise the client got
+        # nothing (it went away first, or the relay failed): recorded as it stood (unfinished,
+        # unless the backend had finished).
+        refusal = flow.response.stream if flow.response is not None and isinstance(flow.response.stream, Refusal) \
+            else None
         self._record(flow, live, failed="failed_in" in flow.metadata[META] and not streamed,
-                     answer=None if streamed else b"")
+                     answer=None if streamed else (refusal.sent if refusal is not None else b""))
 
     def _end(self, flow: http.HTTPFlow) -> Live | None:
         live = self.live.pop(flow.id, None)
