@@ -15,7 +15,8 @@ is a recorder (``Recorder``) that keeps every request it gets and answers with a
 
 What must hold for every case (``problems``):
 
-- the answer is 200, 400 or 413 (or 415 for a content-encoding the gateway does not decode) —
+- the answer is 200, 400 or 413 (or 415 for a content-encoding the gateway does not decode, or
+  a content type that is not JSON) —
   never a 5xx, never a hang (a timeout) or a reset;
 - a 400/413 is an OpenAI error object, and the backend received nothing;
 - a 200 is a Responses answer (an SSE stream of ``response.*`` events ending in exactly one
@@ -271,7 +272,8 @@ def problems(out: Outcome, backend: list[Received]) -> str | None:
     """What is wrong with one answer, given what the backend received meanwhile (None: fine)."""
     if out.status is None:
         return f"no answer: {out.error}"
-    if out.status not in ALLOWED and not (out.status == 415 and b'"unsupported_content_encoding"' in out.body):
+    if out.status not in ALLOWED and not (out.status == 415 and (b'"unsupported_content_encoding"' in out.body
+                                                                 or b'"unsupported_media_type"' in out.body)):
         return f"status {out.status}: {out.body[:200]!r}"
     if CANNED_ID.encode() in out.body:
         return "the backend's body reached the client"
