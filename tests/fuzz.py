@@ -476,9 +476,10 @@ def oversize(rng, data):
 
 MUTATORS = [bit_flip, interesting_byte, truncate, insert_span, delete_span, duplicate_span, drop_members, number,
             deep_nesting, duplicate_key, item_type, content_type, value_type, bad_text]
-CONTENT_TYPE_HEADERS = ["application/json", "application/json", "application/json", "application/json",
-                        "application/json; charset=utf-8", "text/plain", None, "application/x-www-form-urlencoded",
-                        "application/json; charset=utf-16", "multipart/form-data; boundary=x", "application/x-ndjson"]
+# mostly JSON: any other type is refused at the head (415), before the body parser the cases are for
+CONTENT_TYPE_HEADERS = ["application/json"] * 36 + [
+    "application/json; charset=utf-8", "application/json; charset=utf-16", "application/vnd.openai+json",
+    "text/plain", None, "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "application/x-ndjson"]
 
 
 def make_case(rng: random.Random, bases: list[bytes], n: int, tag: str) -> Case:
