@@ -11,7 +11,6 @@ import datetime
 import gzip
 import ipaddress
 import json
-import os
 import socket
 import ssl
 import subprocess
