@@ -205,6 +205,7 @@ def test_no_configured_secret_reaches_a_client_or_a_flow(echo, gateway_factory, 
 
     flows = tmp_path / "flows.mitm"
     gw = gateway_factory(echo.url, "-w", str(flows), "--set", "resp2chat_max_replay_entries=0",
+                         "--set", "flow_detail=4", "--set", "termlog_verbosity=debug",
                          env={"RESP2CHAT_UPSTREAM_API_KEY": UP_KEY})
     got = []
     for r in (requests.get(gw.base_url + "/models", timeout=20),
@@ -236,7 +237,7 @@ def test_no_configured_secret_reaches_a_client_or_a_flow(echo, gateway_factory, 
         assert "[redacted]" in text and UP_KEY not in text
     got += [json.dumps(events), json.dumps(socket_events), whole.text]
     gw.stop()
-    assert all(UP_KEY not in text for text in got)
+    assert all(UP_KEY not in text for text in got + [gw.log()])
     saved = flows.read_bytes()
     assert UP_KEY.encode() not in saved
     with flows.open("rb") as fh:
