@@ -15,7 +15,8 @@ is a recorder (``Recorder``) that keeps every request it gets and answers with a
 
 What must hold for every case (``problems``):
 
-- the answer is 200, 400 or 413 (or 415 for a content-encoding the gateway does not decode) —
+- the answer is 200, 400 or 413 (or 415 for a content-encoding the gateway does not decode, or
+  a content type that is not JSON) —
   never a 5xx, never a hang (a timeout) or a reset;
 - a 400/413 is an OpenAI error object, and the backend received nothing;
 - a 200 is a Responses answer (an SSE stream of ``response.*`` events ending in exactly one
@@ -271,7 +272,8 @@ def problems(out: Outcome, backend: list[Received]) -> str | None:
     """What is wrong with one answer, given what the backend received meanwhile (None: fine)."""
     if out.status is None:
         return f"no answer: {out.error}"
-    if out.status not in ALLOWED and not (out.status == 415 and b'"unsupported_content_encoding"' in out.body):
+    if out.status not in ALLOWED and not (out.status == 415 and (b'"unsupported_content_encoding"' in out.body
+                                                                 or b'"unsupported_media_type"' in out.body)):
         return f"status {out.status}: {out.body[:200]!r}"
     if CANNED_ID.encode() in out.body:
         return "the backend's body reached the client"
@@ -474,9 +476,10 @@ def oversize(rng, data):
 
 MUTATORS = [bit_flip, interesting_byte, truncate, insert_span, delete_span, duplicate_span, drop_members, number,
             deep_nesting, duplicate_key, item_type, content_type, value_type, bad_text]
-CONTENT_TYPE_HEADERS = ["application/json", "application/json", "application/json", "application/json",
-                        "application/json; charset=utf-8", "text/plain", None, "application/x-www-form-urlencoded",
-                        "application/json; charset=utf-16", "multipart/form-data; boundary=x", "application/x-ndjson"]
+# mostly JSON: any other type is refused at the head (415), before the body parser the cases are for
+CONTENT_TYPE_HEADERS = ["application/json"] * 36 + [
+    "application/json; charset=utf-8", "application/json; charset=utf-16", "application/vnd.openai+json",
+    "text/plain", None, "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "application/x-ndjson"]
 
 
 def make_case(rng: random.Random, bases: list[bytes], n: int, tag: str) -> Case:

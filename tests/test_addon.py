@@ -147,12 +147,16 @@ async def gw(backend):
         await tctx.master.addons.trigger_event(hooks.DoneHook())
 
 
+def request_flow(method: str, url: str, body: bytes = b"", headers=None) -> http.HTTPFlow:
+    """A flow as a client's request makes it (its Host header is the URL's)."""
+    f = tflow.tflow()
+    f.request = http.Request.make(method, url, body, {"host": url.split("/")[2], **(headers or {})})
+    return f
+
+
 def responses_flow(body: dict | bytes, backend_url: str, path="/v1/responses", headers=None) -> http.HTTPFlow:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    f = tflow.tflow()
-    f.request = http.Request.make("POST", f"{backend_url}{path}", raw,
-                                  {"content-type": "application/json", **(headers or {})})
-    return f
+    return request_flow("POST", f"{backend_url}{path}", raw, {"content-type": "application/json", **(headers or {})})
 
 
 def events_of(results: list) -> list[dict]:
@@ -190,8 +194,8 @@ async def test_upstream_base_url_with_path_prefix_and_key(gw, backend):
     assert head.startswith(b"POST /api/v1/chat/completions ")
     assert b"authorization: Bearer " + SECRET.encode() in head
     assert f.request.url == backend.url + "/api/v1/chat/completions"
-    m = tflow.tflow()
-    m.request = http.Request.make("GET", "http://127.0.0.1:8000/v1/models?x=1")
+    m = request_flow("GET", "http://127.0.0.1:8000/v1/models?x=1")
+    await gw.hook(HttpRequestHeadersHook(m))
     await gw.hook(HttpRequestHook(m))
     assert m.request.url == backend.url + "/api/v1/models?x=1"
 
@@ -224,8 +228,7 @@ async def test_bad_request_answered_locally(gw, backend):
 
 
 async def test_healthz_answered_locally(gw, backend):
-    f = tflow.tflow()
-    f.request = http.Request.make("GET", backend.url + "/healthz")
+    f = request_flow("GET", backend.url + "/healthz")
     await gw.run(f)
     assert f.response.status_code == 200 and backend.seen == []
 
@@ -233,8 +236,7 @@ async def test_healthz_answered_locally(gw, backend):
 async def test_no_client_can_address_the_relay(gw, backend):
     """In a forward-proxy mode a client could name any host: never the relay's address."""
     relay = gw["upstreams"].relay
-    f = tflow.tflow()
-    f.request = http.Request.make("POST", f"http://127.0.0.1:{relay.port}/v1/chat/completions", b"{}")
+    f = request_flow("POST", f"http://127.0.0.1:{relay.port}/v1/chat/completions", b"{}")
     await gw.run(f)
     assert f.response.status_code == 403 and relay.refused == 0 and backend.seen == []
 

@@ -209,14 +209,17 @@ def test_malformed_json_is_400(gateway):
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
 
 
-def test_other_endpoints(gateway, upstream):
+def test_other_endpoints(gateway, upstream, gateway_factory):
     health = requests.get(f"http://127.0.0.1:{gateway.port}/healthz", timeout=5)
     assert health.json() == {"status": "ok"}
     models = requests.get(gateway.base_url + "/models", timeout=5).json()
     assert models["data"][0]["id"] == "demo-model"
-    # plain chat completions pass straight through to the backend
-    chat = requests.post(gateway.base_url + "/chat/completions", timeout=10, json={
-        "model": "demo-model", "messages": [{"role": "user", "content": "noreason\nplain chat"}]}).json()
+    # plain chat completions reach the backend only when passthrough_paths lists them
+    body = {"model": "demo-model", "messages": [{"role": "user", "content": "noreason\nplain chat"}]}
+    refused = requests.post(gateway.base_url + "/chat/completions", timeout=10, json=body)
+    assert refused.status_code == 404 and "passthrough_paths" in refused.json()["error"]["message"]
+    listed = gateway_factory(upstream.origin, "--set", "resp2chat_passthrough_paths=POST /v1/chat/completions")
+    chat = requests.post(listed.base_url + "/chat/completions", timeout=10, json=body).json()
     assert chat["choices"][0]["message"]["content"] == "You said: plain chat"
 
 

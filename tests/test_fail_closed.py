@@ -248,7 +248,7 @@ def test_a_client_gone_before_its_answer_is_counted(faulty, upstream):
     before = f.backend_count()
     body = json.dumps({"model": "demo-model", "input": "words: 200\nslow: 20"}).encode()
     with socket.create_connection(("127.0.0.1", f.gw.port), timeout=30) as s:
-        s.sendall(b"POST /v1/responses HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        s.sendall(b"POST /v1/responses HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
                   b"content-length: %d\r\n\r\n%s" % (len(body), body))
         wait_until(lambda: f.backend_count() > before, what="the backend call")
     line = f.outcomes(f.n)[-1]

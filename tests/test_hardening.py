@@ -153,7 +153,7 @@ def _fds(pid: int) -> int:
 def test_aborted_streams_leave_no_growth(upstream, gateway_factory):
     gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0", "--set", "flow_detail=0")
     body = json.dumps({"model": "m", "input": "words: 400\nnoreason\nslow: 5", "stream": True}).encode()
-    request = (f"POST /v1/responses HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+    request = (f"POST /v1/responses HTTP/1.1\r\nhost: 127.0.0.1:{gw.port}\r\ncontent-type: application/json\r\n"
                f"content-length: {len(body)}\r\n\r\n").encode() + body
 
     def abort_one():
@@ -415,7 +415,7 @@ def test_a_gateway_path_in_disguise_reaches_no_backend(gateway, upstream, path):
     upstream.clear()
     body = b'{"model": "m", "input": "hi"}'
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as s:  # the path as it is:
-        s.sendall(b"POST %s HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+        s.sendall(b"POST %s HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
                   b"connection: close\r\n\r\n%s" % (path.encode(), len(body), body))  # (HTTP clients normalise it)
         answer = b""
         while chunk := s.recv(65536):

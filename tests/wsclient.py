@@ -21,10 +21,14 @@ class Refused(Exception):
 
 
 class WSClient:
-    def __init__(self, base_url: str, path: str = "/responses", headers: dict | None = None, timeout: float = 60):
+    def __init__(self, base_url: str, path: str = "/responses", headers: dict | None = None, timeout: float = 60,
+                 tls=None):
+        """``tls``: an ``ssl.SSLContext`` (a wss:// gateway)."""
         url = urlsplit(base_url)
         self.sock = socket.create_connection((url.hostname, url.port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is not None:
+            self.sock = tls.wrap_socket(self.sock, server_hostname=url.hostname)
         self.ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
         extra = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
         self.sock.sendall(self.ws.send(E.Request(host=url.netloc, target=url.path.rstrip("/") + path,

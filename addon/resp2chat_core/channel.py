@@ -244,6 +244,29 @@ def scrub(data: bytes, secrets: tuple[bytes, ...]) -> bytes:
     return data
 
 
+class Scrubber:
+    """``scrub`` for a body that passes in pieces (mitmproxy's stream callable: a passthrough
+    answer): it holds back the last ``len(longest secret) - 1`` bytes of what it has seen, so a
+    secret split between two pieces is still found; ``b""`` (the end) lets the rest go. Returns a
+    list of pieces, never an empty piece (mitmproxy would send it as the end of a chunked body)."""
+
+    __slots__ = ("secrets", "keep", "tail")
+
+    def __init__(self, secrets: tuple[bytes, ...]) -> None:
+        self.secrets = secrets
+        self.keep = max((len(s) for s in secrets), default=1) - 1
+        self.tail = b""
+
+    def __call__(self, data: bytes) -> list[bytes]:
+        if not data:
+            out, self.tail = scrub(self.tail, self.secrets), b""
+        else:
+            buf = scrub(self.tail + data, self.secrets)
+            cut = max(len(buf) - self.keep, 0)
+            out, self.tail = buf[:cut], buf[cut:]
+        return [out] if out else []
+
+
 EVENTS = {cls.__name__: cls for cls in get_args(Event)}
 
 

@@ -24,6 +24,7 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from .sse import MAX_EVENT
+from .gate import DEFAULT_PASSTHROUGH, parse_passthrough
 from .think import MODES as THINK_MODES
 
 
@@ -98,6 +99,11 @@ FIELDS: tuple[Field, ...] = (
     Field("routing_key_header", "str", "", "Send the session key (prompt_cache_key, else Codex's session header) upstream in this header, e.g. x-smg-routing-key, so a cache-aware router keeps each session on the replica holding its KV cache. Empty: off.", owner="upstreams"),
     Field("state_store_url", "str", "", "Where stored responses and the replay cache live: empty for this process's memory, or redis://[:password@]host:port/db (also Valkey) so replicas share them. Never logged.", owner="store"),
     Field("access_log_path", "str", "", "Append one JSON line per turn (time, session, model, upstream, status, tokens, TTFT and total ms; no content, no secrets) to this file; '-' for stderr. Empty: off.", owner="access_log"),
+    Field("passthrough_paths", "list", list(DEFAULT_PASSTHROUGH), "What the gateway passes to the upstream besides turns, with the upstream key: '[METHOD] /path' entries, a last '/*' for any path below (e.g. 'GET /v1/models/*'). Exact, case-sensitive paths; anything else is a 404.", owner="gate"),
+    Field("allowed_origins", "list", [], "Web pages (origins such as https://app.example.com; '*' for any) allowed to call the gateway from a browser. A request with any other Origin header is refused with 403; command-line clients and SDKs send none.", owner="gate"),
+    Field("public_hosts", "list", [], "Host names clients may reach the gateway by besides IP addresses, localhost and the bind address (e.g. gw.example.com, *.corp.example; '*' for any). Any other Host is refused with 403 (DNS rebinding).", owner="gate"),
+    Field("tls_cert_file", "str", "", "Serve HTTPS with this certificate (PEM, chain after it); with tls_key_file. Plain HTTP is then refused (but /healthz).", owner="listen"),
+    Field("tls_key_file", "str", "", "The private key (PEM) of tls_cert_file.", owner="listen"),
 )
 
 BY_NAME = {f.name: f for f in FIELDS}
@@ -224,6 +230,13 @@ def validate(name: str, value: Any) -> None:
         from .routing import parse_upstreams  # (routing imports this module)
 
         parse_upstreams(value)
+    if name == "passthrough_paths":
+        try:
+            parse_passthrough(value)
+        except ValueError as exc:
+            raise SettingsError(name, value, str(exc)) from None
+    if name in ("tls_cert_file", "tls_key_file") and value and "\n" in value:
+        raise SettingsError(name, value, "expected a file path")
     if name == "routing_key_header" and value and not _TOKEN.match(value):
         raise SettingsError(name, value, "expected an HTTP header name, e.g. x-smg-routing-key")
     if name == "state_store_url" and value:
@@ -275,7 +288,7 @@ def to_option(field: Field, value: Any) -> Any:
 
 
 def option_type(field: Field):
-    from typing import Sequence
+    from collections.abc import Sequence  # (mitmproxy parses --set for this one, not typing's)
 
     return {"str": str, "int": int, "bool": bool, "map": str, "list": Sequence[str], "entries": str}[field.kind]
 

@@ -2,14 +2,15 @@
 
 ``build()`` wires them; the order is mitmproxy's hook order:
 
-- ``Listen``          bind_addr, reverse mode, lazy connections (a gateway, not a proxy)
-- ``Gate``            /healthz, the gateway key, body size limits, no client reaches the relay
+- ``Listen``          bind_addr, reverse mode, lazy connections (a gateway, not a proxy), TLS
+- ``Gate``            /healthz, HTTPS, Host, Origin, the gateway key, which paths and methods are
+                      served (passthrough_paths), content type, body size: all at the head
 - ``StoredResponses`` GET/DELETE /v1/responses/{id}; previous_response_id's history
 - ``ReplayCache``     identical requests answered without the backend
 - ``Turns``           POST /v1/responses: lower, relay, stream, record
 - ``ServerReplay``    --server-replay answers reruns of recorded turns (what varies between runs ignored)
 - ``ResponsesWebSocket`` ws://…/v1/responses: the same turns over a WebSocket (or a refusal)
-- ``Upstreams``       every other /v1/* call to the upstream; the relay's lifetime and timeouts
+- ``Upstreams``       passthrough_paths to the upstream (answers scrubbed); the relay's lifetime and timeouts
 - ``Outcomes``        how each POST /v1/responses ended, for the next two
 - ``Metrics``         GET /metrics (Prometheus)
 - ``AccessLog``       one JSON line per turn (access_log_path)
@@ -17,7 +18,8 @@
 - ``RawOutput``       --raw: the model's stream on stdout
 - ``WebSearch``       the web_search settings
 - ``SettingsCommand`` the resp2chat.settings command
-- ``Redact``          last: no credentials in flow files or mitmweb
+- ``Egress``          the gate's other end: only what the gateway routed or answered goes on; CORS headers
+- ``Redact``          last: no credentials in flow files, mitmweb or answers
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from resp2chat_io import views
 
 from .access_log import AccessLog
 from .base import SettingsSource
-from .gate import Gate
+from .gate import Egress, Gate
 from .listen import Listen
 from .metrics import Metrics
 from .outcomes import Outcomes
@@ -56,8 +58,9 @@ def build() -> list:
     turns.finished += [replay.finished, store.finished, outcomes.finished, request_log.finished]
     server_replay = ServerReplay(turns)
     sockets = ResponsesWebSocket(source, upstreams, turns, store, request_log, server_replay, outcomes)
+    gate = Gate(source, upstreams.relay)
     return [
-        Listen(source, upstreams), Gate(source, upstreams.relay), store, replay, turns, server_replay, sockets,
+        Listen(source, upstreams), gate, store, replay, turns, server_replay, sockets,
         upstreams, outcomes, Metrics(turns, store, replay, outcomes), AccessLog(source, outcomes),
-        request_log, RawOutput(turns), search, SettingsCommand(source), Redact(),
+        request_log, RawOutput(turns), search, SettingsCommand(source), Egress(gate), Redact(upstreams),
     ]

@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 from mitmproxy import ctx, exceptions, http
 
 from resp2chat_core.errors import error_json
+from resp2chat_core.gate import RESPONSES_PATHS  # noqa: F401 — (re-exported: the addons import it from here)
 
 from resp2chat_core import settings as S
 from resp2chat_io.config import load_settings
@@ -24,7 +25,6 @@ from resp2chat_io.relay import KEY_HEADER, TURN_HEADER
 log = logging.getLogger("resp2chat")
 
 META = "resp2chat"  # flow.metadata key: saved in flow files, read by the views and `analyze`
-RESPONSES_PATHS = ("/v1/responses", "/responses")  # where clients create responses (and open the WebSocket)
 
 
 def show_url(flow: http.HTTPFlow, url: str) -> None:

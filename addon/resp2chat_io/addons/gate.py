@@ -1,63 +1,222 @@
-"""The gate: what every request meets first. ``/healthz``; the gateway key; body size limits;
-compressed bodies decoded (``content-encoding``, bounded by the same limit once decoded:
-resp2chat_core/content_encoding.py), so every later hook reads plain JSON; and no client may
-address the relay (it serves only the gateway's own requests)."""
+"""The gate: what every request meets first, decided at its head (resp2chat_core/gate.py has the
+rules), HTTP and the Responses WebSocket's upgrade alike.
+
+In order: ``/healthz``; HTTPS only when ``tls_cert_file`` is set; the ``Host`` (one of the
+gateway's names: ``public_hosts``) and the ``Origin`` (``allowed_origins``, whose CORS preflights
+the gate answers); a path that names a gateway endpoint in disguise; the gateway key; whether
+anyone serves the path and method (the gateway, or the upstream through ``passthrough_paths``);
+a turn's content type; the body's declared size (``max_request_body_mb``; a body of unknown
+length, chunked, is refused with 411). A request let in has the client's credentials taken off
+when they were the gateway key (they never leave the gateway) and is sent on in origin form.
+Once the body is in, a compressed one is decoded (bounded by the same limit:
+resp2chat_core/content_encoding.py), so every later hook reads plain JSON.
+
+**Refusing at the head without reading the body.** mitmproxy reads a request's whole body
+after the ``requestheaders`` hook even when an addon has answered there: it sends the answer
+only after the ``request`` hook. Its own ``body_size_limit`` stops early, but answers with its
+HTML page and runs before this hook. So a refusal whose body is small (at most
+``READ_REFUSED``, declared) is answered as usual; any other is answered by the relay
+(resp2chat_io/relay/server.py ``Answer``): the request is pointed at it with a body callable
+that drops every byte (``Unread``), the relay sends the JSON refusal at once
+(``connection: close``), and once ``READ_REFUSED`` bytes of body went by the relay ends its
+connection, which makes mitmproxy close the client's. Trade-off: the client gets its 401/411/413
+while it may still be sending, then the connection ends (HTTP clients read an early answer:
+curl, httpx, urllib3); the gateway holds no body and reads at most ``READ_REFUSED`` of it.
+"""
 
 from __future__ import annotations
 
 import hmac
-import posixpath
-from urllib.parse import unquote
+import json
+import re
+import secrets
+from dataclasses import dataclass
 
 from mitmproxy import http
+from mitmproxy.net.http import http1
 
 from resp2chat_core import content_encoding
-from resp2chat_core.errors import error_json
+from resp2chat_core import gate as G
+from resp2chat_core import settings as S
+from resp2chat_core.errors import GatewayError
+from resp2chat_io.relay import TURN_HEADER, Answer
 
-from .base import Owner, fails_closed, request_id
+from .base import META, Owner, fails_closed, request_id, show_url
 
 JSON_HEADERS = {"content-type": "application/json"}
+READ_REFUSED = 64 << 10  # body bytes read at most of a request refused at its head
+PASSTHROUGH = "passthrough"  # flow.metadata[META] key: the upstream serves this request (addons/upstreams.py)
+CREDENTIALS = ("authorization", "x-api-key")
+_HEADER_LIST = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~ ,-]{0,1000}$")
 
 
-GATEWAY_PATHS = ("/v1/responses", "/responses", "/v1/conversations", "/conversations", "/healthz", "/metrics")
+@dataclass(eq=False)
+class Refused:
+    """A request refused at its head and answered by the relay (its body unread)."""
+
+    url: str  # what the client asked for (the flow shows it again)
+    response: http.Response
 
 
-def disguised(path: str) -> bool:
-    """A path that only once percent-decoded and normalised names one the gateway answers itself:
-    it must not reach a backend as it is."""
-    normal = posixpath.normpath(unquote(path)) if path else path
-    normal = "/" + normal.lstrip("/")
-    if normal == path:
-        return False
-    return any(normal == p or normal.startswith(p + "/") for p in GATEWAY_PATHS)
+class Unread:
+    """The body callable of a request refused at its head: every byte dropped; past ``budget``
+    the relay ends the connection (``Answer.close``)."""
+
+    __slots__ = ("answer", "left")
+
+    def __init__(self, answer: Answer, budget: int) -> None:
+        self.answer, self.left = answer, budget
+
+    def __call__(self, data: bytes):
+        self.left -= len(data)
+        if self.left < 0:
+            self.answer.close()
+        return []
 
 
 @fails_closed
 class Gate(Owner):
     name = "resp2chat_gate"
     owner = "gate"
+    also_reads = ("bind_addr", "tls_cert_file")
 
     def __init__(self, source, relay) -> None:
         super().__init__(source)
         self.relay = relay
+        self.rules = G.parse_passthrough(self.s["passthrough_paths"])
+        self.refused: dict[str, Refused] = {}  # flow id -> refused at its head, answered by the relay
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
-        # Refuse an oversized body before mitmproxy reads it (a lying content-length is caught
-        # again in `request`, once the body is in).
-        size = flow.request.headers.get("content-length", "")
-        if size.isdigit() and int(size) > self.limit:
-            self.too_large(flow)
-            self.name_it(flow)
+    def apply(self, updated: set[str]) -> None:
+        self.rules = G.parse_passthrough(self.s["passthrough_paths"])
 
     @property
     def limit(self) -> int:
         return self.s["max_request_body_mb"] << 20
 
+    # --- the head ---------------------------------------------------------------------------
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        req = flow.request
+        path = req.path.split("?", 1)[0]
+        if flow.is_replay == "request":
+            # client replay (mitmdump -C): the operator's recorded chat requests, not a client's;
+            # they go to the configured upstream (addons/upstreams.py)
+            flow.metadata.setdefault(META, {})[PASSTHROUGH] = True
+            return
+        if (req.host, req.port) == self.relay.address and self.relay.port:
+            # a client asking mitmproxy (as a forward proxy) for the relay: never
+            return self.refuse(flow, GatewayError("not a destination", code="forbidden", status=403))
+        if path == G.HEALTHZ and req.method in ("GET", "HEAD"):
+            return self.answer(flow, 200, b'{"status":"ok"}', JSON_HEADERS)
+        if self.s["tls_cert_file"] and not flow.client_conn.tls_established:
+            return self.refuse(flow, GatewayError(
+                "this gateway serves HTTPS only (tls_cert_file is set): use https://", param="tls_cert_file",
+                code="https_required", status=400))
+        hosts = [req.host_header] + ([req.authority] if req.authority and not req.is_http2 else [])
+        err = (G.host_refusal(hosts, S.parse_bind(self.s["bind_addr"])[0], self.s["public_hosts"])
+               or G.origin_refusal(req.headers.get("origin"), self.s["allowed_origins"]))
+        if err:
+            return self.refuse(flow, err)
+        if not req.is_http2:
+            req.authority = ""  # origin form to whoever gets it (an absolute URL never reaches a backend)
+        if req.method == "OPTIONS" and "origin" in req.headers and "access-control-request-method" in req.headers:
+            return self.preflight(flow, path)
+        if G.disguised(path):
+            # /v1/%72esponses, /v1//responses, /v1/./responses…: a backend that decodes the path
+            # would serve its own /v1/responses past everything the gateway checks
+            return self.refuse(flow, GatewayError(
+                "the request path names a gateway endpoint in another spelling: use the plain path",
+                param="path", code="invalid_path"))
+        if not self.authorized(req):
+            return self.refuse(flow, GatewayError(
+                "missing or wrong gateway API key (send it as 'Authorization: Bearer …')",
+                type="authentication_error", code="invalid_api_key", status=401))
+        where = G.route(req.method, path, self.rules)
+        if isinstance(where, GatewayError):
+            return self.refuse(flow, where)
+        if req.method == "POST" and path in G.RESPONSES_PATHS and (err := G.content_type_refusal(req.headers.get("content-type"))):
+            return self.refuse(flow, err)
+        size = self.declared(req)
+        if size is None:
+            return self.refuse(flow, GatewayError(
+                "a request body needs a content-length (the gateway does not take chunked request bodies)",
+                param="content-length", code="length_required", status=411))
+        if size > self.limit:
+            return self.too_large(flow)
+        if where is G.PASSTHROUGH:
+            flow.metadata.setdefault(META, {})[PASSTHROUGH] = True
+        if self.s["gateway_api_key"]:
+            for name in CREDENTIALS:  # the gateway's key: it never leaves the gateway
+                req.headers.pop(name, None)
+
+    @staticmethod
+    def declared(req: http.Request) -> int | None:
+        """The body size the head declares (None: unknown, chunked)."""
+        try:
+            return http1.expected_http_body_size(req)
+        except ValueError:
+            return None
+
+    def refuse(self, flow: http.HTTPFlow, err: GatewayError) -> None:
+        headers = {**JSON_HEADERS, "x-request-id": request_id(flow)}
+        if isinstance(err, G.NotAllowed):
+            headers["allow"] = err.allow
+        self.answer(flow, err.status, json.dumps(err.body()).encode(), headers)
+
     def too_large(self, flow: http.HTTPFlow, decoded: bool = False) -> None:
-        flow.response = http.Response.make(413, error_json(
+        self.refuse(flow, GatewayError(
             f"request body larger than max_request_body_mb ({self.s['max_request_body_mb']} MiB)"
-            + (" once decoded" if decoded else ""),
-            code="request_too_large"), {**JSON_HEADERS, "connection": "close"})
+            + (" once decoded" if decoded else ""), param="max_request_body_mb", code="request_too_large", status=413))
+
+    def answer(self, flow: http.HTTPFlow, status: int, body: bytes, headers: dict) -> None:
+        """Answer now. At the head (the body not read yet): at once if the body to come is small
+        (mitmproxy reads it first), else through the relay, the body unread (the module's
+        docstring)."""
+        req = flow.request
+        size = self.declared(req) if req.data.content is None else 0
+        if size is not None and size <= READ_REFUSED:
+            flow.response = http.Response.make(status, body, headers)
+            return
+        answer = Answer(flow.id, secrets.token_urlsafe(24), status,
+                        [(k.encode(), v.encode()) for k, v in headers.items()], body)
+        self.refused[flow.id] = Refused(req.url, http.Response.make(status, body, {**headers, "connection": "close"}))
+        for name, value in self.relay.expect(answer):
+            req.headers[name] = value
+        req.headers.pop("transfer-encoding", None)
+        req.headers.pop("expect", None)  # no "100 Continue": the client need not send the body at all
+        req.headers["content-length"] = "0"  # (what the relay gets: nothing)
+        req.scheme, (req.host, req.port) = "http", self.relay.address
+        req.stream = Unread(answer, READ_REFUSED)
+        flow.metadata.setdefault(META, {})["refused"] = "at the head; body not read"
+
+    def preflight(self, flow: http.HTTPFlow, path: str) -> None:
+        """A browser's CORS preflight from an allowed origin (``allowed_origins``)."""
+        req = flow.request
+        method = req.headers["access-control-request-method"].strip()
+        where = G.route(method, path, self.rules)
+        if isinstance(where, GatewayError):
+            return self.refuse(flow, where)
+        headers = {"access-control-allow-methods": method, "access-control-max-age": "600"}
+        wanted = req.headers.get("access-control-request-headers", "")
+        if wanted and _HEADER_LIST.match(wanted):
+            headers["access-control-allow-headers"] = wanted
+        self.answer(flow, 204, b"", headers)
+
+    # --- the body ---------------------------------------------------------------------------
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        refused = self.refused.get(flow.id)
+        if refused is not None:  # the relay answers it; later hooks must leave it alone
+            if flow.response is None:
+                flow.response = refused.response.copy()
+            return
+        if flow.response or flow.is_replay == "response":
+            return
+        req = flow.request
+        if len(req.raw_content or b"") > self.limit:
+            self.too_large(flow)
+        elif "content-encoding" in req.headers:
+            self.decode(flow)
 
     def decode(self, flow: http.HTTPFlow) -> None:
         """A compressed body becomes the plain body (no ``content-encoding``), or a clear error."""
@@ -69,49 +228,44 @@ class Gate(Owner):
             self.too_large(flow, decoded=True)
             return
         except content_encoding.Unsupported as exc:
-            flow.response = http.Response.make(415, error_json(
+            self.refuse(flow, GatewayError(
                 f"content-encoding {str(exc)!r} is not supported (supported: {', '.join(content_encoding.SUPPORTED)})",
-                param="content-encoding", code="unsupported_content_encoding"), JSON_HEADERS)
+                param="content-encoding", code="unsupported_content_encoding", status=415))
             return
         except content_encoding.BadBody as exc:
-            flow.response = http.Response.make(400, error_json(
-                f"request body is {exc} (content-encoding: {header})", param="content-encoding",
-                code="invalid_body"), JSON_HEADERS)
+            self.refuse(flow, GatewayError(f"request body is {exc} (content-encoding: {header})",
+                                           param="content-encoding", code="invalid_body"))
             return
         del req.headers["content-encoding"]
         req.content = body  # (no content-encoding left: stored as is, content-length updated)
 
-    def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response or flow.is_replay == "response":
-            return
-        req = flow.request
-        if (req.host, req.port) == self.relay.address and self.relay.port:
-            # a client asking mitmproxy (as a forward proxy) for the relay: never
-            flow.response = http.Response.make(403, error_json("not a destination", code="forbidden"), JSON_HEADERS)
-        elif disguised(req.path.split("?", 1)[0]):
-            # /v1/%72esponses, /v1//responses, /v1/./responses…: a backend that decodes the path
-            # would serve its own /v1/responses past everything the gateway checks
-            flow.response = http.Response.make(400, error_json(
-                "the request path names a gateway endpoint in another spelling: use the plain path",
-                param="path", code="invalid_path"), JSON_HEADERS)
-        elif req.path.split("?", 1)[0] == "/healthz":
-            flow.response = http.Response.make(200, b'{"status":"ok"}', JSON_HEADERS)
-        elif not self.authorized(req):
-            flow.response = http.Response.make(401, error_json(
-                "missing or wrong gateway API key (send it as 'Authorization: Bearer …')",
-                status_type="authentication_error", code="invalid_api_key"), JSON_HEADERS)
-        elif len(req.raw_content or b"") > self.limit:
-            self.too_large(flow)
-        elif "content-encoding" in req.headers:
-            self.decode(flow)
-        self.name_it(flow)
+    # --- the answer -------------------------------------------------------------------------
 
-    @staticmethod
-    def name_it(flow: http.HTTPFlow) -> None:
-        """A refusal carries the gateway's request id, as every answer of a turn does (the
-        operator finds it in the flow and the access log)."""
-        if flow.response is not None and flow.response.status_code >= 400:
-            flow.response.headers["x-request-id"] = request_id(flow)
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        refused = self.refused.get(flow.id)
+        if refused is not None:
+            show_url(flow, refused.url)
+
+    def cors(self, flow: http.HTTPFlow) -> None:
+        """An answer to an allowed origin's page says so (Egress calls it, after every addon)."""
+        origin = flow.request.headers.get("origin")
+        if origin is not None and flow.response is not None and G.origin_allowed(origin, self.s["allowed_origins"]):
+            h = flow.response.headers
+            h["access-control-allow-origin"] = origin
+            h["access-control-expose-headers"] = "x-request-id"
+            h["vary"] = "Origin"
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._end(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._end(flow)
+
+    def _end(self, flow: http.HTTPFlow) -> None:
+        refused = self.refused.pop(flow.id, None)
+        if refused is not None:
+            self.relay.forget(flow.id)  # (never claimed: the client left first)
+            show_url(flow, refused.url)
 
     def authorized(self, req: http.Request) -> bool:
         key = self.s["gateway_api_key"]
@@ -120,3 +274,35 @@ class Gate(Owner):
         given = req.headers.get("authorization", "").removeprefix("Bearer ").strip()
         given = given or req.headers.get("x-api-key", "")
         return hmac.compare_digest(given.encode(), key.encode())
+
+
+@fails_closed
+class Egress:
+    """The gate's other end, after every other addon.
+
+    - ``request``: a request goes on only where the gateway sent it — to the relay (a turn, a
+      socket, a refusal) or to the upstream (``passthrough_paths``) — or with an answer. Anything
+      else (a path some addon let through unanswered: a bug) is a 404 and reaches no backend.
+    - ``responseheaders``/``response``: the answer to an allowed origin's page carries its CORS
+      headers, whichever addon made it (a stream's go out with its head; a whole body's may be
+      replaced until the ``response`` hook)."""
+
+    name = "resp2chat_egress"
+
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.is_replay == "response":
+            return
+        if flow.request.headers.get(TURN_HEADER) is not None or (flow.metadata.get(META) or {}).get(PASSTHROUGH):
+            return
+        flow.response = http.Response.make(404, json.dumps(GatewayError(
+            f"{flow.request.path.split('?', 1)[0][:200]} is not served by this gateway",
+            code="unknown_path", status=404).body()).encode(), {**JSON_HEADERS, "x-request-id": request_id(flow)})
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        self.gate.cors(flow)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self.gate.cors(flow)

@@ -4,12 +4,24 @@ mitmproxy's defaults are a proxy's: listen on all interfaces at 8080, connect up
 This addon makes them a gateway's: ``bind_addr`` (loopback by default; beyond loopback only with
 ``gateway_api_key``), reverse mode to the upstream, lazy upstream connections (eager would reset
 clients when the upstream is down), ``store_streamed_bodies`` (flow files keep the translated
-stream), and server replay that ignores the recorded upstream address.
+stream), and server replay that ignores the recorded upstream address. Also:
+
+- ``keep_host_header``: in reverse mode mitmproxy rewrites ``Host`` to the reverse target before
+  any hook runs; the gate checks the client's (DNS rebinding). Every request the gateway sends on
+  sets its own (``Upstream.route``, the relay).
+- ``http2`` off: clients speak HTTP/1.1 (over TLS too), the protocol every refusal at the head and
+  every stream is verified on (addons/gate.py).
+- TLS: ``tls_cert_file`` + ``tls_key_file`` become one PEM (key, certificate, chain; 0600) in
+  mitmproxy's confdir, given to mitmproxy as its certificate for every name (``certs``): mitmproxy
+  then accepts HTTPS from clients on the same port, and the gate refuses plain HTTP. Listening
+  beyond loopback without it is said loudly at start-up: the key and every prompt travel in clear.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from mitmproxy import ctx, exceptions
@@ -17,7 +29,9 @@ from mitmproxy.proxy import mode_specs
 
 from resp2chat_core import settings as S
 
-from .base import Owner
+from .base import Owner, log
+
+TLS_PEM = "resp2chat-tls.pem"  # in mitmproxy's confdir: tls_key_file + tls_cert_file, 0600
 
 
 class Listen(Owner):
@@ -25,12 +39,14 @@ class Listen(Owner):
     owner = "listen"
     also_reads = ("gateway_api_key", "upstream_base_url")
     watches = ("mode", "listen_host", "listen_port", "server_replay", "connection_strategy",
-               "store_streamed_bodies", "server_replay_ignore_host", "server_replay_ignore_port")
+               "store_streamed_bodies", "server_replay_ignore_host", "server_replay_ignore_port",
+               "keep_host_header", "http2", "certs", "confdir")
 
     def __init__(self, source, upstreams) -> None:
         super().__init__(source)
         self.upstreams = upstreams
         self._rebind = False
+        self._warned: tuple | None = None
 
     def apply(self, updated: set[str]) -> None:
         opts, changes = ctx.options, {}
@@ -40,6 +56,13 @@ class Listen(Owner):
             changes["connection_strategy"] = "lazy"
         if not opts.store_streamed_bodies:
             changes["store_streamed_bodies"] = True
+        if not opts.keep_host_header:
+            changes["keep_host_header"] = True
+        if opts.http2:
+            changes["http2"] = False
+        certs = self.certs(opts)
+        if certs != list(opts.certs):
+            changes["certs"] = certs
         if getattr(opts, "server_replay", None) and not (opts.server_replay_ignore_host and opts.server_replay_ignore_port):
             # A recording made against another upstream address must still match.
             changes["server_replay_ignore_host"] = changes["server_replay_ignore_port"] = True
@@ -62,11 +85,39 @@ class Listen(Owner):
                 raise exceptions.OptionsError(
                     f"resp2chat: listening on {listen or 'all interfaces'} needs gateway_api_key "
                     f"(clients must then send it as a Bearer token); or bind to 127.0.0.1")
+        self.warn_clear(modes, opts.listen_host)
         if modes != list(opts.mode):
             changes["mode"] = modes
             self._rebind = True
         if changes:
             opts.update(**changes)
+
+    def certs(self, opts) -> list[str]:
+        """mitmproxy's ``certs`` with the gateway's certificate for every name (or without it)."""
+        own = [c for c in opts.certs if not c.endswith("/" + TLS_PEM)]
+        cert, key = self.s["tls_cert_file"], self.s["tls_key_file"]
+        if bool(cert) != bool(key):
+            raise exceptions.OptionsError("resp2chat: tls_cert_file and tls_key_file go together: set both, or neither")
+        if not cert:
+            return own
+        path = Path(os.path.expanduser(opts.confdir)) / TLS_PEM
+        write_private(path, tls_pem(cert, key))
+        return [*own, f"*={path}"]
+
+    def warn_clear(self, modes: list[str], listen_host: str) -> None:
+        """Beyond loopback without TLS: said once per setting, as a warning (it shows at any
+        verbosity but errors)."""
+        hosts = [mode_specs.ProxyMode.parse(m).listen_host(listen_host) or "0.0.0.0" for m in modes]
+        outside = [h for h in hosts if not S.is_loopback(h)]
+        state = (tuple(outside), bool(self.s["tls_cert_file"]))
+        if state == self._warned:
+            return
+        self._warned = state
+        if outside and not self.s["tls_cert_file"]:
+            log.warning(
+                f"resp2chat: WARNING: listening on {', '.join(outside)} WITHOUT TLS: the gateway key and every prompt "
+                "and answer cross the network in clear text. Set tls_cert_file and tls_key_file (the gateway then "
+                "serves HTTPS), or bind to 127.0.0.1 behind a proxy that terminates TLS.")
 
     async def running(self) -> None:
         # mitmdump brings its servers up while scripts are still loading, with the options of
@@ -74,3 +125,39 @@ class Listen(Owner):
         if self._rebind and (ps := ctx.master.addons.get("proxyserver")):
             self._rebind = False
             asyncio.ensure_future(ps.setup_servers())
+
+
+def tls_pem(cert_file: str, key_file: str) -> bytes:
+    """The key and the certificate chain as one PEM, checked: readable, a certificate first, a
+    key that matches it (``OptionsError`` naming the file otherwise; never its contents)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        cert_pem = Path(cert_file).expanduser().read_bytes()
+        key_pem = Path(key_file).expanduser().read_bytes()
+    except OSError as exc:
+        raise exceptions.OptionsError(f"resp2chat: cannot read {exc.filename}: {exc.strerror}") from None
+    try:
+        chain = x509.load_pem_x509_certificates(cert_pem)
+    except ValueError:
+        raise exceptions.OptionsError(f"resp2chat: tls_cert_file {cert_file}: no PEM certificate in it") from None
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise exceptions.OptionsError(f"resp2chat: tls_key_file {key_file}: not an unencrypted PEM private key "
+                                      f"({type(exc).__name__})") from None
+    if chain[0].public_key() != key.public_key():
+        raise exceptions.OptionsError(f"resp2chat: tls_key_file {key_file} is not the key of tls_cert_file {cert_file}")
+    return key_pem.rstrip(b"\n") + b"\n" + cert_pem
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """``data`` at ``path``, mode 0600 from the start, replaced atomically."""
+    if path.exists() and path.read_bytes() == data:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)

@@ -10,9 +10,15 @@
   the fallbacks of earlier ones (resp2chat_core/routing.py); ``routing_key_header``: the
   session key goes upstream in that header (session affinity behind a router such as smg).
 - Runs the relay (resp2chat_io/relay/) for the lifetime of the gateway.
-- ``request``: any other ``/v1/*`` call goes to the upstream with the upstream key (with
-  several upstreams: the first; ``GET /v1/models`` asks them all and merges the lists).
-  Turns (turns.py) ask ``target``/``endpoint``, ``authorize`` and ``authorization`` for theirs.
+- ``request``: a call the gate let through to the upstream (``passthrough_paths``: the gate
+  marks it) goes there with the upstream key, the path after ``/v1`` below the upstream's base
+  URL (with several upstreams: the first; ``GET /v1/models`` asks them all and merges the
+  lists). Turns (turns.py) ask ``target``/``endpoint``, ``authorize`` and ``authorization`` for
+  theirs.
+- ``responseheaders``: a passthrough answer reaches the client with every configured secret
+  scrubbed from its headers and its body (streamed through ``channel.Scrubber``, never held
+  whole); it is asked for uncompressed (``accept-encoding: identity``), and one that comes
+  compressed all the same is a 502 (a compressed body could hide a secret).
 """
 
 from __future__ import annotations
@@ -25,13 +31,17 @@ import re
 from urllib.parse import urlsplit
 
 from mitmproxy import ctx, exceptions, http
+from mitmproxy.net.http import http1
 
+from resp2chat_core import content_encoding, routing
 from resp2chat_core import owner as owners
-from resp2chat_core import routing
+from resp2chat_core import settings as S
+from resp2chat_core.channel import Scrubber, scrub
 from resp2chat_core.errors import error_json
 from resp2chat_io.relay import Relay
 
-from .base import Owner, fails_closed
+from .base import META, Owner, Refusal, fails_closed, request_id
+from .gate import PASSTHROUGH
 
 log = logging.getLogger("resp2chat")
 
@@ -68,7 +78,7 @@ def reverse_target(flow: http.HTTPFlow) -> Upstream:
 class Upstreams(Owner):
     name = "resp2chat_upstreams"
     owner = "upstreams"
-    also_reads = ("gateway_api_key",)
+    also_reads = tuple(sorted(S.SECRET_FIELDS - {"upstream_api_key"}))  # secrets: scrubbed from passthrough answers
     watches = ("ssl_insecure",)
 
     def __init__(self, source) -> None:
@@ -78,6 +88,7 @@ class Upstreams(Owner):
         self.demo = None  # the bundled demo upstream server, when upstream_base_url == "demo"
         self.specs: tuple[routing.UpstreamSpec, ...] = ()  # several upstreams (empty: one)
         self.endpoints: dict[str, Upstream] = {}  # by upstream name
+        self.secrets: tuple[bytes, ...] = ()  # every configured secret (settings.secret_values)
 
     def _demo_url(self) -> str:
         if self.demo is None:
@@ -104,6 +115,7 @@ class Upstreams(Owner):
         client.idle_timeout = self.s["upstream_idle_timeout_secs"] or float("inf")
         client.keepalive = self.s["keepalive_secs"] or float("inf")
         client.verify_tls = not getattr(ctx.options, "ssl_insecure", False)
+        self.secrets = S.secret_values(self.s)
 
     def default_url(self) -> str:
         if self.specs:
@@ -178,16 +190,39 @@ class Upstreams(Owner):
             self.demo = None
 
     async def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response or flow.is_replay == "response":
+        if flow.response or flow.is_replay == "response" or not (flow.metadata.get(META) or {}).get(PASSTHROUGH):
             return
         req = flow.request
         path = req.path.split("?", 1)[0]
-        if path.startswith("/v1/") and (req.host, req.port) != self.relay.address:  # (turns.py routed its own)
-            if len(self.specs) > 1 and path == "/v1/models" and req.method == "GET":
-                await self.merged_models(flow)
-                return
-            self.target(flow).route(flow, path[3:] + req.path[len(path):])
-            self.authorize(flow, self.specs[0] if self.specs else None)
+        if len(self.specs) > 1 and path == "/v1/models" and req.method == "GET":
+            await self.merged_models(flow)
+            return
+        self.target(flow).route(flow, req.path[3:] if path.startswith("/v1/") else req.path)  # (the query kept)
+        self.authorize(flow, self.specs[0] if self.specs else None)
+        req.headers["accept-encoding"] = "identity"  # (responseheaders reads the answer for secrets)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        resp = flow.response
+        if resp is None or not (flow.metadata.get(META) or {}).get(PASSTHROUGH) or flow.is_replay == "response" \
+                or resp.data.content is not None:
+            return  # (an answer made here, whole: Redact scrubs it)
+        for name, value in resp.headers.items(multi=True):
+            if any(s.decode("latin-1") in value for s in self.secrets):
+                resp.headers.set_all(name, [scrub(v.encode("latin-1"), self.secrets).decode("latin-1")
+                                            for v in resp.headers.get_all(name)])
+        if content_encoding.codings(resp.headers.get("content-encoding", "")):
+            body = error_json(f"the upstream answered {flow.request.path.split('?', 1)[0]} compressed "
+                              f"({resp.headers['content-encoding']}) although asked not to: the gateway does not pass on "
+                              "what it cannot check for secrets", status_type="upstream_error", code="upstream_encoded")
+            flow.response = http.Response.make(502, body, {"content-type": "application/json",
+                                                           "x-request-id": request_id(flow)})
+            flow.response.stream = Refusal(body)
+            return
+        resp.stream = Scrubber(self.secrets)
+        if self.secrets and http1.expected_http_body_size(flow.request, resp) not in (0, -1) \
+                and flow.request.http_version == "HTTP/1.1":
+            resp.headers.pop("content-length", None)  # (a scrubbed body may be longer or shorter)
+            resp.headers["transfer-encoding"] = "chunked"
 
     async def merged_models(self, flow: http.HTTPFlow) -> None:
         """``GET /v1/models`` with several upstreams: every upstream's list (the models its

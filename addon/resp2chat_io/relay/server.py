@@ -30,6 +30,10 @@ in-process ``Channel`` (resp2chat_core/channel.py). When the client goes away, m
 this connection and the backend call is cancelled with it, so a dropped turn stops costing GPU.
 A turn the addon gives up (it failed closed at the response head: ``Exchange.abort``) has its
 backend call cancelled too, and its body ended at once.
+
+It also answers, for the gate, a request refused at its head whose body the gate will not read
+(``Answer``: addons/gate.py says why an addon cannot do that itself): the refusal goes out at once,
+and the connection ends when the body has ended, or as soon as the gate says it went on too long.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ import asyncio
 import hmac
 import logging
 import socket
+from dataclasses import dataclass, field
+from http import HTTPStatus
 
 import h11
 
@@ -56,13 +62,32 @@ MAX_REQUEST = 256 << 20  # what mitmproxy may send us (the addon bounds the real
 REQUEST_DEADLINE = 10.0  # seconds for a request to arrive whole (mitmproxy sends it at once, on loopback)
 
 
+@dataclass(eq=False)
+class Answer:
+    """A refusal the gate made at a request's head (addons/gate.py), sent by the relay at once.
+    The connection then ends when mitmproxy is done with it (the client's body ended), when the
+    gate calls ``close`` (the body went on past what the gate reads of it), or after ``linger``
+    seconds; the refusal says ``connection: close``."""
+
+    turn_id: str  # the flow's id
+    secret: str
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    linger: float = 10.0
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def close(self) -> None:
+        self.closed.set()
+
+
 class Relay:
     def __init__(self) -> None:
         self.client = UpstreamClient()
         self.server: asyncio.base_events.Server | None = None
         self.port = 0
         self._sock: socket.socket | None = None
-        self._expected: dict[str, Exchange | websocket.Socket] = {}
+        self._expected: dict[str, Exchange | websocket.Socket | Answer] = {}
         self.active = 0  # exchanges in flight: tests check that aborted turns leave nothing behind
         self.sockets = 0  # Responses WebSockets open (websocket.py)
         self.refused = 0  # requests that named no registered exchange or the wrong secret
@@ -96,8 +121,9 @@ class Relay:
         self.client.close()
         self._expected.clear()
 
-    def expect(self, exchange: Exchange | websocket.Socket) -> list[tuple[str, str]]:
-        """Register an exchange (or a socket); returns the headers mitmproxy's request must carry."""
+    def expect(self, exchange: Exchange | websocket.Socket | Answer) -> list[tuple[str, str]]:
+        """Register an exchange (or a socket, or an answer); returns the headers mitmproxy's
+        request must carry."""
         self._expected[exchange.turn_id] = exchange
         return [(TURN_HEADER, exchange.turn_id), (KEY_HEADER, exchange.secret)]
 
@@ -109,7 +135,7 @@ class Relay:
     def expected(self) -> int:
         return len(self._expected)
 
-    def _claim(self, request: h11.Request) -> Exchange | websocket.Socket | None:
+    def _claim(self, request: h11.Request) -> Exchange | websocket.Socket | Answer | None:
         turn = key = b""
         for name, value in request.headers:
             if name == b"x-resp2chat-turn":
@@ -147,6 +173,9 @@ class Relay:
                     finally:
                         self.sockets -= 1
                     return  # the connection was the socket's
+                if isinstance(exchange, Answer):
+                    await _answer(exchange, conn, reader, writer)
+                    return
                 body = await _read_body(conn, reader, deadline)
                 await self._exchange(exchange, request, body, reader, writer, conn)
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
@@ -194,6 +223,23 @@ class Relay:
         # the addon put in its place at once)
         writer.write(conn.send(h11.EndOfMessage()))
         await writer.drain()
+
+
+async def _answer(answer: Answer, conn: h11.Connection, reader: asyncio.StreamReader,
+                  writer: asyncio.StreamWriter) -> None:
+    headers = [*answer.headers, (b"content-length", str(len(answer.body)).encode()), (b"connection", b"close")]
+    writer.write(conn.send(h11.Response(status_code=answer.status, headers=headers,
+                                        reason=HTTPStatus(answer.status).phrase.encode())))
+    writer.write(conn.send(h11.Data(data=answer.body)) + conn.send(h11.EndOfMessage()))
+    await writer.drain()
+    gone = asyncio.ensure_future(reader.read(1))  # EOF: mitmproxy is done with the request
+    stop = asyncio.ensure_future(answer.closed.wait())
+    try:
+        await asyncio.wait({gone, stop}, timeout=answer.linger, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (gone, stop):
+            t.cancel()
+        await asyncio.gather(gone, stop, return_exceptions=True)
 
 
 class _TooLarge(Exception):

@@ -1,0 +1,234 @@
+"""What the gate lets in, decided from a request's head alone (no I/O, no mitmproxy).
+
+Each check returns ``None`` (let it in) or the ``GatewayError`` the client gets; the addon
+(resp2chat_io/addons/gate.py) answers it before reading the body.
+
+- ``host_refusal``: the ``Host`` must be one of the gateway's own names (DNS rebinding: a web
+  page whose name resolves to this machine must not be served). An IP literal and ``localhost``
+  (``*.localhost``) are always the gateway's own — no page can make a browser send them for
+  another site — as are the bind host and ``public_hosts``. Any other DNS name must be listed in
+  ``public_hosts``, a wildcard bind (``0.0.0.0``) included.
+- ``origin_refusal``: a request that carries an ``Origin`` (a browser's; command-line clients and
+  SDKs send none) is refused unless ``allowed_origins`` lists it.
+- ``route``: what serves a path (the gateway itself, or the upstream through
+  ``passthrough_paths``), or the 404/405 for a path or method nobody serves.
+- ``content_type_refusal``: a turn's body is JSON: ``application/json`` or any ``+json`` type.
+- ``disguised``: a path that names a gateway endpoint only once percent-decoded or normalised.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import posixpath
+import re
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+from .errors import GatewayError
+
+RESPONSES_PATHS = ("/v1/responses", "/responses")  # where clients create responses (and open the WebSocket)
+STORED_PREFIXES = ("/v1/responses/", "/responses/")  # GET/DELETE a stored response
+CONVERSATIONS = ("/v1/conversations", "/conversations")  # not implemented: answered (404) by the gateway
+HEALTHZ, METRICS = "/healthz", "/metrics"
+GATEWAY_PATHS = (*RESPONSES_PATHS, *CONVERSATIONS, HEALTHZ, METRICS)
+
+# The gateway's own paths and the methods it serves there (anything else: 405 from the gate).
+_READ = ("GET", "HEAD")
+OWN_METHODS = {HEALTHZ: _READ, METRICS: _READ, RESPONSES_PATHS[0]: ("GET", "POST"), RESPONSES_PATHS[1]: ("GET", "POST")}
+STORED_METHODS = ("GET", "DELETE")
+
+# What a Responses gateway's clients need besides /v1/responses: the model list (Codex, the
+# SDKs' model pickers, LangChain and pydantic-ai health checks), one model, and embeddings (the
+# retrieval half of the same applications). Files, batches, fine-tuning, audio, images and the
+# organisation endpoints stay out unless an operator lists them.
+DEFAULT_PASSTHROUGH = ("GET /v1/models", "GET /v1/models/*", "POST /v1/embeddings")
+_METHOD = re.compile(r"^[A-Z]{3,10}$")
+_SEGMENT_SAFE = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@/-]*$")
+
+
+@dataclass(frozen=True)
+class PassRule:
+    method: str | None  # None: any method
+    path: str  # exact, or a prefix ending in "/" when ``rest`` (the entry ended in "/*")
+    rest: bool
+
+    def matches_path(self, path: str) -> bool:
+        return path.startswith(self.path) and len(path) > len(self.path) if self.rest else path == self.path
+
+
+def parse_passthrough(entries) -> tuple[PassRule, ...]:
+    """``["GET /v1/models", "/v1/embeddings", "GET /v1/models/*"]`` -> rules; ``ValueError``
+    names a bad entry. ``*`` only as the last segment (``/*``: one or more further segments)."""
+    rules = []
+    for entry in entries:
+        method, _, path = entry.strip().rpartition(" ")
+        method = method.strip() or None
+        if method is not None and not _METHOD.match(method):
+            raise ValueError(f"{entry!r}: expected '[METHOD] /path', e.g. 'GET /v1/models' (methods in capitals)")
+        rest = path.endswith("/*")
+        bare = path[:-1] if rest else path
+        if not bare.startswith("/") or "*" in bare or not _SEGMENT_SAFE.match(bare) or not canonical(bare.rstrip("/") or "/"):
+            raise ValueError(f"{entry!r}: expected an absolute path without '*' (but a last '/*'), '.', '..', '//' or '%'")
+        if any(bare == p or bare.startswith(p + "/") for p in GATEWAY_PATHS):
+            raise ValueError(f"{entry!r}: the gateway answers that path itself")
+        rules.append(PassRule(method, bare, rest))
+    return tuple(rules)
+
+
+def canonical(path: str) -> bool:
+    """A path that means the same to every server: no dot segments, no empty segments, no
+    backslash or control character, once percent-decoded too (a backend that decodes
+    ``%2e%2e`` must not be led out of an allowed prefix)."""
+    decoded = unquote(path)
+    if "\\" in decoded or any(ord(c) < 0x20 or ord(c) == 0x7F for c in decoded):
+        return False
+    return posixpath.normpath(decoded) == decoded and not decoded.startswith("//")
+
+
+def disguised(path: str) -> bool:
+    """A path that only once percent-decoded and normalised names one the gateway answers itself:
+    it must not reach a backend as it is."""
+    normal = posixpath.normpath(unquote(path)) if path else path
+    normal = "/" + normal.lstrip("/")
+    if normal == path:
+        return False
+    return any(normal == p or normal.startswith(p + "/") for p in GATEWAY_PATHS)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Who serves a request: ``own`` (the gateway's addons) or ``passthrough`` (the upstream)."""
+
+    kind: str  # own | passthrough
+
+
+OWN, PASSTHROUGH = Route("own"), Route("passthrough")
+
+
+def route(method: str, path: str, rules: tuple[PassRule, ...]) -> Route | GatewayError:
+    """``path`` without its query. The gateway's paths are answered by it (wrong method: 405);
+    ``passthrough_paths`` go to the upstream (wrong method: 405); anything else is a 404."""
+    allowed = OWN_METHODS.get(path)
+    if allowed is None and path.startswith(STORED_PREFIXES):
+        allowed = STORED_METHODS
+    if allowed is None and any(path == p or path.startswith(p + "/") for p in CONVERSATIONS):
+        return OWN  # the store answers it: not implemented
+    if allowed is not None:
+        return OWN if method in allowed else not_allowed(method, path, allowed)
+    if canonical(path):
+        decoded = unquote(path)
+        matching = [r for r in rules if r.matches_path(path) and r.matches_path(decoded)]
+        if any(r.method in (None, method) for r in matching):
+            return PASSTHROUGH
+        if matching:
+            return not_allowed(method, path, tuple(dict.fromkeys(r.method for r in matching)), passthrough=True)
+    return GatewayError(
+        f"{path[:200]} is not served by this gateway: it answers /v1/responses and passes only the paths in "
+        f"passthrough_paths to the upstream ({', '.join(_show(r) for r in rules) or 'none'})",
+        param="passthrough_paths", code="unknown_path", status=404)
+
+
+@dataclass
+class NotAllowed(GatewayError):
+    allow: str = ""  # the methods served there (the Allow header)
+
+
+def not_allowed(method: str, path: str, allowed: tuple, passthrough: bool = False) -> NotAllowed:
+    where = " (passthrough_paths)" if passthrough else ""
+    return NotAllowed(f"{method[:20]} is not allowed on {path[:200]}{where}: {', '.join(allowed)}",
+                      param="passthrough_paths" if passthrough else "method", code="method_not_allowed", status=405,
+                      allow=", ".join(allowed))
+
+
+def _show(rule: PassRule) -> str:
+    return f"{rule.method + ' ' if rule.method else ''}{rule.path}{'*' if rule.rest else ''}"
+
+
+# --- Host ---------------------------------------------------------------------------------
+
+
+def host_name(value: str) -> str:
+    """The host part of a ``Host`` header or an authority (port, brackets and a trailing dot off,
+    lower case)."""
+    value = value.strip()
+    if value.startswith("["):
+        return value[1:value.find("]")].lower() if "]" in value else value.lower()
+    if value.count(":") == 1:
+        value = value.split(":", 1)[0]
+    return value.rstrip(".").lower()
+
+
+def is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def own_name(name: str, bind_host: str, public_hosts) -> bool:
+    if not name:
+        return False
+    if is_ip(name) or name == "localhost" or name.endswith(".localhost"):
+        return True
+    if name == host_name(bind_host):
+        return True
+    for entry in public_hosts:
+        entry = host_name(entry)
+        if entry == "*" or entry == name or entry.startswith("*.") and name.endswith(entry[1:]):
+            return True
+    return False
+
+
+def host_refusal(hosts: list[str | None], bind_host: str, public_hosts) -> GatewayError | None:
+    """``hosts``: the ``Host`` header (and an absolute-form request's authority). None: missing."""
+    for value in hosts:
+        name = host_name(value or "")
+        if not own_name(name, bind_host, public_hosts):
+            shown = repr(value[:100]) if value else "(none)"
+            return GatewayError(
+                f"Host {shown} is not one of this gateway's names: it answers IP addresses, localhost and the "
+                f"names in public_hosts ({', '.join(public_hosts) or 'none'})",
+                param="public_hosts", code="host_not_allowed", status=403)
+    return None
+
+
+# --- Origin -------------------------------------------------------------------------------
+
+
+def normal_origin(value: str) -> str:
+    return value.strip().rstrip("/").lower()
+
+
+def origin_allowed(origin: str, allowed_origins) -> bool:
+    o = normal_origin(origin)
+    return any(a.strip() == "*" or normal_origin(a) == o for a in allowed_origins)
+
+
+def origin_refusal(origin: str | None, allowed_origins) -> GatewayError | None:
+    """A request with an ``Origin`` comes from a web page: only the pages in ``allowed_origins``."""
+    if origin is None or origin_allowed(origin, allowed_origins):
+        return None
+    return GatewayError(
+        f"requests from web pages are refused unless their origin is in allowed_origins (Origin: {origin[:100]!r})",
+        param="allowed_origins", code="origin_not_allowed", status=403)
+
+
+# --- Content type ----------------------------------------------------------------------------
+
+
+def is_json(content_type: str | None) -> bool:
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    kind, _, sub = media.partition("/")
+    return bool(kind) and (media == "application/json" or sub.endswith("+json") and "/" not in sub)
+
+
+def content_type_refusal(content_type: str | None) -> GatewayError | None:
+    """A turn (``POST /v1/responses``) is a JSON body. A missing content type is refused too: a
+    browser's ``fetch`` of a binary body sends none without a preflight, and every client of
+    this gateway says ``application/json``."""
+    if is_json(content_type):
+        return None
+    shown = repr(content_type[:100]) if content_type else "none"
+    return GatewayError(f"content-type {shown} is not accepted: send the request as application/json",
+                        param="content-type", code="unsupported_media_type", status=415)

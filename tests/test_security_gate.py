@@ -1,0 +1,613 @@
+"""Issue 21, track A, through real mitmdump gateways, on HTTP and on the Responses WebSocket alike:
+the gateway key never leaves the gateway (1); no configured secret reaches a client or a flow,
+and passthrough reaches only ``passthrough_paths`` (2); web pages are refused (Origin, Host, a
+turn's content type) (3); a refused body is not read and memory stays flat (4); absolute-form
+request targets never reach a backend; HTTPS with ``tls_cert_file``/``tls_key_file``, and a loud
+warning beyond loopback without it."""
+
+from __future__ import annotations
+
+import datetime
+import gzip
+import ipaddress
+import json
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import requests
+
+from conftest import Codex, parse_sse, wait_until
+from wsclient import Refused, WSClient
+
+GW_KEY = "gw-key-planted-7777abcd"
+UP_KEY = "sk-upstream-planted-5555wxyz"
+
+
+# --- a backend that echoes what it was sent ----------------------------------------------------
+
+
+class _Echo(BaseHTTPRequestHandler):
+    """Records every request (request line as sent, headers, body). A chat request gets an SSE
+    stream whose text is the Authorization it got; any other path a JSON echo of its
+    Authorization, as a header too: to a GET in 5-byte chunks (a secret split between chunks),
+    to a POST with its content-length; a path with ``gzip`` in it the same, gzip-compressed."""
+
+    protocol_version = "HTTP/1.1"
+    seen: list = []
+
+    def _any(self):
+        n = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(n) if n else b""
+        type(self).seen.append((self.requestline, {k.lower(): v for k, v in self.headers.items()}, body))
+        auth = self.headers.get("authorization", "")
+        if self.path.endswith("/chat/completions"):
+            chunks = [{"choices": [{"index": 0, "delta": {"content": f"the backend got {auth!r}"},
+                                    "finish_reason": None}]},
+                      {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}]
+            data = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
+        payload = json.dumps({"object": "list", "data": [], "echo": auth, "path": self.path}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("x-echo-auth", auth)
+        if "gzip" in self.path:
+            payload = gzip.compress(payload)
+            self.send_header("content-encoding", "gzip")
+            self.send_header("content-length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+            return
+        if self.command == "POST":  # (a content-length the scrubbed answer no longer matches)
+            self.send_header("content-length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+            return
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        for i in range(0, len(payload), 5):
+            piece = payload[i:i + 5]
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_HEAD = _any
+
+    def log_message(self, *a):
+        pass
+
+
+class Echo:
+    def __init__(self, server):
+        self.server = server
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    @property
+    def seen(self) -> list:
+        return _Echo.seen
+
+
+@pytest.fixture
+def echo():
+    _Echo.seen = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield Echo(server)
+    server.shutdown()
+    server.server_close()
+
+
+def raw(port: int, request: bytes, timeout: float = 20, tls: ssl.SSLContext | None = None) -> tuple[int, dict, bytes]:
+    """One request as these bytes; the answer's status, headers and body (content-length, or
+    up to the end of the connection; a 101's head alone)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        conn = tls.wrap_socket(s, server_hostname="localhost") if tls else s
+        conn.sendall(request)
+        data = b""
+        try:
+            while chunk := conn.recv(65536):
+                data += chunk
+                head, sep, body = data.partition(b"\r\n\r\n")
+                if sep and (head.startswith(b"HTTP/1.1 101") or b"content-length" in head.lower()
+                            and len(body) >= int(_headers(head)["content-length"])):
+                    break
+        except (ConnectionResetError, ssl.SSLError):
+            pass
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), _headers(head), body
+
+
+def _headers(head: bytes) -> dict:
+    lines = head.decode("latin-1").split("\r\n")
+    return {k.lower(): v for k, v in (line.split(": ", 1) for line in lines[1:] if ": " in line)}
+
+
+def upgrade(path: str = "/v1/responses", host: str = "127.0.0.1", extra: str = "") -> bytes:
+    return (f"GET {path} HTTP/1.1\r\nhost: {host}\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+            f"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n{extra}\r\n").encode()
+
+
+def error_of(status_body) -> dict:
+    return json.loads(status_body)["error"]
+
+
+def turn_over_socket(base_url: str, headers: dict | None = None, tls=None, text: str = "hi") -> list[dict]:
+    client = WSClient(base_url, headers=headers, tls=tls)
+    try:
+        return client.turn({"type": "response.create", "model": "m", "input": text})
+    finally:
+        client.close()
+
+
+def final_text(events: list[dict]) -> str:
+    assert events[-1]["type"] == "response.completed", events[-1]
+    return events[-1]["response"]["output"][-1]["content"][0]["text"]
+
+
+# --- 1. the gateway key never leaves the gateway ------------------------------------------------
+
+
+PROBES = [  # (method, path, the client's credential header): what the issue sent
+    ("GET", "/admin", "authorization"), ("GET", "/V1/MODELS", "authorization"), ("GET", "/v1", "authorization"),
+    ("GET", "/models", "x-api-key"), ("OPTIONS", "/responses", "authorization"), ("PATCH", "/responses", "authorization"),
+    ("OPTIONS", "/v1/responses", "x-api-key"), ("DELETE", "/v1/responses", "authorization"),
+    ("GET", "/v1/files", "authorization"), ("POST", "/v1/files", "x-api-key"), ("GET", "/v1/organization/costs", "authorization"),
+]
+
+
+def test_the_gateway_key_never_reaches_a_backend(echo, gateway_factory):
+    gw = gateway_factory(echo.url, "--set", f"resp2chat_gateway_api_key={GW_KEY}", "--set", "resp2chat_max_replay_entries=0")
+    origin = f"http://127.0.0.1:{gw.port}"
+    for method, path, header in PROBES:
+        value = f"Bearer {GW_KEY}" if header == "authorization" else GW_KEY
+        r = requests.request(method, origin + path, headers={header: value}, data=b"{}" if method != "GET" else None,
+                             timeout=20)
+        assert r.status_code in (404, 405), (method, path, r.status_code, r.text)
+        err = r.json()["error"]
+        assert err["code"] in ("unknown_path", "method_not_allowed") and r.headers["x-request-id"].startswith("req_")
+        assert "passthrough_paths" in err["message"] or r.status_code == 405, err
+    assert echo.seen == []  # none of them reached the backend
+    # what passthrough_paths lets through, a turn over HTTP and one over the WebSocket: no gateway key
+    auth = {"authorization": f"Bearer {GW_KEY}"}
+    assert requests.get(gw.base_url + "/models", headers=auth, timeout=20).status_code == 200
+    assert requests.get(gw.base_url + "/models", headers={"x-api-key": GW_KEY}, timeout=20).status_code == 200
+    assert requests.post(gw.base_url + "/embeddings", json={"input": "x"}, headers=auth, timeout=20).status_code == 200
+    r = requests.post(gw.base_url + "/responses", json={"model": "m", "input": "hi"}, headers=auth, timeout=20)
+    assert r.status_code == 200, r.text
+    assert "the backend got ''" in final_text(turn_over_socket(gw.base_url, auth))
+    assert [line.split()[1] for line, _, _ in echo.seen] == ["/v1/models", "/v1/models", "/v1/embeddings",
+                                                           "/v1/chat/completions", "/v1/chat/completions"]
+    for line, headers, body in echo.seen:
+        assert GW_KEY not in line + json.dumps(headers) + body.decode("utf-8", "replace"), (line, headers)
+
+
+# --- 2. no secret reaches a client or a flow; passthrough is an allowlist -----------------------
+
+
+def test_no_configured_secret_reaches_a_client_or_a_flow(echo, gateway_factory, tmp_path):
+    from mitmproxy import io
+
+    flows = tmp_path / "flows.mitm"
+    gw = gateway_factory(echo.url, "-w", str(flows), "--set", "resp2chat_max_replay_entries=0",
+                         "--set", "flow_detail=4", "--set", "termlog_verbosity=debug",
+                         env={"RESP2CHAT_UPSTREAM_API_KEY": UP_KEY})
+    got = []
+    for r in (requests.get(gw.base_url + "/models", timeout=20),
+              requests.get(gw.base_url + "/models/some/model%2Fid?x=1", timeout=20),
+              requests.post(gw.base_url + "/embeddings", json={"input": "x", "model": "m"}, timeout=20)):
+        assert r.status_code == 200, r.text
+        assert r.json()["echo"] == "Bearer [redacted]" and r.headers["x-echo-auth"] == "Bearer [redacted]"
+        got.append(r.text + json.dumps(dict(r.headers)))
+    # the upstream key did go upstream, to the paths passthrough_paths allows, and only there
+    assert [line.split()[1] for line, _, _ in echo.seen] == ["/v1/models", "/v1/models/some/model%2Fid?x=1",
+                                                           "/v1/embeddings"]
+    assert all(h["authorization"] == f"Bearer {UP_KEY}" for _, h, _ in echo.seen)
+    # everything else is a 404 that names the setting, and reaches nothing
+    for path in ("/files", "/batches", "/fine_tuning/jobs", "/organization/costs", "/models/../files",
+                 "/models/%2e%2e/files", "/audio/speech"):
+        r = requests.post(gw.base_url + path, json={}, timeout=20) if "speech" in path else \
+            requests.get(gw.base_url + path, timeout=20)
+        assert r.status_code == 404 and "passthrough_paths" in r.json()["error"]["message"], (path, r.text)
+    assert len(echo.seen) == 3
+    # a compressed answer cannot be checked: a 502, and the key stays out of it
+    r = requests.get(gw.base_url + "/models/gzip", timeout=20)
+    assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_encoded" and UP_KEY not in r.text
+    # turns: HTTP (streamed and whole) and WebSocket
+    events = parse_sse(requests.post(gw.base_url + "/responses", json={"model": "m", "input": "x", "stream": True},
+                                     timeout=20).content)
+    whole = requests.post(gw.base_url + "/responses", json={"model": "m", "input": "x"}, timeout=20)
+    socket_events = turn_over_socket(gw.base_url)
+    for text in (final_text(events), final_text(socket_events), whole.text):
+        assert "[redacted]" in text and UP_KEY not in text
+    got += [json.dumps(events), json.dumps(socket_events), whole.text]
+    gw.stop()
+    assert all(UP_KEY not in text for text in got + [gw.log()])
+    saved = flows.read_bytes()
+    assert UP_KEY.encode() not in saved
+    with flows.open("rb") as fh:
+        assert len(list(io.FlowReader(fh).stream())) >= 10
+
+
+def test_passthrough_paths_is_the_allowlist(echo, gateway_factory):
+    gw = gateway_factory(echo.url, "--set", "resp2chat_passthrough_paths=GET /v1/files",
+                         "--set", "resp2chat_passthrough_paths=/v1/things/*",
+                         env={"RESP2CHAT_UPSTREAM_API_KEY": UP_KEY})
+    r = requests.get(gw.base_url + "/files?purpose=x", timeout=20)
+    assert r.status_code == 200 and r.json()["echo"] == "Bearer [redacted]"
+    assert requests.delete(gw.base_url + "/files", timeout=20).status_code == 405
+    assert requests.put(gw.base_url + "/things/a/b", data=b"{}", timeout=20).status_code == 200  # any method
+    r = requests.get(gw.base_url + "/models", timeout=20)  # not listed any more
+    assert r.status_code == 404 and "GET /v1/files, /v1/things/*" in r.json()["error"]["message"]
+    assert [line.split()[:2] for line, _, _ in echo.seen] == [["GET", "/v1/files?purpose=x"], ["PUT", "/v1/things/a/b"]]
+    with pytest.raises(RuntimeError) as failed:
+        gateway_factory(echo.url, "--set", "resp2chat_passthrough_paths=GET /v1/../files")
+    assert "passthrough_paths" in str(failed.value) and "'GET /v1/../files'" in str(failed.value)
+
+
+# --- 3. web pages: Origin, Host (DNS rebinding), a turn's content type ---------------------------
+
+
+def test_web_pages_are_refused(echo, gateway_factory):
+    gw = gateway_factory(echo.url, "--set", "resp2chat_max_replay_entries=0")  # loopback, no key
+    port, turn = gw.port, {"model": "m", "input": "hi"}
+    evil = {"origin": "https://evil.example"}
+    r = requests.post(gw.base_url + "/responses", json=turn, headers=evil, timeout=20)
+    assert r.status_code == 403 and error_of(r.content)["code"] == "origin_not_allowed"
+    assert error_of(r.content)["param"] == "allowed_origins" and "access-control-allow-origin" not in r.headers
+    assert requests.get(gw.base_url + "/models", headers=evil, timeout=20).status_code == 403
+    r = requests.options(gw.base_url + "/responses", headers={**evil, "access-control-request-method": "POST"}, timeout=20)
+    assert r.status_code == 403
+    # a turn that is not JSON (text/plain, or no content type: no preflight in a browser)
+    r = requests.post(gw.base_url + "/responses", data=json.dumps(turn), headers={"content-type": "text/plain"}, timeout=20)
+    assert r.status_code == 415 and error_of(r.content)["code"] == "unsupported_media_type"
+    body = json.dumps(turn).encode()
+    status, _, answer = raw(port, b"POST /v1/responses HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: %d\r\n"
+                                  b"connection: close\r\n\r\n%s" % (len(body), body))
+    assert status == 415 and "application/json" in error_of(answer)["message"]
+    for ctype in ("application/json; charset=utf-8", "application/vnd.api+json"):
+        r = requests.post(gw.base_url + "/responses", data=body, headers={"content-type": ctype}, timeout=20)
+        assert r.status_code == 200, (ctype, r.text)
+    # DNS rebinding: a name that is not the gateway's, however it resolved
+    for host in ("evil.example:%d" % port, "evil.example", "127.0.0.1.nip.io"):
+        status, _, answer = raw(port, f"GET /v1/models HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n".encode())
+        assert status == 403 and error_of(answer)["param"] == "public_hosts", (host, answer)
+    status, _, answer = raw(port, b"GET /v1/models HTTP/1.1\r\nconnection: close\r\n\r\n")  # no Host at all
+    assert status == 403
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "[::1]", "app.localhost"):
+        assert raw(port, f"GET /v1/models HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n".encode())[0] == 200
+    # the same on the WebSocket
+    with pytest.raises(Refused) as refused:
+        WSClient(gw.base_url, headers=evil)
+    assert refused.value.status == 403 and error_of(refused.value.body)["code"] == "origin_not_allowed"
+    status, _, answer = raw(port, upgrade(host=f"evil.example:{port}"))
+    assert status == 403 and error_of(answer)["code"] == "host_not_allowed"
+    assert [line.split()[1] for line, _, _ in echo.seen] == ["/v1/chat/completions"] * 2 + ["/v1/models"] * 4
+
+
+def test_allowed_origins_and_public_hosts(echo, gateway_factory):
+    app = "https://app.example"
+    gw = gateway_factory(echo.url, "--set", f"resp2chat_allowed_origins={app}",
+                         env={"RESP2CHAT_PUBLIC_HOSTS": "gw.example.com,*.corp.example"})
+    r = requests.options(gw.base_url + "/responses", timeout=20, headers={
+        "origin": app, "access-control-request-method": "POST",
+        "access-control-request-headers": "authorization, content-type"})
+    assert r.status_code == 204 and r.headers["access-control-allow-origin"] == app
+    assert r.headers["access-control-allow-methods"] == "POST"
+    assert r.headers["access-control-allow-headers"] == "authorization, content-type"
+    r = requests.post(gw.base_url + "/responses", json={"model": "m", "input": "hi"}, headers={"origin": app}, timeout=20)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == app
+    assert "x-request-id" in r.headers["access-control-expose-headers"] and r.headers["vary"] == "Origin"
+    r = requests.post(gw.base_url + "/responses", json={"model": "m", "input": "hi"},
+                      headers={"origin": "https://app.example.evil"}, timeout=20)
+    assert r.status_code == 403
+    for host in ("gw.example.com", "gw.example.com:443", "a.corp.example"):
+        status, _, _ = raw(gw.port, f"GET /v1/models HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n".encode())
+        assert status == 200, host
+    assert raw(gw.port, b"GET /v1/models HTTP/1.1\r\nhost: corp.example.evil\r\nconnection: close\r\n\r\n")[0] == 403
+    assert "the backend got" in final_text(turn_over_socket(gw.base_url, {"origin": app}))
+
+
+# --- 4. a refused body is not read; memory stays flat -------------------------------------------
+
+
+def _rss_kb(pid: int) -> dict:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            fields[line.split(":")[0]] = int(line.split()[1])
+    return fields
+
+
+def push(port: int, head: bytes, total: int, chunked: bool) -> tuple[int, bytes]:
+    """Send ``head`` and up to ``total`` bytes of body as fast as the gateway takes them; how
+    much it took before it ended the connection, and its answer."""
+    piece = b"x" * (1 << 20)
+    sent, answer = 0, b""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(head)
+        try:
+            while sent < total:
+                s.sendall(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+                sent += len(piece)
+            if chunked:
+                s.sendall(b"0\r\n\r\n")
+        except OSError:
+            pass
+        try:
+            while chunk := s.recv(65536):
+                answer += chunk
+        except OSError:
+            pass
+    return sent, answer
+
+
+def test_refused_bodies_are_not_read_and_memory_stays_flat(echo, gateway_factory):
+    gw = gateway_factory(echo.url, "--set", f"resp2chat_gateway_api_key={GW_KEY}", "--set", "flow_detail=0")
+    port, big = gw.port, 200 << 20
+    post = f"POST /v1/responses HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\ncontent-type: application/json\r\n"
+    before = _rss_kb(gw.proc.pid)
+    cases = [  # (head, chunked, status, code)
+        (post + "transfer-encoding: chunked\r\n\r\n", True, 401, "invalid_api_key"),  # no key, chunked
+        (post + f"content-length: {big}\r\n\r\n", False, 401, "invalid_api_key"),  # no key, declared
+        (post + f"authorization: Bearer {GW_KEY}\r\ncontent-length: {big}\r\n\r\n", False, 413, "request_too_large"),
+        (post + f"authorization: Bearer {GW_KEY}\r\ntransfer-encoding: chunked\r\n\r\n", True, 411, "length_required"),
+        (f"POST /v1/embeddings HTTP/1.1\r\nhost: 127.0.0.1\r\nx-api-key: wrong\r\ncontent-length: {big}\r\n\r\n",
+         False, 401, "invalid_api_key"),
+    ]
+    for head, chunked, status, code in cases:
+        started = time.monotonic()
+        sent, answer = push(port, head.encode(), big, chunked)
+        top, _, body = answer.partition(b"\r\n\r\n")
+        assert top.startswith(b"HTTP/1.1 %d" % status), (head, answer[:300])
+        assert b"connection: close" in top.lower() and b"x-request-id: req_" in top.lower()
+        assert error_of(body)["code"] == code
+        assert sent < 64 << 20, f"the gateway read {sent >> 20} MiB of a refused body"  # (socket buffers: a few MiB)
+        assert time.monotonic() - started < 15
+    after = _rss_kb(gw.proc.pid)
+    assert after["VmHWM"] - before["VmHWM"] < 30_000, (before, after)
+    assert after["VmRSS"] - before["VmRSS"] < 30_000, (before, after)
+    assert echo.seen == []
+    # real clients read the early answer: the openai SDK (httpx), requests (urllib3), curl
+    client = openai.OpenAI(base_url=gw.base_url, api_key="wrong-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        client.responses.create(model="m", input="x" * (40 << 20))
+    r = requests.post(gw.base_url + "/responses", data=b"x" * (40 << 20), timeout=30,
+                      headers={"authorization": f"Bearer {GW_KEY}", "content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    out = subprocess.run(["curl", "-sS", "-o", "-", "-w", "\n%{http_code}", "--data-binary", "@-",
+                          "-H", "content-type: application/json", gw.base_url + "/responses"],
+                         input=b"x" * (40 << 20), capture_output=True, timeout=60)
+    assert out.stdout.endswith(b"\n401") and b"invalid_api_key" in out.stdout, out
+    assert _rss_kb(gw.proc.pid)["VmHWM"] - before["VmHWM"] < 60_000  # (the clients' bodies were not held either)
+    # and the gateway serves as before: the same connection pattern, with the key
+    ok = requests.post(gw.base_url + "/responses", json={"model": "m", "input": "hi"}, timeout=20,
+                       headers={"authorization": f"Bearer {GW_KEY}"})
+    assert ok.status_code == 200
+    # the WebSocket's upgrade is refused at its head like any request
+    with pytest.raises(Refused) as refused:
+        WSClient(gw.base_url)
+    assert refused.value.status == 401
+
+
+# --- absolute-form request targets ---------------------------------------------------------------
+
+
+def test_absolute_form_targets_never_reach_a_backend(echo, gateway_factory):
+    gw = gateway_factory(echo.url, "--set", "resp2chat_max_replay_entries=0")
+    port = gw.port
+    status, _, _ = raw(port, f"GET http://127.0.0.1:{port}/v1/models?a=1 HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n"
+                             "connection: close\r\n\r\n".encode())
+    assert status == 200
+    body = b'{"model": "m", "input": "hi"}'
+    status, _, _ = raw(port, b"POST http://127.0.0.1:%d/v1/responses HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+                             b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
+                       % (port, len(body), body))
+    assert status == 200
+    # an absolute URL naming another host is a request for another host: refused like its Host
+    status, _, answer = raw(port, f"GET http://evil.example/v1/models HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n"
+                                  "connection: close\r\n\r\n".encode())
+    assert status == 403 and error_of(answer)["code"] == "host_not_allowed"
+    # the WebSocket's upgrade in absolute form still reaches the gateway's socket, not a backend
+    status, _, _ = raw(port, upgrade(f"http://127.0.0.1:{port}/v1/responses"))
+    assert status == 101
+    assert [line for line, _, _ in echo.seen] == ["GET /v1/models?a=1 HTTP/1.1", "POST /v1/chat/completions HTTP/1.1"]
+
+
+# --- beyond loopback: TLS, or a loud warning ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory) -> dict:
+    """A test CA and a server certificate for localhost/127.0.0.1 it signed (made here)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    d = tmp_path_factory.mktemp("tls")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "resp2chat test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    files = {"ca": d / "ca.pem", "cert": d / "cert.pem", "key": d / "key.pem", "other_key": d / "other.pem"}
+    files["ca"].write_bytes(ca.public_bytes(pem))
+    files["cert"].write_bytes(cert.public_bytes(pem) + ca.public_bytes(pem))
+    files["key"].write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    files["other_key"].write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return files
+
+
+def tls_gateway(gateway_factory, upstream_url: str, tls_files, *extra: str):
+    return gateway_factory(upstream_url, "--set", f"resp2chat_tls_cert_file={tls_files['cert']}",
+                           "--set", f"resp2chat_tls_key_file={tls_files['key']}", *extra)
+
+
+def test_https_with_tls_cert_file(echo, upstream, gateway_factory, tls_files, tmp_path):
+    gw = tls_gateway(gateway_factory, upstream.origin, tls_files, "--set", f"resp2chat_gateway_api_key={GW_KEY}")
+    base = f"https://localhost:{gw.port}/v1"
+    pem = tmp_path / "mitmconf" / "resp2chat-tls.pem"
+    assert pem.stat().st_mode & 0o777 == 0o600
+    # curl, streaming a turn
+    out = subprocess.run(["curl", "-sS", "--cacert", str(tls_files["ca"]), base + "/responses", "-H",
+                          f"authorization: Bearer {GW_KEY}", "-H", "content-type: application/json",
+                          "-d", json.dumps({"model": "m", "input": "over https", "stream": True})],
+                         capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert final_text(parse_sse(out.stdout)) == "You said: over https"
+    # the openai SDK, trusting the test CA
+    client = openai.OpenAI(base_url=base, api_key=GW_KEY, max_retries=0,
+                           http_client=httpx.Client(verify=str(tls_files["ca"])))
+    assert client.responses.create(model="m", input="sdk over https").output_text == "You said: sdk over https"
+    assert [m.id for m in client.models.list()] == ["demo-model"]
+    # the Responses WebSocket over TLS (wss://)
+    tls = ssl.create_default_context(cafile=str(tls_files["ca"]))
+    events = turn_over_socket(base, {"authorization": f"Bearer {GW_KEY}"}, tls=tls, text="over wss")
+    assert final_text(events) == "You said: over wss"
+    # not trusting the certificate fails; plain HTTP is refused (but /healthz, for load balancers)
+    with pytest.raises(openai.APIConnectionError):
+        openai.OpenAI(base_url=base, api_key=GW_KEY, max_retries=0).models.list()
+    r = requests.post(f"http://127.0.0.1:{gw.port}/v1/responses", json={"model": "m", "input": "x"},
+                      headers={"authorization": f"Bearer {GW_KEY}"}, timeout=20)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "https_required"
+    status, _, _ = raw(gw.port, upgrade(extra=f"authorization: Bearer {GW_KEY}\r\n"))
+    assert status == 400
+    assert requests.get(f"http://127.0.0.1:{gw.port}/healthz", timeout=20).status_code == 200
+    assert "WITHOUT TLS" not in gw.log()
+
+
+def test_tls_settings_are_checked_at_start_up(upstream, gateway_factory, tls_files):
+    for extra, words in (([f"resp2chat_tls_cert_file={tls_files['cert']}"], "go together"),
+                         ([f"resp2chat_tls_cert_file={tls_files['cert']}", f"resp2chat_tls_key_file={tls_files['other_key']}"],
+                          "is not the key of"),
+                         ([f"resp2chat_tls_cert_file={tls_files['key']}", f"resp2chat_tls_key_file={tls_files['key']}"],
+                          "no PEM certificate"),
+                         ([f"resp2chat_tls_cert_file=/nonexistent.pem", f"resp2chat_tls_key_file={tls_files['key']}"],
+                          "cannot read /nonexistent.pem")):
+        with pytest.raises(RuntimeError) as failed:
+            gateway_factory(upstream.origin, *(a for x in extra for a in ("--set", x)))
+        assert words in str(failed.value), str(failed.value)[-2000:]
+
+
+def test_beyond_loopback_without_tls_is_said_loudly(upstream, gateway_factory, tls_files):
+    gw = gateway_factory(upstream.origin, "--listen-host", "0.0.0.0", "--set", f"resp2chat_gateway_api_key={GW_KEY}")
+    assert wait_until(lambda: "WITHOUT TLS" in gw.log())
+    line = next(line for line in gw.log().splitlines() if "WITHOUT TLS" in line)
+    assert "0.0.0.0" in line and "tls_cert_file" in line
+    quiet = tls_gateway(gateway_factory, upstream.origin, tls_files, "--listen-host", "0.0.0.0",
+                        "--set", f"resp2chat_gateway_api_key={GW_KEY}")
+    assert requests.get(f"http://127.0.0.1:{quiet.port}/healthz", timeout=20).status_code == 200
+    assert "WITHOUT TLS" not in quiet.log()
+
+
+@pytest.mark.codex
+def test_codex_over_https_with_its_ca_setting(upstream, gateway_factory, tls_files, codex_bin, tmp_path):
+    """Codex trusts a private CA through CODEX_CA_CERTIFICATE or SSL_CERT_FILE: HTTP turns on a
+    custom provider, and the built-in provider's WebSocket (wss://)."""
+    gw = tls_gateway(gateway_factory, upstream.origin, tls_files, "--set", "resp2chat_max_replay_entries=0")
+    base = f"https://localhost:{gw.port}/v1"
+    for name, setup, variable in (("http", lambda cx: cx.configure(base), "CODEX_CA_CERTIFICATE"),
+                                  ("websocket", lambda cx: cx.configure_builtin(base), "SSL_CERT_FILE")):
+        home, work = tmp_path / f"home-{name}", tmp_path / f"work-{name}"
+        home.mkdir()
+        work.mkdir()
+        cx = Codex(codex_bin, home, work, env={variable: str(tls_files["ca"])})
+        setup(cx)
+        run = cx.exec(f"hello over {name}")
+        assert run.returncode == 0 and f"You said: hello over {name}" in run.output, run.output[-3000:]
+        assert "Falling back from WebSockets" not in run.output
+    log = gw.log()
+    assert "POST http" in log and "WebSocket /v1/responses message" in log
+    home, work = tmp_path / "home-untrusted", tmp_path / "work-untrusted"
+    home.mkdir()
+    work.mkdir()
+    untrusted = Codex(codex_bin, home, work)
+    untrusted.configure(base)
+    try:  # (it retries a failed handshake for minutes: what matters is that it never got through)
+        run = untrusted.exec("not without the CA", timeout=15)
+        assert run.returncode != 0 and "You said" not in run.output
+    except subprocess.TimeoutExpired:
+        pass
+    assert "Client TLS handshake failed" in gw.log()[len(log):]
+
+
+# --- the rules alone (resp2chat_core) ----------------------------------------------------------
+
+
+def test_the_gate_rules():
+    from resp2chat_core import gate as G
+    from resp2chat_core.errors import GatewayError
+
+    rules = G.parse_passthrough(G.DEFAULT_PASSTHROUGH)
+    served = [("GET", "/v1/models"), ("GET", "/v1/models/org/name"), ("GET", "/v1/models/a%2Fb"),
+              ("POST", "/v1/embeddings"), ("POST", "/v1/responses"), ("GET", "/responses"),
+              ("DELETE", "/v1/responses/resp_1"), ("GET", "/metrics"), ("POST", "/v1/conversations/x")]
+    for method, path in served:
+        assert not isinstance(G.route(method, path, rules), GatewayError), (method, path)
+    refused = {("GET", "/V1/MODELS"): 404, ("GET", "/v1/models/"): 404, ("GET", "/v1/models/../files"): 404,
+               ("GET", "/v1/models/%2e%2e/files"): 404, ("GET", "/v1/models//x"): 404, ("GET", "/v1/models/a\\..\\b"): 404,
+               ("DELETE", "/v1/models/ft-1"): 405, ("PATCH", "/v1/responses"): 405, ("PUT", "/v1/responses/r"): 405,
+               ("POST", "/healthz"): 405, ("GET", "/v1"): 404, ("GET", "/v1/files"): 404}
+    for (method, path), status in refused.items():
+        err = G.route(method, path, rules)
+        assert isinstance(err, GatewayError) and err.status == status, (method, path, err)
+    assert G.route("PATCH", "/v1/responses", rules).allow == "GET, POST"
+    for bad in ("GET /v1/x/*/y", "get /v1/models", "/v1/../x", "/v1/responses/x", "v1/models", "/v1/%2e%2e"):
+        with pytest.raises(ValueError):
+            G.parse_passthrough([bad])
+    own = lambda host, public=(): G.host_refusal([host], "127.0.0.1", list(public)) is None  # noqa: E731
+    assert all(own(h) for h in ("127.0.0.1:4000", "[::1]:4000", "10.1.2.3", "localhost", "LOCALHOST.", "a.localhost:1"))
+    assert not any(own(h) for h in ("evil.example", "127.0.0.1.nip.io", "localhost.evil", "", None))
+    assert own("gw.example.com:443", ["gw.example.com"]) and own("x.corp.example", ["*.corp.example"])
+    assert not own("corp.example.evil", ["*.corp.example"]) and own("anything", ["*"])
+    assert G.origin_refusal(None, []) is None and G.origin_refusal("https://a.example", ["https://A.example/"]) is None
+    assert G.origin_refusal("null", []).status == 403 and G.origin_refusal("https://a.example.evil", ["https://a.example"])
+    assert [G.is_json(t) for t in ("application/json", "Application/JSON; charset=utf-8", "application/vnd.x+json",
+                                   "text/plain", None, "", "application/x-www-form-urlencoded", "json")] \
+        == [True, True, True, False, False, False, False, False]
+
+
+def test_the_scrubber_finds_a_secret_split_anywhere():
+    from resp2chat_core.channel import Scrubber
+
+    secrets = (b"sk-secret-123456", b"other-key-0000")
+    text = b"abc sk-secret-123456 def other-key-0000 ghi sk-secret-123456" * 3
+    for size in (1, 2, 5, 7, 16, 17, 1000):
+        s = Scrubber(secrets)
+        out = [piece for i in range(0, len(text), size) for piece in s(text[i:i + size])] + s(b"")
+        assert b"".join(out) == text.replace(b"sk-secret-123456", b"[redacted]").replace(b"other-key-0000", b"[redacted]")
+        assert b"" not in out
