@@ -22,7 +22,9 @@ Dialects (tests/fixtures/dialects/ holds one recorded-shape stream per rule belo
   that is not an object: ``on_garbage``. ``{"error": …}`` and vLLM's ``{"object": "error", …}``:
   ``on_error`` with the payload's bytes.
 - Choices: the one with ``index`` 0; an absent or ``null`` index means 0. Other indexes are
-  ignored (n > 1 is never requested; a backend that sends them anyway is read as n = 1).
+  ignored (n > 1 is never requested; a backend that sends them anyway is read as n = 1). What
+  the choice says is its ``delta``, or its ``message`` where it has no delta (a whole
+  ``chat.completion``, in a body or as an event).
 - Reasoning: ``delta.reasoning_content`` (DeepSeek, sglang, llama.cpp, LM Studio, older vLLM),
   else ``delta.reasoning`` (vLLM >= 0.10, Ollama, OpenRouter, Groq), or Mistral's content parts
   ``{"type": "thinking", "thinking": [{"type": "text", "text": …}]}``: ``on_reasoning``.
@@ -48,8 +50,8 @@ Dialects (tests/fixtures/dialects/ holds one recorded-shape stream per rule belo
   per-choice ``usage`` on the finish chunk, counted only when no usage came before: ``on_usage``.
 - Whole bodies: a backend that answered a stream request with one JSON body, or a body that held
   no SSE event at all (``SSEParser.stray``: a JSON completion or error served as
-  ``text/event-stream``, an HTML error page). ``body`` reads it: a ``chat.completion`` is one
-  chunk whose choices carry ``message`` instead of ``delta``, then ``on_done``; an error object,
+  ``text/event-stream``, an HTML error page). ``body`` reads it: a ``chat.completion`` is read
+  as one chunk, then ``on_done``; an error object,
   or JSON that is no object, is ``on_error``; no JSON is ``on_garbage`` (``NOT_SSE``).
 
 The envelope fast path (``_learn``): backends repeat everything around a chunk's delta (id,
@@ -196,7 +198,7 @@ class ChunkReader:
         if chunk.get("error") or chunk.get("object") == "error":
             self.sink.on_error(payload.encode())
             return
-        self._chunk(chunk, payload, "delta")
+        self._chunk(chunk, payload)
 
     def body(self, body: bytes) -> None:
         """A whole body: a non-streamed ``chat.completion``, or an error."""
@@ -211,13 +213,13 @@ class ChunkReader:
         if not self.saw_event:
             self.saw_event = True
             self.sink.on_start()
-        self._chunk(data, None, "message")
+        self._chunk(data, None)
         if not self.stopped:
             self.sink.on_done()
 
     # --- inside a chunk ------------------------------------------------------------------------
 
-    def _chunk(self, chunk: dict, payload: str | None, field: str) -> None:
+    def _chunk(self, chunk: dict, payload: str | None) -> None:
         sink = self.sink
         usage = find_usage(chunk)
         if usage is not None:
@@ -229,7 +231,9 @@ class ChunkReader:
         for choice in choices:
             if not isinstance(choice, dict) or (choice.get("index") or 0) != 0:
                 continue  # n > 1 is never requested: the first choice is the answer
-            delta = choice.get(field) if field == "delta" or field in choice else choice.get("delta")
+            delta = choice.get("delta")
+            if delta is None:
+                delta = choice.get("message")  # a whole chat.completion
             if delta and isinstance(delta, dict):
                 if payload is not None and usage is None and len(choices) == 1 and not choice.get("finish_reason") \
                         and not choice.get("usage"):
