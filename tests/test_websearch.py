@@ -125,6 +125,27 @@ def test_a_chunk_with_a_search_and_a_client_call_goes_on_without_the_search():
     assert isinstance(step, websearch.Finish)  # the client runs its call first
 
 
+def test_a_round_whose_body_holds_no_sse_event_reaches_the_translator_whole():
+    """A completion (or an error) written as one pretty-printed JSON body under the stream's
+    content type: the reader reads it whole at the end of the round, the filter passes the
+    answer on without its ending, and the translator answers as it would without the filter."""
+    completion = {"object": "chat.completion", "choices": [{"index": 0, "finish_reason": "stop", "message": {
+        "role": "assistant", "content": "Here.", "reasoning_content": "easy"}}],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}}
+    error = {"error": {"message": "model not found", "type": "invalid_request_error"}}
+    for body in (json.dumps(completion, indent=2).encode(), json.dumps(error, indent=2).encode()):
+        turn = begin_turn(json.dumps({"model": "m", "input": "x", "stream": True}).encode(), LoweringOptions(),
+                          "resp_" + "b" * 32, 0)
+        alone, behind = turn.translator(), turn.translator()
+        want = alone.feed(body) + alone.finish()
+        loop = websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=5)
+        got = behind.feed(loop.feed(body))
+        tail, step = loop.end_round(ok=True)
+        got += behind.feed(tail) + behind.feed(step.tail) + behind.finish()
+        assert got == want
+    assert alone.response()["status"] == "failed" and "model not found" in alone.response()["error"]["message"]
+
+
 def test_a_failed_or_cut_round_ends_the_loop_as_it_ended():
     loop = websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=5)
     loop.feed(b'data: {"choices":[{"index":0,"delta":{"content":"par')
