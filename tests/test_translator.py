@@ -550,6 +550,16 @@ def test_a_translator_bug_names_no_internals():
     assert tr.error_detail == "ZeroDivisionError: division by zero"
 
 
+def test_a_lone_surrogate_escape_goes_out_as_the_same_escape():
+    """JSON lets a string hold "\\ud800" (a lone surrogate), which no UTF-8 can carry: the
+    translator must not raise (the stream callable would), and the client gets the escape."""
+    tr = translator()
+    out = tr.feed(b'data: {"choices":[{"index":0,"delta":{"content":"a\\ud800b"}}]}\n\n') + tr.finish()
+    evs = parse_events(out)
+    assert [e["delta"] for e in of(evs, "response.output_text.delta")] == ["a\ud800b"]
+    assert evs[-1]["type"] == "response.failed"  # (cut short: no finish, no [DONE])
+
+
 def test_end_without_finish_reason_or_done_fails():
     evs = run(sse(chunk({"content": "cut off"}), done=False))
     assert evs[-1]["type"] == "response.failed"

@@ -146,6 +146,12 @@ def test_a_round_whose_body_holds_no_sse_event_reaches_the_translator_whole():
     assert alone.response()["status"] == "failed" and "model not found" in alone.response()["error"]["message"]
 
 
+def test_a_re_encoded_chunk_with_a_lone_surrogate_escape():
+    loop = websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=5)
+    out = loop.feed(b'data: {"choices":[{"index":0,"delta":{"content":"a\\ud800"},"finish_reason":"stop"}]}\n\n')
+    assert [c["choices"][0]["delta"] for c in payloads(out)] == [{"content": "a\ud800"}]
+
+
 def test_a_failed_or_cut_round_ends_the_loop_as_it_ended():
     loop = websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=5)
     loop.feed(b'data: {"choices":[{"index":0,"delta":{"content":"par')

@@ -389,7 +389,7 @@ class Translator:
         self._fail_upstream(None, body)
 
     def on_garbage(self, text: str, what: str) -> None:
-        if what is NOT_OBJECT:  # no text of the backend's to withhold
+        if what == NOT_OBJECT:  # (a message that quotes nothing of the backend)
             self._fail("server_error", f"upstream sent {what}", sanitize(text[:2000]))
         else:
             self._fail("server_error", withheld(None, self.ctx.request_id, f"upstream sent {what}"),
@@ -660,9 +660,12 @@ class Translator:
     def _flush(self) -> bytes:
         if not self._out:
             return b""
-        out = "".join(self._out).encode()
+        text = "".join(self._out)
         self._out.clear()
-        return out
+        try:
+            return text.encode()
+        except UnicodeEncodeError:  # a lone surrogate (a backend's "\ud800" escape) in some JSON string
+            return text.encode("utf-8", "backslashreplace")  # … goes out as that same escape
 
 
 def _function_arguments(raw: str) -> str:

@@ -53,7 +53,8 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def _event(obj) -> bytes:
-    return b"data: " + _dumps(obj).encode() + b"\n\n"
+    # (backslashreplace: a lone surrogate, from a backend's "\ud800" escape, goes out as that escape)
+    return b"data: " + _dumps(obj).encode("utf-8", "backslashreplace") + b"\n\n"
 
 
 def _data(payload: str) -> bytes:
