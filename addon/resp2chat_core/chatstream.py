@@ -51,8 +51,9 @@ Dialects (tests/fixtures/dialects/ holds one recorded-shape stream per rule belo
 - Whole bodies: a backend that answered a stream request with one JSON body, or a body that held
   no SSE event at all (``SSEParser.stray``: a JSON completion or error served as
   ``text/event-stream``, an HTML error page). ``body`` reads it: a ``chat.completion`` is read
-  as one chunk, then ``on_done``; an error object,
-  or JSON that is no object, is ``on_error``; no JSON is ``on_garbage`` (``NOT_SSE``).
+  as one chunk, then ``on_done``; an error object, or JSON that is no object, is ``on_error``;
+  no JSON is ``on_garbage`` (``NOT_SSE``). ``unread`` reads the stray lines so once the body
+  ended, if no event came.
 
 The envelope fast path (``_learn``): backends repeat everything around a chunk's delta (id,
 object, created, model, index, logprobs…) byte for byte. Once a plain delta chunk has been
