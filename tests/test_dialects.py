@@ -16,6 +16,15 @@ Three ways each fixture runs, all compared against the same projection:
    fixture verbatim with chunked transfer encoding, read by the openai SDK
    (``client.responses.create(stream=True)``): ``test_end_to_end_sdk``.
 
+And through the other two readers of a chat stream (resp2chat_core/chatstream.py is the one
+reader all three share):
+
+4. the web-search round filter (``websearch.SearchLoop``) in front of the translator, in a
+   round that calls no search: byte-identical output to the translator alone
+   (``test_behind_the_web_search_filter``);
+5. mitmweb's "resp2chat upstream" contentview: renders, and shows every tool call with its id
+   and streamed arguments (``test_contentview``).
+
 Set RESP2CHAT_REGEN_DIALECTS=1 to rewrite the ``events`` of every expected file from the
 translator's current output (then review the diff: the expected files are the specification).
 """
@@ -36,6 +45,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import start_gateway
+from resp2chat_core import websearch
 from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.think import ThinkSplitter
 from resp2chat_core.translator import Translator
@@ -235,6 +245,75 @@ def test_any_split_same_events(name, data):
 def test_byte_at_a_time_same_events(name):
     body = raw(name)
     assert translate(name, [body[i:i + 1] for i in range(len(body))]) == translate(name)
+
+
+# --- 4. behind the web-search round filter ---------------------------------------------------
+
+_STREAMED = [n for n in NAMES if meta(n)["http"] == {"status": 200, "content_type": "text/event-stream"}]
+
+
+def _odd_pieces(name: str, body: bytes) -> list[bytes]:
+    rng = random.Random(name)  # odd, repeatable boundaries: mid-line, mid-UTF-8, mid-CRLF
+    cuts = sorted(rng.sample(range(1, len(body)), min(len(body) - 1, len(body) // 23 + 1)))
+    return [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)])]
+
+
+@pytest.mark.parametrize("name", _STREAMED)
+def test_behind_the_web_search_filter(name):
+    """A web-search turn whose round calls no search: the translator behind the round filter
+    (as relay/exchange.py runs it: each read through ``loop.feed``, then the round's end) gives
+    byte for byte what it gives alone. (JSON bodies and HTTP errors never pass the filter.)"""
+    body = raw(name)
+    loop = websearch.SearchLoop(json.dumps({"model": name, "messages": []}).encode(), max_rounds=3)
+    tr = translator(name)
+    out = b"".join(tr.feed(loop.feed(piece)) for piece in _odd_pieces(name, body))
+    tail, step = loop.end_round(ok=True)
+    assert isinstance(step, websearch.Finish)
+    out += tr.feed(tail) + tr.feed(step.tail) + tr.finish()
+    assert out == translate(name)
+
+
+# --- 5. the contentview --------------------------------------------------------------------------
+
+
+def _view_calls(text: str) -> list[str]:
+    """The tool-call runs of the "resp2chat upstream" view, joined per call (a call's lines may
+    be interleaved with another's)."""
+    calls: dict[str, str] = {}
+    for line in text.splitlines():
+        m = re.fullmatch(r'(tool_call\[\d+\]): (".*")', line)
+        if m:
+            calls[m[1]] = calls.get(m[1], "") + json.loads(m[2])
+    return list(calls.values())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_contentview(name):
+    """mitmweb's view of the backend's stream, as a recorded flow holds it: it renders (mitmproxy
+    shows a traceback when an explicitly chosen view raises) and shows each call the translator
+    made, with the backend's id and the argument text as it streamed."""
+    from mitmproxy import contentviews
+    from mitmproxy.test import taddons, tflow
+
+    from resp2chat_io import views
+
+    views.register()
+    flow = tflow.tflow(resp=True)
+    answer = translate(name)
+    flow.response.content = answer
+    flow.metadata[views.META] = {"upstream_sse": raw(name).decode("utf-8", "replace")}
+    with taddons.context():
+        shown = contentviews.prettify_message(flow.response, flow, view_name="resp2chat upstream")
+    assert shown.view_name == "resp2chat upstream" and not shown.text.startswith("Couldn't parse"), shown.text
+    events = meta(name)["events"]
+    calls = _view_calls(shown.text)
+    for kind, index, item in (e for e in events if e[0] == "output_item.done"):
+        if item["type"] != "function_call":
+            continue
+        call_id = None if item["call_id"] == "<generated>" else item["call_id"]
+        head = f"{item['name']} id={call_id} args="
+        args = "".join(e[2] for e in events if e[0] == "function_call_arguments.delta" and e[1] == index)
+        assert any(head in c and c.replace(head, "") == args for c in calls), (head, args, calls)
 
 
 # --- focused checks the projection alone would not make obvious ------------------------------

@@ -550,6 +550,16 @@ def test_a_translator_bug_names_no_internals():
     assert tr.error_detail == "ZeroDivisionError: division by zero"
 
 
+def test_a_lone_surrogate_escape_goes_out_as_the_same_escape():
+    """JSON lets a string hold "\\ud800" (a lone surrogate), which no UTF-8 can carry: the
+    translator must not raise (the stream callable would), and the client gets the escape."""
+    tr = translator()
+    out = tr.feed(b'data: {"choices":[{"index":0,"delta":{"content":"a\\ud800b"}}]}\n\n') + tr.finish()
+    evs = parse_events(out)
+    assert [e["delta"] for e in of(evs, "response.output_text.delta")] == ["a\ud800b"]
+    assert evs[-1]["type"] == "response.failed"  # (cut short: no finish, no [DONE])
+
+
 def test_end_without_finish_reason_or_done_fails():
     evs = run(sse(chunk({"content": "cut off"}), done=False))
     assert evs[-1]["type"] == "response.failed"
@@ -695,7 +705,7 @@ def test_fixture_streams_are_valid(name):
     check_sdk(evs)
 
 
-# --- the envelope fast path (Translator._learn) ---------------------------------------------
+# --- the envelope fast path (chatstream.ChunkReader._learn) ------------------------------
 
 _DELTAS = st.one_of(
     st.builds(lambda t: {"content": t}, st.text(max_size=8)),
@@ -723,7 +733,7 @@ def test_envelope_fast_path_translates_like_full_decoding(deltas, finish, usage_
         payloads = [{**chunk(d), "created": i if vary else 1} for i, d in enumerate(deltas)] + tail
         t = translator()
         outputs.append(t.feed(sse(*payloads)) + t.finish())
-        hits.append(t._hits)
+        hits.append(t._reader.hits)
     assert outputs[0] == outputs[1]
     check(outputs[0])
     assert hits[1] == 0
@@ -734,7 +744,7 @@ def test_envelope_fast_path_translates_like_full_decoding(deltas, finish, usage_
 def test_envelope_that_changes_every_chunk_is_no_longer_learnt():
     t = translator()
     t.feed(sse(*[{**chunk({"content": f"w{i} "}), "created": i} for i in range(40)], done=False))
-    assert t._envelope is None and t._misses > 8
+    assert t._reader._envelope is None and t._reader.misses > 8
     out = t.feed(sse(chunk(finish="stop")))
     assert parse_events(out)[-1]["response"]["output"][0]["content"][0]["text"] == " ".join(
         f"w{i}" for i in range(40)) + " "
@@ -749,4 +759,4 @@ def test_envelope_is_not_learnt_from_a_delta_key_that_decoding_overrides(dup):
     t = translator()
     out = check(t.feed(sse(first, second, chunk(finish="stop"))) + t.finish())
     assert [e["delta"] for e in out if e["type"] == "response.output_text.delta"] == ["A", "A"]
-    assert t._hits == 0
+    assert t._reader.hits == 0

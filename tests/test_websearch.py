@@ -92,6 +92,66 @@ def test_client_tools_in_the_same_round_end_the_turn_there():
     assert payloads(step.tail)[0]["choices"][0]["finish_reason"] == "tool_calls"
 
 
+def test_the_filter_reads_every_dialect_as_the_translator_does():
+    """A choice with index null, a call keyed by its id (no index), arguments sent as an object:
+    the filter reads them with the translator's reader (chatstream.py), so the search is still
+    held back and the round's assistant message still has the text and the call."""
+    def null(d, finish=None) -> dict:
+        return {"object": "chat.completion.chunk", "choices": [{"index": None, "delta": d, "finish_reason": finish}]}
+
+    loop = websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=5)
+    search = {"id": "call_s", "type": "function", "function": {"name": "web_search", "arguments": {"query": "mitmproxy"}}}
+    out = payloads(loop.feed(sse(null({"content": "Let me look."}), null({"tool_calls": [search]}),
+                                 null({}, "tool_calls"))))
+    assert out == [null({"content": "Let me look."})]
+    _, step = loop.end_round(ok=True)
+    assert step == [websearch.Search("call_s", "mitmproxy")]
+    loop.next_round(["1. result"])
+    assistant = json.loads(loop.body)["messages"][-2]
+    assert assistant["content"] == "Let me look."
+    assert assistant["tool_calls"][0]["function"] == {"name": "web_search", "arguments": '{"query":"mitmproxy"}'}
+
+
+def test_a_chunk_with_a_search_and_a_client_call_goes_on_without_the_search():
+    loop = websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=5)
+    both = delta({"tool_calls": [
+        {"id": "s", "type": "function", "function": {"name": "web_search", "arguments": {"query": "q"}}},
+        {"id": "e", "type": "function", "function": {"name": "exec", "arguments": {"cmd": "ls"}}}]})
+    out = payloads(loop.feed(sse(both, delta(finish="tool_calls"))))
+    # re-encoded: the client's call only, keyed as before (by its id), arguments as the reader read them
+    assert [c["choices"][0]["delta"] for c in out] == [
+        {"tool_calls": [{"id": "e", "function": {"name": "exec", "arguments": '{"cmd":"ls"}'}}]}]
+    _, step = loop.end_round(ok=True)
+    assert isinstance(step, websearch.Finish)  # the client runs its call first
+
+
+def test_a_round_whose_body_holds_no_sse_event_reaches_the_translator_whole():
+    """A completion (or an error) written as one pretty-printed JSON body under the stream's
+    content type: the reader reads it whole at the end of the round, the filter passes the
+    answer on without its ending, and the translator answers as it would without the filter."""
+    completion = {"object": "chat.completion", "choices": [{"index": 0, "finish_reason": "stop", "message": {
+        "role": "assistant", "content": "Here.", "reasoning_content": "easy"}}],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}}
+    error = {"error": {"message": "model not found", "type": "invalid_request_error"}}
+    for body in (json.dumps(completion, indent=2).encode(), json.dumps(error, indent=2).encode()):
+        turn = begin_turn(json.dumps({"model": "m", "input": "x", "stream": True}).encode(), LoweringOptions(),
+                          "resp_" + "b" * 32, 0)
+        alone, behind = turn.translator(), turn.translator()
+        want = alone.feed(body) + alone.finish()
+        loop = websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=5)
+        got = behind.feed(loop.feed(body))
+        tail, step = loop.end_round(ok=True)
+        got += behind.feed(tail) + behind.feed(step.tail) + behind.finish()
+        assert got == want
+    assert alone.response()["status"] == "failed" and "model not found" in alone.response()["error"]["message"]
+
+
+def test_a_re_encoded_chunk_with_a_lone_surrogate_escape():
+    loop = websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=5)
+    out = loop.feed(b'data: {"choices":[{"index":0,"delta":{"content":"a\\ud800"},"finish_reason":"stop"}]}\n\n')
+    assert [c["choices"][0]["delta"] for c in payloads(out)] == [{"content": "a\ud800"}]
+
+
 def test_a_failed_or_cut_round_ends_the_loop_as_it_ended():
     loop = websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=5)
     loop.feed(b'data: {"choices":[{"index":0,"delta":{"content":"par')

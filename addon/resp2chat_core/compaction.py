@@ -136,8 +136,11 @@ class CompactionTranslator(Translator):
             if self.observer is not None:
                 self.observer("text", text)
 
-    def _tool_delta(self, pos: int, call: dict) -> None:
-        pass  # tool_choice is "none": a backend that calls a tool anyway is not heard
+    def on_tool(self, key, call_id, name, args) -> None:
+        # tool_choice is "none": a backend that calls a tool anyway is not heard (it still ends
+        # a think block, as any other kind of delta does)
+        if self._think is not None:
+            self._settle_think()
 
     def _complete(self) -> None:
         self._start()
@@ -160,3 +163,4 @@ class CompactionTranslator(Translator):
         self.finish_reason = None  # a summary cut at the length limit is still the summary
         self._emit_response("response.completed", "completed")
         self.phase = Phase.DONE
+        self._reader.stopped = True

@@ -1,13 +1,15 @@
 """Readable renderings of both sides of a turn, for mitmweb's contentviews and the analyzer.
 
 Raw SSE is hundreds of one-token events; a person wants to see the conversation. Runs of deltas
-for the same item collapse into one line with the joined text.
+for the same item collapse into one line with the joined text. The backend's chat stream is read
+by chatstream.py, the reader the translator uses: the view shows what the translator read.
 """
 
 from __future__ import annotations
 
 import json
 
+from .chatstream import NOT_JSON, NOT_OBJECT, NOT_SSE, ChunkReader
 from .sse import SSEParser
 
 
@@ -77,50 +79,76 @@ def describe_responses_sse(raw: bytes) -> str:
 
 
 def describe_chat_sse(raw: bytes) -> str:
-    lines: list[str] = []
-    current: list = [None, []]  # [label, pieces]
+    """A backend's chat stream (or whole JSON body), one line per run of deltas."""
+    view = _ChatLines()
+    reader = ChunkReader(view)
+    reader.feed(raw)
+    reader.finish()
+    view.flush()
+    return "\n".join(view.lines)
 
-    def flush():
-        if current[0]:
-            lines.append(f"{current[0]}: {_short(''.join(current[1]))}")
-        current[0], current[1] = None, []
 
-    def add(label: str, text: str):
-        if current[0] != label:
-            flush()
-            current[0] = label
-        current[1].append(text)
+_UNREADABLE = {NOT_JSON: "not JSON", NOT_OBJECT: "not a JSON object", NOT_SSE: "neither SSE nor JSON"}
 
-    for ev in _events(raw):
-        if not isinstance(ev, dict):
-            flush()
-            lines.append(f"[{ev}]" if ev == "[DONE]" else f"(not JSON) {ev[:120]}")
-            continue
-        if "error" in ev:
-            flush()
-            lines.append(f"error: {json.dumps(ev['error'], ensure_ascii=False)}")
-        for ch in ev.get("choices") or ():
-            d = ch.get("delta") or ch.get("message") or {}
-            if d.get("reasoning_content") or d.get("reasoning"):
-                add("reasoning", d.get("reasoning_content") or d.get("reasoning"))
-            if d.get("content"):
-                add("content", d["content"])
-            for tc in d.get("tool_calls") or ():
-                fn = tc.get("function") or {}
-                label = f"tool_call[{tc.get('index', 0)}]"
-                if fn.get("name"):
-                    flush()
-                    current[0] = label
-                    current[1] = [f"{fn['name']} id={tc.get('id')} args="]
-                add(label, fn.get("arguments") or "")
-            if ch.get("finish_reason"):
-                flush()
-                lines.append(f"finish_reason: {ch['finish_reason']}")
-        if ev.get("usage"):
-            flush()
-            lines.append(f"usage: {json.dumps(ev['usage'])}")
-    flush()
-    return "\n".join(lines)
+
+class _ChatLines:
+    """A chatstream sink that writes the lines of ``describe_chat_sse``."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.label: str | None = None
+        self.pieces: list[str] = []
+        self.calls: dict = {}  # call key -> its number in the view (order of appearance)
+
+    def flush(self) -> None:
+        if self.label:
+            self.lines.append(f"{self.label}: {_short(''.join(self.pieces))}")
+        self.label, self.pieces = None, []
+
+    def add(self, label: str, text: str) -> None:
+        if self.label != label:
+            self.flush()
+            self.label = label
+        self.pieces.append(text)
+
+    def line(self, text: str) -> None:
+        self.flush()
+        self.lines.append(text)
+
+    def on_start(self) -> None:
+        pass
+
+    def on_reasoning(self, text: str) -> None:
+        self.add("reasoning", text)
+
+    def on_text(self, text: str) -> None:
+        self.add("content", text)
+
+    def on_tool(self, key, call_id: str | None, name: str | None, args: str | None) -> None:
+        label = f"tool_call[{self.calls.setdefault(key, len(self.calls))}]"
+        if name is not None:
+            self.flush()
+            self.label, self.pieces = label, [f"{name} id={call_id} args="]
+        self.add(label, args or "")
+
+    def on_finish(self, reason: str) -> None:
+        self.line(f"finish_reason: {reason}")
+
+    def on_usage(self, usage: dict) -> None:
+        self.line(f"usage: {json.dumps(usage)}")
+
+    def on_error(self, body: bytes) -> None:
+        try:
+            text = json.dumps(json.loads(body), ensure_ascii=False)
+        except ValueError:
+            text = body.decode("utf-8", "replace")
+        self.line(f"error: {text}")
+
+    def on_garbage(self, text: str, what: str) -> None:
+        self.line(f"({_UNREADABLE.get(what, what)}) {text[:120]}")
+
+    def on_done(self) -> None:
+        self.line("[DONE]")
 
 
 def _content_text(content) -> str:

@@ -33,27 +33,26 @@ Text and reasoning that are only whitespace do not open an item (Qwen-style mode
 "\\n\\n" between thinking and a tool call or the answer); if real text of the same kind follows,
 they are prepended without their line breaks (indentation stays, blank lines go).
 
-Dialects (tests/fixtures/dialects/ holds one recorded-shape stream per rule below)
--------------------------------------------------------------------------------------
-- Reasoning arrives as ``delta.reasoning_content`` (DeepSeek, sglang, llama.cpp, LM Studio,
-  older vLLM), ``delta.reasoning`` (vLLM >= 0.10, Ollama, OpenRouter, Groq), Mistral's
-  ``content: [{"type": "thinking", …}]`` parts, or ``<think>…</think>`` inside ``content``
-  (servers without a reasoning parser): ``think.ThinkSplitter`` turns the tags into reasoning
-  deltas, tags split across chunks included. It costs nothing once the think block is over.
-- Tool calls: the first delta of an ``index`` names the call (id, name), later ones append
-  argument text (vLLM, sglang, llama.cpp, LM Studio, DeepSeek, OpenRouter); or each call comes
-  whole in one delta (Ollama, Mistral, Kimi/Groq), possibly without ``index`` (keyed by id) and
-  with a ``finish_reason`` of ``stop``; a new id on a known index is a new call. Arguments are
-  normalized once, at the end (``_function_arguments``).
+Reading the backend
+-------------------
+What a backend's chunk says is chatstream.py's: the one reader of chat streams (shared with the
+web-search round filter and the contentview) owns every chunk-shape rule, from ``[DONE]`` and
+error objects to tool-call keys and usage, and calls this translator's ``on_*`` methods with
+normalized deltas. What they become is decided here:
+
+- ``<think>…</think>`` inside text: ``think.ThinkSplitter`` turns the tags into reasoning
+  deltas, tags split across chunks included, as the upstream's think mode says (``TurnContext
+  .think``; ``rethink`` when a fallback answers). It costs nothing once the think block is over.
+- Tool calls: one item per call key; arguments that come before the call's name are held until
+  it comes; arguments are normalized once, at the end (``_function_arguments``).
 - Endings: ``[DONE]``; or a finish_reason and then the end of the body (no ``[DONE]``: Ollama
   forks, some proxies); ``length``/``max_tokens``/``model_length`` -> ``response.incomplete``;
   ``error``/``abort``/``insufficient_system_resource`` -> ``response.failed``. Neither a
   finish_reason nor ``[DONE]`` before the body ends -> ``response.failed`` (cut short).
-- Errors in a 200 stream: ``data: {"error": …}``, vLLM's ``{"object": "error", …}``, a bare JSON
-  line, or a body that holds no SSE event at all (a JSON error or completion served as
-  ``text/event-stream``, an HTML error page): until the first event the parser keeps the
-  lines that are no SSE field (``SSEParser.stray``), read as a whole body if no event came.
-- Usage: see usage.py (top-level, ``x_groq``, per-choice; every cached-token spelling).
+- Errors in a 200 stream (an error object, an error body served as ``text/event-stream``) ->
+  ``response.failed`` with the code Codex acts on (errors.py); a payload or body that cannot be
+  read -> ``server_error``, its text for the operator only.
+- Usage: the backend's last usage object, converted when a Response shows it (usage.py).
 
 Stateless reasoning: when the request asked for ``include: ["reasoning.encrypted_content"]``
 (``TurnContext.encrypted_reasoning``; Codex always does), each reasoning item also carries its
@@ -79,19 +78,19 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from . import websearch
+from .chatstream import NOT_OBJECT, ChunkReader
 from .errors import gateway_failure, sanitize, upstream_failure, withheld
 from .inputs import REASONING_PURPOSE
 from .jsonstring import InputStream
 from .seal import Sealer
-from .sse import MAX_EVENT, SSEParser
+from .sse import MAX_EVENT
 from .think import BREAK, REASONING, WATCH, ThinkSplitter
 from .toolmap import ToolMap
-from .usage import find_usage, to_responses_usage
+from .usage import to_responses_usage
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _dumps_str = json.encoder.encode_basestring  # what _dumps does for a str, without the call around it
 _loads = json.loads
-_raw_decode = json.JSONDecoder().raw_decode
 
 
 class Phase(Enum):
@@ -203,7 +202,8 @@ class Translator:
         self.error: dict | None = None
         self.error_detail: str | None = None  # what the operator gets of a failure (errors.py)
         self.events = 0  # also the next sequence_number
-        self._parser = SSEParser(max_event)
+        self._reader = ChunkReader(self, max_event)  # chatstream.py: the backend's chunks -> the on_* calls below
+        self._parser = self._reader.parser
         self._out: list[str] = []
         self._next_index = 0
         self._suffix = ctx.response_id.removeprefix("resp_")
@@ -219,9 +219,6 @@ class Translator:
         self._tool_list: list[_Tool] = []  # open tool items in output order
         self._tool_wait: dict[object, list[str]] = {}  # args seen before the call's name
         self._think = ThinkSplitter(ctx.think) if ctx.think != "off" else None  # None: plain text
-        self._saw_event = False  # an upstream SSE event arrived
-        self._envelope: tuple[str, str] | None = None  # see _learn
-        self._hits = self._misses = 0
 
     # --- public interface ------------------------------------------------------------------
 
@@ -248,8 +245,8 @@ class Translator:
                     self._payload(payload)
                     if self.phase is Phase.DONE:
                         break
-                if not self._saw_event and self._parser.stray and self.phase is not Phase.DONE:
-                    self._not_sse(b"\n".join(self._parser.stray))
+                if self.phase is not Phase.DONE:
+                    self._reader.unread()  # a body without one SSE event, read whole
                 if self.phase is Phase.FINISHING or (self.phase is Phase.STREAMING and self._saw_done):
                     self._complete()
                 elif self.phase is not Phase.DONE:
@@ -296,7 +293,7 @@ class Translator:
     def rethink(self, mode: str, alternate: int = 0) -> bytes:
         """Another upstream answers (the ``alternate``-th fallback, routing.py): read ``<think>``
         tags and tool calls its way. Only before any backend byte was translated."""
-        if self.phase is not Phase.DONE and not self._saw_event and not self.output:
+        if self.phase is not Phase.DONE and not self._reader.saw_event and not self.output:
             self.ctx.think = mode
             self._think = ThinkSplitter(mode) if mode != "off" else None
             if isinstance(alternate, int) and 0 < alternate <= len(self.ctx.tool_maps):
@@ -306,7 +303,7 @@ class Translator:
     def translate_json(self, body: bytes) -> bytes:
         """A non-streamed ``chat.completion`` JSON (a backend that ignored ``stream``)."""
         if self.phase is not Phase.DONE:
-            self._json_body(body)
+            self._reader.body(body)
         return self.finish()
 
     def search_started(self, call_id: str, query: str) -> bytes:
@@ -328,28 +325,6 @@ class Translator:
             self._emit(websearch.DONE_EVENT, output_index=index, item_id=item["id"])
             self._item_done(websearch.call_item(item["id"], item["action"]["query"], sources), index)
         return self._flush()
-
-    def _json_body(self, body: bytes) -> None:
-        try:
-            data = _loads(body)
-        except ValueError:
-            self._fail("server_error", withheld(None, self.ctx.request_id, "upstream sent a body that is neither SSE nor JSON"),
-                       sanitize(body[:2000].decode("utf-8", "replace")))
-            return
-        if not isinstance(data, dict) or data.get("error") or data.get("object") == "error":
-            self._fail_upstream(200, body)
-            return
-        for choice in data.get("choices") or ():
-            if isinstance(choice, dict) and "message" in choice:
-                choice["delta"] = choice.pop("message")
-        self._chunk(data)
-        self._saw_done = True
-
-    def _not_sse(self, body: bytes) -> None:
-        """The body ended without one SSE event, but held other lines: read it as a whole body
-        (a JSON answer or error, or garbage quoted in the failure)."""
-        self._parser.stray = None
-        self._json_body(body)
 
     @property
     def done(self) -> bool:
@@ -374,151 +349,73 @@ class Translator:
     _incomplete: dict | None = None
 
     def _payload(self, payload: str) -> None:
-        env = self._envelope
-        if env is not None and payload.startswith(env[0]) and payload.endswith(env[1]):
-            # Same envelope as an earlier plain delta chunk: decode only the delta (see _learn).
-            try:
-                delta, end = _raw_decode(payload, len(env[0]))
-            except ValueError:
-                delta, end = None, 0
-            if end == len(payload) - len(env[1]) and delta.__class__ is dict:
-                self._hits += 1
-                if self.phase is Phase.WAITING:
-                    self._start()
-                if delta:
-                    self._apply_delta(delta)
-                return
-        if payload == "[DONE]" or (payload[:1] in ("[", " ") and payload.strip() == "[DONE]"):
-            self._saw_done = True
-            if self.phase in (Phase.STREAMING, Phase.FINISHING, Phase.WAITING):
-                self._complete()
-            return
-        try:
-            chunk = _loads(payload)
-        except ValueError:
-            # Some servers forget the blank line between events: try each line on its own.
-            lines = payload.split("\n")
-            if len(lines) > 1:
-                for line in lines:
-                    self._payload(line.removeprefix("data:").strip())
-                return
-            if payload.strip():
-                self._fail("server_error", withheld(None, self.ctx.request_id, "upstream sent an event that is not JSON"),
-                           sanitize(payload[:2000]))
-            return  # an event with empty data (a keep-alive) is no event
-        if not isinstance(chunk, dict):
-            self._fail("server_error", "upstream sent an event that is not a JSON object")
-            return
-        if not self._saw_event:
-            self._saw_event = True
-            self._parser.stray = None  # SSE after all: stop keeping non-SSE lines
-        if chunk.get("error") or chunk.get("object") == "error":
-            self._fail_upstream(None, payload.encode())
-            return
-        self._chunk(chunk, payload)
+        self._reader.payload(payload)
 
-    def _learn(self, payload: str, delta: dict) -> None:
-        """Remember the bytes around the delta of a plain delta chunk (one choice, no finish
-        reason, no usage). Backends repeat that envelope byte for byte (id, model, created…), so
-        a later payload that starts and ends with the same bytes, with one whole JSON value in
-        between, is the same chunk with another delta: ``_payload`` then decodes just that value
-        (a third of the work). A backend whose envelope changes every chunk stops being learnt."""
-        if self._hits == 0 and self._envelope is not None:
-            self._misses += 1  # the last envelope never matched again
-        self._hits = 0
-        if self._misses > 8:
-            self._envelope = None
-            return
-        at = payload.find('"delta":')
-        if at < 0 or payload.find('"delta":', at + 8) >= 0:
-            return
-        start = at + 8
-        while payload[start:start + 1] in (" ", "\t", "\n", "\r"):
-            start += 1
-        try:
-            value, end = _raw_decode(payload, start)
-            # The literal key found must be the one decoding keeps: put a probe value in its place
-            # (a duplicate "delta" key later on, or one spelled with escapes, would win instead).
-            probe = _loads(payload[:start] + '{"\\u0000":0}' + payload[end:])
-            kept = probe["choices"][0]["delta"]
-        except (ValueError, LookupError, TypeError):
-            return
-        if value == delta and kept == {"\x00": 0}:
-            self._envelope = (payload[:start], payload[end:])
+    # --- what the backend says (chatstream.Sink: the reader calls these) --------------------
 
-    def _chunk(self, chunk: dict, payload: str | None = None) -> None:
+    def on_start(self) -> None:
         self._start()
-        usage = find_usage(chunk)
-        if usage is not None:
-            self._usage_raw, self._usage = usage, None
-        choices = chunk.get("choices")
-        if not choices or not isinstance(choices, list):
-            return
-        for choice in choices:
-            if not isinstance(choice, dict) or (choice.get("index") or 0) != 0:
-                continue  # n > 1 is never requested; ignore extra choices
-            delta = choice.get("delta")
-            if delta and isinstance(delta, dict):
-                if payload is not None and usage is None and len(choices) == 1 and not choice.get("finish_reason") \
-                        and not choice.get("usage"):
-                    self._learn(payload, delta)
-                self._apply_delta(delta)
-            reason = choice.get("finish_reason")
-            if reason and isinstance(reason, str):
-                if self._usage_raw is None and isinstance(choice.get("usage"), dict) and choice["usage"]:
-                    self._usage_raw, self._usage = choice["usage"], None  # Moonshot/Kimi: usage in the choice
-                self._finish_reason(reason)
-                if self.phase is Phase.DONE:
-                    return
 
-    def _apply_delta(self, delta: dict) -> None:
-        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-        if reasoning and isinstance(reasoning, str):
-            if self._think is not None:
-                self._settle_think()
-            self._delta(Kind.REASONING, reasoning)
-        content = delta.get("content")
-        if content:
-            if content.__class__ is str:
-                if self._think is None:
-                    self._delta(Kind.TEXT, content)
-                else:
-                    self._content(content)
-            elif isinstance(content, list):
-                self._content_parts(content)
-        calls = delta.get("tool_calls")
-        if calls and isinstance(calls, list):
-            if self._think is not None:
-                self._settle_think()
-            for pos, call in enumerate(calls):
-                if isinstance(call, dict):
-                    self._tool_delta(pos, call)
+    def on_reasoning(self, text: str) -> None:
+        if self._think is not None:
+            self._settle_think()
+        self._delta(Kind.REASONING, text)
 
-    def _content(self, text: str) -> None:
+    def on_text(self, text: str) -> None:
         think = self._think
         if think is None or (think.state == WATCH and not think.held and "<" not in text):
             self._delta(Kind.TEXT, text)  # plain text, or text that cannot hold (part of) a tag
             return
         self._think_pieces(think.feed(text))
 
-    def _content_parts(self, parts: list) -> None:
-        """Content as a list of parts: Mistral's ``{"type": "thinking", "thinking": [{"type":
-        "text", "text": …}]}`` reasoning chunks and ``{"type": "text", "text": …}`` text."""
-        for part in parts:
-            if isinstance(part, str):
-                self._content(part)
-            elif not isinstance(part, dict):
-                continue
-            elif part.get("type") == "thinking":
-                thinking = part.get("thinking")
-                for piece in thinking if isinstance(thinking, list) else [thinking]:
-                    text = piece.get("text") if isinstance(piece, dict) else piece
-                    if text and isinstance(text, str):
-                        if self._think is not None:
-                            self._settle_think()
-                        self._delta(Kind.REASONING, text)
-            elif isinstance(part.get("text"), str) and part["text"]:
-                self._content(part["text"])
+    def on_tool(self, key, call_id: str | None, name: str | None, args: str | None) -> None:
+        if self._think is not None:
+            self._settle_think()
+        tool = self._tools.get(key) if self.open is Kind.TOOL else None
+        if tool is None:
+            if name is None:  # arguments before the name: hold them
+                if args:
+                    self._tool_wait.setdefault(key, []).append(args)
+                return
+            if _ITEM_TRANSITIONS[(self.open, Kind.TOOL)] == "switch":
+                self._close_open()
+                self._open_item(Kind.TOOL)
+            tool = self._open_tool(key, name, call_id)
+            held = self._tool_wait.pop(key, None)
+            if held:
+                self._tool_args(tool, "".join(held))
+        if args:
+            self._tool_args(tool, args)
+
+    def on_finish(self, reason: str) -> None:
+        if self._think is not None:
+            self._think_pieces(self._think.flush())
+        if reason in _FAILED_REASONS:
+            self._fail("server_error", f"upstream stopped generating: finish_reason {reason!r}")
+            return
+        self._close_open()
+        self.finish_reason = reason
+        self.phase = _PHASES[(self.phase, "finish_reason")]
+
+    def on_usage(self, usage: dict) -> None:
+        self._usage_raw, self._usage = usage, None
+
+    def on_error(self, body: bytes) -> None:
+        self._fail_upstream(None, body)
+
+    def on_garbage(self, text: str, what: str) -> None:
+        if what == NOT_OBJECT:  # (a message that quotes nothing of the backend)
+            self._fail("server_error", f"upstream sent {what}", sanitize(text[:2000]))
+        else:
+            self._fail("server_error", withheld(None, self.ctx.request_id, f"upstream sent {what}"),
+                       sanitize(text[:2000]))
+
+    def on_done(self) -> None:
+        self._saw_done = True
+        if self.phase in (Phase.STREAMING, Phase.FINISHING, Phase.WAITING):
+            self._complete()
+
+    # --- think tags, failure, start and end ------------------------------------------------
 
     def _think_pieces(self, pieces: list[tuple[str, str]]) -> None:
         for kind, text in pieces:
@@ -541,6 +438,7 @@ class Translator:
             self.error_detail = detail
             self._emit_response("response.failed", "failed")
             self.phase = Phase.DONE
+            self._reader.stopped = True
 
     def _oversized(self, limit: int) -> None:
         self._fail(OVERSIZED, f"the upstream sent an SSE event larger than max_upstream_event_mb "
@@ -559,17 +457,6 @@ class Translator:
             self._emit_response("response.created", "in_progress")
             self._emit_response("response.in_progress", "in_progress")
 
-    def _finish_reason(self, reason: str) -> None:
-        reason = reason.lower()
-        if self._think is not None:
-            self._think_pieces(self._think.flush())
-        if reason in _FAILED_REASONS:
-            self._fail("server_error", f"upstream stopped generating: finish_reason {reason!r}")
-            return
-        self._close_open()
-        self.finish_reason = reason
-        self.phase = _PHASES[(self.phase, "finish_reason")]
-
     def _complete(self) -> None:
         self._start()
         if self._think is not None:
@@ -584,6 +471,7 @@ class Translator:
         else:
             self._emit_response("response.completed", "completed")
         self.phase = Phase.DONE
+        self._reader.stopped = True
 
     # --- items -----------------------------------------------------------------------------
 
@@ -625,7 +513,7 @@ class Translator:
     def _open_item(self, kind: Kind) -> None:
         self.open = kind
         if kind is Kind.TOOL:
-            return  # tool items open one by one in _tool_delta
+            return  # tool items open one by one in on_tool
         self._item_index = self._alloc_index()
         self._text = []
         if kind is Kind.TEXT:
@@ -679,35 +567,6 @@ class Translator:
         return index
 
     # --- tool calls ------------------------------------------------------------------------
-
-    def _tool_delta(self, pos: int, call: dict) -> None:
-        key = call.get("index")
-        if key is None:  # Mistral-style whole calls may omit the index: the id, else the position
-            key = call.get("id") or pos
-        fn = call.get("function")
-        if not isinstance(fn, dict):
-            fn = {}
-        args = fn.get("arguments")
-        if args is not None and not isinstance(args, str):
-            args = _dumps(args)  # a few servers send parsed arguments (Ollama-style objects)
-        name = fn.get("name")
-        tool = self._tools.get(key) if self.open is Kind.TOOL else None
-        if tool is not None and name and call.get("id") and call["id"] != tool.call_id:
-            tool = None  # a new call that reuses an index (servers that number every call 0)
-        if tool is None:
-            if not name or not isinstance(name, str):  # arguments before the name: hold them
-                if args:
-                    self._tool_wait.setdefault(key, []).append(args)
-                return
-            if _ITEM_TRANSITIONS[(self.open, Kind.TOOL)] == "switch":
-                self._close_open()
-                self._open_item(Kind.TOOL)
-            tool = self._open_tool(key, name, call.get("id"))
-            held = self._tool_wait.pop(key, None)
-            if held:
-                self._tool_args(tool, "".join(held))
-        if args:
-            self._tool_args(tool, args)
 
     def _open_tool(self, key, chat_name: str, call_id) -> _Tool:
         target = self.ctx.tool_map.target(chat_name)
@@ -820,9 +679,12 @@ class Translator:
     def _flush(self) -> bytes:
         if not self._out:
             return b""
-        out = "".join(self._out).encode()
+        text = "".join(self._out)
         self._out.clear()
-        return out
+        try:
+            return text.encode()
+        except UnicodeEncodeError:  # a lone surrogate (a backend's "\ud800" escape) in some JSON string
+            return text.encode("utf-8", "backslashreplace")  # … goes out as that same escape
 
 
 def _function_arguments(raw: str) -> str:

@@ -12,6 +12,11 @@ Rules of this file:
 - The client's stream stays one stream: within a round ``RoundFilter`` passes on everything the
   model says *except* its ``web_search`` calls, and holds back what would end the stream (the
   finish reason, usage and ``[DONE]``) until the loop knows whether another round follows.
+- The filter reads the backend's chunks through ``chatstream.ChunkReader``, the reader the
+  translator uses, so both see the same calls, choices and usage. A chunk it holds nothing of
+  goes on byte for byte; one it does goes on re-encoded from the reader's deltas without the
+  held parts (``chatstream.wire_call`` writes a call so that it reads back under its own key),
+  and the translator reads that as it would have read the original.
 
 Theory of operation::
 
@@ -28,11 +33,11 @@ from __future__ import annotations
 import html
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import urlencode
 
-from .sse import MAX_EVENT, SSEParser
-from .usage import find_usage
+from .chatstream import ChunkReader, wire_call
+from .sse import MAX_EVENT
 
 NAME = "web_search"  # the function offered to the model
 PARAMETERS = {
@@ -49,7 +54,16 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def _event(obj) -> bytes:
-    return b"data: " + _dumps(obj).encode() + b"\n\n"
+    # (backslashreplace: a lone surrogate, from a backend's "\ud800" escape, goes out as that escape)
+    return b"data: " + _dumps(obj).encode("utf-8", "backslashreplace") + b"\n\n"
+
+
+def _data(payload: str) -> bytes:
+    """One event that carries ``payload`` as its data (one ``data:`` line per line of it)."""
+    data = payload.encode()
+    if b"\n" in data:
+        data = data.replace(b"\n", b"\ndata: ")
+    return b"data: " + data + b"\n\n"
 
 
 # --- the loop ------------------------------------------------------------------------------
@@ -89,7 +103,7 @@ class SearchLoop:
         self.max_event = max_event
         self.rounds = 0
         self._chat: dict | None = None
-        self._filter = RoundFilter(SSEParser(max_event))
+        self._filter = RoundFilter(max_event)
         self._usages: list[dict] = []
         self._result: RoundResult | None = None
 
@@ -105,13 +119,15 @@ class SearchLoop:
         """(bytes still to pass on from this round, the next step). ``ok``: the backend
         answered 200 and its stream ended properly."""
         tail, result = self._filter.finish()
-        self._filter = RoundFilter(SSEParser(self.max_event))
-        if not ok or not result.done:
-            # A failed or cut round: let the translator see how it ended (its finish reason if it
-            # had one; else nothing, and the translator reports the stream as cut short).
-            return tail, Finish(final_chunks(result.finish_reason, []) if result.finish_reason else b"")
+        self._filter = RoundFilter(self.max_event)
         if result.usage:
             self._usages.append(result.usage)
+        if not ok or not result.done:
+            # A failed or cut round: let the translator see how it ended (its finish reason if it
+            # had one; else none, and the translator reports the stream as cut short) and the
+            # usage so far.
+            return tail, Finish(final_chunks(result.finish_reason, self._usages) if result.finish_reason
+                                else usage_chunk(self._usages))
         if not result.searches or result.client_calls:
             # Nothing to search, or the client has tool calls to run first: the turn ends here.
             return tail, Finish(final_chunks(result.finish_reason, self._usages))
@@ -130,103 +146,146 @@ class SearchLoop:
         self.body = _dumps(self._chat).encode()
 
 
-@dataclass
+_REASONING, _TEXT, _TOOL = range(3)  # the order a delta is read in (chatstream.ChunkReader._delta)
+
+
 class RoundFilter:
-    _parser: SSEParser = field(default_factory=SSEParser)
-    _calls: dict = field(default_factory=dict)  # index -> {"id", "name", "arguments"}
-    _content: list = field(default_factory=list)
-    _reasoning: list = field(default_factory=list)
-    _finish: str | None = None
-    _usage: dict | None = None
-    _done: bool = False
+    """One round's backend stream in, what the translator may see of it out (a chatstream sink)."""
+
+    def __init__(self, max_event: int = MAX_EVENT) -> None:
+        self._reader = ChunkReader(self, max_event)
+        self._out: list[bytes] = []
+        self._held = False  # the payload being read has something held back: re-encode it
+        self._pieces: list = []  # its deltas, in order, flat: kind, value, kind, value, …
+        self._whole = False  # reading a body that held no SSE event
+        self._passthrough = False  # … and it is an error or garbage: the translator reads it as it is
+        self._calls: dict = {}  # call key -> [id, name, argument pieces]
+        self._content: list[str] = []
+        self._reasoning: list[str] = []
+        self._finish: str | None = None
+        self._usage: dict | None = None
+        self._done = False
 
     def feed(self, data: bytes) -> bytes:
-        return b"".join(self._payload(p) for p in self._parser.feed(data))
+        for payload in self._reader.parser.feed(data):
+            self._payload(payload)
+        return self._flush()
 
     @property
     def oversized(self) -> bool:
         """An event of the round's stream outgrew the parser's bound (sse.py)."""
-        return self._parser.oversized
+        return self._reader.parser.oversized
 
     def finish(self) -> tuple[bytes, RoundResult]:
-        tail = b"".join(self._payload(p) for p in self._parser.finish())
-        calls = [self._calls[k] for k in sorted(self._calls, key=str)]
+        for payload in self._reader.parser.finish():
+            self._payload(payload)
+        self._whole, self._held = True, False
+        self._pieces.clear()
+        body = self._reader.unread()
+        if body is not None:
+            if self._passthrough:
+                self._out.append(body + b"\n")  # the same stray lines: the translator reads them whole too
+            elif self._pieces:
+                self._out.append(self._encode())
+        calls = list(self._calls.values())
         searches = []
-        for c in calls:
-            if c["name"] == NAME:
+        for call_id, name, pieces in calls:
+            if name == NAME:
+                args = "".join(pieces)
                 try:
-                    query = json.loads(c["arguments"] or "{}").get("query", "")
+                    query = json.loads(args or "{}").get("query", "")
                 except (ValueError, AttributeError):
-                    query = c["arguments"]
-                searches.append(Search(c["id"], str(query)))
+                    query = args
+                searches.append(Search(call_id, str(query)))
         message: dict = {"role": "assistant", "content": "".join(self._content) or None}
         if self._reasoning:
             message["reasoning_content"] = "".join(self._reasoning)
-        message["tool_calls"] = [{"id": c["id"], "type": "function",
-                                  "function": {"name": c["name"], "arguments": c["arguments"] or "{}"}} for c in calls]
-        return tail, RoundResult(searches, any(c["name"] != NAME for c in calls), self._finish,
-                                 self._usage, message, self._done or self._finish is not None)
+        message["tool_calls"] = [{"id": call_id, "type": "function",
+                                  "function": {"name": name, "arguments": "".join(pieces) or "{}"}}
+                                 for call_id, name, pieces in calls]
+        return self._flush(), RoundResult(searches, any(c[1] != NAME for c in calls), self._finish,
+                                          self._usage, message, self._done or self._finish is not None)
 
-    def _payload(self, payload: str) -> bytes:
-        if payload == "[DONE]":
-            self._done = True
-            return b""
-        try:
-            chunk = json.loads(payload)
-        except ValueError:
-            return b"data: " + payload.encode() + b"\n\n"  # not ours to judge: the translator will
-        if not isinstance(chunk, dict) or "error" in chunk or not isinstance(chunk.get("choices", []), list):
-            return b"data: " + payload.encode() + b"\n\n"
-        changed = False
-        usage = find_usage(chunk)
-        if usage is not None:
-            self._usage = usage
-            chunk.pop("usage", None)
-            chunk.pop("x_groq", None)
-            changed = True
-        for choice in chunk.get("choices") or ():
-            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-                continue
-            delta = choice.get("delta") or {}
-            if isinstance(delta.get("content"), str):
-                self._content.append(delta["content"])
-            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-            if isinstance(reasoning, str):
-                self._reasoning.append(reasoning)
-            calls = delta.get("tool_calls")
-            if isinstance(calls, list) and calls:
-                kept = [c for pos, c in enumerate(calls) if isinstance(c, dict) and not self._is_search(pos, c)]
-                if len(kept) != len(calls):
-                    changed = True
-                    if kept:
-                        delta["tool_calls"] = kept
-                    else:
-                        delta.pop("tool_calls")
-            if choice.get("finish_reason"):
-                self._finish = choice["finish_reason"]
-                choice["finish_reason"] = None
-                changed = True
-        if not changed:
-            return b"data: " + payload.encode() + b"\n\n"
-        if not chunk.get("choices") or all(not (c.get("delta") or {}) for c in chunk["choices"] if isinstance(c, dict)):
-            return b""  # nothing left to say
-        return _event(chunk)
+    def _payload(self, payload: str) -> None:
+        self._held = False
+        if self._pieces:
+            self._pieces.clear()
+        self._reader.payload(payload)
+        if not self._held:
+            self._out.append(_data(payload))  # as the backend sent it
+        elif self._pieces:
+            self._out.append(self._encode())  # what is left of it
 
-    def _is_search(self, pos: int, call: dict) -> bool:
-        key = call.get("index", call.get("id") or pos)
-        fn = call.get("function") or {}
-        entry = self._calls.get(key)
-        if entry is None:
-            entry = self._calls[key] = {"id": call.get("id") or f"call_ws_{len(self._calls)}",
-                                        "name": fn.get("name") or "", "arguments": ""}
-        elif fn.get("name") and not entry["name"]:
-            entry["name"] = fn["name"]
-        args = fn.get("arguments")
-        if isinstance(args, dict):
-            args = json.dumps(args)
-        if isinstance(args, str):
-            entry["arguments"] += args
-        return entry["name"] == NAME
+    def _encode(self) -> bytes:
+        """The payload's deltas (without what is held back) as one chunk that reads back as the
+        same deltas in the same order: a new choice (index 0 too) where a delta cannot hold the
+        next piece after the last."""
+        choices: list[dict] = []
+        delta: dict = {}
+        rank = _TOOL + 1
+        pieces = self._pieces
+        for i in range(0, len(pieces), 2):
+            kind, value = pieces[i], pieces[i + 1]
+            if kind < rank or (kind == rank and kind != _TOOL):
+                delta = {}
+                choices.append({"index": 0, "delta": delta})
+            rank = kind
+            if kind == _REASONING:
+                delta["reasoning_content"] = value
+            elif kind == _TEXT:
+                delta["content"] = value
+            else:
+                delta.setdefault("tool_calls", []).append(value)
+        return _event({"object": "chat.completion.chunk", "choices": choices})
+
+    def _flush(self) -> bytes:
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    # --- chatstream.Sink ---------------------------------------------------------------------
+
+    def on_start(self) -> None:
+        pass
+
+    def on_reasoning(self, text: str) -> None:
+        self._reasoning.append(text)
+        self._pieces += (_REASONING, text)
+
+    def on_text(self, text: str) -> None:
+        self._content.append(text)
+        self._pieces += (_TEXT, text)
+
+    def on_tool(self, key, call_id: str | None, name: str | None, args: str | None) -> None:
+        call = self._calls.get(key)
+        if call is None:
+            call = self._calls[key] = [call_id or f"call_ws_{len(self._calls)}", name or "", []]
+        elif name and not call[1]:
+            call[1] = name
+        if args:
+            call[2].append(args)
+        if call[1] == NAME:
+            self._held = True  # the gateway runs it: the client never sees it
+        else:
+            self._pieces += (_TOOL, wire_call(key, call_id, name, args))
+
+    def on_finish(self, reason: str) -> None:
+        self._finish = reason
+        self._held = True
+
+    def on_usage(self, usage: dict) -> None:
+        self._usage = usage
+        self._held = True
+
+    def on_error(self, body: bytes) -> None:
+        self._passthrough = self._whole  # (an event goes on as it is: not held)
+
+    def on_garbage(self, text: str, what: str) -> None:
+        self._passthrough = self._whole
+
+    def on_done(self) -> None:
+        self._done = True
+        self._held = True
 
 
 def next_request(chat: dict, assistant: dict, results: list[tuple[str, str]], last_round: bool) -> dict:
@@ -246,16 +305,34 @@ def next_request(chat: dict, assistant: dict, results: list[tuple[str, str]], la
 
 
 def final_chunks(finish_reason: str | None, usages: list[dict]) -> bytes:
-    """What closes the combined stream: the last finish reason, one usage, [DONE]."""
-    out = _event({"object": "chat.completion.chunk",
-                  "choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason or "stop"}]})
-    if usages:
-        last = dict(usages[-1])
-        completion = sum(u.get("completion_tokens") or 0 for u in usages if isinstance(u, dict))
-        last["completion_tokens"] = completion
-        last["total_tokens"] = (last.get("prompt_tokens") or 0) + completion
-        out += _event({"object": "chat.completion.chunk", "choices": [], "usage": last})
-    return out + b"data: [DONE]\n\n"
+    """What closes the combined stream: the last finish reason, one usage, [DONE]. The usage
+    rides on the finish chunk (read before its finish reason, so a turn that fails there still
+    reports it) and in a usage chunk of its own after it, as an ``include_usage`` stream ends."""
+    finish = {"object": "chat.completion.chunk",
+              "choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason or "stop"}]}
+    usage = _combined(usages)
+    if usage is None:
+        return _event(finish) + b"data: [DONE]\n\n"
+    return _event({**finish, "usage": usage}) + usage_chunk(usages) + b"data: [DONE]\n\n"
+
+
+def usage_chunk(usages: list[dict]) -> bytes:
+    """The turn's usage as a chunk of its own (b"" for none)."""
+    usage = _combined(usages)
+    return b"" if usage is None else _event({"object": "chat.completion.chunk", "choices": [], "usage": usage})
+
+
+def _combined(usages: list[dict]) -> dict | None:
+    """One usage for the rounds: the backend's own for one round; for several, the last
+    round's prompt (it holds every earlier round: the context the turn used) plus every
+    round's completion tokens."""
+    if len(usages) <= 1:
+        return usages[0] if usages else None
+    last = dict(usages[-1])
+    completion = sum(u.get("completion_tokens") or 0 for u in usages if isinstance(u, dict))
+    last["completion_tokens"] = completion
+    last["total_tokens"] = (last.get("prompt_tokens") or 0) + completion
+    return last
 
 
 # --- Brave Search ----------------------------------------------------------------------------
