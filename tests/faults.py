@@ -35,21 +35,21 @@ PLANTED = "password=hunter2 at 10.0.0.7"
 # its caller, so replacing the attribute is enough.
 STAGES = {
     "gate": ("resp2chat_io.addons.gate", "Gate.authorized"),
-    "replay": ("resp2chat_io.addons.replay", "replay_key"),
+    "replay": ("resp2chat_io.addons.turns", "replay_key"),
     "decode": ("resp2chat_core.turn", "decode_body"),
     "validation": ("resp2chat_core.turn", "parse_request"),
     "lowering": ("resp2chat_core.turn", "lower"),
-    "store": ("resp2chat_io.addons.store", "StoredResponses.history"),
-    "routing": ("resp2chat_io.addons.upstreams", "Upstream.route"),
+    "store": ("resp2chat_io.addons.store", "StoredResponses.lookup"),
+    "routing": ("resp2chat_io.addons.upstreams", "Upstreams.candidates"),
     "recording": ("resp2chat_io.addons.request_log", "session_key"),
     "relay": ("resp2chat_io.relay.server", "run"),
     "upstream_client": ("resp2chat_io.relay.upstream", "UpstreamClient.call"),
-    "response_headers": ("resp2chat_io.addons.turns", "Turns._show_upstream"),
-    "response_head": ("resp2chat_io.addons.turns", "Turns._answer_head"),  # in responseheaders only
+    "response_headers": ("resp2chat_io.addons.http_turns", "HttpTurns._show_upstream"),
+    "response_head": ("resp2chat_io.addons.http_turns", "HttpTurns._answer_head"),  # in responseheaders only
     "stream_callable": ("resp2chat_core.channel", "Channel.take"),
     "translator": ("resp2chat_core.translator", "Translator._payload"),
-    "answer": ("resp2chat_io.addons.turns", "Turns._answer_whole"),
-    "finished": ("resp2chat_io.addons.turns", "Turns._record"),
+    "answer": ("resp2chat_io.addons.http_turns", "HttpTurns._answer_whole"),
+    "finished": ("resp2chat_io.addons.http_turns", "HttpTurns._record"),
     "listener": ("resp2chat_io.addons.replay", "ReplayCache.finished"),  # the first of Turns.finished
     "metrics": ("resp2chat_io.addons.metrics", "Metrics.record"),  # the first of Outcomes.listeners
 }

@@ -224,7 +224,7 @@ async def test_bad_request_answered_locally(gw, backend):
     await gw.run(f)
     assert f.response.status_code == 400
     assert json.loads(f.response.content)["error"]["param"] == "input[0].type"
-    assert f.id not in gw["turns"].live and backend.seen == [] and gw["upstreams"].relay.expected == 0
+    assert f.id not in gw["http_turns"].live and backend.seen == [] and gw["upstreams"].relay.expected == 0
 
 
 async def test_healthz_answered_locally(gw, backend):
@@ -312,7 +312,7 @@ async def test_non_streaming_client_gets_one_json_response(gw, backend):
     assert f.response.status_code == 200
     assert resp["object"] == "response" and resp["status"] == "completed"
     assert resp["output"][0]["content"][0]["text"] == "Hello"
-    assert f.id not in gw["turns"].live
+    assert f.id not in gw["http_turns"].live
     backend.status, backend.ctype, backend.pieces = 429, "application/json", [b'{"error": {"message": "slow down"}}']
     f = responses_flow({"model": "m", "input": "hi"}, backend.url)
     await gw.run(f)
@@ -344,7 +344,7 @@ async def test_turn_recorded_when_client_hangs_up_after_completed(gw, backend):
     results = await gw.run(f, hang_up_after_completed=True)
     out = b"".join(r if isinstance(r, bytes) else b"".join(r) for r in results)
     meta = f.metadata["resp2chat"]
-    assert f.error is not None and f.id not in gw["turns"].live
+    assert f.error is not None and f.id not in gw["http_turns"].live
     assert meta["status"] == "completed"
     assert meta["usage"]["input_tokens"] == 9 and meta["usage"]["input_tokens_details"]["cached_tokens"] == 8
     assert "[DONE]" in meta["upstream_sse"]
@@ -405,7 +405,7 @@ async def test_an_unexpected_exception_fails_closed(gw, backend, monkeypatch):
     def boom(*a, **k):
         raise UnicodeEncodeError("utf-8", "x", 0, 1, "planted")
 
-    monkeypatch.setattr(gw["turns"], "parse", boom)
+    monkeypatch.setattr(gw["turns"], "lower", boom)
     f = responses_flow({"model": "m", "input": "hi"}, backend.url)
     await gw.run(f)
     err = json.loads(f.response.content)["error"]
@@ -421,7 +421,7 @@ def test_first_backend_bytes_are_sliced_once():
     from resp2chat_core.channel import Accepted, Channel, Reader
     from resp2chat_core.lowering import LoweringOptions
     from resp2chat_core.turn import begin_turn
-    from resp2chat_io.addons.turns import FIRST_SLICE, TurnStream
+    from resp2chat_io.addons.http_turns import FIRST_SLICE, TurnStream
 
     answer = chunk({"role": "assistant", "content": ""}) + b"".join(chunk({"content": f"w{i} "}) for i in range(300))
     later = chunk({"content": "late"}) + chunk(finish="stop") + b"data: [DONE]\n\n"

@@ -30,7 +30,7 @@ def compaction_request() -> dict:
 
 
 def turn(body: dict, sealer=SEALER, cache=None):
-    return begin_turn(json.dumps(body).encode(), LoweringOptions(), RESP_ID, 1795526192, None, cache, sealer)
+    return begin_turn(json.dumps(body).encode(), LoweringOptions(), RESP_ID, 1795526192, tools_cache=cache, sealer=sealer)
 
 
 def chunk(delta: dict | None = None, finish: str | None = None, usage: dict | None = None) -> bytes:

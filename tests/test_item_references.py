@@ -39,37 +39,37 @@ def made(n: int) -> dict:
 # --- the store's index -----------------------------------------------------------------------
 
 
-def test_items_live_and_die_with_their_response():
+async def test_items_live_and_die_with_their_response():
     clock = Clock()
     store = ResponseStore(ttl=60, max_entries=2, max_bytes=1 << 20, clock=clock)
-    store.put("resp_00000001", conv(1), made(1))
-    assert store.resolve_items(["msg_1", "rs_1", "nope"]) == {"msg_1": conv(1)[2], "rs_1": conv(1)[1]}
-    store.delete("resp_00000001")
-    assert store.resolve_items(["msg_1"]) == {}
-    store.put("resp_00000002", conv(2), made(2))
-    store.put("resp_00000003", conv(3), made(3))
-    store.put("resp_00000004", conv(4), made(4))  # max_entries=2: response 2 and its items go
-    assert store.resolve_items(["msg_2", "msg_3", "msg_4"]).keys() == {"msg_3", "msg_4"}
+    await store.put("resp_00000001", conv(1), made(1))
+    assert await store.items(["msg_1", "rs_1", "nope"]) == {"msg_1": conv(1)[2], "rs_1": conv(1)[1]}
+    await store.delete("resp_00000001")
+    assert await store.items(["msg_1"]) == {}
+    await store.put("resp_00000002", conv(2), made(2))
+    await store.put("resp_00000003", conv(3), made(3))
+    await store.put("resp_00000004", conv(4), made(4))  # max_entries=2: response 2 and its items go
+    assert (await store.items(["msg_2", "msg_3", "msg_4"])).keys() == {"msg_3", "msg_4"}
     clock.now += 61  # expired: their items with them
-    assert store.resolve_items(["msg_3", "msg_4"]) == {}
+    assert await store.items(["msg_3", "msg_4"]) == {}
     assert store._items == {} and store._item_ids == {}
 
 
-def test_an_item_held_by_two_responses_outlives_the_first():
+async def test_an_item_held_by_two_responses_outlives_the_first():
     store = ResponseStore(ttl=1e9, max_entries=10, max_bytes=1 << 20, clock=Clock())
-    store.put("resp_00000001", conv(1), made(1))
-    store.put("resp_00000002", conv(1) + conv(2), made(2))  # continued with previous_response_id
-    store.delete("resp_00000001")
-    assert store.resolve_items(["rs_1", "msg_2"]).keys() == {"rs_1", "msg_2"}
-    store.delete("resp_00000002")
-    assert store.resolve_items(["rs_1"]) == {} and store._items == {}
+    await store.put("resp_00000001", conv(1), made(1))
+    await store.put("resp_00000002", conv(1) + conv(2), made(2))  # continued with previous_response_id
+    await store.delete("resp_00000001")
+    assert (await store.items(["rs_1", "msg_2"])).keys() == {"rs_1", "msg_2"}
+    await store.delete("resp_00000002")
+    assert await store.items(["rs_1"]) == {} and store._items == {}
 
 
-def test_the_index_is_rebuilt_from_disk(tmp_path):
+async def test_the_index_is_rebuilt_from_disk(tmp_path):
     d = str(tmp_path / "store")
-    ResponseStore(ttl=3600, max_entries=10, max_bytes=1 << 20, directory=d).put("resp_00000001", conv(1), made(1))
+    await ResponseStore(ttl=3600, max_entries=10, max_bytes=1 << 20, directory=d).put("resp_00000001", conv(1), made(1))
     again = ResponseStore(ttl=3600, max_entries=10, max_bytes=1 << 20, directory=d)
-    assert again.resolve_items(["msg_1"]) == {"msg_1": conv(1)[2]}
+    assert await again.items(["msg_1"]) == {"msg_1": conv(1)[2]}
 
 
 # --- inputs.expand (pure) ----------------------------------------------------------------------

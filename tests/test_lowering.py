@@ -726,10 +726,11 @@ def test_text_cache_keeps_only_long_texts_and_a_few():
 
 
 def _caps_error(body: dict, caps) -> GatewayError | None:
-    from resp2chat_core.turn import begin_turn
+    from resp2chat_core.turn import begin_turn, check_caps
 
     try:
-        begin_turn(json.dumps(body).encode(), LoweringOptions(), "resp_x", 0, caps=caps)
+        check_caps(body, caps)
+        begin_turn(json.dumps(body).encode(), LoweringOptions(), "resp_x", 0)
     except GatewayError as err:
         return err
     return None
@@ -808,3 +809,36 @@ def test_a_yielding_decode_is_the_same_value():
         with pytest.raises(GatewayError) as yielding:
             requestbody.loads(bad, yielding=True)
         assert yielding.value.message == plain.value.message
+
+
+# --- every item type the schema accepts has a way to the backend ---------------------------------
+
+MINIMAL_ITEMS = {
+    "message": {"type": "message", "role": "user", "content": "more"},
+    "reasoning": {"type": "reasoning", "summary": [{"type": "summary_text", "text": "thought"}]},
+    "function_call": {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+    "custom_tool_call": {"type": "custom_tool_call", "call_id": "c2", "name": "apply_patch", "input": "x"},
+    "local_shell_call": {"type": "local_shell_call", "call_id": "c3", "action": {"type": "exec", "command": ["ls"]}},
+    "tool_search_call": {"type": "tool_search_call", "call_id": "c4", "arguments": {"q": "x"}},
+    "web_search_call": {"type": "web_search_call", "action": {"type": "search", "query": "q"}},
+    "function_call_output": {"type": "function_call_output", "call_id": "c1", "output": "ok"},
+    "custom_tool_call_output": {"type": "custom_tool_call_output", "call_id": "c2", "output": "ok"},
+    "local_shell_call_output": {"type": "local_shell_call_output", "call_id": "c3", "output": "ok"},
+    "tool_search_output": {"type": "tool_search_output", "call_id": "c4", "tools": []},
+    "additional_tools": {"type": "additional_tools", "tools": [{"type": "function", "name": "g"}]},
+}
+
+
+def test_every_item_type_the_schema_accepts_reaches_the_backend():
+    """An input item the schema accepts but lowering had no branch for would vanish from the
+    conversation: each type leaves its trace in the chat request (its tools, for
+    additional_tools), and one the lowering cannot carry is refused by name."""
+    from resp2chat_core.schema import ITEM_TYPES
+    from resp2chat_core.turn import begin_turn
+
+    assert set(MINIMAL_ITEMS) == set(ITEM_TYPES)
+    plain = json.loads(begin_turn(json.dumps({"model": "m", "input": "hi"}).encode(), LoweringOptions(), "resp_x", 0).chat_body)
+    for kind, item in MINIMAL_ITEMS.items():
+        body = {"model": "m", "input": [{"role": "user", "content": "hi"}, item]}
+        chat = json.loads(begin_turn(json.dumps(body).encode(), LoweringOptions(), "resp_x", 0).chat_body)
+        assert chat != plain, kind

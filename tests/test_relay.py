@@ -11,7 +11,8 @@ import asyncio
 import pytest
 
 from resp2chat_core.channel import Accepted, Channel
-from resp2chat_io.relay import Exchange, Relay, Target
+from resp2chat_core.routing import Candidate
+from resp2chat_io.relay import Exchange, Relay
 from resp2chat_io.relay.server import TICK
 
 CHUNK = b"data: " + b"x" * 32000 + b"\n\n"
@@ -75,6 +76,11 @@ async def _until(condition, timeout: float = 60.0) -> None:
     await asyncio.wait_for(poll(), timeout)
 
 
+def _exchange(turn_id: str, secret: str, port: int) -> Exchange:
+    """An exchange as the addon registers one: one candidate, the backend on ``port``."""
+    return Exchange(turn_id, secret, (Candidate("default", f"http://127.0.0.1:{port}/v1/chat/completions", b"{}"),))
+
+
 def _data(items: list) -> bytes:
     return b"".join(i for i in items if isinstance(i, bytes))
 
@@ -89,7 +95,7 @@ def test_slow_consumer_pushes_back_on_the_backend_and_the_connection_is_reused()
         reader, writer = await asyncio.open_connection(*relay.address, limit=1 << 20)
         try:
             for turn in range(2):
-                ex = Exchange(f"turn{turn}", f"secret{turn}", Target(f"http://127.0.0.1:{port}/v1/chat/completions"))
+                ex = _exchange(f"turn{turn}", f"secret{turn}", port)
                 writer.write(_request(relay.expect(ex)))
                 sent[0] = 0
                 await reader.readuntil(b"\r\n\r\n")
@@ -131,7 +137,7 @@ def test_a_backend_that_closes_its_connection_is_not_reused(head):
         reader, writer = await asyncio.open_connection(*relay.address)
         try:
             for turn in range(2):
-                ex = Exchange(f"t{turn}", "s", Target(f"http://127.0.0.1:{port}/v1/chat/completions"))
+                ex = _exchange(f"t{turn}", "s", port)
                 writer.write(_request(relay.expect(ex)))
                 items = await asyncio.wait_for(_consume(reader, ex.channel), 10)
                 assert _data(items).count(CHUNK) == 3
@@ -154,7 +160,7 @@ def test_a_forged_request_reaches_no_upstream(forge):
         port = backend.sockets[0].getsockname()[1]
         relay = Relay()
         await relay.start()
-        ex = Exchange("flow-1", "the-secret", Target(f"http://127.0.0.1:{port}/v1/chat/completions"))
+        ex = _exchange("flow-1", "the-secret", port)
         headers = relay.expect(ex)
         forged = {
             "no headers": [("x-resp2chat-target", f"http://127.0.0.1:{port}/v1/chat/completions")],
@@ -195,7 +201,7 @@ def test_a_turn_that_arrives_before_the_relay_runs_waits_for_it():
         port = backend.sockets[0].getsockname()[1]
         relay = Relay()
         assert relay.server is None and relay.address[1] != 0  # bound, not serving yet
-        ex = Exchange("early", "s", Target(f"http://127.0.0.1:{port}/v1/chat/completions"))
+        ex = _exchange("early", "s", port)
         reader, writer = await asyncio.open_connection(*relay.address)  # the kernel's backlog takes it
         writer.write(_request(relay.expect(ex)))
         await writer.drain()

@@ -11,7 +11,8 @@ from resp2chat_core import settings as S
 from resp2chat_core.channel import Channel, Keepalive, Rerouted, UpstreamFailed, UpstreamJSON
 from resp2chat_core.errors import GatewayError
 from resp2chat_core.lowering import LoweringOptions
-from resp2chat_core.routing import Attempt, all_failed, candidates, falls_back, parse_upstreams
+from resp2chat_core.routing import Attempt, all_failed, candidates, falls_back
+from resp2chat_core.settings import parse_upstreams
 from resp2chat_core.turn import ToolsCache, begin_turn
 
 A = {"name": "a", "base_url": "http://10.0.0.1:8000/v1", "models": ["qwen*"], "api_key": "sk-aaaaaaaaaa"}

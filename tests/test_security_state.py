@@ -65,27 +65,27 @@ def test_an_owner_is_a_digest_never_the_credential():
             owner.check(bad)
 
 
-def test_the_store_keeps_owners_apart_and_indexes_only_what_it_produced():
+async def test_the_store_keeps_owners_apart_and_indexes_only_what_it_produced():
     from resp2chat_io.store import ResponseStore
 
     store = ResponseStore(ttl=3600, max_entries=10, max_bytes=1 << 20)
     made = {"id": "msg_made_1", "type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "a"}]}
-    store.put("resp_aaaaaaaa", [{"role": "user", "content": "q"}, made], {"output": [made]}, owner="auth-a")
-    assert store.get("resp_aaaaaaaa", owner="auth-a") and store.get("resp_aaaaaaaa", owner="auth-c") is None
-    assert store.get("resp_aaaaaaaa") is None and store.resolve_items(["msg_made_1"], owner="auth-c") == {}
-    assert not store.delete("resp_aaaaaaaa", owner="auth-c") and store.get("resp_aaaaaaaa", owner="auth-a")
+    await store.put("resp_aaaaaaaa", [{"role": "user", "content": "q"}, made], {"output": [made]}, owner="auth-a")
+    assert await store.get("resp_aaaaaaaa", owner="auth-a") and await store.get("resp_aaaaaaaa", owner="auth-c") is None
+    assert await store.get("resp_aaaaaaaa") is None and await store.items(["msg_made_1"], owner="auth-c") == {}
+    assert not await store.delete("resp_aaaaaaaa", owner="auth-c") and await store.get("resp_aaaaaaaa", owner="auth-a")
     # an input reusing the id, altered: not a holder; the same item unchanged (a continuation): one
-    store.put("resp_bbbbbbbb", [forged_copy("msg_made_1"), {"role": "user", "content": "x"}], {"output": []},
+    await store.put("resp_bbbbbbbb", [forged_copy("msg_made_1"), {"role": "user", "content": "x"}], {"output": []},
               owner="auth-a")
-    store.put("resp_cccccccc", [{"role": "user", "content": "q"}, made, {"role": "user", "content": "y"}],
+    await store.put("resp_cccccccc", [{"role": "user", "content": "q"}, made, {"role": "user", "content": "y"}],
               {"output": []}, owner="auth-a")
-    assert store.resolve_items(["msg_made_1"], owner="auth-a") == {"msg_made_1": made}
-    store.delete("resp_aaaaaaaa", owner="auth-a")
-    assert store.resolve_items(["msg_made_1"], owner="auth-a") == {"msg_made_1": made}  # (held by resp_cccccccc)
-    store.delete("resp_cccccccc", owner="auth-a")
-    assert store.resolve_items(["msg_made_1"], owner="auth-a") == {}  # (resp_bbbbbbbb's copy names nothing)
+    assert await store.items(["msg_made_1"], owner="auth-a") == {"msg_made_1": made}
+    await store.delete("resp_aaaaaaaa", owner="auth-a")
+    assert await store.items(["msg_made_1"], owner="auth-a") == {"msg_made_1": made}  # (held by resp_cccccccc)
+    await store.delete("resp_cccccccc", owner="auth-a")
+    assert await store.items(["msg_made_1"], owner="auth-a") == {}  # (resp_bbbbbbbb's copy names nothing)
     for bad in ("owner:x:resp_1", "../resp_1", "resp_" + "a" * 65):
-        assert store.get(bad) is None and not store.delete(bad)
+        assert await store.get(bad) is None and not await store.delete(bad)
 
 
 def post(gw, body, **headers) -> requests.Response:

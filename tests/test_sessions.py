@@ -25,38 +25,38 @@ class Clock:
         return self.now
 
 
-def test_store_expires_by_ttl():
+async def test_store_expires_by_ttl():
     clock = Clock()
     store = ResponseStore(ttl=60, max_entries=10, max_bytes=1 << 20, clock=clock)
-    store.put("resp_aaaaaaaa", [{"role": "user", "content": "a"}], {"id": "resp_aaaaaaaa"})
+    await store.put("resp_aaaaaaaa", [{"role": "user", "content": "a"}], {"id": "resp_aaaaaaaa"})
     clock.now += 59
-    assert store.get("resp_aaaaaaaa") is not None
+    assert await store.get("resp_aaaaaaaa") is not None
     clock.now += 2
-    assert store.get("resp_aaaaaaaa") is None and len(store) == 0 and store.bytes == 0
+    assert await store.get("resp_aaaaaaaa") is None and len(store) == 0 and store.bytes == 0
 
 
-def test_store_evicts_oldest_by_count_and_memory():
+async def test_store_evicts_oldest_by_count_and_memory():
     store = ResponseStore(ttl=1e9, max_entries=3, max_bytes=10_000, clock=Clock())
     for i in range(5):
-        store.put(f"resp_{i:08d}", [], {"id": i})
-    assert len(store) == 3 and store.get("resp_00000000") is None and store.get("resp_00000004")
+        await store.put(f"resp_{i:08d}", [], {"id": i})
+    assert len(store) == 3 and await store.get("resp_00000000") is None and await store.get("resp_00000004")
     big = ResponseStore(ttl=1e9, max_entries=100, max_bytes=3_000, clock=Clock())
     for i in range(10):
-        big.put(f"resp_{i:08d}", [{"role": "user", "content": "x" * 900}], {})
-    assert big.bytes <= 3_000 and len(big) == 3 and big.get("resp_00000009")
-    big.put("resp_huge0000", [{"content": "y" * 5_000}], {})  # larger than the store: not kept
-    assert big.get("resp_huge0000") is None and len(big) == 3
+        await big.put(f"resp_{i:08d}", [{"role": "user", "content": "x" * 900}], {})
+    assert big.bytes <= 3_000 and len(big) == 3 and await big.get("resp_00000009")
+    await big.put("resp_huge0000", [{"content": "y" * 5_000}], {})  # larger than the store: not kept
+    assert await big.get("resp_huge0000") is None and len(big) == 3
 
 
-def test_store_survives_a_restart_on_disk(tmp_path):
+async def test_store_survives_a_restart_on_disk(tmp_path):
     d = tmp_path / "store"
     store = ResponseStore(ttl=3600, max_entries=10, max_bytes=1 << 20, directory=str(d))
-    store.put("resp_disk0001", [{"role": "user", "content": "kept"}], {"id": "resp_disk0001"})
+    await store.put("resp_disk0001", [{"role": "user", "content": "kept"}], {"id": "resp_disk0001"})
     assert stat.S_IMODE(d.stat().st_mode) == 0o700
     assert stat.S_IMODE((d / "resp_disk0001.json").stat().st_mode) == 0o600
     again = ResponseStore(ttl=3600, max_entries=10, max_bytes=1 << 20, directory=str(d))
-    assert again.get("resp_disk0001")["items"] == [{"role": "user", "content": "kept"}]
-    again.delete("resp_disk0001")
+    assert (await again.get("resp_disk0001"))["items"] == [{"role": "user", "content": "kept"}]
+    await again.delete("resp_disk0001")
     assert not (d / "resp_disk0001.json").exists()
     (d / "resp_torn0001.json").write_text("{not json")
     ResponseStore(ttl=3600, max_entries=10, max_bytes=1 << 20, directory=str(d))

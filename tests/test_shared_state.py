@@ -267,63 +267,51 @@ def test_a_replica_killed_mid_stream_stores_nothing(tmp_path, redis_server):
         server.server_close()
 
 
-async def test_what_a_request_fetched_stays_until_it_ends_and_goes_then(redis_server):
-    """Redis is asked before the turn is lowered (StoredResponses._prefetch), one await after the
-    other. Another request that continues the same response and ends meanwhile must not drop
-    what this one fetched; and a fetch that fails half-way leaves nothing behind."""
-    from mitmproxy.test import taddons, tflow
+async def test_each_lookup_gets_its_own_answer_and_a_failed_one_is_a_503(redis_server):
+    """Redis is asked before a turn is lowered (``StoredResponses.lookup``, the one lookup of
+    both transports), one await after the other. What one lookup found is its own: another
+    lookup of the same response that ends meanwhile takes nothing from it; a lookup Redis fails
+    half-way is a 503 ``store_unavailable``, and the next one after Redis is back finds it all."""
+    from mitmproxy.test import taddons
 
+    from resp2chat_core.errors import GatewayError
     from resp2chat_io.addons.base import SettingsSource
     from resp2chat_io.addons.store import StoredResponses
     from resp2chat_io.addons.upstreams import Upstreams
 
-    def continuing(previous: str):
-        f = tflow.tflow()
-        f.request.method, f.request.path = "POST", "/v1/responses"
-        f.request.content = json.dumps({"model": "m", "previous_response_id": previous,
-                                        "input": [{"type": "item_reference", "id": "msg_1"}]}).encode()
-        return f
-
     addon = StoredResponses(SettingsSource(), Upstreams(SettingsSource()))  # (the owner: "" without forward_client_auth)
     with taddons.context(addon) as tctx:
         tctx.options.add_option("resp2chat_seal_key", str, "", "(Turns declares it in a gateway)")
-        for cap in ("max_input_items", "max_tools", "max_content_parts"):
-            tctx.options.add_option(f"resp2chat_{cap}", int, 0, "(Gate declares them in a gateway)")
         tctx.configure(addon, resp2chat_state_store_url=redis_server.url)
         output = [{"type": "message", "id": "msg_1", "role": "assistant", "content": []}]
         history = [{"role": "user", "content": "hi"}, *output]  # (as the store keeps a turn: inputs, then output)
         await addon.store.put("resp_1", history, {"id": "resp_1", "output": output})
         real, entered, go = addon.store.items, asyncio.Event(), asyncio.Event()
 
-        async def paused(item_ids, **owner):  # the second await of a fetch, held until the test says
+        async def paused(item_ids, **owner):  # the second await of a lookup, held until the test says
             entered.set()
             await go.wait()
             return await real(item_ids, **owner)
 
-        done_first = continuing("resp_1")
-        await addon.request(done_first)
         addon.store.items = paused
-        a = continuing("resp_1")
-        fetching = asyncio.ensure_future(addon.request(a))
-        await entered.wait()  # a has its history, not its items yet
-        addon.response(done_first)  # the other request ends meanwhile
+        first = asyncio.ensure_future(addon.lookup("resp_1", ("msg_1",), owner=""))
+        await entered.wait()  # it has its history, not its items yet
+        addon.store.items = real
+        other = await addon.lookup("resp_1", ("msg_1",), owner="")  # another one, done meanwhile
+        assert other.earlier == history and other.items["msg_1"] == output[0]
         go.set()
-        await fetching
-        assert a.response is None and addon.history("resp_1", owner="") == history
-        assert addon.resolve_items(["msg_1"], owner="")["msg_1"]["id"] == "msg_1"
-        addon.response(a)
-        assert addon.history("resp_1", owner="") is None and not addon._fetched_items
+        found = await first
+        assert found.earlier == history and found.items == {"msg_1": output[0]}
 
         entered.clear(), go.clear()
-        b = continuing("resp_1")
-        fetching = asyncio.ensure_future(addon.request(b))
-        await entered.wait()  # b has its history; Redis goes away before its items
+        addon.store.items = paused
+        failing = asyncio.ensure_future(addon.lookup("resp_1", ("msg_1",), owner=""))
+        await entered.wait()  # it has its history; Redis goes away before its items
         redis_server.stop()
         go.set()
-        await fetching
-        assert b.response.status_code == 503
-        addon.response(b)
-        assert addon.history("resp_1", owner="") is None and not addon._fetched and not addon._fetching
+        with pytest.raises(GatewayError) as refused:
+            await failing
+        assert refused.value.status == 503 and refused.value.code == "store_unavailable"
         await addon.done()
 
 

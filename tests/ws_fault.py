@@ -3,13 +3,13 @@ WebSocket turn path, for the request whose input is "raise a bug"."""
 
 from resp2chat_io.addons import turns
 
-_parse = turns.Turns.parse
+_lower = turns.Turns.lower
 
 
-def parse(self, body, *args, **kwargs):
+def lower(self, body, *args, **kwargs):
     if isinstance(body, dict) and body.get("input") == "raise a bug":
         raise RuntimeError("a bug injected by tests/ws_fault.py")
-    return _parse(self, body, *args, **kwargs)
+    return _lower(self, body, *args, **kwargs)
 
 
-turns.Turns.parse = parse
+turns.Turns.lower = lower

@@ -355,7 +355,11 @@ def _lower_input(req: ResponsesRequest, flatten: bool, reasoning_field: str = "r
             conv._tool_images.extend(images)
         elif isinstance(item, ToolSearchOutputItem):
             conv.add({"role": "tool", "tool_call_id": _call_id(item, where), "content": dumps(item.tools)})
-        # AdditionalToolsItem: its tools joined the request's tools (inputs.py); no message
+        elif isinstance(item, AdditionalToolsItem):
+            pass  # its tools joined the request's tools (inputs.py); no message
+        else:  # an item the schema accepts must have a way to the backend: never dropped in silence
+            raise GatewayError(f"{where}: item type {getattr(item, 'type', '?')!r} cannot be sent to a chat backend",
+                               param=f"{where}.type", code="unsupported_item_type")
     return conv.finish()
 
 

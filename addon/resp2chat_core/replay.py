@@ -4,7 +4,8 @@ An identical request (same bytes, same upstream, same settings, same owner) is a
 memory with the very answer the client got the first time, its response id and ``created_at``
 swapped for fresh ones (item and call ids derive from the response id, so they change with it). Only answers that
 completed are kept. FIFO with a fixed number of entries and a per-entry size cap, so memory is
-bounded whatever the traffic.
+bounded whatever the traffic. This file says what an entry and its key are; the caches that
+hold them (this process's memory, or Redis) are resp2chat_io's (store.py, redis_state.py).
 
 Offline replay (``--server-replay``) is here too: ``rerun_key`` matches a rerun of a recorded
 Codex session to its recording although tool output carries wall times (see ``rerun_key``).
@@ -15,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections import OrderedDict
 
 MAX_ENTRY_BYTES = 4 << 20
 
@@ -44,38 +44,6 @@ def unpack_fresh(entry: bytes, response_id: str, created_at: int) -> bytes:
     old, new = old_id.removeprefix("resp_").encode(), response_id.removeprefix("resp_").encode()
     body = body.replace(old, new).replace(old[:16], new[:16])  # item ids, then generated call ids
     return body.replace(b'"created_at":%s' % old_created.encode(), b'"created_at":%d' % created_at)
-
-
-class ReplayCache:
-    def __init__(self, capacity: int = 1000):
-        self.capacity = capacity
-        self._entries: OrderedDict[str, bytes] = OrderedDict()
-        self.hits = self.misses = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key: str) -> bytes | None:
-        found = self._entries.get(key)
-        if found is None:
-            self.misses += 1
-        else:
-            self.hits += 1
-        return found
-
-    def put(self, key: str, upstream_sse: bytes) -> bool:
-        if self.capacity <= 0 or len(upstream_sse) > MAX_ENTRY_BYTES:
-            return False
-        self._entries[key] = upstream_sse
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
-        return True
-
-    def resize(self, capacity: int) -> None:
-        self.capacity = capacity
-        while len(self._entries) > max(capacity, 0):
-            self._entries.popitem(last=False)
 
 
 # --- offline replay that matches a rerun (``--server-replay``; addons/server_replay.py) -------

@@ -35,7 +35,7 @@ from .channel import Reader, rebuild_event
 from .errors import GatewayError, error_json
 from .lowering import LoweringOptions
 from .seal import PREFIX, Sealer, SealError
-from .turn import begin_turn
+from .turn import Found, begin_turn, wanted
 
 _SEALED = re.compile(re.escape(PREFIX) + r"[A-Za-z0-9_-]+")
 _CREATED = re.compile(rb'"created_at":(\d+)')
@@ -129,8 +129,9 @@ def check_turn(where: str, record: dict, history: History, sealer: Sealer | None
     candidates = [lowering_options(record.get("lowering"))] + [
         lowering_options(r) for r in record.get("lowering_fallbacks") or ()]
     try:
-        turn = begin_turn(request, candidates[0], response_id, created, lambda previous: history.responses.get(previous),
-                          None, sealer, resolve=history.items,
+        previous, refs = wanted(request)
+        found = Found(history.responses.get(previous) if previous else None, history.items(list(refs)))
+        turn = begin_turn(request, candidates[0], response_id, created, found, sealer=sealer,
                           route=(lambda model: candidates) if len(candidates) > 1 else None)
     except GatewayError as err:
         history.remember(response_id, conversation, answer)

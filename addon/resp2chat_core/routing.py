@@ -7,10 +7,11 @@ Rules of this file:
   answered 5xx or 429 (a gateway-observed silence is a 504). Never after anything of an answer
   reached the client, and never for another 4xx (the request itself is wrong; the next upstream
   would say the same).
-- Each entry may carry the per-backend settings (the ``lowering`` settings of settings.py,
-  same names): an upstream's own value wins over the top-level one, so each candidate gets its
-  own byte-deterministic chat body.
-- Invalid entries stop start-up with an error naming the entry and the field.
+- Each entry may carry the per-backend settings (settings.py ``PER_UPSTREAM``, same names): an
+  upstream's own value wins over the top-level one, so each candidate gets its own
+  byte-deterministic chat body, timeouts and extra headers. The entry itself and its parsing
+  are settings.py's (``UpstreamSpec``); invalid entries stop start-up naming the entry and field.
+- A turn's upstreams are one tuple of ``Candidate`` objects, in the order they are tried.
 
 Theory of operation
 -------------------
@@ -26,98 +27,48 @@ own words to a waiting client, not part of an answer). When every candidate fail
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
-from typing import Any, Sequence
+from typing import Sequence
 
 from . import settings as S
 from .channel import Channel, Event, Keepalive, UpstreamFailed
 from .errors import GatewayError, upstream_error_message
 
-# Settings an upstream entry may set for itself: what lowering reads (LoweringOptions), bar the
-# seal key (one gateway, one key).
-OVERRIDABLE = tuple(f.name for f in S.FIELDS if f.owner == "lowering" and f.name != "seal_key")
-_OWN = ("name", "base_url", "api_key", "models")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One upstream a turn may be answered by, with everything the relay needs to call it: from
+    the gateway's configuration (URL, key, headers, timeouts) and the turn's own lowering for
+    it (body, how its ``<think>`` tags are read). A turn's candidates are one tuple in the order
+    they are tried (``Exchange.candidates``): index 0 is the first, the rest its fallbacks."""
 
-@dataclass(frozen=True)
-class UpstreamSpec:
-    """One entry of ``upstreams``, validated."""
-
-    name: str
-    base_url: str  # http(s)://host[:port][/prefix], or "demo"
-    api_key: str = ""
-    models: tuple[str, ...] = ("*",)  # glob patterns of client model names (fnmatch, case-sensitive)
-    overrides: tuple[tuple[str, Any], ...] = ()  # per-backend settings, by setting name
-
-    def serves(self, model: str) -> bool:
-        return any(fnmatchcase(model, pattern) for pattern in self.models)
-
-    def settings(self, base: dict) -> dict:
-        """The top-level settings with this upstream's own values on top."""
-        return {**base, **dict(self.overrides)} if self.overrides else base
+    name: str  # the upstream's name ("default" with one upstream)
+    url: str  # its chat completions URL
+    body: bytes  # the chat request it gets
+    think: str = "auto"  # how its <think> tags are read (think.py)
+    authorization: bytes | None = None  # its Authorization header value (None: none is sent)
+    headers: tuple[tuple[bytes, bytes], ...] = ()  # its upstream_headers, lower-case names
+    connect_timeout: float | None = 10.0  # seconds (None: no limit)
+    idle_timeout: float = 60.0  # seconds of upstream silence before the turn fails (inf: no limit)
+    keepalive: float = 15.0  # seconds of silence before the first byte between keepalive events (inf: off)
 
     def __repr__(self) -> str:  # never the key
-        return f"UpstreamSpec({self.name!r}, {self.base_url!r}, models={self.models!r})"
+        return f"Candidate({self.name!r}, {self.url!r})"
 
 
-def parse_upstreams(value: Sequence[dict]) -> tuple[UpstreamSpec, ...]:
-    """Validate the ``upstreams`` setting; ``SettingsError`` names the entry and the field."""
-    specs: list[UpstreamSpec] = []
-    seen: set[str] = set()
-    for i, entry in enumerate(value):
-        if not isinstance(entry, dict):
-            raise S.SettingsError(f"upstreams[{i}]", "[hidden]", "expected a mapping with name and base_url")
-        label = f"upstreams[{i}]" + (f" ({entry['name']!r})" if isinstance(entry.get("name"), str) else "")
-
-        def bad(key: str, why: str, shown: Any = None) -> S.SettingsError:
-            # never a value that may be a secret: the key, an unknown field (a misspelt key?),
-            # a URL (it may carry user:password)
-            value = entry.get(key) if shown is None else shown
-            if key in ("api_key", "base_url") or key not in _OWN + OVERRIDABLE:
-                value = "[hidden]"
-            return S.SettingsError(f"{label}.{key}", value, why)
-
-        unknown = sorted(set(entry) - set(_OWN) - set(OVERRIDABLE))
-        if unknown:
-            raise bad(unknown[0], f"unknown field (known: {', '.join(_OWN + OVERRIDABLE)})")
-        name = entry.get("name")
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise bad("name", "expected a name of letters, digits, '_', '.', '-' (up to 64)")
-        if name in seen:
-            raise bad("name", "another entry has the same name")
-        seen.add(name)
-        url = entry.get("base_url")
-        if not isinstance(url, str) or not url:
-            raise bad("base_url", "required: the backend's Chat Completions base URL, e.g. http://10.0.0.5:8000/v1")
-        try:
-            S.validate("upstream_base_url", url)
-        except S.SettingsError as exc:
-            raise bad("base_url", exc.why) from None
-        key = entry.get("api_key", "")
-        if not isinstance(key, str):
-            raise bad("api_key", "expected a string")
-        models = entry.get("models", ["*"])
-        if isinstance(models, str):
-            models = [models]
-        if not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models):
-            raise bad("models", "expected a non-empty list of model name patterns ('*' for any)")
-        overrides = []
-        for setting in OVERRIDABLE:
-            if setting in entry:
-                try:
-                    v = S.coerce(S.BY_NAME[setting], entry[setting])
-                    S.validate(setting, v)
-                except S.SettingsError as exc:
-                    raise bad(setting, exc.why) from None
-                overrides.append((setting, v))
-        specs.append(UpstreamSpec(name, url, key, tuple(models), tuple(overrides)))
-    return tuple(specs)
+def timeouts(values: dict) -> dict:
+    """A ``Candidate``'s timeouts from (an upstream's) settings, settings.py names: 0 is no limit."""
+    return {"connect_timeout": values["connect_timeout_secs"] or None,
+            "idle_timeout": values["upstream_idle_timeout_secs"] or float("inf"),
+            "keepalive": values["keepalive_secs"] or float("inf")}
 
 
-def candidates(specs: Sequence[UpstreamSpec], model: str) -> tuple[UpstreamSpec, ...]:
+def header_pairs(headers: dict) -> tuple[tuple[bytes, bytes], ...]:
+    """``upstream_headers`` as the relay sends them (lower-case names, in the setting's order)."""
+    return tuple((k.lower().encode(), v.encode()) for k, v in headers.items())
+
+
+def candidates(specs: Sequence[S.UpstreamSpec], model: str) -> tuple[S.UpstreamSpec, ...]:
     """The upstreams that serve ``model``, in order (the first answers, the rest fall back);
     ``GatewayError`` (404 ``model_not_found``) when none does."""
     found = tuple(s for s in specs if s.serves(model))

@@ -20,7 +20,8 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from fnmatch import fnmatchcase
+from typing import Any, Mapping, Sequence
 from urllib.parse import urlsplit
 
 from .sse import MAX_EVENT
@@ -34,7 +35,7 @@ class SettingsError(ValueError):
     def __init__(self, field: str, value: Any, why: str, source: str = ""):
         self.field, self.value, self.why = field, value, why
         where = f" (from {source})" if source else ""
-        hide = field in SECRET_FIELDS or field in HOLDS_SECRETS or field.endswith(".api_key")
+        hide = field in SECRET_FIELDS or field in HOLDS_SECRETS or field.endswith((".api_key", ".upstream_headers"))
         shown = "[hidden]" if hide else repr(value)
         super().__init__(f"{field}{where}: {shown} is invalid: {why}")
 
@@ -48,6 +49,7 @@ class Field:
     env_fallbacks: tuple[str, ...] = ()
     owner: str = ""  # the addon that declares the option (resp2chat_io/addons/): see OWNERS
     aliases: tuple[str, ...] = ()  # old names, still read (file, environment, --set) with a warning
+    per_upstream: bool = False  # an entry of ``upstreams`` may set its own value (``UpstreamSpec``)
 
     @property
     def env(self) -> str:
@@ -62,21 +64,22 @@ FIELDS: tuple[Field, ...] = (
     Field("bind_addr", "str", "127.0.0.1:4000", "Address the gateway listens on (host:port). Binding beyond loopback requires gateway_api_key.", owner="listen"),
     Field("upstream_base_url", "str", "", "Chat Completions base URL, e.g. http://127.0.0.1:8000/v1 (may carry a path prefix: requests go to {base}/chat/completions). Empty: the --mode reverse target plus /v1, else http://127.0.0.1:8000/v1. 'demo' runs the bundled demo upstream.", owner="upstreams"),
     Field("upstream_api_key", "str", "", "Key sent upstream as 'Authorization: Bearer …'. Never logged or saved.", ("OPENAI_API_KEY",), owner="upstreams"),
-    Field("upstream_model", "str", "", "Send this model name upstream whatever the client asks for (after model_map).", owner="lowering"),
-    Field("model_map", "map", {}, "Rename models on the way upstream: {client_model: upstream_model}.", owner="lowering"),
-    Field("tool_denylist", "list", [], "Tool names removed before the upstream sees them (Responses or flattened chat names).", owner="lowering"),
-    Field("upstream_extra_params", "map", {}, "JSON object merged into every chat request (e.g. {\"chat_template_kwargs\": {\"enable_thinking\": false}}).", owner="lowering"),
-    Field("drop_upstream_params", "list", [], "Chat request keys removed before sending (e.g. stream_options, parallel_tool_calls for backends that reject them).", owner="lowering"),
-    Field("model_extra_params", "map", {}, "Per upstream model: a JSON object merged after upstream_extra_params (one level deep), e.g. {\"qwen3\": {\"chat_template_kwargs\": {\"enable_thinking\": true}}}.", owner="lowering"),
-    Field("max_tokens_field", "str", "max_tokens", "Where max_output_tokens goes upstream: max_tokens or max_completion_tokens.", owner="lowering"),
-    Field("reasoning_effort_map", "map", {}, "Rename reasoning efforts for the backend, e.g. {\"minimal\": \"low\", \"xhigh\": \"high\"}; \"\" drops it.", owner="lowering"),
-    Field("history_reasoning_field", "str", "reasoning_content", "Key that carries earlier reasoning on assistant messages: reasoning_content, reasoning (newer vLLM, Ollama) or none (Groq, Mistral reject it).", owner="lowering"),
-    Field("think_tags", "map", {}, "<think> tags in content, per upstream model (\"*\" for all): auto (split tags), open (the template already opened <think>: DeepSeek-R1, QwQ), off.", owner="lowering"),
-    Field("flatten_content", "bool", True, "Send text-only message content as a plain string (every chat template accepts it).", owner="lowering"),
+    Field("upstream_model", "str", "", "Send this model name upstream whatever the client asks for (after model_map).", owner="lowering", per_upstream=True),
+    Field("model_map", "map", {}, "Rename models on the way upstream: {client_model: upstream_model}.", owner="lowering", per_upstream=True),
+    Field("tool_denylist", "list", [], "Tool names removed before the upstream sees them (Responses or flattened chat names).", owner="lowering", per_upstream=True),
+    Field("upstream_extra_params", "map", {}, "JSON object merged into every chat request (e.g. {\"chat_template_kwargs\": {\"enable_thinking\": false}}).", owner="lowering", per_upstream=True),
+    Field("drop_upstream_params", "list", [], "Chat request keys removed before sending (e.g. stream_options, parallel_tool_calls for backends that reject them).", owner="lowering", per_upstream=True),
+    Field("model_extra_params", "map", {}, "Per upstream model: a JSON object merged after upstream_extra_params (one level deep), e.g. {\"qwen3\": {\"chat_template_kwargs\": {\"enable_thinking\": true}}}.", owner="lowering", per_upstream=True),
+    Field("max_tokens_field", "str", "max_tokens", "Where max_output_tokens goes upstream: max_tokens or max_completion_tokens.", owner="lowering", per_upstream=True),
+    Field("reasoning_effort_map", "map", {}, "Rename reasoning efforts for the backend, e.g. {\"minimal\": \"low\", \"xhigh\": \"high\"}; \"\" drops it.", owner="lowering", per_upstream=True),
+    Field("history_reasoning_field", "str", "reasoning_content", "Key that carries earlier reasoning on assistant messages: reasoning_content, reasoning (newer vLLM, Ollama) or none (Groq, Mistral reject it).", owner="lowering", per_upstream=True),
+    Field("think_tags", "map", {}, "<think> tags in content, per upstream model (\"*\" for all): auto (split tags), open (the template already opened <think>: DeepSeek-R1, QwQ), off.", owner="lowering", per_upstream=True),
+    Field("flatten_content", "bool", True, "Send text-only message content as a plain string (every chat template accepts it).", owner="lowering", per_upstream=True),
     Field("forward_client_auth", "bool", False, "Forward the client's Authorization header upstream when no upstream_api_key is set.", owner="upstreams"),
-    Field("upstream_idle_timeout_secs", "int", 60, "No upstream bytes for this long (before or during the answer): the turn fails with a clear error and the upstream request is dropped. 0: no limit.", aliases=("request_timeout_secs",), owner="upstreams"),
-    Field("connect_timeout_secs", "int", 10, "Upstream connect timeout.", owner="upstreams"),
-    Field("keepalive_secs", "int", 15, "While the upstream is silent before its first byte (long prefill), send the client a data event this often (Codex's idle timer ignores SSE comments).", owner="upstreams"),
+    Field("upstream_idle_timeout_secs", "int", 60, "No upstream bytes for this long (before or during the answer): the turn fails with a clear error and the upstream request is dropped. 0: no limit.", aliases=("request_timeout_secs",), owner="upstreams", per_upstream=True),
+    Field("connect_timeout_secs", "int", 10, "Upstream connect timeout.", owner="upstreams", per_upstream=True),
+    Field("keepalive_secs", "int", 15, "While the upstream is silent before its first byte (long prefill), send the client a data event this often (Codex's idle timer ignores SSE comments).", owner="upstreams", per_upstream=True),
+    Field("upstream_headers", "map", {}, "Extra headers sent upstream with every chat request, e.g. {\"HTTP-Referer\": \"https://app.example\", \"api-key\": \"…\"} (OpenRouter's attribution, Azure's key header). Values of headers named like a credential (key, token, secret, auth…) are secrets: hidden and scrubbed like the others. Not hop-by-hop or framing headers, nor authorization (use api_key).", owner="upstreams", per_upstream=True),
     Field("max_upstream_event_mb", "int", MAX_EVENT >> 20, "A backend's SSE line or event larger than this ends the turn with response.failed (code upstream_event_too_large) and the upstream request is dropped: what a backend sends cannot grow the gateway's memory. At least 1.", owner="upstreams"),
     Field("max_request_body_mb", "int", 32, "Larger Responses requests are refused with 413.", owner="gate"),
     Field("max_input_items", "int", 50000, "Input items one request (HTTP body or WebSocket message) may hold; more: a 400 at once, before the request is validated. 0: no cap.", owner="gate"),
@@ -109,9 +112,12 @@ FIELDS: tuple[Field, ...] = (
 BY_NAME = {f.name: f for f in FIELDS}
 ALIASES = {old: f for f in FIELDS for old in f.aliases}  # old name -> its field
 SECRET_FIELDS = frozenset({"upstream_api_key", "brave_api_key", "gateway_api_key", "seal_key", "state_store_url"})
-# Fields that are not secrets themselves but hold some (each upstream's api_key): their option
-# default stays empty like a secret's, and the addon resolves them the same way.
-HOLDS_SECRETS = frozenset({"upstreams"})
+# Fields that are not secrets themselves but hold some (each upstream's api_key, credential-like
+# upstream_headers): their option default stays empty like a secret's, and the addon resolves
+# them the same way.
+HOLDS_SECRETS = frozenset({"upstreams", "upstream_headers"})
+PER_UPSTREAM = tuple(f.name for f in FIELDS if f.per_upstream)  # what an ``upstreams`` entry may set for itself
+_CREDENTIAL = re.compile(r"(?i)key|token|secret|auth|password|cookie|signature")
 
 
 def hidden_default(name: str) -> bool:
@@ -119,11 +125,20 @@ def hidden_default(name: str) -> bool:
     return name in SECRET_FIELDS or name in HOLDS_SECRETS
 
 
+def credential_header(name: str) -> bool:
+    """A header (of ``upstream_headers``) whose value is a secret: named like a credential."""
+    return bool(_CREDENTIAL.search(name))
+
+
 def secret_values(values: Mapping[str, Any], min_len: int = 6) -> tuple[bytes, ...]:
-    """Every configured secret (top-level keys and each upstream's api_key) in ``values``, to be
-    scrubbed from what the gateway emits. Shorter ones are not scrubbed (they would mangle text)."""
+    """Every configured secret in ``values`` (top-level keys, each upstream's api_key, the
+    credential-like ``upstream_headers`` at the top and per upstream), to be scrubbed from what
+    the gateway emits. Shorter ones are not scrubbed (they would mangle text)."""
     found = [values[k] for k in sorted(SECRET_FIELDS) if k in values]
-    found += [e.get("api_key") for e in values.get("upstreams") or () if isinstance(e, dict)]
+    scopes = [values] + [e for e in values.get("upstreams") or () if isinstance(e, dict)]
+    found += [e.get("api_key") for e in scopes[1:]]
+    found += [v for scope in scopes for k, v in (scope.get("upstream_headers") or {}).items()
+              if isinstance(k, str) and credential_header(k)]
     return tuple(v.encode() for v in found if isinstance(v, str) and len(v) >= min_len)
 
 
@@ -227,9 +242,14 @@ def validate(name: str, value: Any) -> None:
     if name in ("upstream_request_log_path", "access_log_path") and value and "\n" in value:
         raise SettingsError(name, value, "expected a file path")
     if name == "upstreams" and value:
-        from .routing import parse_upstreams  # (routing imports this module)
-
         parse_upstreams(value)
+    if name == "upstream_headers":
+        for header, v in value.items():
+            if not _TOKEN.match(header) or header.lower() in _NOT_UPSTREAM_HEADERS:
+                raise SettingsError(name, "[hidden]", f"{header!r} cannot be set: not a header name, or one the "
+                                    "gateway writes itself (framing, hop-by-hop, authorization: use api_key)")
+            if not isinstance(v, str) or any(c in v for c in "\r\n\x00"):
+                raise SettingsError(name, "[hidden]", f"{header!r}: expected a one-line string value")
     if name == "passthrough_paths":
         try:
             parse_passthrough(value)
@@ -267,6 +287,92 @@ def resolve(file_values: Mapping[str, Any], env: Mapping[str, str]) -> tuple[dic
         validate(f.name, value)
         values[f.name], sources[f.name] = value, source
     return values, sources
+
+
+# --- several upstreams: one entry of ``upstreams`` ---------------------------------------------
+
+_OWN = ("name", "base_url", "api_key", "models")
+LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a name safe in labels, logs and keys
+_NOT_UPSTREAM_HEADERS = frozenset({
+    "host", "content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer", "upgrade",
+    "proxy-connection", "proxy-authorization", "authorization", "content-type", "content-encoding", "accept",
+    "accept-encoding", "x-resp2chat-turn", "x-resp2chat-key"})
+
+
+@dataclass(frozen=True)
+class UpstreamSpec:
+    """One entry of ``upstreams``, validated: its own fields, and the settings it sets for itself
+    (``PER_UPSTREAM``: how its requests are lowered, its timeouts, its extra headers)."""
+
+    name: str
+    base_url: str  # http(s)://host[:port][/prefix], or "demo"
+    api_key: str = ""
+    models: tuple[str, ...] = ("*",)  # glob patterns of client model names (fnmatch, case-sensitive)
+    overrides: tuple[tuple[str, Any], ...] = ()  # per-backend settings, by setting name
+
+    def serves(self, model: str) -> bool:
+        return any(fnmatchcase(model, pattern) for pattern in self.models)
+
+    def settings(self, base: dict) -> dict:
+        """The top-level settings with this upstream's own values on top."""
+        return {**base, **dict(self.overrides)} if self.overrides else base
+
+    def __repr__(self) -> str:  # never the key
+        return f"UpstreamSpec({self.name!r}, {self.base_url!r}, models={self.models!r})"
+
+
+def parse_upstreams(value: Sequence[dict]) -> tuple[UpstreamSpec, ...]:
+    """Validate the ``upstreams`` setting; ``SettingsError`` names the entry and the field."""
+    specs: list[UpstreamSpec] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(value):
+        if not isinstance(entry, dict):
+            raise SettingsError(f"upstreams[{i}]", "[hidden]", "expected a mapping with name and base_url")
+        label = f"upstreams[{i}]" + (f" ({entry['name']!r})" if isinstance(entry.get("name"), str) else "")
+
+        def bad(key: str, why: str, shown: Any = None) -> SettingsError:
+            # never a value that may be a secret: the key, an unknown field (a misspelt key?),
+            # a URL (it may carry user:password), headers
+            value = entry.get(key) if shown is None else shown
+            if key in ("api_key", "base_url", "upstream_headers") or key not in _OWN + PER_UPSTREAM:
+                value = "[hidden]"
+            return SettingsError(f"{label}.{key}", value, why)
+
+        unknown = sorted(set(entry) - set(_OWN) - set(PER_UPSTREAM))
+        if unknown:
+            raise bad(unknown[0], f"unknown field (known: {', '.join(_OWN + PER_UPSTREAM)})")
+        name = entry.get("name")
+        if not isinstance(name, str) or not LABEL.match(name):
+            raise bad("name", "expected a name of letters, digits, '_', '.', '-' (up to 64)")
+        if name in seen:
+            raise bad("name", "another entry has the same name")
+        seen.add(name)
+        url = entry.get("base_url")
+        if not isinstance(url, str) or not url:
+            raise bad("base_url", "required: the backend's Chat Completions base URL, e.g. http://10.0.0.5:8000/v1")
+        try:
+            validate("upstream_base_url", url)
+        except SettingsError as exc:
+            raise bad("base_url", exc.why) from None
+        key = entry.get("api_key", "")
+        if not isinstance(key, str):
+            raise bad("api_key", "expected a string")
+        models = entry.get("models", ["*"])
+        if isinstance(models, str):
+            models = [models]
+        if not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models):
+            raise bad("models", "expected a non-empty list of model name patterns ('*' for any)")
+        overrides = []
+        for setting in PER_UPSTREAM:
+            if setting in entry:
+                try:
+                    v = coerce(BY_NAME[setting], entry[setting])
+                    validate(setting, v)
+                except SettingsError as exc:
+                    raise bad(setting, exc.why) from None
+                overrides.append((setting, v))
+        specs.append(UpstreamSpec(name, url, key, tuple(models), tuple(overrides)))
+    return tuple(specs)
 
 
 def parse_bind(addr: str) -> tuple[str, int]:

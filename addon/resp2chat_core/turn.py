@@ -1,8 +1,10 @@
 """One Responses turn, from request bytes to a ready translator: the core's front door.
 
-``begin_turn`` does everything that happens once per request (decode, check the caps, validate,
-lower, prepare the fields echoed into Response objects), so the per-chunk path has nothing left
-to decide.
+``begin_turn`` does everything that happens once per request (the conversation made whole,
+validate, lower, prepare the fields echoed into Response objects), so the per-chunk path has
+nothing left to decide. It is pure: what a request refers to (a previous response, item
+references) is looked up before, asynchronously, by the one lookup of resp2chat_io
+(``Turns.lookup``), and handed in as ``Found``.
 
 ``Caps`` bound what one request may hold (``max_input_items``, ``max_tools``,
 ``max_content_parts``) before anything walks it item by item: validating and lowering cost time
@@ -134,7 +136,7 @@ class Turn:
     ctx: TurnContext
     web_search: bool = False  # the request has a web_search tool: the gateway runs its searches
     active: Translator | None = None  # the translator answering this turn, once there is one
-    items: list = field(default_factory=list)  # the whole conversation as input items (kept only to store)
+    items: list = field(default_factory=list)  # the whole conversation as input items (kept only to store or remember)
     store: bool = False  # the client wants this response kept (`store` not false)
     prompt_cache_key: str | None = None  # the client's, for session_key
     # the fallback upstreams' chat bodies, think modes and tool maps, in order (routing.py); a body
@@ -190,54 +192,78 @@ def decode_body(body: bytes | object) -> dict:
     return data
 
 
+@dataclass(frozen=True)
+class Found:
+    """What a request refers to, looked up before it is lowered (the store, or a socket's memory:
+    resp2chat_io's one lookup, ``Turns.lookup``): the conversation ``previous_response_id``
+    continues (None: not found, or none asked for) and the items its ``item_reference`` ids name
+    (missing: absent)."""
+
+    earlier: list | None = None
+    items: dict = field(default_factory=dict)
+
+
+def wanted(raw: dict) -> tuple[str | None, tuple[str, ...]]:
+    """What a request needs looked up: its ``previous_response_id`` and its reference ids."""
+    previous = raw.get("previous_response_id")
+    return (previous if isinstance(previous, str) and previous else None,
+            tuple(dict.fromkeys(inputs.reference_ids(raw.get("input")))))
+
+
+def conversation(raw: dict, found: Found, sealer: Sealer | None = None) -> tuple[dict, list | None, bool]:
+    """A request's conversation made whole: the history ``previous_response_id`` continues in
+    front, references resolved, sealed reasoning opened, ``additional_tools`` merged
+    (inputs.py), and Codex's remote compaction read (compaction.py: a trailing
+    ``compaction_trigger``; the sealed summaries Codex keeps opened for lowering). Returns
+    ``(raw for lowering, the conversation as input items, is a compaction request)``; the items
+    are None when the request has no input list. ``GatewayError`` for a reference, a sealed item
+    or a previous response that cannot be used."""
+    items = raw.get("input")
+    if isinstance(items, str):
+        items = [{"role": "user", "content": items}]
+    if not isinstance(items, list):
+        return raw, None, False
+    previous = raw.get("previous_response_id")
+    earlier = None
+    if isinstance(previous, str) and previous:
+        earlier = found.earlier
+        if earlier is None:
+            raise GatewayError(f"previous response {previous!r} not found (unknown, expired or not stored)",
+                               param="previous_response_id", code="previous_response_not_found")
+        raw = {**raw, "previous_response_id": None}
+    # the conversation it continues in front, then references, sealed reasoning and
+    # additional_tools across the whole of it (inputs.py)
+    resolve = (lambda ids: {i: found.items[i] for i in ids if i in found.items})
+    raw, items = inputs.expand(raw, items, resolve, sealer, earlier)
+    kept, opened, summarize = compaction.prepare(items, sealer)
+    if opened is not items:
+        raw = {**raw, "input": opened}
+    return raw, kept, summarize
+
+
 def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, created_at: int,
-               history: Callable[[str], list | None] | None = None, tools_cache: ToolsCache | None = None,
-               sealer: Sealer | None = None, resolve: inputs.Resolve | None = None,
-               route: Callable[[str], Sequence[LoweringOptions]] | None = None, caps: Caps | None = None) -> Turn:
-    """Raise ``GatewayError`` for a request the gateway cannot serve.
+               found: Found = Found(), *, tools_cache: ToolsCache | None = None, sealer: Sealer | None = None,
+               route: Callable[[str], Sequence[LoweringOptions]] | None = None, keep_items: bool = False) -> Turn:
+    """Raise ``GatewayError`` for a request the gateway cannot serve. Pure: everything it reads
+    comes in as arguments.
 
     ``body`` is the request's bytes, or the request already decoded (a WebSocket message's, or a
-    large body's, decoded in a worker thread). ``caps`` are checked first (``check_caps``).
-
-    ``history(previous_response_id)`` returns the stored conversation a request continues
-    (None when unknown): it is put in front of the new input, as if the client had sent it all.
-    ``sealer`` reads and writes the ``encrypted_content`` the gateway hands clients (seal.py).
-    ``resolve(item ids)`` returns stored items for ``item_reference`` inputs (inputs.py).
-    ``route(model)`` (several upstreams, routing.py): the lowering options of each upstream that
-    serves the client's model, in order; the first replaces ``opts``, the others get their own
-    bodies (``Turn.alternates``). It raises ``GatewayError`` when no upstream serves the model.
+    large body's, decoded in a worker thread). ``found``: what the request refers to, looked up
+    beforehand (``wanted`` says what). ``sealer`` reads and writes the ``encrypted_content`` the
+    gateway hands clients (seal.py). ``route(model)`` (several upstreams, routing.py): the
+    lowering options of each upstream that serves the client's model, in order; the first
+    replaces ``opts``, the others get their own bodies (``Turn.alternates``). It raises
+    ``GatewayError`` when no upstream serves the model. ``keep_items``: the turn keeps its
+    conversation (``Turn.items``) even when the client did not ask to store it (a WebSocket
+    remembers it).
     """
     raw = decode_body(body)
-    if caps is not None:
-        check_caps(raw, caps)
     others: Sequence[LoweringOptions] = ()
     if route is not None:
         model = raw.get("model")
         opts, *others = route(model if isinstance(model, str) else "")
     echo = echo_fields(raw)
-    items = raw.get("input")
-    if isinstance(items, str):
-        items = [{"role": "user", "content": items}]
-    if isinstance(items, list):
-        previous = raw.get("previous_response_id")
-        earlier = None
-        if isinstance(previous, str) and previous:
-            earlier = history(previous) if history else None
-            if earlier is None:
-                raise GatewayError(f"previous response {previous!r} not found (unknown, expired or not stored)",
-                                   param="previous_response_id", code="previous_response_not_found")
-            raw = {**raw, "previous_response_id": None}
-        # the conversation it continues in front, then references, sealed reasoning and
-        # additional_tools across the whole of it (inputs.py)
-        raw, items = inputs.expand(raw, items, resolve, sealer, earlier)
-    summarize = False
-    if isinstance(items, list):
-        # Codex's remote compaction (a trailing compaction_trigger) and the compaction items it
-        # keeps afterwards: the sealed summaries are opened here, lowering sees user messages.
-        kept, opened, summarize = compaction.prepare(items, sealer)
-        if opened is not items:
-            raw = {**raw, "input": opened}
-        items = kept
+    raw, items, summarize = conversation(raw, found, sealer)
     tools = raw.get("tools")
     key = ToolsCache.key(tools, opts) if tools_cache is not None and tools and isinstance(tools, list) else None
     known = tools_cache.find(key) if key else None
@@ -278,6 +304,6 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
     ctx.tool_maps = tuple(tools for _, _, tools in alternates)  # (a Rerouted event takes one)
     return Turn(lowered.body, lowered.client_stream, ctx,
                 web_search=not summarize and any(t.kind == "web_search" for t in lowered.tool_map.targets.values()),
-                items=items if store and isinstance(items, list) else [], store=store,
+                items=items if (store or keep_items) and items is not None else [], store=store,
                 prompt_cache_key=pck if isinstance(pck, str) and pck else None,
                 alternates=tuple(alternates), compaction=summarize)

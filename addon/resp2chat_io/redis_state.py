@@ -31,8 +31,8 @@ miss, a response that cannot be stored is logged). After a failure, calls fail a
 short back-off instead of waiting on a dead server each time; the next call after it tries
 again, so recovery is automatic when Redis returns. Redis reachable but refusing a command (an
 error reply: ``OOM`` past ``maxmemory``, ``READONLY`` on a replica, ``NOPERM`` from an ACL) is
-``StateUnavailable`` too, without the back-off. Writes run as tasks (``write``) that never raise:
-a write that fails is a warning, and ``close`` waits for those still running.
+``StateUnavailable`` too, without the back-off. Writes run as store.py's ``Writes`` (never
+raising: a write that fails is a warning; the store addon waits for them before ``close``).
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ import time
 from urllib.parse import urlsplit
 
 from resp2chat_core import owner as owners
-from resp2chat_io.store import held_items, item_digest, output_items, pick, valid_id, valid_item_id
+from resp2chat_io.store import (StateUnavailable, held_items, item_digest, output_items, pick, valid_id,
+                                valid_item_id)
 
 log = logging.getLogger("resp2chat")
 
@@ -52,10 +53,6 @@ PREFIX = "resp2chat:"
 CONNECT_TIMEOUT = 1.0  # seconds: Redis is expected close by
 IO_TIMEOUT = 3.0
 BACKOFF = (0.5, 5.0)  # seconds without calls after a failure: first, and at most (doubling)
-
-
-class StateUnavailable(Exception):
-    """Redis cannot be reached (or timed out) right now."""
 
 
 def describe(url: str) -> str:
@@ -180,7 +177,6 @@ class RedisState:
         self._down_until = 0.0
         self._backoff = BACKOFF[0]
         self._refusal = ""  # the last error reply logged (each different one once, until a call succeeds)
-        self._writes: set[asyncio.Task] = set()
 
     async def call(self, what: str, make):
         """Run ``await make(client)``; ``StateUnavailable`` if Redis is down (or was a moment ago)
@@ -212,32 +208,10 @@ class RedisState:
         self._refusal = ""
         return result
 
-    def write(self, what: str, write) -> None:
-        """Run the coroutine ``write`` as a task that never raises: a failure is a warning naming
-        ``what`` was lost (a task's exception would be logged as an ERROR, which stops a gateway
-        that is still starting). ``close`` waits for it."""
-        task = asyncio.ensure_future(self._write(what, write))
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
-
-    async def _write(self, what: str, write) -> None:
-        try:
-            await write
-        except StateUnavailable as exc:
-            log.warning(f"resp2chat: {what}: {exc}")
-        except Exception as exc:  # noqa: BLE001 — a bug of ours: still no task exception
-            log.warning(f"resp2chat: {what}: {type(exc).__name__}: {exc}", exc_info=exc)
-
-    async def flush(self) -> None:
-        """Wait for the writes still running."""
-        while self._writes:
-            await asyncio.gather(*self._writes, return_exceptions=True)
-
     def script(self, name: str):
         return self._scripts[name]
 
     async def close(self) -> None:
-        await self.flush()
         try:
             await self.client.aclose()
         except Exception:  # noqa: BLE001 - closing a pool to a dead server
@@ -262,7 +236,12 @@ def _item_ids(items: list, response: dict) -> tuple[str, str]:
 
 
 class RedisResponseStore:
-    """Stored responses in Redis: the interface of store.ResponseStore, awaited."""
+    """Stored responses in Redis: store.py's ``Store``. A response is written when its turn ends,
+    a moment after the client read ``response.completed``: a client that continues (or GETs it)
+    at once on another replica can ask before the write landed, so an id Redis does not know
+    yet is looked up again for up to ``fresh_wait`` seconds (the store addon's lookup)."""
+
+    fresh_wait = 2.0
 
     def __init__(self, state: RedisState, *, ttl: float, max_entries: int, max_bytes: int) -> None:
         self.state, self.ttl, self.max_entries, self.max_bytes = state, int(ttl), max_entries, max_bytes
@@ -298,7 +277,7 @@ class RedisResponseStore:
 
     async def items(self, item_ids, *, owner: str = owners.SHARED) -> dict[str, dict]:
         """``item_reference`` ids -> the owner's stored items, as the gateway produced them
-        (missing: absent), as store.ResponseStore's ``resolve_items``: where they are in one round
+        (missing: absent), as store.ResponseStore's ``items``: where they are in one round
         trip, each response holding some read and decoded once however many it serves."""
         ids = list(dict.fromkeys(i for i in item_ids if valid_item_id(i)))
         if not ids:

@@ -7,7 +7,7 @@ for ``GET /v1/responses/{id}``. Entries expire after ``ttl`` seconds; beyond ``m
 ``max_bytes`` the oldest go first. With a directory, entries are also written there (one
 0600 JSON file each, directory 0700) and read back after a restart.
 
-Every entry has an owner (resp2chat_core/owner.py): ``get``, ``delete`` and ``resolve_items``
+Every entry has an owner (resp2chat_core/owner.py): ``get``, ``delete`` and ``items``
 see only the caller's, so another owner's response or item is exactly an unknown one.
 
 Items are found by id too (``item_reference``), but only items the gateway itself produced: an
@@ -18,22 +18,31 @@ a later response holding one of them with the same digest (continued with
 the response that made it. What clients put in their input is never indexed: an input item
 reusing another response's item id (altered or not) cannot change what that id resolves to. The
 index lives and dies with its holders (``put`` adds a response's ids, dropping it, by expiry,
-eviction or ``delete``, removes them; a restart rebuilds it from the directory). The interface is
-what another backing store has to offer: ``put``, ``get``, ``delete``, ``resolve_items``.
+eviction or ``delete``, removes them; a restart rebuilds it from the directory).
+
+The store interface (``Store``) is asynchronous, whatever holds the entries: this memory store
+(with its directory copy), and Redis (redis_state.py ``RedisResponseStore``) for replicas. Its
+methods take an ``owner`` and answer for that owner only. ``fresh_wait``: how long an id the
+store does not know yet may still be on its way (another replica wrote it a moment ago): 0 here.
+``Writes`` runs the writes of either without making a request wait for them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
 import time
 from collections import OrderedDict
 from pathlib import Path
+from typing import Protocol
 
 from resp2chat_core import owner as owners
+from resp2chat_core.replay import MAX_ENTRY_BYTES
 
 _ID = re.compile(r"^resp_[A-Za-z0-9]{8,64}$")
 _RESPONSE_ID = re.compile(r"resp_[A-Za-z0-9]{1,64}")  # what a response id the gateway made can look like
@@ -70,7 +79,64 @@ def held_items(items: list, produced: dict[str, dict]) -> list[tuple[str, dict]]
             and item["id"] and item["id"] not in produced]
 
 
+log = logging.getLogger("resp2chat")
+
+
+class StateUnavailable(Exception):
+    """The store cannot be reached (or refuses) right now: Redis is down, or was a moment ago."""
+
+
+class Store(Protocol):
+    """Stored responses, as every backing store offers them (asynchronous; per owner)."""
+
+    fresh_wait: float  # seconds an id not (yet) known may still be on its way from another replica
+
+    async def put(self, response_id: str, items: list, response: dict, *, owner: str = owners.SHARED) -> None: ...
+
+    async def get(self, response_id: str, *, owner: str = owners.SHARED) -> dict | None: ...
+
+    async def delete(self, response_id: str, *, owner: str = owners.SHARED) -> bool: ...
+
+    async def items(self, item_ids, *, owner: str = owners.SHARED) -> dict[str, dict]: ...
+
+    def __len__(self) -> int: ...
+
+
+class Writes:
+    """Writes that run without making a request wait: started at once (``asyncio.Task`` with
+    ``eager_start``: a write that needs no I/O, the memory store's, is done when ``start``
+    returns, so the next request sees it), the rest as tasks. They never raise: a write that
+    fails is a warning naming what was lost (a task's exception would be logged as an ERROR,
+    which stops a gateway that is still starting). ``flush`` waits for those still running."""
+
+    def __init__(self) -> None:
+        self._running: set[asyncio.Task] = set()
+
+    def start(self, what: str, write) -> None:
+        task = asyncio.Task(self._guard(what, write), loop=asyncio.get_running_loop(), eager_start=True)
+        if not task.done():
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    @staticmethod
+    async def _guard(what: str, write) -> None:
+        try:
+            await write
+        except StateUnavailable as exc:
+            log.warning(f"resp2chat: {what}: {exc}")
+        except Exception as exc:  # noqa: BLE001 — a bug of ours: still no task exception
+            log.warning(f"resp2chat: {what}: {type(exc).__name__}: {exc}", exc_info=exc)
+
+    async def flush(self) -> None:
+        while self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+
+
 class ResponseStore:
+    """The store in this process's memory (and a directory, when given): ``Store``."""
+
+    fresh_wait = 0.0  # (what this process wrote, it knows at once)
+
     def __init__(self, *, ttl: float, max_entries: int, max_bytes: int, directory: str | None = None, clock=time.time):
         self.ttl, self.max_entries, self.max_bytes = ttl, max_entries, max_bytes
         self.clock = clock
@@ -94,7 +160,7 @@ class ResponseStore:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def put(self, response_id: str, items: list, response: dict, *, owner: str = owners.SHARED) -> None:
+    async def put(self, response_id: str, items: list, response: dict, *, owner: str = owners.SHARED) -> None:
         """Keep a response: ``items`` its whole conversation (inputs, then output), ``response``
         the Response object (its ``output`` are the items it produced)."""
         owners.check(owner)
@@ -111,18 +177,18 @@ class ResponseStore:
             _write_private(self.dir / f"{response_id}.json", head + b',"entry":' + data + b"}")
         self._evict()
 
-    def get(self, response_id: str, *, owner: str = owners.SHARED) -> dict | None:
+    async def get(self, response_id: str, *, owner: str = owners.SHARED) -> dict | None:
         if not valid_id(response_id):
             return None
         self._evict()
         found = self._entries.get(response_id)
         return json.loads(found[1]) if found and found[2] == owner else None
 
-    def delete(self, response_id: str, *, owner: str = owners.SHARED) -> bool:
+    async def delete(self, response_id: str, *, owner: str = owners.SHARED) -> bool:
         found = self._entries.get(response_id)
         return found is not None and found[2] == owner and self._drop(response_id)
 
-    def resolve_items(self, item_ids: list[str], *, owner: str = owners.SHARED) -> dict[str, dict]:
+    async def items(self, item_ids, *, owner: str = owners.SHARED) -> dict[str, dict]:
         """The owner's items with these ids, as the gateway produced them (from the newest live
         response holding each); ids not found are absent. Each response's entry is decoded once
         however many it serves."""
@@ -221,3 +287,39 @@ def _write_private(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class ReplayEntries:
+    """The replay cache in this process's memory (resp2chat_core/replay.py says what an entry
+    is): FIFO, ``capacity`` entries of at most ``MAX_ENTRY_BYTES``. The interface of every
+    replay cache (redis_state.py ``RedisReplayCache`` for replicas), asynchronous."""
+
+    def __init__(self, capacity: int = 1000):
+        self.capacity = capacity
+        self._entries: OrderedDict[str, bytes] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def get(self, key: str) -> bytes | None:
+        found = self._entries.get(key)
+        if found is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return found
+
+    async def put(self, key: str, entry: bytes) -> bool:
+        if self.capacity <= 0 or len(entry) > MAX_ENTRY_BYTES:
+            return False
+        self._entries[key] = entry
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+        return True
+
+    def resize(self, capacity: int) -> None:
+        self.capacity = capacity
+        while len(self._entries) > max(capacity, 0):
+            self._entries.popitem(last=False)

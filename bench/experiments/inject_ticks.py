@@ -18,10 +18,10 @@ from mitmproxy import ctx
 from mitmproxy.proxy import events
 
 import resp2chat
-from resp2chat_io.addons.turns import Turns
+from resp2chat_io.addons.http_turns import HttpTurns
 from resp2chat_io.relay.server import TICK
 
-_original = Turns.responseheaders
+_original = HttpTurns.responseheaders
 
 
 def _responseheaders(self, flow):

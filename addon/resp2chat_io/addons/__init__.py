@@ -5,11 +5,12 @@
 - ``Listen``          bind_addr, reverse mode, lazy connections (a gateway, not a proxy), TLS
 - ``Gate``            /healthz, HTTPS, Host, Origin, the gateway key, which paths and methods are
                       served (passthrough_paths), content type, body size: all at the head
-- ``StoredResponses`` GET/DELETE /v1/responses/{id}; previous_response_id's history
-- ``ReplayCache``     identical requests answered without the backend
-- ``Turns``           POST /v1/responses: lower, relay, stream, record
+- ``StoredResponses`` GET/DELETE /v1/responses/{id}; the one lookup of what a turn refers to
+- ``ReplayCache``     identical requests answered without the backend (asked by HttpTurns)
+- ``Turns``           one turn's steps, both transports: decode, look up, lower, start, settle (no hooks)
+- ``HttpTurns``       POST /v1/responses: drives a turn through the relay, streams it, records it
 - ``ServerReplay``    --server-replay answers reruns of recorded turns (what varies between runs ignored)
-- ``ResponsesWebSocket`` ws://…/v1/responses: the same turns over a WebSocket (or a refusal)
+- ``ResponsesWebSocket`` ws://…/v1/responses: drives the same turns for each message of a socket
 - ``Upstreams``       passthrough_paths to the upstream (answers scrubbed); the relay's lifetime and timeouts
 - ``Outcomes``        how each POST /v1/responses ended, for the next two
 - ``Metrics``         GET /metrics (Prometheus)
@@ -29,6 +30,7 @@ from resp2chat_io import views
 from .access_log import AccessLog
 from .base import SettingsSource
 from .gate import Egress, Gate
+from .http_turns import HttpTurns
 from .listen import Listen
 from .metrics import Metrics
 from .outcomes import Outcomes
@@ -55,12 +57,15 @@ def build() -> list:
     replay = ReplayCache(source, upstreams, turns, store)
     outcomes = Outcomes()
     request_log = RequestLog(source, turns)
+    raw = RawOutput()
+    turns.started += [request_log.started, raw.started]
     turns.finished += [replay.finished, store.finished, outcomes.finished, request_log.finished]
+    http_turns = HttpTurns(turns, upstreams, replay, store)
     server_replay = ServerReplay(turns)
-    sockets = ResponsesWebSocket(source, upstreams, turns, store, request_log, server_replay, outcomes)
+    sockets = ResponsesWebSocket(source, upstreams, turns, server_replay, outcomes)
     gate = Gate(source, upstreams.relay)
     return [
-        Listen(source, upstreams), gate, store, replay, turns, server_replay, sockets,
+        Listen(source, upstreams), gate, store, replay, turns, http_turns, server_replay, sockets,
         upstreams, outcomes, Metrics(turns, store, replay, outcomes), AccessLog(source, outcomes),
-        request_log, RawOutput(turns), search, SettingsCommand(source), Egress(gate), Redact(upstreams),
+        request_log, raw, search, SettingsCommand(source), Egress(gate), Redact(upstreams),
     ]

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import logging
 from typing import Any, Callable, Sequence
 
 from mitmproxy import ctx, exceptions, http
 
-from resp2chat_core.errors import error_json
+from resp2chat_core.errors import GatewayError, error_json
 from resp2chat_core.gate import RESPONSES_PATHS  # noqa: F401 — (re-exported: the addons import it from here)
 
 from resp2chat_core import settings as S
@@ -25,6 +26,24 @@ from resp2chat_io.relay import KEY_HEADER, TURN_HEADER
 log = logging.getLogger("resp2chat")
 
 META = "resp2chat"  # flow.metadata key: saved in flow files, read by the views and `analyze`
+JSON_HEADERS = {"content-type": "application/json"}
+SSE_HEADERS = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
+
+
+def json_response(status: int, body: bytes | str | dict, **headers: str) -> http.Response:
+    """An answer the gateway makes itself: a JSON body (``body``, or a dict encoded)."""
+    if isinstance(body, dict):
+        body = json.dumps(body, ensure_ascii=False)
+    return http.Response.make(status, body, {**JSON_HEADERS, **{k.replace("_", "-"): v for k, v in headers.items()}})
+
+
+def refusal(flow: http.HTTPFlow, err: GatewayError) -> http.Response:
+    """A request the gateway refuses (``GatewayError``): its status and OpenAI error body, with
+    the request id (``x-request-id``), and ``retry-after`` when the store is down."""
+    headers = {"x_request_id": request_id(flow)}
+    if err.code == "store_unavailable":
+        headers["retry_after"] = "1"
+    return json_response(err.status, err.body(), **headers)
 
 
 def show_url(flow: http.HTTPFlow, url: str) -> None:
@@ -81,7 +100,7 @@ def fail_closed(flow: http.HTTPFlow, where: str, exc: BaseException) -> None:
         return  # a started stream: its callable ends it (it never raises and always terminates)
     body = error_json(f"the gateway failed to handle this request (request id {rid})", status_type="server_error",
                       code="server_error")
-    flow.response = http.Response.make(500, body, {"content-type": "application/json", "x-request-id": rid})
+    flow.response = json_response(500, body, x_request_id=rid)
     if head:
         flow.response.stream = Refusal(body)
         abandon = ABANDON.pop(flow.id, None)

@@ -51,7 +51,7 @@ class Metrics:
         self.registry = r = CollectorRegistry(auto_describe=True)
         by = ("upstream", "model")
         Gauge("resp2chat_streams_in_flight", "Turns between request and end.", registry=r).set_function(
-            lambda: len(turns.live) + turns.socket_turns)
+            lambda: len(turns.in_flight))
         self.turns_total = Counter("resp2chat_turns", "POST /v1/responses by how it ended.",
                                    (*by, "status", "code"), registry=r)
         self.ttft = Histogram("resp2chat_time_to_first_token_seconds", "Request to the first event made from "

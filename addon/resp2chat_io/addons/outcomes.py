@@ -91,7 +91,7 @@ class Outcomes:
                 req.method != "POST" or req.path.split("?", 1)[0] not in RESPONSES_PATHS):
             return
         # What the request said counts only once the gate let it in (turns.py, the replay cache
-        # and the store keep it then, turns.note_request): never read from the body of a request
+        # and the store keep it then, http_turns.note_request): never read from the body of a request
         # the gate refused; and never decoded again here (a refused 30 MB body once is enough).
         known = "responses_request" in meta
         model = meta.get("request_model", "") if known else ""

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from mitmproxy import ctx, http
-
-from .base import fails_closed
+from mitmproxy import ctx
 
 
 class RawPrinter:
@@ -25,18 +23,15 @@ class RawPrinter:
         sys.stdout.flush()
 
 
-@fails_closed
 class RawOutput:
     name = "resp2chat_raw"
-
-    def __init__(self, turns) -> None:
-        self.turns = turns
 
     def load(self, loader) -> None:
         loader.add_option("resp2chat_raw", bool, False,
                           "Print the model's streamed text, reasoning and tool calls to stdout.")
 
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
-        live = self.turns.live.get(flow.id) if ctx.options.resp2chat_raw else None
-        if live is not None:
-            live.reader.translator.observer = RawPrinter()
+    @staticmethod
+    def started(run) -> None:
+        """A turns.py ``started`` listener (HTTP and the WebSocket alike)."""
+        if ctx.options.resp2chat_raw:
+            run.reader.translator.observer = RawPrinter()

@@ -16,10 +16,9 @@ from mitmproxy import http
 
 from resp2chat_core.turn import session_key
 
-from .base import Owner, fails_closed
+from .base import Owner
 
 
-@fails_closed
 class RequestLog(Owner):
     name = "resp2chat_request_log"
     owner = "request_log"
@@ -39,29 +38,27 @@ class RequestLog(Owner):
             self.file.close()
             self.file = None
 
-    def request(self, flow: http.HTTPFlow) -> None:
-        live = self.turns.live.get(flow.id) if self.file else None
-        if live is None:
-            return
-        self.write(flow, live.turn, live.upstream_url, upstream=live.exchange.upstream if self.turns.specs else "")
+    def started(self, run) -> None:
+        """A turns.py ``started`` listener (HTTP and the WebSocket alike): the request its first
+        upstream gets, as it goes out."""
+        if self.file is not None:
+            self.write(run.flow, run.turn, run.exchange.candidates[0], several=len(self.turns.specs) > 0)
 
     def finished(self, done) -> None:
         """A turns.py ``finished`` listener: the fallbacks' requests, when fallbacks were tried."""
         ex = done.exchange
         if self.file is None or ex is None or not ex.answered:
             return
-        for fb in ex.fallbacks[:ex.answered]:
-            self.write(done.flow, done.turn, fb.target.url, fb.body, fb.name)
+        for candidate in ex.candidates[1:ex.answered + 1]:
+            self.write(done.flow, done.turn, candidate, several=True)
 
-    def write(self, flow: http.HTTPFlow, turn, url: str, body: bytes | None = None, upstream: str = "") -> None:
-        """One line for a turn's chat request (also the WebSocket transport's turns): ``body``,
-        when it is not the turn's own (a fallback's lowering)."""
-        if self.file is None:
-            return
+    def write(self, flow: http.HTTPFlow, turn, to, several: bool = False) -> None:
+        """One line for a chat request a turn sent the candidate ``to`` (its URL, its body;
+        ``several``: the upstream's name too)."""
         line = {"ts": time.time(), "flow": flow.id, "session": session_key(turn.prompt_cache_key, flow.request.headers),
-                "url": url}
-        if upstream:
-            line["upstream"] = upstream
+                "url": to.url}
+        if several:
+            line["upstream"] = to.name
         head = json.dumps(line, ensure_ascii=False)
         # the body spliced in as sent: byte for byte what the upstream got
-        self.file.write(f'{head[:-1]}, "body": {(body or turn.chat_body).decode()}}}\n')
+        self.file.write(f'{head[:-1]}, "body": {to.body.decode()}}}\n')

@@ -123,9 +123,9 @@ class ServerReplay:
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.is_replay == "response" or not self.active:
             return
-        live = self.turns.live.get(flow.id)
-        answer = self.recordings.take(live.turn.chat_body, ctx.options.server_replay_reuse) if live else None
-        response = answer.http(live.turn.client_stream) if answer else None
+        run = self.turns.in_flight.get(flow.id)  # (an HTTP turn's id is its flow's)
+        answer = self.recordings.take(run.turn.chat_body, ctx.options.server_replay_reuse) if run else None
+        response = answer.http(run.turn.client_stream) if answer else None
         if response is None:
             return  # no recording: mitmproxy's server_replay_extra decides (forward, kill, a status)
         flow.metadata[META]["server_replay"] = answer.origin

@@ -1,26 +1,31 @@
-"""Turns: ``POST /v1/responses`` from request to recorded answer.
+"""Turns: one turn's way from a request to its recorded end, whichever transport carries it.
 
-- ``request``: decode (a large body in a worker thread: resp2chat_io/offload.py), check the caps,
-  validate and lower the request (resp2chat_core/turn.py); the flow's request becomes the chat
-  request the backend receives (so flow files and server replay see it), routed to the
-  configured upstream; an ``Exchange`` is registered with the relay and the flow is pointed at
-  the relay with that exchange's name and secret. The turn's owner (``Upstreams.owner_of``) is
-  decided first, from the client's own headers.
-- ``responseheaders``: the request has gone out: the flow shows the real upstream URL again.
-  A streaming client gets the stream callable (``TurnStream``), which takes the turn's news
-  from the exchange's channel at each relay tick and answers with Responses events.
-- ``response`` / ``error``: a non-streaming client gets the finished Response as one JSON body
-  (or an HTTP error); the turn is recorded (flow metadata, comment) and announced to
-  ``finished`` listeners (replay cache, response store).
+Both transports drive the same steps, in this order (docs/architecture.md has the picture):
 
-Owns the lowering settings (model names, params, tool denylist, think tags…); reads the caps
-(``max_input_items``, ``max_tools``, ``max_content_parts``).
+- ``decode`` / ``check``: a request body (or a WebSocket message) read as strict JSON, a large
+  one off the event loop (offload.py), then the caps (``max_input_items``…) before anything
+  walks its items;
+- ``lookup``: the one asynchronous lookup of what the request refers to (a WebSocket's memory
+  first, then the response store: addons/store.py), owner-scoped;
+- ``lower``: the request made whole and lowered (resp2chat_core/turn.py ``begin_turn``, pure);
+- ``start``: a ``TurnRun`` — the turn, its ``Exchange`` (its upstream ``Candidate``\\s, the
+  headers every one of them gets), the ``Reader`` that translates for the client, its timings;
+  the ``started`` listeners hear of it (the request log, ``--raw`` output: one that fails,
+  fails the turn, before anything went upstream); this is the one place that counts the turns
+  in flight (``in_flight``);
+- the transport runs it: HTTP through the relay (addons/http.py), a socket's turn awaited
+  directly (addons/websocket.py);
+- ``settle``: its end as one record (``Finished``, and what the flow keeps); ``ended`` tells the
+  ``finished`` listeners (the response store, the replay cache, outcomes -> metrics and the
+  access log, the request log's fallbacks).
+
+Owns the lowering settings (model names, params, tool denylist, think tags…) and reads the caps,
+the secrets (scrubbed from what a turn records) and ``max_upstream_event_mb``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import secrets
 import time
 import uuid
@@ -29,82 +34,51 @@ from typing import Callable
 
 from mitmproxy import http
 
-from resp2chat_core import routing
 from resp2chat_core import settings as S
 from resp2chat_core.channel import Reader, record_events, scrub
-from resp2chat_core.errors import GatewayError, error_json, gateway_failure
-from resp2chat_core.labels import shown
+from resp2chat_core.errors import GatewayError, gateway_failure
 from resp2chat_core.lowering import LoweringOptions
-from resp2chat_core.replay import MAX_ENTRY_BYTES
+from resp2chat_core.replay import MAX_ENTRY_BYTES, replay_key
 from resp2chat_core.retranslate import lowering_record
+from resp2chat_core.routing import Candidate, candidates
 from resp2chat_core.seal import Sealer
-from resp2chat_core.turn import Caps, ToolsCache, Turn, begin_turn, session_key
-from resp2chat_core.usage import usage_note
-from resp2chat_core.websocket import final_response
+from resp2chat_core.turn import Caps, Found, ToolsCache, Turn, begin_turn, check_caps, conversation, wanted
 from resp2chat_io import keys, offload
-from resp2chat_io.relay import Exchange, Target
-from resp2chat_io.relay.exchange import Fallback
+from resp2chat_io.relay import Exchange
 
-from .base import ABANDON, META, Refusal, RESPONSES_PATHS, Owner, fails_closed, log, request_id, show_url
-from .upstreams import Upstream
+from .base import Owner, log
 
 SERVER_REPLAY = "server-replay"  # the upstream of a turn answered from a recording (Finished.upstream)
-JSON_HEADERS = {"content-type": "application/json"}
-
-# HTTP status for a non-streaming client whose response failed, by error code.
-FAILED_STATUS = {
-    "context_length_exceeded": 400,
-    "invalid_prompt": 400,
-    "rate_limit_exceeded": 429,
-    "insufficient_quota": 429,
-}
 
 
 def new_response_id() -> str:
     return "resp_" + uuid.uuid4().hex
 
 
-def note_request(meta: dict, body: bytes, raw: object = None) -> None:
-    """Keep what outcomes.py reports of a request the gate let in, so that it never decodes a
-    body again: its text (the flow's record; ``body``, when given) and, once decoded (``raw``),
-    its model and ``prompt_cache_key``."""
-    if body is not None:
-        meta["responses_request"] = body.decode("utf-8", "replace")
-    if isinstance(raw, dict):
-        model, pck = raw.get("model"), raw.get("prompt_cache_key")
-        meta["request_model"] = model if isinstance(model, str) else ""
-        if isinstance(pck, str) and pck:
-            meta["request_cache_key"] = pck
-
-
 @dataclass(eq=False)
-class Live:
-    """A turn between its ``request`` and its ``response``/``error`` hook."""
+class TurnRun:
+    """One turn from ``Turns.start`` to ``Turns.ended``, over HTTP or a WebSocket alike."""
 
     turn: Turn
-    exchange: Exchange
-    reader: Reader
-    upstream_url: str  # the backend URL the chat request goes to (what the flow shows)
-    client_path: str  # what the client asked for (/v1/responses)
-    started: float = 0.0  # time.monotonic() at the request hook
-    first: float | None = None  # time.monotonic() when the first backend-made event left
+    exchange: Exchange  # its upstream work: the candidates, the channel, which one answered
+    reader: Reader  # the channel's items translated for the client (what both sides said, kept)
+    flow: http.HTTPFlow  # the HTTP turn's own flow, or the WebSocket's upgrade flow
+    started: float  # time.monotonic() when its request arrived
+    first: float | None = None  # time.monotonic() when the first event made from backend data left
+
+    @property
+    def request_id(self) -> str:
+        return self.turn.ctx.request_id
+
+    @property
+    def answering(self) -> Candidate:
+        """The upstream that answered (or failed last)."""
+        return self.exchange.answering
 
 
-@dataclass(frozen=True)
-class Plan:
-    """Where one turn goes: ``Turns.plan``."""
-
-    upstream: Upstream  # the first upstream serving the model
-    spec: object | None  # its entry in ``upstreams`` (None: the one-upstream setup)
-    name: str  # its name ("default" in the one-upstream setup)
-    authorization: str | None  # the Authorization header it gets (None: none)
-    affinity: tuple[str, str] | None  # the routing-key header (routing_key_header), if any
-    fallbacks: tuple  # the later upstreams (relay/exchange.py Fallback)
-
-
-@dataclass
+@dataclass(kw_only=True)
 class Finished:
-    """A recorded turn, as ``finished`` listeners get it."""
+    """A turn that ended, as the ``finished`` listeners hear of it."""
 
     flow: http.HTTPFlow
     turn: Turn
@@ -118,121 +92,22 @@ class Finished:
     skipped: tuple = ()  # (name, status) of upstreams that failed before it and were fallen back from
     code: str = ""  # the error code when the client's answer is not the translator's (server_error:
     # the turn failed closed; not_recorded: offline replay had no answer), or a replayed answer's
-    exchange: Exchange | None = None  # its upstream work: which candidate answered, the fallbacks sent
+    exchange: Exchange | None = None  # its upstream work: the candidates, which answered
 
 
-def settle(flow: http.HTTPFlow, turn: Turn, reader: Reader, answer: bytes, *, upstream: str, started: float,
-           first: float | None, skipped: tuple, secrets: tuple[bytes, ...], lowering: dict,
-           failed_in: str | None = None, exchange: Exchange | None = None) -> tuple[Finished, dict]:
-    """A turn that ended, HTTP or WebSocket alike: the ``Finished`` its listeners get and its
-    record (what the flow keeps of it: the backend's stream and the gateway's own events for
-    ``resp2chat retranslate``, status, usage, error, fallbacks). A failure goes to the log with
-    the turn's request id and its detail (the upstream's own words, or our exception), which the
-    client never sees. ``started``/``first``: ``time.monotonic()`` at the request and at the
-    first event made from backend data. ``lowering``: ``Turns.recorded_lowering``'s record.
-    ``failed_in``: the hook that failed closed (the client's answer is its 500, whatever the
-    backend said)."""
-    t = reader.translator
-    final = t.response() if t.done and failed_in is None else None
-    status = "failed" if failed_in is not None else final["status"] if final else "unfinished"
-    code = "server_error" if failed_in is not None else ""
-    record = {"upstream_sse": scrub(bytes(reader.upstream), secrets).decode("utf-8", "replace"),
-              "created_at": turn.ctx.created_at, **lowering,
-              "gateway_events": record_events(reader.gateway, secrets), "status": status}
-    if failed_in is not None:
-        record["error"] = {"code": code, "message": "the gateway failed to handle this request",
-                           "detail": f"failed closed in {failed_in}"}
-    elif t.error:
-        # the failure as the operator sees it: the upstream's own words, or our exception
-        detail = scrub((t.error_detail or t.error["message"]).encode(), secrets).decode()
-        record["error"] = {**t.error, "detail": detail}
-        log.warning(f"resp2chat: {turn.ctx.request_id} failed ({t.error['code']}): {detail}")
-    record["usage"] = t.usage
-    if skipped:
-        record["fallbacks"] = [{"upstream": n, "status": st} for n, st in skipped]
-    done = Finished(flow, turn, status, final, answer, t.usage, upstream,
-                    None if first is None else first - started, time.monotonic() - started, tuple(skipped),
-                    code, exchange)
-    return done, record
-
-
-FIRST_SLICE = 2048  # backend bytes translated before the first tick's answer goes out (TurnStream)
-
-
-class TurnStream:
-    """The stream callable: at each relay tick, what the channel holds, translated. Never
-    raises (a raise here hangs the client), never returns b"" early (that ends the body). A
-    failure of its own ends the stream with ``response.failed`` naming the request id; the
-    exception goes to the log.
-
-    The first backend bytes of a turn are sliced: a fast backend's first read can carry its
-    whole answer (hundreds of chunks, ~0.5 ms to translate), and nothing of it would leave
-    before all of it was translated. So the first tick with backend data translates about
-    ``FIRST_SLICE`` bytes of it (up to an event boundary) and gives the rest back to the
-    channel, which asks for one more tick: the first tokens go out at once, the rest a pass
-    later. Once per turn, so a turn costs at most one extra mitmproxy pass."""
-
-    __slots__ = ("reader", "channel", "rid", "sliced")
-
-    def __init__(self, reader: Reader, channel, rid: str = "") -> None:
-        self.reader, self.channel, self.rid = reader, channel, rid
-        self.sliced = False  # the first backend bytes were seen (sliced or not)
-
-    def __call__(self, data: bytes):
-        reader = self.reader
-        try:
-            items = self.channel.take()
-            if not self.sliced and data:
-                items = self._first_slice(items)
-            if len(items) == 1:
-                out = reader.apply(items[0])
-            else:
-                out = b"".join([reader.apply(item) for item in items])
-            if not data:  # the relay's body ended: so did the turn
-                out += reader.finish()
-        except BaseException as exc:  # noqa: BLE001
-            log.warning(f"resp2chat: the stream of {self.rid} failed: {type(exc).__name__}: {exc}", exc_info=exc)
-            try:
-                out = reader.fail("server_error", gateway_failure("stream this response", self.rid),
-                                  f"{type(exc).__name__}: {exc}")
-            except BaseException:  # noqa: BLE001 — the translator itself is broken: end the body
-                out = b""
-        return out or []
-
-    def _first_slice(self, items: list) -> list:
-        """The items to translate now, the first backend bytes cut after ``FIRST_SLICE`` bytes
-        at an event boundary; what follows goes back to the channel."""
-        seen = 0
-        for i, item in enumerate(items):
-            if item.__class__ is not bytes:
-                continue
-            self.sliced = True
-            if seen + len(item) > FIRST_SLICE:
-                cut = item.find(b"\n\n", max(FIRST_SLICE - seen, 0)) + 2
-                if 1 < cut < len(item):
-                    self.channel.give_back([item[cut:], *items[i + 1:]])
-                    return [*items[:i], item[:cut]]
-                if i + 1 < len(items):
-                    self.channel.give_back(items[i + 1:])
-                    return items[:i + 1]
-                return items
-            seen += len(item)
-        return items
-
-
-@fails_closed
 class Turns(Owner):
     name = "resp2chat_turns"
     owner = "lowering"
     # secrets: scrubbed from what a turn records; the caps: checked before a request is validated;
     # max_upstream_event_mb: bounds each turn's reading of the backend's stream
-    also_reads = tuple(sorted(S.SECRET_FIELDS)) + ("upstreams", "routing_key_header", *Caps.SETTINGS,
-                                                   "max_upstream_event_mb")
+    also_reads = tuple(sorted(S.SECRET_FIELDS)) + ("upstreams", *Caps.SETTINGS, "max_upstream_event_mb")
 
     def __init__(self, source, upstreams, search, store) -> None:
         super().__init__(source)
-        self.upstreams, self.relay, self.search, self.store = upstreams, upstreams.relay, search, store
-        self.live: dict[str, Live] = {}
+        self.upstreams, self.search, self.store = upstreams, search, store
+        self.in_flight: dict[str, TurnRun] = {}  # the turns in flight, both transports, by turn id
+        self.started: list[Callable[[TurnRun], None]] = []
+        self.finished: list[Callable[[Finished], None]] = []
         self.lowering = LoweringOptions()
         self.lowering_repr = repr(self.lowering)  # part of the replay cache key
         self.lowering_record = lowering_record(self.lowering)  # in each flow: `resp2chat retranslate` reads it
@@ -241,10 +116,8 @@ class Turns(Owner):
         self.caps = Caps()
         self.secrets: tuple[bytes, ...] = ()
         self.max_event = S.BY_NAME["max_upstream_event_mb"].default << 20  # bytes
-        self.specs: tuple[routing.UpstreamSpec, ...] = ()  # several upstreams (routing.py)
+        self.specs: tuple[S.UpstreamSpec, ...] = ()  # several upstreams (routing.py)
         self.lowering_by_upstream: dict[str, LoweringOptions] = {}
-        self.finished: list[Callable[[Finished], None]] = []
-        self.socket_turns = 0  # turns in flight on Responses WebSockets (addons/websocket.py): not in `live`
         self._seal_key: bytes | None = None
         self._seal_id: str | None = None
         self.sealer = Sealer(self.seal_key)
@@ -252,7 +125,7 @@ class Turns(Owner):
     def apply(self, updated: set[str]) -> None:
         web_search = bool(self.s["brave_api_key"])
         self.lowering = LoweringOptions.from_settings(self.s, web_search=web_search)
-        self.specs = routing.parse_upstreams(self.s["upstreams"])
+        self.specs = S.parse_upstreams(self.s["upstreams"])
         self.lowering_by_upstream = {s.name: LoweringOptions.from_settings(s.settings(self.s), web_search=web_search)
                                      for s in self.specs}
         self.lowering_repr = repr(self.lowering) + "".join(
@@ -278,35 +151,62 @@ class Turns(Owner):
             self._seal_id = hashlib.sha256(b"resp2chat seal key id\n" + self.seal_key()).hexdigest()[:16]
         return self._seal_id
 
-    # --- request ---------------------------------------------------------------------------
+    def replay_key(self, upstreams: str, body: bytes, owner: str) -> str:
+        """The replay cache's key of a request body: the same request with other settings,
+        other upstreams or another seal key (an answer holds what it sealed: after a key change,
+        or on a replica with another key, the client could not send it back), or from another
+        owner, is another answer."""
+        return replay_key(f"{upstreams}\n{self.lowering_repr}\nseal {self.seal_id()}", body, owner)
 
-    async def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response or flow.is_replay == "response":
-            return
-        req = flow.request
-        path = req.path.split("?", 1)[0]
-        if path in RESPONSES_PATHS and req.method == "POST":
-            await self.begin(flow, path)
+    # --- a request, up to its turn ------------------------------------------------------------
 
-    def parse(self, body: bytes | dict, response_id: str, created_at: int, owner: str, history=None,
-              resolve=None) -> Turn:
-        """Decode, check the caps, validate and lower; ``GatewayError`` for a request the gateway
-        cannot serve. ``owner``: whose stored state it reads and will write (``Upstreams.owner_of``).
-        ``history``: where ``previous_response_id`` is looked up, ``resolve``: where
-        ``item_reference`` ids are (default: the owner's, in the response store, both)."""
-        turn = begin_turn(body, self.lowering, response_id, created_at,
-                          history or (lambda rid: self.store.history(rid, owner=owner)), self.tools_cache,
-                          self.sealer, resolve=resolve or (lambda ids: self.store.resolve_items(ids, owner=owner)),
-                          route=self.route if self.specs else None, caps=self.caps)
-        turn.owner = owner
+    @staticmethod
+    async def decode(body: bytes) -> object:
+        """A request body (or a WebSocket message) as its JSON value, strictly (requestbody.py:
+        ``GatewayError`` 400 with the byte offset); a large one decoded off the event loop."""
+        return await offload.loads(body)
+
+    def check(self, raw: object) -> dict:
+        """A decoded request as the request object, within the caps (``GatewayError`` otherwise),
+        before anything walks its items."""
+        if not isinstance(raw, dict):
+            raise GatewayError("request body must be a JSON object", code="invalid_json")
+        check_caps(raw, self.caps)
+        return raw
+
+    async def lookup(self, raw: dict, owner: str, memory=None) -> Found:
+        """What the request refers to (its previous response, item references), ``owner``'s:
+        a WebSocket's ``memory`` first, then the response store. ``GatewayError`` 503 when the
+        store cannot be reached."""
+        previous, refs = wanted(raw)
+        if previous is None and not refs:
+            return Found()
+        return await self.store.lookup(previous, refs, owner=owner, memory=memory)
+
+    def lower(self, raw: dict, found: Found, *, owner: str, request_id: str, keep_items: bool = False) -> Turn:
+        """The turn of a checked request (``GatewayError`` for one the gateway cannot serve):
+        made whole with what ``lookup`` found, validated and lowered for each of its upstreams."""
+        turn = begin_turn(raw, self.lowering, new_response_id(), int(time.time()), found,
+                          tools_cache=self.tools_cache, sealer=self.sealer,
+                          route=self.route if self.specs else None, keep_items=keep_items)
+        turn.owner, turn.ctx.request_id = owner, request_id  # (the request id: named in the failures the client sees)
         return turn
+
+    def conversation(self, raw: dict, found: Found) -> list:
+        """A request's whole conversation as a stored response keeps it, without lowering it (a
+        replay-cache hit stores its answer after it): ``GatewayError`` like ``lower``."""
+        return conversation(raw, found, self.sealer)[1] or []
+
+    def route(self, model: str) -> list[LoweringOptions]:
+        """Several upstreams: the lowering options of each one serving ``model``, in order."""
+        return [self.lowering_by_upstream[s.name] for s in candidates(self.specs, model)]
 
     def recorded_lowering(self, model: str) -> dict:
         """The lowering options a turn for ``model`` ran with, for its record (``resp2chat
         retranslate`` lowers it again with them): its first upstream's (``lowering``) and, with
         fallbacks, theirs in order (``lowering_fallbacks``)."""
         try:
-            names = [s.name for s in routing.candidates(self.specs, model)] if self.specs else []
+            names = [s.name for s in candidates(self.specs, model)] if self.specs else []
         except GatewayError:
             names = []
         if not names:
@@ -316,245 +216,78 @@ class Turns(Owner):
             found["lowering_fallbacks"] = [self.lowering_records[n] for n in names[1:]]
         return found
 
-    def route(self, model: str) -> list[LoweringOptions]:
-        """Several upstreams: the lowering options of each one serving ``model``, in order."""
-        return [self.lowering_by_upstream[s.name] for s in routing.candidates(self.specs, model)]
+    # --- a turn, from its start to its end ----------------------------------------------------
 
-    async def begin(self, flow: http.HTTPFlow, client_path: str) -> None:
-        owner = self.upstreams.owner_of(flow)  # (before the client's credentials are replaced below)
-        body = flow.request.get_content(strict=False) or b""
-        meta = flow.metadata.setdefault(META, {})
-        note_request(meta, body)
-        raw = None
-        try:
-            raw = await offload.loads(body)  # (a large body off the loop)
-            note_request(meta, None, raw)
-            turn = self.parse(raw, new_response_id(), int(time.time()), owner)
-        except GatewayError as err:
-            meta["status"] = "rejected"
-            flow.response = http.Response.make(err.status, json.dumps(err.body()),
-                                               {**JSON_HEADERS, "x-request-id": request_id(flow)})
-            await offload.discard(raw, len(body))
-            return
-        turn.ctx.request_id = request_id(flow)  # named in the failures the client sees
-        req = flow.request
-        plan = self.plan(turn, flow, req.headers.get("authorization"))
-        meta["response_id"] = turn.ctx.response_id
-        meta["upstream"] = plan.upstream.url
-        meta["upstream_name"] = plan.name
-        req.content = turn.chat_body
-        req.headers["content-type"] = "application/json"
-        req.headers["accept"] = "text/event-stream"
-        req.headers["accept-encoding"] = "identity"  # the translator reads raw bytes
-        plan.upstream.route(flow, "/chat/completions")
-        self.upstreams.authorize(flow, plan.spec)
-        if plan.affinity:
-            req.headers[plan.affinity[0]] = plan.affinity[1]
-        url = req.url
-        exchange = self.exchange(flow.id, turn, plan)
-        reader = self.reader(turn, exchange)
-        if not turn.client_stream:
-            exchange.channel.push = reader.apply  # one JSON body at the end: nothing to tick
-        live = Live(turn, exchange, reader, url, client_path, time.monotonic())
-        reader.on_first = lambda: setattr(live, "first", time.monotonic())
-        self.live[flow.id] = live  # (_end forgets it)
-        ABANDON[flow.id] = exchange.abort  # failing closed at the response head gives the backend call up
-        # To the relay (see resp2chat_io/relay/server.py for why turns take this hop); the flow
-        # shows the upstream again once the request is out (responseheaders).
-        for name, value in self.relay.expect(exchange):
-            req.headers[name] = value
-        req.scheme, (req.host, req.port) = "http", self.relay.address
+    def start(self, turn: Turn, flow: http.HTTPFlow, *, turn_id: str, started: float, client_headers,
+              secret: str | None = None) -> TurnRun:
+        """The turn in flight: its exchange (the candidates that serve its model, in order, and
+        the headers each gets besides its own: the client's headers, the routing key), its
+        reader, its timings. ``client_headers``: the request's (HTTP) or the upgrade's (a
+        WebSocket). ``secret``: the exchange's, for the relay (None: a fresh one)."""
+        exchange = Exchange(turn_id, secrets.token_urlsafe(24) if secret is None else secret,
+                            self.upstreams.candidates(turn, flow, client_headers.get("authorization")),
+                            self.upstreams.headers_for(turn, client_headers),
+                            search=self.search.settings if turn.web_search else None,
+                            model=turn.ctx.model, max_event=self.max_event)
+        run = TurnRun(turn, exchange, Reader(turn.translator(self.max_event), MAX_ENTRY_BYTES, self.secrets,
+                                             exchange.channel), flow, started)
+        run.reader.on_first = lambda: setattr(run, "first", time.monotonic())
+        for listener in self.started:  # (one that fails fails the turn: nothing unrecorded goes upstream)
+            listener(run)
+        self.in_flight[turn_id] = run
+        return run
 
-    def plan(self, turn: Turn, flow: http.HTTPFlow, client_auth: str | None) -> "Plan":
-        """Where a turn goes (HTTP and WebSocket alike): the first upstream serving its model,
-        with its key, the session's routing key, and the later ones as fallbacks."""
-        specs = routing.candidates(self.specs, turn.ctx.model) if self.specs else ()
-        spec = specs[0] if specs else None
-        upstream = self.upstreams.endpoint(spec) if spec else self.upstreams.target(flow)
-        fallbacks = tuple(
-            Fallback(alt.name, Target(self.upstreams.endpoint(alt).url + "/chat/completions"),
-                     (auth.encode() if (auth := self.upstreams.authorization(alt, client_auth)) else None),
-                     alt_body, think)
-            for alt, (alt_body, think, _tools) in zip(specs[1:], turn.alternates))
-        return Plan(upstream, spec, spec.name if spec else "default",
-                    self.upstreams.authorization(spec, client_auth),
-                    self.upstreams.routing_key(session_key(turn.prompt_cache_key, flow.request.headers)), fallbacks)
+    def settle(self, run: TurnRun, answer: bytes, failed_in: str | None = None) -> tuple[Finished, dict]:
+        """A turn that ended: the ``Finished`` its listeners get (``ended``) and its record (what
+        the flow keeps of it: the backend's stream and the gateway's own events for ``resp2chat
+        retranslate``, status, usage, error, fallbacks). A failure goes to the log with the
+        turn's request id and its detail (the upstream's own words, or our exception), which the
+        client never sees. ``answer``: what the client got. ``failed_in``: the hook that failed
+        closed (the client's answer is its 500, whatever the backend said)."""
+        turn, reader, ex = run.turn, run.reader, run.exchange
+        t = reader.translator
+        final = t.response() if t.done and failed_in is None else None
+        status = "failed" if failed_in is not None else final["status"] if final else "unfinished"
+        code = "server_error" if failed_in is not None else ""
+        record = {"upstream_sse": scrub(bytes(reader.upstream), self.secrets).decode("utf-8", "replace"),
+                  "created_at": turn.ctx.created_at, **self.recorded_lowering(turn.ctx.model),
+                  "gateway_events": record_events(reader.gateway, self.secrets), "status": status}
+        if failed_in is not None:
+            record["error"] = {"code": code, "message": "the gateway failed to handle this request",
+                               "detail": f"failed closed in {failed_in}"}
+        elif t.error:
+            # the failure as the operator sees it: the upstream's own words, or our exception
+            detail = scrub((t.error_detail or t.error["message"]).encode(), self.secrets).decode()
+            record["error"] = {**t.error, "detail": detail}
+            log.warning(f"resp2chat: {run.request_id} failed ({t.error['code']}): {detail}")
+        record["usage"] = t.usage
+        if ex.skipped:
+            record["fallbacks"] = [{"upstream": n, "status": st} for n, st in ex.skipped]
+        done = Finished(flow=run.flow, turn=turn, status=status, final=final, answer=answer, usage=t.usage,
+                        upstream=run.answering.name, ttft=None if run.first is None else run.first - run.started,
+                        took=time.monotonic() - run.started, skipped=tuple(ex.skipped), code=code, exchange=ex)
+        return done, record
 
-    def exchange(self, turn_id: str, turn: Turn, plan: "Plan", secret: str | None = None) -> Exchange:
-        return Exchange(turn_id, secrets.token_urlsafe(24) if secret is None else secret,
-                        Target(plan.upstream.url + "/chat/completions"),
-                        search=self.search.settings if turn.web_search else None,
-                        upstream=plan.name, model=turn.ctx.model, think=turn.ctx.think, fallbacks=plan.fallbacks,
-                        max_event=self.max_event)
-
-    def reader(self, turn: Turn, exchange: Exchange | None = None) -> Reader:
-        """A turn's translator (bounded by ``max_upstream_event_mb``) in the ``Reader`` that feeds
-        it (HTTP and WebSocket alike); reading ``exchange``'s channel, which it closes once the
-        turn is over (the relay then stops reading the backend)."""
-        return Reader(turn.translator(self.max_event), MAX_ENTRY_BYTES, self.secrets,
-                      exchange.channel if exchange is not None else None)
-
-    # --- response --------------------------------------------------------------------------
-
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
-        live = self.live.get(flow.id)
-        if live is None or flow.is_replay == "response":
-            return
-        if "failed_in" in flow.metadata[META]:
-            self._end(flow)  # an earlier hook failed (base.fail_closed answered): the turn ends here
-            self._record(flow, live, failed=True)
-            return
-        self._answer_head(flow, live)
-
-    def _answer_head(self, flow: http.HTTPFlow, live: Live) -> None:
-        """The relay answered: the flow shows the upstream again, and a streaming client gets
-        the stream callable."""
-        self._show_upstream(flow, live)
-        if not live.turn.client_stream:
-            return
-        resp = flow.response
-        resp.stream = TurnStream(live.reader, live.exchange.channel, live.turn.ctx.request_id)
-        resp.status_code, resp.reason = 200, "OK"
-        for name in ("content-length", "content-encoding", "content-type", "transfer-encoding"):
-            resp.headers.pop(name, None)
-        resp.headers["content-type"] = "text/event-stream; charset=utf-8"
-        resp.headers["cache-control"] = "no-cache"
-        resp.headers["x-request-id"] = live.turn.ctx.request_id
-        if flow.request.http_version == "HTTP/1.1":
-            resp.headers["transfer-encoding"] = "chunked"
-
-    def response(self, flow: http.HTTPFlow) -> None:
-        live = self._end(flow)
-        if live is None:
-            return
-        if flow.is_replay == "response":
-            self._replayed(flow, live)
-            return
-        if "failed_in" in flow.metadata[META] and not isinstance(flow.response.stream, TurnStream):
-            self._record(flow, live, failed=True)  # the answer is base.fail_closed's 500
-            return
-        if not live.turn.client_stream:
-            self._answer_whole(flow, live)
-        self._record(flow, live)
-
-    def error(self, flow: http.HTTPFlow) -> None:
-        live = self._end(flow)
-        if live is None:
-            return
-        streamed = flow.response is not None and isinstance(flow.response.stream, TurnStream)
-        # Codex hangs up as soon as it has response.completed, which the translator sends at the
-        # backend's [DONE], a moment before the relay's body ends: mitmproxy then reports
-        # "Client disconnected" instead of a response. The turn happened all the same: record it.
-        if streamed and not flow.response.raw_content:  # mitmproxy stores a streamed body only at its end
-            flow.response.raw_content = bytes(live.reader.sent)
-        # A turn that failed closed at its response head sent its 500 at once: the client may
-        # have read it and hung up before the relay's body ended. Otherwise the client got
-        # nothing (it went away first, or the relay failed): recorded as it stood (unfinished,
-        # unless the backend had finished).
-        refusal = flow.response.stream if flow.response is not None and isinstance(flow.response.stream, Refusal) \
-            else None
-        self._record(flow, live, failed="failed_in" in flow.metadata[META] and not streamed,
-                     answer=None if streamed else (refusal.sent if refusal is not None else b""))
-
-    def _end(self, flow: http.HTTPFlow) -> Live | None:
-        live = self.live.pop(flow.id, None)
-        if live is not None:
-            ABANDON.pop(flow.id, None)
-            self.relay.forget(flow.id)  # when the relay never saw it (server replay, an error)
-            self._show_upstream(flow, live)
-        return live
+    def ended(self, done: Finished, turn_id: str | None = None) -> None:
+        """A turn is over (``turn_id``: its run leaves ``in_flight``): the ``finished`` listeners
+        hear of it. One that fails is logged and the others still hear of the turn (what the
+        client got is settled by now)."""
+        if turn_id is not None:
+            self.in_flight.pop(turn_id, None)
+        for listener in self.finished:
+            self._tell(listener, done, done.turn.ctx.request_id)
 
     @staticmethod
-    def _show_upstream(flow: http.HTTPFlow, live: Live) -> None:
-        """The flow shows the backend's URL, not the relay's, and no relay headers; when a
-        fallback answered, its URL and the body it got (the first upstream's body stays in the
-        record as ``chat_request``: offline replay matches a rerun on it, as it is what a rerun
-        lowers first)."""
-        req = flow.request
-        show_url(flow, live.upstream_url)
-        ex = live.exchange
-        if ex.answered and live.upstream_url != ex.fallbacks[ex.answered - 1].target.url:
-            fb = ex.fallbacks[ex.answered - 1]
-            live.upstream_url = req.url = fb.target.url
-            meta = flow.metadata[META]
-            if fb.body is not None:
-                meta["chat_request"] = live.turn.chat_body.decode("utf-8", "replace")
-                req.content = fb.body
-            meta["upstream"], meta["upstream_name"] = fb.target.url.removesuffix("/chat/completions"), fb.name
+    def _tell(listener, what, rid: str) -> None:
+        try:
+            listener(what)
+        except Exception as exc:  # noqa: BLE001
+            log.warning(f"resp2chat: recording {rid} failed in {getattr(listener, '__qualname__', listener)}: "
+                        f"{type(exc).__name__}: {exc}", exc_info=exc)
 
-    def _answer_whole(self, flow: http.HTTPFlow, live: Live) -> None:
-        """A non-streaming client: the same translation, finished, as one JSON body."""
-        live.reader.finish()
-        result = live.reader.translator.response()
-        if result["status"] == "failed":
-            err = result["error"]
-            status = FAILED_STATUS.get(err["code"], 502)
-            body = error_json(err["message"], status_type="upstream_error", code=err["code"])
-        else:
-            status, body = 200, json.dumps(result, ensure_ascii=False).encode()
-        flow.response = http.Response.make(status, scrub(body, self.secrets),
-                                           {**JSON_HEADERS, "x-request-id": live.turn.ctx.request_id})
-
-    def _record(self, flow: http.HTTPFlow, live: Live, failed: bool = False, answer: bytes | None = None) -> None:
-        """Flow metadata (saved with -w), a one-line comment (shown in mitmweb), listeners.
-        ``failed``: the client's answer is base.fail_closed's 500, whatever the backend said.
-        ``answer``: what the client got, when it is not the usual (the stream, or the body)."""
-        turn, t, reader = live.turn, live.reader.translator, live.reader
-        meta = flow.metadata[META]
-        ex = live.exchange
-        name = meta.get("upstream_name", "default")
-        if answer is None:
-            answer = bytes(reader.sent) if turn.client_stream and not failed else flow.response.content
-        done, record = settle(flow, turn, reader, answer, upstream=name, started=live.started, first=live.first,
-                              skipped=ex.skipped, secrets=self.secrets, lowering=self.recorded_lowering(turn.ctx.model),
-                              failed_in=meta.get("failed_in") if failed else None, exchange=ex)
-        meta.update(record)
-        status, code = done.status, done.code
-        calls = sum(1 for item in t.output if item["type"] not in ("message", "reasoning", "compaction"))
-        u = t.usage or {}
-        took = ((flow.response.timestamp_end if flow.response else None) or time.time()) - flow.request.timestamp_start
-        flow.comment = (
-            f"{flow.request.method} {live.client_path} → {shown(turn.ctx.model)} · {status}"
-            + (f" ({code or t.error['code']})" if code or t.error else "")
-            + (f" · via {name}" + (f" (after {', '.join(n for n, _ in ex.skipped)})" if ex.skipped else "")
-               if self.specs else "")
-            + usage_note(u)
-            + (f" · {calls} tool call{'s' if calls != 1 else ''}" if calls else "")
-            + (" · compaction" if turn.compaction else "")
-            + f" · {took * 1000:.0f} ms"
-        )
-        self.notify(done)
-
-    def _replayed(self, flow: http.HTTPFlow, live: Live) -> None:
-        """A turn answered by offline replay (``--server-replay``): its recorded answer, or the
-        answer ``server_replay_extra`` gives a turn nothing was recorded for."""
-        meta = flow.metadata[META]
-        body = flow.response.content or b""
-        final = None
-        if meta.get("server_replay"):  # (addons/server_replay.py: where the answer was recorded)
-            if flow.response.headers.get("content-type", "").startswith("text/event-stream"):
-                final = final_response(body)
-            else:
-                try:
-                    final = json.loads(body)
-                except (ValueError, RecursionError):
-                    final = None
-            final = final if isinstance(final, dict) and isinstance(final.get("output"), list) else None
-        status = final.get("status", "unfinished") if final else "failed"
-        code = "" if final else "not_recorded"
-        if final and (final.get("error") or final.get("incomplete_details")):
-            code = (final.get("error") or {}).get("code") or (final.get("incomplete_details") or {}).get("reason") or ""
-        meta["status"] = status
-        self.notify(Finished(flow, live.turn, status, final, body, (final or {}).get("usage"), SERVER_REPLAY,
-                             None, time.monotonic() - live.started, (), code))
-
-    def notify(self, done: Finished) -> None:
-        """Tell the ``finished`` listeners; one that fails is logged and the others still hear
-        of the turn (what the client got is settled by now)."""
-        for listener in self.finished:
-            try:
-                listener(done)
-            except Exception as exc:  # noqa: BLE001
-                log.warning(f"resp2chat: recording {done.turn.ctx.request_id} failed in "
-                            f"{getattr(listener, '__qualname__', listener)}: {type(exc).__name__}: {exc}",
-                            exc_info=exc)
+    def failed_stream(self, run: TurnRun, exc: BaseException) -> bytes:
+        """The gateway's own failure while a turn streams: its one ``response.failed`` (the
+        exception goes to the log, never to the client)."""
+        log.warning(f"resp2chat: the stream of {run.request_id} failed: {type(exc).__name__}: {exc}", exc_info=exc)
+        return run.reader.fail("server_error", gateway_failure("stream this response", run.request_id),
+                               f"{type(exc).__name__}: {exc}")

@@ -13,8 +13,12 @@
 - ``request``: a call the gate let through to the upstream (``passthrough_paths``: the gate
   marks it) goes there with the upstream key, the path after ``/v1`` below the upstream's base
   URL (with several upstreams: the first; ``GET /v1/models`` asks them all and merges the
-  lists). Turns (turns.py) ask ``target``/``endpoint``, ``authorize`` and ``authorization`` for
-  theirs.
+  lists).
+- A turn's way upstream (turns.py, for HTTP and the WebSocket alike): ``candidates`` (each
+  upstream serving its model, in order, as a ``routing.Candidate``: URL, key, its own
+  ``upstream_headers`` and timeouts, the turn's body for it) and ``headers_for`` (what every
+  candidate gets besides: the client's headers without its credentials, hop-by-hop and framing
+  headers, and the session's routing key).
 - ``responseheaders``: a passthrough answer reaches the client with every configured secret
   scrubbed from its headers and its body (streamed through ``channel.Scrubber``, never held
   whole); it is asked for uncompressed (``accept-encoding: identity``), and one that comes
@@ -36,6 +40,7 @@ from mitmproxy.net.http import http1
 from resp2chat_core import content_encoding, routing
 from resp2chat_core import owner as owners
 from resp2chat_core import settings as S
+from resp2chat_core.turn import Turn, session_key
 from resp2chat_core.channel import Scrubber, scrub
 from resp2chat_core.errors import error_json
 from resp2chat_io.relay import Relay
@@ -86,7 +91,7 @@ class Upstreams(Owner):
         self.relay = Relay()
         self.configured: Upstream | None = None  # None: the reverse-proxy target
         self.demo = None  # the bundled demo upstream server, when upstream_base_url == "demo"
-        self.specs: tuple[routing.UpstreamSpec, ...] = ()  # several upstreams (empty: one)
+        self.specs: tuple[S.UpstreamSpec, ...] = ()  # several upstreams (empty: one)
         self.endpoints: dict[str, Upstream] = {}  # by upstream name
         self.secrets: tuple[bytes, ...] = ()  # every configured secret (settings.secret_values)
 
@@ -101,7 +106,7 @@ class Upstreams(Owner):
 
     def apply(self, updated: set[str]) -> None:
         url = self.s["upstream_base_url"]
-        self.specs = routing.parse_upstreams(self.s["upstreams"])
+        self.specs = S.parse_upstreams(self.s["upstreams"])
         if self.specs and url:
             raise exceptions.OptionsError("resp2chat: upstream_base_url and upstreams are both set: upstreams "
                                           "lists every upstream (drop upstream_base_url)")
@@ -111,9 +116,10 @@ class Upstreams(Owner):
             url = self._demo_url()
         self.configured = Upstream(url) if url else None
         client = self.relay.client
+        # (a turn's calls take their timeouts from their candidate; these are for the rest:
+        # web search, GET /models)
         client.connect_timeout = self.s["connect_timeout_secs"] or None
         client.idle_timeout = self.s["upstream_idle_timeout_secs"] or float("inf")
-        client.keepalive = self.s["keepalive_secs"] or float("inf")
         client.verify_tls = not getattr(ctx.options, "ssl_insecure", False)
         self.secrets = S.secret_values(self.s)
 
@@ -127,7 +133,7 @@ class Upstreams(Owner):
             return self.endpoints[self.specs[0].name]
         return self.configured or reverse_target(flow)
 
-    def endpoint(self, spec: routing.UpstreamSpec) -> Upstream:
+    def endpoint(self, spec: S.UpstreamSpec) -> Upstream:
         return self.endpoints[spec.name]
 
     def cache_context(self, flow: http.HTTPFlow) -> str:
@@ -136,7 +142,7 @@ class Upstreams(Owner):
             return "\n".join(f"{s.name}={self.endpoints[s.name].url}" for s in self.specs)
         return self.target(flow).url
 
-    def authorization(self, spec: routing.UpstreamSpec | None, client: str | None) -> str | None:
+    def authorization(self, spec: S.UpstreamSpec | None, client: str | None) -> str | None:
         """The Authorization header an upstream gets: its key; else the client's, only with
         ``forward_client_auth`` when the gateway itself has no key; else none."""
         key = spec.api_key if spec is not None else self.s["upstream_api_key"]
@@ -158,9 +164,9 @@ class Upstreams(Owner):
             any(not s.api_key for s in self.specs) if self.specs else not self.s["upstream_api_key"])
         return owners.of_credential(flow.request.headers.get("authorization")) if forwarded else owners.SHARED
 
-    def authorize(self, flow: http.HTTPFlow, spec: routing.UpstreamSpec | None = None) -> None:
-        """The upstream key replaces the client's credentials (which go upstream only with
-        ``forward_client_auth``, when the gateway itself has no key)."""
+    def authorize(self, flow: http.HTTPFlow, spec: S.UpstreamSpec | None = None) -> None:
+        """A passthrough call: the upstream key replaces the client's credentials (which go
+        upstream only with ``forward_client_auth``, when the gateway itself has no key)."""
         headers = flow.request.headers
         value = self.authorization(spec, headers.get("authorization"))
         if value:
@@ -168,6 +174,39 @@ class Upstreams(Owner):
         else:
             headers.pop("authorization", None)
         headers.pop("x-api-key", None)
+
+    def candidates(self, turn: Turn, flow: http.HTTPFlow, client_auth: str | None) -> tuple[routing.Candidate, ...]:
+        """A turn's upstreams in the order they are tried (routing.py's rule), each with its URL,
+        key, own headers and timeouts, and the turn's body for it (``Turn.alternates``)."""
+        if not self.specs:
+            return (routing.Candidate("default", self.target(flow).url + "/chat/completions", turn.chat_body,
+                                      turn.ctx.think, _bearer(self.authorization(None, client_auth)),
+                                      routing.header_pairs(self.s["upstream_headers"]), **routing.timeouts(self.s)),)
+        specs = routing.candidates(self.specs, turn.ctx.model)
+        bodies = [(turn.chat_body, turn.ctx.think)] + [(body or turn.chat_body, think)
+                                                        for body, think, _tools in turn.alternates]
+        out = []
+        for spec, (body, think) in zip(specs, bodies):
+            own = spec.settings(self.s)
+            out.append(routing.Candidate(spec.name, self.endpoints[spec.name].url + "/chat/completions", body, think,
+                                         _bearer(self.authorization(spec, client_auth)),
+                                         routing.header_pairs(own["upstream_headers"]), **routing.timeouts(own)))
+        return tuple(out)
+
+    def headers_for(self, turn: Turn, client) -> tuple[tuple[bytes, bytes], ...]:
+        """What every candidate of a turn gets besides its body, key and own headers: the client's
+        headers (Codex's session headers…; ``client``: the request's, or a WebSocket's upgrade's)
+        without its credentials, hop-by-hop, framing or handshake headers, then the chat request's
+        content type, and the session's routing key (``routing_key_header``)."""
+        out = [(name.lower().encode(), value.encode("utf-8", "surrogateescape"))
+               for name, value in client.items(multi=True) if name.lower() not in _NOT_FORWARDED]
+        out += [(b"content-type", b"application/json"), (b"accept", b"text/event-stream"),
+                (b"accept-encoding", b"identity")]  # (the translator reads raw bytes)
+        affinity = self.routing_key(session_key(turn.prompt_cache_key, client))
+        if affinity:
+            name = affinity[0].lower().encode()
+            out = [(n, v) for n, v in out if n != name] + [(name, affinity[1].encode())]
+        return tuple(out)
 
     def routing_key(self, session: str | None) -> tuple[str, str] | None:
         """(header, value) that keeps a session on one backend replica (``routing_key_header``)."""
@@ -230,7 +269,7 @@ class Upstreams(Owner):
         answer is left out (and logged); none answering is a 502."""
         client = flow.request.headers.get("authorization")
 
-        async def ask(spec: routing.UpstreamSpec):
+        async def ask(spec: S.UpstreamSpec):
             headers = [(b"accept", b"application/json")]
             if auth := self.authorization(spec, client):
                 headers.append((b"authorization", auth.encode()))
@@ -263,3 +302,14 @@ class Upstreams(Owner):
 
 
 _HEADER_VALUE = re.compile(r"^[\x21-\x7e]{1,256}$")
+# A client's headers that never go upstream with a turn: its credentials, hop-by-hop, framing,
+# content negotiation (the gateway's own), a WebSocket's handshake, the relay's.
+_NOT_FORWARDED = frozenset({
+    "authorization", "x-api-key", "proxy-authorization", "host", "content-length", "transfer-encoding", "connection",
+    "keep-alive", "te", "trailer", "upgrade", "proxy-connection", "expect", "content-type", "content-encoding",
+    "accept", "accept-encoding", "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
+    "sec-websocket-protocol", "sec-websocket-accept", "x-resp2chat-turn", "x-resp2chat-key"})
+
+
+def _bearer(value: str | None) -> bytes | None:
+    return value.encode("utf-8", "surrogateescape") if value else None

@@ -34,31 +34,21 @@ from mitmproxy import ctx, http
 from mitmproxy.flow import Error
 from mitmproxy.utils import human
 
-from resp2chat_core import inputs
 from resp2chat_core import websocket as ws
 from resp2chat_core.channel import Reader
-from resp2chat_core.compaction import untriggered
-from resp2chat_core.errors import GatewayError, error_json, gateway_failure
+from resp2chat_core.errors import GatewayError, gateway_failure
 from resp2chat_core.labels import shown
-from resp2chat_core.turn import Turn, check_caps, session_key
+from resp2chat_core.replay import MAX_ENTRY_BYTES
+from resp2chat_core.turn import Turn, session_key
 from resp2chat_core.usage import usage_note
 from resp2chat_io import mitm_websocket, offload
-from resp2chat_io.redis_state import StateUnavailable
-from resp2chat_io.relay import Exchange, Socket
-from resp2chat_io.relay.exchange import run
+from resp2chat_io.relay import Socket
+from resp2chat_io.relay.exchange import run as run_exchange
 from resp2chat_io.relay.upstream import failure
 
-from .base import META, Owner, fails_closed, request_id, show_url
+from .base import META, RESPONSES_PATHS, Owner, fails_closed, json_response, log, request_id, show_url
 from .outcomes import Outcome
-from .raw import RawPrinter
-from .store import store_unavailable
-from .turns import RESPONSES_PATHS, Finished, new_response_id, settle
-
-log = logging.getLogger("resp2chat")
-
-JSON_HEADERS = {"content-type": "application/json"}
-HANDSHAKE = ("upgrade", "connection", "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
-             "sec-websocket-protocol", "content-length", "transfer-encoding", "host")
+from .turns import Finished, TurnRun
 RECORD_BUDGET = 64 << 20  # turn records kept on one socket's flow; later turns are noted without their bodies
 MAX_RECORDS = 1024  # turn records kept on one socket's flow; later turns are only counted
 MESSAGE_BUDGET = 16 << 20  # bytes of messages one socket's flow keeps in flow.websocket.messages (the first ones)
@@ -69,16 +59,14 @@ QUIET_SOCKETS = "!~websocket"  # mitmdump's dumper_filter unless one is set
 
 
 @dataclass(eq=False)
-class Live:
+class OpenSocket:
     """One open socket."""
 
-    flow: http.HTTPFlow
+    flow: http.HTTPFlow  # its upgrade
     sock: Socket  # its relay side (``sock.send`` answers the client)
     url: str  # what the client asked for (the flow shows it again once the 101 is in)
-    upstream_url: str  # the (first) backend's chat completions URL
-    headers: list[tuple[bytes, bytes]]  # sent to the backend with each turn (Codex's headers; no credentials)
     owner: str  # whose stored state its turns read and write (Upstreams.owner_of, decided at the upgrade)
-    client_auth: str | None = None  # the client's Authorization (forward_client_auth; an upstream's key wins)
+    headers: http.Headers  # the upgrade's, as the client sent them (its turns' client headers; the flow's get redacted)
     conn: ws.Connection = field(default_factory=ws.Connection)
     messages: int = 0  # client messages so far (each gets its own request id: request_id(flow)_n)
     turns: int = 0
@@ -86,7 +74,7 @@ class Live:
     records: int = 0  # turn records made (the flow keeps the first MAX_RECORDS)
     counts: dict = field(default_factory=dict)  # records by status ("warm-up" for warm-ups), for the comment
     usage: dict | None = None  # the last record's usage that had one
-    current: Message | None = None  # the turn in flight
+    current: Message | None = None  # the message whose turn is in flight
     kept: int = 0  # messages kept in flow.websocket.messages, and their bytes
     kept_bytes: int = 0
     dropped: int = 0  # messages not kept, and their bytes
@@ -102,12 +90,9 @@ class Message:
     request_id: str  # in failures the client sees, the log, metrics and the access log
     started: float  # time.monotonic() when it arrived
     request: dict | None = None  # the Responses request it carries, once read
-    turn: Turn | None = None
-    reader: Reader | None = None
+    turn: Turn | None = None  # its turn, once lowered
+    run: TurnRun | None = None  # its turn in flight (a warm-up has none: no backend)
     sent: list = field(default_factory=list)  # (event type, message) as sent, for the record
-    upstream: str = ""  # the name of the upstream it went to first
-    exchange: Exchange | None = None
-    first: float | None = None  # time.monotonic() when the first event made from backend data left
 
 
 @fails_closed
@@ -116,12 +101,12 @@ class ResponsesWebSocket(Owner):
     owner = "websocket"
     also_reads = ("max_request_body_mb",)  # a message is a request: the same limit
 
-    def __init__(self, source, upstreams, turns, store, request_log=None, server_replay=None, outcomes=None) -> None:
+    def __init__(self, source, upstreams, turns, server_replay=None, outcomes=None) -> None:
         super().__init__(source)
-        self.upstreams, self.relay, self.turns, self.store = upstreams, upstreams.relay, turns, store
-        self.request_log, self.server_replay, self.outcomes = request_log, server_replay, outcomes
-        self.live: dict[str, Live] = {}
-        self.by_client: dict[str, Live] = {}  # the same, by the client connection's id
+        self.upstreams, self.relay, self.turns = upstreams, upstreams.relay, turns
+        self.server_replay, self.outcomes = server_replay, outcomes
+        self.live: dict[str, OpenSocket] = {}
+        self.by_client: dict[str, OpenSocket] = {}  # the same, by the client connection's id
         mitm_websocket.install()  # a client message is bounded while mitmproxy reads it (see there)
         mitm_websocket.refused = self.oversized
 
@@ -167,17 +152,15 @@ class ResponsesWebSocket(Owner):
 
     @staticmethod
     def refuse(flow: http.HTTPFlow, status: int, message: str, code: str, **headers: str) -> None:
-        flow.response = http.Response.make(status, error_json(message, code=code), {**JSON_HEADERS, **headers})
+        flow.response = json_response(status, GatewayError(message, code=code, status=status).body(), **headers)
 
     def open(self, flow: http.HTTPFlow) -> None:
         req = flow.request
         sock = Socket(flow.id, secrets.token_urlsafe(24), lambda text, send: self.message(live, text, send),
                       self.max_message)
-        live = Live(flow, sock, req.url, self.upstreams.target(flow).url + "/chat/completions",
-                    self.upstream_headers(flow), self.upstreams.owner_of(flow),
-                    client_auth=req.headers.get("authorization"))
+        live = OpenSocket(flow, sock, req.url, self.upstreams.owner_of(flow), req.headers.copy())
         meta = flow.metadata.setdefault(META, {})
-        meta.update(transport="websocket", upstream=live.upstream_url, turns=[])
+        meta.update(transport="websocket", upstream=self.upstreams.target(flow).url + "/chat/completions", turns=[])
         self.live[flow.id] = self.by_client[flow.client_conn.id] = live  # (websocket_end or error forgets it)
         for name, value in self.relay.expect(sock):
             req.headers[name] = value
@@ -186,18 +169,6 @@ class ResponsesWebSocket(Owner):
     def running(self) -> None:
         if ctx.master is not None and ctx.master.addons.get(KeepUpgrades.name) is None:
             ctx.master.addons.add(KeepUpgrades(self))  # after mitmproxy's server replay: see there
-
-    @staticmethod
-    def upstream_headers(flow: http.HTTPFlow) -> list[tuple[bytes, bytes]]:
-        """What each turn sends the backend besides its body and its upstream's credentials
-        (``Turns.plan``): the client's headers (Codex's session headers…), as on the HTTP path."""
-        headers = flow.request.headers.copy()
-        for name in (*HANDSHAKE, "authorization", "x-api-key"):
-            headers.pop(name, None)
-        headers["content-type"] = "application/json"
-        headers["accept"] = "text/event-stream"
-        headers["accept-encoding"] = "identity"  # the translator reads raw bytes
-        return [(name.lower(), value) for name, value in headers.fields]
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         live = self.live.get(flow.id)
@@ -226,7 +197,7 @@ class ResponsesWebSocket(Owner):
         except Exception as exc:  # noqa: BLE001 — a hook of mitmproxy's WebSocket layer: never raise into it
             log.warning(f"resp2chat: keeping a WebSocket message failed: {type(exc).__name__}: {exc}", exc_info=exc)
 
-    def _keep(self, flow: http.HTTPFlow, live: Live) -> None:
+    def _keep(self, flow: http.HTTPFlow, live: OpenSocket) -> None:
         messages = flow.websocket.messages
         self._let_pass(live, messages)
         size = len(messages[-1].content) if messages else 0
@@ -240,7 +211,7 @@ class ResponsesWebSocket(Owner):
         flow.metadata[META]["messages_dropped"] = {"count": live.dropped, "bytes": live.dropped_bytes}
 
     @staticmethod
-    def _let_pass(live: Live, messages: list) -> None:
+    def _let_pass(live: OpenSocket, messages: list) -> None:
         """The message not kept leaves the list (it is near its end: mitmproxy only appends)."""
         passing, live.passing = live.passing, None
         if passing is not None:
@@ -269,7 +240,7 @@ class ResponsesWebSocket(Owner):
                 self._finish(live, m)
 
     @staticmethod
-    def _show_client_url(flow: http.HTTPFlow, live: Live) -> None:
+    def _show_client_url(flow: http.HTTPFlow, live: OpenSocket) -> None:
         """The flow shows what the client asked for, not the relay, and no relay headers."""
         show_url(flow, live.url)
 
@@ -294,7 +265,7 @@ class ResponsesWebSocket(Owner):
         return GatewayError(f"message larger than max_request_body_mb ({self.s['max_request_body_mb']} MiB)",
                             code="request_too_large", status=413)
 
-    async def message(self, live: Live, message: str | bytes, send) -> None:
+    async def message(self, live: OpenSocket, message: str | bytes, send) -> None:
         """One client message (the relay calls this in order, one at a time). Fails closed: a bug
         of ours still ends the message with an ``error`` message naming its request id (the
         details go to the log), and the socket goes on."""
@@ -312,33 +283,29 @@ class ResponsesWebSocket(Owner):
             self._refuse(live, m, GatewayError(gateway_failure("handle this message", m.request_id),
                                                code="server_error", status=500, type="server_error"), send)
 
-    async def _message(self, live: Live, m: Message, message: str | bytes, send) -> None:
+    async def _message(self, live: OpenSocket, m: Message, message: str | bytes, send) -> None:
+        """One message: turns.py's steps, as for an HTTP request (the same chat bytes), with this
+        socket's memory asked first for what it continues; the events sent one message each."""
         # read as an HTTP body is (requestbody.py); a lone surrogate then fails as invalid UTF-8
         body = message if isinstance(message, bytes) else message.encode("utf-8", "surrogatepass")
         data = None
+        turns = self.turns
         try:
             if len(body) > self.max_message:  # (mitmproxy refuses one first: ``oversized``)
                 raise self._too_large()
-            data = await offload.loads(body)  # (a large message off the loop, as an HTTP body)
+            data = await turns.decode(body)  # (a large message off the loop, as an HTTP body)
             create = ws.parse_message(data)
             if create is None:
                 return  # response.processed: nothing to say
-            m.request = create.body
-            check_caps(create.body, self.turns.caps)  # (before the store is asked for what it names)
-            stored, resolve = await self._stored(live, create)
-            turn = self.turns.parse(create.body, new_response_id(), int(time.time()), live.owner,
-                                    live.conn.lookup(stored), resolve)
+            m.request = turns.check(create.body)
+            found = await turns.lookup(create.body, live.owner, live.conn)
+            m.turn = turn = turns.lower(create.body, found, owner=live.owner, request_id=m.request_id,
+                                        keep_items=True)  # (the socket remembers its conversation)
         except GatewayError as err:
             self._refuse(live, m, err, send)
             m.request = None
             await offload.discard(data, len(body))
             return
-        turn.ctx.request_id = m.request_id  # named in the failures the client sees
-        conversation = live.conn.conversation(create, stored, resolve, self.turns.sealer)
-        m.turn = turn
-        m.reader = reader = self.turns.reader(turn)
-        if ctx.options.resp2chat_raw:
-            reader.translator.observer = RawPrinter()
         coalesce, sent = ws.Coalescer(), m.sent
 
         def out(sse: bytes) -> None:
@@ -349,75 +316,44 @@ class ResponsesWebSocket(Owner):
             send([message for _, message in messages])
 
         if self.server_replay is not None and self.server_replay.active \
-                and self._replay(live, m, conversation, send, create.warmup):
+                and self._replay(live, m, send, create.warmup):
             return  # answered from a recording (--server-replay)
         if create.warmup:
+            reader = Reader(turn.translator(turns.max_event), MAX_ENTRY_BYTES, turns.secrets)
             out(reader.apply(ws.Warmup()))
-            live.conn.remember(turn.ctx.response_id, conversation or [])
-            self._warmed(live, m)
+            live.conn.remember(turn.ctx.response_id, turn.items)
+            self._warmed(live, m, reader)
             return
         live.turns += 1
-        plan = self.turns.plan(turn, live.flow, live.client_auth)  # the same routing as over HTTP
-        exchange = self.turns.exchange(f"{live.flow.id}:{live.turns}", turn, plan, secret="")
-        exchange.channel.push = lambda item: out(reader.apply(item))
-        reader.channel = exchange.channel  # (closed once the turn is over: the relay stops reading the backend)
-        m.upstream, m.exchange = plan.name, exchange
-        reader.on_first = lambda: setattr(m, "first", time.monotonic())
-        headers = list(live.headers)
-        if plan.authorization:
-            headers.append((b"authorization", plan.authorization.encode()))
-        if plan.affinity:
-            headers.append((plan.affinity[0].lower().encode(), plan.affinity[1].encode()))
-        if self.request_log is not None:
-            self.request_log.write(live.flow, turn, exchange.target.url)
+        m.run = run = turns.start(turn, live.flow, turn_id=f"{live.flow.id}:{live.turns}", started=m.started,
+                                  client_headers=live.headers, secret="")
+        run.exchange.channel.push = lambda item: out(run.reader.apply(item))
         live.current = m
-        self.turns.socket_turns += 1
         try:
-            await run(exchange, self.relay.client, headers, turn.chat_body)
+            await run_exchange(run.exchange, self.relay.client)
         except asyncio.CancelledError:  # the socket closed: the backend call is dropped with it
             if self._settled(live, m):  # (not recorded yet by websocket_end)
                 self._finish(live, m)
             raise
         except Exception as exc:  # noqa: BLE001 — a bug of ours: the turn still ends clearly
             log.warning(f"resp2chat: websocket turn {m.request_id} failed: {type(exc).__name__}: {exc}", exc_info=exc)
-            out(reader.apply(failure(502, "the gateway's relay failed", "server_error")))
+            out(run.reader.apply(failure(502, "the gateway's relay failed", "server_error")))
         if not self._settled(live, m):
             return  # the socket ended meanwhile: websocket_end recorded the turn
-        out(reader.finish())
+        out(run.reader.finish())
         done = self._finish(live, m)
-        if done.status == "completed" and conversation is not None:
-            live.conn.remember(turn.ctx.response_id, untriggered(conversation) + reader.translator.output)
+        if done.status == "completed":
+            live.conn.remember(turn.ctx.response_id, turn.items + run.reader.translator.output)
 
-    async def _stored(self, live: Live, create: ws.Create):
-        """Where the response store has this message's ``previous_response_id`` (when the
-        connection does not) and its ``item_reference`` ids: ``(history, resolve)`` for
-        ``Turns.parse``. With Redis they are fetched now, for this message alone (the HTTP path's
-        ``StoredResponses.request`` fetches them for its flow); Redis down: 503 store_unavailable."""
-        owner = live.owner
-        if not self.store.shared:
-            return (lambda rid: self.store.history(rid, owner=owner)), \
-                (lambda ids: self.store.resolve_items(ids, owner=owner))
-        previous = create.previous if create.previous and live.conn.history(create.previous) is None else None
-        refs = inputs.reference_ids(create.body.get("input"))
-        history, items = None, {}
-        if previous is not None or refs:
-            try:
-                history, items = await self.store.fetch(previous, refs, owner=owner)
-            except StateUnavailable:
-                raise store_unavailable(f"previous_response_id {shown(previous)!r}" if previous is not None
-                                        else "item_reference") from None
-        return ((lambda rid: history if rid == previous else None),
-                (lambda ids: {i: items[i] for i in ids if i in items}))
-
-    def _settled(self, live: Live, m: Message) -> bool:
+    @staticmethod
+    def _settled(live: OpenSocket, m: Message) -> bool:
         """The turn ``m`` leaves the socket (True: it was in flight; False: already settled)."""
         if live.current is not m:
             return False
         live.current = None
-        self.turns.socket_turns -= 1
         return True
 
-    def _refuse(self, live: Live, m: Message, err: GatewayError, send, **note) -> None:
+    def _refuse(self, live: OpenSocket, m: Message, err: GatewayError, send, **note) -> None:
         """A message the gateway answers itself with an ``error``: sent, recorded, counted."""
         send([ws.error_message(err)])
         if len(m.text) > REFUSED_KEPT:
@@ -426,7 +362,7 @@ class ResponsesWebSocket(Owner):
                             "status": "rejected", "error": err.body()["error"], **note})
         self._outcome(live, m, "rejected", err.code or "", err.status)
 
-    def _outcome(self, live: Live, m: Message, status: str, code: str, http_status: int, upstream: str = "",
+    def _outcome(self, live: OpenSocket, m: Message, status: str, code: str, http_status: int, upstream: str = "",
                  usage: dict | None = None) -> None:
         """A message answered without a turn (refused, or replayed) for metrics and the access log,
         as outcomes.py counts such an HTTP request."""
@@ -438,7 +374,7 @@ class ResponsesWebSocket(Owner):
                                    model, upstream, status, code, usage, None, time.monotonic() - m.started,
                                    http_status))
 
-    def _replay(self, live: Live, m: Message, conversation: list | None, send, warmup: bool = False) -> bool:
+    def _replay(self, live: OpenSocket, m: Message, send, warmup: bool = False) -> bool:
         """Offline replay (``--server-replay``): the recorded events of the same turn (or
         warm-up), if any. False: none, and the turn (or warm-up) is served as usual."""
         turn = m.turn
@@ -454,8 +390,8 @@ class ResponsesWebSocket(Owner):
             return False
         send(ws.messages(recorded))
         final = ws.final_response(recorded) or {}
-        if final.get("status") == "completed" and conversation is not None:
-            live.conn.remember(final["id"], conversation + final.get("output", []))
+        if final.get("status") == "completed":
+            live.conn.remember(final["id"], turn.items + final.get("output", []))
         self._record(live, {"responses_request": m.text, "request_id": m.request_id,
                             "chat_request": turn.chat_body.decode("utf-8", "replace"),
                             "response_id": final.get("id"), "status": final.get("status", "unfinished"),
@@ -465,33 +401,31 @@ class ResponsesWebSocket(Owner):
             self._outcome(live, m, "replayed", "", 200, "server-replay", final.get("usage"))
         return True
 
-    def _warmed(self, live: Live, m: Message) -> None:
+    def _warmed(self, live: OpenSocket, m: Message, reader: Reader) -> None:
         """Record a warm-up (answered without the backend: no turn, nothing to count)."""
-        turn, t = m.turn, m.reader.translator
+        turn, t = m.turn, reader.translator
         self._record(live, {"responses_request": m.text, "request_id": m.request_id,
                             "response_id": turn.ctx.response_id, "created_at": turn.ctx.created_at,
                             "status": t.response()["status"] if t.done else "unfinished", "usage": t.usage,
                             "warmup": True, "chat_request": turn.chat_body.decode("utf-8", "replace"),
                             "events": ws.as_sse(m.sent).decode("utf-8", "replace")})  # (what replay matches)
 
-    def _finish(self, live: Live, m: Message) -> Finished:
+    def _finish(self, live: OpenSocket, m: Message) -> Finished:
         """Record a turn on the flow and tell the listeners (the response store, metrics and the
-        access log…): turns.settle, as for an HTTP turn. Returns what they were told."""
-        ex = m.exchange
-        name = ex.fallbacks[ex.answered - 1].name if ex.answered else m.upstream
+        access log…): ``Turns.settle`` and ``ended``, as for an HTTP turn. Returns what they were
+        told."""
+        run = m.run
         answer = ws.as_sse(m.sent)  # what the client got (deltas merged as they were sent)
-        done, record = settle(live.flow, m.turn, m.reader, answer, upstream=name, started=m.started, first=m.first,
-                              skipped=tuple(ex.skipped), secrets=self.turns.secrets,
-                              lowering=self.turns.recorded_lowering(m.turn.ctx.model), exchange=ex)
+        done, record = self.turns.settle(run, answer)
         turn = m.turn
         self._record(live, {"responses_request": m.text, "request_id": m.request_id,
-                            "response_id": turn.ctx.response_id, "warmup": False, "upstream_name": name,
+                            "response_id": turn.ctx.response_id, "warmup": False, "upstream_name": done.upstream,
                             "chat_request": turn.chat_body.decode("utf-8", "replace"), **record,
                             "events": answer.decode("utf-8", "replace")})
-        self.turns.notify(done)
+        self.turns.ended(done, run.exchange.turn_id)
         return done
 
-    def _record(self, live: Live, record: dict) -> None:
+    def _record(self, live: OpenSocket, record: dict) -> None:
         flow = live.flow
         meta = flow.metadata[META]
         live.records += 1

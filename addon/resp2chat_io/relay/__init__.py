@@ -8,8 +8,8 @@
 
 from .exchange import Exchange, SearchSettings
 from .server import KEY_HEADER, TURN_HEADER, Answer, Relay
-from .upstream import Outcome, Target, UpstreamClient
+from .upstream import CallEnd, Target, UpstreamClient
 from .websocket import Socket
 
-__all__ = ["Answer", "Exchange", "SearchSettings", "Relay", "TURN_HEADER", "KEY_HEADER", "Outcome", "Target", "UpstreamClient",
+__all__ = ["Answer", "Exchange", "SearchSettings", "Relay", "TURN_HEADER", "KEY_HEADER", "CallEnd", "Target", "UpstreamClient",
            "Socket"]

@@ -1,13 +1,16 @@
 """One turn as the relay runs it: one upstream call, or the rounds of a web-search loop.
 
-An ``Exchange`` is made by the addon when it lowers a turn and claimed by the relay when
-mitmproxy's request for it arrives (server.py). Everything it holds came from the gateway's own
-configuration and the validated turn: the backend URL is never read from a request.
+An ``Exchange`` is made by the addon when it starts a turn (``Turns.start``, for HTTP and the
+Responses WebSocket alike) and run by the relay: claimed when mitmproxy's request for it arrives
+(server.py), or awaited directly by a socket's turn. Everything it holds came from the gateway's
+own configuration and the validated turn: the backend URLs, keys, bodies and headers are never
+read from a request.
 
-Several upstreams (resp2chat_core/routing.py): the exchange also holds the model's fallbacks,
-each with its own URL, key and body. A candidate's failure before its first byte goes no
-further than its ``Attempt`` while another candidate remains; the next one is called. Only the
-first round of a web-search loop falls back (later rounds follow what the client already has).
+The turn's upstreams are one tuple of ``routing.Candidate``\\s, index 0 first, each with its own
+URL, key, headers, timeouts and body. A candidate's failure before its first byte goes no
+further than its ``Attempt`` while another candidate remains; the next one is called
+(routing.py's rule). Only the first round of a web-search loop falls back (later rounds follow
+what the client already has).
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ import h11
 
 from resp2chat_core import routing, websearch
 from resp2chat_core.channel import Accepted, Channel, Oversized, Rerouted, SearchDone, SearchStarted
+from resp2chat_core.routing import Candidate
 from resp2chat_core.sse import MAX_EVENT
 
-from .upstream import Outcome, Target, UpstreamClient
+from .upstream import CallEnd, UpstreamClient
 
 log = logging.getLogger("resp2chat.relay")
 
@@ -38,33 +42,27 @@ class SearchSettings:
     max_web_search_rounds: int
 
 
-@dataclass(frozen=True)
-class Fallback:
-    """A later upstream for this turn's model (routing.py), from the gateway's configuration."""
-
-    name: str
-    target: Target  # its chat completions URL
-    authorization: bytes | None  # its Authorization header value (None: none is sent)
-    body: bytes | None  # its own lowering of the turn (None: the same bytes as the first's)
-    think: str  # how its <think> tags are read
-
-
 @dataclass(eq=False)
 class Exchange:
-    turn_id: str  # the flow's id: names the exchange in mitmproxy's request to the relay
+    """A turn's upstream work: what the relay needs to run it, and what it learnt doing so."""
+
+    turn_id: str  # names the exchange in mitmproxy's request to the relay (the HTTP flow's id)
     secret: str  # per turn, random; mitmproxy's request must carry it (compared in constant time)
-    target: Target  # the configured backend's chat completions URL
+    candidates: tuple[Candidate, ...]  # in the order they are tried: [0] first, the rest its fallbacks
+    headers: tuple[tuple[bytes, bytes], ...] = ()  # what every candidate gets besides its own (the client's, affinity)
     channel: Channel = field(default_factory=Channel)
     search: SearchSettings | None = None  # the gateway runs this turn's web searches
-    upstream: str = ""  # the first upstream's name (routing.py; "default" with one upstream)
     model: str = ""  # the client's model name, for the error naming every upstream tried
-    think: str = "auto"  # the first upstream's think mode (a fallback's may differ)
-    fallbacks: tuple[Fallback, ...] = ()
-    answered: int = 0  # which candidate answered (or failed last): 0 the first, i the i-th fallback
-    skipped: list = field(default_factory=list)  # (name, status) of candidates that failed over
     max_event: int = MAX_EVENT  # the largest SSE event a backend may send (max_upstream_event_mb): web search reads it
+    answered: int = 0  # the index of the candidate that answered (or failed last)
+    skipped: list = field(default_factory=list)  # (name, status) of candidates that failed over
     aborted: bool = False  # the addon gave the turn up (``abort``)
     stop: Callable[[], None] | None = None  # set by the relay while it runs the exchange
+
+    @property
+    def answering(self) -> Candidate:
+        """The candidate that answered the turn (or failed last; the first until one was called)."""
+        return self.candidates[self.answered]
 
     def abort(self) -> None:
         """The turn is given up (its flow failed closed before its answer began): the relay
@@ -74,18 +72,20 @@ class Exchange:
             self.stop()
 
 
-async def run(ex: Exchange, client: UpstreamClient, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+async def run(ex: Exchange, client: UpstreamClient) -> None:
     ex.channel.event(Accepted())
     rounds = ex.search.max_web_search_rounds if ex.search is not None else None
-    if ex.fallbacks:
-        outcome, target, headers, loop = await _first_answer(ex, client, headers, body, rounds)
+    headers = list(ex.headers)
+    if len(ex.candidates) > 1:
+        outcome, loop = await _first_answer(ex, client, headers, rounds)
     else:  # (straight into the channel: no Attempt to watch for a failure to fall back from)
-        target = ex.target
-        loop = websearch.SearchLoop(body, rounds, ex.max_event) if rounds is not None else None
-        outcome = await client.call(target, headers, loop.body if loop else body, ex.channel,
+        only = ex.candidates[0]
+        loop = websearch.SearchLoop(only.body, rounds, ex.max_event) if rounds is not None else None
+        outcome = await client.call(only, headers, loop.body if loop else only.body, ex.channel,
                                     loop.feed if loop else None)
     if loop is None:
         return
+    to = ex.answering
     while True:
         if loop.oversized:  # (the call stopped reading at once: upstream.py)
             ex.channel.event(Oversized(loop.max_event))
@@ -104,43 +104,34 @@ async def run(ex: Exchange, client: UpstreamClient, headers: list[tuple[bytes, b
             texts.append(text)
             ex.channel.event(SearchDone(search.call_id, tuple(sources)))
         loop.next_round(texts)
-        outcome = await client.call(target, headers, loop.body, ex.channel, loop.feed)
+        outcome = await client.call(to, headers, loop.body, ex.channel, loop.feed)
 
 
-async def _first_answer(ex: Exchange, client: UpstreamClient, headers: list[tuple[bytes, bytes]], body: bytes,
-                        search_rounds: int | None):
-    """Call the candidates in order until one answers (routing.py's rule); returns the outcome,
-    the target and headers that went to the one that answered, and its search loop (web search
-    only)."""
+async def _first_answer(ex: Exchange, client: UpstreamClient, headers: list[tuple[bytes, bytes]],
+                        search_rounds: int | None) -> tuple[CallEnd, websearch.SearchLoop | None]:
+    """Call the candidates in order until one answers (routing.py's rule); returns the outcome
+    and the search loop of the one that answered (web search only)."""
     failed: list[tuple[str, object]] = []
-    candidates = [(ex.upstream, ex.target, None, body, ex.think)] + [
-        (f.name, f.target, f.authorization, f.body if f.body is not None else body, f.think) for f in ex.fallbacks]
-    for i, (name, target, auth, cbody, think) in enumerate(candidates):
-        last = i == len(candidates) - 1
-        sent = headers if i == 0 else _with_authorization(headers, auth)
-        attempt = routing.Attempt(ex.channel, (Rerouted(think, i),) if i else ())  # (its think tags, its tools)
-        loop = websearch.SearchLoop(cbody, search_rounds, ex.max_event) if search_rounds is not None else None
+    last = len(ex.candidates) - 1
+    for i, to in enumerate(ex.candidates):
+        attempt = routing.Attempt(ex.channel, (Rerouted(to.think, i),) if i else ())  # (its think tags, its tools)
+        loop = websearch.SearchLoop(to.body, search_rounds, ex.max_event) if search_rounds is not None else None
         ex.answered = i
-        outcome = await client.call(target, sent, loop.body if loop else cbody, attempt, loop.feed if loop else None)
+        outcome = await client.call(to, headers, loop.body if loop else to.body, attempt, loop.feed if loop else None)
         failure = attempt.failure
         if failure is None:
-            return outcome, target, sent, loop
-        if routing.falls_back(failure) and not last:
-            failed.append((name, failure))
-            ex.skipped.append((name, failure.status))
-            log.warning(f"resp2chat: upstream {name} failed before its first byte (HTTP {failure.status}): "
-                        f"trying {candidates[i + 1][0]} for model {ex.model!r}")
+            return outcome, loop
+        if routing.falls_back(failure) and i < last:
+            failed.append((to.name, failure))
+            ex.skipped.append((to.name, failure.status))
+            log.warning(f"resp2chat: upstream {to.name} failed before its first byte (HTTP {failure.status}): "
+                        f"trying {ex.candidates[i + 1].name} for model {ex.model!r}")
             continue
         if failed and routing.falls_back(failure):
-            failure = routing.all_failed(ex.model, failed + [(name, failure)])
+            failure = routing.all_failed(ex.model, failed + [(to.name, failure)])
         ex.channel.event(failure)
-        return Outcome.BROKEN, target, sent, loop
+        return CallEnd.BROKEN, loop
     raise AssertionError("not reached")
-
-
-def _with_authorization(headers: list[tuple[bytes, bytes]], value: bytes | None) -> list[tuple[bytes, bytes]]:
-    out = [(n, v) for n, v in headers if n.lower() != b"authorization"]
-    return out + [(b"authorization", value)] if value else out
 
 
 async def _brave(client: UpstreamClient, s: SearchSettings, query: str) -> tuple[str, list[str]]:

@@ -55,7 +55,6 @@ log = logging.getLogger("resp2chat.relay")
 
 TURN_HEADER = "x-resp2chat-turn"  # names the exchange (the flow id): not a secret
 KEY_HEADER = "x-resp2chat-key"  # the exchange's secret
-RELAY_HEADERS = frozenset({TURN_HEADER.encode(), KEY_HEADER.encode()})
 TICK = b"1\r\n.\r\n"  # one chunk, one byte: "take what the channel holds"
 READ = 65536
 MAX_REQUEST = 256 << 20  # what mitmproxy may send us (the addon bounds the real body far lower)
@@ -176,8 +175,8 @@ class Relay:
                 if isinstance(exchange, Answer):
                     await _answer(exchange, conn, reader, writer)
                     return
-                body = await _read_body(conn, reader, deadline)
-                await self._exchange(exchange, request, body, reader, writer, conn)
+                await _read_body(conn, reader, deadline)  # (read, so the connection can serve the next one)
+                await self._exchange(exchange, reader, writer, conn)  # (the body is the exchange's own)
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                     return
                 conn.start_next_cycle()
@@ -187,17 +186,17 @@ class Relay:
         finally:
             writer.close()
 
-    async def _exchange(self, ex: Exchange, request: h11.Request, body: bytes, reader, writer,
-                        conn: h11.Connection) -> None:
+    async def _exchange(self, ex: Exchange, reader, writer, conn: h11.Connection) -> None:
+        """Run ``ex``: what goes upstream (bodies, headers, keys) is the exchange's, made by the
+        addon from the gateway's configuration; mitmproxy's request only names it."""
         self.active += 1
-        headers = [(n, v) for n, v in request.headers if n not in RELAY_HEADERS]
         writer.write(conn.send(h11.Response(status_code=200, headers=[
             (b"content-type", b"application/x-resp2chat-ticks"), (b"cache-control", b"no-cache"),
             (b"transfer-encoding", b"chunked")])))
         ex.channel.wake = lambda: writer.write(TICK)
         # The only thing mitmproxy may send while we stream is EOF: the client went away.
         gone = asyncio.ensure_future(reader.read(1))
-        task = asyncio.ensure_future(run(ex, self.client, headers, body))
+        task = asyncio.ensure_future(run(ex, self.client))
         stopped = asyncio.get_running_loop().create_future()  # the addon gave the turn up (Exchange.abort)
         ex.stop = lambda: stopped.done() or stopped.set_result(None)
         if ex.aborted:
@@ -267,8 +266,10 @@ async def _read_head(conn: h11.Connection, reader: asyncio.StreamReader,
         return None, 0.0  # ConnectionClosed (or anything else between requests)
 
 
-async def _read_body(conn: h11.Connection, reader: asyncio.StreamReader, deadline: float) -> bytes:
-    body = bytearray()
+async def _read_body(conn: h11.Connection, reader: asyncio.StreamReader, deadline: float) -> None:
+    """Read mitmproxy's request body to its end, keeping nothing: what goes upstream is the
+    exchange's (the flow's body is the same chat request, there for flow files and replay)."""
+    size = 0
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
@@ -276,10 +277,10 @@ async def _read_body(conn: h11.Connection, reader: asyncio.StreamReader, deadlin
                 data = await reader.read(READ)
             conn.receive_data(data)
         elif isinstance(event, h11.Data):
-            body += event.data
-            if len(body) > MAX_REQUEST:
+            size += len(event.data)
+            if size > MAX_REQUEST:
                 raise _TooLarge()
         elif isinstance(event, h11.EndOfMessage):
-            return bytes(body)
+            return
         else:
             raise ConnectionResetError("mitmproxy's request ended early")

@@ -2,7 +2,7 @@
 
 ``UpstreamClient.call`` sends one chat request and hands what comes back to a turn's
 ``Channel`` (resp2chat_core/channel.py): the body of a 200 stream as data, everything else as
-typed events (``UpstreamFailed``, ``UpstreamJSON``, ``Keepalive``). It returns an ``Outcome``.
+typed events (``UpstreamFailed``, ``UpstreamJSON``, ``Keepalive``). It returns a ``CallEnd``.
 
 The one deadline rule (``_Watch``): from the moment the request is sent, a backend that sends
 nothing for ``idle_timeout`` seconds fails the turn (``UpstreamFailed`` 504), before its answer
@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 import h11
 
+from resp2chat_core.routing import Candidate
 from resp2chat_core.channel import Channel, Keepalive, UpstreamFailed, UpstreamJSON
 from resp2chat_core.chunked import ChunkedDecoder, ChunkedError
 
@@ -38,7 +39,7 @@ _HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"content-
                   b"proxy-connection", b"te", b"upgrade", b"trailer"})
 
 
-class Outcome(enum.Enum):
+class CallEnd(enum.Enum):
     """How one call ended, and what becomes of its connection."""
 
     REUSABLE = "reusable"  # answered in full; the connection goes back to the pool
@@ -48,7 +49,7 @@ class Outcome(enum.Enum):
 
     @property
     def answered(self) -> bool:
-        return self in (Outcome.REUSABLE, Outcome.ENDED)
+        return self in (CallEnd.REUSABLE, CallEnd.ENDED)
 
 
 @dataclass(frozen=True)
@@ -157,41 +158,46 @@ class UpstreamClient:
     def pooled(self) -> int:
         return sum(len(c) for c in self._pool.values())
 
-    async def call(self, target: Target, headers: list[tuple[bytes, bytes]], body: bytes, channel: Channel,
-                   transform: Callable[[bytes], bytes] | None = None) -> Outcome:
-        """POST ``body`` to ``target``; the answer goes to ``channel`` (a 200 stream's bytes
+    async def call(self, to: Candidate, headers: list[tuple[bytes, bytes]], body: bytes, channel: Channel,
+                   transform: Callable[[bytes], bytes] | None = None) -> CallEnd:
+        """POST ``body`` to the candidate ``to`` (its URL; its own headers and Authorization
+        after ``headers``; its timeouts); the answer goes to ``channel`` (a 200 stream's bytes
         through ``transform`` first). Never raises for backend trouble: it is reported.
 
         The call stops reading the backend (and closes its connection) when the consumer is done
         with the turn (``channel.closed``) and more of the body comes, or when ``transform``
         returns None (it refused the stream: the caller reports why)."""
+        target = Target(to.url)
+        headers = [*headers, *to.headers] + ([(b"authorization", to.authorization)] if to.authorization else [])
         for attempt in (1, 2):
             try:
                 # a second attempt (the pooled connection was stale) takes a fresh connection
-                reader, writer, pooled = await self._connect(target.key, pooled=attempt == 1)
+                reader, writer, pooled = await self._connect(target.key, pooled=attempt == 1,
+                                                             timeout=to.connect_timeout)
             except (OSError, asyncio.TimeoutError) as exc:
                 reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else (exc.strerror or str(exc))
                 channel.event(failure(502, f"cannot connect to the upstream {target.origin}: {reason}",
                                       "upstream_unavailable"))
-                return Outcome.BROKEN
-            outcome, heard = Outcome.BROKEN, [False]
+                return CallEnd.BROKEN
+            outcome, heard = CallEnd.BROKEN, [False]
             try:
-                outcome = await self._exchange(target, headers, body, reader, writer, channel, transform, heard)
+                outcome = await self._roundtrip(target, headers, body, reader, writer, channel, transform, heard,
+                                               _Watch(to.idle_timeout, to.keepalive, channel))
             except (OSError, h11.ProtocolError) as exc:
                 if pooled and not heard[0]:
-                    outcome = Outcome.STALE
+                    outcome = CallEnd.STALE
                 else:
-                    outcome = Outcome.BROKEN
+                    outcome = CallEnd.BROKEN
                     if not heard[0]:
                         channel.event(failure(502, f"the upstream connection failed: {exc}", "upstream_unavailable"))
             finally:
-                if outcome is Outcome.REUSABLE:
+                if outcome is CallEnd.REUSABLE:
                     self._pool.setdefault(target.key, []).append((reader, writer))
                 else:
                     writer.close()
-            if outcome is not Outcome.STALE:
+            if outcome is not CallEnd.STALE:
                 return outcome
-        return Outcome.BROKEN  # not reached: a fresh connection is never stale
+        return CallEnd.BROKEN  # not reached: a fresh connection is never stale
 
     async def get(self, url: str, headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes]:
         """A plain GET on a fresh connection (web search), whole body, bounded by idle_timeout."""
@@ -223,7 +229,9 @@ class UpstreamClient:
 
     # --- connections ---------------------------------------------------------------------------
 
-    async def _connect(self, key: tuple, pooled: bool = True):
+    async def _connect(self, key: tuple, pooled: bool = True, timeout: float | None | bool = False):
+        """A connection to ``key`` (pooled when there is one); ``timeout``: to connect (default:
+        the client's ``connect_timeout``)."""
         idle = self._pool.get(key) if pooled else None
         while idle:
             r, w = idle.pop()
@@ -236,13 +244,15 @@ class UpstreamClient:
             tls = ssl.create_default_context()
             if not self.verify_tls:
                 tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
-        r, w = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=tls), self.connect_timeout)
+        r, w = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=tls),
+                                      self.connect_timeout if timeout is False else timeout)
         return r, w, False
 
     # --- one request and its answer ------------------------------------------------------------
 
-    async def _exchange(self, target: Target, headers, body: bytes, up_reader: asyncio.StreamReader,
-                        up_writer: asyncio.StreamWriter, channel: Channel, transform, heard: list[bool]) -> Outcome:
+    async def _roundtrip(self, target: Target, headers, body: bytes, up_reader: asyncio.StreamReader,
+                        up_writer: asyncio.StreamWriter, channel: Channel, transform, heard: list[bool],
+                        watch: _Watch) -> CallEnd:
         client = h11.Connection(h11.CLIENT)
         parts = target.parts
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -250,7 +260,6 @@ class UpstreamClient:
         sent += [(b"host", parts.netloc.encode()), (b"content-length", str(len(body)).encode())]
         up_writer.write(client.send(h11.Request(method="POST", target=path, headers=sent)))
         up_writer.write(client.send(h11.Data(data=body)) + client.send(h11.EndOfMessage()))
-        watch = _Watch(self.idle_timeout, self.keepalive, channel)
 
         async def next_event():
             """h11's next event, reading from the backend as needed; None once it went silent."""
@@ -265,7 +274,7 @@ class UpstreamClient:
         # The head, through h11.
         while not isinstance(event := await next_event(), h11.Response):
             if event is None:
-                return Outcome.BROKEN
+                return CallEnd.BROKEN
             if isinstance(event, h11.ConnectionClosed):
                 raise ConnectionResetError("closed before answering")
         hdrs = dict(event.headers)
@@ -290,12 +299,12 @@ class UpstreamClient:
         while True:
             event = await next_event()
             if event is None:
-                return Outcome.BROKEN
+                return CallEnd.BROKEN
             if isinstance(event, h11.Data):
                 if stream:
                     watch.streaming = True
                     if not put(bytes(event.data)):  # (h11 may hand out a bytearray; the channel carries bytes)
-                        return Outcome.BROKEN
+                        return CallEnd.BROKEN
                     if channel.size > FULL:
                         await _taken(channel, watch)  # a slow client: push back on the backend
                 else:
@@ -309,10 +318,10 @@ class UpstreamClient:
         elif not stream:
             channel.event(UpstreamJSON(bytes(held)))
         done = client.our_state is h11.DONE and client.their_state is h11.DONE
-        return Outcome.REUSABLE if done else (Outcome.ENDED if stream else Outcome.BROKEN)
+        return CallEnd.REUSABLE if done else (CallEnd.ENDED if stream else CallEnd.BROKEN)
 
     async def _pump(self, up_reader, up_writer, trailing: bytes, put, channel: Channel, watch: _Watch,
-                    keep: bool) -> Outcome:
+                    keep: bool) -> CallEnd:
         """A chunked 200 stream: the body goes from the backend's socket to the channel in the
         transport's own callback (``_BodyPump``)."""
         pump = _BodyPump(put, channel, watch, keep)
@@ -324,7 +333,7 @@ class UpstreamClient:
             if up_reader.at_eof() or up_reader.exception() is not None:
                 pump.eof_received()  # what the StreamReader heard before the switch
             if not await watch.until(pump.outcome):
-                return Outcome.BROKEN
+                return CallEnd.BROKEN
             return pump.outcome.result()
         finally:
             transport.set_protocol(original)
@@ -364,19 +373,19 @@ class _BodyPump(asyncio.Protocol):
         try:
             piece = self.decoder.feed(data)
         except ChunkedError:
-            self._end(Outcome.BROKEN)
+            self._end(CallEnd.BROKEN)
             return
         if piece:
             self.watch.streaming = True
             if not self.put(piece):
-                self._end(Outcome.BROKEN)
+                self._end(CallEnd.BROKEN)
                 return
             if self.channel.size > FULL and not self.paused and self.transport is not None:
                 self.paused = self.watch.paused = True  # a slow client: push back on the backend
                 self.transport.pause_reading()
                 self.channel.on_take = self._resume
         if self.decoder.done:
-            self._end(Outcome.REUSABLE if self.keep and not self.decoder.extra else Outcome.ENDED)
+            self._end(CallEnd.REUSABLE if self.keep and not self.decoder.extra else CallEnd.ENDED)
 
     def _resume(self) -> None:
         self.channel.on_take = None
@@ -386,17 +395,17 @@ class _BodyPump(asyncio.Protocol):
             self.transport.resume_reading()
 
     def eof_received(self) -> bool:
-        self._end(Outcome.BROKEN)  # closed before the last chunk
+        self._end(CallEnd.BROKEN)  # closed before the last chunk
         return False
 
     def connection_lost(self, exc) -> None:
-        self._end(Outcome.BROKEN)
+        self._end(CallEnd.BROKEN)
 
-    def _end(self, outcome: Outcome) -> None:
+    def _end(self, outcome: CallEnd) -> None:
         if not self.outcome.done():
             self.outcome.set_result(outcome)
 
     def close(self) -> None:
-        self._end(Outcome.BROKEN)
+        self._end(CallEnd.BROKEN)
         if self.paused:
             self._resume()  # a pooled connection must read again

@@ -1,0 +1,359 @@
+"""The HTTP transport: ``POST /v1/responses`` from request to recorded answer.
+
+It drives turns.py's steps for one HTTP flow (the WebSocket transport, websocket.py, drives the
+same steps for each message of a socket):
+
+- ``request``: the replay cache is asked first (an identical request is answered at once, its
+  answer stored if the client wants it stored; addons/replay.py); otherwise the request is
+  decoded, checked, looked up and lowered (``Turns``), the turn is started, and the flow's
+  request becomes the chat request the first upstream gets (so flow files and offline replay
+  see it), pointed at the relay with the exchange's name and secret (relay/server.py says why
+  turns take this hop).
+- ``responseheaders``: the request has gone out: the flow shows the upstream again. A
+  streaming client gets the stream callable (``TurnStream``), which takes the turn's news from
+  the exchange's channel at each relay tick and answers with Responses events.
+- ``response`` / ``error``: a non-streaming client gets the finished Response as one JSON body
+  (or an HTTP error); the turn is settled (flow metadata, comment) and ended (its listeners).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from urllib.parse import urlsplit
+
+from mitmproxy import ctx, http
+
+from resp2chat_core.channel import Reader, scrub
+from resp2chat_core.errors import GatewayError, error_json, gateway_failure
+from resp2chat_core.labels import shown
+from resp2chat_core.replay import entry_flags, unpack_fresh
+from resp2chat_core.usage import usage_note
+from resp2chat_core.websocket import final_response
+from resp2chat_io import offload
+
+from .base import (ABANDON, META, SSE_HEADERS, RESPONSES_PATHS, Refusal, fails_closed, json_response, log,
+                   refusal, request_id, show_url)
+from .turns import SERVER_REPLAY, Finished, TurnRun, new_response_id
+
+# HTTP status for a non-streaming client whose response failed, by error code.
+FAILED_STATUS = {
+    "context_length_exceeded": 400,
+    "invalid_prompt": 400,
+    "rate_limit_exceeded": 429,
+    "insufficient_quota": 429,
+}
+FIRST_SLICE = 2048  # backend bytes translated before the first tick's answer goes out (TurnStream)
+HOP_KEPT = frozenset({"connection", "keep-alive"})  # the client's, on the flow's request: its connection's fate
+
+
+def note_request(meta: dict, body: bytes | None, raw: object = None) -> None:
+    """Keep what outcomes.py reports of a request the gate let in, so that it never decodes a
+    body again: its text (the flow's record; ``body``, when given) and, once decoded (``raw``),
+    its model and ``prompt_cache_key``."""
+    if body is not None:
+        meta["responses_request"] = body.decode("utf-8", "replace")
+    if isinstance(raw, dict):
+        model, pck = raw.get("model"), raw.get("prompt_cache_key")
+        meta["request_model"] = model if isinstance(model, str) else ""
+        if isinstance(pck, str) and pck:
+            meta["request_cache_key"] = pck
+
+
+class TurnStream:
+    """The stream callable: at each relay tick, what the channel holds, translated. Never
+    raises (a raise here hangs the client), never returns b"" early (that ends the body). A
+    failure of its own ends the stream with ``response.failed`` naming the request id; the
+    exception goes to the log.
+
+    The first backend bytes of a turn are sliced: a fast backend's first read can carry its
+    whole answer (hundreds of chunks, ~0.5 ms to translate), and nothing of it would leave
+    before all of it was translated. So the first tick with backend data translates about
+    ``FIRST_SLICE`` bytes of it (up to an event boundary) and gives the rest back to the
+    channel, which asks for one more tick: the first tokens go out at once, the rest a pass
+    later. Once per turn, so a turn costs at most one extra mitmproxy pass."""
+
+    __slots__ = ("reader", "channel", "rid", "sliced")
+
+    def __init__(self, reader: Reader, channel, rid: str = "") -> None:
+        self.reader, self.channel, self.rid = reader, channel, rid
+        self.sliced = False  # the first backend bytes were seen (sliced or not)
+
+    def __call__(self, data: bytes):
+        reader = self.reader
+        try:
+            items = self.channel.take()
+            if not self.sliced and data:
+                items = self._first_slice(items)
+            if len(items) == 1:
+                out = reader.apply(items[0])
+            else:
+                out = b"".join([reader.apply(item) for item in items])
+            if not data:  # the relay's body ended: so did the turn
+                out += reader.finish()
+        except BaseException as exc:  # noqa: BLE001
+            log.warning(f"resp2chat: the stream of {self.rid} failed: {type(exc).__name__}: {exc}", exc_info=exc)
+            try:
+                out = reader.fail("server_error", gateway_failure("stream this response", self.rid),
+                                  f"{type(exc).__name__}: {exc}")
+            except BaseException:  # noqa: BLE001 — the translator itself is broken: end the body
+                out = b""
+        return out or []
+
+    def _first_slice(self, items: list) -> list:
+        """The items to translate now, the first backend bytes cut after ``FIRST_SLICE`` bytes
+        at an event boundary; what follows goes back to the channel."""
+        seen = 0
+        for i, item in enumerate(items):
+            if item.__class__ is not bytes:
+                continue
+            self.sliced = True
+            if seen + len(item) > FIRST_SLICE:
+                cut = item.find(b"\n\n", max(FIRST_SLICE - seen, 0)) + 2
+                if 1 < cut < len(item):
+                    self.channel.give_back([item[cut:], *items[i + 1:]])
+                    return [*items[:i], item[:cut]]
+                if i + 1 < len(items):
+                    self.channel.give_back(items[i + 1:])
+                    return items[:i + 1]
+                return items
+            seen += len(item)
+        return items
+
+
+@fails_closed
+class HttpTurns:
+    name = "resp2chat_http_turns"
+
+    def __init__(self, turns, upstreams, replay, store) -> None:
+        self.turns, self.upstreams, self.replay, self.store = turns, upstreams, replay, store
+        self.relay = upstreams.relay
+        self.live: dict[str, TurnRun] = {}  # this transport's turns, by flow id (the same runs as in Turns.in_flight)
+
+    # --- request -------------------------------------------------------------------------------
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.is_replay == "response":
+            return
+        req = flow.request
+        path = req.path.split("?", 1)[0]
+        if req.method != "POST" or path not in RESPONSES_PATHS:
+            return
+        started = time.monotonic()
+        body = req.get_content(strict=False) or b""
+        meta = flow.metadata.setdefault(META, {})
+        note_request(meta, body)
+        meta["client_path"] = path
+        owner = self.upstreams.owner_of(flow)  # (before the client's credentials are left behind below)
+        hit = await self._cached(flow, body, owner)
+        raw = None
+        try:
+            raw = self.turns.check(await self.turns.decode(body))
+            note_request(meta, None, raw)
+            found = await self.turns.lookup(raw, owner)
+            if hit is not None and self._answer_hit(flow, hit, raw, found, owner):
+                return
+            turn = self.turns.lower(raw, found, owner=owner, request_id=request_id(flow))
+        except GatewayError as err:
+            meta["status"] = "rejected"
+            flow.response = refusal(flow, err)
+            await offload.discard(raw, len(body))
+            return
+        meta["response_id"] = turn.ctx.response_id  # (a turn from now on: outcomes.py)
+        run = self.turns.start(turn, flow, turn_id=flow.id, started=started, client_headers=req.headers)
+        self.live[flow.id] = run  # (``_end`` forgets it)
+        ex = run.exchange
+        first = ex.candidates[0]
+        meta.update(upstream=first.url.removesuffix("/chat/completions"), upstream_name=first.name)
+        if not turn.client_stream:
+            ex.channel.push = run.reader.apply  # one JSON body at the end: nothing to tick
+        ABANDON[flow.id] = ex.abort  # failing closed at the response head gives the backend call up
+        # The flow's request is what the first upstream gets (its key redacted when saved:
+        # redact.py), sent to the relay, which runs the exchange; the flow shows the upstream's
+        # URL again once the request is out (responseheaders).
+        # (the client's connection headers stay: mitmproxy reads them for the client's side)
+        kept = [(n.encode(), v.encode()) for n, v in req.headers.items(multi=True) if n.lower() in HOP_KEPT]
+        req.url = first.url
+        req.headers = http.Headers([*kept, *ex.headers, *first.headers, (b"host", urlsplit(first.url).netloc.encode())]
+                                   + ([(b"authorization", first.authorization)] if first.authorization else []))
+        req.content = first.body
+        for name, value in self.relay.expect(ex):
+            req.headers[name] = value
+        req.scheme, (req.host, req.port) = "http", self.relay.address
+
+    async def _cached(self, flow: http.HTTPFlow, body: bytes, owner: str) -> bytes | None:
+        """The replay cache's entry for this very request (None: none, or the cache is off)."""
+        if not self.replay.enabled or getattr(ctx.options, "server_replay", None):
+            return None  # (server replay answers after this hook and would overwrite a cache answer)
+        key = self.turns.replay_key(self.upstreams.cache_context(flow), body, owner)
+        flow.metadata[META]["replay_key"] = key
+        return await self.replay.get(key)
+
+    def _answer_hit(self, flow: http.HTTPFlow, entry: bytes, raw: dict, found, owner: str) -> bool:
+        """A replay-cache hit answers at once, under a fresh response id; stored when the client
+        wants it stored (its conversation made whole, not lowered). False: the request cannot
+        be answered any more (its previous response expired…): it goes on as a turn, which says
+        why."""
+        stream, store = entry_flags(entry)
+        try:
+            items = self.turns.conversation(raw, found) if store else None
+        except GatewayError:
+            return False
+        response_id, created_at = new_response_id(), int(time.time())
+        answer = unpack_fresh(entry, response_id, created_at)
+        headers = SSE_HEADERS if stream else {"content-type": "application/json", "cache-control": "no-cache"}
+        flow.response = http.Response.make(200, answer, {**headers, "x-request-id": request_id(flow)})
+        flow.metadata[META].update(replay_cache="hit", response_id=response_id, status="completed")
+        flow.comment = f"replay cache hit · {response_id}"
+        if items is not None:
+            final = final_response(answer) if stream else json.loads(answer)
+            self.store.put(response_id, items + final["output"], final, owner=owner)
+        return True
+
+    # --- response ------------------------------------------------------------------------------
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        run = self.live.get(flow.id)
+        if run is None or flow.is_replay == "response":
+            return
+        if "failed_in" in flow.metadata[META]:
+            self._end(flow)  # an earlier hook failed (base.fail_closed answered): the turn ends here
+            self._record(flow, run, failed=True)
+            return
+        self._answer_head(flow, run)
+
+    def _answer_head(self, flow: http.HTTPFlow, run: TurnRun) -> None:
+        """The relay answered: the flow shows the upstream again, and a streaming client gets
+        the stream callable."""
+        self._show_upstream(flow, run)
+        if not run.turn.client_stream:
+            return
+        resp = flow.response
+        resp.stream = TurnStream(run.reader, run.exchange.channel, run.request_id)
+        resp.status_code, resp.reason = 200, "OK"
+        for name in ("content-length", "content-encoding", "content-type", "transfer-encoding"):
+            resp.headers.pop(name, None)
+        resp.headers.update(SSE_HEADERS)
+        resp.headers["x-request-id"] = run.request_id
+        if flow.request.http_version == "HTTP/1.1":
+            resp.headers["transfer-encoding"] = "chunked"
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        run = self._end(flow)
+        if run is None:
+            return
+        if flow.is_replay == "response":
+            self._replayed(flow, run)
+            return
+        if "failed_in" in flow.metadata[META] and not isinstance(flow.response.stream, TurnStream):
+            self._record(flow, run, failed=True)  # the answer is base.fail_closed's 500
+            return
+        if not run.turn.client_stream:
+            self._answer_whole(flow, run)
+        self._record(flow, run)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        run = self._end(flow)
+        if run is None:
+            return
+        streamed = flow.response is not None and isinstance(flow.response.stream, TurnStream)
+        # Codex hangs up as soon as it has response.completed, which the translator sends at the
+        # backend's [DONE], a moment before the relay's body ends: mitmproxy then reports
+        # "Client disconnected" instead of a response. The turn happened all the same: record it.
+        if streamed and not flow.response.raw_content:  # mitmproxy stores a streamed body only at its end
+            flow.response.raw_content = bytes(run.reader.sent)
+        # A turn that failed closed at its response head sent its 500 at once: the client may
+        # have read it and hung up before the relay's body ended. Otherwise the client got
+        # nothing (it went away first, or the relay failed): recorded as it stood (unfinished,
+        # unless the backend had finished).
+        refused = flow.response.stream if flow.response is not None and isinstance(flow.response.stream, Refusal) \
+            else None
+        self._record(flow, run, failed="failed_in" in flow.metadata[META] and not streamed,
+                     answer=None if streamed else (refused.sent if refused is not None else b""))
+
+    def _end(self, flow: http.HTTPFlow) -> TurnRun | None:
+        run = self.live.pop(flow.id, None)
+        if run is not None:
+            ABANDON.pop(flow.id, None)
+            self.relay.forget(flow.id)  # when the relay never saw it (server replay, an error)
+            self._show_upstream(flow, run)
+        return run
+
+    @staticmethod
+    def _show_upstream(flow: http.HTTPFlow, run: TurnRun) -> None:
+        """The flow shows the backend's URL, not the relay's, and no relay headers; when a
+        fallback answered, its URL and the body it got (the first upstream's body stays in the
+        record as ``chat_request``: offline replay matches a rerun on it, as it is what a rerun
+        lowers first)."""
+        ex = run.exchange
+        show_url(flow, ex.candidates[0].url)
+        answered = ex.answering
+        meta = flow.metadata[META]
+        if ex.answered and meta.get("upstream_name") != answered.name:
+            req = flow.request
+            req.url = answered.url
+            meta["chat_request"] = run.turn.chat_body.decode("utf-8", "replace")
+            req.content = answered.body
+            meta["upstream"], meta["upstream_name"] = answered.url.removesuffix("/chat/completions"), answered.name
+
+    def _answer_whole(self, flow: http.HTTPFlow, run: TurnRun) -> None:
+        """A non-streaming client: the same translation, finished, as one JSON body."""
+        run.reader.finish()
+        result = run.reader.translator.response()
+        if result["status"] == "failed":
+            err = result["error"]
+            status = FAILED_STATUS.get(err["code"], 502)
+            body = error_json(err["message"], status_type="upstream_error", code=err["code"])
+        else:
+            status, body = 200, json.dumps(result, ensure_ascii=False).encode()
+        flow.response = json_response(status, scrub(body, self.turns.secrets), x_request_id=run.request_id)
+
+    def _record(self, flow: http.HTTPFlow, run: TurnRun, failed: bool = False, answer: bytes | None = None) -> None:
+        """Flow metadata (saved with -w), a one-line comment (shown in mitmweb), listeners.
+        ``failed``: the client's answer is base.fail_closed's 500, whatever the backend said.
+        ``answer``: what the client got, when it is not the usual (the stream, or the body)."""
+        turn, t, reader = run.turn, run.reader.translator, run.reader
+        meta = flow.metadata[META]
+        if answer is None:
+            answer = bytes(reader.sent) if turn.client_stream and not failed else flow.response.content
+        done, record = self.turns.settle(run, answer, meta.get("failed_in") if failed else None)
+        meta.update(record)
+        ex = run.exchange
+        calls = sum(1 for item in t.output if item["type"] not in ("message", "reasoning", "compaction"))
+        took = ((flow.response.timestamp_end if flow.response else None) or time.time()) - flow.request.timestamp_start
+        path = flow.metadata[META].get("client_path", "/v1/responses")
+        flow.comment = (
+            f"POST {path} → {shown(turn.ctx.model)} · {done.status}"
+            + (f" ({done.code or t.error['code']})" if done.code or t.error else "")
+            + (f" · via {done.upstream}" + (f" (after {', '.join(n for n, _ in ex.skipped)})" if ex.skipped else "")
+               if self.turns.specs else "")
+            + usage_note(t.usage or {})
+            + (f" · {calls} tool call{'s' if calls != 1 else ''}" if calls else "")
+            + (" · compaction" if turn.compaction else "")
+            + f" · {took * 1000:.0f} ms"
+        )
+        self.turns.ended(done, flow.id)
+
+    def _replayed(self, flow: http.HTTPFlow, run: TurnRun) -> None:
+        """A turn answered by offline replay (``--server-replay``): its recorded answer, or the
+        answer ``server_replay_extra`` gives a turn nothing was recorded for."""
+        meta = flow.metadata[META]
+        body = flow.response.content or b""
+        final = None
+        if meta.get("server_replay"):  # (addons/server_replay.py: where the answer was recorded)
+            if flow.response.headers.get("content-type", "").startswith("text/event-stream"):
+                final = final_response(body)
+            else:
+                try:
+                    final = json.loads(body)
+                except (ValueError, RecursionError):
+                    final = None
+            final = final if isinstance(final, dict) and isinstance(final.get("output"), list) else None
+        status = final.get("status", "unfinished") if final else "failed"
+        code = "" if final else "not_recorded"
+        if final and (final.get("error") or final.get("incomplete_details")):
+            code = (final.get("error") or {}).get("code") or (final.get("incomplete_details") or {}).get("reason") or ""
+        meta["status"] = status
+        self.turns.ended(Finished(flow=flow, turn=run.turn, status=status, final=final, answer=body,
+                                  usage=(final or {}).get("usage"), upstream=SERVER_REPLAY,
+                                  took=time.monotonic() - run.started, code=code), flow.id)
