@@ -644,16 +644,13 @@ def regressions() -> list[tuple[str, Case, dict]]:
 def start(tmp: Path, addon: str | None = None):
     """A recorder and a real mitmdump in front of it (the gateway fuzzing talks to)."""
     sys.path.insert(0, str(HERE))
-    from conftest import start_gateway
+    from helpers import ADDON, start_gateway
 
     recorder = Recorder()
     extra = ("--set", "resp2chat_max_replay_entries=0", "--set", f"resp2chat_max_request_body_mb={MAX_BODY_MB}",
              "--set", "flow_detail=0")
-    if addon:  # another checkout's addon (e.g. to see what fuzzing finds there)
-        import conftest
-
-        conftest.ADDON = Path(addon).resolve()
-    gw = start_gateway(recorder.origin, tmp, *extra)
+    # addon: another checkout's (e.g. to see what fuzzing finds there)
+    gw = start_gateway(recorder.origin, tmp, *extra, addon=Path(addon).resolve() if addon else ADDON)
     return recorder, gw
 
 

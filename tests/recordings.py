@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "addon"))
 
-from conftest import Codex, _codex_bin, start_gateway  # noqa: E402
+from helpers import Codex, codex_bin_path, start_gateway  # noqa: E402
 from resp2chat_io.demo_upstream import serve_in_thread  # noqa: E402
 
 WORKDIR = Path(tempfile.gettempdir()) / "resp2chat-recording-workdir"  # and CODEX_HOME inside it
@@ -90,7 +90,7 @@ def record(name: str, out_dir: Path, codex_bin: str, upstream_origin: str, scrat
 def main(argv: list[str]) -> int:
     out_dir = Path(argv[0] if argv else "recordings")
     out_dir.mkdir(exist_ok=True)
-    codex_bin = _codex_bin()
+    codex_bin = codex_bin_path()
     if not codex_bin:
         print("Codex CLI not found: run `make codex`", file=sys.stderr)
         return 1

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conftest import free_port, stop_process
+from helpers import free_port, stop_process
 
 
 def redis_binary() -> str | None:

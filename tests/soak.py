@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "addon"))
     import tempfile
 
-    from conftest import start_gateway
+    from helpers import start_gateway
     from resp2chat_io.demo_upstream import serve_in_thread
 
     server = gw = None

@@ -22,7 +22,7 @@ from mitmproxy.proxy.layers.http import (
     HttpErrorHook, HttpRequestHeadersHook, HttpRequestHook, HttpResponseHeadersHook, HttpResponseHook,
 )
 
-from conftest import codex_fixture
+from helpers import codex_fixture
 from resp2chat_io.addons import build
 
 SECRET = "sk-upstream-secret"

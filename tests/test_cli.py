@@ -18,7 +18,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import ROOT, Codex, free_port, start_gateway, wait_http
+from helpers import ROOT, Codex, free_port, start_gateway, wait_http
 
 from resp2chat_core.settings import FIELDS
 

@@ -24,7 +24,7 @@ import pytest
 from mitmproxy import io as mitmio
 from pydantic import BaseModel
 
-from conftest import ROOT
+from helpers import ROOT
 
 CALL = 'call: get_weather {"city": "Paris"}'
 AI_SDK_VERSION = "6.0.325"

@@ -16,7 +16,7 @@ from mitmproxy import http, io
 
 from resp2chat_core.compaction import COMPACTION_PROMPT, SUMMARY_PREFIX
 
-from conftest import ROOT, Codex
+from helpers import ROOT, Codex
 
 pytestmark = pytest.mark.codex
 

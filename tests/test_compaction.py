@@ -15,7 +15,7 @@ from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.seal import Sealer, derive_key, seal
 from resp2chat_core.turn import ToolsCache, begin_turn
 
-from conftest import parse_sse
+from helpers import parse_sse
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "codex-0.169.0-builtin-provider" / \
     "06-builtin-provider-remote-compaction.json"

@@ -44,7 +44,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import start_gateway
+from helpers import start_gateway
 from resp2chat_core import websearch
 from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.think import ThinkSplitter

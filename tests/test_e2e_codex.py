@@ -1,6 +1,6 @@
 """End to end: the real Codex CLI 0.169.0 -> real mitmdump + addon -> the scripted chat upstream.
 
-Each test runs `codex exec` headless (see conftest.Codex) and checks both what a user sees
+Each test runs `codex exec` headless (see helpers.Codex) and checks both what a user sees
 (Codex's stdout/stderr, files in the workdir) and what the chat backend received.
 """
 

@@ -10,7 +10,7 @@ import openai
 import pytest
 import requests
 
-from conftest import codex_fixture, parse_sse
+from helpers import codex_fixture, parse_sse
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import parse_sse, send_text_chunk, start_gateway, wait_until
+from helpers import parse_sse, send_text_chunk, start_gateway, wait_until
 
 FAULTS = str(Path(__file__).with_name("faults.py"))
 PLANTED = "hunter2"  # faults.PLANTED: "password=hunter2 at 10.0.0.7"

@@ -17,7 +17,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import codex_fixture, parse_sse, send_json, send_text_chunk, wait_until
+from helpers import codex_fixture, parse_sse, send_json, send_text_chunk, wait_until
 from soak import soak
 
 DEAD = "http://127.0.0.1:9"

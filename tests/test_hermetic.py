@@ -9,7 +9,7 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from conftest import ROOT
+from helpers import ROOT
 
 
 class _Trap(BaseHTTPRequestHandler):

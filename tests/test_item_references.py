@@ -13,7 +13,7 @@ from resp2chat_core.errors import GatewayError
 from resp2chat_core.seal import Sealer
 from resp2chat_io.store import ResponseStore
 
-from conftest import parse_sse
+from helpers import parse_sse
 
 
 class Clock:

@@ -23,7 +23,7 @@ import pytest
 import requests
 from openai import OpenAI
 
-from conftest import parse_sse, wait_until
+from helpers import parse_sse, wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "llamacpp"))
 import kv_figure  # noqa: E402

@@ -10,7 +10,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import free_port, start_gateway
+from helpers import free_port, start_gateway
 
 
 def scrape(gw, **headers) -> dict:

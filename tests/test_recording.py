@@ -14,7 +14,7 @@ import requests
 from mitmproxy import http, io
 from mitmproxy.test import taddons
 
-from conftest import ROOT, Codex, free_port, parse_sse
+from helpers import ROOT, Codex, free_port, parse_sse
 from recordings import SEAL_KEY
 from wsclient import WSClient
 

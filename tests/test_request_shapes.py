@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from resp2chat_core.content_encoding import _zstd as zstd
-from conftest import parse_sse
+from helpers import parse_sse
 
 ENCODERS = {"gzip": gzip.compress, "deflate": zlib.compress, "zstd": zstd.compress, "br": brotli.compress}
 
@@ -40,7 +40,7 @@ def test_compressed_request_bodies_are_decoded(gateway, upstream, coding):
 
 def test_codex_sized_zstd_request(gateway, upstream):
     """Codex (enable_request_compression, with a ChatGPT login) sends zstd of its ~40 KB body."""
-    from conftest import codex_fixture
+    from helpers import codex_fixture
 
     body = codex_fixture("03-tool-call-turn2-with-output.json")["body"]
     r = post(gateway.base_url, zstd.compress(json.dumps(body).encode(), 3), {"content-encoding": "zstd"})

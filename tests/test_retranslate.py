@@ -17,7 +17,7 @@ import pytest
 import requests
 from mitmproxy import http, io
 
-from conftest import ROOT, parse_sse
+from helpers import ROOT, parse_sse
 from recordings import SEAL_KEY
 from wsclient import WSClient
 

@@ -24,7 +24,7 @@ import openai
 import pytest
 import requests
 
-from conftest import Codex, parse_sse, wait_until
+from helpers import Codex, parse_sse, wait_until
 from wsclient import Refused, WSClient
 
 GW_KEY = "gw-key-planted-7777abcd"

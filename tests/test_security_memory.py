@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import parse_sse, wait_until
+from helpers import parse_sse, wait_until
 from wsclient import WSClient
 
 MiB = 1 << 20

@@ -23,7 +23,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import parse_sse, start_gateway, wait_until
+from helpers import parse_sse, start_gateway, wait_until
 from redis_server import RedisServer, missing
 from resp2chat_io import demo_upstream
 from wsclient import WSClient

@@ -13,7 +13,7 @@ import openai
 import pytest
 import requests
 
-from conftest import parse_sse, start_gateway, wait_http
+from helpers import parse_sse, start_gateway, wait_http
 from redis_server import RedisServer, missing
 
 

@@ -83,7 +83,7 @@ def test_encrypted_content_that_fails_its_check_is_400(client, gateway, bad):
 @pytest.mark.codex
 def test_codex_round_trips_sealed_reasoning(codex_bin, upstream, gateway_factory, tmp_path):
     """Codex always sends include + store: false: its second request carries our sealed reasoning."""
-    from conftest import Codex
+    from helpers import Codex
 
     flows = tmp_path / "flows.mitm"
     gw = gateway_factory(upstream.origin, "-w", str(flows), "--set", "resp2chat_max_replay_entries=0")

@@ -14,7 +14,7 @@ import openai
 import pytest
 import requests
 
-from conftest import ADDON, MITMDUMP, free_port, parse_sse, send_json, start_gateway
+from helpers import ADDON, MITMDUMP, free_port, parse_sse, send_json, start_gateway
 from resp2chat_io.demo_upstream import serve_in_thread
 
 

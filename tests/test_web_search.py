@@ -9,7 +9,7 @@ from urllib.parse import parse_qs, urlsplit
 import openai
 import pytest
 
-from conftest import Codex, send_json, wait_until
+from helpers import Codex, send_json, wait_until
 
 BRAVE_KEY = "brave-planted-key-123456"
 WEB_SEARCH = {"type": "web_search"}
@@ -161,7 +161,7 @@ def test_codex_sees_web_search_items(search_gateway, codex_bin, tmp_path):
 def test_search_loop_after_a_fallback_stays_on_the_upstream_that_answered(upstream, gateway_factory, brave):
     import json
 
-    from conftest import free_port
+    from helpers import free_port
 
     url, _ = brave
     entries = [{"name": "down", "base_url": f"http://127.0.0.1:{free_port()}/v1"},

@@ -18,7 +18,7 @@ from mitmproxy import http, io
 from resp2chat_core import websocket as ws
 from resp2chat_core.errors import GatewayError
 
-from conftest import parse_sse
+from helpers import parse_sse
 from wsclient import Refused, WSClient
 
 TOOLS = [{"type": "function", "name": "exec_command", "description": "run a command", "strict": False,

@@ -47,7 +47,7 @@ for p in (str(HERE), str(TESTS), str(ROOT / "addon")):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from conftest import CODEX_FIXTURES, Gateway, free_port, start_gateway  # noqa: E402
+from helpers import CODEX_FIXTURES, Gateway, free_port, start_gateway  # noqa: E402
 from kv_figure import MODEL_ID, STOP_BIAS, LlamaServer, missing_build  # noqa: E402
 from redis_server import RedisServer, missing as missing_redis  # noqa: E402
 

@@ -42,7 +42,7 @@ for p in (str(TESTS), str(ROOT / "addon")):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from conftest import Codex, CodexRun, Gateway, _codex_bin, free_port, start_gateway, stop_process  # noqa: E402
+from helpers import Codex, CodexRun, Gateway, codex_bin_path, free_port, start_gateway, stop_process  # noqa: E402
 
 DEFAULT_DIR = Path.home() / ".cache" / "resp2chat-llamacpp"
 MODEL_ID = "tiny-qwen3"
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "instead of starting the tiny one")
     ap.add_argument("--keep", type=Path, help="keep the flow file and logs in this folder")
     args = ap.parse_args(argv)
-    codex_bin = os.environ.get("CODEX_BIN") or _codex_bin()
+    codex_bin = codex_bin_path()
     if not codex_bin or not Path(codex_bin).exists():
         print("Codex CLI not found: run `make codex` (or set CODEX_BIN)", file=sys.stderr)
         return 1
