@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Codex, Gateway, Upstream, codex_bin_path, start_gateway
+from helpers import Codex, Gateway, Upstream, codex_bin_path, openai_client, start_gateway
+from redis_server import RedisServer, missing
 from resp2chat_io.demo_upstream import serve_in_thread
 
 
@@ -47,6 +48,23 @@ def gateway_factory(tmp_path):
         gw.stop()
 
 
+@pytest.fixture
+def client(gateway):
+    """An openai SDK client of the session gateway (``helpers.openai_client``)."""
+    return openai_client(gateway)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server of this test's own, on a free loopback port (tests/redis_server.py)."""
+    why = missing()
+    if why:
+        pytest.fail(why)
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
 # --- Codex CLI -------------------------------------------------------------------------------
 
 
@@ -60,9 +78,7 @@ def codex_bin() -> str:
 
 @pytest.fixture
 def codex(codex_bin, tmp_path, gateway) -> Codex:
-    home, work = tmp_path / "codex-home", tmp_path / "work"
-    home.mkdir()
-    work.mkdir()
-    cx = Codex(codex_bin, home, work)
+    """A Codex CLI of this test's own, pointed at the session gateway."""
+    cx = Codex.at(codex_bin, tmp_path)
     cx.configure(gateway.base_url)
     return cx
