@@ -1,4 +1,5 @@
-"""The gateway's own web_search loop (Brave), against a fake Brave server on loopback."""
+"""The gateway's own web_search loop (Brave) through a real mitmdump, against a fake Brave server
+on loopback. The loop, the round filter and the events alone: test_websearch_core.py."""
 
 from __future__ import annotations
 

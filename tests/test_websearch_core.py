@@ -1,4 +1,5 @@
-"""resp2chat_core/websearch.py on its own: the tool, the loop and its events, without sockets."""
+"""resp2chat_core/websearch.py on its own: the tool, the loop and its events, without sockets.
+Through a real mitmdump, with a fake Brave: test_websearch_e2e.py."""
 
 from __future__ import annotations
 
