@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from http.server import ThreadingHTTPServer
 
 import pytest
 import requests
@@ -303,10 +302,9 @@ class _Keyed(demo_upstream.Handler):
 
 @pytest.fixture
 def keyed_upstream():
-    server: ThreadingHTTPServer = demo_upstream.make_server()
-    server.RequestHandlerClass = _Keyed
+    server, _ = demo_upstream.serve_in_thread()
     server.auths = []
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    server.RequestHandlerClass = _Keyed  # (before any request)
     yield server
     server.shutdown()
     server.server_close()

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
@@ -163,21 +161,14 @@ def test_unknown_model_and_routing_key_header(tmp_path, demo_pair):
     # the header reaches the backend: a recording backend (the demo upstream does not keep headers)
     got: list[dict] = []
 
-    class Recorder(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *a):
-            pass
-
+    class Recorder(QuietHandler):
         def do_POST(self):
             self.rfile.read(int(self.headers.get("content-length") or 0))
             got.append(dict(self.headers))
             send_json(self, 500, {"error": {"message": "recorded"}})
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    gw = start_gateway(url.removesuffix("/v1"), tmp_path, "--set", "resp2chat_routing_key_header=x-smg-routing-key",
+    server = LocalServer(Recorder)
+    gw = start_gateway(server.url, tmp_path, "--set", "resp2chat_routing_key_header=x-smg-routing-key",
                        "--set", "resp2chat_max_replay_entries=0")
     try:
         requests.post(gw.base_url + "/responses", json={"model": "m", "input": "hi", "prompt_cache_key": "conv-1"})
@@ -189,8 +180,7 @@ def test_unknown_model_and_routing_key_header(tmp_path, demo_pair):
         assert len(keys[2]) == 32 and keys[2].isalnum()  # not a valid header value as is: hashed, stable
     finally:
         gw.stop()
-        server.shutdown()
-        server.server_close()
+        server.close()
 
 
 @pytest.mark.parametrize("value,named", [
