@@ -47,29 +47,27 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import requests
 
-HERE = Path(__file__).resolve().parent
-CODEX_FIXTURES = HERE / "fixtures" / "codex-0.169.0"
-REGRESSIONS = HERE / "fixtures" / "fuzz"
+from helpers import (
+    ADDON, CODEX_FIXTURES, FIXTURES, NAME_RE, TERMINAL, LocalServer, QuietHandler, chat_chunk, chat_sse,
+    codex_fixture, parse_sse, start_gateway,
+)
+
+REGRESSIONS = FIXTURES / "fuzz"
 ALLOWED = (200, 400, 413)
-TERMINAL = ("response.completed", "response.incomplete", "response.failed")
 MAX_BODY_MB = 1  # the fuzzing gateway's max_request_body_mb: the oversize mutation crosses it
 
 # --- the backend ----------------------------------------------------------------------------
 
 CANNED_ID = "chatcmpl-fuzz-recorder"  # must never appear in what a client gets
-_CANNED = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in [
-    {"id": CANNED_ID, "object": "chat.completion.chunk", "created": 1, "model": "fuzz",
-     "choices": [{"index": 0, "delta": {"role": "assistant", "content": "ok"}, "finish_reason": None}]},
-    {"id": CANNED_ID, "object": "chat.completion.chunk", "created": 1, "model": "fuzz",
-     "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
-    {"id": CANNED_ID, "object": "chat.completion.chunk", "created": 1, "model": "fuzz", "choices": [],
-     "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}},
-]) + b"data: [DONE]\n\n"
+_CANNED = chat_sse(
+    chat_chunk({"role": "assistant", "content": "ok"}, id=CANNED_ID, model="fuzz"),
+    chat_chunk(finish="stop", id=CANNED_ID, model="fuzz"),
+    chat_chunk(choices=[], usage={"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}, id=CANNED_ID,
+               model="fuzz"))
 
 
 @dataclass
@@ -79,20 +77,13 @@ class Received:
     body: bytes
 
 
-class Recorder(ThreadingHTTPServer):
+class Recorder(LocalServer):
     """A chat backend that keeps every request it receives and answers each with ``_CANNED``."""
-
-    daemon_threads = True
 
     def __init__(self) -> None:
         self.received: list[Received] = []
         self.lock = threading.Lock()
-        super().__init__(("127.0.0.1", 0), _RecorderHandler)
-        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    @property
-    def origin(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
+        super().__init__(_RecorderHandler)
 
     def count(self) -> int:
         with self.lock:
@@ -103,9 +94,7 @@ class Recorder(ThreadingHTTPServer):
             return self.received[n:]
 
 
-class _RecorderHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
+class _RecorderHandler(QuietHandler):
     def do_POST(self):
         size = int(self.headers.get("content-length") or 0)
         body = self.rfile.read(size)
@@ -119,14 +108,10 @@ class _RecorderHandler(BaseHTTPRequestHandler):
 
     do_GET = do_PUT = do_DELETE = do_PATCH = do_POST
 
-    def log_message(self, *a):
-        pass
-
 
 # --- what a backend may receive ---------------------------------------------------------------
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
-NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
 
 def _refuse_constant(name):
@@ -247,25 +232,11 @@ def send(base_url: str, case: Case, timeout: float = 30.0) -> Outcome:
 
 
 def _sse_events(raw: bytes) -> list[dict] | str:
+    """The events of a stream (helpers.parse_sse, the tests' strict reader), or what is wrong with it."""
     try:
-        text = raw.decode()
-    except UnicodeDecodeError:
-        return "the stream is not UTF-8"
-    if not text.endswith("\n\n"):
-        return "the stream does not end with a blank line"
-    events = []
-    for block in text.split("\n\n")[:-1]:
-        lines = block.split("\n")
-        if len(lines) != 2 or not lines[0].startswith("event: ") or not lines[1].startswith("data: "):
-            return f"not an SSE event: {block[:100]!r}"
-        try:
-            event = json.loads(lines[1][6:])
-        except ValueError:
-            return f"an event that is not JSON: {lines[1][:100]!r}"
-        if not isinstance(event, dict) or event.get("type") != lines[0][7:]:
-            return "event name and type differ"
-        events.append(event)
-    return events
+        return parse_sse(raw)
+    except (AssertionError, ValueError, KeyError, TypeError) as exc:  # (UnicodeDecodeError, JSON: ValueError)
+        return f"not a well-formed Responses stream: {exc}"[:300]
 
 
 def problems(out: Outcome, backend: list[Received]) -> str | None:
@@ -591,7 +562,7 @@ def minimize(base_url: str, recorder: Recorder, case: Case, problem: str, budget
 
 
 def normal_turn_works(base_url: str, recorder: Recorder, socket: Socket | None = None) -> str | None:
-    body = json.dumps(json.loads((CODEX_FIXTURES / "01-text-only.json").read_text())["body"]).encode()
+    body = json.dumps(codex_fixture("01-text-only.json")["body"]).encode()
     return check(base_url, recorder, Case("normal-turn", as_message(body) if socket else body), socket=socket)[1]
 
 
@@ -643,17 +614,11 @@ def regressions() -> list[tuple[str, Case, dict]]:
 
 def start(tmp: Path, addon: str | None = None):
     """A recorder and a real mitmdump in front of it (the gateway fuzzing talks to)."""
-    sys.path.insert(0, str(HERE))
-    from conftest import start_gateway
-
     recorder = Recorder()
     extra = ("--set", "resp2chat_max_replay_entries=0", "--set", f"resp2chat_max_request_body_mb={MAX_BODY_MB}",
              "--set", "flow_detail=0")
-    if addon:  # another checkout's addon (e.g. to see what fuzzing finds there)
-        import conftest
-
-        conftest.ADDON = Path(addon).resolve()
-    gw = start_gateway(recorder.origin, tmp, *extra)
+    # addon: another checkout's (e.g. to see what fuzzing finds there)
+    gw = start_gateway(recorder.url, tmp, *extra, addon=Path(addon).resolve() if addon else ADDON)
     return recorder, gw
 
 
@@ -679,7 +644,7 @@ def main(argv=None) -> int:
         alive = gw.proc.poll() is None
     finally:
         gw.stop()
-        recorder.shutdown()
+        recorder.close()
     took = time.monotonic() - started
     print(f"seed {seed}: {report.cases} cases in {took:.0f} s, statuses {report.statuses}, "
           f"{len(report.findings)} findings{'' if alive else ', THE GATEWAY EXITED'}")

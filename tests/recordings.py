@@ -12,29 +12,17 @@ same path (and date) to produce byte-identical requests.
 from __future__ import annotations
 
 import shutil
-import struct
 import sys
 import tempfile
-import zlib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "addon"))
 
-from conftest import Codex, _codex_bin, start_gateway  # noqa: E402
+from helpers import Codex, codex_bin_path, start_gateway, write_png  # noqa: E402
 from resp2chat_io.demo_upstream import serve_in_thread  # noqa: E402
 
 WORKDIR = Path(tempfile.gettempdir()) / "resp2chat-recording-workdir"  # and CODEX_HOME inside it
-
-
-def png(path: Path, rgb=(255, 0, 0), size=4) -> Path:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    rows = b"".join(b"\x00" + bytes(rgb) * size for _ in range(size))
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
-    return path
 
 
 # name -> list of codex exec argument lists, run in order (later ones usually `resume --last`)
@@ -65,7 +53,7 @@ def record(name: str, out_dir: Path, codex_bin: str, upstream_origin: str, scrat
     target = (out_dir / f"{name}.mitm").resolve()
     target.unlink(missing_ok=True)
     WORKDIR.mkdir(exist_ok=True)
-    png(WORKDIR / "red.png")
+    write_png(WORKDIR / "red.png")
     home = WORKDIR / ".codex-home"  # named in Codex's prompt (skill paths): keep it fixed too
     if home.exists():
         shutil.rmtree(home)
@@ -90,7 +78,7 @@ def record(name: str, out_dir: Path, codex_bin: str, upstream_origin: str, scrat
 def main(argv: list[str]) -> int:
     out_dir = Path(argv[0] if argv else "recordings")
     out_dir.mkdir(exist_ok=True)
-    codex_bin = _codex_bin()
+    codex_bin = codex_bin_path()
     if not codex_bin:
         print("Codex CLI not found: run `make codex`", file=sys.stderr)
         return 1

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conftest import free_port, stop_process
+from helpers import free_port, stop_process, wait_until
 
 
 def redis_binary() -> str | None:
@@ -43,16 +43,13 @@ class RedisServer:
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(self.dir), "--protected-mode", "yes", "--daemonize", "no", "--loglevel", "warning"],
             stdout=(self.dir / f"redis-{self.port}.log").open("ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
-            if self.ping():
-                self.starts.append(time.monotonic())
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise TimeoutError("redis-server did not answer PING")
+        try:
+            wait_until(self.ping, timeout, "redis-server answering PING", self.proc)
+        except TimeoutError:
+            self.stop()
+            raise
+        self.starts.append(time.monotonic())
+        return self
 
     def ping(self) -> bool:
         try:

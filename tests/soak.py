@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "codex-0.169.0" / "01-text-only.json"
+from helpers import TERMINAL, codex_fixture, parse_sse, start_gateway
 
 
 @dataclass
@@ -31,7 +31,7 @@ class Stats:
 
 
 def codex_body(words: int, tag: str) -> bytes:
-    body = json.loads(FIXTURE.read_text())["body"]
+    body = codex_fixture("01-text-only.json")["body"]
     body["input"][-1]["content"] = [{"type": "input_text", "text": f"words: {words}\nnoreason\nslow: 5\n{tag}"}]
     return json.dumps(body).encode()
 
@@ -52,13 +52,13 @@ async def one_stream(base_url: str, words: int, tag: str, stats: Stats) -> None:
         stats.failures.append(f"{tag}: {head[:80]!r}")
         return
     payload = _dechunk(rest) if b"chunked" in head.lower() else rest
-    events = [json.loads(line[6:]) for line in payload.decode().split("\n") if line.startswith("data: ")]
+    events = parse_sse(payload)  # (a stream that is not well formed raises: a failure, noted by the worker)
     stats.streams += 1
     stats.events += len(events)
     problems = []
     if [e["sequence_number"] for e in events] != list(range(len(events))):
         problems.append("sequence numbers not contiguous")
-    terminal = [e["type"] for e in events if e["type"] in ("response.completed", "response.failed", "response.incomplete")]
+    terminal = [e["type"] for e in events if e["type"] in TERMINAL]
     if terminal != ["response.completed"]:
         error = (events[-1].get("response") or {}).get("error") if events else None
         problems.append(f"terminal events {terminal} {error or ''}")
@@ -104,11 +104,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--gateway", help="base URL of a running gateway (default: start one with the demo upstream)")
     args = ap.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "addon"))
     import tempfile
 
-    from conftest import start_gateway
     from resp2chat_io.demo_upstream import serve_in_thread
 
     server = gw = None

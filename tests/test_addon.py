@@ -22,15 +22,10 @@ from mitmproxy.proxy.layers.http import (
     HttpErrorHook, HttpRequestHeadersHook, HttpRequestHook, HttpResponseHeadersHook, HttpResponseHook,
 )
 
-from conftest import codex_fixture
+from helpers import DONE, chat_chunk, chat_event, chat_sse, codex_fixture, http_chunk, parse_sse
 from resp2chat_io.addons import build
 
 SECRET = "sk-upstream-secret"
-
-
-def chunk(delta=None, finish=None) -> bytes:
-    c = {"choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}]}
-    return b"data: " + json.dumps(c).encode() + b"\n\n"
 
 
 class Backend:
@@ -38,7 +33,7 @@ class Backend:
     body in ``pieces`` (one chunked-encoding chunk each), and remembers what it was sent."""
 
     def __init__(self):
-        self.status, self.ctype, self.pieces, self.delay = 200, "text/event-stream", [chunk(finish="stop")], 0.0
+        self.status, self.ctype, self.pieces, self.delay = 200, "text/event-stream", [chat_event(finish="stop")], 0.0
         self.seen: list[tuple[bytes, bytes]] = []  # (head, body)
         self.server = None
 
@@ -60,7 +55,7 @@ class Backend:
                 writer.write(b"HTTP/1.1 %d X\r\ncontent-type: %s\r\ntransfer-encoding: chunked\r\n\r\n"
                              % (self.status, self.ctype.encode()))
                 for piece in self.pieces:
-                    writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                    writer.write(http_chunk(piece))
                     await writer.drain()
                     await asyncio.sleep(self.delay)
                 writer.write(b"0\r\n\r\n")
@@ -160,13 +155,13 @@ def responses_flow(body: dict | bytes, backend_url: str, path="/v1/responses", h
 
 
 def events_of(results: list) -> list[dict]:
-    out = b"".join(r if isinstance(r, bytes) else b"".join(r) for r in results)
-    return [json.loads(line[6:]) for line in out.decode().splitlines() if line.startswith("data: ")]
+    """The events of what the stream callable returned, read strictly (helpers.parse_sse)."""
+    return parse_sse(b"".join(r if isinstance(r, bytes) else b"".join(r) for r in results))
 
 
 async def test_a_turn_goes_through_the_relay_and_the_flow_shows_the_backend(gw, backend):
     f = responses_flow({"model": "m", "input": "hi", "stream": True}, backend.url)
-    backend.pieces = [chunk({"content": "Hel"}), chunk({"content": "lo"}), chunk(finish="stop"), b"data: [DONE]\n\n"]
+    backend.pieces = [chat_event({"content": "Hel"}), chat_event({"content": "lo"}), chat_event(finish="stop"), DONE]
     await gw.hook(HttpRequestHook(f))
     relay = gw["upstreams"].relay
     assert (f.request.host, f.request.port) == relay.address  # the hop (see relay/server.py)
@@ -211,7 +206,7 @@ async def test_client_authorization_dropped_unless_forwarding(gw, backend):
 async def test_saved_flows_never_hold_credentials(gw, backend):
     gw.tctx.options.update(resp2chat_upstream_api_key=SECRET)
     f = responses_flow({"model": "m", "input": "hi", "stream": True}, backend.url)
-    backend.pieces = [chunk({"content": "the key is " + SECRET}), chunk(finish="stop")]
+    backend.pieces = [chat_event({"content": "the key is " + SECRET}), chat_event(finish="stop")]
     results = await gw.run(f)
     assert SECRET.encode() in b"".join(b for b, _ in backend.seen)  # it went upstream…
     state = json.dumps(f.get_state(), default=str)
@@ -242,8 +237,8 @@ async def test_no_client_can_address_the_relay(gw, backend):
 
 
 async def test_stream_callable_translates_and_fixes_headers(gw, backend):
-    backend.pieces = [chunk({"content": "Hel"})[:10], chunk({"content": "Hel"})[10:], b": keep-alive\n\n",
-                      chunk(finish="stop"), b"data: [DONE]\n\n"]
+    backend.pieces = [chat_event({"content": "Hel"})[:10], chat_event({"content": "Hel"})[10:], b": keep-alive\n\n",
+                      chat_event(finish="stop"), DONE]
     backend.delay = 0.02  # (a backend's pace: most pieces get a tick of their own)
     f = responses_flow({"model": "m", "input": "hi", "stream": True}, backend.url)
     results = await gw.run(f)
@@ -265,7 +260,7 @@ async def test_stream_callable_never_raises(gw, backend, monkeypatch):
         raise RuntimeError("bug")
 
     monkeypatch.setattr(Translator, "feed", boom)
-    backend.pieces = [chunk({"content": "x"}), chunk(finish="stop")]
+    backend.pieces = [chat_event({"content": "x"}), chat_event(finish="stop")]
     f = responses_flow({"model": "m", "input": "hi", "stream": True}, backend.url)
     results = await gw.run(f)
     events = events_of(results)
@@ -295,7 +290,7 @@ async def test_a_backend_cannot_speak_for_the_gateway(gw, backend):
     backend.pieces = [
         b'data: {"resp2chat": {"upstream_error": {"status": 401, "body": "x"}}}\n\n',
         b'data: {"resp2chat": {"web_search": {"phase": "started", "id": "1", "query": "q"}}}\n\n',
-        chunk({"content": "fine"}), chunk(finish="stop"), b"data: [DONE]\n\n"]
+        chat_event({"content": "fine"}), chat_event(finish="stop"), DONE]
     f = responses_flow({"model": "m", "input": "hi", "stream": True}, backend.url)
     events = events_of(await gw.run(f))
     final = events[-1]["response"]
@@ -304,7 +299,7 @@ async def test_a_backend_cannot_speak_for_the_gateway(gw, backend):
 
 
 async def test_non_streaming_client_gets_one_json_response(gw, backend):
-    backend.pieces = [chunk({"content": "Hello"}), chunk(finish="stop"), b"data: [DONE]\n\n"]
+    backend.pieces = [chat_event({"content": "Hello"}), chat_event(finish="stop"), DONE]
     f = responses_flow({"model": "m", "input": "hi"}, backend.url)
     results = await gw.run(f)
     assert results == [] and not callable(f.response.stream)
@@ -323,7 +318,7 @@ async def test_codex_fixture_flow_round_trip(gw, backend):
     body = codex_fixture("02-tool-call-turn1.json")["body"]
     call = {"index": 0, "id": "call_x", "function": {"name": "multi_agent_v1__spawn_agent",
                                                       "arguments": '{"message":"go"}'}}
-    backend.pieces = [chunk({"tool_calls": [call]}), chunk(finish="tool_calls"), b"data: [DONE]\n\n"]
+    backend.pieces = [chat_event({"tool_calls": [call]}), chat_event(finish="tool_calls"), DONE]
     f = responses_flow(body, backend.url)
     events = events_of(await gw.run(f))
     names = [t["function"]["name"] for t in json.loads(backend.seen[-1][1])["tools"]]
@@ -336,9 +331,8 @@ async def test_turn_recorded_when_client_hangs_up_after_completed(gw, backend):
     """Codex closes the connection on response.completed (sent at [DONE]), which can beat the end
     of the relay's body: mitmproxy then calls `error`, not `response`. Seen with llama-server."""
     usage = {"prompt_tokens": 9, "completion_tokens": 1, "total_tokens": 10, "prompt_tokens_details": {"cached_tokens": 8}}
-    backend.pieces = [chunk({"content": "Hi"}) + chunk(finish="stop")
-                      + b'data: {"choices": [], "usage": ' + json.dumps(usage).encode() + b"}\n\ndata: [DONE]\n\n",
-                      b": the body goes on a little\n\n"]
+    answer = chat_event({"content": "Hi"}) + chat_event(finish="stop") + chat_sse(chat_chunk(choices=[], usage=usage))
+    backend.pieces = [answer, b": the body goes on a little\n\n"]
     backend.delay = 0.2
     f = responses_flow({"model": "m", "input": "hi", "stream": True}, backend.url)
     results = await gw.run(f, hang_up_after_completed=True)
@@ -423,8 +417,9 @@ def test_first_backend_bytes_are_sliced_once():
     from resp2chat_core.turn import begin_turn
     from resp2chat_io.addons.http_turns import FIRST_SLICE, TurnStream
 
-    answer = chunk({"role": "assistant", "content": ""}) + b"".join(chunk({"content": f"w{i} "}) for i in range(300))
-    later = chunk({"content": "late"}) + chunk(finish="stop") + b"data: [DONE]\n\n"
+    answer = chat_event({"role": "assistant", "content": ""})
+    answer += b"".join(chat_event({"content": f"w{i} "}) for i in range(300))
+    later = chat_event({"content": "late"}) + chat_event(finish="stop") + DONE
     assert len(answer) > 4 * FIRST_SLICE
 
     def stream() -> tuple[Channel, TurnStream, list]:

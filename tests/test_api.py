@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import socket
 
-import openai
 import pytest
 import requests
 
+from helpers import openai_client
 import resp2chat_io
 from resp2chat_io.api import Gateway, GatewayError
 
@@ -20,7 +20,7 @@ def test_start_use_stop_as_a_context_manager(upstream, monkeypatch):
                             upstreams=[]) as gw:
         assert isinstance(gw, Gateway) and gw.running
         assert gw.url == f"http://127.0.0.1:{gw.port}/v1"
-        client = openai.OpenAI(base_url=gw.url, api_key="unused")
+        client = openai_client(gw.url)
         reply = client.responses.create(model="gpt-5", input="hello from code")
         assert reply.output_text == "You said: hello from code"
         assert upstream.requests()[-1]["model"] == "demo-model"

@@ -12,6 +12,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import chat_chunk
 from resp2chat_core.chatstream import NOT_JSON, NOT_OBJECT, NOT_SSE, ChunkReader, wire_call
 
 
@@ -38,10 +39,6 @@ def read(*payloads, body: bytes | None = None) -> list[tuple]:
     return sink.calls
 
 
-def choice(delta=None, finish=None, **extra) -> dict:
-    return {"choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish, **extra}]}
-
-
 def test_the_first_choice_is_index_0_absent_or_null():
     got = read({"choices": [{"index": None, "delta": {"content": "a"}}, {"index": 1, "delta": {"content": "x"}}]},
                {"choices": [{"delta": {"content": "b"}, "finish_reason": "STOP"}]})
@@ -49,35 +46,36 @@ def test_the_first_choice_is_index_0_absent_or_null():
 
 
 def test_reasoning_and_content_in_every_spelling():
-    got = read(choice({"reasoning_content": "r1", "reasoning": "ignored"}), choice({"reasoning": "r2"}),
-               choice({"content": [{"type": "thinking", "thinking": [{"type": "text", "text": "r3"}]},
-                                   {"type": "text", "text": "t1"}, "t2", "", {"type": "thinking", "thinking": "r4"}]}))
+    got = read(chat_chunk({"reasoning_content": "r1", "reasoning": "ignored"}), chat_chunk({"reasoning": "r2"}),
+               chat_chunk({"content": [{"type": "thinking", "thinking": [{"type": "text", "text": "r3"}]},
+                                       {"type": "text", "text": "t1"}, "t2", "",
+                                       {"type": "thinking", "thinking": "r4"}]}))
     assert got[1:] == [("reasoning", "r1"), ("reasoning", "r2"), ("reasoning", "r3"), ("text", "t1"), ("text", "t2"),
                        ("reasoning", "r4")]
 
 
 def test_tool_call_keys_ids_names_and_arguments():
-    got = read(choice({"tool_calls": [
+    got = read(chat_chunk({"tool_calls": [
         {"index": 0, "id": "a", "function": {"name": "f", "arguments": ""}},
         {"id": "b", "function": {"name": "g", "arguments": {"x": "é", "n": [1, 2]}}},  # keyed by id; an object
         {"function": {"name": "h"}},  # neither: its position
         {"index": [1], "id": 5, "function": {"name": 7, "arguments": 3}},  # junk: no id, no name, position
-    ]}), choice({"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}))
+    ]}), chat_chunk({"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}))
     assert got[1:] == [("tool", 0, "a", "f", ""), ("tool", "b", "b", "g", '{"x":"é","n":[1,2]}'),
                        ("tool", 2, None, "h", None), ("tool", 3, None, None, "3"), ("tool", 0, None, None, "{}")]
 
 
 def test_a_new_id_on_a_named_index_is_a_new_call():
-    got = read(choice({"tool_calls": [{"index": 0, "id": "one", "function": {"name": "f", "arguments": "1"}}]}),
-               choice({"tool_calls": [{"index": 0, "function": {"arguments": "2"}}]}),
-               choice({"tool_calls": [{"index": 0, "id": "two", "function": {"name": "f", "arguments": "3"}}]}),
-               choice({"tool_calls": [{"index": 0, "function": {"arguments": "4"}}]}),
-               choice({"tool_calls": [{"index": 0, "id": "two", "function": {"name": "f"}}]}))
+    got = read(chat_chunk({"tool_calls": [{"index": 0, "id": "one", "function": {"name": "f", "arguments": "1"}}]}),
+               chat_chunk({"tool_calls": [{"index": 0, "function": {"arguments": "2"}}]}),
+               chat_chunk({"tool_calls": [{"index": 0, "id": "two", "function": {"name": "f", "arguments": "3"}}]}),
+               chat_chunk({"tool_calls": [{"index": 0, "function": {"arguments": "4"}}]}),
+               chat_chunk({"tool_calls": [{"index": 0, "id": "two", "function": {"name": "f"}}]}))
     keys = [c[1] for c in got[1:]]
     assert keys[0] == keys[1] == 0 and keys[2] == keys[3] == keys[4] != 0
     # …but an id that comes with the name after arguments that had another one names that call
-    got = read(choice({"tool_calls": [{"index": 0, "id": "early", "function": {"arguments": "1"}}]}),
-               choice({"tool_calls": [{"index": 0, "id": "late", "function": {"name": "f"}}]}))
+    got = read(chat_chunk({"tool_calls": [{"index": 0, "id": "early", "function": {"arguments": "1"}}]}),
+               chat_chunk({"tool_calls": [{"index": 0, "id": "late", "function": {"name": "f"}}]}))
     assert [c[1] for c in got[1:]] == [0, 0]
 
 
@@ -85,10 +83,11 @@ def test_usage_in_all_its_places():
     top = {"prompt_tokens": 1}
     groq = {"prompt_tokens": 2}
     kimi = {"prompt_tokens": 3}
+    in_choice = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop", "usage": kimi}]}  # (Kimi)
     # per-choice usage counts only when none came before
-    assert ("usage", kimi) in read(choice({}, "stop", usage=kimi))
-    assert read({**choice({}), "usage": top}, choice({}, "stop", usage=kimi))[1:] == [("usage", top), ("finish", "stop")]
-    got = read({**choice({}, "stop"), "x_groq": {"usage": groq}}, {"choices": [], "usage": top})
+    assert ("usage", kimi) in read(in_choice)
+    assert read(chat_chunk({}, usage=top), in_choice)[1:] == [("usage", top), ("finish", "stop")]
+    got = read(chat_chunk({}, "stop", x_groq={"usage": groq}), {"choices": [], "usage": top})
     assert got[1:] == [("usage", groq), ("finish", "stop"), ("usage", top)]  # usage before the choices; the last wins
 
 
@@ -152,9 +151,9 @@ def test_a_re_encoded_call_reads_back_as_the_same_call(deltas):
     first, second = ChunkReader(original), ChunkReader(again)
     for calls in deltas:
         original.calls.clear()
-        first.payload(json.dumps(choice({"tool_calls": calls})))
+        first.payload(json.dumps(chat_chunk({"tool_calls": calls})))
         tools = [c[1:] for c in original.calls if c[0] == "tool"]
-        second.payload(json.dumps(choice({"tool_calls": [wire_call(*t) for t in tools]})))
+        second.payload(json.dumps(chat_chunk({"tool_calls": [wire_call(*t) for t in tools]})))
         got = [c[1:] for c in again.calls if c[0] == "tool"]
         again.calls.clear()
         assert [t[1:] for t in got] == [t[1:] for t in tools]

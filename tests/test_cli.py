@@ -7,18 +7,18 @@ import os
 import stat
 import subprocess
 import sys
-import threading
 import time
 import tomllib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import openai
 import pytest
 import requests
 import yaml
 
-from conftest import ROOT, Codex, free_port, start_gateway, wait_http
+from helpers import (
+    ROOT, Codex, LocalServer, QuietHandler, chat_chunk, chat_sse, free_port, gateway_env, openai_client,
+    start_gateway, wait_http,
+)
 
 from resp2chat_core.settings import FIELDS
 
@@ -26,9 +26,7 @@ RESP2CHAT = Path(sys.executable).with_name("resp2chat")
 
 
 def cli_env(tmp_path: Path, **extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RESP2CHAT_", "OPENAI_", "BRAVE_"))}
-    env.update(HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path / "xdg"), **extra)
-    return env
+    return {**gateway_env(), "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "xdg"), **extra}
 
 
 def run_cli(tmp_path: Path, *args: str, stdin: str = "", **env: str) -> subprocess.CompletedProcess:
@@ -141,18 +139,16 @@ def test_invalid_config_file_stops_start_up(tmp_path):
 # --- request shaping settings, end to end ------------------------------------------------------
 
 
-class _Capture(BaseHTTPRequestHandler):
+class _Capture(QuietHandler):
     """An upstream that records headers and answers one fixed chat stream."""
 
-    protocol_version = "HTTP/1.1"
     seen: list[dict] = []
 
     def do_POST(self):
         body = self.rfile.read(int(self.headers["content-length"]))
         headers = {k.lower(): v for k, v in self.headers.items()}
         type(self).seen.append({"headers": headers, "body": json.loads(body), "path": self.path})
-        chunk = {"choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": "stop"}]}
-        data = f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode()
+        data = chat_sse(chat_chunk({"content": "ok"}, "stop"))
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
         self.send_header("content-length", str(len(data)))
@@ -161,17 +157,12 @@ class _Capture(BaseHTTPRequestHandler):
 
     do_GET = do_POST
 
-    def log_message(self, *args):
-        pass
-
 
 @pytest.fixture
 def capture():
     _Capture.seen = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Capture)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server, _Capture.seen
-    server.shutdown()
+    with LocalServer(_Capture) as server:
+        yield server, _Capture.seen
 
 
 def test_shaping_settings_and_credentials(tmp_path, capture):
@@ -237,7 +228,7 @@ def _stop(proc: subprocess.Popen) -> str:
 def test_start_uses_configured_upstream(tmp_path, upstream):
     proc, port = _start(tmp_path, RESP2CHAT_UPSTREAM_BASE_URL=upstream.base_url)
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        client = openai_client(f"http://127.0.0.1:{port}/v1")
         assert client.responses.create(model="demo-model", input="via start").output_text == "You said: via start"
     finally:
         out = _stop(proc)
@@ -249,7 +240,7 @@ def test_start_falls_back_to_demo_and_raw_prints_the_stream(tmp_path):
     # nothing configured (and nothing at :8000 here): the bundled demo upstream answers
     proc, port = _start(tmp_path, "--raw")
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        client = openai_client(f"http://127.0.0.1:{port}/v1")
         list(client.responses.create(model="demo-model", input="raw mode", stream=True))
         printed = _read_until(proc, "You said: raw mode")  # the gateway prints as the stream goes
     finally:
@@ -265,7 +256,7 @@ def test_start_demo_serves_the_demo_even_with_upstreams_configured(tmp_path):
         "upstreams:\n- {name: fleet, base_url: 'http://127.0.0.1:9/v1', models: ['*']}\n")
     proc, port = _start(tmp_path, "--demo")
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        client = openai_client(f"http://127.0.0.1:{port}/v1")
         assert client.responses.create(model="demo-model", input="demo wins").output_text == "You said: demo wins"
     finally:
         _stop(proc)
@@ -292,11 +283,10 @@ def test_print_config_drives_real_codex(tmp_path, upstream, codex_bin):
     gw = start_gateway(upstream.origin, tmp_path, env=cli_env(tmp_path))
     env = cli_env(tmp_path, RESP2CHAT_UPSTREAM_BASE_URL=upstream.base_url, RESP2CHAT_BIND_ADDR=f"127.0.0.1:{gw.port}")
     try:
-        home, work = tmp_path / "codex-home", tmp_path / "work"
-        home.mkdir(), work.mkdir()
-        (home / "config.toml").write_text(subprocess.run(
+        cx = Codex.at(codex_bin, tmp_path)
+        (cx.home / "config.toml").write_text(subprocess.run(
             [str(RESP2CHAT), "print-config"], capture_output=True, text=True, env=env, check=True).stdout)
-        run = Codex(codex_bin, home, work).exec("configured by print-config")
+        run = cx.exec("configured by print-config")
     finally:
         gw.stop()
     assert run.returncode == 0, run.output
@@ -309,15 +299,14 @@ def test_print_config_builtin_drives_real_codex_over_the_websocket(tmp_path, ups
     gw = start_gateway(upstream.origin, tmp_path, "-w", str(flows), env=cli_env(tmp_path))
     env = cli_env(tmp_path, RESP2CHAT_UPSTREAM_BASE_URL=upstream.base_url, RESP2CHAT_BIND_ADDR=f"127.0.0.1:{gw.port}")
     try:
-        home, work = tmp_path / "codex-home", tmp_path / "work"
-        home.mkdir(), work.mkdir()
+        cx = Codex.at(codex_bin, tmp_path)
         text = subprocess.run([str(RESP2CHAT), "print-config", "--builtin"], capture_output=True, text=True, env=env,
                               check=True).stdout
         cfg = tomllib.loads(text)
         assert cfg["openai_base_url"] == f"http://127.0.0.1:{gw.port}/v1" and "model_provider" not in cfg
         assert cfg["model_context_window"] == 131072 and cfg["model_auto_compact_token_limit"] == 117964
-        (home / "config.toml").write_text(text)
-        run = Codex(codex_bin, home, work).exec("configured by print-config --builtin")
+        (cx.home / "config.toml").write_text(text)
+        run = cx.exec("configured by print-config --builtin")
     finally:
         gw.stop()
     assert run.returncode == 0, run.output
@@ -329,17 +318,16 @@ def test_print_config_builtin_drives_real_codex_over_the_websocket(tmp_path, ups
 def test_print_config_catalog_gives_codex_real_metadata_and_apply_patch(tmp_path, upstream, codex_bin):
     gw = start_gateway(upstream.origin, tmp_path, env=cli_env(tmp_path))
     env = cli_env(tmp_path, RESP2CHAT_UPSTREAM_BASE_URL=upstream.base_url, RESP2CHAT_BIND_ADDR=f"127.0.0.1:{gw.port}")
-    home, work = tmp_path / "codex-home", tmp_path / "work"
-    home.mkdir(), work.mkdir()
+    cx = Codex.at(codex_bin, tmp_path)
     try:
-        out = subprocess.run([str(RESP2CHAT), "print-config", "--catalog", str(home / "models.json"), "--codex", codex_bin],
-                             capture_output=True, text=True, env=env, check=True)
-        (home / "config.toml").write_text(out.stdout)
-        catalog = json.loads((home / "models.json").read_text())["models"][0]
+        out = subprocess.run([str(RESP2CHAT), "print-config", "--catalog", str(cx.home / "models.json"), "--codex",
+                              codex_bin], capture_output=True, text=True, env=env, check=True)
+        (cx.home / "config.toml").write_text(out.stdout)
+        catalog = json.loads((cx.home / "models.json").read_text())["models"][0]
         assert catalog["slug"] == "demo-model" and catalog["context_window"] == 131072
         patch = "*** Begin Patch\n*** Add File: patched.txt\n+made by apply_patch\n*** End Patch\n"
         upstream.clear()
-        run = Codex(codex_bin, home, work).exec(f"call: apply_patch {json.dumps({'input': patch})}")
+        run = cx.exec(f"call: apply_patch {json.dumps({'input': patch})}")
     finally:
         gw.stop()
     assert run.returncode == 0, run.output
@@ -348,7 +336,7 @@ def test_print_config_catalog_gives_codex_real_metadata_and_apply_patch(tmp_path
     apply_patch = next(t["function"] for t in first["tools"] if t["function"]["name"] == "apply_patch")
     assert list(apply_patch["parameters"]["properties"]) == ["input"] and "grammar" in apply_patch["description"]
     # Codex applied the freeform patch our custom_tool_call carried, and sent back its output
-    assert (work / "patched.txt").read_text() == "made by apply_patch\n"
+    assert (cx.workdir / "patched.txt").read_text() == "made by apply_patch\n"
     assert upstream.requests()[-1]["messages"][-1]["role"] == "tool"
 
 

@@ -21,10 +21,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from mitmproxy import io as mitmio
 from pydantic import BaseModel
 
-from conftest import ROOT
+from helpers import ROOT, responses_requests
 
 CALL = 'call: get_weather {"city": "Paris"}'
 AI_SDK_VERSION = "6.0.325"
@@ -74,13 +73,6 @@ def assert_response_format(upstream_request: dict) -> None:
     assert schema["properties"]["answer"]["type"] == "string" and "answer" in schema["required"]
 
 
-def recorded_requests(flows: Path) -> list[dict]:
-    """The Responses requests the client sent, from the gateway's flow file (`-w`)."""
-    with flows.open("rb") as fh:
-        return [json.loads(f.metadata["resp2chat"]["responses_request"]) for f in mitmio.FlowReader(fh).stream()
-                if "responses_request" in f.metadata.get("resp2chat", {})]
-
-
 @pytest.fixture
 def recording_gateway(upstream, gateway_factory, tmp_path):
     flows = tmp_path / "flows.mitm"
@@ -121,7 +113,7 @@ def test_ai_sdk_tool_loop_with_item_references(ai_sdk_dir, recording_gateway, up
     assert out == {"ran": ["Paris"], "text": "The tool returned: sunny in Paris", "steps": 2}
     assert_tool_loop(upstream.requests())
     gw.stop()
-    second = recorded_requests(flows)[1]
+    second = responses_requests(flows)[1]
     # store is on by default: the step's reasoning and call come back as references
     refs = [i for i in second["input"] if i.get("type") == "item_reference"]
     assert second.get("store", True) is not False and refs, second["input"]
@@ -135,7 +127,7 @@ def test_ai_sdk_chat_from_its_own_history_uses_item_references(ai_sdk_dir, recor
     assert out == {"first": "You said: my name is Ada", "second": "You said: what is my name"}
     assert_chat_history(upstream.requests())
     gw.stop()
-    second = recorded_requests(flows)[1]
+    second = responses_requests(flows)[1]
     assert [i.get("type") for i in second["input"]] == [None, "item_reference", "item_reference", None], second
 
 
@@ -341,7 +333,7 @@ def test_pydantic_ai_stateless_reasoning_round_trip(recording_gateway, upstream)
     assert asyncio.run(run()).output == "You said: what is my name"
     assert_chat_history(upstream.requests())
     gw.stop()
-    first, second = recorded_requests(flows)
+    first, second = responses_requests(flows)
     assert first["include"] == ["reasoning.encrypted_content"] and second["store"] is False
     (reasoning,) = [i for i in second["input"] if i.get("type") == "reasoning"]
     assert reasoning["encrypted_content"].startswith("r2c1.")

@@ -6,34 +6,23 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import requests
-from mitmproxy import http, io
 
 from resp2chat_core.compaction import COMPACTION_PROMPT, SUMMARY_PREFIX
 
-from conftest import ROOT, Codex
+from helpers import Codex, logged_bodies, read_flows, resp2chat_cli
 
 pytestmark = pytest.mark.codex
 
 FALLBACK = ("Falling back from WebSockets", "failed to connect to Responses WebSocket", "Reconnecting")
 
 
-def flows(path: Path) -> list[http.HTTPFlow]:
-    with path.open("rb") as fh:
-        return [f for f in io.FlowReader(fh).stream() if isinstance(f, http.HTTPFlow)]
-
-
 @pytest.fixture
 def cx(codex_bin, tmp_path) -> Codex:
-    home, work = tmp_path / "codex-home", tmp_path / "work"
-    home.mkdir()
-    work.mkdir()
-    return Codex(codex_bin, home, work)
+    return Codex.at(codex_bin, tmp_path)
 
 
 def ok(run) -> str:
@@ -54,7 +43,7 @@ def test_builtin_provider_speaks_websocket_multi_turn_with_tools_and_resume(upst
     for output in (first, again):
         assert not [m for m in FALLBACK if m in output], output
     gw.stop()
-    recorded = flows(path)
+    recorded = read_flows(path)
     sockets = [f for f in recorded if f.websocket is not None]
     assert len(sockets) == 2 and not [f for f in recorded if f.request.method == "POST"]  # no HTTP turn at all
     turns = [t for f in sockets for t in f.metadata["resp2chat"]["turns"]]
@@ -74,9 +63,9 @@ def test_builtin_provider_speaks_websocket_multi_turn_with_tools_and_resume(upst
     assert all(0 < x["ttft_ms"] <= x["total_ms"] and x["output_tokens"] > 0 for x in lines)
     assert len({x["session"] for x in lines}) == 1 and lines[0]["session"]
     # resp2chat analyze reads a socket's turns like HTTP turns: one session whose prompt only grows
-    report = json.loads(subprocess.run([sys.executable, "-m", "resp2chat_io.main", "analyze", "--json", str(path)],
-                                       capture_output=True, text=True, check=True, cwd=ROOT,
-                                       env={"PYTHONPATH": str(ROOT / "addon"), "PATH": "/usr/bin:/bin"}).stdout)
+    analyzed = resp2chat_cli("analyze", "--json", str(path))
+    assert analyzed.returncode == 0, analyzed.stderr
+    report = json.loads(analyzed.stdout)
     assert report["summary"]["requests"] == 3 and report["summary"]["sessions"] == 1
     assert report["summary"]["session_prefix_hit_ratio_later_turns"] >= 0.97
 
@@ -90,7 +79,7 @@ def test_builtin_provider_with_the_gateway_key_in_codex_api_key(upstream, gatewa
     cx.env["CODEX_API_KEY"] = "gw-key-7c1e9a"
     assert "You said: with the key" in ok(cx.exec("with the key"))
     gw.stop()
-    assert [f.response.status_code for f in flows(path) if f.websocket is not None] == [101]
+    assert [f.response.status_code for f in read_flows(path) if f.websocket is not None] == [101]
     assert b"gw-key-7c1e9a" not in path.read_bytes()
 
 
@@ -105,18 +94,17 @@ def test_custom_provider_with_supports_websockets(upstream, gateway_factory, cx,
     assert "The tool returned: custom-socket" in output and "You said: custom again" in again
     assert not [m for m in FALLBACK if m in output + again]
     gw.stop()
-    sockets = [f for f in flows(path) if f.websocket is not None]
+    sockets = [f for f in read_flows(path) if f.websocket is not None]
     assert [[t["status"] for t in f.metadata["resp2chat"]["turns"] if not t["warmup"]] for f in sockets] == \
         [["completed"] * 2, ["completed"]]
-    assert not [f for f in flows(path) if f.request.method == "POST"]
+    assert not [f for f in read_flows(path) if f.request.method == "POST"]
 
 
 def normalized_bodies(log: Path) -> list[str]:
     """A Codex session's chat requests with what differs between two runs of it blanked: the
     wall time and chunk id of tool output, and the demo backend's random tool-call ids."""
     out = []
-    for line in log.read_text().splitlines():
-        body = line[line.index(', "body": ') + 10:-1]
+    for body in (raw.decode() for raw in logged_bodies(log)):
         body = re.sub(r"Wall time: [0-9.]+ seconds", "Wall time: _", body)
         body = re.sub(r"Chunk ID: [0-9a-f]+", "Chunk ID: _", body)
         out.append(re.sub(r"chatcmpl-tool-[0-9a-f]+", "call", body))
@@ -168,7 +156,7 @@ def test_websocket_off_codex_falls_back_at_once(upstream, gateway_factory, cx, t
     output = ok(cx.exec("say hi"))
     assert "You said: say hi" in output and "Reconnecting" not in output and "Falling back" not in output
     gw.stop()
-    upgrades = [f for f in flows(path) if f.request.method == "GET" and f.request.path == "/v1/responses"]
+    upgrades = [f for f in read_flows(path) if f.request.method == "GET" and f.request.path == "/v1/responses"]
     assert [f.response.status_code for f in upgrades] == [426]  # one refusal, no retry, nothing forwarded
     assert json.loads(upgrades[0].response.content)["error"]["code"] == "websocket_disabled"
 
@@ -194,12 +182,12 @@ def test_a_websocket_session_replays_offline_to_a_rerun_over_either_transport(up
         if transport == "websocket":
             assert not [m for m in FALLBACK if m in output], output
         offline.stop()
-        again = flows(replayed)
+        again = read_flows(replayed)
         if transport == "websocket":
             [sock] = [f for f in again if f.websocket is not None]
             answered = [t for t in sock.metadata["resp2chat"]["turns"] if not t["warmup"]]
             assert [t.get("server_replay") for t in answered] == [True, True]
-            [recorded] = [f for f in flows(path) if f.websocket is not None]
+            [recorded] = [f for f in read_flows(path) if f.websocket is not None]
             recorded_turns = [t for t in recorded.metadata["resp2chat"]["turns"] if not t["warmup"]]
             assert answered[1]["chat_request"] != recorded_turns[1]["chat_request"]  # the wall time differed
             assert [t["events"] for t in answered] == [t["events"] for t in recorded_turns]

@@ -5,7 +5,6 @@ test_codex_builtin.py."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -15,10 +14,9 @@ from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.seal import Sealer, derive_key, seal
 from resp2chat_core.turn import ToolsCache, begin_turn
 
-from conftest import parse_sse
+from helpers import DONE, FIXTURES, chat_event, parse_sse
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "codex-0.169.0-builtin-provider" / \
-    "06-builtin-provider-remote-compaction.json"
+FIXTURE = FIXTURES / "codex-0.169.0-builtin-provider" / "06-builtin-provider-remote-compaction.json"
 KEY = derive_key("test key")
 SEALER = Sealer(lambda: KEY)
 RESP_ID = "resp_00112233445566778899aabbccddeeff"
@@ -33,20 +31,12 @@ def turn(body: dict, sealer=SEALER, cache=None):
     return begin_turn(json.dumps(body).encode(), LoweringOptions(), RESP_ID, 1795526192, tools_cache=cache, sealer=sealer)
 
 
-def chunk(delta: dict | None = None, finish: str | None = None, usage: dict | None = None) -> bytes:
-    obj = {"id": "c", "object": "chat.completion.chunk", "model": "m",
-           "choices": [] if delta is None and finish is None else [{"index": 0, "delta": delta or {}, "finish_reason": finish}]}
-    if usage:
-        obj["usage"] = usage
-    return b"data: " + json.dumps(obj).encode() + b"\n\n"
-
-
 USAGE = {"prompt_tokens": 9000, "completion_tokens": 40, "total_tokens": 9040, "prompt_tokens_details": {"cached_tokens": 8960}}
 
 
 def summarize(t, *chunks: bytes) -> list[dict]:
     tr = t.translator()
-    out = tr.accepted() + b"".join(tr.feed(c) for c in chunks) + tr.feed(b"data: [DONE]\n\n") + tr.finish()
+    out = tr.accepted() + b"".join(tr.feed(c) for c in chunks) + tr.feed(DONE) + tr.finish()
     return parse_sse(out)
 
 
@@ -72,10 +62,11 @@ def test_summary_request_is_the_same_through_the_tools_cache():
 
 def test_the_answer_is_exactly_one_sealed_compaction_item_and_completed_with_usage():
     t = turn(compaction_request())
-    events = summarize(t, chunk({"role": "assistant", "reasoning_content": "let me think"}),
-                       chunk({"content": "Goal: fix the "}), chunk({"content": "login bug."}),
-                       chunk({"tool_calls": [{"index": 0, "id": "x", "function": {"name": "exec_command", "arguments": "{}"}}]}),
-                       chunk(finish="stop"), chunk(usage=USAGE))
+    events = summarize(t, chat_event({"role": "assistant", "reasoning_content": "let me think"}),
+                       chat_event({"content": "Goal: fix the "}), chat_event({"content": "login bug."}),
+                       chat_event({"tool_calls": [{"index": 0, "id": "x",
+                                                   "function": {"name": "exec_command", "arguments": "{}"}}]}),
+                       chat_event(finish="stop"), chat_event(choices=[], usage=USAGE))
     types = [e["type"] for e in events]
     assert types == ["response.created", "response.in_progress", "response.output_item.added",
                      "response.output_item.done", "response.completed"]
@@ -91,14 +82,15 @@ def test_the_answer_is_exactly_one_sealed_compaction_item_and_completed_with_usa
 
 
 def test_a_summary_cut_at_the_length_limit_is_still_the_summary():
-    events = summarize(turn(compaction_request()), chunk({"content": "partial summary"}), chunk(finish="length"))
+    events = summarize(turn(compaction_request()), chat_event({"content": "partial summary"}),
+                       chat_event(finish="length"))
     assert events[-1]["type"] == "response.completed"
     assert SEALER.unseal(PURPOSE, events[-1]["response"]["output"][0]["encrypted_content"]) == "partial summary"
 
 
 def test_no_summary_text_fails_so_codex_retries():
-    events = summarize(turn(compaction_request()), chunk({"reasoning_content": "hmm"}), chunk({"content": "  \n"}),
-                       chunk(finish="stop"))
+    events = summarize(turn(compaction_request()), chat_event({"reasoning_content": "hmm"}),
+                       chat_event({"content": "  \n"}), chat_event(finish="stop"))
     assert events[-1]["type"] == "response.failed" and events[-1]["response"]["error"]["code"] == "server_error"
     assert not [e for e in events if e["type"] == "response.output_item.done"]
 

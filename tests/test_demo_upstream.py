@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from helpers import parse_chat_sse
 from resp2chat_io import demo_upstream
 from resp2chat_io.demo_upstream import serve_in_thread
 
@@ -34,16 +35,10 @@ def chat(base, content=None, *, messages=None, dialect=None, stream=True, **extr
 
 
 def events(resp):
-    """Every SSE event must be `data: <json>` or `data: [DONE]`."""
+    """Every SSE event must be `data: <json>` or `data: [DONE]` (helpers.parse_chat_sse)."""
     assert resp.status_code == 200, resp.text
     assert resp.headers["Content-Type"].startswith("text/event-stream")
-    out = []
-    for block in resp.content.decode().split("\n\n"):
-        if block:
-            assert block.startswith("data: ") and "\n" not in block, block
-            data = block[len("data: "):]
-            out.append(data if data == "[DONE]" else json.loads(data))
-    return out
+    return parse_chat_sse(resp.content)
 
 
 def assemble(evts):

@@ -35,24 +35,22 @@ import json
 import os
 import random
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
-import openai
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import start_gateway
+from helpers import (
+    CREATED, DELTAS, FIXTURES, RESP_ID, TERMINAL, LocalServer, QuietHandler, check_sdk, check_stream, openai_client,
+    parse_sse, start_gateway,
+)
 from resp2chat_core import websearch
 from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.think import ThinkSplitter
 from resp2chat_core.translator import Translator
 from resp2chat_core.turn import begin_turn
-from test_translator import CREATED, RESP_ID, check, check_sdk, parse_events
 
-DIR = Path(__file__).resolve().parent / "fixtures" / "dialects"
+DIR = FIXTURES / "dialects"
 NAMES = sorted(p.name.removesuffix(".sse") for p in DIR.glob("*.sse"))
 REGEN = os.environ.get("RESP2CHAT_REGEN_DIALECTS") == "1"
 
@@ -107,11 +105,6 @@ def translate(name: str, pieces: list[bytes] | None = None) -> bytes:
 
 # --- the projection --------------------------------------------------------------------------
 
-_DELTAS = {"response.output_text.delta", "response.reasoning_summary_text.delta",
-           "response.reasoning_text.delta", "response.function_call_arguments.delta",
-           "response.custom_tool_call_input.delta"}
-_TERMINAL = {"response.completed", "response.incomplete", "response.failed"}
-
 
 def _call_id(call_id: str, suffix: str) -> str:
     return "<generated>" if suffix and suffix in call_id else call_id
@@ -160,7 +153,7 @@ def project(events: list[dict], messages: bool = True) -> list[list]:
             if not seen_progress:
                 out.append([short])
             seen_progress = True
-        elif t in _DELTAS:
+        elif t in DELTAS:
             if out and out[-1][0] == short and out[-1][1] == e["output_index"]:
                 out[-1][2] += e["delta"]
             else:
@@ -174,7 +167,7 @@ def project(events: list[dict], messages: bool = True) -> list[list]:
             out.append([short, e["output_index"], e.get("name"), e["arguments"]])
         elif t == "response.custom_tool_call_input.done":
             out.append([short, e["output_index"], e["input"]])
-        elif t in _TERMINAL:
+        elif t in TERMINAL:
             r = e["response"]
             u = r.get("usage")
             usage = None if not u else [
@@ -221,7 +214,7 @@ def test_every_fixture_has_expectations():
 @pytest.mark.parametrize("name", NAMES)
 def test_fixture(name):
     out = translate(name)
-    evs = check(out)
+    evs = check_stream(out)
     got = project(evs)
     if REGEN:
         _write_expected(name, got)
@@ -325,7 +318,7 @@ def test_think_open_without_tag_in_auto_mode():
     tr = translator("think-open-no-tag")
     tr.ctx.think = "auto"
     tr = Translator(tr.ctx)
-    evs = check(tr.feed(raw("think-open-no-tag")) + tr.finish())
+    evs = check_stream(tr.feed(raw("think-open-no-tag")) + tr.finish())
     items = [e["item"] for e in evs if e["type"] == "response.output_item.done"]
     assert [i["type"] for i in items] == ["message", "message"]
     assert items[0]["content"][0]["text"] == "Okay, the user says hi.\n"
@@ -338,7 +331,7 @@ def test_think_off_leaves_content_alone():
     tr = translator("think-tags")
     tr.ctx.think = "off"
     tr = Translator(tr.ctx)
-    evs = check(tr.feed(raw("think-tags")) + tr.finish())
+    evs = check_stream(tr.feed(raw("think-tags")) + tr.finish())
     (item,) = [e["item"] for e in evs if e["type"] == "response.output_item.done"]
     assert item["content"][0]["text"].startswith("<think>\nOkay")
 
@@ -348,7 +341,7 @@ def test_arguments_stream_live():
     tr = translator("vllm-reasoning-content-tools")
     body = raw("vllm-reasoning-content-tools")
     cut = body.index(b'"arguments":" -la"')
-    live = parse_events(tr.feed(body[:cut]))
+    live = parse_sse(tr.feed(body[:cut]))
     assert [e["delta"] for e in live if e["type"] == "response.function_call_arguments.delta"] == ['{"cmd": "', "ls"]
 
 
@@ -375,14 +368,11 @@ def test_think_splitter_units(chunks, expected):
 # --- 3. end to end through a real mitmdump -----------------------------------------------------
 
 
-class _Replay(BaseHTTPRequestHandler):
-    """Answers POST /v1/chat/completions with the fixture named by the request's model."""
+class _Replay(QuietHandler):
+    """Answers POST /v1/chat/completions with the fixture named by the request's model, a stream
+    in odd pieces, its chunk sizes in upper-case hex (helpers.http_chunk writes lower case)."""
 
-    protocol_version = "HTTP/1.1"
     seen: list[dict] = []
-
-    def log_message(self, *args):
-        pass
 
     def do_POST(self):
         length = int(self.headers.get("content-length") or 0)
@@ -420,12 +410,8 @@ class _Replay(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def replay_upstream():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Replay)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with LocalServer(_Replay) as server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")
@@ -448,7 +434,7 @@ def dialect_gateway_think_open(replay_upstream, tmp_path_factory):
 def test_end_to_end_sdk(name, request):
     mode = meta(name).get("think", "auto")
     gw = request.getfixturevalue({"auto": "dialect_gateway", "open": "dialect_gateway_think_open"}[mode])
-    client = openai.OpenAI(base_url=gw.base_url, api_key="unused", max_retries=0, timeout=30)
+    client = openai_client(gw)
     body = request_body(name)
     body.pop("stream")
     events = [e.model_dump(mode="json") for e in client.responses.create(**body, stream=True)]
@@ -522,8 +508,7 @@ EXEC_TOOL = _fn("exec_command", {"cmd": {"type": "string"}}, ["cmd"])
 @pytest.mark.parametrize("dialect", DEMO_DIALECTS)
 @pytest.mark.parametrize("stream", [True, False])
 def test_demo_dialect_tool_loop_sdk(dialect, stream, gateway, upstream):
-    client = openai.OpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0, timeout=30,
-                           default_headers={"x-demo-dialect": dialect})
+    client = openai_client(gateway, default_headers={"x-demo-dialect": dialect})
 
     def ask(inp):
         if not stream:

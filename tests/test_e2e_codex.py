@@ -1,6 +1,6 @@
 """End to end: the real Codex CLI 0.169.0 -> real mitmdump + addon -> the scripted chat upstream.
 
-Each test runs `codex exec` headless (see conftest.Codex) and checks both what a user sees
+Each test runs `codex exec` headless (see helpers.Codex) and checks both what a user sees
 (Codex's stdout/stderr, files in the workdir) and what the chat backend received.
 """
 
@@ -9,18 +9,16 @@ from __future__ import annotations
 import base64
 import json
 import re
-import struct
 import time
 import uuid
-import zlib
-from pathlib import Path
 
 import pytest
+
+from helpers import NAME_RE, tool_names, write_png
 
 pytestmark = pytest.mark.codex
 
 SYSTEM_PROMPT_START = "You are a coding agent running in the Codex CLI"
-NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -42,25 +40,6 @@ def text_of(content) -> str:
     if isinstance(content, list):
         return "\n".join(p.get("text") or "" for p in content if isinstance(p, dict))
     return ""
-
-
-def tool_names(body: dict) -> list[str]:
-    return [t["function"]["name"] for t in body.get("tools") or []]
-
-
-def make_png(path: Path, width: int = 4, height: int = 4, rgb=(255, 0, 0)) -> bytes:
-    """A tiny valid RGB PNG written with zlib/struct only."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    row = b"\x00" + bytes(rgb) * width  # filter type 0 + pixels
-    data = (b"\x89PNG\r\n\x1a\n"
-            + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(row * height))
-            + chunk(b"IEND", b""))
-    path.write_bytes(data)
-    return data
 
 
 def set_retries(codex, *, stream: int, request: int = 0) -> None:
@@ -215,7 +194,7 @@ def test_resume_keeps_prefix_stable(codex, upstream, gateway):
 
 def test_image_input(codex, upstream, gateway, tmp_path):
     png = tmp_path / "red.png"
-    data = make_png(png)
+    data = write_png(png)
     upstream.clear()
     run = codex.exec("--image", str(png), "--", "what color is this")
     assert run.returncode == 0, diag(run, gateway)

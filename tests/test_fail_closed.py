@@ -14,13 +14,12 @@ import json
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import requests
 
-from conftest import parse_sse, send_text_chunk, start_gateway, wait_until
+from helpers import LocalServer, QuietHandler, parse_sse, send_text_chunk, start_gateway, terminal, wait_until
 
 FAULTS = str(Path(__file__).with_name("faults.py"))
 PLANTED = "hunter2"  # faults.PLANTED: "password=hunter2 at 10.0.0.7"
@@ -68,10 +67,9 @@ def assert_server_error(r: requests.Response) -> None:
 
 def assert_failed_stream(r: requests.Response) -> dict:
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.text[:300]
-    events = parse_sse(r.content)
-    terminal = [e for e in events if e["type"] in ("response.completed", "response.failed", "response.incomplete")]
-    assert [e["type"] for e in terminal] == ["response.failed"] and events[-1] is terminal[0]
-    err = terminal[0]["response"]["error"]
+    end = terminal(parse_sse(r.content))
+    assert end["type"] == "response.failed"
+    err = end["response"]["error"]
     assert err["code"] == "server_error" and r.headers["x-request-id"] in err["message"]
     assert PLANTED not in r.text and INTERNAL not in r.text
     return err
@@ -164,11 +162,10 @@ def test_a_failure_after_the_backend_answered_never_reaches_the_client(faulty):
     assert_served(f)
 
 
-class Endless(BaseHTTPRequestHandler):
+class Endless(QuietHandler):
     """A backend whose answer never ends by itself: it streams until the gateway hangs up, and
     notes the calls it got (``started``) and the ones the gateway hung up on (``closed``)."""
 
-    protocol_version = "HTTP/1.1"
     started: list[int] = []
     closed: list[int] = []
 
@@ -188,19 +185,12 @@ class Endless(BaseHTTPRequestHandler):
         except OSError:
             type(self).closed.append(n)
 
-    def log_message(self, *a):
-        pass
-
 
 @pytest.fixture
 def endless(tmp_path):
     Endless.started, Endless.closed = [], []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Endless)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with LocalServer(Endless) as server:
+        yield server.url
 
 
 def test_a_failure_at_the_response_head_answers_at_once_and_gives_the_backend_call_up(endless, tmp_path):

@@ -19,7 +19,7 @@ def fuzzed(tmp_path_factory):
     recorder, gw = fuzz.start(tmp_path_factory.mktemp("fuzz"))
     yield recorder, gw
     gw.stop()
-    recorder.shutdown()
+    recorder.close()
 
 
 REGRESSIONS = fuzz.regressions()

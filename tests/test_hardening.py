@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import openai
 import pytest
@@ -17,16 +14,13 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import codex_fixture, parse_sse, send_json, send_text_chunk, wait_until
+from helpers import (
+    KiB, LocalServer, QuietHandler, chat_chunk, chat_sse, codex_fixture, http_chunk, memory, open_fds, parse_sse,
+    send_json, send_text_chunk, stream_turn, terminal, wait_until,
+)
 from soak import soak
 
 DEAD = "http://127.0.0.1:9"
-
-
-def stream_events(gw, body: dict, **kw) -> list[dict]:
-    r = requests.post(gw.base_url + "/responses", json={"stream": True, **body}, timeout=30, **kw)
-    assert r.status_code == 200, r.text
-    return parse_sse(r.content)
 
 
 def failed_error(events: list[dict]) -> dict:
@@ -41,17 +35,16 @@ def failed_error(events: list[dict]) -> dict:
 
 def test_upstream_down_is_a_clear_error_not_a_reset(gateway_factory):
     gw = gateway_factory(DEAD)
-    err = failed_error(stream_events(gw, {"model": "m", "input": "anyone there?"}))
+    err = failed_error(stream_turn(gw, {"model": "m", "input": "anyone there?"}))
     assert err["code"] == "server_error" and "cannot connect to the upstream http://127.0.0.1:9" in err["message"]
     whole = requests.post(gw.base_url + "/responses", json={"model": "m", "input": "x"}, timeout=30)
     assert whole.status_code == 502 and "cannot connect" in whole.json()["error"]["message"]
 
 
-class _Slow(BaseHTTPRequestHandler):
+class _Slow(QuietHandler):
     """A long prefill: sends its response headers only once `release` is set, then one answer
     (with `headers_first`, like llama.cpp: headers at once, the silence after them)."""
 
-    protocol_version = "HTTP/1.1"
     release = threading.Event()
     headers_first = False
     forever = False
@@ -74,34 +67,26 @@ class _Slow(BaseHTTPRequestHandler):
                 send_text_chunk(self, n)
                 n += 1
                 if n == 3 and not type(self).forever:
-                    end = b"data: " + json.dumps({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}).encode()
-                    end += b"\n\ndata: [DONE]\n\n"
-                    self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(end), end))
+                    self.wfile.write(http_chunk(chat_sse(chat_chunk(finish="stop"))) + b"0\r\n\r\n")
                     return
                 time.sleep(0.05)  # (a model's pace, not a wait)
         except OSError:
             type(self).closed.append(time.monotonic())
 
-    def log_message(self, *a):
-        pass
-
 
 @pytest.fixture
 def slow_upstream():
     _Slow.closed, _Slow.forever, _Slow.headers_first, _Slow.release = [], False, False, threading.Event()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Slow)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server, _Slow
-    _Slow.release.set()
-    server.shutdown()
+    with LocalServer(_Slow) as server:
+        yield server, _Slow
+        _Slow.release.set()
 
 
 def test_silent_upstream_times_out_with_response_failed(slow_upstream, gateway_factory):
     server, handler = slow_upstream  # never released: only the idle timeout can end the turn
     gw = gateway_factory(f"http://127.0.0.1:{server.server_address[1]}", "--set", "resp2chat_request_timeout_secs=1",
                          "--set", "resp2chat_keepalive_secs=0")
-    err = failed_error(stream_events(gw, {"model": "m", "input": "anyone?"}))
+    err = failed_error(stream_turn(gw, {"model": "m", "input": "anyone?"}))
     assert err["code"] == "server_error" and "sent nothing for 1 s" in err["message"]
 
 
@@ -139,17 +124,6 @@ def test_client_disconnect_cancels_the_upstream_request(slow_upstream, gateway_f
     wait_until(lambda: handler.closed, what="the backend request being closed")
 
 
-def _rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
-def _fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
 def test_aborted_streams_leave_no_growth(upstream, gateway_factory):
     gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0", "--set", "flow_detail=0")
     body = json.dumps({"model": "m", "input": "words: 400\nnoreason\nslow: 5", "stream": True}).encode()
@@ -163,20 +137,20 @@ def test_aborted_streams_leave_no_growth(upstream, gateway_factory):
             while b"output_text.delta" not in got:
                 got += s.recv(65536)
 
-    fds0 = _fds(gw.proc.pid)  # before any turn
+    fds0 = open_fds(gw.proc.pid)  # before any turn
 
     def all_closed():  # every aborted turn's sockets (client, relay, backend) are closed again
-        return _fds(gw.proc.pid) <= fds0 + 4
+        return open_fds(gw.proc.pid) <= fds0 + 4
 
     for _ in range(20):  # warm up: imports, pools, allocator
         abort_one()
     wait_until(all_closed, what=f"the gateway's open files going back to {fds0}")
-    rss0 = _rss_kb(gw.proc.pid)
+    rss0 = memory(gw.proc.pid)["VmRSS"]
     for _ in range(200):
         abort_one()
     wait_until(all_closed, what=f"the gateway's open files going back to {fds0} after 200 aborted streams")
-    rss1 = _rss_kb(gw.proc.pid)
-    assert rss1 - rss0 < 15_000, f"RSS grew {rss1 - rss0} KiB over 200 aborted streams"
+    rss1 = memory(gw.proc.pid)["VmRSS"]
+    assert rss1 - rss0 < 15_000 * KiB, f"RSS grew {(rss1 - rss0) // KiB} KiB over 200 aborted streams"
 
 
 # --- malformed input -------------------------------------------------------------------------
@@ -263,36 +237,28 @@ def test_fuzz_upstream_garbage_ends_in_exactly_one_terminal_event(pieces):
     t = Translator(TurnContext("resp_fuzz", 0, "m"))
     out = b"".join(t.feed(p) for p in pieces) + t.finish()
     assert t.feed(b"data: more\n\n") == b"" and t.finish() == b""
-    events = [json.loads(line[6:]) for line in out.decode().split("\n") if line.startswith("data: ")]
-    terminal = [e for e in events if e["type"] in ("response.completed", "response.failed", "response.incomplete")]
-    assert len(terminal) == 1 and events[-1] is terminal[0]
+    events = parse_sse(out)
+    terminal(events)
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
 
 
 # --- secrets -------------------------------------------------------------------------------
 
 
-class _LeakyAuth(BaseHTTPRequestHandler):
+class _LeakyAuth(QuietHandler):
     """An upstream that echoes the key it got in its 401 body, as some providers do."""
-
-    protocol_version = "HTTP/1.1"
 
     def do_POST(self):
         self.rfile.read(int(self.headers["content-length"]))
         key = self.headers.get("authorization", "").removeprefix("Bearer ")
         send_json(self, 401, {"error": {"message": f"Incorrect API key provided: {key}", "code": "invalid_api_key"}})
 
-    def log_message(self, *a):
-        pass
-
 
 def test_secrets_never_reach_logs_flows_or_clients(gateway_factory, tmp_path):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _LeakyAuth)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     key, client_key = "sk-planted-secret-4242abcd", "sk-client-planted-9999"
     flows, log = tmp_path / "f.mitm", tmp_path / "up.jsonl"
-    try:
-        gw = gateway_factory(f"http://127.0.0.1:{server.server_address[1]}", "-w", str(flows),
+    with LocalServer(_LeakyAuth) as server:
+        gw = gateway_factory(server.url, "-w", str(flows),
                              "--set", f"resp2chat_upstream_request_log_path={log}",
                              "--set", "termlog_verbosity=debug", "--set", "flow_detail=4",
                              env={"RESP2CHAT_UPSTREAM_API_KEY": key})
@@ -301,8 +267,6 @@ def test_secrets_never_reach_logs_flows_or_clients(gateway_factory, tmp_path):
         with pytest.raises(openai.BadRequestError) as info:
             client.responses.create(model="m", input="hi")
         gw.stop()
-    finally:
-        server.shutdown()
     message = events[-1].response.error.message
     assert events[-1].type == "response.failed" and "Incorrect API key provided" in message
     for text in (message, str(info.value), gw.log(), flows.read_bytes().decode("utf-8", "replace"), log.read_text()):
@@ -310,10 +274,8 @@ def test_secrets_never_reach_logs_flows_or_clients(gateway_factory, tmp_path):
     assert "[redacted]" in message
 
 
-class _HtmlError(BaseHTTPRequestHandler):
+class _HtmlError(QuietHandler):
     """A proxy in front of the backend that answers 502 with an HTML page naming internals."""
-
-    protocol_version = "HTTP/1.1"
 
     def do_POST(self):
         self.rfile.read(int(self.headers["content-length"]))
@@ -324,9 +286,6 @@ class _HtmlError(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, *a):
-        pass
-
 
 def test_upstream_5xx_words_go_to_the_operator_not_the_client(upstream, gateway_factory, tmp_path):
     """A backend's 5xx body and any non-JSON error body are the operator's: the client gets the
@@ -334,14 +293,12 @@ def test_upstream_5xx_words_go_to_the_operator_not_the_client(upstream, gateway_
     A 4xx JSON error is the client's: its text stays (scrubbed of key-like strings)."""
     from mitmproxy import io
 
-    html = ThreadingHTTPServer(("127.0.0.1", 0), _HtmlError)
-    threading.Thread(target=html.serve_forever, daemon=True).start()
     flows = tmp_path / "flows.mitm"
-    try:
+    with LocalServer(_HtmlError) as html:
         gw = gateway_factory(upstream.origin, "-w", str(flows))
-        proxied = gateway_factory(f"http://127.0.0.1:{html.server_address[1]}")
+        proxied = gateway_factory(html.url)
         planted = "password=hunter2 at 10.0.0.7"
-        events = stream_events(gw, {"model": "m", "input": f"error: 503 db down {planted}"})
+        events = stream_turn(gw, {"model": "m", "input": f"error: 503 db down {planted}"})
         err = failed_error(events)
         rid = err["message"].split("request id ")[1].split(";")[0]
         assert err["code"] == "server_error" and err["message"].startswith("upstream HTTP 503: ")
@@ -351,7 +308,7 @@ def test_upstream_5xx_words_go_to_the_operator_not_the_client(upstream, gateway_
         page = requests.post(proxied.base_url + "/responses", json={"model": "m", "input": "x"}, timeout=30)
         assert page.status_code == 502 and "hunter2" not in page.text and "10.0.0.7" not in page.text
         assert page.json()["error"]["message"].startswith("upstream HTTP 502: the upstream failed")
-        kept = failed_error(stream_events(gw, {"model": "m", "input": "error: 400 unknown field foo"}))
+        kept = failed_error(stream_turn(gw, {"model": "m", "input": "error: 400 unknown field foo"}))
         assert kept["code"] == "invalid_prompt" and kept["message"] == "upstream HTTP 400: unknown field foo"
         # the operator's side: the log names the request id with the backend's words, and so does the flow
         assert wait_until(lambda: f"{rid} failed (server_error): upstream HTTP 503: db down {planted}" in gw.log())
@@ -361,8 +318,6 @@ def test_upstream_5xx_words_go_to_the_operator_not_the_client(upstream, gateway_
             recorded = [f.metadata["resp2chat"] for f in io.FlowReader(fh).stream() if "resp2chat" in f.metadata]
         details = [m["error"]["detail"] for m in recorded if "error" in m]
         assert f"upstream HTTP 503: db down {planted}" in details
-    finally:
-        html.shutdown()
 
 
 # --- soak ----------------------------------------------------------------------------------
@@ -403,7 +358,7 @@ def test_https_upstream_verified_unless_told_otherwise(tls_upstream, gateway_fac
     assert r.status_code == 502 and "CERTIFICATE_VERIFY_FAILED" in r.json()["error"]["message"]
     insecure = gateway_factory(DEAD, "--set", f"resp2chat_upstream_base_url={tls_upstream}", "--set", "ssl_insecure=true")
     for turn in range(2):  # a second turn: the relay pools the kept-alive TLS connection
-        events = stream_events(insecure, {"model": "m", "input": f"over tls {turn}"})
+        events = stream_turn(insecure, {"model": "m", "input": f"over tls {turn}"})
         assert events[-1]["type"] == "response.completed"
         assert events[-1]["response"]["output"][-1]["content"][0]["text"] == f"You said: over tls {turn}"
 

@@ -6,13 +6,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from conftest import ROOT
+from helpers import ROOT, LocalServer, QuietHandler
 
 
-class _Trap(BaseHTTPRequestHandler):
+class _Trap(QuietHandler):
     """The developer's configured backend: nothing from the test suite may arrive here."""
 
     seen: list[str] = []
@@ -25,18 +23,14 @@ class _Trap(BaseHTTPRequestHandler):
 
     do_GET = do_POST
 
-    def log_message(self, *a):
-        pass
-
 
 def test_a_saved_config_and_exported_keys_do_not_reach_test_gateways(tmp_path):
-    trap = ThreadingHTTPServer(("127.0.0.1", 0), _Trap)
-    threading.Thread(target=trap.serve_forever, daemon=True).start()
     _Trap.seen = []
+    trap = LocalServer(_Trap)
     home = tmp_path / "developer"
     config = home / ".config" / "resp2chat" / "config.yaml"
     config.parent.mkdir(parents=True)
-    trap_url = f"http://127.0.0.1:{trap.server_address[1]}/v1"
+    trap_url = f"{trap.url}/v1"
     config.write_text(f"upstream_base_url: {trap_url}\nupstream_api_key: sk-saved-by-configure\n"
                       "upstream_model: saved-model\nmax_replay_entries: 5\n")
     env = {**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
@@ -50,7 +44,7 @@ def test_a_saved_config_and_exported_keys_do_not_reach_test_gateways(tmp_path):
                               "tests/test_addon.py::test_a_turn_goes_through_the_relay_and_the_flow_shows_the_backend"],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     finally:
-        trap.shutdown()
+        trap.close()
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert "3 passed" in run.stdout
     assert _Trap.seen == []

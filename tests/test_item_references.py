@@ -13,15 +13,7 @@ from resp2chat_core.errors import GatewayError
 from resp2chat_core.seal import Sealer
 from resp2chat_io.store import ResponseStore
 
-from conftest import parse_sse
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
+from helpers import Clock, parse_sse, post_turn
 
 
 def conv(n: int) -> list[dict]:
@@ -134,11 +126,6 @@ def test_expand_makes_the_whole_conversation_whole():
 # --- through a real mitmdump -------------------------------------------------------------------
 
 
-@pytest.fixture
-def client(gateway):
-    return openai.OpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0, timeout=30)
-
-
 def test_references_to_outputs_resolve_like_the_items_and_inputs_do_not(client, upstream):
     """Only what the gateway produced is found by id: an id a client gave its own input names
     nothing (tests/test_security_state.py: another client could redefine it)."""
@@ -180,16 +167,15 @@ def test_references_after_a_replay_cache_hit_and_a_restart(upstream, gateway_fac
     store = tmp_path / "responses"
     gw = gateway_factory(upstream.origin, "--set", f"resp2chat_session_store_dir={store}")
     ask = {"model": "demo-model", "input": "cached question", "stream": True}
-    post = lambda body: requests.post(gw.base_url + "/responses", json=body, timeout=30)  # noqa: E731
-    miss = parse_sse(post(ask).content)[-1]["response"]
+    miss = parse_sse(post_turn(gw, ask).content)[-1]["response"]
     upstream.clear()
-    hit = parse_sse(post(ask).content)[-1]["response"]
+    hit = parse_sse(post_turn(gw, ask).content)[-1]["response"]
     assert upstream.requests() == [], "the second answer must come from the replay cache"
     assert hit["id"] != miss["id"] and hit["output"][-1]["id"] != miss["output"][-1]["id"]
     follow = {"model": "demo-model", "input": [{"role": "user", "content": "cached question"},
                                                {"type": "item_reference", "id": hit["output"][-1]["id"]},
                                                {"role": "user", "content": "after the hit"}]}
-    assert post(follow).json()["output"][-1]["content"][0]["text"] == "You said: after the hit"
+    assert post_turn(gw, follow).json()["output"][-1]["content"][0]["text"] == "You said: after the hit"
     gw.stop()
     again = gateway_factory(upstream.origin, "--set", f"resp2chat_session_store_dir={store}")
     r = requests.post(again.base_url + "/responses", json=follow, timeout=30)

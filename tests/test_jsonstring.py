@@ -7,6 +7,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import chat_chunk, chat_sse, parse_sse
 from resp2chat_core.jsonstring import InputStream
 from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.translator import Translator
@@ -55,23 +56,16 @@ def _custom_turn():
 
 
 def _call(args_pieces: list[str]) -> bytes:
-    chunks = [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "apply_patch", "arguments": ""}}]
-    chunks += [{"index": 0, "function": {"arguments": p}} for p in args_pieces]
-    out = b""
-    for c in chunks:
-        out += b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"tool_calls": [c]}}]}).encode() + b"\n\n"
-    return out + b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}\n\ndata: [DONE]\n\n'
-
-
-def _events(raw: bytes) -> list[dict]:
-    return [json.loads(line[6:]) for line in raw.decode().split("\n") if line.startswith("data: ")]
+    calls = [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "apply_patch", "arguments": ""}}]
+    calls += [{"index": 0, "function": {"arguments": p}} for p in args_pieces]
+    return chat_sse(*(chat_chunk({"tool_calls": [c]}) for c in calls), chat_chunk(finish="tool_calls"))
 
 
 def test_translator_streams_custom_input_live():
     patch = "*** Begin Patch\n*** Add File: x\n+hi\n*** End Patch\n"
     args = json.dumps({"input": patch})
     t = Translator(_custom_turn().ctx)
-    events = _events(t.feed(_call([args[i:i + 7] for i in range(0, len(args), 7)])) + t.finish())
+    events = parse_sse(t.feed(_call([args[i:i + 7] for i in range(0, len(args), 7)])) + t.finish())
     deltas = [e["delta"] for e in events if e["type"] == "response.custom_tool_call_input.delta"]
     assert len(deltas) > 3 and "".join(deltas) == patch
     done = next(e for e in events if e["type"] == "response.custom_tool_call_input.done")
@@ -82,6 +76,6 @@ def test_translator_streams_custom_input_live():
 
 def test_translator_falls_back_to_one_delta_for_other_shapes():
     t = Translator(_custom_turn().ctx)
-    events = _events(t.feed(_call(['{"patch": 1, "input": ', '"raw text"}'])) + t.finish())
+    events = parse_sse(t.feed(_call(['{"patch": 1, "input": ', '"raw text"}'])) + t.finish())
     deltas = [e["delta"] for e in events if e["type"] == "response.custom_tool_call_input.delta"]
     assert deltas == ["raw text"]

@@ -7,19 +7,16 @@ from __future__ import annotations
 
 import copy
 import json
-import re
-from pathlib import Path
 
 import pytest
 
+from helpers import CODEX_FIXTURES, NAME_RE, codex_fixture, tool_names
 from resp2chat_core.errors import GatewayError
 from resp2chat_core.lowering import LoweringOptions, lower
 from resp2chat_core.schema import parse_request
 from resp2chat_core.toolmap import chat_name
 
-FIXTURE_DIR = Path(__file__).resolve().parent / "fixtures" / "codex-0.169.0"
-FIXTURES = sorted(p.name for p in FIXTURE_DIR.glob("*.json"))
-NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+FIXTURES = sorted(p.name for p in CODEX_FIXTURES.glob("*.json"))
 
 PNG = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAQAAAAECAIAAAAmkwkpAAAAEElEQVR4nGP4z8AARwzEcQCukw/x0F8jngAAAABJRU5ErkJggg=="
 OBJ = {"type": "object", "properties": {"x": {"type": "string"}}, "required": ["x"]}
@@ -29,7 +26,7 @@ OBJ = {"type": "object", "properties": {"x": {"type": "string"}}, "required": ["
 
 
 def fixture_body(name: str) -> dict:
-    return json.loads((FIXTURE_DIR / name).read_text())["body"]
+    return codex_fixture(name)["body"]
 
 
 def lower_raw(body: dict, opts: LoweringOptions = LoweringOptions()):
@@ -73,10 +70,6 @@ def gateway_error(body: dict) -> GatewayError:
         lower_raw(body)
     assert info.value.status == 400
     return info.value
-
-
-def tool_names(c: dict) -> list[str]:
-    return [t["function"]["name"] for t in c.get("tools", [])]
 
 
 # --- real Codex fixtures -------------------------------------------------------------------
@@ -798,7 +791,7 @@ def test_a_yielding_decode_is_the_same_value():
     from resp2chat_core import requestbody
 
     for name in FIXTURES:
-        raw = (FIXTURE_DIR / name).read_bytes()
+        raw = (CODEX_FIXTURES / name).read_bytes()
         assert requestbody.loads(raw, yielding=True) == requestbody.loads(raw)
     odd = b'{"a": [1, -0, 2.5e3, 12345678901234567890, {"b": {}}, [], true, null, "\\u00e9"]}'
     assert requestbody.loads(odd, yielding=True) == requestbody.loads(odd)

@@ -10,7 +10,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import free_port, start_gateway
+from helpers import free_port, openai_client, start_gateway
 
 
 def scrape(gw, **headers) -> dict:
@@ -35,7 +35,7 @@ def test_metrics_and_access_log_per_upstream(upstream, tmp_path):
     gw = start_gateway("http://127.0.0.1:9", tmp_path, "--set", "resp2chat_upstreams=" + json.dumps(entries),
                        "--set", f"resp2chat_access_log_path={log_path}", "--set", "resp2chat_max_replay_entries=10")
     try:
-        client = openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0)
+        client = openai_client(gw)
         before = scrape(gw)
         assert value(before, "resp2chat_streams_in_flight") == 0
         for _ in range(2):  # the second is a replay-cache hit

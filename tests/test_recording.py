@@ -8,13 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import openai
 import pytest
 import requests
-from mitmproxy import http, io
+from mitmproxy import http
 from mitmproxy.test import taddons
 
-from conftest import ROOT, Codex, free_port, parse_sse
+from helpers import ROOT, Codex, free_port, openai_client, parse_sse, read_flows, resp2chat_cli
 from recordings import SEAL_KEY
 from wsclient import WSClient
 
@@ -24,18 +23,8 @@ SECRET_UPSTREAM_KEY = "sk-planted-upstream-7f3a9c"
 SECRET_CLIENT_KEY = "sk-planted-client-1b2c3d"
 
 
-def read_flows(path: Path) -> list[http.HTTPFlow]:
-    with path.open("rb") as fh:
-        return [f for f in io.FlowReader(fh).stream() if isinstance(f, http.HTTPFlow)]
-
-
 def turns(path: Path) -> list[http.HTTPFlow]:
     return [f for f in read_flows(path) if "resp2chat" in f.metadata]
-
-
-def resp2chat(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "resp2chat_io.main", *args], capture_output=True, text=True,
-                          timeout=60, cwd=ROOT, env={"PYTHONPATH": str(ROOT / "addon"), "PATH": "/usr/bin:/bin"})
 
 
 def strip_ids(raw: bytes) -> str:
@@ -52,7 +41,7 @@ def strip_ids(raw: bytes) -> str:
 def test_flow_file_holds_both_sides_and_no_secrets(upstream, gateway_factory, tmp_path):
     path = tmp_path / "session.mitm"
     gw = gateway_factory(upstream.origin, "-w", str(path), "--set", f"resp2chat_upstream_api_key={SECRET_UPSTREAM_KEY}")
-    client = openai.OpenAI(base_url=gw.base_url, api_key=SECRET_CLIENT_KEY, max_retries=0)
+    client = openai_client(gw, api_key=SECRET_CLIENT_KEY)
     events = list(client.responses.create(model="demo-model", input="record me", stream=True))
     client.responses.create(model="demo-model", input="run: ls", tools=[
         {"type": "function", "name": "exec_command", "parameters": {"type": "object", "properties": {}}}])
@@ -140,10 +129,9 @@ def test_a_replayed_turn_is_counted_and_stored(upstream, gateway_factory, tmp_pa
 @pytest.mark.codex
 def test_codex_session_recorded_then_replayed_without_upstream(upstream, gateway_factory, codex_bin, tmp_path):
     # Codex's prompt names its cwd and CODEX_HOME (skill paths): both runs share them.
-    work, home, path = tmp_path / "work", tmp_path / "home", tmp_path / "live.mitm"
-    work.mkdir(), home.mkdir()
+    path = tmp_path / "live.mitm"
     live = gateway_factory(upstream.origin, "-w", str(path), "--set", "resp2chat_max_replay_entries=0")
-    first = Codex(codex_bin, home, work)
+    first = Codex.at(codex_bin, tmp_path)
     first.configure(live.base_url)
     run1 = first.exec("run: echo replay-me")
     live.stop()
@@ -153,7 +141,7 @@ def test_codex_session_recorded_then_replayed_without_upstream(upstream, gateway
     # from the recording: --server-replay alone still answers it (resp2chat_core/replay.py rerun_key).
     replayed = tmp_path / "replayed.mitm"
     offline = gateway_factory(DEAD_UPSTREAM, "--server-replay", str(path), "-w", str(replayed))
-    second = Codex(codex_bin, home, work)
+    second = Codex.at(codex_bin, tmp_path)
     second.configure(offline.base_url)
     run2 = second.exec("run: echo replay-me")
     assert run2.returncode == 0, run2.output
@@ -240,14 +228,14 @@ def test_replay_cache_preload_from_flow_file(gateway_factory):
 
 @pytest.mark.parametrize("name", ["resumed-session", "tool-call-loop"])
 def test_analyze_multi_turn_recordings(name):
-    out = resp2chat("analyze", "--json", str(ROOT / "recordings" / f"{name}.mitm"))
+    out = resp2chat_cli("analyze", "--json", str(ROOT / "recordings" / f"{name}.mitm"))
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     rows = report["requests"]
     assert len(rows) >= 2 and all(r["turn"] == i + 1 for i, r in enumerate(rows))
     assert report["summary"]["radix_hit_ratio_later_turns"] >= 0.97
     assert report["summary"]["session_prefix_hit_ratio_later_turns"] >= 0.97
-    table = resp2chat("analyze", str(ROOT / "recordings" / f"{name}.mitm")).stdout
+    table = resp2chat_cli("analyze", str(ROOT / "recordings" / f"{name}.mitm")).stdout
     assert "simulated radix cache hit" in table and "1 token = 4 bytes" in table
 
 
@@ -260,7 +248,7 @@ def test_analyze_reports_first_divergence(tmp_path):
         {"session": "a", "body": {"messages": [{"role": "system", "content": "You are terse."}] + base[1:]}},
     ]
     log.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    report = json.loads(resp2chat("analyze", "--json", str(log)).stdout)
+    report = json.loads(resp2chat_cli("analyze", "--json", str(log)).stdout)
     third = report["requests"][2]
     assert third["divergence"]["segment"] == "messages[0] (system)"
     assert third["divergence"]["previous"].startswith("helpful") and third["divergence"]["current"].startswith("terse")
@@ -280,7 +268,7 @@ def test_upstream_request_log_feeds_analyze(upstream, gateway_factory, tmp_path)
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["session"] for r in records] == ["sess-1", "sess-1"]
     assert "sk-never-in-log" not in log.read_text()
-    report = json.loads(resp2chat("analyze", "--json", str(log)).stdout)
+    report = json.loads(resp2chat_cli("analyze", "--json", str(log)).stdout)
     second = report["requests"][1]
     assert second["turn"] == 2 and second["divergence"] is None  # turn 2 extends turn 1
 
@@ -312,7 +300,7 @@ def test_contentviews_render_a_recorded_turn():
 
 def test_replay_cache_hit_still_stores_for_previous_response_id(upstream, gateway_factory):
     gw = gateway_factory(upstream.origin)
-    client = openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0)
+    client = openai_client(gw)
     upstream.clear()
     first = client.responses.create(model="demo-model", input="remember me")
     hit = client.responses.create(model="demo-model", input="remember me")

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import codex_fixture
+from helpers import codex_fixture
 from resp2chat_core import requestbody
 from resp2chat_core.errors import GatewayError
 from resp2chat_core.lowering import LoweringOptions

@@ -4,32 +4,20 @@ Offline replay hands back recorded events verbatim, so only this notices a trans
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import requests
-from mitmproxy import http, io
+from mitmproxy import io
 
-from conftest import ROOT, parse_sse
+from helpers import (
+    ROOT, LocalServer, QuietHandler, chat_chunk, chat_sse, parse_sse, read_flows, retranslate, stream_turn,
+)
 from recordings import SEAL_KEY
 from wsclient import WSClient
 
 RECORDINGS = sorted((ROOT / "recordings").glob("*.mitm"))
-
-
-def retranslate(*args: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
-    out = subprocess.run([sys.executable, "-m", "resp2chat_io.main", "retranslate", "--json", *args],
-                         capture_output=True, text=True, timeout=120, cwd=ROOT,
-                         env={"PYTHONPATH": str(ROOT / "addon"), "PATH": "/usr/bin:/bin", "HOME": os.environ["HOME"]})
-    results = [r for line in out.stdout.splitlines() if line.startswith("[") for r in json.loads(line)]
-    return out, results
 
 
 @pytest.mark.parametrize("recording", RECORDINGS, ids=lambda p: p.stem)
@@ -40,13 +28,8 @@ def test_every_recording_translates_again_to_the_same_events(recording):
     assert all(r["events"] > 0 for r in results)
 
 
-def flows(path: Path) -> list[http.HTTPFlow]:
-    with path.open("rb") as fh:
-        return [f for f in io.FlowReader(fh).stream() if isinstance(f, http.HTTPFlow)]
-
-
 def rewrite(src: Path, dst: Path, change) -> None:
-    recorded = flows(src)
+    recorded = read_flows(src)
     for f in recorded:
         change(f)
     with dst.open("wb") as fh:
@@ -102,38 +85,27 @@ def test_item_references_resolve_against_the_recording(upstream, gateway_factory
     assert out.returncode == 0 and [r["outcome"] for r in results] == ["same", "same"], out.stdout
 
 
-class Slow(BaseHTTPRequestHandler):
+class Slow(QuietHandler):
     """A backend whose prefill takes longer than keepalive_secs: the gateway speaks meanwhile."""
-
-    protocol_version = "HTTP/1.1"
 
     def do_POST(self):
         self.rfile.read(int(self.headers["content-length"]))
         time.sleep(1.3)  # (the gateway sends a keepalive after 1 s: that is what is recorded)
-        chunks = [{"choices": [{"index": 0, "delta": {"content": "late but here"}, "finish_reason": None}]},
-                  {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
-                  {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}]
-        body = b"".join(b"data: " + json.dumps({"id": "c", "object": "chat.completion.chunk", **c}).encode() + b"\n\n"
-                        for c in chunks) + b"data: [DONE]\n\n"
+        body = chat_sse(chat_chunk({"content": "late but here"}), chat_chunk(finish="stop"),
+                        chat_chunk(choices=[], usage={"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}))
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
         self.send_header("content-length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, *args):
-        pass
-
 
 def test_the_gateways_own_events_are_recorded_and_translated_again_in_place(upstream, gateway_factory, tmp_path):
-    slow = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
-    threading.Thread(target=slow.serve_forever, daemon=True).start()
-    try:
-        path = tmp_path / "live.mitm"
-        gw = gateway_factory(f"http://127.0.0.1:{slow.server_address[1]}", "-w", str(path),
+    path = tmp_path / "live.mitm"
+    with LocalServer(Slow) as slow:
+        gw = gateway_factory(slow.url, "-w", str(path),
                              "--set", "resp2chat_keepalive_secs=1", "--set", "resp2chat_max_replay_entries=0")
-        late = parse_sse(requests.post(gw.base_url + "/responses", json={"model": "m", "input": "hi", "stream": True},
-                                       timeout=30).content)
+        late = stream_turn(gw, {"model": "m", "input": "hi"})
         client = WSClient(gw.base_url)
         over_socket = client.turn({"type": "response.create", "model": "m", "input": "hi"})
         client.close()
@@ -142,17 +114,15 @@ def test_the_gateways_own_events_are_recorded_and_translated_again_in_place(upst
                                timeout=30)
         gw.stop()
         failing.stop()
-    finally:
-        slow.shutdown()
     assert [e["type"] for e in late][:3] == ["response.created", "response.in_progress", "response.in_progress"]
     assert [e["type"] for e in over_socket][:3] == ["response.created", "response.in_progress", "response.in_progress"]
     assert failed.status_code == 429
-    recorded = [f for f in flows(path) if "resp2chat" in f.metadata]
+    recorded = [f for f in read_flows(path) if "resp2chat" in f.metadata]
     kinds = [name for _, name, _ in recorded[0].metadata["resp2chat"]["gateway_events"]]
     assert kinds[0] == "Accepted" and "Keepalive" in kinds
     socket_turn = recorded[1].metadata["resp2chat"]["turns"][0]
     assert "Keepalive" in [name for _, name, _ in socket_turn["gateway_events"]]
-    [failure] = [f for f in flows(tmp_path / "failed.mitm") if "resp2chat" in f.metadata]
+    [failure] = [f for f in read_flows(tmp_path / "failed.mitm") if "resp2chat" in f.metadata]
     assert [name for _, name, _ in failure.metadata["resp2chat"]["gateway_events"]] == ["Accepted", "UpstreamFailed"]
     out, results = retranslate(str(path), str(tmp_path / "failed.mitm"))
     assert out.returncode == 0 and [r["outcome"] for r in results] == ["same"] * 3, out.stdout

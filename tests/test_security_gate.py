@@ -14,17 +14,17 @@ import json
 import socket
 import ssl
 import subprocess
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 import requests
 
-from conftest import Codex, parse_sse, wait_until
+from helpers import (
+    Codex, KiB, LocalServer, QuietHandler, chat_chunk, chat_sse, http_chunk, memory, openai_client, parse_sse,
+    read_flows, wait_until,
+)
 from wsclient import Refused, WSClient
 
 GW_KEY = "gw-key-planted-7777abcd"
@@ -34,13 +34,12 @@ UP_KEY = "sk-upstream-planted-5555wxyz"
 # --- a backend that echoes what it was sent ----------------------------------------------------
 
 
-class _Echo(BaseHTTPRequestHandler):
+class _Echo(QuietHandler):
     """Records every request (request line as sent, headers, body). A chat request gets an SSE
     stream whose text is the Authorization it got; any other path a JSON echo of its
     Authorization, as a header too: to a GET in 5-byte chunks (a secret split between chunks),
     to a POST with its content-length; a path with ``gzip`` in it the same, gzip-compressed."""
 
-    protocol_version = "HTTP/1.1"
     seen: list = []
 
     def _any(self):
@@ -49,10 +48,7 @@ class _Echo(BaseHTTPRequestHandler):
         type(self).seen.append((self.requestline, {k.lower(): v for k, v in self.headers.items()}, body))
         auth = self.headers.get("authorization", "")
         if self.path.endswith("/chat/completions"):
-            chunks = [{"choices": [{"index": 0, "delta": {"content": f"the backend got {auth!r}"},
-                                    "finish_reason": None}]},
-                      {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}]
-            data = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+            data = chat_sse(chat_chunk({"content": f"the backend got {auth!r}"}), chat_chunk(finish="stop"))
             self.send_response(200)
             self.send_header("content-type", "text/event-stream")
             self.send_header("content-length", str(len(data)))
@@ -79,38 +75,20 @@ class _Echo(BaseHTTPRequestHandler):
         self.end_headers()
         for i in range(0, len(payload), 5):
             piece = payload[i:i + 5]
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            self.wfile.write(http_chunk(piece))
             self.wfile.flush()
         self.wfile.write(b"0\r\n\r\n")
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_HEAD = _any
 
-    def log_message(self, *a):
-        pass
-
-
-class Echo:
-    def __init__(self, server):
-        self.server = server
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    @property
-    def seen(self) -> list:
-        return _Echo.seen
-
 
 @pytest.fixture
 def echo():
+    """The echoing backend: its ``url``, and ``seen``, what it got."""
     _Echo.seen = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield Echo(server)
-    server.shutdown()
-    server.server_close()
+    with LocalServer(_Echo) as server:
+        server.seen = _Echo.seen
+        yield server
 
 
 def raw(port: int, request: bytes, timeout: float = 20, tls: ssl.SSLContext | None = None) -> tuple[int, dict, bytes]:
@@ -201,8 +179,6 @@ def test_the_gateway_key_never_reaches_a_backend(echo, gateway_factory):
 
 
 def test_no_configured_secret_reaches_a_client_or_a_flow(echo, gateway_factory, tmp_path):
-    from mitmproxy import io
-
     flows = tmp_path / "flows.mitm"
     gw = gateway_factory(echo.url, "-w", str(flows), "--set", "resp2chat_max_replay_entries=0",
                          "--set", "flow_detail=4", "--set", "termlog_verbosity=debug",
@@ -240,8 +216,7 @@ def test_no_configured_secret_reaches_a_client_or_a_flow(echo, gateway_factory, 
     assert all(UP_KEY not in text for text in got + [gw.log()])
     saved = flows.read_bytes()
     assert UP_KEY.encode() not in saved
-    with flows.open("rb") as fh:
-        assert len(list(io.FlowReader(fh).stream())) >= 10
+    assert len(read_flows(flows)) >= 10
 
 
 def test_passthrough_paths_is_the_allowlist(echo, gateway_factory):
@@ -326,14 +301,6 @@ def test_allowed_origins_and_public_hosts(echo, gateway_factory):
 # --- 4. a refused body is not read; memory stays flat -------------------------------------------
 
 
-def _rss_kb(pid: int) -> dict:
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(("VmRSS:", "VmHWM:")):
-            fields[line.split(":")[0]] = int(line.split()[1])
-    return fields
-
-
 def push(port: int, head: bytes, total: int, chunked: bool) -> tuple[int, bytes]:
     """Send ``head`` and up to ``total`` bytes of body as fast as the gateway takes them; how
     much it took before it ended the connection, and its answer."""
@@ -343,7 +310,7 @@ def push(port: int, head: bytes, total: int, chunked: bool) -> tuple[int, bytes]
         s.sendall(head)
         try:
             while sent < total:
-                s.sendall(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+                s.sendall(http_chunk(piece) if chunked else piece)
                 sent += len(piece)
             if chunked:
                 s.sendall(b"0\r\n\r\n")
@@ -361,7 +328,7 @@ def test_refused_bodies_are_not_read_and_memory_stays_flat(echo, gateway_factory
     gw = gateway_factory(echo.url, "--set", f"resp2chat_gateway_api_key={GW_KEY}", "--set", "flow_detail=0")
     port, big = gw.port, 200 << 20
     post = f"POST /v1/responses HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\ncontent-type: application/json\r\n"
-    before = _rss_kb(gw.proc.pid)
+    before = memory(gw.proc.pid)
     cases = [  # (head, chunked, status, code)
         (post + "transfer-encoding: chunked\r\n\r\n", True, 401, "invalid_api_key"),  # no key, chunked
         (post + f"content-length: {big}\r\n\r\n", False, 401, "invalid_api_key"),  # no key, declared
@@ -379,12 +346,12 @@ def test_refused_bodies_are_not_read_and_memory_stays_flat(echo, gateway_factory
         assert error_of(body)["code"] == code
         assert sent < 64 << 20, f"the gateway read {sent >> 20} MiB of a refused body"  # (socket buffers: a few MiB)
         assert time.monotonic() - started < 15
-    after = _rss_kb(gw.proc.pid)
-    assert after["VmHWM"] - before["VmHWM"] < 30_000, (before, after)
-    assert after["VmRSS"] - before["VmRSS"] < 30_000, (before, after)
+    after = memory(gw.proc.pid)
+    assert after["VmHWM"] - before["VmHWM"] < 30_000 * KiB, (before, after)
+    assert after["VmRSS"] - before["VmRSS"] < 30_000 * KiB, (before, after)
     assert echo.seen == []
     # real clients read the early answer: the openai SDK (httpx), requests (urllib3), curl
-    client = openai.OpenAI(base_url=gw.base_url, api_key="wrong-key", max_retries=0)
+    client = openai_client(gw, api_key="wrong-key")
     with pytest.raises(openai.AuthenticationError):
         client.responses.create(model="m", input="x" * (40 << 20))
     r = requests.post(gw.base_url + "/responses", data=b"x" * (40 << 20), timeout=30,
@@ -394,7 +361,7 @@ def test_refused_bodies_are_not_read_and_memory_stays_flat(echo, gateway_factory
                           "-H", "content-type: application/json", gw.base_url + "/responses"],
                          input=b"x" * (40 << 20), capture_output=True, timeout=60)
     assert out.stdout.endswith(b"\n401") and b"invalid_api_key" in out.stdout, out
-    assert _rss_kb(gw.proc.pid)["VmHWM"] - before["VmHWM"] < 60_000  # (the clients' bodies were not held either)
+    assert memory(gw.proc.pid)["VmHWM"] - before["VmHWM"] < 60_000 * KiB  # (the clients' bodies were not held either)
     # and the gateway serves as before: the same connection pattern, with the key
     ok = requests.post(gw.base_url + "/responses", json={"model": "m", "input": "hi"}, timeout=20,
                        headers={"authorization": f"Bearer {GW_KEY}"})
@@ -490,8 +457,7 @@ def test_https_with_tls_cert_file(echo, upstream, gateway_factory, tls_files, tm
     assert out.returncode == 0, out.stderr
     assert final_text(parse_sse(out.stdout)) == "You said: over https"
     # the openai SDK, trusting the test CA
-    client = openai.OpenAI(base_url=base, api_key=GW_KEY, max_retries=0,
-                           http_client=httpx.Client(verify=str(tls_files["ca"])))
+    client = openai_client(base, api_key=GW_KEY, http_client=httpx.Client(verify=str(tls_files["ca"])))
     assert client.responses.create(model="m", input="sdk over https").output_text == "You said: sdk over https"
     assert [m.id for m in client.models.list()] == ["demo-model"]
     # the Responses WebSocket over TLS (wss://)
@@ -500,7 +466,7 @@ def test_https_with_tls_cert_file(echo, upstream, gateway_factory, tls_files, tm
     assert final_text(events) == "You said: over wss"
     # not trusting the certificate fails; plain HTTP is refused (but /healthz, for load balancers)
     with pytest.raises(openai.APIConnectionError):
-        openai.OpenAI(base_url=base, api_key=GW_KEY, max_retries=0).models.list()
+        openai_client(base, api_key=GW_KEY).models.list()
     r = requests.post(f"http://127.0.0.1:{gw.port}/v1/responses", json={"model": "m", "input": "x"},
                       headers={"authorization": f"Bearer {GW_KEY}"}, timeout=20)
     assert r.status_code == 400 and r.json()["error"]["code"] == "https_required"
@@ -542,20 +508,14 @@ def test_codex_over_https_with_its_ca_setting(upstream, gateway_factory, tls_fil
     base = f"https://localhost:{gw.port}/v1"
     for name, setup, variable in (("http", lambda cx: cx.configure(base), "CODEX_CA_CERTIFICATE"),
                                   ("websocket", lambda cx: cx.configure_builtin(base), "SSL_CERT_FILE")):
-        home, work = tmp_path / f"home-{name}", tmp_path / f"work-{name}"
-        home.mkdir()
-        work.mkdir()
-        cx = Codex(codex_bin, home, work, env={variable: str(tls_files["ca"])})
+        cx = Codex.at(codex_bin, tmp_path / name, env={variable: str(tls_files["ca"])})
         setup(cx)
         run = cx.exec(f"hello over {name}")
         assert run.returncode == 0 and f"You said: hello over {name}" in run.output, run.output[-3000:]
         assert "Falling back from WebSockets" not in run.output
     log = gw.log()
     assert "POST http" in log and "WebSocket /v1/responses message" in log
-    home, work = tmp_path / "home-untrusted", tmp_path / "work-untrusted"
-    home.mkdir()
-    work.mkdir()
-    untrusted = Codex(codex_bin, home, work)
+    untrusted = Codex.at(codex_bin, tmp_path / "untrusted")
     untrusted.configure(base)
     try:  # (it retries a failed handshake for minutes: what matters is that it never got through)
         run = untrusted.exec("not without the CA", timeout=15)

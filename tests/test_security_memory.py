@@ -13,58 +13,24 @@ import json
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 import requests
 
-from conftest import parse_sse, wait_until
+from helpers import (
+    DONE, LocalServer, MiB, Peak, QuietHandler, chat_event, http_chunk, listening_ports, read_flows, stream_turn,
+    terminal, wait_until,
+)
 from wsclient import WSClient
-
-MiB = 1 << 20
-
-
-# --- the gateway's memory ----------------------------------------------------------------------
-
-
-def _status(pid: int, field: str) -> int:
-    """A /proc/PID/status field in bytes (VmRSS, VmHWM)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no {field}")
-
-
-class Peak:
-    """The gateway's peak memory from now on, above what it holds now."""
-
-    def __init__(self, gw) -> None:
-        self.pid = gw.proc.pid
-        Path(f"/proc/{self.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
-        self.base = _status(self.pid, "VmRSS")
-
-    @property
-    def grown(self) -> int:
-        return _status(self.pid, "VmHWM") - self.base
-
 
 # --- a backend that misbehaves ----------------------------------------------------------------
 
 
-def _chunk(data: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(data), data)
-
-
-def _event(delta: dict | None = None, finish: str | None = None) -> bytes:
-    return b"data: " + json.dumps({"choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}]}).encode() + b"\n\n"
-
-
-ANSWER = _event({"content": "hello"}) + _event(finish="stop") + b"data: [DONE]\n\n"
+ANSWER = chat_event({"content": "hello"}) + chat_event(finish="stop") + DONE
 PIECE = 256 << 10
 
 
-class Hostile(BaseHTTPRequestHandler):
+class Hostile(QuietHandler):
     """A chat backend whose answer depends on the model asked for:
 
     - ``ok``: a short answer
@@ -78,7 +44,6 @@ class Hostile(BaseHTTPRequestHandler):
     Each call is noted in ``calls``: how many body bytes went out, and whether the gateway
     closed the connection before the backend was done (``cut``)."""
 
-    protocol_version = "HTTP/1.1"
     calls: list[dict] = []
     release = threading.Event()
 
@@ -97,7 +62,7 @@ class Hostile(BaseHTTPRequestHandler):
         self.wfile.flush()
 
         def send(data: bytes) -> None:
-            self.wfile.write(_chunk(data) if chunked else data)
+            self.wfile.write(http_chunk(data) if chunked else data)
             call["sent"] += len(data)
             call["at"] = time.monotonic()
 
@@ -114,7 +79,7 @@ class Hostile(BaseHTTPRequestHandler):
                 for _ in range(64 * MiB // PIECE):
                     send((b"data: " + b"y" * 1000 + b"\n") * (PIECE // 1007))
             elif model in ("after-done", "unchunked"):
-                more = _event({"content": "more"}) * (PIECE // len(_event({"content": "more"})))
+                more = chat_event({"content": "more"}) * (PIECE // len(chat_event({"content": "more"})))
                 for _ in range(256 * MiB // PIECE):
                     send(more)
             elif model == "error-flood":
@@ -132,34 +97,18 @@ class Hostile(BaseHTTPRequestHandler):
             call["cut"] = True
             self.close_connection = True
 
-    def log_message(self, *a):
-        pass
-
 
 @pytest.fixture
 def hostile():
     Hostile.calls, Hostile.release = [], threading.Event()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    server.url = f"http://127.0.0.1:{server.server_address[1]}"
-    yield server
-    Hostile.release.set()
-    server.shutdown()
-    server.server_close()
+    with LocalServer(Hostile) as server:
+        yield server
+        Hostile.release.set()
 
 
-def _post(gw, body: dict, timeout: float = 120) -> list[dict]:
-    r = requests.post(gw.base_url + "/responses", json={"stream": True, "input": "hi", **body}, timeout=timeout)
-    assert r.status_code == 200, r.text
-    return parse_sse(r.content)
-
-
-def _terminal(events: list[dict]) -> dict:
-    """The one terminal event of a turn (exactly one, and last)."""
-    ends = [e for e in events if e["type"] in ("response.completed", "response.failed", "response.incomplete")]
-    assert len(ends) == 1 and ends[0] is events[-1], [e["type"] for e in events]
-    return ends[0]["response"]
+def _post(gw, body: dict) -> list[dict]:
+    """A streamed turn of the question "hi" (a hostile backend takes long to misbehave)."""
+    return stream_turn(gw, {"input": "hi", **body}, timeout=120)
 
 
 def _oversized(response: dict) -> None:
@@ -187,8 +136,8 @@ def test_a_backend_event_without_end_fails_the_turn_holding_little(hostile, gate
     ~180 MiB, copying the held line again at every read), the backend call is dropped, and the
     gateway answers meanwhile."""
     gw = gateway_factory(hostile.url)
-    assert _terminal(_post(gw, {"model": "ok"}))["status"] == "completed"  # (warm: imports, pools)
-    peak = Peak(gw)
+    assert terminal(_post(gw, {"model": "ok"}))["response"]["status"] == "completed"  # (warm: imports, pools)
+    peak = Peak(gw.proc.pid)
     result: dict = {}
     worker = threading.Thread(target=lambda: result.update(events=_post(gw, {"model": model})))
     worker.start()
@@ -196,10 +145,10 @@ def test_a_backend_event_without_end_fails_the_turn_holding_little(hostile, gate
         started = time.monotonic()
         assert requests.get(f"http://127.0.0.1:{gw.port}/healthz", timeout=5).status_code == 200
         assert time.monotonic() - started < 1
-        assert _terminal(_post(gw, {"model": "ok"}))["status"] == "completed"
+        assert terminal(_post(gw, {"model": "ok"}))["response"]["status"] == "completed"
         worker.join(0.05)
     assert peak.grown < 40 * MiB, f"the gateway grew {peak.grown / MiB:.0f} MiB"
-    _oversized(_terminal(result["events"]))
+    _oversized(terminal(result["events"])["response"])
     assert _backend_stopped(model)["sent"] < 40 * MiB
 
 
@@ -209,25 +158,27 @@ def test_a_web_search_round_with_a_line_without_end_fails_the_same(hostile, gate
     gw = gateway_factory(hostile.url, "--set", "resp2chat_brave_api_key=test-brave-key",
                          "--set", "resp2chat_brave_base_url=http://127.0.0.1:9")
     search = {"tools": [{"type": "web_search"}]}
-    assert _terminal(_post(gw, {"model": "ok", **search}))["status"] == "completed"
-    peak = Peak(gw)
+    assert terminal(_post(gw, {"model": "ok", **search}))["response"]["status"] == "completed"
+    peak = Peak(gw.proc.pid)
     events = _post(gw, {"model": "line", **search})
     assert peak.grown < 40 * MiB, f"the gateway grew {peak.grown / MiB:.0f} MiB"
-    _oversized(_terminal(events))
+    _oversized(terminal(events)["response"])
     assert _backend_stopped("line")["sent"] < 40 * MiB
 
 
 def test_a_backend_line_without_end_on_the_websocket(hostile, gateway_factory):
     gw = gateway_factory(hostile.url)
     client = WSClient(gw.base_url)
-    assert _terminal(client.turn({"type": "response.create", "model": "ok", "input": "hi"}))["status"] == "completed"
-    peak = Peak(gw)
+    end = terminal(client.turn({"type": "response.create", "model": "ok", "input": "hi"}))
+    assert end["response"]["status"] == "completed"
+    peak = Peak(gw.proc.pid)
     events = client.turn({"type": "response.create", "model": "line", "input": "hi"})
     assert peak.grown < 40 * MiB, f"the gateway grew {peak.grown / MiB:.0f} MiB"
-    _oversized(_terminal(events))
+    _oversized(terminal(events)["response"])
     assert _backend_stopped("line")["sent"] < 40 * MiB
     # the socket goes on
-    assert _terminal(client.turn({"type": "response.create", "model": "ok", "input": "again"}))["status"] == "completed"
+    end = terminal(client.turn({"type": "response.create", "model": "ok", "input": "again"}))
+    assert end["response"]["status"] == "completed"
     client.close()
 
 
@@ -239,14 +190,15 @@ def test_a_backend_that_goes_on_after_done_is_cut_and_the_client_stream_ends(hos
     with the answer and the gateway stops reading (it read all of it before, and the client's
     stream lasted as long)."""
     gw = gateway_factory(hostile.url)
-    response = _terminal(_post(gw, {"model": "after-done"}))
+    response = terminal(_post(gw, {"model": "after-done"}))["response"]
     assert response["status"] == "completed" and response["output"][0]["content"][0]["text"] == "hello"
     assert _backend_stopped("after-done")["sent"] < 64 * MiB
     client = WSClient(gw.base_url)
-    response = _terminal(client.turn({"type": "response.create", "model": "after-done", "input": "hi"}))
+    response = terminal(client.turn({"type": "response.create", "model": "after-done", "input": "hi"}))["response"]
     assert response["status"] == "completed" and response["output"][0]["content"][0]["text"] == "hello"
     assert _backend_stopped("after-done")["sent"] < 64 * MiB
-    assert _terminal(client.turn({"type": "response.create", "model": "ok", "input": "again"}))["status"] == "completed"
+    end = terminal(client.turn({"type": "response.create", "model": "ok", "input": "again"}))
+    assert end["response"]["status"] == "completed"
     client.close()
 
 
@@ -255,8 +207,8 @@ def test_an_unchunked_stream_to_a_slow_client_is_read_no_faster_than_it_is_taken
     client that reads nothing: the relay pauses the backend once FULL bytes wait for the client,
     as it does for a chunked stream (it read on into memory: +256 MiB)."""
     gw = gateway_factory(hostile.url)
-    assert _terminal(_post(gw, {"model": "ok"}))["status"] == "completed"
-    peak = Peak(gw)
+    assert terminal(_post(gw, {"model": "ok"}))["response"]["status"] == "completed"
+    peak = Peak(gw.proc.pid)
     with requests.post(gw.base_url + "/responses", json={"model": "unchunked", "input": "hi", "stream": True},
                        stream=True, timeout=60) as r:
         assert r.status_code == 200
@@ -273,7 +225,7 @@ def test_an_error_body_is_not_read_past_what_is_kept(hostile, gateway_factory):
     """A backend's 500 whose body never ends: the relay keeps its first MiB, reports the failure
     and drops the call (it read all 256 MiB, to throw it away)."""
     gw = gateway_factory(hostile.url)
-    error = _terminal(_post(gw, {"model": "error-flood"}))["error"]
+    error = terminal(_post(gw, {"model": "error-flood"}))["response"]["error"]
     assert error["code"] == "server_error" and "upstream HTTP 500" in error["message"]
     assert _backend_stopped("error-flood")["sent"] < 64 * MiB
 
@@ -281,29 +233,11 @@ def test_an_error_body_is_not_read_past_what_is_kept(hostile, gateway_factory):
 # --- the relay: half-sent requests ----------------------------------------------------------------
 
 
-def _listening_ports(pid: int) -> set[int]:
-    """The loopback TCP ports process ``pid`` listens on (its sockets in /proc/net/tcp)."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = fd.readlink().name
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    ports = set()
-    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
-            ports.add(int(fields[1].split(":")[1], 16))
-    return ports
-
-
 def test_the_relay_closes_a_connection_that_sends_half_a_request(upstream, gateway_factory):
     """Any local process can open the relay's loopback port: one that sends half a head, or
     nothing, is closed after the relay's deadline (10 s), not held forever."""
     gw = gateway_factory(upstream.origin)
-    [relay] = _listening_ports(gw.proc.pid) - {gw.port}
+    [relay] = listening_ports(gw.proc.pid) - {gw.port}
     half = socket.create_connection(("127.0.0.1", relay))
     half.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-le")
     silent = socket.create_connection(("127.0.0.1", relay))
@@ -313,7 +247,7 @@ def test_the_relay_closes_a_connection_that_sends_half_a_request(upstream, gatew
         assert sock.recv(1) == b""
         sock.close()
     assert time.monotonic() - started < 30
-    assert _terminal(_post(gw, {"model": "demo-model"}))["status"] == "completed"  # the gateway goes on
+    assert terminal(_post(gw, {"model": "demo-model"}))["response"]["status"] == "completed"  # the gateway goes on
 
 
 # --- finding 6: the Responses WebSocket ---------------------------------------------------------
@@ -352,8 +286,9 @@ def test_messages_behind_a_stalled_turn_are_not_read_past_a_bound(hostile, gatew
     is answered, in order."""
     gw = gateway_factory(hostile.url)
     client = WSClient(gw.base_url, timeout=120)
-    assert _terminal(client.turn({"type": "response.create", "model": "ok", "input": "hi"}))["status"] == "completed"
-    peak = Peak(gw)
+    end = terminal(client.turn({"type": "response.create", "model": "ok", "input": "hi"}))
+    assert end["response"]["status"] == "completed"
+    peak = Peak(gw.proc.pid)
     client.send({"type": "response.create", "model": "stall", "input": "hi"})
     wait_until(lambda: any(c["model"] == "stall" for c in Hostile.calls), what="the stalled turn reaching the backend")
     frame = _frame(client, "z" * (20 * MiB))  # (no JSON: each gets an error once its turn comes)
@@ -365,7 +300,7 @@ def test_messages_behind_a_stalled_turn_are_not_read_past_a_bound(hostile, gatew
     Hostile.release.set()
     thread.join(120)
     assert progress["error"] is None and progress["sent"] == 10 * len(frame)
-    assert _terminal(client.events())["status"] == "completed"
+    assert terminal(client.events())["response"]["status"] == "completed"
     errors = [client.next_message() for _ in range(10)]
     assert [e["error"]["code"] for e in errors] == ["invalid_json"] * 10
     client.close()
@@ -379,15 +314,17 @@ def test_a_long_socket_is_not_held_in_memory(upstream, gateway_factory):
     in flow.websocket.messages (+290 MB); the socket's flow keeps its first ones."""
     gw = gateway_factory(upstream.origin)
     client = WSClient(gw.base_url, timeout=120)
-    assert _terminal(client.turn({"type": "response.create", "model": "demo-model", "input": "hi"}))["status"] == "completed"
-    peak = Peak(gw)
+    end = terminal(client.turn({"type": "response.create", "model": "demo-model", "input": "hi"}))
+    assert end["response"]["status"] == "completed"
+    peak = Peak(gw.proc.pid)
     frame = _frame(client, "q" * (100 << 10))
     thread, progress = _sender(client, [frame] * 3000)
     for _ in range(3000):
         assert client.next_message()["error"]["code"] == "invalid_json"
     thread.join(60)
     assert progress["error"] is None
-    assert _terminal(client.turn({"type": "response.create", "model": "demo-model", "input": "and?"}))["status"] == "completed"
+    end = terminal(client.turn({"type": "response.create", "model": "demo-model", "input": "and?"}))
+    assert end["response"]["status"] == "completed"
     client.close()
     assert peak.grown < 120 * MiB, f"the gateway grew {peak.grown / MiB:.0f} MiB"
 
@@ -395,8 +332,6 @@ def test_a_long_socket_is_not_held_in_memory(upstream, gateway_factory):
 def test_what_a_long_sockets_flow_file_keeps(upstream, gateway_factory, tmp_path):
     """The flow file of a socket with 2500 refused messages and a turn: its first 4096 messages
     and 1024 turn records, and how many of each it left out."""
-    from mitmproxy import http, io
-
     flows = tmp_path / "socket.mitm"
     gw = gateway_factory(upstream.origin, "-w", str(flows))
     client = WSClient(gw.base_url)
@@ -404,11 +339,12 @@ def test_what_a_long_sockets_flow_file_keeps(upstream, gateway_factory, tmp_path
         client.send("nope")
     for _ in range(2500):
         assert client.next_message()["error"]["code"] == "invalid_json"
-    assert _terminal(client.turn({"type": "response.create", "model": "demo-model", "input": "hi"}))["status"] == "completed"
+    end = terminal(client.turn({"type": "response.create", "model": "demo-model", "input": "hi"}))
+    assert end["response"]["status"] == "completed"
     client.close()
     wait_until(lambda: "WebSocket /v1/responses message 2501" in gw.log(), what="the last turn recorded")
     gw.stop()
-    [flow] = [f for f in io.FlowReader(flows.open("rb")).stream() if isinstance(f, http.HTTPFlow) and f.websocket]
+    [flow] = [f for f in read_flows(flows) if f.websocket]
     meta = flow.metadata["resp2chat"]
     messages = flow.websocket.messages
     sent = 2501 + 2500 + len([e for e in meta["turns"][-1:]])  # (at least: the turn's events are more than one)
@@ -425,8 +361,9 @@ def test_a_message_over_the_body_limit_is_refused_while_it_arrives(upstream, gat
     message just under the limit is served."""
     gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_request_body_mb=4")
     client = WSClient(gw.base_url, timeout=120)
-    assert _terminal(client.turn({"type": "response.create", "model": "demo-model", "input": "hi"}))["status"] == "completed"
-    peak = Peak(gw)
+    end = terminal(client.turn({"type": "response.create", "model": "demo-model", "input": "hi"}))
+    assert end["response"]["status"] == "completed"
+    peak = Peak(gw.proc.pid)
     big = _frame(client, json.dumps({"type": "response.create", "model": "demo-model", "input": "x" * (40 * MiB)}))
     thread, progress = _sender(client, [big])
     error = client.next_message()
@@ -439,5 +376,5 @@ def test_a_message_over_the_body_limit_is_refused_while_it_arrives(upstream, gat
     assert peak.grown < 24 * MiB, f"the gateway grew {peak.grown / MiB:.0f} MiB"
     # (a warm-up: read, validated and lowered like a turn, answered without the backend)
     under = {"type": "response.create", "model": "demo-model", "input": "y" * (4 * MiB - 4096), "generate": False}
-    assert _terminal(client.turn(under))["status"] == "completed"
+    assert terminal(client.turn(under))["response"]["status"] == "completed"
     client.close()

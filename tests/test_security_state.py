@@ -16,27 +16,14 @@ from __future__ import annotations
 import json
 import threading
 import time
-from http.server import ThreadingHTTPServer
 
-import openai
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import parse_sse, start_gateway, wait_until
-from redis_server import RedisServer, missing
+from helpers import openai_client, parse_sse, post_turn, read_flows, start_gateway, wait_until
 from resp2chat_io import demo_upstream
 from wsclient import WSClient
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    why = missing()
-    if why:
-        pytest.fail(why)
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
 
 
 # --- the core pieces ---------------------------------------------------------------------------
@@ -88,10 +75,6 @@ async def test_the_store_keeps_owners_apart_and_indexes_only_what_it_produced():
         assert await store.get(bad) is None and not await store.delete(bad)
 
 
-def post(gw, body, **headers) -> requests.Response:
-    return requests.post(gw.base_url + "/responses", json=body, headers=headers, timeout=60)
-
-
 def create(**body) -> dict:
     return {"type": "response.create", "model": "demo-model", **body}
 
@@ -103,13 +86,11 @@ def test_client_strings_are_bounded_in_metrics_logs_and_flows(upstream, gateway_
     """Refused requests with 4 MB model names (HTTP and WebSocket) name nothing in /metrics; an
     accepted turn's model name gets a label only if it is spelled like one; the access log, the
     log and flow comments show at most a bounded, printable form of what a client chose."""
-    from mitmproxy import io
-
     access, flows = tmp_path / "access.jsonl", tmp_path / "flows.mitm"
     gw = gateway_factory(upstream.origin, "--set", f"resp2chat_access_log_path={access}", "-w", str(flows))
     huge = "m" * (4 << 20)
     for n in range(3):
-        r = post(gw, {"model": f"{huge}{n}", "input": [{"type": "bogus"}], "prompt_cache_key": huge})
+        r = post_turn(gw, {"model": f"{huge}{n}", "input": [{"type": "bogus"}], "prompt_cache_key": huge})
         assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_item_type"
     ws = WSClient(gw.base_url)
     [refused] = ws.turn(create(model=huge + "ws", input=[{"type": "bogus"}]))
@@ -117,11 +98,11 @@ def test_client_strings_are_bounded_in_metrics_logs_and_flows(upstream, gateway_
     # accepted turns with names no label should carry: too long; a newline that would forge a log line
     long_name, forged = "x" * (1 << 20), "demo\nresp2chat: FORGED LOG LINE"
     for name in (long_name, forged):
-        r = post(gw, {"model": name, "input": "hi", "prompt_cache_key": "k" * (1 << 20)})
+        r = post_turn(gw, {"model": name, "input": "hi", "prompt_cache_key": "k" * (1 << 20)})
         assert r.status_code == 200, r.text
     done = ws.turn(create(model="y" * 300, input="hi"))  # (its events carry the name: wsclient reads whole frames)
     assert done[-1]["type"] == "response.completed"
-    assert post(gw, {"model": "demo-model", "input": "hi"}).status_code == 200
+    assert post_turn(gw, {"model": "demo-model", "input": "hi"}).status_code == 200
     ws.close()
 
     text = requests.get(gw.base_url.removesuffix("/v1") + "/metrics", timeout=30).text
@@ -140,8 +121,7 @@ def test_client_strings_are_bounded_in_metrics_logs_and_flows(upstream, gateway_
     assert "y" * 300 not in access.read_text()
 
     gw.stop()
-    with flows.open("rb") as fh:
-        comments = [f.comment for f in io.FlowReader(fh).stream() if f.comment]
+    comments = [f.comment for f in read_flows(flows) if f.comment]
     assert comments and all(len(c) <= 400 and "\n" not in c for c in comments), [c[:80] for c in comments]
 
 
@@ -167,10 +147,10 @@ def test_an_input_cannot_redefine_an_item_id(upstream, gateway_factory):
     other content (HTTP, then WebSocket): a reference to that id still resolves to the item as the
     gateway produced it, over both transports."""
     gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0")
-    client = openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0, timeout=30)
+    client = openai_client(gw)
     first = client.responses.create(model="demo-model", input="the real question")
     item_id = first.output[-1].id
-    assert post(gw, {"model": "demo-model", "input": [forged_copy(item_id), {"role": "user", "content": "a"}]}).ok
+    assert post_turn(gw, {"model": "demo-model", "input": [forged_copy(item_id), {"role": "user", "content": "a"}]}).ok
     ws = WSClient(gw.base_url)
     stored = ws.turn(create(store=True, input=[forged_copy(item_id), {"role": "user", "content": "b"}]))
     assert stored[-1]["type"] == "response.completed"
@@ -190,10 +170,11 @@ def test_an_input_cannot_redefine_an_item_id_in_redis(upstream, tmp_path, redis_
                           "--set", "resp2chat_max_replay_entries=0") for _ in range(2))
     r = redis_server.client()
     try:
-        first = post(a, {"model": "demo-model", "input": "the real question"}).json()
+        first = post_turn(a, {"model": "demo-model", "input": "the real question"}).json()
         item_id = first["output"][-1]["id"]
         wait_until(lambda: r.exists(f"resp2chat:response:{first['id']}"), what="the first response stored")
-        forged = post(b, {"model": "demo-model", "input": [forged_copy(item_id), {"role": "user", "content": "a"}]})
+        forged = post_turn(b, {"model": "demo-model",
+                               "input": [forged_copy(item_id), {"role": "user", "content": "a"}]})
         wait_until(lambda: r.exists(f"resp2chat:response:{forged.json()['id']}"), what="the forged copy stored")
         ws = WSClient(b.base_url)
         stored = ws.turn(create(store=True, input=[forged_copy(item_id), {"role": "user", "content": "b"}]))
@@ -201,7 +182,7 @@ def test_an_input_cannot_redefine_an_item_id_in_redis(upstream, tmp_path, redis_
         refer = [{"type": "item_reference", "id": item_id}, {"role": "user", "content": "go on"}]
         for gw in (a, b):
             upstream.clear()
-            assert post(gw, {"model": "demo-model", "input": refer}).status_code == 200
+            assert post_turn(gw, {"model": "demo-model", "input": refer}).status_code == 200
             assert_real_answer_sent(upstream)
         assert ws.turn(create(input=refer))[-1]["type"] == "response.completed"
         assert_real_answer_sent(upstream)
@@ -285,7 +266,7 @@ def test_tools_and_content_parts_have_caps_too(gateway_factory, upstream):
     upstream.clear()
     for extra, param, setting in cases:
         body = {"model": "demo-model", "input": "x", **extra}
-        r = post(gw, body)
+        r = post_turn(gw, body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
         assert r.json()["error"]["code"] == "array_above_max_length" and setting in r.json()["error"]["message"]
         [refused] = ws.turn(create(**body))
@@ -293,7 +274,7 @@ def test_tools_and_content_parts_have_caps_too(gateway_factory, upstream):
     assert upstream.requests() == []
     ok = {"model": "demo-model", "tools": [{**fn, "name": f"f{n}"} for n in range(3)],
           "input": [{"role": "user", "content": [part] * 4}]}
-    assert post(gw, ok).status_code == 200 and ws.turn(create(**ok))[-1]["type"] == "response.completed"
+    assert post_turn(gw, ok).status_code == 200 and ws.turn(create(**ok))[-1]["type"] == "response.completed"
     ws.close()
 
 
@@ -321,10 +302,9 @@ class _Keyed(demo_upstream.Handler):
 
 @pytest.fixture
 def keyed_upstream():
-    server: ThreadingHTTPServer = demo_upstream.make_server()
-    server.RequestHandlerClass = _Keyed
+    server, _ = demo_upstream.serve_in_thread()
     server.auths = []
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    server.RequestHandlerClass = _Keyed  # (before any request)
     yield server
     server.shutdown()
     server.server_close()
@@ -345,14 +325,14 @@ def test_forwarded_credentials_own_their_replay_cache_and_store(keyed_upstream, 
                          "--set", f"resp2chat_access_log_path={access}")
     auths = keyed_upstream.auths
     body = {"model": "demo-model", "input": "tell me a secret"}
-    first = post(gw, body, **auth(KEY_A))
+    first = post_turn(gw, body, auth(KEY_A))
     assert first.status_code == 200 and auths == [KEY_A]
     # the very same bytes with another credential, a wrong one, none: the backend decides each
     for who, status in ((KEY_C, 200), (WRONG, 400), (None, 400)):
-        r = post(gw, body, **auth(who))
+        r = post_turn(gw, body, auth(who))
         assert (r.status_code, auths[-1]) == (status, who), (r.text, auths)
     assert len(auths) == 4
-    again = post(gw, body, **auth(KEY_A))  # the same credential: answered from the cache, as before
+    again = post_turn(gw, body, auth(KEY_A))  # the same credential: answered from the cache, as before
     assert again.status_code == 200 and len(auths) == 4 and again.json()["id"] != first.json()["id"]
 
     rid, item_id = first.json()["id"], first.json()["output"][-1]["id"]
@@ -366,9 +346,9 @@ def test_forwarded_credentials_own_their_replay_cache_and_store(keyed_upstream, 
     cont = {"model": "demo-model", "input": "and?", "previous_response_id": rid}
     refer = {"model": "demo-model", "input": [{"type": "item_reference", "id": item_id}, {"role": "user", "content": "x"}]}
     for request, code in ((cont, "previous_response_not_found"), (refer, "item_not_found")):
-        r = post(gw, request, **auth(KEY_C))
+        r = post_turn(gw, request, auth(KEY_C))
         assert r.status_code == 400 and r.json()["error"]["code"] == code, r.text
-        assert post(gw, request, **auth(KEY_A)).status_code == 200
+        assert post_turn(gw, request, auth(KEY_A)).status_code == 200
 
     # over the WebSocket: the socket's credential is its owner
     other = WSClient(gw.base_url, headers=auth(KEY_C))
@@ -397,21 +377,21 @@ def test_forwarded_credentials_own_their_state_in_redis(keyed_upstream, tmp_path
     auths = keyed_upstream.auths
     try:
         body = {"model": "demo-model", "input": "a shared secret", "stream": True}
-        first = parse_sse(post(a, body, **auth(KEY_A)).content)[-1]["response"]
+        first = parse_sse(post_turn(a, body, auth(KEY_A)).content)[-1]["response"]
         rid, item_id = first["id"], first["output"][-1]["id"]
         wait_until(lambda: r.zcard("resp2chat:replays") == 1 and r.zcard("resp2chat:responses") == 1,
                    what="the answer in Redis")
-        assert parse_sse(post(b, body, **auth(KEY_C)).content)[-1]["type"] == "response.completed"
+        assert parse_sse(post_turn(b, body, auth(KEY_C)).content)[-1]["type"] == "response.completed"
         assert auths[-1] == KEY_C and len(auths) == 2  # another owner: not b's replay hit
-        post(b, body, **auth(KEY_A))
+        post_turn(b, body, auth(KEY_A))
         assert len(auths) == 2  # the owner: b answers from Redis
         url = f"{b.base_url}/responses/{rid}"
         assert requests.get(url, headers=auth(KEY_A), timeout=30).status_code == 200
         assert requests.get(url, headers=auth(KEY_C), timeout=30).status_code == 404
         assert requests.delete(url, headers=auth(None), timeout=30).status_code == 404
         refer = {"model": "demo-model", "input": [{"type": "item_reference", "id": item_id}, {"role": "user", "content": "x"}]}
-        assert post(b, refer, **auth(KEY_C)).json()["error"]["code"] == "item_not_found"
-        assert post(b, refer, **auth(KEY_A)).status_code == 200
+        assert post_turn(b, refer, auth(KEY_C)).json()["error"]["code"] == "item_not_found"
+        assert post_turn(b, refer, auth(KEY_A)).status_code == 200
         ws = WSClient(b.base_url, headers=auth(KEY_C))
         [refused] = ws.turn(create(input="x", previous_response_id=rid))
         assert refused["error"]["code"] == "previous_response_not_found"

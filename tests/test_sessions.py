@@ -8,6 +8,7 @@ import openai
 import pytest
 import requests
 
+from helpers import Clock, openai_client
 from resp2chat_io.store import ResponseStore
 
 EXEC = {"type": "function", "name": "exec_command",
@@ -15,14 +16,6 @@ EXEC = {"type": "function", "name": "exec_command",
 
 
 # --- the store's bounds (a fake clock) ---------------------------------------------------------
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
 
 
 async def test_store_expires_by_ttl():
@@ -64,11 +57,6 @@ async def test_store_survives_a_restart_on_disk(tmp_path):
 
 
 # --- through mitmdump ----------------------------------------------------------------------
-
-
-@pytest.fixture
-def client(gateway):
-    return openai.OpenAI(base_url=gateway.base_url, api_key="x", max_retries=0, timeout=30)
 
 
 def test_previous_response_id_continues_the_conversation(client, upstream):
@@ -126,14 +114,14 @@ def test_retrieve_and_delete(client, gateway):
 def test_store_on_disk_survives_gateway_restart(upstream, gateway_factory, tmp_path):
     args = ("--set", f"resp2chat_session_store_dir={tmp_path / 'sessions'}")
     gw = gateway_factory(upstream.origin, *args)
-    c = openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0)
+    c = openai_client(gw)
     first = c.responses.create(model="demo-model", input="remember across restarts")
     gw.stop()
     files = list((tmp_path / "sessions").iterdir())
     assert [f.name for f in files] == [f"{first.id}.json"]
     assert stat.S_IMODE(files[0].stat().st_mode) == 0o600
     gw2 = gateway_factory(upstream.origin, *args)
-    c2 = openai.OpenAI(base_url=gw2.base_url, api_key="x", max_retries=0)
+    c2 = openai_client(gw2)
     upstream.clear()
     second = c2.responses.create(model="demo-model", input="still there?", previous_response_id=first.id)
     assert second.output_text == "You said: still there?"
@@ -142,7 +130,7 @@ def test_store_on_disk_survives_gateway_restart(upstream, gateway_factory, tmp_p
 
 def test_store_count_bound_through_gateway(upstream, gateway_factory):
     gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_sessions=2", "--set", "resp2chat_max_replay_entries=0")
-    c = openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0)
+    c = openai_client(gw)
     ids = [c.responses.create(model="demo-model", input=f"n{i}").id for i in range(3)]
     statuses = [requests.get(f"{gw.base_url}/responses/{i}", timeout=10).status_code for i in ids]
     assert statuses == [404, 200, 200]

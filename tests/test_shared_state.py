@@ -7,24 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import time
 
 import openai
 import pytest
 import requests
 
-from conftest import parse_sse, start_gateway, wait_http
-from redis_server import RedisServer, missing
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    why = missing()
-    if why:
-        pytest.fail(why)
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
+from helpers import openai_client, parse_sse, start_gateway, wait_http, wait_until
 
 
 def replicas(upstream, tmp_path, redis_url, n=2, *extra):
@@ -32,25 +20,16 @@ def replicas(upstream, tmp_path, redis_url, n=2, *extra):
             for _ in range(n)]
 
 
-def eventually(condition, timeout: float = 20.0) -> bool:
-    """Poll a condition (writes to Redis run as tasks after the answer): no sleep as a guess."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 def wait_stored(r, response_id: str) -> None:
-    assert eventually(lambda: r.exists(f"resp2chat:response:{response_id}")), f"{response_id} never stored"
+    """Writes to Redis run as tasks after the answer: wait for this one."""
+    wait_until(lambda: r.exists(f"resp2chat:response:{response_id}"), 20, f"{response_id} stored")
 
 
 def test_any_replica_continues_any_conversation(upstream, tmp_path, redis_server):
     a, b = replicas(upstream, tmp_path, redis_server.url)
     r = redis_server.client()
     try:
-        ca, cb = (openai.OpenAI(base_url=g.base_url, api_key="x") for g in (a, b))
+        ca, cb = (openai_client(g) for g in (a, b))
         first = ca.responses.create(model="demo-model", input="remember the word apricot")
         wait_stored(r, first.id)
         assert cb.responses.retrieve(first.id).id == first.id  # (b has stored nothing itself yet)
@@ -87,7 +66,7 @@ def test_item_references_resolve_on_any_replica(upstream, tmp_path, redis_server
     a, b = replicas(upstream, tmp_path, redis_server.url)
     r = redis_server.client()
     try:
-        ca, cb = (openai.OpenAI(base_url=g.base_url, api_key="x", max_retries=0) for g in (a, b))
+        ca, cb = (openai_client(g) for g in (a, b))
         first = ca.responses.create(model="demo-model", input=[
             {"type": "message", "id": "msg_client_0001", "role": "user", "content": "first question"}])
         wait_stored(r, first.id)
@@ -122,7 +101,7 @@ def test_the_replay_cache_is_shared(upstream, tmp_path, redis_server):
         upstream.clear()
         first = requests.post(a.base_url + "/responses", json=body, timeout=30)
         r = redis_server.client()
-        assert eventually(lambda: r.zcard("resp2chat:replays") == 1)
+        wait_until(lambda: r.zcard("resp2chat:replays") == 1, 20, "the replay stored")
         second = requests.post(b.base_url + "/responses", json=body, timeout=30)
         assert len(upstream.requests()) == 1  # b answered from Redis
         e1, e2 = parse_sse(first.content), parse_sse(second.content)
@@ -148,7 +127,7 @@ def test_replicas_with_other_seal_keys_do_not_share_answers(upstream, tmp_path, 
         upstream.clear()
         requests.post(a.base_url + "/responses", json=body, timeout=30)
         r = redis_server.client()
-        assert eventually(lambda: r.zcard("resp2chat:replays") == 1)
+        wait_until(lambda: r.zcard("resp2chat:replays") == 1, 20, "the replay stored")
         second = requests.post(b.base_url + "/responses", json=body, timeout=30).json()
         assert len(upstream.requests()) == 2  # b's own answer, not a's
         reasoning = next(o for o in second["output"] if o["type"] == "reasoning")
@@ -165,7 +144,7 @@ def test_bounds_are_applied_in_redis(upstream, tmp_path, redis_server):
                      "--set", "resp2chat_max_replay_entries=2", "--set", "resp2chat_session_ttl_hours=1")
     r = redis_server.client()
     try:
-        client = openai.OpenAI(base_url=gw.base_url, api_key="x")
+        client = openai_client(gw)
         ids = []
         for i in range(4):
             ids.append(client.responses.create(model="demo-model", input=f"number {i}").id)
@@ -185,7 +164,7 @@ def test_bounds_are_applied_in_redis(upstream, tmp_path, redis_server):
 
 def test_redis_down_503_for_what_needs_it_plain_turns_work_recovery_automatic(upstream, tmp_path, redis_server):
     (gw,) = replicas(upstream, tmp_path, redis_server.url, 1, "--set", "resp2chat_max_replay_entries=0")
-    client = openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0)
+    client = openai_client(gw)
     try:
         first = client.responses.create(model="demo-model", input="before")
         wait_stored(redis_server.client(), first.id)
@@ -201,12 +180,15 @@ def test_redis_down_503_for_what_needs_it_plain_turns_work_recovery_automatic(up
         assert "resp2chat_state_store_up 0.0" in metrics
         redis_server.start()  # same port, empty (no persistence): the gateway finds it again by itself
         r = redis_server.client()
-        deadline = time.monotonic() + 30
-        while True:  # within the short back-off a write is still refused: the next turn's is kept
+
+        def kept():  # within the short back-off a write is still refused: the next turn's is kept
             again = client.responses.create(model="demo-model", input="after recovery")
-            if eventually(lambda: r.exists(f"resp2chat:response:{again.id}"), 2):
-                break
-            assert time.monotonic() < deadline, "the gateway never used Redis again"
+            try:
+                return wait_until(lambda: r.exists(f"resp2chat:response:{again.id}") and again, 2)
+            except TimeoutError:
+                return None
+
+        again = wait_until(kept, 30, "the gateway using Redis again")
         follow = client.responses.create(model="demo-model", input="continued", previous_response_id=again.id)
         assert follow.output_text == "You said: continued"
         assert "resp2chat_state_store_up 1.0" in requests.get(gw.base_url.removesuffix("/v1") + "/metrics").text
@@ -225,7 +207,8 @@ def test_redis_refusing_commands_is_a_miss_a_warning_or_a_503(upstream, tmp_path
     try:
         r = requests.post(gw.base_url + "/responses", json={"model": "demo-model", "input": "refused"}, timeout=30)
         assert r.status_code == 200 and r.json()["output"][-1]["content"][0]["text"] == "You said: refused"
-        assert eventually(lambda: "replay cache entry not kept" in gw.log() and "not stored" in gw.log())
+        wait_until(lambda: "replay cache entry not kept" in gw.log() and "not stored" in gw.log(), 20,
+                   "both warnings logged")
         assert "NoPermissionError" in gw.log() and "limited-pw-4711" not in gw.log()
         got = requests.get(f"{gw.base_url}/responses/{r.json()['id']}", timeout=30)
         assert got.status_code == 503 and got.json()["error"]["code"] == "store_unavailable"
@@ -325,7 +308,7 @@ def test_socket_turns_find_stored_responses_and_items_in_redis(upstream, tmp_pat
     r = redis_server.client()
     client = None
     try:
-        ca = openai.OpenAI(base_url=a.base_url, api_key="x", max_retries=0)
+        ca = openai_client(a)
         first = ca.responses.create(model="demo-model", input=[
             {"type": "message", "id": "msg_client_ws_1", "role": "user", "content": "first question"}])
         wait_stored(r, first.id)

@@ -3,14 +3,12 @@ sealed (resp2chat_core/seal.py), and the gateway restores it for the backend whe
 
 from __future__ import annotations
 
-import json
 import uuid
 
-import openai
 import pytest
 import requests
-from mitmproxy import io as mitmio
 
+from helpers import Codex, chat_chunk, chat_sse, responses_requests
 from resp2chat_core.inputs import REASONING_PURPOSE
 from resp2chat_core.seal import Sealer, derive_key
 from resp2chat_core.translator import Translator, TurnContext
@@ -18,18 +16,12 @@ from resp2chat_core.translator import Translator, TurnContext
 INCLUDE = ["reasoning.encrypted_content"]
 
 
-def chunks(*deltas: dict) -> bytes:
-    out = b""
-    for d in deltas:
-        out += b"data: " + json.dumps({"choices": [{"index": 0, "delta": d}]}).encode() + b"\n\n"
-    return out + b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
-
-
 @pytest.mark.parametrize("asked", [True, False])
 def test_translator_seals_the_reasoning_text_only_when_asked(asked):
     sealer = Sealer(lambda: derive_key("k"))
     t = Translator(TurnContext("resp_x", 1, "m", sealer=sealer, encrypted_reasoning=asked))
-    t.feed(chunks({"reasoning_content": "I think "}, {"reasoning_content": "twice."}, {"content": "Hi"}))
+    t.feed(chat_sse(chat_chunk({"reasoning_content": "I think "}), chat_chunk({"reasoning_content": "twice."}),
+                    chat_chunk({"content": "Hi"}), chat_chunk(finish="stop")))
     t.finish()
     reasoning = t.output[0]
     assert reasoning["summary"][0]["text"] == "I think twice."
@@ -37,11 +29,6 @@ def test_translator_seals_the_reasoning_text_only_when_asked(asked):
         assert sealer.unseal(REASONING_PURPOSE, reasoning["encrypted_content"]) == "I think twice."
     else:
         assert "encrypted_content" not in reasoning
-
-
-@pytest.fixture
-def client(gateway):
-    return openai.OpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0, timeout=30)
 
 
 def test_a_stateless_client_gets_its_reasoning_back_to_the_backend(client, upstream):
@@ -83,23 +70,16 @@ def test_encrypted_content_that_fails_its_check_is_400(client, gateway, bad):
 @pytest.mark.codex
 def test_codex_round_trips_sealed_reasoning(codex_bin, upstream, gateway_factory, tmp_path):
     """Codex always sends include + store: false: its second request carries our sealed reasoning."""
-    from conftest import Codex
-
     flows = tmp_path / "flows.mitm"
     gw = gateway_factory(upstream.origin, "-w", str(flows), "--set", "resp2chat_max_replay_entries=0")
-    home, work = tmp_path / "home", tmp_path / "work"
-    home.mkdir()
-    work.mkdir()
-    cx = Codex(codex_bin, home, work)
+    cx = Codex.at(codex_bin, tmp_path)
     cx.configure(gw.base_url)
     marker = uuid.uuid4().hex
     upstream.clear()
     run = cx.exec(f"please run this\nrun: echo {marker}")
     assert run.returncode == 0, run.output
     gw.stop()  # flushes the flow file
-    with flows.open("rb") as fh:
-        sent = [json.loads(f.metadata["resp2chat"]["responses_request"]) for f in mitmio.FlowReader(fh).stream()
-                if "responses_request" in f.metadata.get("resp2chat", {})]
+    sent = responses_requests(flows)
     assert len(sent) == 2 and all(s["include"] == INCLUDE and s["store"] is False for s in sent)
     reasoning = [i for i in sent[1]["input"] if i.get("type") == "reasoning"]
     assert reasoning and all(i["encrypted_content"].startswith("r2c1.") for i in reasoning), reasoning

@@ -1,49 +1,26 @@
 """Translator: chat-completions SSE in, Responses SSE out.
 
 Every test checks the whole output stream against the invariants Codex and the openai SDK rely
-on (``check``): contiguous sequence numbers, exactly one terminal event and nothing after it,
-every delta after its item's ``output_item.added``, strictly increasing output indexes, and every
-event valid as ``openai.types.responses.ResponseStreamEvent``.
+on (``helpers.check_stream``): contiguous sequence numbers, exactly one terminal event and
+nothing after it, every delta after its item's ``output_item.added``, strictly increasing output
+indexes, and every event valid as ``openai.types.responses.ResponseStreamEvent``.
 """
 
 from __future__ import annotations
 
 import json
-import typing
-from pathlib import Path
 
-import pydantic
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from openai.types.responses import ResponseStreamEvent
 
+from helpers import CREATED, RESP_ID, chat_chunk, chat_sse, check_sdk, check_stream, codex_fixture, parse_sse
 from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.translator import Translator
 from resp2chat_core.turn import begin_turn
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "codex-0.169.0" / "02-tool-call-turn1.json"
-RESP_ID = "resp_0123456789abcdef"
-CREATED = 1795311942
 LONG_NAME = "mcp.server." + "x" * 80
 GRAMMAR = 'start: begin_patch hunk+ end_patch\nbegin_patch: "*** Begin Patch" LF'
-
-EVENT_ADAPTER = pydantic.TypeAdapter(ResponseStreamEvent)
-EVENT_CLASSES = {  # event type -> its SDK class, to explain a union failure in a few lines
-    typing.get_args(cls.model_fields["type"].annotation)[0]: cls
-    for cls in typing.get_args(typing.get_args(ResponseStreamEvent)[0])
-}
-TERMINAL = {"response.completed", "response.incomplete", "response.failed"}
-DELTAS = {
-    "response.output_text.delta", "response.reasoning_summary_text.delta", "response.reasoning_text.delta",
-    "response.function_call_arguments.delta", "response.custom_tool_call_input.delta",
-}
-ITEM_EVENTS = DELTAS | {
-    "response.output_text.done", "response.reasoning_summary_text.done", "response.reasoning_text.done",
-    "response.function_call_arguments.done", "response.custom_tool_call_input.done",
-    "response.content_part.added", "response.content_part.done",
-    "response.reasoning_summary_part.added", "response.reasoning_summary_part.done",
-}
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -51,7 +28,7 @@ ITEM_EVENTS = DELTAS | {
 
 def request_body() -> dict:
     """The real Codex request, plus the tool kinds Codex sends to other models."""
-    body = json.loads(FIXTURE.read_text())["body"]
+    body = codex_fixture("02-tool-call-turn1.json")["body"]
     body["tools"] = body["tools"] + [
         {"type": "custom", "name": "apply_patch", "description": "Edit files.",
          "format": {"type": "grammar", "syntax": "lark", "definition": GRAMMAR}},
@@ -86,11 +63,6 @@ def translator() -> Translator:
     return new_turn().translator()
 
 
-def chunk(delta: dict | None = None, finish: str | None = None, **extra) -> dict:
-    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "up",
-            "choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}], **extra}
-
-
 def tc(index: int, *, id: str | None = None, name: str | None = None, args: str | None = None) -> dict:
     call: dict = {"index": index}
     fn: dict = {}
@@ -105,89 +77,13 @@ def tc(index: int, *, id: str | None = None, name: str | None = None, args: str 
     return call
 
 
-def sse(*payloads, done: bool = True, eol: str = "\n") -> bytes:
-    out = ""
-    for p in payloads:
-        out += "data: " + (p if isinstance(p, str) else json.dumps(p)) + eol + eol
-    if done:
-        out += "data: [DONE]" + eol + eol
-    return out.encode()
-
-
-def parse_events(raw: bytes) -> list[dict]:
-    text = raw.decode()
-    assert text == "" or text.endswith("\n\n")
-    out = []
-    for block in text.split("\n\n")[:-1]:
-        lines = block.split("\n")
-        assert len(lines) == 2 and lines[0].startswith("event: ") and lines[1].startswith("data: "), block
-        ev = json.loads(lines[1][6:])
-        assert ev["type"] == lines[0][7:]
-        out.append(ev)
-    return out
-
-
-def check(raw: bytes) -> list[dict]:
-    """Parse a whole translated stream and assert the invariants every stream must hold."""
-    evs = parse_events(raw)
-    assert [e["sequence_number"] for e in evs] == list(range(len(evs)))
-    types = [e["type"] for e in evs]
-    assert types[:2] == ["response.created", "response.in_progress"]
-    assert sum(t in TERMINAL for t in types) == 1 and types[-1] in TERMINAL
-    added: dict[str, int] = {}
-    last_index = -1
-    for e in evs:
-        if e["type"] == "response.output_item.added":
-            assert e["output_index"] > last_index
-            last_index = e["output_index"]
-            added[e["item"]["id"]] = e["output_index"]
-        elif e["type"] in ITEM_EVENTS:
-            assert added.get(e["item_id"]) == e["output_index"], f"{e['type']} before its item was added"
-        elif e["type"] == "response.output_item.done":
-            assert added.get(e["item"]["id"]) == e["output_index"]
-    for e in evs:
-        assert e.get("response", {"id": RESP_ID})["id"] == RESP_ID
-    terminal = evs[-1]["response"]
-    if terminal["status"] != "failed":
-        done = [e for e in evs if e["type"] == "response.output_item.done"]
-        assert sorted(e["output_index"] for e in done) == sorted(added.values())
-        assert terminal["output"] == [e["item"] for e in sorted(done, key=lambda e: e["output_index"])]
-    return evs
-
-
-# Codes the real API and Codex use that the SDK's ResponseError enum does not list (WIRE.md:
-# Codex acts on them). Where the SDK and Codex disagree, Codex wins; the rest must validate.
-CODEX_ONLY_CODES = {"context_length_exceeded", "insufficient_quota"}
-
-
-def check_sdk(evs: list[dict]) -> None:
-    """Every event must validate as the openai SDK's ``ResponseStreamEvent``."""
-    bad = []
-    for e in evs:
-        err = e.get("response", {}).get("error") or {}
-        if err.get("code") in CODEX_ONLY_CODES:
-            e = {**e, "response": {**e["response"], "error": {**err, "code": "server_error"}}}
-        try:
-            EVENT_ADAPTER.validate_python(e)
-        except pydantic.ValidationError:
-            cls = EVENT_CLASSES.get(e["type"])
-            try:
-                detail = cls.model_validate(e) and "(validates alone?)" if cls else "unknown event type"
-            except pydantic.ValidationError as exc:
-                detail = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in exc.errors())
-            bad.append(f"#{e['sequence_number']} {e['type']}: {detail}")
-    if bad:
-        pytest.fail("events rejected by openai.types.responses.ResponseStreamEvent:\n  " + "\n  ".join(bad),
-                    pytrace=False)
-
-
 def run(raw: bytes, tr: Translator | None = None, out: bytes = b"") -> list[dict]:
     """Feed ``raw`` (after ``out``, what ``tr`` already emitted), finish, check the invariants.
     Tests call ``check_sdk`` last, so their own assertions run even when the SDK check fails."""
     tr = tr or translator()
-    evs = check(out + tr.feed(raw) + tr.finish())
+    evs = check_stream(out + tr.feed(raw) + tr.finish())
     assert tr.done
-    assert tr.feed(sse(chunk({"content": "late"}))) == b"" and tr.finish() == b""
+    assert tr.feed(chat_sse(chat_chunk({"content": "late"}))) == b"" and tr.finish() == b""
     return evs
 
 
@@ -211,9 +107,10 @@ USAGE = {"prompt_tokens": 1200, "completion_tokens": 80, "total_tokens": 1280,
 
 
 def test_reasoning_then_text_full_sequence():
-    evs = run(sse(chunk({"role": "assistant", "content": ""}), chunk({"reasoning_content": "Let me "}),
-                  chunk({"reasoning_content": "think."}), chunk({"content": "Hello"}), chunk({"content": " world"}),
-                  chunk(finish="stop"), {"id": "chatcmpl-1", "choices": [], "usage": USAGE}))
+    evs = run(chat_sse(chat_chunk({"role": "assistant", "content": ""}), chat_chunk({"reasoning_content": "Let me "}),
+                       chat_chunk({"reasoning_content": "think."}), chat_chunk({"content": "Hello"}),
+                       chat_chunk({"content": " world"}), chat_chunk(finish="stop"),
+                       {"id": "chatcmpl-1", "choices": [], "usage": USAGE}))
     assert types(evs) == [
         "response.created", "response.in_progress",
         "response.output_item.added", "response.reasoning_summary_part.added",
@@ -241,22 +138,23 @@ def test_reasoning_then_text_full_sequence():
 
 def test_text_deltas_stream_live():
     tr = translator()
-    first = parse_events(tr.feed(sse(chunk({"content": "Hel"}), done=False)))
+    first = parse_sse(tr.feed(chat_sse(chat_chunk({"content": "Hel"}), done=False)))
     assert types(first)[-1] == "response.output_text.delta" and first[-1]["delta"] == "Hel"
-    second = parse_events(tr.feed(sse(chunk({"content": "lo"}), done=False)))
+    second = parse_sse(tr.feed(chat_sse(chat_chunk({"content": "lo"}), done=False)))
     assert types(second) == ["response.output_text.delta"]
     check_sdk(first + second)
 
 
 def test_function_call_streamed_by_index():
     tr = translator()
-    out = tr.feed(sse(chunk({"role": "assistant", "tool_calls": [tc(0, id="call_up_1", name="exec_command", args="")]}),
-                      chunk({"tool_calls": [tc(0, args='{"cmd":')]}), done=False))
-    live = parse_events(out)
+    out = tr.feed(chat_sse(
+        chat_chunk({"role": "assistant", "tool_calls": [tc(0, id="call_up_1", name="exec_command", args="")]}),
+        chat_chunk({"tool_calls": [tc(0, args='{"cmd":')]}), done=False))
+    live = parse_sse(out)
     assert types(live)[-2:] == ["response.output_item.added", "response.function_call_arguments.delta"]
     assert live[-1]["delta"] == '{"cmd":'
-    out += tr.feed(sse(chunk({"tool_calls": [tc(0, args=' "ls"}')]}), chunk(finish="tool_calls")))
-    evs = check(out + tr.finish())
+    out += tr.feed(chat_sse(chat_chunk({"tool_calls": [tc(0, args=' "ls"}')]}), chat_chunk(finish="tool_calls")))
+    evs = check_stream(out + tr.finish())
     added = of(evs, "response.output_item.added")[0]["item"]
     assert added["type"] == "function_call" and added["call_id"] == "call_up_1" and added["name"] == "exec_command"
     assert [e["delta"] for e in of(evs, "response.function_call_arguments.delta")] == ['{"cmd":', ' "ls"}']
@@ -275,8 +173,8 @@ def test_function_call_streamed_by_index():
 def test_namespaced_call_gets_namespace_back(name, namespace):
     cname = chat_tool_name(name)
     assert cname == (f"{namespace}__{name}" if not namespace.endswith("_") else namespace + name)
-    evs = run(sse(chunk({"tool_calls": [tc(0, id="call_ns", name=cname, args='{"id":"a"}')]}),
-                  chunk(finish="tool_calls")))
+    evs = run(chat_sse(chat_chunk({"tool_calls": [tc(0, id="call_ns", name=cname, args='{"id":"a"}')]}),
+                       chat_chunk(finish="tool_calls")))
     (item,) = items(evs)
     assert item["name"] == name and item["namespace"] == namespace
     assert of(evs, "response.output_item.added")[0]["item"]["namespace"] == namespace
@@ -288,7 +186,8 @@ def test_namespaced_call_gets_namespace_back(name, namespace):
 def test_sanitized_names_map_back_to_client_names(name):
     cname = chat_tool_name(name)
     assert cname != name
-    evs = run(sse(chunk({"tool_calls": [tc(0, id="call_s", name=cname, args="{}")]}), chunk(finish="tool_calls")))
+    evs = run(chat_sse(chat_chunk({"tool_calls": [tc(0, id="call_s", name=cname, args="{}")]}),
+                       chat_chunk(finish="tool_calls")))
     (item,) = items(evs)
     assert item["name"] == name and "namespace" not in item
     check_sdk(evs)
@@ -297,9 +196,9 @@ def test_sanitized_names_map_back_to_client_names(name):
 def test_custom_tool_call():
     patch = "*** Begin Patch\n*** Add File: hello.txt\n+hi \"there\"\n*** End Patch\n"
     args = json.dumps({"input": patch})
-    evs = run(sse(chunk({"tool_calls": [tc(0, id="call_patch", name="apply_patch", args="")]}),
-                  chunk({"tool_calls": [tc(0, args=args[:20])]}), chunk({"tool_calls": [tc(0, args=args[20:])]}),
-                  chunk(finish="tool_calls")))
+    evs = run(chat_sse(chat_chunk({"tool_calls": [tc(0, id="call_patch", name="apply_patch", args="")]}),
+                       chat_chunk({"tool_calls": [tc(0, args=args[:20])]}),
+                       chat_chunk({"tool_calls": [tc(0, args=args[20:])]}), chat_chunk(finish="tool_calls")))
     assert not of(evs, "response.function_call_arguments.delta")
     assert not of(evs, "response.function_call_arguments.done")
     deltas = of(evs, "response.custom_tool_call_input.delta")
@@ -319,8 +218,8 @@ def test_custom_tool_call():
     ('{"command":"ls -la"}', {"command": ["bash", "-lc", "ls -la"]}),
 ])
 def test_local_shell_call(args, action):
-    evs = run(sse(chunk({"tool_calls": [tc(0, id="call_sh", name="local_shell", args=args)]}),
-                  chunk(finish="tool_calls")))
+    evs = run(chat_sse(chat_chunk({"tool_calls": [tc(0, id="call_sh", name="local_shell", args=args)]}),
+                       chat_chunk(finish="tool_calls")))
     (item,) = items(evs)
     assert item["type"] == "local_shell_call" and item["call_id"] == "call_sh"
     assert item["action"]["type"] == "exec"
@@ -329,8 +228,9 @@ def test_local_shell_call(args, action):
 
 
 def test_tool_search_call():
-    evs = run(sse(chunk({"tool_calls": [tc(0, id="call_ts", name="tool_search", args='{"query":"weather"}')]}),
-                  chunk(finish="tool_calls")))
+    evs = run(chat_sse(
+        chat_chunk({"tool_calls": [tc(0, id="call_ts", name="tool_search", args='{"query":"weather"}')]}),
+        chat_chunk(finish="tool_calls")))
     (item,) = items(evs)
     assert item["type"] == "tool_search_call" and item["call_id"] == "call_ts"
     assert item["execution"] == "client" and item["arguments"] == {"query": "weather"}
@@ -338,12 +238,12 @@ def test_tool_search_call():
 
 
 def test_parallel_tool_calls_each_own_item():
-    evs = run(sse(
-        chunk({"tool_calls": [tc(0, id="call_a", name="exec_command", args='{"cmd":')]}),
-        chunk({"tool_calls": [tc(1, id="call_b", name="view_image", args='{"path":')]}),
-        chunk({"tool_calls": [tc(0, args='"ls"}')]}),
-        chunk({"tool_calls": [tc(1, args='"a.png"}')]}),
-        chunk(finish="tool_calls"),
+    evs = run(chat_sse(
+        chat_chunk({"tool_calls": [tc(0, id="call_a", name="exec_command", args='{"cmd":')]}),
+        chat_chunk({"tool_calls": [tc(1, id="call_b", name="view_image", args='{"path":')]}),
+        chat_chunk({"tool_calls": [tc(0, args='"ls"}')]}),
+        chat_chunk({"tool_calls": [tc(1, args='"a.png"}')]}),
+        chat_chunk(finish="tool_calls"),
     ))
     a, b = items(evs)
     assert (a["call_id"], a["name"], a["arguments"]) == ("call_a", "exec_command", '{"cmd":"ls"}')
@@ -358,15 +258,16 @@ def test_parallel_tool_calls_each_own_item():
 
 
 def test_parallel_calls_in_one_chunk():
-    evs = run(sse(chunk({"tool_calls": [tc(0, id="c0", name="exec_command", args='{"cmd":"a"}'),
-                                        tc(1, id="c1", name="exec_command", args='{"cmd":"b"}')]}),
-                  chunk(finish="tool_calls")))
+    evs = run(chat_sse(chat_chunk({"tool_calls": [tc(0, id="c0", name="exec_command", args='{"cmd":"a"}'),
+                                                  tc(1, id="c1", name="exec_command", args='{"cmd":"b"}')]}),
+                       chat_chunk(finish="tool_calls")))
     assert [(i["call_id"], i["arguments"]) for i in items(evs)] == [("c0", '{"cmd":"a"}'), ("c1", '{"cmd":"b"}')]
     check_sdk(evs)
 
 
 def test_zero_arg_call_has_empty_object_arguments():
-    evs = run(sse(chunk({"tool_calls": [tc(0, id="call_g", name="get_goal", args="")]}), chunk(finish="tool_calls")))
+    evs = run(chat_sse(chat_chunk({"tool_calls": [tc(0, id="call_g", name="get_goal", args="")]}),
+                       chat_chunk(finish="tool_calls")))
     (item,) = items(evs)
     assert item["arguments"] == "{}"
     assert of(evs, "response.function_call_arguments.done")[0]["arguments"] == "{}"
@@ -374,7 +275,7 @@ def test_zero_arg_call_has_empty_object_arguments():
 
 
 def test_ollama_whole_tool_call_in_one_chunk_with_stop():
-    raw = sse({"model": "qwen3", "created_at": "x", "choices": [{"index": 0, "delta": {
+    raw = chat_sse({"model": "qwen3", "created_at": "x", "choices": [{"index": 0, "delta": {
         "role": "assistant", "content": "", "tool_calls": [{"id": "call_ol", "index": 0, "type": "function",
                                                             "function": {"name": "exec_command",
                                                                          "arguments": '{"cmd":"pwd"}'}}]},
@@ -387,25 +288,26 @@ def test_ollama_whole_tool_call_in_one_chunk_with_stop():
 
 
 def test_missing_call_id_is_generated_and_unique():
-    evs = run(sse(chunk({"tool_calls": [tc(0, name="exec_command", args="{}"), tc(1, name="get_goal", args="{}")]}),
-                  chunk(finish="tool_calls")))
+    evs = run(chat_sse(
+        chat_chunk({"tool_calls": [tc(0, name="exec_command", args="{}"), tc(1, name="get_goal", args="{}")]}),
+        chat_chunk(finish="tool_calls")))
     ids = [i["call_id"] for i in items(evs)]
     assert all(ids) and len(set(ids)) == 2
     check_sdk(evs)
 
 
 def test_whitespace_content_before_tool_call_creates_no_message():
-    evs = run(sse(chunk({"reasoning_content": "need ls"}), chunk({"content": "\n\n"}),
-                  chunk({"tool_calls": [tc(0, id="call_w", name="exec_command", args='{"cmd":"ls"}')]}),
-                  chunk(finish="tool_calls")))
+    evs = run(chat_sse(chat_chunk({"reasoning_content": "need ls"}), chat_chunk({"content": "\n\n"}),
+                       chat_chunk({"tool_calls": [tc(0, id="call_w", name="exec_command", args='{"cmd":"ls"}')]}),
+                       chat_chunk(finish="tool_calls")))
     assert [i["type"] for i in items(evs)] == ["reasoning", "function_call"]
     assert not of(evs, "response.output_text.delta")
     check_sdk(evs)
 
 
 def test_text_after_tool_call_is_a_new_message():
-    evs = run(sse(chunk({"tool_calls": [tc(0, id="c", name="exec_command", args="{}")]}), chunk({"content": "done"}),
-                  chunk(finish="stop")))
+    evs = run(chat_sse(chat_chunk({"tool_calls": [tc(0, id="c", name="exec_command", args="{}")]}),
+                       chat_chunk({"content": "done"}), chat_chunk(finish="stop")))
     assert [i["type"] for i in items(evs)] == ["function_call", "message"]
     check_sdk(evs)
 
@@ -414,8 +316,8 @@ def test_text_after_tool_call_is_a_new_message():
 
 
 def test_usage_only_final_chunk():
-    evs = run(sse(chunk({"content": "hi"}), chunk(finish="stop"),
-                  {"id": "chatcmpl-1", "object": "chat.completion.chunk", "choices": [], "usage": USAGE}))
+    evs = run(chat_sse(chat_chunk({"content": "hi"}), chat_chunk(finish="stop"),
+                       {"id": "chatcmpl-1", "object": "chat.completion.chunk", "choices": [], "usage": USAGE}))
     assert evs[-1]["type"] == "response.completed"
     usage = evs[-1]["response"]["usage"]
     assert (usage["input_tokens"], usage["output_tokens"], usage["total_tokens"]) == (1200, 80, 1280)
@@ -427,7 +329,7 @@ def test_usage_only_final_chunk():
 def test_deepseek_prompt_cache_hit_tokens():
     usage = {"prompt_tokens": 500, "completion_tokens": 20, "total_tokens": 520,
              "prompt_cache_hit_tokens": 384, "prompt_cache_miss_tokens": 116}
-    evs = run(sse(chunk({"content": "ok"}), chunk(finish="stop"), {"choices": [], "usage": usage}))
+    evs = run(chat_sse(chat_chunk({"content": "ok"}), chat_chunk(finish="stop"), {"choices": [], "usage": usage}))
     u = evs[-1]["response"]["usage"]
     assert (u["input_tokens"], u["output_tokens"], u["total_tokens"]) == (500, 20, 520)
     assert u["input_tokens_details"]["cached_tokens"] == 384
@@ -435,8 +337,8 @@ def test_deepseek_prompt_cache_hit_tokens():
 
 
 def test_usage_in_finish_chunk_without_done():
-    evs = run(sse(chunk({"content": "ok"}), chunk(finish="stop", usage={"prompt_tokens": 3, "completion_tokens": 1,
-                                                                        "total_tokens": 4}), done=False))
+    usage = {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+    evs = run(chat_sse(chat_chunk({"content": "ok"}), chat_chunk(finish="stop", usage=usage), done=False))
     assert evs[-1]["type"] == "response.completed"
     assert evs[-1]["response"]["usage"]["total_tokens"] == 4
     check_sdk(evs)
@@ -447,7 +349,7 @@ def test_usage_in_finish_chunk_without_done():
 
 @pytest.mark.parametrize("finish,reason", [("length", "max_output_tokens"), ("content_filter", "content_filter")])
 def test_incomplete(finish, reason):
-    evs = run(sse(chunk({"content": "partial"}), chunk(finish=finish)))
+    evs = run(chat_sse(chat_chunk({"content": "partial"}), chat_chunk(finish=finish)))
     assert evs[-1]["type"] == "response.incomplete"
     resp = evs[-1]["response"]
     assert resp["status"] == "incomplete" and resp["incomplete_details"] == {"reason": reason}
@@ -457,9 +359,9 @@ def test_incomplete(finish, reason):
 
 def test_error_payload_mid_stream_fails_and_stops():
     tr = translator()
-    out = tr.feed(sse(chunk({"content": "Hel"}),
-                      {"error": {"message": "Rate limit reached, try again in 2s", "code": "rate_limit_exceeded"}},
-                      chunk({"content": "lo"}), chunk(finish="stop")))
+    out = tr.feed(chat_sse(chat_chunk({"content": "Hel"}),
+                           {"error": {"message": "Rate limit reached, try again in 2s", "code": "rate_limit_exceeded"}},
+                           chat_chunk({"content": "lo"}), chat_chunk(finish="stop")))
     assert tr.done
     evs = run(b"", tr, out)
     assert evs[-1]["type"] == "response.failed"
@@ -482,7 +384,7 @@ def test_error_payload_mid_stream_fails_and_stops():
 def test_fail_upstream_http_errors(status, body, code):
     tr = translator()
     out = tr.fail_upstream(status, body)
-    evs = check(out + tr.finish())
+    evs = check_stream(out + tr.finish())
     assert types(evs) == ["response.created", "response.in_progress", "response.failed"]
     err = evs[-1]["response"]["error"]
     assert err["code"] == code
@@ -510,7 +412,7 @@ def test_upstream_error_text_reaches_the_client_only_if_written_for_it(status, b
     turn = new_turn()
     turn.ctx.request_id = "req_abc123"
     tr = turn.translator()
-    evs = check(tr.fail_upstream(status, body) + tr.finish())
+    evs = check_stream(tr.fail_upstream(status, body) + tr.finish())
     message = evs[-1]["response"]["error"]["message"]
     assert (PLANTED in message) is shown
     assert PLANTED in tr.error_detail  # the operator always gets the backend's words (log, flow)
@@ -524,7 +426,7 @@ def test_the_relays_own_failures_keep_their_words_and_name_the_request():
     turn.ctx.request_id = "req_abc123"
     tr = turn.translator()
     body = b'{"error":{"message":"cannot connect to the upstream http://127.0.0.1:9: Connection refused"}}'
-    evs = check(tr.fail_upstream(502, body, own=True) + tr.finish())
+    evs = check_stream(tr.fail_upstream(502, body, own=True) + tr.finish())
     assert evs[-1]["response"]["error"] == {
         "code": "server_error",
         "message": "cannot connect to the upstream http://127.0.0.1:9: Connection refused (request id req_abc123)"}
@@ -544,7 +446,7 @@ def test_non_json_upstream_bytes_are_not_quoted_to_the_client(raw):
 def test_a_translator_bug_names_no_internals():
     tr = translator()
     tr._payload = lambda payload: 1 / 0
-    evs = run(sse(chunk({"content": "x"})), tr)
+    evs = run(chat_sse(chat_chunk({"content": "x"})), tr)
     error = evs[-1]["response"]["error"]
     assert error["message"].startswith("the gateway failed to translate") and "ZeroDivision" not in error["message"]
     assert tr.error_detail == "ZeroDivisionError: division by zero"
@@ -555,13 +457,13 @@ def test_a_lone_surrogate_escape_goes_out_as_the_same_escape():
     translator must not raise (the stream callable would), and the client gets the escape."""
     tr = translator()
     out = tr.feed(b'data: {"choices":[{"index":0,"delta":{"content":"a\\ud800b"}}]}\n\n') + tr.finish()
-    evs = parse_events(out)
+    evs = parse_sse(out)
     assert [e["delta"] for e in of(evs, "response.output_text.delta")] == ["a\ud800b"]
     assert evs[-1]["type"] == "response.failed"  # (cut short: no finish, no [DONE])
 
 
 def test_end_without_finish_reason_or_done_fails():
-    evs = run(sse(chunk({"content": "cut off"}), done=False))
+    evs = run(chat_sse(chat_chunk({"content": "cut off"}), done=False))
     assert evs[-1]["type"] == "response.failed"
     assert evs[-1]["response"]["error"]["code"] == "server_error"
     check_sdk(evs)
@@ -569,20 +471,20 @@ def test_end_without_finish_reason_or_done_fails():
 
 def test_empty_upstream_body_fails():
     tr = translator()
-    evs = check(tr.finish())
+    evs = check_stream(tr.finish())
     assert evs[-1]["type"] == "response.failed"
     check_sdk(evs)
 
 
 def test_done_without_finish_reason_completes():
-    evs = run(sse(chunk({"content": "hi"})))
+    evs = run(chat_sse(chat_chunk({"content": "hi"})))
     assert evs[-1]["type"] == "response.completed"
     assert items(evs)[0]["content"][0]["text"] == "hi"
     check_sdk(evs)
 
 
 def test_done_alone_completes_empty():
-    evs = run(sse())
+    evs = run(chat_sse())
     assert types(evs) == ["response.created", "response.in_progress", "response.completed"]
     assert evs[-1]["response"]["output"] == []
     check_sdk(evs)
@@ -590,14 +492,15 @@ def test_done_alone_completes_empty():
 
 @pytest.mark.parametrize("payload", ["not json at all", "{\"choices\": [", "[1, 2]", "42", "\"text\"", "null"])
 def test_bad_payload_fails(payload):
-    evs = run(sse(chunk({"content": "a"}), payload, chunk({"content": "b"}), chunk(finish="stop")))
+    evs = run(chat_sse(chat_chunk({"content": "a"}), payload, chat_chunk({"content": "b"}), chat_chunk(finish="stop")))
     assert evs[-1]["type"] == "response.failed"
     assert [e["delta"] for e in of(evs, "response.output_text.delta")] == ["a"]
     check_sdk(evs)
 
 
 def test_comments_and_crlf_are_transparent():
-    raw = b": OPENROUTER PROCESSING\r\n\r\n" + sse(chunk({"content": "x"}), chunk(finish="stop"), eol="\r\n")
+    raw = b": OPENROUTER PROCESSING\r\n\r\n" + chat_sse(chat_chunk({"content": "x"}), chat_chunk(finish="stop"),
+                                                     eol="\r\n")
     evs = run(raw)
     assert evs[-1]["type"] == "response.completed" and items(evs)[0]["content"][0]["text"] == "x"
     check_sdk(evs)
@@ -613,7 +516,7 @@ def test_translate_json_whole_completion():
         "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
     }
     tr = translator()
-    evs = check(tr.translate_json(json.dumps(body).encode()))
+    evs = check_stream(tr.translate_json(json.dumps(body).encode()))
     assert tr.done and tr.finish() == b""
     assert [i["type"] for i in items(evs)] == ["reasoning", "message", "function_call"]
     assert items(evs)[1]["content"][0]["text"] == "Running it."
@@ -625,14 +528,14 @@ def test_translate_json_whole_completion():
 
 @pytest.mark.parametrize("body", [b"<html>502 Bad Gateway</html>", b'{"error":{"message":"boom"}}', b"[]"])
 def test_translate_json_errors_fail(body):
-    evs = check(translator().translate_json(body))
+    evs = check_stream(translator().translate_json(body))
     assert evs[-1]["type"] == "response.failed"
     check_sdk(evs)
 
 
 def test_minimal_request_echo_is_a_valid_response():
     tr = begin_turn(b'{"model":"gpt-x","input":"hi"}', LoweringOptions(), RESP_ID, CREATED).translator()
-    evs = run(sse(chunk({"content": "hello"}), chunk(finish="stop")), tr)
+    evs = run(chat_sse(chat_chunk({"content": "hello"}), chat_chunk(finish="stop")), tr)
     resp = evs[-1]["response"]
     assert resp["model"] == "gpt-x" and resp["tools"] == [] and resp["tool_choice"] == "auto"
     assert resp["store"] is True  # the API's default, and the gateway keeps it
@@ -641,7 +544,7 @@ def test_minimal_request_echo_is_a_valid_response():
 
 def test_response_snapshot_matches_terminal_event():
     tr = translator()
-    evs = check(tr.feed(sse(chunk({"content": "hi"}), chunk(finish="stop"))) + tr.finish())
+    evs = check_stream(tr.feed(chat_sse(chat_chunk({"content": "hi"}), chat_chunk(finish="stop"))) + tr.finish())
     assert tr.response() == evs[-1]["response"]
     check_sdk(evs)
 
@@ -656,22 +559,24 @@ def multiline(payload: dict, eol: str) -> bytes:
 
 
 STREAMS = {
-    "reasoning-text-usage-crlf": multiline(chunk({"role": "assistant", "reasoning_content": "思考中…"}), "\r\n") + sse(
-        chunk({"reasoning_content": " ok 🎉"}),
-        chunk({"content": "\n\n"}), chunk({"content": "Grüße, "}), chunk({"content": "мир"}), chunk(finish="stop"),
+    "reasoning-text-usage-crlf": multiline(chat_chunk({"role": "assistant", "reasoning_content": "思考中…"}), "\r\n")
+    + chat_sse(
+        chat_chunk({"reasoning_content": " ok 🎉"}), chat_chunk({"content": "\n\n"}), chat_chunk({"content": "Grüße, "}),
+        chat_chunk({"content": "мир"}), chat_chunk(finish="stop"),
         {"choices": [], "usage": USAGE}, eol="\r\n"),
-    "parallel-tools-with-comments": b": PROCESSING\n\n" + sse(
-        chunk({"tool_calls": [tc(0, id="call_a", name="exec_command", args='{"cmd":')]}),
-        chunk({"tool_calls": [tc(1, id="call_b", name="multi_agent_v1__close_agent", args="{")]}),
-        chunk({"tool_calls": [tc(0, args='"ls"}')]}), chunk({"tool_calls": [tc(1, args="}")]}),
-        chunk(finish="tool_calls")),
-    "custom-tool-lone-cr": sse(
-        chunk({"content": "Patching."}),
-        chunk({"tool_calls": [tc(0, id="call_p", name="apply_patch", args='{"input":"*** Begin')]}),
-        chunk({"tool_calls": [tc(0, args=' Patch\\n*** End Patch"}')]}), chunk(finish="tool_calls"), eol="\r"),
-    "error-mid-stream": sse(chunk({"content": "a"}), {"error": {"message": "overloaded", "code": 503}},
-                            chunk({"content": "b"})),
-    "truncated": sse(chunk({"content": "no end"}), done=False),
+    "parallel-tools-with-comments": b": PROCESSING\n\n" + chat_sse(
+        chat_chunk({"tool_calls": [tc(0, id="call_a", name="exec_command", args='{"cmd":')]}),
+        chat_chunk({"tool_calls": [tc(1, id="call_b", name="multi_agent_v1__close_agent", args="{")]}),
+        chat_chunk({"tool_calls": [tc(0, args='"ls"}')]}), chat_chunk({"tool_calls": [tc(1, args="}")]}),
+        chat_chunk(finish="tool_calls")),
+    "custom-tool-lone-cr": chat_sse(
+        chat_chunk({"content": "Patching."}),
+        chat_chunk({"tool_calls": [tc(0, id="call_p", name="apply_patch", args='{"input":"*** Begin')]}),
+        chat_chunk({"tool_calls": [tc(0, args=' Patch\\n*** End Patch"}')]}), chat_chunk(finish="tool_calls"),
+        eol="\r"),
+    "error-mid-stream": chat_sse(chat_chunk({"content": "a"}), {"error": {"message": "overloaded", "code": 503}},
+                                 chat_chunk({"content": "b"})),
+    "truncated": chat_sse(chat_chunk({"content": "no end"}), done=False),
 }
 
 
@@ -686,7 +591,7 @@ def test_property_any_split_same_output(name, data):
     split_tr = translator()
     split = b"".join(split_tr.feed(p) for p in pieces) + split_tr.finish()
     assert split == whole
-    check(whole)
+    check_stream(whole)
 
 
 @pytest.mark.parametrize("name", sorted(STREAMS))
@@ -701,7 +606,7 @@ def test_byte_at_a_time_same_output(name):
 @pytest.mark.parametrize("name", sorted(STREAMS))
 def test_fixture_streams_are_valid(name):
     tr = translator()
-    evs = check(tr.feed(STREAMS[name]) + tr.finish())
+    evs = check_stream(tr.feed(STREAMS[name]) + tr.finish())
     check_sdk(evs)
 
 
@@ -726,16 +631,16 @@ def test_envelope_fast_path_translates_like_full_decoding(deltas, finish, usage_
               if "tool_calls" in d and i == next(j for j, e in enumerate(deltas) if "tool_calls" in e) else d
               for i, d in enumerate(deltas)]
     usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
-    tail = [chunk(finish=finish), {**chunk(), "choices": [], "usage": usage}] if usage_alone \
-        else [chunk(finish=finish, usage=usage)]
+    tail = [chat_chunk(finish=finish), chat_chunk(choices=[], usage=usage)] if usage_alone \
+        else [chat_chunk(finish=finish, usage=usage)]
     outputs, hits = [], []
     for vary in (False, True):
-        payloads = [{**chunk(d), "created": i if vary else 1} for i, d in enumerate(deltas)] + tail
+        payloads = [{**chat_chunk(d), "created": i if vary else 1} for i, d in enumerate(deltas)] + tail
         t = translator()
-        outputs.append(t.feed(sse(*payloads)) + t.finish())
+        outputs.append(t.feed(chat_sse(*payloads)) + t.finish())
         hits.append(t._reader.hits)
     assert outputs[0] == outputs[1]
-    check(outputs[0])
+    check_stream(outputs[0])
     assert hits[1] == 0
     if sum(1 for d in deltas if d) > 2:
         assert hits[0] > 0  # the fast path did run
@@ -743,10 +648,10 @@ def test_envelope_fast_path_translates_like_full_decoding(deltas, finish, usage_
 
 def test_envelope_that_changes_every_chunk_is_no_longer_learnt():
     t = translator()
-    t.feed(sse(*[{**chunk({"content": f"w{i} "}), "created": i} for i in range(40)], done=False))
+    t.feed(chat_sse(*[{**chat_chunk({"content": f"w{i} "}), "created": i} for i in range(40)], done=False))
     assert t._reader._envelope is None and t._reader.misses > 8
-    out = t.feed(sse(chunk(finish="stop")))
-    assert parse_events(out)[-1]["response"]["output"][0]["content"][0]["text"] == " ".join(
+    out = t.feed(chat_sse(chat_chunk(finish="stop")))
+    assert parse_sse(out)[-1]["response"]["output"][0]["content"][0]["text"] == " ".join(
         f"w{i}" for i in range(40)) + " "
 
 
@@ -757,6 +662,6 @@ def test_envelope_is_not_learnt_from_a_delta_key_that_decoding_overrides(dup):
     first = '{"choices":[{"index":0,"delta":{"content":"A"},%s{"content":"A"}}]}' % dup
     second = '{"choices":[{"index":0,"delta":{"content":"B"},%s{"content":"A"}}]}' % dup
     t = translator()
-    out = check(t.feed(sse(first, second, chunk(finish="stop"))) + t.finish())
+    out = check_stream(t.feed(chat_sse(first, second, chat_chunk(finish="stop"))) + t.finish())
     assert [e["delta"] for e in out if e["type"] == "response.output_text.delta"] == ["A", "A"]
     assert t._reader.hits == 0

@@ -7,14 +7,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import openai
 import pytest
 import requests
 
-from conftest import ADDON, MITMDUMP, free_port, parse_sse, send_json, start_gateway
+from helpers import (
+    ADDON, MITMDUMP, LocalServer, QuietHandler, Upstream, free_port, openai_client, parse_sse, read_flows,
+    retranslate, send_json, start_gateway,
+)
 from resp2chat_io.demo_upstream import serve_in_thread
 
 
@@ -25,12 +25,7 @@ class Refusing:
         self.calls: list[dict] = []
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):
-                pass
-
+        class Handler(QuietHandler):
             def do_GET(self):
                 send_json(self, 200, {"object": "list", "data": [{"id": m, "object": "model"} for m in models]})
 
@@ -39,27 +34,21 @@ class Refusing:
                 outer.calls.append({"body": json.loads(body), "authorization": self.headers.get("authorization")})
                 send_json(self, status, {"error": {"message": message, "type": "server_error"}})
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.server = LocalServer(Handler)
+        self.base_url = self.server.url + "/v1"
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.server.close()
 
 
 @pytest.fixture
 def demo_pair():
     """Two scripted upstreams (each records what it got)."""
-    servers = [serve_in_thread() for _ in range(2)]
-    yield [url for _, url in servers]
-    for server, _ in servers:
-        server.shutdown()
-        server.server_close()
-
-
-def recorded(base_url: str) -> list[dict]:
-    return requests.get(base_url.removesuffix("/v1") + "/_requests", timeout=5).json()
+    pair = [Upstream(url, server) for server, url in (serve_in_thread() for _ in range(2))]
+    yield pair
+    for up in pair:
+        up.server.shutdown()
+        up.server.server_close()
 
 
 def gateway_with(tmp_path, entries, *extra):
@@ -73,11 +62,11 @@ def test_fallback_on_refused_and_5xx_with_own_key_body_and_flow(tmp_path, demo_p
     flows = tmp_path / "flows.mitm"
     entries = [{"name": "dead", "base_url": dead, "api_key": "sk-dead-000000"},
                {"name": "busy", "base_url": busy.base_url, "api_key": "sk-busy-111111"},
-               {"name": "good", "base_url": demo_pair[0], "api_key": "sk-good-222222",
+               {"name": "good", "base_url": demo_pair[0].base_url, "api_key": "sk-good-222222",
                 "max_tokens_field": "max_completion_tokens"}]
     gw = gateway_with(tmp_path, entries, "-w", str(flows))
     try:
-        client = openai.OpenAI(base_url=gw.base_url, api_key="client-key")
+        client = openai_client(gw, api_key="client-key")
         with client.responses.stream(model="demo-model", input="hello there", max_output_tokens=50) as stream:
             events = [e.type for e in stream]
             final = stream.get_final_response()
@@ -86,17 +75,14 @@ def test_fallback_on_refused_and_5xx_with_own_key_body_and_flow(tmp_path, demo_p
         # busy got its own key and the primary's body; good its own key and its own lowering
         assert busy.calls[0]["authorization"] == "Bearer sk-busy-111111"
         assert busy.calls[0]["body"]["max_tokens"] == 50
-        got = recorded(demo_pair[0])[-1]
+        got = demo_pair[0].requests()[-1]
         assert got["max_completion_tokens"] == 50 and "max_tokens" not in got
     finally:
         gw.stop()
         busy.close()
-    from mitmproxy import io
-
-    with flows.open("rb") as fh:
-        flow = next(f for f in io.FlowReader(fh).stream() if f.request.path.endswith("/chat/completions"))
+    flow = next(f for f in read_flows(flows) if f.request.path.endswith("/chat/completions"))
     # the flow shows the upstream that answered and what it got; no key anywhere
-    assert flow.request.url == demo_pair[0] + "/chat/completions"
+    assert flow.request.url == demo_pair[0].base_url + "/chat/completions"
     assert json.loads(flow.request.content)["max_completion_tokens"] == 50
     assert flow.metadata["resp2chat"]["upstream_name"] == "good"
     assert flow.metadata["resp2chat"]["fallbacks"] == [{"upstream": "dead", "status": 502},
@@ -106,7 +92,7 @@ def test_fallback_on_refused_and_5xx_with_own_key_body_and_flow(tmp_path, demo_p
 
 
 def test_no_fallback_after_the_first_byte_nor_for_a_4xx(tmp_path, demo_pair):
-    entries = [{"name": "a", "base_url": demo_pair[0]}, {"name": "b", "base_url": demo_pair[1]}]
+    entries = [{"name": "a", "base_url": demo_pair[0].base_url}, {"name": "b", "base_url": demo_pair[1].base_url}]
     gw = gateway_with(tmp_path, entries)
     try:
         r = requests.post(gw.base_url + "/responses", json={"model": "demo-model", "input": "midstream-error",
@@ -117,8 +103,8 @@ def test_no_fallback_after_the_first_byte_nor_for_a_4xx(tmp_path, demo_pair):
         r = requests.post(gw.base_url + "/responses", json={"model": "demo-model", "input": "error: 400 bad thing"},
                           timeout=30)
         assert r.status_code == 400 and "bad thing" in r.json()["error"]["message"]
-        assert recorded(demo_pair[1]) == []  # b was never asked
-        assert len(recorded(demo_pair[0])) == 2
+        assert demo_pair[1].requests() == []  # b was never asked
+        assert len(demo_pair[0].requests()) == 2
     finally:
         gw.stop()
 
@@ -145,13 +131,14 @@ def test_all_upstreams_down_is_one_clear_error_naming_them(tmp_path):
 def test_models_route_by_glob_and_models_list_merges(tmp_path, demo_pair):
     other = Refusing(500, models=("qwen3-coder", "demo-model", "not-routed"))
     entries = [{"name": "qwen", "base_url": other.base_url, "models": ["qwen*", "demo-*"]},
-               {"name": "demo", "base_url": demo_pair[0], "models": ["demo-*"], "model_map": {"demo-x": "demo-model"}},
+               {"name": "demo", "base_url": demo_pair[0].base_url, "models": ["demo-*"],
+                "model_map": {"demo-x": "demo-model"}},
                {"name": "gone", "base_url": f"http://127.0.0.1:{free_port()}/v1"}]
     gw = gateway_with(tmp_path, entries)
     try:
         r = requests.post(gw.base_url + "/responses", json={"model": "demo-x", "input": "hi"}, timeout=30)
         assert r.status_code == 200, r.text  # qwen failed (500) -> demo, with demo's own model_map
-        assert other.calls[-1]["body"]["model"] == "demo-x" and recorded(demo_pair[0])[-1]["model"] == "demo-model"
+        assert other.calls[-1]["body"]["model"] == "demo-x" and demo_pair[0].requests()[-1]["model"] == "demo-model"
         r = requests.post(gw.base_url + "/responses", json={"model": "llama", "input": "hi"}, timeout=30)
         assert r.status_code == 502 and "cannot connect" in r.json()["error"]["message"]  # only "gone" ("*"): down
         r = requests.get(gw.base_url + "/models", timeout=30)
@@ -163,7 +150,7 @@ def test_models_route_by_glob_and_models_list_merges(tmp_path, demo_pair):
 
 
 def test_unknown_model_and_routing_key_header(tmp_path, demo_pair):
-    gw = gateway_with(tmp_path, [{"name": "demo", "base_url": demo_pair[0], "models": ["demo-*"]}],
+    gw = gateway_with(tmp_path, [{"name": "demo", "base_url": demo_pair[0].base_url, "models": ["demo-*"]}],
                       "--set", "resp2chat_routing_key_header=x-smg-routing-key")
     try:
         r = requests.post(gw.base_url + "/responses", json={"model": "gpt-5", "input": "hi"}, timeout=30)
@@ -174,21 +161,14 @@ def test_unknown_model_and_routing_key_header(tmp_path, demo_pair):
     # the header reaches the backend: a recording backend (the demo upstream does not keep headers)
     got: list[dict] = []
 
-    class Recorder(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *a):
-            pass
-
+    class Recorder(QuietHandler):
         def do_POST(self):
             self.rfile.read(int(self.headers.get("content-length") or 0))
             got.append(dict(self.headers))
             send_json(self, 500, {"error": {"message": "recorded"}})
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    gw = start_gateway(url.removesuffix("/v1"), tmp_path, "--set", "resp2chat_routing_key_header=x-smg-routing-key",
+    server = LocalServer(Recorder)
+    gw = start_gateway(server.url, tmp_path, "--set", "resp2chat_routing_key_header=x-smg-routing-key",
                        "--set", "resp2chat_max_replay_entries=0")
     try:
         requests.post(gw.base_url + "/responses", json={"model": "m", "input": "hi", "prompt_cache_key": "conv-1"})
@@ -200,8 +180,7 @@ def test_unknown_model_and_routing_key_header(tmp_path, demo_pair):
         assert len(keys[2]) == 32 and keys[2].isalnum()  # not a valid header value as is: hashed, stable
     finally:
         gw.stop()
-        server.shutdown()
-        server.server_close()
+        server.close()
 
 
 @pytest.mark.parametrize("value,named", [
@@ -228,7 +207,7 @@ def test_a_fallback_reads_think_tags_its_own_way(tmp_path, demo_pair):
     body = {"model": "demo-model", "input": "hello", "stream": True}
     think = {"x-demo-dialect": "think"}  # the scripted upstream puts <think>…</think> in content
     gw = gateway_with(tmp_path, [{"name": "dead", "base_url": dead},  # think_tags: auto (split them)
-                                 {"name": "raw", "base_url": demo_pair[0], "think_tags": {"*": "off"}}])
+                                 {"name": "raw", "base_url": demo_pair[0].base_url, "think_tags": {"*": "off"}}])
     try:
         events = parse_sse(requests.post(gw.base_url + "/responses", json=body, headers=think, timeout=30).content)
         final = events[-1]["response"]
@@ -236,7 +215,7 @@ def test_a_fallback_reads_think_tags_its_own_way(tmp_path, demo_pair):
         assert "<think>" in final["output"][0]["content"][0]["text"]
     finally:
         gw.stop()
-    gw = gateway_with(tmp_path, [{"name": "split", "base_url": demo_pair[0]}])
+    gw = gateway_with(tmp_path, [{"name": "split", "base_url": demo_pair[0].base_url}])
     try:  # the same answer from an upstream with the default (auto): reasoning + message
         events = parse_sse(requests.post(gw.base_url + "/responses", json=body, headers=think, timeout=30).content)
         assert [o["type"] for o in events[-1]["response"]["output"]] == ["reasoning", "message"]
@@ -250,13 +229,9 @@ def test_a_fallback_translates_with_its_own_tools_and_is_recorded_as_it_answered
     request log and the record say which upstream answered with what it got; offline replay files
     the turn under the first upstream's chat request (what a rerun lowers first); `resp2chat
     retranslate` translates it again the same (with the fallback's tools)."""
-    from mitmproxy import io
-
-    from test_retranslate import retranslate
-
     dead = f"http://127.0.0.1:{free_port()}/v1"
     entries = [{"name": "dead", "base_url": dead, "tool_denylist": ["apply_patch"]},
-               {"name": "good", "base_url": demo_pair[0]}]
+               {"name": "good", "base_url": demo_pair[0].base_url}]
     flows, log = tmp_path / "flows.mitm", tmp_path / "up.jsonl"
     body = {"model": "demo-model", "stream": True, "input": 'call: apply_patch {"input": "*** Begin Patch"}',
             "tools": [{"type": "custom", "name": "apply_patch", "description": "edit files"}]}
@@ -265,19 +240,18 @@ def test_a_fallback_translates_with_its_own_tools_and_is_recorded_as_it_answered
         answer = requests.post(gw.base_url + "/responses", json=body, timeout=30)
         call = parse_sse(answer.content)[-1]["response"]["output"][-1]
         assert (call["type"], call["name"], call["input"]) == ("custom_tool_call", "apply_patch", "*** Begin Patch")
-        assert [t["function"]["name"] for t in recorded(demo_pair[0])[-1]["tools"]] == ["apply_patch"]
+        assert [t["function"]["name"] for t in demo_pair[0].requests()[-1]["tools"]] == ["apply_patch"]
     finally:
         gw.stop()
-    with flows.open("rb") as fh:
-        flow = next(f for f in io.FlowReader(fh).stream() if f.request.path.endswith("/chat/completions"))
+    flow = next(f for f in read_flows(flows) if f.request.path.endswith("/chat/completions"))
     meta = flow.metadata["resp2chat"]
-    assert flow.request.url == demo_pair[0] + "/chat/completions" and meta["upstream_name"] == "good"
+    assert flow.request.url == demo_pair[0].base_url + "/chat/completions" and meta["upstream_name"] == "good"
     assert "tools" in json.loads(flow.request.content) and "tools" not in json.loads(meta["chat_request"])
     assert meta["lowering"]["tool_denylist"] == ["apply_patch"] and meta["lowering_fallbacks"][0]["tool_denylist"] == []
     assert [e[1:] for e in meta["gateway_events"] if e[1] == "Rerouted"] == [["Rerouted", {"think": "auto", "alternate": 1}]]
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [(x["upstream"], x["url"], "tools" in x["body"]) for x in lines] == [
-        ("dead", dead + "/chat/completions", False), ("good", demo_pair[0] + "/chat/completions", True)]
+        ("dead", dead + "/chat/completions", False), ("good", demo_pair[0].base_url + "/chat/completions", True)]
     out, results = retranslate(str(flows))
     assert out.returncode == 0 and [r["outcome"] for r in results] == ["same"], out.stdout
     # offline, with both upstreams gone: the rerun lowers the first upstream's request, as live

@@ -6,19 +6,16 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import requests
 import wsproto.events as E
-from mitmproxy import http, io
 
 from resp2chat_core import websocket as ws
 from resp2chat_core.errors import GatewayError
 
-from conftest import parse_sse
+from helpers import DONE, LocalServer, QuietHandler, chat_event, logged_bodies, parse_sse, read_flows
 from wsclient import Refused, WSClient
 
 TOOLS = [{"type": "function", "name": "exec_command", "description": "run a command", "strict": False,
@@ -54,10 +51,6 @@ def test_messages_are_the_data_of_each_event():
     assert ws.messages(b"") == []
 
 
-def _chunk(delta=None, finish=None) -> bytes:
-    return b"data: " + json.dumps({"choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}]}).encode() + b"\n\n"
-
-
 def _translator():
     from resp2chat_core.lowering import LoweringOptions
     from resp2chat_core.turn import begin_turn
@@ -68,9 +61,10 @@ def _translator():
 def test_the_deltas_one_backend_read_brings_go_out_as_one_message():
     t = _translator()
     coalesce = ws.Coalescer()
-    first = coalesce(t.accepted() + t.feed(_chunk({"reasoning_content": "a "}) + _chunk({"reasoning_content": "b"})
-                                           + _chunk({"content": "x"}) + _chunk({"content": "y"})))
-    second = coalesce(t.feed(_chunk({"content": "z"})) + t.feed(_chunk(finish="stop") + b"data: [DONE]\n\n"))
+    first = coalesce(t.accepted() + t.feed(chat_event({"reasoning_content": "a "})
+                                           + chat_event({"reasoning_content": "b"})
+                                           + chat_event({"content": "x"}) + chat_event({"content": "y"})))
+    second = coalesce(t.feed(chat_event({"content": "z"})) + t.feed(chat_event(finish="stop") + DONE))
     events = [json.loads(m) for _, m in first + second]
     assert [e["sequence_number"] for e in events] == list(range(len(events)))  # still contiguous
     deltas = [(e["type"].split(".")[1], e["delta"]) for e in events if e["type"].endswith(".delta")]
@@ -79,8 +73,8 @@ def test_the_deltas_one_backend_read_brings_go_out_as_one_message():
     assert [k for k, _ in first + second] == [e["type"] for e in events]
     # chunked otherwise, the same answer: the same once every run of deltas is merged
     t2 = _translator()
-    whole = t2.accepted() + t2.feed(_chunk({"reasoning_content": "a b"}) + _chunk({"content": "xyz"})
-                                    + _chunk(finish="stop") + b"data: [DONE]\n\n")
+    whole = t2.accepted() + t2.feed(chat_event({"reasoning_content": "a b"}) + chat_event({"content": "xyz"})
+                                    + chat_event(finish="stop") + DONE)
     assert ws.canonical(ws.as_sse(first + second)) == ws.canonical(whole) == ws.as_sse(ws.Coalescer()(whole))
 
 
@@ -116,14 +110,6 @@ def gw(upstream, gateway_factory, tmp_path):
     gw.request_log = tmp_path / "up.jsonl"
     gw.flows = tmp_path / "flows.mitm"
     return gw
-
-
-def logged_bodies(path: Path) -> list[bytes]:
-    """The chat requests the gateway sent upstream, byte for byte (the request log keeps them so)."""
-    out = []
-    for line in path.read_bytes().splitlines():
-        out.append(line[line.index(b', "body": ') + 10:-1])
-    return out
 
 
 def done(events: list[dict]) -> dict:
@@ -267,8 +253,7 @@ def test_a_client_that_leaves_mid_turn_is_recorded_and_the_gateway_goes_on(gw, u
     assert done(again.turn({"type": "response.create", "model": "demo-model", "input": "still serving?"}))
     again.close()
     gw.stop()
-    recorded = [f.metadata["resp2chat"]["turns"] for f in io.FlowReader(gw.flows.open("rb")).stream()
-                if isinstance(f, http.HTTPFlow) and f.websocket is not None]
+    recorded = [f.metadata["resp2chat"]["turns"] for f in read_flows(gw.flows) if f.websocket is not None]
     assert [[t["status"] for t in turns] for turns in recorded] == [["unfinished"], ["completed"]]
     words = [e for e in parse_sse(recorded[0][0]["events"].encode()) if e["type"] == "response.output_text.delta"]
     assert 0 < len(words) < 40  # recorded as far as it went
@@ -313,8 +298,7 @@ def test_the_socket_is_recorded_in_the_flow_file(gw, upstream):
     client.turn("oops")
     client.close()
     gw.stop()
-    [flow] = [f for f in io.FlowReader(gw.flows.open("rb")).stream() if isinstance(f, http.HTTPFlow)
-              and f.websocket is not None]
+    [flow] = [f for f in read_flows(gw.flows) if f.websocket is not None]
     assert flow.request.path == "/v1/responses" and flow.response.status_code == 101
     assert not [h for h in flow.request.headers if h.lower().startswith("x-resp2chat")]
     assert b"sk-client-secret" not in gw.flows.read_bytes()
@@ -384,7 +368,7 @@ def test_server_replay_extra_keeps_the_socket_open(upstream, gateway_factory, tm
 # --- refusals: never a GET to the backend ---------------------------------------------------
 
 
-class Recorder(BaseHTTPRequestHandler):
+class Recorder(QuietHandler):
     seen: list = []
 
     def do_GET(self):
@@ -394,17 +378,12 @@ class Recorder(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(b"{}")
 
-    def log_message(self, *args):
-        pass
-
 
 @pytest.fixture
 def recorder():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     Recorder.seen = []
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with LocalServer(Recorder) as server:
+        yield server.url
 
 
 def test_upgrades_the_gateway_does_not_serve_are_refused_at_once(recorder, gateway_factory):

@@ -11,7 +11,9 @@ from urllib.parse import urlsplit
 import wsproto
 import wsproto.events as E
 
-TERMINAL = {"response.completed", "response.failed", "response.incomplete", "error"}
+import helpers
+
+TERMINAL = {*helpers.TERMINAL, "error"}  # a turn's last message on the socket
 
 
 class Refused(Exception):

@@ -47,7 +47,7 @@ for p in (str(HERE), str(TESTS), str(ROOT / "addon")):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from conftest import CODEX_FIXTURES, Gateway, free_port, start_gateway  # noqa: E402
+from helpers import CODEX_FIXTURES, Gateway, answers, free_port, start_gateway, wait_until  # noqa: E402
 from kv_figure import MODEL_ID, STOP_BIAS, LlamaServer, missing_build  # noqa: E402
 from redis_server import RedisServer, missing as missing_redis  # noqa: E402
 
@@ -94,19 +94,16 @@ class Smg:
         self.proc = subprocess.Popen(cmd, stdout=self.log_path.open("wb"), stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env={**os.environ, "NO_COLOR": "1"},
                                      cwd=self.log_path.parent)  # (anything it writes stays in the test dir)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"smg exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-            try:  # ready once it routes: the workers' model list comes back through it
-                r = requests.get(self.origin + "/v1/models", timeout=2)
-                if r.status_code == 200 and MODEL_ID in r.text:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise TimeoutError(f"smg not routing within {timeout}s:\n{self.log()[-3000:]}")
+        try:  # ready once it routes: the workers' model list comes back through it
+            routes = lambda r: r.status_code == 200 and MODEL_ID in r.text  # noqa: E731
+            wait_until(lambda: answers(self.origin + "/v1/models", routes, timeout=2), timeout, "smg routing",
+                       self.proc)
+        except TimeoutError as exc:
+            self.stop()
+            raise TimeoutError(f"{exc}:\n{self.log()[-3000:]}") from None
+        except RuntimeError as exc:
+            raise RuntimeError(f"smg: {exc}:\n{self.log()[-3000:]}") from None
+        return self
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

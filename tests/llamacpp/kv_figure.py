@@ -33,7 +33,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import requests
 
 HERE = Path(__file__).resolve().parent
 TESTS = HERE.parent
@@ -42,7 +41,9 @@ for p in (str(TESTS), str(ROOT / "addon")):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from conftest import Codex, CodexRun, Gateway, _codex_bin, free_port, start_gateway, stop_process  # noqa: E402
+from helpers import (  # noqa: E402
+    Codex, CodexRun, Gateway, answers, codex_bin_path, free_port, start_gateway, stop_process, wait_until,
+)
 
 DEFAULT_DIR = Path.home() / ".cache" / "resp2chat-llamacpp"
 MODEL_ID = "tiny-qwen3"
@@ -103,18 +104,15 @@ class LlamaServer:
         self.port = self.port or free_port()
         self.proc = subprocess.Popen(self.command(), stdout=self.log_path.open("wb"), stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:  # /health: 503 while the model loads, 200 when ready
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-            try:
-                if requests.get(self.origin + "/health", timeout=1).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise TimeoutError(f"llama-server not healthy within {timeout}s:\n{self.log()[-3000:]}")
+        try:  # /health: 503 while the model loads, 200 when ready
+            wait_until(lambda: answers(self.origin + "/health", lambda r: r.status_code == 200), timeout,
+                       "llama-server healthy", self.proc)
+        except TimeoutError as exc:
+            self.stop()
+            raise TimeoutError(f"{exc}:\n{self.log()[-3000:]}") from None
+        except RuntimeError as exc:
+            raise RuntimeError(f"llama-server: {exc}:\n{self.log()[-3000:]}") from None
+        return self
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -210,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "instead of starting the tiny one")
     ap.add_argument("--keep", type=Path, help="keep the flow file and logs in this folder")
     args = ap.parse_args(argv)
-    codex_bin = os.environ.get("CODEX_BIN") or _codex_bin()
+    codex_bin = codex_bin_path()
     if not codex_bin or not Path(codex_bin).exists():
         print("Codex CLI not found: run `make codex` (or set CODEX_BIN)", file=sys.stderr)
         return 1

@@ -1,15 +1,15 @@
-"""The gateway's own web_search loop (Brave), against a fake Brave server on loopback."""
+"""The gateway's own web_search loop (Brave) through a real mitmdump, against a fake Brave server
+on loopback. The loop, the round filter and the events alone: test_websearch_core.py."""
 
 from __future__ import annotations
 
+import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
-import openai
 import pytest
 
-from conftest import Codex, send_json, wait_until
+from helpers import Codex, LocalServer, QuietHandler, free_port, openai_client, send_json, wait_until
 
 BRAVE_KEY = "brave-planted-key-123456"
 WEB_SEARCH = {"type": "web_search"}
@@ -17,8 +17,7 @@ EXEC = {"type": "function", "name": "exec_command",
         "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}}}
 
 
-class _Brave(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Brave(QuietHandler):
     queries: list[dict] = []
     status = 200
     hold: threading.Event | None = None  # set: each search waits for it (a search in flight)
@@ -34,18 +33,12 @@ class _Brave(BaseHTTPRequestHandler):
             {"title": f"<strong>Result {i}</strong> for {q['q'][0]}", "url": f"https://example.org/{i}",
              "description": f"snippet &amp; text {i}"} for i in range(1, 9)]}})
 
-    def log_message(self, *a):
-        pass
-
 
 @pytest.fixture
 def brave():
     _Brave.queries, _Brave.status, _Brave.hold = [], 200, None
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Brave)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", _Brave
-    server.shutdown()
+    with LocalServer(_Brave) as server:
+        yield server.url, _Brave
 
 
 @pytest.fixture
@@ -56,17 +49,13 @@ def search_gateway(upstream, gateway_factory, brave):
                            env={"BRAVE_SEARCH_API_KEY": BRAVE_KEY, "RESP2CHAT_BRAVE_BASE_URL": url})
 
 
-def client_for(gw):
-    return openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0, timeout=30)
-
-
 SEARCH_PROMPT = 'call: web_search {"query": "mitmproxy addons"}'
 
 
 def test_search_loop_is_one_continuous_stream(search_gateway, upstream, brave):
     _, handler = brave
     upstream.clear()
-    events = list(client_for(search_gateway).responses.create(
+    events = list(openai_client(search_gateway).responses.create(
         model="demo-model", input=SEARCH_PROMPT, tools=[WEB_SEARCH], stream=True))
     types = [e.type for e in events]
     assert types.count("response.completed") == 1 and types[-1] == "response.completed"
@@ -95,7 +84,7 @@ def test_search_loop_is_one_continuous_stream(search_gateway, upstream, brave):
 
 
 def test_non_streaming_client_gets_the_whole_loop(search_gateway):
-    resp = client_for(search_gateway).responses.create(model="demo-model", input=SEARCH_PROMPT, tools=[WEB_SEARCH])
+    resp = openai_client(search_gateway).responses.create(model="demo-model", input=SEARCH_PROMPT, tools=[WEB_SEARCH])
     assert [o.type for o in resp.output] == ["reasoning", "web_search_call", "reasoning", "message"]
 
 
@@ -103,7 +92,7 @@ def test_brave_errors_become_a_tool_result(search_gateway, upstream, brave):
     _, handler = brave
     handler.status = 500
     upstream.clear()
-    resp = client_for(search_gateway).responses.create(model="demo-model", input=SEARCH_PROMPT, tools=[WEB_SEARCH])
+    resp = openai_client(search_gateway).responses.create(model="demo-model", input=SEARCH_PROMPT, tools=[WEB_SEARCH])
     assert resp.status == "completed"
     tool = upstream.requests()[-1]["messages"][-1]
     assert tool["content"].startswith("Web search failed (HTTP 500)") and BRAVE_KEY not in tool["content"]
@@ -114,21 +103,21 @@ def test_last_round_takes_the_search_tool_away(upstream, gateway_factory, brave)
     gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_web_search_rounds=1",
                          env={"RESP2CHAT_BRAVE_API_KEY": BRAVE_KEY, "RESP2CHAT_BRAVE_BASE_URL": url})
     upstream.clear()
-    client_for(gw).responses.create(model="demo-model", input=SEARCH_PROMPT, tools=[WEB_SEARCH, EXEC])
+    openai_client(gw).responses.create(model="demo-model", input=SEARCH_PROMPT, tools=[WEB_SEARCH, EXEC])
     second = upstream.requests()[-1]
     assert [t["function"]["name"] for t in second["tools"]] == ["exec_command"]
 
 
 def test_without_a_key_web_search_is_stripped(gateway, upstream):
     upstream.clear()
-    client_for(gateway).responses.create(model="demo-model", input="plain", tools=[WEB_SEARCH, EXEC])
+    openai_client(gateway).responses.create(model="demo-model", input="plain", tools=[WEB_SEARCH, EXEC])
     assert [t["function"]["name"] for t in upstream.requests()[-1]["tools"]] == ["exec_command"]
 
 
 def test_other_streams_flow_while_a_search_is_in_flight(search_gateway, brave):
     _, handler = brave
     handler.hold = threading.Event()
-    client = client_for(search_gateway)
+    client = openai_client(search_gateway)
     done = {}
 
     def searching():
@@ -149,9 +138,7 @@ def test_other_streams_flow_while_a_search_is_in_flight(search_gateway, brave):
 
 @pytest.mark.codex
 def test_codex_sees_web_search_items(search_gateway, codex_bin, tmp_path):
-    home, work = tmp_path / "home", tmp_path / "work"
-    home.mkdir(), work.mkdir()
-    codex = Codex(codex_bin, home, work)
+    codex = Codex.at(codex_bin, tmp_path)
     codex.configure(search_gateway.base_url)
     run = codex.exec(SEARCH_PROMPT)
     assert run.returncode == 0, run.output
@@ -159,10 +146,6 @@ def test_codex_sees_web_search_items(search_gateway, codex_bin, tmp_path):
 
 
 def test_search_loop_after_a_fallback_stays_on_the_upstream_that_answered(upstream, gateway_factory, brave):
-    import json
-
-    from conftest import free_port
-
     url, _ = brave
     entries = [{"name": "down", "base_url": f"http://127.0.0.1:{free_port()}/v1"},
                {"name": "demo", "base_url": upstream.base_url, "max_tokens_field": "max_completion_tokens"}]
@@ -170,7 +153,7 @@ def test_search_loop_after_a_fallback_stays_on_the_upstream_that_answered(upstre
                          "--set", "resp2chat_upstreams=" + json.dumps(entries),
                          env={"BRAVE_SEARCH_API_KEY": BRAVE_KEY, "RESP2CHAT_BRAVE_BASE_URL": url})
     upstream.clear()
-    resp = client_for(gw).responses.create(model="demo-model", input=SEARCH_PROMPT, tools=[WEB_SEARCH],
+    resp = openai_client(gw).responses.create(model="demo-model", input=SEARCH_PROMPT, tools=[WEB_SEARCH],
                                            max_output_tokens=200)
     assert [o.type for o in resp.output] == ["reasoning", "web_search_call", "reasoning", "message"]
     first, second = upstream.requests()[-2:]  # both rounds went to demo, each with demo's own lowering

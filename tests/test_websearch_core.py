@@ -1,36 +1,25 @@
-"""resp2chat_core/websearch.py on its own: the tool, the loop and its events, without sockets."""
+"""resp2chat_core/websearch.py on its own: the tool, the loop and its events, without sockets.
+Through a real mitmdump, with a fake Brave: test_websearch_e2e.py."""
 
 from __future__ import annotations
 
 import json
 
+from helpers import chat_chunk, chat_event, chat_sse, parse_chat_sse, parse_sse
 from resp2chat_core import websearch
 from resp2chat_core.lowering import LoweringOptions
-from resp2chat_core.sse import SSEParser
 from resp2chat_core.turn import begin_turn
 
 
-def sse(*chunks) -> bytes:
-    return b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
-
-
-def delta(d=None, finish=None) -> dict:
-    return {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": d or {}, "finish_reason": finish}]}
-
-
 def call(index, cid, name, args) -> dict:
-    return delta({"tool_calls": [{"index": index, "id": cid, "type": "function",
-                                  "function": {"name": name, "arguments": args}}]})
+    """A tool call's chunk with every field there, null where a later chunk leaves one out."""
+    return chat_chunk({"tool_calls": [{"index": index, "id": cid, "type": "function",
+                                       "function": {"name": name, "arguments": args}}]})
 
 
 def usage(prompt, completion) -> dict:
-    return {"object": "chat.completion.chunk", "choices": [],
-            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}
-
-
-def payloads(data: bytes) -> list:
-    p = SSEParser()
-    return [x if x == "[DONE]" else json.loads(x) for x in p.feed(data) + p.finish()]
+    return chat_chunk(choices=[], usage={"prompt_tokens": prompt, "completion_tokens": completion,
+                                         "total_tokens": prompt + completion})
 
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "news?"}],
@@ -48,13 +37,13 @@ def test_the_tool_is_offered_only_when_the_gateway_searches():
 
 def test_a_search_round_then_an_answer_is_one_stream_with_one_ending():
     loop = websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=5)
-    first = sse(delta({"reasoning_content": "let me look"}),
-                call(0, "call_1", "web_search", '{"query":'), call(0, None, None, '"mitmproxy"}'),
-                delta(finish="tool_calls"), usage(100, 10))
+    first = chat_sse(chat_chunk({"reasoning_content": "let me look"}),
+                     call(0, "call_1", "web_search", '{"query":'), call(0, None, None, '"mitmproxy"}'),
+                     chat_chunk(finish="tool_calls"), usage(100, 10))
     passed = b"".join(loop.feed(first[i:i + 7]) for i in range(0, len(first), 7))  # any split
-    out = payloads(passed)
+    out = parse_chat_sse(passed)
     # the client sees the reasoning, not the web_search call, no finish reason, no usage, no [DONE]
-    assert out == [delta({"reasoning_content": "let me look"})]
+    assert out == [chat_chunk({"reasoning_content": "let me look"})]
     tail, step = loop.end_round(ok=True)
     assert tail == b"" and step == [websearch.Search("call_1", "mitmproxy")]
     loop.next_round(["1. result"])
@@ -63,11 +52,11 @@ def test_a_search_round_then_an_answer_is_one_stream_with_one_ending():
     assert nxt["messages"][-1] == {"role": "tool", "tool_call_id": "call_1", "content": "1. result"}
     assert [t["function"]["name"] for t in nxt["tools"]] == ["web_search", "exec"]  # more rounds allowed
 
-    second = sse(delta({"content": "Here."}), delta(finish="stop"), usage(150, 5))
-    assert payloads(loop.feed(second)) == [delta({"content": "Here."})]
+    second = chat_sse(chat_chunk({"content": "Here."}), chat_chunk(finish="stop"), usage(150, 5))
+    assert parse_chat_sse(loop.feed(second)) == [chat_chunk({"content": "Here."})]
     _, step = loop.end_round(ok=True)
     assert isinstance(step, websearch.Finish)
-    end = payloads(step.tail)
+    end = parse_chat_sse(step.tail)
     assert end[0]["choices"][0]["finish_reason"] == "stop" and end[-1] == "[DONE]"
     # the context the turn used (the last prompt) and every round's completion
     assert end[1]["usage"] == {"prompt_tokens": 150, "completion_tokens": 15, "total_tokens": 165}
@@ -75,7 +64,7 @@ def test_a_search_round_then_an_answer_is_one_stream_with_one_ending():
 
 def test_the_last_round_has_no_web_search_tool():
     loop = websearch.SearchLoop(json.dumps({**CHAT, "tools": [websearch.TOOL]}).encode(), max_rounds=1)
-    loop.feed(sse(call(0, "c", "web_search", '{"query": "q"}'), delta(finish="tool_calls")))
+    loop.feed(chat_sse(call(0, "c", "web_search", '{"query": "q"}'), chat_chunk(finish="tool_calls")))
     _, step = loop.end_round(ok=True)
     loop.next_round(["r"])
     nxt = json.loads(loop.body)
@@ -84,12 +73,12 @@ def test_the_last_round_has_no_web_search_tool():
 
 def test_client_tools_in_the_same_round_end_the_turn_there():
     loop = websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=5)
-    out = payloads(loop.feed(sse(call(0, "s", "web_search", '{"query": "q"}'), call(1, "e", "exec", "{}"),
-                                 delta(finish="tool_calls"))))
+    out = parse_chat_sse(loop.feed(chat_sse(call(0, "s", "web_search", '{"query": "q"}'), call(1, "e", "exec", "{}"),
+                                            chat_chunk(finish="tool_calls"))))
     assert [c["choices"][0]["delta"]["tool_calls"][0]["id"] for c in out] == ["e"]  # only the client's call
     _, step = loop.end_round(ok=True)
     assert isinstance(step, websearch.Finish)
-    assert payloads(step.tail)[0]["choices"][0]["finish_reason"] == "tool_calls"
+    assert parse_chat_sse(step.tail)[0]["choices"][0]["finish_reason"] == "tool_calls"
 
 
 def test_the_filter_reads_every_dialect_as_the_translator_does():
@@ -101,8 +90,8 @@ def test_the_filter_reads_every_dialect_as_the_translator_does():
 
     loop = websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=5)
     search = {"id": "call_s", "type": "function", "function": {"name": "web_search", "arguments": {"query": "mitmproxy"}}}
-    out = payloads(loop.feed(sse(null({"content": "Let me look."}), null({"tool_calls": [search]}),
-                                 null({}, "tool_calls"))))
+    out = parse_chat_sse(loop.feed(chat_sse(null({"content": "Let me look."}), null({"tool_calls": [search]}),
+                                            null({}, "tool_calls"))))
     assert out == [null({"content": "Let me look."})]
     _, step = loop.end_round(ok=True)
     assert step == [websearch.Search("call_s", "mitmproxy")]
@@ -114,10 +103,10 @@ def test_the_filter_reads_every_dialect_as_the_translator_does():
 
 def test_a_chunk_with_a_search_and_a_client_call_goes_on_without_the_search():
     loop = websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=5)
-    both = delta({"tool_calls": [
+    both = chat_chunk({"tool_calls": [
         {"id": "s", "type": "function", "function": {"name": "web_search", "arguments": {"query": "q"}}},
         {"id": "e", "type": "function", "function": {"name": "exec", "arguments": {"cmd": "ls"}}}]})
-    out = payloads(loop.feed(sse(both, delta(finish="tool_calls"))))
+    out = parse_chat_sse(loop.feed(chat_sse(both, chat_chunk(finish="tool_calls"))))
     # re-encoded: the client's call only, keyed as before (by its id), arguments as the reader read them
     assert [c["choices"][0]["delta"] for c in out] == [
         {"tool_calls": [{"id": "e", "function": {"name": "exec", "arguments": '{"cmd":"ls"}'}}]}]
@@ -149,7 +138,7 @@ def test_a_round_whose_body_holds_no_sse_event_reaches_the_translator_whole():
 def test_a_re_encoded_chunk_with_a_lone_surrogate_escape():
     loop = websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=5)
     out = loop.feed(b'data: {"choices":[{"index":0,"delta":{"content":"a\\ud800"},"finish_reason":"stop"}]}\n\n')
-    assert [c["choices"][0]["delta"] for c in payloads(out)] == [{"content": "a\ud800"}]
+    assert [c["choices"][0]["delta"] for c in parse_chat_sse(out)] == [{"content": "a\ud800"}]
 
 
 def test_a_failed_or_cut_round_ends_the_loop_as_it_ended():
@@ -158,9 +147,9 @@ def test_a_failed_or_cut_round_ends_the_loop_as_it_ended():
     _, step = loop.end_round(ok=False)
     assert step == websearch.Finish(b"")  # nothing added: the translator reports the stream as cut
     loop = websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=5)
-    loop.feed(b'data: ' + json.dumps(delta({"content": "x"}, finish="length")).encode() + b"\n\n")
+    loop.feed(chat_event({"content": "x"}, finish="length"))
     _, step = loop.end_round(ok=False)
-    assert payloads(step.tail)[0]["choices"][0]["finish_reason"] == "length"
+    assert parse_chat_sse(step.tail)[0]["choices"][0]["finish_reason"] == "length"
 
 
 def test_brave_request_and_answers():
@@ -181,8 +170,8 @@ def test_the_client_sees_a_web_search_call_item():
                       LoweringOptions(web_search=True), "resp_" + "a" * 32, 0)
     t = turn.translator()
     out = t.accepted() + t.search_started("call_1", "mitmproxy") + t.search_done("call_1", ("https://x",))
-    out += t.feed(sse(delta({"content": "done"}), delta(finish="stop"))) + t.finish()
-    events = [json.loads(line[6:]) for line in out.decode().splitlines() if line.startswith("data: ")]
+    out += t.feed(chat_sse(chat_chunk({"content": "done"}), chat_chunk(finish="stop"))) + t.finish()
+    events = parse_sse(out)
     types = [e["type"] for e in events]
     i = types.index("response.output_item.added")
     assert types[i:i + 5] == ["response.output_item.added", *websearch.STARTED_EVENTS, websearch.DONE_EVENT,

@@ -1,0 +1,606 @@
+"""The plain helpers every test file shares: the hermetic environment, real gateways and Codex
+CLIs, waiting on conditions. Pytest fixtures are in conftest.py; everything else a test needs
+from another file is here, once.
+
+Importing this module makes the process hermetic (see ``_hermetic``): every test, and every
+script that starts a gateway outside pytest (tests/fuzz.py, soak.py, recordings.py,
+llamacpp/kv_figure.py and fleet.py), gets its own HOME and none of the developer's settings.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import typing
+import zlib
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import requests
+
+
+def _hermetic() -> Path:
+    """Every test, and every process a test starts, runs with its own HOME and XDG folders and
+    without the developer's RESP2CHAT_*/OPENAI_*/BRAVE_* settings: a config file saved by
+    `resp2chat configure`, or an exported key, must not reach a test gateway."""
+    os.environ.setdefault("RESP2CHAT_LLAMACPP_DIR", str(Path.home() / ".cache" / "resp2chat-llamacpp"))
+    keep = {"RESP2CHAT_LLAMACPP_DIR", "RESP2CHAT_REGEN_DIALECTS"}  # the test suite's own knobs
+    for name in list(os.environ):
+        if name.startswith(("RESP2CHAT_", "OPENAI_", "BRAVE_", "XDG_", "CODEX_HOME")) and name not in keep:
+            del os.environ[name]
+    home = Path(tempfile.mkdtemp(prefix="resp2chat-test-home-"))
+    os.environ.update(HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"), XDG_DATA_HOME=str(home / ".local/share"))
+    return home
+
+
+TEST_HOME = _hermetic()
+
+
+def gateway_env() -> dict:
+    """The environment a test gateway starts from: the hermetic one, without even the test
+    suite's own RESP2CHAT_* knobs (a test adds what it means to set, e.g. test_cli's cli_env)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("RESP2CHAT_", "OPENAI_", "BRAVE_"))}
+
+
+ROOT = Path(__file__).resolve().parent.parent
+ADDON = ROOT / "addon" / "resp2chat.py"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+CODEX_FIXTURES = FIXTURES / "codex-0.169.0"
+MITMDUMP = Path(sys.executable).with_name("mitmdump")
+
+
+def codex_fixture(name: str) -> dict:
+    return json.loads((CODEX_FIXTURES / name).read_text())
+
+
+# --- waiting, processes, time -----------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(condition, timeout: float = 30.0, what: str = "the condition", proc: subprocess.Popen | None = None):
+    """Poll ``condition()`` until it returns something true, and return that: tests wait on the
+    condition itself, never for a fixed time (a loaded 2-core CI machine must not flake).
+    ``proc``: a process that must keep running meanwhile (a RuntimeError once it exited)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the process exited with {proc.returncode} before {what}")
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not happen within {timeout} s")
+        time.sleep(0.02)
+
+
+def answers(url: str, ok=lambda r: r.status_code < 500, timeout: float = 1) -> bool:
+    """Whether ``url`` answers a GET now, as ``ok`` wants it (by default: anything but a 5xx)."""
+    try:
+        return ok(requests.get(url, timeout=timeout))
+    except requests.RequestException:
+        return False
+
+
+def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+    """Wait until ``url`` answers (``answers``), while ``proc`` (its server) keeps running."""
+    wait_until(lambda: answers(url), timeout, f"{url} answering", proc)
+
+
+def stop_process(proc: subprocess.Popen | None) -> None:
+    """SIGTERM, then SIGKILL after 10 s."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class Clock:
+    """A clock a test moves by hand (``now``, in seconds): for what expires (the response store)."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# --- a process's resources (/proc) ------------------------------------------------------------
+
+KiB, MiB = 1 << 10, 1 << 20
+
+
+def memory(pid: int) -> dict[str, int]:
+    """What process ``pid`` holds now (``VmRSS``) and at most so far (``VmHWM``), in bytes: the
+    gateway's memory, as claims about it are measured (/proc/PID/status)."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            fields[name] = int(value.split()[0]) * KiB
+    assert fields.keys() == {"VmRSS", "VmHWM"}, f"no VmRSS/VmHWM for {pid}: {fields}"
+    return fields
+
+
+class Peak:
+    """A process's peak memory from now on, above what it holds now: VmHWM is reset to VmRSS
+    (5 to /proc/PID/clear_refs), ``grown`` is the peak since, in bytes."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
+        self.base = memory(pid)["VmRSS"]
+
+    @property
+    def grown(self) -> int:
+        return memory(self.pid)["VmHWM"] - self.base
+
+
+def open_fds(pid: int) -> int:
+    """How many files (sockets among them) process ``pid`` has open."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def listening_ports(pid: int) -> set[int]:
+    """The loopback TCP ports process ``pid`` listens on (its sockets in /proc/net/tcp)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = fd.readlink().name
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+            ports.add(int(fields[1].split(":")[1], 16))
+    return ports
+
+
+# --- the scripted upstream and real gateways --------------------------------------------------
+
+
+@dataclass
+class Upstream:
+    """The bundled scripted chat backend (resp2chat_io.demo_upstream), as conftest's ``upstream``."""
+
+    base_url: str  # http://127.0.0.1:PORT/v1
+    server: object
+
+    @property
+    def origin(self) -> str:
+        return self.base_url.removesuffix("/v1")
+
+    def requests(self) -> list[dict]:
+        return requests.get(self.origin + "/_requests", timeout=5).json()
+
+    def clear(self) -> None:
+        requests.delete(self.origin + "/_requests", timeout=5)
+
+
+@dataclass
+class Gateway:
+    proc: subprocess.Popen
+    port: int
+    log_path: Path
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+def start_gateway(upstream_url: str, tmp: Path, *extra: str, env: dict | None = None,
+                  scripts_first: tuple[str, ...] = (), addon: Path = ADDON) -> Gateway:
+    """A real `mitmdump -s addon/resp2chat.py --mode reverse:…` on a free loopback port
+    (``scripts_first``: mitmproxy scripts loaded before the gateway's, e.g. tests/faults.py;
+    ``addon``: another checkout's, e.g. tests/fuzz.py --addon)."""
+    port = free_port()
+    log_path = tmp / f"mitmdump-{port}.log"
+    args = [str(MITMDUMP), *(a for script in scripts_first for a in ("-s", script)),
+            "-s", str(addon), "--mode", f"reverse:{upstream_url}",
+            "--listen-host", "127.0.0.1", "--listen-port", str(port),
+            "--set", f"confdir={tmp / 'mitmconf'}", *extra]
+    proc = subprocess.Popen(args, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, cwd=tmp,
+                            env={**gateway_env(), **(env or {})})
+    gw = Gateway(proc, port, log_path, args)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
+    except Exception:
+        gw.stop()
+        raise RuntimeError(f"gateway did not start:\n{gw.log()}")
+    return gw
+
+
+# --- asking a gateway, and what it answers (Responses SSE) ------------------------------------
+
+
+def post_turn(gw, body: dict | bytes, headers: dict | None = None, timeout: float = 60) -> requests.Response:
+    """POST /v1/responses to a gateway (anything with a ``base_url``): a dict as JSON, bytes as
+    they are, as ``application/json`` (``headers`` may say otherwise)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return requests.post(gw.base_url + "/responses", data=data, timeout=timeout,
+                         headers={"content-type": "application/json", **(headers or {})})
+
+
+def stream_turn(gw, body: dict, headers: dict | None = None, timeout: float = 60) -> list[dict]:
+    """A streamed turn (``"stream": true`` unless ``body`` says otherwise): it must answer 200;
+    its events, read strictly (``parse_sse``)."""
+    r = post_turn(gw, {"stream": True, **body}, headers, timeout)
+    assert r.status_code == 200, r.text[:300]
+    return parse_sse(r.content)
+
+
+def openai_client(gw, api_key: str = "sk-client-key", **kw):
+    """The openai SDK's client of a gateway (its base URL, or anything with a ``base_url``): no
+    retries (a failure shows at once, not hidden by a second try) and a 30 s timeout, unless
+    ``kw`` says otherwise."""
+    import openai
+
+    base_url = gw if isinstance(gw, str) else gw.base_url
+    return openai.OpenAI(base_url=base_url, api_key=api_key, **{"max_retries": 0, "timeout": 30, **kw})
+
+
+TERMINAL = ("response.completed", "response.failed", "response.incomplete")  # a turn's last event
+
+
+def parse_sse(raw: bytes) -> list[dict]:
+    """The strict reader of what the gateway emits: every event exactly ``event: <type>``,
+    ``data: <JSON of that type>`` and a blank line; the stream ends with one (an empty stream is
+    no answer)."""
+    text = raw.decode()
+    assert text.endswith("\n\n"), f"the stream does not end with a blank line: {text[-200:]!r}"
+    events = []
+    for block in text.split("\n\n")[:-1]:
+        lines = block.split("\n")
+        assert len(lines) == 2 and lines[0].startswith("event: ") and lines[1].startswith("data: "), \
+            f"not an SSE event: {block[:200]!r}"
+        event = json.loads(lines[1][6:])
+        assert isinstance(event, dict) and event.get("type") == lines[0][7:], \
+            f"event name and type differ: {block[:200]!r}"
+        events.append(event)
+    return events
+
+
+def terminal(events: list[dict]) -> dict:
+    """A turn's terminal event: there is exactly one, and it is the last."""
+    ends = [e for e in events if e["type"] in TERMINAL]
+    assert len(ends) == 1 and ends[0] is events[-1], [e["type"] for e in events]
+    return ends[0]
+
+
+# --- what a gateway leaves behind -------------------------------------------------------------
+
+
+def read_flows(path: Path) -> list:
+    """The HTTP flows (WebSocket ones among them) a gateway wrote to ``path`` (``-w``), in order."""
+    from mitmproxy import http, io
+
+    with path.open("rb") as fh:
+        return [f for f in io.FlowReader(fh).stream() if isinstance(f, http.HTTPFlow)]
+
+
+def responses_requests(path: Path) -> list[dict]:
+    """The Responses requests clients sent, as the gateway recorded each turn in its flow file."""
+    return [json.loads(f.metadata["resp2chat"]["responses_request"]) for f in read_flows(path)
+            if "responses_request" in f.metadata.get("resp2chat", {})]
+
+
+def logged_bodies(path: Path) -> list[bytes]:
+    """The chat requests the gateway sent upstream, byte for byte, from its request log
+    (``resp2chat_upstream_request_log_path`` keeps each body as it went)."""
+    return [line[line.index(b', "body": ') + 10:-1] for line in path.read_bytes().splitlines()]
+
+
+# --- what a chat backend sends, and what the gateway sends it ---------------------------------
+
+
+def chat_chunk(delta: dict | None = None, finish: str | None = None, **fields) -> dict:
+    """One ``chat.completion.chunk`` as a backend sends it: one choice (index 0) with ``delta``
+    and ``finish``; ``fields`` go at the top (``usage=…``; ``choices=[]`` for usage alone)."""
+    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "up",
+            "choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}], **fields}
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+def chat_sse(*chunks, done: bool = True, eol: str = "\n") -> bytes:
+    """A chat stream: ``data: <chunk>`` and a blank line per chunk (a dict as JSON, a str as it
+    is), then ``data: [DONE]`` (``done``); ``eol`` ends each line (CRLF or CR: some backends)."""
+    out = "".join("data: " + (c if isinstance(c, str) else json.dumps(c)) + eol + eol for c in chunks)
+    return (out + ("data: [DONE]" + eol + eol if done else "")).encode()
+
+
+def chat_event(delta: dict | None = None, finish: str | None = None, **fields) -> bytes:
+    """One chunk (``chat_chunk``) as one SSE event, without ``[DONE]``."""
+    return chat_sse(chat_chunk(delta, finish, **fields), done=False)
+
+
+def http_chunk(data: bytes) -> bytes:
+    """``data`` as one chunk of a chunked HTTP body."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def parse_chat_sse(raw: bytes) -> list:
+    """The strict reader of a chat stream (a backend's, or what the web-search filter passes on):
+    every event is one ``data: `` line, JSON or ``[DONE]``, ended by a blank line; nothing else
+    (an empty stream is none: []). ``[DONE]`` is kept as the string."""
+    text = raw.decode()
+    assert text == "" or text.endswith("\n\n"), f"the stream does not end with a blank line: {text[-200:]!r}"
+    out = []
+    for block in text.split("\n\n")[:-1]:
+        assert block.startswith("data: ") and "\n" not in block, f"not one data line: {block[:200]!r}"
+        data = block[6:]
+        out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # a tool name every chat backend takes (OpenAI's rule)
+
+
+def tool_names(chat: dict) -> list[str]:
+    """The names of a chat request's tools (none when it has none)."""
+    return [t["function"]["name"] for t in chat.get("tools", [])]
+
+
+# --- small upstreams of a test's own ----------------------------------------------------------
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """The base of a test upstream's handler: HTTP/1.1 (kept-alive connections, as backends
+    keep them) and no line on stderr per request."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+class LocalServer(ThreadingHTTPServer):
+    """``handler`` served on a free loopback port from a daemon thread, from now on; ``url`` is
+    its origin (``http://127.0.0.1:PORT``). ``close()``, or the end of a ``with``, stops it
+    (and no handler still running holds that up)."""
+
+    daemon_threads = True
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def send_json(handler, status: int, obj) -> None:
+    """Answer from a test upstream (BaseHTTPRequestHandler) with a JSON body."""
+    body = json.dumps(obj).encode()
+    handler.send_response(status)
+    handler.send_header("content-type", "application/json")
+    handler.send_header("content-length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+def send_text_chunk(handler, n: int) -> None:
+    """One chat chunk with the content ``t<n> `` as one HTTP chunk, flushed: a test upstream
+    (BaseHTTPRequestHandler) streaming a chunked SSE body at its own pace."""
+    handler.wfile.write(http_chunk(chat_event({"content": f"t{n} "})))
+    handler.wfile.flush()
+
+
+# --- a translated stream's invariants (the sans-I/O translator tests) -------------------------
+
+RESP_ID = "resp_0123456789abcdef"  # the response the translator tests' turns make
+CREATED = 1795311942
+
+DELTAS = {
+    "response.output_text.delta", "response.reasoning_summary_text.delta", "response.reasoning_text.delta",
+    "response.function_call_arguments.delta", "response.custom_tool_call_input.delta",
+}
+ITEM_EVENTS = DELTAS | {  # the events of one output item, between its output_item.added and .done
+    "response.output_text.done", "response.reasoning_summary_text.done", "response.reasoning_text.done",
+    "response.function_call_arguments.done", "response.custom_tool_call_input.done",
+    "response.content_part.added", "response.content_part.done",
+    "response.reasoning_summary_part.added", "response.reasoning_summary_part.done",
+}
+
+
+def check_stream(raw: bytes, response_id: str = RESP_ID) -> list[dict]:
+    """Parse a whole translated stream (``parse_sse``) and assert the invariants every stream
+    must hold: contiguous sequence numbers, created and in_progress first, one terminal event
+    last, each item's events inside its added/done in output order, one response id, and a
+    terminal output that is the items done."""
+    evs = parse_sse(raw)
+    assert [e["sequence_number"] for e in evs] == list(range(len(evs)))
+    assert [e["type"] for e in evs][:2] == ["response.created", "response.in_progress"]
+    terminal(evs)
+    added: dict[str, int] = {}
+    last_index = -1
+    for e in evs:
+        if e["type"] == "response.output_item.added":
+            assert e["output_index"] > last_index
+            last_index = e["output_index"]
+            added[e["item"]["id"]] = e["output_index"]
+        elif e["type"] in ITEM_EVENTS:
+            assert added.get(e["item_id"]) == e["output_index"], f"{e['type']} before its item was added"
+        elif e["type"] == "response.output_item.done":
+            assert added.get(e["item"]["id"]) == e["output_index"]
+    for e in evs:
+        assert e.get("response", {"id": response_id})["id"] == response_id
+    end = evs[-1]["response"]
+    if end["status"] != "failed":
+        done = [e for e in evs if e["type"] == "response.output_item.done"]
+        assert sorted(e["output_index"] for e in done) == sorted(added.values())
+        assert end["output"] == [e["item"] for e in sorted(done, key=lambda e: e["output_index"])]
+    return evs
+
+
+# Codes the real API and Codex use that the SDK's ResponseError enum does not list (WIRE.md:
+# Codex acts on them). Where the SDK and Codex disagree, Codex wins; the rest must validate.
+CODEX_ONLY_CODES = {"context_length_exceeded", "insufficient_quota"}
+
+
+@functools.cache
+def _sdk_events():
+    """The openai SDK's ``ResponseStreamEvent`` adapter, and event type -> its SDK class (to
+    explain a union failure in a few lines). Built on first use: scripts need no pydantic."""
+    import pydantic
+    from openai.types.responses import ResponseStreamEvent
+
+    classes = {typing.get_args(cls.model_fields["type"].annotation)[0]: cls
+               for cls in typing.get_args(typing.get_args(ResponseStreamEvent)[0])}
+    return pydantic.TypeAdapter(ResponseStreamEvent), classes
+
+
+def check_sdk(evs: list[dict]) -> None:
+    """Every event must validate as the openai SDK's ``ResponseStreamEvent``."""
+    import pydantic
+    import pytest
+
+    adapter, classes = _sdk_events()
+    bad = []
+    for e in evs:
+        err = e.get("response", {}).get("error") or {}
+        if err.get("code") in CODEX_ONLY_CODES:
+            e = {**e, "response": {**e["response"], "error": {**err, "code": "server_error"}}}
+        try:
+            adapter.validate_python(e)
+        except pydantic.ValidationError:
+            cls = classes.get(e["type"])
+            try:
+                detail = cls.model_validate(e) and "(validates alone?)" if cls else "unknown event type"
+            except pydantic.ValidationError as exc:
+                detail = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in exc.errors())
+            bad.append(f"#{e['sequence_number']} {e['type']}: {detail}")
+    if bad:
+        pytest.fail("events rejected by openai.types.responses.ResponseStreamEvent:\n  " + "\n  ".join(bad),
+                    pytrace=False)
+
+
+# --- the resp2chat CLI ------------------------------------------------------------------------
+
+
+def resp2chat_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -m resp2chat_io.main ARGS`` in a bare environment (the addon on PYTHONPATH, PATH,
+    the hermetic HOME): what the CLI does with nothing configured. Its output as text."""
+    return subprocess.run([sys.executable, "-m", "resp2chat_io.main", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT,
+                          env={"PYTHONPATH": str(ROOT / "addon"), "PATH": "/usr/bin:/bin", "HOME": os.environ["HOME"]})
+
+
+def retranslate(*args: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """``resp2chat retranslate --json ARGS``: the run, and the result of every turn it checked."""
+    out = resp2chat_cli("retranslate", "--json", *args)
+    return out, [r for line in out.stdout.splitlines() if line.startswith("[") for r in json.loads(line)]
+
+
+# --- Codex CLI --------------------------------------------------------------------------------
+
+
+def codex_bin_path() -> str | None:
+    """The Codex CLI the tests run: $CODEX_BIN, `make codex`'s, or one on PATH."""
+    env = os.environ.get("CODEX_BIN")
+    if env:
+        return env
+    local = ROOT / ".tools" / "codex-0.169.0" / "node_modules" / ".bin" / "codex"
+    return str(local) if local.exists() else shutil.which("codex")
+
+
+@dataclass
+class CodexRun:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+@dataclass
+class Codex:
+    """A Codex CLI with its own CODEX_HOME pointed at a gateway, run headless."""
+
+    bin: str
+    home: Path
+    workdir: Path
+    env: dict = field(default_factory=dict)  # added to the hermetic environment (e.g. OPENAI_API_KEY)
+
+    @classmethod
+    def at(cls, bin: str, folder: Path, env: dict | None = None) -> Codex:
+        """A Codex with its CODEX_HOME in ``folder/codex-home`` and its working folder in
+        ``folder/work`` (made if missing: two Codex at one folder share them, as a resumed
+        session does)."""
+        home, work = folder / "codex-home", folder / "work"
+        home.mkdir(parents=True, exist_ok=True)
+        work.mkdir(parents=True, exist_ok=True)
+        return cls(bin, home, work, dict(env or {}))
+
+    def configure(self, base_url: str, model: str = "demo-model") -> None:
+        (self.home / "config.toml").write_text(
+            f'model = "{model}"\nmodel_provider = "gw"\n\n[model_providers.gw]\n'
+            f'name = "resp2chat"\nbase_url = "{base_url}"\nwire_api = "responses"\n'
+            "requires_openai_auth = false\nrequest_max_retries = 0\nstream_max_retries = 0\n"
+        )
+
+    def configure_builtin(self, base_url: str, model: str = "demo-model", extra: str = "") -> None:
+        """Codex's built-in OpenAI provider pointed at the gateway (``openai_base_url``), as
+        people do who write no provider: WebSocket transport first, remote compaction. (It needs
+        no key; a gateway key goes in ``env["CODEX_API_KEY"]``.)"""
+        (self.home / "config.toml").write_text(f'model = "{model}"\nopenai_base_url = "{base_url}"\n{extra}')
+
+    def exec(self, *args: str, timeout: float = 120) -> CodexRun:
+        cmd = [self.bin, "exec", "--skip-git-repo-check", "--dangerously-bypass-approvals-and-sandbox", *args]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CODEX_"))}
+        env["CODEX_HOME"] = str(self.home)
+        env.update(self.env)
+        proc = subprocess.run(cmd, cwd=self.workdir, env=env, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=timeout)
+        return CodexRun(proc.returncode, proc.stdout, proc.stderr)
+
+
+def write_png(path: Path, width: int = 4, height: int = 4, rgb=(255, 0, 0)) -> bytes:
+    """A tiny valid RGB PNG written to ``path`` with zlib/struct only; its bytes."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    row = b"\x00" + bytes(rgb) * width  # filter type 0 + pixels
+    data = (b"\x89PNG\r\n\x1a\n"
+            + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(row * height))
+            + chunk(b"IEND", b""))
+    path.write_bytes(data)
+    return data
