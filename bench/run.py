@@ -550,8 +550,15 @@ async def measure_websocket(up_port: int, workdir: Path, cpus: set[int] | None, 
     ``addons``: gateway name -> addon script (the A/B's two, or the addon alone); each gateway's
     websocket and http runs and direct take turns in every round."""
     turns = conversation(cfg["ws_turns"], cfg["deltas"])
-    gateways = {g: start_target(f"{g}-websocket", up_port, workdir, cpus, None,
-                                ("--set", "resp2chat_max_replay_entries=0"), addon) for g, addon in addons.items()}
+    gateways: dict = {}
+    try:
+        for g, addon in addons.items():
+            gateways[g] = start_target(f"{g}-websocket", up_port, workdir, cpus, None,
+                                       ("--set", "resp2chat_max_replay_entries=0"), addon)
+    except Exception:
+        for target in gateways.values():
+            target.proc.stop()
+        raise
     direct = Target("direct", up_port, "chat", None)
     names = [f"{g}:{t}" for g in gateways for t in ("websocket", "http")] + ["direct"]
     runs: dict = {n: {"ttft": [], "total": [], "cpu_ms_per_turn": [], "answers": []} for n in names}
@@ -649,12 +656,13 @@ async def measure_long(up_port: int, workdir: Path, cpus: set[int] | None, cfg: 
     warm (the session's later turns) and cold (its first): gateway CPU (ns-precise,
     /proc/PID/task/*/schedstat) and added time to the first text token over direct (same turn,
     same round). Ratios are medians of per-round ratios."""
-    gateways = {g: start_target(f"{g}-long", up_port, workdir, cpus, None,
-                                ("--set", "resp2chat_max_replay_entries=0"), addon) for g, addon in addons.items()}
     targets = {"direct": Target("direct", up_port, "chat", None)}
+    gateways: dict = {}
     try:
         targets["passthrough"] = start_target("passthrough-long", up_port, workdir, cpus, None)
-        targets.update(gateways)
+        for g, addon in addons.items():
+            targets[g] = gateways[g] = start_target(f"{g}-long", up_port, workdir, cpus, None,
+                                                    ("--set", "resp2chat_max_replay_entries=0"), addon)
         names = list(targets)
         sizes = []
         for kb in cfg["long_kb"]:
