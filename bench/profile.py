@@ -128,7 +128,7 @@ def main() -> int:
         os.sched_setaffinity(0, rest)
     workdir = Path(tempfile.mkdtemp(prefix="resp2chat-prof-"))
     port = run.free_port()
-    upstream = run.Proc("upstream", [sys.executable, str(HERE / "upstream.py"), "--port", str(port)],
+    upstream = run.Proc("upstream", [sys.executable, str(HERE / "upstream.py"), "--port", str(port), *run.UPSTREAM_ARGS],
                         workdir, rest, run.clean_env(workdir))
     target = None
     try:

@@ -45,7 +45,9 @@ codex-relay get the Codex Responses request (~40 KB). Phases per path:
             upstream and once against llama.cpp's server with a tiny model (`make llamacpp`;
             skipped when it is not built), since the scripted upstream is as fast as a hit
 
-Gateway CPU is utime+stime of the gateway process from /proc/<pid>/stat over the phase. On a
+Gateway CPU is the time on a CPU of the gateway process's threads over the phase, from
+/proc/<pid>/task/*/schedstat (ns; utime+stime in /proc/<pid>/stat counts 10 ms clock ticks, too
+coarse for a few ms per turn). On a
 machine with 2+ cores the gateway is pinned to one core and the upstream and this client
 (asyncio over raw sockets, one process) to another, so they do not steal the gateway's core.
 """
@@ -86,6 +88,8 @@ GATEWAYS = ("resp2chat", "resp2chat-b")  # the addon, and the other addon of an 
 BASELINES = ("passthrough", "codex-relay")
 PHASES = ("c1", "rss", "paced", "c64")
 NOISY = 0.2  # other processes' CPU during a phase, in cores, above which the phase is retried
+# the demo upstream's context window (tokens, ~4 bytes each): the long phase sends 2.5 MB prompts
+UPSTREAM_ARGS = ("--max-context", str(4 << 20))
 
 FULL = dict(deltas=200, reasoning_words=50, warmup=4, c1=100, conc=64, per_conn=6,
             paced_streams=64, paced_ms=20, stagger_ms=1000, rss_streams=100, replay=40, replay_real=10, interleave=3,
@@ -299,7 +303,7 @@ class Meter:
 
     def __enter__(self):
         self.t = time.perf_counter()
-        self.g = proc_cpu(self.gateway.pid) if self.gateway else 0.0
+        self.g = proc_cpu_ns(self.gateway.pid) if self.gateway else 0
         self.u = proc_cpu(self.upstream.pid)
         self.c = self_cpu()
         self.m = machine_busy()
@@ -307,7 +311,7 @@ class Meter:
 
     def __exit__(self, *exc):
         self.wall = time.perf_counter() - self.t
-        self.gateway_cpu = (proc_cpu(self.gateway.pid) - self.g) if self.gateway else None
+        self.gateway_cpu = (proc_cpu_ns(self.gateway.pid) - self.g) / 1e9 if self.gateway else None
         self.upstream_cpu = proc_cpu(self.upstream.pid) - self.u
         self.client_cpu = self_cpu() - self.c
         # CPU used by anything else on the machine meanwhile (other jobs skew every figure)
@@ -1101,7 +1105,7 @@ async def main_async(args, cfg: dict) -> dict:
     }
     workdir = Path(tempfile.mkdtemp(prefix="resp2chat-bench-"))
     up_port = free_port()
-    upstream = Proc("upstream", [sys.executable, str(HERE / "upstream.py"), "--port", str(up_port)],
+    upstream = Proc("upstream", [sys.executable, str(HERE / "upstream.py"), "--port", str(up_port), *UPSTREAM_ARGS],
                     workdir, rest_cpus, clean_env(workdir))
     try:
         wait_ready(upstream, up_port, "/healthz")
