@@ -26,7 +26,6 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import wait_until
 from resp2chat_core import requestbody
 from resp2chat_core.errors import GatewayError
 from resp2chat_core.lowering import History, LoweringOptions, TextCache, lower
@@ -34,6 +33,7 @@ from resp2chat_core.requestbody import Prefixes
 from resp2chat_core.schema import ItemMemo, parse_request
 from resp2chat_core.seal import Sealer
 from resp2chat_core.turn import ToolsCache, begin_turn
+from resp2chat_io import demo_upstream
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 CODEX = [p for d in ("codex-0.169.0", "codex-0.169.0-builtin-provider") for p in sorted((FIXTURES / d).glob("*.json"))
@@ -349,6 +349,23 @@ def test_a_partly_new_request_is_validated_in_part_with_the_same_errors():
     assert [a is b for a, b in zip(req.input, again.input)] == [True] * 6  # (the same models, found again)
 
 
+def test_one_conversation_under_other_options_and_instructions():
+    """The same items through one cache under each lowering option and other instructions, in
+    turn (an upstream's fallbacks lower each turn again with theirs): a checkpoint serves only
+    the options and instructions it was lowered with."""
+    rng = random.Random(5)
+    texts = TextCache()
+    items = [{"type": "message", "role": "developer", "content": "rules"}]
+    for k in range(6):
+        items = items + turn_items(rng, k, False)
+        for opts in OPTIONS:
+            for instructions in (None, "be brief"):  # (6 combinations: the 8 checkpoints hold them all)
+                body = {"model": "m", "input": items, **({"instructions": instructions} if instructions else {})}
+                hot = lower(parse_request(body, texts.items), opts, texts=texts).body
+                assert hot == lower(parse_request(body), opts).body, (k, opts, instructions)
+    assert texts.history.hits >= 5 * 6
+
+
 def test_a_checkpoint_is_taken_past_the_leading_system_run_only():
     """A request of system/developer messages only keeps no checkpoint: the next one may add
     another developer message, which joins the leading system message."""
@@ -396,27 +413,36 @@ def _rss_kb(pid: int) -> dict:
     return fields
 
 
-def test_a_gateway_fed_more_history_than_its_caches_hold_keeps_its_memory_bounded(upstream, gateway_factory):
+@pytest.fixture
+def roomy_upstream():
+    """The demo upstream with a context window for 1.6 MB prompts (the session one: 512 KB)."""
+    server, base_url = demo_upstream.serve_in_thread(max_context=4 << 20)
+    yield base_url.removesuffix("/v1")
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_gateway_fed_more_history_than_its_caches_hold_keeps_its_memory_bounded(roomy_upstream, gateway_factory):
     """24 sessions of 2 turns with 1.6 MB of history each (77 MB of requests, 3x what the caches
-    hold), through a real gateway: every answer right, and the gateway's memory grows by what the
-    caches are bounded to (docs/performance.md: ~24 MiB of bodies, their decoded values, ~24 MiB
-    of encoded messages), not by what went through."""
-    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0", "--set", "flow_detail=0")
+    hold), through a real gateway (no response store, no replay cache: only the caches keep
+    anything): every answer right, and once the caches are full (8 sessions), the gateway's
+    memory stays where it is; unbounded, 16 more sessions would add ~7 MB each."""
+    gw = gateway_factory(roomy_upstream, "--set", "resp2chat_max_replay_entries=0", "--set", "flow_detail=0")
     answer = " ".join(f"word{i}" for i in range(200))
-    pairs = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": f"question {i}"}]},
-             {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": answer}]}]
-    before = None
+    pairs = [item for i in range(1040) for item in (
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": f"question {i}"}]},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": answer}]})]
+    seen = {}
     for s in range(24):
-        items = [{"type": "message", "role": "developer", "content": f"session {s}"}] + pairs * 520
+        items = [{"type": "message", "role": "developer", "content": f"session {s}"}] + pairs
         for k in range(2):
             items = items + [{"type": "message", "role": "user", "content": f"words: 3\nnoreason\nsession {s} turn {k}"}]
-            r = requests.post(gw.base_url + "/responses", data=json.dumps({"model": "m", "input": items}), timeout=60,
-                              headers={"content-type": "application/json"})
+            r = requests.post(gw.base_url + "/responses", data=json.dumps({"model": "m", "input": items, "store": False}),
+                              headers={"content-type": "application/json"}, timeout=60)
             assert r.status_code == 200, r.text[:300]
-            assert r.json()["output"][-1]["content"][0]["text"], r.json()
+            assert r.json()["output"][-1]["content"][0]["text"] == "word0 word1 word2", r.json()
             items = items + r.json()["output"]
-        if s == 1:  # (a gateway that has lowered long conversations: what the rest adds)
-            before = _rss_kb(gw.proc.pid)
-    after = _rss_kb(gw.proc.pid)
-    grew = after["VmHWM"] - before["VmHWM"]
-    assert grew < 200_000, (before, after)  # kB; unbounded, 22 more sessions would add ~450 MB
+        seen[s] = _rss_kb(gw.proc.pid)
+    started, full, end = seen[0], seen[7], seen[23]
+    assert end["VmHWM"] - full["VmHWM"] < 40_000, seen  # kB: flat once full
+    assert end["VmHWM"] - started["VmHWM"] < 160_000, seen  # what the caches hold (docs/performance.md)
