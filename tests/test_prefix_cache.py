@@ -16,6 +16,7 @@ hold.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import marshal
@@ -33,7 +34,7 @@ from resp2chat_core.requestbody import Prefixes
 from resp2chat_core.schema import ItemMemo, parse_request
 from resp2chat_core.seal import Sealer
 from resp2chat_core.turn import ToolsCache, begin_turn
-from resp2chat_io import demo_upstream
+from resp2chat_io import demo_upstream, offload
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 CODEX = [p for d in ("codex-0.169.0", "codex-0.169.0-builtin-provider") for p in sorted((FIXTURES / d).glob("*.json"))
@@ -209,13 +210,55 @@ def bodies(seed: int, n: int = 60):
         yield encode(request(s[2], s[0], TOOLS, extra), random.Random(s[2] + len(s[0]) // 7))
 
 
-@pytest.mark.parametrize("yielding", [False, True])
 @pytest.mark.parametrize("seed", range(4))
-def test_decode_with_the_cache_is_json_loads(prefixes, seed, yielding):
+def test_decode_with_the_cache_is_json_loads(prefixes, seed):
     for body in bodies(seed):
-        assert same(requestbody.loads(body, yielding), json.loads(body))
+        assert same(requestbody.loads(body), json.loads(body))
+        assert same(requestbody.loads(body, yielding=True), json.loads(body))
     assert prefixes.hits > 10 and prefixes.reused > 100  # (the cache was used, not only filled)
     assert len(prefixes._kept) <= prefixes.max_entries and prefixes.size <= prefixes.max_bytes
+
+
+def test_a_worker_threads_decode_is_its_own(prefixes):
+    """offload.py empties what its worker decoded once done with it (a refused large body, the
+    store's prefetch): a yielding decode shares nothing with the cache, and offload empties
+    nothing else (a small body's value, which may be shared, is left alone)."""
+    items = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": f"q{i}"}]} for i in range(50)]
+    body = json.dumps({"model": "m", "input": items}).encode()
+    shared = requestbody.loads(body)
+    private = requestbody.loads(body, yielding=True)
+    assert same(private, shared) and prefixes.hits == 0
+    assert not {id(x) for x in private["input"]} & {id(x) for x in shared["input"]}
+    again = requestbody.loads(body)  # (from the cache: the same objects as the first)
+    assert all(a is b for a, b in zip(again["input"], shared["input"]))
+    big = json.dumps({"model": "m", "input": items, "pad": "x" * offload.LARGE}).encode()
+    asyncio.run(offload.discard(shared, len(body)))  # (small: left as it is)
+    assert same(shared, json.loads(body))
+    value = asyncio.run(offload.loads(big))  # (large: decoded in the worker, privately…)
+    assert not {id(x) for x in value["input"]} & {id(x) for x in shared["input"]}
+    asyncio.run(offload.discard(value, len(big)))  # (…and emptied there)
+    assert value == {} and same(requestbody.loads(body), json.loads(body))
+
+
+def test_what_a_refused_large_request_leaves_in_the_memo_is_its_own(prefixes):
+    """A request validated (its models kept) and refused afterwards is emptied by offload.py: a
+    kept model must not hold its decoded JSON (tool_search arguments and tools, web search
+    actions are ``Any``)."""
+    texts = TextCache()
+    items = [{"type": "message", "role": "user", "content": "q"},
+             {"type": "tool_search_call", "call_id": "c1", "arguments": {"query": ["a", {"b": 1}]}},
+             {"type": "tool_search_output", "call_id": "c1", "tools": [{"type": "function", "name": "f"}]},
+             {"type": "web_search_call", "id": "ws1", "action": {"query": "weather"}},
+             {"type": "message", "role": "user", "content": "next"}]
+    body = json.dumps({"model": "m", "input": items, "tool_choice": "required"}).encode()
+    raw = requestbody.loads(body, yielding=True)
+    with pytest.raises(GatewayError):  # (validates, then lowering refuses it: no tool for tool_choice)
+        lower(parse_request(raw, texts.items), LoweringOptions(), texts=texts)
+    offload._empty(raw)
+    good = json.dumps({"model": "m", "input": items}).encode()
+    assert lower(parse_request(requestbody.loads(good, yielding=True), texts.items), LoweringOptions(),
+                 texts=texts).body == lower(parse_request(json.loads(good)), LoweringOptions()).body
+    assert texts.items.hits >= 5
 
 
 def test_a_session_holds_one_entry_and_reuses_its_history(prefixes):
@@ -398,7 +441,8 @@ def test_the_caches_stay_within_their_bounds():
             assert len(cache._kept) <= 4 and cache.size <= 300_000
             assert len(texts.items._young) <= 200 and len(texts.items._old) <= 200
             assert texts.items._young_bytes <= 100_000 and len(texts.items._runs) <= 3
-            assert len(texts.history._kept) <= 3 and sum(c.size for c in texts.history._kept) <= 200_000
+            assert len(texts.history._kept) <= 3 and texts.history.size <= 200_000
+            assert all(c.size == sum(map(len, c.pieces)) for c in texts.history._kept)
     assert cache.hits > 40 and texts.history.hits > 40
 
 

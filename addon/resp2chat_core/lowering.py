@@ -238,10 +238,7 @@ class Checkpoint:
     messages: tuple  # the chat messages finished by then
     pieces: tuple  # their JSON (UTF-8), in pieces: b",".join(pieces) is the JSON of ``messages`` without brackets
     pending: tuple  # the assistant message being put together then (_Conversation.state)
-
-    @property
-    def size(self) -> int:
-        return sum(len(p) for p in self.pieces)
+    size: int = 0  # bytes in ``pieces``
 
 
 class History:
@@ -280,6 +277,10 @@ class History:
         self._kept.append(cp)
         while self._kept and (len(self._kept) > self.max_entries or sum(c.size for c in self._kept) > self.max_bytes):
             self._kept.pop(0)
+
+    @property
+    def size(self) -> int:
+        return sum(c.size for c in self._kept)
 
 
 # --- content -------------------------------------------------------------------------------
@@ -597,6 +598,7 @@ def _remember(history: History, req: ResponsesRequest, opts: LoweringOptions, do
     if isinstance(items, list) and done.start < len(items):
         pieces = (*known, new) if new else known
         history.keep(Checkpoint(tuple(items), (req.instructions, opts.flatten_content, opts.history_reasoning_field),
-                                tuple(messages[:done.finished]), pieces, done.state), cp)
+                                tuple(messages[:done.finished]), pieces, done.state,
+                                (cp.size if cp is not None else 0) + len(new)), cp)
     return (*known, new, rest)
 

@@ -38,7 +38,10 @@ refusal: anything the traced parse does not expect (not an object, a key twice, 
 decoded again by the plain path, which says what is wrong.
 
 Values handed out are shared with the cache and later requests: like every decoded request,
-they are read, never changed in place (a new dict is made instead: ``{**raw, ...}``).
+they are read, never changed in place (a new dict is made instead: ``{**raw, ...}``). Except in
+one place: resp2chat_io/offload.py empties what a worker thread decoded once it is done with it
+(``_empty``: a refused large body, the store's prefetch), container by container. So a
+``yielding`` decode (the worker's) is private: decoded whole, never from nor into the cache.
 """
 
 from __future__ import annotations
@@ -87,11 +90,12 @@ def _int(text: str) -> int:
 
 def loads(body: bytes, yielding: bool = False):
     """``_loads``, with the history a body shares with one decoded before taken from the cache
-    (``PREFIXES``) when the body is ``PREFIX_MIN`` bytes or more (see "History decoded once")."""
-    if len(body) < PREFIX_MIN:
+    (``PREFIXES``) when the body is ``PREFIX_MIN`` bytes or more (see "History decoded once");
+    not when ``yielding``: that value is the caller's alone (offload.py empties it)."""
+    if yielding or len(body) < PREFIX_MIN:
         return _loads(body, yielding)
-    found = PREFIXES.decode(body, yielding)
-    return found if found is not None else _loads(body, yielding)
+    found = PREFIXES.decode(body)
+    return found if found is not None else _loads(body)
 
 
 def _loads(body: bytes, yielding: bool = False):
@@ -140,12 +144,7 @@ def _lone_surrogate(text: str):
 PREFIX_MIN = 64 << 10  # bytes: smaller bodies decode in ~0.15 ms and are not traced
 
 
-def _decoder(yielding: bool):
-    hooks = {"object_hook": _same, "parse_int": _int} if yielding else {}
-    return json.JSONDecoder(parse_constant=_constant, parse_float=_float, strict=True, **hooks).scan_once
-
-
-_SCAN = {False: _decoder(False), True: _decoder(True)}
+_SCAN = json.JSONDecoder(parse_constant=_constant, parse_float=_float, strict=True).scan_once
 _WS = re.compile(r"[ \t\n\r]*").match  # JSON's whitespace
 _SPACE = frozenset(" \t\n\r")
 
@@ -280,7 +279,7 @@ class Prefixes:
     Bounded: at most ``entries`` bodies and ``max_bytes`` bytes of them (their decoded values
     take ~1.5x that again, shared with the turns and stores that hold the same request). A body
     that goes on from one kept replaces it (a session holds one entry). Thread-safe: large bodies
-    are decoded in a worker thread (resp2chat_io/offload.py), small ones on the event loop."""
+    may be decoded in a worker thread, small ones on the event loop."""
 
     def __init__(self, max_bytes: int = 24 << 20, entries: int = 8):
         self.max_bytes, self.max_entries = max_bytes, entries
@@ -307,7 +306,7 @@ class Prefixes:
                     break
         return best, shared
 
-    def decode(self, body: bytes, yielding: bool = False):
+    def decode(self, body: bytes):
         """``_loads(body)``'s value, decoded with a trace and kept; None when the traced parse
         cannot say (invalid JSON, a shape it does not handle): ``_loads`` then decides."""
         with self._lock:
@@ -315,7 +314,7 @@ class Prefixes:
             if old is not None:
                 self._kept.remove(old)
                 self._kept.append(old)
-        scan = _SCAN[yielding]
+        scan = _SCAN
         try:
             if old is None:
                 value, trace = self._cold(body, scan)

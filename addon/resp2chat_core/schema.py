@@ -373,16 +373,25 @@ class ItemMemo:
         self.hits += found
         return models, keys, run
 
-    def keep(self, items: list, models: list, keys: list, run) -> None:
-        """``models``: the models of all ``items``; ``keys`` the marshal bytes of those that were
-        looked up by them (``find``)."""
-        for key, model in zip(keys, models):
-            if key is not None:
-                self._put(key, model)
+    def keep(self, items: list, models: list, keys: list, run, new: list[int]) -> None:
+        """``models``: the models of all ``items``, those at ``new`` just validated; ``keys`` the
+        marshal bytes of those that were looked up by them (``find``). A new model that holds JSON
+        containers of its item as they were decoded (an ``Any`` field lowering reads) is replaced,
+        in ``models`` too, by a copy that owns them: the decoded value is the request's, and
+        resp2chat_io/offload.py may empty it once the request is refused."""
+        for i in new:
+            model = models[i]
+            if model.__class__ in _HOLDS_JSON:
+                model = models[i] = model.model_copy(deep=True)
+            if keys[i] is not None:
+                self._put(keys[i], model)
         if run is not None and run in self._runs:
             self._runs.remove(run)
         self._runs.append((tuple(items), tuple(models)))
         del self._runs[:-self.max_runs]
+
+
+_HOLDS_JSON = (ToolSearchCallItem, ToolSearchOutputItem, WebSearchCallItem, AdditionalToolsItem)
 
 
 def parse_request(data: Any, memo: ItemMemo | None = None) -> ResponsesRequest:
@@ -416,7 +425,7 @@ def parse_request(data: Any, memo: ItemMemo | None = None) -> ResponsesRequest:
         raise _to_gateway_error(exc, data, new) from None
     for i, model in zip(new, req.input):
         known[i] = model
-    memo.keep(items, known, keys, run)
+    memo.keep(items, known, keys, run, new)
     req.input = known
     return req
 
