@@ -304,6 +304,7 @@ class Meter:
     def __enter__(self):
         self.t = time.perf_counter()
         self.g = proc_cpu_ns(self.gateway.pid) if self.gateway else 0
+        self.g_ticks = proc_cpu(self.gateway.pid) if self.gateway else 0.0
         self.u = proc_cpu(self.upstream.pid)
         self.c = self_cpu()
         self.m = machine_busy()
@@ -314,8 +315,11 @@ class Meter:
         self.gateway_cpu = (proc_cpu_ns(self.gateway.pid) - self.g) / 1e9 if self.gateway else None
         self.upstream_cpu = proc_cpu(self.upstream.pid) - self.u
         self.client_cpu = self_cpu() - self.c
-        # CPU used by anything else on the machine meanwhile (other jobs skew every figure)
-        self.other_cpu = machine_busy() - self.m - (self.gateway_cpu or 0) - self.upstream_cpu - self.client_cpu
+        # CPU used by anything else on the machine meanwhile (other jobs skew every figure), in
+        # /proc/stat's terms (clock ticks, no softirq time: schedstat counts the gateway's loopback
+        # softirq work too, which would hide other jobs)
+        g_ticks = (proc_cpu(self.gateway.pid) - self.g_ticks) if self.gateway else 0.0
+        self.other_cpu = machine_busy() - self.m - g_ticks - self.upstream_cpu - self.client_cpu
 
     def as_dict(self) -> dict:
         return {"wall_s": round(self.wall, 3), "gateway_cpu_s": _r(self.gateway_cpu, 3),
