@@ -374,6 +374,23 @@ def test_codex_fixtures_with_the_caches(prefixes, fixture):
     assert warm.texts.history.hits >= 4
 
 
+def test_items_nested_too_deep_to_copy_or_marshal(prefixes):
+    """JSON nested as deep as the decoder takes, in the Any fields a kept model owns a copy of
+    (and too deep for marshal): served or refused as without the caches (a fuzz finding: the
+    deep copy raised RecursionError, a 500)."""
+    warm = ToolsCache()
+    for depth in (50, 900, 1900, 2500, 5000):
+        deep = "[" * depth + "]" * depth
+        for item in ('{"type":"tool_search_call","call_id":"c","arguments":%s}' % deep,
+                     '{"type":"tool_search_output","call_id":"c","tools":[%s]}' % deep,
+                     '{"type":"web_search_call","action":{"query":%s}}' % deep,
+                     '{"type":"message","role":"user","content":"x","extra":%s}' % deep):
+            body = ('{"model":"m","input":[{"role":"user","content":"hi"},%s,{"role":"user","content":"go"}]}'
+                    % item).encode()
+            for _ in range(2):
+                assert outcome(body, LoweringOptions(), warm) == outcome(body, LoweringOptions(), None), (depth, item[:40])
+
+
 def test_a_partly_new_request_is_validated_in_part_with_the_same_errors():
     memo = ItemMemo()
     items = [{"type": "message", "role": "user", "content": f"q{i}"} for i in range(6)]

@@ -13,7 +13,7 @@ from itertools import compress, count
 from operator import is_not
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError
 
 from .errors import GatewayError
 
@@ -375,16 +375,21 @@ class ItemMemo:
 
     def keep(self, items: list, models: list, keys: list, run, new: list[int]) -> None:
         """``models``: the models of all ``items``, those at ``new`` just validated; ``keys`` the
-        marshal bytes of those that were looked up by them (``find``). A new model that holds JSON
-        containers of its item as they were decoded (an ``Any`` field lowering reads) is replaced,
-        in ``models`` too, by a copy that owns them: the decoded value is the request's, and
-        resp2chat_io/offload.py may empty it once the request is refused."""
+        marshal bytes of those that were looked up by them (``find``). A new model kept by its
+        bytes that holds JSON containers of its item as they were decoded (an ``Any`` field
+        lowering reads) is replaced, in ``models`` too, by one validated from a copy of the item
+        (its marshal bytes, loaded: as deep as marshal went, so never too deep to copy): the
+        decoded value is the request's, and resp2chat_io/offload.py may empty it once the
+        request is refused. (A model found again by identity is its own item's: that value is
+        never emptied, requestbody.py.)"""
         for i in new:
+            key = keys[i]
+            if key is None:
+                continue
             model = models[i]
             if model.__class__ in _HOLDS_JSON:
-                model = models[i] = model.model_copy(deep=True)
-            if keys[i] is not None:
-                self._put(keys[i], model)
+                model = models[i] = _ITEM.validate_python(marshal.loads(key))
+            self._put(key, model)
         if run is not None and run in self._runs:
             self._runs.remove(run)
         self._runs.append((tuple(items), tuple(models)))
@@ -392,6 +397,7 @@ class ItemMemo:
 
 
 _HOLDS_JSON = (ToolSearchCallItem, ToolSearchOutputItem, WebSearchCallItem, AdditionalToolsItem)
+_ITEM = TypeAdapter(Item)
 
 
 def parse_request(data: Any, memo: ItemMemo | None = None) -> ResponsesRequest:
