@@ -297,6 +297,29 @@ def test_what_is_refused_is_refused_alike_after_a_shared_history(prefixes):
         assert same(requestbody.loads(body), json.loads(body)), tail
 
 
+def test_the_fuzzers_mutations_decode_and_lower_alike(prefixes):
+    """tests/fuzz.py's byte-level mutations of real Codex requests (bit flips, cut bodies, bad
+    UTF-8, deep nesting, duplicate keys, numbers, types…), which share long prefixes with each
+    other: through warm caches, the same value or the same refusal as cold, and the same turn."""
+    import fuzz  # noqa: PLC0415 — tests/fuzz.py
+
+    warm = ToolsCache()
+    outcomes = set()
+    for case in fuzz.cases(7, 400):
+        try:
+            cold = ("ok", json.dumps(requestbody._loads(case.body)))
+        except GatewayError as exc:
+            cold = ("error", exc.body())
+        try:
+            hot = ("ok", json.dumps(requestbody.loads(case.body)))
+        except GatewayError as exc:
+            hot = ("error", exc.body())
+        assert hot == cold, case.name
+        assert outcome(case.body, LoweringOptions(), warm) == outcome(case.body, LoweringOptions(), None), case.name
+        outcomes.add(cold[0])
+    assert outcomes == {"ok", "error"} and prefixes.hits > 20
+
+
 # --- validation and lowering ---------------------------------------------------------------------
 
 
