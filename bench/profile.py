@@ -4,6 +4,7 @@
     .venv/bin/python bench/profile.py --phase c64 --out prof-c64.txt      # 64 unpaced streams
     .venv/bin/python bench/profile.py --phase c1                          # sequential answers
     .venv/bin/python bench/profile.py --phase replay                      # replay-cache hits
+    .venv/bin/python bench/profile.py --phase long --long-kb 2500         # later turns of a 2.5 MB session
     .venv/bin/python bench/profile.py --summarize prof-c64.txt            # summary of a saved profile
 
 py-spy (PyPI `py-spy`, a static binary) is looked for beside this Python, on PATH, or given with
@@ -32,7 +33,7 @@ sys.path.insert(0, str(HERE))
 
 import run  # noqa: E402
 from client import Conn  # noqa: E402
-from workload import make_variant  # noqa: E402
+from workload import long_pairs_for, long_session, make_variant  # noqa: E402
 
 OURS = ("resp2chat.py", "resp2chat_core/", "resp2chat_io/")
 
@@ -83,6 +84,11 @@ async def drive(target, upstream, phase: str, cfg: dict, w: dict, spy_cmd: list[
     await run.run_load(target, [[w["text"], w["reasoning"], w["tool"]] * 2])  # warm-up, not profiled
     if phase == "replay":
         await Conn("127.0.0.1", target.port).request(target.path, w["text"].responses_body, "responses")
+    if phase == "long":  # a session's first turn (cold) is not profiled, its later turns are
+        session = list(long_session(long_pairs_for(cfg["long_kb"], cfg["long_deltas"]), cfg["long_turns"] + 1,
+                                    cfg["long_deltas"], f"profile-{os.getpid()}"))
+        conn = Conn("127.0.0.1", target.port)
+        await conn.request(target.path, target.body(session[0]), target.mode)
     spy = subprocess.Popen(spy_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     await asyncio.sleep(0.5)
     try:
@@ -92,6 +98,11 @@ async def drive(target, upstream, phase: str, cfg: dict, w: dict, spy_cmd: list[
                      for _ in range(cfg["replay"] * 10)]
             conn.close()
             res = {}
+        elif phase == "long":
+            cpu = run.proc_cpu_ns(target.proc.pid)
+            pairs = [(turn, await conn.request(target.path, target.body(turn), target.mode)) for turn in session[1:]]
+            conn.close()
+            res = {"cpu_ms_per_turn": round((run.proc_cpu_ns(target.proc.pid) - cpu) / 1e6 / (len(session) - 1), 2)}
         else:
             res, pairs = await run.PHASE_FUNCS[phase](target, upstream, cfg, w)
     finally:
@@ -103,7 +114,9 @@ async def drive(target, upstream, phase: str, cfg: dict, w: dict, spy_cmd: list[
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--phase", choices=[*run.PHASES, "replay"], default="c64")
+    ap.add_argument("--phase", choices=[*run.PHASES, "replay", "long"], default="c64")
+    ap.add_argument("--long-kb", type=float, default=2500, help="--phase long: the session's input, KB")
+    ap.add_argument("--long-turns", type=int, default=40, help="--phase long: the turns profiled")
     ap.add_argument("--out", default="prof.txt", help="raw collapsed stacks (py-spy -f raw)")
     ap.add_argument("--py-spy")
     ap.add_argument("--path", choices=("resp2chat", "passthrough"), default="resp2chat",
@@ -112,13 +125,15 @@ def main() -> int:
     ap.add_argument("--rate", type=int, default=500, help="samples per second")
     ap.add_argument("--nonblocking", action="store_true",
                     help="sample without pausing the process (less overhead, some stacks torn)")
+    ap.add_argument("--gil", action="store_true",
+                    help="sample only the thread holding the GIL (no idle worker threads in the figures)")
     ap.add_argument("--summarize", metavar="FILE", help="only summarise an existing profile")
     args = ap.parse_args()
     if args.summarize:
         print(summarize(Path(args.summarize)))
         return 0
     spy_bin = find_py_spy(args.py_spy)
-    cfg = dict(run.FULL)
+    cfg = dict(run.FULL, long_kb=args.long_kb, long_turns=args.long_turns)
     size = {"deltas": cfg["deltas"], "reasoning_words": cfg["reasoning_words"]}
     w = {k: make_variant(k, **size) for k in ("text", "reasoning", "tool")}
     w["paced"] = make_variant("reasoning", **size, slow_ms=cfg["paced_ms"])
@@ -128,7 +143,7 @@ def main() -> int:
         os.sched_setaffinity(0, rest)
     workdir = Path(tempfile.mkdtemp(prefix="resp2chat-prof-"))
     port = run.free_port()
-    upstream = run.Proc("upstream", [sys.executable, str(HERE / "upstream.py"), "--port", str(port)],
+    upstream = run.Proc("upstream", [sys.executable, str(HERE / "upstream.py"), "--port", str(port), *run.UPSTREAM_ARGS],
                         workdir, rest, run.clean_env(workdir))
     target = None
     try:
@@ -138,7 +153,7 @@ def main() -> int:
             sys.exit("replay is the addon's")
         target = run.start_target(args.path, port, workdir, gw_cpus, None, extra, args.addon)
         spy_cmd = [spy_bin, "record", "-p", str(target.proc.pid), "-f", "raw", "-o", args.out,
-                   "-r", str(args.rate), *(["--nonblocking"] if args.nonblocking else [])]
+                   "-r", str(args.rate), *(["--nonblocking"] if args.nonblocking else []), *(["--gil"] if args.gil else [])]
         print(asyncio.run(drive(target, upstream, args.phase, cfg, w, spy_cmd)))
     finally:
         if target:

@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/run.py --out bench-results.json     # `make bench`
     .venv/bin/python bench/run.py --smoke --out /tmp/smoke.json
+    .venv/bin/python bench/run.py --ab /work/wt/base/addon/resp2chat.py   # A/B: another tree's addon too
 
 Paths (each a separate process, answering the same scripted upstream):
 
@@ -11,6 +12,11 @@ Paths (each a separate process, answering the same scripted upstream):
                   (plain mitmproxy streaming: the architecture's floor)
     resp2chat     client -> mitmdump -s addon/resp2chat.py -> upstream  (replay cache off)
     codex-relay   client -> codex-relay (Rust) -> upstream
+    resp2chat-b   (with --ab PATH) client -> mitmdump -s PATH -> upstream: the other addon of an
+                  A/B (another tree's addon/resp2chat.py, or a copy of an addon/ folder), in every
+                  phase the addon runs (interleaved, websocket and long: taking turns with it), with
+                  b/a ratios. Each gateway logs which files its packages came from (probe.py); the
+                  run stops if they are not the ones beside its script.
 
 direct and passthrough are sent the chat request the addon itself sends upstream; resp2chat and
 codex-relay get the Codex Responses request (~40 KB). Phases per path:
@@ -22,19 +28,26 @@ codex-relay get the Codex Responses request (~40 KB). Phases per path:
             alternating): throughput, TTFT/total under load, gateway CPU per answer and event
     then    c64 and paced again, the gateways taking turns for 3 rounds: the CPU targets use
             the median of the per-round ratios, so a machine whose speed drifts over the run
-            weighs on every path alike
+            weighs on every path alike; and c1 on every path in each round (added TTFT per round)
     websocket  (resp2chat only, own gateway) one Codex conversation (the real 40 KB request,
             then turns that each add a question and its answer) over the Responses WebSocket
             (a warm-up, then previous_response_id and only the new input) and over HTTP (the
             whole conversation each turn), and its chat requests sent to the upstream directly:
             per-turn added latency over direct (TTFT, total) and gateway CPU per turn, the three
             taking turns for a few rounds (medians)
+    long    (own gateways) issue 22's curve: Codex sessions whose history is 22 KB .. 2.5 MB of
+            input, c=1, streamed, each turn resending it all plus one new question/answer pair,
+            through resp2chat (and resp2chat-b) and their chat bodies through passthrough and
+            direct, taking turns: gateway CPU per turn (first turn of a session and later ones)
+            and added TTFT, ratio to passthrough
     replay  (resp2chat only, own gateway with the replay cache on) a new request, then the
             identical request again, answered from memory; once against the scripted
             upstream and once against llama.cpp's server with a tiny model (`make llamacpp`;
             skipped when it is not built), since the scripted upstream is as fast as a hit
 
-Gateway CPU is utime+stime of the gateway process from /proc/<pid>/stat over the phase. On a
+Gateway CPU is the time on a CPU of the gateway process's threads over the phase, from
+/proc/<pid>/task/*/schedstat (ns; utime+stime in /proc/<pid>/stat counts 10 ms clock ticks, too
+coarse for a few ms per turn). On a
 machine with 2+ cores the gateway is pinned to one core and the upstream and this client
 (asyncio over raw sockets, one process) to another, so they do not steal the gateway's core.
 """
@@ -62,23 +75,28 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from client import Answer, Conn, WSConn  # noqa: E402
-from workload import Variant, conversation, make_variant  # noqa: E402
+from probe import MARK as PROBE_MARK  # noqa: E402
+from workload import Variant, conversation, long_pairs_for, long_session, make_variant  # noqa: E402
 
 ADDON = ROOT / "addon" / "resp2chat.py"
+PROBE = HERE / "probe.py"  # loaded after the addon: which files its packages came from
 BIN = Path(sys.executable).parent
 RELAY_SPEC = "codex-relay>=0.5.8"
 TICK = os.sysconf("SC_CLK_TCK")
-PATHS = ("direct", "passthrough", "resp2chat", "codex-relay")
+PATHS = ("direct", "passthrough", "resp2chat", "resp2chat-b", "codex-relay")
+GATEWAYS = ("resp2chat", "resp2chat-b")  # the addon, and the other addon of an A/B (--ab)
 BASELINES = ("passthrough", "codex-relay")
 PHASES = ("c1", "rss", "paced", "c64")
 NOISY = 0.2  # other processes' CPU during a phase, in cores, above which the phase is retried
+# the demo upstream's context window (tokens, ~4 bytes each): the long phase sends 2.5 MB prompts
+UPSTREAM_ARGS = ("--max-context", str(4 << 20))
 
 FULL = dict(deltas=200, reasoning_words=50, warmup=4, c1=100, conc=64, per_conn=6,
             paced_streams=64, paced_ms=20, stagger_ms=1000, rss_streams=100, replay=40, replay_real=10, interleave=3,
-            ws_turns=20, ws_rounds=3)
+            ws_turns=20, ws_rounds=3, long_turns=8, long_rounds=3, long_deltas=200, long_kb=(22, 145, 635, 2500))
 SMOKE = dict(deltas=20, reasoning_words=6, warmup=1, c1=3, conc=4, per_conn=2,
              paced_streams=4, paced_ms=5, stagger_ms=20, rss_streams=5, replay=3, replay_real=1, interleave=1,
-             ws_turns=2, ws_rounds=1)
+             ws_turns=2, ws_rounds=1, long_turns=2, long_rounds=1, long_deltas=20, long_kb=(22, 40))
 
 
 # --- processes ---------------------------------------------------------------------------------
@@ -95,6 +113,19 @@ def proc_cpu(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def proc_cpu_ns(pid: int) -> int:
+    """Time on a CPU of a process's threads, in ns (/proc/PID/task/*/schedstat): what
+    ``proc_cpu`` counts, without its 10 ms clock tick, for figures of a few ms per turn."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # a thread that ended meanwhile
+    return total
 
 
 def proc_rss(pid: int) -> int:
@@ -193,6 +224,7 @@ class Target:
     port: int
     mode: str  # "chat" | "responses"
     proc: Proc | None  # the gateway (None: direct)
+    modules: dict | None = None  # a resp2chat gateway: the files its packages were loaded from (probe.py)
 
     @property
     def path(self) -> str:
@@ -211,12 +243,12 @@ def start_target(name: str, up_port: int, workdir: Path, cpus: set[int] | None, 
     upstream = f"http://127.0.0.1:{up_port}"
     mitm = [str(BIN / "mitmdump"), "-q", "--mode", f"reverse:{upstream}", "--listen-host", "127.0.0.1",
             "--listen-port", str(port), "--set", f"confdir={workdir / 'mitmconf'}"]
-    if name == "passthrough":
+    if name.startswith("passthrough"):
         proc = Proc(name, [*mitm, "--set", "stream_large_bodies=1"], workdir, cpus, env)
         ready = "/v1/models"
         mode = "chat"
     elif name.startswith("resp2chat"):
-        proc = Proc(name, [*mitm, "-s", str(addon), *extra], workdir, cpus, env)
+        proc = Proc(name, [*mitm, "-s", str(addon), "-s", str(PROBE), *extra], workdir, cpus, env)
         ready, mode = "/healthz", "responses"
     elif name == "codex-relay":
         proc = Proc(name, [relay_bin, "--port", str(port), "--bind", "127.0.0.1", "--upstream", upstream + "/v1"],
@@ -226,10 +258,38 @@ def start_target(name: str, up_port: int, workdir: Path, cpus: set[int] | None, 
         raise ValueError(name)
     try:
         wait_ready(proc, port, ready)
+        modules = loaded_from(proc, addon) if name.startswith("resp2chat") else None
     except Exception:
         proc.stop()
         raise
-    return Target(name, port, mode, proc)
+    return Target(name, port, mode, proc, modules)
+
+
+def packages_dir(addon: Path) -> Path:
+    """Where the gateway loading ``addon`` must find resp2chat_core and resp2chat_io: beside the
+    script (a tree's addon/resp2chat.py, or a copy of that folder), else (a wrapper such as
+    bench/experiments/*.py, which imports the addon) this tree's addon/ (the editable install)."""
+    return addon.parent if (addon.parent / "resp2chat_core").is_dir() else ROOT / "addon"
+
+
+def loaded_from(proc: Proc, addon: Path, timeout: float = 10.0) -> dict:
+    """The files the gateway's resp2chat packages came from (probe.py's line in its log);
+    ``RuntimeError`` unless they are the ones beside ``addon``: an A/B must not measure the
+    editable install of this tree twice."""
+    want = packages_dir(addon).resolve()
+    deadline = time.monotonic() + timeout
+    while True:
+        line = next((x for x in proc.log_tail(1 << 20).splitlines() if x.startswith(PROBE_MARK)), None)
+        if line is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    if line is None:
+        raise RuntimeError(f"{proc.name}: no line from bench/probe.py in its log:\n{proc.log_tail()}")
+    found = json.loads(line[len(PROBE_MARK):])
+    wrong = {k: v for k, v in found.items() if not v or not Path(v).resolve().is_relative_to(want)}
+    if wrong:
+        raise RuntimeError(f"{proc.name} loaded {wrong}, not the packages in {want}")
+    return found
 
 
 # --- phases ------------------------------------------------------------------------------------
@@ -243,7 +303,8 @@ class Meter:
 
     def __enter__(self):
         self.t = time.perf_counter()
-        self.g = proc_cpu(self.gateway.pid) if self.gateway else 0.0
+        self.g = proc_cpu_ns(self.gateway.pid) if self.gateway else 0
+        self.g_ticks = proc_cpu(self.gateway.pid) if self.gateway else 0.0
         self.u = proc_cpu(self.upstream.pid)
         self.c = self_cpu()
         self.m = machine_busy()
@@ -251,11 +312,14 @@ class Meter:
 
     def __exit__(self, *exc):
         self.wall = time.perf_counter() - self.t
-        self.gateway_cpu = (proc_cpu(self.gateway.pid) - self.g) if self.gateway else None
+        self.gateway_cpu = (proc_cpu_ns(self.gateway.pid) - self.g) / 1e9 if self.gateway else None
         self.upstream_cpu = proc_cpu(self.upstream.pid) - self.u
         self.client_cpu = self_cpu() - self.c
-        # CPU used by anything else on the machine meanwhile (other jobs skew every figure)
-        self.other_cpu = machine_busy() - self.m - (self.gateway_cpu or 0) - self.upstream_cpu - self.client_cpu
+        # CPU used by anything else on the machine meanwhile (other jobs skew every figure), in
+        # /proc/stat's terms (clock ticks, no softirq time: schedstat counts the gateway's loopback
+        # softirq work too, which would hide other jobs)
+        g_ticks = (proc_cpu(self.gateway.pid) - self.g_ticks) if self.gateway else 0.0
+        self.other_cpu = machine_busy() - self.m - g_ticks - self.upstream_cpu - self.client_cpu
 
     def as_dict(self) -> dict:
         return {"wall_s": round(self.wall, 3), "gateway_cpu_s": _r(self.gateway_cpu, 3),
@@ -425,19 +489,38 @@ async def measure_path(target: Target, upstream: Proc, cfg: dict, w: dict, phase
     return out
 
 
+def ratio_keys(values: dict) -> dict:
+    """name -> the baselines its figures are divided by: each gateway by passthrough and
+    codex-relay, and the A/B's other addon by the addon (``resp2chat-b/resp2chat``)."""
+    out = {}
+    for name in GATEWAYS:
+        if name in values:
+            out[name] = [b for b in (*BASELINES, *(("resp2chat",) if name == "resp2chat-b" else ())) if b in values]
+    return out
+
+
+def median_ratios(values: dict) -> dict:
+    """``{"a/b": median over rounds of a_r / b_r}`` for every pair ``ratio_keys`` names."""
+    return {f"{name}/{base}": _r(pct([a / b for a, b in zip(values[name], values[base]) if a is not None and b], 0.5), 2)
+            for name, bases in ratio_keys(values).items() for base in bases}
+
+
 async def measure_interleaved(names: list[str], up_port: int, workdir: Path, cpus: set[int] | None,
-                              relay_bin: str | None, addon: Path, upstream: Proc, cfg: dict, w: dict) -> dict:
+                              relay_bin: str | None, addons: dict, upstream: Proc, cfg: dict, w: dict) -> dict:
     """The CPU phases again, the gateways taking turns: round r runs c64 and paced on each
     gateway in turn (the order rotating), so a machine that speeds up or slows down over the
     minutes of a run (this VM: passthrough's c64 figure moved 28-42 us between runs) weighs
-    on every path alike. The targets use the median of the per-round ratios."""
-    targets = {}
+    on every path alike. The targets use the median of the per-round ratios. Each round also
+    runs c1 on every path (direct too, for the added TTFT of the same round): an A/B's latency
+    figure. ``addons``: the addon script of each resp2chat gateway."""
+    targets = {"direct": Target("direct", up_port, "chat", None)}
     try:
         for name in names:
             targets[name] = start_target(name, up_port, workdir, cpus, relay_bin,
-                                         ("--set", "resp2chat_max_replay_entries=0"), addon)
+                                         ("--set", "resp2chat_max_replay_entries=0"), addons.get(name, ADDON))
             check(await run_load(targets[name], [[w["text"], w["reasoning"], w["tool"]] * cfg["warmup"]]))
         per: dict = {phase: {name: [] for name in names} for phase in ("c64", "paced")}
+        c1: dict = {name: [] for name in ["direct", *names]}
         lost = 0
         for r in range(cfg["interleave"]):
             order = names[r % len(names):] + names[:r % len(names)]
@@ -446,29 +529,47 @@ async def measure_interleaved(names: list[str], up_port: int, workdir: Path, cpu
                     res, pairs = await PHASE_FUNCS[phase](targets[name], upstream, cfg, w)
                     lost += check(pairs)["lost_events"]
                     per[phase][name].append(res["cpu_us_per_event"])
+            for name in ["direct", *order]:
+                res, pairs = await phase_c1(targets[name], upstream, cfg, w)
+                lost += check(pairs)["lost_events"]
+                c1[name].append(res["ttft_ms"]["p50"])
     finally:
         for t in targets.values():
-            t.proc.stop()
+            if t.proc:
+                t.proc.stop()
     out: dict = {"rounds": cfg["interleave"], "lost_events": lost}
     for phase, values in per.items():
         out[phase] = {"cpu_us_per_event": values,
-                      "median_cpu_us_per_event": {n: _r(pct(v, 0.5), 2) for n, v in values.items()}}
-        if "resp2chat" in values:
-            out[phase]["ratio_median"] = {
-                f"resp2chat/{base}": _r(pct([a / b for a, b in zip(values["resp2chat"], values[base]) if b], 0.5), 2)
-                for base in BASELINES if base in values}
+                      "median_cpu_us_per_event": {n: _r(pct(v, 0.5), 2) for n, v in values.items()},
+                      "ratio_median": median_ratios(values)}
+    added = {n: [_r(a - d, 3) for a, d in zip(v, c1["direct"]) if a is not None and d is not None]
+             for n, v in c1.items() if n != "direct"}
+    out["c1"] = {"ttft_p50_ms": c1, "added_ttft_p50_ms": added,
+                 "median_added_ttft_p50_ms": {n: _r(pct(v, 0.5), 2) for n, v in added.items()}}
+    if "resp2chat-b" in added and "resp2chat" in added:  # b minus a, per round (same round, same direct)
+        out["c1"]["median_b_minus_a_ms"] = _r(pct([b - a for a, b in zip(added["resp2chat"], added["resp2chat-b"])], 0.5), 2)
     return out
 
 
-async def measure_websocket(up_port: int, workdir: Path, cpus: set[int] | None, cfg: dict, addon: Path,
+async def measure_websocket(up_port: int, workdir: Path, cpus: set[int] | None, cfg: dict, addons: dict,
                             upstream: Proc) -> dict:
     """One Codex conversation over the Responses WebSocket, over HTTP, and straight to the
-    upstream (its chat requests): per-turn added latency over direct, gateway CPU per turn."""
+    upstream (its chat requests): per-turn added latency over direct, gateway CPU per turn.
+    ``addons``: gateway name -> addon script (the A/B's two, or the addon alone); each gateway's
+    websocket and http runs and direct take turns in every round."""
     turns = conversation(cfg["ws_turns"], cfg["deltas"])
-    target = start_target("resp2chat-websocket", up_port, workdir, cpus, None,
-                          ("--set", "resp2chat_max_replay_entries=0"), addon)
+    gateways: dict = {}
+    try:
+        for g, addon in addons.items():
+            gateways[g] = start_target(f"{g}-websocket", up_port, workdir, cpus, None,
+                                       ("--set", "resp2chat_max_replay_entries=0"), addon)
+    except Exception:
+        for target in gateways.values():
+            target.proc.stop()
+        raise
     direct = Target("direct", up_port, "chat", None)
-    runs: dict = {t: {"ttft": [], "total": [], "cpu_ms_per_turn": [], "answers": []} for t in ("websocket", "http", "direct")}
+    names = [f"{g}:{t}" for g in gateways for t in ("websocket", "http")] + ["direct"]
+    runs: dict = {n: {"ttft": [], "total": [], "cpu_ms_per_turn": [], "answers": []} for n in names}
 
     async def over_http(conn_target: Target) -> list[Answer]:
         conn = Conn("127.0.0.1", conn_target.port)
@@ -478,7 +579,7 @@ async def measure_websocket(up_port: int, workdir: Path, cpus: set[int] | None, 
         finally:
             conn.close()
 
-    async def over_socket() -> list[Answer]:
+    async def over_socket(target: Target) -> list[Answer]:
         conn = WSConn("127.0.0.1", target.port)
         await conn.open()
         try:
@@ -497,14 +598,15 @@ async def measure_websocket(up_port: int, workdir: Path, cpus: set[int] | None, 
 
     try:
         for r in range(cfg["ws_rounds"]):
-            order = ["websocket", "http", "direct"]
-            order = order[r % 3:] + order[:r % 3]
+            order = names[r % len(names):] + names[:r % len(names)]
             for name in order:
-                with Meter(target.proc if name != "direct" else None, upstream) as m:
-                    if name == "websocket":
-                        answers = await over_socket()
+                gateway, _, transport = name.partition(":")
+                target = gateways.get(gateway, direct)
+                with Meter(target.proc, upstream) as m:
+                    if transport == "websocket":
+                        answers = await over_socket(target)
                     else:
-                        answers = await over_http(direct if name == "direct" else target)
+                        answers = await over_http(target)
                 run = runs[name]
                 run["answers"] += list(zip(turns, answers))
                 run["ttft"].append([a.ttft for a in answers])
@@ -512,10 +614,12 @@ async def measure_websocket(up_port: int, workdir: Path, cpus: set[int] | None, 
                 if name != "direct":
                     run["cpu_ms_per_turn"].append(m.gateway_cpu * 1000 / len(turns))
     finally:
-        target.proc.stop()
+        for target in gateways.values():
+            target.proc.stop()
 
     out: dict = {"turns": len(turns), "rounds": cfg["ws_rounds"], "first_request_bytes": len(json.dumps(turns[0].body)),
                  "last_request_bytes": len(json.dumps(turns[-1].body))}
+    res_of: dict = {}
     for name, run in runs.items():
         c = check([(SimpleVariant(t.expect), a) for t, a in run["answers"]])
         res = {"lost_events": c["lost_events"], "failed_answers": c["failed_answers"], "first_error": c["first_error"],
@@ -523,17 +627,114 @@ async def measure_websocket(up_port: int, workdir: Path, cpus: set[int] | None, 
                "total_ms": dist_ms([x for rnd in run["total"] for x in rnd if x is not None])}
         if name != "direct":
             res["cpu_ms_per_turn"] = _r(pct(run["cpu_ms_per_turn"], 0.5), 3)
+            res["cpu_ms_per_turn_rounds"] = [_r(x, 3) for x in run["cpu_ms_per_turn"]]
             for metric in ("ttft", "total"):  # per turn, against the same turn of the same round direct
                 added = [a - b for mine, base in zip(run[metric], runs["direct"][metric])
                          for a, b in zip(mine, base) if a is not None and b is not None]
                 res[f"added_{metric}_ms"] = dist_ms(added)
-        out[name] = res
-    ws, http = out["websocket"], out["http"]
-    out["ratio_websocket_http"] = {
-        "cpu_per_turn": _r(ws["cpu_ms_per_turn"] / http["cpu_ms_per_turn"] if http["cpu_ms_per_turn"] else None, 2),
-        "added_ttft_p50": _r(_div(ws["added_ttft_ms"]["p50"], http["added_ttft_ms"]["p50"]), 2),
-        "added_total_p50": _r(_div(ws["added_total_ms"]["p50"], http["added_total_ms"]["p50"]), 2)}
+        res_of[name] = res
+    out["direct"] = res_of["direct"]
+    for g in gateways:
+        ws, http = res_of[f"{g}:websocket"], res_of[f"{g}:http"]
+        part = {"websocket": ws, "http": http, "ratio_websocket_http": {
+            "cpu_per_turn": _r(ws["cpu_ms_per_turn"] / http["cpu_ms_per_turn"] if http["cpu_ms_per_turn"] else None, 2),
+            "added_ttft_p50": _r(_div(ws["added_ttft_ms"]["p50"], http["added_ttft_ms"]["p50"]), 2),
+            "added_total_p50": _r(_div(ws["added_total_ms"]["p50"], http["added_total_ms"]["p50"]), 2)}}
+        if g == "resp2chat":
+            out.update(part)  # (the addon's figures at the top, as before)
+        else:
+            out[g] = part
+    if "resp2chat-b" in gateways and "resp2chat" in gateways:
+        a, b = out, out["resp2chat-b"]
+        out["ratio_b_a"] = {f"{t}_cpu_per_turn": _r(pct([y / x for x, y in zip(a[t]["cpu_ms_per_turn_rounds"],
+                                                                               b[t]["cpu_ms_per_turn_rounds"]) if x], 0.5), 2)
+                            for t in ("websocket", "http")}
+        out["ratio_b_a"]["websocket_http_b_over_a"] = _r(_div(b["ratio_websocket_http"]["cpu_per_turn"],
+                                                              a["ratio_websocket_http"]["cpu_per_turn"]), 2)
     return out
+
+
+async def measure_long(up_port: int, workdir: Path, cpus: set[int] | None, cfg: dict, addons: dict,
+                       upstream: Proc) -> dict:
+    """Long conversations (issue 22): c=1, streamed, replay cache off. At each size, a Codex
+    session holding N question/answer pairs (its input about ``long_kb`` KB) runs ``long_turns``
+    + 1 HTTP turns, each resending the whole history plus one new pair, through each gateway,
+    and its chat bodies through plain passthrough and straight to the upstream, the paths taking
+    turns (a new session each round, so every session starts cold in every gateway). Per turn,
+    warm (the session's later turns) and cold (its first): gateway CPU (ns-precise,
+    /proc/PID/task/*/schedstat) and added time to the first text token over direct (same turn,
+    same round). Ratios are medians of per-round ratios."""
+    targets = {"direct": Target("direct", up_port, "chat", None)}
+    gateways: dict = {}
+    try:
+        targets["passthrough"] = start_target("passthrough-long", up_port, workdir, cpus, None)
+        for g, addon in addons.items():
+            targets[g] = gateways[g] = start_target(f"{g}-long", up_port, workdir, cpus, None,
+                                                    ("--set", "resp2chat_max_replay_entries=0"), addon)
+        names = list(targets)
+        sizes = []
+        for kb in cfg["long_kb"]:
+            pairs = long_pairs_for(kb, cfg["long_deltas"])
+            runs = {n: {"warm_cpu_ms": [], "cold_cpu_ms": [], "ttft": [], "cold_ttft": [], "answers": []} for n in names}
+            size: dict = {"target_input_kb": kb, "pairs": pairs}
+            for r in range(cfg["long_rounds"]):
+                wait_quiet(cfg.get("quiet_wait", 0) / 4)
+                session = list(long_session(pairs, cfg["long_turns"] + 1, cfg["long_deltas"], f"{os.getpid()}-{kb}-{r}"))
+                body = json.loads(session[0].responses_body)
+                size.update(request_kb=round(len(session[0].responses_body) / 1024, 1),
+                            chat_kb=round(len(session[0].chat_body) / 1024, 1),
+                            input_kb=round(len(json.dumps(body["input"], separators=(",", ":"),
+                                                          ensure_ascii=False).encode()) / 1024, 1),
+                            last_request_kb=round(len(session[-1].responses_body) / 1024, 1))
+                del body
+                order = names[r % len(names):] + names[:r % len(names)]
+                for name in order:
+                    t = targets[name]
+                    conn = Conn("127.0.0.1", t.port)
+                    try:
+                        cpu0 = proc_cpu_ns(t.proc.pid) if t.proc else 0
+                        first = await conn.request(t.path, t.body(session[0]), t.mode)
+                        cpu1 = proc_cpu_ns(t.proc.pid) if t.proc else 0
+                        answers = [await conn.request(t.path, t.body(turn), t.mode) for turn in session[1:]]
+                        cpu2 = proc_cpu_ns(t.proc.pid) if t.proc else 0
+                    finally:
+                        conn.close()
+                    run = runs[name]
+                    run["answers"] += list(zip(session, [first, *answers]))
+                    run["cold_ttft"].append(first.ttft)
+                    run["ttft"].append([a.ttft for a in answers])
+                    if t.proc:
+                        run["cold_cpu_ms"].append((cpu1 - cpu0) / 1e6)
+                        run["warm_cpu_ms"].append((cpu2 - cpu1) / 1e6 / len(answers))
+                del session
+            for name, run in runs.items():
+                c = check([(SimpleVariant(turn.expect), a) for turn, a in run["answers"]])
+                res = {"lost_events": c["lost_events"], "failed_answers": c["failed_answers"],
+                       "first_error": c["first_error"],
+                       "ttft_ms": dist_ms([x for rnd in run["ttft"] for x in rnd if x is not None])}
+                if name != "direct":
+                    res["cpu_ms_per_turn"] = _r(pct(run["warm_cpu_ms"], 0.5), 3)
+                    res["cold_cpu_ms"] = _r(pct(run["cold_cpu_ms"], 0.5), 3)
+                    res["cpu_ms_per_turn_rounds"] = [_r(x, 3) for x in run["warm_cpu_ms"]]
+                    res["cold_cpu_ms_rounds"] = [_r(x, 3) for x in run["cold_cpu_ms"]]
+                    res["added_ttft_ms"] = dist_ms([a - b for mine, base in zip(run["ttft"], runs["direct"]["ttft"])
+                                                    for a, b in zip(mine, base) if a is not None and b is not None])
+                    res["cold_added_ttft_ms"] = dist_ms([a - b for a, b in zip(run["cold_ttft"], runs["direct"]["cold_ttft"])
+                                                         if a is not None and b is not None])
+                size[name] = res
+            size["ratio_cpu_per_turn"] = median_ratios({n: runs[n]["warm_cpu_ms"] for n in names if n != "direct"})
+            size["ratio_cold_cpu"] = median_ratios({n: runs[n]["cold_cpu_ms"] for n in names if n != "direct"})
+            sizes.append(size)
+            print(f"[bench]   {size['request_kb']:.0f} KB: " + ", ".join(
+                f"{n} {size[n]['cpu_ms_per_turn']} ms CPU/turn, +{size[n]['added_ttft_ms']['p50']} ms TTFT"
+                for n in names if n != "direct"), flush=True)
+    finally:
+        for t in targets.values():
+            if t.proc:
+                t.proc.stop()
+    return {"turns_per_session": cfg["long_turns"], "rounds": cfg["long_rounds"], "answer_words": cfg["long_deltas"],
+            "fixture": "tests/fixtures/codex-0.169.0/01-text-only.json + N question/answer pairs (compact JSON)",
+            "modules": {g: t.modules for g, t in gateways.items()}, "sizes": sizes}
 
 
 def _div(a, b):
@@ -640,15 +841,13 @@ def derive(results: dict) -> dict:
 
     me = paths.get("resp2chat", {})
     ratios = {}
-    for base in BASELINES:
-        b = paths.get(base)
-        if not b or not me:
-            continue
-        for key in ("c64.cpu_us_per_event", "paced.cpu_us_per_event", "c64.cpu_ms_per_answer", "c64.upstream_chunks_per_s", "rss.peak_mb",
-                    "added_ms.c1.ttft.p50", "added_ms.c1.total.p50", "added_ms.paced.gap.p99"):
-            x, y = _get(me, key), _get(b, key)
-            if isinstance(x, (int, float)) and isinstance(y, (int, float)) and y:
-                ratios[f"resp2chat/{base}:{key}"] = round(x / y, 2)
+    for name, bases in ratio_keys(paths).items():
+        for base in bases:
+            for key in ("c64.cpu_us_per_event", "paced.cpu_us_per_event", "c64.cpu_ms_per_answer", "c64.upstream_chunks_per_s",
+                        "rss.peak_mb", "added_ms.c1.ttft.p50", "added_ms.c1.total.p50", "added_ms.paced.gap.p99"):
+                x, y = _get(paths[name], key), _get(paths[base], key)
+                if isinstance(x, (int, float)) and isinstance(y, (int, float)) and y:
+                    ratios[f"{name}/{base}:{key}"] = round(x / y, 2)
     results["ratios"] = ratios
 
     def target(value, limit, ok):
@@ -671,9 +870,21 @@ def derive(results: dict) -> dict:
         t["added_ttft_p50_c1_ms"] = target(_get(me, "added_ms.c1.ttft.p50"), "<= 5 ms", lambda v: v <= 5)
         t["added_gap_p99_64x50_ms"] = target(_get(me, "added_ms.paced.gap.p99"), "<= 25 ms", lambda v: v <= 25)
         wsr = results.get("websocket") or {}
-        lost_ws = sum(wsr.get(k, {}).get("lost_events", 0) for k in ("websocket", "http"))
-        t["lost_events"] = target(me.get("lost_events", 0) + il.get("lost_events", 0) + lost_ws, "== 0",
+        lost_ws = sum(part.get(k, {}).get("lost_events", 0) for part in (wsr, wsr.get("resp2chat-b") or {})
+                      for k in ("websocket", "http"))
+        lost_long = sum(size[n].get("lost_events", 0) for size in (results.get("long") or {}).get("sizes", ())
+                        for n in size if isinstance(size[n], dict) and "lost_events" in size[n])
+        lost_b = paths.get("resp2chat-b", {}).get("lost_events", 0)
+        t["lost_events"] = target(me.get("lost_events", 0) + il.get("lost_events", 0) + lost_ws + lost_long + lost_b,
+                                  "== 0",
                                   lambda v: v == 0)
+    lg = results.get("long")
+    if lg and lg["sizes"] and "resp2chat" in lg["sizes"][-1]:
+        top = lg["sizes"][-1]  # the largest: issue 22's goal at 2.5 MB
+        t["long_cpu_per_turn_vs_passthrough_largest"] = target(_get(top, "ratio_cpu_per_turn.resp2chat/passthrough"),
+                                                               f"<= 2x at {top['request_kb']:.0f} KB", lambda v: v <= 2)
+        t["long_added_ttft_p50_largest_ms"] = target(_get(top, "resp2chat.added_ttft_ms.p50"),
+                                                     f"<= 5 ms at {top['request_kb']:.0f} KB", lambda v: v <= 5)
     rp = results.get("replay")
     d_total = _get(direct, "c1.total_ms.p50")
     if rp and d_total and _get(rp, "hit_total_ms.p50"):
@@ -719,7 +930,9 @@ def _fmt(x) -> str:
 
 def table(results: dict) -> str:
     paths = [p for p in PATHS if p in results["paths"]]
-    cols = ["metric", *paths, *(f"r2c/{b}" for b in BASELINES if b in paths and "resp2chat" in paths)]
+    short = {"resp2chat": "r2c", "resp2chat-b": "b"}
+    pairs = [(n, b) for n, bases in ratio_keys({p: None for p in paths}).items() for b in bases]
+    cols = ["metric", *paths, *(f"{short[n]}/{short.get(b, b)}" for n, b in pairs)]
     rows = []
     for label, a, b in ROWS:
         row = [label]
@@ -727,11 +940,10 @@ def table(results: dict) -> str:
             r = results["paths"][p]
             va, vb = _get(r, a), (_get(r, b) if b else None)
             row.append(_fmt(va) + (f" / {_fmt(vb)}" if b else ""))
-        for base in BASELINES:
-            if base in paths and "resp2chat" in paths:
-                x, y = _get(results["paths"]["resp2chat"], a), _get(results["paths"][base], a)
-                ok = isinstance(x, (int, float)) and isinstance(y, (int, float)) and y > 0 and x >= 0
-                row.append(f"{x / y:.2f}x" if ok and ("cpu" in a or "per_s" in a or "mb" in a) else "")
+        for name, base in pairs:
+            x, y = _get(results["paths"][name], a), _get(results["paths"][base], a)
+            ok = isinstance(x, (int, float)) and isinstance(y, (int, float)) and y > 0 and x >= 0
+            row.append(f"{x / y:.2f}x" if ok and ("cpu" in a or "per_s" in a or "mb" in a) else "")
         rows.append(row)
     widths = [max(len(r[i]) for r in [cols, *rows]) for i in range(len(cols))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
@@ -746,6 +958,11 @@ def table(results: dict) -> str:
             ratio = il[phase].get("ratio_median", {})
             lines.append(f"  {phase:5s}  " + "  ".join(f"{n} {_fmt(v)} µs" for n, v in med.items())
                          + ("  ->  " + "  ".join(f"{k} {_fmt(v)}x" for k, v in ratio.items()) if ratio else ""))
+        if "c1" in il:
+            c1 = il["c1"]
+            lines.append("  c1     added TTFT p50 (median of rounds): " + "  ".join(
+                f"{n} {_fmt(v)} ms" for n, v in c1["median_added_ttft_p50_ms"].items())
+                + (f"  ->  b - a {_fmt(c1['median_b_minus_a_ms'])} ms" if "median_b_minus_a_ms" in c1 else ""))
     rp = results.get("replay")
     if rp:
         lines.append("")
@@ -767,6 +984,31 @@ def table(results: dict) -> str:
                      f"http {_fmt(http['cpu_ms_per_turn'])}   -> websocket/http {_fmt(ratio['cpu_per_turn'])}x")
         lines.append(f"  lost events / failed answers: websocket {ws['lost_events']} / {ws['failed_answers']}, "
                      f"http {http['lost_events']} / {http['failed_answers']}")
+        b = wsr.get("resp2chat-b")
+        if b:
+            lines.append(f"  resp2chat-b: added TTFT p50 websocket {_fmt(b['websocket']['added_ttft_ms']['p50'])} "
+                         f"http {_fmt(b['http']['added_ttft_ms']['p50'])} ms; CPU per turn websocket "
+                         f"{_fmt(b['websocket']['cpu_ms_per_turn'])} http {_fmt(b['http']['cpu_ms_per_turn'])} ms -> "
+                         f"websocket/http {_fmt(b['ratio_websocket_http']['cpu_per_turn'])}x; b/a CPU per turn (median of "
+                         f"rounds) websocket {_fmt(wsr['ratio_b_a']['websocket_cpu_per_turn'])}x "
+                         f"http {_fmt(wsr['ratio_b_a']['http_cpu_per_turn'])}x; lost "
+                         f"{b['websocket']['lost_events'] + b['http']['lost_events']}")
+    lg = results.get("long")
+    if lg:
+        gws = [g for g in ("passthrough", *GATEWAYS) if lg["sizes"] and g in lg["sizes"][0]]
+        lines.append("")
+        lines.append(f"Long conversations (c=1, streamed, replay cache off; sessions of {lg['turns_per_session']} + 1 turns, "
+                     f"{lg['rounds']} rounds; warm turns, medians; the first turn of a session in brackets):")
+        for size in lg["sizes"]:
+            cells = []
+            for g in gws:
+                r = size[g]
+                cells.append(f"{g} {_fmt(r['cpu_ms_per_turn'])} ms [{_fmt(r['cold_cpu_ms'])}] "
+                             f"+{_fmt(r['added_ttft_ms']['p50'])} ms")
+            ratio = "  ".join(f"{k} {_fmt(v)}x" for k, v in size["ratio_cpu_per_turn"].items())
+            lines.append(f"  input {size['input_kb']:.0f} KB (body {size['request_kb']:.0f} KB, chat {size['chat_kb']:.0f} KB): "
+                         + "  ".join(cells) + f"  ->  CPU per turn {ratio}")
+        lines.append("  (each: gateway CPU per turn [first turn], + added TTFT p50 over direct)")
     rr = results.get("replay_real")
     if rr:
         lines.append(f"replay cache against a real backend: skipped ({rr['skipped']})" if "skipped" in rr else
@@ -841,7 +1083,8 @@ async def main_async(args, cfg: dict) -> dict:
         os.sched_setaffinity(0, rest_cpus)  # this client process
 
     relay_bin = None
-    wanted = [p for p in PATHS if p in args.paths]
+    wanted = [p for p in PATHS if p in args.paths or (p == "resp2chat-b" and args.ab)]
+    addons = {"resp2chat": args.addon, "resp2chat-b": args.ab}
     if "codex-relay" in wanted:
         relay_bin = find_relay(install=not args.no_install)
         if relay_bin is None:
@@ -857,6 +1100,8 @@ async def main_async(args, cfg: dict) -> dict:
         "versions": versions(relay_bin),
         "git": git_state(),
         "addon": str(args.addon),
+        "ab": str(args.ab) if args.ab else None,
+        "modules": {},  # gateway -> the files its resp2chat packages came from (bench/probe.py)
         "workload": {**cfg, "request_bytes": len(text.responses_body), "chat_request_bytes": len(text.chat_body),
                      "upstream_chunks_per_answer": {k: upstream_chunks(v) for k, v in work.items()},
                      "fixture": "tests/fixtures/codex-0.169.0/01-text-only.json", "smoke": args.smoke},
@@ -864,7 +1109,7 @@ async def main_async(args, cfg: dict) -> dict:
     }
     workdir = Path(tempfile.mkdtemp(prefix="resp2chat-bench-"))
     up_port = free_port()
-    upstream = Proc("upstream", [sys.executable, str(HERE / "upstream.py"), "--port", str(up_port)],
+    upstream = Proc("upstream", [sys.executable, str(HERE / "upstream.py"), "--port", str(up_port), *UPSTREAM_ARGS],
                     workdir, rest_cpus, clean_env(workdir))
     try:
         wait_ready(upstream, up_port, "/healthz")
@@ -872,7 +1117,10 @@ async def main_async(args, cfg: dict) -> dict:
             busy = wait_quiet(0 if args.smoke else args.quiet_wait)
             print(f"[bench] {name} ... ({busy:.2f} cores busy before)", flush=True)
             target = start_target(name, up_port, workdir, gw_cpus, relay_bin,
-                                  ("--set", "resp2chat_max_replay_entries=0"), args.addon)
+                                  ("--set", "resp2chat_max_replay_entries=0"), addons.get(name) or args.addon)
+            if target.modules:
+                results["modules"][name] = target.modules
+                print(f"[bench] {name} loaded {target.modules['resp2chat_core']}", flush=True)
             try:
                 results["paths"][name] = await measure_path(target, upstream, cfg, work, args.phases)
             finally:
@@ -881,17 +1129,23 @@ async def main_async(args, cfg: dict) -> dict:
             r = results["paths"][name]
             print(f"[bench] {name}: c1 TTFT p50 {_get(r, 'c1.ttft_ms.p50')} ms, "
                   f"c64 {_get(r, 'c64.upstream_chunks_per_s')} chunks/s, lost {r['lost_events']}", flush=True)
-        if cfg["interleave"] and "resp2chat" in wanted and any(b in wanted for b in BASELINES) \
+        if cfg["interleave"] and "resp2chat" in wanted and any(b in wanted for b in (*BASELINES, "resp2chat-b")) \
                 and {"c64", "paced"} <= set(args.phases):
             names = [p for p in wanted if p != "direct"]
             wait_quiet(cfg["quiet_wait"])
             print(f"[bench] CPU phases interleaved: {', '.join(names)} x {cfg['interleave']} rounds ...", flush=True)
             results["interleaved"] = await measure_interleaved(names, up_port, workdir, gw_cpus, relay_bin,
-                                                               args.addon, upstream, cfg, work)
+                                                               addons, upstream, cfg, work)
+        mine = {g: addons[g] for g in GATEWAYS if g in wanted}
         if "resp2chat" in wanted and "websocket" in args.extra:
-            print(f"[bench] resp2chat WebSocket vs HTTP, a {cfg['ws_turns']}-turn Codex conversation x "
+            print(f"[bench] {' and '.join(mine)} WebSocket vs HTTP, a {cfg['ws_turns']}-turn Codex conversation x "
                   f"{cfg['ws_rounds']} rounds ...", flush=True)
-            results["websocket"] = await measure_websocket(up_port, workdir, gw_cpus, cfg, args.addon, upstream)
+            results["websocket"] = await measure_websocket(up_port, workdir, gw_cpus, cfg, mine, upstream)
+        if "resp2chat" in wanted and "long" in args.extra:
+            wait_quiet(cfg["quiet_wait"])
+            print(f"[bench] long conversations ({', '.join(f'{kb:g}' for kb in cfg['long_kb'])} KB of input) through "
+                  f"{', '.join(mine)} and passthrough x {cfg['long_rounds']} rounds ...", flush=True)
+            results["long"] = await measure_long(up_port, workdir, gw_cpus, cfg, mine, upstream)
         if "resp2chat" in wanted and not args.no_replay:
             print("[bench] resp2chat replay cache ...", flush=True)
             target = start_target("resp2chat-replay", up_port, workdir, gw_cpus, relay_bin, (), args.addon)
@@ -915,24 +1169,31 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench-results.json", help="JSON results file")
     ap.add_argument("--smoke", action="store_true", help="tiny workload (seconds): for tests")
-    ap.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
+    ap.add_argument("--paths", nargs="+", default=[p for p in PATHS if p != "resp2chat-b"], choices=PATHS)
     ap.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
     ap.add_argument("--no-pin", action="store_true", help="do not pin the gateway to its own core")
     ap.add_argument("--no-install", action="store_true", help="skip codex-relay when it is not installed")
     ap.add_argument("--no-replay", action="store_true", help="skip the replay-cache measurement")
-    ap.add_argument("--extra", nargs="*", default=["websocket"], choices=["websocket"],
-                    help="phases beyond the per-path ones (default: websocket; none: --extra)")
+    ap.add_argument("--extra", nargs="*", default=["websocket", "long"], choices=["websocket", "long"],
+                    help="phases beyond the per-path ones (default: websocket long; none: --extra)")
     ap.add_argument("--keep", action="store_true", help="keep the process logs")
     ap.add_argument("--addon", type=Path, default=ADDON,
                     help="the addon script the resp2chat path loads (A/B a change: a copy or a wrapper)")
+    ap.add_argument("--ab", type=Path, default=None, metavar="OTHER/addon/resp2chat.py",
+                    help="A/B: measure this addon too, as path resp2chat-b (another tree's addon, or a copy of an "
+                         "addon/ folder), beside --addon in every phase the addon runs, with b/a ratios")
     ap.add_argument("--retries", type=int, default=3,
                     help="run a phase again (keeping the quietest attempt) when other jobs used the CPU meanwhile")
     ap.add_argument("--quiet-wait", type=float, default=60.0,
                     help="before each path, wait up to this many seconds for other jobs to go quiet")
     for key, value in FULL.items():
-        ap.add_argument("--" + key.replace("_", "-"), type=int, default=None, help=f"(full: {value})")
+        many = isinstance(value, tuple)
+        ap.add_argument("--" + key.replace("_", "-"), type=float if many else int, nargs="+" if many else None,
+                        default=None, help=f"(full: {' '.join(map(str, value)) if many else value})")
     args = ap.parse_args(argv)
     args.addon = args.addon.resolve()  # the gateway runs in a temporary directory
+    if args.ab:
+        args.ab = args.ab.resolve()
     cfg = dict(SMOKE if args.smoke else FULL)
     cfg["retries"] = 0 if args.smoke else args.retries
     cfg["quiet_wait"] = 0 if args.smoke else args.quiet_wait

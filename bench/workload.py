@@ -126,3 +126,52 @@ def conversation(turns: int, deltas: int) -> list[Turn]:
         items = items + [{"type": "message", "role": "assistant",
                           "content": [{"type": "output_text", "text": answer}]}]
     return out
+
+
+LONG_SEPARATORS = (",", ":")  # Codex sends compact JSON, non-ASCII as UTF-8 (serde_json)
+
+
+@dataclass
+class LongTurn:
+    """One HTTP turn of a long Codex session: the whole history, resent."""
+
+    responses_body: bytes  # what Codex sends (compact JSON, UTF-8)
+    chat_body: bytes  # what the addon sends upstream for it (direct and passthrough send this)
+    expect: dict
+
+
+def _pair(k: int, deltas: int, session: str) -> tuple[dict, dict]:
+    ask = {"type": "message", "role": "user",
+           "content": [{"type": "input_text", "text": f"words: {deltas}\nnoreason\nsession {session} turn {k}"}]}
+    answer = {"type": "message", "role": "assistant",
+              "content": [{"type": "output_text", "text": " ".join(f"word{i}" for i in range(deltas))}]}
+    return ask, answer
+
+
+def long_pairs_for(input_kb: float, deltas: int) -> int:
+    """How many question/answer pairs put Codex's input (its ~21 KB of developer and user
+    messages) at about ``input_kb`` KB."""
+    base = len(json.dumps(_fixture_body()["input"][:-1], separators=LONG_SEPARATORS, ensure_ascii=False))
+    ask, answer = _pair(0, deltas, "x" * 16)
+    per = len(json.dumps([ask, answer], separators=LONG_SEPARATORS)) - 1
+    return max(0, round((input_kb * 1024 - base) / per))
+
+
+def long_session(pairs: int, turns: int, deltas: int, session: str):
+    """A Codex session that already holds ``pairs`` question/answer pairs, then ``turns`` more
+    turns, each resending the whole history plus the answer to the previous question and a new
+    question (as Codex does over HTTP). A generator of ``LongTurn``: the 2.5 MB bodies are made
+    one at a time. ``session`` makes its history unlike any other session's after Codex's
+    developer messages (the first user message says it), so a gateway's caches start cold."""
+    base = _fixture_body()
+    items = base["input"][:-1]
+    items[2] = {**items[2], "content": [{"type": "input_text", "text": f"session {session}\n"
+                                         + items[2]["content"][0]["text"]}]}
+    for k in range(pairs):
+        items += _pair(k, deltas, session)
+    for t in range(turns):
+        ask, answer = _pair(pairs + t, deltas, session)
+        body = json.dumps({**base, "input": items + [ask]}, separators=LONG_SEPARATORS, ensure_ascii=False).encode()
+        chat = begin_turn(body, LoweringOptions(), "resp_bench", 0).chat_body
+        yield LongTurn(body, chat, {"text": _words(answer["content"][0]["text"])})
+        items += [ask, answer]

@@ -7,6 +7,7 @@ when it is installed (`pip install codex-relay`) and skipped otherwise; nothing 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,14 +16,22 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_bench_smoke(tmp_path):
+    # an A/B against a copy of this tree's addon/ (as another tree's would be): its gateway must
+    # load the copy's packages, not this tree's editable install (bench/probe.py says which)
+    other = tmp_path / "other" / "addon"
+    shutil.copytree(ROOT / "addon", other, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--no-install",
-                           "--out", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                           "--ab", str(other / "resp2chat.py"), "--out", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())
+    mods = results["modules"]
+    assert all(Path(f).is_relative_to(ROOT / "addon") for f in mods["resp2chat"].values()), mods
+    assert all(Path(f).is_relative_to(other) for f in mods["resp2chat-b"].values()), mods
 
     paths = results["paths"]
-    assert {"direct", "passthrough", "resp2chat"} <= set(paths), list(paths)
+    assert {"direct", "passthrough", "resp2chat", "resp2chat-b"} <= set(paths), list(paths)
     for name, r in paths.items():
         assert r["lost_events"] == 0, (name, r)
         assert r["failed_answers"] == 0, (name, r.get("first_error"))
@@ -34,6 +43,7 @@ def test_bench_smoke(tmp_path):
     assert results["replay"]["lost_events"] == 0 and results["replay"]["answers"] > 0
     il = results["interleaved"]  # the CPU phases again, gateways taking turns
     assert il["lost_events"] == 0 and il["c64"]["ratio_median"]["resp2chat/passthrough"] > 0
+    assert il["paced"]["ratio_median"]["resp2chat-b/resp2chat"] > 0 and "median_b_minus_a_ms" in il["c1"]
     assert set(results["targets"]) >= {"lost_events", "added_ttft_p50_c1_ms", "replay_hit_speedup_vs_scripted_upstream"}
     real = results["replay_real"]  # against llama.cpp's server when `make llamacpp` has built it
     if "skipped" not in real:
@@ -46,6 +56,16 @@ def test_bench_smoke(tmp_path):
     # (a smoke run's CPU can be under one clock tick: a figure, maybe 0, and a ratio when both have one)
     assert ws["websocket"]["cpu_ms_per_turn"] >= 0 and ws["http"]["cpu_ms_per_turn"] >= 0
     assert "cpu_per_turn" in ws["ratio_websocket_http"]
+    b = ws["resp2chat-b"]
+    assert b["websocket"]["lost_events"] == b["http"]["lost_events"] == 0 and "http_cpu_per_turn" in ws["ratio_b_a"]
+    long = results["long"]  # issue 22's curve: c=1 sessions of long Codex histories, every path
+    assert len(long["sizes"]) == 2
+    for size in long["sizes"]:
+        for name in ("direct", "passthrough", "resp2chat", "resp2chat-b"):
+            assert size[name]["lost_events"] == 0 and size[name]["failed_answers"] == 0, (name, size[name])
+            assert size[name]["ttft_ms"]["n"] == long["turns_per_session"] * long["rounds"]
+        assert size["resp2chat"]["cpu_ms_per_turn"] > 0 and size["ratio_cpu_per_turn"]["resp2chat/passthrough"] > 0
+    assert "long_cpu_per_turn_vs_passthrough_largest" in results["targets"]
     assert results["targets"]["lost_events"]["met"] is True
     assert "resp2chat" in proc.stdout and "lost events" in proc.stdout  # the table was printed
-    assert "WebSocket vs HTTP" in proc.stdout
+    assert "WebSocket vs HTTP" in proc.stdout and "Long conversations" in proc.stdout

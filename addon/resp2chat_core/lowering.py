@@ -18,6 +18,7 @@ start of the prompt and throw away the backend's whole prefix cache.
 from __future__ import annotations
 
 import json
+import operator
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -25,8 +26,8 @@ from typing import Any
 
 from .errors import GatewayError
 from .schema import (
-    AdditionalToolsItem, CustomToolCallItem, FunctionCallItem, ImagePart, LocalShellCallItem, MessageItem,
-    ReasoningItem, RefusalPart, ResponsesRequest, ToolOutputItem, ToolSearchCallItem,
+    AdditionalToolsItem, CustomToolCallItem, FunctionCallItem, ImagePart, ItemMemo, LocalShellCallItem,
+    MessageItem, ReasoningItem, RefusalPart, ResponsesRequest, ToolOutputItem, ToolSearchCallItem,
     ToolSearchOutputItem, WebSearchCallItem,
 )
 from .toolmap import LOCAL_SHELL_NAME, TOOL_SEARCH_NAME, ToolMap, build_tool_map, chat_name, lower_tool_choice
@@ -130,13 +131,18 @@ class Recent:
 
 
 class TextCache(Recent):
-    """The encoded JSON of long message texts, for the last few distinct ones.
+    """The encoded JSON of long message texts, for the last few distinct ones; and what a
+    gateway keeps of the conversations it lowered (``items``, ``history``).
 
     Codex sends the same ~17 KB developer prompt (and AGENTS.md context) every turn; encoding a
     text that long is ~0.1 ms, finding it again a hash of it (~10 µs). An entry is the JSON of
     its text and nothing else — the same bytes whoever sent that text — so what one request left
     here changes no other request's body (test_lowering.py checks the bytes against a cold
     lowering). Texts of ``MIN``..``MAX`` characters only, ``size`` of them.
+
+    Codex also resends its whole history every turn: ``items`` (schema.ItemMemo) holds the input
+    items validated before and ``history`` (``History``) the conversations lowered before, so a
+    turn validates, lowers and encodes only what is new (test_prefix_cache.py: the same bytes).
     """
 
     MIN = 4096
@@ -144,6 +150,8 @@ class TextCache(Recent):
 
     def __init__(self, size: int = 8):
         super().__init__(size)
+        self.items = ItemMemo()
+        self.history = History()
 
     def json(self, text: str) -> bytes:
         """``dumps(text).encode()``, from the cache when it holds the text."""
@@ -155,30 +163,124 @@ class TextCache(Recent):
         return found
 
 
-def encode_spliced(chat: dict, tools_json: bytes | None, texts: TextCache | None) -> bytes:
+def encode_spliced(chat: dict, tools_json: bytes | None, texts: TextCache | None,
+                   messages_json: tuple[bytes, ...] | None = None) -> bytes:
     """``encode(chat)``, with the JSON already known as bytes spliced in instead of encoded
-    again: the tools' (``tools_json``, turn.ToolsCache) and long message texts' (``texts``).
-    The same bytes as ``encode(chat)``: UTF-8 of a concatenation is the concatenation of the
-    pieces' UTF-8."""
-    fragments: list[bytes] = []
+    again: the tools' (``tools_json``, turn.ToolsCache), the messages' (``messages_json``: the
+    JSON of ``chat["messages"]`` without its brackets, in pieces to be joined by commas, from
+    ``History``) or else long message texts' (``texts``). The same bytes as ``encode(chat)``:
+    UTF-8 of a concatenation is the concatenation of the pieces' UTF-8, and the JSON of a list
+    is its items' JSON joined by commas, in brackets."""
+    fragments: list = []
     obj = chat
     if tools_json is not None:
         obj = {**obj, "tools": _holder(0)}
         fragments.append(tools_json)
     messages = chat.get("messages")
-    if texts is not None and isinstance(messages, list):
-        spliced = None
-        for i, message in enumerate(messages):
-            content = message.get("content") if isinstance(message, dict) else None
-            if isinstance(content, str) and len(content) >= texts.MIN:
-                spliced = spliced or list(messages)
-                spliced[i] = {**message, "content": _holder(len(fragments))}
-                fragments.append(texts.json(content))
-        if spliced is not None:
-            obj = {**obj, "messages": spliced}
+    if messages_json is None and texts is not None and isinstance(messages, list):
+        messages_json = (_list_json(messages, texts),)
+    if messages_json is not None:
+        obj = {**obj, "messages": [_holder(len(fragments))]}
+        fragments.append(messages_json)
     if not fragments:
         return encode(chat)
-    return b"".join(p.encode() if p.__class__ is str else p for p in _splice(dumps(obj), fragments))
+    out: list[bytes] = []
+    for p in _splice(dumps(obj), fragments):
+        if p.__class__ is str:
+            out.append(p.encode())
+        elif p.__class__ is tuple:  # (the messages' pieces: copied once, in the join below)
+            first = True
+            for x in p:
+                if x:
+                    if not first:
+                        out.append(b",")
+                    out.append(x)
+                    first = False
+        else:
+            out.append(p)
+    return b"".join(out)
+
+
+def _list_json(items: list, texts: TextCache | None) -> bytes:
+    """The JSON of a list of messages without its brackets (UTF-8), long message texts from
+    ``texts``."""
+    if not items:
+        return b""
+    fragments: list[bytes] = []
+    spliced = None
+    if texts is not None:
+        for i, message in enumerate(items):
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, str) and len(content) >= texts.MIN:
+                spliced = spliced or list(items)
+                spliced[i] = {**message, "content": _holder(len(fragments))}
+                fragments.append(texts.json(content))
+    text = dumps(spliced or items)[1:-1]
+    if not fragments:
+        return text.encode()
+    return b"".join(p.encode() if p.__class__ is str else p for p in _splice(text, fragments))
+
+
+# --- conversations lowered before ----------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Checkpoint:
+    """A conversation lowered through its first input items: where a later request that starts
+    with the same items (the same validated models: schema.ItemMemo hands them out again) goes
+    on from. What lowering an item gives depends on the items before it (one assistant turn's
+    items fold into one message, the leading system run into one), the instructions and two
+    options only (``params``), never on what comes after it: so lowering the rest from here gives
+    the bytes lowering everything gives."""
+
+    models: tuple  # the items lowered (the request's validated input, up to here)
+    params: tuple  # (instructions, flatten_content, history_reasoning_field)
+    messages: tuple  # the chat messages finished by then
+    pieces: tuple  # their JSON (UTF-8), in pieces: b",".join(pieces) is the JSON of ``messages`` without brackets
+    pending: tuple  # the assistant message being put together then (_Conversation.state)
+    size: int = 0  # bytes in ``pieces``
+
+
+class History:
+    """The conversations lowered last (``Checkpoint``, at the end of each request's input), so
+    the next turn of a conversation lowers and encodes only its new items.
+
+    Bounded: at most ``entries`` checkpoints and ``max_bytes`` of their encoded messages (the
+    messages themselves, and the models, share their strings with the requests). A checkpoint
+    that a later request went on from is replaced by that request's (a session holds one)."""
+
+    def __init__(self, max_bytes: int = 24 << 20, entries: int = 8):
+        self.max_bytes, self.max_entries = max_bytes, entries
+        self._kept: list[Checkpoint] = []  # least recently used first
+        self.hits = 0
+
+    def clear(self) -> None:
+        self._kept.clear()
+
+    def find(self, models: list, params: tuple) -> Checkpoint | None:
+        """The checkpoint of the longest first items of ``models`` (the same objects), if any."""
+        best = None
+        for cp in self._kept:
+            n = len(cp.models)
+            if n <= len(models) and (best is None or n > len(best.models)) and cp.params == params \
+                    and models[n - 1] is cp.models[n - 1] and all(map(operator.is_, cp.models, models)):
+                best = cp
+        if best is not None:
+            self.hits += 1
+            self._kept.remove(best)
+            self._kept.append(best)
+        return best
+
+    def keep(self, cp: Checkpoint, replaces: Checkpoint | None) -> None:
+        if replaces is not None and replaces in self._kept:
+            self._kept.remove(replaces)
+        self._kept.append(cp)
+        while self._kept and (len(self._kept) > self.max_entries or sum(c.size for c in self._kept) > self.max_bytes):
+            self._kept.pop(0)
+
+    @property
+    def size(self) -> int:
+        return sum(c.size for c in self._kept)
 
 
 # --- content -------------------------------------------------------------------------------
@@ -304,21 +406,50 @@ class _Conversation:
         self.flush_tool_images()
         return self.messages
 
+    def state(self) -> tuple:
+        """What is being put together (copies): ``resume`` takes it back."""
+        return (tuple(self._reasoning), tuple(self._notes), self._content, tuple(self._tool_calls),
+                tuple(self._tool_images))
 
-def _lower_input(req: ResponsesRequest, flatten: bool, reasoning_field: str = "reasoning_content") -> list[dict]:
+    def resume(self, messages: tuple, state: tuple) -> None:
+        reasoning, notes, self._content, tool_calls, images = state
+        self.messages = list(messages)
+        self._reasoning, self._notes, self._tool_calls, self._tool_images = (
+            list(reasoning), list(notes), list(tool_calls), list(images))
+
+
+@dataclass
+class _Input:
+    """The input lowered: the messages, and what ``History`` keeps of it."""
+
+    messages: list[dict]
+    checkpoint: Checkpoint | None = None  # where it went on from
+    finished: int = 0  # messages finished before the input's end (the rest: flushed by ``finish``)
+    state: tuple = ()  # the conversation's state at the input's end
+    start: int = 0  # items of the leading system run
+
+
+def _lower_input(req: ResponsesRequest, flatten: bool, reasoning_field: str = "reasoning_content",
+                 history: History | None = None) -> _Input:
     items = [MessageItem(role="user", content=req.input)] if isinstance(req.input, str) else req.input
     conv = _Conversation(flatten, reasoning_field)
-
-    # instructions + leading system/developer run -> a single first system message
-    system: list[str] = [req.instructions] if req.instructions else []
-    start = 0
-    while start < len(items) and (isinstance(items[start], AdditionalToolsItem) or (
-            isinstance(items[start], MessageItem) and items[start].role in ("system", "developer"))):
-        if isinstance(items[start], MessageItem):
-            system.append(_content(items[start].content, f"input[{start}].content", True, allow_images=False))
-        start += 1
-    if system:
-        conv.add({"role": "system", "content": "\n\n".join(system)})
+    params = (req.instructions, flatten, reasoning_field)
+    found = history.find(items, params) if history is not None and items else None
+    if found is not None:  # its items lowered before: the rest goes on from there
+        conv.resume(found.messages, found.pending)
+        start = len(found.models)
+    else:
+        # instructions + leading system/developer run -> a single first system message
+        system: list[str] = [req.instructions] if req.instructions else []
+        start = 0
+        while start < len(items) and (isinstance(items[start], AdditionalToolsItem) or (
+                isinstance(items[start], MessageItem) and items[start].role in ("system", "developer"))):
+            if isinstance(items[start], MessageItem):
+                system.append(_content(items[start].content, f"input[{start}].content", True, allow_images=False))
+            start += 1
+        if system:
+            conv.add({"role": "system", "content": "\n\n".join(system)})
+    lead = start if found is None else 0  # (a checkpoint lies past the leading run: see History)
 
     for i in range(start, len(items)):
         item, where = items[i], f"input[{i}]"
@@ -360,7 +491,10 @@ def _lower_input(req: ResponsesRequest, flatten: bool, reasoning_field: str = "r
         else:  # an item the schema accepts must have a way to the backend: never dropped in silence
             raise GatewayError(f"{where}: item type {getattr(item, 'type', '?')!r} cannot be sent to a chat backend",
                                param=f"{where}.type", code="unsupported_item_type")
-    return conv.finish()
+    if history is None:
+        return _Input(conv.finish())
+    finished, state = len(conv.messages), conv.state()
+    return _Input(conv.finish(), found, finished, state, lead)
 
 
 def _call_id(item, where: str) -> str:
@@ -405,10 +539,10 @@ def lower(req: ResponsesRequest, opts: LoweringOptions = LoweringOptions(), know
     tool_choice, tools = lower_tool_choice(req.tool_choice, tmap)
 
     model = opts.upstream_model or opts.model_map.get(req.model, req.model)
-    chat: dict[str, Any] = {
-        "model": model,
-        "messages": _lower_input(req, opts.flatten_content, opts.history_reasoning_field),
-    }
+    history = texts.history if texts is not None else None
+    lowered_input = _lower_input(req, opts.flatten_content, opts.history_reasoning_field, history)
+    messages = lowered_input.messages
+    chat: dict[str, Any] = {"model": model, "messages": messages}
     if tools:
         chat["tools"] = tools
         if tool_choice is not None:
@@ -445,5 +579,30 @@ def lower(req: ResponsesRequest, opts: LoweringOptions = LoweringOptions(), know
     for key in opts.drop_upstream_params:
         chat.pop(key, None)
     spliced_tools = tools_json if tools_json is not None and chat.get("tools") is tmap.chat_tools else None
-    body = encode_spliced(chat, spliced_tools, texts)
+    messages_json = None
+    if history is not None:
+        messages_json = _remember(history, req, opts, lowered_input, texts)
+        if chat.get("messages") is not messages:  # (replaced by upstream_extra_params: encoded whole)
+            messages_json = None
+    body = encode_spliced(chat, spliced_tools, texts, messages_json)
     return Lowered(chat=chat, body=body, tool_map=tmap, client_stream=bool(req.stream))
+
+
+def _remember(history: History, req: ResponsesRequest, opts: LoweringOptions, done: _Input,
+              texts: TextCache | None) -> tuple[bytes, ...]:
+    """The JSON of the lowered messages in pieces (``encode_spliced``'s ``messages_json``): a
+    checkpoint's, then what is new; the checkpoint at the end of this input kept in ``history``
+    (when the input goes past its leading system run: a later request could extend that run)."""
+    cp, messages = done.checkpoint, done.messages
+    known = cp.pieces if cp is not None else ()
+    first = len(cp.messages) if cp is not None else 0
+    new = _list_json(messages[first:done.finished], texts)
+    rest = _list_json(messages[done.finished:], texts)
+    items = req.input
+    if isinstance(items, list) and done.start < len(items):
+        pieces = (*known, new) if new else known
+        history.keep(Checkpoint(tuple(items), (req.instructions, opts.flatten_content, opts.history_reasoning_field),
+                                tuple(messages[:done.finished]), pieces, done.state,
+                                (cp.size if cp is not None else 0) + len(new)), cp)
+    return (*known, new, rest)
+

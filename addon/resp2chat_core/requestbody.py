@@ -22,6 +22,26 @@ use, so the common path costs nothing extra); then, only if the text holds an es
 surrogate range at all (one C-speed search), walk its escapes in order — ``\\\\`` is consumed as a
 pair, so an escaped backslash before ``ud800`` is never mistaken for an escape — and refuse the
 first surrogate escape that is not a high one followed at once by a low one.
+
+History decoded once
+--------------------
+Codex resends its whole conversation on every HTTP turn, and the JSON of what it sent before is
+byte for byte the same: turn n+1's body starts with turn n's, up to the end of turn n's last
+input item. Decoding 2.5 MB of it again costs ~5 ms a turn. So a body of ``PREFIX_MIN`` bytes
+or more is decoded with a trace (``_Trace``: the members before ``input``, the decoded items,
+the byte offset where each item ends), and kept (``Prefixes``, bounded). A later body that
+starts with the same bytes as one kept, through the end of some of its items (one C ``memcmp``,
+``bytes.startswith``), gets those items' decoded values again, the members before them too;
+only the bytes after them are decoded (strictly, as above) and checked. The value is the one
+``json.loads`` gives (``test_prefix_cache.py`` checks it against a cold decode), and so is every
+refusal: anything the traced parse does not expect (not an object, a key twice, an error) is
+decoded again by the plain path, which says what is wrong.
+
+Values handed out are shared with the cache and later requests: like every decoded request,
+they are read, never changed in place (a new dict is made instead: ``{**raw, ...}``). Except in
+one place: resp2chat_io/offload.py empties what a worker thread decoded once it is done with it
+(``_empty``: a refused large body, the store's prefetch), container by container. So a
+``yielding`` decode (the worker's) is private: decoded whole, never from nor into the cache.
 """
 
 from __future__ import annotations
@@ -29,6 +49,9 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
+from dataclasses import dataclass
+from json.decoder import scanstring
 
 from .errors import GatewayError
 
@@ -66,6 +89,16 @@ def _int(text: str) -> int:
 
 
 def loads(body: bytes, yielding: bool = False):
+    """``_loads``, with the history a body shares with one decoded before taken from the cache
+    (``PREFIXES``) when the body is ``PREFIX_MIN`` bytes or more (see "History decoded once");
+    not when ``yielding``: that value is the caller's alone (offload.py empties it)."""
+    if yielding or len(body) < PREFIX_MIN:
+        return _loads(body, yielding)
+    found = PREFIXES.decode(body)
+    return found if found is not None else _loads(body)
+
+
+def _loads(body: bytes, yielding: bool = False):
     """The body's JSON value; ``GatewayError`` (400 ``invalid_json``) if it is not strict UTF-8
     JSON with finite numbers and valid Unicode strings.
 
@@ -88,10 +121,250 @@ def loads(body: bytes, yielding: bool = False):
         raise _invalid(f"request body is not valid JSON: {why}") from None
     except RecursionError:
         raise _invalid("request body is nested too deeply") from None
-    found = _SURROGATE.search(text)
-    if found is not None:
-        for m in _ESCAPE.finditer(text):
-            if m.group(1):
-                raise _invalid(f"request body has a lone surrogate escape (\\{m.group(1)}) at byte offset "
-                               f"{_byte_offset(text, m.start())}: JSON strings must be valid Unicode")
+    m = _lone_surrogate(text)
+    if m is not None:
+        raise _invalid(f"request body has a lone surrogate escape (\\{m.group(1)}) at byte offset "
+                       f"{_byte_offset(text, m.start())}: JSON strings must be valid Unicode")
     return data
+
+
+def _lone_surrogate(text: str):
+    """The first escape of a lone surrogate in a JSON text (a match: group 1 is the escape), or
+    None: one C-speed search when the text holds no escape in the surrogate range at all."""
+    if _SURROGATE.search(text) is None:
+        return None
+    for m in _ESCAPE.finditer(text):
+        if m.group(1):
+            return m
+    return None
+
+
+# --- history decoded once --------------------------------------------------------------------
+
+PREFIX_MIN = 64 << 10  # bytes: smaller bodies decode in ~0.15 ms and are not traced
+
+
+_SCAN = json.JSONDecoder(parse_constant=_constant, parse_float=_float, strict=True).scan_once
+_WS = re.compile(r"[ \t\n\r]*").match  # JSON's whitespace
+_SPACE = frozenset(" \t\n\r")
+
+
+class _Odd(Exception):
+    """A shape the traced parse does not handle: the plain path decodes the body (or says why not)."""
+
+
+@dataclass(eq=False)
+class _Trace:
+    """A body decoded before: its bytes, the members before ``input`` and the items (their
+    decoded values) with the byte offset just past each one."""
+
+    body: bytes
+    head: tuple  # ((key, value), ...) in order, before "input"
+    items: tuple  # the decoded items
+    ends: tuple  # ends[i]: the offset in ``body`` just past item i
+
+    def shared(self, body: bytes) -> int:
+        """How many of this body's first items ``body`` holds too, byte for byte at the same
+        offsets (with everything before them)."""
+        ends, old = self.ends, memoryview(self.body)
+        if not ends or not body.startswith(old[:ends[0]]):
+            return 0
+        if len(body) > ends[-1] and body.startswith(old[:ends[-1]]):
+            return len(ends)  # (the common case: a conversation that went on)
+        lo, hi = 1, len(ends) - 1  # ends[lo - 1] is shared, ends[hi] is not: bisect between
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            if body.startswith(old[:ends[mid]]):
+                lo = mid + 1
+            else:
+                hi = mid - 1
+        return lo
+
+
+def _byte_ends(text: str, start: int, char_ends: list[int], base: int, ascii_: bool) -> list[int]:
+    """Byte offsets (``base`` + UTF-8 length of ``text[start:e]``) of the char offsets ``char_ends``."""
+    if ascii_:
+        return [base + e - start for e in char_ends]
+    out, pos, at = [], start, base
+    for e in char_ends:
+        piece = text[pos:e]
+        at += len(piece) if piece.isascii() else len(piece.encode())
+        out.append(at)
+        pos = e
+    return out
+
+
+def _items(text: str, pos: int, scan, items: list, ends: list, first: bool) -> int:
+    """Items of the ``input`` array from ``pos`` (after its ``[``: ``first``; or after an item) to
+    its ``]``, appended to ``items``, each one's end (char offset) to ``ends``; returns the
+    offset after the ``]``."""
+    pos = _WS(text, pos).end()
+    if text.startswith("]", pos):
+        return pos + 1
+    if not first:
+        if not text.startswith(",", pos):
+            raise _Odd
+        pos = _WS(text, pos + 1).end()
+    add, end = items.append, ends.append
+    while True:
+        value, pos = scan(text, pos)
+        add(value)
+        end(pos)
+        c = text[pos:pos + 1]
+        if c == ",":  # (compact JSON, as Codex sends: no whitespace to skip)
+            pos += 1
+            if text[pos:pos + 1] in _SPACE:
+                pos = _WS(text, pos).end()
+        elif c == "]":
+            return pos + 1
+        else:
+            pos = _WS(text, pos).end()
+            if text.startswith(",", pos):
+                pos = _WS(text, pos + 1).end()
+            elif text.startswith("]", pos):
+                return pos + 1
+            else:
+                raise _Odd
+
+
+def _members(text: str, pos: int, scan, out: dict, items: list | None, ends: list) -> tuple[int | None, int]:
+    """The top-level object's members from ``pos`` to its end (and the end of the text), into
+    ``out``: after its ``{`` when ``out`` is empty, else after a member. The ``input`` array, when
+    ``items`` is a list, is read item by item into it. Returns where ``input``'s items start in
+    ``text`` (None: not read here) and how many members came before it."""
+    start, before = None, 0
+    pos = _WS(text, pos).end()
+    if out:  # after a member: the object ends, or a comma
+        if text.startswith("}", pos):
+            _end(text, pos)
+            return start, before
+        if not text.startswith(",", pos):
+            raise _Odd
+        pos = _WS(text, pos + 1).end()
+    while True:
+        if not text.startswith('"', pos):
+            raise _Odd  # (an empty object too: the plain path decodes it)
+        key, pos = scanstring(text, pos + 1, True)
+        if key in out:
+            raise _Odd  # (a key twice: json.loads keeps the last; the plain path does that)
+        pos = _WS(text, pos).end()
+        if not text.startswith(":", pos):
+            raise _Odd
+        pos = _WS(text, pos + 1).end()
+        if key == "input" and items is not None and text.startswith("[", pos):
+            start, before = pos + 1, len(out)
+            pos = _items(text, pos + 1, scan, items, ends, True)
+            out[key] = items
+            items = None
+        else:
+            out[key], pos = scan(text, pos)
+        pos = _WS(text, pos).end()
+        if text.startswith(",", pos):
+            pos = _WS(text, pos + 1).end()
+        elif text.startswith("}", pos):
+            _end(text, pos)
+            return start, before
+        else:
+            raise _Odd
+
+
+def _end(text: str, pos: int) -> None:
+    if _WS(text, pos + 1).end() != len(text):
+        raise _Odd  # (extra data)
+
+
+class Prefixes:
+    """The bodies decoded last (with their traces), for the history later bodies share.
+
+    Bounded: at most ``entries`` bodies and ``max_bytes`` bytes of them (their decoded values
+    take ~1.5x that again, shared with the turns and stores that hold the same request). A body
+    that goes on from one kept replaces it (a session holds one entry). Thread-safe: large bodies
+    may be decoded in a worker thread, small ones on the event loop."""
+
+    def __init__(self, max_bytes: int = 24 << 20, entries: int = 8):
+        self.max_bytes, self.max_entries = max_bytes, entries
+        self._kept: list[_Trace] = []  # least recently used first
+        self._lock = threading.Lock()
+        self.hits = 0  # bodies that shared history with one kept
+        self.reused = 0  # items found again, in all
+
+    def clear(self) -> None:
+        with self._lock:
+            self._kept.clear()
+
+    @property
+    def size(self) -> int:
+        return sum(len(t.body) for t in self._kept)
+
+    def _best(self, body: bytes) -> tuple[_Trace | None, int]:
+        best, shared = None, 0
+        for trace in reversed(self._kept):
+            n = trace.shared(body)
+            if n > shared:
+                best, shared = trace, n
+                if n == len(trace.ends):
+                    break
+        return best, shared
+
+    def decode(self, body: bytes):
+        """``_loads(body)``'s value, decoded with a trace and kept; None when the traced parse
+        cannot say (invalid JSON, a shape it does not handle): ``_loads`` then decides."""
+        with self._lock:
+            old, shared = self._best(body)
+            if old is not None:
+                self._kept.remove(old)
+                self._kept.append(old)
+        scan = _SCAN
+        try:
+            if old is None:
+                value, trace = self._cold(body, scan)
+            else:
+                value, trace = self._warm(body, scan, old, shared)
+        except (_Odd, ValueError, StopIteration, RecursionError, IndexError):
+            return None  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
+        if trace is not None:
+            with self._lock:
+                if old is not None:
+                    self.hits += 1
+                    self.reused += shared
+                    if shared == len(old.ends) and old in self._kept:
+                        self._kept.remove(old)  # the conversation went on: the new body holds all of it
+                self._kept.append(trace)
+                while self._kept and (len(self._kept) > self.max_entries or self.size > self.max_bytes):
+                    self._kept.pop(0)
+        return value
+
+    @staticmethod
+    def _cold(body: bytes, scan):
+        text = body.decode("utf-8")
+        out, items, ends = {}, [], []
+        pos = _WS(text, 0).end()
+        if not text.startswith("{", pos):
+            raise _Odd
+        start, before = _members(text, pos + 1, scan, out, items, ends)
+        if _lone_surrogate(text) is not None:
+            raise _Odd  # (the plain path says which escape, and where)
+        if start is None or not items:
+            return out, None
+        ascii_ = len(text) == len(body)
+        base = start if ascii_ else len(text[:start].encode())
+        head = tuple(out.items())[:before]
+        return out, _Trace(body, head, tuple(items), tuple(_byte_ends(text, start, ends, base, ascii_)))
+
+    @staticmethod
+    def _warm(body: bytes, scan, old: _Trace, shared: int):
+        at = old.ends[shared - 1]  # the body's bytes before this are old's
+        text = body[at:].decode("utf-8")  # (``at`` follows a JSON value's last byte: ASCII)
+        out = dict(old.head)
+        items, ends = list(old.items[:shared]), []
+        pos = _items(text, 0, scan, items, ends, False)
+        out["input"] = items
+        _members(text, pos, scan, out, None, [])
+        if _lone_surrogate(text) is not None:  # (no string spans ``at``: it is between two values)
+            raise _Odd
+        ascii_ = len(text) == len(body) - at
+        trace = _Trace(body, old.head, tuple(items), old.ends[:shared] + tuple(_byte_ends(text, 0, ends, at, ascii_)))
+        return out, trace
+
+
+PREFIXES = Prefixes()  # one per process: a body is decoded before the gateway knows whose it is

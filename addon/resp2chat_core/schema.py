@@ -8,9 +8,12 @@ translate faithfully is an error naming its place (``input[3].type``), never a s
 
 from __future__ import annotations
 
+import marshal
+from itertools import compress, count
+from operator import is_not
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError
 
 from .errors import GatewayError
 
@@ -277,26 +280,168 @@ def _param(loc: tuple) -> str:
     return out
 
 
-def parse_request(data: Any) -> ResponsesRequest:
-    """Validate a decoded JSON body; raise ``GatewayError`` naming the first bad field."""
+class ItemMemo:
+    """Input items validated before, and their models: a conversation's history is validated
+    once, not on every turn that resends it (Codex resends all of it on every HTTP turn).
+
+    Two ways to find an item again. By identity, against the input of the requests validated
+    last (``runs``): the decoded value of an unchanged history item is the same object from turn
+    to turn (requestbody.py decodes it once), so one C-speed pass over the list finds them all.
+    By its ``marshal`` bytes (format 2: dict order kept, ``true``, ``1`` and ``1.0`` told apart,
+    as the bytes lowered from an item are) for the others: an item made again from the same
+    request (inputs.py restores sealed reasoning into a new dict each turn), or decoded again.
+    Only items that validated are kept; an item validates alone (its model does not depend on
+    the request around it), so ``parse_request`` with the memo gives the models, and the errors,
+    it gives without. Models are shared between requests: read, never changed.
+
+    Bounded: ``runs`` lists (a request that goes on from one replaces it); by marshal bytes, two
+    generations of at most ``size`` items and ``max_bytes`` of keys each (an item larger than
+    ``MAX_ITEM`` is not kept by its bytes): a full young generation becomes the old one, and what
+    the old one held and nobody asked for since is dropped.
+    """
+
+    MAX_ITEM = 256 << 10
+
+    def __init__(self, size: int = 20000, max_bytes: int = 8 << 20, runs: int = 8):
+        self.size, self.max_bytes, self.max_runs = size, max_bytes, runs
+        self._runs: list[tuple[tuple, tuple]] = []  # (items, their models), least recently used first
+        self._young: dict[bytes, Any] = {}
+        self._old: dict[bytes, Any] = {}
+        self._young_bytes = 0
+        self.hits = 0
+
+    def __len__(self) -> int:
+        return len(self._young) + len(self._old)
+
+    def clear(self) -> None:
+        self._runs, self._young, self._old, self._young_bytes = [], {}, {}, 0
+
+    def _run(self, items: list) -> tuple[tuple, tuple] | None:
+        """The input validated before that this one goes on from: its last item the same object
+        here, else (that item was made again) its first."""
+        first = None
+        for run in reversed(self._runs):
+            n = len(run[0])
+            if n <= len(items):
+                if run[0][n - 1] is items[n - 1]:
+                    return run
+                if first is None and run[0][0] is items[0]:
+                    first = run
+        return first
+
+    def _by_bytes(self, item) -> tuple[Any, bytes | None]:
+        if item.__class__ is not dict:
+            return None, None
+        try:
+            key = marshal.dumps(item, 2)
+        except ValueError:  # nested too deep to marshal: validation says what is wrong with it
+            return None, None
+        model = self._young.get(key)
+        if model is None:
+            model = self._old.get(key)
+            if model is not None:
+                self._put(key, model)
+        return model, key
+
+    def _put(self, key: bytes, model) -> None:
+        if len(key) > self.MAX_ITEM:
+            return
+        if len(self._young) >= self.size or self._young_bytes + len(key) > self.max_bytes:
+            self._old, self._young, self._young_bytes = self._young, {}, 0
+        self._young[key] = model
+        self._young_bytes += len(key)
+
+    def find(self, items: list) -> tuple[list, list, tuple | None]:
+        """(models: each item's model validated before, or None; keys: the marshal bytes of
+        those looked up by them, else None; the run they went on from)."""
+        run = self._run(items)
+        models: list = [None] * len(items)
+        keys: list = [None] * len(items)
+        todo: Any = range(len(items))
+        if run is not None:
+            n = len(run[0])
+            models[:n] = run[1]
+            # the items that are not the same objects (C-speed), then all after the run
+            todo = [*compress(count(), map(is_not, run[0], items)), *range(n, len(items))]
+            for i in todo:
+                if i < n:
+                    models[i] = None
+        found = len(items) - len(todo)
+        for i in todo:
+            models[i], keys[i] = self._by_bytes(items[i])
+            found += models[i] is not None
+        self.hits += found
+        return models, keys, run
+
+    def keep(self, items: list, models: list, keys: list, run, new: list[int]) -> None:
+        """``models``: the models of all ``items``, those at ``new`` just validated; ``keys`` the
+        marshal bytes of those that were looked up by them (``find``). A new model kept by its
+        bytes that holds JSON containers of its item as they were decoded (an ``Any`` field
+        lowering reads) is replaced, in ``models`` too, by one validated from a copy of the item
+        (its marshal bytes, loaded: as deep as marshal went, so never too deep to copy): the
+        decoded value is the request's, and resp2chat_io/offload.py may empty it once the
+        request is refused. (A model found again by identity is its own item's: that value is
+        never emptied, requestbody.py.)"""
+        for i in new:
+            key = keys[i]
+            if key is None:
+                continue
+            model = models[i]
+            if model.__class__ in _HOLDS_JSON:
+                model = models[i] = _ITEM.validate_python(marshal.loads(key))
+            self._put(key, model)
+        if run is not None and run in self._runs:
+            self._runs.remove(run)
+        self._runs.append((tuple(items), tuple(models)))
+        del self._runs[:-self.max_runs]
+
+
+_HOLDS_JSON = (ToolSearchCallItem, ToolSearchOutputItem, WebSearchCallItem, AdditionalToolsItem)
+_ITEM = TypeAdapter(Item)
+
+
+def parse_request(data: Any, memo: ItemMemo | None = None) -> ResponsesRequest:
+    """Validate a decoded JSON body; raise ``GatewayError`` naming the first bad field.
+    ``memo``: the input items validated before (``ItemMemo``); only the others are validated,
+    with the same result."""
     if not isinstance(data, dict):
         raise GatewayError("request body must be a JSON object")
     items = data.get("input")
+    known: list = []
+    if memo is not None and isinstance(items, list) and items:
+        known, keys, run = memo.find(items)
     for i, item in enumerate(items if isinstance(items, list) else ()):
+        if known and known[i] is not None:
+            continue  # (validated before: a supported type)
         kind = _item_tag(item)
         if kind in UNSUPPORTED_ITEMS:
             raise GatewayError(
                 f"input[{i}]: item type {kind!r} is not supported: {UNSUPPORTED_ITEMS[kind]}",
                 param=f"input[{i}].type", code="unsupported_item_type",
             )
+    if not known:
+        try:
+            return ResponsesRequest.model_validate(data)
+        except ValidationError as exc:
+            raise _to_gateway_error(exc, data) from None
+    new = [i for i, model in enumerate(known) if model is None]
     try:
-        return ResponsesRequest.model_validate(data)
+        req = ResponsesRequest.model_validate({**data, "input": [items[i] for i in new]})
     except ValidationError as exc:
-        raise _to_gateway_error(exc, data) from None
+        raise _to_gateway_error(exc, data, new) from None
+    for i, model in zip(new, req.input):
+        known[i] = model
+    memo.keep(items, known, keys, run, new)
+    req.input = known
+    return req
 
 
-def _to_gateway_error(exc: ValidationError, data: dict) -> GatewayError:
+def _to_gateway_error(exc: ValidationError, data: dict, places: list[int] | None = None) -> GatewayError:
+    """``places``: the input was validated in part (``ItemMemo``): an error's item index ``j``
+    is ``input[places[j]]`` of the request."""
     errors = exc.errors(include_url=False)
+    if places is not None:
+        errors = [{**err, "loc": _relocated(err["loc"], places)} for err in errors]
     # A wrong item/tool type is reported by pydantic as a tag error: say so in plain words.
     for err in errors:
         if err["type"] == "union_tag_invalid":
@@ -311,3 +456,13 @@ def _to_gateway_error(exc: ValidationError, data: dict) -> GatewayError:
     err = max(errors, key=lambda e: len(e["loc"]))
     param = _param(err["loc"])
     return GatewayError(f"{param}: {err['msg']}", param=param or None, code="invalid_value")
+
+
+def _relocated(loc: tuple, places: list[int]) -> tuple:
+    """An error location in the input validated in part, as a location in the whole request."""
+    if not loc or loc[0] != "input":
+        return loc
+    for k, part in enumerate(loc):
+        if isinstance(part, int):
+            return (*loc[:k], places[part], *loc[k + 1:])
+    return loc

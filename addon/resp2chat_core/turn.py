@@ -269,12 +269,13 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
     known = tools_cache.find(key) if key else None
     texts = tools_cache.texts if tools_cache is not None else None
     if known is None:
-        req = parse_request(raw)
+        req = parse_request(raw, texts.items if texts is not None else None)
         lowered = lower(req, opts, texts=texts)
         if key:
             known = tools_cache.add(key, tools, lowered.tool_map)
     else:  # these tools validated and lowered before: the rest of the request still is checked
-        req = parse_request({k: v for k, v in raw.items() if k != "tools"})
+        req = parse_request({k: v for k, v in raw.items() if k != "tools"},
+                            texts.items if texts is not None else None)
         lowered = lower(req, opts, known[0], known[1], texts)
     if not lowered.chat["messages"]:  # a chat request needs one message: no backend takes none
         raise GatewayError("nothing to send the model: the request has no input, instructions or earlier "
