@@ -15,7 +15,8 @@ KEY = derive_key("a configured secret")
 
 def test_round_trip_and_opaque():
     token = seal(KEY, "reasoning", "I should run ls — ✓")
-    assert token.startswith("r2c1.") and "ls" not in token
+    # (the plaintext, or its base64, nowhere in the token: a two-letter word could occur by chance)
+    assert token.startswith("r2c1.") and "should run" not in token and "c2hvdWxkIHJ1bi" not in token
     assert unseal(KEY, "reasoning", token) == "I should run ls — ✓"
     assert seal(KEY, "reasoning", "x") != seal(KEY, "reasoning", "x")  # a fresh nonce each time
 
