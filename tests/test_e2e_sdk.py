@@ -26,11 +26,30 @@ def test_sdk_stream_events_and_final_response(client):
     assert final.status == "completed"
     assert final.output_text == "You said: hello there"
     assert [o.type for o in final.output] == ["reasoning", "message"]
-    assert final.output[0].summary[0].text == "Thinking about: hello there"
+    # no summary asked for: the backend's reasoning is the item's content (reasoning_text)
+    assert final.output[0].content[0].text == "Thinking about: hello there" and final.output[0].summary == []
     assert final.usage.input_tokens > 0 and final.usage.output_tokens > 0
     assert final.usage.total_tokens == final.usage.input_tokens + final.usage.output_tokens
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert deltas == "You said: hello there"
+
+
+def test_sdk_reasoning_as_a_summary_when_asked_for_one(client):
+    """``reasoning.summary`` (as Codex sends it): the reasoning streams as the item's summary, with
+    the summary's events; without it, as its content with ``response.reasoning_text.*``."""
+    for summary in ("auto", None):
+        events = list(client.responses.create(model="demo-model", input="hello there", stream=True,
+                                              **({"reasoning": {"summary": summary}} if summary else {})))
+        kinds = {e.type for e in events}
+        (reasoning,) = [o for o in events[-1].response.output if o.type == "reasoning"]
+        if summary:
+            assert "response.reasoning_summary_text.delta" in kinds and "response.reasoning_text.delta" not in kinds
+            assert reasoning.summary[0].text == "Thinking about: hello there" and not reasoning.content
+            assert events[-1].response.reasoning.summary == "auto"
+        else:
+            assert "response.reasoning_text.delta" in kinds and "response.reasoning_summary_text.delta" not in kinds
+            assert reasoning.content[0].text == "Thinking about: hello there" and reasoning.summary == []
+            assert events[-1].response.reasoning is None
 
 
 def test_sdk_stream_helper_get_final_response(client):

@@ -68,7 +68,7 @@ def test_the_deltas_one_backend_read_brings_go_out_as_one_message():
     events = [json.loads(m) for _, m in first + second]
     assert [e["sequence_number"] for e in events] == list(range(len(events)))  # still contiguous
     deltas = [(e["type"].split(".")[1], e["delta"]) for e in events if e["type"].endswith(".delta")]
-    assert deltas == [("reasoning_summary_text", "a b"), ("output_text", "xy"), ("output_text", "z")]
+    assert deltas == [("reasoning_text", "a b"), ("output_text", "xy"), ("output_text", "z")]
     assert events[-1]["response"]["output"][-1]["content"][0]["text"] == "xyz"
     assert [k for k, _ in first + second] == [e["type"] for e in events]
     # chunked otherwise, the same answer: the same once every run of deltas is merged

@@ -524,6 +524,15 @@ def _response_format(fmt: dict | None):
     raise GatewayError(f"text.format.type: unsupported {fmt['type']!r}", param="text.format.type", code="invalid_value")
 
 
+INCLUDE_LOGPROBS = "message.output_text.logprobs"  # the `include` value that asks for output_text logprobs
+
+
+def wants_logprobs(req: ResponsesRequest) -> bool:
+    """The request asks for the output text's token logprobs: ``include:
+    ["message.output_text.logprobs"]``, or ``top_logprobs`` above 0."""
+    return bool(req.top_logprobs) or (req.include is not None and INCLUDE_LOGPROBS in req.include)
+
+
 def lower(req: ResponsesRequest, opts: LoweringOptions = LoweringOptions(), known: ToolMap | None = None,
           tools_json: bytes | None = None, texts: TextCache | None = None) -> Lowered:
     """``known``: the tool map ``req``'s tools lowered to before (``req.tools`` is then not read),
@@ -565,6 +574,14 @@ def lower(req: ResponsesRequest, opts: LoweringOptions = LoweringOptions(), know
         chat["temperature"] = req.temperature
     if req.top_p is not None:
         chat["top_p"] = req.top_p
+    if req.presence_penalty is not None:
+        chat["presence_penalty"] = req.presence_penalty
+    if req.frequency_penalty is not None:
+        chat["frequency_penalty"] = req.frequency_penalty
+    if wants_logprobs(req):  # the backend's token logprobs, translated into output_text parts
+        chat["logprobs"] = True
+        if req.top_logprobs is not None:
+            chat["top_logprobs"] = req.top_logprobs
     # Always stream upstream, with usage: one translation path, and Codex needs real token counts.
     chat["stream"] = True
     chat["stream_options"] = {"include_usage": True}

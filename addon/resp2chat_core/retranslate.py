@@ -39,6 +39,7 @@ from .turn import Found, begin_turn, wanted
 
 _SEALED = re.compile(re.escape(PREFIX) + r"[A-Za-z0-9_-]+")
 _CREATED = re.compile(rb'"created_at":(\d+)')
+_COMPLETED = re.compile(rb'"completed_at":(\d+)')
 PURPOSES = (compaction.PURPOSE, inputs.REASONING_PURPOSE)
 
 
@@ -142,6 +143,9 @@ def check_turn(where: str, record: dict, history: History, sealer: Sealer | None
         if why:
             return Result(where, "skipped", [f"cannot lower it again: {why}"])
         return Result(where, "differs", [f"the recorded request is now refused: {err}"])
+    completed = _COMPLETED.findall(answer)
+    if completed:  # (when the recorded turn completed: the core reads no clock, the gateway's was then)
+        turn.ctx.clock = lambda: int(completed[-1])
     details: list[str] = []
     chat = record.get("chat_request")
     if isinstance(chat, str) and turn.chat_body != chat.encode():

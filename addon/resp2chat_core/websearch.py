@@ -269,6 +269,9 @@ class RoundFilter:
         else:
             self._pieces += (_TOOL, wire_call(key, call_id, name, args))
 
+    def on_logprobs(self, entries: list) -> None:
+        pass  # (what tokens the text is made of: nothing to do here)
+
     def on_finish(self, reason: str) -> None:
         self._finish = reason
         self._held = True

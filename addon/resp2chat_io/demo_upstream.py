@@ -219,6 +219,7 @@ class Plan:
     finish: str = "stop"
     fault: str | None = None  # "midstream-error" | "truncate"
     delay: float = 0.0
+    logprobs: int | None = None  # the request asked for logprobs (``logprobs: true``): its ``top_logprobs``
 
     @property
     def reasoning_tokens(self):
@@ -286,7 +287,19 @@ def plan_answer(body, chunk_delay=0.0) -> Plan:
         plan.text = _words(answer)
     if not D_NOREASON.search(utext):
         plan.reasoning = _words(f"Thinking about: {line}".rstrip())
+    if body.get("logprobs") is True:
+        top = body.get("top_logprobs")
+        plan.logprobs = top if isinstance(top, int) and not isinstance(top, bool) and top > 0 else 0
     return plan
+
+
+def token_logprobs(word: str, top: int) -> dict:
+    """A text chunk's ``logprobs`` as OpenAI and vLLM send them: the chunk as one token, a made-up
+    (deterministic) log probability, and ``top`` alternatives, the token itself first."""
+    def entry(token: str, rank: int) -> dict:
+        return {"token": token, "logprob": -0.125 * (len(word) % 5 + rank), "bytes": list(token.encode())}
+    return {"content": [{**entry(word, 0), "top_logprobs": [entry(word if r == 0 else f"{word.strip()}#{r}", r)
+                                                            for r in range(top)]}]}
 
 
 def _plan_user(body, text, line, plan):
@@ -392,10 +405,16 @@ class VLLM:
         extra = b"".join(b"," + _dumps(k) + b":" + _dumps(v) for k, v in self.choice_extra.items())
         head = b"data: " + env + b',"choices":[{"index":0,"delta":'
         tail = extra + b',"finish_reason":null}]}\n\n'
-        deltas = [*self.opening(), *map(self.reasoning_delta, plan.reasoning), *map(self.text_delta, plan.text)]
-        for i, (name, args) in enumerate(plan.tool_calls):
-            deltas.extend(self.tool_deltas(i, name, args))
-        events = [head + _dumps(d) + tail for d in deltas]
+        events = [head + _dumps(d) + tail for d in [*self.opening(), *map(self.reasoning_delta, plan.reasoning)]]
+        if plan.logprobs is None:
+            events += [head + _dumps(self.text_delta(word)) + tail for word in plan.text]
+        else:  # (asked for: each text chunk carries its token's logprobs)
+            lp_tail = b"".join(b"," + _dumps(k) + b":" + _dumps(v) for k, v in self.choice_extra.items()
+                               if k != "logprobs") + b',"finish_reason":null}]}\n\n'
+            events += [head + _dumps(self.text_delta(word)) + b',"logprobs":'
+                       + _dumps(token_logprobs(word, plan.logprobs)) + lp_tail for word in plan.text]
+        events += [head + _dumps(d) + tail for i, (name, args) in enumerate(plan.tool_calls)
+                   for d in self.tool_deltas(i, name, args)]
         if plan.fault == "midstream-error":
             events.append(_sse(MIDSTREAM_ERROR))
         if plan.fault:

@@ -23,6 +23,18 @@ const scenarios = {
     return { deltas, text: await result.text, reasoning: await result.reasoningText };
   },
 
+  // asking for a reasoning summary: the provider sends reasoning.summary only to a model it
+  // takes for a reasoning model (forceReasoning tells it this one is)
+  async summary() {
+    const result = streamText({
+      model,
+      prompt: "hello from the ai sdk",
+      providerOptions: { openai: { forceReasoning: true, reasoningSummary: "auto" } },
+    });
+    for await (const _ of result.textStream);
+    return { text: await result.text, reasoning: await result.reasoningText };
+  },
+
   async tools() {
     const ran = [];
     const result = await generateText({

@@ -190,6 +190,7 @@ class Turns(Owner):
                           tools_cache=self.tools_cache, sealer=self.sealer,
                           route=self.route if self.specs else None, keep_items=keep_items)
         turn.owner, turn.ctx.request_id = owner, request_id  # (the request id: named in the failures the client sees)
+        turn.ctx.clock = time.time  # (completed_at: the core reads no clock)
         return turn
 
     def conversation(self, raw: dict, found: Found) -> list:
