@@ -190,6 +190,30 @@ def test_warm_up_is_answered_without_the_backend_and_then_continued(gw, upstream
     client.close()
 
 
+@pytest.mark.parametrize("failing,status", [
+    ({"input": [user("error: 500 the backend broke")]}, "failed"),  # the turn fails (the backend's 5xx)
+    ({"input": [user("again")], "max_output_tokens": 1}, 400),  # the continuation is refused
+])
+def test_a_failed_continuation_evicts_what_it_continued(gw, upstream, failing, status):
+    """The spec's rule: a continuation that fails drops its previous_response_id from the
+    connection's memory; continuing from it again is previous_response_not_found."""
+    client = WSClient(gw.base_url)
+    base = {"type": "response.create", "model": "demo-model", "store": False}
+    r1 = done(client.turn({**base, "input": [user("hello")]}))
+    r2 = done(client.turn({**base, "previous_response_id": r1["id"], "input": [user("fine")]}))
+    [*_, end] = client.turn({**base, "previous_response_id": r2["id"], **failing})
+    if status == "failed":
+        assert end["type"] == "response.failed", end
+    else:
+        assert end["type"] == "error" and end["status"] == status, end
+    [error] = client.turn({**base, "previous_response_id": r2["id"], "input": [user("once more")]})
+    assert error["type"] == "error" and error["error"]["code"] == "previous_response_not_found", error
+    # what the connection remembers besides is still there
+    again = done(client.turn({**base, "previous_response_id": r1["id"], "input": [user("from the first")]}))
+    assert again["output"][-1]["content"][0]["text"] == "You said: from the first"
+    client.close()
+
+
 def test_bad_messages_get_an_error_and_the_socket_stays_usable(gw, upstream):
     client = WSClient(gw.base_url)
     cases = [

@@ -288,7 +288,7 @@ class ResponsesWebSocket(Owner):
         socket's memory asked first for what it continues; the events sent one message each."""
         # read as an HTTP body is (requestbody.py); a lone surrogate then fails as invalid UTF-8
         body = message if isinstance(message, bytes) else message.encode("utf-8", "surrogatepass")
-        data = None
+        data = create = None
         turns = self.turns
         try:
             if len(body) > self.max_message:  # (mitmproxy refuses one first: ``oversized``)
@@ -302,6 +302,8 @@ class ResponsesWebSocket(Owner):
             m.turn = turn = turns.lower(create.body, found, owner=live.owner, request_id=m.request_id,
                                         keep_items=True)  # (the socket remembers its conversation)
         except GatewayError as err:
+            if create is not None and create.previous is not None:
+                live.conn.forget(create.previous)  # (a failed continuation evicts what it continued)
             self._refuse(live, m, err, send)
             m.request = None
             await offload.discard(data, len(body))
@@ -344,6 +346,8 @@ class ResponsesWebSocket(Owner):
         done = self._finish(live, m)
         if done.status == "completed":
             live.conn.remember(turn.ctx.response_id, turn.items + run.reader.translator.output)
+        elif done.status == "failed" and create.previous is not None:
+            live.conn.forget(create.previous)  # (as a refused continuation: ws.Connection.forget)
 
     @staticmethod
     def _settled(live: OpenSocket, m: Message) -> bool:
