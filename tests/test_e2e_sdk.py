@@ -252,3 +252,15 @@ def test_lowering_is_deterministic_upstream(gateway, upstream):
     assert a["messages"][0]["role"] == "system"
     assert sum(m["role"] == "system" for m in a["messages"]) == 1
     assert uuid.UUID(body["prompt_cache_key"])  # fixture sanity
+
+
+def test_an_orphan_tool_output_is_a_400_naming_the_call_id(client, upstream):
+    """A function_call_output answering no call of the conversation: OpenAI's 400, never an
+    orphan tool message upstream (nothing reaches the backend)."""
+    upstream.clear()
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model="demo-model", input=[
+            {"role": "user", "content": "hi"},
+            {"type": "function_call_output", "call_id": "call_made_up", "output": "42"}])
+    assert "call_made_up" in err.value.body["message"] and err.value.body["param"] == "input[1].call_id"
+    assert upstream.requests() == []

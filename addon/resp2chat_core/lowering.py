@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import GatewayError
+from .labels import shown
 from .schema import (
     AdditionalToolsItem, CustomToolCallItem, FunctionCallItem, ImagePart, ItemMemo, LocalShellCallItem,
     MessageItem, ReasoningItem, RefusalPart, ResponsesRequest, ToolOutputItem, ToolSearchCallItem,
@@ -239,6 +240,7 @@ class Checkpoint:
     pieces: tuple  # their JSON (UTF-8), in pieces: b",".join(pieces) is the JSON of ``messages`` without brackets
     pending: tuple  # the assistant message being put together then (_Conversation.state)
     size: int = 0  # bytes in ``pieces``
+    calls: frozenset = frozenset()  # the tool call ids of the items lowered (a later output must answer one)
 
 
 class History:
@@ -350,6 +352,7 @@ class _Conversation:
         self._content: Any = None
         self._tool_calls: list[dict] = []
         self._tool_images: list[dict] = []  # images from tool outputs, shown after the tool run
+        self.calls: set[str] = set()  # the ids of the tool calls so far: what a tool output may answer
 
     def _assistant_open(self) -> bool:
         return bool(self._reasoning or self._notes or self._content is not None or self._tool_calls)
@@ -394,6 +397,7 @@ class _Conversation:
 
     def tool_call(self, call_id: str, name: str, arguments: str) -> None:
         self.flush_tool_images()
+        self.calls.add(call_id)
         self._tool_calls.append(
             {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
         )
@@ -411,8 +415,9 @@ class _Conversation:
         return (tuple(self._reasoning), tuple(self._notes), self._content, tuple(self._tool_calls),
                 tuple(self._tool_images))
 
-    def resume(self, messages: tuple, state: tuple) -> None:
+    def resume(self, messages: tuple, state: tuple, calls: frozenset) -> None:
         reasoning, notes, self._content, tool_calls, images = state
+        self.calls = set(calls)
         self.messages = list(messages)
         self._reasoning, self._notes, self._tool_calls, self._tool_images = (
             list(reasoning), list(notes), list(tool_calls), list(images))
@@ -427,6 +432,7 @@ class _Input:
     finished: int = 0  # messages finished before the input's end (the rest: flushed by ``finish``)
     state: tuple = ()  # the conversation's state at the input's end
     start: int = 0  # items of the leading system run
+    calls: frozenset = frozenset()  # the tool call ids in it
 
 
 def _lower_input(req: ResponsesRequest, flatten: bool, reasoning_field: str = "reasoning_content",
@@ -436,7 +442,7 @@ def _lower_input(req: ResponsesRequest, flatten: bool, reasoning_field: str = "r
     params = (req.instructions, flatten, reasoning_field)
     found = history.find(items, params) if history is not None and items else None
     if found is not None:  # its items lowered before: the rest goes on from there
-        conv.resume(found.messages, found.pending)
+        conv.resume(found.messages, found.pending, found.calls)
         start = len(found.models)
     else:
         # instructions + leading system/developer run -> a single first system message
@@ -481,8 +487,12 @@ def _lower_input(req: ResponsesRequest, flatten: bool, reasoning_field: str = "r
             query = (item.action or {}).get("query") or ""
             conv.note(f"(searched the web for: {query})" if query else "(searched the web)")
         elif isinstance(item, ToolOutputItem):
+            call_id = _call_id(item, where)
+            if call_id not in conv.calls:  # (never an orphan tool message upstream: OpenAI's 400)
+                raise GatewayError(f"{where}: no tool call found for {item.type} with call_id {shown(call_id)!r}",
+                                   param=f"{where}.call_id", code="invalid_value")
             text, images = _split_output(item.output, f"{where}.output")
-            conv.add({"role": "tool", "tool_call_id": _call_id(item, where), "content": text})
+            conv.add({"role": "tool", "tool_call_id": call_id, "content": text})
             conv._tool_images.extend(images)
         elif isinstance(item, ToolSearchOutputItem):
             conv.add({"role": "tool", "tool_call_id": _call_id(item, where), "content": dumps(item.tools)})
@@ -494,7 +504,7 @@ def _lower_input(req: ResponsesRequest, flatten: bool, reasoning_field: str = "r
     if history is None:
         return _Input(conv.finish())
     finished, state = len(conv.messages), conv.state()
-    return _Input(conv.finish(), found, finished, state, lead)
+    return _Input(conv.finish(), found, finished, state, lead, frozenset(conv.calls))
 
 
 def _call_id(item, where: str) -> str:
@@ -620,6 +630,6 @@ def _remember(history: History, req: ResponsesRequest, opts: LoweringOptions, do
         pieces = (*known, new) if new else known
         history.keep(Checkpoint(tuple(items), (req.instructions, opts.flatten_content, opts.history_reasoning_field),
                                 tuple(messages[:done.finished]), pieces, done.state,
-                                (cp.size if cp is not None else 0) + len(new)), cp)
+                                (cp.size if cp is not None else 0) + len(new), done.calls), cp)
     return (*known, new, rest)
 
