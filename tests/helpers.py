@@ -305,9 +305,11 @@ TERMINAL = ("response.completed", "response.failed", "response.incomplete")  # a
 def parse_sse(raw: bytes) -> list[dict]:
     """The strict reader of what the gateway emits: every event exactly ``event: <type>``,
     ``data: <JSON of that type>`` and a blank line; the stream ends with one (an empty stream is
-    no answer)."""
+    no answer), then, over HTTP, ``data: [DONE]`` and a blank line (the spec's end: sse.DONE),
+    which is not an event; a translator's own output has none."""
     text = raw.decode()
     assert text.endswith("\n\n"), f"the stream does not end with a blank line: {text[-200:]!r}"
+    text = text.removesuffix("data: [DONE]\n\n")
     events = []
     for block in text.split("\n\n")[:-1]:
         lines = block.split("\n")

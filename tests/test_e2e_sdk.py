@@ -184,6 +184,21 @@ def test_raw_sse_order_and_framing(gateway):
     assert added == sorted(added) == list(range(len(added)))
 
 
+@pytest.mark.parametrize("prompt,end", [("done check", "response.completed"), ("error: 503 busy", "response.failed"),
+                                        ("length", "response.incomplete")])
+def test_an_http_stream_ends_with_done_after_its_terminal_event(gateway_factory, upstream, prompt, end):
+    """The Open Responses spec's end of an SSE stream: ``data: [DONE]``, once, after the terminal
+    event (OpenAI sends none; every client in the suite reads it: test_clients.py, the Codex
+    tests). A replay-cache hit ends alike; the WebSocket carries none (wsclient reads JSON only)."""
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=4")
+    upstream.clear()
+    for _ in range(2 if end == "response.completed" else 1):  # (the second: a replay-cache hit)
+        raw = post_turn(gw, {"model": "m", "input": prompt, "stream": True, "max_output_tokens": 16}).content
+        assert raw.count(b"[DONE]") == 1 and raw.endswith(b"\n\ndata: [DONE]\n\n"), raw[-200:]
+        assert parse_sse(raw)[-1]["type"] == end
+    assert len(upstream.requests()) == 1  # (the completed one's second answer: from the replay cache)
+
+
 def test_raw_codex_fixture_tool_turn(gateway):
     body = codex_fixture("03-tool-call-turn2-with-output.json")["body"]
     r = post_turn(gateway, body)

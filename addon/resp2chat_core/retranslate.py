@@ -35,6 +35,7 @@ from .channel import Reader, rebuild_event
 from .errors import GatewayError, error_json
 from .lowering import LoweringOptions
 from .seal import PREFIX, Sealer, SealError
+from .sse import DONE
 from .turn import Found, begin_turn, wanted
 
 _SEALED = re.compile(re.escape(PREFIX) + r"[A-Za-z0-9_-]+")
@@ -191,7 +192,9 @@ def translate(turn, upstream: bytes, gateway_events: list | None, stream: bool =
 
 def _events(answer: bytes, sealer: Sealer | None) -> list[str]:
     """One line per event (the data of each SSE event, or the one JSON body), sealed strings
-    shown as what they open to."""
+    shown as what they open to. An HTTP stream's ``data: [DONE]`` is no event (the HTTP
+    transport adds it: addons/http_turns.py)."""
+    answer = answer.removesuffix(DONE)
     text = answer.decode("utf-8", "replace")
     lines = websocket.messages(answer) if "\n\n" in text or text.startswith("event:") else [text]
     return [_SEALED.sub(lambda m: _opened(m.group(0), sealer), line) for line in lines]

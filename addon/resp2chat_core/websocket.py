@@ -44,6 +44,7 @@ from typing import Callable
 from . import inputs, requestbody
 from .errors import GatewayError
 from .seal import Sealer
+from .sse import DONE
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # as the translator writes
 
@@ -184,10 +185,12 @@ def canonical(sse: bytes) -> bytes:
 
 
 def final_response(sse: bytes) -> dict | None:
-    """The Response object of a stream's last event (its terminal event)."""
-    at = sse.rfind(b"data: ")
+    """The Response object of a stream's last event (its terminal event; an HTTP stream's
+    ``data: [DONE]`` after it, sse.DONE, is not an event)."""
+    end = len(sse) - len(DONE) if sse.endswith(DONE) else len(sse)
+    at = sse.rfind(b"data: ", 0, end)
     try:
-        event = json.loads(sse[at + 6:]) if at >= 0 else None
+        event = json.loads(sse[at + 6:end]) if at >= 0 else None
     except ValueError:
         return None
     response = event.get("response") if isinstance(event, dict) else None

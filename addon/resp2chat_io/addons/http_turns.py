@@ -28,6 +28,7 @@ from resp2chat_core.channel import Reader, scrub
 from resp2chat_core.errors import GatewayError, error_json, gateway_failure
 from resp2chat_core.labels import shown
 from resp2chat_core.replay import entry_flags, unpack_fresh
+from resp2chat_core.sse import DONE
 from resp2chat_core.usage import usage_note
 from resp2chat_core.websocket import final_response
 from resp2chat_io import offload
@@ -73,11 +74,12 @@ class TurnStream:
     channel, which asks for one more tick: the first tokens go out at once, the rest a pass
     later. Once per turn, so a turn costs at most one extra mitmproxy pass."""
 
-    __slots__ = ("reader", "channel", "rid", "sliced")
+    __slots__ = ("reader", "channel", "rid", "sliced", "ended")
 
     def __init__(self, reader: Reader, channel, rid: str = "") -> None:
         self.reader, self.channel, self.rid = reader, channel, rid
         self.sliced = False  # the first backend bytes were seen (sliced or not)
+        self.ended = False  # the stream's data: [DONE] went out (after the terminal event)
 
     def __call__(self, data: bytes):
         reader = self.reader
@@ -98,7 +100,16 @@ class TurnStream:
                                   f"{type(exc).__name__}: {exc}")
             except BaseException:  # noqa: BLE001 — the translator itself is broken: end the body
                 out = b""
+        if not self.ended and reader.translator.done:
+            self.ended = True
+            out += DONE  # (sse.DONE: after the terminal event, the stream's own end)
         return out or []
+
+    @property
+    def answer(self) -> bytes:
+        """What the client got: the translator's events, then the stream's end once it went out
+        (what a flow file, the replay cache and ``Finished.answer`` keep)."""
+        return bytes(self.reader.sent) + (DONE if self.ended else b"")
 
     def _first_slice(self, items: list) -> list:
         """The items to translate now, the first backend bytes cut after ``FIRST_SLICE`` bytes
@@ -261,7 +272,7 @@ class HttpTurns:
         # backend's [DONE], a moment before the relay's body ends: mitmproxy then reports
         # "Client disconnected" instead of a response. The turn happened all the same: record it.
         if streamed and not flow.response.raw_content:  # mitmproxy stores a streamed body only at its end
-            flow.response.raw_content = bytes(run.reader.sent)
+            flow.response.raw_content = flow.response.stream.answer
         # A turn that failed closed at its response head sent its 500 at once: the client may
         # have read it and hung up before the relay's body ended. Otherwise the client got
         # nothing (it went away first, or the relay failed): recorded as it stood (unfinished,
@@ -315,7 +326,7 @@ class HttpTurns:
         turn, t, reader = run.turn, run.reader.translator, run.reader
         meta = flow.metadata[META]
         if answer is None:
-            answer = bytes(reader.sent) if turn.client_stream and not failed else flow.response.content
+            answer = flow.response.stream.answer if turn.client_stream and not failed else flow.response.content
         done, record = self.turns.settle(run, answer, meta.get("failed_in") if failed else None)
         meta.update(record)
         ex = run.exchange
