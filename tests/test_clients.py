@@ -1,5 +1,6 @@
 """Third-party Responses clients, as people build with them, against a real mitmdump in front of
-the scripted upstream: the Vercel AI SDK (JavaScript, `ai` + `@ai-sdk/openai`), the OpenAI Agents
+the scripted upstream: the Vercel AI SDK (JavaScript, `ai` with `@ai-sdk/openai`, and with
+`@ai-sdk/open-responses`, its provider for Open Responses servers), the OpenAI Agents
 SDK (`openai-agents`), LangChain (`langchain-openai`, ``use_responses_api=True``) and pydantic-ai
 (``OpenAIResponsesModel``). Each with its default settings: a streamed text answer, a multi-step
 tool loop in which the client runs the tool, a multi-turn chat built from the client's own
@@ -81,13 +82,13 @@ def recording_gateway(upstream, gateway_factory, tmp_path):
 @pytest.fixture(scope="session")
 def ai_sdk_dir() -> Path:
     path = Path(os.environ.get("AI_SDK_DIR") or ROOT / ".tools" / f"ai-sdk-{AI_SDK_VERSION}")
-    if not (path / "node_modules" / "ai").is_dir() or not shutil.which("node"):
+    if not (path / "node_modules" / "@ai-sdk" / "open-responses").is_dir() or not shutil.which("node"):
         pytest.fail("the Vercel AI SDK is not installed: run `make ai-sdk` (or set AI_SDK_DIR)")
     return path
 
 
-def ai_sdk(ai_sdk_dir: Path, scenario: str, base_url: str) -> dict:
-    proc = subprocess.run(["node", str(ROOT / "tests" / "clients" / "ai_sdk.cjs"), scenario, base_url],
+def ai_sdk(ai_sdk_dir: Path, scenario: str, base_url: str, provider: str = "openai") -> dict:
+    proc = subprocess.run(["node", str(ROOT / "tests" / "clients" / "ai_sdk.cjs"), scenario, base_url, provider],
                           env={**os.environ, "AI_SDK_DIR": str(ai_sdk_dir)}, capture_output=True, text=True,
                           timeout=120, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr
@@ -128,7 +129,7 @@ def test_ai_sdk_chat_from_its_own_history_uses_item_references(ai_sdk_dir, recor
     gw, flows = recording_gateway
     upstream.clear()
     out = ai_sdk(ai_sdk_dir, "chat", gw.base_url)
-    assert out == {"first": "You said: my name is Ada", "second": "You said: what is my name"}
+    assert out == {"first": "You said: my name is Ada", "second": "You said: what is my name", "reasoning": ""}
     assert_chat_history(upstream.requests())
     gw.stop()
     second = responses_requests(flows)[1]
@@ -139,6 +140,41 @@ def test_ai_sdk_structured_output(ai_sdk_dir, gateway, upstream):
     upstream.clear()
     assert ai_sdk(ai_sdk_dir, "structured", gateway.base_url) == {"object": {"answer": "You said: json"}}
     assert_response_format(upstream.requests()[-1])
+
+
+# --- @ai-sdk/open-responses: the AI SDK's provider for Open Responses servers ------------------
+
+
+def test_open_responses_streams_text_and_reasoning(ai_sdk_dir, gateway, upstream):
+    upstream.clear()
+    out = ai_sdk(ai_sdk_dir, "stream", gateway.base_url, "open-responses")
+    assert out["text"] == "You said: hello from the ai sdk" == "".join(out["deltas"]) and len(out["deltas"]) > 1
+    assert out["reasoning"] == "Thinking about: hello from the ai sdk"  # (the reasoning item's content)
+    assert upstream.requests()[-1]["messages"][-1] == {"role": "user", "content": "hello from the ai sdk"}
+
+
+def test_open_responses_tool_loop(ai_sdk_dir, gateway, upstream):
+    upstream.clear()
+    out = ai_sdk(ai_sdk_dir, "tools", gateway.base_url, "open-responses")
+    assert out == {"ran": ["Paris"], "text": "The tool returned: sunny in Paris", "steps": 2}
+    assert_tool_loop(upstream.requests())
+
+
+def test_open_responses_chat_from_its_own_history(ai_sdk_dir, recording_gateway, upstream):
+    gw, flows = recording_gateway
+    upstream.clear()
+    out = ai_sdk(ai_sdk_dir, "chat", gw.base_url, "open-responses")
+    # a JSON body: the reasoning read from the item's content (it reads no summary there)
+    assert out == {"first": "You said: my name is Ada", "second": "You said: what is my name",
+                   "reasoning": "Thinking about: my name is Ada"}
+    gw.stop()
+    second = responses_requests(flows)[1]
+    # the whole history, as the provider keeps it (no store, no references, no reasoning items)
+    assert [(i.get("type"), i.get("role")) for i in second["input"]] == [
+        ("message", "user"), ("message", "assistant"), ("message", "user")], second["input"]
+    messages = upstream.requests()[-1]["messages"]
+    assert [(m["role"], m["content"]) for m in messages] == [
+        ("user", "my name is Ada"), ("assistant", "You said: my name is Ada"), ("user", "what is my name")]
 
 
 # --- the OpenAI Agents SDK (Python) -------------------------------------------------------------
