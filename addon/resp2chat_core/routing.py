@@ -26,7 +26,6 @@ own words to a waiting client, not part of an answer). When every candidate fail
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any, Sequence
@@ -39,7 +38,6 @@ from .errors import GatewayError, upstream_error_message
 # seal key (one gateway, one key).
 OVERRIDABLE = tuple(f.name for f in S.FIELDS if f.owner == "lowering" and f.name != "seal_key")
 _OWN = ("name", "base_url", "api_key", "models")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -84,7 +82,7 @@ def parse_upstreams(value: Sequence[dict]) -> tuple[UpstreamSpec, ...]:
         if unknown:
             raise bad(unknown[0], f"unknown field (known: {', '.join(_OWN + OVERRIDABLE)})")
         name = entry.get("name")
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not S.LABEL.match(name):
             raise bad("name", "expected a name of letters, digits, '_', '.', '-' (up to 64)")
         if name in seen:
             raise bad("name", "another entry has the same name")

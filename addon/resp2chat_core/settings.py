@@ -93,14 +93,20 @@ FIELDS: tuple[Field, ...] = (
     Field("routing_key_header", "str", "", "Send the session key (prompt_cache_key, else Codex's session header) upstream in this header, e.g. x-smg-routing-key, so a cache-aware router keeps each session on the replica holding its KV cache. Empty: off.", owner="upstreams"),
     Field("state_store_url", "str", "", "Where stored responses and the replay cache live: empty for this process's memory, or redis://[:password@]host:port/db (also Valkey) so replicas share them. Never logged.", owner="store"),
     Field("access_log_path", "str", "", "Append one JSON line per turn (time, session, model, upstream, status, tokens, TTFT and total ms; no content, no secrets) to this file; '-' for stderr. Empty: off.", owner="access_log"),
+    # --- clients (issue 23): who may call the gateway, each with its own key -------------------
+    Field("clients", "entries", [], "The gateway's clients, each with its own key: a list of {name, key | key_sha256, models: [glob…], rpm, tpm, max_streams} (rpm: turns per minute; tpm: backend tokens per minute, prompt + output; max_streams: turns open at once; a limit left out is none). A plain key is hashed at load; `resp2chat keys add NAME` stores only key_sha256. gateway_api_key, when set, is one more client named default.", owner="gate"),
 )
 
 BY_NAME = {f.name: f for f in FIELDS}
 ALIASES = {old: f for f in FIELDS for old in f.aliases}  # old name -> its field
 SECRET_FIELDS = frozenset({"upstream_api_key", "brave_api_key", "gateway_api_key", "seal_key", "state_store_url"})
-# Fields that are not secrets themselves but hold some (each upstream's api_key): their option
-# default stays empty like a secret's, and the addon resolves them the same way.
-HOLDS_SECRETS = frozenset({"upstreams"})
+# Fields that are not secrets themselves but hold some, and which key of each entry is one (each
+# upstream's api_key, each client's key): their option default stays empty like a secret's, the
+# addon resolves them the same way, and those keys are scrubbed like the secrets.
+ENTRY_SECRETS = {"upstreams": "api_key", "clients": "key"}
+HOLDS_SECRETS = frozenset(ENTRY_SECRETS)
+# A name that is also a metric label value and a log field: an upstream's, a client's.
+LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def hidden_default(name: str) -> bool:
@@ -109,10 +115,11 @@ def hidden_default(name: str) -> bool:
 
 
 def secret_values(values: Mapping[str, Any], min_len: int = 6) -> tuple[bytes, ...]:
-    """Every configured secret (top-level keys and each upstream's api_key) in ``values``, to be
-    scrubbed from what the gateway emits. Shorter ones are not scrubbed (they would mangle text)."""
+    """Every configured secret (top-level keys, each upstream's api_key, each client's plain key)
+    in ``values``, to be scrubbed from what the gateway emits. Shorter ones are not scrubbed (they
+    would mangle text)."""
     found = [values[k] for k in sorted(SECRET_FIELDS) if k in values]
-    found += [e.get("api_key") for e in values.get("upstreams") or () if isinstance(e, dict)]
+    found += [e.get(key) for name, key in ENTRY_SECRETS.items() for e in values.get(name) or () if isinstance(e, dict)]
     return tuple(v.encode() for v in found if isinstance(v, str) and len(v) >= min_len)
 
 
@@ -217,6 +224,10 @@ def validate(name: str, value: Any) -> None:
         from .routing import parse_upstreams  # (routing imports this module)
 
         parse_upstreams(value)
+    if name == "clients" and value:
+        from .clients import parse_clients  # (clients imports this module)
+
+        parse_clients(value)  # (with gateway_api_key, its `default` client: the gate checks both)
     if name == "routing_key_header" and value and not _TOKEN.match(value):
         raise SettingsError(name, value, "expected an HTTP header name, e.g. x-smg-routing-key")
     if name == "state_store_url" and value:

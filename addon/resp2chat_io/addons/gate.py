@@ -9,9 +9,11 @@ import hmac
 import posixpath
 from urllib.parse import unquote
 
-from mitmproxy import http
+from mitmproxy import exceptions, http
 
 from resp2chat_core import content_encoding
+from resp2chat_core import settings as S
+from resp2chat_core.clients import ClientTable, parse_clients
 from resp2chat_core.errors import error_json
 
 from .base import Owner, fails_closed, request_id
@@ -40,6 +42,14 @@ class Gate(Owner):
     def __init__(self, source, relay) -> None:
         super().__init__(source)
         self.relay = relay
+        self.clients = ClientTable()
+
+    def apply(self, updated: set[str]) -> None:
+        # `clients` with gateway_api_key (its `default` client): an invalid pair stops start-up
+        try:
+            self.clients = ClientTable(parse_clients(self.s["clients"], self.s["gateway_api_key"]))
+        except S.SettingsError as exc:
+            raise exceptions.OptionsError(f"resp2chat: {exc}") from None
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         # Refuse an oversized body before mitmproxy reads it (a lying content-length is caught

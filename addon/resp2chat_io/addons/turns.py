@@ -207,7 +207,7 @@ class TurnStream:
 class Turns(Owner):
     name = "resp2chat_turns"
     owner = "lowering"
-    also_reads = tuple(sorted(S.SECRET_FIELDS)) + ("upstreams", "routing_key_header")  # secrets: scrubbed
+    also_reads = tuple(sorted(S.SECRET_FIELDS | S.HOLDS_SECRETS)) + ("routing_key_header",)  # secrets: scrubbed
 
     def __init__(self, source, upstreams, search, store) -> None:
         super().__init__(source)

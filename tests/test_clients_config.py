@@ -1,0 +1,204 @@
+"""A team's clients as configuration (issue 23): the ``clients`` setting (resp2chat_core/clients.py),
+``resp2chat keys`` add/list/revoke, ``resp2chat usage`` on access logs, and ``print-config`` with
+a client key (and what Codex 0.169 needs to send one). The unit tests drive the sans-I/O core;
+the rest drive the real ``resp2chat`` CLI, real mitmdump gateways and the real Codex CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import openai
+import pytest
+import yaml
+
+from conftest import ADDON, MITMDUMP, Codex, free_port, start_gateway, wait_until
+from test_cli import RESP2CHAT, cli_env, config_file, run_cli
+
+from resp2chat_core import settings as S
+from resp2chat_core.clients import ClientSpec, ClientTable, allows_model, key_sha256, parse_clients
+
+ALICE_KEY = "alice-plain-key-0123456789"
+BOB_KEY = "bob-plain-key-9876543210ab"
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# --- parse_clients ---------------------------------------------------------------------------
+
+
+def test_a_plain_key_is_hashed_at_load_and_never_kept():
+    alice, bob = parse_clients([
+        {"name": "alice", "key": ALICE_KEY, "models": "qwen3-*", "rpm": 60},
+        {"name": "bob", "key_sha256": sha(BOB_KEY).upper(), "tpm": 100_000, "max_streams": 2},
+    ])
+    assert alice == ClientSpec("alice", sha(ALICE_KEY), ("qwen3-*",), rpm=60)
+    assert bob == ClientSpec("bob", sha(BOB_KEY), ("*",), tpm=100_000, max_streams=2)  # hex digest lowercased
+    assert key_sha256(ALICE_KEY) == key_sha256(ALICE_KEY.encode()) == sha(ALICE_KEY)
+    for spec in (alice, bob):
+        held = json.dumps([getattr(spec, f) for f in spec.__dataclass_fields__]) + repr(spec)
+        assert ALICE_KEY not in held and BOB_KEY not in held
+        assert spec.key_sha256 not in repr(spec)  # a log line names the client, not even its key's hash
+    assert alice.fingerprint == sha(ALICE_KEY)[:8]
+
+
+def test_gateway_api_key_is_one_more_client_named_default():
+    specs = parse_clients([{"name": "alice", "key": ALICE_KEY}], gateway_api_key="the-gateway-key")
+    assert [s.name for s in specs] == ["alice", "default"]
+    assert specs[1] == ClientSpec("default", sha("the-gateway-key"))  # all models, no limits
+    assert parse_clients([], "the-gateway-key") == (ClientSpec("default", sha("the-gateway-key")),)
+    assert parse_clients([]) == ()
+    # without gateway_api_key, "default" is a name like another
+    assert parse_clients([{"name": "default", "key": ALICE_KEY}])[0].name == "default"
+
+
+@pytest.mark.parametrize("entries,gateway_key,field,why", [
+    ([{"name": "alice", "key": ALICE_KEY, "rpm": 0}], "", "clients[0] ('alice').rpm", "whole number > 0"),
+    ([{"name": "alice", "key": ALICE_KEY, "tpm": "1000"}], "", "clients[0] ('alice').tpm", "whole number > 0"),
+    ([{"name": "alice", "key": ALICE_KEY, "max_streams": True}], "", "clients[0] ('alice').max_streams", "whole number"),
+    ([{"name": "alice", "key": ALICE_KEY, "rpm": 2.5}], "", "clients[0] ('alice').rpm", "whole number"),
+    ([{"name": "a", "key": ALICE_KEY}, {"name": "bob smith", "key": BOB_KEY}], "", "clients[1] ('bob smith').name", "letters, digits"),
+    ([{"name": "al\nice", "key": ALICE_KEY}], "", "clients[0] ('al\\nice').name", "letters, digits"),
+    ([{"name": "x" * 65, "key": ALICE_KEY}], "", f"clients[0] ('{'x' * 65}').name", "up to 64"),
+    ([{"key": ALICE_KEY}], "", "clients[0].name", "letters, digits"),
+    ([{"name": "a", "key": ALICE_KEY}, {"name": "a", "key": BOB_KEY}], "", "clients[1] ('a').name", "clients[0] ('a') has the same name"),
+    ([{"name": "default", "key": ALICE_KEY}], "gw-key", "clients[0] ('default').name", "client of gateway_api_key"),
+    ([{"name": "a"}], "", "clients[0] ('a').key", "exactly one of key"),
+    ([{"name": "a", "key": ALICE_KEY, "key_sha256": sha(ALICE_KEY)}], "", "clients[0] ('a').key", "exactly one of key"),
+    ([{"name": "a", "key_sha256": "abc123"}], "", "clients[0] ('a').key_sha256", "64 hex digits"),
+    ([{"name": "a", "key": "short-key"}], "", "clients[0] ('a').key", "at least 16"),
+    ([{"name": "a", "key": ALICE_KEY + " x"}], "", "clients[0] ('a').key", "printable ASCII"),
+    ([{"name": "a", "key": 1234567890123456789}], "", "clients[0] ('a').key", "printable ASCII"),
+    ([{"name": "a", "key": ALICE_KEY}, {"name": "b", "key_sha256": sha(ALICE_KEY)}], "", "clients[1] ('b').key_sha256",
+     "clients[0] ('a') has the same key"),
+    ([{"name": "a", "key": ALICE_KEY}], ALICE_KEY, "clients[0] ('a').key", "gateway_api_key has the same key"),
+    ([{"name": "a", "key": ALICE_KEY, "models": []}], "", "clients[0] ('a').models", "non-empty list"),
+    ([{"name": "a", "key": ALICE_KEY, "models": ["qwen3", ""]}], "", "clients[0] ('a').models", "non-empty list"),
+    ([{"name": "a", "kee": ALICE_KEY}], "", "clients[0] ('a').kee", "unknown field (known: name, key, key_sha256"),
+    (["alice"], "", "clients[0]", "expected a mapping"),
+])
+def test_invalid_entries_name_the_entry_and_field_and_never_a_key(entries, gateway_key, field, why):
+    with pytest.raises(S.SettingsError) as err:
+        parse_clients(entries, gateway_key)
+    text = str(err.value)
+    assert text.startswith(field) and why in text, text
+    for secret in (ALICE_KEY, BOB_KEY, sha(ALICE_KEY), sha(BOB_KEY)):
+        assert secret not in text
+
+
+def test_the_table_finds_a_presented_key_by_its_hash():
+    table = ClientTable(parse_clients([{"name": "alice", "key": ALICE_KEY}, {"name": "bob", "key_sha256": sha(BOB_KEY)}],
+                                      gateway_api_key="the-gateway-key"))
+    assert table.lookup(ALICE_KEY).name == "alice" and table.lookup(BOB_KEY.encode()).name == "bob"
+    assert table.lookup("the-gateway-key").name == "default"
+    for wrong in ("", b"", ALICE_KEY[:-1], ALICE_KEY + "x", sha(ALICE_KEY), "Bearer " + ALICE_KEY):
+        assert table.lookup(wrong) is None
+    assert table.names == ("alice", "bob", "default") and len(table) == 3
+    assert table.named("bob").key_sha256 == sha(BOB_KEY) and table.named("carol") is None
+    assert ALICE_KEY not in repr(table) and sha(ALICE_KEY) not in repr(table)
+
+
+def test_allows_model_matches_globs_case_sensitively():
+    spec = ClientSpec("a", sha(ALICE_KEY), ("qwen3-*", "demo-model"))
+    assert allows_model(spec, "qwen3-coder") and allows_model(spec, "demo-model")
+    assert not allows_model(spec, "Qwen3-coder") and not allows_model(spec, "gpt-5") and not allows_model(spec, "demo-model-2")
+    assert allows_model(ClientSpec("b", sha(BOB_KEY)), "anything/at:all")
+
+
+# --- the setting -------------------------------------------------------------------------------
+
+
+def test_clients_setting_from_file_and_environment_held_like_a_secret():
+    entries = [{"name": "alice", "key": ALICE_KEY, "models": ["qwen3-*"]}, {"name": "bob", "key_sha256": sha(BOB_KEY)}]
+    values, sources = S.resolve({"clients": entries}, {})
+    assert values["clients"] == entries and sources["clients"] == "config file"
+    values, sources = S.resolve({"clients": entries[:1]}, {"RESP2CHAT_CLIENTS": json.dumps(entries[1:])})
+    assert values["clients"] == entries[1:] and sources["clients"] == "RESP2CHAT_CLIENTS"
+    assert S.hidden_default("clients") and "clients" in S.HOLDS_SECRETS
+    # the plain key is scrubbed like every other secret (a key_sha256 is not a secret)
+    assert S.secret_values({"clients": entries, "upstream_api_key": "sk-upstream-1"}) == (b"sk-upstream-1", ALICE_KEY.encode())
+    # an invalid entry, or JSON that is none, never shows what it holds
+    for env in ('[{"name": "alice", "key": "' + ALICE_KEY + '", "rpm": -1}]', '[{"name": "alice", "key": "' + ALICE_KEY + '"'):
+        with pytest.raises(S.SettingsError) as err:
+            S.resolve({}, {"RESP2CHAT_CLIENTS": env})
+        assert ALICE_KEY not in str(err.value) and "clients" in str(err.value)
+
+
+# --- the gateway with clients configured --------------------------------------------------------
+
+
+@pytest.mark.parametrize("value,gateway_key,named", [
+    ('[{"name": "alice", "key": "%s"}, {"name": "bob", "key": "%s", "rpm": 0}]' % (ALICE_KEY, BOB_KEY), "",
+     "clients[1] ('bob').rpm: 0 is invalid"),
+    ('[{"name": "alice", "key": "%s", "colour": "%s"}]' % (ALICE_KEY, BOB_KEY), "", "clients[0] ('alice').colour"),
+    ('[{"name": "alice", "key": "%s"}, {"name": "bob", "key": "%s"}]' % (ALICE_KEY, ALICE_KEY), "",
+     "clients[1] ('bob').key: '[hidden]' is invalid: clients[0] ('alice') has the same key"),
+    ('[{"name": "default", "key": "%s"}]' % ALICE_KEY, BOB_KEY, "clients[0] ('default').name"),
+])
+def test_invalid_clients_stop_start_up_naming_entry_and_field(tmp_path, value, gateway_key, named):
+    for how in ("set", "env"):
+        args = [str(MITMDUMP), "-s", str(ADDON), "--mode", f"reverse:http://127.0.0.1:9@127.0.0.1:{free_port()}",
+                "--set", f"confdir={tmp_path / 'conf'}"]
+        env = cli_env(tmp_path, **({"RESP2CHAT_GATEWAY_API_KEY": gateway_key} if gateway_key else {}))
+        if how == "set":
+            args += ["--set", f"resp2chat_clients={value}"]
+        else:
+            env["RESP2CHAT_CLIENTS"] = value
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and named in out, (how, out[-2000:])
+        assert ALICE_KEY not in out and BOB_KEY not in out
+
+
+def test_options_and_the_settings_command_never_show_a_client_key(tmp_path):
+    entries = [{"name": "alice", "key": ALICE_KEY, "rpm": 60}, {"name": "bob", "key_sha256": sha(BOB_KEY), "models": ["qwen3-*"]}]
+    env = cli_env(tmp_path, RESP2CHAT_CLIENTS=json.dumps(entries))
+    options = subprocess.run([str(MITMDUMP), "-s", str(ADDON), "--set", f"confdir={tmp_path / 'conf'}", "--options"],
+                             capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    assert options.returncode == 0 and "resp2chat_clients: ''" in options.stdout
+    assert ALICE_KEY not in options.stdout + options.stderr and sha(BOB_KEY) not in options.stdout
+    # a real gateway runs the resp2chat.settings command (a test script asks for it once it runs)
+    out = tmp_path / "settings.json"
+    script = tmp_path / "ask_settings.py"
+    script.write_text(
+        "from mitmproxy import ctx\n"
+        "class Ask:\n"
+        "    def running(self):\n"
+        f"        open({str(out)!r}, 'w').write(ctx.master.commands.execute('resp2chat.settings'))\n"
+        "addons = [Ask()]\n")
+    gw = start_gateway("http://127.0.0.1:9", tmp_path, "-s", str(script), env=env)
+    try:
+        shown = json.loads(wait_until(lambda: out.exists() and out.read_text(), what="the settings command's answer"))
+        log = gw.log()
+    finally:
+        gw.stop()
+    assert shown["clients"] == [{"name": "alice", "key": "[set]", "rpm": 60},
+                                {"name": "bob", "key_sha256": sha(BOB_KEY)[:8] + "…", "models": ["qwen3-*"]}]
+    for text in (json.dumps(shown), log):
+        assert ALICE_KEY not in text and sha(BOB_KEY) not in text
+
+
+def test_a_client_key_is_scrubbed_from_what_clients_get(tmp_path, upstream):
+    # a backend that repeats a client's key in its error (the scripted upstream echoes the prompt)
+    env = cli_env(tmp_path, RESP2CHAT_CLIENTS=json.dumps([{"name": "alice", "key": ALICE_KEY}]))
+    gw = start_gateway(upstream.origin, tmp_path, env=env)
+    try:
+        client = openai.OpenAI(base_url=gw.base_url, api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as err:
+            client.responses.create(model="demo-model", input=f"error: 400 your key {ALICE_KEY} is odd")
+        events = list(client.responses.create(model="demo-model", input=f"error: 400 again {ALICE_KEY}", stream=True))
+    finally:
+        gw.stop()
+    assert "your key [redacted] is odd" in str(err.value) and ALICE_KEY not in str(err.value)
+    assert events[-1].type == "response.failed" and "again [redacted]" in events[-1].response.error.message
+    assert ALICE_KEY not in gw.log()
