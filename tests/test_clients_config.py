@@ -25,6 +25,7 @@ from test_cli import RESP2CHAT, cli_env, config_file, run_cli
 
 from resp2chat_core import settings as S
 from resp2chat_core.clients import ClientSpec, ClientTable, allows_model, key_sha256, parse_clients
+from resp2chat_io.config import FileWatch, write_file
 
 ALICE_KEY = "alice-plain-key-0123456789"
 BOB_KEY = "bob-plain-key-9876543210ab"
@@ -134,6 +135,22 @@ def test_clients_setting_from_file_and_environment_held_like_a_secret():
         assert ALICE_KEY not in str(err.value) and "clients" in str(err.value)
 
 
+def test_file_watch_sees_every_write_and_nothing_else(tmp_path):
+    path = tmp_path / "resp2chat" / "config.yaml"
+    watch = FileWatch(path)
+    assert not watch.changed()  # no file yet: the baseline
+    write_file(path, {"clients": [{"name": "a", "key_sha256": sha(ALICE_KEY)}]})
+    assert watch.changed() and not watch.changed()
+    # the same size, written again at once: a new file (os.replace), so still seen
+    write_file(path, {"clients": [{"name": "b", "key_sha256": sha(ALICE_KEY)}]})
+    assert watch.changed() and not watch.changed()
+    with path.open("a") as fh:  # an edit in place
+        fh.write("# edited\n")
+    assert watch.changed() and not watch.changed()
+    path.unlink()
+    assert watch.changed() and watch.stamp is None and not watch.changed()
+
+
 # --- the gateway with clients configured --------------------------------------------------------
 
 
@@ -202,3 +219,101 @@ def test_a_client_key_is_scrubbed_from_what_clients_get(tmp_path, upstream):
     assert "your key [redacted] is odd" in str(err.value) and ALICE_KEY not in str(err.value)
     assert events[-1].type == "response.failed" and "again [redacted]" in events[-1].response.error.message
     assert ALICE_KEY not in gw.log()
+
+
+# --- resp2chat keys ------------------------------------------------------------------------------
+
+
+def test_keys_add_prints_the_key_once_and_stores_only_its_hash(tmp_path):
+    path = config_file(tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_text("upstream_base_url: http://10.0.0.5:8000/v1\n")
+    out = run_cli(tmp_path, "keys", "add", "alice", "--rpm", "60", "--tpm", "200000", "--max-streams", "4",
+                  "--models", "qwen3-*", "demo-model")
+    assert out.returncode == 0, out.stderr
+    key = out.stdout.strip()
+    assert out.stdout == key + "\n" and re.fullmatch(r"r2c-[A-Za-z0-9_-]{43}", key)  # stdout: the key alone
+    assert "shown only this once" in out.stderr and "RESP2CHAT_API_KEY" in out.stderr
+    assert "codex login --with-api-key" in out.stderr and key not in out.stderr
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    text = path.read_text()
+    assert key not in text
+    saved = yaml.safe_load(text)
+    assert saved == {"upstream_base_url": "http://10.0.0.5:8000/v1",  # the rest of the file kept
+                     "clients": [{"name": "alice", "key_sha256": sha(key), "models": ["qwen3-*", "demo-model"],
+                                  "rpm": 60, "tpm": 200000, "max_streams": 4}]}
+    second = run_cli(tmp_path, "keys", "add", "bob")
+    assert second.returncode == 0 and second.stdout.strip() != key
+    assert yaml.safe_load(path.read_text())["clients"][1] == {"name": "bob", "key_sha256": sha(second.stdout.strip())}
+    # what the file holds is what a gateway loads: the printed key finds its client
+    values, _ = S.resolve(yaml.safe_load(path.read_text()), {})
+    table = ClientTable(parse_clients(values["clients"]))
+    assert table.lookup(key).name == "alice" and table.lookup(second.stdout.strip()).name == "bob"
+
+
+def test_keys_add_refuses_a_taken_or_invalid_name_and_bad_limits(tmp_path):
+    assert run_cli(tmp_path, "keys", "add", "alice").returncode == 0
+    before = config_file(tmp_path).read_text()
+    for args, needle in [(("alice",), "a client named 'alice' exists already"),
+                         (("bob smith",), "clients[1] ('bob smith').name"),
+                         (("bob", "--rpm", "0"), "clients[1] ('bob').rpm: 0 is invalid"),
+                         (("bob", "--models", ""), "clients[1] ('bob').models")]:
+        out = run_cli(tmp_path, "keys", "add", *args)
+        assert out.returncode == 2 and needle in out.stderr and out.stdout == "", (args, out.stderr)
+    assert config_file(tmp_path).read_text() == before  # nothing written, no key printed
+    # with gateway_api_key set, "default" is its client
+    out = run_cli(tmp_path, "keys", "add", "default", RESP2CHAT_GATEWAY_API_KEY="gw-key-123456")
+    assert out.returncode == 2 and "client of gateway_api_key" in out.stderr
+
+
+def test_keys_list_shows_names_limits_and_fingerprints_never_keys(tmp_path):
+    alice = run_cli(tmp_path, "keys", "add", "alice", "--rpm", "60", "--models", "qwen3-*").stdout.strip()
+    bob = run_cli(tmp_path, "keys", "add", "bob", "--tpm", "1500000", "--max-streams", "2").stdout.strip()
+    out = run_cli(tmp_path, "keys", "list", RESP2CHAT_GATEWAY_API_KEY="gw-key-123456")
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines()[:4]]
+    assert rows == [["NAME", "KEY", "MODELS", "RPM", "TPM", "MAX", "STREAMS"],
+                    ["alice", sha(alice)[:8], "qwen3-*", "60", "-", "-"],
+                    ["bob", sha(bob)[:8], "*", "-", "1,500,000", "2"],
+                    ["default", sha("gw-key-123456")[:8], "*", "-", "-", "-"]]
+    assert "default: the client of gateway_api_key" in out.stdout
+    for secret in (alice, bob, sha(alice), sha(bob), "gw-key-123456"):
+        assert secret not in out.stdout + out.stderr
+    (tmp_path / "other").mkdir()
+    empty = run_cli(tmp_path / "other", "keys", "list")
+    assert empty.returncode == 0 and empty.stdout == "" and "no clients" in empty.stderr
+
+
+def test_keys_revoke_removes_the_client(tmp_path):
+    keys = {name: run_cli(tmp_path, "keys", "add", name).stdout.strip() for name in ("alice", "bob", "carol")}
+    out = run_cli(tmp_path, "keys", "revoke", "bob")
+    assert out.returncode == 0 and f"revoked client 'bob' (key fingerprint {sha(keys['bob'])[:8]})" in out.stdout
+    saved = yaml.safe_load(config_file(tmp_path).read_text())["clients"]
+    assert [c["name"] for c in saved] == ["alice", "carol"] and sha(keys["bob"]) not in config_file(tmp_path).read_text()
+    assert stat.S_IMODE(config_file(tmp_path).stat().st_mode) == 0o600
+    again = run_cli(tmp_path, "keys", "revoke", "bob")
+    assert again.returncode == 2 and "no client named 'bob'" in again.stderr
+    assert run_cli(tmp_path, "keys", "add", "bob").returncode == 0  # the name is free again
+    for name in ("alice", "carol", "bob"):
+        assert run_cli(tmp_path, "keys", "revoke", name).returncode == 0
+    assert "clients" not in (yaml.safe_load(config_file(tmp_path).read_text()) or {})
+
+
+def test_keys_added_at_once_are_all_kept(tmp_path):
+    procs = [subprocess.Popen([str(RESP2CHAT), "keys", "add", f"dev{i}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=cli_env(tmp_path), cwd=tmp_path) for i in range(6)]
+    keys = {f"dev{i}": p.communicate(timeout=60)[0].strip() for i, p in enumerate(procs)}
+    assert all(p.returncode == 0 for p in procs)
+    saved = yaml.safe_load(config_file(tmp_path).read_text())["clients"]
+    assert {c["name"]: c["key_sha256"] for c in saved} == {name: sha(key) for name, key in keys.items()}
+
+
+def test_a_gateway_starts_with_clients_from_keys_add(tmp_path, upstream):
+    key = run_cli(tmp_path, "keys", "add", "alice", "--rpm", "10").stdout.strip()
+    gw = start_gateway(upstream.origin, tmp_path, env=cli_env(tmp_path))
+    try:
+        client = openai.OpenAI(base_url=gw.base_url, api_key=key, max_retries=0)
+        assert client.responses.create(model="demo-model", input="hello").output_text == "You said: hello"
+    finally:
+        gw.stop()
+    assert key not in gw.log()

@@ -1,19 +1,22 @@
-"""The ``resp2chat`` command: configure, start, print-config, analyze, retranslate."""
+"""The ``resp2chat`` command: configure, keys, start, print-config, analyze, retranslate."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import secrets
 import shutil
 import sys
 from pathlib import Path
+from typing import Sequence
 from urllib.parse import urlsplit
 
 import requests
 
 from resp2chat_core import settings as S
-from resp2chat_io.config import config_path, load_settings, read_file, write_file
+from resp2chat_core.clients import DEFAULT, LIMITS, key_sha256, parse_clients
+from resp2chat_io.config import config_path, editing, load_settings, read_file, write_file
 
 ADDON = Path(__file__).resolve().parent.parent / "resp2chat.py"
 DEFAULT_UPSTREAM = "http://127.0.0.1:8000/v1"
@@ -48,6 +51,15 @@ def list_models(base_url: str, api_key: str = "", timeout: float = 3.0) -> list[
         return []
     models = data.get("data") if isinstance(data, dict) else None
     return [m for m in models or () if isinstance(m, dict) and m.get("id")]
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]], right: Sequence[int] = ()) -> str:
+    """Aligned columns for a person: numbers (the columns in ``right``) right-aligned."""
+    cells = [[str(c) for c in header]] + [["" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+             for r in cells]
+    return "\n".join(lines) + "\n"
 
 
 def context_window(model: dict) -> int | None:
@@ -116,10 +128,117 @@ def cmd_configure(args) -> int:
             S.validate("bind_addr", values["bind_addr"])
     except S.SettingsError as exc:
         return _fail(str(exc))
-    changed = {k: v for k, v in values.items() if v != S.BY_NAME[k].default}
-    write_file(path, changed)
+    write_settings(path, values)
     print(f"wrote {path}")
     return 0
+
+
+def write_settings(path: Path, values: dict) -> None:
+    """The config file holds what differs from the defaults."""
+    write_file(path, {k: v for k, v in values.items() if v != S.BY_NAME[k].default})
+
+
+# --- keys ------------------------------------------------------------------------------------
+
+KEY_PREFIX = "r2c-"  # a resp2chat client key, recognisable in a leak report or a secret scanner
+CLIENT_KEY_ENV = "RESP2CHAT_API_KEY"  # where a developer keeps their client key (print-config --key-env)
+
+
+def new_key() -> str:
+    """A client key: 256 random bits, URL-safe."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def _file_values(path: Path) -> dict:
+    """The config file's settings alone (no environment), validated: what ``keys`` edits."""
+    values, _ = S.resolve(read_file(path), {})
+    return values
+
+
+def _overridden() -> None:
+    if "RESP2CHAT_CLIENTS" in os.environ:
+        print("resp2chat: note: RESP2CHAT_CLIENTS is set here; a gateway started with it uses that list, "
+              "not the config file's", file=sys.stderr)
+
+
+def _limits(spec) -> str:
+    return ", ".join(f"{k.replace('_', ' ')} {getattr(spec, k):,}" for k in LIMITS if getattr(spec, k) is not None) or "no limits"
+
+
+def cmd_keys_add(args) -> int:
+    path = config_path()
+    with editing(path):
+        try:
+            values = _file_values(path)
+            clients = list(values["clients"])
+            if any(e.get("name") == args.name for e in clients):
+                return _fail(f"a client named {args.name!r} exists already in {path} "
+                             f"(`resp2chat keys revoke {args.name}` first, or choose another name)")
+            key = new_key()
+            entry = {"name": args.name, "key_sha256": key_sha256(key)}
+            if args.models:
+                entry["models"] = list(args.models)
+            entry.update({k: getattr(args, k) for k in LIMITS if getattr(args, k) is not None})
+            gateway_key = os.environ.get("RESP2CHAT_GATEWAY_API_KEY") or values["gateway_api_key"]
+            spec = parse_clients(clients + [entry], gateway_key)[len(clients)]
+        except S.SettingsError as exc:
+            return _fail(str(exc))
+        values["clients"] = clients + [entry]
+        write_settings(path, values)
+    print(key, flush=True)  # stdout holds the key alone: KEY=$(resp2chat keys add NAME) works
+    env = CLIENT_KEY_ENV
+    print(f"""resp2chat: added client {spec.name!r} to {path}: key fingerprint {spec.fingerprint}, models {', '.join(spec.models)}, {_limits(spec)}.
+The key above is shown only this once (the config file keeps its SHA-256): hand it to {spec.name} now.
+They keep it in an environment variable, e.g. export {env}=<the key>, and use it as:
+  Codex, custom provider:   env_key = "{env}" in the provider (resp2chat print-config --key-env {env})
+  Codex, built-in provider: printenv {env} | codex login --with-api-key   (once; `codex exec` also reads CODEX_API_KEY)
+  SDKs:                     api_key=<the key>, base_url=<the gateway>/v1""", file=sys.stderr)
+    _overridden()
+    return 0
+
+
+def cmd_keys_list(args) -> int:
+    values, sources, path = _settings()
+    try:
+        specs = parse_clients(values["clients"], values["gateway_api_key"])
+    except S.SettingsError as exc:
+        return _fail(str(exc))
+    if not specs:
+        print(f"resp2chat: no clients (add one with `resp2chat keys add NAME`; config file {path})", file=sys.stderr)
+        return 0
+    unlimited = "-"
+    rows = [(s.name, s.fingerprint, ", ".join(s.models), *(unlimited if getattr(s, k) is None else f"{getattr(s, k):,}"
+                                                         for k in LIMITS)) for s in specs]
+    sys.stdout.write(table(("NAME", "KEY", "MODELS", "RPM", "TPM", "MAX STREAMS"), rows, right=(3, 4, 5)))
+    where = {"config file": str(path), "default": str(path)}.get(sources["clients"], sources["clients"])
+    print(f"\nKEY: the first 8 hex digits of the key's SHA-256 (printf %s \"$KEY\" | sha256sum | cut -c1-8); "
+          f"-: no limit. Clients from {where}"
+          + ("; default: the client of gateway_api_key." if values["gateway_api_key"] else "."))
+    return 0
+
+
+def cmd_keys_revoke(args) -> int:
+    path = config_path()
+    with editing(path):
+        try:
+            values = _file_values(path)
+        except S.SettingsError as exc:
+            return _fail(str(exc))
+        clients = list(values["clients"])
+        kept = [e for e in clients if e.get("name") != args.name]
+        if len(kept) == len(clients):
+            if args.name == DEFAULT and (values["gateway_api_key"] or os.environ.get("RESP2CHAT_GATEWAY_API_KEY")):
+                return _fail("'default' is the client of gateway_api_key: change or remove gateway_api_key to revoke it")
+            return _fail(f"no client named {args.name!r} in {path} (`resp2chat keys list` shows them)")
+        gone = next(e for e in clients if e.get("name") == args.name)
+        values["clients"] = kept
+        write_settings(path, values)
+    digest = gone.get("key_sha256") or key_sha256(gone.get("key") or "")
+    print(f"revoked client {args.name!r} (key fingerprint {digest[:8].lower()}) in {path}")
+    _overridden()
+    return 0
+
+
 
 
 # --- start -----------------------------------------------------------------------------------
@@ -293,6 +412,22 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--set", action="append", metavar="FIELD=VALUE", help="any setting (repeatable)")
     c.add_argument("-y", "--yes", action="store_true", help="no questions: write the given values")
     c.set_defaults(func=cmd_configure)
+
+    k = sub.add_parser("keys", help="the gateway's clients, each with its own key: add, list, revoke")
+    ks = k.add_subparsers(dest="keys_command", required=True)
+    ka = ks.add_parser("add", help="make a client and its key: the key is printed once, the config file keeps "
+                       "only its SHA-256")
+    ka.add_argument("name", help="the client's name (letters, digits, _ . -; it names the client in metrics and logs)")
+    ka.add_argument("--rpm", type=int, metavar="N", help="turns per minute at most")
+    ka.add_argument("--tpm", type=int, metavar="N", help="backend tokens (prompt + output) per minute at most")
+    ka.add_argument("--max-streams", dest="max_streams", type=int, metavar="N", help="turns open at once at most")
+    ka.add_argument("--models", nargs="+", metavar="GLOB", help="the model names it may use (globs; default: all)")
+    ka.set_defaults(func=cmd_keys_add)
+    kl = ks.add_parser("list", help="the clients: names, key fingerprints, models, limits (never keys)")
+    kl.set_defaults(func=cmd_keys_list)
+    kr = ks.add_parser("revoke", help="remove a client: its key stops working")
+    kr.add_argument("name")
+    kr.set_defaults(func=cmd_keys_revoke)
 
     s = sub.add_parser("start", help="run the gateway (mitmdump, or mitmweb with --web)")
     s.add_argument("--web", action="store_true", help="run mitmweb for interactive inspection")
