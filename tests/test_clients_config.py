@@ -317,3 +317,132 @@ def test_a_gateway_starts_with_clients_from_keys_add(tmp_path, upstream):
     finally:
         gw.stop()
     assert key not in gw.log()
+
+
+# --- resp2chat usage -------------------------------------------------------------------------------
+
+
+def test_usage_reads_a_real_access_log(tmp_path, upstream):
+    log = tmp_path / "access.jsonl"
+    gw = start_gateway(upstream.origin, tmp_path, "--set", f"resp2chat_access_log_path={log}",
+                       "--set", "resp2chat_max_replay_entries=0")
+    try:
+        client = openai.OpenAI(base_url=gw.base_url, api_key="unused", max_retries=0)
+        usages = [client.responses.create(model="demo-model", input=f"words: {n}").usage for n in (3, 30)]
+        with client.responses.stream(model="other-model", input="hello") as stream:
+            for _ in stream:
+                pass
+            usages.append(stream.get_final_response().usage)
+        with pytest.raises(openai.BadRequestError):
+            client.responses.create(model="demo-model", input="error: 400 nope")
+        wait_until(lambda: log.exists() and len(log.read_text().splitlines()) == 4, what="four access-log lines")
+    finally:
+        gw.stop()
+    with log.open("a") as fh:  # what a crash mid-write leaves, and something else's output
+        fh.write('[12:00:01] mitmdump says hello\n{"time": "2026-01-01T00:00:00.000Z", "request_id": "req_x", "mo')
+    out = run_cli(tmp_path, "usage", str(log), "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    day = json.loads(log.read_text().splitlines()[0])["time"][:10]
+    demo = [u for u in usages[:2]]
+    assert report["skipped_lines"] == 2
+    assert report["rows"] == [
+        {"client": "-", "day": day, "model": "demo-model", "turns": 3,  # the refused turn counts, without tokens
+         "prompt_tokens": sum(u.input_tokens for u in demo),
+         "cached_tokens": sum(u.input_tokens_details.cached_tokens for u in demo),
+         "output_tokens": sum(u.output_tokens for u in demo)},
+        {"client": "-", "day": day, "model": "other-model", "turns": 1, "prompt_tokens": usages[2].input_tokens,
+         "cached_tokens": usages[2].input_tokens_details.cached_tokens, "output_tokens": usages[2].output_tokens}]
+    assert report["total"]["turns"] == 4 and report["total"]["output_tokens"] == sum(u.output_tokens for u in usages)
+    table = run_cli(tmp_path, "usage", str(log))
+    assert table.returncode == 0 and "skipped 2 lines that are not access-log records" in table.stderr
+    assert [line.split()[:4] for line in table.stdout.splitlines()] == [
+        ["CLIENT", "DAY", "MODEL", "TURNS"], ["-", day, "demo-model", "3"], ["-", day, "other-model", "1"],
+        ["-", "total", "4", f"{report['total']['prompt_tokens']:,}"]]
+
+
+def _line(client: str | None, day: str, model: str, prompt: int | None, cached: int | None, output: int | None) -> str:
+    line = {"time": f"{day}T10:00:00.000Z", "request_id": "req_0", "session": None, "model": model, "upstream": "default",
+            "status": "completed", "code": None, "http_status": 200, "input_tokens": prompt, "cached_tokens": cached,
+            "output_tokens": output, "ttft_ms": 5.0, "total_ms": 9.0}
+    if client is not None:
+        line["client"] = client
+    return json.dumps(line)
+
+
+def test_usage_per_client_day_and_model_with_totals(tmp_path):
+    logs = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    logs[0].write_text("\n".join([
+        _line("alice", "2026-03-01", "qwen3-coder", 120_000, 100_000, 2_000),
+        _line("alice", "2026-03-01", "qwen3-coder", 130_000, 120_000, 3_000),
+        _line("bob", "2026-03-01", "qwen3-coder", 5_000, 0, 700),
+        _line("alice", "2026-03-02", "qwen3-coder", 1_000_000, 900_000, 10_000),
+        "not json at all",
+    ]) + "\n")
+    logs[1].write_text("\n".join([
+        _line("alice", "2026-03-02", "llama-70b", 40, None, 1),
+        _line("bob", "2026-03-03", "qwen3-coder", None, None, None),  # refused: a turn, no tokens
+        _line(None, "2026-03-03", "qwen3-coder", 10, 0, 2),  # before clients existed
+        '{"time": "2026-03-03T00:00:00Z", "request_id": "r", "input_tokens": "many"}',  # not ours
+        '["a", "list"]',
+    ]) + "\n")
+    out = run_cli(tmp_path, "usage", *map(str, logs))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "CLIENT       DAY         MODEL        TURNS  PROMPT TOKENS     CACHED  OUTPUT TOKENS",
+        "-            2026-03-03  qwen3-coder      1             10          0              2",
+        "-            total                        1             10          0              2",
+        "",
+        "alice        2026-03-01  qwen3-coder      2        250,000    220,000          5,000",
+        "alice        2026-03-02  llama-70b        1             40          0              1",
+        "alice        2026-03-02  qwen3-coder      1      1,000,000    900,000         10,000",
+        "alice        total                        4      1,250,040  1,120,000         15,001",
+        "",
+        "bob          2026-03-01  qwen3-coder      1          5,000          0            700",
+        "bob          2026-03-03  qwen3-coder      1              0          0              0",
+        "bob          total                        2          5,000          0            700",
+        "",
+        "all clients  total                        7      1,255,050  1,120,000         15,703",
+    ]
+    assert "skipped 3 lines" in out.stderr
+    since = json.loads(run_cli(tmp_path, "usage", *map(str, logs), "--since", "2026-03-02", "--json").stdout)
+    assert [(r["client"], r["day"], r["model"], r["turns"]) for r in since["rows"]] == [
+        ("-", "2026-03-03", "qwen3-coder", 1), ("alice", "2026-03-02", "llama-70b", 1),
+        ("alice", "2026-03-02", "qwen3-coder", 1), ("bob", "2026-03-03", "qwen3-coder", 1)]
+    assert since["clients"]["alice"] == {"turns": 2, "prompt_tokens": 1_000_040, "cached_tokens": 900_000,
+                                         "output_tokens": 10_001}
+    assert since["total"]["turns"] == 4 and since["skipped_lines"] == 3
+    bad = run_cli(tmp_path, "usage", str(logs[0]), "--since", "2026-3-2")
+    assert bad.returncode == 2 and "expected a day as YYYY-MM-DD" in bad.stderr
+
+
+def test_usage_table_columns_line_up(tmp_path):
+    log = tmp_path / "a.jsonl"
+    log.write_text("\n".join([_line("alice", "2026-03-01", "qwen3-coder", 1_234_567, 1_000_000, 89_012),
+                              _line("bob-the-builder", "2026-03-01", "m", 5, 0, 1)]) + "\n")
+    lines = run_cli(tmp_path, "usage", str(log)).stdout.splitlines()
+    header = lines[0]
+    for line in filter(None, lines[1:]):
+        # numbers end where their column's header ends; names start where theirs starts
+        for title in ("TURNS", "PROMPT TOKENS", "CACHED", "OUTPUT TOKENS"):
+            end = header.index(title) + len(title)
+            assert line[end - 1].isdigit() and (end == len(line) or line[end] == " "), (title, line)
+        day = header.index("DAY")
+        assert line[day - 2:day] == "  " and line[day] != " "
+    assert "alice            2026-03-01  qwen3-coder      1      1,234,567  1,000,000         89,012" in lines
+
+
+def test_usage_reads_the_configured_access_log_and_refuses_none_or_stderr(tmp_path):
+    log = tmp_path / "configured.jsonl"
+    log.write_text(_line("alice", "2026-03-01", "m", 1, 0, 1) + "\n")
+    out = run_cli(tmp_path, "usage", "--json", RESP2CHAT_ACCESS_LOG_PATH=str(log))
+    assert out.returncode == 0 and json.loads(out.stdout)["files"] == [str(log)]
+    unset = run_cli(tmp_path, "usage")
+    assert unset.returncode == 2 and "no access log: name the files, or set access_log_path" in unset.stderr
+    stderr = run_cli(tmp_path, "usage", RESP2CHAT_ACCESS_LOG_PATH="-")
+    assert stderr.returncode == 2 and "access_log_path is '-'" in stderr.stderr
+    missing = run_cli(tmp_path, "usage", str(tmp_path / "nope.jsonl"))
+    assert missing.returncode == 2 and "cannot read" in missing.stderr
+    piped = subprocess.run([str(RESP2CHAT), "usage", "-", "--json"], input=log.read_text(), capture_output=True,
+                           text=True, env=cli_env(tmp_path), timeout=60)
+    assert json.loads(piped.stdout)["clients"]["alice"]["turns"] == 1

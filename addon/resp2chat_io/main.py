@@ -1,10 +1,11 @@
-"""The ``resp2chat`` command: configure, keys, start, print-config, analyze, retranslate."""
+"""The ``resp2chat`` command: configure, keys, start, print-config, usage, analyze, retranslate."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -385,6 +386,37 @@ def cmd_print_config(args) -> int:
     return 0
 
 
+# --- usage -----------------------------------------------------------------------------------
+
+
+def cmd_usage(args) -> int:
+    from resp2chat_io.usage_report import main as usage_main
+
+    files = args.files
+    if not files:
+        values, _, path = _settings()
+        where = values["access_log_path"]
+        if not where:
+            return _fail(f"no access log: name the files, or set access_log_path (config file {path}) so the "
+                         "gateway writes one JSON line per turn there")
+        if where == "-":
+            return _fail("access_log_path is '-' (the gateway's stderr): name the file that output goes to, or "
+                         "pipe it in, e.g. journalctl -u resp2chat -o cat | resp2chat usage -")
+        files = [where]
+    return usage_main(files, args.since, args.json)
+
+
+def day(text: str) -> str:
+    import datetime
+
+    try:
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+            return datetime.date.fromisoformat(text).isoformat()
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r}: expected a day as YYYY-MM-DD")
+
+
 # --- analyze ---------------------------------------------------------------------------------
 
 
@@ -445,6 +477,13 @@ def parser() -> argparse.ArgumentParser:
     pc.add_argument("--builtin", action="store_true", help="configure Codex's built-in OpenAI provider "
                     "(openai_base_url: the WebSocket transport, remote compaction) instead of a custom provider")
     pc.set_defaults(func=cmd_print_config)
+
+    u = sub.add_parser("usage", help="turns and tokens per client, day and model, from access logs")
+    u.add_argument("files", nargs="*", metavar="ACCESS_LOG", help="access log files ('-': stdin; default: the "
+                   "configured access_log_path)")
+    u.add_argument("--since", metavar="YYYY-MM-DD", type=day, help="only turns on or after this day (UTC)")
+    u.add_argument("--json", action="store_true", help="machine-readable output")
+    u.set_defaults(func=cmd_usage)
 
     a = sub.add_parser("analyze", help="prefix-cache analysis of recorded flows or a JSONL upstream log")
     a.add_argument("files", nargs="+")
