@@ -9,6 +9,8 @@ import hashlib
 import json
 import os
 import re
+import shlex
+import shutil
 import stat
 import subprocess
 import sys
@@ -446,3 +448,174 @@ def test_usage_reads_the_configured_access_log_and_refuses_none_or_stderr(tmp_pa
     piped = subprocess.run([str(RESP2CHAT), "usage", "-", "--json"], input=log.read_text(), capture_output=True,
                            text=True, env=cli_env(tmp_path), timeout=60)
     assert json.loads(piped.stdout)["clients"]["alice"]["turns"] == 1
+
+
+# --- print-config with a client key ------------------------------------------------------------
+
+
+def test_print_config_names_the_variable_holding_the_key(tmp_path):
+    def config(*args, **env):
+        out = run_cli(tmp_path, "print-config", "--offline", *args, **env)
+        assert out.returncode == 0, out.stderr
+        return tomllib.loads(out.stdout), out
+    cfg, _ = config()
+    assert "env_key" not in cfg["model_providers"]["resp2chat"]  # a gateway without keys
+    cfg, _ = config(RESP2CHAT_GATEWAY_API_KEY="gw-key-123456")  # one person: the variable the gateway reads too
+    assert cfg["model_providers"]["resp2chat"]["env_key"] == "RESP2CHAT_GATEWAY_API_KEY"
+    clients = json.dumps([{"name": "alice", "key_sha256": sha(ALICE_KEY)}])
+    cfg, _ = config(RESP2CHAT_CLIENTS=clients)  # a team: each developer's own key
+    assert cfg["model_providers"]["resp2chat"]["env_key"] == "RESP2CHAT_API_KEY"
+    cfg, _ = config("--key-env", "TEAM_LLM_KEY", "--base-url", "https://llm.example.com/v1/")
+    provider = cfg["model_providers"]["resp2chat"]
+    assert provider["env_key"] == "TEAM_LLM_KEY" and provider["base_url"] == "https://llm.example.com/v1"
+    cfg, out = config("--builtin", "--key-env", "TEAM_LLM_KEY", "--base-url", "https://llm.example.com/v1")
+    assert cfg["openai_base_url"] == "https://llm.example.com/v1"
+    assert "#   printenv TEAM_LLM_KEY | codex login --with-api-key" in out.stdout
+    assert "printenv TEAM_LLM_KEY | codex login --with-api-key" in out.stderr
+    _, out = config("--builtin")  # no key needed, but interactive codex wants one stored
+    assert "#   echo unused | codex login --with-api-key" in out.stdout
+    for bad, needle in ((("--key-env", "MY-KEY"), "not an environment variable name"),
+                        (("--base-url", "llm.example.com"), "expected an http:// or https:// URL")):
+        out = run_cli(tmp_path, "print-config", "--offline", *bad)
+        assert out.returncode == 2 and needle in out.stderr
+
+
+@pytest.mark.codex
+def test_codex_custom_provider_reads_the_key_from_the_named_variable(tmp_path, upstream, codex_bin):
+    key = "r2c-the-developers-key-0123456789"
+    gw = start_gateway(upstream.origin, tmp_path, env=cli_env(tmp_path, RESP2CHAT_GATEWAY_API_KEY=key))
+    home, work = tmp_path / "codex-home", tmp_path / "work"
+    home.mkdir(), work.mkdir()
+    try:
+        (home / "config.toml").write_text(run_cli(tmp_path, "print-config", "--offline", "--key-env", "TEAM_LLM_KEY",
+                                                  "--base-url", gw.base_url).stdout)
+        cx = Codex(codex_bin, home, work)
+        refused = cx.exec("without the key")
+        cx.env["TEAM_LLM_KEY"] = key
+        run = cx.exec("with the key")
+    finally:
+        gw.stop()
+    assert refused.returncode != 0 and "TEAM_LLM_KEY" in refused.output  # Codex names the missing variable
+    assert run.returncode == 0 and "You said: with the key" in run.stdout, run.output
+
+
+@pytest.mark.codex
+def test_codex_builtin_provider_with_the_printed_login_line(tmp_path, upstream, codex_bin):
+    """What print-config --builtin prints is what Codex 0.169 needs: `codex exec` sends the key
+    stored by the printed `codex login` line, and takes CODEX_API_KEY, but never OPENAI_API_KEY."""
+    key = "r2c-the-developers-key-0123456789"
+    gw = start_gateway(upstream.origin, tmp_path, env=cli_env(tmp_path, RESP2CHAT_GATEWAY_API_KEY=key))
+    home, work = tmp_path / "codex-home", tmp_path / "work"
+    home.mkdir(), work.mkdir()
+    try:
+        out = run_cli(tmp_path, "print-config", "--offline", "--builtin", "--key-env", "TEAM_LLM_KEY",
+                      "--base-url", gw.base_url)
+        (home / "config.toml").write_text(out.stdout)
+        cx = Codex(codex_bin, home, work)
+        cx.env["OPENAI_API_KEY"] = key
+        assert "401" in cx.exec("openai key in the environment").output
+        del cx.env["OPENAI_API_KEY"]
+        cx.env["CODEX_API_KEY"] = key
+        assert "You said: codex key" in cx.exec("codex key").stdout
+        del cx.env["CODEX_API_KEY"]
+        login = re.search(r"^#   (printenv .*)$", out.stdout, re.M).group(1)
+        env = {k: v for k, v in cli_env(tmp_path).items() if not k.startswith(("CODEX_", "OPENAI_"))}
+        stored = subprocess.run(["bash", "-c", login.replace("codex login", f"{codex_bin} login")], text=True,
+                                capture_output=True, timeout=60, env={**env, "CODEX_HOME": str(home), "TEAM_LLM_KEY": key})
+        assert stored.returncode == 0, stored.stderr
+        assert stat.S_IMODE((home / "auth.json").stat().st_mode) == 0o600
+        run = cx.exec("stored login")
+    finally:
+        gw.stop()
+    assert run.returncode == 0 and "You said: stored login" in run.stdout, run.output
+
+
+class Tmux:
+    """The interactive Codex TUI in a real terminal (tmux, a server of its own), read off the
+    screen. Codex's app-server daemon outlives the TUI: ``close`` ends every process whose
+    command line names this test's CODEX_HOME."""
+
+    def __init__(self, tmp_path: Path, codex_home: Path) -> None:
+        self.socket = f"resp2chat-test-{os.getpid()}-{tmp_path.name}"
+        self.home = codex_home
+
+    def tmux(self, *args: str) -> str:
+        return subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True, text=True, timeout=30).stdout
+
+    def start(self, name: str, cmd: list[str], env: dict, cwd: Path) -> None:
+        line = shlex.join(["env", "-i", *(f"{k}={v}" for k, v in env.items()), *cmd])
+        self.tmux("new-session", "-d", "-s", name, "-x", "160", "-y", "50", "-c", str(cwd), line)
+        self.tmux("set-option", "-t", name, "remain-on-exit", "on")
+
+    def screen(self, name: str) -> str:
+        return self.tmux("capture-pane", "-p", "-t", name)
+
+    def wait_for(self, name: str, *texts: str, timeout: float = 90) -> str:
+        """The screen once it shows one of ``texts``."""
+        try:
+            return wait_until(lambda: (s := self.screen(name)) and any(t in s for t in texts) and s, timeout,
+                              f"one of {texts} on the screen")
+        except TimeoutError:
+            raise AssertionError(f"none of {texts} on the screen:\n{self.screen(name)}") from None
+
+    def started(self) -> list[int]:
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if str(self.home).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.append(int(pid))
+            except OSError:
+                pass
+        return found
+
+    def close(self) -> None:
+        self.tmux("kill-server")
+        for sig in (15, 9):
+            for pid in self.started():
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            try:
+                wait_until(lambda: not self.started(), 10, "Codex's processes to end")
+                return
+            except TimeoutError:
+                continue
+
+
+@pytest.mark.codex
+def test_interactive_codex_on_the_builtin_provider_needs_the_stored_key(tmp_path, upstream, codex_bin):
+    """Interactive `codex` (0.169) on the built-in provider opens OpenAI's sign-in screen unless
+    a key is stored, CODEX_API_KEY or not. After the printed `codex login` line it talks to the
+    gateway with the stored key, once no app-server daemon of that CODEX_HOME started before the
+    login is left (it keeps the sign-in state it started with)."""
+    if not shutil.which("tmux"):
+        pytest.fail("this test drives the Codex TUI in tmux: install tmux")
+    key = "r2c-the-developers-key-0123456789"
+    gw = start_gateway(upstream.origin, tmp_path, env=cli_env(tmp_path, RESP2CHAT_GATEWAY_API_KEY=key))
+    home, work = tmp_path / "codex-home", tmp_path / "work"
+    home.mkdir(), work.mkdir()
+    term = Tmux(tmp_path, home)
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "TERM": "xterm-256color", "CODEX_HOME": str(home),
+           "TEAM_LLM_KEY": key}
+    signin = "Sign in with ChatGPT"
+    try:
+        out = run_cli(tmp_path, "print-config", "--offline", "--builtin", "--key-env", "TEAM_LLM_KEY", "--base-url", gw.base_url)
+        (home / "config.toml").write_text(out.stdout)
+        term.start("env-key-only", [codex_bin, "hello from the environment"], {**env, "CODEX_API_KEY": key}, work)
+        assert signin in term.wait_for("env-key-only", signin, "You said:")
+        term.tmux("kill-session", "-t", "env-key-only")  # the user quits that screen and logs in
+        login = re.search(r"^#   (printenv .*)$", out.stdout, re.M).group(1).replace("codex login", f"{codex_bin} login")
+        assert subprocess.run(["bash", "-c", login], env=env, capture_output=True, timeout=60).returncode == 0
+        term.start("stale", [codex_bin, "hello again"], env, work)  # the daemon of the first run still answers
+        assert signin in term.wait_for("stale", signin, "You said:")
+        term.tmux("kill-session", "-t", "stale")
+        stop = subprocess.run([codex_bin, "app-server", "daemon", "stop"], env=env, capture_output=True, text=True,
+                              timeout=60)
+        assert stop.returncode == 0, stop.stderr
+        term.start("stored", [codex_bin, "hello interactive"], env, work)
+        screen = term.wait_for("stored", "You said: hello interactive", signin)
+    finally:
+        term.close()
+        gw.stop()
+    assert "You said: hello interactive" in screen, screen
