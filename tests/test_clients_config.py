@@ -13,8 +13,6 @@ import shlex
 import shutil
 import stat
 import subprocess
-import sys
-import time
 import tomllib
 from pathlib import Path
 
