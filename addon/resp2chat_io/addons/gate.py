@@ -32,12 +32,13 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from mitmproxy import http
+from mitmproxy import exceptions, http
 from mitmproxy.net.http import http1
 
 from resp2chat_core import content_encoding
 from resp2chat_core import gate as G
 from resp2chat_core import settings as S
+from resp2chat_core.clients import ClientTable, parse_clients
 from resp2chat_core.errors import GatewayError
 from resp2chat_io.relay import TURN_HEADER, Answer
 
@@ -85,9 +86,15 @@ class Gate(Owner):
         self.relay = relay
         self.rules = G.parse_passthrough(self.s["passthrough_paths"])
         self.refused: dict[str, Refused] = {}  # flow id -> refused at its head, answered by the relay
+        self.clients = ClientTable()
 
     def apply(self, updated: set[str]) -> None:
         self.rules = G.parse_passthrough(self.s["passthrough_paths"])
+        # `clients` with gateway_api_key (its `default` client): an invalid pair stops start-up
+        try:
+            self.clients = ClientTable(parse_clients(self.s["clients"], self.s["gateway_api_key"]))
+        except S.SettingsError as exc:
+            raise exceptions.OptionsError(f"resp2chat: {exc}") from None
 
     @property
     def limit(self) -> int:

@@ -100,7 +100,7 @@ class Turns(Owner):
     owner = "lowering"
     # secrets: scrubbed from what a turn records; the caps: checked before a request is validated;
     # max_upstream_event_mb: bounds each turn's reading of the backend's stream
-    also_reads = tuple(sorted(S.SECRET_FIELDS)) + ("upstreams", *Caps.SETTINGS, "max_upstream_event_mb")
+    also_reads = tuple(sorted(S.SECRET_FIELDS | S.HOLDS_SECRETS)) + (*Caps.SETTINGS, "max_upstream_event_mb")
 
     def __init__(self, source, upstreams, search, store) -> None:
         super().__init__(source)
