@@ -50,7 +50,7 @@ STAGES = {
     "translator": ("resp2chat_core.translator", "Translator._payload"),
     "answer": ("resp2chat_io.addons.http_turns", "HttpTurns._answer_whole"),
     "finished": ("resp2chat_io.addons.http_turns", "HttpTurns._record"),
-    "listener": ("resp2chat_io.addons.replay", "ReplayCache.finished"),  # the first of Turns.finished
+    "listener": ("resp2chat_io.addons.replay", "ReplayCache.finished"),  # one of Turns.finished
     "metrics": ("resp2chat_io.addons.metrics", "Metrics.record"),  # the first of Outcomes.listeners
 }
 

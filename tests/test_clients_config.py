@@ -210,7 +210,7 @@ def test_a_client_key_is_scrubbed_from_what_clients_get(tmp_path, upstream):
     env = cli_env(tmp_path, RESP2CHAT_CLIENTS=json.dumps([{"name": "alice", "key": ALICE_KEY}]))
     gw = start_gateway(upstream.origin, tmp_path, env=env)
     try:
-        client = openai.OpenAI(base_url=gw.base_url, api_key="unused", max_retries=0)
+        client = openai.OpenAI(base_url=gw.base_url, api_key=ALICE_KEY, max_retries=0)
         with pytest.raises(openai.BadRequestError) as err:
             client.responses.create(model="demo-model", input=f"error: 400 your key {ALICE_KEY} is odd")
         events = list(client.responses.create(model="demo-model", input=f"error: 400 again {ALICE_KEY}", stream=True))

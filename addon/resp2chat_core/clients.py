@@ -161,5 +161,8 @@ class ClientTable:
     def __len__(self) -> int:
         return len(self.specs)
 
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ClientTable) and self.specs == other.specs
+
     def __repr__(self) -> str:
         return f"ClientTable({', '.join(self.names)})"

@@ -154,12 +154,15 @@ class Upstreams(Owner):
 
     def owner_of(self, flow: http.HTTPFlow) -> str:
         """Whose stored state a request sees and makes (resp2chat_core/owner.py): decided here
-        once, for every path (turns, the WebSocket, GET/DELETE of a stored response, the Redis
-        prefetch, the replay cache), from the client's request before its credentials are
-        replaced. When the client's ``Authorization`` may reach a backend (``authorization``:
-        ``forward_client_auth``, no gateway key, an upstream without its own key) the backend
-        decides who the client is, so each credential is its own owner (a digest of it);
-        otherwise every client of this gateway is one owner."""
+        once, for every path (turns, the WebSocket, GET/DELETE of a stored response, the replay
+        cache), from the client's request before its credentials are replaced. A configured
+        client (the gate named it: ``clients``) owns its own; when the client's ``Authorization``
+        may reach a backend (``authorization``: ``forward_client_auth``, no gateway key, an
+        upstream without its own key) the backend decides who the client is, so each credential
+        is its own owner (a digest of it); otherwise every client of this gateway is one owner."""
+        client = (flow.metadata.get(META) or {}).get("client")
+        if client:
+            return owners.of_client(client)
         forwarded = self.s["forward_client_auth"] and not self.s["gateway_api_key"] and (
             any(not s.api_key for s in self.specs) if self.specs else not self.s["upstream_api_key"])
         return owners.of_credential(flow.request.headers.get("authorization")) if forwarded else owners.SHARED
