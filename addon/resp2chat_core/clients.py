@@ -25,6 +25,8 @@ from fnmatch import fnmatchcase
 from typing import Any, Sequence
 
 from . import settings as S
+from .errors import GatewayError
+from .labels import shown
 
 DEFAULT = "default"  # the client gateway_api_key stands for
 FIELDS = ("name", "key", "key_sha256", "models", "rpm", "tpm", "max_streams")
@@ -65,7 +67,18 @@ class ClientSpec:
 
 def allows_model(spec: ClientSpec, model: str) -> bool:
     """The client may use ``model``: one of its globs matches (as routing.py matches upstreams)."""
-    return any(fnmatchcase(model, pattern) for pattern in spec.models)
+    return matches(spec.models, model)
+
+
+def matches(globs, model: str) -> bool:
+    """One of ``globs`` (a client's ``models``) matches ``model``."""
+    return any(fnmatchcase(model, pattern) for pattern in globs)
+
+
+def not_allowed(model: str) -> GatewayError:
+    """A model outside a client's ``models``: to it, one that does not exist (as OpenAI says it)."""
+    return GatewayError(f"the model {shown(model)!r} does not exist or you do not have access to it",
+                        param="model", code="model_not_found", status=404)
 
 
 def parse_clients(entries: Sequence[Any], gateway_api_key: str = "") -> tuple[ClientSpec, ...]:

@@ -107,15 +107,22 @@ def decide(now: float, rpm: int | None, requests: Bucket | None, tpm: int | None
         requests.refill(now)
     if tokens is not None:
         tokens.refill(now)
-    if requests is not None and requests.level < 1:
-        return Verdict(False, headers(rpm, requests, tpm, tokens), requests.wait(1), "requests")
-    if tokens is not None and tokens.level <= 0:
-        return Verdict(False, headers(rpm, requests, tpm, tokens), max(tokens.wait(1e-9), 0.001), "tokens")
-    if max_streams is not None and open_streams >= max_streams:
-        return Verdict(False, headers(rpm, requests, tpm, tokens), 1.0, "streams")
-    if requests is not None:
+    why = ("requests" if requests is not None and requests.level < 1
+           else "tokens" if tokens is not None and tokens.level <= 0
+           else "streams" if max_streams is not None and open_streams >= max_streams else "")
+    if not why and requests is not None:
         requests.level -= 1
-    return Verdict(True, headers(rpm, requests, tpm, tokens))
+    return verdict(why, rpm, requests, tpm, tokens)
+
+
+def verdict(why: str, rpm: int | None, requests: Bucket | None, tpm: int | None, tokens: Bucket | None) -> Verdict:
+    """The verdict once decided (``why``: the limit in the way, "" when admitted), from the
+    buckets as they are after it: here, or in Redis (resp2chat_io/addons/limits.py)."""
+    heads = headers(rpm, requests, tpm, tokens)
+    if not why:
+        return Verdict(True, heads)
+    wait = requests.wait(1) if why == "requests" else max(tokens.wait(1e-9), 0.001) if why == "tokens" else 1.0
+    return Verdict(False, heads, wait, why)
 
 
 def spend(now: float, tokens: Bucket, used: int) -> None:

@@ -208,11 +208,7 @@ class Limits:
         requests = L.Bucket(client.rpm, float(rl), now) if client.rpm is not None else None
         tokens = L.Bucket(client.tpm, float(tl), now) if client.tpm is not None else None
         why = why.decode() if isinstance(why, bytes) else why
-        heads = L.headers(client.rpm, requests, client.tpm, tokens)
-        if not why:
-            return L.Verdict(True, heads)
-        wait = requests.wait(1) if why == "requests" else max(tokens.wait(1e-9), 0.001) if why == "tokens" else 1.0
-        return L.Verdict(False, heads, wait, why)
+        return L.verdict(why, client.rpm, requests, client.tpm, tokens)
 
     async def _heartbeat(self) -> None:
         """Keep this replica's open turns in Redis alive (their lease), so only a dead replica's

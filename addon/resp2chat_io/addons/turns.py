@@ -36,9 +36,8 @@ from mitmproxy import http
 
 from resp2chat_core import settings as S
 from resp2chat_core.channel import Reader, record_events, scrub
-from resp2chat_core.clients import ClientSpec, allows_model
+from resp2chat_core.clients import ClientSpec, allows_model, not_allowed
 from resp2chat_core.errors import GatewayError, gateway_failure
-from resp2chat_core.labels import shown
 from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.replay import MAX_ENTRY_BYTES, replay_key
 from resp2chat_core.retranslate import lowering_record
@@ -192,8 +191,7 @@ class Turns(Owner):
         check_caps(raw, self.caps)
         model = raw.get("model")
         if client is not None and isinstance(model, str) and not allows_model(client, model):
-            raise GatewayError(f"the model {shown(model)!r} does not exist or you do not have access to it",
-                               param="model", code="model_not_found", status=404)
+            raise not_allowed(model)
         return raw
 
     async def lookup(self, raw: dict, owner: str, memory=None) -> Found:
