@@ -122,6 +122,12 @@ def test_each_clients_state_is_its_own_on_both_replicas_and_transports(team, ups
     assert done[-1]["type"] == "response.completed"
     assert [m["content"] for m in upstream.requests()[-1]["messages"]][0] == "alice's secret plan"
     assert alice_a.responses.retrieve(first.id).id == first.id  # bob's delete did not touch it
+    # the key in x-api-key (Anthropic-style clients) names the client as well; an unknown key is a 401
+    as_header = post_turn(team.gws[1], {"model": ALL, "input": "go on", "previous_response_id": first.id},
+                          {"x-api-key": team.keys["alice"]})
+    assert as_header.status_code == 200, as_header.text
+    unknown = post_turn(team.gws[0], {"model": ALL, "input": "hi"}, {"x-api-key": "r2c-" + "x" * 43})
+    assert unknown.status_code == 401 and unknown.json()["error"]["code"] == "invalid_api_key"
     # the replay cache answers a client only with its own cached answers
     body = {"input": "a question everyone asks", "stream": True}
     assert team.post(0, "alice", body).status_code == 200
