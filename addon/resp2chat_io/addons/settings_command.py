@@ -24,6 +24,20 @@ class SettingsCommand:
             if f.name in S.SECRET_FIELDS:
                 value = "[set]" if value else ""
             elif f.kind == "entries":
-                value = [{k: ("[set]" if v else "") if k == "api_key" else v for k, v in e.items()} for e in value]
+                value = [_entry(f.name, e) for e in value]
             shown[f.name] = value
         return json.dumps(shown, indent=2)
+
+
+def _entry(field: str, entry: dict) -> dict:
+    """An entry of ``upstreams`` or ``clients`` without its key (a client's key_sha256 shortened
+    to the fingerprint ``resp2chat keys list`` shows)."""
+    secret = S.ENTRY_SECRETS.get(field)
+    shown = {}
+    for k, v in entry.items():
+        if k == secret:
+            v = "[set]" if v else ""
+        elif field == "clients" and k == "key_sha256" and isinstance(v, str):
+            v = v[:8].lower() + "…"
+        shown[k] = v
+    return shown
