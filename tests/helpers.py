@@ -622,6 +622,9 @@ SPEC = {
     "ReasoningBody": {"type": "string", "id": "string", "summary": ("list", _PART), "content?": ("list", _PART),
                       "encrypted_content?": "string"},
     "CompactionBody": {"type": "string", "id": "string", "encrypted_content": "string", "created_by?": "string"},
+    # POST /v1/responses/compact's answer (the spec's compact endpoint)
+    "CompactionResponse": {"id": "string", "object": ("enum", "response.compaction"), "created_at": "integer",
+                           "output": ("list", _ITEM), "usage": "Usage"},
     "ExtensionItem": {"type": "string", "id": "string", "status": "string"},
     # content parts
     "InputTextContent": {"type": "string", "text": "string"},
@@ -751,7 +754,8 @@ def check_spec(events: list[dict]) -> list[dict]:
     return events
 
 
-BODIES = {"response": "ResponseResource"}  # a JSON answer's ``object`` -> what the spec says it is
+BODIES = {"response": "ResponseResource", "response.compaction": "CompactionResponse"}  # a JSON answer's
+# ``object`` -> what the spec says it is
 
 
 def check_body(body: bytes) -> None:

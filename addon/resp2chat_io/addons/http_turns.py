@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from mitmproxy import ctx, http
 
+from resp2chat_core import compaction
 from resp2chat_core.channel import Reader, scrub
 from resp2chat_core.errors import GatewayError, error_json, gateway_failure
 from resp2chat_core.labels import shown
@@ -44,6 +45,7 @@ FAILED_STATUS = {
     "rate_limit_exceeded": 429,
     "insufficient_quota": 429,
 }
+COMPACT_PATHS = tuple(p + "/compact" for p in RESPONSES_PATHS)  # POST /v1/responses/compact
 FIRST_SLICE = 2048  # backend bytes translated before the first tick's answer goes out (TurnStream)
 HOP_KEPT = frozenset({"connection", "keep-alive"})  # the client's, on the flow's request: its connection's fate
 
@@ -148,7 +150,8 @@ class HttpTurns:
             return
         req = flow.request
         path = req.path.split("?", 1)[0]
-        if req.method != "POST" or path not in RESPONSES_PATHS:
+        compact = path in COMPACT_PATHS  # POST /v1/responses/compact: a remote-compaction turn (compaction.py)
+        if req.method != "POST" or path not in RESPONSES_PATHS and not compact:
             return
         started = time.monotonic()
         body = req.get_content(strict=False) or b""
@@ -165,14 +168,16 @@ class HttpTurns:
         owner = self.upstreams.owner_of(flow)  # (before the client's credentials are left behind below)
         raw = None
         try:
-            hit = await self._cached(flow, body, owner)
+            hit = None if compact else await self._cached(flow, body, owner)  # (the cache keys /v1/responses)
             raw = self.turns.check(await self.turns.decode(body), client)
             note_request(meta, None, raw)
+            if compact:
+                raw = compaction.compact_request(raw)
             found = await self.turns.lookup(raw, owner)
             if hit is not None and self._answer_hit(flow, hit, raw, found, owner, limits):
                 self.turns.release(client, flow.id)
                 return
-            turn = self.turns.lower(raw, found, owner=owner, request_id=request_id(flow))
+            turn = self.turns.lower(raw, found, owner=owner, request_id=request_id(flow), keep_items=compact)
             meta["response_id"] = turn.ctx.response_id  # (a turn from now on: outcomes.py)
             run = self.turns.start(turn, flow, turn_id=flow.id, started=started, client_headers=req.headers,
                                    client=client, limits=limits)
@@ -331,6 +336,8 @@ class HttpTurns:
             status = FAILED_STATUS.get(err["code"], 502)
             body = error_json(err["message"], status_type="upstream_error", code=err["code"])
         else:
+            if flow.metadata[META].get("client_path") in COMPACT_PATHS:  # the endpoint's own answer
+                result = compaction.compacted(result, run.turn.items)
             status, body = 200, json.dumps(result, ensure_ascii=False).encode()
         flow.response = json_response(status, scrub(body, self.turns.secrets), x_request_id=run.request_id)
         flow.response.headers.update(run.limits)

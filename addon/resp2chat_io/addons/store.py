@@ -25,6 +25,7 @@ import asyncio
 
 from mitmproxy import http
 
+from resp2chat_core import gate as G
 from resp2chat_core.errors import GatewayError
 from resp2chat_core.labels import shown
 from resp2chat_core.turn import Found
@@ -33,8 +34,6 @@ from resp2chat_io.store import ResponseStore, StateUnavailable, Store, Writes
 
 from .base import Owner, fails_closed, json_response, log, refusal
 
-PREFIXES = ("/v1/responses/", "/responses/")
-CONVERSATIONS = ("/v1/conversations", "/conversations")  # not implemented: answered here, not forwarded
 FRESH_POLL = 0.05  # seconds between two asks for an id not known yet
 
 
@@ -129,17 +128,15 @@ class StoredResponses(Owner):
         if flow.response or flow.is_replay == "response":
             return
         path = flow.request.path.split("?", 1)[0]
-        if path.startswith(CONVERSATIONS) and path.removeprefix("/v1").split("/")[1] == "conversations":
+        found = G.endpoint(path)  # (the gate let only its methods through)
+        if found is not None and found[0] == "conversations":
             flow.response = refusal(flow, GatewayError(
                 "the Conversations API is not supported by this gateway: send the whole history in input, "
                 "or continue a stored response with previous_response_id", code="unsupported_endpoint", status=404))
             return
-        if not path.startswith(PREFIXES):
+        if found is None or found[:2] != ("responses", "/{id}"):
             return
-        response_id, method = path.rsplit("/", 1)[1], flow.request.method
-        if method not in ("GET", "DELETE"):
-            flow.response = refusal(flow, GatewayError(f"{method} is not supported here", status=405))
-            return
+        (response_id,), method = G.path_ids(path), flow.request.method
         owner = self.upstreams.owner_of(flow)
         try:
             entry = await self.get(response_id, owner)
