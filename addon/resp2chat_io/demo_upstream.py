@@ -22,7 +22,8 @@ first matching directive wins (one per line, at the start of the line):
 so they also apply to the answer that follows a tool result.
 
 Token accounting: 1 token ~= 4 bytes of the canonical prompt
-json.dumps([tools, messages]). A simulated KV prefix cache remembers the last
+json.dumps([tools, messages]); `POST /tokenize` with {model, messages, tools} (vLLM's)
+answers that count, without answering. A simulated KV prefix cache remembers the last
 64 prompts; cached_tokens = longest common byte prefix // 4, in whole blocks
 of 16 tokens. Completion tokens = reasoning words + text words + 8-character
 tool-argument pieces.
@@ -678,12 +679,23 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         raw = self._read_body()  # always consume the body to keep the keep-alive connection in sync
+        if self.route == "/tokenize":
+            return self._tokenize(raw)
         if self.route != "/v1/chat/completions":
             return self._not_found()
         try:
             self._chat(raw)
         except ApiError as e:
             self._send_json(e.status, e.body(), e.headers)
+
+    def _tokenize(self, raw):
+        """vLLM's /tokenize of a chat request: its prompt's token count (as a turn would count it)."""
+        try:
+            body = json.loads(raw)
+            n = prompt_tokens(canonical_prompt(body))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return self._send_json(400, ApiError(400, "expected {model, messages, tools}").body())
+        self._send_json(200, _dumps({"count": n, "max_model_len": self.server.max_context, "tokens": list(range(n))}))
 
     def _other(self):
         self._read_body()

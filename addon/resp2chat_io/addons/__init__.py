@@ -9,7 +9,8 @@
 - ``Limits``          each client's rpm, tpm, max_streams (asked by Turns.admit; in Redis for replicas)
 - ``ReplayCache``     identical requests answered without the backend (asked by HttpTurns)
 - ``Turns``           one turn's steps, both transports: decode, look up, lower, start, settle (no hooks)
-- ``HttpTurns``       POST /v1/responses: drives a turn through the relay, streams it, records it
+- ``HttpTurns``       POST /v1/responses (and /compact): drives a turn through the relay, streams it, records it
+- ``InputTokens``     POST /v1/responses/input_tokens: the backend's tokenizer, else an estimate
 - ``ServerReplay``    --server-replay answers reruns of recorded turns (what varies between runs ignored)
 - ``ResponsesWebSocket`` ws://…/v1/responses: drives the same turns for each message of a socket
 - ``Upstreams``       passthrough_paths to the upstream (answers scrubbed); the relay's lifetime and timeouts
@@ -32,6 +33,7 @@ from .access_log import AccessLog
 from .base import SettingsSource
 from .gate import Egress, Gate
 from .http_turns import HttpTurns
+from .input_tokens import InputTokens
 from .limits import Limits
 from .listen import Listen
 from .metrics import Metrics
@@ -57,6 +59,7 @@ def build() -> list:
     store = StoredResponses(source, upstreams)
     limits = Limits(store)
     turns = Turns(source, upstreams, search, store, limits)
+    store.sealer = turns.sealer
     replay = ReplayCache(source, upstreams, turns, store)
     outcomes = Outcomes()
     request_log = RequestLog(source, turns)
@@ -68,7 +71,8 @@ def build() -> list:
     server_replay = ServerReplay(turns)
     sockets = ResponsesWebSocket(source, upstreams, turns, gate, server_replay, outcomes)
     return [
-        Listen(source, upstreams), gate, store, limits, replay, turns, http_turns, server_replay, sockets,
+        Listen(source, upstreams), gate, store, limits, replay, turns, http_turns, InputTokens(turns, upstreams, gate),
+        server_replay, sockets,
         upstreams, outcomes, Metrics(turns, store, replay, outcomes), AccessLog(source, outcomes),
         request_log, raw, search, SettingsCommand(source), Egress(gate), Redact(upstreams),
     ]

@@ -25,7 +25,7 @@ import asyncio
 
 from mitmproxy import http
 
-from resp2chat_core import gate as G
+from resp2chat_core import gate as G, listing
 from resp2chat_core.errors import GatewayError
 from resp2chat_core.labels import shown
 from resp2chat_core.turn import Found
@@ -54,6 +54,7 @@ class StoredResponses(Owner):
         self.store: Store | None = None
         self.state: RedisState | None = None  # Redis, when state_store_url is set (also the replay cache's)
         self.writes = Writes()  # the store's writes and the replay cache's
+        self.sealer = None  # the gateway's (Turns.sealer, set by build()): sealed reasoning in item lists
         self._config: tuple | None = None
 
     def apply(self, updated: set[str]) -> None:
@@ -122,7 +123,7 @@ class StoredResponses(Owner):
         if done.status == "completed" and done.turn.store:  # (the final's id: a replayed answer keeps its own)
             self.put(done.final["id"], done.turn.items + done.final["output"], done.final, owner=done.turn.owner)
 
-    # --- GET/DELETE /v1/responses/{id} ----------------------------------------------------------
+    # --- GET/DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items ----------------------
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.is_replay == "response":
@@ -134,21 +135,39 @@ class StoredResponses(Owner):
                 "the Conversations API is not supported by this gateway: send the whole history in input, "
                 "or continue a stored response with previous_response_id", code="unsupported_endpoint", status=404))
             return
-        if found is None or found[:2] != ("responses", "/{id}"):
+        if found is None or found[0] != "responses" or found[1] not in ("/{id}", "/{id}/input_items"):
             return
         (response_id,), method = G.path_ids(path), flow.request.method
         owner = self.upstreams.owner_of(flow)
         try:
+            page = listing.page_query(flow.request.query) if found[1] == "/{id}/input_items" else None
             entry = await self.get(response_id, owner)
             if entry is not None and method == "DELETE":
                 await self.store.delete(response_id, owner=owner)
         except StateUnavailable:
             flow.response = refusal(flow, store_unavailable(f"{method} {path}"))
             return
+        except GatewayError as err:
+            flow.response = refusal(flow, err)
+            return
         if entry is None:
             flow.response = refusal(flow, GatewayError(f"no stored response {shown(response_id)!r}",
                                                        code="response_not_found", status=404))
+        elif page is not None:
+            flow.response = self.input_items(flow, entry, page, self.sealer)
         elif method == "GET":
             flow.response = json_response(200, entry["response"])
         else:
             flow.response = json_response(200, {"id": response_id, "object": "response", "deleted": True})
+
+    @staticmethod
+    def input_items(flow: http.HTTPFlow, entry: dict, page: listing.Page, sealer) -> http.Response:
+        """A stored response's input items (its whole conversation before its output), a page of
+        them (listing.py); ids the items lack are given from the response's id."""
+        items, response = entry["items"], entry["response"]
+        items = items[:len(items) - len(response.get("output") or ())]
+        try:
+            return json_response(200, listing.page(listing.listed_ids(items, response["id"].removeprefix("resp_")),
+                                                   page, sealer))
+        except GatewayError as err:
+            return refusal(flow, err)
