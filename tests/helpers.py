@@ -26,6 +26,7 @@ import zlib
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import requests
 
@@ -274,12 +275,12 @@ def openai_client(gw, api_key: str = "sk-client-key", **kw):
 def _check_httpx_answer(response) -> None:
     if response.status_code == 200 and response.headers.get("content-type", "").startswith("application/json"):
         response.read()
-        check_body(response.content)
+        check_body(response.content, response.url.path)
 
 
 def _check_requests_answer(response, *args, **kwargs):
     if response.status_code == 200 and response.headers.get("content-type", "").startswith("application/json"):
-        check_body(response.content)
+        check_body(response.content, urlsplit(response.url).path)
     return response
 
 
@@ -622,6 +623,10 @@ SPEC = {
     "ReasoningBody": {"type": "string", "id": "string", "summary": ("list", _PART), "content?": ("list", _PART),
                       "encrypted_content?": "string"},
     "CompactionBody": {"type": "string", "id": "string", "encrypted_content": "string", "created_by?": "string"},
+    "ConversationResource": {"id": "string", "object": ("enum", "conversation"), "created_at": "integer",
+                             "metadata": "object"},
+    "ItemList": {"object": ("enum", "list"), "data": ("list", _ITEM), "first_id": "string?", "last_id": "string?",
+                 "has_more": "boolean"},
     # POST /v1/responses/compact's answer (the spec's compact endpoint)
     "CompactionResponse": {"id": "string", "object": ("enum", "response.compaction"), "created_at": "integer",
                            "output": ("list", _ITEM), "usage": "Usage"},
@@ -754,19 +759,24 @@ def check_spec(events: list[dict]) -> list[dict]:
     return events
 
 
-BODIES = {"response": "ResponseResource", "response.compaction": "CompactionResponse"}  # a JSON answer's
-# ``object`` -> what the spec says it is
+# a JSON answer's ``object`` -> what the spec says it is (the Conversations API's and item lists:
+# OpenAI's shapes, which the Open Responses spec does not define)
+BODIES = {"response": "ResponseResource", "response.compaction": "CompactionResponse",
+          "conversation": "ConversationResource", "list": "ItemList"}
+LISTS_OF_ITEMS = re.compile(r"/(input_items|items)$")  # the paths whose "list" is one of items (not /v1/models)
 
 
-def check_body(body: bytes) -> None:
-    """A JSON answer of the gateway, when it is one of the spec's objects (``BODIES``), as the
-    specification requires it. Every answer the suite reads through ``requests`` or
-    ``openai_client`` passes here (their hooks)."""
+def check_body(body: bytes, path: str = "") -> None:
+    """A JSON answer of the gateway (to a request for ``path``), when it is one of the spec's
+    objects (``BODIES``), as the specification requires it. Every answer the suite reads through
+    ``requests`` or ``openai_client`` passes here (their hooks)."""
     try:
         data = json.loads(body)
     except ValueError:
         return
     name = BODIES.get(data.get("object")) if isinstance(data, dict) and "deleted" not in data else None
+    if name == "ItemList" and not LISTS_OF_ITEMS.search(path):
+        return
     if name is not None:
         bad = spec_errors(data, name)
         assert not bad, f"not a {name}:\n  " + "\n  ".join(bad[:40])

@@ -93,6 +93,13 @@ def test_the_chat_style_tool_choice_is_taken_and_echoed_in_the_responses_form():
         assert json.loads("{" + t.ctx.echo_json + "}")["tool_choice"] == {"type": "function", "name": "get_weather"}
 
 
+def test_a_conversation_is_echoed_as_its_id():
+    for conversation in ("conv_1", {"id": "conv_1"}):
+        t = turn({"conversation": conversation}, found=Found(earlier=[]))
+        assert json.loads("{" + t.ctx.echo_json + "}")["conversation"] == {"id": "conv_1"}
+        assert t.conversation == "conv_1"
+
+
 # --- validation as OpenAI does it ----------------------------------------------------------------
 
 

@@ -64,16 +64,21 @@ def page_query(query) -> Page:
     return Page(one["after"] or None, limit, order, frozenset(include))
 
 
-def listed_ids(items: list, prefix: str) -> list[dict]:
-    """``items`` each with an ``id``: its own, else ``{prefix}_{index}`` (``msg_`` before it for
-    a message, ``item_`` otherwise), the same every time the same items are listed."""
+def with_ids(items: list, make_id) -> list:
+    """``items`` each with an ``id``: its own, else ``make_id(kind, index)`` (``kind``: ``msg``
+    for a message, ``item`` otherwise; ``index``: its place in ``items``)."""
     out = []
     for i, item in enumerate(items):
         if isinstance(item, dict) and not (isinstance(item.get("id"), str) and item["id"]):
-            kind = "msg" if item.get("type", "message") == "message" else "item"
-            item = {"id": f"{kind}_{prefix}_{i}", **item}
+            item = {"id": make_id("msg" if item.get("type", "message") == "message" else "item", i), **item}
         out.append(item)
     return out
+
+
+def listed_ids(items: list, prefix: str) -> list[dict]:
+    """``with_ids`` with ``{kind}_{prefix}_{index}``: the same every time the same items are
+    listed (a stored response's input items)."""
+    return with_ids(items, lambda kind, i: f"{kind}_{prefix}_{i}")
 
 
 def as_listed(item, include: frozenset = frozenset(), sealer: Sealer | None = None) -> dict:

@@ -19,7 +19,7 @@ import marshal
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from . import compaction, inputs, requestbody, response
+from . import compaction, conversations, inputs, requestbody, response
 from .errors import GatewayError
 from .lowering import LoweringOptions, Recent, TextCache, dumps, dumps_spliced, lower, wants_logprobs
 from .toolmap import ToolMap
@@ -118,6 +118,8 @@ class Turn:
     alternates: tuple[tuple[bytes | None, str, ToolMap], ...] = ()
     compaction: bool = False  # Codex's remote compaction: the answer is one sealed summary (compaction.py)
     owner: str = ""  # whose stored state it reads and writes (owner.py): set by the caller, who knows the client
+    conversation: str | None = None  # the conversation it goes on (conversations.py): its new items join it
+    continued: int = 0  # how many of ``items`` came from that conversation (the rest are the turn's own)
 
     def translator(self, max_event: int = MAX_EVENT) -> Translator:
         """``max_event``: the largest SSE event its backend may send (``max_upstream_event_mb``)."""
@@ -181,17 +183,23 @@ def decode_body(body: bytes | object) -> dict:
 class Found:
     """What a request refers to, looked up before it is lowered (the store, or a socket's memory:
     resp2chat_io's one lookup, ``Turns.lookup``): the conversation ``previous_response_id``
-    continues (None: not found, or none asked for) and the items its ``item_reference`` ids name
-    (missing: absent)."""
+    continues, or the items of the ``conversation`` it names (None: not found, or none asked
+    for), and the items its ``item_reference`` ids name (missing: absent)."""
 
     earlier: list | None = None
     items: dict = field(default_factory=dict)
 
 
 def wanted(raw: dict) -> tuple[str | None, tuple[str, ...]]:
-    """What a request needs looked up: its ``previous_response_id`` and its reference ids."""
+    """What a request needs looked up: its ``previous_response_id`` (or the ``conversation`` it
+    names: conversations.py) and its reference ids. ``GatewayError`` for a conversation named
+    badly, or together with a previous response."""
     previous = raw.get("previous_response_id")
-    return (previous if isinstance(previous, str) and previous else None,
+    conversation = conversations.named(raw)
+    if conversation is not None and previous is not None:
+        raise GatewayError("conversation and previous_response_id cannot be used together: a response continues "
+                           "either a conversation or a previous response", param="conversation", code="invalid_value")
+    return (conversation if conversation is not None else previous if isinstance(previous, str) and previous else None,
             tuple(dict.fromkeys(inputs.reference_ids(raw.get("input")))))
 
 
@@ -203,17 +211,20 @@ def conversation(raw: dict, found: Found, sealer: Sealer | None = None) -> tuple
     ``(raw for lowering, the conversation as input items, is a compaction request)``; the items
     are None when the request has no input list. ``GatewayError`` for a reference, a sealed item
     or a previous response that cannot be used."""
-    previous = raw.get("previous_response_id")
-    if raw.get("conversation") is not None and previous is not None:
-        raise GatewayError("conversation and previous_response_id cannot be used together: a response continues "
-                           "either a conversation or a previous response", param="conversation", code="invalid_value")
+    previous, _ = wanted(raw)
+    named = conversations.named(raw)
     items = raw.get("input")
     if isinstance(items, str):
         items = [{"role": "user", "content": items}]
     if not isinstance(items, list):
         return raw, None, False
     earlier = None
-    if isinstance(previous, str) and previous:
+    if named is not None:
+        earlier = found.earlier
+        if earlier is None:
+            raise conversations.not_found(named, "conversation")
+        raw = {**raw, "conversation": None}
+    elif previous is not None:
         earlier = found.earlier
         if earlier is None:
             raise GatewayError(f"previous response {previous!r} not found (unknown, expired or not stored)",
@@ -280,6 +291,7 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
                       encrypted_reasoning=inputs.wants_sealed_reasoning(raw),
                       summary=wants_summary(raw), logprobs=wants_logprobs(req))
     store = raw.get("store") is not False
+    named = conversations.named(asked)
     pck = raw.get("prompt_cache_key")
     alternates = []
     for alt in others:  # each fallback upstream: its own byte-deterministic body
@@ -297,6 +309,7 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
     ctx.tool_maps = tuple(tools for _, _, tools in alternates)  # (a Rerouted event takes one)
     return Turn(lowered.body, lowered.client_stream, ctx,
                 web_search=not summarize and any(t.kind == "web_search" for t in lowered.tool_map.targets.values()),
-                items=items if (store or keep_items) and items is not None else [], store=store,
+                items=items if (store or keep_items or named) and items is not None else [], store=store,
                 prompt_cache_key=pck if isinstance(pck, str) and pck else None,
-                alternates=tuple(alternates), compaction=summarize)
+                alternates=tuple(alternates), compaction=summarize, conversation=named,
+                continued=len(found.earlier) if named is not None and found.earlier is not None else 0)

@@ -5,7 +5,9 @@
 - ``Listen``          bind_addr, reverse mode, lazy connections (a gateway, not a proxy), TLS
 - ``Gate``            /healthz, HTTPS, Host, Origin, the gateway key, which paths and methods are
                       served (passthrough_paths), content type, body size: all at the head
-- ``StoredResponses`` GET/DELETE /v1/responses/{id}; the one lookup of what a turn refers to
+- ``StoredResponses`` GET/DELETE /v1/responses/{id} (and its input_items); the one lookup of what a turn
+                      refers to; a conversation's new items
+- ``Conversations``   the Conversations API (/v1/conversations…), on the response store
 - ``Limits``          each client's rpm, tpm, max_streams (asked by Turns.admit; in Redis for replicas)
 - ``ReplayCache``     identical requests answered without the backend (asked by HttpTurns)
 - ``Turns``           one turn's steps, both transports: decode, look up, lower, start, settle (no hooks)
@@ -31,6 +33,7 @@ from resp2chat_io import views
 
 from .access_log import AccessLog
 from .base import SettingsSource
+from .conversations import Conversations
 from .gate import Egress, Gate
 from .http_turns import HttpTurns
 from .input_tokens import InputTokens
@@ -71,7 +74,7 @@ def build() -> list:
     server_replay = ServerReplay(turns)
     sockets = ResponsesWebSocket(source, upstreams, turns, gate, server_replay, outcomes)
     return [
-        Listen(source, upstreams), gate, store, limits, replay, turns, http_turns, InputTokens(turns, upstreams, gate),
+        Listen(source, upstreams), gate, store, Conversations(store, upstreams), limits, replay, turns, http_turns, InputTokens(turns, upstreams, gate),
         server_replay, sockets,
         upstreams, outcomes, Metrics(turns, store, replay, outcomes), AccessLog(source, outcomes),
         request_log, raw, search, SettingsCommand(source), Egress(gate), Redact(upstreams),

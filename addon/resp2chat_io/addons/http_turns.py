@@ -26,6 +26,7 @@ from mitmproxy import ctx, http
 
 from resp2chat_core import compaction
 from resp2chat_core.channel import Reader, scrub
+from resp2chat_core.conversations import named
 from resp2chat_core.errors import GatewayError, error_json, gateway_failure
 from resp2chat_core.labels import shown
 from resp2chat_core.replay import entry_flags, unpack_fresh
@@ -173,6 +174,9 @@ class HttpTurns:
             note_request(meta, None, raw)
             if compact:
                 raw = compaction.compact_request(raw)
+            if named(raw) is not None:  # a conversation changes between two identical requests: never
+                hit = None  # answered from (nor kept in) the replay cache
+                meta.pop("replay_key", None)
             found = await self.turns.lookup(raw, owner)
             if hit is not None and self._answer_hit(flow, hit, raw, found, owner, limits):
                 self.turns.release(client, flow.id)

@@ -22,10 +22,11 @@ responses and items, so another owner's id is exactly an unknown one (404,
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 from mitmproxy import http
 
-from resp2chat_core import gate as G, listing
+from resp2chat_core import conversations, gate as G, listing
 from resp2chat_core.errors import GatewayError
 from resp2chat_core.labels import shown
 from resp2chat_core.turn import Found
@@ -35,6 +36,13 @@ from resp2chat_io.store import ResponseStore, StateUnavailable, Store, Writes
 from .base import Owner, fails_closed, json_response, log, refusal
 
 FRESH_POLL = 0.05  # seconds between two asks for an id not known yet
+APPEND_TRIES = 8  # writes of a conversation's new items, each over the version it read
+
+
+def new_item_id(kind: str, _index: int = 0) -> str:
+    """An id for an item a conversation keeps (``msg`` or ``item``), as OpenAI's look (listing.py
+    ``with_ids``)."""
+    return f"{kind}_{uuid.uuid4().hex}"
 
 
 def store_unavailable(why: str) -> GatewayError:
@@ -88,15 +96,17 @@ class StoredResponses(Owner):
     # --- what a turn refers to -------------------------------------------------------------------
 
     async def lookup(self, previous: str | None, refs: tuple[str, ...], *, owner: str,
-                     memory=None) -> Found:
-        """The one lookup of a turn, before it is lowered (turns.py ``Turns.prepare``):
-        ``previous``'s conversation and the items ``refs`` name, ``owner``'s. ``memory`` (a
-        WebSocket's ``Connection``) is asked first for ``previous``. ``store_unavailable`` (a
+                     memory=None, kind: str = "response") -> Found:
+        """The one lookup of a turn, before it is lowered (turns.py ``Turns.lookup``):
+        ``previous``'s conversation (a response's; ``kind`` ``conversation``: a conversation's
+        items) and the items ``refs`` name, ``owner``'s. ``memory`` (a WebSocket's
+        ``Connection``) is asked first for a previous response. ``store_unavailable`` (a
         ``GatewayError``) when the store cannot be reached."""
-        earlier = memory.history(previous) if memory is not None and previous is not None else None
+        earlier = memory.history(previous) if memory is not None and previous is not None and kind == "response" \
+            else None
         try:
             if previous is not None and earlier is None:
-                entry = await self.get(previous, owner)
+                entry = await self.get(previous, owner, kind)
                 earlier = entry["items"] if entry else None
             items = await self.store.items(refs, owner=owner) if refs else {}
         except StateUnavailable:
@@ -104,24 +114,58 @@ class StoredResponses(Owner):
                                     else "item_reference") from None
         return Found(earlier, items)
 
-    async def get(self, response_id: str, owner: str) -> dict | None:
-        """A stored entry (``StateUnavailable`` when the store is down); an id the store does not
-        know yet is asked again for up to its ``fresh_wait`` (it may be on its way)."""
+    async def get(self, response_id: str, owner: str, kind: str = "response") -> dict | None:
+        """A stored entry of this ``kind`` (``response``, or ``conversation``: what its object
+        is), ``StateUnavailable`` when the store is down; an id the store does not know yet is
+        asked again for up to its ``fresh_wait`` (it may be on its way)."""
         entry = await self.store.get(response_id, owner=owner)
         waited = 0.0
         while entry is None and waited < self.store.fresh_wait:
             await asyncio.sleep(FRESH_POLL)
             waited += FRESH_POLL
             entry = await self.store.get(response_id, owner=owner)
-        return entry
+        return entry if entry is not None and entry["response"].get("object") == kind else None
 
     def put(self, response_id: str, items: list, final: dict, *, owner: str) -> None:
         self.writes.start(f"response {response_id} not stored",
                           self.store.put(response_id, items, final, owner=owner))
 
     def finished(self, done) -> None:
-        if done.status == "completed" and done.turn.store:  # (the final's id: a replayed answer keeps its own)
-            self.put(done.final["id"], done.turn.items + done.final["output"], done.final, owner=done.turn.owner)
+        turn = done.turn
+        if done.status == "completed" and turn.store:  # (the final's id: a replayed answer keeps its own)
+            self.put(done.final["id"], turn.items + done.final["output"], done.final, owner=turn.owner)
+        if done.status == "completed" and turn.conversation is not None:  # its new items join it, in one write
+            added = turn.items[turn.continued:] + done.final["output"]
+            self.writes.start(f"conversation {shown(turn.conversation)} not updated",
+                              self.append(turn.conversation, added, turn.owner))
+
+    async def append(self, conversation_id: str, items: list, owner: str) -> list:
+        """Items join a conversation, in one write; returns them with their ids (the ones they
+        lack, made here). ``rewrite``'s errors."""
+        items = listing.with_ids(items, new_item_id)
+        return await self.rewrite(conversation_id, owner, lambda old, obj: (old + items, obj, items))
+
+    async def rewrite(self, conversation_id: str, owner: str, change):
+        """A conversation changed in one write over the version it was read from (another write
+        in between, on any replica: read again, change again). ``change(items, object)`` gives
+        ``(items, object, result)``; returns ``result``. ``conversations.not_found`` when it is
+        gone; a ``GatewayError`` when the store would not keep it (too large), or it changed
+        too often meanwhile."""
+        tried = None
+        for _ in range(APPEND_TRIES):
+            entry = await self.get(conversation_id, owner, "conversation")
+            if entry is None:
+                raise conversations.not_found(conversation_id)
+            if entry["version"] == tried:  # (not another write: the store would not keep it)
+                raise GatewayError(f"conversation {shown(conversation_id)!r} would be larger than the store keeps "
+                                   "(max_session_memory_mb)", param="items", code="conversation_too_large",
+                                   status=413)
+            items, obj, result = change(entry["items"], entry["response"])
+            if await self.store.put(conversation_id, items, obj, owner=owner, expect=entry["version"]):
+                return result
+            tried = entry["version"]
+        raise GatewayError(f"conversation {shown(conversation_id)!r} changed too often to be written: try again",
+                           code="conversation_busy", status=409)
 
     # --- GET/DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items ----------------------
 
@@ -130,11 +174,6 @@ class StoredResponses(Owner):
             return
         path = flow.request.path.split("?", 1)[0]
         found = G.endpoint(path)  # (the gate let only its methods through)
-        if found is not None and found[0] == "conversations":
-            flow.response = refusal(flow, GatewayError(
-                "the Conversations API is not supported by this gateway: send the whole history in input, "
-                "or continue a stored response with previous_response_id", code="unsupported_endpoint", status=404))
-            return
         if found is None or found[0] != "responses" or found[1] not in ("/{id}", "/{id}/input_items"):
             return
         (response_id,), method = G.path_ids(path), flow.request.method
@@ -150,7 +189,7 @@ class StoredResponses(Owner):
         except GatewayError as err:
             flow.response = refusal(flow, err)
             return
-        if entry is None:
+        if entry is None:  # (a conversation's id is no response's: ``get``'s kind)
             flow.response = refusal(flow, GatewayError(f"no stored response {shown(response_id)!r}",
                                                        code="response_not_found", status=404))
         elif page is not None:
