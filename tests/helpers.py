@@ -679,7 +679,7 @@ SPEC = {
 # `response.reasoning.delta`, which no client in the suite reads.
 SPEC_EVENTS = {
     **dict.fromkeys(("response.created", "response.queued", "response.in_progress", "response.completed",
-                     "response.failed", "response.incomplete"), "ResponseEvent"),
+                     "response.failed", "response.incomplete", "response.cancelled"), "ResponseEvent"),
     "response.output_item.added": "OutputItemEvent", "response.output_item.done": "OutputItemEvent",
     "response.content_part.added": "ContentPartEvent", "response.content_part.done": "ContentPartEvent",
     "response.reasoning_summary_part.added": "SummaryPartEvent",

@@ -198,3 +198,17 @@ def test_the_sdk_gets_the_400s_naming_the_field(client):
         with pytest.raises(openai.BadRequestError) as err:
             client.responses.create(model="demo-model", input="hello", **kw)
         assert err.value.body["param"] == param, err.value.body
+
+
+def test_a_cancelled_response_ends_with_its_output_so_far_closed():
+    """A background response cancelled mid-answer (translator.cancel): its open message is
+    closed, it ends with response.cancelled, status cancelled; nothing after it."""
+    t = turn({})
+    t.ctx.clock = lambda: 107.0
+    tr = t.translator()
+    out = tr.accepted() + tr.feed(chat_event({"content": "half an ans"})) + tr.cancel()
+    events = parse_sse(out)
+    assert events[-1]["type"] == "response.cancelled" and events[-1]["response"]["status"] == "cancelled"
+    (message,) = events[-1]["response"]["output"]
+    assert message["content"][0]["text"] == "half an ans"
+    assert tr.cancel() == b"" and tr.feed(chat_event({"content": "more"}) + DONE) == b"" and tr.finish() == b""

@@ -551,8 +551,6 @@ def lower(req: ResponsesRequest, opts: LoweringOptions = LoweringOptions(), know
     if req.previous_response_id:  # begin_turn resolves it from the response store
         raise GatewayError(f"previous response {req.previous_response_id!r} not found",
                            param="previous_response_id", code="previous_response_not_found")
-    if req.background:
-        raise GatewayError("background responses are not supported", param="background", code="unsupported_parameter")
 
     tmap = known or build_tool_map(req.tools, opts.tool_denylist, opts.web_search)
     tool_choice, tools = lower_tool_choice(req.tool_choice, tmap)

@@ -4,7 +4,8 @@ Rules of this file:
 - Sans-I/O. ``feed(bytes) -> bytes`` and ``finish() -> bytes`` are the whole interface; the
   caller owns sockets, threads and timers. Nothing here imports mitmproxy.
 - Total. Every input, however broken, ends in exactly one terminal event (``response.completed``,
-  ``response.incomplete`` or ``response.failed``) and nothing after it. ``feed`` never raises for
+  ``response.incomplete`` or ``response.failed``; ``response.cancelled`` for a background
+  response its client cancelled: ``cancel``) and nothing after it. ``feed`` never raises for
   bad upstream data (a raise inside mitmproxy's stream callable hangs the client).
 - Hot path. ``feed`` runs once per socket read: plain dicts, string-built delta events, one
   ``bytes`` result per call, no pydantic, no re-parsing of earlier bytes.
@@ -271,6 +272,18 @@ class Translator:
         """Terminate with ``response.failed`` (idempotent); returns pending output. ``detail``
         is for the operator (the log, the flow), never for the client."""
         self._fail(code, message, detail)
+        return self._flush()
+
+    def cancel(self) -> bytes:
+        """The response was cancelled (a background one: resp2chat_core/background.py): what it
+        output so far is closed and it ends with ``response.cancelled``, status ``cancelled``
+        (idempotent; nothing after another terminal event)."""
+        if self.phase is not Phase.DONE:
+            self._start()
+            self._close_open()
+            self._emit_response("response.cancelled", "cancelled")
+            self.phase = Phase.DONE
+            self._reader.stopped = True
         return self._flush()
 
     # --- the gateway's own events (channel.py): calls, never bytes -------------------------

@@ -19,7 +19,7 @@ import marshal
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from . import compaction, conversations, inputs, requestbody, response
+from . import background, compaction, conversations, inputs, requestbody, response
 from .errors import GatewayError
 from .lowering import LoweringOptions, Recent, TextCache, dumps, dumps_spliced, lower, wants_logprobs
 from .toolmap import ToolMap
@@ -120,6 +120,7 @@ class Turn:
     owner: str = ""  # whose stored state it reads and writes (owner.py): set by the caller, who knows the client
     conversation: str | None = None  # the conversation it goes on (conversations.py): its new items join it
     continued: int = 0  # how many of ``items`` came from that conversation (the rest are the turn's own)
+    background: bool = False  # it runs in the gateway, off the client's connection (background.py)
 
     def translator(self, max_event: int = MAX_EVENT) -> Translator:
         """``max_event``: the largest SSE event its backend may send (``max_upstream_event_mb``)."""
@@ -291,6 +292,7 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
                       encrypted_reasoning=inputs.wants_sealed_reasoning(raw),
                       summary=wants_summary(raw), logprobs=wants_logprobs(req))
     store = raw.get("store") is not False
+    background.check(asked)
     named = conversations.named(asked)
     pck = raw.get("prompt_cache_key")
     alternates = []
@@ -312,4 +314,5 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
                 items=items if (store or keep_items or named) and items is not None else [], store=store,
                 prompt_cache_key=pck if isinstance(pck, str) and pck else None,
                 alternates=tuple(alternates), compaction=summarize, conversation=named,
+                background=asked.get("background") is True,
                 continued=len(found.earlier) if named is not None and found.earlier is not None else 0)

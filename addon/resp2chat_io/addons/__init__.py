@@ -8,6 +8,7 @@
 - ``StoredResponses`` GET/DELETE /v1/responses/{id} (and its input_items); the one lookup of what a turn
                       refers to; a conversation's new items
 - ``Conversations``   the Conversations API (/v1/conversations…), on the response store
+- ``Background``      background: true: the turn runs in the gateway; poll, cancel, resume (its streams' hooks)
 - ``Limits``          each client's rpm, tpm, max_streams (asked by Turns.admit; in Redis for replicas)
 - ``ReplayCache``     identical requests answered without the backend (asked by HttpTurns)
 - ``Turns``           one turn's steps, both transports: decode, look up, lower, start, settle (no hooks)
@@ -32,6 +33,7 @@ from __future__ import annotations
 from resp2chat_io import views
 
 from .access_log import AccessLog
+from .background import Background
 from .base import SettingsSource
 from .conversations import Conversations
 from .gate import Egress, Gate
@@ -63,6 +65,7 @@ def build() -> list:
     limits = Limits(store)
     turns = Turns(source, upstreams, search, store, limits)
     store.sealer = turns.sealer
+    background = store.background = Background(turns, store, upstreams.relay)
     replay = ReplayCache(source, upstreams, turns, store)
     outcomes = Outcomes()
     request_log = RequestLog(source, turns)
@@ -70,12 +73,12 @@ def build() -> list:
     turns.started += [request_log.started, raw.started]
     turns.finished += [limits.finished, replay.finished, store.finished, outcomes.finished, request_log.finished]
     gate = Gate(source, upstreams.relay)
-    http_turns = HttpTurns(turns, upstreams, replay, store, gate)
+    http_turns = HttpTurns(turns, upstreams, replay, store, gate, background)
     server_replay = ServerReplay(turns)
     sockets = ResponsesWebSocket(source, upstreams, turns, gate, server_replay, outcomes)
     return [
-        Listen(source, upstreams), gate, store, Conversations(store, upstreams), limits, replay, turns, http_turns, InputTokens(turns, upstreams, gate),
-        server_replay, sockets,
+        Listen(source, upstreams), gate, background, store, Conversations(store, upstreams), limits, replay, turns,
+        http_turns, InputTokens(turns, upstreams, gate), server_replay, sockets,
         upstreams, outcomes, Metrics(turns, store, replay, outcomes), AccessLog(source, outcomes),
         request_log, raw, search, SettingsCommand(source), Egress(gate), Redact(upstreams),
     ]

@@ -139,8 +139,9 @@ class TurnStream:
 class HttpTurns:
     name = "resp2chat_http_turns"
 
-    def __init__(self, turns, upstreams, replay, store, gate) -> None:
+    def __init__(self, turns, upstreams, replay, store, gate, background) -> None:
         self.turns, self.upstreams, self.replay, self.store, self.gate = turns, upstreams, replay, store, gate
+        self.background = background  # (addons/background.py: background: true)
         self.relay = upstreams.relay
         self.live: dict[str, TurnRun] = {}  # this transport's turns, by flow id (the same runs as in Turns.in_flight)
 
@@ -174,8 +175,8 @@ class HttpTurns:
             note_request(meta, None, raw)
             if compact:
                 raw = compaction.compact_request(raw)
-            if named(raw) is not None:  # a conversation changes between two identical requests: never
-                hit = None  # answered from (nor kept in) the replay cache
+            if named(raw) is not None or raw.get("background") is True:  # a conversation changes between two
+                hit = None  # identical requests, a background response is its own: never from (nor into) the cache
                 meta.pop("replay_key", None)
             found = await self.turns.lookup(raw, owner)
             if hit is not None and self._answer_hit(flow, hit, raw, found, owner, limits):
@@ -194,6 +195,14 @@ class HttpTurns:
         except BaseException:
             self.turns.release(client, flow.id)  # (it fails closed: base.py)
             raise
+        if turn.background:  # it runs in the gateway: the client gets it queued, or its events as they come
+            bg = await self.background.start(run, flow)
+            if turn.client_stream:
+                self.background.feed(flow, bg.log, -1)
+            else:
+                flow.response = json_response(200, self.background.queued(bg), x_request_id=run.request_id)
+                flow.response.headers.update(limits)
+            return
         self.live[flow.id] = run  # (``_end`` forgets it)
         ex = run.exchange
         first = ex.candidates[0]

@@ -62,7 +62,7 @@ class InputTokens:
             raw = self.turns.check(await self.turns.decode(req.get_content(strict=False) or b""),
                                    self.gate.client(meta.get("client")))
             earlier = await self.turns.lookup(raw, owner)
-            turn = self.turns.lower({**raw, "stream": False, "store": False}, earlier, owner=owner,
+            turn = self.turns.lower({**raw, "stream": False, "store": False, "background": False}, earlier, owner=owner,
                                     request_id=request_id(flow))
         except GatewayError as err:
             flow.response = refusal(flow, err)

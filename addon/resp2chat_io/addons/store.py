@@ -22,11 +22,12 @@ responses and items, so another owner's id is exactly an unknown one (404,
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 from mitmproxy import http
 
-from resp2chat_core import conversations, gate as G, listing
+from resp2chat_core import background as B, conversations, gate as G, listing
 from resp2chat_core.errors import GatewayError
 from resp2chat_core.labels import shown
 from resp2chat_core.turn import Found
@@ -63,6 +64,7 @@ class StoredResponses(Owner):
         self.state: RedisState | None = None  # Redis, when state_store_url is set (also the replay cache's)
         self.writes = Writes()  # the store's writes and the replay cache's
         self.sealer = None  # the gateway's (Turns.sealer, set by build()): sealed reasoning in item lists
+        self.background = None  # addons/background.py (set by build()): cancel, resume
         self._config: tuple | None = None
 
     def apply(self, updated: set[str]) -> None:
@@ -107,6 +109,10 @@ class StoredResponses(Owner):
         try:
             if previous is not None and earlier is None:
                 entry = await self.get(previous, owner, kind)
+                if entry is not None and B.is_running(entry["response"]):
+                    raise GatewayError(f"previous response {shown(previous)!r} is a background response still running: "
+                                       "continue it once it ended", param="previous_response_id",
+                                       code="previous_response_in_progress")
                 earlier = entry["items"] if entry else None
             items = await self.store.items(refs, owner=owner) if refs else {}
         except StateUnavailable:
@@ -132,7 +138,8 @@ class StoredResponses(Owner):
 
     def finished(self, done) -> None:
         turn = done.turn
-        if done.status == "completed" and turn.store:  # (the final's id: a replayed answer keeps its own)
+        if done.status == "completed" and turn.store and not turn.background:  # (the final's id: a replayed
+            # answer keeps its own; a background response is stored by addons/background.py, as it ended)
             self.put(done.final["id"], turn.items + done.final["output"], done.final, owner=turn.owner)
         if done.status == "completed" and turn.conversation is not None:  # its new items join it, in one write
             added = turn.items[turn.continued:] + done.final["output"]
@@ -174,10 +181,14 @@ class StoredResponses(Owner):
             return
         path = flow.request.path.split("?", 1)[0]
         found = G.endpoint(path)  # (the gate let only its methods through)
-        if found is None or found[0] != "responses" or found[1] not in ("/{id}", "/{id}/input_items"):
+        if found is None or found[0] != "responses" or found[1] not in ("/{id}", "/{id}/input_items", "/{id}/cancel"):
             return
         (response_id,), method = G.path_ids(path), flow.request.method
         owner = self.upstreams.owner_of(flow)
+        if found[1] == "/{id}/cancel":
+            return await self._cancel(flow, response_id, owner)
+        if method == "GET" and found[1] == "/{id}" and flow.request.query.get("stream") in ("true", "1"):
+            return await self.background.resume(flow, response_id, owner)
         try:
             page = listing.page_query(flow.request.query) if found[1] == "/{id}/input_items" else None
             entry = await self.get(response_id, owner)
@@ -195,9 +206,27 @@ class StoredResponses(Owner):
         elif page is not None:
             flow.response = self.input_items(flow, entry, page, self.sealer)
         elif method == "GET":
-            flow.response = json_response(200, entry["response"])
+            flow.response = json_response(200, await self.seen(response_id, entry, owner))
         else:
             flow.response = json_response(200, {"id": response_id, "object": "response", "deleted": True})
+
+    async def seen(self, response_id: str, entry: dict, owner: str) -> dict:
+        """A stored Response as a client sees it: a background one whose gateway died is
+        ``failed`` (and stored so, over what was read), never ``in_progress`` forever."""
+        response = entry["response"]
+        if B.is_dead(response, time.time()):
+            response = B.dead(response)
+            self.writes.start(f"response {response_id} not stored", self.store.put(
+                response_id, entry["items"], response, owner=owner, expect=entry["version"]))
+        return B.public(response)
+
+    async def _cancel(self, flow: http.HTTPFlow, response_id: str, owner: str) -> None:
+        try:
+            flow.response = json_response(200, await self.background.cancel(response_id, owner))
+        except GatewayError as err:
+            flow.response = refusal(flow, err)
+        except StateUnavailable:
+            flow.response = refusal(flow, store_unavailable(f"POST /v1/responses/{response_id}/cancel"))
 
     @staticmethod
     def input_items(flow: http.HTTPFlow, entry: dict, page: listing.Page, sealer) -> http.Response:

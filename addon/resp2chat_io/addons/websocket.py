@@ -321,6 +321,9 @@ class ResponsesWebSocket(Owner):
                 if verdict is not None and not verdict.admitted:
                     raise verdict.error(client.name)
             m.request = turns.check(create.body, client)
+            if create.body.get("background") is True:  # (it outlives its connection: HTTP's, polled)
+                raise GatewayError("background responses are created over HTTP (POST /v1/responses), not on the "
+                                   "WebSocket", param="background", code="unsupported_parameter")
             found = await turns.lookup(create.body, live.owner, live.conn)
             m.turn = turn = turns.lower(create.body, found, owner=live.owner, request_id=m.request_id,
                                         keep_items=True)  # (the socket remembers its conversation)
