@@ -257,6 +257,9 @@ class Background:
                     raise GatewayError("only a background response created with stream: true can be streamed again",
                                        param="stream", code="invalid_value")
                 kept = self.kept.get(response_id)
+                if kept is None and not B.is_running(response) and B.stored_events(response) is None:
+                    raise GatewayError("the events of this response were not kept (more than the store keeps of "
+                                       "them): GET it without stream", param="stream", code="invalid_value")
                 source = kept if kept is not None else self._follow(response_id, owner, response)
         except GatewayError as err:
             flow.response = refusal(flow, err)
@@ -270,9 +273,8 @@ class Background:
         """A log of a response that runs (or ran) on another replica: its events once it ends
         (the store holds them then), read by a task that polls the store."""
         followed = Log()
-        events = B.stored_events(response)
-        if events is not None or not B.is_running(response):
-            followed.add(events or b"")
+        if not B.is_running(response):
+            followed.add(B.stored_events(response))
             followed.done = True
             return followed
 
