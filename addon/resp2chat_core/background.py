@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 
+from . import response
 from .errors import GatewayError
 
 PRIVATE = "_resp2chat_background"  # the stored Response's key for what only gateways read
@@ -32,6 +33,12 @@ RENEW_SECS = 2.0  # how often the running gateway writes it again (and reads a c
 RUNNING = ("queued", "in_progress")
 MAX_EVENTS = 4 << 20  # a streamed response's events kept with it to resume from, at most (bytes)
 DEAD = {"code": "server_error", "message": "the gateway running this background response stopped before it finished"}
+
+
+def queued(ctx) -> dict:
+    """The Response of a background turn before it ran (``ctx``: its ``TurnContext``)."""
+    return json.loads(response.response_json(ctx.response_id, ctx.created_at, "queued", json.dumps(ctx.model),
+                                             ctx.echo_json))
 
 
 def check(raw: dict) -> None:

@@ -1,9 +1,10 @@
 """Background responses (``background: true``): the turn runs in the gateway, off any client
 connection; clients poll, cancel and resume it (the rules: resp2chat_core/background.py).
 
-- ``start`` (HttpTurns, for a ``POST /v1/responses`` with ``background: true``): the turn's
-  exchange runs as a task of its own, awaited directly on the relay's upstream client as a
-  WebSocket turn is (its events go to the run's ``Log``), stored at once as ``queued``. The
+- ``queue``, then ``start`` (HttpTurns, for a ``POST /v1/responses`` with ``background: true``):
+  stored at once as ``queued``, then the turn's exchange runs as a task of its own, awaited
+  directly on the relay's upstream client as a WebSocket turn is (its events go to the run's
+  ``Log``). The
   client gets that Response as its JSON body, or, streaming, the run's events as they come
   (``feed``: a relay ``Feed``), and may go away: the turn goes on.
 - While it runs, the task writes the response again every ``RENEW_SECS`` (``in_progress``,
@@ -40,11 +41,12 @@ from resp2chat_io.relay.exchange import run as run_exchange
 from resp2chat_io.relay.upstream import failure
 from resp2chat_io.store import StateUnavailable
 
-from .base import META, SSE_HEADERS, fails_closed, json_response, log, refusal, request_id
+from .base import META, SSE_HEADERS, fails_closed, log, refusal, request_id
 from .store import store_unavailable
 from .turns import TurnRun
 
 KEPT = 64  # ended runs whose events stay here (to resume from), besides the store
+ENDING_TRIES = 8  # writes of a run's end, each over the version read
 POLL = 0.25  # seconds between two reads of a run of another replica
 CANCEL_WAIT = B.LEASE_SECS + 2 * B.RENEW_SECS  # seconds a cancellation waits for another replica's run to end
 
@@ -81,6 +83,7 @@ class Run:
     log: Log = field(default_factory=Log)
     task: asyncio.Task | None = None
     stopping: str = ""  # why it is being stopped: "cancel" (a client), "shutdown" (the gateway)
+    calling: bool = True  # its backend call runs (only then can it be stopped: what follows is its end)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -115,19 +118,25 @@ class Background:
 
     # --- a background turn ------------------------------------------------------------------
 
-    async def start(self, run: TurnRun, flow: http.HTTPFlow) -> Run:
-        """Run ``run``'s turn in the background; it is stored (``queued``) before this returns."""
+    async def queue(self, turn) -> dict:
+        """A background turn, stored ``queued`` (before it starts: a poll finds it at once);
+        returns that Response. ``store_unavailable`` when the store cannot take it."""
+        queued = B.queued(turn.ctx)
+        try:
+            await self.store.store.put(turn.ctx.response_id, [],
+                                       B.running({**queued, B.PRIVATE: {"streamed": turn.client_stream}}, time.time()),
+                                       owner=turn.owner)
+        except StateUnavailable:
+            raise store_unavailable("background") from None
+        return queued
+
+    def start(self, run: TurnRun) -> Run:
+        """Run ``run``'s turn (queued) in the background, off any connection."""
         turn = run.turn
         bg = Run(turn.ctx.response_id, turn.owner, run, turn.client_stream)
-        queued = {**self.queued(bg), B.PRIVATE: {"streamed": bg.streamed}}
-        await self.store.store.put(bg.response_id, [], B.running(queued, time.time()), owner=bg.owner)
         self.runs[bg.response_id] = bg
         bg.task = asyncio.ensure_future(self._run(bg))
         return bg
-
-    def queued(self, bg: Run) -> dict:
-        """What the client that created it gets at once (not streaming)."""
-        return {**bg.run.reader.translator.response(), "status": "queued"}
 
     async def _run(self, bg: Run) -> None:
         run, reader = bg.run, bg.run.reader
@@ -146,8 +155,10 @@ class Background:
                 log.warning(f"resp2chat: background {run.request_id} failed: {type(exc).__name__}: {exc}",
                             exc_info=exc)
                 bg.log.add(reader.apply(failure(502, "the gateway's relay failed", "server_error")))
+            bg.calling = False
             bg.log.add(reader.finish())
         finally:
+            bg.calling = False
             renew.cancel()
             await asyncio.gather(renew, return_exceptions=True)
         await self._end(bg)
@@ -172,7 +183,7 @@ class Background:
             await asyncio.sleep(B.RENEW_SECS)
 
     def stop(self, bg: Run, why: str) -> None:
-        if not bg.stopping and bg.task is not None and not bg.task.done():
+        if bg.calling and not bg.stopping and bg.task is not None and not bg.task.done():
             bg.stopping = why
             bg.task.cancel()
 
@@ -182,11 +193,16 @@ class Background:
         run, t = bg.run, bg.run.reader.translator
         final = t.response()
         events = bytes(bg.log.sse) if bg.streamed else None
+        store = self.store.store
         try:
-            entry = await self.store.store.get(bg.response_id, owner=bg.owner)
-            if entry is not None:
-                await self.store.store.put(bg.response_id, run.turn.items + final["output"], B.ended(final, events),
-                                           owner=bg.owner, expect=entry["version"])
+            for _ in range(ENDING_TRIES):  # (over what is there: a cancellation may have come in between)
+                entry = await store.get(bg.response_id, owner=bg.owner)
+                if entry is None or await store.put(bg.response_id, run.turn.items + final["output"],
+                                                    B.ended(final, events), owner=bg.owner, expect=entry["version"]):
+                    break
+            else:
+                log.warning(f"resp2chat: background {bg.response_id} not stored as it ended (larger than the store "
+                            "keeps?): it will read as failed")
         except StateUnavailable as exc:
             log.warning(f"resp2chat: background {bg.response_id} not stored: {exc}")
         finally:
@@ -333,8 +349,3 @@ class Background:
             found[2].feeds.discard(found[0])
             self.relay.forget(flow.id)
 
-
-def queued_answer(flow: http.HTTPFlow, body: dict, limits: tuple) -> http.Response:
-    response = json_response(200, body, x_request_id=request_id(flow))
-    response.headers.update(limits)
-    return response

@@ -184,6 +184,7 @@ class HttpTurns:
                 return
             turn = self.turns.lower(raw, found, owner=owner, request_id=request_id(flow), keep_items=compact)
             meta["response_id"] = turn.ctx.response_id  # (a turn from now on: outcomes.py)
+            queued = await self.background.queue(turn) if turn.background else None  # (stored before it runs)
             run = self.turns.start(turn, flow, turn_id=flow.id, started=started, client_headers=req.headers,
                                    client=client, limits=limits)
         except GatewayError as err:
@@ -195,12 +196,12 @@ class HttpTurns:
         except BaseException:
             self.turns.release(client, flow.id)  # (it fails closed: base.py)
             raise
-        if turn.background:  # it runs in the gateway: the client gets it queued, or its events as they come
-            bg = await self.background.start(run, flow)
+        if queued is not None:  # it runs in the gateway: the client gets it queued, or its events as they come
+            bg = self.background.start(run)
             if turn.client_stream:
                 self.background.feed(flow, bg.log, -1)
             else:
-                flow.response = json_response(200, self.background.queued(bg), x_request_id=run.request_id)
+                flow.response = json_response(200, queued, x_request_id=run.request_id)
                 flow.response.headers.update(limits)
             return
         self.live[flow.id] = run  # (``_end`` forgets it)

@@ -110,8 +110,8 @@ class StoredResponses(Owner):
             if previous is not None and earlier is None:
                 entry = await self.get(previous, owner, kind)
                 if entry is not None and B.is_running(entry["response"]):
-                    raise GatewayError(f"previous response {shown(previous)!r} is a background response still running: "
-                                       "continue it once it ended", param="previous_response_id",
+                    raise GatewayError(f"previous response {shown(previous)!r} is a background response that has not "
+                                       "ended: continue it once it has", param="previous_response_id",
                                        code="previous_response_in_progress")
                 earlier = entry["items"] if entry else None
             items = await self.store.items(refs, owner=owner) if refs else {}
