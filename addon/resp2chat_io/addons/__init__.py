@@ -18,6 +18,7 @@
 - ``RequestLog``      the chat requests sent upstream, as JSON lines
 - ``RawOutput``       --raw: the model's stream on stdout
 - ``WebSearch``       the web_search settings
+- ``McpServers``      the hosted MCP settings: the servers requests may use
 - ``SettingsCommand`` the resp2chat.settings command
 - ``Egress``          the gate's other end: only what the gateway routed or answered goes on; CORS headers
 - ``Redact``          last: no credentials in flow files, mitmweb or answers
@@ -32,6 +33,7 @@ from .base import SettingsSource
 from .gate import Egress, Gate
 from .http_turns import HttpTurns
 from .listen import Listen
+from .mcp import McpServers
 from .metrics import Metrics
 from .outcomes import Outcomes
 from .raw import RawOutput
@@ -52,8 +54,9 @@ def build() -> list:
     source = SettingsSource()
     upstreams = Upstreams(source)
     search = WebSearch(source)
+    hosted = McpServers(source)
     store = StoredResponses(source, upstreams)
-    turns = Turns(source, upstreams, search, store)
+    turns = Turns(source, upstreams, search, store, hosted)
     replay = ReplayCache(source, upstreams, turns, store)
     outcomes = Outcomes()
     request_log = RequestLog(source, turns)
@@ -67,5 +70,5 @@ def build() -> list:
     return [
         Listen(source, upstreams), gate, store, replay, turns, http_turns, server_replay, sockets,
         upstreams, outcomes, Metrics(turns, store, replay, outcomes), AccessLog(source, outcomes),
-        request_log, raw, search, SettingsCommand(source), Egress(gate), Redact(upstreams),
+        request_log, raw, search, hosted, SettingsCommand(source), Egress(gate), Redact(upstreams),
     ]

@@ -24,6 +24,7 @@ class SettingsCommand:
             if f.name in S.SECRET_FIELDS:
                 value = "[set]" if value else ""
             elif f.kind == "entries":
-                value = [{k: ("[set]" if v else "") if k == "api_key" else v for k, v in e.items()} for e in value]
+                value = [{k: ("[set]" if v else "") if k == "api_key" else {h: "[set]" for h in v} if k == "headers"
+                          and isinstance(v, dict) else v for k, v in e.items()} for e in value]
             shown[f.name] = value
         return json.dumps(shown, indent=2)
