@@ -16,7 +16,7 @@ import requests
 
 from helpers import (
     ROOT, LocalServer, QuietHandler, check_sdk, check_stream, free_port, openai_client, parse_sse, post_turn,
-    read_flows, start_gateway, stop_process, wait_http,
+    read_flows, retranslate, start_gateway, stop_process, wait_http,
 )
 
 EVERYTHING_VERSION = "2026.8.31"  # the Makefile's MCP_EVERYTHING_VER
@@ -332,6 +332,18 @@ def test_a_server_may_be_named_by_its_exact_url(mcp_gateway, everything):
     assert resp.output_text == "The tool returned: Echo: by url"
 
 
+def test_the_replay_cache_never_answers_an_mcp_turn(gateway_factory, everything, seen, upstream):
+    """An identical request runs its tools again: a replayed answer would skip their effects."""
+    gw = gateway_factory(upstream.origin, env={"RESP2CHAT_MCP_SERVERS": allowed(everything, seen[0])})
+    client = openai_client(gw)
+    upstream.clear()
+    answers = [client.responses.create(model="demo-model", input=ECHO, tools=[mcp_tool()]) for _ in range(2)]
+    assert [a.output[2].output for a in answers] == ["Echo: hello mcp"] * 2
+    assert len(upstream.requests()) == 4  # two rounds each: neither was a replay
+    plain = [client.responses.create(model="demo-model", input="hello") for _ in range(2)]
+    assert len(upstream.requests()) == 5 and plain[0].output_text == plain[1].output_text  # (the cache is on)
+
+
 # --- secrets ------------------------------------------------------------------------------------
 
 
@@ -385,6 +397,9 @@ def test_headers_go_to_their_server_only_and_are_never_recorded(gateway_factory,
     calling = next(e[2] for e in turn["gateway_events"] if e[1] == "McpCalling")
     assert calling["name"] == "echo" and json.loads(calling["arguments"]) == {"message": "x"}
     assert next(e[2] for e in turn["gateway_events"] if e[1] == "McpCalled")["output"] == "Echo: x"
+    # … enough to translate the recorded turns again, byte for byte (resp2chat retranslate)
+    out, results = retranslate(str(flows))
+    assert out.returncode == 0 and [r["outcome"] for r in results] == ["same", "same"], out.stdout
 
 
 # --- metrics, and the WebSocket -----------------------------------------------------------------

@@ -32,6 +32,7 @@ gateway's own events came (``gateway``), so a recording can be translated again 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Callable, Union, get_args
 
@@ -110,11 +111,11 @@ class McpListing:
 @dataclass(frozen=True, slots=True)
 class McpListed:
     label: str
-    tools: tuple  # the listing's tools (mcp.listed_tool dicts), the allowed ones
+    tools: str  # the listing's tools, the allowed ones (mcp.listed_tool dicts), as JSON: a record keeps their order
     error: str | None = None  # the listing failed: why (the server's words, bounded)
 
     def apply(self, t) -> bytes:
-        return t.mcp_listed(self.label, self.tools, self.error)
+        return t.mcp_listed(self.label, json.loads(self.tools), self.error)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,10 +136,10 @@ class McpCalling:
 class McpCalled:
     call_id: str
     output: str | None
-    error: dict | None = None  # the call failed (mcp_protocol_error, mcp_tool_execution_error, http_error)
+    error: str | None = None  # the call failed: its error object as JSON (mcp_protocol_error, mcp_tool_execution_error, http_error)
 
     def apply(self, t) -> bytes:
-        return t.mcp_called(self.call_id, self.output, self.error)
+        return t.mcp_called(self.call_id, self.output, json.loads(self.error) if self.error is not None else None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -595,7 +595,8 @@ def lower(req: ResponsesRequest, opts: LoweringOptions = LoweringOptions(), know
             chat["tool_choice"] = tool_choice
         if req.parallel_tool_calls is not None:
             chat["parallel_tool_calls"] = req.parallel_tool_calls
-    elif tool_choice == "required" or isinstance(tool_choice, dict):
+    elif (tool_choice == "required" or isinstance(tool_choice, dict)) and not (hosted and hosted.unlisted):
+        # (a hosted MCP server not listed yet: its tools join before the first round, mcp.McpTools.begin)
         raise GatewayError("tool_choice requires a tool, but no tool is left for the backend",
                            param="tool_choice", code="invalid_value")
     response_format = _response_format(req.text.format if req.text else None)

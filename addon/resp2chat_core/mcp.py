@@ -298,6 +298,18 @@ def _replaced(tools: list) -> list:
     return out
 
 
+def recorded_servers(raw: dict) -> tuple[ServerSpec, ...]:
+    """The servers a recorded request's mcp tools named, each allowed (``resp2chat retranslate``
+    lowers a recording again offline: nothing is reached, and the operator's list is not at hand)."""
+    specs, seen = [], set()
+    for _, tool in mcp_tools(raw.get("tools")):
+        label, url = tool.get("server_label"), tool.get("server_url")
+        if isinstance(label, str) and LABEL.match(label) and label not in seen:
+            seen.add(label)
+            specs.append(ServerSpec(label, url if isinstance(url, str) and url else f"recorded://{label}"))
+    return tuple(specs)
+
+
 def bind(tools: list[tuple[int, Any]], specs: tuple[ServerSpec, ...]) -> tuple[Server, ...]:
     """The request's mcp tools (validated models, with their places in ``tools``) bound to the
     operator's servers; ``GatewayError`` (400) for one the operator has not allowed."""

@@ -185,6 +185,11 @@ def lower_tool_choice(choice, tmap: ToolMap) -> tuple[object, list[dict]]:
             elif isinstance(t, dict) and t.get("name"):
                 allowed.add(chat_name(t["name"], t.get("namespace")))
         return mode, [t for t in tools if t["function"]["name"] in allowed]
+    if kind == "mcp":  # a hosted MCP server's tool (mcp.py): its function once its tools are listed
+        for cname, target in tmap.targets.items():
+            if target.kind == "mcp" and target.namespace == choice.get("server_label") and target.name == choice.get("name"):
+                return {"type": "function", "function": {"name": cname}}, tools
+        return "auto", tools  # (not listed yet, or no tool named: the model chooses among them)
     if kind in ("local_shell", "tool_search"):
         cname = LOCAL_SHELL_NAME if kind == "local_shell" else TOOL_SEARCH_NAME
         if cname in tmap.targets:

@@ -21,6 +21,7 @@ A turn without the gateway's tools makes no loop: one call, its bytes straight i
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Callable
@@ -161,7 +162,7 @@ async def _run_steps(ex: Exchange, client: UpstreamClient, steps: list) -> list:
             tools, error = await mcp_client.list_tools(step.server)
             if error is not None:
                 log.warning(f"resp2chat: listing the tools of MCP server {step.server.spec.label} failed: {error}")
-            ex.channel.event(McpListed(step.server.label, tools or (), error))
+            ex.channel.event(McpListed(step.server.label, _json(list(tools or ())), error))
             out.append(tools)
         elif isinstance(step, mcp.Call):
             ex.channel.event(McpCalling(step.call_id, step.label, step.name, step.arguments, step.approval_request_id))
@@ -173,7 +174,7 @@ async def _run_steps(ex: Exchange, client: UpstreamClient, steps: list) -> list:
             outcome = "completed" if error is None else "timeout" if error.get("code") == mcp_client.TIMED_OUT \
                 else "failed"
             ex.mcp_calls.append((step.server.spec.label if step.server else "", outcome))
-            ex.channel.event(McpCalled(step.call_id, output, error))
+            ex.channel.event(McpCalled(step.call_id, output, _json(error) if error is not None else None))
             out.append(mcp.result_text(output, error))
         elif isinstance(step, mcp.Approve):
             ex.channel.event(McpApproval(step.label, step.name, step.arguments))
@@ -182,6 +183,9 @@ async def _run_steps(ex: Exchange, client: UpstreamClient, steps: list) -> list:
         else:
             raise AssertionError(f"no runner for {step!r}")
     return out
+
+
+_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 async def _first_answer(ex: Exchange, client: UpstreamClient, headers: list[tuple[bytes, bytes]],
