@@ -9,6 +9,8 @@ import asyncio
 import json
 import os
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ import requests
 
 from helpers import (
     ROOT, LocalServer, QuietHandler, check_sdk, check_stream, free_port, openai_client, parse_sse, post_turn,
-    read_flows, retranslate, start_gateway, stop_process, wait_http,
+    read_flows, retranslate, start_gateway, stop_process, wait_http, wait_until,
 )
 
 EVERYTHING_VERSION = "2026.8.31"  # the Makefile's MCP_EVERYTHING_VER
@@ -304,6 +306,47 @@ def test_a_tool_slower_than_its_bound_fails_its_call(mcp_gateway):
     assert call.status == "failed" and call.error.type == "mcp_protocol_error"
     assert "did not answer within 2 s" in call.error.message
     assert "did not answer within 2 s" in resp.output_text
+
+
+def test_other_turns_flow_while_a_tool_runs(mcp_gateway):
+    """The MCP client runs on mitmproxy's event loop (anyio on asyncio): a slow tool holds its
+    own turn, nothing else."""
+    client = openai_client(mcp_gateway)
+    done = {}
+
+    def slow():
+        done["slow"] = client.responses.create(
+            model="demo-model", tools=[mcp_tool()],
+            input='call: mcp__ev__trigger-long-running-operation {"duration": 4, "steps": 2}')
+
+    t = threading.Thread(target=slow)
+    started = time.monotonic()
+    t.start()
+    try:
+        wait_until(lambda: in_flight(mcp_gateway) == 1, what="the slow turn in flight")
+        quick = client.responses.create(model="demo-model", input="words: 20\nnoreason")
+        assert quick.status == "completed" and "slow" not in done  # served while the tool ran
+    finally:
+        t.join(60)
+    assert done["slow"].status == "completed" and time.monotonic() - started >= 4
+    assert "Long running operation completed" in done["slow"].output[2].output
+
+
+def test_a_client_that_leaves_mid_call_leaves_nothing_running(mcp_gateway):
+    body = {"model": "demo-model", "tools": [mcp_tool()], "stream": True,
+            "input": 'call: mcp__ev__trigger-long-running-operation {"duration": 20, "steps": 2}'}
+    with requests.post(mcp_gateway.base_url + "/responses", json=body, stream=True, timeout=30) as r:
+        for line in r.iter_lines():
+            if b"response.mcp_call.in_progress" in line:
+                break  # the call runs: hang up
+    left = time.monotonic()
+    wait_until(lambda: in_flight(mcp_gateway) == 0, timeout=10, what="the turn ending with its client")
+    assert time.monotonic() - left < 10  # well before the 20 s the tool would take
+
+
+def in_flight(gw) -> float:
+    text = requests.get(gw.base_url.removesuffix("/v1") + "/metrics", timeout=10).text
+    return next(float(x.split()[-1]) for x in text.splitlines() if x.startswith("resp2chat_streams_in_flight "))
 
 
 # --- what a request may name --------------------------------------------------------------------

@@ -117,10 +117,12 @@ class ToolLoop:
         return max((k.rounds for k in self.kinds), default=0)
 
     def owns(self, name: str) -> bool:
-        """The function is one the gateway runs (the filter holds its calls back)."""
+        """The function is one the gateway runs (the filter holds its calls back). Not once its
+        kind's rounds are spent: a call the model makes anyway (its function is not offered
+        any more) goes to the client as any unknown function does, and the loop ends."""
         for kind in self.kinds:
             if kind.owns(name):
-                return True
+                return kind.rounds < kind.max_rounds
         return False
 
     def _kind(self, name: str):
