@@ -24,6 +24,10 @@ from dataclasses import dataclass, field
 _loads = json.loads
 _now = time.perf_counter
 
+# A client key the load sends with every request (``run.py --clients N``: the gateway has N
+# clients configured, and this is the first one's); empty: none.
+AUTH: list[tuple[str, str]] = []
+
 RESPONSES_DELTAS = {
     b"response.output_text.delta": "text",
     b"response.reasoning_summary_text.delta": "reasoning",
@@ -108,6 +112,7 @@ class Conn:
     async def _request(self, path: str, body: bytes, mode: str, gaps: bool) -> Answer:
         head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
                 "Content-Type: application/json\r\nAccept: text/event-stream\r\n"
+                + "".join(f"{k}: {v}\r\n" for k, v in AUTH) +
                 f"Content-Length: {len(body)}\r\n\r\n").encode()
         ans = Answer(delta_times=[] if gaps else None)
         reader, writer = self.reader, self.writer
@@ -282,7 +287,8 @@ class WSConn:
         self.reader, self.writer = await asyncio.open_connection(self.host, self.port, limit=1 << 20)
         self.writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
-        self.writer.write(self.ws.send(E.Request(host=f"{self.host}:{self.port}", target="/v1/responses")))
+        self.writer.write(self.ws.send(E.Request(host=f"{self.host}:{self.port}", target="/v1/responses",
+                                                     extra_headers=[(k.encode(), v.encode()) for k, v in AUTH])))
         while True:
             data = await self.reader.read(1 << 16)
             if not data:

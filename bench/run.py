@@ -74,6 +74,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+import client  # noqa: E402
 from client import Answer, Conn, WSConn  # noqa: E402
 from probe import MARK as PROBE_MARK  # noqa: E402
 from workload import Variant, conversation, long_pairs_for, long_session, make_variant  # noqa: E402
@@ -234,6 +235,19 @@ class Target:
         return v.chat_body if self.mode == "chat" else v.responses_body
 
 
+CLIENTS = ""  # --clients N: the RESP2CHAT_CLIENTS of the resp2chat path
+
+
+def configure_clients(n: int) -> None:
+    """N clients with limits far above the load (their checks run on every turn, none refuses),
+    the load sending the first one's key (client.AUTH)."""
+    global CLIENTS
+    keys = [f"bench-client-key-{i:04d}-0123456789" for i in range(n)]
+    CLIENTS = json.dumps([{"name": f"dev{i}", "key": k, "models": ["*"], "rpm": 10**9, "tpm": 10**12,
+                           "max_streams": 10**6} for i, k in enumerate(keys)])
+    client.AUTH[:] = [("Authorization", f"Bearer {keys[0]}")] if n else []
+
+
 def start_target(name: str, up_port: int, workdir: Path, cpus: set[int] | None, relay_bin: str | None,
                  extra: tuple[str, ...] = (), addon: Path = ADDON) -> Target:
     if name == "direct":
@@ -248,6 +262,8 @@ def start_target(name: str, up_port: int, workdir: Path, cpus: set[int] | None, 
         ready = "/v1/models"
         mode = "chat"
     elif name.startswith("resp2chat"):
+        if CLIENTS and not name.startswith("resp2chat-b"):  # (--clients: the a side only; b has none)
+            env["RESP2CHAT_CLIENTS"] = CLIENTS
         proc = Proc(name, [*mitm, "-s", str(addon), "-s", str(PROBE), *extra], workdir, cpus, env)
         ready, mode = "/healthz", "responses"
     elif name == "codex-relay":
@@ -1182,6 +1198,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ab", type=Path, default=None, metavar="OTHER/addon/resp2chat.py",
                     help="A/B: measure this addon too, as path resp2chat-b (another tree's addon, or a copy of an "
                          "addon/ folder), beside --addon in every phase the addon runs, with b/a ratios")
+    ap.add_argument("--clients", type=int, default=0, metavar="N",
+                    help="configure N clients (issue 23) on the resp2chat path, with limits above the load, and send "
+                         "the first one's key; with --ab addon/resp2chat.py, the b side is the same code without clients")
     ap.add_argument("--retries", type=int, default=3,
                     help="run a phase again (keeping the quietest attempt) when other jobs used the CPU meanwhile")
     ap.add_argument("--quiet-wait", type=float, default=60.0,
@@ -1194,6 +1213,7 @@ def main(argv=None) -> int:
     args.addon = args.addon.resolve()  # the gateway runs in a temporary directory
     if args.ab:
         args.ab = args.ab.resolve()
+    configure_clients(args.clients)
     cfg = dict(SMOKE if args.smoke else FULL)
     cfg["retries"] = 0 if args.smoke else args.retries
     cfg["quiet_wait"] = 0 if args.smoke else args.quiet_wait

@@ -34,7 +34,7 @@ PLANTED = "password=hunter2 at 10.0.0.7"
 # stage -> (module, attribute path): the function that fails. Each is looked up at call time by
 # its caller, so replacing the attribute is enough.
 STAGES = {
-    "gate": ("resp2chat_io.addons.gate", "Gate.authorized"),
+    "gate": ("resp2chat_io.addons.gate", "Gate.identify"),
     "replay": ("resp2chat_io.addons.turns", "replay_key"),
     "decode": ("resp2chat_core.turn", "decode_body"),
     "validation": ("resp2chat_core.turn", "parse_request"),
@@ -50,7 +50,7 @@ STAGES = {
     "translator": ("resp2chat_core.translator", "Translator._payload"),
     "answer": ("resp2chat_io.addons.http_turns", "HttpTurns._answer_whole"),
     "finished": ("resp2chat_io.addons.http_turns", "HttpTurns._record"),
-    "listener": ("resp2chat_io.addons.replay", "ReplayCache.finished"),  # the first of Turns.finished
+    "listener": ("resp2chat_io.addons.replay", "ReplayCache.finished"),  # one of Turns.finished
     "metrics": ("resp2chat_io.addons.metrics", "Metrics.record"),  # the first of Outcomes.listeners
 }
 

@@ -23,7 +23,14 @@ def scrape(gw, **headers) -> dict:
     return samples
 
 
+BY_CLIENT = ("resp2chat_turns_total", "resp2chat_tokens_total", "resp2chat_time_to_first_token_seconds",
+             "resp2chat_turn_duration_seconds")
+
+
 def value(samples: dict, name: str, **labels) -> float:
+    """A sample's value; the metrics labelled by client are read for no client ("") unless given."""
+    if name.startswith(BY_CLIENT):
+        labels.setdefault("client", "")
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
@@ -101,7 +108,9 @@ def test_requests_without_the_key_cannot_use_up_the_model_labels(upstream, tmp_p
                           timeout=30)
         assert r.status_code == 200, r.text
         m = scrape(gw, **key)
-        assert value(m, "resp2chat_turns_total", upstream="default", model="demo-model", status="completed", code="") == 1
+        # (gateway_api_key is the client named default; a request with no key is nobody's)
+        assert value(m, "resp2chat_turns_total", upstream="default", model="demo-model", client="default",
+                     status="completed", code="") == 1
         assert value(m, "resp2chat_turns_total", upstream="", model="", status="rejected",
                      code="invalid_api_key") == MAX_MODELS + 1
         assert not any(dict(labels).get("model", "").startswith("spam-") for _, labels in m)

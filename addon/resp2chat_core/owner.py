@@ -15,7 +15,9 @@ Owners:
 - ``forward_client_auth``: the backend decides who a client is by the ``Authorization`` the
   gateway forwards, so each credential is its own owner, ``auth-`` + 32 hex digits of its
   SHA-256 (``of_credential``); no credential is one owner too, told apart from every key.
-- (issue 23: a configured client's name.)
+- A configured client (``clients``): ``client.`` + its name (``of_client``), its state its own;
+  the ``default`` client (``gateway_api_key``) is ``SHARED``, so one gateway key keeps the owner
+  it always had.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ def of_credential(authorization: str | None) -> str:
     """The owner of a request whose credential the backend judges: a digest, never the credential."""
     digest = hashlib.sha256(b"resp2chat owner\n" + (authorization or "").encode("utf-8", "surrogateescape"))
     return "auth-" + digest.hexdigest()[:32]
+
+
+def of_client(name: str) -> str:
+    """The owner of a configured client's requests (a name is letters, digits, ``_ . -``)."""
+    return SHARED if name == "default" else check("client." + name)
 
 
 def check(owner: str) -> str:

@@ -110,15 +110,19 @@ FIELDS: tuple[Field, ...] = (
     Field("public_hosts", "list", [], "Host names clients may reach the gateway by besides IP addresses, localhost and the bind address (e.g. gw.example.com, *.corp.example; '*' for any). Any other Host is refused with 403 (DNS rebinding).", owner="gate"),
     Field("tls_cert_file", "str", "", "Serve HTTPS with this certificate (PEM, chain after it); with tls_key_file. Plain HTTP is then refused (but /healthz).", owner="listen"),
     Field("tls_key_file", "str", "", "The private key (PEM) of tls_cert_file.", owner="listen"),
+    # --- clients (issue 23): who may call the gateway, each with its own key -------------------
+    Field("clients", "entries", [], "The gateway's clients, each with its own key: a list of {name, key | key_sha256, models: [glob…], rpm, tpm, max_streams} (rpm: turns per minute; tpm: backend tokens per minute, prompt + output; max_streams: turns open at once; a limit left out is none). A plain key is hashed at load; `resp2chat keys add NAME` stores only key_sha256. gateway_api_key, when set, is one more client named default.", owner="gate"),
 )
 
 BY_NAME = {f.name: f for f in FIELDS}
 ALIASES = {old: f for f in FIELDS for old in f.aliases}  # old name -> its field
 SECRET_FIELDS = frozenset({"upstream_api_key", "brave_api_key", "gateway_api_key", "seal_key", "state_store_url"})
-# Fields that are not secrets themselves but hold some (each upstream's api_key, credential-like
-# upstream_headers, every header of an mcp_servers entry): their option default stays empty like a secret's, and the addon resolves
-# them the same way.
-HOLDS_SECRETS = frozenset({"upstreams", "upstream_headers", "mcp_servers"})
+# Fields that are not secrets themselves but hold some, and which key of each entry is one (each
+# upstream's api_key, each client's key), credential-like upstream_headers and every header of an
+# mcp_servers entry: their option default stays empty like a secret's, the addon resolves them the
+# same way, and those values are scrubbed like the secrets.
+ENTRY_SECRETS = {"upstreams": "api_key", "clients": "key"}
+HOLDS_SECRETS = frozenset({*ENTRY_SECRETS, "upstream_headers", "mcp_servers"})
 PER_UPSTREAM = tuple(f.name for f in FIELDS if f.per_upstream)  # what an ``upstreams`` entry may set for itself
 _CREDENTIAL = re.compile(r"(?i)key|token|secret|auth|password|cookie|signature")
 
@@ -134,13 +138,13 @@ def credential_header(name: str) -> bool:
 
 
 def secret_values(values: Mapping[str, Any], min_len: int = 6) -> tuple[bytes, ...]:
-    """Every configured secret in ``values`` (top-level keys, each upstream's api_key, the
-    credential-like ``upstream_headers`` at the top and per upstream, the headers of
-    ``mcp_servers``), to be scrubbed from what
-    the gateway emits. Shorter ones are not scrubbed (they would mangle text)."""
+    """Every configured secret in ``values`` (top-level keys, each upstream's api_key, each
+    client's plain key, the credential-like ``upstream_headers`` at the top and per upstream, the
+    headers of ``mcp_servers``), to be scrubbed from what the gateway emits. Shorter ones are not scrubbed (they would mangle
+    text)."""
     found = [values[k] for k in sorted(SECRET_FIELDS) if k in values]
+    found += [e.get(key) for name, key in ENTRY_SECRETS.items() for e in values.get(name) or () if isinstance(e, dict)]
     scopes = [values] + [e for e in values.get("upstreams") or () if isinstance(e, dict)]
-    found += [e.get("api_key") for e in scopes[1:]]
     found += [v for scope in scopes for k, v in (scope.get("upstream_headers") or {}).items()
               if isinstance(k, str) and credential_header(k)]
     found += mcp_secret_values(values.get("mcp_servers"))
@@ -267,6 +271,10 @@ def validate(name: str, value: Any) -> None:
             raise SettingsError(name, value, str(exc)) from None
     if name in ("tls_cert_file", "tls_key_file") and value and "\n" in value:
         raise SettingsError(name, value, "expected a file path")
+    if name == "clients" and value:
+        from .clients import parse_clients  # (clients imports this module)
+
+        parse_clients(value)  # (with gateway_api_key, its `default` client: the gate checks both)
     if name == "routing_key_header" and value and not _TOKEN.match(value):
         raise SettingsError(name, value, "expected an HTTP header name, e.g. x-smg-routing-key")
     if name == "state_store_url" and value:

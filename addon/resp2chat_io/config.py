@@ -1,11 +1,13 @@
-"""The config file: where it lives, reading it, writing it safely."""
+"""The config file: where it lives, reading it, writing it safely, telling that it changed."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import yaml
 
@@ -61,3 +63,70 @@ def write_file(path: Path, values: Mapping[str, Any]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def editing(path: Path) -> Iterator[None]:
+    """Hold the config file's directory locked (``flock``) while reading, changing and writing the
+    file, so two commands editing it at once (``resp2chat keys add`` in a loop of a script, run
+    twice) do not lose each other's change. Readers need no lock: ``write_file`` replaces the file
+    atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # (releases the lock)
+
+
+Stamp = tuple[int, int, int, int, int]
+
+
+def file_stamp(path: Path) -> Stamp | None:
+    """What ``FileWatch`` compares: the file's device, inode, size, mtime and ctime (ns); ``None``
+    when there is no file. One ``stat``, nothing read."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+class FileWatch:
+    """Tells cheaply whether the config file changed since it was last looked at, so a running
+    gateway can pick up a changed ``clients`` list (``resp2chat keys add/revoke``) without a
+    restart.
+
+    Contract:
+
+    - ``changed()`` costs one ``stat`` (a few µs): no read, no parse. Call it from a timer (once
+      a second keeps a revoked key working for at most about a second), not per request.
+    - It returns True once after every write by ``write_file`` (every ``resp2chat`` command
+      writes through it): the file is replaced by a new one, a new inode, so even a rewrite of
+      the same size within the filesystem's timestamp tick is seen. Also after an edit in place
+      (size, mtime or ctime differ), the file's creation, its removal (the stamp becomes
+      ``None``: the caller decides what no file means), and a symlinked config whose target was
+      swapped (``stat`` follows links: a Kubernetes ConfigMap update is seen).
+    - It may return True with the settings unchanged (``touch``, ``chmod``, the same bytes written
+      again): the caller re-reads, re-validates and compares, and acts only on a real change. A
+      false alarm costs one read.
+    - It can miss only an edit in place that keeps the size and lands within the same mtime and
+      ctime tick as the previous look (a coarse-timestamp filesystem and two saves in one tick);
+      the next change is seen. The first look (construction) sees nothing: it is the baseline.
+    - It watches one file on this machine. Replicas on other machines watch their own copy;
+      getting the same file to each is the deployment's job.
+    """
+
+    __slots__ = ("path", "stamp")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.stamp = file_stamp(path)
+
+    def changed(self) -> bool:
+        stamp = file_stamp(self.path)
+        if stamp == self.stamp:
+            return False
+        self.stamp = stamp
+        return True

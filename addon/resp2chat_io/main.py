@@ -1,19 +1,23 @@
-"""The ``resp2chat`` command: configure, start, print-config, analyze, retranslate."""
+"""The ``resp2chat`` command: configure, keys, start, print-config, usage, analyze, retranslate."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
+import secrets
 import shutil
 import sys
 from pathlib import Path
+from typing import Sequence
 from urllib.parse import urlsplit
 
 import requests
 
 from resp2chat_core import settings as S
-from resp2chat_io.config import config_path, load_settings, read_file, write_file
+from resp2chat_core.clients import DEFAULT, LIMITS, key_sha256, parse_clients
+from resp2chat_io.config import config_path, editing, load_settings, read_file, write_file
 
 ADDON = Path(__file__).resolve().parent.parent / "resp2chat.py"
 DEFAULT_UPSTREAM = "http://127.0.0.1:8000/v1"
@@ -48,6 +52,15 @@ def list_models(base_url: str, api_key: str = "", timeout: float = 3.0) -> list[
         return []
     models = data.get("data") if isinstance(data, dict) else None
     return [m for m in models or () if isinstance(m, dict) and m.get("id")]
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]], right: Sequence[int] = ()) -> str:
+    """Aligned columns for a person: numbers (the columns in ``right``) right-aligned."""
+    cells = [[str(c) for c in header]] + [["" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+             for r in cells]
+    return "\n".join(lines) + "\n"
 
 
 def context_window(model: dict) -> int | None:
@@ -116,9 +129,114 @@ def cmd_configure(args) -> int:
             S.validate("bind_addr", values["bind_addr"])
     except S.SettingsError as exc:
         return _fail(str(exc))
-    changed = {k: v for k, v in values.items() if v != S.BY_NAME[k].default}
-    write_file(path, changed)
+    write_settings(path, values)
     print(f"wrote {path}")
+    return 0
+
+
+def write_settings(path: Path, values: dict) -> None:
+    """The config file holds what differs from the defaults."""
+    write_file(path, {k: v for k, v in values.items() if v != S.BY_NAME[k].default})
+
+
+# --- keys ------------------------------------------------------------------------------------
+
+KEY_PREFIX = "r2c-"  # a resp2chat client key, recognisable in a leak report or a secret scanner
+CLIENT_KEY_ENV = "RESP2CHAT_API_KEY"  # where a developer keeps their client key (print-config --key-env)
+
+
+def new_key() -> str:
+    """A client key: 256 random bits, URL-safe."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def _file_values(path: Path) -> dict:
+    """The config file's settings alone (no environment), validated: what ``keys`` edits."""
+    values, _ = S.resolve(read_file(path), {})
+    return values
+
+
+def _overridden() -> None:
+    if "RESP2CHAT_CLIENTS" in os.environ:
+        print("resp2chat: note: RESP2CHAT_CLIENTS is set here; a gateway started with it uses that list, "
+              "not the config file's", file=sys.stderr)
+
+
+def _limits(spec) -> str:
+    return ", ".join(f"{k.replace('_', ' ')} {getattr(spec, k):,}" for k in LIMITS if getattr(spec, k) is not None) or "no limits"
+
+
+def cmd_keys_add(args) -> int:
+    path = config_path()
+    with editing(path):
+        try:
+            values = _file_values(path)
+            clients = list(values["clients"])
+            if any(e.get("name") == args.name for e in clients):
+                return _fail(f"a client named {args.name!r} exists already in {path} "
+                             f"(`resp2chat keys revoke {args.name}` first, or choose another name)")
+            key = new_key()
+            entry = {"name": args.name, "key_sha256": key_sha256(key)}
+            if args.models:
+                entry["models"] = list(args.models)
+            entry.update({k: getattr(args, k) for k in LIMITS if getattr(args, k) is not None})
+            gateway_key = os.environ.get("RESP2CHAT_GATEWAY_API_KEY") or values["gateway_api_key"]
+            spec = parse_clients(clients + [entry], gateway_key)[len(clients)]
+        except S.SettingsError as exc:
+            return _fail(str(exc))
+        values["clients"] = clients + [entry]
+        write_settings(path, values)
+    print(key, flush=True)  # stdout holds the key alone: KEY=$(resp2chat keys add NAME) works
+    env = CLIENT_KEY_ENV
+    print(f"""resp2chat: added client {spec.name!r} to {path}: key fingerprint {spec.fingerprint}, models {', '.join(spec.models)}, {_limits(spec)}.
+The key above is shown only this once (the config file keeps its SHA-256): hand it to {spec.name} now.
+They keep it in an environment variable, e.g. export {env}=<the key>, and use it as:
+  Codex, custom provider:   env_key = "{env}" in the provider (resp2chat print-config --key-env {env})
+  Codex, built-in provider: printenv {env} | codex login --with-api-key   (once; `codex exec` also reads CODEX_API_KEY)
+  SDKs:                     api_key=<the key>, base_url=<the gateway>/v1""", file=sys.stderr)
+    _overridden()
+    return 0
+
+
+def cmd_keys_list(args) -> int:
+    values, sources, path = _settings()
+    try:
+        specs = parse_clients(values["clients"], values["gateway_api_key"])
+    except S.SettingsError as exc:
+        return _fail(str(exc))
+    if not specs:
+        print(f"resp2chat: no clients (add one with `resp2chat keys add NAME`; config file {path})", file=sys.stderr)
+        return 0
+    unlimited = "-"
+    rows = [(s.name, s.fingerprint, ", ".join(s.models), *(unlimited if getattr(s, k) is None else f"{getattr(s, k):,}"
+                                                         for k in LIMITS)) for s in specs]
+    sys.stdout.write(table(("NAME", "KEY", "MODELS", "RPM", "TPM", "MAX STREAMS"), rows, right=(3, 4, 5)))
+    where = {"config file": str(path), "default": str(path)}.get(sources["clients"], sources["clients"])
+    print(f"\nKEY: the first 8 hex digits of the key's SHA-256 (printf %s \"$KEY\" | sha256sum | cut -c1-8); "
+          f"-: no limit. Clients from {where}"
+          + ("; default: the client of gateway_api_key." if values["gateway_api_key"] else "."))
+    return 0
+
+
+def cmd_keys_revoke(args) -> int:
+    path = config_path()
+    with editing(path):
+        try:
+            values = _file_values(path)
+        except S.SettingsError as exc:
+            return _fail(str(exc))
+        clients = list(values["clients"])
+        kept = [e for e in clients if e.get("name") != args.name]
+        if len(kept) == len(clients):
+            if args.name == DEFAULT and (values["gateway_api_key"] or os.environ.get("RESP2CHAT_GATEWAY_API_KEY")):
+                return _fail("'default' is the client of gateway_api_key: change or remove gateway_api_key to revoke it")
+            return _fail(f"no client named {args.name!r} in {path} (`resp2chat keys list` shows them)")
+        gone = next(e for e in clients if e.get("name") == args.name)
+        values["clients"] = kept
+        write_settings(path, values)
+    digest = gone.get("key_sha256") or key_sha256(gone.get("key") or "")
+    print(f"revoked client {args.name!r} (key fingerprint {digest[:8].lower()}) in {path}")
+    _overridden()
     return 0
 
 
@@ -212,9 +330,30 @@ def gateway_url(values: dict) -> str:
     return f"https://{names[0].split(':')[0] if names else host}:{port}/v1"
 
 
+def key_env(values: dict, given: str | None = None) -> str | None:
+    """The environment variable Codex takes the gateway key from: the one given (``--key-env``),
+    else, when the gateway takes keys, RESP2CHAT_GATEWAY_API_KEY for its ``gateway_api_key`` (one
+    person: the gateway and Codex read the same variable) or RESP2CHAT_API_KEY for a client key."""
+    if given:
+        return given
+    if values["gateway_api_key"]:
+        return "RESP2CHAT_GATEWAY_API_KEY"
+    return CLIENT_KEY_ENV if values["clients"] else None
+
+
+def codex_login_line(env: str | None) -> str:
+    """What stores the key for Codex's built-in provider: interactive `codex` (0.169) shows its
+    sign-in screen unless a key is stored, whatever the environment holds."""
+    if env:
+        return f"printenv {env} | codex login --with-api-key"
+    return "echo unused | codex login --with-api-key"  # the gateway takes any key: a placeholder
+
+
 def codex_config(values: dict, models: list[dict], provider: str = "resp2chat", catalog: str | None = None,
-                 builtin: bool = False) -> str:
-    url = gateway_url(values)
+                 builtin: bool = False, env: str | None = None, base_url: str | None = None) -> str:
+    """``env``: the variable holding the key (``key_env``); ``base_url``: where Codex reaches the
+    gateway (default: ``gateway_url``)."""
+    url = base_url or gateway_url(values)
     tls = ["# The gateway's certificate from a private CA: export CODEX_CA_CERTIFICATE=/path/to/ca.pem"] \
         if values["tls_cert_file"] else []
     model = selected_model(values, models)
@@ -230,7 +369,11 @@ def codex_config(values: dict, models: list[dict], provider: str = "resp2chat", 
         lines = [
             "# ~/.codex/config.toml — Codex CLI's built-in provider through resp2chat "
             "(generated by `resp2chat print-config --builtin`)",
-            "# When the gateway requires a key: export CODEX_API_KEY=<the gateway key> (Codex sends it).",
+            *(("# The key: store it once for this CODEX_HOME (interactive codex needs it stored; `codex exec`",
+               "# also takes it from CODEX_API_KEY, never from OPENAI_API_KEY):") if env else
+              ("# The gateway takes no key, but interactive codex asks for a sign-in unless one is stored:",
+               "# store a placeholder once for this CODEX_HOME:")),
+            f"#   {codex_login_line(env)}",
             *tls,
             *model_lines,
             f'openai_base_url = "{url}"',
@@ -250,8 +393,8 @@ def codex_config(values: dict, models: list[dict], provider: str = "resp2chat", 
         'wire_api = "responses"',
         "requires_openai_auth = false",
     ]
-    if values["gateway_api_key"]:
-        lines.append('env_key = "RESP2CHAT_GATEWAY_API_KEY"  # export it with the gateway key')
+    if env:
+        lines.append(f'env_key = "{env}"  # export {env}=<your key>')
     lines.append("stream_idle_timeout_ms = 300000")
     return "\n".join(lines) + "\n"
 
@@ -275,8 +418,56 @@ def cmd_print_config(args) -> int:
         path.write_text(json.dumps(codex_catalog(codex_bin, model, window), indent=2, ensure_ascii=False) + "\n")
         catalog = str(path)
         print(f"resp2chat: wrote Codex model catalog {path}", file=sys.stderr)
-    sys.stdout.write(codex_config(values, models, args.provider, catalog, builtin=args.builtin))
+    env = key_env(values, args.key_env)
+    sys.stdout.write(codex_config(values, models, args.provider, catalog, builtin=args.builtin, env=env,
+                                  base_url=args.base_url))
+    if args.builtin:
+        print(f"resp2chat: before the first interactive `codex`, once: {codex_login_line(env)}", file=sys.stderr)
     return 0
+
+
+def env_name(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an environment variable name")
+    return text
+
+
+def http_url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname or re.search(r'[\s"\\]', text):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an http:// or https:// URL, e.g. https://llm.example.com/v1")
+    return text.rstrip("/")
+
+
+# --- usage -----------------------------------------------------------------------------------
+
+
+def cmd_usage(args) -> int:
+    from resp2chat_io.usage_report import main as usage_main
+
+    files = args.files
+    if not files:
+        values, _, path = _settings()
+        where = values["access_log_path"]
+        if not where:
+            return _fail(f"no access log: name the files, or set access_log_path (config file {path}) so the "
+                         "gateway writes one JSON line per turn there")
+        if where == "-":
+            return _fail("access_log_path is '-' (the gateway's stderr): name the file that output goes to, or "
+                         "pipe it in, e.g. journalctl -u resp2chat -o cat | resp2chat usage -")
+        files = [where]
+    return usage_main(files, args.since, args.json)
+
+
+def day(text: str) -> str:
+    import datetime
+
+    try:
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+            return datetime.date.fromisoformat(text).isoformat()
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r}: expected a day as YYYY-MM-DD")
 
 
 # --- analyze ---------------------------------------------------------------------------------
@@ -307,6 +498,22 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("-y", "--yes", action="store_true", help="no questions: write the given values")
     c.set_defaults(func=cmd_configure)
 
+    k = sub.add_parser("keys", help="the gateway's clients, each with its own key: add, list, revoke")
+    ks = k.add_subparsers(dest="keys_command", required=True)
+    ka = ks.add_parser("add", help="make a client and its key: the key is printed once, the config file keeps "
+                       "only its SHA-256")
+    ka.add_argument("name", help="the client's name (letters, digits, _ . -; it names the client in metrics and logs)")
+    ka.add_argument("--rpm", type=int, metavar="N", help="turns per minute at most")
+    ka.add_argument("--tpm", type=int, metavar="N", help="backend tokens (prompt + output) per minute at most")
+    ka.add_argument("--max-streams", dest="max_streams", type=int, metavar="N", help="turns open at once at most")
+    ka.add_argument("--models", nargs="+", metavar="GLOB", help="the model names it may use (globs; default: all)")
+    ka.set_defaults(func=cmd_keys_add)
+    kl = ks.add_parser("list", help="the clients: names, key fingerprints, models, limits (never keys)")
+    kl.set_defaults(func=cmd_keys_list)
+    kr = ks.add_parser("revoke", help="remove a client: its key stops working")
+    kr.add_argument("name")
+    kr.set_defaults(func=cmd_keys_revoke)
+
     s = sub.add_parser("start", help="run the gateway (mitmdump, or mitmweb with --web)")
     s.add_argument("--web", action="store_true", help="run mitmweb for interactive inspection")
     s.add_argument("--raw", action="store_true", help="print the model's streamed output to stdout")
@@ -322,7 +529,20 @@ def parser() -> argparse.ArgumentParser:
     pc.add_argument("--codex", metavar="PATH", help="the codex binary whose metadata seeds the catalog (default: on PATH)")
     pc.add_argument("--builtin", action="store_true", help="configure Codex's built-in OpenAI provider "
                     "(openai_base_url: the WebSocket transport, remote compaction) instead of a custom provider")
+    pc.add_argument("--key-env", metavar="NAME", type=env_name,
+                    help="the environment variable that holds the key Codex sends (default, when the gateway takes keys: "
+                    "RESP2CHAT_GATEWAY_API_KEY with gateway_api_key, else RESP2CHAT_API_KEY); with --builtin, "
+                    "the `codex login` line reads it")
+    pc.add_argument("--base-url", metavar="URL", type=http_url,
+                    help="where Codex reaches the gateway, e.g. https://llm.example.com/v1 (default: from bind_addr)")
     pc.set_defaults(func=cmd_print_config)
+
+    u = sub.add_parser("usage", help="turns and tokens per client, day and model, from access logs")
+    u.add_argument("files", nargs="*", metavar="ACCESS_LOG", help="access log files ('-': stdin; default: the "
+                   "configured access_log_path)")
+    u.add_argument("--since", metavar="YYYY-MM-DD", type=day, help="only turns on or after this day (UTC)")
+    u.add_argument("--json", action="store_true", help="machine-readable output")
+    u.set_defaults(func=cmd_usage)
 
     a = sub.add_parser("analyze", help="prefix-cache analysis of recorded flows or a JSONL upstream log")
     a.add_argument("files", nargs="+")

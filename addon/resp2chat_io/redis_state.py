@@ -211,6 +211,13 @@ class RedisState:
     def script(self, name: str):
         return self._scripts[name]
 
+    def script_from(self, text: str):
+        """A Lua script of another module (its text is its name), registered once."""
+        found = self._scripts.get(text)
+        if found is None:
+            found = self._scripts[text] = self.client.register_script(text)
+        return found
+
     async def close(self) -> None:
         try:
             await self.client.aclose()

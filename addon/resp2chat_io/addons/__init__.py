@@ -6,6 +6,7 @@
 - ``Gate``            /healthz, HTTPS, Host, Origin, the gateway key, which paths and methods are
                       served (passthrough_paths), content type, body size: all at the head
 - ``StoredResponses`` GET/DELETE /v1/responses/{id}; the one lookup of what a turn refers to
+- ``Limits``          each client's rpm, tpm, max_streams (asked by Turns.admit; in Redis for replicas)
 - ``ReplayCache``     identical requests answered without the backend (asked by HttpTurns)
 - ``Turns``           one turn's steps, both transports: decode, look up, lower, start, settle (no hooks)
 - ``HttpTurns``       POST /v1/responses: drives a turn through the relay, streams it, records it
@@ -32,6 +33,7 @@ from .access_log import AccessLog
 from .base import SettingsSource
 from .gate import Egress, Gate
 from .http_turns import HttpTurns
+from .limits import Limits
 from .listen import Listen
 from .mcp import McpServers
 from .metrics import Metrics
@@ -56,19 +58,20 @@ def build() -> list:
     search = WebSearch(source)
     hosted = McpServers(source)
     store = StoredResponses(source, upstreams)
-    turns = Turns(source, upstreams, search, store, hosted)
+    limits = Limits(store)
+    turns = Turns(source, upstreams, search, store, limits, hosted)
     replay = ReplayCache(source, upstreams, turns, store)
     outcomes = Outcomes()
     request_log = RequestLog(source, turns)
     raw = RawOutput()
     turns.started += [request_log.started, raw.started]
-    turns.finished += [replay.finished, store.finished, outcomes.finished, request_log.finished]
-    http_turns = HttpTurns(turns, upstreams, replay, store)
-    server_replay = ServerReplay(turns)
-    sockets = ResponsesWebSocket(source, upstreams, turns, server_replay, outcomes)
+    turns.finished += [limits.finished, replay.finished, store.finished, outcomes.finished, request_log.finished]
     gate = Gate(source, upstreams.relay)
+    http_turns = HttpTurns(turns, upstreams, replay, store, gate)
+    server_replay = ServerReplay(turns)
+    sockets = ResponsesWebSocket(source, upstreams, turns, gate, server_replay, outcomes)
     return [
-        Listen(source, upstreams), gate, store, replay, turns, http_turns, server_replay, sockets,
+        Listen(source, upstreams), gate, store, limits, replay, turns, http_turns, server_replay, sockets,
         upstreams, outcomes, Metrics(turns, store, replay, outcomes), AccessLog(source, outcomes),
         request_log, raw, search, hosted, SettingsCommand(source), Egress(gate), Redact(upstreams),
     ]

@@ -2,7 +2,7 @@
 each ``POST /v1/responses`` (refused and replayed ones included) and each turn on the Responses
 WebSocket (outcomes.py).
 
-``{"time", "request_id", "session", "model", "upstream", "status", "code", "http_status",
+``{"time", "request_id", "session", "model", "upstream", "client", "status", "code", "http_status",
 "input_tokens", "cached_tokens", "output_tokens", "ttft_ms", "total_ms"}`` (+ ``"fallbacks"``
 when upstreams were fallen back from). No content, no headers, no keys: what an operator needs to
 follow a session and a latency, nothing a user said. What a client chose (its model name and
@@ -47,7 +47,8 @@ class AccessLog(Owner):
         line = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(o.at)) + f".{int(o.at % 1 * 1000):03d}Z",
             "request_id": o.request_id, "session": None if o.session is None else shown(o.session),
-            "model": shown(o.model), "upstream": o.upstream, "status": o.status, "code": shown(o.code),
+            "model": shown(o.model), "upstream": o.upstream, "client": o.client or None, "status": o.status,
+            "code": shown(o.code),
             "http_status": o.http_status,
             "input_tokens": u.get("input_tokens"),
             "cached_tokens": (u.get("input_tokens_details") or {}).get("cached_tokens"),

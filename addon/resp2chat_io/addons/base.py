@@ -37,13 +37,16 @@ def json_response(status: int, body: bytes | str | dict, **headers: str) -> http
     return http.Response.make(status, body, {**JSON_HEADERS, **{k.replace("_", "-"): v for k, v in headers.items()}})
 
 
-def refusal(flow: http.HTTPFlow, err: GatewayError) -> http.Response:
+def refusal(flow: http.HTTPFlow, err: GatewayError, extra: tuple = ()) -> http.Response:
     """A request the gateway refuses (``GatewayError``): its status and OpenAI error body, with
-    the request id (``x-request-id``), and ``retry-after`` when the store is down."""
+    the request id (``x-request-id``), ``retry-after`` when the store is down, and ``extra``
+    headers (a client's rate-limit headers)."""
     headers = {"x_request_id": request_id(flow)}
     if err.code == "store_unavailable":
         headers["retry_after"] = "1"
-    return json_response(err.status, err.body(), **headers)
+    response = json_response(err.status, err.body(), **headers)
+    response.headers.update(extra)
+    return response
 
 
 def show_url(flow: http.HTTPFlow, url: str) -> None:

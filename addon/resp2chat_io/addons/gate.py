@@ -26,24 +26,27 @@ curl, httpx, urllib3); the gateway holds no body and reads at most ``READ_REFUSE
 
 from __future__ import annotations
 
-import hmac
+import asyncio
 import json
+import os
 import re
 import secrets
 from dataclasses import dataclass
 
-from mitmproxy import http
+from mitmproxy import ctx, exceptions, http
 from mitmproxy.net.http import http1
 
 from resp2chat_core import content_encoding
 from resp2chat_core import gate as G
 from resp2chat_core import settings as S
+from resp2chat_core.clients import ClientSpec, ClientTable, parse_clients
 from resp2chat_core.errors import GatewayError
+from resp2chat_io.config import FileWatch, config_path, load_settings
 from resp2chat_io.relay import TURN_HEADER, Answer
 
-from .base import META, Owner, fails_closed, request_id, show_url
+from .base import JSON_HEADERS, META, Owner, fails_closed, log, request_id, show_url
 
-JSON_HEADERS = {"content-type": "application/json"}
+RELOAD_EVERY = 1.0  # seconds between two looks at the config file (a revoked key is refused within that)
 READ_REFUSED = 64 << 10  # body bytes read at most of a request refused at its head
 PASSTHROUGH = "passthrough"  # flow.metadata[META] key: the upstream serves this request (addons/upstreams.py)
 CREDENTIALS = ("authorization", "x-api-key")
@@ -85,9 +88,16 @@ class Gate(Owner):
         self.relay = relay
         self.rules = G.parse_passthrough(self.s["passthrough_paths"])
         self.refused: dict[str, Refused] = {}  # flow id -> refused at its head, answered by the relay
+        self.clients = ClientTable()
+        self._watch: asyncio.Task | None = None
 
     def apply(self, updated: set[str]) -> None:
         self.rules = G.parse_passthrough(self.s["passthrough_paths"])
+        # `clients` with gateway_api_key (its `default` client): an invalid pair stops start-up
+        try:
+            self.clients = ClientTable(parse_clients(self.s["clients"], self.s["gateway_api_key"]))
+        except S.SettingsError as exc:
+            raise exceptions.OptionsError(f"resp2chat: {exc}") from None
 
     @property
     def limit(self) -> int:
@@ -127,9 +137,10 @@ class Gate(Owner):
             return self.refuse(flow, GatewayError(
                 "the request path names a gateway endpoint in another spelling: use the plain path",
                 param="path", code="invalid_path"))
-        if not self.authorized(req):
+        client = self.identify(req)
+        if client is False:
             return self.refuse(flow, GatewayError(
-                "missing or wrong gateway API key (send it as 'Authorization: Bearer …')",
+                "missing or wrong API key (send the gateway's key, or your client key, as 'Authorization: Bearer …')",
                 type="authentication_error", code="invalid_api_key", status=401))
         where = G.route(req.method, path, self.rules)
         if isinstance(where, GatewayError):
@@ -143,10 +154,14 @@ class Gate(Owner):
                 param="content-length", code="length_required", status=411))
         if size > self.limit:
             return self.too_large(flow)
+        meta = flow.metadata.setdefault(META, {})
         if where is G.PASSTHROUGH:
-            flow.metadata.setdefault(META, {})[PASSTHROUGH] = True
-        if self.s["gateway_api_key"]:
-            for name in CREDENTIALS:  # the gateway's key: it never leaves the gateway
+            meta[PASSTHROUGH] = True
+        if client is not None:
+            meta["client"] = client.name  # (the name: who called, in the flow, the metrics, the access log)
+            if client.models != ("*",):
+                meta["models"] = list(client.models)  # (its view of GET /v1/models: upstreams.py)
+            for name in CREDENTIALS:  # the gateway's keys: they never leave the gateway
                 req.headers.pop(name, None)
 
     @staticmethod
@@ -267,13 +282,54 @@ class Gate(Owner):
             self.relay.forget(flow.id)  # (never claimed: the client left first)
             show_url(flow, refused.url)
 
-    def authorized(self, req: http.Request) -> bool:
-        key = self.s["gateway_api_key"]
-        if not key:
-            return True
+    def identify(self, req: http.Request):
+        """Who is calling: the client whose key the request presents (``Authorization: Bearer …``
+        or ``x-api-key``), None when the gateway takes no keys, False for a missing or unknown key.
+        The key is hashed once and the digest looked up (clients.py): no key is compared byte by
+        byte, and only digests are kept."""
+        if not len(self.clients):
+            return None
         given = req.headers.get("authorization", "").removeprefix("Bearer ").strip()
         given = given or req.headers.get("x-api-key", "")
-        return hmac.compare_digest(given.encode(), key.encode())
+        return (self.clients.lookup(given) if given else None) or False
+
+    def client(self, name: str | None) -> ClientSpec | None:
+        """The client of that name as configured now (None: none, or no longer: revoked)."""
+        return self.clients.named(name) if name else None
+
+    # --- a changed clients list, without a restart ---------------------------------------------
+
+    async def running(self) -> None:
+        self._watch = asyncio.ensure_future(self._watch_clients())
+
+    async def done(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+
+    async def _watch_clients(self) -> None:
+        """``resp2chat keys add``/``revoke`` (or any edit) change the config file's ``clients``:
+        the gate reads them again within ``RELOAD_EVERY`` seconds of the change (a changed file's
+        stat: config.FileWatch), so a revoked key is refused on every replica reading that file,
+        no restart. The environment's and ``--set``'s ``clients`` win over the file's, as at
+        start: then the file's changes do not count."""
+        watch = FileWatch(config_path())
+        while True:
+            await asyncio.sleep(RELOAD_EVERY)
+            try:
+                if watch.changed():
+                    self._reload()
+            except Exception as exc:  # noqa: BLE001 — a bad edit: keep the clients we have, say why
+                log.warning(f"resp2chat: the config file's clients were not reloaded: {exc}")
+
+    def _reload(self) -> None:
+        if getattr(ctx.options, "resp2chat_clients", "") or "RESP2CHAT_CLIENTS" in os.environ:
+            return  # --set / the environment decide, not the file
+        values, _, _ = load_settings()
+        table = ClientTable(parse_clients(values["clients"], self.s["gateway_api_key"]))
+        if table != self.clients:
+            self.clients = table
+            log.info(f"resp2chat: clients reloaded from the config file: {', '.join(table.names) or 'none'}")
 
 
 @fails_closed

@@ -131,8 +131,8 @@ class TurnStream:
 class HttpTurns:
     name = "resp2chat_http_turns"
 
-    def __init__(self, turns, upstreams, replay, store) -> None:
-        self.turns, self.upstreams, self.replay, self.store = turns, upstreams, replay, store
+    def __init__(self, turns, upstreams, replay, store, gate) -> None:
+        self.turns, self.upstreams, self.replay, self.store, self.gate = turns, upstreams, replay, store, gate
         self.relay = upstreams.relay
         self.live: dict[str, TurnRun] = {}  # this transport's turns, by flow id (the same runs as in Turns.in_flight)
 
@@ -150,20 +150,32 @@ class HttpTurns:
         meta = flow.metadata.setdefault(META, {})
         note_request(meta, body)
         meta["client_path"] = path
+        client = self.gate.client(meta.get("client"))
+        verdict = await self.turns.admit(client, flow.id)  # (the client's limits: before anything else)
+        limits = verdict.headers if verdict is not None else ()
+        if verdict is not None and not verdict.admitted:
+            meta["status"] = "rejected"
+            flow.response = refusal(flow, verdict.error(client.name), verdict.refusal_headers)
+            return
         owner = self.upstreams.owner_of(flow)  # (before the client's credentials are left behind below)
-        hit = await self._cached(flow, body, owner)
         raw = data = None
         try:
+            hit = await self._cached(flow, body, owner)
             data = await self.turns.decode(body)
-            raw = self.turns.check(data)
+            raw = self.turns.check(data, client)
             note_request(meta, None, raw)
             found = await self.turns.lookup(raw, owner)
-            if hit is not None and self._answer_hit(flow, hit, raw, found, owner):
+            if hit is not None and self._answer_hit(flow, hit, raw, found, owner, limits):
+                self.turns.release(client, flow.id)
                 return
             turn = self.turns.lower(raw, found, owner=owner, request_id=request_id(flow))
+            meta["response_id"] = turn.ctx.response_id  # (a turn from now on: outcomes.py)
+            run = self.turns.start(turn, flow, turn_id=flow.id, started=started, client_headers=req.headers,
+                                   client=client, limits=limits)
         except GatewayError as err:
             meta["status"] = "rejected"
-            flow.response = refusal(flow, err)
+            flow.response = refusal(flow, err, limits)
+            self.turns.release(client, flow.id)
             if isinstance(raw, dict) and mcp.client_secrets(raw):  # (the flow keeps the request it refused)
                 req.content = meta["responses_request"].encode()
             elif raw is None and data is not None and b'"mcp"' in body:  # refused before its tools were read
@@ -171,8 +183,9 @@ class HttpTurns:
                 req.content = UNREAD_MCP.encode()
             await offload.discard(data, len(body))
             return
-        meta["response_id"] = turn.ctx.response_id  # (a turn from now on: outcomes.py)
-        run = self.turns.start(turn, flow, turn_id=flow.id, started=started, client_headers=req.headers)
+        except BaseException:
+            self.turns.release(client, flow.id)  # (it fails closed: base.py)
+            raise
         self.live[flow.id] = run  # (``_end`` forgets it)
         ex = run.exchange
         first = ex.candidates[0]
@@ -201,7 +214,7 @@ class HttpTurns:
         flow.metadata[META]["replay_key"] = key
         return await self.replay.get(key)
 
-    def _answer_hit(self, flow: http.HTTPFlow, entry: bytes, raw: dict, found, owner: str) -> bool:
+    def _answer_hit(self, flow: http.HTTPFlow, entry: bytes, raw: dict, found, owner: str, limits: tuple) -> bool:
         """A replay-cache hit answers at once, under a fresh response id; stored when the client
         wants it stored (its conversation made whole, not lowered). False: the request cannot
         be answered any more (its previous response expired…): it goes on as a turn, which says
@@ -215,6 +228,7 @@ class HttpTurns:
         answer = unpack_fresh(entry, response_id, created_at)
         headers = SSE_HEADERS if stream else {"content-type": "application/json", "cache-control": "no-cache"}
         flow.response = http.Response.make(200, answer, {**headers, "x-request-id": request_id(flow)})
+        flow.response.headers.update(limits)
         flow.metadata[META].update(replay_cache="hit", response_id=response_id, status="completed")
         flow.comment = f"replay cache hit · {response_id}"
         if items is not None:
@@ -247,6 +261,7 @@ class HttpTurns:
             resp.headers.pop(name, None)
         resp.headers.update(SSE_HEADERS)
         resp.headers["x-request-id"] = run.request_id
+        resp.headers.update(run.limits)  # (x-ratelimit-*: the client's limits when it was admitted)
         if flow.request.http_version == "HTTP/1.1":
             resp.headers["transfer-encoding"] = "chunked"
 
@@ -319,6 +334,7 @@ class HttpTurns:
         else:
             status, body = 200, json.dumps(result, ensure_ascii=False).encode()
         flow.response = json_response(status, scrub(body, self.turns.secrets), x_request_id=run.request_id)
+        flow.response.headers.update(run.limits)
 
     def _record(self, flow: http.HTTPFlow, run: TurnRun, failed: bool = False, answer: bytes | None = None) -> None:
         """Flow metadata (saved with -w), a one-line comment (shown in mitmweb), listeners.
@@ -368,4 +384,5 @@ class HttpTurns:
         meta["status"] = status
         self.turns.ended(Finished(flow=flow, turn=run.turn, status=status, final=final, answer=body,
                                   usage=(final or {}).get("usage"), upstream=SERVER_REPLAY,
-                                  took=time.monotonic() - run.started, code=code), flow.id)
+                                  took=time.monotonic() - run.started, code=code, client=run.client,
+                                  turn_id=flow.id), flow.id)

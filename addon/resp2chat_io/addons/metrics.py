@@ -6,10 +6,10 @@ Answered by the gateway itself, behind the gate like every other path (beyond lo
 | metric | labels | what |
 | --- | --- | --- |
 | ``resp2chat_streams_in_flight`` | | turns between request and end (streams open to clients) |
-| ``resp2chat_turns_total`` | upstream, model, status, code | every ``POST /v1/responses`` by how it ended (completed, incomplete, failed, unfinished, rejected, replayed) and error code |
-| ``resp2chat_time_to_first_token_seconds`` | upstream, model | request to the first event made from backend data |
-| ``resp2chat_turn_duration_seconds`` | upstream, model | request to the end of the turn |
-| ``resp2chat_tokens_total`` | upstream, model, kind | prompt, cached (prompt tokens the backend's KV cache served), output |
+| ``resp2chat_turns_total`` | upstream, model, client, status, code | every ``POST /v1/responses`` by how it ended (completed, incomplete, failed, unfinished, rejected, replayed) and error code |
+| ``resp2chat_time_to_first_token_seconds`` | upstream, model, client | request to the first event made from backend data |
+| ``resp2chat_turn_duration_seconds`` | upstream, model, client | request to the end of the turn |
+| ``resp2chat_tokens_total`` | upstream, model, client, kind | prompt, cached (prompt tokens the backend's KV cache served), output |
 | ``resp2chat_fallbacks_total`` | upstream, status | an upstream failed before its first byte and the next one was tried |
 | ``resp2chat_mcp_calls_total`` | server, outcome | hosted MCP tool calls the gateway ran, by server (its ``mcp_servers`` label) and outcome (completed, failed, timeout, approval_requested) |
 | ``resp2chat_replay_cache_hits_total`` / ``_misses_total`` | | replay-cache lookups |
@@ -22,6 +22,8 @@ Model names come from clients, so a label is bounded in number and in size: a na
 of its own once a turn for it was accepted (lowered and sent to a backend; a request refused
 before, however many, names nothing new), if it is spelled as backends spell models
 (resp2chat_core/labels.py ``label_safe``: at most 128 characters), up to ``MAX_MODELS`` names;
+``client`` is a configured client's name (``clients``; the gate named it) or ``""``: bounded by
+the setting;
 anything else counts as ``other`` (a request that could not be read: ``""``). Error codes are
 the gateway's own (``other`` otherwise).
 """
@@ -50,7 +52,7 @@ class Metrics:
 
         self.turns, self.store, self.replay = turns, store, replay
         self.registry = r = CollectorRegistry(auto_describe=True)
-        by = ("upstream", "model")
+        by = ("upstream", "model", "client")  # (client: a configured name, or "": bounded by the clients setting)
         Gauge("resp2chat_streams_in_flight", "Turns between request and end.", registry=r).set_function(
             lambda: len(turns.in_flight))
         self.turns_total = Counter("resp2chat_turns", "POST /v1/responses by how it ended.",
@@ -80,7 +82,8 @@ class Metrics:
 
     def record(self, o: Outcome) -> None:
         model = self.model(o.model, admit=o.status != "rejected")
-        self.turns_total.labels(o.upstream, model, o.status, code_label(o.code)).inc()
+        client = o.client
+        self.turns_total.labels(o.upstream, model, client, o.status, code_label(o.code)).inc()
         for name, status in o.skipped:
             self.fallbacks.labels(name, str(status)).inc()
         for server, outcome in o.mcp_calls:  # (the operator's labels and the gateway's words: bounded)
@@ -88,13 +91,13 @@ class Metrics:
         if o.status in ("rejected", "replayed"):
             return
         if o.ttft is not None:
-            self.ttft.labels(o.upstream, model).observe(o.ttft)
-        self.duration.labels(o.upstream, model).observe(o.took)
+            self.ttft.labels(o.upstream, model, client).observe(o.ttft)
+        self.duration.labels(o.upstream, model, client).observe(o.took)
         u = o.usage or {}
         for kind, value in (("prompt", u.get("input_tokens")), ("output", u.get("output_tokens")),
                             ("cached", (u.get("input_tokens_details") or {}).get("cached_tokens"))):
             if isinstance(value, int) and value > 0:
-                self.tokens.labels(o.upstream, model, kind).inc(value)
+                self.tokens.labels(o.upstream, model, client, kind).inc(value)
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.is_replay == "response":

@@ -36,6 +36,7 @@ from mitmproxy import http
 
 from resp2chat_core import settings as S
 from resp2chat_core.channel import Reader, record_events, scrub
+from resp2chat_core.clients import ClientSpec, allows_model, not_allowed
 from resp2chat_core.errors import GatewayError, gateway_failure
 from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.replay import MAX_ENTRY_BYTES, replay_key
@@ -64,6 +65,8 @@ class TurnRun:
     reader: Reader  # the channel's items translated for the client (what both sides said, kept)
     flow: http.HTTPFlow  # the HTTP turn's own flow, or the WebSocket's upgrade flow
     started: float  # time.monotonic() when its request arrived
+    client: ClientSpec | None = None  # who called (clients; None: the gateway takes no keys)
+    limits: tuple[tuple[str, str], ...] = ()  # the client's rate-limit headers when it was admitted
     first: float | None = None  # time.monotonic() when the first event made from backend data left
 
     @property
@@ -93,18 +96,21 @@ class Finished:
     code: str = ""  # the error code when the client's answer is not the translator's (server_error:
     # the turn failed closed; not_recorded: offline replay had no answer), or a replayed answer's
     exchange: Exchange | None = None  # its upstream work: the candidates, which answered
+    client: ClientSpec | None = None  # who called
+    turn_id: str = ""  # its id in Turns.in_flight (and the client's open turns: addons/limits.py)
 
 
 class Turns(Owner):
     name = "resp2chat_turns"
     owner = "lowering"
-    # secrets (with mcp_servers' headers): scrubbed from what a turn records; the caps: checked before a request is validated;
+    # secrets (and what holds some: mcp_servers' headers…): scrubbed from what a turn records; the
+    # caps: checked before a request is validated;
     # max_upstream_event_mb: bounds each turn's reading of the backend's stream
-    also_reads = tuple(sorted(S.SECRET_FIELDS)) + ("upstreams", "mcp_servers", *Caps.SETTINGS, "max_upstream_event_mb")
+    also_reads = tuple(sorted(S.SECRET_FIELDS | S.HOLDS_SECRETS)) + (*Caps.SETTINGS, "max_upstream_event_mb")
 
-    def __init__(self, source, upstreams, search, store, hosted=None) -> None:
+    def __init__(self, source, upstreams, search, store, limits, hosted=None) -> None:
         super().__init__(source)
-        self.upstreams, self.search, self.store, self.hosted = upstreams, search, store, hosted
+        self.upstreams, self.search, self.store, self.limits, self.hosted = upstreams, search, store, limits, hosted
         self.in_flight: dict[str, TurnRun] = {}  # the turns in flight, both transports, by turn id
         self.started: list[Callable[[TurnRun], None]] = []
         self.finished: list[Callable[[Finished], None]] = []
@@ -166,12 +172,27 @@ class Turns(Owner):
         ``GatewayError`` 400 with the byte offset); a large one decoded off the event loop."""
         return await offload.loads(body)
 
-    def check(self, raw: object) -> dict:
+    async def admit(self, client: ClientSpec | None, turn_id: str):
+        """A turn's first step, before its body is even read: within its client's limits
+        (addons/limits.py)? ``None``: the client has none; else a ``Verdict`` (a refused one:
+        ``verdict.error``, 429; an admitted one is released when the turn ends, ``ended``, or
+        by ``release`` if it never becomes one)."""
+        return await self.limits.admit(client, turn_id)
+
+    def release(self, client: ClientSpec | None, turn_id: str) -> None:
+        """An admitted request that did not become a turn (refused, answered from the cache)."""
+        self.limits.release(client, turn_id)
+
+    def check(self, raw: object, client: ClientSpec | None = None) -> dict:
         """A decoded request as the request object, within the caps (``GatewayError`` otherwise),
-        before anything walks its items."""
+        before anything walks its items; a model the client may not use is one that does not
+        exist (404 ``model_not_found``)."""
         if not isinstance(raw, dict):
             raise GatewayError("request body must be a JSON object", code="invalid_json")
         check_caps(raw, self.caps)
+        model = raw.get("model")
+        if client is not None and isinstance(model, str) and not allows_model(client, model):
+            raise not_allowed(model)
         return raw
 
     async def lookup(self, raw: dict, owner: str, memory=None) -> Found:
@@ -220,7 +241,7 @@ class Turns(Owner):
     # --- a turn, from its start to its end ----------------------------------------------------
 
     def start(self, turn: Turn, flow: http.HTTPFlow, *, turn_id: str, started: float, client_headers,
-              secret: str | None = None) -> TurnRun:
+              secret: str | None = None, client: ClientSpec | None = None, limits: tuple = ()) -> TurnRun:
         """The turn in flight: its exchange (the candidates that serve its model, in order, and
         the headers each gets besides its own: the client's headers, the routing key), its
         reader, its timings. ``client_headers``: the request's (HTTP) or the upgrade's (a
@@ -232,7 +253,7 @@ class Turns(Owner):
                             mcp=turn.mcp, max_mcp_rounds=self.hosted.max_rounds if turn.mcp is not None else 0,
                             model=turn.ctx.model, max_event=self.max_event)
         run = TurnRun(turn, exchange, Reader(turn.translator(self.max_event), MAX_ENTRY_BYTES, self.secrets,
-                                             exchange.channel), flow, started)
+                                             exchange.channel), flow, started, client, limits)
         run.reader.on_first = lambda: setattr(run, "first", time.monotonic())
         for listener in self.started:  # (one that fails fails the turn: nothing unrecorded goes upstream)
             listener(run)
@@ -267,7 +288,8 @@ class Turns(Owner):
             record["fallbacks"] = [{"upstream": n, "status": st} for n, st in ex.skipped]
         done = Finished(flow=run.flow, turn=turn, status=status, final=final, answer=answer, usage=t.usage,
                         upstream=run.answering.name, ttft=None if run.first is None else run.first - run.started,
-                        took=time.monotonic() - run.started, skipped=tuple(ex.skipped), code=code, exchange=ex)
+                        took=time.monotonic() - run.started, skipped=tuple(ex.skipped), code=code, exchange=ex,
+                        client=run.client, turn_id=ex.turn_id)
         return done, record
 
     def ended(self, done: Finished, turn_id: str | None = None) -> None:

@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.net.http import http1
 
-from resp2chat_core import content_encoding, routing
+from resp2chat_core import clients, content_encoding, routing
 from resp2chat_core import owner as owners
 from resp2chat_core import settings as S
 from resp2chat_core.turn import Turn, session_key
@@ -45,7 +45,7 @@ from resp2chat_core.channel import Scrubber, scrub
 from resp2chat_core.errors import error_json
 from resp2chat_io.relay import Relay
 
-from .base import META, Owner, Refusal, fails_closed, request_id
+from .base import JSON_HEADERS, META, Owner, Refusal, fails_closed, refusal, request_id
 from .gate import PASSTHROUGH
 
 log = logging.getLogger("resp2chat")
@@ -155,12 +155,15 @@ class Upstreams(Owner):
 
     def owner_of(self, flow: http.HTTPFlow) -> str:
         """Whose stored state a request sees and makes (resp2chat_core/owner.py): decided here
-        once, for every path (turns, the WebSocket, GET/DELETE of a stored response, the Redis
-        prefetch, the replay cache), from the client's request before its credentials are
-        replaced. When the client's ``Authorization`` may reach a backend (``authorization``:
-        ``forward_client_auth``, no gateway key, an upstream without its own key) the backend
-        decides who the client is, so each credential is its own owner (a digest of it);
-        otherwise every client of this gateway is one owner."""
+        once, for every path (turns, the WebSocket, GET/DELETE of a stored response, the replay
+        cache), from the client's request before its credentials are replaced. A configured
+        client (the gate named it: ``clients``) owns its own; when the client's ``Authorization``
+        may reach a backend (``authorization``: ``forward_client_auth``, no gateway key, an
+        upstream without its own key) the backend decides who the client is, so each credential
+        is its own owner (a digest of it); otherwise every client of this gateway is one owner."""
+        client = (flow.metadata.get(META) or {}).get("client")
+        if client:
+            return owners.of_client(client)
         forwarded = self.s["forward_client_auth"] and not self.s["gateway_api_key"] and (
             any(not s.api_key for s in self.specs) if self.specs else not self.s["upstream_api_key"])
         return owners.of_credential(flow.request.headers.get("authorization")) if forwarded else owners.SHARED
@@ -234,8 +237,12 @@ class Upstreams(Owner):
             return
         req = flow.request
         path = req.path.split("?", 1)[0]
-        if len(self.specs) > 1 and path == "/v1/models" and req.method == "GET":
-            await self.merged_models(flow)
+        models = (flow.metadata.get(META) or {}).get("models")  # (a client limited to some models: gate.py)
+        if (len(self.specs) > 1 or models) and path == "/v1/models" and req.method == "GET":
+            await self.merged_models(flow, models)
+            return
+        if models and path.startswith("/v1/models/") and not clients.matches(models, path[11:]):
+            flow.response = refusal(flow, clients.not_allowed(path[11:]))
             return
         self.target(flow).route(flow, req.path[3:] if path.startswith("/v1/") else req.path)  # (the query kept)
         self.authorize(flow, self.specs[0] if self.specs else None)
@@ -264,36 +271,41 @@ class Upstreams(Owner):
             resp.headers.pop("content-length", None)  # (a scrubbed body may be longer or shorter)
             resp.headers["transfer-encoding"] = "chunked"
 
-    async def merged_models(self, flow: http.HTTPFlow) -> None:
-        """``GET /v1/models`` with several upstreams: every upstream's list (the models its
-        ``models`` patterns let through), first listing of an id wins; an upstream that does not
-        answer is left out (and logged); none answering is a 502."""
+    async def merged_models(self, flow: http.HTTPFlow, allowed: tuple[str, ...] | None = None) -> None:
+        """``GET /v1/models`` made here: with several upstreams, every upstream's list (the models
+        its ``models`` patterns let through), first listing of an id wins; for a client limited to
+        some models (``allowed``: its globs), only those. An upstream that does not answer is left
+        out (and logged); none answering is a 502."""
         client = flow.request.headers.get("authorization")
+        specs = self.specs or (None,)  # (None: the one upstream)
 
-        async def ask(spec: S.UpstreamSpec):
+        async def ask(spec: S.UpstreamSpec | None):
+            name = spec.name if spec is not None else "default"
             headers = [(b"accept", b"application/json")]
             if auth := self.authorization(spec, client):
                 headers.append((b"authorization", auth.encode()))
             try:
-                status, body = await self.relay.client.get(self.endpoints[spec.name].url + "/models", headers)
+                url = (self.endpoints[spec.name] if spec is not None else self.target(flow)).url
+                status, body = await self.relay.client.get(url + "/models", headers)
                 data = json.loads(body) if status == 200 else None
             except Exception as exc:  # noqa: BLE001 - unreachable, not JSON, h11 errors…: that upstream is out
-                log.warning(f"resp2chat: GET /models from upstream {spec.name}: {type(exc).__name__}: {exc}")
+                log.warning(f"resp2chat: GET /models from upstream {name}: {type(exc).__name__}: {exc}")
                 return None
             if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-                log.warning(f"resp2chat: GET /models from upstream {spec.name}: HTTP {status}, no model list")
+                log.warning(f"resp2chat: GET /models from upstream {name}: HTTP {status}, no model list")
                 return None
             return [m for m in data["data"] if isinstance(m, dict) and isinstance(m.get("id"), str)
-                    and spec.serves(m["id"])]
+                    and (spec is None or spec.serves(m["id"]))
+                    and (allowed is None or clients.matches(allowed, m["id"]))]
 
-        answers = await asyncio.gather(*(ask(s) for s in self.specs))
+        answers = await asyncio.gather(*(ask(s) for s in specs))
         if all(a is None for a in answers):
             flow.response = http.Response.make(502, error_json(
-                "no upstream answered GET /models (tried " + ", ".join(s.name for s in self.specs) + ")",
-                status_type="upstream_error", code="upstream_unavailable"), {"content-type": "application/json"})
+                "no upstream answered GET /models (tried " + ", ".join(s.name if s else "default" for s in specs) + ")",
+                status_type="upstream_error", code="upstream_unavailable"), JSON_HEADERS)
             return
         merged, seen = [], set()
-        for spec, models in zip(self.specs, answers):
+        for models in answers:
             for m in models or ():
                 if m["id"] not in seen:
                     seen.add(m["id"])

@@ -68,6 +68,8 @@ class OpenSocket:
     url: str  # what the client asked for (the flow shows it again once the 101 is in)
     owner: str  # whose stored state its turns read and write (Upstreams.owner_of, decided at the upgrade)
     headers: http.Headers  # the upgrade's, as the client sent them (its turns' client headers; the flow's get redacted)
+    client: str | None = None  # the client the gate named at the upgrade (clients), checked again at each message
+    key_sha256: str | None = None  # (its key's digest then: a key changed since is refused too)
     conn: ws.Connection = field(default_factory=ws.Connection)
     messages: int = 0  # client messages so far (each gets its own request id: request_id(flow)_n)
     turns: int = 0
@@ -102,9 +104,9 @@ class ResponsesWebSocket(Owner):
     owner = "websocket"
     also_reads = ("max_request_body_mb",)  # a message is a request: the same limit
 
-    def __init__(self, source, upstreams, turns, server_replay=None, outcomes=None) -> None:
+    def __init__(self, source, upstreams, turns, gate, server_replay=None, outcomes=None) -> None:
         super().__init__(source)
-        self.upstreams, self.relay, self.turns = upstreams, upstreams.relay, turns
+        self.upstreams, self.relay, self.turns, self.gate = upstreams, upstreams.relay, turns, gate
         self.server_replay, self.outcomes = server_replay, outcomes
         self.live: dict[str, OpenSocket] = {}
         self.by_client: dict[str, OpenSocket] = {}  # the same, by the client connection's id
@@ -159,7 +161,10 @@ class ResponsesWebSocket(Owner):
         req = flow.request
         sock = Socket(flow.id, secrets.token_urlsafe(24), lambda text, send: self.message(live, text, send),
                       self.max_message)
-        live = OpenSocket(flow, sock, req.url, self.upstreams.owner_of(flow), req.headers.copy())
+        name = flow.metadata.get(META, {}).get("client")
+        spec = self.gate.client(name)
+        live = OpenSocket(flow, sock, req.url, self.upstreams.owner_of(flow), req.headers.copy(), name,
+                          spec.key_sha256 if spec is not None else None)
         meta = flow.metadata.setdefault(META, {})
         meta.update(transport="websocket", upstream=self.upstreams.target(flow).url + "/chat/completions", turns=[])
         self.live[flow.id] = self.by_client[flow.client_conn.id] = live  # (websocket_end or error forgets it)
@@ -262,6 +267,17 @@ class ResponsesWebSocket(Owner):
             log.warning(f"resp2chat: refusing an oversized WebSocket message failed: {type(exc).__name__}: {exc}",
                         exc_info=exc)
 
+    def _client(self, live: OpenSocket):
+        """The socket's client as configured now: a key revoked (or changed) since the upgrade
+        is refused from its next message on, as a new request with it would be."""
+        if live.client is None:
+            return None
+        client = self.gate.client(live.client)
+        if client is None or client.key_sha256 != live.key_sha256:
+            raise GatewayError("this connection's API key is no longer accepted (revoked or changed)",
+                               type="authentication_error", code="invalid_api_key", status=401)
+        return client
+
     def _too_large(self) -> GatewayError:
         return GatewayError(f"message larger than max_request_body_mb ({self.s['max_request_body_mb']} MiB)",
                             code="request_too_large", status=413)
@@ -291,14 +307,21 @@ class ResponsesWebSocket(Owner):
         body = message if isinstance(message, bytes) else message.encode("utf-8", "surrogatepass")
         data = None
         turns = self.turns
+        turn_id = f"{live.flow.id}:{live.messages}"
+        client = verdict = None
         try:
             if len(body) > self.max_message:  # (mitmproxy refuses one first: ``oversized``)
                 raise self._too_large()
+            client = self._client(live)
             data = await turns.decode(body)  # (a large message off the loop, as an HTTP body)
             create = ws.parse_message(data)
             if create is None:
                 return  # response.processed: nothing to say
-            m.request = turns.check(create.body)
+            if not create.warmup:  # (a warm-up asks no backend: no limit counts it)
+                verdict = await turns.admit(client, turn_id)
+                if verdict is not None and not verdict.admitted:
+                    raise verdict.error(client.name)
+            m.request = turns.check(create.body, client)
             self._redact(live, m, mcp.redact_text(m.text, create.body))
             found = await turns.lookup(create.body, live.owner, live.conn)
             m.turn = turn = turns.lower(create.body, found, owner=live.owner, request_id=m.request_id,
@@ -306,6 +329,8 @@ class ResponsesWebSocket(Owner):
         except GatewayError as err:
             if m.request is None and data is not None and b'"mcp"' in body:  # refused before its tools were read
                 self._redact(live, m, UNREAD_MCP)
+            if verdict is not None and verdict.admitted:
+                turns.release(client, turn_id)
             self._refuse(live, m, err, send)
             m.request = None
             await offload.discard(data, len(body))
@@ -329,8 +354,8 @@ class ResponsesWebSocket(Owner):
             self._warmed(live, m, reader)
             return
         live.turns += 1
-        m.run = run = turns.start(turn, live.flow, turn_id=f"{live.flow.id}:{live.turns}", started=m.started,
-                                  client_headers=live.headers, secret="")
+        m.run = run = turns.start(turn, live.flow, turn_id=turn_id, started=m.started, client_headers=live.headers,
+                                  secret="", client=client, limits=verdict.headers if verdict is not None else ())
         run.exchange.channel.push = lambda item: out(run.reader.apply(item))
         live.current = m
         try:
@@ -389,7 +414,7 @@ class ResponsesWebSocket(Owner):
         model = raw.get("model") if isinstance(raw.get("model"), str) else ""
         self.outcomes.emit(Outcome(m.request_id, session_key(raw.get("prompt_cache_key"), live.flow.request.headers),
                                    model, upstream, status, code, usage, None, time.monotonic() - m.started,
-                                   http_status))
+                                   http_status, client=live.client or ""))
 
     def _replay(self, live: OpenSocket, m: Message, send, warmup: bool = False) -> bool:
         """Offline replay (``--server-replay``): the recorded events of the same turn (or

@@ -1,0 +1,131 @@
+"""A client's limits (``rpm``, ``tpm``, ``max_streams``): the rule, the answer, the headers.
+
+Rules of this file:
+- Sans-I/O: the time comes in as an argument; where the state lives (this process, or Redis for
+  every replica: resp2chat_io/addons/limits.py runs the same rule in a Lua script) is not its
+  business.
+- ``rpm`` and ``tpm`` are token buckets, as OpenAI's limits are: a bucket holds up to the limit
+  and refills continuously at the limit per minute. A turn takes one request token when it is
+  admitted; its backend tokens (prompt + output, the backend's own usage) are taken from the
+  token bucket when it ends, which may drive it below zero. A turn is admitted while the request
+  bucket holds a whole token and the token bucket holds more than nothing, and while the client
+  has fewer than ``max_streams`` turns open.
+- Refused: ``429`` with ``code: rate_limit_exceeded``, ``Retry-After`` (and ``retry-after-ms``)
+  saying when the first bucket in the way has refilled enough, and OpenAI's headers. Every turn's
+  answer carries ``x-ratelimit-limit-*``, ``x-ratelimit-remaining-*`` and
+  ``x-ratelimit-reset-*`` (``requests`` and ``tokens``; only for a limit the client has), so the
+  openai SDK and Codex back off as they do against OpenAI.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .errors import GatewayError
+
+WINDOW = 60.0  # seconds: rpm and tpm refill over a minute
+
+
+@dataclass
+class Bucket:
+    """A token bucket: ``level`` tokens at time ``at``; up to ``capacity``, refilling at
+    ``capacity`` per ``WINDOW`` seconds."""
+
+    capacity: int
+    level: float
+    at: float
+
+    @classmethod
+    def full(cls, capacity: int, now: float) -> "Bucket":
+        return cls(capacity, float(capacity), now)
+
+    def refill(self, now: float) -> float:
+        self.level = min(float(self.capacity), self.level + max(0.0, now - self.at) * self.capacity / WINDOW)
+        self.at = now
+        return self.level
+
+    def wait(self, need: float) -> float:
+        """Seconds until the level reaches ``need`` (0: it has)."""
+        return max(0.0, (need - self.level) * WINDOW / self.capacity)
+
+    def reset(self) -> float:
+        """Seconds until it is full again."""
+        return max(0.0, (self.capacity - self.level) * WINDOW / self.capacity)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the limits said about a turn: admitted or not, and the figures for its headers."""
+
+    admitted: bool
+    headers: tuple[tuple[str, str], ...] = ()
+    retry_after: float = 0.0  # seconds, when refused
+    why: str = ""  # "requests" | "tokens" | "streams": the limit in the way, when refused
+
+    def error(self, client: str) -> GatewayError:
+        what = {"requests": "requests per minute (rpm)", "tokens": "tokens per minute (tpm)",
+                "streams": "turns open at once (max_streams)"}[self.why]
+        wait = math.ceil(self.retry_after)
+        return GatewayError(f"rate limit reached for client {client!r}: {what}; try again in {wait}s",
+                            code="rate_limit_exceeded", status=429, type=self.why)
+
+    @property
+    def refusal_headers(self) -> tuple[tuple[str, str], ...]:
+        wait = max(self.retry_after, 0.001)
+        return (*self.headers, ("retry-after", str(math.ceil(wait))), ("retry-after-ms", str(math.ceil(wait * 1000))))
+
+
+def duration(seconds: float) -> str:
+    """A duration as OpenAI writes it in ``x-ratelimit-reset-*``: ``20ms``, ``6s``, ``1m30s``."""
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    whole = math.ceil(seconds)
+    minutes, rest = divmod(whole, 60)
+    return f"{minutes}m{rest}s" if minutes else f"{rest}s"
+
+
+def headers(rpm: int | None, requests: Bucket | None, tpm: int | None, tokens: Bucket | None) -> tuple:
+    """OpenAI's rate-limit headers for the limits a client has."""
+    out = []
+    if rpm is not None and requests is not None:
+        out += [("x-ratelimit-limit-requests", str(rpm)),
+                ("x-ratelimit-remaining-requests", str(max(0, math.floor(requests.level)))),
+                ("x-ratelimit-reset-requests", duration(requests.reset()))]
+    if tpm is not None and tokens is not None:
+        out += [("x-ratelimit-limit-tokens", str(tpm)),
+                ("x-ratelimit-remaining-tokens", str(max(0, math.floor(tokens.level)))),
+                ("x-ratelimit-reset-tokens", duration(tokens.reset()))]
+    return tuple(out)
+
+
+def decide(now: float, rpm: int | None, requests: Bucket | None, tpm: int | None, tokens: Bucket | None,
+           open_streams: int, max_streams: int | None) -> Verdict:
+    """Admit a turn or not (``requests`` loses a token when it is admitted). The buckets are
+    refilled to ``now`` first; ``open_streams``: the client's turns open now (this one not yet)."""
+    if requests is not None:
+        requests.refill(now)
+    if tokens is not None:
+        tokens.refill(now)
+    why = ("requests" if requests is not None and requests.level < 1
+           else "tokens" if tokens is not None and tokens.level <= 0
+           else "streams" if max_streams is not None and open_streams >= max_streams else "")
+    if not why and requests is not None:
+        requests.level -= 1
+    return verdict(why, rpm, requests, tpm, tokens)
+
+
+def verdict(why: str, rpm: int | None, requests: Bucket | None, tpm: int | None, tokens: Bucket | None) -> Verdict:
+    """The verdict once decided (``why``: the limit in the way, "" when admitted), from the
+    buckets as they are after it: here, or in Redis (resp2chat_io/addons/limits.py)."""
+    heads = headers(rpm, requests, tpm, tokens)
+    if not why:
+        return Verdict(True, heads)
+    wait = requests.wait(1) if why == "requests" else max(tokens.wait(1e-9), 0.001) if why == "tokens" else 1.0
+    return Verdict(False, heads, wait, why)
+
+
+def spend(now: float, tokens: Bucket, used: int) -> None:
+    """A turn's backend tokens, taken from the client's token bucket when it ends."""
+    tokens.refill(now)
+    tokens.level -= used

@@ -1,0 +1,50 @@
+"""The limits' rule alone (resp2chat_core/limits.py, sans-I/O: the time is an argument). The same
+rule across replicas, through Redis, is tested end to end in test_teams.py."""
+
+from __future__ import annotations
+
+from resp2chat_core import limits as L
+
+
+def test_rpm_is_a_bucket_that_refills_continuously():
+    requests = L.Bucket.full(6, now=0.0)
+    seen = [L.decide(0.0, 6, requests, None, None, 0, None) for _ in range(7)]
+    assert [v.admitted for v in seen] == [True] * 6 + [False]
+    assert [dict(v.headers)["x-ratelimit-remaining-requests"] for v in seen] == ["5", "4", "3", "2", "1", "0", "0"]
+    refused = seen[-1]
+    assert refused.why == "requests" and refused.retry_after == 10.0  # one token back every 60/6 s
+    assert dict(refused.refusal_headers)["retry-after"] == "10" and dict(refused.refusal_headers)["retry-after-ms"] == "10000"
+    assert dict(refused.headers)["x-ratelimit-reset-requests"] == "1m0s"  # full again in a minute
+    err = refused.error("carol")
+    assert (err.status, err.code) == (429, "rate_limit_exceeded") and "rpm" in str(err) and "10s" in str(err)
+    assert not L.decide(9.9, 6, requests, None, None, 0, None).admitted
+    assert L.decide(10.0, 6, requests, None, None, 0, None).admitted  # exactly one back
+    assert requests.level < 1e-9
+
+
+def test_tpm_is_spent_when_a_turn_ends_and_may_go_below_zero():
+    tokens = L.Bucket.full(1000, now=0.0)
+    assert L.decide(0.0, None, None, 1000, tokens, 0, None).admitted  # a turn takes no token up front
+    L.spend(1.0, tokens, 1500)  # ... its usage comes off at its end, below zero
+    refused = L.decide(1.0, None, None, 1000, tokens, 0, None)
+    assert not refused.admitted and refused.why == "tokens"
+    assert abs(refused.retry_after - 30.0) < 1e-6  # -500 back to 0 at 1000 per minute
+    assert dict(refused.headers) == {"x-ratelimit-limit-tokens": "1000", "x-ratelimit-remaining-tokens": "0",
+                                     "x-ratelimit-reset-tokens": "1m30s"}
+    assert L.decide(31.1, None, None, 1000, tokens, 0, None).admitted
+
+
+def test_streams_count_the_turns_open_now_and_the_first_limit_in_the_way_is_named():
+    assert L.decide(0.0, None, None, None, None, 1, 2).admitted
+    busy = L.decide(0.0, None, None, None, None, 2, 2)
+    assert (busy.admitted, busy.why, busy.retry_after, busy.headers) == (False, "streams", 1.0, ())
+    # a refused turn takes no request token
+    requests = L.Bucket.full(3, now=0.0)
+    assert L.decide(0.0, 3, requests, None, None, 2, 2).why == "streams" and requests.level == 3
+    requests.level = 0.5
+    assert L.decide(0.0, 3, requests, None, None, 2, 2).why == "requests"
+
+
+def test_durations_are_written_as_openai_writes_them():
+    assert [L.duration(s) for s in (0.0201, 0.999, 1.0, 6.2, 59.5, 60.0, 90.0, 3600.0)] == \
+        ["21ms", "999ms", "1s", "7s", "1m0s", "1m0s", "1m30s", "60m0s"]

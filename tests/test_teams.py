@@ -1,0 +1,295 @@
+"""A team's gateway (issue 23), as a team runs it: two replicas sharing a real redis-server,
+three clients made with the real ``resp2chat keys`` into the config file both replicas read.
+Each client's state is its own on both replicas and both transports; limits hold across the
+replicas (a 429 with OpenAI's headers, then recovery, and the openai SDK and Codex retrying
+through it); a revoked key stops working on both replicas without a restart; metrics, the
+access log and ``resp2chat usage`` name the client."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import openai
+import pytest
+import requests
+
+from helpers import Codex, openai_client, parse_sse, post_turn, start_gateway, wait_until
+from test_cli import cli_env, run_cli
+from test_metrics import scrape
+from wsclient import WSClient
+
+ALL = "demo-model"
+
+
+class Team:
+    """Two replicas and the clients' keys (``keys[name]``)."""
+
+    def __init__(self, upstream, tmp_path, redis_server, clients: dict[str, tuple[str, ...]]):
+        self.tmp, self.redis = tmp_path, redis_server.client()
+        self.keys = {}
+        for name, flags in clients.items():
+            out = run_cli(tmp_path, "keys", "add", name, *flags)
+            assert out.returncode == 0, out.stderr
+            self.keys[name] = out.stdout.strip()
+        self.logs = [tmp_path / "access-a.jsonl", tmp_path / "access-b.jsonl"]
+        self.gws = [start_gateway(upstream.origin, tmp_path, "--set", f"resp2chat_state_store_url={redis_server.url}",
+                                  "--set", f"resp2chat_access_log_path={log}", env=cli_env(tmp_path))
+                    for log in self.logs]
+
+    def sdk(self, replica: int, name: str, **kw) -> openai.OpenAI:
+        return openai_client(self.gws[replica], api_key=self.keys[name], **kw)
+
+    def post(self, replica: int, name: str, body: dict) -> requests.Response:
+        return post_turn(self.gws[replica], {"model": ALL, **body}, {"authorization": f"Bearer {self.keys[name]}"})
+
+    def ws(self, replica: int, name: str) -> WSClient:
+        return WSClient(self.gws[replica].base_url, headers={"authorization": f"Bearer {self.keys[name]}"})
+
+    def stored(self, name: str, response_id: str) -> None:
+        """Writes to Redis run after the answer: wait for this one, under its client's namespace."""
+        key = f"resp2chat:owner:client.{name}:response:{response_id}"
+        wait_until(lambda: self.redis.exists(key), 20, f"{response_id} stored for {name}")
+
+    def access(self) -> list[dict]:
+        return [json.loads(line) for log in self.logs if log.exists() for line in log.read_text().splitlines()]
+
+    def stop(self) -> None:
+        for gw in self.gws:
+            gw.stop()
+
+
+@pytest.fixture
+def team(upstream, tmp_path, redis_server, request):
+    t = Team(upstream, tmp_path, redis_server, request.param)
+    yield t
+    t.stop()
+    for gw in t.gws:
+        log = gw.log()
+        for key in t.keys.values():
+            assert key not in log  # no key in a gateway's log
+        for path in t.logs:
+            assert key not in (path.read_text() if path.exists() else "")
+
+
+def uses(clients):
+    return pytest.mark.parametrize("team", [clients], indirect=True)
+
+
+THREE = {"alice": (), "bob": ("--models", "demo-*"), "carol": ()}
+FOUR = {**THREE, "dave": ("--models", "qwen3-*")}
+
+
+def ws_error(events: list[dict]) -> dict:
+    assert events[-1]["type"] == "error", events[-1]
+    return events[-1]
+
+
+@uses(FOUR)
+def test_each_clients_state_is_its_own_on_both_replicas_and_transports(team, upstream):
+    alice_a, alice_b, bob_b = team.sdk(0, "alice"), team.sdk(1, "alice"), team.sdk(1, "bob")
+    first = alice_a.responses.create(model=ALL, input="alice's secret plan")
+    team.stored("alice", first.id)
+    assert alice_b.responses.retrieve(first.id).id == first.id  # her own, on the other replica
+    # to bob, alice's id is an unknown one: read, delete, continue, reference an item
+    with pytest.raises(openai.NotFoundError):
+        bob_b.responses.retrieve(first.id)
+    with pytest.raises(openai.NotFoundError):
+        team.sdk(0, "bob").responses.delete(first.id)
+    with pytest.raises(openai.BadRequestError) as err:
+        bob_b.responses.create(model=ALL, input="go on", previous_response_id=first.id)
+    assert err.value.code == "previous_response_not_found"
+    with pytest.raises(openai.BadRequestError) as err:
+        bob_b.responses.create(model=ALL, input=[{"type": "item_reference", "id": first.output[-1].id},
+                                                 {"role": "user", "content": "and?"}])
+    assert err.value.code == "item_not_found"
+    # ... and over the WebSocket on either replica
+    for replica in (0, 1):
+        sock = team.ws(replica, "bob")
+        try:
+            events = sock.turn({"type": "response.create", "model": ALL, "input": "go on",
+                                "previous_response_id": first.id})
+        finally:
+            sock.close()
+        assert ws_error(events)["error"]["code"] == "previous_response_not_found"
+    sock = team.ws(1, "alice")  # alice continues her own over the socket of the other replica
+    try:
+        done = sock.turn({"type": "response.create", "model": ALL, "input": "go on",
+                          "previous_response_id": first.id})
+    finally:
+        sock.close()
+    assert done[-1]["type"] == "response.completed"
+    assert [m["content"] for m in upstream.requests()[-1]["messages"]][0] == "alice's secret plan"
+    assert alice_a.responses.retrieve(first.id).id == first.id  # bob's delete did not touch it
+    # the key in x-api-key (Anthropic-style clients) names the client as well; an unknown key is a 401
+    as_header = post_turn(team.gws[1], {"model": ALL, "input": "go on", "previous_response_id": first.id},
+                          {"x-api-key": team.keys["alice"]})
+    assert as_header.status_code == 200, as_header.text
+    unknown = post_turn(team.gws[0], {"model": ALL, "input": "hi"}, {"x-api-key": "r2c-" + "x" * 43})
+    assert unknown.status_code == 401 and unknown.json()["error"]["code"] == "invalid_api_key"
+    # the replay cache answers a client only with its own cached answers
+    body = {"input": "a question everyone asks", "stream": True}
+    assert team.post(0, "alice", body).status_code == 200
+    wait_until(lambda: team.redis.zcard("resp2chat:replays") >= 1, 20, "the replay stored")
+    asked = len(upstream.requests())
+    again = team.post(1, "alice", body)
+    assert again.status_code == 200 and len(upstream.requests()) == asked  # her own: from the cache
+    for name in ("bob", "carol"):
+        theirs = team.post(1, name, body)
+        assert theirs.status_code == 200 and parse_sse(theirs.content)[-1]["type"] == "response.completed"
+    assert len(upstream.requests()) == asked + 2  # theirs: each asked the backend
+    # bob's models are his globs: another model does not exist for him, it does for alice
+    with pytest.raises(openai.NotFoundError) as err:
+        team.sdk(0, "bob").responses.create(model="other-model", input="hi")
+    assert err.value.code == "model_not_found"
+    # and GET /v1/models shows each client its own models only
+    assert [m.id for m in team.sdk(1, "bob").models.list()] == [m.id for m in alice_b.models.list()] == [ALL]
+    assert [m.id for m in team.sdk(0, "dave").models.list()] == []
+    with pytest.raises(openai.NotFoundError) as err:
+        team.sdk(1, "dave").models.retrieve(ALL)
+    assert err.value.code == "model_not_found"
+    assert alice_a.responses.create(model="other-model", input="hi").status == "completed"
+
+
+@uses({"alice": (), "carol": ("--rpm", "6", "--max-streams", "1")})
+def test_limits_hold_across_replicas_with_openais_headers_then_recover(team):
+    # max_streams=1: a turn open on one replica keeps carol's next turn out on the other
+    slow: dict = {}
+
+    def long_turn():
+        slow["r"] = team.post(0, "carol", {"input": "words: 30 slow: 100", "stream": True})
+
+    t = threading.Thread(target=long_turn)
+    t.start()
+    wait_until(lambda: team.redis.zcard("resp2chat:limits:carol:streams") == 1, 20, "carol's turn open")
+    busy = team.post(1, "carol", {"input": "me too"})
+    assert busy.status_code == 429 and busy.json()["error"]["code"] == "rate_limit_exceeded"
+    assert "max_streams" in busy.json()["error"]["message"] and int(busy.headers["retry-after"]) >= 1
+    assert team.post(1, "alice", {"input": "not limited"}).status_code == 200  # nobody else waits
+    t.join(30)
+    assert slow["r"].status_code == 200 and parse_sse(slow["r"].content)[-1]["type"] == "response.completed"
+    assert slow["r"].headers["x-ratelimit-limit-requests"] == "6"
+    # rpm=6 across both replicas: turns alternate replicas; the remaining count falls as one
+    remaining, refused = [], None
+    for n in range(10):
+        r = team.post(n % 2, "carol", {"input": f"turn {n}"})
+        if r.status_code == 429:
+            refused = r
+            break
+        assert r.status_code == 200, r.text
+        remaining.append(int(r.headers["x-ratelimit-remaining-requests"]))
+    assert refused is not None, "carol was never limited"
+    assert 4 <= len(remaining) <= 5 and remaining == sorted(remaining, reverse=True) and remaining[-1] == 0
+    err = refused.json()["error"]
+    assert err["code"] == "rate_limit_exceeded" and "rpm" in err["message"] and "x-request-id" in refused.headers
+    assert refused.headers["x-ratelimit-limit-requests"] == "6"
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert 1 <= int(refused.headers["retry-after"]) <= 10 and refused.headers["x-ratelimit-reset-requests"].endswith("s")
+    # the WebSocket on the other replica says the same, as an error message; the socket goes on
+    sock = team.ws(1, "carol")
+    try:
+        events = sock.turn({"type": "response.create", "model": ALL, "input": "over the socket"})
+        err = ws_error(events)
+        assert err["status"] == 429 and err["error"]["code"] == "rate_limit_exceeded"
+        # reads are not turns
+        assert team.sdk(1, "carol").models.list().data
+        # recovery: the openai SDK backs off on the 429 (Retry-After) and then succeeds
+        started = time.monotonic()
+        answer = team.sdk(0, "carol", max_retries=3).responses.create(model=ALL, input="patiently")
+        assert answer.output_text == "You said: patiently" and time.monotonic() - started >= 0.5
+        wait_until(lambda: sock.turn({"type": "response.create", "model": ALL, "input": "later"})[-1]["type"]
+                   == "response.completed", 30, "the socket's turn admitted again")
+    finally:
+        sock.close()
+    # the access log keeps the refusals, naming the client
+    refusals = [a for a in team.access() if a["client"] == "carol" and a["code"] == "rate_limit_exceeded"]
+    assert len(refusals) >= 3 and all(a["http_status"] == 429 for a in refusals)
+
+
+@uses({"alice": (), "bob": (), "carol": ()})
+def test_a_revoked_key_is_refused_on_every_replica_without_a_restart(team):
+    sock = team.ws(1, "bob")
+    try:
+        assert sock.turn({"type": "response.create", "model": ALL, "input": "hello"})[-1]["type"] == "response.completed"
+        for replica in (0, 1):
+            assert team.post(replica, "bob", {"input": "hi"}).status_code == 200
+        out = run_cli(team.tmp, "keys", "revoke", "bob")
+        assert out.returncode == 0, out.stderr
+        revoked_at = time.monotonic()
+        for replica in (0, 1):
+            wait_until(lambda: team.post(replica, "bob", {"input": "hi"}).status_code == 401, 10,
+                       f"bob refused on replica {replica}")
+        assert time.monotonic() - revoked_at < 10
+        # the socket bob opened before: its next message is refused too
+        err = ws_error(sock.turn({"type": "response.create", "model": ALL, "input": "still me"}))
+        assert err["status"] == 401 and err["error"]["code"] == "invalid_api_key"
+    finally:
+        sock.close()
+    assert team.post(0, "alice", {"input": "hi"}).status_code == 200  # the others are untouched
+    # a key added now works on both, no restart either
+    dave = run_cli(team.tmp, "keys", "add", "dave")
+    key = dave.stdout.strip()
+    for gw in team.gws:
+        wait_until(lambda: post_turn(gw, {"model": ALL, "input": "hi"},
+                                     {"authorization": f"Bearer {key}"}).status_code == 200, 10, "dave admitted")
+
+
+@uses(THREE)
+def test_metrics_access_log_and_usage_name_the_client(team):
+    asked = {"alice": 3, "bob": 1, "carol": 2}
+    for name, n in asked.items():
+        for i in range(n):
+            assert team.sdk(i % 2, name).responses.create(model=ALL, input=f"{name} {i}").status == "completed"
+    sock = team.ws(0, "carol")
+    try:
+        assert sock.turn({"type": "response.create", "model": ALL, "input": "socket"})[-1]["type"] == "response.completed"
+    finally:
+        sock.close()
+    asked["carol"] += 1
+    wait_until(lambda: len(team.access()) == sum(asked.values()), 20, "every turn in the access logs")
+    lines = team.access()
+    assert {name: sum(1 for a in lines if a["client"] == name) for name in asked} == asked
+    # /metrics (with a client's key, as any key holder): the client a label of turns and tokens
+    samples = scrape(team.gws[0], authorization=f"Bearer {team.keys['alice']}")
+    by_client: dict[str, float] = {}
+    for (name, labels), v in samples.items():
+        if name == "resp2chat_turns_total":
+            by_client[dict(labels)["client"]] = by_client.get(dict(labels)["client"], 0) + v
+    assert by_client == {"alice": 2, "bob": 1, "carol": 2}  # replica a: alice 0 and 2, bob 0, carol 0 + socket
+    assert {dict(labels)["client"] for (name, labels), v in samples.items()
+            if name == "resp2chat_tokens_total" and v} == {"alice", "bob", "carol"}
+    # resp2chat usage reads both replicas' logs: turns and tokens per client
+    out = run_cli(team.tmp, "usage", *map(str, team.logs), "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert {name: c["turns"] for name, c in report["clients"].items()} == asked
+    for name in asked:
+        logged = [a for a in lines if a["client"] == name]
+        assert report["clients"][name]["output_tokens"] == sum(a["output_tokens"] for a in logged) > 0
+    table = run_cli(team.tmp, "usage", *map(str, team.logs))
+    rows = [line.split() for line in table.stdout.splitlines()]
+    assert ["alice", "total", "3"] == rows[[r[:2] for r in rows].index(["alice", "total"])][:3]
+
+
+@uses({"dev": ("--rpm", "12")})
+def test_codex_backs_off_on_the_429_and_then_succeeds(team, codex_bin, tmp_path):
+    # spend dev's 12 requests (a token back every 5 s); the one turn admitted as soon as one is
+    # back leaves the bucket empty, so Codex's first request (well within 5 s) meets the 429
+    for n in range(20):
+        if team.post(n % 2, "dev", {"input": f"spend {n}"}).status_code == 429:
+            break
+    else:
+        pytest.fail("dev was never limited")
+    out = run_cli(team.tmp, "print-config", "--key-env", "TEAM_KEY", "--base-url", team.gws[1].base_url)
+    assert out.returncode == 0, out.stderr
+    cx = Codex.at(codex_bin, tmp_path / "cx", env={"TEAM_KEY": team.keys["dev"]})
+    (cx.home / "config.toml").write_text(out.stdout)
+    wait_until(lambda: team.post(0, "dev", {"input": "the last token"}).status_code == 200, 10, "a token back")
+    before = len(team.access())
+    run = cx.exec("say hello after the limit", timeout=120)
+    assert run.returncode == 0, run.output
+    assert "You said: say hello after the limit" in run.output
+    wait_until(lambda: team.access()[-1]["status"] == "completed", 20, "Codex's turn logged")
+    codex_turns = [(a["http_status"], a["status"], a["code"]) for a in team.access()[before:]]
+    assert codex_turns[0] == (429, "rejected", "rate_limit_exceeded") and codex_turns[-1] == (200, "completed", "")
