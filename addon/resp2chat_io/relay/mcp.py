@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import json
 import logging
+
 import anyio
 import httpx2
 
 from resp2chat_core import mcp
 from resp2chat_core.channel import scrub
-
-log = logging.getLogger("resp2chat.mcp")
 
 MAX_BODY = 8 << 20  # bytes of one HTTP answer of an MCP server (a listing, a result) read at most
 MAX_ERROR = 2000  # characters of a server's error kept (for the item, the model, the log)
@@ -92,17 +91,12 @@ class _Bounded(httpx2.AsyncBaseTransport):
         await self.inner.aclose()
 
 
-_quieted: list = []
-
-
 def _client(server: mcp.Server):
     from mcp.client import Client  # (the SDK is imported on a gateway's first MCP step, not at its start)
     from mcp.client.streamable_http import streamable_http_client
     from mcp_types import Implementation
 
-    if not _quieted:
-        _quiet()
-        _quieted.append(True)
+    _quiet()  # (each time: the SDK makes some of its loggers as it goes)
 
     timeout = server.spec.timeout_secs
     http = httpx2.AsyncClient(headers=server.headers(), timeout=httpx2.Timeout(timeout), transport=_Bounded(),
