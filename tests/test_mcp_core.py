@@ -60,7 +60,8 @@ def test_mcp_servers_are_validated_and_their_headers_are_secrets():
                        ({"label": "ev", "url": "http://x", "timeout_secs": 0}, "timeout_secs"),
                        ({"label": "ev", "url": "http://x", "colour": 1}, "unknown field"),
                        ({"label": "ev", "url": "http://x", "headers": {"mcp-session-id": "s3cret-value"}}, "cannot be set"),
-                       ({"label": "ev", "url": "http://x", "require_approval": "sometimes"}, "require_approval")):
+                       ({"label": "ev", "url": "http://x", "require_approval": "sometimes"}, "require_approval"),
+                       ({"label": "ev", "url": "http://x", "transport": "stdio"}, "transport")):
         with pytest.raises(S.SettingsError) as err:
             S.resolve({"mcp_servers": [entry]}, {})
         assert why in str(err.value) and "s3cret-value" not in str(err.value)

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from helpers import (
-    ROOT, LocalServer, QuietHandler, check_sdk, check_stream, free_port, openai_client, parse_sse, post_turn,
+    ADDON, MITMDUMP, ROOT, LocalServer, QuietHandler, check_sdk, check_stream, free_port, gateway_env, openai_client, parse_sse, post_turn,
     read_flows, retranslate, start_gateway, stop_process, wait_http, wait_until,
 )
 
@@ -45,6 +45,20 @@ def everything(tmp_path_factory):
     try:
         wait_http(f"http://127.0.0.1:{port}/mcp", proc=proc)
         yield f"http://127.0.0.1:{port}/mcp"
+    finally:
+        stop_process(proc)
+
+
+@pytest.fixture(scope="module")
+def everything_sse(tmp_path_factory):
+    """The same server on the older HTTP+SSE transport: its /sse URL."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("everything-sse") / "server.log"
+    proc = subprocess.Popen([everything_bin(), "sse"], env={**os.environ, "PORT": str(port)},
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: b"running on port" in log.read_bytes(), proc=proc, what="the SSE server listening")
+        yield f"http://127.0.0.1:{port}/sse"
     finally:
         stop_process(proc)
 
@@ -385,6 +399,61 @@ def test_the_replay_cache_never_answers_an_mcp_turn(gateway_factory, everything,
     assert len(upstream.requests()) == 4  # two rounds each: neither was a replay
     plain = [client.responses.create(model="demo-model", input="hello") for _ in range(2)]
     assert len(upstream.requests()) == 5 and plain[0].output_text == plain[1].output_text  # (the cache is on)
+
+
+def test_the_older_sse_transport(gateway_factory, everything_sse, upstream):
+    gw = gateway_factory(upstream.origin, env={"RESP2CHAT_MCP_SERVERS": json.dumps(
+        [{"label": "old", "url": everything_sse, "transport": "sse"}])})
+    resp = openai_client(gw).responses.create(model="demo-model", tools=[mcp_tool("old")],
+                                              input='call: mcp__old__echo {"message": "over sse"}')
+    assert kinds(resp.output) == ["mcp_list_tools", "reasoning", "mcp_call", "reasoning", "message"]
+    assert resp.output_text == "The tool returned: Echo: over sse"
+
+
+def test_a_recorded_mcp_turn_replays_offline_without_the_server(gateway_factory, everything, seen, upstream,
+                                                                 tmp_path):
+    flows = tmp_path / "recorded"
+    live = gateway_factory(upstream.origin, "-w", str(flows), "--set", "resp2chat_max_replay_entries=0",
+                           env={"RESP2CHAT_MCP_SERVERS": allowed(everything, seen[0])})
+    body = {"model": "demo-model", "input": ECHO, "tools": [mcp_tool()], "stream": True}
+    recorded = post_turn(live, body)
+    live.stop()
+    # offline: the backend is gone and the operator's "ev" points nowhere; the recording answers
+    offline = gateway_factory("http://127.0.0.1:9", "--server-replay", str(flows), env={
+        "RESP2CHAT_MCP_SERVERS": json.dumps([{"label": "ev", "url": f"http://127.0.0.1:{free_port()}/mcp"}])})
+    again = post_turn(offline, body)
+    assert again.status_code == 200 and again.content == recorded.content
+    assert parse_sse(again.content)[-1]["response"]["output"][2]["output"] == "Echo: hello mcp"
+
+
+def test_options_and_the_settings_command_never_show_a_header(tmp_path, everything):
+    servers = json.dumps([{"label": "ev", "url": everything, "headers": {"x-operator-key": OPERATOR_TOKEN}}])
+    options = subprocess.run([str(MITMDUMP), "-s", str(ADDON), "--set", f"confdir={tmp_path / 'conf'}", "--options"],
+                             capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                             env={**gateway_env(), "RESP2CHAT_MCP_SERVERS": servers})
+    assert options.returncode == 0 and "resp2chat_mcp_servers: ''" in options.stdout
+    assert OPERATOR_TOKEN not in options.stdout + options.stderr
+    out = tmp_path / "settings.json"
+    script = tmp_path / "ask_settings.py"
+    script.write_text(
+        "from mitmproxy import ctx\n"
+        "class Ask:\n"
+        "    def running(self):\n"
+        f"        open({str(out)!r}, 'w').write(ctx.master.commands.execute('resp2chat.settings'))\n"
+        "addons = [Ask()]\n")
+    gw = start_gateway("http://127.0.0.1:9", tmp_path, "-s", str(script), env={"RESP2CHAT_MCP_SERVERS": servers})
+    try:
+        shown = json.loads(wait_until(lambda: out.exists() and out.read_text(), what="the settings command's answer"))
+    finally:
+        gw.stop()
+    assert shown["mcp_servers"] == [{"label": "ev", "url": everything, "headers": {"x-operator-key": "[set]"}}]
+    assert OPERATOR_TOKEN not in gw.log()
+    # an invalid entry stops the start naming the field, never a header's value
+    bad = json.dumps([{"label": "ev", "url": "ftp://x", "headers": {"x-operator-key": OPERATOR_TOKEN}}])
+    run = subprocess.run([str(MITMDUMP), "-s", str(ADDON), "--set", f"confdir={tmp_path / 'conf'}", "--options"],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                         env={**gateway_env(), "RESP2CHAT_MCP_SERVERS": bad})
+    assert "mcp_servers[0].url" in run.stdout + run.stderr and OPERATOR_TOKEN not in run.stdout + run.stderr
 
 
 # --- secrets ------------------------------------------------------------------------------------

@@ -53,7 +53,8 @@ MAX_LISTED = 512  # tools of one server a listing keeps (more are dropped: a mod
 MAX_DESCRIPTION = 4096  # characters of a tool's description offered to the model
 DEFAULT_TIMEOUT = 30  # seconds one listing or call may take (timeout_secs)
 DEFAULT_OUTPUT_KB = 64  # KiB of one call's output kept and given to the model (max_output_kb)
-_ENTRY = ("label", "url", "headers", "allowed_tools", "require_approval", "timeout_secs", "max_output_kb")
+_ENTRY = ("label", "url", "transport", "headers", "allowed_tools", "require_approval", "timeout_secs", "max_output_kb")
+TRANSPORTS = ("streamable_http", "sse")  # the MCP HTTP transports: streamable HTTP, and the older HTTP+SSE
 
 # --- the rules: allowed tools, approvals -----------------------------------------------------
 
@@ -151,6 +152,7 @@ class ServerSpec:
     require_approval: Approval = NEVER  # the operator's floor: a request can ask for more approvals, not fewer
     timeout_secs: int = DEFAULT_TIMEOUT
     max_output_kb: int = DEFAULT_OUTPUT_KB
+    transport: str = TRANSPORTS[0]
 
     def __repr__(self) -> str:  # never the headers
         return f"ServerSpec({self.label!r}, {self.url!r})"
@@ -181,6 +183,10 @@ def parse_servers(value: list) -> tuple[ServerSpec, ...]:
                              "e.g. http://127.0.0.1:3001/mcp")
         if url in urls:
             raise ValueError(f"{where}.url: another entry has the same url")
+        transport = entry.get("transport", TRANSPORTS[0])
+        if transport not in TRANSPORTS:
+            raise ValueError(f"{where}.transport: expected streamable_http (the default) or sse (the older "
+                             "HTTP+SSE transport: url is then the server's SSE endpoint)")
         labels.add(label)
         urls.add(url)
         numbers = {}
@@ -192,7 +198,7 @@ def parse_servers(value: list) -> tuple[ServerSpec, ...]:
         specs.append(ServerSpec(label, url, _headers(entry.get("headers"), f"{where}.headers"),
                                 parse_filter(entry.get("allowed_tools"), f"{where}.allowed_tools"),
                                 parse_approval(entry.get("require_approval"), f"{where}.require_approval", NEVER),
-                                **numbers))
+                                **numbers, transport=transport))
     return tuple(specs)
 
 

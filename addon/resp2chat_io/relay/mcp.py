@@ -1,7 +1,8 @@
 """The gateway's MCP client: one listing or one tool call against a server the operator allows.
 
 The tool loop (resp2chat_core/toolloop.py, mcp.py) decides what runs; this file runs it with the
-official MCP SDK (``mcp`` on PyPI: streamable HTTP), on mitmproxy's event loop: the SDK's anyio
+official MCP SDK (``mcp`` on PyPI: streamable HTTP, or the older HTTP+SSE transport with an
+entry's ``transport: sse``), on mitmproxy's event loop: the SDK's anyio
 runs on asyncio there (anyio's asyncio backend), so a slow server costs a waiting task, never a
 blocked loop. Each step is one short session (connect, initialize, one request, close), whole
 under the server's ``timeout_secs`` (``anyio.fail_after``): nothing of a server outlives its step,
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import anyio
 import httpx2
@@ -91,26 +93,40 @@ class _Bounded(httpx2.AsyncBaseTransport):
         await self.inner.aclose()
 
 
-def _client(server: mcp.Server):
+@asynccontextmanager
+async def _session(server: mcp.Server):
+    """One short MCP session with ``server``: connected and initialized, closed on the way out."""
     from mcp.client import Client  # (the SDK is imported on a gateway's first MCP step, not at its start)
+    from mcp.client.sse import sse_client
     from mcp.client.streamable_http import streamable_http_client
     from mcp_types import Implementation
 
     _quiet()  # (each time: the SDK makes some of its loggers as it goes)
-
     timeout = server.spec.timeout_secs
-    http = httpx2.AsyncClient(headers=server.headers(), timeout=httpx2.Timeout(timeout), transport=_Bounded(),
-                              trust_env=False)
-    return Client(streamable_http_client(server.spec.url, http_client=http), cache=None,
-                  client_info=Implementation(name="resp2chat", version="1"), read_timeout_seconds=timeout), http
+    sse = server.spec.transport == "sse"
+    async with AsyncExitStack() as stack:
+        if sse:  # the older transport: the SDK makes its client with ours
+            transport = sse_client(server.spec.url, headers=server.headers(), timeout=timeout,
+                                   sse_read_timeout=timeout, httpx_client_factory=_http)
+        else:
+            http = await stack.enter_async_context(_http(server.headers(), httpx2.Timeout(timeout)))
+            transport = streamable_http_client(server.spec.url, http_client=http)
+        yield await stack.enter_async_context(Client(
+            transport, cache=None, client_info=Implementation(name="resp2chat", version="1"),
+            read_timeout_seconds=timeout, mode="legacy" if sse else "auto"))
+
+
+def _http(headers=None, timeout=None, auth=None) -> httpx2.AsyncClient:
+    """The HTTP client a step talks to its server with: answers bounded (``_Bounded``), no proxy
+    from the environment (the configured URL is where it goes), redirects the SDK's rule."""
+    return httpx2.AsyncClient(headers=headers, timeout=timeout, auth=auth, transport=_Bounded(), trust_env=False)
 
 
 async def list_tools(server: mcp.Server) -> tuple[tuple[dict, ...] | None, str | None]:
     """The server's tools the request allows (``mcp.listed_tool`` dicts), or (None, why it failed)."""
     try:
         with anyio.fail_after(server.spec.timeout_secs):
-            client, http = _client(server)
-            async with http, client:
+            async with _session(server) as client:
                 tools, cursor = [], None
                 while len(tools) < mcp.MAX_LISTED:
                     page = await client.list_tools(cursor=cursor)
@@ -143,8 +159,7 @@ async def call_tool(server: mcp.Server, name: str, arguments: str) -> tuple[str 
     limit = server.spec.max_output_kb << 10
     try:
         with anyio.fail_after(server.spec.timeout_secs):
-            client, http = _client(server)
-            async with http, client:
+            async with _session(server) as client:
                 result = await client.call_tool(name, args)
     except BaseException as exc:  # noqa: BLE001 — anything a server does fails its call, not the turn
         if isinstance(exc, anyio.get_cancelled_exc_class()):
