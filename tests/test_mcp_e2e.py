@@ -68,6 +68,7 @@ class _Seen(QuietHandler):
 
     target = ""
     headers: list[dict] = []
+    methods: list[str] = []  # the JSON-RPC methods asked, in order
 
     def _forward(self):
         type(self).headers.append({k.lower(): v for k, v in self.headers.items()})
@@ -77,6 +78,9 @@ class _Seen(QuietHandler):
             self.end_headers()
             return
         body = self.rfile.read(int(self.headers.get("content-length") or 0))
+        if body:
+            message = json.loads(body)
+            type(self).methods += [m.get("method") for m in (message if isinstance(message, list) else [message])]
         keep = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length", "connection")}
         r = requests.request(self.command, self.target, data=body, headers=keep, timeout=30)
         self.send_response(r.status_code)
@@ -92,7 +96,7 @@ class _Seen(QuietHandler):
 
 @pytest.fixture(scope="module")
 def seen(everything):
-    _Seen.target, _Seen.headers = everything, []
+    _Seen.target, _Seen.headers, _Seen.methods = everything, [], []
     with LocalServer(_Seen) as server:
         yield server.url + "/mcp", _Seen
 
@@ -181,25 +185,40 @@ def test_the_openai_sdk_streams_it(mcp_gateway):
 # --- a conversation lists once ------------------------------------------------------------------
 
 
-def test_a_conversation_lists_the_tools_once(mcp_gateway, upstream):
+def test_a_conversation_lists_the_tools_once(mcp_gateway, upstream, seen):
+    """What the server was asked (its JSON-RPC methods, seen in front of it): a listing session
+    on the first turn only, whether the conversation goes on by previous_response_id or by its
+    items. (A call's own session lists too: the MCP SDK checks a result against the tool's output
+    schema.)"""
+    _, server = seen
+    server.methods.clear()
+
+    def sessions() -> tuple[int, int]:
+        """(listing sessions, calls): a session begins with its handshake."""
+        runs = "|".join(m or "" for m in server.methods).split("initialize|")[1:]
+        return sum("tools/call" not in r for r in runs), server.methods.count("tools/call")
+
     client = openai_client(mcp_gateway)
-    first = client.responses.create(model="demo-model", input=ECHO, tools=[mcp_tool()])
+    echo = 'call: mcp__seen__echo {"message": "hello mcp"}'
+    first = client.responses.create(model="demo-model", input=echo, tools=[mcp_tool("seen")])
+    assert sessions() == (1, 1)
     upstream.clear()
-    second = client.responses.create(model="demo-model", previous_response_id=first.id, tools=[mcp_tool()],
-                                     input='call: mcp__ev__get-sum {"a": 2, "b": 40}')
+    second = client.responses.create(model="demo-model", previous_response_id=first.id, tools=[mcp_tool("seen")],
+                                     input='call: mcp__seen__get-sum {"a": 2, "b": 40}')
     assert kinds(second.output) == ["reasoning", "mcp_call", "reasoning", "message"]  # no mcp_list_tools
     assert second.output[1].output == "The sum of 2 and 40 is 42."
+    assert sessions() == (1, 2)
     round1 = upstream.requests()[0]  # offered from the listing the first turn made
-    assert "mcp__ev__get-sum" in [t["function"]["name"] for t in round1["tools"]]
+    assert "mcp__seen__get-sum" in [t["function"]["name"] for t in round1["tools"]]
     # the earlier call is in the history the model reads: the call and its result
     history = [m for m in round1["messages"] if m["role"] == "tool"]
     assert history[0]["content"] == "Echo: hello mcp"
     # … and a client that sends the whole conversation (the Agents SDK) is not listed again either
-    upstream.clear()
     items = [item.model_dump(exclude_none=True) for item in first.output]
-    third = client.responses.create(model="demo-model", tools=[mcp_tool()], store=False, input=[
-        {"role": "user", "content": ECHO}, *items, {"role": "user", "content": "thanks"}])
+    third = client.responses.create(model="demo-model", tools=[mcp_tool("seen")], store=False, input=[
+        {"role": "user", "content": echo}, *items, {"role": "user", "content": "thanks"}])
     assert kinds(third.output) == ["reasoning", "message"] and third.output_text == "You said: thanks"
+    assert sessions() == (1, 2)
 
 
 # --- approvals ----------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ entry's ``transport: sse``), on mitmproxy's event loop: the SDK's anyio
 runs on asyncio there (anyio's asyncio backend), so a slow server costs a waiting task, never a
 blocked loop. Each step is one short session (connect, initialize, one request, close), whole
 under the server's ``timeout_secs`` (``anyio.fail_after``): nothing of a server outlives its step,
-and a cancelled turn cancels it.
+and a cancelled turn cancels it. (Within a call's session the SDK lists the tools once more, to
+check the result against the tool's output schema: the server sees that; the client's
+``mcp_list_tools`` item comes once per conversation.)
 
 Bounds: time (``timeout_secs``: the step fails with that said), what the server sends (``MAX_BODY``
 bytes per HTTP answer: its stream is cut there; the SDK itself bounds an SSE event), what is
