@@ -2,7 +2,7 @@
 
 Rules of this file:
 - Backend bytes are only ever backend data. What the *gateway* has to say about a turn (it has
-  started, the backend is silent, the backend failed, a web search runs) travels as the objects
+  started, the backend is silent, the backend failed, a web search or an MCP call runs) travels as the objects
   below, never as bytes: nothing a backend sends can be mistaken for them.
 - Sans-I/O. The relay (resp2chat_io/relay/) produces, the stream callable consumes; both run on
   mitmproxy's event loop, so there are no locks. ``wake`` and ``on_take`` are the only hooks
@@ -32,6 +32,7 @@ gateway's own events came (``gateway``), so a recording can be translated again 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Callable, Union, get_args
 
@@ -98,6 +99,62 @@ class SearchDone:
 
 
 @dataclass(frozen=True, slots=True)
+class McpListing:
+    """The gateway lists an MCP server's tools (mcp.py): an ``mcp_list_tools`` item opens."""
+
+    label: str
+
+    def apply(self, t) -> bytes:
+        return t.mcp_listing(self.label)
+
+
+@dataclass(frozen=True, slots=True)
+class McpListed:
+    label: str
+    tools: str  # the listing's tools, the allowed ones (mcp.listed_tool dicts), as JSON: a record keeps their order
+    error: str | None = None  # the listing failed: why (the server's words, bounded)
+
+    def apply(self, t) -> bytes:
+        return t.mcp_listed(self.label, json.loads(self.tools), self.error)
+
+
+@dataclass(frozen=True, slots=True)
+class McpCalling:
+    """The gateway runs an MCP tool the model called (or the client approved): an ``mcp_call`` item."""
+
+    call_id: str
+    label: str
+    name: str
+    arguments: str
+    approval_request_id: str | None = None
+
+    def apply(self, t) -> bytes:
+        return t.mcp_calling(self.call_id, self.label, self.name, self.arguments, self.approval_request_id)
+
+
+@dataclass(frozen=True, slots=True)
+class McpCalled:
+    call_id: str
+    output: str | None
+    error: str | None = None  # the call failed: its error object as JSON (mcp_protocol_error, mcp_tool_execution_error, http_error)
+
+    def apply(self, t) -> bytes:
+        return t.mcp_called(self.call_id, self.output, json.loads(self.error) if self.error is not None else None)
+
+
+@dataclass(frozen=True, slots=True)
+class McpApproval:
+    """A call the model made waits for the client's approval: an ``mcp_approval_request`` item."""
+
+    label: str
+    name: str
+    arguments: str
+
+    def apply(self, t) -> bytes:
+        return t.mcp_approval(self.label, self.name, self.arguments)
+
+
+@dataclass(frozen=True, slots=True)
 class Rerouted:
     """A fallback upstream answers this turn (routing.py), the ``alternate``-th (1: the first
     fallback): the translator reads ``<think>`` tags its way (its ``think_tags``) and its tool
@@ -123,7 +180,8 @@ class Oversized:
         return t.oversized(self.limit)
 
 
-Event = Union[Accepted, Keepalive, UpstreamFailed, UpstreamJSON, SearchStarted, SearchDone, Rerouted, Oversized]
+Event = Union[Accepted, Keepalive, UpstreamFailed, UpstreamJSON, SearchStarted, SearchDone, McpListing, McpListed,
+              McpCalling, McpCalled, McpApproval, Rerouted, Oversized]
 Item = Union[bytes, Event]
 
 

@@ -19,6 +19,7 @@
 - ``RequestLog``      the chat requests sent upstream, as JSON lines
 - ``RawOutput``       --raw: the model's stream on stdout
 - ``WebSearch``       the web_search settings
+- ``McpServers``      the hosted MCP settings: the servers requests may use
 - ``SettingsCommand`` the resp2chat.settings command
 - ``Egress``          the gate's other end: only what the gateway routed or answered goes on; CORS headers
 - ``Redact``          last: no credentials in flow files, mitmweb or answers
@@ -34,6 +35,7 @@ from .gate import Egress, Gate
 from .http_turns import HttpTurns
 from .limits import Limits
 from .listen import Listen
+from .mcp import McpServers
 from .metrics import Metrics
 from .outcomes import Outcomes
 from .raw import RawOutput
@@ -54,9 +56,10 @@ def build() -> list:
     source = SettingsSource()
     upstreams = Upstreams(source)
     search = WebSearch(source)
+    hosted = McpServers(source)
     store = StoredResponses(source, upstreams)
     limits = Limits(store)
-    turns = Turns(source, upstreams, search, store, limits)
+    turns = Turns(source, upstreams, search, store, limits, hosted)
     replay = ReplayCache(source, upstreams, turns, store)
     outcomes = Outcomes()
     request_log = RequestLog(source, turns)
@@ -70,5 +73,5 @@ def build() -> list:
     return [
         Listen(source, upstreams), gate, store, limits, replay, turns, http_turns, server_replay, sockets,
         upstreams, outcomes, Metrics(turns, store, replay, outcomes), AccessLog(source, outcomes),
-        request_log, raw, search, SettingsCommand(source), Egress(gate), Redact(upstreams),
+        request_log, raw, search, hosted, SettingsCommand(source), Egress(gate), Redact(upstreams),
     ]

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from mitmproxy import ctx, http
 
+from resp2chat_core import mcp
 from resp2chat_core.channel import Reader, scrub
 from resp2chat_core.errors import GatewayError, error_json, gateway_failure
 from resp2chat_core.labels import shown
@@ -44,16 +45,21 @@ FAILED_STATUS = {
     "insufficient_quota": 429,
 }
 FIRST_SLICE = 2048  # backend bytes translated before the first tick's answer goes out (TurnStream)
+# what the flow keeps of a request refused before its tools were read (the caps) that may hold an
+# mcp tool's headers, which are never recorded
+UNREAD_MCP = "[not kept: refused before it was read, and it may carry what an mcp tool holds for its server]"
 HOP_KEPT = frozenset({"connection", "keep-alive"})  # the client's, on the flow's request: its connection's fate
 
 
 def note_request(meta: dict, body: bytes | None, raw: object = None) -> None:
     """Keep what outcomes.py reports of a request the gate let in, so that it never decodes a
     body again: its text (the flow's record; ``body``, when given) and, once decoded (``raw``),
-    its model and ``prompt_cache_key``."""
+    its model and ``prompt_cache_key``; the text then loses what its mcp tools carry for their
+    servers (mcp.redact_text: never recorded)."""
     if body is not None:
         meta["responses_request"] = body.decode("utf-8", "replace")
     if isinstance(raw, dict):
+        meta["responses_request"] = mcp.redact_text(meta.get("responses_request", ""), raw)
         model, pck = raw.get("model"), raw.get("prompt_cache_key")
         meta["request_model"] = model if isinstance(model, str) else ""
         if isinstance(pck, str) and pck:
@@ -152,10 +158,11 @@ class HttpTurns:
             flow.response = refusal(flow, verdict.error(client.name), verdict.refusal_headers)
             return
         owner = self.upstreams.owner_of(flow)  # (before the client's credentials are left behind below)
-        raw = None
+        raw = data = None
         try:
             hit = await self._cached(flow, body, owner)
-            raw = self.turns.check(await self.turns.decode(body), client)
+            data = await self.turns.decode(body)
+            raw = self.turns.check(data, client)
             note_request(meta, None, raw)
             found = await self.turns.lookup(raw, owner)
             if hit is not None and self._answer_hit(flow, hit, raw, found, owner, limits):
@@ -169,7 +176,12 @@ class HttpTurns:
             meta["status"] = "rejected"
             flow.response = refusal(flow, err, limits)
             self.turns.release(client, flow.id)
-            await offload.discard(raw, len(body))
+            if isinstance(raw, dict) and mcp.client_secrets(raw):  # (the flow keeps the request it refused)
+                req.content = meta["responses_request"].encode()
+            elif raw is None and data is not None and b'"mcp"' in body:  # refused before its tools were read
+                meta["responses_request"] = UNREAD_MCP
+                req.content = UNREAD_MCP.encode()
+            await offload.discard(data, len(body))
             return
         except BaseException:
             self.turns.release(client, flow.id)  # (it fails closed: base.py)

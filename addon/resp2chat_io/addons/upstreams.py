@@ -83,7 +83,8 @@ def reverse_target(flow: http.HTTPFlow) -> Upstream:
 class Upstreams(Owner):
     name = "resp2chat_upstreams"
     owner = "upstreams"
-    also_reads = tuple(sorted(S.SECRET_FIELDS - {"upstream_api_key"}))  # secrets: scrubbed from passthrough answers
+    # secrets (and mcp_servers' headers): scrubbed from passthrough answers and every flow (redact.py)
+    also_reads = tuple(sorted(S.SECRET_FIELDS - {"upstream_api_key"})) + ("mcp_servers",)
     watches = ("ssl_insecure",)
 
     def __init__(self, source) -> None:

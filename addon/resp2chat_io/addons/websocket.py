@@ -34,7 +34,7 @@ from mitmproxy import ctx, http
 from mitmproxy.flow import Error
 from mitmproxy.utils import human
 
-from resp2chat_core import websocket as ws
+from resp2chat_core import mcp, websocket as ws
 from resp2chat_core.channel import Reader
 from resp2chat_core.errors import GatewayError, gateway_failure
 from resp2chat_core.labels import shown
@@ -47,6 +47,7 @@ from resp2chat_io.relay.exchange import run as run_exchange
 from resp2chat_io.relay.upstream import failure
 
 from .base import META, RESPONSES_PATHS, Owner, fails_closed, json_response, log, request_id, show_url
+from .http_turns import UNREAD_MCP
 from .outcomes import Outcome
 from .turns import Finished, TurnRun
 RECORD_BUDGET = 64 << 20  # turn records kept on one socket's flow; later turns are noted without their bodies
@@ -321,10 +322,13 @@ class ResponsesWebSocket(Owner):
                 if verdict is not None and not verdict.admitted:
                     raise verdict.error(client.name)
             m.request = turns.check(create.body, client)
+            self._redact(live, m, mcp.redact_text(m.text, create.body))
             found = await turns.lookup(create.body, live.owner, live.conn)
             m.turn = turn = turns.lower(create.body, found, owner=live.owner, request_id=m.request_id,
                                         keep_items=True)  # (the socket remembers its conversation)
         except GatewayError as err:
+            if m.request is None and data is not None and b'"mcp"' in body:  # refused before its tools were read
+                self._redact(live, m, UNREAD_MCP)
             if verdict is not None and verdict.admitted:
                 turns.release(client, turn_id)
             self._refuse(live, m, err, send)
@@ -369,6 +373,19 @@ class ResponsesWebSocket(Owner):
         done = self._finish(live, m)
         if done.status == "completed":
             live.conn.remember(turn.ctx.response_id, turn.items + run.reader.translator.output)
+
+    @staticmethod
+    def _redact(live: OpenSocket, m: Message, text: str) -> None:
+        """The message without what its mcp tools carry for their servers (mcp.redact_text), in
+        its record and in the messages the flow keeps: never recorded."""
+        if text == m.text:
+            return
+        messages = live.flow.websocket.messages if live.flow.websocket is not None else []
+        for kept in messages[-1:-9:-1]:  # (it is among the last: the relay hands messages on in order)
+            if kept.from_client and kept.content.decode("utf-8", "replace") == m.text:
+                kept.content = text.encode()
+                break
+        m.text = text
 
     @staticmethod
     def _settled(live: OpenSocket, m: Message) -> bool:
