@@ -166,7 +166,7 @@ class HttpTurns:
         first = ex.candidates[0]
         meta.update(upstream=first.url.removesuffix("/chat/completions"), upstream_name=first.name)
         if not turn.client_stream:
-            ex.channel.push = run.reader.apply  # one JSON body at the end: nothing to tick
+            ex.channel.push = run.reader.apply_all  # one JSON body at the end: nothing to tick
         ABANDON[flow.id] = ex.abort  # failing closed at the response head gives the backend call up
         # The flow's request is what the first upstream gets (its key redacted when saved:
         # redact.py), sent to the relay, which runs the exchange; the flow shows the upstream's

@@ -72,7 +72,31 @@ class Exchange:
             self.stop()
 
 
-async def run(ex: Exchange, client: UpstreamClient) -> None:
+async def run(ex: Exchange, client: UpstreamClient, window: float = 0.0) -> None:
+    """Run the exchange's upstream work, its news going into its channel. ``window``: seconds
+    the channel may hold news before it is delivered (``coalesce_ms``; channel.py says when it
+    does); the timer is the loop's, and it is gone when this returns: what is held then goes
+    at once (``Channel.flush``), so no tick follows the end of the relay's body."""
+    channel = ex.channel
+    timer: list[asyncio.TimerHandle] = []
+    if window > 0:
+        loop = asyncio.get_running_loop()
+        channel.window = window
+        channel.later = lambda delay: timer.append(loop.call_later(delay, _due, channel, timer))
+    try:
+        await _run(ex, client)
+    finally:
+        for handle in timer:
+            handle.cancel()
+        channel.flush()
+
+
+def _due(channel: Channel, timer: list) -> None:
+    timer.clear()
+    channel.due()
+
+
+async def _run(ex: Exchange, client: UpstreamClient) -> None:
     ex.channel.event(Accepted())
     rounds = ex.search.max_web_search_rounds if ex.search is not None else None
     headers = list(ex.headers)

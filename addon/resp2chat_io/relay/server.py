@@ -90,6 +90,7 @@ class Relay:
         self.active = 0  # exchanges in flight: tests check that aborted turns leave nothing behind
         self.sockets = 0  # Responses WebSockets open (websocket.py)
         self.refused = 0  # requests that named no registered exchange or the wrong secret
+        self.window = 0.0  # seconds a turn's news may wait to share a tick (coalesce_ms: channel.py)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -119,6 +120,11 @@ class Relay:
             self._sock.close()
         self.client.close()
         self._expected.clear()
+
+    def run(self, ex: Exchange):
+        """Run ``ex`` (a coroutine): a turn awaited directly (the Responses WebSocket), with this
+        relay's client and window."""
+        return run(ex, self.client, self.window)
 
     def expect(self, exchange: Exchange | websocket.Socket | Answer) -> list[tuple[str, str]]:
         """Register an exchange (or a socket, or an answer); returns the headers mitmproxy's
@@ -196,7 +202,7 @@ class Relay:
         ex.channel.wake = lambda: writer.write(TICK)
         # The only thing mitmproxy may send while we stream is EOF: the client went away.
         gone = asyncio.ensure_future(reader.read(1))
-        task = asyncio.ensure_future(run(ex, self.client))
+        task = asyncio.ensure_future(self.run(ex))
         stopped = asyncio.get_running_loop().create_future()  # the addon gave the turn up (Exchange.abort)
         ex.stop = lambda: stopped.done() or stopped.set_result(None)
         if ex.aborted:
