@@ -8,7 +8,11 @@ same steps for each message of a socket):
   decoded, checked, looked up and lowered (``Turns``), the turn is started, and the flow's
   request becomes the chat request the first upstream gets (so flow files and offline replay
   see it), pointed at the relay with the exchange's name and secret (relay/server.py says why
-  turns take this hop).
+  turns take this hop). The relay sends the exchange's own body upstream, so the request crosses
+  the hop without it: ``BodyAside``, last in the addon chain (every other addon's request hook,
+  mitmproxy's server replay included, saw the chat body), leaves it out, and the flow has it
+  back once the request is out (a 2.5 MB conversation is not copied through mitmproxy's HTTP/1
+  writer and the relay's reader on its way to the first token).
 - ``responseheaders``: the request has gone out: the flow shows the upstream again. A
   streaming client gets the stream callable (``TurnStream``), which takes the turn's news from
   the exchange's channel at each relay tick and answers with Responses events.
@@ -32,8 +36,8 @@ from resp2chat_core.usage import usage_note
 from resp2chat_core.websocket import final_response
 from resp2chat_io import offload
 
-from .base import (ABANDON, META, SSE_HEADERS, RESPONSES_PATHS, Refusal, fails_closed, json_response, log,
-                   refusal, request_id, show_url)
+from .base import (ABANDON, META, SSE_HEADERS, RESPONSES_PATHS, TURN_HEADER, Refusal, fails_closed, json_response,
+                   log, refusal, request_id, show_url)
 from .turns import SERVER_REPLAY, Finished, TurnRun, new_response_id
 
 # HTTP status for a non-streaming client whose response failed, by error code.
@@ -129,6 +133,7 @@ class HttpTurns:
         self.turns, self.upstreams, self.replay, self.store = turns, upstreams, replay, store
         self.relay = upstreams.relay
         self.live: dict[str, TurnRun] = {}  # this transport's turns, by flow id (the same runs as in Turns.in_flight)
+        self.aside: set[str] = set()  # flows whose request went to the relay without its body (BodyAside)
 
     # --- request -------------------------------------------------------------------------------
 
@@ -210,6 +215,14 @@ class HttpTurns:
             self.store.put(response_id, items + final["output"], final, owner=owner)
         return True
 
+    def running(self) -> None:
+        if ctx.master is not None and ctx.master.addons.get(BodyAside.name) is None:
+            ctx.master.addons.add(BodyAside(self))  # last: see there
+
+    def done(self) -> None:
+        for run in self.live.values():  # (mitmproxy saves unfinished flows at its end: as they were)
+            self._show_upstream(run.flow, run)
+
     # --- response ------------------------------------------------------------------------------
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -279,22 +292,24 @@ class HttpTurns:
             self._show_upstream(flow, run)
         return run
 
-    @staticmethod
-    def _show_upstream(flow: http.HTTPFlow, run: TurnRun) -> None:
-        """The flow shows the backend's URL, not the relay's, and no relay headers; when a
-        fallback answered, its URL and the body it got (the first upstream's body stays in the
-        record as ``chat_request``: offline replay matches a rerun on it, as it is what a rerun
-        lowers first)."""
+    def _show_upstream(self, flow: http.HTTPFlow, run: TurnRun) -> None:
+        """The flow shows the backend's URL, not the relay's, no relay headers, and the chat body
+        again (``BodyAside``); when a fallback answered, its URL and the body it got (the first
+        upstream's body stays in the record as ``chat_request``: offline replay matches a rerun
+        on it, as it is what a rerun lowers first)."""
         ex = run.exchange
         show_url(flow, ex.candidates[0].url)
         answered = ex.answering
         meta = flow.metadata[META]
+        req = flow.request
         if ex.answered and meta.get("upstream_name") != answered.name:
-            req = flow.request
             req.url = answered.url
             meta["chat_request"] = run.turn.chat_body.decode("utf-8", "replace")
             req.content = answered.body
             meta["upstream"], meta["upstream_name"] = answered.url.removesuffix("/chat/completions"), answered.name
+        elif flow.id in self.aside:
+            req.content = ex.candidates[0].body
+        self.aside.discard(flow.id)
 
     def _answer_whole(self, flow: http.HTTPFlow, run: TurnRun) -> None:
         """A non-streaming client: the same translation, finished, as one JSON body."""
@@ -357,3 +372,27 @@ class HttpTurns:
         self.turns.ended(Finished(flow=flow, turn=run.turn, status=status, final=final, answer=body,
                                   usage=(final or {}).get("usage"), upstream=SERVER_REPLAY,
                                   took=time.monotonic() - run.started, code=code), flow.id)
+
+
+@fails_closed
+class BodyAside:
+    """Last in the addon chain (added at ``running``, after mitmproxy's server replay and every
+    script): a turn's request leaves for the relay without its body. The relay never reads it
+    (it sends the exchange's own: relay/server.py), so mitmproxy need not write the chat body
+    there nor the relay read it: for a long conversation that is megabytes copied twice before
+    the first token. Every addon before this one saw the body (server replay matches on it,
+    scripts may read it); ``HttpTurns._show_upstream`` puts it back once the request is out (the
+    relay's answer head, or the flow's end, whichever comes first), so flow files and mitmweb
+    show it as before."""
+
+    name = "resp2chat_body_aside"
+
+    def __init__(self, turns: HttpTurns) -> None:
+        self.turns = turns
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None or flow.error is not None or flow.id not in self.turns.live \
+                or flow.request.headers.get(TURN_HEADER) is None:
+            return  # (answered meanwhile, or not on its way to the relay)
+        self.turns.aside.add(flow.id)
+        flow.request.content = b""

@@ -7,8 +7,9 @@ can neither write into a live stream nor stream a body it makes (mitmproxy issue
 Who gets served: only a request that names an ``Exchange`` the addon registered (``expect``)
 and carries that exchange's per-turn secret, compared in constant time. The exchange is claimed
 once. Anything else — another local process, a replayed or forged request — gets the connection
-closed and never reaches a backend. Where the turn goes comes from the exchange (the gateway's
-configuration), never from the request.
+closed and never reaches a backend. Where the turn goes, and what it sends, comes from the
+exchange (the gateway's configuration and the lowered turn), never from the request: mitmproxy's
+request carries no body (addons/http_turns.py ``BodyAside``; one that does is read and dropped).
 
 When: its port is bound the first time anyone asks for its ``address``, and served from
 ``start`` (the gateway's ``running`` hook). mitmproxy listens before that hook runs, so a turn
@@ -181,7 +182,7 @@ class Relay:
                 if isinstance(exchange, Answer):
                     await _answer(exchange, conn, reader, writer)
                     return
-                await _read_body(conn, reader, deadline)  # (read, so the connection can serve the next one)
+                await _read_body(conn, reader, deadline)  # (none: http_turns.BodyAside; read, so the connection goes on)
                 await self._exchange(exchange, reader, writer, conn)  # (the body is the exchange's own)
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                     return
