@@ -1,7 +1,7 @@
 """Time-based coalescing (``coalesce_ms``, resp2chat_core/channel.py ``Channel.window``): once a
-turn's first tokens are out, the backend's news is held for at most the window, so that one
-mitmproxy pass (HTTP) or one round of messages (WebSocket) carries several paced tokens. The first
-token and the answer's end are never held.
+turn's first tokens are out, deliveries are at most one per window (news that comes sooner waits
+for it), so that one mitmproxy pass (HTTP) or one round of messages (WebSocket) carries several
+paced tokens. The first token and the answer's end are never held; a slow stream never is.
 
 The channel's rules alone (sans-I/O, the relay's timer stood in for), then through a real mitmdump
 and a backend of the test's own that streams one token per write, at the test's command.
@@ -26,11 +26,14 @@ from wsclient import WSClient
 
 
 class Timer:
-    """The relay's ``later`` stood in for: what was asked, fired by the test."""
+    """The relay's clock and timer stood in for: ``clock`` is now, ``asked`` the delays asked
+    for (the test fires ``due`` itself)."""
 
-    def __init__(self, channel: Channel) -> None:
+    def __init__(self, channel: Channel, now: float = 100.0) -> None:
         self.asked: list[float] = []
+        self.clock = now
         channel.later = self.asked.append
+        channel.now = lambda: self.clock
 
 
 def _ticks(channel: Channel) -> list[int]:
@@ -39,55 +42,65 @@ def _ticks(channel: Channel) -> list[int]:
     return ticks
 
 
-def test_news_goes_at_once_until_the_first_tokens_are_out_then_waits_at_most_the_window():
+def test_once_the_first_tokens_are_out_deliveries_are_a_window_apart():
     ch = Channel()
-    ch.window = 0.02
+    ch.window = 0.04
     timer, ticks = Timer(ch), _ticks(ch)
     ch.event(Accepted())
     ch.data(b"data: first\n\n")  # (not started: the response's first events and the first token go at once)
     assert ticks == [1] and timer.asked == []
     assert ch.take() == [Accepted(), b"data: first\n\n"]
     ch.started = True  # (the consumer's Reader sets it when its first events from backend data left)
+    timer.clock += 0.01
     ch.data(b"data: 2\n\n")
-    assert ticks == [1] and timer.asked == [0.02]  # held: the timer asked once…
+    assert ticks == [1] and timer.asked == [pytest.approx(0.03)]  # held until a window after the last delivery…
     ch.data(b"data: 3\n\n")
     ch.event(Keepalive())
-    assert ticks == [1] and timer.asked == [0.02]  # …and what comes meanwhile rides on it
+    assert ticks == [1] and len(timer.asked) == 1  # …and what comes meanwhile rides on it
+    timer.clock += 0.03
     ch.due()
     assert ticks == [2] and ch.take() == [b"data: 2\n\n", b"data: 3\n\n", Keepalive()]
     ch.due()  # (a late timer finds nothing held: no tick)
     assert ticks == [2]
-    ch.data(b"data: 4\n\n")
-    assert ticks == [2] and timer.asked == [0.02, 0.02]
+    timer.clock += 0.05
+    ch.data(b"data: 4\n\n")  # a window after the last delivery: at once (a slow stream is never held)
+    assert ticks == [3] and len(timer.asked) == 1
+    ch.take()
+    timer.clock += 0.001
+    ch.data(b"data: 5\n\n")
+    assert ticks == [3] and timer.asked[-1] == pytest.approx(0.039)
     ch.flush()  # the relay's work ended: no timer any more; the tick consumer's last call takes it
     ch.wake = None
     ch.due()
-    ch.data(b"data: 5\n\n")
-    assert ticks == [2] and ch.take() == [b"data: 4\n\n", b"data: 5\n\n"]
+    ch.data(b"data: 6\n\n")
+    assert ticks == [3] and ch.take() == [b"data: 5\n\n", b"data: 6\n\n"]
 
 
 def test_without_a_window_or_a_timer_nothing_is_held():
-    for window, later in ((0.0, True), (0.02, False)):
+    for window, later in ((0.0, True), (0.04, False)):
         ch = Channel()
         ch.window, ch.started = window, True
         timer, ticks = Timer(ch), _ticks(ch)
         if not later:
             ch.later = None
         ch.data(b"a")
-        assert ticks == [1] and timer.asked == []
+        ch.take()
+        ch.data(b"b")
+        assert ticks == [2] and timer.asked == []
 
 
 def test_a_push_consumer_gets_what_was_held_together_and_at_the_end_at_once():
     got: list[list] = []
     ch = Channel(push=got.append)
-    ch.window = 0.02
+    ch.window = 0.04
     timer = Timer(ch)
     ch.event(Accepted())
     assert got == [[Accepted()]]
     ch.started = True
     ch.data(b"x")
     ch.data(b"y")
-    assert got == [[Accepted()]] and timer.asked == [0.02]
+    assert got == [[Accepted()]] and len(timer.asked) == 1
+    timer.clock += 0.04
     ch.due()
     assert got == [[Accepted()], [b"x", b"y"]]
     ch.data(b"z")

@@ -27,12 +27,15 @@ Time-based coalescing (``window``, the ``coalesce_ms`` setting): every delivery 
 mitmproxy pass (a tick) or one round of WebSocket messages through mitmproxy's addon chain, and
 a model streaming 20-100 tokens a second sends one token per read, so one pass per token. Once
 the consumer has sent its first events made from backend data (``started``: the first token
-never waits), news that finds no tick on its way is held for ``window`` seconds before the tick
-goes (the relay's timer: ``later``, then ``due``), and whatever arrives meanwhile rides on the
-same tick: one pass carries the tokens of ``window`` seconds. Nothing waits longer than
-``window``: keepalives and failures ride on the held tick, and when the relay's work ends
-(``flush``), what is held goes at once (a push consumer gets it; a tick consumer's last call,
-at the end of the relay's body, takes it: a timer never ticks after the body ended).
+never waits), deliveries are at most one per ``window`` seconds: news that comes sooner after
+the last delivery is held until ``window`` after it (the relay's clock and timer: ``now``,
+``later``, then ``due``), and whatever arrives meanwhile rides on the same delivery. So a stream
+faster than one token per ``window`` has its tokens delivered together, ``window`` apart (at 50
+tokens/s and a 40 ms window, two per pass: each waits 20 ms on average, the gaps the client sees
+are 40 ms instead of 20); a slower one is never held. Nothing waits longer than ``window``:
+keepalives and failures ride on the held delivery, and when the relay's work ends (``flush``),
+what is held goes at once (a push consumer gets it; a tick consumer's last call, at the end of
+the relay's body, takes it: a timer never ticks after the body ended).
 
 ``Reader`` is the consumer's half: it applies items to a translator and keeps both sides' bytes
 for the flow record and the replay cache, and where among the backend's bytes each of the
@@ -139,7 +142,8 @@ Item = Union[bytes, Event]
 
 
 class Channel:
-    __slots__ = ("_items", "size", "_woken", "wake", "on_take", "push", "closed", "window", "later", "started")
+    __slots__ = ("_items", "size", "_woken", "wake", "on_take", "push", "closed", "window", "later", "now", "last",
+                 "started")
 
     def __init__(self, push: Callable[[list[Item]], None] | None = None) -> None:
         self._items: list[Item] = []
@@ -152,8 +156,10 @@ class Channel:
         # more backend data is waste, and the relay stops reading the backend at the next (a
         # backend's last bytes, the end of its body, still arrive: its connection is reused).
         self.closed = False
-        self.window = 0.0  # seconds news may be held before it is delivered (0: at once)
+        self.window = 0.0  # seconds between deliveries at least, once started (0: every news at once)
         self.later: Callable[[float], None] | None = None  # set by the relay: call ``due`` in that many seconds
+        self.now: Callable[[], float] | None = None  # set by the relay: its clock (seconds)
+        self.last = float("-inf")  # when the last delivery went (``now``)
         self.started = False  # set by the consumer (``Reader``): its first events from backend data left
 
     # --- producer (the relay) ----------------------------------------------------------------
@@ -175,11 +181,15 @@ class Channel:
             return  # (the relay's body ended: the consumer's last call takes it)
         self._woken = True
         if self.started and self.window and self.later is not None:
-            self.later(self.window)  # held: what comes meanwhile rides on the same delivery
-        else:
-            self._deliver()
+            wait = self.last + self.window - self.now()
+            if wait > 0:
+                self.later(wait)  # held: what comes meanwhile rides on the same delivery
+                return
+        self._deliver()
 
     def _deliver(self) -> None:
+        if self.now is not None:
+            self.last = self.now()
         if self.push is not None:
             self.push(self.take())
         elif self.wake is not None:

@@ -74,14 +74,14 @@ class Exchange:
 
 async def run(ex: Exchange, client: UpstreamClient, window: float = 0.0) -> None:
     """Run the exchange's upstream work, its news going into its channel. ``window``: seconds
-    the channel may hold news before it is delivered (``coalesce_ms``; channel.py says when it
-    does); the timer is the loop's, and it is gone when this returns: what is held then goes
-    at once (``Channel.flush``), so no tick follows the end of the relay's body."""
+    between the channel's deliveries at least (``coalesce_ms``; channel.py says when news is
+    held); the clock and timer are the loop's, and the timer is gone when this returns: what is
+    held then goes at once (``Channel.flush``), so no tick follows the end of the relay's body."""
     channel = ex.channel
     timer: list[asyncio.TimerHandle] = []
     if window > 0:
         loop = asyncio.get_running_loop()
-        channel.window = window
+        channel.window, channel.now = window, loop.time
         channel.later = lambda delay: timer.append(loop.call_later(delay, _due, channel, timer))
     try:
         await _run(ex, client)
