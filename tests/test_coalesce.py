@@ -166,15 +166,15 @@ class _Stepped(QuietHandler):
             step = type(self).steps.get(timeout=60)
             if step is None:
                 usage = chat_event(choices=[], usage={"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7})
+                type(self).wrote["end"] = time.monotonic()  # (before the write: the client may see it first)
                 self.wfile.write(http_chunk(chat_event(finish="stop")) + http_chunk(usage) + http_chunk(DONE)
                                  + b"0\r\n\r\n")
                 self.wfile.flush()
-                type(self).wrote["end"] = time.monotonic()
                 return
             for event in step:
+                type(self).wrote[event] = time.monotonic()
                 self.wfile.write(http_chunk(event))
                 self.wfile.flush()
-                type(self).wrote[event] = time.monotonic()
                 time.sleep(0.05)  # (the model's pace: each token its own backend read)
 
 
