@@ -80,6 +80,7 @@ FIELDS: tuple[Field, ...] = (
     Field("upstream_idle_timeout_secs", "int", 60, "No upstream bytes for this long (before or during the answer): the turn fails with a clear error and the upstream request is dropped. 0: no limit.", aliases=("request_timeout_secs",), owner="upstreams", per_upstream=True),
     Field("connect_timeout_secs", "int", 10, "Upstream connect timeout.", owner="upstreams", per_upstream=True),
     Field("keepalive_secs", "int", 15, "While the upstream is silent before its first byte (long prefill), send the client a data event this often (Codex's idle timer ignores SSE comments).", owner="upstreams", per_upstream=True),
+    Field("coalesce_ms", "int", 40, "Once a turn's first tokens are out, the gateway passes the backend's news on at most once per this many milliseconds: a model streaming faster than that has several tokens share one pass through mitmproxy (HTTP: one chunk; WebSocket: one round of messages, deltas merged), so it costs less CPU per token, and each token waits at most this long (at 50 tokens/s and 40 ms: two tokens a pass, 40 ms apart instead of 20). A slower stream is never held; the first token, the response's first events and the end of the answer never are. 0: every backend read at once. At most 1000.", owner="upstreams"),
     Field("upstream_headers", "map", {}, "Extra headers sent upstream with every chat request, e.g. {\"HTTP-Referer\": \"https://app.example\", \"api-key\": \"…\"} (OpenRouter's attribution, Azure's key header). Values of headers named like a credential (key, token, secret, auth…) are secrets: hidden and scrubbed like the others. Not hop-by-hop or framing headers, nor authorization (use api_key).", owner="upstreams", per_upstream=True),
     Field("max_upstream_event_mb", "int", MAX_EVENT >> 20, "A backend's SSE line or event larger than this ends the turn with response.failed (code upstream_event_too_large) and the upstream request is dropped: what a backend sends cannot grow the gateway's memory. At least 1.", owner="upstreams"),
     Field("max_request_body_mb", "int", 32, "Larger Responses requests are refused with 413.", owner="gate"),
@@ -242,6 +243,8 @@ def validate(name: str, value: Any) -> None:
             raise SettingsError(name, value, "expected an http:// or https:// URL")
     if name == "max_upstream_event_mb" and value < 1:
         raise SettingsError(name, value, "expected a whole number >= 1 (MiB)")
+    if name == "coalesce_ms" and value > 1000:
+        raise SettingsError(name, value, "expected a whole number of milliseconds, at most 1000")
     if name in _CHOICES and value not in _CHOICES[name]:
         raise SettingsError(name, value, "expected " + _either(_CHOICES[name]))
     if name in _MAP_VALUES:

@@ -43,7 +43,6 @@ from resp2chat_core.turn import Turn, session_key
 from resp2chat_core.usage import usage_note
 from resp2chat_io import mitm_websocket, offload
 from resp2chat_io.relay import Socket
-from resp2chat_io.relay.exchange import run as run_exchange
 from resp2chat_io.relay.upstream import failure
 
 from .base import META, RESPONSES_PATHS, Owner, fails_closed, json_response, log, request_id, show_url
@@ -356,10 +355,10 @@ class ResponsesWebSocket(Owner):
         live.turns += 1
         m.run = run = turns.start(turn, live.flow, turn_id=turn_id, started=m.started, client_headers=live.headers,
                                   secret="", client=client, limits=verdict.headers if verdict is not None else ())
-        run.exchange.channel.push = lambda item: out(run.reader.apply(item))
+        run.exchange.channel.push = lambda items: out(run.reader.apply_all(items))  # (several: held together)
         live.current = m
         try:
-            await run_exchange(run.exchange, self.relay.client)
+            await self.relay.run(run.exchange)
         except asyncio.CancelledError:  # the socket closed: the backend call is dropped with it
             if self._settled(live, m):  # (not recorded yet by websocket_end)
                 self._finish(live, m)

@@ -101,7 +101,31 @@ def _loop(ex: Exchange, body: bytes) -> ToolLoop | None:
     return ToolLoop(body, kinds, ex.max_event) if kinds else None
 
 
-async def run(ex: Exchange, client: UpstreamClient) -> None:
+async def run(ex: Exchange, client: UpstreamClient, window: float = 0.0) -> None:
+    """Run the exchange's upstream work, its news going into its channel. ``window``: seconds
+    between the channel's deliveries at least (``coalesce_ms``; channel.py says when news is
+    held); the clock and timer are the loop's, and the timer is gone when this returns: what is
+    held then goes at once (``Channel.flush``), so no tick follows the end of the relay's body."""
+    channel = ex.channel
+    timer: list[asyncio.TimerHandle] = []
+    if window > 0:
+        loop = asyncio.get_running_loop()
+        channel.window, channel.now = window, loop.time
+        channel.later = lambda delay: timer.append(loop.call_later(delay, _due, channel, timer))
+    try:
+        await _run(ex, client)
+    finally:
+        for handle in timer:
+            handle.cancel()
+        channel.flush()
+
+
+def _due(channel: Channel, timer: list) -> None:
+    timer.clear()
+    channel.due()
+
+
+async def _run(ex: Exchange, client: UpstreamClient) -> None:
     ex.channel.event(Accepted())
     headers = list(ex.headers)
     looped = ex.search is not None or ex.mcp is not None
