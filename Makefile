@@ -14,6 +14,10 @@ AI_SDK_VER := 6.0.325
 AI_SDK_DIR := $(TOOLS)/ai-sdk-$(AI_SDK_VER)
 OPEN_RESPONSES_VER := 1.0.39
 AI_SDK     := $(AI_SDK_DIR)/node_modules/@ai-sdk/open-responses/package.json
+# a real MCP server (npm @modelcontextprotocol/server-everything) the hosted MCP tests run against
+MCP_EVERYTHING_VER := 2026.8.31
+MCP_EVERYTHING_DIR := $(TOOLS)/mcp-everything-$(MCP_EVERYTHING_VER)
+MCP_EVERYTHING     := $(MCP_EVERYTHING_DIR)/node_modules/.bin/mcp-server-everything
 # llama.cpp's server and a generated tiny model, built once outside the repo (tests/llamacpp/)
 LLAMA_CACHE ?= $(HOME)/.cache/resp2chat-llamacpp
 # smg (PyPI), the Rust inference router of the session-affinity tests, in its own venv
@@ -28,7 +32,7 @@ PYTHON ?= $(shell for c in python3.13 python3.12 \
 	  $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && { echo $$p; break; }; \
 	done)
 
-.PHONY: help venv codex ai-sdk llamacpp redis smg test test-fast run bench soak fuzz recordings clean
+.PHONY: help venv codex ai-sdk mcp-everything llamacpp redis smg test test-fast run bench soak fuzz recordings clean
 
 help:
 	@echo "make run        start the gateway on 127.0.0.1:4000 (bundled demo upstream if no backend is configured)"
@@ -64,6 +68,13 @@ $(AI_SDK):
 
 ai-sdk: $(AI_SDK)
 
+$(MCP_EVERYTHING):
+	@command -v npm >/dev/null || { echo "error: npm is needed to install the MCP test server"; exit 1; }
+	mkdir -p $(MCP_EVERYTHING_DIR)
+	cd $(MCP_EVERYTHING_DIR) && npm install --no-audit --no-fund --silent @modelcontextprotocol/server-everything@$(MCP_EVERYTHING_VER)
+
+mcp-everything: $(MCP_EVERYTHING)
+
 llamacpp:
 	bash tests/llamacpp/build.sh $(LLAMA_CACHE)
 
@@ -83,8 +94,9 @@ $(SMG):
 
 smg: $(SMG)
 
-test: venv codex ai-sdk llamacpp redis smg
+test: venv codex ai-sdk mcp-everything llamacpp redis smg
 	RESP2CHAT_LLAMACPP_DIR=$(LLAMA_CACHE) CODEX_BIN=$(abspath $(CODEX)) AI_SDK_DIR=$(abspath $(AI_SDK_DIR)) \
+	  MCP_EVERYTHING_BIN=$(abspath $(MCP_EVERYTHING)) \
 	  SMG_BIN=$(abspath $(SMG)) $(PY) -m pytest -q
 
 test-fast: venv

@@ -5,6 +5,8 @@
     .venv/bin/python bench/profile.py --phase c1                          # sequential answers
     .venv/bin/python bench/profile.py --phase replay                      # replay-cache hits
     .venv/bin/python bench/profile.py --phase long --long-kb 2500         # later turns of a 2.5 MB session
+    .venv/bin/python bench/profile.py --phase websocket                   # bench's Codex conversation over the socket
+    .venv/bin/python bench/profile.py --phase http-conversation           # the same conversation over HTTP
     .venv/bin/python bench/profile.py --summarize prof-c64.txt            # summary of a saved profile
 
 py-spy (PyPI `py-spy`, a static binary) is looked for beside this Python, on PATH, or given with
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import json
 import os
 import re
 import shutil
@@ -32,8 +35,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import run  # noqa: E402
-from client import Conn  # noqa: E402
-from workload import long_pairs_for, long_session, make_variant  # noqa: E402
+from client import Conn, WSConn  # noqa: E402
+from workload import conversation, long_pairs_for, long_session, make_variant  # noqa: E402
+
+CONVERSATIONS = ("websocket", "http-conversation")  # run.measure_websocket's conversation, one transport
 
 OURS = ("resp2chat.py", "resp2chat_core/", "resp2chat_io/")
 
@@ -98,6 +103,12 @@ async def drive(target, upstream, phase: str, cfg: dict, w: dict, spy_cmd: list[
                      for _ in range(cfg["replay"] * 10)]
             conn.close()
             res = {}
+        elif phase in CONVERSATIONS:
+            turns = conversation(cfg["ws_turns"], cfg["deltas"])
+            cpu, pairs = run.proc_cpu_ns(target.proc.pid), []
+            for _ in range(cfg["conversations"]):
+                pairs += [(run.SimpleVariant(t.expect), a) for t, a in zip(turns, await _conversation(target, turns, phase))]
+            res = {"cpu_ms_per_turn": round((run.proc_cpu_ns(target.proc.pid) - cpu) / 1e6 / len(pairs), 2)}
         elif phase == "long":
             cpu = run.proc_cpu_ns(target.proc.pid)
             pairs = [(turn, await conn.request(target.path, target.body(turn), target.mode)) for turn in session[1:]]
@@ -112,9 +123,34 @@ async def drive(target, upstream, phase: str, cfg: dict, w: dict, spy_cmd: list[
     return f"{run.check(pairs)} {res}\n{err.decode(errors='replace').strip()[-500:]}"
 
 
+async def _conversation(target, turns, phase: str) -> list:
+    """One conversation as bench/run.py's websocket phase runs it: over the socket (a warm-up,
+    then ``previous_response_id`` and only the new input), or over HTTP (everything each turn)."""
+    if phase == "http-conversation":
+        conn = Conn("127.0.0.1", target.port)
+        try:
+            return [await conn.request(target.path, json.dumps(t.body).encode(), target.mode) for t in turns]
+        finally:
+            conn.close()
+    conn = WSConn("127.0.0.1", target.port)
+    await conn.open()
+    try:
+        warm = await conn.turn({"type": "response.create", **turns[0].body, "generate": False})
+        previous, answers = warm.response_id, []
+        for k, t in enumerate(turns):
+            rest = {key: v for key, v in t.body.items() if key != "input"}
+            answers.append(await conn.turn({"type": "response.create", **rest, "previous_response_id": previous,
+                                            "input": [] if k == 0 else t.new}))
+            previous = answers[-1].response_id
+        return answers
+    finally:
+        conn.close()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--phase", choices=[*run.PHASES, "replay", "long"], default="c64")
+    ap.add_argument("--phase", choices=[*run.PHASES, "replay", "long", *CONVERSATIONS], default="c64")
+    ap.add_argument("--conversations", type=int, default=10, help="--phase websocket/http-conversation: how many")
     ap.add_argument("--long-kb", type=float, default=2500, help="--phase long: the session's input, KB")
     ap.add_argument("--long-turns", type=int, default=40, help="--phase long: the turns profiled")
     ap.add_argument("--out", default="prof.txt", help="raw collapsed stacks (py-spy -f raw)")
@@ -127,13 +163,18 @@ def main() -> int:
                     help="sample without pausing the process (less overhead, some stacks torn)")
     ap.add_argument("--gil", action="store_true",
                     help="sample only the thread holding the GIL (no idle worker threads in the figures)")
+    ap.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
+                    help="a mitmproxy option for the gateway (e.g. resp2chat_coalesce_ms=0); repeatable")
+    ap.add_argument("--paced-streams", type=int, default=None, help="--phase paced: how many streams")
     ap.add_argument("--summarize", metavar="FILE", help="only summarise an existing profile")
     args = ap.parse_args()
     if args.summarize:
         print(summarize(Path(args.summarize)))
         return 0
     spy_bin = find_py_spy(args.py_spy)
-    cfg = dict(run.FULL, long_kb=args.long_kb, long_turns=args.long_turns)
+    cfg = dict(run.FULL, long_kb=args.long_kb, long_turns=args.long_turns, conversations=args.conversations)
+    if args.paced_streams:
+        cfg["paced_streams"] = args.paced_streams
     size = {"deltas": cfg["deltas"], "reasoning_words": cfg["reasoning_words"]}
     w = {k: make_variant(k, **size) for k in ("text", "reasoning", "tool")}
     w["paced"] = make_variant("reasoning", **size, slow_ms=cfg["paced_ms"])
@@ -149,6 +190,7 @@ def main() -> int:
     try:
         run.wait_ready(upstream, port, "/healthz")
         extra = () if args.phase == "replay" else ("--set", "resp2chat_max_replay_entries=0")
+        extra += tuple(a for option in args.set for a in ("--set", option))
         if args.path == "passthrough" and args.phase == "replay":
             sys.exit("replay is the addon's")
         target = run.start_target(args.path, port, workdir, gw_cpus, None, extra, args.addon)

@@ -35,6 +35,10 @@ codex-relay get the Codex Responses request (~40 KB). Phases per path:
             whole conversation each turn), and its chat requests sent to the upstream directly:
             per-turn added latency over direct (TTFT, total) and gateway CPU per turn, the three
             taking turns for a few rounds (medians)
+    coalesce  (own gateways) the coalesce_ms sweep: the paced load (32 streams) at 50 and 100
+            tokens/s through one gateway per window (0 .. 45 ms), passthrough and direct, taking
+            turns: CPU per event against passthrough and the added p99 gap, per window (the
+            default's choice)
     long    (own gateways) issue 22's curve: Codex sessions whose history is 22 KB .. 2.5 MB of
             input, c=1, streamed, each turn resending it all plus one new question/answer pair,
             through resp2chat (and resp2chat-b) and their chat bodies through passthrough and
@@ -94,10 +98,12 @@ UPSTREAM_ARGS = ("--max-context", str(4 << 20))
 
 FULL = dict(deltas=200, reasoning_words=50, warmup=4, c1=100, conc=64, per_conn=6,
             paced_streams=64, paced_ms=20, stagger_ms=1000, rss_streams=100, replay=40, replay_real=10, interleave=3,
-            ws_turns=20, ws_rounds=3, long_turns=8, long_rounds=3, long_deltas=200, long_kb=(22, 145, 635, 2500))
+            ws_turns=20, ws_rounds=3, long_turns=8, long_rounds=3, long_deltas=200, long_kb=(22, 145, 635, 2500),
+            coalesce_ms=(0, 20, 30, 40, 45), coalesce_paced_ms=(20, 10), coalesce_rounds=4, coalesce_streams=32)
 SMOKE = dict(deltas=20, reasoning_words=6, warmup=1, c1=3, conc=4, per_conn=2,
              paced_streams=4, paced_ms=5, stagger_ms=20, rss_streams=5, replay=3, replay_real=1, interleave=1,
-             ws_turns=2, ws_rounds=1, long_turns=2, long_rounds=1, long_deltas=20, long_kb=(22, 40))
+             ws_turns=2, ws_rounds=1, long_turns=2, long_rounds=1, long_deltas=20, long_kb=(22, 40),
+             coalesce_ms=(0, 20), coalesce_paced_ms=(5,), coalesce_rounds=1, coalesce_streams=4)
 
 
 # --- processes ---------------------------------------------------------------------------------
@@ -670,6 +676,68 @@ async def measure_websocket(up_port: int, workdir: Path, cpus: set[int] | None, 
     return out
 
 
+async def measure_coalesce(up_port: int, workdir: Path, cpus: set[int] | None, cfg: dict, addon: Path,
+                           upstream: Proc) -> dict:
+    """The ``coalesce_ms`` sweep: the paced load (``coalesce_streams`` streams, one event per socket
+    read) at each event interval of ``coalesce_paced_ms`` (20 ms: 50 tokens/s), through one
+    gateway per window of ``coalesce_ms`` (started together, each with --set
+    resp2chat_coalesce_ms), plain passthrough and direct, taking turns for ``coalesce_rounds``
+    rounds. Per window and interval: gateway CPU per event, its ratio to passthrough (median of
+    per-round ratios), the gaps between deltas at the client and the added p99 gap over direct
+    (per round, same round; median and worst of the rounds): what the default is chosen from."""
+    windows = [int(ms) for ms in cfg["coalesce_ms"]]
+    targets = {"direct": Target("direct", up_port, "chat", None)}
+    lost = 0
+    out: dict = {"windows_ms": windows, "rounds": cfg["coalesce_rounds"], "streams": cfg["coalesce_streams"],
+                 "intervals": []}
+    try:
+        targets["passthrough"] = start_target("passthrough-coalesce", up_port, workdir, cpus, None)
+        for ms in windows:
+            targets[f"{ms} ms"] = start_target(f"resp2chat-coalesce-{ms}", up_port, workdir, cpus, None, (
+                "--set", "resp2chat_max_replay_entries=0", "--set", f"resp2chat_coalesce_ms={ms}"), addon)
+        size = {"deltas": cfg["deltas"], "reasoning_words": cfg["reasoning_words"]}
+        for name, t in targets.items():  # warm-up (checked)
+            lost += check(await run_load(t, [[make_variant("text", **size)]] * 2))["lost_events"]
+        names = list(targets)
+        for interval in cfg["coalesce_paced_ms"]:
+            w = {"paced": make_variant("reasoning", **size, slow_ms=int(interval))}
+            runs = {n: {"cpu": [], "p50": [], "p99": [], "p999": []} for n in names}
+            for r in range(cfg["coalesce_rounds"]):
+                wait_quiet(cfg.get("quiet_wait", 0) / 4)
+                for name in names[r % len(names):] + names[:r % len(names)]:
+                    res, pairs = await phase_paced(targets[name], upstream, {**cfg, "paced_ms": interval,
+                                                                             "paced_streams": cfg["coalesce_streams"]}, w)
+                    lost += check(pairs)["lost_events"]
+                    run = runs[name]
+                    for q in ("p50", "p99", "p999"):
+                        run[q].append(res["gap_ms"][q])
+                    if name != "direct":
+                        run["cpu"].append(res["cpu_us_per_event"])
+            part: dict = {"interval_ms": interval, "tokens_per_s": round(1000 / interval, 1)}
+            for name in names:
+                run = runs[name]
+                res = {"gap_p50_ms": _r(pct(run["p50"], 0.5)), "gap_p99_ms": _r(pct(run["p99"], 0.5)),
+                       "gap_p99_rounds": run["p99"]}
+                if name != "direct":
+                    added = [a - d for a, d in zip(run["p99"], runs["direct"]["p99"]) if a is not None and d is not None]
+                    res.update(cpu_us_per_event=_r(pct(run["cpu"], 0.5)), cpu_rounds=run["cpu"],
+                               added_gap_p99_ms=_r(pct(added, 0.5)), added_gap_p99_worst_ms=_r(max(added, default=None)))
+                    if name != "passthrough":
+                        res["cpu_vs_passthrough"] = _r(pct([a / b for a, b in zip(run["cpu"], runs["passthrough"]["cpu"])
+                                                            if a and b], 0.5))
+                part[name] = res
+            out["intervals"].append(part)
+            print(f"[bench]   every {interval:g} ms: " + ", ".join(
+                f"{n} {part[n]['cpu_vs_passthrough']}x +{part[n]['added_gap_p99_ms']} ms" for n in names
+                if "cpu_vs_passthrough" in part[n]), flush=True)
+    finally:
+        for t in targets.values():
+            if t.proc:
+                t.proc.stop()
+    out["lost_events"] = lost
+    return out
+
+
 async def measure_long(up_port: int, workdir: Path, cpus: set[int] | None, cfg: dict, addons: dict,
                        upstream: Proc) -> dict:
     """Long conversations (issue 22): c=1, streamed, replay cache off. At each size, a Codex
@@ -883,14 +951,20 @@ def derive(results: dict) -> dict:
         t["cpu_per_event_paced_vs_passthrough"] = target(cpu_ratio("paced", "passthrough"), "<= 1.25x",
                                                          lambda v: v <= 1.25)
         t["cpu_per_event_paced_vs_codex_relay"] = target(cpu_ratio("paced", "codex-relay"), "<= 3x", lambda v: v <= 3)
+        # issue 22: with time-based coalescing (coalesce_ms at its default), at most plain mitmproxy's
+        t["issue22_cpu_per_event_paced_vs_passthrough"] = target(cpu_ratio("paced", "passthrough"), "<= 1.0x",
+                                                                 lambda v: v <= 1.0)
         t["added_ttft_p50_c1_ms"] = target(_get(me, "added_ms.c1.ttft.p50"), "<= 5 ms", lambda v: v <= 5)
         t["added_gap_p99_64x50_ms"] = target(_get(me, "added_ms.paced.gap.p99"), "<= 25 ms", lambda v: v <= 25)
         wsr = results.get("websocket") or {}
+        if wsr:
+            t["websocket_cpu_per_turn_vs_http"] = target(_get(wsr, "ratio_websocket_http.cpu_per_turn"), "<= 1.1x",
+                                                         lambda v: v <= 1.1)
         lost_ws = sum(part.get(k, {}).get("lost_events", 0) for part in (wsr, wsr.get("resp2chat-b") or {})
                       for k in ("websocket", "http"))
         lost_long = sum(size[n].get("lost_events", 0) for size in (results.get("long") or {}).get("sizes", ())
                         for n in size if isinstance(size[n], dict) and "lost_events" in size[n])
-        lost_b = paths.get("resp2chat-b", {}).get("lost_events", 0)
+        lost_b = paths.get("resp2chat-b", {}).get("lost_events", 0) + (results.get("coalesce") or {}).get("lost_events", 0)
         t["lost_events"] = target(me.get("lost_events", 0) + il.get("lost_events", 0) + lost_ws + lost_long + lost_b,
                                   "== 0",
                                   lambda v: v == 0)
@@ -1009,6 +1083,17 @@ def table(results: dict) -> str:
                          f"rounds) websocket {_fmt(wsr['ratio_b_a']['websocket_cpu_per_turn'])}x "
                          f"http {_fmt(wsr['ratio_b_a']['http_cpu_per_turn'])}x; lost "
                          f"{b['websocket']['lost_events'] + b['http']['lost_events']}")
+    co = results.get("coalesce")
+    if co:
+        lines.append("")
+        lines.append(f"coalesce_ms sweep (resp2chat, {co['streams']} paced streams, one event per read, {co['rounds']} rounds, "
+                     f"medians): CPU per event vs passthrough, added p99 gap over direct [worst round]:")
+        for part in co["intervals"]:
+            lines.append(f"  every {part['interval_ms']:g} ms ({part['tokens_per_s']:g} tokens/s): passthrough "
+                         f"{_fmt(part['passthrough']['cpu_us_per_event'])} µs  " + "  ".join(
+                             f"{ms} ms {_fmt(part[f'{ms} ms']['cpu_vs_passthrough'])}x "
+                             f"+{_fmt(part[f'{ms} ms']['added_gap_p99_ms'])} [{_fmt(part[f'{ms} ms']['added_gap_p99_worst_ms'])}]"
+                             for ms in co["windows_ms"]))
     lg = results.get("long")
     if lg:
         gws = [g for g in ("passthrough", *GATEWAYS) if lg["sizes"] and g in lg["sizes"][0]]
@@ -1157,6 +1242,12 @@ async def main_async(args, cfg: dict) -> dict:
             print(f"[bench] {' and '.join(mine)} WebSocket vs HTTP, a {cfg['ws_turns']}-turn Codex conversation x "
                   f"{cfg['ws_rounds']} rounds ...", flush=True)
             results["websocket"] = await measure_websocket(up_port, workdir, gw_cpus, cfg, mine, upstream)
+        if "resp2chat" in wanted and "coalesce" in args.extra:
+            wait_quiet(cfg["quiet_wait"])
+            print(f"[bench] coalesce_ms sweep ({', '.join(f'{ms:g}' for ms in cfg['coalesce_ms'])} ms) on the paced load, "
+                  f"events every {', '.join(f'{ms:g}' for ms in cfg['coalesce_paced_ms'])} ms, "
+                  f"x {cfg['coalesce_rounds']} rounds ...", flush=True)
+            results["coalesce"] = await measure_coalesce(up_port, workdir, gw_cpus, cfg, args.addon, upstream)
         if "resp2chat" in wanted and "long" in args.extra:
             wait_quiet(cfg["quiet_wait"])
             print(f"[bench] long conversations ({', '.join(f'{kb:g}' for kb in cfg['long_kb'])} KB of input) through "
@@ -1190,8 +1281,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-pin", action="store_true", help="do not pin the gateway to its own core")
     ap.add_argument("--no-install", action="store_true", help="skip codex-relay when it is not installed")
     ap.add_argument("--no-replay", action="store_true", help="skip the replay-cache measurement")
-    ap.add_argument("--extra", nargs="*", default=["websocket", "long"], choices=["websocket", "long"],
-                    help="phases beyond the per-path ones (default: websocket long; none: --extra)")
+    ap.add_argument("--extra", nargs="*", default=["websocket", "coalesce", "long"],
+                    choices=["websocket", "coalesce", "long"],
+                    help="phases beyond the per-path ones (default: websocket coalesce long; none: --extra)")
     ap.add_argument("--keep", action="store_true", help="keep the process logs")
     ap.add_argument("--addon", type=Path, default=ADDON,
                     help="the addon script the resp2chat path loads (A/B a change: a copy or a wrapper)")

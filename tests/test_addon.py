@@ -86,7 +86,8 @@ class Mitm:
             await self.hook(HttpResponseHook(flow))
             return []
         reader, writer = await asyncio.open_connection(flow.request.host, flow.request.port)
-        writer.write(assemble_request(flow.request))
+        self.sent = assemble_request(flow.request)  # (what went to the relay)
+        writer.write(self.sent)
         head = await reader.readuntil(b"\r\n\r\n")
         lines = head.decode().split("\r\n")
         status = int(lines[0].split()[1])
@@ -174,6 +175,10 @@ async def test_a_turn_goes_through_the_relay_and_the_flow_shows_the_backend(gw, 
     assert chat["messages"] == [{"role": "user", "content": "hi"}]
     assert chat["stream"] is True and chat["stream_options"] == {"include_usage": True}
     assert [e["type"] for e in events_of(results)][-1] == "response.completed"
+    # the request crossed the hop without its body (the relay sends the exchange's own:
+    # http_turns.BodyAside); the flow has it again, as the backend got it
+    assert gw.sent.endswith(b"\r\n\r\n") and b"content-length: 0\r\n" in gw.sent.lower()
+    assert f2.request.content == body and f2.request.headers["content-length"] == str(len(body))
     # the flow (mitmweb, flow files) shows the real backend, and no relay headers
     assert f2.request.url == backend.url + "/v1/chat/completions"
     assert not [n for n in f2.request.headers if n.lower().startswith("x-resp2chat")]

@@ -845,6 +845,19 @@ MINIMAL_ITEMS = {
     "local_shell_call_output": {"type": "local_shell_call_output", "call_id": "c3", "output": "ok"},
     "tool_search_output": {"type": "tool_search_output", "call_id": "c4", "tools": []},
     "additional_tools": {"type": "additional_tools", "tools": [{"type": "function", "name": "g"}]},
+    "mcp_call": {"type": "mcp_call", "id": "mcp_1", "server_label": "s", "name": "echo", "arguments": "{}",
+                 "output": "ok"},
+    # (with the request it answers: a denial is a tool message under the request's call)
+    "mcp_approval_response": [{"type": "mcp_approval_request", "id": "mcpr_1", "server_label": "s", "name": "t",
+                               "arguments": "{}"},
+                              {"type": "mcp_approval_response", "approval_request_id": "mcpr_1", "approve": False}],
+}
+# Items that lower to nothing by design: a listing offers its tools (test_mcp_core.py), an approval
+# request lowers with its response (above).
+SILENT_ITEMS = {
+    "mcp_list_tools": {"type": "mcp_list_tools", "id": "mcpl_1", "server_label": "s", "tools": []},
+    "mcp_approval_request": {"type": "mcp_approval_request", "id": "mcpr_1", "server_label": "s", "name": "t",
+                             "arguments": "{}"},
 }
 
 
@@ -855,11 +868,12 @@ def test_every_item_type_the_schema_accepts_reaches_the_backend():
     from resp2chat_core.schema import ITEM_TYPES
     from resp2chat_core.turn import begin_turn
 
-    assert set(MINIMAL_ITEMS) == set(ITEM_TYPES)
+    assert set(MINIMAL_ITEMS) | set(SILENT_ITEMS) == set(ITEM_TYPES)
     plain = json.loads(begin_turn(json.dumps({"model": "m", "input": "hi"}).encode(), LoweringOptions(), "resp_x", 0).chat_body)
     for kind, item in MINIMAL_ITEMS.items():
         call = MINIMAL_ITEMS.get(kind.removesuffix("_output") if kind.endswith("_call_output") else "")
-        body = {"model": "m", "input": [{"role": "user", "content": "hi"}, *([call] if call else []), item]}
+        body = {"model": "m", "input": [{"role": "user", "content": "hi"}, *([call] if call else []),
+                                        *(item if isinstance(item, list) else [item])]}
         chat = json.loads(begin_turn(json.dumps(body).encode(), LoweringOptions(), "resp_x", 0).chat_body)
         assert chat != plain, kind
         if call:  # (an output answers its call: the call alone lowers otherwise)

@@ -219,25 +219,37 @@ def test_decode_with_the_cache_is_json_loads(prefixes, seed):
     assert len(prefixes._kept) <= prefixes.max_entries and prefixes.size <= prefixes.max_bytes
 
 
-def test_a_worker_threads_decode_is_its_own(prefixes):
-    """offload.py empties what its worker decoded once done with it (a refused large body, the
-    store's prefetch): a yielding decode shares nothing with the cache, and offload empties
-    nothing else (a small body's value, which may be shared, is left alone)."""
+def test_a_worker_threads_decode_shares_the_cache_and_frees_only_its_own(prefixes):
+    """offload.py decodes a large body in its worker with the cache (the history a long
+    conversation resends is decoded once), and empties what its worker decoded once done with it
+    (a refused large body) only when that value shares nothing with the cache (``Private``): a
+    shared value is left alone, the cache's values stay whole. The cache keeps only what is cheap
+    to free (``OBJECTS``): a large body past that is decoded privately, and emptied."""
     items = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": f"q{i}"}]} for i in range(50)]
     body = json.dumps({"model": "m", "input": items}).encode()
     shared = requestbody.loads(body)
-    private = requestbody.loads(body, yielding=True)
-    assert same(private, shared) and prefixes.hits == 0
-    assert not {id(x) for x in private["input"]} & {id(x) for x in shared["input"]}
-    again = requestbody.loads(body)  # (from the cache: the same objects as the first)
-    assert all(a is b for a, b in zip(again["input"], shared["input"]))
-    big = json.dumps({"model": "m", "input": items, "pad": "x" * offload.LARGE}).encode()
+    big = json.dumps({"model": "m", "input": items + [{"type": "message", "role": "user",
+                                                       "content": "x" * offload.LARGE}]}).encode()
+    value = asyncio.run(offload.loads(big))  # (large: decoded in the worker, with the cache…)
+    assert prefixes.hits == 1 and not isinstance(value, requestbody.Private)
+    assert all(a is b for a, b in zip(value["input"], shared["input"]))
+    asyncio.run(offload.discard(value, len(big)))  # (…shared: left as it is)
+    assert same(value, json.loads(big)) and same(requestbody.loads(body), json.loads(body))
     asyncio.run(offload.discard(shared, len(body)))  # (small: left as it is)
     assert same(shared, json.loads(body))
-    value = asyncio.run(offload.loads(big))  # (large: decoded in the worker, privately…)
-    assert not {id(x) for x in value["input"]} & {id(x) for x in shared["input"]}
-    asyncio.run(offload.discard(value, len(big)))  # (…and emptied there)
-    assert value == {} and same(requestbody.loads(body), json.loads(body))
+    many = [[] for _ in range(max(requestbody.OBJECTS + 1, offload.LARGE // 3))]  # (too many objects to keep: private)
+    for huge in (json.dumps({"model": "m", "input": items, "x": many}).encode(),  # (a new conversation)
+                 json.dumps({"model": "m", "input": items + [{"type": "message", "role": "user", "content": many}]}
+                            ).encode()):  # (one that goes on from a kept one)
+        assert len(huge) >= offload.LARGE
+        value = asyncio.run(offload.loads(huge))
+        assert isinstance(value, requestbody.Private) and same(dict(value), json.loads(huge))
+        assert not {id(x) for x in value["input"]} & {id(x) for x in shared["input"]}
+        asyncio.run(offload.discard(value, len(huge)))  # (private: emptied in the worker)
+        assert value == {} and same(requestbody.loads(body), json.loads(body))
+    # the store's prefetch (offload.reduce) decodes privately and empties what it decoded
+    assert asyncio.run(offload.reduce(big, lambda raw: raw["model"])) == "m"
+    assert same(requestbody.loads(big), json.loads(big)) and same(requestbody.loads(body), json.loads(body))
 
 
 def test_what_a_refused_large_request_leaves_in_the_memo_is_its_own(prefixes):

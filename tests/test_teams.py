@@ -8,6 +8,7 @@ access log and ``resp2chat usage`` name the client."""
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 
@@ -15,7 +16,8 @@ import openai
 import pytest
 import requests
 
-from helpers import Codex, openai_client, parse_sse, post_turn, start_gateway, wait_until
+from helpers import (ADDON, MITMDUMP, Codex, free_port, openai_client, parse_sse, post_turn, start_gateway,
+                     stop_process, wait_http, wait_until)
 from test_cli import cli_env, run_cli
 from test_metrics import scrape
 from wsclient import WSClient
@@ -293,6 +295,34 @@ def test_codex_backs_off_on_the_429_and_then_succeeds(team, codex_bin, tmp_path)
     wait_until(lambda: team.access()[-1]["status"] == "completed", 20, "Codex's turn logged")
     codex_turns = [(a["http_status"], a["status"], a["code"]) for a in team.access()[before:]]
     assert codex_turns[0] == (429, "rejected", "rate_limit_exceeded") and codex_turns[-1] == (200, "completed", "")
+
+
+def test_a_team_gateway_listens_beyond_loopback_with_clients_alone(tmp_path, upstream):
+    """``clients`` without ``gateway_api_key`` is enough to listen on every interface (alone, the
+    bind is refused); revoking the last client from the file closes the gateway (every key
+    refused), never opens it."""
+    port = free_port()
+    args = [str(MITMDUMP), "-s", str(ADDON), "--mode", f"reverse:{upstream.origin}", "--set", f"confdir={tmp_path}"]
+    env = cli_env(tmp_path, RESP2CHAT_BIND_ADDR=f"0.0.0.0:{port}")
+    refused = subprocess.run(args, capture_output=True, text=True, timeout=30, env=env, cwd=tmp_path)
+    assert refused.returncode != 0 and "needs gateway_api_key or clients" in refused.stdout + refused.stderr
+    key = run_cli(tmp_path, "keys", "add", "alice").stdout.strip()
+    log = tmp_path / "gw.log"
+    proc = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
+        gw = type("GW", (), {"base_url": f"http://127.0.0.1:{port}/v1"})()
+        auth = {"authorization": f"Bearer {key}"}
+        assert post_turn(gw, {"model": ALL, "input": "hi"}, auth).status_code == 200
+        assert post_turn(gw, {"model": ALL, "input": "hi"}).status_code == 401
+        assert run_cli(tmp_path, "keys", "revoke", "alice").returncode == 0
+        wait_until(lambda: post_turn(gw, {"model": ALL, "input": "hi"}, auth).status_code == 401, 10, "alice refused")
+        for headers in ({}, {"authorization": "Bearer anything-at-all-0123456789"}):
+            r = post_turn(gw, {"model": ALL, "input": "hi"}, headers)
+            assert r.status_code == 401, "a gateway that started with keys must not become open"
+    finally:
+        stop_process(proc)
+    assert "lists no client any more" in log.read_text() and key not in log.read_text()
 
 
 @uses(THREE)

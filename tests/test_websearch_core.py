@@ -179,3 +179,17 @@ def test_the_client_sees_a_web_search_call_item():
     item = events[-1]["response"]["output"][0]
     assert item == websearch.call_item(item["id"], "mitmproxy", ("https://x",))
     assert item["action"]["sources"] == [{"type": "url", "url": "https://x"}]
+
+
+def test_a_search_after_the_last_round_is_not_run_again():
+    """The last round offers no web_search; a model that calls it anyway does not loop: the call
+    goes to the client as an unknown function's, and the turn ends."""
+    loop = websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=1)
+    loop.feed(chat_sse(call(0, "s1", "web_search", '{"query": "q"}'), chat_chunk(finish="tool_calls")))
+    _, step = loop.end_round(ok=True)
+    loop.next_round(["r"])
+    again = parse_chat_sse(loop.feed(chat_sse(call(0, "s2", "web_search", '{"query": "q"}'),
+                                              chat_chunk(finish="tool_calls"))))
+    assert again[0]["choices"][0]["delta"]["tool_calls"][0]["id"] == "s2"  # passed on, not held
+    _, step = loop.end_round(ok=True)
+    assert isinstance(step, websearch.Finish)

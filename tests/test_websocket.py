@@ -78,6 +78,41 @@ def test_the_deltas_one_backend_read_brings_go_out_as_one_message():
     assert ws.canonical(ws.as_sse(first + second)) == ws.canonical(whole) == ws.as_sse(ws.Coalescer()(whole))
 
 
+def test_deltas_merge_on_their_text_whatever_they_hold():
+    """The merge joins the deltas' JSON strings as written (no decoding): quotes, backslashes,
+    non-ASCII, line separators and a backend's lone surrogate (the translator writes it as a
+    ``\\ud800`` escape) come out as one delta whose decoded text is the parts' joined; a tool
+    call's argument deltas merge alike. Each message is valid JSON, as one decoding of the
+    events would have it."""
+    parts = ['say "hi"', "\\", "é😀", "\u2028", "\n\t", "\ud800", "\udc00", "{\"k\": [1]}"]
+    t = _translator()
+    out = t.accepted() + t.feed(b"".join(chat_event({"content": p}) for p in parts))
+    messages = ws.Coalescer()(out)
+    deltas = [json.loads(m) for k, m in messages if k == "response.output_text.delta"]
+    assert len(deltas) == 1 and deltas[0]["delta"] == json.loads(json.dumps("".join(parts)))
+    apart = "".join(json.loads(m)["delta"] for m in ws.messages(out) if '"response.output_text.delta"' in m)
+    assert deltas[0]["delta"] == json.loads(json.dumps(apart))  # (the two halves of a pair: one character, as in JS)
+    events = [json.loads(m) for _, m in messages]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    t = begin_turn_with_tools()
+    out = t.accepted() + t.feed(b"".join(chat_event({"tool_calls": [{"index": 0, "id": "c", "type": "function", "function": {
+        "name": "exec_command", "arguments": a}}]}) for a in ['{"cmd"', ': "ls', ' \\"x\\""}']))
+    args = [json.loads(m) for k, m in ws.Coalescer()(out) if k == "response.function_call_arguments.delta"]
+    assert [a["delta"] for a in args] == ['{"cmd": "ls \\"x\\""}']
+    # a delta that does not read as the translator writes one is passed as it is, never merged
+    odd = (b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":0,'
+           b'"delta":["a"],"item_id":"m"}\n\n') * 2
+    assert [m for _, m in ws.Coalescer()(odd)] == ws.messages(odd)
+
+
+def begin_turn_with_tools():
+    from resp2chat_core.lowering import LoweringOptions
+    from resp2chat_core.turn import begin_turn
+
+    return begin_turn(json.dumps({"model": "m", "input": "hi", "tools": TOOLS}).encode(), LoweringOptions(),
+                      "resp_x", 1).translator()
+
+
 def test_connection_memory_continues_responses_and_is_bounded():
     conn = ws.Connection(keep=2)
     stored = {"resp_stored": [user("from the store")]}

@@ -2,7 +2,7 @@
 
 Rules of this file:
 - Backend bytes are only ever backend data. What the *gateway* has to say about a turn (it has
-  started, the backend is silent, the backend failed, a web search runs) travels as the objects
+  started, the backend is silent, the backend failed, a web search or an MCP call runs) travels as the objects
   below, never as bytes: nothing a backend sends can be mistaken for them.
 - Sans-I/O. The relay (resp2chat_io/relay/) produces, the stream callable consumes; both run on
   mitmproxy's event loop, so there are no locks. ``wake`` and ``on_take`` are the only hooks
@@ -19,9 +19,23 @@ same tick, so under load one mitmproxy pass serves many backend reads. Flow cont
 ``size`` is the backend bytes waiting here; the relay stops reading the backend past a limit and
 ``on_take`` tells it to read again.
 
-A consumer that needs no ticks sets ``push`` instead: every item goes to it at once, nothing
+A consumer that needs no ticks sets ``push`` instead: items go to it as a list, at once, nothing
 queues (a client that did not ask for a stream gets one JSON body at the end, so nothing needs to
 reach mitmproxy before then; the WebSocket transport sends each event as a message).
+
+Time-based coalescing (``window``, the ``coalesce_ms`` setting): every delivery costs one
+mitmproxy pass (a tick) or one round of WebSocket messages through mitmproxy's addon chain, and
+a model streaming 20-100 tokens a second sends one token per read, so one pass per token. Once
+the consumer has sent its first events made from backend data (``started``: the first token
+never waits), deliveries are at most one per ``window`` seconds: news that comes sooner after
+the last delivery is held until ``window`` after it (the relay's clock and timer: ``now``,
+``later``, then ``due``), and whatever arrives meanwhile rides on the same delivery. So a stream
+faster than one token per ``window`` has its tokens delivered together, ``window`` apart (at 50
+tokens/s and a 40 ms window, two per pass: each waits 20 ms on average, the gaps the client sees
+are 40 ms instead of 20); a slower one is never held. Nothing waits longer than ``window``:
+keepalives and failures ride on the held delivery, and when the relay's work ends (``flush``),
+what is held goes at once (a push consumer gets it; a tick consumer's last call, at the end of
+the relay's body, takes it: a timer never ticks after the body ended).
 
 ``Reader`` is the consumer's half: it applies items to a translator and keeps both sides' bytes
 for the flow record and the replay cache, and where among the backend's bytes each of the
@@ -32,6 +46,7 @@ gateway's own events came (``gateway``), so a recording can be translated again 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Callable, Union, get_args
 
@@ -98,6 +113,62 @@ class SearchDone:
 
 
 @dataclass(frozen=True, slots=True)
+class McpListing:
+    """The gateway lists an MCP server's tools (mcp.py): an ``mcp_list_tools`` item opens."""
+
+    label: str
+
+    def apply(self, t) -> bytes:
+        return t.mcp_listing(self.label)
+
+
+@dataclass(frozen=True, slots=True)
+class McpListed:
+    label: str
+    tools: str  # the listing's tools, the allowed ones (mcp.listed_tool dicts), as JSON: a record keeps their order
+    error: str | None = None  # the listing failed: why (the server's words, bounded)
+
+    def apply(self, t) -> bytes:
+        return t.mcp_listed(self.label, json.loads(self.tools), self.error)
+
+
+@dataclass(frozen=True, slots=True)
+class McpCalling:
+    """The gateway runs an MCP tool the model called (or the client approved): an ``mcp_call`` item."""
+
+    call_id: str
+    label: str
+    name: str
+    arguments: str
+    approval_request_id: str | None = None
+
+    def apply(self, t) -> bytes:
+        return t.mcp_calling(self.call_id, self.label, self.name, self.arguments, self.approval_request_id)
+
+
+@dataclass(frozen=True, slots=True)
+class McpCalled:
+    call_id: str
+    output: str | None
+    error: str | None = None  # the call failed: its error object as JSON (mcp_protocol_error, mcp_tool_execution_error, http_error)
+
+    def apply(self, t) -> bytes:
+        return t.mcp_called(self.call_id, self.output, json.loads(self.error) if self.error is not None else None)
+
+
+@dataclass(frozen=True, slots=True)
+class McpApproval:
+    """A call the model made waits for the client's approval: an ``mcp_approval_request`` item."""
+
+    label: str
+    name: str
+    arguments: str
+
+    def apply(self, t) -> bytes:
+        return t.mcp_approval(self.label, self.name, self.arguments)
+
+
+@dataclass(frozen=True, slots=True)
 class Rerouted:
     """A fallback upstream answers this turn (routing.py), the ``alternate``-th (1: the first
     fallback): the translator reads ``<think>`` tags its way (its ``think_tags``) and its tool
@@ -123,47 +194,78 @@ class Oversized:
         return t.oversized(self.limit)
 
 
-Event = Union[Accepted, Keepalive, UpstreamFailed, UpstreamJSON, SearchStarted, SearchDone, Rerouted, Oversized]
+Event = Union[Accepted, Keepalive, UpstreamFailed, UpstreamJSON, SearchStarted, SearchDone, McpListing, McpListed,
+              McpCalling, McpCalled, McpApproval, Rerouted, Oversized]
 Item = Union[bytes, Event]
 
 
 class Channel:
-    __slots__ = ("_items", "size", "_woken", "wake", "on_take", "push", "closed")
+    __slots__ = ("_items", "size", "_woken", "wake", "on_take", "push", "closed", "window", "later", "now", "last",
+                 "started")
 
-    def __init__(self, push: Callable[[Item], None] | None = None) -> None:
+    def __init__(self, push: Callable[[list[Item]], None] | None = None) -> None:
         self._items: list[Item] = []
         self.size = 0  # backend bytes queued, not yet taken
-        self._woken = False  # a tick is on its way to the consumer
+        self._woken = False  # a tick is on its way to the consumer (or held: ``window``)
         self.wake: Callable[[], None] | None = None  # set by the relay: send one tick
         self.on_take: Callable[[], None] | None = None  # set by the relay: resume reading
-        self.push = push  # a consumer that takes every item at once (no ticks, no queue)
+        self.push = push  # a consumer that takes items at once, as a list (no ticks)
         # Set by the consumer (``Reader``) once its translator sent the turn's terminal event:
         # more backend data is waste, and the relay stops reading the backend at the next (a
         # backend's last bytes, the end of its body, still arrive: its connection is reused).
         self.closed = False
+        self.window = 0.0  # seconds between deliveries at least, once started (0: every news at once)
+        self.later: Callable[[float], None] | None = None  # set by the relay: call ``due`` in that many seconds
+        self.now: Callable[[], float] | None = None  # set by the relay: its clock (seconds)
+        self.last = float("-inf")  # when the last delivery went (``now``)
+        self.started = False  # set by the consumer (``Reader``): its first events from backend data left
 
     # --- producer (the relay) ----------------------------------------------------------------
 
     def data(self, chunk: bytes) -> None:
         if chunk:
-            if self.push is not None:
-                self.push(chunk)
-                return
             self._items.append(chunk)
             self.size += len(chunk)
             self._signal()
 
     def event(self, event: Event) -> None:
-        if self.push is not None:
-            self.push(event)
-            return
         self._items.append(event)
         self._signal()
 
     def _signal(self) -> None:
-        if not self._woken and self.wake is not None:
-            self._woken = True
+        if self._woken:
+            return  # (it rides on the tick on its way, or held)
+        if self.push is None and self.wake is None:
+            return  # (the relay's body ended: the consumer's last call takes it)
+        self._woken = True
+        if self.started and self.window and self.later is not None:
+            wait = self.last + self.window - self.now()
+            if wait > 0:
+                self.later(wait)  # held: what comes meanwhile rides on the same delivery
+                return
+        self._deliver()
+
+    def _deliver(self) -> None:
+        if self.now is not None:
+            self.last = self.now()
+        if self.push is not None:
+            self.push(self.take())
+        elif self.wake is not None:
             self.wake()
+        else:
+            self._woken = False
+
+    def due(self) -> None:
+        """The window ran out (the relay's timer): what is held goes now."""
+        if self._woken and self._items:
+            self._deliver()
+
+    def flush(self) -> None:
+        """The relay's work for the turn ended: nothing is held any longer. A push consumer gets
+        what was held now; a tick consumer's last call (the end of the relay's body) takes it."""
+        self.later = None
+        if self.push is not None and self._items:
+            self.push(self.take())
 
     # --- consumer (the stream callable) ------------------------------------------------------
 
@@ -192,7 +294,7 @@ class Reader:
     echoes a key must not show it. Once the translator is done, the ``channel`` it reads is
     ``closed``: the relay stops reading the backend."""
 
-    __slots__ = ("translator", "upstream", "sent", "cap", "secrets", "on_first", "gateway", "channel")
+    __slots__ = ("translator", "upstream", "sent", "cap", "secrets", "on_first", "started", "gateway", "channel")
 
     def __init__(self, translator, cap: int, secrets: tuple[bytes, ...] = (), channel: Channel | None = None) -> None:
         self.translator = translator
@@ -204,6 +306,7 @@ class Reader:
         # called once, when the first events made from backend data leave (time to first
         # token: the metrics addon sets it; the core reads no clock)
         self.on_first: Callable[[], None] | None = None
+        self.started = False  # the first events made from backend data left
         self.gateway: list[tuple[int, Event]] = []  # (backend bytes before it, event)
 
     def apply(self, item: Item) -> bytes:
@@ -211,9 +314,12 @@ class Reader:
             if len(self.upstream) < self.cap:
                 self.upstream += item[:self.cap - len(self.upstream)]
             out = self._out(self.translator.feed(item))
-            if out and self.on_first is not None:
-                self.on_first()
-                self.on_first = None
+            if out and not self.started:
+                self.started = True
+                if self.channel is not None:
+                    self.channel.started = True  # from now on news may be held (Channel.window)
+                if self.on_first is not None:
+                    self.on_first()
         else:
             if len(self.gateway) < 4096:
                 self.gateway.append((len(self.upstream), item))
@@ -221,6 +327,12 @@ class Reader:
         if self.channel is not None and self.translator.done:
             self.channel.closed = True
         return out
+
+    def apply_all(self, items: list[Item]) -> bytes:
+        """``apply`` of each item, in order: what a push consumer does with what the channel hands it."""
+        if len(items) == 1:
+            return self.apply(items[0])
+        return b"".join([self.apply(item) for item in items])
 
     def finish(self) -> bytes:
         return self._out(self.translator.finish())

@@ -2,7 +2,7 @@
 
 Rules of this file:
 - The only code that looks inside a backend's chunk. The translator (translator.py), the
-  web-search round filter (websearch.py) and the contentview (inspect.py) read every chat
+  tool loop's round filter (toolloop.py) and the contentview (inspect.py) read every chat
   stream through ``ChunkReader`` and never decide a chunk-shape question themselves, so they
   cannot disagree about one.
 - A visitor. The reader calls ``Sink`` methods (``on_text``, ``on_tool``, …) in stream order,
@@ -359,7 +359,7 @@ class ChunkReader:
 
 def wire_call(key, call_id: str | None, name: str | None, args: str | None) -> dict:
     """A ``tool_calls`` entry that a reader reads back as this ``on_tool`` delta, under the same
-    key (websearch.py re-encodes the chunks it changes with it)."""
+    key (toolloop.py's round filter re-encodes the chunks it changes with it)."""
     if key.__class__ is tuple:
         entry = {"index": key[0]}  # a reused index: the new id (on the naming delta) makes the new call
     elif call_id is not None and key == call_id:

@@ -24,12 +24,14 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import mcp
 from .errors import GatewayError
 from .labels import shown
 from .schema import (
     AdditionalToolsItem, CustomToolCallItem, FunctionCallItem, ImagePart, ItemMemo, LocalShellCallItem,
-    MessageItem, ReasoningItem, RefusalPart, ResponsesRequest, ToolOutputItem, ToolSearchCallItem,
-    ToolSearchOutputItem, WebSearchCallItem,
+    McpApprovalRequestItem, McpApprovalResponseItem, McpCallItem, McpListToolsItem, McpTool, MessageItem,
+    ReasoningItem, RefusalPart, ResponsesRequest, ToolOutputItem, ToolSearchCallItem, ToolSearchOutputItem,
+    WebSearchCallItem,
 )
 from .toolmap import LOCAL_SHELL_NAME, TOOL_SEARCH_NAME, ToolMap, build_tool_map, chat_name, lower_tool_choice
 
@@ -74,6 +76,7 @@ class Lowered:
     body: bytes  # its canonical encoding
     tool_map: ToolMap
     client_stream: bool  # what the *client* asked for; upstream is always streamed
+    mcp: mcp.McpTurn | None = None  # the request's hosted MCP servers (mcp.py): the gateway runs their tools
 
 
 dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # the one compact encoding
@@ -235,7 +238,7 @@ class Checkpoint:
     the bytes lowering everything gives."""
 
     models: tuple  # the items lowered (the request's validated input, up to here)
-    params: tuple  # (instructions, flatten_content, history_reasoning_field)
+    params: tuple  # (instructions, flatten_content, history_reasoning_field, the mcp tools' chat names): _params
     messages: tuple  # the chat messages finished by then
     pieces: tuple  # their JSON (UTF-8), in pieces: b",".join(pieces) is the JSON of ``messages`` without brackets
     pending: tuple  # the assistant message being put together then (_Conversation.state)
@@ -436,10 +439,11 @@ class _Input:
 
 
 def _lower_input(req: ResponsesRequest, flatten: bool, reasoning_field: str = "reasoning_content",
-                 history: History | None = None) -> _Input:
+                 history: History | None = None, mcp_names: dict | None = None) -> _Input:
+    """``mcp_names``: (server label, tool) -> the chat name its tool has (mcp.names_of)."""
     items = [MessageItem(role="user", content=req.input)] if isinstance(req.input, str) else req.input
     conv = _Conversation(flatten, reasoning_field)
-    params = (req.instructions, flatten, reasoning_field)
+    params = _params(req, flatten, reasoning_field, mcp_names)
     found = history.find(items, params) if history is not None and items else None
     if found is not None:  # its items lowered before: the rest goes on from there
         conv.resume(found.messages, found.pending, found.calls)
@@ -498,6 +502,20 @@ def _lower_input(req: ResponsesRequest, flatten: bool, reasoning_field: str = "r
             conv.add({"role": "tool", "tool_call_id": _call_id(item, where), "content": dumps(item.tools)})
         elif isinstance(item, AdditionalToolsItem):
             pass  # its tools joined the request's tools (inputs.py); no message
+        elif isinstance(item, McpCallItem):  # a call the gateway ran (mcp.py): the call and its result
+            name = mcp.chat_name_of(mcp_names or {}, item.server_label, item.name)
+            conv.tool_call(item.id, name, item.arguments or "{}")
+            conv.add({"role": "tool", "tool_call_id": item.id, "content": mcp.result_text(item.output, item.error)})
+        elif isinstance(item, McpApprovalResponseItem):
+            # denied: the model is told so under the request's call; approved: the call runs (an
+            # mcp_call item follows, or the loop runs it first: mcp.pending_of)
+            asked = _approval_request(items, i, item.approval_request_id)
+            if not item.approve:
+                conv.tool_call(asked.id, mcp.chat_name_of(mcp_names or {}, asked.server_label, asked.name),
+                               asked.arguments or "{}")
+                conv.add({"role": "tool", "tool_call_id": asked.id, "content": mcp.denied_text(item.reason)})
+        elif isinstance(item, (McpListToolsItem, McpApprovalRequestItem)):
+            pass  # a listing offers its tools (the tool map); a request lowers with its response
         else:  # an item the schema accepts must have a way to the backend: never dropped in silence
             raise GatewayError(f"{where}: item type {getattr(item, 'type', '?')!r} cannot be sent to a chat backend",
                                param=f"{where}.type", code="unsupported_item_type")
@@ -505,6 +523,18 @@ def _lower_input(req: ResponsesRequest, flatten: bool, reasoning_field: str = "r
         return _Input(conv.finish())
     finished, state = len(conv.messages), conv.state()
     return _Input(conv.finish(), found, finished, state, lead, frozenset(conv.calls))
+
+
+def _params(req: ResponsesRequest, flatten: bool, reasoning_field: str, mcp_names: dict | None) -> tuple:
+    """What lowering an item depends on besides the items before it (``Checkpoint.params``)."""
+    return (req.instructions, flatten, reasoning_field, tuple(sorted(mcp_names.items())) if mcp_names else None)
+
+
+def _approval_request(items: list, i: int, request_id: str) -> McpApprovalRequestItem:
+    for earlier in reversed(items[:i]):
+        if isinstance(earlier, McpApprovalRequestItem) and earlier.id == request_id:
+            return earlier
+    raise mcp.unknown_request(request_id)
 
 
 def _call_id(item, where: str) -> str:
@@ -544,20 +574,36 @@ def wants_logprobs(req: ResponsesRequest) -> bool:
 
 
 def lower(req: ResponsesRequest, opts: LoweringOptions = LoweringOptions(), known: ToolMap | None = None,
-          tools_json: bytes | None = None, texts: TextCache | None = None) -> Lowered:
+          tools_json: bytes | None = None, texts: TextCache | None = None,
+          mcp_servers: tuple[mcp.ServerSpec, ...] = ()) -> Lowered:
     """``known``: the tool map ``req``'s tools lowered to before (``req.tools`` is then not read),
-    ``tools_json`` its ``chat_tools`` encoded: both from turn.ToolsCache. ``texts``: where the
-    JSON of long message texts is kept from turn to turn (the body's bytes are the same)."""
+    ``tools_json`` its ``chat_tools`` encoded: both from turn.ToolsCache (never a request with
+    mcp tools: its tool map depends on its conversation). ``texts``: where the JSON of long
+    message texts is kept from turn to turn (the body's bytes are the same). ``mcp_servers``:
+    the MCP servers the operator allows (``mcp_servers``): a request's mcp tools must name one."""
     if req.previous_response_id:  # begin_turn resolves it from the response store
         raise GatewayError(f"previous response {req.previous_response_id!r} not found",
                            param="previous_response_id", code="previous_response_not_found")
 
-    tmap = known or build_tool_map(req.tools, opts.tool_denylist, opts.web_search)
+    hosted = None
+    if known is None and req.tools:
+        found = [(i, t) for i, t in enumerate(req.tools) if isinstance(t, McpTool)]
+        if found:  # the servers its mcp tools name, and the listings its conversation holds of them
+            servers = mcp.bind(found, mcp_servers)
+            listed = mcp.listings_of(req.input) if isinstance(req.input, list) else {}
+            hosted = mcp.McpTurn(servers, {s.label: listed[s.label] for s in servers if s.label in listed})
+    tmap = known or build_tool_map(req.tools, opts.tool_denylist, opts.web_search,
+                                   (lambda taken: mcp.functions(hosted.servers, hosted.listings, taken)) if hosted else None)
+    mcp_names = None
+    if hosted is not None:
+        mcp_names = mcp.names_of(tmap)
+        hosted.names = {cname: key for key, cname in mcp_names.items()}
+        hosted.pending = mcp.pending_of(req.input) if isinstance(req.input, list) else ()
     tool_choice, tools = lower_tool_choice(req.tool_choice, tmap)
 
     model = opts.upstream_model or opts.model_map.get(req.model, req.model)
     history = texts.history if texts is not None else None
-    lowered_input = _lower_input(req, opts.flatten_content, opts.history_reasoning_field, history)
+    lowered_input = _lower_input(req, opts.flatten_content, opts.history_reasoning_field, history, mcp_names)
     messages = lowered_input.messages
     chat: dict[str, Any] = {"model": model, "messages": messages}
     if tools:
@@ -566,7 +612,8 @@ def lower(req: ResponsesRequest, opts: LoweringOptions = LoweringOptions(), know
             chat["tool_choice"] = tool_choice
         if req.parallel_tool_calls is not None:
             chat["parallel_tool_calls"] = req.parallel_tool_calls
-    elif tool_choice == "required" or isinstance(tool_choice, dict):
+    elif (tool_choice == "required" or isinstance(tool_choice, dict)) and not (hosted and hosted.unlisted):
+        # (a hosted MCP server not listed yet: its tools join before the first round, mcp.McpTools.begin)
         raise GatewayError("tool_choice requires a tool, but no tool is left for the backend",
                            param="tool_choice", code="invalid_value")
     response_format = _response_format(req.text.format if req.text else None)
@@ -606,15 +653,15 @@ def lower(req: ResponsesRequest, opts: LoweringOptions = LoweringOptions(), know
     spliced_tools = tools_json if tools_json is not None and chat.get("tools") is tmap.chat_tools else None
     messages_json = None
     if history is not None:
-        messages_json = _remember(history, req, opts, lowered_input, texts)
+        messages_json = _remember(history, req, opts, lowered_input, texts, mcp_names)
         if chat.get("messages") is not messages:  # (replaced by upstream_extra_params: encoded whole)
             messages_json = None
     body = encode_spliced(chat, spliced_tools, texts, messages_json)
-    return Lowered(chat=chat, body=body, tool_map=tmap, client_stream=bool(req.stream))
+    return Lowered(chat=chat, body=body, tool_map=tmap, client_stream=bool(req.stream), mcp=hosted)
 
 
 def _remember(history: History, req: ResponsesRequest, opts: LoweringOptions, done: _Input,
-              texts: TextCache | None) -> tuple[bytes, ...]:
+              texts: TextCache | None, mcp_names: dict | None = None) -> tuple[bytes, ...]:
     """The JSON of the lowered messages in pieces (``encode_spliced``'s ``messages_json``): a
     checkpoint's, then what is new; the checkpoint at the end of this input kept in ``history``
     (when the input goes past its leading system run: a later request could extend that run)."""
@@ -626,7 +673,7 @@ def _remember(history: History, req: ResponsesRequest, opts: LoweringOptions, do
     items = req.input
     if isinstance(items, list) and done.start < len(items):
         pieces = (*known, new) if new else known
-        history.keep(Checkpoint(tuple(items), (req.instructions, opts.flatten_content, opts.history_reasoning_field),
+        history.keep(Checkpoint(tuple(items), _params(req, opts.flatten_content, opts.history_reasoning_field, mcp_names),
                                 tuple(messages[:done.finished]), pieces, done.state,
                                 (cp.size if cp is not None else 0) + len(new), done.calls), cp)
     return (*known, new, rest)

@@ -39,9 +39,18 @@ decoded again by the plain path, which says what is wrong.
 
 Values handed out are shared with the cache and later requests: like every decoded request,
 they are read, never changed in place (a new dict is made instead: ``{**raw, ...}``). Except in
-one place: resp2chat_io/offload.py empties what a worker thread decoded once it is done with it
-(``_empty``: a refused large body, the store's prefetch), container by container. So a
-``yielding`` decode (the worker's) is private: decoded whole, never from nor into the cache.
+one place: resp2chat_io/offload.py empties what a worker thread decoded privately once it is
+done with it (``_empty``: a refused large body, the store's prefetch), container by container,
+so that freeing a million objects does not hold the event loop. So:
+
+- a ``yielding`` decode (the worker's: a large body) uses the cache too, with the decoder's
+  Python-level hooks (the GIL changes hands between objects, as in ``_loads``);
+- the cache keeps a body only while what it decoded to is cheap to free wherever it is dropped
+  (``OBJECTS``: at most that many JSON objects and arrays, counted from the bytes, an upper
+  bound), so an eviction on the event loop frees no more than a small body's decode makes;
+- a value that shares nothing with the cache comes back as ``Private`` (a dict) when
+  ``yielding`` — what offload.py may empty; ``loads_private`` decodes one for a caller that
+  needs only a few fields (the store's prefetch).
 """
 
 from __future__ import annotations
@@ -88,14 +97,31 @@ def _int(text: str) -> int:
     return int(text)
 
 
+class Private(dict):
+    """A large body's value that shares nothing with the cache (``loads(yielding=True)``):
+    offload.py may empty it."""
+
+    __slots__ = ()
+
+
 def loads(body: bytes, yielding: bool = False):
     """``_loads``, with the history a body shares with one decoded before taken from the cache
-    (``PREFIXES``) when the body is ``PREFIX_MIN`` bytes or more (see "History decoded once");
-    not when ``yielding``: that value is the caller's alone (offload.py empties it)."""
-    if yielding or len(body) < PREFIX_MIN:
+    (``PREFIXES``) when the body is ``PREFIX_MIN`` bytes or more (see "History decoded once").
+    ``yielding`` (a worker thread's decode): the decoder hands the GIL over between objects, and
+    a value the cache does not share comes back as ``Private``."""
+    if len(body) < PREFIX_MIN:
         return _loads(body, yielding)
-    found = PREFIXES.decode(body)
-    return found if found is not None else _loads(body)
+    found = PREFIXES.decode(body, yielding)
+    if found is not None:
+        return found
+    return loads_private(body) if yielding else _loads(body)
+
+
+def loads_private(body: bytes):
+    """The body's value decoded in a worker thread (``yielding``), sharing nothing with the cache:
+    ``Private`` when it is an object."""
+    value = _loads(body, True)
+    return Private(value) if type(value) is dict else value
 
 
 def _loads(body: bytes, yielding: bool = False):
@@ -145,6 +171,10 @@ PREFIX_MIN = 64 << 10  # bytes: smaller bodies decode in ~0.15 ms and are not tr
 
 
 _SCAN = json.JSONDecoder(parse_constant=_constant, parse_float=_float, strict=True).scan_once
+# (a worker thread's: a Python-level hook at every object and integer, so the GIL changes hands)
+_SCAN_YIELDING = json.JSONDecoder(object_hook=_same, parse_int=_int, parse_constant=_constant, parse_float=_float,
+                                  strict=True).scan_once
+OBJECTS = 250_000  # JSON objects and arrays a kept body may decode to (a 1 MiB body decoded on the loop makes as many)
 _WS = re.compile(r"[ \t\n\r]*").match  # JSON's whitespace
 _SPACE = frozenset(" \t\n\r")
 
@@ -162,6 +192,7 @@ class _Trace:
     head: tuple  # ((key, value), ...) in order, before "input"
     items: tuple  # the decoded items
     ends: tuple  # ends[i]: the offset in ``body`` just past item i
+    objects: int = 0  # an upper bound of the JSON objects and arrays its value holds (``OBJECTS``)
 
     def shared(self, body: bytes) -> int:
         """How many of this body's first items ``body`` holds too, byte for byte at the same
@@ -306,15 +337,18 @@ class Prefixes:
                     break
         return best, shared
 
-    def decode(self, body: bytes):
+    def decode(self, body: bytes, yielding: bool = False):
         """``_loads(body)``'s value, decoded with a trace and kept; None when the traced parse
-        cannot say (invalid JSON, a shape it does not handle): ``_loads`` then decides."""
+        cannot say (invalid JSON, a shape it does not handle): ``_loads`` then decides.
+        ``yielding``: a worker thread's decode (module docstring); a value the cache does not
+        share is ``Private``, and one that would share some but is too big to keep is None (the
+        caller decodes it privately)."""
         with self._lock:
             old, shared = self._best(body)
             if old is not None:
                 self._kept.remove(old)
                 self._kept.append(old)
-        scan = _SCAN
+        scan = _SCAN_YIELDING if yielding else _SCAN
         try:
             if old is None:
                 value, trace = self._cold(body, scan)
@@ -322,16 +356,21 @@ class Prefixes:
                 value, trace = self._warm(body, scan, old, shared)
         except (_Odd, ValueError, StopIteration, RecursionError, IndexError):
             return None  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
-        if trace is not None:
-            with self._lock:
-                if old is not None:
-                    self.hits += 1
-                    self.reused += shared
-                    if shared == len(old.ends) and old in self._kept:
-                        self._kept.remove(old)  # the conversation went on: the new body holds all of it
-                self._kept.append(trace)
-                while self._kept and (len(self._kept) > self.max_entries or self.size > self.max_bytes):
-                    self._kept.pop(0)
+        if trace is not None and trace.objects > OBJECTS:
+            if old is not None:
+                return None  # (its value shares the history: a private decode instead)
+            trace = None
+        if trace is None:
+            return Private(value) if yielding else value
+        with self._lock:
+            if old is not None:
+                self.hits += 1
+                self.reused += shared
+                if shared == len(old.ends) and old in self._kept:
+                    self._kept.remove(old)  # the conversation went on: the new body holds all of it
+            self._kept.append(trace)
+            while self._kept and (len(self._kept) > self.max_entries or self.size > self.max_bytes):
+                self._kept.pop(0)
         return value
 
     @staticmethod
@@ -349,7 +388,8 @@ class Prefixes:
         ascii_ = len(text) == len(body)
         base = start if ascii_ else len(text[:start].encode())
         head = tuple(out.items())[:before]
-        return out, _Trace(body, head, tuple(items), tuple(_byte_ends(text, start, ends, base, ascii_)))
+        return out, _Trace(body, head, tuple(items), tuple(_byte_ends(text, start, ends, base, ascii_)),
+                           body.count(b"{") + body.count(b"["))
 
     @staticmethod
     def _warm(body: bytes, scan, old: _Trace, shared: int):
@@ -363,7 +403,8 @@ class Prefixes:
         if _lone_surrogate(text) is not None:  # (no string spans ``at``: it is between two values)
             raise _Odd
         ascii_ = len(text) == len(body) - at
-        trace = _Trace(body, old.head, tuple(items), old.ends[:shared] + tuple(_byte_ends(text, 0, ends, at, ascii_)))
+        trace = _Trace(body, old.head, tuple(items), old.ends[:shared] + tuple(_byte_ends(text, 0, ends, at, ascii_)),
+                       old.objects + text.count("{") + text.count("["))
         return out, trace
 
 

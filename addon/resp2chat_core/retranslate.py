@@ -11,7 +11,8 @@ through the current code instead and says where the result differs from what the
   ``lowering_fallbacks``) and the chat request of the first; a fallback that answered is in the
   gateway's events (``Rerouted``) and is translated with its own tool map, as it was;
 - translation: the recorded backend stream, with the gateway's own events at the places where
-  they came (``channel.record_events``: accepted, keepalives, failures, searches), through the
+  they came (``channel.record_events``: accepted, keepalives, failures, searches, MCP listings,
+  calls and approval requests), through the
   current translator, must give the recorded events, byte for byte.
 
 Sealed strings (seal.py) are random each time they are made: both sides show them as the text
@@ -30,7 +31,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from . import compaction, inputs, websocket
+from . import compaction, inputs, mcp, websocket
 from .channel import Reader, rebuild_event
 from .errors import GatewayError, error_json
 from .lowering import LoweringOptions
@@ -40,7 +41,7 @@ from .turn import Found, begin_turn, wanted
 
 _SEALED = re.compile(re.escape(PREFIX) + r"[A-Za-z0-9_-]+")
 _CREATED = re.compile(rb'"created_at":(\d+)')
-_COMPLETED = re.compile(rb'"completed_at":(\d+)')
+_COMPLETED = re.compile(rb'"completed_at": ?(\d+)')  # (an SSE answer's compact JSON, or a JSON body's)
 PURPOSES = (compaction.PURPOSE, inputs.REASONING_PURPOSE)
 
 
@@ -134,7 +135,8 @@ def check_turn(where: str, record: dict, history: History, sealer: Sealer | None
         previous, refs = wanted(request)
         found = Found(history.responses.get(previous) if previous else None, history.items(list(refs)))
         turn = begin_turn(request, candidates[0], response_id, created, found, sealer=sealer,
-                          route=(lambda model: candidates) if len(candidates) > 1 else None)
+                          route=(lambda model: candidates) if len(candidates) > 1 else None,
+                          mcp_servers=mcp.recorded_servers(request))
     except GatewayError as err:
         history.remember(response_id, conversation, answer)
         why = {"previous_response_not_found": "it continues a response this recording does not hold",

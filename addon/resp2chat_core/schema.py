@@ -124,6 +124,43 @@ class ToolSearchOutputItem(_Model):
     tools: list[Any] = []
 
 
+class McpListToolsItem(_Model):
+    """A listing of an MCP server's tools the gateway made (mcp.py): lowers to nothing, and a
+    later turn offers its tools without listing again."""
+
+    type: Literal["mcp_list_tools"]
+    id: str | None = None
+    server_label: str
+    tools: list[Any] = []
+    error: Any = None
+
+
+class McpCallItem(_Model):
+    type: Literal["mcp_call"]
+    id: str
+    server_label: str
+    name: str
+    arguments: str = ""
+    output: str | None = None
+    error: Any = None
+    approval_request_id: str | None = None
+
+
+class McpApprovalRequestItem(_Model):
+    type: Literal["mcp_approval_request"]
+    id: str
+    server_label: str
+    name: str
+    arguments: str = ""
+
+
+class McpApprovalResponseItem(_Model):
+    type: Literal["mcp_approval_response"]
+    approval_request_id: str
+    approve: bool
+    reason: str | None = None
+
+
 class AdditionalToolsItem(_Model):
     """Tools delivered inside the input (newer Codex): inputs.py adds them to ``tools``."""
 
@@ -144,6 +181,10 @@ ITEM_TYPES: dict[str, type[_Model]] = {
     "local_shell_call_output": ToolOutputItem,
     "tool_search_output": ToolSearchOutputItem,
     "additional_tools": AdditionalToolsItem,
+    "mcp_list_tools": McpListToolsItem,
+    "mcp_call": McpCallItem,
+    "mcp_approval_request": McpApprovalRequestItem,
+    "mcp_approval_response": McpApprovalResponseItem,
 }
 
 # Known item types the gateway cannot carry to a chat backend, and why.
@@ -206,6 +247,22 @@ class ToolSearchTool(_Model):
     parameters: dict[str, Any] | None = None
 
 
+class McpTool(_Model):
+    """A hosted MCP server (mcp.py): the gateway runs its tools against the servers its operator
+    allows (``mcp_servers``)."""
+
+    type: Literal["mcp"]
+    server_label: str = Field(min_length=1)
+    server_url: str | None = None
+    connector_id: str | None = None
+    tunnel_id: str | None = None
+    allowed_tools: Any = None
+    require_approval: Any = None
+    headers: Any = None
+    authorization: str | None = None
+    server_description: str | None = None
+
+
 class HostedTool(_Model):
     """Server-side tools a chat backend cannot run; stripped from the upstream request."""
 
@@ -221,6 +278,7 @@ TOOL_TYPES = {
     "namespace": NamespaceTool,
     "local_shell": LocalShellTool,
     "tool_search": ToolSearchTool,
+    "mcp": McpTool,
     **{t: HostedTool for t in HostedTool.model_fields["type"].annotation.__args__},
 }
 
@@ -406,7 +464,8 @@ class ItemMemo:
         del self._runs[:-self.max_runs]
 
 
-_HOLDS_JSON = (ToolSearchCallItem, ToolSearchOutputItem, WebSearchCallItem, AdditionalToolsItem)
+_HOLDS_JSON = (ToolSearchCallItem, ToolSearchOutputItem, WebSearchCallItem, AdditionalToolsItem, McpListToolsItem,
+               McpCallItem)
 _ITEM = TypeAdapter(Item)
 
 

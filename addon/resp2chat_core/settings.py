@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 from .sse import MAX_EVENT
 from .gate import DEFAULT_PASSTHROUGH, parse_passthrough
+from .mcp import parse_servers as parse_mcp_servers, secret_values as mcp_secret_values
 from .think import MODES as THINK_MODES
 
 
@@ -79,6 +80,7 @@ FIELDS: tuple[Field, ...] = (
     Field("upstream_idle_timeout_secs", "int", 60, "No upstream bytes for this long (before or during the answer): the turn fails with a clear error and the upstream request is dropped. 0: no limit.", aliases=("request_timeout_secs",), owner="upstreams", per_upstream=True),
     Field("connect_timeout_secs", "int", 10, "Upstream connect timeout.", owner="upstreams", per_upstream=True),
     Field("keepalive_secs", "int", 15, "While the upstream is silent before its first byte (long prefill), send the client a data event this often (Codex's idle timer ignores SSE comments).", owner="upstreams", per_upstream=True),
+    Field("coalesce_ms", "int", 40, "Once a turn's first tokens are out, the gateway passes the backend's news on at most once per this many milliseconds: a model streaming faster than that has several tokens share one pass through mitmproxy (HTTP: one chunk; WebSocket: one round of messages, deltas merged), so it costs less CPU per token, and each token waits at most this long (at 50 tokens/s and 40 ms: two tokens a pass, 40 ms apart instead of 20). A slower stream is never held; the first token, the response's first events and the end of the answer never are. 0: every backend read at once. At most 1000.", owner="upstreams"),
     Field("upstream_headers", "map", {}, "Extra headers sent upstream with every chat request, e.g. {\"HTTP-Referer\": \"https://app.example\", \"api-key\": \"…\"} (OpenRouter's attribution, Azure's key header). Values of headers named like a credential (key, token, secret, auth…) are secrets: hidden and scrubbed like the others. Not hop-by-hop or framing headers, nor authorization (use api_key).", owner="upstreams", per_upstream=True),
     Field("max_upstream_event_mb", "int", MAX_EVENT >> 20, "A backend's SSE line or event larger than this ends the turn with response.failed (code upstream_event_too_large) and the upstream request is dropped: what a backend sends cannot grow the gateway's memory. At least 1.", owner="upstreams"),
     Field("max_request_body_mb", "int", 32, "Larger Responses requests are refused with 413.", owner="gate"),
@@ -91,6 +93,8 @@ FIELDS: tuple[Field, ...] = (
     Field("brave_base_url", "str", "https://api.search.brave.com", "Brave Search API base URL.", owner="web_search"),
     Field("brave_max_results", "int", 5, "Search results given to the model per web search.", owner="web_search"),
     Field("max_web_search_rounds", "int", 5, "Web searches the gateway runs at most within one turn.", owner="web_search"),
+    Field("mcp_servers", "entries", [], "MCP servers a request's hosted mcp tool may use (the gateway lists and calls their tools itself): a list of {label, url, transport, headers, allowed_tools, require_approval, timeout_secs, max_output_kb}. A request names one by label or by its exact url; any other server_url is refused. transport: streamable_http (default) or sse (the older HTTP+SSE transport; url is its SSE endpoint). headers go to that server only (secrets: hidden and scrubbed like keys); allowed_tools (a list of names) narrows what requests may use; require_approval (always, never, or {always: {tool_names: […]}, never: {…}}; default never) is a floor: a request may ask for more approvals, not fewer; timeout_secs (default 30) bounds each listing and call; max_output_kb (default 64) what the model gets of a result. Empty: requests with mcp tools are refused.", owner="mcp"),
+    Field("max_mcp_rounds", "int", 8, "Rounds of MCP tool calls the gateway runs at most within one turn; the last one offers the model no MCP tool.", owner="mcp"),
     Field("session_ttl_hours", "int", 168, "Stored responses (previous_response_id) expire after this many hours.", owner="store"),
     Field("max_sessions", "int", 256, "Stored responses kept at most.", owner="store"),
     Field("max_session_memory_mb", "int", 512, "Memory the response store may use at most.", owner="store"),
@@ -115,11 +119,11 @@ BY_NAME = {f.name: f for f in FIELDS}
 ALIASES = {old: f for f in FIELDS for old in f.aliases}  # old name -> its field
 SECRET_FIELDS = frozenset({"upstream_api_key", "brave_api_key", "gateway_api_key", "seal_key", "state_store_url"})
 # Fields that are not secrets themselves but hold some, and which key of each entry is one (each
-# upstream's api_key, each client's key), and credential-like upstream_headers: their option
-# default stays empty like a secret's, the addon resolves them the same way, and those values are
-# scrubbed like the secrets.
+# upstream's api_key, each client's key), credential-like upstream_headers and every header of an
+# mcp_servers entry: their option default stays empty like a secret's, the addon resolves them the
+# same way, and those values are scrubbed like the secrets.
 ENTRY_SECRETS = {"upstreams": "api_key", "clients": "key"}
-HOLDS_SECRETS = frozenset({*ENTRY_SECRETS, "upstream_headers"})
+HOLDS_SECRETS = frozenset({*ENTRY_SECRETS, "upstream_headers", "mcp_servers"})
 PER_UPSTREAM = tuple(f.name for f in FIELDS if f.per_upstream)  # what an ``upstreams`` entry may set for itself
 _CREDENTIAL = re.compile(r"(?i)key|token|secret|auth|password|cookie|signature")
 
@@ -136,14 +140,15 @@ def credential_header(name: str) -> bool:
 
 def secret_values(values: Mapping[str, Any], min_len: int = 6) -> tuple[bytes, ...]:
     """Every configured secret in ``values`` (top-level keys, each upstream's api_key, each
-    client's plain key, the credential-like ``upstream_headers`` at the top and per upstream), to
-    be scrubbed from what the gateway emits. Shorter ones are not scrubbed (they would mangle
+    client's plain key, the credential-like ``upstream_headers`` at the top and per upstream, the
+    headers of ``mcp_servers``), to be scrubbed from what the gateway emits. Shorter ones are not scrubbed (they would mangle
     text)."""
     found = [values[k] for k in sorted(SECRET_FIELDS) if k in values]
     found += [e.get(key) for name, key in ENTRY_SECRETS.items() for e in values.get(name) or () if isinstance(e, dict)]
     scopes = [values] + [e for e in values.get("upstreams") or () if isinstance(e, dict)]
     found += [v for scope in scopes for k, v in (scope.get("upstream_headers") or {}).items()
               if isinstance(k, str) and credential_header(k)]
+    found += mcp_secret_values(values.get("mcp_servers"))
     return tuple(v.encode() for v in found if isinstance(v, str) and len(v) >= min_len)
 
 
@@ -238,6 +243,8 @@ def validate(name: str, value: Any) -> None:
             raise SettingsError(name, value, "expected an http:// or https:// URL")
     if name == "max_upstream_event_mb" and value < 1:
         raise SettingsError(name, value, "expected a whole number >= 1 (MiB)")
+    if name == "coalesce_ms" and value > 1000:
+        raise SettingsError(name, value, "expected a whole number of milliseconds, at most 1000")
     if name in _CHOICES and value not in _CHOICES[name]:
         raise SettingsError(name, value, "expected " + _either(_CHOICES[name]))
     if name in _MAP_VALUES:
@@ -248,6 +255,11 @@ def validate(name: str, value: Any) -> None:
         raise SettingsError(name, value, "expected a file path")
     if name == "upstreams" and value:
         parse_upstreams(value)
+    if name == "mcp_servers" and value:
+        try:
+            parse_mcp_servers(value)
+        except ValueError as exc:
+            raise SettingsError(name, "[hidden]", str(exc)) from None
     if name == "upstream_headers":
         for header, v in value.items():
             if not _TOKEN.match(header) or header.lower() in _NOT_UPSTREAM_HEADERS:

@@ -22,6 +22,7 @@ from .schema import (
 _VALID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _INVALID_CHARS = re.compile(r"[^a-zA-Z0-9_-]")
 
+SERVER_KINDS = frozenset({"web_search", "mcp"})  # Target kinds the gateway runs itself (toolloop.py)
 LOCAL_SHELL_NAME = "local_shell"
 TOOL_SEARCH_NAME = "tool_search"
 
@@ -61,7 +62,7 @@ def chat_name(name: str, namespace: str | None = None) -> str:
 class Target:
     """What a chat tool call must come back as: ``kind`` is the Responses item family."""
 
-    kind: str  # "function" | "custom" | "local_shell" | "tool_search"
+    kind: str  # "function" | "custom" | "local_shell" | "tool_search"; the gateway's own: "web_search" | "mcp"
     name: str
     namespace: str | None = None
 
@@ -73,9 +74,10 @@ class ToolMap:
 
     def target(self, chat_tool_name: str) -> Target:
         # A name the model made up still comes back as a function call: the client reports it.
-        # So does web_search if it reaches the client (the gateway's search loop normally takes it).
+        # So does a tool the gateway runs (web_search, mcp) if it reaches the client (the
+        # server-side tool loop normally takes it: toolloop.py).
         target = self.targets.get(chat_tool_name)
-        return target if target and target.kind != "web_search" else Target("function", chat_tool_name)
+        return target if target and target.kind not in SERVER_KINDS else Target("function", chat_tool_name)
 
     def _add(self, target: Target, definition: dict, where: str) -> None:
         cname = definition["function"]["name"]
@@ -109,11 +111,14 @@ def _custom_description(tool: CustomTool) -> str:
     return text
 
 
-def build_tool_map(tools, denylist: frozenset[str] = frozenset(), web_search: bool = False) -> ToolMap:
+def build_tool_map(tools, denylist: frozenset[str] = frozenset(), web_search: bool = False,
+                   extra=None) -> ToolMap:
     """Flatten validated Responses tools into chat functions, in the client's order.
 
     Hosted tools are dropped (the backend cannot run them; clients have fallbacks), except
-    ``web_search`` when the gateway runs searches itself (``web_search=True``).
+    ``web_search`` when the gateway runs searches itself (``web_search=True``). ``mcp`` tools
+    are not the client's: ``extra(taken names)`` gives the functions of their listed tools
+    (mcp.functions: ``(name, definition, Target)``), which come after the client's.
     """
     tmap = ToolMap()
     for i, tool in enumerate(tools or ()):
@@ -142,6 +147,9 @@ def build_tool_map(tools, denylist: frozenset[str] = frozenset(), web_search: bo
             elif isinstance(t, ToolSearchTool) and TOOL_SEARCH_NAME not in denylist:
                 tmap._add(Target("tool_search", TOOL_SEARCH_NAME),
                           _function(TOOL_SEARCH_NAME, t.description, t.parameters), loc)
+    if extra is not None:
+        for name, definition, target in extra(set(tmap.targets)):
+            tmap._add(target, definition, name)
     return tmap
 
 
@@ -179,6 +187,11 @@ def lower_tool_choice(choice, tmap: ToolMap) -> tuple[object, list[dict]]:
             elif isinstance(t, dict) and t.get("name"):
                 allowed.add(chat_name(t["name"], t.get("namespace")))
         return mode, [t for t in tools if t["function"]["name"] in allowed]
+    if kind == "mcp":  # a hosted MCP server's tool (mcp.py): its function once its tools are listed
+        for cname, target in tmap.targets.items():
+            if target.kind == "mcp" and target.namespace == choice.get("server_label") and target.name == choice.get("name"):
+                return {"type": "function", "function": {"name": cname}}, tools
+        return "auto", tools  # (not listed yet, or no tool named: the model chooses among them)
     if kind in ("local_shell", "tool_search"):
         cname = LOCAL_SHELL_NAME if kind == "local_shell" else TOOL_SEARCH_NAME
         if cname in tmap.targets:

@@ -68,7 +68,9 @@ over as calls (resp2chat_core/channel.py), so no backend can speak for the gatew
 backend is silent), ``fail_upstream`` (the backend's HTTP error, or a connect/stall failure ->
 ``response.failed``), ``translate_json`` (a backend that answered a stream request with one JSON
 body), ``search_started``/``search_done`` (a web search the gateway runs: a ``web_search_call``
-item, see websearch.py), ``oversized`` (the relay saw the backend send an SSE event past
+item, see websearch.py), ``mcp_listing``/``mcp_listed``, ``mcp_calling``/``mcp_called`` and
+``mcp_approval`` (hosted MCP tools the gateway runs: ``mcp_list_tools``, ``mcp_call`` and
+``mcp_approval_request`` items, see mcp.py), ``oversized`` (the relay saw the backend send an SSE event past
 ``max_upstream_event_mb``; the translator's own parser sees it otherwise: sse.py). A backend chunk shaped like anything else is just an unknown chunk.
 """
 
@@ -80,7 +82,7 @@ from math import isfinite as _isfinite
 from enum import Enum
 from typing import Callable
 
-from . import response, websearch
+from . import mcp, response, websearch
 from .chatstream import NOT_OBJECT, ChunkReader
 from .errors import gateway_failure, sanitize, upstream_failure, withheld
 from .inputs import REASONING_PURPOSE
@@ -227,7 +229,7 @@ class Translator:
         self._ws = ""  # leading whitespace held back until real text arrives
         self._ws_kind = Kind.NONE
         self._tools: dict[object, _Tool] = {}  # open tool items by upstream key (index, else id)
-        self._searches: dict[str, tuple[int, dict]] = {}  # web searches in flight: call id -> (index, item)
+        self._running: dict[str, tuple[int, dict]] = {}  # the gateway's tool runs in flight: key -> (index, item)
         self._tool_list: list[_Tool] = []  # open tool items in output order
         self._tool_wait: dict[object, list[str]] = {}  # args seen before the call's name
         self._think = ThinkSplitter(ctx.think) if ctx.think != "off" else None  # None: plain text
@@ -332,23 +334,74 @@ class Translator:
 
     def search_started(self, call_id: str, query: str) -> bytes:
         if self.phase is not Phase.DONE:
-            self._start()
-            self._close_open()
-            index = self._alloc_index()
-            item = websearch.call_item(f"ws_{self._suffix}_{index}", query)
-            self._searches[call_id] = (index, item)
-            self._emit("response.output_item.added", output_index=index, item=item)
+            index, item = self._own_item("ws", lambda item_id: websearch.call_item(item_id, query))
+            self._running[call_id] = (index, item)
             for event in websearch.STARTED_EVENTS:
                 self._emit(event, output_index=index, item_id=item["id"])
         return self._flush()
 
     def search_done(self, call_id: str, sources: tuple[str, ...]) -> bytes:
-        found = self._searches.pop(call_id, None)
+        found = self._running.pop(call_id, None)
         if found is not None and self.phase is not Phase.DONE:
             index, item = found
             self._emit(websearch.DONE_EVENT, output_index=index, item_id=item["id"])
             self._item_done(websearch.call_item(item["id"], item["action"]["query"], sources), index)
         return self._flush()
+
+    def mcp_listing(self, label: str) -> bytes:
+        """The gateway lists an MCP server's tools (mcp.py): an ``mcp_list_tools`` item."""
+        if self.phase is not Phase.DONE:
+            index, item = self._own_item("mcpl", lambda item_id: mcp.list_item(item_id, label, status="in_progress"))
+            self._running["list:" + label] = (index, item)
+            self._emit(mcp.LIST_EVENTS[0], output_index=index, item_id=item["id"])
+        return self._flush()
+
+    def mcp_listed(self, label: str, tools: tuple, error: str | None = None) -> bytes:
+        found = self._running.pop("list:" + label, None)
+        if found is not None and self.phase is not Phase.DONE:
+            index, item = found
+            self._emit(mcp.LIST_EVENTS[2 if error is not None else 1], output_index=index, item_id=item["id"])
+            self._item_done(mcp.list_item(item["id"], label, tools, error), index)
+        return self._flush()
+
+    def mcp_calling(self, call_id: str, label: str, name: str, arguments: str,
+                    approval_request_id: str | None = None) -> bytes:
+        """The gateway runs an MCP tool: an ``mcp_call`` item, its arguments in one delta."""
+        if self.phase is not Phase.DONE:
+            index, item = self._own_item("mcp", lambda item_id: mcp.call_item(
+                item_id, label, name, "", "in_progress", approval_request_id=approval_request_id))
+            self._running[call_id] = (index, {**item, "arguments": arguments})
+            ids = {"output_index": index, "item_id": item["id"]}
+            self._emit(mcp.CALL_EVENTS[0], **ids)
+            self._emit(mcp.CALL_EVENTS[1], **ids, delta=arguments)
+            self._emit(mcp.CALL_EVENTS[2], **ids, arguments=arguments)
+        return self._flush()
+
+    def mcp_called(self, call_id: str, output: str | None, error: dict | None = None) -> bytes:
+        found = self._running.pop(call_id, None)
+        if found is not None and self.phase is not Phase.DONE:
+            index, item = found
+            self._emit(mcp.CALL_EVENTS[4 if error is not None else 3], output_index=index, item_id=item["id"])
+            self._item_done(mcp.call_item(item["id"], item["server_label"], item["name"], item["arguments"],
+                                          "failed" if error is not None else "completed", output, error,
+                                          item["approval_request_id"]), index)
+        return self._flush()
+
+    def mcp_approval(self, label: str, name: str, arguments: str) -> bytes:
+        """A call waits for the client's approval: an ``mcp_approval_request`` item."""
+        if self.phase is not Phase.DONE:
+            index, item = self._own_item("mcpr", lambda item_id: mcp.approval_item(item_id, label, name, arguments))
+            self._item_done(item, index)
+        return self._flush()
+
+    def _own_item(self, prefix: str, make) -> tuple[int, dict]:
+        """An item of the gateway's own tool runs, opened after what the model said so far."""
+        self._start()
+        self._close_open()
+        index = self._alloc_index()
+        item = make(f"{prefix}_{self._suffix}_{index}")
+        self._emit("response.output_item.added", output_index=index, item=item)
+        return index, item
 
     @property
     def done(self) -> bool:

@@ -19,7 +19,7 @@ import marshal
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from . import background, compaction, conversations, inputs, requestbody, response
+from . import background, compaction, conversations, inputs, mcp, requestbody, response
 from .errors import GatewayError
 from .lowering import LoweringOptions, Recent, TextCache, dumps, dumps_spliced, lower, wants_logprobs
 from .toolmap import ToolMap
@@ -109,6 +109,7 @@ class Turn:
     client_stream: bool  # what the *client* asked for; upstream is always streamed
     ctx: TurnContext
     web_search: bool = False  # the request has a web_search tool: the gateway runs its searches
+    mcp: mcp.McpTurn | None = None  # the request's hosted MCP servers: the gateway runs their tools (mcp.py)
     active: Translator | None = None  # the translator answering this turn, once there is one
     items: list = field(default_factory=list)  # the whole conversation as input items (kept only to store or remember)
     store: bool = False  # the client wants this response kept (`store` not false)
@@ -243,7 +244,8 @@ def conversation(raw: dict, found: Found, sealer: Sealer | None = None) -> tuple
 
 def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, created_at: int,
                found: Found = Found(), *, tools_cache: ToolsCache | None = None, sealer: Sealer | None = None,
-               route: Callable[[str], Sequence[LoweringOptions]] | None = None, keep_items: bool = False) -> Turn:
+               route: Callable[[str], Sequence[LoweringOptions]] | None = None, keep_items: bool = False,
+               mcp_servers: tuple = ()) -> Turn:
     """Raise ``GatewayError`` for a request the gateway cannot serve. Pure: everything it reads
     comes in as arguments.
 
@@ -255,7 +257,8 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
     replaces ``opts``, the others get their own bodies (``Turn.alternates``). It raises
     ``GatewayError`` when no upstream serves the model. ``keep_items``: the turn keeps its
     conversation (``Turn.items``) even when the client did not ask to store it (a WebSocket
-    remembers it).
+    remembers it). ``mcp_servers``: the MCP servers the operator allows (mcp.ServerSpec): a
+    request's mcp tools must name one of them.
     """
     raw = decode_body(body)
     others: Sequence[LoweringOptions] = ()
@@ -270,8 +273,8 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
     texts = tools_cache.texts if tools_cache is not None else None
     if known is None:
         req = parse_request(raw, texts.items if texts is not None else None)
-        lowered = lower(req, opts, texts=texts)
-        if key:
+        lowered = lower(req, opts, texts=texts, mcp_servers=mcp_servers)
+        if key and lowered.mcp is None:  # (an mcp tool's functions depend on the conversation: not kept)
             known = tools_cache.add(key, tools, lowered.tool_map)
     else:  # these tools validated and lowered before: the rest of the request still is checked
         req = parse_request({k: v for k, v in raw.items() if k != "tools"},
@@ -280,7 +283,10 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
     if not lowered.chat["messages"]:  # a chat request needs one message: no backend takes none
         raise GatewayError("nothing to send the model: the request has no input, instructions or earlier "
                            "conversation", param="input", code="invalid_value")
-    if known and asked.get("tools") is tools:  # (the echoed tools encoded before: spliced in)
+    if lowered.mcp is not None:  # (what an mcp tool carries for its server is not echoed)
+        echoed = mcp.redacted_tools(response.echo_tools(asked.get("tools")))
+        echo_json = response.echo_json(response.echo(asked, req, lowered.chat, tools=echoed))
+    elif known and asked.get("tools") is tools:  # (the echoed tools encoded before: spliced in)
         echo_json = dumps_spliced(response.echo(asked, req, lowered.chat, tools=[]), "tools", known[2])[1:-1]
     else:
         echo_json = response.echo_json(response.echo(asked, req, lowered.chat))
@@ -304,13 +310,14 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
         if known is not None and same_tools:
             other = lower(req, alt, known[0], known[1], texts)
         else:  # req may lack its tools (the cache path): lower the whole request again
-            other = lower(parse_request(raw) if known is not None else req, alt, texts=texts)
+            other = lower(parse_request(raw) if known is not None else req, alt, texts=texts, mcp_servers=mcp_servers)
         if summarize:
             other = compaction.summary_request(other)
         alternates.append((other.body, alt.think_mode(other.chat["model"]), other.tool_map))
     ctx.tool_maps = tuple(tools for _, _, tools in alternates)  # (a Rerouted event takes one)
     return Turn(lowered.body, lowered.client_stream, ctx,
                 web_search=not summarize and any(t.kind == "web_search" for t in lowered.tool_map.targets.values()),
+                mcp=lowered.mcp if not summarize else None,
                 items=items if (store or keep_items or named) and items is not None else [], store=store,
                 prompt_cache_key=pck if isinstance(pck, str) and pck else None,
                 alternates=tuple(alternates), compaction=summarize, conversation=named,

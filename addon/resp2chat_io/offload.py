@@ -3,9 +3,12 @@
 mitmproxy runs every hook of every flow on one asyncio loop: while a hook decodes a 25 MB body,
 ``/healthz`` and every open stream wait. A body of ``LARGE`` bytes or more is decoded in a worker
 thread instead (``loads``), with the decoder's Python-level hooks, so that the thread hands the
-GIL back between objects (requestbody.py ``yielding``) and the loop goes on meanwhile. What a
-refused request decoded is freed there too, container by container (``discard``): freeing a
-million items takes about as long as making them.
+GIL back between objects (requestbody.py ``yielding``) and the loop goes on meanwhile. It is
+decoded with the prefix cache, as a small body is: the history a long conversation resends is
+decoded once (requestbody.py "History decoded once"). What a refused request decoded privately
+(``requestbody.Private``: the cache shares nothing of it; the cache keeps only what is cheap to
+free) is freed there too, container by container (``discard``): freeing a million items takes
+about as long as making them.
 
 One worker: large bodies are decoded one after the other, as they were on the loop, so their
 peak memory does not add up. Only decoding moves: checking the caps (turn.py ``check_caps``),
@@ -47,15 +50,15 @@ async def loads(body: bytes):
 
 async def reduce(body: bytes, fn):
     """``fn`` of the body's JSON value (``GatewayError`` if it has none), for a caller that needs
-    only something small of it: a large body is decoded, reduced and freed in the worker, so
-    nothing of its size reaches the loop."""
+    only something small of it: a large body is decoded privately, reduced and freed in the
+    worker, so nothing of its size reaches the loop."""
     if len(body) < LARGE:
         return fn(requestbody.loads(body))
     return await asyncio.get_running_loop().run_in_executor(_pool(), _reduce, body, fn)
 
 
 def _reduce(body: bytes, fn):
-    value = requestbody.loads(body, yielding=True)
+    value = requestbody.loads_private(body)
     try:
         return fn(value)
     finally:
@@ -63,9 +66,11 @@ def _reduce(body: bytes, fn):
 
 
 async def discard(value, size: int) -> None:
-    """Free what a refused body of ``size`` bytes decoded to (``value`` is left empty), off the
-    loop when the body was large. The caller keeps no other reference into it."""
-    if size >= LARGE:
+    """Free what a refused body of ``size`` bytes decoded to privately (``value`` is left empty),
+    off the loop when the body was large. The caller keeps no other reference into it. A value
+    the prefix cache shares is left as it is (the cache holds it, and keeps only what is cheap
+    to free)."""
+    if size >= LARGE and (isinstance(value, requestbody.Private) or not isinstance(value, dict)):
         await asyncio.get_running_loop().run_in_executor(_pool(), _empty, value)
 
 

@@ -23,6 +23,7 @@
 - ``RequestLog``      the chat requests sent upstream, as JSON lines
 - ``RawOutput``       --raw: the model's stream on stdout
 - ``WebSearch``       the web_search settings
+- ``McpServers``      the hosted MCP settings: the servers requests may use
 - ``SettingsCommand`` the resp2chat.settings command
 - ``Egress``          the gate's other end: only what the gateway routed or answered goes on; CORS headers
 - ``Redact``          last: no credentials in flow files, mitmweb or answers
@@ -41,6 +42,7 @@ from .http_turns import HttpTurns
 from .input_tokens import InputTokens
 from .limits import Limits
 from .listen import Listen
+from .mcp import McpServers
 from .metrics import Metrics
 from .outcomes import Outcomes
 from .raw import RawOutput
@@ -61,9 +63,10 @@ def build() -> list:
     source = SettingsSource()
     upstreams = Upstreams(source)
     search = WebSearch(source)
+    hosted = McpServers(source)
     store = StoredResponses(source, upstreams)
     limits = Limits(store)
-    turns = Turns(source, upstreams, search, store, limits)
+    turns = Turns(source, upstreams, search, store, limits, hosted)
     store.sealer = turns.sealer
     background = store.background = Background(turns, store, upstreams.relay)
     replay = ReplayCache(source, upstreams, turns, store)
@@ -80,5 +83,5 @@ def build() -> list:
         Listen(source, upstreams), gate, background, store, Conversations(store, upstreams), limits, replay, turns,
         http_turns, InputTokens(turns, upstreams, gate), server_replay, sockets,
         upstreams, outcomes, Metrics(turns, store, replay, outcomes), AccessLog(source, outcomes),
-        request_log, raw, search, SettingsCommand(source), Egress(gate), Redact(upstreams),
+        request_log, raw, search, hosted, SettingsCommand(source), Egress(gate), Redact(upstreams),
     ]

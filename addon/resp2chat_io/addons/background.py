@@ -37,7 +37,6 @@ from resp2chat_core.errors import GatewayError
 from resp2chat_core.labels import shown
 from resp2chat_core.sse import DONE
 from resp2chat_io.relay import Feed
-from resp2chat_io.relay.exchange import run as run_exchange
 from resp2chat_io.relay.upstream import failure
 from resp2chat_io.store import StateUnavailable
 
@@ -140,11 +139,11 @@ class Background:
 
     async def _run(self, bg: Run) -> None:
         run, reader = bg.run, bg.run.reader
-        run.exchange.channel.push = lambda item: bg.log.add(reader.apply(item))
+        run.exchange.channel.push = lambda items: bg.log.add(reader.apply_all(items))
         renew = asyncio.ensure_future(self._renew(bg))
         try:
             try:
-                await run_exchange(run.exchange, self.relay.client)
+                await self.relay.run(run.exchange)
             except asyncio.CancelledError:  # cancelled (or the gateway stops): the backend call is closed
                 asyncio.current_task().uncancel()
                 if bg.stopping == "shutdown":

@@ -89,6 +89,7 @@ class Gate(Owner):
         self.rules = G.parse_passthrough(self.s["passthrough_paths"])
         self.refused: dict[str, Refused] = {}  # flow id -> refused at its head, answered by the relay
         self.clients = ClientTable()
+        self.keyed = False  # the gateway takes keys: once so, no reload of the file makes it open
         self._watch: asyncio.Task | None = None
 
     def apply(self, updated: set[str]) -> None:
@@ -96,6 +97,7 @@ class Gate(Owner):
         # `clients` with gateway_api_key (its `default` client): an invalid pair stops start-up
         try:
             self.clients = ClientTable(parse_clients(self.s["clients"], self.s["gateway_api_key"]))
+            self.keyed = len(self.clients) > 0
         except S.SettingsError as exc:
             raise exceptions.OptionsError(f"resp2chat: {exc}") from None
 
@@ -284,11 +286,12 @@ class Gate(Owner):
 
     def identify(self, req: http.Request):
         """Who is calling: the client whose key the request presents (``Authorization: Bearer …``
-        or ``x-api-key``), None when the gateway takes no keys, False for a missing or unknown key.
+        or ``x-api-key``), None when the gateway takes no keys, False for a missing or unknown key
+        (every key, when the last client was revoked from the file: ``keyed``).
         The key is hashed once and the digest looked up (clients.py): no key is compared byte by
         byte, and only digests are kept."""
         if not len(self.clients):
-            return None
+            return False if self.keyed else None
         given = req.headers.get("authorization", "").removeprefix("Bearer ").strip()
         given = given or req.headers.get("x-api-key", "")
         return (self.clients.lookup(given) if given else None) or False
@@ -330,6 +333,9 @@ class Gate(Owner):
         if table != self.clients:
             self.clients = table
             log.info(f"resp2chat: clients reloaded from the config file: {', '.join(table.names) or 'none'}")
+            if not len(table) and self.keyed:
+                log.warning("resp2chat: the config file lists no client any more: every request is refused until "
+                            "one is added (a gateway that started with keys does not become open by an edit)")
 
 
 @fails_closed

@@ -8,7 +8,11 @@ same steps for each message of a socket):
   decoded, checked, looked up and lowered (``Turns``), the turn is started, and the flow's
   request becomes the chat request the first upstream gets (so flow files and offline replay
   see it), pointed at the relay with the exchange's name and secret (relay/server.py says why
-  turns take this hop).
+  turns take this hop). The relay sends the exchange's own body upstream, so the request crosses
+  the hop without it: ``BodyAside``, last in the addon chain (every other addon's request hook,
+  mitmproxy's server replay included, saw the chat body), leaves it out, and the flow has it
+  back once the request is out (a 2.5 MB conversation is not copied through mitmproxy's HTTP/1
+  writer and the relay's reader on its way to the first token).
 - ``responseheaders``: the request has gone out: the flow shows the upstream again. A
   streaming client gets the stream callable (``TurnStream``), which takes the turn's news from
   the exchange's channel at each relay tick and answers with Responses events.
@@ -24,7 +28,7 @@ from urllib.parse import urlsplit
 
 from mitmproxy import ctx, http
 
-from resp2chat_core import compaction
+from resp2chat_core import compaction, mcp
 from resp2chat_core.channel import Reader, scrub
 from resp2chat_core.conversations import named
 from resp2chat_core.errors import GatewayError, error_json, gateway_failure
@@ -35,8 +39,8 @@ from resp2chat_core.usage import usage_note
 from resp2chat_core.websocket import final_response
 from resp2chat_io import offload
 
-from .base import (ABANDON, META, SSE_HEADERS, RESPONSES_PATHS, Refusal, fails_closed, json_response, log,
-                   refusal, request_id, show_url)
+from .base import (ABANDON, META, SSE_HEADERS, RESPONSES_PATHS, TURN_HEADER, Refusal, fails_closed, json_response,
+                   log, refusal, request_id, show_url)
 from .turns import SERVER_REPLAY, Finished, TurnRun, new_response_id
 
 # HTTP status for a non-streaming client whose response failed, by error code.
@@ -48,20 +52,37 @@ FAILED_STATUS = {
 }
 COMPACT_PATHS = tuple(p + "/compact" for p in RESPONSES_PATHS)  # POST /v1/responses/compact
 FIRST_SLICE = 2048  # backend bytes translated before the first tick's answer goes out (TurnStream)
+# what the flow keeps of a request refused before its tools were read (the caps) that may hold an
+# mcp tool's headers, which are never recorded
+UNREAD_MCP = "[not kept: refused before it was read, and it may carry what an mcp tool holds for its server]"
 HOP_KEPT = frozenset({"connection", "keep-alive"})  # the client's, on the flow's request: its connection's fate
 
 
 def note_request(meta: dict, body: bytes | None, raw: object = None) -> None:
     """Keep what outcomes.py reports of a request the gate let in, so that it never decodes a
-    body again: its text (the flow's record; ``body``, when given) and, once decoded (``raw``),
-    its model and ``prompt_cache_key``."""
+    body again: its text (the flow's record; ``body``, when given: kept as the bytes until
+    ``write_request`` makes it text, when the flow's record is written, off the way to the first
+    token: ~2 ms for a 2.5 MB conversation) and, once decoded (``raw``), its model and
+    ``prompt_cache_key``; a request whose mcp tools carry secrets for their servers is made text
+    at once, without them (mcp.redact_text: never recorded)."""
     if body is not None:
-        meta["responses_request"] = body.decode("utf-8", "replace")
+        meta["responses_request"] = body
     if isinstance(raw, dict):
+        if mcp.client_secrets(raw):
+            text = meta.get("responses_request", "")
+            text = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+            meta["responses_request"] = mcp.redact_text(text, raw)
         model, pck = raw.get("model"), raw.get("prompt_cache_key")
         meta["request_model"] = model if isinstance(model, str) else ""
         if isinstance(pck, str) and pck:
             meta["request_cache_key"] = pck
+
+
+def write_request(meta: dict | None) -> None:
+    """The client's request, noted as bytes (``note_request``), as the text the flow's record keeps."""
+    body = meta.get("responses_request") if meta else None
+    if body.__class__ is bytes:
+        meta["responses_request"] = body.decode("utf-8", "replace")
 
 
 class TurnStream:
@@ -144,6 +165,7 @@ class HttpTurns:
         self.background = background  # (addons/background.py: background: true)
         self.relay = upstreams.relay
         self.live: dict[str, TurnRun] = {}  # this transport's turns, by flow id (the same runs as in Turns.in_flight)
+        self.aside: set[str] = set()  # flows whose request went to the relay without its body (BodyAside)
 
     # --- request -------------------------------------------------------------------------------
 
@@ -168,10 +190,11 @@ class HttpTurns:
             flow.response = refusal(flow, verdict.error(client.name), verdict.refusal_headers)
             return
         owner = self.upstreams.owner_of(flow)  # (before the client's credentials are left behind below)
-        raw = None
+        raw = data = None
         try:
             hit = None if compact else await self._cached(flow, body, owner)  # (the cache keys /v1/responses)
-            raw = self.turns.check(await self.turns.decode(body), client)
+            data = await self.turns.decode(body)
+            raw = self.turns.check(data, client)
             note_request(meta, None, raw)
             if compact:
                 raw = compaction.compact_request(raw)
@@ -191,7 +214,12 @@ class HttpTurns:
             meta["status"] = "rejected"
             flow.response = refusal(flow, err, limits)
             self.turns.release(client, flow.id)
-            await offload.discard(raw, len(body))
+            if isinstance(raw, dict) and mcp.client_secrets(raw):  # (the flow keeps the request it refused)
+                req.content = meta["responses_request"].encode()
+            elif raw is None and data is not None and b'"mcp"' in body:  # refused before its tools were read
+                meta["responses_request"] = UNREAD_MCP
+                req.content = UNREAD_MCP.encode()
+            await offload.discard(data, len(body))
             return
         except BaseException:
             self.turns.release(client, flow.id)  # (it fails closed: base.py)
@@ -209,7 +237,7 @@ class HttpTurns:
         first = ex.candidates[0]
         meta.update(upstream=first.url.removesuffix("/chat/completions"), upstream_name=first.name)
         if not turn.client_stream:
-            ex.channel.push = run.reader.apply  # one JSON body at the end: nothing to tick
+            ex.channel.push = run.reader.apply_all  # one JSON body at the end: nothing to tick
         ABANDON[flow.id] = ex.abort  # failing closed at the response head gives the backend call up
         # The flow's request is what the first upstream gets (its key redacted when saved:
         # redact.py), sent to the relay, which runs the exchange; the flow shows the upstream's
@@ -254,6 +282,15 @@ class HttpTurns:
             self.store.put(response_id, items + final["output"], final, owner=owner)
         return True
 
+    def running(self) -> None:
+        if ctx.master is not None and ctx.master.addons.get(BodyAside.name) is None:
+            ctx.master.addons.add(BodyAside(self))  # last: see there
+
+    def done(self) -> None:
+        for run in self.live.values():  # (mitmproxy saves unfinished flows at its end: as they were)
+            self._show_upstream(run.flow, run)
+            write_request(run.flow.metadata.get(META))
+
     # --- response ------------------------------------------------------------------------------
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -284,6 +321,7 @@ class HttpTurns:
             resp.headers["transfer-encoding"] = "chunked"
 
     def response(self, flow: http.HTTPFlow) -> None:
+        write_request(flow.metadata.get(META))  # (every flow: outcomes.py and flow files come after)
         run = self._end(flow)
         if run is None:
             return
@@ -298,6 +336,7 @@ class HttpTurns:
         self._record(flow, run)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        write_request(flow.metadata.get(META))
         run = self._end(flow)
         if run is None:
             return
@@ -324,22 +363,24 @@ class HttpTurns:
             self._show_upstream(flow, run)
         return run
 
-    @staticmethod
-    def _show_upstream(flow: http.HTTPFlow, run: TurnRun) -> None:
-        """The flow shows the backend's URL, not the relay's, and no relay headers; when a
-        fallback answered, its URL and the body it got (the first upstream's body stays in the
-        record as ``chat_request``: offline replay matches a rerun on it, as it is what a rerun
-        lowers first)."""
+    def _show_upstream(self, flow: http.HTTPFlow, run: TurnRun) -> None:
+        """The flow shows the backend's URL, not the relay's, no relay headers, and the chat body
+        again (``BodyAside``); when a fallback answered, its URL and the body it got (the first
+        upstream's body stays in the record as ``chat_request``: offline replay matches a rerun
+        on it, as it is what a rerun lowers first)."""
         ex = run.exchange
         show_url(flow, ex.candidates[0].url)
         answered = ex.answering
         meta = flow.metadata[META]
+        req = flow.request
         if ex.answered and meta.get("upstream_name") != answered.name:
-            req = flow.request
             req.url = answered.url
             meta["chat_request"] = run.turn.chat_body.decode("utf-8", "replace")
             req.content = answered.body
             meta["upstream"], meta["upstream_name"] = answered.url.removesuffix("/chat/completions"), answered.name
+        elif flow.id in self.aside:
+            req.content = ex.candidates[0].body
+        self.aside.discard(flow.id)
 
     def _answer_whole(self, flow: http.HTTPFlow, run: TurnRun) -> None:
         """A non-streaming client: the same translation, finished, as one JSON body."""
@@ -406,3 +447,27 @@ class HttpTurns:
                                   usage=(final or {}).get("usage"), upstream=SERVER_REPLAY,
                                   took=time.monotonic() - run.started, code=code, client=run.client,
                                   turn_id=flow.id), flow.id)
+
+
+@fails_closed
+class BodyAside:
+    """Last in the addon chain (added at ``running``, after mitmproxy's server replay and every
+    script): a turn's request leaves for the relay without its body. The relay never reads it
+    (it sends the exchange's own: relay/server.py), so mitmproxy need not write the chat body
+    there nor the relay read it: for a long conversation that is megabytes copied twice before
+    the first token. Every addon before this one saw the body (server replay matches on it,
+    scripts may read it); ``HttpTurns._show_upstream`` puts it back once the request is out (the
+    relay's answer head, or the flow's end, whichever comes first), so flow files and mitmweb
+    show it as before."""
+
+    name = "resp2chat_body_aside"
+
+    def __init__(self, turns: HttpTurns) -> None:
+        self.turns = turns
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None or flow.error is not None or flow.id not in self.turns.live \
+                or flow.request.headers.get(TURN_HEADER) is None:
+            return  # (answered meanwhile, or not on its way to the relay)
+        self.turns.aside.add(flow.id)
+        flow.request.content = b""

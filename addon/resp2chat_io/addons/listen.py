@@ -2,7 +2,7 @@
 
 mitmproxy's defaults are a proxy's: listen on all interfaces at 8080, connect upstream eagerly.
 This addon makes them a gateway's: ``bind_addr`` (loopback by default; beyond loopback only with
-``gateway_api_key``), reverse mode to the upstream, lazy upstream connections (eager would reset
+``gateway_api_key`` or ``clients``), reverse mode to the upstream, lazy upstream connections (eager would reset
 clients when the upstream is down), ``store_streamed_bodies`` (flow files keep the translated
 stream), and server replay that ignores the recorded upstream address. Also:
 
@@ -37,7 +37,7 @@ TLS_PEM = "resp2chat-tls.pem"  # in mitmproxy's confdir: tls_key_file + tls_cert
 class Listen(Owner):
     name = "resp2chat_listen"
     owner = "listen"
-    also_reads = ("gateway_api_key", "upstream_base_url")
+    also_reads = ("gateway_api_key", "clients", "upstream_base_url")
     watches = ("mode", "listen_host", "listen_port", "server_replay", "connection_strategy",
                "store_streamed_bodies", "server_replay_ignore_host", "server_replay_ignore_port",
                "keep_host_header", "http2", "certs", "confdir")
@@ -81,10 +81,10 @@ class Listen(Owner):
                 modes = [f"{modes[0]}@{want[0]}:{want[1]}"]
         for m in modes:
             listen = mode_specs.ProxyMode.parse(m).listen_host(opts.listen_host)
-            if not S.is_loopback(listen or "0.0.0.0") and not self.s["gateway_api_key"]:
+            if not S.is_loopback(listen or "0.0.0.0") and not (self.s["gateway_api_key"] or self.s["clients"]):
                 raise exceptions.OptionsError(
-                    f"resp2chat: listening on {listen or 'all interfaces'} needs gateway_api_key "
-                    f"(clients must then send it as a Bearer token); or bind to 127.0.0.1")
+                    f"resp2chat: listening on {listen or 'all interfaces'} needs gateway_api_key or clients "
+                    f"(clients must then send their key as a Bearer token); or bind to 127.0.0.1")
         self.warn_clear(modes, opts.listen_host)
         if modes != list(opts.mode):
             changes["mode"] = modes

@@ -11,6 +11,7 @@ Answered by the gateway itself, behind the gate like every other path (beyond lo
 | ``resp2chat_turn_duration_seconds`` | upstream, model, client | request to the end of the turn |
 | ``resp2chat_tokens_total`` | upstream, model, client, kind | prompt, cached (prompt tokens the backend's KV cache served), output |
 | ``resp2chat_fallbacks_total`` | upstream, status | an upstream failed before its first byte and the next one was tried |
+| ``resp2chat_mcp_calls_total`` | server, outcome | hosted MCP tool calls the gateway ran, by server (its ``mcp_servers`` label) and outcome (completed, failed, timeout, approval_requested) |
 | ``resp2chat_replay_cache_hits_total`` / ``_misses_total`` | | replay-cache lookups |
 | ``resp2chat_replay_cache_entries`` | | entries (with Redis: after this replica's last write) |
 | ``resp2chat_stored_responses`` / ``_bytes`` | | the response store's size (likewise) |
@@ -64,6 +65,8 @@ class Metrics:
                               "cache), output.", (*by, "kind"), registry=r)
         self.fallbacks = Counter("resp2chat_fallbacks", "An upstream failed before its first byte and the next "
                                  "was tried (upstream: the one that failed).", ("upstream", "status"), registry=r)
+        self.mcp_calls = Counter("resp2chat_mcp_calls", "Hosted MCP tool calls the gateway ran, by server "
+                                 "(mcp_servers label) and outcome.", ("server", "outcome"), registry=r)
         r.register(_Sizes(self))
         self._models: set[str] = set()
         outcomes.listeners.append(self.record)
@@ -83,6 +86,8 @@ class Metrics:
         self.turns_total.labels(o.upstream, model, client, o.status, code_label(o.code)).inc()
         for name, status in o.skipped:
             self.fallbacks.labels(name, str(status)).inc()
+        for server, outcome in o.mcp_calls:  # (the operator's labels and the gateway's words: bounded)
+            self.mcp_calls.labels(server, outcome).inc()
         if o.status in ("rejected", "replayed"):
             return
         if o.ttft is not None:

@@ -21,7 +21,7 @@ import re
 
 from mitmproxy import ctx, exceptions, http
 
-from resp2chat_core import owner as owners
+from resp2chat_core import mcp, owner as owners
 from resp2chat_core.replay import pack
 from resp2chat_io.redis_state import RedisReplayCache
 from resp2chat_io.store import ReplayEntries
@@ -74,7 +74,9 @@ class ReplayCache(Owner):
 
     def finished(self, done) -> None:
         key = done.flow.metadata[META].get("replay_key")
-        if done.status == "completed" and key and done.answer:
+        # (a turn with hosted MCP tools ran them: answering it again without running them would
+        # skip their effects, and an approval would never be asked again)
+        if done.status == "completed" and key and done.answer and done.turn.mcp is None:
             t = done.turn
             entry = pack(t.ctx.response_id, t.ctx.created_at, done.answer, stream=t.client_stream, store=t.store)
             self.store.writes.start("replay cache entry not kept", self.cache.put(key, entry))
@@ -92,8 +94,8 @@ class ReplayCache(Owner):
             meta = f.metadata.get(META) or {}
             if isinstance(f, http.HTTPFlow) and meta.get("status") == "completed" and f.response:
                 created = re.search(rb'"created_at":(\d+)', f.response.content or b"")
-                if created and meta.get("response_id"):
-                    request = json.loads(meta["responses_request"])
+                request = json.loads(meta["responses_request"]) if created and meta.get("response_id") else {}
+                if request and not mcp.mcp_tools(request.get("tools")):  # (as ``finished`` keeps none)
                     key = self.turns.replay_key(
                         self.upstreams.cache_context(f) if self.upstreams.specs else meta.get("upstream", ""),
                         meta["responses_request"].encode(), owners.SHARED)

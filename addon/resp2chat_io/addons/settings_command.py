@@ -30,8 +30,9 @@ class SettingsCommand:
 
 
 def _entry(field: str, entry: dict) -> dict:
-    """An entry of ``upstreams`` or ``clients`` without its key (a client's key_sha256 shortened
-    to the fingerprint ``resp2chat keys list`` shows)."""
+    """An entry of ``upstreams``, ``clients`` or ``mcp_servers`` without its key (a client's
+    key_sha256 shortened to the fingerprint ``resp2chat keys list`` shows; an MCP server's
+    header values hidden)."""
     secret = S.ENTRY_SECRETS.get(field)
     shown = {}
     for k, v in entry.items():
@@ -39,5 +40,7 @@ def _entry(field: str, entry: dict) -> dict:
             v = "[set]" if v else ""
         elif field == "clients" and k == "key_sha256" and isinstance(v, str):
             v = v[:8].lower() + "…"
+        elif field == "mcp_servers" and k == "headers" and isinstance(v, dict):
+            v = {h: "[set]" for h in v}
         shown[k] = v
     return shown

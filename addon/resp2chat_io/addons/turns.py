@@ -104,13 +104,14 @@ class Finished:
 class Turns(Owner):
     name = "resp2chat_turns"
     owner = "lowering"
-    # secrets: scrubbed from what a turn records; the caps: checked before a request is validated;
+    # secrets (and what holds some: mcp_servers' headers…): scrubbed from what a turn records; the
+    # caps: checked before a request is validated;
     # max_upstream_event_mb: bounds each turn's reading of the backend's stream
     also_reads = tuple(sorted(S.SECRET_FIELDS | S.HOLDS_SECRETS)) + (*Caps.SETTINGS, "max_upstream_event_mb")
 
-    def __init__(self, source, upstreams, search, store, limits) -> None:
+    def __init__(self, source, upstreams, search, store, limits, hosted=None) -> None:
         super().__init__(source)
-        self.upstreams, self.search, self.store, self.limits = upstreams, search, store, limits
+        self.upstreams, self.search, self.store, self.limits, self.hosted = upstreams, search, store, limits, hosted
         self.in_flight: dict[str, TurnRun] = {}  # the turns in flight, both transports, by turn id
         self.started: list[Callable[[TurnRun], None]] = []
         self.finished: list[Callable[[Finished], None]] = []
@@ -210,7 +211,8 @@ class Turns(Owner):
         made whole with what ``lookup`` found, validated and lowered for each of its upstreams."""
         turn = begin_turn(raw, self.lowering, new_response_id(), int(time.time()), found,
                           tools_cache=self.tools_cache, sealer=self.sealer,
-                          route=self.route if self.specs else None, keep_items=keep_items)
+                          route=self.route if self.specs else None, keep_items=keep_items,
+                          mcp_servers=self.hosted.specs if self.hosted is not None else ())
         turn.owner, turn.ctx.request_id = owner, request_id  # (the request id: named in the failures the client sees)
         turn.ctx.clock = time.time  # (completed_at: the core reads no clock)
         return turn
@@ -251,6 +253,7 @@ class Turns(Owner):
                             self.upstreams.candidates(turn, flow, client_headers.get("authorization")),
                             self.upstreams.headers_for(turn, client_headers),
                             search=self.search.settings if turn.web_search else None,
+                            mcp=turn.mcp, max_mcp_rounds=self.hosted.max_rounds if turn.mcp is not None else 0,
                             model=turn.ctx.model, max_event=self.max_event)
         run = TurnRun(turn, exchange, Reader(turn.translator(self.max_event), MAX_ENTRY_BYTES, self.secrets,
                                              exchange.channel), flow, started, client, limits)

@@ -3,7 +3,7 @@
 - Owns the backend settings: ``upstream_base_url`` (or the ``--mode reverse`` target plus
   ``/v1``; ``demo`` runs the bundled demo upstream), ``upstream_api_key``,
   ``forward_client_auth``, the relay's timeouts (``connect_timeout_secs``,
-  ``upstream_idle_timeout_secs``, ``keepalive_secs``; mitmproxy's ``ssl_insecure``) and
+  ``upstream_idle_timeout_secs``, ``keepalive_secs``, ``coalesce_ms``; mitmproxy's ``ssl_insecure``) and
   ``max_upstream_event_mb``, the largest SSE event a backend may send (each turn's reader of the
   backend's stream is bounded by it: ``Turns`` reads it for a turn's translator and exchange).
 - ``upstreams``: several named upstreams instead of one, each serving some models, later ones
@@ -83,7 +83,8 @@ def reverse_target(flow: http.HTTPFlow) -> Upstream:
 class Upstreams(Owner):
     name = "resp2chat_upstreams"
     owner = "upstreams"
-    also_reads = tuple(sorted(S.SECRET_FIELDS - {"upstream_api_key"}))  # secrets: scrubbed from passthrough answers
+    # secrets (and mcp_servers' headers): scrubbed from passthrough answers and every flow (redact.py)
+    also_reads = tuple(sorted(S.SECRET_FIELDS - {"upstream_api_key"})) + ("mcp_servers",)
     watches = ("ssl_insecure",)
 
     def __init__(self, source) -> None:
@@ -121,6 +122,7 @@ class Upstreams(Owner):
         client.connect_timeout = self.s["connect_timeout_secs"] or None
         client.idle_timeout = self.s["upstream_idle_timeout_secs"] or float("inf")
         client.verify_tls = not getattr(ctx.options, "ssl_insecure", False)
+        self.relay.window = self.s["coalesce_ms"] / 1000  # (each turn's news: resp2chat_core/channel.py)
         self.secrets = S.secret_values(self.s)
 
     def default_url(self) -> str:

@@ -34,7 +34,7 @@ from mitmproxy import ctx, http
 from mitmproxy.flow import Error
 from mitmproxy.utils import human
 
-from resp2chat_core import websocket as ws
+from resp2chat_core import mcp, websocket as ws
 from resp2chat_core.channel import Reader
 from resp2chat_core.errors import GatewayError, gateway_failure
 from resp2chat_core.labels import shown
@@ -43,10 +43,10 @@ from resp2chat_core.turn import Turn, session_key
 from resp2chat_core.usage import usage_note
 from resp2chat_io import mitm_websocket, offload
 from resp2chat_io.relay import Socket
-from resp2chat_io.relay.exchange import run as run_exchange
 from resp2chat_io.relay.upstream import failure
 
 from .base import META, RESPONSES_PATHS, Owner, fails_closed, json_response, log, request_id, show_url
+from .http_turns import UNREAD_MCP
 from .outcomes import Outcome
 from .turns import Finished, TurnRun
 RECORD_BUDGET = 64 << 20  # turn records kept on one socket's flow; later turns are noted without their bodies
@@ -321,6 +321,7 @@ class ResponsesWebSocket(Owner):
                 if verdict is not None and not verdict.admitted:
                     raise verdict.error(client.name)
             m.request = turns.check(create.body, client)
+            self._redact(live, m, mcp.redact_text(m.text, create.body))
             if create.body.get("background") is True:  # (it outlives its connection: HTTP's, polled)
                 raise GatewayError("background responses are created over HTTP (POST /v1/responses), not on the "
                                    "WebSocket", param="background", code="unsupported_parameter")
@@ -330,6 +331,8 @@ class ResponsesWebSocket(Owner):
         except GatewayError as err:
             if create is not None and create.previous is not None:
                 live.conn.forget(create.previous)  # (a failed continuation evicts what it continued)
+            if m.request is None and data is not None and b'"mcp"' in body:  # refused before its tools were read
+                self._redact(live, m, UNREAD_MCP)
             if verdict is not None and verdict.admitted:
                 turns.release(client, turn_id)
             self._refuse(live, m, err, send)
@@ -357,10 +360,10 @@ class ResponsesWebSocket(Owner):
         live.turns += 1
         m.run = run = turns.start(turn, live.flow, turn_id=turn_id, started=m.started, client_headers=live.headers,
                                   secret="", client=client, limits=verdict.headers if verdict is not None else ())
-        run.exchange.channel.push = lambda item: out(run.reader.apply(item))
+        run.exchange.channel.push = lambda items: out(run.reader.apply_all(items))  # (several: held together)
         live.current = m
         try:
-            await run_exchange(run.exchange, self.relay.client)
+            await self.relay.run(run.exchange)
         except asyncio.CancelledError:  # the socket closed: the backend call is dropped with it
             if self._settled(live, m):  # (not recorded yet by websocket_end)
                 self._finish(live, m)
@@ -376,6 +379,19 @@ class ResponsesWebSocket(Owner):
             live.conn.remember(turn.ctx.response_id, turn.items + run.reader.translator.output)
         elif done.status == "failed" and create.previous is not None:
             live.conn.forget(create.previous)  # (as a refused continuation: ws.Connection.forget)
+
+    @staticmethod
+    def _redact(live: OpenSocket, m: Message, text: str) -> None:
+        """The message without what its mcp tools carry for their servers (mcp.redact_text), in
+        its record and in the messages the flow keeps: never recorded."""
+        if text == m.text:
+            return
+        messages = live.flow.websocket.messages if live.flow.websocket is not None else []
+        for kept in messages[-1:-9:-1]:  # (it is among the last: the relay hands messages on in order)
+            if kept.from_client and kept.content.decode("utf-8", "replace") == m.text:
+                kept.content = text.encode()
+                break
+        m.text = text
 
     @staticmethod
     def _settled(live: OpenSocket, m: Message) -> bool:

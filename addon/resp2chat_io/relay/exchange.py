@@ -1,4 +1,4 @@
-"""One turn as the relay runs it: one upstream call, or the rounds of a web-search loop.
+"""One turn as the relay runs it: one upstream call, or the rounds of the server-side tool loop.
 
 An ``Exchange`` is made by the addon when it starts a turn (``Turns.start``, for HTTP and the
 Responses WebSocket alike) and run by the relay: claimed when mitmproxy's request for it arrives
@@ -9,24 +9,35 @@ read from a request.
 The turn's upstreams are one tuple of ``routing.Candidate``\\s, index 0 first, each with its own
 URL, key, headers, timeouts and body. A candidate's failure before its first byte goes no
 further than its ``Attempt`` while another candidate remains; the next one is called
-(routing.py's rule). Only the first round of a web-search loop falls back (later rounds follow
-what the client already has).
+(routing.py's rule). Only the first round of a tool loop falls back (later rounds follow what
+the client already has).
+
+The tool loop (resp2chat_core/toolloop.py: web search, hosted MCP tools) is decided in the core;
+here its steps run: ``_run_steps`` runs each (a Brave search, an MCP listing or call: mcp.py) and
+tells the client through the channel (``SearchStarted``… ``McpCalled``), in order, one at a time.
+A turn without the gateway's tools makes no loop: one call, its bytes straight into the channel.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
 import h11
 
-from resp2chat_core import routing, websearch
-from resp2chat_core.channel import Accepted, Channel, Oversized, Rerouted, SearchDone, SearchStarted
+from resp2chat_core import mcp, routing, websearch
+from resp2chat_core.channel import (
+    Accepted, Channel, McpApproval, McpCalled, McpCalling, McpListed, McpListing, Oversized, Rerouted, SearchDone,
+    SearchStarted,
+)
 from resp2chat_core.routing import Candidate
 from resp2chat_core.sse import MAX_EVENT
+from resp2chat_core.toolloop import Finish, ToolLoop
 
+from . import mcp as mcp_client
 from .upstream import CallEnd, UpstreamClient
 
 log = logging.getLogger("resp2chat.relay")
@@ -52,12 +63,20 @@ class Exchange:
     headers: tuple[tuple[bytes, bytes], ...] = ()  # what every candidate gets besides its own (the client's, affinity)
     channel: Channel = field(default_factory=Channel)
     search: SearchSettings | None = None  # the gateway runs this turn's web searches
+    mcp: mcp.McpTurn | None = None  # the gateway runs this turn's hosted MCP tools (its servers, listings, approvals)
+    max_mcp_rounds: int = 0  # rounds of MCP calls at most (max_mcp_rounds)
+    mcp_calls: list = field(default_factory=list)  # (server, outcome) of each MCP call run: metrics count them
     model: str = ""  # the client's model name, for the error naming every upstream tried
     max_event: int = MAX_EVENT  # the largest SSE event a backend may send (max_upstream_event_mb): web search reads it
     answered: int = 0  # the index of the candidate that answered (or failed last)
     skipped: list = field(default_factory=list)  # (name, status) of candidates that failed over
     aborted: bool = False  # the addon gave the turn up (``abort``)
     stop: Callable[[], None] | None = None  # set by the relay while it runs the exchange
+
+    def mcp_server(self, label: str) -> str:
+        """The operator's name (mcp_servers label) of the server a request's label binds to."""
+        found = next((s for s in self.mcp.servers if s.label == label), None) if self.mcp else None
+        return found.spec.label if found else ""
 
     @property
     def answering(self) -> Candidate:
@@ -72,15 +91,57 @@ class Exchange:
             self.stop()
 
 
-async def run(ex: Exchange, client: UpstreamClient) -> None:
+def _loop(ex: Exchange, body: bytes) -> ToolLoop | None:
+    """The tool loop of one candidate's rounds (None: the turn has none of the gateway's tools)."""
+    kinds: list = []
+    if ex.search is not None:
+        kinds.append(websearch.WebSearchTools(ex.search.max_web_search_rounds))
+    if ex.mcp is not None:
+        kinds.append(mcp.McpTools(ex.mcp, ex.max_mcp_rounds))
+    return ToolLoop(body, kinds, ex.max_event) if kinds else None
+
+
+async def run(ex: Exchange, client: UpstreamClient, window: float = 0.0) -> None:
+    """Run the exchange's upstream work, its news going into its channel. ``window``: seconds
+    between the channel's deliveries at least (``coalesce_ms``; channel.py says when news is
+    held); the clock and timer are the loop's, and the timer is gone when this returns: what is
+    held then goes at once (``Channel.flush``), so no tick follows the end of the relay's body."""
+    channel = ex.channel
+    timer: list[asyncio.TimerHandle] = []
+    if window > 0:
+        loop = asyncio.get_running_loop()
+        channel.window, channel.now = window, loop.time
+        channel.later = lambda delay: timer.append(loop.call_later(delay, _due, channel, timer))
+    try:
+        await _run(ex, client)
+    finally:
+        for handle in timer:
+            handle.cancel()
+        channel.flush()
+
+
+def _due(channel: Channel, timer: list) -> None:
+    timer.clear()
+    channel.due()
+
+
+async def _run(ex: Exchange, client: UpstreamClient) -> None:
     ex.channel.event(Accepted())
-    rounds = ex.search.max_web_search_rounds if ex.search is not None else None
     headers = list(ex.headers)
+    looped = ex.search is not None or ex.mcp is not None
+    prelude: list = []
+    if looped:  # before round 1 (mcp: listings, approved calls), once for every candidate
+        steps = _loop(ex, ex.candidates[0].body).prelude()
+        prelude = await _run_steps(ex, client, steps) if steps else []
+        if ex.channel.closed:
+            return
     if len(ex.candidates) > 1:
-        outcome, loop = await _first_answer(ex, client, headers, rounds)
+        outcome, loop = await _first_answer(ex, client, headers, looped, prelude)
     else:  # (straight into the channel: no Attempt to watch for a failure to fall back from)
         only = ex.candidates[0]
-        loop = websearch.SearchLoop(only.body, rounds, ex.max_event) if rounds is not None else None
+        loop = _loop(ex, only.body) if looped else None
+        if loop is not None:
+            loop.begin(prelude)
         outcome = await client.call(only, headers, loop.body if loop else only.body, ex.channel,
                                     loop.feed if loop else None)
     if loop is None:
@@ -94,28 +155,74 @@ async def run(ex: Exchange, client: UpstreamClient) -> None:
             return  # the client has the turn's end already: no more rounds
         tail, step = loop.end_round(outcome.answered)
         ex.channel.data(tail)
-        if isinstance(step, websearch.Finish):
+        if isinstance(step, Finish):
             ex.channel.data(step.tail)
             return
-        texts = []
-        for search in step:
-            ex.channel.event(SearchStarted(search.call_id, search.query))
-            text, sources = await _brave(client, ex.search, search.query)
-            texts.append(text)
-            ex.channel.event(SearchDone(search.call_id, tuple(sources)))
-        loop.next_round(texts)
+        texts = await _run_steps(ex, client, step)
+        if ex.channel.closed:
+            return
+        end = loop.next_round(texts)
+        if end is not None:  # (a call waits for the client's approval)
+            ex.channel.data(end.tail)
+            return
         outcome = await client.call(to, headers, loop.body, ex.channel, loop.feed)
 
 
+async def _run_steps(ex: Exchange, client: UpstreamClient, steps: list) -> list:
+    """Run the loop's steps in order, each told to the client as it starts and ends; what the
+    model reads of each (a listing: its tools, or None when it failed; an approval request: None)."""
+    out: list = []
+    for step in steps:
+        if ex.channel.closed:  # the client went away or the turn ended: nothing more runs
+            out.append(None)
+            continue
+        if isinstance(step, websearch.Search):
+            ex.channel.event(SearchStarted(step.call_id, step.query))
+            text, sources = await _brave(client, ex.search, step.query)
+            ex.channel.event(SearchDone(step.call_id, tuple(sources)))
+            out.append(text)
+        elif isinstance(step, mcp.ListTools):
+            ex.channel.event(McpListing(step.server.label))
+            tools, error = await mcp_client.list_tools(step.server)
+            if error is not None:
+                log.warning(f"resp2chat: listing the tools of MCP server {step.server.spec.label} failed: {error}")
+            ex.channel.event(McpListed(step.server.label, _json(list(tools or ())), error))
+            out.append(tools)
+        elif isinstance(step, mcp.Call):
+            ex.channel.event(McpCalling(step.call_id, step.label, step.name, step.arguments, step.approval_request_id))
+            if step.server is None:
+                output, error = None, {"type": "mcp_protocol_error", "code": -32602, "message":
+                                       f"this request has no mcp tool with server_label {step.label!r}"}
+            else:
+                output, error = await mcp_client.call_tool(step.server, step.name, step.arguments)
+            outcome = "completed" if error is None else "timeout" if error.get("code") == mcp_client.TIMED_OUT \
+                else "failed"
+            ex.mcp_calls.append((step.server.spec.label if step.server else "", outcome))
+            ex.channel.event(McpCalled(step.call_id, output, _json(error) if error is not None else None))
+            out.append(mcp.result_text(output, error))
+        elif isinstance(step, mcp.Approve):
+            ex.channel.event(McpApproval(step.label, step.name, step.arguments))
+            ex.mcp_calls.append((ex.mcp_server(step.label), "approval_requested"))
+            out.append(None)
+        else:
+            raise AssertionError(f"no runner for {step!r}")
+    return out
+
+
+_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 async def _first_answer(ex: Exchange, client: UpstreamClient, headers: list[tuple[bytes, bytes]],
-                        search_rounds: int | None) -> tuple[CallEnd, websearch.SearchLoop | None]:
+                        looped: bool, prelude: list) -> tuple[CallEnd, ToolLoop | None]:
     """Call the candidates in order until one answers (routing.py's rule); returns the outcome
-    and the search loop of the one that answered (web search only)."""
+    and the tool loop of the one that answered (a turn with the gateway's tools only)."""
     failed: list[tuple[str, object]] = []
     last = len(ex.candidates) - 1
     for i, to in enumerate(ex.candidates):
         attempt = routing.Attempt(ex.channel, (Rerouted(to.think, i),) if i else ())  # (its think tags, its tools)
-        loop = websearch.SearchLoop(to.body, search_rounds, ex.max_event) if search_rounds is not None else None
+        loop = _loop(ex, to.body) if looped else None
+        if loop is not None:
+            loop.begin(prelude)
         ex.answered = i
         outcome = await client.call(to, headers, loop.body if loop else to.body, attempt, loop.feed if loop else None)
         failure = attempt.failure

@@ -7,8 +7,9 @@ can neither write into a live stream nor stream a body it makes (mitmproxy issue
 Who gets served: only a request that names an ``Exchange`` the addon registered (``expect``)
 and carries that exchange's per-turn secret, compared in constant time. The exchange is claimed
 once. Anything else — another local process, a replayed or forged request — gets the connection
-closed and never reaches a backend. Where the turn goes comes from the exchange (the gateway's
-configuration), never from the request.
+closed and never reaches a backend. Where the turn goes, and what it sends, comes from the
+exchange (the gateway's configuration and the lowered turn), never from the request: mitmproxy's
+request carries no body (addons/http_turns.py ``BodyAside``; one that does is read and dropped).
 
 When: its port is bound the first time anyone asks for its ``address``, and served from
 ``start`` (the gateway's ``running`` hook). mitmproxy listens before that hook runs, so a turn
@@ -110,6 +111,7 @@ class Relay:
         self.active = 0  # exchanges in flight: tests check that aborted turns leave nothing behind
         self.sockets = 0  # Responses WebSockets open (websocket.py)
         self.refused = 0  # requests that named no registered exchange or the wrong secret
+        self.window = 0.0  # seconds a turn's news may wait to share a tick (coalesce_ms: channel.py)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -139,6 +141,11 @@ class Relay:
             self._sock.close()
         self.client.close()
         self._expected.clear()
+
+    def run(self, ex: Exchange):
+        """Run ``ex`` (a coroutine): a turn awaited directly (the Responses WebSocket, a
+        background response), with this relay's client and window."""
+        return run(ex, self.client, self.window)
 
     def expect(self, exchange: Exchange | websocket.Socket | Answer | Feed) -> list[tuple[str, str]]:
         """Register an exchange (or a socket, an answer, a feed); returns the headers mitmproxy's
@@ -199,7 +206,7 @@ class Relay:
                     await _read_body(conn, reader, deadline)
                     await _feed(exchange, conn, reader, writer)
                     return  # (the connection was the feed's)
-                await _read_body(conn, reader, deadline)  # (read, so the connection can serve the next one)
+                await _read_body(conn, reader, deadline)  # (none: http_turns.BodyAside; read, so the connection goes on)
                 await self._exchange(exchange, reader, writer, conn)  # (the body is the exchange's own)
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                     return
@@ -220,7 +227,7 @@ class Relay:
         ex.channel.wake = lambda: writer.write(TICK)
         # The only thing mitmproxy may send while we stream is EOF: the client went away.
         gone = asyncio.ensure_future(reader.read(1))
-        task = asyncio.ensure_future(run(ex, self.client))
+        task = asyncio.ensure_future(self.run(ex))
         stopped = asyncio.get_running_loop().create_future()  # the addon gave the turn up (Exchange.abort)
         ex.stop = lambda: stopped.done() or stopped.set_result(None)
         if ex.aborted:

@@ -175,7 +175,8 @@ class UpstreamClient:
                 reader, writer, pooled = await self._connect(target.key, pooled=attempt == 1,
                                                              timeout=to.connect_timeout)
             except (OSError, asyncio.TimeoutError) as exc:
-                reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else (exc.strerror or str(exc))
+                reason = f"timed out after {to.connect_timeout:g} s" if isinstance(exc, asyncio.TimeoutError) \
+                    else (exc.strerror or str(exc))
                 channel.event(failure(502, f"cannot connect to the upstream {target.origin}: {reason}",
                                       "upstream_unavailable"))
                 return CallEnd.BROKEN

@@ -1,0 +1,394 @@
+"""The server-side tool loop, sans I/O: tools the gateway runs itself inside one client turn.
+
+Some tools a client offers the model are not the client's to run: ``web_search`` (websearch.py,
+with ``brave_api_key``) and hosted ``mcp`` servers (mcp.py, with ``mcp_servers``). Each is a
+*tool kind*: it owns some of the functions the model is offered, and says what a call to one of
+them is (a step the relay runs: ``websearch.Search``, ``mcp.Call``, ``mcp.Approve``). The loop is
+the same for every kind: when the model calls the gateway's functions, the relay runs them and
+asks the model again with their results, and the client sees one continuous stream in which each
+run is an item of its kind (``web_search_call``, ``mcp_call``…).
+
+Rules of this file:
+- Sans-I/O. ``ToolLoop`` says *what* to do next (run these steps, or ``Finish``); the relay
+  (resp2chat_io/relay/exchange.py) runs the steps (the HTTP to Brave, the MCP client) and hands
+  back what the model reads of each.
+- The client's stream stays one stream: within a round ``RoundFilter`` passes on everything the
+  model says *except* its calls to the gateway's functions, and holds back what would end the
+  stream (the finish reason, usage and ``[DONE]``) until the loop knows whether another round
+  follows.
+- The filter reads the backend's chunks through ``chatstream.ChunkReader``, the reader the
+  translator uses, so both see the same calls, choices and usage. A chunk it holds nothing of
+  goes on byte for byte; one it does goes on re-encoded from the reader's deltas without the
+  held parts (``chatstream.wire_call`` writes a call so that it reads back under its own key),
+  and the translator reads that as it would have read the original.
+- A turn without the gateway's tools never meets this file: the relay makes no loop for it.
+
+Theory of operation::
+
+    prelude ──▶ (mcp: list a server's tools the conversation has not listed; run the calls the
+       │          client approved since the last turn) ──▶ their results go into round 1's request
+    round 1 ──▶ model calls the gateway's functions ──▶ steps run ──▶ results as tool messages ──▶ round 2 …
+       │                                                               (a kind's last round offers
+       │                                                                none of its functions)
+       ├── no call of the gateway's, or the model also called client tools ──▶ Finish
+       └── a call needs the client's approval (mcp) ──▶ the others run, then Finish: the client
+           answers with mcp_approval_response in its next turn
+
+Each kind bounds its own rounds (``max_rounds``: ``max_web_search_rounds``, ``max_mcp_rounds``).
+Usage of the combined turn: the last round's prompt (it holds every earlier round: the context
+the turn used) plus every round's completion tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from .chatstream import ChunkReader, wire_call
+from .sse import MAX_EVENT
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def _event(obj) -> bytes:
+    # (backslashreplace: a lone surrogate, from a backend's "\ud800" escape, goes out as that escape)
+    return b"data: " + _dumps(obj).encode("utf-8", "backslashreplace") + b"\n\n"
+
+
+def _data(payload: str) -> bytes:
+    """One event that carries ``payload`` as its data (one ``data:`` line per line of it)."""
+    data = payload.encode()
+    if b"\n" in data:
+        data = data.replace(b"\n", b"\ndata: ")
+    return b"data: " + data + b"\n\n"
+
+
+class Kind(Protocol):
+    """A tool kind: the functions it owns, and what a call to one is."""
+
+    name: str
+    max_rounds: int
+    rounds: int  # rounds in which the model called it
+
+    def owns(self, name: str) -> bool: ...
+
+    def function_names(self) -> set[str]: ...
+
+    def step(self, call_id: str, name: str, arguments: str): ...
+
+
+@dataclass(frozen=True)
+class Finish:
+    tail: bytes  # what closes the client's combined stream (finish reason, usage, [DONE])
+
+
+@dataclass
+class RoundResult:
+    calls: list[tuple[str, str, str]]  # the gateway's calls: (call id, function name, arguments)
+    client_calls: bool  # the model also called tools the client runs
+    finish_reason: str | None
+    usage: dict | None
+    assistant: dict  # the round's assistant message (for the next round's history)
+    done: bool  # the round ended properly ([DONE] or a finish reason)
+
+
+class ToolLoop:
+    """One turn's rounds. Per round: ``body`` is the chat request to send, ``feed`` filters the
+    backend's stream, ``end_round(ok)`` says what comes next; after a list of steps the caller
+    runs them and hands what the model reads of each to ``next_round`` (None for a step that
+    gives the model nothing: an approval request). Before round 1, ``prelude`` steps (if any)
+    run and ``begin`` takes their results. A round whose stream holds an SSE event larger than
+    ``max_event`` bytes is refused: ``feed`` returns None from then on and ``oversized`` is true
+    (the caller stops reading and fails the turn)."""
+
+    def __init__(self, body: bytes, kinds: list, max_event: int = MAX_EVENT):
+        self.body = body
+        self.kinds = kinds
+        self.max_event = max_event
+        self._chat: dict | None = None
+        self._filter = RoundFilter(self.owns, max_event)
+        self._usages: list[dict] = []
+        self._result: RoundResult | None = None
+        self._steps: list = []
+
+    @property
+    def rounds(self) -> int:
+        return max((k.rounds for k in self.kinds), default=0)
+
+    def owns(self, name: str) -> bool:
+        """The function is one the gateway runs (the filter holds its calls back). Not once its
+        kind's rounds are spent: a call the model makes anyway (its function is not offered
+        any more) goes to the client as any unknown function does, and the loop ends."""
+        for kind in self.kinds:
+            if kind.owns(name):
+                return kind.rounds < kind.max_rounds
+        return False
+
+    def _kind(self, name: str):
+        return next(k for k in self.kinds if k.owns(name))
+
+    # --- before round 1 ------------------------------------------------------------------------
+
+    def prelude(self) -> list:
+        """Steps to run before the first round (mcp: listings, approved calls)."""
+        return [step for kind in self.kinds for step in getattr(kind, "prelude", tuple)()]
+
+    def begin(self, results: list) -> None:
+        """The prelude's steps ran (``results[i]`` answers ``prelude()[i]``): round 1's request
+        takes what they gave. Pure: each candidate upstream's loop takes the same results."""
+        steps = self.prelude()
+        if not steps:
+            return
+        chat = self._chat if self._chat is not None else json.loads(self.body)
+        for kind in self.kinds:
+            begun = getattr(kind, "begin", None)
+            if begun is not None:
+                chat = begun(chat, steps, results)
+        self._chat = chat
+        self.body = _dumps(chat).encode()
+
+    # --- a round -------------------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> bytes | None:
+        out = self._filter.feed(data)
+        return None if self._filter.oversized else out
+
+    @property
+    def oversized(self) -> bool:
+        return self._filter.oversized
+
+    def end_round(self, ok: bool) -> tuple[bytes, Finish | list]:
+        """(bytes still to pass on from this round, the next step). ``ok``: the backend
+        answered 200 and its stream ended properly."""
+        tail, result = self._filter.finish()
+        self._filter = RoundFilter(self.owns, self.max_event)
+        if result.usage:
+            self._usages.append(result.usage)
+        if not ok or not result.done:
+            # A failed or cut round: let the translator see how it ended (its finish reason if it
+            # had one; else none, and the translator reports the stream as cut short) and the
+            # usage so far.
+            return tail, Finish(final_chunks(result.finish_reason, self._usages) if result.finish_reason
+                                else usage_chunk(self._usages))
+        if not result.calls or result.client_calls:
+            # Nothing for the gateway to run, or the client has tool calls to run first: the turn ends here.
+            return tail, Finish(final_chunks(result.finish_reason, self._usages))
+        self._result = result
+        self._steps = [self._kind(name).step(call_id, name, args) for call_id, name, args in result.calls]
+        return tail, list(self._steps)
+
+    def next_round(self, texts: list) -> Finish | None:
+        """The steps of the last ``end_round`` ran: ``texts[i]`` is what the model reads of
+        ``steps[i]`` (None: nothing, an approval request). Returns ``Finish`` when the turn ends
+        here (a call waits for the client's approval), else None: ``body`` is the next round's."""
+        result, self._result = self._result, None
+        used = {self._kind(name).name for _, name, _ in result.calls}
+        for kind in self.kinds:
+            if kind.name in used:
+                kind.rounds += 1
+        if any(text is None for text in texts):  # the client decides first (mcp_approval_request)
+            return Finish(final_chunks(result.finish_reason, self._usages))
+        if self._chat is None:
+            self._chat = json.loads(self.body)
+        spent = set()
+        for kind in self.kinds:
+            if kind.rounds >= kind.max_rounds:
+                spent |= kind.function_names()
+        self._chat = next_request(self._chat, result.assistant,
+                                  [(call_id, text) for (call_id, _, _), text in zip(result.calls, texts)], spent)
+        self.body = _dumps(self._chat).encode()
+        return None
+
+
+_REASONING, _TEXT, _TOOL = range(3)  # the order a delta is read in (chatstream.ChunkReader._delta)
+
+
+class RoundFilter:
+    """One round's backend stream in, what the translator may see of it out (a chatstream sink).
+    ``owns(name)``: the function is the gateway's (its calls are held back)."""
+
+    def __init__(self, owns: Callable[[str], bool], max_event: int = MAX_EVENT) -> None:
+        self._owns = owns
+        self._reader = ChunkReader(self, max_event)
+        self._out: list[bytes] = []
+        self._held = False  # the payload being read has something held back: re-encode it
+        self._pieces: list = []  # its deltas, in order, flat: kind, value, kind, value, …
+        self._whole = False  # reading a body that held no SSE event
+        self._passthrough = False  # … and it is an error or garbage: the translator reads it as it is
+        self._calls: dict = {}  # call key -> [id, name, argument pieces]
+        self._content: list[str] = []
+        self._reasoning: list[str] = []
+        self._finish: str | None = None
+        self._usage: dict | None = None
+        self._done = False
+
+    def feed(self, data: bytes) -> bytes:
+        for payload in self._reader.parser.feed(data):
+            self._payload(payload)
+        return self._flush()
+
+    @property
+    def oversized(self) -> bool:
+        """An event of the round's stream outgrew the parser's bound (sse.py)."""
+        return self._reader.parser.oversized
+
+    def finish(self) -> tuple[bytes, RoundResult]:
+        for payload in self._reader.parser.finish():
+            self._payload(payload)
+        self._whole, self._held = True, False
+        self._pieces.clear()
+        body = self._reader.unread()
+        if body is not None:
+            if self._passthrough:
+                self._out.append(body + b"\n")  # the same stray lines: the translator reads them whole too
+            elif self._pieces:
+                self._out.append(self._encode())
+        calls = list(self._calls.values())
+        owned = [(call_id, name, "".join(pieces)) for call_id, name, pieces in calls if self._owns(name)]
+        message: dict = {"role": "assistant", "content": "".join(self._content) or None}
+        if self._reasoning:
+            message["reasoning_content"] = "".join(self._reasoning)
+        message["tool_calls"] = [{"id": call_id, "type": "function",
+                                  "function": {"name": name, "arguments": "".join(pieces) or "{}"}}
+                                 for call_id, name, pieces in calls]
+        return self._flush(), RoundResult(owned, len(owned) < len(calls), self._finish,
+                                          self._usage, message, self._done or self._finish is not None)
+
+    def _payload(self, payload: str) -> None:
+        self._held = False
+        if self._pieces:
+            self._pieces.clear()
+        self._reader.payload(payload)
+        if not self._held:
+            self._out.append(_data(payload))  # as the backend sent it
+        elif self._pieces:
+            self._out.append(self._encode())  # what is left of it
+
+    def _encode(self) -> bytes:
+        """The payload's deltas (without what is held back) as one chunk that reads back as the
+        same deltas in the same order: a new choice (index 0 too) where a delta cannot hold the
+        next piece after the last."""
+        choices: list[dict] = []
+        delta: dict = {}
+        rank = _TOOL + 1
+        pieces = self._pieces
+        for i in range(0, len(pieces), 2):
+            kind, value = pieces[i], pieces[i + 1]
+            if kind < rank or (kind == rank and kind != _TOOL):
+                delta = {}
+                choices.append({"index": 0, "delta": delta})
+            rank = kind
+            if kind == _REASONING:
+                delta["reasoning_content"] = value
+            elif kind == _TEXT:
+                delta["content"] = value
+            else:
+                delta.setdefault("tool_calls", []).append(value)
+        return _event({"object": "chat.completion.chunk", "choices": choices})
+
+    def _flush(self) -> bytes:
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    # --- chatstream.Sink ---------------------------------------------------------------------
+
+    def on_start(self) -> None:
+        pass
+
+    def on_reasoning(self, text: str) -> None:
+        self._reasoning.append(text)
+        self._pieces += (_REASONING, text)
+
+    def on_text(self, text: str) -> None:
+        self._content.append(text)
+        self._pieces += (_TEXT, text)
+
+    def on_tool(self, key, call_id: str | None, name: str | None, args: str | None) -> None:
+        call = self._calls.get(key)
+        if call is None:
+            call = self._calls[key] = [call_id or f"call_ws_{len(self._calls)}", name or "", []]
+        elif name and not call[1]:
+            call[1] = name
+        if args:
+            call[2].append(args)
+        if self._owns(call[1]):
+            self._held = True  # the gateway runs it: the client never sees it
+        else:
+            self._pieces += (_TOOL, wire_call(key, call_id, name, args))
+
+    def on_logprobs(self, entries: list) -> None:
+        pass  # (a chunk passed on as it came keeps them; one re-encoded from its deltas has none)
+
+    def on_finish(self, reason: str) -> None:
+        self._finish = reason
+        self._held = True
+
+    def on_usage(self, usage: dict) -> None:
+        self._usage = usage
+        self._held = True
+
+    def on_error(self, body: bytes) -> None:
+        self._passthrough = self._whole  # (an event goes on as it is: not held)
+
+    def on_garbage(self, text: str, what: str) -> None:
+        self._passthrough = self._whole
+
+    def on_done(self) -> None:
+        self._done = True
+        self._held = True
+
+
+def next_request(chat: dict, assistant: dict, results: list[tuple[str, str]], spent: set[str] = frozenset()) -> dict:
+    """The chat request for the next round: history + the model's calls + their results.
+    ``spent``: functions the model is not offered any more (their kind's last round is over)."""
+    messages = list(chat["messages"]) + [assistant] + [
+        {"role": "tool", "tool_call_id": call_id, "content": text} for call_id, text in results]
+    return without(dict(chat, messages=messages), spent)
+
+
+def without(chat: dict, names: set[str]) -> dict:
+    """``chat`` without the functions ``names`` (and without a tool choice when none is left)."""
+    if not names:
+        return chat
+    tools = [t for t in chat.get("tools") or () if t.get("function", {}).get("name") not in names]
+    chat = dict(chat)
+    if tools:
+        chat["tools"] = tools
+    else:
+        chat.pop("tools", None)
+        chat.pop("tool_choice", None)
+        chat.pop("parallel_tool_calls", None)
+    return chat
+
+
+def final_chunks(finish_reason: str | None, usages: list[dict]) -> bytes:
+    """What closes the combined stream: the last finish reason, one usage, [DONE]. The usage
+    rides on the finish chunk (read before its finish reason, so a turn that fails there still
+    reports it) and in a usage chunk of its own after it, as an ``include_usage`` stream ends."""
+    finish = {"object": "chat.completion.chunk",
+              "choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason or "stop"}]}
+    usage = _combined(usages)
+    if usage is None:
+        return _event(finish) + b"data: [DONE]\n\n"
+    return _event({**finish, "usage": usage}) + usage_chunk(usages) + b"data: [DONE]\n\n"
+
+
+def usage_chunk(usages: list[dict]) -> bytes:
+    """The turn's usage as a chunk of its own (b"" for none)."""
+    usage = _combined(usages)
+    return b"" if usage is None else _event({"object": "chat.completion.chunk", "choices": [], "usage": usage})
+
+
+def _combined(usages: list[dict]) -> dict | None:
+    """One usage for the rounds: the backend's own for one round; for several, the last
+    round's prompt (it holds every earlier round: the context the turn used) plus every
+    round's completion tokens."""
+    if len(usages) <= 1:
+        return usages[0] if usages else None
+    last = dict(usages[-1])
+    completion = sum(u.get("completion_tokens") or 0 for u in usages if isinstance(u, dict))
+    last["completion_tokens"] = completion
+    last["total_tokens"] = (last.get("prompt_tokens") or 0) + completion
+    return last

@@ -1,0 +1,200 @@
+"""The gateway's MCP client: one listing or one tool call against a server the operator allows.
+
+The tool loop (resp2chat_core/toolloop.py, mcp.py) decides what runs; this file runs it with the
+official MCP SDK (``mcp`` on PyPI: streamable HTTP, or the older HTTP+SSE transport with an
+entry's ``transport: sse``), on mitmproxy's event loop: the SDK's anyio
+runs on asyncio there (anyio's asyncio backend), so a slow server costs a waiting task, never a
+blocked loop. Each step is one short session (connect, initialize, one request, close), whole
+under the server's ``timeout_secs`` (``anyio.fail_after``): nothing of a server outlives its step,
+and a cancelled turn cancels it. (Within a call's session the SDK lists the tools once more, to
+check the result against the tool's output schema: the server sees that; the client's
+``mcp_list_tools`` item comes once per conversation.)
+
+Bounds: time (``timeout_secs``: the step fails with that said), what the server sends (``MAX_BODY``
+bytes per HTTP answer: its stream is cut there; the SDK itself bounds an SSE event), what is
+kept of a result (``max_output_kb``: mcp.output_text) and of a listing (``mcp.MAX_LISTED`` tools).
+A failing server fails its step, never the turn: a listing gives the client an
+``mcp_list_tools`` item with ``error`` and the model no tools of it; a call an ``mcp_call`` item
+with ``error``, and the model reads why.
+
+Secrets: the headers a server gets (the operator's ``headers``, a client's ``headers`` and
+``authorization``) go to that server only, are never logged, and are scrubbed from what the server
+sends back (``Server.secrets``) before it reaches the model, the client or a record.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import anyio
+import httpx2
+
+from resp2chat_core import mcp
+from resp2chat_core.channel import scrub
+
+MAX_BODY = 8 << 20  # bytes of one HTTP answer of an MCP server (a listing, a result) read at most
+MAX_ERROR = 2000  # characters of a server's error kept (for the item, the model, the log)
+TIMED_OUT = -32001  # the error code of a step past timeout_secs (the MCP SDK's own for a request timeout)
+
+
+class _Warnings(logging.Filter):
+    """The SDK's and httpx2's log records as a gateway logs a turn's trouble: an error becomes a
+    warning (nothing a request does may log an ERROR: mitmproxy's errorcheck), the chatter below
+    a warning (each HTTP request of a session) goes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.WARNING:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return record.levelno >= logging.WARNING
+
+
+_QUIET = ("mcp", "mcp_types", "httpx2", "httpcore2", "httpcore")
+
+
+def _quiet() -> None:
+    """``_Warnings`` on every logger of the SDK and its HTTP client (a logger's filter sees only
+    its own records: each gets one), below a warning level for the rest."""
+    for name in _QUIET:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger) and name.split(".", 1)[0] in _QUIET \
+                and not any(isinstance(f, _Warnings) for f in logger.filters):
+            logger.addFilter(_Warnings())
+
+
+class _Capped(httpx2.AsyncByteStream):
+    def __init__(self, inner, limit: int) -> None:
+        self.inner, self.limit = inner, limit
+
+    async def __aiter__(self):
+        seen = 0
+        async for chunk in self.inner:
+            seen += len(chunk)
+            if seen > self.limit:
+                raise httpx2.ReadError(f"the MCP server's answer is larger than {self.limit >> 20} MiB")
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class _Bounded(httpx2.AsyncBaseTransport):
+    """httpx2's transport, each answer's body read up to ``MAX_BODY`` bytes."""
+
+    def __init__(self) -> None:
+        self.inner = httpx2.AsyncHTTPTransport(trust_env=False)
+
+    async def handle_async_request(self, request):
+        response = await self.inner.handle_async_request(request)
+        response.stream = _Capped(response.stream, MAX_BODY)
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@asynccontextmanager
+async def _session(server: mcp.Server):
+    """One short MCP session with ``server``: connected and initialized, closed on the way out."""
+    from mcp.client import Client  # (the SDK is imported on a gateway's first MCP step, not at its start)
+    from mcp.client.sse import sse_client
+    from mcp.client.streamable_http import streamable_http_client
+    from mcp_types import Implementation
+
+    _quiet()  # (each time: the SDK makes some of its loggers as it goes)
+    timeout = server.spec.timeout_secs
+    sse = server.spec.transport == "sse"
+    async with AsyncExitStack() as stack:
+        if sse:  # the older transport: the SDK makes its client with ours
+            transport = sse_client(server.spec.url, headers=server.headers(), timeout=timeout,
+                                   sse_read_timeout=timeout, httpx_client_factory=_http)
+        else:
+            http = await stack.enter_async_context(_http(server.headers(), httpx2.Timeout(timeout)))
+            transport = streamable_http_client(server.spec.url, http_client=http)
+        yield await stack.enter_async_context(Client(
+            transport, cache=None, client_info=Implementation(name="resp2chat", version="1"),
+            read_timeout_seconds=timeout, mode="legacy" if sse else "auto"))
+
+
+def _http(headers=None, timeout=None, auth=None) -> httpx2.AsyncClient:
+    """The HTTP client a step talks to its server with: answers bounded (``_Bounded``), no proxy
+    from the environment (the configured URL is where it goes), redirects the SDK's rule."""
+    return httpx2.AsyncClient(headers=headers, timeout=timeout, auth=auth, transport=_Bounded(), trust_env=False)
+
+
+async def list_tools(server: mcp.Server) -> tuple[tuple[dict, ...] | None, str | None]:
+    """The server's tools the request allows (``mcp.listed_tool`` dicts), or (None, why it failed)."""
+    try:
+        with anyio.fail_after(server.spec.timeout_secs):
+            async with _session(server) as client:
+                tools, cursor = [], None
+                while len(tools) < mcp.MAX_LISTED:
+                    page = await client.list_tools(cursor=cursor)
+                    tools += page.tools
+                    cursor = page.next_cursor
+                    if not cursor:
+                        break
+    except BaseException as exc:  # noqa: BLE001 — anything a server does fails its listing, not the turn
+        if isinstance(exc, anyio.get_cancelled_exc_class()):
+            raise
+        return None, _why(server, exc)
+    listed = []
+    for tool in tools[:mcp.MAX_LISTED]:
+        annotations = tool.annotations.model_dump(by_alias=True, exclude_none=True) if tool.annotations else None
+        listed.append(mcp.listed_tool(tool.name, tool.description, tool.input_schema, annotations))
+    return tuple(t for t in listed if server.allows(t["name"], mcp.read_only(t))), None
+
+
+async def call_tool(server: mcp.Server, name: str, arguments: str) -> tuple[str | None, dict | None]:
+    """Run ``name`` with ``arguments`` (JSON text): (its output, None) or (None, its error as an
+    ``mcp_call`` item holds it)."""
+    try:
+        args = json.loads(arguments or "{}")
+    except ValueError as exc:
+        return None, {"type": "mcp_protocol_error", "code": -32602,
+                      "message": f"the model's arguments are not JSON: {exc}"}
+    if not isinstance(args, dict):
+        return None, {"type": "mcp_protocol_error", "code": -32602,
+                      "message": "the model's arguments are not a JSON object"}
+    limit = server.spec.max_output_kb << 10
+    try:
+        with anyio.fail_after(server.spec.timeout_secs):
+            async with _session(server) as client:
+                result = await client.call_tool(name, args)
+    except BaseException as exc:  # noqa: BLE001 — anything a server does fails its call, not the turn
+        if isinstance(exc, anyio.get_cancelled_exc_class()):
+            raise
+        code = TIMED_OUT if isinstance(exc, TimeoutError) else getattr(exc, "code", None)
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if isinstance(status, int):
+            return None, {"type": "http_error", "code": status, "message": _why(server, exc)}
+        return None, {"type": "mcp_protocol_error", "code": code if isinstance(code, int) else -32603,
+                      "message": _why(server, exc)}
+    content = [block.model_dump(by_alias=True, exclude_none=True) for block in result.content or ()]
+    output = mcp.output_text(content, result.structured_content, limit)
+    secrets = server.secrets()
+    if secrets:
+        output = scrub(output.encode(), secrets).decode("utf-8", "replace")
+    if result.is_error:
+        return None, {"type": "mcp_tool_execution_error", "content": [{"type": "text", "text": output}]}
+    return output, None
+
+
+def _why(server: mcp.Server, exc: BaseException) -> str:
+    """A failure as the item, the model and the log may show it: no header of the server's."""
+    if isinstance(exc, TimeoutError):
+        return f"the MCP server {server.spec.label} did not answer within {server.spec.timeout_secs} s (timeout_secs)"
+    inner = _innermost(exc)
+    text = f"{type(inner).__name__}: {inner}" if str(inner) else type(inner).__name__
+    text = f"MCP server {server.spec.label}: {text}"[:MAX_ERROR]
+    secrets = server.secrets()
+    return scrub(text.encode(), secrets).decode("utf-8", "replace") if secrets else text
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    """The first leaf of an exception group (anyio's task groups wrap what failed)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc

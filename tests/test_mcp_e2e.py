@@ -1,0 +1,569 @@
+"""Hosted MCP tools through a real mitmdump, against a real MCP server nobody here wrote: npm's
+@modelcontextprotocol/server-everything (`make mcp-everything`), over streamable HTTP. The
+scripted chat backend (demo_upstream) calls the tools the gateway offers it (``call: NAME ARGS``).
+The loop, its items and lowering alone: test_mcp_core.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from helpers import (
+    ADDON, MITMDUMP, ROOT, LocalServer, QuietHandler, check_sdk, check_stream, free_port, gateway_env, openai_client, parse_sse, post_turn,
+    read_flows, retranslate, start_gateway, stop_process, wait_http, wait_until,
+)
+
+EVERYTHING_VERSION = "2026.8.31"  # the Makefile's MCP_EVERYTHING_VER
+CLIENT_TOKEN = "client-mcp-token-5f3a9c"  # a client's authorization for the server (a secret)
+OPERATOR_TOKEN = "operator-mcp-key-81d2e7"  # the operator's header for the server (a secret)
+ECHO = 'call: mcp__ev__echo {"message": "hello mcp"}'
+
+
+def everything_bin() -> str:
+    path = os.environ.get("MCP_EVERYTHING_BIN") or str(
+        ROOT / ".tools" / f"mcp-everything-{EVERYTHING_VERSION}" / "node_modules" / ".bin" / "mcp-server-everything")
+    if not Path(path).exists():
+        pytest.fail("the MCP test server is not installed: run `make mcp-everything` (or set MCP_EVERYTHING_BIN)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def everything(tmp_path_factory):
+    """server-everything in streamable-HTTP mode on a free port: its /mcp URL."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("everything") / "server.log"
+    proc = subprocess.Popen([everything_bin(), "streamableHttp"], env={**os.environ, "PORT": str(port)},
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/mcp", proc=proc)
+        yield f"http://127.0.0.1:{port}/mcp"
+    finally:
+        stop_process(proc)
+
+
+@pytest.fixture(scope="module")
+def everything_sse(tmp_path_factory):
+    """The same server on the older HTTP+SSE transport: its /sse URL."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("everything-sse") / "server.log"
+    proc = subprocess.Popen([everything_bin(), "sse"], env={**os.environ, "PORT": str(port)},
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: b"running on port" in log.read_bytes(), proc=proc, what="the SSE server listening")
+        yield f"http://127.0.0.1:{port}/sse"
+    finally:
+        stop_process(proc)
+
+
+class _Seen(QuietHandler):
+    """In front of server-everything: records the headers each request brought, forwards it."""
+
+    target = ""
+    headers: list[dict] = []
+    methods: list[str] = []  # the JSON-RPC methods asked, in order
+
+    def _forward(self):
+        type(self).headers.append({k.lower(): v for k, v in self.headers.items()})
+        if self.command == "GET":  # (the optional server-to-client stream: not offered)
+            self.send_response(405)
+            self.send_header("content-length", "0")
+            self.end_headers()
+            return
+        body = self.rfile.read(int(self.headers.get("content-length") or 0))
+        if body:
+            message = json.loads(body)
+            type(self).methods += [m.get("method") for m in (message if isinstance(message, list) else [message])]
+        keep = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length", "connection")}
+        r = requests.request(self.command, self.target, data=body, headers=keep, timeout=30)
+        self.send_response(r.status_code)
+        for k, v in r.headers.items():
+            if k.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding"):
+                self.send_header(k, v)
+        self.send_header("content-length", str(len(r.content)))
+        self.end_headers()
+        self.wfile.write(r.content)
+
+    do_POST = do_GET = do_DELETE = _forward
+
+
+@pytest.fixture(scope="module")
+def seen(everything):
+    _Seen.target, _Seen.headers, _Seen.methods = everything, [], []
+    with LocalServer(_Seen) as server:
+        yield server.url + "/mcp", _Seen
+
+
+def allowed(everything: str, seen: str) -> str:
+    """The operator's mcp_servers: ``ev`` (server-everything, approvals as the request asks),
+    ``fast`` (the same server by another URL, 2 s per step), ``down`` (nothing listens there),
+    ``seen`` (the same server behind a recorder of headers, with the operator's own header)."""
+    port = everything.removeprefix("http://127.0.0.1:").removesuffix("/mcp")
+    return json.dumps([{"label": "ev", "url": everything, "timeout_secs": 30},
+                       {"label": "fast", "url": f"http://localhost:{port}/mcp", "timeout_secs": 2},
+                       {"label": "down", "url": f"http://127.0.0.1:{free_port()}/mcp", "timeout_secs": 5},
+                       {"label": "seen", "url": seen, "headers": {"x-operator-key": OPERATOR_TOKEN},
+                        "allowed_tools": ["echo", "get-sum"]}])
+
+
+@pytest.fixture(scope="module")
+def mcp_gateway(upstream, everything, seen, tmp_path_factory):
+    gw = start_gateway(upstream.origin, tmp_path_factory.mktemp("mcp-gateway"), "--set",
+                       "resp2chat_max_replay_entries=0", env={"RESP2CHAT_MCP_SERVERS": allowed(everything, seen[0])})
+    yield gw
+    gw.stop()
+
+
+def mcp_tool(label: str = "ev", **extra) -> dict:
+    return {"type": "mcp", "server_label": label, "require_approval": "never", **extra}
+
+
+def kinds(output) -> list[str]:
+    return [item.type if hasattr(item, "type") else item["type"] for item in output]
+
+
+# --- one turn: list, call, answer ---------------------------------------------------------------
+
+
+def test_a_turn_lists_the_tools_calls_one_and_answers(mcp_gateway, upstream):
+    upstream.clear()
+    resp = openai_client(mcp_gateway).responses.create(model="demo-model", input=ECHO, tools=[mcp_tool()])
+    assert resp.status == "completed"
+    assert kinds(resp.output) == ["mcp_list_tools", "reasoning", "mcp_call", "reasoning", "message"]
+    listing, call = resp.output[0], resp.output[2]
+    assert listing.server_label == "ev" and listing.error is None
+    assert {"echo", "get-sum", "trigger-long-running-operation"} <= {t.name for t in listing.tools}
+    assert call.server_label == "ev" and call.name == "echo" and call.status == "completed"
+    assert json.loads(call.arguments) == {"message": "hello mcp"} and call.output == "Echo: hello mcp"
+    assert call.error is None
+    assert resp.output_text == "The tool returned: Echo: hello mcp"
+    first, second = upstream.requests()[-2:]
+    offered = [t["function"]["name"] for t in first["tools"]]
+    assert "mcp__ev__echo" in offered and "mcp__ev__get-sum" in offered
+    echo = next(t["function"] for t in first["tools"] if t["function"]["name"] == "mcp__ev__echo")
+    assert echo["parameters"]["properties"]["message"]["type"] == "string" and "$schema" not in echo["parameters"]
+    assistant, tool = second["messages"][-2:]
+    assert assistant["tool_calls"][0]["function"]["name"] == "mcp__ev__echo"
+    assert tool == {"role": "tool", "tool_call_id": assistant["tool_calls"][0]["id"], "content": "Echo: hello mcp"}
+    # the usage of the whole turn: the last round's prompt, every round's completion
+    assert resp.usage.input_tokens > 0 and resp.usage.output_tokens > 0
+
+
+def test_a_streamed_turn_has_every_mcp_event_in_order(mcp_gateway):
+    r = post_turn(mcp_gateway, {"model": "demo-model", "input": ECHO, "tools": [mcp_tool()], "stream": True})
+    assert r.status_code == 200
+    response_id = parse_sse(r.content)[0]["response"]["id"]
+    events = check_stream(r.content, response_id)  # one stream: order, sequence numbers, one ending
+    check_sdk(events)  # every event as the openai SDK reads it
+    types = [e["type"] for e in events]
+    i = types.index("response.mcp_list_tools.in_progress")
+    assert types[i - 1] == "response.output_item.added" and types[i + 1] == "response.mcp_list_tools.completed"
+    j = types.index("response.mcp_call.in_progress")
+    assert types[j - 1:j + 5] == ["response.output_item.added", "response.mcp_call.in_progress",
+                                  "response.mcp_call_arguments.delta", "response.mcp_call_arguments.done",
+                                  "response.mcp_call.completed", "response.output_item.done"]
+    assert events[j + 1]["delta"] == events[j + 2]["arguments"] == '{"message": "hello mcp"}'
+    final = events[-1]["response"]
+    assert final["status"] == "completed" and final["output"][2]["output"] == "Echo: hello mcp"
+
+
+def test_the_openai_sdk_streams_it(mcp_gateway):
+    with openai_client(mcp_gateway).responses.stream(model="demo-model", input=ECHO, tools=[mcp_tool()]) as stream:
+        types = [event.type for event in stream]
+        final = stream.get_final_response()
+    assert "response.mcp_call.completed" in types and "response.mcp_list_tools.completed" in types
+    assert final.output_text == "The tool returned: Echo: hello mcp"
+
+
+# --- a conversation lists once ------------------------------------------------------------------
+
+
+def test_a_conversation_lists_the_tools_once(mcp_gateway, upstream, seen):
+    """What the server was asked (its JSON-RPC methods, seen in front of it): a listing session
+    on the first turn only, whether the conversation goes on by previous_response_id or by its
+    items. (A call's own session lists too: the MCP SDK checks a result against the tool's output
+    schema.)"""
+    _, server = seen
+    server.methods.clear()
+
+    def sessions() -> tuple[int, int]:
+        """(listing sessions, calls): a session begins with its handshake."""
+        runs = "|".join(m or "" for m in server.methods).split("initialize|")[1:]
+        return sum("tools/call" not in r for r in runs), server.methods.count("tools/call")
+
+    client = openai_client(mcp_gateway)
+    echo = 'call: mcp__seen__echo {"message": "hello mcp"}'
+    first = client.responses.create(model="demo-model", input=echo, tools=[mcp_tool("seen")])
+    assert sessions() == (1, 1)
+    upstream.clear()
+    second = client.responses.create(model="demo-model", previous_response_id=first.id, tools=[mcp_tool("seen")],
+                                     input='call: mcp__seen__get-sum {"a": 2, "b": 40}')
+    assert kinds(second.output) == ["reasoning", "mcp_call", "reasoning", "message"]  # no mcp_list_tools
+    assert second.output[1].output == "The sum of 2 and 40 is 42."
+    assert sessions() == (1, 2)
+    round1 = upstream.requests()[0]  # offered from the listing the first turn made
+    assert "mcp__seen__get-sum" in [t["function"]["name"] for t in round1["tools"]]
+    # the earlier call is in the history the model reads: the call and its result
+    history = [m for m in round1["messages"] if m["role"] == "tool"]
+    assert history[0]["content"] == "Echo: hello mcp"
+    # … and a client that sends the whole conversation (the Agents SDK) is not listed again either
+    items = [item.model_dump(exclude_none=True) for item in first.output]
+    third = client.responses.create(model="demo-model", tools=[mcp_tool("seen")], store=False, input=[
+        {"role": "user", "content": echo}, *items, {"role": "user", "content": "thanks"}])
+    assert kinds(third.output) == ["reasoning", "message"] and third.output_text == "You said: thanks"
+    assert sessions() == (1, 2)
+
+
+# --- approvals ----------------------------------------------------------------------------------
+
+
+def test_an_approved_call_runs_in_the_next_turn(mcp_gateway, upstream):
+    client = openai_client(mcp_gateway)
+    asked = client.responses.create(model="demo-model", input=ECHO, tools=[mcp_tool(require_approval="always")])
+    assert asked.status == "completed"
+    assert kinds(asked.output) == ["mcp_list_tools", "reasoning", "mcp_approval_request"]
+    request = asked.output[-1]
+    assert request.server_label == "ev" and request.name == "echo"
+    assert json.loads(request.arguments) == {"message": "hello mcp"}
+    upstream.clear()
+    done = client.responses.create(model="demo-model", previous_response_id=asked.id,
+                                   tools=[mcp_tool(require_approval="always")],
+                                   input=[{"type": "mcp_approval_response", "approval_request_id": request.id,
+                                           "approve": True}])
+    assert kinds(done.output) == ["mcp_call", "reasoning", "message"]
+    call = done.output[0]
+    assert call.approval_request_id == request.id and call.output == "Echo: hello mcp"
+    assert done.output_text == "The tool returned: Echo: hello mcp"
+    (only,) = upstream.requests()  # the call ran before the model was asked again
+    assistant, tool = only["messages"][-2:]
+    assert assistant["tool_calls"][0]["id"] == request.id and tool["content"] == "Echo: hello mcp"
+
+
+def test_a_denied_call_is_told_to_the_model(mcp_gateway, upstream):
+    client = openai_client(mcp_gateway)
+    asked = client.responses.create(model="demo-model", input=ECHO, tools=[mcp_tool(require_approval="always")])
+    request = asked.output[-1]
+    upstream.clear()
+    done = client.responses.create(model="demo-model", previous_response_id=asked.id,
+                                   tools=[mcp_tool(require_approval="always")],
+                                   input=[{"type": "mcp_approval_response", "approval_request_id": request.id,
+                                           "approve": False, "reason": "not today"}])
+    assert kinds(done.output) == ["reasoning", "message"]  # nothing ran
+    assert done.output_text == "The tool returned: The user denied this tool call: not today"
+    assert upstream.requests()[-1]["messages"][-1]["content"] == "The user denied this tool call: not today"
+
+
+def test_approval_rules_name_tools(mcp_gateway):
+    """``{never: {tool_names}}``: those run at once, every other tool asks first."""
+    client = openai_client(mcp_gateway)
+    rule = {"never": {"tool_names": ["echo"]}}
+    ran = client.responses.create(model="demo-model", input=ECHO, tools=[mcp_tool(require_approval=rule)])
+    assert "mcp_call" in kinds(ran.output)
+    asked = client.responses.create(model="demo-model", input='call: mcp__ev__get-sum {"a": 1, "b": 2}',
+                                    tools=[mcp_tool(require_approval=rule)])
+    assert kinds(asked.output)[-1] == "mcp_approval_request"
+
+
+def test_the_agents_sdk_hosted_mcp_tool_with_approvals(mcp_gateway, upstream):
+    from agents import Agent, HostedMCPTool, OpenAIResponsesModel, Runner, set_tracing_disabled
+    from openai import AsyncOpenAI
+
+    set_tracing_disabled(True)
+    asked = []
+
+    def decide(approve: bool):
+        def on_approval_request(request):
+            asked.append((request.data.name, json.loads(request.data.arguments)))
+            return {"approve": approve, "reason": None if approve else "no thanks"}
+        return on_approval_request
+
+    def run(approve: bool):
+        model = OpenAIResponsesModel(model="demo-model", openai_client=AsyncOpenAI(
+            base_url=mcp_gateway.base_url, api_key="unused", max_retries=0))
+        tool = HostedMCPTool(tool_config={"type": "mcp", "server_label": "ev", "require_approval": "always"},
+                             on_approval_request=decide(approve))
+        return asyncio.run(Runner.run(Agent(name="m", instructions="Use tools.", model=model, tools=[tool]), ECHO))
+
+    upstream.clear()
+    approved = run(True)
+    assert asked == [("echo", {"message": "hello mcp"})]
+    assert approved.final_output == "The tool returned: Echo: hello mcp"
+    calls = [item.raw_item for item in approved.new_items if item.type == "tool_call_item"]
+    assert [c.output for c in calls if getattr(c, "type", "") == "mcp_call"] == ["Echo: hello mcp"]
+    denied = run(False)
+    assert len(asked) == 2 and denied.final_output == "The tool returned: The user denied this tool call: no thanks"
+
+
+# --- failures: a call's, not the turn's ---------------------------------------------------------
+
+
+def test_a_server_that_is_down_fails_its_listing_not_the_turn(mcp_gateway, upstream):
+    upstream.clear()
+    resp = openai_client(mcp_gateway).responses.create(model="demo-model", input="hello",
+                                                        tools=[mcp_tool("down"), mcp_tool()])
+    assert resp.status == "completed" and resp.output_text == "You said: hello"
+    down, ev = resp.output[0], resp.output[1]
+    assert down.type == ev.type == "mcp_list_tools"
+    assert down.server_label == "down" and down.tools == [] and "MCP server down" in down.error
+    assert ev.error is None and ev.tools
+    offered = [t["function"]["name"] for t in upstream.requests()[-1]["tools"]]
+    assert offered and all(name.startswith("mcp__ev__") for name in offered)
+
+
+def test_a_tool_that_errors_fails_its_call_not_the_turn(mcp_gateway, upstream):
+    upstream.clear()
+    resp = openai_client(mcp_gateway).responses.create(model="demo-model", tools=[mcp_tool()],
+                                                        input='call: mcp__ev__get-sum {"a": 1, "b": "two"}')
+    assert resp.status == "completed"
+    call = next(item for item in resp.output if item.type == "mcp_call")
+    assert call.status == "failed" and call.output is None
+    assert call.error.type == "mcp_tool_execution_error" and "expected number" in json.dumps(call.error.content)
+    told = upstream.requests()[-1]["messages"][-1]["content"]
+    assert told.startswith("Error: the MCP tool call failed: ") and "expected number" in told
+    assert resp.output_text.startswith("The tool returned: Error: the MCP tool call failed")
+
+
+def test_a_tool_slower_than_its_bound_fails_its_call(mcp_gateway):
+    resp = openai_client(mcp_gateway).responses.create(
+        model="demo-model", tools=[mcp_tool("fast")],
+        input='call: mcp__fast__trigger-long-running-operation {"duration": 30, "steps": 3}')
+    assert resp.status == "completed"
+    call = next(item for item in resp.output if item.type == "mcp_call")
+    assert call.status == "failed" and call.error.type == "mcp_protocol_error"
+    assert "did not answer within 2 s" in call.error.message
+    assert "did not answer within 2 s" in resp.output_text
+
+
+def test_other_turns_flow_while_a_tool_runs(mcp_gateway):
+    """The MCP client runs on mitmproxy's event loop (anyio on asyncio): a slow tool holds its
+    own turn, nothing else."""
+    client = openai_client(mcp_gateway)
+    done = {}
+
+    def slow():
+        done["slow"] = client.responses.create(
+            model="demo-model", tools=[mcp_tool()],
+            input='call: mcp__ev__trigger-long-running-operation {"duration": 4, "steps": 2}')
+
+    t = threading.Thread(target=slow)
+    started = time.monotonic()
+    t.start()
+    try:
+        wait_until(lambda: in_flight(mcp_gateway) == 1, what="the slow turn in flight")
+        quick = client.responses.create(model="demo-model", input="words: 20\nnoreason")
+        assert quick.status == "completed" and "slow" not in done  # served while the tool ran
+    finally:
+        t.join(60)
+    assert done["slow"].status == "completed" and time.monotonic() - started >= 4
+    assert "Long running operation completed" in done["slow"].output[2].output
+
+
+def test_a_client_that_leaves_mid_call_leaves_nothing_running(mcp_gateway):
+    body = {"model": "demo-model", "tools": [mcp_tool()], "stream": True,
+            "input": 'call: mcp__ev__trigger-long-running-operation {"duration": 20, "steps": 2}'}
+    with requests.post(mcp_gateway.base_url + "/responses", json=body, stream=True, timeout=30) as r:
+        for line in r.iter_lines():
+            if b"response.mcp_call.in_progress" in line:
+                break  # the call runs: hang up
+    left = time.monotonic()
+    wait_until(lambda: in_flight(mcp_gateway) == 0, timeout=10, what="the turn ending with its client")
+    assert time.monotonic() - left < 10  # well before the 20 s the tool would take
+
+
+def in_flight(gw) -> float:
+    text = requests.get(gw.base_url.removesuffix("/v1") + "/metrics", timeout=10).text
+    return next(float(x.split()[-1]) for x in text.splitlines() if x.startswith("resp2chat_streams_in_flight "))
+
+
+# --- what a request may name --------------------------------------------------------------------
+
+
+def test_a_server_the_operator_has_not_allowed_is_refused(mcp_gateway, upstream):
+    upstream.clear()
+    for tool, param in ((mcp_tool("ev", server_url="http://169.254.169.254/latest"), "tools[0].server_url"),
+                        (mcp_tool("elsewhere"), "tools[0].server_label")):
+        r = post_turn(mcp_gateway, {"model": "demo-model", "input": "hi", "tools": [tool]})
+        assert r.status_code == 400 and r.headers["x-request-id"]
+        error = r.json()["error"]
+        assert error["code"] == "mcp_server_not_allowed" and error["param"] == param
+        assert "operator of this gateway has not allowed" in error["message"]
+    r = post_turn(mcp_gateway, {"model": "demo-model", "input": "hi",
+                                "tools": [{"type": "mcp", "server_label": "gmail", "connector_id": "connector_gmail"}]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_mcp_connector"
+    assert "connectors" in r.json()["error"]["message"]
+    assert upstream.requests() == []  # nothing went anywhere
+
+
+def test_a_server_may_be_named_by_its_exact_url(mcp_gateway, everything):
+    resp = openai_client(mcp_gateway).responses.create(
+        model="demo-model", input='call: mcp__mine__echo {"message": "by url"}',
+        tools=[{"type": "mcp", "server_label": "mine", "server_url": everything, "require_approval": "never"}])
+    assert resp.output_text == "The tool returned: Echo: by url"
+
+
+def test_the_replay_cache_never_answers_an_mcp_turn(gateway_factory, everything, seen, upstream):
+    """An identical request runs its tools again: a replayed answer would skip their effects."""
+    gw = gateway_factory(upstream.origin, env={"RESP2CHAT_MCP_SERVERS": allowed(everything, seen[0])})
+    client = openai_client(gw)
+    upstream.clear()
+    answers = [client.responses.create(model="demo-model", input=ECHO, tools=[mcp_tool()]) for _ in range(2)]
+    assert [a.output[2].output for a in answers] == ["Echo: hello mcp"] * 2
+    assert len(upstream.requests()) == 4  # two rounds each: neither was a replay
+    plain = [client.responses.create(model="demo-model", input="hello") for _ in range(2)]
+    assert len(upstream.requests()) == 5 and plain[0].output_text == plain[1].output_text  # (the cache is on)
+
+
+def test_the_older_sse_transport(gateway_factory, everything_sse, upstream):
+    gw = gateway_factory(upstream.origin, env={"RESP2CHAT_MCP_SERVERS": json.dumps(
+        [{"label": "old", "url": everything_sse, "transport": "sse"}])})
+    resp = openai_client(gw).responses.create(model="demo-model", tools=[mcp_tool("old")],
+                                              input='call: mcp__old__echo {"message": "over sse"}')
+    assert kinds(resp.output) == ["mcp_list_tools", "reasoning", "mcp_call", "reasoning", "message"]
+    assert resp.output_text == "The tool returned: Echo: over sse"
+
+
+def test_a_recorded_mcp_turn_replays_offline_without_the_server(gateway_factory, everything, seen, upstream,
+                                                                 tmp_path):
+    flows = tmp_path / "recorded"
+    live = gateway_factory(upstream.origin, "-w", str(flows), "--set", "resp2chat_max_replay_entries=0",
+                           env={"RESP2CHAT_MCP_SERVERS": allowed(everything, seen[0])})
+    body = {"model": "demo-model", "input": ECHO, "tools": [mcp_tool()], "stream": True}
+    recorded = post_turn(live, body)
+    live.stop()
+    # offline: the backend is gone and the operator's "ev" points nowhere; the recording answers
+    offline = gateway_factory("http://127.0.0.1:9", "--server-replay", str(flows), env={
+        "RESP2CHAT_MCP_SERVERS": json.dumps([{"label": "ev", "url": f"http://127.0.0.1:{free_port()}/mcp"}])})
+    again = post_turn(offline, body)
+    assert again.status_code == 200 and again.content == recorded.content
+    assert parse_sse(again.content)[-1]["response"]["output"][2]["output"] == "Echo: hello mcp"
+
+
+def test_options_and_the_settings_command_never_show_a_header(tmp_path, everything):
+    servers = json.dumps([{"label": "ev", "url": everything, "headers": {"x-operator-key": OPERATOR_TOKEN}}])
+    options = subprocess.run([str(MITMDUMP), "-s", str(ADDON), "--set", f"confdir={tmp_path / 'conf'}", "--options"],
+                             capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                             env={**gateway_env(), "RESP2CHAT_MCP_SERVERS": servers})
+    assert options.returncode == 0 and "resp2chat_mcp_servers: ''" in options.stdout
+    assert OPERATOR_TOKEN not in options.stdout + options.stderr
+    out = tmp_path / "settings.json"
+    script = tmp_path / "ask_settings.py"
+    script.write_text(
+        "from mitmproxy import ctx\n"
+        "class Ask:\n"
+        "    def running(self):\n"
+        f"        open({str(out)!r}, 'w').write(ctx.master.commands.execute('resp2chat.settings'))\n"
+        "addons = [Ask()]\n")
+    gw = start_gateway("http://127.0.0.1:9", tmp_path, "-s", str(script), env={"RESP2CHAT_MCP_SERVERS": servers})
+    try:
+        shown = json.loads(wait_until(lambda: out.exists() and out.read_text(), what="the settings command's answer"))
+    finally:
+        gw.stop()
+    assert shown["mcp_servers"] == [{"label": "ev", "url": everything, "headers": {"x-operator-key": "[set]"}}]
+    assert OPERATOR_TOKEN not in gw.log()
+    # an invalid entry stops the start naming the field, never a header's value
+    bad = json.dumps([{"label": "ev", "url": "ftp://x", "headers": {"x-operator-key": OPERATOR_TOKEN}}])
+    run = subprocess.run([str(MITMDUMP), "-s", str(ADDON), "--set", f"confdir={tmp_path / 'conf'}", "--options"],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                         env={**gateway_env(), "RESP2CHAT_MCP_SERVERS": bad})
+    assert "mcp_servers[0].url" in run.stdout + run.stderr and OPERATOR_TOKEN not in run.stdout + run.stderr
+
+
+# --- secrets ------------------------------------------------------------------------------------
+
+
+def test_headers_go_to_their_server_only_and_are_never_recorded(gateway_factory, everything, seen, upstream, tmp_path):
+    _, handler = seen
+    handler.headers.clear()
+    flows = tmp_path / "flows"
+    gw = gateway_factory(upstream.origin, "-w", str(flows), env={"RESP2CHAT_MCP_SERVERS": allowed(everything, seen[0])})
+    upstream.clear()
+    r = post_turn(gw, {"model": "demo-model", "input": 'call: mcp__seen__echo {"message": "x"}',
+                       "tools": [mcp_tool("seen", authorization=CLIENT_TOKEN, headers={"x-tenant": "tenant-7f7e2b"})]})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["output"][-1]["content"][0]["text"] == "The tool returned: Echo: x"
+    # the server got the client's authorization, its header and the operator's
+    assert handler.headers and all(h.get("authorization") == f"Bearer {CLIENT_TOKEN}" and
+                                   h.get("x-tenant") == "tenant-7f7e2b" and
+                                   h.get("x-operator-key") == OPERATOR_TOKEN for h in handler.headers)
+    # the operator's allowed_tools narrow the listing
+    assert [t["name"] for t in body["output"][0]["tools"]] == ["echo", "get-sum"]
+    # … but no secret reaches the answer, the backend, the log or the flow file
+    secrets = (CLIENT_TOKEN, "tenant-7f7e2b", OPERATOR_TOKEN)
+    assert body["tools"] == [{"type": "mcp", "server_label": "seen", "require_approval": "never"}]
+    assert not any(s in r.text for s in secrets)
+    assert not any(s in json.dumps(upstream.requests()) for s in secrets)
+    # the same over the WebSocket (its flow keeps the messages and a record of each turn), and
+    # a refused request that carried them
+    from wsclient import WSClient
+
+    ws = WSClient(gw.base_url)
+    try:
+        events = ws.turn({"type": "response.create", "model": "demo-model", "input": 'call: mcp__seen__echo {"message": "y"}',
+                          "tools": [mcp_tool("seen", authorization=CLIENT_TOKEN, headers={"x-tenant": "tenant-7f7e2b"})]})
+        assert events[-1]["response"]["output"][-1]["content"][0]["text"] == "The tool returned: Echo: y"
+        refused = ws.turn({"type": "response.create", "model": "demo-model", "input": "hi",
+                           "tools": [mcp_tool("nowhere", authorization=CLIENT_TOKEN)]})
+        assert refused[-1]["type"] == "error" and refused[-1]["error"]["code"] == "mcp_server_not_allowed"
+    finally:
+        ws.close()
+    r = post_turn(gw, {"model": "demo-model", "input": "hi", "tools": [mcp_tool("nowhere", authorization=CLIENT_TOKEN)]})
+    assert r.status_code == 400
+    gw.stop()  # (the flow file is complete once mitmdump has stopped)
+    saved = flows.read_bytes()
+    assert saved and not any(s.encode() in saved for s in secrets)
+    assert not any(s in gw.log() for s in secrets)
+    turn = next(f.metadata["resp2chat"] for f in read_flows(flows) if "resp2chat" in f.metadata)
+    assert '"[redacted]"' in turn["responses_request"]
+    # the MCP exchange is in the turn's record: the listing, the call, its arguments and output
+    names = [e[1] for e in turn["gateway_events"]]
+    assert names[:2] == ["Accepted", "McpListing"] and "McpCalled" in names
+    calling = next(e[2] for e in turn["gateway_events"] if e[1] == "McpCalling")
+    assert calling["name"] == "echo" and json.loads(calling["arguments"]) == {"message": "x"}
+    assert next(e[2] for e in turn["gateway_events"] if e[1] == "McpCalled")["output"] == "Echo: x"
+    # … enough to translate the recorded turns again, byte for byte (resp2chat retranslate)
+    out, results = retranslate(str(flows))
+    assert out.returncode == 0 and [r["outcome"] for r in results] == ["same", "same"], out.stdout
+
+
+# --- metrics, and the WebSocket -----------------------------------------------------------------
+
+
+def test_metrics_count_mcp_calls_by_server_and_outcome(mcp_gateway):
+    def count(outcome: str) -> float:
+        text = requests.get(mcp_gateway.base_url.removesuffix("/v1") + "/metrics", timeout=10).text
+        line = f'resp2chat_mcp_calls_total{{outcome="{outcome}",server="ev"}}'
+        return next((float(x.split()[-1]) for x in text.splitlines() if x.startswith(line)), 0.0)
+
+    before = count("completed"), count("failed")
+    client = openai_client(mcp_gateway)
+    client.responses.create(model="demo-model", input=ECHO, tools=[mcp_tool()])
+    client.responses.create(model="demo-model", input='call: mcp__ev__get-sum {"a": "x"}', tools=[mcp_tool()])
+    assert (count("completed"), count("failed")) == (before[0] + 1, before[1] + 1)
+
+
+def test_the_websocket_runs_the_same_loop(mcp_gateway, upstream):
+    from wsclient import WSClient
+
+    ws = WSClient(mcp_gateway.base_url)
+    try:
+        events = ws.turn({"type": "response.create", "model": "demo-model", "input": ECHO, "tools": [mcp_tool()]})
+        types = [e["type"] for e in events]
+        assert "response.mcp_list_tools.completed" in types and "response.mcp_call.completed" in types
+        first = events[-1]["response"]
+        assert first["status"] == "completed" and kinds(first["output"])[0] == "mcp_list_tools"
+        # the socket remembers the conversation: the next turn lists nothing again
+        events = ws.turn({"type": "response.create", "model": "demo-model", "previous_response_id": first["id"],
+                          "input": 'call: mcp__ev__get-sum {"a": 1, "b": 1}', "tools": [mcp_tool()]})
+        final = events[-1]["response"]
+        assert kinds(final["output"]) == ["reasoning", "mcp_call", "reasoning", "message"]
+        assert final["output"][1]["output"] == "The sum of 1 and 1 is 2."
+    finally:
+        ws.close()
