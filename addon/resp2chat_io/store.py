@@ -136,6 +136,11 @@ class Writes:
         except Exception as exc:  # noqa: BLE001 — a bug of ours: still no task exception
             log.warning(f"resp2chat: {what}: {type(exc).__name__}: {exc}", exc_info=exc)
 
+    async def landed(self) -> None:
+        """Wait for the writes running now (not those started meanwhile)."""
+        if self._running:
+            await asyncio.gather(*list(self._running), return_exceptions=True)
+
     async def flush(self) -> None:
         while self._running:
             await asyncio.gather(*self._running, return_exceptions=True)

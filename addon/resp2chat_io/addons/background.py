@@ -261,6 +261,8 @@ class Background:
             after = B.starting_after(flow.request.query)
             bg = self.runs.get(response_id)
             source = bg.log if bg is not None and bg.owner == owner else None
+            if source is not None and not bg.streamed:
+                raise not_streamed()
             if source is None:
                 entry = await self.store.get(response_id, owner)
                 if entry is None:
@@ -269,8 +271,7 @@ class Background:
                 response = entry["response"]
                 if not response.get("background") or not (response.get(B.PRIVATE) or {}).get("streamed") and \
                         B.stored_events(response) is None:
-                    raise GatewayError("only a background response created with stream: true can be streamed again",
-                                       param="stream", code="invalid_value")
+                    raise not_streamed()
                 kept = self.kept.get(response_id)
                 if kept is None and not B.is_running(response) and B.stored_events(response) is None:
                     raise GatewayError("the events of this response were not kept (more than the store keeps of "
@@ -348,3 +349,7 @@ class Background:
             found[2].feeds.discard(found[0])
             self.relay.forget(flow.id)
 
+
+def not_streamed() -> GatewayError:
+    return GatewayError("only a background response created with stream: true can be streamed again", param="stream",
+                        code="invalid_value")

@@ -108,6 +108,8 @@ class StoredResponses(Owner):
             else None
         try:
             if previous is not None and earlier is None:
+                if kind == "conversation":  # (this gateway's appends to it land first: read your own turns)
+                    await self.writes.landed()
                 entry = await self.get(previous, owner, kind)
                 if entry is not None and B.is_running(entry["response"]):
                     raise GatewayError(f"previous response {shown(previous)!r} is a background response that has not "
