@@ -8,10 +8,12 @@ PY        := $(VENV)/bin/python
 TOOLS     := .tools
 CODEX_VER := 0.169.0
 CODEX     := $(TOOLS)/codex-$(CODEX_VER)/node_modules/.bin/codex
-# the Vercel AI SDK, a third-party Responses client the tests drive (tests/test_clients.py)
+# the Vercel AI SDK, a third-party Responses client the tests drive (tests/test_clients.py), with
+# its two Responses providers: @ai-sdk/openai, and @ai-sdk/open-responses (1.x pairs with ai 6)
 AI_SDK_VER := 6.0.325
 AI_SDK_DIR := $(TOOLS)/ai-sdk-$(AI_SDK_VER)
-AI_SDK     := $(AI_SDK_DIR)/node_modules/ai/package.json
+OPEN_RESPONSES_VER := 1.0.39
+AI_SDK     := $(AI_SDK_DIR)/node_modules/@ai-sdk/open-responses/package.json
 # a real MCP server (npm @modelcontextprotocol/server-everything) the hosted MCP tests run against
 MCP_EVERYTHING_VER := 2026.8.31
 MCP_EVERYTHING_DIR := $(TOOLS)/mcp-everything-$(MCP_EVERYTHING_VER)
@@ -61,7 +63,8 @@ codex: $(CODEX)
 $(AI_SDK):
 	@command -v npm >/dev/null || { echo "error: npm is needed to install the Vercel AI SDK"; exit 1; }
 	mkdir -p $(AI_SDK_DIR)
-	cd $(AI_SDK_DIR) && npm install --no-audit --no-fund --silent ai@$(AI_SDK_VER) @ai-sdk/openai@3.0.141 zod@3.25.76
+	cd $(AI_SDK_DIR) && npm install --no-audit --no-fund --silent ai@$(AI_SDK_VER) @ai-sdk/openai@3.0.141 \
+	  @ai-sdk/open-responses@$(OPEN_RESPONSES_VER) zod@3.25.76
 
 ai-sdk: $(AI_SDK)
 

@@ -242,6 +242,8 @@ class Conn:
 
     @staticmethod
     def _responses_event(ans: Answer, block: bytes, t: float) -> None:
+        if block.strip() == b"data: [DONE]":  # (the stream's end after its terminal event: not an event)
+            return
         ans.events += 1
         if ans.first_event is None:
             ans.first_event = t

@@ -26,6 +26,7 @@ import zlib
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import requests
 
@@ -263,8 +264,40 @@ def openai_client(gw, api_key: str = "sk-client-key", **kw):
     ``kw`` says otherwise."""
     import openai
 
+    import httpx
+
     base_url = gw if isinstance(gw, str) else gw.base_url
+    kw.setdefault("http_client", httpx.Client())
+    kw["http_client"].event_hooks["response"].append(_check_httpx_answer)  # (the spec: check_body)
     return openai.OpenAI(base_url=base_url, api_key=api_key, **{"max_retries": 0, "timeout": 30, **kw})
+
+
+def _check_httpx_answer(response) -> None:
+    if response.status_code == 200 and response.headers.get("content-type", "").startswith("application/json"):
+        response.read()
+        check_body(response.content, response.url.path)
+
+
+def _check_requests_answer(response, *args, **kwargs):
+    if response.status_code == 200 and response.headers.get("content-type", "").startswith("application/json"):
+        check_body(response.content, urlsplit(response.url).path)
+    return response
+
+
+def _checking_requests() -> None:
+    """Every JSON answer the suite reads with ``requests`` (``post_turn``, ``requests.get`` of a
+    stored response…) is checked against the spec (``check_body``), as ``parse_sse`` checks
+    every stream: a session's hooks are where requests lets one look at each answer."""
+    init = requests.Session.__init__
+
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.hooks["response"].append(_check_requests_answer)
+
+    requests.Session.__init__ = __init__
+
+
+_checking_requests()
 
 
 TERMINAL = ("response.completed", "response.failed", "response.incomplete")  # a turn's last event
@@ -273,9 +306,11 @@ TERMINAL = ("response.completed", "response.failed", "response.incomplete")  # a
 def parse_sse(raw: bytes) -> list[dict]:
     """The strict reader of what the gateway emits: every event exactly ``event: <type>``,
     ``data: <JSON of that type>`` and a blank line; the stream ends with one (an empty stream is
-    no answer)."""
+    no answer), then, over HTTP, ``data: [DONE]`` and a blank line (the spec's end: sse.DONE),
+    which is not an event; a translator's own output has none."""
     text = raw.decode()
     assert text.endswith("\n\n"), f"the stream does not end with a blank line: {text[-200:]!r}"
+    text = text.removesuffix("data: [DONE]\n\n")
     events = []
     for block in text.split("\n\n")[:-1]:
         lines = block.split("\n")
@@ -285,7 +320,7 @@ def parse_sse(raw: bytes) -> list[dict]:
         assert isinstance(event, dict) and event.get("type") == lines[0][7:], \
             f"event name and type differ: {block[:200]!r}"
         events.append(event)
-    return events
+    return check_spec(events)
 
 
 def terminal(events: list[dict]) -> dict:
@@ -507,6 +542,244 @@ def check_sdk(evs: list[dict]) -> None:
     if bad:
         pytest.fail("events rejected by openai.types.responses.ResponseStreamEvent:\n  " + "\n  ".join(bad),
                     pytrace=False)
+
+
+# --- the Open Responses specification (2026-04-24) ------------------------------------------
+#
+# A transcription, by hand, of what the specification requires of everything the gateway emits:
+# its generated schema (openresponses/openresponses, public/openapi/openapi.json "Open Responses
+# 2026-04-24": ResponseResource, the streaming events, ItemField, the content parts, Usage,
+# LogProb, WebSocketErrorEvent) and its text (src/pages/specification.mdx: the `[DONE]` terminal
+# event, "Required item fields" of extension items, "Extending streaming events"). Only required
+# fields and their types, and the enums of what the gateway decides; keys ending in "?" are
+# optional (checked when present). A type is a primitive ("string", "integer", "number",
+# "boolean", "object", "array", "any"), a schema name below, ("enum", …), ("list", type) or
+# ("one_of", type, …); a trailing "?" on a name also allows null. Where the generated schema
+# and the rest of the spec disagree, the transcription says which it follows and why.
+
+_INT = lambda v: v.__class__ is int  # noqa: E731 (bool is not an integer, nor a number)
+_PRIMITIVES = {
+    "string": lambda v: isinstance(v, str), "integer": _INT, "number": lambda v: v.__class__ in (int, float),
+    "boolean": lambda v: isinstance(v, bool), "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list), "any": lambda v: True,
+}
+_PART = ("by_type", {
+    "input_text": "InputTextContent", "output_text": "OutputTextContent", "text": "TextContent",
+    "summary_text": "SummaryTextContent", "reasoning_text": "ReasoningTextContent", "refusal": "RefusalContent",
+    "input_image": "InputImageContent", "input_file": "InputFileContent"}, None)
+_ITEM_STATUS = ("enum", "in_progress", "completed", "incomplete")
+# ItemField: the spec's item types; any other type is an extension item, which "MUST include"
+# id, type and status (specification.mdx, "Required item fields")
+_ITEM = ("by_type", {"message": "Message", "function_call": "FunctionCall", "function_call_output": "FunctionCallOutput",
+                     "reasoning": "ReasoningBody", "compaction": "CompactionBody"}, "ExtensionItem")
+_TOOL = ("by_type", {"function": "FunctionTool"}, "ExtensionTool")
+
+SPEC = {
+    "ResponseResource": {
+        "id": "string", "object": ("enum", "response"), "created_at": "integer", "completed_at": "integer?",
+        "status": ("enum", "queued", "in_progress", "completed", "failed", "incomplete", "cancelled"),
+        "incomplete_details": "IncompleteDetails?", "model": "string", "previous_response_id": "string?",
+        "instructions": "string?", "output": ("list", _ITEM), "error": "Error?", "tools": ("list", _TOOL),
+        "tool_choice": ("one_of", ("enum", "none", "auto", "required"), "FunctionToolChoice", "AllowedToolChoice",
+                        "ExtensionToolChoice"),
+        "truncation": ("enum", "auto", "disabled"), "parallel_tool_calls": "boolean", "text": "TextField",
+        "top_p": "number", "presence_penalty": "number", "frequency_penalty": "number", "top_logprobs": "integer",
+        "temperature": "number", "reasoning": "Reasoning?", "usage": "Usage?", "max_output_tokens": "integer?",
+        "max_tool_calls": "integer?", "store": "boolean", "background": "boolean", "service_tier": "string",
+        "metadata": "object", "safety_identifier": "string?", "prompt_cache_key": "string?",
+        # not required by 2026-04-24's bundle, required by the schema file before it: always sent
+        "user": "string?",
+        "conversation?": "Conversation?",
+    },
+    "Conversation": {"id": "string"},
+    "IncompleteDetails": {"reason": "string"},
+    "Error": {"code": "string", "message": "string"},
+    "Usage": {"input_tokens": "integer", "output_tokens": "integer", "total_tokens": "integer",
+              "input_tokens_details": "InputTokensDetails", "output_tokens_details": "OutputTokensDetails"},
+    "InputTokensDetails": {"cached_tokens": "integer"},
+    "OutputTokensDetails": {"reasoning_tokens": "integer"},
+    "Reasoning": {"effort": "string?", "summary": "string?"},
+    "TextField": {"format": ("by_type", {"text": "TextResponseFormat", "json_object": "TextResponseFormat",
+                                         "json_schema": "JsonSchemaResponseFormat"}, None),
+                  "verbosity?": ("enum", "low", "medium", "high")},
+    "TextResponseFormat": {"type": "string"},
+    # (the bundle types `schema` as null: a slip of its generator; an object is what is meant)
+    "JsonSchemaResponseFormat": {"type": "string", "name": "string", "description": "string?", "schema": "any",
+                                 "strict": "boolean"},
+    "FunctionTool": {"type": "string", "name": "string", "description": "string?", "parameters": "object?",
+                     "strict": "boolean?"},
+    "ExtensionTool": {"type": "string"},
+    "FunctionToolChoice": {"type": ("enum", "function"), "name?": "string"},
+    "AllowedToolChoice": {"type": ("enum", "allowed_tools"), "tools": ("list", "FunctionToolChoice"),
+                          "mode": ("enum", "none", "auto", "required")},
+    "ExtensionToolChoice": {"type": "string"},
+    # items
+    "Message": {"type": "string", "id": "string", "status": _ITEM_STATUS,
+                "role": ("enum", "user", "assistant", "system", "developer"), "content": ("list", _PART)},
+    "FunctionCall": {"type": "string", "id": "string", "call_id": "string", "name": "string", "arguments": "string",
+                     "status": _ITEM_STATUS},
+    "FunctionCallOutput": {"type": "string", "id": "string", "call_id": "string",
+                           "output": ("one_of", "string", "array"), "status": _ITEM_STATUS},
+    "ReasoningBody": {"type": "string", "id": "string", "summary": ("list", _PART), "content?": ("list", _PART),
+                      "encrypted_content?": "string"},
+    "CompactionBody": {"type": "string", "id": "string", "encrypted_content": "string", "created_by?": "string"},
+    "ConversationResource": {"id": "string", "object": ("enum", "conversation"), "created_at": "integer",
+                             "metadata": "object"},
+    "ItemList": {"object": ("enum", "list"), "data": ("list", _ITEM), "first_id": "string?", "last_id": "string?",
+                 "has_more": "boolean"},
+    # POST /v1/responses/compact's answer (the spec's compact endpoint)
+    "CompactionResponse": {"id": "string", "object": ("enum", "response.compaction"), "created_at": "integer",
+                           "output": ("list", _ITEM), "usage": "Usage"},
+    "ExtensionItem": {"type": "string", "id": "string", "status": "string"},
+    # content parts
+    "InputTextContent": {"type": "string", "text": "string"},
+    "OutputTextContent": {"type": "string", "text": "string", "annotations": "array", "logprobs?": ("list", "LogProb")},
+    "TextContent": {"type": "string", "text": "string"},
+    "SummaryTextContent": {"type": "string", "text": "string"},
+    "ReasoningTextContent": {"type": "string", "text": "string"},
+    "RefusalContent": {"type": "string", "refusal": "string"},
+    "InputImageContent": {"type": "string", "image_url": "string?", "detail": ("enum", "low", "high", "auto")},
+    "InputFileContent": {"type": "string"},
+    "LogProb": {"token": "string", "logprob": "number", "bytes": ("list", "integer"),
+                "top_logprobs": ("list", "TopLogProb")},
+    "TopLogProb": {"token": "string", "logprob": "number", "bytes": ("list", "integer")},
+    # streaming events (every one: type and sequence_number)
+    "ResponseEvent": {"type": "string", "sequence_number": "integer", "response": "ResponseResource"},
+    # ("Item": the ItemField union above)
+    "OutputItemEvent": {"type": "string", "sequence_number": "integer", "output_index": "integer", "item": "Item?"},
+    "ContentPartEvent": {"type": "string", "sequence_number": "integer", "item_id": "string",
+                         "output_index": "integer", "content_index": "integer", "part": _PART},
+    "SummaryPartEvent": {"type": "string", "sequence_number": "integer", "item_id": "string",
+                         "output_index": "integer", "summary_index": "integer", "part": _PART},
+    "OutputTextDeltaEvent": {"type": "string", "sequence_number": "integer", "item_id": "string",
+                             "output_index": "integer", "content_index": "integer", "delta": "string",
+                             "logprobs?": ("list", "LogProb")},
+    "OutputTextDoneEvent": {"type": "string", "sequence_number": "integer", "item_id": "string",
+                            "output_index": "integer", "content_index": "integer", "text": "string",
+                            "logprobs?": ("list", "LogProb")},
+    "ReasoningDeltaEvent": {"type": "string", "sequence_number": "integer", "item_id": "string",
+                            "output_index": "integer", "content_index": "integer", "delta": "string"},
+    "ReasoningDoneEvent": {"type": "string", "sequence_number": "integer", "item_id": "string",
+                           "output_index": "integer", "content_index": "integer", "text": "string"},
+    "SummaryDeltaEvent": {"type": "string", "sequence_number": "integer", "item_id": "string",
+                          "output_index": "integer", "summary_index": "integer", "delta": "string"},
+    "SummaryDoneEvent": {"type": "string", "sequence_number": "integer", "item_id": "string",
+                         "output_index": "integer", "summary_index": "integer", "text": "string"},
+    "ArgumentsDeltaEvent": {"type": "string", "sequence_number": "integer", "item_id": "string",
+                            "output_index": "integer", "delta": "string"},
+    "ArgumentsDoneEvent": {"type": "string", "sequence_number": "integer", "item_id": "string",
+                           "output_index": "integer", "arguments": "string"},
+    "ExtensionEvent": {"type": "string", "sequence_number": "integer"},  # "Extending streaming events"
+    "WebSocketErrorEvent": {"type": ("enum", "error"), "status": "integer", "error": "WebSocketError"},
+    "WebSocketError": {"code": "string", "message": "string", "type?": "string", "param?": "string?"},
+}
+# The reasoning-text events: `response.reasoning_text.delta`/`.done` as the spec's component file
+# (schema/components/schemas/ResponseReasoningDeltaStreamingEvent.json), OpenAI, vLLM, the openai
+# SDK and @ai-sdk/open-responses name them; the 2026-04-24 bundle's events.tsp calls them
+# `response.reasoning.delta`, which no client in the suite reads.
+SPEC_EVENTS = {
+    **dict.fromkeys(("response.created", "response.queued", "response.in_progress", "response.completed",
+                     "response.failed", "response.incomplete", "response.cancelled"), "ResponseEvent"),
+    "response.output_item.added": "OutputItemEvent", "response.output_item.done": "OutputItemEvent",
+    "response.content_part.added": "ContentPartEvent", "response.content_part.done": "ContentPartEvent",
+    "response.reasoning_summary_part.added": "SummaryPartEvent",
+    "response.reasoning_summary_part.done": "SummaryPartEvent",
+    "response.output_text.delta": "OutputTextDeltaEvent", "response.output_text.done": "OutputTextDoneEvent",
+    "response.reasoning_text.delta": "ReasoningDeltaEvent", "response.reasoning_text.done": "ReasoningDoneEvent",
+    "response.reasoning_summary_text.delta": "SummaryDeltaEvent",
+    "response.reasoning_summary_text.done": "SummaryDoneEvent",
+    "response.function_call_arguments.delta": "ArgumentsDeltaEvent",
+    "response.function_call_arguments.done": "ArgumentsDoneEvent",
+    "error": "WebSocketErrorEvent",
+}
+
+
+def _spec_check(value, t, where: str, errors: list[str]) -> None:
+    if isinstance(t, str):
+        nullable = t.endswith("?")
+        name = t.removesuffix("?")
+        if value is None:
+            if not nullable:
+                errors.append(f"{where}: null, not {name}")
+        elif name == "Item":
+            _spec_check(value, _ITEM, where, errors)
+        elif name in _PRIMITIVES:
+            if not _PRIMITIVES[name](value):
+                errors.append(f"{where}: {value!r:.60} is not {name}")
+        elif not isinstance(value, dict):
+            errors.append(f"{where}: {value!r:.60} is not an object ({name})")
+        else:
+            for key, sub in SPEC[name].items():
+                field = key.removesuffix("?")
+                if field in value:
+                    _spec_check(value[field], sub, f"{where}.{field}", errors)
+                elif not key.endswith("?"):
+                    errors.append(f"{where}: {field} missing ({name})")
+    elif t[0] == "enum":
+        if value not in t[1:]:
+            errors.append(f"{where}: {value!r:.60} is not one of {t[1:]}")
+    elif t[0] == "list":
+        if not isinstance(value, list):
+            errors.append(f"{where}: {value!r:.60} is not an array")
+        else:
+            for i, v in enumerate(value):
+                _spec_check(v, t[1], f"{where}[{i}]", errors)
+    elif t[0] == "one_of":
+        for option in t[1:]:
+            tried: list[str] = []
+            _spec_check(value, option, where, tried)
+            if not tried:
+                return
+        errors.append(f"{where}: {value!r:.80} is none of {t[1:]}")
+    elif t[0] == "by_type":
+        kind = value.get("type") if isinstance(value, dict) else None
+        name = t[1].get(kind, t[2])
+        if name is None:
+            errors.append(f"{where}: type {kind!r} is none of {sorted(t[1])}")
+        else:
+            _spec_check(value, name, where, errors)
+
+
+def spec_errors(value, name: str) -> list[str]:
+    """What in ``value`` breaks the specification's ``name`` (a schema of ``SPEC``): [] if nothing."""
+    errors: list[str] = []
+    _spec_check(value, name, name, errors)
+    return errors
+
+
+def check_spec(events: list[dict]) -> list[dict]:
+    """Every event (and the Response, item and parts inside it) as the Open Responses
+    specification requires it; an event type it does not define must still be an extension
+    event (a ``type`` and a ``sequence_number``). ``parse_sse`` and ``wsclient`` check every
+    stream and socket turn the suite reads; returns ``events``."""
+    bad = []
+    for e in events:
+        bad += spec_errors(e, SPEC_EVENTS.get(e.get("type"), "ExtensionEvent"))
+    assert not bad, "not as the Open Responses specification requires:\n  " + "\n  ".join(bad[:40])
+    return events
+
+
+# a JSON answer's ``object`` -> what the spec says it is (the Conversations API's and item lists:
+# OpenAI's shapes, which the Open Responses spec does not define)
+BODIES = {"response": "ResponseResource", "response.compaction": "CompactionResponse",
+          "conversation": "ConversationResource", "list": "ItemList"}
+LISTS_OF_ITEMS = re.compile(r"/(input_items|items)$")  # the paths whose "list" is one of items (not /v1/models)
+
+
+def check_body(body: bytes, path: str = "") -> None:
+    """A JSON answer of the gateway (to a request for ``path``), when it is one of the spec's
+    objects (``BODIES``), as the specification requires it. Every answer the suite reads through
+    ``requests`` or ``openai_client`` passes here (their hooks)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return
+    name = BODIES.get(data.get("object")) if isinstance(data, dict) and "deleted" not in data else None
+    if name == "ItemList" and not LISTS_OF_ITEMS.search(path):
+        return
+    if name is not None:
+        bad = spec_errors(data, name)
+        assert not bad, f"not a {name}:\n  " + "\n  ".join(bad[:40])
 
 
 # --- the resp2chat CLI ------------------------------------------------------------------------

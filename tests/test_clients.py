@@ -1,5 +1,6 @@
 """Third-party Responses clients, as people build with them, against a real mitmdump in front of
-the scripted upstream: the Vercel AI SDK (JavaScript, `ai` + `@ai-sdk/openai`), the OpenAI Agents
+the scripted upstream: the Vercel AI SDK (JavaScript, `ai` with `@ai-sdk/openai`, and with
+`@ai-sdk/open-responses`, its provider for Open Responses servers), the OpenAI Agents
 SDK (`openai-agents`), LangChain (`langchain-openai`, ``use_responses_api=True``) and pydantic-ai
 (``OpenAIResponsesModel``). Each with its default settings: a streamed text answer, a multi-step
 tool loop in which the client runs the tool, a multi-turn chat built from the client's own
@@ -49,21 +50,16 @@ def assert_tool_loop(upstream_requests: list[dict]) -> None:
     assert "sunny in Paris" in result["content"]
 
 
-def assert_chat_history(upstream_requests: list[dict], reasoning: str = "field") -> None:
-    """The second turn reached the backend with the first turn as the client kept it: the
-    reasoning as the assistant message's reasoning field, or (``"think-text"``: a client that
-    sends another provider's reasoning back as text) as an assistant message of its own."""
+def assert_chat_history(upstream_requests: list[dict]) -> None:
+    """The second turn reached the backend with the first turn as the client kept it, the
+    reasoning as the assistant message's reasoning field."""
     messages = upstream_requests[-1]["messages"]
     users = [m["content"] for m in messages if m["role"] == "user"]
     assert users == ["my name is Ada", "what is my name"], messages
     assistants = [m for m in messages if m["role"] == "assistant"]
-    if reasoning == "think-text":
-        think = assistants.pop(0)
-        assert think == {"role": "assistant", "content": "<think>\nThinking about: my name is Ada\n</think>"}
     assert len(assistants) == 1, messages
     assert assistants[0]["content"] == "You said: my name is Ada"
-    if reasoning == "field":
-        assert assistants[0]["reasoning_content"] == "Thinking about: my name is Ada"
+    assert assistants[0]["reasoning_content"] == "Thinking about: my name is Ada"
 
 
 def assert_response_format(upstream_request: dict) -> None:
@@ -86,13 +82,13 @@ def recording_gateway(upstream, gateway_factory, tmp_path):
 @pytest.fixture(scope="session")
 def ai_sdk_dir() -> Path:
     path = Path(os.environ.get("AI_SDK_DIR") or ROOT / ".tools" / f"ai-sdk-{AI_SDK_VERSION}")
-    if not (path / "node_modules" / "ai").is_dir() or not shutil.which("node"):
+    if not (path / "node_modules" / "@ai-sdk" / "open-responses").is_dir() or not shutil.which("node"):
         pytest.fail("the Vercel AI SDK is not installed: run `make ai-sdk` (or set AI_SDK_DIR)")
     return path
 
 
-def ai_sdk(ai_sdk_dir: Path, scenario: str, base_url: str) -> dict:
-    proc = subprocess.run(["node", str(ROOT / "tests" / "clients" / "ai_sdk.cjs"), scenario, base_url],
+def ai_sdk(ai_sdk_dir: Path, scenario: str, base_url: str, provider: str = "openai") -> dict:
+    proc = subprocess.run(["node", str(ROOT / "tests" / "clients" / "ai_sdk.cjs"), scenario, base_url, provider],
                           env={**os.environ, "AI_SDK_DIR": str(ai_sdk_dir)}, capture_output=True, text=True,
                           timeout=120, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr
@@ -103,6 +99,15 @@ def test_ai_sdk_streams_text(ai_sdk_dir, gateway, upstream):
     upstream.clear()
     out = ai_sdk(ai_sdk_dir, "stream", gateway.base_url)
     assert out["text"] == "You said: hello from the ai sdk" == "".join(out["deltas"]) and len(out["deltas"]) > 1
+    # @ai-sdk/openai reads only reasoning summaries; it asks for none by default (as against
+    # OpenAI, which then shows no reasoning text): the reasoning is the item's content, not shown
+    assert out["reasoning"] == ""
+
+
+def test_ai_sdk_streams_a_reasoning_summary_when_it_asks_for_one(ai_sdk_dir, gateway, upstream):
+    upstream.clear()
+    out = ai_sdk(ai_sdk_dir, "summary", gateway.base_url)
+    assert out["text"] == "You said: hello from the ai sdk"
     assert out["reasoning"] == "Thinking about: hello from the ai sdk"
 
 
@@ -124,7 +129,7 @@ def test_ai_sdk_chat_from_its_own_history_uses_item_references(ai_sdk_dir, recor
     gw, flows = recording_gateway
     upstream.clear()
     out = ai_sdk(ai_sdk_dir, "chat", gw.base_url)
-    assert out == {"first": "You said: my name is Ada", "second": "You said: what is my name"}
+    assert out == {"first": "You said: my name is Ada", "second": "You said: what is my name", "reasoning": ""}
     assert_chat_history(upstream.requests())
     gw.stop()
     second = responses_requests(flows)[1]
@@ -135,6 +140,41 @@ def test_ai_sdk_structured_output(ai_sdk_dir, gateway, upstream):
     upstream.clear()
     assert ai_sdk(ai_sdk_dir, "structured", gateway.base_url) == {"object": {"answer": "You said: json"}}
     assert_response_format(upstream.requests()[-1])
+
+
+# --- @ai-sdk/open-responses: the AI SDK's provider for Open Responses servers ------------------
+
+
+def test_open_responses_streams_text_and_reasoning(ai_sdk_dir, gateway, upstream):
+    upstream.clear()
+    out = ai_sdk(ai_sdk_dir, "stream", gateway.base_url, "open-responses")
+    assert out["text"] == "You said: hello from the ai sdk" == "".join(out["deltas"]) and len(out["deltas"]) > 1
+    assert out["reasoning"] == "Thinking about: hello from the ai sdk"  # (the reasoning item's content)
+    assert upstream.requests()[-1]["messages"][-1] == {"role": "user", "content": "hello from the ai sdk"}
+
+
+def test_open_responses_tool_loop(ai_sdk_dir, gateway, upstream):
+    upstream.clear()
+    out = ai_sdk(ai_sdk_dir, "tools", gateway.base_url, "open-responses")
+    assert out == {"ran": ["Paris"], "text": "The tool returned: sunny in Paris", "steps": 2}
+    assert_tool_loop(upstream.requests())
+
+
+def test_open_responses_chat_from_its_own_history(ai_sdk_dir, recording_gateway, upstream):
+    gw, flows = recording_gateway
+    upstream.clear()
+    out = ai_sdk(ai_sdk_dir, "chat", gw.base_url, "open-responses")
+    # a JSON body: the reasoning read from the item's content (it reads no summary there)
+    assert out == {"first": "You said: my name is Ada", "second": "You said: what is my name",
+                   "reasoning": "Thinking about: my name is Ada"}
+    gw.stop()
+    second = responses_requests(flows)[1]
+    # the whole history, as the provider keeps it (no store, no references, no reasoning items)
+    assert [(i.get("type"), i.get("role")) for i in second["input"]] == [
+        ("message", "user"), ("message", "assistant"), ("message", "user")], second["input"]
+    messages = upstream.requests()[-1]["messages"]
+    assert [(m["role"], m["content"]) for m in messages] == [
+        ("user", "my name is Ada"), ("assistant", "You said: my name is Ada"), ("user", "what is my name")]
 
 
 # --- the OpenAI Agents SDK (Python) -------------------------------------------------------------
@@ -307,9 +347,9 @@ def test_pydantic_ai_chat_from_its_own_history(pai_model, upstream):
         return await agent.run("what is my name", message_history=first.all_messages())
 
     assert asyncio.run(run()).output == "You said: what is my name"
-    # pydantic-ai sends reasoning back as items only to models it knows do encrypted reasoning;
-    # to any other it sends the text in <think> tags (its default): the gateway passes that on
-    assert_chat_history(upstream.requests(), reasoning="think-text")
+    # the reasoning came as the item's content (no summary asked for): pydantic-ai sends it back
+    # as a reasoning item, which reaches the backend as the assistant message's reasoning field
+    assert_chat_history(upstream.requests())
 
 
 def test_pydantic_ai_stateless_reasoning_round_trip(recording_gateway, upstream):

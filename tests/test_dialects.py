@@ -69,9 +69,12 @@ TOOLS = [
 ]
 
 
-def request_body(name: str) -> dict:
-    """What the client sends: the model name selects the fixture on the replay upstream."""
-    return {"model": name, "input": "hello", "tools": TOOLS, "stream": True}
+def request_body(name: str, summary: bool = False) -> dict:
+    """What the client sends: the model name selects the fixture on the replay upstream.
+    ``summary``: it asks for a reasoning summary (as Codex does): reasoning streams as the
+    reasoning item's summary, else as its content (translator.py)."""
+    body = {"model": name, "input": "hello", "tools": TOOLS, "stream": True}
+    return {**body, "reasoning": {"summary": "auto"}} if summary else body
 
 
 def meta(name: str) -> dict:
@@ -82,16 +85,16 @@ def raw(name: str) -> bytes:
     return (DIR / f"{name}.sse").read_bytes()
 
 
-def translator(name: str) -> Translator:
-    turn = begin_turn(json.dumps(request_body(name)).encode(), LoweringOptions(), RESP_ID, CREATED)
+def translator(name: str, summary: bool = False) -> Translator:
+    turn = begin_turn(json.dumps(request_body(name, summary)).encode(), LoweringOptions(), RESP_ID, CREATED)
     turn.ctx.think = meta(name).get("think", "auto")
     return turn.translator()
 
 
-def translate(name: str, pieces: list[bytes] | None = None) -> bytes:
+def translate(name: str, pieces: list[bytes] | None = None, summary: bool = False) -> bytes:
     """Run a fixture the way the addon does: error status, JSON body, or a stream fed in pieces."""
     http = meta(name)["http"]
-    tr = translator(name)
+    tr = translator(name, summary)
     body = raw(name)
     if http["status"] != 200:
         out = tr.fail_upstream(http["status"], body)
@@ -114,8 +117,9 @@ def _item(item: dict, suffix: str) -> dict:
     kind = item.get("type")
     if kind == "message":
         return {"type": kind, "text": "".join(p.get("text") or "" for p in item.get("content") or [])}
-    if kind == "reasoning":
-        return {"type": kind, "summary": "".join(p.get("text") or "" for p in item.get("summary") or [])}
+    if kind == "reasoning":  # (its text: as content, or as a summary when the request asked for one)
+        where = "content" if "content" in item else "summary"
+        return {"type": kind, where: "".join(p.get("text") or "" for p in item.get(where) or [])}
     out = {"type": kind, "name": item.get("name"), "call_id": _call_id(item.get("call_id") or "", suffix)}
     if kind == "function_call":
         out["arguments"] = item.get("arguments")
@@ -183,6 +187,23 @@ def project(events: list[dict], messages: bool = True) -> list[list]:
     return out
 
 
+def as_summary(projection: list[list]) -> list[list]:
+    """A projection of a turn that did not ask for a reasoning summary, as the same turn asking
+    for one gives it: each reasoning item's content is its summary, with the summary's events."""
+    reasoning = {e[1] for e in projection if e[0] == "output_item.added" and e[2]["type"] == "reasoning"}
+    names = {"content_part.added": "reasoning_summary_part.added", "content_part.done": "reasoning_summary_part.done",
+             "reasoning_text.delta": "reasoning_summary_text.delta", "reasoning_text.done": "reasoning_summary_text.done"}
+    out = []
+    for entry in projection:
+        if len(entry) > 1 and isinstance(entry[1], int) and entry[1] in reasoning:
+            if entry[0] in names:
+                entry = [names[entry[0]], *entry[1:]]
+            elif entry[0].startswith("output_item."):
+                entry = [entry[0], entry[1], {"type": "reasoning", "summary": entry[2]["content"]}]
+        out.append(entry)
+    return out
+
+
 def _without_messages(projection: list[list]) -> list[list]:
     out = []
     for entry in projection:
@@ -214,11 +235,20 @@ def test_every_fixture_has_expectations():
 @pytest.mark.parametrize("name", NAMES)
 def test_fixture(name):
     out = translate(name)
-    evs = check_stream(out)
+    evs = check_stream(out)  # (every event also as the Open Responses spec requires: helpers.check_spec)
     got = project(evs)
     if REGEN:
         _write_expected(name, got)
     assert got == meta(name)["events"]
+    check_sdk(evs)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fixture_asking_for_a_summary(name):
+    """The same backend stream, for a request that asks for a reasoning summary (Codex): the
+    reasoning streams as the item's summary, with the summary's events; nothing else changes."""
+    evs = check_stream(translate(name, summary=True))
+    assert project(evs) == as_summary(meta(name)["events"])
     check_sdk(evs)
 
 
@@ -520,7 +550,8 @@ def test_demo_dialect_tool_loop_sdk(dialect, stream, gateway, upstream):
 
     first = ask("run: echo 42")
     reasoning, call = first.output
-    assert reasoning.type == "reasoning" and reasoning.summary[0].text == "Thinking about: run: echo 42"
+    assert reasoning.type == "reasoning" and reasoning.content[0].text == "Thinking about: run: echo 42"
+    assert reasoning.summary == []  # (no summary asked for: the reasoning is the item's content)
     assert call.type == "function_call" and json.loads(call.arguments) == {"cmd": "echo 42"}
     assert first.usage.input_tokens > 0
     if dialect == "kimi":

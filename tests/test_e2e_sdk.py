@@ -26,11 +26,30 @@ def test_sdk_stream_events_and_final_response(client):
     assert final.status == "completed"
     assert final.output_text == "You said: hello there"
     assert [o.type for o in final.output] == ["reasoning", "message"]
-    assert final.output[0].summary[0].text == "Thinking about: hello there"
+    # no summary asked for: the backend's reasoning is the item's content (reasoning_text)
+    assert final.output[0].content[0].text == "Thinking about: hello there" and final.output[0].summary == []
     assert final.usage.input_tokens > 0 and final.usage.output_tokens > 0
     assert final.usage.total_tokens == final.usage.input_tokens + final.usage.output_tokens
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert deltas == "You said: hello there"
+
+
+def test_sdk_reasoning_as_a_summary_when_asked_for_one(client):
+    """``reasoning.summary`` (as Codex sends it): the reasoning streams as the item's summary, with
+    the summary's events; without it, as its content with ``response.reasoning_text.*``."""
+    for summary in ("auto", None):
+        events = list(client.responses.create(model="demo-model", input="hello there", stream=True,
+                                              **({"reasoning": {"summary": summary}} if summary else {})))
+        kinds = {e.type for e in events}
+        (reasoning,) = [o for o in events[-1].response.output if o.type == "reasoning"]
+        if summary:
+            assert "response.reasoning_summary_text.delta" in kinds and "response.reasoning_text.delta" not in kinds
+            assert reasoning.summary[0].text == "Thinking about: hello there" and not reasoning.content
+            assert events[-1].response.reasoning.summary == "auto"
+        else:
+            assert "response.reasoning_text.delta" in kinds and "response.reasoning_summary_text.delta" not in kinds
+            assert reasoning.content[0].text == "Thinking about: hello there" and reasoning.summary == []
+            assert events[-1].response.reasoning is None
 
 
 def test_sdk_stream_helper_get_final_response(client):
@@ -165,6 +184,21 @@ def test_raw_sse_order_and_framing(gateway):
     assert added == sorted(added) == list(range(len(added)))
 
 
+@pytest.mark.parametrize("prompt,end", [("done check", "response.completed"), ("error: 503 busy", "response.failed"),
+                                        ("length", "response.incomplete")])
+def test_an_http_stream_ends_with_done_after_its_terminal_event(gateway_factory, upstream, prompt, end):
+    """The Open Responses spec's end of an SSE stream: ``data: [DONE]``, once, after the terminal
+    event (OpenAI sends none; every client in the suite reads it: test_clients.py, the Codex
+    tests). A replay-cache hit ends alike; the WebSocket carries none (wsclient reads JSON only)."""
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=4")
+    upstream.clear()
+    for _ in range(2 if end == "response.completed" else 1):  # (the second: a replay-cache hit)
+        raw = post_turn(gw, {"model": "m", "input": prompt, "stream": True, "max_output_tokens": 16}).content
+        assert raw.count(b"[DONE]") == 1 and raw.endswith(b"\n\ndata: [DONE]\n\n"), raw[-200:]
+        assert parse_sse(raw)[-1]["type"] == end
+    assert len(upstream.requests()) == 1  # (the completed one's second answer: from the replay cache)
+
+
 def test_raw_codex_fixture_tool_turn(gateway):
     body = codex_fixture("03-tool-call-turn2-with-output.json")["body"]
     r = post_turn(gateway, body)
@@ -233,3 +267,15 @@ def test_lowering_is_deterministic_upstream(gateway, upstream):
     assert a["messages"][0]["role"] == "system"
     assert sum(m["role"] == "system" for m in a["messages"]) == 1
     assert uuid.UUID(body["prompt_cache_key"])  # fixture sanity
+
+
+def test_an_orphan_tool_output_is_a_400_naming_the_call_id(client, upstream):
+    """A function_call_output answering no call of the conversation: OpenAI's 400, never an
+    orphan tool message upstream (nothing reaches the backend)."""
+    upstream.clear()
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model="demo-model", input=[
+            {"role": "user", "content": "hi"},
+            {"type": "function_call_output", "call_id": "call_made_up", "output": "42"}])
+    assert "call_made_up" in err.value.body["message"] and err.value.body["param"] == "input[1].call_id"
+    assert upstream.requests() == []

@@ -101,7 +101,7 @@ def test_prefill_keepalive_sends_data_events(slow_upstream, gateway_factory, hea
     with requests.post(gw.base_url + "/responses", json={"model": "m", "input": "x", "stream": True},
                        stream=True, timeout=30) as r:
         for line in r.iter_lines():
-            if line.startswith(b"data: "):
+            if line.startswith(b"data: {"):  # (not the stream's data: [DONE])
                 types.append(json.loads(line[6:])["type"])
                 if types == ["response.created"] + ["response.in_progress"] * 3:  # two keepalives after the first
                     handler.release.set()  # all of that came before the backend said anything

@@ -83,16 +83,13 @@ def test_expand_resolves_references_and_names_the_index_of_a_missing_one():
         assert (err.value.code, err.value.param) == ("invalid_value", "input[1].id")
 
 
-def test_expand_merges_additional_tools_and_refuses_conversation():
+def test_expand_merges_additional_tools():
     tool = {"type": "function", "name": "f", "parameters": {"type": "object"}}
     more = {"type": "function", "name": "g", "parameters": {"type": "object"}}
     raw = {"model": "m", "tools": [tool], "input": [
         {"type": "additional_tools", "role": "developer", "tools": [more]}, {"role": "user", "content": "x"}]}
     out, _ = inputs.expand(raw, raw["input"])
     assert out["tools"] == [tool, more] and raw["tools"] == [tool]
-    with pytest.raises(GatewayError) as err:
-        inputs.expand({"model": "m", "conversation": "conv_1", "input": []}, [])
-    assert err.value.param == "conversation" and "Conversations API" in err.value.message
 
 
 def test_expand_makes_the_whole_conversation_whole():

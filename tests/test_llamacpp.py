@@ -237,3 +237,30 @@ def test_codex_session_kv_cache_figure(codex_session):
     # analyze's byte-level simulation agrees with what the server did.
     assert fig["simulated_radix_ratio_later_turns"] >= 0.99, fig
     assert abs(fig["server_cached_ratio_later_turns"] - fig["simulated_radix_ratio_later_turns"]) < 0.01, fig
+
+
+# --- the input's token count, logprobs: the server's own ---------------------------------------------
+
+
+def test_input_tokens_are_counted_by_the_servers_own_tokenizer(llama, gateway_factory):
+    """llama-server has no chat /tokenize: the gateway asks its /apply-template for the prompt,
+    then its /tokenize: the count is the prompt tokens the server reports for the same request."""
+    gw = gateway_factory(llama.origin, "--set", NO_REPLAY, "--set", STOP)
+    client = openai_client(gw, timeout=120)
+    request = dict(model=MODEL, instructions="You are a terse assistant.", tools=[WEATHER_TOOL],
+                   input="Count the tokens of this prompt, please.")
+    counted = client.responses.input_tokens.count(**request)
+    answered = client.responses.create(**request, max_output_tokens=16)
+    assert counted.input_tokens == answered.usage.input_tokens > 20
+
+
+def test_logprobs_come_from_the_server(llama, gateway_factory):
+    gw = gateway_factory(llama.origin, "--set", NO_REPLAY, "--set", STOP)
+    response = openai_client(gw, timeout=120).responses.create(
+        model=MODEL, input="Say something.", max_output_tokens=16, top_logprobs=2,
+        include=["message.output_text.logprobs"])
+    (message,) = [o for o in response.output if o.type == "message"]
+    part = message.content[0]
+    # the server's tokens (the text's leading whitespace is not shown: translator.py)
+    assert part.logprobs and "".join(t.token for t in part.logprobs).lstrip() == part.text
+    assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in part.logprobs)

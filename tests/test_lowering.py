@@ -540,6 +540,32 @@ def test_upstream_always_streams_with_usage(stream):
     assert low.client_stream is bool(stream)
 
 
+@pytest.mark.parametrize("kind", ["function_call_output", "custom_tool_call_output"])
+def test_a_tool_output_that_answers_no_call_is_a_400_naming_the_call_id(kind):
+    """Never an orphan ``tool`` message upstream (backends refuse or misread one): OpenAI's 400."""
+    output = {"type": kind, "call_id": "call_nowhere", "output": "x"}
+    for before in ([user("q")], [user("q"), fcall("call_other", "f"), fout("call_other", "y")]):
+        err = gateway_error(req([*before, output]))
+        assert err.param == f"input[{len(before)}].call_id" and "'call_nowhere'" in err.message
+    assert chat(req([user("q"), fcall("call_nowhere", "f"), output]))["messages"][-1]["tool_call_id"] == "call_nowhere"
+
+
+def test_an_orphan_tool_output_is_found_when_the_conversation_goes_on_from_the_prefix_cache():
+    from resp2chat_core.lowering import History, TextCache
+
+    texts = TextCache()
+    texts.history = History()
+    first = req([user("q"), fcall("c1", "f"), fout("c1", "y")])
+    lower(parse_request(first, texts.items), texts=texts)
+    ok = {**first, "input": [*first["input"], fcall("c2", "f"), fout("c1", "again"), fout("c2", "z")]}
+    lower(parse_request(ok, texts.items), texts=texts)  # (the earlier calls, known from the checkpoint)
+    assert texts.history.hits == 1
+    with pytest.raises(GatewayError) as err:
+        bad = {**ok, "input": [*ok["input"], user("and"), fout("c9", "z")]}
+        lower(parse_request(bad, texts.items), texts=texts)
+    assert texts.history.hits == 2 and err.value.param == "input[7].call_id"
+
+
 def test_previous_response_id_not_found():
     err = gateway_error(req([user("q")], previous_response_id="resp_abc"))
     assert err.code == "previous_response_not_found"
@@ -845,6 +871,11 @@ def test_every_item_type_the_schema_accepts_reaches_the_backend():
     assert set(MINIMAL_ITEMS) | set(SILENT_ITEMS) == set(ITEM_TYPES)
     plain = json.loads(begin_turn(json.dumps({"model": "m", "input": "hi"}).encode(), LoweringOptions(), "resp_x", 0).chat_body)
     for kind, item in MINIMAL_ITEMS.items():
-        body = {"model": "m", "input": [{"role": "user", "content": "hi"}, *(item if isinstance(item, list) else [item])]}
+        call = MINIMAL_ITEMS.get(kind.removesuffix("_output") if kind.endswith("_call_output") else "")
+        body = {"model": "m", "input": [{"role": "user", "content": "hi"}, *([call] if call else []),
+                                        *(item if isinstance(item, list) else [item])]}
         chat = json.loads(begin_turn(json.dumps(body).encode(), LoweringOptions(), "resp_x", 0).chat_body)
         assert chat != plain, kind
+        if call:  # (an output answers its call: the call alone lowers otherwise)
+            alone = {**body, "input": body["input"][:-1]}
+            assert chat != json.loads(begin_turn(json.dumps(alone).encode(), LoweringOptions(), "resp_x", 0).chat_body)

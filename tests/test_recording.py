@@ -32,7 +32,7 @@ def strip_ids(raw: bytes) -> str:
     text = re.sub(r"resp_[0-9a-f]{32}", "resp_X", text)
     text = re.sub(r"(msg|rs|fc|ctc|lsh|ts)_[0-9a-f]{32}_", r"\1_X_", text)
     text = re.sub(r"call_[0-9a-f]{16}_", "call_X_", text)
-    return re.sub(r'"created_at":\d+', '"created_at":0', text)
+    return re.sub(r'"(created|completed)_at":\d+', r'"\1_at":0', text)
 
 
 # --- recording -----------------------------------------------------------------------------
@@ -186,6 +186,8 @@ def test_replay_cache_answers_identical_requests_without_upstream(upstream, gate
     assert len(upstream.requests()) == 1
     assert strip_ids(first) == strip_ids(second)
     assert parse_sse(first)[-1]["response"]["id"] != parse_sse(second)[-1]["response"]["id"]
+    fresh = parse_sse(second)[-1]["response"]
+    assert fresh["completed_at"] == fresh["created_at"]  # (answered as it was created)
     # the same request without streaming is another request (another answer shape): a miss, then a hit
     whole = requests.post(gw.base_url + "/responses", json={**body, "stream": False}, timeout=30).json()
     again = requests.post(gw.base_url + "/responses", json={**body, "stream": False}, timeout=30).json()

@@ -135,15 +135,3 @@ def test_prompt_cache_key_is_the_session_key(upstream, gateway_factory, tmp_path
     gw.stop()
     sessions = [json.loads(line)["session"] for line in log.read_text().splitlines()]
     assert sessions == ["my-thread", "header-id"]
-
-
-def test_conversation_is_refused_clearly(gateway):
-    r = post_turn(gateway, {"model": "demo-model", "input": "hi", "conversation": "conv_123"})
-    assert r.status_code == 400
-    err = r.json()["error"]
-    assert err["param"] == "conversation" and "Conversations API" in err["message"]
-    for method in ("POST", "GET"):
-        r = requests.request(method, gateway.base_url + "/conversations", json={}, timeout=30)
-        assert r.status_code == 404 and r.json()["error"]["code"] == "unsupported_endpoint", r.text
-    r = requests.get(gateway.base_url + "/conversations/conv_123/items", timeout=30)
-    assert r.status_code == 404 and "Conversations API" in r.json()["error"]["message"]

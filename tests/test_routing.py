@@ -107,7 +107,7 @@ def test_all_failed_names_every_upstream_and_keeps_the_last_status():
 
 
 def test_each_candidate_gets_its_own_deterministic_body():
-    body = json.dumps({"model": "qwen3", "input": "hi", "max_output_tokens": 9,
+    body = json.dumps({"model": "qwen3", "input": "hi", "max_output_tokens": 19,
                        "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}]}).encode()
     a = LoweringOptions()
     b = LoweringOptions(max_tokens_field="max_completion_tokens", think_tags={"*": "off"})
@@ -116,8 +116,8 @@ def test_each_candidate_gets_its_own_deterministic_body():
         for _ in range(2 if cache else 1):
             turn = begin_turn(body, LoweringOptions(), "resp_x", 0, tools_cache=cache, route=lambda m: [a, b, a, c])
             (b_body, b_think, b_tools), (same, a_think, a_tools), (c_body, _, c_tools) = turn.alternates
-            assert json.loads(turn.chat_body)["max_tokens"] == 9 and "max_tokens" not in json.loads(b_body)
-            assert json.loads(b_body)["max_completion_tokens"] == 9 and json.loads(b_body)["tools"]
+            assert json.loads(turn.chat_body)["max_tokens"] == 19 and "max_tokens" not in json.loads(b_body)
+            assert json.loads(b_body)["max_completion_tokens"] == 19 and json.loads(b_body)["tools"]
             assert (b_think, same, a_think) == ("off", None, "auto")
             assert begin_turn(body, b, "resp_x", 0).chat_body == b_body  # what b alone would get, byte for byte
             # each candidate's own tool map, for the translator to take when it answers (Rerouted)

@@ -201,7 +201,7 @@ def test_redis_refusing_commands_is_a_miss_a_warning_or_a_503(upstream, tmp_path
     a replica are the same kind): the replay-cache lookup is a miss (not a 500), a write is a
     warning (not a task exception logged as an error), a read the request needs is a 503."""
     redis_server.client().execute_command("ACL", "SETUSER", "limited", "on", ">limited-pw-4711", "~*", "&*",
-                                          "+@all", "-get", "-evalsha", "-eval", "-hget")
+                                          "+@all", "-get", "-evalsha", "-eval", "-hget", "-hmget")
     url = f"redis://limited:limited-pw-4711@127.0.0.1:{redis_server.port}/0"
     (gw,) = replicas(upstream, tmp_path, url, 1)
     try:
@@ -268,7 +268,7 @@ async def test_each_lookup_gets_its_own_answer_and_a_failed_one_is_a_503(redis_s
         tctx.configure(addon, resp2chat_state_store_url=redis_server.url)
         output = [{"type": "message", "id": "msg_1", "role": "assistant", "content": []}]
         history = [{"role": "user", "content": "hi"}, *output]  # (as the store keeps a turn: inputs, then output)
-        await addon.store.put("resp_1", history, {"id": "resp_1", "output": output})
+        await addon.store.put("resp_1", history, {"id": "resp_1", "object": "response", "output": output})
         real, entered, go = addon.store.items, asyncio.Event(), asyncio.Event()
 
         async def paused(item_ids, **owner):  # the second await of a lookup, held until the test says

@@ -324,3 +324,26 @@ def test_a_team_gateway_listens_beyond_loopback_with_clients_alone(tmp_path, ups
         stop_process(proc)
     assert "lists no client any more" in log.read_text() and key not in log.read_text()
 
+
+@uses(THREE)
+def test_conversations_and_background_responses_are_their_clients_own(team, upstream):
+    """Issue 24's state on a team's gateway: a conversation and a background response belong to
+    the client that made them (owner.py: its own Redis namespace), on both replicas; to another
+    client they are unknown ids."""
+    alice_a, alice_b, bob_b = team.sdk(0, "alice"), team.sdk(1, "alice"), team.sdk(1, "bob")
+    conv = alice_a.conversations.create(items=[{"role": "user", "content": "alice's secret"}])
+    assert team.redis.exists(f"resp2chat:owner:client.alice:response:{conv.id}")
+    for call in (lambda: bob_b.conversations.retrieve(conv.id), lambda: bob_b.conversations.items.list(conv.id),
+                 lambda: bob_b.conversations.delete(conv.id),
+                 lambda: bob_b.responses.create(model=ALL, input="and?", conversation=conv.id)):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    assert alice_b.responses.create(model=ALL, input="and?", conversation=conv.id).output_text == "You said: and?"
+    assert upstream.requests()[-1]["messages"][0]["content"] == "alice's secret"
+    queued = alice_a.responses.create(model=ALL, input="noreason\nwords: 10\nslow: 50", background=True)
+    for call in (lambda: bob_b.responses.retrieve(queued.id), lambda: bob_b.responses.cancel(queued.id)):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    done = wait_until(lambda: (r := alice_b.responses.retrieve(queued.id)).status == "completed" and r, 30,
+                      "alice's background response polled to its end on the other replica")
+    assert done.output_text.split() == [f"word{i}" for i in range(10)]

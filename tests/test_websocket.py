@@ -68,7 +68,7 @@ def test_the_deltas_one_backend_read_brings_go_out_as_one_message():
     events = [json.loads(m) for _, m in first + second]
     assert [e["sequence_number"] for e in events] == list(range(len(events)))  # still contiguous
     deltas = [(e["type"].split(".")[1], e["delta"]) for e in events if e["type"].endswith(".delta")]
-    assert deltas == [("reasoning_summary_text", "a b"), ("output_text", "xy"), ("output_text", "z")]
+    assert deltas == [("reasoning_text", "a b"), ("output_text", "xy"), ("output_text", "z")]
     assert events[-1]["response"]["output"][-1]["content"][0]["text"] == "xyz"
     assert [k for k, _ in first + second] == [e["type"] for e in events]
     # chunked otherwise, the same answer: the same once every run of deltas is merged
@@ -222,6 +222,30 @@ def test_warm_up_is_answered_without_the_backend_and_then_continued(gw, upstream
                              "previous_response_id": warm[-1]["response"]["id"]}))
     assert real["output"][-1]["content"][0]["text"] == "You said: hello"
     assert [m["content"] for m in upstream.requests()[0]["messages"]] == ["hello"]
+    client.close()
+
+
+@pytest.mark.parametrize("failing,status", [
+    ({"input": [user("error: 500 the backend broke")]}, "failed"),  # the turn fails (the backend's 5xx)
+    ({"input": [user("again")], "max_output_tokens": 1}, 400),  # the continuation is refused
+])
+def test_a_failed_continuation_evicts_what_it_continued(gw, upstream, failing, status):
+    """The spec's rule: a continuation that fails drops its previous_response_id from the
+    connection's memory; continuing from it again is previous_response_not_found."""
+    client = WSClient(gw.base_url)
+    base = {"type": "response.create", "model": "demo-model", "store": False}
+    r1 = done(client.turn({**base, "input": [user("hello")]}))
+    r2 = done(client.turn({**base, "previous_response_id": r1["id"], "input": [user("fine")]}))
+    [*_, end] = client.turn({**base, "previous_response_id": r2["id"], **failing})
+    if status == "failed":
+        assert end["type"] == "response.failed", end
+    else:
+        assert end["type"] == "error" and end["status"] == status, end
+    [error] = client.turn({**base, "previous_response_id": r2["id"], "input": [user("once more")]})
+    assert error["type"] == "error" and error["error"]["code"] == "previous_response_not_found", error
+    # what the connection remembers besides is still there
+    again = done(client.turn({**base, "previous_response_id": r1["id"], "input": [user("from the first")]}))
+    assert again["output"][-1]["content"][0]["text"] == "You said: from the first"
     client.close()
 
 

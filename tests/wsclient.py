@@ -81,7 +81,7 @@ class WSClient:
                 raise ConnectionError(f"socket closed after {out}")
             out.append(event)
             if event.get("type") in TERMINAL:
-                return out
+                return helpers.check_spec(out)  # (every message as the Open Responses spec requires)
 
     def turn(self, message) -> list[dict]:
         self.send(message)

@@ -44,6 +44,10 @@ Dialects (tests/fixtures/dialects/ holds one recorded-shape stream per rule belo
   arguments sent as a JSON value (some servers send parsed objects) are encoded once, with the
   compact encoder. Arguments are passed on as they come; what a finished call's arguments mean
   is the consumer's business (the translator's ``_function_arguments``).
+- Logprobs: the choice's ``logprobs.content`` (a list of ``{"token", "logprob", "bytes",
+  "top_logprobs"}``: OpenAI, vLLM, llama.cpp when the request asked for ``logprobs``):
+  ``on_logprobs``, before that choice's delta; a chunk with logprobs is never learnt as an
+  envelope (they differ from chunk to chunk).
 - ``finish_reason``: a non-empty string, lowercased: ``on_finish``, after that choice's delta.
 - Usage, in all its places (usage.py): a chunk's ``usage`` or Groq's ``x_groq.usage``
   (``find_usage``), read before the chunk's choices, each one replacing the last; Kimi's
@@ -92,6 +96,10 @@ class Sink(Protocol):
 
     def on_text(self, text: str) -> None:
         """Answer text (non-empty; ``<think>`` tags in it are left as they are)."""
+
+    def on_logprobs(self, entries: list) -> None:
+        """The choice's ``logprobs.content`` (non-empty list, as the backend sent it), before the
+        deltas of the same chunk."""
 
     def on_tool(self, key, call_id: str | None, name: str | None, args: str | None) -> None:
         """A tool-call delta. ``key`` (hashable) is the same for every delta of one call."""
@@ -232,12 +240,17 @@ class ChunkReader:
         for choice in choices:
             if not isinstance(choice, dict) or (choice.get("index") or 0) != 0:
                 continue  # n > 1 is never requested: the first choice is the answer
+            logprobs = choice.get("logprobs")
+            if logprobs and logprobs.__class__ is dict:
+                content = logprobs.get("content")
+                if content and content.__class__ is list:
+                    sink.on_logprobs(content)  # (before the deltas they are the tokens of)
             delta = choice.get("delta")
             if delta is None:
                 delta = choice.get("message")  # a whole chat.completion
             if delta and isinstance(delta, dict):
                 if payload is not None and usage is None and len(choices) == 1 and not choice.get("finish_reason") \
-                        and not choice.get("usage"):
+                        and not choice.get("usage") and not logprobs:
                     self._learn(payload, delta)
                 self._delta(delta)
             reason = choice.get("finish_reason")

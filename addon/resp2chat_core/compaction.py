@@ -22,6 +22,13 @@ real Codex CLI 0.169.0; docs/codex.md has the details)::
     [...kept messages, {"type": "compaction", "encrypted_content": …}, new turn…] from then on.
     gateway: the item becomes one user message, SUMMARY_PREFIX + summary, in its place.
 
+The same machinery answers ``POST /v1/responses/compact`` (the endpoint of the API and of the
+Open Responses spec, for any client): ``compact_request`` makes its body the remote-compaction
+turn above (whole conversation, trigger last, not stored, not streamed), and ``compacted`` makes
+that turn's Response the endpoint's answer, ``{id, object: "response.compaction", created_at,
+output, usage}``, whose output (the conversation's user messages, then the compaction item) is
+the whole input of the client's next turn, on either transport.
+
 Codex counts ``output_item.done`` events and needs exactly one compaction item and a
 ``response.completed``: so the summary is sent whole at the end (one item, no deltas), a summary
 cut by the backend's length limit is still a summary (completed, not incomplete), and a backend
@@ -115,6 +122,58 @@ def summary_request(lowered: Lowered) -> Lowered:
     if "tools" in chat:
         chat["tool_choice"] = "none"
     return Lowered(chat=chat, body=encode(chat), tool_map=lowered.tool_map, client_stream=lowered.client_stream)
+
+
+# POST /v1/responses/compact: the fields its body may hold (the API's), and those the turn keeps
+COMPACT_FIELDS = frozenset({"model", "input", "instructions", "previous_response_id", "prompt_cache_key",
+                            "prompt_cache_options", "prompt_cache_retention", "safety_identifier", "service_tier",
+                            "image"})
+_COMPACT_KEPT = ("model", "instructions", "previous_response_id", "prompt_cache_key", "safety_identifier",
+                 "service_tier")
+
+
+def compact_request(raw: dict) -> dict:
+    """The body of ``POST /v1/responses/compact`` as the Responses request of its turn: the
+    conversation (``previous_response_id``'s, then ``input``) with the trigger last, not stored,
+    not streamed. ``GatewayError``: ``model`` missing, or a field the endpoint does not take."""
+    model = raw.get("model")
+    if not isinstance(model, str) or not model:
+        raise GatewayError("model: required (the model that writes the summary)", param="model",
+                           code="missing_required_parameter")
+    for key in raw:
+        if key not in COMPACT_FIELDS:
+            raise GatewayError(f"{str(key)[:100]}: not a parameter of /v1/responses/compact", param=str(key)[:100],
+                               code="unknown_parameter")
+    items = raw.get("input")
+    if isinstance(items, str):
+        items = [{"type": "message", "role": "user", "content": items}]
+    elif items is None:
+        items = []
+    elif not isinstance(items, list):
+        raise GatewayError("input: a string or a list of items", param="input", code="invalid_type")
+    request = {k: raw[k] for k in _COMPACT_KEPT if raw.get(k) is not None}
+    return {**request, "input": [*items, {"type": TRIGGER}], "store": False, "stream": False}
+
+
+def compacted(response: dict, conversation: list) -> dict:
+    """``POST /v1/responses/compact``'s answer from its turn's completed Response: the
+    conversation's user messages (as output items: ids, ``input_text`` parts), then the sealed
+    compaction item; the turn's usage."""
+    suffix = response["id"].removeprefix("resp_")
+    users = []
+    for item in conversation:
+        if not isinstance(item, dict) or item.get("role") != "user" or item.get("type", "message") != "message":
+            continue
+        content = item.get("content")
+        if isinstance(content, str):
+            content = [{"type": "input_text", "text": content}]
+        users.append({"id": item.get("id") or f"msg_{suffix}_u{len(users)}", "type": "message", "status": "completed",
+                      "role": "user", "content": content})
+    usage = response.get("usage") or {"input_tokens": 0, "input_tokens_details": {"cached_tokens": 0},
+                                      "output_tokens": 0, "output_tokens_details": {"reasoning_tokens": 0},
+                                      "total_tokens": 0}
+    return {"id": response["id"], "object": "response.compaction", "created_at": response["created_at"],
+            "output": [*users, *(i for i in response["output"] if i.get("type") == ITEM)], "usage": usage}
 
 
 def _type(item) -> str | None:

@@ -27,15 +27,75 @@ from urllib.parse import unquote
 from .errors import GatewayError
 
 RESPONSES_PATHS = ("/v1/responses", "/responses")  # where clients create responses (and open the WebSocket)
-STORED_PREFIXES = ("/v1/responses/", "/responses/")  # GET/DELETE a stored response
-CONVERSATIONS = ("/v1/conversations", "/conversations")  # not implemented: answered (404) by the gateway
+CONVERSATIONS = ("/v1/conversations", "/conversations")  # the Conversations API (addons/conversations.py)
 HEALTHZ, METRICS = "/healthz", "/metrics"
 GATEWAY_PATHS = (*RESPONSES_PATHS, *CONVERSATIONS, HEALTHZ, METRICS)
 
 # The gateway's own paths and the methods it serves there (anything else: 405 from the gate).
+# Below /v1/responses and /v1/conversations, a path's shape says what it is: "{id}" stands for
+# one segment (an id), anything else is literal; a fixed name wins over an id.
 _READ = ("GET", "HEAD")
-OWN_METHODS = {HEALTHZ: _READ, METRICS: _READ, RESPONSES_PATHS[0]: ("GET", "POST"), RESPONSES_PATHS[1]: ("GET", "POST")}
-STORED_METHODS = ("GET", "DELETE")
+OWN_METHODS = {HEALTHZ: _READ, METRICS: _READ}
+RESPONSES_BELOW = {
+    "": ("GET", "POST"),  # create a response; GET: the WebSocket's upgrade
+    "/compact": ("POST",),  # compaction.py
+    "/input_tokens": ("POST",),  # the input's token count
+    "/{id}": ("GET", "DELETE"),  # a stored response (GET ?stream=true: a background response's events)
+    "/{id}/cancel": ("POST",),  # a background response
+    "/{id}/input_items": ("GET",),
+}
+CONVERSATIONS_BELOW = {
+    "": ("POST",),
+    "/{id}": ("GET", "POST", "DELETE"),
+    "/{id}/items": ("GET", "POST"),
+    "/{id}/items/{id}": ("GET", "DELETE"),
+}
+_SEGMENT = re.compile(r"/[^/]+")
+
+
+def endpoint(path: str) -> tuple[str, str, tuple[str, ...]] | None:
+    """Which of the gateway's own API endpoints ``path`` is (its query left off): (``responses``
+    or ``conversations``, its shape in ``RESPONSES_BELOW``/``CONVERSATIONS_BELOW``, the methods
+    served there); None for any other path. ``path_ids`` gives the ids it names."""
+    for prefixes, kind, table in ((RESPONSES_PATHS, "responses", RESPONSES_BELOW),
+                                  (CONVERSATIONS, "conversations", CONVERSATIONS_BELOW)):
+        for prefix in prefixes:
+            if path != prefix and not path.startswith(prefix + "/"):
+                continue
+            segments = _SEGMENT.findall(path[len(prefix):])
+            if "".join(segments) != path[len(prefix):]:
+                return None  # (an empty segment: a trailing or double slash)
+            shape = _shape(segments, table)
+            return (kind, shape, table[shape]) if shape is not None else None
+    return None
+
+
+_FIXED = {"compact", "input_tokens", "cancel", "input_items", "items"}  # names that are never an id
+
+
+def _shape(segments: list[str], table: dict) -> str | None:
+    """The table's key for these segments: each one literal where the table has it there, else
+    an id (a fixed name is never an id)."""
+    for key in table:
+        parts = _SEGMENT.findall(key)
+        if len(parts) == len(segments) and all(p == s or p == "/{id}" and s[1:] not in _FIXED
+                                               for p, s in zip(parts, segments)):
+            return key
+    return None
+
+
+def path_ids(path: str) -> list[str]:
+    """The ids a path of ``endpoint`` names, in order (``/v1/conversations/conv_1/items/msg_2``:
+    ``["conv_1", "msg_2"]``)."""
+    kind, shape, _ = endpoint(path) or ("", "", ())
+    prefix = next(p for p in (RESPONSES_PATHS if kind == "responses" else CONVERSATIONS) if path.startswith(p))
+    return [s[1:] for p, s in zip(_SEGMENT.findall(shape), _SEGMENT.findall(path[len(prefix):])) if p == "/{id}"]
+
+
+def takes_json(method: str, path: str) -> bool:
+    """A request whose body is JSON the gateway reads (its content type is checked at the head)."""
+    found = endpoint(path) if method == "POST" else None
+    return found is not None and found[1] != "/{id}/cancel"
 
 # What a Responses gateway's clients need besides /v1/responses: the model list (Codex, the
 # SDKs' model pickers, LangChain and pydantic-ai health checks), one model, and embeddings (the
@@ -109,10 +169,11 @@ def route(method: str, path: str, rules: tuple[PassRule, ...]) -> Route | Gatewa
     """``path`` without its query. The gateway's paths are answered by it (wrong method: 405);
     ``passthrough_paths`` go to the upstream (wrong method: 405); anything else is a 404."""
     allowed = OWN_METHODS.get(path)
-    if allowed is None and path.startswith(STORED_PREFIXES):
-        allowed = STORED_METHODS
-    if allowed is None and any(path == p or path.startswith(p + "/") for p in CONVERSATIONS):
-        return OWN  # the store answers it: not implemented
+    if allowed is None and (found := endpoint(path)) is not None:
+        allowed = found[2]
+    elif allowed is None and any(path == p or path.startswith(p + "/") for p in (*RESPONSES_PATHS, *CONVERSATIONS)):
+        return GatewayError(f"{path[:200]} is no endpoint of this gateway's Responses or Conversations API",
+                            param="path", code="unknown_path", status=404)
     if allowed is not None:
         return OWN if method in allowed else not_allowed(method, path, allowed)
     if canonical(path):

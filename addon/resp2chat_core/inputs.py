@@ -25,8 +25,8 @@ What it does, in input order:
   Not sealed by this gateway, altered, or sealed under another key -> 400 ``invalid_encrypted_content``.
 - ``additional_tools`` input items (newer Codex delivers tools that way) add their tools to the
   request's ``tools``, in input order; the item itself lowers to nothing (lowering skips it).
-- ``conversation`` (the Conversations API) is refused with a 400 saying so: the gateway keeps
-  responses, not conversations; ``previous_response_id`` or the full history serve instead.
+- A ``conversation``'s items (conversations.py), like a previous response's conversation, go in
+  front (``earlier``).
 """
 
 from __future__ import annotations
@@ -67,11 +67,6 @@ def expand(raw: dict, items: list, resolve: Resolve | None = None,
     merged into ``raw["tools"]``, in conversation order. ``items`` is the client's input list;
     ``earlier``, the stored conversation a ``previous_response_id`` continues: it goes in front
     (``raw["input"]`` and the items returned are then the whole conversation)."""
-    if raw.get("conversation") is not None:
-        raise GatewayError(
-            "conversation is not supported: this gateway does not implement the Conversations API "
-            "(/v1/conversations); send the whole history in input, or continue with previous_response_id",
-            param="conversation", code="unsupported_parameter")
     before = len(earlier) if earlier else 0
     whole = earlier + items if earlier else items
 

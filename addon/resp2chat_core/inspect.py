@@ -131,6 +131,9 @@ class _ChatLines:
             self.label, self.pieces = label, [f"{name} id={call_id} args="]
         self.add(label, args or "")
 
+    def on_logprobs(self, entries: list) -> None:
+        pass  # (what tokens the text is made of: nothing to do here)
+
     def on_finish(self, reason: str) -> None:
         self.line(f"finish_reason: {reason}")
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from . import mcp
 from .errors import GatewayError
+from .labels import shown
 from .schema import (
     AdditionalToolsItem, CustomToolCallItem, FunctionCallItem, ImagePart, ItemMemo, LocalShellCallItem,
     McpApprovalRequestItem, McpApprovalResponseItem, McpCallItem, McpListToolsItem, McpTool, MessageItem,
@@ -242,6 +243,7 @@ class Checkpoint:
     pieces: tuple  # their JSON (UTF-8), in pieces: b",".join(pieces) is the JSON of ``messages`` without brackets
     pending: tuple  # the assistant message being put together then (_Conversation.state)
     size: int = 0  # bytes in ``pieces``
+    calls: frozenset = frozenset()  # the tool call ids of the items lowered (a later output must answer one)
 
 
 class History:
@@ -353,6 +355,7 @@ class _Conversation:
         self._content: Any = None
         self._tool_calls: list[dict] = []
         self._tool_images: list[dict] = []  # images from tool outputs, shown after the tool run
+        self.calls: set[str] = set()  # the ids of the tool calls so far: what a tool output may answer
 
     def _assistant_open(self) -> bool:
         return bool(self._reasoning or self._notes or self._content is not None or self._tool_calls)
@@ -397,6 +400,7 @@ class _Conversation:
 
     def tool_call(self, call_id: str, name: str, arguments: str) -> None:
         self.flush_tool_images()
+        self.calls.add(call_id)
         self._tool_calls.append(
             {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
         )
@@ -414,8 +418,9 @@ class _Conversation:
         return (tuple(self._reasoning), tuple(self._notes), self._content, tuple(self._tool_calls),
                 tuple(self._tool_images))
 
-    def resume(self, messages: tuple, state: tuple) -> None:
+    def resume(self, messages: tuple, state: tuple, calls: frozenset) -> None:
         reasoning, notes, self._content, tool_calls, images = state
+        self.calls = set(calls)
         self.messages = list(messages)
         self._reasoning, self._notes, self._tool_calls, self._tool_images = (
             list(reasoning), list(notes), list(tool_calls), list(images))
@@ -430,6 +435,7 @@ class _Input:
     finished: int = 0  # messages finished before the input's end (the rest: flushed by ``finish``)
     state: tuple = ()  # the conversation's state at the input's end
     start: int = 0  # items of the leading system run
+    calls: frozenset = frozenset()  # the tool call ids in it
 
 
 def _lower_input(req: ResponsesRequest, flatten: bool, reasoning_field: str = "reasoning_content",
@@ -440,7 +446,7 @@ def _lower_input(req: ResponsesRequest, flatten: bool, reasoning_field: str = "r
     params = _params(req, flatten, reasoning_field, mcp_names)
     found = history.find(items, params) if history is not None and items else None
     if found is not None:  # its items lowered before: the rest goes on from there
-        conv.resume(found.messages, found.pending)
+        conv.resume(found.messages, found.pending, found.calls)
         start = len(found.models)
     else:
         # instructions + leading system/developer run -> a single first system message
@@ -485,8 +491,12 @@ def _lower_input(req: ResponsesRequest, flatten: bool, reasoning_field: str = "r
             query = (item.action or {}).get("query") or ""
             conv.note(f"(searched the web for: {query})" if query else "(searched the web)")
         elif isinstance(item, ToolOutputItem):
+            call_id = _call_id(item, where)
+            if call_id not in conv.calls:  # (never an orphan tool message upstream: OpenAI's 400)
+                raise GatewayError(f"{where}: no tool call found for {item.type} with call_id {shown(call_id)!r}",
+                                   param=f"{where}.call_id", code="invalid_value")
             text, images = _split_output(item.output, f"{where}.output")
-            conv.add({"role": "tool", "tool_call_id": _call_id(item, where), "content": text})
+            conv.add({"role": "tool", "tool_call_id": call_id, "content": text})
             conv._tool_images.extend(images)
         elif isinstance(item, ToolSearchOutputItem):
             conv.add({"role": "tool", "tool_call_id": _call_id(item, where), "content": dumps(item.tools)})
@@ -512,7 +522,7 @@ def _lower_input(req: ResponsesRequest, flatten: bool, reasoning_field: str = "r
     if history is None:
         return _Input(conv.finish())
     finished, state = len(conv.messages), conv.state()
-    return _Input(conv.finish(), found, finished, state, lead)
+    return _Input(conv.finish(), found, finished, state, lead, frozenset(conv.calls))
 
 
 def _params(req: ResponsesRequest, flatten: bool, reasoning_field: str, mcp_names: dict | None) -> tuple:
@@ -554,6 +564,15 @@ def _response_format(fmt: dict | None):
     raise GatewayError(f"text.format.type: unsupported {fmt['type']!r}", param="text.format.type", code="invalid_value")
 
 
+INCLUDE_LOGPROBS = "message.output_text.logprobs"  # the `include` value that asks for output_text logprobs
+
+
+def wants_logprobs(req: ResponsesRequest) -> bool:
+    """The request asks for the output text's token logprobs: ``include:
+    ["message.output_text.logprobs"]``, or ``top_logprobs`` above 0."""
+    return bool(req.top_logprobs) or (req.include is not None and INCLUDE_LOGPROBS in req.include)
+
+
 def lower(req: ResponsesRequest, opts: LoweringOptions = LoweringOptions(), known: ToolMap | None = None,
           tools_json: bytes | None = None, texts: TextCache | None = None,
           mcp_servers: tuple[mcp.ServerSpec, ...] = ()) -> Lowered:
@@ -565,8 +584,6 @@ def lower(req: ResponsesRequest, opts: LoweringOptions = LoweringOptions(), know
     if req.previous_response_id:  # begin_turn resolves it from the response store
         raise GatewayError(f"previous response {req.previous_response_id!r} not found",
                            param="previous_response_id", code="previous_response_not_found")
-    if req.background:
-        raise GatewayError("background responses are not supported", param="background", code="unsupported_parameter")
 
     hosted = None
     if known is None and req.tools:
@@ -612,6 +629,14 @@ def lower(req: ResponsesRequest, opts: LoweringOptions = LoweringOptions(), know
         chat["temperature"] = req.temperature
     if req.top_p is not None:
         chat["top_p"] = req.top_p
+    if req.presence_penalty is not None:
+        chat["presence_penalty"] = req.presence_penalty
+    if req.frequency_penalty is not None:
+        chat["frequency_penalty"] = req.frequency_penalty
+    if wants_logprobs(req):  # the backend's token logprobs, translated into output_text parts
+        chat["logprobs"] = True
+        if req.top_logprobs is not None:
+            chat["top_logprobs"] = req.top_logprobs
     # Always stream upstream, with usage: one translation path, and Codex needs real token counts.
     chat["stream"] = True
     chat["stream_options"] = {"include_usage": True}
@@ -650,6 +675,6 @@ def _remember(history: History, req: ResponsesRequest, opts: LoweringOptions, do
         pieces = (*known, new) if new else known
         history.keep(Checkpoint(tuple(items), _params(req, opts.flatten_content, opts.history_reasoning_field, mcp_names),
                                 tuple(messages[:done.finished]), pieces, done.state,
-                                (cp.size if cp is not None else 0) + len(new)), cp)
+                                (cp.size if cp is not None else 0) + len(new), done.calls), cp)
     return (*known, new, rest)
 

@@ -427,8 +427,11 @@ def listed_tool(name: str, description: str | None, input_schema: Any, annotatio
             else {"type": "object", "properties": {}}, "annotations": annotations if isinstance(annotations, dict) else None}
 
 
-def list_item(item_id: str, label: str, tools: tuple = (), error: str | None = None) -> dict:
-    item = {"id": item_id, "type": "mcp_list_tools", "server_label": label, "tools": list(tools)}
+def list_item(item_id: str, label: str, tools: tuple = (), error: str | None = None, status: str = "") -> dict:
+    """``status`` (the Open Responses spec's extension items carry one): ``in_progress`` while it
+    lists, else ``completed``, or ``failed`` with its ``error``."""
+    item = {"id": item_id, "type": "mcp_list_tools", "status": status or ("failed" if error is not None else "completed"),
+            "server_label": label, "tools": list(tools)}
     if error is not None:
         item["error"] = error
     return item
@@ -441,7 +444,9 @@ def call_item(item_id: str, label: str, name: str, arguments: str, status: str, 
 
 
 def approval_item(item_id: str, label: str, name: str, arguments: str) -> dict:
-    return {"id": item_id, "type": "mcp_approval_request", "server_label": label, "name": name, "arguments": arguments}
+    """(``status``: the Open Responses spec's extension items carry one; the request is made whole.)"""
+    return {"id": item_id, "type": "mcp_approval_request", "status": "completed", "server_label": label, "name": name,
+            "arguments": arguments}
 
 
 LIST_EVENTS = ("response.mcp_list_tools.in_progress", "response.mcp_list_tools.completed",

@@ -37,13 +37,20 @@ def entry_flags(entry: bytes) -> tuple[bool, bool]:
     return fields[2] == b"1", fields[3] == b"1"
 
 
+_CREATED_AT = re.compile(rb'"created_at": ?[0-9]+')  # (an SSE answer's compact JSON, or a JSON body's)
+_COMPLETED_AT = re.compile(rb'"completed_at": ?[0-9]+')
+
+
 def unpack_fresh(entry: bytes, response_id: str, created_at: int) -> bytes:
-    """The stored answer under a new response id and creation time."""
+    """The stored answer under a new response id and creation time (``completed_at`` too: a
+    cached answer completes as it is created)."""
     head, _, body = entry.partition(b"\n")
     old_id, old_created = head.decode().split(" ")[:2]
     old, new = old_id.removeprefix("resp_").encode(), response_id.removeprefix("resp_").encode()
     body = body.replace(old, new).replace(old[:16], new[:16])  # item ids, then generated call ids
-    return body.replace(b'"created_at":%s' % old_created.encode(), b'"created_at":%d' % created_at)
+    body = _CREATED_AT.sub(lambda m: b'"created_at":%d' % created_at if m[0].endswith(old_created.encode()) else m[0],
+                           body)
+    return _COMPLETED_AT.sub(b'"completed_at":%d' % created_at, body)
 
 
 # --- offline replay that matches a rerun (``--server-replay``; addons/server_replay.py) -------

@@ -36,10 +36,12 @@ from .channel import Reader, rebuild_event
 from .errors import GatewayError, error_json
 from .lowering import LoweringOptions
 from .seal import PREFIX, Sealer, SealError
+from .sse import DONE
 from .turn import Found, begin_turn, wanted
 
 _SEALED = re.compile(re.escape(PREFIX) + r"[A-Za-z0-9_-]+")
 _CREATED = re.compile(rb'"created_at":(\d+)')
+_COMPLETED = re.compile(rb'"completed_at": ?(\d+)')  # (an SSE answer's compact JSON, or a JSON body's)
 PURPOSES = (compaction.PURPOSE, inputs.REASONING_PURPOSE)
 
 
@@ -144,6 +146,9 @@ def check_turn(where: str, record: dict, history: History, sealer: Sealer | None
         if why:
             return Result(where, "skipped", [f"cannot lower it again: {why}"])
         return Result(where, "differs", [f"the recorded request is now refused: {err}"])
+    completed = _COMPLETED.findall(answer)
+    if completed:  # (when the recorded turn completed: the core reads no clock, the gateway's was then)
+        turn.ctx.clock = lambda: int(completed[-1])
     details: list[str] = []
     chat = record.get("chat_request")
     if isinstance(chat, str) and turn.chat_body != chat.encode():
@@ -189,7 +194,9 @@ def translate(turn, upstream: bytes, gateway_events: list | None, stream: bool =
 
 def _events(answer: bytes, sealer: Sealer | None) -> list[str]:
     """One line per event (the data of each SSE event, or the one JSON body), sealed strings
-    shown as what they open to."""
+    shown as what they open to. An HTTP stream's ``data: [DONE]`` is no event (the HTTP
+    transport adds it: addons/http_turns.py)."""
+    answer = answer.removesuffix(DONE)
     text = answer.decode("utf-8", "replace")
     lines = websocket.messages(answer) if "\n\n" in text or text.startswith("event:") else [text]
     return [_SEALED.sub(lambda m: _opened(m.group(0), sealer), line) for line in lines]

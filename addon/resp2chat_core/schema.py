@@ -309,15 +309,25 @@ class ResponsesRequest(_Model):
     tool_choice: Union[str, dict[str, Any], None] = None
     parallel_tool_calls: bool | None = None
     stream: bool | None = False
-    max_output_tokens: int | None = Field(default=None, ge=1)
+    max_output_tokens: int | None = Field(default=None, ge=16)  # (the API's minimum)
+    max_tool_calls: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    include: list[str] | None = None
     reasoning: ReasoningConfig | None = None
     text: TextConfig | None = None
     store: bool | None = None
     previous_response_id: str | None = None
     background: bool | None = None
     user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    service_tier: str | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    metadata: dict[str, Any] | None = None
 
 
 _BRANCH_LABELS = {
@@ -514,7 +524,15 @@ def _to_gateway_error(exc: ValidationError, data: dict, places: list[int] | None
     # Prefer the deepest location: it is the one that names the actual bad field.
     err = max(errors, key=lambda e: len(e["loc"]))
     param = _param(err["loc"])
-    return GatewayError(f"{param}: {err['msg']}", param=param or None, code="invalid_value")
+    code = "invalid_value"
+    bound, value = _BOUNDS.get(err["type"]), err.get("input")
+    if bound and value.__class__ in (int, float):  # the API's codes for a number out of its range
+        code = f"{'integer' if value.__class__ is int else 'decimal'}_{bound}"
+    return GatewayError(f"{param}: {err['msg']}", param=param or None, code=code)
+
+
+_BOUNDS = {"greater_than_equal": "below_min_value", "greater_than": "below_min_value",
+           "less_than_equal": "above_max_value", "less_than": "above_max_value"}
 
 
 def _relocated(loc: tuple, places: list[int]) -> tuple:

@@ -27,6 +27,11 @@ sets it to None: a body that was never SSE (a pretty-printed JSON error served a
 
 from __future__ import annotations
 
+# How the gateway's own HTTP Responses stream ends, after its terminal event (the Open Responses
+# spec's terminal event; OpenAI's API sends none, and every client in the suite takes it: README).
+# Only over HTTP: a WebSocket turn ends with its terminal event's message.
+DONE = b"data: [DONE]\n\n"
+
 _BOM = b"\xef\xbb\xbf"
 _FIELDS = (b"event:", b"id:", b"retry:")
 STRAY_MAX = 1 << 16

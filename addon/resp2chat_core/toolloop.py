@@ -318,6 +318,9 @@ class RoundFilter:
         else:
             self._pieces += (_TOOL, wire_call(key, call_id, name, args))
 
+    def on_logprobs(self, entries: list) -> None:
+        pass  # (a chunk passed on as it came keeps them; one re-encoded from its deltas has none)
+
     def on_finish(self, reason: str) -> None:
         self._finish = reason
         self._held = True

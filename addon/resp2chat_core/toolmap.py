@@ -168,6 +168,8 @@ def lower_tool_choice(choice, tmap: ToolMap) -> tuple[object, list[dict]]:
     kind = choice.get("type")
     if kind in ("function", "custom"):
         name = choice.get("name")
+        if name is None and kind == "function" and isinstance(choice.get("function"), dict):
+            name = choice["function"].get("name")  # the Chat Completions spelling (vLLM and smg take it too)
         if not isinstance(name, str) or not name:
             raise GatewayError("tool_choice.name: required for a named tool", param="tool_choice.name", code="invalid_value")
         cname = chat_name(name, choice.get("namespace"))

@@ -4,7 +4,8 @@ Rules of this file:
 - Sans-I/O. ``feed(bytes) -> bytes`` and ``finish() -> bytes`` are the whole interface; the
   caller owns sockets, threads and timers. Nothing here imports mitmproxy.
 - Total. Every input, however broken, ends in exactly one terminal event (``response.completed``,
-  ``response.incomplete`` or ``response.failed``) and nothing after it. ``feed`` never raises for
+  ``response.incomplete`` or ``response.failed``; ``response.cancelled`` for a background
+  response its client cancelled: ``cancel``) and nothing after it. ``feed`` never raises for
   bad upstream data (a raise inside mitmproxy's stream callable hangs the client).
 - Hot path. ``feed`` runs once per socket read: plain dicts, string-built delta events, one
   ``bytes`` result per call, no pydantic, no re-parsing of earlier bytes.
@@ -77,9 +78,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from math import isfinite as _isfinite
 from enum import Enum
+from typing import Callable
 
-from . import mcp, websearch
+from . import mcp, response, websearch
 from .chatstream import NOT_OBJECT, ChunkReader
 from .errors import gateway_failure, sanitize, upstream_failure, withheld
 from .inputs import REASONING_PURPOSE
@@ -165,12 +168,17 @@ class TurnContext:
     created_at: int
     model: str  # the model name the client asked for (echoed back)
     tool_map: ToolMap = field(default_factory=ToolMap)
-    echo_json: str = ""  # request fields echoed into every Response object: JSON members, no braces
+    # request fields echoed into every Response object: JSON members, no braces (response.py;
+    # by default, those of a request that says nothing)
+    echo_json: str = response.DEFAULT_ECHO_JSON
     think: str = "auto"  # <think> tags in content: "auto" | "open" (template opens it) | "off"; think.py
     sealer: Sealer | None = None  # seals state handed to the client (encrypted_content); seal.py
     encrypted_reasoning: bool = False  # include: ["reasoning.encrypted_content"]: reasoning items carry it sealed
     request_id: str = ""  # the gateway's id for the request: named in failures the client sees
     tool_maps: tuple = ()  # the fallback upstreams' tool maps, in order (routing.py): ``rethink`` takes one
+    summary: bool = True  # reasoning as a summary (the request asked for one: reasoning.summary), else as content
+    logprobs: bool = False  # output_text parts carry the backend's token logprobs (include, top_logprobs)
+    clock: Callable[[], float] | None = None  # the time a response completed at (None: created_at); the caller's
 
 
 @dataclass
@@ -210,6 +218,10 @@ class Translator:
         self._next_index = 0
         self._suffix = ctx.response_id.removeprefix("resp_")
         self._echo_json = ctx.echo_json
+        self._model_json = _dumps(ctx.model)
+        self._completed_at: int | None = None
+        self._lp: list | None = None  # logprobs of text not yet sent (``on_logprobs``)
+        self._item_lp: list = []  # logprobs of the open message's text
         # open items
         self._item_id = ""
         self._item_index = 0
@@ -262,6 +274,18 @@ class Translator:
         """Terminate with ``response.failed`` (idempotent); returns pending output. ``detail``
         is for the operator (the log, the flow), never for the client."""
         self._fail(code, message, detail)
+        return self._flush()
+
+    def cancel(self) -> bytes:
+        """The response was cancelled (a background one: resp2chat_core/background.py): what it
+        output so far is closed and it ends with ``response.cancelled``, status ``cancelled``
+        (idempotent; nothing after another terminal event)."""
+        if self.phase is not Phase.DONE:
+            self._start()
+            self._close_open()
+            self._emit_response("response.cancelled", "cancelled")
+            self.phase = Phase.DONE
+            self._reader.stopped = True
         return self._flush()
 
     # --- the gateway's own events (channel.py): calls, never bytes -------------------------
@@ -327,7 +351,7 @@ class Translator:
     def mcp_listing(self, label: str) -> bytes:
         """The gateway lists an MCP server's tools (mcp.py): an ``mcp_list_tools`` item."""
         if self.phase is not Phase.DONE:
-            index, item = self._own_item("mcpl", lambda item_id: mcp.list_item(item_id, label))
+            index, item = self._own_item("mcpl", lambda item_id: mcp.list_item(item_id, label, status="in_progress"))
             self._running["list:" + label] = (index, item)
             self._emit(mcp.LIST_EVENTS[0], output_index=index, item_id=item["id"])
         return self._flush()
@@ -410,9 +434,16 @@ class Translator:
         self._start()
 
     def on_reasoning(self, text: str) -> None:
+        self._lp = None  # (logprobs of reasoning tokens are not the output text's)
         if self._think is not None:
             self._settle_think()
         self._delta(Kind.REASONING, text)
+
+    def on_logprobs(self, entries: list) -> None:
+        if self.ctx.logprobs:
+            lp = _logprobs(entries)
+            if lp:
+                self._lp = lp if self._lp is None else self._lp + lp
 
     def on_text(self, text: str) -> None:
         think = self._think
@@ -422,6 +453,7 @@ class Translator:
         self._think_pieces(think.feed(text))
 
     def on_tool(self, key, call_id: str | None, name: str | None, args: str | None) -> None:
+        self._lp = None
         if self._think is not None:
             self._settle_think()
         tool = self._tools.get(key) if self.open is Kind.TOOL else None
@@ -550,17 +582,29 @@ class Translator:
         seq = self.events
         self.events += 1
         if kind is Kind.TEXT:
+            lp = "[]"
+            if self._lp:  # the logprobs of the tokens this text is made of
+                lp = _dumps(self._lp)
+                self._item_lp += self._lp
+                self._lp = None
             self._out.append(
                 'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
                 f'"sequence_number":{seq},"item_id":"{self._item_id}","output_index":{self._item_index},'
-                f'"content_index":0,"delta":{delta},"logprobs":[]}}\n\n'
+                f'"content_index":0,"delta":{delta},"logprobs":{lp}}}\n\n'
             )
-        else:
+        elif self.ctx.summary:
             self._out.append(
                 'event: response.reasoning_summary_text.delta\ndata: {"type":'
                 f'"response.reasoning_summary_text.delta","sequence_number":{seq},'
                 f'"item_id":"{self._item_id}","output_index":{self._item_index},'
                 f'"summary_index":0,"delta":{delta}}}\n\n'
+            )
+        else:
+            self._out.append(
+                'event: response.reasoning_text.delta\ndata: {"type":'
+                f'"response.reasoning_text.delta","sequence_number":{seq},'
+                f'"item_id":"{self._item_id}","output_index":{self._item_index},'
+                f'"content_index":0,"delta":{delta}}}\n\n'
             )
 
     def _open_item(self, kind: Kind) -> None:
@@ -571,34 +615,48 @@ class Translator:
         self._text = []
         if kind is Kind.TEXT:
             self._item_id = f"msg_{self._suffix}_{self._item_index}"
+            self._item_lp = []
             self._emit("response.output_item.added", output_index=self._item_index, item={
                 "id": self._item_id, "type": "message", "status": "in_progress", "role": "assistant", "content": []})
             self._emit("response.content_part.added", item_id=self._item_id, output_index=self._item_index,
-                       content_index=0, part={"type": "output_text", "text": "", "annotations": []})
-        else:
+                       content_index=0, part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+        elif self.ctx.summary:
             self._item_id = f"rs_{self._suffix}_{self._item_index}"
             self._emit("response.output_item.added", output_index=self._item_index, item={
                 "id": self._item_id, "type": "reasoning", "summary": []})
             self._emit("response.reasoning_summary_part.added", item_id=self._item_id,
                        output_index=self._item_index, summary_index=0, part={"type": "summary_text", "text": ""})
+        else:  # the reasoning as the item's content (the request asked for no summary)
+            self._item_id = f"rs_{self._suffix}_{self._item_index}"
+            self._emit("response.output_item.added", output_index=self._item_index, item={
+                "id": self._item_id, "type": "reasoning", "summary": [], "content": []})
+            self._emit("response.content_part.added", item_id=self._item_id, output_index=self._item_index,
+                       content_index=0, part={"type": "reasoning_text", "text": ""})
 
     def _close_open(self) -> None:
         kind, self.open = self.open, Kind.NONE
         if kind is Kind.TEXT:
             text = "".join(self._text)
-            part = {"type": "output_text", "text": text, "annotations": []}
+            lp = self._item_lp
+            part = {"type": "output_text", "text": text, "annotations": [], "logprobs": lp}
             ids = {"item_id": self._item_id, "output_index": self._item_index}
-            self._emit("response.output_text.done", **ids, content_index=0, text=text, logprobs=[])
+            self._emit("response.output_text.done", **ids, content_index=0, text=text, logprobs=lp)
             self._emit("response.content_part.done", **ids, content_index=0, part=part)
             self._item_done({"id": self._item_id, "type": "message", "status": "completed",
                              "role": "assistant", "content": [part]})
         elif kind is Kind.REASONING:
             text = "".join(self._text)
-            part = {"type": "summary_text", "text": text}
             ids = {"item_id": self._item_id, "output_index": self._item_index}
-            self._emit("response.reasoning_summary_text.done", **ids, summary_index=0, text=text)
-            self._emit("response.reasoning_summary_part.done", **ids, summary_index=0, part=part)
-            item = {"id": self._item_id, "type": "reasoning", "summary": [part]}
+            if self.ctx.summary:
+                part = {"type": "summary_text", "text": text}
+                self._emit("response.reasoning_summary_text.done", **ids, summary_index=0, text=text)
+                self._emit("response.reasoning_summary_part.done", **ids, summary_index=0, part=part)
+                item = {"id": self._item_id, "type": "reasoning", "summary": [part]}
+            else:
+                part = {"type": "reasoning_text", "text": text}
+                self._emit("response.reasoning_text.done", **ids, content_index=0, text=text)
+                self._emit("response.content_part.done", **ids, content_index=0, part=part)
+                item = {"id": self._item_id, "type": "reasoning", "summary": [], "content": [part]}
             if self.ctx.encrypted_reasoning and self.ctx.sealer is not None:
                 # what only this gateway can read back (inputs.py restores it for the backend)
                 item["encrypted_content"] = self.ctx.sealer.seal(REASONING_PURPOSE, text)
@@ -709,19 +767,22 @@ class Translator:
         self._out.append(f'event: {type_}\ndata: {{"type":"{type_}","sequence_number":{seq},{body[1:]}\n\n')
 
     def _response_json(self, status: str, incomplete: dict | None = None) -> str:
-        usage = _dumps(self.usage) if self.usage and status != "in_progress" else "null"
-        error = _dumps(self.error) if self.error else "null"
-        return (
-            f'{{"id":"{self.ctx.response_id}","object":"response","created_at":{self.ctx.created_at},'
-            f'"status":"{status}","error":{error},"incomplete_details":{_dumps(incomplete)},'
-            f'"model":{_dumps(self.ctx.model)},"output":{_dumps(self.output) if status != "in_progress" else "[]"},'
-            f'"usage":{usage}' + (f",{self._echo_json}" if self._echo_json else "") + "}"
-        )
+        """The Response object as it stands (response.py writes every one)."""
+        if status == "in_progress":
+            return response.response_json(self.ctx.response_id, self.ctx.created_at, status, self._model_json,
+                                          self._echo_json)
+        return response.response_json(self.ctx.response_id, self.ctx.created_at, status, self._model_json,
+                                      self._echo_json, completed_at=self._completed_at, error=self.error or None,
+                                      incomplete=incomplete, output_json=_dumps(self.output),
+                                      usage=self.usage or None)
 
     def _emit_response(self, type_: str, status: str, incomplete: dict | None = None) -> None:
         if status != "in_progress":
             self._status = status
             self._incomplete = incomplete
+            if status == "completed" and self._completed_at is None:
+                clock = self.ctx.clock
+                self._completed_at = int(clock()) if clock is not None else self.ctx.created_at
         seq = self.events
         self.events += 1
         self._out.append(
@@ -760,6 +821,40 @@ def _function_arguments(raw: str) -> str:
         except ValueError:
             pass
     return raw
+
+
+def _logprob(value) -> float | None:
+    """A finite log probability (a backend's -inf as -9999.0, as the API writes it), or None."""
+    if value.__class__ not in (int, float):
+        return None
+    return value if _isfinite(value) else -9999.0 if value < 0 else None
+
+
+def _token(entry) -> dict | None:
+    """A backend's logprob entry (``{"token", "logprob", "bytes"}``) as the Responses API's."""
+    if entry.__class__ is not dict:
+        return None
+    token, logprob = entry.get("token"), _logprob(entry.get("logprob"))
+    if token.__class__ is not str or logprob is None:
+        return None
+    raw = entry.get("bytes")
+    if raw.__class__ is not list or not all(b.__class__ is int and 0 <= b < 256 for b in raw):
+        raw = list(token.encode("utf-8", "surrogatepass"))
+    return {"token": token, "logprob": logprob, "bytes": raw}
+
+
+def _logprobs(entries: list) -> list[dict]:
+    """The backend's ``choices[0].logprobs.content`` as the ``logprobs`` of an ``output_text``
+    part: each token with its ``top_logprobs``; entries that are not one are left out."""
+    out = []
+    for entry in entries:
+        lp = _token(entry)
+        if lp is None:
+            continue
+        top = entry.get("top_logprobs")
+        lp["top_logprobs"] = [t for t in map(_token, top) if t is not None] if top.__class__ is list else []
+        out.append(lp)
+    return out
 
 
 def _json_object(raw: str) -> dict:

@@ -19,32 +19,14 @@ import marshal
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from . import compaction, inputs, mcp, requestbody
+from . import background, compaction, conversations, inputs, mcp, requestbody, response
 from .errors import GatewayError
-from .lowering import LoweringOptions, Recent, TextCache, dumps, dumps_spliced, lower
+from .lowering import LoweringOptions, Recent, TextCache, dumps, dumps_spliced, lower, wants_logprobs
 from .toolmap import ToolMap
 from .schema import parse_request
 from .seal import Sealer
 from .sse import MAX_EVENT
 from .translator import Translator, TurnContext
-
-# Request fields a Response object echoes back, with the API's defaults when absent.
-_ECHO_DEFAULTS = (
-    ("instructions", None),
-    ("max_output_tokens", None),
-    ("parallel_tool_calls", True),
-    ("previous_response_id", None),
-    ("reasoning", None),
-    ("store", True),  # the API's default, and the gateway's: kept unless the request says false
-    ("temperature", None),
-    ("text", {"format": {"type": "text"}}),
-    ("tool_choice", "auto"),
-    ("tools", []),
-    ("top_p", None),
-    ("truncation", "disabled"),
-    ("metadata", {}),
-)
-
 
 @dataclass(frozen=True)
 class Caps:
@@ -118,14 +100,6 @@ def session_key(prompt_cache_key: object, headers) -> str | None:
     return None
 
 
-def echo_fields(raw: dict) -> dict:
-    echo = {}
-    for key, default in _ECHO_DEFAULTS:
-        value = raw.get(key)
-        echo[key] = default if value is None else value
-    return echo
-
-
 @dataclass
 class Turn:
     """What outlives the request hook. Not the decoded request nor the lowered chat dict: a turn
@@ -145,6 +119,9 @@ class Turn:
     alternates: tuple[tuple[bytes | None, str, ToolMap], ...] = ()
     compaction: bool = False  # Codex's remote compaction: the answer is one sealed summary (compaction.py)
     owner: str = ""  # whose stored state it reads and writes (owner.py): set by the caller, who knows the client
+    conversation: str | None = None  # the conversation it goes on (conversations.py): its new items join it
+    continued: int = 0  # how many of ``items`` came from that conversation (the rest are the turn's own)
+    background: bool = False  # it runs in the gateway, off the client's connection (background.py)
 
     def translator(self, max_event: int = MAX_EVENT) -> Translator:
         """``max_event``: the largest SSE event its backend may send (``max_upstream_event_mb``)."""
@@ -156,7 +133,7 @@ class ToolsCache(Recent):
     """What a request's tools lowered to, for the last few distinct tool lists.
 
     Codex resends the same tools (~30 KB of JSON) every turn, and validating, flattening and
-    encoding them (for the chat body and for the echo in Response objects) was ~40% of a turn's
+    encoding them (for the chat body and for the echo in Response objects: response.py) was ~40% of a turn's
     work. The key is ``marshal`` (format 2) of the decoded tools: it keeps dict order and tells
     ``true`` from ``1`` from ``1.0`` (``==`` does neither, and the bytes sent must be the ones the
     request gives), and costs ~30 µs for Codex's tools. Only lists that validated and lowered
@@ -178,10 +155,21 @@ class ToolsCache(Recent):
             return None
         return packed, opts.tool_denylist, opts.web_search  # the tool map depends on these options only
 
-    # find(key): (tool map, encoded chat tools (UTF-8), encoded raw tools) of the same list lowered before
+    # find(key): (tool map, encoded chat tools (UTF-8), the tools a Response echoes, encoded) of the
+    # same list lowered before
 
     def add(self, key: tuple, raw_tools: list, tmap: ToolMap) -> tuple[ToolMap, bytes, str]:
-        return self.keep(key, (tmap, dumps(tmap.chat_tools).encode(), dumps(raw_tools)))
+        return self.keep(key, (tmap, dumps(tmap.chat_tools).encode(), dumps(response.echo_tools(raw_tools))))
+
+
+def wants_summary(raw: dict) -> bool:
+    """The request asks for its reasoning as a summary (``reasoning.summary``: ``auto``,
+    ``concise``, ``detailed``; Codex always does): reasoning streams as ``summary`` with
+    ``response.reasoning_summary_*`` events; otherwise as the item's ``content``
+    (``reasoning_text``) with ``response.reasoning_text.*`` events."""
+    reasoning = raw.get("reasoning")
+    summary = reasoning.get("summary") if isinstance(reasoning, dict) else None
+    return isinstance(summary, str) and summary not in ("", "none")
 
 
 def decode_body(body: bytes | object) -> dict:
@@ -197,17 +185,23 @@ def decode_body(body: bytes | object) -> dict:
 class Found:
     """What a request refers to, looked up before it is lowered (the store, or a socket's memory:
     resp2chat_io's one lookup, ``Turns.lookup``): the conversation ``previous_response_id``
-    continues (None: not found, or none asked for) and the items its ``item_reference`` ids name
-    (missing: absent)."""
+    continues, or the items of the ``conversation`` it names (None: not found, or none asked
+    for), and the items its ``item_reference`` ids name (missing: absent)."""
 
     earlier: list | None = None
     items: dict = field(default_factory=dict)
 
 
 def wanted(raw: dict) -> tuple[str | None, tuple[str, ...]]:
-    """What a request needs looked up: its ``previous_response_id`` and its reference ids."""
+    """What a request needs looked up: its ``previous_response_id`` (or the ``conversation`` it
+    names: conversations.py) and its reference ids. ``GatewayError`` for a conversation named
+    badly, or together with a previous response."""
     previous = raw.get("previous_response_id")
-    return (previous if isinstance(previous, str) and previous else None,
+    conversation = conversations.named(raw)
+    if conversation is not None and previous is not None:
+        raise GatewayError("conversation and previous_response_id cannot be used together: a response continues "
+                           "either a conversation or a previous response", param="conversation", code="invalid_value")
+    return (conversation if conversation is not None else previous if isinstance(previous, str) and previous else None,
             tuple(dict.fromkeys(inputs.reference_ids(raw.get("input")))))
 
 
@@ -219,14 +213,20 @@ def conversation(raw: dict, found: Found, sealer: Sealer | None = None) -> tuple
     ``(raw for lowering, the conversation as input items, is a compaction request)``; the items
     are None when the request has no input list. ``GatewayError`` for a reference, a sealed item
     or a previous response that cannot be used."""
+    previous, _ = wanted(raw)
+    named = conversations.named(raw)
     items = raw.get("input")
     if isinstance(items, str):
         items = [{"role": "user", "content": items}]
     if not isinstance(items, list):
         return raw, None, False
-    previous = raw.get("previous_response_id")
     earlier = None
-    if isinstance(previous, str) and previous:
+    if named is not None:
+        earlier = found.earlier
+        if earlier is None:
+            raise conversations.not_found(named, "conversation")
+        raw = {**raw, "conversation": None}
+    elif previous is not None:
         earlier = found.earlier
         if earlier is None:
             raise GatewayError(f"previous response {previous!r} not found (unknown, expired or not stored)",
@@ -265,7 +265,7 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
     if route is not None:
         model = raw.get("model")
         opts, *others = route(model if isinstance(model, str) else "")
-    echo = echo_fields(raw)
+    asked = raw  # (as the client sent it: the Response echoes this, previous_response_id included)
     raw, items, summarize = conversation(raw, found, sealer)
     tools = raw.get("tools")
     key = ToolsCache.key(tools, opts) if tools_cache is not None and tools and isinstance(tools, list) else None
@@ -283,16 +283,23 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
     if not lowered.chat["messages"]:  # a chat request needs one message: no backend takes none
         raise GatewayError("nothing to send the model: the request has no input, instructions or earlier "
                            "conversation", param="input", code="invalid_value")
+    if lowered.mcp is not None:  # (what an mcp tool carries for its server is not echoed)
+        echoed = mcp.redacted_tools(response.echo_tools(asked.get("tools")))
+        echo_json = response.echo_json(response.echo(asked, req, lowered.chat, tools=echoed))
+    elif known and asked.get("tools") is tools:  # (the echoed tools encoded before: spliced in)
+        echo_json = dumps_spliced(response.echo(asked, req, lowered.chat, tools=[]), "tools", known[2])[1:-1]
+    else:
+        echo_json = response.echo_json(response.echo(asked, req, lowered.chat))
     if summarize:
         lowered = compaction.summary_request(lowered)
-    if lowered.mcp is not None:  # (what an mcp tool carries for its server is not echoed)
-        echo["tools"] = mcp.redacted_tools(echo["tools"])
-    echo_json = (dumps_spliced(echo, "tools", known[2]) if known and echo["tools"] is tools else dumps(echo))[1:-1]
     ctx = TurnContext(response_id=response_id, created_at=created_at, model=req.model,
                       tool_map=lowered.tool_map, echo_json=echo_json,
                       think=opts.think_mode(lowered.chat["model"]), sealer=sealer,
-                      encrypted_reasoning=inputs.wants_sealed_reasoning(raw))
+                      encrypted_reasoning=inputs.wants_sealed_reasoning(raw),
+                      summary=wants_summary(raw), logprobs=wants_logprobs(req))
     store = raw.get("store") is not False
+    background.check(asked)
+    named = conversations.named(asked)
     pck = raw.get("prompt_cache_key")
     alternates = []
     for alt in others:  # each fallback upstream: its own byte-deterministic body
@@ -311,6 +318,8 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
     return Turn(lowered.body, lowered.client_stream, ctx,
                 web_search=not summarize and any(t.kind == "web_search" for t in lowered.tool_map.targets.values()),
                 mcp=lowered.mcp if not summarize else None,
-                items=items if (store or keep_items) and items is not None else [], store=store,
+                items=items if (store or keep_items or named) and items is not None else [], store=store,
                 prompt_cache_key=pck if isinstance(pck, str) and pck else None,
-                alternates=tuple(alternates), compaction=summarize)
+                alternates=tuple(alternates), compaction=summarize, conversation=named,
+                background=asked.get("background") is True,
+                continued=len(found.earlier) if named is not None and found.earlier is not None else 0)

@@ -27,7 +27,10 @@ checked against the real Codex CLI 0.169.0; docs/codex.md has the details)::
 
 A continued request is resolved against this connection's own recent responses first (Codex
 sends ``store: false``: nothing is in the response store), then against the response store.
-``Connection.keep`` bounds the memory: Codex only ever continues its last response. The memory
+``Connection.keep`` bounds the memory: Codex only ever continues its last response. A
+continuation that fails (refused, or its turn failed) drops the response it continued from the
+memory (``forget``, as the Open Responses spec says): continuing from it again is
+``previous_response_not_found``, unless the response store holds it. The memory
 keeps conversations as the response store does, made whole (``Connection.conversation``).
 """
 
@@ -43,6 +46,7 @@ from typing import Callable
 from . import inputs, requestbody
 from .errors import GatewayError
 from .seal import Sealer
+from .sse import DONE
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # as the translator writes
 
@@ -198,10 +202,12 @@ def canonical(sse: bytes) -> bytes:
 
 
 def final_response(sse: bytes) -> dict | None:
-    """The Response object of a stream's last event (its terminal event)."""
-    at = sse.rfind(b"data: ")
+    """The Response object of a stream's last event (its terminal event; an HTTP stream's
+    ``data: [DONE]`` after it, sse.DONE, is not an event)."""
+    end = len(sse) - len(DONE) if sse.endswith(DONE) else len(sse)
+    at = sse.rfind(b"data: ", 0, end)
     try:
-        event = json.loads(sse[at + 6:]) if at >= 0 else None
+        event = json.loads(sse[at + 6:end]) if at >= 0 else None
     except ValueError:
         return None
     response = event.get("response") if isinstance(event, dict) else None
@@ -252,6 +258,11 @@ class Connection:
             return items
         earlier = self.lookup(stored)(create.previous)
         return None if earlier is None else earlier + items
+
+    def forget(self, response_id: str) -> None:
+        """A continuation of ``response_id`` failed (4xx or 5xx): the connection drops it, so
+        continuing from it again is ``previous_response_not_found`` (the spec's rule)."""
+        self._responses.pop(response_id, None)
 
     def remember(self, response_id: str, items: list) -> None:
         self._responses[response_id] = items

@@ -22,7 +22,8 @@ first matching directive wins (one per line, at the start of the line):
 so they also apply to the answer that follows a tool result.
 
 Token accounting: 1 token ~= 4 bytes of the canonical prompt
-json.dumps([tools, messages]). A simulated KV prefix cache remembers the last
+json.dumps([tools, messages]); `POST /tokenize` with {model, messages, tools} (vLLM's)
+answers that count, without answering. A simulated KV prefix cache remembers the last
 64 prompts; cached_tokens = longest common byte prefix // 4, in whole blocks
 of 16 tokens. Completion tokens = reasoning words + text words + 8-character
 tool-argument pieces.
@@ -219,6 +220,7 @@ class Plan:
     finish: str = "stop"
     fault: str | None = None  # "midstream-error" | "truncate"
     delay: float = 0.0
+    logprobs: int | None = None  # the request asked for logprobs (``logprobs: true``): its ``top_logprobs``
 
     @property
     def reasoning_tokens(self):
@@ -286,7 +288,19 @@ def plan_answer(body, chunk_delay=0.0) -> Plan:
         plan.text = _words(answer)
     if not D_NOREASON.search(utext):
         plan.reasoning = _words(f"Thinking about: {line}".rstrip())
+    if body.get("logprobs") is True:
+        top = body.get("top_logprobs")
+        plan.logprobs = top if isinstance(top, int) and not isinstance(top, bool) and top > 0 else 0
     return plan
+
+
+def token_logprobs(word: str, top: int) -> dict:
+    """A text chunk's ``logprobs`` as OpenAI and vLLM send them: the chunk as one token, a made-up
+    (deterministic) log probability, and ``top`` alternatives, the token itself first."""
+    def entry(token: str, rank: int) -> dict:
+        return {"token": token, "logprob": -0.125 * (len(word) % 5 + rank), "bytes": list(token.encode())}
+    return {"content": [{**entry(word, 0), "top_logprobs": [entry(word if r == 0 else f"{word.strip()}#{r}", r)
+                                                            for r in range(top)]}]}
 
 
 def _plan_user(body, text, line, plan):
@@ -392,10 +406,16 @@ class VLLM:
         extra = b"".join(b"," + _dumps(k) + b":" + _dumps(v) for k, v in self.choice_extra.items())
         head = b"data: " + env + b',"choices":[{"index":0,"delta":'
         tail = extra + b',"finish_reason":null}]}\n\n'
-        deltas = [*self.opening(), *map(self.reasoning_delta, plan.reasoning), *map(self.text_delta, plan.text)]
-        for i, (name, args) in enumerate(plan.tool_calls):
-            deltas.extend(self.tool_deltas(i, name, args))
-        events = [head + _dumps(d) + tail for d in deltas]
+        events = [head + _dumps(d) + tail for d in [*self.opening(), *map(self.reasoning_delta, plan.reasoning)]]
+        if plan.logprobs is None:
+            events += [head + _dumps(self.text_delta(word)) + tail for word in plan.text]
+        else:  # (asked for: each text chunk carries its token's logprobs)
+            lp_tail = b"".join(b"," + _dumps(k) + b":" + _dumps(v) for k, v in self.choice_extra.items()
+                               if k != "logprobs") + b',"finish_reason":null}]}\n\n'
+            events += [head + _dumps(self.text_delta(word)) + b',"logprobs":'
+                       + _dumps(token_logprobs(word, plan.logprobs)) + lp_tail for word in plan.text]
+        events += [head + _dumps(d) + tail for i, (name, args) in enumerate(plan.tool_calls)
+                   for d in self.tool_deltas(i, name, args)]
         if plan.fault == "midstream-error":
             events.append(_sse(MIDSTREAM_ERROR))
         if plan.fault:
@@ -659,12 +679,23 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         raw = self._read_body()  # always consume the body to keep the keep-alive connection in sync
+        if self.route == "/tokenize":
+            return self._tokenize(raw)
         if self.route != "/v1/chat/completions":
             return self._not_found()
         try:
             self._chat(raw)
         except ApiError as e:
             self._send_json(e.status, e.body(), e.headers)
+
+    def _tokenize(self, raw):
+        """vLLM's /tokenize of a chat request: its prompt's token count (as a turn would count it)."""
+        try:
+            body = json.loads(raw)
+            n = prompt_tokens(canonical_prompt(body))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return self._send_json(400, ApiError(400, "expected {model, messages, tools}").body())
+        self._send_json(200, _dumps({"count": n, "max_model_len": self.server.max_context, "tokens": list(range(n))}))
 
     def _other(self):
         self._read_body()

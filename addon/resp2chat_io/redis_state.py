@@ -12,7 +12,7 @@ otherwise, so another owner's id is exactly a key that does not exist:
 
 | key | type | what |
 | --- | --- | --- |
-| ``resp2chat:{ns}response:{id}`` | hash | ``data``: the entry JSON (items + Response, as store.py keeps it); ``items``: the ids of the items it holds (below); ``d:{item_id}``: each one's digest (store.py ``item_digest``). Expires after ``session_ttl_hours`` |
+| ``resp2chat:{ns}response:{id}`` | hash | ``data``: the entry JSON (items + Response, as store.py keeps it; a conversation's, under its ``conv_…`` id); ``v``: its version (store.py: a write may name the version it replaces); ``items``: the ids of the items it holds (below); ``d:{item_id}``: each one's digest (store.py ``item_digest``). Expires after ``session_ttl_hours`` |
 | ``resp2chat:{ns}item:{item_id}`` | string | the id of the newest stored response of that owner holding the item unchanged, for an item the gateway produced (a response's output; never a client's input): item references. Same expiry, dropped with that response |
 | ``resp2chat:responses`` | sorted set | ``{ns}{id}`` of every owner's responses by the time they were stored (Redis's clock): the oldest go first |
 | ``resp2chat:responses:sizes`` / ``:bytes`` | hash / integer | each entry's size (by ``{ns}{id}``) and their sum: ``max_session_memory_mb`` |
@@ -95,7 +95,8 @@ end
 
 # ARGV: prefix, the response's member ({ns}{id}), its entry, the items it produced ("id digest …"),
 # the other items of its conversation with an id ("id digest …": held if produced before, unchanged),
-# ttl, max_sessions, max bytes
+# ttl, max_sessions, max bytes, the version it replaces ("": any). Returns {count, bytes} ({-1, 0}:
+# another version is there)
 _PUT_RESPONSE = _DROP + """
 local member, data, produced, others = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local ttl, max_n, max_b = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
@@ -103,6 +104,8 @@ local ns, id = split(member)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 for _, old in ipairs(redis.call('ZRANGEBYSCORE', idx, '-inf', now - ttl)) do drop(old) end
+local version = tonumber(redis.call('HGET', prefix .. ns .. 'response:' .. id, 'v') or '0')
+if ARGV[9] ~= '' and tonumber(ARGV[9]) ~= version then return {-1, 0} end
 drop(member)
 local held, digests = {}, {}
 for iid, digest in string.gmatch(produced, '(%S+) (%S+)') do
@@ -117,7 +120,7 @@ for iid, digest in string.gmatch(others, '(%S+) (%S+)') do
   end
 end
 local key = prefix .. ns .. 'response:' .. id
-redis.call('HSET', key, 'data', data, 'items', table.concat(held, ' '))
+redis.call('HSET', key, 'data', data, 'items', table.concat(held, ' '), 'v', version + 1)
 for _, iid in ipairs(held) do
   redis.call('HSET', key, 'd:' .. iid, digests[iid])
   redis.call('SET', prefix .. ns .. 'item:' .. iid, id, 'EX', ttl)
@@ -258,22 +261,28 @@ class RedisResponseStore:
     def __len__(self) -> int:
         return self.count
 
-    async def put(self, response_id: str, items: list, response: dict, *, owner: str = owners.SHARED) -> None:
+    async def put(self, response_id: str, items: list, response: dict, *, owner: str = owners.SHARED,
+                  expect: int | None = None) -> bool:
         data = json.dumps({"items": items, "response": response}, ensure_ascii=False, separators=(",", ":")).encode()
         if len(data) > self.max_bytes or self.ttl <= 0 or self.max_entries <= 0:
-            return
+            return False
         script = self.state.script("put_response")
         produced, others = _item_ids(items, response)
         member = namespace(owner) + response_id
-        self.count, self.bytes = await self.state.call("store a response", lambda c: script(args=[
-            PREFIX, member, data, produced, others, self.ttl, self.max_entries, self.max_bytes]))
+        count, size = await self.state.call("store a response", lambda c: script(args=[
+            PREFIX, member, data, produced, others, self.ttl, self.max_entries, self.max_bytes,
+            "" if expect is None else expect]))
+        if count < 0:
+            return False  # (another version: the caller reads it again)
+        self.count, self.bytes = count, size
+        return True
 
     async def get(self, response_id: str, *, owner: str = owners.SHARED) -> dict | None:
         if not valid_id(response_id):
             return None  # (a client's id that names no key of ours: another owner's namespace is out of reach)
         key = f"{PREFIX}{namespace(owner)}response:{response_id}"
-        data = await self.state.call("read a stored response", lambda c: c.hget(key, "data"))
-        return json.loads(data) if data else None
+        data, version = await self.state.call("read a stored response", lambda c: c.hmget(key, ["data", "v"]))
+        return {**json.loads(data), "version": int(version or 1)} if data else None
 
     async def delete(self, response_id: str, *, owner: str = owners.SHARED) -> bool:
         if not valid_id(response_id):

@@ -20,6 +20,13 @@ reusing another response's item id (altered or not) cannot change what that id r
 index lives and dies with its holders (``put`` adds a response's ids, dropping it, by expiry,
 eviction or ``delete``, removes them; a restart rebuilds it from the directory).
 
+A conversation of the Conversations API (addons/conversations.py) is an entry too, under its
+``conv_…`` id: its items, and the conversation object in place of the Response; the same
+bounds, expiry, owner and interface hold (the addons tell the two kinds apart by their ids). Each
+entry has a version, counted up by every ``put``: ``put(…, expect=version)`` writes only over
+that very version (``get`` gives it), so two turns appending to one conversation at once, on
+any replicas, cannot lose one another's items.
+
 The store interface (``Store``) is asynchronous, whatever holds the entries: this memory store
 (with its directory copy), and Redis (redis_state.py ``RedisResponseStore``) for replicas. Its
 methods take an ``owner`` and answer for that owner only. ``fresh_wait``: how long an id the
@@ -44,13 +51,14 @@ from typing import Protocol
 from resp2chat_core import owner as owners
 from resp2chat_core.replay import MAX_ENTRY_BYTES
 
-_ID = re.compile(r"^resp_[A-Za-z0-9]{8,64}$")
-_RESPONSE_ID = re.compile(r"resp_[A-Za-z0-9]{1,64}")  # what a response id the gateway made can look like
+_ID = re.compile(r"^(resp|conv)_[A-Za-z0-9]{8,64}$")  # the directory copy's files
+_RESPONSE_ID = re.compile(r"(resp|conv)_[A-Za-z0-9]{1,64}")  # what an entry id the gateway made can look like
 _ITEM_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")  # what an item id the gateway produced can look like
 
 
 def valid_id(response_id: object) -> bool:
-    """Whether a client's response id can be one the gateway made (others are unknown at once)."""
+    """Whether a client's response (or conversation) id can be one the gateway made (others are
+    unknown at once)."""
     return isinstance(response_id, str) and bool(_RESPONSE_ID.fullmatch(response_id))
 
 
@@ -91,9 +99,10 @@ class Store(Protocol):
 
     fresh_wait: float  # seconds an id not (yet) known may still be on its way from another replica
 
-    async def put(self, response_id: str, items: list, response: dict, *, owner: str = owners.SHARED) -> None: ...
+    async def put(self, response_id: str, items: list, response: dict, *, owner: str = owners.SHARED,
+                  expect: int | None = None) -> bool: ...
 
-    async def get(self, response_id: str, *, owner: str = owners.SHARED) -> dict | None: ...
+    async def get(self, response_id: str, *, owner: str = owners.SHARED) -> dict | None: ...  # with its "version"
 
     async def delete(self, response_id: str, *, owner: str = owners.SHARED) -> bool: ...
 
@@ -127,6 +136,11 @@ class Writes:
         except Exception as exc:  # noqa: BLE001 — a bug of ours: still no task exception
             log.warning(f"resp2chat: {what}: {type(exc).__name__}: {exc}", exc_info=exc)
 
+    async def landed(self) -> None:
+        """Wait for the writes running now (not those started meanwhile)."""
+        if self._running:
+            await asyncio.gather(*list(self._running), return_exceptions=True)
+
     async def flush(self) -> None:
         while self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
@@ -145,6 +159,7 @@ class ResponseStore:
         self._item_ids: dict[str, tuple[str, ...]] = {}  # response id -> the item ids it holds
         # (owner, item id) -> (its digest as produced, the response ids holding it unchanged, oldest first)
         self._items: dict[tuple[str, str], tuple[str, list[str]]] = {}
+        self._versions: dict[str, int] = {}  # entry id -> its version (the puts it has had)
         self.bytes = 0
         if self.dir:
             self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -160,29 +175,41 @@ class ResponseStore:
     def __len__(self) -> int:
         return len(self._entries)
 
-    async def put(self, response_id: str, items: list, response: dict, *, owner: str = owners.SHARED) -> None:
+    async def put(self, response_id: str, items: list, response: dict, *, owner: str = owners.SHARED,
+                  expect: int | None = None) -> bool:
         """Keep a response: ``items`` its whole conversation (inputs, then output), ``response``
-        the Response object (its ``output`` are the items it produced)."""
+        the Response object (its ``output`` are the items it produced). ``expect``: only over
+        that version of the entry (``get``'s ``version``; 0: none). False: not kept (another
+        version, or larger than the whole store)."""
         owners.check(owner)
+        self._evict()
+        found = self._entries.get(response_id)
+        version = self._versions.get(response_id, 0) if found is not None and found[2] == owner else 0
+        if expect is not None and expect != version:
+            return False
         data = json.dumps({"items": items, "response": response}, ensure_ascii=False, separators=(",", ":")).encode()
         if len(data) > self.max_bytes:
-            return  # larger than the whole store: keeping it would evict everything else
+            return False  # larger than the whole store: keeping it would evict everything else
         self._drop(response_id)
         now = self.clock()
         self._entries[response_id] = (now, data, owner)
         self.bytes += len(data)
         self._index(response_id, owner, items, response)
+        self._versions[response_id] = version + 1
         if self.dir:
             head = json.dumps({"stored_at": now, "owner": owner}).encode()[:-1]
             _write_private(self.dir / f"{response_id}.json", head + b',"entry":' + data + b"}")
         self._evict()
+        return response_id in self._entries
 
     async def get(self, response_id: str, *, owner: str = owners.SHARED) -> dict | None:
         if not valid_id(response_id):
             return None
         self._evict()
         found = self._entries.get(response_id)
-        return json.loads(found[1]) if found and found[2] == owner else None
+        if not found or found[2] != owner:
+            return None
+        return {**json.loads(found[1]), "version": self._versions.get(response_id, 1)}
 
     async def delete(self, response_id: str, *, owner: str = owners.SHARED) -> bool:
         found = self._entries.get(response_id)
@@ -230,6 +257,7 @@ class ResponseStore:
         found = self._entries.pop(response_id, None)
         if found is None:
             return False
+        self._versions.pop(response_id, None)
         self._unindex(response_id, found[2])
         self.bytes -= len(found[1])
         if self.dir:
@@ -247,7 +275,7 @@ class ResponseStore:
 
     def _load_dir(self) -> None:
         found = []
-        for path in self.dir.glob("resp_*.json"):
+        for path in self.dir.glob("*_*.json"):  # (resp_… and conv_…: _ID)
             if not _ID.match(path.stem):
                 continue
             try:

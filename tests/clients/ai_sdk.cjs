@@ -1,19 +1,28 @@
-// The Vercel AI SDK (`ai` + `@ai-sdk/openai`) against a resp2chat gateway, default settings:
-// the OpenAI provider speaks the Responses API and keeps `store` on, so earlier assistant
-// messages and reasoning go back as item_reference. Run by tests/test_clients.py:
-//   node ai_sdk.cjs <scenario> <base_url>     (AI_SDK_DIR: the npm folder holding node_modules)
+// The Vercel AI SDK (`ai`) against a resp2chat gateway, default settings, through one of its two
+// Responses providers:
+// - `openai` (`@ai-sdk/openai`): speaks the Responses API and keeps `store` on, so earlier
+//   assistant messages and reasoning go back as item_reference;
+// - `open-responses` (`@ai-sdk/open-responses`, for Open Responses servers): sends the whole
+//   history each time, reads reasoning as a summary or as content.
+// Run by tests/test_clients.py:
+//   node ai_sdk.cjs <scenario> <base_url> [openai|open-responses]   (AI_SDK_DIR: the npm folder holding node_modules)
 // Prints one JSON object on stdout.
 const path = require("node:path");
 const { createRequire } = require("node:module");
 
 const need = createRequire(path.join(process.env.AI_SDK_DIR, "package.json"));
 const { streamText, generateText, Output, tool, stepCountIs } = need("ai");
-const { createOpenAI } = need("@ai-sdk/openai");
 const { z } = need("zod");
 
-const [scenario, baseURL] = process.argv.slice(2);
-const openai = createOpenAI({ baseURL, apiKey: "unused" });
-const model = openai("demo-model"); // the Responses API: the provider's default
+const [scenario, baseURL, provider = "openai"] = process.argv.slice(2);
+const providers = {
+  openai: () => need("@ai-sdk/openai").createOpenAI({ baseURL, apiKey: "unused" })("demo-model"), // the Responses API: its default
+  "open-responses": () =>
+    need("@ai-sdk/open-responses").createOpenResponses({ name: "gateway", url: `${baseURL}/responses`, apiKey: "unused" })(
+      "demo-model",
+    ),
+};
+const model = providers[provider]();
 
 const scenarios = {
   async stream() {
@@ -21,6 +30,18 @@ const scenarios = {
     const deltas = [];
     for await (const delta of result.textStream) deltas.push(delta);
     return { deltas, text: await result.text, reasoning: await result.reasoningText };
+  },
+
+  // asking for a reasoning summary: the provider sends reasoning.summary only to a model it
+  // takes for a reasoning model (forceReasoning tells it this one is)
+  async summary() {
+    const result = streamText({
+      model,
+      prompt: "hello from the ai sdk",
+      providerOptions: { openai: { forceReasoning: true, reasoningSummary: "auto" } },
+    });
+    for await (const _ of result.textStream);
+    return { text: await result.text, reasoning: await result.reasoningText };
   },
 
   async tools() {
@@ -49,7 +70,7 @@ const scenarios = {
     messages.push(...first.response.messages);
     messages.push({ role: "user", content: "what is my name" });
     const second = await generateText({ model, messages });
-    return { first: first.text, second: second.text };
+    return { first: first.text, second: second.text, reasoning: first.reasoningText ?? "" };
   },
 
   async structured() {

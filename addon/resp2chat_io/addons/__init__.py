@@ -5,11 +5,15 @@
 - ``Listen``          bind_addr, reverse mode, lazy connections (a gateway, not a proxy), TLS
 - ``Gate``            /healthz, HTTPS, Host, Origin, the gateway key, which paths and methods are
                       served (passthrough_paths), content type, body size: all at the head
-- ``StoredResponses`` GET/DELETE /v1/responses/{id}; the one lookup of what a turn refers to
+- ``StoredResponses`` GET/DELETE /v1/responses/{id} (and its input_items); the one lookup of what a turn
+                      refers to; a conversation's new items
+- ``Conversations``   the Conversations API (/v1/conversations…), on the response store
+- ``Background``      background: true: the turn runs in the gateway; poll, cancel, resume (its streams' hooks)
 - ``Limits``          each client's rpm, tpm, max_streams (asked by Turns.admit; in Redis for replicas)
 - ``ReplayCache``     identical requests answered without the backend (asked by HttpTurns)
 - ``Turns``           one turn's steps, both transports: decode, look up, lower, start, settle (no hooks)
-- ``HttpTurns``       POST /v1/responses: drives a turn through the relay, streams it, records it
+- ``HttpTurns``       POST /v1/responses (and /compact): drives a turn through the relay, streams it, records it
+- ``InputTokens``     POST /v1/responses/input_tokens: the backend's tokenizer, else an estimate
 - ``ServerReplay``    --server-replay answers reruns of recorded turns (what varies between runs ignored)
 - ``ResponsesWebSocket`` ws://…/v1/responses: drives the same turns for each message of a socket
 - ``Upstreams``       passthrough_paths to the upstream (answers scrubbed); the relay's lifetime and timeouts
@@ -30,9 +34,12 @@ from __future__ import annotations
 from resp2chat_io import views
 
 from .access_log import AccessLog
+from .background import Background
 from .base import SettingsSource
+from .conversations import Conversations
 from .gate import Egress, Gate
 from .http_turns import HttpTurns
+from .input_tokens import InputTokens
 from .limits import Limits
 from .listen import Listen
 from .mcp import McpServers
@@ -60,6 +67,8 @@ def build() -> list:
     store = StoredResponses(source, upstreams)
     limits = Limits(store)
     turns = Turns(source, upstreams, search, store, limits, hosted)
+    store.sealer = turns.sealer
+    background = store.background = Background(turns, store, upstreams.relay)
     replay = ReplayCache(source, upstreams, turns, store)
     outcomes = Outcomes()
     request_log = RequestLog(source, turns)
@@ -67,11 +76,12 @@ def build() -> list:
     turns.started += [request_log.started, raw.started]
     turns.finished += [limits.finished, replay.finished, store.finished, outcomes.finished, request_log.finished]
     gate = Gate(source, upstreams.relay)
-    http_turns = HttpTurns(turns, upstreams, replay, store, gate)
+    http_turns = HttpTurns(turns, upstreams, replay, store, gate, background)
     server_replay = ServerReplay(turns)
     sockets = ResponsesWebSocket(source, upstreams, turns, gate, server_replay, outcomes)
     return [
-        Listen(source, upstreams), gate, store, limits, replay, turns, http_turns, server_replay, sockets,
+        Listen(source, upstreams), gate, background, store, Conversations(store, upstreams), limits, replay, turns,
+        http_turns, InputTokens(turns, upstreams, gate), server_replay, sockets,
         upstreams, outcomes, Metrics(turns, store, replay, outcomes), AccessLog(source, outcomes),
         request_log, raw, search, hosted, SettingsCommand(source), Egress(gate), Redact(upstreams),
     ]

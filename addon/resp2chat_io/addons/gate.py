@@ -147,7 +147,7 @@ class Gate(Owner):
         where = G.route(req.method, path, self.rules)
         if isinstance(where, GatewayError):
             return self.refuse(flow, where)
-        if req.method == "POST" and path in G.RESPONSES_PATHS and (err := G.content_type_refusal(req.headers.get("content-type"))):
+        if G.takes_json(req.method, path) and (err := G.content_type_refusal(req.headers.get("content-type"))):
             return self.refuse(flow, err)
         size = self.declared(req)
         if size is None:

@@ -28,11 +28,13 @@ from urllib.parse import urlsplit
 
 from mitmproxy import ctx, http
 
-from resp2chat_core import mcp
+from resp2chat_core import compaction, mcp
 from resp2chat_core.channel import Reader, scrub
+from resp2chat_core.conversations import named
 from resp2chat_core.errors import GatewayError, error_json, gateway_failure
 from resp2chat_core.labels import shown
 from resp2chat_core.replay import entry_flags, unpack_fresh
+from resp2chat_core.sse import DONE
 from resp2chat_core.usage import usage_note
 from resp2chat_core.websocket import final_response
 from resp2chat_io import offload
@@ -48,6 +50,7 @@ FAILED_STATUS = {
     "rate_limit_exceeded": 429,
     "insufficient_quota": 429,
 }
+COMPACT_PATHS = tuple(p + "/compact" for p in RESPONSES_PATHS)  # POST /v1/responses/compact
 FIRST_SLICE = 2048  # backend bytes translated before the first tick's answer goes out (TurnStream)
 # what the flow keeps of a request refused before its tools were read (the caps) that may hold an
 # mcp tool's headers, which are never recorded
@@ -95,11 +98,12 @@ class TurnStream:
     channel, which asks for one more tick: the first tokens go out at once, the rest a pass
     later. Once per turn, so a turn costs at most one extra mitmproxy pass."""
 
-    __slots__ = ("reader", "channel", "rid", "sliced")
+    __slots__ = ("reader", "channel", "rid", "sliced", "ended")
 
     def __init__(self, reader: Reader, channel, rid: str = "") -> None:
         self.reader, self.channel, self.rid = reader, channel, rid
         self.sliced = False  # the first backend bytes were seen (sliced or not)
+        self.ended = False  # the stream's data: [DONE] went out (after the terminal event)
 
     def __call__(self, data: bytes):
         reader = self.reader
@@ -120,7 +124,16 @@ class TurnStream:
                                   f"{type(exc).__name__}: {exc}")
             except BaseException:  # noqa: BLE001 — the translator itself is broken: end the body
                 out = b""
+        if not self.ended and reader.translator.done:
+            self.ended = True
+            out += DONE  # (sse.DONE: after the terminal event, the stream's own end)
         return out or []
+
+    @property
+    def answer(self) -> bytes:
+        """What the client got: the translator's events, then the stream's end once it went out
+        (what a flow file, the replay cache and ``Finished.answer`` keep)."""
+        return bytes(self.reader.sent) + (DONE if self.ended else b"")
 
     def _first_slice(self, items: list) -> list:
         """The items to translate now, the first backend bytes cut after ``FIRST_SLICE`` bytes
@@ -147,8 +160,9 @@ class TurnStream:
 class HttpTurns:
     name = "resp2chat_http_turns"
 
-    def __init__(self, turns, upstreams, replay, store, gate) -> None:
+    def __init__(self, turns, upstreams, replay, store, gate, background) -> None:
         self.turns, self.upstreams, self.replay, self.store, self.gate = turns, upstreams, replay, store, gate
+        self.background = background  # (addons/background.py: background: true)
         self.relay = upstreams.relay
         self.live: dict[str, TurnRun] = {}  # this transport's turns, by flow id (the same runs as in Turns.in_flight)
         self.aside: set[str] = set()  # flows whose request went to the relay without its body (BodyAside)
@@ -160,7 +174,8 @@ class HttpTurns:
             return
         req = flow.request
         path = req.path.split("?", 1)[0]
-        if req.method != "POST" or path not in RESPONSES_PATHS:
+        compact = path in COMPACT_PATHS  # POST /v1/responses/compact: a remote-compaction turn (compaction.py)
+        if req.method != "POST" or path not in RESPONSES_PATHS and not compact:
             return
         started = time.monotonic()
         body = req.get_content(strict=False) or b""
@@ -177,16 +192,22 @@ class HttpTurns:
         owner = self.upstreams.owner_of(flow)  # (before the client's credentials are left behind below)
         raw = data = None
         try:
-            hit = await self._cached(flow, body, owner)
+            hit = None if compact else await self._cached(flow, body, owner)  # (the cache keys /v1/responses)
             data = await self.turns.decode(body)
             raw = self.turns.check(data, client)
             note_request(meta, None, raw)
+            if compact:
+                raw = compaction.compact_request(raw)
+            if named(raw) is not None or raw.get("background") is True:  # a conversation changes between two
+                hit = None  # identical requests, a background response is its own: never from (nor into) the cache
+                meta.pop("replay_key", None)
             found = await self.turns.lookup(raw, owner)
             if hit is not None and self._answer_hit(flow, hit, raw, found, owner, limits):
                 self.turns.release(client, flow.id)
                 return
-            turn = self.turns.lower(raw, found, owner=owner, request_id=request_id(flow))
+            turn = self.turns.lower(raw, found, owner=owner, request_id=request_id(flow), keep_items=compact)
             meta["response_id"] = turn.ctx.response_id  # (a turn from now on: outcomes.py)
+            queued = await self.background.queue(turn) if turn.background else None  # (stored before it runs)
             run = self.turns.start(turn, flow, turn_id=flow.id, started=started, client_headers=req.headers,
                                    client=client, limits=limits)
         except GatewayError as err:
@@ -203,6 +224,14 @@ class HttpTurns:
         except BaseException:
             self.turns.release(client, flow.id)  # (it fails closed: base.py)
             raise
+        if queued is not None:  # it runs in the gateway: the client gets it queued, or its events as they come
+            bg = self.background.start(run)
+            if turn.client_stream:
+                self.background.feed(flow, bg.log, -1)
+            else:
+                flow.response = json_response(200, queued, x_request_id=run.request_id)
+                flow.response.headers.update(limits)
+            return
         self.live[flow.id] = run  # (``_end`` forgets it)
         ex = run.exchange
         first = ex.candidates[0]
@@ -316,7 +345,7 @@ class HttpTurns:
         # backend's [DONE], a moment before the relay's body ends: mitmproxy then reports
         # "Client disconnected" instead of a response. The turn happened all the same: record it.
         if streamed and not flow.response.raw_content:  # mitmproxy stores a streamed body only at its end
-            flow.response.raw_content = bytes(run.reader.sent)
+            flow.response.raw_content = flow.response.stream.answer
         # A turn that failed closed at its response head sent its 500 at once: the client may
         # have read it and hung up before the relay's body ended. Otherwise the client got
         # nothing (it went away first, or the relay failed): recorded as it stood (unfinished,
@@ -362,6 +391,8 @@ class HttpTurns:
             status = FAILED_STATUS.get(err["code"], 502)
             body = error_json(err["message"], status_type="upstream_error", code=err["code"])
         else:
+            if flow.metadata[META].get("client_path") in COMPACT_PATHS:  # the endpoint's own answer
+                result = compaction.compacted(result, run.turn.items)
             status, body = 200, json.dumps(result, ensure_ascii=False).encode()
         flow.response = json_response(status, scrub(body, self.turns.secrets), x_request_id=run.request_id)
         flow.response.headers.update(run.limits)
@@ -373,7 +404,7 @@ class HttpTurns:
         turn, t, reader = run.turn, run.reader.translator, run.reader
         meta = flow.metadata[META]
         if answer is None:
-            answer = bytes(reader.sent) if turn.client_stream and not failed else flow.response.content
+            answer = flow.response.stream.answer if turn.client_stream and not failed else flow.response.content
         done, record = self.turns.settle(run, answer, meta.get("failed_in") if failed else None)
         meta.update(record)
         ex = run.exchange

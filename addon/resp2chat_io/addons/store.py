@@ -22,9 +22,12 @@ responses and items, so another owner's id is exactly an unknown one (404,
 from __future__ import annotations
 
 import asyncio
+import time
+import uuid
 
 from mitmproxy import http
 
+from resp2chat_core import background as B, conversations, gate as G, listing
 from resp2chat_core.errors import GatewayError
 from resp2chat_core.labels import shown
 from resp2chat_core.turn import Found
@@ -33,9 +36,14 @@ from resp2chat_io.store import ResponseStore, StateUnavailable, Store, Writes
 
 from .base import Owner, fails_closed, json_response, log, refusal
 
-PREFIXES = ("/v1/responses/", "/responses/")
-CONVERSATIONS = ("/v1/conversations", "/conversations")  # not implemented: answered here, not forwarded
 FRESH_POLL = 0.05  # seconds between two asks for an id not known yet
+APPEND_TRIES = 8  # writes of a conversation's new items, each over the version it read
+
+
+def new_item_id(kind: str, _index: int = 0) -> str:
+    """An id for an item a conversation keeps (``msg`` or ``item``), as OpenAI's look (listing.py
+    ``with_ids``)."""
+    return f"{kind}_{uuid.uuid4().hex}"
 
 
 def store_unavailable(why: str) -> GatewayError:
@@ -55,6 +63,8 @@ class StoredResponses(Owner):
         self.store: Store | None = None
         self.state: RedisState | None = None  # Redis, when state_store_url is set (also the replay cache's)
         self.writes = Writes()  # the store's writes and the replay cache's
+        self.sealer = None  # the gateway's (Turns.sealer, set by build()): sealed reasoning in item lists
+        self.background = None  # addons/background.py (set by build()): cancel, resume
         self._config: tuple | None = None
 
     def apply(self, updated: set[str]) -> None:
@@ -88,15 +98,23 @@ class StoredResponses(Owner):
     # --- what a turn refers to -------------------------------------------------------------------
 
     async def lookup(self, previous: str | None, refs: tuple[str, ...], *, owner: str,
-                     memory=None) -> Found:
-        """The one lookup of a turn, before it is lowered (turns.py ``Turns.prepare``):
-        ``previous``'s conversation and the items ``refs`` name, ``owner``'s. ``memory`` (a
-        WebSocket's ``Connection``) is asked first for ``previous``. ``store_unavailable`` (a
+                     memory=None, kind: str = "response") -> Found:
+        """The one lookup of a turn, before it is lowered (turns.py ``Turns.lookup``):
+        ``previous``'s conversation (a response's; ``kind`` ``conversation``: a conversation's
+        items) and the items ``refs`` name, ``owner``'s. ``memory`` (a WebSocket's
+        ``Connection``) is asked first for a previous response. ``store_unavailable`` (a
         ``GatewayError``) when the store cannot be reached."""
-        earlier = memory.history(previous) if memory is not None and previous is not None else None
+        earlier = memory.history(previous) if memory is not None and previous is not None and kind == "response" \
+            else None
         try:
             if previous is not None and earlier is None:
-                entry = await self.get(previous, owner)
+                if kind == "conversation":  # (this gateway's appends to it land first: read your own turns)
+                    await self.writes.landed()
+                entry = await self.get(previous, owner, kind)
+                if entry is not None and B.is_running(entry["response"]):
+                    raise GatewayError(f"previous response {shown(previous)!r} is a background response that has not "
+                                       "ended: continue it once it has", param="previous_response_id",
+                                       code="previous_response_in_progress")
                 earlier = entry["items"] if entry else None
             items = await self.store.items(refs, owner=owner) if refs else {}
         except StateUnavailable:
@@ -104,54 +122,122 @@ class StoredResponses(Owner):
                                     else "item_reference") from None
         return Found(earlier, items)
 
-    async def get(self, response_id: str, owner: str) -> dict | None:
-        """A stored entry (``StateUnavailable`` when the store is down); an id the store does not
-        know yet is asked again for up to its ``fresh_wait`` (it may be on its way)."""
+    async def get(self, response_id: str, owner: str, kind: str = "response") -> dict | None:
+        """A stored entry of this ``kind`` (``response``, or ``conversation``: what its object
+        is), ``StateUnavailable`` when the store is down; an id the store does not know yet is
+        asked again for up to its ``fresh_wait`` (it may be on its way)."""
         entry = await self.store.get(response_id, owner=owner)
         waited = 0.0
         while entry is None and waited < self.store.fresh_wait:
             await asyncio.sleep(FRESH_POLL)
             waited += FRESH_POLL
             entry = await self.store.get(response_id, owner=owner)
-        return entry
+        return entry if entry is not None and entry["response"].get("object") == kind else None
 
     def put(self, response_id: str, items: list, final: dict, *, owner: str) -> None:
         self.writes.start(f"response {response_id} not stored",
                           self.store.put(response_id, items, final, owner=owner))
 
     def finished(self, done) -> None:
-        if done.status == "completed" and done.turn.store:  # (the final's id: a replayed answer keeps its own)
-            self.put(done.final["id"], done.turn.items + done.final["output"], done.final, owner=done.turn.owner)
+        turn = done.turn
+        if done.status == "completed" and turn.store and not turn.background:  # (the final's id: a replayed
+            # answer keeps its own; a background response is stored by addons/background.py, as it ended)
+            self.put(done.final["id"], turn.items + done.final["output"], done.final, owner=turn.owner)
+        if done.status == "completed" and turn.conversation is not None:  # its new items join it, in one write
+            added = turn.items[turn.continued:] + done.final["output"]
+            self.writes.start(f"conversation {shown(turn.conversation)} not updated",
+                              self.append(turn.conversation, added, turn.owner))
 
-    # --- GET/DELETE /v1/responses/{id} ----------------------------------------------------------
+    async def append(self, conversation_id: str, items: list, owner: str) -> list:
+        """Items join a conversation, in one write; returns them with their ids (the ones they
+        lack, made here). ``rewrite``'s errors."""
+        items = listing.with_ids(items, new_item_id)
+        return await self.rewrite(conversation_id, owner, lambda old, obj: (old + items, obj, items))
+
+    async def rewrite(self, conversation_id: str, owner: str, change):
+        """A conversation changed in one write over the version it was read from (another write
+        in between, on any replica: read again, change again). ``change(items, object)`` gives
+        ``(items, object, result)``; returns ``result``. ``conversations.not_found`` when it is
+        gone; a ``GatewayError`` when the store would not keep it (too large), or it changed
+        too often meanwhile."""
+        tried = None
+        for _ in range(APPEND_TRIES):
+            entry = await self.get(conversation_id, owner, "conversation")
+            if entry is None:
+                raise conversations.not_found(conversation_id)
+            if entry["version"] == tried:  # (not another write: the store would not keep it)
+                raise GatewayError(f"conversation {shown(conversation_id)!r} would be larger than the store keeps "
+                                   "(max_session_memory_mb)", param="items", code="conversation_too_large",
+                                   status=413)
+            items, obj, result = change(entry["items"], entry["response"])
+            if await self.store.put(conversation_id, items, obj, owner=owner, expect=entry["version"]):
+                return result
+            tried = entry["version"]
+        raise GatewayError(f"conversation {shown(conversation_id)!r} changed too often to be written: try again",
+                           code="conversation_busy", status=409)
+
+    # --- GET/DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items ----------------------
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.is_replay == "response":
             return
         path = flow.request.path.split("?", 1)[0]
-        if path.startswith(CONVERSATIONS) and path.removeprefix("/v1").split("/")[1] == "conversations":
-            flow.response = refusal(flow, GatewayError(
-                "the Conversations API is not supported by this gateway: send the whole history in input, "
-                "or continue a stored response with previous_response_id", code="unsupported_endpoint", status=404))
+        found = G.endpoint(path)  # (the gate let only its methods through)
+        if found is None or found[0] != "responses" or found[1] not in ("/{id}", "/{id}/input_items", "/{id}/cancel"):
             return
-        if not path.startswith(PREFIXES):
-            return
-        response_id, method = path.rsplit("/", 1)[1], flow.request.method
-        if method not in ("GET", "DELETE"):
-            flow.response = refusal(flow, GatewayError(f"{method} is not supported here", status=405))
-            return
+        (response_id,), method = G.path_ids(path), flow.request.method
         owner = self.upstreams.owner_of(flow)
+        if found[1] == "/{id}/cancel":
+            return await self._cancel(flow, response_id, owner)
+        if method == "GET" and found[1] == "/{id}" and flow.request.query.get("stream") in ("true", "1"):
+            return await self.background.resume(flow, response_id, owner)
         try:
+            page = listing.page_query(flow.request.query) if found[1] == "/{id}/input_items" else None
             entry = await self.get(response_id, owner)
             if entry is not None and method == "DELETE":
                 await self.store.delete(response_id, owner=owner)
         except StateUnavailable:
             flow.response = refusal(flow, store_unavailable(f"{method} {path}"))
             return
-        if entry is None:
+        except GatewayError as err:
+            flow.response = refusal(flow, err)
+            return
+        if entry is None:  # (a conversation's id is no response's: ``get``'s kind)
             flow.response = refusal(flow, GatewayError(f"no stored response {shown(response_id)!r}",
                                                        code="response_not_found", status=404))
+        elif page is not None:
+            flow.response = self.input_items(flow, entry, page, self.sealer)
         elif method == "GET":
-            flow.response = json_response(200, entry["response"])
+            flow.response = json_response(200, await self.seen(response_id, entry, owner))
         else:
             flow.response = json_response(200, {"id": response_id, "object": "response", "deleted": True})
+
+    async def seen(self, response_id: str, entry: dict, owner: str) -> dict:
+        """A stored Response as a client sees it: a background one whose gateway died is
+        ``failed`` (and stored so, over what was read), never ``in_progress`` forever."""
+        response = entry["response"]
+        if B.is_dead(response, time.time()):
+            response = B.dead(response)
+            self.writes.start(f"response {response_id} not stored", self.store.put(
+                response_id, entry["items"], response, owner=owner, expect=entry["version"]))
+        return B.public(response)
+
+    async def _cancel(self, flow: http.HTTPFlow, response_id: str, owner: str) -> None:
+        try:
+            flow.response = json_response(200, await self.background.cancel(response_id, owner))
+        except GatewayError as err:
+            flow.response = refusal(flow, err)
+        except StateUnavailable:
+            flow.response = refusal(flow, store_unavailable(f"POST /v1/responses/{response_id}/cancel"))
+
+    @staticmethod
+    def input_items(flow: http.HTTPFlow, entry: dict, page: listing.Page, sealer) -> http.Response:
+        """A stored response's input items (its whole conversation before its output), a page of
+        them (listing.py); ids the items lack are given from the response's id."""
+        items, response = entry["items"], entry["response"]
+        items = items[:len(items) - len(response.get("output") or ())]
+        try:
+            return json_response(200, listing.page(listing.listed_ids(items, response["id"].removeprefix("resp_")),
+                                                   page, sealer))
+        except GatewayError as err:
+            return refusal(flow, err)

@@ -37,6 +37,7 @@ from mitmproxy import http
 from resp2chat_core import settings as S
 from resp2chat_core.channel import Reader, record_events, scrub
 from resp2chat_core.clients import ClientSpec, allows_model, not_allowed
+from resp2chat_core.conversations import named
 from resp2chat_core.errors import GatewayError, gateway_failure
 from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.replay import MAX_ENTRY_BYTES, replay_key
@@ -196,13 +197,14 @@ class Turns(Owner):
         return raw
 
     async def lookup(self, raw: dict, owner: str, memory=None) -> Found:
-        """What the request refers to (its previous response, item references), ``owner``'s:
-        a WebSocket's ``memory`` first, then the response store. ``GatewayError`` 503 when the
-        store cannot be reached."""
+        """What the request refers to (its previous response or the conversation it names, item
+        references), ``owner``'s: a WebSocket's ``memory`` first, then the response store.
+        ``GatewayError`` 503 when the store cannot be reached."""
         previous, refs = wanted(raw)
         if previous is None and not refs:
             return Found()
-        return await self.store.lookup(previous, refs, owner=owner, memory=memory)
+        kind = "conversation" if named(raw) is not None else "response"
+        return await self.store.lookup(previous, refs, owner=owner, memory=memory, kind=kind)
 
     def lower(self, raw: dict, found: Found, *, owner: str, request_id: str, keep_items: bool = False) -> Turn:
         """The turn of a checked request (``GatewayError`` for one the gateway cannot serve):
@@ -212,6 +214,7 @@ class Turns(Owner):
                           route=self.route if self.specs else None, keep_items=keep_items,
                           mcp_servers=self.hosted.specs if self.hosted is not None else ())
         turn.owner, turn.ctx.request_id = owner, request_id  # (the request id: named in the failures the client sees)
+        turn.ctx.clock = time.time  # (completed_at: the core reads no clock)
         return turn
 
     def conversation(self, raw: dict, found: Found) -> list:

@@ -304,7 +304,7 @@ class ResponsesWebSocket(Owner):
         socket's memory asked first for what it continues; the events sent one message each."""
         # read as an HTTP body is (requestbody.py); a lone surrogate then fails as invalid UTF-8
         body = message if isinstance(message, bytes) else message.encode("utf-8", "surrogatepass")
-        data = None
+        data = create = None
         turns = self.turns
         turn_id = f"{live.flow.id}:{live.messages}"
         client = verdict = None
@@ -322,10 +322,15 @@ class ResponsesWebSocket(Owner):
                     raise verdict.error(client.name)
             m.request = turns.check(create.body, client)
             self._redact(live, m, mcp.redact_text(m.text, create.body))
+            if create.body.get("background") is True:  # (it outlives its connection: HTTP's, polled)
+                raise GatewayError("background responses are created over HTTP (POST /v1/responses), not on the "
+                                   "WebSocket", param="background", code="unsupported_parameter")
             found = await turns.lookup(create.body, live.owner, live.conn)
             m.turn = turn = turns.lower(create.body, found, owner=live.owner, request_id=m.request_id,
                                         keep_items=True)  # (the socket remembers its conversation)
         except GatewayError as err:
+            if create is not None and create.previous is not None:
+                live.conn.forget(create.previous)  # (a failed continuation evicts what it continued)
             if m.request is None and data is not None and b'"mcp"' in body:  # refused before its tools were read
                 self._redact(live, m, UNREAD_MCP)
             if verdict is not None and verdict.admitted:
@@ -372,6 +377,8 @@ class ResponsesWebSocket(Owner):
         done = self._finish(live, m)
         if done.status == "completed":
             live.conn.remember(turn.ctx.response_id, turn.items + run.reader.translator.output)
+        elif done.status == "failed" and create.previous is not None:
+            live.conn.forget(create.previous)  # (as a refused continuation: ws.Connection.forget)
 
     @staticmethod
     def _redact(live: OpenSocket, m: Message, text: str) -> None:

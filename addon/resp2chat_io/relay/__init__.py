@@ -7,9 +7,9 @@
 """
 
 from .exchange import Exchange, SearchSettings
-from .server import KEY_HEADER, TURN_HEADER, Answer, Relay
+from .server import KEY_HEADER, TURN_HEADER, Answer, Feed, Relay
 from .upstream import CallEnd, Target, UpstreamClient
 from .websocket import Socket
 
-__all__ = ["Answer", "Exchange", "SearchSettings", "Relay", "TURN_HEADER", "KEY_HEADER", "CallEnd", "Target", "UpstreamClient",
+__all__ = ["Answer", "Exchange", "Feed", "SearchSettings", "Relay", "TURN_HEADER", "KEY_HEADER", "CallEnd", "Target", "UpstreamClient",
            "Socket"]

@@ -32,6 +32,11 @@ this connection and the backend call is cancelled with it, so a dropped turn sto
 A turn the addon gives up (it failed closed at the response head: ``Exchange.abort``) has its
 backend call cancelled too, and its body ended at once.
 
+A ``Feed`` is a stream the gateway makes itself, from no backend call of its own (a background
+response's events, which a turn running elsewhere in the gateway produces:
+addons/background.py): ``200`` at once, a tick whenever the addon calls ``wake``, the body's end
+when it calls ``end``; the client going away only ends this connection.
+
 It also answers, for the gate, a request refused at its head whose body the gate will not read
 (``Answer``: addons/gate.py says why an addon cannot do that itself): the refusal goes out at once,
 and the connection ends when the body has ended, or as soon as the gate says it went on too long.
@@ -45,6 +50,7 @@ import logging
 import socket
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from typing import Callable
 
 import h11
 
@@ -81,13 +87,27 @@ class Answer:
         self.closed.set()
 
 
+@dataclass(eq=False)
+class Feed:
+    """A stream the gateway makes itself (see the module's docstring): the flow's stream
+    callable takes what to send from where the addon keeps it, at each tick."""
+
+    turn_id: str  # the flow's id
+    secret: str
+    wake: Callable[[], None] | None = None  # set while the relay serves it: one tick
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def end(self) -> None:
+        self.ended.set()
+
+
 class Relay:
     def __init__(self) -> None:
         self.client = UpstreamClient()
         self.server: asyncio.base_events.Server | None = None
         self.port = 0
         self._sock: socket.socket | None = None
-        self._expected: dict[str, Exchange | websocket.Socket | Answer] = {}
+        self._expected: dict[str, Exchange | websocket.Socket | Answer | Feed] = {}
         self.active = 0  # exchanges in flight: tests check that aborted turns leave nothing behind
         self.sockets = 0  # Responses WebSockets open (websocket.py)
         self.refused = 0  # requests that named no registered exchange or the wrong secret
@@ -123,12 +143,12 @@ class Relay:
         self._expected.clear()
 
     def run(self, ex: Exchange):
-        """Run ``ex`` (a coroutine): a turn awaited directly (the Responses WebSocket), with this
-        relay's client and window."""
+        """Run ``ex`` (a coroutine): a turn awaited directly (the Responses WebSocket, a
+        background response), with this relay's client and window."""
         return run(ex, self.client, self.window)
 
-    def expect(self, exchange: Exchange | websocket.Socket | Answer) -> list[tuple[str, str]]:
-        """Register an exchange (or a socket, or an answer); returns the headers mitmproxy's
+    def expect(self, exchange: Exchange | websocket.Socket | Answer | Feed) -> list[tuple[str, str]]:
+        """Register an exchange (or a socket, an answer, a feed); returns the headers mitmproxy's
         request must carry."""
         self._expected[exchange.turn_id] = exchange
         return [(TURN_HEADER, exchange.turn_id), (KEY_HEADER, exchange.secret)]
@@ -141,7 +161,7 @@ class Relay:
     def expected(self) -> int:
         return len(self._expected)
 
-    def _claim(self, request: h11.Request) -> Exchange | websocket.Socket | Answer | None:
+    def _claim(self, request: h11.Request) -> Exchange | websocket.Socket | Answer | Feed | None:
         turn = key = b""
         for name, value in request.headers:
             if name == b"x-resp2chat-turn":
@@ -182,6 +202,10 @@ class Relay:
                 if isinstance(exchange, Answer):
                     await _answer(exchange, conn, reader, writer)
                     return
+                if isinstance(exchange, Feed):
+                    await _read_body(conn, reader, deadline)
+                    await _feed(exchange, conn, reader, writer)
+                    return  # (the connection was the feed's)
                 await _read_body(conn, reader, deadline)  # (none: http_turns.BodyAside; read, so the connection goes on)
                 await self._exchange(exchange, reader, writer, conn)  # (the body is the exchange's own)
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
@@ -227,6 +251,27 @@ class Relay:
             return  # the client went away: so does this connection
         # (aborted: the backend call was dropped; the body ends now, so mitmproxy sends the answer
         # the addon put in its place at once)
+        writer.write(conn.send(h11.EndOfMessage()))
+        await writer.drain()
+
+
+async def _feed(feed: Feed, conn: h11.Connection, reader: asyncio.StreamReader,
+                writer: asyncio.StreamWriter) -> None:
+    writer.write(conn.send(h11.Response(status_code=200, headers=[
+        (b"content-type", b"application/x-resp2chat-ticks"), (b"cache-control", b"no-cache"),
+        (b"transfer-encoding", b"chunked")])))
+    feed.wake = lambda: writer.write(TICK)
+    writer.write(TICK)  # (what is there already)
+    gone = asyncio.ensure_future(reader.read(1))  # EOF: the client went away
+    over = asyncio.ensure_future(feed.ended.wait())
+    try:
+        await asyncio.wait({gone, over}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        feed.wake = None
+        for t in (gone, over):
+            t.cancel()
+        await asyncio.gather(gone, over, return_exceptions=True)
+    if over.done() and not over.cancelled():
         writer.write(conn.send(h11.EndOfMessage()))
         await writer.drain()
 

@@ -200,16 +200,21 @@ class UpstreamClient:
                 return outcome
         return CallEnd.BROKEN  # not reached: a fresh connection is never stale
 
-    async def get(self, url: str, headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes]:
-        """A plain GET on a fresh connection (web search), whole body, bounded by idle_timeout."""
+    async def get(self, url: str, headers: list[tuple[bytes, bytes]], body: bytes | None = None) -> tuple[int, bytes]:
+        """A plain GET (with ``body``: a POST of it) on a fresh connection (web search, a
+        backend's model list or tokenizer), whole body (up to ``MAX_ERROR_BODY``), bounded by
+        idle_timeout."""
         target = Target(url)
         reader, writer, _ = await self._connect(target.key, pooled=False)
         try:
             conn = h11.Connection(h11.CLIENT)
             parts = target.parts
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            writer.write(conn.send(h11.Request(method="GET", target=path, headers=[
-                (b"host", parts.netloc.encode()), (b"connection", b"close"), *headers])))
+            sent = [(b"content-length", str(len(body)).encode())] if body is not None else []
+            writer.write(conn.send(h11.Request(method="GET" if body is None else "POST", target=path, headers=[
+                (b"host", parts.netloc.encode()), (b"connection", b"close"), *headers, *sent])))
+            if body:
+                writer.write(conn.send(h11.Data(data=body)))
             writer.write(conn.send(h11.EndOfMessage()))
             status, data = 0, bytearray()
             timeout = None if self.idle_timeout == float("inf") else self.idle_timeout

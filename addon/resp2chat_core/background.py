@@ -1,0 +1,127 @@
+"""Background responses (``background: true``), sans-I/O: what a stored one looks like while it
+runs, when it is dead, and the events a resumed stream gets.
+
+Rules of this file:
+- Sans-I/O and pure. resp2chat_io/addons/background.py runs the turn in the gateway, off any
+  client connection; the response store (memory, its disk copy, Redis) holds it meanwhile, so
+  any replica answers a poll (``GET /v1/responses/{id}``).
+- A background response is stored at once (``queued``), again while it runs (``in_progress``,
+  every ``RENEW_SECS``), and once more when it ends (``completed``, ``incomplete``, ``failed`` or
+  ``cancelled``). Each write while it runs carries a *lease* (``until``: the time by which the
+  next one is due, ``LEASE_SECS`` ahead) under ``PRIVATE`` in the stored Response, which no
+  client sees (``public``). A running response whose lease has passed belongs to a gateway that
+  died: whoever reads it sees it ``failed`` (``dead``), never ``in_progress`` forever.
+- Cancelling one running elsewhere (another replica) is asked through the store: ``cancel``
+  set under ``PRIVATE``; the replica running it reads that at its next renewal and stops the
+  backend call. Every write there is over the version read (store.py ``expect``), so a
+  renewal never overwrites a cancellation.
+- A response created with ``stream: true`` keeps its events (``PRIVATE``'s ``events``, once it
+  ended; the running gateway has them live): ``GET /v1/responses/{id}?stream=true&starting_after=N``
+  streams those after sequence number ``N`` (``after``).
+"""
+
+from __future__ import annotations
+
+import json
+
+from . import response
+from .errors import GatewayError
+
+PRIVATE = "_resp2chat_background"  # the stored Response's key for what only gateways read
+LEASE_SECS = 10.0  # how long a running response's last write vouches for it
+RENEW_SECS = 2.0  # how often the running gateway writes it again (and reads a cancellation)
+RUNNING = ("queued", "in_progress")
+MAX_EVENTS = 4 << 20  # a streamed response's events kept with it to resume from, at most (bytes)
+DEAD = {"code": "server_error", "message": "the gateway running this background response stopped before it finished"}
+
+
+def queued(ctx) -> dict:
+    """The Response of a background turn before it ran (``ctx``: its ``TurnContext``)."""
+    return json.loads(response.response_json(ctx.response_id, ctx.created_at, "queued", json.dumps(ctx.model),
+                                             ctx.echo_json))
+
+
+def check(raw: dict) -> None:
+    """A background request must be stored (it is polled from the store), as OpenAI requires."""
+    if raw.get("background") is True and raw.get("store") is False:
+        raise GatewayError("background: a background response is kept until it is read, so store cannot be false",
+                           param="store", code="invalid_value")
+
+
+def running(response: dict, now: float, lease: bool = True) -> dict:
+    """The Response stored while it runs (``queued`` or ``in_progress``), with its lease."""
+    private = dict(response.get(PRIVATE) or {})
+    if lease:
+        private["until"] = now + LEASE_SECS
+    return {**response, PRIVATE: private}
+
+
+def is_running(response: dict) -> bool:
+    return response.get("status") in RUNNING
+
+
+def is_dead(response: dict, now: float) -> bool:
+    """A running response whose lease has passed: its gateway died."""
+    until = (response.get(PRIVATE) or {}).get("until")
+    return is_running(response) and isinstance(until, (int, float)) and until < now
+
+
+def dead(response: dict) -> dict:
+    """What a dead running response is: ``failed``, with the reason."""
+    return {**public(response), "status": "failed", "error": DEAD}
+
+
+def cancel_asked(response: dict) -> bool:
+    return bool((response.get(PRIVATE) or {}).get("cancel"))
+
+
+def ask_cancel(response: dict) -> dict:
+    return {**response, PRIVATE: {**(response.get(PRIVATE) or {}), "cancel": True}}
+
+
+def ended(response: dict, events: bytes | None) -> dict:
+    """The Response stored once it ended; ``events``: its stream (a streamed one), kept to resume
+    (unless larger than ``MAX_EVENTS``)."""
+    if events is None:
+        return public(response)
+    kept = {"streamed": True} if len(events) > MAX_EVENTS else {"streamed": True, "events": events.decode("utf-8",
+                                                                                                      "replace")}
+    return {**response, PRIVATE: kept}
+
+
+def stored_events(response: dict) -> bytes | None:
+    events = (response.get(PRIVATE) or {}).get("events")
+    return events.encode() if isinstance(events, str) else None
+
+
+def public(response: dict) -> dict:
+    """The Response as a client sees it."""
+    return {k: v for k, v in response.items() if k != PRIVATE} if PRIVATE in response else response
+
+
+def after(sse: bytes, starting_after: int) -> bytes:
+    """The events of ``sse`` (one turn's, each ``event:``/``data:`` and a blank line) whose
+    ``sequence_number`` is above ``starting_after``."""
+    out = []
+    for block in sse.split(b"\n\n"):
+        at = block.find(b"\ndata: ")
+        if at < 0:
+            continue
+        try:
+            seq = json.loads(block[at + 7:]).get("sequence_number")
+        except ValueError:
+            continue
+        if isinstance(seq, int) and seq > starting_after:
+            out.append(block + b"\n\n")
+    return b"".join(out)
+
+
+def starting_after(query) -> int:
+    """``starting_after`` of a resume (-1: from the start); ``GatewayError`` for a bad one."""
+    value = query.get("starting_after")
+    if value is None:
+        return -1
+    if not value.isdigit():
+        raise GatewayError("starting_after: a sequence number (an integer from 0)", param="starting_after",
+                           code="invalid_value")
+    return int(value)

@@ -1,0 +1,90 @@
+"""The Conversations API (OpenAI's ``/v1/conversations``), sans-I/O: its objects, what its
+requests may hold, and a Responses request that names a conversation.
+
+Rules of this file:
+- Sans-I/O and pure: resp2chat_io/addons/conversations.py serves the endpoints and the response
+  store keeps each conversation (store.py: an entry under its ``conv_…`` id, its items and this
+  module's conversation object, owned like a response, bounded and expiring like one).
+- A conversation is ``{"id", "object": "conversation", "created_at", "metadata"}`` and its
+  items, oldest first, each with an id (listing.py ``with_ids``: its own, else a fresh one). Items are
+  Responses input items (validated as a request's ``input`` is: ``new_items``), at most
+  ``MAX_NEW_ITEMS`` per request, as OpenAI takes them.
+- A Responses request with ``conversation`` (an id, or ``{"id": …}``: ``named``) takes the
+  conversation's items as its history, and the turn's input and output are appended to it, in
+  one write, when it completes (addons/store.py); with ``previous_response_id`` it is a 400
+  (turn.py).
+- ``metadata``: at most 16 string pairs, keys up to 64 characters, values up to 512 (OpenAI's).
+"""
+
+from __future__ import annotations
+
+from .errors import GatewayError
+from .schema import parse_request
+
+PREFIX = "conv_"
+MAX_NEW_ITEMS = 20  # items one create or items request may add (OpenAI's)
+MAX_METADATA, MAX_KEY, MAX_VALUE = 16, 64, 512
+
+
+def conversation_object(conversation_id: str, created_at: int, metadata: dict) -> dict:
+    return {"id": conversation_id, "object": "conversation", "created_at": created_at, "metadata": metadata}
+
+
+def deleted(conversation_id: str) -> dict:
+    return {"id": conversation_id, "object": "conversation.deleted", "deleted": True}
+
+
+def is_id(value: object) -> bool:
+    """Whether ``value`` can name a conversation (the response store's other entries cannot)."""
+    return isinstance(value, str) and value.startswith(PREFIX)
+
+
+def named(raw: dict) -> str | None:
+    """The conversation a Responses request names (None: none); ``GatewayError`` for a value that
+    names none (neither an id nor ``{"id": …}``)."""
+    value = raw.get("conversation")
+    if value is None:
+        return None
+    found = value.get("id") if isinstance(value, dict) else value
+    if not isinstance(found, str) or not found:
+        raise GatewayError('conversation: a conversation id, or {"id": …}', param="conversation",
+                           code="invalid_type")
+    return found
+
+
+def not_found(conversation_id: str, param: str | None = None) -> GatewayError:
+    return GatewayError(f"conversation {conversation_id[:100]!r} not found (unknown, expired or deleted)",
+                        param=param, code="conversation_not_found", status=404)
+
+
+def check_metadata(value: object, param: str = "metadata") -> dict:
+    """``metadata`` as OpenAI takes it (None: empty); ``GatewayError`` otherwise."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > MAX_METADATA or not all(
+            isinstance(k, str) and isinstance(v, str) and len(k) <= MAX_KEY and len(v) <= MAX_VALUE
+            for k, v in value.items()):
+        raise GatewayError(f"{param}: at most {MAX_METADATA} string pairs (keys up to {MAX_KEY} characters, values up "
+                           f"to {MAX_VALUE})", param=param, code="invalid_value")
+    return value
+
+
+def new_items(value: object, param: str = "items") -> list:
+    """Items a request adds to a conversation, validated as a Responses request's ``input``
+    (the same 400s, named ``items[i]…``); None: none."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise GatewayError(f"{param}: a list of items", param=param, code="invalid_type")
+    if len(value) > MAX_NEW_ITEMS:
+        raise GatewayError(f"{param}: at most {MAX_NEW_ITEMS} items at a time", param=param,
+                           code="array_above_max_length")
+    if value:
+        try:
+            parse_request({"model": "-", "input": value})
+        except GatewayError as err:
+            where = (err.param or "input").replace("input", param, 1)
+            raise GatewayError(err.message.replace("input", param, 1), param=where, code=err.code) from None
+    return value
+
+

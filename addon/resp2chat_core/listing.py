@@ -1,0 +1,115 @@
+"""Items as the API lists them: ``GET /v1/responses/{id}/input_items`` and the Conversations API's
+items (conversations.py), with OpenAI's list shape and cursor pagination.
+
+Rules of this file:
+- Sans-I/O and pure: the stores hand in the items, this file decides what a page of them is.
+- One shape for every list: ``{"object": "list", "data", "first_id", "last_id", "has_more"}``;
+  ``after`` (an item id: the page starts after it, in the chosen order), ``limit`` (1 to 100,
+  default 20), ``order`` (``asc`` | ``desc``, default ``desc``: newest first, as OpenAI's), and
+  ``include`` (what items show beyond the default: ``reasoning.encrypted_content``; the other
+  values the API defines are accepted and change nothing here). A bad value is a 400 naming it.
+- An item is listed with an ``id`` (one the client gave it, else ``listed_ids`` gives it one,
+  the same each time) and, for a message, its ``type`` and ``status`` and its content as parts
+  (a string becomes one ``input_text`` or, for the assistant, ``output_text`` part).
+- A reasoning item shows its ``encrypted_content`` only when ``include`` asks for it: the
+  gateway's seal of its text (seal.py, as the turn that made it would have sealed it), whether
+  the stored conversation holds it sealed or opened.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import GatewayError
+from .inputs import REASONING_PURPOSE
+from .seal import Sealer
+
+DEFAULT_LIMIT, MAX_LIMIT = 20, 100
+ORDERS = ("asc", "desc")
+ENCRYPTED = "reasoning.encrypted_content"
+# the include values of the API's item lists (only the first changes what this gateway shows)
+INCLUDES = frozenset({ENCRYPTED, "message.input_image.image_url", "message.output_text.logprobs",
+                      "file_search_call.results", "web_search_call.results", "web_search_call.action.sources",
+                      "computer_call_output.output.image_url", "code_interpreter_call.outputs"})
+
+
+@dataclass(frozen=True)
+class Page:
+    """What a list request asks for."""
+
+    after: str | None = None
+    limit: int = DEFAULT_LIMIT
+    order: str = "desc"
+    include: frozenset = frozenset()
+
+
+def page_query(query) -> Page:
+    """A list request's query (``query.get(name)``, ``query.get_all(name)``: mitmproxy's
+    ``MultiDictView`` or a dict of lists) as a ``Page``; ``GatewayError`` names a bad value."""
+    get_all = query.get_all if hasattr(query, "get_all") else (lambda k: list(query.get(k) or ()))
+    one = {k: (get_all(k) or [None])[-1] for k in ("after", "limit", "order")}
+    include = [v for value in get_all("include") + get_all("include[]") for v in value.split(",") if v]
+    limit = DEFAULT_LIMIT
+    if one["limit"] is not None:
+        if not one["limit"].isdigit() or not 1 <= int(one["limit"]) <= MAX_LIMIT:
+            raise GatewayError(f"limit: an integer from 1 to {MAX_LIMIT}", param="limit", code="invalid_value")
+        limit = int(one["limit"])
+    order = one["order"] if one["order"] is not None else "desc"
+    if order not in ORDERS:
+        raise GatewayError("order: asc or desc", param="order", code="invalid_value")
+    for value in include:
+        if value not in INCLUDES:
+            raise GatewayError(f"include: {value[:100]!r} is not one of {', '.join(sorted(INCLUDES))}",
+                               param="include", code="invalid_value")
+    return Page(one["after"] or None, limit, order, frozenset(include))
+
+
+def with_ids(items: list, make_id) -> list:
+    """``items`` each with an ``id``: its own, else ``make_id(kind, index)`` (``kind``: ``msg``
+    for a message, ``item`` otherwise; ``index``: its place in ``items``)."""
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, dict) and not (isinstance(item.get("id"), str) and item["id"]):
+            item = {"id": make_id("msg" if item.get("type", "message") == "message" else "item", i), **item}
+        out.append(item)
+    return out
+
+
+def listed_ids(items: list, prefix: str) -> list[dict]:
+    """``with_ids`` with ``{kind}_{prefix}_{index}``: the same every time the same items are
+    listed (a stored response's input items)."""
+    return with_ids(items, lambda kind, i: f"{kind}_{prefix}_{i}")
+
+
+def as_listed(item, include: frozenset = frozenset(), sealer: Sealer | None = None) -> dict:
+    """One item as a list (or a single-item GET) shows it (the module's rules)."""
+    if not isinstance(item, dict):
+        return item
+    if item.get("type", "message") == "message" and "role" in item:
+        content = item.get("content")
+        if isinstance(content, str):
+            kind = "output_text" if item.get("role") == "assistant" else "input_text"
+            content = [{"type": kind, "text": content, **({"annotations": []} if kind == "output_text" else {})}]
+        item = {**item, "type": "message", "status": item.get("status") or "completed", "content": content}
+    if item.get("type") == "reasoning":
+        if ENCRYPTED not in include:
+            item = {k: v for k, v in item.items() if k != "encrypted_content"}
+        elif not item.get("encrypted_content") and sealer is not None:
+            parts = item.get("content") or item.get("summary") or []
+            text = "\n\n".join(p.get("text") or "" for p in parts if isinstance(p, dict))
+            item = {**item, "encrypted_content": sealer.seal(REASONING_PURPOSE, text)}
+    return item
+
+
+def page(items: list[dict], p: Page, sealer: Sealer | None = None) -> dict:
+    """A page of ``items`` (oldest first, each with an id), as the list object."""
+    ordered = items if p.order == "asc" else items[::-1]
+    start = 0
+    if p.after is not None:
+        at = next((i for i, item in enumerate(ordered) if item.get("id") == p.after), None)
+        if at is None:
+            raise GatewayError(f"after: no item {p.after[:100]!r} in this list", param="after", code="invalid_value")
+        start = at + 1
+    data = [as_listed(item, p.include, sealer) for item in ordered[start:start + p.limit]]
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": start + p.limit < len(ordered)}

@@ -1,0 +1,355 @@
+"""Background responses (``background: true``): the turn runs in the gateway, off any client
+connection; clients poll, cancel and resume it (the rules: resp2chat_core/background.py).
+
+- ``queue``, then ``start`` (HttpTurns, for a ``POST /v1/responses`` with ``background: true``):
+  stored at once as ``queued``, then the turn's exchange runs as a task of its own, awaited
+  directly on the relay's upstream client as a WebSocket turn is (its events go to the run's
+  ``Log``). The
+  client gets that Response as its JSON body, or, streaming, the run's events as they come
+  (``feed``: a relay ``Feed``), and may go away: the turn goes on.
+- While it runs, the task writes the response again every ``RENEW_SECS`` (``in_progress``,
+  with a lease: a replica that dies leaves it to be read as ``failed``), and reads a
+  cancellation another replica asked for. When it ends, the final Response is stored (any
+  status: the poll must see it), with its events when the client streamed; the turn is settled
+  and its listeners hear of it as any turn's (metrics, access log, limits, a conversation).
+- ``cancel`` (``POST /v1/responses/{id}/cancel``, through the store addon): a run of this
+  gateway is stopped at once (its backend call closed: the task is cancelled) and ends
+  ``cancelled``; one of another replica is asked to stop through the store, and waited for.
+- ``resume`` (``GET /v1/responses/{id}?stream=true&starting_after=N``, through the store addon):
+  the events after ``N``, from this gateway's run, live, or once it ended, from the store (a run
+  of another replica: its events when it ends).
+
+Runs that ended keep their ``Log`` here for a while (``KEPT``); the store keeps the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from mitmproxy import http
+
+from resp2chat_core import background as B
+from resp2chat_core.errors import GatewayError
+from resp2chat_core.labels import shown
+from resp2chat_core.sse import DONE
+from resp2chat_io.relay import Feed
+from resp2chat_io.relay.upstream import failure
+from resp2chat_io.store import StateUnavailable
+
+from .base import META, SSE_HEADERS, fails_closed, log, refusal, request_id
+from .store import store_unavailable
+from .turns import TurnRun
+
+KEPT = 64  # ended runs whose events stay here (to resume from), besides the store
+ENDING_TRIES = 8  # writes of a run's end, each over the version read
+POLL = 0.25  # seconds between two reads of a run of another replica
+CANCEL_WAIT = B.LEASE_SECS + 2 * B.RENEW_SECS  # seconds a cancellation waits for another replica's run to end
+
+
+@dataclass(eq=False)
+class Log:
+    """A background response's events, as they come, and who is waiting for more."""
+
+    sse: bytearray = field(default_factory=bytearray)
+    done: bool = False
+    feeds: set = field(default_factory=set)  # relay Feeds streaming it now
+
+    def add(self, sse: bytes) -> None:
+        if sse:
+            self.sse += sse
+            for feed in self.feeds:
+                if feed.wake is not None:
+                    feed.wake()
+
+    def end(self) -> None:
+        self.done = True
+        for feed in self.feeds:
+            feed.end()
+
+
+@dataclass(eq=False)
+class Run:
+    """One background response running in this gateway."""
+
+    response_id: str
+    owner: str
+    run: TurnRun
+    streamed: bool  # the client asked for its events: they are kept, to resume from
+    log: Log = field(default_factory=Log)
+    task: asyncio.Task | None = None
+    stopping: str = ""  # why it is being stopped: "cancel" (a client), "shutdown" (the gateway)
+    calling: bool = True  # its backend call runs (only then can it be stopped: what follows is its end)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class FeedStream:
+    """The stream callable of a flow a ``Feed`` answers: at each relay tick, the log's events
+    it has not sent yet (those after ``starting_after``); ``data: [DONE]`` at the end."""
+
+    __slots__ = ("log", "starting_after", "at", "ended")
+
+    def __init__(self, log: Log, starting_after: int) -> None:
+        self.log, self.starting_after, self.at, self.ended = log, starting_after, 0, False
+
+    def __call__(self, data: bytes):
+        new = bytes(self.log.sse[self.at:])
+        self.at += len(new)
+        out = B.after(new, self.starting_after) if new else b""
+        if not data and not self.ended and self.log.done:
+            self.ended = True
+            out += DONE
+        return out or []
+
+
+@fails_closed
+class Background:
+    name = "resp2chat_background"
+
+    def __init__(self, turns, store, relay) -> None:
+        self.turns, self.store, self.relay = turns, store, relay
+        self.runs: dict[str, Run] = {}  # running here, by response id
+        self.kept: OrderedDict[str, Log] = OrderedDict()  # ended here: their events (KEPT)
+        self.feeds: dict[str, tuple[Feed, FeedStream, Log]] = {}  # flows a Feed answers, by flow id
+
+    # --- a background turn ------------------------------------------------------------------
+
+    async def queue(self, turn) -> dict:
+        """A background turn, stored ``queued`` (before it starts: a poll finds it at once);
+        returns that Response. ``store_unavailable`` when the store cannot take it."""
+        queued = B.queued(turn.ctx)
+        try:
+            await self.store.store.put(turn.ctx.response_id, [],
+                                       B.running({**queued, B.PRIVATE: {"streamed": turn.client_stream}}, time.time()),
+                                       owner=turn.owner)
+        except StateUnavailable:
+            raise store_unavailable("background") from None
+        return queued
+
+    def start(self, run: TurnRun) -> Run:
+        """Run ``run``'s turn (queued) in the background, off any connection."""
+        turn = run.turn
+        bg = Run(turn.ctx.response_id, turn.owner, run, turn.client_stream)
+        self.runs[bg.response_id] = bg
+        bg.task = asyncio.ensure_future(self._run(bg))
+        return bg
+
+    async def _run(self, bg: Run) -> None:
+        run, reader = bg.run, bg.run.reader
+        run.exchange.channel.push = lambda items: bg.log.add(reader.apply_all(items))
+        renew = asyncio.ensure_future(self._renew(bg))
+        try:
+            try:
+                await self.relay.run(run.exchange)
+            except asyncio.CancelledError:  # cancelled (or the gateway stops): the backend call is closed
+                asyncio.current_task().uncancel()
+                if bg.stopping == "shutdown":
+                    bg.log.add(reader.translator.fail(B.DEAD["code"], B.DEAD["message"]))
+                else:
+                    bg.log.add(reader.translator.cancel())
+            except Exception as exc:  # noqa: BLE001 — a bug of ours: the turn still ends clearly
+                log.warning(f"resp2chat: background {run.request_id} failed: {type(exc).__name__}: {exc}",
+                            exc_info=exc)
+                bg.log.add(reader.apply(failure(502, "the gateway's relay failed", "server_error")))
+            bg.calling = False
+            bg.log.add(reader.finish())
+        finally:
+            bg.calling = False
+            renew.cancel()
+            await asyncio.gather(renew, return_exceptions=True)
+        await self._end(bg)
+
+    async def _renew(self, bg: Run) -> None:
+        """Every ``RENEW_SECS`` while it runs: store it again (``in_progress``, a fresh lease),
+        over the version read; a cancellation asked there stops it."""
+        store = self.store.store
+        while True:
+            try:
+                entry = await store.get(bg.response_id, owner=bg.owner)
+                if entry is None:
+                    return  # deleted meanwhile: it runs on, and is not stored again
+                if B.cancel_asked(entry["response"]):
+                    self.stop(bg, "cancel")
+                    return
+                current = {**bg.run.reader.translator.response(), B.PRIVATE: entry["response"].get(B.PRIVATE)}
+                await store.put(bg.response_id, [], B.running(current, time.time()), owner=bg.owner,
+                                expect=entry["version"])
+            except StateUnavailable as exc:
+                log.warning(f"resp2chat: background {bg.response_id}: {exc}")
+            await asyncio.sleep(B.RENEW_SECS)
+
+    def stop(self, bg: Run, why: str) -> None:
+        if bg.calling and not bg.stopping and bg.task is not None and not bg.task.done():
+            bg.stopping = why
+            bg.task.cancel()
+
+    async def _end(self, bg: Run) -> None:
+        """It ended: stored as it ended (over what is there: not if deleted meanwhile), settled,
+        its listeners told; its events kept here a while."""
+        run, t = bg.run, bg.run.reader.translator
+        final = t.response()
+        events = bytes(bg.log.sse) if bg.streamed else None
+        store = self.store.store
+        try:
+            for _ in range(ENDING_TRIES):  # (over what is there: a cancellation may have come in between)
+                entry = await store.get(bg.response_id, owner=bg.owner)
+                if entry is None or await store.put(bg.response_id, run.turn.items + final["output"],
+                                                    B.ended(final, events), owner=bg.owner, expect=entry["version"]):
+                    break
+            else:
+                log.warning(f"resp2chat: background {bg.response_id} not stored as it ended (larger than the store "
+                            "keeps?): it will read as failed")
+        except StateUnavailable as exc:
+            log.warning(f"resp2chat: background {bg.response_id} not stored: {exc}")
+        finally:
+            self.runs.pop(bg.response_id, None)
+            self.kept[bg.response_id] = bg.log
+            while len(self.kept) > KEPT:
+                self.kept.popitem(last=False)
+            bg.log.end()
+            bg.ended.set()
+        done, record = self.turns.settle(run, bytes(bg.log.sse))
+        run.flow.metadata.setdefault(META, {}).update(record)  # (the creating flow, for whoever still holds it)
+        self.turns.ended(done, run.exchange.turn_id)
+
+    async def done(self) -> None:
+        """The gateway stops: what still runs ends ``failed`` (and is stored so), not in_progress."""
+        runs = list(self.runs.values())
+        for bg in runs:
+            self.stop(bg, "shutdown")
+        await asyncio.gather(*(bg.ended.wait() for bg in runs), return_exceptions=True)
+
+    # --- POST /v1/responses/{id}/cancel -----------------------------------------------------------
+
+    async def cancel(self, response_id: str, owner: str) -> dict:
+        """Cancel a background response (``GatewayError``: none such, or not a background one);
+        returns it as it ended."""
+        bg = self.runs.get(response_id)
+        if bg is not None and bg.owner == owner:
+            self.stop(bg, "cancel")
+            await bg.ended.wait()
+        store, deadline = self.store.store, time.monotonic() + CANCEL_WAIT
+        while True:
+            entry = await self.store.get(response_id, owner)
+            if entry is None:
+                raise GatewayError(f"no stored response {shown(response_id)!r}", code="response_not_found", status=404)
+            response = entry["response"]
+            if not response.get("background"):
+                raise GatewayError("only a background response can be cancelled", param="response_id",
+                                   code="invalid_value")
+            now = time.time()
+            if not B.is_running(response):
+                return B.public(response)
+            if B.is_dead(response, now) or time.monotonic() > deadline:  # nobody runs it: it ends here
+                ended = {**B.public(response), "status": "cancelled"}
+                await store.put(response_id, entry["items"], ended, owner=owner, expect=entry["version"])
+                return ended
+            if not B.cancel_asked(response):  # another replica runs it: asked there, at its next renewal
+                await store.put(response_id, entry["items"], B.ask_cancel(response), owner=owner,
+                                expect=entry["version"])
+            await asyncio.sleep(POLL)
+
+    # --- GET /v1/responses/{id}?stream=true -----------------------------------------------------
+
+    async def resume(self, flow: http.HTTPFlow, response_id: str, owner: str) -> None:
+        """Stream a background response's events after ``starting_after`` (the flow is answered:
+        a refusal, or a ``Feed``)."""
+        try:
+            after = B.starting_after(flow.request.query)
+            bg = self.runs.get(response_id)
+            source = bg.log if bg is not None and bg.owner == owner else None
+            if source is not None and not bg.streamed:
+                raise not_streamed()
+            if source is None:
+                entry = await self.store.get(response_id, owner)
+                if entry is None:
+                    raise GatewayError(f"no stored response {shown(response_id)!r}", code="response_not_found",
+                                       status=404)
+                response = entry["response"]
+                if not response.get("background") or not (response.get(B.PRIVATE) or {}).get("streamed") and \
+                        B.stored_events(response) is None:
+                    raise not_streamed()
+                kept = self.kept.get(response_id)
+                if kept is None and not B.is_running(response) and B.stored_events(response) is None:
+                    raise GatewayError("the events of this response were not kept (more than the store keeps of "
+                                       "them): GET it without stream", param="stream", code="invalid_value")
+                source = kept if kept is not None else self._follow(response_id, owner, response)
+        except GatewayError as err:
+            flow.response = refusal(flow, err)
+            return
+        except StateUnavailable:
+            flow.response = refusal(flow, store_unavailable(f"GET {flow.request.path.split('?', 1)[0]}"))
+            return
+        self.feed(flow, source, after)
+
+    def _follow(self, response_id: str, owner: str, response: dict) -> Log:
+        """A log of a response that runs (or ran) on another replica: its events once it ends
+        (the store holds them then), read by a task that polls the store."""
+        followed = Log()
+        if not B.is_running(response):
+            followed.add(B.stored_events(response))
+            followed.done = True
+            return followed
+
+        async def poll() -> None:
+            try:
+                while True:
+                    await asyncio.sleep(POLL)
+                    entry = await self.store.get(response_id, owner)
+                    if entry is None or not B.is_running(entry["response"]) or B.is_dead(entry["response"], time.time()):
+                        followed.add(B.stored_events(entry["response"]) or b"" if entry else b"")
+                        break
+            except StateUnavailable as exc:
+                log.warning(f"resp2chat: following background {response_id}: {exc}")
+            finally:
+                followed.end()
+        asyncio.ensure_future(poll())
+        return followed
+
+    def feed(self, flow: http.HTTPFlow, source: Log, starting_after: int) -> None:
+        """Answer ``flow`` with ``source``'s events after ``starting_after``, as they come: a
+        relay ``Feed`` (the relay answers, ticking; ``responseheaders`` sets the stream callable)."""
+        feed = Feed(flow.id, secrets.token_urlsafe(24))
+        source.feeds.add(feed)
+        if source.done:
+            feed.end()
+        self.feeds[flow.id] = (feed, FeedStream(source, starting_after), source)
+        req = flow.request
+        for name, value in self.relay.expect(feed):
+            req.headers[name] = value
+        req.scheme, (req.host, req.port) = "http", self.relay.address
+        flow.metadata.setdefault(META, {})["background_stream"] = True
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        found = self.feeds.get(flow.id)
+        if found is None or flow.response is None:
+            return
+        resp = flow.response
+        resp.stream = found[1]
+        resp.status_code, resp.reason = 200, "OK"
+        for name in ("content-length", "content-encoding", "content-type", "transfer-encoding"):
+            resp.headers.pop(name, None)
+        resp.headers.update(SSE_HEADERS)
+        resp.headers["x-request-id"] = request_id(flow)
+        if flow.request.http_version == "HTTP/1.1":
+            resp.headers["transfer-encoding"] = "chunked"
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._forget(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._forget(flow)
+
+    def _forget(self, flow: http.HTTPFlow) -> None:
+        found = self.feeds.pop(flow.id, None)
+        if found is not None:
+            found[2].feeds.discard(found[0])
+            self.relay.forget(flow.id)
+
+
+def not_streamed() -> GatewayError:
+    return GatewayError("only a background response created with stream: true can be streamed again", param="stream",
+                        code="invalid_value")

@@ -1,0 +1,193 @@
+"""Background responses (issue 24 item 11), with the openai SDK through a real mitmdump: queued at
+once, polled to the end, cancelled (the backend call closed), streamed and resumed from a
+sequence number, polled on another replica sharing Redis, and a gateway that dies mid-turn
+leaving the response ``failed``, never ``in_progress`` forever (resp2chat_core/background.py)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import openai
+import pytest
+import requests
+
+from helpers import LocalServer, QuietHandler, openai_client, parse_sse, send_text_chunk, start_gateway, wait_until
+from resp2chat_core.background import LEASE_SECS
+
+SLOW = "noreason\nwords: 40\nslow: 100"  # (the demo upstream: 40 words, 0.1 s apart: ~4 s)
+
+
+class Endless(QuietHandler):
+    """A backend that streams until its client goes away (then notes when)."""
+
+    closed: list[float] = []
+    started = threading.Event()
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["content-length"]))
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        type(self).started.set()
+        n = 0
+        try:
+            while True:
+                send_text_chunk(self, n)
+                n += 1
+                time.sleep(0.05)  # (a model's pace)
+        except OSError:
+            type(self).closed.append(time.monotonic())
+
+
+@pytest.fixture
+def endless():
+    Endless.closed, Endless.started = [], threading.Event()
+    with LocalServer(Endless) as server:
+        yield server
+
+
+def poll(client, response_id: str, timeout: float = 30):
+    """GET /v1/responses/{id} until it is no longer queued or in progress."""
+    def ended():
+        r = client.responses.retrieve(response_id)
+        return r if r.status not in ("queued", "in_progress") else None
+    return wait_until(ended, timeout, f"{response_id} polled to its end")
+
+
+def test_queued_at_once_then_polled_to_its_end(upstream, gateway_factory):
+    gw = gateway_factory(upstream.origin)
+    client = openai_client(gw)
+    queued = client.responses.create(model="demo-model", input=SLOW, background=True)
+    assert queued.status == "queued" and queued.background is True
+    assert client.responses.retrieve(queued.id).status in ("queued", "in_progress")  # (the backend takes ~4 s)
+    done = poll(client, queued.id)
+    assert done.status == "completed" and done.output_text.split() == [f"word{i}" for i in range(40)]
+    assert done.background is True and done.usage.output_tokens > 0
+    # a stored response like any other: it continues
+    later = client.responses.create(model="demo-model", previous_response_id=queued.id, input="and now?")
+    assert later.output_text == "You said: and now?"
+
+
+def test_background_needs_store_and_http(upstream, gateway_factory):
+    gw = gateway_factory(upstream.origin)
+    client = openai_client(gw)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model="demo-model", input="hi", background=True, store=False)
+    assert err.value.body["param"] == "store"
+    from wsclient import WSClient
+
+    ws = WSClient(gw.base_url)
+    [error] = ws.turn({"type": "response.create", "model": "demo-model", "input": "hi", "background": True})
+    ws.close()
+    assert error["type"] == "error" and error["error"]["param"] == "background"
+
+
+def test_cancel_stops_the_backend_call(endless, gateway_factory):
+    gw = gateway_factory(endless.url)
+    client = openai_client(gw)
+    queued = client.responses.create(model="m", input="go on forever", background=True)
+    assert Endless.started.wait(10)
+    with pytest.raises(openai.BadRequestError):  # (a running background response is no history yet)
+        client.responses.create(model="m", previous_response_id=queued.id, input="next")
+    cancelled = client.responses.cancel(queued.id)
+    assert cancelled.status == "cancelled" and cancelled.id == queued.id
+    wait_until(lambda: Endless.closed, 10, "the backend call closed")
+    assert client.responses.retrieve(queued.id).status == "cancelled"
+    assert client.responses.cancel(queued.id).status == "cancelled"  # (again: as it ended)
+
+
+def test_cancel_refusals(upstream, gateway_factory):
+    gw = gateway_factory(upstream.origin)
+    client = openai_client(gw)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.cancel("resp_nowhere")
+    plain = client.responses.create(model="demo-model", input="hi")
+    with pytest.raises(openai.BadRequestError):
+        client.responses.cancel(plain.id)
+    assert requests.get(f"{gw.base_url}/responses/{plain.id}/cancel", timeout=10).status_code == 405
+
+
+def test_a_streamed_background_response_goes_on_without_its_client_and_resumes(upstream, gateway_factory):
+    gw = gateway_factory(upstream.origin)
+    client = openai_client(gw)
+    stream = client.responses.create(model="demo-model", input=SLOW, background=True, stream=True)
+    seen = []
+    for event in stream:
+        seen.append(event)
+        if event.type == "response.output_text.delta":
+            break
+    stream.close()  # the client goes away: the response runs on
+    response_id, last = seen[0].response.id, seen[-1].sequence_number
+    done = poll(client, response_id)
+    assert done.status == "completed" and len(done.output_text.split()) == 40
+    resumed = list(client.responses.retrieve(response_id, stream=True, starting_after=last))
+    assert [e.sequence_number for e in resumed] == list(range(last + 1, last + 1 + len(resumed)))
+    assert resumed[-1].type == "response.completed"
+    deltas = [e.delta for e in seen + resumed if e.type == "response.output_text.delta"]
+    assert "".join(deltas).split() == [f"word{i}" for i in range(40)]
+    # raw: the resumed stream is SSE ending with [DONE]; a bad starting_after is a 400
+    raw = requests.get(f"{gw.base_url}/responses/{response_id}?stream=true&starting_after={last}", timeout=30)
+    assert raw.content.endswith(b"data: [DONE]\n\n") and parse_sse(raw.content)[0]["sequence_number"] == last + 1
+    assert requests.get(f"{gw.base_url}/responses/{response_id}?stream=true&starting_after=x",
+                        timeout=10).status_code == 400
+
+
+def test_resuming_while_it_runs_streams_the_rest_live(upstream, gateway_factory):
+    gw = gateway_factory(upstream.origin)
+    client = openai_client(gw)
+    stream = client.responses.create(model="demo-model", input=SLOW, background=True, stream=True)
+    first = next(iter(stream))
+    stream.close()
+    resumed = client.responses.retrieve(first.response.id, stream=True, starting_after=first.sequence_number)
+    events = list(resumed)
+    assert events[0].sequence_number == first.sequence_number + 1 and events[-1].type == "response.completed"
+    unstreamed = client.responses.create(model="demo-model", input="hi", background=True)
+    with pytest.raises(openai.BadRequestError):  # (created without stream: there are no events to resume)
+        list(client.responses.retrieve(unstreamed.id, stream=True))
+
+
+def test_any_replica_answers_the_poll_and_a_dead_one_leaves_it_failed(upstream, tmp_path, redis_server):
+    a, b = [start_gateway(upstream.origin, tmp_path, "--set", f"resp2chat_state_store_url={redis_server.url}")
+            for _ in range(2)]
+    try:
+        on_a, on_b = openai_client(a), openai_client(b)
+        queued = on_a.responses.create(model="demo-model", input="noreason\nwords: 10\nslow: 50", background=True)
+        assert on_b.responses.retrieve(queued.id).status in ("queued", "in_progress")
+        assert poll(on_b, queued.id).output_text.split() == [f"word{i}" for i in range(10)]
+        # a replica that dies mid-turn: the other sees it failed once its lease passed, never in_progress forever
+        slow = on_a.responses.create(model="demo-model", input="noreason\nwords: 400\nslow: 100", background=True)
+        wait_until(lambda: on_b.responses.retrieve(slow.id).status == "in_progress", 10, "it runs")
+        a.proc.send_signal(signal.SIGKILL)
+        a.proc.wait(10)
+        died = time.monotonic()
+        failed = poll(on_b, slow.id, LEASE_SECS + 10)
+        assert failed.status == "failed" and failed.error.code == "server_error" and time.monotonic() - died < LEASE_SECS + 10
+        assert on_b.responses.retrieve(slow.id).status == "failed"
+        # a cancellation asked on one replica stops the run of another
+        c = start_gateway(upstream.origin, tmp_path, "--set", f"resp2chat_state_store_url={redis_server.url}")
+        try:
+            running = openai_client(c).responses.create(model="demo-model", input="noreason\nwords: 400\nslow: 100",
+                                                        background=True)
+            wait_until(lambda: on_b.responses.retrieve(running.id).status == "in_progress", 10, "it runs")
+            assert on_b.responses.cancel(running.id).status == "cancelled"
+            assert openai_client(c).responses.retrieve(running.id).status == "cancelled"
+        finally:
+            c.stop()
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_gateway_that_stops_leaves_it_failed_on_disk(upstream, gateway_factory, tmp_path):
+    args = ("--set", f"resp2chat_session_store_dir={tmp_path / 'store'}")
+    gw = gateway_factory(upstream.origin, *args)
+    client = openai_client(gw)
+    running = client.responses.create(model="demo-model", input="noreason\nwords: 400\nslow: 100", background=True)
+    wait_until(lambda: client.responses.retrieve(running.id).status == "in_progress", 10, "it runs")
+    gw.stop()  # (SIGTERM: it ends what runs as failed)
+    again = openai_client(gateway_factory(upstream.origin, *args))
+    stopped = again.responses.retrieve(running.id)
+    assert stopped.status == "failed" and stopped.error.code == "server_error"

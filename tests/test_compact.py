@@ -1,0 +1,101 @@
+"""POST /v1/responses/compact (issue 24 item 2): the remote compaction built for Codex
+(resp2chat_core/compaction.py: the backend writes the summary, the gateway seals it), as the
+endpoint of the API and of the Open Responses spec, through a real mitmdump with the openai SDK.
+Every answer is checked against the spec's shape (helpers.check_body)."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+import requests
+
+from helpers import openai_client
+from resp2chat_core.compaction import COMPACTION_PROMPT, SUMMARY_PREFIX
+from wsclient import WSClient
+
+HISTORY = [{"role": "user", "content": "my name is Ada"},
+           {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hello Ada"}]},
+           {"role": "user", "content": [{"type": "input_text", "text": "I like tea"}]}]
+
+
+@pytest.fixture
+def gw(upstream, gateway_factory):
+    return gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0")
+
+
+def test_compact_answers_the_user_messages_then_one_sealed_compaction_item(gw, upstream):
+    client = openai_client(gw)
+    upstream.clear()
+    compacted = client.responses.compact(model="demo-model", input=HISTORY, instructions="Be brief.")
+    assert compacted.object == "response.compaction" and compacted.id.startswith("resp_")
+    *users, item = compacted.output
+    assert [(u.type, u.role, u.content[0].text) for u in users] == [
+        ("message", "user", "my name is Ada"), ("message", "user", "I like tea")]
+    assert item.type == "compaction" and item.encrypted_content.startswith("r2c1.")
+    assert "Ada" not in item.encrypted_content  # (sealed: only this gateway reads it)
+    assert compacted.usage.input_tokens > 0
+    # the backend was asked for the summary: the conversation, then the compaction prompt, not stored
+    (sent,) = upstream.requests()
+    assert sent["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert sent["messages"][-1] == {"role": "user", "content": COMPACTION_PROMPT}
+    assert requests.get(f"{gw.base_url}/responses/{compacted.id}", timeout=10).status_code == 404
+
+
+@pytest.mark.parametrize("transport", ["http", "websocket"])
+def test_the_output_is_the_whole_input_of_a_later_turn(gw, upstream, transport):
+    client = openai_client(gw)
+    compacted = client.responses.compact(model="demo-model", input=HISTORY)
+    later = [item.model_dump(exclude_none=True, warnings=False) for item in compacted.output] + [
+        {"role": "user", "content": "what do I like?"}]
+    upstream.clear()
+    if transport == "http":
+        answer = client.responses.create(model="demo-model", input=later, store=False).output_text
+    else:
+        ws = WSClient(gw.base_url)
+        events = ws.turn({"type": "response.create", "model": "demo-model", "input": later, "store": False})
+        ws.close()
+        answer = events[-1]["response"]["output"][-1]["content"][0]["text"]
+    assert answer == "You said: what do I like?"
+    messages = upstream.requests()[-1]["messages"]
+    # the item became one user message holding the summary the backend wrote, in its place
+    assert messages == [{"role": "user", "content": "my name is Ada"}, {"role": "user", "content": "I like tea"},
+                        {"role": "user", "content": SUMMARY_PREFIX + "You said: Write the summary now."},
+                        {"role": "user", "content": "what do I like?"}]
+
+
+def test_compact_continues_a_stored_response(gw, upstream):
+    client = openai_client(gw)
+    first = client.responses.create(model="demo-model", input="my name is Ada")
+    upstream.clear()
+    compacted = client.responses.compact(model="demo-model", previous_response_id=first.id, input="and Bob")
+    assert [o.type for o in compacted.output] == ["message", "message", "compaction"]
+    sent = upstream.requests()[-1]["messages"]
+    assert [m["content"] for m in sent if m["role"] == "user"] == ["my name is Ada", "and Bob", COMPACTION_PROMPT]
+    assert [m for m in sent if m["role"] == "assistant"][0]["content"] == "You said: my name is Ada"
+
+
+def test_compact_refuses_what_it_cannot_do(gw, upstream):
+    url = gw.base_url + "/responses/compact"
+    upstream.clear()
+    for body, param, code in (({"input": "hi"}, "model", "missing_required_parameter"),
+                              ({"model": "demo-model", "input": "hi", "tools": []}, "tools", "unknown_parameter"),
+                              ({"model": "demo-model", "input": 7}, "input", "invalid_type"),
+                              ({"model": "demo-model", "previous_response_id": "resp_gone"}, "previous_response_id",
+                               "previous_response_not_found")):
+        r = requests.post(url, json=body, timeout=10)
+        assert r.status_code == 400 and (r.json()["error"]["param"], r.json()["error"]["code"]) == (param, code), r.text
+    assert requests.get(url, timeout=10).status_code == 405
+    assert upstream.requests() == []
+    with pytest.raises(openai.BadRequestError):  # (an empty conversation: nothing to summarize)
+        openai_client(gw).responses.compact(model="demo-model", input=[])
+
+
+def test_a_backend_failure_is_the_error_it_would_be_for_a_response(gw, gateway_factory):
+    dead = gateway_factory("http://127.0.0.1:9")  # (nothing listens: the backend cannot be reached)
+    with pytest.raises(openai.InternalServerError) as err:
+        openai_client(dead).responses.compact(model="demo-model", input="hi")
+    assert err.value.status_code == 502 and err.value.body["code"] == "server_error"
+    r = requests.post(gw.base_url + "/responses/compact", data=json.dumps({"model": "m", "input": "x"}), timeout=10)
+    assert r.status_code == 415  # (a JSON body: the content type is checked at the head, as for /v1/responses)

@@ -1,0 +1,218 @@
+"""The Conversations API (issue 24 item 9), through a real mitmdump: the openai SDK's
+``conversations.*``, ``conversation`` on ``POST /v1/responses`` (HTTP and the WebSocket), the
+OpenAI Agents SDK's ``OpenAIConversationsSession`` running a multi-turn agent, owners, the disk
+copy and Redis shared by two replicas (appends from both at once all land)."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+import requests
+
+from helpers import openai_client, start_gateway, wait_until
+from wsclient import WSClient
+
+
+@pytest.fixture
+def gw(upstream, gateway_factory):
+    return gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=4")
+
+
+def user(text: str) -> dict:
+    return {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+
+
+def test_the_sdk_creates_reads_changes_and_deletes_a_conversation(gw):
+    client = openai_client(gw)
+    conv = client.conversations.create(metadata={"topic": "tea"}, items=[user("hello"), {"role": "user",
+                                                                                         "content": "again"}])
+    assert conv.id.startswith("conv_") and conv.object == "conversation" and conv.metadata == {"topic": "tea"}
+    assert client.conversations.retrieve(conv.id) == conv
+    assert client.conversations.update(conv.id, metadata={"topic": "coffee"}).metadata == {"topic": "coffee"}
+    items = client.conversations.items.list(conv.id, order="asc")
+    assert [i.content[0].text for i in items.data] == ["hello", "again"] and all(i.id for i in items.data)
+    added = client.conversations.items.create(conv.id, items=[user("third"), user("fourth")])
+    assert [i.content[0].text for i in added.data] == ["third", "fourth"]
+    newest = client.conversations.items.list(conv.id, limit=3)  # (desc: newest first)
+    assert [i.content[0].text for i in newest.data] == ["fourth", "third", "again"] and newest.has_more
+    assert [i.content[0].text for i in client.conversations.items.list(conv.id, limit=1)] == [
+        "fourth", "third", "again", "hello"]  # (the SDK's auto-pagination: after)
+    one = client.conversations.items.retrieve(added.data[0].id, conversation_id=conv.id)
+    assert one.content[0].text == "third"
+    client.conversations.items.delete(added.data[0].id, conversation_id=conv.id)
+    assert [i.content[0].text for i in client.conversations.items.list(conv.id, order="asc")] == [
+        "hello", "again", "fourth"]
+    with pytest.raises(openai.NotFoundError):
+        client.conversations.items.retrieve(added.data[0].id, conversation_id=conv.id)
+    assert client.conversations.delete(conv.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.conversations.retrieve(conv.id)
+
+
+def test_refusals(gw, upstream):
+    client = openai_client(gw)
+    conv = client.conversations.create()
+    base = f"{gw.base_url}/conversations"
+    for path, body, param in (("", {"metadata": {"k": 1}}, "metadata"), ("", {"items": [{"type": "nonsense"}]},
+                                                                        "items[0].type"),
+                              ("", {"items": [user(str(i)) for i in range(21)]}, "items"),
+                              (f"/{conv.id}/items", {"items": "no"}, "items")):
+        r = requests.post(base + path, json=body, timeout=10)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    for url in (f"{base}/conv_nowhere", f"{base}/resp_x", f"{base}/{conv.id}/items/msg_nowhere"):
+        assert requests.get(url, timeout=10).status_code == 404
+    assert requests.get(f"{base}/{conv.id}/items?limit=500", timeout=10).status_code == 400
+    assert requests.get(base, timeout=10).status_code == 405  # (no list of conversations, as OpenAI)
+    # a conversation's id is no response's, and a response's no conversation's
+    assert requests.get(f"{gw.base_url}/responses/{conv.id}", timeout=10).status_code == 404
+    response = client.responses.create(model="demo-model", input="hi")
+    with pytest.raises(openai.NotFoundError):
+        client.conversations.retrieve(response.id)
+    with pytest.raises(openai.NotFoundError) as err:
+        client.responses.create(model="demo-model", input="hi", conversation=response.id)
+    assert err.value.body["code"] == "conversation_not_found"
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(model="demo-model", input="hi", previous_response_id=conv.id)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_response_in_a_conversation_reads_it_and_joins_it(gw, upstream, stream):
+    client = openai_client(gw)
+    conv = client.conversations.create(items=[{"role": "developer", "content": "Be brief."}])
+    upstream.clear()
+
+    def ask(text: str, **kw):
+        if stream:
+            return list(client.responses.create(model="demo-model", input=text, stream=True, **kw))[-1].response
+        return client.responses.create(model="demo-model", input=text, **kw)
+
+    first = ask("my name is Ada", conversation=conv.id)
+    second = ask("what is my name", conversation={"id": conv.id})
+    assert first.conversation.id == second.conversation.id == conv.id
+    # the second turn's backend request holds the conversation: its item, the first turn
+    sent = upstream.requests()[-1]["messages"]
+    assert sent[0] == {"role": "system", "content": "Be brief."}
+    assert [m["content"] for m in sent[1:]] == ["my name is Ada", "You said: my name is Ada", "what is my name"]
+    items = client.conversations.items.list(conv.id, order="asc").data
+    assert [(i.type, getattr(i, "role", None)) for i in items] == [
+        ("message", "developer"), ("message", "user"), ("reasoning", None), ("message", "assistant"),
+        ("message", "user"), ("reasoning", None), ("message", "assistant")]
+    assert [i.id for i in items[2:4]] == [o.id for o in first.output]  # (its output as produced)
+    # a failed turn adds nothing
+    failed = ask("error: 500 broken", conversation=conv.id) if stream else None
+    if not stream:
+        with pytest.raises(openai.InternalServerError):
+            ask("error: 500 broken", conversation=conv.id)
+    assert failed is None or failed.status == "failed"
+    assert len(client.conversations.items.list(conv.id, limit=100).data) == 7
+
+
+def test_a_conversation_over_the_websocket(gw, upstream):
+    client = openai_client(gw)
+    conv = client.conversations.create()
+    ws = WSClient(gw.base_url)
+    for text in ("one", "two"):
+        events = ws.turn({"type": "response.create", "model": "demo-model", "input": [user(text)],
+                          "conversation": conv.id, "store": False})
+        assert events[-1]["type"] == "response.completed" and events[-1]["response"]["conversation"] == {"id": conv.id}
+    ws.close()
+    assert [m["content"] for m in upstream.requests()[-1]["messages"]] == ["one", "You said: one", "two"]
+    assert len(client.conversations.items.list(conv.id).data) == 6
+
+
+def test_turns_at_once_all_join_the_conversation(gw, upstream):
+    client = openai_client(gw)
+    conv = client.conversations.create()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: client.responses.create(model="demo-model", input=f"noreason\nturn {i}",
+                                                        conversation=conv.id), range(8)))
+    texts = [i.content[0].text for i in client.conversations.items.list(conv.id, limit=100).data]
+    assert sorted(t.removeprefix("noreason\n") for t in texts if t.startswith("noreason")) == [
+        f"turn {i}" for i in range(8)]
+    assert len(texts) == 16  # (each turn's input and answer, none lost)
+
+
+def test_a_conversation_belongs_to_its_owner(upstream, gateway_factory):
+    """forward_client_auth: each credential is its own owner (owner.py): another's conversation
+    is an unknown one."""
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_forward_client_auth=true")
+    mine, theirs = openai_client(gw, api_key="sk-mine"), openai_client(gw, api_key="sk-theirs")
+    conv = mine.conversations.create(items=[user("secret")])
+    for call in (lambda: theirs.conversations.retrieve(conv.id), lambda: theirs.conversations.items.list(conv.id),
+                 lambda: theirs.conversations.delete(conv.id),
+                 lambda: theirs.responses.create(model="demo-model", input="hi", conversation=conv.id)):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    assert mine.conversations.items.list(conv.id).data[0].content[0].text == "secret"
+
+
+def test_a_conversation_survives_a_restart_with_the_disk_copy(upstream, gateway_factory, tmp_path):
+    args = ("--set", f"resp2chat_session_store_dir={tmp_path / 'store'}")
+    first = gateway_factory(upstream.origin, *args)
+    conv = openai_client(first).conversations.create(items=[user("kept")])
+    openai_client(first).responses.create(model="demo-model", input="and this", conversation=conv.id)
+    first.stop()
+    again = openai_client(gateway_factory(upstream.origin, *args))
+    assert [i.content[0].text for i in again.conversations.items.list(conv.id, order="asc").data][::3] == [
+        "kept", "You said: and this"]
+
+
+def test_two_replicas_share_conversations_in_redis(upstream, tmp_path, redis_server):
+    a, b = [start_gateway(upstream.origin, tmp_path, "--set", f"resp2chat_state_store_url={redis_server.url}")
+            for _ in range(2)]
+    try:
+        ca, cb = openai_client(a), openai_client(b)
+        conv = ca.conversations.create(metadata={"on": "a"})
+        assert cb.conversations.retrieve(conv.id).metadata == {"on": "a"}
+        with ThreadPoolExecutor(6) as pool:  # turns on both replicas at once, each one write over what it read
+            list(pool.map(lambda i: (ca if i % 2 else cb).responses.create(
+                model="demo-model", input=f"noreason\nturn {i}", conversation=conv.id), range(6)))
+        # (a turn's items are written as it ends, a moment after its answer: on Redis, by a task)
+        texts = wait_until(lambda: len(t := [i.content[0].text for i in ca.conversations.items.list(
+            conv.id, limit=100).data]) == 12 and t, 20, "every turn's items in the conversation")
+        assert sorted(t.removeprefix("noreason\n") for t in texts if t.startswith("noreason")) == [
+            f"turn {i}" for i in range(6)]
+        # one client's turns one after the other on one replica: each sees the one before (its write landed first)
+        other = ca.conversations.create()
+        for text in ("first", "second"):
+            ca.responses.create(model="demo-model", input=f"noreason\n{text}", conversation=other.id)
+        assert [m["content"] for m in upstream.requests()[-1]["messages"]] == [
+            "noreason\nfirst", "You said: first", "noreason\nsecond"]
+        assert cb.conversations.delete(conv.id).deleted
+        with pytest.raises(openai.NotFoundError):
+            ca.conversations.retrieve(conv.id)
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_the_agents_sdk_runs_a_multi_turn_agent_on_an_openai_conversations_session(gw, upstream):
+    from agents import Agent, OpenAIResponsesModel, Runner, set_tracing_disabled
+    from agents.memory import OpenAIConversationsSession
+    from openai import AsyncOpenAI
+
+    set_tracing_disabled(True)
+    client = AsyncOpenAI(base_url=gw.base_url, api_key="unused", max_retries=0)
+    agent = Agent(name="a", instructions="Be brief.", model=OpenAIResponsesModel(model="demo-model",
+                                                                                 openai_client=client))
+    session = OpenAIConversationsSession(openai_client=client)
+    upstream.clear()
+
+    async def run():
+        first = await Runner.run(agent, "my name is Ada", session=session)
+        second = await Runner.run(agent, "what is my name", session=session)
+        return first.final_output, second.final_output, await session.get_items()
+
+    first, second, items = asyncio.run(run())
+    assert (first, second) == ("You said: my name is Ada", "You said: what is my name")
+    # the second run sent the session's history: the first exchange, read back from the conversation
+    sent = upstream.requests()[-1]["messages"]
+    assert [(m["role"], m["content"]) for m in sent] == [
+        ("system", "Be brief."), ("user", "my name is Ada"), ("assistant", "You said: my name is Ada"),
+        ("user", "what is my name")]
+    assert [i.get("role") for i in items if i.get("type", "message") == "message"] == [
+        "user", "assistant", "user", "assistant"]
+    assert openai_client(gw).conversations.retrieve(session.session_id).id == session.session_id
