@@ -44,7 +44,7 @@ import time
 from urllib.parse import urlsplit
 
 from resp2chat_core import owner as owners
-from resp2chat_io.store import (StateUnavailable, held_items, item_digest, output_items, pick, valid_id,
+from resp2chat_io.store import (ReplayCounts, StateUnavailable, held_items, item_digest, output_items, pick, valid_id,
                                 valid_item_id)
 
 log = logging.getLogger("resp2chat")
@@ -314,12 +314,11 @@ class RedisResponseStore:
         return {i: found[i] for i in ids if i in found}
 
 
-class RedisReplayCache:
+class RedisReplayCache(ReplayCounts):
     """The replay cache in Redis: resp2chat_core/replay.py's ReplayCache interface, awaited."""
 
     def __init__(self, state: RedisState, capacity: int) -> None:
         self.state, self.capacity = state, capacity
-        self.hits = self.misses = 0
         self.count = 0
 
     def __len__(self) -> int:
@@ -333,16 +332,10 @@ class RedisReplayCache:
             found = await self.state.call("replay cache lookup", lambda c: c.get(f"{PREFIX}replay:{key}"))
         except StateUnavailable:
             found = None  # a miss: the backend answers
-        if found is None:
-            self.misses += 1
-        else:
-            self.hits += 1
-        return found
+        return self.counted(found)
 
     async def put(self, key: str, entry: bytes) -> bool:
-        from resp2chat_core.replay import MAX_ENTRY_BYTES
-
-        if self.capacity <= 0 or len(entry) > MAX_ENTRY_BYTES:
+        if not self.takes(entry):
             return False
         script = self.state.script("put_replay")
         self.count = await self.state.call("replay cache write", lambda c: script(args=[PREFIX, key, entry, self.capacity]))

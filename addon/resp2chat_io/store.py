@@ -317,7 +317,25 @@ def _write_private(path: Path, data: bytes) -> None:
         raise
 
 
-class ReplayEntries:
+class ReplayCounts:
+    """What every replay cache shares (this one, redis_state.py ``RedisReplayCache``): its hits
+    and misses, and which entries it takes at all."""
+
+    capacity: int
+    hits = misses = 0
+
+    def counted(self, found: bytes | None) -> bytes | None:
+        if found is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return found
+
+    def takes(self, entry: bytes) -> bool:
+        return self.capacity > 0 and len(entry) <= MAX_ENTRY_BYTES
+
+
+class ReplayEntries(ReplayCounts):
     """The replay cache in this process's memory (resp2chat_core/replay.py says what an entry
     is): FIFO, ``capacity`` entries of at most ``MAX_ENTRY_BYTES``. The interface of every
     replay cache (redis_state.py ``RedisReplayCache`` for replicas), asynchronous."""
@@ -325,21 +343,15 @@ class ReplayEntries:
     def __init__(self, capacity: int = 1000):
         self.capacity = capacity
         self._entries: OrderedDict[str, bytes] = OrderedDict()
-        self.hits = self.misses = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
     async def get(self, key: str) -> bytes | None:
-        found = self._entries.get(key)
-        if found is None:
-            self.misses += 1
-        else:
-            self.hits += 1
-        return found
+        return self.counted(self._entries.get(key))
 
     async def put(self, key: str, entry: bytes) -> bool:
-        if self.capacity <= 0 or len(entry) > MAX_ENTRY_BYTES:
+        if not self.takes(entry):
             return False
         self._entries[key] = entry
         self._entries.move_to_end(key)
