@@ -438,6 +438,36 @@ class LocalServer(ThreadingHTTPServer):
         self.close()
 
 
+def start_sse(handler) -> None:
+    """A test upstream's (BaseHTTPRequestHandler) answer head: 200, an SSE body, chunked."""
+    handler.send_response(200)
+    handler.send_header("content-type", "text/event-stream")
+    handler.send_header("transfer-encoding", "chunked")
+    handler.end_headers()
+
+
+def shown_settings(tmp_path: Path, env: dict) -> tuple[subprocess.CompletedProcess, dict, str]:
+    """What a gateway with ``env`` shows of its settings: ``mitmdump --options``, then the
+    ``resp2chat.settings`` command's answer in a real gateway (a test script asks for it once it
+    runs), and that gateway's log."""
+    options = subprocess.run([str(MITMDUMP), "-s", str(ADDON), "--set", f"confdir={tmp_path / 'conf'}", "--options"],
+                             capture_output=True, text=True, timeout=60, env={**gateway_env(), **env}, cwd=tmp_path)
+    out = tmp_path / "settings.json"
+    script = tmp_path / "ask_settings.py"
+    script.write_text(
+        "from mitmproxy import ctx\n"
+        "class Ask:\n"
+        "    def running(self):\n"
+        f"        open({str(out)!r}, 'w').write(ctx.master.commands.execute('resp2chat.settings'))\n"
+        "addons = [Ask()]\n")
+    gw = start_gateway("http://127.0.0.1:9", tmp_path, "-s", str(script), env=env)
+    try:
+        shown = json.loads(wait_until(lambda: out.exists() and out.read_text(), what="the settings command's answer"))
+    finally:
+        gw.stop()
+    return options, shown, gw.log()
+
+
 def send_json(handler, status: int, obj) -> None:
     """Answer from a test upstream (BaseHTTPRequestHandler) with a JSON body."""
     body = json.dumps(obj).encode()

@@ -13,7 +13,7 @@ import openai
 import pytest
 import requests
 
-from helpers import LocalServer, QuietHandler, openai_client, parse_sse, send_text_chunk, start_gateway, wait_until
+from helpers import start_sse, LocalServer, QuietHandler, openai_client, parse_sse, send_text_chunk, start_gateway, wait_until
 from resp2chat_core.background import LEASE_SECS
 
 SLOW = "noreason\nwords: 40\nslow: 100"  # (the demo upstream: 40 words, 0.1 s apart: ~4 s)
@@ -27,10 +27,7 @@ class Endless(QuietHandler):
 
     def do_POST(self):
         self.rfile.read(int(self.headers["content-length"]))
-        self.send_response(200)
-        self.send_header("content-type", "text/event-stream")
-        self.send_header("transfer-encoding", "chunked")
-        self.end_headers()
+        start_sse(self)
         type(self).started.set()
         n = 0
         try:

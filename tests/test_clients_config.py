@@ -20,7 +20,7 @@ import openai
 import pytest
 import yaml
 
-from helpers import ADDON, MITMDUMP, Codex, free_port, start_gateway, wait_until
+from helpers import ADDON, MITMDUMP, Codex, free_port, shown_settings, start_gateway, wait_until
 from test_cli import RESP2CHAT, cli_env, config_file, run_cli
 
 from resp2chat_core import settings as S
@@ -180,25 +180,10 @@ def test_invalid_clients_stop_start_up_naming_entry_and_field(tmp_path, value, g
 def test_options_and_the_settings_command_never_show_a_client_key(tmp_path):
     entries = [{"name": "alice", "key": ALICE_KEY, "rpm": 60}, {"name": "bob", "key_sha256": sha(BOB_KEY), "models": ["qwen3-*"]}]
     env = cli_env(tmp_path, RESP2CHAT_CLIENTS=json.dumps(entries))
-    options = subprocess.run([str(MITMDUMP), "-s", str(ADDON), "--set", f"confdir={tmp_path / 'conf'}", "--options"],
-                             capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    # mitmdump --options, and the resp2chat.settings command of a real gateway
+    options, shown, log = shown_settings(tmp_path, env)
     assert options.returncode == 0 and "resp2chat_clients: ''" in options.stdout
     assert ALICE_KEY not in options.stdout + options.stderr and sha(BOB_KEY) not in options.stdout
-    # a real gateway runs the resp2chat.settings command (a test script asks for it once it runs)
-    out = tmp_path / "settings.json"
-    script = tmp_path / "ask_settings.py"
-    script.write_text(
-        "from mitmproxy import ctx\n"
-        "class Ask:\n"
-        "    def running(self):\n"
-        f"        open({str(out)!r}, 'w').write(ctx.master.commands.execute('resp2chat.settings'))\n"
-        "addons = [Ask()]\n")
-    gw = start_gateway("http://127.0.0.1:9", tmp_path, "-s", str(script), env=env)
-    try:
-        shown = json.loads(wait_until(lambda: out.exists() and out.read_text(), what="the settings command's answer"))
-        log = gw.log()
-    finally:
-        gw.stop()
     assert shown["clients"] == [{"name": "alice", "key": "[set]", "rpm": 60},
                                 {"name": "bob", "key_sha256": sha(BOB_KEY)[:8] + "…", "models": ["qwen3-*"]}]
     for text in (json.dumps(shown), log):

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from helpers import DONE, LocalServer, QuietHandler, chat_event, http_chunk, parse_sse, terminal
+from helpers import start_sse, DONE, LocalServer, QuietHandler, chat_event, http_chunk, parse_sse, terminal
 from resp2chat_core import settings as S
 from resp2chat_core.channel import Accepted, Channel, Keepalive, Reader
 from wsclient import WSClient
@@ -156,10 +156,7 @@ class _Stepped(QuietHandler):
 
     def do_POST(self):
         self.rfile.read(int(self.headers["content-length"]))
-        self.send_response(200)
-        self.send_header("content-type", "text/event-stream")
-        self.send_header("transfer-encoding", "chunked")
-        self.end_headers()
+        start_sse(self)
         self.wfile.write(http_chunk(chat_event({"role": "assistant", "content": ""})))
         self.wfile.flush()
         while True:

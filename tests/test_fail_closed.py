@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from helpers import LocalServer, QuietHandler, parse_sse, send_text_chunk, start_gateway, terminal, wait_until
+from helpers import start_sse, LocalServer, QuietHandler, parse_sse, send_text_chunk, start_gateway, terminal, wait_until
 
 FAULTS = str(Path(__file__).with_name("faults.py"))
 PLANTED = "hunter2"  # faults.PLANTED: "password=hunter2 at 10.0.0.7"
@@ -172,10 +172,7 @@ class Endless(QuietHandler):
     def do_POST(self):
         self.rfile.read(int(self.headers["content-length"]))
         type(self).started.append(1)
-        self.send_response(200)
-        self.send_header("content-type", "text/event-stream")
-        self.send_header("transfer-encoding", "chunked")
-        self.end_headers()
+        start_sse(self)
         n = 0
         try:
             while True:

@@ -14,7 +14,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import (
+from helpers import (start_sse,
     KiB, LocalServer, QuietHandler, chat_chunk, chat_sse, codex_fixture, http_chunk, memory, open_fds, parse_sse,
     send_json, send_text_chunk, stream_turn, terminal, wait_until,
 )
@@ -54,10 +54,7 @@ class _Slow(QuietHandler):
         self.rfile.read(int(self.headers["content-length"]))
         if not type(self).headers_first:
             type(self).release.wait(60)
-        self.send_response(200)
-        self.send_header("content-type", "text/event-stream")
-        self.send_header("transfer-encoding", "chunked")
-        self.end_headers()
+        start_sse(self)
         if type(self).headers_first:
             self.wfile.flush()
             type(self).release.wait(60)

@@ -18,7 +18,7 @@ import requests
 
 from helpers import (
     ADDON, MITMDUMP, ROOT, LocalServer, QuietHandler, check_sdk, check_stream, free_port, gateway_env, openai_client, parse_sse, post_turn,
-    read_flows, retranslate, start_gateway, stop_process, wait_http, wait_until,
+    read_flows, retranslate, shown_settings, start_gateway, stop_process, wait_http, wait_until,
 )
 
 EVERYTHING_VERSION = "2026.8.31"  # the Makefile's MCP_EVERYTHING_VER
@@ -447,26 +447,11 @@ def test_a_recorded_mcp_turn_replays_offline_without_the_server(gateway_factory,
 
 def test_options_and_the_settings_command_never_show_a_header(tmp_path, everything):
     servers = json.dumps([{"label": "ev", "url": everything, "headers": {"x-operator-key": OPERATOR_TOKEN}}])
-    options = subprocess.run([str(MITMDUMP), "-s", str(ADDON), "--set", f"confdir={tmp_path / 'conf'}", "--options"],
-                             capture_output=True, text=True, timeout=60, cwd=tmp_path,
-                             env={**gateway_env(), "RESP2CHAT_MCP_SERVERS": servers})
+    options, shown, log = shown_settings(tmp_path, {"RESP2CHAT_MCP_SERVERS": servers})
     assert options.returncode == 0 and "resp2chat_mcp_servers: ''" in options.stdout
     assert OPERATOR_TOKEN not in options.stdout + options.stderr
-    out = tmp_path / "settings.json"
-    script = tmp_path / "ask_settings.py"
-    script.write_text(
-        "from mitmproxy import ctx\n"
-        "class Ask:\n"
-        "    def running(self):\n"
-        f"        open({str(out)!r}, 'w').write(ctx.master.commands.execute('resp2chat.settings'))\n"
-        "addons = [Ask()]\n")
-    gw = start_gateway("http://127.0.0.1:9", tmp_path, "-s", str(script), env={"RESP2CHAT_MCP_SERVERS": servers})
-    try:
-        shown = json.loads(wait_until(lambda: out.exists() and out.read_text(), what="the settings command's answer"))
-    finally:
-        gw.stop()
     assert shown["mcp_servers"] == [{"label": "ev", "url": everything, "headers": {"x-operator-key": "[set]"}}]
-    assert OPERATOR_TOKEN not in gw.log()
+    assert OPERATOR_TOKEN not in log
     # an invalid entry stops the start naming the field, never a header's value
     bad = json.dumps([{"label": "ev", "url": "ftp://x", "headers": {"x-operator-key": OPERATOR_TOKEN}}])
     run = subprocess.run([str(MITMDUMP), "-s", str(ADDON), "--set", f"confdir={tmp_path / 'conf'}", "--options"],

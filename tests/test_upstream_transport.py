@@ -18,7 +18,7 @@ import threading
 import pytest
 import requests
 
-from helpers import (DONE, LocalServer, QuietHandler, chat_event, free_port, http_chunk, parse_sse, send_json,
+from helpers import (start_sse, DONE, LocalServer, QuietHandler, chat_event, http_chunk, send_json,
                      start_gateway, stream_turn, terminal, wait_until)
 from resp2chat_io.demo_upstream import serve_in_thread
 from wsclient import WSClient
@@ -49,10 +49,7 @@ class Recorder:
                     while not release.wait(0.05):  # (silent until the test says so, or it ends)
                         if outer.gone.is_set():
                             return
-                self.send_response(200)
-                self.send_header("content-type", "text/event-stream")
-                self.send_header("transfer-encoding", "chunked")
-                self.end_headers()
+                start_sse(self)
                 self.wfile.write(http_chunk(chat_event({"role": "assistant", "content": f"ok from {name}"}))
                                  + http_chunk(chat_event(finish="stop")) + http_chunk(DONE) + b"0\r\n\r\n")
 
