@@ -122,7 +122,8 @@ class Limits:
     def __init__(self, store) -> None:
         self.store = store  # (store.state: Redis, when state_store_url is set)
         self._local: dict[str, _Local] = {}
-        self._open: dict[str, tuple[str, str]] = {}  # turn id -> (client name, where: "redis" | "local")
+        # turn id -> (client name, where: "redis" | "local", counted among its open turns: max_streams)
+        self._open: dict[str, tuple[str, str, bool]] = {}
         self._beat: asyncio.Task | None = None
 
     def running(self) -> None:
@@ -146,19 +147,19 @@ class Limits:
             try:
                 verdict = await self._admit_redis(state, client, turn_id)
                 if verdict.admitted:
-                    self._open[turn_id] = (client.name, "redis")
+                    self._open[turn_id] = (client.name, "redis", client.max_streams is not None)
                 return verdict
             except StateUnavailable:
                 pass  # (logged by RedisState) this replica decides alone until Redis is back
         verdict = self._admit_local(client, turn_id, time.monotonic())
         if verdict.admitted:
-            self._open[turn_id] = (client.name, "local")
+            self._open[turn_id] = (client.name, "local", client.max_streams is not None)
         return verdict
 
     def release(self, client: ClientSpec | None, turn_id: str, used: int = 0) -> None:
         """A turn ``admit`` admitted is over: it no longer counts as open, and its backend
         tokens (``used``) are taken from the client's token bucket."""
-        name, where = self._open.pop(turn_id, (None, None))
+        name, where, streamed = self._open.pop(turn_id, (None, None, False))
         if name is None:
             return
         tpm = client.tpm if client is not None and client.name == name else None
@@ -171,8 +172,8 @@ class Limits:
                 L.spend(time.monotonic(), local.tokens, used)
             return
         state = self.store.state
-        if state is None:
-            return
+        if state is None or not (streamed or (tpm is not None and used > 0)):
+            return  # (nothing to count in Redis: no Redis round trip)
         script = state.script_from(_END)
         self.store.writes.start(f"the end of turn {turn_id} not counted for client {name!r}", state.call(
             "count a turn's end", lambda c: script(args=[PREFIX, name, turn_id, tpm or 0, used])))
@@ -219,8 +220,8 @@ class Limits:
             if state is None:
                 continue
             by_client: dict[str, list[str]] = {}
-            for turn_id, (name, where) in list(self._open.items()):
-                if where == "redis":
+            for turn_id, (name, where, streamed) in list(self._open.items()):
+                if where == "redis" and streamed:
                     by_client.setdefault(name, []).append(turn_id)
             script = state.script_from(_HEARTBEAT)
             for name, turns in by_client.items():
