@@ -40,8 +40,7 @@ from resp2chat_io.relay import Feed
 from resp2chat_io.relay.upstream import failure
 from resp2chat_io.store import StateUnavailable
 
-from .base import META, SSE_HEADERS, fails_closed, log, refusal, request_id
-from .store import store_unavailable
+from .base import META, SSE_HEADERS, fails_closed, log, refused_on_failure, request_id, store_unavailable
 from .turns import TurnRun
 
 KEPT = 64  # ended runs whose events stay here (to resume from), besides the store
@@ -257,7 +256,7 @@ class Background:
     async def resume(self, flow: http.HTTPFlow, response_id: str, owner: str) -> None:
         """Stream a background response's events after ``starting_after`` (the flow is answered:
         a refusal, or a ``Feed``)."""
-        try:
+        with refused_on_failure(flow, f"GET {flow.request.path.split('?', 1)[0]}"):
             after = B.starting_after(flow.request.query)
             bg = self.runs.get(response_id)
             source = bg.log if bg is not None and bg.owner == owner else None
@@ -277,11 +276,7 @@ class Background:
                     raise GatewayError("the events of this response were not kept (more than the store keeps of "
                                        "them): GET it without stream", param="stream", code="invalid_value")
                 source = kept if kept is not None else self._follow(response_id, owner, response)
-        except GatewayError as err:
-            flow.response = refusal(flow, err)
-            return
-        except StateUnavailable:
-            flow.response = refusal(flow, store_unavailable(f"GET {flow.request.path.split('?', 1)[0]}"))
+        if flow.response is not None:
             return
         self.feed(flow, source, after)
 

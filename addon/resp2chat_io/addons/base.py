@@ -8,6 +8,7 @@ what it reads (``reads``). Values reach it under their setting names.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -22,6 +23,7 @@ from resp2chat_core.gate import RESPONSES_PATHS  # noqa: F401 — (re-exported: 
 from resp2chat_core import settings as S
 from resp2chat_io.config import load_settings
 from resp2chat_io.relay import KEY_HEADER, TURN_HEADER
+from resp2chat_io.store import StateUnavailable
 
 log = logging.getLogger("resp2chat")
 
@@ -47,6 +49,26 @@ def refusal(flow: http.HTTPFlow, err: GatewayError, extra: tuple = ()) -> http.R
     response = json_response(err.status, err.body(), **headers)
     response.headers.update(extra)
     return response
+
+
+def store_unavailable(why: str) -> GatewayError:
+    """The refusal of ``why`` while the shared state store (Redis) cannot be reached: a 503 with
+    ``retry-after`` (``refusal``)."""
+    return GatewayError(f"{why}: the shared state store (Redis) cannot be reached right now; try again shortly",
+                        code="store_unavailable", status=503, type="server_error")
+
+
+@contextlib.contextmanager
+def refused_on_failure(flow: http.HTTPFlow, what: str):
+    """Runs an endpoint's work on stored state: a ``GatewayError`` becomes the flow's refusal, the
+    store being down a ``store_unavailable`` one naming ``what`` (e.g. ``"GET /v1/conversations/x"``).
+    The caller returns when ``flow.response`` is set after the block."""
+    try:
+        yield
+    except GatewayError as err:
+        flow.response = refusal(flow, err)
+    except StateUnavailable:
+        flow.response = refusal(flow, store_unavailable(what))
 
 
 def show_url(flow: http.HTTPFlow, url: str) -> None:

@@ -33,10 +33,9 @@ from resp2chat_core import listing
 from resp2chat_core.errors import GatewayError
 from resp2chat_core.labels import shown
 from resp2chat_io import offload
-from resp2chat_io.store import StateUnavailable
 
-from .base import fails_closed, json_response, refusal, request_id
-from .store import new_item_id, store_unavailable
+from .base import fails_closed, json_response, refused_on_failure, request_id
+from .store import new_item_id
 
 
 @fails_closed
@@ -54,15 +53,11 @@ class Conversations:
         found = G.endpoint(path)  # (the gate let only its methods through)
         if found is None or found[0] != "conversations":
             return
-        try:
+        with refused_on_failure(flow, f"{req.method} {path}"):
             body = await self._body(req) if req.method == "POST" else {}
             answer = await self.answer(found[1], req.method, G.path_ids(path), body, req.query,
                                        self.upstreams.owner_of(flow))
-        except GatewayError as err:
-            flow.response = refusal(flow, err)
-            return
-        except StateUnavailable:
-            flow.response = refusal(flow, store_unavailable(f"{req.method} {path}"))
+        if flow.response is not None:
             return
         flow.response = json_response(200, answer, x_request_id=request_id(flow))
 

@@ -401,7 +401,7 @@ class HttpTurns:
         """Flow metadata (saved with -w), a one-line comment (shown in mitmweb), listeners.
         ``failed``: the client's answer is base.fail_closed's 500, whatever the backend said.
         ``answer``: what the client got, when it is not the usual (the stream, or the body)."""
-        turn, t, reader = run.turn, run.reader.translator, run.reader
+        turn, t = run.turn, run.reader.translator
         meta = flow.metadata[META]
         if answer is None:
             answer = flow.response.stream.answer if turn.client_stream and not failed else flow.response.content

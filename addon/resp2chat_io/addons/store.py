@@ -34,7 +34,7 @@ from resp2chat_core.turn import Found
 from resp2chat_io.redis_state import RedisResponseStore, RedisState, describe
 from resp2chat_io.store import ResponseStore, StateUnavailable, Store, Writes
 
-from .base import Owner, fails_closed, json_response, log, refusal
+from .base import Owner, fails_closed, json_response, log, refused_on_failure, refusal, store_unavailable
 
 FRESH_POLL = 0.05  # seconds between two asks for an id not known yet
 APPEND_TRIES = 8  # writes of a conversation's new items, each over the version it read
@@ -44,11 +44,6 @@ def new_item_id(kind: str, _index: int = 0) -> str:
     """An id for an item a conversation keeps (``msg`` or ``item``), as OpenAI's look (listing.py
     ``with_ids``)."""
     return f"{kind}_{uuid.uuid4().hex}"
-
-
-def store_unavailable(why: str) -> GatewayError:
-    return GatewayError(f"{why}: the shared state store (Redis) cannot be reached right now; try again shortly",
-                        code="store_unavailable", status=503, type="server_error")
 
 
 @fails_closed
@@ -191,16 +186,12 @@ class StoredResponses(Owner):
             return await self._cancel(flow, response_id, owner)
         if method == "GET" and found[1] == "/{id}" and flow.request.query.get("stream") in ("true", "1"):
             return await self.background.resume(flow, response_id, owner)
-        try:
+        with refused_on_failure(flow, f"{method} {path}"):
             page = listing.page_query(flow.request.query) if found[1] == "/{id}/input_items" else None
             entry = await self.get(response_id, owner)
             if entry is not None and method == "DELETE":
                 await self.store.delete(response_id, owner=owner)
-        except StateUnavailable:
-            flow.response = refusal(flow, store_unavailable(f"{method} {path}"))
-            return
-        except GatewayError as err:
-            flow.response = refusal(flow, err)
+        if flow.response is not None:
             return
         if entry is None:  # (a conversation's id is no response's: ``get``'s kind)
             flow.response = refusal(flow, GatewayError(f"no stored response {shown(response_id)!r}",
@@ -223,12 +214,8 @@ class StoredResponses(Owner):
         return B.public(response)
 
     async def _cancel(self, flow: http.HTTPFlow, response_id: str, owner: str) -> None:
-        try:
+        with refused_on_failure(flow, f"POST /v1/responses/{response_id}/cancel"):
             flow.response = json_response(200, await self.background.cancel(response_id, owner))
-        except GatewayError as err:
-            flow.response = refusal(flow, err)
-        except StateUnavailable:
-            flow.response = refusal(flow, store_unavailable(f"POST /v1/responses/{response_id}/cancel"))
 
     @staticmethod
     def input_items(flow: http.HTTPFlow, entry: dict, page: listing.Page, sealer) -> http.Response:
