@@ -242,6 +242,7 @@ class Target:
 
 
 CLIENTS = ""  # --clients N: the RESP2CHAT_CLIENTS of the resp2chat path
+STATE_STORE = ""  # --redis: the resp2chat path's state_store_url (limits and state in a real redis-server)
 
 
 def configure_clients(n: int) -> None:
@@ -252,6 +253,33 @@ def configure_clients(n: int) -> None:
     CLIENTS = json.dumps([{"name": f"dev{i}", "key": k, "models": ["*"], "rpm": 10**9, "tpm": 10**12,
                            "max_streams": 10**6} for i, k in enumerate(keys)])
     client.AUTH[:] = [("Authorization", f"Bearer {keys[0]}")] if n else []
+
+
+def start_redis(workdir: Path) -> subprocess.Popen:
+    """--redis: a redis-server of the bench's own (Debian's, `make redis`) on a free loopback port,
+    no persistence; the resp2chat path keeps its state and counts its clients' limits there, so
+    each turn's admission is an EVALSHA round trip as on a team's replicas."""
+    global STATE_STORE
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    port = free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(workdir), "--daemonize", "no", "--loglevel", "warning"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise RuntimeError("redis-server did not answer PING (is it installed? `make redis`)")
+        time.sleep(0.05)
+    STATE_STORE = f"redis://127.0.0.1:{port}/0"
+    return proc
 
 
 def start_target(name: str, up_port: int, workdir: Path, cpus: set[int] | None, relay_bin: str | None,
@@ -270,6 +298,8 @@ def start_target(name: str, up_port: int, workdir: Path, cpus: set[int] | None, 
     elif name.startswith("resp2chat"):
         if CLIENTS and not name.startswith("resp2chat-b"):  # (--clients: the a side only; b has none)
             env["RESP2CHAT_CLIENTS"] = CLIENTS
+        if STATE_STORE and not name.startswith("resp2chat-b"):
+            env["RESP2CHAT_STATE_STORE_URL"] = STATE_STORE
         proc = Proc(name, [*mitm, "-s", str(addon), "-s", str(PROBE), *extra], workdir, cpus, env)
         ready, mode = "/healthz", "responses"
     elif name == "codex-relay":
@@ -1293,6 +1323,9 @@ def main(argv=None) -> int:
     ap.add_argument("--clients", type=int, default=0, metavar="N",
                     help="configure N clients (issue 23) on the resp2chat path, with limits above the load, and send "
                          "the first one's key; with --ab addon/resp2chat.py, the b side is the same code without clients")
+    ap.add_argument("--redis", action="store_true",
+                    help="the resp2chat path keeps its state (and its clients' limits) in a redis-server the bench "
+                         "starts; with --ab addon/resp2chat.py, the b side is the same code without it")
     ap.add_argument("--retries", type=int, default=3,
                     help="run a phase again (keeping the quietest attempt) when other jobs used the CPU meanwhile")
     ap.add_argument("--quiet-wait", type=float, default=60.0,
@@ -1312,7 +1345,14 @@ def main(argv=None) -> int:
     for key in FULL:
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
-    results = asyncio.run(main_async(args, cfg))
+    redis = start_redis(Path(tempfile.mkdtemp(prefix="bench-redis-"))) if args.redis else None
+    try:
+        results = asyncio.run(main_async(args, cfg))
+    finally:
+        if redis is not None:
+            redis.kill()
+            redis.wait()
+    results["state_store"] = "redis" if args.redis else None
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print()
     print(table(results))
