@@ -14,6 +14,11 @@ AI_SDK_VER := 6.0.325
 AI_SDK_DIR := $(TOOLS)/ai-sdk-$(AI_SDK_VER)
 OPEN_RESPONSES_VER := 1.0.39
 AI_SDK     := $(AI_SDK_DIR)/node_modules/@ai-sdk/open-responses/package.json
+# the OpenAI Agents SDK for JavaScript, a Responses client the tests drive (tests/test_agents_js.py),
+# with the openai and zod versions it resolves to pinned
+AGENTS_JS_VER := 0.20.0
+AGENTS_JS_DIR := $(TOOLS)/agents-js-$(AGENTS_JS_VER)
+AGENTS_JS     := $(AGENTS_JS_DIR)/node_modules/@openai/agents/package.json
 # a real MCP server (npm @modelcontextprotocol/server-everything) the hosted MCP tests run against
 MCP_EVERYTHING_VER := 2026.8.31
 MCP_EVERYTHING_DIR := $(TOOLS)/mcp-everything-$(MCP_EVERYTHING_VER)
@@ -32,7 +37,7 @@ PYTHON ?= $(shell for c in python3.13 python3.12 \
 	  $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && { echo $$p; break; }; \
 	done)
 
-.PHONY: help venv codex ai-sdk mcp-everything llamacpp redis smg test test-fast run bench soak fuzz recordings clean
+.PHONY: help venv codex ai-sdk agents-js mcp-everything llamacpp redis smg test test-fast run bench soak fuzz recordings clean
 
 help:
 	@echo "make run        start the gateway on 127.0.0.1:4000 (bundled demo upstream if no backend is configured)"
@@ -68,6 +73,13 @@ $(AI_SDK):
 
 ai-sdk: $(AI_SDK)
 
+$(AGENTS_JS):
+	@command -v npm >/dev/null || { echo "error: npm is needed to install the OpenAI Agents SDK for JavaScript"; exit 1; }
+	mkdir -p $(AGENTS_JS_DIR)
+	cd $(AGENTS_JS_DIR) && npm install --no-audit --no-fund --silent @openai/agents@$(AGENTS_JS_VER) openai@7.60.0 zod@4.6.7
+
+agents-js: $(AGENTS_JS)
+
 $(MCP_EVERYTHING):
 	@command -v npm >/dev/null || { echo "error: npm is needed to install the MCP test server"; exit 1; }
 	mkdir -p $(MCP_EVERYTHING_DIR)
@@ -94,9 +106,9 @@ $(SMG):
 
 smg: $(SMG)
 
-test: venv codex ai-sdk mcp-everything llamacpp redis smg
+test: venv codex ai-sdk agents-js mcp-everything llamacpp redis smg
 	RESP2CHAT_LLAMACPP_DIR=$(LLAMA_CACHE) CODEX_BIN=$(abspath $(CODEX)) AI_SDK_DIR=$(abspath $(AI_SDK_DIR)) \
-	  MCP_EVERYTHING_BIN=$(abspath $(MCP_EVERYTHING)) \
+	  AGENTS_JS_DIR=$(abspath $(AGENTS_JS_DIR)) MCP_EVERYTHING_BIN=$(abspath $(MCP_EVERYTHING)) \
 	  SMG_BIN=$(abspath $(SMG)) $(PY) -m pytest -q
 
 test-fast: venv

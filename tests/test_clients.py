@@ -4,7 +4,8 @@ the scripted upstream: the Vercel AI SDK (JavaScript, `ai` with `@ai-sdk/openai`
 SDK (`openai-agents`), LangChain (`langchain-openai`, ``use_responses_api=True``) and pydantic-ai
 (``OpenAIResponsesModel``). Each with its default settings: a streamed text answer, a multi-step
 tool loop in which the client runs the tool, a multi-turn chat built from the client's own
-returned history, and structured output that reaches the backend as ``response_format``.
+returned history, and structured output that reaches the backend as ``response_format``. The
+OpenAI Agents SDK for JavaScript has its own file (test_agents_js.py, using these checks).
 
 The clients come from their registries (Makefile: npm for the AI SDK, the venv's dev extras for
 the Python ones). The upstream answers by directives (demo_upstream.py): ``call: name {json}``
