@@ -285,6 +285,11 @@ def test_web_pages_are_refused(echo, gateway_factory):
     assert r.status_code == 403 and error_of(r.content)["code"] == "origin_not_allowed"
     assert error_of(r.content)["param"] == "allowed_origins" and "access-control-allow-origin" not in r.headers
     assert requests.get(gw.base_url + "/models", headers=evil, timeout=20).status_code == 403
+    # a sandboxed frame or a file:// page sends "null"; a page on the gateway's own address is a page too
+    for page in ("null", f"http://127.0.0.1:{port}"):
+        assert requests.post(gw.base_url + "/responses", json=turn, headers={"origin": page}, timeout=20).status_code == 403
+        with pytest.raises(Refused):
+            WSClient(gw.base_url, headers={"origin": page})
     r = requests.options(gw.base_url + "/responses", headers={**evil, "access-control-request-method": "POST"}, timeout=20)
     assert r.status_code == 403
     # a turn that is not JSON (text/plain, or no content type: no preflight in a browser)
