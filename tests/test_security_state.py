@@ -423,7 +423,8 @@ class _Echoing(QuietHandler):
         auth = self.headers.get("authorization", "")
         model = body.get("model")
         if model == "limited":
-            return send_json(self, 429, {"error": {"message": f"rate limited for {auth}", "code": "rate_limit_exceeded"}})
+            key = auth.removeprefix("Bearer ")
+            return send_json(self, 429, {"error": {"message": f"rate limited for key {key}", "code": "rate_limit_exceeded"}})
         if model == "event":
             data = b"data: " + json.dumps({"error": {"message": f"bad credential {auth}", "code": 400}}).encode() + b"\n\n"
         else:
@@ -450,25 +451,30 @@ def test_a_forwarded_credential_is_a_secret_of_its_request(gateway_factory, tmp_
     client is), and from there nowhere: a backend that repeats it (in a turn's text, a 429's
     message, an error event, a passthrough answer) has it scrubbed like a configured key from
     what the gateway logs, records in flows and answers (HTTP, streamed and whole, and the
-    WebSocket). Before, the 429's message went to the log's warning and every flow kept it."""
-    flows, access = tmp_path / "flows.mitm", tmp_path / "access.jsonl"
+    WebSocket). Before, the 429's message went to the log's warning and every flow kept it.
+    The same for a configured upstream key that does not look like one (no ``sk-``): a turn's
+    record kept the error message as the backend wrote it."""
+    PLAIN = "plain-upstream-secret-4242"
     with LocalServer(_Echoing) as backend:
-        gw = gateway_factory(backend.url, "--set", "resp2chat_forward_client_auth=true", "-w", str(flows),
-                             "--set", f"resp2chat_access_log_path={access}", "--set", "resp2chat_max_replay_entries=0")
-        mine = auth(f"Bearer {FORWARDED}")
-        answers = []
-        for model in ("echo", "limited", "event"):
-            answers.append(post_turn(gw, {"model": model, "input": "hi"}, mine).text)
-            answers.append(post_turn(gw, {"model": model, "input": "hi", "stream": True}, mine).text)
-            ws = WSClient(gw.base_url, headers=mine)
-            answers.append(json.dumps(ws.turn(create(model=model, input="hi"))))
-            ws.close()
-        r = requests.get(gw.base_url + "/models", headers=mine, timeout=30)
-        assert r.status_code == 200
-        answers.append(r.text + json.dumps(dict(r.headers)))
-        assert "[redacted]" in answers[0] and "[redacted]" in answers[-1]
-        assert all(FORWARDED not in a for a in answers), [a[:200] for a in answers if FORWARDED in a]
-        gw.stop()
-    assert "rate limited for Bearer [redacted]" in gw.log()  # (the warning is there, without the credential)
-    said = gw.log() + access.read_text() + flows.read_bytes().decode("latin-1")
-    assert FORWARDED not in said
+        for secret, extra, env in ((FORWARDED, ("--set", "resp2chat_forward_client_auth=true"), {}),
+                                   (PLAIN, (), {"RESP2CHAT_UPSTREAM_API_KEY": PLAIN})):
+            flows, access = tmp_path / f"{secret}.mitm", tmp_path / f"{secret}.jsonl"
+            gw = gateway_factory(backend.url, *extra, "-w", str(flows), "--set", f"resp2chat_access_log_path={access}",
+                                 "--set", "resp2chat_max_replay_entries=0", env=env)
+            mine = auth(f"Bearer {FORWARDED}")
+            answers = []
+            for model in ("echo", "limited", "event"):
+                answers.append(post_turn(gw, {"model": model, "input": "hi"}, mine).text)
+                answers.append(post_turn(gw, {"model": model, "input": "hi", "stream": True}, mine).text)
+                ws = WSClient(gw.base_url, headers=mine)
+                answers.append(json.dumps(ws.turn(create(model=model, input="hi"))))
+                ws.close()
+            r = requests.get(gw.base_url + "/models", headers=mine, timeout=30)
+            assert r.status_code == 200
+            answers.append(r.text + json.dumps(dict(r.headers)))
+            assert "[redacted]" in answers[0] and "[redacted]" in answers[-1]
+            assert all(secret not in a for a in answers), [a[:200] for a in answers if secret in a]
+            gw.stop()
+            assert "rate limited for key [redacted]" in gw.log()  # (the warning is there, without the secret)
+            said = gw.log() + access.read_text() + flows.read_bytes().decode("latin-1")
+            assert secret not in said, secret

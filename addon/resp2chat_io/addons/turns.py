@@ -288,7 +288,8 @@ class Turns(Owner):
         elif t.error:
             # the failure as the operator sees it: the upstream's own words, or our exception
             detail = scrub((t.error_detail or t.error["message"]).encode(), run.secrets).decode()
-            record["error"] = {**t.error, "detail": detail}
+            message = scrub(t.error["message"].encode(), run.secrets).decode()  # (what the client got: scrubbed too)
+            record["error"] = {**t.error, "message": message, "detail": detail}
             log.warning(f"resp2chat: {run.request_id} failed ({t.error['code']}): {detail}")
         record["usage"] = t.usage
         if ex.skipped:
