@@ -175,6 +175,45 @@ def test_the_gateway_key_never_reaches_a_backend(echo, gateway_factory):
         assert GW_KEY not in line + json.dumps(headers) + body.decode("utf-8", "replace"), (line, headers)
 
 
+def test_credentials_in_the_url_are_refused_and_never_kept(echo, gateway_factory, tmp_path):
+    """A key put in the request URL (a query parameter named like a credential, or any configured
+    secret anywhere in the target, plain or percent-encoded) is a 400 that names it, on every path
+    and on the WebSocket's upgrade: it reached the backend, the log and the flow file before (the
+    gate re-authorizes headers, not the URL). A plain query still passes."""
+    flows = tmp_path / "flows.mitm"
+    gw = gateway_factory(echo.url, "--set", f"resp2chat_gateway_api_key={GW_KEY}", "-w", str(flows),
+                         "--set", "flow_detail=4", "--set", "resp2chat_max_replay_entries=0",
+                         env={"RESP2CHAT_UPSTREAM_API_KEY": UP_KEY})
+    auth = {"authorization": f"Bearer {GW_KEY}"}
+    client_key = "a-client-key-nobody-configured"
+    origin = f"http://127.0.0.1:{gw.port}"
+    for target, headers in ((f"/v1/models?api_key={GW_KEY}", auth), (f"/v1/models?api_key={GW_KEY}", {}),
+                            (f"/v1/models?x=1&Key={client_key}", auth), (f"/v1/models?access_token={client_key}", auth),
+                            (f"/v1/models/{GW_KEY}", auth), (f"/v1/models?q={GW_KEY.replace('-', '%2D')}", auth),
+                            (f"/v1/models?api%5Fkey={client_key}", auth), (f"/healthz?key={GW_KEY}", {}),
+                            (f"/v1/files?token={client_key}", auth)):
+        r = requests.get(origin + target, headers=headers, timeout=20)
+        assert r.status_code == 400, (target, r.status_code, r.text)
+        err = r.json()["error"]
+        assert err["code"] == "credential_in_url" and "Authorization" in err["message"], err
+        assert r.headers["x-request-id"].startswith("req_")
+    r = requests.post(gw.base_url + f"/responses?token={client_key}", json={"model": "m", "input": "hi"},
+                      headers=auth, timeout=20)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "credential_in_url"
+    with pytest.raises(Refused) as refused:
+        WSClient(gw.base_url, path=f"/responses?api_key={GW_KEY}", headers=auth)
+    assert refused.value.status == 400 and error_of(refused.value.body)["code"] == "credential_in_url"
+    assert echo.seen == []
+    # a query that holds no credential goes on as before, on both transports
+    r = requests.get(gw.base_url + "/models?limit=5&after=x", headers=auth, timeout=20)
+    assert r.status_code == 200 and r.json()["path"] == "/v1/models?limit=5&after=x"
+    assert "the backend got" in final_text(turn_over_socket(gw.base_url, auth))
+    gw.stop()
+    said = gw.log() + flows.read_bytes().decode("latin-1")
+    assert GW_KEY not in said and client_key not in said and GW_KEY.replace("-", "%2D") not in said
+    assert "[redacted]" in gw.log()  # (the refused requests are shown, without the key)
+
+
 # --- 2. no secret reaches a client or a flow; passthrough is an allowlist -----------------------
 
 
@@ -246,6 +285,11 @@ def test_web_pages_are_refused(echo, gateway_factory):
     assert r.status_code == 403 and error_of(r.content)["code"] == "origin_not_allowed"
     assert error_of(r.content)["param"] == "allowed_origins" and "access-control-allow-origin" not in r.headers
     assert requests.get(gw.base_url + "/models", headers=evil, timeout=20).status_code == 403
+    # a sandboxed frame or a file:// page sends "null"; a page on the gateway's own address is a page too
+    for page in ("null", f"http://127.0.0.1:{port}"):
+        assert requests.post(gw.base_url + "/responses", json=turn, headers={"origin": page}, timeout=20).status_code == 403
+        with pytest.raises(Refused):
+            WSClient(gw.base_url, headers={"origin": page})
     r = requests.options(gw.base_url + "/responses", headers={**evil, "access-control-request-method": "POST"}, timeout=20)
     assert r.status_code == 403
     # a turn that is not JSON (text/plain, or no content type: no preflight in a browser)
@@ -556,6 +600,14 @@ def test_the_gate_rules():
     assert not own("corp.example.evil", ["*.corp.example"]) and own("anything", ["*"])
     assert G.origin_refusal(None, []) is None and G.origin_refusal("https://a.example", ["https://A.example/"]) is None
     assert G.origin_refusal("null", []).status == 403 and G.origin_refusal("https://a.example.evil", ["https://a.example"])
+    keys = ["gw-key-1234"]
+    clean = {"/v1/models": None, "/v1/models?limit=2&after=k": None, "/v1/models?monkey=1&keys=2": None,
+             "/v1/models?api_key=zz": "/v1/models?api_key=[redacted]", "/v1/models?a=1&API-KEY=zz&b=2":
+             "/v1/models?a=1&API-KEY=[redacted]&b=2", "/v1/models?x_api_key=&token=t": "/v1/models?x_api_key=&token=[redacted]",
+             "/v1/gw-key-1234/x": "/v1/[redacted]/x", "/v1/models?q=gw%2Dkey-1234": "/v1/models?[redacted]",
+             "/v1/models?ke%79=zz": "/v1/models?ke%79=[redacted]"}
+    for target, want in clean.items():
+        assert G.without_credentials(target, keys) == want, target
     assert [G.is_json(t) for t in ("application/json", "Application/JSON; charset=utf-8", "application/vnd.x+json",
                                    "text/plain", None, "", "application/x-www-form-urlencoded", "json")] \
         == [True, True, True, False, False, False, False, False]

@@ -378,3 +378,41 @@ def test_a_message_over_the_body_limit_is_refused_while_it_arrives(upstream, gat
     under = {"type": "response.create", "model": "demo-model", "input": "y" * (4 * MiB - 4096), "generate": False}
     assert terminal(client.turn(under))["response"]["status"] == "completed"
     client.close()
+
+
+def test_a_message_in_many_small_frames_is_bounded_the_same(upstream, gateway_factory):
+    """The same bound whatever the framing: a 40 MiB message in 4000-byte frames (a limit of
+    4 MiB) is refused while it arrives and the socket goes on; a message in more frames than
+    mitm_websocket.MAX_FRAGMENTS (each costs memory of its own) ends the socket with 1009."""
+    import wsproto.events as E
+
+    from resp2chat_io.mitm_websocket import MAX_FRAGMENTS
+
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_request_body_mb=4")
+    client = WSClient(gw.base_url, timeout=120)
+    assert terminal(client.turn({"type": "response.create", "model": "demo-model", "input": "hi"}))["response"][
+        "status"] == "completed"
+    peak = Peak(gw.proc.pid)
+    piece = "x" * 4000
+    frames = [client.ws.send(E.TextMessage(data=piece, message_finished=False)) for _ in range(40 * MiB // 4000)]
+    frames.append(client.ws.send(E.TextMessage(data=piece, message_finished=True)))
+    message = b"".join(frames)
+    thread, progress = _sender(client, [message])
+    error = client.next_message()
+    assert not (not thread.is_alive() and progress["sent"] == len(message)), "answered only at the end"
+    assert error["status"] == 413 and error["error"]["code"] == "request_too_large", error
+    thread.join(60)
+    end = terminal(client.turn({"type": "response.create", "model": "demo-model", "input": "and?"}))
+    assert end["response"]["status"] == "completed"
+    assert peak.grown < 24 * MiB, f"the gateway grew {peak.grown / MiB:.0f} MiB"
+    tiny = [client.ws.send(E.TextMessage(data="y", message_finished=False)) for _ in range(MAX_FRAGMENTS + 100)]
+    thread, _ = _sender(client, [b"".join(tiny)])
+    closed = None
+    while closed is None:
+        for event in client._read():
+            if isinstance(event, E.CloseConnection):
+                closed = event.code
+    assert closed == 1009
+    thread.join(60)
+    client.sock.close()
+    assert requests.get(gw.base_url.removesuffix("/v1") + "/healthz", timeout=5).status_code == 200

@@ -21,7 +21,10 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import openai_client, parse_sse, post_turn, read_flows, start_gateway, wait_until
+from helpers import (
+    LocalServer, QuietHandler, chat_chunk, chat_sse, openai_client, parse_sse, post_turn, read_flows, send_json,
+    start_gateway, wait_until,
+)
 from resp2chat_io import demo_upstream
 from wsclient import WSClient
 
@@ -405,3 +408,73 @@ def test_forwarded_credentials_own_their_state_in_redis(keyed_upstream, tmp_path
     finally:
         a.stop()
         b.stop()
+
+
+FORWARDED = "tok-forwarded-0123456789"  # (not shaped like a known key: only knowing it finds it)
+
+
+class _Echoing(QuietHandler):
+    """A backend that repeats the credential it got: in a turn's text (model ``echo``), in a 429
+    error (``limited``), in an error event inside its stream (``event``), in a passthrough
+    answer's body and header."""
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])) or b"{}")
+        auth = self.headers.get("authorization", "")
+        model = body.get("model")
+        if model == "limited":
+            key = auth.removeprefix("Bearer ")
+            return send_json(self, 429, {"error": {"message": f"rate limited for key {key}", "code": "rate_limit_exceeded"}})
+        if model == "event":
+            data = b"data: " + json.dumps({"error": {"message": f"bad credential {auth}", "code": 400}}).encode() + b"\n\n"
+        else:
+            data = chat_sse(chat_chunk({"content": f"you are {auth}"}), chat_chunk(finish="stop"))
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        auth = self.headers.get("authorization", "")
+        data = json.dumps({"object": "list", "data": [], "echo": auth}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("x-echo", auth)
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def test_a_forwarded_credential_is_a_secret_of_its_request(gateway_factory, tmp_path):
+    """With forward_client_auth the client's credential goes to the backend (it decides who the
+    client is), and from there nowhere: a backend that repeats it (in a turn's text, a 429's
+    message, an error event, a passthrough answer) has it scrubbed like a configured key from
+    what the gateway logs, records in flows and answers (HTTP, streamed and whole, and the
+    WebSocket). Before, the 429's message went to the log's warning and every flow kept it.
+    The same for a configured upstream key that does not look like one (no ``sk-``): a turn's
+    record kept the error message as the backend wrote it."""
+    PLAIN = "plain-upstream-secret-4242"
+    with LocalServer(_Echoing) as backend:
+        for secret, extra, env in ((FORWARDED, ("--set", "resp2chat_forward_client_auth=true"), {}),
+                                   (PLAIN, (), {"RESP2CHAT_UPSTREAM_API_KEY": PLAIN})):
+            flows, access = tmp_path / f"{secret}.mitm", tmp_path / f"{secret}.jsonl"
+            gw = gateway_factory(backend.url, *extra, "-w", str(flows), "--set", f"resp2chat_access_log_path={access}",
+                                 "--set", "resp2chat_max_replay_entries=0", env=env)
+            mine = auth(f"Bearer {FORWARDED}")
+            answers = []
+            for model in ("echo", "limited", "event"):
+                answers.append(post_turn(gw, {"model": model, "input": "hi"}, mine).text)
+                answers.append(post_turn(gw, {"model": model, "input": "hi", "stream": True}, mine).text)
+                ws = WSClient(gw.base_url, headers=mine)
+                answers.append(json.dumps(ws.turn(create(model=model, input="hi"))))
+                ws.close()
+            r = requests.get(gw.base_url + "/models", headers=mine, timeout=30)
+            assert r.status_code == 200
+            answers.append(r.text + json.dumps(dict(r.headers)))
+            assert "[redacted]" in answers[0] and "[redacted]" in answers[-1]
+            assert all(secret not in a for a in answers), [a[:200] for a in answers if secret in a]
+            gw.stop()
+            assert "rate limited for key [redacted]" in gw.log()  # (the warning is there, without the secret)
+            said = gw.log() + access.read_text() + flows.read_bytes().decode("latin-1")
+            assert secret not in said, secret

@@ -14,6 +14,9 @@ Each check returns ``None`` (let it in) or the ``GatewayError`` the client gets;
   ``passthrough_paths``), or the 404/405 for a path or method nobody serves.
 - ``content_type_refusal``: a turn's body is JSON: ``application/json`` or any ``+json`` type.
 - ``disguised``: a path that names a gateway endpoint only once percent-decoded or normalised.
+- ``without_credentials``: a request target with a key put in it (a query parameter named like a
+  credential, or a configured secret anywhere) redacted: the gate refuses it (a key in a URL
+  reaches a backend's logs, the gateway's log and flow files, whatever the gateway checks).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import ipaddress
 import posixpath
 import re
 from dataclasses import dataclass
-from urllib.parse import unquote
+from urllib.parse import unquote, unquote_plus
 
 from .errors import GatewayError
 
@@ -153,6 +156,37 @@ def disguised(path: str) -> bool:
     if normal == path:
         return False
     return any(normal == p or normal.startswith(p + "/") for p in GATEWAY_PATHS)
+
+
+# query parameters that carry a key when a client puts one in a URL (never a Responses API parameter)
+_CREDENTIAL_PARAM = re.compile(r"^(?:x-)?(?:api[-_]?key|key|access[-_]?token|token|auth|authorization|bearer|"
+                               r"password|secret)$", re.I)
+REDACTED = "[redacted]"
+
+
+def without_credentials(target: str, secrets) -> str | None:
+    """``target`` (a request's path and query) with every credential in it replaced by
+    ``[redacted]``: the value of a query parameter named like one (``api_key``, ``key``,
+    ``access_token``…), and any of ``secrets`` (str) found in a part plain or percent-decoded;
+    None when it holds none."""
+    path, sep, query = target.partition("?")
+    parts = [path] + (query.split("&") if sep else [])
+    clean = [_without_secrets(p, secrets) for p in parts]
+    for i, part in enumerate(clean[1:], 1):
+        name, eq, value = part.partition("=")
+        if eq and value and _CREDENTIAL_PARAM.match(unquote_plus(name)):
+            clean[i] = f"{name}={REDACTED}"
+    if clean == parts:
+        return None
+    return clean[0] + (sep + "&".join(clean[1:]) if sep else "")
+
+
+def _without_secrets(part: str, secrets) -> str:
+    if not any(s in part or s in unquote_plus(part) for s in secrets):
+        return part
+    for s in secrets:
+        part = part.replace(s, REDACTED)
+    return part if not any(s in unquote_plus(part) for s in secrets) else REDACTED  # (one only encoded: all of it)
 
 
 @dataclass(frozen=True)

@@ -138,7 +138,10 @@ def credential_header(name: str) -> bool:
     return bool(_CREDENTIAL.search(name))
 
 
-def secret_values(values: Mapping[str, Any], min_len: int = 6) -> tuple[bytes, ...]:
+MIN_SECRET = 6  # characters: a shorter secret is not scrubbed from text (it would mangle it)
+
+
+def secret_values(values: Mapping[str, Any], min_len: int = MIN_SECRET) -> tuple[bytes, ...]:
     """Every configured secret in ``values`` (top-level keys, each upstream's api_key, each
     client's plain key, the credential-like ``upstream_headers`` at the top and per upstream, the
     headers of ``mcp_servers``), to be scrubbed from what the gateway emits. Shorter ones are not scrubbed (they would mangle

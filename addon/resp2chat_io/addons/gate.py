@@ -1,7 +1,8 @@
 """The gate: what every request meets first, decided at its head (resp2chat_core/gate.py has the
 rules), HTTP and the Responses WebSocket's upgrade alike.
 
-In order: ``/healthz``; HTTPS only when ``tls_cert_file`` is set; the ``Host`` (one of the
+In order: a key in the URL (refused, and redacted from the flow: ``without_credentials``);
+``/healthz``; HTTPS only when ``tls_cert_file`` is set; the ``Host`` (one of the
 gateway's names: ``public_hosts``) and the ``Origin`` (``allowed_origins``, whose CORS preflights
 the gate answers); a path that names a gateway endpoint in disguise; the gateway key; whether
 anyone serves the path and method (the gateway, or the upstream through ``passthrough_paths``);
@@ -83,9 +84,10 @@ class Gate(Owner):
     owner = "gate"
     also_reads = ("bind_addr", "tls_cert_file")
 
-    def __init__(self, source, relay) -> None:
+    def __init__(self, source, upstreams) -> None:
         super().__init__(source)
-        self.relay = relay
+        self.upstreams = upstreams  # .secrets: every configured secret (a key in a URL)
+        self.relay = upstreams.relay
         self.rules = G.parse_passthrough(self.s["passthrough_paths"])
         self.refused: dict[str, Refused] = {}  # flow id -> refused at its head, answered by the relay
         self.clients = ClientTable()
@@ -118,6 +120,14 @@ class Gate(Owner):
         if (req.host, req.port) == self.relay.address and self.relay.port:
             # a client asking mitmproxy (as a forward proxy) for the relay: never
             return self.refuse(flow, GatewayError("not a destination", code="forbidden", status=403))
+        presented = [v for v in (req.headers.get("authorization", "").removeprefix("Bearer ").strip(),
+                                 req.headers.get("x-api-key", "")) if len(v) >= S.MIN_SECRET]
+        target = G.without_credentials(req.path, [s.decode() for s in self.upstreams.secrets] + presented)
+        if target is not None:
+            req.path = target  # (what the flow, the log and mitmweb show of it)
+            return self.refuse(flow, GatewayError(
+                "the request URL carries a credential: send keys only as 'Authorization: Bearer …' (or x-api-key), "
+                "never in the URL", param="url", code="credential_in_url"))
         if path == G.HEALTHZ and req.method in ("GET", "HEAD"):
             return self.answer(flow, 200, b'{"status":"ok"}', JSON_HEADERS)
         if self.s["tls_cert_file"] and not flow.client_conn.tls_established:

@@ -394,7 +394,7 @@ class HttpTurns:
             if flow.metadata[META].get("client_path") in COMPACT_PATHS:  # the endpoint's own answer
                 result = compaction.compacted(result, run.turn.items)
             status, body = 200, json.dumps(result, ensure_ascii=False).encode()
-        flow.response = json_response(status, scrub(body, self.turns.secrets), x_request_id=run.request_id)
+        flow.response = json_response(status, scrub(body, run.secrets), x_request_id=run.request_id)
         flow.response.headers.update(run.limits)
 
     def _record(self, flow: http.HTTPFlow, run: TurnRun, failed: bool = False, answer: bytes | None = None) -> None:

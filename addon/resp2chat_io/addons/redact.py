@@ -2,7 +2,8 @@
 
 - the request's ``authorization``/``x-api-key`` become ``[redacted]`` in the flow (the upstream key
   the gateway put there, or a client's);
-- every configured secret (settings.secret_values) is scrubbed from every header of the flow and
+- every configured secret (settings.secret_values), and the client's own credential when the
+  request forwards it (``forward_client_auth``: Upstreams.forwarded), is scrubbed from every header of the flow and
   from an answer's body: a body the gateway made or holds whole is scrubbed before it goes out; a
   streamed one was scrubbed as it went (turns: channel.Reader; passthrough: channel.Scrubber),
   and what the flow keeps of it is scrubbed again here.
@@ -22,13 +23,13 @@ class Redact:
     name = "resp2chat_redact"
 
     def __init__(self, upstreams) -> None:
-        self.upstreams = upstreams  # .secrets: every configured secret
+        self.upstreams = upstreams  # .secrets_for: every configured secret, and what a request forwards
 
     def response(self, flow: http.HTTPFlow) -> None:
-        redact(flow, self.upstreams.secrets)
+        redact(flow, self.upstreams.secrets_for(flow.request.headers))
 
     def error(self, flow: http.HTTPFlow) -> None:
-        redact(flow, self.upstreams.secrets)
+        redact(flow, self.upstreams.secrets_for(flow.request.headers))
 
 
 def redact(flow: http.HTTPFlow, secrets: tuple[bytes, ...] = ()) -> None:

@@ -69,6 +69,7 @@ class TurnRun:
     client: ClientSpec | None = None  # who called (clients; None: the gateway takes no keys)
     limits: tuple[tuple[str, str], ...] = ()  # the client's rate-limit headers when it was admitted
     first: float | None = None  # time.monotonic() when the first event made from backend data left
+    secrets: tuple[bytes, ...] = ()  # scrubbed from what it answers, logs and records (Turns.start)
 
     @property
     def request_id(self) -> str:
@@ -255,8 +256,11 @@ class Turns(Owner):
                             search=self.search.settings if turn.web_search else None,
                             mcp=turn.mcp, max_mcp_rounds=self.hosted.max_rounds if turn.mcp is not None else 0,
                             model=turn.ctx.model, max_event=self.max_event)
-        run = TurnRun(turn, exchange, Reader(turn.translator(self.max_event), MAX_ENTRY_BYTES, self.secrets,
-                                             exchange.channel), flow, started, client, limits)
+        # the configured secrets, and the client's credential when it goes to the backend (a
+        # backend may repeat it: upstreams.forwarded)
+        hidden = self.secrets + self.upstreams.forwarded(client_headers)
+        run = TurnRun(turn, exchange, Reader(turn.translator(self.max_event), MAX_ENTRY_BYTES, hidden,
+                                             exchange.channel), flow, started, client, limits, secrets=hidden)
         run.reader.on_first = lambda: setattr(run, "first", time.monotonic())
         for listener in self.started:  # (one that fails fails the turn: nothing unrecorded goes upstream)
             listener(run)
@@ -275,16 +279,17 @@ class Turns(Owner):
         final = t.response() if t.done and failed_in is None else None
         status = "failed" if failed_in is not None else final["status"] if final else "unfinished"
         code = "server_error" if failed_in is not None else ""
-        record = {"upstream_sse": scrub(bytes(reader.upstream), self.secrets).decode("utf-8", "replace"),
+        record = {"upstream_sse": scrub(bytes(reader.upstream), run.secrets).decode("utf-8", "replace"),
                   "created_at": turn.ctx.created_at, **self.recorded_lowering(turn.ctx.model),
-                  "gateway_events": record_events(reader.gateway, self.secrets), "status": status}
+                  "gateway_events": record_events(reader.gateway, run.secrets), "status": status}
         if failed_in is not None:
             record["error"] = {"code": code, "message": "the gateway failed to handle this request",
                                "detail": f"failed closed in {failed_in}"}
         elif t.error:
             # the failure as the operator sees it: the upstream's own words, or our exception
-            detail = scrub((t.error_detail or t.error["message"]).encode(), self.secrets).decode()
-            record["error"] = {**t.error, "detail": detail}
+            detail = scrub((t.error_detail or t.error["message"]).encode(), run.secrets).decode()
+            message = scrub(t.error["message"].encode(), run.secrets).decode()  # (what the client got: scrubbed too)
+            record["error"] = {**t.error, "message": message, "detail": detail}
             log.warning(f"resp2chat: {run.request_id} failed ({t.error['code']}): {detail}")
         record["usage"] = t.usage
         if ex.skipped:

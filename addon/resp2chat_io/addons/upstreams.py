@@ -154,6 +154,20 @@ class Upstreams(Owner):
             return client
         return None
 
+    def forwarded(self, headers) -> tuple[bytes, ...]:
+        """The credentials a client's request carries when they may reach a backend
+        (``forward_client_auth``, the gateway without a key): secrets of that request, scrubbed
+        from what it is answered, logged and recorded like the configured ones (a backend may
+        repeat them in an error). Empty otherwise."""
+        if not self.s["forward_client_auth"] or self.s["gateway_api_key"]:
+            return ()
+        given = (headers.get("authorization", "").removeprefix("Bearer ").strip(), headers.get("x-api-key", "").strip())
+        return tuple(v.encode() for v in dict.fromkeys(given) if len(v) >= S.MIN_SECRET)
+
+    def secrets_for(self, headers) -> tuple[bytes, ...]:
+        """Every secret of a request: the configured ones and what it forwards (``forwarded``)."""
+        return self.secrets + self.forwarded(headers)
+
     def owner_of(self, flow: http.HTTPFlow) -> str:
         """Whose stored state a request sees and makes (resp2chat_core/owner.py): decided here
         once, for every path (turns, the WebSocket, GET/DELETE of a stored response, the replay
@@ -254,9 +268,10 @@ class Upstreams(Owner):
         if resp is None or not (flow.metadata.get(META) or {}).get(PASSTHROUGH) or flow.is_replay == "response" \
                 or resp.data.content is not None:
             return  # (an answer made here, whole: Redact scrubs it)
+        secrets = self.secrets_for(flow.request.headers)
         for name, value in resp.headers.items(multi=True):
-            if any(s.decode("latin-1") in value for s in self.secrets):
-                resp.headers.set_all(name, [scrub(v.encode("latin-1"), self.secrets).decode("latin-1")
+            if any(s.decode("latin-1") in value for s in secrets):
+                resp.headers.set_all(name, [scrub(v.encode("latin-1"), secrets).decode("latin-1")
                                             for v in resp.headers.get_all(name)])
         if content_encoding.codings(resp.headers.get("content-encoding", "")):
             body = error_json(f"the upstream answered {flow.request.path.split('?', 1)[0]} compressed "
@@ -266,8 +281,8 @@ class Upstreams(Owner):
                                                            "x-request-id": request_id(flow)})
             flow.response.stream = Refusal(body)
             return
-        resp.stream = Scrubber(self.secrets)
-        if self.secrets and http1.expected_http_body_size(flow.request, resp) not in (0, -1) \
+        resp.stream = Scrubber(secrets)
+        if secrets and http1.expected_http_body_size(flow.request, resp) not in (0, -1) \
                 and flow.request.http_version == "HTTP/1.1":
             resp.headers.pop("content-length", None)  # (a scrubbed body may be longer or shorter)
             resp.headers["transfer-encoding"] = "chunked"
