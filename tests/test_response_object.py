@@ -212,3 +212,20 @@ def test_a_cancelled_response_ends_with_its_output_so_far_closed():
     (message,) = events[-1]["response"]["output"]
     assert message["content"][0]["text"] == "half an ans"
     assert tr.cancel() == b"" and tr.feed(chat_event({"content": "more"}) + DONE) == b"" and tr.finish() == b""
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"tools": [{**TOOL, "strict": 0}]}, "tools[0].strict"),
+    ({"stream": 1}, "stream"),
+    ({"store": "true"}, "store"),
+    ({"parallel_tool_calls": 0}, "parallel_tool_calls"),
+])
+def test_a_boolean_given_as_a_number_or_a_string_is_a_400_naming_the_field(body, param):
+    """OpenAI's own validation: ``expected a boolean``. (Taken as pydantic's lax ``0 → False``, the
+    tool's ``strict: 0`` came back raw in the Response, which the spec's boolean refuses: the
+    WebSocket fuzz found it.)"""
+    with pytest.raises(GatewayError) as err:
+        turn(body)
+    assert (err.value.status, err.value.param) == (400, param), err.value.message
+    turn({**body, **{k: True for k in body if k != "tools"}, **({"tools": [{**TOOL, "strict": True}]}
+                                                             if "tools" in body else {})})

@@ -13,7 +13,7 @@ from itertools import compress, count
 from operator import is_not
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, Tag, TypeAdapter, ValidationError
 
 from .errors import GatewayError
 
@@ -157,7 +157,7 @@ class McpApprovalRequestItem(_Model):
 class McpApprovalResponseItem(_Model):
     type: Literal["mcp_approval_response"]
     approval_request_id: str
-    approve: bool
+    approve: StrictBool
     reason: str | None = None
 
 
@@ -219,7 +219,7 @@ class FunctionTool(_Model):
     name: str = Field(min_length=1)
     description: str | None = None
     parameters: dict[str, Any] | None = None
-    strict: bool | None = None
+    strict: StrictBool | None = None
 
 
 class CustomTool(_Model):
@@ -307,8 +307,8 @@ class ResponsesRequest(_Model):
     instructions: str | None = None
     tools: list[Tool] | None = None
     tool_choice: Union[str, dict[str, Any], None] = None
-    parallel_tool_calls: bool | None = None
-    stream: bool | None = False
+    parallel_tool_calls: StrictBool | None = None
+    stream: StrictBool | None = False
     max_output_tokens: int | None = Field(default=None, ge=16)  # (the API's minimum)
     max_tool_calls: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -319,9 +319,9 @@ class ResponsesRequest(_Model):
     include: list[str] | None = None
     reasoning: ReasoningConfig | None = None
     text: TextConfig | None = None
-    store: bool | None = None
+    store: StrictBool | None = None
     previous_response_id: str | None = None
-    background: bool | None = None
+    background: StrictBool | None = None
     user: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
