@@ -552,3 +552,27 @@ def test_the_websocket_runs_the_same_loop(mcp_gateway, upstream):
         assert final["output"][1]["output"] == "The sum of 1 and 1 is 2."
     finally:
         ws.close()
+
+
+# --- logprobs through the loop ------------------------------------------------------------------
+
+
+def test_logprobs_survive_the_loop(mcp_gateway, upstream):
+    """The answer after an MCP round keeps its token logprobs, also when the backend sends the
+    last token and the finish reason in one chunk (vLLM's way: the demo's ``finish-on-text``),
+    a chunk the loop's round filter writes again without its finish reason."""
+    asked = dict(model="demo-model", input="finish-on-text\n" + ECHO, tools=[mcp_tool()], top_logprobs=2,
+                 include=["message.output_text.logprobs"])
+    upstream.clear()
+    client = openai_client(mcp_gateway)
+    whole = client.responses.create(**asked)
+    assert [r.get("logprobs") for r in upstream.requests()] == [True, True]  # every round asks for them
+    with client.responses.stream(**asked) as stream:
+        deltas = [e for e in stream if e.type == "response.output_text.delta"]
+        streamed = stream.get_final_response()
+    for resp in (whole, streamed):
+        assert kinds(resp.output) == ["mcp_list_tools", "reasoning", "mcp_call", "reasoning", "message"]
+        part = resp.output[-1].content[0]
+        assert "".join(t.token for t in part.logprobs) == part.text == "The tool returned: Echo: hello mcp"
+        assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].token == t.token for t in part.logprobs)
+    assert all(d.logprobs for d in deltas) and deltas[-1].delta == "mcp" and deltas[-1].logprobs[0].token == "mcp"
