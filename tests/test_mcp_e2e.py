@@ -221,6 +221,30 @@ def test_a_conversation_lists_the_tools_once(mcp_gateway, upstream, seen):
     assert sessions() == (1, 2)
 
 
+# --- tool_choice ---------------------------------------------------------------------------------
+
+
+def test_tool_choice_reaches_the_round_where_the_model_chooses(mcp_gateway, upstream):
+    """On a first turn the request has no tools until the listing: the backend's round 1 still
+    gets the client's tool_choice (``required``, or an mcp tool by name as its function), and
+    the round after the forced call ``auto``."""
+    client = openai_client(mcp_gateway)
+    for choice, want in (("required", "required"), ({"type": "mcp", "server_label": "ev", "name": "echo"},
+                                                     {"type": "function", "function": {"name": "mcp__ev__echo"}})):
+        upstream.clear()
+        resp = client.responses.create(model="demo-model", input=ECHO, tools=[mcp_tool()], tool_choice=choice)
+        assert resp.status == "completed" and resp.output_text == "The tool returned: Echo: hello mcp"
+        assert resp.tool_choice == choice if isinstance(choice, str) else resp.tool_choice.model_dump() == choice
+        first, second = upstream.requests()
+        assert first["tool_choice"] == want and "mcp__ev__echo" in [t["function"]["name"] for t in first["tools"]]
+        assert second["tool_choice"] == "auto"
+        # a later turn (the listing from the conversation) the same
+        upstream.clear()
+        client.responses.create(model="demo-model", previous_response_id=resp.id, input=ECHO, tools=[mcp_tool()],
+                                tool_choice=choice)
+        assert [r["tool_choice"] for r in upstream.requests()] == [want, "auto"]
+
+
 # --- approvals ----------------------------------------------------------------------------------
 
 

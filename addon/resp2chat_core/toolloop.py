@@ -351,10 +351,16 @@ class RoundFilter:
 
 def next_request(chat: dict, assistant: dict, results: list[tuple[str, str]], spent: set[str] = frozenset()) -> dict:
     """The chat request for the next round: history + the model's calls + their results.
-    ``spent``: functions the model is not offered any more (their kind's last round is over)."""
+    ``spent``: functions the model is not offered any more (their kind's last round is over).
+    A tool choice that forces a call (``required``, a named function) was the round the model
+    chose in: the next one is ``auto`` (forced again, the model could never answer)."""
     messages = list(chat["messages"]) + [assistant] + [
         {"role": "tool", "tool_call_id": call_id, "content": text} for call_id, text in results]
-    return without(dict(chat, messages=messages), spent)
+    chat = dict(chat, messages=messages)
+    choice = chat.get("tool_choice")
+    if choice == "required" or isinstance(choice, dict):
+        chat["tool_choice"] = "auto"
+    return without(chat, spent)
 
 
 def without(chat: dict, names: set[str]) -> dict:
