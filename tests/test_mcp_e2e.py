@@ -70,9 +70,11 @@ class _Seen(QuietHandler):
     target = ""
     headers: list[dict] = []
     methods: list[str] = []  # the JSON-RPC methods asked, in order
+    commands: list[str] = []  # the HTTP methods, in order
 
     def _forward(self):
         type(self).headers.append({k.lower(): v for k, v in self.headers.items()})
+        type(self).commands.append(self.command)
         if self.command == "GET":  # (the optional server-to-client stream: not offered)
             self.send_response(405)
             self.send_header("content-length", "0")
@@ -97,7 +99,7 @@ class _Seen(QuietHandler):
 
 @pytest.fixture(scope="module")
 def seen(everything):
-    _Seen.target, _Seen.headers, _Seen.methods = everything, [], []
+    _Seen.target, _Seen.headers, _Seen.methods, _Seen.commands = everything, [], [], []
     with LocalServer(_Seen) as server:
         yield server.url + "/mcp", _Seen
 
@@ -228,6 +230,7 @@ def test_a_round_of_calls_shares_one_session(mcp_gateway, seen):
     tools/list), not one per step."""
     _, server = seen
     server.methods.clear()
+    server.commands.clear()
     resp = openai_client(mcp_gateway).responses.create(model="demo-model", tools=[mcp_tool("seen")], input="\n".join((
         'call: mcp__seen__echo {"message": "one"}', 'call: mcp__seen__get-sum {"a": 1, "b": 2}',
         'call: mcp__seen__echo {"message": "three"}')))
@@ -236,6 +239,8 @@ def test_a_round_of_calls_shares_one_session(mcp_gateway, seen):
     assert [c.output for c in resp.output[2:5]] == ["Echo: one", "The sum of 1 and 2 is 3.", "Echo: three"]
     methods = [m for m in server.methods if m in ("server/discover", "initialize", "tools/list", "tools/call")]
     assert methods == ["server/discover", "initialize", "tools/list"] + ["tools/call"] * 3, methods
+    # … and the session ends with the turn (the SDK's DELETE: the server may let go of it)
+    wait_until(lambda: server.commands.count("DELETE") == 1, what="the session closed")
 
 
 # --- tool_choice ---------------------------------------------------------------------------------

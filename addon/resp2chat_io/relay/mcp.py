@@ -1,4 +1,5 @@
-"""The gateway's MCP client: one listing or one tool call against a server the operator allows.
+"""The gateway's MCP client: a turn's sessions with the servers the operator allows, their
+listings and tool calls.
 
 The tool loop (resp2chat_core/toolloop.py, mcp.py) decides what runs; this file runs it with the
 official MCP SDK (``mcp`` on PyPI: streamable HTTP, or the older HTTP+SSE transport with an
