@@ -205,6 +205,30 @@ def test_the_loop_lists_then_calls_then_answers():
     assert [f["function"]["name"] for f in nxt["tools"]] == ["exec"]  # max_mcp_rounds spent
 
 
+def test_the_tool_choice_reaches_round_one_once_the_tools_are_listed():
+    """A first turn's request has no tools to choose among until the listing: round 1 gets the
+    client's choice then (``required``, an mcp tool by name, parallel_tool_calls); the round
+    after a call the model was made to make is ``auto``, so it can answer."""
+    for choice, want in (("required", "required"), ({"type": "mcp", "server_label": "ev", "name": "get-sum"},
+                                                     {"type": "function", "function": {"name": "mcp__ev__get-sum"}}),
+                         ({"type": "mcp", "server_label": "ev", "name": "nothing"}, "auto")):
+        t = turn([tool(require_approval="never")], "hi", tool_choice=choice, parallel_tool_calls=False)
+        assert "tool_choice" not in json.loads(t.chat_body)
+        loop = ToolLoop(t.chat_body, [mcp.McpTools(t.mcp, max_rounds=5)])
+        loop.begin([(ECHO, SUM)])
+        first = json.loads(loop.body)
+        assert (first["tool_choice"], first["parallel_tool_calls"]) == (want, False)
+        loop.feed(chat_sse(call("c1", "mcp__ev__get-sum", "{}"), chat_chunk(finish="tool_calls")))
+        loop.end_round(ok=True)
+        loop.next_round(["3"])
+        assert json.loads(loop.body)["tool_choice"] == "auto"
+    # a listing that failed offers no tools: no tool choice either
+    t = turn([tool(require_approval="never")], "hi", tool_choice="required")
+    loop = ToolLoop(t.chat_body, [mcp.McpTools(t.mcp, max_rounds=5)])
+    loop.begin([None])
+    assert "tool_choice" not in json.loads(loop.body) and "tools" not in json.loads(loop.body)
+
+
 def test_a_call_that_needs_approval_ends_the_turn_after_the_others_run():
     t = turn([tool(require_approval={"never": {"tool_names": ["echo"]}})], [{"role": "user", "content": "hi"}, LISTING])
     loop = ToolLoop(t.chat_body, [mcp.McpTools(t.mcp, max_rounds=5)])

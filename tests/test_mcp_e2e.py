@@ -25,6 +25,7 @@ EVERYTHING_VERSION = "2026.8.31"  # the Makefile's MCP_EVERYTHING_VER
 CLIENT_TOKEN = "client-mcp-token-5f3a9c"  # a client's authorization for the server (a secret)
 OPERATOR_TOKEN = "operator-mcp-key-81d2e7"  # the operator's header for the server (a secret)
 ECHO = 'call: mcp__ev__echo {"message": "hello mcp"}'
+KEEPALIVE = 1  # keepalive_secs of the module's gateway: a silent client hears from it every second
 
 
 def everything_bin() -> str:
@@ -69,9 +70,11 @@ class _Seen(QuietHandler):
     target = ""
     headers: list[dict] = []
     methods: list[str] = []  # the JSON-RPC methods asked, in order
+    commands: list[str] = []  # the HTTP methods, in order
 
     def _forward(self):
         type(self).headers.append({k.lower(): v for k, v in self.headers.items()})
+        type(self).commands.append(self.command)
         if self.command == "GET":  # (the optional server-to-client stream: not offered)
             self.send_response(405)
             self.send_header("content-length", "0")
@@ -96,7 +99,7 @@ class _Seen(QuietHandler):
 
 @pytest.fixture(scope="module")
 def seen(everything):
-    _Seen.target, _Seen.headers, _Seen.methods = everything, [], []
+    _Seen.target, _Seen.headers, _Seen.methods, _Seen.commands = everything, [], [], []
     with LocalServer(_Seen) as server:
         yield server.url + "/mcp", _Seen
 
@@ -116,7 +119,8 @@ def allowed(everything: str, seen: str) -> str:
 @pytest.fixture(scope="module")
 def mcp_gateway(upstream, everything, seen, tmp_path_factory):
     gw = start_gateway(upstream.origin, tmp_path_factory.mktemp("mcp-gateway"), "--set",
-                       "resp2chat_max_replay_entries=0", env={"RESP2CHAT_MCP_SERVERS": allowed(everything, seen[0])})
+                       "resp2chat_max_replay_entries=0", "--set", f"resp2chat_keepalive_secs={KEEPALIVE}",
+                       env={"RESP2CHAT_MCP_SERVERS": allowed(everything, seen[0])})
     yield gw
     gw.stop()
 
@@ -186,17 +190,17 @@ def test_the_openai_sdk_streams_it(mcp_gateway):
 
 
 def test_a_conversation_lists_the_tools_once(mcp_gateway, upstream, seen):
-    """What the server was asked (its JSON-RPC methods, seen in front of it): a listing session
-    on the first turn only, whether the conversation goes on by previous_response_id or by its
-    items. (A call's own session lists too: the MCP SDK checks a result against the tool's output
-    schema.)"""
+    """What the server was asked (its JSON-RPC methods, seen in front of it): the client's
+    mcp_list_tools item on the first turn only, whether the conversation goes on by
+    previous_response_id or by its items; each turn with a step opens one session (its
+    handshake) and lists once (the MCP SDK checks a result against the tool's output schema)."""
     _, server = seen
     server.methods.clear()
 
     def sessions() -> tuple[int, int]:
-        """(listing sessions, calls): a session begins with its handshake."""
-        runs = "|".join(m or "" for m in server.methods).split("initialize|")[1:]
-        return sum("tools/call" not in r for r in runs), server.methods.count("tools/call")
+        """(sessions, calls) so far; and each session listed the tools once"""
+        assert server.methods.count("tools/list") == server.methods.count("initialize")
+        return server.methods.count("initialize"), server.methods.count("tools/call")
 
     client = openai_client(mcp_gateway)
     echo = 'call: mcp__seen__echo {"message": "hello mcp"}'
@@ -207,7 +211,7 @@ def test_a_conversation_lists_the_tools_once(mcp_gateway, upstream, seen):
                                      input='call: mcp__seen__get-sum {"a": 2, "b": 40}')
     assert kinds(second.output) == ["reasoning", "mcp_call", "reasoning", "message"]  # no mcp_list_tools
     assert second.output[1].output == "The sum of 2 and 40 is 42."
-    assert sessions() == (1, 2)
+    assert sessions() == (2, 2)
     round1 = upstream.requests()[0]  # offered from the listing the first turn made
     assert "mcp__seen__get-sum" in [t["function"]["name"] for t in round1["tools"]]
     # the earlier call is in the history the model reads: the call and its result
@@ -218,7 +222,49 @@ def test_a_conversation_lists_the_tools_once(mcp_gateway, upstream, seen):
     third = client.responses.create(model="demo-model", tools=[mcp_tool("seen")], store=False, input=[
         {"role": "user", "content": echo}, *items, {"role": "user", "content": "thanks"}])
     assert kinds(third.output) == ["reasoning", "message"] and third.output_text == "You said: thanks"
-    assert sessions() == (1, 2)
+    assert sessions() == (2, 2)  # (no step: no session)
+
+
+def test_a_round_of_calls_shares_one_session(mcp_gateway, seen):
+    """Three calls in one round, the listing before them: one session (one handshake, one
+    tools/list), not one per step."""
+    _, server = seen
+    server.methods.clear()
+    server.commands.clear()
+    resp = openai_client(mcp_gateway).responses.create(model="demo-model", tools=[mcp_tool("seen")], input="\n".join((
+        'call: mcp__seen__echo {"message": "one"}', 'call: mcp__seen__get-sum {"a": 1, "b": 2}',
+        'call: mcp__seen__echo {"message": "three"}')))
+    assert kinds(resp.output) == ["mcp_list_tools", "reasoning", "mcp_call", "mcp_call", "mcp_call", "reasoning",
+                                  "message"]
+    assert [c.output for c in resp.output[2:5]] == ["Echo: one", "The sum of 1 and 2 is 3.", "Echo: three"]
+    methods = [m for m in server.methods if m in ("server/discover", "initialize", "tools/list", "tools/call")]
+    assert methods == ["server/discover", "initialize", "tools/list"] + ["tools/call"] * 3, methods
+    # … and the session ends with the turn (the SDK's DELETE: the server may let go of it)
+    wait_until(lambda: server.commands.count("DELETE") == 1, what="the session closed")
+
+
+# --- tool_choice ---------------------------------------------------------------------------------
+
+
+def test_tool_choice_reaches_the_round_where_the_model_chooses(mcp_gateway, upstream):
+    """On a first turn the request has no tools until the listing: the backend's round 1 still
+    gets the client's tool_choice (``required``, or an mcp tool by name as its function), and
+    the round after the forced call ``auto``."""
+    client = openai_client(mcp_gateway)
+    for choice, want in (("required", "required"), ({"type": "mcp", "server_label": "ev", "name": "echo"},
+                                                     {"type": "function", "function": {"name": "mcp__ev__echo"}})):
+        upstream.clear()
+        resp = client.responses.create(model="demo-model", input=ECHO, tools=[mcp_tool()], tool_choice=choice)
+        assert resp.status == "completed" and resp.output_text == "The tool returned: Echo: hello mcp"
+        assert resp.tool_choice == choice if isinstance(choice, str) else resp.tool_choice.model_dump() == choice
+        first, second = upstream.requests()
+        assert first["tool_choice"] == want and "mcp__ev__echo" in [t["function"]["name"] for t in first["tools"]]
+        assert second["tool_choice"] == "auto"
+        # a later turn (the listing from the conversation) the same
+        upstream.clear()
+        client.responses.create(model="demo-model", previous_response_id=resp.id, input=ECHO, tools=[mcp_tool()],
+                                tool_choice=choice)
+        assert [r["tool_choice"] for r in upstream.requests()] == [want, "auto"]
 
 
 # --- approvals ----------------------------------------------------------------------------------
@@ -363,6 +409,67 @@ def test_other_turns_flow_while_a_tool_runs(mcp_gateway):
         t.join(60)
     assert done["slow"].status == "completed" and time.monotonic() - started >= 4
     assert "Long running operation completed" in done["slow"].output[2].output
+
+
+def slow(seconds: int, label: str = "ev") -> str:
+    return f'call: mcp__{label}__trigger-long-running-operation {{"duration": {seconds}, "steps": 1}}'
+
+
+def test_a_long_call_keeps_the_client_hearing_from_the_gateway(mcp_gateway):
+    """A call longer than keepalive_secs: the client gets data events (response.in_progress, as
+    during a backend's long prefill) while it runs, as they are due, on HTTP and the WebSocket;
+    the turn ends well."""
+    body = {"model": "demo-model", "tools": [mcp_tool()], "input": slow(3 * KEEPALIVE + 1)}
+
+    def check(timed: list[tuple[float, dict]]) -> None:
+        types = [e["type"] for _, e in timed]
+        i, j = types.index("response.mcp_call_arguments.done"), types.index("response.mcp_call.completed")
+        alive = [t for t, e in timed[i + 1:j] if e["type"] == "response.in_progress"]
+        assert types[i + 1:j] == ["response.in_progress"] * len(alive) and len(alive) >= 2, types
+        gaps = [b - a for a, b in zip([timed[i][0], *alive], [*alive, timed[j][0]])]
+        assert max(gaps) < KEEPALIVE + 1.5, gaps  # each came when due, not held back to the end
+        final = timed[-1][1]["response"]
+        assert final["status"] == "completed" and "Long running operation completed" in final["output"][2]["output"]
+
+    timed, raw, buf = [], b"", b""
+    with requests.post(mcp_gateway.base_url + "/responses", json={**body, "stream": True}, stream=True,
+                       timeout=60) as r:
+        for chunk in r.iter_content(chunk_size=None):  # (each event timed as it arrives)
+            raw, buf = raw + chunk, buf + chunk
+            while b"\n\n" in buf:
+                block, buf = buf.split(b"\n\n", 1)
+                timed += [(time.monotonic(), json.loads(line[6:])) for line in block.split(b"\n")
+                          if line.startswith(b"data: {")]
+    check_sdk(check_stream(raw, timed[0][1]["response"]["id"]))
+    check(timed)
+    from wsclient import WSClient
+
+    ws = WSClient(mcp_gateway.base_url)
+    try:
+        ws.send({"type": "response.create", **body})
+        timed = []
+        while not timed or timed[-1][1]["type"] not in ("response.completed", "response.failed", "error"):
+            timed.append((time.monotonic(), ws.next_message()))
+    finally:
+        ws.close()
+    check(timed)
+
+
+def test_the_calls_of_a_round_run_at_once(mcp_gateway, upstream):
+    """Two slow calls in one round take about one call's time, not two; their items are in the
+    order the model asked (the first asked is the slower one), and so are their results for
+    the model."""
+    upstream.clear()
+    started = time.monotonic()
+    resp = openai_client(mcp_gateway).responses.create(model="demo-model", tools=[mcp_tool()],
+                                                        input=slow(4) + "\n" + slow(3))
+    took = time.monotonic() - started
+    assert 4 <= took < 6.5, took  # (one after the other: 7 s and more)
+    calls = [item for item in resp.output if item.type == "mcp_call"]
+    assert [json.loads(c.arguments)["duration"] for c in calls] == [4, 3]
+    assert all(c.status == "completed" and "Long running operation completed" in c.output for c in calls)
+    assistant, *results = upstream.requests()[-1]["messages"][-3:]
+    assert [r["tool_call_id"] for r in results] == [c["id"] for c in assistant["tool_calls"]]
 
 
 def test_a_client_that_leaves_mid_call_leaves_nothing_running(mcp_gateway):
@@ -552,3 +659,27 @@ def test_the_websocket_runs_the_same_loop(mcp_gateway, upstream):
         assert final["output"][1]["output"] == "The sum of 1 and 1 is 2."
     finally:
         ws.close()
+
+
+# --- logprobs through the loop ------------------------------------------------------------------
+
+
+def test_logprobs_survive_the_loop(mcp_gateway, upstream):
+    """The answer after an MCP round keeps its token logprobs, also when the backend sends the
+    last token and the finish reason in one chunk (vLLM's way: the demo's ``finish-on-text``),
+    a chunk the loop's round filter writes again without its finish reason."""
+    asked = dict(model="demo-model", input="finish-on-text\n" + ECHO, tools=[mcp_tool()], top_logprobs=2,
+                 include=["message.output_text.logprobs"])
+    upstream.clear()
+    client = openai_client(mcp_gateway)
+    whole = client.responses.create(**asked)
+    assert [r.get("logprobs") for r in upstream.requests()] == [True, True]  # every round asks for them
+    with client.responses.stream(**asked) as stream:
+        deltas = [e for e in stream if e.type == "response.output_text.delta"]
+        streamed = stream.get_final_response()
+    for resp in (whole, streamed):
+        assert kinds(resp.output) == ["mcp_list_tools", "reasoning", "mcp_call", "reasoning", "message"]
+        part = resp.output[-1].content[0]
+        assert "".join(t.token for t in part.logprobs) == part.text == "The tool returned: Echo: hello mcp"
+        assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].token == t.token for t in part.logprobs)
+    assert all(d.logprobs for d in deltas) and deltas[-1].delta == "mcp" and deltas[-1].logprobs[0].token == "mcp"

@@ -141,6 +141,31 @@ def test_a_re_encoded_chunk_with_a_lone_surrogate_escape():
     assert [c["choices"][0]["delta"] for c in parse_chat_sse(out)] == [{"content": "a\ud800"}]
 
 
+def test_logprobs_stay_on_the_text_of_a_re_encoded_chunk():
+    """vLLM sends the last token and the finish reason in one chunk: the filter writes it again
+    without the finish reason, with the token's logprobs, so the translator behind it gives the
+    answer (and its logprobs) byte for byte as it gives them alone."""
+    def lp(token: str) -> dict:
+        return {"content": [{"token": token, "logprob": -0.5, "bytes": list(token.encode()), "top_logprobs": []}]}
+
+    first, last = chat_chunk({"content": "He"}), chat_chunk({"content": "re."}, finish="stop")
+    first["choices"][0]["logprobs"], last["choices"][0]["logprobs"] = lp("He"), lp("re.")
+    body = chat_sse(first, last, usage(9, 2))
+    loop = websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=5)
+    out = loop.feed(body)
+    assert parse_chat_sse(out)[1] == {"object": "chat.completion.chunk", "choices": [
+        {"index": 0, "delta": {"content": "re."}, "logprobs": lp("re.")}]}
+    turn = begin_turn(json.dumps({"model": "m", "input": "x", "stream": True, "top_logprobs": 1}).encode(),
+                      LoweringOptions(), "resp_" + "c" * 32, 0)
+    alone, behind = turn.translator(), turn.translator()
+    want = alone.feed(body) + alone.finish()
+    _, step = loop.end_round(ok=True)
+    got = behind.feed(out) + behind.feed(step.tail) + behind.finish()
+    assert got == want
+    (message,) = alone.response()["output"]
+    assert [t["token"] for t in message["content"][0]["logprobs"]] == ["He", "re."]
+
+
 def test_a_failed_or_cut_round_ends_the_loop_as_it_ended():
     loop = websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=5)
     loop.feed(b'data: {"choices":[{"index":0,"delta":{"content":"par')

@@ -600,6 +600,14 @@ def lower(req: ResponsesRequest, opts: LoweringOptions = LoweringOptions(), know
         hosted.names = {cname: key for key, cname in mcp_names.items()}
         hosted.pending = mcp.pending_of(req.input) if isinstance(req.input, list) else ()
     tool_choice, tools = lower_tool_choice(req.tool_choice, tmap)
+    if hosted is not None and hosted.unlisted:  # round 1 offers their tools: its choice is made there
+        raw = req.tool_choice
+        if isinstance(raw, dict) and raw.get("type") == mcp.KIND and isinstance(raw.get("server_label"), str) \
+                and isinstance(raw.get("name"), str):
+            hosted.tool_choice = mcp.Choice(raw["server_label"], raw["name"])
+        else:
+            hosted.tool_choice = tool_choice
+        hosted.parallel_tool_calls = req.parallel_tool_calls
 
     model = opts.upstream_model or opts.model_map.get(req.model, req.model)
     history = texts.history if texts is not None else None

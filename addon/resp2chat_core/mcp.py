@@ -555,16 +555,30 @@ class Pending:
     arguments: str
 
 
+@dataclass(frozen=True)
+class Choice:
+    """A request's ``tool_choice`` ``{"type": "mcp", "server_label", "name"}``: that tool's
+    function, once its server's tools are listed."""
+
+    label: str
+    name: str
+
+
 @dataclass
 class McpTurn:
     """What a turn's lowering knows of its mcp tools: the servers, the listings its
     conversation holds (label -> tools), the chat names lowering gave their tools (chat name ->
-    (label, tool)), the approved calls that have not run yet."""
+    (label, tool)), the approved calls that have not run yet. ``tool_choice`` and
+    ``parallel_tool_calls``: what round 1 gets once servers not listed yet are (a chat request
+    has no tool choice without tools; lowering had none of theirs): the chat tool choice lowering
+    made, or a ``Choice``; None: as lowering left it."""
 
     servers: tuple[Server, ...]
     listings: dict[str, tuple[dict, ...]] = field(default_factory=dict)
     names: dict[str, tuple[str, str]] = field(default_factory=dict)
     pending: tuple[Pending, ...] = ()
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
 
     @property
     def unlisted(self) -> tuple[Server, ...]:
@@ -613,6 +627,16 @@ class McpTools:
             chat = {**chat, "tools": tools}
             if not tools:
                 del chat["tools"]
+            else:  # the model chooses in round 1: the client's tool choice, now that there are tools
+                choice = self.turn.tool_choice
+                if isinstance(choice, Choice):
+                    names = {key: cname for cname, key in self.names.items()}
+                    cname = names.get((choice.label, choice.name))  # (None: not listed, or not allowed)
+                    choice = {"type": "function", "function": {"name": cname}} if cname else "auto"
+                if choice is not None:
+                    chat["tool_choice"] = choice
+                if self.turn.parallel_tool_calls is not None:
+                    chat["parallel_tool_calls"] = self.turn.parallel_tool_calls
         ran = [(step, text) for step, text in zip(steps, results) if isinstance(step, Call)]
         if ran:
             names = {key: cname for cname, key in self.names.items()}

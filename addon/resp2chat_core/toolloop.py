@@ -19,8 +19,10 @@ Rules of this file:
 - The filter reads the backend's chunks through ``chatstream.ChunkReader``, the reader the
   translator uses, so both see the same calls, choices and usage. A chunk it holds nothing of
   goes on byte for byte; one it does goes on re-encoded from the reader's deltas without the
-  held parts (``chatstream.wire_call`` writes a call so that it reads back under its own key),
-  and the translator reads that as it would have read the original.
+  held parts (``chatstream.wire_call`` writes a call so that it reads back under its own key;
+  a choice's token ``logprobs`` stay on the text they came with: vLLM sends the last token and
+  the finish reason in one chunk), and the translator reads that as it would have read the
+  original.
 - A turn without the gateway's tools never meets this file: the relay makes no loop for it.
 
 Theory of operation::
@@ -202,6 +204,7 @@ class ToolLoop:
 
 
 _REASONING, _TEXT, _TOOL = range(3)  # the order a delta is read in (chatstream.ChunkReader._delta)
+_LOGPROBS = -1  # a choice's logprobs: read before its delta, so they open a choice of their own
 
 
 class RoundFilter:
@@ -268,13 +271,19 @@ class RoundFilter:
     def _encode(self) -> bytes:
         """The payload's deltas (without what is held back) as one chunk that reads back as the
         same deltas in the same order: a new choice (index 0 too) where a delta cannot hold the
-        next piece after the last."""
+        next piece after the last, and one for each ``logprobs`` (the translator reads them
+        before the delta of their choice, as the tokens of the text that follows)."""
         choices: list[dict] = []
         delta: dict = {}
         rank = _TOOL + 1
         pieces = self._pieces
         for i in range(0, len(pieces), 2):
             kind, value = pieces[i], pieces[i + 1]
+            if kind == _LOGPROBS:
+                delta = {}
+                choices.append({"index": 0, "delta": delta, "logprobs": {"content": value}})
+                rank = _LOGPROBS
+                continue
             if kind < rank or (kind == rank and kind != _TOOL):
                 delta = {}
                 choices.append({"index": 0, "delta": delta})
@@ -319,7 +328,7 @@ class RoundFilter:
             self._pieces += (_TOOL, wire_call(key, call_id, name, args))
 
     def on_logprobs(self, entries: list) -> None:
-        pass  # (a chunk passed on as it came keeps them; one re-encoded from its deltas has none)
+        self._pieces += (_LOGPROBS, entries)  # (a chunk written again keeps them: _encode)
 
     def on_finish(self, reason: str) -> None:
         self._finish = reason
@@ -342,10 +351,16 @@ class RoundFilter:
 
 def next_request(chat: dict, assistant: dict, results: list[tuple[str, str]], spent: set[str] = frozenset()) -> dict:
     """The chat request for the next round: history + the model's calls + their results.
-    ``spent``: functions the model is not offered any more (their kind's last round is over)."""
+    ``spent``: functions the model is not offered any more (their kind's last round is over).
+    A tool choice that forces a call (``required``, a named function) was the round the model
+    chose in: the next one is ``auto`` (forced again, the model could never answer)."""
     messages = list(chat["messages"]) + [assistant] + [
         {"role": "tool", "tool_call_id": call_id, "content": text} for call_id, text in results]
-    return without(dict(chat, messages=messages), spent)
+    chat = dict(chat, messages=messages)
+    choice = chat.get("tool_choice")
+    if choice == "required" or isinstance(choice, dict):
+        chat["tool_choice"] = "auto"
+    return without(chat, spent)
 
 
 def without(chat: dict, names: set[str]) -> dict:

@@ -18,8 +18,9 @@ first matching directive wins (one per line, at the start of the line):
     json                        {"answer": "<default answer>"} as text
     (default)                   "You said: <last line>" (+ " (I see N image(s))")
 
-`noreason` and `slow: <ms>` are read from the latest user message anywhere,
-so they also apply to the answer that follows a tool result.
+`noreason`, `slow: <ms>` and `finish-on-text` (the last text chunk carries the finish reason,
+as vLLM sends it, instead of a chunk of its own) are read from the latest user message
+anywhere, so they also apply to the answer that follows a tool result.
 
 Token accounting: 1 token ~= 4 bytes of the canonical prompt
 json.dumps([tools, messages]); `POST /tokenize` with {model, messages, tools} (vLLM's)
@@ -221,6 +222,7 @@ class Plan:
     fault: str | None = None  # "midstream-error" | "truncate"
     delay: float = 0.0
     logprobs: int | None = None  # the request asked for logprobs (``logprobs: true``): its ``top_logprobs``
+    finish_on_text: bool = False  # the last text chunk carries the finish reason (vLLM's way)
 
     @property
     def reasoning_tokens(self):
@@ -266,6 +268,7 @@ D_WORDS = _line_re(r"words:[ \t]*(\d+)")
 D_JSON = _line_re(r"json")
 D_NOREASON = re.compile(r"\bnoreason\b")
 D_SLOW = re.compile(r"\bslow:[ \t]*(\d+)")
+D_FINISH_ON_TEXT = re.compile(r"\bfinish-on-text\b")
 
 
 def plan_answer(body, chunk_delay=0.0) -> Plan:
@@ -286,6 +289,7 @@ def plan_answer(body, chunk_delay=0.0) -> Plan:
         answer = "Hello from the demo upstream."
     if answer is not None:
         plan.text = _words(answer)
+    plan.finish_on_text = bool(D_FINISH_ON_TEXT.search(utext))
     if not D_NOREASON.search(utext):
         plan.reasoning = _words(f"Thinking about: {line}".rstrip())
     if body.get("logprobs") is True:
@@ -420,7 +424,14 @@ class VLLM:
             events.append(_sse(MIDSTREAM_ERROR))
         if plan.fault:
             return events  # no finish_reason, no [DONE]
-        events += [_sse(c) for c in self.closing(plan, ctx)]
+        closing = self.closing(plan, ctx)
+        if plan.finish_on_text and plan.text and not plan.tool_calls and "usage" not in closing[0] \
+                and "usage" not in closing[0]["choices"][0] and events[-1].endswith(b',"finish_reason":null}]}\n\n'):
+            # the last token and the finish reason in one chunk, as vLLM sends them
+            end = b',"finish_reason":' + _dumps(self.finish_reason(plan)) + b"}]}\n\n"
+            events[-1] = events[-1].removesuffix(b',"finish_reason":null}]}\n\n') + end
+            closing = closing[1:]
+        events += [_sse(c) for c in closing]
         events.append(b"data: [DONE]\n\n")
         return events
 

@@ -13,8 +13,11 @@ further than its ``Attempt`` while another candidate remains; the next one is ca
 the client already has).
 
 The tool loop (resp2chat_core/toolloop.py: web search, hosted MCP tools) is decided in the core;
-here its steps run: ``_run_steps`` runs each (a Brave search, an MCP listing or call: mcp.py) and
-tells the client through the channel (``SearchStarted``… ``McpCalled``), in order, one at a time.
+here its steps run: ``_run_steps`` runs a round's steps (Brave searches, MCP listings and calls:
+mcp.py, over one session per server for the whole turn: ``mcp.Sessions``) at once, at most
+``PARALLEL_STEPS``, and tells the client through the channel (``SearchStarted``… ``McpCalled``)
+in the order the model asked, whatever order they end in; while the client waits for them, a
+``Keepalive`` every ``keepalive_secs`` (the upstream's), as during a backend's long prefill.
 A turn without the gateway's tools makes no loop: one call, its bytes straight into the channel.
 """
 
@@ -30,8 +33,8 @@ import h11
 
 from resp2chat_core import mcp, routing, websearch
 from resp2chat_core.channel import (
-    Accepted, Channel, McpApproval, McpCalled, McpCalling, McpListed, McpListing, Oversized, Rerouted, SearchDone,
-    SearchStarted,
+    Accepted, Channel, Keepalive, McpApproval, McpCalled, McpCalling, McpListed, McpListing, Oversized, Rerouted,
+    SearchDone, SearchStarted,
 )
 from resp2chat_core.routing import Candidate
 from resp2chat_core.sse import MAX_EVENT
@@ -41,6 +44,7 @@ from . import mcp as mcp_client
 from .upstream import CallEnd, UpstreamClient
 
 log = logging.getLogger("resp2chat.relay")
+PARALLEL_STEPS = 4  # steps of one round (the model's calls, the prelude's listings) that run at once at most
 
 
 @dataclass(frozen=True)
@@ -127,12 +131,25 @@ def _due(channel: Channel, timer: list) -> None:
 
 async def _run(ex: Exchange, client: UpstreamClient) -> None:
     ex.channel.event(Accepted())
+    if ex.search is None and ex.mcp is None:
+        await _rounds(ex, client, None)
+        return
+    sessions = mcp_client.Sessions()  # (the turn's MCP sessions: closed when it ends, however it ends)
+    try:
+        await _rounds(ex, client, sessions)
+    finally:
+        sessions.close()
+
+
+async def _rounds(ex: Exchange, client: UpstreamClient, sessions: mcp_client.Sessions | None) -> None:
+    """The turn's upstream calls: one, or (``sessions``: a turn with the gateway's tools) the
+    tool loop's rounds and steps."""
     headers = list(ex.headers)
-    looped = ex.search is not None or ex.mcp is not None
+    looped = sessions is not None
     prelude: list = []
     if looped:  # before round 1 (mcp: listings, approved calls), once for every candidate
         steps = _loop(ex, ex.candidates[0].body).prelude()
-        prelude = await _run_steps(ex, client, steps) if steps else []
+        prelude = await _run_steps(ex, client, steps, sessions) if steps else []
         if ex.channel.closed:
             return
     if len(ex.candidates) > 1:
@@ -158,7 +175,7 @@ async def _run(ex: Exchange, client: UpstreamClient) -> None:
         if isinstance(step, Finish):
             ex.channel.data(step.tail)
             return
-        texts = await _run_steps(ex, client, step)
+        texts = await _run_steps(ex, client, step, sessions)
         if ex.channel.closed:
             return
         end = loop.next_round(texts)
@@ -168,45 +185,89 @@ async def _run(ex: Exchange, client: UpstreamClient) -> None:
         outcome = await client.call(to, headers, loop.body, ex.channel, loop.feed)
 
 
-async def _run_steps(ex: Exchange, client: UpstreamClient, steps: list) -> list:
-    """Run the loop's steps in order, each told to the client as it starts and ends; what the
-    model reads of each (a listing: its tools, or None when it failed; an approval request: None)."""
-    out: list = []
+async def _run_steps(ex: Exchange, client: UpstreamClient, steps: list, sessions: mcp_client.Sessions) -> list:
+    """Run one round's steps (or the prelude's) at once, at most ``PARALLEL_STEPS``: each is
+    told to the client as it starts, all in the order the model asked, and as it ends, in the
+    same order (one that ends before an earlier one waits to be told): the items, the events and
+    the turn's record come out the same whatever the timing. While the client waits, a
+    ``Keepalive`` every ``keepalive`` seconds of the upstream's. Returns what the model reads
+    of each (a listing: its tools, or None when it failed; an approval request: None)."""
+    if ex.channel.closed:  # the client went away or the turn ended: nothing runs
+        return [None] * len(steps)
     for step in steps:
-        if ex.channel.closed:  # the client went away or the turn ended: nothing more runs
-            out.append(None)
-            continue
-        if isinstance(step, websearch.Search):
-            ex.channel.event(SearchStarted(step.call_id, step.query))
-            text, sources = await _brave(client, ex.search, step.query)
-            ex.channel.event(SearchDone(step.call_id, tuple(sources)))
-            out.append(text)
-        elif isinstance(step, mcp.ListTools):
-            ex.channel.event(McpListing(step.server.label))
-            tools, error = await mcp_client.list_tools(step.server)
-            if error is not None:
-                log.warning(f"resp2chat: listing the tools of MCP server {step.server.spec.label} failed: {error}")
-            ex.channel.event(McpListed(step.server.label, _json(list(tools or ())), error))
-            out.append(tools)
-        elif isinstance(step, mcp.Call):
-            ex.channel.event(McpCalling(step.call_id, step.label, step.name, step.arguments, step.approval_request_id))
-            if step.server is None:
-                output, error = None, {"type": "mcp_protocol_error", "code": -32602, "message":
-                                       f"this request has no mcp tool with server_label {step.label!r}"}
-            else:
-                output, error = await mcp_client.call_tool(step.server, step.name, step.arguments)
-            outcome = "completed" if error is None else "timeout" if error.get("code") == mcp_client.TIMED_OUT \
-                else "failed"
-            ex.mcp_calls.append((step.server.spec.label if step.server else "", outcome))
-            ex.channel.event(McpCalled(step.call_id, output, _json(error) if error is not None else None))
-            out.append(mcp.result_text(output, error))
-        elif isinstance(step, mcp.Approve):
-            ex.channel.event(McpApproval(step.label, step.name, step.arguments))
-            ex.mcp_calls.append((ex.mcp_server(step.label), "approval_requested"))
-            out.append(None)
-        else:
-            raise AssertionError(f"no runner for {step!r}")
+        _started(ex, step)
+    bound = asyncio.Semaphore(PARALLEL_STEPS)
+    tasks = [asyncio.ensure_future(_bounded(bound, _step(ex, client, sessions, step))) for step in steps]
+    every = ex.answering.keepalive
+    out: list = []
+    try:
+        for step, task in zip(steps, tasks):
+            while not task.done():
+                await asyncio.wait((task,), timeout=every if every != float("inf") else None)
+                if not task.done():
+                    ex.channel.event(Keepalive())  # (a data event: Codex's idle timer ignores SSE comments)
+            out.append(_ended(ex, step, task.result()))
+    finally:
+        for task in tasks:  # (the turn was cancelled, or a step failed: the others stop)
+            task.cancel()
+            task.add_done_callback(mcp_client.retrieve)
     return out
+
+
+async def _bounded(bound: asyncio.Semaphore, work):
+    async with bound:
+        return await work
+
+
+def _started(ex: Exchange, step) -> None:
+    """A step begins: its item opens (an approval request is whole at once)."""
+    if isinstance(step, websearch.Search):
+        ex.channel.event(SearchStarted(step.call_id, step.query))
+    elif isinstance(step, mcp.ListTools):
+        ex.channel.event(McpListing(step.server.label))
+    elif isinstance(step, mcp.Call):
+        ex.channel.event(McpCalling(step.call_id, step.label, step.name, step.arguments, step.approval_request_id))
+    elif isinstance(step, mcp.Approve):
+        ex.channel.event(McpApproval(step.label, step.name, step.arguments))
+        ex.mcp_calls.append((ex.mcp_server(step.label), "approval_requested"))
+    else:
+        raise AssertionError(f"no runner for {step!r}")
+
+
+async def _step(ex: Exchange, client: UpstreamClient, sessions: mcp_client.Sessions, step):
+    """Run one step: what it found (``_ended`` tells it)."""
+    if isinstance(step, websearch.Search):
+        return await _brave(client, ex.search, step.query)
+    if isinstance(step, mcp.ListTools):
+        return await mcp_client.list_tools(step.server, sessions)
+    if isinstance(step, mcp.Call):
+        if step.server is None:
+            return None, {"type": "mcp_protocol_error", "code": -32602,
+                          "message": f"this request has no mcp tool with server_label {step.label!r}"}
+        return await mcp_client.call_tool(step.server, step.name, step.arguments, sessions)
+    return None  # (an approval request: nothing runs)
+
+
+def _ended(ex: Exchange, step, found):
+    """A step ended: its item closes; what the model reads of it."""
+    if isinstance(step, websearch.Search):
+        text, sources = found
+        ex.channel.event(SearchDone(step.call_id, tuple(sources)))
+        return text
+    if isinstance(step, mcp.ListTools):
+        tools, error = found
+        if error is not None:
+            log.warning(f"resp2chat: listing the tools of MCP server {step.server.spec.label} failed: {error}")
+        ex.channel.event(McpListed(step.server.label, _json(list(tools or ())), error))
+        return tools
+    if isinstance(step, mcp.Call):
+        output, error = found
+        outcome = "completed" if error is None else "timeout" if error.get("code") == mcp_client.TIMED_OUT \
+            else "failed"
+        ex.mcp_calls.append((step.server.spec.label if step.server else "", outcome))
+        ex.channel.event(McpCalled(step.call_id, output, _json(error) if error is not None else None))
+        return mcp.result_text(output, error)
+    return None
 
 
 _json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode

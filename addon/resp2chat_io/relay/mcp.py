@@ -1,14 +1,22 @@
-"""The gateway's MCP client: one listing or one tool call against a server the operator allows.
+"""The gateway's MCP client: a turn's sessions with the servers the operator allows, their
+listings and tool calls.
 
 The tool loop (resp2chat_core/toolloop.py, mcp.py) decides what runs; this file runs it with the
 official MCP SDK (``mcp`` on PyPI: streamable HTTP, or the older HTTP+SSE transport with an
 entry's ``transport: sse``), on mitmproxy's event loop: the SDK's anyio
 runs on asyncio there (anyio's asyncio backend), so a slow server costs a waiting task, never a
-blocked loop. Each step is one short session (connect, initialize, one request, close), whole
-under the server's ``timeout_secs`` (``anyio.fail_after``): nothing of a server outlives its step,
-and a cancelled turn cancels it. (Within a call's session the SDK lists the tools once more, to
-check the result against the tool's output schema: the server sees that; the client's
-``mcp_list_tools`` item comes once per conversation.)
+blocked loop.
+
+Sessions: a turn talks to each server over one session (``Sessions``: connect and initialize
+once, at the turn's first step on it), which its listing and every call of every round share,
+at once when the model asks for several (JSON-RPC requests of one session run side by side),
+and which closes when the turn ends: nothing of a server outlives its turn, and a cancelled turn
+closes it. The SDK checks a call's result against the tool's output schema, which it takes from
+the session's ``tools/list``: a session lists its server's tools once (``Sessions.tools``: the
+listing step's first page, or one before the first call of a turn that lists nothing), not once
+per call. So a turn costs a server one initialize, at most one ``tools/list`` (more pages when
+the server pages), and its calls. Each step (opening the session included) is whole under the
+server's ``timeout_secs`` (``anyio.fail_after``).
 
 Bounds: time (``timeout_secs``: the step fails with that said), what the server sends (``MAX_BODY``
 bytes per HTTP answer: its stream is cut there; the SDK itself bounds an SSE event), what is
@@ -24,8 +32,10 @@ sends back (``Server.secrets``) before it reaches the model, the client or a rec
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import math
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import anyio
@@ -124,18 +134,91 @@ def _http(headers=None, timeout=None, auth=None) -> httpx2.AsyncClient:
     return httpx2.AsyncClient(headers=headers, timeout=timeout, auth=auth, transport=_Bounded(), trust_env=False)
 
 
-async def list_tools(server: mcp.Server) -> tuple[tuple[dict, ...] | None, str | None]:
+_HELD: set[asyncio.Task] = set()  # the tasks holding sessions open (a strong reference until they end)
+
+
+def retrieve(future: asyncio.Future) -> None:
+    """(A future nobody may wait for any more: its exception is not "never retrieved".)"""
+    if not future.cancelled():
+        future.exception()
+
+
+class _Held:
+    """One server's session of a turn, held open by a task of its own (anyio's scopes are left in
+    the task that entered them): connected and initialized within the server's ``timeout_secs``,
+    then open until ``stop``."""
+
+    def __init__(self, server: mcp.Server) -> None:
+        loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future = loop.create_future()  # the SDK's client, once initialized
+        self.ready.add_done_callback(retrieve)
+        self.stop = asyncio.Event()
+        self.listing: asyncio.Future | None = None  # the session's tools/list (its first page)
+        self.task = loop.create_task(self._hold(server))
+        _HELD.add(self.task)
+        self.task.add_done_callback(_HELD.discard)
+
+    async def _hold(self, server: mcp.Server) -> None:
+        try:
+            with anyio.CancelScope(deadline=anyio.current_time() + server.spec.timeout_secs) as scope:
+                async with _session(server) as client:
+                    scope.deadline = math.inf  # (the bound is on connecting; each step has its own)
+                    self.ready.set_result(client)
+                    await self.stop.wait()
+            if not self.ready.done():
+                self.ready.set_exception(TimeoutError())
+        except BaseException as exc:  # noqa: BLE001 — a session that fails fails the steps on it, not the turn
+            if not self.ready.done():
+                self.ready.set_exception(exc if isinstance(exc, Exception) else ConnectionError(type(exc).__name__))
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+
+
+class Sessions:
+    """A turn's MCP sessions: one per server (by the request's label for it), opened by the
+    turn's first step on it, shared by the steps after (at once too), closed by ``close`` when
+    the turn ends. A session that failed or ended is opened again by the next step."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, _Held] = {}
+
+    def _get(self, server: mcp.Server) -> _Held:
+        held = self._held.get(server.label)
+        if held is None or held.task.done():
+            held = self._held[server.label] = _Held(server)
+        return held
+
+    async def client(self, server: mcp.Server):
+        """The SDK's client of the server's session (opened now if need be)."""
+        return await asyncio.shield(self._get(server).ready)
+
+    async def tools(self, server: mcp.Server):
+        """The first page of the server's ``tools/list``, asked once per session (again only if
+        it failed): the listing step's, and what the SDK checks call results against."""
+        held = self._get(server)
+        client = await asyncio.shield(held.ready)
+        if held.listing is None or (held.listing.done() and (held.listing.cancelled() or held.listing.exception())):
+            held.listing = asyncio.ensure_future(client.list_tools())
+            held.listing.add_done_callback(retrieve)
+        return await asyncio.shield(held.listing)
+
+    def close(self) -> None:
+        """The turn ended: every session closes (its task leaves it: the SDK ends the session)."""
+        for held in self._held.values():
+            held.stop.set()
+        self._held.clear()
+
+
+async def list_tools(server: mcp.Server, sessions: Sessions) -> tuple[tuple[dict, ...] | None, str | None]:
     """The server's tools the request allows (``mcp.listed_tool`` dicts), or (None, why it failed)."""
     try:
         with anyio.fail_after(server.spec.timeout_secs):
-            async with _session(server) as client:
-                tools, cursor = [], None
-                while len(tools) < mcp.MAX_LISTED:
-                    page = await client.list_tools(cursor=cursor)
-                    tools += page.tools
-                    cursor = page.next_cursor
-                    if not cursor:
-                        break
+            page = await sessions.tools(server)
+            tools, cursor = list(page.tools), page.next_cursor
+            while cursor and len(tools) < mcp.MAX_LISTED:
+                page = await (await sessions.client(server)).list_tools(cursor=cursor)
+                tools += page.tools
+                cursor = page.next_cursor
     except BaseException as exc:  # noqa: BLE001 — anything a server does fails its listing, not the turn
         if isinstance(exc, anyio.get_cancelled_exc_class()):
             raise
@@ -147,7 +230,8 @@ async def list_tools(server: mcp.Server) -> tuple[tuple[dict, ...] | None, str |
     return tuple(t for t in listed if server.allows(t["name"], mcp.read_only(t))), None
 
 
-async def call_tool(server: mcp.Server, name: str, arguments: str) -> tuple[str | None, dict | None]:
+async def call_tool(server: mcp.Server, name: str, arguments: str,
+                    sessions: Sessions) -> tuple[str | None, dict | None]:
     """Run ``name`` with ``arguments`` (JSON text): (its output, None) or (None, its error as an
     ``mcp_call`` item holds it)."""
     try:
@@ -161,8 +245,12 @@ async def call_tool(server: mcp.Server, name: str, arguments: str) -> tuple[str 
     limit = server.spec.max_output_kb << 10
     try:
         with anyio.fail_after(server.spec.timeout_secs):
-            async with _session(server) as client:
-                result = await client.call_tool(name, args)
+            client = await sessions.client(server)
+            try:  # (the session's one listing, before its calls: the SDK would list per call otherwise)
+                await sessions.tools(server)
+            except Exception:  # noqa: BLE001 — not the call's: the SDK lists again itself
+                pass
+            result = await client.call_tool(name, args)
     except BaseException as exc:  # noqa: BLE001 — anything a server does fails its call, not the turn
         if isinstance(exc, anyio.get_cancelled_exc_class()):
             raise
