@@ -10,7 +10,8 @@ Rules of this file:
   values the API defines are accepted and change nothing here). A bad value is a 400 naming it.
 - An item is listed with an ``id`` (one the client gave it, else ``listed_ids`` gives it one,
   the same each time) and, for a message, its ``type`` and ``status`` and its content as parts
-  (a string becomes one ``input_text`` or, for the assistant, ``output_text`` part).
+  (a string becomes one ``input_text`` or, for the assistant, ``output_text`` part); a function
+  call or its output without a ``status`` (a client's input) is ``completed``.
 - A reasoning item shows its ``encrypted_content`` only when ``include`` asks for it: the
   gateway's seal of its text (seal.py, as the turn that made it would have sealed it), whether
   the stored conversation holds it sealed or opened.
@@ -91,6 +92,8 @@ def as_listed(item, include: frozenset = frozenset(), sealer: Sealer | None = No
             kind = "output_text" if item.get("role") == "assistant" else "input_text"
             content = [{"type": kind, "text": content, **({"annotations": []} if kind == "output_text" else {})}]
         item = {**item, "type": "message", "status": item.get("status") or "completed", "content": content}
+    elif item.get("type") in ("function_call", "function_call_output") and not item.get("status"):
+        item = {**item, "status": "completed"}  # (a client's own, as its input had it: OpenAI lists it so)
     if item.get("type") == "reasoning":
         if ENCRYPTED not in include:
             item = {k: v for k, v in item.items() if k != "encrypted_content"}
