@@ -12,14 +12,18 @@ Rules of this file:
 - A Responses request with ``conversation`` (an id, or ``{"id": …}``: ``named``) takes the
   conversation's items as its history, and the turn's input and output are appended to it, in
   one write, when it completes (addons/store.py); with ``previous_response_id`` it is a 400
-  (turn.py).
+  (turn.py). That write lands before the client can see the turn's end, on any transport: the
+  turn's ``Landing`` reader holds its terminal event until then (addons/turns.py ``Turns.land``),
+  and a write that fails ends the turn ``failed`` instead (``Landing.unland``).
 - ``metadata``: at most 16 string pairs, keys up to 64 characters, values up to 512 (OpenAI's).
 """
 
 from __future__ import annotations
 
+from .channel import Reader
 from .errors import GatewayError
 from .schema import parse_request
+from .translator import Phase
 
 PREFIX = "conv_"
 MAX_NEW_ITEMS = 20  # items one create or items request may add (OpenAI's)
@@ -88,3 +92,63 @@ def new_items(value: object, param: str = "items") -> list:
     return value
 
 
+
+
+class Landing(Reader):
+    """The reader of a turn that names a conversation: what the translator says from its
+    terminal event on is held (``held``: as the translator said it, not yet scrubbed nor kept in
+    ``sent``) until the turn's items are in the conversation, so that nobody who heard of the
+    turn's end (the client, and whoever it tells: another replica, a ``GET`` of the items) reads
+    the conversation without them. ``complete`` translates what is left once the backend's stream
+    ended (held too), ``finish`` lets the end go: every consumer calls it last, once the relay's
+    work for the turn (which writes the conversation: addons/turns.py ``Turns.land``) is over."""
+
+    __slots__ = ("held", "ahead")
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.held: bytes | None = b""  # the end, held (None: let go)
+        self.ahead = b""  # what ``complete`` translated before the end (sent with it)
+
+    @property
+    def holding(self) -> bool:
+        """The turn's end is held (the stream callable sends its ``[DONE]`` after it, not before)."""
+        return bool(self.held)
+
+    def _out(self, out: bytes) -> bytes:
+        if out and self.held is not None and (self.held or self.translator.done):
+            if self.held:
+                self.held += out
+                return b""
+            cut = terminal_event(out)
+            self.held, out = out[cut:], out[:cut]
+        return super()._out(out)
+
+    def complete(self, items: list) -> None:
+        """The backend's stream is over: ``items`` (what the consumer has not taken yet) and the
+        translator's end, translated now; all of it goes out with the end."""
+        self.ahead += self.apply_all(items) + super().finish()
+
+    def unland(self, code: str, message: str) -> None:
+        """The turn's items could not be written to its conversation: its end, held, becomes
+        ``response.failed`` with the write's error (OpenAI: a completed response with a
+        conversation is in it, so one that is not in it did not complete)."""
+        t = self.translator
+        if not self.held or t.error is not None or t.response()["status"] != "completed":
+            return
+        # the completed event (the translator's last, never sent) is taken back: the failed one
+        # has its sequence number, and no completed_at
+        t.phase, t.events, t._completed_at = Phase.STREAMING, t.events - 1, None
+        self.held = t.fail(code, message)
+
+    def finish(self) -> bytes:
+        out = super().finish()
+        ahead, held = self.ahead, self.held or b""
+        self.ahead, self.held = b"", None
+        return ahead + out + super()._out(held)
+
+
+def terminal_event(sse: bytes) -> int:
+    """Where the last SSE event of the translator's output begins (its terminal one, once it is
+    done). An event's data is one line of JSON: a raw blank line only ever separates events."""
+    return sse.rfind(b"\n\nevent: ") + 2 if b"\n\nevent: " in sse else 0

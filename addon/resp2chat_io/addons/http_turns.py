@@ -49,6 +49,11 @@ FAILED_STATUS = {
     "invalid_prompt": 400,
     "rate_limit_exceeded": 429,
     "insufficient_quota": 429,
+    # a completed turn its conversation could not take (Turns.land): the write's own status
+    "store_unavailable": 503,
+    "conversation_not_found": 404,
+    "conversation_too_large": 413,
+    "conversation_busy": 409,
 }
 COMPACT_PATHS = tuple(p + "/compact" for p in RESPONSES_PATHS)  # POST /v1/responses/compact
 FIRST_SLICE = 2048  # backend bytes translated before the first tick's answer goes out (TurnStream)
@@ -124,7 +129,8 @@ class TurnStream:
                                   f"{type(exc).__name__}: {exc}")
             except BaseException:  # noqa: BLE001 — the translator itself is broken: end the body
                 out = b""
-        if not self.ended and reader.translator.done:
+        if not self.ended and reader.translator.done and not getattr(reader, "holding", False):  # (an end
+            # held, conversations.Landing: after it)
             self.ended = True
             out += DONE  # (sse.DONE: after the terminal event, the stream's own end)
         return out or []

@@ -14,7 +14,8 @@ Both transports drive the same steps, in this order (docs/architecture.md has th
   fails the turn, before anything went upstream); this is the one place that counts the turns
   in flight (``in_flight``);
 - the transport runs it: HTTP through the relay (addons/http.py), a socket's turn awaited
-  directly (addons/websocket.py);
+  directly (addons/websocket.py); a turn that names a conversation writes it at the end of that
+  run, before its client can see its end (``land``);
 - ``settle``: its end as one record (``Finished``, and what the flow keeps); ``ended`` tells the
   ``finished`` listeners (the response store, the replay cache, outcomes -> metrics and the
   access log, the request log's fallbacks).
@@ -25,6 +26,7 @@ the secrets (scrubbed from what a turn records) and ``max_upstream_event_mb``.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 import time
@@ -37,8 +39,9 @@ from mitmproxy import http
 from resp2chat_core import settings as S
 from resp2chat_core.channel import Reader, record_events, scrub
 from resp2chat_core.clients import ClientSpec, allows_model, not_allowed
-from resp2chat_core.conversations import named
+from resp2chat_core.conversations import Landing, named
 from resp2chat_core.errors import GatewayError, gateway_failure
+from resp2chat_core.labels import shown
 from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.replay import MAX_ENTRY_BYTES, replay_key
 from resp2chat_core.retranslate import lowering_record
@@ -47,8 +50,9 @@ from resp2chat_core.seal import Sealer
 from resp2chat_core.turn import Caps, Found, ToolsCache, Turn, begin_turn, check_caps, conversation, wanted
 from resp2chat_io import keys, offload
 from resp2chat_io.relay import Exchange
+from resp2chat_io.store import StateUnavailable
 
-from .base import Owner, log
+from .base import Owner, log, store_unavailable
 
 SERVER_REPLAY = "server-replay"  # the upstream of a turn answered from a recording (Finished.upstream)
 
@@ -70,6 +74,7 @@ class TurnRun:
     limits: tuple[tuple[str, str], ...] = ()  # the client's rate-limit headers when it was admitted
     first: float | None = None  # time.monotonic() when the first event made from backend data left
     secrets: tuple[bytes, ...] = ()  # scrubbed from what it answers, logs and records (Turns.start)
+    landed: bool = False  # its conversation's write was made before its end (Turns.land)
 
     @property
     def request_id(self) -> str:
@@ -100,6 +105,7 @@ class Finished:
     exchange: Exchange | None = None  # its upstream work: the candidates, which answered
     client: ClientSpec | None = None  # who called
     turn_id: str = ""  # its id in Turns.in_flight (and the client's open turns: addons/limits.py)
+    landed: bool = False  # its conversation has its items already (Turns.land), or is being given them
 
 
 class Turns(Owner):
@@ -259,8 +265,11 @@ class Turns(Owner):
         # the configured secrets, and the client's credential when it goes to the backend (a
         # backend may repeat it: upstreams.forwarded)
         hidden = self.secrets + self.upstreams.forwarded(client_headers)
-        run = TurnRun(turn, exchange, Reader(turn.translator(self.max_event), MAX_ENTRY_BYTES, hidden,
+        reader = Reader if turn.conversation is None else Landing  # (its end held until it is in the conversation)
+        run = TurnRun(turn, exchange, reader(turn.translator(self.max_event), MAX_ENTRY_BYTES, hidden,
                                              exchange.channel), flow, started, client, limits, secrets=hidden)
+        if turn.conversation is not None:
+            exchange.ending = lambda: self.land(run)
         run.reader.on_first = lambda: setattr(run, "first", time.monotonic())
         for listener in self.started:  # (one that fails fails the turn: nothing unrecorded goes upstream)
             listener(run)
@@ -297,8 +306,44 @@ class Turns(Owner):
         done = Finished(flow=run.flow, turn=turn, status=status, final=final, answer=answer, usage=t.usage,
                         upstream=run.answering.name, ttft=None if run.first is None else run.first - run.started,
                         took=time.monotonic() - run.started, skipped=tuple(ex.skipped), code=code, exchange=ex,
-                        client=run.client, turn_id=ex.turn_id)
+                        client=run.client, turn_id=ex.turn_id, landed=run.landed)
         return done, record
+
+    async def land(self, run: TurnRun) -> None:
+        """A turn that names a conversation, its backend's stream over (the exchange's ``ending``:
+        relay/exchange.py ``run``, before the relay's body ends or a socket's turn goes on): its
+        reader (``conversations.Landing``) holds its end; a completed turn's input and output are
+        written to the conversation now, in one write (``StoredResponses.append``), so the client
+        hears of its end only once they are there, and whoever it tells (another replica, a
+        ``GET`` of the items) reads them. A write that fails (the store down, the conversation
+        gone, too large, changed too often) ends the turn ``failed`` with the write's error
+        instead: a completed response with a conversation is in it (OpenAI's). Never raises but
+        for a cancellation (the client went away), which leaves the write running."""
+        reader, turn = run.reader, run.turn
+        try:
+            reader.complete(run.exchange.channel.take())  # (what a stream callable has not taken yet)
+            t = reader.translator
+            if t.error is not None or t.response()["status"] != "completed":
+                return  # (a failed or incomplete turn adds nothing)
+            added = turn.items[turn.continued:] + t.output
+            write = asyncio.ensure_future(self.store.append(turn.conversation, added, turn.owner))
+            write.add_done_callback(_retrieve)
+            run.landed = True
+            await asyncio.shield(write)  # (cancelled: the client left, the write still lands)
+        except asyncio.CancelledError:
+            raise
+        except StateUnavailable:
+            err = store_unavailable(f"conversation {shown(turn.conversation)!r}")
+        except GatewayError as exc:
+            err = exc
+        except Exception as exc:  # noqa: BLE001 — a bug of ours: the turn still ends clearly
+            log.warning(f"resp2chat: writing the conversation of {run.request_id} failed: {type(exc).__name__}: "
+                        f"{exc}", exc_info=exc)
+            err = GatewayError(gateway_failure("add this response to its conversation", run.request_id),
+                               code="server_error", status=500, type="server_error")
+        else:
+            return
+        reader.unland(err.code or "server_error", f"this response was not added to its conversation: {err.message}")
 
     def ended(self, done: Finished, turn_id: str | None = None) -> None:
         """A turn is over (``turn_id``: its run leaves ``in_flight``): the ``finished`` listeners
@@ -323,3 +368,10 @@ class Turns(Owner):
         log.warning(f"resp2chat: the stream of {run.request_id} failed: {type(exc).__name__}: {exc}", exc_info=exc)
         return run.reader.fail("server_error", gateway_failure("stream this response", run.request_id),
                                f"{type(exc).__name__}: {exc}")
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    """A conversation's write that nobody awaits any more (its turn's client left) leaves no
+    unretrieved exception behind (asyncio would log it as an ERROR)."""
+    if not task.cancelled():
+        task.exception()

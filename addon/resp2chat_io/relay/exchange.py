@@ -27,7 +27,7 @@ import asyncio
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Awaitable, Callable
 
 import h11
 
@@ -76,6 +76,10 @@ class Exchange:
     skipped: list = field(default_factory=list)  # (name, status) of candidates that failed over
     aborted: bool = False  # the addon gave the turn up (``abort``)
     stop: Callable[[], None] | None = None  # set by the relay while it runs the exchange
+    # awaited once the upstream work is over, before ``run`` returns (so before the relay's body
+    # ends): a turn that names a conversation writes it there, before its client can see its end
+    # (addons/turns.py ``Turns.land``); None: nothing to wait for
+    ending: Callable[[], Awaitable[None]] | None = None
 
     def mcp_server(self, label: str) -> str:
         """The operator's name (mcp_servers label) of the server a request's label binds to."""
@@ -122,6 +126,8 @@ async def run(ex: Exchange, client: UpstreamClient, window: float = 0.0) -> None
         for handle in timer:
             handle.cancel()
         channel.flush()
+    if ex.ending is not None:
+        await ex.ending()
 
 
 def _due(channel: Channel, timer: list) -> None:
