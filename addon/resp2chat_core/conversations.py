@@ -23,7 +23,6 @@ from __future__ import annotations
 from .channel import Reader
 from .errors import GatewayError
 from .schema import parse_request
-from .translator import Phase
 
 PREFIX = "conv_"
 MAX_NEW_ITEMS = 20  # items one create or items request may add (OpenAI's)
@@ -133,13 +132,8 @@ class Landing(Reader):
         """The turn's items could not be written to its conversation: its end, held, becomes
         ``response.failed`` with the write's error (OpenAI: a completed response with a
         conversation is in it, so one that is not in it did not complete)."""
-        t = self.translator
-        if not self.held or t.error is not None or t.response()["status"] != "completed":
-            return
-        # the completed event (the translator's last, never sent) is taken back: the failed one
-        # has its sequence number, and no completed_at
-        t.phase, t.events, t._completed_at = Phase.STREAMING, t.events - 1, None
-        self.held = t.fail(code, message)
+        if self.held:
+            self.held = self.translator.fail_instead(code, message) or self.held
 
     def finish(self) -> bytes:
         out = super().finish()

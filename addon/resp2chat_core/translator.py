@@ -276,6 +276,16 @@ class Translator:
         self._fail(code, message, detail)
         return self._flush()
 
+    def fail_instead(self, code: str, message: str) -> bytes:
+        """The ``response.completed`` just emitted (its bytes never sent: a conversation's write
+        held it, conversations.Landing) is taken back, and the response ends ``response.failed``
+        with ``code`` instead: the same sequence number, no ``completed_at``. Returns the failed
+        event; nothing when the response did not complete."""
+        if self.phase is not Phase.DONE or self.error is not None or self.response()["status"] != "completed":
+            return b""
+        self.phase, self.events, self._completed_at = Phase.STREAMING, self.events - 1, None
+        return self.fail(code, message)
+
     def cancel(self) -> bytes:
         """The response was cancelled (a background one: resp2chat_core/background.py): what it
         output so far is closed and it ends with ``response.cancelled``, status ``cancelled``
