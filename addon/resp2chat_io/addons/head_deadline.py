@@ -98,12 +98,16 @@ class HeadDeadline(Owner):
             await asyncio.sleep(min(TICK, limit / 4) if limit else TICK)
             now = time.monotonic()
             for conn in self.clock.overdue(now):
-                last = self.last.get(conn)
-                flow = last() if last is not None else None
-                if (flow is not None and flow.live) or self.writing(conn):
-                    self.clock.waiting(conn, now)  # (its answer is still going out)
-                else:
-                    self.close(conn, f"no request head within header_timeout_secs ({limit} s)")
+                try:
+                    last = self.last.get(conn)
+                    flow = last() if last is not None else None
+                    if (flow is not None and flow.live) or self.writing(conn):
+                        self.clock.waiting(conn, now)  # (its answer is still going out)
+                    else:
+                        self.close(conn, f"no request head within header_timeout_secs ({limit} s)")
+                except Exception as exc:  # noqa: BLE001 — (the sweep goes on for the others)
+                    log.warning(f"resp2chat: the head deadline sweep failed: {type(exc).__name__}: {exc}", exc_info=exc)
+                    self.forget(conn)
 
     @staticmethod
     def _io(conn: str):
