@@ -29,7 +29,7 @@ things and nothing else (messages, hooks, pings and the close handshake stay mit
   message in place instead of copying it at every read.
 
 And one guard on mitmproxy's connection handler, for a close the gateway starts (the one above,
-or the relay's): the layer asks to close the client's connection while mitmproxy is still
+the relay's, or addons/head_deadline.py's): the layer asks to close the client's connection while mitmproxy is still
 handling that client's data, so the handler
 task cancels itself, and the cancellation lands on the handler's next wait, which may be one
 that does not expect it (taking the event lock for the client's further data, buffered while it

@@ -3,6 +3,8 @@
 ``build()`` wires them; the order is mitmproxy's hook order:
 
 - ``Listen``          bind_addr, reverse mode, lazy connections (a gateway, not a proxy), TLS
+- ``HeadDeadline``    a client connection that sends no request head in time is closed
+                      (header_timeout_secs), at most 1000 wait for one at once
 - ``Gate``            /healthz, HTTPS, Host, Origin, the gateway key, which paths and methods are
                       served (passthrough_paths), content type, body size: all at the head
 - ``StoredResponses`` GET/DELETE /v1/responses/{id} (and its input_items); the one lookup of what a turn
@@ -38,6 +40,7 @@ from .background import Background
 from .base import SettingsSource
 from .conversations import Conversations
 from .gate import Egress, Gate
+from .head_deadline import HeadDeadline
 from .http_turns import HttpTurns
 from .input_tokens import InputTokens
 from .limits import Limits
@@ -80,7 +83,7 @@ def build() -> list:
     server_replay = ServerReplay(turns)
     sockets = ResponsesWebSocket(source, upstreams, turns, gate, server_replay, outcomes)
     return [
-        Listen(source, upstreams), gate, background, store, Conversations(store, upstreams), limits, replay, turns,
+        Listen(source, upstreams), HeadDeadline(source), gate, background, store, Conversations(store, upstreams), limits, replay, turns,
         http_turns, InputTokens(turns, upstreams, gate), server_replay, sockets,
         upstreams, outcomes, Metrics(turns, store, replay, outcomes), AccessLog(source, outcomes),
         request_log, raw, search, hosted, SettingsCommand(source), Egress(gate), Redact(upstreams),

@@ -1,0 +1,90 @@
+"""Which client connections owe the gateway a request head, and which are overdue (no I/O).
+
+A client connection is *waiting* from its connect, and again from the end of each answer on a
+keep-alive connection, until the next request's head is in: all that time it costs the gateway
+a socket and its buffers while the client need send nothing (or a byte now and then, which
+resets mitmproxy's own ``tcp_timeout``). Two bounds, applied by resp2chat_io/addons/head_deadline.py:
+
+- ``limit`` (``header_timeout_secs``): a connection waiting longer is overdue, and closed;
+- ``cap`` (``MAX_WAITING``): at most this many wait at once; a new connection past it has the
+  oldest waiting one closed (an idle keep-alive one, or one that stalls: a client that means to
+  ask sends its head within milliseconds of connecting).
+
+A connection with a request in flight (its head in, its answer not yet ended: a slow upload, a
+long stream) is not waiting, nor one upgraded to a WebSocket (its answer never ends here).
+Connections are named by the caller (mitmproxy's client id), requests too (a flow id); ``now``
+is any clock that does not go back (``time.monotonic``).
+"""
+
+from __future__ import annotations
+
+from typing import Hashable
+
+MAX_WAITING = 1000  # connections waiting for a head at once (~20 KB of the gateway's memory each)
+
+
+class HeadDeadline:
+    def __init__(self, limit: float, cap: int = MAX_WAITING) -> None:
+        self.limit = limit  # seconds; 0: no deadline (the cap still holds)
+        self.cap = cap
+        self._waiting: dict[Hashable, float] = {}  # connection -> waiting since, oldest first
+        self._open: dict[Hashable, set] = {}  # every connection known -> its requests in flight
+
+    def __len__(self) -> int:
+        """How many connections wait for a head now."""
+        return len(self._waiting)
+
+    def __contains__(self, conn: Hashable) -> bool:
+        """A connection known (connected, not gone)."""
+        return conn in self._open
+
+    def connected(self, conn: Hashable, now: float) -> list:
+        """A new connection, waiting from ``now``. Returns the connections to close to stay
+        within ``cap`` (the oldest waiting ones), forgotten here."""
+        self._open[conn] = set()
+        self.waiting(conn, now)
+        excess = []
+        while len(self._waiting) > self.cap:
+            oldest = next(iter(self._waiting))
+            self.gone(oldest)
+            excess.append(oldest)
+        return excess
+
+    def head(self, conn: Hashable, request: Hashable) -> None:
+        """A request's head is in: the connection no longer waits."""
+        if conn in self._open:
+            self._open[conn].add(request)
+            self._waiting.pop(conn, None)
+
+    def ended(self, conn: Hashable, request: Hashable, now: float) -> None:
+        """A request's answer ended (or it failed): with none other in flight, the connection
+        waits for the next head from ``now``."""
+        requests = self._open.get(conn)
+        if requests is None:
+            return  # (already gone: closed here, or disconnected before its last hook)
+        requests.discard(request)
+        if not requests:
+            self.waiting(conn, now)
+
+    def waiting(self, conn: Hashable, now: float) -> None:
+        """The connection waits for a head from ``now`` (again: its clock restarts)."""
+        if conn in self._open:
+            self._waiting.pop(conn, None)
+            self._waiting[conn] = now  # (at the end: ``now`` never goes back, so oldest first)
+
+    def gone(self, conn: Hashable) -> None:
+        """The connection closed: forgotten."""
+        self._open.pop(conn, None)
+        self._waiting.pop(conn, None)
+
+    def overdue(self, now: float) -> list:
+        """The connections that have waited ``limit`` seconds or more, oldest first (the caller
+        closes them, ``gone``, or lets them wait again, ``waiting``)."""
+        if not self.limit:
+            return []
+        late = []
+        for conn, since in self._waiting.items():
+            if now - since < self.limit:
+                break
+            late.append(conn)
+        return late

@@ -1,0 +1,130 @@
+"""A client connection that sends no request head in time is closed (``header_timeout_secs``).
+
+Why. mitmproxy holds a client connection until ``tcp_timeout`` (600 s) of silence, and any byte
+resets that: a client that sends half a request head, or one byte every few seconds, is held
+as long as it likes, unauthenticated (the gate decides at the head, which never comes). Measured
+before this addon: 3000 such connections held, +60 MB; the process may open 20000 files.
+
+What. The rule is resp2chat_core/head_deadline.py: a connection waits for a head from its connect,
+and again from the end of each answer (keep-alive); one that waited ``header_timeout_secs`` is
+closed, and at most ``MAX_WAITING`` wait at once (a new one past it has the oldest waiting
+closed). The hooks say when: ``client_connected``, ``requestheaders`` (the head is in: first
+in the addon chain, before any hook could take time), ``response``/``error`` (the answer
+ended; a ``101`` upgrade never ends here: a WebSocket has no such deadline),
+``client_disconnected``. mitmproxy runs the hooks after this one (and sends the answer) before
+the answer is really out, and may still be writing it to a slow reader: a sweep every second
+(``TICK``) closes an overdue connection only if its last flow is done (``flow.live`` false) and
+nothing waits in its socket's write buffer; otherwise its clock starts again.
+
+How. Closed the way mitmproxy's own ``tcp_timeout`` closes one (``ConnectionHandler.on_timeout``):
+the client connection's handler task is cancelled, found through the proxyserver addon's
+``connections`` (by client id); mitm_websocket.py's guard closes the socket should the
+cancellation land on a wait that drops it. No answer is sent: a plain close is what every HTTP
+client expects of an idle keep-alive connection (it opens a new one), where a ``408`` written
+unasked could be read as the answer to a request the client sent at that moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import weakref
+
+from mitmproxy import connection, ctx, http
+
+from resp2chat_core.head_deadline import HeadDeadline as Clock
+
+from .base import Owner, fails_closed, log
+
+TICK = 1.0  # seconds between two sweeps at most (a quarter of the deadline when that is shorter)
+
+
+@fails_closed
+class HeadDeadline(Owner):
+    name = "resp2chat_head_deadline"
+    owner = "connections"
+
+    def __init__(self, source) -> None:
+        super().__init__(source)
+        self.clock = Clock(self.s["header_timeout_secs"])
+        self.last: dict[str, weakref.ref] = {}  # client id -> its last flow that ended
+        self._sweep: asyncio.Task | None = None
+
+    def apply(self, updated: set[str]) -> None:
+        self.clock.limit = self.s["header_timeout_secs"]
+
+    def running(self) -> None:
+        if self._sweep is None:
+            self._sweep = asyncio.get_running_loop().create_task(self.sweep())
+
+    def done(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+
+    # --- what the hooks tell ---------------------------------------------------------------
+
+    def client_connected(self, client: connection.Client) -> None:
+        for conn in self.clock.connected(client.id, time.monotonic()):
+            self.close(conn, f"more than {self.clock.cap} connections wait for a request head")
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self.clock.head(flow.client_conn.id, flow.id)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if flow.websocket is None:
+            self.ended(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self.ended(flow)
+
+    def ended(self, flow: http.HTTPFlow) -> None:
+        conn = flow.client_conn.id
+        self.clock.ended(conn, flow.id, time.monotonic())
+        if conn in self.clock:
+            self.last[conn] = weakref.ref(flow)  # (not the flow: an idle connection holds no body)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self.forget(client.id)
+
+    def forget(self, conn: str) -> None:
+        self.clock.gone(conn)
+        self.last.pop(conn, None)
+
+    # --- the sweep ---------------------------------------------------------------------------
+
+    async def sweep(self) -> None:
+        while True:
+            limit = self.clock.limit
+            await asyncio.sleep(min(TICK, limit / 4) if limit else TICK)
+            now = time.monotonic()
+            for conn in self.clock.overdue(now):
+                try:
+                    last = self.last.get(conn)
+                    flow = last() if last is not None else None
+                    if (flow is not None and flow.live) or self.writing(conn):
+                        self.clock.waiting(conn, now)  # (its answer is still going out)
+                    else:
+                        self.close(conn, f"no request head within header_timeout_secs ({limit} s)")
+                except Exception as exc:  # noqa: BLE001 — (the sweep goes on for the others)
+                    log.warning(f"resp2chat: the head deadline sweep failed: {type(exc).__name__}: {exc}", exc_info=exc)
+                    self.forget(conn)
+
+    @staticmethod
+    def _io(conn: str):
+        server = ctx.master.addons.get("proxyserver")
+        handler = server.connections.get(conn) if server is not None else None
+        return handler.transports.get(handler.client) if handler is not None else None
+
+    def writing(self, conn: str) -> bool:
+        """Bytes of an answer still wait in the connection's socket buffer (a slow reader)."""
+        io = self._io(conn)
+        transport = getattr(io.writer, "transport", None) if io is not None else None
+        return transport is not None and transport.get_write_buffer_size() > 0
+
+    def close(self, conn: str, why: str) -> None:
+        self.forget(conn)
+        io = self._io(conn)
+        if io is None or io.handler is None:
+            return  # (gone already, or not a live connection: client replay)
+        log.debug(f"resp2chat: closing a client connection: {why}")
+        io.handler.cancel(why)
