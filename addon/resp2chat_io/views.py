@@ -43,7 +43,7 @@ class RequestView(contentviews.Contentview):
         out = []
         if meta.get("responses_request"):
             out += ["== Responses request (from the client) ==",
-                    describe_responses_request(json.loads(meta["responses_request"])), ""]
+                    describe_responses_request(json.loads(str(meta["responses_request"]))), ""]
         out += ["== chat request (to the backend) ==", describe_chat_request(json.loads(data))]
         return "\n".join(out)
 

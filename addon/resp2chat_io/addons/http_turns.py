@@ -58,31 +58,54 @@ UNREAD_MCP = "[not kept: refused before it was read, and it may carry what an mc
 HOP_KEPT = frozenset({"connection", "keep-alive"})  # the client's, on the flow's request: its connection's fate
 
 
+class RequestText:
+    """The client's request as a turn's record keeps it (``responses_request``): the body's
+    bytes, made text (UTF-8, a bad byte replaced) only when the flow's state is copied — what
+    every flow file holds (mitmproxy's writer stores ``flow.get_state()``, which deep-copies the
+    metadata: ``__deepcopy__`` gives the text), ``flow.copy()`` — or when ``str()`` asks for it
+    (``request_text``). Making that text costs ~2–3 ms of CPU for a 2.5 MB conversation (a new
+    5 MB string: its few non-ASCII characters make it two bytes a character), on every turn,
+    for a flow that a gateway writing no flow file drops unread."""
+
+    __slots__ = ("body",)
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def __str__(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+    def __deepcopy__(self, memo) -> str:
+        return str(self)
+
+    def __bool__(self) -> bool:
+        return bool(self.body)
+
+    def __repr__(self) -> str:
+        return f"RequestText({len(self.body)} bytes)"
+
+
+def request_text(meta: dict) -> str:
+    """The record's ``responses_request`` as text ("" when it has none)."""
+    text = meta.get("responses_request")
+    return str(text) if text is not None else ""
+
+
 def note_request(meta: dict, body: bytes | None, raw: object = None) -> None:
     """Keep what outcomes.py reports of a request the gate let in, so that it never decodes a
-    body again: its text (the flow's record; ``body``, when given: kept as the bytes until
-    ``write_request`` makes it text, when the flow's record is written, off the way to the first
-    token: ~2 ms for a 2.5 MB conversation) and, once decoded (``raw``), its model and
-    ``prompt_cache_key``; a request whose mcp tools carry secrets for their servers is made text
-    at once, without them (mcp.redact_text: never recorded)."""
+    body again: its text (the flow's record; ``body``, when given: a ``RequestText``, text when
+    a flow file is written) and, once decoded (``raw``), its model and ``prompt_cache_key``; a
+    request whose mcp tools carry secrets for their servers is made text at once, without them
+    (mcp.redact_text: never recorded)."""
     if body is not None:
-        meta["responses_request"] = body
+        meta["responses_request"] = RequestText(body)
     if isinstance(raw, dict):
         if mcp.client_secrets(raw):
-            text = meta.get("responses_request", "")
-            text = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
-            meta["responses_request"] = mcp.redact_text(text, raw)
+            meta["responses_request"] = mcp.redact_text(request_text(meta), raw)
         model, pck = raw.get("model"), raw.get("prompt_cache_key")
         meta["request_model"] = model if isinstance(model, str) else ""
         if isinstance(pck, str) and pck:
             meta["request_cache_key"] = pck
-
-
-def write_request(meta: dict | None) -> None:
-    """The client's request, noted as bytes (``note_request``), as the text the flow's record keeps."""
-    body = meta.get("responses_request") if meta else None
-    if body.__class__ is bytes:
-        meta["responses_request"] = body.decode("utf-8", "replace")
 
 
 class TurnStream:
@@ -289,7 +312,6 @@ class HttpTurns:
     def done(self) -> None:
         for run in self.live.values():  # (mitmproxy saves unfinished flows at its end: as they were)
             self._show_upstream(run.flow, run)
-            write_request(run.flow.metadata.get(META))
 
     # --- response ------------------------------------------------------------------------------
 
@@ -321,7 +343,6 @@ class HttpTurns:
             resp.headers["transfer-encoding"] = "chunked"
 
     def response(self, flow: http.HTTPFlow) -> None:
-        write_request(flow.metadata.get(META))  # (every flow: outcomes.py and flow files come after)
         run = self._end(flow)
         if run is None:
             return
@@ -336,7 +357,6 @@ class HttpTurns:
         self._record(flow, run)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        write_request(flow.metadata.get(META))
         run = self._end(flow)
         if run is None:
             return
