@@ -129,7 +129,7 @@ def test_item_facts_of_a_history_walked_before_are_those_of_a_fresh_walk():
         return inputs.ItemFacts().of(items)
 
     memo = inputs.ItemFacts(runs=2)
-    history = [{"role": "user", "content": [{"type": "input_text", "text": "q"}]}]
+    history = [{"role": "user", "content": [{"type": "input_text", "text": "q"}]}] * inputs.ItemFacts.MIN_ITEMS
     for n in range(1, 6):
         history = history + conv(n) + [{"type": "item_reference", "id": f"msg_{n}"}]
         assert memo.of(history) == fresh(history)
@@ -144,7 +144,7 @@ def test_item_facts_of_a_history_walked_before_are_those_of_a_fresh_walk():
         assert memo.of(changed) == fresh(changed)
         assert memo.of(changed + [{"id": "x"}]) == fresh(changed + [{"id": "x"}])
     assert fresh(history[:3] + [{"type": "compaction", "encrypted_content": "x"}]).compaction == (3,)
-    assert len(memo._runs) <= 2
+    assert 0 < len(memo._runs) <= 2
 
 
 # --- through a real mitmdump -------------------------------------------------------------------
