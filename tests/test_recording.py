@@ -342,7 +342,7 @@ def test_rerun_key_ignores_exactly_wall_time_chunk_id_and_date():
 
 def test_a_turns_recorded_request_is_text_in_every_copy_of_its_flow(tmp_path):
     """The record keeps the client's request as its bytes until the flow's state is copied
-    (http_turns.RequestText: no 5 MB string per 2.5 MB turn for a flow nobody writes): a flow
+    (base.RecordText: no 5 MB string per 2.5 MB turn for a flow nobody writes): a flow
     file, written and read back by mitmproxy, and ``flow.copy()`` hold it as text (UTF-8, a bad
     byte replaced), as they did when the record held the text itself."""
     from mitmproxy import io

@@ -39,8 +39,8 @@ from resp2chat_core.usage import usage_note
 from resp2chat_core.websocket import final_response
 from resp2chat_io import offload
 
-from .base import (ABANDON, META, SSE_HEADERS, RESPONSES_PATHS, TURN_HEADER, Refusal, fails_closed, json_response,
-                   log, refusal, request_id, show_url)
+from .base import (ABANDON, META, SSE_HEADERS, RESPONSES_PATHS, TURN_HEADER, RecordText, Refusal, fails_closed,
+                   json_response, log, refusal, request_id, show_url)
 from .turns import SERVER_REPLAY, Finished, TurnRun, new_response_id
 
 # HTTP status for a non-streaming client whose response failed, by error code.
@@ -58,33 +58,6 @@ UNREAD_MCP = "[not kept: refused before it was read, and it may carry what an mc
 HOP_KEPT = frozenset({"connection", "keep-alive"})  # the client's, on the flow's request: its connection's fate
 
 
-class RequestText:
-    """The client's request as a turn's record keeps it (``responses_request``): the body's
-    bytes, made text (UTF-8, a bad byte replaced) only when the flow's state is copied — what
-    every flow file holds (mitmproxy's writer stores ``flow.get_state()``, which deep-copies the
-    metadata: ``__deepcopy__`` gives the text), ``flow.copy()`` — or when ``str()`` asks for it
-    (``request_text``). Making that text costs ~2–3 ms of CPU for a 2.5 MB conversation (a new
-    5 MB string: its few non-ASCII characters make it two bytes a character), on every turn,
-    for a flow that a gateway writing no flow file drops unread."""
-
-    __slots__ = ("body",)
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-
-    def __str__(self) -> str:
-        return self.body.decode("utf-8", "replace")
-
-    def __deepcopy__(self, memo) -> str:
-        return str(self)
-
-    def __bool__(self) -> bool:
-        return bool(self.body)
-
-    def __repr__(self) -> str:
-        return f"RequestText({len(self.body)} bytes)"
-
-
 def request_text(meta: dict) -> str:
     """The record's ``responses_request`` as text ("" when it has none)."""
     text = meta.get("responses_request")
@@ -93,12 +66,12 @@ def request_text(meta: dict) -> str:
 
 def note_request(meta: dict, body: bytes | None, raw: object = None) -> None:
     """Keep what outcomes.py reports of a request the gate let in, so that it never decodes a
-    body again: its text (the flow's record; ``body``, when given: a ``RequestText``, text when
+    body again: its text (the flow's record; ``body``, when given: a ``RecordText``, text when
     a flow file is written) and, once decoded (``raw``), its model and ``prompt_cache_key``; a
     request whose mcp tools carry secrets for their servers is made text at once, without them
     (mcp.redact_text: never recorded)."""
     if body is not None:
-        meta["responses_request"] = RequestText(body)
+        meta["responses_request"] = RecordText(body)
     if isinstance(raw, dict):
         if mcp.client_secrets(raw):
             meta["responses_request"] = mcp.redact_text(request_text(meta), raw)
@@ -395,7 +368,7 @@ class HttpTurns:
         req = flow.request
         if ex.answered and meta.get("upstream_name") != answered.name:
             req.url = answered.url
-            meta["chat_request"] = run.turn.chat_body.decode("utf-8", "replace")
+            meta["chat_request"] = RecordText(run.turn.chat_body)
             req.content = answered.body
             meta["upstream"], meta["upstream_name"] = answered.url.removesuffix("/chat/completions"), answered.name
         elif flow.id in self.aside:
