@@ -129,7 +129,7 @@ class TurnStream:
     def answer(self) -> bytes:
         """What the client got: the translator's events, then the stream's end once it went out
         (what a flow file, the replay cache and ``Finished.answer`` keep)."""
-        return bytes(self.reader.sent) + (DONE if self.ended else b"")
+        return self.reader.sent + (DONE if self.ended else b"")
 
     def _first_slice(self, items: list) -> list:
         """The items to translate now, the first backend bytes cut after ``FIRST_SLICE`` bytes
