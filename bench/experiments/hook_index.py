@@ -11,8 +11,10 @@ an HTTP turn has 4 flow hooks (8 dispatches); the profile puts hook dispatch at 
 turn's CPU. This wrapper dispatches each hook only to the addons that have it (found once per hook
 name and chain), each still inside ``safecall``, in the same order. Not for production as it
 stands: it is a second patch of mitmproxy, and a script that gains or loses a hook (reloaded)
-or an addon that sets one on itself later is not seen. What it measures: how much of the
-socket's extra is mitmproxy's dispatch (docs/performance.md, "Issue 22, third round").
+or an addon that sets one on itself later is not seen. What it measured: how much of the
+socket's extra is mitmproxy's dispatch (docs/performance.md, "Issue 22, third round"); the
+gateway now does this itself, robustly (resp2chat_io/mitm_hooks.py), so over this tree the
+wrapper measures only what caching the hook callables too would add.
 """
 
 import inspect
