@@ -120,6 +120,33 @@ def test_expand_makes_the_whole_conversation_whole():
     assert (err.value.code, err.value.param) == ("item_not_found", "input[0].id")  # the client's own index
 
 
+def test_item_facts_of_a_history_walked_before_are_those_of_a_fresh_walk():
+    """inputs.ItemFacts: a list that goes on from one walked before (its first items the same
+    objects) is walked only past it, and its facts are those a fresh walk finds; a list whose
+    history changed (an item replaced, one inserted, one equal but another object) is not
+    mistaken for the one before."""
+    def fresh(items):
+        return inputs.ItemFacts().of(items)
+
+    memo = inputs.ItemFacts(runs=2)
+    history = [{"role": "user", "content": [{"type": "input_text", "text": "q"}]}] * inputs.ItemFacts.MIN_ITEMS
+    for n in range(1, 6):
+        history = history + conv(n) + [{"type": "item_reference", "id": f"msg_{n}"}]
+        assert memo.of(history) == fresh(history)
+    assert memo.of(history) == memo.of(list(history)) == fresh(history)
+    assert fresh(history).work and fresh(history).refs[-1] == (len(history) - 1, "msg_5")
+    for changed in ([*history[:3], {"type": "compaction", "encrypted_content": "x"}, *history[4:]],
+                    [*history[:3], {"type": "additional_tools", "tools": []}, *history[3:]],
+                    [{"role": "user", "content": [{"type": "input_text", "text": "q"}, {"type": "input_text",
+                                                                                          "text": "r"}]},
+                     *history[1:]],
+                    [dict(i) for i in history] + [{"type": "compaction_trigger"}]):
+        assert memo.of(changed) == fresh(changed)
+        assert memo.of(changed + [{"id": "x"}]) == fresh(changed + [{"id": "x"}])
+    assert fresh(history[:3] + [{"type": "compaction", "encrypted_content": "x"}]).compaction == (3,)
+    assert 0 < len(memo._runs) <= 2
+
+
 # --- through a real mitmdump -------------------------------------------------------------------
 
 

@@ -338,3 +338,28 @@ def test_rerun_key_ignores_exactly_wall_time_chunk_id_and_date():
         assert rerun_key(other) != recorded
     # a wall time the user typed is not tool output: it counts
     assert rerun_key(_chat("x", user="Wall time: 1 seconds")) != rerun_key(_chat("x", user="Wall time: 2 seconds"))
+
+
+def test_a_turns_recorded_request_is_text_in_every_copy_of_its_flow(tmp_path):
+    """The record keeps the client's request as its bytes until the flow's state is copied
+    (base.RecordText: no 5 MB string per 2.5 MB turn for a flow nobody writes): a flow
+    file, written and read back by mitmproxy, and ``flow.copy()`` hold it as text (UTF-8, a bad
+    byte replaced), as they did when the record held the text itself."""
+    from mitmproxy import io
+    from mitmproxy.test import tflow
+
+    from resp2chat_io.addons.base import META
+    from resp2chat_io.addons.http_turns import note_request, request_text
+
+    flow = tflow.tflow(resp=True)
+    body = '{"model":"m","input":"caf\u00e9 \u2014 \U0001f600"}'.encode() + b'\xff'
+    note_request(flow.metadata.setdefault(META, {}), body)
+    text = body.decode("utf-8", "replace")
+    assert request_text(flow.metadata[META]) == text
+    assert flow.copy().metadata[META]["responses_request"] == text
+    path = tmp_path / "flows"
+    with path.open("wb") as fh:
+        io.FlowWriter(fh).add(flow)
+    with path.open("rb") as fh:
+        (back,) = list(io.FlowReader(fh).stream())
+    assert back.metadata[META]["responses_request"] == text and isinstance(back.metadata[META]["responses_request"], str)

@@ -102,7 +102,7 @@ def test_deltas_merge_on_their_text_whatever_they_hold():
     # a delta that does not read as the translator writes one is passed as it is, never merged
     odd = (b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":0,'
            b'"delta":["a"],"item_id":"m"}\n\n') * 2
-    assert [m for _, m in ws.Coalescer()(odd)] == ws.messages(odd)
+    assert [m.decode() for _, m in ws.Coalescer()(odd)] == ws.messages(odd)
 
 
 def begin_turn_with_tools():

@@ -294,13 +294,18 @@ class Reader:
     echoes a key must not show it. Once the translator is done, the ``channel`` it reads is
     ``closed``: the relay stops reading the backend."""
 
-    __slots__ = ("translator", "upstream", "sent", "cap", "secrets", "on_first", "started", "gateway", "channel")
+    __slots__ = ("translator", "_upstream", "upstream_size", "_sent", "sent_size", "cap", "secrets", "on_first",
+                 "started", "gateway", "channel")
 
     def __init__(self, translator, cap: int, secrets: tuple[bytes, ...] = (), channel: Channel | None = None) -> None:
         self.translator = translator
         self.channel = channel
-        self.upstream = bytearray()
-        self.sent = bytearray()
+        # what both sides said, as pieces (joined once, at the end: a growing buffer would be
+        # copied again each time it outgrew its allocation)
+        self._upstream: list[bytes] = []
+        self.upstream_size = 0
+        self._sent: list[bytes] = []
+        self.sent_size = 0
         self.cap = cap
         self.secrets = secrets
         # called once, when the first events made from backend data leave (time to first
@@ -311,8 +316,11 @@ class Reader:
 
     def apply(self, item: Item) -> bytes:
         if item.__class__ is bytes:
-            if len(self.upstream) < self.cap:
-                self.upstream += item[:self.cap - len(self.upstream)]
+            room = self.cap - self.upstream_size
+            if room > 0:
+                piece = item if len(item) <= room else item[:room]
+                self._upstream.append(piece)
+                self.upstream_size += len(piece)
             out = self._out(self.translator.feed(item))
             if out and not self.started:
                 self.started = True
@@ -322,7 +330,7 @@ class Reader:
                     self.on_first()
         else:
             if len(self.gateway) < 4096:
-                self.gateway.append((len(self.upstream), item))
+                self.gateway.append((self.upstream_size, item))
             out = self._out(item.apply(self.translator))
         if self.channel is not None and self.translator.done:
             self.channel.closed = True
@@ -344,9 +352,22 @@ class Reader:
         if out:
             if self.secrets:
                 out = scrub(out, self.secrets)
-            if len(self.sent) < self.cap:
-                self.sent += out[:self.cap - len(self.sent)]
+            room = self.cap - self.sent_size
+            if room > 0:
+                piece = out if len(out) <= room else out[:room]
+                self._sent.append(piece)
+                self.sent_size += len(piece)
         return out
+
+    @property
+    def upstream(self) -> bytes:
+        """The backend's bytes (up to ``cap``)."""
+        return b"".join(self._upstream)
+
+    @property
+    def sent(self) -> bytes:
+        """What the client got (up to ``cap``)."""
+        return b"".join(self._sent)
 
 
 def scrub(data: bytes, secrets: tuple[bytes, ...]) -> bytes:

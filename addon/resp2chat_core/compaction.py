@@ -38,14 +38,13 @@ that wrote no text at all fails the turn with ``server_error`` (Codex retries it
 from __future__ import annotations
 
 from .errors import GatewayError
+from .inputs import COMPACTION as ITEM, COMPACTION_TRIGGER as TRIGGER, facts
 from .lowering import Lowered, encode
 from .seal import Sealer, SealError
 from .sse import MAX_EVENT
 from .translator import Kind, Phase, Translator
 
 PURPOSE = "compaction"  # the seal purpose: a sealed reasoning text cannot pass for a summary
-TRIGGER = "compaction_trigger"
-ITEM = "compaction"
 
 COMPACTION_PROMPT = """\
 Stop here: do not continue the task and do not call any tools. This conversation is being \
@@ -79,6 +78,8 @@ def prepare(items: list, sealer: Sealer | None) -> tuple[list, list, bool]:
     kept = untriggered(items)
     compaction = kept is not items
     lowered = kept
+    if not facts(items).compaction:  # (no compaction item nor trigger: inputs.FACTS, the history not walked again)
+        return kept, lowered, compaction
     for i, item in enumerate(kept):
         kind = _type(item)
         if kind == TRIGGER:

@@ -31,13 +31,15 @@ What it does, in input order:
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from .errors import GatewayError
 from .seal import SealError, Sealer
 
 REASONING_PURPOSE = "reasoning"  # what the translator seals reasoning text for
 INCLUDE_REASONING = "reasoning.encrypted_content"  # the `include` value that asks for it
+COMPACTION = "compaction"  # Codex's sealed summary item (compaction.py)
+COMPACTION_TRIGGER = "compaction_trigger"  # the item that asks for one (compaction.py)
 
 Resolve = Callable[[list[str]], dict[str, dict]]  # item ids -> the stored items found (missing: absent)
 
@@ -54,11 +56,100 @@ def _is_reference(item: object) -> bool:
     return kind == "item_reference" or (kind is None and "id" in item and "role" not in item and "content" not in item)
 
 
+class Facts(NamedTuple):
+    """What the walks of a request's items outside the caches ask of them (``check_caps``,
+    ``reference_ids``, ``expand``, ``compaction.prepare``), found in one pass (``FACTS``)."""
+
+    parts: int = 0  # content parts: the lengths of the items' content, output and summary lists
+    more_tools: bool = False  # an additional_tools item
+    refs: tuple = ()  # (index, id) of each reference
+    work: bool = False  # an item ``expand`` changes or reads (reasoning, additional_tools)
+    compaction: tuple = ()  # the indices of compaction items and triggers
+
+
+def _walk(items: list, start: int, facts: Facts) -> Facts:
+    """``facts`` (of ``items[:start]``) with ``items[start:]``'s added."""
+    parts, more_tools, work = facts.parts, facts.more_tools, facts.work
+    refs, compaction = list(facts.refs), list(facts.compaction)
+    for i in range(start, len(items)):
+        item = items[i]
+        if not isinstance(item, dict):
+            continue
+        for key in ("content", "output", "summary"):
+            value = item.get(key)
+            if isinstance(value, list):
+                parts += len(value)
+        kind = item.get("type")
+        if kind is None or kind == "item_reference":
+            if _is_reference(item):
+                refs.append((i, item.get("id")))
+        elif kind == "reasoning":
+            work = True
+        elif kind == "additional_tools":
+            work = more_tools = True
+        elif kind == COMPACTION or kind == COMPACTION_TRIGGER:
+            compaction.append(i)
+    return Facts(parts, more_tools, tuple(refs), work, tuple(compaction))
+
+
+class ItemFacts:
+    """``Facts`` of the input lists walked last, so that a list that goes on from one is walked
+    only past it: Codex resends its whole history every HTTP turn, and these walks were ~1 µs an
+    item each (2–3 ms a turn at 3,000 items). The history's items are the same objects from turn
+    to turn (requestbody.py decodes the shared part of a body once; a socket remembers its
+    conversation), so comparing with a kept list is one C-speed pass (a list compares its items
+    by identity first; items that are equal without being the same object have the same facts
+    too: facts are the items' own, the same whoever sent them). One turn's check, lookup,
+    expansion and compaction ask of the same list: three of the four find it whole. Items are
+    read, never changed (as schema.ItemMemo and the prefix cache already require). Bounded:
+    ``runs`` lists (one that
+    goes on from a kept one replaces it), of ``MIN_ITEMS`` to ``MAX_ITEMS`` items (a shorter list
+    is walked in less time than it takes to keep it; a longer one is walked whole each time, as
+    before the memo)."""
+
+    MIN_ITEMS = 32
+    MAX_ITEMS = 50_000
+
+    def __init__(self, runs: int = 8):
+        self.max_runs = runs
+        self._runs: list[tuple[list, Facts]] = []  # (a copy of a list walked, its facts), oldest first
+
+    def clear(self) -> None:
+        self._runs = []
+
+    def of(self, items: list) -> Facts:
+        if len(items) < self.MIN_ITEMS:
+            return _walk(items, 0, Facts())
+        base, start, extends = Facts(), 0, None
+        for run in reversed(self._runs):
+            was, facts = run
+            n = len(was)
+            if start < n <= len(items) and items[n - 1] is was[n - 1] and items[:n] == was:
+                if n == len(items):
+                    return facts
+                base, start, extends = facts, n, run
+        facts = _walk(items, start, base)
+        if len(items) > self.MAX_ITEMS:
+            return facts
+        runs = self._runs
+        if extends is not None:
+            runs.remove(extends)
+        runs.append((items[:], facts))
+        del runs[:-self.max_runs]
+        return facts
+
+
+FACTS = ItemFacts()  # one per process, like requestbody.PREFIXES: facts are the items' own
+
+
+def facts(items: object) -> Facts:
+    """The ``Facts`` of an input list (``FACTS``); of nothing for anything else."""
+    return FACTS.of(items) if isinstance(items, list) else Facts()
+
+
 def reference_ids(items: object) -> list[str]:
     """The ids an input list refers to (for a store that must fetch them before ``expand``)."""
-    if not isinstance(items, list):
-        return []
-    return [i["id"] for i in items if _is_reference(i) and isinstance(i.get("id"), str) and i["id"]]
+    return [ref for _, ref in facts(items).refs if isinstance(ref, str) and ref]
 
 
 def expand(raw: dict, items: list, resolve: Resolve | None = None,
@@ -76,11 +167,11 @@ def expand(raw: dict, items: list, resolve: Resolve | None = None,
             return f"input[{i - before}].{field}", f"input[{i - before}].{field}"
         return f"item {i} of the conversation previous_response_id continues ({field})", "previous_response_id"
 
-    refs = [(i, item.get("id")) for i, item in enumerate(whole) if _is_reference(item)]
+    known = facts(whole)
+    refs = known.refs
     extra_tools: list = []
-    if not refs and not any(isinstance(item, dict) and item.get("type") in ("reasoning", "additional_tools")
-                            for item in whole):
-        return ({**raw, "input": whole} if earlier else raw), whole  # nothing to do: the common case costs one pass
+    if not refs and not known.work:
+        return ({**raw, "input": whole} if earlier else raw), whole  # nothing to do: the common case (FACTS)
     out = list(whole)
     if refs:
         for i, ref in refs:

@@ -337,14 +337,18 @@ class Prefixes:
                     break
         return best, shared
 
-    def decode(self, body: bytes, yielding: bool = False):
+    def decode(self, body: bytes, yielding: bool = False, new: int | None = None):
         """``_loads(body)``'s value, decoded with a trace and kept; None when the traced parse
         cannot say (invalid JSON, a shape it does not handle): ``_loads`` then decides.
         ``yielding``: a worker thread's decode (module docstring); a value the cache does not
         share is ``Private``, and one that would share some but is too big to keep is None (the
-        caller decodes it privately)."""
+        caller decodes it privately). ``new``: None as well, at once, unless a body kept shares
+        all but fewer than ``new`` of its bytes (resp2chat_io/offload.py decodes such a body on
+        the event loop: what is new is small)."""
         with self._lock:
             old, shared = self._best(body)
+            if new is not None and (old is None or len(body) - old.ends[shared - 1] >= new):
+                return None
             if old is not None:
                 self._kept.remove(old)
                 self._kept.append(old)

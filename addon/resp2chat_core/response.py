@@ -167,16 +167,18 @@ def echo_json(echoed: dict) -> str:
 DEFAULT_ECHO_JSON = echo_json(echo({}, None))  # what a request that says nothing gets echoed
 
 
-def response_json(response_id: str, created_at: int, status: str, model_json: str, echoed: str, *,
+def response_json(response_id: str, created_at: int, status: str, model_json: str, echoed: str | None, *,
                   completed_at: int | None = None, error: dict | None = None, incomplete: dict | None = None,
                   output_json: str = "[]", usage: dict | None = None) -> str:
     """A whole Response object, as JSON text: the turn's fields, then ``echoed`` (``echo_json``).
-    ``model_json``: the model name, encoded; ``output_json``: the output items, encoded."""
+    ``model_json``: the model name, encoded; ``output_json``: the output items, encoded.
+    ``echoed`` None: the text up to where the echo goes, without the closing brace (the
+    translator splices the echo in, encoded once a turn)."""
     return (
         f'{{"id":"{response_id}","object":"response","created_at":{created_at},"status":"{status}",'
         f'"completed_at":{"null" if completed_at is None else completed_at},'
         f'"error":{"null" if error is None else _dumps(error)},'
         f'"incomplete_details":{"null" if incomplete is None else _dumps(incomplete)},'
         f'"model":{model_json},"output":{output_json},"usage":{"null" if usage is None else _dumps(usage)}'
-        + (f",{echoed}}}" if echoed else "}")
+        + (f",{echoed}}}" if echoed else "" if echoed is None else "}")
     )

@@ -9,8 +9,8 @@ translate faithfully is an error naming its place (``input[3].type``), never a s
 from __future__ import annotations
 
 import marshal
-from itertools import compress, count
-from operator import is_not
+from itertools import compress, count, repeat
+from operator import is_, is_not
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, Tag, TypeAdapter, ValidationError
@@ -477,12 +477,12 @@ def parse_request(data: Any, memo: ItemMemo | None = None) -> ResponsesRequest:
         raise GatewayError("request body must be a JSON object")
     items = data.get("input")
     known: list = []
+    new: Any = range(len(items)) if isinstance(items, list) else ()
     if memo is not None and isinstance(items, list) and items:
         known, keys, run = memo.find(items)
-    for i, item in enumerate(items if isinstance(items, list) else ()):
-        if known and known[i] is not None:
-            continue  # (validated before: a supported type)
-        kind = _item_tag(item)
+        new = list(compress(count(), map(is_, known, repeat(None))))  # (the others validated before: supported)
+    for i in new:
+        kind = _item_tag(items[i])
         if kind in UNSUPPORTED_ITEMS:
             raise GatewayError(
                 f"input[{i}]: item type {kind!r} is not supported: {UNSUPPORTED_ITEMS[kind]}",
@@ -493,7 +493,6 @@ def parse_request(data: Any, memo: ItemMemo | None = None) -> ResponsesRequest:
             return ResponsesRequest.model_validate(data)
         except ValidationError as exc:
             raise _to_gateway_error(exc, data) from None
-    new = [i for i, model in enumerate(known) if model is None]
     try:
         req = ResponsesRequest.model_validate({**data, "input": [items[i] for i in new]})
     except ValidationError as exc:

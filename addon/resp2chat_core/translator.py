@@ -214,10 +214,12 @@ class Translator:
         self.events = 0  # also the next sequence_number
         self._reader = ChunkReader(self, max_event)  # chatstream.py: the backend's chunks -> the on_* calls below
         self._parser = self._reader.parser
-        self._out: list[str] = []
+        self._out: list[str] = []  # events not yet encoded
+        self._encoded: list[bytes] = []  # what goes before them, encoded (a Response event's echo spliced in)
         self._next_index = 0
         self._suffix = ctx.response_id.removeprefix("resp_")
         self._echo_json = ctx.echo_json
+        self._echo: bytes | None = None  # the echo, encoded once a turn (``_emit_response``)
         self._model_json = _dumps(ctx.model)
         self._completed_at: int | None = None
         self._lp: list | None = None  # logprobs of text not yet sent (``on_logprobs``)
@@ -776,13 +778,14 @@ class Translator:
         body = _dumps(fields)
         self._out.append(f'event: {type_}\ndata: {{"type":"{type_}","sequence_number":{seq},{body[1:]}\n\n')
 
-    def _response_json(self, status: str, incomplete: dict | None = None) -> str:
-        """The Response object as it stands (response.py writes every one)."""
+    def _response_json(self, status: str, incomplete: dict | None = None, echoed: bool = True) -> str:
+        """The Response object as it stands (response.py writes every one); without ``echoed``,
+        its text up to the echo (no closing brace)."""
+        echo = self._echo_json if echoed else None
         if status == "in_progress":
-            return response.response_json(self.ctx.response_id, self.ctx.created_at, status, self._model_json,
-                                          self._echo_json)
+            return response.response_json(self.ctx.response_id, self.ctx.created_at, status, self._model_json, echo)
         return response.response_json(self.ctx.response_id, self.ctx.created_at, status, self._model_json,
-                                      self._echo_json, completed_at=self._completed_at, error=self.error or None,
+                                      echo, completed_at=self._completed_at, error=self.error or None,
                                       incomplete=incomplete, output_json=_dumps(self.output),
                                       usage=self.usage or None)
 
@@ -795,20 +798,44 @@ class Translator:
                 self._completed_at = int(clock()) if clock is not None else self.ctx.created_at
         seq = self.events
         self.events += 1
-        self._out.append(
-            f'event: {type_}\ndata: {{"type":"{type_}","sequence_number":{seq},'
-            f'"response":{self._response_json(status, incomplete)}}}\n\n'
-        )
+        head = f'event: {type_}\ndata: {{"type":"{type_}","sequence_number":{seq},"response":'
+        echoed = self._echo_json
+        if not echoed:
+            self._out.append(f'{head}{self._response_json(status, incomplete)}}}\n\n')
+            return
+        # the request's echo (~18 KB for Codex's tools; three events a turn carry it) is encoded
+        # once and spliced in as bytes: the same bytes as encoding the whole text
+        if self._echo is None:
+            self._echo = _encode(echoed)
+        out = self._out
+        out.append(head)
+        out.append(self._response_json(status, incomplete, echoed=False))
+        out.append(",")
+        self._encoded.append(_encode("".join(out)))
+        self._encoded.append(self._echo)
+        out.clear()
+        out.append("}}\n\n")
 
     def _flush(self) -> bytes:
-        if not self._out:
+        out = self._out
+        if self._encoded:
+            done, self._encoded = self._encoded, []
+            if out:
+                done.append(_encode("".join(out)))
+                out.clear()
+            return b"".join(done)
+        if not out:
             return b""
-        text = "".join(self._out)
-        self._out.clear()
-        try:
-            return text.encode()
-        except UnicodeEncodeError:  # a lone surrogate (a backend's "\ud800" escape) in some JSON string
-            return text.encode("utf-8", "backslashreplace")  # … goes out as that same escape
+        text = "".join(out)
+        out.clear()
+        return _encode(text)
+
+
+def _encode(text: str) -> bytes:
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # a lone surrogate (a backend's "\ud800" escape) in some JSON string
+        return text.encode("utf-8", "backslashreplace")  # … goes out as that same escape (character by character)
 
 
 def _function_arguments(raw: str) -> str:

@@ -65,12 +65,18 @@ def _tools(tools: object, counted: int, caps: Caps) -> int:
 
 def check_caps(raw: dict, caps: Caps) -> None:
     """``GatewayError`` if the request holds more than ``caps`` allow. Cheap: the counts of the
-    lists first, then one pass over at most ``caps.input_items`` items, up to the first cap passed."""
+    lists first, then one pass over at most ``caps.input_items`` items (``inputs.facts``: the
+    history walked before is not walked again), and only when a cap is passed, the pass that
+    says where."""
     items = raw.get("input")
     items = items if isinstance(items, list) else ()
     if caps.input_items and len(items) > caps.input_items:
         raise _over("input items", len(items), "max_input_items", caps.input_items, "input")
     tools = _tools(raw.get("tools"), 0, caps)
+    if items:
+        known = inputs.facts(items)  # (bounded: at most caps.input_items items, as the pass below)
+        if not known.more_tools and not (caps.content_parts and known.parts > caps.content_parts):
+            return  # within the caps: the pass below only says where one is passed
     parts = 0
     for item in items:
         if not isinstance(item, dict):

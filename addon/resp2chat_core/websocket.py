@@ -39,7 +39,6 @@ from __future__ import annotations
 import json
 import re
 from collections import OrderedDict
-from json.decoder import scanstring as _scanstring
 from dataclasses import dataclass
 from typing import Callable
 
@@ -136,11 +135,13 @@ class Coalescer:
     contiguous. A slow backend (one chunk per read) gets one message per chunk, as over HTTP;
     a fast one, or a busy gateway, fewer. Clients join deltas anyway: the texts are the same.
 
-    Done on the text, as the translator writes it (no JSON decoding: it was most of a socket
-    turn's extra cost): a delta's ``"delta"`` string follows its ids, and two deltas whose text
-    is the same but for the sequence number and that string merge by joining the string's
-    contents (JSON string escapes never span the quotes). A delta that does not read so (not the
-    translator's) is left as it is.
+    Done on the bytes, as the translator wrote them (no decoding, no encoding: a Codex turn's
+    three Response events echo ~18 KB of its request, which a round trip through ``str`` decoded
+    and encoded again each time; the relay frames these bytes as they are: relay/websocket.py).
+    A delta's ``"delta"`` string follows its ids, and two deltas whose text is the same but for
+    the sequence number and that string merge by joining the string's contents (JSON string
+    escapes never span the quotes; UTF-8 is cut only between characters, as every byte cut here
+    is ASCII). A delta that does not read so (not the translator's) is left as it is.
     """
 
     __slots__ = ("shift",)
@@ -148,25 +149,23 @@ class Coalescer:
     def __init__(self) -> None:
         self.shift = 0  # events merged away so far: later sequence numbers move down by this
 
-    def __call__(self, sse: bytes) -> list[tuple[str, str]]:
-        """(event type, message text) for each message."""
-        out: list = []  # (kind, text), or (kind, [text through the delta's opening quote, [its contents…], the rest])
+    def __call__(self, sse: bytes) -> list[tuple[str, bytes]]:
+        """(event type, message) for each message."""
+        out: list = []  # (kind, message), or (kind, [message through the delta's opening quote, [its contents…], the rest])
         last = None  # the key of out[-1] when it is a delta that may grow
-        pieces: list[str] = []  # out[-1]'s delta string contents, then
+        pieces: list[bytes] = []  # out[-1]'s delta string contents, then
         shift = self.shift
-        for block in sse.decode("utf-8", "replace").split("\n\n"):
+        for block in sse.split(b"\n\n"):
             if not block:
                 continue
-            head, _, data = block.partition("\ndata: ")
-            kind = head[7:] if head.startswith("event: ") else ""
+            head, _, data = block.partition(b"\ndata: ")
+            kind = head[7:].decode("ascii", "replace") if head.startswith(b"event: ") else ""
             seq = _SEQ.search(data)
             if kind in DELTAS and seq is not None and (at := data.find(_DELTA, seq.end())) >= 0:
                 start = at + len(_DELTA)
-                try:
-                    end = _scanstring(data, start)[1]  # just past the delta string's closing quote
-                except ValueError:
-                    end = 0
-                if end:
+                string = _STRING.match(data, start)
+                if string is not None:
+                    end = string.end()  # just past the delta string's closing quote
                     key = (kind, data[:seq.start()], data[seq.end():at], data[end:])  # (all but the number and the string)
                     if key == last:
                         pieces.append(data[start:end - 1])
@@ -174,25 +173,26 @@ class Coalescer:
                         continue
                     pieces = [data[start:end - 1]]
                     before = data[:start] if not shift else \
-                        f"{data[:seq.start(1)]}{int(seq[1]) - shift}{data[seq.end(1):start]}"
+                        b"%s%d%s" % (data[:seq.start(1)], int(seq[1]) - shift, data[seq.end(1):start])
                     out.append((kind, [before, pieces, data[end - 1:]]))
                     last = key
                     continue
             if seq is not None and shift:
-                data = f"{data[:seq.start(1)]}{int(seq[1]) - shift}{data[seq.end(1):]}"
+                data = b"%s%d%s" % (data[:seq.start(1)], int(seq[1]) - shift, data[seq.end(1):])
             out.append((kind, data))
             last = None
         self.shift = shift
-        return [(kind, m if m.__class__ is str else m[0] + "".join(m[1]) + m[2]) for kind, m in out]
+        return [(kind, m if m.__class__ is bytes else m[0] + b"".join(m[1]) + m[2]) for kind, m in out]
 
 
-_SEQ = re.compile(r',"sequence_number":(\d+)')
-_DELTA = ',"delta":"'  # (a delta's string follows its ids: the translator writes it so)
+_SEQ = re.compile(rb',"sequence_number":(\d+)')
+_DELTA = b',"delta":"'  # (a delta's string follows its ids: the translator writes it so)
+_STRING = re.compile(rb'[^"\\\x00-\x1f]*(?:\\.[^"\\\x00-\x1f]*)*"')  # a JSON string's contents and its closing quote
 
 
-def as_sse(sent: list[tuple[str, str]]) -> bytes:
+def as_sse(sent: list[tuple[str, bytes]]) -> bytes:
     """Messages back as the SSE events they were (flow records, replay over HTTP)."""
-    return "".join(f"event: {kind}\ndata: {text}\n\n" for kind, text in sent).encode()
+    return b"".join(b"event: %s\ndata: %s\n\n" % (kind.encode(), message) for kind, message in sent)
 
 
 def canonical(sse: bytes) -> bytes:

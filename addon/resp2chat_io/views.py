@@ -43,7 +43,7 @@ class RequestView(contentviews.Contentview):
         out = []
         if meta.get("responses_request"):
             out += ["== Responses request (from the client) ==",
-                    describe_responses_request(json.loads(meta["responses_request"])), ""]
+                    describe_responses_request(json.loads(str(meta["responses_request"]))), ""]
         out += ["== chat request (to the backend) ==", describe_chat_request(json.loads(data))]
         return "\n".join(out)
 
@@ -103,7 +103,7 @@ class SocketMessageView(contentviews.Contentview):
             head += ", a warm-up (answered without the backend)"
         out = [head + " ==", describe_responses_request(body)]
         if turn and turn.get("chat_request") and not turn.get("warmup"):
-            out += ["", "== chat request (to the backend) ==", describe_chat_request(json.loads(turn["chat_request"]))]
+            out += ["", "== chat request (to the backend) ==", describe_chat_request(json.loads(str(turn["chat_request"])))]
         return "\n".join(out + refused)
 
     def render_priority(self, data: bytes, metadata: contentviews.Metadata) -> float:

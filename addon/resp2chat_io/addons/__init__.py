@@ -33,7 +33,7 @@
 
 from __future__ import annotations
 
-from resp2chat_io import views
+from resp2chat_io import mitm_hooks, views
 
 from .access_log import AccessLog
 from .background import Background
@@ -62,6 +62,7 @@ from .websocket import ResponsesWebSocket
 
 
 def build() -> list:
+    mitm_hooks.install()  # each hook only to the addons that have it (see there)
     views.register()
     source = SettingsSource()
     upstreams = Upstreams(source)

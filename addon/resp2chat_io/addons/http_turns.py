@@ -39,8 +39,8 @@ from resp2chat_core.usage import usage_note
 from resp2chat_core.websocket import final_response
 from resp2chat_io import offload
 
-from .base import (ABANDON, META, SSE_HEADERS, RESPONSES_PATHS, TURN_HEADER, Refusal, fails_closed, json_response,
-                   log, refusal, request_id, show_url)
+from .base import (ABANDON, META, SSE_HEADERS, RESPONSES_PATHS, TURN_HEADER, RecordText, Refusal, fails_closed,
+                   json_response, log, refusal, request_id, show_url)
 from .turns import SERVER_REPLAY, Finished, TurnRun, new_response_id
 
 # HTTP status for a non-streaming client whose response failed, by error code.
@@ -63,31 +63,27 @@ UNREAD_MCP = "[not kept: refused before it was read, and it may carry what an mc
 HOP_KEPT = frozenset({"connection", "keep-alive"})  # the client's, on the flow's request: its connection's fate
 
 
+def request_text(meta: dict) -> str:
+    """The record's ``responses_request`` as text ("" when it has none)."""
+    text = meta.get("responses_request")
+    return str(text) if text is not None else ""
+
+
 def note_request(meta: dict, body: bytes | None, raw: object = None) -> None:
     """Keep what outcomes.py reports of a request the gate let in, so that it never decodes a
-    body again: its text (the flow's record; ``body``, when given: kept as the bytes until
-    ``write_request`` makes it text, when the flow's record is written, off the way to the first
-    token: ~2 ms for a 2.5 MB conversation) and, once decoded (``raw``), its model and
-    ``prompt_cache_key``; a request whose mcp tools carry secrets for their servers is made text
-    at once, without them (mcp.redact_text: never recorded)."""
+    body again: its text (the flow's record; ``body``, when given: a ``RecordText``, text when
+    a flow file is written) and, once decoded (``raw``), its model and ``prompt_cache_key``; a
+    request whose mcp tools carry secrets for their servers is made text at once, without them
+    (mcp.redact_text: never recorded)."""
     if body is not None:
-        meta["responses_request"] = body
+        meta["responses_request"] = RecordText(body)
     if isinstance(raw, dict):
         if mcp.client_secrets(raw):
-            text = meta.get("responses_request", "")
-            text = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
-            meta["responses_request"] = mcp.redact_text(text, raw)
+            meta["responses_request"] = mcp.redact_text(request_text(meta), raw)
         model, pck = raw.get("model"), raw.get("prompt_cache_key")
         meta["request_model"] = model if isinstance(model, str) else ""
         if isinstance(pck, str) and pck:
             meta["request_cache_key"] = pck
-
-
-def write_request(meta: dict | None) -> None:
-    """The client's request, noted as bytes (``note_request``), as the text the flow's record keeps."""
-    body = meta.get("responses_request") if meta else None
-    if body.__class__ is bytes:
-        meta["responses_request"] = body.decode("utf-8", "replace")
 
 
 class TurnStream:
@@ -139,7 +135,7 @@ class TurnStream:
     def answer(self) -> bytes:
         """What the client got: the translator's events, then the stream's end once it went out
         (what a flow file, the replay cache and ``Finished.answer`` keep)."""
-        return bytes(self.reader.sent) + (DONE if self.ended else b"")
+        return self.reader.sent + (DONE if self.ended else b"")
 
     def _first_slice(self, items: list) -> list:
         """The items to translate now, the first backend bytes cut after ``FIRST_SLICE`` bytes
@@ -295,7 +291,6 @@ class HttpTurns:
     def done(self) -> None:
         for run in self.live.values():  # (mitmproxy saves unfinished flows at its end: as they were)
             self._show_upstream(run.flow, run)
-            write_request(run.flow.metadata.get(META))
 
     # --- response ------------------------------------------------------------------------------
 
@@ -327,7 +322,6 @@ class HttpTurns:
             resp.headers["transfer-encoding"] = "chunked"
 
     def response(self, flow: http.HTTPFlow) -> None:
-        write_request(flow.metadata.get(META))  # (every flow: outcomes.py and flow files come after)
         run = self._end(flow)
         if run is None:
             return
@@ -342,7 +336,6 @@ class HttpTurns:
         self._record(flow, run)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        write_request(flow.metadata.get(META))
         run = self._end(flow)
         if run is None:
             return
@@ -381,7 +374,7 @@ class HttpTurns:
         req = flow.request
         if ex.answered and meta.get("upstream_name") != answered.name:
             req.url = answered.url
-            meta["chat_request"] = run.turn.chat_body.decode("utf-8", "replace")
+            meta["chat_request"] = RecordText(run.turn.chat_body)
             req.content = answered.body
             meta["upstream"], meta["upstream_name"] = answered.url.removesuffix("/chat/completions"), answered.name
         elif flow.id in self.aside:

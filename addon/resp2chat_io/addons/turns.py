@@ -288,7 +288,7 @@ class Turns(Owner):
         final = t.response() if t.done and failed_in is None else None
         status = "failed" if failed_in is not None else final["status"] if final else "unfinished"
         code = "server_error" if failed_in is not None else ""
-        record = {"upstream_sse": scrub(bytes(reader.upstream), run.secrets).decode("utf-8", "replace"),
+        record = {"upstream_sse": scrub(reader.upstream, run.secrets).decode("utf-8", "replace"),
                   "created_at": turn.ctx.created_at, **self.recorded_lowering(turn.ctx.model),
                   "gateway_events": record_events(reader.gateway, run.secrets), "status": status}
         if failed_in is not None:

@@ -45,7 +45,7 @@ from resp2chat_io import mitm_websocket, offload
 from resp2chat_io.relay import Socket
 from resp2chat_io.relay.upstream import failure
 
-from .base import META, RESPONSES_PATHS, Owner, fails_closed, json_response, log, request_id, show_url
+from .base import META, RESPONSES_PATHS, Owner, RecordText, fails_closed, json_response, log, request_id, show_url
 from .http_turns import UNREAD_MCP
 from .outcomes import Outcome
 from .turns import Finished, TurnRun
@@ -441,10 +441,10 @@ class ResponsesWebSocket(Owner):
         if final.get("status") == "completed":
             live.conn.remember(final["id"], turn.items + final.get("output", []))
         self._record(live, {"responses_request": m.text, "request_id": m.request_id,
-                            "chat_request": turn.chat_body.decode("utf-8", "replace"),
+                            "chat_request": RecordText(turn.chat_body),
                             "response_id": final.get("id"), "status": final.get("status", "unfinished"),
                             "usage": final.get("usage"), "warmup": warmup, "server_replay": True,
-                            "events": recorded.decode("utf-8", "replace")})
+                            "events": RecordText(recorded)})
         if not warmup:
             self._outcome(live, m, "replayed", "", 200, "server-replay", final.get("usage"))
         return True
@@ -455,8 +455,8 @@ class ResponsesWebSocket(Owner):
         self._record(live, {"responses_request": m.text, "request_id": m.request_id,
                             "response_id": turn.ctx.response_id, "created_at": turn.ctx.created_at,
                             "status": t.response()["status"] if t.done else "unfinished", "usage": t.usage,
-                            "warmup": True, "chat_request": turn.chat_body.decode("utf-8", "replace"),
-                            "events": ws.as_sse(m.sent).decode("utf-8", "replace")})  # (what replay matches)
+                            "warmup": True, "chat_request": RecordText(turn.chat_body),
+                            "events": RecordText(ws.as_sse(m.sent))})  # (what replay matches)
 
     def _finish(self, live: OpenSocket, m: Message) -> Finished:
         """Record a turn on the flow and tell the listeners (the response store, metrics and the
@@ -468,8 +468,8 @@ class ResponsesWebSocket(Owner):
         turn = m.turn
         self._record(live, {"responses_request": m.text, "request_id": m.request_id,
                             "response_id": turn.ctx.response_id, "warmup": False, "upstream_name": done.upstream,
-                            "chat_request": turn.chat_body.decode("utf-8", "replace"), **record,
-                            "events": answer.decode("utf-8", "replace")})
+                            "chat_request": RecordText(turn.chat_body), **record,
+                            "events": RecordText(answer)})
         self.turns.ended(done, run.exchange.turn_id)
         return done
 
@@ -480,7 +480,7 @@ class ResponsesWebSocket(Owner):
         if live.records > MAX_RECORDS:
             meta["turns_dropped"] = live.records - MAX_RECORDS
         else:
-            size = sum(len(v) for v in record.values() if isinstance(v, str))
+            size = sum(len(v) for v in record.values() if isinstance(v, (str, RecordText)))
             if live.recorded + size > RECORD_BUDGET:
                 record = {k: v for k, v in record.items() if k not in ("responses_request", "chat_request",
                                                                         "upstream_sse", "events")}

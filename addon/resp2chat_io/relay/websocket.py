@@ -39,7 +39,19 @@ log = logging.getLogger("resp2chat.relay")
 READ = 65536
 MAX_QUEUED = 16  # client messages waiting behind the one being served, at most
 
-Send = Callable[[list[str]], None]
+Send = Callable[[list[str | bytes]], None]  # text messages: str, or UTF-8 bytes (framed as they are)
+
+
+def text_frame(message: bytes) -> bytes:
+    """A whole text message in one frame, from its UTF-8 bytes (what wsproto's ``send`` makes of
+    its ``str``: a server's frames are not masked), so bytes the translator encoded are sent
+    without a round trip through ``str`` (resp2chat_core/websocket.py ``Coalescer``)."""
+    n = len(message)
+    if n < 126:
+        return bytes((0x81, n)) + message
+    if n < 1 << 16:
+        return b"\x81\x7e" + n.to_bytes(2, "big") + message
+    return b"\x81\x7f" + n.to_bytes(8, "big") + message
 
 
 @dataclass(eq=False)
@@ -68,9 +80,10 @@ async def serve(sock: Socket, request: h11.Request, conn: h11.Connection, reader
     queued = [0]  # size of the messages in the inbox
     room = asyncio.Event()  # set when the worker takes a message
 
-    def send(texts: list[str]) -> None:
+    def send(texts: list[str | bytes]) -> None:
         if ws.state is ConnectionState.OPEN and not writer.is_closing():
-            writer.write(b"".join(ws.send(TextMessage(data=text)) for text in texts))
+            writer.write(b"".join(text_frame(text) if text.__class__ is bytes else ws.send(TextMessage(data=text))
+                                  for text in texts))
 
     sock.send = send
 
