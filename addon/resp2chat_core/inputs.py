@@ -67,6 +67,17 @@ class Facts(NamedTuple):
     compaction: tuple = ()  # the indices of compaction items and triggers
 
 
+def parts_of(item: dict) -> int:
+    """The content parts an input item holds (its ``content``, ``output`` or ``summary`` lists),
+    as ``max_content_parts`` counts them."""
+    n = 0
+    for key in ("content", "output", "summary"):
+        value = item.get(key)
+        if isinstance(value, list):
+            n += len(value)
+    return n
+
+
 def _walk(items: list, start: int, facts: Facts) -> Facts:
     """``facts`` (of ``items[:start]``) with ``items[start:]``'s added."""
     parts, more_tools, work = facts.parts, facts.more_tools, facts.work
@@ -75,10 +86,7 @@ def _walk(items: list, start: int, facts: Facts) -> Facts:
         item = items[i]
         if not isinstance(item, dict):
             continue
-        for key in ("content", "output", "summary"):
-            value = item.get(key)
-            if isinstance(value, list):
-                parts += len(value)
+        parts += parts_of(item)
         kind = item.get("type")
         if kind is None or kind == "item_reference":
             if _is_reference(item):

@@ -81,10 +81,7 @@ def check_caps(raw: dict, caps: Caps) -> None:
     for item in items:
         if not isinstance(item, dict):
             continue
-        for key in ("content", "output", "summary"):
-            value = item.get(key)
-            if isinstance(value, list):
-                parts += len(value)
+        parts += inputs.parts_of(item)
         if caps.content_parts and parts > caps.content_parts:
             raise _over("content parts", parts, "max_content_parts", caps.content_parts, "input")
         if item.get("type") == "additional_tools":
