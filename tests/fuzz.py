@@ -52,8 +52,8 @@ from pathlib import Path
 import requests
 
 from helpers import (
-    ADDON, CODEX_FIXTURES, FIXTURES, NAME_RE, TERMINAL, LocalServer, QuietHandler, chat_chunk, chat_sse,
-    codex_fixture, parse_sse, start_gateway,
+    ADDON, CODEX_FIXTURES, FIXTURES, NAME_RE, TERMINAL, LocalServer, QuietHandler, chat_chunk, chat_sse, codex_fixture,
+    parse_sse, send_sse, start_gateway,
 )
 
 REGRESSIONS = FIXTURES / "fuzz"
@@ -100,11 +100,7 @@ class _RecorderHandler(QuietHandler):
         body = self.rfile.read(size)
         with self.server.lock:
             self.server.received.append(Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body))
-        self.send_response(200)
-        self.send_header("content-type", "text/event-stream")
-        self.send_header("content-length", str(len(_CANNED)))
-        self.end_headers()
-        self.wfile.write(_CANNED)
+        send_sse(self, _CANNED)
 
     do_GET = do_PUT = do_DELETE = do_PATCH = do_POST
 

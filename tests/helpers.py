@@ -478,6 +478,16 @@ def send_json(handler, status: int, obj) -> None:
     handler.wfile.write(body)
 
 
+def send_sse(handler, data: bytes) -> None:
+    """Answer from a test upstream (BaseHTTPRequestHandler) with a whole SSE body (its length
+    declared): 200, ``data``."""
+    handler.send_response(200)
+    handler.send_header("content-type", "text/event-stream")
+    handler.send_header("content-length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 def send_text_chunk(handler, n: int) -> None:
     """One chat chunk with the content ``t<n> `` as one HTTP chunk, flushed: a test upstream
     (BaseHTTPRequestHandler) streaming a chunked SSE body at its own pace."""

@@ -16,7 +16,7 @@ import requests
 import yaml
 
 from helpers import (
-    ROOT, Codex, LocalServer, QuietHandler, chat_chunk, chat_sse, free_port, gateway_env, openai_client,
+    ROOT, Codex, LocalServer, QuietHandler, chat_chunk, chat_sse, free_port, gateway_env, openai_client, send_sse,
     start_gateway, wait_http,
 )
 
@@ -149,11 +149,7 @@ class _Capture(QuietHandler):
         headers = {k.lower(): v for k, v in self.headers.items()}
         type(self).seen.append({"headers": headers, "body": json.loads(body), "path": self.path})
         data = chat_sse(chat_chunk({"content": "ok"}, "stop"))
-        self.send_response(200)
-        self.send_header("content-type", "text/event-stream")
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_sse(self, data)
 
     do_GET = do_POST
 

@@ -36,32 +36,33 @@ def everything_bin() -> str:
     return path
 
 
+def serve_everything(tmp_path_factory, transport: str, path: str, ready):
+    """server-everything on ``transport`` on a free port until the fixture ends: its URL (``path``),
+    once ``ready(url, proc, log)`` says it listens."""
+    port = free_port()
+    log = tmp_path_factory.mktemp(f"everything-{transport}") / "server.log"
+    proc = subprocess.Popen([everything_bin(), transport], env={**os.environ, "PORT": str(port)},
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}{path}"
+        ready(url, proc, log)
+        yield url
+    finally:
+        stop_process(proc)
+
+
 @pytest.fixture(scope="module")
 def everything(tmp_path_factory):
     """server-everything in streamable-HTTP mode on a free port: its /mcp URL."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("everything") / "server.log"
-    proc = subprocess.Popen([everything_bin(), "streamableHttp"], env={**os.environ, "PORT": str(port)},
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/mcp", proc=proc)
-        yield f"http://127.0.0.1:{port}/mcp"
-    finally:
-        stop_process(proc)
+    yield from serve_everything(tmp_path_factory, "streamableHttp", "/mcp",
+                                lambda url, proc, log: wait_http(url, proc=proc))
 
 
 @pytest.fixture(scope="module")
 def everything_sse(tmp_path_factory):
     """The same server on the older HTTP+SSE transport: its /sse URL."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("everything-sse") / "server.log"
-    proc = subprocess.Popen([everything_bin(), "sse"], env={**os.environ, "PORT": str(port)},
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    try:
-        wait_until(lambda: b"running on port" in log.read_bytes(), proc=proc, what="the SSE server listening")
-        yield f"http://127.0.0.1:{port}/sse"
-    finally:
-        stop_process(proc)
+    yield from serve_everything(tmp_path_factory, "sse", "/sse", lambda url, proc, log: wait_until(
+        lambda: b"running on port" in log.read_bytes(), proc=proc, what="the SSE server listening"))
 
 
 class _Seen(QuietHandler):

@@ -12,7 +12,7 @@ import requests
 from mitmproxy import io
 
 from helpers import (
-    ROOT, LocalServer, QuietHandler, chat_chunk, chat_sse, parse_sse, read_flows, retranslate, stream_turn,
+    ROOT, LocalServer, QuietHandler, chat_chunk, chat_sse, parse_sse, read_flows, retranslate, send_sse, stream_turn,
 )
 from recordings import SEAL_KEY
 from wsclient import WSClient
@@ -93,11 +93,7 @@ class Slow(QuietHandler):
         time.sleep(1.3)  # (the gateway sends a keepalive after 1 s: that is what is recorded)
         body = chat_sse(chat_chunk({"content": "late but here"}), chat_chunk(finish="stop"),
                         chat_chunk(choices=[], usage={"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}))
-        self.send_response(200)
-        self.send_header("content-type", "text/event-stream")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        send_sse(self, body)
 
 
 def test_the_gateways_own_events_are_recorded_and_translated_again_in_place(upstream, gateway_factory, tmp_path):

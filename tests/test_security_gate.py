@@ -23,7 +23,7 @@ import requests
 
 from helpers import (
     Codex, KiB, LocalServer, QuietHandler, chat_chunk, chat_sse, http_chunk, memory, openai_client, parse_sse,
-    read_flows, wait_until,
+    read_flows, send_sse, wait_until,
 )
 from wsclient import Refused, WSClient
 
@@ -49,11 +49,7 @@ class _Echo(QuietHandler):
         auth = self.headers.get("authorization", "")
         if self.path.endswith("/chat/completions"):
             data = chat_sse(chat_chunk({"content": f"the backend got {auth!r}"}), chat_chunk(finish="stop"))
-            self.send_response(200)
-            self.send_header("content-type", "text/event-stream")
-            self.send_header("content-length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            send_sse(self, data)
             return
         payload = json.dumps({"object": "list", "data": [], "echo": auth, "path": self.path}).encode()
         self.send_response(200)

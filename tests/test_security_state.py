@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import (
     LocalServer, QuietHandler, chat_chunk, chat_sse, openai_client, parse_sse, post_turn, read_flows, send_json,
-    start_gateway, wait_until,
+    send_sse, start_gateway, wait_until,
 )
 from resp2chat_io import demo_upstream
 from wsclient import WSClient
@@ -429,11 +429,7 @@ class _Echoing(QuietHandler):
             data = b"data: " + json.dumps({"error": {"message": f"bad credential {auth}", "code": 400}}).encode() + b"\n\n"
         else:
             data = chat_sse(chat_chunk({"content": f"you are {auth}"}), chat_chunk(finish="stop"))
-        self.send_response(200)
-        self.send_header("content-type", "text/event-stream")
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_sse(self, data)
 
     def do_GET(self):
         auth = self.headers.get("authorization", "")
