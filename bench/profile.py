@@ -166,6 +166,8 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
                     help="a mitmproxy option for the gateway (e.g. resp2chat_coalesce_ms=0); repeatable")
     ap.add_argument("--paced-streams", type=int, default=None, help="--phase paced: how many streams")
+    ap.add_argument("--deltas", type=int, default=None,
+                    help="content chunks per answer (2 with --phase c1: what a turn costs besides its stream)")
     ap.add_argument("--summarize", metavar="FILE", help="only summarise an existing profile")
     args = ap.parse_args()
     if args.summarize:
@@ -175,6 +177,8 @@ def main() -> int:
     cfg = dict(run.FULL, long_kb=args.long_kb, long_turns=args.long_turns, conversations=args.conversations)
     if args.paced_streams:
         cfg["paced_streams"] = args.paced_streams
+    if args.deltas is not None:
+        cfg["deltas"], cfg["reasoning_words"] = args.deltas, 0
     size = {"deltas": cfg["deltas"], "reasoning_words": cfg["reasoning_words"]}
     w = {k: make_variant(k, **size) for k in ("text", "reasoning", "tool")}
     w["paced"] = make_variant("reasoning", **size, slow_ms=cfg["paced_ms"])

@@ -1,14 +1,19 @@
 """Time-based coalescing (``coalesce_ms``, resp2chat_core/channel.py ``Channel.window``): once a
 turn's first tokens are out, deliveries are at most one per window (news that comes sooner waits
 for it), so that one mitmproxy pass (HTTP) or one round of messages (WebSocket) carries several
-paced tokens. The first token and the answer's end are never held; a slow stream never is.
+paced tokens. The first token is never held, nor the end of a burst that ends within its first
+window; a slow stream never is. A stream that goes on past a held delivery is read once per
+window (relay/exchange.py ``_Window``: its socket no longer wakes the loop for each token): its
+end, like its tokens, waits at most a window.
 
-The channel's rules alone (sans-I/O, the relay's timer stood in for), then through a real mitmdump
-and a backend of the test's own that streams one token per write, at the test's command.
+The channel's rules alone (sans-I/O, the relay's timer stood in for), the relay's deferred reads
+on real sockets, then through a real mitmdump and a backend of the test's own that streams one
+token per write, at the test's command.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import queue
 import socket
@@ -154,8 +159,11 @@ class _Stepped(QuietHandler):
     steps: queue.Queue = queue.Queue()
     wrote: dict = {}
 
+    peers: list = []
+
     def do_POST(self):
         self.rfile.read(int(self.headers["content-length"]))
+        type(self).peers.append(self.client_address)
         start_sse(self)
         self.wfile.write(http_chunk(chat_event({"role": "assistant", "content": ""})))
         self.wfile.flush()
@@ -216,8 +224,9 @@ def _deltas(chunk: bytes) -> list[str]:
 
 
 @pytest.mark.parametrize("window_ms", [0, 1000])
-def test_paced_tokens_share_a_chunk_but_neither_the_first_token_nor_the_end_waits(stepped, gateway_factory,
-                                                                                   window_ms):
+def test_paced_tokens_share_a_chunk_the_first_token_never_waits_and_the_end_at_most_a_window(stepped,
+                                                                                              gateway_factory,
+                                                                                              window_ms):
     gw = gateway_factory(stepped.url, "--set", f"resp2chat_coalesce_ms={window_ms}",
                          "--set", "resp2chat_max_replay_entries=0")
     steps = _Stepped.steps
@@ -246,7 +255,8 @@ def test_paced_tokens_share_a_chunk_but_neither_the_first_token_nor_the_end_wait
     steps.put(None)
     for chunk in chunks:
         raw += chunk
-    assert time.monotonic() - _Stepped.wrote["end"] < 0.5  # the end is not held
+    # the stream went on past a held delivery: it is read once per window, its end too
+    assert time.monotonic() - _Stepped.wrote["end"] < window_ms / 1000 + 0.5
     events = parse_sse(raw)
     assert terminal(events)["type"] == "response.completed"
     assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == "t0 t1 t2 t3 "
@@ -277,6 +287,92 @@ def test_over_the_websocket_the_held_tokens_are_one_message(stepped, gateway_fac
         while (event := ws.next_message())["type"] not in ("response.completed", "response.failed"):
             pass
         assert event["type"] == "response.completed"
-        assert time.monotonic() - _Stepped.wrote["end"] < 0.5
+        assert time.monotonic() - _Stepped.wrote["end"] < window_ms / 1000 + 0.5
     finally:
         ws.sock.close()
+
+
+def test_a_burst_that_ends_within_its_first_window_is_not_held(stepped, gateway_factory):
+    """A fast backend (or a short answer): the end comes while the first held delivery waits,
+    and takes everything out at once."""
+    gw = gateway_factory(stepped.url, "--set", "resp2chat_coalesce_ms=1000",
+                         "--set", "resp2chat_max_replay_entries=0")
+    steps = _Stepped.steps
+    steps.put([_token(0)])
+    chunks = _chunks(gw, {"model": "m", "input": "hi", "stream": True})
+    raw = b""
+    for chunk in chunks:
+        raw += chunk
+        if _deltas(chunk):
+            break
+    steps.put([_token(1), _token(2), _token(3)])
+    steps.put(None)
+    for chunk in chunks:
+        raw += chunk
+    assert time.monotonic() - _Stepped.wrote["end"] < 0.5  # (the window is a second)
+    assert terminal(parse_sse(raw))["type"] == "response.completed"
+
+
+def test_the_next_answer_on_a_pooled_connection_is_heard_at_once(stepped, gateway_factory):
+    """A deferred stream's backend connection goes back to the pool waking the loop for every
+    read again: the next turn's head and first token on it are not left in the kernel."""
+    gw = gateway_factory(stepped.url, "--set", "resp2chat_coalesce_ms=200",
+                         "--set", "resp2chat_max_replay_entries=0")
+    steps = _Stepped.steps
+    peers = []
+    for turn in range(2):
+        steps.put([_token(0)])
+        chunks = _chunks(gw, {"model": "m", "input": f"hi {turn}", "stream": True})
+        for chunk in chunks:
+            if _deltas(chunk):
+                break
+        assert time.monotonic() - _Stepped.wrote[_token(0)] < 0.15  # (less than the window)
+        steps.put([_token(n) for n in range(1, 9)])  # 8 tokens 50 ms apart: held deliveries, then deferred
+        steps.put(None)
+        assert "".join(d for chunk in chunks for d in _deltas(chunk)) == "".join(f"t{n} " for n in range(1, 9))
+        peers.append(_Stepped.peers[-1])
+    assert peers[0] == peers[1]  # (the second turn went over the pooled connection)
+
+
+def test_a_deferred_socket_is_read_by_the_timer_and_wakes_the_loop_again_after_listen():
+    """The relay's deferred reads (relay/upstream.py ``_BodyPump``) on a real loopback
+    connection: deferred, a token does not wake the loop; ``drain`` reads it; past ``listen``
+    the next one wakes it."""
+    from resp2chat_io.relay import upstream
+
+    async def main():
+        got: list[bytes] = []
+        server_side: list[asyncio.StreamWriter] = []
+        server = await asyncio.start_server(lambda r, w: server_side.append(w), "127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+        while not server_side:
+            await asyncio.sleep(0.01)
+        channel = Channel(push=lambda items: got.extend(items))
+        pump = upstream._BodyPump(lambda data: channel.data(data) or True, channel,
+                                  upstream._Watch(60.0, 15.0, channel), keep=True)
+        pump.transport = writer.transport
+        pump.sock = writer.transport.get_extra_info("socket")
+        writer.transport.set_protocol(pump)
+        backend = server_side[0]
+        backend.write(b"5\r\nhello\r\n")
+        await asyncio.sleep(0.1)
+        assert got == [b"hello"]  # (not deferred: at once)
+        assert pump.defer()
+        backend.write(b"5\r\nworld\r\n")
+        await asyncio.sleep(0.2)
+        assert got == [b"hello"]  # the kernel keeps it: the loop was not woken
+        assert pump.drain() and got == [b"hello", b"world"]
+        assert not pump.drain()  # (nothing more there)
+        backend.write(b"1\r\n!\r\n")
+        await asyncio.sleep(0.1)
+        assert got == [b"hello", b"world"]
+        pump.listen()  # what was queued wakes the loop now, and every read after it
+        await asyncio.sleep(0.1)
+        assert got == [b"hello", b"world", b"!"]
+        backend.write(b"0\r\n\r\n")
+        assert await asyncio.wait_for(pump.outcome, 5) is upstream.CallEnd.REUSABLE
+        writer.close()
+        backend.close()
+        server.close()
+
+    asyncio.run(main())

@@ -304,3 +304,59 @@ def test_install_refuses_a_mitmproxy_whose_dispatch_changed(replaced):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert "mitmproxy's hook dispatch changed" in done.stderr
+
+
+class LogHears:
+    def __init__(self, name: str, heard: list, fail: bool = False, halt: bool = False, coro: bool = False) -> None:
+        self.name, self.heard, self.fail, self.halt = name, heard, fail, halt
+        if coro:
+            self.add_log = self._async_add_log
+
+    def add_log(self, entry) -> None:
+        self.heard.append(self.name)
+        if self.fail:
+            raise ValueError(f"boom in {self.name}")
+        if self.halt:
+            raise exceptions.AddonHalt
+
+    async def _async_add_log(self, entry) -> None:
+        self.heard.append(self.name)
+
+
+def test_the_synchronous_dispatch_goes_through_the_index_as_mitmproxys_own(caplog):
+    """``AddonManager.trigger``: mitmproxy sends every log record through it as an ``add_log``
+    hook (its deprecated LegacyLogEvents); no addon has it, so it costs nothing, and one that has it
+    hears it as from mitmproxy: in order, an error logged, AddonHalt, an async handler refused."""
+    from mitmproxy.log import AddLogHook, LogEntry
+
+    assert AddonManager.trigger is mitm_hooks.trigger
+    heard: list = []
+
+    def both(manager) -> tuple:
+        results = []
+        for dispatch in (mitm_hooks.trigger, mitm_hooks._original["trigger"]):
+            heard.clear()
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="mitmproxy.addonmanager"):
+                dispatch(manager, AddLogHook(LogEntry("hello", "info")))
+            results.append((list(heard), [(r.levelname, r.getMessage(),
+                                           tuple(f.name for f in traceback.extract_tb(r.exc_info[2]))
+                                           if r.exc_info else ())
+                                          for r in caplog.records if r.name == "mitmproxy.addonmanager"]))
+        assert results[0] == results[1]
+        return results[0]
+
+    with taddons.context(loadcore=False) as tctx:
+        manager = tctx.master.addons
+        manager.add(Deaf("deaf"), Holder("holder", []))
+        assert both(manager) == ([], [])
+        assert mitm_hooks._index(manager, AddLogHook(LogEntry("x", "info")), sync=True) == ()  # (nobody: nothing to walk)
+        manager.add(LogHears("a", heard), LogHears("fails", heard, fail=True), LogHears("b", heard))
+        found, logged = both(manager)
+        assert found == ["a", "fails", "b"]
+        assert [(level, message) for level, message, _ in logged] == [("ERROR", "Addon error: boom in fails")]
+        assert logged[0][2][-1] == "add_log"  # (the traceback from the hook on, as mitmproxy cuts it)
+        manager.add(LogHears("async", heard, coro=True), LogHears("stop", heard, halt=True), LogHears("after", heard))
+        found, logged = both(manager)
+        assert found == ["a", "fails", "b", "stop"]  # the async one refused (logged), AddonHalt ends it
+        assert any("cannot be called from sync context" in message for _, message, _ in logged)

@@ -35,7 +35,10 @@ tokens/s and a 40 ms window, two per pass: each waits 20 ms on average, the gaps
 are 40 ms instead of 20); a slower one is never held. Nothing waits longer than ``window``:
 keepalives and failures ride on the held delivery, and when the relay's work ends (``flush``),
 what is held goes at once (a push consumer gets it; a tick consumer's last call, at the end of
-the relay's body, takes it: a timer never ticks after the body ended).
+the relay's body, takes it: a timer never ticks after the body ended). While news is held the
+relay need not hear each token as it comes: a stream that goes on past a held delivery is read
+once per window (``reads``, relay/exchange.py ``_Window``), so its end, like its tokens, may
+wait up to a window; a burst that ends within its first window is not held.
 
 ``Reader`` is the consumer's half: it applies items to a translator and keeps both sides' bytes
 for the flow record and the replay cache, and where among the backend's bytes each of the
@@ -201,7 +204,7 @@ Item = Union[bytes, Event]
 
 class Channel:
     __slots__ = ("_items", "size", "_woken", "wake", "on_take", "push", "closed", "window", "later", "now", "last",
-                 "started")
+                 "started", "reads")
 
     def __init__(self, push: Callable[[list[Item]], None] | None = None) -> None:
         self._items: list[Item] = []
@@ -219,6 +222,10 @@ class Channel:
         self.now: Callable[[], float] | None = None  # set by the relay: its clock (seconds)
         self.last = float("-inf")  # when the last delivery went (``now``)
         self.started = False  # set by the consumer (``Reader``): its first events from backend data left
+        # Set by the relay while it reads a backend stream (relay/upstream.py ``_BodyPump``): how
+        # that stream is read while news is held (``defer``: not at every arrival; ``drain``:
+        # read what is there now, before a held delivery goes; ``listen``: at every arrival again).
+        self.reads = None
 
     # --- producer (the relay) ----------------------------------------------------------------
 

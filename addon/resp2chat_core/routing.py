@@ -144,3 +144,15 @@ class Attempt:
     @on_take.setter
     def on_take(self, callback) -> None:
         self.channel.on_take = callback
+
+    @property
+    def later(self):
+        return self.channel.later
+
+    @property
+    def reads(self):
+        return self.channel.reads
+
+    @reads.setter
+    def reads(self, reader) -> None:
+        self.channel.reads = reader

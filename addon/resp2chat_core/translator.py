@@ -428,7 +428,12 @@ class Translator:
 
     def response(self) -> dict:
         """The Response object as it stands (final once ``done``)."""
-        return _loads(self._response_json(self._status or "in_progress", self._incomplete))
+        return _loads(self._response_json(self.status, self._incomplete))
+
+    @property
+    def status(self) -> str:
+        """The Response's status as it stands (``response()["status"]``, without making it)."""
+        return self._status or "in_progress"
 
     # --- upstream events -------------------------------------------------------------------
 

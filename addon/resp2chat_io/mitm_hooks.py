@@ -23,6 +23,12 @@ raises ``AddonManagerError`` when it is invoked; a module under that name is ski
 mitmproxy skips it) is invoked by mitmproxy's own ``invoke_addon`` inside ``safecall`` at every
 dispatch, as before.
 
+``AddonManager.trigger``, the synchronous dispatch, goes through the same index: mitmproxy sends
+every log record through it as an ``add_log`` hook (its deprecated ``LegacyLogEvents``, from the
+loop's next pass), which no addon has: a socket turn's one log line cost ~0.2 ms of it. An addon
+whose callables include a coroutine function is invoked by mitmproxy's ``invoke_addon_sync``, which
+refuses it as before.
+
 When the callables are found again. The index is kept until the chain changes: ``register``,
 ``remove`` and ``clear`` are counted, and so is ``ScriptLoader.configure`` (the ``scripts``
 option: it reorders the scripts by assigning its ``addons`` list, without registering or
@@ -47,7 +53,8 @@ from mitmproxy.addons import script
 
 _Manager = addonmanager.AddonManager
 _original = {name: getattr(_Manager, name, None)
-             for name in ("trigger_event", "register", "remove", "clear", "_iter_hooks", "invoke_addon")}
+             for name in ("trigger_event", "trigger", "register", "remove", "clear", "_iter_hooks", "invoke_addon",
+                          "invoke_addon_sync")}
 _original_configure = getattr(script.ScriptLoader, "configure", None)
 _changes = 0  # how many times a chain may have changed (any manager's: they are rare)
 
@@ -75,16 +82,29 @@ def invoke_addon(exc: Exception):
     raise exc.with_traceback(tb.tb_next if tb is not None else None)
 
 
-async def trigger_event(self, event: hooks.Hook) -> None:
-    """``AddonManager.trigger_event``, calling the callables that have ``event`` directly."""
-    index = self.__dict__.get("_resp2chat_index")
-    chain = self.chain
+def _index(manager, event: hooks.Hook, sync: bool = False) -> tuple:
+    """The hook's (top-level addon, callables or None) found once per chain (``_hooked``); for
+    the synchronous dispatch an addon with a coroutine function among them has None too:
+    mitmproxy's ``invoke_addon_sync`` calls those before it and then says it cannot."""
+    index = manager.__dict__.get("_resp2chat_index")
+    chain = manager.chain
     key = (_changes, id(chain), len(chain))
     if index is None or index[0] != key:
-        index = self._resp2chat_index = (key, {})
-    hooked = index[1].get(event.name)
+        index = manager._resp2chat_index = (key, {})
+    name = ("sync", event.name) if sync else event.name
+    hooked = index[1].get(name)
     if hooked is None:
-        hooked = index[1][event.name] = _hooked(self, event)
+        hooked = _hooked(manager, event)
+        if sync:
+            hooked = tuple((addon, None if funcs is None or any(inspect.iscoroutinefunction(f) for f in funcs)
+                            else funcs) for addon, funcs in hooked)
+        index[1][name] = hooked
+    return hooked
+
+
+async def trigger_event(self, event: hooks.Hook) -> None:
+    """``AddonManager.trigger_event``, calling the callables that have ``event`` directly."""
+    hooked = _index(self, event)
     if not hooked:
         return
     args = event.args()
@@ -101,6 +121,33 @@ async def trigger_event(self, event: hooks.Hook) -> None:
                 res = func(*args)
                 if res is not None and inspect.isawaitable(res):
                     await res
+        except exceptions.AddonHalt:
+            return
+        except exceptions.OptionsError:
+            raise
+        except Exception as exc:  # noqa: BLE001 — logged by safecall, as mitmproxy's dispatch does
+            with addonmanager.safecall():
+                invoke_addon(exc)
+
+
+def trigger(self, event: hooks.Hook) -> None:
+    """``AddonManager.trigger`` (the synchronous dispatch: every log record's ``add_log``, which
+    no addon of ours or mitmproxy's has, and ``update`` from commands), through the same index."""
+    hooked = _index(self, event, sync=True)
+    if not hooked:
+        return
+    args = event.args()
+    for addon, funcs in hooked:
+        if funcs is None:
+            try:
+                with addonmanager.safecall():
+                    self.invoke_addon_sync(addon, event)
+            except exceptions.AddonHalt:
+                return
+            continue
+        try:
+            for func in funcs:
+                func(*args)
         except exceptions.AddonHalt:
             return
         except exceptions.OptionsError:
@@ -130,10 +177,12 @@ def install() -> None:
         return
     if (any(fn is None for fn in _original.values())
             or not _original["trigger_event"].__qualname__.startswith("AddonManager.")
+            or not _original["trigger"].__qualname__.startswith("AddonManager.")
             or _original_configure is None or _original_configure.__qualname__ != "ScriptLoader.configure"):
         raise RuntimeError("mitmproxy's hook dispatch changed: resp2chat_io/mitm_hooks.py needs a look")
     trigger_event.resp2chat = True
     _Manager.trigger_event = trigger_event
+    _Manager.trigger = trigger
     _Manager.register = _counting(_original["register"])
     _Manager.remove = _counting(_original["remove"])
     _Manager.clear = _counting(_original["clear"])

@@ -442,7 +442,7 @@ class HttpTurns:
         if final and (final.get("error") or final.get("incomplete_details")):
             code = (final.get("error") or {}).get("code") or (final.get("incomplete_details") or {}).get("reason") or ""
         meta["status"] = status
-        self.turns.ended(Finished(flow=flow, turn=run.turn, status=status, final=final, answer=body,
+        self.turns.ended(Finished(flow=flow, turn=run.turn, status=status, response=final, answer=body,
                                   usage=(final or {}).get("usage"), upstream=SERVER_REPLAY,
                                   took=time.monotonic() - run.started, code=code, client=run.client,
                                   turn_id=flow.id), flow.id)

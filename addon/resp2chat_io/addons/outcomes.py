@@ -58,7 +58,7 @@ class Outcomes:
         code = done.code
         if not code and t is not None and t.error:
             code = t.error.get("code") or ""
-        elif not code and done.final and done.final.get("incomplete_details"):
+        elif not code and done.status == "incomplete" and done.final and done.final.get("incomplete_details"):
             code = done.final["incomplete_details"].get("reason") or ""
         status = done.status
         if done.upstream == SERVER_REPLAY and done.final is not None:

@@ -112,27 +112,71 @@ def _loop(ex: Exchange, body: bytes) -> ToolLoop | None:
 async def run(ex: Exchange, client: UpstreamClient, window: float = 0.0) -> None:
     """Run the exchange's upstream work, its news going into its channel. ``window``: seconds
     between the channel's deliveries at least (``coalesce_ms``; channel.py says when news is
-    held); the clock and timer are the loop's, and the timer is gone when this returns: what is
-    held then goes at once (``Channel.flush``), so no tick follows the end of the relay's body."""
+    held); the clock and timer are the loop's (``_Window``), and the timer is gone when this
+    returns: what is held then goes at once (``Channel.flush``), so no tick follows the end of the
+    relay's body."""
     channel = ex.channel
-    timer: list[asyncio.TimerHandle] = []
-    if window > 0:
-        loop = asyncio.get_running_loop()
-        channel.window, channel.now = window, loop.time
-        channel.later = lambda delay: timer.append(loop.call_later(delay, _due, channel, timer))
+    timer = _Window(channel, window) if window > 0 else None
     try:
         await _run(ex, client)
     finally:
-        for handle in timer:
-            handle.cancel()
+        if timer is not None:
+            timer.close()
         channel.flush()
     if ex.ending is not None:
         await ex.ending()
 
 
-def _due(channel: Channel, timer: list) -> None:
-    timer.clear()
-    channel.due()
+class _Window:
+    """The channel's clock and timer (``Channel.now``, ``later``, ``due``), and how the backend
+    is read while a stream is faster than the window.
+
+    A held delivery goes ``window`` after the last one, and whatever the backend sends meanwhile
+    rides on it: there is no need to hear each token as it arrives. So once news is held, the
+    backend's socket stops waking the loop for every read (``defer``: the kernel keeps the
+    bytes), and the timer reads what is there (``drain``) just before the held delivery goes.
+    While each drain finds news, the stream is still faster than the window: the timer stays
+    armed one window after each delivery and the socket stays deferred, so a steady stream
+    costs one loop wake-up per delivery instead of one per token. A drain that finds nothing
+    ends it (``listen``): the next news wakes the loop at once again. Nothing waits longer than
+    a window for it, the end of the answer included."""
+
+    __slots__ = ("channel", "window", "loop", "handle", "held")
+
+    def __init__(self, channel: Channel, window: float) -> None:
+        self.channel, self.window = channel, window
+        self.loop = asyncio.get_running_loop()
+        self.handle: asyncio.TimerHandle | None = None
+        self.held = False
+        channel.window, channel.now, channel.later = window, self.loop.time, self.later
+
+    def later(self, delay: float) -> None:
+        """The channel holds news for ``delay`` seconds."""
+        self.held = True
+        if self.handle is None:
+            self.handle = self.loop.call_later(delay, self._due)
+
+    def _due(self) -> None:
+        self.handle = None
+        channel, reads = self.channel, self.channel.reads
+        heard = reads is not None and reads.drain()  # (first: it rides on the held delivery)
+        if self.held:
+            self.held = False
+            channel.due()
+        if self.handle is not None or channel.later is None or reads is None or channel.reads is not reads:
+            return  # (held again by what the drain brought; the run ended; no stream being read)
+        if not reads.deferred:
+            if not reads.defer():  # a held delivery went and the stream goes on: from now on, read per window
+                return
+        elif not heard:
+            reads.listen()  # nothing came for a whole window: every read wakes the loop again
+            return
+        self.handle = self.loop.call_at(max(channel.last + self.window, self.loop.time()), self._due)
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
 
 
 async def _run(ex: Exchange, client: UpstreamClient) -> None:

@@ -11,15 +11,21 @@ seconds of silence send the client a ``Keepalive``. Connecting has its own ``con
 
 The hot path: a backend's chunked stream is decoded by resp2chat_core/chunked.py inside the
 backend socket's own callback (``_BodyPump`` stands in for the StreamReader's protocol), one
-``Channel.data`` per socket read, no task switch or timer per read. h11 (mitmproxy's own
-dependency) reads everything else: the response head, error and JSON bodies, unchunked streams.
-"""
+``Channel.data`` per socket read, no task switch or timer per read. While the turn's channel
+holds news (``coalesce_ms``) a plain TCP stream's reads can be deferred (``_BodyPump.defer``:
+the socket's ``SO_RCVLOWAT`` mark raised, so the kernel keeps the tokens instead of waking the
+loop for each; ``drain`` reads them when the held delivery is due; ``listen`` lowers the mark
+again, and a connection goes back to the pool only so): relay/exchange.py ``_Window`` decides.
+h11 (mitmproxy's own dependency) reads everything else: the response head, error and JSON
+bodies, unchunked streams."""
 
 from __future__ import annotations
 
 import asyncio
 import enum
 import json
+import os
+import socket
 import ssl
 import time
 from dataclasses import dataclass
@@ -35,6 +41,8 @@ from resp2chat_core.chunked import ChunkedDecoder, ChunkedError
 MAX_ERROR_BODY = 1 << 20  # an error or JSON body is kept up to this much; the rest is not read
 READ = 65536
 FULL = 1 << 20  # backend bytes waiting in a channel before the relay stops reading the backend
+DEFERRED = 16 << 10  # a deferred stream (_BodyPump.defer) wakes the loop only past this many bytes queued
+READ_AT_ONCE = 256 << 10  # what a drain reads at most (asyncio's own read size)
 _HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"host",
                   b"proxy-connection", b"te", b"upgrade", b"trailer"})
 
@@ -334,6 +342,9 @@ class UpstreamClient:
         transport = pump.transport = up_writer.transport
         original = transport.get_protocol()
         transport.set_protocol(pump)  # watch.read() took all the StreamReader held: nothing is lost
+        if channel.later is not None and transport.get_extra_info("ssl_object") is None:
+            pump.sock = transport.get_extra_info("socket")  # (plain TCP: its bytes are the stream's own)
+            channel.reads = pump
         try:
             pump.data_received(trailing)
             if up_reader.at_eof() or up_reader.exception() is not None:
@@ -342,6 +353,8 @@ class UpstreamClient:
                 return CallEnd.BROKEN
             return pump.outcome.result()
         finally:
+            if channel.reads is pump:
+                channel.reads = None
             transport.set_protocol(original)
             pump.close()
 
@@ -371,6 +384,45 @@ class _BodyPump(asyncio.Protocol):
         self.outcome: asyncio.Future = asyncio.get_running_loop().create_future()
         self.transport: asyncio.Transport | None = None
         self.paused = False
+        self.sock = None  # the backend's plain TCP socket, when its reads may be deferred
+        self.deferred = False
+
+    # --- deferred reads (``Channel.reads``; relay/exchange.py ``_Window`` says when) ----------
+
+    def defer(self) -> bool:
+        """Stop waking the loop for each read: the kernel wakes it only past ``DEFERRED`` bytes
+        (a burst) or at the connection's end. False: it cannot (the stream ended)."""
+        if self.outcome.done():
+            return False
+        if not self.deferred:
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, DEFERRED)
+            except OSError:
+                return False
+            self.deferred = True
+        return True
+
+    def drain(self) -> bool:
+        """Read what the backend sent since the last read, now; True if anything came."""
+        if not self.deferred or self.paused or self.outcome.done():
+            return False
+        try:
+            data = os.read(self.sock.fileno(), READ_AT_ONCE)
+        except OSError:
+            return False  # (nothing there; or an error, which the transport reports as it reads)
+        if not data:
+            return False  # (the end: the transport hears it too)
+        self.data_received(data)
+        return True
+
+    def listen(self) -> None:
+        """Wake the loop for every read again (setting the mark back also signals what is queued)."""
+        if self.deferred:
+            self.deferred = False
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+            except OSError:
+                pass  # (closed meanwhile)
 
     def data_received(self, data: bytes) -> None:
         if self.outcome.done() or not data:
@@ -413,5 +465,6 @@ class _BodyPump(asyncio.Protocol):
 
     def close(self) -> None:
         self._end(CallEnd.BROKEN)
+        self.listen()  # a pooled connection must wake the loop for its next answer
         if self.paused:
             self._resume()  # a pooled connection must read again
