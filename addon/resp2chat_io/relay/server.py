@@ -186,8 +186,10 @@ class Relay:
         deadline = self._unclaimed.pop(turn_id, None)
         if deadline is not None:
             deadline.cancel()
-            ex.task.cancel()
-            if ex.task.done() and not ex.task.cancelled() and (exc := ex.task.exception()) is not None:
+        task = getattr(ex, "task", None)
+        if task is not None:
+            task.cancel()
+            if task.done() and not task.cancelled() and (exc := task.exception()) is not None:
                 log.warning(f"resp2chat relay: {type(exc).__name__}: {exc}", exc_info=exc)  # (a bug of ours)
 
     def _overdue(self, ex: Exchange) -> None:
