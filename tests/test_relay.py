@@ -244,3 +244,94 @@ def test_accepted_connections_get_tcp_nodelay():
         assert accepted and accepted[0] != 0
 
     asyncio.run(main())
+
+
+def test_a_begun_exchange_ticks_at_once_for_news_that_came_before_its_claim():
+    """``Relay.begin`` runs an exchange before mitmproxy's request for it arrives: its news (the
+    turn accepted, the backend's first bytes) waits in the channel with no one to tick. The
+    request claims the run under way and gets one tick at once for it, while the backend says
+    nothing more (without it the client would hear of the turn only at the backend's next bytes)."""
+    async def main():
+        seen, go_on = [], asyncio.Event()
+
+        async def serve(reader, writer):
+            request = await reader.readuntil(b"\r\n\r\n")
+            seen.append(request)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                         + b"%x\r\n%s\r\n" % (len(CHUNK), CHUNK))
+            await writer.drain()
+            await go_on.wait()  # (silent until the test has its tick)
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+        backend = await asyncio.start_server(serve, "127.0.0.1", 0)
+        relay = Relay()
+        await relay.start()
+        ex = _exchange("begun", "s", backend.sockets[0].getsockname()[1])
+        headers = relay.expect(ex)
+        try:
+            relay.begin("begun")
+            await _until(lambda: ex.channel.size == len(CHUNK))  # the backend answered: nobody was there to tick
+            assert len(seen) == 1 and ex.task is not None and not ex.task.done()
+            reader, writer = await asyncio.open_connection(*relay.address)
+            writer.write(_request(headers))
+            assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).startswith(b"HTTP/1.1 200")
+            size = int((await asyncio.wait_for(reader.readuntil(b"\r\n"), 5))[:-2], 16)  # the tick, unprompted
+            assert size == 1 and await reader.readexactly(3) == TICK[-3:]
+            items = ex.channel.take()
+            assert items[0] == Accepted() and _data(items) == CHUNK
+            go_on.set()
+            assert _data(await asyncio.wait_for(_consume_rest(reader, ex.channel), 10)) == b""
+            assert relay.active == 0 and relay.expected == 0 and len(seen) == 1  # (one backend call: the begun one)
+            writer.close()
+        finally:
+            go_on.set()
+            await relay.close()
+            backend.close()
+
+    asyncio.run(main())
+
+
+def test_forget_cancels_a_begun_exchange():
+    """The flow ended without its request reaching the relay: the backend call begun for it is
+    dropped (its connection closed), and nothing is left."""
+    async def main():
+        asked, closed = asyncio.Event(), asyncio.Event()
+
+        async def serve(reader, writer):
+            await reader.readuntil(b"\r\n\r\n")
+            asked.set()
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            await writer.drain()
+            await reader.read()  # (EOF: the relay dropped the call)
+            closed.set()
+
+        backend = await asyncio.start_server(serve, "127.0.0.1", 0)
+        relay = Relay()
+        await relay.start()
+        ex = _exchange("gone", "s", backend.sockets[0].getsockname()[1])
+        relay.expect(ex)
+        try:
+            relay.begin("gone")
+            await asyncio.wait_for(asked.wait(), 10)
+            relay.forget("gone")
+            await asyncio.wait_for(closed.wait(), 10)
+            await _until(ex.task.done)
+            assert ex.task.cancelled() and relay.expected == 0 and not relay._unclaimed
+        finally:
+            await relay.close()
+            backend.close()
+
+    asyncio.run(main())
+
+
+async def _consume_rest(reader, channel: Channel) -> list:
+    """The rest of a relay body (ticks, then its end), as ``_consume`` after the head."""
+    items = []
+    while True:
+        size = int((await reader.readuntil(b"\r\n"))[:-2], 16)
+        if size == 0:
+            await reader.readuntil(b"\r\n")
+            return items + channel.take()
+        await reader.readexactly(size + 2)
+        items += channel.take()

@@ -262,6 +262,13 @@ class Channel:
         else:
             self._woken = False
 
+    def attach(self, wake: Callable[[], None]) -> None:
+        """The relay serves the consumer from now on (``wake``: one tick). News that came before
+        (the producer ran before the relay could tick: server.py ``begin``) gets its tick now."""
+        self.wake = wake
+        if self._items:
+            self._signal()
+
     def due(self) -> None:
         """The window ran out (the relay's timer): what is held goes now."""
         if self._woken and self._items:

@@ -457,7 +457,12 @@ class BodyAside:
     the first token. Every addon before this one saw the body (server replay matches on it,
     scripts may read it); ``HttpTurns._show_upstream`` puts it back once the request is out (the
     relay's answer head, or the flow's end, whichever comes first), so flow files and mitmweb
-    show it as before."""
+    show it as before.
+
+    Being last, it also knows the request goes to the relay: the relay begins the turn's backend
+    call now (``Relay.begin``), while mitmproxy dispatches, connects and sends the request that
+    then claims it, not after. Not for a flow held by mitmweb's intercept (it may yet be changed
+    or killed, and a killed flow must never have reached a backend) nor for one killed."""
 
     name = "resp2chat_body_aside"
 
@@ -470,3 +475,5 @@ class BodyAside:
             return  # (answered meanwhile, or not on its way to the relay)
         self.turns.aside.add(flow.id)
         flow.request.content = b""
+        if flow.live and not flow.intercepted and (flow.request.host, flow.request.port) == self.turns.relay.address:
+            self.turns.relay.begin(flow.id)

@@ -1,8 +1,9 @@
 """One turn as the relay runs it: one upstream call, or the rounds of the server-side tool loop.
 
 An ``Exchange`` is made by the addon when it starts a turn (``Turns.start``, for HTTP and the
-Responses WebSocket alike) and run by the relay: claimed when mitmproxy's request for it arrives
-(server.py), or awaited directly by a socket's turn. Everything it holds came from the gateway's
+Responses WebSocket alike) and run by the relay: an HTTP turn's as soon as every request hook
+has run (server.py ``begin``), mitmproxy's request for it then claiming the run under way, or
+awaited directly by a socket's turn. Everything it holds came from the gateway's
 own configuration and the validated turn: the backend URLs, keys, bodies and headers are never
 read from a request.
 
@@ -76,6 +77,9 @@ class Exchange:
     skipped: list = field(default_factory=list)  # (name, status) of candidates that failed over
     aborted: bool = False  # the addon gave the turn up (``abort``)
     stop: Callable[[], None] | None = None  # set by the relay while it runs the exchange
+    # its run, started by the relay before mitmproxy's request for it arrived (server.py ``begin``);
+    # None: it starts when that request claims it
+    task: asyncio.Future | None = None
     # awaited once the upstream work is over, before ``run`` returns (so before the relay's body
     # ends): a turn that names a conversation writes it there, before its client can see its end
     # (addons/turns.py ``Turns.land``); None: nothing to wait for

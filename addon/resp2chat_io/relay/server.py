@@ -15,6 +15,12 @@ When: its port is bound the first time anyone asks for its ``address``, and serv
 ``start`` (the gateway's ``running`` hook). mitmproxy listens before that hook runs, so a turn
 that arrives during start-up waits in the port's backlog instead of failing.
 
+When a turn's backend call starts: as soon as every request hook has run (``begin``, called by
+the addon's last hook), not when mitmproxy's request arrives, which then claims the run under
+way; its news waits in its channel meanwhile (bounded: ``FULL``, upstream.py). A run begun is
+cancelled if its request never comes: the flow ended first (``forget``), or ``REQUEST_DEADLINE``
+went by (the turn is then given up: should the request come after all, it ends with a failure).
+
 Half-sent requests: a request must arrive whole (head and body) within ``REQUEST_DEADLINE`` of
 its first byte, or of the connection for its first request; else the connection is closed. Only
 a connection that served a claimed exchange (mitmproxy's, kept alive) may wait for its next
@@ -108,6 +114,7 @@ class Relay:
         self.port = 0
         self._sock: socket.socket | None = None
         self._expected: dict[str, Exchange | websocket.Socket | Answer | Feed] = {}
+        self._unclaimed: dict[str, asyncio.TimerHandle] = {}  # exchanges begun, not claimed yet: their deadlines
         self.active = 0  # exchanges in flight: tests check that aborted turns leave nothing behind
         self.sockets = 0  # Responses WebSockets open (websocket.py)
         self.refused = 0  # requests that named no registered exchange or the wrong secret
@@ -140,6 +147,8 @@ class Relay:
         elif self._sock is not None:
             self._sock.close()
         self.client.close()
+        for turn_id in list(self._unclaimed):
+            self.forget(turn_id)
         self._expected.clear()
 
     def run(self, ex: Exchange):
@@ -153,9 +162,49 @@ class Relay:
         self._expected[exchange.turn_id] = exchange
         return [(TURN_HEADER, exchange.turn_id), (KEY_HEADER, exchange.secret)]
 
+    def begin(self, turn_id: str) -> None:
+        """Run the registered exchange ``turn_id`` now: every request hook has run and mitmproxy's
+        request is on its way here (addons/http_turns.py ``BodyAside``), so the backend call need
+        not wait for mitmproxy to dispatch, connect and send it. The request, when it comes, claims
+        the run under way (``_exchange``). One never claimed is dropped: by ``forget`` (the flow
+        ended: an error, the client went away), or ``REQUEST_DEADLINE`` after it began
+        (``_overdue``)."""
+        ex = self._expected.get(turn_id)
+        if not isinstance(ex, Exchange) or ex.task is not None:
+            return
+        # (eager: it runs up to its first wait now, so the request is on its way to the backend
+        # before mitmproxy goes on)
+        loop = asyncio.get_running_loop()
+        ex.task = asyncio.Task(self.run(ex), loop=loop, eager_start=True)
+        ex.task.add_done_callback(_retrieve)
+        self._unclaimed[turn_id] = loop.call_later(REQUEST_DEADLINE, self._overdue, ex)
+
     def forget(self, turn_id: str) -> None:
-        """The turn ended without reaching us (a local answer, server replay, an error)."""
-        self._expected.pop(turn_id, None)
+        """The turn ended without reaching us (a local answer, server replay, an error): a run
+        begun for it is cancelled."""
+        ex = self._expected.pop(turn_id, None)
+        deadline = self._unclaimed.pop(turn_id, None)
+        if deadline is not None:
+            deadline.cancel()
+        task = getattr(ex, "task", None)
+        if task is not None:
+            task.cancel()
+            if task.done() and not task.cancelled() and (exc := task.exception()) is not None:
+                log.warning(f"resp2chat relay: {type(exc).__name__}: {exc}", exc_info=exc)  # (a bug of ours)
+
+    def _overdue(self, ex: Exchange) -> None:
+        """mitmproxy's request for a begun exchange has not come within ``REQUEST_DEADLINE``: its
+        backend call is dropped. Should the request come after all, the turn ends with a failure
+        (the exchange is given up: ``Exchange.abort``); else the flow's end forgets it."""
+        del self._unclaimed[ex.turn_id]
+        if ex.task.done():
+            return  # (the answer waits in its channel, as an exchange not begun waits: until the flow ends)
+        log.warning(f"resp2chat relay: turn {ex.turn_id} did not reach the relay within {REQUEST_DEADLINE:g} s: "
+                    f"its backend call is dropped")
+        ex.abort()
+        ex.task.cancel()
+        ex.task.add_done_callback(lambda _: ex.channel.event(failure(
+            504, f"the gateway's relay did not get this turn within {REQUEST_DEADLINE:g} s", "server_error")))
 
     @property
     def expected(self) -> int:
@@ -172,6 +221,9 @@ class Relay:
         if exchange is None or not hmac.compare_digest(exchange.secret.encode(), key):
             return None
         del self._expected[exchange.turn_id]
+        deadline = self._unclaimed.pop(exchange.turn_id, None)
+        if deadline is not None:
+            deadline.cancel()
         return exchange
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -224,10 +276,10 @@ class Relay:
         writer.write(conn.send(h11.Response(status_code=200, headers=[
             (b"content-type", b"application/x-resp2chat-ticks"), (b"cache-control", b"no-cache"),
             (b"transfer-encoding", b"chunked")])))
-        ex.channel.wake = lambda: writer.write(TICK)
+        ex.channel.attach(lambda: writer.write(TICK))  # (one now if the run, begun before, has news)
         # The only thing mitmproxy may send while we stream is EOF: the client went away.
         gone = asyncio.ensure_future(reader.read(1))
-        task = asyncio.ensure_future(self.run(ex))
+        task = ex.task or asyncio.ensure_future(self.run(ex))  # (``begin``: it runs already)
         stopped = asyncio.get_running_loop().create_future()  # the addon gave the turn up (Exchange.abort)
         ex.stop = lambda: stopped.done() or stopped.set_result(None)
         if ex.aborted:
@@ -291,6 +343,13 @@ async def _answer(answer: Answer, conn: h11.Connection, reader: asyncio.StreamRe
         for t in (gone, stop):
             t.cancel()
         await asyncio.gather(gone, stop, return_exceptions=True)
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    """(A run's exception is the relay's to report when it claims it; one never claimed is not
+    "never retrieved".)"""
+    if not task.cancelled():
+        task.exception()
 
 
 class _TooLarge(Exception):
