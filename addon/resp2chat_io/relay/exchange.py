@@ -175,7 +175,11 @@ class _Window:
         elif not heard:
             reads.listen()  # nothing came for a whole window: every read wakes the loop again
             return
-        self.handle = self.loop.call_at(max(channel.last + self.window, self.loop.time()), self._due)
+        now = self.loop.time()
+        at = channel.last + self.window  # a window after the delivery that just went…
+        if at <= now:
+            at = now + self.window  # …or from now, when none went (the last tick not taken yet: a slow client)
+        self.handle = self.loop.call_at(at, self._due)
 
     def close(self) -> None:
         if self.handle is not None:
