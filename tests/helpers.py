@@ -495,6 +495,19 @@ def send_text_chunk(handler, n: int) -> None:
     handler.wfile.flush()
 
 
+def stream_until_gone(handler) -> int:
+    """A test upstream's answer that never ends by itself (its head sent: ``start_sse``): text
+    chunks at a model's pace (20 a second) until the gateway hangs up; how many went."""
+    n = 0
+    try:
+        while True:
+            send_text_chunk(handler, n)
+            n += 1
+            time.sleep(0.05)  # (a model's pace, not a wait)
+    except OSError:
+        return n
+
+
 # --- a translated stream's invariants (the sans-I/O translator tests) -------------------------
 
 RESP_ID = "resp_0123456789abcdef"  # the response the translator tests' turns make

@@ -13,7 +13,7 @@ import openai
 import pytest
 import requests
 
-from helpers import start_sse, LocalServer, QuietHandler, openai_client, parse_sse, send_text_chunk, start_gateway, wait_until
+from helpers import start_sse, LocalServer, QuietHandler, openai_client, parse_sse, stream_until_gone, start_gateway, wait_until
 from resp2chat_core.background import LEASE_SECS
 
 SLOW = "noreason\nwords: 40\nslow: 100"  # (the demo upstream: 40 words, 0.1 s apart: ~4 s)
@@ -29,14 +29,8 @@ class Endless(QuietHandler):
         self.rfile.read(int(self.headers["content-length"]))
         start_sse(self)
         type(self).started.set()
-        n = 0
-        try:
-            while True:
-                send_text_chunk(self, n)
-                n += 1
-                time.sleep(0.05)  # (a model's pace)
-        except OSError:
-            type(self).closed.append(time.monotonic())
+        stream_until_gone(self)
+        type(self).closed.append(time.monotonic())
 
 
 @pytest.fixture

@@ -13,13 +13,12 @@ from __future__ import annotations
 import json
 import socket
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import requests
 
-from helpers import start_sse, LocalServer, QuietHandler, parse_sse, send_text_chunk, start_gateway, terminal, wait_until
+from helpers import start_sse, LocalServer, QuietHandler, parse_sse, stream_until_gone, start_gateway, terminal, wait_until
 
 FAULTS = str(Path(__file__).with_name("faults.py"))
 PLANTED = "hunter2"  # faults.PLANTED: "password=hunter2 at 10.0.0.7"
@@ -173,14 +172,7 @@ class Endless(QuietHandler):
         self.rfile.read(int(self.headers["content-length"]))
         type(self).started.append(1)
         start_sse(self)
-        n = 0
-        try:
-            while True:
-                send_text_chunk(self, n)
-                n += 1
-                time.sleep(0.05)  # (a model's pace, not a wait)
-        except OSError:
-            type(self).closed.append(n)
+        type(self).closed.append(stream_until_gone(self))
 
 
 @pytest.fixture

@@ -56,16 +56,7 @@ async def _consume(reader, channel: Channel, take_slowly: float = 0.0) -> list:
     at the end of the body, the last ones."""
     head = await reader.readuntil(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200")
-    items = []
-    while True:
-        size = int((await reader.readuntil(b"\r\n"))[:-2], 16)
-        if size == 0:
-            await reader.readuntil(b"\r\n")
-            return items + channel.take()
-        assert await reader.readexactly(size + 2) == TICK[-3:]  # a tick's content means nothing
-        if take_slowly:
-            await asyncio.sleep(take_slowly)
-        items += channel.take()
+    return await _consume_rest(reader, channel, take_slowly)
 
 
 async def _until(condition, timeout: float = 60.0) -> None:
@@ -325,13 +316,16 @@ def test_forget_cancels_a_begun_exchange():
     asyncio.run(main())
 
 
-async def _consume_rest(reader, channel: Channel) -> list:
-    """The rest of a relay body (ticks, then its end), as ``_consume`` after the head."""
+async def _consume_rest(reader, channel: Channel, take_slowly: float = 0.0) -> list:
+    """The rest of a relay body after its head: at each tick the channel's items; at the end of
+    the body, the last ones."""
     items = []
     while True:
         size = int((await reader.readuntil(b"\r\n"))[:-2], 16)
         if size == 0:
             await reader.readuntil(b"\r\n")
             return items + channel.take()
-        await reader.readexactly(size + 2)
+        assert await reader.readexactly(size + 2) == TICK[-3:]  # a tick's content means nothing
+        if take_slowly:
+            await asyncio.sleep(take_slowly)
         items += channel.take()

@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from helpers import (LocalServer, QuietHandler, chat_chunk, chat_sse, parse_sse, post_turn, send_sse,
-                     send_text_chunk, start_gateway, start_sse, terminal, wait_until)
+                     stream_until_gone, start_gateway, start_sse, terminal, wait_until)
 
 HERE = Path(__file__).parent
 PROBE, LATE = str(HERE / "relay_probe.py"), str(HERE / "late_hooks.py")
@@ -40,14 +40,8 @@ class Backend(QuietHandler):
             send_sse(self, chat_sse(chat_chunk({"content": "hello"}, "stop")))
             return
         start_sse(self)
-        n = 0
-        try:
-            while True:
-                send_text_chunk(self, n)
-                n += 1
-                time.sleep(0.05)
-        except OSError:
-            type(self).closed.append(time.monotonic())
+        stream_until_gone(self)
+        type(self).closed.append(time.monotonic())
 
 
 @pytest.fixture
