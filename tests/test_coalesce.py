@@ -117,7 +117,7 @@ def test_a_push_consumer_gets_what_was_held_together_and_at_the_end_at_once():
 
 def test_the_reader_says_when_the_first_tokens_left():
     class T:
-        done = False
+        done = merge = False
 
         def feed(self, data: bytes) -> bytes:
             return data if data != b"nothing" else b""

@@ -105,6 +105,59 @@ def test_deltas_merge_on_their_text_whatever_they_hold():
     assert [m.decode() for _, m in ws.Coalescer()(odd)] == ws.messages(odd)
 
 
+def test_a_socket_turns_translator_merges_each_deliverys_runs_as_the_coalescer_does():
+    """A WebSocket turn's translator merges each delivery's runs of deltas itself
+    (``Translator.merge``; the reader reads a delivery's backend bytes in a row as one): the
+    messages are those the coalescer makes of the same translator's unmerged events, for 300
+    random answers (text, reasoning, tool-call arguments, logprobs, whitespace, escapes and lone
+    surrogates) cut at random places into random deliveries."""
+    import random
+
+    from resp2chat_core.channel import Reader
+    from resp2chat_core.lowering import LoweringOptions
+    from resp2chat_core.turn import begin_turn
+
+    rng, fewer = random.Random(22), 0
+    words = ["a", " ", "\n", "é😀", 'say "hi"', "\\", "\u2028", "\ud800", "\udc00", "{\"k\": 1}", "  \n\n", "<b>"]
+    for case in range(300):
+        logprobs = case % 3 == 0
+        turn = begin_turn(json.dumps({"model": "m", "input": "hi", "tools": TOOLS, "top_logprobs": 2 if logprobs else 0}
+                                     ).encode(), LoweringOptions(), "resp_x", 1)
+        chunks = []
+        for _ in range(rng.randrange(1, 40)):
+            pick, text = rng.random(), rng.choice(words)
+            if pick < 0.5:
+                lp = {"content": [{"token": f"t{len(chunks)}", "logprob": -0.5, "bytes": None, "top_logprobs": []}]}
+                chunks.append(chat_event({"content": text}, **({"choices": [{"index": 0, "delta": {"content": text},
+                                                                              "finish_reason": None, "logprobs": lp}]}
+                                                               if logprobs and rng.random() < 0.3 else {})))
+            elif pick < 0.75:
+                chunks.append(chat_event({"reasoning_content": text}))
+            else:
+                call = rng.randrange(2)
+                chunks.append(chat_event({"tool_calls": [{"index": call, "id": f"c{call}", "type": "function", "function": {
+                    "name": "exec_command", "arguments": json.dumps(text)[1:-1]}}]}))
+        stream = b"".join(chunks) + chat_event(finish="stop") + DONE
+        cuts = sorted(rng.sample(range(1, len(stream)), min(len(stream) - 1, rng.randrange(0, 30))))
+        items = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+        deliveries, at = [], 0
+        while at < len(items):
+            n = rng.randrange(1, 6)
+            deliveries.append(items[at:at + n])
+            at += n
+        plain, merged = turn.translator(), turn.translator()
+        merged.merge = True
+        coalesce, a = ws.Coalescer(), Reader(plain, 1 << 20)
+        b = Reader(merged, 1 << 20)
+        expected = coalesce(plain.accepted()) + [m for d in deliveries for m in coalesce(a.apply_all(d))] \
+            + coalesce(a.finish())
+        got = ws.events(merged.accepted()) + [m for d in deliveries for m in ws.events(b.apply_all(d))] \
+            + ws.events(b.finish())
+        assert got == expected, (case, deliveries)
+        fewer += len(got) < 1 + len(ws.events(a.sent))  # (accepted()'s event is not in a.sent)
+    assert fewer > 150, fewer  # (most answers had a run to merge: the comparison reads merged deltas)
+
+
 def begin_turn_with_tools():
     from resp2chat_core.lowering import LoweringOptions
     from resp2chat_core.turn import begin_turn

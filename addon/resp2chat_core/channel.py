@@ -351,9 +351,13 @@ class Reader:
         return out
 
     def apply_all(self, items: list[Item]) -> bytes:
-        """``apply`` of each item, in order: what a push consumer does with what the channel hands it."""
+        """``apply`` of each item, in order: what a push consumer does with what the channel hands it.
+        A translator that merges runs of deltas (``Translator.merge``) reads the backend's bytes
+        in a row as one, so that a run goes on across them."""
         if len(items) == 1:
             return self.apply(items[0])
+        if self.translator.merge:
+            items = _bytes_joined(items)
         return b"".join([self.apply(item) for item in items])
 
     def finish(self) -> bytes:
@@ -382,6 +386,17 @@ class Reader:
     def sent(self) -> bytes:
         """What the client got (up to ``cap``)."""
         return b"".join(self._sent)
+
+
+def _bytes_joined(items: list[Item]) -> list[Item]:
+    """``items`` with each row of backend bytes as one."""
+    out: list = []
+    for item in items:
+        if item.__class__ is bytes and out and out[-1].__class__ is bytes:
+            out[-1] += item
+        else:
+            out.append(item)
+    return out
 
 
 def scrub(data: bytes, secrets: tuple[bytes, ...]) -> bytes:

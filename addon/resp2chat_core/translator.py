@@ -216,6 +216,12 @@ class Translator:
         self._parser = self._reader.parser
         self._out: list[str] = []  # events not yet encoded
         self._encoded: list[bytes] = []  # what goes before them, encoded (a Response event's echo spliced in)
+        # One event per run of deltas (a WebSocket turn sets ``merge``: ``_joins``). The open run:
+        # (its first event's place in _out, that event, its item's id, where its delta string
+        # starts and ends in it, its text); the texts that joined it (None: none yet)
+        self.merge = False
+        self._run: tuple | None = None
+        self._joined: list[str] | None = None
         self._next_index = 0
         self._suffix = ctx.response_id.removeprefix("resp_")
         self._echo_json = ctx.echo_json
@@ -595,6 +601,8 @@ class Translator:
         self._text.append(text)
         if self.observer is not None:
             self.observer("reasoning" if kind is Kind.REASONING else "text", text)
+        if self._run is not None and not self._lp and self._joins(self._item_id, text):
+            return
         delta = _dumps_str(text)
         seq = self.events
         self.events += 1
@@ -623,6 +631,40 @@ class Translator:
                 f'"item_id":"{self._item_id}","output_index":{self._item_index},'
                 f'"content_index":0,"delta":{delta}}}\n\n'
             )
+        if self.merge and (kind is not Kind.TEXT or lp == "[]"):
+            self._open_run(self._item_id, text, len(delta), 15 + len(lp) if kind is Kind.TEXT else 3)
+
+    def _joins(self, item_id: str, text: str) -> bool:
+        """With ``merge``: does this delta of ``item_id`` join the open run (its item's last delta,
+        with nothing said since)? If not, the run is written (``_seal_run``). mitmproxy runs
+        every WebSocket message through its addon chain, so what one delivery brings goes out as
+        few messages as it can: a run of deltas is one event, its texts joined (clients join
+        deltas anyway), and it takes one sequence number, so they stay contiguous."""
+        run, out = self._run, self._out
+        if run[2] == item_id and out and out[-1] is run[1] and len(out) - 1 == run[0]:
+            if self._joined is None:
+                self._joined = [run[5]]
+            self._joined.append(text)
+            return True
+        self._seal_run()
+        return False
+
+    def _open_run(self, item_id: str, text: str, size: int, tail: int) -> None:
+        """The delta just put in ``_out`` opens a run (``_joins``): its string is the ``size``
+        characters before the last ``tail``."""
+        at = len(self._out) - 1
+        event = self._out[at]
+        self._run = (at, event, item_id, len(event) - tail - size, len(event) - tail, text)
+
+    def _seal_run(self) -> None:
+        """The open run, written whole where its first delta stands."""
+        run, joined, self._run, self._joined = self._run, self._joined, None, None
+        if joined is None:
+            return
+        at, event, _, start, end, _ = run
+        out = self._out
+        if at < len(out) and out[at] is event:
+            out[at] = f'{event[:start]}{_dumps_str("".join(joined))}{event[end:]}'
 
     def _open_item(self, kind: Kind) -> None:
         self.open = kind
@@ -716,21 +758,30 @@ class Translator:
         if self.observer is not None:
             self.observer("tool", args)
         if tool.kind == "function":  # stream live; local_shell/tool_search need the whole JSON
+            if self._run is not None and self._joins(tool.item_id, args):
+                return
             seq = self.events
             self.events += 1
+            delta = _dumps_str(args)
             self._out.append(
                 'event: response.function_call_arguments.delta\ndata: {"type":'
                 f'"response.function_call_arguments.delta","sequence_number":{seq},'
-                f'"item_id":"{tool.item_id}","output_index":{tool.output_index},"delta":{_dumps(args)}}}\n\n'
+                f'"item_id":"{tool.item_id}","output_index":{tool.output_index},"delta":{delta}}}\n\n'
             )
+            if self.merge:
+                self._open_run(tool.item_id, args, len(delta), 3)
         elif tool.kind == "custom":
             if tool.live is None:
                 tool.live = InputStream()
             text = tool.live.feed(args)
             if text:  # apply_patch's patch text, live, as the model writes it
                 tool.streamed.append(text)
+                if self._run is not None and self._joins(tool.item_id, text):
+                    return
                 self._emit("response.custom_tool_call_input.delta", item_id=tool.item_id,
                            output_index=tool.output_index, delta=text)
+                if self.merge:
+                    self._open_run(tool.item_id, text, len(_dumps_str(text)), 3)
 
     def _close_tool(self, tool: _Tool) -> None:
         raw = "".join(tool.args)
@@ -812,6 +863,8 @@ class Translator:
         # once and spliced in as bytes: the same bytes as encoding the whole text
         if self._echo is None:
             self._echo = _encode(echoed)
+        if self._run is not None:
+            self._seal_run()
         out = self._out
         out.append(head)
         out.append(self._response_json(status, incomplete, echoed=False))
@@ -822,6 +875,11 @@ class Translator:
         out.append("}}\n\n")
 
     def _flush(self) -> bytes:
+        if self._run is not None:  # (the events go out: a run ends with them)
+            if self._joined is None:
+                self._run = None
+            else:
+                self._seal_run()
         out = self._out
         if self._encoded:
             done, self._encoded = self._encoded, []

@@ -109,14 +109,22 @@ def error_message(err: GatewayError) -> str:
     return json.dumps({"type": "error", "status": err.status, **err.body()}, ensure_ascii=False)
 
 
+def events(sse: bytes) -> list[tuple[str, bytes]]:
+    """The translator's SSE events -> (event type, message) each, the message being the event's
+    ``data`` (a WebSocket turn's translator merges runs of deltas itself: ``Translator.merge``)."""
+    out = []
+    for block in sse.split(b"\n\n"):
+        if block:
+            head, sep, data = block.partition(b"\ndata: ")
+            if not sep:  # (no event line)
+                head, data = b"", block.removeprefix(b"data: ")
+            out.append((head[7:].decode("ascii", "replace") if head.startswith(b"event: ") else "", data))
+    return out
+
+
 def messages(sse: bytes) -> list[str]:
     """The translator's SSE events -> one message text each: the ``data`` of every event."""
-    out = []
-    for block in sse.decode("utf-8", "replace").split("\n\n"):
-        if block:
-            at = block.find("data: ")
-            out.append(block[at + 6:] if at >= 0 else block)
-    return out
+    return [data.decode("utf-8", "replace") for _, data in events(sse)]
 
 
 DELTAS = frozenset({"response.output_text.delta", "response.reasoning_summary_text.delta",
@@ -125,20 +133,19 @@ DELTAS = frozenset({"response.output_text.delta", "response.reasoning_summary_te
 
 
 class Coalescer:
-    """One turn's events -> its messages, consecutive deltas of one item merged into one.
+    """Events -> messages, consecutive deltas of one item merged into one: what ``canonical``
+    makes of a socket turn's record, so that two chunkings of one answer compare equal.
 
-    mitmproxy runs every WebSocket message through its whole addon chain, twice (the message
-    hook, then an update): ~0.3 ms of the gateway's CPU per message, where the HTTP path pays one
-    pass per backend read whatever it carries. So what one backend read brings (``__call__``
-    gets the events of one channel item) goes out as few messages as it can: the deltas of one
-    item in a row become one delta with their texts joined, and sequence numbers stay
-    contiguous. A slow backend (one chunk per read) gets one message per chunk, as over HTTP;
-    a fast one, or a busy gateway, fewer. Clients join deltas anyway: the texts are the same.
+    A live socket turn's messages are merged so already: its translator writes each run of
+    deltas one delivery brings as one delta (``Translator.merge``: mitmproxy runs every
+    WebSocket message through its whole addon chain, so what one delivery brings goes out as few
+    messages as it can). This does the same after the fact, on the events as written: the
+    deltas of one item in a row become one delta with their texts joined, and sequence numbers
+    move down to stay contiguous (tests/test_websocket.py checks the two agree on random
+    answers and deliveries). Clients join deltas anyway: the texts are the same.
 
     Done on the bytes, as the translator wrote them (no decoding, no encoding: a Codex turn's
-    three Response events echo ~18 KB of its request, which a round trip through ``str`` decoded
-    and encoded again each time; the relay frames these bytes as they are: relay/websocket.py).
-    A delta's ``"delta"`` string follows its ids, and two deltas whose text is the same but for
+    three Response events echo ~18 KB of its request). A delta's ``"delta"`` string follows its ids, and two deltas whose text is the same but for
     the sequence number and that string merge by joining the string's contents (JSON string
     escapes never span the quotes; UTF-8 is cut only between characters, as every byte cut here
     is ASCII). A delta that does not read so (not the translator's) is left as it is.

@@ -339,11 +339,11 @@ class ResponsesWebSocket(Owner):
             m.request = None
             await offload.discard(data, len(body))
             return
-        coalesce, sent = ws.Coalescer(), m.sent
+        sent = m.sent
 
         def out(sse: bytes) -> None:
-            """A channel item's events as messages (deltas of one read merged: ws.Coalescer)."""
-            messages = coalesce(sse)
+            """A delivery's events as messages (its runs of deltas merged: ``Translator.merge``)."""
+            messages = ws.events(sse)
             if len(sent) < MAX_SENT:
                 sent.extend(messages)
             send([message for _, message in messages])
@@ -360,6 +360,7 @@ class ResponsesWebSocket(Owner):
         live.turns += 1
         m.run = run = turns.start(turn, live.flow, turn_id=turn_id, started=m.started, client_headers=live.headers,
                                   secret="", client=client, limits=verdict.headers if verdict is not None else ())
+        run.reader.translator.merge = True
         run.exchange.channel.push = lambda items: out(run.reader.apply_all(items))  # (several: held together)
         live.current = m
         try:

@@ -45,7 +45,7 @@ Send = Callable[[list[str | bytes]], None]  # text messages: str, or UTF-8 bytes
 def text_frame(message: bytes) -> bytes:
     """A whole text message in one frame, from its UTF-8 bytes (what wsproto's ``send`` makes of
     its ``str``: a server's frames are not masked), so bytes the translator encoded are sent
-    without a round trip through ``str`` (resp2chat_core/websocket.py ``Coalescer``)."""
+    without a round trip through ``str`` (resp2chat_core/websocket.py ``events``)."""
     n = len(message)
     if n < 126:
         return bytes((0x81, n)) + message
