@@ -108,54 +108,101 @@ def test_deltas_merge_on_their_text_whatever_they_hold():
 def test_a_socket_turns_translator_merges_each_deliverys_runs_as_the_coalescer_does():
     """A WebSocket turn's translator merges each delivery's runs of deltas itself
     (``Translator.merge``; the reader reads a delivery's backend bytes in a row as one): the
-    messages are those the coalescer makes of the same translator's unmerged events, for 300
-    random answers (text, reasoning, tool-call arguments, logprobs, whitespace, escapes and lone
-    surrogates) cut at random places into random deliveries."""
+    messages are those the coalescer makes of the same translator's unmerged events, for 400
+    random answers cut at random places into random deliveries: text (some chunks with
+    logprobs), reasoning (``reasoning_content``, or ``<think>`` tags, whole or split, with
+    logprobs too; as summaries or not), function-call arguments, a custom tool's input
+    (apply_patch), the gateway's own events between them (keepalives, a web search, an MCP
+    call), escapes and lone surrogates, an upstream failure or a cut stream at the end."""
     import random
 
-    from resp2chat_core.channel import Reader
+    from resp2chat_core import channel as ch
     from resp2chat_core.lowering import LoweringOptions
     from resp2chat_core.turn import begin_turn
 
+    tools = [*TOOLS, {"type": "custom", "name": "apply_patch", "description": "patch"}]
+    patch = [chat_event({"tool_calls": [{"index": 0, "id": "p", "type": "function", "function": {
+        "arguments": args, **({"name": "apply_patch"} if i == 0 else {})}}]})
+        for i, args in enumerate(['{"input": "', "ab", "\\ud800", '"}'])]  # (the surrogate: held, then the rest)
+    words = ["a", " ", "\n", "é😀", 'say "hi"', "\\", "\u2028", "\ud800", "\udc00", "{\"k\": 1}", "  \n\n", "<b>",
+             "<think>", "</think>", "x</think>y", "<thi", "nk>", "</"]
+
+    def logprob(n: int) -> dict:
+        return {"content": [{"token": f"t{n}", "logprob": -0.5, "bytes": None, "top_logprobs": []}]}
+
     rng, fewer = random.Random(22), 0
-    words = ["a", " ", "\n", "é😀", 'say "hi"', "\\", "\u2028", "\ud800", "\udc00", "{\"k\": 1}", "  \n\n", "<b>"]
-    for case in range(300):
-        logprobs = case % 3 == 0
-        turn = begin_turn(json.dumps({"model": "m", "input": "hi", "tools": TOOLS, "top_logprobs": 2 if logprobs else 0}
-                                     ).encode(), LoweringOptions(), "resp_x", 1)
-        chunks = []
-        for _ in range(rng.randrange(1, 40)):
+    for case in range(400):
+        logprobs = rng.random() < 0.5
+        body = {"model": "m", "input": "hi", "tools": tools, "top_logprobs": 2 if logprobs else 0}
+        if rng.random() < 0.5:
+            body["reasoning"] = {"summary": "auto"}
+        turn = begin_turn(json.dumps(body).encode(), LoweringOptions(), "resp_x", 1)
+        items = [chat_event({"content": "<think>"})] if rng.random() < 0.3 else []
+        for n in range(rng.randrange(1, 40)):
             pick, text = rng.random(), rng.choice(words)
-            if pick < 0.5:
-                lp = {"content": [{"token": f"t{len(chunks)}", "logprob": -0.5, "bytes": None, "top_logprobs": []}]}
-                chunks.append(chat_event({"content": text}, **({"choices": [{"index": 0, "delta": {"content": text},
-                                                                              "finish_reason": None, "logprobs": lp}]}
-                                                               if logprobs and rng.random() < 0.3 else {})))
+            if pick < 0.45:
+                lp = {"logprobs": logprob(n)} if logprobs and rng.random() < 0.4 else {}
+                items.append(chat_event(choices=[{"index": 0, "delta": {"content": text}, "finish_reason": None, **lp}]))
+            elif pick < 0.6:
+                items.append(chat_event({"reasoning_content": text}))
             elif pick < 0.75:
-                chunks.append(chat_event({"reasoning_content": text}))
-            else:
                 call = rng.randrange(2)
-                chunks.append(chat_event({"tool_calls": [{"index": call, "id": f"c{call}", "type": "function", "function": {
-                    "name": "exec_command", "arguments": json.dumps(text)[1:-1]}}]}))
-        stream = b"".join(chunks) + chat_event(finish="stop") + DONE
-        cuts = sorted(rng.sample(range(1, len(stream)), min(len(stream) - 1, rng.randrange(0, 30))))
-        items = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+                items.append(chat_event({"tool_calls": [{"index": call, "id": f"c{call}", "type": "function",
+                                                         "function": {"name": "exec_command",
+                                                                      "arguments": json.dumps(text)[1:-1]}}]}))
+            elif pick < 0.88:  # apply_patch's input, streamed live as the model writes it
+                parts = ['{"input": "', *(json.dumps(rng.choice(words))[1:-1] for _ in range(rng.randrange(4))), '"}']
+                for i, args in enumerate(parts):
+                    items.append(chat_event({"tool_calls": [{"index": 10 + n, "id": f"p{n}", "type": "function",
+                                                             "function": {"arguments": args,
+                                                                          **({"name": "apply_patch"} if i == 0 else {})}}]}))
+            elif pick < 0.92:
+                items.append(ch.Keepalive())
+            elif pick < 0.96:
+                items += [ch.SearchStarted(f"s{n}", "q"), ch.SearchDone(f"s{n}", ("https://a.example",))]
+            else:
+                items += [ch.McpCalling(f"m{n}", "label", "tool", '{"a":1}'), ch.McpCalled(f"m{n}", "out")]
+        end = rng.random()
+        if end < 0.8:
+            items.append(chat_event(finish="stop") + DONE)
+        cut = []
+        for item in items:  # backend bytes cut anywhere
+            if item.__class__ is bytes and rng.random() < 0.5:
+                at = rng.randrange(1, len(item))
+                cut += [item[:at], item[at:]]
+            else:
+                cut.append(item)
+        if end >= 0.9:
+            cut.append(ch.UpstreamFailed(500, b'{"error":{"message":"x"}}'))
         deliveries, at = [], 0
-        while at < len(items):
-            n = rng.randrange(1, 6)
-            deliveries.append(items[at:at + n])
+        while at < len(cut):
+            n = rng.randrange(1, 8)
+            deliveries.append(cut[at:at + n])
             at += n
-        plain, merged = turn.translator(), turn.translator()
-        merged.merge = True
-        coalesce, a = ws.Coalescer(), Reader(plain, 1 << 20)
-        b = Reader(merged, 1 << 20)
-        expected = coalesce(plain.accepted()) + [m for d in deliveries for m in coalesce(a.apply_all(d))] \
-            + coalesce(a.finish())
-        got = ws.events(merged.accepted()) + [m for d in deliveries for m in ws.events(b.apply_all(d))] \
-            + ws.events(b.finish())
+        got, expected, unmerged = both(turn, deliveries)
         assert got == expected, (case, deliveries)
-        fewer += len(got) < 1 + len(ws.events(a.sent))  # (accepted()'s event is not in a.sent)
-    assert fewer > 150, fewer  # (most answers had a run to merge: the comparison reads merged deltas)
+        fewer += len(got) < unmerged
+    assert fewer > 200, fewer  # (most answers had a run to merge: the comparison reads merged deltas)
+    # apply_patch's input with a lone surrogate: held while live, then the rest at the call's end
+    turn = begin_turn(json.dumps({"model": "m", "input": "hi", "tools": tools}).encode(), LoweringOptions(), "resp_x", 1)
+    got, expected, unmerged = both(turn, [[*patch, chat_event(finish="tool_calls") + DONE]])
+    assert got == expected and unmerged == len(got) + 1
+    assert [json.loads(m)["delta"] for k, m in got if k.endswith(".delta")] == ["ab\ud800"]
+
+
+def both(turn, deliveries: list) -> tuple[list, list, int]:
+    """A turn's answer through a merging translator (its messages), through one that does not
+    (the coalescer's messages of its events), and how many events that one wrote."""
+    from resp2chat_core.channel import Reader
+
+    plain, merged = turn.translator(), turn.translator()
+    merged.merge = True
+    coalesce, a, b = ws.Coalescer(), Reader(plain, 1 << 22), Reader(merged, 1 << 22)
+    first = plain.accepted()
+    expected = coalesce(first) + [m for d in deliveries for m in coalesce(a.apply_all(d))] + coalesce(a.finish())
+    got = ws.events(merged.accepted()) + [m for d in deliveries for m in ws.events(b.apply_all(d))] \
+        + ws.events(b.finish())
+    return got, expected, len(ws.events(first + a.sent))
 
 
 def begin_turn_with_tools():

@@ -392,11 +392,11 @@ def _bytes_joined(items: list[Item]) -> list[Item]:
     """``items`` with each row of backend bytes as one."""
     out: list = []
     for item in items:
-        if item.__class__ is bytes and out and out[-1].__class__ is bytes:
-            out[-1] += item
+        if item.__class__ is bytes and out and out[-1].__class__ is list:
+            out[-1].append(item)
         else:
-            out.append(item)
-    return out
+            out.append([item] if item.__class__ is bytes else item)
+    return [b"".join(item) if item.__class__ is list else item for item in out]
 
 
 def scrub(data: bytes, secrets: tuple[bytes, ...]) -> bytes:

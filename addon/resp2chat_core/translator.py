@@ -601,7 +601,7 @@ class Translator:
         self._text.append(text)
         if self.observer is not None:
             self.observer("reasoning" if kind is Kind.REASONING else "text", text)
-        if self._run is not None and not self._lp and self._joins(self._item_id, text):
+        if self._run is not None and (kind is not Kind.TEXT or not self._lp) and self._joins(self._item_id, text):
             return
         delta = _dumps_str(text)
         seq = self.events
@@ -652,6 +652,8 @@ class Translator:
     def _open_run(self, item_id: str, text: str, size: int, tail: int) -> None:
         """The delta just put in ``_out`` opens a run (``_joins``): its string is the ``size``
         characters before the last ``tail``."""
+        if self._run is not None:  # (one that went unjoined: a text delta with logprobs came between)
+            self._seal_run()
         at = len(self._out) - 1
         event = self._out[at]
         self._run = (at, event, item_id, len(event) - tail - size, len(event) - tail, text)
@@ -795,7 +797,9 @@ class Translator:
             sent = "".join(tool.streamed)
             if value.startswith(sent) and len(value) > len(sent):
                 # what live decoding could not send (another shape): the rest, in one delta
-                self._emit("response.custom_tool_call_input.delta", **ids, delta=value[len(sent):])
+                rest = value[len(sent):]
+                if self._run is None or not self._joins(tool.item_id, rest):
+                    self._emit("response.custom_tool_call_input.delta", **ids, delta=rest)
             self._emit("response.custom_tool_call_input.done", **ids, input=value)
             item = self._tool_item(tool, "completed", value)
         else:
