@@ -112,10 +112,7 @@ class TurnStream:
             items = self.channel.take()
             if not self.sliced and data:
                 items = self._first_slice(items)
-            if len(items) == 1:
-                out = reader.apply(items[0])
-            else:
-                out = b"".join([reader.apply(item) for item in items])
+            out = reader.apply_all(items)
             if not data:  # the relay's body ended: so did the turn
                 out += reader.finish()
         except BaseException as exc:  # noqa: BLE001
