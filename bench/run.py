@@ -415,6 +415,21 @@ def pct(values: list[float], q: float) -> float | None:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
+def gateway_latency(port: int) -> tuple[float, int]:
+    """A resp2chat gateway's ``resp2chat_gateway_latency_seconds`` so far, summed over its labels:
+    (seconds, turns); (0, 0) for a gateway without the metric (an older tree's, with ``--ab``)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    total, count = 0.0, 0
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name.startswith("resp2chat_gateway_latency_seconds_sum"):
+            total += float(value)
+        elif name.startswith("resp2chat_gateway_latency_seconds_count"):
+            count += int(float(value))
+    return total, count
+
+
 def dist_ms(values: list[float]) -> dict:
     return {"n": len(values), "p50": _r(_ms(pct(values, 0.5))), "p99": _r(_ms(pct(values, 0.99))),
             "max": _r(_ms(max(values) if values else None))}
@@ -789,7 +804,8 @@ async def measure_long(up_port: int, workdir: Path, cpus: set[int] | None, cfg: 
         sizes = []
         for kb in cfg["long_kb"]:
             pairs = long_pairs_for(kb, cfg["long_deltas"])
-            runs = {n: {"warm_cpu_ms": [], "cold_cpu_ms": [], "ttft": [], "cold_ttft": [], "answers": []} for n in names}
+            runs = {n: {"warm_cpu_ms": [], "cold_cpu_ms": [], "ttft": [], "cold_ttft": [], "answers": [], "latency": []}
+                    for n in names}
             size: dict = {"target_input_kb": kb, "pairs": pairs}
             for r in range(cfg["long_rounds"]):
                 wait_quiet(cfg.get("quiet_wait", 0) / 4)
@@ -808,12 +824,18 @@ async def measure_long(up_port: int, workdir: Path, cpus: set[int] | None, cfg: 
                     try:
                         cpu0 = proc_cpu_ns(t.proc.pid) if t.proc else 0
                         first = await conn.request(t.path, t.body(session[0]), t.mode)
+                        # (the gateway's own latency, warm turns only: its metric read around them,
+                        # outside what the warm turns' CPU counts)
+                        before = gateway_latency(t.port) if name in gateways else None
                         cpu1 = proc_cpu_ns(t.proc.pid) if t.proc else 0
                         answers = [await conn.request(t.path, t.body(turn), t.mode) for turn in session[1:]]
                         cpu2 = proc_cpu_ns(t.proc.pid) if t.proc else 0
+                        after = gateway_latency(t.port) if name in gateways else None
                     finally:
                         conn.close()
                     run = runs[name]
+                    if before is not None and after[1] > before[1]:
+                        run["latency"].append((after[0] - before[0]) / (after[1] - before[1]))
                     run["answers"] += list(zip(session, [first, *answers]))
                     run["cold_ttft"].append(first.ttft)
                     run["ttft"].append([a.ttft for a in answers])
@@ -835,6 +857,9 @@ async def measure_long(up_port: int, workdir: Path, cpus: set[int] | None, cfg: 
                                                     for a, b in zip(mine, base) if a is not None and b is not None])
                     res["cold_added_ttft_ms"] = dist_ms([a - b for a, b in zip(run["cold_ttft"], runs["direct"]["cold_ttft"])
                                                          if a is not None and b is not None])
+                    if run["latency"]:  # the gateway's own, request to its chat request handed to the backend:
+                        # the mean of a round's warm turns, the median of rounds
+                        res["gateway_latency_ms"] = _r(_ms(pct(run["latency"], 0.5)), 3)
                 size[name] = res
             size["ratio_cpu_per_turn"] = median_ratios({n: runs[n]["warm_cpu_ms"] for n in names if n != "direct"})
             size["ratio_cold_cpu"] = median_ratios({n: runs[n]["cold_cpu_ms"] for n in names if n != "direct"})
@@ -1134,12 +1159,14 @@ def table(results: dict) -> str:
             cells = []
             for g in gws:
                 r = size[g]
+                own = f" (own {_fmt(r['gateway_latency_ms'])} ms)" if r.get("gateway_latency_ms") is not None else ""
                 cells.append(f"{g} {_fmt(r['cpu_ms_per_turn'])} ms [{_fmt(r['cold_cpu_ms'])}] "
-                             f"+{_fmt(r['added_ttft_ms']['p50'])} ms")
+                             f"+{_fmt(r['added_ttft_ms']['p50'])} ms{own}")
             ratio = "  ".join(f"{k} {_fmt(v)}x" for k, v in size["ratio_cpu_per_turn"].items())
             lines.append(f"  input {size['input_kb']:.0f} KB (body {size['request_kb']:.0f} KB, chat {size['chat_kb']:.0f} KB): "
                          + "  ".join(cells) + f"  ->  CPU per turn {ratio}")
-        lines.append("  (each: gateway CPU per turn [first turn], + added TTFT p50 over direct)")
+        lines.append("  (each: gateway CPU per turn [first turn], + added TTFT p50 over direct; own: its own latency, "
+                     "request to its chat request handed to the backend, resp2chat_gateway_latency_seconds)")
     rr = results.get("replay_real")
     if rr:
         lines.append(f"replay cache against a real backend: skipped ({rr['skipped']})" if "skipped" in rr else

@@ -65,6 +65,9 @@ def test_bench_smoke(tmp_path):
             assert size[name]["lost_events"] == 0 and size[name]["failed_answers"] == 0, (name, size[name])
             assert size[name]["ttft_ms"]["n"] == long["turns_per_session"] * long["rounds"]
         assert size["resp2chat"]["cpu_ms_per_turn"] > 0 and size["ratio_cpu_per_turn"]["resp2chat/passthrough"] > 0
+        # the gateway's own latency (its metric), within the time to its first token
+        for name in ("resp2chat", "resp2chat-b"):
+            assert 0 < size[name]["gateway_latency_ms"] < size[name]["ttft_ms"]["p50"], size[name]
     assert "long_cpu_per_turn_vs_passthrough_largest" in results["targets"]
     assert results["targets"]["lost_events"]["met"] is True
     assert "resp2chat" in proc.stdout and "lost events" in proc.stdout  # the table was printed

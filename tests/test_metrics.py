@@ -24,7 +24,7 @@ def scrape(gw, **headers) -> dict:
 
 
 BY_CLIENT = ("resp2chat_turns_total", "resp2chat_tokens_total", "resp2chat_time_to_first_token_seconds",
-             "resp2chat_turn_duration_seconds")
+             "resp2chat_turn_duration_seconds", "resp2chat_gateway_latency_seconds")
 
 
 def value(samples: dict, name: str, **labels) -> float:
@@ -63,6 +63,12 @@ def test_metrics_and_access_log_per_upstream(upstream, tmp_path):
         assert value(m, "resp2chat_time_to_first_token_seconds_count", **labels) == 1
         assert 0 < value(m, "resp2chat_time_to_first_token_seconds_sum", **labels) <= value(
             m, "resp2chat_turn_duration_seconds_sum", **labels)
+        # the gateway's own latency: the turns that reached a backend (not the replayed nor the
+        # refused one), each less than its time to the first token
+        assert value(m, "resp2chat_gateway_latency_seconds_count", **labels) == 1
+        assert value(m, "resp2chat_gateway_latency_seconds_count", upstream="demo", model="other") == 1
+        assert 0 < value(m, "resp2chat_gateway_latency_seconds_sum", **labels) < value(
+            m, "resp2chat_time_to_first_token_seconds_sum", **labels)
         assert value(m, "resp2chat_tokens_total", **labels, kind="prompt") > 0
         assert value(m, "resp2chat_tokens_total", **labels, kind="output") > 0
         assert value(m, "resp2chat_replay_cache_hits_total") == 1
@@ -75,6 +81,8 @@ def test_metrics_and_access_log_per_upstream(upstream, tmp_path):
         assert first["session"] == "conv-7" and first["model"] == "demo-model" and first["http_status"] == 200
         assert first["input_tokens"] > 0 and first["output_tokens"] > 0 and first["cached_tokens"] is not None
         assert 0 < first["ttft_ms"] <= first["total_ms"]
+        assert 0 < first["gateway_ms"] < first["ttft_ms"]
+        assert [x["gateway_ms"] is None for x in lines] == [False, True, True, False]  # (replayed, refused: none)
         assert first["fallbacks"] == [{"upstream": "down", "status": 502}]
         text = log_path.read_text()
         assert "secret prompt" not in text and "word0" not in text and "sk-demo" not in text  # no content, no keys
@@ -157,6 +165,9 @@ def test_socket_turns_are_counted_and_logged_like_http_turns(upstream, tmp_path)
         assert value(m, "resp2chat_time_to_first_token_seconds_count", **labels) == 2
         assert 0 < value(m, "resp2chat_time_to_first_token_seconds_sum", **labels) <= value(
             m, "resp2chat_turn_duration_seconds_sum", **labels)
+        assert value(m, "resp2chat_gateway_latency_seconds_count", **labels) == 2
+        assert 0 < value(m, "resp2chat_gateway_latency_seconds_sum", **labels) < value(
+            m, "resp2chat_time_to_first_token_seconds_sum", **labels)
         assert value(m, "resp2chat_tokens_total", **labels, kind="output") > 0
         lines = [json.loads(line) for line in log_path.read_text().splitlines()]
         assert [(x["upstream"], x["status"], x["code"], x["http_status"]) for x in lines] == [
@@ -168,6 +179,7 @@ def test_socket_turns_are_counted_and_logged_like_http_turns(upstream, tmp_path)
         first = lines[0]
         assert first["session"] == "sess-ws-1" and first["fallbacks"] == [{"upstream": "down", "status": 502}]
         assert 0 < first["ttft_ms"] <= first["total_ms"] and first["output_tokens"] > 0
+        assert 0 < first["gateway_ms"] < first["ttft_ms"] and lines[1]["gateway_ms"] is None  # (refused)
         # the failure names its request id to the client; the log has it with the upstream's detail
         said = failed[-1]["response"]["error"]["message"]
         assert ids[2] in said and "overloaded" not in said

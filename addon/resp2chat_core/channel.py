@@ -204,7 +204,7 @@ Item = Union[bytes, Event]
 
 class Channel:
     __slots__ = ("_items", "size", "_woken", "wake", "on_take", "push", "closed", "window", "later", "now", "last",
-                 "started", "reads")
+                 "started", "reads", "sent")
 
     def __init__(self, push: Callable[[list[Item]], None] | None = None) -> None:
         self._items: list[Item] = []
@@ -226,6 +226,10 @@ class Channel:
         # that stream is read while news is held (``defer``: not at every arrival; ``drain``:
         # read what is there now, before a held delivery goes; ``listen``: at every arrival again).
         self.reads = None
+        # Set by the relay when it handed the turn's first chat request to a backend's connection
+        # (its monotonic clock, seconds): what the gateway itself took before a backend could
+        # start ends there (the gateway's latency: addons/metrics.py, the access log).
+        self.sent: float | None = None
 
     # --- producer (the relay) ----------------------------------------------------------------
 

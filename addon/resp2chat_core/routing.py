@@ -153,6 +153,14 @@ class Attempt:
     def reads(self):
         return self.channel.reads
 
+    @property
+    def sent(self) -> float | None:
+        return self.channel.sent
+
+    @sent.setter
+    def sent(self, at: float | None) -> None:
+        self.channel.sent = at
+
     @reads.setter
     def reads(self, reader) -> None:
         self.channel.reads = reader

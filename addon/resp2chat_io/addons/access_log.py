@@ -3,7 +3,7 @@ each ``POST /v1/responses`` (refused and replayed ones included) and each turn o
 WebSocket (outcomes.py).
 
 ``{"time", "request_id", "session", "model", "upstream", "client", "status", "code", "http_status",
-"input_tokens", "cached_tokens", "output_tokens", "ttft_ms", "total_ms"}`` (+ ``"fallbacks"``
+"input_tokens", "cached_tokens", "output_tokens", "gateway_ms", "ttft_ms", "total_ms"}`` (+ ``"fallbacks"``
 when upstreams were fallen back from). No content, no headers, no keys: what an operator needs to
 follow a session and a latency, nothing a user said. What a client chose (its model name and
 session key) is bounded (resp2chat_core/labels.py ``shown``): a line stays a line.
@@ -53,6 +53,7 @@ class AccessLog(Owner):
             "input_tokens": u.get("input_tokens"),
             "cached_tokens": (u.get("input_tokens_details") or {}).get("cached_tokens"),
             "output_tokens": u.get("output_tokens"),
+            "gateway_ms": None if o.latency is None else round(o.latency * 1000, 2),
             "ttft_ms": None if o.ttft is None else round(o.ttft * 1000, 1), "total_ms": round(o.took * 1000, 1),
         }
         if o.skipped:

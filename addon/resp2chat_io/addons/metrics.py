@@ -40,6 +40,7 @@ from .outcomes import Outcome
 MAX_MODELS = 100
 PATH = "/metrics"
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)
 
 
@@ -61,6 +62,9 @@ class Metrics:
                               "backend data.", by, buckets=TTFT_BUCKETS, registry=r)
         self.duration = Histogram("resp2chat_turn_duration_seconds", "Request to the end of the turn.", by,
                                   buckets=DURATION_BUCKETS, registry=r)
+        self.latency = Histogram("resp2chat_gateway_latency_seconds", "Request to its chat request handed to a "
+                                 "backend: what the gateway itself adds before a backend can start.", by,
+                                 buckets=LATENCY_BUCKETS, registry=r)
         self.tokens = Counter("resp2chat_tokens", "Tokens by kind: prompt, cached (served from the backend's KV "
                               "cache), output.", (*by, "kind"), registry=r)
         self.fallbacks = Counter("resp2chat_fallbacks", "An upstream failed before its first byte and the next "
@@ -93,6 +97,8 @@ class Metrics:
         if o.ttft is not None:
             self.ttft.labels(o.upstream, model, client).observe(o.ttft)
         self.duration.labels(o.upstream, model, client).observe(o.took)
+        if o.latency is not None:
+            self.latency.labels(o.upstream, model, client).observe(o.latency)
         u = o.usage or {}
         for kind, value in (("prompt", u.get("input_tokens")), ("output", u.get("output_tokens")),
                             ("cached", (u.get("input_tokens_details") or {}).get("cached_tokens"))):

@@ -41,6 +41,7 @@ class Outcome:
     skipped: tuple = ()  # (name, status) of upstreams fallen back from
     client: str = ""  # the configured client that called (clients; "" when the gateway takes no keys)
     mcp_calls: tuple = ()  # (server: its mcp_servers label, outcome) of each MCP call the turn ran
+    latency: float | None = None  # seconds from the request to its chat request handed to a backend
     at: float = field(default_factory=time.time)
 
 
@@ -75,7 +76,8 @@ class Outcomes:
                           session_key(done.turn.prompt_cache_key, flow.request.headers),
                           done.turn.ctx.model, done.upstream, status, code, done.usage, done.ttft, done.took,
                           http_status, done.skipped, done.client.name if done.client is not None else "",
-                          mcp_calls=tuple(done.exchange.mcp_calls) if done.exchange is not None else ()))
+                          mcp_calls=tuple(done.exchange.mcp_calls) if done.exchange is not None else (),
+                          latency=done.latency))
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._local(flow)

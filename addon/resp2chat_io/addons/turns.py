@@ -100,6 +100,7 @@ class Finished:
     upstream: str = ""  # the name of the upstream that answered (or failed last): "default" with one
     ttft: float | None = None  # seconds from the request to the first backend-made event
     took: float = 0.0  # seconds from the request to the end of the turn
+    latency: float | None = None  # seconds from the request to its chat request handed to a backend (None: none was)
     skipped: tuple = ()  # (name, status) of upstreams that failed before it and were fallen back from
     code: str = ""  # the error code when the client's answer is not the translator's (server_error:
     # the turn failed closed; not_recorded: offline replay had no answer), or a replayed answer's
@@ -313,6 +314,7 @@ class Turns(Owner):
         done = Finished(flow=run.flow, turn=turn, status=status, response=final, answer=answer, usage=t.usage,
                         upstream=run.answering.name, ttft=None if run.first is None else run.first - run.started,
                         took=time.monotonic() - run.started, skipped=tuple(ex.skipped), code=code, exchange=ex,
+                        latency=None if ex.channel.sent is None else ex.channel.sent - run.started,
                         client=run.client, turn_id=ex.turn_id, landed=run.landed)
         return done, record
 

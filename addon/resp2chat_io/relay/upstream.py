@@ -274,6 +274,8 @@ class UpstreamClient:
         sent += [(b"host", parts.netloc.encode()), (b"content-length", str(len(body)).encode())]
         up_writer.write(client.send(h11.Request(method="POST", target=path, headers=sent)))
         up_writer.write(client.send(h11.Data(data=body)) + client.send(h11.EndOfMessage()))
+        if channel.sent is None:  # (the turn's first request to a backend: the gateway's latency ends)
+            channel.sent = time.monotonic()
 
         async def next_event():
             """h11's next event, reading from the backend as needed; None once it went silent."""
