@@ -153,6 +153,10 @@ class Attempt:
     def reads(self):
         return self.channel.reads
 
+    @reads.setter
+    def reads(self, reader) -> None:
+        self.channel.reads = reader
+
     @property
     def sent(self) -> float | None:
         return self.channel.sent
@@ -160,7 +164,3 @@ class Attempt:
     @sent.setter
     def sent(self, at: float | None) -> None:
         self.channel.sent = at
-
-    @reads.setter
-    def reads(self, reader) -> None:
-        self.channel.reads = reader
