@@ -144,11 +144,14 @@ class Coalescer:
     move down to stay contiguous (tests/test_websocket.py checks the two agree on random
     answers and deliveries). Clients join deltas anyway: the texts are the same.
 
-    Done on the bytes, as the translator wrote them (no decoding, no encoding: a Codex turn's
-    three Response events echo ~18 KB of its request). A delta's ``"delta"`` string follows its ids, and two deltas whose text is the same but for
-    the sequence number and that string merge by joining the string's contents (JSON string
-    escapes never span the quotes; UTF-8 is cut only between characters, as every byte cut here
-    is ASCII). A delta that does not read so (not the translator's) is left as it is.
+    Done on the bytes, as the translator wrote them, split as the socket splits them (``events``;
+    no decoding, no encoding: a Codex turn's three Response events echo ~18 KB of its request). A
+    delta's ``"delta"`` string follows its ids, and two deltas whose text is the same but for the
+    sequence number and that string merge by joining the string's contents (JSON string escapes
+    never span the quotes; UTF-8 is cut only between characters, as every byte cut here is
+    ASCII). A delta that does not read so (not the translator's) is left as it is. (Off the live
+    path since the translator merges: the plain comparison of each delta's key, not the in-place
+    reading it had while it ran on every socket delivery.)
     """
 
     __slots__ = ("shift",)
@@ -159,38 +162,26 @@ class Coalescer:
     def __call__(self, sse: bytes) -> list[tuple[str, bytes]]:
         """(event type, message) for each message."""
         out: list = []  # (kind, message), or (kind, [message through the delta's opening quote, [its contents…], the rest])
-        last = None  # out[-1], a delta that may grow: (its block through its number's first digit, what
-        # follows its number through the opening quote of its string, what follows that string's closing quote)
+        last = None  # the key of out[-1] when it is a delta that may grow
         pieces: list[bytes] = []  # out[-1]'s delta string contents, then
         shift = self.shift
-        for block in sse.split(b"\n\n"):
-            if not block:
-                continue
-            if last is not None and block.startswith(last[0]):
-                # The run's next delta, if it differs only in its number and its string: read in
-                # place (the same test as the key below: the same text up to the number, the same
-                # from it to the string, the same after it, so the same number and string found).
-                digits = _DIGITS.match(block, len(last[0]))
-                start = digits.end() + len(last[1]) if digits is not None else -1
-                if start >= 0 and block.startswith(last[1], digits.end()) \
-                        and (string := _STRING.match(block, start)) is not None \
-                        and len(block) - string.end() == len(last[2]) and block.endswith(last[2]):
-                    pieces.append(block[start:string.end() - 1])
-                    shift += 1
-                    continue
-            head, sep, data = block.partition(b"\ndata: ")
-            kind = head[7:].decode("ascii", "replace") if head.startswith(b"event: ") else ""
+        for kind, data in events(sse):
             seq = _SEQ.search(data)
             if kind in DELTAS and seq is not None and (at := data.find(_DELTA, seq.end())) >= 0:
                 start = at + len(_DELTA)
                 string = _STRING.match(data, start)
                 if string is not None:
                     end = string.end()  # just past the delta string's closing quote
+                    key = (kind, data[:seq.start()], data[seq.end():at], data[end:])  # (all but the number and the string)
+                    if key == last:
+                        pieces.append(data[start:end - 1])
+                        shift += 1
+                        continue
                     pieces = [data[start:end - 1]]
                     before = data[:start] if not shift else \
                         b"%s%d%s" % (data[:seq.start(1)], int(seq[1]) - shift, data[seq.end(1):start])
                     out.append((kind, [before, pieces, data[end - 1:]]))
-                    last = (block[:len(head) + len(sep) + seq.start(1)], data[seq.end():start], data[end:])
+                    last = key
                     continue
             if seq is not None and shift:
                 data = b"%s%d%s" % (data[:seq.start(1)], int(seq[1]) - shift, data[seq.end(1):])
@@ -201,7 +192,6 @@ class Coalescer:
 
 
 _SEQ = re.compile(rb',"sequence_number":(\d+)')
-_DIGITS = re.compile(rb'\d+')
 _DELTA = b',"delta":"'  # (a delta's string follows its ids: the translator writes it so)
 _STRING = re.compile(rb'[^"\\\x00-\x1f]*(?:\\.[^"\\\x00-\x1f]*)*"')  # a JSON string's contents and its closing quote
 
