@@ -880,10 +880,7 @@ class Translator:
 
     def _flush(self) -> bytes:
         if self._run is not None:  # (the events go out: a run ends with them)
-            if self._joined is None:
-                self._run = None
-            else:
-                self._seal_run()
+            self._seal_run()
         out = self._out
         if self._encoded:
             done, self._encoded = self._encoded, []
