@@ -524,6 +524,45 @@ def test_server_replay_extra_keeps_the_socket_open(upstream, gateway_factory, tm
     assert misses and not [line for line in misses if line.rstrip().endswith("/v1/responses")], misses
 
 
+def test_a_replayed_socket_turn_ends_as_an_http_one(upstream, gateway_factory, tmp_path):
+    """A turn answered from --server-replay on the socket ends as one over HTTP does (one ending:
+    Turns.replayed): its client's open turn is given back (max_streams=1: a socket whose replayed
+    turns kept theirs refused the next with 429), an unrecorded one's too; the store keeps the
+    answer (another socket continues it); the access log counts it once, ``replayed``."""
+    key = "carol-key-0123456789abcdef"
+    carol = ["--set", "resp2chat_clients=" + json.dumps([{"name": "carol", "key": key, "max_streams": 1}])]
+    auth = {"authorization": f"Bearer {key}"}
+    path, log_path = tmp_path / "recorded.mitm", tmp_path / "access.jsonl"
+    live = gateway_factory(upstream.origin, "-w", str(path), "--set", "resp2chat_max_replay_entries=0", *carol)
+    client = WSClient(live.base_url, headers=auth)
+    recorded = done(client.turn({"type": "response.create", "model": "demo-model", "input": "replay me"}))
+    client.close()
+    live.stop()
+    offline = gateway_factory("http://127.0.0.1:9", "--server-replay", str(path), "--set", "server_replay_reuse=true",
+                              "--set", "server_replay_extra=404", "--set", f"resp2chat_access_log_path={log_path}",
+                              *carol)
+    client = WSClient(offline.base_url, headers=auth)
+    again = [done(client.turn({"type": "response.create", "model": "demo-model", "input": "replay me"}))
+             for _ in range(2)]
+    [missing] = client.turn({"type": "response.create", "model": "demo-model", "input": "never recorded"})
+    assert missing["status"] == 404 and missing["error"]["code"] == "not_recorded"
+    again.append(done(client.turn({"type": "response.create", "model": "demo-model", "input": "replay me"})))
+    client.close()
+    assert [a["output"] for a in again] == [recorded["output"]] * 3
+    # a new socket (no memory of its own) continues it from the store: past the lookup, no
+    # recording (not previous_response_not_found)
+    client = WSClient(offline.base_url, headers=auth)
+    [follow] = client.turn({"type": "response.create", "model": "demo-model", "input": "next",
+                            "previous_response_id": recorded["id"]})
+    client.close()
+    assert follow["error"]["code"] == "not_recorded", follow
+    offline.stop()
+    lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert [(x["status"], x["upstream"], x["client"]) for x in lines] == [
+        ("replayed", "server-replay", "carol")] * 2 + [("rejected", "", "carol"), ("replayed", "server-replay", "carol"),
+                                                       ("rejected", "", "carol")]
+
+
 # --- refusals: never a GET to the backend ---------------------------------------------------
 
 

@@ -41,7 +41,7 @@ from resp2chat_io import offload
 
 from .base import (ABANDON, META, SSE_HEADERS, RESPONSES_PATHS, TURN_HEADER, RecordText, Refusal, fails_closed,
                    json_response, log, refusal, request_id, show_url)
-from .turns import SERVER_REPLAY, Finished, TurnRun, new_response_id
+from .turns import TurnRun, new_response_id
 
 # HTTP status for a non-streaming client whose response failed, by error code.
 FAILED_STATUS = {
@@ -434,15 +434,9 @@ class HttpTurns:
                 except (ValueError, RecursionError):
                     final = None
             final = final if isinstance(final, dict) and isinstance(final.get("output"), list) else None
-        status = final.get("status", "unfinished") if final else "failed"
-        code = "" if final else "not_recorded"
-        if final and (final.get("error") or final.get("incomplete_details")):
-            code = (final.get("error") or {}).get("code") or (final.get("incomplete_details") or {}).get("reason") or ""
-        meta["status"] = status
-        self.turns.ended(Finished(flow=flow, turn=run.turn, status=status, response=final, answer=body,
-                                  usage=(final or {}).get("usage"), upstream=SERVER_REPLAY,
-                                  took=time.monotonic() - run.started, code=code, client=run.client,
-                                  turn_id=flow.id), flow.id)
+        done = self.turns.replayed(flow, run.turn, final, body, started=run.started, client=run.client,
+                                   turn_id=flow.id)
+        meta["status"] = done.status
 
 
 @fails_closed

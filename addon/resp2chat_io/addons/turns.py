@@ -354,6 +354,22 @@ class Turns(Owner):
             return
         reader.unland(err.code or "server_error", f"this response was not added to its conversation: {err.message}")
 
+    def replayed(self, flow: http.HTTPFlow, turn: Turn, final: dict | None, answer: bytes, *, started: float,
+                 client: ClientSpec | None, turn_id: str) -> Finished:
+        """A turn answered by offline replay (``--server-replay``), over either transport: its
+        recorded final Response (None: nothing was recorded for it, ``not_recorded``). Its
+        listeners hear of it as of any turn (``ended``): its client's open turn is released,
+        the store keeps a completed answer, metrics and the access log count it ``replayed``."""
+        status = final.get("status", "unfinished") if final else "failed"
+        code = "" if final else "not_recorded"
+        if final and (final.get("error") or final.get("incomplete_details")):
+            code = (final.get("error") or {}).get("code") or (final.get("incomplete_details") or {}).get("reason") or ""
+        done = Finished(flow=flow, turn=turn, status=status, response=final, answer=answer,
+                        usage=(final or {}).get("usage"), upstream=SERVER_REPLAY, took=time.monotonic() - started,
+                        code=code, client=client, turn_id=turn_id)
+        self.ended(done, turn_id)
+        return done
+
     def ended(self, done: Finished, turn_id: str | None = None) -> None:
         """A turn is over (``turn_id``: its run leaves ``in_flight``): the ``finished`` listeners
         hear of it. One that fails is logged and the others still hear of the turn (what the

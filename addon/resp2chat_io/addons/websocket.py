@@ -326,7 +326,7 @@ class ResponsesWebSocket(Owner):
                 raise GatewayError("background responses are created over HTTP (POST /v1/responses), not on the "
                                    "WebSocket", param="background", code="unsupported_parameter")
             found = await turns.lookup(create.body, live.owner, live.conn)
-            m.turn = turn = turns.lower(create.body, found, owner=live.owner, request_id=m.request_id,
+            m.turn = turns.lower(create.body, found, owner=live.owner, request_id=m.request_id,
                                         keep_items=True)  # (the socket remembers its conversation)
         except GatewayError as err:
             if create is not None and create.previous is not None:
@@ -339,6 +339,19 @@ class ResponsesWebSocket(Owner):
             m.request = None
             await offload.discard(data, len(body))
             return
+        except BaseException:
+            if verdict is not None and verdict.admitted:
+                turns.release(client, turn_id)  # (it fails closed: _websocket_message)
+            raise
+        try:
+            await self._serve(live, m, create, client, verdict, turn_id, send)
+        finally:
+            if m.run is None and verdict is not None and verdict.admitted:
+                turns.release(client, turn_id)  # answered without a run of its own (replayed, refused), or failed before one
+
+    async def _serve(self, live: OpenSocket, m: Message, create, client, verdict, turn_id: str, send) -> None:
+        """A lowered message served: from a recording, a warm-up's answer, or its turn run."""
+        turns, turn = self.turns, m.turn
         sent = m.sent
 
         def out(sse: bytes) -> None:
@@ -349,7 +362,7 @@ class ResponsesWebSocket(Owner):
             send([message for _, message in messages])
 
         if self.server_replay is not None and self.server_replay.active \
-                and self._replay(live, m, send, create.warmup):
+                and self._replay(live, m, send, create.warmup, client, turn_id):
             return  # answered from a recording (--server-replay)
         if create.warmup:
             reader = Reader(turn.translator(turns.max_event), MAX_ENTRY_BYTES, turns.secrets)
@@ -409,23 +422,23 @@ class ResponsesWebSocket(Owner):
             note["responses_request_chars"] = len(m.text)
         self._record(live, {"responses_request": m.text[:REFUSED_KEPT], "request_id": m.request_id,
                             "status": "rejected", "error": err.body()["error"], **note})
-        self._outcome(live, m, "rejected", err.code or "", err.status)
+        self._refused(live, m, err.code or "", err.status)
 
-    def _outcome(self, live: OpenSocket, m: Message, status: str, code: str, http_status: int, upstream: str = "",
-                 usage: dict | None = None) -> None:
-        """A message answered without a turn (refused, or replayed) for metrics and the access log,
-        as outcomes.py counts such an HTTP request."""
+    def _refused(self, live: OpenSocket, m: Message, code: str, http_status: int) -> None:
+        """A message refused (no turn) for metrics and the access log, as outcomes.py counts a
+        refused HTTP request."""
         if self.outcomes is None:
             return
         raw = m.request or {}
         model = raw.get("model") if isinstance(raw.get("model"), str) else ""
         self.outcomes.emit(Outcome(m.request_id, session_key(raw.get("prompt_cache_key"), live.flow.request.headers),
-                                   model, upstream, status, code, usage, None, time.monotonic() - m.started,
+                                   model, "", "rejected", code, None, None, time.monotonic() - m.started,
                                    http_status, client=live.client or ""))
 
-    def _replay(self, live: OpenSocket, m: Message, send, warmup: bool = False) -> bool:
+    def _replay(self, live: OpenSocket, m: Message, send, warmup: bool, client, turn_id: str) -> bool:
         """Offline replay (``--server-replay``): the recorded events of the same turn (or
-        warm-up), if any. False: none, and the turn (or warm-up) is served as usual."""
+        warm-up), if any. False: none, and the turn (or warm-up) is served as usual. A replayed
+        turn ends as an HTTP one does (``Turns.replayed``: its listeners hear of it)."""
         turn = m.turn
         recorded = self.server_replay.events(turn.chat_body, warmup)
         if recorded is None:
@@ -447,7 +460,8 @@ class ResponsesWebSocket(Owner):
                             "usage": final.get("usage"), "warmup": warmup, "server_replay": True,
                             "events": RecordText(recorded)})
         if not warmup:
-            self._outcome(live, m, "replayed", "", 200, "server-replay", final.get("usage"))
+            self.turns.replayed(live.flow, turn, final or None, recorded, started=m.started, client=client,
+                                turn_id=turn_id)
         return True
 
     def _warmed(self, live: OpenSocket, m: Message, reader: Reader) -> None:
