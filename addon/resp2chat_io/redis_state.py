@@ -319,7 +319,7 @@ class RedisResponseStore:
 
 
 class RedisReplayCache(ReplayCounts):
-    """The replay cache in Redis: resp2chat_core/replay.py's ReplayCache interface, awaited."""
+    """The replay cache in Redis: store.py's ``Replays``."""
 
     def __init__(self, state: RedisState, capacity: int) -> None:
         self.state, self.capacity = state, capacity
