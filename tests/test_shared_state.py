@@ -353,3 +353,63 @@ def test_socket_turns_find_stored_responses_and_items_in_redis(upstream, tmp_pat
 
 def get_response(gw, response_id: str):
     return requests.get(f"{gw.base_url}/responses/{response_id}", timeout=10)
+
+
+async def test_a_turn_admitted_in_redis_ends_there_and_an_old_redis_is_never_reopened(tmp_path, redis_server,
+                                                                                   caplog):
+    """A turn's limits are released where it was admitted (its ``Ticket``), whatever Redis did
+    meanwhile: this replica's own state while Redis was down, Redis once it is back. After
+    ``state_store_url`` changes, a turn admitted in the old Redis opens no connection to it
+    again (it would stay open): its end is not counted there, with a warning."""
+    from mitmproxy.test import taddons
+
+    from redis_server import RedisServer
+    from resp2chat_core.clients import ClientSpec
+    from resp2chat_io.addons.base import SettingsSource
+    from resp2chat_io.addons.limits import Limits
+    from resp2chat_io.addons.store import StoredResponses
+    from resp2chat_io.addons.upstreams import Upstreams
+    from resp2chat_io.store import StateUnavailable
+
+    carol = ClientSpec("carol", "0" * 64, ("*",), tpm=100, max_streams=1)
+    r = redis_server.client()
+    streams = "resp2chat:limits:carol:streams"
+    store = StoredResponses(SettingsSource(), Upstreams(SettingsSource()))
+    limits = Limits(store)
+    with taddons.context(store) as tctx:
+        tctx.options.add_option("resp2chat_seal_key", str, "", "(Turns declares it in a gateway)")
+        tctx.configure(store, resp2chat_state_store_url=redis_server.url)
+        assert (await limits.admit(carol, "turn_a")).admitted and r.zscore(streams, "turn_a") is not None
+        assert (await limits.admit(carol, "turn_b")).why == "streams"  # (max_streams=1, counted in Redis)
+        redis_server.stop()
+        assert (await limits.admit(carol, "turn_c")).admitted  # Redis down: this replica decides alone
+        redis_server.start()  # (empty: it keeps nothing on disk)
+        r.zadd(streams, {"turn_a": 1e12})  # (as if it had kept turn_a)
+        while not store.state.up:  # (past the back-off after the failure)
+            try:
+                await store.state.call("ping", lambda c: c.ping())
+            except StateUnavailable:
+                await asyncio.sleep(0.05)
+        limits.release(carol, "turn_c", 10)  # admitted here: released here
+        limits.release(carol, "turn_a", 30)  # admitted in Redis: released in Redis
+        limits.release(carol, "turn_a", 30)  # once
+        await store.writes.flush()
+        assert r.zscore(streams, "turn_a") is None and round(float(r.hget("resp2chat:limits:carol", "t"))) == 70
+
+        other = RedisServer(tmp_path / "other").start()
+        try:
+            assert (await limits.admit(carol, "turn_d")).admitted
+            tctx.configure(store, resp2chat_state_store_url=other.url)
+            await asyncio.sleep(0)  # (the old state closes)
+            assert (await limits.admit(carol, "turn_e")).admitted and other.client().zcard(streams) == 1
+            before = {c["id"] for c in r.client_list()}
+            limits.release(carol, "turn_d", 5)
+            await store.writes.flush()
+            assert [c for c in r.client_list() if c["id"] not in before] == []  # nothing reopened
+            assert "the end of turn turn_d not counted for client 'carol'" in caplog.text
+            limits.release(carol, "turn_e", 5)
+            await store.writes.flush()
+            assert other.client().zcard(streams) == 0
+            await store.done()
+        finally:
+            other.stop()

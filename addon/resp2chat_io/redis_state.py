@@ -176,6 +176,7 @@ class RedisState:
                          (("put_response", _PUT_RESPONSE), ("drop_response", _DROP_RESPONSE),
                           ("put_replay", _PUT_REPLAY))}
         self.up = True
+        self.closed = False  # (state_store_url changed: what still holds this one gets StateUnavailable)
         self.errors = 0  # failed calls (metrics)
         self._down_until = 0.0
         self._backoff = BACKOFF[0]
@@ -186,6 +187,8 @@ class RedisState:
         or refuses the command."""
         import redis.exceptions as rex
 
+        if self.closed:  # (a call now would open a connection nobody closes)
+            raise StateUnavailable(f"the state store ({self.where}) is no longer this gateway's")
         if not self.up and time.monotonic() < self._down_until:
             raise StateUnavailable(f"the state store ({self.where}) is unreachable")
         try:
@@ -222,6 +225,7 @@ class RedisState:
         return found
 
     async def close(self) -> None:
+        self.closed = True
         try:
             await self.client.aclose()
         except Exception:  # noqa: BLE001 - closing a pool to a dead server
@@ -315,7 +319,7 @@ class RedisResponseStore:
 
 
 class RedisReplayCache(ReplayCounts):
-    """The replay cache in Redis: resp2chat_core/replay.py's ReplayCache interface, awaited."""
+    """The replay cache in Redis: store.py's ``Replays``."""
 
     def __init__(self, state: RedisState, capacity: int) -> None:
         self.state, self.capacity = state, capacity

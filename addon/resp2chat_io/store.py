@@ -317,6 +317,24 @@ def _write_private(path: Path, data: bytes) -> None:
         raise
 
 
+class Replays(Protocol):
+    """The replay cache's entries, as every backing holds them (asynchronous): this process's
+    ``ReplayEntries``, or Redis's (redis_state.py ``RedisReplayCache``). The store addon makes
+    the one ``state_store_url`` says (``StoredResponses.replay_cache``)."""
+
+    capacity: int  # entries at most (0: off)
+    hits: int
+    misses: int
+
+    async def get(self, key: str) -> bytes | None: ...  # None: a miss (Redis down too)
+
+    async def put(self, key: str, entry: bytes) -> bool: ...  # False: not taken (off, too large)
+
+    def resize(self, capacity: int) -> None: ...
+
+    def __len__(self) -> int: ...
+
+
 class ReplayCounts:
     """What every replay cache shares (this one, redis_state.py ``RedisReplayCache``): its hits
     and misses, and which entries it takes at all."""
@@ -337,8 +355,7 @@ class ReplayCounts:
 
 class ReplayEntries(ReplayCounts):
     """The replay cache in this process's memory (resp2chat_core/replay.py says what an entry
-    is): FIFO, ``capacity`` entries of at most ``MAX_ENTRY_BYTES``. The interface of every
-    replay cache (redis_state.py ``RedisReplayCache`` for replicas), asynchronous."""
+    is): FIFO, ``capacity`` entries of at most ``MAX_ENTRY_BYTES``: ``Replays``."""
 
     def __init__(self, capacity: int = 1000):
         self.capacity = capacity

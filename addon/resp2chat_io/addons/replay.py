@@ -3,8 +3,10 @@
 Owns ``max_replay_entries`` (0: off) and ``resp2chat_replay_preload`` (fill it from a flow file).
 What an entry and its key are is resp2chat_core/replay.py (the key: ``Turns.replay_key``); the
 entries live in this process (store.py ``ReplayEntries``) or, with ``state_store_url``, in Redis,
-shared by every replica (redis_state.py ``RedisReplayCache``): one asynchronous interface. A
-lookup Redis cannot answer is a miss, a write it cannot take is dropped (a warning). The HTTP
+shared by every replica (redis_state.py ``RedisReplayCache``): one asynchronous interface
+(store.py ``Replays``), made by the store addon when ``state_store_url`` changes
+(``StoredResponses.replay_cache``; nothing here asks which). A lookup Redis cannot answer is a
+miss, a write it cannot take is dropped (a warning). The HTTP
 transport (http_turns.py) asks ``get`` before a request is lowered and answers a hit;
 completed turns come in as a ``finished`` listener.
 
@@ -23,8 +25,7 @@ from mitmproxy import ctx, exceptions, http
 
 from resp2chat_core import mcp, owner as owners
 from resp2chat_core.replay import pack
-from resp2chat_io.redis_state import RedisReplayCache
-from resp2chat_io.store import ReplayEntries
+from resp2chat_io.store import Replays
 
 from .base import META, Owner, fails_closed, log
 
@@ -33,12 +34,11 @@ from .base import META, Owner, fails_closed, log
 class ReplayCache(Owner):
     name = "resp2chat_replay"
     owner = "replay"
-    also_reads = ("state_store_url",)  # (the store addon makes the Redis connection)
+    also_reads = ("state_store_url",)  # (the store addon makes the cache where it says)
 
     def __init__(self, source, upstreams, turns, store) -> None:
         super().__init__(source)
         self.upstreams, self.turns, self.store = upstreams, turns, store
-        self.cache: ReplayEntries | RedisReplayCache = ReplayEntries(0)
         self._running = False
 
     def load(self, loader) -> None:
@@ -58,12 +58,11 @@ class ReplayCache(Owner):
             self._preload(ctx.options.resp2chat_replay_preload)
 
     def apply(self, updated: set[str]) -> None:
-        state = self.store.state
-        if state is not None and getattr(self.cache, "state", None) is not state:
-            self.cache = RedisReplayCache(state, self.s["max_replay_entries"])
-        elif state is None and not isinstance(self.cache, ReplayEntries):
-            self.cache = ReplayEntries(self.s["max_replay_entries"])
-        self.cache.resize(self.s["max_replay_entries"])
+        self.cache.resize(self.s["max_replay_entries"])  # (after the store addon's configure: a new one too)
+
+    @property
+    def cache(self) -> Replays:
+        return self.store.replay_cache
 
     @property
     def enabled(self) -> bool:

@@ -31,8 +31,9 @@ from resp2chat_core import background as B, conversations, gate as G, listing
 from resp2chat_core.errors import GatewayError
 from resp2chat_core.labels import shown
 from resp2chat_core.turn import Found
-from resp2chat_io.redis_state import RedisResponseStore, RedisState, describe
-from resp2chat_io.store import ResponseStore, StateUnavailable, Store, Writes
+from resp2chat_io.limit_state import LimitState, LocalLimits, RedisLimits
+from resp2chat_io.redis_state import RedisReplayCache, RedisResponseStore, RedisState, describe
+from resp2chat_io.store import ReplayEntries, Replays, ResponseStore, StateUnavailable, Store, Writes
 
 from .base import Owner, fails_closed, json_response, log, refused_on_failure, refusal, store_unavailable
 
@@ -56,8 +57,14 @@ class StoredResponses(Owner):
         super().__init__(source)
         self.upstreams = upstreams  # whose stored state a request sees: ``upstreams.owner_of(flow)``
         self.store: Store | None = None
-        self.state: RedisState | None = None  # Redis, when state_store_url is set (also the replay cache's)
-        self.writes = Writes()  # the store's writes and the replay cache's
+        self.state: RedisState | None = None  # Redis, when state_store_url is set
+        self.writes = Writes()  # the store's writes, the replay cache's and the limits'
+        # What else lives where the stored responses do, made when that changes (state_store_url):
+        # the replay cache (its capacity is addons/replay.py's) and the clients' limits (this
+        # process's own, kept across changes: while Redis is down it decides).
+        self._local_limits = LocalLimits()
+        self.replay_cache: Replays = ReplayEntries(0)
+        self.limit_state: LimitState = self._local_limits
         self.sealer = None  # the gateway's (Turns.sealer, set by build()): sealed reasoning in item lists
         self.background = None  # addons/background.py (set by build()): cancel, resume
         self._config: tuple | None = None
@@ -71,10 +78,14 @@ class StoredResponses(Owner):
         if self.state is not None and self.state.url != url:
             asyncio.ensure_future(self.state.close())
             self.state = None
+            self.replay_cache, self.limit_state = ReplayEntries(0), self._local_limits
         if url:
             if self.state is None:
                 self.state = RedisState(url)
-                log.info(f"resp2chat: stored responses and the replay cache live in {describe(url)}")
+                self.replay_cache = RedisReplayCache(self.state, 0)
+                self.limit_state = RedisLimits(self.state, self._local_limits, self.writes)
+                log.info(f"resp2chat: stored responses, the replay cache and the clients' limits live in "
+                         f"{describe(url)}")
             if not self.s["seal_key"]:
                 log.warning("resp2chat: state_store_url is set but seal_key is not: this replica seals "
                             "encrypted_content (reasoning, compaction) with its own per-install key, which "
