@@ -363,6 +363,30 @@ def chat_chunk(delta: dict | None = None, finish: str | None = None, **fields) -
             "choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}], **fields}
 
 
+def tool_call(index: int, id: str | None = None, name: str | None = None, args: str | None = None, *,
+              nulls: bool = False) -> dict:
+    """One entry of a chunk's ``delta.tool_calls`` as a backend streams it: ``index``, then
+    ``id`` with ``"type": "function"`` (on the chunk that starts the call), and the function's
+    ``name`` and ``arguments`` (``args``), each where given; with ``nulls``, every field there and
+    null where not given (some backends send a call's later chunks so)."""
+    call: dict = {"index": index}
+    if id or nulls:
+        call.update(id=id, type="function")
+    fn = {"name": name, "arguments": args} if nulls else {}
+    if name is not None:
+        fn["name"] = name
+    if args is not None:
+        fn["arguments"] = args
+    call["function"] = fn
+    return call
+
+
+def tool_call_chunk(index: int, id: str | None = None, name: str | None = None, args: str | None = None, *,
+                    nulls: bool = False) -> dict:
+    """A chunk (``chat_chunk``) whose delta is that one tool call (``tool_call``)."""
+    return chat_chunk({"tool_calls": [tool_call(index, id, name, args, nulls=nulls)]})
+
+
 DONE = b"data: [DONE]\n\n"
 
 
