@@ -323,6 +323,37 @@ def parse_sse(raw: bytes) -> list[dict]:
     return check_spec(events)
 
 
+def iter_sse(response: requests.Response, into: bytearray | None = None) -> typing.Iterator[dict]:
+    """The live reader of a streamed answer (``requests.post(…, stream=True)``): each event's
+    JSON as soon as its blank line is in, while the stream goes on (a test may act between
+    events, or stop reading and hang up). A gateway's event is read as strictly as ``parse_sse``
+    reads it (``event: <type>``, ``data: <JSON of that type>``, as the specification requires
+    it); a chat backend's is one ``data:`` line (as ``parse_chat_sse``); ``data: [DONE]`` is no
+    event. A stream that ends must end with a blank line. ``into`` gets every byte read (for
+    ``parse_sse``/``check_stream`` of the whole stream afterwards)."""
+    buf = b""
+    for piece in response.iter_content(chunk_size=None):  # (each piece as it arrives)
+        if into is not None:
+            into += piece
+        buf += piece
+        while b"\n\n" in buf:
+            block, buf = buf.split(b"\n\n", 1)
+            lines = block.decode().split("\n")
+            if lines == ["data: [DONE]"]:
+                continue
+            if len(lines) == 1:
+                assert lines[0].startswith("data: "), f"not an SSE event: {block[:200]!r}"
+                yield json.loads(lines[0][6:])
+                continue
+            assert len(lines) == 2 and lines[0].startswith("event: ") and lines[1].startswith("data: "), \
+                f"not an SSE event: {block[:200]!r}"
+            event = json.loads(lines[1][6:])
+            assert isinstance(event, dict) and event.get("type") == lines[0][7:], \
+                f"event name and type differ: {block[:200]!r}"
+            yield check_spec([event])[0]
+    assert buf == b"", f"the stream does not end with a blank line: {buf[-200:]!r}"
+
+
 def terminal(events: list[dict]) -> dict:
     """A turn's terminal event: there is exactly one, and it is the last."""
     ends = [e for e in events if e["type"] in TERMINAL]

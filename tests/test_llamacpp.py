@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from helpers import openai_client, parse_sse, terminal, wait_until
+from helpers import iter_sse, openai_client, parse_sse, terminal, wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "llamacpp"))
 import kv_figure  # noqa: E402
@@ -57,10 +57,8 @@ def direct_usage(llama, chat: dict) -> dict:
     r = requests.post(llama.origin + "/v1/chat/completions", json=chat, stream=True, timeout=60)
     assert r.status_code == 200, r.text
     usage = None
-    for line in r.iter_lines():
-        if line.startswith(b"data: {"):
-            chunk = json.loads(line[6:])
-            usage = chunk.get("usage") or usage
+    for chunk in iter_sse(r):
+        usage = chunk.get("usage") or usage
     assert usage, "llama-server sent no usage chunk"
     return usage
 

@@ -17,8 +17,8 @@ import pytest
 import requests
 
 from helpers import (
-    ADDON, MITMDUMP, ROOT, LocalServer, QuietHandler, check_sdk, check_stream, free_port, gateway_env, openai_client, parse_sse, post_turn,
-    read_flows, retranslate, shown_settings, start_gateway, stop_process, wait_http, wait_until,
+    ADDON, MITMDUMP, ROOT, LocalServer, QuietHandler, check_sdk, check_stream, free_port, gateway_env, iter_sse,
+    openai_client, parse_sse, post_turn, read_flows, retranslate, shown_settings, start_gateway, stop_process, wait_http, wait_until,
 )
 
 EVERYTHING_VERSION = "2026.8.31"  # the Makefile's MCP_EVERYTHING_VER
@@ -432,16 +432,11 @@ def test_a_long_call_keeps_the_client_hearing_from_the_gateway(mcp_gateway):
         final = timed[-1][1]["response"]
         assert final["status"] == "completed" and "Long running operation completed" in final["output"][2]["output"]
 
-    timed, raw, buf = [], b"", b""
+    raw = bytearray()
     with requests.post(mcp_gateway.base_url + "/responses", json={**body, "stream": True}, stream=True,
                        timeout=60) as r:
-        for chunk in r.iter_content(chunk_size=None):  # (each event timed as it arrives)
-            raw, buf = raw + chunk, buf + chunk
-            while b"\n\n" in buf:
-                block, buf = buf.split(b"\n\n", 1)
-                timed += [(time.monotonic(), json.loads(line[6:])) for line in block.split(b"\n")
-                          if line.startswith(b"data: {")]
-    check_sdk(check_stream(raw, timed[0][1]["response"]["id"]))
+        timed = [(time.monotonic(), event) for event in iter_sse(r, raw)]  # (each event timed as it arrives)
+    check_sdk(check_stream(bytes(raw), timed[0][1]["response"]["id"]))
     check(timed)
     from wsclient import WSClient
 
@@ -477,8 +472,8 @@ def test_a_client_that_leaves_mid_call_leaves_nothing_running(mcp_gateway):
     body = {"model": "demo-model", "tools": [mcp_tool()], "stream": True,
             "input": 'call: mcp__ev__trigger-long-running-operation {"duration": 20, "steps": 2}'}
     with requests.post(mcp_gateway.base_url + "/responses", json=body, stream=True, timeout=30) as r:
-        for line in r.iter_lines():
-            if b"response.mcp_call.in_progress" in line:
+        for event in iter_sse(r):
+            if event["type"] == "response.mcp_call.in_progress":
                 break  # the call runs: hang up
     left = time.monotonic()
     wait_until(lambda: in_flight(mcp_gateway) == 0, timeout=10, what="the turn ending with its client")

@@ -5,14 +5,13 @@ replica killed mid-stream storing nothing."""
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 
 import openai
 import pytest
 import requests
 
-from helpers import openai_client, parse_sse, start_gateway, wait_http, wait_until
+from helpers import iter_sse, openai_client, parse_sse, start_gateway, wait_http, wait_until
 
 
 def replicas(upstream, tmp_path, redis_url, n=2, *extra):
@@ -226,18 +225,18 @@ def test_a_replica_killed_mid_stream_stores_nothing(tmp_path, redis_server):
     try:
         with requests.post(a.base_url + "/responses", json={"model": "demo-model", "input": "words: 200",
                                                             "stream": True, "store": True}, stream=True, timeout=60) as r:
-            lines = r.iter_lines()
+            events = iter_sse(r)
             response_id = None
-            for line in lines:
-                if line.startswith(b"data: ") and b"output_text.delta" in line:
+            for event in events:
+                if event["type"] == "response.output_text.delta":
                     break
-                if line.startswith(b"data: ") and response_id is None and b"response.created" in line:
-                    response_id = json.loads(line[6:])["response"]["id"]
+                if event["type"] == "response.created" and response_id is None:
+                    response_id = event["response"]["id"]
             a.proc.send_signal(signal.SIGKILL)
             a.proc.wait(10)
             with pytest.raises((requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError)):
-                for line in lines:
-                    assert b"response.completed" not in line
+                for event in events:
+                    assert event["type"] != "response.completed"
         assert response_id
         r2 = requests.get(f"{b.base_url}/responses/{response_id}", timeout=10)
         assert r2.status_code == 404
