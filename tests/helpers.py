@@ -258,28 +258,43 @@ def stream_turn(gw, body: dict, headers: dict | None = None, timeout: float = 60
     return parse_sse(r.content)
 
 
-def openai_client(gw, api_key: str = "sk-client-key", **kw):
+def openai_client(gw, api_key: str = "sk-client-key", *, asynchronous: bool = False, **kw):
     """The openai SDK's client of a gateway (its base URL, or anything with a ``base_url``): no
     retries (a failure shows at once, not hidden by a second try) and a 30 s timeout, unless
-    ``kw`` says otherwise."""
+    ``kw`` says otherwise; ``asynchronous``: an ``AsyncOpenAI`` (what the Agents SDK takes).
+    Every JSON answer it reads is checked against the spec (``check_body``)."""
     import openai
 
     import httpx
 
     base_url = gw if isinstance(gw, str) else gw.base_url
-    kw.setdefault("http_client", httpx.Client())
-    kw["http_client"].event_hooks["response"].append(_check_httpx_answer)  # (the spec: check_body)
-    return openai.OpenAI(base_url=base_url, api_key=api_key, **{"max_retries": 0, "timeout": 30, **kw})
+    if asynchronous:
+        cls, http, hook = openai.AsyncOpenAI, httpx.AsyncClient, _check_httpx_answer_async
+    else:
+        cls, http, hook = openai.OpenAI, httpx.Client, _check_httpx_answer
+    kw.setdefault("http_client", http())
+    kw["http_client"].event_hooks["response"].append(hook)
+    return cls(base_url=base_url, api_key=api_key, **{"max_retries": 0, "timeout": 30, **kw})
+
+
+def _is_json_answer(response) -> bool:
+    return response.status_code == 200 and response.headers.get("content-type", "").startswith("application/json")
 
 
 def _check_httpx_answer(response) -> None:
-    if response.status_code == 200 and response.headers.get("content-type", "").startswith("application/json"):
+    if _is_json_answer(response):
         response.read()
         check_body(response.content, response.url.path)
 
 
+async def _check_httpx_answer_async(response) -> None:
+    if _is_json_answer(response):
+        await response.aread()
+        check_body(response.content, response.url.path)
+
+
 def _check_requests_answer(response, *args, **kwargs):
-    if response.status_code == 200 and response.headers.get("content-type", "").startswith("application/json"):
+    if _is_json_answer(response):
         check_body(response.content, urlsplit(response.url).path)
     return response
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from helpers import ROOT, responses_requests
+from helpers import ROOT, openai_client, responses_requests
 
 CALL = 'call: get_weather {"city": "Paris"}'
 AI_SDK_VERSION = "6.0.325"
@@ -184,10 +184,10 @@ def test_open_responses_chat_from_its_own_history(ai_sdk_dir, recording_gateway,
 @pytest.fixture
 def agents_model(gateway):
     from agents import OpenAIResponsesModel, set_tracing_disabled
-    from openai import AsyncOpenAI
 
     set_tracing_disabled(True)  # traces would go to api.openai.com: nothing to do with the gateway
-    return OpenAIResponsesModel(model="demo-model", openai_client=AsyncOpenAI(base_url=gateway.base_url, api_key="unused"))
+    return OpenAIResponsesModel(model="demo-model", openai_client=openai_client(gateway, api_key="unused",
+                                                                                 asynchronous=True))
 
 
 def test_agents_sdk_streams_text(agents_model, upstream):

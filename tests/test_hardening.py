@@ -14,9 +14,9 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import (start_sse,
+from helpers import (
     KiB, LocalServer, QuietHandler, chat_chunk, chat_sse, codex_fixture, http_chunk, iter_sse, memory, open_fds,
-    parse_sse, send_json, send_text_chunk, stream_turn, terminal, wait_until,
+    openai_client, parse_sse, send_json, send_text_chunk, start_sse, stream_turn, terminal, wait_until,
 )
 from soak import soak
 
@@ -258,7 +258,7 @@ def test_secrets_never_reach_logs_flows_or_clients(gateway_factory, tmp_path):
                              "--set", f"resp2chat_upstream_request_log_path={log}",
                              "--set", "termlog_verbosity=debug", "--set", "flow_detail=4",
                              env={"RESP2CHAT_UPSTREAM_API_KEY": key})
-        client = openai.OpenAI(base_url=gw.base_url, api_key=client_key, max_retries=0)
+        client = openai_client(gw, api_key=client_key)
         events = list(client.responses.create(model="m", input="hi", stream=True))
         with pytest.raises(openai.BadRequestError) as info:
             client.responses.create(model="m", input="hi")

@@ -320,7 +320,6 @@ def test_approval_rules_name_tools(mcp_gateway):
 
 def test_the_agents_sdk_hosted_mcp_tool_with_approvals(mcp_gateway, upstream):
     from agents import Agent, HostedMCPTool, OpenAIResponsesModel, Runner, set_tracing_disabled
-    from openai import AsyncOpenAI
 
     set_tracing_disabled(True)
     asked = []
@@ -332,8 +331,8 @@ def test_the_agents_sdk_hosted_mcp_tool_with_approvals(mcp_gateway, upstream):
         return on_approval_request
 
     def run(approve: bool):
-        model = OpenAIResponsesModel(model="demo-model", openai_client=AsyncOpenAI(
-            base_url=mcp_gateway.base_url, api_key="unused", max_retries=0))
+        model = OpenAIResponsesModel(model="demo-model",
+                                     openai_client=openai_client(mcp_gateway, api_key="unused", asynchronous=True))
         tool = HostedMCPTool(tool_config={"type": "mcp", "server_label": "ev", "require_approval": "always"},
                              on_approval_request=decide(approve))
         return asyncio.run(Runner.run(Agent(name="m", instructions="Use tools.", model=model, tools=[tool]), ECHO))
