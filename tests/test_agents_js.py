@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from helpers import ROOT, parse_sse, read_flows, responses_requests, start_gateway
-from test_clients import CALL, assert_chat_history, assert_response_format, assert_tool_loop
+from test_client_libraries import CALL, assert_chat_history, assert_response_format, assert_tool_loop
 from test_mcp_e2e import everything  # noqa: F401  (the fixture: server-everything on a free port)
 
 AGENTS_JS_VERSION = "0.20.0"  # the Makefile's AGENTS_JS_VER
