@@ -922,6 +922,112 @@ def retranslate(*args: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
     return out, [r for line in out.stdout.splitlines() if line.startswith("[") for r in json.loads(line)]
 
 
+RESP2CHAT = Path(sys.executable).with_name("resp2chat")  # the installed console script
+
+
+def cli_env(tmp_path: Path, **extra: str) -> dict:
+    """A gateway's environment (``gateway_env``) whose HOME and config folder are in ``tmp_path``
+    (the config file: ``config_file``), with ``extra``."""
+    return {**gateway_env(), "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "xdg"), **extra}
+
+
+def run_cli(tmp_path: Path, *args: str, stdin: str = "", **env: str) -> subprocess.CompletedProcess:
+    """The ``resp2chat`` console script with ARGS in ``cli_env(tmp_path, **env)``, ``stdin``
+    as its input: what a user with that config folder runs. Its output as text."""
+    return subprocess.run([str(RESP2CHAT), *args], input=stdin, capture_output=True, text=True, timeout=60,
+                          env=cli_env(tmp_path, **env), cwd=tmp_path)
+
+
+def config_file(tmp_path: Path) -> Path:
+    """The config file the CLI (and a gateway) in ``cli_env(tmp_path)`` read and write."""
+    return tmp_path / "xdg" / "resp2chat" / "config.yaml"
+
+
+# --- what a gateway tells about itself --------------------------------------------------------
+
+
+def scrape(gw, **headers) -> dict:
+    """A gateway's /metrics (asked with ``headers``), read with prometheus_client's own parser:
+    (sample name, sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = requests.get(gw.base_url.removesuffix("/v1") + "/metrics", headers=headers, timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain"), r.text
+    samples = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+# --- third-party clients against the scripted upstream ----------------------------------------
+
+WEATHER_CALL = 'call: get_weather {"city": "Paris"}'  # the scripted upstream calls get_weather, then answers
+ECHO_CALL = 'call: mcp__ev__echo {"message": "hello mcp"}'  # … calls the MCP server ``ev``'s echo
+
+
+def assert_tool_loop(upstream_requests: list[dict]) -> None:
+    """The backend saw the call (``WEATHER_CALL``), then the client's tool result as a tool message."""
+    assert len(upstream_requests) == 2, [r["messages"][-1] for r in upstream_requests]
+    first, second = upstream_requests
+    assert [t["function"]["name"] for t in first["tools"]] == ["get_weather"]
+    call_msg, result = second["messages"][-2:]
+    (call,) = call_msg["tool_calls"]
+    assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+    assert result == {"role": "tool", "tool_call_id": call["id"], "content": result["content"]}
+    assert "sunny in Paris" in result["content"]
+
+
+def assert_chat_history(upstream_requests: list[dict]) -> None:
+    """The second turn reached the backend with the first turn as the client kept it, the
+    reasoning as the assistant message's reasoning field."""
+    messages = upstream_requests[-1]["messages"]
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    assert users == ["my name is Ada", "what is my name"], messages
+    assistants = [m for m in messages if m["role"] == "assistant"]
+    assert len(assistants) == 1, messages
+    assert assistants[0]["content"] == "You said: my name is Ada"
+    assert assistants[0]["reasoning_content"] == "Thinking about: my name is Ada"
+
+
+def assert_response_format(upstream_request: dict) -> None:
+    """The client's structured output (a schema with a string ``answer``) reached the backend."""
+    fmt = upstream_request["response_format"]
+    assert fmt["type"] == "json_schema", fmt
+    schema = fmt["json_schema"]["schema"]
+    assert schema["properties"]["answer"]["type"] == "string" and "answer" in schema["required"]
+
+
+EVERYTHING_VERSION = "2026.8.31"  # the Makefile's MCP_EVERYTHING_VER
+
+
+def everything_bin() -> str:
+    """The real MCP test server (npm @modelcontextprotocol/server-everything): $MCP_EVERYTHING_BIN
+    or `make mcp-everything`'s."""
+    import pytest
+
+    path = os.environ.get("MCP_EVERYTHING_BIN") or str(
+        ROOT / ".tools" / f"mcp-everything-{EVERYTHING_VERSION}" / "node_modules" / ".bin" / "mcp-server-everything")
+    if not Path(path).exists():
+        pytest.fail("the MCP test server is not installed: run `make mcp-everything` (or set MCP_EVERYTHING_BIN)")
+    return path
+
+
+def serve_everything(tmp_path_factory, transport: str, path: str, ready):
+    """server-everything on ``transport`` on a free port until the fixture ends: its URL (``path``),
+    once ``ready(url, proc, log)`` says it listens."""
+    port = free_port()
+    log = tmp_path_factory.mktemp(f"everything-{transport}") / "server.log"
+    proc = subprocess.Popen([everything_bin(), transport], env={**os.environ, "PORT": str(port)},
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}{path}"
+        ready(url, proc, log)
+        yield url
+    finally:
+        stop_process(proc)
+
+
 # --- Codex CLI --------------------------------------------------------------------------------
 
 

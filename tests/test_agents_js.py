@@ -19,13 +19,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from helpers import ROOT, parse_sse, read_flows, responses_requests, start_gateway
-from test_client_libraries import CALL, assert_chat_history, assert_response_format, assert_tool_loop
-from test_mcp_e2e import everything  # noqa: F401  (the fixture: server-everything on a free port)
+from helpers import (ROOT, WEATHER_CALL, assert_chat_history, assert_response_format, assert_tool_loop, parse_sse,
+                     read_flows, responses_requests, start_gateway)
 
 AGENTS_JS_VERSION = "0.20.0"  # the Makefile's AGENTS_JS_VER
 TOOL_LOOP = ["reasoning_item", "tool_call_item", "tool_call_output_item", "reasoning_item", "message_output_item"]
-ECHO = 'call: mcp__ev__echo {"message": "hello mcp"}'
 
 
 @pytest.fixture(scope="session")
@@ -51,13 +49,6 @@ def agents_js(agents_js_dir):
         return json.loads(proc.stdout)
 
     return run
-
-
-@pytest.fixture
-def recording_gateway(upstream, gateway_factory, tmp_path):
-    flows = tmp_path / "flows.mitm"
-    gw = gateway_factory(upstream.origin, "-w", str(flows), "--set", "resp2chat_max_replay_entries=0")
-    return gw, flows
 
 
 def turns(flows: Path) -> list:
@@ -114,7 +105,7 @@ def test_tool_loop(agents_js, recording_gateway, upstream, scenario):
     if scenario == "tools_stream":
         assert "".join(out["deltas"]) == out["final"] and len(out["deltas"]) > 1
     assert_tool_loop(upstream.requests())
-    assert upstream.requests()[-1]["messages"][-2]["reasoning_content"] == f"Thinking about: {CALL}"
+    assert upstream.requests()[-1]["messages"][-2]["reasoning_content"] == f"Thinking about: {WEATHER_CALL}"
     gw.stop()
     second = responses_requests(flows)[1]
     assert [i.get("type") for i in second["input"]] == [None, "reasoning", "function_call", "function_call_output"]
@@ -268,7 +259,7 @@ def test_websocket_chat_and_structured_output(agents_js, gateway, upstream):
 
 
 @pytest.fixture(scope="module")
-def mcp_gateway(upstream, everything, tmp_path_factory):  # noqa: F811
+def mcp_gateway(upstream, everything, tmp_path_factory):
     servers = json.dumps([{"label": "ev", "url": everything, "timeout_secs": 30}])
     gw = start_gateway(upstream.origin, tmp_path_factory.mktemp("agents-js-mcp"), "--set",
                        "resp2chat_max_replay_entries=0", env={"RESP2CHAT_MCP_SERVERS": servers})

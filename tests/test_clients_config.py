@@ -20,8 +20,8 @@ import openai
 import pytest
 import yaml
 
-from helpers import ADDON, MITMDUMP, Codex, free_port, openai_client, shown_settings, start_gateway, wait_until
-from test_cli import RESP2CHAT, cli_env, config_file, run_cli
+from helpers import (ADDON, MITMDUMP, RESP2CHAT, Codex, cli_env, config_file, free_port, openai_client, run_cli,
+                     shown_settings, start_gateway, wait_until)
 
 from resp2chat_core import settings as S
 from resp2chat_core.clients import ClientSpec, ClientTable, allows_model, key_sha256, parse_clients
