@@ -242,6 +242,16 @@ def start_gateway(upstream_url: str, tmp: Path, *extra: str, env: dict | None = 
 # --- asking a gateway, and what it answers (Responses SSE) ------------------------------------
 
 
+def message(role: str, *texts: str, kind: str = "input_text") -> dict:
+    """A Responses ``message`` item of ``role``: one ``kind`` part per text."""
+    return {"type": "message", "role": role, "content": [{"type": kind, "text": t} for t in texts]}
+
+
+def user(text: str) -> dict:
+    """A user's ``message`` item of one ``input_text``."""
+    return message("user", text)
+
+
 def post_turn(gw, body: dict | bytes, headers: dict | None = None, timeout: float = 60) -> requests.Response:
     """POST /v1/responses to a gateway (anything with a ``base_url``): a dict as JSON, bytes as
     they are, as ``application/json`` (``headers`` may say otherwise)."""

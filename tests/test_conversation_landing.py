@@ -17,16 +17,13 @@ import openai
 import pytest
 import requests
 
-from helpers import TERMINAL, free_port, iter_sse, openai_client, parse_sse, start_gateway, terminal, wait_until
+from helpers import (TERMINAL, free_port, iter_sse, openai_client, parse_sse, start_gateway, terminal, user,
+                     wait_until)
 from wsclient import WSClient
 
 ROUNDS = 20
 TOOL = {"type": "function", "name": "get_weather", "description": "the weather in a city",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
-
-
-def user(text: str) -> dict:
-    return {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
 
 
 def request(conv: str, input_: list, stream: bool) -> dict:

@@ -12,17 +12,13 @@ import openai
 import pytest
 import requests
 
-from helpers import openai_client, start_gateway
+from helpers import openai_client, start_gateway, user
 from wsclient import WSClient
 
 
 @pytest.fixture
 def gw(upstream, gateway_factory):
     return gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=4")
-
-
-def user(text: str) -> dict:
-    return {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
 
 
 def test_the_sdk_creates_reads_changes_and_deletes_a_conversation(gw):

@@ -15,15 +15,11 @@ import wsproto.events as E
 from resp2chat_core import websocket as ws
 from resp2chat_core.errors import GatewayError
 
-from helpers import DONE, LocalServer, QuietHandler, chat_event, logged_bodies, parse_sse, read_flows
+from helpers import DONE, LocalServer, QuietHandler, chat_event, logged_bodies, parse_sse, read_flows, user
 from wsclient import Refused, WSClient
 
 TOOLS = [{"type": "function", "name": "exec_command", "description": "run a command", "strict": False,
           "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}, "required": ["cmd"]}}]
-
-
-def user(text: str) -> dict:
-    return {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
 
 
 # --- the core ------------------------------------------------------------------------------
