@@ -229,8 +229,7 @@ def test_a_call_that_needs_approval_ends_the_turn_after_the_others_run():
     loop = ToolLoop(t.chat_body, [mcp.McpTools(t.mcp, max_rounds=5)])
     assert loop.prelude() == []
     loop.feed(chat_sse(tool_call_chunk(0, "c1", "mcp__ev__echo", "{}"),
-                       chat_chunk({"tool_calls": [{"index": 1, "id": "c2", "type": "function",
-                                                   "function": {"name": "mcp__ev__get-sum", "arguments": "{}"}}]}),
+                       tool_call_chunk(1, "c2", "mcp__ev__get-sum", "{}"),
                        chat_chunk(finish="tool_calls")))
     _, steps = loop.end_round(ok=True)
     assert [type(s).__name__ for s in steps] == ["Call", "Approve"]
