@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Codex, Gateway, Upstream, codex_bin_path, openai_client, serve_everything, start_gateway, wait_http
+from helpers import (Codex, Endless, Gateway, LocalServer, Upstream, codex_bin_path, openai_client, serve_everything,
+                     start_gateway, wait_http)
 from redis_server import RedisServer, missing
 from resp2chat_io.demo_upstream import serve_in_thread
 
@@ -54,6 +55,15 @@ def recording_gateway(upstream, gateway_factory, tmp_path):
     flows = tmp_path / "flows.mitm"
     gw = gateway_factory(upstream.origin, "-w", str(flows), "--set", "resp2chat_max_replay_entries=0")
     return gw, flows
+
+
+@pytest.fixture
+def endless():
+    """A test backend of this test's own whose answer never ends by itself (``helpers.Endless``,
+    its calls noted afresh): the server (its ``url``)."""
+    Endless.started, Endless.closed = [], []
+    with LocalServer(Endless) as server:
+        yield server
 
 
 @pytest.fixture

@@ -588,6 +588,22 @@ def stream_until_gone(handler) -> int:
         return n
 
 
+class Endless(QuietHandler):
+    """A test backend whose answer never ends by itself (conftest's ``endless`` serves it): it
+    streams (``stream_until_gone``) until its client hangs up. ``started``: when each call came
+    (time.monotonic); ``closed``: when the client hung up on each."""
+
+    started: list[float] = []
+    closed: list[float] = []
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["content-length"]))
+        type(self).started.append(time.monotonic())
+        start_sse(self)
+        stream_until_gone(self)
+        type(self).closed.append(time.monotonic())
+
+
 # --- a translated stream's invariants (the sans-I/O translator tests) -------------------------
 
 RESP_ID = "resp_0123456789abcdef"  # the response the translator tests' turns make
