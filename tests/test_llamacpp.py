@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from helpers import iter_sse, openai_client, parse_sse, terminal, wait_until
+from helpers import iter_sse, openai_client, parse_chat_sse, parse_sse, terminal, wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "llamacpp"))
 import kv_figure  # noqa: E402
@@ -65,8 +65,7 @@ def direct_usage(llama, chat: dict) -> dict:
 
 def server_usage(upstream_sse: str) -> dict:
     """The usage chunk llama-server sent (the raw chat SSE the gateway recorded)."""
-    usage = [json.loads(line[6:])["usage"] for line in upstream_sse.splitlines()
-             if line.startswith("data: {") and '"usage"' in line]
+    usage = [c["usage"] for c in parse_chat_sse(upstream_sse.encode()) if c != "[DONE]" and "usage" in c]
     assert len(usage) == 1, upstream_sse[-2000:]
     return usage[0]
 
