@@ -397,10 +397,15 @@ def read_flows(path: Path) -> list:
         return [f for f in io.FlowReader(fh).stream() if isinstance(f, http.HTTPFlow)]
 
 
+def turn_flows(path: Path) -> list:
+    """The Responses turns of a gateway's flow file: the flows that carry a client's Responses
+    request (``metadata["resp2chat"]["responses_request"]``), in order."""
+    return [f for f in read_flows(path) if "responses_request" in f.metadata.get("resp2chat", {})]
+
+
 def responses_requests(path: Path) -> list[dict]:
     """The Responses requests clients sent, as the gateway recorded each turn in its flow file."""
-    return [json.loads(f.metadata["resp2chat"]["responses_request"]) for f in read_flows(path)
-            if "responses_request" in f.metadata.get("resp2chat", {})]
+    return [json.loads(f.metadata["resp2chat"]["responses_request"]) for f in turn_flows(path)]
 
 
 def logged_bodies(path: Path) -> list[bytes]:

@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from helpers import (ROOT, WEATHER_CALL, assert_chat_history, assert_response_format, assert_tool_loop, parse_sse,
-                     read_flows, responses_requests, start_gateway)
+                     read_flows, responses_requests, start_gateway, turn_flows)
 
 AGENTS_JS_VERSION = "0.20.0"  # the Makefile's AGENTS_JS_VER
 TOOL_LOOP = ["reasoning_item", "tool_call_item", "tool_call_output_item", "reasoning_item", "message_output_item"]
@@ -51,11 +51,6 @@ def agents_js(agents_js_dir):
     return run
 
 
-def turns(flows: Path) -> list:
-    """The Responses turns of a flow file (the flows that carry a client's Responses request)."""
-    return [f for f in read_flows(flows) if "responses_request" in f.metadata.get("resp2chat", {})]
-
-
 # --- over HTTP (the SDK's default) ---------------------------------------------------------------
 
 
@@ -68,7 +63,7 @@ def test_streams_text_and_reads_the_end_of_the_stream(agents_js, recording_gatew
     assert upstream.requests()[-1]["messages"] == [{"role": "system", "content": "Be brief."},
                                                   {"role": "user", "content": "hello agents js"}]
     gw.stop()
-    (turn,) = turns(flows)
+    (turn,) = turn_flows(flows)
     assert json.loads(turn.metadata["resp2chat"]["responses_request"])["stream"] is True
     # what the SDK read: a stream as the spec says (parse_sse checks it), ending in data: [DONE]
     raw = turn.response.content
@@ -146,7 +141,7 @@ def test_streamed_tool_loop_by_previous_response_id(agents_js, recording_gateway
     assert_tool_loop(requests_[1:])
     assert [m["role"] for m in requests_[-1]["messages"]] == ["system", "user", "assistant", "user", "assistant", "tool"]
     gw.stop()
-    first, call, output = turns(flows)
+    first, call, output = turn_flows(flows)
     step = json.loads(output.metadata["resp2chat"]["responses_request"])
     assert step["previous_response_id"] == parse_sse(call.response.content)[-1]["response"]["id"]
     assert [i["type"] for i in step["input"]] == ["function_call_output"]
