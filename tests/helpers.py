@@ -50,7 +50,7 @@ TEST_HOME = _hermetic()
 
 def gateway_env() -> dict:
     """The environment a test gateway starts from: the hermetic one, without even the test
-    suite's own RESP2CHAT_* knobs (a test adds what it means to set, e.g. test_cli's cli_env)."""
+    suite's own RESP2CHAT_* knobs (a test adds what it means to set, e.g. cli_env)."""
     return {k: v for k, v in os.environ.items() if not k.startswith(("RESP2CHAT_", "OPENAI_", "BRAVE_"))}
 
 
