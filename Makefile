@@ -8,7 +8,7 @@ PY        := $(VENV)/bin/python
 TOOLS     := .tools
 CODEX_VER := 0.169.0
 CODEX     := $(TOOLS)/codex-$(CODEX_VER)/node_modules/.bin/codex
-# the Vercel AI SDK, a third-party Responses client the tests drive (tests/test_clients.py), with
+# the Vercel AI SDK, a third-party Responses client the tests drive (tests/test_client_libraries.py), with
 # its two Responses providers: @ai-sdk/openai, and @ai-sdk/open-responses (1.x pairs with ai 6)
 AI_SDK_VER := 6.0.325
 AI_SDK_DIR := $(TOOLS)/ai-sdk-$(AI_SDK_VER)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Codex, Gateway, Upstream, codex_bin_path, openai_client, start_gateway
+from helpers import (Codex, Endless, Gateway, LocalServer, Upstream, codex_bin_path, openai_client, serve_everything,
+                     start_gateway, wait_http)
 from redis_server import RedisServer, missing
 from resp2chat_io.demo_upstream import serve_in_thread
 
@@ -49,6 +50,23 @@ def gateway_factory(tmp_path):
 
 
 @pytest.fixture
+def recording_gateway(upstream, gateway_factory, tmp_path):
+    """A gateway of this test's own that writes its flows (``-w``), no replay cache: (it, the flow file)."""
+    flows = tmp_path / "flows.mitm"
+    gw = gateway_factory(upstream.origin, "-w", str(flows), "--set", "resp2chat_max_replay_entries=0")
+    return gw, flows
+
+
+@pytest.fixture
+def endless():
+    """A test backend of this test's own whose answer never ends by itself (``helpers.Endless``,
+    its calls noted afresh): the server (its ``url``)."""
+    Endless.started, Endless.closed = [], []
+    with LocalServer(Endless) as server:
+        yield server
+
+
+@pytest.fixture
 def client(gateway):
     """An openai SDK client of the session gateway (``helpers.openai_client``)."""
     return openai_client(gateway)
@@ -63,6 +81,13 @@ def redis_server(tmp_path):
     server = RedisServer(tmp_path / "redis").start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def everything(tmp_path_factory):
+    """The real MCP test server, server-everything, in streamable-HTTP mode on a free port: its /mcp URL."""
+    yield from serve_everything(tmp_path_factory, "streamableHttp", "/mcp",
+                                lambda url, proc, log: wait_http(url, proc=proc))
 
 
 # --- Codex CLI -------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ TEST_HOME = _hermetic()
 
 def gateway_env() -> dict:
     """The environment a test gateway starts from: the hermetic one, without even the test
-    suite's own RESP2CHAT_* knobs (a test adds what it means to set, e.g. test_cli's cli_env)."""
+    suite's own RESP2CHAT_* knobs (a test adds what it means to set, e.g. cli_env)."""
     return {k: v for k, v in os.environ.items() if not k.startswith(("RESP2CHAT_", "OPENAI_", "BRAVE_"))}
 
 
@@ -242,6 +242,16 @@ def start_gateway(upstream_url: str, tmp: Path, *extra: str, env: dict | None = 
 # --- asking a gateway, and what it answers (Responses SSE) ------------------------------------
 
 
+def message(role: str, *texts: str, kind: str = "input_text") -> dict:
+    """A Responses ``message`` item of ``role``: one ``kind`` part per text."""
+    return {"type": "message", "role": role, "content": [{"type": kind, "text": t} for t in texts]}
+
+
+def user(text: str) -> dict:
+    """A user's ``message`` item of one ``input_text``."""
+    return message("user", text)
+
+
 def post_turn(gw, body: dict | bytes, headers: dict | None = None, timeout: float = 60) -> requests.Response:
     """POST /v1/responses to a gateway (anything with a ``base_url``): a dict as JSON, bytes as
     they are, as ``application/json`` (``headers`` may say otherwise)."""
@@ -258,28 +268,43 @@ def stream_turn(gw, body: dict, headers: dict | None = None, timeout: float = 60
     return parse_sse(r.content)
 
 
-def openai_client(gw, api_key: str = "sk-client-key", **kw):
+def openai_client(gw, api_key: str = "sk-client-key", *, asynchronous: bool = False, **kw):
     """The openai SDK's client of a gateway (its base URL, or anything with a ``base_url``): no
     retries (a failure shows at once, not hidden by a second try) and a 30 s timeout, unless
-    ``kw`` says otherwise."""
+    ``kw`` says otherwise; ``asynchronous``: an ``AsyncOpenAI`` (what the Agents SDK takes).
+    Every JSON answer it reads is checked against the spec (``check_body``)."""
     import openai
 
     import httpx
 
     base_url = gw if isinstance(gw, str) else gw.base_url
-    kw.setdefault("http_client", httpx.Client())
-    kw["http_client"].event_hooks["response"].append(_check_httpx_answer)  # (the spec: check_body)
-    return openai.OpenAI(base_url=base_url, api_key=api_key, **{"max_retries": 0, "timeout": 30, **kw})
+    if asynchronous:
+        cls, http, hook = openai.AsyncOpenAI, httpx.AsyncClient, _check_httpx_answer_async
+    else:
+        cls, http, hook = openai.OpenAI, httpx.Client, _check_httpx_answer
+    kw.setdefault("http_client", http())
+    kw["http_client"].event_hooks["response"].append(hook)
+    return cls(base_url=base_url, api_key=api_key, **{"max_retries": 0, "timeout": 30, **kw})
+
+
+def _is_json_answer(response) -> bool:
+    return response.status_code == 200 and response.headers.get("content-type", "").startswith("application/json")
 
 
 def _check_httpx_answer(response) -> None:
-    if response.status_code == 200 and response.headers.get("content-type", "").startswith("application/json"):
+    if _is_json_answer(response):
         response.read()
         check_body(response.content, response.url.path)
 
 
+async def _check_httpx_answer_async(response) -> None:
+    if _is_json_answer(response):
+        await response.aread()
+        check_body(response.content, response.url.path)
+
+
 def _check_requests_answer(response, *args, **kwargs):
-    if response.status_code == 200 and response.headers.get("content-type", "").startswith("application/json"):
+    if _is_json_answer(response):
         check_body(response.content, urlsplit(response.url).path)
     return response
 
@@ -323,6 +348,37 @@ def parse_sse(raw: bytes) -> list[dict]:
     return check_spec(events)
 
 
+def iter_sse(response: requests.Response, into: bytearray | None = None) -> typing.Iterator[dict]:
+    """The live reader of a streamed answer (``requests.post(…, stream=True)``): each event's
+    JSON as soon as its blank line is in, while the stream goes on (a test may act between
+    events, or stop reading and hang up). A gateway's event is read as strictly as ``parse_sse``
+    reads it (``event: <type>``, ``data: <JSON of that type>``, as the specification requires
+    it); a chat backend's is one ``data:`` line (as ``parse_chat_sse``); ``data: [DONE]`` is no
+    event. A stream that ends must end with a blank line. ``into`` gets every byte read (for
+    ``parse_sse``/``check_stream`` of the whole stream afterwards)."""
+    buf = b""
+    for piece in response.iter_content(chunk_size=None):  # (each piece as it arrives)
+        if into is not None:
+            into += piece
+        buf += piece
+        while b"\n\n" in buf:
+            block, buf = buf.split(b"\n\n", 1)
+            lines = block.decode().split("\n")
+            if lines == ["data: [DONE]"]:
+                continue
+            if len(lines) == 1:
+                assert lines[0].startswith("data: "), f"not an SSE event: {block[:200]!r}"
+                yield json.loads(lines[0][6:])
+                continue
+            assert len(lines) == 2 and lines[0].startswith("event: ") and lines[1].startswith("data: "), \
+                f"not an SSE event: {block[:200]!r}"
+            event = json.loads(lines[1][6:])
+            assert isinstance(event, dict) and event.get("type") == lines[0][7:], \
+                f"event name and type differ: {block[:200]!r}"
+            yield check_spec([event])[0]
+    assert buf == b"", f"the stream does not end with a blank line: {buf[-200:]!r}"
+
+
 def terminal(events: list[dict]) -> dict:
     """A turn's terminal event: there is exactly one, and it is the last."""
     ends = [e for e in events if e["type"] in TERMINAL]
@@ -341,10 +397,15 @@ def read_flows(path: Path) -> list:
         return [f for f in io.FlowReader(fh).stream() if isinstance(f, http.HTTPFlow)]
 
 
+def turn_flows(path: Path) -> list:
+    """The Responses turns of a gateway's flow file: the flows that carry a client's Responses
+    request (``metadata["resp2chat"]["responses_request"]``), in order."""
+    return [f for f in read_flows(path) if "responses_request" in f.metadata.get("resp2chat", {})]
+
+
 def responses_requests(path: Path) -> list[dict]:
     """The Responses requests clients sent, as the gateway recorded each turn in its flow file."""
-    return [json.loads(f.metadata["resp2chat"]["responses_request"]) for f in read_flows(path)
-            if "responses_request" in f.metadata.get("resp2chat", {})]
+    return [json.loads(f.metadata["resp2chat"]["responses_request"]) for f in turn_flows(path)]
 
 
 def logged_bodies(path: Path) -> list[bytes]:
@@ -361,6 +422,30 @@ def chat_chunk(delta: dict | None = None, finish: str | None = None, **fields) -
     and ``finish``; ``fields`` go at the top (``usage=…``; ``choices=[]`` for usage alone)."""
     return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "up",
             "choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}], **fields}
+
+
+def tool_call(index: int, id: str | None = None, name: str | None = None, args: str | None = None, *,
+              nulls: bool = False) -> dict:
+    """One entry of a chunk's ``delta.tool_calls`` as a backend streams it: ``index``, then
+    ``id`` with ``"type": "function"`` (on the chunk that starts the call), and the function's
+    ``name`` and ``arguments`` (``args``), each where given; with ``nulls``, every field there and
+    null where not given (some backends send a call's later chunks so)."""
+    call: dict = {"index": index}
+    if id or nulls:
+        call.update(id=id, type="function")
+    fn = {"name": name, "arguments": args} if nulls else {}
+    if name is not None:
+        fn["name"] = name
+    if args is not None:
+        fn["arguments"] = args
+    call["function"] = fn
+    return call
+
+
+def tool_call_chunk(index: int, id: str | None = None, name: str | None = None, args: str | None = None, *,
+                    nulls: bool = False) -> dict:
+    """A chunk (``chat_chunk``) whose delta is that one tool call (``tool_call``)."""
+    return chat_chunk({"tool_calls": [tool_call(index, id, name, args, nulls=nulls)]})
 
 
 DONE = b"data: [DONE]\n\n"
@@ -506,6 +591,22 @@ def stream_until_gone(handler) -> int:
             time.sleep(0.05)  # (a model's pace, not a wait)
     except OSError:
         return n
+
+
+class Endless(QuietHandler):
+    """A test backend whose answer never ends by itself (conftest's ``endless`` serves it): it
+    streams (``stream_until_gone``) until its client hangs up. ``started``: when each call came
+    (time.monotonic); ``closed``: when the client hung up on each."""
+
+    started: list[float] = []
+    closed: list[float] = []
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["content-length"]))
+        type(self).started.append(time.monotonic())
+        start_sse(self)
+        stream_until_gone(self)
+        type(self).closed.append(time.monotonic())
 
 
 # --- a translated stream's invariants (the sans-I/O translator tests) -------------------------
@@ -850,6 +951,112 @@ def retranslate(*args: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
     """``resp2chat retranslate --json ARGS``: the run, and the result of every turn it checked."""
     out = resp2chat_cli("retranslate", "--json", *args)
     return out, [r for line in out.stdout.splitlines() if line.startswith("[") for r in json.loads(line)]
+
+
+RESP2CHAT = Path(sys.executable).with_name("resp2chat")  # the installed console script
+
+
+def cli_env(tmp_path: Path, **extra: str) -> dict:
+    """A gateway's environment (``gateway_env``) whose HOME and config folder are in ``tmp_path``
+    (the config file: ``config_file``), with ``extra``."""
+    return {**gateway_env(), "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "xdg"), **extra}
+
+
+def run_cli(tmp_path: Path, *args: str, stdin: str = "", **env: str) -> subprocess.CompletedProcess:
+    """The ``resp2chat`` console script with ARGS in ``cli_env(tmp_path, **env)``, ``stdin``
+    as its input: what a user with that config folder runs. Its output as text."""
+    return subprocess.run([str(RESP2CHAT), *args], input=stdin, capture_output=True, text=True, timeout=60,
+                          env=cli_env(tmp_path, **env), cwd=tmp_path)
+
+
+def config_file(tmp_path: Path) -> Path:
+    """The config file the CLI (and a gateway) in ``cli_env(tmp_path)`` read and write."""
+    return tmp_path / "xdg" / "resp2chat" / "config.yaml"
+
+
+# --- what a gateway tells about itself --------------------------------------------------------
+
+
+def scrape(gw, **headers) -> dict:
+    """A gateway's /metrics (asked with ``headers``), read with prometheus_client's own parser:
+    (sample name, sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = requests.get(gw.base_url.removesuffix("/v1") + "/metrics", headers=headers, timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain"), r.text
+    samples = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+# --- third-party clients against the scripted upstream ----------------------------------------
+
+WEATHER_CALL = 'call: get_weather {"city": "Paris"}'  # the scripted upstream calls get_weather, then answers
+ECHO_CALL = 'call: mcp__ev__echo {"message": "hello mcp"}'  # … calls the MCP server ``ev``'s echo
+
+
+def assert_tool_loop(upstream_requests: list[dict]) -> None:
+    """The backend saw the call (``WEATHER_CALL``), then the client's tool result as a tool message."""
+    assert len(upstream_requests) == 2, [r["messages"][-1] for r in upstream_requests]
+    first, second = upstream_requests
+    assert [t["function"]["name"] for t in first["tools"]] == ["get_weather"]
+    call_msg, result = second["messages"][-2:]
+    (call,) = call_msg["tool_calls"]
+    assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+    assert result == {"role": "tool", "tool_call_id": call["id"], "content": result["content"]}
+    assert "sunny in Paris" in result["content"]
+
+
+def assert_chat_history(upstream_requests: list[dict]) -> None:
+    """The second turn reached the backend with the first turn as the client kept it, the
+    reasoning as the assistant message's reasoning field."""
+    messages = upstream_requests[-1]["messages"]
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    assert users == ["my name is Ada", "what is my name"], messages
+    assistants = [m for m in messages if m["role"] == "assistant"]
+    assert len(assistants) == 1, messages
+    assert assistants[0]["content"] == "You said: my name is Ada"
+    assert assistants[0]["reasoning_content"] == "Thinking about: my name is Ada"
+
+
+def assert_response_format(upstream_request: dict) -> None:
+    """The client's structured output (a schema with a string ``answer``) reached the backend."""
+    fmt = upstream_request["response_format"]
+    assert fmt["type"] == "json_schema", fmt
+    schema = fmt["json_schema"]["schema"]
+    assert schema["properties"]["answer"]["type"] == "string" and "answer" in schema["required"]
+
+
+EVERYTHING_VERSION = "2026.8.31"  # the Makefile's MCP_EVERYTHING_VER
+
+
+def everything_bin() -> str:
+    """The real MCP test server (npm @modelcontextprotocol/server-everything): $MCP_EVERYTHING_BIN
+    or `make mcp-everything`'s."""
+    import pytest
+
+    path = os.environ.get("MCP_EVERYTHING_BIN") or str(
+        ROOT / ".tools" / f"mcp-everything-{EVERYTHING_VERSION}" / "node_modules" / ".bin" / "mcp-server-everything")
+    if not Path(path).exists():
+        pytest.fail("the MCP test server is not installed: run `make mcp-everything` (or set MCP_EVERYTHING_BIN)")
+    return path
+
+
+def serve_everything(tmp_path_factory, transport: str, path: str, ready):
+    """server-everything on ``transport`` on a free port until the fixture ends: its URL (``path``),
+    once ``ready(url, proc, log)`` says it listens."""
+    port = free_port()
+    log = tmp_path_factory.mktemp(f"everything-{transport}") / "server.log"
+    proc = subprocess.Popen([everything_bin(), transport], env={**os.environ, "PORT": str(port)},
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}{path}"
+        ready(url, proc, log)
+        yield url
+    finally:
+        stop_process(proc)
 
 
 # --- Codex CLI --------------------------------------------------------------------------------

@@ -19,13 +19,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from helpers import ROOT, parse_sse, read_flows, responses_requests, start_gateway
-from test_clients import CALL, assert_chat_history, assert_response_format, assert_tool_loop
-from test_mcp_e2e import everything  # noqa: F401  (the fixture: server-everything on a free port)
+from helpers import (ROOT, WEATHER_CALL, assert_chat_history, assert_response_format, assert_tool_loop, parse_sse,
+                     read_flows, responses_requests, start_gateway, turn_flows)
 
 AGENTS_JS_VERSION = "0.20.0"  # the Makefile's AGENTS_JS_VER
 TOOL_LOOP = ["reasoning_item", "tool_call_item", "tool_call_output_item", "reasoning_item", "message_output_item"]
-ECHO = 'call: mcp__ev__echo {"message": "hello mcp"}'
 
 
 @pytest.fixture(scope="session")
@@ -53,18 +51,6 @@ def agents_js(agents_js_dir):
     return run
 
 
-@pytest.fixture
-def recording_gateway(upstream, gateway_factory, tmp_path):
-    flows = tmp_path / "flows.mitm"
-    gw = gateway_factory(upstream.origin, "-w", str(flows), "--set", "resp2chat_max_replay_entries=0")
-    return gw, flows
-
-
-def turns(flows: Path) -> list:
-    """The Responses turns of a flow file (the flows that carry a client's Responses request)."""
-    return [f for f in read_flows(flows) if "responses_request" in f.metadata.get("resp2chat", {})]
-
-
 # --- over HTTP (the SDK's default) ---------------------------------------------------------------
 
 
@@ -77,7 +63,7 @@ def test_streams_text_and_reads_the_end_of_the_stream(agents_js, recording_gatew
     assert upstream.requests()[-1]["messages"] == [{"role": "system", "content": "Be brief."},
                                                   {"role": "user", "content": "hello agents js"}]
     gw.stop()
-    (turn,) = turns(flows)
+    (turn,) = turn_flows(flows)
     assert json.loads(turn.metadata["resp2chat"]["responses_request"])["stream"] is True
     # what the SDK read: a stream as the spec says (parse_sse checks it), ending in data: [DONE]
     raw = turn.response.content
@@ -114,7 +100,7 @@ def test_tool_loop(agents_js, recording_gateway, upstream, scenario):
     if scenario == "tools_stream":
         assert "".join(out["deltas"]) == out["final"] and len(out["deltas"]) > 1
     assert_tool_loop(upstream.requests())
-    assert upstream.requests()[-1]["messages"][-2]["reasoning_content"] == f"Thinking about: {CALL}"
+    assert upstream.requests()[-1]["messages"][-2]["reasoning_content"] == f"Thinking about: {WEATHER_CALL}"
     gw.stop()
     second = responses_requests(flows)[1]
     assert [i.get("type") for i in second["input"]] == [None, "reasoning", "function_call", "function_call_output"]
@@ -155,7 +141,7 @@ def test_streamed_tool_loop_by_previous_response_id(agents_js, recording_gateway
     assert_tool_loop(requests_[1:])
     assert [m["role"] for m in requests_[-1]["messages"]] == ["system", "user", "assistant", "user", "assistant", "tool"]
     gw.stop()
-    first, call, output = turns(flows)
+    first, call, output = turn_flows(flows)
     step = json.loads(output.metadata["resp2chat"]["responses_request"])
     assert step["previous_response_id"] == parse_sse(call.response.content)[-1]["response"]["id"]
     assert [i["type"] for i in step["input"]] == ["function_call_output"]
@@ -268,7 +254,7 @@ def test_websocket_chat_and_structured_output(agents_js, gateway, upstream):
 
 
 @pytest.fixture(scope="module")
-def mcp_gateway(upstream, everything, tmp_path_factory):  # noqa: F811
+def mcp_gateway(upstream, everything, tmp_path_factory):
     servers = json.dumps([{"label": "ev", "url": everything, "timeout_secs": 30}])
     gw = start_gateway(upstream.origin, tmp_path_factory.mktemp("agents-js-mcp"), "--set",
                        "resp2chat_max_replay_entries=0", env={"RESP2CHAT_MCP_SERVERS": servers})

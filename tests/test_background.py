@@ -6,38 +6,16 @@ leaving the response ``failed``, never ``in_progress`` forever (resp2chat_core/b
 from __future__ import annotations
 
 import signal
-import threading
 import time
 
 import openai
 import pytest
 import requests
 
-from helpers import start_sse, LocalServer, QuietHandler, openai_client, parse_sse, stream_until_gone, start_gateway, wait_until
+from helpers import Endless, openai_client, parse_sse, start_gateway, wait_until
 from resp2chat_core.background import LEASE_SECS
 
 SLOW = "noreason\nwords: 40\nslow: 100"  # (the demo upstream: 40 words, 0.1 s apart: ~4 s)
-
-
-class Endless(QuietHandler):
-    """A backend that streams until its client goes away (then notes when)."""
-
-    closed: list[float] = []
-    started = threading.Event()
-
-    def do_POST(self):
-        self.rfile.read(int(self.headers["content-length"]))
-        start_sse(self)
-        type(self).started.set()
-        stream_until_gone(self)
-        type(self).closed.append(time.monotonic())
-
-
-@pytest.fixture
-def endless():
-    Endless.closed, Endless.started = [], threading.Event()
-    with LocalServer(Endless) as server:
-        yield server
 
 
 def poll(client, response_id: str, timeout: float = 30):
@@ -80,7 +58,7 @@ def test_cancel_stops_the_backend_call(endless, gateway_factory):
     gw = gateway_factory(endless.url)
     client = openai_client(gw)
     queued = client.responses.create(model="m", input="go on forever", background=True)
-    assert Endless.started.wait(10)
+    wait_until(lambda: Endless.started, 10, "the backend call")
     with pytest.raises(openai.BadRequestError):  # (a running background response is no history yet)
         client.responses.create(model="m", previous_response_id=queued.id, input="next")
     cancelled = client.responses.cancel(queued.id)

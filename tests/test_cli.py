@@ -6,36 +6,19 @@ import json
 import os
 import stat
 import subprocess
-import sys
 import time
 import tomllib
-from pathlib import Path
 
 import pytest
 import requests
 import yaml
 
 from helpers import (
-    ROOT, Codex, LocalServer, QuietHandler, chat_chunk, chat_sse, free_port, gateway_env, openai_client, send_sse,
-    start_gateway, wait_http,
+    ADDON, MITMDUMP, RESP2CHAT, ROOT, Codex, LocalServer, QuietHandler, chat_chunk, chat_sse, cli_env, config_file, free_port,
+    openai_client, run_cli, send_sse, start_gateway, wait_http,
 )
 
 from resp2chat_core.settings import FIELDS
-
-RESP2CHAT = Path(sys.executable).with_name("resp2chat")
-
-
-def cli_env(tmp_path: Path, **extra: str) -> dict:
-    return {**gateway_env(), "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "xdg"), **extra}
-
-
-def run_cli(tmp_path: Path, *args: str, stdin: str = "", **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(RESP2CHAT), *args], input=stdin, capture_output=True, text=True, timeout=60,
-                          env=cli_env(tmp_path, **env), cwd=tmp_path)
-
-
-def config_file(tmp_path: Path) -> Path:
-    return tmp_path / "xdg" / "resp2chat" / "config.yaml"
 
 
 # --- configure -------------------------------------------------------------------------------
@@ -122,8 +105,7 @@ def test_model_map_applies_without_upstream_model(tmp_path, upstream):
     ({"RESP2CHAT_UPSTREAM_BASE_URL": "localhost:8000"}, "upstream_base_url"),
 ])
 def test_invalid_settings_stop_start_up(tmp_path, env, needle):
-    mitmdump = Path(sys.executable).with_name("mitmdump")
-    proc = subprocess.run([str(mitmdump), "-s", str(ROOT / "addon" / "resp2chat.py"), "--set", f"confdir={tmp_path}"],
+    proc = subprocess.run([str(MITMDUMP), "-s", str(ADDON), "--set", f"confdir={tmp_path}"],
                           capture_output=True, text=True, timeout=30, env=cli_env(tmp_path, **env), cwd=tmp_path)
     assert proc.returncode != 0
     assert needle in proc.stdout + proc.stderr

@@ -20,8 +20,8 @@ import openai
 import pytest
 import yaml
 
-from helpers import ADDON, MITMDUMP, Codex, free_port, shown_settings, start_gateway, wait_until
-from test_cli import RESP2CHAT, cli_env, config_file, run_cli
+from helpers import (ADDON, MITMDUMP, RESP2CHAT, Codex, cli_env, config_file, free_port, openai_client, run_cli,
+                     shown_settings, start_gateway, wait_until)
 
 from resp2chat_core import settings as S
 from resp2chat_core.clients import ClientSpec, ClientTable, allows_model, key_sha256, parse_clients
@@ -195,7 +195,7 @@ def test_a_client_key_is_scrubbed_from_what_clients_get(tmp_path, upstream):
     env = cli_env(tmp_path, RESP2CHAT_CLIENTS=json.dumps([{"name": "alice", "key": ALICE_KEY}]))
     gw = start_gateway(upstream.origin, tmp_path, env=env)
     try:
-        client = openai.OpenAI(base_url=gw.base_url, api_key=ALICE_KEY, max_retries=0)
+        client = openai_client(gw, api_key=ALICE_KEY)
         with pytest.raises(openai.BadRequestError) as err:
             client.responses.create(model="demo-model", input=f"error: 400 your key {ALICE_KEY} is odd")
         events = list(client.responses.create(model="demo-model", input=f"error: 400 again {ALICE_KEY}", stream=True))
@@ -297,7 +297,7 @@ def test_a_gateway_starts_with_clients_from_keys_add(tmp_path, upstream):
     key = run_cli(tmp_path, "keys", "add", "alice", "--rpm", "10").stdout.strip()
     gw = start_gateway(upstream.origin, tmp_path, env=cli_env(tmp_path))
     try:
-        client = openai.OpenAI(base_url=gw.base_url, api_key=key, max_retries=0)
+        client = openai_client(gw, api_key=key)
         assert client.responses.create(model="demo-model", input="hello").output_text == "You said: hello"
     finally:
         gw.stop()
@@ -312,7 +312,7 @@ def test_usage_reads_a_real_access_log(tmp_path, upstream):
     gw = start_gateway(upstream.origin, tmp_path, "--set", f"resp2chat_access_log_path={log}",
                        "--set", "resp2chat_max_replay_entries=0")
     try:
-        client = openai.OpenAI(base_url=gw.base_url, api_key="unused", max_retries=0)
+        client = openai_client(gw, api_key="unused")
         usages = [client.responses.create(model="demo-model", input=f"words: {n}").usage for n in (3, 30)]
         with client.responses.stream(model="other-model", input="hello") as stream:
             for _ in stream:

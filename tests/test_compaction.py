@@ -1,6 +1,7 @@
 """Remote compaction in the core (resp2chat_core/compaction.py): the summary request, the one
 sealed compaction item, and the item lowered in later requests. The real Codex CLI's side is in
-test_codex_builtin.py."""
+test_codex_builtin.py; the /v1/responses/compact endpoint through a real mitmdump in
+test_compact_endpoint.py."""
 
 from __future__ import annotations
 

@@ -17,16 +17,13 @@ import openai
 import pytest
 import requests
 
-from helpers import free_port, openai_client, parse_sse, start_gateway, terminal, wait_until
+from helpers import (TERMINAL, free_port, iter_sse, openai_client, parse_sse, start_gateway, terminal, user,
+                     wait_until)
 from wsclient import WSClient
 
 ROUNDS = 20
 TOOL = {"type": "function", "name": "get_weather", "description": "the weather in a city",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
-
-
-def user(text: str) -> dict:
-    return {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
 
 
 def request(conv: str, input_: list, stream: bool) -> dict:
@@ -43,13 +40,9 @@ def http_end(base_url: str, body: dict) -> dict:
         return r.json()
     with requests.post(base_url + "/responses", json=body, stream=True, timeout=30) as r:
         assert r.status_code == 200, r.text
-        name = None
-        for line in r.iter_lines():
-            if line.startswith(b"event: "):
-                name = line[7:].decode()
-            elif line.startswith(b"data: ") and name in ("response.completed", "response.failed",
-                                                          "response.incomplete"):
-                return json.loads(line[6:])["response"]
+        for event in iter_sse(r):
+            if event["type"] in TERMINAL:
+                return event["response"]
     raise AssertionError("no terminal event")
 
 

@@ -12,17 +12,13 @@ import openai
 import pytest
 import requests
 
-from helpers import openai_client, start_gateway
+from helpers import openai_client, start_gateway, user
 from wsclient import WSClient
 
 
 @pytest.fixture
 def gw(upstream, gateway_factory):
     return gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=4")
-
-
-def user(text: str) -> dict:
-    return {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
 
 
 def test_the_sdk_creates_reads_changes_and_deletes_a_conversation(gw):
@@ -192,10 +188,9 @@ def test_two_replicas_share_conversations_in_redis(upstream, tmp_path, redis_ser
 def test_the_agents_sdk_runs_a_multi_turn_agent_on_an_openai_conversations_session(gw, upstream):
     from agents import Agent, OpenAIResponsesModel, Runner, set_tracing_disabled
     from agents.memory import OpenAIConversationsSession
-    from openai import AsyncOpenAI
 
     set_tracing_disabled(True)
-    client = AsyncOpenAI(base_url=gw.base_url, api_key="unused", max_retries=0)
+    client = openai_client(gw, api_key="unused", asynchronous=True)
     agent = Agent(name="a", instructions="Be brief.", model=OpenAIResponsesModel(model="demo-model",
                                                                                  openai_client=client))
     session = OpenAIConversationsSession(openai_client=client)

@@ -188,7 +188,7 @@ def test_raw_sse_order_and_framing(gateway):
                                         ("length", "response.incomplete")])
 def test_an_http_stream_ends_with_done_after_its_terminal_event(gateway_factory, upstream, prompt, end):
     """The Open Responses spec's end of an SSE stream: ``data: [DONE]``, once, after the terminal
-    event (OpenAI sends none; every client in the suite reads it: test_clients.py, the Codex
+    event (OpenAI sends none; every client in the suite reads it: test_client_libraries.py, the Codex
     tests). A replay-cache hit ends alike; the WebSocket carries none (wsclient reads JSON only)."""
     gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=4")
     upstream.clear()

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from helpers import start_sse, LocalServer, QuietHandler, parse_sse, stream_until_gone, start_gateway, terminal, wait_until
+from helpers import Endless, parse_sse, start_gateway, terminal, wait_until
 
 FAULTS = str(Path(__file__).with_name("faults.py"))
 PLANTED = "hunter2"  # faults.PLANTED: "password=hunter2 at 10.0.0.7"
@@ -161,32 +161,11 @@ def test_a_failure_after_the_backend_answered_never_reaches_the_client(faulty):
     assert_served(f)
 
 
-class Endless(QuietHandler):
-    """A backend whose answer never ends by itself: it streams until the gateway hangs up, and
-    notes the calls it got (``started``) and the ones the gateway hung up on (``closed``)."""
-
-    started: list[int] = []
-    closed: list[int] = []
-
-    def do_POST(self):
-        self.rfile.read(int(self.headers["content-length"]))
-        type(self).started.append(1)
-        start_sse(self)
-        type(self).closed.append(stream_until_gone(self))
-
-
-@pytest.fixture
-def endless(tmp_path):
-    Endless.started, Endless.closed = [], []
-    with LocalServer(Endless) as server:
-        yield server.url
-
-
 def test_a_failure_at_the_response_head_answers_at_once_and_gives_the_backend_call_up(endless, tmp_path):
     """The relay has answered and the backend call is under way: a failure in ``responseheaders``
     is the 500 now (not once the backend is done: this one never is), and the backend call is
     given up (dropped before it started, or hung up on)."""
-    gw = start_gateway(endless, tmp_path, "--set", f"resp2chat_access_log_path={tmp_path / 'access.jsonl'}",
+    gw = start_gateway(endless.url, tmp_path, "--set", f"resp2chat_access_log_path={tmp_path / 'access.jsonl'}",
                        scripts_first=(FAULTS,))
     try:
         f = Faults(gw, None, tmp_path / "access.jsonl")

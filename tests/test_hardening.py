@@ -14,9 +14,9 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import (start_sse,
-    KiB, LocalServer, QuietHandler, chat_chunk, chat_sse, codex_fixture, http_chunk, memory, open_fds, parse_sse,
-    send_json, send_text_chunk, stream_turn, terminal, wait_until,
+from helpers import (
+    KiB, LocalServer, QuietHandler, chat_chunk, chat_sse, codex_fixture, http_chunk, iter_sse, memory, open_fds,
+    openai_client, parse_sse, send_json, send_text_chunk, start_sse, stream_turn, terminal, wait_until,
 )
 from soak import soak
 
@@ -97,11 +97,10 @@ def test_prefill_keepalive_sends_data_events(slow_upstream, gateway_factory, hea
     types = []
     with requests.post(gw.base_url + "/responses", json={"model": "m", "input": "x", "stream": True},
                        stream=True, timeout=30) as r:
-        for line in r.iter_lines():
-            if line.startswith(b"data: {"):  # (not the stream's data: [DONE])
-                types.append(json.loads(line[6:])["type"])
-                if types == ["response.created"] + ["response.in_progress"] * 3:  # two keepalives after the first
-                    handler.release.set()  # all of that came before the backend said anything
+        for event in iter_sse(r):
+            types.append(event["type"])
+            if types == ["response.created"] + ["response.in_progress"] * 3:  # two keepalives after the first
+                handler.release.set()  # all of that came before the backend said anything
     assert types[:2] == ["response.created", "response.in_progress"]
     assert types[2:4] == ["response.in_progress", "response.in_progress"]  # the keepalives
     assert types[-1] == "response.completed"
@@ -114,8 +113,8 @@ def test_client_disconnect_cancels_the_upstream_request(slow_upstream, gateway_f
     gw = gateway_factory(f"http://127.0.0.1:{server.server_address[1]}")
     with requests.post(gw.base_url + "/responses", json={"model": "m", "input": "x", "stream": True},
                        stream=True, timeout=30) as r:
-        for line in r.iter_lines():
-            if b"output_text.delta" in line:
+        for event in iter_sse(r):
+            if event["type"] == "response.output_text.delta":
                 break
     # closing the client connection stops the backend's generation (which never ends by itself)
     wait_until(lambda: handler.closed, what="the backend request being closed")
@@ -259,7 +258,7 @@ def test_secrets_never_reach_logs_flows_or_clients(gateway_factory, tmp_path):
                              "--set", f"resp2chat_upstream_request_log_path={log}",
                              "--set", "termlog_verbosity=debug", "--set", "flow_detail=4",
                              env={"RESP2CHAT_UPSTREAM_API_KEY": key})
-        client = openai.OpenAI(base_url=gw.base_url, api_key=client_key, max_retries=0)
+        client = openai_client(gw, api_key=client_key)
         events = list(client.responses.create(model="m", input="hi", stream=True))
         with pytest.raises(openai.BadRequestError) as info:
             client.responses.create(model="m", input="hi")

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from helpers import openai_client, parse_sse, terminal, wait_until
+from helpers import iter_sse, openai_client, parse_chat_sse, parse_sse, terminal, wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "llamacpp"))
 import kv_figure  # noqa: E402
@@ -57,18 +57,15 @@ def direct_usage(llama, chat: dict) -> dict:
     r = requests.post(llama.origin + "/v1/chat/completions", json=chat, stream=True, timeout=60)
     assert r.status_code == 200, r.text
     usage = None
-    for line in r.iter_lines():
-        if line.startswith(b"data: {"):
-            chunk = json.loads(line[6:])
-            usage = chunk.get("usage") or usage
+    for chunk in iter_sse(r):
+        usage = chunk.get("usage") or usage
     assert usage, "llama-server sent no usage chunk"
     return usage
 
 
 def server_usage(upstream_sse: str) -> dict:
     """The usage chunk llama-server sent (the raw chat SSE the gateway recorded)."""
-    usage = [json.loads(line[6:])["usage"] for line in upstream_sse.splitlines()
-             if line.startswith("data: {") and '"usage"' in line]
+    usage = [c["usage"] for c in parse_chat_sse(upstream_sse.encode()) if c != "[DONE]" and "usage" in c]
     assert len(usage) == 1, upstream_sse[-2000:]
     return usage[0]
 

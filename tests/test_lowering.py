@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from helpers import CODEX_FIXTURES, NAME_RE, codex_fixture, tool_names
+from helpers import CODEX_FIXTURES, NAME_RE, codex_fixture, message, tool_names, user
 from resp2chat_core.errors import GatewayError
 from resp2chat_core.lowering import LoweringOptions, lower
 from resp2chat_core.schema import parse_request
@@ -39,14 +39,6 @@ def chat(body: dict) -> dict:
 
 def req(input_, **kw) -> dict:
     return {"model": "m", "input": input_, **kw}
-
-
-def msg(role: str, *texts: str, kind: str = "input_text") -> dict:
-    return {"type": "message", "role": role, "content": [{"type": kind, "text": t} for t in texts]}
-
-
-def user(text: str) -> dict:
-    return msg("user", text)
 
 
 def fn_tool(name: str, params: dict | None = None) -> dict:
@@ -148,8 +140,8 @@ def test_fixture_image_input():
 
 
 def test_system_rule_instructions_and_leading_run():
-    c = chat(req([msg("developer", "D1"), {"role": "system", "content": "S2"}, user("hi"),
-                  msg("developer", "late dev"), msg("system", "late sys")], instructions="INS"))
+    c = chat(req([message("developer", "D1"), {"role": "system", "content": "S2"}, user("hi"),
+                  message("developer", "late dev"), message("system", "late sys")], instructions="INS"))
     assert c["messages"] == [
         {"role": "system", "content": "INS\n\nD1\n\nS2"},
         {"role": "user", "content": "hi"},
@@ -159,7 +151,7 @@ def test_system_rule_instructions_and_leading_run():
 
 
 def test_no_system_message_without_instructions_or_leading_developer():
-    c = chat(req([user("hi"), msg("developer", "later")]))
+    c = chat(req([user("hi"), message("developer", "later")]))
     assert c["messages"] == [{"role": "user", "content": "hi"}, {"role": "user", "content": "later"}]
 
 
@@ -169,7 +161,7 @@ def test_string_input_is_one_user_message():
 
 
 def test_text_only_content_flattened_with_newline():
-    c = chat(req([msg("user", "a", "b", "c"), {"role": "user", "content": "plain"}]))
+    c = chat(req([message("user", "a", "b", "c"), {"role": "user", "content": "plain"}]))
     assert c["messages"] == [{"role": "user", "content": "a\nb\nc"}, {"role": "user", "content": "plain"}]
 
 
@@ -197,7 +189,7 @@ def test_assistant_history_and_reasoning():
     c = chat(req([
         user("q1"),
         {"type": "reasoning", "summary": [{"type": "summary_text", "text": "thinking"}]},
-        msg("assistant", "answer", kind="output_text"),
+        message("assistant", "answer", kind="output_text"),
         user("q2"),
     ]))
     assert c["messages"] == [
@@ -212,7 +204,7 @@ def test_reasoning_content_preferred_over_summary():
         user("q"),
         {"type": "reasoning", "summary": [{"type": "summary_text", "text": "short"}],
          "content": [{"type": "reasoning_text", "text": "full thoughts"}], "encrypted_content": None},
-        msg("assistant", "a", kind="output_text"),
+        message("assistant", "a", kind="output_text"),
     ]))
     assert c["messages"][1]["reasoning_content"] == "full thoughts"
 
@@ -221,7 +213,7 @@ def test_reasoning_text_and_function_calls_fold_into_one_assistant_message():
     c = chat(req([
         user("do two things"),
         {"type": "reasoning", "summary": [{"type": "summary_text", "text": "plan"}]},
-        msg("assistant", "on it", kind="output_text"),
+        message("assistant", "on it", kind="output_text"),
         fcall("c1", "a"),
         fcall("c2", "b", '{"x":"2"}'),
         fout("c1", "one"),
@@ -325,7 +317,7 @@ def test_web_search_call_history_becomes_assistant_note():
         user("weather?"),
         {"type": "web_search_call", "id": "ws_1", "status": "completed",
          "action": {"type": "search", "query": "weather paris"}},
-        msg("assistant", "Sunny.", kind="output_text"),
+        message("assistant", "Sunny.", kind="output_text"),
         user("thanks"),
     ], tools=[{"type": "web_search", "external_web_access": True}]))
     m = c["messages"]

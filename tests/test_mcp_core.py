@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from helpers import chat_chunk, chat_sse, check_sdk, check_stream, parse_chat_sse
+from helpers import chat_chunk, chat_sse, check_sdk, check_stream, parse_chat_sse, tool_call_chunk
 from resp2chat_core import mcp, settings as S
 from resp2chat_core.channel import McpCalled, McpListed, record_events, rebuild_event
 from resp2chat_core.errors import GatewayError
@@ -181,11 +181,6 @@ def test_the_history_lowers_calls_denials_and_pending_approvals():
 # --- the loop -----------------------------------------------------------------------------------
 
 
-def call(cid, name, args) -> dict:
-    return chat_chunk({"tool_calls": [{"index": 0, "id": cid, "type": "function",
-                                       "function": {"name": name, "arguments": args}}]})
-
-
 def test_the_loop_lists_then_calls_then_answers():
     t = turn([tool(require_approval="never"), {"type": "function", "name": "exec"}], "hi")
     loop = ToolLoop(t.chat_body, [mcp.McpTools(t.mcp, max_rounds=1)])
@@ -194,8 +189,8 @@ def test_the_loop_lists_then_calls_then_answers():
     loop.begin([(ECHO, SUM)])
     assert [f["function"]["name"] for f in json.loads(loop.body)["tools"]] == ["exec", "mcp__ev__echo",
                                                                                 "mcp__ev__get-sum"]
-    out = loop.feed(chat_sse(chat_chunk({"content": "Let me see."}), call("c1", "mcp__ev__echo", '{"message":"x"}'),
-                             chat_chunk(finish="tool_calls")))
+    out = loop.feed(chat_sse(chat_chunk({"content": "Let me see."}),
+                             tool_call_chunk(0, "c1", "mcp__ev__echo", '{"message":"x"}'), chat_chunk(finish="tool_calls")))
     assert parse_chat_sse(out) == [chat_chunk({"content": "Let me see."})]  # the gateway's call is held back
     _, steps = loop.end_round(ok=True)
     assert steps == [mcp.Call("c1", t.mcp.servers[0], "ev", "echo", '{"message":"x"}')]
@@ -218,7 +213,7 @@ def test_the_tool_choice_reaches_round_one_once_the_tools_are_listed():
         loop.begin([(ECHO, SUM)])
         first = json.loads(loop.body)
         assert (first["tool_choice"], first["parallel_tool_calls"]) == (want, False)
-        loop.feed(chat_sse(call("c1", "mcp__ev__get-sum", "{}"), chat_chunk(finish="tool_calls")))
+        loop.feed(chat_sse(tool_call_chunk(0, "c1", "mcp__ev__get-sum", "{}"), chat_chunk(finish="tool_calls")))
         loop.end_round(ok=True)
         loop.next_round(["3"])
         assert json.loads(loop.body)["tool_choice"] == "auto"
@@ -233,9 +228,8 @@ def test_a_call_that_needs_approval_ends_the_turn_after_the_others_run():
     t = turn([tool(require_approval={"never": {"tool_names": ["echo"]}})], [{"role": "user", "content": "hi"}, LISTING])
     loop = ToolLoop(t.chat_body, [mcp.McpTools(t.mcp, max_rounds=5)])
     assert loop.prelude() == []
-    loop.feed(chat_sse(call("c1", "mcp__ev__echo", "{}"),
-                       chat_chunk({"tool_calls": [{"index": 1, "id": "c2", "type": "function",
-                                                   "function": {"name": "mcp__ev__get-sum", "arguments": "{}"}}]}),
+    loop.feed(chat_sse(tool_call_chunk(0, "c1", "mcp__ev__echo", "{}"),
+                       tool_call_chunk(1, "c2", "mcp__ev__get-sum", "{}"),
                        chat_chunk(finish="tool_calls")))
     _, steps = loop.end_round(ok=True)
     assert [type(s).__name__ for s in steps] == ["Call", "Approve"]

@@ -7,60 +7,27 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import requests
 
 from helpers import (
-    ADDON, MITMDUMP, ROOT, LocalServer, QuietHandler, check_sdk, check_stream, free_port, gateway_env, openai_client, parse_sse, post_turn,
-    read_flows, retranslate, shown_settings, start_gateway, stop_process, wait_http, wait_until,
+    ADDON, ECHO_CALL, MITMDUMP, LocalServer, QuietHandler, check_sdk, check_stream, free_port, gateway_env, iter_sse,
+    openai_client, parse_sse, post_turn, read_flows, retranslate, scrape, serve_everything, shown_settings, start_gateway,
+    wait_until,
 )
 
-EVERYTHING_VERSION = "2026.8.31"  # the Makefile's MCP_EVERYTHING_VER
 CLIENT_TOKEN = "client-mcp-token-5f3a9c"  # a client's authorization for the server (a secret)
 OPERATOR_TOKEN = "operator-mcp-key-81d2e7"  # the operator's header for the server (a secret)
-ECHO = 'call: mcp__ev__echo {"message": "hello mcp"}'
 KEEPALIVE = 1  # keepalive_secs of the module's gateway: a silent client hears from it every second
-
-
-def everything_bin() -> str:
-    path = os.environ.get("MCP_EVERYTHING_BIN") or str(
-        ROOT / ".tools" / f"mcp-everything-{EVERYTHING_VERSION}" / "node_modules" / ".bin" / "mcp-server-everything")
-    if not Path(path).exists():
-        pytest.fail("the MCP test server is not installed: run `make mcp-everything` (or set MCP_EVERYTHING_BIN)")
-    return path
-
-
-def serve_everything(tmp_path_factory, transport: str, path: str, ready):
-    """server-everything on ``transport`` on a free port until the fixture ends: its URL (``path``),
-    once ``ready(url, proc, log)`` says it listens."""
-    port = free_port()
-    log = tmp_path_factory.mktemp(f"everything-{transport}") / "server.log"
-    proc = subprocess.Popen([everything_bin(), transport], env={**os.environ, "PORT": str(port)},
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}{path}"
-        ready(url, proc, log)
-        yield url
-    finally:
-        stop_process(proc)
-
-
-@pytest.fixture(scope="module")
-def everything(tmp_path_factory):
-    """server-everything in streamable-HTTP mode on a free port: its /mcp URL."""
-    yield from serve_everything(tmp_path_factory, "streamableHttp", "/mcp",
-                                lambda url, proc, log: wait_http(url, proc=proc))
 
 
 @pytest.fixture(scope="module")
 def everything_sse(tmp_path_factory):
-    """The same server on the older HTTP+SSE transport: its /sse URL."""
+    """server-everything (conftest's ``everything``) on the older HTTP+SSE transport: its /sse URL."""
     yield from serve_everything(tmp_path_factory, "sse", "/sse", lambda url, proc, log: wait_until(
         lambda: b"running on port" in log.read_bytes(), proc=proc, what="the SSE server listening"))
 
@@ -139,7 +106,7 @@ def kinds(output) -> list[str]:
 
 def test_a_turn_lists_the_tools_calls_one_and_answers(mcp_gateway, upstream):
     upstream.clear()
-    resp = openai_client(mcp_gateway).responses.create(model="demo-model", input=ECHO, tools=[mcp_tool()])
+    resp = openai_client(mcp_gateway).responses.create(model="demo-model", input=ECHO_CALL, tools=[mcp_tool()])
     assert resp.status == "completed"
     assert kinds(resp.output) == ["mcp_list_tools", "reasoning", "mcp_call", "reasoning", "message"]
     listing, call = resp.output[0], resp.output[2]
@@ -162,7 +129,7 @@ def test_a_turn_lists_the_tools_calls_one_and_answers(mcp_gateway, upstream):
 
 
 def test_a_streamed_turn_has_every_mcp_event_in_order(mcp_gateway):
-    r = post_turn(mcp_gateway, {"model": "demo-model", "input": ECHO, "tools": [mcp_tool()], "stream": True})
+    r = post_turn(mcp_gateway, {"model": "demo-model", "input": ECHO_CALL, "tools": [mcp_tool()], "stream": True})
     assert r.status_code == 200
     response_id = parse_sse(r.content)[0]["response"]["id"]
     events = check_stream(r.content, response_id)  # one stream: order, sequence numbers, one ending
@@ -180,7 +147,7 @@ def test_a_streamed_turn_has_every_mcp_event_in_order(mcp_gateway):
 
 
 def test_the_openai_sdk_streams_it(mcp_gateway):
-    with openai_client(mcp_gateway).responses.stream(model="demo-model", input=ECHO, tools=[mcp_tool()]) as stream:
+    with openai_client(mcp_gateway).responses.stream(model="demo-model", input=ECHO_CALL, tools=[mcp_tool()]) as stream:
         types = [event.type for event in stream]
         final = stream.get_final_response()
     assert "response.mcp_call.completed" in types and "response.mcp_list_tools.completed" in types
@@ -255,7 +222,7 @@ def test_tool_choice_reaches_the_round_where_the_model_chooses(mcp_gateway, upst
     for choice, want in (("required", "required"), ({"type": "mcp", "server_label": "ev", "name": "echo"},
                                                      {"type": "function", "function": {"name": "mcp__ev__echo"}})):
         upstream.clear()
-        resp = client.responses.create(model="demo-model", input=ECHO, tools=[mcp_tool()], tool_choice=choice)
+        resp = client.responses.create(model="demo-model", input=ECHO_CALL, tools=[mcp_tool()], tool_choice=choice)
         assert resp.status == "completed" and resp.output_text == "The tool returned: Echo: hello mcp"
         assert resp.tool_choice == choice if isinstance(choice, str) else resp.tool_choice.model_dump() == choice
         first, second = upstream.requests()
@@ -263,7 +230,7 @@ def test_tool_choice_reaches_the_round_where_the_model_chooses(mcp_gateway, upst
         assert second["tool_choice"] == "auto"
         # a later turn (the listing from the conversation) the same
         upstream.clear()
-        client.responses.create(model="demo-model", previous_response_id=resp.id, input=ECHO, tools=[mcp_tool()],
+        client.responses.create(model="demo-model", previous_response_id=resp.id, input=ECHO_CALL, tools=[mcp_tool()],
                                 tool_choice=choice)
         assert [r["tool_choice"] for r in upstream.requests()] == [want, "auto"]
 
@@ -273,7 +240,7 @@ def test_tool_choice_reaches_the_round_where_the_model_chooses(mcp_gateway, upst
 
 def test_an_approved_call_runs_in_the_next_turn(mcp_gateway, upstream):
     client = openai_client(mcp_gateway)
-    asked = client.responses.create(model="demo-model", input=ECHO, tools=[mcp_tool(require_approval="always")])
+    asked = client.responses.create(model="demo-model", input=ECHO_CALL, tools=[mcp_tool(require_approval="always")])
     assert asked.status == "completed"
     assert kinds(asked.output) == ["mcp_list_tools", "reasoning", "mcp_approval_request"]
     request = asked.output[-1]
@@ -295,7 +262,7 @@ def test_an_approved_call_runs_in_the_next_turn(mcp_gateway, upstream):
 
 def test_a_denied_call_is_told_to_the_model(mcp_gateway, upstream):
     client = openai_client(mcp_gateway)
-    asked = client.responses.create(model="demo-model", input=ECHO, tools=[mcp_tool(require_approval="always")])
+    asked = client.responses.create(model="demo-model", input=ECHO_CALL, tools=[mcp_tool(require_approval="always")])
     request = asked.output[-1]
     upstream.clear()
     done = client.responses.create(model="demo-model", previous_response_id=asked.id,
@@ -311,7 +278,7 @@ def test_approval_rules_name_tools(mcp_gateway):
     """``{never: {tool_names}}``: those run at once, every other tool asks first."""
     client = openai_client(mcp_gateway)
     rule = {"never": {"tool_names": ["echo"]}}
-    ran = client.responses.create(model="demo-model", input=ECHO, tools=[mcp_tool(require_approval=rule)])
+    ran = client.responses.create(model="demo-model", input=ECHO_CALL, tools=[mcp_tool(require_approval=rule)])
     assert "mcp_call" in kinds(ran.output)
     asked = client.responses.create(model="demo-model", input='call: mcp__ev__get-sum {"a": 1, "b": 2}',
                                     tools=[mcp_tool(require_approval=rule)])
@@ -320,7 +287,6 @@ def test_approval_rules_name_tools(mcp_gateway):
 
 def test_the_agents_sdk_hosted_mcp_tool_with_approvals(mcp_gateway, upstream):
     from agents import Agent, HostedMCPTool, OpenAIResponsesModel, Runner, set_tracing_disabled
-    from openai import AsyncOpenAI
 
     set_tracing_disabled(True)
     asked = []
@@ -332,11 +298,11 @@ def test_the_agents_sdk_hosted_mcp_tool_with_approvals(mcp_gateway, upstream):
         return on_approval_request
 
     def run(approve: bool):
-        model = OpenAIResponsesModel(model="demo-model", openai_client=AsyncOpenAI(
-            base_url=mcp_gateway.base_url, api_key="unused", max_retries=0))
+        model = OpenAIResponsesModel(model="demo-model",
+                                     openai_client=openai_client(mcp_gateway, api_key="unused", asynchronous=True))
         tool = HostedMCPTool(tool_config={"type": "mcp", "server_label": "ev", "require_approval": "always"},
                              on_approval_request=decide(approve))
-        return asyncio.run(Runner.run(Agent(name="m", instructions="Use tools.", model=model, tools=[tool]), ECHO))
+        return asyncio.run(Runner.run(Agent(name="m", instructions="Use tools.", model=model, tools=[tool]), ECHO_CALL))
 
     upstream.clear()
     approved = run(True)
@@ -432,16 +398,11 @@ def test_a_long_call_keeps_the_client_hearing_from_the_gateway(mcp_gateway):
         final = timed[-1][1]["response"]
         assert final["status"] == "completed" and "Long running operation completed" in final["output"][2]["output"]
 
-    timed, raw, buf = [], b"", b""
+    raw = bytearray()
     with requests.post(mcp_gateway.base_url + "/responses", json={**body, "stream": True}, stream=True,
                        timeout=60) as r:
-        for chunk in r.iter_content(chunk_size=None):  # (each event timed as it arrives)
-            raw, buf = raw + chunk, buf + chunk
-            while b"\n\n" in buf:
-                block, buf = buf.split(b"\n\n", 1)
-                timed += [(time.monotonic(), json.loads(line[6:])) for line in block.split(b"\n")
-                          if line.startswith(b"data: {")]
-    check_sdk(check_stream(raw, timed[0][1]["response"]["id"]))
+        timed = [(time.monotonic(), event) for event in iter_sse(r, raw)]  # (each event timed as it arrives)
+    check_sdk(check_stream(bytes(raw), timed[0][1]["response"]["id"]))
     check(timed)
     from wsclient import WSClient
 
@@ -477,8 +438,8 @@ def test_a_client_that_leaves_mid_call_leaves_nothing_running(mcp_gateway):
     body = {"model": "demo-model", "tools": [mcp_tool()], "stream": True,
             "input": 'call: mcp__ev__trigger-long-running-operation {"duration": 20, "steps": 2}'}
     with requests.post(mcp_gateway.base_url + "/responses", json=body, stream=True, timeout=30) as r:
-        for line in r.iter_lines():
-            if b"response.mcp_call.in_progress" in line:
+        for event in iter_sse(r):
+            if event["type"] == "response.mcp_call.in_progress":
                 break  # the call runs: hang up
     left = time.monotonic()
     wait_until(lambda: in_flight(mcp_gateway) == 0, timeout=10, what="the turn ending with its client")
@@ -486,8 +447,7 @@ def test_a_client_that_leaves_mid_call_leaves_nothing_running(mcp_gateway):
 
 
 def in_flight(gw) -> float:
-    text = requests.get(gw.base_url.removesuffix("/v1") + "/metrics", timeout=10).text
-    return next(float(x.split()[-1]) for x in text.splitlines() if x.startswith("resp2chat_streams_in_flight "))
+    return scrape(gw)[("resp2chat_streams_in_flight", ())]
 
 
 # --- what a request may name --------------------------------------------------------------------
@@ -521,7 +481,7 @@ def test_the_replay_cache_never_answers_an_mcp_turn(gateway_factory, everything,
     gw = gateway_factory(upstream.origin, env={"RESP2CHAT_MCP_SERVERS": allowed(everything, seen[0])})
     client = openai_client(gw)
     upstream.clear()
-    answers = [client.responses.create(model="demo-model", input=ECHO, tools=[mcp_tool()]) for _ in range(2)]
+    answers = [client.responses.create(model="demo-model", input=ECHO_CALL, tools=[mcp_tool()]) for _ in range(2)]
     assert [a.output[2].output for a in answers] == ["Echo: hello mcp"] * 2
     assert len(upstream.requests()) == 4  # two rounds each: neither was a replay
     plain = [client.responses.create(model="demo-model", input="hello") for _ in range(2)]
@@ -542,7 +502,7 @@ def test_a_recorded_mcp_turn_replays_offline_without_the_server(gateway_factory,
     flows = tmp_path / "recorded"
     live = gateway_factory(upstream.origin, "-w", str(flows), "--set", "resp2chat_max_replay_entries=0",
                            env={"RESP2CHAT_MCP_SERVERS": allowed(everything, seen[0])})
-    body = {"model": "demo-model", "input": ECHO, "tools": [mcp_tool()], "stream": True}
+    body = {"model": "demo-model", "input": ECHO_CALL, "tools": [mcp_tool()], "stream": True}
     recorded = post_turn(live, body)
     live.stop()
     # offline: the backend is gone and the operator's "ev" points nowhere; the recording answers
@@ -631,13 +591,11 @@ def test_headers_go_to_their_server_only_and_are_never_recorded(gateway_factory,
 
 def test_metrics_count_mcp_calls_by_server_and_outcome(mcp_gateway):
     def count(outcome: str) -> float:
-        text = requests.get(mcp_gateway.base_url.removesuffix("/v1") + "/metrics", timeout=10).text
-        line = f'resp2chat_mcp_calls_total{{outcome="{outcome}",server="ev"}}'
-        return next((float(x.split()[-1]) for x in text.splitlines() if x.startswith(line)), 0.0)
+        return scrape(mcp_gateway).get(("resp2chat_mcp_calls_total", (("outcome", outcome), ("server", "ev"))), 0.0)
 
     before = count("completed"), count("failed")
     client = openai_client(mcp_gateway)
-    client.responses.create(model="demo-model", input=ECHO, tools=[mcp_tool()])
+    client.responses.create(model="demo-model", input=ECHO_CALL, tools=[mcp_tool()])
     client.responses.create(model="demo-model", input='call: mcp__ev__get-sum {"a": "x"}', tools=[mcp_tool()])
     assert (count("completed"), count("failed")) == (before[0] + 1, before[1] + 1)
 
@@ -647,7 +605,7 @@ def test_the_websocket_runs_the_same_loop(mcp_gateway, upstream):
 
     ws = WSClient(mcp_gateway.base_url)
     try:
-        events = ws.turn({"type": "response.create", "model": "demo-model", "input": ECHO, "tools": [mcp_tool()]})
+        events = ws.turn({"type": "response.create", "model": "demo-model", "input": ECHO_CALL, "tools": [mcp_tool()]})
         types = [e["type"] for e in events]
         assert "response.mcp_list_tools.completed" in types and "response.mcp_call.completed" in types
         first = events[-1]["response"]
@@ -669,7 +627,7 @@ def test_logprobs_survive_the_loop(mcp_gateway, upstream):
     """The answer after an MCP round keeps its token logprobs, also when the backend sends the
     last token and the finish reason in one chunk (vLLM's way: the demo's ``finish-on-text``),
     a chunk the loop's round filter writes again without its finish reason."""
-    asked = dict(model="demo-model", input="finish-on-text\n" + ECHO, tools=[mcp_tool()], top_logprobs=2,
+    asked = dict(model="demo-model", input="finish-on-text\n" + ECHO_CALL, tools=[mcp_tool()], top_logprobs=2,
                  include=["message.output_text.logprobs"])
     upstream.clear()
     client = openai_client(mcp_gateway)

@@ -8,19 +8,8 @@ import json
 import openai
 import pytest
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import free_port, openai_client, start_gateway
-
-
-def scrape(gw, **headers) -> dict:
-    r = requests.get(gw.base_url.removesuffix("/v1") + "/metrics", headers=headers, timeout=10)
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain"), r.text
-    samples = {}
-    for family in text_string_to_metric_families(r.text):
-        for s in family.samples:
-            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return samples
+from helpers import free_port, openai_client, scrape, start_gateway
 
 
 BY_CLIENT = ("resp2chat_turns_total", "resp2chat_tokens_total", "resp2chat_time_to_first_token_seconds",

@@ -21,7 +21,6 @@ import copy
 import json
 import marshal
 import random
-import time
 from pathlib import Path
 
 import pytest

@@ -13,7 +13,7 @@ import requests
 from mitmproxy import http
 from mitmproxy.test import taddons
 
-from helpers import ROOT, Codex, free_port, openai_client, parse_sse, read_flows, resp2chat_cli
+from helpers import ADDON, MITMDUMP, ROOT, Codex, free_port, openai_client, parse_sse, read_flows, resp2chat_cli
 from recordings import SEAL_KEY
 from wsclient import WSClient
 
@@ -161,9 +161,8 @@ def test_client_replay_against_another_backend(upstream, tmp_path):
 
     other, other_url = serve_in_thread(dialect="ollama")
     try:
-        mitmdump = Path(sys.executable).with_name("mitmdump")
         proc = subprocess.run(
-            [str(mitmdump), "-n", "-s", str(ROOT / "addon" / "resp2chat.py"), "-C", str(recording),
+            [str(MITMDUMP), "-n", "-s", str(ADDON), "-C", str(recording),
              "--set", f"resp2chat_upstream_base_url={other_url}", "--set", f"confdir={tmp_path}",
              "--set", "client_replay_concurrency=1", "--listen-port", str(free_port())],
             capture_output=True, text=True, timeout=60, cwd=tmp_path)

@@ -10,7 +10,6 @@ import zlib
 
 import brotli
 import pytest
-import requests
 
 from resp2chat_core.content_encoding import _zstd as zstd
 from helpers import codex_fixture, parse_sse, post_turn

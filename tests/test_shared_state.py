@@ -5,14 +5,13 @@ replica killed mid-stream storing nothing."""
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 
 import openai
 import pytest
 import requests
 
-from helpers import openai_client, parse_sse, start_gateway, wait_http, wait_until
+from helpers import iter_sse, openai_client, parse_sse, scrape, start_gateway, wait_http, wait_until
 
 
 def replicas(upstream, tmp_path, redis_url, n=2, *extra):
@@ -107,7 +106,7 @@ def test_the_replay_cache_is_shared(upstream, tmp_path, redis_server):
         e1, e2 = parse_sse(first.content), parse_sse(second.content)
         assert [e["type"] for e in e1] == [e["type"] for e in e2]
         assert e1[-1]["response"]["id"] != e2[-1]["response"]["id"]
-        assert "resp2chat_replay_cache_hits_total 1.0" in requests.get(b.base_url.removesuffix("/v1") + "/metrics").text
+        assert scrape(b)[("resp2chat_replay_cache_hits_total", ())] == 1
     finally:
         for g in (a, b):
             g.stop()
@@ -176,8 +175,7 @@ def test_redis_down_503_for_what_needs_it_plain_turns_work_recovery_automatic(up
         assert requests.get(f"{gw.base_url}/responses/{first.id}").status_code == 503
         plain = client.responses.create(model="demo-model", input="a plain turn")  # needs no store
         assert plain.output_text == "You said: a plain turn"
-        metrics = requests.get(gw.base_url.removesuffix("/v1") + "/metrics").text
-        assert "resp2chat_state_store_up 0.0" in metrics
+        assert scrape(gw)[("resp2chat_state_store_up", ())] == 0
         redis_server.start()  # same port, empty (no persistence): the gateway finds it again by itself
         r = redis_server.client()
 
@@ -191,7 +189,7 @@ def test_redis_down_503_for_what_needs_it_plain_turns_work_recovery_automatic(up
         again = wait_until(kept, 30, "the gateway using Redis again")
         follow = client.responses.create(model="demo-model", input="continued", previous_response_id=again.id)
         assert follow.output_text == "You said: continued"
-        assert "resp2chat_state_store_up 1.0" in requests.get(gw.base_url.removesuffix("/v1") + "/metrics").text
+        assert scrape(gw)[("resp2chat_state_store_up", ())] == 1
     finally:
         gw.stop()
 
@@ -226,18 +224,18 @@ def test_a_replica_killed_mid_stream_stores_nothing(tmp_path, redis_server):
     try:
         with requests.post(a.base_url + "/responses", json={"model": "demo-model", "input": "words: 200",
                                                             "stream": True, "store": True}, stream=True, timeout=60) as r:
-            lines = r.iter_lines()
+            events = iter_sse(r)
             response_id = None
-            for line in lines:
-                if line.startswith(b"data: ") and b"output_text.delta" in line:
+            for event in events:
+                if event["type"] == "response.output_text.delta":
                     break
-                if line.startswith(b"data: ") and response_id is None and b"response.created" in line:
-                    response_id = json.loads(line[6:])["response"]["id"]
+                if event["type"] == "response.created" and response_id is None:
+                    response_id = event["response"]["id"]
             a.proc.send_signal(signal.SIGKILL)
             a.proc.wait(10)
             with pytest.raises((requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError)):
-                for line in lines:
-                    assert b"response.completed" not in line
+                for event in events:
+                    assert event["type"] != "response.completed"
         assert response_id
         r2 = requests.get(f"{b.base_url}/responses/{response_id}", timeout=10)
         assert r2.status_code == 404

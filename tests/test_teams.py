@@ -16,10 +16,8 @@ import openai
 import pytest
 import requests
 
-from helpers import (ADDON, MITMDUMP, Codex, free_port, openai_client, parse_sse, post_turn, start_gateway,
-                     stop_process, wait_http, wait_until)
-from test_cli import cli_env, run_cli
-from test_metrics import scrape
+from helpers import (ADDON, MITMDUMP, Codex, cli_env, free_port, openai_client, parse_sse, post_turn, run_cli,
+                     scrape, start_gateway, stop_process, wait_http, wait_until)
 from wsclient import WSClient
 
 ALL = "demo-model"

@@ -14,7 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import CREATED, RESP_ID, chat_chunk, chat_sse, check_sdk, check_stream, codex_fixture, parse_sse
+from helpers import (CREATED, RESP_ID, chat_chunk, chat_sse, check_sdk, check_stream, codex_fixture, parse_sse,
+                     tool_call, tool_call_chunk)
 from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.translator import Translator
 from resp2chat_core.turn import begin_turn
@@ -61,20 +62,6 @@ def chat_tool_name(name: str) -> str:
 
 def translator() -> Translator:
     return new_turn().translator()
-
-
-def tc(index: int, *, id: str | None = None, name: str | None = None, args: str | None = None) -> dict:
-    call: dict = {"index": index}
-    fn: dict = {}
-    if id:
-        call["id"] = id
-        call["type"] = "function"
-    if name is not None:
-        fn["name"] = name
-    if args is not None:
-        fn["arguments"] = args
-    call["function"] = fn
-    return call
 
 
 def run(raw: bytes, tr: Translator | None = None, out: bytes = b"") -> list[dict]:
@@ -148,12 +135,12 @@ def test_text_deltas_stream_live():
 def test_function_call_streamed_by_index():
     tr = translator()
     out = tr.feed(chat_sse(
-        chat_chunk({"role": "assistant", "tool_calls": [tc(0, id="call_up_1", name="exec_command", args="")]}),
-        chat_chunk({"tool_calls": [tc(0, args='{"cmd":')]}), done=False))
+        chat_chunk({"role": "assistant", "tool_calls": [tool_call(0, id="call_up_1", name="exec_command", args="")]}),
+        tool_call_chunk(0, args='{"cmd":'), done=False))
     live = parse_sse(out)
     assert types(live)[-2:] == ["response.output_item.added", "response.function_call_arguments.delta"]
     assert live[-1]["delta"] == '{"cmd":'
-    out += tr.feed(chat_sse(chat_chunk({"tool_calls": [tc(0, args=' "ls"}')]}), chat_chunk(finish="tool_calls")))
+    out += tr.feed(chat_sse(tool_call_chunk(0, args=' "ls"}'), chat_chunk(finish="tool_calls")))
     evs = check_stream(out + tr.finish())
     added = of(evs, "response.output_item.added")[0]["item"]
     assert added["type"] == "function_call" and added["call_id"] == "call_up_1" and added["name"] == "exec_command"
@@ -173,7 +160,7 @@ def test_function_call_streamed_by_index():
 def test_namespaced_call_gets_namespace_back(name, namespace):
     cname = chat_tool_name(name)
     assert cname == (f"{namespace}__{name}" if not namespace.endswith("_") else namespace + name)
-    evs = run(chat_sse(chat_chunk({"tool_calls": [tc(0, id="call_ns", name=cname, args='{"id":"a"}')]}),
+    evs = run(chat_sse(tool_call_chunk(0, id="call_ns", name=cname, args='{"id":"a"}'),
                        chat_chunk(finish="tool_calls")))
     (item,) = items(evs)
     assert item["name"] == name and item["namespace"] == namespace
@@ -186,7 +173,7 @@ def test_namespaced_call_gets_namespace_back(name, namespace):
 def test_sanitized_names_map_back_to_client_names(name):
     cname = chat_tool_name(name)
     assert cname != name
-    evs = run(chat_sse(chat_chunk({"tool_calls": [tc(0, id="call_s", name=cname, args="{}")]}),
+    evs = run(chat_sse(tool_call_chunk(0, id="call_s", name=cname, args="{}"),
                        chat_chunk(finish="tool_calls")))
     (item,) = items(evs)
     assert item["name"] == name and "namespace" not in item
@@ -196,9 +183,9 @@ def test_sanitized_names_map_back_to_client_names(name):
 def test_custom_tool_call():
     patch = "*** Begin Patch\n*** Add File: hello.txt\n+hi \"there\"\n*** End Patch\n"
     args = json.dumps({"input": patch})
-    evs = run(chat_sse(chat_chunk({"tool_calls": [tc(0, id="call_patch", name="apply_patch", args="")]}),
-                       chat_chunk({"tool_calls": [tc(0, args=args[:20])]}),
-                       chat_chunk({"tool_calls": [tc(0, args=args[20:])]}), chat_chunk(finish="tool_calls")))
+    evs = run(chat_sse(tool_call_chunk(0, id="call_patch", name="apply_patch", args=""),
+                       tool_call_chunk(0, args=args[:20]),
+                       tool_call_chunk(0, args=args[20:]), chat_chunk(finish="tool_calls")))
     assert not of(evs, "response.function_call_arguments.delta")
     assert not of(evs, "response.function_call_arguments.done")
     deltas = of(evs, "response.custom_tool_call_input.delta")
@@ -218,7 +205,7 @@ def test_custom_tool_call():
     ('{"command":"ls -la"}', {"command": ["bash", "-lc", "ls -la"]}),
 ])
 def test_local_shell_call(args, action):
-    evs = run(chat_sse(chat_chunk({"tool_calls": [tc(0, id="call_sh", name="local_shell", args=args)]}),
+    evs = run(chat_sse(tool_call_chunk(0, id="call_sh", name="local_shell", args=args),
                        chat_chunk(finish="tool_calls")))
     (item,) = items(evs)
     assert item["type"] == "local_shell_call" and item["call_id"] == "call_sh"
@@ -229,7 +216,7 @@ def test_local_shell_call(args, action):
 
 def test_tool_search_call():
     evs = run(chat_sse(
-        chat_chunk({"tool_calls": [tc(0, id="call_ts", name="tool_search", args='{"query":"weather"}')]}),
+        tool_call_chunk(0, id="call_ts", name="tool_search", args='{"query":"weather"}'),
         chat_chunk(finish="tool_calls")))
     (item,) = items(evs)
     assert item["type"] == "tool_search_call" and item["call_id"] == "call_ts"
@@ -239,10 +226,10 @@ def test_tool_search_call():
 
 def test_parallel_tool_calls_each_own_item():
     evs = run(chat_sse(
-        chat_chunk({"tool_calls": [tc(0, id="call_a", name="exec_command", args='{"cmd":')]}),
-        chat_chunk({"tool_calls": [tc(1, id="call_b", name="view_image", args='{"path":')]}),
-        chat_chunk({"tool_calls": [tc(0, args='"ls"}')]}),
-        chat_chunk({"tool_calls": [tc(1, args='"a.png"}')]}),
+        tool_call_chunk(0, id="call_a", name="exec_command", args='{"cmd":'),
+        tool_call_chunk(1, id="call_b", name="view_image", args='{"path":'),
+        tool_call_chunk(0, args='"ls"}'),
+        tool_call_chunk(1, args='"a.png"}'),
         chat_chunk(finish="tool_calls"),
     ))
     a, b = items(evs)
@@ -258,15 +245,15 @@ def test_parallel_tool_calls_each_own_item():
 
 
 def test_parallel_calls_in_one_chunk():
-    evs = run(chat_sse(chat_chunk({"tool_calls": [tc(0, id="c0", name="exec_command", args='{"cmd":"a"}'),
-                                                  tc(1, id="c1", name="exec_command", args='{"cmd":"b"}')]}),
+    evs = run(chat_sse(chat_chunk({"tool_calls": [tool_call(0, id="c0", name="exec_command", args='{"cmd":"a"}'),
+                                                  tool_call(1, id="c1", name="exec_command", args='{"cmd":"b"}')]}),
                        chat_chunk(finish="tool_calls")))
     assert [(i["call_id"], i["arguments"]) for i in items(evs)] == [("c0", '{"cmd":"a"}'), ("c1", '{"cmd":"b"}')]
     check_sdk(evs)
 
 
 def test_zero_arg_call_has_empty_object_arguments():
-    evs = run(chat_sse(chat_chunk({"tool_calls": [tc(0, id="call_g", name="get_goal", args="")]}),
+    evs = run(chat_sse(tool_call_chunk(0, id="call_g", name="get_goal", args=""),
                        chat_chunk(finish="tool_calls")))
     (item,) = items(evs)
     assert item["arguments"] == "{}"
@@ -289,7 +276,8 @@ def test_ollama_whole_tool_call_in_one_chunk_with_stop():
 
 def test_missing_call_id_is_generated_and_unique():
     evs = run(chat_sse(
-        chat_chunk({"tool_calls": [tc(0, name="exec_command", args="{}"), tc(1, name="get_goal", args="{}")]}),
+        chat_chunk({"tool_calls": [tool_call(0, name="exec_command", args="{}"),
+                                   tool_call(1, name="get_goal", args="{}")]}),
         chat_chunk(finish="tool_calls")))
     ids = [i["call_id"] for i in items(evs)]
     assert all(ids) and len(set(ids)) == 2
@@ -298,7 +286,7 @@ def test_missing_call_id_is_generated_and_unique():
 
 def test_whitespace_content_before_tool_call_creates_no_message():
     evs = run(chat_sse(chat_chunk({"reasoning_content": "need ls"}), chat_chunk({"content": "\n\n"}),
-                       chat_chunk({"tool_calls": [tc(0, id="call_w", name="exec_command", args='{"cmd":"ls"}')]}),
+                       tool_call_chunk(0, id="call_w", name="exec_command", args='{"cmd":"ls"}'),
                        chat_chunk(finish="tool_calls")))
     assert [i["type"] for i in items(evs)] == ["reasoning", "function_call"]
     assert not of(evs, "response.output_text.delta")
@@ -306,7 +294,7 @@ def test_whitespace_content_before_tool_call_creates_no_message():
 
 
 def test_text_after_tool_call_is_a_new_message():
-    evs = run(chat_sse(chat_chunk({"tool_calls": [tc(0, id="c", name="exec_command", args="{}")]}),
+    evs = run(chat_sse(tool_call_chunk(0, id="c", name="exec_command", args="{}"),
                        chat_chunk({"content": "done"}), chat_chunk(finish="stop")))
     assert [i["type"] for i in items(evs)] == ["function_call", "message"]
     check_sdk(evs)
@@ -565,14 +553,14 @@ STREAMS = {
         chat_chunk({"content": "мир"}), chat_chunk(finish="stop"),
         {"choices": [], "usage": USAGE}, eol="\r\n"),
     "parallel-tools-with-comments": b": PROCESSING\n\n" + chat_sse(
-        chat_chunk({"tool_calls": [tc(0, id="call_a", name="exec_command", args='{"cmd":')]}),
-        chat_chunk({"tool_calls": [tc(1, id="call_b", name="multi_agent_v1__close_agent", args="{")]}),
-        chat_chunk({"tool_calls": [tc(0, args='"ls"}')]}), chat_chunk({"tool_calls": [tc(1, args="}")]}),
+        tool_call_chunk(0, id="call_a", name="exec_command", args='{"cmd":'),
+        tool_call_chunk(1, id="call_b", name="multi_agent_v1__close_agent", args="{"),
+        tool_call_chunk(0, args='"ls"}'), tool_call_chunk(1, args="}"),
         chat_chunk(finish="tool_calls")),
     "custom-tool-lone-cr": chat_sse(
         chat_chunk({"content": "Patching."}),
-        chat_chunk({"tool_calls": [tc(0, id="call_p", name="apply_patch", args='{"input":"*** Begin')]}),
-        chat_chunk({"tool_calls": [tc(0, args=' Patch\\n*** End Patch"}')]}), chat_chunk(finish="tool_calls"),
+        tool_call_chunk(0, id="call_p", name="apply_patch", args='{"input":"*** Begin'),
+        tool_call_chunk(0, args=' Patch\\n*** End Patch"}'), chat_chunk(finish="tool_calls"),
         eol="\r"),
     "error-mid-stream": chat_sse(chat_chunk({"content": "a"}), {"error": {"message": "overloaded", "code": 503}},
                                  chat_chunk({"content": "b"})),

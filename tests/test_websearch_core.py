@@ -5,16 +5,10 @@ from __future__ import annotations
 
 import json
 
-from helpers import chat_chunk, chat_event, chat_sse, parse_chat_sse, parse_sse
+from helpers import chat_chunk, chat_event, chat_sse, parse_chat_sse, parse_sse, tool_call_chunk
 from resp2chat_core import websearch
 from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.turn import begin_turn
-
-
-def call(index, cid, name, args) -> dict:
-    """A tool call's chunk with every field there, null where a later chunk leaves one out."""
-    return chat_chunk({"tool_calls": [{"index": index, "id": cid, "type": "function",
-                                       "function": {"name": name, "arguments": args}}]})
 
 
 def usage(prompt, completion) -> dict:
@@ -38,7 +32,8 @@ def test_the_tool_is_offered_only_when_the_gateway_searches():
 def test_a_search_round_then_an_answer_is_one_stream_with_one_ending():
     loop = websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=5)
     first = chat_sse(chat_chunk({"reasoning_content": "let me look"}),
-                     call(0, "call_1", "web_search", '{"query":'), call(0, None, None, '"mitmproxy"}'),
+                     tool_call_chunk(0, "call_1", "web_search", '{"query":'),
+                     tool_call_chunk(0, args='"mitmproxy"}', nulls=True),  # (null where it leaves one out)
                      chat_chunk(finish="tool_calls"), usage(100, 10))
     passed = b"".join(loop.feed(first[i:i + 7]) for i in range(0, len(first), 7))  # any split
     out = parse_chat_sse(passed)
@@ -64,7 +59,7 @@ def test_a_search_round_then_an_answer_is_one_stream_with_one_ending():
 
 def test_the_last_round_has_no_web_search_tool():
     loop = websearch.SearchLoop(json.dumps({**CHAT, "tools": [websearch.TOOL]}).encode(), max_rounds=1)
-    loop.feed(chat_sse(call(0, "c", "web_search", '{"query": "q"}'), chat_chunk(finish="tool_calls")))
+    loop.feed(chat_sse(tool_call_chunk(0, "c", "web_search", '{"query": "q"}'), chat_chunk(finish="tool_calls")))
     _, step = loop.end_round(ok=True)
     loop.next_round(["r"])
     nxt = json.loads(loop.body)
@@ -73,8 +68,8 @@ def test_the_last_round_has_no_web_search_tool():
 
 def test_client_tools_in_the_same_round_end_the_turn_there():
     loop = websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=5)
-    out = parse_chat_sse(loop.feed(chat_sse(call(0, "s", "web_search", '{"query": "q"}'), call(1, "e", "exec", "{}"),
-                                            chat_chunk(finish="tool_calls"))))
+    out = parse_chat_sse(loop.feed(chat_sse(tool_call_chunk(0, "s", "web_search", '{"query": "q"}'),
+                                            tool_call_chunk(1, "e", "exec", "{}"), chat_chunk(finish="tool_calls"))))
     assert [c["choices"][0]["delta"]["tool_calls"][0]["id"] for c in out] == ["e"]  # only the client's call
     _, step = loop.end_round(ok=True)
     assert isinstance(step, websearch.Finish)
@@ -210,10 +205,10 @@ def test_a_search_after_the_last_round_is_not_run_again():
     """The last round offers no web_search; a model that calls it anyway does not loop: the call
     goes to the client as an unknown function's, and the turn ends."""
     loop = websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=1)
-    loop.feed(chat_sse(call(0, "s1", "web_search", '{"query": "q"}'), chat_chunk(finish="tool_calls")))
+    loop.feed(chat_sse(tool_call_chunk(0, "s1", "web_search", '{"query": "q"}'), chat_chunk(finish="tool_calls")))
     _, step = loop.end_round(ok=True)
     loop.next_round(["r"])
-    again = parse_chat_sse(loop.feed(chat_sse(call(0, "s2", "web_search", '{"query": "q"}'),
+    again = parse_chat_sse(loop.feed(chat_sse(tool_call_chunk(0, "s2", "web_search", '{"query": "q"}'),
                                               chat_chunk(finish="tool_calls"))))
     assert again[0]["choices"][0]["delta"]["tool_calls"][0]["id"] == "s2"  # passed on, not held
     _, step = loop.end_round(ok=True)

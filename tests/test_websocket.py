@@ -15,15 +15,12 @@ import wsproto.events as E
 from resp2chat_core import websocket as ws
 from resp2chat_core.errors import GatewayError
 
-from helpers import DONE, LocalServer, QuietHandler, chat_event, logged_bodies, parse_sse, read_flows
+from helpers import (DONE, LocalServer, QuietHandler, chat_event, logged_bodies, parse_sse, read_flows, tool_call,
+                     user)
 from wsclient import Refused, WSClient
 
 TOOLS = [{"type": "function", "name": "exec_command", "description": "run a command", "strict": False,
           "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}, "required": ["cmd"]}}]
-
-
-def user(text: str) -> dict:
-    return {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
 
 
 # --- the core ------------------------------------------------------------------------------
@@ -95,8 +92,8 @@ def test_deltas_merge_on_their_text_whatever_they_hold():
     events = [json.loads(m) for _, m in messages]
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     t = begin_turn_with_tools()
-    out = t.accepted() + t.feed(b"".join(chat_event({"tool_calls": [{"index": 0, "id": "c", "type": "function", "function": {
-        "name": "exec_command", "arguments": a}}]}) for a in ['{"cmd"', ': "ls', ' \\"x\\""}']))
+    out = t.accepted() + t.feed(b"".join(chat_event({"tool_calls": [tool_call(0, "c", "exec_command", a)]})
+                                         for a in ['{"cmd"', ': "ls', ' \\"x\\""}']))
     args = [json.loads(m) for k, m in ws.Coalescer()(out) if k == "response.function_call_arguments.delta"]
     assert [a["delta"] for a in args] == ['{"cmd": "ls \\"x\\""}']
     # a delta that does not read as the translator writes one is passed as it is, never merged
@@ -147,9 +144,8 @@ def test_a_socket_turns_translator_merges_each_deliverys_runs_as_the_coalescer_d
                 items.append(chat_event({"reasoning_content": text}))
             elif pick < 0.75:
                 call = rng.randrange(2)
-                items.append(chat_event({"tool_calls": [{"index": call, "id": f"c{call}", "type": "function",
-                                                         "function": {"name": "exec_command",
-                                                                      "arguments": json.dumps(text)[1:-1]}}]}))
+                items.append(chat_event({"tool_calls": [tool_call(call, f"c{call}", "exec_command",
+                                                                   json.dumps(text)[1:-1])]}))
             elif pick < 0.88:  # apply_patch's input, streamed live as the model writes it
                 parts = ['{"input": "', *(json.dumps(rng.choice(words))[1:-1] for _ in range(rng.randrange(4))), '"}']
                 for i, args in enumerate(parts):

@@ -4,7 +4,7 @@
 //   assistant messages and reasoning go back as item_reference;
 // - `open-responses` (`@ai-sdk/open-responses`, for Open Responses servers): sends the whole
 //   history each time, reads reasoning as a summary or as content.
-// Run by tests/test_clients.py:
+// Run by tests/test_client_libraries.py:
 //   node ai_sdk.cjs <scenario> <base_url> [openai|open-responses]   (AI_SDK_DIR: the npm folder holding node_modules)
 // Prints one JSON object on stdout.
 const path = require("node:path");

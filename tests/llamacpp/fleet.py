@@ -47,7 +47,8 @@ for p in (str(HERE), str(TESTS), str(ROOT / "addon")):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from helpers import CODEX_FIXTURES, Gateway, answers, free_port, start_gateway, wait_until  # noqa: E402
+from helpers import (CODEX_FIXTURES, Gateway, answers, free_port, parse_sse, start_gateway,  # noqa: E402
+                     terminal, wait_until)
 from kv_figure import MODEL_ID, STOP_BIAS, LlamaServer, missing_build  # noqa: E402
 from redis_server import RedisServer, missing as missing_redis  # noqa: E402
 
@@ -175,12 +176,7 @@ def run_session(index: int, gateways: list[Gateway], turns: int, developer: list
             else:
                 body.update(store=style == "stored", input=history)
             r = requests.post(gw.base_url + "/responses", json=body, headers={"session-id": run.key}, timeout=600)
-            final = None
-            for line in r.iter_lines():
-                if line.startswith(b"data: ") and b'"response.' in line:
-                    event = json.loads(line[6:])
-                    if event["type"] in ("response.completed", "response.incomplete", "response.failed"):
-                        final = event["response"]
+            final = terminal(parse_sse(r.content))["response"] if r.status_code == 200 else None
             if final is None or final["status"] == "failed":
                 raise RuntimeError(f"turn {turn}: {r.status_code} {final and final.get('error')}")
             usage = final["usage"]

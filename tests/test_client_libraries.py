@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from helpers import ROOT, responses_requests
+from helpers import (ROOT, WEATHER_CALL, assert_chat_history, assert_response_format, assert_tool_loop, openai_client,
+                     responses_requests)
 
-CALL = 'call: get_weather {"city": "Paris"}'
 AI_SDK_VERSION = "6.0.325"
 
 
@@ -37,44 +37,6 @@ class Answer(BaseModel):
 
 def weather(city: str) -> str:
     return f"sunny in {city}"
-
-
-def assert_tool_loop(upstream_requests: list[dict]) -> None:
-    """The backend saw the call, then the client's tool result as a tool message."""
-    assert len(upstream_requests) == 2, [r["messages"][-1] for r in upstream_requests]
-    first, second = upstream_requests
-    assert [t["function"]["name"] for t in first["tools"]] == ["get_weather"]
-    call_msg, result = second["messages"][-2:]
-    (call,) = call_msg["tool_calls"]
-    assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == {"city": "Paris"}
-    assert result == {"role": "tool", "tool_call_id": call["id"], "content": result["content"]}
-    assert "sunny in Paris" in result["content"]
-
-
-def assert_chat_history(upstream_requests: list[dict]) -> None:
-    """The second turn reached the backend with the first turn as the client kept it, the
-    reasoning as the assistant message's reasoning field."""
-    messages = upstream_requests[-1]["messages"]
-    users = [m["content"] for m in messages if m["role"] == "user"]
-    assert users == ["my name is Ada", "what is my name"], messages
-    assistants = [m for m in messages if m["role"] == "assistant"]
-    assert len(assistants) == 1, messages
-    assert assistants[0]["content"] == "You said: my name is Ada"
-    assert assistants[0]["reasoning_content"] == "Thinking about: my name is Ada"
-
-
-def assert_response_format(upstream_request: dict) -> None:
-    fmt = upstream_request["response_format"]
-    assert fmt["type"] == "json_schema", fmt
-    schema = fmt["json_schema"]["schema"]
-    assert schema["properties"]["answer"]["type"] == "string" and "answer" in schema["required"]
-
-
-@pytest.fixture
-def recording_gateway(upstream, gateway_factory, tmp_path):
-    flows = tmp_path / "flows.mitm"
-    gw = gateway_factory(upstream.origin, "-w", str(flows), "--set", "resp2chat_max_replay_entries=0")
-    return gw, flows
 
 
 # --- the Vercel AI SDK (JavaScript) ------------------------------------------------------------
@@ -184,10 +146,10 @@ def test_open_responses_chat_from_its_own_history(ai_sdk_dir, recording_gateway,
 @pytest.fixture
 def agents_model(gateway):
     from agents import OpenAIResponsesModel, set_tracing_disabled
-    from openai import AsyncOpenAI
 
     set_tracing_disabled(True)  # traces would go to api.openai.com: nothing to do with the gateway
-    return OpenAIResponsesModel(model="demo-model", openai_client=AsyncOpenAI(base_url=gateway.base_url, api_key="unused"))
+    return OpenAIResponsesModel(model="demo-model", openai_client=openai_client(gateway, api_key="unused",
+                                                                                 asynchronous=True))
 
 
 def test_agents_sdk_streams_text(agents_model, upstream):
@@ -217,7 +179,7 @@ def test_agents_sdk_tool_loop(agents_model, upstream):
 
     upstream.clear()
     agent = Agent(name="t", instructions="Use tools.", model=agents_model, tools=[get_weather])
-    result = asyncio.run(Runner.run(agent, CALL))
+    result = asyncio.run(Runner.run(agent, WEATHER_CALL))
     assert ran == ["Paris"] and result.final_output == "The tool returned: sunny in Paris"
     assert_tool_loop(upstream.requests())
 
@@ -272,7 +234,7 @@ def test_langchain_tool_loop(chat_model, upstream):
 
     upstream.clear()
     model = chat_model.bind_tools([get_weather])
-    messages = [HumanMessage(CALL)]
+    messages = [HumanMessage(WEATHER_CALL)]
     while (reply := model.invoke(messages)).tool_calls:  # the loop as LangChain's docs write it
         messages.append(reply)
         messages += [ToolMessage(get_weather.invoke(c["args"]), tool_call_id=c["id"]) for c in reply.tool_calls]
@@ -332,7 +294,7 @@ def test_pydantic_ai_tool_loop(pai_model, upstream):
         return weather(city)
 
     upstream.clear()
-    result = asyncio.run(agent.run(CALL))
+    result = asyncio.run(agent.run(WEATHER_CALL))
     assert ran == ["Paris"] and result.output == "The tool returned: sunny in Paris"
     assert_tool_loop(upstream.requests())
 
