@@ -61,9 +61,14 @@ class Field:
         return "resp2chat_" + self.name
 
 
+# where turns go with no upstream configured and no --mode reverse target (the CLI's `start`
+# serves the demo upstream when nothing answers there)
+DEFAULT_UPSTREAM = "http://127.0.0.1:8000/v1"
+
 FIELDS: tuple[Field, ...] = (
     Field("bind_addr", "str", "127.0.0.1:4000", "Address the gateway listens on (host:port). Binding beyond loopback requires gateway_api_key.", owner="listen"),
-    Field("upstream_base_url", "str", "", "Chat Completions base URL, e.g. http://127.0.0.1:8000/v1 (may carry a path prefix: requests go to {base}/chat/completions). Empty: the --mode reverse target plus /v1, else http://127.0.0.1:8000/v1. 'demo' runs the bundled demo upstream.", owner="upstreams"),
+    Field("upstream_base_url", "str", "", "Chat Completions base URL, e.g. http://127.0.0.1:8000/v1 (may carry a path prefix: requests go to {base}/chat/completions). "
+              f"Empty: the --mode reverse target plus /v1, else {DEFAULT_UPSTREAM}. 'demo' runs the bundled demo upstream.", owner="upstreams"),
     Field("upstream_api_key", "str", "", "Key sent upstream as 'Authorization: Bearer …'. Never logged or saved.", ("OPENAI_API_KEY",), owner="upstreams"),
     Field("upstream_model", "str", "", "Send this model name upstream whatever the client asks for (after model_map).", owner="lowering", per_upstream=True),
     Field("model_map", "map", {}, "Rename models on the way upstream: {client_model: upstream_model}.", owner="lowering", per_upstream=True),

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from resp2chat_core.prefix import analyze
+from resp2chat_io import META
 from resp2chat_core.turn import session_key
 
 
@@ -24,7 +25,7 @@ def read_flows(path: Path) -> list[tuple[float, str, dict]]:
     out = []
     with path.open("rb") as fh:
         for f in io.FlowReader(fh).stream():
-            meta = (f.metadata.get("resp2chat") or {}) if isinstance(f, http.HTTPFlow) else {}
+            meta = (f.metadata.get(META) or {}) if isinstance(f, http.HTTPFlow) else {}
             if meta.get("transport") == "websocket":  # a Responses WebSocket: its turns' chat requests
                 for n, turn in enumerate(meta.get("turns") or ()):
                     if turn.get("chat_request") and not turn.get("warmup"):  # (a warm-up never reached it)
@@ -39,7 +40,7 @@ def read_flows(path: Path) -> list[tuple[float, str, dict]]:
             except ValueError:
                 continue
             if isinstance(chat, dict) and "messages" in chat:
-                meta = f.metadata.get("resp2chat") or {}
+                meta = f.metadata.get(META) or {}
                 out.append((f.request.timestamp_start, _session_of(meta, f.request.headers), chat, meta.get("usage")))
     return out
 

@@ -35,8 +35,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from resp2chat_core import settings as S
-
-ADDON = Path(__file__).resolve().parent.parent / "resp2chat.py"
+from resp2chat_io import ADDON
 
 
 class GatewayError(RuntimeError):
@@ -191,7 +190,7 @@ def _reverse_target(settings: dict) -> str:
     if not url and entries and isinstance(entries, list) and isinstance(entries[0], dict):
         url = entries[0].get("base_url") or ""
     if not url or url == "demo":
-        return "http://127.0.0.1:8000"
+        url = S.DEFAULT_UPSTREAM
     parts = urllib.parse.urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}"
 

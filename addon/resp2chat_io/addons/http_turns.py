@@ -39,7 +39,7 @@ from resp2chat_core.usage import usage_note
 from resp2chat_core.websocket import final_response
 from resp2chat_io import offload
 
-from .base import (ABANDON, META, SSE_HEADERS, RESPONSES_PATHS, TURN_HEADER, RecordText, Refusal, fails_closed,
+from .base import (ABANDON, JSON_HEADERS, META, SSE_HEADERS, RESPONSES_PATHS, TURN_HEADER, RecordText, Refusal, fails_closed,
                    json_response, log, refusal, request_id, show_url)
 from .turns import TurnRun, new_response_id
 
@@ -271,7 +271,7 @@ class HttpTurns:
             return False
         response_id, created_at = new_response_id(), int(time.time())
         answer = unpack_fresh(entry, response_id, created_at)
-        headers = SSE_HEADERS if stream else {"content-type": "application/json", "cache-control": "no-cache"}
+        headers = SSE_HEADERS if stream else {**JSON_HEADERS, "cache-control": "no-cache"}
         flow.response = http.Response.make(200, answer, {**headers, "x-request-id": request_id(flow)})
         flow.response.headers.update(limits)
         flow.metadata[META].update(replay_cache="hit", response_id=response_id, status="completed")

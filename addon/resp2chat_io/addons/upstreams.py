@@ -50,8 +50,6 @@ from .gate import PASSTHROUGH
 
 log = logging.getLogger("resp2chat")
 
-DEFAULT_UPSTREAM = "http://127.0.0.1:8000/v1"
-
 
 class Upstream:
     """A chat backend base URL: scheme, host, port and path prefix (``/v1``, ``/api/v1``…)."""
@@ -128,7 +126,7 @@ class Upstreams(Owner):
     def default_url(self) -> str:
         if self.specs:
             return self.endpoints[self.specs[0].name].url
-        return self.configured.url if self.configured else DEFAULT_UPSTREAM
+        return self.configured.url if self.configured else S.DEFAULT_UPSTREAM
 
     def target(self, flow: http.HTTPFlow) -> Upstream:
         if self.specs:
@@ -277,8 +275,7 @@ class Upstreams(Owner):
             body = error_json(f"the upstream answered {flow.request.path.split('?', 1)[0]} compressed "
                               f"({resp.headers['content-encoding']}) although asked not to: the gateway does not pass on "
                               "what it cannot check for secrets", status_type="upstream_error", code="upstream_encoded")
-            flow.response = http.Response.make(502, body, {"content-type": "application/json",
-                                                           "x-request-id": request_id(flow)})
+            flow.response = http.Response.make(502, body, {**JSON_HEADERS, "x-request-id": request_id(flow)})
             flow.response.stream = Refusal(body)
             return
         resp.stream = Scrubber(secrets)
@@ -326,8 +323,7 @@ class Upstreams(Owner):
                 if m["id"] not in seen:
                     seen.add(m["id"])
                     merged.append(m)
-        flow.response = http.Response.make(200, json.dumps({"object": "list", "data": merged}),
-                                           {"content-type": "application/json"})
+        flow.response = http.Response.make(200, json.dumps({"object": "list", "data": merged}), JSON_HEADERS)
 
 
 _HEADER_VALUE = re.compile(r"^[\x21-\x7e]{1,256}$")
