@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 from .sse import MAX_EVENT
 from .gate import DEFAULT_PASSTHROUGH, parse_passthrough
+from .labels import HEADER_NAME, NAME
 from .mcp import parse_servers as parse_mcp_servers, secret_values as mcp_secret_values
 from .think import MODES as THINK_MODES
 
@@ -171,7 +172,6 @@ def deprecated(old: str) -> str:
     return f"{old} is deprecated: it is now called {new} (the old name still works)"
 
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")  # an HTTP header name (RFC 9110 token)
 _HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):(\d{1,5})$")
 
 
@@ -271,7 +271,7 @@ def validate(name: str, value: Any) -> None:
             raise SettingsError(name, "[hidden]", str(exc)) from None
     if name == "upstream_headers":
         for header, v in value.items():
-            if not _TOKEN.match(header) or header.lower() in _NOT_UPSTREAM_HEADERS:
+            if not HEADER_NAME.match(header) or header.lower() in _NOT_UPSTREAM_HEADERS:
                 raise SettingsError(name, "[hidden]", f"{header!r} cannot be set: not a header name, or one the "
                                     "gateway writes itself (framing, hop-by-hop, authorization: use api_key)")
             if not isinstance(v, str) or any(c in v for c in "\r\n\x00"):
@@ -287,7 +287,7 @@ def validate(name: str, value: Any) -> None:
         from .clients import parse_clients  # (clients imports this module)
 
         parse_clients(value)  # (with gateway_api_key, its `default` client: the gate checks both)
-    if name == "routing_key_header" and value and not _TOKEN.match(value):
+    if name == "routing_key_header" and value and not HEADER_NAME.match(value):
         raise SettingsError(name, value, "expected an HTTP header name, e.g. x-smg-routing-key")
     if name == "state_store_url" and value:
         parts = urlsplit(value)
@@ -322,7 +322,6 @@ def resolve(file_values: Mapping[str, Any], env: Mapping[str, str]) -> tuple[dic
 # --- several upstreams: one entry of ``upstreams`` ---------------------------------------------
 
 _OWN = ("name", "base_url", "api_key", "models")
-LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a name safe in labels, logs and keys
 _NOT_UPSTREAM_HEADERS = frozenset({
     "host", "content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer", "upgrade",
     "proxy-connection", "proxy-authorization", "authorization", "content-type", "content-encoding", "accept",
@@ -372,7 +371,7 @@ def parse_upstreams(value: Sequence[dict]) -> tuple[UpstreamSpec, ...]:
         if unknown:
             raise bad(unknown[0], f"unknown field (known: {', '.join(_OWN + PER_UPSTREAM)})")
         name = entry.get("name")
-        if not isinstance(name, str) or not LABEL.match(name):
+        if not isinstance(name, str) or not NAME.match(name):
             raise bad("name", "expected a name of letters, digits, '_', '.', '-' (up to 64)")
         if name in seen:
             raise bad("name", "another entry has the same name")

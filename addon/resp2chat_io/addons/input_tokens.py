@@ -27,11 +27,11 @@ from mitmproxy import http
 
 from resp2chat_core import gate as G
 from resp2chat_core.errors import GatewayError
+from resp2chat_core.prefix import BYTES_PER_TOKEN  # (the estimate's rule, without a tokenizer)
 from resp2chat_core.routing import Candidate
 
 from .base import META, fails_closed, json_response, log, refusal, request_id
 
-BYTES_PER_TOKEN = 4  # the estimate's rule, without a tokenizer
 TOKENIZE_SECS = 30.0  # one tokenizer call at most (else: the estimate)
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 

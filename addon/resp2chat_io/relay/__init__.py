@@ -4,6 +4,7 @@
 - exchange.py  one turn's upstream work: a call, or the rounds of a web-search loop
 - upstream.py  the backend client: pooled connections, TLS, one deadline rule, outcomes
 - websocket.py the Responses WebSocket, terminated here: a registered socket's messages, in order
+- constants.py what they share (``READ``)
 """
 
 from .exchange import Exchange, SearchSettings

@@ -61,6 +61,7 @@ from typing import Callable
 import h11
 
 from . import websocket
+from .constants import READ
 from .exchange import Exchange, run
 from .upstream import UpstreamClient, failure
 
@@ -69,7 +70,6 @@ log = logging.getLogger("resp2chat.relay")
 TURN_HEADER = "x-resp2chat-turn"  # names the exchange (the flow id): not a secret
 KEY_HEADER = "x-resp2chat-key"  # the exchange's secret
 TICK = b"1\r\n.\r\n"  # one chunk, one byte: "take what the channel holds"
-READ = 65536
 MAX_REQUEST = 256 << 20  # what mitmproxy may send us (the addon bounds the real body far lower)
 REQUEST_DEADLINE = 10.0  # seconds for a request to arrive whole (mitmproxy sends it at once, on loopback)
 

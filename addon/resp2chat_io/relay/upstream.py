@@ -38,8 +38,9 @@ from resp2chat_core.routing import Candidate
 from resp2chat_core.channel import Channel, Keepalive, UpstreamFailed, UpstreamJSON
 from resp2chat_core.chunked import ChunkedDecoder, ChunkedError
 
+from .constants import READ
+
 MAX_ERROR_BODY = 1 << 20  # an error or JSON body is kept up to this much; the rest is not read
-READ = 65536
 FULL = 1 << 20  # backend bytes waiting in a channel before the relay stops reading the backend
 DEFERRED = 16 << 10  # a deferred stream (_BodyPump.defer) wakes the loop only past this many bytes queued
 READ_AT_ONCE = 256 << 10  # what a drain reads at most (asyncio's own read size)
