@@ -81,8 +81,10 @@ def reverse_target(flow: http.HTTPFlow) -> Upstream:
 class Upstreams(Owner):
     name = "resp2chat_upstreams"
     owner = "upstreams"
-    # secrets (and mcp_servers' headers): scrubbed from passthrough answers and every flow (redact.py)
-    also_reads = tuple(sorted(S.SECRET_FIELDS - {"upstream_api_key"})) + ("mcp_servers",)
+    # every secret and what holds some (mcp_servers' headers, clients' plain keys…): ``secrets``,
+    # the one list of them, scrubbed from passthrough answers, every flow (redact.py) and what a
+    # turn answers, logs and records (turns.py)
+    also_reads = tuple(sorted((S.SECRET_FIELDS | S.HOLDS_SECRETS) - {f.name for f in S.owned_by("upstreams")}))
     watches = ("ssl_insecure",)
 
     def __init__(self, source) -> None:

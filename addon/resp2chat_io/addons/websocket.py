@@ -365,7 +365,7 @@ class ResponsesWebSocket(Owner):
                 and self._replay(live, m, send, create.warmup, client, turn_id):
             return  # answered from a recording (--server-replay)
         if create.warmup:
-            reader = Reader(turn.translator(turns.max_event), MAX_ENTRY_BYTES, turns.secrets)
+            reader = Reader(turn.translator(turns.max_event), MAX_ENTRY_BYTES, self.upstreams.secrets_for(live.headers))
             out(reader.apply(ws.Warmup()))
             live.conn.remember(turn.ctx.response_id, turn.items)
             self._warmed(live, m, reader)
