@@ -9,9 +9,10 @@ META = "resp2chat"  # flow.metadata key of a turn's record: saved in flow files,
 
 
 def __getattr__(name: str):
-    """``resp2chat_io.start(...)``: run a gateway from Python (api.py), imported on first use."""
-    if name in ("start", "Gateway", "GatewayError"):
+    """``resp2chat_io.start(...)``: run a gateway from Python (api.py), imported on first use.
+    ``GatewayError``: the old name of ``StartError`` (README named it), still answered."""
+    if name in ("start", "Gateway", "StartError", "GatewayError"):
         from . import api
 
-        return getattr(api, name)
+        return getattr(api, "StartError" if name == "GatewayError" else name)
     raise AttributeError(f"module 'resp2chat_io' has no attribute {name!r}")
