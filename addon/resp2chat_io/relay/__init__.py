@@ -8,9 +8,9 @@
 """
 
 from .exchange import Exchange, SearchSettings
-from .server import KEY_HEADER, TURN_HEADER, Answer, Feed, Relay
-from .upstream import CallEnd, Target, UpstreamClient
+from .server import KEY_HEADER, TURN_HEADER, HeadRefusal, Feed, Relay
+from .upstream import CallEnd, BackendUrl, UpstreamClient
 from .websocket import Socket
 
-__all__ = ["Answer", "Exchange", "Feed", "SearchSettings", "Relay", "TURN_HEADER", "KEY_HEADER", "CallEnd", "Target", "UpstreamClient",
+__all__ = ["HeadRefusal", "Exchange", "Feed", "SearchSettings", "Relay", "TURN_HEADER", "KEY_HEADER", "CallEnd", "BackendUrl", "UpstreamClient",
            "Socket"]
