@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from resp2chat_core.prefix import analyze
+from resp2chat_core.routing import CHAT_PATH
 from resp2chat_io import META
 from resp2chat_core.turn import session_key
 
@@ -33,7 +34,7 @@ def read_flows(path: Path) -> list[tuple[float, str, dict]]:
                                     _session_of({"responses_request": turn.get("responses_request")}, f.request.headers),
                                     json.loads(turn["chat_request"]), turn.get("usage")))
                 continue
-            if not isinstance(f, http.HTTPFlow) or not f.request.path.split("?")[0].endswith("/chat/completions"):
+            if not isinstance(f, http.HTTPFlow) or not f.request.path.split("?")[0].endswith(CHAT_PATH):
                 continue
             try:
                 chat = json.loads(f.request.content or b"")

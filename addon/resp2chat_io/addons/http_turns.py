@@ -234,7 +234,7 @@ class HttpTurns:
         self.live[flow.id] = run  # (``_end`` forgets it)
         ex = run.exchange
         first = ex.candidates[0]
-        meta.update(upstream=first.url.removesuffix("/chat/completions"), upstream_name=first.name)
+        meta.update(upstream=first.base_url, upstream_name=first.name)
         if not turn.client_stream:
             ex.channel.push = run.reader.apply_all  # one JSON body at the end: nothing to tick
         ABANDON[flow.id] = ex.abort  # failing closed at the response head gives the backend call up
@@ -373,7 +373,7 @@ class HttpTurns:
             req.url = answered.url
             meta["chat_request"] = RecordText(run.turn.chat_body)
             req.content = answered.body
-            meta["upstream"], meta["upstream_name"] = answered.url.removesuffix("/chat/completions"), answered.name
+            meta["upstream"], meta["upstream_name"] = answered.base_url, answered.name
         elif flow.id in self.aside:
             req.content = ex.candidates[0].body
         self.aside.discard(flow.id)

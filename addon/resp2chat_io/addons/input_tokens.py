@@ -75,7 +75,7 @@ class InputTokens:
 
     async def count(self, to: Candidate, chat: dict) -> tuple[int, str]:
         """The chat request's token count, and how it was counted (the module's order)."""
-        root = to.url.removesuffix("/chat/completions").removesuffix("/v1")
+        root = to.base_url.removesuffix("/v1")
         tools = {"tools": chat["tools"]} if chat.get("tools") else {}
         vllm = await self._ask(to, root + "/tokenize", {"model": chat["model"], "messages": chat["messages"], **tools})
         if isinstance(vllm, dict) and type(vllm.get("count")) is int:

@@ -198,7 +198,7 @@ class Upstreams(Owner):
         """A turn's upstreams in the order they are tried (routing.py's rule), each with its URL,
         key, own headers and timeouts, and the turn's body for it (``Turn.alternates``)."""
         if not self.specs:
-            return (routing.Candidate("default", self.target(flow).url + "/chat/completions", turn.chat_body,
+            return (routing.Candidate("default", self.target(flow).url + routing.CHAT_PATH, turn.chat_body,
                                       turn.ctx.think, _bearer(self.authorization(None, client_auth)),
                                       routing.header_pairs(self.s["upstream_headers"]), **routing.timeouts(self.s)),)
         specs = routing.candidates(self.specs, turn.ctx.model)
@@ -207,7 +207,7 @@ class Upstreams(Owner):
         out = []
         for spec, (body, think) in zip(specs, bodies):
             own = spec.settings(self.s)
-            out.append(routing.Candidate(spec.name, self.endpoints[spec.name].url + "/chat/completions", body, think,
+            out.append(routing.Candidate(spec.name, self.endpoints[spec.name].url + routing.CHAT_PATH, body, think,
                                          _bearer(self.authorization(spec, client_auth)),
                                          routing.header_pairs(own["upstream_headers"]), **routing.timeouts(own)))
         return tuple(out)

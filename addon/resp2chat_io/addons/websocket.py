@@ -165,7 +165,7 @@ class ResponsesWebSocket(Owner):
         live = OpenSocket(flow, sock, req.url, self.upstreams.owner_of(flow), req.headers.copy(), name,
                           spec.key_sha256 if spec is not None else None)
         meta = flow.metadata.setdefault(META, {})
-        meta.update(transport="websocket", upstream=self.upstreams.target(flow).url + "/chat/completions", turns=[])
+        meta.update(transport="websocket", turns=[])  # (each turn records its upstream: _finish)
         self.live[flow.id] = self.by_client[flow.client_conn.id] = live  # (websocket_end or error forgets it)
         for name, value in self.relay.expect(sock):
             req.headers[name] = value
@@ -482,7 +482,8 @@ class ResponsesWebSocket(Owner):
         done, record = self.turns.settle(run, answer)
         turn = m.turn
         self._record(live, {"responses_request": m.text, "request_id": m.request_id,
-                            "response_id": turn.ctx.response_id, "warmup": False, "upstream_name": done.upstream,
+                            "response_id": turn.ctx.response_id, "warmup": False,
+                            "upstream": run.answering.base_url, "upstream_name": done.upstream,
                             "chat_request": RecordText(turn.chat_body), **record,
                             "events": RecordText(answer)})
         self.turns.ended(done, run.exchange.turn_id)
