@@ -431,9 +431,11 @@ class ResponsesWebSocket(Owner):
             return
         raw = m.request or {}
         model = raw.get("model") if isinstance(raw.get("model"), str) else ""
-        self.outcomes.emit(Outcome(m.request_id, session_key(raw.get("prompt_cache_key"), live.flow.request.headers),
-                                   model, "", "rejected", code, None, None, time.monotonic() - m.started,
-                                   http_status, client=live.client or ""))
+        self.outcomes.emit(Outcome(request_id=m.request_id,
+                                   session=session_key(raw.get("prompt_cache_key"), live.flow.request.headers),
+                                   model=model, upstream="", status="rejected", code=code,
+                                   took=time.monotonic() - m.started, http_status=http_status,
+                                   client=live.client or ""))
 
     def _replay(self, live: OpenSocket, m: Message, send, warmup: bool, client, turn_id: str) -> bool:
         """Offline replay (``--server-replay``): the recorded events of the same turn (or
