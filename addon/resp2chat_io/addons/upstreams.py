@@ -202,8 +202,8 @@ class Upstreams(Owner):
                                       turn.ctx.think, _bearer(self.authorization(None, client_auth)),
                                       routing.header_pairs(self.s["upstream_headers"]), **routing.timeouts(self.s)),)
         specs = routing.candidates(self.specs, turn.ctx.model)
-        bodies = [(turn.chat_body, turn.ctx.think)] + [(body or turn.chat_body, think)
-                                                        for body, think, _tools in turn.alternates]
+        bodies = [(turn.chat_body, turn.ctx.think)] + [(alt.body or turn.chat_body, alt.think)
+                                                        for alt in turn.alternates]
         out = []
         for spec, (body, think) in zip(specs, bodies):
             own = spec.settings(self.s)
