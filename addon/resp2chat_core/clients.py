@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any, Sequence
 
-from . import settings as S
 from .errors import GatewayError
 from .labels import NAME, shown
+from .settings_error import SettingsError  # (not settings.py: it validates ``clients`` with parse_clients)
 
 DEFAULT = "default"  # the client gateway_api_key stands for
 FIELDS = ("name", "key", "key_sha256", "models", "rpm", "tpm", "max_streams")
@@ -91,13 +91,13 @@ def parse_clients(entries: Sequence[Any], gateway_api_key: str = "") -> tuple[Cl
         digests[key_sha256(gateway_api_key)] = "gateway_api_key"
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
-            raise S.SettingsError(f"clients[{i}]", "[hidden]", "expected a mapping with name and key (or key_sha256)")
+            raise SettingsError(f"clients[{i}]", "[hidden]", "expected a mapping with name and key (or key_sha256)")
         label = f"clients[{i}]" + (f" ({entry['name']!r})" if isinstance(entry.get("name"), str) else "")
 
-        def bad(field: str, why: str) -> S.SettingsError:
+        def bad(field: str, why: str) -> SettingsError:
             # the value only where it cannot be a key: not key/key_sha256, not an unknown field (a misspelt key?)
             shown = entry.get(field) if field in ("name", "models") + LIMITS else "[hidden]"
-            return S.SettingsError(f"{label}.{field}", shown, why)
+            return SettingsError(f"{label}.{field}", shown, why)
 
         unknown = sorted(set(entry) - set(FIELDS), key=str)
         if unknown:

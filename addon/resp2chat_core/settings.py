@@ -8,7 +8,9 @@ default, so mitmproxy's own ``--set`` handling supplies the top layer.
 
 Secrets (``SECRET_FIELDS``) are the exception: their option default stays empty, because
 option defaults are shown by ``mitmdump --options`` and in mitmweb's options editor. The addon
-resolves them itself (``--set`` value, else environment, else file).
+resolves them itself (``--set`` value, else environment, else file). Which fields are secrets,
+and ``SettingsError`` (which never shows one), are in settings_error.py: clients.py raises it
+while it validates an entry of ``clients``, for ``validate`` here, without importing this table.
 
 Each field names its ``owner``: the addon (resp2chat_io/addons/) that declares its option and
 hands it on to its consumer under the same name. A renamed field keeps its old name as an alias
@@ -24,22 +26,13 @@ from fnmatch import fnmatchcase
 from typing import Any, Mapping, Sequence
 from urllib.parse import urlsplit
 
-from .sse import MAX_EVENT
+from .clients import parse_clients
 from .gate import DEFAULT_PASSTHROUGH, parse_passthrough
 from .labels import HEADER_NAME, NAME
 from .mcp import parse_servers as parse_mcp_servers, secret_values as mcp_secret_values
+from .settings_error import ENTRY_SECRETS, HOLDS_SECRETS, SECRET_FIELDS, SettingsError  # (S.SettingsError…)
+from .sse import MAX_EVENT
 from .think import MODES as THINK_MODES
-
-
-class SettingsError(ValueError):
-    """An invalid value: names the field, the value and why."""
-
-    def __init__(self, field: str, value: Any, why: str, source: str = ""):
-        self.field, self.value, self.why = field, value, why
-        where = f" (from {source})" if source else ""
-        hide = field in SECRET_FIELDS or field in HOLDS_SECRETS or field.endswith((".api_key", ".upstream_headers"))
-        shown = "[hidden]" if hide else repr(value)
-        super().__init__(f"{field}{where}: {shown} is invalid: {why}")
 
 
 @dataclass(frozen=True)
@@ -124,13 +117,6 @@ FIELDS: tuple[Field, ...] = (
 
 BY_NAME = {f.name: f for f in FIELDS}
 ALIASES = {old: f for f in FIELDS for old in f.aliases}  # old name -> its field
-SECRET_FIELDS = frozenset({"upstream_api_key", "brave_api_key", "gateway_api_key", "seal_key", "state_store_url"})
-# Fields that are not secrets themselves but hold some, and which key of each entry is one (each
-# upstream's api_key, each client's key), credential-like upstream_headers and every header of an
-# mcp_servers entry: their option default stays empty like a secret's, the addon resolves them the
-# same way, and those values are scrubbed like the secrets.
-ENTRY_SECRETS = {"upstreams": "api_key", "clients": "key"}
-HOLDS_SECRETS = frozenset({*ENTRY_SECRETS, "upstream_headers", "mcp_servers"})
 PER_UPSTREAM = tuple(f.name for f in FIELDS if f.per_upstream)  # what an ``upstreams`` entry may set for itself
 _CREDENTIAL = re.compile(r"(?i)key|token|secret|auth|password|cookie|signature")
 
@@ -284,8 +270,6 @@ def validate(name: str, value: Any) -> None:
     if name in ("tls_cert_file", "tls_key_file") and value and "\n" in value:
         raise SettingsError(name, value, "expected a file path")
     if name == "clients" and value:
-        from .clients import parse_clients  # (clients imports this module)
-
         parse_clients(value)  # (with gateway_api_key, its `default` client: the gate checks both)
     if name == "routing_key_header" and value and not HEADER_NAME.match(value):
         raise SettingsError(name, value, "expected an HTTP header name, e.g. x-smg-routing-key")
