@@ -10,7 +10,6 @@ import secrets
 import shutil
 import sys
 from pathlib import Path
-from typing import Sequence
 from urllib.parse import urlsplit
 
 import requests
@@ -18,6 +17,7 @@ import requests
 from resp2chat_core import settings as S
 from resp2chat_core.clients import DEFAULT, LIMITS, key_sha256, parse_clients
 from resp2chat_io import ADDON
+from resp2chat_io.columns import table
 from resp2chat_io.config import config_path, editing, load_settings, read_file, write_file
 
 
@@ -51,15 +51,6 @@ def list_models(base_url: str, api_key: str = "", timeout: float = 3.0) -> list[
         return []
     models = data.get("data") if isinstance(data, dict) else None
     return [m for m in models or () if isinstance(m, dict) and m.get("id")]
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[object]], right: Sequence[int] = ()) -> str:
-    """Aligned columns for a person: numbers (the columns in ``right``) right-aligned."""
-    cells = [[str(c) for c in header]] + [["" if c is None else str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-             for r in cells]
-    return "\n".join(lines) + "\n"
 
 
 def context_window(model: dict) -> int | None:
