@@ -6,7 +6,7 @@ Rules of this file:
   a ``ClientSpec`` holds only its SHA-256 (hex). ``resp2chat keys add`` writes ``key_sha256``,
   so the config file never holds a key it made.
 - ``gateway_api_key``, when set, is one more client named ``default`` (all models, no limits).
-- Names are unique and safe as Prometheus label values and log fields (``labels.NAME``);
+- Names are unique and safe as Prometheus label values and log fields (``labels.OPERATOR_NAME``);
   two clients never share a key.
 - Invalid entries stop start-up with ``SettingsError`` naming the entry and the field
   (``clients[1] ('alice').rpm: …``), as ``upstreams`` does; an error never shows a key.
@@ -25,7 +25,7 @@ from fnmatch import fnmatchcase
 from typing import Any, Sequence
 
 from .errors import GatewayError
-from .labels import NAME, shown
+from .labels import OPERATOR_NAME, shown
 from .settings_error import SettingsError  # (not settings.py: it validates ``clients`` with parse_clients)
 
 DEFAULT = "default"  # the client gateway_api_key stands for
@@ -103,7 +103,7 @@ def parse_clients(entries: Sequence[Any], gateway_api_key: str = "") -> tuple[Cl
         if unknown:
             raise bad(str(unknown[0]), f"unknown field (known: {', '.join(FIELDS)})")
         name = entry.get("name")
-        if not isinstance(name, str) or not NAME.match(name):
+        if not isinstance(name, str) or not OPERATOR_NAME.match(name):
             raise bad("name", "expected a name of letters, digits, '_', '.', '-' (up to 64, starting with a letter or digit)")
         if name in names:
             raise bad("name", f"{names[name]} has the same name")

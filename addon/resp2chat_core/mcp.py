@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import GatewayError
-from .labels import HEADER_NAME, NAME  # (a server label is a NAME)
+from .labels import HEADER_NAME, OPERATOR_NAME  # (a server label is an OPERATOR_NAME)
 from .toolmap import Target, chat_name
 
 KIND = "mcp"  # the loop's name for this kind, and the Target kind of its functions
@@ -170,7 +170,7 @@ def parse_servers(value: list) -> tuple[ServerSpec, ...]:
         if unknown:
             raise ValueError(f"{where}.{str(unknown[0])[:64]}: unknown field (known: {', '.join(_ENTRY)})")
         label = entry.get("label")
-        if not isinstance(label, str) or not NAME.match(label):
+        if not isinstance(label, str) or not OPERATOR_NAME.match(label):
             raise ValueError(f"{where}.label: expected a name of letters, digits, '_', '.', '-' (up to 64)")
         if label in labels:
             raise ValueError(f"{where}.label: another entry has the same label")
@@ -308,7 +308,7 @@ def recorded_servers(raw: dict) -> tuple[ServerSpec, ...]:
     specs, seen = [], set()
     for _, tool in mcp_tools(raw.get("tools")):
         label, url = tool.get("server_label"), tool.get("server_url")
-        if isinstance(label, str) and NAME.match(label) and label not in seen:
+        if isinstance(label, str) and OPERATOR_NAME.match(label) and label not in seen:
             seen.add(label)
             specs.append(ServerSpec(label, url if isinstance(url, str) and url else f"recorded://{label}"))
     return tuple(specs)
@@ -330,7 +330,7 @@ def bind(tools: list[tuple[int, Any]], specs: tuple[ServerSpec, ...]) -> tuple[S
                     "tools only against the MCP servers its operator allows (mcp_servers); name one by server_label "
                     "or server_url", param=f"{where}.{field_}", code="unsupported_mcp_connector")
         label = tool.server_label
-        if not NAME.match(label):
+        if not OPERATOR_NAME.match(label):
             raise GatewayError(f"{where}.server_label: expected a name of letters, digits, '_', '.', '-' (up to 64)",
                                param=f"{where}.server_label", code="invalid_value")
         if label in labels:

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 from .clients import parse_clients
 from .gate import DEFAULT_PASSTHROUGH, parse_passthrough
-from .labels import HEADER_NAME, NAME
+from .labels import HEADER_NAME, OPERATOR_NAME
 from .mcp import parse_servers as parse_mcp_servers, secret_values as mcp_secret_values
 from .settings_error import ENTRY_SECRETS, HOLDS_SECRETS, SECRET_FIELDS, SettingsError  # (S.SettingsError…)
 from .sse import MAX_EVENT
@@ -355,7 +355,7 @@ def parse_upstreams(value: Sequence[dict]) -> tuple[UpstreamSpec, ...]:
         if unknown:
             raise bad(unknown[0], f"unknown field (known: {', '.join(_OWN + PER_UPSTREAM)})")
         name = entry.get("name")
-        if not isinstance(name, str) or not NAME.match(name):
+        if not isinstance(name, str) or not OPERATOR_NAME.match(name):
             raise bad("name", "expected a name of letters, digits, '_', '.', '-' (up to 64)")
         if name in seen:
             raise bad("name", "another entry has the same name")
