@@ -43,7 +43,7 @@ from resp2chat_core import settings as S
 from resp2chat_core.turn import Turn, session_key
 from resp2chat_core.channel import Scrubber, scrub
 from resp2chat_core.errors import error_json
-from resp2chat_io.relay import Relay
+from resp2chat_io.relay import KEY_HEADER, TURN_HEADER, Relay
 
 from .base import JSON_HEADERS, META, Owner, Refusal, fails_closed, refusal, request_id
 from .gate import PASSTHROUGH
@@ -335,7 +335,7 @@ _NOT_FORWARDED = frozenset({
     "authorization", "x-api-key", "proxy-authorization", "host", "content-length", "transfer-encoding", "connection",
     "keep-alive", "te", "trailer", "upgrade", "proxy-connection", "expect", "content-type", "content-encoding",
     "accept", "accept-encoding", "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
-    "sec-websocket-protocol", "sec-websocket-accept", "x-resp2chat-turn", "x-resp2chat-key"})
+    "sec-websocket-protocol", "sec-websocket-accept", TURN_HEADER, KEY_HEADER})
 
 
 def _bearer(value: str | None) -> bytes | None:

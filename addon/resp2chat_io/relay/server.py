@@ -69,6 +69,7 @@ log = logging.getLogger("resp2chat.relay")
 
 TURN_HEADER = "x-resp2chat-turn"  # names the exchange (the flow id): not a secret
 KEY_HEADER = "x-resp2chat-key"  # the exchange's secret
+_TURN, _KEY = TURN_HEADER.encode(), KEY_HEADER.encode()  # (as h11 gives header names: bytes, lower case)
 TICK = b"1\r\n.\r\n"  # one chunk, one byte: "take what the channel holds"
 MAX_REQUEST = 256 << 20  # what mitmproxy may send us (the addon bounds the real body far lower)
 REQUEST_DEADLINE = 10.0  # seconds for a request to arrive whole (mitmproxy sends it at once, on loopback)
@@ -213,9 +214,9 @@ class Relay:
     def _claim(self, request: h11.Request) -> Exchange | websocket.Socket | HeadRefusal | Feed | None:
         turn = key = b""
         for name, value in request.headers:
-            if name == b"x-resp2chat-turn":
+            if name == _TURN:
                 turn = value
-            elif name == b"x-resp2chat-key":
+            elif name == _KEY:
                 key = value
         exchange = self._expected.get(turn.decode("latin-1"))
         if exchange is None or not hmac.compare_digest(exchange.secret.encode(), key):
