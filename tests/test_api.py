@@ -10,7 +10,7 @@ import requests
 
 from helpers import openai_client
 import resp2chat_io
-from resp2chat_io.api import Gateway, GatewayError
+from resp2chat_io.api import Gateway, StartError
 
 
 def test_start_use_stop_as_a_context_manager(upstream, monkeypatch):
@@ -34,22 +34,24 @@ def test_start_use_stop_as_a_context_manager(upstream, monkeypatch):
 
 
 def test_settings_are_checked_and_failures_are_explained(upstream, tmp_path):
-    with pytest.raises(GatewayError, match="max_tokens_field: 'n' is invalid"):
+    with pytest.raises(StartError, match="max_tokens_field: 'n' is invalid"):
         resp2chat_io.start(upstream.base_url, max_tokens_field="n")
-    with pytest.raises(GatewayError, match="unknown setting 'colour'"):
+    with pytest.raises(resp2chat_io.GatewayError):  # StartError's old name (README named it) still catches it
+        resp2chat_io.start(upstream.base_url, max_tokens_field="n")
+    with pytest.raises(StartError, match="unknown setting 'colour'"):
         resp2chat_io.start(upstream.base_url, colour="red")
-    with pytest.raises(GatewayError, match=r"upstreams\[0\] \('a'\).base_url"):
+    with pytest.raises(StartError, match=r"upstreams\[0\] \('a'\).base_url"):
         resp2chat_io.start(upstreams=[{"name": "a"}])
-    with pytest.raises(GatewayError) as err:  # a misspelt key: named, its value never shown
+    with pytest.raises(StartError) as err:  # a misspelt key: named, its value never shown
         resp2chat_io.start(upstreams=[{"name": "a", "base_url": "http://u:pw-in-url@h/v1", "apikey": "sk-secret-123456"}])
     assert "apikey" in str(err.value) and "sk-secret-123456" not in str(err.value)
-    with pytest.raises(GatewayError) as err:
+    with pytest.raises(StartError) as err:
         resp2chat_io.start(upstreams=[{"name": "a", "base_url": "ftp://u:pw-in-url@h/v1"}])
     assert "base_url" in str(err.value) and "pw-in-url" not in str(err.value)
     with socket.socket() as taken:  # a port someone else holds: the gateway cannot start, and says why
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        with pytest.raises(GatewayError) as err:
+        with pytest.raises(StartError) as err:
             resp2chat_io.start(upstream.base_url, port=taken.getsockname()[1], log_path=tmp_path / "gw.log")
         assert "exited" in str(err.value) and (tmp_path / "gw.log").exists()
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import requests
 import yaml
 
 from helpers import (ADDON, MITMDUMP, RESP2CHAT, Codex, cli_env, config_file, free_port, openai_client, run_cli,
@@ -204,6 +205,21 @@ def test_a_client_key_is_scrubbed_from_what_clients_get(tmp_path, upstream):
     assert "your key [redacted] is odd" in str(err.value) and ALICE_KEY not in str(err.value)
     assert events[-1].type == "response.failed" and "again [redacted]" in events[-1].response.error.message
     assert ALICE_KEY not in gw.log()
+
+
+
+def test_another_clients_key_in_a_url_is_a_credential(tmp_path, upstream):
+    # a configured client's plain key is a secret like the others wherever the gateway looks for
+    # one: in a URL bob sends it is refused (credential_in_url), never passed on to the backend
+    env = cli_env(tmp_path, RESP2CHAT_CLIENTS=json.dumps([{"name": "alice", "key": ALICE_KEY},
+                                                          {"name": "bob", "key": BOB_KEY}]))
+    gw = start_gateway(upstream.origin, tmp_path, env=env)
+    try:
+        r = requests.get(f"{gw.base_url}/models/{ALICE_KEY}", headers={"authorization": f"Bearer {BOB_KEY}"}, timeout=20)
+    finally:
+        gw.stop()
+    assert r.status_code == 400 and r.json()["error"]["code"] == "credential_in_url", r.text
+    assert ALICE_KEY not in r.text + gw.log()
 
 
 # --- resp2chat keys ------------------------------------------------------------------------------

@@ -246,6 +246,7 @@ def test_a_fallback_translates_with_its_own_tools_and_is_recorded_as_it_answered
     flow = next(f for f in read_flows(flows) if f.request.path.endswith("/chat/completions"))
     meta = flow.metadata["resp2chat"]
     assert flow.request.url == demo_pair[0].base_url + "/chat/completions" and meta["upstream_name"] == "good"
+    assert meta["upstream"] == demo_pair[0].base_url  # (its base URL, as a socket turn's record has it)
     assert "tools" in json.loads(flow.request.content) and "tools" not in json.loads(meta["chat_request"])
     assert meta["lowering"]["tool_denylist"] == ["apply_patch"] and meta["lowering_fallbacks"][0]["tool_denylist"] == []
     assert [e[1:] for e in meta["gateway_events"] if e[1] == "Rerouted"] == [["Rerouted", {"think": "auto", "alternate": 1}]]

@@ -464,6 +464,7 @@ def test_the_socket_is_recorded_in_the_flow_file(gw, upstream):
     warm, turn, rejected = meta["turns"]
     assert warm["warmup"] and "upstream_sse" not in warm and rejected["status"] == "rejected"
     assert turn["status"] == "completed" and turn["response_id"] == second[-1]["response"]["id"]
+    assert (turn["upstream"], turn["upstream_name"]) == (upstream.base_url, "default") and "upstream" not in meta
     assert turn["chat_request"].encode() == logged_bodies(gw.request_log)[0]
     assert "chat.completion.chunk" in turn["upstream_sse"]
     assert [e["type"] for e in parse_sse(turn["events"].encode())] == [e["type"] for e in second]

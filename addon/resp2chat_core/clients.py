@@ -6,7 +6,7 @@ Rules of this file:
   a ``ClientSpec`` holds only its SHA-256 (hex). ``resp2chat keys add`` writes ``key_sha256``,
   so the config file never holds a key it made.
 - ``gateway_api_key``, when set, is one more client named ``default`` (all models, no limits).
-- Names are unique and safe as Prometheus label values and log fields (``settings.LABEL``);
+- Names are unique and safe as Prometheus label values and log fields (``labels.OPERATOR_NAME``);
   two clients never share a key.
 - Invalid entries stop start-up with ``SettingsError`` naming the entry and the field
   (``clients[1] ('alice').rpm: …``), as ``upstreams`` does; an error never shows a key.
@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any, Sequence
 
-from . import settings as S
 from .errors import GatewayError
-from .labels import shown
+from .labels import OPERATOR_NAME, shown
+from .settings_error import SettingsError  # (not settings.py: it validates ``clients`` with parse_clients)
 
 DEFAULT = "default"  # the client gateway_api_key stands for
 FIELDS = ("name", "key", "key_sha256", "models", "rpm", "tpm", "max_streams")
@@ -91,19 +91,19 @@ def parse_clients(entries: Sequence[Any], gateway_api_key: str = "") -> tuple[Cl
         digests[key_sha256(gateway_api_key)] = "gateway_api_key"
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
-            raise S.SettingsError(f"clients[{i}]", "[hidden]", "expected a mapping with name and key (or key_sha256)")
+            raise SettingsError(f"clients[{i}]", "[hidden]", "expected a mapping with name and key (or key_sha256)")
         label = f"clients[{i}]" + (f" ({entry['name']!r})" if isinstance(entry.get("name"), str) else "")
 
-        def bad(field: str, why: str) -> S.SettingsError:
+        def bad(field: str, why: str) -> SettingsError:
             # the value only where it cannot be a key: not key/key_sha256, not an unknown field (a misspelt key?)
             shown = entry.get(field) if field in ("name", "models") + LIMITS else "[hidden]"
-            return S.SettingsError(f"{label}.{field}", shown, why)
+            return SettingsError(f"{label}.{field}", shown, why)
 
         unknown = sorted(set(entry) - set(FIELDS), key=str)
         if unknown:
             raise bad(str(unknown[0]), f"unknown field (known: {', '.join(FIELDS)})")
         name = entry.get("name")
-        if not isinstance(name, str) or not S.LABEL.match(name):
+        if not isinstance(name, str) or not OPERATOR_NAME.match(name):
             raise bad("name", "expected a name of letters, digits, '_', '.', '-' (up to 64, starting with a letter or digit)")
         if name in names:
             raise bad("name", f"{names[name]} has the same name")

@@ -6,6 +6,8 @@ Rules of this file:
 - ``shown``: for a log line, the access log or a flow comment: at most ``SHOWN`` characters,
   printable (a newline in a model name cannot forge a log line). A longer value keeps its start
   and a digest of the whole, so two long values stay apart (a session is still followed).
+- ``OPERATOR_NAME``: the shape of an operator's name (an upstream, a client, an MCP server),
+  checked where it is configured; ``HEADER_NAME``: an HTTP header name an operator configures.
 - ``label_safe``: what may be a Prometheus label value of its own (metrics.py decides which
   names it admits, up to its bound on how many).
 """
@@ -17,6 +19,10 @@ import re
 
 SHOWN = 200  # characters of a client string in a log line, the access log or a flow comment
 LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+=-]{0,127}")  # a model name as backends spell them
+# an operator's name for an upstream, a client or an MCP server (settings.py, clients.py, mcp.py):
+# safe in metric labels, log lines and store keys as it is
+OPERATOR_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")  # an HTTP header name (RFC 9110 token)
 CODE = re.compile(r"[a-z0-9_]{0,64}")  # an error code or incomplete reason
 
 

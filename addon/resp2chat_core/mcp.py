@@ -33,16 +33,14 @@ A later turn of the conversation finds the ``mcp_list_tools`` item in its histor
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import GatewayError
+from .labels import HEADER_NAME, OPERATOR_NAME  # (a server label is an OPERATOR_NAME)
 from .toolmap import Target, chat_name
 
 KIND = "mcp"  # the loop's name for this kind, and the Target kind of its functions
-LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a server label: safe in names, labels and logs
-TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")  # an HTTP header name (RFC 9110 token)
 # Headers the MCP client writes itself (framing, hop-by-hop, the protocol's own): a client or the
 # operator setting one would break the exchange or smuggle another request.
 RESERVED_HEADERS = frozenset({
@@ -129,7 +127,7 @@ def _headers(value: Any, where: str) -> tuple[tuple[str, str], ...]:
         raise ValueError(f"{where}: expected a mapping of header names to values")
     out = []
     for name, v in value.items():
-        if not isinstance(name, str) or not TOKEN.match(name) or name.lower() in RESERVED_HEADERS:
+        if not isinstance(name, str) or not HEADER_NAME.match(name) or name.lower() in RESERVED_HEADERS:
             raise ValueError(f"{where}: {str(name)[:64]!r} cannot be set: not a header name, or one the MCP "
                              "client writes itself (framing, hop-by-hop, content type, the MCP session)")
         if not isinstance(v, str) or any(c in v for c in "\r\n\x00"):
@@ -172,7 +170,7 @@ def parse_servers(value: list) -> tuple[ServerSpec, ...]:
         if unknown:
             raise ValueError(f"{where}.{str(unknown[0])[:64]}: unknown field (known: {', '.join(_ENTRY)})")
         label = entry.get("label")
-        if not isinstance(label, str) or not LABEL.match(label):
+        if not isinstance(label, str) or not OPERATOR_NAME.match(label):
             raise ValueError(f"{where}.label: expected a name of letters, digits, '_', '.', '-' (up to 64)")
         if label in labels:
             raise ValueError(f"{where}.label: another entry has the same label")
@@ -310,7 +308,7 @@ def recorded_servers(raw: dict) -> tuple[ServerSpec, ...]:
     specs, seen = [], set()
     for _, tool in mcp_tools(raw.get("tools")):
         label, url = tool.get("server_label"), tool.get("server_url")
-        if isinstance(label, str) and LABEL.match(label) and label not in seen:
+        if isinstance(label, str) and OPERATOR_NAME.match(label) and label not in seen:
             seen.add(label)
             specs.append(ServerSpec(label, url if isinstance(url, str) and url else f"recorded://{label}"))
     return tuple(specs)
@@ -332,7 +330,7 @@ def bind(tools: list[tuple[int, Any]], specs: tuple[ServerSpec, ...]) -> tuple[S
                     "tools only against the MCP servers its operator allows (mcp_servers); name one by server_label "
                     "or server_url", param=f"{where}.{field_}", code="unsupported_mcp_connector")
         label = tool.server_label
-        if not LABEL.match(label):
+        if not OPERATOR_NAME.match(label):
             raise GatewayError(f"{where}.server_label: expected a name of letters, digits, '_', '.', '-' (up to 64)",
                                param=f"{where}.server_label", code="invalid_value")
         if label in labels:

@@ -34,6 +34,8 @@ from . import settings as S
 from .channel import Channel, Event, Keepalive, UpstreamFailed
 from .errors import GatewayError, upstream_error_message
 
+CHAT_PATH = "/chat/completions"  # below an upstream's base URL: where its turns go
+
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
@@ -51,6 +53,11 @@ class Candidate:
     connect_timeout: float | None = 10.0  # seconds (None: no limit)
     idle_timeout: float = 60.0  # seconds of upstream silence before the turn fails (inf: no limit)
     keepalive: float = 15.0  # seconds of silence before the first byte between keepalive events (inf: off)
+
+    @property
+    def base_url(self) -> str:
+        """Its base URL (``url`` without ``CHAT_PATH``): what a record calls its ``upstream``."""
+        return self.url.removesuffix(CHAT_PATH)
 
     def __repr__(self) -> str:  # never the key
         return f"Candidate({self.name!r}, {self.url!r})"

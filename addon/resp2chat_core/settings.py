@@ -8,7 +8,9 @@ default, so mitmproxy's own ``--set`` handling supplies the top layer.
 
 Secrets (``SECRET_FIELDS``) are the exception: their option default stays empty, because
 option defaults are shown by ``mitmdump --options`` and in mitmweb's options editor. The addon
-resolves them itself (``--set`` value, else environment, else file).
+resolves them itself (``--set`` value, else environment, else file). Which fields are secrets,
+and ``SettingsError`` (which never shows one), are in settings_error.py: clients.py raises it
+while it validates an entry of ``clients``, for ``validate`` here, without importing this table.
 
 Each field names its ``owner``: the addon (resp2chat_io/addons/) that declares its option and
 hands it on to its consumer under the same name. A renamed field keeps its old name as an alias
@@ -24,21 +26,13 @@ from fnmatch import fnmatchcase
 from typing import Any, Mapping, Sequence
 from urllib.parse import urlsplit
 
-from .sse import MAX_EVENT
+from .clients import parse_clients
 from .gate import DEFAULT_PASSTHROUGH, parse_passthrough
+from .labels import HEADER_NAME, OPERATOR_NAME
 from .mcp import parse_servers as parse_mcp_servers, secret_values as mcp_secret_values
+from .settings_error import ENTRY_SECRETS, HOLDS_SECRETS, SECRET_FIELDS, SettingsError  # (S.SettingsError…)
+from .sse import MAX_EVENT
 from .think import MODES as THINK_MODES
-
-
-class SettingsError(ValueError):
-    """An invalid value: names the field, the value and why."""
-
-    def __init__(self, field: str, value: Any, why: str, source: str = ""):
-        self.field, self.value, self.why = field, value, why
-        where = f" (from {source})" if source else ""
-        hide = field in SECRET_FIELDS or field in HOLDS_SECRETS or field.endswith((".api_key", ".upstream_headers"))
-        shown = "[hidden]" if hide else repr(value)
-        super().__init__(f"{field}{where}: {shown} is invalid: {why}")
 
 
 @dataclass(frozen=True)
@@ -61,9 +55,14 @@ class Field:
         return "resp2chat_" + self.name
 
 
+# where turns go with no upstream configured and no --mode reverse target (the CLI's `start`
+# serves the demo upstream when nothing answers there)
+DEFAULT_UPSTREAM = "http://127.0.0.1:8000/v1"
+
 FIELDS: tuple[Field, ...] = (
     Field("bind_addr", "str", "127.0.0.1:4000", "Address the gateway listens on (host:port). Binding beyond loopback requires gateway_api_key.", owner="listen"),
-    Field("upstream_base_url", "str", "", "Chat Completions base URL, e.g. http://127.0.0.1:8000/v1 (may carry a path prefix: requests go to {base}/chat/completions). Empty: the --mode reverse target plus /v1, else http://127.0.0.1:8000/v1. 'demo' runs the bundled demo upstream.", owner="upstreams"),
+    Field("upstream_base_url", "str", "", "Chat Completions base URL, e.g. http://127.0.0.1:8000/v1 (may carry a path prefix: requests go to {base}/chat/completions). "
+              f"Empty: the --mode reverse target plus /v1, else {DEFAULT_UPSTREAM}. 'demo' runs the bundled demo upstream.", owner="upstreams"),
     Field("upstream_api_key", "str", "", "Key sent upstream as 'Authorization: Bearer …'. Never logged or saved.", ("OPENAI_API_KEY",), owner="upstreams"),
     Field("upstream_model", "str", "", "Send this model name upstream whatever the client asks for (after model_map).", owner="lowering", per_upstream=True),
     Field("model_map", "map", {}, "Rename models on the way upstream: {client_model: upstream_model}.", owner="lowering", per_upstream=True),
@@ -118,13 +117,6 @@ FIELDS: tuple[Field, ...] = (
 
 BY_NAME = {f.name: f for f in FIELDS}
 ALIASES = {old: f for f in FIELDS for old in f.aliases}  # old name -> its field
-SECRET_FIELDS = frozenset({"upstream_api_key", "brave_api_key", "gateway_api_key", "seal_key", "state_store_url"})
-# Fields that are not secrets themselves but hold some, and which key of each entry is one (each
-# upstream's api_key, each client's key), credential-like upstream_headers and every header of an
-# mcp_servers entry: their option default stays empty like a secret's, the addon resolves them the
-# same way, and those values are scrubbed like the secrets.
-ENTRY_SECRETS = {"upstreams": "api_key", "clients": "key"}
-HOLDS_SECRETS = frozenset({*ENTRY_SECRETS, "upstream_headers", "mcp_servers"})
 PER_UPSTREAM = tuple(f.name for f in FIELDS if f.per_upstream)  # what an ``upstreams`` entry may set for itself
 _CREDENTIAL = re.compile(r"(?i)key|token|secret|auth|password|cookie|signature")
 
@@ -166,7 +158,6 @@ def deprecated(old: str) -> str:
     return f"{old} is deprecated: it is now called {new} (the old name still works)"
 
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")  # an HTTP header name (RFC 9110 token)
 _HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):(\d{1,5})$")
 
 
@@ -266,7 +257,7 @@ def validate(name: str, value: Any) -> None:
             raise SettingsError(name, "[hidden]", str(exc)) from None
     if name == "upstream_headers":
         for header, v in value.items():
-            if not _TOKEN.match(header) or header.lower() in _NOT_UPSTREAM_HEADERS:
+            if not HEADER_NAME.match(header) or header.lower() in _NOT_UPSTREAM_HEADERS:
                 raise SettingsError(name, "[hidden]", f"{header!r} cannot be set: not a header name, or one the "
                                     "gateway writes itself (framing, hop-by-hop, authorization: use api_key)")
             if not isinstance(v, str) or any(c in v for c in "\r\n\x00"):
@@ -279,10 +270,8 @@ def validate(name: str, value: Any) -> None:
     if name in ("tls_cert_file", "tls_key_file") and value and "\n" in value:
         raise SettingsError(name, value, "expected a file path")
     if name == "clients" and value:
-        from .clients import parse_clients  # (clients imports this module)
-
         parse_clients(value)  # (with gateway_api_key, its `default` client: the gate checks both)
-    if name == "routing_key_header" and value and not _TOKEN.match(value):
+    if name == "routing_key_header" and value and not HEADER_NAME.match(value):
         raise SettingsError(name, value, "expected an HTTP header name, e.g. x-smg-routing-key")
     if name == "state_store_url" and value:
         parts = urlsplit(value)
@@ -317,7 +306,6 @@ def resolve(file_values: Mapping[str, Any], env: Mapping[str, str]) -> tuple[dic
 # --- several upstreams: one entry of ``upstreams`` ---------------------------------------------
 
 _OWN = ("name", "base_url", "api_key", "models")
-LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a name safe in labels, logs and keys
 _NOT_UPSTREAM_HEADERS = frozenset({
     "host", "content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer", "upgrade",
     "proxy-connection", "proxy-authorization", "authorization", "content-type", "content-encoding", "accept",
@@ -367,7 +355,7 @@ def parse_upstreams(value: Sequence[dict]) -> tuple[UpstreamSpec, ...]:
         if unknown:
             raise bad(unknown[0], f"unknown field (known: {', '.join(_OWN + PER_UPSTREAM)})")
         name = entry.get("name")
-        if not isinstance(name, str) or not LABEL.match(name):
+        if not isinstance(name, str) or not OPERATOR_NAME.match(name):
             raise bad("name", "expected a name of letters, digits, '_', '.', '-' (up to 64)")
         if name in seen:
             raise bad("name", "another entry has the same name")

@@ -66,8 +66,9 @@ def _data(payload: str) -> bytes:
     return b"data: " + data + b"\n\n"
 
 
-class Kind(Protocol):
-    """A tool kind: the functions it owns, and what a call to one is."""
+class ServerTool(Protocol):
+    """A kind of tool the gateway runs itself (toolmap.SERVER_KINDS: web search, hosted MCP): the
+    functions it owns, and what a call to one is."""
 
     name: str
     max_rounds: int
@@ -104,7 +105,7 @@ class ToolLoop:
     ``max_event`` bytes is refused: ``feed`` returns None from then on and ``oversized`` is true
     (the caller stops reading and fails the turn)."""
 
-    def __init__(self, body: bytes, kinds: list, max_event: int = MAX_EVENT):
+    def __init__(self, body: bytes, kinds: list[ServerTool], max_event: int = MAX_EVENT):
         self.body = body
         self.kinds = kinds
         self.max_event = max_event

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import marshal
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 from . import background, compaction, conversations, inputs, mcp, requestbody, response
 from .errors import GatewayError
@@ -103,6 +103,14 @@ def session_key(prompt_cache_key: object, headers) -> str | None:
     return None
 
 
+class Alternate(NamedTuple):
+    """How a fallback upstream gets a turn (routing.py; ``Turn.alternates``, in the order tried)."""
+
+    body: bytes | None  # its chat request; None: the same bytes as ``Turn.chat_body`` (it lowers the same way)
+    think: str  # how its <think> tags are read (think.py)
+    tool_map: ToolMap  # its tools' map (a ``Rerouted`` event hands it to the translator)
+
+
 @dataclass
 class Turn:
     """What outlives the request hook. Not the decoded request nor the lowered chat dict: a turn
@@ -117,9 +125,7 @@ class Turn:
     items: list = field(default_factory=list)  # the whole conversation as input items (kept only to store or remember)
     store: bool = False  # the client wants this response kept (`store` not false)
     prompt_cache_key: str | None = None  # the client's, for session_key
-    # the fallback upstreams' chat bodies, think modes and tool maps, in order (routing.py); a body
-    # of None is the same bytes as chat_body (that upstream lowers the same way)
-    alternates: tuple[tuple[bytes | None, str, ToolMap], ...] = ()
+    alternates: tuple[Alternate, ...] = ()  # the fallback upstreams' lowerings, in order (routing.py)
     compaction: bool = False  # Codex's remote compaction: the answer is one sealed summary (compaction.py)
     owner: str = ""  # whose stored state it reads and writes (owner.py): set by the caller, who knows the client
     conversation: str | None = None  # the conversation it goes on (conversations.py): its new items join it
@@ -130,6 +136,14 @@ class Turn:
         """``max_event``: the largest SSE event its backend may send (``max_upstream_event_mb``)."""
         self.active = (compaction.CompactionTranslator if self.compaction else Translator)(self.ctx, max_event)
         return self.active
+
+
+class KnownTools(NamedTuple):
+    """A tool list lowered before (``ToolsCache``): what lowering the same list again gives."""
+
+    tool_map: ToolMap
+    chat_tools: bytes  # the chat request's tools, encoded (UTF-8)
+    echo_tools: str  # the tools a Response echoes, encoded
 
 
 class ToolsCache(Recent):
@@ -158,11 +172,10 @@ class ToolsCache(Recent):
             return None
         return packed, opts.tool_denylist, opts.web_search  # the tool map depends on these options only
 
-    # find(key): (tool map, encoded chat tools (UTF-8), the tools a Response echoes, encoded) of the
-    # same list lowered before
+    # find(key): the ``KnownTools`` of the same list lowered before, or None
 
-    def add(self, key: tuple, raw_tools: list, tmap: ToolMap) -> tuple[ToolMap, bytes, str]:
-        return self.keep(key, (tmap, dumps(tmap.chat_tools).encode(), dumps(response.echo_tools(raw_tools))))
+    def add(self, key: tuple, raw_tools: list, tmap: ToolMap) -> KnownTools:
+        return self.keep(key, KnownTools(tmap, dumps(tmap.chat_tools).encode(), dumps(response.echo_tools(raw_tools))))
 
 
 def wants_summary(raw: dict) -> bool:
@@ -282,7 +295,7 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
     else:  # these tools validated and lowered before: the rest of the request still is checked
         req = parse_request({k: v for k, v in raw.items() if k != "tools"},
                             texts.items if texts is not None else None)
-        lowered = lower(req, opts, known[0], known[1], texts)
+        lowered = lower(req, opts, known.tool_map, known.chat_tools, texts)
     if not lowered.chat["messages"]:  # a chat request needs one message: no backend takes none
         raise GatewayError("nothing to send the model: the request has no input, instructions or earlier "
                            "conversation", param="input", code="invalid_value")
@@ -290,7 +303,7 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
         echoed = mcp.redacted_tools(response.echo_tools(asked.get("tools")))
         echo_json = response.echo_json(response.echo(asked, req, lowered.chat, tools=echoed))
     elif known and asked.get("tools") is tools:  # (the echoed tools encoded before: spliced in)
-        echo_json = dumps_spliced(response.echo(asked, req, lowered.chat, tools=[]), "tools", known[2])[1:-1]
+        echo_json = dumps_spliced(response.echo(asked, req, lowered.chat, tools=[]), "tools", known.echo_tools)[1:-1]
     else:
         echo_json = response.echo_json(response.echo(asked, req, lowered.chat))
     if summarize:
@@ -304,20 +317,20 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
     background.check(asked)
     named = conversations.named(asked)
     pck = raw.get("prompt_cache_key")
-    alternates = []
+    alternates: list[Alternate] = []
     for alt in others:  # each fallback upstream: its own byte-deterministic body
         if alt == opts:
-            alternates.append((None, ctx.think, lowered.tool_map))
+            alternates.append(Alternate(None, ctx.think, lowered.tool_map))
             continue
         same_tools = (alt.tool_denylist, alt.web_search) == (opts.tool_denylist, opts.web_search)
         if known is not None and same_tools:
-            other = lower(req, alt, known[0], known[1], texts)
+            other = lower(req, alt, known.tool_map, known.chat_tools, texts)
         else:  # req may lack its tools (the cache path): lower the whole request again
             other = lower(parse_request(raw) if known is not None else req, alt, texts=texts, mcp_servers=mcp_servers)
         if summarize:
             other = compaction.summary_request(other)
-        alternates.append((other.body, alt.think_mode(other.chat["model"]), other.tool_map))
-    ctx.tool_maps = tuple(tools for _, _, tools in alternates)  # (a Rerouted event takes one)
+        alternates.append(Alternate(other.body, alt.think_mode(other.chat["model"]), other.tool_map))
+    ctx.tool_maps = tuple(a.tool_map for a in alternates)  # (a Rerouted event takes one)
     return Turn(lowered.body, lowered.client_stream, ctx,
                 web_search=not summarize and any(t.kind == "web_search" for t in lowered.tool_map.targets.values()),
                 mcp=lowered.mcp if not summarize else None,

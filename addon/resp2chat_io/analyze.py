@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 from resp2chat_core.prefix import analyze
+from resp2chat_core.routing import CHAT_PATH
+from resp2chat_io import META
 from resp2chat_core.turn import session_key
 
 
@@ -24,7 +26,7 @@ def read_flows(path: Path) -> list[tuple[float, str, dict]]:
     out = []
     with path.open("rb") as fh:
         for f in io.FlowReader(fh).stream():
-            meta = (f.metadata.get("resp2chat") or {}) if isinstance(f, http.HTTPFlow) else {}
+            meta = (f.metadata.get(META) or {}) if isinstance(f, http.HTTPFlow) else {}
             if meta.get("transport") == "websocket":  # a Responses WebSocket: its turns' chat requests
                 for n, turn in enumerate(meta.get("turns") or ()):
                     if turn.get("chat_request") and not turn.get("warmup"):  # (a warm-up never reached it)
@@ -32,14 +34,14 @@ def read_flows(path: Path) -> list[tuple[float, str, dict]]:
                                     _session_of({"responses_request": turn.get("responses_request")}, f.request.headers),
                                     json.loads(turn["chat_request"]), turn.get("usage")))
                 continue
-            if not isinstance(f, http.HTTPFlow) or not f.request.path.split("?")[0].endswith("/chat/completions"):
+            if not isinstance(f, http.HTTPFlow) or not f.request.path.split("?")[0].endswith(CHAT_PATH):
                 continue
             try:
                 chat = json.loads(f.request.content or b"")
             except ValueError:
                 continue
             if isinstance(chat, dict) and "messages" in chat:
-                meta = f.metadata.get("resp2chat") or {}
+                meta = f.metadata.get(META) or {}
                 out.append((f.request.timestamp_start, _session_of(meta, f.request.headers), chat, meta.get("usage")))
     return out
 

@@ -11,7 +11,7 @@ one given), with every keyword argument as a setting (``--set resp2chat_<name>=â
 README's configuration table; maps, lists and ``upstreams`` as Python objects), waits until it
 answers ``/healthz`` and returns a ``Gateway``: ``url`` (``http://127.0.0.1:PORT/v1``, what a
 client's ``base_url`` wants), ``stop()`` (SIGTERM, then SIGKILL), a context manager. It fails
-with ``GatewayError`` naming the reason (an invalid setting, a port in use) and the log's tail.
+with ``StartError`` naming the reason (an invalid setting, a port in use) and the log's tail.
 
 By default the gateway ignores the user's config file and ``RESP2CHAT_*`` environment
 (``isolated=True``), so what runs is what the call says; ``isolated=False`` layers the arguments
@@ -35,19 +35,19 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from resp2chat_core import settings as S
+from resp2chat_io import ADDON
 
-ADDON = Path(__file__).resolve().parent.parent / "resp2chat.py"
 
-
-class GatewayError(RuntimeError):
-    """The gateway did not start (or a setting is invalid)."""
+class StartError(RuntimeError):
+    """The gateway did not start (or a setting is invalid). Not resp2chat_core's ``GatewayError``
+    (a request the gateway refuses); ``resp2chat_io.GatewayError`` is this class's old name."""
 
 
 def _mitmdump() -> str:
     here = Path(sys.executable).with_name("mitmdump")
     found = str(here) if here.exists() else shutil.which("mitmdump")
     if not found:
-        raise GatewayError("mitmdump not found (pip install resp2chat brings mitmproxy)")
+        raise StartError("mitmdump not found (pip install resp2chat brings mitmproxy)")
     return found
 
 
@@ -63,7 +63,7 @@ def _option_value(name: str, value: Any) -> str:
         name = S.ALIASES[name].name
     field = S.BY_NAME.get(name)
     if field is None:
-        raise GatewayError(f"unknown setting {name!r} (known: {', '.join(S.BY_NAME)})")
+        raise StartError(f"unknown setting {name!r} (known: {', '.join(S.BY_NAME)})")
     try:
         if field.kind in ("map", "entries") and not isinstance(value, str):
             text = json.dumps(value)
@@ -75,7 +75,7 @@ def _option_value(name: str, value: Any) -> str:
             text = str(value)
         S.validate(name, S.coerce(field, text, "start()"))
     except S.SettingsError as exc:
-        raise GatewayError(str(exc)) from None
+        raise StartError(str(exc)) from None
     return f"resp2chat_{name}={text}"
 
 
@@ -182,7 +182,7 @@ def start(upstream_base_url: str | None = None, *, host: str = "127.0.0.1", port
         if port or "address already in use" not in why.lower():
             break
     shutil.rmtree(workdir, ignore_errors=True)
-    raise GatewayError(why)
+    raise StartError(why)
 
 
 def _reverse_target(settings: dict) -> str:
@@ -191,7 +191,7 @@ def _reverse_target(settings: dict) -> str:
     if not url and entries and isinstance(entries, list) and isinstance(entries[0], dict):
         url = entries[0].get("base_url") or ""
     if not url or url == "demo":
-        return "http://127.0.0.1:8000"
+        url = S.DEFAULT_UPSTREAM
     parts = urllib.parse.urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}"
 

@@ -10,17 +10,16 @@ import secrets
 import shutil
 import sys
 from pathlib import Path
-from typing import Sequence
 from urllib.parse import urlsplit
 
 import requests
 
 from resp2chat_core import settings as S
 from resp2chat_core.clients import DEFAULT, LIMITS, key_sha256, parse_clients
+from resp2chat_io import ADDON
+from resp2chat_io.columns import table
 from resp2chat_io.config import config_path, editing, load_settings, read_file, write_file
 
-ADDON = Path(__file__).resolve().parent.parent / "resp2chat.py"
-DEFAULT_UPSTREAM = "http://127.0.0.1:8000/v1"
 
 
 def _fail(message: str) -> int:
@@ -39,7 +38,7 @@ def effective_upstream(values: dict) -> str:
     url = values["upstream_base_url"]
     if not url and values.get("upstreams"):  # several upstreams: the first (routing.py picks per model)
         url = values["upstreams"][0].get("base_url") or ""
-    return url if url and url != "demo" else DEFAULT_UPSTREAM
+    return url if url and url != "demo" else S.DEFAULT_UPSTREAM
 
 
 def list_models(base_url: str, api_key: str = "", timeout: float = 3.0) -> list[dict]:
@@ -52,15 +51,6 @@ def list_models(base_url: str, api_key: str = "", timeout: float = 3.0) -> list[
         return []
     models = data.get("data") if isinstance(data, dict) else None
     return [m for m in models or () if isinstance(m, dict) and m.get("id")]
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[object]], right: Sequence[int] = ()) -> str:
-    """Aligned columns for a person: numbers (the columns in ``right``) right-aligned."""
-    cells = [[str(c) for c in header]] + [["" if c is None else str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-             for r in cells]
-    return "\n".join(lines) + "\n"
 
 
 def context_window(model: dict) -> int | None:
@@ -258,16 +248,16 @@ def build_start_command(args, values: dict, sources: dict) -> tuple[list[str], d
     env = dict(os.environ)
     demo = values["upstream_base_url"] == "demo"
     if args.demo or (sources["upstream_base_url"] == "default" and not values["upstreams"]
-                     and not _upstream_answers(DEFAULT_UPSTREAM)):
+                     and not _upstream_answers(S.DEFAULT_UPSTREAM)):
         env["RESP2CHAT_UPSTREAM_BASE_URL"], demo = "demo", True
         env["RESP2CHAT_UPSTREAMS"] = "[]"  # the demo instead of a configured list, not beside it
         if not args.demo:
-            print(f"resp2chat: no backend configured and none at {DEFAULT_UPSTREAM}: serving the bundled "
+            print(f"resp2chat: no backend configured and none at {S.DEFAULT_UPSTREAM}: serving the bundled "
                   "demo upstream (configure one with `resp2chat configure`)", file=sys.stderr)
     if not any(a == "--mode" or a.startswith("--mode=") for a in args.mitmproxy_args):
         # Name the listen address in the mode so mitmproxy never binds its default *:8080 first.
         # (the demo upstream's port is only known inside the addon, which routes /v1 to it)
-        target = urlsplit(DEFAULT_UPSTREAM if demo else effective_upstream(values))
+        target = urlsplit(S.DEFAULT_UPSTREAM if demo else effective_upstream(values))
         cmd += ["--mode", f"reverse:{target.scheme}://{target.netloc}@{values['bind_addr']}"]
     if args.raw:
         cmd += ["--set", "resp2chat_raw=true", "--set", "flow_detail=0", "--set", "termlog_verbosity=warn"]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from resp2chat_core.retranslate import History, Result, check_turn, turns_of
 from resp2chat_core.seal import Sealer
+from resp2chat_io import META
 
 
 def _sealer(given: str | None) -> Sealer | None:
@@ -41,7 +42,7 @@ def check_file(path: Path, sealer: Sealer | None) -> list[Result]:
     results: list[Result] = []
     stored = History()  # previous_response_id over HTTP: the responses this file holds
     for number, flow in enumerate(flows, 1):
-        meta = flow.metadata.get("resp2chat") or {}
+        meta = flow.metadata.get(META) or {}
         response = flow.response.content if flow.response is not None else None
         stream = flow.response is not None and flow.response.headers.get("content-type", "").startswith("text/event-stream")
         history = History() if meta.get("transport") == "websocket" else stored  # a socket remembers its own

@@ -19,7 +19,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import IO, Iterable, Iterator
 
-from resp2chat_io.main import table
+from resp2chat_io.columns import table
 
 NOBODY = "-"
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}T")

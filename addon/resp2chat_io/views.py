@@ -14,11 +14,10 @@ import json
 
 from mitmproxy import contentviews
 
+from resp2chat_io import META
 from resp2chat_core.inspect import (
     describe_chat_request, describe_chat_sse, describe_responses_request, describe_responses_sse,
 )
-
-META = "resp2chat"
 
 
 def _meta(metadata: contentviews.Metadata) -> dict:

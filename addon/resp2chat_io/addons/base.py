@@ -21,13 +21,13 @@ from resp2chat_core.errors import GatewayError, error_json
 from resp2chat_core.gate import RESPONSES_PATHS  # noqa: F401 — (re-exported: the addons import it from here)
 
 from resp2chat_core import settings as S
+from resp2chat_io import META
 from resp2chat_io.config import load_settings
 from resp2chat_io.relay import KEY_HEADER, TURN_HEADER
 from resp2chat_io.store import StateUnavailable
 
 log = logging.getLogger("resp2chat")
 
-META = "resp2chat"  # flow.metadata key: saved in flow files, read by the views and `analyze`
 JSON_HEADERS = {"content-type": "application/json"}
 SSE_HEADERS = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
 

@@ -17,7 +17,7 @@ after the ``requestheaders`` hook even when an addon has answered there: it send
 only after the ``request`` hook. Its own ``body_size_limit`` stops early, but answers with its
 HTML page and runs before this hook. So a refusal whose body is small (at most
 ``READ_REFUSED``, declared) is answered as usual; any other is answered by the relay
-(resp2chat_io/relay/server.py ``Answer``): the request is pointed at it with a body callable
+(resp2chat_io/relay/server.py ``HeadRefusal``): the request is pointed at it with a body callable
 that drops every byte (``Unread``), the relay sends the JSON refusal at once
 (``connection: close``), and once ``READ_REFUSED`` bytes of body went by the relay ends its
 connection, which makes mitmproxy close the client's. Trade-off: the client gets its 401/411/413
@@ -43,7 +43,7 @@ from resp2chat_core import settings as S
 from resp2chat_core.clients import ClientSpec, ClientTable, parse_clients
 from resp2chat_core.errors import GatewayError
 from resp2chat_io.config import FileWatch, config_path, load_settings
-from resp2chat_io.relay import TURN_HEADER, Answer
+from resp2chat_io.relay import TURN_HEADER, HeadRefusal
 
 from .base import JSON_HEADERS, META, Owner, fails_closed, log, request_id, show_url
 
@@ -64,11 +64,11 @@ class Refused:
 
 class Unread:
     """The body callable of a request refused at its head: every byte dropped; past ``budget``
-    the relay ends the connection (``Answer.close``)."""
+    the relay ends the connection (``HeadRefusal.close``)."""
 
     __slots__ = ("answer", "left")
 
-    def __init__(self, answer: Answer, budget: int) -> None:
+    def __init__(self, answer: HeadRefusal, budget: int) -> None:
         self.answer, self.left = answer, budget
 
     def __call__(self, data: bytes):
@@ -204,7 +204,7 @@ class Gate(Owner):
         if size is not None and size <= READ_REFUSED:
             flow.response = http.Response.make(status, body, headers)
             return
-        answer = Answer(flow.id, secrets.token_urlsafe(24), status,
+        answer = HeadRefusal(flow.id, secrets.token_urlsafe(24), status,
                         [(k.encode(), v.encode()) for k, v in headers.items()], body)
         self.refused[flow.id] = Refused(req.url, http.Response.make(status, body, {**headers, "connection": "close"}))
         for name, value in self.relay.expect(answer):

@@ -13,7 +13,7 @@ in the addon chain, before any hook could take time), ``response``/``error`` (th
 ended; a ``101`` upgrade never ends here: a WebSocket has no such deadline),
 ``client_disconnected``. mitmproxy runs the hooks after this one (and sends the answer) before
 the answer is really out, and may still be writing it to a slow reader: a sweep every second
-(``TICK``) closes an overdue connection only if its last flow is done (``flow.live`` false) and
+(``SWEEP_SECS``) closes an overdue connection only if its last flow is done (``flow.live`` false) and
 nothing waits in its socket's write buffer; otherwise its clock starts again.
 
 How. Closed the way mitmproxy's own ``tcp_timeout`` closes one (``ConnectionHandler.on_timeout``):
@@ -36,7 +36,7 @@ from resp2chat_core.head_deadline import HeadDeadline as Clock
 
 from .base import Owner, fails_closed, log
 
-TICK = 1.0  # seconds between two sweeps at most (a quarter of the deadline when that is shorter)
+SWEEP_SECS = 1.0  # seconds between two sweeps at most (a quarter of the deadline when that is shorter)
 
 
 @fails_closed
@@ -95,7 +95,7 @@ class HeadDeadline(Owner):
     async def sweep(self) -> None:
         while True:
             limit = self.clock.limit
-            await asyncio.sleep(min(TICK, limit / 4) if limit else TICK)
+            await asyncio.sleep(min(SWEEP_SECS, limit / 4) if limit else SWEEP_SECS)
             now = time.monotonic()
             for conn in self.clock.overdue(now):
                 try:

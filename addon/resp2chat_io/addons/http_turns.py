@@ -39,7 +39,7 @@ from resp2chat_core.usage import usage_note
 from resp2chat_core.websocket import final_response
 from resp2chat_io import offload
 
-from .base import (ABANDON, META, SSE_HEADERS, RESPONSES_PATHS, TURN_HEADER, RecordText, Refusal, fails_closed,
+from .base import (ABANDON, JSON_HEADERS, META, SSE_HEADERS, RESPONSES_PATHS, TURN_HEADER, RecordText, Refusal, fails_closed,
                    json_response, log, refusal, request_id, show_url)
 from .turns import TurnRun, new_response_id
 
@@ -234,7 +234,7 @@ class HttpTurns:
         self.live[flow.id] = run  # (``_end`` forgets it)
         ex = run.exchange
         first = ex.candidates[0]
-        meta.update(upstream=first.url.removesuffix("/chat/completions"), upstream_name=first.name)
+        meta.update(upstream=first.base_url, upstream_name=first.name)
         if not turn.client_stream:
             ex.channel.push = run.reader.apply_all  # one JSON body at the end: nothing to tick
         ABANDON[flow.id] = ex.abort  # failing closed at the response head gives the backend call up
@@ -271,7 +271,7 @@ class HttpTurns:
             return False
         response_id, created_at = new_response_id(), int(time.time())
         answer = unpack_fresh(entry, response_id, created_at)
-        headers = SSE_HEADERS if stream else {"content-type": "application/json", "cache-control": "no-cache"}
+        headers = SSE_HEADERS if stream else {**JSON_HEADERS, "cache-control": "no-cache"}
         flow.response = http.Response.make(200, answer, {**headers, "x-request-id": request_id(flow)})
         flow.response.headers.update(limits)
         flow.metadata[META].update(replay_cache="hit", response_id=response_id, status="completed")
@@ -373,7 +373,7 @@ class HttpTurns:
             req.url = answered.url
             meta["chat_request"] = RecordText(run.turn.chat_body)
             req.content = answered.body
-            meta["upstream"], meta["upstream_name"] = answered.url.removesuffix("/chat/completions"), answered.name
+            meta["upstream"], meta["upstream_name"] = answered.base_url, answered.name
         elif flow.id in self.aside:
             req.content = ex.candidates[0].body
         self.aside.discard(flow.id)

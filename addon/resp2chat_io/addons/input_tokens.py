@@ -27,11 +27,11 @@ from mitmproxy import http
 
 from resp2chat_core import gate as G
 from resp2chat_core.errors import GatewayError
+from resp2chat_core.prefix import BYTES_PER_TOKEN  # (the estimate's rule, without a tokenizer)
 from resp2chat_core.routing import Candidate
 
 from .base import META, fails_closed, json_response, log, refusal, request_id
 
-BYTES_PER_TOKEN = 4  # the estimate's rule, without a tokenizer
 TOKENIZE_SECS = 30.0  # one tokenizer call at most (else: the estimate)
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -75,7 +75,7 @@ class InputTokens:
 
     async def count(self, to: Candidate, chat: dict) -> tuple[int, str]:
         """The chat request's token count, and how it was counted (the module's order)."""
-        root = to.url.removesuffix("/chat/completions").removesuffix("/v1")
+        root = to.base_url.removesuffix("/v1")
         tools = {"tools": chat["tools"]} if chat.get("tools") else {}
         vllm = await self._ask(to, root + "/tokenize", {"model": chat["model"], "messages": chat["messages"], **tools})
         if isinstance(vllm, dict) and type(vllm.get("count")) is int:

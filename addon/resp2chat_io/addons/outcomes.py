@@ -26,8 +26,10 @@ from .base import META, RESPONSES_PATHS, fails_closed, log, request_id
 from .turns import SERVER_REPLAY
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Outcome:
+    """How one request ended (its fields named at every call: several are alike)."""
+
     request_id: str
     session: str | None
     model: str  # the client's model name ("" when the request could not be read)
@@ -72,10 +74,11 @@ class Outcomes:
             # a WebSocket turn has its own request id (the socket's flow has many) and is a 200 as
             # a streamed HTTP turn would be (the flow's 101 is the socket's)
             http_status = 200
-        self.emit(Outcome(done.turn.ctx.request_id or request_id(flow),
-                          session_key(done.turn.prompt_cache_key, flow.request.headers),
-                          done.turn.ctx.model, done.upstream, status, code, done.usage, done.ttft, done.took,
-                          http_status, done.skipped, done.client.name if done.client is not None else "",
+        self.emit(Outcome(request_id=done.turn.ctx.request_id or request_id(flow),
+                          session=session_key(done.turn.prompt_cache_key, flow.request.headers),
+                          model=done.turn.ctx.model, upstream=done.upstream, status=status, code=code,
+                          usage=done.usage, ttft=done.ttft, took=done.took, http_status=http_status,
+                          skipped=done.skipped, client=done.client.name if done.client is not None else "",
                           mcp_calls=tuple(done.exchange.mcp_calls) if done.exchange is not None else (),
                           latency=done.latency))
 
@@ -115,8 +118,9 @@ class Outcomes:
             except (ValueError, AttributeError, RecursionError):
                 code = ""
             code = code if isinstance(code, str) else str(code)
-        self.emit(Outcome(request_id(flow), session_key(pck, req.headers) if known else None, model, upstream,
-                          status, code, None, None, took, resp.status_code, client=meta.get("client", "")))
+        self.emit(Outcome(request_id=request_id(flow), session=session_key(pck, req.headers) if known else None,
+                          model=model, upstream=upstream, status=status, code=code, took=took,
+                          http_status=resp.status_code, client=meta.get("client", "")))
 
     def emit(self, outcome: Outcome) -> None:
         """Hand ``outcome`` to every listener (also how a request another addon answered itself

@@ -29,13 +29,13 @@ from dataclasses import dataclass
 from mitmproxy import ctx, exceptions, http, io
 
 from resp2chat_core.replay import Recordings
+from resp2chat_core.routing import CHAT_PATH
 from resp2chat_core.websocket import final_response
 
-from .base import META, fails_closed
+from .base import JSON_HEADERS, META, SSE_HEADERS, fails_closed
 
 log = logging.getLogger("resp2chat")
 
-SSE_HEADERS = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
 WARMUP = "warm-up"  # recordings of WebSocket warm-ups answer warm-ups only (Recordings kind)
 
 
@@ -58,7 +58,7 @@ class Answer:
         else:  # the Response object of the recorded stream's last event
             final = final_response(self.sse) if self.sse else None
             body = None if final is None else json.dumps(final, ensure_ascii=False).encode()
-        return None if body is None else http.Response.make(200, body, {"content-type": "application/json"})
+        return None if body is None else http.Response.make(200, body, JSON_HEADERS)
 
 
 @fails_closed
@@ -96,7 +96,7 @@ class ServerReplay:
                         recordings.add(turn["chat_request"].encode(), Answer(f"{f.id} turn {n}", sse=turn["events"].encode()),
                                        WARMUP if turn.get("warmup") else "")
             elif meta.get("responses_request") and f.response is not None and not meta.get("replay_cache") \
-                    and f.request.path.split("?", 1)[0].endswith("/chat/completions"):
+                    and f.request.path.split("?", 1)[0].endswith(CHAT_PATH):
                 content = f.response.content or b""
                 stream = f.response.headers.get("content-type", "").startswith("text/event-stream")
                 # under the chat request of the turn's first upstream, which is what a rerun lowers

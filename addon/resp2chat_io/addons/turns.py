@@ -20,8 +20,9 @@ Both transports drive the same steps, in this order (docs/architecture.md has th
   ``finished`` listeners (the response store, the replay cache, outcomes -> metrics and the
   access log, the request log's fallbacks).
 
-Owns the lowering settings (model names, params, tool denylist, think tags…) and reads the caps,
-the secrets (scrubbed from what a turn records) and ``max_upstream_event_mb``.
+Owns the lowering settings (model names, params, tool denylist, think tags…) and reads the caps
+and ``max_upstream_event_mb``; what a turn scrubs from what it answers and records is
+``Upstreams.secrets_for`` (every configured secret, and a credential the request forwards).
 """
 
 from __future__ import annotations
@@ -119,10 +120,10 @@ class Finished:
 class Turns(Owner):
     name = "resp2chat_turns"
     owner = "lowering"
-    # secrets (and what holds some: mcp_servers' headers…): scrubbed from what a turn records; the
-    # caps: checked before a request is validated;
-    # max_upstream_event_mb: bounds each turn's reading of the backend's stream
-    also_reads = tuple(sorted(S.SECRET_FIELDS | S.HOLDS_SECRETS)) + (*Caps.SETTINGS, "max_upstream_event_mb")
+    # brave_api_key: a web_search tool is the gateway's; upstreams: each one's lowering; the caps:
+    # checked before a request is validated; max_upstream_event_mb: bounds each turn's reading of
+    # the backend's stream. (The secrets a turn scrubs: Upstreams.secrets_for, their one source.)
+    also_reads = ("brave_api_key", "upstreams", *Caps.SETTINGS, "max_upstream_event_mb")
 
     def __init__(self, source, upstreams, search, store, limits, hosted=None) -> None:
         super().__init__(source)
@@ -136,7 +137,6 @@ class Turns(Owner):
         self.lowering_records: dict[str, dict] = {}  # the same, by upstream (several upstreams)
         self.tools_cache = ToolsCache()
         self.caps = Caps()
-        self.secrets: tuple[bytes, ...] = ()
         self.max_event = S.BY_NAME["max_upstream_event_mb"].default << 20  # bytes
         self.specs: tuple[S.UpstreamSpec, ...] = ()  # several upstreams (routing.py)
         self.lowering_by_upstream: dict[str, LoweringOptions] = {}
@@ -154,7 +154,6 @@ class Turns(Owner):
             f"\n{name}: {opts!r}" for name, opts in self.lowering_by_upstream.items())
         self.lowering_record = lowering_record(self.lowering)
         self.lowering_records = {name: lowering_record(opts) for name, opts in self.lowering_by_upstream.items()}
-        self.secrets = S.secret_values(self.s)
         self.caps = Caps.from_settings(self.s)
         self.max_event = self.s["max_upstream_event_mb"] << 20
         self._seal_key = self._seal_id = None
@@ -272,7 +271,7 @@ class Turns(Owner):
                             model=turn.ctx.model, max_event=self.max_event)
         # the configured secrets, and the client's credential when it goes to the backend (a
         # backend may repeat it: upstreams.forwarded)
-        hidden = self.secrets + self.upstreams.forwarded(client_headers)
+        hidden = self.upstreams.secrets_for(client_headers)
         reader = Reader if turn.conversation is None else Landing  # (its end held until it is in the conversation)
         run = TurnRun(turn, exchange, reader(turn.translator(self.max_event), MAX_ENTRY_BYTES, hidden,
                                              exchange.channel), flow, started, client, limits, secrets=hidden)

@@ -43,14 +43,12 @@ from resp2chat_core import settings as S
 from resp2chat_core.turn import Turn, session_key
 from resp2chat_core.channel import Scrubber, scrub
 from resp2chat_core.errors import error_json
-from resp2chat_io.relay import Relay
+from resp2chat_io.relay import KEY_HEADER, TURN_HEADER, Relay
 
 from .base import JSON_HEADERS, META, Owner, Refusal, fails_closed, refusal, request_id
 from .gate import PASSTHROUGH
 
 log = logging.getLogger("resp2chat")
-
-DEFAULT_UPSTREAM = "http://127.0.0.1:8000/v1"
 
 
 class Upstream:
@@ -83,8 +81,10 @@ def reverse_target(flow: http.HTTPFlow) -> Upstream:
 class Upstreams(Owner):
     name = "resp2chat_upstreams"
     owner = "upstreams"
-    # secrets (and mcp_servers' headers): scrubbed from passthrough answers and every flow (redact.py)
-    also_reads = tuple(sorted(S.SECRET_FIELDS - {"upstream_api_key"})) + ("mcp_servers",)
+    # every secret and what holds some (mcp_servers' headers, clients' plain keys…): ``secrets``,
+    # the one list of them, scrubbed from passthrough answers, every flow (redact.py) and what a
+    # turn answers, logs and records (turns.py)
+    also_reads = tuple(sorted((S.SECRET_FIELDS | S.HOLDS_SECRETS) - {f.name for f in S.owned_by("upstreams")}))
     watches = ("ssl_insecure",)
 
     def __init__(self, source) -> None:
@@ -128,7 +128,7 @@ class Upstreams(Owner):
     def default_url(self) -> str:
         if self.specs:
             return self.endpoints[self.specs[0].name].url
-        return self.configured.url if self.configured else DEFAULT_UPSTREAM
+        return self.configured.url if self.configured else S.DEFAULT_UPSTREAM
 
     def target(self, flow: http.HTTPFlow) -> Upstream:
         if self.specs:
@@ -198,16 +198,16 @@ class Upstreams(Owner):
         """A turn's upstreams in the order they are tried (routing.py's rule), each with its URL,
         key, own headers and timeouts, and the turn's body for it (``Turn.alternates``)."""
         if not self.specs:
-            return (routing.Candidate("default", self.target(flow).url + "/chat/completions", turn.chat_body,
+            return (routing.Candidate("default", self.target(flow).url + routing.CHAT_PATH, turn.chat_body,
                                       turn.ctx.think, _bearer(self.authorization(None, client_auth)),
                                       routing.header_pairs(self.s["upstream_headers"]), **routing.timeouts(self.s)),)
         specs = routing.candidates(self.specs, turn.ctx.model)
-        bodies = [(turn.chat_body, turn.ctx.think)] + [(body or turn.chat_body, think)
-                                                        for body, think, _tools in turn.alternates]
+        bodies = [(turn.chat_body, turn.ctx.think)] + [(alt.body or turn.chat_body, alt.think)
+                                                        for alt in turn.alternates]
         out = []
         for spec, (body, think) in zip(specs, bodies):
             own = spec.settings(self.s)
-            out.append(routing.Candidate(spec.name, self.endpoints[spec.name].url + "/chat/completions", body, think,
+            out.append(routing.Candidate(spec.name, self.endpoints[spec.name].url + routing.CHAT_PATH, body, think,
                                          _bearer(self.authorization(spec, client_auth)),
                                          routing.header_pairs(own["upstream_headers"]), **routing.timeouts(own)))
         return tuple(out)
@@ -277,8 +277,7 @@ class Upstreams(Owner):
             body = error_json(f"the upstream answered {flow.request.path.split('?', 1)[0]} compressed "
                               f"({resp.headers['content-encoding']}) although asked not to: the gateway does not pass on "
                               "what it cannot check for secrets", status_type="upstream_error", code="upstream_encoded")
-            flow.response = http.Response.make(502, body, {"content-type": "application/json",
-                                                           "x-request-id": request_id(flow)})
+            flow.response = http.Response.make(502, body, {**JSON_HEADERS, "x-request-id": request_id(flow)})
             flow.response.stream = Refusal(body)
             return
         resp.stream = Scrubber(secrets)
@@ -326,8 +325,7 @@ class Upstreams(Owner):
                 if m["id"] not in seen:
                     seen.add(m["id"])
                     merged.append(m)
-        flow.response = http.Response.make(200, json.dumps({"object": "list", "data": merged}),
-                                           {"content-type": "application/json"})
+        flow.response = http.Response.make(200, json.dumps({"object": "list", "data": merged}), JSON_HEADERS)
 
 
 _HEADER_VALUE = re.compile(r"^[\x21-\x7e]{1,256}$")
@@ -337,7 +335,7 @@ _NOT_FORWARDED = frozenset({
     "authorization", "x-api-key", "proxy-authorization", "host", "content-length", "transfer-encoding", "connection",
     "keep-alive", "te", "trailer", "upgrade", "proxy-connection", "expect", "content-type", "content-encoding",
     "accept", "accept-encoding", "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
-    "sec-websocket-protocol", "sec-websocket-accept", "x-resp2chat-turn", "x-resp2chat-key"})
+    "sec-websocket-protocol", "sec-websocket-accept", TURN_HEADER, KEY_HEADER})
 
 
 def _bearer(value: str | None) -> bytes | None:

@@ -165,7 +165,7 @@ class ResponsesWebSocket(Owner):
         live = OpenSocket(flow, sock, req.url, self.upstreams.owner_of(flow), req.headers.copy(), name,
                           spec.key_sha256 if spec is not None else None)
         meta = flow.metadata.setdefault(META, {})
-        meta.update(transport="websocket", upstream=self.upstreams.target(flow).url + "/chat/completions", turns=[])
+        meta.update(transport="websocket", turns=[])  # (each turn records its upstream: _finish)
         self.live[flow.id] = self.by_client[flow.client_conn.id] = live  # (websocket_end or error forgets it)
         for name, value in self.relay.expect(sock):
             req.headers[name] = value
@@ -365,7 +365,7 @@ class ResponsesWebSocket(Owner):
                 and self._replay(live, m, send, create.warmup, client, turn_id):
             return  # answered from a recording (--server-replay)
         if create.warmup:
-            reader = Reader(turn.translator(turns.max_event), MAX_ENTRY_BYTES, turns.secrets)
+            reader = Reader(turn.translator(turns.max_event), MAX_ENTRY_BYTES, self.upstreams.secrets_for(live.headers))
             out(reader.apply(ws.Warmup()))
             live.conn.remember(turn.ctx.response_id, turn.items)
             self._warmed(live, m, reader)
@@ -431,9 +431,11 @@ class ResponsesWebSocket(Owner):
             return
         raw = m.request or {}
         model = raw.get("model") if isinstance(raw.get("model"), str) else ""
-        self.outcomes.emit(Outcome(m.request_id, session_key(raw.get("prompt_cache_key"), live.flow.request.headers),
-                                   model, "", "rejected", code, None, None, time.monotonic() - m.started,
-                                   http_status, client=live.client or ""))
+        self.outcomes.emit(Outcome(request_id=m.request_id,
+                                   session=session_key(raw.get("prompt_cache_key"), live.flow.request.headers),
+                                   model=model, upstream="", status="rejected", code=code,
+                                   took=time.monotonic() - m.started, http_status=http_status,
+                                   client=live.client or ""))
 
     def _replay(self, live: OpenSocket, m: Message, send, warmup: bool, client, turn_id: str) -> bool:
         """Offline replay (``--server-replay``): the recorded events of the same turn (or
@@ -482,7 +484,8 @@ class ResponsesWebSocket(Owner):
         done, record = self.turns.settle(run, answer)
         turn = m.turn
         self._record(live, {"responses_request": m.text, "request_id": m.request_id,
-                            "response_id": turn.ctx.response_id, "warmup": False, "upstream_name": done.upstream,
+                            "response_id": turn.ctx.response_id, "warmup": False,
+                            "upstream": run.answering.base_url, "upstream_name": done.upstream,
                             "chat_request": RecordText(turn.chat_body), **record,
                             "events": RecordText(answer)})
         self.turns.ended(done, run.exchange.turn_id)

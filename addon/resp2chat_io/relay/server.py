@@ -44,7 +44,7 @@ addons/background.py): ``200`` at once, a tick whenever the addon calls ``wake``
 when it calls ``end``; the client going away only ends this connection.
 
 It also answers, for the gate, a request refused at its head whose body the gate will not read
-(``Answer``: addons/gate.py says why an addon cannot do that itself): the refusal goes out at once,
+(``HeadRefusal``: addons/gate.py says why an addon cannot do that itself): the refusal goes out at once,
 and the connection ends when the body has ended, or as soon as the gate says it went on too long.
 """
 
@@ -61,6 +61,7 @@ from typing import Callable
 import h11
 
 from . import websocket
+from .constants import READ
 from .exchange import Exchange, run
 from .upstream import UpstreamClient, failure
 
@@ -68,14 +69,14 @@ log = logging.getLogger("resp2chat.relay")
 
 TURN_HEADER = "x-resp2chat-turn"  # names the exchange (the flow id): not a secret
 KEY_HEADER = "x-resp2chat-key"  # the exchange's secret
+_TURN, _KEY = TURN_HEADER.encode(), KEY_HEADER.encode()  # (as h11 gives header names: bytes, lower case)
 TICK = b"1\r\n.\r\n"  # one chunk, one byte: "take what the channel holds"
-READ = 65536
 MAX_REQUEST = 256 << 20  # what mitmproxy may send us (the addon bounds the real body far lower)
 REQUEST_DEADLINE = 10.0  # seconds for a request to arrive whole (mitmproxy sends it at once, on loopback)
 
 
 @dataclass(eq=False)
-class Answer:
+class HeadRefusal:
     """A refusal the gate made at a request's head (addons/gate.py), sent by the relay at once.
     The connection then ends when mitmproxy is done with it (the client's body ended), when the
     gate calls ``close`` (the body went on past what the gate reads of it), or after ``linger``
@@ -113,7 +114,7 @@ class Relay:
         self.server: asyncio.base_events.Server | None = None
         self.port = 0
         self._sock: socket.socket | None = None
-        self._expected: dict[str, Exchange | websocket.Socket | Answer | Feed] = {}
+        self._expected: dict[str, Exchange | websocket.Socket | HeadRefusal | Feed] = {}
         self._unclaimed: dict[str, asyncio.TimerHandle] = {}  # exchanges begun, not claimed yet: their deadlines
         self.active = 0  # exchanges in flight: tests check that aborted turns leave nothing behind
         self.sockets = 0  # Responses WebSockets open (websocket.py)
@@ -156,7 +157,7 @@ class Relay:
         background response), with this relay's client and window."""
         return run(ex, self.client, self.window)
 
-    def expect(self, exchange: Exchange | websocket.Socket | Answer | Feed) -> list[tuple[str, str]]:
+    def expect(self, exchange: Exchange | websocket.Socket | HeadRefusal | Feed) -> list[tuple[str, str]]:
         """Register an exchange (or a socket, an answer, a feed); returns the headers mitmproxy's
         request must carry."""
         self._expected[exchange.turn_id] = exchange
@@ -210,12 +211,12 @@ class Relay:
     def expected(self) -> int:
         return len(self._expected)
 
-    def _claim(self, request: h11.Request) -> Exchange | websocket.Socket | Answer | Feed | None:
+    def _claim(self, request: h11.Request) -> Exchange | websocket.Socket | HeadRefusal | Feed | None:
         turn = key = b""
         for name, value in request.headers:
-            if name == b"x-resp2chat-turn":
+            if name == _TURN:
                 turn = value
-            elif name == b"x-resp2chat-key":
+            elif name == _KEY:
                 key = value
         exchange = self._expected.get(turn.decode("latin-1"))
         if exchange is None or not hmac.compare_digest(exchange.secret.encode(), key):
@@ -251,7 +252,7 @@ class Relay:
                     finally:
                         self.sockets -= 1
                     return  # the connection was the socket's
-                if isinstance(exchange, Answer):
+                if isinstance(exchange, HeadRefusal):
                     await _answer(exchange, conn, reader, writer)
                     return
                 if isinstance(exchange, Feed):
@@ -328,7 +329,7 @@ async def _feed(feed: Feed, conn: h11.Connection, reader: asyncio.StreamReader,
         await writer.drain()
 
 
-async def _answer(answer: Answer, conn: h11.Connection, reader: asyncio.StreamReader,
+async def _answer(answer: HeadRefusal, conn: h11.Connection, reader: asyncio.StreamReader,
                   writer: asyncio.StreamWriter) -> None:
     headers = [*answer.headers, (b"content-length", str(len(answer.body)).encode()), (b"connection", b"close")]
     writer.write(conn.send(h11.Response(status_code=answer.status, headers=headers,

@@ -38,8 +38,9 @@ from resp2chat_core.routing import Candidate
 from resp2chat_core.channel import Channel, Keepalive, UpstreamFailed, UpstreamJSON
 from resp2chat_core.chunked import ChunkedDecoder, ChunkedError
 
+from .constants import READ
+
 MAX_ERROR_BODY = 1 << 20  # an error or JSON body is kept up to this much; the rest is not read
-READ = 65536
 FULL = 1 << 20  # backend bytes waiting in a channel before the relay stops reading the backend
 DEFERRED = 16 << 10  # a deferred stream (_BodyPump.defer) wakes the loop only past this many bytes queued
 READ_AT_ONCE = 256 << 10  # what a drain reads at most (asyncio's own read size)
@@ -61,7 +62,7 @@ class CallEnd(enum.Enum):
 
 
 @dataclass(frozen=True)
-class Target:
+class BackendUrl:
     """A backend URL, split once."""
 
     url: str
@@ -175,7 +176,7 @@ class UpstreamClient:
         The call stops reading the backend (and closes its connection) when the consumer is done
         with the turn (``channel.closed``) and more of the body comes, or when ``transform``
         returns None (it refused the stream: the caller reports why)."""
-        target = Target(to.url)
+        target = BackendUrl(to.url)
         headers = [*headers, *to.headers] + ([(b"authorization", to.authorization)] if to.authorization else [])
         for attempt in (1, 2):
             try:
@@ -212,7 +213,7 @@ class UpstreamClient:
         """A plain GET (with ``body``: a POST of it) on a fresh connection (web search, a
         backend's model list or tokenizer), whole body (up to ``MAX_ERROR_BODY``), bounded by
         idle_timeout."""
-        target = Target(url)
+        target = BackendUrl(url)
         reader, writer, _ = await self._connect(target.key, pooled=False)
         try:
             conn = h11.Connection(h11.CLIENT)
@@ -264,7 +265,7 @@ class UpstreamClient:
 
     # --- one request and its answer ------------------------------------------------------------
 
-    async def _roundtrip(self, target: Target, headers, body: bytes, up_reader: asyncio.StreamReader,
+    async def _roundtrip(self, target: BackendUrl, headers, body: bytes, up_reader: asyncio.StreamReader,
                         up_writer: asyncio.StreamWriter, channel: Channel, transform, heard: list[bool],
                         watch: _Watch) -> CallEnd:
         client = h11.Connection(h11.CLIENT)

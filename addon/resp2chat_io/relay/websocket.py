@@ -34,9 +34,10 @@ from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError, generate_accept_token
 
+from .constants import READ
+
 log = logging.getLogger("resp2chat.relay")
 
-READ = 65536
 MAX_QUEUED = 16  # client messages waiting behind the one being served, at most
 
 Send = Callable[[list[str | bytes]], None]  # text messages: str, or UTF-8 bytes (framed as they are)
