@@ -24,7 +24,7 @@ from .channel import Reader
 from .errors import GatewayError
 from .schema import parse_request
 
-PREFIX = "conv_"
+ID_PREFIX = "conv_"
 MAX_NEW_ITEMS = 20  # items one create or items request may add (OpenAI's)
 MAX_METADATA, MAX_KEY, MAX_VALUE = 16, 64, 512
 
@@ -39,7 +39,7 @@ def deleted(conversation_id: str) -> dict:
 
 def is_id(value: object) -> bool:
     """Whether ``value`` can name a conversation (the response store's other entries cannot)."""
-    return isinstance(value, str) and value.startswith(PREFIX)
+    return isinstance(value, str) and value.startswith(ID_PREFIX)
 
 
 def named(raw: dict) -> str | None:

@@ -35,11 +35,11 @@ from . import compaction, inputs, mcp, websocket
 from .channel import Reader, rebuild_event
 from .errors import GatewayError, error_json
 from .lowering import LoweringOptions
-from .seal import PREFIX, Sealer, SealError
+from .seal import SEALED_PREFIX, Sealer, SealError
 from .sse import DONE
 from .turn import Found, begin_turn, wanted
 
-_SEALED = re.compile(re.escape(PREFIX) + r"[A-Za-z0-9_-]+")
+_SEALED = re.compile(re.escape(SEALED_PREFIX) + r"[A-Za-z0-9_-]+")
 _CREATED = re.compile(rb'"created_at":(\d+)')
 _COMPLETED = re.compile(rb'"completed_at": ?(\d+)')  # (an SSE answer's compact JSON, or a JSON body's)
 PURPOSES = (compaction.PURPOSE, inputs.REASONING_PURPOSE)

@@ -25,7 +25,7 @@ from typing import Callable
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-PREFIX = "r2c1."
+SEALED_PREFIX = "r2c1."
 _NONCE = 12
 
 
@@ -42,13 +42,13 @@ def derive_key(secret: str | bytes) -> bytes:
 def seal(key: bytes, purpose: str, plaintext: str) -> str:
     nonce = os.urandom(_NONCE)
     sealed = AESGCM(key).encrypt(nonce, plaintext.encode("utf-8", "surrogatepass"), purpose.encode())
-    return PREFIX + base64.urlsafe_b64encode(nonce + sealed).decode().rstrip("=")
+    return SEALED_PREFIX + base64.urlsafe_b64encode(nonce + sealed).decode().rstrip("=")
 
 
 def unseal(key: bytes, purpose: str, token: object) -> str:
-    if not isinstance(token, str) or not token.startswith(PREFIX):
+    if not isinstance(token, str) or not token.startswith(SEALED_PREFIX):
         raise SealError("not sealed by this gateway")
-    body = token[len(PREFIX):]
+    body = token[len(SEALED_PREFIX):]
     try:
         raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
     except (binascii.Error, ValueError):

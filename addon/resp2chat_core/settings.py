@@ -59,6 +59,17 @@ class Field:
 # serves the demo upstream when nothing answers there)
 DEFAULT_UPSTREAM = "http://127.0.0.1:8000/v1"
 
+
+def first_upstream(values: dict) -> str:
+    """The base URL a gateway with these settings is started toward (mitmproxy's reverse target,
+    what the ``resp2chat`` command lists models from): ``upstream_base_url``, else the first of
+    ``upstreams`` (routing.py picks per model), else ``DEFAULT_UPSTREAM`` (also for ``demo``)."""
+    url = values.get("upstream_base_url") or ""
+    entries = values.get("upstreams") or []
+    if not url and isinstance(entries, list) and entries and isinstance(entries[0], dict):
+        url = entries[0].get("base_url") or ""
+    return url if url and url != "demo" else DEFAULT_UPSTREAM
+
 FIELDS: tuple[Field, ...] = (
     Field("bind_addr", "str", "127.0.0.1:4000", "Address the gateway listens on (host:port). Binding beyond loopback requires gateway_api_key.", owner="listen"),
     Field("upstream_base_url", "str", "", "Chat Completions base URL, e.g. http://127.0.0.1:8000/v1 (may carry a path prefix: requests go to {base}/chat/completions). "

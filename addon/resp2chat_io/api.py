@@ -186,13 +186,7 @@ def start(upstream_base_url: str | None = None, *, host: str = "127.0.0.1", port
 
 
 def _reverse_target(settings: dict) -> str:
-    url = settings.get("upstream_base_url") or ""
-    entries = settings.get("upstreams") or []
-    if not url and entries and isinstance(entries, list) and isinstance(entries[0], dict):
-        url = entries[0].get("base_url") or ""
-    if not url or url == "demo":
-        url = S.DEFAULT_UPSTREAM
-    parts = urllib.parse.urlsplit(url)
+    parts = urllib.parse.urlsplit(S.first_upstream(settings))
     return f"{parts.scheme}://{parts.netloc}"
 
 

@@ -29,7 +29,7 @@ from typing import Iterable, Protocol
 
 from resp2chat_core import limits as L
 from resp2chat_core.clients import ClientSpec
-from resp2chat_io.redis_state import PREFIX, RedisState
+from resp2chat_io.redis_state import KEY_ROOT, RedisState
 from resp2chat_io.store import StateUnavailable, Writes
 
 log = logging.getLogger("resp2chat")
@@ -191,7 +191,7 @@ class RedisLimits:
         script = self.state.script_from(_ADMIT)
         try:
             why, rl, tl, now, _open = await self.state.call("check a client's limits", lambda c: script(args=[
-                PREFIX, client.name, client.rpm or 0, client.tpm or 0, client.max_streams or 0, turn_id, LEASE]))
+                KEY_ROOT, client.name, client.rpm or 0, client.tpm or 0, client.max_streams or 0, turn_id, LEASE]))
         except StateUnavailable:  # (logged by RedisState) this replica decides alone until Redis is back
             return await self.local.admit(client, turn_id)
         now = float(now)
@@ -207,7 +207,7 @@ class RedisLimits:
         script = self.state.script_from(_END)
         name, turn_id = ticket.client, ticket.turn_id
         self.writes.start(f"the end of turn {turn_id} not counted for client {name!r}", self.state.call(
-            "count a turn's end", lambda c: script(args=[PREFIX, name, turn_id, tpm or 0, used])))
+            "count a turn's end", lambda c: script(args=[KEY_ROOT, name, turn_id, tpm or 0, used])))
 
     async def refresh(self, tickets: Iterable[Ticket]) -> None:
         by_client: dict[str, list[str]] = {}
@@ -216,7 +216,7 @@ class RedisLimits:
                 by_client.setdefault(ticket.client, []).append(ticket.turn_id)
         script = self.state.script_from(_HEARTBEAT)
         for name, turns in by_client.items():
-            key = f"{PREFIX}limits:{name}:streams"
+            key = f"{KEY_ROOT}limits:{name}:streams"
             try:
                 await self.state.call("refresh open turns", lambda c, key=key, turns=turns: script(keys=[key],
                                                                                               args=[0, *turns]))

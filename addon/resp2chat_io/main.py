@@ -34,13 +34,6 @@ def _settings() -> tuple[dict, dict, Path]:
         raise SystemExit(_fail(str(exc))) from None
 
 
-def effective_upstream(values: dict) -> str:
-    url = values["upstream_base_url"]
-    if not url and values.get("upstreams"):  # several upstreams: the first (routing.py picks per model)
-        url = values["upstreams"][0].get("base_url") or ""
-    return url if url and url != "demo" else S.DEFAULT_UPSTREAM
-
-
 def list_models(base_url: str, api_key: str = "", timeout: float = 3.0) -> list[dict]:
     """The upstream's /models entries ([] when it does not answer)."""
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
@@ -98,7 +91,7 @@ def cmd_configure(args) -> int:
             values[name] = S.coerce(S.BY_NAME[name], raw, "command line")
             S.validate(name, values[name])
         if interactive:
-            values["upstream_base_url"] = _ask("Chat Completions base URL", effective_upstream(values))
+            values["upstream_base_url"] = _ask("Chat Completions base URL", S.first_upstream(values))
             S.validate("upstream_base_url", values["upstream_base_url"])
             key = _ask("Upstream API key (empty for none)", "[keep]" if values["upstream_api_key"] else "")
             if key != "[keep]":
@@ -131,13 +124,13 @@ def write_settings(path: Path, values: dict) -> None:
 
 # --- keys ------------------------------------------------------------------------------------
 
-KEY_PREFIX = "r2c-"  # a resp2chat client key, recognisable in a leak report or a secret scanner
+CLIENT_KEY_PREFIX = "r2c-"  # a resp2chat client key, recognisable in a leak report or a secret scanner
 CLIENT_KEY_ENV = "RESP2CHAT_API_KEY"  # where a developer keeps their client key (print-config --key-env)
 
 
 def new_key() -> str:
     """A client key: 256 random bits, URL-safe."""
-    return KEY_PREFIX + secrets.token_urlsafe(32)
+    return CLIENT_KEY_PREFIX + secrets.token_urlsafe(32)
 
 
 def _file_values(path: Path) -> dict:
@@ -257,7 +250,7 @@ def build_start_command(args, values: dict, sources: dict) -> tuple[list[str], d
     if not any(a == "--mode" or a.startswith("--mode=") for a in args.mitmproxy_args):
         # Name the listen address in the mode so mitmproxy never binds its default *:8080 first.
         # (the demo upstream's port is only known inside the addon, which routes /v1 to it)
-        target = urlsplit(S.DEFAULT_UPSTREAM if demo else effective_upstream(values))
+        target = urlsplit(S.DEFAULT_UPSTREAM if demo else S.first_upstream(values))
         cmd += ["--mode", f"reverse:{target.scheme}://{target.netloc}@{values['bind_addr']}"]
     if args.raw:
         cmd += ["--set", "resp2chat_raw=true", "--set", "flow_detail=0", "--set", "termlog_verbosity=warn"]
@@ -269,7 +262,7 @@ def cmd_start(args) -> int:
     values, sources, _ = _settings()
     cmd, env = build_start_command(args, values, sources)
     where = ("demo upstream" if env.get("RESP2CHAT_UPSTREAM_BASE_URL") == "demo" else
-             ", ".join(f"{u['name']} ({u['base_url']})" for u in values["upstreams"]) or effective_upstream(values))
+             ", ".join(f"{u['name']} ({u['base_url']})" for u in values["upstreams"]) or S.first_upstream(values))
     print(f"resp2chat: gateway on {gateway_url(values)} -> {where}", file=sys.stderr)
     sys.stdout.flush()
     os.execvpe(cmd[0], cmd, env)  # signals (Ctrl-C, systemd stop) go straight to mitmproxy
@@ -395,7 +388,7 @@ def selected_model(values: dict, models: list[dict]) -> str:
 
 def cmd_print_config(args) -> int:
     values, _, _ = _settings()
-    models = [] if args.offline else list_models(effective_upstream(values), values["upstream_api_key"])
+    models = [] if args.offline else list_models(S.first_upstream(values), values["upstream_api_key"])
     catalog = None
     if args.catalog:
         codex_bin = args.codex or shutil.which("codex")

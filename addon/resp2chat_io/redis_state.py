@@ -49,7 +49,7 @@ from resp2chat_io.store import (ReplayCounts, StateUnavailable, held_items, item
 
 log = logging.getLogger("resp2chat")
 
-PREFIX = "resp2chat:"
+KEY_ROOT = "resp2chat:"
 CONNECT_TIMEOUT = 1.0  # seconds: Redis is expected close by
 IO_TIMEOUT = 3.0
 BACKOFF = (0.5, 5.0)  # seconds without calls after a failure: first, and at most (doubling)
@@ -274,7 +274,7 @@ class RedisResponseStore:
         produced, others = _item_ids(items, response)
         member = namespace(owner) + response_id
         count, size = await self.state.call("store a response", lambda c: script(args=[
-            PREFIX, member, data, produced, others, self.ttl, self.max_entries, self.max_bytes,
+            KEY_ROOT, member, data, produced, others, self.ttl, self.max_entries, self.max_bytes,
             "" if expect is None else expect]))
         if count < 0:
             return False  # (another version: the caller reads it again)
@@ -284,7 +284,7 @@ class RedisResponseStore:
     async def get(self, response_id: str, *, owner: str = owners.SHARED) -> dict | None:
         if not valid_id(response_id):
             return None  # (a client's id that names no key of ours: another owner's namespace is out of reach)
-        key = f"{PREFIX}{namespace(owner)}response:{response_id}"
+        key = f"{KEY_ROOT}{namespace(owner)}response:{response_id}"
         data, version = await self.state.call("read a stored response", lambda c: c.hmget(key, ["data", "v"]))
         return {**json.loads(data), "version": int(version or 1)} if data else None
 
@@ -293,7 +293,7 @@ class RedisResponseStore:
             return False
         script = self.state.script("drop_response")
         member = namespace(owner) + response_id
-        return bool(await self.state.call("delete a stored response", lambda c: script(args=[PREFIX, member])))
+        return bool(await self.state.call("delete a stored response", lambda c: script(args=[KEY_ROOT, member])))
 
     async def items(self, item_ids, *, owner: str = owners.SHARED) -> dict[str, dict]:
         """``item_reference`` ids -> the owner's stored items, as the gateway produced them
@@ -303,14 +303,14 @@ class RedisResponseStore:
         if not ids:
             return {}
         ns = namespace(owner)
-        holders = await self.state.call("look up items", lambda c: c.mget([f"{PREFIX}{ns}item:{i}" for i in ids]))
+        holders = await self.state.call("look up items", lambda c: c.mget([f"{KEY_ROOT}{ns}item:{i}" for i in ids]))
         by_response: dict[str, list[str]] = {}
         for item_id, holder in zip(ids, holders):
             if holder:
                 by_response.setdefault(holder.decode(), []).append(item_id)
         found: dict[str, dict] = {}
         for response_id, wanted in by_response.items():
-            key = f"{PREFIX}{ns}response:{response_id}"
+            key = f"{KEY_ROOT}{ns}response:{response_id}"
             data, *digests = await self.state.call("read a stored response", lambda c, key=key, wanted=wanted: c.hmget(
                 key, ["data", *(f"d:{i}" for i in wanted)]))
             if data:
@@ -333,7 +333,7 @@ class RedisReplayCache(ReplayCounts):
 
     async def get(self, key: str) -> bytes | None:
         try:
-            found = await self.state.call("replay cache lookup", lambda c: c.get(f"{PREFIX}replay:{key}"))
+            found = await self.state.call("replay cache lookup", lambda c: c.get(f"{KEY_ROOT}replay:{key}"))
         except StateUnavailable:
             found = None  # a miss: the backend answers
         return self.counted(found)
@@ -342,5 +342,5 @@ class RedisReplayCache(ReplayCounts):
         if not self.takes(entry):
             return False
         script = self.state.script("put_replay")
-        self.count = await self.state.call("replay cache write", lambda c: script(args=[PREFIX, key, entry, self.capacity]))
+        self.count = await self.state.call("replay cache write", lambda c: script(args=[KEY_ROOT, key, entry, self.capacity]))
         return True

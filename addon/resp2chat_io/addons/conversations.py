@@ -74,7 +74,7 @@ class Conversations:
         if shape == "":  # POST: a new conversation
             metadata = C.check_metadata(body.get("metadata"))
             items = listing.with_ids(C.new_items(body.get("items")), new_item_id)
-            obj = C.conversation_object(C.PREFIX + uuid.uuid4().hex, int(time.time()), metadata)
+            obj = C.conversation_object(C.ID_PREFIX + uuid.uuid4().hex, int(time.time()), metadata)
             if not await store.store.put(obj["id"], items, obj, owner=owner):
                 raise GatewayError("the conversation is larger than the store keeps (max_session_memory_mb)",
                                    param="items", code="conversation_too_large", status=413)
