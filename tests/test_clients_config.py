@@ -225,6 +225,30 @@ def test_another_clients_key_in_a_url_is_a_credential(tmp_path, upstream):
 # --- resp2chat keys ------------------------------------------------------------------------------
 
 
+def test_a_plain_key_the_file_reload_brings_is_a_secret_too(tmp_path, upstream):
+    """A client with a plain key added to the config file while the gateway runs (the gate reads
+    the file's clients again) is a client, and its key a secret as one configured at start:
+    refused in a URL another client sends, scrubbed from what another client gets."""
+    path = config_file(tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_text(yaml.safe_dump({"clients": [{"name": "alice", "key": ALICE_KEY}]}))
+    gw = start_gateway(upstream.origin, tmp_path, env=cli_env(tmp_path))
+    try:
+        bob = "bob-plain-key-9876543210ab"
+        path.write_text(yaml.safe_dump({"clients": [{"name": "alice", "key": ALICE_KEY},
+                                                    {"name": "bob", "key": bob}]}))
+        wait_until(lambda: "clients reloaded" in gw.log(), 15, "the reload")
+        assert openai_client(gw, api_key=bob).responses.create(model="demo-model", input="hi").output_text
+        r = requests.get(f"{gw.base_url}/models/{bob}", headers={"authorization": f"Bearer {ALICE_KEY}"}, timeout=20)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "credential_in_url", r.text
+        with pytest.raises(openai.BadRequestError) as err:
+            openai_client(gw, api_key=ALICE_KEY).responses.create(model="demo-model",
+                                                                  input=f"error: 400 your key {bob} is odd")
+        assert bob not in str(err.value) and "your key" in str(err.value)
+    finally:
+        gw.stop()
+
+
 def test_keys_add_prints_the_key_once_and_stores_only_its_hash(tmp_path):
     path = config_file(tmp_path)
     path.parent.mkdir(parents=True)

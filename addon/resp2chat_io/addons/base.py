@@ -204,6 +204,11 @@ class SettingsSource:
                 self.base = {f.name: f.default for f in S.FIELDS}
         return self.base
 
+    def reloaded(self, name: str, value: Any) -> None:
+        """The config file's ``name`` changed and was read again (addons/gate.py: its clients):
+        what every later read of it gets, where neither ``--set`` nor the environment decide."""
+        self.load()[name] = value
+
     def value(self, name: str) -> Any:
         """A setting's effective value: ``--set`` > environment > file > default."""
         f = S.BY_NAME[name]

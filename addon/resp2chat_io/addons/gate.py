@@ -341,7 +341,9 @@ class Gate(Owner):
         values, _, _ = load_settings()
         table = ClientTable(parse_clients(values["clients"], self.s["gateway_api_key"]))
         if table != self.clients:
+            self.source.reloaded("clients", values["clients"])  # (what a later configure reads too)
             self.clients = table
+            self.upstreams.clients_reloaded()  # (a plain key among them is a secret from now on)
             log.info(f"resp2chat: clients reloaded from the config file: {', '.join(table.names) or 'none'}")
             if not len(table) and self.keyed:
                 log.warning("resp2chat: the config file lists no client any more: every request is refused until "

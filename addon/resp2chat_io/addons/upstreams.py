@@ -125,6 +125,12 @@ class Upstreams(Owner):
         self.relay.window = self.s["coalesce_ms"] / 1000  # (each turn's news: resp2chat_core/channel.py)
         self.secrets = S.secret_values(self.s)
 
+    def clients_reloaded(self) -> None:
+        """The config file's clients were read again (addons/gate.py): their plain keys are among
+        the secrets from now on (scrubbed, refused in a URL), as those a configure reads."""
+        self.s["clients"] = self.source.value("clients")
+        self.secrets = S.secret_values(self.s)
+
     def default_url(self) -> str:
         if self.specs:
             return self.endpoints[self.specs[0].name].url
