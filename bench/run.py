@@ -10,6 +10,8 @@ Paths (each a separate process, answering the same scripted upstream):
     direct        client -> upstream                                  (the limit)
     passthrough   client -> mitmdump --mode reverse --set stream_large_bodies=1 -> upstream
                   (plain mitmproxy streaming: the architecture's floor)
+    passthrough-buffered  (the long curve only) the same without stream_large_bodies: each body
+                  held whole before it goes on, as the gateway holds a request for its hooks
     resp2chat     client -> mitmdump -s addon/resp2chat.py -> upstream  (replay cache off)
     codex-relay   client -> codex-relay (Rust) -> upstream
     resp2chat-b   (with --ab PATH) client -> mitmdump -s PATH -> upstream: the other addon of an
@@ -89,6 +91,7 @@ BIN = Path(sys.executable).parent
 RELAY_SPEC = "codex-relay>=0.5.8"
 TICK = os.sysconf("SC_CLK_TCK")
 PATHS = ("direct", "passthrough", "resp2chat", "resp2chat-b", "codex-relay")
+BUFFERED = "passthrough-buffered"  # (the long curve only: passthrough without stream_large_bodies)
 GATEWAYS = ("resp2chat", "resp2chat-b")  # the addon, and the other addon of an A/B (--ab)
 BASELINES = ("passthrough", "codex-relay")
 PHASES = ("c1", "rss", "paced", "c64")
@@ -292,7 +295,10 @@ def start_target(name: str, up_port: int, workdir: Path, cpus: set[int] | None, 
     mitm = [str(BIN / "mitmdump"), "-q", "--mode", f"reverse:{upstream}", "--listen-host", "127.0.0.1",
             "--listen-port", str(port), "--set", f"confdir={workdir / 'mitmconf'}"]
     if name.startswith("passthrough"):
-        proc = Proc(name, [*mitm, "--set", "stream_large_bodies=1"], workdir, cpus, env)
+        # (buffered: mitmproxy's default, each body held whole before it goes on, as the gateway
+        # must hold a request for its hooks: the long curve's floor of store-and-forward)
+        streamed = () if name.startswith("passthrough-buffered") else ("--set", "stream_large_bodies=1")
+        proc = Proc(name, [*mitm, *streamed], workdir, cpus, env)
         ready = "/v1/models"
         mode = "chat"
     elif name.startswith("resp2chat"):
@@ -797,6 +803,7 @@ async def measure_long(up_port: int, workdir: Path, cpus: set[int] | None, cfg: 
     gateways: dict = {}
     try:
         targets["passthrough"] = start_target("passthrough-long", up_port, workdir, cpus, None)
+        targets[BUFFERED] = start_target(f"{BUFFERED}-long", up_port, workdir, cpus, None)
         for g, addon in addons.items():
             targets[g] = gateways[g] = start_target(f"{g}-long", up_port, workdir, cpus, None,
                                                     ("--set", "resp2chat_max_replay_entries=0"), addon)
@@ -857,6 +864,10 @@ async def measure_long(up_port: int, workdir: Path, cpus: set[int] | None, cfg: 
                                                     for a, b in zip(mine, base) if a is not None and b is not None])
                     res["cold_added_ttft_ms"] = dist_ms([a - b for a, b in zip(run["cold_ttft"], runs["direct"]["cold_ttft"])
                                                          if a is not None and b is not None])
+                    if name in gateways:  # over a store-and-forward mitmproxy's (same turn, same round)
+                        res["added_ttft_over_buffered_ms"] = dist_ms([
+                            a - b for mine, base in zip(run["ttft"], runs[BUFFERED]["ttft"])
+                            for a, b in zip(mine, base) if a is not None and b is not None])
                     if run["latency"]:  # the gateway's own, request to its chat request handed to the backend:
                         # the mean of a round's warm turns, the median of rounds
                         res["gateway_latency_ms"] = _r(_ms(pct(run["latency"], 0.5)), 3)
@@ -1151,7 +1162,7 @@ def table(results: dict) -> str:
                              for ms in co["windows_ms"]))
     lg = results.get("long")
     if lg:
-        gws = [g for g in ("passthrough", *GATEWAYS) if lg["sizes"] and g in lg["sizes"][0]]
+        gws = [g for g in ("passthrough", BUFFERED, *GATEWAYS) if lg["sizes"] and g in lg["sizes"][0]]
         lines.append("")
         lines.append(f"Long conversations (c=1, streamed, replay cache off; sessions of {lg['turns_per_session']} + 1 turns, "
                      f"{lg['rounds']} rounds; warm turns, medians; the first turn of a session in brackets):")
@@ -1160,13 +1171,18 @@ def table(results: dict) -> str:
             for g in gws:
                 r = size[g]
                 own = f" (own {_fmt(r['gateway_latency_ms'])} ms)" if r.get("gateway_latency_ms") is not None else ""
+                if r.get("added_ttft_over_buffered_ms"):
+                    over = r["added_ttft_over_buffered_ms"]["p50"]
+                    own += f" [{'+' if over >= 0 else '−'}{_fmt(abs(over))} ms over buffered]"
                 cells.append(f"{g} {_fmt(r['cpu_ms_per_turn'])} ms [{_fmt(r['cold_cpu_ms'])}] "
                              f"+{_fmt(r['added_ttft_ms']['p50'])} ms{own}")
             ratio = "  ".join(f"{k} {_fmt(v)}x" for k, v in size["ratio_cpu_per_turn"].items())
             lines.append(f"  input {size['input_kb']:.0f} KB (body {size['request_kb']:.0f} KB, chat {size['chat_kb']:.0f} KB): "
                          + "  ".join(cells) + f"  ->  CPU per turn {ratio}")
         lines.append("  (each: gateway CPU per turn [first turn], + added TTFT p50 over direct; own: its own latency, "
-                     "request to its chat request handed to the backend, resp2chat_gateway_latency_seconds)")
+                     "request to its chat request handed to the backend, resp2chat_gateway_latency_seconds; "
+                     f"{BUFFERED}: plain mitmproxy holding each body whole, as a gateway whose hooks see the request "
+                     "first must, and the gateway's added TTFT over it, same turn)")
     rr = results.get("replay_real")
     if rr:
         lines.append(f"replay cache against a real backend: skipped ({rr['skipped']})" if "skipped" in rr else

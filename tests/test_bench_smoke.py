@@ -61,13 +61,15 @@ def test_bench_smoke(tmp_path):
     long = results["long"]  # issue 22's curve: c=1 sessions of long Codex histories, every path
     assert len(long["sizes"]) == 2
     for size in long["sizes"]:
-        for name in ("direct", "passthrough", "resp2chat", "resp2chat-b"):
+        for name in ("direct", "passthrough", "passthrough-buffered", "resp2chat", "resp2chat-b"):
             assert size[name]["lost_events"] == 0 and size[name]["failed_answers"] == 0, (name, size[name])
             assert size[name]["ttft_ms"]["n"] == long["turns_per_session"] * long["rounds"]
         assert size["resp2chat"]["cpu_ms_per_turn"] > 0 and size["ratio_cpu_per_turn"]["resp2chat/passthrough"] > 0
         # the gateway's own latency (its metric), within the time to its first token
         for name in ("resp2chat", "resp2chat-b"):
             assert 0 < size[name]["gateway_latency_ms"] < size[name]["ttft_ms"]["p50"], size[name]
+            # over mitmproxy holding each body whole (same turns): a figure for every warm turn
+            assert size[name]["added_ttft_over_buffered_ms"]["n"] == long["turns_per_session"] * long["rounds"]
     assert "long_cpu_per_turn_vs_passthrough_largest" in results["targets"]
     assert results["targets"]["lost_events"]["met"] is True
     assert "resp2chat" in proc.stdout and "lost events" in proc.stdout  # the table was printed
