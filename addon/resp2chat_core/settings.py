@@ -70,6 +70,7 @@ def first_upstream(values: dict) -> str:
         url = entries[0].get("base_url") or ""
     return url if url and url != "demo" else DEFAULT_UPSTREAM
 
+
 FIELDS: tuple[Field, ...] = (
     Field("bind_addr", "str", "127.0.0.1:4000", "Address the gateway listens on (host:port). Binding beyond loopback requires gateway_api_key.", owner="listen"),
     Field("upstream_base_url", "str", "", "Chat Completions base URL, e.g. http://127.0.0.1:8000/v1 (may carry a path prefix: requests go to {base}/chat/completions). "

@@ -327,27 +327,21 @@ class ResponsesWebSocket(Owner):
                                    "WebSocket", param="background", code="unsupported_parameter")
             found = await turns.lookup(create.body, live.owner, live.conn)
             m.turn = turns.lower(create.body, found, owner=live.owner, request_id=m.request_id,
-                                        keep_items=True)  # (the socket remembers its conversation)
+                                 keep_items=True)  # (the socket remembers its conversation)
         except GatewayError as err:
             if create is not None and create.previous is not None:
                 live.conn.forget(create.previous)  # (a failed continuation evicts what it continued)
             if m.request is None and data is not None and b'"mcp"' in body:  # refused before its tools were read
                 self._redact(live, m, UNREAD_MCP)
-            if verdict is not None and verdict.admitted:
-                turns.release(client, turn_id)
+            turns.release(client, turn_id)  # (before the client hears of it: below, again, is nothing)
             self._refuse(live, m, err, send)
             m.request = None
             await offload.discard(data, len(body))
-            return
-        except BaseException:
-            if verdict is not None and verdict.admitted:
-                turns.release(client, turn_id)  # (it fails closed: _websocket_message)
-            raise
-        try:
+        else:
             await self._serve(live, m, create, client, verdict, turn_id, send)
         finally:
-            if m.run is None and verdict is not None and verdict.admitted:
-                turns.release(client, turn_id)  # answered without a run of its own (replayed, refused), or failed before one
+            if m.run is None:  # no run of its own (refused, replayed, a warm-up, failed before one): the open
+                turns.release(client, turn_id)  # turn its client was admitted for, if any, given back
 
     async def _serve(self, live: OpenSocket, m: Message, create, client, verdict, turn_id: str, send) -> None:
         """A lowered message served: from a recording, a warm-up's answer, or its turn run."""
