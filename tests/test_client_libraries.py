@@ -299,10 +299,9 @@ def test_pydantic_ai_tool_loop(pai_model, upstream):
     assert_tool_loop(upstream.requests())
 
 
-def test_pydantic_ai_chat_from_its_own_history(pai_model, upstream):
-    from pydantic_ai import Agent
-
-    agent = Agent(pai_model)
+def _second_turn_from_history(agent, upstream) -> None:
+    """A pydantic-ai agent's two turns, the second sent with the first's messages as its history:
+    answered, and the backend got that history (``assert_chat_history``)."""
     upstream.clear()
 
     async def run():
@@ -310,9 +309,15 @@ def test_pydantic_ai_chat_from_its_own_history(pai_model, upstream):
         return await agent.run("what is my name", message_history=first.all_messages())
 
     assert asyncio.run(run()).output == "You said: what is my name"
+    assert_chat_history(upstream.requests())
+
+
+def test_pydantic_ai_chat_from_its_own_history(pai_model, upstream):
+    from pydantic_ai import Agent
+
     # the reasoning came as the item's content (no summary asked for): pydantic-ai sends it back
     # as a reasoning item, which reaches the backend as the assistant message's reasoning field
-    assert_chat_history(upstream.requests())
+    _second_turn_from_history(Agent(pai_model), upstream)
 
 
 def test_pydantic_ai_stateless_reasoning_round_trip(recording_gateway, upstream):
@@ -326,15 +331,7 @@ def test_pydantic_ai_stateless_reasoning_round_trip(recording_gateway, upstream)
     gw, flows = recording_gateway
     model = OpenAIResponsesModel("demo-model", provider=OpenAIProvider(base_url=gw.base_url, api_key="unused"),
                                  profile=OpenAIModelProfile(openai_supports_encrypted_reasoning_content=True))
-    agent = Agent(model, model_settings=OpenAIResponsesModelSettings(openai_store=False))
-    upstream.clear()
-
-    async def run():
-        first = await agent.run("my name is Ada")
-        return await agent.run("what is my name", message_history=first.all_messages())
-
-    assert asyncio.run(run()).output == "You said: what is my name"
-    assert_chat_history(upstream.requests())
+    _second_turn_from_history(Agent(model, model_settings=OpenAIResponsesModelSettings(openai_store=False)), upstream)
     gw.stop()
     first, second = responses_requests(flows)
     assert first["include"] == ["reasoning.encrypted_content"] and second["store"] is False
