@@ -434,8 +434,8 @@ class HttpTurns:
                 except (ValueError, RecursionError):
                     final = None
             final = final if isinstance(final, dict) and isinstance(final.get("output"), list) else None
-        done = self.turns.replayed(flow, run.turn, final, body, started=run.started, client=run.client,
-                                   turn_id=flow.id)
+        done = self.turns.replayed(flow, run.turn, final, body, recorded=bool(meta.get("server_replay")),
+                                   started=run.started, client=run.client, turn_id=flow.id)
         meta["status"] = done.status
 
 
