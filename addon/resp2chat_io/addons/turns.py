@@ -46,6 +46,7 @@ from resp2chat_core.errors import GatewayError, gateway_failure
 from resp2chat_core.labels import shown
 from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.replay import MAX_ENTRY_BYTES, replay_key
+from resp2chat_core.requestbody import body_digest
 from resp2chat_core.retranslate import lowering_record
 from resp2chat_core.routing import Candidate, candidates
 from resp2chat_core.seal import Sealer
@@ -178,7 +179,7 @@ class Turns(Owner):
         other upstreams or another seal key (an answer holds what it sealed: after a key change,
         or on a replica with another key, the client could not send it back), or from another
         owner, is another answer."""
-        return replay_key(f"{upstreams}\n{self.lowering_repr}\nseal {self.seal_id()}", body, owner)
+        return replay_key(f"{upstreams}\n{self.lowering_repr}\nseal {self.seal_id()}", body_digest(body), owner)
 
     # --- a request, up to its turn ------------------------------------------------------------
 
