@@ -102,10 +102,12 @@ UPSTREAM_ARGS = ("--max-context", str(4 << 20))
 FULL = dict(deltas=200, reasoning_words=50, warmup=4, c1=100, conc=64, per_conn=6,
             paced_streams=64, paced_ms=20, stagger_ms=1000, rss_streams=100, replay=40, replay_real=10, interleave=3,
             ws_turns=20, ws_rounds=3, long_turns=8, long_rounds=3, long_deltas=200, long_kb=(22, 145, 635, 2500),
+            long_replay_entries=0,
             coalesce_ms=(0, 20, 30, 40, 45), coalesce_paced_ms=(20, 10), coalesce_rounds=4, coalesce_streams=32)
 SMOKE = dict(deltas=20, reasoning_words=6, warmup=1, c1=3, conc=4, per_conn=2,
              paced_streams=4, paced_ms=5, stagger_ms=20, rss_streams=5, replay=3, replay_real=1, interleave=1,
              ws_turns=2, ws_rounds=1, long_turns=2, long_rounds=1, long_deltas=20, long_kb=(22, 40),
+             long_replay_entries=0,
              coalesce_ms=(0, 20), coalesce_paced_ms=(5,), coalesce_rounds=1, coalesce_streams=4)
 
 
@@ -791,7 +793,8 @@ async def measure_coalesce(up_port: int, workdir: Path, cpus: set[int] | None, c
 
 async def measure_long(up_port: int, workdir: Path, cpus: set[int] | None, cfg: dict, addons: dict,
                        upstream: Proc) -> dict:
-    """Long conversations (issue 22): c=1, streamed, replay cache off. At each size, a Codex
+    """Long conversations (issue 22): c=1, streamed, replay cache off (``--long-replay-entries
+    1000``: on, as by default; every turn then misses, and pays its key). At each size, a Codex
     session holding N question/answer pairs (its input about ``long_kb`` KB) runs ``long_turns``
     + 1 HTTP turns, each resending the whole history plus one new pair, through each gateway,
     and its chat bodies through plain passthrough and straight to the upstream, the paths taking
@@ -805,8 +808,8 @@ async def measure_long(up_port: int, workdir: Path, cpus: set[int] | None, cfg: 
         targets["passthrough"] = start_target("passthrough-long", up_port, workdir, cpus, None)
         targets[BUFFERED] = start_target(f"{BUFFERED}-long", up_port, workdir, cpus, None)
         for g, addon in addons.items():
-            targets[g] = gateways[g] = start_target(f"{g}-long", up_port, workdir, cpus, None,
-                                                    ("--set", "resp2chat_max_replay_entries=0"), addon)
+            targets[g] = gateways[g] = start_target(f"{g}-long", up_port, workdir, cpus, None, (
+                "--set", f"resp2chat_max_replay_entries={cfg['long_replay_entries']}"), addon)
         names = list(targets)
         sizes = []
         for kb in cfg["long_kb"]:

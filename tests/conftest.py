@@ -50,6 +50,12 @@ def gateway_factory(tmp_path):
 
 
 @pytest.fixture
+def own_gateway(upstream, gateway_factory):
+    """A gateway of this test's own: its stored responses start empty; no replay cache."""
+    return gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0")
+
+
+@pytest.fixture
 def recording_gateway(upstream, gateway_factory, tmp_path):
     """A gateway of this test's own that writes its flows (``-w``), no replay cache: (it, the flow file)."""
     flows = tmp_path / "flows.mitm"

@@ -20,13 +20,8 @@ HISTORY = [{"role": "user", "content": "my name is Ada"},
            {"role": "user", "content": [{"type": "input_text", "text": "I like tea"}]}]
 
 
-@pytest.fixture
-def gw(upstream, gateway_factory):
-    return gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0")
-
-
-def test_compact_answers_the_user_messages_then_one_sealed_compaction_item(gw, upstream):
-    client = openai_client(gw)
+def test_compact_answers_the_user_messages_then_one_sealed_compaction_item(own_gateway, upstream):
+    client = openai_client(own_gateway)
     upstream.clear()
     compacted = client.responses.compact(model="demo-model", input=HISTORY, instructions="Be brief.")
     assert compacted.object == "response.compaction" and compacted.id.startswith("resp_")
@@ -40,12 +35,12 @@ def test_compact_answers_the_user_messages_then_one_sealed_compaction_item(gw, u
     (sent,) = upstream.requests()
     assert sent["messages"][0] == {"role": "system", "content": "Be brief."}
     assert sent["messages"][-1] == {"role": "user", "content": COMPACTION_PROMPT}
-    assert requests.get(f"{gw.base_url}/responses/{compacted.id}", timeout=10).status_code == 404
+    assert requests.get(f"{own_gateway.base_url}/responses/{compacted.id}", timeout=10).status_code == 404
 
 
 @pytest.mark.parametrize("transport", ["http", "websocket"])
-def test_the_output_is_the_whole_input_of_a_later_turn(gw, upstream, transport):
-    client = openai_client(gw)
+def test_the_output_is_the_whole_input_of_a_later_turn(own_gateway, upstream, transport):
+    client = openai_client(own_gateway)
     compacted = client.responses.compact(model="demo-model", input=HISTORY)
     later = [item.model_dump(exclude_none=True, warnings=False) for item in compacted.output] + [
         {"role": "user", "content": "what do I like?"}]
@@ -53,7 +48,7 @@ def test_the_output_is_the_whole_input_of_a_later_turn(gw, upstream, transport):
     if transport == "http":
         answer = client.responses.create(model="demo-model", input=later, store=False).output_text
     else:
-        ws = WSClient(gw.base_url)
+        ws = WSClient(own_gateway.base_url)
         events = ws.turn({"type": "response.create", "model": "demo-model", "input": later, "store": False})
         ws.close()
         answer = events[-1]["response"]["output"][-1]["content"][0]["text"]
@@ -65,8 +60,8 @@ def test_the_output_is_the_whole_input_of_a_later_turn(gw, upstream, transport):
                         {"role": "user", "content": "what do I like?"}]
 
 
-def test_compact_continues_a_stored_response(gw, upstream):
-    client = openai_client(gw)
+def test_compact_continues_a_stored_response(own_gateway, upstream):
+    client = openai_client(own_gateway)
     first = client.responses.create(model="demo-model", input="my name is Ada")
     upstream.clear()
     compacted = client.responses.compact(model="demo-model", previous_response_id=first.id, input="and Bob")
@@ -76,8 +71,8 @@ def test_compact_continues_a_stored_response(gw, upstream):
     assert [m for m in sent if m["role"] == "assistant"][0]["content"] == "You said: my name is Ada"
 
 
-def test_compact_refuses_what_it_cannot_do(gw, upstream):
-    url = gw.base_url + "/responses/compact"
+def test_compact_refuses_what_it_cannot_do(own_gateway, upstream):
+    url = own_gateway.base_url + "/responses/compact"
     upstream.clear()
     for body, param, code in (({"input": "hi"}, "model", "missing_required_parameter"),
                               ({"model": "demo-model", "input": "hi", "tools": []}, "tools", "unknown_parameter"),
@@ -89,13 +84,14 @@ def test_compact_refuses_what_it_cannot_do(gw, upstream):
     assert requests.get(url, timeout=10).status_code == 405
     assert upstream.requests() == []
     with pytest.raises(openai.BadRequestError):  # (an empty conversation: nothing to summarize)
-        openai_client(gw).responses.compact(model="demo-model", input=[])
+        openai_client(own_gateway).responses.compact(model="demo-model", input=[])
 
 
-def test_a_backend_failure_is_the_error_it_would_be_for_a_response(gw, gateway_factory):
+def test_a_backend_failure_is_the_error_it_would_be_for_a_response(own_gateway, gateway_factory):
     dead = gateway_factory("http://127.0.0.1:9")  # (nothing listens: the backend cannot be reached)
     with pytest.raises(openai.InternalServerError) as err:
         openai_client(dead).responses.compact(model="demo-model", input="hi")
     assert err.value.status_code == 502 and err.value.body["code"] == "server_error"
-    r = requests.post(gw.base_url + "/responses/compact", data=json.dumps({"model": "m", "input": "x"}), timeout=10)
+    r = requests.post(own_gateway.base_url + "/responses/compact", data=json.dumps({"model": "m", "input": "x"}),
+                      timeout=10)
     assert r.status_code == 415  # (a JSON body: the content type is checked at the head, as for /v1/responses)

@@ -15,16 +15,11 @@ from resp2chat_core import listing
 from resp2chat_core.errors import GatewayError
 
 
-@pytest.fixture
-def gw(upstream, gateway_factory):
-    return gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0")
-
-
 # --- input_items ----------------------------------------------------------------------------------
 
 
-def test_input_items_are_the_conversation_before_the_output_paged_as_openai_pages(gw):
-    client = openai_client(gw)
+def test_input_items_are_the_conversation_before_the_output_paged_as_openai_pages(own_gateway):
+    client = openai_client(own_gateway)
     first = client.responses.create(model="demo-model", input=[
         {"role": "developer", "content": "Be brief."}, {"role": "user", "content": "my name is Ada"}])
     second = client.responses.create(model="demo-model", previous_response_id=first.id, input="what is my name")
@@ -46,8 +41,8 @@ def test_input_items_are_the_conversation_before_the_output_paged_as_openai_page
     assert [i.id for i in client.responses.input_items.list(second.id, limit=2)] == ids
 
 
-def test_input_items_show_sealed_reasoning_only_when_included(gw):
-    client = openai_client(gw)
+def test_input_items_show_sealed_reasoning_only_when_included(own_gateway):
+    client = openai_client(own_gateway)
     first = client.responses.create(model="demo-model", input="hi", store=False,
                                     include=["reasoning.encrypted_content"])
     second = client.responses.create(model="demo-model", input=[
@@ -65,10 +60,10 @@ def test_input_items_show_sealed_reasoning_only_when_included(gw):
     assert third.status == "completed"
 
 
-def test_input_items_refusals(gw):
-    client = openai_client(gw)
+def test_input_items_refusals(own_gateway):
+    client = openai_client(own_gateway)
     response = client.responses.create(model="demo-model", input="hi")
-    url = f"{gw.base_url}/responses/{response.id}/input_items"
+    url = f"{own_gateway.base_url}/responses/{response.id}/input_items"
     for query, param in (("limit=0", "limit"), ("limit=101", "limit"), ("limit=x", "limit"), ("order=up", "order"),
                          ("include=nonsense", "include"), ("after=msg_nowhere", "after")):
         r = requests.get(f"{url}?{query}", timeout=10)
@@ -77,7 +72,7 @@ def test_input_items_refusals(gw):
         client.responses.input_items.list("resp_nowhere")
     assert requests.post(url, json={}, timeout=10).status_code == 405
     unstored = client.responses.create(model="demo-model", input="hi", store=False)
-    assert requests.get(f"{gw.base_url}/responses/{unstored.id}/input_items", timeout=10).status_code == 404
+    assert requests.get(f"{own_gateway.base_url}/responses/{unstored.id}/input_items", timeout=10).status_code == 404
 
 
 def test_pages_in_the_core():
@@ -102,9 +97,9 @@ def test_pages_in_the_core():
 # --- input_tokens ---------------------------------------------------------------------------------
 
 
-def test_input_tokens_are_what_the_backends_tokenizer_counts(gw, upstream):
+def test_input_tokens_are_what_the_backends_tokenizer_counts(own_gateway, upstream):
     """The demo upstream has vLLM's /tokenize: the count is the one the turn itself reports."""
-    client = openai_client(gw)
+    client = openai_client(own_gateway)
     body = dict(model="demo-model", instructions="Be brief.", input=[{"role": "user", "content": "count me"}],
                 tools=[{"type": "function", "name": "f", "parameters": {"type": "object", "properties": {}}}])
     counted = client.responses.input_tokens.count(**body)
@@ -123,14 +118,14 @@ def test_input_tokens_are_what_the_backends_tokenizer_counts(gw, upstream):
 def test_input_tokens_without_a_tokenizer_are_the_documented_estimate(upstream, gateway_factory, tmp_path):
     """A backend without /tokenize (a path prefix it does not serve): one token per 4 bytes of the
     chat request's messages and tools, as JSON."""
-    gw = gateway_factory(upstream.origin, "--set", f"resp2chat_upstream_base_url={upstream.origin}/prefix/v1")
-    counted = openai_client(gw).responses.input_tokens.count(model="demo-model", input="count me")
+    own_gateway = gateway_factory(upstream.origin, "--set", f"resp2chat_upstream_base_url={upstream.origin}/prefix/v1")
+    counted = openai_client(own_gateway).responses.input_tokens.count(model="demo-model", input="count me")
     messages = [{"role": "user", "content": "count me"}]
     assert counted.input_tokens == -(-(len(json.dumps(messages, separators=(",", ":"))) + 2) // 4)
 
 
-def test_input_tokens_refusals(gw, upstream):
-    url = gw.base_url + "/responses/input_tokens"
+def test_input_tokens_refusals(own_gateway, upstream):
+    url = own_gateway.base_url + "/responses/input_tokens"
     for body, param in (({"input": "hi"}, "model"), ({"model": "demo-model", "input": "hi", "previous_response_id":
                                                       "resp_gone"}, "previous_response_id")):
         r = requests.post(url, json=body, timeout=10)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import hashlib
 import json
 import marshal
 import random
@@ -280,6 +281,30 @@ def test_a_session_holds_one_entry_and_reuses_its_history(prefixes):
         body = json.dumps({"model": "m", "input": items}).encode()
         assert same(requestbody.loads(body), json.loads(body))
     assert len(prefixes._kept) == 1 and prefixes.hits == 11
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_bodys_digest_is_its_sha256_its_history_hashed_once(prefixes, monkeypatch, seed):
+    """``body_digest`` (the replay cache's key) of each body, asked for or not (a turn the replay
+    cache skips never hashes; the next starts from scratch), is SHA-256 of its bytes, through
+    sessions that go on, fork, get edited, cut short and retried. A body that goes on from one
+    hashed before starts from that one's kept hash states: the same state objects, not the
+    history hashed again."""
+    monkeypatch.setattr(requestbody, "DIGEST_STEP", 512)  # (the real one: 256 KiB; marks on small bodies)
+    rng = random.Random(seed)
+    reused = 0
+    for body in bodies(seed):
+        requestbody.loads(body)
+        if rng.random() < 0.2:
+            continue  # (not asked for)
+        trace = next((t for t in prefixes._kept if t.body is body), None)
+        origin = trace.origin[0] if trace is not None else ()
+        assert requestbody.body_digest(body) == hashlib.sha256(body).digest()
+        if trace is not None:
+            assert [off for off, _ in trace.marks] == list(range(512, len(body) + 1, 512))
+            reused += sum(1 for m in origin if any(m[1] is n for _, n in trace.marks))
+    assert reused > 50
+    assert requestbody.body_digest(b'{"small": 1}') == hashlib.sha256(b'{"small": 1}').digest()
 
 
 def refused(body: bytes) -> str:

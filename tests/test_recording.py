@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import requests
 from mitmproxy import http
 from mitmproxy.test import taddons
 
-from helpers import ADDON, MITMDUMP, ROOT, Codex, free_port, openai_client, parse_sse, read_flows, resp2chat_cli
+from helpers import ADDON, MITMDUMP, ROOT, Codex, free_port, openai_client, parse_sse, read_flows, resp2chat_cli, wait_until
 from recordings import SEAL_KEY
 from wsclient import WSClient
 
@@ -124,6 +123,32 @@ def test_a_replayed_turn_is_counted_and_stored(upstream, gateway_factory, tmp_pa
     assert [(x["upstream"], x["status"], x["code"], x["http_status"]) for x in lines] == [
         ("server-replay", "replayed", "", 200), ("server-replay", "failed", "not_recorded", 404)]
     assert lines[0]["output_tokens"] == final["usage"]["output_tokens"]
+
+
+def test_a_replayed_turn_recorded_unfinished_is_counted_replayed(upstream, gateway_factory, tmp_path):
+    """A turn recorded unfinished (its client hung up mid-stream, so the recording has no final
+    Response) is still answered from the recording, and reported as replayed: something was
+    recorded for it, it is not ``not_recorded``."""
+    recording, log_path = tmp_path / "unfinished.mitm", tmp_path / "access.jsonl"
+    body = {"model": "demo-model", "input": "slow: 150 leave early", "stream": True}
+    live = gateway_factory(upstream.origin, "-w", str(recording), "--set", "resp2chat_max_replay_entries=0")
+    with requests.post(live.base_url + "/responses", json=body, stream=True, timeout=30) as r:
+        seen = b""
+        for piece in r.iter_content(None):
+            seen += piece
+            if b"response.output_text.delta" in seen:
+                break  # hang up mid-stream
+    wait_until(lambda: "unfinished" in [f.metadata["resp2chat"].get("status") for f in turns(recording)]
+               if recording.exists() and recording.stat().st_size else False, timeout=30)
+    live.stop()
+    [flow] = turns(recording)
+    assert "response.completed" not in flow.response.content.decode()
+    gw = gateway_factory(DEAD_UPSTREAM, "--server-replay", str(recording), "--set", f"resp2chat_access_log_path={log_path}")
+    r = requests.post(gw.base_url + "/responses", json=body, timeout=30)
+    assert r.status_code == 200 and r.content == flow.response.content
+    gw.stop()
+    [line] = [json.loads(x) for x in log_path.read_text().splitlines()]
+    assert (line["upstream"], line["status"], line["code"]) == ("server-replay", "replayed", "")
 
 
 @pytest.mark.codex

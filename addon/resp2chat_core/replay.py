@@ -20,10 +20,12 @@ import re
 MAX_ENTRY_BYTES = 4 << 20
 
 
-def replay_key(context: str, request_body: bytes, owner: str) -> str:
-    """``context``: what else decides the answer (upstream URL, effective lowering settings);
-    ``owner`` (owner.py): whose answer it is, served to nobody else."""
-    return hashlib.sha256(f"owner {owner}\n{context}\n".encode() + request_body).hexdigest()
+def replay_key(context: str, body_digest: bytes, owner: str) -> str:
+    """The key of a request body by its SHA-256 (``body_digest``: requestbody.py, which hashes
+    only what a long conversation's body adds to the one before). ``context``: what else decides
+    the answer (upstream URL, effective lowering settings); ``owner`` (owner.py): whose answer it
+    is, served to nobody else."""
+    return hashlib.sha256(f"owner {owner}\n{context}\n".encode() + body_digest).hexdigest()
 
 
 def pack(response_id: str, created_at: int, body: bytes, *, stream: bool, store: bool) -> bytes:

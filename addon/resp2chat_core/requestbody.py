@@ -37,6 +37,12 @@ only the bytes after them are decoded (strictly, as above) and checked. The valu
 refusal: anything the traced parse does not expect (not an object, a key twice, an error) is
 decoded again by the plain path, which says what is wrong.
 
+The body's digest (SHA-256, the replay cache's key: resp2chat_core/replay.py ``replay_key``)
+is taken the same way: ``body_digest`` of a body the cache decoded hashes only what follows the
+last state it kept of the history (one every ``DIGEST_STEP`` bytes: ``_Trace.marks``), not the
+2.5 MB again (~2.3 ms); it is taken when first asked for (a turn the cache does not look up
+never hashes), and a body that went on from one hashed before starts from that one's states.
+
 Values handed out are shared with the cache and later requests: like every decoded request,
 they are read, never changed in place (a new dict is made instead: ``{**raw, ...}``). Except in
 one place: resp2chat_io/offload.py empties what a worker thread decoded privately once it is
@@ -55,6 +61,7 @@ so that freeing a million objects does not hold the event loop. So:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -168,6 +175,7 @@ def _lone_surrogate(text: str):
 # --- history decoded once --------------------------------------------------------------------
 
 PREFIX_MIN = 64 << 10  # bytes: smaller bodies decode in ~0.15 ms and are not traced
+DIGEST_STEP = 256 << 10  # bytes: a traced body's digest keeps the hash's state this often (``_Trace.marks``)
 
 
 _SCAN = json.JSONDecoder(parse_constant=_constant, parse_float=_float, strict=True).scan_once
@@ -193,6 +201,34 @@ class _Trace:
     items: tuple  # the decoded items
     ends: tuple  # ends[i]: the offset in ``body`` just past item i
     objects: int = 0  # an upper bound of the JSON objects and arrays its value holds (``OBJECTS``)
+    # its digest (``body_digest``), once asked for: SHA-256 of ``body``, and ``marks``, the hash's
+    # states of its first k * DIGEST_STEP bytes ((offset, state), ...); ``origin``: the marks of
+    # the body it went on from, and how many bytes they share (``_warm``), to start from
+    digest: bytes = b""
+    marks: tuple = ()
+    origin: tuple = ((), 0)
+
+    def take_digest(self) -> bytes:
+        """SHA-256 of ``body``: from the last state of ``origin`` within the bytes shared with
+        the body it went on from, the rest hashed (keeping a state every ``DIGEST_STEP`` bytes)."""
+        if not self.digest:
+            marks_from, at = self.origin
+            kept, h, pos = [], None, 0
+            for off, state in marks_from:
+                if off > at:
+                    break
+                kept.append((off, state))
+                h, pos = state, off
+            h = h.copy() if h is not None else hashlib.sha256()
+            view, step = memoryview(self.body), DIGEST_STEP
+            while pos + step <= len(view):
+                h.update(view[pos:pos + step])
+                pos += step
+                kept.append((pos, h.copy()))
+            h.update(view[pos:])
+            self.marks, self.origin = tuple(kept), ((), 0)
+            self.digest = h.digest()
+        return self.digest
 
     def shared(self, body: bytes) -> int:
         """How many of this body's first items ``body`` holds too, byte for byte at the same
@@ -377,6 +413,14 @@ class Prefixes:
                 self._kept.pop(0)
         return value
 
+    def digest(self, body: bytes) -> bytes | None:
+        """``body_digest`` of a body kept (this very object, as decoded last); None if none is."""
+        with self._lock:
+            for trace in reversed(self._kept):
+                if trace.body is body:
+                    return trace.take_digest()
+        return None
+
     @staticmethod
     def _cold(body: bytes, scan):
         text = body.decode("utf-8")
@@ -408,8 +452,19 @@ class Prefixes:
             raise _Odd
         ascii_ = len(text) == len(body) - at
         trace = _Trace(body, old.head, tuple(items), old.ends[:shared] + tuple(_byte_ends(text, 0, ends, at, ascii_)),
-                       old.objects + text.count("{") + text.count("["))
+                       old.objects + text.count("{") + text.count("["), origin=(old.marks, at))
         return out, trace
 
 
 PREFIXES = Prefixes()  # one per process: a body is decoded before the gateway knows whose it is
+
+
+def body_digest(body: bytes) -> bytes:
+    """SHA-256 of a request body, as bytes: for one the cache decoded (``loads``, just before),
+    only what follows the history it shares with the body before it is hashed (the module's
+    docstring)."""
+    if len(body) >= PREFIX_MIN:
+        found = PREFIXES.digest(body)
+        if found is not None:
+            return found
+    return hashlib.sha256(body).digest()

@@ -191,8 +191,10 @@ class HttpTurns:
         owner = self.upstreams.owner_of(flow)  # (before the client's credentials are left behind below)
         raw = data = None
         try:
-            hit = None if compact else await self._cached(flow, body, owner)  # (the cache keys /v1/responses)
             data = await self.turns.decode(body)
+            # (the cache keys /v1/responses: after the decode, which kept what hashes a long body's
+            # history once: requestbody.body_digest)
+            hit = None if compact else await self._cached(flow, body, owner)
             raw = self.turns.check(data, client)
             note_request(meta, None, raw)
             if compact:
@@ -434,8 +436,8 @@ class HttpTurns:
                 except (ValueError, RecursionError):
                     final = None
             final = final if isinstance(final, dict) and isinstance(final.get("output"), list) else None
-        done = self.turns.replayed(flow, run.turn, final, body, started=run.started, client=run.client,
-                                   turn_id=flow.id)
+        done = self.turns.replayed(flow, run.turn, final, body, recorded=bool(meta.get("server_replay")),
+                                   started=run.started, client=run.client, turn_id=flow.id)
         meta["status"] = done.status
 
 

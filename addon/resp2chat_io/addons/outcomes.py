@@ -23,7 +23,7 @@ from mitmproxy import http
 from resp2chat_core.turn import session_key
 
 from .base import META, RESPONSES_PATHS, fails_closed, log, request_id
-from .turns import SERVER_REPLAY
+from .turns import NOT_RECORDED, SERVER_REPLAY
 
 
 @dataclass(kw_only=True)
@@ -64,7 +64,7 @@ class Outcomes:
         elif not code and done.status == "incomplete" and done.final and done.final.get("incomplete_details"):
             code = done.final["incomplete_details"].get("reason") or ""
         status = done.status
-        if done.upstream == SERVER_REPLAY and done.final is not None:
+        if done.upstream == SERVER_REPLAY and done.code != NOT_RECORDED:  # (answered from a recording)
             status = "replayed"
         if flow.websocket is None:
             self._reported.add(flow.id)

@@ -46,6 +46,7 @@ from resp2chat_core.errors import GatewayError, gateway_failure
 from resp2chat_core.labels import shown
 from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.replay import MAX_ENTRY_BYTES, replay_key
+from resp2chat_core.requestbody import body_digest
 from resp2chat_core.retranslate import lowering_record
 from resp2chat_core.routing import Candidate, candidates
 from resp2chat_core.seal import Sealer
@@ -57,6 +58,7 @@ from resp2chat_io.store import StateUnavailable
 from .base import Owner, log, store_unavailable
 
 SERVER_REPLAY = "server-replay"  # the upstream of a turn answered from a recording (Finished.upstream)
+NOT_RECORDED = "not_recorded"  # the code of a turn offline replay had no recording for
 
 
 def new_response_id() -> str:
@@ -104,7 +106,7 @@ class Finished:
     latency: float | None = None  # seconds from the request to its chat request handed to a backend (None: none was)
     skipped: tuple = ()  # (name, status) of upstreams that failed before it and were fallen back from
     code: str = ""  # the error code when the client's answer is not the translator's (server_error:
-    # the turn failed closed; not_recorded: offline replay had no answer), or a replayed answer's
+    # the turn failed closed; NOT_RECORDED: offline replay had no answer), or a replayed answer's
     exchange: Exchange | None = None  # its upstream work: the candidates, which answered
     client: ClientSpec | None = None  # who called
     turn_id: str = ""  # its id in Turns.in_flight (and the client's open turns: addons/limits.py)
@@ -177,7 +179,7 @@ class Turns(Owner):
         other upstreams or another seal key (an answer holds what it sealed: after a key change,
         or on a replica with another key, the client could not send it back), or from another
         owner, is another answer."""
-        return replay_key(f"{upstreams}\n{self.lowering_repr}\nseal {self.seal_id()}", body, owner)
+        return replay_key(f"{upstreams}\n{self.lowering_repr}\nseal {self.seal_id()}", body_digest(body), owner)
 
     # --- a request, up to its turn ------------------------------------------------------------
 
@@ -353,14 +355,16 @@ class Turns(Owner):
             return
         reader.unland(err.code or "server_error", f"this response was not added to its conversation: {err.message}")
 
-    def replayed(self, flow: http.HTTPFlow, turn: Turn, final: dict | None, answer: bytes, *, started: float,
-                 client: ClientSpec | None, turn_id: str) -> Finished:
-        """A turn answered by offline replay (``--server-replay``), over either transport: its
-        recorded final Response (None: nothing was recorded for it, ``not_recorded``). Its
-        listeners hear of it as of any turn (``ended``): its client's open turn is released,
-        the store keeps a completed answer, metrics and the access log count it ``replayed``."""
-        status = final.get("status", "unfinished") if final else "failed"
-        code = "" if final else "not_recorded"
+    def replayed(self, flow: http.HTTPFlow, turn: Turn, final: dict | None, answer: bytes, *, recorded: bool,
+                 started: float, client: ClientSpec | None, turn_id: str) -> Finished:
+        """A turn answered by offline replay (``--server-replay``), over either transport:
+        ``recorded`` says whether anything was recorded for it (False: ``not_recorded``), ``final``
+        is the recorded final Response (None also when the recording ended before one: its client
+        hung up mid-stream, and the turn is ``unfinished``). Its listeners hear of it as of any
+        turn (``ended``): its client's open turn is released, the store keeps a completed answer,
+        metrics and the access log count a recorded one ``replayed``."""
+        status = final.get("status", "unfinished") if final else "unfinished" if recorded else "failed"
+        code = "" if recorded else NOT_RECORDED
         if final and (final.get("error") or final.get("incomplete_details")):
             code = (final.get("error") or {}).get("code") or (final.get("incomplete_details") or {}).get("reason") or ""
         done = Finished(flow=flow, turn=turn, status=status, response=final, answer=answer,

@@ -48,7 +48,7 @@ from resp2chat_io.relay.upstream import failure
 from .base import META, RESPONSES_PATHS, Owner, RecordText, fails_closed, json_response, log, request_id, show_url
 from .http_turns import UNREAD_MCP
 from .outcomes import Outcome
-from .turns import Finished, TurnRun
+from .turns import NOT_RECORDED, Finished, TurnRun
 RECORD_BUDGET = 64 << 20  # turn records kept on one socket's flow; later turns are noted without their bodies
 MAX_RECORDS = 1024  # turn records kept on one socket's flow; later turns are only counted
 MESSAGE_BUDGET = 16 << 20  # bytes of messages one socket's flow keeps in flow.websocket.messages (the first ones)
@@ -436,28 +436,28 @@ class ResponsesWebSocket(Owner):
         warm-up), if any. False: none, and the turn (or warm-up) is served as usual. A replayed
         turn ends as an HTTP one does (``Turns.replayed``: its listeners hear of it)."""
         turn = m.turn
-        recorded = self.server_replay.events(turn.chat_body, warmup)
-        if recorded is None:
+        events = self.server_replay.events(turn.chat_body, warmup)
+        if events is None:
             extra = ctx.options.server_replay_extra
             if extra != "forward" and not warmup:  # as mitmproxy's server replay does for an unmatched request
                 status = int(extra) if extra.isdigit() else 502
                 self._refuse(live, m, GatewayError("no recorded answer for this request (server replay)",
-                                                   code="not_recorded", status=status, type="server_error"),
+                                                   code=NOT_RECORDED, status=status, type="server_error"),
                              send, server_replay="not recorded")
                 return True
             return False
-        send(ws.messages(recorded))
-        final = ws.final_response(recorded) or {}
+        send(ws.messages(events))
+        final = ws.final_response(events) or {}
         if final.get("status") == "completed":
             live.conn.remember(final["id"], turn.items + final.get("output", []))
         self._record(live, {"responses_request": m.text, "request_id": m.request_id,
                             "chat_request": RecordText(turn.chat_body),
                             "response_id": final.get("id"), "status": final.get("status", "unfinished"),
                             "usage": final.get("usage"), "warmup": warmup, "server_replay": True,
-                            "events": RecordText(recorded)})
+                            "events": RecordText(events)})
         if not warmup:
-            self.turns.replayed(live.flow, turn, final or None, recorded, started=m.started, client=client,
-                                turn_id=turn_id)
+            self.turns.replayed(live.flow, turn, final or None, events, recorded=True, started=m.started,
+                                client=client, turn_id=turn_id)
         return True
 
     def _warmed(self, live: OpenSocket, m: Message, reader: Reader) -> None:
