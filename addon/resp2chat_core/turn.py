@@ -282,6 +282,7 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
         model = raw.get("model")
         opts, *others = route(model if isinstance(model, str) else "")
     asked = raw  # (as the client sent it: the Response echoes this, previous_response_id included)
+    conversations.check_metadata(asked.get("metadata"))  # (echoed: OpenAI's limits, as a conversation's)
     raw, items, summarize = conversation(raw, found, sealer)
     tools = raw.get("tools")
     key = ToolsCache.key(tools, opts) if tools_cache is not None and tools and isinstance(tools, list) else None

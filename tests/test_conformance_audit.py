@@ -1,0 +1,60 @@
+"""A conformance audit of what strict Responses clients see: deviations from OpenAI's API (and the
+Open Responses spec) that the rest of the suite did not catch, each through a real mitmdump with
+a real client (the openai SDK, raw ``requests``, the Responses WebSocket), each failing on the
+code before its fix. The openai SDK's pydantic models are the strict reader here:
+``Response.model_validate`` of what the gateway answers."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+import requests
+from openai.types.responses import Response
+
+from helpers import openai_client
+from wsclient import WSClient
+
+
+@pytest.fixture
+def gw(upstream, gateway_factory):
+    return gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0")
+
+
+# --- metadata: OpenAI's limits, as on a conversation ------------------------------------------------
+
+BAD_METADATA = [
+    {"k": 1},  # (echoed as it came, the SDK's Response rejects it: metadata is Dict[str, str])
+    {f"k{i}": "v" for i in range(17)},
+    {"k" * 65: "v"},
+    {"k": "v" * 513},
+    ["not", "an", "object"],
+]
+
+
+@pytest.mark.parametrize("metadata", BAD_METADATA)
+def test_a_responses_request_with_metadata_past_openais_limits_is_a_400_naming_it(gw, metadata):
+    """OpenAI: at most 16 pairs, string keys up to 64 characters, string values up to 512. The
+    gateway took any object and echoed it in the Response, which a strict client then cannot
+    read (``Response.model_validate``: ``metadata.k: Input should be a valid string``)."""
+    client = openai_client(gw)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model="demo-model", input="hi", metadata=metadata)
+    assert err.value.body["param"] == "metadata" and err.value.body["code"] == "invalid_value", err.value.body
+    # the same over the Responses WebSocket, and for a background response (queued before it runs)
+    ws = WSClient(gw.base_url)
+    try:
+        [error] = ws.turn({"type": "response.create", "model": "demo-model", "input": "hi", "metadata": metadata})
+    finally:
+        ws.close()
+    assert error["type"] == "error" and error["error"]["param"] == "metadata", error
+    r = requests.post(f"{gw.base_url}/responses", timeout=30,
+                      json={"model": "demo-model", "input": "hi", "background": True, "metadata": metadata})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "metadata", r.text
+
+
+def test_metadata_at_openais_limits_is_taken_and_echoed(gw):
+    client = openai_client(gw)
+    metadata = {f"{i:064d}": "v" * 512 for i in range(16)}
+    response = client.responses.create(model="demo-model", input="hi", metadata=metadata)
+    assert response.metadata == metadata
+    Response.model_validate(client.responses.retrieve(response.id).model_dump())
