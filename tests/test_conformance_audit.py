@@ -58,3 +58,50 @@ def test_metadata_at_openais_limits_is_taken_and_echoed(gw):
     response = client.responses.create(model="demo-model", input="hi", metadata=metadata)
     assert response.metadata == metadata
     Response.model_validate(client.responses.retrieve(response.id).model_dump())
+
+
+# --- GET /v1/responses/{id}: its include, as an item list's ----------------------------------------
+
+ENCRYPTED = "reasoning.encrypted_content"
+
+
+def reasoning_of(response) -> dict:
+    (item,) = [i for i in response["output"] if i["type"] == "reasoning"]
+    return item
+
+
+@pytest.mark.parametrize("created_with", [[], [ENCRYPTED]])
+def test_get_shows_encrypted_reasoning_as_its_include_says(gw, upstream, created_with):
+    """``GET /v1/responses/{id}?include[]=reasoning.encrypted_content`` (the SDK's
+    ``responses.retrieve(id, include=[…])``) shows each reasoning item's ``encrypted_content``;
+    without it, none, whatever the creating request asked (as ``input_items`` and a conversation's
+    items already did). The gateway ignored the GET's include: the stored item as it was, and a
+    value the API does not define went unrefused."""
+    client = openai_client(gw)
+    created = client.responses.create(model="demo-model", input="my name is Ada", include=created_with)
+    assert ("encrypted_content" in reasoning_of(created.model_dump(exclude_none=True))) == bool(created_with)
+    plain = requests.get(f"{gw.base_url}/responses/{created.id}", timeout=30).json()
+    assert "encrypted_content" not in reasoning_of(plain)
+    for query in ("include[]=" + ENCRYPTED, "include=" + ENCRYPTED):
+        shown = requests.get(f"{gw.base_url}/responses/{created.id}?{query}", timeout=30).json()
+        assert reasoning_of(shown)["encrypted_content"].startswith("r2c1.")
+        assert {k: v for k, v in shown.items() if k != "output"} == {k: v for k, v in plain.items() if k != "output"}
+    retrieved = client.responses.retrieve(created.id, include=[ENCRYPTED])
+    Response.model_validate(retrieved.model_dump())
+    # the sealed reasoning is what the gateway reads back: a stateless turn that returns it
+    upstream.clear()
+    item = reasoning_of(retrieved.model_dump(exclude_none=True))
+    client.responses.create(model="demo-model", store=False, include=[ENCRYPTED],
+                            input=[{"role": "user", "content": "my name is Ada"},
+                                   {k: v for k, v in item.items() if k != "content"},
+                                   {"role": "user", "content": "what is it?"}])
+    (sent,) = upstream.requests()
+    assert any("Thinking about: my name is Ada" in str(m.get("reasoning_content") or m.get("content"))
+               for m in sent["messages"] if m["role"] == "assistant"), sent["messages"]
+
+
+def test_get_with_an_include_the_api_does_not_define_is_a_400_naming_it(gw):
+    client = openai_client(gw)
+    created = client.responses.create(model="demo-model", input="hi")
+    r = requests.get(f"{gw.base_url}/responses/{created.id}?include=bogus", timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "include", r.text

@@ -1,4 +1,5 @@
-"""Stored responses: ``previous_response_id``, ``item_reference`` and ``GET``/``DELETE /v1/responses/{id}``.
+"""Stored responses: ``previous_response_id``, ``item_reference`` and ``GET``/``DELETE /v1/responses/{id}``
+(a GET's ``include`` decides what its output items show, as an item list's: listing.py ``as_listed``).
 
 Owns the store settings (``session_ttl_hours``, ``max_sessions``, ``max_session_memory_mb``,
 ``session_store_dir``, ``state_store_url``); keeps each completed turn whose request did not say
@@ -201,6 +202,7 @@ class StoredResponses(Owner):
             return await self.background.resume(flow, response_id, owner)
         with refused_on_failure(flow, f"{method} {path}"):
             page = listing.page_query(flow.request.query) if found[1] == "/{id}/input_items" else None
+            include = listing.include_query(flow.request.query) if found[1] == "/{id}" and method == "GET" else None
             entry = await self.get(response_id, owner)
             if entry is not None and method == "DELETE":
                 await self.store.delete(response_id, owner=owner)
@@ -212,7 +214,9 @@ class StoredResponses(Owner):
         elif page is not None:
             flow.response = self.input_items(flow, entry, page, self.sealer)
         elif method == "GET":
-            flow.response = json_response(200, await self.seen(response_id, entry, owner))
+            response = await self.seen(response_id, entry, owner)
+            output = [listing.as_listed(item, include, self.sealer) for item in response.get("output") or ()]
+            flow.response = json_response(200, {**response, "output": output})
         else:
             flow.response = json_response(200, {"id": response_id, "object": "response", "deleted": True})
 
