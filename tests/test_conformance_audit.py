@@ -105,3 +105,28 @@ def test_get_with_an_include_the_api_does_not_define_is_a_400_naming_it(gw):
     created = client.responses.create(model="demo-model", input="hi")
     r = requests.get(f"{gw.base_url}/responses/{created.id}?include=bogus", timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "include", r.text
+
+
+# --- a missing required field: OpenAI's code -------------------------------------------------------
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"input": "hi"}, "model"),
+    ({"model": "demo-model"}, "input"),
+    ({"model": "demo-model", "input": [{"type": "function_call_output", "output": "x"}]}, "input[0].call_id"),
+])
+def test_a_missing_required_field_is_missing_required_parameter_on_every_transport(gw, body, param):
+    """OpenAI answers a request that lacks a required field with ``code:
+    "missing_required_parameter"`` (as this gateway's own /v1/responses/compact already did);
+    POST /v1/responses and the WebSocket said ``invalid_value``."""
+    r = requests.post(f"{gw.base_url}/responses", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert (r.json()["error"]["param"], r.json()["error"]["code"]) == (param, "missing_required_parameter"), r.text
+    ws = WSClient(gw.base_url)
+    try:
+        [error] = ws.turn({"type": "response.create", **body})
+    finally:
+        ws.close()
+    assert (error["error"]["param"], error["error"]["code"]) == (param, "missing_required_parameter"), error
+    r = requests.post(f"{gw.base_url}/responses/input_tokens", json=body, timeout=30)
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "missing_required_parameter"), r.text
