@@ -6,12 +6,16 @@ code before its fix. The openai SDK's pydantic models are the strict reader here
 
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 import requests
 from openai.types.responses import Response
 
-from helpers import openai_client
+from helpers import DONE, chat_event, check_stream, openai_client
+from resp2chat_core.lowering import LoweringOptions
+from resp2chat_core.turn import begin_turn
 from wsclient import WSClient
 
 
@@ -130,3 +134,46 @@ def test_a_missing_required_field_is_missing_required_parameter_on_every_transpo
     assert (error["error"]["param"], error["error"]["code"]) == (param, "missing_required_parameter"), error
     r = requests.post(f"{gw.base_url}/responses/input_tokens", json=body, timeout=30)
     assert (r.status_code, r.json()["error"]["code"]) == (400, "missing_required_parameter"), r.text
+
+
+# --- an incomplete response: the item the model was writing is incomplete ---------------------------
+
+WEATHER_TOOLS = [{"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}},
+                 {"type": "function", "name": "f2", "parameters": {"type": "object", "properties": {}}}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_last_item_of_an_incomplete_response_is_incomplete(gw, stream):
+    """Open Responses, "Items are state machines": ``incomplete``: the model exhausted its token
+    budget while emitting this item; it MUST be the last item, in an ``incomplete`` response.
+    The gateway closed the item cut short ``completed``: a client could not tell a message cut
+    at max_output_tokens from a whole one by its item. The items before it are completed."""
+    client = openai_client(gw)
+    response = client.responses.create(model="demo-model", input="words: 50", max_output_tokens=16, stream=stream)
+    if stream:
+        events = list(response)
+        done = [e.item for e in events if e.type == "response.output_item.done"]
+        response = events[-1].response
+        assert [i.model_dump() for i in done] == [i.model_dump() for i in response.output]
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    *before, last = response.output
+    assert (last.type, last.status) == ("message", "incomplete")
+    assert all(getattr(i, "status", None) in (None, "completed") for i in before)
+
+
+def test_parallel_calls_cut_short_only_the_last_is_incomplete():
+    """The core: of two calls the budget ran out in, the second (the one being written) is
+    incomplete; a completed turn's are completed, byte for byte as before."""
+    def final(finish: str) -> dict:
+        body = {"model": "m", "input": "hi", "tools": WEATHER_TOOLS}
+        t = begin_turn(json.dumps(body).encode(), LoweringOptions(), "resp_x", 100)
+        tr = t.translator()
+        calls = chat_event({"tool_calls": [{"index": 0, "id": "c1", "type": "function",
+                                             "function": {"name": "get_weather", "arguments": "{}"}}]})
+        calls += chat_event({"tool_calls": [{"index": 1, "id": "c2", "type": "function",
+                                              "function": {"name": "f2", "arguments": '{"a": '}}]})
+        out = tr.accepted() + tr.feed(calls + chat_event(finish=finish) + DONE) + tr.finish()
+        return check_stream(out, "resp_x")[-1]["response"]
+
+    assert [i["status"] for i in final("length")["output"]] == ["completed", "incomplete"]
+    assert [i["status"] for i in final("tool_calls")["output"]] == ["completed", "completed"]
