@@ -177,3 +177,48 @@ def test_parallel_calls_cut_short_only_the_last_is_incomplete():
 
     assert [i["status"] for i in final("length")["output"]] == ["completed", "incomplete"]
     assert [i["status"] for i in final("tool_calls")["output"]] == ["completed", "completed"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_incomplete_response_is_stored_and_continues(gw, upstream, stream):
+    """OpenAI stores every response a request did not say ``store: false`` of: an incomplete
+    one is retrieved and continued (``previous_response_id``: how a client goes on after
+    max_output_tokens). The gateway stored only completed ones: a GET was a 404, the
+    continuation ``previous_response_not_found``."""
+    client = openai_client(gw)
+    response = client.responses.create(model="demo-model", input="words: 50", max_output_tokens=16, stream=stream)
+    if stream:
+        response = list(response)[-1].response
+    assert response.status == "incomplete"
+    stored = client.responses.retrieve(response.id)
+    assert stored.model_dump() == response.model_dump()
+    assert [i.id for i in client.responses.input_items.list(response.id).data] != []
+    upstream.clear()
+    later = client.responses.create(model="demo-model", previous_response_id=response.id, input="go on")
+    assert later.status == "completed"
+    (sent,) = upstream.requests()
+    partial = response.output[-1].content[0].text
+    assert [m["content"] for m in sent["messages"] if m["role"] == "assistant"][-1] == partial
+    # (store: false still keeps nothing)
+    unstored = client.responses.create(model="demo-model", input="words: 50", max_output_tokens=16, store=False)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+
+
+def test_an_incomplete_response_continues_on_its_websocket_unstored(gw, upstream):
+    """The WebSocket's own memory of its responses (``store: false``, as Codex sends them) keeps
+    an incomplete one too: the next turn goes on from it, as from a completed one."""
+    ws = WSClient(gw.base_url)
+    try:
+        first = ws.turn({"type": "response.create", "model": "demo-model", "input": "words: 50",
+                         "max_output_tokens": 16, "store": False})[-1]
+        assert first["type"] == "response.incomplete", first
+        upstream.clear()
+        later = ws.turn({"type": "response.create", "model": "demo-model", "input": "go on", "store": False,
+                         "previous_response_id": first["response"]["id"]})[-1]
+    finally:
+        ws.close()
+    assert later["type"] == "response.completed", later
+    (sent,) = upstream.requests()
+    partial = first["response"]["output"][-1]["content"][0]["text"]
+    assert [m["content"] for m in sent["messages"] if m["role"] == "assistant"][-1] == partial

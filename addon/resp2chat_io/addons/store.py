@@ -2,8 +2,8 @@
 (a GET's ``include`` decides what its output items show, as an item list's: listing.py ``as_listed``).
 
 Owns the store settings (``session_ttl_hours``, ``max_sessions``, ``max_session_memory_mb``,
-``session_store_dir``, ``state_store_url``); keeps each completed turn whose request did not say
-``store: false`` (a ``finished`` listener of turns.py, and cache hits via ``put``).
+``session_store_dir``, ``state_store_url``); keeps each completed or incomplete turn whose request
+did not say ``store: false`` (a ``finished`` listener of turns.py, and cache hits via ``put``).
 
 ``state_store_url`` empty: the store lives in this process (resp2chat_io/store.py
 ``ResponseStore``). A ``redis://`` URL: it lives in Redis, shared by every replica
@@ -31,6 +31,7 @@ from mitmproxy import http
 from resp2chat_core import background as B, conversations, gate as G, listing
 from resp2chat_core.errors import GatewayError
 from resp2chat_core.labels import shown
+from resp2chat_core.response import CONTINUABLE
 from resp2chat_core.turn import Found
 from resp2chat_io.limit_state import LimitState, LocalLimits, RedisLimits
 from resp2chat_io.redis_state import RedisReplayCache, RedisResponseStore, RedisState, describe
@@ -147,7 +148,7 @@ class StoredResponses(Owner):
 
     def finished(self, done) -> None:
         turn = done.turn
-        if done.status == "completed" and turn.store and not turn.background:  # (the final's id: a replayed
+        if done.status in CONTINUABLE and turn.store and not turn.background:  # (the final's id: a replayed
             # answer keeps its own; a background response is stored by addons/background.py, as it ended)
             self.put(done.final["id"], turn.items + done.final["output"], done.final, owner=turn.owner)
         if done.status == "completed" and turn.conversation is not None and not done.landed:  # its new items join
