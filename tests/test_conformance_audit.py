@@ -116,7 +116,6 @@ def test_get_with_an_include_the_api_does_not_define_is_a_400_naming_it(gw):
 
 @pytest.mark.parametrize("body,param", [
     ({"input": "hi"}, "model"),
-    ({"model": "demo-model"}, "input"),
     ({"model": "demo-model", "input": [{"type": "function_call_output", "output": "x"}]}, "input[0].call_id"),
 ])
 def test_a_missing_required_field_is_missing_required_parameter_on_every_transport(gw, body, param):
@@ -222,3 +221,36 @@ def test_an_incomplete_response_continues_on_its_websocket_unstored(gw, upstream
     (sent,) = upstream.requests()
     partial = first["response"]["output"][-1]["content"][0]["text"]
     assert [m["content"] for m in sent["messages"] if m["role"] == "assistant"][-1] == partial
+
+
+# --- input is optional ---------------------------------------------------------------------------
+
+
+def test_a_request_without_input_goes_on_from_what_it_names(gw, upstream):
+    """``input`` is optional in the API (the openai SDK's and the Open Responses spec's
+    CreateResponseBody): a request may continue a previous response (after max_output_tokens:
+    "go on", with nothing new), a conversation, or give only instructions. The gateway said
+    ``input: Field required``."""
+    client = openai_client(gw)
+    cut = client.responses.create(model="demo-model", input="words: 50", max_output_tokens=16)
+    upstream.clear()
+    on = client.responses.create(model="demo-model", previous_response_id=cut.id)
+    assert on.status == "completed"
+    (sent,) = upstream.requests()
+    assert [m["role"] for m in sent["messages"]][-2:] == ["user", "assistant"]  # (the history, nothing new)
+    assert [i.id for i in client.responses.input_items.list(on.id, order="asc").data][-1] == cut.output[-1].id
+    only = client.responses.create(model="demo-model", instructions="Say hello.", input=None)
+    assert only.status == "completed" and only.instructions == "Say hello."
+    conv = client.conversations.create(items=[{"role": "user", "content": "my name is Ada"}])
+    in_conv = client.responses.create(model="demo-model", conversation=conv.id)
+    assert in_conv.output_text == "You said: my name is Ada"
+    assert client.responses.input_tokens.count(model="demo-model", previous_response_id=cut.id).input_tokens > 0
+    ws = WSClient(gw.base_url)
+    try:
+        last = ws.turn({"type": "response.create", "model": "demo-model", "previous_response_id": cut.id})[-1]
+    finally:
+        ws.close()
+    assert last["type"] == "response.completed", last
+    # nothing at all is still a 400 naming input
+    r = requests.post(f"{gw.base_url}/responses", json={"model": "demo-model"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input", r.text
