@@ -15,7 +15,8 @@ Rules of this file:
   (turn.py). That write lands before the client can see the turn's end, on any transport: the
   turn's ``Landing`` reader holds its terminal event until then (addons/turns.py ``Turns.land``),
   and a write that fails ends the turn ``failed`` instead (``Landing.unland``).
-- ``metadata``: at most 16 string pairs, keys up to 64 characters, values up to 512 (OpenAI's).
+- ``metadata``: at most 16 string pairs, keys up to 64 characters, values up to 512 (OpenAI's),
+  a conversation's and a Responses request's alike (``check_metadata``: turn.py asks it too).
 """
 
 from __future__ import annotations

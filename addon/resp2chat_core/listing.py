@@ -1,5 +1,6 @@
 """Items as the API lists them: ``GET /v1/responses/{id}/input_items`` and the Conversations API's
-items (conversations.py), with OpenAI's list shape and cursor pagination.
+items (conversations.py), with OpenAI's list shape and cursor pagination; and the output items of
+a stored response as ``GET /v1/responses/{id}`` shows them (its ``include``, the same rules).
 
 Rules of this file:
 - Sans-I/O and pure: the stores hand in the items, this file decides what a page of them is.
@@ -44,12 +45,28 @@ class Page:
     include: frozenset = frozenset()
 
 
+def _get_all(query):
+    return query.get_all if hasattr(query, "get_all") else (lambda k: list(query.get(k) or ()))
+
+
+def include_query(query) -> frozenset:
+    """A request's ``include`` (``include=a,b``, ``include=a&include=b`` or ``include[]=a``):
+    what items show beyond the default (``as_listed``); ``GatewayError`` names a value the API
+    does not define. ``query`` as ``page_query`` takes it."""
+    get_all = _get_all(query)
+    include = [v for value in get_all("include") + get_all("include[]") for v in value.split(",") if v]
+    for value in include:
+        if value not in INCLUDES:
+            raise GatewayError(f"include: {value[:100]!r} is not one of {', '.join(sorted(INCLUDES))}",
+                               param="include", code="invalid_value")
+    return frozenset(include)
+
+
 def page_query(query) -> Page:
     """A list request's query (``query.get(name)``, ``query.get_all(name)``: mitmproxy's
     ``MultiDictView`` or a dict of lists) as a ``Page``; ``GatewayError`` names a bad value."""
-    get_all = query.get_all if hasattr(query, "get_all") else (lambda k: list(query.get(k) or ()))
+    get_all = _get_all(query)
     one = {k: (get_all(k) or [None])[-1] for k in ("after", "limit", "order")}
-    include = [v for value in get_all("include") + get_all("include[]") for v in value.split(",") if v]
     limit = DEFAULT_LIMIT
     if one["limit"] is not None:
         if not one["limit"].isdigit() or not 1 <= int(one["limit"]) <= MAX_LIMIT:
@@ -58,11 +75,7 @@ def page_query(query) -> Page:
     order = one["order"] if one["order"] is not None else "desc"
     if order not in ORDERS:
         raise GatewayError("order: asc or desc", param="order", code="invalid_value")
-    for value in include:
-        if value not in INCLUDES:
-            raise GatewayError(f"include: {value[:100]!r} is not one of {', '.join(sorted(INCLUDES))}",
-                               param="include", code="invalid_value")
-    return Page(one["after"] or None, limit, order, frozenset(include))
+    return Page(one["after"] or None, limit, order, include_query(query))
 
 
 def with_ids(items: list, make_id) -> list:

@@ -540,7 +540,7 @@ def _approval_request(items: list, i: int, request_id: str) -> McpApprovalReques
 def _call_id(item, where: str) -> str:
     cid = getattr(item, "call_id", None) or getattr(item, "id", None)
     if not cid:
-        raise GatewayError(f"{where}.call_id: required", param=f"{where}.call_id", code="invalid_value")
+        raise GatewayError(f"{where}.call_id: required", param=f"{where}.call_id", code="missing_required_parameter")
     return cid
 
 

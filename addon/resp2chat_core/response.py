@@ -49,6 +49,9 @@ DEFAULT_TEMPERATURE = 1.0  # the API's documented defaults, shown when neither t
 DEFAULT_TOP_P = 1.0  # parameters say (the backend then samples with its own defaults, which it does not report)
 DEFAULT_PENALTY = 0.0
 DEFAULT_SERVICE_TIER = "default"
+# how a response ended that is kept to go on from (the store, a WebSocket's memory): an incomplete one
+# too, as OpenAI keeps it (a client continues after max_output_tokens with previous_response_id)
+CONTINUABLE = ("completed", "incomplete")
 
 
 def _number(value) -> bool:

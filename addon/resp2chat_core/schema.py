@@ -523,7 +523,7 @@ def _to_gateway_error(exc: ValidationError, data: dict, places: list[int] | None
     # Prefer the deepest location: it is the one that names the actual bad field.
     err = max(errors, key=lambda e: len(e["loc"]))
     param = _param(err["loc"])
-    code = "invalid_value"
+    code = "missing_required_parameter" if err["type"] == "missing" else "invalid_value"  # (OpenAI's codes)
     bound, value = _BOUNDS.get(err["type"]), err.get("input")
     if bound and value.__class__ in (int, float):  # the API's codes for a number out of its range
         code = f"{'integer' if value.__class__ is int else 'decimal'}_{bound}"

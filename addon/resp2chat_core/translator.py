@@ -47,7 +47,8 @@ normalized deltas. What they become is decided here:
 - Tool calls: one item per call key; arguments that come before the call's name are held until
   it comes; arguments are normalized once, at the end (``_function_arguments``).
 - Endings: ``[DONE]``; or a finish_reason and then the end of the body (no ``[DONE]``: Ollama
-  forks, some proxies); ``length``/``max_tokens``/``model_length`` -> ``response.incomplete``;
+  forks, some proxies); ``length``/``max_tokens``/``model_length`` -> ``response.incomplete``
+  (the item the model was writing closes ``incomplete``: the spec's item states);
   ``error``/``abort``/``insufficient_system_resource`` -> ``response.failed``. Neither a
   finish_reason nor ``[DONE]`` before the body ends -> ``response.failed`` (cut short).
 - Errors in a 200 stream (an error object, an error body served as ``text/event-stream``) ->
@@ -501,7 +502,7 @@ class Translator:
         if reason in _FAILED_REASONS:
             self._fail("server_error", f"upstream stopped generating: finish_reason {reason!r}")
             return
-        self._close_open()
+        self._close_open("incomplete" if reason in _INCOMPLETE_REASONS else "completed")
         self.finish_reason = reason
         self.phase = _PHASES[(self.phase, "finish_reason")]
 
@@ -569,11 +570,11 @@ class Translator:
         self._start()
         if self._think is not None:
             self._think_pieces(self._think.flush())
-        self._close_open()
+        reason = _INCOMPLETE_REASONS.get(self.finish_reason or "")
+        self._close_open("incomplete" if reason else "completed")
         self._ws = ""
         if self.observer is not None:
             self.observer("end", "\n")
-        reason = _INCOMPLETE_REASONS.get(self.finish_reason or "")
         if reason:
             self._emit_response("response.incomplete", "incomplete", {"reason": reason})
         else:
@@ -694,7 +695,11 @@ class Translator:
             self._emit("response.content_part.added", item_id=self._item_id, output_index=self._item_index,
                        content_index=0, part={"type": "reasoning_text", "text": ""})
 
-    def _close_open(self) -> None:
+    def _close_open(self, status: str = "completed") -> None:
+        """Close the open item(s). ``status``: the last one's (``incomplete`` when the response
+        is: the item the model was writing when it stopped; the spec: an incomplete item is the
+        last one, in an incomplete response); an item before it is ``completed``. A reasoning
+        item carries no status."""
         kind, self.open = self.open, Kind.NONE
         if kind is Kind.TEXT:
             text = "".join(self._text)
@@ -703,7 +708,7 @@ class Translator:
             ids = {"item_id": self._item_id, "output_index": self._item_index}
             self._emit("response.output_text.done", **ids, content_index=0, text=text, logprobs=lp)
             self._emit("response.content_part.done", **ids, content_index=0, part=part)
-            self._item_done({"id": self._item_id, "type": "message", "status": "completed",
+            self._item_done({"id": self._item_id, "type": "message", "status": status,
                              "role": "assistant", "content": [part]})
         elif kind is Kind.REASONING:
             text = "".join(self._text)
@@ -723,8 +728,9 @@ class Translator:
                 item["encrypted_content"] = self.ctx.sealer.seal(REASONING_PURPOSE, text)
             self._item_done(item)
         elif kind is Kind.TOOL:
+            last = self._tool_list[-1] if self._tool_list else None
             for tool in self._tool_list:  # allocated in output order
-                self._close_tool(tool)
+                self._close_tool(tool, status if tool is last else "completed")
             self._tools.clear()
             self._tool_list.clear()
             self._tool_wait.clear()
@@ -785,13 +791,13 @@ class Translator:
                 if self.merge:
                     self._open_run(tool.item_id, text, len(_dumps_str(text)), 3)
 
-    def _close_tool(self, tool: _Tool) -> None:
+    def _close_tool(self, tool: _Tool, status: str = "completed") -> None:
         raw = "".join(tool.args)
         ids = {"item_id": tool.item_id, "output_index": tool.output_index}
         if tool.kind == "function":
             args = _function_arguments(raw)
             self._emit("response.function_call_arguments.done", **ids, name=tool.name, arguments=args)
-            item = self._tool_item(tool, "completed", args)
+            item = self._tool_item(tool, status, args)
         elif tool.kind == "custom":
             value = _decode_custom_input(raw)
             sent = "".join(tool.streamed)
@@ -801,9 +807,9 @@ class Translator:
                 if self._run is None or not self._joins(tool.item_id, rest):
                     self._emit("response.custom_tool_call_input.delta", **ids, delta=rest)
             self._emit("response.custom_tool_call_input.done", **ids, input=value)
-            item = self._tool_item(tool, "completed", value)
+            item = self._tool_item(tool, status, value)
         else:
-            item = self._tool_item(tool, "completed", raw)
+            item = self._tool_item(tool, status, raw)
         self._item_done(item, tool.output_index)
 
     def _tool_item(self, tool: _Tool, status: str, payload: str) -> dict:

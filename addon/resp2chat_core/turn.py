@@ -226,13 +226,17 @@ def conversation(raw: dict, found: Found, sealer: Sealer | None = None) -> tuple
     front, references resolved, sealed reasoning opened, ``additional_tools`` merged
     (inputs.py), and Codex's remote compaction read (compaction.py: a trailing
     ``compaction_trigger``; the sealed summaries Codex keeps opened for lowering). Returns
-    ``(raw for lowering, the conversation as input items, is a compaction request)``; the items
-    are None when the request has no input list. ``GatewayError`` for a reference, a sealed item
+    ``(raw for lowering, the conversation as input items, is a compaction request)``; no
+    ``input`` is none (``[]``), and the items are None when ``input`` is neither a string nor a
+    list (validation names it). ``GatewayError`` for a reference, a sealed item
     or a previous response that cannot be used."""
     previous, _ = wanted(raw)
     named = conversations.named(raw)
     items = raw.get("input")
-    if isinstance(items, str):
+    if items is None:  # (optional, as in the API: the request goes on from what it names, or its instructions)
+        items = []
+        raw = {**raw, "input": items}
+    elif isinstance(items, str):
         items = [{"role": "user", "content": items}]
     if not isinstance(items, list):
         return raw, None, False
@@ -282,6 +286,7 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
         model = raw.get("model")
         opts, *others = route(model if isinstance(model, str) else "")
     asked = raw  # (as the client sent it: the Response echoes this, previous_response_id included)
+    conversations.check_metadata(asked.get("metadata"))  # (echoed: OpenAI's limits, as a conversation's)
     raw, items, summarize = conversation(raw, found, sealer)
     tools = raw.get("tools")
     key = ToolsCache.key(tools, opts) if tools_cache is not None and tools and isinstance(tools, list) else None

@@ -221,8 +221,10 @@ def final_response(sse: bytes) -> dict | None:
 
 
 def input_items(body: dict) -> list | None:
-    """A request's ``input`` as items (a string is one user message, as in begin_turn)."""
+    """A request's ``input`` as items (a string is one user message, none is none: as in begin_turn)."""
     items = body.get("input")
+    if items is None:
+        return []
     if isinstance(items, str):
         return [{"role": "user", "content": items}]
     return items if isinstance(items, list) else None

@@ -1,8 +1,9 @@
-"""Stored responses: ``previous_response_id``, ``item_reference`` and ``GET``/``DELETE /v1/responses/{id}``.
+"""Stored responses: ``previous_response_id``, ``item_reference`` and ``GET``/``DELETE /v1/responses/{id}``
+(a GET's ``include`` decides what its output items show, as an item list's: listing.py ``as_listed``).
 
 Owns the store settings (``session_ttl_hours``, ``max_sessions``, ``max_session_memory_mb``,
-``session_store_dir``, ``state_store_url``); keeps each completed turn whose request did not say
-``store: false`` (a ``finished`` listener of turns.py, and cache hits via ``put``).
+``session_store_dir``, ``state_store_url``); keeps each completed or incomplete turn whose request
+did not say ``store: false`` (a ``finished`` listener of turns.py, and cache hits via ``put``).
 
 ``state_store_url`` empty: the store lives in this process (resp2chat_io/store.py
 ``ResponseStore``). A ``redis://`` URL: it lives in Redis, shared by every replica
@@ -30,6 +31,7 @@ from mitmproxy import http
 from resp2chat_core import background as B, conversations, gate as G, listing
 from resp2chat_core.errors import GatewayError
 from resp2chat_core.labels import shown
+from resp2chat_core.response import CONTINUABLE
 from resp2chat_core.turn import Found
 from resp2chat_io.limit_state import LimitState, LocalLimits, RedisLimits
 from resp2chat_io.redis_state import RedisReplayCache, RedisResponseStore, RedisState, describe
@@ -146,7 +148,7 @@ class StoredResponses(Owner):
 
     def finished(self, done) -> None:
         turn = done.turn
-        if done.status == "completed" and turn.store and not turn.background:  # (the final's id: a replayed
+        if done.status in CONTINUABLE and turn.store and not turn.background:  # (the final's id: a replayed
             # answer keeps its own; a background response is stored by addons/background.py, as it ended)
             self.put(done.final["id"], turn.items + done.final["output"], done.final, owner=turn.owner)
         if done.status == "completed" and turn.conversation is not None and not done.landed:  # its new items join
@@ -201,6 +203,7 @@ class StoredResponses(Owner):
             return await self.background.resume(flow, response_id, owner)
         with refused_on_failure(flow, f"{method} {path}"):
             page = listing.page_query(flow.request.query) if found[1] == "/{id}/input_items" else None
+            include = listing.include_query(flow.request.query) if found[1] == "/{id}" and method == "GET" else None
             entry = await self.get(response_id, owner)
             if entry is not None and method == "DELETE":
                 await self.store.delete(response_id, owner=owner)
@@ -212,7 +215,9 @@ class StoredResponses(Owner):
         elif page is not None:
             flow.response = self.input_items(flow, entry, page, self.sealer)
         elif method == "GET":
-            flow.response = json_response(200, await self.seen(response_id, entry, owner))
+            response = await self.seen(response_id, entry, owner)
+            output = [listing.as_listed(item, include, self.sealer) for item in response.get("output") or ()]
+            flow.response = json_response(200, {**response, "output": output})
         else:
             flow.response = json_response(200, {"id": response_id, "object": "response", "deleted": True})
 

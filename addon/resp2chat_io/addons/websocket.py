@@ -39,6 +39,7 @@ from resp2chat_core.channel import Reader
 from resp2chat_core.errors import GatewayError, gateway_failure
 from resp2chat_core.labels import shown
 from resp2chat_core.replay import MAX_ENTRY_BYTES
+from resp2chat_core.response import CONTINUABLE
 from resp2chat_core.turn import Turn, session_key
 from resp2chat_core.usage import usage_note
 from resp2chat_io import mitm_websocket, offload
@@ -383,7 +384,7 @@ class ResponsesWebSocket(Owner):
             return  # the socket ended meanwhile: websocket_end recorded the turn
         out(run.reader.finish())
         done = self._finish(live, m)
-        if done.status == "completed":
+        if done.status in CONTINUABLE:
             live.conn.remember(turn.ctx.response_id, turn.items + run.reader.translator.output)
         elif done.status == "failed" and create.previous is not None:
             live.conn.forget(create.previous)  # (as a refused continuation: ws.Connection.forget)
@@ -448,7 +449,7 @@ class ResponsesWebSocket(Owner):
             return False
         send(ws.messages(events))
         final = ws.final_response(events) or {}
-        if final.get("status") == "completed":
+        if final.get("status") in CONTINUABLE:
             live.conn.remember(final["id"], turn.items + final.get("output", []))
         self._record(live, {"responses_request": m.text, "request_id": m.request_id,
                             "chat_request": RecordText(turn.chat_body),

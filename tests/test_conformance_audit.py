@@ -1,0 +1,256 @@
+"""A conformance audit of what strict Responses clients see: deviations from OpenAI's API (and the
+Open Responses spec) that the rest of the suite did not catch, each through a real mitmdump with
+a real client (the openai SDK, raw ``requests``, the Responses WebSocket), each failing on the
+code before its fix. The openai SDK's pydantic models are the strict reader here:
+``Response.model_validate`` of what the gateway answers."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+import requests
+from openai.types.responses import Response
+
+from helpers import DONE, chat_event, check_stream, openai_client
+from resp2chat_core.lowering import LoweringOptions
+from resp2chat_core.turn import begin_turn
+from wsclient import WSClient
+
+
+@pytest.fixture
+def gw(upstream, gateway_factory):
+    return gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0")
+
+
+# --- metadata: OpenAI's limits, as on a conversation ------------------------------------------------
+
+BAD_METADATA = [
+    {"k": 1},  # (echoed as it came, the SDK's Response rejects it: metadata is Dict[str, str])
+    {f"k{i}": "v" for i in range(17)},
+    {"k" * 65: "v"},
+    {"k": "v" * 513},
+    ["not", "an", "object"],
+]
+
+
+@pytest.mark.parametrize("metadata", BAD_METADATA)
+def test_a_responses_request_with_metadata_past_openais_limits_is_a_400_naming_it(gw, metadata):
+    """OpenAI: at most 16 pairs, string keys up to 64 characters, string values up to 512. The
+    gateway took any object and echoed it in the Response, which a strict client then cannot
+    read (``Response.model_validate``: ``metadata.k: Input should be a valid string``)."""
+    client = openai_client(gw)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model="demo-model", input="hi", metadata=metadata)
+    assert err.value.body["param"] == "metadata" and err.value.body["code"] == "invalid_value", err.value.body
+    # the same over the Responses WebSocket, and for a background response (queued before it runs)
+    ws = WSClient(gw.base_url)
+    try:
+        [error] = ws.turn({"type": "response.create", "model": "demo-model", "input": "hi", "metadata": metadata})
+    finally:
+        ws.close()
+    assert error["type"] == "error" and error["error"]["param"] == "metadata", error
+    r = requests.post(f"{gw.base_url}/responses", timeout=30,
+                      json={"model": "demo-model", "input": "hi", "background": True, "metadata": metadata})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "metadata", r.text
+
+
+def test_metadata_at_openais_limits_is_taken_and_echoed(gw):
+    client = openai_client(gw)
+    metadata = {f"{i:064d}": "v" * 512 for i in range(16)}
+    response = client.responses.create(model="demo-model", input="hi", metadata=metadata)
+    assert response.metadata == metadata
+    Response.model_validate(client.responses.retrieve(response.id).model_dump())
+
+
+# --- GET /v1/responses/{id}: its include, as an item list's ----------------------------------------
+
+ENCRYPTED = "reasoning.encrypted_content"
+
+
+def reasoning_of(response) -> dict:
+    (item,) = [i for i in response["output"] if i["type"] == "reasoning"]
+    return item
+
+
+@pytest.mark.parametrize("created_with", [[], [ENCRYPTED]])
+def test_get_shows_encrypted_reasoning_as_its_include_says(gw, upstream, created_with):
+    """``GET /v1/responses/{id}?include[]=reasoning.encrypted_content`` (the SDK's
+    ``responses.retrieve(id, include=[…])``) shows each reasoning item's ``encrypted_content``;
+    without it, none, whatever the creating request asked (as ``input_items`` and a conversation's
+    items already did). The gateway ignored the GET's include: the stored item as it was, and a
+    value the API does not define went unrefused."""
+    client = openai_client(gw)
+    created = client.responses.create(model="demo-model", input="my name is Ada", include=created_with)
+    assert ("encrypted_content" in reasoning_of(created.model_dump(exclude_none=True))) == bool(created_with)
+    plain = requests.get(f"{gw.base_url}/responses/{created.id}", timeout=30).json()
+    assert "encrypted_content" not in reasoning_of(plain)
+    for query in ("include[]=" + ENCRYPTED, "include=" + ENCRYPTED):
+        shown = requests.get(f"{gw.base_url}/responses/{created.id}?{query}", timeout=30).json()
+        assert reasoning_of(shown)["encrypted_content"].startswith("r2c1.")
+        assert {k: v for k, v in shown.items() if k != "output"} == {k: v for k, v in plain.items() if k != "output"}
+    retrieved = client.responses.retrieve(created.id, include=[ENCRYPTED])
+    Response.model_validate(retrieved.model_dump())
+    # the sealed reasoning is what the gateway reads back: a stateless turn that returns it
+    upstream.clear()
+    item = reasoning_of(retrieved.model_dump(exclude_none=True))
+    client.responses.create(model="demo-model", store=False, include=[ENCRYPTED],
+                            input=[{"role": "user", "content": "my name is Ada"},
+                                   {k: v for k, v in item.items() if k != "content"},
+                                   {"role": "user", "content": "what is it?"}])
+    (sent,) = upstream.requests()
+    assert any("Thinking about: my name is Ada" in str(m.get("reasoning_content") or m.get("content"))
+               for m in sent["messages"] if m["role"] == "assistant"), sent["messages"]
+
+
+def test_get_with_an_include_the_api_does_not_define_is_a_400_naming_it(gw):
+    client = openai_client(gw)
+    created = client.responses.create(model="demo-model", input="hi")
+    r = requests.get(f"{gw.base_url}/responses/{created.id}?include=bogus", timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "include", r.text
+
+
+# --- a missing required field: OpenAI's code -------------------------------------------------------
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"input": "hi"}, "model"),
+    ({"model": "demo-model", "input": [{"type": "function_call_output", "output": "x"}]}, "input[0].call_id"),
+])
+def test_a_missing_required_field_is_missing_required_parameter_on_every_transport(gw, body, param):
+    """OpenAI answers a request that lacks a required field with ``code:
+    "missing_required_parameter"`` (as this gateway's own /v1/responses/compact already did);
+    POST /v1/responses and the WebSocket said ``invalid_value``."""
+    r = requests.post(f"{gw.base_url}/responses", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert (r.json()["error"]["param"], r.json()["error"]["code"]) == (param, "missing_required_parameter"), r.text
+    ws = WSClient(gw.base_url)
+    try:
+        [error] = ws.turn({"type": "response.create", **body})
+    finally:
+        ws.close()
+    assert (error["error"]["param"], error["error"]["code"]) == (param, "missing_required_parameter"), error
+    r = requests.post(f"{gw.base_url}/responses/input_tokens", json=body, timeout=30)
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "missing_required_parameter"), r.text
+
+
+# --- an incomplete response: the item the model was writing is incomplete ---------------------------
+
+WEATHER_TOOLS = [{"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}},
+                 {"type": "function", "name": "f2", "parameters": {"type": "object", "properties": {}}}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_last_item_of_an_incomplete_response_is_incomplete(gw, stream):
+    """Open Responses, "Items are state machines": ``incomplete``: the model exhausted its token
+    budget while emitting this item; it MUST be the last item, in an ``incomplete`` response.
+    The gateway closed the item cut short ``completed``: a client could not tell a message cut
+    at max_output_tokens from a whole one by its item. The items before it are completed."""
+    client = openai_client(gw)
+    response = client.responses.create(model="demo-model", input="words: 50", max_output_tokens=16, stream=stream)
+    if stream:
+        events = list(response)
+        done = [e.item for e in events if e.type == "response.output_item.done"]
+        response = events[-1].response
+        assert [i.model_dump() for i in done] == [i.model_dump() for i in response.output]
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    *before, last = response.output
+    assert (last.type, last.status) == ("message", "incomplete")
+    assert all(getattr(i, "status", None) in (None, "completed") for i in before)
+
+
+def test_parallel_calls_cut_short_only_the_last_is_incomplete():
+    """The core: of two calls the budget ran out in, the second (the one being written) is
+    incomplete; a completed turn's are completed, byte for byte as before."""
+    def final(finish: str) -> dict:
+        body = {"model": "m", "input": "hi", "tools": WEATHER_TOOLS}
+        t = begin_turn(json.dumps(body).encode(), LoweringOptions(), "resp_x", 100)
+        tr = t.translator()
+        calls = chat_event({"tool_calls": [{"index": 0, "id": "c1", "type": "function",
+                                             "function": {"name": "get_weather", "arguments": "{}"}}]})
+        calls += chat_event({"tool_calls": [{"index": 1, "id": "c2", "type": "function",
+                                              "function": {"name": "f2", "arguments": '{"a": '}}]})
+        out = tr.accepted() + tr.feed(calls + chat_event(finish=finish) + DONE) + tr.finish()
+        return check_stream(out, "resp_x")[-1]["response"]
+
+    assert [i["status"] for i in final("length")["output"]] == ["completed", "incomplete"]
+    assert [i["status"] for i in final("tool_calls")["output"]] == ["completed", "completed"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_incomplete_response_is_stored_and_continues(gw, upstream, stream):
+    """OpenAI stores every response a request did not say ``store: false`` of: an incomplete
+    one is retrieved and continued (``previous_response_id``: how a client goes on after
+    max_output_tokens). The gateway stored only completed ones: a GET was a 404, the
+    continuation ``previous_response_not_found``."""
+    client = openai_client(gw)
+    response = client.responses.create(model="demo-model", input="words: 50", max_output_tokens=16, stream=stream)
+    if stream:
+        response = list(response)[-1].response
+    assert response.status == "incomplete"
+    stored = client.responses.retrieve(response.id)
+    assert stored.model_dump() == response.model_dump()
+    assert [i.id for i in client.responses.input_items.list(response.id).data] != []
+    upstream.clear()
+    later = client.responses.create(model="demo-model", previous_response_id=response.id, input="go on")
+    assert later.status == "completed"
+    (sent,) = upstream.requests()
+    partial = response.output[-1].content[0].text
+    assert [m["content"] for m in sent["messages"] if m["role"] == "assistant"][-1] == partial
+    # (store: false still keeps nothing)
+    unstored = client.responses.create(model="demo-model", input="words: 50", max_output_tokens=16, store=False)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+
+
+def test_an_incomplete_response_continues_on_its_websocket_unstored(gw, upstream):
+    """The WebSocket's own memory of its responses (``store: false``, as Codex sends them) keeps
+    an incomplete one too: the next turn goes on from it, as from a completed one."""
+    ws = WSClient(gw.base_url)
+    try:
+        first = ws.turn({"type": "response.create", "model": "demo-model", "input": "words: 50",
+                         "max_output_tokens": 16, "store": False})[-1]
+        assert first["type"] == "response.incomplete", first
+        upstream.clear()
+        later = ws.turn({"type": "response.create", "model": "demo-model", "input": "go on", "store": False,
+                         "previous_response_id": first["response"]["id"]})[-1]
+    finally:
+        ws.close()
+    assert later["type"] == "response.completed", later
+    (sent,) = upstream.requests()
+    partial = first["response"]["output"][-1]["content"][0]["text"]
+    assert [m["content"] for m in sent["messages"] if m["role"] == "assistant"][-1] == partial
+
+
+# --- input is optional ---------------------------------------------------------------------------
+
+
+def test_a_request_without_input_goes_on_from_what_it_names(gw, upstream):
+    """``input`` is optional in the API (the openai SDK's and the Open Responses spec's
+    CreateResponseBody): a request may continue a previous response (after max_output_tokens:
+    "go on", with nothing new), a conversation, or give only instructions. The gateway said
+    ``input: Field required``."""
+    client = openai_client(gw)
+    cut = client.responses.create(model="demo-model", input="words: 50", max_output_tokens=16)
+    upstream.clear()
+    on = client.responses.create(model="demo-model", previous_response_id=cut.id)
+    assert on.status == "completed"
+    (sent,) = upstream.requests()
+    assert [m["role"] for m in sent["messages"]][-2:] == ["user", "assistant"]  # (the history, nothing new)
+    assert [i.id for i in client.responses.input_items.list(on.id, order="asc").data][-1] == cut.output[-1].id
+    only = client.responses.create(model="demo-model", instructions="Say hello.", input=None)
+    assert only.status == "completed" and only.instructions == "Say hello."
+    conv = client.conversations.create(items=[{"role": "user", "content": "my name is Ada"}])
+    in_conv = client.responses.create(model="demo-model", conversation=conv.id)
+    assert in_conv.output_text == "You said: my name is Ada"
+    assert client.responses.input_tokens.count(model="demo-model", previous_response_id=cut.id).input_tokens > 0
+    ws = WSClient(gw.base_url)
+    try:
+        last = ws.turn({"type": "response.create", "model": "demo-model", "previous_response_id": cut.id})[-1]
+    finally:
+        ws.close()
+    assert last["type"] == "response.completed", last
+    # nothing at all is still a 400 naming input
+    r = requests.post(f"{gw.base_url}/responses", json={"model": "demo-model"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input", r.text
