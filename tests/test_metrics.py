@@ -4,12 +4,15 @@ log, through a real mitmdump with the openai SDK and the scripted upstream."""
 from __future__ import annotations
 
 import json
+import re
 
 import openai
 import pytest
 import requests
 
-from helpers import free_port, openai_client, scrape, start_gateway
+from prometheus_client.parser import text_string_to_metric_families
+
+from helpers import ROOT, free_port, openai_client, scrape, start_gateway
 
 
 BY_CLIENT = ("resp2chat_turns_total", "resp2chat_tokens_total", "resp2chat_time_to_first_token_seconds",
@@ -176,3 +179,24 @@ def test_socket_turns_are_counted_and_logged_like_http_turns(upstream, tmp_path)
         assert "sk-demo" not in log_path.read_text() + gw.log()
     finally:
         gw.stop()
+
+
+def test_readme_lists_every_metric_with_its_labels(gateway):
+    """README's metrics table (*Metrics and logs*) names every family /metrics serves, with its
+    labels as the gateway gives them."""
+    rows = [line for line in (ROOT / "README.md").read_text().splitlines() if re.match(r"\s*\| `resp2chat_", line)]
+    documented = {name: set(filter(None, labels.split(","))) if brace else set()
+                  for row in rows for name, brace, labels in re.findall(r"`(resp2chat_\w+)(\{([\w,]*)\})?`", row)}
+    requests.post(gateway.base_url + "/responses", json={"model": "demo-model", "input": "count me"}, timeout=30)
+    text = requests.get(gateway.base_url.removesuffix("/v1") + "/metrics", timeout=10).text
+    served = {}
+    for family in text_string_to_metric_families(text):
+        if family.name.endswith("_created"):  # prometheus_client's creation times of the labelled series
+            continue
+        name = family.name + "_total" if family.type == "counter" else family.name
+        served[name] = {key for s in family.samples for key in s.labels if key != "le"}
+    assert "resp2chat_turns_total" in served and served["resp2chat_turns_total"]
+    for name, labels in served.items():
+        assert name in documented, f"{name} is served by /metrics but not in README's metrics table"
+        if labels:  # (a family with no series yet shows no labels)
+            assert documented[name] == labels, (name, documented[name], labels)
