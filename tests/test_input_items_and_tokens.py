@@ -33,6 +33,9 @@ def test_input_items_are_the_conversation_before_the_output_paged_as_openai_page
     ids = [i.id for i in newest_first.data]
     assert len(set(ids)) == 5 and ids[1:3] == [o.id for o in first.output][::-1]  # (produced items keep theirs)
     assert client.responses.input_items.list(second.id).data == newest_first.data  # (the same ids every time)
+    for response in (first, second):  # an input item never has one of its response's output items' ids
+        listed = {i.id for i in client.responses.input_items.list(response.id)}
+        assert not listed & {o.id for o in response.output}, (listed, response.output)
     oldest = client.responses.input_items.list(second.id, order="asc", limit=2)
     assert [i.id for i in oldest.data] == ids[::-1][:2] and oldest.has_more and oldest.last_id == ids[-2]
     rest = client.responses.input_items.list(second.id, order="asc", after=oldest.last_id, limit=10)
@@ -91,7 +94,7 @@ def test_pages_in_the_core():
         listing.page(items, listing.Page(after="i9"))
     assert [i["id"] for i in listing.listed_ids([{"role": "user", "content": "a"}, {"type": "function_call_output",
                                                  "call_id": "c", "output": "x"}, {"id": "own"}], "r1")] == [
-        "msg_r1_0", "item_r1_1", "own"]
+        "msg_r1_in0", "item_r1_in1", "own"]
 
 
 # --- input_tokens ---------------------------------------------------------------------------------

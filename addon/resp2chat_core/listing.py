@@ -90,9 +90,10 @@ def with_ids(items: list, make_id) -> list:
 
 
 def listed_ids(items: list, prefix: str) -> list[dict]:
-    """``with_ids`` with ``{kind}_{prefix}_{index}``: the same every time the same items are
-    listed (a stored response's input items)."""
-    return with_ids(items, lambda kind, i: f"{kind}_{prefix}_{i}")
+    """``with_ids`` with ``{kind}_{prefix}_in{index}``: the same every time the same items are
+    listed (a stored response's input items), and never one of its output items' ids
+    (``{kind}_{prefix}_{index}``, translator.py)."""
+    return with_ids(items, lambda kind, i: f"{kind}_{prefix}_in{i}")
 
 
 def as_listed(item, include: frozenset = frozenset(), sealer: Sealer | None = None) -> dict:
