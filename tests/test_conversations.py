@@ -104,6 +104,12 @@ def test_a_response_in_a_conversation_reads_it_and_joins_it(gw, upstream, stream
             ask("error: 500 broken", conversation=conv.id)
     assert failed is None or failed.status == "failed"
     assert len(client.conversations.items.list(conv.id, limit=100).data) == 7
+    # an incomplete turn joins it (OpenAI's do: the client saw it, and goes on from it)
+    cut = ask("words: 50", conversation=conv.id, max_output_tokens=16)
+    assert cut.status == "incomplete"
+    items = client.conversations.items.list(conv.id, limit=100, order="asc").data
+    assert len(items) == 7 + 1 + len(cut.output)
+    assert [i.id for i in items[-len(cut.output):]] == [o.id for o in cut.output]
 
 
 def test_a_conversation_over_the_websocket(gw, upstream):

@@ -151,7 +151,7 @@ class StoredResponses(Owner):
         if done.status in CONTINUABLE and turn.store and not turn.background:  # (the final's id: a replayed
             # answer keeps its own; a background response is stored by addons/background.py, as it ended)
             self.put(done.final["id"], turn.items + done.final["output"], done.final, owner=turn.owner)
-        if done.status == "completed" and turn.conversation is not None and not done.landed:  # its new items join
+        if done.status in CONTINUABLE and turn.conversation is not None and not done.landed:  # its new items join
             # it, in one write (a turn the relay ran wrote them before its end: Turns.land; an answer from
             # --server-replay did not)
             added = turn.items[turn.continued:] + done.final["output"]

@@ -46,6 +46,7 @@ from resp2chat_core.errors import GatewayError, gateway_failure
 from resp2chat_core.labels import shown
 from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.replay import MAX_ENTRY_BYTES, replay_key
+from resp2chat_core.response import CONTINUABLE
 from resp2chat_core.requestbody import body_digest
 from resp2chat_core.retranslate import lowering_record
 from resp2chat_core.routing import Candidate, candidates
@@ -322,8 +323,8 @@ class Turns(Owner):
     async def land(self, run: TurnRun) -> None:
         """A turn that names a conversation, its backend's stream over (the exchange's ``ending``:
         relay/exchange.py ``run``, before the relay's body ends or a socket's turn goes on): its
-        reader (``conversations.Landing``) holds its end; a completed turn's input and output are
-        written to the conversation now, in one write (``StoredResponses.append``), so the client
+        reader (``conversations.Landing``) holds its end; a completed (or incomplete) turn's input
+        and output are written to the conversation now, in one write (``StoredResponses.append``), so the client
         hears of its end only once they are there, and whoever it tells (another replica, a
         ``GET`` of the items) reads them. A write that fails (the store down, the conversation
         gone, too large, changed too often) ends the turn ``failed`` with the write's error
@@ -333,8 +334,8 @@ class Turns(Owner):
         try:
             reader.complete(run.exchange.channel.take())  # (what a stream callable has not taken yet)
             t = reader.translator
-            if t.error is not None or t.response()["status"] != "completed":
-                return  # (a failed or incomplete turn adds nothing)
+            if t.error is not None or t.response()["status"] not in CONTINUABLE:
+                return  # (a failed turn adds nothing; an incomplete one is the client's to go on from)
             added = turn.items[turn.continued:] + t.output
             write = asyncio.ensure_future(self.store.append(turn.conversation, added, turn.owner))
             write.add_done_callback(_retrieve)

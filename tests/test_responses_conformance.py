@@ -19,11 +19,6 @@ from resp2chat_core.turn import begin_turn
 from wsclient import WSClient
 
 
-@pytest.fixture
-def gw(upstream, gateway_factory):
-    return gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0")
-
-
 # --- metadata: OpenAI's limits, as on a conversation ------------------------------------------------
 
 BAD_METADATA = [
@@ -36,28 +31,28 @@ BAD_METADATA = [
 
 
 @pytest.mark.parametrize("metadata", BAD_METADATA)
-def test_a_responses_request_with_metadata_past_openais_limits_is_a_400_naming_it(gw, metadata):
+def test_a_responses_request_with_metadata_past_openais_limits_is_a_400_naming_it(own_gateway, metadata):
     """OpenAI: at most 16 pairs, string keys up to 64 characters, string values up to 512. The
     gateway took any object and echoed it in the Response, which a strict client then cannot
     read (``Response.model_validate``: ``metadata.k: Input should be a valid string``)."""
-    client = openai_client(gw)
+    client = openai_client(own_gateway)
     with pytest.raises(openai.BadRequestError) as err:
         client.responses.create(model="demo-model", input="hi", metadata=metadata)
     assert err.value.body["param"] == "metadata" and err.value.body["code"] == "invalid_value", err.value.body
     # the same over the Responses WebSocket, and for a background response (queued before it runs)
-    ws = WSClient(gw.base_url)
+    ws = WSClient(own_gateway.base_url)
     try:
         [error] = ws.turn({"type": "response.create", "model": "demo-model", "input": "hi", "metadata": metadata})
     finally:
         ws.close()
     assert error["type"] == "error" and error["error"]["param"] == "metadata", error
-    r = requests.post(f"{gw.base_url}/responses", timeout=30,
+    r = requests.post(f"{own_gateway.base_url}/responses", timeout=30,
                       json={"model": "demo-model", "input": "hi", "background": True, "metadata": metadata})
     assert r.status_code == 400 and r.json()["error"]["param"] == "metadata", r.text
 
 
-def test_metadata_at_openais_limits_is_taken_and_echoed(gw):
-    client = openai_client(gw)
+def test_metadata_at_openais_limits_is_taken_and_echoed(own_gateway):
+    client = openai_client(own_gateway)
     metadata = {f"{i:064d}": "v" * 512 for i in range(16)}
     response = client.responses.create(model="demo-model", input="hi", metadata=metadata)
     assert response.metadata == metadata
@@ -75,19 +70,19 @@ def reasoning_of(response) -> dict:
 
 
 @pytest.mark.parametrize("created_with", [[], [ENCRYPTED]])
-def test_get_shows_encrypted_reasoning_as_its_include_says(gw, upstream, created_with):
+def test_get_shows_encrypted_reasoning_as_its_include_says(own_gateway, upstream, created_with):
     """``GET /v1/responses/{id}?include[]=reasoning.encrypted_content`` (the SDK's
     ``responses.retrieve(id, include=[…])``) shows each reasoning item's ``encrypted_content``;
     without it, none, whatever the creating request asked (as ``input_items`` and a conversation's
     items already did). The gateway ignored the GET's include: the stored item as it was, and a
     value the API does not define went unrefused."""
-    client = openai_client(gw)
+    client = openai_client(own_gateway)
     created = client.responses.create(model="demo-model", input="my name is Ada", include=created_with)
     assert ("encrypted_content" in reasoning_of(created.model_dump(exclude_none=True))) == bool(created_with)
-    plain = requests.get(f"{gw.base_url}/responses/{created.id}", timeout=30).json()
+    plain = requests.get(f"{own_gateway.base_url}/responses/{created.id}", timeout=30).json()
     assert "encrypted_content" not in reasoning_of(plain)
     for query in ("include[]=" + ENCRYPTED, "include=" + ENCRYPTED):
-        shown = requests.get(f"{gw.base_url}/responses/{created.id}?{query}", timeout=30).json()
+        shown = requests.get(f"{own_gateway.base_url}/responses/{created.id}?{query}", timeout=30).json()
         assert reasoning_of(shown)["encrypted_content"].startswith("r2c1.")
         assert {k: v for k, v in shown.items() if k != "output"} == {k: v for k, v in plain.items() if k != "output"}
     retrieved = client.responses.retrieve(created.id, include=[ENCRYPTED])
@@ -104,10 +99,10 @@ def test_get_shows_encrypted_reasoning_as_its_include_says(gw, upstream, created
                for m in sent["messages"] if m["role"] == "assistant"), sent["messages"]
 
 
-def test_get_with_an_include_the_api_does_not_define_is_a_400_naming_it(gw):
-    client = openai_client(gw)
+def test_get_with_an_include_the_api_does_not_define_is_a_400_naming_it(own_gateway):
+    client = openai_client(own_gateway)
     created = client.responses.create(model="demo-model", input="hi")
-    r = requests.get(f"{gw.base_url}/responses/{created.id}?include=bogus", timeout=30)
+    r = requests.get(f"{own_gateway.base_url}/responses/{created.id}?include=bogus", timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "include", r.text
 
 
@@ -118,20 +113,20 @@ def test_get_with_an_include_the_api_does_not_define_is_a_400_naming_it(gw):
     ({"input": "hi"}, "model"),
     ({"model": "demo-model", "input": [{"type": "function_call_output", "output": "x"}]}, "input[0].call_id"),
 ])
-def test_a_missing_required_field_is_missing_required_parameter_on_every_transport(gw, body, param):
+def test_a_missing_required_field_is_missing_required_parameter_on_every_transport(own_gateway, body, param):
     """OpenAI answers a request that lacks a required field with ``code:
     "missing_required_parameter"`` (as this gateway's own /v1/responses/compact already did);
     POST /v1/responses and the WebSocket said ``invalid_value``."""
-    r = requests.post(f"{gw.base_url}/responses", json=body, timeout=30)
+    r = requests.post(f"{own_gateway.base_url}/responses", json=body, timeout=30)
     assert r.status_code == 400, r.text
     assert (r.json()["error"]["param"], r.json()["error"]["code"]) == (param, "missing_required_parameter"), r.text
-    ws = WSClient(gw.base_url)
+    ws = WSClient(own_gateway.base_url)
     try:
         [error] = ws.turn({"type": "response.create", **body})
     finally:
         ws.close()
     assert (error["error"]["param"], error["error"]["code"]) == (param, "missing_required_parameter"), error
-    r = requests.post(f"{gw.base_url}/responses/input_tokens", json=body, timeout=30)
+    r = requests.post(f"{own_gateway.base_url}/responses/input_tokens", json=body, timeout=30)
     assert (r.status_code, r.json()["error"]["code"]) == (400, "missing_required_parameter"), r.text
 
 
@@ -142,12 +137,12 @@ WEATHER_TOOLS = [{"type": "function", "name": "get_weather", "parameters": {"typ
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_the_last_item_of_an_incomplete_response_is_incomplete(gw, stream):
+def test_the_last_item_of_an_incomplete_response_is_incomplete(own_gateway, stream):
     """Open Responses, "Items are state machines": ``incomplete``: the model exhausted its token
     budget while emitting this item; it MUST be the last item, in an ``incomplete`` response.
     The gateway closed the item cut short ``completed``: a client could not tell a message cut
     at max_output_tokens from a whole one by its item. The items before it are completed."""
-    client = openai_client(gw)
+    client = openai_client(own_gateway)
     response = client.responses.create(model="demo-model", input="words: 50", max_output_tokens=16, stream=stream)
     if stream:
         events = list(response)
@@ -179,12 +174,12 @@ def test_parallel_calls_cut_short_only_the_last_is_incomplete():
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_an_incomplete_response_is_stored_and_continues(gw, upstream, stream):
+def test_an_incomplete_response_is_stored_and_continues(own_gateway, upstream, stream):
     """OpenAI stores every response a request did not say ``store: false`` of: an incomplete
     one is retrieved and continued (``previous_response_id``: how a client goes on after
     max_output_tokens). The gateway stored only completed ones: a GET was a 404, the
     continuation ``previous_response_not_found``."""
-    client = openai_client(gw)
+    client = openai_client(own_gateway)
     response = client.responses.create(model="demo-model", input="words: 50", max_output_tokens=16, stream=stream)
     if stream:
         response = list(response)[-1].response
@@ -204,10 +199,10 @@ def test_an_incomplete_response_is_stored_and_continues(gw, upstream, stream):
         client.responses.retrieve(unstored.id)
 
 
-def test_an_incomplete_response_continues_on_its_websocket_unstored(gw, upstream):
+def test_an_incomplete_response_continues_on_its_websocket_unstored(own_gateway, upstream):
     """The WebSocket's own memory of its responses (``store: false``, as Codex sends them) keeps
     an incomplete one too: the next turn goes on from it, as from a completed one."""
-    ws = WSClient(gw.base_url)
+    ws = WSClient(own_gateway.base_url)
     try:
         first = ws.turn({"type": "response.create", "model": "demo-model", "input": "words: 50",
                          "max_output_tokens": 16, "store": False})[-1]
@@ -226,12 +221,12 @@ def test_an_incomplete_response_continues_on_its_websocket_unstored(gw, upstream
 # --- input is optional ---------------------------------------------------------------------------
 
 
-def test_a_request_without_input_goes_on_from_what_it_names(gw, upstream):
+def test_a_request_without_input_goes_on_from_what_it_names(own_gateway, upstream):
     """``input`` is optional in the API (the openai SDK's and the Open Responses spec's
     CreateResponseBody): a request may continue a previous response (after max_output_tokens:
     "go on", with nothing new), a conversation, or give only instructions. The gateway said
     ``input: Field required``."""
-    client = openai_client(gw)
+    client = openai_client(own_gateway)
     cut = client.responses.create(model="demo-model", input="words: 50", max_output_tokens=16)
     upstream.clear()
     on = client.responses.create(model="demo-model", previous_response_id=cut.id)
@@ -245,12 +240,12 @@ def test_a_request_without_input_goes_on_from_what_it_names(gw, upstream):
     in_conv = client.responses.create(model="demo-model", conversation=conv.id)
     assert in_conv.output_text == "You said: my name is Ada"
     assert client.responses.input_tokens.count(model="demo-model", previous_response_id=cut.id).input_tokens > 0
-    ws = WSClient(gw.base_url)
+    ws = WSClient(own_gateway.base_url)
     try:
         last = ws.turn({"type": "response.create", "model": "demo-model", "previous_response_id": cut.id})[-1]
     finally:
         ws.close()
     assert last["type"] == "response.completed", last
     # nothing at all is still a 400 naming input
-    r = requests.post(f"{gw.base_url}/responses", json={"model": "demo-model"}, timeout=30)
+    r = requests.post(f"{own_gateway.base_url}/responses", json={"model": "demo-model"}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "input", r.text
