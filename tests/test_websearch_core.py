@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from helpers import chat_chunk, chat_event, chat_sse, parse_chat_sse, parse_sse, tool_call_chunk
-from resp2chat_core import websearch
+from resp2chat_core import toolloop, websearch
 from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.turn import begin_turn
 
@@ -64,6 +64,27 @@ def test_the_last_round_has_no_web_search_tool():
     loop.next_round(["r"])
     nxt = json.loads(loop.body)
     assert "tools" not in nxt and "tool_choice" not in nxt
+
+
+def test_max_tool_calls_bounds_the_calls_run_across_rounds():
+    """The request's max_tool_calls (2): a round's third search is not run (the model reads that
+    it was not), no later round offers the search, and a search the model makes anyway goes to
+    the client as any function it was not offered does: the turn ends there."""
+    loop = websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=5, max_calls=2)
+    loop.feed(chat_sse(*[tool_call_chunk(i, f"s{i}", "web_search", f'{{"query": "q{i}"}}') for i in range(3)],
+                       chat_chunk(finish="tool_calls")))
+    _, steps = loop.end_round(ok=True)
+    assert steps == [websearch.Search("s0", "q0"), websearch.Search("s1", "q1")]
+    assert loop.next_round(["r0", "r1"]) is None
+    nxt = json.loads(loop.body)
+    assert [(m["tool_call_id"], m["content"]) for m in nxt["messages"][-3:]] == [
+        ("s0", "r0"), ("s1", "r1"), ("s2", toolloop.NOT_RUN)]
+    assert [t["function"]["name"] for t in nxt["tools"]] == ["exec"]  # (rounds were left: the calls were not)
+    out = parse_chat_sse(loop.feed(chat_sse(tool_call_chunk(0, "s3", "web_search", '{"query": "q3"}'),
+                                            chat_chunk(finish="tool_calls"))))
+    assert [c["choices"][0]["delta"]["tool_calls"][0]["id"] for c in out if c["choices"][0]["delta"]] == ["s3"]
+    _, step = loop.end_round(ok=True)
+    assert isinstance(step, websearch.Finish)
 
 
 def test_client_tools_in_the_same_round_end_the_turn_there():

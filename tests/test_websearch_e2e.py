@@ -108,6 +108,23 @@ def test_last_round_takes_the_search_tool_away(upstream, gateway_factory, brave)
     assert [t["function"]["name"] for t in second["tools"]] == ["exec_command"]
 
 
+def test_max_tool_calls_bounds_the_searches_the_gateway_runs(search_gateway, upstream, brave):
+    """``max_tool_calls: 1``, and the model calls web_search twice at once: one search runs (one
+    web_search_call item, one Brave query), the model reads that the other was not run, and the
+    next round offers it no search (OpenAI's: further calls are ignored)."""
+    _, handler = brave
+    upstream.clear()
+    twice = 'call: web_search {"query": "one"}\ncall: web_search {"query": "two"}'
+    resp = openai_client(search_gateway).responses.create(model="demo-model", input=twice, tools=[WEB_SEARCH],
+                                                           max_tool_calls=1)
+    assert resp.status == "completed" and resp.max_tool_calls == 1
+    assert [o.type for o in resp.output].count("web_search_call") == 1
+    assert [q["q"] for q in handler.queries] == ["one"]
+    second = upstream.requests()[-1]
+    assert [m["content"] for m in second["messages"][-2:]][1] == "Not run: this response's max_tool_calls was reached."
+    assert "tools" not in second
+
+
 def test_without_a_key_web_search_is_stripped(gateway, upstream):
     upstream.clear()
     openai_client(gateway).responses.create(model="demo-model", input="plain", tools=[WEB_SEARCH, EXEC])

@@ -37,6 +37,10 @@ Theory of operation::
            answers with mcp_approval_response in its next turn
 
 Each kind bounds its own rounds (``max_rounds``: ``max_web_search_rounds``, ``max_mcp_rounds``).
+The request's ``max_tool_calls`` bounds the calls the loop runs, of all kinds together (OpenAI's:
+"any further attempts to call a tool by the model will be ignored"): a round's calls past it are
+not run (the model reads ``NOT_RUN`` for each), and once it is spent no round offers the
+gateway's functions any more.
 Usage of the combined turn: the last round's prompt (it holds every earlier round: the context
 the turn used) plus every round's completion tokens.
 """
@@ -51,6 +55,7 @@ from .chatstream import ChunkReader, wire_call
 from .sse import MAX_EVENT
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+NOT_RUN = "Not run: this response's max_tool_calls was reached."  # what the model reads of a call past it
 
 
 def _event(obj) -> bytes:
@@ -103,12 +108,16 @@ class ToolLoop:
     gives the model nothing: an approval request). Before round 1, ``prelude`` steps (if any)
     run and ``begin`` takes their results. A round whose stream holds an SSE event larger than
     ``max_event`` bytes is refused: ``feed`` returns None from then on and ``oversized`` is true
-    (the caller stops reading and fails the turn)."""
+    (the caller stops reading and fails the turn). ``max_calls``: the request's ``max_tool_calls``
+    (None: no bound but the rounds')."""
 
-    def __init__(self, body: bytes, kinds: list[ServerTool], max_event: int = MAX_EVENT):
+    def __init__(self, body: bytes, kinds: list[ServerTool], max_event: int = MAX_EVENT,
+                 max_calls: int | None = None):
         self.body = body
         self.kinds = kinds
         self.max_event = max_event
+        self.calls_left = max_calls  # (None: unbounded)
+        self._skipped = 0  # the last round's calls past ``max_calls``: not run
         self._chat: dict | None = None
         self._filter = RoundFilter(self.owns, max_event)
         self._usages: list[dict] = []
@@ -123,6 +132,8 @@ class ToolLoop:
         """The function is one the gateway runs (the filter holds its calls back). Not once its
         kind's rounds are spent: a call the model makes anyway (its function is not offered
         any more) goes to the client as any unknown function does, and the loop ends."""
+        if self.calls_left == 0:
+            return False
         for kind in self.kinds:
             if kind.owns(name):
                 return kind.rounds < kind.max_rounds
@@ -178,7 +189,11 @@ class ToolLoop:
             # Nothing for the gateway to run, or the client has tool calls to run first: the turn ends here.
             return tail, Finish(final_chunks(result.finish_reason, self._usages))
         self._result = result
-        self._steps = [self._kind(name).step(call_id, name, args) for call_id, name, args in result.calls]
+        run = result.calls if self.calls_left is None else result.calls[:self.calls_left]
+        self._skipped = len(result.calls) - len(run)
+        if self.calls_left is not None:
+            self.calls_left -= len(run)
+        self._steps = [self._kind(name).step(call_id, name, args) for call_id, name, args in run]
         return tail, list(self._steps)
 
     def next_round(self, texts: list) -> Finish | None:
@@ -186,6 +201,7 @@ class ToolLoop:
         ``steps[i]`` (None: nothing, an approval request). Returns ``Finish`` when the turn ends
         here (a call waits for the client's approval), else None: ``body`` is the next round's."""
         result, self._result = self._result, None
+        texts = [*texts, *[NOT_RUN] * self._skipped]  # (the calls past max_tool_calls: ran, none)
         used = {self._kind(name).name for _, name, _ in result.calls}
         for kind in self.kinds:
             if kind.name in used:
@@ -196,7 +212,7 @@ class ToolLoop:
             self._chat = json.loads(self.body)
         spent = set()
         for kind in self.kinds:
-            if kind.rounds >= kind.max_rounds:
+            if kind.rounds >= kind.max_rounds or self.calls_left == 0:
                 spent |= kind.function_names()
         self._chat = next_request(self._chat, result.assistant,
                                   [(call_id, text) for (call_id, _, _), text in zip(result.calls, texts)], spent)

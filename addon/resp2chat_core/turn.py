@@ -131,6 +131,7 @@ class Turn:
     conversation: str | None = None  # the conversation it goes on (conversations.py): its new items join it
     continued: int = 0  # how many of ``items`` came from that conversation (the rest are the turn's own)
     background: bool = False  # it runs in the gateway, off the client's connection (background.py)
+    max_tool_calls: int | None = None  # the request's: bounds the calls the gateway runs for it (toolloop.py)
 
     def translator(self, max_event: int = MAX_EVENT) -> Translator:
         """``max_event``: the largest SSE event its backend may send (``max_upstream_event_mb``)."""
@@ -342,5 +343,5 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
                 items=items if (store or keep_items or named) and items is not None else [], store=store,
                 prompt_cache_key=pck if isinstance(pck, str) and pck else None,
                 alternates=tuple(alternates), compaction=summarize, conversation=named,
-                background=asked.get("background") is True,
+                background=asked.get("background") is True, max_tool_calls=req.max_tool_calls,
                 continued=len(found.earlier) if named is not None and found.earlier is not None else 0)

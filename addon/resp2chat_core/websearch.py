@@ -74,9 +74,10 @@ class WebSearchTools:
         return Search(call_id, str(query))
 
 
-def SearchLoop(body: bytes, max_rounds: int, max_event: int = MAX_EVENT) -> ToolLoop:  # noqa: N802
+def SearchLoop(body: bytes, max_rounds: int, max_event: int = MAX_EVENT,  # noqa: N802
+               max_calls: int | None = None) -> ToolLoop:
     """A tool loop whose only kind is web search."""
-    return ToolLoop(body, [WebSearchTools(max_rounds)], max_event)
+    return ToolLoop(body, [WebSearchTools(max_rounds)], max_event, max_calls)
 
 
 # --- Brave Search ----------------------------------------------------------------------------

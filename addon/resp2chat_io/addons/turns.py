@@ -271,7 +271,7 @@ class Turns(Owner):
                             self.upstreams.headers_for(turn, client_headers),
                             search=self.search.settings if turn.web_search else None,
                             mcp=turn.mcp, max_mcp_rounds=self.hosted.max_rounds if turn.mcp is not None else 0,
-                            model=turn.ctx.model, max_event=self.max_event)
+                            max_tool_calls=turn.max_tool_calls, model=turn.ctx.model, max_event=self.max_event)
         # the configured secrets, and the client's credential when it goes to the backend (a
         # backend may repeat it: upstreams.forwarded)
         hidden = self.upstreams.secrets_for(client_headers)

@@ -70,6 +70,7 @@ class Exchange:
     search: SearchSettings | None = None  # the gateway runs this turn's web searches
     mcp: mcp.McpTurn | None = None  # the gateway runs this turn's hosted MCP tools (its servers, listings, approvals)
     max_mcp_rounds: int = 0  # rounds of MCP calls at most (max_mcp_rounds)
+    max_tool_calls: int | None = None  # the request's: calls the tool loop runs at most, of all kinds together
     mcp_calls: list = field(default_factory=list)  # (server, outcome) of each MCP call run: metrics count them
     model: str = ""  # the client's model name, for the error naming every upstream tried
     max_event: int = MAX_EVENT  # the largest SSE event a backend may send (max_upstream_event_mb): web search reads it
@@ -110,7 +111,7 @@ def _loop(ex: Exchange, body: bytes) -> ToolLoop | None:
         kinds.append(websearch.WebSearchTools(ex.search.max_web_search_rounds))
     if ex.mcp is not None:
         kinds.append(mcp.McpTools(ex.mcp, ex.max_mcp_rounds))
-    return ToolLoop(body, kinds, ex.max_event) if kinds else None
+    return ToolLoop(body, kinds, ex.max_event, ex.max_tool_calls) if kinds else None
 
 
 async def run(ex: Exchange, client: UpstreamClient, window: float = 0.0) -> None:
