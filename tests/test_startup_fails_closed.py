@@ -55,10 +55,16 @@ def test_an_invalid_set_value_stops_mitmdump(tmp_path, upstream, setting, needle
     assert needle in out and "Error logged during startup" in out, out
 
 
-def test_an_invalid_set_value_stops_resp2chat_start(tmp_path, upstream):
+@pytest.mark.parametrize("setting,needle", [
+    # refused by `start` itself (exit 2), as the same value in the environment or config file is
+    ("resp2chat_max_sessions=lots", "max_sessions (from --set resp2chat_max_sessions): 'lots' is invalid"),
+    # a boolean the settings table reads but mitmproxy's --set does not: refused by the addon (SetCheck)
+    ("resp2chat_responses_websocket=yes", "resp2chat_responses_websocket='yes' is invalid"),
+])
+def test_an_invalid_set_value_stops_resp2chat_start(tmp_path, upstream, setting, needle):
     port = free_port()
     env = cli_env(tmp_path, RESP2CHAT_GATEWAY_API_KEY=GATEWAY_KEY, RESP2CHAT_UPSTREAM_BASE_URL=upstream.base_url,
                   RESP2CHAT_BIND_ADDR=f"127.0.0.1:{port}")
-    rc, out = run_to_exit([str(RESP2CHAT), "start", "--", "--set", "resp2chat_max_sessions=lots"], env, port, tmp_path)
+    rc, out = run_to_exit([str(RESP2CHAT), "start", "--", "--set", setting], env, port, tmp_path)
     assert rc != 0, out
-    assert "resp2chat_max_sessions='lots' is invalid" in out, out
+    assert needle in out, out
