@@ -13,7 +13,7 @@ import requests
 from mitmproxy import http
 from mitmproxy.test import taddons
 
-from helpers import ADDON, MITMDUMP, ROOT, Codex, free_port, openai_client, parse_sse, read_flows, resp2chat_cli
+from helpers import ADDON, MITMDUMP, ROOT, Codex, cli_env, free_port, openai_client, parse_sse, read_flows, resp2chat_cli
 from recordings import SEAL_KEY
 from wsclient import WSClient
 
@@ -155,7 +155,8 @@ def test_codex_session_recorded_then_replayed_without_upstream(upstream, gateway
 
 
 def test_client_replay_against_another_backend(upstream, tmp_path):
-    """`mitmdump -C` sends a recording's chat requests to a different upstream."""
+    """`mitmdump -C` sends a recording's chat requests to a different upstream: run as README
+    says (no confdir given: mitmproxy's own in a HOME of its own, made afresh)."""
     recording = ROOT / "recordings" / "tool-call-loop.mitm"
     from resp2chat_io.demo_upstream import serve_in_thread
 
@@ -163,13 +164,14 @@ def test_client_replay_against_another_backend(upstream, tmp_path):
     try:
         proc = subprocess.run(
             [str(MITMDUMP), "-n", "-s", str(ADDON), "-C", str(recording),
-             "--set", f"resp2chat_upstream_base_url={other_url}", "--set", f"confdir={tmp_path}",
+             "--set", f"resp2chat_upstream_base_url={other_url}",
              "--set", "client_replay_concurrency=1", "--listen-port", str(free_port())],
-            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+            capture_output=True, text=True, timeout=60, cwd=tmp_path, env=cli_env(tmp_path))
         got = requests.get(other_url.removesuffix("/v1") + "/_requests", timeout=5).json()
     finally:
         other.shutdown()
     sent = [json.loads(f.request.content) for f in turns(recording)]
+    assert proc.returncode == 0 and "Error" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
     assert got == sent, proc.stdout + proc.stderr
 
 
