@@ -114,7 +114,7 @@ def test_a_replayed_turn_is_counted_and_stored(upstream, gateway_factory, tmp_pa
     assert r.status_code == 200 and final == recorded["response"]
     assert requests.get(f"{gw.base_url}/responses/{final['id']}", timeout=30).json()["id"] == final["id"]
     gw.stop()
-    # nothing recorded for it, and mitmproxy's server_replay_extra answers (while it holds flows)
+    # nothing recorded for it: server_replay_extra answers (addons/server_replay.py, not_recorded)
     gw = gateway_factory(DEAD_UPSTREAM, "--server-replay", str(recording), "--set", "server_replay_extra=404",
                          "--set", "server_replay_reuse=true", "--set", f"resp2chat_access_log_path={log_path}")
     missing = requests.post(gw.base_url + "/responses", json={"model": "demo-model", "input": "never recorded"},
@@ -124,6 +124,41 @@ def test_a_replayed_turn_is_counted_and_stored(upstream, gateway_factory, tmp_pa
     assert [(x["upstream"], x["status"], x["code"], x["http_status"]) for x in lines] == [
         ("server-replay", "replayed", "", 200), ("server-replay", "failed", "not_recorded", 404)]
     assert lines[0]["output_tokens"] == final["usage"]["output_tokens"]
+
+
+@pytest.mark.parametrize("held", ["turns only", "turns and /healthz"])
+@pytest.mark.parametrize("extra,status", [("404", 404), ("kill", 502)])
+def test_server_replay_extra_answers_an_unrecorded_turn(upstream, gateway_factory, tmp_path, held, extra, status):
+    """An unrecorded HTTP turn gets server_replay_extra as a not_recorded error (kill: 502), as on
+    a WebSocket, whether or not the recording holds flows besides turns (mitmproxy applies the
+    extra only while it holds flows: a recording of turns alone, e.g. `resp2chat start -- -w`,
+    holds none once the addon took the turns)."""
+    from mitmproxy import io
+
+    recording = tmp_path / "live.mitm"
+    body = {"model": "demo-model", "input": "recorded", "stream": True}
+    live = gateway_factory(upstream.origin, "-w", str(recording), "--set", "resp2chat_max_replay_entries=0")
+    recorded = parse_sse(requests.post(live.base_url + "/responses", json=body, timeout=30).content)[-1]["response"]
+    live.stop()
+    flows = read_flows(recording)
+    assert any(f.request.path == "/healthz" for f in flows)  # (start_gateway's probes)
+    if held == "turns only":
+        flows = [f for f in flows if f.metadata.get("resp2chat", {}).get("responses_request")]
+        with recording.open("wb") as fh:
+            writer = io.FlowWriter(fh)
+            for f in flows:
+                writer.add(f)
+    assert len(flows) > 1 if held != "turns only" else len(flows) == 1
+    gw = gateway_factory(DEAD_UPSTREAM, "--server-replay", str(recording), "--set", f"server_replay_extra={extra}",
+                         "--set", "server_replay_reuse=true")
+    for stream in (False, True):
+        r = requests.post(gw.base_url + "/responses", json={"model": "demo-model", "input": "unrecorded",
+                                                            "stream": stream}, timeout=30)
+        assert r.status_code == status, r.text
+        assert r.json()["error"]["code"] == "not_recorded" and r.headers["x-request-id"].startswith("req_"), r.text
+    # the recorded turn is still answered from the recording
+    again = parse_sse(requests.post(gw.base_url + "/responses", json=body, timeout=30).content)[-1]["response"]
+    assert again == recorded
 
 
 @pytest.mark.codex

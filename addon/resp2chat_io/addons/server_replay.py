@@ -11,7 +11,10 @@ byte for byte):
   mitmproxy's server replay keeps only the other flows (``GET /v1/models``…).
 - ``request`` (after Turns lowered the request): a recorded answer for this chat request is
   handed to mitmproxy's server replay under this very request (``replay.server.add``), so it
-  answers as it would an exact match (``server_replay_refresh``, ``_reuse``, ``_extra`` apply).
+  answers as it would an exact match (``server_replay_refresh``, ``_reuse`` apply). A turn with
+  no recording gets ``server_replay_extra`` (unless ``forward``) as a ``not_recorded`` error
+  (``kill``: 502), handed over the same way: mitmproxy applies the extra itself only while it
+  holds flows (none when the files hold only turns) and would overwrite an answer made here.
 - the WebSocket addon asks ``events`` for each turn on a socket (and each warm-up, so a replayed
   session keeps its recorded response ids) and sends the recorded events.
 
@@ -28,11 +31,12 @@ from dataclasses import dataclass
 
 from mitmproxy import ctx, exceptions, http, io
 
+from resp2chat_core.errors import GatewayError
 from resp2chat_core.replay import Recordings
 from resp2chat_core.routing import CHAT_PATH
 from resp2chat_core.websocket import final_response
 
-from .base import JSON_HEADERS, META, SSE_HEADERS, fails_closed
+from .base import JSON_HEADERS, META, SSE_HEADERS, fails_closed, refusal
 
 log = logging.getLogger("resp2chat")
 
@@ -59,6 +63,15 @@ class Answer:
             final = final_response(self.sse) if self.sse else None
             body = None if final is None else json.dumps(final, ensure_ascii=False).encode()
         return None if body is None else http.Response.make(200, body, JSON_HEADERS)
+
+
+def not_recorded(extra: str) -> GatewayError | None:
+    """What a turn nothing was recorded for gets under ``server_replay_extra``: None (``forward``:
+    the backend answers it), else a ``not_recorded`` error with that status (``kill``: 502)."""
+    if extra == "forward":
+        return None
+    return GatewayError("no recorded answer for this request (server replay)", code="not_recorded",
+                        status=int(extra) if extra.isdigit() else 502, type="server_error")
 
 
 @fails_closed
@@ -124,11 +137,19 @@ class ServerReplay:
         if flow.response or flow.is_replay == "response" or not self.active:
             return
         run = self.turns.in_flight.get(flow.id)  # (an HTTP turn's id is its flow's)
-        answer = self.recordings.take(run.turn.chat_body, ctx.options.server_replay_reuse) if run else None
+        if run is None:
+            return  # not a turn: mitmproxy's own server replay (and its server_replay_extra) decides
+        answer = self.recordings.take(run.turn.chat_body, ctx.options.server_replay_reuse)
         response = answer.http(run.turn.client_stream) if answer else None
         if response is None:
-            return  # no recording: mitmproxy's server_replay_extra decides (forward, kill, a status)
-        flow.metadata[META]["server_replay"] = answer.origin
+            err = not_recorded(ctx.options.server_replay_extra)
+            if err is None:
+                return  # forward: the backend answers
+            # Answered here, not by mitmproxy: it applies server_replay_extra only while it holds
+            # flows (none when the recordings hold only turns: the turn went to the backend), and
+            # then as an empty answer (or a kill); a socket's turn gets this same error.
+            response = refusal(flow, err)
+        flow.metadata[META]["server_replay"] = answer.origin if answer else "not recorded"
         recorded = flow.copy()
         recorded.response = response
         if "replay.server.add" in ctx.master.commands.commands:
