@@ -55,6 +55,19 @@ def test_an_invalid_set_value_stops_mitmdump(tmp_path, upstream, setting, needle
     assert needle in out and "Error logged during startup" in out, out
 
 
+def test_a_bad_value_for_a_script_loaded_before_stops_mitmdump(tmp_path, upstream):
+    # mitmproxy drops the other script, and its value stays deferred: then applying it failed
+    # again as the gateway loaded, and the gateway was dropped too
+    other = tmp_path / "other.py"
+    other.write_text("class Other:\n    def load(self, loader):\n"
+                     "        loader.add_option('other_rounds', int, 1, 'rounds')\n\naddons = [Other()]\n")
+    port = free_port()
+    rc, out = run_to_exit([str(MITMDUMP), "-s", str(other), "-s", str(ADDON), "--mode", f"reverse:{upstream.origin}",
+                           "--listen-host", "127.0.0.1", "--listen-port", str(port), "--set", "other_rounds=lots"],
+                          cli_env(tmp_path), port, tmp_path)
+    assert rc != 0 and "--set other_rounds='lots' is invalid" in out, out
+
+
 @pytest.mark.parametrize("setting,needle", [
     # refused by `start` itself (exit 2), as the same value in the environment or config file is
     ("resp2chat_max_sessions=lots", "max_sessions (from --set resp2chat_max_sessions): 'lots' is invalid"),
