@@ -12,9 +12,9 @@ byte for byte):
 - ``request`` (after Turns lowered the request): a recorded answer for this chat request is
   handed to mitmproxy's server replay under this very request (``replay.server.add``), so it
   answers as it would an exact match (``server_replay_refresh``, ``_reuse`` apply). A turn with
-  no recording gets ``server_replay_extra`` (unless ``forward``) as a ``not_recorded`` error
-  (``kill``: 502), handed over the same way: mitmproxy applies the extra itself only while it
-  holds flows (none when the files hold only turns) and would overwrite an answer made here.
+  no recording gets ``server_replay_extra``: a status as a ``not_recorded`` error handed over the
+  same way, ``kill`` killed: mitmproxy applies the extra itself only while it holds flows (none
+  when the files hold only turns), as an empty answer, and would overwrite an answer made here.
 - the WebSocket addon asks ``events`` for each turn on a socket (and each warm-up, so a replayed
   session keeps its recorded response ids) and sends the recorded events.
 
@@ -36,7 +36,7 @@ from resp2chat_core.replay import Recordings
 from resp2chat_core.routing import CHAT_PATH
 from resp2chat_core.websocket import final_response
 
-from .base import JSON_HEADERS, META, SSE_HEADERS, fails_closed, refusal
+from .base import JSON_HEADERS, META, SSE_HEADERS, fails_closed, refusal, request_id
 
 log = logging.getLogger("resp2chat")
 
@@ -142,14 +142,22 @@ class ServerReplay:
         answer = self.recordings.take(run.turn.chat_body, ctx.options.server_replay_reuse)
         response = answer.http(run.turn.client_stream) if answer else None
         if response is None:
-            err = not_recorded(ctx.options.server_replay_extra)
-            if err is None:
-                return  # forward: the backend answers
-            # Answered here, not by mitmproxy: it applies server_replay_extra only while it holds
-            # flows (none when the recordings hold only turns: the turn went to the backend), and
-            # then as an empty answer (or a kill); a socket's turn gets this same error.
-            response = refusal(flow, err)
-        flow.metadata[META]["server_replay"] = answer.origin if answer else "not recorded"
+            # Nothing recorded for it: server_replay_extra decides. mitmproxy applies it only while
+            # it holds flows (none when the files hold only turns: the turn went to the backend),
+            # and a status as an empty answer: so it is done here (a socket's turn gets the same).
+            extra = "kill" if ctx.options.server_replay_kill_extra else ctx.options.server_replay_extra
+            if extra == "forward":
+                return  # the backend answers
+            flow.metadata[META]["server_replay"] = "not recorded"
+            log.warning(f"resp2chat: server replay: no recorded answer for {request_id(flow)} "
+                        f"(server_replay_extra={extra})")
+            if extra == "kill":  # (by mitmproxy while it holds flows: a flow killed twice is an error)
+                if not ctx.master.commands.call("replay.server.count"):
+                    flow.kill()
+                return
+            response = refusal(flow, not_recorded(extra))
+        else:
+            flow.metadata[META]["server_replay"] = answer.origin
         recorded = flow.copy()
         recorded.response = response
         if "replay.server.add" in ctx.master.commands.commands:
