@@ -55,6 +55,17 @@ def test_an_invalid_set_value_stops_mitmdump(tmp_path, upstream, setting, needle
     assert needle in out and "Error logged during startup" in out, out
 
 
+def test_an_invalid_value_in_mitmproxys_config_yaml_stops_mitmdump(tmp_path, upstream):
+    # mitmproxy's own config file (in its confdir) holds option values too: typed, from YAML
+    (tmp_path / "mitm").mkdir()
+    (tmp_path / "mitm" / "config.yaml").write_text("resp2chat_max_sessions: lots\n")
+    port = free_port()
+    rc, out = run_to_exit([str(MITMDUMP), "-s", str(ADDON), "--mode", f"reverse:{upstream.origin}",
+                           "--listen-host", "127.0.0.1", "--listen-port", str(port),
+                           "--set", f"confdir={tmp_path / 'mitm'}"], cli_env(tmp_path), port, tmp_path)
+    assert rc != 0 and "option resp2chat_max_sessions: 'lots' is invalid" in out, out
+
+
 def test_a_bad_value_for_a_script_loaded_before_stops_mitmdump(tmp_path, upstream):
     # mitmproxy drops the other script, and its value stays deferred: then applying it failed
     # again as the gateway loaded, and the gateway was dropped too

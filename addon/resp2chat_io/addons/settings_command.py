@@ -54,7 +54,8 @@ def _entry(field: str, entry: dict) -> dict:
 class SetCheck:
     """Last in ``load``: the values mitmproxy kept aside for options it did not know yet
     (``options.deferred``: every ``--set resp2chat_…``, as the script loads after the command line
-    is read) are checked before it applies them, right after this.
+    is read, and the ``resp2chat_…`` keys of mitmproxy's own ``config.yaml``) are checked before it
+    applies them, right after this.
 
     mitmproxy applies them in its script loader (``AddonManager.register`` ->
     ``process_deferred``): a value it cannot parse (``--set resp2chat_max_sessions=lots``) raises
@@ -84,5 +85,7 @@ class SetCheck:
                 typecheck.check_option_type(name, value, opts._options[name].typespec)
             except (exceptions.OptionsError, TypeError) as exc:
                 del opts.deferred[name]
-                shown = given[-1] if given else value
-                log.error(f"resp2chat: --set {name}={shown!r} is invalid ({exc})")
+                if given is None:  # (a typed value: from mitmproxy's own config.yaml in its confdir)
+                    log.error(f"resp2chat: option {name}: {value!r} is invalid ({exc})")
+                else:
+                    log.error(f"resp2chat: --set {name}={' '.join(given)!r} is invalid ({exc})")
