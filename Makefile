@@ -30,9 +30,11 @@ SMG_VER   := 1.13.0
 SMG       := $(TOOLS)/smg-$(SMG_VER)/bin/smg
 
 # mitmproxy 12 needs Python >= 3.12: prefer 3.13 (newest pydantic), accept 3.12,
-# from PATH or from pyenv's versions folder. Override with `make PYTHON=/path/to/python3`.
+# from PATH or from pyenv's versions folder ($PYENV_ROOT, else ~/.pyenv). Override with
+# `make PYTHON=/path/to/python3`.
 PYTHON ?= $(shell for c in python3.13 python3.12 \
-	$$HOME/.pyenv/versions/3.13*/bin/python3 $$HOME/.pyenv/versions/3.12*/bin/python3 python3; do \
+	$${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.13*/bin/python3 $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.12*/bin/python3 \
+	python3; do \
 	  p=$$(command -v $$c 2>/dev/null) || continue; \
 	  $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && { echo $$p; break; }; \
 	done)

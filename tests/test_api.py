@@ -8,7 +8,7 @@ import socket
 import pytest
 import requests
 
-from helpers import openai_client
+from helpers import free_port, openai_client
 import resp2chat_io
 from resp2chat_io.api import Gateway, StartError
 
@@ -54,6 +54,14 @@ def test_settings_are_checked_and_failures_are_explained(upstream, tmp_path):
         with pytest.raises(StartError) as err:
             resp2chat_io.start(upstream.base_url, port=taken.getsockname()[1], log_path=tmp_path / "gw.log")
         assert "exited" in str(err.value) and (tmp_path / "gw.log").exists()
+
+
+def test_bind_addr_is_where_it_listens(upstream):
+    port = free_port()
+    with resp2chat_io.start(upstream.base_url, bind_addr=f"127.0.0.1:{port}") as gw:
+        assert gw.port == port and requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10).ok
+    with pytest.raises(StartError, match="give one or the other"):
+        resp2chat_io.start(upstream.base_url, bind_addr=f"127.0.0.1:{port}", port=port + 1)
 
 
 def test_several_upstreams_and_mitmproxy_arguments(upstream, tmp_path):

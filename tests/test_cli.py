@@ -214,6 +214,29 @@ def test_start_uses_configured_upstream(tmp_path, upstream):
     assert f"listening at 127.0.0.1:{port}" in out and "*:8080" not in out
 
 
+def test_start_set_bind_addr_wins_over_environment(tmp_path, upstream):
+    # --set wins over the environment and the file, also for the address `start` names in --mode
+    env_port, wanted = free_port(), free_port()
+    proc = subprocess.Popen([str(RESP2CHAT), "start", "--", "--set", f"resp2chat_bind_addr=127.0.0.1:{wanted}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path,
+                            env=cli_env(tmp_path, RESP2CHAT_BIND_ADDR=f"127.0.0.1:{env_port}",
+                                        RESP2CHAT_UPSTREAM_BASE_URL=upstream.base_url))
+    try:
+        wait_http(f"http://127.0.0.1:{wanted}/healthz", proc=proc)
+        client = openai_client(f"http://127.0.0.1:{wanted}/v1")
+        assert client.responses.create(model="demo-model", input="set wins").output_text == "You said: set wins"
+    finally:
+        out = _stop(proc)
+    assert f"gateway on http://127.0.0.1:{wanted}/v1" in out and f"listening at 127.0.0.1:{wanted}" in out, out
+    assert str(env_port) not in out
+
+
+def test_start_refuses_an_invalid_set_value(tmp_path):
+    out = run_cli(tmp_path, "start", "--", "--set", "resp2chat_bind_addr=nonsense")
+    assert out.returncode == 2
+    assert "bind_addr (from --set resp2chat_bind_addr): 'nonsense' is invalid" in out.stderr
+
+
 def test_start_falls_back_to_demo_and_raw_prints_the_stream(tmp_path):
     # nothing configured (and nothing at :8000 here): the bundled demo upstream answers
     proc, port = _start(tmp_path, "--raw")

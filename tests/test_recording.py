@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import requests
-from mitmproxy import http
+from mitmproxy import http, io
 from mitmproxy.test import taddons
 
-from helpers import ADDON, MITMDUMP, ROOT, Codex, free_port, openai_client, parse_sse, read_flows, resp2chat_cli, wait_until
+from helpers import (ADDON, MITMDUMP, ROOT, Codex, cli_env, free_port, openai_client, parse_sse, read_flows,
+                     resp2chat_cli, wait_until)
 from recordings import SEAL_KEY
 from wsclient import WSClient
 
@@ -113,7 +114,7 @@ def test_a_replayed_turn_is_counted_and_stored(upstream, gateway_factory, tmp_pa
     assert r.status_code == 200 and final == recorded["response"]
     assert requests.get(f"{gw.base_url}/responses/{final['id']}", timeout=30).json()["id"] == final["id"]
     gw.stop()
-    # nothing recorded for it, and mitmproxy's server_replay_extra answers (while it holds flows)
+    # nothing recorded for it: server_replay_extra answers (addons/server_replay.py, not_recorded)
     gw = gateway_factory(DEAD_UPSTREAM, "--server-replay", str(recording), "--set", "server_replay_extra=404",
                          "--set", "server_replay_reuse=true", "--set", f"resp2chat_access_log_path={log_path}")
     missing = requests.post(gw.base_url + "/responses", json={"model": "demo-model", "input": "never recorded"},
@@ -151,6 +152,45 @@ def test_a_replayed_turn_recorded_unfinished_is_counted_replayed(upstream, gatew
     assert (line["upstream"], line["status"], line["code"]) == ("server-replay", "replayed", "")
 
 
+@pytest.mark.parametrize("held", ["turns only", "turns and /healthz"])
+@pytest.mark.parametrize("extra", ["404", "kill"])
+def test_server_replay_extra_answers_an_unrecorded_turn(upstream, gateway_factory, tmp_path, held, extra):
+    """An unrecorded HTTP turn gets server_replay_extra (a status: a not_recorded error, as on a
+    WebSocket; kill: killed), whether or not the recording holds flows besides turns (mitmproxy
+    applies the extra only while it holds flows: a recording of turns alone, e.g. one made with
+    `resp2chat start -- -w`, holds none once the addon took the turns). Never the backend."""
+    recording = tmp_path / "live.mitm"
+    body = {"model": "demo-model", "input": "recorded", "stream": True}
+    live = gateway_factory(upstream.origin, "-w", str(recording), "--set", "resp2chat_max_replay_entries=0")
+    recorded = parse_sse(requests.post(live.base_url + "/responses", json=body, timeout=30).content)[-1]["response"]
+    live.stop()
+    flows = read_flows(recording)
+    assert any(f.request.path == "/healthz" for f in flows)  # (start_gateway's probes)
+    if held == "turns only":
+        flows = [f for f in flows if f.metadata.get("resp2chat", {}).get("responses_request")]
+        with recording.open("wb") as fh:
+            writer = io.FlowWriter(fh)
+            for f in flows:
+                writer.add(f)
+    assert len(flows) > 1 if held != "turns only" else len(flows) == 1
+    gw = gateway_factory(DEAD_UPSTREAM, "--server-replay", str(recording), "--set", f"server_replay_extra={extra}",
+                         "--set", "server_replay_reuse=true")
+    for stream in (False, True):
+        unrecorded = {"model": "demo-model", "input": "unrecorded", "stream": stream}
+        if extra == "kill":
+            with pytest.raises(requests.ConnectionError):
+                requests.post(gw.base_url + "/responses", json=unrecorded, timeout=30)
+            continue
+        r = requests.post(gw.base_url + "/responses", json=unrecorded, timeout=30)
+        assert r.status_code == 404, r.text
+        assert r.json()["error"]["code"] == "not_recorded" and r.headers["x-request-id"].startswith("req_"), r.text
+    # the recorded turn is still answered from the recording
+    again = parse_sse(requests.post(gw.base_url + "/responses", json=body, timeout=30).content)[-1]["response"]
+    assert again == recorded
+    gw.stop()
+    assert "Traceback" not in gw.log() and "no recorded answer for req_" in gw.log(), gw.log()
+
+
 @pytest.mark.codex
 def test_codex_session_recorded_then_replayed_without_upstream(upstream, gateway_factory, codex_bin, tmp_path):
     # Codex's prompt names its cwd and CODEX_HOME (skill paths): both runs share them.
@@ -180,7 +220,8 @@ def test_codex_session_recorded_then_replayed_without_upstream(upstream, gateway
 
 
 def test_client_replay_against_another_backend(upstream, tmp_path):
-    """`mitmdump -C` sends a recording's chat requests to a different upstream."""
+    """`mitmdump -C` sends a recording's chat requests to a different upstream: run as README
+    says (no confdir given: mitmproxy's own in a HOME of its own, made afresh)."""
     recording = ROOT / "recordings" / "tool-call-loop.mitm"
     from resp2chat_io.demo_upstream import serve_in_thread
 
@@ -188,13 +229,14 @@ def test_client_replay_against_another_backend(upstream, tmp_path):
     try:
         proc = subprocess.run(
             [str(MITMDUMP), "-n", "-s", str(ADDON), "-C", str(recording),
-             "--set", f"resp2chat_upstream_base_url={other_url}", "--set", f"confdir={tmp_path}",
+             "--set", f"resp2chat_upstream_base_url={other_url}",
              "--set", "client_replay_concurrency=1", "--listen-port", str(free_port())],
-            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+            capture_output=True, text=True, timeout=60, cwd=tmp_path, env=cli_env(tmp_path))
         got = requests.get(other_url.removesuffix("/v1") + "/_requests", timeout=5).json()
     finally:
         other.shutdown()
     sent = [json.loads(f.request.content) for f in turns(recording)]
+    assert proc.returncode == 0 and "Error" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
     assert got == sent, proc.stdout + proc.stderr
 
 

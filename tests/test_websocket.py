@@ -516,6 +516,12 @@ def test_server_replay_extra_keeps_the_socket_open(upstream, gateway_factory, tm
     else:
         assert requests.post(offline.base_url + "/responses", json={"model": "demo-model", "input": "nope"},
                              timeout=10).status_code == 404
+    # an unrecorded request that is no turn: mitmproxy's server replay applies the extra, and says so
+    if extra == "kill":
+        with pytest.raises(requests.ConnectionError):
+            requests.get(offline.base_url + "/models?unrecorded=1", timeout=10)
+    else:
+        assert requests.get(offline.base_url + "/models?unrecorded=1", timeout=10).status_code == 404
     offline.stop()
     misses = [line for line in offline.log().splitlines() if "non-replay request" in line]
     assert misses and not [line for line in misses if line.rstrip().endswith("/v1/responses")], misses

@@ -145,6 +145,10 @@ def start(upstream_base_url: str | None = None, *, host: str = "127.0.0.1", port
     if upstream_base_url is not None:
         settings["upstream_base_url"] = upstream_base_url
     options = [_option_value(name, value) for name, value in settings.items()]
+    if "bind_addr" in settings:  # (checked just above) the address named in --mode below: it wins over --set
+        if port or host != "127.0.0.1":
+            raise StartError("bind_addr says what host= and port= say: give one or the other")
+        host, port = S.parse_bind(str(settings["bind_addr"]))
     # Settings that are or may hold secrets go in the process environment (RESP2CHAT_<FIELD>), not
     # on its command line, which any local user can read in `ps`.
     secret = {o for o in options if o.split("=", 1)[0].removeprefix("resp2chat_") in S.SECRET_FIELDS | S.HOLDS_SECRETS}

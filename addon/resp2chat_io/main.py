@@ -258,8 +258,43 @@ def build_start_command(args, values: dict, sources: dict) -> tuple[list[str], d
     return cmd, env
 
 
+def set_settings(mitmproxy_args) -> dict:
+    """The settings among mitmproxy's arguments (``--set resp2chat_NAME=VALUE``, ``--set=…``; an
+    old name as its field): name -> the text given (a list setting: every one; a bare
+    ``--set resp2chat_NAME``: ``true``, as mitmproxy reads it)."""
+    given: dict = {}
+    args = list(mitmproxy_args)
+    for i, arg in enumerate(args):
+        if arg.startswith("--set="):
+            spec = arg.removeprefix("--set=")
+        elif arg == "--set" and i + 1 < len(args):
+            spec = args[i + 1]
+        else:
+            continue
+        name, eq, text = spec.partition("=")
+        name = name.removeprefix("resp2chat_") if name.startswith("resp2chat_") else ""
+        field = S.BY_NAME.get(name) or S.ALIASES.get(name)
+        if field is None:
+            continue
+        text = text if eq else "true"
+        if field.kind == "list":
+            given.setdefault(field.name, []).append(text)
+        else:
+            given[field.name] = text
+    return given
+
+
 def cmd_start(args) -> int:
     values, sources, _ = _settings()
+    # --set wins over the environment and the file, in the addon (SettingsSource.value) and so
+    # here, for what start reads itself: the listen address in --mode, the upstream, the URL shown.
+    for name, text in set_settings(args.mitmproxy_args).items():
+        sources[name] = f"--set resp2chat_{name}"
+        try:
+            values[name] = S.coerce(S.BY_NAME[name], text, sources[name])
+            S.validate(name, values[name])
+        except S.SettingsError as exc:
+            return _fail(str(S.SettingsError(exc.field, exc.value, exc.why, sources[name])))
     cmd, env = build_start_command(args, values, sources)
     where = ("demo upstream" if env.get("RESP2CHAT_UPSTREAM_BASE_URL") == "demo" else
              ", ".join(f"{u['name']} ({u['base_url']})" for u in values["upstreams"]) or S.first_upstream(values))

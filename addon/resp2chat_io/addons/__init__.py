@@ -28,7 +28,9 @@
 - ``McpServers``      the hosted MCP settings: the servers requests may use
 - ``SettingsCommand`` the resp2chat.settings command
 - ``Egress``          the gate's other end: only what the gateway routed or answered goes on; CORS headers
-- ``Redact``          last: no credentials in flow files, mitmweb or answers
+- ``Redact``          no credentials in flow files, mitmweb or answers
+- ``SetCheck``        last to load: a --set value mitmproxy would fail to apply after loading is an error
+                      at start-up, not a gateway silently left out (its only hook is load)
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from .redact import Redact
 from .replay import ReplayCache
 from .server_replay import ServerReplay
 from .request_log import RequestLog
-from .settings_command import SettingsCommand
+from .settings_command import SetCheck, SettingsCommand
 from .store import StoredResponses
 from .turns import Turns
 from .upstreams import Upstreams
@@ -87,5 +89,5 @@ def build() -> list:
         Listen(source, upstreams), HeadDeadline(source), gate, background, store, Conversations(store, upstreams), limits, replay, turns,
         http_turns, InputTokens(turns, upstreams, gate), server_replay, sockets,
         upstreams, outcomes, Metrics(turns, store, replay, outcomes), AccessLog(source, outcomes),
-        request_log, raw, search, hosted, SettingsCommand(source), Egress(gate), Redact(upstreams),
+        request_log, raw, search, hosted, SettingsCommand(source), Egress(gate), Redact(upstreams), SetCheck(),
     ]

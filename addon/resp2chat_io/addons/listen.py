@@ -120,6 +120,12 @@ class Listen(Owner):
                 "serves HTTPS), or bind to 127.0.0.1 behind a proxy that terminates TLS.")
 
     async def running(self) -> None:
+        # mitmproxy's TlsConfig makes its certificate store only when confdir (or certs…) changes,
+        # or in its own running hook, after ours; client replay (-C) sends its first flow from its
+        # running hook, before ours: once one of ours waits (the relay starting), that flow reaches
+        # TlsConfig.request with no store ('NoneType' object has no attribute 'default_ca', an
+        # error that stops the start). Saying confdir again makes the store now, before we wait.
+        ctx.options.update(confdir=ctx.options.confdir)
         # mitmdump brings its servers up while scripts are still loading, with the options of
         # that moment: if we changed the mode, ask the proxy server to apply it now.
         if self._rebind and (ps := ctx.master.addons.get("proxyserver")):

@@ -11,7 +11,10 @@ byte for byte):
   mitmproxy's server replay keeps only the other flows (``GET /v1/models``…).
 - ``request`` (after Turns lowered the request): a recorded answer for this chat request is
   handed to mitmproxy's server replay under this very request (``replay.server.add``), so it
-  answers as it would an exact match (``server_replay_refresh``, ``_reuse``, ``_extra`` apply).
+  answers as it would an exact match (``server_replay_refresh``, ``_reuse`` apply). A turn with
+  no recording gets ``server_replay_extra``: a status as a ``not_recorded`` error handed over the
+  same way, ``kill`` killed: mitmproxy applies the extra itself only while it holds flows (none
+  when the files hold only turns), as an empty answer, and would overwrite an answer made here.
 - the WebSocket addon asks ``events`` for each turn on a socket (and each warm-up, so a replayed
   session keeps its recorded response ids) and sends the recorded events.
 
@@ -28,11 +31,12 @@ from dataclasses import dataclass
 
 from mitmproxy import ctx, exceptions, http, io
 
+from resp2chat_core.errors import GatewayError
 from resp2chat_core.replay import Recordings
 from resp2chat_core.routing import CHAT_PATH
 from resp2chat_core.websocket import final_response
 
-from .base import JSON_HEADERS, META, SSE_HEADERS, fails_closed
+from .base import JSON_HEADERS, META, SSE_HEADERS, fails_closed, refusal, request_id
 
 log = logging.getLogger("resp2chat")
 
@@ -59,6 +63,15 @@ class Answer:
             final = final_response(self.sse) if self.sse else None
             body = None if final is None else json.dumps(final, ensure_ascii=False).encode()
         return None if body is None else http.Response.make(200, body, JSON_HEADERS)
+
+
+def not_recorded(extra: str) -> GatewayError | None:
+    """What a turn nothing was recorded for gets under ``server_replay_extra``: None (``forward``:
+    the backend answers it), else a ``not_recorded`` error with that status (``kill``: 502)."""
+    if extra == "forward":
+        return None
+    return GatewayError("no recorded answer for this request (server replay)", code="not_recorded",
+                        status=int(extra) if extra.isdigit() else 502, type="server_error")
 
 
 @fails_closed
@@ -124,11 +137,27 @@ class ServerReplay:
         if flow.response or flow.is_replay == "response" or not self.active:
             return
         run = self.turns.in_flight.get(flow.id)  # (an HTTP turn's id is its flow's)
-        answer = self.recordings.take(run.turn.chat_body, ctx.options.server_replay_reuse) if run else None
+        if run is None:
+            return  # not a turn: mitmproxy's own server replay (and its server_replay_extra) decides
+        answer = self.recordings.take(run.turn.chat_body, ctx.options.server_replay_reuse)
         response = answer.http(run.turn.client_stream) if answer else None
         if response is None:
-            return  # no recording: mitmproxy's server_replay_extra decides (forward, kill, a status)
-        flow.metadata[META]["server_replay"] = answer.origin
+            # Nothing recorded for it: server_replay_extra decides. mitmproxy applies it only while
+            # it holds flows (none when the files hold only turns: the turn went to the backend),
+            # and a status as an empty answer: so it is done here (a socket's turn gets the same).
+            extra = "kill" if ctx.options.server_replay_kill_extra else ctx.options.server_replay_extra
+            if extra == "forward":
+                return  # the backend answers
+            flow.metadata[META]["server_replay"] = "not recorded"
+            log.warning(f"resp2chat: server replay: no recorded answer for {request_id(flow)} "
+                        f"(server_replay_extra={extra})")
+            if extra == "kill":  # (by mitmproxy while it holds flows: a flow killed twice is an error)
+                if not ctx.master.commands.call("replay.server.count"):
+                    flow.kill()
+                return
+            response = refusal(flow, not_recorded(extra))
+        else:
+            flow.metadata[META]["server_replay"] = answer.origin
         recorded = flow.copy()
         recorded.response = response
         if "replay.server.add" in ctx.master.commands.commands:

@@ -1,12 +1,17 @@
-"""The ``resp2chat.settings`` command: the effective settings, secrets hidden."""
+"""The ``resp2chat.settings`` command: the effective settings, secrets hidden; ``SetCheck``: the
+``--set`` values mitmproxy applies after the addons load, checked before it does."""
 
 from __future__ import annotations
 
+import difflib
 import json
 
-from mitmproxy import command
+from mitmproxy import command, exceptions
+from mitmproxy.utils import typecheck
 
 from resp2chat_core import settings as S
+
+from .base import log
 
 
 class SettingsCommand:
@@ -44,3 +49,43 @@ def _entry(field: str, entry: dict) -> dict:
             v = {h: "[set]" for h in v}
         shown[k] = v
     return shown
+
+
+class SetCheck:
+    """Last in ``load``: the values mitmproxy kept aside for options it did not know yet
+    (``options.deferred``: every ``--set resp2chat_…``, as the script loads after the command line
+    is read, and the ``resp2chat_…`` keys of mitmproxy's own ``config.yaml``) are checked before it
+    applies them, right after this.
+
+    mitmproxy applies them in its script loader (``AddonManager.register`` ->
+    ``process_deferred``): a value it cannot parse (``--set resp2chat_max_sessions=lots``) raises
+    there, inside the script's reload task, where nothing logs it; the script is left out of the
+    addon chain and the proxy serves on without the gateway: no key, Host or path check, every
+    request forwarded to the backend. So each value mitmproxy would refuse, of any option known by
+    now, and each ``resp2chat_`` name no addon declares, is an ERROR naming the option and the value
+    (a starting mitmdump/mitmweb exits on it: errorcheck) and is dropped, so the addons still load
+    — with that setting from the environment, config file or default — and stay in the chain."""
+
+    name = "resp2chat_set_check"
+
+    def load(self, loader) -> None:
+        opts = loader.master.options
+        for name, value in list(opts.deferred.items()):
+            given = getattr(value, "val", None)  # --set NAME=VALUE: the strings as given
+            if name not in opts:
+                if name.startswith("resp2chat_"):
+                    del opts.deferred[name]
+                    near = difflib.get_close_matches(name.removeprefix("resp2chat_"), S.BY_NAME, 1)
+                    log.error(f"resp2chat: --set {name}: unknown setting"  # its value unsaid: maybe a misnamed secret
+                              + (f" (did you mean resp2chat_{near[0]}?)" if near else " (README: Configuration)"))
+                continue
+            try:
+                if given is not None:
+                    value = opts._parse_setval(opts._options[name], given)
+                typecheck.check_option_type(name, value, opts._options[name].typespec)
+            except (exceptions.OptionsError, TypeError) as exc:
+                del opts.deferred[name]
+                if given is None:  # (a typed value: from mitmproxy's own config.yaml in its confdir)
+                    log.error(f"resp2chat: option {name}: {value!r} is invalid ({exc})")
+                else:
+                    log.error(f"resp2chat: --set {name}={' '.join(given)!r} is invalid ({exc})")

@@ -1,0 +1,94 @@
+"""A gateway that cannot start as configured does not start: never a proxy serving without the
+addon (no key, Host or path check, everything forwarded to the backend). Real mitmdump processes
+and the real `resp2chat start`."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import requests
+
+from helpers import ADDON, MITMDUMP, RESP2CHAT, cli_env, free_port, stop_process, wait_until
+
+GATEWAY_KEY = "gwkey-0123456789abcdef"
+
+
+def backend_answered(port: int) -> requests.Response | None:
+    """What a request the gateway must refuse (no key, a foreign Host) got, when the backend (the
+    demo upstream, by its Server header) answered it: the proxy forwarded it unchecked."""
+    try:
+        r = requests.get(f"http://127.0.0.1:{port}/v1/models", headers={"host": "evil.example"}, timeout=2)
+    except requests.RequestException:
+        return None
+    return r if r.headers.get("server", "").startswith("resp2chat-demo") else None
+
+
+def run_to_exit(args: list[str], env: dict, port: int, cwd) -> tuple[int, str]:
+    """Run ARGS (a gateway on ``port``) until it exits: (its exit code, its output). It must exit
+    by itself, and no request may reach the backend through it meanwhile."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+    try:
+        open_proxy = wait_until(lambda: proc.poll() is not None or backend_answered(port), 60,
+                                "the gateway exiting")
+        if isinstance(open_proxy, requests.Response):
+            stop_process(proc)
+            pytest.fail(f"the gateway served as an open proxy (the backend answered {open_proxy.status_code} "
+                        f"to a request without key, Host evil.example): {proc.stdout.read().decode()[-1500:]}")
+        return proc.returncode, proc.stdout.read().decode(errors="replace")
+    finally:
+        stop_process(proc)
+        proc.stdout.close()
+
+
+@pytest.mark.parametrize("setting,needle", [
+    ("resp2chat_max_sessions=lots", "resp2chat_max_sessions='lots' is invalid"),
+    ("resp2chat_responses_websocket=maybe", "resp2chat_responses_websocket='maybe' is invalid"),
+    ("resp2chat_max_sesions=3", "resp2chat_max_sesions: unknown setting"),
+])
+def test_an_invalid_set_value_stops_mitmdump(tmp_path, upstream, setting, needle):
+    port = free_port()
+    rc, out = run_to_exit([str(MITMDUMP), "-s", str(ADDON), "--mode", f"reverse:{upstream.origin}",
+                           "--listen-host", "127.0.0.1", "--listen-port", str(port), "--set", setting],
+                          cli_env(tmp_path), port, tmp_path)
+    assert rc != 0, out
+    assert needle in out and "Error logged during startup" in out, out
+
+
+def test_an_invalid_value_in_mitmproxys_config_yaml_stops_mitmdump(tmp_path, upstream):
+    # mitmproxy's own config file (in its confdir) holds option values too: typed, from YAML
+    (tmp_path / "mitm").mkdir()
+    (tmp_path / "mitm" / "config.yaml").write_text("resp2chat_max_sessions: lots\n")
+    port = free_port()
+    rc, out = run_to_exit([str(MITMDUMP), "-s", str(ADDON), "--mode", f"reverse:{upstream.origin}",
+                           "--listen-host", "127.0.0.1", "--listen-port", str(port),
+                           "--set", f"confdir={tmp_path / 'mitm'}"], cli_env(tmp_path), port, tmp_path)
+    assert rc != 0 and "option resp2chat_max_sessions: 'lots' is invalid" in out, out
+
+
+def test_a_bad_value_for_a_script_loaded_before_stops_mitmdump(tmp_path, upstream):
+    # mitmproxy drops the other script, and its value stays deferred: then applying it failed
+    # again as the gateway loaded, and the gateway was dropped too
+    other = tmp_path / "other.py"
+    other.write_text("class Other:\n    def load(self, loader):\n"
+                     "        loader.add_option('other_rounds', int, 1, 'rounds')\n\naddons = [Other()]\n")
+    port = free_port()
+    rc, out = run_to_exit([str(MITMDUMP), "-s", str(other), "-s", str(ADDON), "--mode", f"reverse:{upstream.origin}",
+                           "--listen-host", "127.0.0.1", "--listen-port", str(port), "--set", "other_rounds=lots"],
+                          cli_env(tmp_path), port, tmp_path)
+    assert rc != 0 and "--set other_rounds='lots' is invalid" in out, out
+
+
+@pytest.mark.parametrize("setting,needle", [
+    # refused by `start` itself (exit 2), as the same value in the environment or config file is
+    ("resp2chat_max_sessions=lots", "max_sessions (from --set resp2chat_max_sessions): 'lots' is invalid"),
+    # a boolean the settings table reads but mitmproxy's --set does not: refused by the addon (SetCheck)
+    ("resp2chat_responses_websocket=yes", "resp2chat_responses_websocket='yes' is invalid"),
+])
+def test_an_invalid_set_value_stops_resp2chat_start(tmp_path, upstream, setting, needle):
+    port = free_port()
+    env = cli_env(tmp_path, RESP2CHAT_GATEWAY_API_KEY=GATEWAY_KEY, RESP2CHAT_UPSTREAM_BASE_URL=upstream.base_url,
+                  RESP2CHAT_BIND_ADDR=f"127.0.0.1:{port}")
+    rc, out = run_to_exit([str(RESP2CHAT), "start", "--", "--set", setting], env, port, tmp_path)
+    assert rc != 0, out
+    assert needle in out, out
