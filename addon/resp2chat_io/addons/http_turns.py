@@ -41,7 +41,7 @@ from resp2chat_io import offload
 
 from .base import (ABANDON, JSON_HEADERS, META, SSE_HEADERS, RESPONSES_PATHS, TURN_HEADER, RecordText, Refusal, fails_closed,
                    json_response, log, refusal, request_id, show_url)
-from .turns import TurnRun, new_response_id
+from .turns import UNRECORDED, TurnRun, new_response_id
 
 # HTTP status for a non-streaming client whose response failed, by error code.
 FAILED_STATUS = {
@@ -427,7 +427,8 @@ class HttpTurns:
         meta = flow.metadata[META]
         body = flow.response.content or b""
         final = None
-        if meta.get("server_replay"):  # (addons/server_replay.py: where the answer was recorded)
+        recorded = meta.get("server_replay") not in (None, UNRECORDED)  # (server_replay.py: where it was recorded)
+        if recorded:
             if flow.response.headers.get("content-type", "").startswith("text/event-stream"):
                 final = final_response(body)
             else:
@@ -436,7 +437,7 @@ class HttpTurns:
                 except (ValueError, RecursionError):
                     final = None
             final = final if isinstance(final, dict) and isinstance(final.get("output"), list) else None
-        done = self.turns.replayed(flow, run.turn, final, body, recorded=bool(meta.get("server_replay")),
+        done = self.turns.replayed(flow, run.turn, final, body, recorded=recorded,
                                    started=run.started, client=run.client, turn_id=flow.id)
         meta["status"] = done.status
 

@@ -15,6 +15,9 @@ byte for byte):
   no recording gets ``server_replay_extra``: a status as a ``not_recorded`` error handed over the
   same way, ``kill`` killed: mitmproxy applies the extra itself only while it holds flows (none
   when the files hold only turns), as an empty answer, and would overwrite an answer made here.
+  Once the flow has its answer (``response``, or ``error``), the copy handed over leaves
+  mitmproxy's list again: with ``server_replay_reuse`` mitmproxy keeps what it answered from, and
+  every turn would add one more copy, without bound.
 - the WebSocket addon asks ``events`` for each turn on a socket (and each warm-up, so a replayed
   session keeps its recorded response ids) and sends the recorded events.
 
@@ -37,6 +40,7 @@ from resp2chat_core.routing import CHAT_PATH
 from resp2chat_core.websocket import final_response
 
 from .base import JSON_HEADERS, META, SSE_HEADERS, fails_closed, refusal, request_id
+from .turns import NOT_RECORDED, UNRECORDED
 
 log = logging.getLogger("resp2chat")
 
@@ -70,7 +74,7 @@ def not_recorded(extra: str) -> GatewayError | None:
     the backend answers it), else a ``not_recorded`` error with that status (``kill``: 502)."""
     if extra == "forward":
         return None
-    return GatewayError("no recorded answer for this request (server replay)", code="not_recorded",
+    return GatewayError("no recorded answer for this request (server replay)", code=NOT_RECORDED,
                         status=int(extra) if extra.isdigit() else 502, type="server_error")
 
 
@@ -83,6 +87,7 @@ class ServerReplay:
         self.recordings = Recordings()
         self.loaded: tuple[str, ...] = ()
         self.others: list | None = None  # flows left to mitmproxy's own server replay
+        self.handed: dict[str, http.HTTPFlow] = {}  # flow id -> the copy handed to mitmproxy's replay for it
 
     @property
     def active(self) -> bool:
@@ -148,7 +153,7 @@ class ServerReplay:
             extra = "kill" if ctx.options.server_replay_kill_extra else ctx.options.server_replay_extra
             if extra == "forward":
                 return  # the backend answers
-            flow.metadata[META]["server_replay"] = "not recorded"
+            flow.metadata[META]["server_replay"] = UNRECORDED
             log.warning(f"resp2chat: server replay: no recorded answer for {request_id(flow)} "
                         f"(server_replay_extra={extra})")
             if extra == "kill":  # (by mitmproxy while it holds flows: a flow killed twice is an error)
@@ -162,8 +167,30 @@ class ServerReplay:
         recorded.response = response
         if "replay.server.add" in ctx.master.commands.commands:
             ctx.master.commands.call("replay.server.add", [recorded])  # it answers, as for an exact match
+            self.handed[flow.id] = recorded
         else:
             flow.response, flow.is_replay = response, "response"
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._take_back(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._take_back(flow)
+
+    def _take_back(self, flow: http.HTTPFlow) -> None:
+        """The copy handed over for this flow leaves mitmproxy's replay list (already gone unless
+        ``server_replay_reuse``: mitmproxy keeps what answered then). mitmproxy's own list is
+        keyed by its hash of the request (``_hash``: mitmproxy 12, pinned below 13)."""
+        recorded = self.handed.pop(flow.id, None)
+        playback = ctx.master.addons.get("serverplayback") if recorded is not None else None
+        if playback is None:
+            return
+        key = playback._hash(recorded)
+        kept = [f for f in playback.flowmap.get(key, ()) if f is not recorded]
+        if kept:
+            playback.flowmap[key] = kept
+        else:
+            playback.flowmap.pop(key, None)
 
     def events(self, chat_body: bytes, warmup: bool = False) -> bytes | None:
         """The recorded events for a WebSocket turn, or warm-up (None: no recording, or not as

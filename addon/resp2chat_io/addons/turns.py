@@ -60,6 +60,7 @@ from .base import Owner, log, store_unavailable
 
 SERVER_REPLAY = "server-replay"  # the upstream of a turn answered from a recording (Finished.upstream)
 NOT_RECORDED = "not_recorded"  # the code of a turn offline replay had no recording for
+UNRECORDED = "not recorded"  # its flow's meta["server_replay"] (else: where its recorded answer came from)
 
 
 def new_response_id() -> str:

@@ -49,7 +49,8 @@ from resp2chat_io.relay.upstream import failure
 from .base import META, RESPONSES_PATHS, Owner, RecordText, fails_closed, json_response, log, request_id, show_url
 from .http_turns import UNREAD_MCP
 from .outcomes import Outcome
-from .turns import NOT_RECORDED, Finished, TurnRun
+from .server_replay import not_recorded
+from .turns import UNRECORDED, Finished, TurnRun
 RECORD_BUDGET = 64 << 20  # turn records kept on one socket's flow; later turns are noted without their bodies
 MAX_RECORDS = 1024  # turn records kept on one socket's flow; later turns are only counted
 MESSAGE_BUDGET = 16 << 20  # bytes of messages one socket's flow keeps in flow.websocket.messages (the first ones)
@@ -439,12 +440,10 @@ class ResponsesWebSocket(Owner):
         turn = m.turn
         events = self.server_replay.events(turn.chat_body, warmup)
         if events is None:
-            extra = ctx.options.server_replay_extra
-            if extra != "forward" and not warmup:  # as mitmproxy's server replay does for an unmatched request
-                status = int(extra) if extra.isdigit() else 502
-                self._refuse(live, m, GatewayError("no recorded answer for this request (server replay)",
-                                                   code=NOT_RECORDED, status=status, type="server_error"),
-                             send, server_replay="not recorded")
+            extra = "kill" if ctx.options.server_replay_kill_extra else ctx.options.server_replay_extra
+            refused = None if warmup else not_recorded(extra)  # (as for an HTTP turn: server_replay.py)
+            if refused is not None:
+                self._refuse(live, m, refused, send, server_replay=UNRECORDED)
                 return True
             return False
         send(ws.messages(events))
