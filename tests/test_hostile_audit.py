@@ -1,0 +1,142 @@
+"""A hostile-input audit of the gateway (issue: robustness as a team shares it): what a client or
+a backend sends that the other tests did not try, through real mitmdump gateways, real sockets
+and small real backends that misbehave on purpose. Each test here failed on the code before
+its fix (the commit that added it says which)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import requests
+
+from helpers import (
+    DONE, LocalServer, MiB, Peak, QuietHandler, chat_event, http_chunk, iter_sse, wait_until,
+)
+from resp2chat_core.lowering import LoweringOptions
+from resp2chat_core.turn import begin_turn
+
+# --- a backend that misbehaves ------------------------------------------------------------------
+
+PIECE = 256 << 10
+ANSWER = chat_event({"content": "hello"}) + chat_event(finish="stop") + DONE
+
+
+class Babbler(QuietHandler):
+    """A chat backend whose answer is valid but never ends, as fast as it is read, by model:
+    ``text``, ``reasoning``, ``args`` (one tool call's arguments), ``blank`` (deltas of 100
+    spaces); ``ok``: a short answer. ``calls``: per call, the bytes sent and whether the gateway
+    cut it (``cut``)."""
+
+    calls: list[dict] = []
+
+    def do_POST(self):
+        model = json.loads(self.rfile.read(int(self.headers["content-length"])))["model"]
+        call = {"model": model, "sent": 0, "cut": False}
+        type(self).calls.append(call)
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        delta = {"text": {"content": "x" * 1000}, "reasoning": {"reasoning_content": "x" * 1000},
+                 "args": {"tool_calls": [{"index": 0, "function": {"arguments": "x" * 1000}}]},
+                 "blank": {"content": " " * 100}}.get(model)
+        try:
+            if delta is None:
+                self.wfile.write(http_chunk(ANSWER) + b"0\r\n\r\n")
+                return
+            if model == "args":
+                self.wfile.write(http_chunk(chat_event({"tool_calls": [
+                    {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": ""}}]})))
+            event = chat_event(delta)
+            piece = http_chunk(event * (PIECE // len(event)))
+            while call["sent"] < 1024 * MiB:  # (a bound for the test's own sake: the gateway must cut long before)
+                self.wfile.write(piece)
+                call["sent"] += len(piece)
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            call["cut"] = True
+            self.close_connection = True
+
+
+def _babbling_turn(gw, model: str, limit: int) -> tuple[list[dict], int]:
+    """A streamed turn of ``model``: its events, read until the terminal one or until the client
+    got ``limit`` bytes (then the stream is dropped: the gateway did not end it)."""
+    body = {"model": model, "input": "hi", "stream": True,
+            "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}]}
+    raw = bytearray()
+    events = []
+    with requests.post(gw.base_url + "/responses", json=body, stream=True, timeout=60) as r:
+        for event in iter_sse(r, raw):
+            events.append(event)
+            if event.get("type") in ("response.completed", "response.failed", "response.incomplete") \
+                    or len(raw) > limit:
+                break
+    return events, len(raw)
+
+
+def test_a_backend_answer_that_never_ends_is_cut_with_memory_bounded(gateway_factory):
+    """A backend whose valid answer (text, reasoning, tool arguments, or blank deltas) never ends:
+    the translator holds a turn's output until its end, so before the fix the gateway grew by
+    ~2 bytes per byte of output without bound (1.3 GiB in 20 s, never ending the stream). Now,
+    past 8 × max_upstream_event_mb of output (8 MiB with 1), the turn ends with one
+    ``response.failed`` (``upstream_output_too_large``), the backend call is cut, and the gateway's
+    peak stays tens of MiB above where it was."""
+    with LocalServer(Babbler) as backend:
+        Babbler.calls = []
+        gw = gateway_factory(backend.url, "--set", "resp2chat_max_upstream_event_mb=1")
+        assert _babbling_turn(gw, "ok", MiB)[0][-1]["type"] == "response.completed"  # (warm: imports, pools)
+        for model in ("text", "reasoning", "args", "blank"):
+            peak = Peak(gw.proc.pid)
+            events, got = _babbling_turn(gw, model, 96 * MiB)
+            last = events[-1]
+            assert last["type"] == "response.failed", (model, got >> 20, last["type"])
+            assert last["response"]["error"]["code"] == "upstream_output_too_large", last
+            assert "8 MiB" in last["response"]["error"]["message"], last
+            assert peak.grown < 64 * MiB, f"{model}: the gateway grew {peak.grown / MiB:.0f} MiB"
+            call = Babbler.calls[-1]
+            wait_until(lambda: call["cut"], what=f"the {model} call cut")  # noqa: B023
+            assert call["sent"] < 128 * MiB, call
+        assert _babbling_turn(gw, "ok", MiB)[0][-1]["type"] == "response.completed"  # (and it goes on)
+
+
+def test_a_run_of_blank_deltas_is_read_in_linear_time():
+    """A backend that answers with blank deltas (a model writing newlines, one token each) before
+    anything else: the think-tag splitter (the default ``auto``) and the translator hold the
+    whitespace until text comes. They held it as one string copied again at each delta: 320k
+    deltas (~30 MB from the backend) took ~20 s of the event loop, every other turn stalled
+    meanwhile. Now the pieces are joined once; the text keeps them."""
+    n = 320_000
+    for think in ("auto", "open", "off"):
+        turn = begin_turn(json.dumps({"model": "m", "input": "hi"}).encode(),
+                          LoweringOptions(think_tags={"*": think}), "resp_0123456789abcdef", 1)
+        t = turn.translator()
+        batch = chat_event({"content": " "}) * 1000
+        started = time.monotonic()
+        for _ in range(n // 1000):
+            t.feed(batch)
+            assert time.monotonic() - started < 10, f"{think}: re-copying the held whitespace at every delta"
+        t.feed(chat_event({"content": "</think>x" if think == "open" else "x"}) + chat_event(finish="stop") + DONE)
+        assert time.monotonic() - started < 10, think
+        assert t.response()["status"] == "completed", think
+        if think == "off":  # (spaces kept: indentation)
+            assert t.response()["output"][-1]["content"][0]["text"] == " " * n + "x"
+
+
+def test_a_long_run_of_blank_deltas_does_not_stall_the_gateway(gateway_factory):
+    """The same through a real gateway: while a backend streams blank deltas, /healthz and another
+    turn answer within a second, and the blank turn ends at the output bound."""
+    with LocalServer(Babbler) as backend:
+        Babbler.calls = []
+        gw = gateway_factory(backend.url, "--set", "resp2chat_max_upstream_event_mb=1")
+        result: dict = {}
+        worker = threading.Thread(target=lambda: result.update(turn=_babbling_turn(gw, "blank", 96 * MiB)))
+        worker.start()
+        while worker.is_alive():
+            started = time.monotonic()
+            assert requests.get(f"http://127.0.0.1:{gw.port}/healthz", timeout=10).status_code == 200
+            assert time.monotonic() - started < 1, "the gateway stalled"
+            worker.join(0.05)
+        events, _ = result["turn"]
+        assert events[-1]["type"] == "response.failed", events[-1]
