@@ -12,7 +12,7 @@ import time
 import requests
 
 from helpers import (
-    DONE, LocalServer, MiB, Peak, QuietHandler, chat_event, http_chunk, iter_sse, wait_until,
+    DONE, LocalServer, MiB, Peak, QuietHandler, chat_event, http_chunk, iter_sse, parse_sse, wait_until,
 )
 from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.turn import begin_turn
@@ -140,3 +140,54 @@ def test_a_long_run_of_blank_deltas_does_not_stall_the_gateway(gateway_factory):
             worker.join(0.05)
         events, _ = result["turn"]
         assert events[-1]["type"] == "response.failed", events[-1]
+
+
+# --- a backend's unpaired surrogate escape ------------------------------------------------------
+
+LONE = b'data: {"choices":[{"index":0,"delta":{"content":"a\\ud800b \\ud83d\\ude00"}}]}\n\n'
+
+
+class Surrogates(QuietHandler):
+    """A chat backend whose answer (``text``) or 400 error (``error``) holds an unpaired
+    ``\\ud800`` escape beside a well-formed pair: valid JSON, yet no Unicode text."""
+
+    def do_POST(self):
+        model = json.loads(self.rfile.read(int(self.headers["content-length"])))["model"]
+        if model == "error":
+            body = b'{"error": {"message": "bad \\udc00 input", "type": "invalid_request_error"}}'
+            self.send_response(400)
+            self.send_header("content-type", "application/json")
+        else:
+            body = LONE + chat_event(finish="stop") + DONE
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_a_backends_lone_surrogate_is_replaced_and_the_turn_kept(gateway_factory):
+    """The unpaired escape made a whole (non-streamed) answer a 500 (UnicodeEncodeError in the
+    gateway, a traceback in its log) and a streamed one unstored ("not stored:
+    UnicodeEncodeError": its previous_response_id then unknown). Now it is U+FFFD, as a
+    backend's invalid UTF-8 bytes are: both answers complete, are stored and continue."""
+    with LocalServer(Surrogates) as backend:
+        gw = gateway_factory(backend.url)
+        for stream in (False, True):
+            r = requests.post(gw.base_url + "/responses", json={"model": "text", "input": "hi", "stream": stream},
+                              timeout=30)
+            assert r.status_code == 200, r.text
+            r.content.decode("utf-8")  # (strict UTF-8)
+            response = json.loads(r.content) if not stream else \
+                [e for e in parse_sse(r.content) if e["type"] == "response.completed"][0]["response"]
+            assert response["status"] == "completed", response
+            assert response["output"][0]["content"][0]["text"] == "a\ufffdb \U0001F600"
+            stored = requests.get(gw.base_url + "/responses/" + response["id"], timeout=10)
+            assert stored.status_code == 200, (stream, stored.text)
+            again = requests.post(gw.base_url + "/responses", timeout=30,
+                                  json={"model": "text", "input": "more", "previous_response_id": response["id"]})
+            assert again.status_code == 200, again.text
+        r = requests.post(gw.base_url + "/responses", json={"model": "error", "input": "hi"}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["message"] == "upstream HTTP 400: bad \ufffd input", r.text
+        log = gw.log()
+        assert "Traceback" not in log and "not stored" not in log, log[-3000:]
