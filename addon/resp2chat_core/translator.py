@@ -198,10 +198,12 @@ class _Tool:
 OVERSIZED = "upstream_event_too_large"  # the code of a turn whose backend sent an event past max_event
 # A turn's output (text, reasoning, tool arguments, as the backend's deltas bring them) is held
 # until the turn ends (``output_text.done``, the Response): past OUTPUT_EVENTS × max_event bytes
-# of it (32 MiB by default, millions of tokens) the turn ends with ``response.failed``
-# (``upstream_output_too_large``) and the backend request is dropped, so that a backend that
-# never stops cannot grow the gateway without bound.
+# of it (32 MiB by default) the turn ends with ``response.failed`` (``upstream_output_too_large``)
+# and the backend request is dropped, so that a backend that never stops cannot grow the gateway
+# without bound. What is held counts as its characters, DELTA_COST more per delta (a piece of a
+# list), ITEM_COST per output item and LOGPROB_COST per token of logprobs: at most ~500k deltas.
 OUTPUT_EVENTS = 8
+DELTA_COST, ITEM_COST, LOGPROB_COST = 64, 4096, 256
 OUTPUT_TOO_LARGE = "upstream_output_too_large"
 
 
@@ -221,7 +223,7 @@ class Translator:
         self.events = 0  # also the next sequence_number
         self._reader = ChunkReader(self, max_event)  # chatstream.py: the backend's chunks -> the on_* calls below
         self._max_output = OUTPUT_EVENTS * max_event
-        self._output_size = 0  # characters of output the backend's deltas brought (OUTPUT_EVENTS)
+        self._output_size = 0  # what the turn's output holds, as OUTPUT_EVENTS counts it
         self._parser = self._reader.parser
         self._out: list[str] = []  # events not yet encoded
         self._encoded: list[bytes] = []  # what goes before them, encoded (a Response event's echo spliced in)
@@ -466,7 +468,7 @@ class Translator:
         self._start()
 
     def on_reasoning(self, text: str) -> None:
-        if self._outgrown(len(text)):
+        if self._outgrown(len(text) + DELTA_COST):
             return
         self._lp = None  # (logprobs of reasoning tokens are not the output text's)
         if self._think is not None:
@@ -476,11 +478,12 @@ class Translator:
     def on_logprobs(self, entries: list) -> None:
         if self.ctx.logprobs:
             lp = _logprobs(entries)
+            self._output_size += LOGPROB_COST * sum(1 + len(e["top_logprobs"]) for e in lp)  # (OUTPUT_EVENTS)
             if lp:
                 self._lp = lp if self._lp is None else self._lp + lp
 
     def on_text(self, text: str) -> None:
-        if self._outgrown(len(text)):
+        if self._outgrown(len(text) + DELTA_COST):
             return
         think = self._think
         if think is None or (think.state == WATCH and not think.held and "<" not in text):
@@ -489,7 +492,7 @@ class Translator:
         self._think_pieces(think.feed(text))
 
     def on_tool(self, key, call_id: str | None, name: str | None, args: str | None) -> None:
-        if args and self._outgrown(len(args)):
+        if self._outgrown(len(args or "") + DELTA_COST):
             return
         self._lp = None
         if self._think is not None:
@@ -568,7 +571,7 @@ class Translator:
                               f"({limit / (1 << 20):g} MiB): the turn was ended and the upstream request dropped")
 
     def _outgrown(self, size: int) -> bool:
-        """``size`` more characters of output: past the bound (OUTPUT_EVENTS), the turn fails."""
+        """``size`` more of output held: past the bound (OUTPUT_EVENTS), the turn fails."""
         self._output_size += size
         if self._output_size <= self._max_output:
             return False
@@ -761,6 +764,7 @@ class Translator:
         self.output.append(item)
 
     def _alloc_index(self) -> int:
+        self._output_size += ITEM_COST  # (OUTPUT_EVENTS: the next delta past the bound fails the turn)
         index, self._next_index = self._next_index, self._next_index + 1
         return index
 
