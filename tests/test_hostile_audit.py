@@ -6,13 +6,15 @@ its fix (the commit that added it says which)."""
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 
 import requests
 
 from helpers import (
-    DONE, LocalServer, MiB, Peak, QuietHandler, chat_event, http_chunk, iter_sse, parse_sse, wait_until,
+    ADDON, DONE, MITMDUMP, LocalServer, MiB, Peak, QuietHandler, chat_event, free_port, gateway_env, http_chunk,
+    iter_sse, parse_sse, wait_until,
 )
 from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.turn import begin_turn
@@ -202,3 +204,27 @@ def test_a_backends_lone_surrogate_is_replaced_and_the_turn_kept(gateway_factory
         assert r.status_code == 400 and r.json()["error"]["message"] == "upstream HTTP 400: bad \ufffd input", r.text
         log = gw.log()
         assert "Traceback" not in log and "not stored" not in log, log[-3000:]
+
+
+# --- credentials in a configured URL ------------------------------------------------------------
+
+
+def test_a_base_url_carrying_credentials_is_refused_at_start_and_never_shown(tmp_path):
+    """``upstream_base_url`` (or an ``upstreams`` entry's ``base_url``) with ``user:password@`` or
+    a ``?key=`` query: neither was sent as it is (the userinfo went into the backend's Host
+    header; the query ended up before ``/chat/completions``), and the password was in every
+    client's ``cannot connect to the upstream http://alice:pw…@…`` (502 and response.failed),
+    the log and the flows; the query key in the log and flows. Now the gateway does not start,
+    and its refusal names the setting without the secret."""
+    secret = "pw-planted-SECRET-0451"
+    port = free_port()
+    for url in (f"http://alice:{secret}@127.0.0.1:{port}/v1", f"http://127.0.0.1:{port}/v1?key={secret}"):
+        for how, named in (("top", "upstream_base_url"), ("entry", "upstreams[0] ('a').base_url")):
+            value = url if how == "top" else json.dumps([{"name": "a", "base_url": url}])
+            setting = "upstream_base_url" if how == "top" else "upstreams"
+            args = [str(MITMDUMP), "-s", str(ADDON), "--mode", f"reverse:http://127.0.0.1:9@127.0.0.1:{free_port()}",
+                    "--set", f"confdir={tmp_path / 'conf'}", "--set", f"resp2chat_{setting}={value}"]
+            proc = subprocess.run(args, capture_output=True, text=True, timeout=60, env=gateway_env(), cwd=tmp_path)
+            out = proc.stdout + proc.stderr
+            assert proc.returncode != 0 and named in out and "upstream_api_key" in out, (url, how, out[-2000:])
+            assert secret not in out, out[-2000:]

@@ -248,6 +248,14 @@ def validate(name: str, value: Any) -> None:
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise SettingsError(name, value, "expected an http:// or https:// URL")
+        if "@" in parts.netloc or parts.query or parts.fragment:
+            # Neither was ever sent as it is (a user:password@ went into the Host header, a
+            # ?query ended up before /chat/completions), yet both were shown wherever the URL is
+            # (a client's "cannot connect to the upstream …", the log, flows): not shown here either.
+            shown = f"{parts.scheme}://{'[hidden]@' if '@' in parts.netloc else ''}{parts.netloc.rpartition('@')[2]}{parts.path}" \
+                    + ("?[hidden]" if parts.query else "") + ("#[hidden]" if parts.fragment else "")
+            raise SettingsError(name, shown, "a user:password@, ?query or #fragment is not supported in this URL: "
+                                             "a key goes in upstream_api_key (or upstream_headers)")
     if name == "max_upstream_event_mb" and value < 1:
         raise SettingsError(name, value, "expected a whole number >= 1 (MiB)")
     if name == "coalesce_ms" and value > 1000:
