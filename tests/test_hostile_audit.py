@@ -6,6 +6,7 @@ its fix (the commit that added it says which)."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import threading
 import time
@@ -18,6 +19,7 @@ from helpers import (
 )
 from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.turn import begin_turn
+from wsclient import WSClient
 
 # --- a backend that misbehaves ------------------------------------------------------------------
 
@@ -228,3 +230,46 @@ def test_a_base_url_carrying_credentials_is_refused_at_start_and_never_shown(tmp
             out = proc.stdout + proc.stderr
             assert proc.returncode != 0 and named in out and "upstream_api_key" in out, (url, how, out[-2000:])
             assert secret not in out, out[-2000:]
+
+
+# --- a client that stops reading ----------------------------------------------------------------
+
+CAROL = "carol-key-0123456789abcdef"
+
+
+def test_a_client_that_stops_reading_is_closed_and_its_turn_ends(gateway_factory):
+    """A client that stops reading its stream without closing its socket (a frozen process, on
+    purpose): the relay pauses the backend once 1 MiB waits, so nothing grows, but nothing ended
+    either: the turn, the backend's request and the client's ``max_streams`` slot were held for
+    as long as the socket lived (checked for 30 s). Now a client that takes none of its waiting
+    answer for ``header_timeout_secs`` is closed, as if it had gone: the backend call is cut and
+    the slot is free again. Over HTTP and the WebSocket."""
+    with LocalServer(Babbler) as backend:
+        Babbler.calls = []
+        carol = json.dumps([{"name": "carol", "key": CAROL, "max_streams": 1}])
+        gw = gateway_factory(backend.url, "--set", f"resp2chat_clients={carol}",
+                             "--set", "resp2chat_header_timeout_secs=2")
+        auth = {"authorization": f"Bearer {CAROL}"}
+
+        def ok() -> bool:
+            r = requests.post(gw.base_url + "/responses", json={"model": "ok", "input": "hi"}, headers=auth, timeout=30)
+            assert r.status_code in (200, 429), r.text
+            return r.status_code == 200
+
+        assert ok()
+        body = json.dumps({"model": "text", "input": "hi", "stream": True}).encode()
+        stalled = socket.create_connection(("127.0.0.1", gw.port))
+        stalled.sendall(b"POST /v1/responses HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                        b"authorization: Bearer %s\r\ncontent-length: %d\r\n\r\n%s" % (CAROL.encode(), len(body), body))
+        call = wait_until(lambda: next((c for c in Babbler.calls if c["model"] == "text"), None))
+        assert not ok()  # (its turn is open: carol's one slot is taken)
+        wait_until(lambda: call["cut"], 30, "the stalled client's backend call cut")
+        wait_until(ok, 10, "carol's slot free again")
+        stalled.close()
+
+        ws = WSClient(gw.base_url, headers=auth)
+        ws.send({"type": "response.create", "model": "text", "input": "hi"})  # (and nothing read)
+        call = wait_until(lambda: next((c for c in Babbler.calls[2:] if c["model"] == "text"), None))
+        wait_until(lambda: call["cut"], 30, "the stalled socket's backend call cut")
+        wait_until(ok, 10, "carol's slot free again")
+        ws.sock.close()
