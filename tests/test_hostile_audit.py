@@ -273,3 +273,61 @@ def test_a_client_that_stops_reading_is_closed_and_its_turn_ends(gateway_factory
         wait_until(lambda: call["cut"], 30, "the stalled socket's backend call cut")
         wait_until(ok, 10, "carol's slot free again")
         ws.sock.close()
+
+
+# --- a request head without bound -----------------------------------------------------------------
+
+
+def _head_answer(gw, head: bytes, more: bytes = b"", pieces: int = 0) -> bytes:
+    """Send ``head``, then ``pieces`` times ``more`` (as fast as the gateway takes them, until it
+    closes), and read the gateway's answer (its head and ``content-length`` bytes, or until it
+    closes)."""
+    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+    try:
+        sock.sendall(head)
+        for _ in range(pieces):
+            sock.sendall(more)
+    except OSError:
+        pass  # (closed while we were still sending: what is read below says why)
+    got = b""
+    try:
+        while chunk := sock.recv(65536):
+            got += chunk
+            head, _, rest = got.partition(b"\r\n\r\n")
+            length = next((int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
+                           if line.startswith(b"content-length:")), None)
+            if length is not None and len(rest) >= length:
+                break
+    except OSError:
+        pass
+    sock.close()
+    return got
+
+
+def _refused_431(got: bytes) -> None:
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431"), got[:300]
+    assert b"x-request-id: req_" in head.lower(), head
+    assert json.loads(body)["error"]["code"] == "request_header_fields_too_large", body
+
+
+def test_a_request_head_is_bounded_while_it_arrives(upstream, gateway_factory):
+    """mitmproxy gathers a request head until its blank line without limit, before any hook: a
+    client without the key made the gateway hold 64 MiB of one header line (+64 MiB RSS; 200 MiB
+    in 0.3 s), and a whole head past 64 KiB was a 502 HTML page without a request id (the relay
+    could not read it). Now past 32 KiB the client gets a 431 (the gateway's JSON, a request id)
+    and the connection ends; a head of 16 KiB is served."""
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_gateway_api_key=sk-gateway-key-0123456789")
+    start = b"POST /v1/responses HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+    peak = Peak(gw.proc.pid)
+    _refused_431(_head_answer(gw, start + b"x-long: ", b"a" * MiB, 64))
+    assert peak.grown < 16 * MiB, f"the gateway grew {peak.grown / MiB:.0f} MiB"
+    body = json.dumps({"model": "demo-model", "input": "hi"}).encode()
+    auth = b"authorization: Bearer sk-gateway-key-0123456789\r\n"
+    for size in (40, 100):  # (whole, in one or two reads)
+        _refused_431(_head_answer(gw, start + auth + b"x-long: %s\r\ncontent-length: %d\r\n\r\n%s"
+                                  % (b"a" * (size << 10), len(body), body)))
+    got = _head_answer(gw, start + auth + b"connection: close\r\nx-long: %s\r\ncontent-length: %d\r\n\r\n%s"
+                       % (b"a" * (16 << 10), len(body), body))
+    assert got.startswith(b"HTTP/1.1 200"), got[:300]
+    assert requests.get(gw.base_url.removesuffix("/v1") + "/healthz", timeout=10).status_code == 200

@@ -34,6 +34,7 @@ from mitmproxy import connection, ctx, http
 
 from resp2chat_core.head_deadline import HeadDeadline as Clock, Stalls
 
+from .. import mitm_head
 from .base import Owner, fails_closed, log
 
 SWEEP_SECS = 1.0  # seconds between two sweeps at most (a quarter of the deadline when that is shorter)
@@ -48,6 +49,7 @@ class HeadDeadline(Owner):
         super().__init__(source)
         self.clock = Clock(self.s["header_timeout_secs"])
         self.stalls = Stalls(self.s["header_timeout_secs"])
+        mitm_head.install()  # a request head is bounded while mitmproxy reads it (see there)
         self.last: dict[str, weakref.ref] = {}  # client id -> its last flow that ended
         self._sweep: asyncio.Task | None = None
 
