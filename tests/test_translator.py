@@ -440,13 +440,15 @@ def test_a_translator_bug_names_no_internals():
     assert tr.error_detail == "ZeroDivisionError: division by zero"
 
 
-def test_a_lone_surrogate_escape_goes_out_as_the_same_escape():
+def test_a_lone_surrogate_escape_is_replaced_as_invalid_utf8_is():
     """JSON lets a string hold "\\ud800" (a lone surrogate), which no UTF-8 can carry: the
-    translator must not raise (the stream callable would), and the client gets the escape."""
+    translator must not raise (the stream callable would), and the client gets U+FFFD, as for a
+    backend's invalid UTF-8 bytes (nothing made of the text can fail to encode later: the stored
+    Response, a whole answer; tests/test_hostile_audit.py)."""
     tr = translator()
     out = tr.feed(b'data: {"choices":[{"index":0,"delta":{"content":"a\\ud800b"}}]}\n\n') + tr.finish()
     evs = parse_sse(out)
-    assert [e["delta"] for e in of(evs, "response.output_text.delta")] == ["a\ud800b"]
+    assert [e["delta"] for e in of(evs, "response.output_text.delta")] == ["a\ufffdb"]
     assert evs[-1]["type"] == "response.failed"  # (cut short: no finish, no [DONE])
 
 

@@ -68,14 +68,40 @@ another delta, and only the delta is decoded: a third of the work.
 from __future__ import annotations
 
 import json
+import re
 from typing import Protocol
 
 from .sse import MAX_EVENT, SSEParser
 from .usage import find_usage
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-_loads = json.loads
 _raw_decode = json.JSONDecoder().raw_decode
+
+# A lone surrogate: a backend's unpaired ``\ud800`` escape (a pair is one character once decoded).
+# It is no Unicode text: nothing made of it could be encoded as UTF-8 (the Response, the store's
+# record, a whole answer failed on it). It becomes U+FFFD, as a backend's invalid UTF-8 bytes do
+# (sse.py decodes with "replace"). Only a payload that holds such an escape is walked.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _whole(value):
+    """``value`` with every lone surrogate in its strings (keys too) made U+FFFD."""
+    cls = value.__class__
+    if cls is str:
+        return LONE_SURROGATE.sub("\ufffd", value)
+    if cls is dict:
+        return {_whole(k): _whole(v) for k, v in value.items()}
+    if cls is list:
+        return [_whole(v) for v in value]
+    return value
+
+
+def _loads(text: str | bytes):
+    value = json.loads(text)
+    if _SURROGATE_ESCAPE.search(text if text.__class__ is str else text.decode("utf-8", "replace")):
+        value = _whole(value)
+    return value
 _NO_FUNCTION: dict = {}  # (read only) the function of a tool call that has none
 _UNHASHABLE = (list, dict)
 
@@ -179,6 +205,8 @@ class ChunkReader:
                 delta, end = None, 0
             if end == len(payload) - len(env[1]) and delta.__class__ is dict:
                 self.hits += 1
+                if _SURROGATE_ESCAPE.search(payload):
+                    delta = _whole(delta)
                 if delta:
                     self._delta(delta)
                 return

@@ -11,6 +11,8 @@ import json
 import re
 from dataclasses import dataclass
 
+from .chatstream import LONE_SURROGATE
+
 
 @dataclass
 class GatewayError(Exception):
@@ -90,6 +92,7 @@ _SECRET_RE = re.compile(r"(?i)(bearer\s+|api[_-]?key[\"'=: ]+|sk-)[A-Za-z0-9._\-
 def sanitize(text: str, limit: int = 2000) -> str:
     """Strip things that look like credentials from upstream text before a client sees it."""
     text = _SECRET_RE.sub(lambda m: m.group(1) + "[redacted]", text)
+    text = LONE_SURROGATE.sub("\ufffd", text)  # (a backend's unpaired "\ud800": no UTF-8 can hold it)
     return text if len(text) <= limit else text[:limit] + "…"
 
 

@@ -34,6 +34,22 @@ CONVERSATIONS = ("/v1/conversations", "/conversations")  # the Conversations API
 HEALTHZ, METRICS = "/healthz", "/metrics"
 GATEWAY_PATHS = (*RESPONSES_PATHS, *CONVERSATIONS, HEALTHZ, METRICS)
 
+# A request head (its request line and header fields) larger than this is refused with a 431,
+# whole (``head_size``, the gate) or while it arrives (resp2chat_io/mitm_head.py: mitmproxy
+# itself gathers a head without limit). Node's default is 16 KiB, nginx's 4 × 8 KiB; the relay
+# reads mitmproxy's request heads up to four times this (relay/server.py).
+MAX_HEAD = 32 << 10
+
+
+def head_size(method: str, target: str, fields) -> int:
+    """The bytes of a request head as HTTP/1.1 writes it: ``fields`` as (name, value) bytes."""
+    return len(method) + len(target) + 12 + sum(len(name) + len(value) + 4 for name, value in fields) + 2
+
+
+def head_too_large() -> GatewayError:
+    return GatewayError(f"the request head (request line and header fields) is larger than {MAX_HEAD >> 10} KiB",
+                        param="headers", code="request_header_fields_too_large", status=431)
+
 # The gateway's own paths and the methods it serves there (anything else: 405 from the gate).
 # Below /v1/responses and /v1/conversations, a path's shape says what it is: "{id}" stands for
 # one segment (an id), anything else is literal; a fixed name wins over an id.

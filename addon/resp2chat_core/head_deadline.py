@@ -88,3 +88,39 @@ class HeadDeadline:
                 break
             late.append(conn)
         return late
+
+
+class Stalls:
+    """Client connections that take nothing of an answer waiting for them, for ``limit`` seconds
+    (``header_timeout_secs``: the same bound on how long a client may keep the gateway waiting).
+
+    A client that stops reading its stream (a frozen process, a suspended laptop, on purpose)
+    without closing its socket pushes back on the gateway, which pauses the backend (the relay
+    reads no more once 1 MiB waits): nothing grows, but nothing ends either. Its turn, its client's
+    ``max_streams`` slot and the backend's request were held for as long as the socket lived.
+    Sampled about once a second (``sample``): ``pending``, the bytes waiting in the connection's
+    write buffer, does not change while the client reads nothing (nothing can be written, and
+    mitmproxy writes no more until it drains); a client that reads, however slowly, changes it."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit  # seconds; 0: no deadline
+        self._seen: dict[Hashable, tuple[int, float]] = {}  # connection -> (pending bytes, unchanged since)
+
+    def sample(self, conn: Hashable, pending: int, now: float) -> bool:
+        """``pending`` bytes wait to be written to ``conn`` at ``now``: whether the client has
+        taken none of them for ``limit`` seconds (the caller closes it, ``gone``)."""
+        if not self.limit or pending <= 0:
+            self._seen.pop(conn, None)
+            return False
+        last = self._seen.get(conn)
+        if last is None or last[0] != pending:
+            self._seen[conn] = (pending, now)
+            return False
+        return now - last[1] >= self.limit
+
+    def keep(self, conns) -> None:
+        """Only ``conns`` are still open: the others are forgotten."""
+        self._seen = {conn: seen for conn, seen in self._seen.items() if conn in conns}
+
+    def gone(self, conn: Hashable) -> None:
+        self._seen.pop(conn, None)

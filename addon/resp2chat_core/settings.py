@@ -122,7 +122,7 @@ FIELDS: tuple[Field, ...] = (
     Field("public_hosts", "list", [], "Host names clients may reach the gateway by besides IP addresses, localhost and the bind address (e.g. gw.example.com, *.corp.example; '*' for any). Any other Host is refused with 403 (DNS rebinding).", owner="gate"),
     Field("tls_cert_file", "str", "", "Serve HTTPS with this certificate (PEM, chain after it); with tls_key_file. Plain HTTP is then refused (but /healthz).", owner="listen"),
     Field("tls_key_file", "str", "", "The private key (PEM) of tls_cert_file.", owner="listen"),
-    Field("header_timeout_secs", "int", 30, "A client connection must send a whole request head within this many seconds of connecting, or of the end of its previous answer (keep-alive); else it is closed, without an answer (clients open a new one). A request under way (its body, a long stream) and a WebSocket have no such deadline. At most 1000 connections wait for a head at once (past that the oldest waiting one is closed). 0: no deadline (mitmproxy's tcp_timeout, 600 s of silence, remains). A load balancer keeping idle connections to the gateway must drop them sooner than this (deploy/nginx.conf: keepalive_timeout 20s).", owner="connections"),
+    Field("header_timeout_secs", "int", 30, "A client connection must send a whole request head within this many seconds of connecting, or of the end of its previous answer (keep-alive); else it is closed, without an answer (clients open a new one). A request under way (its body, a long stream) and a WebSocket have no such deadline; but a client that takes none of an answer waiting for it for this long is closed too (its turn ends, the backend call is dropped). At most 1000 connections wait for a head at once (past that the oldest waiting one is closed). 0: no deadline (mitmproxy's tcp_timeout, 600 s of silence, remains). A load balancer keeping idle connections to the gateway must drop them sooner than this (deploy/nginx.conf: keepalive_timeout 20s).", owner="connections"),
     # --- clients (issue 23): who may call the gateway, each with its own key -------------------
     Field("clients", "entries", [], "The gateway's clients, each with its own key: a list of {name, key | key_sha256, models: [glob…], rpm, tpm, max_streams} (rpm: turns per minute; tpm: backend tokens per minute, prompt + output; max_streams: turns open at once; a limit left out is none). A plain key is hashed at load; `resp2chat keys add NAME` stores only key_sha256. gateway_api_key, when set, is one more client named default.", owner="gate"),
 )
@@ -248,6 +248,14 @@ def validate(name: str, value: Any) -> None:
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise SettingsError(name, value, "expected an http:// or https:// URL")
+        if "@" in parts.netloc or parts.query or parts.fragment:
+            # Neither was ever sent as it is (a user:password@ went into the Host header, a
+            # ?query ended up before /chat/completions), yet both were shown wherever the URL is
+            # (a client's "cannot connect to the upstream …", the log, flows): not shown here either.
+            shown = f"{parts.scheme}://{'[hidden]@' if '@' in parts.netloc else ''}{parts.netloc.rpartition('@')[2]}{parts.path}" \
+                    + ("?[hidden]" if parts.query else "") + ("#[hidden]" if parts.fragment else "")
+            raise SettingsError(name, shown, "a user:password@, ?query or #fragment is not supported in this URL: "
+                                             "a key goes in upstream_api_key (or upstream_headers)")
     if name == "max_upstream_event_mb" and value < 1:
         raise SettingsError(name, value, "expected a whole number >= 1 (MiB)")
     if name == "coalesce_ms" and value > 1000:

@@ -52,11 +52,14 @@ def _partial_tag(buf: str, tag: str) -> int:
 
 
 class ThinkSplitter:
-    __slots__ = ("state", "held")
+    __slots__ = ("state", "held", "_blanks")
 
     def __init__(self, mode: str = "auto"):
         self.state = THINK_LEAD if mode == "open" else START
         self.held = ""  # a suffix that may still become a tag (or whitespace before one)
+        # whitespace-only deltas after a whitespace-only ``held``, as they came: a long run of
+        # them (a model writing blank lines) is joined once, not copied again at each delta
+        self._blanks: list[str] = []
 
     @property
     def passing(self) -> bool:
@@ -64,7 +67,11 @@ class ThinkSplitter:
 
     def feed(self, text: str) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
-        buf = self.held + text if self.held else text
+        if self.state in (START, THINK) and not text.strip() and not self.held.strip():
+            self._blanks.append(text)  # (what either state does with it: held, whitespace before a tag)
+            return out
+        held = self._held()
+        buf = held + text if held else text
         self.held = ""
         while buf:
             state = self.state
@@ -133,9 +140,16 @@ class ThinkSplitter:
             self.state = PASS
         return out
 
+    def _held(self) -> str:
+        """``held`` and the blank deltas after it, as one string."""
+        if self._blanks:
+            self.held += "".join(self._blanks)
+            self._blanks = []
+        return self.held
+
     def flush(self) -> list[tuple[str, str]]:
         """Release a held suffix (end of stream, or before another item opens)."""
-        held, self.held = self.held, ""
+        held, self.held = self._held(), ""
         if not held:
             return []
         if self.state in (THINK, THINK_LEAD):

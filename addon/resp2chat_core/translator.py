@@ -197,6 +197,15 @@ class _Tool:
 
 
 OVERSIZED = "upstream_event_too_large"  # the code of a turn whose backend sent an event past max_event
+# A turn's output (text, reasoning, tool arguments, as the backend's deltas bring them) is held
+# until the turn ends (``output_text.done``, the Response): past OUTPUT_EVENTS × max_event bytes
+# of it (32 MiB by default) the turn ends with ``response.failed`` (``upstream_output_too_large``)
+# and the backend request is dropped, so that a backend that never stops cannot grow the gateway
+# without bound. What is held counts as its characters, DELTA_COST more per delta (a piece of a
+# list), ITEM_COST per output item and LOGPROB_COST per token of logprobs: at most ~500k deltas.
+OUTPUT_EVENTS = 8
+DELTA_COST, ITEM_COST, LOGPROB_COST = 64, 4096, 256
+OUTPUT_TOO_LARGE = "upstream_output_too_large"
 
 
 class Translator:
@@ -214,6 +223,8 @@ class Translator:
         self.error_detail: str | None = None  # what the operator gets of a failure (errors.py)
         self.events = 0  # also the next sequence_number
         self._reader = ChunkReader(self, max_event)  # chatstream.py: the backend's chunks -> the on_* calls below
+        self._max_output = OUTPUT_EVENTS * max_event
+        self._output_size = 0  # what the turn's output holds, as OUTPUT_EVENTS counts it
         self._parser = self._reader.parser
         self._out: list[str] = []  # events not yet encoded
         self._encoded: list[bytes] = []  # what goes before them, encoded (a Response event's echo spliced in)
@@ -235,7 +246,7 @@ class Translator:
         self._item_id = ""
         self._item_index = 0
         self._text: list[str] = []
-        self._ws = ""  # leading whitespace held back until real text arrives
+        self._ws: list[str] = []  # leading whitespace held back until real text arrives (its pieces)
         self._ws_kind = Kind.NONE
         self._tools: dict[object, _Tool] = {}  # open tool items by upstream key (index, else id)
         self._running: dict[str, tuple[int, dict]] = {}  # the gateway's tool runs in flight: key -> (index, item)
@@ -458,6 +469,8 @@ class Translator:
         self._start()
 
     def on_reasoning(self, text: str) -> None:
+        if self._outgrown(len(text) + DELTA_COST):
+            return
         self._lp = None  # (logprobs of reasoning tokens are not the output text's)
         if self._think is not None:
             self._settle_think()
@@ -466,10 +479,13 @@ class Translator:
     def on_logprobs(self, entries: list) -> None:
         if self.ctx.logprobs:
             lp = _logprobs(entries)
+            self._output_size += LOGPROB_COST * sum(1 + len(e["top_logprobs"]) for e in lp)  # (OUTPUT_EVENTS)
             if lp:
                 self._lp = lp if self._lp is None else self._lp + lp
 
     def on_text(self, text: str) -> None:
+        if self._outgrown(len(text) + DELTA_COST):
+            return
         think = self._think
         if think is None or (think.state == WATCH and not think.held and "<" not in text):
             self._delta(Kind.TEXT, text)  # plain text, or text that cannot hold (part of) a tag
@@ -477,6 +493,8 @@ class Translator:
         self._think_pieces(think.feed(text))
 
     def on_tool(self, key, call_id: str | None, name: str | None, args: str | None) -> None:
+        if self._outgrown(len(args or "") + DELTA_COST):
+            return
         self._lp = None
         if self._think is not None:
             self._settle_think()
@@ -553,6 +571,16 @@ class Translator:
         self._fail(OVERSIZED, f"the upstream sent an SSE event larger than max_upstream_event_mb "
                               f"({limit / (1 << 20):g} MiB): the turn was ended and the upstream request dropped")
 
+    def _outgrown(self, size: int) -> bool:
+        """``size`` more of output held: past the bound (OUTPUT_EVENTS), the turn fails."""
+        self._output_size += size
+        if self._output_size <= self._max_output:
+            return False
+        self._fail(OUTPUT_TOO_LARGE, f"the upstream's answer outgrew {self._max_output / (1 << 20):g} MiB "
+                                     f"({OUTPUT_EVENTS} × max_upstream_event_mb): the turn was ended and the "
+                                     "upstream request dropped")
+        return True
+
     def _fail_upstream(self, status: int | None, body: bytes, retry_after: str | None = None,
                        own: bool = False) -> None:
         code, message, detail = upstream_failure(status, body, self.ctx.request_id, own)
@@ -572,7 +600,7 @@ class Translator:
             self._think_pieces(self._think.flush())
         reason = _INCOMPLETE_REASONS.get(self.finish_reason or "")
         self._close_open("incomplete" if reason else "completed")
-        self._ws = ""
+        self._ws = []
         if self.observer is not None:
             self.observer("end", "\n")
         if reason:
@@ -587,8 +615,9 @@ class Translator:
     def _delta(self, kind: Kind, text: str) -> None:
         if self.open is not kind and not text.strip():
             if self._ws_kind is not kind:
-                self._ws = ""
-            self._ws, self._ws_kind = self._ws + text, kind
+                self._ws = []
+            self._ws.append(text)  # (pieces: a long run of blank deltas is joined once, not copied at each)
+            self._ws_kind = kind
             return
         # (the table says "extend" exactly when the kinds match: skip the lookup then)
         if self.open is not kind and _ITEM_TRANSITIONS[(self.open, kind)] == "switch":
@@ -597,8 +626,8 @@ class Translator:
         if self._ws:
             if self._ws_kind is kind:
                 # Keep indentation, drop the blank lines that separate thinking from the answer.
-                text = self._ws.lstrip("\r\n") + text
-            self._ws, self._ws_kind = "", Kind.NONE
+                text = "".join(self._ws).lstrip("\r\n") + text
+            self._ws, self._ws_kind = [], Kind.NONE
         self._text.append(text)
         if self.observer is not None:
             self.observer("reasoning" if kind is Kind.REASONING else "text", text)
@@ -741,6 +770,7 @@ class Translator:
         self.output.append(item)
 
     def _alloc_index(self) -> int:
+        self._output_size += ITEM_COST  # (OUTPUT_EVENTS: the next delta past the bound fails the turn)
         index, self._next_index = self._next_index, self._next_index + 1
         return index
 

@@ -128,6 +128,8 @@ class Gate(Owner):
             return self.refuse(flow, GatewayError(
                 "the request URL carries a credential: send keys only as 'Authorization: Bearer …' (or x-api-key), "
                 "never in the URL", param="url", code="credential_in_url"))
+        if G.head_size(req.method, req.path, req.headers.fields) > G.MAX_HEAD:
+            return self.refuse(flow, G.head_too_large())  # (a longer one that came in pieces: mitm_head.py)
         if path == G.HEALTHZ and req.method in ("GET", "HEAD"):
             return self.answer(flow, 200, b'{"status":"ok"}', JSON_HEADERS)
         if self.s["tls_cert_file"] and not flow.client_conn.tls_established:

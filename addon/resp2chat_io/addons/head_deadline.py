@@ -32,8 +32,9 @@ import weakref
 
 from mitmproxy import connection, ctx, http
 
-from resp2chat_core.head_deadline import HeadDeadline as Clock
+from resp2chat_core.head_deadline import HeadDeadline as Clock, Stalls
 
+from .. import mitm_head
 from .base import Owner, fails_closed, log
 
 SWEEP_SECS = 1.0  # seconds between two sweeps at most (a quarter of the deadline when that is shorter)
@@ -47,11 +48,13 @@ class HeadDeadline(Owner):
     def __init__(self, source) -> None:
         super().__init__(source)
         self.clock = Clock(self.s["header_timeout_secs"])
+        self.stalls = Stalls(self.s["header_timeout_secs"])
+        mitm_head.install()  # a request head is bounded while mitmproxy reads it (see there)
         self.last: dict[str, weakref.ref] = {}  # client id -> its last flow that ended
         self._sweep: asyncio.Task | None = None
 
     def apply(self, updated: set[str]) -> None:
-        self.clock.limit = self.s["header_timeout_secs"]
+        self.clock.limit = self.stalls.limit = self.s["header_timeout_secs"]
 
     def running(self) -> None:
         if self._sweep is None:
@@ -88,6 +91,7 @@ class HeadDeadline(Owner):
 
     def forget(self, conn: str) -> None:
         self.clock.gone(conn)
+        self.stalls.gone(conn)
         self.last.pop(conn, None)
 
     # --- the sweep ---------------------------------------------------------------------------
@@ -108,6 +112,25 @@ class HeadDeadline(Owner):
                 except Exception as exc:  # noqa: BLE001 — (the sweep goes on for the others)
                     log.warning(f"resp2chat: the head deadline sweep failed: {type(exc).__name__}: {exc}", exc_info=exc)
                     self.forget(conn)
+            try:
+                self.sweep_stalls(now)
+            except Exception as exc:  # noqa: BLE001 — (the next sweep tries again)
+                log.warning(f"resp2chat: the stalled reader sweep failed: {type(exc).__name__}: {exc}", exc_info=exc)
+
+    def sweep_stalls(self, now: float) -> None:
+        """Close each client connection that took nothing of its waiting answer for
+        ``header_timeout_secs`` (``Stalls``): its flow ends in an error, as when the client
+        goes away, so its turn ends, the backend call is dropped and its client's slot freed."""
+        server = ctx.master.addons.get("proxyserver")
+        if server is None or not self.stalls.limit:
+            return
+        handlers = dict(server.connections)
+        self.stalls.keep(handlers)
+        for conn, handler in handlers.items():
+            io = handler.transports.get(handler.client)
+            transport = getattr(io.writer, "transport", None) if io is not None else None
+            if transport is not None and self.stalls.sample(conn, transport.get_write_buffer_size(), now):
+                self.close(conn, f"the client took none of its answer for header_timeout_secs ({self.stalls.limit} s)")
 
     @staticmethod
     def _io(conn: str):

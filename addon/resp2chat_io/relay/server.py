@@ -60,6 +60,8 @@ from typing import Callable
 
 import h11
 
+from resp2chat_core.gate import MAX_HEAD
+
 from . import websocket
 from .constants import READ
 from .exchange import Exchange, run
@@ -234,7 +236,8 @@ class Relay:
             log.warning(f"resp2chat relay: {type(exc).__name__}: {exc}", exc_info=exc)
 
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 << 10)
+        # (a client's head the gate refuses may be a read past MAX_HEAD: mitm_head.py; mitmproxy adds to it)
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=4 * MAX_HEAD)
         idle = False  # waiting for a kept-alive connection's next request: no deadline before its first byte
         try:
             while True:

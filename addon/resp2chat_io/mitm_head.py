@@ -1,0 +1,62 @@
+"""One narrow patch of mitmproxy 12's HTTP/1 server side: a request head is bounded while it
+arrives.
+
+Why. mitmproxy gathers a client's request head in its HTTP/1 layer until the blank line that
+ends it (``mitmproxy/proxy/layers/http/_http1.py``, ``Http1Server.read_headers``: "FIXME: protect
+against header size DoS"), with no limit, before any addon hook sees the request: anyone who can
+connect, without a key, made the gateway hold 200 MiB of one header line in 0.3 s (+196 MiB
+RSS; ``header_timeout_secs`` bounds the time, not the bytes). No hook chooses that layer.
+
+What. ``install()`` (once; calling it again changes nothing) wraps ``Http1Server.read_headers``:
+once the head in progress holds more than ``gate.MAX_HEAD`` bytes without its end, what it held
+is dropped, the client gets a ``431`` (the gateway's JSON error, a request id of its own, as
+every refusal has) and the connection is closed. A whole head that is larger, read at once, is
+refused by the gate with the same ``431`` (addons/gate.py): this bounds what is held before.
+
+Checked against mitmproxy 12.3 (tests/test_hostile_audit.py drives real sockets through it):
+``install`` refuses to patch a layer module that no longer has what it wraps.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from mitmproxy import http
+from mitmproxy.net.http import http1
+from mitmproxy.proxy import commands, events
+from mitmproxy.proxy.layers.http import _http1
+
+from resp2chat_core.gate import MAX_HEAD, head_too_large
+
+
+def _refusal() -> bytes:
+    """The answer to a head that outgrew MAX_HEAD before its end (no flow: a request id of its own)."""
+    err = head_too_large()
+    return http1.assemble_response(http.Response.make(err.status, json.dumps(err.body()).encode(), {
+        "content-type": "application/json", "x-request-id": f"req_{uuid.uuid4().hex[:20]}", "connection": "close"}))
+
+
+def _bounded(read_headers):
+    def bounded_read_headers(self, event):
+        yield from read_headers(self, event)
+        if isinstance(event, events.DataReceived) and len(self.buf) > MAX_HEAD \
+                and getattr(self.state, "__func__", None) is bounded_read_headers:  # (its end not in yet)
+            self.buf.maybe_extract_at_most(len(self.buf))  # (dropped)
+            self.state = self.done
+            yield commands.SendData(self.conn, _refusal())
+            yield commands.CloseConnection(self.conn)
+
+    bounded_read_headers.resp2chat = True
+    return bounded_read_headers
+
+
+def install() -> None:
+    """Bound every HTTP/1 request head mitmproxy reads from now on (once)."""
+    server = getattr(_http1, "Http1Server", None)
+    current = getattr(server, "read_headers", None)
+    if getattr(current, "resp2chat", False):
+        return
+    if current is None or not hasattr(server, "done"):
+        raise RuntimeError("mitmproxy's HTTP/1 layer changed: resp2chat_io/mitm_head.py needs a look")
+    server.read_headers = _bounded(current)
