@@ -599,5 +599,14 @@ def test_upgrades_the_gateway_does_not_serve_are_refused_at_once(recorder, gatew
     assert err.value.status == 404 and json.loads(err.value.body)["error"]["code"] == "websocket_not_supported"
     plain = requests.get(on.base_url + "/responses", timeout=10)
     assert plain.status_code == 405 and plain.headers["allow"] == "POST"
+    # each refusal names its request, as every other refusal of the gateway does
+    upgrade = {"connection": "Upgrade", "upgrade": "websocket", "sec-websocket-version": "13",
+               "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    no_key = {k: v for k, v in upgrade.items() if k != "sec-websocket-key"}
+    for gw, path, headers, status in ((off, "/responses", upgrade, 426), (on, "/models", upgrade, 404),
+                                      (on, "/responses", no_key, 400), (on, "/responses", {}, 405)):
+        r = requests.get(gw.base_url + path, headers=headers, timeout=10)
+        assert r.status_code == status and r.headers.get("x-request-id", "").startswith("req_"), (status, r.headers)
+        assert r.json()["error"]["code"]
     assert requests.get(on.base_url + "/models", timeout=10).status_code == 200  # other GETs still go upstream
     assert Recorder.seen == ["/v1/models"]

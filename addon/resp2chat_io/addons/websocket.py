@@ -46,7 +46,8 @@ from resp2chat_io import mitm_websocket, offload
 from resp2chat_io.relay import Socket
 from resp2chat_io.relay.upstream import failure
 
-from .base import META, RESPONSES_PATHS, Owner, RecordText, fails_closed, json_response, log, request_id, show_url
+from .base import (META, RESPONSES_PATHS, Owner, RecordText, fails_closed, log, refusal, request_id,
+                   show_url)
 from .http_turns import UNREAD_MCP
 from .outcomes import Outcome
 from .server_replay import not_recorded
@@ -156,7 +157,8 @@ class ResponsesWebSocket(Owner):
 
     @staticmethod
     def refuse(flow: http.HTTPFlow, status: int, message: str, code: str, **headers: str) -> None:
-        flow.response = json_response(status, GatewayError(message, code=code, status=status).body(), **headers)
+        flow.response = refusal(flow, GatewayError(message, code=code, status=status),
+                                tuple((k.replace("_", "-"), v) for k, v in headers.items()))
 
     def open(self, flow: http.HTTPFlow) -> None:
         req = flow.request
