@@ -522,7 +522,7 @@ def test_tls_settings_are_checked_at_start_up(upstream, gateway_factory, tls_fil
                           "is not the key of"),
                          ([f"resp2chat_tls_cert_file={tls_files['key']}", f"resp2chat_tls_key_file={tls_files['key']}"],
                           "no PEM certificate"),
-                         ([f"resp2chat_tls_cert_file=/nonexistent.pem", f"resp2chat_tls_key_file={tls_files['key']}"],
+                         (["resp2chat_tls_cert_file=/nonexistent.pem", f"resp2chat_tls_key_file={tls_files['key']}"],
                           "cannot read /nonexistent.pem")):
         with pytest.raises(RuntimeError) as failed:
             gateway_factory(upstream.origin, *(a for x in extra for a in ("--set", x)))
