@@ -44,6 +44,17 @@ COMPACTION_TRIGGER = "compaction_trigger"  # the item that asks for one (compact
 Resolve = Callable[[list[str]], dict[str, dict]]  # item ids -> the stored items found (missing: absent)
 
 
+def as_items(value: object) -> list | None:
+    """A request's ``input`` as items: a string is one user message, a list is itself, none is
+    none (``[]``: optional, as in the API; the request goes on from what it names, or its
+    instructions); anything else is None (validation names it)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    return value if isinstance(value, list) else None
+
+
 def wants_sealed_reasoning(raw: dict) -> bool:
     include = raw.get("include")
     return isinstance(include, list) and INCLUDE_REASONING in include

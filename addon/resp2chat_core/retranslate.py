@@ -83,7 +83,7 @@ class History:
 
     def conversation(self, request: dict) -> list | None:
         create = websocket.Create(request, warmup=False)
-        items = websocket.input_items(request)
+        items = inputs.as_items(request.get("input"))
         if items is None or create.previous is None:
             return items
         earlier = self.responses.get(create.previous)

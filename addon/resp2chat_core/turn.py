@@ -233,14 +233,11 @@ def conversation(raw: dict, found: Found, sealer: Sealer | None = None) -> tuple
     or a previous response that cannot be used."""
     previous, _ = wanted(raw)
     named = conversations.named(raw)
-    items = raw.get("input")
-    if items is None:  # (optional, as in the API: the request goes on from what it names, or its instructions)
-        items = []
-        raw = {**raw, "input": items}
-    elif isinstance(items, str):
-        items = [{"role": "user", "content": items}]
-    if not isinstance(items, list):
+    items = inputs.as_items(raw.get("input"))
+    if items is None:
         return raw, None, False
+    if raw.get("input") is None:
+        raw = {**raw, "input": items}
     earlier = None
     if named is not None:
         earlier = found.earlier

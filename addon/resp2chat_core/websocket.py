@@ -220,16 +220,6 @@ def final_response(sse: bytes) -> dict | None:
     return response if isinstance(response, dict) else None
 
 
-def input_items(body: dict) -> list | None:
-    """A request's ``input`` as items (a string is one user message, none is none: as in begin_turn)."""
-    items = body.get("input")
-    if items is None:
-        return []
-    if isinstance(items, str):
-        return [{"role": "user", "content": items}]
-    return items if isinstance(items, list) else None
-
-
 class Connection:
     """What one socket remembers: for each of its last ``keep`` responses, the whole conversation
     it ended (its request's items, then its output), so a request can continue it."""
@@ -258,7 +248,7 @@ class Connection:
         reasoning opened, ``additional_tools`` items kept), so that what a later request continues
         from memory needs nothing the store may have lost since. Called once the request lowered
         (``begin_turn`` expanded the same input: this cannot fail then)."""
-        items = input_items(create.body)
+        items = inputs.as_items(create.body.get("input"))
         if items is None:
             return None
         items = inputs.expand(create.body, items, resolve, sealer)[1]
