@@ -28,13 +28,14 @@ from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers.http import _http1
 
 from resp2chat_core.gate import MAX_HEAD, head_too_large
+from resp2chat_io.addons.base import JSON_HEADERS, request_id_of
 
 
 def _refusal() -> bytes:
     """The answer to a head that outgrew MAX_HEAD before its end (no flow: a request id of its own)."""
     err = head_too_large()
     return http1.assemble_response(http.Response.make(err.status, json.dumps(err.body()).encode(), {
-        "content-type": "application/json", "x-request-id": f"req_{uuid.uuid4().hex[:20]}", "connection": "close"}))
+        **JSON_HEADERS, "x-request-id": request_id_of(str(uuid.uuid4())), "connection": "close"}))
 
 
 def _bounded(read_headers):

@@ -114,7 +114,13 @@ def show_url(flow: http.HTTPFlow, url: str) -> None:
 
 def request_id(flow: http.HTTPFlow) -> str:
     """The gateway's id for a request: in error answers to the client and in the log."""
-    return "req_" + flow.id.replace("-", "")[:20]
+    return request_id_of(flow.id)
+
+
+def request_id_of(uid: str) -> str:
+    """A request id made of a flow's id (or of any UUID: an answer mitmproxy's layer sends
+    before there is a flow, mitm_head.py)."""
+    return "req_" + uid.replace("-", "")[:20]
 
 
 # flow id -> what stops the work a flow set going before its answer began (a turn's backend call:
