@@ -102,6 +102,8 @@ def _loads(text: str | bytes):
     if _SURROGATE_ESCAPE.search(text if text.__class__ is str else text.decode("utf-8", "replace")):
         value = _whole(value)
     return value
+
+
 _NO_FUNCTION: dict = {}  # (read only) the function of a tool call that has none
 _UNHASHABLE = (list, dict)
 

@@ -21,7 +21,6 @@ from resp2chat_io.columns import table
 from resp2chat_io.config import config_path, editing, load_settings, read_file, write_file
 
 
-
 def _fail(message: str) -> int:
     print(f"resp2chat: {message}", file=sys.stderr)
     return 2

@@ -39,8 +39,8 @@ from resp2chat_core.usage import usage_note
 from resp2chat_core.websocket import final_response
 from resp2chat_io import offload
 
-from .base import (ABANDON, JSON_HEADERS, META, SSE_HEADERS, RESPONSES_PATHS, TURN_HEADER, RecordText, Refusal, fails_closed,
-                   json_response, log, refusal, request_id, show_url)
+from .base import (ABANDON, JSON_HEADERS, META, SSE_HEADERS, RESPONSES_PATHS, TURN_HEADER, RecordText, Refusal,
+                   fails_closed, json_response, log, refusal, request_id, show_url)
 from .turns import UNRECORDED, TurnRun, new_response_id
 
 # HTTP status for a non-streaming client whose response failed, by error code.

@@ -46,8 +46,8 @@ from resp2chat_core.errors import GatewayError, gateway_failure
 from resp2chat_core.labels import shown
 from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.replay import MAX_ENTRY_BYTES, replay_key
-from resp2chat_core.response import CONTINUABLE
 from resp2chat_core.requestbody import body_digest
+from resp2chat_core.response import CONTINUABLE
 from resp2chat_core.retranslate import lowering_record
 from resp2chat_core.routing import Candidate, candidates
 from resp2chat_core.seal import Sealer
@@ -325,8 +325,8 @@ class Turns(Owner):
         """A turn that names a conversation, its backend's stream over (the exchange's ``ending``:
         relay/exchange.py ``run``, before the relay's body ends or a socket's turn goes on): its
         reader (``conversations.Landing``) holds its end; a completed (or incomplete) turn's input
-        and output are written to the conversation now, in one write (``StoredResponses.append``), so the client
-        hears of its end only once they are there, and whoever it tells (another replica, a
+        and output are written to the conversation now, in one write (``StoredResponses.append``),
+        so the client hears of its end only once they are there, and whoever it tells (another replica, a
         ``GET`` of the items) reads them. A write that fails (the store down, the conversation
         gone, too large, changed too often) ends the turn ``failed`` with the write's error
         instead: a completed response with a conversation is in it (OpenAI's). Never raises but
