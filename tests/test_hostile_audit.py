@@ -15,7 +15,7 @@ import requests
 
 from helpers import (
     ADDON, DONE, MITMDUMP, LocalServer, MiB, Peak, QuietHandler, chat_event, free_port, gateway_env, http_chunk,
-    iter_sse, parse_sse, wait_until,
+    iter_sse, parse_sse, send_json, send_sse, start_sse, tool_call, wait_until,
 )
 from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.turn import begin_turn
@@ -40,12 +40,9 @@ class Babbler(QuietHandler):
         model = json.loads(self.rfile.read(int(self.headers["content-length"])))["model"]
         call = {"model": model, "sent": 0, "cut": False}
         type(self).calls.append(call)
-        self.send_response(200)
-        self.send_header("content-type", "text/event-stream")
-        self.send_header("transfer-encoding", "chunked")
-        self.end_headers()
+        start_sse(self)
         delta = {"text": {"content": "x" * 1000}, "reasoning": {"reasoning_content": "x" * 1000},
-                 "args": {"tool_calls": [{"index": 0, "function": {"arguments": "x" * 1000}}]},
+                 "args": {"tool_calls": [tool_call(0, args="x" * 1000)]},
                  "blank": {"content": " " * 100}, "tiny": {"content": "x"}, "calls": {},
                  "switch": {}}.get(model)
         try:
@@ -53,16 +50,14 @@ class Babbler(QuietHandler):
                 self.wfile.write(http_chunk(ANSWER) + b"0\r\n\r\n")
                 return
             if model == "args":
-                self.wfile.write(http_chunk(chat_event({"tool_calls": [
-                    {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": ""}}]})))
+                self.wfile.write(http_chunk(chat_event({"tool_calls": [tool_call(0, "call_1", "f", "")]})))
             event = chat_event(delta)
             piece = http_chunk(event * (PIECE // len(event)))
             n = 0
             while call["sent"] < 1024 * MiB:  # (a bound for the test's own sake: the gateway must cut long before)
                 if model == "calls":
-                    piece = http_chunk(b"".join(chat_event({"tool_calls": [{
-                        "index": i, "id": f"call_{i}", "type": "function", "function": {"name": "f", "arguments": "{}"}}]})
-                        for i in range(n, n + 1000)))
+                    piece = http_chunk(b"".join(chat_event({"tool_calls": [tool_call(i, f"call_{i}", "f", "{}")]})
+                                                for i in range(n, n + 1000)))
                     n += 1000
                 elif model == "switch":
                     piece = http_chunk((chat_event({"content": "x"}) + chat_event({"reasoning_content": "y"})) * 1000)
@@ -168,17 +163,10 @@ class Surrogates(QuietHandler):
 
     def do_POST(self):
         model = json.loads(self.rfile.read(int(self.headers["content-length"])))["model"]
-        if model == "error":
-            body = b'{"error": {"message": "bad \\udc00 input", "type": "invalid_request_error"}}'
-            self.send_response(400)
-            self.send_header("content-type", "application/json")
+        if model == "error":  # (json.dumps writes the lone "\udc00" as that escape)
+            send_json(self, 400, {"error": {"message": "bad \udc00 input", "type": "invalid_request_error"}})
         else:
-            body = LONE + chat_event(finish="stop") + DONE
-            self.send_response(200)
-            self.send_header("content-type", "text/event-stream")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+            send_sse(self, LONE + chat_event(finish="stop") + DONE)
 
 
 def test_a_backends_lone_surrogate_is_replaced_and_the_turn_kept(gateway_factory):

@@ -13,7 +13,7 @@ import pytest
 import requests
 from openai.types.responses import Response
 
-from helpers import DONE, chat_event, check_stream, openai_client
+from helpers import chat_chunk, chat_sse, check_stream, openai_client, tool_call_chunk
 from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.turn import begin_turn
 from wsclient import WSClient
@@ -162,11 +162,9 @@ def test_parallel_calls_cut_short_only_the_last_is_incomplete():
         body = {"model": "m", "input": "hi", "tools": WEATHER_TOOLS}
         t = begin_turn(json.dumps(body).encode(), LoweringOptions(), "resp_x", 100)
         tr = t.translator()
-        calls = chat_event({"tool_calls": [{"index": 0, "id": "c1", "type": "function",
-                                             "function": {"name": "get_weather", "arguments": "{}"}}]})
-        calls += chat_event({"tool_calls": [{"index": 1, "id": "c2", "type": "function",
-                                              "function": {"name": "f2", "arguments": '{"a": '}}]})
-        out = tr.accepted() + tr.feed(calls + chat_event(finish=finish) + DONE) + tr.finish()
+        stream = chat_sse(tool_call_chunk(0, "c1", "get_weather", "{}"), tool_call_chunk(1, "c2", "f2", '{"a": '),
+                          chat_chunk(finish=finish))
+        out = tr.accepted() + tr.feed(stream) + tr.finish()
         return check_stream(out, "resp_x")[-1]["response"]
 
     assert [i["status"] for i in final("length")["output"]] == ["completed", "incomplete"]
