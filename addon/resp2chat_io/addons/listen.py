@@ -124,8 +124,10 @@ class Listen(Owner):
         # or in its own running hook, after ours; client replay (-C) sends its first flow from its
         # running hook, before ours: once one of ours waits (the relay starting), that flow reaches
         # TlsConfig.request with no store ('NoneType' object has no attribute 'default_ca', an
-        # error that stops the start). Saying confdir again makes the store now, before we wait.
-        ctx.options.update(confdir=ctx.options.confdir)
+        # error that stops the start). Saying confdir again makes the store now, before we wait
+        # (only then: loading it again costs every other start ~30 ms).
+        if ctx.options.client_replay:
+            ctx.options.update(confdir=ctx.options.confdir)
         # mitmdump brings its servers up while scripts are still loading, with the options of
         # that moment: if we changed the mode, ask the proxy server to apply it now.
         if self._rebind and (ps := ctx.master.addons.get("proxyserver")):
