@@ -34,7 +34,7 @@ def test_start_use_stop_as_a_context_manager(upstream, monkeypatch):
 
 
 def test_settings_are_checked_and_failures_are_explained(upstream, tmp_path):
-    with pytest.raises(StartError, match="max_tokens_field: 'n' is invalid"):
+    with pytest.raises(StartError, match=r"max_tokens_field \(from start\(\)\): 'n' is invalid"):
         resp2chat_io.start(upstream.base_url, max_tokens_field="n")
     with pytest.raises(resp2chat_io.GatewayError):  # StartError's old name (README named it) still catches it
         resp2chat_io.start(upstream.base_url, max_tokens_field="n")

@@ -205,7 +205,7 @@ def coerce(field: Field, value: Any, source: str = "") -> Any:
                 text = value.strip()
                 data = json.loads(text) if text.startswith("[") else [s.strip() for s in text.split(",") if s.strip()]
             else:
-                data = value
+                data = list(value) if isinstance(value, tuple) else value  # mitmproxy's Sequence[str]
             if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
                 raise SettingsError(field.name, value, "expected a list of strings", source)
             return list(data)
@@ -222,6 +222,20 @@ def coerce(field: Field, value: Any, source: str = "") -> Any:
             raise
         raise SettingsError(field.name, value, str(exc), source) from None
     raise AssertionError(k)
+
+
+def parse(field: Field, value: Any, source: str = "") -> Any:
+    """A setting's value as its field takes it, from wherever it came (the file, the environment,
+    ``--set``, ``start()``, an upstream entry): parsed (``coerce``), then checked (``validate``);
+    an error names ``source``."""
+    value = coerce(field, value, source)
+    try:
+        validate(field.name, value)
+    except SettingsError as exc:
+        if not source:
+            raise
+        raise SettingsError(exc.field, exc.value, exc.why, source) from None
+    return value
 
 
 def _either(words) -> str:
@@ -308,18 +322,18 @@ def resolve(file_values: Mapping[str, Any], env: Mapping[str, str]) -> tuple[dic
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for f in FIELDS:
-        value, source = f.default, "default"
+        value, source, given = f.default, "default", ""
         for key in (f.name, *f.aliases):
             if key in file_values and file_values[key] is not None:
-                value, source = coerce(f, file_values[key], "config file"), "config file" + (
-                    f" ({key}, deprecated)" if key != f.name else "")
+                value, given = file_values[key], "config file"
+                source = given + (f" ({key}, deprecated)" if key != f.name else "")
                 break
         for var in (f.env, *("RESP2CHAT_" + a.upper() for a in f.aliases), *f.env_fallbacks):
             if var in env:
-                value, source = coerce(f, env[var], var), var
+                value, source = env[var], var
+                given = var
                 break
-        validate(f.name, value)
-        values[f.name], sources[f.name] = value, source
+        values[f.name], sources[f.name] = parse(f, value, given), source
     return values, sources
 
 
@@ -399,8 +413,7 @@ def parse_upstreams(value: Sequence[dict]) -> tuple[UpstreamSpec, ...]:
         for setting in PER_UPSTREAM:
             if setting in entry:
                 try:
-                    v = coerce(BY_NAME[setting], entry[setting])
-                    validate(setting, v)
+                    v = parse(BY_NAME[setting], entry[setting])
                 except SettingsError as exc:
                     raise bad(setting, exc.why) from None
                 overrides.append((setting, v))

@@ -73,7 +73,7 @@ def _option_value(name: str, value: Any) -> str:
             text = "true" if value else "false"
         else:
             text = str(value)
-        S.validate(name, S.coerce(field, text, "start()"))
+        S.parse(field, text, "start()")
     except S.SettingsError as exc:
         raise StartError(str(exc)) from None
     return f"resp2chat_{name}={text}"

@@ -87,8 +87,7 @@ def cmd_configure(args) -> int:
     interactive = not args.yes
     try:
         for name, raw in given.items():
-            values[name] = S.coerce(S.BY_NAME[name], raw, "command line")
-            S.validate(name, values[name])
+            values[name] = S.parse(S.BY_NAME[name], raw, "command line")
         if interactive:
             values["upstream_base_url"] = _ask("Chat Completions base URL", S.first_upstream(values))
             S.validate("upstream_base_url", values["upstream_base_url"])
@@ -290,10 +289,9 @@ def cmd_start(args) -> int:
     for name, text in set_settings(args.mitmproxy_args).items():
         sources[name] = f"--set resp2chat_{name}"
         try:
-            values[name] = S.coerce(S.BY_NAME[name], text, sources[name])
-            S.validate(name, values[name])
+            values[name] = S.parse(S.BY_NAME[name], text, sources[name])
         except S.SettingsError as exc:
-            return _fail(str(S.SettingsError(exc.field, exc.value, exc.why, sources[name])))
+            return _fail(str(exc))
     cmd, env = build_start_command(args, values, sources)
     where = ("demo upstream" if env.get("RESP2CHAT_UPSTREAM_BASE_URL") == "demo" else
              ", ".join(f"{u['name']} ({u['base_url']})" for u in values["upstreams"]) or S.first_upstream(values))

@@ -226,14 +226,9 @@ class SettingsSource:
             if given is not None:
                 log.warning(f"resp2chat: {S.deprecated(old)} (--set resp2chat_{old})")
                 value = given
-        if f.kind == "map" and isinstance(value, str):
-            value = S.coerce(f, value or "{}", f.option)
-        elif f.kind == "entries" and isinstance(value, str):
-            value = S.coerce(f, value, f.option)
-        elif f.kind == "list":
-            value = list(value)
-        S.validate(f.name, value)
-        return value
+        if f.kind == "map" and not value:
+            value = "{}"
+        return S.parse(f, value, f.option)
 
     def values(self, names) -> dict:
         try:
