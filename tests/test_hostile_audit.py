@@ -263,6 +263,85 @@ def test_a_client_that_stops_reading_is_closed_and_its_turn_ends(gateway_factory
         ws.sock.close()
 
 
+# --- a backend that sends only comments ------------------------------------------------------------
+
+
+class Commenter(QuietHandler):
+    """A chat backend that answers 200 at once and then sends SSE comments (``: keep-alive``)
+    every 0.1 s, by model: ``comments`` forever (until the gateway hangs up; 60 s at most, for
+    the test's own sake), ``queued`` for 2 s (a request waiting in OpenRouter's queue), then a
+    short answer. ``calls``: per call, whether the gateway cut it (``cut``)."""
+
+    calls: list[dict] = []
+
+    def do_POST(self):
+        model = json.loads(self.rfile.read(int(self.headers["content-length"])))["model"]
+        call = {"model": model, "cut": False}
+        type(self).calls.append(call)
+        start_sse(self)
+        until = time.monotonic() + (2 if model == "queued" else 60)
+        try:
+            while time.monotonic() < until:
+                self.wfile.write(http_chunk(b": keep-alive\n\n"))
+                self.wfile.flush()
+                time.sleep(0.1)  # (the backend's pace, not a wait)
+            self.wfile.write(http_chunk(ANSWER) + b"0\r\n\r\n")
+        except OSError:
+            call["cut"] = True
+            self.close_connection = True
+
+
+def test_a_backend_that_sends_only_comments_fails_the_turn_and_frees_its_slot(gateway_factory):
+    """A backend that answers 200 and then only ``: keep-alive`` comments held the turn, its
+    backend call, the client's ``max_streams`` slot and the client for as long as it went on:
+    every comment counted as progress for ``upstream_idle_timeout_secs``. Now comments keep the
+    connection (a 2 s queue outlives the 1 s idle timeout, and is answered), but no data for
+    ``upstream_data_timeout_secs`` ends the turn with ``response.failed`` (code
+    ``upstream_timeout``), the backend call cut and the slot free: over HTTP and the WebSocket.
+    While only comments come, the client hears ``keepalive_secs`` events (before, none came
+    after the first comment: a Codex waiting on a queued request heard nothing)."""
+    with LocalServer(Commenter) as backend:
+        Commenter.calls = []
+        carol = json.dumps([{"name": "carol", "key": CAROL, "max_streams": 1}])
+        gw = gateway_factory(backend.url, "--set", f"resp2chat_clients={carol}",
+                             "--set", "resp2chat_upstream_idle_timeout_secs=1",
+                             "--set", "resp2chat_upstream_data_timeout_secs=4", "--set", "resp2chat_keepalive_secs=1")
+        auth = {"authorization": f"Bearer {CAROL}"}
+
+        def streamed(model: str) -> list[dict]:
+            with requests.post(gw.base_url + "/responses", json={"model": model, "input": "hi", "stream": True},
+                               headers=auth, stream=True, timeout=20) as r:
+                assert r.status_code == 200, r.text
+                return list(iter_sse(r))
+
+        queued = streamed("queued")
+        types = [e["type"] for e in queued]
+        assert types[-1] == "response.completed", types
+        assert "".join(e["delta"] for e in queued if e["type"] == "response.output_text.delta") == "hello"
+        waited = types[:types.index("response.output_item.added")]  # created, in_progress, then keepalives
+        assert waited.count("response.in_progress") >= 2, types
+
+        failed = streamed("comments")
+        assert failed[-1]["type"] == "response.failed", [e["type"] for e in failed]
+        error = failed[-1]["response"]["error"]
+        assert error["code"] == "upstream_timeout" and "sent no data for 4 s" in error["message"], error
+        assert [e["type"] for e in failed].count("response.in_progress") >= 3  # keepalives while comments came
+        wait_until(lambda: Commenter.calls[-1]["cut"], 10, "the backend call cut")
+        ok = requests.post(gw.base_url + "/responses", json={"model": "queued", "input": "hi"}, headers=auth, timeout=20)
+        assert ok.status_code == 200, ok.text  # carol's one slot is free again
+
+        ws = WSClient(gw.base_url, headers=auth, timeout=20)
+        try:
+            events = ws.turn({"type": "response.create", "model": "comments", "input": "hi"})
+        finally:
+            ws.close()
+        assert events[-1]["type"] == "response.failed", [e["type"] for e in events]
+        assert events[-1]["response"]["error"]["code"] == "upstream_timeout"
+        wait_until(lambda: Commenter.calls[-1]["cut"], 10, "the socket turn's backend call cut")
+        ok = requests.post(gw.base_url + "/responses", json={"model": "queued", "input": "hi"}, headers=auth, timeout=20)
+        assert ok.status_code == 200, ok.text
+
+
 # --- a request head without bound -----------------------------------------------------------------
 
 
