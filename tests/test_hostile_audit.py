@@ -11,6 +11,7 @@ import subprocess
 import threading
 import time
 
+import pytest
 import requests
 
 from helpers import (
@@ -340,6 +341,60 @@ def test_a_backend_that_sends_only_comments_fails_the_turn_and_frees_its_slot(ga
         wait_until(lambda: Commenter.calls[-1]["cut"], 10, "the socket turn's backend call cut")
         ok = requests.post(gw.base_url + "/responses", json={"model": "queued", "input": "hi"}, headers=auth, timeout=20)
         assert ok.status_code == 200, ok.text
+
+
+# --- numbers without bound ---------------------------------------------------------------------------
+
+SHELL_CALL = {"type": "local_shell_call", "call_id": "c1", "status": "completed",
+              "action": {"type": "exec", "command": ["ls"], "timeout_ms": 1000}}
+
+
+def _with_timeout(ms) -> dict:
+    call = {**SHELL_CALL, "action": {**SHELL_CALL["action"], "timeout_ms": ms}}
+    return {"input": [call, {"type": "local_shell_call_output", "call_id": "c1", "output": "a"}]}
+
+
+@pytest.mark.parametrize("fields,param,code", [
+    ({"max_output_tokens": 10**400}, "max_output_tokens", "integer_above_max_value"),
+    ({"max_output_tokens": 2**31}, "max_output_tokens", "integer_above_max_value"),
+    ({"max_output_tokens": -1}, "max_output_tokens", "integer_below_min_value"),
+    ({"max_tool_calls": 10**400}, "max_tool_calls", "integer_above_max_value"),
+    ({"max_tool_calls": 2**63}, "max_tool_calls", "integer_above_max_value"),
+    ({"top_logprobs": 10**400}, "top_logprobs", "integer_above_max_value"),
+    (_with_timeout(10**30), "input[0].action.timeout_ms", "integer_above_max_value"),
+    (_with_timeout(-5), "input[0].action.timeout_ms", "integer_below_min_value"),
+], ids=["tokens-1e400", "tokens-2^31", "tokens-negative", "calls-1e400", "calls-2^63", "logprobs-1e400",
+        "shell-timeout-1e30", "shell-timeout-negative"])
+def test_integers_no_backend_takes_are_400s_naming_the_field(gateway, upstream, fields, param, code):
+    """A JSON number has no bound: ``max_output_tokens: 10**400`` (or ``max_tool_calls``, a
+    history call's ``timeout_ms``) went to the backend as it was, to fail there or overflow. Now
+    the schema bounds every integer field a request may carry (a count: a signed 32-bit one; a
+    duration in ms: a signed 64-bit one; none negative): a 400 naming the field with OpenAI's
+    code, and the backend never asked. Over HTTP and the WebSocket."""
+    upstream.clear()
+    body = {"model": "demo-model", "input": "hi", **fields}
+    r = requests.post(gateway.base_url + "/responses", data=json.dumps(body), timeout=30,
+                      headers={"content-type": "application/json"})
+    error = r.json()["error"]
+    assert r.status_code == 400 and (error["param"], error["code"]) == (param, code), r.text
+    assert error["type"] == "invalid_request_error" and param in error["message"] and r.headers["x-request-id"]
+    ws = WSClient(gateway.base_url, timeout=30)
+    try:
+        event = ws.turn({"type": "response.create", **body})[-1]
+    finally:
+        ws.close()
+    assert event["type"] == "error" and (event["error"]["param"], event["error"]["code"]) == (param, code), event
+    assert upstream.requests() == []
+
+
+def test_the_largest_counts_still_reach_the_backend(gateway, upstream):
+    upstream.clear()
+    r = requests.post(gateway.base_url + "/responses", timeout=30, json={
+        "model": "demo-model", "max_output_tokens": 2**31 - 1, **_with_timeout(2**63 - 1)})
+    assert r.status_code == 200, r.text
+    chat = upstream.requests()[-1]
+    assert chat["max_tokens"] == 2**31 - 1
+    assert json.loads(chat["messages"][0]["tool_calls"][0]["function"]["arguments"])["timeout_ms"] == 2**63 - 1
 
 
 # --- a request head without bound -----------------------------------------------------------------
