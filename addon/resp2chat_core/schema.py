@@ -536,7 +536,16 @@ def _to_gateway_error(exc: ValidationError, data: dict, places: list[int] | None
     bound, value = _BOUNDS.get(err["type"]), err.get("input")
     if bound and value.__class__ in (int, float):  # the API's codes for a number out of its range
         code = f"{'integer' if value.__class__ is int else 'decimal'}_{bound}"
+    if code == "missing_required_parameter" and param == "model":
+        return GatewayError(MODEL_REQUIRED, param="model", code=code)
     return GatewayError(f"{param}: {err['msg']}", param=param or None, code=code)
+
+
+# Every request that is lowered names its model, POST /v1/responses/input_tokens too (OpenAI's
+# does without): the gateway routes by it (routing.candidates) and the backend is asked for it;
+# there is no default model a request without one could go to (a turn has none either).
+MODEL_REQUIRED = ("model: required: the gateway picks the upstream, and the model it asks, by the request's "
+                  "model (also for /v1/responses/input_tokens, which counts what that upstream would get)")
 
 
 _BOUNDS = {"greater_than_equal": "below_min_value", "greater_than": "below_min_value",
