@@ -328,7 +328,8 @@ def test_a_backend_that_sends_only_comments_fails_the_turn_and_frees_its_slot(ga
         assert error["code"] == "upstream_timeout" and "sent no data for 4 s" in error["message"], error
         assert [e["type"] for e in failed].count("response.in_progress") >= 3  # keepalives while comments came
         wait_until(lambda: Commenter.calls[-1]["cut"], 10, "the backend call cut")
-        ok = requests.post(gw.base_url + "/responses", json={"model": "queued", "input": "hi"}, headers=auth, timeout=20)
+        ok = requests.post(gw.base_url + "/responses", json={"model": "queued", "input": "hi"}, headers=auth,
+                           timeout=20)
         assert ok.status_code == 200, ok.text  # carol's one slot is free again
 
         ws = WSClient(gw.base_url, headers=auth, timeout=20)
@@ -339,7 +340,8 @@ def test_a_backend_that_sends_only_comments_fails_the_turn_and_frees_its_slot(ga
         assert events[-1]["type"] == "response.failed", [e["type"] for e in events]
         assert events[-1]["response"]["error"]["code"] == "upstream_timeout"
         wait_until(lambda: Commenter.calls[-1]["cut"], 10, "the socket turn's backend call cut")
-        ok = requests.post(gw.base_url + "/responses", json={"model": "queued", "input": "hi"}, headers=auth, timeout=20)
+        ok = requests.post(gw.base_url + "/responses", json={"model": "queued", "input": "hi"}, headers=auth,
+                           timeout=20)
         assert ok.status_code == 200, ok.text
 
 

@@ -52,7 +52,7 @@ class Candidate:
     headers: tuple[tuple[bytes, bytes], ...] = ()  # its upstream_headers, lower-case names
     connect_timeout: float | None = 10.0  # seconds (None: no limit)
     idle_timeout: float = 60.0  # seconds of upstream silence before the turn fails (inf: no limit)
-    data_timeout: float = 300.0  # seconds without stream data (SSE comments are none) before the turn fails (inf: no limit)
+    data_timeout: float = 300.0  # seconds without stream data (SSE comments are none) before it fails (inf: none)
     keepalive: float = 15.0  # seconds without data before the first between keepalive events (inf: off)
 
     @property
