@@ -15,7 +15,7 @@ import yaml
 
 from helpers import (
     ADDON, MITMDUMP, RESP2CHAT, ROOT, Codex, LocalServer, QuietHandler, chat_chunk, chat_sse, cli_env, config_file, free_port,
-    openai_client, run_cli, send_sse, start_gateway, wait_http,
+    listening_ports, openai_client, run_cli, send_sse, start_gateway, wait_http,
 )
 
 from resp2chat_core.settings import FIELDS
@@ -229,6 +229,38 @@ def test_start_set_bind_addr_wins_over_environment(tmp_path, upstream):
         out = _stop(proc)
     assert f"gateway on http://127.0.0.1:{wanted}/v1" in out and f"listening at 127.0.0.1:{wanted}" in out, out
     assert str(env_port) not in out
+
+
+@pytest.mark.parametrize("how", ["--listen-port", "-p", "--set"])
+def test_start_listen_port_wins_over_bind_addr(tmp_path, upstream, how):
+    """``resp2chat start -- --listen-port N``: ``start`` names bind_addr in ``--mode`` (its
+    ``@host:port``), which beats mitmproxy's own ``--listen-port``, so the user's explicit port
+    was silently ignored and the gateway listened on bind_addr's. Now it wins, as ``--set
+    resp2chat_bind_addr`` does (bind_addr's host stays), and the URL start prints says so."""
+    env_port, wanted = free_port(), free_port()
+    given = {"--listen-port": ["--listen-port", str(wanted)], "-p": [f"-p{wanted}"],
+             "--set": ["--set", f"listen_port={wanted}"]}[how]
+    proc = subprocess.Popen([str(RESP2CHAT), "start", "--", *given], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            cwd=tmp_path, env=cli_env(tmp_path, RESP2CHAT_BIND_ADDR=f"127.0.0.1:{env_port}",
+                                                      RESP2CHAT_UPSTREAM_BASE_URL=upstream.base_url))
+    try:
+        wait_http(f"http://127.0.0.1:{wanted}/healthz", proc=proc)
+        client = openai_client(f"http://127.0.0.1:{wanted}/v1")
+        assert client.responses.create(model="demo-model", input="port wins").output_text == "You said: port wins"
+        assert env_port not in listening_ports(proc.pid)
+    finally:
+        out = _stop(proc)
+    assert f"gateway on http://127.0.0.1:{wanted}/v1" in out and f"listening at 127.0.0.1:{wanted}" in out, out
+    assert str(env_port) not in out
+
+
+def test_start_refuses_a_listen_port_that_contradicts_set_bind_addr(tmp_path):
+    a, b = free_port(), free_port()
+    out = run_cli(tmp_path, "start", "--", "--set", f"resp2chat_bind_addr=127.0.0.1:{a}", "--listen-port", str(b))
+    assert out.returncode == 2, out.stderr
+    assert f"--listen-port {b} and --set resp2chat_bind_addr=127.0.0.1:{a} name different ports" in out.stderr
+    out = run_cli(tmp_path, "start", "--", "--listen-port", "eighty")
+    assert out.returncode == 2 and "'eighty' is no port number" in out.stderr, out.stderr
 
 
 def test_start_refuses_an_invalid_set_value(tmp_path):

@@ -11,6 +11,7 @@ import subprocess
 import threading
 import time
 
+import pytest
 import requests
 
 from helpers import (
@@ -261,6 +262,141 @@ def test_a_client_that_stops_reading_is_closed_and_its_turn_ends(gateway_factory
         wait_until(lambda: call["cut"], 30, "the stalled socket's backend call cut")
         wait_until(ok, 10, "carol's slot free again")
         ws.sock.close()
+
+
+# --- a backend that sends only comments ------------------------------------------------------------
+
+
+class Commenter(QuietHandler):
+    """A chat backend that answers 200 at once and then sends SSE comments (``: keep-alive``)
+    every 0.1 s, by model: ``comments`` forever (until the gateway hangs up; 60 s at most, for
+    the test's own sake), ``queued`` for 2 s (a request waiting in OpenRouter's queue), then a
+    short answer. ``calls``: per call, whether the gateway cut it (``cut``)."""
+
+    calls: list[dict] = []
+
+    def do_POST(self):
+        model = json.loads(self.rfile.read(int(self.headers["content-length"])))["model"]
+        call = {"model": model, "cut": False}
+        type(self).calls.append(call)
+        start_sse(self)
+        until = time.monotonic() + (2 if model == "queued" else 60)
+        try:
+            while time.monotonic() < until:
+                self.wfile.write(http_chunk(b": keep-alive\n\n"))
+                self.wfile.flush()
+                time.sleep(0.1)  # (the backend's pace, not a wait)
+            self.wfile.write(http_chunk(ANSWER) + b"0\r\n\r\n")
+        except OSError:
+            call["cut"] = True
+            self.close_connection = True
+
+
+def test_a_backend_that_sends_only_comments_fails_the_turn_and_frees_its_slot(gateway_factory):
+    """A backend that answers 200 and then only ``: keep-alive`` comments held the turn, its
+    backend call, the client's ``max_streams`` slot and the client for as long as it went on:
+    every comment counted as progress for ``upstream_idle_timeout_secs``. Now comments keep the
+    connection (a 2 s queue outlives the 1 s idle timeout, and is answered), but no data for
+    ``upstream_data_timeout_secs`` ends the turn with ``response.failed`` (code
+    ``upstream_timeout``), the backend call cut and the slot free: over HTTP and the WebSocket.
+    While only comments come, the client hears ``keepalive_secs`` events (before, none came
+    after the first comment: a Codex waiting on a queued request heard nothing)."""
+    with LocalServer(Commenter) as backend:
+        Commenter.calls = []
+        carol = json.dumps([{"name": "carol", "key": CAROL, "max_streams": 1}])
+        gw = gateway_factory(backend.url, "--set", f"resp2chat_clients={carol}",
+                             "--set", "resp2chat_upstream_idle_timeout_secs=1",
+                             "--set", "resp2chat_upstream_data_timeout_secs=4", "--set", "resp2chat_keepalive_secs=1")
+        auth = {"authorization": f"Bearer {CAROL}"}
+
+        def streamed(model: str) -> list[dict]:
+            with requests.post(gw.base_url + "/responses", json={"model": model, "input": "hi", "stream": True},
+                               headers=auth, stream=True, timeout=20) as r:
+                assert r.status_code == 200, r.text
+                return list(iter_sse(r))
+
+        queued = streamed("queued")
+        types = [e["type"] for e in queued]
+        assert types[-1] == "response.completed", types
+        assert "".join(e["delta"] for e in queued if e["type"] == "response.output_text.delta") == "hello"
+        waited = types[:types.index("response.output_item.added")]  # created, in_progress, then keepalives
+        assert waited.count("response.in_progress") >= 2, types
+
+        failed = streamed("comments")
+        assert failed[-1]["type"] == "response.failed", [e["type"] for e in failed]
+        error = failed[-1]["response"]["error"]
+        assert error["code"] == "upstream_timeout" and "sent no data for 4 s" in error["message"], error
+        assert [e["type"] for e in failed].count("response.in_progress") >= 3  # keepalives while comments came
+        wait_until(lambda: Commenter.calls[-1]["cut"], 10, "the backend call cut")
+        ok = requests.post(gw.base_url + "/responses", json={"model": "queued", "input": "hi"}, headers=auth,
+                           timeout=20)
+        assert ok.status_code == 200, ok.text  # carol's one slot is free again
+
+        ws = WSClient(gw.base_url, headers=auth, timeout=20)
+        try:
+            events = ws.turn({"type": "response.create", "model": "comments", "input": "hi"})
+        finally:
+            ws.close()
+        assert events[-1]["type"] == "response.failed", [e["type"] for e in events]
+        assert events[-1]["response"]["error"]["code"] == "upstream_timeout"
+        wait_until(lambda: Commenter.calls[-1]["cut"], 10, "the socket turn's backend call cut")
+        ok = requests.post(gw.base_url + "/responses", json={"model": "queued", "input": "hi"}, headers=auth,
+                           timeout=20)
+        assert ok.status_code == 200, ok.text
+
+
+# --- numbers without bound ---------------------------------------------------------------------------
+
+SHELL_CALL = {"type": "local_shell_call", "call_id": "c1", "status": "completed",
+              "action": {"type": "exec", "command": ["ls"], "timeout_ms": 1000}}
+
+
+def _with_timeout(ms) -> dict:
+    call = {**SHELL_CALL, "action": {**SHELL_CALL["action"], "timeout_ms": ms}}
+    return {"input": [call, {"type": "local_shell_call_output", "call_id": "c1", "output": "a"}]}
+
+
+@pytest.mark.parametrize("fields,param,code", [
+    ({"max_output_tokens": 10**400}, "max_output_tokens", "integer_above_max_value"),
+    ({"max_output_tokens": 2**31}, "max_output_tokens", "integer_above_max_value"),
+    ({"max_output_tokens": -1}, "max_output_tokens", "integer_below_min_value"),
+    ({"max_tool_calls": 10**400}, "max_tool_calls", "integer_above_max_value"),
+    ({"max_tool_calls": 2**63}, "max_tool_calls", "integer_above_max_value"),
+    ({"top_logprobs": 10**400}, "top_logprobs", "integer_above_max_value"),
+    (_with_timeout(10**30), "input[0].action.timeout_ms", "integer_above_max_value"),
+    (_with_timeout(-5), "input[0].action.timeout_ms", "integer_below_min_value"),
+], ids=["tokens-1e400", "tokens-2^31", "tokens-negative", "calls-1e400", "calls-2^63", "logprobs-1e400",
+        "shell-timeout-1e30", "shell-timeout-negative"])
+def test_integers_no_backend_takes_are_400s_naming_the_field(gateway, upstream, fields, param, code):
+    """A JSON number has no bound: ``max_output_tokens: 10**400`` (or ``max_tool_calls``, a
+    history call's ``timeout_ms``) went to the backend as it was, to fail there or overflow. Now
+    the schema bounds every integer field a request may carry (a count: a signed 32-bit one; a
+    duration in ms: a signed 64-bit one; none negative): a 400 naming the field with OpenAI's
+    code, and the backend never asked. Over HTTP and the WebSocket."""
+    upstream.clear()
+    body = {"model": "demo-model", "input": "hi", **fields}
+    r = requests.post(gateway.base_url + "/responses", data=json.dumps(body), timeout=30,
+                      headers={"content-type": "application/json"})
+    error = r.json()["error"]
+    assert r.status_code == 400 and (error["param"], error["code"]) == (param, code), r.text
+    assert error["type"] == "invalid_request_error" and param in error["message"] and r.headers["x-request-id"]
+    ws = WSClient(gateway.base_url, timeout=30)
+    try:
+        event = ws.turn({"type": "response.create", **body})[-1]
+    finally:
+        ws.close()
+    assert event["type"] == "error" and (event["error"]["param"], event["error"]["code"]) == (param, code), event
+    assert upstream.requests() == []
+
+
+def test_the_largest_counts_still_reach_the_backend(gateway, upstream):
+    upstream.clear()
+    r = requests.post(gateway.base_url + "/responses", timeout=30, json={
+        "model": "demo-model", "max_output_tokens": 2**31 - 1, **_with_timeout(2**63 - 1)})
+    assert r.status_code == 200, r.text
+    chat = upstream.requests()[-1]
+    assert chat["max_tokens"] == 2**31 - 1
+    assert json.loads(chat["messages"][0]["tool_calls"][0]["function"]["arguments"])["timeout_ms"] == 2**63 - 1
 
 
 # --- a request head without bound -----------------------------------------------------------------

@@ -11,6 +11,7 @@ import pytest
 import requests
 
 from helpers import openai_client
+from wsclient import WSClient
 from resp2chat_core import listing
 from resp2chat_core.errors import GatewayError
 
@@ -134,3 +135,29 @@ def test_input_tokens_refusals(own_gateway, upstream):
         r = requests.post(url, json=body, timeout=10)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     assert requests.get(url, timeout=10).status_code == 405
+
+
+def test_a_request_without_a_model_is_told_why_it_needs_one(own_gateway, upstream):
+    """OpenAI's input_tokens endpoint does without ``model``; the gateway cannot: it routes every
+    request by its model, and a turn without one has no default upstream either (the schema
+    requires it). So both are the same 400, which now says why (it said ``model: Field
+    required``), over HTTP (the openai SDK's count, a turn) and the WebSocket; the backend is not
+    asked."""
+    upstream.clear()
+    client = openai_client(own_gateway)
+    with pytest.raises(openai.BadRequestError) as counted:
+        client.responses.input_tokens.count(input="hi")
+    with pytest.raises(openai.BadRequestError) as turned:
+        client.responses.create(input="hi")  # (the SDK lets model be left out)
+    for err in (counted.value, turned.value):
+        error = err.body if "message" in err.body else err.body["error"]
+        assert (error["param"], error["code"]) == ("model", "missing_required_parameter"), error
+        assert "picks the upstream" in error["message"] and "input_tokens" in error["message"], error
+        assert err.response.headers["x-request-id"]
+    ws = WSClient(own_gateway.base_url)
+    try:
+        event = ws.turn({"type": "response.create", "input": "hi"})[-1]
+    finally:
+        ws.close()
+    assert event["type"] == "error" and "picks the upstream" in event["error"]["message"], event
+    assert upstream.requests() == []

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resp2chat_core.sse import SSEParser
+from resp2chat_core.sse import Progress, SSEParser
 
 
 def parse(*pieces: bytes) -> tuple[list[str], SSEParser]:
@@ -200,3 +200,45 @@ def test_a_long_line_is_accumulated_in_linear_time():
         assert time.monotonic() - started < 10, "re-copying what is held at every read"
     [event] = p.feed(b"\n\n")
     assert len(event) == 64 << 20 and time.monotonic() - started < 10
+
+
+# --- Progress: whether pieces of a stream bring anything but comments (upstream_data_timeout_secs)
+
+
+def _data_bytes(stream: bytes) -> list[bool]:
+    """Per byte of ``stream``: whether it belongs to a line that is not a comment (its end with it)."""
+    marks, i = [], 0
+    while i < len(stream):
+        if stream[i] in b"\r\n":
+            marks.append(False)  # a blank line, or the LF of a CRLF
+            i += 1
+            continue
+        end = min((j for j in (stream.find(b"\n", i), stream.find(b"\r", i)) if j >= 0), default=len(stream))
+        marks += [stream[i] != ord(":")] * (min(end + 1, len(stream)) - i)
+        i = end + 1
+    return marks
+
+
+_line = st.sampled_from([b": keep-alive", b":", b": OPENROUTER PROCESSING", b"data: {\"x\": 1}", b"data: [DONE]",
+                         b"event: ping", b"{\"error\": {}}", b"", b"d"])
+_eol = st.sampled_from([b"\n", b"\r\n", b"\r"])
+
+
+@given(lines=st.lists(st.tuples(_line, _eol), max_size=12), cuts=st.lists(st.integers(0, 400), max_size=8))
+@settings(max_examples=400, deadline=None)
+def test_progress_is_any_byte_of_a_line_that_is_no_comment(lines, cuts):
+    stream = b"".join(line + eol for line, eol in lines)
+    marks = _data_bytes(stream)
+    bounds = sorted({0, len(stream), *(c % (len(stream) + 1) for c in cuts)})
+    progress = Progress()
+    for a, b in zip(bounds, bounds[1:]):
+        assert progress.feed(stream[a:b]) == any(marks[a:b]), (stream, a, b)
+
+
+def test_comments_alone_are_no_progress_however_split():
+    stream = b": keep-alive\n\n: OPENROUTER PROCESSING\r\n\r\n:\r\r" * 3
+    for size in range(1, len(stream) + 1):
+        progress = Progress()
+        assert not any(progress.feed(stream[i:i + size]) for i in range(0, len(stream), size))
+    progress = Progress()
+    assert not progress.feed(b": keep-alive\n\n: still") and progress.feed(b" queued\n\ndata: {}\n\n")

@@ -92,3 +92,68 @@ def test_an_invalid_set_value_stops_resp2chat_start(tmp_path, upstream, setting,
     rc, out = run_to_exit([str(RESP2CHAT), "start", "--", "--set", setting], env, port, tmp_path)
     assert rc != 0, out
     assert needle in out, out
+
+
+# --- the script changes on disk while the gateway runs --------------------------------------------
+
+
+def test_a_reloaded_script_leaves_the_gateway_as_it_was(tmp_path, upstream):
+    """mitmproxy reloads a ``-s`` script whenever its file changes (a ``git pull``, an editor, a
+    deploy touching addon/resp2chat.py): it takes the script's addons out of its lookup and calls
+    their ``done`` hooks synchronously, which refuses the gateway's first asynchronous one. So the
+    reload stopped half-way, in mitmproxy's watcher task (no later change was ever looked at): the
+    ``done`` hooks before that one had run (``HeadDeadline``'s: a client connection that sends no
+    request head was no longer closed), the old addons went on unseen by name, and ``BodyAside``
+    and ``KeepUpgrades`` (added to mitmproxy outside the script) held them. Now a change of the
+    gateway's script is not reloaded (its code under resp2chat_io would not be either): a warning
+    says to restart it, and the one set of addons goes on whole, its state too (a stored
+    response, the relay: no second one listening), over HTTP and the WebSocket."""
+    import os
+    import shutil
+    import socket
+    import time
+
+    from helpers import listening_ports, openai_client, start_gateway
+    from wsclient import WSClient
+
+    script = tmp_path / "resp2chat.py"
+    shutil.copy(ADDON, script)
+    gw = start_gateway(upstream.origin, tmp_path, "--set", f"resp2chat_gateway_api_key={GATEWAY_KEY}",
+                       "--set", "resp2chat_max_replay_entries=0", "--set", "resp2chat_header_timeout_secs=2",
+                       addon=script)
+    try:
+        client = openai_client(gw, api_key=GATEWAY_KEY)
+        first = client.responses.create(model="demo-model", input="remember me")
+        ports = listening_ports(gw.proc.pid)
+
+        def change(n: int) -> None:
+            loaded = gw.log().count("Loading script")
+            later = time.time() + 10 * n
+            script.write_text(script.read_text() + f"\n# changed {n}\n")
+            os.utime(script, (later, later))  # (mitmproxy's watcher looks at the mtime once a second)
+            wait_until(lambda: gw.log().count("changed on disk") == n or gw.log().count("Loading script") > loaded,
+                       30, f"change {n} noticed", gw.proc)
+
+        change(1)
+        refused = requests.get(gw.base_url + "/models", timeout=10)
+        assert refused.status_code == 401, (refused.status_code, refused.text[:300])
+        silent = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+        assert silent.recv(1) == b""  # (closed: no request head within header_timeout_secs)
+        silent.close()
+        upstream.clear()
+        on = client.responses.create(model="demo-model", input="and now?", previous_response_id=first.id)
+        assert on.status == "completed" and on.output_text == "You said: and now?"
+        assert [m["content"] for m in upstream.requests()[-1]["messages"]][:1] == ["remember me"]
+        ws = WSClient(gw.base_url, headers={"authorization": f"Bearer {GATEWAY_KEY}"})
+        try:
+            events = ws.turn({"type": "response.create", "model": "demo-model", "input": "by socket",
+                              "previous_response_id": on.id})
+        finally:
+            ws.close()
+        assert events[-1]["type"] == "response.completed", events[-1]
+        assert len(upstream.requests()) == 2  # (both turns went to the backend as chat requests)
+        assert listening_ports(gw.proc.pid) == ports  # (one relay, as before)
+        change(2)  # (the first did not stop mitmproxy's watcher)
+        assert gw.log().count("Loading script") == 1 and "Traceback" not in gw.log()
+    finally:
+        gw.stop()

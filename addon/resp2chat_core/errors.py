@@ -169,13 +169,15 @@ def upstream_failure(status: int | None, body: bytes, request_id: str = "",
     """An upstream failure as (Responses error code, the client's message, the operator's detail).
 
     ``own``: the relay wrote ``body`` itself (``channel.UpstreamFailed.own``): its message is
-    the gateway's own wording, shown with the request id."""
+    the gateway's own wording, shown with the request id, and an error ``code`` it wrote is the
+    code (relay/upstream.py ``failure``)."""
     message, upstream_code = upstream_error_message(status, body)
     code = classify_upstream_error(status, message, upstream_code)
     if own:
         try:
-            said = str(json.loads(body)["error"]["message"])
-        except (ValueError, KeyError, TypeError):
+            error = json.loads(body)["error"]
+            said, code = str(error["message"]), str(error.get("code") or code)
+        except (ValueError, KeyError, TypeError, AttributeError):
             said = message
         return code, said + (f" (request id {request_id})" if request_id else ""), message
     if for_operator_only(status, body, upstream_code):

@@ -52,7 +52,8 @@ class Candidate:
     headers: tuple[tuple[bytes, bytes], ...] = ()  # its upstream_headers, lower-case names
     connect_timeout: float | None = 10.0  # seconds (None: no limit)
     idle_timeout: float = 60.0  # seconds of upstream silence before the turn fails (inf: no limit)
-    keepalive: float = 15.0  # seconds of silence before the first byte between keepalive events (inf: off)
+    data_timeout: float = 300.0  # seconds without stream data (SSE comments are none) before it fails (inf: none)
+    keepalive: float = 15.0  # seconds without data before the first between keepalive events (inf: off)
 
     @property
     def base_url(self) -> str:
@@ -67,6 +68,7 @@ def timeouts(values: dict) -> dict:
     """A ``Candidate``'s timeouts from (an upstream's) settings, settings.py names: 0 is no limit."""
     return {"connect_timeout": values["connect_timeout_secs"] or None,
             "idle_timeout": values["upstream_idle_timeout_secs"] or float("inf"),
+            "data_timeout": values["upstream_data_timeout_secs"] or float("inf"),
             "keepalive": values["keepalive_secs"] or float("inf")}
 
 

@@ -22,6 +22,15 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+# The largest counts a request may carry: JSON numbers have no bound, backends do. A count no
+# backend takes (10**400 output tokens) is the client's error, a 400 naming the field, not a
+# backend's 4xx, 5xx or overflow later. Counts (tokens, calls): a signed 32-bit integer, what
+# llama.cpp reads them into (n_predict, n_probs) and far above any model's window. Durations in
+# milliseconds: a signed 64-bit one (Codex's are u64; no one waits 292 million years).
+MAX_COUNT = 2**31 - 1
+MAX_MS = 2**63 - 1
+
+
 # --- content parts -------------------------------------------------------------------------
 
 
@@ -81,7 +90,7 @@ class CustomToolCallItem(_Model):
 class LocalShellAction(_Model):
     type: Literal["exec"] = "exec"
     command: list[str]
-    timeout_ms: int | None = None
+    timeout_ms: int | None = Field(default=None, ge=0, le=MAX_MS)
     working_directory: str | None = None
     env: dict[str, str] | None = None
     user: str | None = None
@@ -309,8 +318,8 @@ class ResponsesRequest(_Model):
     tool_choice: Union[str, dict[str, Any], None] = None
     parallel_tool_calls: StrictBool | None = None
     stream: StrictBool | None = False
-    max_output_tokens: int | None = Field(default=None, ge=16)  # (the API's minimum)
-    max_tool_calls: int | None = Field(default=None, ge=1)
+    max_output_tokens: int | None = Field(default=None, ge=16, le=MAX_COUNT)  # (the API's minimum)
+    max_tool_calls: int | None = Field(default=None, ge=1, le=MAX_COUNT)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
@@ -527,7 +536,16 @@ def _to_gateway_error(exc: ValidationError, data: dict, places: list[int] | None
     bound, value = _BOUNDS.get(err["type"]), err.get("input")
     if bound and value.__class__ in (int, float):  # the API's codes for a number out of its range
         code = f"{'integer' if value.__class__ is int else 'decimal'}_{bound}"
+    if code == "missing_required_parameter" and param == "model":
+        return GatewayError(MODEL_REQUIRED, param="model", code=code)
     return GatewayError(f"{param}: {err['msg']}", param=param or None, code=code)
+
+
+# Every request that is lowered names its model, POST /v1/responses/input_tokens too (OpenAI's
+# does without): the gateway routes by it (routing.candidates) and the backend is asked for it;
+# there is no default model a request without one could go to (a turn has none either).
+MODEL_REQUIRED = ("model: required: the gateway picks the upstream, and the model it asks, by the request's "
+                  "model (also for /v1/responses/input_tokens, which counts what that upstream would get)")
 
 
 _BOUNDS = {"greater_than_equal": "below_min_value", "greater_than": "below_min_value",

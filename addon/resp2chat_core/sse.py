@@ -152,3 +152,60 @@ class SSEParser:
         if len(data) > counted:  # (an event that goes on into the next read: its size so far)
             self._data_size += sum(len(d) for d in data[counted:]) + len(data) - counted
         return out
+
+
+def _line_end(chunk: bytes, start: int) -> int:
+    """Where the first line end (LF or CR) at or after ``start`` is; -1: none."""
+    lf, cr = chunk.find(b"\n", start), chunk.find(b"\r", start)
+    return lf if cr < 0 else cr if lf < 0 else min(lf, cr)
+
+
+class Progress:
+    """Whether the pieces of an SSE stream bring anything but comments: the relay's test of a
+    backend making progress (relay/upstream.py ``_Watch``; the ``upstream_data_timeout_secs``
+    setting). A backend may send ``: keep-alive`` comment lines for as long as it likes (OpenRouter
+    while a request is queued, DeepSeek while it is busy): they keep the connection alive, but a
+    stream of nothing else answers nothing. Any other line (``data:``, an ``event:``, a bare JSON
+    error, even a stray line of a body that was never SSE) is progress, and so is any byte of it;
+    blank lines and line ends are not. Splits between reads are followed as ``SSEParser`` follows
+    them (a line, or a CRLF pair, may be cut anywhere); the work per piece is a find of its last
+    line end, and for a piece of comments one find per line."""
+
+    __slots__ = ("_mid", "_comment")
+
+    def __init__(self) -> None:
+        self._mid = False  # the last piece ended inside a line…
+        self._comment = False  # …that is a comment
+
+    def feed(self, chunk: bytes) -> bool:
+        """Whether ``chunk`` holds any byte of a line that is not a comment."""
+        if not chunk:
+            return False
+        mid, comment = self._mid, self._comment
+        last = max(chunk.rfind(b"\n"), chunk.rfind(b"\r"))  # where the piece's last line starts (after it)
+        if last < 0:  # no line end: the line goes on, or one starts
+            if not mid:
+                self._mid, self._comment = True, chunk[0] == 0x3A
+            return not self._comment
+        if last == len(chunk) - 1:
+            self._mid = False
+        else:
+            self._mid, self._comment = True, chunk[last + 1] == 0x3A
+        i = 0
+        if mid:
+            if not comment:
+                return True  # (the rest of a data line, or its end: the event is complete now)
+            i = _line_end(chunk, 0) + 1
+        n = len(chunk)
+        while i < n:
+            c = chunk[i]
+            if c == 0x0A or c == 0x0D:
+                i += 1
+            elif c != 0x3A:
+                return True
+            else:
+                end = _line_end(chunk, i)
+                if end < 0:
+                    return False
+                i = end + 1
+        return False

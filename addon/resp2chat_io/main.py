@@ -282,6 +282,62 @@ def set_settings(mitmproxy_args) -> dict:
     return given
 
 
+def listen_args(mitmproxy_args) -> dict:
+    """mitmproxy's own listen address among its arguments: ``{"listen_host": text, "listen_port":
+    text}``, each only when given (``--listen-host H``, ``--listen-port P``, ``-p P``, their
+    ``=`` forms, ``--set listen_host=H`` / ``listen_port=P``; as mitmproxy reads them, a ``--set``
+    after the flags, the last of each kind wins)."""
+    flags = {"--listen-host": "listen_host", "--listen-port": "listen_port", "-p": "listen_port"}
+    given: dict = {}
+    sets: dict = {}
+    args = list(mitmproxy_args)
+    for i, arg in enumerate(args):
+        name, eq, text = arg.partition("=")
+        if name in flags:
+            if eq:
+                given[flags[name]] = text
+            elif i + 1 < len(args):
+                given[flags[name]] = args[i + 1]
+        elif arg.startswith("-p") and len(arg) > 2 and not arg.startswith("--"):
+            given["listen_port"] = arg[2:]
+        elif arg == "--set" and i + 1 < len(args) or name == "--set" and eq:
+            option, _, value = (args[i + 1] if arg == "--set" else arg.removeprefix("--set=")).partition("=")
+            if option in ("listen_host", "listen_port"):
+                sets[option] = value
+    return given | sets
+
+
+def start_bind(values: dict, sources: dict, mitmproxy_args) -> str | None:
+    """Apply mitmproxy's own listen arguments (``listen_args``) to ``bind_addr``, which ``start``
+    names in ``--mode`` (where mitmproxy's ``@host:port`` beats ``--listen-host``/``--listen-port``):
+    the user's explicit argument wins over the environment and the file, as ``--set
+    resp2chat_bind_addr`` does. Both given and naming different addresses: why, refused (None: fine)."""
+    given = listen_args(mitmproxy_args)
+    if not given:
+        return None
+    said = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in given.items())
+    host, port = S.parse_bind(values["bind_addr"])
+    if "listen_port" in given:
+        try:
+            wanted = int(given["listen_port"])
+        except ValueError:
+            return f"{said}: {given['listen_port']!r} is no port number"
+        if sources["bind_addr"].startswith("--set") and wanted != port:
+            return f"{said} and {sources['bind_addr']}={values['bind_addr']} name different ports: give one of them"
+        port = wanted
+    if given.get("listen_host"):
+        if sources["bind_addr"].startswith("--set") and given["listen_host"] != host:
+            return f"{said} and {sources['bind_addr']}={values['bind_addr']} name different hosts: give one of them"
+        host = given["listen_host"]
+    values["bind_addr"] = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    sources["bind_addr"] = said
+    try:
+        S.parse(S.BY_NAME["bind_addr"], values["bind_addr"], said)
+    except S.SettingsError as exc:
+        return str(exc)
+    return None
+
+
 def cmd_start(args) -> int:
     values, sources, _ = _settings()
     # --set wins over the environment and the file, in the addon (SettingsSource.value) and so
@@ -292,6 +348,9 @@ def cmd_start(args) -> int:
             values[name] = S.parse(S.BY_NAME[name], text, sources[name])
         except S.SettingsError as exc:
             return _fail(str(exc))
+    # So do mitmproxy's own --listen-host/--listen-port (else the @address in --mode beat them)
+    if (refused := start_bind(values, sources, args.mitmproxy_args)) is not None:
+        return _fail(refused)
     cmd, env = build_start_command(args, values, sources)
     where = ("demo upstream" if env.get("RESP2CHAT_UPSTREAM_BASE_URL") == "demo" else
              ", ".join(f"{u['name']} ({u['base_url']})" for u in values["upstreams"]) or S.first_upstream(values))

@@ -3,7 +3,8 @@
 - Owns the backend settings: ``upstream_base_url`` (or the ``--mode reverse`` target plus
   ``/v1``; ``demo`` runs the bundled demo upstream), ``upstream_api_key``,
   ``forward_client_auth``, the relay's timeouts (``connect_timeout_secs``,
-  ``upstream_idle_timeout_secs``, ``keepalive_secs``, ``coalesce_ms``; mitmproxy's ``ssl_insecure``) and
+  ``upstream_idle_timeout_secs``, ``upstream_data_timeout_secs``, ``keepalive_secs``, ``coalesce_ms``;
+  mitmproxy's ``ssl_insecure``) and
   ``max_upstream_event_mb``, the largest SSE event a backend may send (each turn's reader of the
   backend's stream is bounded by it: ``Turns`` reads it for a turn's translator and exchange).
 - ``upstreams``: several named upstreams instead of one, each serving some models, later ones

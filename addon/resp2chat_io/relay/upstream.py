@@ -6,8 +6,11 @@ typed events (``UpstreamFailed``, ``UpstreamJSON``, ``Keepalive``). It returns a
 
 The one deadline rule (``_Watch``): from the moment the request is sent, a backend that sends
 nothing for ``idle_timeout`` seconds fails the turn (``UpstreamFailed`` 504), before its answer
-or in the middle of it; while no body byte has come yet (a long prefill), every ``keepalive``
-seconds of silence send the client a ``Keepalive``. Connecting has its own ``connect_timeout``.
+or in the middle of it; one that sends no data for ``data_timeout`` seconds fails it too, however
+many SSE comments (``: keep-alive``) it sends meanwhile: comments keep the connection, they are
+not an answer (resp2chat_core/sse.py ``Progress``). While no data has come yet (a long prefill, a
+request queued at OpenRouter), every ``keepalive`` seconds without data send the client a
+``Keepalive``. Connecting has its own ``connect_timeout``.
 
 The hot path: a backend's chunked stream is decoded by resp2chat_core/chunked.py inside the
 backend socket's own callback (``_BodyPump`` stands in for the StreamReader's protocol), one
@@ -37,6 +40,7 @@ import h11
 from resp2chat_core.routing import Candidate
 from resp2chat_core.channel import Channel, Keepalive, UpstreamFailed, UpstreamJSON
 from resp2chat_core.chunked import ChunkedDecoder, ChunkedError
+from resp2chat_core.sse import Progress
 
 from .constants import READ
 
@@ -82,30 +86,44 @@ class BackendUrl:
         return f"{p.scheme}://{p.netloc}"
 
 
-def failure(status: int, message: str, kind: str) -> UpstreamFailed:
-    """A failure the relay itself observed, worded like a backend's error body."""
-    return UpstreamFailed(status, json.dumps({"error": {"message": message, "type": kind}}).encode(), own=True)
+def failure(status: int, message: str, kind: str, code: str | None = None) -> UpstreamFailed:
+    """A failure the relay itself observed, worded like a backend's error body (``code``: the
+    Responses error code the client gets, when not the one the status stands for: errors.py)."""
+    error = {"message": message, "type": kind} | ({"code": code} if code else {})
+    return UpstreamFailed(status, json.dumps({"error": error}).encode(), own=True)
 
 
 class _Watch:
     """The one deadline rule (module docstring), shared by every wait of a call."""
 
-    __slots__ = ("idle", "keepalive", "channel", "last", "last_keepalive", "streaming", "paused")
+    __slots__ = ("idle", "data", "keepalive", "channel", "last", "last_data", "last_keepalive", "streaming",
+                 "paused", "progress")
 
-    def __init__(self, idle: float, keepalive: float, channel: Channel) -> None:
-        self.idle, self.keepalive, self.channel = idle, keepalive, channel
-        self.last = self.last_keepalive = time.monotonic()
-        self.streaming = False  # a body byte has come: no more keepalives
+    def __init__(self, idle: float, keepalive: float, channel: Channel, data: float = float("inf")) -> None:
+        self.idle, self.data, self.keepalive, self.channel = idle, data, keepalive, channel
+        self.last = self.last_data = self.last_keepalive = time.monotonic()
+        self.streaming = False  # data has come: no more keepalives
         self.paused = False  # we stopped reading (a slow client): silence is ours, not the backend's
+        self.progress = Progress()
+
+    def heard(self, piece: bytes) -> None:
+        """A piece of a 200 stream's body came (its bytes already count for ``last``)."""
+        if self.progress.feed(piece):
+            self.streaming = True
+            self.last_data = self.last
+
+    def ours(self) -> None:
+        """We did not read for a while (a slow client): that silence is not the backend's."""
+        self.last = self.last_data = time.monotonic()
 
     def _next(self) -> float | None:
         """Seconds until the rule must act again; 0 when it must act now (None: never)."""
         now = time.monotonic()
         if self.paused:
-            self.last = now
-        wait = self.idle - (now - self.last)
+            self.last = self.last_data = now
+        wait = min(self.idle - (now - self.last), self.data - (now - self.last_data))
         if not self.streaming:
-            wait = min(wait, self.keepalive - (now - max(self.last, self.last_keepalive)))
+            wait = min(wait, self.keepalive - (now - max(self.last_data, self.last_keepalive)))
         return None if wait == float("inf") else max(wait, 0.0)
 
     def _act(self) -> bool:
@@ -114,7 +132,12 @@ class _Watch:
         if now - self.last >= self.idle:
             self.channel.event(failure(504, f"the upstream sent nothing for {self.idle:g} s", "upstream_timeout"))
             return False
-        if not self.streaming and now - max(self.last, self.last_keepalive) >= self.keepalive:
+        if now - self.last_data >= self.data:
+            self.channel.event(failure(504, f"the upstream sent no data for {self.data:g} s (only SSE comments, "
+                                            "keep-alives: upstream_data_timeout_secs)", "upstream_timeout",
+                                       "upstream_timeout"))
+            return False
+        if not self.streaming and now - max(self.last_data, self.last_keepalive) >= self.keepalive:
             self.channel.event(Keepalive())
             self.last_keepalive = now
         return True
@@ -192,7 +215,7 @@ class UpstreamClient:
             outcome, heard = CallEnd.BROKEN, [False]
             try:
                 outcome = await self._roundtrip(target, headers, body, reader, writer, channel, transform, heard,
-                                               _Watch(to.idle_timeout, to.keepalive, channel))
+                                               _Watch(to.idle_timeout, to.keepalive, channel, to.data_timeout))
             except (OSError, h11.ProtocolError) as exc:
                 if pooled and not heard[0]:
                     outcome = CallEnd.STALE
@@ -301,11 +324,16 @@ class UpstreamClient:
         def put(data: bytes) -> bool:
             """A 200 stream's bytes to the channel; False: read no more of it (the turn is over,
             or ``transform`` refused the stream)."""
-            if channel.closed or (transform is not None and (data := transform(data)) is None):
+            if channel.closed:
+                return False
+            watch.heard(data)
+            if transform is not None and (data := transform(data)) is None:
                 return False
             channel.data(data)
             return True
 
+        if not stream:
+            watch.data = float("inf")  # (an error or JSON body: no SSE, no comments; its bytes are its progress)
         if stream and b"chunked" in hdrs.get(b"transfer-encoding", b"").lower():
             # Pooled afterwards only if the backend keeps the connection (cpp-httplib, llama.cpp's
             # server, says "close" when a connection has served its share).
@@ -319,7 +347,6 @@ class UpstreamClient:
                 return CallEnd.BROKEN
             if isinstance(event, h11.Data):
                 if stream:
-                    watch.streaming = True
                     if not put(bytes(event.data)):  # (h11 may hand out a bytearray; the channel carries bytes)
                         return CallEnd.BROKEN
                     if channel.size > FULL:
@@ -371,7 +398,7 @@ async def _taken(channel: Channel, watch: _Watch) -> None:
         await taken
     finally:
         channel.on_take = None
-        watch.last = time.monotonic()
+        watch.ours()
 
 
 class _BodyPump(asyncio.Protocol):
@@ -437,7 +464,6 @@ class _BodyPump(asyncio.Protocol):
             self._end(CallEnd.BROKEN)
             return
         if piece:
-            self.watch.streaming = True
             if not self.put(piece):
                 self._end(CallEnd.BROKEN)
                 return
@@ -451,7 +477,7 @@ class _BodyPump(asyncio.Protocol):
     def _resume(self) -> None:
         self.channel.on_take = None
         self.paused = self.watch.paused = False
-        self.watch.last = time.monotonic()  # the wait was ours, not the backend's silence
+        self.watch.ours()  # the wait was ours, not the backend's silence
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
