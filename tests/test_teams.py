@@ -345,3 +345,54 @@ def test_conversations_and_background_responses_are_their_clients_own(team, upst
     done = wait_until(lambda: (r := alice_b.responses.retrieve(queued.id)).status == "completed" and r, 30,
                       "alice's background response polled to its end on the other replica")
     assert done.output_text.split() == [f"word{i}" for i in range(10)]
+
+
+@uses({"alice": (), "bob": ()})
+def test_a_revoked_or_rotated_key_stops_its_background_responses_on_every_replica(team, upstream):
+    """A background response runs in the gateway, off any connection: revoking its client's key
+    (``keys revoke``) or giving that name another key stops it on whichever replica runs it, as the
+    next message of that client's open WebSocket is refused; it is stored ``failed`` with
+    ``invalid_api_key``, and the backend call is dropped. Another client's run goes on."""
+    long = "noreason\nwords: 400\nslow: 50"  # ~20 s of backend stream
+    bob_run = team.sdk(0, "bob").responses.create(model=ALL, input=long, background=True)
+    alice_run = team.sdk(1, "alice").responses.create(model=ALL, input="noreason\nwords: 60\nslow: 50",
+                                                      background=True)
+
+    def stored(name: str, response_id: str) -> dict:
+        data = team.redis.hget(f"resp2chat:owner:client.{name}:response:{response_id}", "data")
+        return json.loads(data)["response"] if data else {}
+
+    wait_until(lambda: stored("bob", bob_run.id).get("status") == "in_progress", 20, "bob's run under way")
+    assert run_cli(team.tmp, "keys", "revoke", "bob").returncode == 0
+    revoked_at = time.monotonic()
+    ended = wait_until(lambda: (r := stored("bob", bob_run.id)).get("status") not in ("queued", "in_progress", None)
+                       and r, 10, "bob's background response stopped")
+    assert time.monotonic() - revoked_at < 8  # (its backend stream had ~20 s to go)
+    assert ended["status"] == "failed" and ended["error"]["code"] == "invalid_api_key", ended
+    # its turn is over on replica a (the backend call dropped), well before its stream's end
+    alice_key = f"Bearer {team.keys['alice']}"
+    wait_until(lambda: scrape(team.gws[0], authorization=alice_key)[("resp2chat_streams_in_flight", ())] == 0, 5,
+               "bob's turn over")
+    assert time.monotonic() - revoked_at < 10
+    # alice's run, on the other replica, is hers: it goes on to its end
+    done = wait_until(lambda: (r := team.sdk(0, "alice").responses.retrieve(alice_run.id)).status == "completed"
+                      and r, 30, "alice's run completed")
+    assert len(done.output_text.split()) == 60
+    # a key given to the same name anew (rotation): the old key's run stops too, on replica b
+    old = team.sdk(1, "alice").responses.create(model=ALL, input=long, background=True)
+    wait_until(lambda: stored("alice", old.id).get("status") == "in_progress", 20, "alice's second run under way")
+    assert run_cli(team.tmp, "keys", "revoke", "alice").returncode == 0
+    new_key = run_cli(team.tmp, "keys", "add", "alice").stdout.strip()
+    ended = wait_until(lambda: (r := stored("alice", old.id)).get("status") not in ("queued", "in_progress", None)
+                       and r, 10, "alice's old key's run stopped")
+    assert ended["status"] == "failed" and ended["error"]["code"] == "invalid_api_key", ended
+    # her new key reads what the old one started (the state is the name's), and nothing runs any more
+    for gw in team.gws:
+        wait_until(lambda: post_turn(gw, {"model": ALL, "input": "hi"},
+                                     {"authorization": f"Bearer {new_key}"}).status_code == 200, 10, "the new key taken")
+    seen = openai_client(team.gws[0], api_key=new_key).responses.retrieve(old.id)
+    assert seen.status == "failed" and seen.error.code == "invalid_api_key"
+    team.keys["alice-new"] = new_key  # (the fixture checks no key reached a log)
+    for gw in team.gws:
+        wait_until(lambda: scrape(gw, authorization=f"Bearer {new_key}")[("resp2chat_streams_in_flight", ())] == 0,
+                   10, "no turn left running")
