@@ -270,6 +270,37 @@ def test_passthrough_paths_is_the_allowlist(echo, gateway_factory):
     assert "passthrough_paths" in str(failed.value) and "'GET /v1/../files'" in str(failed.value)
 
 
+def test_a_client_limited_to_some_models_passes_through_with_those_only(echo, gateway_factory):
+    """``clients``' ``models`` hold on ``passthrough_paths`` too: a limited client's POST there
+    (embeddings) names one of its models in its JSON body, or it is refused (404
+    ``model_not_found`` as for a turn, 400 without a model) and reaches no backend; before, it
+    embedded with any model the backend had. A client with every model, and GETs, go on as before."""
+    carol, alice = "carol-key-0123456789abcdef", "alice-key-0123456789abcdef"
+    gw = gateway_factory(echo.url, env={"RESP2CHAT_CLIENTS": json.dumps([
+        {"name": "carol", "key": carol, "models": ["qwen3-*"]}, {"name": "alice", "key": alice}])})
+
+    def embed(key: str, body) -> requests.Response:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return requests.post(gw.base_url + "/embeddings", data=data, timeout=20,
+                             headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
+
+    for body, status, code in (({"model": "other-embedder", "input": "x"}, 404, "model_not_found"),
+                               ({"model": "qwen3", "input": "x"}, 404, "model_not_found"),  # (globs match whole names)
+                               ({"input": "x"}, 400, "missing_required_parameter"),
+                               ({"model": ["qwen3-embed"], "input": "x"}, 400, "missing_required_parameter"),
+                               (b"not json", 400, "invalid_json")):
+        r = embed(carol, body)
+        assert r.status_code == status and r.json()["error"]["code"] == code, (body, r.status_code, r.text)
+        assert r.json()["error"]["param"] in ("model", None) and r.headers["x-request-id"].startswith("req_")
+    assert echo.seen == []
+    assert embed(carol, {"model": "qwen3-embed", "input": "x"}).status_code == 200
+    assert embed(alice, {"model": "other-embedder", "input": "x"}).status_code == 200
+    r = requests.get(gw.base_url + "/models", headers={"authorization": f"Bearer {carol}"}, timeout=20)
+    assert r.status_code == 200
+    assert [(line.split()[1], json.loads(body).get("model") if body else None) for line, _, body in echo.seen] == [
+        ("/v1/embeddings", "qwen3-embed"), ("/v1/embeddings", "other-embedder"), ("/v1/models", None)]
+
+
 # --- 3. web pages: Origin, Host (DNS rebinding), a turn's content type ---------------------------
 
 

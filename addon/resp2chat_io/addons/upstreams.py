@@ -42,7 +42,8 @@ from resp2chat_core import owner as owners
 from resp2chat_core import settings as S
 from resp2chat_core.turn import Turn, session_key
 from resp2chat_core.channel import Scrubber, scrub
-from resp2chat_core.errors import error_json
+from resp2chat_core.errors import GatewayError, error_json
+from resp2chat_io import offload
 from resp2chat_io.relay import KEY_HEADER, TURN_HEADER, Relay
 
 from .base import JSON_HEADERS, META, Owner, Refusal, fails_closed, refusal, request_id
@@ -265,6 +266,12 @@ class Upstreams(Owner):
         if models and path.startswith("/v1/models/") and not clients.matches(models, path[11:]):
             flow.response = refusal(flow, clients.not_allowed(path[11:]))
             return
+        if models and req.method == "POST":  # (embeddings: the backend would serve any model it has)
+            try:
+                clients.check_model(models, await offload.reduce(req.get_content(strict=False) or b"", _model))
+            except GatewayError as err:
+                flow.response = refusal(flow, err)
+                return
         self.target(flow).route(flow, req.path[3:] if path.startswith("/v1/") else req.path)  # (the query kept)
         self.authorize(flow, self.specs[0] if self.specs else None)
         req.headers["accept-encoding"] = "identity"  # (responseheaders reads the answer for secrets)
@@ -342,6 +349,11 @@ _NOT_FORWARDED = frozenset({
     "keep-alive", "te", "trailer", "upgrade", "proxy-connection", "expect", "content-type", "content-encoding",
     "accept", "accept-encoding", "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
     "sec-websocket-protocol", "sec-websocket-accept", TURN_HEADER, KEY_HEADER})
+
+
+def _model(body) -> object:
+    """The ``model`` a passthrough request's JSON body names (None: none, or not an object)."""
+    return body.get("model") if isinstance(body, dict) else None
 
 
 def _bearer(value: str | None) -> bytes | None:
