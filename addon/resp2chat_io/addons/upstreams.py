@@ -112,6 +112,12 @@ class Upstreams(Owner):
         if self.specs and url:
             raise exceptions.OptionsError("resp2chat: upstream_base_url and upstreams are both set: upstreams "
                                           "lists every upstream (drop upstream_base_url)")
+        keys = [k for k in self.s["upstream_headers"] if S.credential_header(k)]
+        if self.specs and keys:  # (the top-level ones go to every entry without headers of its own)
+            raise exceptions.OptionsError(
+                f"resp2chat: upstream_headers: {', '.join(map(repr, keys))} is a credential, and with upstreams the "
+                "top-level upstream_headers go to every upstream: set it in the upstream_headers of the entry it "
+                "belongs to (upstreams[N].upstream_headers)")
         self.endpoints = {s.name: Upstream(self._demo_url() if s.base_url == "demo" else s.base_url)
                           for s in self.specs}
         if url == "demo":
