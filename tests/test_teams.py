@@ -396,3 +396,26 @@ def test_a_revoked_or_rotated_key_stops_its_background_responses_on_every_replic
     for gw in team.gws:
         wait_until(lambda: scrape(gw, authorization=f"Bearer {new_key}")[("resp2chat_streams_in_flight", ())] == 0,
                    10, "no turn left running")
+
+
+def test_a_socket_opened_before_the_first_key_is_refused_once_keys_are_needed(tmp_path, upstream):
+    """A loopback gateway without keys, then locked with ``keys add``: its next request without a
+    key is a 401, and so is the next message of a WebSocket opened without one before (a socket
+    is checked again at each message); before, that socket went on being served without a key."""
+    gw = start_gateway(upstream.origin, tmp_path, env=cli_env(tmp_path))
+    sock = WSClient(gw.base_url)
+    try:
+        assert sock.turn({"type": "response.create", "model": ALL, "input": "open"})[-1]["type"] == "response.completed"
+        key = run_cli(tmp_path, "keys", "add", "alice").stdout.strip()
+        wait_until(lambda: post_turn(gw, {"model": ALL, "input": "hi"}).status_code == 401, 10, "keys needed")
+        err = ws_error(sock.turn({"type": "response.create", "model": ALL, "input": "still open"}))
+        assert err["status"] == 401 and err["error"]["code"] == "invalid_api_key"
+        keyed = WSClient(gw.base_url, headers={"authorization": f"Bearer {key}"})
+        try:
+            assert keyed.turn({"type": "response.create", "model": ALL, "input": "hi"})[-1]["type"] == "response.completed"
+        finally:
+            keyed.close()
+    finally:
+        sock.close()
+        gw.stop()
+    assert key not in gw.log()
