@@ -419,3 +419,40 @@ def test_a_socket_opened_before_the_first_key_is_refused_once_keys_are_needed(tm
         sock.close()
         gw.stop()
     assert key not in gw.log()
+
+
+@uses({"alice": (), "bob": ()})
+def test_the_other_reads_of_a_stored_response_are_its_clients_own_on_every_replica(team):
+    """What test_each_clients_state… does not ask: a stored response's input items, a compaction
+    and a token count that continue it, and the stream of a background one, are unknown ids to
+    another client on the other replica (and over its WebSocket, a warm-up continuing it), and
+    its owner's on both."""
+    created = team.post(0, "alice", {"input": "alice's plan", "background": True, "stream": True})
+    first = team.sdk(0, "alice").responses.retrieve(parse_sse(created.content)[0]["response"]["id"])
+    wait_until(lambda: team.sdk(1, "alice").responses.retrieve(first.id).status == "completed", 20, "alice's answer")
+    base = team.gws[1].base_url
+    for name, found in (("bob", False), ("alice", True)):
+        auth = {"authorization": f"Bearer {team.keys[name]}"}
+        items = requests.get(f"{base}/responses/{first.id}/input_items", headers=auth, timeout=20)
+        stream = requests.get(f"{base}/responses/{first.id}?stream=true", headers=auth, timeout=20)
+        continuing = [requests.post(f"{base}/responses/{path}", headers=auth, timeout=20,
+                                    json={"model": ALL, "input": "and?", "previous_response_id": first.id})
+                      for path in ("compact", "input_tokens")]
+        sock = team.ws(1, name)
+        try:
+            warm = sock.turn({"type": "response.create", "model": ALL, "input": "and?", "generate": False,
+                              "previous_response_id": first.id})
+        finally:
+            sock.close()
+        if found:
+            assert items.status_code == 200 and items.json()["data"][0]["content"][0]["text"] == "alice's plan"
+            assert stream.status_code == 200 and parse_sse(stream.content)[-1]["type"] == "response.completed", stream.text
+            assert [r.status_code for r in continuing] == [200, 200]
+            assert warm[-1]["type"] == "response.completed"
+        else:
+            for r in (items, stream):
+                assert r.status_code == 404 and r.json()["error"]["code"] == "response_not_found", r.text
+                assert "alice" not in r.text
+            for r in continuing:
+                assert r.status_code == 400 and r.json()["error"]["code"] == "previous_response_not_found", r.text
+            assert ws_error(warm)["error"]["code"] == "previous_response_not_found"
