@@ -456,3 +456,48 @@ def test_the_other_reads_of_a_stored_response_are_its_clients_own_on_every_repli
             for r in continuing:
                 assert r.status_code == 400 and r.json()["error"]["code"] == "previous_response_not_found", r.text
             assert ws_error(warm)["error"]["code"] == "previous_response_not_found"
+
+
+def test_a_turn_its_client_leaves_midway_still_spends_tokens(tmp_path, upstream):
+    """``tpm`` comes off when a turn ends, by the backend's usage, which comes with its last
+    chunk: a client that hangs up before it (over HTTP or the WebSocket) still spent what the
+    backend did, so its turn is charged an estimate (its chat request and its output so far, 4
+    bytes a token); before, it was charged nothing, and cutting each answer just before its end
+    made any tpm moot."""
+    key = run_cli(tmp_path, "keys", "add", "carol", "--tpm", "3000").stdout.strip()
+    gw = start_gateway(upstream.origin, tmp_path, env=cli_env(tmp_path))
+    auth = {"authorization": f"Bearer {key}"}
+    long = {"model": ALL, "input": "noreason\nwords: 3000\nslow: 5"}
+
+    def remaining() -> int:
+        r = post_turn(gw, {"model": ALL, "input": "hi"}, auth)
+        assert r.status_code == 200, r.text
+        return int(r.headers["x-ratelimit-remaining-tokens"])
+
+    def idle() -> bool:
+        return scrape(gw, **auth)[("resp2chat_streams_in_flight", ())] == 0
+
+    try:
+        before = remaining()
+        with requests.post(gw.base_url + "/responses", json={**long, "stream": True}, stream=True, timeout=30,
+                           headers={**auth, "content-type": "application/json"}) as r:
+            deltas = 0
+            for line in r.iter_lines():
+                deltas += line == b"event: response.output_text.delta"
+                if deltas >= 400:
+                    break  # (the client hangs up, 400 words in)
+        wait_until(idle, 10, "the cut turn over")
+        after_http = remaining()
+        assert before - after_http > 300, (before, after_http)  # (400 words ≈ 550 tokens; 50 a second come back)
+        sock = WSClient(gw.base_url, headers=auth)
+        sock.send({"type": "response.create", **long})
+        said = ""
+        while len(said) < 2400:  # (the socket's deltas come merged: as many characters, ~400 words)
+            event = sock.next_message()
+            assert event["type"] not in ("response.completed", "error"), event
+            said += event.get("delta", "") if event["type"] == "response.output_text.delta" else ""
+        sock.sock.close()  # (gone, mid-turn)
+        wait_until(idle, 10, "the socket's turn over")
+        assert after_http - remaining() > 300
+    finally:
+        gw.stop()
