@@ -15,9 +15,10 @@ import time
 import openai
 import pytest
 import requests
+import yaml
 
-from helpers import (ADDON, MITMDUMP, Codex, cli_env, free_port, openai_client, parse_sse, post_turn, run_cli,
-                     scrape, start_gateway, stop_process, wait_http, wait_until)
+from helpers import (ADDON, MITMDUMP, Codex, cli_env, config_file, free_port, openai_client, parse_sse, post_turn,
+                     run_cli, scrape, start_gateway, stop_process, wait_http, wait_until)
 from wsclient import WSClient
 
 ALL = "demo-model"
@@ -388,8 +389,8 @@ def test_a_revoked_or_rotated_key_stops_its_background_responses_on_every_replic
     assert ended["status"] == "failed" and ended["error"]["code"] == "invalid_api_key", ended
     # her new key reads what the old one started (the state is the name's), and nothing runs any more
     for gw in team.gws:
-        wait_until(lambda: post_turn(gw, {"model": ALL, "input": "hi"},
-                                     {"authorization": f"Bearer {new_key}"}).status_code == 200, 10, "the new key taken")
+        wait_until(lambda: post_turn(gw, {"model": ALL, "input": "hi"}, {"authorization": f"Bearer {new_key}"})
+                   .status_code == 200, 10, "the new key taken")
     seen = openai_client(team.gws[0], api_key=new_key).responses.retrieve(old.id)
     assert seen.status == "failed" and seen.error.code == "invalid_api_key"
     team.keys["alice-new"] = new_key  # (the fixture checks no key reached a log)
@@ -412,7 +413,8 @@ def test_a_socket_opened_before_the_first_key_is_refused_once_keys_are_needed(tm
         assert err["status"] == 401 and err["error"]["code"] == "invalid_api_key"
         keyed = WSClient(gw.base_url, headers={"authorization": f"Bearer {key}"})
         try:
-            assert keyed.turn({"type": "response.create", "model": ALL, "input": "hi"})[-1]["type"] == "response.completed"
+            done = keyed.turn({"type": "response.create", "model": ALL, "input": "hi"})
+            assert done[-1]["type"] == "response.completed"
         finally:
             keyed.close()
     finally:
@@ -446,7 +448,8 @@ def test_the_other_reads_of_a_stored_response_are_its_clients_own_on_every_repli
             sock.close()
         if found:
             assert items.status_code == 200 and items.json()["data"][0]["content"][0]["text"] == "alice's plan"
-            assert stream.status_code == 200 and parse_sse(stream.content)[-1]["type"] == "response.completed", stream.text
+            assert stream.status_code == 200, stream.text
+            assert parse_sse(stream.content)[-1]["type"] == "response.completed"
             assert [r.status_code for r in continuing] == [200, 200]
             assert warm[-1]["type"] == "response.completed"
         else:
@@ -501,3 +504,24 @@ def test_a_turn_its_client_leaves_midway_still_spends_tokens(tmp_path, upstream)
         assert after_http - remaining() > 300
     finally:
         gw.stop()
+
+
+def test_a_gateway_key_changed_in_the_file_is_said_to_need_a_restart(tmp_path, upstream):
+    """``gateway_api_key`` is read at start; clients are read again when the file changes. An
+    operator who rotates the gateway key in the file is told the running gateway still takes the
+    old one (never which), instead of silence; the clients in the same file still reload."""
+    path = config_file(tmp_path)
+    path.parent.mkdir(parents=True)
+    old, new = "gw-key-before-0123456789", "gw-key-after-0123456789"
+    path.write_text(yaml.safe_dump({"gateway_api_key": old}))
+    gw = start_gateway(upstream.origin, tmp_path, env=cli_env(tmp_path))
+    try:
+        path.write_text(yaml.safe_dump({"gateway_api_key": new}))
+        wait_until(lambda: "gateway_api_key changed in the config file" in gw.log(), 10, "the warning")
+        assert post_turn(gw, {"model": ALL, "input": "hi"}, {"authorization": f"Bearer {old}"}).status_code == 200
+        key = run_cli(tmp_path, "keys", "add", "alice").stdout.strip()  # (keeps the file's gateway_api_key)
+        wait_until(lambda: post_turn(gw, {"model": ALL, "input": "hi"},
+                                     {"authorization": f"Bearer {key}"}).status_code == 200, 10, "alice taken")
+    finally:
+        gw.stop()
+    assert "restarted" in gw.log() and old not in gw.log() and new not in gw.log() and key not in gw.log()

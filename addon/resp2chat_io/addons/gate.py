@@ -342,9 +342,13 @@ class Gate(Owner):
                 log.warning(f"resp2chat: the config file's clients were not reloaded: {exc}")
 
     def _reload(self) -> None:
+        values, _, _ = load_settings()
+        if values["gateway_api_key"] != self.s["gateway_api_key"] and not ctx.options.resp2chat_gateway_api_key:
+            log.warning("resp2chat: gateway_api_key changed in the config file: it is read at start only, so this "
+                        "gateway still takes the key it started with until it is restarted (a key that changes "
+                        "without a restart is a client's: clients, resp2chat keys)")
         if getattr(ctx.options, "resp2chat_clients", "") or "RESP2CHAT_CLIENTS" in os.environ:
             return  # --set / the environment decide, not the file
-        values, _, _ = load_settings()
         table = ClientTable(parse_clients(values["clients"], self.s["gateway_api_key"]))
         if table != self.clients:
             self.source.reloaded("clients", values["clients"])  # (what a later configure reads too)
