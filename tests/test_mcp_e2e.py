@@ -16,8 +16,8 @@ import requests
 
 from helpers import (
     ADDON, ECHO_CALL, MITMDUMP, LocalServer, QuietHandler, check_sdk, check_stream, cli_env, free_port, gateway_env,
-    iter_sse, openai_client, parse_sse, post_turn, read_flows, retranslate, run_cli, scrape, send_json, serve_everything,
-    shown_settings, start_gateway, wait_until,
+    iter_sse, openai_client, parse_sse, post_turn, read_flows, retranslate, run_cli, scrape, send_json,
+    serve_everything, shown_settings, start_gateway, wait_until,
 )
 
 CLIENT_TOKEN = "client-mcp-token-5f3a9c"  # a client's authorization for the server (a secret)
@@ -599,7 +599,8 @@ def test_the_gateways_tool_servers_never_get_the_upstream_key_or_a_client_key(ga
     class Search(QuietHandler):
         def do_GET(self):
             searched.append({k.lower(): v for k, v in self.headers.items()})
-            send_json(self, 200, {"web": {"results": [{"title": "t", "url": "https://example.org/", "description": "d"}]}})
+            result = {"title": "t", "url": "https://example.org/", "description": "d"}
+            send_json(self, 200, {"web": {"results": [result]}})
 
     up_key, brave_key = "sk-upstream-for-tools-7777", "brave-key-for-tools-8888"
     key = run_cli(tmp_path, "keys", "add", "alice").stdout.strip()

@@ -316,10 +316,12 @@ def test_a_team_gateway_without_a_valid_key_and_where_keys_never_show(echo, gate
     flows, access, app = tmp_path / "flows.mitm", tmp_path / "access.jsonl", "https://app.example"
     gw = gateway_factory(echo.url, "-w", str(flows), "--set", "flow_detail=4", "--set", "termlog_verbosity=debug",
                          "--set", f"resp2chat_access_log_path={access}", "--set", f"resp2chat_allowed_origins={app}",
-                         "--set", "resp2chat_max_replay_entries=0", env=cli_env(tmp_path, RESP2CHAT_UPSTREAM_API_KEY=UP_KEY))
+                         "--set", "resp2chat_max_replay_entries=0",
+                         env=cli_env(tmp_path, RESP2CHAT_UPSTREAM_API_KEY=UP_KEY))
     alice, carol = ({"authorization": f"Bearer {keys[n]}"} for n in ("alice", "carol"))
     origin = f"http://127.0.0.1:{gw.port}"
-    stored = requests.post(gw.base_url + "/responses", json={"model": "m", "input": "alice's"}, headers=alice, timeout=20)
+    stored = requests.post(gw.base_url + "/responses", json={"model": "m", "input": "alice's"}, headers=alice,
+                           timeout=20)
     assert stored.status_code == 200, stored.text
     rid = stored.json()["id"]
     routes = [("GET", "/metrics"), ("GET", "/v1/models"), ("GET", "/v1/models/m"), ("HEAD", "/v1/models"),
