@@ -251,6 +251,39 @@ def test_a_plain_key_the_file_reload_brings_is_a_secret_too(tmp_path, upstream):
         gw.stop()
 
 
+def test_a_config_file_that_is_not_yaml_is_refused_without_showing_its_lines(tmp_path, upstream):
+    """PyYAML's error quotes the line it failed on, and a config file's lines hold keys: an edit
+    that breaks the file is said (where, what) in the running gateway's log, the clients it had
+    are kept, and neither the start-up error nor the CLI show the line; before, the warning quoted
+    the client's or the upstream's key."""
+    path = config_file(tmp_path)
+    path.parent.mkdir(parents=True)
+    up_key = "sk-upstream-4444"
+    path.write_text(yaml.safe_dump({"upstream_api_key": up_key, "clients": [{"name": "alice", "key": ALICE_KEY}]}))
+    gw = start_gateway(upstream.origin, tmp_path, env=cli_env(tmp_path))
+    try:
+        for n, broken in enumerate((f"clients:\n  - name: alice\n    key: {ALICE_KEY}: x\n",  # a stray ': '
+                                    f"upstream_api_key: {up_key}: x\nclients: [{{name: alice, key: {ALICE_KEY}}}]\n"),
+                                   start=1):
+            path.write_text(broken)
+            wait_until(lambda: gw.log().count("not reloaded") == n, 15, f"failed reload {n}")
+        assert openai_client(gw, api_key=ALICE_KEY).responses.create(model="demo-model", input="hi").output_text
+    finally:
+        gw.stop()
+    warnings = gw.log()[gw.log().index("not reloaded"):]
+    assert "not valid YAML" in warnings and "at line 3, column 36" in warnings, warnings
+    assert "at line 1, column" in warnings, warnings
+    # at start-up, and in the CLI that reads the file
+    start = subprocess.run([str(MITMDUMP), "-s", str(ADDON), "--mode", f"reverse:{upstream.origin}",
+                            "--listen-port", str(free_port()), "--set", f"confdir={tmp_path / 'conf'}"],
+                           capture_output=True, text=True, timeout=60, env=cli_env(tmp_path), cwd=tmp_path)
+    listed = run_cli(tmp_path, "keys", "list")
+    for out in (start, listed):
+        assert out.returncode != 0 and "not valid YAML" in out.stdout + out.stderr, out
+    for text in (gw.log(), start.stdout + start.stderr, listed.stdout + listed.stderr):
+        assert ALICE_KEY not in text and up_key not in text, text
+
+
 def test_keys_add_prints_the_key_once_and_stores_only_its_hash(tmp_path):
     path = config_file(tmp_path)
     path.parent.mkdir(parents=True)

@@ -15,9 +15,9 @@ import pytest
 import requests
 
 from helpers import (
-    ADDON, ECHO_CALL, MITMDUMP, LocalServer, QuietHandler, check_sdk, check_stream, free_port, gateway_env, iter_sse,
-    openai_client, parse_sse, post_turn, read_flows, retranslate, scrape, serve_everything, shown_settings, start_gateway,
-    wait_until,
+    ADDON, ECHO_CALL, MITMDUMP, LocalServer, QuietHandler, check_sdk, check_stream, cli_env, free_port, gateway_env,
+    iter_sse, openai_client, parse_sse, post_turn, read_flows, retranslate, run_cli, scrape, send_json,
+    serve_everything, shown_settings, start_gateway, wait_until,
 )
 
 CLIENT_TOKEN = "client-mcp-token-5f3a9c"  # a client's authorization for the server (a secret)
@@ -584,6 +584,54 @@ def test_headers_go_to_their_server_only_and_are_never_recorded(gateway_factory,
     # … enough to translate the recorded turns again, byte for byte (resp2chat retranslate)
     out, results = retranslate(str(flows))
     assert out.returncode == 0 and [r["outcome"] for r in results] == ["same", "same"], out.stdout
+
+
+def test_the_gateways_tool_servers_never_get_the_upstream_key_or_a_client_key(gateway_factory, everything, seen,
+                                                                              upstream, tmp_path):
+    """A team's gateway (an upstream key, clients made with ``keys add``) runs a client's hosted
+    MCP tool and web search: the MCP server gets its operator's headers only and the search API its
+    own key only, over HTTP and the WebSocket; neither gets the upstream key, a client's key, or any
+    ``authorization`` the request did not give that server."""
+    _, handler = seen
+    handler.headers.clear()
+    searched: list[dict] = []
+
+    class Search(QuietHandler):
+        def do_GET(self):
+            searched.append({k.lower(): v for k, v in self.headers.items()})
+            result = {"title": "t", "url": "https://example.org/", "description": "d"}
+            send_json(self, 200, {"web": {"results": [result]}})
+
+    up_key, brave_key = "sk-upstream-for-tools-7777", "brave-key-for-tools-8888"
+    key = run_cli(tmp_path, "keys", "add", "alice").stdout.strip()
+    with LocalServer(Search) as brave:
+        gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0", env=cli_env(
+            tmp_path, RESP2CHAT_UPSTREAM_API_KEY=up_key, RESP2CHAT_MCP_SERVERS=allowed(everything, seen[0]),
+            BRAVE_SEARCH_API_KEY=brave_key, RESP2CHAT_BRAVE_BASE_URL=brave.url))
+        client = openai_client(gw, api_key=key)
+        mcp = client.responses.create(model="demo-model", input='call: mcp__seen__echo {"message": "x"}',
+                                      tools=[mcp_tool("seen")])
+        assert mcp.output_text == "The tool returned: Echo: x"
+        search = client.responses.create(model="demo-model", input='call: web_search {"query": "q"}',
+                                         tools=[{"type": "web_search"}])
+        assert search.status == "completed" and "web_search_call" in [item.type for item in search.output]
+        from wsclient import WSClient
+
+        ws = WSClient(gw.base_url, headers={"authorization": f"Bearer {key}"})
+        try:
+            for text, tools in (('call: mcp__seen__echo {"message": "y"}', [mcp_tool("seen")]),
+                                ('call: web_search {"query": "r"}', [{"type": "web_search"}])):
+                events = ws.turn({"type": "response.create", "model": "demo-model", "input": text, "tools": tools})
+                assert events[-1]["type"] == "response.completed", events[-1]
+        finally:
+            ws.close()
+    assert handler.headers and len(searched) == 2
+    for got in handler.headers:
+        assert got.get("x-operator-key") == OPERATOR_TOKEN and "authorization" not in got and "x-api-key" not in got
+    for got in searched:
+        assert got.get("x-subscription-token") == brave_key and "authorization" not in got and "x-api-key" not in got
+    for got in handler.headers + searched:
+        assert up_key not in json.dumps(got) and key not in json.dumps(got)
 
 
 # --- metrics, and the WebSocket -----------------------------------------------------------------

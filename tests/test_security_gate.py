@@ -22,8 +22,8 @@ import pytest
 import requests
 
 from helpers import (
-    Codex, KiB, LocalServer, QuietHandler, chat_chunk, chat_sse, http_chunk, memory, openai_client, parse_sse,
-    read_flows, send_sse, wait_until,
+    Codex, KiB, LocalServer, QuietHandler, chat_chunk, chat_sse, cli_env, http_chunk, memory, openai_client, parse_sse,
+    read_flows, run_cli, send_sse, wait_until,
 )
 from wsclient import Refused, WSClient
 
@@ -268,6 +268,117 @@ def test_passthrough_paths_is_the_allowlist(echo, gateway_factory):
     with pytest.raises(RuntimeError) as failed:
         gateway_factory(echo.url, "--set", "resp2chat_passthrough_paths=GET /v1/../files")
     assert "passthrough_paths" in str(failed.value) and "'GET /v1/../files'" in str(failed.value)
+
+
+def test_a_client_limited_to_some_models_passes_through_with_those_only(echo, gateway_factory):
+    """``clients``' ``models`` hold on ``passthrough_paths`` too: a limited client's POST there
+    (embeddings) names one of its models in its JSON body, or it is refused (404
+    ``model_not_found`` as for a turn, 400 without a model) and reaches no backend; before, it
+    embedded with any model the backend had. A client with every model, and GETs, go on as before."""
+    carol, alice = "carol-key-0123456789abcdef", "alice-key-0123456789abcdef"
+    gw = gateway_factory(echo.url, env={"RESP2CHAT_CLIENTS": json.dumps([
+        {"name": "carol", "key": carol, "models": ["qwen3-*"]}, {"name": "alice", "key": alice}])})
+
+    def embed(key: str, body) -> requests.Response:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return requests.post(gw.base_url + "/embeddings", data=data, timeout=20,
+                             headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
+
+    for body, status, code in (({"model": "other-embedder", "input": "x"}, 404, "model_not_found"),
+                               ({"model": "qwen3", "input": "x"}, 404, "model_not_found"),  # (globs match whole names)
+                               ({"input": "x"}, 400, "missing_required_parameter"),
+                               ({"model": ["qwen3-embed"], "input": "x"}, 400, "missing_required_parameter"),
+                               (b"not json", 400, "invalid_json")):
+        r = embed(carol, body)
+        assert r.status_code == status and r.json()["error"]["code"] == code, (body, r.status_code, r.text)
+        assert r.json()["error"]["param"] in ("model", None) and r.headers["x-request-id"].startswith("req_")
+    assert echo.seen == []
+    assert embed(carol, {"model": "qwen3-embed", "input": "x"}).status_code == 200
+    assert embed(alice, {"model": "other-embedder", "input": "x"}).status_code == 200
+    r = requests.get(gw.base_url + "/models", headers={"authorization": f"Bearer {carol}"}, timeout=20)
+    assert r.status_code == 200
+    assert [(line.split()[1], json.loads(body).get("model") if body else None) for line, _, body in echo.seen] == [
+        ("/v1/embeddings", "qwen3-embed"), ("/v1/embeddings", "other-embedder"), ("/v1/models", None)]
+
+
+def test_a_team_gateway_without_a_valid_key_and_where_keys_never_show(echo, gateway_factory, tmp_path):
+    """A team's gateway (clients made with ``resp2chat keys add``: only their SHA-256 in the
+    file): without a valid key (none, an unknown one, the upstream's, in either header) every
+    route it serves, the WebSocket's upgrade and ``/metrics`` included, is the same 401 JSON with
+    its own ``x-request-id``, whether the id or path exists or not; nothing reaches the backend.
+    With valid keys, refused and served requests alike, at mitmdump's most verbose output, no
+    client key and no upstream key is in the log, the flow file, the access log or /metrics."""
+    keys = {}
+    for name, flags in {"alice": (), "carol": ("--rpm", "1", "--models", "qwen3-*")}.items():
+        out = run_cli(tmp_path, "keys", "add", name, *flags)
+        assert out.returncode == 0, out.stderr
+        keys[name] = out.stdout.strip()
+    flows, access, app = tmp_path / "flows.mitm", tmp_path / "access.jsonl", "https://app.example"
+    gw = gateway_factory(echo.url, "-w", str(flows), "--set", "flow_detail=4", "--set", "termlog_verbosity=debug",
+                         "--set", f"resp2chat_access_log_path={access}", "--set", f"resp2chat_allowed_origins={app}",
+                         "--set", "resp2chat_max_replay_entries=0",
+                         env=cli_env(tmp_path, RESP2CHAT_UPSTREAM_API_KEY=UP_KEY))
+    alice, carol = ({"authorization": f"Bearer {keys[n]}"} for n in ("alice", "carol"))
+    origin = f"http://127.0.0.1:{gw.port}"
+    stored = requests.post(gw.base_url + "/responses", json={"model": "m", "input": "alice's"}, headers=alice,
+                           timeout=20)
+    assert stored.status_code == 200, stored.text
+    rid = stored.json()["id"]
+    routes = [("GET", "/metrics"), ("GET", "/v1/models"), ("GET", "/v1/models/m"), ("HEAD", "/v1/models"),
+              ("POST", "/v1/embeddings"), ("GET", f"/v1/responses/{rid}"), ("GET", "/v1/responses/resp_nobody"),
+              ("DELETE", f"/v1/responses/{rid}"), ("GET", f"/v1/responses/{rid}/input_items"),
+              ("POST", f"/v1/responses/{rid}/cancel"), ("GET", f"/v1/responses/{rid}?stream=true"),
+              ("POST", "/v1/responses"), ("POST", "/v1/responses/compact"), ("POST", "/v1/responses/input_tokens"),
+              ("POST", "/v1/conversations"), ("GET", "/v1/conversations/conv_0123"), ("GET", "/v1/responses"),
+              ("PUT", "/v1/responses"), ("OPTIONS", "/v1/responses"), ("GET", "/v1/files"), ("GET", "/"),
+              ("GET", "/admin")]
+    wrong = "r2c-" + "x" * 43
+    bodies, ids = set(), set()
+    for creds in ({}, {"authorization": f"Bearer {wrong}"}, {"x-api-key": wrong}, {"authorization": f"Bearer {UP_KEY}"},
+                  {"authorization": "Bearer"}, {"authorization": f"Bearer {keys['alice']}x"}):
+        for method, path in routes:
+            r = requests.request(method, origin + path, headers=creds, timeout=20,
+                                 data=b"{}" if method in ("POST", "PUT") else None)
+            assert r.status_code == 401 and r.headers["content-type"] == "application/json", (creds, method, path)
+            assert r.headers["x-request-id"].startswith("req_") and r.headers["x-request-id"] not in ids
+            ids.add(r.headers["x-request-id"])
+            if method != "HEAD":
+                bodies.add(r.content)
+        status, headers, answer = raw(gw.port, upgrade(extra="".join(f"{k}: {v}\r\n" for k, v in creds.items())))
+        assert status == 401 and headers["x-request-id"].startswith("req_"), (creds, status)
+        bodies.add(answer)
+    assert len(bodies) == 1, bodies  # one answer: nothing said of the path, the id or the key
+    err = error_of(bodies.pop())
+    assert (err["type"], err["code"]) == ("authentication_error", "invalid_api_key")
+    # a page of an allowed origin reads the 401 (CORS headers on it); its preflight needs no key
+    r = requests.post(gw.base_url + "/responses", json={}, headers={"origin": app}, timeout=20)
+    assert r.status_code == 401 and r.headers["access-control-allow-origin"] == app
+    r = requests.options(gw.base_url + "/responses", headers={"origin": app, "access-control-request-method": "POST"},
+                         timeout=20)
+    assert r.status_code == 204 and r.content == b""
+    assert [line.split()[1] for line, _, _ in echo.seen] == ["/v1/chat/completions"]
+    # valid keys: served, and refused at the gate or by a limit, on both transports
+    assert requests.get(origin + "/metrics", headers=alice, timeout=20).status_code == 200
+    assert "the backend got" in final_text(turn_over_socket(gw.base_url, {"x-api-key": keys["alice"]}))
+    refused = [requests.get(gw.base_url + "/models", headers={**alice, "host": "evil.example"}, timeout=20),
+               requests.get(gw.base_url + "/models", headers={**alice, "origin": "https://evil.example"}, timeout=20),
+               requests.post(gw.base_url + "/responses", data=b"{}", headers={**alice, "content-type": "text/plain"},
+                             timeout=20),
+               requests.get(gw.base_url + f"/models?api_key={keys['alice']}", headers=alice, timeout=20),
+               requests.post(gw.base_url + "/responses", json={"model": "m", "input": "x"}, headers=carol, timeout=20),
+               requests.post(gw.base_url + "/responses", json={"model": "qwen3-a", "input": "x"}, headers=carol,
+                             timeout=20)]  # (rpm 1: the refused turn before spent it)
+    assert [r.status_code for r in refused] == [403, 403, 415, 400, 404, 429]
+    with pytest.raises(Refused):
+        WSClient(gw.base_url, headers={**carol, "origin": "https://evil.example"})
+    metrics = requests.get(origin + "/metrics", headers=carol, timeout=20).text
+    gw.stop()
+    said = {"log": gw.log(), "flows": flows.read_bytes().decode("latin-1"), "access log": access.read_text(),
+            "metrics": metrics, "answers": "".join(r.text + json.dumps(dict(r.headers)) for r in refused)}
+    assert "[redacted]" in said["log"]  # (the refused requests are shown, their credentials redacted)
+    for where, text in said.items():
+        for secret in (*keys.values(), UP_KEY):
+            assert secret not in text, (where, secret)
 
 
 # --- 3. web pages: Origin, Host (DNS rebinding), a turn's content type ---------------------------

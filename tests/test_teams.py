@@ -15,9 +15,10 @@ import time
 import openai
 import pytest
 import requests
+import yaml
 
-from helpers import (ADDON, MITMDUMP, Codex, cli_env, free_port, openai_client, parse_sse, post_turn, run_cli,
-                     scrape, start_gateway, stop_process, wait_http, wait_until)
+from helpers import (ADDON, MITMDUMP, Codex, cli_env, config_file, free_port, openai_client, parse_sse, post_turn,
+                     run_cli, scrape, start_gateway, stop_process, wait_http, wait_until)
 from wsclient import WSClient
 
 ALL = "demo-model"
@@ -345,3 +346,182 @@ def test_conversations_and_background_responses_are_their_clients_own(team, upst
     done = wait_until(lambda: (r := alice_b.responses.retrieve(queued.id)).status == "completed" and r, 30,
                       "alice's background response polled to its end on the other replica")
     assert done.output_text.split() == [f"word{i}" for i in range(10)]
+
+
+@uses({"alice": (), "bob": ()})
+def test_a_revoked_or_rotated_key_stops_its_background_responses_on_every_replica(team, upstream):
+    """A background response runs in the gateway, off any connection: revoking its client's key
+    (``keys revoke``) or giving that name another key stops it on whichever replica runs it, as the
+    next message of that client's open WebSocket is refused; it is stored ``failed`` with
+    ``invalid_api_key``, and the backend call is dropped. Another client's run goes on."""
+    long = "noreason\nwords: 400\nslow: 50"  # ~20 s of backend stream
+    bob_run = team.sdk(0, "bob").responses.create(model=ALL, input=long, background=True)
+    alice_run = team.sdk(1, "alice").responses.create(model=ALL, input="noreason\nwords: 60\nslow: 50",
+                                                      background=True)
+
+    def stored(name: str, response_id: str) -> dict:
+        data = team.redis.hget(f"resp2chat:owner:client.{name}:response:{response_id}", "data")
+        return json.loads(data)["response"] if data else {}
+
+    wait_until(lambda: stored("bob", bob_run.id).get("status") == "in_progress", 20, "bob's run under way")
+    assert run_cli(team.tmp, "keys", "revoke", "bob").returncode == 0
+    revoked_at = time.monotonic()
+    ended = wait_until(lambda: (r := stored("bob", bob_run.id)).get("status") not in ("queued", "in_progress", None)
+                       and r, 10, "bob's background response stopped")
+    assert time.monotonic() - revoked_at < 8  # (its backend stream had ~20 s to go)
+    assert ended["status"] == "failed" and ended["error"]["code"] == "invalid_api_key", ended
+    # its turn is over on replica a (the backend call dropped), well before its stream's end
+    alice_key = f"Bearer {team.keys['alice']}"
+    wait_until(lambda: scrape(team.gws[0], authorization=alice_key)[("resp2chat_streams_in_flight", ())] == 0, 5,
+               "bob's turn over")
+    assert time.monotonic() - revoked_at < 10
+    # alice's run, on the other replica, is hers: it goes on to its end
+    done = wait_until(lambda: (r := team.sdk(0, "alice").responses.retrieve(alice_run.id)).status == "completed"
+                      and r, 30, "alice's run completed")
+    assert len(done.output_text.split()) == 60
+    # a key given to the same name anew (rotation): the old key's run stops too, on replica b
+    old = team.sdk(1, "alice").responses.create(model=ALL, input=long, background=True)
+    wait_until(lambda: stored("alice", old.id).get("status") == "in_progress", 20, "alice's second run under way")
+    assert run_cli(team.tmp, "keys", "revoke", "alice").returncode == 0
+    new_key = run_cli(team.tmp, "keys", "add", "alice").stdout.strip()
+    ended = wait_until(lambda: (r := stored("alice", old.id)).get("status") not in ("queued", "in_progress", None)
+                       and r, 10, "alice's old key's run stopped")
+    assert ended["status"] == "failed" and ended["error"]["code"] == "invalid_api_key", ended
+    # her new key reads what the old one started (the state is the name's), and nothing runs any more
+    for gw in team.gws:
+        wait_until(lambda: post_turn(gw, {"model": ALL, "input": "hi"}, {"authorization": f"Bearer {new_key}"})
+                   .status_code == 200, 10, "the new key taken")
+    seen = openai_client(team.gws[0], api_key=new_key).responses.retrieve(old.id)
+    assert seen.status == "failed" and seen.error.code == "invalid_api_key"
+    team.keys["alice-new"] = new_key  # (the fixture checks no key reached a log)
+    for gw in team.gws:
+        wait_until(lambda: scrape(gw, authorization=f"Bearer {new_key}")[("resp2chat_streams_in_flight", ())] == 0,
+                   10, "no turn left running")
+
+
+def test_a_socket_opened_before_the_first_key_is_refused_once_keys_are_needed(tmp_path, upstream):
+    """A loopback gateway without keys, then locked with ``keys add``: its next request without a
+    key is a 401, and so is the next message of a WebSocket opened without one before (a socket
+    is checked again at each message); before, that socket went on being served without a key."""
+    gw = start_gateway(upstream.origin, tmp_path, env=cli_env(tmp_path))
+    sock = WSClient(gw.base_url)
+    try:
+        assert sock.turn({"type": "response.create", "model": ALL, "input": "open"})[-1]["type"] == "response.completed"
+        key = run_cli(tmp_path, "keys", "add", "alice").stdout.strip()
+        wait_until(lambda: post_turn(gw, {"model": ALL, "input": "hi"}).status_code == 401, 10, "keys needed")
+        err = ws_error(sock.turn({"type": "response.create", "model": ALL, "input": "still open"}))
+        assert err["status"] == 401 and err["error"]["code"] == "invalid_api_key"
+        keyed = WSClient(gw.base_url, headers={"authorization": f"Bearer {key}"})
+        try:
+            done = keyed.turn({"type": "response.create", "model": ALL, "input": "hi"})
+            assert done[-1]["type"] == "response.completed"
+        finally:
+            keyed.close()
+    finally:
+        sock.close()
+        gw.stop()
+    assert key not in gw.log()
+
+
+@uses({"alice": (), "bob": ()})
+def test_the_other_reads_of_a_stored_response_are_its_clients_own_on_every_replica(team):
+    """What test_each_clients_state… does not ask: a stored response's input items, a compaction
+    and a token count that continue it, and the stream of a background one, are unknown ids to
+    another client on the other replica (and over its WebSocket, a warm-up continuing it), and
+    its owner's on both."""
+    created = team.post(0, "alice", {"input": "alice's plan", "background": True, "stream": True})
+    first = team.sdk(0, "alice").responses.retrieve(parse_sse(created.content)[0]["response"]["id"])
+    wait_until(lambda: team.sdk(1, "alice").responses.retrieve(first.id).status == "completed", 20, "alice's answer")
+    base = team.gws[1].base_url
+    for name, found in (("bob", False), ("alice", True)):
+        auth = {"authorization": f"Bearer {team.keys[name]}"}
+        items = requests.get(f"{base}/responses/{first.id}/input_items", headers=auth, timeout=20)
+        stream = requests.get(f"{base}/responses/{first.id}?stream=true", headers=auth, timeout=20)
+        continuing = [requests.post(f"{base}/responses/{path}", headers=auth, timeout=20,
+                                    json={"model": ALL, "input": "and?", "previous_response_id": first.id})
+                      for path in ("compact", "input_tokens")]
+        sock = team.ws(1, name)
+        try:
+            warm = sock.turn({"type": "response.create", "model": ALL, "input": "and?", "generate": False,
+                              "previous_response_id": first.id})
+        finally:
+            sock.close()
+        if found:
+            assert items.status_code == 200 and items.json()["data"][0]["content"][0]["text"] == "alice's plan"
+            assert stream.status_code == 200, stream.text
+            assert parse_sse(stream.content)[-1]["type"] == "response.completed"
+            assert [r.status_code for r in continuing] == [200, 200]
+            assert warm[-1]["type"] == "response.completed"
+        else:
+            for r in (items, stream):
+                assert r.status_code == 404 and r.json()["error"]["code"] == "response_not_found", r.text
+                assert "alice" not in r.text
+            for r in continuing:
+                assert r.status_code == 400 and r.json()["error"]["code"] == "previous_response_not_found", r.text
+            assert ws_error(warm)["error"]["code"] == "previous_response_not_found"
+
+
+def test_a_turn_its_client_leaves_midway_still_spends_tokens(tmp_path, upstream):
+    """``tpm`` comes off when a turn ends, by the backend's usage, which comes with its last
+    chunk: a client that hangs up before it (over HTTP or the WebSocket) still spent what the
+    backend did, so its turn is charged an estimate (its chat request and its output so far, 4
+    bytes a token); before, it was charged nothing, and cutting each answer just before its end
+    made any tpm moot."""
+    key = run_cli(tmp_path, "keys", "add", "carol", "--tpm", "3000").stdout.strip()
+    gw = start_gateway(upstream.origin, tmp_path, env=cli_env(tmp_path))
+    auth = {"authorization": f"Bearer {key}"}
+    long = {"model": ALL, "input": "noreason\nwords: 3000\nslow: 5"}
+
+    def remaining() -> int:
+        r = post_turn(gw, {"model": ALL, "input": "hi"}, auth)
+        assert r.status_code == 200, r.text
+        return int(r.headers["x-ratelimit-remaining-tokens"])
+
+    def idle() -> bool:
+        return scrape(gw, **auth)[("resp2chat_streams_in_flight", ())] == 0
+
+    try:
+        before = remaining()
+        with requests.post(gw.base_url + "/responses", json={**long, "stream": True}, stream=True, timeout=30,
+                           headers={**auth, "content-type": "application/json"}) as r:
+            deltas = 0
+            for line in r.iter_lines():
+                deltas += line == b"event: response.output_text.delta"
+                if deltas >= 400:
+                    break  # (the client hangs up, 400 words in)
+        wait_until(idle, 10, "the cut turn over")
+        after_http = remaining()
+        assert before - after_http > 300, (before, after_http)  # (400 words ≈ 550 tokens; 50 a second come back)
+        sock = WSClient(gw.base_url, headers=auth)
+        sock.send({"type": "response.create", **long})
+        said = ""
+        while len(said) < 2400:  # (the socket's deltas come merged: as many characters, ~400 words)
+            event = sock.next_message()
+            assert event["type"] not in ("response.completed", "error"), event
+            said += event.get("delta", "") if event["type"] == "response.output_text.delta" else ""
+        sock.sock.close()  # (gone, mid-turn)
+        wait_until(idle, 10, "the socket's turn over")
+        assert after_http - remaining() > 300
+    finally:
+        gw.stop()
+
+
+def test_a_gateway_key_changed_in_the_file_is_said_to_need_a_restart(tmp_path, upstream):
+    """``gateway_api_key`` is read at start; clients are read again when the file changes. An
+    operator who rotates the gateway key in the file is told the running gateway still takes the
+    old one (never which), instead of silence; the clients in the same file still reload."""
+    path = config_file(tmp_path)
+    path.parent.mkdir(parents=True)
+    old, new = "gw-key-before-0123456789", "gw-key-after-0123456789"
+    path.write_text(yaml.safe_dump({"gateway_api_key": old}))
+    gw = start_gateway(upstream.origin, tmp_path, env=cli_env(tmp_path))
+    try:
+        path.write_text(yaml.safe_dump({"gateway_api_key": new}))
+        wait_until(lambda: "gateway_api_key changed in the config file" in gw.log(), 10, "the warning")
+        assert post_turn(gw, {"model": ALL, "input": "hi"}, {"authorization": f"Bearer {old}"}).status_code == 200
+        key = run_cli(tmp_path, "keys", "add", "alice").stdout.strip()  # (keeps the file's gateway_api_key)
+        wait_until(lambda: post_turn(gw, {"model": ALL, "input": "hi"},
+                                     {"authorization": f"Bearer {key}"}).status_code == 200, 10, "alice taken")
+    finally:
+        gw.stop()
+    assert "restarted" in gw.log() and old not in gw.log() and new not in gw.log() and key not in gw.log()

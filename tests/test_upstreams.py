@@ -12,8 +12,8 @@ import pytest
 import requests
 
 from helpers import (
-    ADDON, MITMDUMP, LocalServer, QuietHandler, Upstream, free_port, openai_client, parse_sse, read_flows,
-    retranslate, send_json, start_gateway,
+    ADDON, MITMDUMP, LocalServer, QuietHandler, Upstream, answers, free_port, openai_client, parse_sse, read_flows,
+    retranslate, send_json, start_gateway, stop_process, wait_until,
 )
 from resp2chat_io.demo_upstream import serve_in_thread
 
@@ -200,6 +200,34 @@ def test_invalid_entries_stop_start_up_naming_entry_and_field(tmp_path, value, n
         proc = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env)
         assert proc.returncode != 0
         assert named in proc.stdout + proc.stderr, (how, proc.stdout[-2000:], proc.stderr[-2000:])
+
+
+def test_a_credential_header_at_the_top_with_upstreams_stops_start_up(tmp_path):
+    """``upstream_headers`` named like a credential (Azure's ``api-key``) are a key. With
+    ``upstreams``, the top-level ones go to every entry without headers of its own, a fallback at
+    another provider too: such a header at the top stops start-up naming it (never its value); on
+    its entry it reaches that upstream only (test_upstream_transport.py). Before, the gateway
+    started and sent it to every upstream."""
+    secret = "azure-secret-0123456789"
+    entries = [{"name": "azure", "base_url": "http://127.0.0.1:9/v1"},
+               {"name": "other", "base_url": "http://127.0.0.1:9/v1", "api_key": "sk-other-0123456789"}]
+    port = free_port()
+    args = [str(MITMDUMP), "-s", str(ADDON), "--mode", f"reverse:http://127.0.0.1:9@127.0.0.1:{port}",
+            "--set", f"confdir={tmp_path / 'conf'}", "--set", "resp2chat_upstreams=" + json.dumps(entries)]
+    env = {**os.environ, "RESP2CHAT_UPSTREAM_HEADERS": json.dumps({"api-key": secret, "x-title": "team"})}
+    log = tmp_path / "refused.log"
+    proc = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_until(lambda: proc.poll() is not None or answers(f"http://127.0.0.1:{port}/healthz"), 60,
+                   "the gateway stopped or serving")
+        exited = proc.poll()
+    finally:
+        stop_process(proc)
+    out = log.read_text()
+    assert exited not in (None, 0) and "upstream_headers: 'api-key' is a credential" in out, out[-2000:]
+    assert "upstreams[N].upstream_headers" in out and secret not in out
+    # headers that are no credential stay defaults for every upstream
+    gateway_with(tmp_path, entries, "--set", "resp2chat_upstream_headers=" + json.dumps({"x-title": "team"})).stop()
 
 
 def test_a_fallback_reads_think_tags_its_own_way(tmp_path, demo_pair):

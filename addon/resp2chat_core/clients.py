@@ -75,6 +75,17 @@ def matches(globs, model: str) -> bool:
     return any(fnmatchcase(model, pattern) for pattern in globs)
 
 
+def check_model(globs, model: object) -> None:
+    """A passthrough request (``passthrough_paths``: embeddings…) of a client limited to
+    ``globs``: its body must name one of its models, as a turn's does (``GatewayError``
+    otherwise: 404 ``model_not_found``, or a 400 when it names none: the backend would pick one)."""
+    if not isinstance(model, str) or not model:
+        raise GatewayError("this key may use some models only (clients: models): the request body must name one "
+                           "of them as 'model'", param="model", code="missing_required_parameter")
+    if not matches(globs, model):
+        raise not_allowed(model)
+
+
 def not_allowed(model: str) -> GatewayError:
     """A model outside a client's ``models``: to it, one that does not exist (as OpenAI says it)."""
     return GatewayError(f"the model {shown(model)!r} does not exist or you do not have access to it",

@@ -225,6 +225,7 @@ class Translator:
         self._reader = ChunkReader(self, max_event)  # chatstream.py: the backend's chunks -> the on_* calls below
         self._max_output = OUTPUT_EVENTS * max_event
         self._output_size = 0  # what the turn's output holds, as OUTPUT_EVENTS counts it
+        self.output_chars = 0  # characters of output the backend sent (text, reasoning, tool arguments)
         self._parser = self._reader.parser
         self._out: list[str] = []  # events not yet encoded
         self._encoded: list[bytes] = []  # what goes before them, encoded (a Response event's echo spliced in)
@@ -469,7 +470,7 @@ class Translator:
         self._start()
 
     def on_reasoning(self, text: str) -> None:
-        if self._outgrown(len(text) + DELTA_COST):
+        if self._outgrown(len(text)):
             return
         self._lp = None  # (logprobs of reasoning tokens are not the output text's)
         if self._think is not None:
@@ -484,7 +485,7 @@ class Translator:
                 self._lp = lp if self._lp is None else self._lp + lp
 
     def on_text(self, text: str) -> None:
-        if self._outgrown(len(text) + DELTA_COST):
+        if self._outgrown(len(text)):
             return
         think = self._think
         if think is None or (think.state == WATCH and not think.held and "<" not in text):
@@ -493,7 +494,7 @@ class Translator:
         self._think_pieces(think.feed(text))
 
     def on_tool(self, key, call_id: str | None, name: str | None, args: str | None) -> None:
-        if self._outgrown(len(args or "") + DELTA_COST):
+        if self._outgrown(len(args or "")):
             return
         self._lp = None
         if self._think is not None:
@@ -571,9 +572,11 @@ class Translator:
         self._fail(OVERSIZED, f"the upstream sent an SSE event larger than max_upstream_event_mb "
                               f"({limit / (1 << 20):g} MiB): the turn was ended and the upstream request dropped")
 
-    def _outgrown(self, size: int) -> bool:
-        """``size`` more of output held: past the bound (OUTPUT_EVENTS), the turn fails."""
-        self._output_size += size
+    def _outgrown(self, chars: int) -> bool:
+        """A delta of ``chars`` more characters of output held: past the bound (OUTPUT_EVENTS),
+        the turn fails."""
+        self.output_chars += chars
+        self._output_size += chars + DELTA_COST
         if self._output_size <= self._max_output:
             return False
         self._fail(OUTPUT_TOO_LARGE, f"the upstream's answer outgrew {self._max_output / (1 << 20):g} MiB "

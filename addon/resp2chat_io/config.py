@@ -30,12 +30,22 @@ def read_file(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise SettingsError("config file", str(path), f"not valid YAML: {exc}") from None
+        raise SettingsError("config file", str(path), f"not valid YAML: {yaml_problem(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise SettingsError("config file", str(path), "expected a mapping of setting: value")
     return data
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """What PyYAML found wrong and where (line, column), without the line itself, which its own
+    message quotes: a config file's lines hold keys (upstream_api_key, a client's key…)."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return type(exc).__name__
+    mark = exc.problem_mark or exc.context_mark
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return "; ".join(p for p in (exc.context, exc.problem) if p) + where
 
 
 def load_settings(env: Mapping[str, str] = os.environ) -> tuple[dict, dict, Path]:

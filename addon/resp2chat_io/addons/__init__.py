@@ -83,6 +83,7 @@ def build() -> list:
     turns.started += [request_log.started, raw.started]
     turns.finished += [limits.finished, replay.finished, store.finished, outcomes.finished, request_log.finished]
     gate = Gate(source, upstreams)
+    gate.reloaded.append(background.clients_changed)
     http_turns = HttpTurns(turns, upstreams, replay, store, gate, background)
     server_replay = ServerReplay(turns)
     sockets = ResponsesWebSocket(source, upstreams, turns, gate, server_replay, outcomes)

@@ -80,7 +80,7 @@ class Run:
     streamed: bool  # the client asked for its events: they are kept, to resume from
     log: Log = field(default_factory=Log)
     task: asyncio.Task | None = None
-    stopping: str = ""  # why it is being stopped: "cancel" (a client), "shutdown" (the gateway)
+    stopping: str = ""  # why it is being stopped: "cancel" (a client), "shutdown" (the gateway), "revoked" (its key)
     calling: bool = True  # its backend call runs (only then can it be stopped: what follows is its end)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -147,6 +147,8 @@ class Background:
                 asyncio.current_task().uncancel()
                 if bg.stopping == "shutdown":
                     bg.log.add(reader.translator.fail(B.DEAD["code"], B.DEAD["message"]))
+                elif bg.stopping == "revoked":
+                    bg.log.add(reader.translator.fail(B.REVOKED["code"], B.REVOKED["message"]))
                 else:
                     bg.log.add(reader.translator.cancel())
             except Exception as exc:  # noqa: BLE001 — a bug of ours: the turn still ends clearly
@@ -179,6 +181,17 @@ class Background:
             except StateUnavailable as exc:
                 log.warning(f"resp2chat: background {bg.response_id}: {exc}")
             await asyncio.sleep(B.RENEW_SECS)
+
+    def clients_changed(self, clients) -> None:
+        """The clients list was reloaded (gate.py): a run whose client's key is no longer
+        accepted (revoked, or the name given another key) stops now and ends ``failed``
+        (``invalid_api_key``), as that key's next request, or its open WebSocket's next message,
+        is refused. Every replica reading the file stops its own runs."""
+        for bg in list(self.runs.values()):
+            client = bg.run.client
+            now = clients.named(client.name) if client is not None else None
+            if client is not None and (now is None or now.key_sha256 != client.key_sha256):
+                self.stop(bg, "revoked")
 
     def stop(self, bg: Run, why: str) -> None:
         if bg.calling and not bg.stopping and bg.task is not None and not bg.task.done():

@@ -33,6 +33,7 @@ import os
 import re
 import secrets
 from dataclasses import dataclass
+from typing import Callable
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.net.http import http1
@@ -93,6 +94,9 @@ class Gate(Owner):
         self.clients = ClientTable()
         self.keyed = False  # the gateway takes keys: once so, no reload of the file makes it open
         self._watch: asyncio.Task | None = None
+        # told of every reloaded clients list (the new ClientTable): work a revoked or changed key
+        # started that outlives its request stops (Background.clients_changed)
+        self.reloaded: list[Callable[[ClientTable], None]] = []
 
     def apply(self, updated: set[str]) -> None:
         self.rules = G.parse_passthrough(self.s["passthrough_paths"])
@@ -338,14 +342,20 @@ class Gate(Owner):
                 log.warning(f"resp2chat: the config file's clients were not reloaded: {exc}")
 
     def _reload(self) -> None:
+        values, _, _ = load_settings()
+        if values["gateway_api_key"] != self.s["gateway_api_key"] and not ctx.options.resp2chat_gateway_api_key:
+            log.warning("resp2chat: gateway_api_key changed in the config file: it is read at start only, so this "
+                        "gateway still takes the key it started with until it is restarted (a key that changes "
+                        "without a restart is a client's: clients, resp2chat keys)")
         if getattr(ctx.options, "resp2chat_clients", "") or "RESP2CHAT_CLIENTS" in os.environ:
             return  # --set / the environment decide, not the file
-        values, _, _ = load_settings()
         table = ClientTable(parse_clients(values["clients"], self.s["gateway_api_key"]))
         if table != self.clients:
             self.source.reloaded("clients", values["clients"])  # (what a later configure reads too)
             self.clients = table
             self.upstreams.clients_reloaded()  # (a plain key among them is a secret from now on)
+            for listener in self.reloaded:
+                listener(table)
             log.info(f"resp2chat: clients reloaded from the config file: {', '.join(table.names) or 'none'}")
             if not len(table) and self.keyed:
                 log.warning("resp2chat: the config file lists no client any more: every request is refused until "

@@ -65,9 +65,10 @@ class Limits:
 
     def finished(self, done) -> None:
         """A turns.py ``finished`` listener: the turn leaves its client's open turns, its backend
-        tokens are spent."""
+        tokens are spent (by the backend's usage; without one, its ``estimate``: a client that
+        hangs up before the last chunk, which brings the usage, still spent what the backend did)."""
         u = done.usage or {}
-        used = (u.get("input_tokens") or 0) + (u.get("output_tokens") or 0)
+        used = (u.get("input_tokens") or 0) + (u.get("output_tokens") or 0) if u else done.estimate
         self.release(done.client, done.turn_id, used if isinstance(used, int) else 0)
 
     async def _heartbeat(self) -> None:

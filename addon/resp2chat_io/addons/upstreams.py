@@ -43,7 +43,8 @@ from resp2chat_core import owner as owners
 from resp2chat_core import settings as S
 from resp2chat_core.turn import Turn, session_key
 from resp2chat_core.channel import Scrubber, scrub
-from resp2chat_core.errors import error_json
+from resp2chat_core.errors import GatewayError, error_json
+from resp2chat_io import offload
 from resp2chat_io.relay import KEY_HEADER, TURN_HEADER, Relay
 
 from .base import JSON_HEADERS, META, Owner, Refusal, fails_closed, refusal, request_id
@@ -112,6 +113,12 @@ class Upstreams(Owner):
         if self.specs and url:
             raise exceptions.OptionsError("resp2chat: upstream_base_url and upstreams are both set: upstreams "
                                           "lists every upstream (drop upstream_base_url)")
+        keys = [k for k in self.s["upstream_headers"] if S.credential_header(k)]
+        if self.specs and keys:  # (the top-level ones go to every entry without headers of its own)
+            raise exceptions.OptionsError(
+                f"resp2chat: upstream_headers: {', '.join(map(repr, keys))} is a credential, and with upstreams the "
+                "top-level upstream_headers go to every upstream: set it in the upstream_headers of the entry it "
+                "belongs to (upstreams[N].upstream_headers)")
         self.endpoints = {s.name: Upstream(self._demo_url() if s.base_url == "demo" else s.base_url)
                           for s in self.specs}
         if url == "demo":
@@ -266,6 +273,12 @@ class Upstreams(Owner):
         if models and path.startswith("/v1/models/") and not clients.matches(models, path[11:]):
             flow.response = refusal(flow, clients.not_allowed(path[11:]))
             return
+        if models and req.method == "POST":  # (embeddings: the backend would serve any model it has)
+            try:
+                clients.check_model(models, await offload.reduce(req.get_content(strict=False) or b"", _model))
+            except GatewayError as err:
+                flow.response = refusal(flow, err)
+                return
         self.target(flow).route(flow, req.path[3:] if path.startswith("/v1/") else req.path)  # (the query kept)
         self.authorize(flow, self.specs[0] if self.specs else None)
         req.headers["accept-encoding"] = "identity"  # (responseheaders reads the answer for secrets)
@@ -343,6 +356,11 @@ _NOT_FORWARDED = frozenset({
     "keep-alive", "te", "trailer", "upgrade", "proxy-connection", "expect", "content-type", "content-encoding",
     "accept", "accept-encoding", "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
     "sec-websocket-protocol", "sec-websocket-accept", TURN_HEADER, KEY_HEADER})
+
+
+def _model(body) -> object:
+    """The ``model`` a passthrough request's JSON body names (None: none, or not an object)."""
+    return body.get("model") if isinstance(body, dict) else None
 
 
 def _bearer(value: str | None) -> bytes | None:

@@ -272,10 +272,14 @@ class ResponsesWebSocket(Owner):
 
     def _client(self, live: OpenSocket):
         """The socket's client as configured now: a key revoked (or changed) since the upgrade
-        is refused from its next message on, as a new request with it would be."""
+        is refused from its next message on, as a new request with it would be, and so is a
+        socket opened without a key once the gateway takes keys (``keys add`` since)."""
         if live.client is None:
-            return None
-        client = self.gate.client(live.client)
+            if not len(self.gate.clients) and not self.gate.keyed:
+                return None
+            client = None
+        else:
+            client = self.gate.client(live.client)
         if client is None or client.key_sha256 != live.key_sha256:
             raise GatewayError("this connection's API key is no longer accepted (revoked or changed)",
                                type="authentication_error", code="invalid_api_key", status=401)
