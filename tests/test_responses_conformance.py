@@ -13,8 +13,9 @@ import pytest
 import requests
 from openai.types.responses import Response
 
-from helpers import chat_chunk, chat_sse, check_stream, openai_client, tool_call_chunk
+from helpers import chat_chunk, chat_sse, check_sdk, check_stream, openai_client, tool_call_chunk
 from resp2chat_core.lowering import LoweringOptions
+from resp2chat_core.translator import OUTPUT_TOO_LARGE, Translator
 from resp2chat_core.turn import begin_turn
 from wsclient import WSClient
 
@@ -247,3 +248,73 @@ def test_a_request_without_input_goes_on_from_what_it_names(own_gateway, upstrea
     # nothing at all is still a 400 naming input
     r = requests.post(f"{own_gateway.base_url}/responses", json={"model": "demo-model"}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "input", r.text
+
+
+# --- how a stream ends: every item it opened is closed, as the end says ------------------------------
+
+
+def ended_items(events: list[dict]) -> tuple[list, list]:
+    """The ids of the items a stream added, and the items it closed (``output_item.done``)."""
+    return ([e["item"]["id"] for e in events if e["type"] == "response.output_item.added"],
+            [e["item"] for e in events if e["type"] == "response.output_item.done"])
+
+
+@pytest.mark.parametrize("fault", ["midstream-error", "truncate"])
+def test_a_response_that_fails_mid_stream_closes_the_items_it_opened(own_gateway, fault):
+    """Open Responses: an item goes ``in_progress`` → ``completed`` or ``incomplete``; a stream
+    adds it (``output_item.added``), fills it and closes it (its ``*.done`` events, then
+    ``output_item.done``). The backend failing mid-answer (an error event, or its stream cut
+    off) ended the turn with ``response.failed`` straight after the text's deltas: the message
+    was never closed (a strict client tracking items holds it open forever) and the failed
+    Response's output was empty though its text had streamed. Now it is closed ``incomplete``
+    (sampling stopped in it: the only such status the spec has), its text whole in
+    ``output_text.done``, and the failed Response's output is the items the events closed; the
+    same on the Responses WebSocket. The openai SDK reads every event."""
+    client = openai_client(own_gateway)
+    events = list(client.responses.create(model="demo-model", input=fault, stream=True))
+    failed = events[-1]
+    assert failed.type == "response.failed" and failed.response.error.code == "server_error"
+    added, done = ended_items([e.model_dump() for e in events])
+    assert added and [i["id"] for i in done] == added, "an item the stream opened was never closed"
+    message = done[-1]
+    assert (message["type"], message["status"]) == ("message", "incomplete")
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text and message["content"][0]["text"] == text
+    assert [e.text for e in events if e.type == "response.output_text.done"] == [text]
+    assert [e.type for e in events][-4:-1] == ["response.output_text.done", "response.content_part.done",
+                                             "response.output_item.done"]
+    assert [i.model_dump() for i in failed.response.output] == done
+    ws = WSClient(own_gateway.base_url)
+    try:
+        sent = ws.turn({"type": "response.create", "model": "demo-model", "input": fault, "store": False})
+    finally:
+        ws.close()
+    check_sdk(sent)
+    assert sent[-1]["type"] == "response.failed", sent[-1]
+    added, done = ended_items(sent)
+    assert added and [i["id"] for i in done] == added and done[-1]["status"] == "incomplete"
+    assert sent[-1]["response"]["output"] == done
+
+
+def test_the_output_bound_and_the_gateways_own_runs_close_what_was_open():
+    """The core, for the failures an e2e backend cannot cheaply cause: the turn's output bound
+    (``upstream_output_too_large``) cuts a message being written, and a failure while the
+    gateway's own web search runs leaves its ``web_search_call`` in progress: each is closed
+    (the message ``incomplete``, the search ``failed``: its only other end), and the failed
+    Response's output is what the events closed (helpers.check_stream: every item added is done)."""
+    body = {"model": "m", "input": "hi"}
+    t = begin_turn(json.dumps(body).encode(), LoweringOptions(), "resp_x", 100)
+    tr = Translator(t.ctx, max_event=1024)  # (the bound: 8 × 1 KiB of output, each delta and item at its cost)
+    out = tr.accepted() + tr.feed(chat_sse(*[chat_chunk({"content": "word "}) for _ in range(100)]))
+    evs = check_stream(out, "resp_x")  # (the gateway's own code is not in the SDK's enum: no check_sdk)
+    end = evs[-1]["response"]
+    assert (end["status"], end["error"]["code"]) == ("failed", OUTPUT_TOO_LARGE)
+    assert [(i["type"], i["status"]) for i in end["output"]] == [("message", "incomplete")]
+    assert end["output"][0]["content"][0]["text"].startswith("word ")
+
+    tr = begin_turn(json.dumps(body).encode(), LoweringOptions(), "resp_x", 100).translator()
+    out = tr.accepted() + tr.search_started("call_1", "weather") + tr.fail_upstream(502, b"bad gateway")
+    evs = check_stream(out, "resp_x")
+    check_sdk(evs)
+    assert [(i["type"], i["status"]) for i in evs[-1]["response"]["output"]] == [("web_search_call", "failed")]
+

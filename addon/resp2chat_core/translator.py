@@ -5,8 +5,10 @@ Rules of this file:
   caller owns sockets, threads and timers. Nothing here imports mitmproxy.
 - Total. Every input, however broken, ends in exactly one terminal event (``response.completed``,
   ``response.incomplete`` or ``response.failed``; ``response.cancelled`` for a background
-  response its client cancelled: ``cancel``) and nothing after it. ``feed`` never raises for
-  bad upstream data (a raise inside mitmproxy's stream callable hangs the client).
+  response its client cancelled: ``cancel``) and nothing after it; before it, every item the
+  stream opened is closed (``_cut``: the final Response's output is the items closed, whatever
+  the end). ``feed`` never raises for bad upstream data (a raise inside mitmproxy's stream
+  callable hangs the client).
 - Hot path. ``feed`` runs once per socket read: plain dicts, string-built delta events, one
   ``bytes`` result per call, no pydantic, no re-parsing of earlier bytes.
 
@@ -50,7 +52,10 @@ normalized deltas. What they become is decided here:
   forks, some proxies); ``length``/``max_tokens``/``model_length`` -> ``response.incomplete``
   (the item the model was writing closes ``incomplete``: the spec's item states);
   ``error``/``abort``/``insufficient_system_resource`` -> ``response.failed``. Neither a
-  finish_reason nor ``[DONE]`` before the body ends -> ``response.failed`` (cut short).
+  finish_reason nor ``[DONE]`` before the body ends -> ``response.failed`` (cut short); the item
+  a failure (or a cancellation) stops closes ``incomplete`` as well (``_cut``).
+- Beginnings: ``response.created`` and ``response.in_progress``; a background response
+  (``TurnContext.queued``) is created ``queued`` (``response.queued``) before it is in progress.
 - Errors in a 200 stream (an error object, an error body served as ``text/event-stream``) ->
   ``response.failed`` with the code Codex acts on (errors.py); a payload or body that cannot be
   read -> ``server_error``, its text for the operator only.
@@ -123,6 +128,9 @@ _PHASES = {
 }
 
 
+_RUNNING = ("in_progress", "queued")  # a Response's statuses before it ends (no output, usage, error yet)
+
+
 class Kind(Enum):
     NONE = "none"
     REASONING = "reasoning"
@@ -180,6 +188,7 @@ class TurnContext:
     summary: bool = True  # reasoning as a summary (the request asked for one: reasoning.summary), else as content
     logprobs: bool = False  # output_text parts carry the backend's token logprobs (include, top_logprobs)
     clock: Callable[[], float] | None = None  # the time a response completed at (None: created_at); the caller's
+    queued: bool = False  # a background response: created ``queued`` (response.queued), then in_progress
 
 
 @dataclass
@@ -308,11 +317,12 @@ class Translator:
 
     def cancel(self) -> bytes:
         """The response was cancelled (a background one: resp2chat_core/background.py): what it
-        output so far is closed and it ends with ``response.cancelled``, status ``cancelled``
-        (idempotent; nothing after another terminal event)."""
+        output so far is closed, the item it was writing ``incomplete`` (``_cut``), and it ends
+        with ``response.cancelled``, status ``cancelled`` (idempotent; nothing after another
+        terminal event)."""
         if self.phase is not Phase.DONE:
             self._start()
-            self._close_open()
+            self._cut()
             self._emit_response("response.cancelled", "cancelled")
             self.phase = Phase.DONE
             self._reader.stopped = True
@@ -561,6 +571,7 @@ class Translator:
     def _fail(self, code: str, message: str, detail: str | None = None) -> None:
         if self.phase is not Phase.DONE:
             self._start()
+            self._cut()
             self.error = {"code": code, "message": message}
             self.error_detail = detail
             self._emit_response("response.failed", "failed")
@@ -591,8 +602,29 @@ class Translator:
     def _start(self) -> None:
         if self.phase is Phase.WAITING:
             self.phase = Phase.STREAMING
-            self._emit_response("response.created", "in_progress")
+            if self.ctx.queued:  # a background response: created queued, as OpenAI's (then it runs)
+                self._emit_response("response.created", "queued")
+                self._emit_response("response.queued", "queued")
+            else:
+                self._emit_response("response.created", "in_progress")
             self._emit_response("response.in_progress", "in_progress")
+
+    def _cut(self) -> None:
+        """The response ends before its items did (it failed, or was cancelled): each item still
+        open is closed as a finished one is (its ``*.done`` events, ``output_item.done``), the
+        one the model was writing ``incomplete`` (the spec's item states have no other for an
+        item whose sampling stopped; OpenAI's Realtime API closes an interrupted or cancelled
+        response's items so), and the gateway's own tool runs in flight end ``incomplete`` (an
+        ``mcp_call``) or ``failed`` (a web search, a listing: their only other end). So a stream
+        closes every item it opened, and the final Response's ``output`` is those items. Never
+        raises: the terminal event goes whatever state a bug left."""
+        try:
+            running, self._running = self._running, {}  # (opened before what the model writes now)
+            for index, item in sorted(running.values(), key=lambda found: found[0]):
+                self._item_done({**item, "status": "incomplete" if item["type"] == "mcp_call" else "failed"}, index)
+            self._close_open("incomplete")
+        except Exception:  # noqa: BLE001 — (a bug in closing: the response still ends)
+            self.open = Kind.NONE
 
     def _complete(self) -> None:
         self._start()
@@ -878,7 +910,7 @@ class Translator:
         """The Response object as it stands (response.py writes every one); without ``echoed``,
         its text up to the echo (no closing brace)."""
         echo = self._echo_json if echoed else None
-        if status == "in_progress":
+        if status in _RUNNING:
             return response.response_json(self.ctx.response_id, self.ctx.created_at, status, self._model_json, echo)
         return response.response_json(self.ctx.response_id, self.ctx.created_at, status, self._model_json,
                                       echo, completed_at=self._completed_at, error=self.error or None,
@@ -886,7 +918,7 @@ class Translator:
                                       usage=self.usage or None)
 
     def _emit_response(self, type_: str, status: str, incomplete: dict | None = None) -> None:
-        if status != "in_progress":
+        if status not in _RUNNING:
             self._status = status
             self._incomplete = incomplete
             if status == "completed" and self._completed_at is None:
