@@ -318,3 +318,42 @@ def test_the_output_bound_and_the_gateways_own_runs_close_what_was_open():
     check_sdk(evs)
     assert [(i["type"], i["status"]) for i in evs[-1]["response"]["output"]] == [("web_search_call", "failed")]
 
+
+@pytest.mark.parametrize("transport", ["http", "websocket"])
+def test_a_failed_response_is_stored_with_its_error_and_not_gone_on_from(upstream, gateway_factory, transport):
+    """OpenAI keeps a failed response (``store`` true): ``GET /v1/responses/{id}`` answers it,
+    ``status: failed`` with its ``error`` and the output it had. The gateway stored only
+    completed and incomplete ones: a failed stream's id was a 404. A ``previous_response_id``
+    naming it is a 400 that says it failed, with the code a client recovers with
+    (``previous_response_not_found``: send the history again), not a continuation of a turn
+    that never finished. Kept as every stored response: ``store: false`` keeps nothing, and
+    another client's (``forward_client_auth``: each credential its own owner) is unknown."""
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0",
+                         "--set", "resp2chat_forward_client_auth=true")
+    client = openai_client(gw)
+    if transport == "http":
+        failed = list(client.responses.create(model="demo-model", input="midstream-error", stream=True))[-1]
+        failed = failed.response.model_dump()
+    else:
+        ws = WSClient(gw.base_url, headers={"authorization": "Bearer sk-client-key"})
+        try:
+            failed = ws.turn({"type": "response.create", "model": "demo-model", "input": "midstream-error"})[-1]
+        finally:
+            ws.close()
+        failed = failed["response"]
+    assert failed["status"] == "failed" and failed["output"], failed
+    stored = client.responses.retrieve(failed["id"])
+    assert stored.status == "failed" and stored.error.code == "server_error"
+    assert stored.model_dump() == Response.model_validate(failed).model_dump()
+    assert [i.content[0].text for i in client.responses.input_items.list(failed["id"]).data] == ["midstream-error"]
+    upstream.clear()
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model="demo-model", previous_response_id=failed["id"], input="go on")
+    assert (err.value.body["param"], err.value.body["code"]) == ("previous_response_id", "previous_response_not_found")
+    assert "failed" in err.value.body["message"] and upstream.requests() == []
+    with pytest.raises(openai.NotFoundError):  # (another credential: another owner)
+        openai_client(gw, api_key="sk-someone-else").responses.retrieve(failed["id"])
+    unstored = list(client.responses.create(model="demo-model", input="midstream-error", stream=True,
+                                            store=False))[-1]
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.response.id)
