@@ -319,6 +319,25 @@ def test_the_output_bound_and_the_gateways_own_runs_close_what_was_open():
     assert [(i["type"], i["status"]) for i in evs[-1]["response"]["output"]] == [("web_search_call", "failed")]
 
 
+def test_a_tool_call_a_failure_cuts_is_not_closed():
+    """The exception: a call the model was writing when the response failed (or was cancelled)
+    gets no ``output_item.done`` and is not in the failed Response's output. A client runs a
+    call when its ``output_item.done`` comes, whatever its status (Codex does:
+    test_e2e_codex.py), and a failed response's call may be whole or cut anywhere; the reasoning
+    before it is closed as usual."""
+    body = {"model": "m", "input": "hi", "tools": WEATHER_TOOLS}
+    for end in (lambda tr: tr.fail_upstream(None, b'{"error": {"message": "boom"}}'), lambda tr: tr.cancel()):
+        tr = begin_turn(json.dumps(body).encode(), LoweringOptions(), "resp_x", 100).translator()
+        out = tr.accepted() + tr.feed(chat_sse(chat_chunk({"reasoning_content": "let me see"}),
+                                               tool_call_chunk(0, "c1", "get_weather", "{}"), done=False))
+        evs = check_stream(out + end(tr), "resp_x")
+        assert [e["item"]["type"] for e in evs if e["type"] == "response.output_item.added"] == [
+            "reasoning", "function_call"]
+        assert [(e["item"]["type"]) for e in evs if e["type"] == "response.output_item.done"] == ["reasoning"]
+        assert [i["type"] for i in evs[-1]["response"]["output"]] == ["reasoning"]
+        assert not [e for e in evs if e["type"] == "response.function_call_arguments.done"]
+
+
 @pytest.mark.parametrize("transport", ["http", "websocket"])
 def test_a_failed_response_is_stored_with_its_error_and_not_gone_on_from(upstream, gateway_factory, transport):
     """OpenAI keeps a failed response (``store`` true): ``GET /v1/responses/{id}`` answers it,

@@ -7,7 +7,7 @@ Rules of this file:
   ``response.incomplete`` or ``response.failed``; ``response.cancelled`` for a background
   response its client cancelled: ``cancel``) and nothing after it; before it, every item the
   stream opened is closed (``_cut``: the final Response's output is the items closed, whatever
-  the end). ``feed`` never raises for bad upstream data (a raise inside mitmproxy's stream
+  the end), but for tool calls a failure or a cancellation cut (a client would run them). ``feed`` never raises for bad upstream data (a raise inside mitmproxy's stream
   callable hangs the client).
 - Hot path. ``feed`` runs once per socket read: plain dicts, string-built delta events, one
   ``bytes`` result per call, no pydantic, no re-parsing of earlier bytes.
@@ -52,8 +52,9 @@ normalized deltas. What they become is decided here:
   forks, some proxies); ``length``/``max_tokens``/``model_length`` -> ``response.incomplete``
   (the item the model was writing closes ``incomplete``: the spec's item states);
   ``error``/``abort``/``insufficient_system_resource`` -> ``response.failed``. Neither a
-  finish_reason nor ``[DONE]`` before the body ends -> ``response.failed`` (cut short); the item
-  a failure (or a cancellation) stops closes ``incomplete`` as well (``_cut``).
+  finish_reason nor ``[DONE]`` before the body ends -> ``response.failed`` (cut short); the
+  message or reasoning a failure (or a cancellation) stops closes ``incomplete`` as well, a tool
+  call it stops stays unclosed (``_cut``).
 - Beginnings: ``response.created`` and ``response.in_progress``; a background response
   (``TurnContext.queued``) is created ``queued`` (``response.queued``) before it is in progress.
 - Errors in a 200 stream (an error object, an error body served as ``text/event-stream``) ->
@@ -610,19 +611,31 @@ class Translator:
             self._emit_response("response.in_progress", "in_progress")
 
     def _cut(self) -> None:
-        """The response ends before its items did (it failed, or was cancelled): each item still
-        open is closed as a finished one is (its ``*.done`` events, ``output_item.done``), the
-        one the model was writing ``incomplete`` (the spec's item states have no other for an
-        item whose sampling stopped; OpenAI's Realtime API closes an interrupted or cancelled
+        """The response ends before its items did (it failed, or was cancelled): a message or
+        reasoning item still open is closed as a finished one is (its ``*.done`` events,
+        ``output_item.done``), ``incomplete`` (the spec's item states have no other for an item
+        whose sampling stopped; OpenAI's Realtime API closes an interrupted or cancelled
         response's items so), and the gateway's own tool runs in flight end ``incomplete`` (an
-        ``mcp_call``) or ``failed`` (a web search, a listing: their only other end). So a stream
-        closes every item it opened, and the final Response's ``output`` is those items. Never
-        raises: the terminal event goes whatever state a bug left."""
+        ``mcp_call``) or ``failed`` (a web search, a listing: their only other end). The final
+        Response's ``output`` is the items closed.
+
+        Tool calls the model was writing are not closed: a client runs a call when its
+        ``output_item.done`` comes, whatever its status (Codex 0.169 does, before it reads the
+        ``response.failed`` that follows: tests/test_e2e_codex.py), and a call whose response
+        failed may be whole or cut anywhere: it must not run (Codex then retries the turn, and
+        the model calls again). They stay added, out of the output, as a failed response's
+        unfinished work. Never raises: the terminal event goes whatever state a bug left."""
         try:
             running, self._running = self._running, {}  # (opened before what the model writes now)
             for index, item in sorted(running.values(), key=lambda found: found[0]):
                 self._item_done({**item, "status": "incomplete" if item["type"] == "mcp_call" else "failed"}, index)
-            self._close_open("incomplete")
+            if self.open is Kind.TOOL:
+                self.open = Kind.NONE
+                self._tools.clear()
+                self._tool_list.clear()
+                self._tool_wait.clear()
+            else:
+                self._close_open("incomplete")
         except Exception:  # noqa: BLE001 — (a bug in closing: the response still ends)
             self.open = Kind.NONE
 
