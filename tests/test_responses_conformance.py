@@ -296,27 +296,29 @@ def test_a_response_that_fails_mid_stream_closes_the_items_it_opened(own_gateway
     assert sent[-1]["response"]["output"] == done
 
 
-def test_the_output_bound_and_the_gateways_own_runs_close_what_was_open():
-    """The core, for the failures an e2e backend cannot cheaply cause: the turn's output bound
-    (``upstream_output_too_large``) cuts a message being written, and a failure while the
-    gateway's own web search runs leaves its ``web_search_call`` in progress: each is closed
-    (the message ``incomplete``, the search ``failed``: its only other end), and the failed
-    Response's output is what the events closed (helpers.check_stream: every item added is done)."""
+def test_the_gateways_own_runs_close_and_the_output_bound_closes_nothing():
+    """The core, for the failures an e2e backend cannot cheaply cause: a failure while the
+    gateway's own web search runs closed nothing, its ``web_search_call`` left in progress: it
+    ends ``failed`` (its only other end), in the failed Response's output too. The output bound
+    (``upstream_output_too_large``) is the one failure that closes nothing: the message's done
+    events and the failed Response would each repeat what is too large to hold
+    (test_hostile_audit.py measures it); its output is what was closed before (helpers.check_stream)."""
     body = {"model": "m", "input": "hi"}
-    t = begin_turn(json.dumps(body).encode(), LoweringOptions(), "resp_x", 100)
-    tr = Translator(t.ctx, max_event=1024)  # (the bound: 8 × 1 KiB of output, each delta and item at its cost)
-    out = tr.accepted() + tr.feed(chat_sse(*[chat_chunk({"content": "word "}) for _ in range(100)]))
-    evs = check_stream(out, "resp_x")  # (the gateway's own code is not in the SDK's enum: no check_sdk)
-    end = evs[-1]["response"]
-    assert (end["status"], end["error"]["code"]) == ("failed", OUTPUT_TOO_LARGE)
-    assert [(i["type"], i["status"]) for i in end["output"]] == [("message", "incomplete")]
-    assert end["output"][0]["content"][0]["text"].startswith("word ")
-
     tr = begin_turn(json.dumps(body).encode(), LoweringOptions(), "resp_x", 100).translator()
     out = tr.accepted() + tr.search_started("call_1", "weather") + tr.fail_upstream(502, b"bad gateway")
     evs = check_stream(out, "resp_x")
     check_sdk(evs)
     assert [(i["type"], i["status"]) for i in evs[-1]["response"]["output"]] == [("web_search_call", "failed")]
+
+    t = begin_turn(json.dumps(body).encode(), LoweringOptions(), "resp_x", 100)
+    tr = Translator(t.ctx, max_event=1024)  # (the bound: 8 × 1 KiB of output, each delta and item at its cost)
+    out = tr.accepted() + tr.feed(chat_sse(chat_chunk({"reasoning_content": "hmm"}),
+                                           *[chat_chunk({"content": "word "}) for _ in range(100)]))
+    evs = check_stream(out, "resp_x")  # (the gateway's own code is not in the SDK's enum: no check_sdk)
+    end = evs[-1]["response"]
+    assert (end["status"], end["error"]["code"]) == ("failed", OUTPUT_TOO_LARGE)
+    assert [i["type"] for i in end["output"]] == ["reasoning"]
+    assert not [e for e in evs if e["type"] == "response.output_text.done"]
 
 
 def test_a_tool_call_a_failure_cuts_is_not_closed():

@@ -7,8 +7,9 @@ Rules of this file:
   ``response.incomplete`` or ``response.failed``; ``response.cancelled`` for a background
   response its client cancelled: ``cancel``) and nothing after it; before it, every item the
   stream opened is closed (``_cut``: the final Response's output is the items closed, whatever
-  the end), but for tool calls a failure or a cancellation cut (a client would run them). ``feed`` never raises for bad upstream data (a raise inside mitmproxy's stream
-  callable hangs the client).
+  the end), but for tool calls a failure or a cancellation cut (a client would run them).
+  ``feed`` never raises for bad upstream data (a raise inside mitmproxy's stream callable hangs
+  the client).
 - Hot path. ``feed`` runs once per socket read: plain dicts, string-built delta events, one
   ``bytes`` result per call, no pydantic, no re-parsing of earlier bytes.
 
@@ -54,7 +55,8 @@ normalized deltas. What they become is decided here:
   ``error``/``abort``/``insufficient_system_resource`` -> ``response.failed``. Neither a
   finish_reason nor ``[DONE]`` before the body ends -> ``response.failed`` (cut short); the
   message or reasoning a failure (or a cancellation) stops closes ``incomplete`` as well, a tool
-  call it stops stays unclosed (``_cut``).
+  call it stops stays unclosed (``_cut``), and so does what the output bound stops
+  (``_outgrown``: closing it would repeat what is too large).
 - Beginnings: ``response.created`` and ``response.in_progress``; a background response
   (``TurnContext.queued``) is created ``queued`` (``response.queued``) before it is in progress.
 - Errors in a 200 stream (an error object, an error body served as ``text/event-stream``) ->
@@ -318,7 +320,7 @@ class Translator:
 
     def cancel(self) -> bytes:
         """The response was cancelled (a background one: resp2chat_core/background.py): what it
-        output so far is closed, the item it was writing ``incomplete`` (``_cut``), and it ends
+        output so far is closed, the message it was writing ``incomplete`` (``_cut``), and it ends
         with ``response.cancelled``, status ``cancelled`` (idempotent; nothing after another
         terminal event)."""
         if self.phase is not Phase.DONE:
@@ -569,10 +571,12 @@ class Translator:
         """Another kind of delta arrives: release held content first, in order."""
         self._think_pieces(self._think.settle())
 
-    def _fail(self, code: str, message: str, detail: str | None = None) -> None:
+    def _fail(self, code: str, message: str, detail: str | None = None, cut: bool = True) -> None:
+        """``cut``: close what is open (``_cut``); not when the output outgrew its bound."""
         if self.phase is not Phase.DONE:
             self._start()
-            self._cut()
+            if cut:
+                self._cut()
             self.error = {"code": code, "message": message}
             self.error_detail = detail
             self._emit_response("response.failed", "failed")
@@ -588,9 +592,11 @@ class Translator:
         self._output_size += size
         if self._output_size <= self._max_output:
             return False
+        # (what is open is not closed: its done events and the failed Response would each repeat
+        # the output that is too large to hold, four copies of it: tests/test_hostile_audit.py)
         self._fail(OUTPUT_TOO_LARGE, f"the upstream's answer outgrew {self._max_output / (1 << 20):g} MiB "
                                      f"({OUTPUT_EVENTS} × max_upstream_event_mb): the turn was ended and the "
-                                     "upstream request dropped")
+                                     "upstream request dropped", cut=False)
         return True
 
     def _fail_upstream(self, status: int | None, body: bytes, retry_after: str | None = None,
