@@ -12,7 +12,7 @@ import openai
 import pytest
 import requests
 
-from helpers import Endless, openai_client, parse_sse, start_gateway, wait_until
+from helpers import Endless, check_stream, openai_client, parse_sse, start_gateway, wait_until
 from resp2chat_core.background import LEASE_SECS
 
 SLOW = "noreason\nwords: 40\nslow: 100"  # (the demo upstream: 40 words, 0.1 s apart: ~4 s)
@@ -160,3 +160,48 @@ def test_a_gateway_that_stops_leaves_it_failed_on_disk(upstream, gateway_factory
     again = openai_client(gateway_factory(upstream.origin, *args))
     stopped = again.responses.retrieve(running.id)
     assert stopped.status == "failed" and stopped.error.code == "server_error"
+
+
+def test_a_streamed_background_response_is_created_queued(upstream, gateway_factory):
+    """OpenAI (and the Open Responses spec's state machine: ``queued`` → ``in_progress``, a
+    ``response.in_progress`` event at that change): a background response is created
+    ``queued``, its stream opening with ``response.created`` and ``response.queued`` (status
+    ``queued``), then ``response.in_progress`` once it runs, as the JSON body of one created
+    without ``stream`` says ``queued``. The gateway's stream said ``in_progress`` from its first
+    event. The openai SDK reads each (``ResponseQueuedEvent``); a resume from the start reads the
+    same."""
+    gw = gateway_factory(upstream.origin)
+    client = openai_client(gw)
+    events = list(client.responses.create(model="demo-model", input="hi", background=True, stream=True))
+    assert [(e.type, e.response.status) for e in events[:3]] == [
+        ("response.created", "queued"), ("response.queued", "queued"), ("response.in_progress", "in_progress")]
+    assert type(events[1]).__name__ == "ResponseQueuedEvent" and events[-1].type == "response.completed"
+    assert events[0].response.output == [] and events[0].response.background is True
+    raw = requests.post(f"{gw.base_url}/responses", timeout=30,
+                        json={"model": "demo-model", "input": "hi", "background": True, "stream": True}).content
+    check_stream(raw, parse_sse(raw)[0]["response"]["id"])  # (the stream's invariants: helpers)
+    resumed = list(client.responses.retrieve(events[0].response.id, stream=True))
+    assert [e.model_dump() for e in resumed] == [e.model_dump() for e in events]
+
+
+def test_a_cancelled_response_closes_the_item_it_was_writing_incomplete(endless, gateway_factory):
+    """Cancelled mid-answer, the message the model was writing did not complete: it is closed
+    ``incomplete`` (as OpenAI's Realtime API closes a cancelled response's items; the spec's
+    only status for an item whose sampling stopped), in the stream's ``output_item.done`` and
+    in the cancelled Response (the cancel's answer, a GET). The gateway said ``completed``."""
+    gw = gateway_factory(endless.url)
+    client = openai_client(gw)
+    stream = client.responses.create(model="m", input="go on forever", background=True, stream=True)
+    events = []
+    for event in stream:
+        events.append(event)
+        if event.type == "response.output_text.delta":
+            break
+    cancelled = client.responses.cancel(events[0].response.id)
+    events += list(stream)  # (the rest of the stream: the item closed, the response cancelled)
+    assert cancelled.status == "cancelled"
+    [message] = cancelled.output
+    assert (message.type, message.status) == ("message", "incomplete") and message.content[0].text
+    [done] = [e.item for e in events if e.type == "response.output_item.done"]
+    assert done.model_dump() == message.model_dump()
+    assert client.responses.retrieve(cancelled.id).output[0].status == "incomplete"

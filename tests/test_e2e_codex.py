@@ -14,7 +14,8 @@ import uuid
 
 import pytest
 
-from helpers import NAME_RE, tool_names, write_png
+from helpers import (NAME_RE, Codex, LocalServer, QuietHandler, chat_sse, send_sse, tool_call_chunk, tool_names,
+                     write_png)
 
 pytestmark = pytest.mark.codex
 
@@ -282,3 +283,34 @@ def test_upstream_503_is_retried(codex, upstream, gateway):
     n = len(upstream.requests())
     assert n == 3, f"a 503 from upstream was sent {n} time(s), expected 1 + 2 retries" + diag(run, gateway)
     assert "busy" in run.output, diag(run, gateway)
+
+
+# --- a failed response's tool call is not run ----------------------------------------------------
+
+
+class CallThenFail(QuietHandler):
+    """A backend that streams one whole ``exec_command`` call (touching ``MARK``), then an error
+    event: the response fails after the call's arguments, before its finish."""
+
+    mark = ""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["content-length"]))
+        send_sse(self, chat_sse(tool_call_chunk(0, "call_1", "exec_command",
+                                                json.dumps({"cmd": f"touch {type(self).mark}"})),
+                                {"error": {"message": "boom", "type": "server_error", "code": 500}}, done=False))
+
+
+def test_a_call_in_a_response_that_failed_is_not_run(codex_bin, tmp_path, gateway_factory):
+    """The translator closes what a failed response left open (Open Responses' item states)
+    but for a tool call: Codex runs a call as soon as its ``output_item.done`` comes, whatever
+    its status, before it reads the ``response.failed`` that follows. A call whose response
+    failed must not run (it may be cut anywhere; Codex retries the turn and the model calls
+    again): closed ``incomplete``, this command ran."""
+    CallThenFail.mark = str(tmp_path / "ran")
+    with LocalServer(CallThenFail) as backend:
+        codex = Codex.at(codex_bin, tmp_path)
+        codex.configure(gateway_factory(backend.url).base_url)
+        run = codex.exec("go", timeout=90)
+    assert run.returncode != 0 and "upstream" in run.output, run.output
+    assert not (tmp_path / "ran").exists(), "the call of a failed response was run"

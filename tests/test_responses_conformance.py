@@ -13,8 +13,9 @@ import pytest
 import requests
 from openai.types.responses import Response
 
-from helpers import chat_chunk, chat_sse, check_stream, openai_client, tool_call_chunk
+from helpers import chat_chunk, chat_sse, check_sdk, check_stream, openai_client, tool_call_chunk
 from resp2chat_core.lowering import LoweringOptions
+from resp2chat_core.translator import OUTPUT_TOO_LARGE, Translator
 from resp2chat_core.turn import begin_turn
 from wsclient import WSClient
 
@@ -247,3 +248,133 @@ def test_a_request_without_input_goes_on_from_what_it_names(own_gateway, upstrea
     # nothing at all is still a 400 naming input
     r = requests.post(f"{own_gateway.base_url}/responses", json={"model": "demo-model"}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "input", r.text
+
+
+# --- how a stream ends: every item it opened is closed, as the end says ------------------------------
+
+
+def ended_items(events: list[dict]) -> tuple[list, list]:
+    """The ids of the items a stream added, and the items it closed (``output_item.done``)."""
+    return ([e["item"]["id"] for e in events if e["type"] == "response.output_item.added"],
+            [e["item"] for e in events if e["type"] == "response.output_item.done"])
+
+
+@pytest.mark.parametrize("fault", ["midstream-error", "truncate"])
+def test_a_response_that_fails_mid_stream_closes_the_items_it_opened(own_gateway, fault):
+    """Open Responses: an item goes ``in_progress`` → ``completed`` or ``incomplete``; a stream
+    adds it (``output_item.added``), fills it and closes it (its ``*.done`` events, then
+    ``output_item.done``). The backend failing mid-answer (an error event, or its stream cut
+    off) ended the turn with ``response.failed`` straight after the text's deltas: the message
+    was never closed (a strict client tracking items holds it open forever) and the failed
+    Response's output was empty though its text had streamed. Now it is closed ``incomplete``
+    (sampling stopped in it: the only such status the spec has), its text whole in
+    ``output_text.done``, and the failed Response's output is the items the events closed; the
+    same on the Responses WebSocket. The openai SDK reads every event."""
+    client = openai_client(own_gateway)
+    events = list(client.responses.create(model="demo-model", input=fault, stream=True))
+    failed = events[-1]
+    assert failed.type == "response.failed" and failed.response.error.code == "server_error"
+    added, done = ended_items([e.model_dump() for e in events])
+    assert added and [i["id"] for i in done] == added, "an item the stream opened was never closed"
+    message = done[-1]
+    assert (message["type"], message["status"]) == ("message", "incomplete")
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text and message["content"][0]["text"] == text
+    assert [e.text for e in events if e.type == "response.output_text.done"] == [text]
+    assert [e.type for e in events][-4:-1] == ["response.output_text.done", "response.content_part.done",
+                                             "response.output_item.done"]
+    assert [i.model_dump() for i in failed.response.output] == done
+    ws = WSClient(own_gateway.base_url)
+    try:
+        sent = ws.turn({"type": "response.create", "model": "demo-model", "input": fault, "store": False})
+    finally:
+        ws.close()
+    check_sdk(sent)
+    assert sent[-1]["type"] == "response.failed", sent[-1]
+    added, done = ended_items(sent)
+    assert added and [i["id"] for i in done] == added and done[-1]["status"] == "incomplete"
+    assert sent[-1]["response"]["output"] == done
+
+
+def test_the_gateways_own_runs_close_and_the_output_bound_closes_nothing():
+    """The core, for the failures an e2e backend cannot cheaply cause: a failure while the
+    gateway's own web search runs closed nothing, its ``web_search_call`` left in progress: it
+    ends ``failed`` (its only other end), in the failed Response's output too. The output bound
+    (``upstream_output_too_large``) is the one failure that closes nothing: the message's done
+    events and the failed Response would each repeat what is too large to hold
+    (test_hostile_audit.py measures it); its output is what was closed before (helpers.check_stream)."""
+    body = {"model": "m", "input": "hi"}
+    tr = begin_turn(json.dumps(body).encode(), LoweringOptions(), "resp_x", 100).translator()
+    out = tr.accepted() + tr.search_started("call_1", "weather") + tr.fail_upstream(502, b"bad gateway")
+    evs = check_stream(out, "resp_x")
+    check_sdk(evs)
+    assert [(i["type"], i["status"]) for i in evs[-1]["response"]["output"]] == [("web_search_call", "failed")]
+
+    t = begin_turn(json.dumps(body).encode(), LoweringOptions(), "resp_x", 100)
+    tr = Translator(t.ctx, max_event=1024)  # (the bound: 8 × 1 KiB of output, each delta and item at its cost)
+    out = tr.accepted() + tr.feed(chat_sse(chat_chunk({"reasoning_content": "hmm"}),
+                                           *[chat_chunk({"content": "word "}) for _ in range(100)]))
+    evs = check_stream(out, "resp_x")  # (the gateway's own code is not in the SDK's enum: no check_sdk)
+    end = evs[-1]["response"]
+    assert (end["status"], end["error"]["code"]) == ("failed", OUTPUT_TOO_LARGE)
+    assert [i["type"] for i in end["output"]] == ["reasoning"]
+    assert not [e for e in evs if e["type"] == "response.output_text.done"]
+
+
+def test_a_tool_call_a_failure_cuts_is_not_closed():
+    """The exception: a call the model was writing when the response failed (or was cancelled)
+    gets no ``output_item.done`` and is not in the failed Response's output. A client runs a
+    call when its ``output_item.done`` comes, whatever its status (Codex does:
+    test_e2e_codex.py), and a failed response's call may be whole or cut anywhere; the reasoning
+    before it is closed as usual."""
+    body = {"model": "m", "input": "hi", "tools": WEATHER_TOOLS}
+    for end in (lambda tr: tr.fail_upstream(None, b'{"error": {"message": "boom"}}'), lambda tr: tr.cancel()):
+        tr = begin_turn(json.dumps(body).encode(), LoweringOptions(), "resp_x", 100).translator()
+        out = tr.accepted() + tr.feed(chat_sse(chat_chunk({"reasoning_content": "let me see"}),
+                                               tool_call_chunk(0, "c1", "get_weather", "{}"), done=False))
+        evs = check_stream(out + end(tr), "resp_x")
+        assert [e["item"]["type"] for e in evs if e["type"] == "response.output_item.added"] == [
+            "reasoning", "function_call"]
+        assert [(e["item"]["type"]) for e in evs if e["type"] == "response.output_item.done"] == ["reasoning"]
+        assert [i["type"] for i in evs[-1]["response"]["output"]] == ["reasoning"]
+        assert not [e for e in evs if e["type"] == "response.function_call_arguments.done"]
+
+
+@pytest.mark.parametrize("transport", ["http", "websocket"])
+def test_a_failed_response_is_stored_with_its_error_and_not_gone_on_from(upstream, gateway_factory, transport):
+    """OpenAI keeps a failed response (``store`` true): ``GET /v1/responses/{id}`` answers it,
+    ``status: failed`` with its ``error`` and the output it had. The gateway stored only
+    completed and incomplete ones: a failed stream's id was a 404. A ``previous_response_id``
+    naming it is a 400 that says it failed, with the code a client recovers with
+    (``previous_response_not_found``: send the history again), not a continuation of a turn
+    that never finished. Kept as every stored response: ``store: false`` keeps nothing, and
+    another client's (``forward_client_auth``: each credential its own owner) is unknown."""
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0",
+                         "--set", "resp2chat_forward_client_auth=true")
+    client = openai_client(gw)
+    if transport == "http":
+        failed = list(client.responses.create(model="demo-model", input="midstream-error", stream=True))[-1]
+        failed = failed.response.model_dump()
+    else:
+        ws = WSClient(gw.base_url, headers={"authorization": "Bearer sk-client-key"})
+        try:
+            failed = ws.turn({"type": "response.create", "model": "demo-model", "input": "midstream-error"})[-1]
+        finally:
+            ws.close()
+        failed = failed["response"]
+    assert failed["status"] == "failed" and failed["output"], failed
+    stored = client.responses.retrieve(failed["id"])
+    assert stored.status == "failed" and stored.error.code == "server_error"
+    assert stored.model_dump() == Response.model_validate(failed).model_dump()
+    assert [i.content[0].text for i in client.responses.input_items.list(failed["id"]).data] == ["midstream-error"]
+    upstream.clear()
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model="demo-model", previous_response_id=failed["id"], input="go on")
+    assert (err.value.body["param"], err.value.body["code"]) == ("previous_response_id", "previous_response_not_found")
+    assert "failed" in err.value.body["message"] and upstream.requests() == []
+    with pytest.raises(openai.NotFoundError):  # (another credential: another owner)
+        openai_client(gw, api_key="sk-someone-else").responses.retrieve(failed["id"])
+    unstored = list(client.responses.create(model="demo-model", input="midstream-error", stream=True,
+                                            store=False))[-1]
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.response.id)

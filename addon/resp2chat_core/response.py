@@ -52,6 +52,9 @@ DEFAULT_SERVICE_TIER = "default"
 # how a response ended that is kept to go on from (the store, a WebSocket's memory): an incomplete one
 # too, as OpenAI keeps it (a client continues after max_output_tokens with previous_response_id)
 CONTINUABLE = ("completed", "incomplete")
+# how a response ended that the store keeps (``store`` true): a failed one too, as OpenAI keeps it (a GET
+# shows its status and error), though it is not gone on from (addons/store.py ``lookup``)
+STORED = CONTINUABLE + ("failed",)
 
 
 def _number(value) -> bool:

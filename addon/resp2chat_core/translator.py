@@ -5,8 +5,11 @@ Rules of this file:
   caller owns sockets, threads and timers. Nothing here imports mitmproxy.
 - Total. Every input, however broken, ends in exactly one terminal event (``response.completed``,
   ``response.incomplete`` or ``response.failed``; ``response.cancelled`` for a background
-  response its client cancelled: ``cancel``) and nothing after it. ``feed`` never raises for
-  bad upstream data (a raise inside mitmproxy's stream callable hangs the client).
+  response its client cancelled: ``cancel``) and nothing after it; before it, every item the
+  stream opened is closed (``_cut``: the final Response's output is the items closed, whatever
+  the end), but for tool calls a failure or a cancellation cut (a client would run them).
+  ``feed`` never raises for bad upstream data (a raise inside mitmproxy's stream callable hangs
+  the client).
 - Hot path. ``feed`` runs once per socket read: plain dicts, string-built delta events, one
   ``bytes`` result per call, no pydantic, no re-parsing of earlier bytes.
 
@@ -50,7 +53,12 @@ normalized deltas. What they become is decided here:
   forks, some proxies); ``length``/``max_tokens``/``model_length`` -> ``response.incomplete``
   (the item the model was writing closes ``incomplete``: the spec's item states);
   ``error``/``abort``/``insufficient_system_resource`` -> ``response.failed``. Neither a
-  finish_reason nor ``[DONE]`` before the body ends -> ``response.failed`` (cut short).
+  finish_reason nor ``[DONE]`` before the body ends -> ``response.failed`` (cut short); the
+  message or reasoning a failure (or a cancellation) stops closes ``incomplete`` as well, a tool
+  call it stops stays unclosed (``_cut``), and so does what the output bound stops
+  (``_outgrown``: closing it would repeat what is too large).
+- Beginnings: ``response.created`` and ``response.in_progress``; a background response
+  (``TurnContext.queued``) is created ``queued`` (``response.queued``) before it is in progress.
 - Errors in a 200 stream (an error object, an error body served as ``text/event-stream``) ->
   ``response.failed`` with the code Codex acts on (errors.py); a payload or body that cannot be
   read -> ``server_error``, its text for the operator only.
@@ -123,6 +131,9 @@ _PHASES = {
 }
 
 
+_RUNNING = ("in_progress", "queued")  # a Response's statuses before it ends (no output, usage, error yet)
+
+
 class Kind(Enum):
     NONE = "none"
     REASONING = "reasoning"
@@ -180,6 +191,7 @@ class TurnContext:
     summary: bool = True  # reasoning as a summary (the request asked for one: reasoning.summary), else as content
     logprobs: bool = False  # output_text parts carry the backend's token logprobs (include, top_logprobs)
     clock: Callable[[], float] | None = None  # the time a response completed at (None: created_at); the caller's
+    queued: bool = False  # a background response: created ``queued`` (response.queued), then in_progress
 
 
 @dataclass
@@ -309,11 +321,12 @@ class Translator:
 
     def cancel(self) -> bytes:
         """The response was cancelled (a background one: resp2chat_core/background.py): what it
-        output so far is closed and it ends with ``response.cancelled``, status ``cancelled``
-        (idempotent; nothing after another terminal event)."""
+        output so far is closed, the message it was writing ``incomplete`` (``_cut``), and it ends
+        with ``response.cancelled``, status ``cancelled`` (idempotent; nothing after another
+        terminal event)."""
         if self.phase is not Phase.DONE:
             self._start()
-            self._close_open()
+            self._cut()
             self._emit_response("response.cancelled", "cancelled")
             self.phase = Phase.DONE
             self._reader.stopped = True
@@ -559,9 +572,12 @@ class Translator:
         """Another kind of delta arrives: release held content first, in order."""
         self._think_pieces(self._think.settle())
 
-    def _fail(self, code: str, message: str, detail: str | None = None) -> None:
+    def _fail(self, code: str, message: str, detail: str | None = None, cut: bool = True) -> None:
+        """``cut``: close what is open (``_cut``); not when the output outgrew its bound."""
         if self.phase is not Phase.DONE:
             self._start()
+            if cut:
+                self._cut()
             self.error = {"code": code, "message": message}
             self.error_detail = detail
             self._emit_response("response.failed", "failed")
@@ -579,9 +595,11 @@ class Translator:
         self._output_size += chars + DELTA_COST
         if self._output_size <= self._max_output:
             return False
+        # (what is open is not closed: its done events and the failed Response would each repeat
+        # the output that is too large to hold, four copies of it: tests/test_hostile_audit.py)
         self._fail(OUTPUT_TOO_LARGE, f"the upstream's answer outgrew {self._max_output / (1 << 20):g} MiB "
                                      f"({OUTPUT_EVENTS} × max_upstream_event_mb): the turn was ended and the "
-                                     "upstream request dropped")
+                                     "upstream request dropped", cut=False)
         return True
 
     def _fail_upstream(self, status: int | None, body: bytes, retry_after: str | None = None,
@@ -594,8 +612,41 @@ class Translator:
     def _start(self) -> None:
         if self.phase is Phase.WAITING:
             self.phase = Phase.STREAMING
-            self._emit_response("response.created", "in_progress")
+            if self.ctx.queued:  # a background response: created queued, as OpenAI's (then it runs)
+                self._emit_response("response.created", "queued")
+                self._emit_response("response.queued", "queued")
+            else:
+                self._emit_response("response.created", "in_progress")
             self._emit_response("response.in_progress", "in_progress")
+
+    def _cut(self) -> None:
+        """The response ends before its items did (it failed, or was cancelled): a message or
+        reasoning item still open is closed as a finished one is (its ``*.done`` events,
+        ``output_item.done``), ``incomplete`` (the spec's item states have no other for an item
+        whose sampling stopped; OpenAI's Realtime API closes an interrupted or cancelled
+        response's items so), and the gateway's own tool runs in flight end ``incomplete`` (an
+        ``mcp_call``) or ``failed`` (a web search, a listing: their only other end). The final
+        Response's ``output`` is the items closed.
+
+        Tool calls the model was writing are not closed: a client runs a call when its
+        ``output_item.done`` comes, whatever its status (Codex 0.169 does, before it reads the
+        ``response.failed`` that follows: tests/test_e2e_codex.py), and a call whose response
+        failed may be whole or cut anywhere: it must not run (Codex then retries the turn, and
+        the model calls again). They stay added, out of the output, as a failed response's
+        unfinished work. Never raises: the terminal event goes whatever state a bug left."""
+        try:
+            running, self._running = self._running, {}  # (opened before what the model writes now)
+            for index, item in sorted(running.values(), key=lambda found: found[0]):
+                self._item_done({**item, "status": "incomplete" if item["type"] == "mcp_call" else "failed"}, index)
+            if self.open is Kind.TOOL:
+                self.open = Kind.NONE
+                self._tools.clear()
+                self._tool_list.clear()
+                self._tool_wait.clear()
+            else:
+                self._close_open("incomplete")
+        except Exception:  # noqa: BLE001 — (a bug in closing: the response still ends)
+            self.open = Kind.NONE
 
     def _complete(self) -> None:
         self._start()
@@ -881,7 +932,7 @@ class Translator:
         """The Response object as it stands (response.py writes every one); without ``echoed``,
         its text up to the echo (no closing brace)."""
         echo = self._echo_json if echoed else None
-        if status == "in_progress":
+        if status in _RUNNING:
             return response.response_json(self.ctx.response_id, self.ctx.created_at, status, self._model_json, echo)
         return response.response_json(self.ctx.response_id, self.ctx.created_at, status, self._model_json,
                                       echo, completed_at=self._completed_at, error=self.error or None,
@@ -889,7 +940,7 @@ class Translator:
                                       usage=self.usage or None)
 
     def _emit_response(self, type_: str, status: str, incomplete: dict | None = None) -> None:
-        if status != "in_progress":
+        if status not in _RUNNING:
             self._status = status
             self._incomplete = incomplete
             if status == "completed" and self._completed_at is None:

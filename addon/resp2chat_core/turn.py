@@ -315,7 +315,8 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
                       tool_map=lowered.tool_map, echo_json=echo_json,
                       think=opts.think_mode(lowered.chat["model"]), sealer=sealer,
                       encrypted_reasoning=inputs.wants_sealed_reasoning(raw),
-                      summary=wants_summary(raw), logprobs=wants_logprobs(req))
+                      summary=wants_summary(raw), logprobs=wants_logprobs(req),
+                      queued=asked.get("background") is True)
     store = raw.get("store") is not False
     background.check(asked)
     named = conversations.named(asked)

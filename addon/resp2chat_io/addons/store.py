@@ -31,7 +31,7 @@ from mitmproxy import http
 from resp2chat_core import background as B, conversations, gate as G, listing
 from resp2chat_core.errors import GatewayError
 from resp2chat_core.labels import shown
-from resp2chat_core.response import CONTINUABLE
+from resp2chat_core.response import CONTINUABLE, STORED
 from resp2chat_core.turn import Found
 from resp2chat_io.limit_state import LimitState, LocalLimits, RedisLimits
 from resp2chat_io.redis_state import RedisReplayCache, RedisResponseStore, RedisState, describe
@@ -41,6 +41,15 @@ from .base import Owner, fails_closed, json_response, log, refused_on_failure, r
 
 FRESH_POLL = 0.05  # seconds between two asks for an id not known yet
 APPEND_TRIES = 8  # writes of a conversation's new items, each over the version it read
+
+
+def failed_previous(response_id: str) -> GatewayError:
+    """A ``previous_response_id`` that names a failed response: it is kept (a GET shows its error)
+    but not gone on from. The code a client recovers with (Codex sends the whole history again),
+    as the Open Responses spec says of a WebSocket continuation that failed."""
+    return GatewayError(f"previous response {shown(response_id)!r} failed: a failed response cannot be continued "
+                        "(send its input again, without previous_response_id)", param="previous_response_id",
+                        code="previous_response_not_found")
 
 
 def new_item_id(kind: str, _index: int = 0) -> str:
@@ -123,6 +132,8 @@ class StoredResponses(Owner):
                     raise GatewayError(f"previous response {shown(previous)!r} is a background response that has not "
                                        "ended: continue it once it has", param="previous_response_id",
                                        code="previous_response_in_progress")
+                if entry is not None and entry["response"].get("status") == "failed":
+                    raise failed_previous(previous)
                 earlier = entry["items"] if entry else None
             items = await self.store.items(refs, owner=owner) if refs else {}
         except StateUnavailable:
@@ -148,8 +159,11 @@ class StoredResponses(Owner):
 
     def finished(self, done) -> None:
         turn = done.turn
-        if done.status in CONTINUABLE and turn.store and not turn.background:  # (the final's id: a replayed
-            # answer keeps its own; a background response is stored by addons/background.py, as it ended)
+        if done.status in STORED and turn.store and not turn.background and (
+                done.status != "failed" or done.final is not None and (turn.client_stream or done.flow.websocket)):
+            # (the final's id: a replayed answer keeps its own; a background response is stored by
+            # addons/background.py, as it ended. A failed one as OpenAI keeps it, when its client saw its id:
+            # a stream's, a socket's; a JSON answer's failure is an error body alone, whose response none can ask for)
             self.put(done.final["id"], turn.items + done.final["output"], done.final, owner=turn.owner)
         if done.status in CONTINUABLE and turn.conversation is not None and not done.landed:  # its new items join
             # it, in one write (a turn the relay ran wrote them before its end: Turns.land; an answer from
