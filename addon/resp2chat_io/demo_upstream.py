@@ -22,6 +22,11 @@ first matching directive wins (one per line, at the start of the line):
 as vLLM sends it, instead of a chunk of its own) are read from the latest user message
 anywhere, so they also apply to the answer that follows a tool result.
 
+`POST /v1/embeddings` ({model, input: a string or a list of them}) answers one small
+deterministic vector per input and OpenAI's ``usage`` (``prompt_tokens`` = ``total_tokens``:
+4 bytes of the inputs a token), last in the body; `slow: <ms>` in an input sends the body in
+pieces that long apart (one per vector, the usage last), so a client can be mid-answer.
+
 Token accounting: 1 token ~= 4 bytes of the canonical prompt
 json.dumps([tools, messages]); `POST /tokenize` with {model, messages, tools} (vLLM's)
 answers that count, without answering. A simulated KV prefix cache remembers the last
@@ -35,6 +40,7 @@ tool-argument pieces.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import signal
@@ -692,6 +698,8 @@ class Handler(BaseHTTPRequestHandler):
         raw = self._read_body()  # always consume the body to keep the keep-alive connection in sync
         if self.route == "/tokenize":
             return self._tokenize(raw)
+        if self.route == "/v1/embeddings":
+            return self._embeddings(raw)
         if self.route != "/v1/chat/completions":
             return self._not_found()
         try:
@@ -707,6 +715,39 @@ class Handler(BaseHTTPRequestHandler):
         except (ValueError, KeyError, TypeError, AttributeError):
             return self._send_json(400, ApiError(400, "expected {model, messages, tools}").body())
         self._send_json(200, _dumps({"count": n, "max_model_len": self.server.max_context, "tokens": list(range(n))}))
+
+    def _embeddings(self, raw):
+        """OpenAI's embeddings: a vector per input, the usage last (``slow: <ms>``: in pieces)."""
+        try:
+            body = json.loads(raw)
+            given = body["input"]
+            inputs = [given] if isinstance(given, str) else list(given)
+            if not inputs or not all(isinstance(i, str) for i in inputs):
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            return self._send_json(400, ApiError(400, "expected {model, input: a string or a list of strings}").body())
+        n = sum(prompt_tokens(i.encode("utf-8", "surrogatepass")) for i in inputs)
+        model = body.get("model") if isinstance(body.get("model"), str) else MODEL_ID
+        vectors = [_dumps({"object": "embedding", "index": k,
+                           "embedding": [b / 255 for b in hashlib.sha256(i.encode("utf-8", "surrogatepass")).digest()[:8]]})
+                   for k, i in enumerate(inputs)]
+        pieces = [b'{"object":"list","data":[' + b",".join(vectors) + b"]", b',"model":' + _dumps(model),
+                  b',"usage":' + _dumps({"prompt_tokens": n, "total_tokens": n}) + b"}"]
+        slow = max((int(m[1]) for i in inputs if (m := D_SLOW.search(i))), default=0)
+        if not slow:
+            return self._send_json(200, b"".join(pieces))
+        pieces = [b'{"object":"list","data":[' + vectors[0]] + [b"," + v for v in vectors[1:]] + [
+            b'],"model":' + _dumps(model) + b',"usage":' + _dumps({"prompt_tokens": n, "total_tokens": n}) + b"}"]
+        self._send_head(200, "application/json", {"Transfer-Encoding": "chunked"})
+        try:
+            for k, piece in enumerate(pieces):
+                if k:
+                    time.sleep(slow / 1000)
+                self.wfile.write(b"%X\r\n%s\r\n" % (len(piece), piece))
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            self.close_connection = True
 
     def _other(self):
         self._read_body()
