@@ -48,3 +48,25 @@ def test_streams_count_the_turns_open_now_and_the_first_limit_in_the_way_is_name
 def test_durations_are_written_as_openai_writes_them():
     assert [L.duration(s) for s in (0.0201, 0.999, 1.0, 6.2, 59.5, 60.0, 90.0, 3600.0)] == \
         ["21ms", "999ms", "1s", "7s", "1m0s", "1m0s", "1m30s", "60m0s"]
+
+
+def test_a_passthrough_answers_usage_is_read_from_its_ends_only():
+    """``Meter``: what a passthrough answer (embeddings, a chat completion passed through) spent,
+    by its own ``usage``, read from the bytes kept of its start and end as it passes."""
+    body = b'{"object":"list","data":[' + b"0.5," * 20000 + b'0.5],"usage":{"prompt_tokens":8,"total_tokens":8}}'
+    meter = L.Meter()
+    for at in range(0, len(body), 1000):
+        assert meter(body[at:at + 1000]) == body[at:at + 1000]  # (passed on as it is)
+    assert meter.used == 8 and len(meter.head) == len(meter.tail) == L.KEPT
+    first = L.Meter()  # usage first (a backend that writes it first), a small answer
+    first(b'{"usage":{"prompt_tokens":3,"completion_tokens":4},"data":[]}')
+    assert first.used == 7
+    stream = L.Meter()  # a chat stream: the last usage that is one (nulls before), not one inside a string
+    stream(b'data: {"usage":{"prompt_tokens":5,"completion_tokens":6,"total_tokens":11}}\n\n'
+           b'data: {"usage":null,"content":"say \\"usage\\": {\\"total_tokens\\": 99}"}\n\ndata: [DONE]\n\n')
+    assert stream.used == 11
+    cut = L.Meter()  # an answer cut before its usage ended: none
+    cut(b'{"data":[],"usage":{"prompt_tokens":3,')
+    assert cut.used is None
+    assert [L.tokens_of(u) for u in ({"total_tokens": 9, "prompt_tokens": 1}, {"input_tokens": 2, "output_tokens": 3},
+                                     {}, None, {"total_tokens": True})] == [9, 5, None, None, None]

@@ -19,6 +19,7 @@ Rules of this file:
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -129,3 +130,70 @@ def spend(now: float, tokens: Bucket, used: int) -> None:
     """A turn's backend tokens, taken from the client's token bucket when it ends."""
     tokens.refill(now)
     tokens.level -= used
+
+
+# --- what a request the backend answers directly spent ------------------------------------------
+
+KEPT = 4096  # bytes of an answer's start and end a ``Meter`` keeps (usage is at one end)
+
+
+def tokens_of(usage: object) -> int | None:
+    """The backend tokens an OpenAI ``usage`` object counts: ``total_tokens``, else its parts
+    (prompt + completion, or input + output); None: not a usage."""
+    if not isinstance(usage, dict):
+        return None
+    total = usage.get("total_tokens")
+    if type(total) is int and total >= 0:
+        return total
+    parts = [v for k in ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens")
+             if type(v := usage.get(k)) is int and v >= 0]
+    return sum(parts) if parts else None
+
+
+class Meter:
+    """The backend tokens in an answer that passes through in pieces (mitmproxy's stream
+    callable: a passthrough such as ``POST /v1/embeddings``): its JSON ``usage`` (OpenAI's and
+    every backend's put it last: a JSON body's last key, a stream's last chunk), read from the
+    first and last ``KEPT`` bytes kept of it, never the whole answer. Passes every piece on as
+    it is; ``used`` is None while no usage has been seen (an answer without one, or one that
+    has not ended)."""
+
+    __slots__ = ("head", "tail")
+
+    def __init__(self) -> None:
+        self.head = self.tail = b""
+
+    def __call__(self, data: bytes) -> bytes:
+        if len(self.head) < KEPT:
+            self.head += data[:KEPT - len(self.head)]
+        self.tail = (self.tail + data)[-KEPT:]
+        return data
+
+    @property
+    def used(self) -> int | None:
+        for kept in (self.tail, self.head):
+            found = _last_usage(kept)
+            if found is not None:
+                return found
+        return None
+
+
+_decode = json.JSONDecoder().raw_decode
+
+
+def _last_usage(kept: bytes) -> int | None:
+    """The tokens of the last whole ``"usage": {...}`` in ``kept`` (a key, not inside a string:
+    a string's quotes are escaped)."""
+    text = kept.decode("utf-8", "replace")
+    at = len(text)
+    while (at := text.rfind('"usage"', 0, at)) >= 0:
+        if at == 0 or text[at - 1] != "\\":
+            rest = text[at + 7:].lstrip()
+            if rest.startswith(":"):
+                try:
+                    found = tokens_of(_decode(rest[1:].lstrip())[0])
+                except ValueError:
+                    found = None
+                if found is not None:
+                    return found
+    return None

@@ -11,7 +11,8 @@
                       refers to; a conversation's new items
 - ``Conversations``   the Conversations API (/v1/conversations…), on the response store
 - ``Background``      background: true: the turn runs in the gateway; poll, cancel, resume (its streams' hooks)
-- ``Limits``          each client's rpm, tpm, max_streams (asked by Turns.admit; in Redis for replicas)
+- ``Limits``          each client's rpm, tpm, max_streams (asked by Turns.admit, and here for every other
+                      request that makes a backend work: embeddings, input_tokens; in Redis for replicas)
 - ``ReplayCache``     identical requests answered without the backend (asked by HttpTurns)
 - ``Turns``           one turn's steps, both transports: decode, look up, lower, start, settle (no hooks)
 - ``HttpTurns``       POST /v1/responses (and /compact): drives a turn through the relay, streams it, records it
@@ -72,7 +73,9 @@ def build() -> list:
     search = WebSearch(source)
     hosted = McpServers(source)
     store = StoredResponses(source, upstreams)
-    limits = Limits(store)
+    gate = Gate(source, upstreams)
+    limits = Limits(store, gate)
+    upstreams.meter = limits.meter  # (a limited client's passthrough answer: its usage read on the way)
     turns = Turns(source, upstreams, search, store, limits, hosted)
     store.sealer = turns.sealer
     background = store.background = Background(turns, store, upstreams.relay)
@@ -82,7 +85,6 @@ def build() -> list:
     raw = RawOutput()
     turns.started += [request_log.started, raw.started]
     turns.finished += [limits.finished, replay.finished, store.finished, outcomes.finished, request_log.finished]
-    gate = Gate(source, upstreams)
     gate.reloaded.append(background.clients_changed)
     http_turns = HttpTurns(turns, upstreams, replay, store, gate, background)
     server_replay = ServerReplay(turns)

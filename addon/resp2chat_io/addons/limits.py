@@ -10,28 +10,63 @@ which.
 the WebSocket alike, reads never); a turn it admitted is released when it ends (its backend
 tokens spent from the token bucket), however it ends, where it was admitted (its ``Ticket``),
 once.
+
+A limit bounds everything a client makes a backend do, not only turns: the other requests that
+reach a backend (``backend_work``: a passthrough that is not a read, such as ``POST
+/v1/embeddings``; ``POST /v1/responses/input_tokens``, which asks the backend's tokenizer) are
+asked about here, in ``request``, by the same ``admit`` as a turn, before anything else is done
+for them: refused, the same 429 as a turn; admitted, one request (``rpm``), open
+(``max_streams``) until its answer has ended or its client went away (``response`` /
+``error``), and its backend tokens (``tpm``) are the answer's own JSON ``usage``, read as it
+passes (``meter``: upstreams.py runs it on the answer; resp2chat_core/limits.py ``Meter``); an
+answer without one spent nothing (an endpoint that reports no tokens: rpm bounds it), one its
+client left before its end, by its request's size (``BYTES_PER_TOKEN``, as a turn cut short).
+Reads (``GET /v1/models``…) are never counted, as reads of stored state are not: they make no
+model work, and a client such as Codex lists the models while its turns stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 
+from mitmproxy import http
+
+from resp2chat_core import gate as G
 from resp2chat_core import limits as L
 from resp2chat_core.clients import ClientSpec
+from resp2chat_core.prefix import BYTES_PER_TOKEN
 from resp2chat_io import limit_state
 from resp2chat_io.limit_state import Ticket
+
+from .base import META, fails_closed, refusal
+from .gate import PASSTHROUGH
+
+READS = frozenset({"GET", "HEAD", "OPTIONS"})  # a passthrough of these makes no model work: not counted
 
 
 def _limited(client: ClientSpec | None) -> bool:
     return client is not None and (client.rpm is not None or client.tpm is not None or client.max_streams is not None)
 
 
+def backend_work(flow: http.HTTPFlow) -> bool:
+    """A request, not a turn, that makes a backend work: a passthrough that is not a read, or
+    ``POST /v1/responses/input_tokens`` (the backend's tokenizer)."""
+    req = flow.request
+    if (flow.metadata.get(META) or {}).get(PASSTHROUGH):
+        return req.method not in READS
+    found = G.endpoint(req.path.split("?", 1)[0])
+    return req.method == "POST" and found is not None and found[:2] == ("responses", "/input_tokens")
+
+
+@fails_closed
 class Limits:
     name = "resp2chat_limits"
 
-    def __init__(self, store) -> None:
+    def __init__(self, store, gate=None) -> None:
         self.store = store  # (store.limit_state: where the limits are counted)
+        self.gate = gate  # (who a request's client is, as configured now)
         self._open: dict[str, Ticket] = {}  # turn id -> its ticket, until it is released
+        self._work: dict[str, tuple[L.Verdict, L.Meter | None]] = {}  # flow id -> an admitted request's (backend_work)
         self._beat: asyncio.Task | None = None
 
     def running(self) -> None:
@@ -70,6 +105,56 @@ class Limits:
         u = done.usage or {}
         used = (u.get("input_tokens") or 0) + (u.get("output_tokens") or 0) if u else done.estimate
         self.release(done.client, done.turn_id, used if isinstance(used, int) else 0)
+
+    # --- a request that is not a turn (backend_work) -------------------------------------------
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.is_replay or not backend_work(flow):
+            return
+        client = self.gate.client((flow.metadata.get(META) or {}).get("client"))
+        verdict = await self.admit(client, flow.id)
+        if verdict is None:
+            return
+        if not verdict.admitted:
+            flow.metadata.setdefault(META, {})["status"] = "rejected"
+            flow.response = refusal(flow, verdict.error(client.name), verdict.refusal_headers)
+            return
+        self._work[flow.id] = (verdict, None)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        admitted = self._work.get(flow.id)
+        if admitted is not None and flow.response is not None:
+            flow.response.headers.update(admitted[0].headers)  # (x-ratelimit-*, as a turn's answer)
+
+    def meter(self, flow: http.HTTPFlow) -> L.Meter | None:
+        """A backend's answer to an admitted request, about to pass through (upstreams.py): what
+        reads its usage on the way (None: not one of those)."""
+        admitted = self._work.get(flow.id)
+        if admitted is None:
+            return None
+        meter = L.Meter()
+        self._work[flow.id] = (admitted[0], meter)
+        return meter
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        admitted = self._work.pop(flow.id, None)
+        if admitted is not None:
+            meter = admitted[1]
+            self.release(self.gate.client(flow.metadata[META].get("client")), flow.id,
+                         (meter.used or 0) if meter is not None else 0)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        """The client went away (or the backend did): a backend answer it left before its end
+        (and its usage) is charged by its request's size."""
+        admitted = self._work.pop(flow.id, None)
+        if admitted is None:
+            return
+        meter, resp = admitted[1], flow.response
+        used = meter.used if meter is not None else None
+        if used is None:
+            cut = meter is not None and resp is not None and resp.status_code < 400
+            used = len(flow.request.raw_content or b"") // BYTES_PER_TOKEN if cut else 0
+        self.release(self.gate.client(flow.metadata[META].get("client")), flow.id, used)
 
     async def _heartbeat(self) -> None:
         """Keep this replica's open turns alive where they have a lease (Redis), so only a dead

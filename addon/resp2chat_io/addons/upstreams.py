@@ -23,7 +23,9 @@
 - ``responseheaders``: a passthrough answer reaches the client with every configured secret
   scrubbed from its headers and its body (streamed through ``channel.Scrubber``, never held
   whole); it is asked for uncompressed (``accept-encoding: identity``), and one that comes
-  compressed all the same is a 502 (a compressed body could hide a secret).
+  compressed all the same is a 502 (a compressed body could hide a secret). For a client with
+  limits, its backend's usage is read on the way (``meter``: addons/limits.py counts a
+  passthrough that is not a read as a turn is counted).
 """
 
 from __future__ import annotations
@@ -97,6 +99,9 @@ class Upstreams(Owner):
         self.specs: tuple[S.UpstreamSpec, ...] = ()  # several upstreams (empty: one)
         self.endpoints: dict[str, Upstream] = {}  # by upstream name
         self.secrets: tuple[bytes, ...] = ()  # every configured secret (settings.secret_values)
+        # what reads a passthrough answer's usage on its way, for a client with limits
+        # (addons/limits.py ``Limits.meter``; None: nothing)
+        self.meter = lambda flow: None
 
     def _demo_url(self) -> str:
         if self.demo is None:
@@ -300,7 +305,8 @@ class Upstreams(Owner):
             flow.response = http.Response.make(502, body, {**JSON_HEADERS, "x-request-id": request_id(flow)})
             flow.response.stream = Refusal(body)
             return
-        resp.stream = Scrubber(secrets)
+        scrubber, meter = Scrubber(secrets), self.meter(flow)
+        resp.stream = scrubber if meter is None else lambda data: scrubber(meter(data))
         if secrets and http1.expected_http_body_size(flow.request, resp) not in (0, -1) \
                 and flow.request.http_version == "HTTP/1.1":
             resp.headers.pop("content-length", None)  # (a scrubbed body may be longer or shorter)
