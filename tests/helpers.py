@@ -1150,3 +1150,35 @@ def write_png(path: Path, width: int = 4, height: int = 4, rgb=(255, 0, 0)) -> b
             + chunk(b"IEND", b""))
     path.write_bytes(data)
     return data
+
+
+class Answer(socket.socket):
+    got = b""  # what came of the answer so far
+
+
+def open_embedding(gw, key: str, inputs: list[str]) -> Answer:
+    """``POST /v1/embeddings`` over a plain socket, returned once the answer's head (200) came: its
+    body (the scripted backend's ``slow: <ms>`` pieces) still coming."""
+    sock = Answer()
+    sock.settimeout(30)
+    sock.connect(("127.0.0.1", gw.port))
+    body = json.dumps({"model": "demo-model", "input": inputs}).encode()
+    sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nhost: 127.0.0.1:%d\r\nauthorization: Bearer %s\r\n"
+                 b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                 % (gw.port, key.encode(), len(body), body))
+    got = b""
+    while b"\r\n\r\n" not in got:
+        got += sock.recv(4096)
+        assert got, "no answer"
+    assert got.startswith(b"HTTP/1.1 200"), got
+    sock.got = got
+    return sock
+
+
+def rest(sock: Answer) -> bytes:
+    """The rest of an ``open_embedding``'s answer (chunked), up to its end."""
+    while not sock.got.endswith(b"0\r\n\r\n"):
+        more = sock.recv(65536)
+        assert more, sock.got
+        sock.got += more
+    return sock.got

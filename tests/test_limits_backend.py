@@ -7,15 +7,13 @@ its one stream was open, and spend no tokens. Across replicas (Redis): test_team
 
 from __future__ import annotations
 
-import json
-import socket
 import threading
 
 import openai
 import pytest
 import requests
 
-from helpers import cli_env, openai_client, post_turn, run_cli, scrape, start_gateway, wait_until
+from helpers import cli_env, open_embedding, openai_client, post_turn, rest, run_cli, scrape, start_gateway, wait_until
 
 ALL = "demo-model"
 
@@ -40,38 +38,6 @@ def limited(tmp_path, upstream):
 def embed(gw, key: str, text: str = "hello", **kw) -> requests.Response:
     return requests.post(gw.base_url + "/embeddings", json={"model": ALL, "input": text}, timeout=30,
                          headers={"authorization": f"Bearer {key}"}, **kw)
-
-
-class Answer(socket.socket):
-    got = b""  # what came of the answer so far
-
-
-def open_embedding(gw, key: str, inputs: list[str]) -> Answer:
-    """``POST /v1/embeddings`` over a plain socket, returned once the answer's head (200) came: its
-    body (the scripted backend's ``slow: <ms>`` pieces) still coming."""
-    sock = Answer()
-    sock.settimeout(30)
-    sock.connect(("127.0.0.1", gw.port))
-    body = json.dumps({"model": ALL, "input": inputs}).encode()
-    sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nhost: 127.0.0.1:%d\r\nauthorization: Bearer %s\r\n"
-                 b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
-                 % (gw.port, key.encode(), len(body), body))
-    got = b""
-    while b"\r\n\r\n" not in got:
-        got += sock.recv(4096)
-        assert got, "no answer"
-    assert got.startswith(b"HTTP/1.1 200"), got
-    sock.got = got
-    return sock
-
-
-def rest(sock: Answer) -> bytes:
-    """The rest of an ``open_embedding``'s answer (chunked), up to its end."""
-    while not sock.got.endswith(b"0\r\n\r\n"):
-        more = sock.recv(65536)
-        assert more, sock.got
-        sock.got += more
-    return sock.got
 
 
 def count(gw, key: str) -> requests.Response:

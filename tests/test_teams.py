@@ -17,8 +17,8 @@ import pytest
 import requests
 import yaml
 
-from helpers import (ADDON, MITMDUMP, Codex, cli_env, config_file, free_port, openai_client, parse_sse, post_turn,
-                     run_cli, scrape, start_gateway, stop_process, wait_http, wait_until)
+from helpers import (ADDON, MITMDUMP, Codex, cli_env, config_file, free_port, open_embedding, openai_client, parse_sse,
+                     post_turn, rest, run_cli, scrape, start_gateway, stop_process, wait_http, wait_until)
 from wsclient import WSClient
 
 ALL = "demo-model"
@@ -206,6 +206,31 @@ def test_limits_hold_across_replicas_with_openais_headers_then_recover(team):
     # the access log keeps the refusals, naming the client
     refusals = [a for a in team.access() if a["client"] == "carol" and a["code"] == "rate_limit_exceeded"]
     assert len(refusals) >= 3 and all(a["http_status"] == 429 for a in refusals)
+
+
+@uses({"carol": ("--rpm", "3", "--max-streams", "1")})
+def test_embeddings_and_input_tokens_count_against_limits_across_replicas(team):
+    """What a client makes a backend do besides its turns (a passthrough such as POST
+    /v1/embeddings, POST /v1/responses/input_tokens) is counted where its turns are, in Redis
+    for every replica (addons/limits.py): an embedding still answering on one replica keeps
+    carol's turn out on the other; her three requests a minute are any three of them."""
+    with open_embedding(team.gws[0], team.keys["carol"], ["slow: 300", "b", "c", "d"]) as sock:
+        assert team.redis.zcard("resp2chat:limits:carol:streams") == 1
+        busy = team.post(1, "carol", {"input": "me too"})
+        assert busy.status_code == 429 and "max_streams" in busy.json()["error"]["message"], busy.text
+        with pytest.raises(openai.RateLimitError):
+            team.sdk(1, "carol").embeddings.create(model=ALL, input="and me")
+        assert b'"usage"' in rest(sock)
+    wait_until(lambda: team.redis.zcard("resp2chat:limits:carol:streams") == 0, 20, "the embedding released")
+    counted = requests.post(team.gws[1].base_url + "/responses/input_tokens", json={"model": ALL, "input": "hi"},
+                            headers={"authorization": f"Bearer {team.keys['carol']}"}, timeout=30)
+    assert counted.status_code == 200 and counted.headers["x-ratelimit-remaining-requests"] == "1", counted.headers
+    assert team.sdk(0, "carol").embeddings.create(model=ALL, input="third").data
+    with pytest.raises(openai.RateLimitError) as err:  # the fourth of the minute, on the other replica
+        team.sdk(1, "carol").embeddings.create(model=ALL, input="fourth")
+    assert "rpm" in err.value.message and int(err.value.response.headers["retry-after"]) >= 1
+    assert team.post(0, "carol", {"input": "a turn"}).status_code == 429
+    assert team.sdk(1, "carol").models.list().data  # (a read: not counted)
 
 
 @uses({"alice": (), "bob": (), "carol": ()})
