@@ -50,9 +50,9 @@ class ClientSpec:
     name: str
     key_sha256: str  # hex, lowercase
     models: tuple[str, ...] = ("*",)  # glob patterns of model names it may use (fnmatch, case-sensitive)
-    rpm: int | None = None  # turns per minute
+    rpm: int | None = None  # requests that make a backend work (turns, passthrough calls but reads, input_tokens) per minute
     tpm: int | None = None  # backend tokens per minute (prompt + output)
-    max_streams: int | None = None  # turns open at once
+    max_streams: int | None = None  # such requests open at once
 
     @property
     def fingerprint(self) -> str:

@@ -5,7 +5,9 @@ Rules of this file:
   every replica: resp2chat_io/addons/limits.py runs the same rule in a Lua script) is not its
   business.
 - ``rpm`` and ``tpm`` are token buckets, as OpenAI's limits are: a bucket holds up to the limit
-  and refills continuously at the limit per minute. A turn takes one request token when it is
+  and refills continuously at the limit per minute. A turn (or another request that makes a
+  backend work: a passthrough such as embeddings, input_tokens; its tokens: ``Meter``, the
+  answer's own usage) takes one request token when it is
   admitted; its backend tokens (prompt + output, the backend's own usage) are taken from the
   token bucket when it ends, which may drive it below zero. A turn is admitted while the request
   bucket holds a whole token and the token bucket holds more than nothing, and while the client
@@ -66,7 +68,7 @@ class Verdict:
 
     def error(self, client: str) -> GatewayError:
         what = {"requests": "requests per minute (rpm)", "tokens": "tokens per minute (tpm)",
-                "streams": "turns open at once (max_streams)"}[self.why]
+                "streams": "requests open at once (max_streams)"}[self.why]
         wait = math.ceil(self.retry_after)
         return GatewayError(f"rate limit reached for client {client!r}: {what}; try again in {wait}s",
                             code="rate_limit_exceeded", status=429, type=self.why)

@@ -577,9 +577,9 @@ def parser() -> argparse.ArgumentParser:
     ka = ks.add_parser("add", help="make a client and its key: the key is printed once, the config file keeps "
                        "only its SHA-256")
     ka.add_argument("name", help="the client's name (letters, digits, _ . -; it names the client in metrics and logs)")
-    ka.add_argument("--rpm", type=int, metavar="N", help="turns per minute at most")
+    ka.add_argument("--rpm", type=int, metavar="N", help="requests per minute at most (turns, embeddings and other passthrough calls but reads, input_tokens)")
     ka.add_argument("--tpm", type=int, metavar="N", help="backend tokens (prompt + output) per minute at most")
-    ka.add_argument("--max-streams", dest="max_streams", type=int, metavar="N", help="turns open at once at most")
+    ka.add_argument("--max-streams", dest="max_streams", type=int, metavar="N", help="such requests open at once at most")
     ka.add_argument("--models", nargs="+", metavar="GLOB", help="the model names it may use (globs; default: all)")
     ka.set_defaults(func=cmd_keys_add)
     kl = ks.add_parser("list", help="the clients: names, key fingerprints, models, limits (never keys)")
