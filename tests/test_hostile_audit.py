@@ -271,7 +271,8 @@ class Commenter(QuietHandler):
     """A chat backend that answers 200 at once and then sends SSE comments (``: keep-alive``)
     every 0.1 s, by model: ``comments`` forever (until the gateway hangs up; 60 s at most, for
     the test's own sake), ``queued`` for 2 s (a request waiting in OpenRouter's queue), then a
-    short answer. ``calls``: per call, whether the gateway cut it (``cut``)."""
+    short answer; ``silent`` sends nothing at all for 2 s (a slow prefill), then the answer.
+    ``calls``: per call, whether the gateway cut it (``cut``)."""
 
     calls: list[dict] = []
 
@@ -282,7 +283,9 @@ class Commenter(QuietHandler):
         start_sse(self)
         until = time.monotonic() + (2 if model == "queued" else 60)
         try:
-            while time.monotonic() < until:
+            if model == "silent":
+                time.sleep(2)  # (the backend's prefill: no byte, not even a comment)
+            while model != "silent" and time.monotonic() < until:
                 self.wfile.write(http_chunk(b": keep-alive\n\n"))
                 self.wfile.flush()
                 time.sleep(0.1)  # (the backend's pace, not a wait)
@@ -290,6 +293,22 @@ class Commenter(QuietHandler):
         except OSError:
             call["cut"] = True
             self.close_connection = True
+
+
+def test_a_silent_prefill_is_bounded_by_the_idle_timeout_only(gateway_factory):
+    """``upstream_data_timeout_secs`` bounds a stream of comments, not silence: a backend that
+    sends nothing while it prefills is the idle timeout's to bound, and with that at 0 (no
+    limit) a prefill longer than the data timeout is answered. (Before, the data timeout fired
+    on silence too, saying "only SSE comments" when none had come.)"""
+    with LocalServer(Commenter) as backend:
+        Commenter.calls = []
+        gw = gateway_factory(backend.url, "--set", "resp2chat_upstream_idle_timeout_secs=0",
+                             "--set", "resp2chat_upstream_data_timeout_secs=1")
+        r = requests.post(gw.base_url + "/responses", json={"model": "silent", "input": "hi"}, timeout=20)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        text = "".join(p["text"] for item in body["output"] if item["type"] == "message" for p in item["content"])
+        assert body["status"] == "completed" and text == "hello", body
 
 
 def test_a_backend_that_sends_only_comments_fails_the_turn_and_frees_its_slot(gateway_factory):

@@ -6,9 +6,9 @@ typed events (``UpstreamFailed``, ``UpstreamJSON``, ``Keepalive``). It returns a
 
 The one deadline rule (``_Watch``): from the moment the request is sent, a backend that sends
 nothing for ``idle_timeout`` seconds fails the turn (``UpstreamFailed`` 504), before its answer
-or in the middle of it; one that sends no data for ``data_timeout`` seconds fails it too, however
-many SSE comments (``: keep-alive``) it sends meanwhile: comments keep the connection, they are
-not an answer (resp2chat_core/sse.py ``Progress``). While no data has come yet (a long prefill, a
+or in the middle of it; one that sends SSE comments (``: keep-alive``) but no data for
+``data_timeout`` seconds fails it too: comments keep the connection, they are not an answer
+(resp2chat_core/sse.py ``Progress``); silence, without comments, is the idle rule's alone. While no data has come yet (a long prefill, a
 request queued at OpenRouter), every ``keepalive`` seconds without data send the client a
 ``Keepalive``. Connecting has its own ``connect_timeout``.
 
@@ -97,7 +97,7 @@ class _Watch:
     """The one deadline rule (module docstring), shared by every wait of a call."""
 
     __slots__ = ("idle", "data", "keepalive", "channel", "last", "last_data", "last_keepalive", "streaming",
-                 "paused", "progress")
+                 "paused", "progress", "commenting")
 
     def __init__(self, idle: float, keepalive: float, channel: Channel, data: float = float("inf")) -> None:
         self.idle, self.data, self.keepalive, self.channel = idle, data, keepalive, channel
@@ -105,12 +105,15 @@ class _Watch:
         self.streaming = False  # data has come: no more keepalives
         self.paused = False  # we stopped reading (a slow client): silence is ours, not the backend's
         self.progress = Progress()
+        self.commenting = False  # comments came since the last data: the data rule applies (silence is idle's)
 
     def heard(self, piece: bytes) -> None:
         """A piece of a 200 stream's body came (its bytes already count for ``last``)."""
         if self.progress.feed(piece):
-            self.streaming = True
+            self.streaming, self.commenting = True, False
             self.last_data = self.last
+        else:
+            self.commenting = True
 
     def ours(self) -> None:
         """We did not read for a while (a slow client): that silence is not the backend's."""
@@ -121,7 +124,9 @@ class _Watch:
         now = time.monotonic()
         if self.paused:
             self.last = self.last_data = now
-        wait = min(self.idle - (now - self.last), self.data - (now - self.last_data))
+        wait = self.idle - (now - self.last)
+        if self.commenting:
+            wait = min(wait, self.data - (now - self.last_data))
         if not self.streaming:
             wait = min(wait, self.keepalive - (now - max(self.last_data, self.last_keepalive)))
         return None if wait == float("inf") else max(wait, 0.0)
@@ -132,7 +137,7 @@ class _Watch:
         if now - self.last >= self.idle:
             self.channel.event(failure(504, f"the upstream sent nothing for {self.idle:g} s", "upstream_timeout"))
             return False
-        if now - self.last_data >= self.data:
+        if self.commenting and now - self.last_data >= self.data:
             self.channel.event(failure(504, f"the upstream sent no data for {self.data:g} s (only SSE comments, "
                                             "keep-alives: upstream_data_timeout_secs)", "upstream_timeout",
                                        "upstream_timeout"))
