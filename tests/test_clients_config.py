@@ -255,7 +255,7 @@ def test_a_config_file_that_is_not_yaml_is_refused_without_showing_its_lines(tmp
     """PyYAML's error quotes the line it failed on, and a config file's lines hold keys: an edit
     that breaks the file is said (where, what) in the running gateway's log, the clients it had
     are kept, and neither the start-up error nor the CLI show the line; before, the warning quoted
-    the client's or the upstream's key."""
+    the client's or the upstream's key (and its words quoted a tag or an alias of the file's)."""
     path = config_file(tmp_path)
     path.parent.mkdir(parents=True)
     up_key = "sk-upstream-4444"
@@ -263,7 +263,9 @@ def test_a_config_file_that_is_not_yaml_is_refused_without_showing_its_lines(tmp
     gw = start_gateway(upstream.origin, tmp_path, env=cli_env(tmp_path))
     try:
         for n, broken in enumerate((f"clients:\n  - name: alice\n    key: {ALICE_KEY}: x\n",  # a stray ': '
-                                    f"upstream_api_key: {up_key}: x\nclients: [{{name: alice, key: {ALICE_KEY}}}]\n"),
+                                    f"upstream_api_key: {up_key}: x\nclients: [{{name: alice, key: {ALICE_KEY}}}]\n",
+                                    # a key written as a YAML tag: PyYAML's words quote the tag
+                                    f"upstream_api_key: !{up_key}\nclients: [{{name: alice, key: {ALICE_KEY}}}]\n"),
                                    start=1):
             path.write_text(broken)
             wait_until(lambda: gw.log().count("not reloaded") == n, 15, f"failed reload {n}")

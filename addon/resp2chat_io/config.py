@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -45,7 +46,18 @@ def yaml_problem(exc: yaml.YAMLError) -> str:
         return type(exc).__name__
     mark = exc.problem_mark or exc.context_mark
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    return "; ".join(p for p in (exc.context, exc.problem) if p) + where
+    return _QUOTED.sub(_unquoted, "; ".join(p for p in (exc.context, exc.problem) if p)) + where
+
+
+# What PyYAML's words quote of the file (a tag: ``key: !sk-…``, an alias: ``*sk-…``, a character)
+# is shown only when it cannot be part of a key: one of its token names (``'<block end>'``) or a
+# character or two (``'\t'``); anything longer is '…'.
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
+def _unquoted(found: re.Match) -> str:
+    inner = found[0][1:-1]
+    return found[0] if len(inner) <= 2 or re.fullmatch(r"<[a-z ]+>", inner) else "'…'"
 
 
 def load_settings(env: Mapping[str, str] = os.environ) -> tuple[dict, dict, Path]:
