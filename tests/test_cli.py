@@ -231,7 +231,7 @@ def test_start_set_bind_addr_wins_over_environment(tmp_path, upstream):
     assert str(env_port) not in out
 
 
-@pytest.mark.parametrize("how", ["--listen-port", "-p", "--set"])
+@pytest.mark.parametrize("how", ["--listen-port", "-p", "--set", "-p after --set"])
 def test_start_listen_port_wins_over_bind_addr(tmp_path, upstream, how):
     """``resp2chat start -- --listen-port N``: ``start`` names bind_addr in ``--mode`` (its
     ``@host:port``), which beats mitmproxy's own ``--listen-port``, so the user's explicit port
@@ -239,7 +239,9 @@ def test_start_listen_port_wins_over_bind_addr(tmp_path, upstream, how):
     resp2chat_bind_addr`` does (bind_addr's host stays), and the URL start prints says so."""
     env_port, wanted = free_port(), free_port()
     given = {"--listen-port": ["--listen-port", str(wanted)], "-p": [f"-p{wanted}"],
-             "--set": ["--set", f"listen_port={wanted}"]}[how]
+             "--set": ["--set", f"listen_port={wanted}"],
+             # mitmproxy applies its --set values first, its flags after: the flag wins
+             "-p after --set": ["--set", f"listen_port={free_port()}", "-p", str(wanted)]}[how]
     proc = subprocess.Popen([str(RESP2CHAT), "start", "--", *given], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             cwd=tmp_path, env=cli_env(tmp_path, RESP2CHAT_BIND_ADDR=f"127.0.0.1:{env_port}",
                                                       RESP2CHAT_UPSTREAM_BASE_URL=upstream.base_url))

@@ -285,8 +285,9 @@ def set_settings(mitmproxy_args) -> dict:
 def listen_args(mitmproxy_args) -> dict:
     """mitmproxy's own listen address among its arguments: ``{"listen_host": text, "listen_port":
     text}``, each only when given (``--listen-host H``, ``--listen-port P``, ``-p P``, their
-    ``=`` forms, ``--set listen_host=H`` / ``listen_port=P``; as mitmproxy reads them, a ``--set``
-    after the flags, the last of each kind wins)."""
+    ``=`` forms, ``--set listen_host=H`` / ``listen_port=P``; as mitmproxy reads them: its
+    ``--set`` values first, then the flags (``process_options``), so a flag beats a ``--set``
+    wherever each stands, and the last of each kind wins)."""
     flags = {"--listen-host": "listen_host", "--listen-port": "listen_port", "-p": "listen_port"}
     given: dict = {}
     sets: dict = {}
@@ -304,7 +305,7 @@ def listen_args(mitmproxy_args) -> dict:
             option, _, value = (args[i + 1] if arg == "--set" else arg.removeprefix("--set=")).partition("=")
             if option in ("listen_host", "listen_port"):
                 sets[option] = value
-    return given | sets
+    return sets | given
 
 
 def start_bind(values: dict, sources: dict, mitmproxy_args) -> str | None:
