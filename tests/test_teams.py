@@ -17,8 +17,9 @@ import pytest
 import requests
 import yaml
 
-from helpers import (ADDON, MITMDUMP, Codex, cli_env, config_file, free_port, open_embedding, openai_client, parse_sse,
-                     post_turn, rest, run_cli, scrape, start_gateway, stop_process, wait_http, wait_until)
+from helpers import (ADDON, MITMDUMP, Codex, LocalServer, QuietHandler, chat_event, chat_sse, chat_chunk, cli_env,
+                     config_file, free_port, http_chunk, open_embedding, openai_client, parse_sse, post_turn, rest,
+                     run_cli, scrape, send_sse, start_gateway, start_sse, stop_process, wait_http, wait_until)
 from wsclient import WSClient
 
 ALL = "demo-model"
@@ -529,6 +530,48 @@ def test_a_turn_its_client_leaves_midway_still_spends_tokens(tmp_path, upstream)
         assert after_http - remaining() > 300
     finally:
         gw.stop()
+
+
+class Dropper(QuietHandler):
+    """A chat backend that, for the model ``cut``, streams ~6000 characters of text and then
+    drops the connection (no finish, no usage); for any other, a short whole answer."""
+
+    def do_POST(self):
+        model = json.loads(self.rfile.read(int(self.headers["content-length"])))["model"]
+        if model != "cut":
+            send_sse(self, chat_sse(chat_chunk({"content": "ok"}, "stop")))
+            return
+        start_sse(self)
+        for _ in range(100):
+            self.wfile.write(http_chunk(chat_event({"content": "lorem ipsum " * 5})))
+        self.wfile.flush()
+        self.close_connection = True  # (gone without the body's end)
+
+
+def test_a_turn_its_backend_cuts_midway_still_spends_tokens(tmp_path):
+    """A turn whose backend streamed output and then failed (dropped, stalled, cut short)
+    spent what the backend did: its estimate comes off ``tpm`` as a turn its client left does;
+    only a turn that failed before any output (a backend that refused it) spends nothing."""
+    key = run_cli(tmp_path, "keys", "add", "carol", "--tpm", "20000").stdout.strip()
+    with LocalServer(Dropper) as backend:
+        gw = start_gateway(backend.url, tmp_path, env=cli_env(tmp_path))
+        auth = {"authorization": f"Bearer {key}"}
+
+        def remaining() -> int:
+            r = post_turn(gw, {"model": "ok", "input": "hi"}, auth)
+            assert r.status_code == 200, r.text
+            return int(r.headers["x-ratelimit-remaining-tokens"])
+
+        try:
+            before = remaining()
+            with requests.post(gw.base_url + "/responses", json={"model": "cut", "input": "hi", "stream": True},
+                               headers=auth, stream=True, timeout=30) as r:
+                events = parse_sse(r.content)
+            assert events[-1]["type"] == "response.failed", [e["type"] for e in events]
+            wait_until(lambda: scrape(gw, **auth)[("resp2chat_streams_in_flight", ())] == 0, 10, "the turn over")
+            assert before - remaining() > 1000, before  # (6000 characters ≈ 1500 tokens; ~330 a second come back)
+        finally:
+            gw.stop()
 
 
 def test_a_gateway_key_changed_in_the_file_is_said_to_need_a_restart(tmp_path, upstream):

@@ -114,9 +114,10 @@ class Finished:
     client: ClientSpec | None = None  # who called
     turn_id: str = ""  # its id in Turns.in_flight (and the client's open turns: addons/limits.py)
     # backend tokens it spent by BYTES_PER_TOKEN (its chat request, the output the backend sent),
-    # for a turn that reached a backend and did not fail: what tpm takes when the backend's usage
-    # never came (the client left before the last chunk, a cancellation); 0 otherwise (a backend
-    # that refused the request spent nothing)
+    # for a turn that reached a backend and did not fail before any output: what tpm takes when
+    # the backend's usage never came (the client left before the last chunk, a cancellation, a
+    # backend that dropped or stalled midway); 0 otherwise (a backend that refused the request
+    # spent nothing)
     estimate: int = 0
     landed: bool = False  # its conversation has its items already (Turns.land), or is being given them
 
@@ -325,7 +326,7 @@ class Turns(Owner):
                         took=time.monotonic() - run.started, skipped=tuple(ex.skipped), code=code, exchange=ex,
                         latency=None if ex.channel.sent is None else ex.channel.sent - run.started,
                         client=run.client, turn_id=ex.turn_id, landed=run.landed,
-                        estimate=0 if ex.channel.sent is None or t.error else
+                        estimate=0 if ex.channel.sent is None or (t.error and not t.output_chars) else
                         (len(turn.chat_body) + t.output_chars) // BYTES_PER_TOKEN)
         return done, record
 
