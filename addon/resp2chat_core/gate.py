@@ -72,6 +72,14 @@ CONVERSATIONS_BELOW = {
 _SEGMENT = re.compile(r"/[^/]+")
 
 
+def is_input_tokens(method: str, path: str) -> bool:
+    """Whether a request is ``POST /v1/responses/input_tokens`` (its query left on or off): the
+    token count, which asks the backend's tokenizer (addons/input_tokens.py serves it;
+    addons/limits.py counts it as backend work)."""
+    found = endpoint(path.split("?", 1)[0])
+    return method == "POST" and found is not None and found[:2] == ("responses", "/input_tokens")
+
+
 def endpoint(path: str) -> tuple[str, str, tuple[str, ...]] | None:
     """Which of the gateway's own API endpoints ``path`` is (its query left off): (``responses``
     or ``conversations``, its shape in ``RESPONSES_BELOW``/``CONVERSATIONS_BELOW``, the methods

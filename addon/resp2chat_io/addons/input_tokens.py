@@ -53,8 +53,7 @@ class InputTokens:
         if flow.response or flow.is_replay == "response":
             return
         req = flow.request
-        found = G.endpoint(req.path.split("?", 1)[0])
-        if req.method != "POST" or found is None or found[:2] != ("responses", "/input_tokens"):
+        if not G.is_input_tokens(req.method, req.path):
             return
         meta = flow.metadata.setdefault(META, {})
         owner = self.upstreams.owner_of(flow)

@@ -54,8 +54,7 @@ def backend_work(flow: http.HTTPFlow) -> bool:
     req = flow.request
     if (flow.metadata.get(META) or {}).get(PASSTHROUGH):
         return req.method not in READS
-    found = G.endpoint(req.path.split("?", 1)[0])
-    return req.method == "POST" and found is not None and found[:2] == ("responses", "/input_tokens")
+    return G.is_input_tokens(req.method, req.path)
 
 
 @fails_closed
