@@ -342,12 +342,18 @@ class Gate(Owner):
                 log.warning(f"resp2chat: the config file's clients were not reloaded: {exc}")
 
     def _reload(self) -> None:
-        values, _, _ = load_settings()
+        fixed = getattr(ctx.options, "resp2chat_clients", "") or "RESP2CHAT_CLIENTS" in os.environ
+        try:
+            values, _, _ = load_settings()
+        except Exception:
+            if fixed:
+                return  # (the file's clients are not this gateway's, its other settings are read at start)
+            raise
         if values["gateway_api_key"] != self.s["gateway_api_key"] and not ctx.options.resp2chat_gateway_api_key:
             log.warning("resp2chat: gateway_api_key changed in the config file: it is read at start only, so this "
                         "gateway still takes the key it started with until it is restarted (a key that changes "
                         "without a restart is a client's: clients, resp2chat keys)")
-        if getattr(ctx.options, "resp2chat_clients", "") or "RESP2CHAT_CLIENTS" in os.environ:
+        if fixed:
             return  # --set / the environment decide, not the file
         table = ClientTable(parse_clients(values["clients"], self.s["gateway_api_key"]))
         if table != self.clients:
