@@ -168,7 +168,7 @@ class Meter:
     def __call__(self, data: bytes) -> bytes:
         if len(self.head) < KEPT:
             self.head += data[:KEPT - len(self.head)]
-        self.tail = (self.tail + data)[-KEPT:]
+        self.tail = (self.tail + data[-KEPT:])[-KEPT:]  # (a large piece is not copied whole)
         return data
 
     @property

@@ -108,9 +108,11 @@ class Limits:
     # --- a request that is not a turn (backend_work) -------------------------------------------
 
     async def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response or flow.is_replay or not backend_work(flow):
+        if flow.response or flow.is_replay:
             return
         client = self.gate.client((flow.metadata.get(META) or {}).get("client"))
+        if not _limited(client) or not backend_work(flow):  # (most requests: no path parsed)
+            return
         verdict = await self.admit(client, flow.id)
         if verdict is None:
             return
