@@ -3,8 +3,9 @@
 A response is stored when its request did not say ``store: false`` (Codex always does, so a
 Codex gateway stores nothing). An entry is the conversation as Responses input items — the
 history the request started from, its own input, then its output — plus the Response object
-for ``GET /v1/responses/{id}``. Entries expire after ``ttl`` seconds; beyond ``max_entries`` or
-``max_bytes`` the oldest go first. With a directory, entries are also written there (one
+for ``GET /v1/responses/{id}``. Entries expire after ``ttl`` seconds (oldest first); beyond ``max_entries`` or
+``max_bytes`` the owner holding the most loses its oldest (resp2chat_core/shares.py: one owner's
+writes push out its own entries, not everyone's). With a directory, entries are also written there (one
 0600 JSON file each, directory 0700) and read back after a restart.
 
 Every entry has an owner (resp2chat_core/owner.py): ``get``, ``delete`` and ``items``
@@ -49,6 +50,7 @@ from pathlib import Path
 from typing import Protocol
 
 from resp2chat_core import owner as owners
+from resp2chat_core.shares import BYTES, COUNT, Shares
 from resp2chat_core.replay import MAX_ENTRY_BYTES
 
 _ID = re.compile(r"^(resp|conv)_[A-Za-z0-9]{8,64}$")  # the directory copy's files
@@ -160,6 +162,7 @@ class ResponseStore:
         # (owner, item id) -> (its digest as produced, the response ids holding it unchanged, oldest first)
         self._items: dict[tuple[str, str], tuple[str, list[str]]] = {}
         self._versions: dict[str, int] = {}  # entry id -> its version (the puts it has had)
+        self._shares = Shares()  # each owner's entries: who loses one past a cap
         self.bytes = 0
         if self.dir:
             self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -188,19 +191,18 @@ class ResponseStore:
         if expect is not None and expect != version:
             return False
         data = json.dumps({"items": items, "response": response}, ensure_ascii=False, separators=(",", ":")).encode()
-        if len(data) > self.max_bytes:
+        if len(data) > self.max_bytes or self.max_entries <= 0:
             return False  # larger than the whole store: keeping it would evict everything else
         self._drop(response_id)
         now = self.clock()
-        self._entries[response_id] = (now, data, owner)
-        self.bytes += len(data)
+        self._keep(response_id, now, data, owner)
         self._index(response_id, owner, items, response)
         self._versions[response_id] = version + 1
         if self.dir:
             head = json.dumps({"stored_at": now, "owner": owner}).encode()[:-1]
             _write_private(self.dir / f"{response_id}.json", head + b',"entry":' + data + b"}")
-        self._evict()
-        return response_id in self._entries
+        self._evict(keep=response_id)
+        return True
 
     async def get(self, response_id: str, *, owner: str = owners.SHARED) -> dict | None:
         if not valid_id(response_id):
@@ -253,25 +255,37 @@ class ResponseStore:
                 if not found[1]:
                     del self._items[(owner, item_id)]
 
+    def _keep(self, response_id: str, now: float, data: bytes, owner: str) -> None:
+        self._entries[response_id] = (now, data, owner)
+        self._shares.add(owner, response_id, now, len(data))
+        self.bytes += len(data)
+
     def _drop(self, response_id: str) -> bool:
         found = self._entries.pop(response_id, None)
         if found is None:
             return False
         self._versions.pop(response_id, None)
         self._unindex(response_id, found[2])
+        self._shares.remove(found[2], response_id)
         self.bytes -= len(found[1])
         if self.dir:
             (self.dir / f"{response_id}.json").unlink(missing_ok=True)
         return True
 
-    def _evict(self) -> None:
+    def _evict(self, keep: str | None = None) -> None:
+        """Drop what expired (oldest first), then, while over a cap, the oldest entry of the owner
+        holding the most (shares.py): never ``keep``, the entry just written."""
         cutoff = self.clock() - self.ttl
         while self._entries:
             oldest_id, (stored_at, _, _) = next(iter(self._entries.items()))
-            if stored_at < cutoff or len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
-                self._drop(oldest_id)
-            else:
+            if stored_at >= cutoff:
                 break
+            self._drop(oldest_id)
+        while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
+            found = self._shares.victim(COUNT if len(self._entries) > self.max_entries else BYTES, keep)
+            if found is None:
+                break
+            self._drop(found[1])
 
     def _load_dir(self) -> None:
         found = []
@@ -285,9 +299,8 @@ class ResponseStore:
                               owners.check(record.get("owner", owners.SHARED))))
             except (OSError, ValueError, KeyError, TypeError):
                 path.unlink(missing_ok=True)  # a torn or foreign file: not ours to keep
-        for stored_at, rid, data, owner in sorted(found):
-            self._entries[rid] = (stored_at, data, owner)
-            self.bytes += len(data)
+        for stored_at, rid, data, owner in sorted(found):  # (each owner's share rebuilt too)
+            self._keep(rid, stored_at, data, owner)
             entry = json.loads(data)
             self._index(rid, owner, entry["items"], entry["response"])
         self._evict()

@@ -1,0 +1,106 @@
+"""Which stored entry goes when the response store is over a cap: one owner's writes push out their
+own entries, not everyone's.
+
+Rules of this file:
+- Sans-I/O: the store in memory (resp2chat_io/store.py ``ResponseStore``, with its directory copy)
+  keeps its owners' shares here; Redis keeps the same rule in its Lua script
+  (resp2chat_io/redis_state.py ``_PUT_RESPONSE``). tests/test_store_shares.py runs one sequence of
+  writes through both and compares what each kept.
+- The rule (``victim``): over ``max_sessions``, the owner holding the MOST entries loses its
+  oldest entry; over ``max_session_memory_mb``, the owner holding the most BYTES does. Of owners
+  holding as much, the one whose oldest entry is oldest (so owners holding alike go oldest-first,
+  as the store did before it had owners). The entry being written is never its own victim (a
+  store over its bytes with one owner's one large entry trims the others; an entry larger than
+  the whole store is not taken at all, before this).
+- So an owner keeps what it stored while it holds no more than anyone else: a runaway writer
+  evicts only itself once it is the largest, and an owner with little state keeps it. Expiry
+  (``session_ttl_hours``) stays global and oldest-first: it is time, not a share.
+- Entries without an owner (a keyless gateway, one gateway key) are one owner
+  (resp2chat_core/owner.py ``SHARED``).
+
+Costs: ``add`` and ``victim`` are O(log n) in the owners (a heap per measure whose stale entries
+are put right when they come up, rebuilt when they outnumber the live ones: amortized), ``remove``
+O(1); O(1) in an owner's entries (kept in insertion order).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+
+COUNT, BYTES = 0, 1  # the measures: which cap is over
+
+
+class Shares:
+    """Each owner's entries (oldest first, with their sizes) and what the owner holds in all."""
+
+    def __init__(self) -> None:
+        self._owned: dict[str, OrderedDict[str, tuple[float, int]]] = {}  # owner -> id -> (stored at, bytes)
+        self._bytes: dict[str, int] = {}
+        # per measure, a heap of (-held, oldest entry's time, owner). Each owner holding anything
+        # has its key there, or one that ranks it higher (it held more, or older, when pushed):
+        # such a stale one is put right when it comes up (``victim``), so a removal pushes nothing
+        self._heaps: tuple[list, list] = ([], [])
+        self._pushed: tuple[dict, dict] = ({}, {})  # per measure: owner -> the newest key pushed for it
+
+    def __len__(self) -> int:  # (owners holding anything)
+        return len(self._owned)
+
+    def held(self, owner: str) -> tuple[int, int]:
+        """(entries, bytes) ``owner`` holds."""
+        return len(self._owned.get(owner, ())), self._bytes.get(owner, 0)
+
+    def add(self, owner: str, entry_id: str, at: float, size: int) -> None:
+        """``owner``'s entry ``entry_id`` stored at ``at`` (the newest: entries come in time order)."""
+        owned = self._owned.get(owner)
+        if owned is None:
+            owned = self._owned[owner] = OrderedDict()
+            self._bytes[owner] = 0
+        owned[entry_id] = (at, size)
+        self._bytes[owner] += size
+        for measure in (COUNT, BYTES):  # (it ranks higher now: its key goes in)
+            self._push(owner, measure)
+
+    def remove(self, owner: str, entry_id: str) -> None:
+        owned = self._owned.get(owner)
+        if owned is None or entry_id not in owned:
+            return
+        _, size = owned.pop(entry_id)
+        self._bytes[owner] -= size
+        if not owned:
+            del self._owned[owner], self._bytes[owner], self._pushed[COUNT][owner], self._pushed[BYTES][owner]
+
+    def victim(self, measure: int, keep: str | None = None) -> tuple[str, str] | None:
+        """(owner, entry id) to evict when the cap of ``measure`` (``COUNT``, ``BYTES``) is over:
+        the oldest entry of the owner holding the most, not ``keep`` (the entry being written)."""
+        heap, passed, found = self._heaps[measure], [], None
+        while heap and found is None:
+            top = heapq.heappop(heap)
+            owner = top[2]
+            if owner not in self._owned:
+                continue
+            if top != self._key(owner, measure):  # (stale: it ranks lower now)
+                self._push(owner, measure)
+                continue
+            passed.append(top)
+            found = next(((owner, eid) for eid in self._owned[owner] if eid != keep), None)
+        for top in passed:
+            heapq.heappush(heap, top)
+        return found
+
+    def _push(self, owner: str, measure: int) -> None:
+        """``owner``'s key into the heap, unless it is there already."""
+        key, heap, pushed = self._key(owner, measure), self._heaps[measure], self._pushed[measure]
+        if pushed.get(owner) == key:
+            return
+        pushed[owner] = key
+        heapq.heappush(heap, key)
+        if len(heap) > 4 * len(self._owned) + 64:  # mostly stale: rebuilt
+            pushed.clear()
+            pushed.update((o, self._key(o, measure)) for o in self._owned)
+            heap[:] = pushed.values()
+            heapq.heapify(heap)
+
+    def _key(self, owner: str, measure: int) -> tuple:
+        owned = self._owned[owner]
+        return (-len(owned) if measure == COUNT else -self._bytes[owner], next(iter(owned.values()))[0], owner)
