@@ -382,7 +382,7 @@ def test_forwarded_credentials_own_their_state_in_redis(keyed_upstream, tmp_path
         body = {"model": "demo-model", "input": "a shared secret", "stream": True}
         first = parse_sse(post_turn(a, body, auth(KEY_A)).content)[-1]["response"]
         rid, item_id = first["id"], first["output"][-1]["id"]
-        wait_until(lambda: r.zcard("resp2chat:replays") == 1 and r.zcard("resp2chat:responses") == 1,
+        wait_until(lambda: r.zcard("resp2chat:replays") == 1 and r.zcard("resp2chat:entries") == 1,
                    what="the answer in Redis")
         assert parse_sse(post_turn(b, body, auth(KEY_C)).content)[-1]["type"] == "response.completed"
         assert auths[-1] == KEY_C and len(auths) == 2  # another owner: not b's replay hit

@@ -148,10 +148,10 @@ def test_bounds_are_applied_in_redis(upstream, tmp_path, redis_server):
         for i in range(4):
             ids.append(client.responses.create(model="demo-model", input=f"number {i}").id)
             wait_stored(r, ids[-1])
-        kept = [x.decode() for x in r.zrange("resp2chat:responses", 0, -1)]
+        kept = [x.decode() for x in r.zrange("resp2chat:entries", 0, -1)]
         assert kept == ids[2:]  # the oldest went first
         assert not r.exists(f"resp2chat:response:{ids[0]}") and 0 < r.ttl(f"resp2chat:response:{ids[3]}") <= 3600
-        assert int(r.get("resp2chat:responses:bytes")) == sum(
+        assert int(r.get("resp2chat:entries:bytes")) == sum(
             len(r.hget(f"resp2chat:response:{x}", "data")) for x in kept)
         assert r.zcard("resp2chat:replays") == 2 and len(r.keys("resp2chat:replay:*")) == 2
         with pytest.raises(openai.BadRequestError) as err:

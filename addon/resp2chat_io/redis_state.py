@@ -14,16 +14,30 @@ otherwise, so another owner's id is exactly a key that does not exist:
 | --- | --- | --- |
 | ``resp2chat:{ns}response:{id}`` | hash | ``data``: the entry JSON (items + Response, as store.py keeps it; a conversation's, under its ``conv_…`` id); ``v``: its version (store.py: a write may name the version it replaces); ``items``: the ids of the items it holds (below); ``d:{item_id}``: each one's digest (store.py ``item_digest``). Expires after ``session_ttl_hours`` |
 | ``resp2chat:{ns}item:{item_id}`` | string | the id of the newest stored response of that owner holding the item unchanged, for an item the gateway produced (a response's output; never a client's input): item references. Same expiry, dropped with that response |
-| ``resp2chat:responses`` | sorted set | ``{ns}{id}`` of every owner's responses by the time they were stored (Redis's clock): the oldest go first |
-| ``resp2chat:responses:sizes`` / ``:bytes`` | hash / integer | each entry's size (by ``{ns}{id}``) and their sum: ``max_session_memory_mb`` |
+| ``resp2chat:entries`` | sorted set | ``{ns}{id}`` of every owner's entries by the time they were stored (Redis's clock): what expires first |
+| ``resp2chat:entries:sizes`` / ``:bytes`` | hash / integer | each entry's size (by ``{ns}{id}``) and their sum: ``max_session_memory_mb`` |
+| ``resp2chat:{ns}owned`` | sorted set | the owner's own entries (``{ns}{id}``) by time: which of its entries is oldest |
+| ``resp2chat:owners:count`` / ``:size`` | sorted sets | every owner holding an entry, scored by its entries / its bytes; its member: the time of its oldest entry (``%017.6f``), a bar, its ``{ns}``, so owners holding alike sort oldest first: who loses an entry past a cap |
+| ``resp2chat:owners:bytes`` | hash | ``{ns}`` -> the bytes that owner holds |
+| ``resp2chat:responses``, ``:sizes``, ``:bytes`` | | the index of the version before shares (as ``entries``): read only to move its entries in (below) |
 | ``resp2chat:replay:{sha256}`` | string | a replay-cache entry (resp2chat_core/replay.py ``pack``), at most 4 MiB; the key's digest covers the owner (replay.py ``replay_key``) |
 | ``resp2chat:replays`` | sorted set | replay keys in the order they came: ``max_replay_entries`` (FIFO) |
 
 Bounds: each write runs one Lua script (atomic: a replica killed mid-write leaves either the
-whole entry or nothing) that first drops entries past their time, then the oldest until the
-count (``max_sessions``) and byte (``max_session_memory_mb``) caps hold again: one bound over
-every owner's entries. Keys also carry Redis expiries, so nothing outlives its time even if no
-replica writes again.
+whole entry or nothing) that first drops entries past their time, then, until the count
+(``max_sessions``) and byte (``max_session_memory_mb``) caps hold again, the oldest entry of the
+owner holding the most (resp2chat_core/shares.py: the rule, and ``Shares`` the same in memory;
+never the entry being written): one bound over every owner's entries, and one owner's writes
+push out its own entries once it holds the most. A write costs O(log n) more than before: a few
+sorted-set updates for its owner's place, one or two lookups per eviction. Keys also carry
+Redis expiries, so nothing outlives its time even if no replica writes again.
+
+Upgrade: entries the version before wrote (indexed in ``resp2chat:responses``, with no shares)
+stay readable as they are (their hashes did not change); each write moves up to 64 of them,
+oldest first, into ``entries`` and their owners' shares, and trims those not moved in yet first
+when over a cap (as that version did). A replica of that version still running meanwhile writes
+there and is moved in the same way; its deletes leave only a count that the next eviction or
+expiry drops.
 
 Redis unreachable: ``StateUnavailable`` is raised for what needs it (the addons answer 503 for
 ``previous_response_id`` and ``GET /v1/responses/{id}``; plain turns go on: a replay lookup is a
@@ -63,16 +77,89 @@ def describe(url: str) -> str:
         parts.path if parts.hostname and parts.path else "")
 
 
-# one response gone (by its member of the index, ``{ns}{id}``): its hash, the item keys that still
-# point at it, its size and its index entry (both scripts below start with it; ``prefix`` is ARGV[1])
+# What every script below starts with (``prefix`` is ARGV[1]): an entry's accounting, its owner's
+# place among the owners (resp2chat_core/shares.py: the owner holding the most loses its oldest
+# entry past a cap), one entry gone, entries of the version before shares moved in.
 _DROP = """
 local prefix = ARGV[1]
-local idx, sizes, total = prefix .. 'responses', prefix .. 'responses:sizes', prefix .. 'responses:bytes'
+local idx, sizes, total = prefix .. 'entries', prefix .. 'entries:sizes', prefix .. 'entries:bytes'
+local legacy, legacy_sizes, legacy_total = prefix .. 'responses', prefix .. 'responses:sizes', prefix .. 'responses:bytes'
+local by_count, by_bytes, owner_bytes = prefix .. 'owners:count', prefix .. 'owners:size', prefix .. 'owners:bytes'
+local old_left = redis.call('EXISTS', legacy) == 1  -- entries of the version before not moved in yet
 local function split(member)
   local ns, rid = string.match(member, '^(owner:[^:]*:)(.*)$')
   if ns then return ns, rid end
   return '', member
 end
+-- an owner's member in the owners' sets: its oldest entry's time, written so that an older one
+-- sorts after (the sets are read from their end: most held, then oldest), then its namespace
+local function place_at(at, ns)
+  return string.format('%017.6f', 1e10 - at) .. '|' .. ns
+end
+-- an owner's member now, its oldest entry and that entry's time (nil: it holds nothing)
+local function place(ns)
+  local oldest = redis.call('ZRANGE', prefix .. ns .. 'owned', 0, 0, 'WITHSCORES')
+  if oldest[1] == nil then return nil end
+  local at = tonumber(oldest[2])
+  return place_at(at, ns), oldest[1], at
+end
+-- an entry counted at time ``at`` with ``size`` bytes (size nil: no longer counted), everywhere;
+-- returns the size it was counted with (nil: none)
+local function account(member, at, size)
+  local old = redis.call('HGET', sizes, member)
+  if not old and not size then return nil end
+  local ns = split(member)
+  local owned = prefix .. ns .. 'owned'
+  local before, oldest, oldest_at = place(ns)
+  local held = 0
+  if old then
+    redis.call('HDEL', sizes, member)
+    redis.call('DECRBY', total, old)
+    redis.call('ZREM', idx, member)
+    redis.call('ZREM', owned, member)
+    held = redis.call('HINCRBY', owner_bytes, ns, -tonumber(old))
+  end
+  if size then
+    redis.call('HSET', sizes, member, size)
+    redis.call('INCRBY', total, size)
+    redis.call('ZADD', idx, at, member)
+    redis.call('ZADD', owned, at, member)
+    held = redis.call('HINCRBY', owner_bytes, ns, size)
+  end
+  local after = before
+  if not before or (old and member == oldest) or (size and at < oldest_at) then after = place(ns) end
+  if after == before then  -- (its oldest entry is the same: its counts change in place)
+    local more = (size and 1 or 0) - (old and 1 or 0)
+    if more ~= 0 then redis.call('ZINCRBY', by_count, more, before) end
+    redis.call('ZADD', by_bytes, held, before)
+    return old
+  end
+  if before then
+    redis.call('ZREM', by_count, before)
+    redis.call('ZREM', by_bytes, before)
+  end
+  if after then
+    redis.call('ZADD', by_count, redis.call('ZCARD', owned), after)
+    redis.call('ZADD', by_bytes, held, after)
+  else
+    redis.call('HDEL', owner_bytes, ns)
+  end
+  return old
+end
+local function legacy_gone(member)
+  local size = redis.call('HGET', legacy_sizes, member)
+  if size then
+    redis.call('HDEL', legacy_sizes, member)
+    redis.call('DECRBY', legacy_total, size)
+  end
+  if redis.call('ZCARD', legacy) == 0 then
+    redis.call('DEL', legacy_total, legacy_sizes)
+    old_left = false
+  end
+  return size
+end
+-- one response gone (by its member of the index, ``{ns}{id}``): its hash, the item keys that still
+-- point at it, its accounting (an entry of the version before too)
 local function drop(member)
   local ns, rid = split(member)
   local key = prefix .. ns .. 'response:' .. rid
@@ -84,12 +171,44 @@ local function drop(member)
     end
   end
   redis.call('DEL', key)
-  local size = redis.call('HGET', sizes, member)
-  if size then
-    redis.call('DECRBY', total, size)
-    redis.call('HDEL', sizes, member)
+  local freed = account(member, nil, nil)
+  if old_left and redis.call('ZREM', legacy, member) == 1 then legacy_gone(member) end
+  return freed
+end
+-- entries the version before wrote (one index of every owner's, by time; a replica of that version
+-- still running writes there too): at most ``n`` of the oldest join their owners' shares, with the
+-- time they were stored (those not moved in yet are trimmed first past a cap, oldest first, as
+-- that version did)
+local function migrate(n)
+  if not old_left then return end
+  local popped = redis.call('ZPOPMIN', legacy, n)
+  for i = 1, #popped, 2 do
+    local member = popped[i]
+    local size = legacy_gone(member)
+    local ns, rid = split(member)
+    if size and redis.call('EXISTS', prefix .. ns .. 'response:' .. rid) == 1 then
+      account(member, tonumber(popped[i + 1]), tonumber(size))
+    end
   end
-  redis.call('ZREM', idx, member)
+end
+-- the entry to evict past a cap (``set``: the owners by count, or by bytes): the oldest of the
+-- owner holding the most (of equals, the one whose oldest entry is oldest), never ``keep`` (then
+-- the next owner: only the writer's one entry can be ``keep``)
+local function victim(set, keep)
+  for _, at in ipairs(redis.call('ZREVRANGE', set, 0, 1)) do
+    for _, member in ipairs(redis.call('ZRANGE', prefix .. string.match(at, '|(.*)$') .. 'owned', 0, 1)) do
+      if member ~= keep then return member end
+    end
+  end
+  return nil
+end
+-- (entries, bytes) the store holds
+local function held_now()
+  local n, b = redis.call('ZCARD', idx), tonumber(redis.call('GET', total) or '0')
+  if old_left then
+    n, b = n + redis.call('ZCARD', legacy), b + tonumber(redis.call('GET', legacy_total) or '0')
+  end
+  return n, b
 end
 """
 
@@ -103,10 +222,14 @@ local ttl, max_n, max_b = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]
 local ns, id = split(member)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+migrate(64)  -- (bounded: a store the version before filled moves in over a few writes)
 for _, old in ipairs(redis.call('ZRANGEBYSCORE', idx, '-inf', now - ttl)) do drop(old) end
+if old_left then
+  for _, old in ipairs(redis.call('ZRANGEBYSCORE', legacy, '-inf', now - ttl)) do drop(old) end
+end
 local version = tonumber(redis.call('HGET', prefix .. ns .. 'response:' .. id, 'v') or '0')
 if ARGV[9] ~= '' and tonumber(ARGV[9]) ~= version then return {-1, 0} end
-drop(member)
+if version > 0 then drop(member) end  -- (the version it replaces; a new entry has nothing to drop)
 local held, digests = {}, {}
 for iid, digest in string.gmatch(produced, '(%S+) (%S+)') do
   held[#held + 1], digests[iid] = iid, digest
@@ -126,15 +249,16 @@ for _, iid in ipairs(held) do
   redis.call('SET', prefix .. ns .. 'item:' .. iid, id, 'EX', ttl)
 end
 redis.call('EXPIRE', key, ttl)
-redis.call('ZADD', idx, now, member)
-redis.call('HSET', sizes, member, #data)
-redis.call('INCRBY', total, #data)
-while redis.call('ZCARD', idx) > max_n or tonumber(redis.call('GET', total) or '0') > max_b do
-  local oldest = redis.call('ZRANGE', idx, 0, 0)
-  if oldest[1] == nil then break end
-  drop(oldest[1])
+account(member, now, #data)
+local n, b = held_now()
+while n > max_n or b > max_b do
+  -- entries of the version before not moved in yet go first (they are the oldest), then shares
+  local gone = old_left and redis.call('ZRANGE', legacy, 0, 0)[1] or victim(n > max_n and by_count or by_bytes, member)
+  if gone == nil then break end
+  local freed = drop(gone)
+  if freed and not old_left then n, b = n - 1, b - tonumber(freed) else n, b = held_now() end
 end
-return {redis.call('ZCARD', idx), tonumber(redis.call('GET', total) or '0')}
+return {n, b}
 """
 
 _DROP_RESPONSE = _DROP + """
