@@ -55,18 +55,19 @@ async def loads(body: bytes):
 
 
 async def reduce(body: bytes, fn):
-    """``fn`` of the body's JSON value (``GatewayError`` if it has none), for a caller that needs
-    only something small of it: a large body is decoded privately, reduced and freed in the
-    worker, so nothing of its size reaches the loop."""
+    """``fn(value, twice)`` of the body's JSON value and the keys its top-level object names more
+    than once (``requestbody.loads_keys``; ``GatewayError`` if it has no value), for a caller
+    that needs only something small of it: a large body is decoded privately, reduced and freed
+    in the worker, so nothing of its size reaches the loop."""
     if len(body) < LARGE:
-        return fn(requestbody.loads(body))
+        return fn(*requestbody.loads_keys(body))
     return await asyncio.get_running_loop().run_in_executor(_pool(), _reduce, body, fn)
 
 
 def _reduce(body: bytes, fn):
-    value = requestbody.loads_private(body)
+    value, twice = requestbody.loads_keys(body, yielding=True)
     try:
-        return fn(value)
+        return fn(value, twice)
     finally:
         _empty(value)
 

@@ -364,8 +364,12 @@ _NOT_FORWARDED = frozenset({
     "sec-websocket-protocol", "sec-websocket-accept", TURN_HEADER, KEY_HEADER})
 
 
-def _model(body) -> object:
-    """The ``model`` a passthrough request's JSON body names (None: none, or not an object)."""
+def _model(body, twice: frozenset) -> object:
+    """The ``model`` a passthrough request's JSON body names (None: none, or not an object). Named
+    twice, it is refused: the gateway would check the last, a backend may serve the first."""
+    if "model" in twice:
+        raise GatewayError("the request body names 'model' more than once: name it once (the gateway checks "
+                           "the last, a backend may take the first)", param="model", code="invalid_value")
     return body.get("model") if isinstance(body, dict) else None
 
 
