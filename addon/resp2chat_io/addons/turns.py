@@ -45,7 +45,7 @@ from resp2chat_core.conversations import Landing, named
 from resp2chat_core.errors import GatewayError, gateway_failure
 from resp2chat_core.labels import shown
 from resp2chat_core.lowering import LoweringOptions
-from resp2chat_core.prefix import BYTES_PER_TOKEN
+from resp2chat_core.usage import estimate
 from resp2chat_core.replay import MAX_ENTRY_BYTES, replay_key
 from resp2chat_core.requestbody import body_digest
 from resp2chat_core.response import CONTINUABLE
@@ -113,7 +113,7 @@ class Finished:
     exchange: Exchange | None = None  # its upstream work: the candidates, which answered
     client: ClientSpec | None = None  # who called
     turn_id: str = ""  # its id in Turns.in_flight (and the client's open turns: addons/limits.py)
-    # backend tokens it spent by BYTES_PER_TOKEN (its chat request, the output the backend sent),
+    # backend tokens it spent by usage.estimate (its chat request, the output the backend sent),
     # for a turn that reached a backend and did not fail before any output: what tpm takes when
     # the backend's usage never came (the client left before the last chunk, a cancellation, a
     # backend that dropped or stalled midway); 0 otherwise (a backend that refused the request
@@ -328,7 +328,7 @@ class Turns(Owner):
                         latency=None if ex.channel.sent is None else ex.channel.sent - run.started,
                         client=run.client, turn_id=ex.turn_id, landed=run.landed,
                         estimate=0 if ex.channel.sent is None or (t.error and not t.output_chars) else
-                        (len(turn.chat_body) + t.output_chars) // BYTES_PER_TOKEN)
+                        estimate(len(turn.chat_body) + t.output_chars))
         return done, record
 
     async def land(self, run: TurnRun) -> None:
