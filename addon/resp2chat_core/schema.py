@@ -312,8 +312,9 @@ class TextConfig(_Model):
 
 # ``include``'s values: the ones the API defines (openai-python's ``ResponseIncludable``), on
 # POST /v1/responses and on the item lists (listing.py); another is a 400 naming it, as OpenAI's.
-# Only the first changes what this gateway answers (inputs.py, listing.py); the others are
-# accepted as they ask for what it never makes (the AI SDK and the Agents SDK send them).
+# The first two change what this gateway answers (inputs.py INCLUDE_REASONING, listing.py;
+# lowering.py INCLUDE_LOGPROBS); the others are accepted as they ask for what it never makes
+# (the AI SDK and the Agents SDK send them).
 INCLUDES = ("reasoning.encrypted_content", "message.output_text.logprobs", "message.input_image.image_url",
             "computer_call_output.output.image_url", "file_search_call.results", "web_search_call.results",
             "web_search_call.action.sources", "code_interpreter_call.outputs")
