@@ -81,7 +81,7 @@ def build() -> list:
     store.sealer = turns.sealer
     background = store.background = Background(turns, store, upstreams.relay)
     replay = ReplayCache(source, upstreams, turns, store)
-    outcomes = Outcomes()
+    outcomes = Outcomes(gate)
     request_log = RequestLog(source, turns)
     raw = RawOutput()
     turns.started += [request_log.started, raw.started]

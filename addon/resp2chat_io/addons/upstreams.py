@@ -52,6 +52,8 @@ from resp2chat_io.relay import KEY_HEADER, TURN_HEADER, Relay
 from .base import JSON_HEADERS, META, Owner, Refusal, fails_closed, refusal, request_id
 from .gate import PASSTHROUGH
 
+FORWARDED = "forwarded"  # flow.metadata[META] key: a passthrough sent to the upstream (its answer is the upstream's)
+
 log = logging.getLogger("resp2chat")
 
 
@@ -289,6 +291,7 @@ class Upstreams(Owner):
                 flow.response = refusal(flow, err)
                 return
         self.target(flow).route(flow, req.path[3:] if path.startswith("/v1/") else req.path)  # (the query kept)
+        flow.metadata[META][FORWARDED] = True  # (not refused here: outcomes.py)
         self.authorize(flow, self.specs[0] if self.specs else None)
         req.headers["accept-encoding"] = "identity"  # (responseheaders reads the answer for secrets)
 
