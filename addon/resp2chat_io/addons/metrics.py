@@ -133,18 +133,16 @@ class _Sizes:
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        cache, store = self.m.replay.cache, self.m.store
+        cache = self.m.replay.cache
+        stored, size, up, errors = self.m.store.gauges()
         yield CounterMetricFamily("resp2chat_replay_cache_hits", "Replay-cache lookups answered.", value=cache.hits)
         yield CounterMetricFamily("resp2chat_replay_cache_misses", "Replay-cache lookups not answered.",
                                   value=cache.misses)
         yield GaugeMetricFamily("resp2chat_replay_cache_entries", "Replay-cache entries.", value=len(cache))
-        s = store.store
-        yield GaugeMetricFamily("resp2chat_stored_responses", "Stored responses (previous_response_id).",
-                                value=len(s) if s is not None else 0)
-        yield GaugeMetricFamily("resp2chat_stored_response_bytes", "Bytes of stored responses.",
-                                value=getattr(s, "bytes", 0) if s is not None else 0)
-        if store.state is not None:
+        yield GaugeMetricFamily("resp2chat_stored_responses", "Stored responses (previous_response_id).", value=stored)
+        yield GaugeMetricFamily("resp2chat_stored_response_bytes", "Bytes of stored responses.", value=size)
+        if up is not None:
             yield GaugeMetricFamily("resp2chat_state_store_up", "1 while the shared state store answers.",
-                                    value=1 if store.state.up else 0)
+                                    value=1 if up else 0)
             yield CounterMetricFamily("resp2chat_state_store_errors", "Failed calls to the shared state store.",
-                                      value=store.state.errors)
+                                      value=errors)
