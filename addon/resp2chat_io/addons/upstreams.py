@@ -284,7 +284,7 @@ class Upstreams(Owner):
             return
         if models and req.method == "POST":  # (embeddings: the backend would serve any model it has)
             try:
-                clients.check_model(models, await offload.reduce(req.get_content(strict=False) or b"", _model))
+                clients.check_model(models, await offload.reduce(req.get_content(strict=False) or b"", _model, keys=True))
             except GatewayError as err:
                 if err.code == "model_not_found":
                     self.refund(flow.id)
