@@ -397,7 +397,11 @@ def test_usage_reads_a_real_access_log(tmp_path, upstream):
             usages.append(stream.get_final_response().usage)
         with pytest.raises(openai.BadRequestError):
             client.responses.create(model="demo-model", input="error: 400 nope")
-        wait_until(lambda: log.exists() and len(log.read_text().splitlines()) == 4, what="four access-log lines")
+        refused = requests.post(gw.base_url + "/embeddings", data=b"{}", timeout=10,  # (a refused passthrough:
+                                headers={"content-type": "application/json", "content-encoding": "lzw"})  # no turn)
+        assert refused.status_code == 415
+        wait_until(lambda: log.exists() and len(log.read_text().splitlines()) == 5, what="five access-log lines")
+        assert json.loads(log.read_text().splitlines()[-1])["path"] == "/v1/embeddings"
     finally:
         gw.stop()
     with log.open("a") as fh:  # what a crash mid-write leaves, and something else's output

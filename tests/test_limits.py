@@ -22,6 +22,15 @@ def test_rpm_is_a_bucket_that_refills_continuously():
     assert requests.level < 1e-9
 
 
+def test_a_refund_gives_the_request_token_back_up_to_the_limit():
+    requests = L.Bucket.full(2, now=0.0)
+    assert L.decide(0.0, 2, requests, None, None, 0, None).admitted
+    L.refund(0.0, requests)
+    assert requests.level == 2.0
+    L.refund(1.0, requests)  # (a bucket full already stays full)
+    assert requests.level == 2.0 and requests.at == 1.0
+
+
 def test_tpm_is_spent_when_a_turn_ends_and_may_go_below_zero():
     tokens = L.Bucket.full(1000, now=0.0)
     assert L.decide(0.0, None, None, 1000, tokens, 0, None).admitted  # a turn takes no token up front
@@ -68,5 +77,20 @@ def test_a_passthrough_answers_usage_is_read_from_its_ends_only():
     cut = L.Meter()  # an answer cut before its usage ended: none
     cut(b'{"data":[],"usage":{"prompt_tokens":3,')
     assert cut.used is None
-    assert [L.tokens_of(u) for u in ({"total_tokens": 9, "prompt_tokens": 1}, {"input_tokens": 2, "output_tokens": 3},
-                                     {}, None, {"total_tokens": True})] == [9, 5, None, None, None]
+
+
+def test_one_reader_of_a_usage_and_one_estimate():
+    """usage.py: every usage object (a chat chunk's, a Responses usage, a passthrough answer's) is
+    read by ``counts``; what tpm spends is its total (``tokens``): the Meter's and a turn's
+    alike. Without one, ``estimate``: 4 bytes a token, a part of one counted as one."""
+    from resp2chat_core import usage as U
+
+    assert [U.tokens(u) for u in ({"total_tokens": 9, "prompt_tokens": 1}, {"input_tokens": 2, "output_tokens": 3},
+                                  {}, None, {"total_tokens": True}, {"prompt_tokens": 8, "input_tokens": 100},
+                                  {"prompt_tokens": 4.0, "completion_tokens": -1}, {"total_tokens": 0, "input_tokens": 3},
+                                  {"prompt_tokens": "12"})] == [9, 5, None, None, None, 8, 4, 3, None]
+    chat = {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 112}  # (a backend's own total)
+    responses = U.to_responses_usage(chat)
+    assert U.counts(chat) == U.counts(responses) == (100, 10, 112)
+    assert U.tokens(responses) == U.tokens(chat) == 112  # a turn spends what its passthrough twin would
+    assert [U.estimate(n) for n in (0, 1, 4, 5, 8, 4001)] == [0, 1, 1, 2, 2, 1001]

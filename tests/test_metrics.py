@@ -181,6 +181,61 @@ def test_socket_turns_are_counted_and_logged_like_http_turns(upstream, tmp_path)
         gw.stop()
 
 
+def test_refused_passthrough_calls_are_counted_and_logged(upstream, gateway_factory, tmp_path):
+    """A request that is not a turn but goes to a backend (a passthrough: embeddings, a model;
+    input_tokens), refused by the gateway (no key: the gate's 401; a model the client may not
+    use; a body it cannot read or that names the model twice; its rpm), counts in
+    ``resp2chat_refused_requests_total`` by its passthrough_paths entry and has its access-log
+    line (with its ``path``), as a refused turn does; what the backend answered is not counted,
+    and no turn is. Before, none of them was anywhere."""
+    log_path = tmp_path / "access.jsonl"
+    carol = "carol-key-0123456789abcdef"
+    gw = gateway_factory(upstream.origin, "--set", f"resp2chat_access_log_path={log_path}", env={
+        "RESP2CHAT_CLIENTS": json.dumps([{"name": "carol", "key": carol, "models": ["demo-*"], "rpm": 4}])})
+    auth = {"authorization": f"Bearer {carol}"}
+
+    def embed(data: bytes, headers=auth) -> requests.Response:
+        return requests.post(gw.base_url + "/embeddings", data=data, timeout=30,
+                             headers={"content-type": "application/json", **headers})
+
+    answers = [embed(b'{"model": "demo-model", "input": "x"}', {}),
+               embed(b'{"model": "other", "input": "x"}'),
+               embed(b'{"model": "demo-model", "input": '),
+               embed(b'{"model": "other", "model": "demo-model", "input": "x"}'),
+               requests.get(gw.base_url + "/models/other", headers=auth, timeout=30),
+               embed(b'{"model": "demo-model", "input": "x"}'),  # (served: the backend's answer)
+               requests.get(gw.base_url + "/models", headers=auth, timeout=30),  # (a read: served)
+               embed(b'{"model": "demo-model", "input": "x"}'),
+               embed(b'{"model": "demo-model", "input": "x"}'),  # (rpm 4: the two 400s and two served)
+               requests.post(gw.base_url + "/responses/input_tokens", json={"model": "demo-model", "input": "x"},
+                             headers=auth, timeout=30)]
+    assert [r.status_code for r in answers] == [401, 404, 400, 400, 404, 200, 200, 200, 429, 429]
+    m = scrape(gw, **auth)
+    embeddings = dict(route="POST /v1/embeddings", status="rejected")
+    for labels, n in ((dict(embeddings, client="", code="invalid_api_key"), 1),
+                      (dict(embeddings, client="carol", code="model_not_found"), 1),
+                      (dict(embeddings, client="carol", code="invalid_json"), 1),
+                      (dict(embeddings, client="carol", code="invalid_value"), 1),
+                      (dict(embeddings, client="carol", code="rate_limit_exceeded"), 1),
+                      (dict(route="GET /v1/models/*", status="rejected", client="carol", code="model_not_found"), 1),
+                      (dict(route="POST /v1/responses/input_tokens", status="rejected", client="carol",
+                            code="rate_limit_exceeded"), 1)):
+        assert value(m, "resp2chat_refused_requests_total", **labels) == n, labels
+    assert sum(v for (name, _), v in m.items() if name == "resp2chat_refused_requests_total") == 7
+    assert not any(name == "resp2chat_turns_total" for name, _ in m)
+    lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert [(x["path"], x["http_status"], x["code"], x["client"], x["status"]) for x in lines] == [
+        ("/v1/embeddings", 401, "invalid_api_key", None, "rejected"),
+        ("/v1/embeddings", 404, "model_not_found", "carol", "rejected"),
+        ("/v1/embeddings", 400, "invalid_json", "carol", "rejected"),
+        ("/v1/embeddings", 400, "invalid_value", "carol", "rejected"),
+        ("/v1/models/other", 404, "model_not_found", "carol", "rejected"),
+        ("/v1/embeddings", 429, "rate_limit_exceeded", "carol", "rejected"),
+        ("/v1/responses/input_tokens", 429, "rate_limit_exceeded", "carol", "rejected")]
+    assert [x["request_id"] for x in lines] == [r.headers["x-request-id"] for r in answers if r.status_code >= 400]
+    assert carol not in log_path.read_text()
+
+
 def test_readme_lists_every_metric_with_its_labels(gateway):
     """README's metrics table (*Metrics and logs*) names every family /metrics serves, with its
     labels as the gateway gives them."""

@@ -88,3 +88,19 @@ def test_whatever_is_accepted_encodes_again(text):
 def test_a_real_codex_request_decodes_to_what_json_loads_gives():
     body = json.dumps(codex_fixture("03-tool-call-turn2-with-output.json")["body"]).encode()
     assert requestbody.loads(body) == json.loads(body)
+
+
+@pytest.mark.parametrize("yielding", [False, True])
+def test_loads_keys_names_the_top_level_keys_given_twice(yielding):
+    """``loads_keys``: the value json.loads gives, and the top-level keys named more than once
+    (an escaped spelling is the same key); keys twice deeper down, or in a top-level array, are
+    not the top level's. Refusals are ``_loads``'s."""
+    body = b'{"model":"a","x":{"model":1,"model":2},"mod\\u0065l":"b","y":[{"k":1,"k":2}],"x":3}'
+    value, twice = requestbody.loads_keys(body, yielding)
+    assert value == json.loads(body) and twice == {"model", "x"}
+    assert requestbody.loads_keys(b'{"model":"a","input":[1,2.5]}', yielding) == ({"model": "a", "input": [1, 2.5]},
+                                                                                  frozenset())
+    assert requestbody.loads_keys(b'[{"a":1,"a":2}]', yielding) == ([{"a": 2}], frozenset())
+    with pytest.raises(GatewayError) as info:
+        requestbody.loads_keys(b'{"model":NaN}', yielding)
+    assert info.value.code == "invalid_json"

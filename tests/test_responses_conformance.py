@@ -107,6 +107,42 @@ def test_get_with_an_include_the_api_does_not_define_is_a_400_naming_it(own_gate
     assert r.status_code == 400 and r.json()["error"]["param"] == "include", r.text
 
 
+def test_a_turn_with_an_include_the_api_does_not_define_is_a_400_naming_it(own_gateway, upstream):
+    """``include`` on ``POST /v1/responses``: a value the API does not define is OpenAI's 400
+    (``invalid_value``, the value's place ``include[i]``, the message listing the accepted
+    ones), over HTTP and on the WebSocket alike (one validation), and nothing reaches the
+    backend; every value the API defines is accepted (openai-python's ``ResponseIncludable``:
+    what Codex, the AI SDK and the Agents SDK send), even those that ask for what the gateway
+    never makes. Before, any string went."""
+    from typing import get_args
+
+    from openai.types.responses import ResponseIncludable
+
+    from wsclient import WSClient
+
+    client = openai_client(own_gateway)
+    defined = list(get_args(ResponseIncludable))
+    assert ENCRYPTED in defined and len(defined) >= 8
+    upstream.clear()
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model="demo-model", input="hi", include=[ENCRYPTED, "reasoning.summary"])
+    err = refused.value.body
+    assert (err["param"], err["code"]) == ("include[1]", "invalid_value"), err
+    assert all(value in err["message"] for value in defined), err["message"]
+    sock = WSClient(own_gateway.base_url)
+    try:
+        (event,) = sock.turn({"type": "response.create", "model": "demo-model", "input": "hi", "include": ["bogus"]})
+        assert event["type"] == "error" and event["status"] == 400, event
+        assert (event["error"]["param"], event["error"]["code"]) == ("include[0]", "invalid_value")
+        assert upstream.requests() == []
+        done = sock.turn({"type": "response.create", "model": "demo-model", "input": "hi", "include": defined})
+        assert done[-1]["type"] == "response.completed"
+    finally:
+        sock.close()
+    answer = client.responses.create(model="demo-model", input="hi", include=defined)
+    assert answer.status == "completed" and len(upstream.requests()) == 2
+
+
 # --- a missing required field: OpenAI's code -------------------------------------------------------
 
 

@@ -301,6 +301,37 @@ def test_a_client_limited_to_some_models_passes_through_with_those_only(echo, ga
         ("/v1/embeddings", "qwen3-embed"), ("/v1/embeddings", "other-embedder"), ("/v1/models", None)]
 
 
+def test_a_limited_client_cannot_name_the_model_twice_in_a_passthrough_body(echo, gateway_factory):
+    """A body that names ``model`` twice is read by the gateway (Python's json) with the last,
+    while a backend may take the first: a client limited to some models got a model it may not
+    use embedded by naming an allowed one last. Refused now: 400 ``invalid_value`` naming
+    ``model``, whatever spelling the key has (an escape is the same key) and however large the
+    body (decoded in the worker); nothing reaches the backend. A key twice deeper in the body,
+    or a client with every model, changes nothing."""
+    carol, alice = "carol-key-0123456789abcdef", "alice-key-0123456789abcdef"
+    gw = gateway_factory(echo.url, env={"RESP2CHAT_CLIENTS": json.dumps([
+        {"name": "carol", "key": carol, "models": ["qwen3-*"]}, {"name": "alice", "key": alice}])})
+
+    def embed(key: str, data: bytes) -> requests.Response:
+        return requests.post(gw.base_url + "/embeddings", data=data, timeout=60,
+                             headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
+
+    big = json.dumps("x" * (2 << 20))  # (past offload.LARGE: decoded in the worker thread)
+    for data in (b'{"model": "other-embedder", "model": "qwen3-embed", "input": "x"}',
+                 b'{"model": "qwen3-embed", "input": "x", "mod\\u0065l": "qwen3-embed"}',
+                 b'{"model": "other-embedder", "input": ' + big.encode() + b', "model": "qwen3-embed"}'):
+        r = embed(carol, data)
+        assert r.status_code == 400, (data[:80], r.status_code, r.text)
+        err = r.json()["error"]
+        assert (err["param"], err["code"]) == ("model", "invalid_value") and "more than once" in err["message"]
+        assert r.headers["x-request-id"].startswith("req_")
+    assert echo.seen == []
+    nested = b'{"model": "qwen3-embed", "input": "x", "extra": {"model": "a", "model": "b"}}'
+    assert embed(carol, nested).status_code == 200
+    assert embed(alice, b'{"model": "other-embedder", "model": "qwen3-embed", "input": "x"}').status_code == 200
+    assert len(echo.seen) == 2
+
+
 def test_a_team_gateway_without_a_valid_key_and_where_keys_never_show(echo, gateway_factory, tmp_path):
     """A team's gateway (clients made with ``resp2chat keys add``: only their SHA-256 in the
     file): without a valid key (none, an unknown one, the upstream's, in either header) every
@@ -367,8 +398,10 @@ def test_a_team_gateway_without_a_valid_key_and_where_keys_never_show(echo, gate
                requests.get(gw.base_url + f"/models?api_key={keys['alice']}", headers=alice, timeout=20),
                requests.post(gw.base_url + "/responses", json={"model": "m", "input": "x"}, headers=carol, timeout=20),
                requests.post(gw.base_url + "/responses", json={"model": "qwen3-a", "input": "x"}, headers=carol,
-                             timeout=20)]  # (rpm 1: the refused turn before spent it)
-    assert [r.status_code for r in refused] == [403, 403, 415, 400, 404, 429]
+                             timeout=20),  # (rpm 1: the turn refused for its model spent nothing ...)
+               requests.post(gw.base_url + "/responses", json={"model": "qwen3-a", "input": "x"}, headers=carol,
+                             timeout=20)]  # (... this one's before did)
+    assert [r.status_code for r in refused] == [403, 403, 415, 400, 404, 200, 429]
     with pytest.raises(Refused):
         WSClient(gw.base_url, headers={**carol, "origin": "https://evil.example"})
     metrics = requests.get(origin + "/metrics", headers=carol, timeout=20).text

@@ -25,6 +25,7 @@ import json
 import math
 from dataclasses import dataclass
 
+from . import usage
 from .errors import GatewayError
 
 WINDOW = 60.0  # seconds: rpm and tpm refill over a minute
@@ -128,6 +129,13 @@ def verdict(why: str, rpm: int | None, requests: Bucket | None, tpm: int | None,
     return Verdict(False, heads, wait, why)
 
 
+def refund(now: float, requests: Bucket) -> None:
+    """A request admitted, then refused before any backend saw it for a model its client may not
+    use (to it, one that does not exist): it spends nothing, its request token goes back."""
+    requests.refill(now)
+    requests.level = min(float(requests.capacity), requests.level + 1)
+
+
 def spend(now: float, tokens: Bucket, used: int) -> None:
     """A turn's backend tokens, taken from the client's token bucket when it ends."""
     tokens.refill(now)
@@ -137,19 +145,6 @@ def spend(now: float, tokens: Bucket, used: int) -> None:
 # --- what a request the backend answers directly spent ------------------------------------------
 
 KEPT = 4096  # bytes of an answer's start and end a ``Meter`` keeps (usage is at one end)
-
-
-def tokens_of(usage: object) -> int | None:
-    """The backend tokens an OpenAI ``usage`` object counts: ``total_tokens``, else its parts
-    (prompt + completion, or input + output); None: not a usage."""
-    if not isinstance(usage, dict):
-        return None
-    total = usage.get("total_tokens")
-    if type(total) is int and total >= 0:
-        return total
-    parts = [v for k in ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens")
-             if type(v := usage.get(k)) is int and v >= 0]
-    return sum(parts) if parts else None
 
 
 class Meter:
@@ -193,7 +188,7 @@ def _last_usage(kept: bytes) -> int | None:
             rest = text[at + 7:].lstrip()
             if rest.startswith(":"):
                 try:
-                    found = tokens_of(_decode(rest[1:].lstrip())[0])
+                    found = usage.tokens(_decode(rest[1:].lstrip())[0])
                 except ValueError:
                     found = None
                 if found is not None:

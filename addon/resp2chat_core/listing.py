@@ -23,16 +23,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import GatewayError
-from .inputs import REASONING_PURPOSE
+from .inputs import INCLUDE_REASONING, REASONING_PURPOSE
+from .schema import INCLUDES as _INCLUDES
 from .seal import Sealer
 
 DEFAULT_LIMIT, MAX_LIMIT = 20, 100
 ORDERS = ("asc", "desc")
-ENCRYPTED = "reasoning.encrypted_content"
-# the include values of the API's item lists (only the first changes what this gateway shows)
-INCLUDES = frozenset({ENCRYPTED, "message.input_image.image_url", "message.output_text.logprobs",
-                      "file_search_call.results", "web_search_call.results", "web_search_call.action.sources",
-                      "computer_call_output.output.image_url", "code_interpreter_call.outputs"})
+ENCRYPTED = INCLUDE_REASONING
+INCLUDES = frozenset(_INCLUDES)  # (the item lists' include values are a turn's: schema.py)
 
 
 @dataclass(frozen=True)

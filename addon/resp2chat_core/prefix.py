@@ -6,7 +6,8 @@ prefix. So the figure that matters is the longest common prefix of what the back
 
 Token counting: the prompt is approximated by a canonical rendering — the tools (templates put
 them at the start of the system prompt), then every message, each as compact JSON with sorted
-keys — and **1 token = 4 bytes** of it (rounded down for cached prefixes, up for totals). This is
+keys — and **1 token = 4 bytes** of it (usage.py ``estimate`` for totals; a cached prefix counts
+only its whole tokens, rounded down: a token a break cuts is not reused). This is
 not a tokenizer, but a diverging byte is a diverging token, so *where* prefixes break and the
 ratios are what a real tokenizer would show, to a few tokens per break.
 """
@@ -17,7 +18,7 @@ import bisect
 import json
 from dataclasses import dataclass, field
 
-BYTES_PER_TOKEN = 4
+from .usage import BYTES_PER_TOKEN, estimate
 
 
 def _c(value) -> bytes:
@@ -46,7 +47,7 @@ class Prompt:
 
     @property
     def tokens(self) -> int:
-        return -(-len(self.data) // BYTES_PER_TOKEN)
+        return estimate(len(self.data))
 
     def locate(self, offset: int) -> tuple[str, int]:
         """(segment label, offset inside it) of a byte offset."""

@@ -131,19 +131,41 @@ def loads_private(body: bytes):
     return Private(value) if type(value) is dict else value
 
 
-def _loads(body: bytes, yielding: bool = False):
+def loads_keys(body: bytes, yielding: bool = False) -> tuple[object, frozenset[str]]:
+    """The body's value, as ``_loads`` gives it (never the cache's: for a caller that reads a few
+    members of it), and the keys its top-level object names more than once. ``json.loads`` keeps
+    the last of a key given twice, and so does every check the gateway makes of the value; a
+    backend that gets the body as it is may take the first (resp2chat_io/addons/upstreams.py: a
+    passthrough's ``model``)."""
+    top: list = [()]
+
+    def pairs(members: list) -> dict:
+        top[0] = members  # (the top-level object's hook is called last: its members end last)
+        return dict(members)
+
+    value = _loads(body, yielding, pairs)
+    if type(value) is not dict or len(value) == len(top[0]):
+        return value, frozenset()
+    seen: set[str] = set()
+    return value, frozenset(k for k, _ in top[0] if k in seen or seen.add(k))
+
+
+def _loads(body: bytes, yielding: bool = False, pairs=None):
     """The body's JSON value; ``GatewayError`` (400 ``invalid_json``) if it is not strict UTF-8
     JSON with finite numbers and valid Unicode strings.
 
     ``yielding``: for a decode in a worker thread (resp2chat_io/offload.py). The C decoder holds
     the GIL from start to end, so a thread decoding 30 MB would stall the event loop as much as
     decoding on it; with a Python-level hook at every object and number (the same values), the
-    interpreter hands the GIL over between them, as it does every few milliseconds."""
+    interpreter hands the GIL over between them, as it does every few milliseconds. ``pairs``:
+    json's ``object_pairs_hook`` (``loads_keys``), a Python-level hook at every object too."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise _invalid(f"request body is not valid UTF-8: {exc.reason} at byte offset {exc.start}") from None
     hooks = {"object_hook": _same, "parse_int": _int} if yielding else {}
+    if pairs is not None:
+        hooks["object_pairs_hook"] = pairs
     try:
         data = json.loads(text, parse_constant=_constant, parse_float=_float, **hooks)
     except json.JSONDecodeError as exc:

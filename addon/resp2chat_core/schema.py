@@ -310,6 +310,16 @@ class TextConfig(_Model):
     verbosity: str | None = None
 
 
+# ``include``'s values: the ones the API defines (openai-python's ``ResponseIncludable``), on
+# POST /v1/responses and on the item lists (listing.py); another is a 400 naming it, as OpenAI's.
+# The first two change what this gateway answers (inputs.py INCLUDE_REASONING, listing.py;
+# lowering.py INCLUDE_LOGPROBS); the others are accepted as they ask for what it never makes
+# (the AI SDK and the Agents SDK send them).
+INCLUDES = ("reasoning.encrypted_content", "message.output_text.logprobs", "message.input_image.image_url",
+            "computer_call_output.output.image_url", "file_search_call.results", "web_search_call.results",
+            "web_search_call.action.sources", "code_interpreter_call.outputs")
+
+
 class ResponsesRequest(_Model):
     model: str = Field(min_length=1)
     input: Union[str, list[Item]]
@@ -325,7 +335,7 @@ class ResponsesRequest(_Model):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    include: list[str] | None = None
+    include: list[Literal[INCLUDES]] | None = None
     reasoning: ReasoningConfig | None = None
     text: TextConfig | None = None
     store: StrictBool | None = None

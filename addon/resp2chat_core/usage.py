@@ -19,9 +19,66 @@ Reasoning tokens: ``completion_tokens_details.reasoning_tokens``, else a top-lev
 
 ``find_usage`` runs on every chunk and only looks; ``to_responses_usage`` runs once, when a
 Response object that shows usage is written.
+
+One reader of a usage object's counts, in any spelling (chat's, the Responses API's, a
+passthrough answer's): ``counts``. What the limits spend (``tpm``) is its total, ``tokens``: a
+turn's Responses usage (addons/limits.py) and a passthrough answer's own (limits.py ``Meter``)
+alike. Without a usage, one estimate, ``estimate``: ``BYTES_PER_TOKEN`` bytes a token, a part
+of one counted as one (a tokenizer never makes no token of some bytes); the prompt's analysis
+(prefix.py), ``POST /v1/responses/input_tokens`` without a tokenizer, a turn or a passthrough
+answer cut short (what ``tpm`` spends then) all use it.
 """
 
 from __future__ import annotations
+
+BYTES_PER_TOKEN = 4  # the estimate's rule: 1 token = 4 bytes (of JSON, of text)
+
+
+def estimate(size: int) -> int:
+    """Tokens in ``size`` bytes, without a tokenizer: ``BYTES_PER_TOKEN`` bytes a token, rounded
+    up (0 only for nothing)."""
+    return -(-size // BYTES_PER_TOKEN)
+
+
+def counts(u: object) -> tuple[int, int, int] | None:
+    """(input, output, total) tokens of a usage object in any spelling: ``prompt_tokens`` else
+    ``input_tokens``, ``completion_tokens`` else ``output_tokens``, ``total_tokens`` (when it is
+    not 0) else input + output. None: not a usage (no count in it at all). A count is a
+    non-negative integer (a float that is one too), never a boolean; anything else counts 0."""
+    if not isinstance(u, dict):
+        return None
+    inp = _first(u, "prompt_tokens", "input_tokens")
+    out = _first(u, "completion_tokens", "output_tokens")
+    total = _count(u.get("total_tokens"))
+    if inp is None and out is None and total is None:
+        return None
+    inp, out = inp or 0, out or 0
+    return inp, out, total or inp + out
+
+
+def tokens(u: object) -> int | None:
+    """The backend tokens a usage object counts, its total (``counts``): what ``tpm`` spends.
+    None: not a usage."""
+    found = counts(u)
+    return None if found is None else found[2]
+
+
+def _first(u: dict, *names: str) -> int | None:
+    for name in names:
+        found = _count(u.get(name))
+        if found is not None:
+            return found
+    return None
+
+
+def _count(value) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, float) and value.is_integer() and value >= 0:
+        return int(value)
+    return None
 
 
 def find_usage(chunk: dict) -> dict | None:
@@ -42,13 +99,7 @@ def find_usage(chunk: dict) -> dict | None:
 
 
 def _int(value) -> int:
-    if isinstance(value, bool):
-        return 0
-    if isinstance(value, int):
-        return value if value >= 0 else 0
-    if isinstance(value, float) and value.is_integer() and value >= 0:
-        return int(value)
-    return 0
+    return _count(value) or 0
 
 
 def _detail(u: dict, *names: str) -> dict:
@@ -68,8 +119,7 @@ def usage_note(u: dict | None, lead: str = " · ") -> str:
 
 
 def to_responses_usage(u: dict) -> dict:
-    inp = _int(u.get("prompt_tokens", u.get("input_tokens")))
-    out = _int(u.get("completion_tokens", u.get("output_tokens")))
+    inp, out, total = counts(u) or (0, 0, 0)
     pdet = _detail(u, "prompt_tokens_details", "input_tokens_details")
     cdet = _detail(u, "completion_tokens_details", "output_tokens_details")
     cached = (_int(pdet.get("cached_tokens")) or _int(u.get("prompt_cache_hit_tokens"))
@@ -79,7 +129,6 @@ def to_responses_usage(u: dict) -> dict:
     # Only OpenRouter-style backends report cache writes; 0 when unknown (the field is required).
     written = _int(pdet.get("cache_write_tokens")) or _int(u.get("cache_creation_input_tokens"))
     reasoning = _int(cdet.get("reasoning_tokens")) or _int(u.get("reasoning_tokens"))
-    total = _int(u.get("total_tokens")) or inp + out
     return {
         "input_tokens": inp,
         "input_tokens_details": {"cached_tokens": min(cached, inp) if inp else cached,

@@ -54,19 +54,25 @@ async def loads(body: bytes):
                                                                                        yielding=True))
 
 
-async def reduce(body: bytes, fn):
+async def reduce(body: bytes, fn, keys: bool = False):
     """``fn`` of the body's JSON value (``GatewayError`` if it has none), for a caller that needs
     only something small of it: a large body is decoded privately, reduced and freed in the
-    worker, so nothing of its size reaches the loop."""
+    worker, so nothing of its size reaches the loop. ``keys``: ``fn(value, twice)``, ``twice``
+    the keys its top-level object names more than once (``requestbody.loads_keys``)."""
     if len(body) < LARGE:
-        return fn(requestbody.loads(body))
-    return await asyncio.get_running_loop().run_in_executor(_pool(), _reduce, body, fn)
+        return fn(*requestbody.loads_keys(body)) if keys else fn(requestbody.loads(body))
+    return await asyncio.get_running_loop().run_in_executor(_pool(), _reduce, body, fn, keys)
 
 
-def _reduce(body: bytes, fn):
-    value = requestbody.loads_private(body)
+def _reduce(body: bytes, fn, keys: bool):
+    if keys:
+        value, twice = requestbody.loads_keys(body, yielding=True)
+        args = (value, twice)
+    else:
+        value = requestbody.loads_private(body)
+        args = (value,)
     try:
-        return fn(value)
+        return fn(*args)
     finally:
         _empty(value)
 

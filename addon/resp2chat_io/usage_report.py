@@ -1,7 +1,7 @@
 """``resp2chat usage``: turns and tokens per client, day and model, from access logs.
 
 Reads the access log's JSON lines (resp2chat_io/addons/access_log.py): every line is one turn,
-however it ended. The day is the line's ``time`` (UTC); ``client`` names who made the turn (a
+however it ended (a line with a ``path``, a refused passthrough call, is not one: left out). The day is the line's ``time`` (UTC); ``client`` names who made the turn (a
 line without one, written before the gateway knew its clients or by one without keys, counts
 as ``-``). Tokens are the backend's own counts: ``input_tokens`` (prompt), ``cached_tokens`` (of
 those, served from the backend's KV cache), ``output_tokens``; a turn without usage (refused,
@@ -58,8 +58,12 @@ class Report:
         return all_
 
 
+NOT_A_TURN = ("", "", "", None)  # an access-log line of a refused request that is not a turn (its "path")
+
+
 def record(line: bytes) -> tuple[str, str, str, Totals] | None:
-    """(client, day, model, this turn's totals) of one access-log line; ``None`` for anything else."""
+    """(client, day, model, this turn's totals) of one access-log line (``NOT_A_TURN``: a line of
+    another request, a refused passthrough call); ``None`` for anything else."""
     try:
         data = json.loads(line)
     except ValueError:  # (UnicodeDecodeError too)
@@ -67,6 +71,8 @@ def record(line: bytes) -> tuple[str, str, str, Totals] | None:
     if not isinstance(data, dict) or not isinstance(data.get("time"), str) or not _DAY.match(data["time"]) \
             or "request_id" not in data:
         return None
+    if "path" in data:
+        return NOT_A_TURN
     counts = [data.get(k) for k in TOKENS]
     if not all(c is None or (isinstance(c, int) and not isinstance(c, bool) and c >= 0) for c in counts):
         return None
@@ -84,6 +90,8 @@ def aggregate(lines: Iterable[bytes], since: str | None = None) -> Report:
         found = record(line)
         if found is None:
             report.skipped += 1
+            continue
+        if found is NOT_A_TURN:
             continue
         client, day, model, totals = found
         if since and day < since:

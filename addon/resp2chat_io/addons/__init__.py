@@ -76,11 +76,12 @@ def build() -> list:
     gate = Gate(source, upstreams)
     limits = Limits(store, gate)
     upstreams.meter = limits.meter  # (a limited client's passthrough answer: its usage read on the way)
+    upstreams.refund = limits.refund  # (one refused for a model its client may not use spends nothing)
     turns = Turns(source, upstreams, search, store, limits, hosted)
     store.sealer = turns.sealer
     background = store.background = Background(turns, store, upstreams.relay)
     replay = ReplayCache(source, upstreams, turns, store)
-    outcomes = Outcomes()
+    outcomes = Outcomes(gate)
     request_log = RequestLog(source, turns)
     raw = RawOutput()
     turns.started += [request_log.started, raw.started]

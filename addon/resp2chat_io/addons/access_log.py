@@ -1,6 +1,8 @@
 """The access log: one JSON line per turn, however it ended (``access_log_path``; ``-``: stderr):
 each ``POST /v1/responses`` (refused and replayed ones included) and each turn on the Responses
-WebSocket (outcomes.py).
+WebSocket (outcomes.py); and one per request that is not a turn but goes to a backend
+(``passthrough_paths``, ``input_tokens``) the gateway refused, with its ``"path"`` (a turn's
+line has none: ``resp2chat usage`` counts turns only).
 
 ``{"time", "request_id", "session", "model", "upstream", "client", "status", "code", "http_status",
 "input_tokens", "cached_tokens", "output_tokens", "gateway_ms", "ttft_ms", "total_ms"}`` (+ ``"fallbacks"``
@@ -56,6 +58,8 @@ class AccessLog(Owner):
             "gateway_ms": None if o.latency is None else round(o.latency * 1000, 2),
             "ttft_ms": None if o.ttft is None else round(o.ttft * 1000, 1), "total_ms": round(o.took * 1000, 1),
         }
+        if o.path:
+            line["path"] = o.path
         if o.skipped:
             line["fallbacks"] = [{"upstream": name, "status": status} for name, status in o.skipped]
         self.file.write(json.dumps(line, ensure_ascii=False) + "\n")

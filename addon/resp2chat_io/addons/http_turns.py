@@ -195,7 +195,7 @@ class HttpTurns:
             # (the cache keys /v1/responses: after the decode, which kept what hashes a long body's
             # history once: requestbody.body_digest)
             hit = None if compact else await self._cached(flow, body, owner)
-            raw = self.turns.check(data, client)
+            raw = self.turns.check(data, client, flow.id)
             note_request(meta, None, raw)
             if compact:
                 raw = compaction.compact_request(raw)

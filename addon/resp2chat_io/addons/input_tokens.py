@@ -9,7 +9,7 @@ backend has a tokenizer:
   applied, ``{"count": N}``);
 - else ``POST {root}/apply-template`` with ``{messages, tools}`` then ``POST {root}/tokenize``
   with ``{"content": prompt}`` (llama.cpp's server: ``{"tokens": [...]}``);
-- else (no tokenizer, or it failed) an estimate: one token per ``BYTES_PER_TOKEN`` bytes of the
+- else (no tokenizer, or it failed) an estimate: one token per 4 bytes (``usage.estimate``) of the
   chat request's messages and tools as JSON (README says so).
 
 ``{root}`` is the upstream's base URL without its ``/v1`` (``http://host:8000/v1`` ->
@@ -27,7 +27,7 @@ from mitmproxy import http
 
 from resp2chat_core import gate as G
 from resp2chat_core.errors import GatewayError
-from resp2chat_core.prefix import BYTES_PER_TOKEN  # (the estimate's rule, without a tokenizer)
+from resp2chat_core import usage  # (the estimate's rule, without a tokenizer)
 from resp2chat_core.routing import Candidate
 
 from .base import META, fails_closed, json_response, log, refusal, request_id
@@ -37,9 +37,9 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def estimate(chat: dict) -> int:
-    """The estimate: the chat request's messages and tools, as JSON, per ``BYTES_PER_TOKEN``."""
-    size = len(_dumps(chat.get("messages") or []).encode()) + len(_dumps(chat.get("tools") or []).encode())
-    return -(-size // BYTES_PER_TOKEN)
+    """The estimate (``usage.estimate``) of the chat request's messages and tools, as JSON."""
+    return usage.estimate(len(_dumps(chat.get("messages") or []).encode())
+                          + len(_dumps(chat.get("tools") or []).encode()))
 
 
 @fails_closed
@@ -59,7 +59,7 @@ class InputTokens:
         owner = self.upstreams.owner_of(flow)
         try:
             raw = self.turns.check(await self.turns.decode(req.get_content(strict=False) or b""),
-                                   self.gate.client(meta.get("client")))
+                                   self.gate.client(meta.get("client")), flow.id)  # (Limits admitted it so)
             earlier = await self.turns.lookup(raw, owner)
             turn = self.turns.lower({**raw, "stream": False, "store": False, "background": False}, earlier, owner=owner,
                                     request_id=request_id(flow))

@@ -9,7 +9,9 @@ which.
 ``admit`` is asked once per turn before anything else is done for it (``Turns.admit``: HTTP and
 the WebSocket alike, reads never); a turn it admitted is released when it ends (its backend
 tokens spent from the token bucket), however it ends, where it was admitted (its ``Ticket``),
-once.
+once. One refused for a model its client may not use spends nothing (``refund``): that is
+known only once its body is read, after ``admit``, which stays first so that a client past its
+limits costs no decoding.
 
 A limit bounds everything a client makes a backend do, not only turns: the other requests that
 reach a backend (``backend_work``: a passthrough that is not a read, such as ``POST
@@ -20,7 +22,7 @@ for them: refused, the same 429 as a turn; admitted, one request (``rpm``), open
 ``error``), and its backend tokens (``tpm``) are the answer's own JSON ``usage``, read as it
 passes (``meter``: upstreams.py runs it on the answer; resp2chat_core/limits.py ``Meter``); an
 answer without one spent nothing (an endpoint that reports no tokens: rpm bounds it), one its
-client left before its end, by its request's size (``BYTES_PER_TOKEN``, as a turn cut short).
+client left before its end, by its request's size (``usage.estimate``, as a turn cut short).
 Reads (``GET /v1/models``…) are never counted, as reads of stored state are not: they make no
 model work, and a client such as Codex lists the models while its turns stream.
 """
@@ -34,7 +36,7 @@ from mitmproxy import http
 from resp2chat_core import gate as G
 from resp2chat_core import limits as L
 from resp2chat_core.clients import ClientSpec
-from resp2chat_core.prefix import BYTES_PER_TOKEN
+from resp2chat_core import usage as U
 from resp2chat_io import limit_state
 from resp2chat_io.limit_state import Ticket
 
@@ -97,13 +99,22 @@ class Limits:
             return
         ticket.release(client.tpm if client is not None and client.name == ticket.client else None, used)
 
+    def refund(self, turn_id: str) -> None:
+        """A request ``admit`` admitted (a turn, or backend work), then refused before any backend
+        saw it for a model its client may not use (to it, a model that does not exist: ``Turns.check``,
+        upstreams.py for a passthrough): it spends nothing, as if it never came (its request token
+        back, no longer open). Again, or for a request not admitted: nothing."""
+        ticket = self._open.pop(turn_id, None)
+        if ticket is not None:
+            client = self.gate.client(ticket.client) if self.gate is not None else None
+            ticket.release(None, 0, client.rpm if client is not None else None)
+
     def finished(self, done) -> None:
         """A turns.py ``finished`` listener: the turn leaves its client's open turns, its backend
         tokens are spent (by the backend's usage; without one, its ``estimate``: a client that
         hangs up before the last chunk, which brings the usage, still spent what the backend did)."""
-        u = done.usage or {}
-        used = (u.get("input_tokens") or 0) + (u.get("output_tokens") or 0) if u else done.estimate
-        self.release(done.client, done.turn_id, used if isinstance(used, int) else 0)
+        used = U.tokens(done.usage)
+        self.release(done.client, done.turn_id, done.estimate if used is None else used)
 
     # --- a request that is not a turn (backend_work) -------------------------------------------
 
@@ -154,7 +165,7 @@ class Limits:
         used = meter.used if meter is not None else None
         if used is None:
             cut = meter is not None and resp is not None and resp.status_code < 400
-            used = len(flow.request.raw_content or b"") // BYTES_PER_TOKEN if cut else 0
+            used = U.estimate(len(flow.request.raw_content or b"")) if cut else 0
         self.release(self.gate.client(flow.metadata[META].get("client")), flow.id, used)
 
     async def _heartbeat(self) -> None:

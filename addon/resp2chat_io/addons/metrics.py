@@ -7,6 +7,7 @@ Answered by the gateway itself, behind the gate like every other path (beyond lo
 | --- | --- | --- |
 | ``resp2chat_streams_in_flight`` | | turns between request and end (streams open to clients) |
 | ``resp2chat_turns_total`` | upstream, model, client, status, code | every ``POST /v1/responses`` by how it ended (completed, incomplete, failed, unfinished, rejected, replayed) and error code |
+| ``resp2chat_refused_requests_total`` | route, client, status, code | requests that are not turns but go to a backend (``passthrough_paths``, ``input_tokens``) the gateway answered itself with an error: ``route`` the ``passthrough_paths`` entry (or ``POST /v1/responses/input_tokens``), status ``rejected`` (4xx) or ``failed`` (5xx) |
 | ``resp2chat_time_to_first_token_seconds`` | upstream, model, client | request to the first event made from backend data |
 | ``resp2chat_turn_duration_seconds`` | upstream, model, client | request to the end of the turn |
 | ``resp2chat_tokens_total`` | upstream, model, client, kind | prompt, cached (prompt tokens the backend's KV cache served), output |
@@ -67,6 +68,9 @@ class Metrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.tokens = Counter("resp2chat_tokens", "Tokens by kind: prompt, cached (served from the backend's KV "
                               "cache), output.", (*by, "kind"), registry=r)
+        self.refused = Counter("resp2chat_refused_requests", "Requests that are not turns but go to a backend "
+                               "(passthrough_paths, input_tokens), answered by the gateway with an error.",
+                               ("route", "client", "status", "code"), registry=r)
         self.fallbacks = Counter("resp2chat_fallbacks", "An upstream failed before its first byte and the next "
                                  "was tried (upstream: the one that failed).", ("upstream", "status"), registry=r)
         self.mcp_calls = Counter("resp2chat_mcp_calls", "Hosted MCP tool calls the gateway ran, by server "
@@ -85,6 +89,9 @@ class Metrics:
         return "other"
 
     def record(self, o: Outcome) -> None:
+        if o.route:  # (not a turn: its route is the operator's passthrough_paths, bounded)
+            self.refused.labels(o.route, o.client, o.status, code_label(o.code)).inc()
+            return
         model = self.model(o.model, admit=o.status != "rejected")
         client = o.client
         self.turns_total.labels(o.upstream, model, client, o.status, code_label(o.code)).inc()
@@ -126,18 +133,16 @@ class _Sizes:
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        cache, store = self.m.replay.cache, self.m.store
+        cache = self.m.replay.cache
+        stored, size, up, errors = self.m.store.gauges()
         yield CounterMetricFamily("resp2chat_replay_cache_hits", "Replay-cache lookups answered.", value=cache.hits)
         yield CounterMetricFamily("resp2chat_replay_cache_misses", "Replay-cache lookups not answered.",
                                   value=cache.misses)
         yield GaugeMetricFamily("resp2chat_replay_cache_entries", "Replay-cache entries.", value=len(cache))
-        s = store.store
-        yield GaugeMetricFamily("resp2chat_stored_responses", "Stored responses (previous_response_id).",
-                                value=len(s) if s is not None else 0)
-        yield GaugeMetricFamily("resp2chat_stored_response_bytes", "Bytes of stored responses.",
-                                value=getattr(s, "bytes", 0) if s is not None else 0)
-        if store.state is not None:
+        yield GaugeMetricFamily("resp2chat_stored_responses", "Stored responses (previous_response_id).", value=stored)
+        yield GaugeMetricFamily("resp2chat_stored_response_bytes", "Bytes of stored responses.", value=size)
+        if up is not None:
             yield GaugeMetricFamily("resp2chat_state_store_up", "1 while the shared state store answers.",
-                                    value=1 if store.state.up else 0)
+                                    value=1 if up else 0)
             yield CounterMetricFamily("resp2chat_state_store_errors", "Failed calls to the shared state store.",
-                                      value=store.state.errors)
+                                      value=errors)

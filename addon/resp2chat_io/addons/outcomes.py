@@ -1,4 +1,5 @@
-"""Outcomes: how every ``POST /v1/responses`` ended, as one record for metrics and the access log.
+"""Outcomes: how every ``POST /v1/responses`` ended, as one record for metrics and the access log;
+and every other request that makes a backend work the gateway refused.
 
 A turn ends in turns.py (a ``finished`` listener: status, usage, the upstream that answered,
 time to first token), over HTTP or a Responses WebSocket alike, however it ended: answered, failed
@@ -9,6 +10,15 @@ so does a turn turns.py could not report (it failed while recording it); a WebSo
 answered comes from addons/websocket.py (``emit``). Each becomes one ``Outcome`` for the
 ``listeners`` (metrics.py, access_log.py); a listener that fails is logged, the others still get
 it. Nothing in it is content: no prompt, no answer, no header but the session key.
+
+A request that is not a turn but goes to a backend (``passthrough_paths``: the model list,
+embeddings…; ``POST /v1/responses/input_tokens``) ends the same way when the gateway refuses it
+(its answer the gateway's, 4xx or 5xx: the gate's 401, a limit's 429, a model the client may not
+use, a body it cannot read), as a ``rejected`` outcome (``failed``: a 5xx of its own, such as no
+upstream answering the model list) with its ``path`` and ``route`` (the
+``passthrough_paths`` entry it matched, or ``POST /v1/responses/input_tokens``: a bounded label).
+What the upstream answered is the upstream's (upstreams.py marks the flows it sends there,
+``FORWARDED``); a passthrough it served is not reported.
 """
 
 from __future__ import annotations
@@ -20,10 +30,15 @@ from typing import Callable
 
 from mitmproxy import http
 
+from resp2chat_core import gate as G
+from resp2chat_core.labels import shown
 from resp2chat_core.turn import session_key
 
 from .base import META, RESPONSES_PATHS, fails_closed, log, request_id
 from .turns import NOT_RECORDED, SERVER_REPLAY
+from .upstreams import FORWARDED
+
+INPUT_TOKENS = "POST /v1/responses/input_tokens"
 
 
 @dataclass(kw_only=True)
@@ -44,6 +59,8 @@ class Outcome:
     client: str = ""  # the configured client that called (clients; "" when the gateway takes no keys)
     mcp_calls: tuple = ()  # (server: its mcp_servers label, outcome) of each MCP call the turn ran
     latency: float | None = None  # seconds from the request to its chat request handed to a backend
+    path: str = ""  # a request that is not a turn: its path (bounded); "" for a turn
+    route: str = ""  # ... and the passthrough_paths entry it matched, or INPUT_TOKENS (a label)
     at: float = field(default_factory=time.time)
 
 
@@ -51,7 +68,8 @@ class Outcome:
 class Outcomes:
     name = "resp2chat_outcomes"
 
-    def __init__(self) -> None:
+    def __init__(self, gate=None) -> None:
+        self.gate = gate  # (its passthrough_paths rules: which requests go to a backend)
         self.listeners: list[Callable[[Outcome], None]] = []
         self._reported: set[str] = set()  # HTTP flows turns.py told us about (until their last hook)
 
@@ -95,8 +113,10 @@ class Outcomes:
         req = flow.request
         meta = flow.metadata.get(META) or {}
         turn = bool(meta.get("response_id"))  # (its request is the chat request by now)
-        if flow.response is None or not turn and (
-                req.method != "POST" or req.path.split("?", 1)[0] not in RESPONSES_PATHS):
+        if flow.response is None:
+            return
+        if not turn and (req.method != "POST" or req.path.split("?", 1)[0] not in RESPONSES_PATHS):
+            self._other(flow, meta)
             return
         # What the request said counts only once the gate let it in (turns.py, the replay cache
         # and the store keep it then, http_turns.note_request): never read from the body of a request
@@ -113,14 +133,36 @@ class Outcomes:
             # while recording it)
             status = ("failed" if resp.status_code >= 400 else "unfinished") if turn else "rejected"
             upstream = meta.get("upstream_name", "") if turn else ""
-            try:
-                code = (json.loads(resp.content or b"{}").get("error") or {}).get("code") or ""
-            except (ValueError, AttributeError, RecursionError):
-                code = ""
-            code = code if isinstance(code, str) else str(code)
+            code = _error_code(resp)
         self.emit(Outcome(request_id=request_id(flow), session=session_key(pck, req.headers) if known else None,
                           model=model, upstream=upstream, status=status, code=code, took=took,
                           http_status=resp.status_code, client=meta.get("client", "")))
+
+    def _other(self, flow: http.HTTPFlow, meta: dict) -> None:
+        """A request that is not a turn: reported when it goes to a backend (a passthrough, the
+        token count) and the gateway refused it."""
+        req, resp = flow.request, flow.response
+        if resp.status_code < 400 or meta.get(FORWARDED) or flow.is_replay:
+            return
+        route = self._route(req.method, req.path.split("?", 1)[0])
+        if route is None:
+            return
+        status = "rejected" if resp.status_code < 500 else "failed"  # (no upstream answered GET /v1/models)
+        self.emit(Outcome(request_id=request_id(flow), session=None, model="", upstream="", status=status,
+                          code=_error_code(resp), took=(resp.timestamp_end or time.time()) - req.timestamp_start,
+                          http_status=resp.status_code, client=meta.get("client", ""),
+                          path=shown(req.path.split("?", 1)[0]), route=route))
+
+    def _route(self, method: str, path: str) -> str | None:
+        """Which ``passthrough_paths`` entry a request matches (as ``METHOD /path``, ``/path/*``),
+        ``INPUT_TOKENS`` for the token count; None: neither (the gateway's own, or no route)."""
+        if G.is_input_tokens(method, path):
+            return INPUT_TOKENS
+        rules = self.gate.rules if self.gate is not None else ()
+        if G.route(method, path, rules) is not G.PASSTHROUGH:
+            return None
+        rule = next(r for r in rules if r.matches_path(path) and r.method in (None, method))
+        return f"{rule.method + ' ' if rule.method else ''}{rule.path}{'*' if rule.rest else ''}"
 
     def emit(self, outcome: Outcome) -> None:
         """Hand ``outcome`` to every listener (also how a request another addon answered itself
@@ -131,3 +173,12 @@ class Outcomes:
             except Exception as exc:  # noqa: BLE001 — metrics or a log line must not change an answer
                 log.warning(f"resp2chat: {getattr(listener, '__qualname__', listener)} failed for "
                             f"{outcome.request_id}: {type(exc).__name__}: {exc}", exc_info=exc)
+
+
+def _error_code(resp: http.Response) -> str:
+    """The ``code`` of an answer's OpenAI error body ("" for none)."""
+    try:
+        code = (json.loads(resp.content or b"{}").get("error") or {}).get("code") or ""
+    except (ValueError, AttributeError, RecursionError):
+        code = ""
+    return code if isinstance(code, str) else str(code)

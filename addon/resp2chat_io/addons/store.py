@@ -107,6 +107,14 @@ class StoredResponses(Owner):
         else:
             self.store = ResponseStore.from_settings(self.s)
 
+    def gauges(self) -> tuple[int, int, bool | None, int]:
+        """What /metrics shows of the store (metrics.py): its stored responses and their bytes (with
+        Redis: after this replica's last write), whether the shared state store answers (None:
+        there is none) and its failed calls."""
+        s, state = self.store, self.state
+        return (len(s) if s is not None else 0, getattr(s, "bytes", 0) if s is not None else 0,
+                state.up if state is not None else None, state.errors if state is not None else 0)
+
     async def done(self) -> None:
         await self.writes.flush()  # (the replay cache's too)
         if self.state is not None:

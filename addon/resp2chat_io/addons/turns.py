@@ -45,7 +45,7 @@ from resp2chat_core.conversations import Landing, named
 from resp2chat_core.errors import GatewayError, gateway_failure
 from resp2chat_core.labels import shown
 from resp2chat_core.lowering import LoweringOptions
-from resp2chat_core.prefix import BYTES_PER_TOKEN
+from resp2chat_core.usage import estimate
 from resp2chat_core.replay import MAX_ENTRY_BYTES, replay_key
 from resp2chat_core.requestbody import body_digest
 from resp2chat_core.response import CONTINUABLE
@@ -113,7 +113,7 @@ class Finished:
     exchange: Exchange | None = None  # its upstream work: the candidates, which answered
     client: ClientSpec | None = None  # who called
     turn_id: str = ""  # its id in Turns.in_flight (and the client's open turns: addons/limits.py)
-    # backend tokens it spent by BYTES_PER_TOKEN (its chat request, the output the backend sent),
+    # backend tokens it spent by usage.estimate (its chat request, the output the backend sent),
     # for a turn that reached a backend and did not fail before any output: what tpm takes when
     # the backend's usage never came (the client left before the last chunk, a cancellation, a
     # backend that dropped or stalled midway); 0 otherwise (a backend that refused the request
@@ -209,15 +209,16 @@ class Turns(Owner):
         """An admitted request that did not become a turn (refused, answered from the cache)."""
         self.limits.release(client, turn_id)
 
-    def check(self, raw: object, client: ClientSpec | None = None) -> dict:
+    def check(self, raw: object, client: ClientSpec | None = None, turn_id: str = "") -> dict:
         """A decoded request as the request object, within the caps (``GatewayError`` otherwise),
         before anything walks its items; a model the client may not use is one that does not
-        exist (404 ``model_not_found``)."""
+        exist (404 ``model_not_found``), and spends nothing of its limits (``turn_id``: as admitted)."""
         if not isinstance(raw, dict):
             raise GatewayError("request body must be a JSON object", code="invalid_json")
         check_caps(raw, self.caps)
         model = raw.get("model")
         if client is not None and isinstance(model, str) and not allows_model(client, model):
+            self.limits.refund(turn_id)
             raise not_allowed(model)
         return raw
 
@@ -327,7 +328,7 @@ class Turns(Owner):
                         latency=None if ex.channel.sent is None else ex.channel.sent - run.started,
                         client=run.client, turn_id=ex.turn_id, landed=run.landed,
                         estimate=0 if ex.channel.sent is None or (t.error and not t.output_chars) else
-                        (len(turn.chat_body) + t.output_chars) // BYTES_PER_TOKEN)
+                        estimate(len(turn.chat_body) + t.output_chars))
         return done, record
 
     async def land(self, run: TurnRun) -> None:

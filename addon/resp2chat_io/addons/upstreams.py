@@ -52,6 +52,8 @@ from resp2chat_io.relay import KEY_HEADER, TURN_HEADER, Relay
 from .base import JSON_HEADERS, META, Owner, Refusal, fails_closed, refusal, request_id
 from .gate import PASSTHROUGH
 
+FORWARDED = "forwarded"  # flow.metadata[META] key: a passthrough sent to the upstream (its answer is the upstream's)
+
 log = logging.getLogger("resp2chat")
 
 
@@ -102,6 +104,8 @@ class Upstreams(Owner):
         # what reads a passthrough answer's usage on its way, for a client with limits
         # (addons/limits.py ``Limits.meter``; None: nothing)
         self.meter = lambda flow: None
+        # a limited client's passthrough refused for its model: spends nothing (``Limits.refund``)
+        self.refund = lambda request_id: None
 
     def _demo_url(self) -> str:
         if self.demo is None:
@@ -276,15 +280,18 @@ class Upstreams(Owner):
             await self.merged_models(flow, models)
             return
         if models and path.startswith("/v1/models/") and not clients.matches(models, path[11:]):
-            flow.response = refusal(flow, clients.not_allowed(path[11:]))
+            flow.response = refusal(flow, clients.not_allowed(path[11:]))  # (a read: admitted by no limit)
             return
         if models and req.method == "POST":  # (embeddings: the backend would serve any model it has)
             try:
-                clients.check_model(models, await offload.reduce(req.get_content(strict=False) or b"", _model))
+                clients.check_model(models, await offload.reduce(req.get_content(strict=False) or b"", _model, keys=True))
             except GatewayError as err:
+                if err.code == "model_not_found":
+                    self.refund(flow.id)
                 flow.response = refusal(flow, err)
                 return
         self.target(flow).route(flow, req.path[3:] if path.startswith("/v1/") else req.path)  # (the query kept)
+        flow.metadata[META][FORWARDED] = True  # (not refused here: outcomes.py)
         self.authorize(flow, self.specs[0] if self.specs else None)
         req.headers["accept-encoding"] = "identity"  # (responseheaders reads the answer for secrets)
 
@@ -364,8 +371,12 @@ _NOT_FORWARDED = frozenset({
     "sec-websocket-protocol", "sec-websocket-accept", TURN_HEADER, KEY_HEADER})
 
 
-def _model(body) -> object:
-    """The ``model`` a passthrough request's JSON body names (None: none, or not an object)."""
+def _model(body, twice: frozenset) -> object:
+    """The ``model`` a passthrough request's JSON body names (None: none, or not an object). Named
+    twice, it is refused: the gateway would check the last, a backend may serve the first."""
+    if "model" in twice:
+        raise GatewayError("the request body names 'model' more than once: name it once (the gateway checks "
+                           "the last, a backend may take the first)", param="model", code="invalid_value")
     return body.get("model") if isinstance(body, dict) else None
 
 
