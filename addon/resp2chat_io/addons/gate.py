@@ -177,6 +177,8 @@ class Gate(Owner):
             meta[PASSTHROUGH] = True
         if client is not None:
             meta["client"] = client.name  # (the name: who called, in the flow, the metrics, the access log)
+            if client.id:
+                meta["client_id"] = client.id  # (the identity: whose stored state, Upstreams.owner_of)
             if client.models != ("*",):
                 meta["models"] = list(client.models)  # (its view of GET /v1/models: upstreams.py)
             for name in CREDENTIALS:  # the gateway's keys: they never leave the gateway
