@@ -67,6 +67,22 @@ def test_a_clients_id_is_its_identity_and_its_owner():
     assert of_client("default", ident) == ""  # (gateway_api_key's: the one shared owner, as ever)
 
 
+def test_a_key_stays_accepted_only_as_the_same_name_key_and_id():
+    """``clients.accepted``, the rule a reload applies to the turns in flight and an open
+    WebSocket's next message: the key a request was let in with (its client then; None: no key)."""
+    from resp2chat_core.clients import accepted
+    ident = "0123456789abcdef0123456789abcdef"
+    (alice,) = parse_clients([{"name": "alice", "id": ident, "key": ALICE_KEY}])
+    (legacy,) = parse_clients([{"name": "alice", "key": ALICE_KEY}])
+    now = ClientTable([alice])
+    assert accepted(now, True, alice)
+    assert not accepted(now, True, legacy)  # (the same name and key, another identity)
+    assert not accepted(ClientTable(parse_clients([{"name": "alice", "id": ident, "key": BOB_KEY}])), True, alice)
+    assert not accepted(ClientTable(), True, alice) and not accepted(ClientTable(), False, alice)
+    assert accepted(ClientTable(), False, None) and not accepted(ClientTable(), True, None)
+    assert not accepted(now, False, None)  # (no key, once the gateway takes keys)
+
+
 def test_gateway_api_key_is_one_more_client_named_default():
     specs = parse_clients([{"name": "alice", "key": ALICE_KEY}], gateway_api_key="the-gateway-key")
     assert [s.name for s in specs] == ["alice", "default"]

@@ -7,6 +7,8 @@ Rules of this file:
   so the config file never holds a key it made, and a random ``id``: the identity that owns
   what the client stores (owner.py), kept by ``keys rotate``, new for a name added anew. ``id``
   is optional (an entry without one is owned by its name, as before ids) and unique.
+- ``accepted`` is the one rule of whether a key a request was let in with still is, after the
+  clients were reloaded: an open WebSocket's next message and the turns in flight ask it.
 - ``gateway_api_key``, when set, is one more client named ``default`` (all models, no limits).
 - Names are unique and safe as Prometheus label values and log fields (``labels.OPERATOR_NAME``);
   two clients never share a key.
@@ -71,6 +73,29 @@ class ClientSpec:
     def __repr__(self) -> str:  # no digest: a log line or traceback names the client, not its key's hash
         limits = "".join(f", {k}={getattr(self, k)}" for k in LIMITS if getattr(self, k) is not None)
         return f"ClientSpec({self.name!r}, models={self.models!r}{limits})"
+
+
+REVOKED = "invalid_api_key"  # the code of a request (or a turn in flight) whose key is no longer accepted
+STOPPED = ("the API key this response was started with is no longer accepted (revoked or changed, or the gateway "
+           "now requires one): it was stopped")
+
+
+def accepted(now: "ClientTable", keyed: bool, spec: "ClientSpec | None") -> bool:
+    """Is the key a request was let in with still accepted by the clients configured ``now``?
+    ``spec``: the client it named then (None: the gateway took no keys then); ``keyed``: the
+    gateway started with keys (then no key is ever enough). The same client means the same
+    name, key and identity (``id``): a key given to the name anew, or the name given to someone
+    else, is not it."""
+    if spec is None:
+        return not len(now) and not keyed
+    current = now.named(spec.name)
+    return current is not None and current.key_sha256 == spec.key_sha256 and current.id == spec.id
+
+
+def no_longer_accepted() -> GatewayError:
+    """The refusal of a request on a connection whose key is no longer ``accepted`` (an open WebSocket)."""
+    return GatewayError("this connection's API key is no longer accepted (revoked or changed)",
+                        type="authentication_error", code=REVOKED, status=401)
 
 
 def allows_model(spec: ClientSpec, model: str) -> bool:
