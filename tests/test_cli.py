@@ -384,5 +384,6 @@ def test_readme_documents_every_setting_and_command():
         assert f"| `{f.name}` | `{f.env}`" in readme, f.name
     for cmd in ("resp2chat configure", "resp2chat start", "resp2chat print-config", "resp2chat analyze",
                 "resp2chat retranslate", "resp2chat keys add", "resp2chat keys list", "resp2chat keys revoke",
+                "resp2chat keys rotate",
                 "resp2chat usage", "make test"):
         assert cmd in readme, cmd

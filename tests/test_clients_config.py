@@ -54,6 +54,35 @@ def test_a_plain_key_is_hashed_at_load_and_never_kept():
     assert alice.fingerprint == sha(ALICE_KEY)[:8]
 
 
+def test_a_clients_id_is_its_identity_and_its_owner():
+    """``id`` (``keys add`` writes one) is who holds the name: the owner of what it stores
+    (owner.py), which another holder of the name (a new ``id``) does not share; an entry without
+    one is owned by its name, as before ids."""
+    from resp2chat_core.owner import of_client
+    ident = "0123456789abcdef0123456789abcdef"
+    (alice,) = parse_clients([{"name": "alice", "id": ident, "key": ALICE_KEY}])
+    assert alice.id == ident and of_client(alice.name, alice.id) == "id." + ident
+    (legacy,) = parse_clients([{"name": "alice", "key": ALICE_KEY}])
+    assert legacy.id is None and of_client(legacy.name, legacy.id) == "client.alice"
+    assert of_client("default", ident) == ""  # (gateway_api_key's: the one shared owner, as ever)
+
+
+def test_a_key_stays_accepted_only_as_the_same_name_key_and_id():
+    """``clients.accepted``, the rule a reload applies to the turns in flight and an open
+    WebSocket's next message: the key a request was let in with (its client then; None: no key)."""
+    from resp2chat_core.clients import accepted
+    ident = "0123456789abcdef0123456789abcdef"
+    (alice,) = parse_clients([{"name": "alice", "id": ident, "key": ALICE_KEY}])
+    (legacy,) = parse_clients([{"name": "alice", "key": ALICE_KEY}])
+    now = ClientTable([alice])
+    assert accepted(now, True, alice)
+    assert not accepted(now, True, legacy)  # (the same name and key, another identity)
+    assert not accepted(ClientTable(parse_clients([{"name": "alice", "id": ident, "key": BOB_KEY}])), True, alice)
+    assert not accepted(ClientTable(), True, alice) and not accepted(ClientTable(), False, alice)
+    assert accepted(ClientTable(), False, None) and not accepted(ClientTable(), True, None)
+    assert not accepted(now, False, None)  # (no key, once the gateway takes keys)
+
+
 def test_gateway_api_key_is_one_more_client_named_default():
     specs = parse_clients([{"name": "alice", "key": ALICE_KEY}], gateway_api_key="the-gateway-key")
     assert [s.name for s in specs] == ["alice", "default"]
@@ -80,6 +109,10 @@ def test_gateway_api_key_is_one_more_client_named_default():
     ([{"name": "a", "key_sha256": "abc123"}], "", "clients[0] ('a').key_sha256", "64 hex digits"),
     ([{"name": "a", "key": "short-key"}], "", "clients[0] ('a').key", "at least 16"),
     ([{"name": "a", "key": ALICE_KEY + " x"}], "", "clients[0] ('a').key", "printable ASCII"),
+    ([{"name": "a", "id": "short", "key": ALICE_KEY}], "", "clients[0] ('a').id", "16 to 48 letters"),
+    ([{"name": "a", "id": 12345678901234567890, "key": ALICE_KEY}], "", "clients[0] ('a').id", "16 to 48 letters"),
+    ([{"name": "a", "id": "0" * 32, "key": ALICE_KEY}, {"name": "b", "id": "0" * 32, "key": BOB_KEY}], "",
+     "clients[1] ('b').id", "clients[0] ('a') has the same id"),
     ([{"name": "a", "key": 1234567890123456789}], "", "clients[0] ('a').key", "printable ASCII"),
     ([{"name": "a", "key": ALICE_KEY}, {"name": "b", "key_sha256": sha(ALICE_KEY)}], "", "clients[1] ('b').key_sha256",
      "clients[0] ('a') has the same key"),
@@ -301,12 +334,15 @@ def test_keys_add_prints_the_key_once_and_stores_only_its_hash(tmp_path):
     text = path.read_text()
     assert key not in text
     saved = yaml.safe_load(text)
+    ident = saved["clients"][0]["id"]  # (its identity: what it stores is its, owner.py; not a secret)
+    assert re.fullmatch(r"[0-9a-f]{32}", ident)
     assert saved == {"upstream_base_url": "http://10.0.0.5:8000/v1",  # the rest of the file kept
-                     "clients": [{"name": "alice", "key_sha256": sha(key), "models": ["qwen3-*", "demo-model"],
-                                  "rpm": 60, "tpm": 200000, "max_streams": 4}]}
+                     "clients": [{"name": "alice", "id": ident, "key_sha256": sha(key),
+                                  "models": ["qwen3-*", "demo-model"], "rpm": 60, "tpm": 200000, "max_streams": 4}]}
     second = run_cli(tmp_path, "keys", "add", "bob")
     assert second.returncode == 0 and second.stdout.strip() != key
-    assert yaml.safe_load(path.read_text())["clients"][1] == {"name": "bob", "key_sha256": sha(second.stdout.strip())}
+    bob = yaml.safe_load(path.read_text())["clients"][1]
+    assert bob == {"name": "bob", "id": bob["id"], "key_sha256": sha(second.stdout.strip())} and bob["id"] != ident
     # what the file holds is what a gateway loads: the printed key finds its client
     values, _ = S.resolve(yaml.safe_load(path.read_text()), {})
     table = ClientTable(parse_clients(values["clients"]))
@@ -359,6 +395,33 @@ def test_keys_revoke_removes_the_client(tmp_path):
     for name in ("alice", "carol", "bob"):
         assert run_cli(tmp_path, "keys", "revoke", name).returncode == 0
     assert "clients" not in (yaml.safe_load(config_file(tmp_path).read_text()) or {})
+
+
+def test_keys_rotate_gives_a_client_a_new_key_and_keeps_the_rest(tmp_path):
+    """``keys rotate``: a new key, printed once (stdout: the key alone); the entry keeps its id
+    (what it stored stays its own), models and limits; a plain ``key`` written by hand becomes
+    ``key_sha256``; an unknown name is refused."""
+    old = run_cli(tmp_path, "keys", "add", "alice", "--rpm", "60", "--models", "qwen3-*").stdout.strip()
+    run_cli(tmp_path, "keys", "add", "bob")
+    before = yaml.safe_load(config_file(tmp_path).read_text())["clients"]
+    out = run_cli(tmp_path, "keys", "rotate", "alice")
+    assert out.returncode == 0, out.stderr
+    key = out.stdout.strip()
+    assert out.stdout == key + "\n" and re.fullmatch(r"r2c-[A-Za-z0-9_-]{43}", key) and key != old
+    assert "shown only this once" in out.stderr and key not in out.stderr
+    after = yaml.safe_load(config_file(tmp_path).read_text())["clients"]
+    assert after[0] == {**before[0], "key_sha256": sha(key)} and after[1] == before[1]
+    assert old not in config_file(tmp_path).read_text() and sha(old) not in config_file(tmp_path).read_text()
+    assert stat.S_IMODE(config_file(tmp_path).stat().st_mode) == 0o600
+    missing = run_cli(tmp_path, "keys", "rotate", "carol")
+    assert missing.returncode == 2 and "no client named 'carol'" in missing.stderr
+    # an entry written by hand, with its plain key and no id: it gets a digest, and still no id
+    write_file(config_file(tmp_path), {"clients": [{"name": "dave", "key": ALICE_KEY}]})
+    out = run_cli(tmp_path, "keys", "rotate", "dave")
+    assert out.returncode == 0, out.stderr
+    assert yaml.safe_load(config_file(tmp_path).read_text())["clients"] == [
+        {"name": "dave", "key_sha256": sha(out.stdout.strip())}]
+    assert ALICE_KEY not in config_file(tmp_path).read_text()
 
 
 def test_keys_added_at_once_are_all_kept(tmp_path):

@@ -49,9 +49,19 @@ class Team:
     def ws(self, replica: int, name: str) -> WSClient:
         return WSClient(self.gws[replica].base_url, headers={"authorization": f"Bearer {self.keys[name]}"})
 
+    def owner(self, name: str) -> str:
+        """The client's owner (owner.py): its identity, the ``id`` ``keys add`` wrote in the config
+        file (an entry without one: its name)."""
+        entry = next(c for c in yaml.safe_load(config_file(self.tmp).read_text())["clients"] if c["name"] == name)
+        return f"id.{entry['id']}" if "id" in entry else f"client.{name}"
+
+    def key(self, name: str, response_id: str) -> str:
+        """The Redis key of a response ``name`` stored, under its owner's namespace."""
+        return f"resp2chat:owner:{self.owner(name)}:response:{response_id}"
+
     def stored(self, name: str, response_id: str) -> None:
         """Writes to Redis run after the answer: wait for this one, under its client's namespace."""
-        key = f"resp2chat:owner:client.{name}:response:{response_id}"
+        key = self.key(name, response_id)
         wait_until(lambda: self.redis.exists(key), 20, f"{response_id} stored for {name}")
 
     def access(self) -> list[dict]:
@@ -357,7 +367,7 @@ def test_conversations_and_background_responses_are_their_clients_own(team, upst
     client they are unknown ids."""
     alice_a, alice_b, bob_b = team.sdk(0, "alice"), team.sdk(1, "alice"), team.sdk(1, "bob")
     conv = alice_a.conversations.create(items=[{"role": "user", "content": "alice's secret"}])
-    assert team.redis.exists(f"resp2chat:owner:client.alice:response:{conv.id}")
+    assert team.redis.exists(team.key("alice", conv.id))
     for call in (lambda: bob_b.conversations.retrieve(conv.id), lambda: bob_b.conversations.items.list(conv.id),
                  lambda: bob_b.conversations.delete(conv.id),
                  lambda: bob_b.responses.create(model=ALL, input="and?", conversation=conv.id)):
@@ -377,16 +387,17 @@ def test_conversations_and_background_responses_are_their_clients_own(team, upst
 @uses({"alice": (), "bob": ()})
 def test_a_revoked_or_rotated_key_stops_its_background_responses_on_every_replica(team, upstream):
     """A background response runs in the gateway, off any connection: revoking its client's key
-    (``keys revoke``) or giving that name another key stops it on whichever replica runs it, as the
+    (``keys revoke``) or rotating it (``keys rotate``) stops it on whichever replica runs it, as the
     next message of that client's open WebSocket is refused; it is stored ``failed`` with
     ``invalid_api_key``, and the backend call is dropped. Another client's run goes on."""
     long = "noreason\nwords: 400\nslow: 50"  # ~20 s of backend stream
     bob_run = team.sdk(0, "bob").responses.create(model=ALL, input=long, background=True)
     alice_run = team.sdk(1, "alice").responses.create(model=ALL, input="noreason\nwords: 60\nslow: 50",
                                                       background=True)
+    owners = {name: team.owner(name) for name in ("alice", "bob")}  # (bob's entry is gone once revoked)
 
     def stored(name: str, response_id: str) -> dict:
-        data = team.redis.hget(f"resp2chat:owner:client.{name}:response:{response_id}", "data")
+        data = team.redis.hget(f"resp2chat:owner:{owners[name]}:response:{response_id}", "data")
         return json.loads(data)["response"] if data else {}
 
     wait_until(lambda: stored("bob", bob_run.id).get("status") == "in_progress", 20, "bob's run under way")
@@ -405,18 +416,21 @@ def test_a_revoked_or_rotated_key_stops_its_background_responses_on_every_replic
     done = wait_until(lambda: (r := team.sdk(0, "alice").responses.retrieve(alice_run.id)).status == "completed"
                       and r, 30, "alice's run completed")
     assert len(done.output_text.split()) == 60
-    # a key given to the same name anew (rotation): the old key's run stops too, on replica b
+    # her key rotated (a new key, the same client): the old key's run stops too, on replica b
     old = team.sdk(1, "alice").responses.create(model=ALL, input=long, background=True)
     wait_until(lambda: stored("alice", old.id).get("status") == "in_progress", 20, "alice's second run under way")
-    assert run_cli(team.tmp, "keys", "revoke", "alice").returncode == 0
-    new_key = run_cli(team.tmp, "keys", "add", "alice").stdout.strip()
+    out = run_cli(team.tmp, "keys", "rotate", "alice")
+    assert out.returncode == 0, out.stderr
+    new_key = out.stdout.strip()
+    assert team.owner("alice") == owners["alice"]  # (rotation keeps the identity)
     ended = wait_until(lambda: (r := stored("alice", old.id)).get("status") not in ("queued", "in_progress", None)
                        and r, 10, "alice's old key's run stopped")
     assert ended["status"] == "failed" and ended["error"]["code"] == "invalid_api_key", ended
-    # her new key reads what the old one started (the state is the name's), and nothing runs any more
+    # her new key reads what the old one started (the state is the client's), and nothing runs any more
     for gw in team.gws:
         wait_until(lambda: post_turn(gw, {"model": ALL, "input": "hi"}, {"authorization": f"Bearer {new_key}"})
                    .status_code == 200, 10, "the new key taken")
+    assert post_turn(team.gws[0], {"model": ALL, "input": "hi"}, {"authorization": alice_key}).status_code == 401
     seen = openai_client(team.gws[0], api_key=new_key).responses.retrieve(old.id)
     assert seen.status == "failed" and seen.error.code == "invalid_api_key"
     team.keys["alice-new"] = new_key  # (the fixture checks no key reached a log)

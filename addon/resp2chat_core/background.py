@@ -33,8 +33,6 @@ RENEW_SECS = 2.0  # how often the running gateway writes it again (and reads a c
 RUNNING = ("queued", "in_progress")
 MAX_EVENTS = 4 << 20  # a streamed response's events kept with it to resume from, at most (bytes)
 DEAD = {"code": "server_error", "message": "the gateway running this background response stopped before it finished"}
-REVOKED = {"code": "invalid_api_key",
-           "message": "the API key that created this background response was revoked (or changed) while it ran"}
 
 
 def queued(ctx) -> dict:

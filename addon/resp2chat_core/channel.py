@@ -197,8 +197,21 @@ class Oversized:
         return t.oversized(self.limit)
 
 
+@dataclass(frozen=True, slots=True)
+class Stopped:
+    """The gateway stopped the turn while it ran (``Exchange.halt``: its key was revoked): it
+    fails with ``code`` now, what it was writing closed as any failure closes it (``Translator._cut``);
+    the relay has dropped the backend call and runs no more tool rounds."""
+
+    code: str
+    message: str
+
+    def apply(self, t) -> bytes:
+        return t.fail(self.code, self.message)
+
+
 Event = Union[Accepted, Keepalive, UpstreamFailed, UpstreamJSON, SearchStarted, SearchDone, McpListing, McpListed,
-              McpCalling, McpCalled, McpApproval, Rerouted, Oversized]
+              McpCalling, McpCalled, McpApproval, Rerouted, Oversized, Stopped]
 Item = Union[bytes, Event]
 
 

@@ -1,10 +1,14 @@
 """A team's clients: who holds which key, which models each may use, each one's limits.
 
 Rules of this file:
-- The ``clients`` setting is a list of ``{name, key | key_sha256, models, rpm, tpm,
+- The ``clients`` setting is a list of ``{name, id, key | key_sha256, models, rpm, tpm,
   max_streams}``. ``key`` (the client's key itself) is hashed here, at load, and never kept:
   a ``ClientSpec`` holds only its SHA-256 (hex). ``resp2chat keys add`` writes ``key_sha256``,
-  so the config file never holds a key it made.
+  so the config file never holds a key it made, and a random ``id``: the identity that owns
+  what the client stores (owner.py), kept by ``keys rotate``, new for a name added anew. ``id``
+  is optional (an entry without one is owned by its name, as before ids) and unique.
+- ``accepted`` is the one rule of whether a key a request was let in with still is, after the
+  clients were reloaded: an open WebSocket's next message and the turns in flight ask it.
 - ``gateway_api_key``, when set, is one more client named ``default`` (all models, no limits).
 - Names are unique and safe as Prometheus label values and log fields (``labels.OPERATOR_NAME``);
   two clients never share a key.
@@ -29,11 +33,12 @@ from .labels import OPERATOR_NAME, shown
 from .settings_error import SettingsError  # (not settings.py: it validates ``clients`` with parse_clients)
 
 DEFAULT = "default"  # the client gateway_api_key stands for
-FIELDS = ("name", "key", "key_sha256", "models", "rpm", "tpm", "max_streams")
+FIELDS = ("name", "key", "key_sha256", "models", "rpm", "tpm", "max_streams", "id")
 LIMITS = ("rpm", "tpm", "max_streams")
 MIN_KEY_LEN = 16  # a plain key in the config: shorter ones can be guessed (`keys add` makes 47 characters)
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 _KEY = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII without spaces: it travels in an HTTP header
+_ID = re.compile(r"^[A-Za-z0-9_-]{16,48}$")  # a client's identity (``keys add`` writes 32 hex digits): part of its owner
 
 
 def key_sha256(key: str | bytes) -> str:
@@ -53,6 +58,11 @@ class ClientSpec:
     rpm: int | None = None  # requests that make a backend work (turns, passthrough calls but reads, input_tokens) per minute
     tpm: int | None = None  # backend tokens per minute (prompt + output)
     max_streams: int | None = None  # such requests open at once
+    # who holds it: ``keys add`` writes a random one, ``keys rotate`` keeps it; what the client stores
+    # is this identity's (owner.of_client), so a name revoked and given to someone else is a new
+    # owner. None: an entry without one (written by hand, or before ids): its name is its owner.
+    # Not a secret (the config file, the Redis keys show it).
+    id: str | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -63,6 +73,29 @@ class ClientSpec:
     def __repr__(self) -> str:  # no digest: a log line or traceback names the client, not its key's hash
         limits = "".join(f", {k}={getattr(self, k)}" for k in LIMITS if getattr(self, k) is not None)
         return f"ClientSpec({self.name!r}, models={self.models!r}{limits})"
+
+
+REVOKED = "invalid_api_key"  # the code of a request (or a turn in flight) whose key is no longer accepted
+STOPPED = ("the API key this response was started with is no longer accepted (revoked or changed, or the gateway "
+           "now requires one): it was stopped")
+
+
+def accepted(now: "ClientTable", keyed: bool, spec: "ClientSpec | None") -> bool:
+    """Is the key a request was let in with still accepted by the clients configured ``now``?
+    ``spec``: the client it named then (None: the gateway took no keys then); ``keyed``: the
+    gateway started with keys (then no key is ever enough). The same client means the same
+    name, key and identity (``id``): a key given to the name anew, or the name given to someone
+    else, is not it."""
+    if spec is None:
+        return not len(now) and not keyed
+    current = now.named(spec.name)
+    return current is not None and current.key_sha256 == spec.key_sha256 and current.id == spec.id
+
+
+def no_longer_accepted() -> GatewayError:
+    """The refusal of a request on a connection whose key is no longer ``accepted`` (an open WebSocket)."""
+    return GatewayError("this connection's API key is no longer accepted (revoked or changed)",
+                        type="authentication_error", code=REVOKED, status=401)
 
 
 def allows_model(spec: ClientSpec, model: str) -> bool:
@@ -98,6 +131,7 @@ def parse_clients(entries: Sequence[Any], gateway_api_key: str = "") -> tuple[Cl
     specs: list[ClientSpec] = []
     names: dict[str, str] = {}  # name -> the entry that has it
     digests: dict[str, str] = {}  # key digest -> the entry that has it
+    ids: dict[str, str] = {}  # id -> the entry that has it
     if gateway_api_key:
         digests[key_sha256(gateway_api_key)] = "gateway_api_key"
     for i, entry in enumerate(entries):
@@ -107,7 +141,7 @@ def parse_clients(entries: Sequence[Any], gateway_api_key: str = "") -> tuple[Cl
 
         def bad(field: str, why: str) -> SettingsError:
             # the value only where it cannot be a key: not key/key_sha256, not an unknown field (a misspelt key?)
-            shown = entry.get(field) if field in ("name", "models") + LIMITS else "[hidden]"
+            shown = entry.get(field) if field in ("name", "id", "models") + LIMITS else "[hidden]"
             return SettingsError(f"{label}.{field}", shown, why)
 
         unknown = sorted(set(entry) - set(FIELDS), key=str)
@@ -151,7 +185,14 @@ def parse_clients(entries: Sequence[Any], gateway_api_key: str = "") -> tuple[Cl
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise bad(limit, "expected a whole number > 0 (leave it out for no limit)")
             limits[limit] = value
-        specs.append(ClientSpec(name, digest, tuple(models), **limits))
+        ident = entry.get("id")
+        if ident is not None:
+            if not isinstance(ident, str) or not _ID.match(ident):
+                raise bad("id", "expected 16 to 48 letters, digits, '_' or '-' (`resp2chat keys add` writes one)")
+            if ident in ids:
+                raise bad("id", f"{ids[ident]} has the same id (an id is one client's: its stored state)")
+            ids[ident] = label
+        specs.append(ClientSpec(name, digest, tuple(models), **limits, id=ident))
     if gateway_api_key:
         specs.append(ClientSpec(DEFAULT, key_sha256(gateway_api_key)))
     return tuple(specs)

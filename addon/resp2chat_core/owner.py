@@ -15,9 +15,13 @@ Owners:
 - ``forward_client_auth``: the backend decides who a client is by the ``Authorization`` the
   gateway forwards, so each credential is its own owner, ``auth-`` + 32 hex digits of its
   SHA-256 (``of_credential``); no credential is one owner too, told apart from every key.
-- A configured client (``clients``): ``client.`` + its name (``of_client``), its state its own;
-  the ``default`` client (``gateway_api_key``) is ``SHARED``, so one gateway key keeps the owner
-  it always had.
+- A configured client (``clients``): its identity's (``of_client``): ``id.`` + the ``id`` its
+  entry has (``resp2chat keys add`` writes a random one, ``keys rotate`` keeps it), so a name
+  revoked and added again for someone else owns nothing of its former holder's; an entry
+  without an ``id`` (written by hand, or before ids) is ``client.`` + its name, as before.
+  The two never meet (``id.…``, ``client.…``), whatever the names and ids. The
+  ``default`` client (``gateway_api_key``) is ``SHARED``, so one gateway key keeps the owner it
+  always had.
 """
 
 from __future__ import annotations
@@ -35,9 +39,12 @@ def of_credential(authorization: str | None) -> str:
     return "auth-" + digest.hexdigest()[:32]
 
 
-def of_client(name: str) -> str:
-    """The owner of a configured client's requests (a name is letters, digits, ``_ . -``)."""
-    return SHARED if name == "default" else check("client." + name)
+def of_client(name: str, ident: str | None = None) -> str:
+    """The owner of a configured client's requests: its identity ``ident`` (clients.py ``id``:
+    letters, digits, ``_ -``), else its name (letters, digits, ``_ . -``)."""
+    if name == "default":
+        return SHARED
+    return check("id." + ident if ident else "client." + name)
 
 
 def check(owner: str) -> str:

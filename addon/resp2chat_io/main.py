@@ -131,6 +131,11 @@ def new_key() -> str:
     return CLIENT_KEY_PREFIX + secrets.token_urlsafe(32)
 
 
+def new_client_id() -> str:
+    """A client's identity (clients.py ``id``): 128 random bits, hex. Not a secret."""
+    return secrets.token_hex(16)
+
+
 def _file_values(path: Path) -> dict:
     """The config file's settings alone (no environment), validated: what ``keys`` edits."""
     values, _ = S.resolve(read_file(path), {})
@@ -157,7 +162,9 @@ def cmd_keys_add(args) -> int:
                 return _fail(f"a client named {args.name!r} exists already in {path} "
                              f"(`resp2chat keys revoke {args.name}` first, or choose another name)")
             key = new_key()
-            entry = {"name": args.name, "key_sha256": key_sha256(key)}
+            # (the identity: what the client stores is its, not the name's: owner.py; a name revoked
+            # and added again is someone else's)
+            entry = {"name": args.name, "id": new_client_id(), "key_sha256": key_sha256(key)}
             if args.models:
                 entry["models"] = list(args.models)
             entry.update({k: getattr(args, k) for k in LIMITS if getattr(args, k) is not None})
@@ -167,15 +174,48 @@ def cmd_keys_add(args) -> int:
             return _fail(str(exc))
         values["clients"] = clients + [entry]
         write_settings(path, values)
-    print(key, flush=True)  # stdout holds the key alone: KEY=$(resp2chat keys add NAME) works
+    _hand_over(key, f"added client {spec.name!r} to {path}", spec)
+    return 0
+
+
+def _hand_over(key: str, what: str, spec) -> None:
+    """The new key on stdout, alone (``KEY=$(resp2chat keys add NAME)`` works); what to do with it on stderr."""
+    print(key, flush=True)
     env = CLIENT_KEY_ENV
-    print(f"""resp2chat: added client {spec.name!r} to {path}: key fingerprint {spec.fingerprint}, models {', '.join(spec.models)}, {_limits(spec)}.
+    print(f"""resp2chat: {what}: key fingerprint {spec.fingerprint}, models {', '.join(spec.models)}, {_limits(spec)}.
 The key above is shown only this once (the config file keeps its SHA-256): hand it to {spec.name} now.
 They keep it in an environment variable, e.g. export {env}=<the key>, and use it as:
   Codex, custom provider:   env_key = "{env}" in the provider (resp2chat print-config --key-env {env})
   Codex, built-in provider: printenv {env} | codex login --with-api-key   (once; `codex exec` also reads CODEX_API_KEY)
   SDKs:                     api_key=<the key>, base_url=<the gateway>/v1""", file=sys.stderr)
     _overridden()
+
+
+def cmd_keys_rotate(args) -> int:
+    """A new key for the same client: the old one stops working (a running gateway's turns of it
+    stop too), and what the client stored stays its own (its ``id`` is kept: owner.py)."""
+    path = config_path()
+    with editing(path):
+        try:
+            values = _file_values(path)
+            clients = list(values["clients"])
+            at = next((i for i, e in enumerate(clients) if e.get("name") == args.name), None)
+            if at is None:
+                if args.name == DEFAULT and (values["gateway_api_key"] or os.environ.get("RESP2CHAT_GATEWAY_API_KEY")):
+                    return _fail("'default' is the client of gateway_api_key: change gateway_api_key to rotate it")
+                return _fail(f"no client named {args.name!r} in {path} (`resp2chat keys list` shows them)")
+            key = new_key()
+            entry = {k: v for k, v in clients[at].items() if k not in ("key", "key_sha256")}
+            entry["key_sha256"] = key_sha256(key)
+            clients[at] = entry
+            gateway_key = os.environ.get("RESP2CHAT_GATEWAY_API_KEY") or values["gateway_api_key"]
+            spec = parse_clients(clients, gateway_key)[at]
+        except S.SettingsError as exc:
+            return _fail(str(exc))
+        values["clients"] = clients
+        write_settings(path, values)
+    _hand_over(key, f"a new key for client {spec.name!r} in {path} (the old one no longer works; what it stored "
+                    "stays its own)", spec)
     return 0
 
 
@@ -573,7 +613,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("-y", "--yes", action="store_true", help="no questions: write the given values")
     c.set_defaults(func=cmd_configure)
 
-    k = sub.add_parser("keys", help="the gateway's clients, each with its own key: add, list, revoke")
+    k = sub.add_parser("keys", help="the gateway's clients, each with its own key: add, list, rotate, revoke")
     ks = k.add_subparsers(dest="keys_command", required=True)
     ka = ks.add_parser("add", help="make a client and its key: the key is printed once, the config file keeps "
                        "only its SHA-256")
@@ -585,9 +625,14 @@ def parser() -> argparse.ArgumentParser:
     ka.set_defaults(func=cmd_keys_add)
     kl = ks.add_parser("list", help="the clients: names, key fingerprints, models, limits (never keys)")
     kl.set_defaults(func=cmd_keys_list)
-    kr = ks.add_parser("revoke", help="remove a client: its key stops working")
+    kr = ks.add_parser("revoke", help="remove a client: its key stops working, its turns in flight stop; the "
+                       "name added again later is a new client, with none of this one's stored state")
     kr.add_argument("name")
     kr.set_defaults(func=cmd_keys_revoke)
+    kt = ks.add_parser("rotate", help="a new key for a client (printed once): the old key stops working, its "
+                       "turns in flight stop; its stored state, models and limits stay")
+    kt.add_argument("name")
+    kt.set_defaults(func=cmd_keys_rotate)
 
     s = sub.add_parser("start", help="run the gateway (mitmdump, or mitmweb with --web)")
     s.add_argument("--web", action="store_true", help="run mitmweb for interactive inspection")

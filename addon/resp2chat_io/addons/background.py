@@ -12,6 +12,9 @@ connection; clients poll, cancel and resume it (the rules: resp2chat_core/backgr
   cancellation another replica asked for. When it ends, the final Response is stored (any
   status: the poll must see it), with its events when the client streamed; the turn is settled
   and its listeners hear of it as any turn's (metrics, access log, limits, a conversation).
+- A run whose key is revoked meanwhile (or, created on a keyless gateway, once keys are
+  needed) stops as every turn in flight of that key does (``Turns.clients_changed``: its
+  exchange halted), and is stored ``failed`` with ``invalid_api_key``.
 - ``cancel`` (``POST /v1/responses/{id}/cancel``, through the store addon): a run of this
   gateway is stopped at once (its backend call closed: the task is cancelled) and ends
   ``cancelled``; one of another replica is asked to stop through the store, and waited for.
@@ -80,7 +83,7 @@ class Run:
     streamed: bool  # the client asked for its events: they are kept, to resume from
     log: Log = field(default_factory=Log)
     task: asyncio.Task | None = None
-    stopping: str = ""  # why it is being stopped: "cancel" (a client), "shutdown" (the gateway), "revoked" (its key)
+    stopping: str = ""  # why it is being stopped: "cancel" (a client), "shutdown" (the gateway)
     calling: bool = True  # its backend call runs (only then can it be stopped: what follows is its end)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -147,8 +150,6 @@ class Background:
                 asyncio.current_task().uncancel()
                 if bg.stopping == "shutdown":
                     bg.log.add(reader.translator.fail(B.DEAD["code"], B.DEAD["message"]))
-                elif bg.stopping == "revoked":
-                    bg.log.add(reader.translator.fail(B.REVOKED["code"], B.REVOKED["message"]))
                 else:
                     bg.log.add(reader.translator.cancel())
             except Exception as exc:  # noqa: BLE001 — a bug of ours: the turn still ends clearly
@@ -181,17 +182,6 @@ class Background:
             except StateUnavailable as exc:
                 log.warning(f"resp2chat: background {bg.response_id}: {exc}")
             await asyncio.sleep(B.RENEW_SECS)
-
-    def clients_changed(self, clients) -> None:
-        """The clients list was reloaded (gate.py): a run whose client's key is no longer
-        accepted (revoked, or the name given another key) stops now and ends ``failed``
-        (``invalid_api_key``), as that key's next request, or its open WebSocket's next message,
-        is refused. Every replica reading the file stops its own runs."""
-        for bg in list(self.runs.values()):
-            client = bg.run.client
-            now = clients.named(client.name) if client is not None else None
-            if client is not None and (now is None or now.key_sha256 != client.key_sha256):
-                self.stop(bg, "revoked")
 
     def stop(self, bg: Run, why: str) -> None:
         if bg.calling and not bg.stopping and bg.task is not None and not bg.task.done():

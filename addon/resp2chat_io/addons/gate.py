@@ -41,7 +41,7 @@ from mitmproxy.net.http import http1
 from resp2chat_core import content_encoding
 from resp2chat_core import gate as G
 from resp2chat_core import settings as S
-from resp2chat_core.clients import ClientSpec, ClientTable, parse_clients
+from resp2chat_core.clients import ClientSpec, ClientTable, accepted, no_longer_accepted, parse_clients
 from resp2chat_core.errors import GatewayError
 from resp2chat_io.config import FileWatch, config_path, load_settings
 from resp2chat_io.relay import TURN_HEADER, HeadRefusal
@@ -93,10 +93,13 @@ class Gate(Owner):
         self.refused: dict[str, Refused] = {}  # flow id -> refused at its head, answered by the relay
         self.clients = ClientTable()
         self.keyed = False  # the gateway takes keys: once so, no reload of the file makes it open
+        # the client each request in progress was let in as, by flow id (until its response or
+        # error): its key, not only its name, which a reload may give to another key meanwhile
+        self.callers: dict[str, ClientSpec] = {}
         self._watch: asyncio.Task | None = None
-        # told of every reloaded clients list (the new ClientTable): work a revoked or changed key
-        # started that outlives its request stops (Background.clients_changed)
-        self.reloaded: list[Callable[[ClientTable], None]] = []
+        # told of every reloaded clients list (with ``accepts``, the rule from now on): the turns in
+        # flight of a key no longer accepted stop (Turns.clients_changed)
+        self.reloaded: list[Callable[[Callable[[ClientSpec | None], bool]], None]] = []
 
     def apply(self, updated: set[str]) -> None:
         self.rules = G.parse_passthrough(self.s["passthrough_paths"])
@@ -176,7 +179,10 @@ class Gate(Owner):
         if where is G.PASSTHROUGH:
             meta[PASSTHROUGH] = True
         if client is not None:
+            self.callers[flow.id] = client
             meta["client"] = client.name  # (the name: who called, in the flow, the metrics, the access log)
+            if client.id:
+                meta["client_id"] = client.id  # (the identity: whose stored state, Upstreams.owner_of)
             if client.models != ("*",):
                 meta["models"] = list(client.models)  # (its view of GET /v1/models: upstreams.py)
             for name in CREDENTIALS:  # the gateway's keys: they never leave the gateway
@@ -295,6 +301,7 @@ class Gate(Owner):
         self._end(flow)
 
     def _end(self, flow: http.HTTPFlow) -> None:
+        self.callers.pop(flow.id, None)
         refused = self.refused.pop(flow.id, None)
         if refused is not None:
             self.relay.forget(flow.id)  # (never claimed: the client left first)
@@ -311,6 +318,21 @@ class Gate(Owner):
         given = req.headers.get("authorization", "").removeprefix("Bearer ").strip()
         given = given or req.headers.get("x-api-key", "")
         return (self.clients.lookup(given) if given else None) or False
+
+    def accepts(self, client: ClientSpec | None) -> bool:
+        """Is the key a request was let in with (``client``: the one it named then; None: no
+        key, the gateway took none) still accepted? (clients.py ``accepted``: a key revoked or
+        given anew, or no key once the gateway takes keys, is not.)"""
+        return accepted(self.clients, self.keyed, client)
+
+    def caller(self, flow: http.HTTPFlow) -> ClientSpec | None:
+        """The client a request was let in as, as configured now (its limits reloaded; None: the
+        gateway took no keys); ``GatewayError`` 401 when its key is no longer accepted: revoked or
+        rotated while its body came in, or none since keys are needed."""
+        spec = self.callers.get(flow.id)
+        if not self.accepts(spec):
+            raise no_longer_accepted()
+        return self.clients.named(spec.name) if spec is not None else None
 
     def client(self, name: str | None) -> ClientSpec | None:
         """The client of that name as configured now (None: none, or no longer: revoked)."""
@@ -361,7 +383,7 @@ class Gate(Owner):
             self.clients = table
             self.upstreams.clients_reloaded()  # (a plain key among them is a secret from now on)
             for listener in self.reloaded:
-                listener(table)
+                listener(self.accepts)
             log.info(f"resp2chat: clients reloaded from the config file: {', '.join(table.names) or 'none'}")
             if not len(table) and self.keyed:
                 log.warning("resp2chat: the config file lists no client any more: every request is refused until "

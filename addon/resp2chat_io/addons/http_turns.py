@@ -48,6 +48,7 @@ FAILED_STATUS = {
     "context_length_exceeded": 400,
     "invalid_prompt": 400,
     "rate_limit_exceeded": 429,
+    "invalid_api_key": 401,  # its key was revoked while it ran (Turns.clients_changed)
     "insufficient_quota": 429,
     # a completed turn its conversation could not take (Turns.land): the write's own status
     "store_unavailable": 503,
@@ -181,7 +182,12 @@ class HttpTurns:
         meta = flow.metadata.setdefault(META, {})
         note_request(meta, body)
         meta["client_path"] = path
-        client = self.gate.client(meta.get("client"))
+        try:
+            client = self.gate.caller(flow)  # (its key still accepted, now its body is in)
+        except GatewayError as err:
+            meta["status"] = "rejected"
+            flow.response = refusal(flow, err)
+            return
         verdict = await self.turns.admit(client, flow.id)  # (the client's limits: before anything else)
         limits = verdict.headers if verdict is not None else ()
         if verdict is not None and not verdict.admitted:
@@ -387,7 +393,8 @@ class HttpTurns:
         if result["status"] == "failed":
             err = result["error"]
             status = FAILED_STATUS.get(err["code"], 502)
-            body = error_json(err["message"], status_type="upstream_error", code=err["code"])
+            body = error_json(err["message"], status_type="authentication_error" if status == 401 else "upstream_error",
+                              code=err["code"])
         else:
             if flow.metadata[META].get("client_path") in COMPACT_PATHS:  # the endpoint's own answer
                 result = compaction.compacted(result, run.turn.items)

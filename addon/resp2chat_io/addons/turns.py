@@ -12,7 +12,8 @@ Both transports drive the same steps, in this order (docs/architecture.md has th
   headers every one of them gets), the ``Reader`` that translates for the client, its timings;
   the ``started`` listeners hear of it (the request log, ``--raw`` output: one that fails,
   fails the turn, before anything went upstream); this is the one place that counts the turns
-  in flight (``in_flight``);
+  in flight (``in_flight``), so it is here that the turns of a key revoked meanwhile stop
+  (``clients_changed``: both transports and background responses alike);
 - the transport runs it: HTTP through the relay (addons/http.py), a socket's turn awaited
   directly (addons/websocket.py); a turn that names a conversation writes it at the end of that
   run, before its client can see its end (``land``);
@@ -39,8 +40,8 @@ from typing import Callable
 from mitmproxy import http
 
 from resp2chat_core import settings as S
-from resp2chat_core.channel import Reader, record_events, scrub
-from resp2chat_core.clients import ClientSpec, allows_model, not_allowed
+from resp2chat_core.channel import Reader, Stopped, record_events, scrub
+from resp2chat_core.clients import REVOKED, STOPPED, ClientSpec, allows_model, not_allowed
 from resp2chat_core.conversations import Landing, named
 from resp2chat_core.errors import GatewayError, gateway_failure
 from resp2chat_core.labels import shown
@@ -294,6 +295,22 @@ class Turns(Owner):
             listener(run)
         self.in_flight[turn_id] = run
         return run
+
+    def clients_changed(self, accepts: Callable[[ClientSpec | None], bool]) -> None:
+        """The clients were reloaded (addons/gate.py; ``accepts``: is the key a turn was let in
+        with still accepted?). Every turn in flight whose key is not — revoked, given to its name
+        anew, or none once the gateway takes keys — stops now (``Exchange.halt``): its backend
+        call is closed, its tool loop runs no further round or step, and it fails with
+        ``invalid_api_key``, what it was writing closed ``incomplete`` as any failure closes it.
+        Its transport ends it as usual: an HTTP stream with that ``response.failed``, a JSON
+        answer with a 401, a WebSocket turn likewise (the socket's next message is refused: its
+        own check), a background response stored ``failed``. Every replica reading the file
+        stops its own."""
+        stopped = Stopped(REVOKED, STOPPED)
+        for run in list(self.in_flight.values()):
+            if not accepts(run.client) and run.exchange.halt(stopped):
+                who = f"client {run.client.name!r}" if run.client is not None else "a request without a key"
+                log.info(f"resp2chat: {run.request_id} of {who} stopped: its key is no longer accepted")
 
     def settle(self, run: TurnRun, answer: bytes, failed_in: str | None = None) -> tuple[Finished, dict]:
         """A turn that ended: the ``Finished`` its listeners get (``ended``) and its record (what

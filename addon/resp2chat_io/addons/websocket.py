@@ -35,6 +35,7 @@ from mitmproxy.flow import Error
 from mitmproxy.utils import human
 
 from resp2chat_core import mcp, websocket as ws
+from resp2chat_core.clients import ClientSpec, no_longer_accepted
 from resp2chat_core.channel import Reader
 from resp2chat_core.errors import GatewayError, gateway_failure
 from resp2chat_core.labels import shown
@@ -71,7 +72,7 @@ class OpenSocket:
     owner: str  # whose stored state its turns read and write (Upstreams.owner_of, decided at the upgrade)
     headers: http.Headers  # the upgrade's, as the client sent them (its turns' client headers; the flow's get redacted)
     client: str | None = None  # the client the gate named at the upgrade (clients), checked again at each message
-    key_sha256: str | None = None  # (its key's digest then: a key changed since is refused too)
+    spec: ClientSpec | None = None  # (that client then: a key revoked or given anew since is refused)
     conn: ws.Connection = field(default_factory=ws.Connection)
     messages: int = 0  # client messages so far (each gets its own request id: request_id(flow)_n)
     turns: int = 0
@@ -165,9 +166,8 @@ class ResponsesWebSocket(Owner):
         sock = Socket(flow.id, secrets.token_urlsafe(24), lambda text, send: self.message(live, text, send),
                       self.max_message)
         name = flow.metadata.get(META, {}).get("client")
-        spec = self.gate.client(name)
         live = OpenSocket(flow, sock, req.url, self.upstreams.owner_of(flow), req.headers.copy(), name,
-                          spec.key_sha256 if spec is not None else None)
+                          self.gate.callers.get(flow.id))
         meta = flow.metadata.setdefault(META, {})
         meta.update(transport="websocket", turns=[])  # (each turn records its upstream: _finish)
         self.live[flow.id] = self.by_client[flow.client_conn.id] = live  # (websocket_end or error forgets it)
@@ -274,16 +274,9 @@ class ResponsesWebSocket(Owner):
         """The socket's client as configured now: a key revoked (or changed) since the upgrade
         is refused from its next message on, as a new request with it would be, and so is a
         socket opened without a key once the gateway takes keys (``keys add`` since)."""
-        if live.client is None:
-            if not len(self.gate.clients) and not self.gate.keyed:
-                return None
-            client = None
-        else:
-            client = self.gate.client(live.client)
-        if client is None or client.key_sha256 != live.key_sha256:
-            raise GatewayError("this connection's API key is no longer accepted (revoked or changed)",
-                               type="authentication_error", code="invalid_api_key", status=401)
-        return client
+        if not self.gate.accepts(live.spec):
+            raise no_longer_accepted()
+        return self.gate.client(live.client)  # (as configured now: its limits reloaded; None: no keys)
 
     def _too_large(self) -> GatewayError:
         return GatewayError(f"message larger than max_request_body_mb ({self.s['max_request_body_mb']} MiB)",

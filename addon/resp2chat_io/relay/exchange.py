@@ -35,7 +35,7 @@ import h11
 from resp2chat_core import mcp, routing, websearch
 from resp2chat_core.channel import (
     Accepted, Channel, Keepalive, McpApproval, McpCalled, McpCalling, McpListed, McpListing, Oversized, Rerouted,
-    SearchDone, SearchStarted,
+    SearchDone, SearchStarted, Stopped,
 )
 from resp2chat_core.routing import Candidate
 from resp2chat_core.sse import MAX_EVENT
@@ -85,6 +85,10 @@ class Exchange:
     # ends): a turn that names a conversation writes it there, before its client can see its end
     # (addons/turns.py ``Turns.land``); None: nothing to wait for
     ending: Callable[[], Awaitable[None]] | None = None
+    # its upstream work while ``run`` runs it (the call, or the tool loop's rounds and steps): what
+    # ``halt`` cancels; and the event the turn was halted with (None: it was not)
+    work: asyncio.Task | None = None
+    halted: Stopped | None = None
 
     def mcp_server(self, label: str) -> str:
         """The operator's name (mcp_servers label) of the server a request's label binds to."""
@@ -95,6 +99,21 @@ class Exchange:
     def answering(self) -> Candidate:
         """The candidate that answered the turn (or failed last; the first until one was called)."""
         return self.candidates[self.answered]
+
+    def halt(self, event: Stopped) -> bool:
+        """Stop the turn now, whichever transport carries it (addons/turns.py ``Turns.clients_changed``:
+        its key was revoked): ``event`` goes into the channel, so the client's stream (or JSON
+        body, or socket) ends with it, and the upstream work is cancelled (the backend call is
+        closed, no further tool round or step runs); ``run`` then returns as after any end, so the
+        transport finishes the turn as usual. One not running yet never calls a backend. False:
+        nothing to stop (its upstream work is over, or it was halted already)."""
+        if self.halted is not None or (self.work is not None and self.work.done()):
+            return False
+        self.halted = event
+        self.channel.event(event)
+        if self.work is not None:
+            self.work.cancel()
+        return True
 
     def abort(self) -> None:
         """The turn is given up (its flow failed closed before its answer began): the relay
@@ -123,13 +142,29 @@ async def run(ex: Exchange, client: UpstreamClient, window: float = 0.0) -> None
     channel = ex.channel
     timer = _Window(channel, window) if window > 0 else None
     try:
-        await _run(ex, client)
+        if ex.halted is None:  # (halted before it ran: it never calls a backend)
+            # (eager: up to its first wait now, as the relay begins a turn: server.py ``begin``)
+            ex.work = asyncio.Task(_run(ex, client), loop=asyncio.get_running_loop(), eager_start=True)
+            ex.work.add_done_callback(_retrieved)
+            try:
+                await ex.work
+            except asyncio.CancelledError:
+                if ex.halted is None or asyncio.current_task().cancelling():
+                    raise  # (cancelled from outside: the client went away, the turn was given up)
+                # halted (``Exchange.halt``): its event is in the channel; the turn ends as usual
     finally:
         if timer is not None:
             timer.close()
         channel.flush()
     if ex.ending is not None:
         await ex.ending()
+
+
+def _retrieved(work: asyncio.Task) -> None:
+    """A turn's work that failed as its run was being cancelled leaves no unretrieved exception
+    (asyncio would log it as an ERROR); ``run`` raises it otherwise."""
+    if not work.cancelled():
+        work.exception()
 
 
 class _Window:

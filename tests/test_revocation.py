@@ -1,0 +1,362 @@
+"""Revoking (or rotating) a client's key on a running team gateway, as a team lead does it: the
+real ``resp2chat keys`` CLI edits the config file real mitmdump replicas watch.
+
+- The turns of that key that are in flight stop at once, on every replica, whatever carries them
+  (an HTTP stream, a JSON turn, a WebSocket turn, a background response, a turn whose gateway's
+  tool loop is waiting for a search): the backend call is closed and the client hears
+  ``invalid_api_key``. Other clients' turns go on.
+- A gateway that took no keys and is locked with ``keys add`` stops the keyless turns it runs.
+- A name revoked and added again (someone else) owns none of its former holder's stored state;
+  a rotated key keeps its client's; an entry written before ids keeps its name's.
+
+The backend here is ``helpers.Endless``: its answer never ends by itself, so a turn that is not
+stopped never ends, and ``Endless.closed`` says when the gateway hung up on each call.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+import time
+from types import SimpleNamespace
+
+import openai
+import pytest
+import yaml
+
+from helpers import (Endless, LocalServer, cli_env, config_file, openai_client, post_turn, run_cli, scrape,
+                     start_gateway, wait_until)
+from test_teams import ALL, Team
+from test_websearch_e2e import BRAVE_KEY, SEARCH_PROMPT, WEB_SEARCH, _Brave
+from wsclient import WSClient
+
+STOP_WITHIN = 8.0  # seconds from the CLI's edit to a stopped turn: the gate looks at the file every second
+
+
+def read_until(events, wanted, deadline: float, seen: list) -> dict:
+    """The next event of ``events`` (an iterator of dicts) whose type is in ``wanted``, the ones
+    before it added to ``seen``; a TimeoutError once ``deadline`` (time.monotonic) is past, as an
+    endless stream that is not stopped would read on forever."""
+    for event in events:
+        seen.append(event)
+        if event["type"] in wanted:
+            return event
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {wanted} by the deadline; last: {event['type']}")
+    raise AssertionError(f"the stream ended without {wanted}: {[e['type'] for e in seen[-5:]]}")
+
+
+def sdk_events(stream):
+    for event in stream:
+        yield event.model_dump()
+
+
+def ws_events(sock: WSClient):
+    while True:
+        event = sock.next_message()
+        if event is None:
+            return
+        yield event
+
+
+def assert_stopped(events: list[dict]) -> None:
+    """A turn stopped for its key: one ``response.failed`` (``invalid_api_key``) last, the message
+    it was writing closed ``incomplete`` before it (Translator._cut, as any failure closes it)."""
+    final = events[-1]
+    assert final["type"] == "response.failed", final["type"]
+    assert final["response"]["error"]["code"] == "invalid_api_key", final["response"]["error"]
+    assert [e["type"] for e in events].count("response.failed") == 1
+    done = [e for e in events if e["type"] == "response.output_item.done"]
+    assert done and done[-1]["item"]["type"] == "message" and done[-1]["item"]["status"] == "incomplete", done
+    assert final["response"]["output"][-1]["status"] == "incomplete"
+
+
+def running(origin: str, tmp_path, redis_server, clients: dict):
+    """test_teams' two replicas sharing Redis, in front of ``origin``, with ``clients``; no key in their logs."""
+    t = Team(SimpleNamespace(origin=origin), tmp_path, redis_server, clients)
+    yield t
+    t.stop()
+    for gw in t.gws:
+        for key in t.keys.values():
+            assert key not in gw.log()
+
+
+@pytest.fixture
+def endless_team(endless, tmp_path, redis_server, request):
+    yield from running(endless.url, tmp_path, redis_server, request.param)
+
+
+@pytest.fixture
+def team(upstream, tmp_path, redis_server):
+    yield from running(upstream.origin, tmp_path, redis_server, {"alice": ()})
+
+
+@pytest.mark.parametrize("endless_team", [{"alice": (), "bob": ()}], indirect=True)
+def test_a_revoked_keys_turns_in_flight_stop_at_once_on_every_replica_and_transport(endless_team):
+    """bob streams over HTTP on replica a, waits for a JSON answer on replica b and runs a turn on
+    a WebSocket of replica b; alice streams on replica a. ``keys revoke bob``: each of bob's turns
+    ends within seconds — the stream and the socket's turn with ``response.failed``
+    (``invalid_api_key``, the message cut ``incomplete``), the JSON turn with a 401 — and each of
+    their backend calls is closed; the socket's next message is refused; alice streams on."""
+    team = endless_team
+    deadline = time.monotonic() + 60
+    bob_stream = team.sdk(0, "bob").responses.create(model=ALL, input="go on", stream=True)
+    bob_events: list = []
+    bob_iter = sdk_events(bob_stream)
+    read_until(bob_iter, {"response.output_text.delta"}, deadline, bob_events)
+    alice_stream = team.sdk(0, "alice").responses.create(model=ALL, input="go on", stream=True)
+    alice_iter, alice_events = sdk_events(alice_stream), []
+    read_until(alice_iter, {"response.output_text.delta"}, deadline, alice_events)
+    sock = team.ws(1, "bob")
+    sock.send({"type": "response.create", "model": ALL, "input": "go on"})
+    ws_iter, ws_seen = ws_events(sock), []
+    read_until(ws_iter, {"response.output_text.delta"}, deadline, ws_seen)
+    whole: dict = {}
+    json_turn = threading.Thread(target=lambda: whole.update(r=team.post(1, "bob", {"input": "go on"})), daemon=True)
+    json_turn.start()
+    wait_until(lambda: len(Endless.started) == 4, 20, "four backend calls under way")
+    assert not Endless.closed
+
+    assert run_cli(team.tmp, "keys", "revoke", "bob").returncode == 0
+    revoked_at = time.monotonic()
+    stop_by = revoked_at + STOP_WITHIN
+    read_until(bob_iter, {"response.failed", "response.completed"}, stop_by, bob_events)
+    assert_stopped(bob_events)
+    read_until(ws_iter, {"response.failed", "response.completed", "error"}, stop_by, ws_seen)
+    assert_stopped(ws_seen)
+    json_turn.join(max(stop_by - time.monotonic(), 0.1))
+    assert not json_turn.is_alive(), "bob's JSON turn still runs"
+    r = whole["r"]
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
+    assert r.json()["error"]["type"] == "authentication_error" and r.headers["x-request-id"].startswith("req_")
+    # bob's three backend calls were closed; alice's goes on, and so does her stream
+    wait_until(lambda: len(Endless.closed) == 3, STOP_WITHIN, "bob's backend calls closed")
+    assert time.monotonic() - revoked_at < STOP_WITHIN
+    n = len(alice_events)
+    read_until(alice_iter, {"response.output_text.delta"}, time.monotonic() + 10, alice_events)
+    assert len(alice_events) > n and len(Endless.closed) == 3
+    # the socket's next message is refused, as a new request with bob's key is
+    err = sock.turn({"type": "response.create", "model": ALL, "input": "still me"})[-1]
+    assert err["type"] == "error" and err["status"] == 401 and err["error"]["code"] == "invalid_api_key"
+    sock.close()
+    alice_stream.close()
+    alice_key = f"Bearer {team.keys['alice']}"
+    for gw in team.gws:
+        wait_until(lambda: scrape(gw, authorization=alice_key)[("resp2chat_streams_in_flight", ())] == 0, 10,
+                   "no turn left in flight")
+    records = team.access()
+    bob_ends = [rec for rec in records if rec.get("client") == "bob" and rec["status"] != "rejected"]
+    assert len(bob_ends) == 3 and all(rec["status"] == "failed" and rec["code"] == "invalid_api_key"
+                                      for rec in bob_ends), bob_ends
+
+
+@pytest.mark.parametrize("endless_team", [{"alice": ()}], indirect=True)
+def test_a_rotated_keys_stream_stops_and_the_new_key_goes_on(endless_team):
+    """``keys rotate``: the old key's stream in flight stops (``invalid_api_key``) on the replica
+    running it; the new key streams."""
+    team = endless_team
+    deadline = time.monotonic() + 60
+    events: list = []
+    it = sdk_events(team.sdk(1, "alice").responses.create(model=ALL, input="go on", stream=True))
+    read_until(it, {"response.output_text.delta"}, deadline, events)
+    out = run_cli(team.tmp, "keys", "rotate", "alice")
+    assert out.returncode == 0, out.stderr
+    new_key = team.keys["alice-new"] = out.stdout.strip()
+    read_until(it, {"response.failed", "response.completed"}, time.monotonic() + STOP_WITHIN, events)
+    assert_stopped(events)
+    wait_until(lambda: len(Endless.closed) == 1, STOP_WITHIN, "its backend call closed")
+    fresh: list = []
+    stream = openai_client(team.gws[1], api_key=new_key).responses.create(model=ALL, input="go on", stream=True)
+    read_until(sdk_events(stream), {"response.output_text.delta"}, time.monotonic() + 20, fresh)
+    stream.close()
+
+
+def test_keyless_turns_stop_once_keys_add_locks_the_gateway(endless, tmp_path):
+    """A loopback gateway without keys, then locked with ``keys add``: what it runs for requests
+    that came without a key stops — a background response (stored ``failed``,
+    ``invalid_api_key``), an HTTP stream and a WebSocket turn — as their next request would be
+    refused."""
+    log = tmp_path / "access.jsonl"
+    gw = start_gateway(endless.url, tmp_path, "--set", f"resp2chat_access_log_path={log}", env=cli_env(tmp_path))
+    try:
+        deadline = time.monotonic() + 60
+        client = openai_client(gw)
+        queued = client.responses.create(model=ALL, input="go on", background=True)
+        events: list = []
+        it = sdk_events(client.responses.create(model=ALL, input="go on", stream=True))
+        read_until(it, {"response.output_text.delta"}, deadline, events)
+        sock = WSClient(gw.base_url)
+        sock.send({"type": "response.create", "model": ALL, "input": "go on"})
+        ws_it, ws_seen = ws_events(sock), []
+        read_until(ws_it, {"response.output_text.delta"}, deadline, ws_seen)
+        wait_until(lambda: len(Endless.started) == 3, 20, "three backend calls under way")
+        key = run_cli(tmp_path, "keys", "add", "alice").stdout.strip()
+        stop_by = time.monotonic() + STOP_WITHIN
+        read_until(it, {"response.failed", "response.completed"}, stop_by, events)
+        assert_stopped(events)
+        read_until(ws_it, {"response.failed", "response.completed", "error"}, stop_by, ws_seen)
+        assert_stopped(ws_seen)
+        wait_until(lambda: len(Endless.closed) == 3, STOP_WITHIN, "the three backend calls closed")
+
+        def ended() -> list[dict]:
+            lines = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+            return [rec for rec in lines if rec["status"] not in ("rejected", "unfinished")]  # (unfinished: the
+            # background response's creating request, answered at once; its turn ends as its own record)
+        records = wait_until(lambda: len(ended()) == 3 and ended(), 10, "three turns ended")
+        assert all(rec["status"] == "failed" and rec["code"] == "invalid_api_key" for rec in records), records
+        assert sock.turn({"type": "response.create", "model": ALL, "input": "and?"})[-1]["status"] == 401
+        sock.close()
+        assert queued.status == "queued"  # (the three: its turn, the stream, the socket's turn)
+        assert post_turn(gw, {"model": ALL, "input": "hi"}).status_code == 401
+        assert key not in gw.log()
+    finally:
+        gw.stop()
+
+
+@pytest.fixture
+def brave():
+    _Brave.queries, _Brave.status, _Brave.hold = [], 200, threading.Event()
+    with LocalServer(_Brave) as server:
+        yield server.url, _Brave
+    _Brave.hold.set()
+
+
+def test_a_revoked_keys_tool_loop_stops_while_its_search_runs(upstream, tmp_path, brave):
+    """A turn whose gateway runs its tool loop (web search): revoked while its search waits on
+    Brave, it fails at once (``invalid_api_key``), its web_search_call closed ``failed``, and no
+    further round reaches the backend."""
+    url, handler = brave
+    key = run_cli(tmp_path, "keys", "add", "alice").stdout.strip()
+    gw = start_gateway(upstream.origin, tmp_path, "--set", "resp2chat_max_replay_entries=0",
+                       env=cli_env(tmp_path, BRAVE_SEARCH_API_KEY=BRAVE_KEY, RESP2CHAT_BRAVE_BASE_URL=url))
+    try:
+        upstream.clear()
+        events: list = []
+        it = sdk_events(openai_client(gw, api_key=key).responses.create(
+            model=ALL, input=SEARCH_PROMPT, tools=[WEB_SEARCH], stream=True))
+        read_until(it, {"response.web_search_call.searching"}, time.monotonic() + 30, events)
+        wait_until(lambda: handler.queries, 10, "the search reaching Brave")  # it waits there now
+        assert run_cli(tmp_path, "keys", "revoke", "alice").returncode == 0
+        read_until(it, {"response.failed", "response.completed"}, time.monotonic() + STOP_WITHIN, events)
+        final = events[-1]
+        assert final["type"] == "response.failed" and final["response"]["error"]["code"] == "invalid_api_key"
+        calls = [o for o in final["response"]["output"] if o["type"] == "web_search_call"]
+        assert [c["status"] for c in calls] == ["failed"], final["response"]["output"]
+        assert len(upstream.requests()) == 1  # round 1 only: the loop ran no further round
+        assert key not in gw.log()
+    finally:
+        gw.stop()
+
+
+# --- whose stored state is whose ------------------------------------------------------------
+
+
+def test_a_name_revoked_and_added_again_owns_none_of_its_former_holders_state(team):
+    """alice leaves (``keys revoke alice``); later someone else is given the name (``keys add
+    alice``). The new alice gets none of the old one's stored responses or conversations, on
+    either replica (unknown ids: 404, ``previous_response_not_found``), and her own are hers."""
+    old = team.sdk(0, "alice")
+    secret = old.responses.create(model=ALL, input="the old alice's secret plan")
+    conv = old.conversations.create(items=[{"role": "user", "content": "the old alice's notes"}])
+    team.stored("alice", secret.id)
+    old_owner = team.owner("alice")
+    assert run_cli(team.tmp, "keys", "revoke", "alice").returncode == 0
+    out = run_cli(team.tmp, "keys", "add", "alice")
+    assert out.returncode == 0, out.stderr
+    new_key = team.keys["alice-new"] = out.stdout.strip()
+    for gw in team.gws:
+        wait_until(lambda: post_turn(gw, {"model": ALL, "input": "hi"}, {"authorization": f"Bearer {new_key}"})
+                   .status_code == 200, 10, "the new alice admitted")
+    for replica in (0, 1):
+        new = openai_client(team.gws[replica], api_key=new_key)
+        for call in (lambda: new.responses.retrieve(secret.id), lambda: new.responses.input_items.list(secret.id),
+                     lambda: new.conversations.retrieve(conv.id), lambda: new.conversations.items.list(conv.id)):
+            with pytest.raises(openai.NotFoundError):
+                call()
+        with pytest.raises(openai.BadRequestError) as refused:
+            new.responses.create(model=ALL, input="and?", previous_response_id=secret.id)
+        assert refused.value.code == "previous_response_not_found"
+    assert team.owner("alice") != old_owner  # (her state is in a namespace of its own)
+    mine = openai_client(team.gws[0], api_key=new_key).responses.create(model=ALL, input="mine now")
+    team.stored("alice", mine.id)
+    assert openai_client(team.gws[1], api_key=new_key).responses.retrieve(mine.id).output_text == "You said: mine now"
+
+
+def test_a_rotated_key_keeps_its_clients_state(team):
+    """``keys rotate alice``: the new key reads what the old one stored, on both replicas; the
+    old key is refused."""
+    old_key = team.keys["alice"]
+    stored = team.sdk(0, "alice").responses.create(model=ALL, input="remember this")
+    team.stored("alice", stored.id)
+    owner = team.owner("alice")
+    out = run_cli(team.tmp, "keys", "rotate", "alice")
+    assert out.returncode == 0, out.stderr
+    new_key = team.keys["alice-new"] = out.stdout.strip()
+    assert new_key != old_key and new_key not in out.stderr and "shown only this once" in out.stderr
+    assert team.owner("alice") == owner
+    for gw in team.gws:
+        wait_until(lambda: post_turn(gw, {"model": ALL, "input": "hi"}, {"authorization": f"Bearer {old_key}"})
+                   .status_code == 401, 10, "the old key refused")
+        again = openai_client(gw, api_key=new_key)
+        assert again.responses.retrieve(stored.id).output_text == "You said: remember this"
+        assert again.responses.create(model=ALL, input="and?", previous_response_id=stored.id).status == "completed"
+
+
+def test_an_entry_without_an_id_keeps_its_names_state(upstream, tmp_path, redis_server):
+    """A config file written before ids (or by hand): its client's state stays under its name
+    (``owner:client.NAME``), so nothing stored is lost on upgrade, and ``keys rotate`` keeps it so."""
+    key = "hand-written-key-0123456789"
+    path = config_file(tmp_path)
+    path.parent.mkdir(parents=True, mode=0o700)
+    path.write_text(yaml.safe_dump({"clients": [{"name": "alice", "key": key}]}))
+    path.chmod(0o600)
+    gw = start_gateway(upstream.origin, tmp_path, "--set", f"resp2chat_state_store_url={redis_server.url}",
+                       env=cli_env(tmp_path))
+    try:
+        stored = openai_client(gw, api_key=key).responses.create(model=ALL, input="from before")
+        redis = redis_server.client()
+        wait_until(lambda: redis.exists(f"resp2chat:owner:client.alice:response:{stored.id}"), 20, "stored by name")
+        out = run_cli(tmp_path, "keys", "rotate", "alice")
+        assert out.returncode == 0, out.stderr
+        new_key = out.stdout.strip()
+        assert "id" not in yaml.safe_load(path.read_text())["clients"][0]
+        wait_until(lambda: post_turn(gw, {"model": ALL, "input": "hi"}, {"authorization": f"Bearer {new_key}"})
+                   .status_code == 200, 10, "the new key taken")
+        assert openai_client(gw, api_key=new_key).responses.retrieve(stored.id).output_text == "You said: from before"
+        assert key not in gw.log() and new_key not in gw.log()
+    finally:
+        gw.stop()
+
+
+def test_a_key_revoked_while_its_request_body_comes_in_is_refused(upstream, tmp_path):
+    """The gate lets a request in at its head; its body may take a while to come. A key revoked
+    or rotated meanwhile is refused once the body is in (401 ``invalid_api_key``), not served as
+    a turn of nobody (no client, no limits) or of the name's new key."""
+    keys = {name: run_cli(tmp_path, "keys", "add", name).stdout.strip() for name in ("bob", "alice")}
+    gw = start_gateway(upstream.origin, tmp_path, "--set", "resp2chat_max_replay_entries=0", env=cli_env(tmp_path))
+    host, port = gw.base_url.removeprefix("http://").split("/")[0].split(":")
+    body = json.dumps({"model": ALL, "input": "hi"}).encode()
+    try:
+        for change, name in (("revoke", "bob"), ("rotate", "alice")):
+            key = keys[name]
+            sock = socket.create_connection((host, int(port)), timeout=30)
+            sock.sendall(f"POST /v1/responses HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n"
+                         f"authorization: Bearer {key}\r\ncontent-length: {len(body)}\r\n\r\n".encode())
+            out = run_cli(tmp_path, "keys", change, name)  # (the head is in: the gate let it in)
+            assert out.returncode == 0, out.stderr
+            keys[f"{name}-new"] = out.stdout.strip()
+            wait_until(lambda: post_turn(gw, {"model": ALL, "input": "hi"}, {"authorization": f"Bearer {key}"})
+                       .status_code == 401, 10, f"{name}'s key refused once {change}d")
+            sock.sendall(body)
+            answer = http.client.HTTPResponse(sock)
+            answer.begin()
+            text = answer.read()
+            sock.close()
+            assert answer.status == 401 and json.loads(text)["error"]["code"] == "invalid_api_key", text[:300]
+            assert answer.getheader("x-request-id").startswith("req_")
+        for key in keys.values():
+            assert not key or key not in gw.log()
+    finally:
+        gw.stop()
