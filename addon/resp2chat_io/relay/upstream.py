@@ -5,7 +5,7 @@
 typed events (``UpstreamFailed``, ``UpstreamJSON``, ``Keepalive``). It returns a ``CallEnd``.
 
 The one deadline rule (``_Watch``): from the moment the request is sent, a backend that sends
-nothing for ``idle_timeout`` seconds fails the turn (``UpstreamFailed`` 504), before its answer
+nothing for ``idle_timeout`` seconds fails the turn (``UpstreamFailed`` 504, code ``upstream_timeout``), before its answer
 or in the middle of it; one that sends SSE comments (``: keep-alive``) but no data for
 ``data_timeout`` seconds fails it too: comments keep the connection, they are not an answer
 (resp2chat_core/sse.py ``Progress``); silence, without comments, is the idle rule's alone. While no data has come yet (a long prefill, a
@@ -135,7 +135,8 @@ class _Watch:
         """A wait ran out: send a keepalive (True), or report the stall (False)."""
         now = time.monotonic()
         if now - self.last >= self.idle:
-            self.channel.event(failure(504, f"the upstream sent nothing for {self.idle:g} s", "upstream_timeout"))
+            self.channel.event(failure(504, f"the upstream sent nothing for {self.idle:g} s", "upstream_timeout",
+                                       "upstream_timeout"))
             return False
         if self.commenting and now - self.last_data >= self.data:
             self.channel.event(failure(504, f"the upstream sent no data for {self.data:g} s (only SSE comments, "
