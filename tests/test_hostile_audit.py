@@ -364,6 +364,37 @@ def test_a_backend_that_sends_only_comments_fails_the_turn_and_frees_its_slot(ga
         assert ok.status_code == 200, ok.text
 
 
+def test_a_backend_that_sends_only_comments_falls_back_to_the_next_upstream(gateway_factory, upstream):
+    """A backend that answers 200 and then only comments (a request stuck in OpenRouter's queue)
+    has answered nothing: when ``upstream_data_timeout_secs`` runs out, the next upstream for the
+    model is tried, as for a backend silent before its first byte. (Before, the comments went
+    into the turn's stream as its first bytes, so the turn was the first upstream's and failed.)
+    Over HTTP (streamed and not) and the WebSocket."""
+    with LocalServer(Commenter) as backend:
+        Commenter.calls = []
+        entries = [{"name": "stuck", "base_url": backend.url, "models": ["comments"],
+                    "upstream_data_timeout_secs": 1},
+                   {"name": "demo", "base_url": upstream.base_url, "models": ["comments"]}]
+        gw = gateway_factory("http://127.0.0.1:9", "--set", "resp2chat_upstreams=" + json.dumps(entries),
+                             "--set", "resp2chat_keepalive_secs=0", "--set", "resp2chat_max_replay_entries=0")
+        with requests.post(gw.base_url + "/responses", json={"model": "comments", "input": "hi", "stream": True},
+                           stream=True, timeout=30) as r:
+            events = list(iter_sse(r))
+        assert events[-1]["type"] == "response.completed", [e["type"] for e in events]
+        assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == "You said: hi"
+        assert "upstream stuck failed before its first byte (HTTP 504)" in gw.log()
+        wait_until(lambda: Commenter.calls[-1]["cut"], 10, "the stuck backend call cut")
+        whole = requests.post(gw.base_url + "/responses", json={"model": "comments", "input": "again"}, timeout=30)
+        assert whole.status_code == 200 and whole.json()["output"][-1]["content"][0]["text"] == "You said: again"
+        ws = WSClient(gw.base_url, timeout=30)
+        try:
+            events = ws.turn({"type": "response.create", "model": "comments", "input": "socket"})
+        finally:
+            ws.close()
+        assert events[-1]["type"] == "response.completed", [e["type"] for e in events]
+        assert len(Commenter.calls) == 3
+
+
 # --- numbers without bound ---------------------------------------------------------------------------
 
 SHELL_CALL = {"type": "local_shell_call", "call_id": "c1", "status": "completed",

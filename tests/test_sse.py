@@ -219,7 +219,7 @@ def _data_bytes(stream: bytes) -> list[bool]:
     return marks
 
 
-_line = st.sampled_from([b": keep-alive", b":", b": OPENROUTER PROCESSING", b"data: {\"x\": 1}", b"data: [DONE]",
+_line = st.sampled_from([b": keep-alive", b":", b": queued data: 7", b": OPENROUTER PROCESSING", b"data: {\"x\": 1}", b"data: [DONE]",
                          b"event: ping", b"{\"error\": {}}", b"", b"d"])
 _eol = st.sampled_from([b"\n", b"\r\n", b"\r"])
 
@@ -242,3 +242,29 @@ def test_comments_alone_are_no_progress_however_split():
         assert not any(progress.feed(stream[i:i + size]) for i in range(0, len(stream), size))
     progress = Progress()
     assert not progress.feed(b": keep-alive\n\n: still") and progress.feed(b" queued\n\ndata: {}\n\n")
+
+
+@given(lines=st.lists(st.tuples(_line, _eol), max_size=12), cuts=st.lists(st.integers(0, 400), max_size=8))
+@settings(max_examples=400, deadline=None)
+def test_comments_dropped_before_the_first_data_leave_the_same_events(lines, cuts):
+    """The relay keeps the comments a backend sends before its first data out of the turn's
+    stream (relay/upstream.py ``_Watch.heard``: they answer nothing, and the call may still give
+    way to the next upstream): what it passes on parses to the same events as the whole stream,
+    however the pieces are cut (a comment cut off by a dropped piece is made whole)."""
+    from resp2chat_io.relay.upstream import _Watch
+    stream = b"".join(line + eol for line, eol in lines)
+    bounds = sorted({0, len(stream), *(c % (len(stream) + 1) for c in cuts)})
+    watch = _Watch(60.0, 15.0, None)
+    passed = [watch.heard(stream[a:b]) for a, b in zip(bounds, bounds[1:])]
+    whole, relayed = SSEParser(), SSEParser()
+    assert relayed.feed(b"".join(passed)) == whole.feed(stream), (stream, bounds, passed)
+    marks = _data_bytes(stream)
+    first = marks.index(True) if True in marks else len(stream)
+    assert not any(passed[:next((i for i, (a, b) in enumerate(zip(bounds, bounds[1:])) if b > first), len(passed))])
+
+
+def test_a_comment_cut_off_by_a_dropped_piece_stays_a_comment():
+    from resp2chat_io.relay.upstream import _Watch
+    watch = _Watch(60.0, 15.0, None)
+    passed = [watch.heard(b": queued "), watch.heard(b"data: 7\r\ndata: {}\r\n\r\n")]
+    assert passed[0] == b"" and SSEParser().feed(b"".join(passed)) == ["{}"]

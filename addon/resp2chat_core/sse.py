@@ -177,6 +177,11 @@ class Progress:
         self._mid = False  # the last piece ended inside a line…
         self._comment = False  # …that is a comment
 
+    @property
+    def in_comment(self) -> bool:
+        """The last piece ended inside a comment line."""
+        return self._mid and self._comment
+
     def feed(self, chunk: bytes) -> bool:
         """Whether ``chunk`` holds any byte of a line that is not a comment."""
         if not chunk:

@@ -5,7 +5,7 @@
 typed events (``UpstreamFailed``, ``UpstreamJSON``, ``Keepalive``). It returns a ``CallEnd``.
 
 The one deadline rule (``_Watch``): from the moment the request is sent, a backend that sends
-nothing for ``idle_timeout`` seconds fails the turn (``UpstreamFailed`` 504), before its answer
+nothing for ``idle_timeout`` seconds fails the turn (``UpstreamFailed`` 504, code ``upstream_timeout``), before its answer
 or in the middle of it; one that sends SSE comments (``: keep-alive``) but no data for
 ``data_timeout`` seconds fails it too: comments keep the connection, they are not an answer
 (resp2chat_core/sse.py ``Progress``); silence, without comments, is the idle rule's alone. While no data has come yet (a long prefill, a
@@ -97,7 +97,7 @@ class _Watch:
     """The one deadline rule (module docstring), shared by every wait of a call."""
 
     __slots__ = ("idle", "data", "keepalive", "channel", "last", "last_data", "last_keepalive", "streaming",
-                 "paused", "progress", "commenting")
+                 "paused", "progress", "commenting", "cut")
 
     def __init__(self, idle: float, keepalive: float, channel: Channel, data: float = float("inf")) -> None:
         self.idle, self.data, self.keepalive, self.channel = idle, data, keepalive, channel
@@ -106,14 +106,27 @@ class _Watch:
         self.paused = False  # we stopped reading (a slow client): silence is ours, not the backend's
         self.progress = Progress()
         self.commenting = False  # comments came since the last data: the data rule applies (silence is idle's)
+        self.cut = False  # the comments dropped before the first data ended inside a comment line
 
-    def heard(self, piece: bytes) -> None:
-        """A piece of a 200 stream's body came (its bytes already count for ``last``)."""
+    def heard(self, piece: bytes) -> bytes:
+        """A piece of a 200 stream's body came (its bytes already count for ``last``): what of it
+        the turn's stream gets. Nothing while only comments have come: they answer nothing, so
+        the call has not begun its answer and may still give way to the next upstream (the data
+        rule's failure falls back as a silence before the first byte does). From the first data
+        on, every byte (a comment the dropped pieces left cut off is made whole by a ``:``)."""
         if self.progress.feed(piece):
-            self.streaming, self.commenting = True, False
+            if not self.streaming:
+                self.streaming = True
+                if self.cut:
+                    piece = b":" + piece
+            self.commenting = False
             self.last_data = self.last
-        else:
-            self.commenting = True
+            return piece
+        self.commenting = True
+        if self.streaming:
+            return piece
+        self.cut = self.progress.in_comment
+        return b""
 
     def ours(self) -> None:
         """We did not read for a while (a slow client): that silence is not the backend's."""
@@ -135,7 +148,8 @@ class _Watch:
         """A wait ran out: send a keepalive (True), or report the stall (False)."""
         now = time.monotonic()
         if now - self.last >= self.idle:
-            self.channel.event(failure(504, f"the upstream sent nothing for {self.idle:g} s", "upstream_timeout"))
+            self.channel.event(failure(504, f"the upstream sent nothing for {self.idle:g} s", "upstream_timeout",
+                                       "upstream_timeout"))
             return False
         if self.commenting and now - self.last_data >= self.data:
             self.channel.event(failure(504, f"the upstream sent no data for {self.data:g} s (only SSE comments, "
@@ -331,7 +345,8 @@ class UpstreamClient:
             or ``transform`` refused the stream)."""
             if channel.closed:
                 return False
-            watch.heard(data)
+            if not (data := watch.heard(data)):
+                return True  # (comments before the first data: no answer yet)
             if transform is not None and (data := transform(data)) is None:
                 return False
             channel.data(data)
