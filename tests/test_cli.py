@@ -285,6 +285,20 @@ def test_start_falls_back_to_demo_and_raw_prints_the_stream(tmp_path):
     assert "\x1b[2;3mThinking " in out and "You said: raw mode" in out
 
 
+def test_start_names_the_demo_upstream_configured_in_the_file(tmp_path):
+    """``upstream_base_url: demo`` in the config file: ``start`` said the gateway went to
+    http://127.0.0.1:8000/v1 (where nothing answers), though the demo upstream answered."""
+    config_file(tmp_path).parent.mkdir(parents=True)
+    config_file(tmp_path).write_text("upstream_base_url: demo\n")
+    proc, port = _start(tmp_path)
+    try:
+        client = openai_client(f"http://127.0.0.1:{port}/v1")
+        assert client.responses.create(model="demo-model", input="demo file").output_text == "You said: demo file"
+    finally:
+        out = _stop(proc)
+    assert f"gateway on http://127.0.0.1:{port}/v1 -> demo upstream" in out, out
+
+
 def test_start_demo_serves_the_demo_even_with_upstreams_configured(tmp_path):
     config_file(tmp_path).parent.mkdir(parents=True)
     config_file(tmp_path).write_text(

@@ -393,7 +393,7 @@ def cmd_start(args) -> int:
     if (refused := start_bind(values, sources, args.mitmproxy_args)) is not None:
         return _fail(refused)
     cmd, env = build_start_command(args, values, sources)
-    where = ("demo upstream" if env.get("RESP2CHAT_UPSTREAM_BASE_URL") == "demo" else
+    where = ("demo upstream" if "demo" in (env.get("RESP2CHAT_UPSTREAM_BASE_URL"), values["upstream_base_url"]) else
              ", ".join(f"{u['name']} ({u['base_url']})" for u in values["upstreams"]) or S.first_upstream(values))
     print(f"resp2chat: gateway on {gateway_url(values)} -> {where}", file=sys.stderr)
     sys.stdout.flush()
