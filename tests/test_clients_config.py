@@ -13,6 +13,7 @@ import shlex
 import shutil
 import stat
 import subprocess
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -746,3 +747,51 @@ def test_interactive_codex_on_the_builtin_provider_needs_the_stored_key(tmp_path
         term.close()
         gw.stop()
     assert "You said: hello interactive" in screen, screen
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="gives the file another owner and group: needs root")
+def test_keys_keep_a_service_config_files_owner_group_and_group_read(tmp_path):
+    """deploy/: /etc/resp2chat/config.yaml is ``root:resp2chat`` 0640, read by the gateway's
+    user. ``keys add`` run by root wrote it again 0600 ``root:root`` in a 0700 directory: the
+    gateway's user could no longer read it (its reload warned, its restart failed). Now a file
+    that exists keeps its owner, its group and its group's read (never others'), its directory
+    the group's ``r-x``; a user who could not keep them is refused and the file is left as it was."""
+    etc = Path(tempfile.mkdtemp(dir="/tmp"))  # (a real path "nobody" can walk: pytest's tmp is 0700)
+    try:
+        os.chmod(etc, 0o755)
+        conf = etc / "resp2chat" / "config.yaml"
+        env = {"RESP2CHAT_CONFIG": str(conf)}
+        assert run_cli(tmp_path, "keys", "add", "alice", **env).returncode == 0
+        assert stat.S_IMODE(conf.stat().st_mode) == 0o600 and stat.S_IMODE(conf.parent.stat().st_mode) == 0o700
+        os.chown(conf.parent, 0, 65534)  # as an operator sets it up for the service's group (nogroup here)
+        os.chown(conf, 65534, 65534)
+        os.chmod(conf, 0o644)  # (too open: others' read goes)
+        os.chmod(conf.parent, 0o755)
+        out = run_cli(tmp_path, "keys", "add", "bob", **env)
+        assert out.returncode == 0, out.stderr
+        st = conf.stat()
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (65534, 65534, 0o640)
+        assert stat.S_IMODE(conf.parent.stat().st_mode) == 0o750
+        read = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat", str(conf)],
+                              capture_output=True, text=True, timeout=10)
+        assert read.returncode == 0 and "name: bob" in read.stdout, read.stderr  # the service's user reads it
+
+        os.chown(conf, 0, 65534)  # root's file, in a directory another user may write to
+        os.chmod(conf.parent, 0o770)
+        before = conf.read_bytes()
+        child = os.fork()
+        if child == 0:  # (a user who is neither its owner nor root)
+            code = 1
+            try:
+                os.setegid(65534)
+                os.seteuid(65534)
+                write_file(conf, {"bind_addr": "127.0.0.1:1"})
+            except PermissionError as exc:
+                code = 0 if "run this as its owner or as root" in str(exc) else 2
+            finally:
+                os._exit(code)
+        assert os.waitpid(child, 0)[1] == 0
+        assert conf.read_bytes() == before and conf.stat().st_uid == 0
+        assert [p.name for p in conf.parent.iterdir()] == ["config.yaml"]  # (no temporary file left)
+    finally:
+        shutil.rmtree(etc)

@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -68,9 +69,27 @@ def load_settings(env: Mapping[str, str] = os.environ) -> tuple[dict, dict, Path
 
 
 def write_file(path: Path, values: Mapping[str, Any]) -> None:
-    """Atomic write, mode 0600 in a 0700 directory: the file may hold API keys."""
+    """Atomic write of a file that may hold API keys. A new one is 0600 in a 0700 directory. One
+    that exists keeps its owner and group and, of its mode, at most the read of a group other
+    than the writer's own (a service's file: deploy/'s ``root:resp2chat`` 0640, read by the
+    gateway's user): ``keys add`` run by root does not lock the gateway out of its own file; its
+    directory keeps at most that group's ``r-x`` then, else it is 0700. Nothing is ever left open to others. A group or owner the
+    writer cannot keep (not root, not its owner) is an error, not a file the gateway cannot read."""
+    try:
+        old = path.stat()
+    except FileNotFoundError:
+        old = None
+    me = os.geteuid()
+    if old is not None and me != 0 and old.st_uid != me:
+        raise PermissionError(f"{path} belongs to uid {old.st_uid}: run this as its owner or as root, so that it "
+                              "keeps its owner (the gateway may read it as them)")
+    # the group's read is kept where a group was given on purpose (not the writer's own: a file
+    # made with the usual umask, 0644 in the writer's group, becomes 0600 as a new one is)
+    mode = 0o600 | (stat.S_IMODE(old.st_mode) & 0o040 if old is not None and old.st_gid != os.getegid() else 0)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path.parent, 0o700)
+    now = stat.S_IMODE(path.parent.stat().st_mode)
+    if now != (want := 0o700 | (now & 0o050 if mode & 0o040 else 0)):
+        os.chmod(path.parent, want)
     ordered = {f.name: values[f.name] for f in FIELDS if f.name in values}
     text = "# resp2chat configuration (see README: Configuration)\n" + yaml.safe_dump(
         ordered, sort_keys=False, allow_unicode=True)
@@ -80,7 +99,13 @@ def write_file(path: Path, values: Mapping[str, Any]) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o600)
+        if old is not None and (old.st_uid, old.st_gid) != (me, os.getegid()):
+            try:
+                os.chown(tmp, old.st_uid if me == 0 else -1, old.st_gid)
+            except PermissionError:
+                raise PermissionError(f"{path} has group {old.st_gid}, which this user cannot give a file: "
+                                      "run this as root, or as a member of that group") from None
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -684,7 +684,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if getattr(args, "mitmproxy_args", None) and args.mitmproxy_args[0] == "--":
         args.mitmproxy_args = args.mitmproxy_args[1:]
-    return args.func(args) or 0
+    try:
+        return args.func(args) or 0
+    except PermissionError as exc:  # (a file it may not write: config.write_file says why)
+        print(f"resp2chat: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
