@@ -157,6 +157,7 @@ def main(files: list[str], since: str | None = None, as_machine: bool = False, o
         print("resp2chat: no turns" + (f" since {since}" if since else "") + f" in {', '.join(files)}", file=sys.stderr)
     if report.skipped and not as_machine:
         print(f"resp2chat: skipped {report.skipped} line{'s' if report.skipped != 1 else ''} that "
-              f"{'are' if report.skipped != 1 else 'is'} not access-log records (cut short, or other output)",
+              f"{'are not access-log records' if report.skipped != 1 else 'is not an access-log record'} (cut short, or "
+              "other output)",
               file=sys.stderr)
     return 0
