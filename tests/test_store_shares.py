@@ -232,6 +232,26 @@ async def test_redis_moves_in_every_entry_of_the_version_befores_last_batch(redi
         await state.close()
 
 
+async def test_redis_evicts_even_when_redis_lost_an_index_key(redis_server):
+    """Redis may lose a key of the index (an eviction policy such as allkeys-lru under memory
+    pressure, an operator's DEL): a write past a cap still ends, the cap held, instead of a
+    script that picks the same victim forever (Redis busy, every replica's call refused)."""
+    r = redis_server.client()
+    state = RedisState(redis_server.url)
+    store = RedisResponseStore(state, ttl=3600, max_entries=3, max_bytes=1 << 20)
+    try:
+        for n in range(3):
+            await put(store, "client.a", rid("a", n))
+        r.delete("resp2chat:entries:sizes")
+        await put(store, "client.a", rid("a", 3))
+        assert len(store) == 3 and r.zcard("resp2chat:entries") == 3
+        await put(store, "client.b", rid("b", 0))
+        assert await kept(store, "client.b", [rid("b", 0)]) == [rid("b", 0)]
+        assert r.zcard("resp2chat:entries") == 3
+    finally:
+        await state.close()
+
+
 # --- through real gateways: two clients -----------------------------------------------------------
 
 ALICE, BOB = "alice-key-0123456789abcdef", "bob-key-0123456789abcdefgh"

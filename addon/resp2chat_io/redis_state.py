@@ -107,9 +107,14 @@ end
 -- returns the size it was counted with (nil: none)
 local function account(member, at, size)
   local old = redis.call('HGET', sizes, member)
-  if not old and not size then return nil end
   local ns = split(member)
   local owned = prefix .. ns .. 'owned'
+  if not old and not size then
+    if not redis.call('ZSCORE', owned, member) then return nil end
+    -- among its owner's entries without a size: Redis lost a key of the index (an eviction
+    -- policy, a DEL). It leaves them all the same, or the caps' loop would pick it forever
+    old = '0'
+  end
   local before, oldest, oldest_at = place(ns)
   local held = 0
   if old then
@@ -117,7 +122,7 @@ local function account(member, at, size)
     redis.call('DECRBY', total, old)
     redis.call('ZREM', idx, member)
     redis.call('ZREM', owned, member)
-    held = redis.call('HINCRBY', owner_bytes, ns, -tonumber(old))
+    held = redis.call('HINCRBY', owner_bytes, ns, 0 - tonumber(old))  -- (not -0: no integer to Redis)
   end
   if size then
     redis.call('HSET', sizes, member, size)
