@@ -330,19 +330,25 @@ def test_an_entry_without_an_id_keeps_its_names_state(upstream, tmp_path, redis_
         gw.stop()
 
 
+PATHS = ("/v1/responses", "/v1/embeddings", "/v1/responses/input_tokens")  # (a turn, a passthrough, the token count)
+
+
 def test_a_key_revoked_while_its_request_body_comes_in_is_refused(upstream, tmp_path):
     """The gate lets a request in at its head; its body may take a while to come. A key revoked
     or rotated meanwhile is refused once the body is in (401 ``invalid_api_key``), not served as
-    a turn of nobody (no client, no limits) or of the name's new key."""
-    keys = {name: run_cli(tmp_path, "keys", "add", name).stdout.strip() for name in ("bob", "alice")}
+    a request of nobody (no client, no limits) or of the name's new key: a turn, a passthrough
+    the backend serves (embeddings) and the token count alike; nothing reaches the backend."""
+    cases = [(path, change, f"c{n}{change[:3]}") for n, path in enumerate(PATHS) for change in ("revoke", "rotate")]
+    keys = {name: run_cli(tmp_path, "keys", "add", name).stdout.strip() for _, _, name in cases}
     gw = start_gateway(upstream.origin, tmp_path, "--set", "resp2chat_max_replay_entries=0", env=cli_env(tmp_path))
     host, port = gw.base_url.removeprefix("http://").split("/")[0].split(":")
     body = json.dumps({"model": ALL, "input": "hi"}).encode()
     try:
-        for change, name in (("revoke", "bob"), ("rotate", "alice")):
+        upstream.clear()
+        for path, change, name in cases:
             key = keys[name]
             sock = socket.create_connection((host, int(port)), timeout=30)
-            sock.sendall(f"POST /v1/responses HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n"
+            sock.sendall(f"POST {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n"
                          f"authorization: Bearer {key}\r\ncontent-length: {len(body)}\r\n\r\n".encode())
             out = run_cli(tmp_path, "keys", change, name)  # (the head is in: the gate let it in)
             assert out.returncode == 0, out.stderr
@@ -354,8 +360,10 @@ def test_a_key_revoked_while_its_request_body_comes_in_is_refused(upstream, tmp_
             answer.begin()
             text = answer.read()
             sock.close()
-            assert answer.status == 401 and json.loads(text)["error"]["code"] == "invalid_api_key", text[:300]
+            assert answer.status == 401 and json.loads(text)["error"]["code"] == "invalid_api_key", (path, text[:300])
             assert answer.getheader("x-request-id").startswith("req_")
+        # (the turns above that waited for the reload reached it; no embeddings request did)
+        assert not [r for r in upstream.requests() if "input" in r]
         for key in keys.values():
             assert not key or key not in gw.log()
     finally:

@@ -211,6 +211,47 @@ async def test_redis_reads_and_evicts_entries_the_version_before_wrote(redis_ser
         await state.close()
 
 
+async def test_redis_moves_in_every_entry_of_the_version_befores_last_batch(redis_server):
+    """A store the version before left with fewer entries than one write moves in (its last batch):
+    every one of them joins the index and its owner's share, none is left outside the caps."""
+    r = redis_server.client()
+    now = float(r.time()[0])
+    a = [rid("a", i) for i in range(5)]
+    for n, i in enumerate(a):
+        write_as_the_version_before(r, "client.a", i, now - 100 + n, "a")
+    state = RedisState(redis_server.url)
+    store = RedisResponseStore(state, ttl=3600, max_entries=4, max_bytes=1 << 20)
+    try:
+        await put(store, "client.b", rid("b", 0))
+        assert not r.exists("resp2chat:responses")
+        assert r.zcard("resp2chat:entries") == len(store) == 4  # (the cap holds: a's oldest two gone)
+        assert await kept(store, "client.a", a) == a[2:]
+        assert int(r.get("resp2chat:entries:bytes")) == sum(int(v) for v in r.hvals("resp2chat:entries:sizes")) == \
+            sum(int(v) for v in r.hvals("resp2chat:owners:bytes"))
+    finally:
+        await state.close()
+
+
+async def test_redis_evicts_even_when_redis_lost_an_index_key(redis_server):
+    """Redis may lose a key of the index (an eviction policy such as allkeys-lru under memory
+    pressure, an operator's DEL): a write past a cap still ends, the cap held, instead of a
+    script that picks the same victim forever (Redis busy, every replica's call refused)."""
+    r = redis_server.client()
+    state = RedisState(redis_server.url)
+    store = RedisResponseStore(state, ttl=3600, max_entries=3, max_bytes=1 << 20)
+    try:
+        for n in range(3):
+            await put(store, "client.a", rid("a", n))
+        r.delete("resp2chat:entries:sizes")
+        await put(store, "client.a", rid("a", 3))
+        assert len(store) == 3 and r.zcard("resp2chat:entries") == 3
+        await put(store, "client.b", rid("b", 0))
+        assert await kept(store, "client.b", [rid("b", 0)]) == [rid("b", 0)]
+        assert r.zcard("resp2chat:entries") == 3
+    finally:
+        await state.close()
+
+
 # --- through real gateways: two clients -----------------------------------------------------------
 
 ALICE, BOB = "alice-key-0123456789abcdef", "bob-key-0123456789abcdefgh"

@@ -107,9 +107,14 @@ end
 -- returns the size it was counted with (nil: none)
 local function account(member, at, size)
   local old = redis.call('HGET', sizes, member)
-  if not old and not size then return nil end
   local ns = split(member)
   local owned = prefix .. ns .. 'owned'
+  if not old and not size then
+    if not redis.call('ZSCORE', owned, member) then return nil end
+    -- among its owner's entries without a size: Redis lost a key of the index (an eviction
+    -- policy, a DEL). It leaves them all the same, or the caps' loop would pick it forever
+    old = '0'
+  end
   local before, oldest, oldest_at = place(ns)
   local held = 0
   if old then
@@ -117,7 +122,7 @@ local function account(member, at, size)
     redis.call('DECRBY', total, old)
     redis.call('ZREM', idx, member)
     redis.call('ZREM', owned, member)
-    held = redis.call('HINCRBY', owner_bytes, ns, -tonumber(old))
+    held = redis.call('HINCRBY', owner_bytes, ns, 0 - tonumber(old))  -- (not -0: no integer to Redis)
   end
   if size then
     redis.call('HSET', sizes, member, size)
@@ -146,17 +151,22 @@ local function account(member, at, size)
   end
   return old
 end
-local function legacy_gone(member)
+-- an entry of the version before's index: its size there (nil: none), forgotten there
+local function legacy_size(member)
   local size = redis.call('HGET', legacy_sizes, member)
   if size then
     redis.call('HDEL', legacy_sizes, member)
     redis.call('DECRBY', legacy_total, size)
   end
+  return size
+end
+-- that index emptied: its counts go too (only once every member it had is out: a batch that
+-- empties it still reads each one's size)
+local function legacy_emptied()
   if redis.call('ZCARD', legacy) == 0 then
     redis.call('DEL', legacy_total, legacy_sizes)
     old_left = false
   end
-  return size
 end
 -- one response gone (by its member of the index, ``{ns}{id}``): its hash, the item keys that still
 -- point at it, its accounting (an entry of the version before too)
@@ -172,7 +182,10 @@ local function drop(member)
   end
   redis.call('DEL', key)
   local freed = account(member, nil, nil)
-  if old_left and redis.call('ZREM', legacy, member) == 1 then legacy_gone(member) end
+  if old_left and redis.call('ZREM', legacy, member) == 1 then
+    legacy_size(member)
+    legacy_emptied()
+  end
   return freed
 end
 -- entries the version before wrote (one index of every owner's, by time; a replica of that version
@@ -184,12 +197,13 @@ local function migrate(n)
   local popped = redis.call('ZPOPMIN', legacy, n)
   for i = 1, #popped, 2 do
     local member = popped[i]
-    local size = legacy_gone(member)
+    local size = legacy_size(member)
     local ns, rid = split(member)
     if size and redis.call('EXISTS', prefix .. ns .. 'response:' .. rid) == 1 then
       account(member, tonumber(popped[i + 1]), tonumber(size))
     end
   end
+  legacy_emptied()  -- (after the batch: ZPOPMIN may have taken the last of them at once)
 end
 -- the entry to evict past a cap (``set``: the owners by count, or by bytes): the oldest of the
 -- owner holding the most (of equals, the one whose oldest entry is oldest), never ``keep`` (then

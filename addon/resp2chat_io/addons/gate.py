@@ -251,6 +251,11 @@ class Gate(Owner):
             return
         if flow.response or flow.is_replay == "response":
             return
+        if not flow.is_replay and not self.accepts(self.callers.get(flow.id)):
+            # its key revoked or rotated while its body came in (or none, keys needed since): every
+            # request, not only a turn (HttpTurns asks again, ``caller``, as it starts one)
+            flow.metadata.setdefault(META, {})["status"] = "rejected"
+            return self.refuse(flow, no_longer_accepted())
         req = flow.request
         if len(req.raw_content or b"") > self.limit:
             self.too_large(flow)
