@@ -22,15 +22,6 @@ def test_rpm_is_a_bucket_that_refills_continuously():
     assert requests.level < 1e-9
 
 
-def test_a_refund_gives_the_request_token_back_up_to_the_limit():
-    requests = L.Bucket.full(2, now=0.0)
-    assert L.decide(0.0, 2, requests, None, None, 0, None).admitted
-    L.refund(0.0, requests)
-    assert requests.level == 2.0
-    L.refund(1.0, requests)  # (a bucket full already stays full)
-    assert requests.level == 2.0 and requests.at == 1.0
-
-
 def test_tpm_is_spent_when_a_turn_ends_and_may_go_below_zero():
     tokens = L.Bucket.full(1000, now=0.0)
     assert L.decide(0.0, None, None, 1000, tokens, 0, None).admitted  # a turn takes no token up front

@@ -129,13 +129,6 @@ def verdict(why: str, rpm: int | None, requests: Bucket | None, tpm: int | None,
     return Verdict(False, heads, wait, why)
 
 
-def refund(now: float, requests: Bucket) -> None:
-    """A request admitted, then refused before any backend saw it for a model its client may not
-    use (to it, one that does not exist): it spends nothing, its request token goes back."""
-    requests.refill(now)
-    requests.level = min(float(requests.capacity), requests.level + 1)
-
-
 def spend(now: float, tokens: Bucket, used: int) -> None:
     """A turn's backend tokens, taken from the client's token bucket when it ends."""
     tokens.refill(now)

@@ -80,25 +80,19 @@ return {why, tostring(rl), tostring(tl), tostring(now), open}
 
 _END = """
 local prefix, client, turn = ARGV[1], ARGV[2], ARGV[3]
-local tpm, used, rpm = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local tpm, used = tonumber(ARGV[4]), tonumber(ARGV[5])
 local key = prefix .. 'limits:' .. client
 redis.call('ZREM', key .. ':streams', turn)
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local function level(lf, tf, cap)
-  local v = redis.call('HMGET', key, lf, tf)
-  local l, at = tonumber(v[1]), tonumber(v[2])
-  if l == nil or at == nil then return cap end
-  l = l + math.max(0, now - at) * cap / 60
-  if l > cap then l = cap end
-  return l
-end
 if tpm > 0 and used > 0 then
-  redis.call('HSET', key, 't', tostring(level('t', 'tt', tpm) - used), 'tt', tostring(now))
-  redis.call('EXPIRE', key, 3600)
-end
-if rpm > 0 then
-  redis.call('HSET', key, 'r', tostring(math.min(rpm, level('r', 'rt', rpm) + 1)), 'rt', tostring(now))
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  local v = redis.call('HMGET', key, 't', 'tt')
+  local l, at = tonumber(v[1]), tonumber(v[2])
+  if l == nil or at == nil then l = tpm else
+    l = l + math.max(0, now - at) * tpm / 60
+    if l > tpm then l = tpm end
+  end
+  redis.call('HSET', key, 't', tostring(l - used), 'tt', tostring(now))
   redis.call('EXPIRE', key, 3600)
 end
 return 1
@@ -123,12 +117,10 @@ class Ticket:
     streamed: bool  # counted among its client's open turns (it has max_streams)
     home: "LocalLimits | RedisLimits"
 
-    def release(self, tpm: int | None, used: int, refund: int | None = None) -> None:
+    def release(self, tpm: int | None, used: int) -> None:
         """The turn is over: it no longer counts as open, and its backend tokens (``used``) are
-        taken from its client's token bucket (``tpm``: the client's limit now; None: none).
-        ``refund``: the client's ``rpm`` now, when the request spends nothing (``limits.refund``:
-        its request token goes back)."""
-        self.home.release(self, tpm, used, refund)
+        taken from its client's token bucket (``tpm``: the client's limit now; None: none)."""
+        self.home.release(self, tpm, used)
 
 
 class LimitState(Protocol):
@@ -176,16 +168,13 @@ class LocalLimits:
             local.open.add(turn_id)
         return verdict, Ticket(client.name, turn_id, client.max_streams is not None, self)
 
-    def release(self, ticket: Ticket, tpm: int | None, used: int, refund: int | None = None) -> None:
+    def release(self, ticket: Ticket, tpm: int | None, used: int) -> None:
         local = self._clients.setdefault(ticket.client, _Client())
         local.open.discard(ticket.turn_id)
         if tpm is not None and used > 0:
             local.tokens = local.tokens or L.Bucket.full(tpm, time.monotonic())
             local.tokens.capacity = tpm
             L.spend(time.monotonic(), local.tokens, used)
-        if refund is not None and local.requests is not None:
-            local.requests.capacity = refund
-            L.refund(time.monotonic(), local.requests)
 
     async def refresh(self, tickets: Iterable[Ticket]) -> None:
         pass  # (nothing here runs out)
@@ -212,13 +201,13 @@ class RedisLimits:
         verdict = L.verdict(why, client.rpm, requests, client.tpm, tokens)
         return verdict, Ticket(client.name, turn_id, client.max_streams is not None, self) if verdict.admitted else None
 
-    def release(self, ticket: Ticket, tpm: int | None, used: int, refund: int | None = None) -> None:
-        if not (ticket.streamed or (tpm is not None and used > 0) or refund):
+    def release(self, ticket: Ticket, tpm: int | None, used: int) -> None:
+        if not (ticket.streamed or (tpm is not None and used > 0)):
             return  # (nothing to count in Redis: no Redis round trip)
         script = self.state.script_from(_END)
         name, turn_id = ticket.client, ticket.turn_id
         self.writes.start(f"the end of turn {turn_id} not counted for client {name!r}", self.state.call(
-            "count a turn's end", lambda c: script(args=[KEY_ROOT, name, turn_id, tpm or 0, used, refund or 0])))
+            "count a turn's end", lambda c: script(args=[KEY_ROOT, name, turn_id, tpm or 0, used])))
 
     async def refresh(self, tickets: Iterable[Ticket]) -> None:
         by_client: dict[str, list[str]] = {}

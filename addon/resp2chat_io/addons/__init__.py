@@ -76,7 +76,6 @@ def build() -> list:
     gate = Gate(source, upstreams)
     limits = Limits(store, gate)
     upstreams.meter = limits.meter  # (a limited client's passthrough answer: its usage read on the way)
-    upstreams.refund = limits.refund  # (one refused for a model its client may not use spends nothing)
     turns = Turns(source, upstreams, search, store, limits, hosted)
     store.sealer = turns.sealer
     background = store.background = Background(turns, store, upstreams.relay)

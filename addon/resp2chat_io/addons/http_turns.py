@@ -201,7 +201,7 @@ class HttpTurns:
             # (the cache keys /v1/responses: after the decode, which kept what hashes a long body's
             # history once: requestbody.body_digest)
             hit = None if compact else await self._cached(flow, body, owner)
-            raw = self.turns.check(data, client, flow.id)
+            raw = self.turns.check(data, client)
             note_request(meta, None, raw)
             if compact:
                 raw = compaction.compact_request(raw)

@@ -59,7 +59,7 @@ class InputTokens:
         owner = self.upstreams.owner_of(flow)
         try:
             raw = self.turns.check(await self.turns.decode(req.get_content(strict=False) or b""),
-                                   self.gate.client(meta.get("client")), flow.id)  # (Limits admitted it so)
+                                   self.gate.client(meta.get("client")))
             earlier = await self.turns.lookup(raw, owner)
             turn = self.turns.lower({**raw, "stream": False, "store": False, "background": False}, earlier, owner=owner,
                                     request_id=request_id(flow))

@@ -9,9 +9,7 @@ which.
 ``admit`` is asked once per turn before anything else is done for it (``Turns.admit``: HTTP and
 the WebSocket alike, reads never); a turn it admitted is released when it ends (its backend
 tokens spent from the token bucket), however it ends, where it was admitted (its ``Ticket``),
-once. One refused for a model its client may not use spends nothing (``refund``): that is
-known only once its body is read, after ``admit``, which stays first so that a client past its
-limits costs no decoding.
+once.
 
 A limit bounds everything a client makes a backend do, not only turns: the other requests that
 reach a backend (``backend_work``: a passthrough that is not a read, such as ``POST
@@ -98,16 +96,6 @@ class Limits:
         if ticket is None:
             return
         ticket.release(client.tpm if client is not None and client.name == ticket.client else None, used)
-
-    def refund(self, turn_id: str) -> None:
-        """A request ``admit`` admitted (a turn, or backend work), then refused before any backend
-        saw it for a model its client may not use (to it, a model that does not exist: ``Turns.check``,
-        upstreams.py for a passthrough): it spends nothing, as if it never came (its request token
-        back, no longer open). Again, or for a request not admitted: nothing."""
-        ticket = self._open.pop(turn_id, None)
-        if ticket is not None:
-            client = self.gate.client(ticket.client) if self.gate is not None else None
-            ticket.release(None, 0, client.rpm if client is not None else None)
 
     def finished(self, done) -> None:
         """A turns.py ``finished`` listener: the turn leaves its client's open turns, its backend

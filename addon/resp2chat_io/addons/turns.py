@@ -210,16 +210,15 @@ class Turns(Owner):
         """An admitted request that did not become a turn (refused, answered from the cache)."""
         self.limits.release(client, turn_id)
 
-    def check(self, raw: object, client: ClientSpec | None = None, turn_id: str = "") -> dict:
+    def check(self, raw: object, client: ClientSpec | None = None) -> dict:
         """A decoded request as the request object, within the caps (``GatewayError`` otherwise),
         before anything walks its items; a model the client may not use is one that does not
-        exist (404 ``model_not_found``), and spends nothing of its limits (``turn_id``: as admitted)."""
+        exist (404 ``model_not_found``)."""
         if not isinstance(raw, dict):
             raise GatewayError("request body must be a JSON object", code="invalid_json")
         check_caps(raw, self.caps)
         model = raw.get("model")
         if client is not None and isinstance(model, str) and not allows_model(client, model):
-            self.limits.refund(turn_id)
             raise not_allowed(model)
         return raw
 

@@ -104,8 +104,6 @@ class Upstreams(Owner):
         # what reads a passthrough answer's usage on its way, for a client with limits
         # (addons/limits.py ``Limits.meter``; None: nothing)
         self.meter = lambda flow: None
-        # a limited client's passthrough refused for its model: spends nothing (``Limits.refund``)
-        self.refund = lambda request_id: None
 
     def _demo_url(self) -> str:
         if self.demo is None:
@@ -280,14 +278,12 @@ class Upstreams(Owner):
             await self.merged_models(flow, models)
             return
         if models and path.startswith("/v1/models/") and not clients.matches(models, path[11:]):
-            flow.response = refusal(flow, clients.not_allowed(path[11:]))  # (a read: admitted by no limit)
+            flow.response = refusal(flow, clients.not_allowed(path[11:]))
             return
         if models and req.method == "POST":  # (embeddings: the backend would serve any model it has)
             try:
                 clients.check_model(models, await offload.reduce(req.get_content(strict=False) or b"", _model, keys=True))
             except GatewayError as err:
-                if err.code == "model_not_found":
-                    self.refund(flow.id)
                 flow.response = refusal(flow, err)
                 return
         self.target(flow).route(flow, req.path[3:] if path.startswith("/v1/") else req.path)  # (the query kept)

@@ -321,7 +321,7 @@ class ResponsesWebSocket(Owner):
                 verdict = await turns.admit(client, turn_id)
                 if verdict is not None and not verdict.admitted:
                     raise verdict.error(client.name)
-            m.request = turns.check(create.body, client, turn_id)
+            m.request = turns.check(create.body, client)
             self._redact(live, m, mcp.redact_text(m.text, create.body))
             if create.body.get("background") is True:  # (it outlives its connection: HTTP's, polled)
                 raise GatewayError("background responses are created over HTTP (POST /v1/responses), not on the "
