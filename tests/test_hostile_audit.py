@@ -271,8 +271,8 @@ class Commenter(QuietHandler):
     """A chat backend that answers 200 at once and then sends SSE comments (``: keep-alive``)
     every 0.1 s, by model: ``comments`` forever (until the gateway hangs up; 60 s at most, for
     the test's own sake), ``queued`` for 2 s (a request waiting in OpenRouter's queue), then a
-    short answer; ``silent`` sends nothing at all for 2 s (a slow prefill), then the answer.
-    ``calls``: per call, whether the gateway cut it (``cut``)."""
+    short answer; ``silent`` sends nothing at all for 2 s (a slow prefill), then the answer;
+    ``late`` is ``comments`` after 0.5 s of silence. ``calls``: per call, whether the gateway cut it (``cut``)."""
 
     calls: list[dict] = []
 
@@ -285,6 +285,8 @@ class Commenter(QuietHandler):
         try:
             if model == "silent":
                 time.sleep(2)  # (the backend's prefill: no byte, not even a comment)
+            if model == "late":
+                time.sleep(0.5)  # (the gateway waits on the backend meanwhile: then the comments begin)
             while model != "silent" and time.monotonic() < until:
                 self.wfile.write(http_chunk(b": keep-alive\n\n"))
                 self.wfile.flush()
@@ -362,6 +364,21 @@ def test_a_backend_that_sends_only_comments_fails_the_turn_and_frees_its_slot(ga
         ok = requests.post(gw.base_url + "/responses", json={"model": "queued", "input": "hi"}, headers=auth,
                            timeout=20)
         assert ok.status_code == 200, ok.text
+
+
+def test_comments_that_begin_while_the_gateway_waits_are_bounded_too(gateway_factory):
+    """The data rule applies once comments come; the relay's wait for the backend was armed before
+    they did (for the idle rule, or the keepalive), and nothing re-armed it: comments that began
+    after a moment of silence were bounded by the idle timeout (60 s by default), with it at 0
+    and no keepalives, never. Now no wait outlasts the data rule's time (so it fires at most that late)."""
+    with LocalServer(Commenter) as backend:
+        Commenter.calls = []
+        gw = gateway_factory(backend.url, "--set", "resp2chat_upstream_idle_timeout_secs=0",
+                             "--set", "resp2chat_upstream_data_timeout_secs=1", "--set", "resp2chat_keepalive_secs=0")
+        r = requests.post(gw.base_url + "/responses", json={"model": "late", "input": "hi"}, timeout=20)
+        assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_timeout", r.text
+        assert "sent no data for 1 s" in r.json()["error"]["message"]
+        wait_until(lambda: Commenter.calls[-1]["cut"], 10, "the backend call cut")
 
 
 def test_a_backend_that_sends_only_comments_falls_back_to_the_next_upstream(gateway_factory, upstream):

@@ -185,7 +185,10 @@ class _Watch:
         while not fut.done():
             wait = self._next()
             if wait is None or wait > 0:
-                await asyncio.wait({fut}, timeout=wait)
+                # (at most the data rule's time: comments that begin meanwhile bring its deadline,
+                # which this wait, armed before them, would not see; so it fires at most that late)
+                await asyncio.wait({fut}, timeout=wait if wait is not None and wait < self.data else
+                                   None if self.data == float("inf") else self.data)
             elif not self._act():
                 return False
         return True
