@@ -24,6 +24,7 @@ from types import SimpleNamespace
 
 import openai
 import pytest
+import requests
 import yaml
 
 from helpers import (Endless, LocalServer, cli_env, config_file, openai_client, post_turn, run_cli, scrape,
@@ -368,3 +369,35 @@ def test_a_key_revoked_while_its_request_body_comes_in_is_refused(upstream, tmp_
             assert not key or key not in gw.log()
     finally:
         gw.stop()
+
+
+def test_limits_are_counted_for_the_identity_not_the_name(upstream, tmp_path, redis_server):
+    """A client's rpm is counted for who holds the name (``ClientSpec.identity``), as its stored
+    state is: a name revoked and given to someone else starts with a full allowance on every
+    replica (before: the former holder's spent requests, counted by name, refused the newcomer for
+    up to a minute), and a rotated key does not start afresh (rotating is no way around a limit)."""
+    team = running(upstream.origin, tmp_path, redis_server, {"alice": ("--rpm", "2")})
+    t = next(team)
+    try:
+        def status(replica: int, key: str) -> int:
+            return post_turn(t.gws[replica], {"model": ALL, "input": "hi"}, {"authorization": f"Bearer {key}"}).status_code
+
+        def taken(key: str) -> None:  # (asked with a read, which spends nothing)
+            for gw in t.gws:
+                wait_until(lambda: requests.get(gw.base_url + "/models", headers={"authorization": f"Bearer {key}"},
+                                                timeout=10).status_code == 200, 10, "the key taken")
+
+        assert [status(0, t.keys["alice"]), status(1, t.keys["alice"]), status(0, t.keys["alice"])] == [200, 200, 429]
+        out = run_cli(t.tmp, "keys", "rotate", "alice")
+        assert out.returncode == 0, out.stderr
+        rotated = t.keys["alice-rotated"] = out.stdout.strip()
+        taken(rotated)
+        assert [status(0, rotated), status(1, rotated)] == [429, 429]
+        assert run_cli(t.tmp, "keys", "revoke", "alice").returncode == 0
+        out = run_cli(t.tmp, "keys", "add", "alice", "--rpm", "2")
+        assert out.returncode == 0, out.stderr
+        newcomer = t.keys["alice-new"] = out.stdout.strip()
+        taken(newcomer)
+        assert [status(1, newcomer), status(0, newcomer), status(1, newcomer)] == [200, 200, 429]
+    finally:
+        next(team, None)

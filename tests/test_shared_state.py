@@ -371,7 +371,7 @@ async def test_a_turn_admitted_in_redis_ends_there_and_an_old_redis_is_never_reo
 
     carol = ClientSpec("carol", "0" * 64, ("*",), tpm=100, max_streams=1)
     r = redis_server.client()
-    streams = "resp2chat:limits:carol:streams"
+    streams = "resp2chat:limits:client.carol:streams"  # (its identity: no id, its name)
     store = StoredResponses(SettingsSource(), Upstreams(SettingsSource()))
     limits = Limits(store)
     with taddons.context(store) as tctx:
@@ -392,7 +392,7 @@ async def test_a_turn_admitted_in_redis_ends_there_and_an_old_redis_is_never_reo
         limits.release(carol, "turn_a", 30)  # admitted in Redis: released in Redis
         limits.release(carol, "turn_a", 30)  # once
         await store.writes.flush()
-        assert r.zscore(streams, "turn_a") is None and round(float(r.hget("resp2chat:limits:carol", "t"))) == 70
+        assert r.zscore(streams, "turn_a") is None and round(float(r.hget("resp2chat:limits:client.carol", "t"))) == 70
 
         other = RedisServer(tmp_path / "other").start()
         try:

@@ -174,7 +174,7 @@ def test_limits_hold_across_replicas_with_openais_headers_then_recover(team):
 
     t = threading.Thread(target=long_turn)
     t.start()
-    wait_until(lambda: team.redis.zcard("resp2chat:limits:carol:streams") == 1, 20, "carol's turn open")
+    wait_until(lambda: team.redis.zcard(f"resp2chat:limits:{team.owner('carol')}:streams") == 1, 20, "carol's turn open")
     busy = team.post(1, "carol", {"input": "me too"})
     assert busy.status_code == 429 and busy.json()["error"]["code"] == "rate_limit_exceeded"
     assert "max_streams" in busy.json()["error"]["message"] and int(busy.headers["retry-after"]) >= 1
@@ -226,13 +226,13 @@ def test_embeddings_and_input_tokens_count_against_limits_across_replicas(team):
     for every replica (addons/limits.py): an embedding still answering on one replica keeps
     carol's turn out on the other; her three requests a minute are any three of them."""
     with open_embedding(team.gws[0], team.keys["carol"], ["slow: 300", "b", "c", "d"]) as sock:
-        assert team.redis.zcard("resp2chat:limits:carol:streams") == 1
+        assert team.redis.zcard(f"resp2chat:limits:{team.owner('carol')}:streams") == 1
         busy = team.post(1, "carol", {"input": "me too"})
         assert busy.status_code == 429 and "max_streams" in busy.json()["error"]["message"], busy.text
         with pytest.raises(openai.RateLimitError):
             team.sdk(1, "carol").embeddings.create(model=ALL, input="and me")
         assert b'"usage"' in rest(sock)
-    wait_until(lambda: team.redis.zcard("resp2chat:limits:carol:streams") == 0, 20, "the embedding released")
+    wait_until(lambda: team.redis.zcard(f"resp2chat:limits:{team.owner('carol')}:streams") == 0, 20, "the embedding released")
     counted = requests.post(team.gws[1].base_url + "/responses/input_tokens", json={"model": ALL, "input": "hi"},
                             headers={"authorization": f"Bearer {team.keys['carol']}"}, timeout=30)
     assert counted.status_code == 200 and counted.headers["x-ratelimit-remaining-requests"] == "1", counted.headers

@@ -30,6 +30,7 @@ from typing import Any, Sequence
 
 from .errors import GatewayError
 from .labels import OPERATOR_NAME, shown
+from .owner import of_client
 from .settings_error import SettingsError  # (not settings.py: it validates ``clients`` with parse_clients)
 
 DEFAULT = "default"  # the client gateway_api_key stands for
@@ -63,6 +64,12 @@ class ClientSpec:
     # owner. None: an entry without one (written by hand, or before ids): its name is its owner.
     # Not a secret (the config file, the Redis keys show it).
     id: str | None = None
+
+    @property
+    def identity(self) -> str:
+        """Who holds it: what its stored state and its limits' counts are kept under
+        (owner.of_client): kept by ``keys rotate``, new for a name revoked and added again."""
+        return of_client(self.name, self.id)
 
     @property
     def fingerprint(self) -> str:

@@ -6,7 +6,9 @@ store addon picks one when ``state_store_url`` changes (addons/store.py ``limit_
 
 - ``LocalLimits``: in this process.
 - ``RedisLimits``: in Redis, shared by every replica, each decision one Lua script (atomic: two
-  replicas cannot both take the last token). ``resp2chat:limits:{client}`` is a hash of the two
+  replicas cannot both take the last token). ``resp2chat:limits:{identity}`` (the client's
+  ``ClientSpec.identity``: a name revoked and added again starts afresh, a rotated key does
+  not) is a hash of the two
   buckets' levels and times (Redis's clock); ``…:streams`` a sorted set of the client's open
   turns, scored by their last heartbeat: a replica refreshes its open turns every ``HEARTBEAT``
   seconds, so the turns of a replica that died stop counting after ``LEASE``. Redis down
@@ -112,7 +114,8 @@ class Ticket:
     """A turn ``admit`` admitted, and the state that admitted it (``home``): it is released
     there."""
 
-    client: str  # the client's name
+    client: str  # the client's name (what a log line says)
+    key: str  # what its counts are kept under: the client's identity (``ClientSpec.identity``)
     turn_id: str
     streamed: bool  # counted among its client's open turns (it has max_streams)
     home: "LocalLimits | RedisLimits"
@@ -153,7 +156,7 @@ class LocalLimits:
 
     async def admit(self, client: ClientSpec, turn_id: str) -> tuple[L.Verdict, Ticket | None]:
         now = time.monotonic()
-        local = self._clients.setdefault(client.name, _Client())
+        local = self._clients.setdefault(client.identity, _Client())
         if client.rpm is not None:
             local.requests = local.requests or L.Bucket.full(client.rpm, now)
             local.requests.capacity = client.rpm  # (a reloaded limit applies at once)
@@ -166,10 +169,10 @@ class LocalLimits:
             return verdict, None
         if client.max_streams is not None:
             local.open.add(turn_id)
-        return verdict, Ticket(client.name, turn_id, client.max_streams is not None, self)
+        return verdict, Ticket(client.name, client.identity, turn_id, client.max_streams is not None, self)
 
     def release(self, ticket: Ticket, tpm: int | None, used: int) -> None:
-        local = self._clients.setdefault(ticket.client, _Client())
+        local = self._clients.setdefault(ticket.key, _Client())
         local.open.discard(ticket.turn_id)
         if tpm is not None and used > 0:
             local.tokens = local.tokens or L.Bucket.full(tpm, time.monotonic())
@@ -191,7 +194,7 @@ class RedisLimits:
         script = self.state.script_from(_ADMIT)
         try:
             why, rl, tl, now, _open = await self.state.call("check a client's limits", lambda c: script(args=[
-                KEY_ROOT, client.name, client.rpm or 0, client.tpm or 0, client.max_streams or 0, turn_id, LEASE]))
+                KEY_ROOT, client.identity, client.rpm or 0, client.tpm or 0, client.max_streams or 0, turn_id, LEASE]))
         except StateUnavailable:  # (logged by RedisState) this replica decides alone until Redis is back
             return await self.local.admit(client, turn_id)
         now = float(now)
@@ -199,24 +202,25 @@ class RedisLimits:
         tokens = L.Bucket(client.tpm, float(tl), now) if client.tpm is not None else None
         why = why.decode() if isinstance(why, bytes) else why
         verdict = L.verdict(why, client.rpm, requests, client.tpm, tokens)
-        return verdict, Ticket(client.name, turn_id, client.max_streams is not None, self) if verdict.admitted else None
+        return verdict, (Ticket(client.name, client.identity, turn_id, client.max_streams is not None, self)
+                         if verdict.admitted else None)
 
     def release(self, ticket: Ticket, tpm: int | None, used: int) -> None:
         if not (ticket.streamed or (tpm is not None and used > 0)):
             return  # (nothing to count in Redis: no Redis round trip)
         script = self.state.script_from(_END)
-        name, turn_id = ticket.client, ticket.turn_id
+        name, key, turn_id = ticket.client, ticket.key, ticket.turn_id
         self.writes.start(f"the end of turn {turn_id} not counted for client {name!r}", self.state.call(
-            "count a turn's end", lambda c: script(args=[KEY_ROOT, name, turn_id, tpm or 0, used])))
+            "count a turn's end", lambda c: script(args=[KEY_ROOT, key, turn_id, tpm or 0, used])))
 
     async def refresh(self, tickets: Iterable[Ticket]) -> None:
         by_client: dict[str, list[str]] = {}
         for ticket in tickets:
             if ticket.home is self and ticket.streamed:
-                by_client.setdefault(ticket.client, []).append(ticket.turn_id)
+                by_client.setdefault(ticket.key, []).append(ticket.turn_id)
         script = self.state.script_from(_HEARTBEAT)
-        for name, turns in by_client.items():
-            key = f"{KEY_ROOT}limits:{name}:streams"
+        for who, turns in by_client.items():
+            key = f"{KEY_ROOT}limits:{who}:streams"
             try:
                 await self.state.call("refresh open turns", lambda c, key=key, turns=turns: script(keys=[key],
                                                                                               args=[0, *turns]))

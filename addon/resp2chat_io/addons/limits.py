@@ -95,7 +95,7 @@ class Limits:
         ticket = self._open.pop(turn_id, None)
         if ticket is None:
             return
-        ticket.release(client.tpm if client is not None and client.name == ticket.client else None, used)
+        ticket.release(client.tpm if client is not None and client.identity == ticket.key else None, used)
 
     def finished(self, done) -> None:
         """A turns.py ``finished`` listener: the turn leaves its client's open turns, its backend
