@@ -191,7 +191,7 @@ def test_refused_passthrough_calls_are_counted_and_logged(upstream, gateway_fact
     log_path = tmp_path / "access.jsonl"
     carol = "carol-key-0123456789abcdef"
     gw = gateway_factory(upstream.origin, "--set", f"resp2chat_access_log_path={log_path}", env={
-        "RESP2CHAT_CLIENTS": json.dumps([{"name": "carol", "key": carol, "models": ["demo-*"], "rpm": 4}])})
+        "RESP2CHAT_CLIENTS": json.dumps([{"name": "carol", "key": carol, "models": ["demo-*"], "rpm": 5}])})
     auth = {"authorization": f"Bearer {carol}"}
 
     def embed(data: bytes, headers=auth) -> requests.Response:
@@ -206,7 +206,7 @@ def test_refused_passthrough_calls_are_counted_and_logged(upstream, gateway_fact
                embed(b'{"model": "demo-model", "input": "x"}'),  # (served: the backend's answer)
                requests.get(gw.base_url + "/models", headers=auth, timeout=30),  # (a read: served)
                embed(b'{"model": "demo-model", "input": "x"}'),
-               embed(b'{"model": "demo-model", "input": "x"}'),  # (rpm 4: the two 400s and two served)
+               embed(b'{"model": "demo-model", "input": "x"}'),  # (rpm 5: the refused model, two 400s, two served)
                requests.post(gw.base_url + "/responses/input_tokens", json={"model": "demo-model", "input": "x"},
                              headers=auth, timeout=30)]
     assert [r.status_code for r in answers] == [401, 404, 400, 400, 404, 200, 200, 200, 429, 429]
