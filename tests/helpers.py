@@ -59,6 +59,7 @@ ADDON = ROOT / "addon" / "resp2chat.py"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 CODEX_FIXTURES = FIXTURES / "codex-0.169.0"
 MITMDUMP = Path(sys.executable).with_name("mitmdump")
+MITMWEB = MITMDUMP.with_name("mitmweb")
 
 
 def codex_fixture(name: str) -> dict:
@@ -218,13 +219,13 @@ class Gateway:
 
 
 def start_gateway(upstream_url: str, tmp: Path, *extra: str, env: dict | None = None,
-                  scripts_first: tuple[str, ...] = (), addon: Path = ADDON) -> Gateway:
+                  scripts_first: tuple[str, ...] = (), addon: Path = ADDON, program: Path = MITMDUMP) -> Gateway:
     """A real `mitmdump -s addon/resp2chat.py --mode reverse:…` on a free loopback port
     (``scripts_first``: mitmproxy scripts loaded before the gateway's, e.g. tests/faults.py;
-    ``addon``: another checkout's, e.g. tests/fuzz.py --addon)."""
+    ``addon``: another checkout's, e.g. tests/fuzz.py --addon; ``program``: ``MITMWEB``)."""
     port = free_port()
     log_path = tmp / f"mitmdump-{port}.log"
-    args = [str(MITMDUMP), *(a for script in scripts_first for a in ("-s", script)),
+    args = [str(program), *(a for script in scripts_first for a in ("-s", script)),
             "-s", str(addon), "--mode", f"reverse:{upstream_url}",
             "--listen-host", "127.0.0.1", "--listen-port", str(port),
             "--set", f"confdir={tmp / 'mitmconf'}", *extra]

@@ -27,8 +27,8 @@ import pytest
 import requests
 import yaml
 
-from helpers import (Endless, LocalServer, cli_env, config_file, openai_client, post_turn, run_cli, scrape,
-                     start_gateway, wait_until)
+from helpers import (MITMWEB, Endless, LocalServer, cli_env, config_file, free_port, openai_client, post_turn,
+                     run_cli, scrape, start_gateway, wait_until)
 from test_teams import ALL, Team
 from test_websearch_e2e import BRAVE_KEY, SEARCH_PROMPT, WEB_SEARCH, _Brave
 from wsclient import WSClient
@@ -212,6 +212,42 @@ def test_keyless_turns_stop_once_keys_add_locks_the_gateway(endless, tmp_path):
         assert queued.status == "queued"  # (the three: its turn, the stream, the socket's turn)
         assert post_turn(gw, {"model": ALL, "input": "hi"}).status_code == 401
         assert key not in gw.log()
+    finally:
+        gw.stop()
+
+
+def test_clients_set_in_mitmweb_while_it_runs_stop_a_dropped_keys_turns(endless, tmp_path):
+    """An operator who edits ``clients`` in mitmweb's options (its REST API, as its editor does)
+    rather than in the file: bob's stream in flight stops (``invalid_api_key``) as a file edit
+    stops it, and his key is refused from then on; alice's stream goes on."""
+    keys = {name: f"sk-{name}-" + "k" * 32 for name in ("alice", "bob")}
+    entries = [{"name": name, "key": key} for name, key in keys.items()]
+    web_port, password = free_port(), "web-" + "p" * 24
+    gw = start_gateway(endless.url, tmp_path, "--set", "resp2chat_clients=" + json.dumps(entries),
+                       "--set", f"web_port={web_port}", "--set", "web_host=127.0.0.1", "--set", "web_open_browser=false",
+                       "--set", f"web_password={password}", env=cli_env(tmp_path), program=MITMWEB)
+    try:
+        deadline = time.monotonic() + 60
+        streams = {name: sdk_events(openai_client(gw, api_key=key).responses.create(
+            model=ALL, input="go on", stream=True)) for name, key in keys.items()}
+        seen: dict[str, list] = {name: [] for name in keys}
+        for name, it in streams.items():
+            read_until(it, {"response.output_text.delta"}, deadline, seen[name])
+        xsrf = "x" * 32  # (mitmweb's double-submit check: the same value as cookie and header)
+        r = requests.put(f"http://127.0.0.1:{web_port}/options", json={"resp2chat_clients": json.dumps(entries[:1])},
+                         headers={"authorization": f"Bearer {password}", "X-XSRFToken": xsrf},
+                         cookies={"_mitmproxy_xsrf": xsrf}, timeout=10)
+        assert r.status_code == 200, r.text
+        read_until(streams["bob"], {"response.failed", "response.completed"}, time.monotonic() + STOP_WITHIN,
+                   seen["bob"])
+        assert_stopped(seen["bob"])
+        wait_until(lambda: len(Endless.closed) == 1, STOP_WITHIN, "bob's backend call closed")
+        n = len(seen["alice"])
+        read_until(streams["alice"], {"response.output_text.delta"}, time.monotonic() + 10, seen["alice"])
+        assert len(seen["alice"]) > n and len(Endless.closed) == 1
+        assert post_turn(gw, {"model": ALL, "input": "hi"}, {"authorization": f"Bearer {keys['bob']}"}).status_code == 401
+        for key in keys.values():
+            assert key not in gw.log()
     finally:
         gw.stop()
 

@@ -2,8 +2,8 @@
 
 Rules of this file:
 - Sans-I/O. An owner is a short opaque string; which one a request has is decided in one place
-  (``Upstreams.owner_of`` in resp2chat_io/addons/upstreams.py), from the request as the client sent
-  it, for every path that reads or writes stored state (``POST /v1/responses``, the Responses
+  (``Upstreams.owner_of`` in resp2chat_io/addons/upstreams.py: a configured client's identity, which
+  the gate put in the flow's metadata, else from the request as the client sent it), for every path that reads or writes stored state (``POST /v1/responses``, the Responses
   WebSocket, ``GET``/``DELETE /v1/responses/{id}``, the Redis prefetch, the replay cache).
 - Another owner's response id, item id or cached answer is exactly an unknown one: the stores
   (store.py, redis_state.py) and the replay cache look up only within the owner.

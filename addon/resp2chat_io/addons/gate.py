@@ -97,18 +97,19 @@ class Gate(Owner):
         # error): its key, not only its name, which a reload may give to another key meanwhile
         self.callers: dict[str, ClientSpec] = {}
         self._watch: asyncio.Task | None = None
-        # told of every reloaded clients list (with ``accepts``, the rule from now on): the turns in
-        # flight of a key no longer accepted stop (Turns.clients_changed)
+        # told of every changed clients list (``changed``: the file reloaded, or the option set; with
+        # ``accepts``, the rule from now on): the turns in flight of a key no longer accepted stop
+        # (Turns.clients_changed)
         self.reloaded: list[Callable[[Callable[[ClientSpec | None], bool]], None]] = []
 
     def apply(self, updated: set[str]) -> None:
         self.rules = G.parse_passthrough(self.s["passthrough_paths"])
         # `clients` with gateway_api_key (its `default` client): an invalid pair stops start-up
         try:
-            self.clients = ClientTable(parse_clients(self.s["clients"], self.s["gateway_api_key"]))
-            self.keyed = len(self.clients) > 0
+            table = ClientTable(parse_clients(self.s["clients"], self.s["gateway_api_key"]))
         except S.SettingsError as exc:
             raise exceptions.OptionsError(f"resp2chat: {exc}") from None
+        self.changed(table, keyed=len(table) > 0)
 
     @property
     def limit(self) -> int:
@@ -181,8 +182,7 @@ class Gate(Owner):
         if client is not None:
             self.callers[flow.id] = client
             meta["client"] = client.name  # (the name: who called, in the flow, the metrics, the access log)
-            if client.id:
-                meta["client_id"] = client.id  # (the identity: whose stored state, Upstreams.owner_of)
+            meta["owner"] = client.identity  # (whose stored state: Upstreams.owner_of; its limits are too)
             if client.models != ("*",):
                 meta["models"] = list(client.models)  # (its view of GET /v1/models: upstreams.py)
             for name in CREDENTIALS:  # the gateway's keys: they never leave the gateway
@@ -368,6 +368,15 @@ class Gate(Owner):
             except Exception as exc:  # noqa: BLE001 — a bad edit: keep the clients we have, say why
                 log.warning(f"resp2chat: the config file's clients were not reloaded: {exc}")
 
+    def changed(self, table: ClientTable, *, keyed: bool) -> None:
+        """The clients from now on, whichever way they changed (the watched file, or ``clients``
+        set while the gateway runs: mitmweb's options, ``--set`` of a console): the turns in
+        flight of a key no longer accepted stop, alike (``reloaded``'s listeners)."""
+        before, self.clients, self.keyed = self.clients, table, keyed
+        if table != before:
+            for listener in self.reloaded:
+                listener(self.accepts)
+
     def _reload(self) -> None:
         fixed = getattr(ctx.options, "resp2chat_clients", "") or "RESP2CHAT_CLIENTS" in os.environ
         try:
@@ -385,10 +394,8 @@ class Gate(Owner):
         table = ClientTable(parse_clients(values["clients"], self.s["gateway_api_key"]))
         if table != self.clients:
             self.source.reloaded("clients", values["clients"])  # (what a later configure reads too)
-            self.clients = table
             self.upstreams.clients_reloaded()  # (a plain key among them is a secret from now on)
-            for listener in self.reloaded:
-                listener(self.accepts)
+            self.changed(table, keyed=self.keyed)
             log.info(f"resp2chat: clients reloaded from the config file: {', '.join(table.names) or 'none'}")
             if not len(table) and self.keyed:
                 log.warning("resp2chat: the config file lists no client any more: every request is refused until "

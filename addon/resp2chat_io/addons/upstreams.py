@@ -197,9 +197,9 @@ class Upstreams(Owner):
         may reach a backend (``authorization``: ``forward_client_auth``, no gateway key, an
         upstream without its own key) the backend decides who the client is, so each credential
         is its own owner (a digest of it); otherwise every client of this gateway is one owner."""
-        client = (flow.metadata.get(META) or {}).get("client")
-        if client:
-            return owners.of_client(client, (flow.metadata.get(META) or {}).get("client_id"))
+        owner = (flow.metadata.get(META) or {}).get("owner")  # (a configured client's: the gate's ClientSpec.identity)
+        if owner is not None:
+            return owner
         forwarded = self.s["forward_client_auth"] and not self.s["gateway_api_key"] and (
             any(not s.api_key for s in self.specs) if self.specs else not self.s["upstream_api_key"])
         return owners.of_credential(flow.request.headers.get("authorization")) if forwarded else owners.SHARED

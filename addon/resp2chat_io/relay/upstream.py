@@ -187,8 +187,8 @@ class _Watch:
             if wait is None or wait > 0:
                 # (at most the data rule's time: comments that begin meanwhile bring its deadline,
                 # which this wait, armed before them, would not see; so it fires at most that late)
-                await asyncio.wait({fut}, timeout=wait if wait is not None and wait < self.data else
-                                   None if self.data == float("inf") else self.data)
+                limit = min(float("inf") if wait is None else wait, self.data)
+                await asyncio.wait({fut}, timeout=None if limit == float("inf") else limit)
             elif not self._act():
                 return False
         return True
