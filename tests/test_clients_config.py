@@ -368,14 +368,22 @@ def test_keys_add_refuses_a_taken_or_invalid_name_and_bad_limits(tmp_path):
 def test_keys_list_shows_names_limits_and_fingerprints_never_keys(tmp_path):
     alice = run_cli(tmp_path, "keys", "add", "alice", "--rpm", "60", "--models", "qwen3-*").stdout.strip()
     bob = run_cli(tmp_path, "keys", "add", "bob", "--tpm", "1500000", "--max-streams", "2").stdout.strip()
+    ids = {e["name"]: e["id"] for e in yaml.safe_load(config_file(tmp_path).read_text())["clients"]}
     out = run_cli(tmp_path, "keys", "list", RESP2CHAT_GATEWAY_API_KEY="gw-key-123456")
     assert out.returncode == 0, out.stderr
     rows = [line.split() for line in out.stdout.splitlines()[:4]]
-    assert rows == [["NAME", "KEY", "MODELS", "RPM", "TPM", "MAX", "STREAMS"],
-                    ["alice", sha(alice)[:8], "qwen3-*", "60", "-", "-"],
-                    ["bob", sha(bob)[:8], "*", "-", "1,500,000", "2"],
-                    ["default", sha("gw-key-123456")[:8], "*", "-", "-", "-"]]
+    assert rows == [["NAME", "KEY", "ID", "MODELS", "RPM", "TPM", "MAX", "STREAMS"],
+                    ["alice", sha(alice)[:8], ids["alice"][:8], "qwen3-*", "60", "-", "-"],
+                    ["bob", sha(bob)[:8], ids["bob"][:8], "*", "-", "1,500,000", "2"],
+                    ["default", sha("gw-key-123456")[:8], "-", "*", "-", "-", "-"]]
     assert "default: the client of gateway_api_key" in out.stdout
+    # a rotated key keeps its identity, a name revoked and added again has a new one
+    rotated = run_cli(tmp_path, "keys", "rotate", "alice").stdout.strip()
+    assert run_cli(tmp_path, "keys", "revoke", "bob").returncode == 0
+    run_cli(tmp_path, "keys", "add", "bob")
+    rows = {line.split()[0]: line.split() for line in run_cli(tmp_path, "keys", "list").stdout.splitlines()[1:3]}
+    assert rows["alice"][1:3] == [sha(rotated)[:8], ids["alice"][:8]]
+    assert rows["bob"][2] not in (ids["bob"][:8], "-")
     for secret in (alice, bob, sha(alice), sha(bob), "gw-key-123456"):
         assert secret not in out.stdout + out.stderr
     (tmp_path / "other").mkdir()

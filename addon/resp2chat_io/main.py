@@ -229,11 +229,13 @@ def cmd_keys_list(args) -> int:
         print(f"resp2chat: no clients (add one with `resp2chat keys add NAME`; config file {path})", file=sys.stderr)
         return 0
     unlimited = "-"
-    rows = [(s.name, s.fingerprint, ", ".join(s.models), *(unlimited if getattr(s, k) is None else f"{getattr(s, k):,}"
-                                                         for k in LIMITS)) for s in specs]
-    sys.stdout.write(table(("NAME", "KEY", "MODELS", "RPM", "TPM", "MAX STREAMS"), rows, right=(3, 4, 5)))
+    rows = [(s.name, s.fingerprint, (s.id or "-")[:8], ", ".join(s.models),
+             *(unlimited if getattr(s, k) is None else f"{getattr(s, k):,}" for k in LIMITS)) for s in specs]
+    sys.stdout.write(table(("NAME", "KEY", "ID", "MODELS", "RPM", "TPM", "MAX STREAMS"), rows, right=(4, 5, 6)))
     where = {"config file": str(path), "default": str(path)}.get(sources["clients"], sources["clients"])
-    print(f"\nKEY: the first 8 hex digits of the key's SHA-256 (printf %s \"$KEY\" | sha256sum | cut -c1-8); "
+    print(f"\nKEY: the first 8 hex digits of the key's SHA-256 (printf %s \"$KEY\" | sha256sum | cut -c1-8). "
+          "ID: the first 8 of the identity whose stored state and limits the client has (keys rotate keeps it; "
+          "-: none, its name's). "
           f"-: no limit. Clients from {where}"
           + ("; default: the client of gateway_api_key." if values["gateway_api_key"] else "."))
     return 0
