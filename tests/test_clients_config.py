@@ -65,7 +65,8 @@ def test_a_clients_id_is_its_identity_and_its_owner():
     assert alice.id == ident and of_client(alice.name, alice.id) == "id." + ident
     (legacy,) = parse_clients([{"name": "alice", "key": ALICE_KEY}])
     assert legacy.id is None and of_client(legacy.name, legacy.id) == "client.alice"
-    assert of_client("default", ident) == ""  # (gateway_api_key's: the one shared owner, as ever)
+    assert of_client("default") == ""  # (gateway_api_key's: the one shared owner, as ever)
+    assert of_client("default", ident) == "id." + ident  # (one keys add wrote: an identity as any other)
 
 
 def test_a_key_stays_accepted_only_as_the_same_name_key_and_id():

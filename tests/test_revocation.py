@@ -321,6 +321,55 @@ def test_a_name_revoked_and_added_again_owns_none_of_its_former_holders_state(te
     assert openai_client(team.gws[1], api_key=new_key).responses.retrieve(mine.id).output_text == "You said: mine now"
 
 
+def test_a_client_named_default_owns_its_own_state_not_the_shared_one(upstream, tmp_path):
+    """Without ``gateway_api_key``, ``keys add default`` is a client as any other: what it stores
+    is its id's. Revoked and added again for someone else, the new holder cannot read the former
+    one's response (it could: the name ``default`` was the shared owner whatever its id), nor
+    what the gateway stored while it took no keys."""
+    gw = start_gateway(upstream.origin, tmp_path, "--set", "resp2chat_max_replay_entries=0", env=cli_env(tmp_path))
+    try:
+        keyless = post_turn(gw, {"model": ALL, "input": "stored before keys"})
+        assert keyless.status_code == 200, keyless.text
+        first = run_cli(tmp_path, "keys", "add", "default")
+        assert first.returncode == 0, first.stderr
+        old = {"authorization": f"Bearer {first.stdout.strip()}"}
+        wait_until(lambda: post_turn(gw, {"model": ALL, "input": "hi"}).status_code == 401, 10, "keys needed")
+        r = post_turn(gw, {"model": ALL, "input": "the former holder's plan"}, old)
+        assert r.status_code == 200, r.text
+        assert requests.get(f"{gw.base_url}/responses/{keyless.json()['id']}", headers=old, timeout=10).status_code == 404
+        assert run_cli(tmp_path, "keys", "revoke", "default").returncode == 0
+        second = run_cli(tmp_path, "keys", "add", "default")
+        assert second.returncode == 0, second.stderr
+        new = {"authorization": f"Bearer {second.stdout.strip()}"}
+        wait_until(lambda: post_turn(gw, {"model": ALL, "input": "hi"}, new).status_code == 200, 10, "the new key")
+        for rid in (r.json()["id"], keyless.json()["id"]):
+            got = requests.get(f"{gw.base_url}/responses/{rid}", headers=new, timeout=10)
+            assert got.status_code == 404, got.text
+    finally:
+        gw.stop()
+
+
+def test_revoking_the_last_key_does_not_open_a_gateway_that_keys_add_locked(upstream, tmp_path):
+    """A loopback gateway started without keys, locked with ``keys add``: revoking that key (a
+    leaked one, the only one) refuses every request, with or without a key, until a key is
+    added; it opened the gateway to anyone again."""
+    gw = start_gateway(upstream.origin, tmp_path, env=cli_env(tmp_path))
+    try:
+        assert post_turn(gw, {"model": ALL, "input": "hi"}).status_code == 200
+        key = run_cli(tmp_path, "keys", "add", "alice").stdout.strip()
+        wait_until(lambda: post_turn(gw, {"model": ALL, "input": "hi"}).status_code == 401, 10, "keys needed")
+        assert run_cli(tmp_path, "keys", "revoke", "alice").returncode == 0
+        wait_until(lambda: "lists no client any more" in gw.log(), 10, "the revoke read")
+        for headers in ({}, {"authorization": f"Bearer {key}"}):
+            r = post_turn(gw, {"model": ALL, "input": "hi"}, headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
+        bob = run_cli(tmp_path, "keys", "add", "bob").stdout.strip()
+        wait_until(lambda: post_turn(gw, {"model": ALL, "input": "hi"}, {"authorization": f"Bearer {bob}"})
+                   .status_code == 200, 10, "bob's key")
+    finally:
+        gw.stop()
+
+
 def test_a_rotated_key_keeps_its_clients_state(team):
     """``keys rotate alice``: the new key reads what the old one stored, on both replicas; the
     old key is refused."""

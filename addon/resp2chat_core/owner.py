@@ -21,7 +21,7 @@ Owners:
   without an ``id`` (written by hand, or before ids) is ``client.`` + its name, as before.
   The two never meet (``id.…``, ``client.…``), whatever the names and ids. The
   ``default`` client (``gateway_api_key``) is ``SHARED``, so one gateway key keeps the owner it
-  always had.
+  always had; a client named ``default`` with an id is that id's, as any other.
 """
 
 from __future__ import annotations
@@ -41,10 +41,13 @@ def of_credential(authorization: str | None) -> str:
 
 def of_client(name: str, ident: str | None = None) -> str:
     """The owner of a configured client's requests: its identity ``ident`` (clients.py ``id``:
-    letters, digits, ``_ -``), else its name (letters, digits, ``_ . -``)."""
-    if name == "default":
-        return SHARED
-    return check("id." + ident if ident else "client." + name)
+    letters, digits, ``_ -``), else its name (letters, digits, ``_ . -``); ``default`` without an
+    id (``gateway_api_key``'s) is ``SHARED``. An id comes first whatever the name: a ``default``
+    that ``keys add`` wrote (a gateway without ``gateway_api_key``), revoked and added again for
+    someone else, owns nothing of its former holder's, nor what was stored while no key was needed."""
+    if ident:
+        return check("id." + ident)
+    return SHARED if name == "default" else check("client." + name)
 
 
 def check(owner: str) -> str:

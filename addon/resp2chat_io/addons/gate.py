@@ -109,7 +109,7 @@ class Gate(Owner):
             table = ClientTable(parse_clients(self.s["clients"], self.s["gateway_api_key"]))
         except S.SettingsError as exc:
             raise exceptions.OptionsError(f"resp2chat: {exc}") from None
-        self.changed(table, keyed=len(table) > 0)
+        self.changed(table)
 
     @property
     def limit(self) -> int:
@@ -368,11 +368,13 @@ class Gate(Owner):
             except Exception as exc:  # noqa: BLE001 — a bad edit: keep the clients we have, say why
                 log.warning(f"resp2chat: the config file's clients were not reloaded: {exc}")
 
-    def changed(self, table: ClientTable, *, keyed: bool) -> None:
+    def changed(self, table: ClientTable) -> None:
         """The clients from now on, whichever way they changed (the watched file, or ``clients``
         set while the gateway runs: mitmweb's options, ``--set`` of a console): the turns in
-        flight of a key no longer accepted stop, alike (``reloaded``'s listeners)."""
-        before, self.clients, self.keyed = self.clients, table, keyed
+        flight of a key no longer accepted stop, alike (``reloaded``'s listeners). Once it has
+        taken keys the gateway stays keyed until it restarts: revoking the last key (a leaked
+        one) refuses everyone, it does not open a gateway that ``keys add`` locked."""
+        before, self.clients, self.keyed = self.clients, table, self.keyed or len(table) > 0
         if table != before:
             for listener in self.reloaded:
                 listener(self.accepts)
@@ -395,7 +397,7 @@ class Gate(Owner):
         if table != self.clients:
             self.source.reloaded("clients", values["clients"])  # (what a later configure reads too)
             self.upstreams.clients_reloaded()  # (a plain key among them is a secret from now on)
-            self.changed(table, keyed=self.keyed)
+            self.changed(table)
             log.info(f"resp2chat: clients reloaded from the config file: {', '.join(table.names) or 'none'}")
             if not len(table) and self.keyed:
                 log.warning("resp2chat: the config file lists no client any more: every request is refused until "
