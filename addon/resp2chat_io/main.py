@@ -234,9 +234,9 @@ def cmd_keys_list(args) -> int:
     sys.stdout.write(table(("NAME", "KEY", "ID", "MODELS", "RPM", "TPM", "MAX STREAMS"), rows, right=(4, 5, 6)))
     where = {"config file": str(path), "default": str(path)}.get(sources["clients"], sources["clients"])
     print(f"\nKEY: the first 8 hex digits of the key's SHA-256 (printf %s \"$KEY\" | sha256sum | cut -c1-8). "
-          "ID: the first 8 of the identity whose stored state and limits the client has (keys rotate keeps it; "
-          "-: none, its name's). "
-          f"-: no limit. Clients from {where}"
+          "ID: the first 8 of the client's identity, which owns its stored state and its limits' counts "
+          "(keys rotate keeps it; -: none, its name does). "
+          f"RPM, TPM, MAX STREAMS -: no limit. Clients from {where}"
           + ("; default: the client of gateway_api_key." if values["gateway_api_key"] else "."))
     return 0
 
