@@ -429,7 +429,7 @@ class RedisResponseStore:
 
     def __init__(self, state: RedisState, *, ttl: float, max_entries: int, max_bytes: int) -> None:
         self.state, self.ttl, self.max_entries, self.max_bytes = state, int(ttl), max_entries, max_bytes
-        self.count = 0  # entries and bytes after this replica's last write (metrics)
+        self.count = 0  # entries and bytes after this replica's last write (len; /metrics reads figures)
         self.bytes = 0
 
     def __len__(self) -> int:
