@@ -991,6 +991,13 @@ def config_file(tmp_path: Path) -> Path:
 # --- what a gateway tells about itself --------------------------------------------------------
 
 
+def stored_by(samples: dict, metric: str = "resp2chat_stored_responses") -> dict:
+    """Who fills the response store, from a ``scrape``: (client, kind) -> the ``metric``'s value
+    (``resp2chat_stored_responses`` or ``resp2chat_stored_response_bytes``)."""
+    return {(dict(labels).get("client"), dict(labels).get("kind")): v
+            for (name, labels), v in samples.items() if name == metric}
+
+
 def scrape(gw, **headers) -> dict:
     """A gateway's /metrics (asked with ``headers``), read with prometheus_client's own parser:
     (sample name, sorted labels) -> value."""

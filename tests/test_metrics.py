@@ -12,7 +12,10 @@ import requests
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import ROOT, free_port, openai_client, scrape, start_gateway
+import yaml
+
+from helpers import (ROOT, cli_env, config_file, free_port, openai_client, run_cli, scrape, start_gateway, stored_by,
+                     wait_until)
 
 
 BY_CLIENT = ("resp2chat_turns_total", "resp2chat_tokens_total", "resp2chat_time_to_first_token_seconds",
@@ -234,6 +237,57 @@ def test_refused_passthrough_calls_are_counted_and_logged(upstream, gateway_fact
         ("/v1/responses/input_tokens", 429, "rate_limit_exceeded", "carol", "rejected")]
     assert [x["request_id"] for x in lines] == [r.headers["x-request-id"] for r in answers if r.status_code >= 400]
     assert carol not in log_path.read_text()
+
+
+def entry_bytes(store_dir) -> dict[str, int]:
+    """Owner -> the bytes of its entries as the store counts them (an entry's compact JSON), from
+    the store's directory copy."""
+    held: dict[str, int] = {}
+    for path in store_dir.glob("*.json"):
+        record = json.loads(path.read_bytes())
+        size = len(json.dumps(record["entry"], ensure_ascii=False, separators=(",", ":")).encode())
+        held[record["owner"]] = held.get(record["owner"], 0) + size
+    return held
+
+
+def test_stored_responses_are_shown_by_client(upstream, tmp_path):
+    """Two clients made with ``resp2chat keys add`` store responses through the openai SDK:
+    /metrics shows each one's stored responses and bytes under its name (the bytes the store
+    counts: its directory copy's entries), the rest by kind, all adding up to the store; a
+    response stored with ``store: false`` counts nowhere. Once bob is revoked, his entries (kept
+    until they expire) are ``former``'s and no series names him. Before, the store was one
+    unlabelled figure."""
+    store = tmp_path / "store"
+    keys = {name: run_cli(tmp_path, "keys", "add", name).stdout.strip() for name in ("alice", "bob")}
+    ids = {c["name"]: c["id"] for c in yaml.safe_load(config_file(tmp_path).read_text())["clients"]}
+    gw = start_gateway(upstream.origin, tmp_path, "--set", f"resp2chat_session_store_dir={store}", env=cli_env(tmp_path))
+    alice_auth = {"authorization": f"Bearer {keys['alice']}"}
+    try:
+        alice, bob = (openai_client(gw, api_key=keys[name]) for name in ("alice", "bob"))
+        first = alice.responses.create(model="demo-model", input="alice's first")
+        alice.responses.create(model="demo-model", input="and a longer second " * 30, previous_response_id=first.id)
+        alice.responses.create(model="demo-model", input="not kept", store=False)
+        bob.responses.create(model="demo-model", input="bob's")
+        m = scrape(gw, **alice_auth)
+        held = entry_bytes(store)
+        assert set(held) == {f"id.{ids['alice']}", f"id.{ids['bob']}"}
+        assert stored_by(m) == {("alice", "client"): 2, ("bob", "client"): 1, ("", "shared"): 0,
+                                ("", "forwarded"): 0, ("", "former"): 0}
+        assert stored_by(m, "resp2chat_stored_response_bytes") == {
+            ("alice", "client"): held[f"id.{ids['alice']}"], ("bob", "client"): held[f"id.{ids['bob']}"],
+            ("", "shared"): 0, ("", "forwarded"): 0, ("", "former"): 0}
+        assert run_cli(tmp_path, "keys", "revoke", "bob").returncode == 0
+        wait_until(lambda: scrape(gw, **alice_auth).get(
+            ("resp2chat_stored_responses", (("client", "bob"), ("kind", "client")))) is None, 20, "bob revoked")
+        m = scrape(gw, **alice_auth)
+        assert stored_by(m) == {("alice", "client"): 2, ("", "shared"): 0, ("", "forwarded"): 0, ("", "former"): 1}
+        assert stored_by(m, "resp2chat_stored_response_bytes")[("", "former")] == held[f"id.{ids['bob']}"]
+        text = requests.get(gw.base_url.removesuffix("/v1") + "/metrics", headers=alice_auth, timeout=10).text
+        assert ids["alice"] not in text and ids["bob"] not in text  # (names, never identities)
+    finally:
+        gw.stop()
+    for key in keys.values():
+        assert key not in gw.log()
 
 
 def test_readme_lists_every_metric_with_its_labels(gateway):

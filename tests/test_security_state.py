@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import (
     LocalServer, QuietHandler, chat_chunk, chat_sse, openai_client, parse_sse, post_turn, read_flows, send_json,
-    send_sse, start_gateway, wait_until,
+    scrape, send_sse, start_gateway, stored_by, wait_until,
 )
 from resp2chat_io import demo_upstream
 from wsclient import WSClient
@@ -405,6 +405,38 @@ def test_forwarded_credentials_own_their_state_in_redis(keyed_upstream, tmp_path
         assert any(k.startswith("resp2chat:owner:auth-") and k.endswith(f":response:{rid}") for k in keys), keys
         dumped = " ".join(keys) + " ".join(str(r.dump(k)) for k in keys)
         assert "key-alpha" not in dumped and "key-gamma" not in dumped
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_forwarded_credential_is_never_a_label_of_who_fills_the_store(keyed_upstream, tmp_path, redis_server):
+    """forward_client_auth, two replicas sharing Redis: two credentials store responses through
+    the openai SDK. Both replicas' /metrics show them together as ``forwarded`` (their entries
+    and bytes, as Redis holds them), and their owners (digests of the credentials) and the
+    credentials themselves are nowhere in it; one deleted, the figure follows."""
+    a, b = (start_gateway(origin(keyed_upstream), tmp_path, "--set", f"resp2chat_state_store_url={redis_server.url}",
+                          "--set", "resp2chat_forward_client_auth=true") for _ in range(2))
+    r = redis_server.client()
+    try:
+        alpha, gamma = (openai_client(gw, api_key=key.removeprefix("Bearer ")) for gw, key in ((a, KEY_A), (b, KEY_C)))
+        made = [alpha.responses.create(model="demo-model", input="alpha's first").id,
+                alpha.responses.create(model="demo-model", input="alpha's second " * 20).id,
+                gamma.responses.create(model="demo-model", input="gamma's").id]
+        wait_until(lambda: r.zcard("resp2chat:entries") == 3, what="three entries in Redis")
+        owners = {k.decode().split(":")[2] for k in r.keys("resp2chat:owner:auth-*:response:*")}
+        assert len(owners) == 2
+        size = sum(int(v) for v in r.hvals("resp2chat:entries:sizes"))
+        for gw in (a, b):
+            m = scrape(gw)
+            assert stored_by(m) == {("", "shared"): 0, ("", "forwarded"): 3, ("", "former"): 0}
+            assert stored_by(m, "resp2chat_stored_response_bytes") == {("", "shared"): 0, ("", "forwarded"): size,
+                                                                       ("", "former"): 0}
+            text = requests.get(gw.base_url.removesuffix("/v1") + "/metrics", timeout=10).text
+            for secret in (*owners, *(o.removeprefix("auth-") for o in owners), "key-alpha", "key-gamma"):
+                assert secret not in text
+        gamma.responses.delete(made[2])
+        assert stored_by(scrape(a))[("", "forwarded")] == 2
     finally:
         a.stop()
         b.stop()

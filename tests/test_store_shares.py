@@ -141,7 +141,10 @@ def redis_kept(r) -> set[str]:
 async def test_redis_keeps_what_memory_keeps(redis_server):
     """One random sequence of writes, rewrites and deletes by four owners (the shared one too),
     through the memory store and the Lua script, caps on count and bytes: after each step both
-    hold the same entries, and Redis's accounting adds up."""
+    hold the same entries, and Redis's accounting adds up, and both show the same figures of who
+    fills them (/metrics: each owner's, the forwarded credentials' together), the Redis ones
+    kept by its script (counted again from the shares when its count went missing, as after
+    an upgrade)."""
     state = RedisState(redis_server.url)
     r = redis_server.client()
     rng = random.Random(23)
@@ -169,6 +172,9 @@ async def test_redis_keeps_what_memory_keeps(redis_server):
             assert int(r.get("resp2chat:entries:bytes") or 0) == memory.bytes
             held = {k.decode(): int(v) for k, v in r.hgetall("resp2chat:owners:bytes").items()}
             assert held == {namespace(o): memory._shares.held(o)[1] for o in owners if memory._shares.held(o)[0]}
+            assert await redis.figures(owners[1:3]) == await memory.figures(owners[1:3]), step
+            if step == 150:
+                r.delete("resp2chat:owners:kinds")  # (the version before kept none)
     finally:
         await state.close()
 

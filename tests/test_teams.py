@@ -19,7 +19,7 @@ import yaml
 
 from helpers import (ADDON, MITMDUMP, Codex, LocalServer, QuietHandler, chat_event, chat_sse, chat_chunk, cli_env,
                      config_file, free_port, http_chunk, open_embedding, openai_client, parse_sse, post_turn, rest,
-                     run_cli, scrape, send_sse, start_gateway, start_sse, stop_process, wait_http, wait_until)
+                     run_cli, scrape, send_sse, start_gateway, start_sse, stop_process, stored_by, wait_http, wait_until)
 from wsclient import WSClient
 
 ALL = "demo-model"
@@ -607,3 +607,41 @@ def test_a_gateway_key_changed_in_the_file_is_said_to_need_a_restart(tmp_path, u
     finally:
         gw.stop()
     assert "restarted" in gw.log() and old not in gw.log() and new not in gw.log() and key not in gw.log()
+
+
+@uses({"alice": (), "bob": ()})
+def test_every_replica_shows_who_fills_the_shared_store(team):
+    """Two clients store responses through the openai SDK, each on both replicas (alice goes on
+    from her first on the other one): every replica's /metrics shows the whole shared store by
+    client, each one's bytes those Redis holds for it, adding up to the store. bob revoked: his
+    entries are ``former``'s on both replicas, and no series names him."""
+    stored = {"alice": [], "bob": []}
+    first = team.sdk(0, "alice").responses.create(model=ALL, input="alice on a")
+    team.stored("alice", first.id)
+    stored["alice"] += [first.id, team.sdk(1, "alice").responses.create(
+        model=ALL, input="alice on b " * 40, previous_response_id=first.id).id]
+    stored["bob"] += [team.sdk(1, "bob").responses.create(model=ALL, input="bob on b").id]
+    team.sdk(0, "bob").responses.create(model=ALL, input="not kept", store=False)
+    for name, ids in stored.items():
+        for rid in ids:
+            team.stored(name, rid)
+    held = {name: sum(len(team.redis.hget(team.key(name, rid), "data")) for rid in ids) for name, ids in stored.items()}
+    alice = {"authorization": f"Bearer {team.keys['alice']}"}
+    for gw in team.gws:
+        m = scrape(gw, **alice)
+        assert stored_by(m) == {("alice", "client"): 2, ("bob", "client"): 1, ("", "shared"): 0,
+                                ("", "forwarded"): 0, ("", "former"): 0}
+        assert stored_by(m, "resp2chat_stored_response_bytes") == {
+            ("alice", "client"): held["alice"], ("bob", "client"): held["bob"], ("", "shared"): 0,
+            ("", "forwarded"): 0, ("", "former"): 0}
+        assert sum(stored_by(m, "resp2chat_stored_response_bytes").values()) == int(
+            team.redis.get("resp2chat:entries:bytes"))
+    bob_owner = team.owner("bob")
+    assert run_cli(team.tmp, "keys", "revoke", "bob").returncode == 0
+    for gw in team.gws:
+        wait_until(lambda: stored_by(scrape(gw, **alice)).get(("", "former")) == 1, 10, "bob's entries former")
+        m = scrape(gw, **alice)
+        assert stored_by(m) == {("alice", "client"): 2, ("", "shared"): 0, ("", "forwarded"): 0, ("", "former"): 1}
+        assert stored_by(m, "resp2chat_stored_response_bytes")[("", "former")] == held["bob"]
+        text = requests.get(gw.base_url.removesuffix("/v1") + "/metrics", headers=alice, timeout=10).text
+        assert bob_owner.removeprefix("id.") not in text and team.owner("alice").removeprefix("id.") not in text

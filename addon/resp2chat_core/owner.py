@@ -22,6 +22,10 @@ Owners:
   The two never meet (``id.…``, ``client.…``), whatever the names and ids. The
   ``default`` client (``gateway_api_key``) is ``SHARED``, so one gateway key keeps the owner it
   always had; a client named ``default`` with an id is that id's, as any other.
+
+Kinds (``kind``): ``shared``, ``forwarded`` (``auth-…``), ``client`` (``id.…``, ``client.…``):
+what /metrics may show of an owner it does not name (a configured client's owner is shown by
+its name; metrics.py, shares.py ``by_client``), never the owner itself.
 """
 
 from __future__ import annotations
@@ -48,6 +52,11 @@ def of_client(name: str, ident: str | None = None) -> str:
     if ident:
         return check("id." + ident)
     return SHARED if name == "default" else check("client." + name)
+
+
+def kind(owner: str) -> str:
+    """``shared``, ``forwarded`` (a credential's digest) or ``client`` (a client's identity)."""
+    return "shared" if owner == SHARED else "forwarded" if owner.startswith("auth-") else "client"
 
 
 def check(owner: str) -> str:

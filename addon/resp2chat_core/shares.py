@@ -18,6 +18,11 @@ Rules of this file:
 - Entries without an owner (a keyless gateway, one gateway key) are one owner
   (resp2chat_core/owner.py ``SHARED``).
 
+What /metrics shows of who fills the store (``by_client``): each configured client's entries and
+bytes under its name, the rest lumped by kind (owner.py ``kind``): never an owner, so a label is
+bounded by the ``clients`` setting and names no credential. ``Shares`` keeps each kind's totals
+as it goes (Redis: the ``owners:kinds`` hash its script keeps), so the figures cost O(clients).
+
 Costs: ``add`` and ``victim`` are O(log n) in the owners (a heap per measure whose stale entries
 are put right when they come up, rebuilt when they outnumber the live ones: amortized), ``remove``
 O(1); O(1) in an owner's entries (kept in insertion order).
@@ -27,6 +32,11 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
+from typing import Iterable
+
+from .owner import SHARED, kind
+
+FORMER = "former"  # a client's identity no configured client has now (revoked, or its id changed)
 
 COUNT, BYTES = 0, 1  # the measures: which cap is over
 
@@ -42,6 +52,7 @@ class Shares:
         # such a stale one is put right when it comes up (``victim``), so a removal pushes nothing
         self._heaps: tuple[list, list] = ([], [])
         self._pushed: tuple[dict, dict] = ({}, {})  # per measure: owner -> the newest key pushed for it
+        self._kinds: dict[str, list[int]] = {}  # owner.kind -> [entries, bytes] its owners hold
 
     def __len__(self) -> int:  # (owners holding anything)
         return len(self._owned)
@@ -49,6 +60,15 @@ class Shares:
     def held(self, owner: str) -> tuple[int, int]:
         """(entries, bytes) ``owner`` holds."""
         return len(self._owned.get(owner, ())), self._bytes.get(owner, 0)
+
+    def kind_held(self, of: str) -> tuple[int, int]:
+        """(entries, bytes) the owners of a kind (owner.py ``kind``) hold together."""
+        return tuple(self._kinds.get(of, (0, 0)))
+
+    def _count(self, owner: str, entries: int, size: int) -> None:
+        held = self._kinds.setdefault(kind(owner), [0, 0])
+        held[0] += entries
+        held[1] += size
 
     def add(self, owner: str, entry_id: str, at: float, size: int) -> None:
         """``owner``'s entry ``entry_id`` stored at ``at`` (the newest: entries come in time order)."""
@@ -58,6 +78,7 @@ class Shares:
             self._bytes[owner] = 0
         owned[entry_id] = (at, size)
         self._bytes[owner] += size
+        self._count(owner, 1, size)
         for measure in (COUNT, BYTES):  # (it ranks higher now: its key goes in)
             self._push(owner, measure)
 
@@ -67,6 +88,7 @@ class Shares:
             return
         _, size = owned.pop(entry_id)
         self._bytes[owner] -= size
+        self._count(owner, -1, -size)
         if not owned:
             del self._owned[owner], self._bytes[owner], self._pushed[COUNT][owner], self._pushed[BYTES][owner]
 
@@ -104,3 +126,23 @@ class Shares:
     def _key(self, owner: str, measure: int) -> tuple:
         owned = self._owned[owner]
         return (-len(owned) if measure == COUNT else -self._bytes[owner], next(iter(owned.values()))[0], owner)
+
+
+def by_client(total: tuple[int, int], held: dict[str, tuple[int, int]], forwarded: tuple[int, int],
+              clients: Iterable[tuple[str, str]]) -> list[tuple[str, str, int, int]]:
+    """Who fills the store, as /metrics shows it: ``(client, kind, entries, bytes)`` rows whose
+    sums are ``total``. ``clients``: each configured client's (name, owner) (the ``default``
+    client's owner is ``SHARED``: it is the shared row); ``held``: what those owners and
+    ``SHARED`` hold; ``forwarded``: what every ``auth-…`` owner holds together. A configured
+    client is its row by name (kind ``client``); the rest are ``("", kind)``: ``shared``,
+    ``forwarded``, and ``former`` (clients' identities no configured client has now, and what
+    is not counted by owner: the rest of ``total``)."""
+    rows, seen = [], set()
+    for name, owner in clients:
+        if owner != SHARED and owner not in seen:  # (owners are unique per client: clients.py)
+            seen.add(owner)
+            rows.append((name, "client", *held.get(owner, (0, 0))))
+    rows += [("", "shared", *held.get(SHARED, (0, 0))), ("", "forwarded", *forwarded)]
+    rest = (total[0] - sum(r[2] for r in rows), total[1] - sum(r[3] for r in rows))
+    rows.append(("", FORMER, max(rest[0], 0), max(rest[1], 0)))  # (a moment between two reads: never below 0)
+    return rows

@@ -19,6 +19,7 @@ otherwise, so another owner's id is exactly a key that does not exist:
 | ``resp2chat:{ns}owned`` | sorted set | the owner's own entries (``{ns}{id}``) by time: which of its entries is oldest |
 | ``resp2chat:owners:count`` / ``:size`` | sorted sets | every owner holding an entry, scored by its entries / its bytes; its member: the time of its oldest entry (``%017.6f``), a bar, its ``{ns}``, so owners holding alike sort oldest first: who loses an entry past a cap |
 | ``resp2chat:owners:bytes`` | hash | ``{ns}`` -> the bytes that owner holds |
+| ``resp2chat:owners:kinds`` | hash | ``n``, ``b``: the entries and bytes every forwarded credential's owner (``auth-…``) holds together; ``at``: when they were last counted from the owners' shares (Redis's clock; again an hour later) |
 | ``resp2chat:responses``, ``:sizes``, ``:bytes`` | | the index of the version before shares (as ``entries``): read only to move its entries in (below) |
 | ``resp2chat:replay:{sha256}`` | string | a replay-cache entry (resp2chat_core/replay.py ``pack``), at most 4 MiB; the key's digest covers the owner (replay.py ``replay_key``) |
 | ``resp2chat:replays`` | sorted set | replay keys in the order they came: ``max_replay_entries`` (FIFO) |
@@ -31,6 +32,12 @@ never the entry being written): one bound over every owner's entries, and one ow
 push out its own entries once it holds the most. A write costs O(log n) more than before: a few
 sorted-set updates for its owner's place, one or two lookups per eviction. Keys also carry
 Redis expiries, so nothing outlives its time even if no replica writes again.
+
+Who fills the store (/metrics, ``RedisResponseStore.figures``): one MULTI of O(1) reads per
+scrape (the index's count and bytes, ``owners:kinds``, and each configured client's and the
+shared owner's ``owned`` count and ``owners:bytes`` field): O(clients), whatever the entries and
+owners. The script keeps ``owners:kinds`` as each entry is counted; it counts it again from the
+owners' shares (O(owners)) on the first write after an upgrade and then hourly.
 
 Upgrade: entries the version before wrote (indexed in ``resp2chat:responses``, with no shares)
 stay readable as they are (their hashes did not change); each write moves up to 64 of them,
@@ -58,8 +65,8 @@ import time
 from urllib.parse import urlsplit
 
 from resp2chat_core import owner as owners
-from resp2chat_io.store import (ReplayCounts, StateUnavailable, held_items, item_digest, output_items, pick, valid_id,
-                                valid_item_id)
+from resp2chat_io.store import (Figures, ReplayCounts, StateUnavailable, held_items, item_digest, output_items, pick,
+                                valid_id, valid_item_id)
 
 log = logging.getLogger("resp2chat")
 
@@ -85,7 +92,26 @@ local prefix = ARGV[1]
 local idx, sizes, total = prefix .. 'entries', prefix .. 'entries:sizes', prefix .. 'entries:bytes'
 local legacy, legacy_sizes, legacy_total = prefix .. 'responses', prefix .. 'responses:sizes', prefix .. 'responses:bytes'
 local by_count, by_bytes, owner_bytes = prefix .. 'owners:count', prefix .. 'owners:size', prefix .. 'owners:bytes'
+local kinds = prefix .. 'owners:kinds'
 local old_left = redis.call('EXISTS', legacy) == 1  -- entries of the version before not moved in yet
+local kinds_checked = false
+local function forwarded(ns) return string.sub(ns, 1, 11) == 'owner:auth-' end
+-- the forwarded credentials' owners' entries and bytes together (metrics), counted again from the
+-- owners' shares when missing (the version before kept none) or an hour old (a replica of that
+-- version still writing meanwhile left them off): once per script, before it changes anything
+local function kinds_fresh()
+  if kinds_checked then return end
+  kinds_checked = true
+  local now = tonumber(redis.call('TIME')[1])
+  if now - tonumber(redis.call('HGET', kinds, 'at') or '0') < 3600 then return end
+  local n, b, all = 0, 0, redis.call('HGETALL', owner_bytes)
+  for i = 1, #all, 2 do
+    if forwarded(all[i]) then
+      n, b = n + redis.call('ZCARD', prefix .. all[i] .. 'owned'), b + tonumber(all[i + 1])
+    end
+  end
+  redis.call('HSET', kinds, 'n', n, 'b', b, 'at', now)
+end
 local function split(member)
   local ns, rid = string.match(member, '^(owner:[^:]*:)(.*)$')
   if ns then return ns, rid end
@@ -114,6 +140,12 @@ local function account(member, at, size)
     -- among its owner's entries without a size: Redis lost a key of the index (an eviction
     -- policy, a DEL). It leaves them all the same, or the caps' loop would pick it forever
     old = '0'
+  end
+  kinds_fresh()
+  if forwarded(ns) then
+    local more, grown = (size and 1 or 0) - (old and 1 or 0), (size or 0) - tonumber(old or 0)
+    if more ~= 0 then redis.call('HINCRBY', kinds, 'n', more) end
+    if grown ~= 0 then redis.call('HINCRBY', kinds, 'b', grown) end
   end
   local before, oldest, oldest_at = place(ns)
   local held = 0
@@ -397,7 +429,7 @@ class RedisResponseStore:
 
     def __init__(self, state: RedisState, *, ttl: float, max_entries: int, max_bytes: int) -> None:
         self.state, self.ttl, self.max_entries, self.max_bytes = state, int(ttl), max_entries, max_bytes
-        self.count = 0  # entries and bytes after this replica's last write (metrics)
+        self.count = 0  # entries and bytes after this replica's last write (len; /metrics reads figures)
         self.bytes = 0
 
     def __len__(self) -> int:
@@ -418,6 +450,27 @@ class RedisResponseStore:
             return False  # (another version: the caller reads it again)
         self.count, self.bytes = count, size
         return True
+
+    async def figures(self, asked) -> Figures:
+        """``Figures`` of the whole shared store (every replica's writes), read in one MULTI of
+        O(1) commands: the index's count and bytes (with the version before's not moved in
+        yet), each owner's ``owned`` count and ``owners:bytes`` field, ``owners:kinds``.
+        Entries past their time count until the next write drops them."""
+        asked = sorted({*asked, owners.SHARED})
+
+        async def read(c):
+            pipe = c.pipeline(transaction=True)
+            for key in ("entries", "responses"):
+                pipe.zcard(KEY_ROOT + key).get(f"{KEY_ROOT}{key}:bytes")
+            pipe.hmget(KEY_ROOT + "owners:kinds", ["n", "b"])
+            for owner in asked:
+                ns = namespace(owner)
+                pipe.zcard(f"{KEY_ROOT}{ns}owned").hget(KEY_ROOT + "owners:bytes", ns)
+            return await pipe.execute()
+        n, b, legacy_n, legacy_b, (fn, fb), *held = await self.state.call("read the store's figures", read)
+        return ((n + legacy_n, int(b or 0) + int(legacy_b or 0)),
+                {o: (held[2 * i], int(held[2 * i + 1] or 0)) for i, o in enumerate(asked)},
+                (max(int(fn or 0), 0), max(int(fb or 0), 0)))
 
     async def get(self, response_id: str, *, owner: str = owners.SHARED) -> dict | None:
         if not valid_id(response_id):

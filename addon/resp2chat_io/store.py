@@ -96,6 +96,12 @@ class StateUnavailable(Exception):
     """The store cannot be reached (or refuses) right now: Redis is down, or was a moment ago."""
 
 
+Figures = tuple[tuple[int, int], dict[str, tuple[int, int]], tuple[int, int]]
+"""What /metrics shows of who fills a store (resp2chat_core/shares.py ``by_client``): (entries,
+bytes) of the whole store, of each owner asked (and ``SHARED``), and of every forwarded
+credential's owner together (owner.py ``kind``)."""
+
+
 class Store(Protocol):
     """Stored responses, as every backing store offers them (asynchronous; per owner)."""
 
@@ -109,6 +115,8 @@ class Store(Protocol):
     async def delete(self, response_id: str, *, owner: str = owners.SHARED) -> bool: ...
 
     async def items(self, item_ids, *, owner: str = owners.SHARED) -> dict[str, dict]: ...
+
+    async def figures(self, asked) -> Figures: ...  # who fills it (metrics): StateUnavailable when down
 
     def __len__(self) -> int: ...
 
@@ -229,6 +237,12 @@ class ResponseStore:
                 by_response.setdefault(found[1][-1], {})[item_id] = found[0]
         return {item_id: item for response_id, wanted in by_response.items()
                 for item_id, item in pick(json.loads(self._entries[response_id][1]), wanted).items()}
+
+    async def figures(self, asked) -> Figures:
+        """``Figures`` from what the store keeps as it goes (its owners' shares): O(owners asked)."""
+        self._evict()  # (what expired is not counted)
+        return ((len(self._entries), self.bytes), {o: self._shares.held(o) for o in {*asked, owners.SHARED}},
+                self._shares.kind_held("forwarded"))
 
     def _index(self, response_id: str, owner: str, items: list, response: dict) -> None:
         produced = output_items(response)

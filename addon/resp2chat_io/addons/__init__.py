@@ -92,6 +92,6 @@ def build() -> list:
     return [
         Listen(source, upstreams), HeadDeadline(source), gate, background, store, Conversations(store, upstreams), limits, replay, turns,
         http_turns, InputTokens(turns, upstreams, gate), server_replay, sockets,
-        upstreams, outcomes, Metrics(turns, store, replay, outcomes), AccessLog(source, outcomes),
+        upstreams, outcomes, Metrics(turns, store, replay, outcomes, gate), AccessLog(source, outcomes),
         request_log, raw, search, hosted, SettingsCommand(source), Egress(gate), Redact(upstreams), SetCheck(),
     ]

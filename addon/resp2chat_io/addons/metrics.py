@@ -15,7 +15,7 @@ Answered by the gateway itself, behind the gate like every other path (beyond lo
 | ``resp2chat_mcp_calls_total`` | server, outcome | hosted MCP tool calls the gateway ran, by server (its ``mcp_servers`` label) and outcome (completed, failed, timeout, approval_requested) |
 | ``resp2chat_replay_cache_hits_total`` / ``_misses_total`` | | replay-cache lookups |
 | ``resp2chat_replay_cache_entries`` | | entries (with Redis: after this replica's last write) |
-| ``resp2chat_stored_responses`` / ``_bytes`` | | the response store's size (likewise) |
+| ``resp2chat_stored_responses`` / ``_bytes`` | client, kind | who fills the response store: each configured client's entries (bytes) under its name (kind ``client``), the rest with client ``""`` by kind: ``shared`` (a keyless gateway's, ``gateway_api_key``'s), ``forwarded`` (every forwarded credential together), ``former`` (revoked clients'); their sum is the store's size. With Redis: the whole shared store, read at the scrape |
 | ``resp2chat_state_store_up`` | | 1 while Redis answers, 0 when not (only with ``state_store_url``) |
 | ``resp2chat_state_store_errors_total`` | | Redis calls that failed |
 
@@ -25,6 +25,10 @@ before, however many, names nothing new), if it is spelled as backends spell mod
 (resp2chat_core/labels.py ``label_safe``: at most 128 characters), up to ``MAX_MODELS`` names;
 ``client`` is a configured client's name (``clients``; the gate named it) or ``""``: bounded by
 the setting;
+what the store holds is shown by owner only for configured clients (by their current name; the
+rest lumped in three fixed kinds: never an owner, so never a credential's digest), and its
+figures are kept as the store goes (resp2chat_core/shares.py ``by_client``): a scrape costs
+O(clients), with Redis one round trip of O(1) reads (redis_state.py ``figures``);
 anything else counts as ``other`` (a request that could not be read: ``""``). Error codes are
 the gateway's own (``other`` otherwise).
 """
@@ -49,10 +53,11 @@ DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)
 class Metrics:
     name = "resp2chat_metrics"
 
-    def __init__(self, turns, store, replay, outcomes) -> None:
+    def __init__(self, turns, store, replay, outcomes, gate) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-        self.turns, self.store, self.replay = turns, store, replay
+        self.turns, self.store, self.replay, self.gate = turns, store, replay, gate
+        self.stored: list | None = None  # who fills the store, read for the scrape being answered
         self.registry = r = CollectorRegistry(auto_describe=True)
         by = ("upstream", "model", "client")  # (client: a configured name, or "": bounded by the clients setting)
         Gauge("resp2chat_streams_in_flight", "Turns between request and end.", registry=r).set_function(
@@ -112,12 +117,14 @@ class Metrics:
             if isinstance(value, int) and value > 0:
                 self.tokens.labels(o.upstream, model, client, kind).inc(value)
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.is_replay == "response":
             return
         if flow.request.path.split("?", 1)[0] == PATH and flow.request.method in ("GET", "HEAD"):
             from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+            # (read before the registry is: nothing awaits between this and its collect)
+            self.stored = await self.store.who_fills([(c.name, c.identity) for c in self.gate.clients.specs])
             flow.response = http.Response.make(200, generate_latest(self.registry), {"content-type": CONTENT_TYPE_LATEST})
 
 
@@ -134,13 +141,22 @@ class _Sizes:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         cache = self.m.replay.cache
-        stored, size, up, errors = self.m.store.gauges()
+        up, errors = self.m.store.state_gauges()
         yield CounterMetricFamily("resp2chat_replay_cache_hits", "Replay-cache lookups answered.", value=cache.hits)
         yield CounterMetricFamily("resp2chat_replay_cache_misses", "Replay-cache lookups not answered.",
                                   value=cache.misses)
         yield GaugeMetricFamily("resp2chat_replay_cache_entries", "Replay-cache entries.", value=len(cache))
-        yield GaugeMetricFamily("resp2chat_stored_responses", "Stored responses (previous_response_id).", value=stored)
-        yield GaugeMetricFamily("resp2chat_stored_response_bytes", "Bytes of stored responses.", value=size)
+        if self.m.stored is not None:  # (None: Redis did not answer; state_store_up says so)
+            count = GaugeMetricFamily("resp2chat_stored_responses", "Stored responses (previous_response_id, "
+                                      "conversations) by who stored them: their sum is the store's.",
+                                      labels=("client", "kind"))
+            size = GaugeMetricFamily("resp2chat_stored_response_bytes", "Bytes of stored responses by who "
+                                     "stored them: their sum is the store's.", labels=("client", "kind"))
+            for client, kind, n, b in self.m.stored:
+                count.add_metric((client, kind), n)
+                size.add_metric((client, kind), b)
+            yield count
+            yield size
         if up is not None:
             yield GaugeMetricFamily("resp2chat_state_store_up", "1 while the shared state store answers.",
                                     value=1 if up else 0)

@@ -32,6 +32,7 @@ from resp2chat_core import background as B, conversations, gate as G, listing
 from resp2chat_core.errors import GatewayError
 from resp2chat_core.labels import shown
 from resp2chat_core.response import CONTINUABLE, STORED
+from resp2chat_core.shares import by_client
 from resp2chat_core.turn import Found
 from resp2chat_io.limit_state import LimitState, LocalLimits, RedisLimits
 from resp2chat_io.redis_state import RedisReplayCache, RedisResponseStore, RedisState, describe
@@ -107,13 +108,23 @@ class StoredResponses(Owner):
         else:
             self.store = ResponseStore.from_settings(self.s)
 
-    def gauges(self) -> tuple[int, int, bool | None, int]:
-        """What /metrics shows of the store (metrics.py): its stored responses and their bytes (with
-        Redis: after this replica's last write), whether the shared state store answers (None:
-        there is none) and its failed calls."""
-        s, state = self.store, self.state
-        return (len(s) if s is not None else 0, getattr(s, "bytes", 0) if s is not None else 0,
-                state.up if state is not None else None, state.errors if state is not None else 0)
+    async def who_fills(self, clients) -> list[tuple[str, str, int, int]] | None:
+        """What /metrics shows of the store (metrics.py): ``(client, kind, entries, bytes)`` rows
+        (resp2chat_core/shares.py ``by_client``) for ``clients``, each configured client's
+        (name, owner); with Redis the whole shared store, read now (one round trip: redis_state.py
+        ``figures``). None: no store yet, or Redis did not answer."""
+        if self.store is None:
+            return None
+        try:
+            total, held, forwarded = await self.store.figures([owner for _, owner in clients])
+        except StateUnavailable:
+            return None
+        return by_client(total, held, forwarded, clients)
+
+    def state_gauges(self) -> tuple[bool | None, int]:
+        """Whether the shared state store answers (None: there is none) and its failed calls."""
+        state = self.state
+        return (state.up, state.errors) if state is not None else (None, 0)
 
     async def done(self) -> None:
         await self.writes.flush()  # (the replay cache's too)
