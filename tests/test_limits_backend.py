@@ -201,7 +201,8 @@ def test_tpm_spends_every_round_of_the_gateways_tool_loop(looping):
     """The model calls the gateway's tool 5 times: the backend answers 6 chat requests of 1000
     prompt tokens each, 6060 tokens of work for a client with tpm 3000. The client's usage is
     the turn's (the last round's prompt, every round's completion: 1060), but tpm spends all 6060
-    (before: 1060, and the client's next turn was admitted with 1940 'remaining')."""
+    (before: 1060, and the client's next turn was admitted with 1940 'remaining'). The metrics
+    count the backends' work too."""
     gw, key, tool = looping
     auth = {"authorization": f"Bearer {key}"}
     r = post_turn(gw, {"model": ALL, "input": "use the tool a lot", "tools": [tool]}, auth)
@@ -213,6 +214,9 @@ def test_tpm_spends_every_round_of_the_gateways_tool_loop(looping):
         f"6060 backend tokens for a tpm-3000 client's turn; its next turn was admitted with "
         f"{second.headers.get('x-ratelimit-remaining-tokens')} tokens remaining")
     assert "tpm" in second.json()["error"]["message"]
+    tokens = {labels: value for (name, labels), value in scrape(gw, **auth).items() if name == "resp2chat_tokens_total"}
+    by_kind = {dict(labels)["kind"]: value for labels, value in tokens.items()}
+    assert by_kind == {"prompt": 6000, "output": 60}, tokens
 
 
 @pytest.mark.parametrize("looping", ["web_search"], indirect=True)
