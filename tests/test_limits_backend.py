@@ -7,13 +7,18 @@ its one stream was open, and spend no tokens. Across replicas (Redis): test_team
 
 from __future__ import annotations
 
+import contextlib
+import json
 import threading
 
 import openai
 import pytest
 import requests
 
-from helpers import cli_env, open_embedding, openai_client, post_turn, rest, run_cli, scrape, start_gateway, wait_until
+from helpers import (
+    LocalServer, QuietHandler, chat_chunk, chat_sse, cli_env, open_embedding, openai_client, post_turn, rest, run_cli,
+    scrape, send_json, send_sse, start_gateway, tool_call_chunk, wait_until,
+)
 
 ALL = "demo-model"
 
@@ -125,3 +130,121 @@ def test_tpm_spends_the_embeddings_usage_and_a_cut_answer_its_size(limited):
         sdk.embeddings.create(model=ALL, input="more")
     assert "tpm" in err.value.message and int(err.value.response.headers["retry-after"]) >= 1
     assert err.value.response.headers["x-ratelimit-remaining-tokens"] == "0"
+
+
+# --- a turn the gateway's own tool loop runs: every round is backend work -------------------------
+
+
+class _Looping(QuietHandler):
+    """A chat backend whose model calls the gateway's function ``name`` while it is offered and
+    it has called it fewer than ``calls`` times, then answers; every round reports ``prompt``
+    prompt and 10 completion tokens. A round after ``hold_after`` rounds waits for ``hold`` (a
+    round in flight that its client leaves). ``bodies``: every chat request, as sent."""
+
+    name, calls, prompt = "web_search", 5, 1000
+    bodies: list[bytes] = []
+    hold_after: int | None = None
+    hold: threading.Event | None = None
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["content-length"]))
+        if not self.path.endswith("/chat/completions"):  # (a tokenizer: none here)
+            send_json(self, 404, {"error": "no such endpoint"})
+            return
+        me = type(self)
+        me.bodies.append(body)
+        n = len(me.bodies)
+        if me.hold_after is not None and n > me.hold_after:
+            me.hold.wait(60)
+            return
+        usage = {"prompt_tokens": me.prompt, "completion_tokens": 10, "total_tokens": me.prompt + 10}
+        offered = any((t.get("function") or {}).get("name") == me.name for t in json.loads(body).get("tools") or ())
+        if offered and n <= me.calls:
+            args = {"query": f"q{n}"} if me.name == "web_search" else {"message": f"m{n}"}
+            send_sse(self, chat_sse(tool_call_chunk(0, f"call_{n}", me.name, json.dumps(args)),
+                                    chat_chunk(finish="tool_calls"), chat_chunk(choices=[], usage=usage)))
+        else:
+            send_sse(self, chat_sse(chat_chunk({"content": "done"}), chat_chunk(finish="stop"),
+                                    chat_chunk(choices=[], usage=usage)))
+
+
+@pytest.fixture
+def looping(request, tmp_path):
+    """A gateway whose client ``mallory`` has ``tpm`` 3000, in front of ``_Looping``, with the
+    gateway's own tool ``request.param``: ``web_search`` (a fake Brave) or ``mcp`` (server-everything,
+    its ``echo`` tool). Yields (gw, key, the tool the request offers)."""
+    _Looping.bodies, _Looping.hold_after, _Looping.hold, _Looping.prompt = [], None, None, 1000
+    key = run_cli(tmp_path, "keys", "add", "mallory", "--tpm", "3000").stdout.strip()
+    with contextlib.ExitStack() as stack:
+        backend = stack.enter_context(LocalServer(_Looping))
+        if request.param == "web_search":
+            from test_websearch_e2e import _Brave
+
+            _Brave.queries, _Brave.status, _Brave.hold = [], 200, None
+            brave = stack.enter_context(LocalServer(_Brave))
+            _Looping.name, _Looping.calls = "web_search", 5  # (max_web_search_rounds: 5)
+            env = {"BRAVE_SEARCH_API_KEY": "brave-planted-key-123456", "RESP2CHAT_BRAVE_BASE_URL": brave.url}
+            tool = {"type": "web_search"}
+        else:
+            everything = request.getfixturevalue("everything")
+            _Looping.name, _Looping.calls = "mcp__ev__echo", 5
+            env = {"RESP2CHAT_MCP_SERVERS": json.dumps([{"label": "ev", "url": everything, "timeout_secs": 30}])}
+            tool = {"type": "mcp", "server_label": "ev", "require_approval": "never"}
+        gw = start_gateway(backend.url, tmp_path, "--set", "resp2chat_max_replay_entries=0",
+                           env=cli_env(tmp_path, **env))
+        stack.callback(gw.stop)
+        yield gw, key, tool
+
+
+@pytest.mark.parametrize("looping", ["web_search", "mcp"], indirect=True)
+def test_tpm_spends_every_round_of_the_gateways_tool_loop(looping):
+    """The model calls the gateway's tool 5 times: the backend answers 6 chat requests of 1000
+    prompt tokens each, 6060 tokens of work for a client with tpm 3000. The client's usage is
+    the turn's (the last round's prompt, every round's completion: 1060), but tpm spends all 6060
+    (before: 1060, and the client's next turn was admitted with 1940 'remaining'). The metrics
+    count the backends' work too."""
+    gw, key, tool = looping
+    auth = {"authorization": f"Bearer {key}"}
+    r = post_turn(gw, {"model": ALL, "input": "use the tool a lot", "tools": [tool]}, auth)
+    assert r.status_code == 200, r.text
+    assert len(_Looping.bodies) == 6
+    assert r.json()["usage"]["input_tokens"] == 1000 and r.json()["usage"]["output_tokens"] == 60
+    second = post_turn(gw, {"model": ALL, "input": "hi"}, auth)
+    assert second.status_code == 429, (
+        f"6060 backend tokens for a tpm-3000 client's turn; its next turn was admitted with "
+        f"{second.headers.get('x-ratelimit-remaining-tokens')} tokens remaining")
+    assert "tpm" in second.json()["error"]["message"]
+    tokens = {labels: value for (name, labels), value in scrape(gw, **auth).items() if name == "resp2chat_tokens_total"}
+    by_kind = {dict(labels)["kind"]: value for labels, value in tokens.items()}
+    assert by_kind == {"prompt": 6000, "output": 60}, tokens
+
+
+@pytest.mark.parametrize("looping", ["web_search"], indirect=True)
+def test_tpm_spends_a_round_its_client_left_by_its_size(looping):
+    """The client leaves while the backend works on the turn's second round (after one search):
+    the first round's usage (2010) and the second's chat request, by its size (4 bytes a token),
+    come off tpm. Before: only the first round's request by its size (~30 tokens)."""
+    gw, key, tool = looping
+    _Looping.prompt, _Looping.hold_after, _Looping.hold = 2000, 1, threading.Event()
+    try:
+        with requests.post(gw.base_url + "/responses", json={"model": ALL, "input": "search", "tools": [tool],
+                                                             "stream": True},
+                           headers={"authorization": f"Bearer {key}"}, stream=True, timeout=30) as r:
+            assert r.status_code == 200, r.text
+            for line in r.iter_lines():
+                if b"response.web_search_call.completed" in line:
+                    break
+            wait_until(lambda: len(_Looping.bodies) == 2, 10, "the second round asked")
+        # (the client is gone, the backend still holds the round)
+        cut = 2010 + -(-len(_Looping.bodies[1]) // 4)
+        assert cut > 2200  # (the round's request holds the search results)
+
+        def remaining() -> int:
+            answer = count(gw, key)
+            assert answer.status_code == 200, answer.text
+            return int(answer.headers["x-ratelimit-remaining-tokens"])
+
+        # (tpm 3000 comes back at 50 tokens a second: 3 s of slack)
+        wait_until(lambda: remaining() <= 3000 - cut + 150, 10, f"the cut turn's {cut} tokens spent")
+    finally:
+        _Looping.hold.set()

@@ -194,6 +194,43 @@ def test_a_failed_or_cut_round_ends_the_loop_as_it_ended():
     assert parse_chat_sse(step.tail)[0]["choices"][0]["finish_reason"] == "length"
 
 
+def test_the_loops_work_is_every_rounds_usage_and_an_estimate_of_one_without():
+    """What the rounds made the backend do (what a client's tpm spends, what the metrics count):
+    each round's own usage, where the client's usage is the last prompt plus the completions; a
+    round in flight (its client left) or cut without a usage by its request's and output's size
+    (4 bytes a token); a round that failed before any output, nothing."""
+    def searched() -> websearch.SearchLoop:
+        loop = websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=5)
+        loop.feed(chat_sse(tool_call_chunk(0, "call_1", "web_search", '{"query":"q"}'),
+                           chat_chunk(finish="tool_calls"), usage(100, 10)))
+        assert loop.work().tokens == 110  # (in flight: its usage came)
+        loop.end_round(ok=True)
+        loop.next_round(["1. result"])
+        return loop
+
+    loop = searched()
+    assert loop.work().tokens == 110 + -(-len(loop.body) // 4)  # round 2 asked: its request, by its size
+    loop.feed(chat_sse(chat_chunk({"content": "Here."}), done=False))
+    second = 110 + -(-(len(loop.body) + 5) // 4)
+    assert loop.work().tokens == loop.work(failed=True).tokens == second  # ... and its output so far
+    loop.feed(chat_sse(chat_chunk(finish="stop"), usage(150, 5)))
+    _, step = loop.end_round(ok=True)
+    assert parse_chat_sse(step.tail)[1]["usage"]["total_tokens"] == 165  # (the client's)
+    work = loop.work()
+    assert work.tokens == 265
+    assert (work.usage["input_tokens"], work.usage["output_tokens"], work.usage["total_tokens"]) == (250, 15, 265)
+
+    loop = searched()
+    loop.feed(chat_sse(chat_chunk({"content": "Here."}), done=False))
+    loop.end_round(ok=False)  # cut after some output, no usage
+    assert loop.work().tokens == second
+    loop = searched()
+    loop.end_round(ok=False)  # refused (an error status: the translator reads it, not the loop)
+    assert loop.work().tokens == loop.work(failed=True).tokens == 110
+    loop = searched()  # a round whose call failed, left before ``end_round``
+    assert loop.work(failed=True).tokens == 110 and loop.work().usage["input_tokens"] == 100
+
+
 def test_brave_request_and_answers():
     url, headers = websearch.brave_request("https://api.search.brave.com/", "k-123", "a b&c", 3)
     assert url == "https://api.search.brave.com/res/v1/web/search?q=a+b%26c&count=3"

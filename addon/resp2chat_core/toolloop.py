@@ -41,8 +41,12 @@ The request's ``max_tool_calls`` bounds the calls the loop runs, of all kinds to
 "any further attempts to call a tool by the model will be ignored"): a round's calls past it are
 not run (the model reads ``NOT_RUN`` for each), and once it is spent no round offers the
 gateway's functions any more.
-Usage of the combined turn: the last round's prompt (it holds every earlier round: the context
-the turn used) plus every round's completion tokens.
+Usage of the combined turn, as the client reads it: the last round's prompt (it holds every
+earlier round: the context the turn used) plus every round's completion tokens. What the turn
+made its backend do is more, every round's prompt again (``Work``, ``ToolLoop.work``): a
+client's ``tpm`` spends that (each round's ``total_tokens``; a round without a usage, the one
+its client left, by ``usage.estimate`` of its chat request and output), and the metrics count
+each round's own usage.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from typing import Callable, Protocol
 
 from .chatstream import ChunkReader, wire_call
 from .sse import MAX_EVENT
+from .usage import estimate, to_responses_usage, tokens
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 NOT_RUN = "Not run: this response's max_tool_calls was reached."  # what the model reads of a call past it
@@ -91,6 +96,14 @@ class Finish:
     tail: bytes  # what closes the client's combined stream (finish reason, usage, [DONE])
 
 
+@dataclass(frozen=True)
+class Work:
+    """What a turn of the loop made its backend do, every round together (``ToolLoop.work``)."""
+
+    tokens: int  # what tpm spends: each round's total_tokens, else its estimate (0: a round refused)
+    usage: dict | None  # the backend's own usages of the rounds, summed (Responses shape; None: none came)
+
+
 @dataclass
 class RoundResult:
     calls: list[tuple[str, str, str]]  # the gateway's calls: (call id, function name, arguments)
@@ -123,6 +136,8 @@ class ToolLoop:
         self._usages: list[dict] = []
         self._result: RoundResult | None = None
         self._steps: list = []
+        self._open = True  # a round's request is (about to be) with the backend: ``body``, ``_filter``
+        self._spent = 0  # backend tokens of the rounds that ended (``work``)
 
     @property
     def rounds(self) -> int:
@@ -172,10 +187,46 @@ class ToolLoop:
     def oversized(self) -> bool:
         return self._filter.oversized
 
+    def work(self, failed: bool = False) -> Work:
+        """What the turn's rounds made the backend do so far, the one in flight included (its
+        client left, or the turn was stopped, midway). A round's tokens are its usage's
+        ``total_tokens``; without one, ``usage.estimate`` of its chat request and the output it
+        sent (the backend read the one and wrote the other), but 0 for a round that failed
+        without any output (an error status, a backend unreachable or silent: spent nothing).
+        ``failed``: the turn ended in an error (the translator's), so did the round in flight
+        (the relay leaves a round whose call failed before ``end_round`` once its client has
+        the failure)."""
+        spent, usages = self._spent, self._usages
+        if self._open:
+            spent += self._round(self._filter.usage, self._filter.chars, failed)
+            if self._filter.usage:
+                usages = [*usages, self._filter.usage]
+        total = None
+        for u in usages:
+            r = to_responses_usage(u)
+            if total is None:
+                total = r
+                continue
+            for name in ("input_tokens", "output_tokens", "total_tokens"):
+                total[name] += r[name]
+            for details in ("input_tokens_details", "output_tokens_details"):
+                for name, value in r[details].items():
+                    total[details][name] += value
+        return Work(spent, total)
+
+    def _round(self, usage: dict | None, chars: int, failed: bool) -> int:
+        """The backend tokens of the round whose request is ``body`` (``work``'s rule)."""
+        used = tokens(usage)
+        if used is not None:
+            return used
+        return 0 if failed and not chars else estimate(len(self.body) + chars)
+
     def end_round(self, ok: bool) -> tuple[bytes, Finish | list]:
         """(bytes still to pass on from this round, the next step). ``ok``: the backend
         answered 200 and its stream ended properly."""
         tail, result = self._filter.finish()
+        self._spent += self._round(result.usage, self._filter.chars, failed=not ok or not result.done)
+        self._open = False
         self._filter = RoundFilter(self.owns, self.max_event)
         if result.usage:
             self._usages.append(result.usage)
@@ -217,6 +268,7 @@ class ToolLoop:
         self._chat = next_request(self._chat, result.assistant,
                                   [(call_id, text) for (call_id, _, _), text in zip(result.calls, texts)], spent)
         self.body = _dumps(self._chat).encode()
+        self._open = True
         return None
 
 
@@ -242,6 +294,7 @@ class RoundFilter:
         self._finish: str | None = None
         self._usage: dict | None = None
         self._done = False
+        self.chars = 0  # characters of output the backend sent (text, reasoning, call arguments)
 
     def feed(self, data: bytes) -> bytes:
         for payload in self._reader.parser.feed(data):
@@ -323,13 +376,20 @@ class RoundFilter:
     def on_start(self) -> None:
         pass
 
+    @property
+    def usage(self) -> dict | None:
+        """The round's usage, once it came."""
+        return self._usage
+
     def on_reasoning(self, text: str) -> None:
         self._reasoning.append(text)
         self._pieces += (_REASONING, text)
+        self.chars += len(text)
 
     def on_text(self, text: str) -> None:
         self._content.append(text)
         self._pieces += (_TEXT, text)
+        self.chars += len(text)
 
     def on_tool(self, key, call_id: str | None, name: str | None, args: str | None) -> None:
         call = self._calls.get(key)
@@ -339,6 +399,7 @@ class RoundFilter:
             call[1] = name
         if args:
             call[2].append(args)
+            self.chars += len(args)
         if self._owns(call[1]):
             self._held = True  # the gateway runs it: the client never sees it
         else:

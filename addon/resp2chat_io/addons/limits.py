@@ -100,8 +100,10 @@ class Limits:
     def finished(self, done) -> None:
         """A turns.py ``finished`` listener: the turn leaves its client's open turns, its backend
         tokens are spent (by the backend's usage; without one, its ``estimate``: a client that
-        hangs up before the last chunk, which brings the usage, still spent what the backend did)."""
-        used = U.tokens(done.usage)
+        hangs up before the last chunk, which brings the usage, still spent what the backend did).
+        A turn the gateway's tool loop ran spends every round (``work``), not the usage its
+        client reads (the last round's prompt): each round's prompt was the backend's work."""
+        used = done.work.tokens if done.work is not None else U.tokens(done.usage)
         self.release(done.client, done.turn_id, done.estimate if used is None else used)
 
     # --- a request that is not a turn (backend_work) -------------------------------------------

@@ -10,7 +10,7 @@ Answered by the gateway itself, behind the gate like every other path (beyond lo
 | ``resp2chat_refused_requests_total`` | route, client, status, code | requests that are not turns but go to a backend (``passthrough_paths``, ``input_tokens``) the gateway answered itself with an error: ``route`` the ``passthrough_paths`` entry (or ``POST /v1/responses/input_tokens``), status ``rejected`` (4xx) or ``failed`` (5xx) |
 | ``resp2chat_time_to_first_token_seconds`` | upstream, model, client | request to the first event made from backend data |
 | ``resp2chat_turn_duration_seconds`` | upstream, model, client | request to the end of the turn |
-| ``resp2chat_tokens_total`` | upstream, model, client, kind | prompt, cached (prompt tokens the backend's KV cache served), output |
+| ``resp2chat_tokens_total`` | upstream, model, client, kind | prompt, cached (prompt tokens the backend's KV cache served), output: what the backends reported, every round of a turn the gateway's tool loop ran (``Outcome.work``; its client's usage counts the last round's prompt only) |
 | ``resp2chat_fallbacks_total`` | upstream, status | an upstream failed before its first byte and the next one was tried |
 | ``resp2chat_mcp_calls_total`` | server, outcome | hosted MCP tool calls the gateway ran, by server (its ``mcp_servers`` label) and outcome (completed, failed, timeout, approval_requested) |
 | ``resp2chat_replay_cache_hits_total`` / ``_misses_total`` | | replay-cache lookups |
@@ -71,8 +71,8 @@ class Metrics:
         self.latency = Histogram("resp2chat_gateway_latency_seconds", "Request to its chat request handed to a "
                                  "backend: what the gateway itself adds before a backend can start.", by,
                                  buckets=LATENCY_BUCKETS, registry=r)
-        self.tokens = Counter("resp2chat_tokens", "Tokens by kind: prompt, cached (served from the backend's KV "
-                              "cache), output.", (*by, "kind"), registry=r)
+        self.tokens = Counter("resp2chat_tokens", "Backend tokens by kind: prompt, cached (served from the backend's "
+                              "KV cache), output; every round of a turn the gateway's tool loop ran.", (*by, "kind"), registry=r)
         self.refused = Counter("resp2chat_refused_requests", "Requests that are not turns but go to a backend "
                                "(passthrough_paths, input_tokens), answered by the gateway with an error.",
                                ("route", "client", "status", "code"), registry=r)
@@ -111,7 +111,7 @@ class Metrics:
         self.duration.labels(o.upstream, model, client).observe(o.took)
         if o.latency is not None:
             self.latency.labels(o.upstream, model, client).observe(o.latency)
-        u = o.usage or {}
+        u = o.work or {}  # (the backends' work: a tool loop's every round)
         for kind, value in (("prompt", u.get("input_tokens")), ("output", u.get("output_tokens")),
                             ("cached", (u.get("input_tokens_details") or {}).get("cached_tokens"))):
             if isinstance(value, int) and value > 0:

@@ -51,7 +51,10 @@ class Outcome:
     upstream: str  # the upstream that answered (or failed last); "replay-cache"; "" for none
     status: str  # completed | incomplete | failed | unfinished | rejected | replayed
     code: str  # the error code (failed, rejected), the incomplete reason, or ""
-    usage: dict | None = None
+    usage: dict | None = None  # the turn's usage, as its client reads it (Responses shape)
+    # what the backends reported of it (the metrics count it): its usage, but every round of one
+    # the gateway's tool loop ran, summed (each round's prompt again)
+    work: dict | None = None
     ttft: float | None = None  # seconds
     took: float = 0.0  # seconds
     http_status: int = 200
@@ -95,7 +98,7 @@ class Outcomes:
         self.emit(Outcome(request_id=done.turn.ctx.request_id or request_id(flow),
                           session=session_key(done.turn.prompt_cache_key, flow.request.headers),
                           model=done.turn.ctx.model, upstream=done.upstream, status=status, code=code,
-                          usage=done.usage, ttft=done.ttft, took=done.took, http_status=http_status,
+                          usage=done.usage, work=done.usage if done.work is None else done.work.usage, ttft=done.ttft, took=done.took, http_status=http_status,
                           skipped=done.skipped, client=done.client.name if done.client is not None else "",
                           mcp_calls=tuple(done.exchange.mcp_calls) if done.exchange is not None else (),
                           latency=done.latency))

@@ -53,6 +53,7 @@ from resp2chat_core.response import CONTINUABLE
 from resp2chat_core.retranslate import lowering_record
 from resp2chat_core.routing import Candidate, candidates
 from resp2chat_core.seal import Sealer
+from resp2chat_core.toolloop import Work
 from resp2chat_core.turn import Caps, Found, ToolsCache, Turn, begin_turn, check_caps, conversation, wanted
 from resp2chat_io import keys, offload
 from resp2chat_io.relay import Exchange
@@ -120,6 +121,10 @@ class Finished:
     # backend that dropped or stalled midway); 0 otherwise (a backend that refused the request
     # spent nothing)
     estimate: int = 0
+    # a turn the gateway's tool loop ran (web search, hosted MCP): what all of its rounds made the
+    # backend do (resp2chat_core/toolloop.py ``Work``: the tokens tpm spends, the backend's own
+    # usages summed), where ``usage`` is the turn's as its client reads it; None: one backend call
+    work: Work | None = None
     landed: bool = False  # its conversation has its items already (Turns.land), or is being given them
 
     @functools.cached_property
@@ -344,7 +349,9 @@ class Turns(Owner):
                         latency=None if ex.channel.sent is None else ex.channel.sent - run.started,
                         client=run.client, turn_id=ex.turn_id, landed=run.landed,
                         estimate=0 if ex.channel.sent is None or (t.error and not t.output_chars) else
-                        estimate(len(turn.chat_body) + t.output_chars))
+                        estimate(len(turn.chat_body) + t.output_chars),
+                        work=None if ex.loop is None else ex.loop.work(t.error is not None)
+                        if ex.channel.sent is not None else Work(0, None))
         return done, record
 
     async def land(self, run: TurnRun) -> None:

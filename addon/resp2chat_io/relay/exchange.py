@@ -89,6 +89,9 @@ class Exchange:
     # ``halt`` cancels; and the event the turn was halted with (None: it was not)
     work: asyncio.Task | None = None
     halted: Stopped | None = None
+    # the tool loop of the candidate answering (or being asked), once its first round is sent: what
+    # its rounds made the backend do (``ToolLoop.work``: what tpm spends); None: no loop
+    loop: ToolLoop | None = None
 
     def mcp_server(self, label: str) -> str:
         """The operator's name (mcp_servers label) of the server a request's label binds to."""
@@ -250,7 +253,7 @@ async def _rounds(ex: Exchange, client: UpstreamClient, sessions: mcp_client.Ses
         outcome, loop = await _first_answer(ex, client, headers, looped, prelude)
     else:  # (straight into the channel: no Attempt to watch for a failure to fall back from)
         only = ex.candidates[0]
-        loop = _loop(ex, only.body) if looped else None
+        loop = ex.loop = _loop(ex, only.body) if looped else None
         if loop is not None:
             loop.begin(prelude)
         outcome = await client.call(only, headers, loop.body if loop else only.body, ex.channel,
@@ -375,7 +378,7 @@ async def _first_answer(ex: Exchange, client: UpstreamClient, headers: list[tupl
     last = len(ex.candidates) - 1
     for i, to in enumerate(ex.candidates):
         attempt = routing.Attempt(ex.channel, (Rerouted(to.think, i),) if i else ())  # (its think tags, its tools)
-        loop = _loop(ex, to.body) if looped else None
+        loop = ex.loop = _loop(ex, to.body) if looped else None
         if loop is not None:
             loop.begin(prelude)
         ex.answered = i
