@@ -168,6 +168,33 @@ def test_a_missing_required_field_is_missing_required_parameter_on_every_transpo
     assert (r.status_code, r.json()["error"]["code"]) == (400, "missing_required_parameter"), r.text
 
 
+# --- a stored prompt template: refused, not dropped ------------------------------------------------
+
+
+def test_a_prompt_template_is_refused_on_every_transport_not_run_without_it(own_gateway, upstream):
+    """``prompt`` (openai-python ``ResponseCreateParams.prompt``) names a template in OpenAI's
+    prompt store, which the gateway does not have: the turn ran without it (a 200 answering
+    something else); now a 400 naming it, as the README promises for what it cannot do."""
+    upstream.clear()
+    template = {"id": "pmpt_123", "variables": {"city": "Paris"}}
+    with pytest.raises(openai.BadRequestError) as err:
+        openai_client(own_gateway).responses.create(model="demo-model", input="hi", prompt=template)
+    assert (err.value.body["param"], err.value.body["code"]) == ("prompt", "unsupported_parameter"), err.value.body
+    ws = WSClient(own_gateway.base_url)
+    try:
+        [error] = ws.turn({"type": "response.create", "model": "demo-model", "input": "hi", "prompt": template})
+    finally:
+        ws.close()
+    assert (error["error"]["param"], error["error"]["code"]) == ("prompt", "unsupported_parameter"), error
+    r = requests.post(f"{own_gateway.base_url}/responses/input_tokens",
+                      json={"model": "demo-model", "input": "hi", "prompt": template}, timeout=30)
+    assert (r.status_code, r.json()["error"]["param"]) == (400, "prompt"), r.text
+    assert upstream.requests() == []
+    r = requests.post(f"{own_gateway.base_url}/responses", json={"model": "demo-model", "input": "hi", "prompt": None},
+                      timeout=30)
+    assert r.status_code == 200, r.text  # (null asks for nothing)
+
+
 # --- a backend's 429: its Retry-After, for the SDK's retry ------------------------------------------
 
 
