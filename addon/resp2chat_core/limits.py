@@ -17,6 +17,9 @@ Rules of this file:
   answer carries ``x-ratelimit-limit-*``, ``x-ratelimit-remaining-*`` and
   ``x-ratelimit-reset-*`` (``requests`` and ``tokens``; only for a limit the client has), so the
   openai SDK and Codex back off as they do against OpenAI.
+- ``retry_headers`` is the one way the gateway writes when to try again (``retry-after`` and
+  ``retry-after-ms``): its own 429s, and a backend's ``Retry-After`` passed on to a JSON client
+  (``backend_retry_after`` reads that, in seconds or as a date).
 """
 
 from __future__ import annotations
