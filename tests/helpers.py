@@ -253,6 +253,40 @@ def user(text: str) -> dict:
     return message("user", text)
 
 
+# A client's input with every kind of content part the gateway takes, each as short as a client
+# may send it (an input_image without ``detail``, an output_text without ``annotations``, a tool
+# output's image): the item lists show it back with what the API's objects require
+# (listing.py LISTED_PARTS), as ``check_listed`` checks.
+PNG = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAQAAAAECAIAAAAmkwkpAAAAEElEQVR4nGP4z8AARwzEcQCukw/x0F8jng"
+       "AAAABJRU5ErkJggg==")
+EVERY_PART = [
+    {"role": "user", "content": [{"type": "input_text", "text": "see"}, {"type": "input_image", "image_url": PNG}]},
+    {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "a red dot"},
+                                                         {"type": "refusal", "refusal": "no more"}]},
+    {"type": "function_call", "call_id": "call_look", "name": "look", "arguments": "{}"},
+    {"type": "function_call_output", "call_id": "call_look",
+     "output": [{"type": "input_text", "text": "seen"}, {"type": "input_image", "image_url": PNG}]},
+    {"role": "user", "content": "and now?"},
+]
+
+
+def check_listed(listed: dict, sdk_union: str) -> list[dict]:
+    """An item list as the Open Responses spec requires it (``spec_errors``: every part type the
+    SPEC knows) and each item as the openai SDK's ``sdk_union`` validates it (``ResponseItem``
+    for a response's input items, ``ConversationItem`` for a conversation's): the SDK's list
+    calls build their models without validating, so a missing field shows only here. Returns
+    the items."""
+    import pydantic
+    from openai.types import conversations, responses
+
+    union = {"ResponseItem": responses.ResponseItem, "ConversationItem": conversations.ConversationItem}[sdk_union]
+    assert spec_errors(listed, "ItemList") == []
+    adapter = pydantic.TypeAdapter(union)
+    for item in listed["data"]:
+        adapter.validate_python(item)
+    return listed["data"]
+
+
 def post_turn(gw, body: dict | bytes, headers: dict | None = None, timeout: float = 60) -> requests.Response:
     """POST /v1/responses to a gateway (anything with a ``base_url``): a dict as JSON, bytes as
     they are, as ``application/json`` (``headers`` may say otherwise)."""

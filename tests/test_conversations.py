@@ -12,7 +12,7 @@ import openai
 import pytest
 import requests
 
-from helpers import openai_client, start_gateway, user
+from helpers import EVERY_PART, check_listed, openai_client, start_gateway, user
 from wsclient import WSClient
 
 
@@ -46,6 +46,21 @@ def test_the_sdk_creates_reads_changes_and_deletes_a_conversation(gw):
     assert client.conversations.delete(conv.id).deleted
     with pytest.raises(openai.NotFoundError):
         client.conversations.retrieve(conv.id)
+
+
+def test_listed_items_carry_every_field_the_sdk_and_spec_require_of_a_part(gw):
+    """A conversation's items show a client's parts with what the API's objects require even
+    where it left them out (an input_image's detail, an output_text's annotations), in a list and
+    one by one."""
+    client = openai_client(gw)
+    conv = client.conversations.create(items=EVERY_PART)
+    r = requests.get(f"{gw.base_url}/conversations/{conv.id}/items?order=asc", timeout=10)
+    items = check_listed(r.json(), "ConversationItem")
+    image = items[0]["content"][1]
+    assert (image["type"], image["detail"], items[1]["content"][0]["annotations"]) == ("input_image", "auto", [])
+    assert items[3]["output"][1]["detail"] == "auto"
+    one = requests.get(f"{gw.base_url}/conversations/{conv.id}/items/{items[1]['id']}", timeout=10).json()
+    assert one == items[1]
 
 
 def test_refusals(gw, upstream):

@@ -10,7 +10,7 @@ import openai
 import pytest
 import requests
 
-from helpers import openai_client
+from helpers import EVERY_PART, check_listed, openai_client
 from wsclient import WSClient
 from resp2chat_core import listing
 from resp2chat_core.errors import GatewayError
@@ -43,6 +43,19 @@ def test_input_items_are_the_conversation_before_the_output_paged_as_openai_page
     assert [i.id for i in rest.data] == ids[::-1][2:] and not rest.has_more
     # the SDK's auto-pagination walks every page
     assert [i.id for i in client.responses.input_items.list(second.id, limit=2)] == ids
+
+
+def test_input_items_carry_every_field_the_sdk_and_spec_require_of_a_part(own_gateway):
+    """A client's parts come back with what the API's objects require even where it left them
+    out: an input_image's detail (auto), an output_text's annotations (none)."""
+    response = openai_client(own_gateway).responses.create(model="demo-model", input=EVERY_PART)
+    r = requests.get(f"{own_gateway.base_url}/responses/{response.id}/input_items?order=asc", timeout=10)
+    items = check_listed(r.json(), "ResponseItem")  # (requests' hook also checks it: helpers.check_body)
+    parts = [p for i in items for p in i.get("content") or (i["output"] if isinstance(i.get("output"), list) else ())]
+    assert [p["detail"] for p in parts if p["type"] == "input_image"] == ["auto", "auto"]
+    assert [p["annotations"] for p in parts if p["type"] == "output_text"] == [[]]
+    assert [p["type"] for p in parts] == ["input_text", "input_image", "output_text", "refusal", "input_text",
+                                          "input_image", "input_text"]
 
 
 def test_input_items_show_sealed_reasoning_only_when_included(own_gateway):

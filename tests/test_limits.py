@@ -85,3 +85,12 @@ def test_one_reader_of_a_usage_and_one_estimate():
     assert U.counts(chat) == U.counts(responses) == (100, 10, 112)
     assert U.tokens(responses) == U.tokens(chat) == 112  # a turn spends what its passthrough twin would
     assert [U.estimate(n) for n in (0, 1, 4, 5, 8, 4001)] == [0, 1, 1, 2, 2, 1001]
+
+
+def test_a_backends_retry_after_in_either_form_and_the_headers_that_pass_it_on():
+    now = 1445412470.0  # 10 s before Wed, 21 Oct 2015 07:28:00 GMT
+    seen = {v: L.backend_retry_after(v, now) for v in ("2", " 1.5 ", "Wed, 21 Oct 2015 07:28:00 GMT",
+                                                       "Tue, 20 Oct 2015 07:28:00 GMT", "-3", "nan", "soon", "", None)}
+    assert seen == {"2": "2", " 1.5 ": "1.5", "Wed, 21 Oct 2015 07:28:00 GMT": "10",
+                    "Tue, 20 Oct 2015 07:28:00 GMT": "0", "-3": None, "nan": None, "soon": None, "": None, None: None}
+    assert dict(L.retry_headers(L.retry_seconds("1.5"))) == {"retry-after": "2", "retry-after-ms": "1500"}

@@ -7,6 +7,7 @@ code before its fix. The openai SDK's pydantic models are the strict reader here
 from __future__ import annotations
 
 import json
+import time
 
 import openai
 import pytest
@@ -165,6 +166,52 @@ def test_a_missing_required_field_is_missing_required_parameter_on_every_transpo
     assert (error["error"]["param"], error["error"]["code"]) == (param, "missing_required_parameter"), error
     r = requests.post(f"{own_gateway.base_url}/responses/input_tokens", json=body, timeout=30)
     assert (r.status_code, r.json()["error"]["code"]) == (400, "missing_required_parameter"), r.text
+
+
+# --- a stored prompt template: refused, not dropped ------------------------------------------------
+
+
+def test_a_prompt_template_is_refused_on_every_transport_not_run_without_it(own_gateway, upstream):
+    """``prompt`` (openai-python ``ResponseCreateParams.prompt``) names a template in OpenAI's
+    prompt store, which the gateway does not have: the turn ran without it (a 200 answering
+    something else); now a 400 naming it, as the README promises for what it cannot do."""
+    upstream.clear()
+    template = {"id": "pmpt_123", "variables": {"city": "Paris"}}
+    with pytest.raises(openai.BadRequestError) as err:
+        openai_client(own_gateway).responses.create(model="demo-model", input="hi", prompt=template)
+    assert (err.value.body["param"], err.value.body["code"]) == ("prompt", "unsupported_parameter"), err.value.body
+    ws = WSClient(own_gateway.base_url)
+    try:
+        [error] = ws.turn({"type": "response.create", "model": "demo-model", "input": "hi", "prompt": template})
+    finally:
+        ws.close()
+    assert (error["error"]["param"], error["error"]["code"]) == ("prompt", "unsupported_parameter"), error
+    r = requests.post(f"{own_gateway.base_url}/responses/input_tokens",
+                      json={"model": "demo-model", "input": "hi", "prompt": template}, timeout=30)
+    assert (r.status_code, r.json()["error"]["param"]) == (400, "prompt"), r.text
+    assert upstream.requests() == []
+    r = requests.post(f"{own_gateway.base_url}/responses", json={"model": "demo-model", "input": "hi", "prompt": None},
+                      timeout=30)
+    assert r.status_code == 200, r.text  # (null asks for nothing)
+
+
+# --- a backend's 429: its Retry-After, for the SDK's retry ------------------------------------------
+
+
+def test_a_backend_429_keeps_its_retry_after_for_a_json_client(own_gateway, upstream):
+    """The backend said ``Retry-After: 2`` (demo_upstream.py); the openai SDK sets its retry wait
+    from ``retry-after``/``retry-after-ms`` (OpenAI's own 429s carry them), not from the message:
+    a JSON client got only "(try again in 2s)" in the text, and retried at once."""
+    r = requests.post(f"{own_gateway.base_url}/responses", json={"model": "demo-model", "input": "error: 429 slow down"},
+                      timeout=30)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded", r.text
+    assert (r.headers.get("retry-after"), r.headers.get("retry-after-ms")) == ("2", "2000"), dict(r.headers)
+    upstream.clear()
+    started = time.monotonic()
+    with pytest.raises(openai.RateLimitError):
+        openai_client(own_gateway, max_retries=1).responses.create(model="demo-model", input="error: 429 slow down")
+    waited = time.monotonic() - started
+    assert len(upstream.requests()) == 2 and waited >= 1.9, waited  # (the SDK's own backoff: under a second)
 
 
 # --- an incomplete response: the item the model was writing is incomplete ---------------------------

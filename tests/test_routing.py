@@ -106,6 +106,13 @@ def test_all_failed_names_every_upstream_and_keeps_the_last_status():
     assert "b (upstream HTTP 429: slow down)" in message
 
 
+def test_all_failed_asks_for_the_shortest_wait_any_upstream_gave():
+    busy = lambda wait: UpstreamFailed(429, b'{"error": {"message": "slow down"}}', wait)  # noqa: E731
+    tried = [("a", busy("30")), ("b", busy("1.5")), ("c", busy(None)), ("d", busy("7"))]
+    assert all_failed("m", tried).retry_after == "1.5"  # (a retry goes through every upstream again)
+    assert all_failed("m", [("a", busy(None)), ("b", busy(None))]).retry_after is None
+
+
 def test_each_candidate_gets_its_own_deterministic_body():
     body = json.dumps({"model": "qwen3", "input": "hi", "max_output_tokens": 19,
                        "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}]}).encode()

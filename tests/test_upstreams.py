@@ -19,9 +19,11 @@ from resp2chat_io.demo_upstream import serve_in_thread
 
 
 class Refusing:
-    """A real HTTP backend that answers every chat request with one status (and counts them)."""
+    """A real HTTP backend that answers every chat request with one status (and counts them);
+    ``retry_after``: its ``Retry-After`` header."""
 
-    def __init__(self, status: int, message: str = "busy", models: tuple[str, ...] = ("other-model",)):
+    def __init__(self, status: int, message: str = "busy", models: tuple[str, ...] = ("other-model",),
+                 retry_after: str | None = None):
         self.calls: list[dict] = []
         outer = self
 
@@ -32,7 +34,14 @@ class Refusing:
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
                 outer.calls.append({"body": json.loads(body), "authorization": self.headers.get("authorization")})
-                send_json(self, status, {"error": {"message": message, "type": "server_error"}})
+                error = json.dumps({"error": {"message": message, "type": "server_error"}}).encode()
+                self.send_response(status)
+                for name, value in (("content-type", "application/json"), ("content-length", str(len(error))),
+                                    ("retry-after", retry_after)):
+                    if value is not None:
+                        self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(error)
 
         self.server = LocalServer(Handler)
         self.base_url = self.server.url + "/v1"
@@ -126,6 +135,29 @@ def test_all_upstreams_down_is_one_clear_error_naming_them(tmp_path):
     finally:
         gw.stop()
         busy.close()
+
+
+def test_a_backends_retry_after_reaches_a_json_client_the_shortest_of_several(tmp_path):
+    """The openai SDK waits as ``retry-after``/``retry-after-ms`` say: a backend's wait is passed
+    on (a 503's too, a 502 here), an HTTP date as the seconds until then; when every upstream
+    failed, the shortest wait any gave (a retry goes through them all again)."""
+    slow, soon = Refusing(429, "slow down", retry_after="30"), Refusing(429, "slow down", retry_after="7")
+    busy, dated = Refusing(503, retry_after="5"), Refusing(503, retry_after="Wed, 21 Oct 2015 07:28:00 GMT")
+    gw = gateway_with(tmp_path, [{"name": "soon", "base_url": soon.base_url, "models": ["m"]},
+                                 {"name": "slow", "base_url": slow.base_url, "models": ["m"]},  # (the last: 30)
+                                 {"name": "busy", "base_url": busy.base_url, "models": ["b"]},
+                                 {"name": "dated", "base_url": dated.base_url, "models": ["d"]}])
+    try:
+        waits = {}
+        for model in ("m", "b", "d"):
+            r = requests.post(gw.base_url + "/responses", json={"model": model, "input": "hi"}, timeout=30)
+            waits[model] = (r.status_code, r.headers.get("retry-after"), r.headers.get("retry-after-ms"))
+        assert waits == {"m": (429, "7", "7000"), "b": (502, "5", "5000"), "d": (502, "1", "1")}, waits
+        assert len(slow.calls) == len(soon.calls) == 1
+    finally:
+        gw.stop()
+        for up in (slow, soon, busy, dated):
+            up.close()
 
 
 def test_models_route_by_glob_and_models_list_merges(tmp_path, demo_pair):

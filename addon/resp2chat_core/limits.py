@@ -17,10 +17,14 @@ Rules of this file:
   answer carries ``x-ratelimit-limit-*``, ``x-ratelimit-remaining-*`` and
   ``x-ratelimit-reset-*`` (``requests`` and ``tokens``; only for a limit the client has), so the
   openai SDK and Codex back off as they do against OpenAI.
+- ``retry_headers`` is the one way the gateway writes when to try again (``retry-after`` and
+  ``retry-after-ms``): its own 429s, and a backend's ``Retry-After`` passed on to a JSON client
+  (``backend_retry_after`` reads that, in seconds or as a date).
 """
 
 from __future__ import annotations
 
+import email.utils
 import json
 import math
 from dataclasses import dataclass
@@ -76,8 +80,39 @@ class Verdict:
 
     @property
     def refusal_headers(self) -> tuple[tuple[str, str], ...]:
-        wait = max(self.retry_after, 0.001)
-        return (*self.headers, ("retry-after", str(math.ceil(wait))), ("retry-after-ms", str(math.ceil(wait * 1000))))
+        return (*self.headers, *retry_headers(self.retry_after))
+
+
+def retry_headers(seconds: float) -> tuple[tuple[str, str], ...]:
+    """The headers that tell a client when to try again, as the openai SDK reads them (Codex as
+    well): ``retry-after`` (whole seconds, rounded up) and ``retry-after-ms``. The one way the
+    gateway writes them: its own 429s (``Verdict``) and a backend's wait passed on (http_turns.py)."""
+    wait = max(seconds, 0.001)
+    return ("retry-after", str(math.ceil(wait))), ("retry-after-ms", str(math.ceil(wait * 1000)))
+
+
+def retry_seconds(value: str | None) -> float | None:
+    """A backend's ``Retry-After`` (seconds: ``2``, or ``1.5`` as some send it) as seconds; None
+    when there is none or it is not a number of seconds (``backend_retry_after``)."""
+    try:
+        seconds = float(value) if value else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and 0 <= seconds < 1e9 else None
+
+
+def backend_retry_after(value: str | None, now: float) -> str | None:
+    """A backend's ``Retry-After`` header as the relay passes it on (``UpstreamFailed``): its
+    seconds as it wrote them, an HTTP date (RFC 9110's other form) as the whole seconds from
+    ``now`` until then; None for anything else."""
+    value = (value or "").strip()
+    if retry_seconds(value) is not None:
+        return value
+    try:
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return str(max(0, math.ceil(when - now)))
 
 
 def duration(seconds: float) -> str:

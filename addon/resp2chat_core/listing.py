@@ -13,6 +13,11 @@ Rules of this file:
   the same each time) and, for a message, its ``type`` and ``status`` and its content as parts
   (a string becomes one ``input_text`` or, for the assistant, ``output_text`` part); a function
   call or its output without a ``status`` (a client's input) is ``completed``.
+- A content part is listed with the fields the API's objects require of it even where the
+  client's input left them out (``LISTED_PARTS``: an ``input_image``'s ``detail``, ``auto``, the
+  API's default, and ``image_url``, null with a ``file_id``; an ``output_text``'s
+  ``annotations``, none): openai-python's ``ResponseInputImage``/``ResponseOutputText`` and the
+  Open Responses spec require them. In a message's content and in a tool output's parts.
 - A reasoning item shows its ``encrypted_content`` only when ``include`` asks for it: the
   gateway's seal of its text (seal.py, as the turn that made it would have sealed it), whether
   the stored conversation holds it sealed or opened.
@@ -94,6 +99,24 @@ def listed_ids(items: list, prefix: str) -> list[dict]:
     return with_ids(items, lambda kind, i: f"{kind}_{prefix}_in{i}")
 
 
+# a part type -> the fields a client may leave out that a listed part carries, with their default
+LISTED_PARTS = {"input_image": {"image_url": None, "detail": "auto"}, "output_text": {"annotations": []}}
+TOOL_OUTPUTS = ("function_call_output", "custom_tool_call_output", "local_shell_call_output")
+
+
+def _listed_parts(parts):
+    """``parts`` (a message's content, a tool output's) with the fields ``LISTED_PARTS`` names."""
+    if not isinstance(parts, list):
+        return parts
+    out = []
+    for part in parts:
+        defaults = LISTED_PARTS.get(part.get("type")) if isinstance(part, dict) else None
+        missing = {k: list(v) if isinstance(v, list) else v for k, v in (defaults or {}).items()
+                   if part.get(k) is None and (k not in part or v is not None)}
+        out.append({**part, **missing} if missing else part)
+    return out
+
+
 def as_listed(item, include: frozenset = frozenset(), sealer: Sealer | None = None) -> dict:
     """One item as a list (or a single-item GET) shows it (the module's rules)."""
     if not isinstance(item, dict):
@@ -102,9 +125,12 @@ def as_listed(item, include: frozenset = frozenset(), sealer: Sealer | None = No
         content = item.get("content")
         if isinstance(content, str):
             kind = "output_text" if item.get("role") == "assistant" else "input_text"
-            content = [{"type": kind, "text": content, **({"annotations": []} if kind == "output_text" else {})}]
-        item = {**item, "type": "message", "status": item.get("status") or "completed", "content": content}
-    elif item.get("type") in ("function_call", "function_call_output") and not item.get("status"):
+            content = [{"type": kind, "text": content}]
+        item = {**item, "type": "message", "status": item.get("status") or "completed",
+                "content": _listed_parts(content)}
+    elif item.get("type") in TOOL_OUTPUTS and isinstance(item.get("output"), list):
+        item = {**item, "output": _listed_parts(item["output"])}
+    if item.get("type") in ("function_call", "function_call_output") and not item.get("status"):
         item = {**item, "status": "completed"}  # (a client's own, as its input had it: OpenAI lists it so)
     if item.get("type") == "reasoning":
         if ENCRYPTED not in include:

@@ -21,7 +21,7 @@ The relay runs one candidate at a time through an ``Attempt``, a stand-in for th
 back and another candidate remains, nothing of it ever reaches the turn; the next candidate
 gets a fresh ``Attempt``. ``Keepalive`` events pass without committing (they are the gateway's
 own words to a waiting client, not part of an answer). When every candidate failed, one
-``UpstreamFailed`` names them all (``all_failed``).
+``UpstreamFailed`` names them all (``all_failed``), with the shortest ``Retry-After`` any gave.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from typing import Sequence
 from . import settings as S
 from .channel import Channel, Event, Keepalive, UpstreamFailed
 from .errors import GatewayError, upstream_error_message
+from .limits import retry_seconds
 
 CHAT_PATH = "/chat/completions"  # below an upstream's base URL: where its turns go
 
@@ -94,7 +95,10 @@ def falls_back(failure: UpstreamFailed) -> bool:
 
 
 def all_failed(model: str, tried: Sequence[tuple[str, UpstreamFailed]]) -> UpstreamFailed:
-    """One failure naming every upstream tried (and why), with the last one's status."""
+    """One failure naming every upstream tried (and why), with the last one's status and the
+    shortest wait any of them asked for (``Retry-After``): a client's retry goes through every
+    upstream again, so it may be answered as soon as the first of them is ready; the longest
+    would keep it waiting for the slowest, the last one's is a matter of order."""
     reasons = []
     for name, failure in tried:
         message, _ = upstream_error_message(failure.status, failure.body)
@@ -102,7 +106,8 @@ def all_failed(model: str, tried: Sequence[tuple[str, UpstreamFailed]]) -> Upstr
     last = tried[-1][1]
     text = f"every upstream for model {model!r} failed: " + "; ".join(reasons)
     body = json.dumps({"error": {"message": text, "type": "upstream_unavailable"}}).encode()
-    return UpstreamFailed(last.status, body, last.retry_after)
+    waits = [f.retry_after for _, f in tried if retry_seconds(f.retry_after) is not None]
+    return UpstreamFailed(last.status, body, min(waits, key=retry_seconds, default=None))
 
 
 class Attempt:

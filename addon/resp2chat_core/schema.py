@@ -3,7 +3,8 @@
 Models accept keys they do not know (``extra="allow"``): clients such as Codex send ids, statuses
 and metadata the gateway has no use for, and rejecting them would break clients on every API
 addition. What the gateway *does* read is typed strictly, and an item or tool type it cannot
-translate faithfully is an error naming its place (``input[3].type``), never a silent guess.
+translate faithfully is an error naming its place (``input[3].type``), never a silent guess; so
+is a field asking for what it cannot do (``UNSUPPORTED_FIELDS``: ``unsupported_parameter``).
 """
 
 from __future__ import annotations
@@ -201,6 +202,14 @@ UNSUPPORTED_ITEMS = {
     "item_reference": "item references need the response store (inputs.py); resend the item itself",
     "compaction": "compaction items hold another provider's encrypted state; start a new session",
     "image_generation_call": "image generation is not available through a chat backend",
+}
+
+
+# Request fields the gateway cannot honour, and why: present (not null), the request is a 400
+# naming the field (``unsupported_parameter``, OpenAI's code), never run without what it asked.
+UNSUPPORTED_FIELDS = {
+    "prompt": "stored prompt templates (prompt.id) live in OpenAI's prompt store, which this gateway does not "
+              "have; send the template's text as instructions or input",
 }
 
 
@@ -494,6 +503,9 @@ def parse_request(data: Any, memo: ItemMemo | None = None) -> ResponsesRequest:
     with the same result."""
     if not isinstance(data, dict):
         raise GatewayError("request body must be a JSON object")
+    for name, why in UNSUPPORTED_FIELDS.items():
+        if data.get(name) is not None:
+            raise GatewayError(f"{name}: not supported: {why}", param=name, code="unsupported_parameter")
     items = data.get("input")
     known: list = []
     new: Any = range(len(items)) if isinstance(items, list) else ()

@@ -233,6 +233,7 @@ class Translator:
         self.finish_reason: str | None = None
         self.error: dict | None = None
         self.error_detail: str | None = None  # what the operator gets of a failure (errors.py)
+        self.retry_after: str | None = None  # the backend's Retry-After, when its error failed the turn
         self.events = 0  # also the next sequence_number
         self._reader = ChunkReader(self, max_event)  # chatstream.py: the backend's chunks -> the on_* calls below
         self._max_output = OUTPUT_EVENTS * max_event
@@ -605,6 +606,8 @@ class Translator:
     def _fail_upstream(self, status: int | None, body: bytes, retry_after: str | None = None,
                        own: bool = False) -> None:
         code, message, detail = upstream_failure(status, body, self.ctx.request_id, own)
+        if self.phase is not Phase.DONE:
+            self.retry_after = retry_after
         if retry_after and code == "rate_limit_exceeded" and "try again in" not in message:
             message += f" (try again in {retry_after}s)"  # Codex reads its retry delay from this
         self._fail(code, message, detail)

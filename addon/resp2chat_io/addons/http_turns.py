@@ -17,7 +17,8 @@ same steps for each message of a socket):
   streaming client gets the stream callable (``TurnStream``), which takes the turn's news from
   the exchange's channel at each relay tick and answers with Responses events.
 - ``response`` / ``error``: a non-streaming client gets the finished Response as one JSON body
-  (or an HTTP error); the turn is settled (flow metadata, comment) and ended (its listeners).
+  (or an HTTP error, with the backend's ``Retry-After`` when it gave one: ``retry-after`` and
+  ``retry-after-ms``, as the gateway's own 429s have them); the turn is settled (flow metadata, comment) and ended (its listeners).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from resp2chat_core.channel import Reader, scrub
 from resp2chat_core.conversations import named
 from resp2chat_core.errors import GatewayError, error_json, gateway_failure
 from resp2chat_core.labels import shown
+from resp2chat_core.limits import retry_headers, retry_seconds
 from resp2chat_core.replay import entry_flags, unpack_fresh
 from resp2chat_core.sse import DONE
 from resp2chat_core.usage import usage_note
@@ -389,18 +391,23 @@ class HttpTurns:
     def _answer_whole(self, flow: http.HTTPFlow, run: TurnRun) -> None:
         """A non-streaming client: the same translation, finished, as one JSON body."""
         run.reader.finish()
-        result = run.reader.translator.response()
+        translator = run.reader.translator
+        result = translator.response()
+        wait = None
         if result["status"] == "failed":
             err = result["error"]
             status = FAILED_STATUS.get(err["code"], 502)
             body = error_json(err["message"], status_type="authentication_error" if status == 401 else "upstream_error",
                               code=err["code"])
+            wait = retry_seconds(translator.retry_after)  # the backend's: the SDK's retry waits as it asked
         else:
             if flow.metadata[META].get("client_path") in COMPACT_PATHS:  # the endpoint's own answer
                 result = compaction.compacted(result, run.turn.items)
             status, body = 200, json.dumps(result, ensure_ascii=False).encode()
         flow.response = json_response(status, scrub(body, run.secrets), x_request_id=run.request_id)
         flow.response.headers.update(run.limits)
+        if wait is not None:
+            flow.response.headers.update(retry_headers(wait))
 
     def _record(self, flow: http.HTTPFlow, run: TurnRun, failed: bool = False, answer: bytes | None = None) -> None:
         """Flow metadata (saved with -w), a one-line comment (shown in mitmweb), listeners.

@@ -40,6 +40,7 @@ import h11
 from resp2chat_core.routing import Candidate
 from resp2chat_core.channel import Channel, Keepalive, UpstreamFailed, UpstreamJSON
 from resp2chat_core.chunked import ChunkedDecoder, ChunkedError
+from resp2chat_core.limits import backend_retry_after
 from resp2chat_core.sse import Progress
 
 from .constants import READ
@@ -381,7 +382,8 @@ class UpstreamClient:
             elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
                 break
         if status != 200:
-            channel.event(UpstreamFailed(status, bytes(held), retry_after.decode("latin-1") if retry_after else None))
+            wait = backend_retry_after(retry_after.decode("latin-1") if retry_after else None, time.time())
+            channel.event(UpstreamFailed(status, bytes(held), wait))
         elif not stream:
             channel.event(UpstreamJSON(bytes(held)))
         done = client.our_state is h11.DONE and client.their_state is h11.DONE
