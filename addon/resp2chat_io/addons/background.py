@@ -23,7 +23,8 @@ connection; clients poll, cancel and resume it (the rules: resp2chat_core/backgr
   of another replica: its events when it ends, read by one follower per response here, which
   every client streaming it shares and which stops when the last of them goes away).
 
-Runs that ended keep their ``Log`` here for a while (``KEPT``); the store keeps the rest.
+Runs that ended keep their ``Log`` here for a while (``KEPT``); the store keeps the rest. Only a
+streamed run has events in its ``Log``: one created without ``stream`` is never streamed.
 """
 
 from __future__ import annotations
@@ -144,7 +145,9 @@ class Background:
 
     async def _run(self, bg: Run) -> None:
         run, reader = bg.run, bg.run.reader
-        run.exchange.channel.push = lambda items: bg.log.add(reader.apply_all(items))
+        # (created without stream, it is never streamed: its events are not kept, as a JSON turn's)
+        add = bg.log.add if bg.streamed else lambda sse: None
+        run.exchange.channel.push = lambda items: add(reader.apply_all(items))
         renew = asyncio.ensure_future(self._renew(bg))
         try:
             try:
@@ -152,15 +155,15 @@ class Background:
             except asyncio.CancelledError:  # cancelled (or the gateway stops): the backend call is closed
                 asyncio.current_task().uncancel()
                 if bg.stopping == "shutdown":
-                    bg.log.add(reader.translator.fail(B.DEAD["code"], B.DEAD["message"]))
+                    add(reader.translator.fail(B.DEAD["code"], B.DEAD["message"]))
                 else:
-                    bg.log.add(reader.translator.cancel())
+                    add(reader.translator.cancel())
             except Exception as exc:  # noqa: BLE001 — a bug of ours: the turn still ends clearly
                 log.warning(f"resp2chat: background {run.request_id} failed: {type(exc).__name__}: {exc}",
                             exc_info=exc)
-                bg.log.add(reader.apply(failure(502, "the gateway's relay failed", "server_error")))
+                add(reader.apply(failure(502, "the gateway's relay failed", "server_error")))
             bg.calling = False
-            bg.log.add(reader.finish())
+            add(reader.finish())
         finally:
             bg.calling = False
             renew.cancel()
@@ -211,12 +214,15 @@ class Background:
             log.warning(f"resp2chat: background {bg.response_id} not stored: {exc}")
         finally:
             self.runs.pop(bg.response_id, None)
-            self.kept[bg.response_id] = bg.log
-            while len(self.kept) > KEPT:
-                self.kept.popitem(last=False)
+            if bg.streamed:
+                self.kept[bg.response_id] = bg.log
+                while len(self.kept) > KEPT:
+                    self.kept.popitem(last=False)
             bg.log.end()
             bg.ended.set()
-        done, record = self.turns.settle(run, bytes(bg.log.sse))
+        # (what the client got: its events, or the Response queued)
+        answer = bytes(bg.log.sse) if bg.streamed else run.flow.response.content if run.flow.response else b""
+        done, record = self.turns.settle(run, answer)
         run.flow.metadata.setdefault(META, {}).update(record)  # (the creating flow, for whoever still holds it)
         self.turns.ended(done, run.exchange.turn_id)
 
