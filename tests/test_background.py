@@ -5,6 +5,7 @@ leaving the response ``failed``, never ``in_progress`` forever (resp2chat_core/b
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 
@@ -12,7 +13,10 @@ import openai
 import pytest
 import requests
 
-from helpers import Endless, check_stream, openai_client, parse_sse, start_gateway, wait_until
+from helpers import (
+    Endless, LocalServer, MiB, QuietHandler, chat_chunk, chat_sse, check_stream, memory, openai_client, parse_sse,
+    send_sse, start_gateway, wait_until,
+)
 from resp2chat_core.background import LEASE_SECS
 
 SLOW = "noreason\nwords: 40\nslow: 100"  # (the demo upstream: 40 words, 0.1 s apart: ~4 s)
@@ -205,3 +209,91 @@ def test_a_cancelled_response_closes_the_item_it_was_writing_incomplete(endless,
     [done] = [e.item for e in events if e.type == "response.output_item.done"]
     assert done.model_dump() == message.model_dump()
     assert client.responses.retrieve(cancelled.id).output[0].status == "incomplete"
+
+
+def test_resumes_on_another_replica_share_one_follower_that_stops_when_its_clients_leave(
+        upstream, gateway_factory, redis_server):
+    """``GET /v1/responses/{id}?stream=true`` on replica A of a background response that replica
+    B runs: A follows it in Redis (a read every ``POLL``) until it ends. The clients following
+    it there share one follower, which stops once the last of them left: 40 clients that ask and
+    hang up leave no reads behind (each left a task polling Redis ~4 times a second for as long
+    as the run lasted: 22 commands/s before, 169 after), two that stay cost one follower's
+    reads, and both get the run's events once it ends (here: cancelled on B)."""
+    gws = [gateway_factory(upstream.origin, "--set", f"resp2chat_state_store_url={redis_server.url}")
+           for _ in range(2)]
+    r = requests.post(f"{gws[1].base_url}/responses", json={
+        "model": "demo-model", "input": "noreason\nwords: 2000\nslow: 50", "background": True, "stream": True},
+        stream=True, timeout=30)
+    first = next(line for line in r.iter_lines() if line.startswith(b"data:"))
+    rid = json.loads(first[5:])["response"]["id"]
+    r.close()  # (the run goes on)
+    db = redis_server.client()
+
+    def rate(secs: float = 3.0) -> float:
+        start = db.info("stats")["total_commands_processed"]
+        time.sleep(secs)
+        return (db.info("stats")["total_commands_processed"] - start - 2) / secs
+
+    time.sleep(1)
+    baseline = rate()
+    for _ in range(40):
+        follower = requests.get(f"{gws[0].base_url}/responses/{rid}?stream=true", stream=True, timeout=10)
+        assert follower.status_code == 200, follower.text
+        follower.close()  # the client hangs up at once
+    time.sleep(1)
+    left = rate()
+    staying = [requests.get(f"{gws[0].base_url}/responses/{rid}?stream=true", stream=True, timeout=30)
+               for _ in range(2)]
+    assert [s.status_code for s in staying] == [200, 200]
+    time.sleep(1)
+    held = rate()
+    assert requests.post(f"{gws[1].base_url}/responses/{rid}/cancel", timeout=30).json()["status"] == "cancelled"
+    got = [s.content for s in staying]
+    assert left < baseline + 2, f"Redis commands/s: {baseline:.0f} before, {left:.0f} after 40 clients came and left"
+    # (one follower reads ~4 times a second: two would be twice that)
+    assert held < left + 6, f"Redis commands/s: {left:.0f} without clients, {held:.0f} with 2 following"
+    for raw in got:
+        assert raw.endswith(b"data: [DONE]\n\n") and parse_sse(raw)[-1]["type"] == "response.cancelled", raw[-300:]
+
+
+class Bulky(QuietHandler):
+    """A chat backend answering 2 MiB of text, in 32 chunks."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["content-length"]))
+        send_sse(self, chat_sse(*[chat_chunk({"content": "x" * (64 << 10)}) for _ in range(32)],
+                                chat_chunk(finish="stop")))
+
+
+def test_a_background_response_created_without_stream_leaves_no_events_behind(gateway_factory):
+    """A background response created without ``stream`` can never be streamed (a resume is a
+    400): its events are not kept, while it runs nor once it ended. They were: its ``Log``
+    collected every event (a 2 MiB answer: ~12 MiB of them, the text in the deltas and again in
+    each ``.done`` and in ``response.completed``), and the last 64 runs' logs stayed in the
+    gateway after they ended, deleted or not: 24 such runs, each polled to its end and deleted,
+    left it holding ~300 MiB more (up to ~770 MiB at 64). Now about what it held before (what
+    a turn leaves to the next full garbage collection: some 40-130 MiB here)."""
+    with LocalServer(Bulky) as backend:
+        # (blocks of 128 KiB and more are mapped and unmapped: RSS follows what is freed)
+        gw = gateway_factory(backend.url, "--set", "resp2chat_max_replay_entries=0",
+                             env={"MALLOC_MMAP_THRESHOLD_": "131072"})
+        client = openai_client(gw)
+
+        def one() -> None:
+            queued = client.responses.create(model="m", input="a long answer", background=True)
+            done = poll(client, queued.id)
+            assert done.status == "completed" and len(done.output_text) == 2 * MiB
+            client.responses.delete(queued.id)
+
+        for _ in range(4):  # (what the first turns allocate once)
+            one()
+        time.sleep(1)
+        base = memory(gw.proc.pid)["VmRSS"]
+        for _ in range(24):
+            one()
+        time.sleep(1)
+        grown = memory(gw.proc.pid)["VmRSS"] - base
+        unstreamed = client.responses.create(model="m", input="one more", background=True)
+        with pytest.raises(openai.BadRequestError):  # (never streamed: nothing to resume)
+            list(client.responses.retrieve(unstreamed.id, stream=True))
+    assert grown < 192 * MiB, f"24 ended, deleted background responses left the gateway holding {grown / MiB:.0f} MiB more"

@@ -20,9 +20,11 @@ connection; clients poll, cancel and resume it (the rules: resp2chat_core/backgr
   ``cancelled``; one of another replica is asked to stop through the store, and waited for.
 - ``resume`` (``GET /v1/responses/{id}?stream=true&starting_after=N``, through the store addon):
   the events after ``N``, from this gateway's run, live, or once it ended, from the store (a run
-  of another replica: its events when it ends).
+  of another replica: its events when it ends, read by one follower per response here, which
+  every client streaming it shares and which stops when the last of them goes away).
 
-Runs that ended keep their ``Log`` here for a while (``KEPT``); the store keeps the rest.
+Runs that ended keep their ``Log`` here for a while (``KEPT``); the store keeps the rest. Only a
+streamed run has events in its ``Log``: one created without ``stream`` is never streamed.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class Log:
     sse: bytearray = field(default_factory=bytearray)
     done: bool = False
     feeds: set = field(default_factory=set)  # relay Feeds streaming it now
+    task: asyncio.Task | None = None  # a followed one's (``Background._follow``): the task reading the store
 
     def add(self, sse: bytes) -> None:
         if sse:
@@ -116,6 +119,7 @@ class Background:
         self.runs: dict[str, Run] = {}  # running here, by response id
         self.kept: OrderedDict[str, Log] = OrderedDict()  # ended here: their events (KEPT)
         self.feeds: dict[str, tuple[Feed, FeedStream, Log]] = {}  # flows a Feed answers, by flow id
+        self.following: dict[tuple[str, str], Log] = {}  # runs of other replicas streamed here, by (id, owner)
 
     # --- a background turn ------------------------------------------------------------------
 
@@ -141,7 +145,9 @@ class Background:
 
     async def _run(self, bg: Run) -> None:
         run, reader = bg.run, bg.run.reader
-        run.exchange.channel.push = lambda items: bg.log.add(reader.apply_all(items))
+        # (created without stream, it is never streamed: its events are not kept, as a JSON turn's)
+        add = bg.log.add if bg.streamed else lambda sse: None
+        run.exchange.channel.push = lambda items: add(reader.apply_all(items))
         renew = asyncio.ensure_future(self._renew(bg))
         try:
             try:
@@ -149,15 +155,15 @@ class Background:
             except asyncio.CancelledError:  # cancelled (or the gateway stops): the backend call is closed
                 asyncio.current_task().uncancel()
                 if bg.stopping == "shutdown":
-                    bg.log.add(reader.translator.fail(B.DEAD["code"], B.DEAD["message"]))
+                    add(reader.translator.fail(B.DEAD["code"], B.DEAD["message"]))
                 else:
-                    bg.log.add(reader.translator.cancel())
+                    add(reader.translator.cancel())
             except Exception as exc:  # noqa: BLE001 — a bug of ours: the turn still ends clearly
                 log.warning(f"resp2chat: background {run.request_id} failed: {type(exc).__name__}: {exc}",
                             exc_info=exc)
-                bg.log.add(reader.apply(failure(502, "the gateway's relay failed", "server_error")))
+                add(reader.apply(failure(502, "the gateway's relay failed", "server_error")))
             bg.calling = False
-            bg.log.add(reader.finish())
+            add(reader.finish())
         finally:
             bg.calling = False
             renew.cancel()
@@ -208,17 +214,23 @@ class Background:
             log.warning(f"resp2chat: background {bg.response_id} not stored: {exc}")
         finally:
             self.runs.pop(bg.response_id, None)
-            self.kept[bg.response_id] = bg.log
-            while len(self.kept) > KEPT:
-                self.kept.popitem(last=False)
+            if bg.streamed:
+                self.kept[bg.response_id] = bg.log
+                while len(self.kept) > KEPT:
+                    self.kept.popitem(last=False)
             bg.log.end()
             bg.ended.set()
-        done, record = self.turns.settle(run, bytes(bg.log.sse))
+        # (what the client got: its events, or the Response queued)
+        answer = bytes(bg.log.sse) if bg.streamed else run.flow.response.content if run.flow.response else b""
+        done, record = self.turns.settle(run, answer)
         run.flow.metadata.setdefault(META, {}).update(record)  # (the creating flow, for whoever still holds it)
         self.turns.ended(done, run.exchange.turn_id)
 
     async def done(self) -> None:
-        """The gateway stops: what still runs ends ``failed`` (and is stored so), not in_progress."""
+        """The gateway stops: what still runs ends ``failed`` (and is stored so), not in_progress;
+        the followers of other replicas' runs stop."""
+        for followed in list(self.following.values()):
+            self._unfollow(followed)
         runs = list(self.runs.values())
         for bg in runs:
             self.stop(bg, "shutdown")
@@ -285,27 +297,46 @@ class Background:
 
     def _follow(self, response_id: str, owner: str, response: dict) -> Log:
         """A log of a response that runs (or ran) on another replica: its events once it ends
-        (the store holds them then), read by a task that polls the store."""
-        followed = Log()
+        (the store holds them then). While it runs, one task per response polls the store for
+        every client streaming it here (``following``); it stops when the run ends or the last
+        of them goes (``_forget``)."""
         if not B.is_running(response):
+            followed = Log()
             followed.add(B.stored_events(response))
             followed.done = True
             return followed
-
-        async def poll() -> None:
-            try:
-                while True:
-                    await asyncio.sleep(POLL)
-                    entry = await self.store.get(response_id, owner)
-                    if entry is None or not B.is_running(entry["response"]) or B.is_dead(entry["response"], time.time()):
-                        followed.add(B.stored_events(entry["response"]) or b"" if entry else b"")
-                        break
-            except StateUnavailable as exc:
-                log.warning(f"resp2chat: following background {response_id}: {exc}")
-            finally:
-                followed.end()
-        asyncio.ensure_future(poll())
+        key = (response_id, owner)
+        followed = self.following.get(key)
+        if followed is None:
+            followed = self.following[key] = Log()
+            followed.task = asyncio.ensure_future(self._poll(key, followed))
         return followed
+
+    async def _poll(self, key: tuple[str, str], followed: Log) -> None:
+        """Every ``POLL``: the followed response from the store, until it ended (or is dead)."""
+        response_id, owner = key
+        try:
+            while True:
+                await asyncio.sleep(POLL)
+                entry = await self.store.get(response_id, owner)
+                if entry is None or not B.is_running(entry["response"]) or B.is_dead(entry["response"], time.time()):
+                    followed.add(B.stored_events(entry["response"]) or b"" if entry else b"")
+                    break
+        except StateUnavailable as exc:
+            log.warning(f"resp2chat: following background {response_id}: {exc}")
+        finally:
+            if self.following.get(key) is followed:
+                del self.following[key]
+            followed.end()
+
+    def _unfollow(self, followed: Log) -> None:
+        """Nobody streams ``followed`` here any more: its task stops (a client that comes later
+        gets a follower of its own)."""
+        for key, log_ in list(self.following.items()):
+            if log_ is followed:
+                del self.following[key]
+        if followed.task is not None:
+            followed.task.cancel()
 
     def feed(self, flow: http.HTTPFlow, source: Log, starting_after: int) -> None:
         """Answer ``flow`` with ``source``'s events after ``starting_after``, as they come: a
@@ -344,8 +375,11 @@ class Background:
     def _forget(self, flow: http.HTTPFlow) -> None:
         found = self.feeds.pop(flow.id, None)
         if found is not None:
-            found[2].feeds.discard(found[0])
+            feed, _, source = found
+            source.feeds.discard(feed)
             self.relay.forget(flow.id)
+            if not source.feeds and source.task is not None and not source.done:
+                self._unfollow(source)
 
 
 def not_streamed() -> GatewayError:
