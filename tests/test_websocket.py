@@ -231,6 +231,20 @@ def test_connection_memory_continues_responses_and_is_bounded():
     assert conn.conversation(create, None, lambda ids: {"msg_1": user("resolved")}) == [user("resolved"), tools, user("c")]
 
 
+def test_connection_memory_is_bounded_in_bytes():
+    """What one socket remembers is at most ``max_bytes`` (the addon: max_request_body_mb), by
+    the sizes it is told: past it the oldest are forgotten; one larger than that alone is not
+    remembered and the others stay; forgetting gives its bytes back."""
+    conn = ws.Connection(keep=4, max_bytes=100)
+    assert conn.remember("resp_a", [user("a")], 40) and conn.remember("resp_b", [user("b")], 40)
+    assert conn.remember("resp_c", [user("c")], 40)  # 120: the oldest goes
+    assert conn.history("resp_a") is None and conn.history("resp_b") == [user("b")] and conn.bytes == 80
+    assert not conn.remember("resp_d", [user("d")], 101)  # alone past the bound: not kept, nothing else lost
+    assert conn.history("resp_d") is None and len(conn) == 2 and conn.bytes == 80
+    conn.forget("resp_b")
+    assert conn.bytes == 40 and conn.remember("resp_e", [], 60) and len(conn) == 2 and conn.bytes == 100
+
+
 # --- through a real mitmdump ---------------------------------------------------------------
 
 
