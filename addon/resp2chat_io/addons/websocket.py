@@ -9,8 +9,10 @@
   (``Turns.parse``: the same chat bytes), sent to the backend by the relay (an ``Exchange``),
   its events sent back one message each; ``previous_response_id`` continues a response of this
   connection; a warm-up (``generate: false``) is answered at once, without the backend.
-- what the socket remembers is bounded: ``max_request_body_mb`` of it (``remembered``,
-  ws.Connection).
+- every client message is a request against its client's limits (``Turns.admit``, the HTTP
+  rule), admitted before it is read: a client past them costs no decoding, and a warm-up counts
+  too (one request for ``rpm``, open while it is answered; no backend tokens). What the socket
+  remembers is bounded: ``max_request_body_mb`` of it (``remembered``, ws.Connection).
 - the flow (the upgrade) records every turn in ``flow.metadata["resp2chat"]["turns"]``: the
   message, the chat request, the backend's stream and the events sent; ``flow.comment`` sums
   the socket up; finished turns go to ``Turns.finished`` listeners and the request log.
@@ -322,14 +324,16 @@ class ResponsesWebSocket(Owner):
             if len(body) > self.max_message:  # (mitmproxy refuses one first: ``oversized``)
                 raise self._too_large()
             client = self._client(live)
+            # every message is a request, admitted before it is read, as an HTTP body is
+            # (http_turns.py): a client past its limits costs no decoding. A warm-up too: it asks
+            # no backend, but the socket remembers what it carries (rpm bounds how fast)
+            verdict = await turns.admit(client, turn_id)
+            if verdict is not None and not verdict.admitted:
+                raise verdict.error(client.name)
             data = await turns.decode(body)  # (a large message off the loop, as an HTTP body)
             create = ws.parse_message(data)
             if create is None:
-                return  # response.processed: nothing to say
-            if not create.warmup:  # (a warm-up asks no backend: no limit counts it)
-                verdict = await turns.admit(client, turn_id)
-                if verdict is not None and not verdict.admitted:
-                    raise verdict.error(client.name)
+                return  # response.processed: nothing to say (its request given back below, spent)
             m.request = turns.check(create.body, client)
             self._redact(live, m, mcp.redact_text(m.text, create.body))
             if create.body.get("background") is True:  # (it outlives its connection: HTTP's, polled)
@@ -341,7 +345,7 @@ class ResponsesWebSocket(Owner):
         except GatewayError as err:
             if create is not None and create.previous is not None:
                 live.conn.forget(create.previous)  # (a failed continuation evicts what it continued)
-            if m.request is None and data is not None and b'"mcp"' in body:  # refused before its tools were read
+            if m.request is None and b'"mcp"' in body:  # refused before its tools were read (or before it was)
                 self._redact(live, m, UNREAD_MCP)
             turns.release(client, turn_id)  # (before the client hears of it: below, again, is nothing)
             self._refuse(live, m, err, send)
