@@ -475,7 +475,7 @@ class ResponsesWebSocket(Owner):
         return True
 
     def _warmed(self, live: OpenSocket, m: Message, reader: Reader) -> None:
-        """Record a warm-up (answered without the backend: no turn, nothing to count)."""
+        """Record a warm-up (answered without the backend: no turn; its request was admitted like any)."""
         turn, t = m.turn, reader.translator
         self._record(live, {"responses_request": m.text, "request_id": m.request_id,
                             "response_id": turn.ctx.response_id, "created_at": turn.ctx.created_at,
