@@ -11,6 +11,7 @@ import datetime
 import gzip
 import ipaddress
 import json
+import os
 import socket
 import ssl
 import subprocess
@@ -22,7 +23,7 @@ import pytest
 import requests
 
 from helpers import (
-    Codex, KiB, LocalServer, QuietHandler, chat_chunk, chat_sse, cli_env, http_chunk, memory, openai_client, parse_sse,
+    Codex, KiB, LocalServer, MiB, QuietHandler, chat_chunk, chat_sse, cli_env, http_chunk, memory, openai_client, parse_sse,
     read_flows, run_cli, send_sse, wait_until,
 )
 from wsclient import Refused, WSClient
@@ -552,6 +553,50 @@ def test_refused_bodies_are_not_read_and_memory_stays_flat(echo, gateway_factory
     with pytest.raises(Refused) as refused:
         WSClient(gw.base_url)
     assert refused.value.status == 401
+
+
+def _cpu_seconds(pid: int) -> float:
+    """The CPU time process ``pid`` has used so far (user and system), in seconds."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_rate_limited_clients_socket_messages_are_refused_before_they_are_read(echo, gateway_factory):
+    """A client at its rpm is refused before its request is decoded, on HTTP (437c1ba) and on the
+    Responses WebSocket alike: every message is admitted first (a warm-up too: no flag to read
+    first). Before, the socket decoded each message in full (turns.decode, then parse_message)
+    and only then asked the limits: 8 messages of 10 MiB made of millions of small JSON values
+    (a client may send them without end) cost the gateway ~15 s of CPU for their 429s. Now
+    about what 8 messages as large cost that are refused at their first byte (invalid JSON):
+    the transport's share (mitmproxy and the relay each read a 10 MiB message)."""
+    keys = {"carol": "carol-key-0123456789abcdef", "alice": "alice-key-0123456789abcdef"}
+    gw = gateway_factory(echo.url, "--set", "resp2chat_max_replay_entries=0", env={"RESP2CHAT_CLIENTS": json.dumps(
+        [{"name": "carol", "key": keys["carol"], "rpm": 1}, {"name": "alice", "key": keys["alice"]}])})
+    carol = {"authorization": f"Bearer {keys['carol']}"}
+    r = requests.post(gw.base_url + "/responses", json={"model": "m", "input": "hi"}, headers=carol, timeout=20)
+    assert r.status_code == 200, r.text  # (its one request of the minute)
+    heavy = '{"type":"response.create","model":"m","input":"hi","x":[' + \
+        ",".join(["[]"] * (10 * MiB // 3)) + "]}"
+
+    def refusals(name: str, message: str) -> tuple[list, float]:
+        """8 times ``message`` from ``name``: the errors, and the gateway's CPU seconds for them."""
+        client = WSClient(gw.base_url, headers={"authorization": f"Bearer {keys[name]}"}, timeout=120)
+        before, errors = _cpu_seconds(gw.proc.pid), []
+        for _ in range(8):
+            client.send(message)
+            error = client.next_message()
+            errors.append((error.get("status"), (error.get("error") or {}).get("code")))
+        spent = _cpu_seconds(gw.proc.pid) - before
+        client.close()
+        return errors, spent
+
+    unread, floor = refusals("alice", "n" * len(heavy))
+    assert unread == [(400, "invalid_json")] * 8, unread
+    limited, spent = refusals("carol", heavy)
+    assert limited == [(429, "rate_limit_exceeded")] * 8, limited
+    assert spent < floor + 1.0, f"8 messages refused with 429 cost the gateway {spent:.1f} s of CPU ({floor:.1f} s: " \
+        "8 as large refused at their first byte)"
+    assert len(echo.seen) == 1
 
 
 # --- absolute-form request targets ---------------------------------------------------------------

@@ -18,8 +18,8 @@ import pytest
 import requests
 
 from helpers import (
-    DONE, LocalServer, MiB, Peak, QuietHandler, chat_event, http_chunk, listening_ports, read_flows, stream_turn,
-    terminal, wait_until,
+    DONE, LocalServer, MiB, Peak, QuietHandler, chat_event, http_chunk, listening_ports, memory, read_flows,
+    stream_turn, terminal, user, wait_until,
 )
 from wsclient import WSClient
 
@@ -352,6 +352,43 @@ def test_what_a_long_sockets_flow_file_keeps(upstream, gateway_factory, tmp_path
     assert messages[0].from_client and messages[0].content == b"nope"  # the first ones
     assert len(meta["turns"]) == 1024 and meta["turns_dropped"] == 2501 - 1024
     assert flow.comment.startswith("WebSocket /v1/responses · 2501 messages (2500 rejected, 1 completed)")
+
+
+def test_warm_ups_chained_on_a_socket_hold_at_most_a_messages_worth(upstream, gateway_factory):
+    """``generate: false`` warm-ups ask no backend, and each continuing the one before adds a
+    message's worth (3 MiB of input, max_request_body_mb 4) to the conversation the socket
+    remembers. It remembers at most max_request_body_mb of it (ws.Connection): a conversation
+    larger than that is answered but not remembered, so continuing it is
+    ``previous_response_not_found`` (a client sending them starts a new chain). Before, the
+    socket held every chain whole, without end: 24 such warm-ups, +72 MiB. Measured once the
+    flow's records and messages (their own budgets) and the gateway's caches are full."""
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_request_body_mb=4",
+                         "--set", "resp2chat_max_replay_entries=0")
+    client = WSClient(gw.base_url, timeout=120)
+    chunk = "x" * (3 * MiB)
+    chain = {"previous": None}
+
+    def warm(i: int) -> str:
+        """A warm-up continuing the last one while it can."""
+        msg = {"type": "response.create", "model": "demo-model", "input": [user(f"{i}{chunk}")], "generate": False}
+        if chain["previous"]:
+            msg["previous_response_id"] = chain["previous"]
+        end = client.turn(msg)[-1]
+        chain["previous"] = end["response"]["id"] if end["type"] == "response.completed" else None
+        return end["type"] if end["type"] != "error" else end["error"]["code"]
+
+    first = [warm(i) for i in range(24)]
+    # a chain goes on while it fits: 3 MiB remembered, 6 MiB answered and not, its continuation refused
+    assert first[:4] == ["response.completed", "response.completed", "previous_response_not_found",
+                         "response.completed"], first
+    time.sleep(1)
+    base = memory(gw.proc.pid)["VmRSS"]
+    for i in range(24, 48):
+        warm(i)
+    time.sleep(1)
+    grown = memory(gw.proc.pid)["VmRSS"] - base
+    client.close()
+    assert grown < 40 * MiB, f"24 more chained warm-ups made the gateway hold {grown / MiB:.0f} MiB more"
 
 
 def test_a_message_over_the_body_limit_is_refused_while_it_arrives(upstream, gateway_factory):

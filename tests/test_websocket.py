@@ -231,6 +231,20 @@ def test_connection_memory_continues_responses_and_is_bounded():
     assert conn.conversation(create, None, lambda ids: {"msg_1": user("resolved")}) == [user("resolved"), tools, user("c")]
 
 
+def test_connection_memory_is_bounded_in_bytes():
+    """What one socket remembers is at most ``max_bytes`` (the addon: max_request_body_mb), by
+    the sizes it is told: past it the oldest are forgotten; one larger than that alone is not
+    remembered and the others stay; forgetting gives its bytes back."""
+    conn = ws.Connection(keep=4, max_bytes=100)
+    assert conn.remember("resp_a", [user("a")], 40) and conn.remember("resp_b", [user("b")], 40)
+    assert conn.remember("resp_c", [user("c")], 40)  # 120: the oldest goes
+    assert conn.history("resp_a") is None and conn.history("resp_b") == [user("b")] and conn.bytes == 80
+    assert not conn.remember("resp_d", [user("d")], 101)  # alone past the bound: not kept, nothing else lost
+    assert conn.history("resp_d") is None and len(conn) == 2 and conn.bytes == 80
+    conn.forget("resp_b")
+    assert conn.bytes == 40 and conn.remember("resp_e", [], 60) and len(conn) == 2 and conn.bytes == 100
+
+
 # --- through a real mitmdump ---------------------------------------------------------------
 
 
@@ -320,6 +334,41 @@ def test_warm_up_is_answered_without_the_backend_and_then_continued(gw, upstream
     assert real["output"][-1]["content"][0]["text"] == "You said: hello"
     assert [m["content"] for m in upstream.requests()[0]["messages"]] == ["hello"]
     client.close()
+
+
+def test_a_warm_up_is_a_request_against_its_clients_limits(upstream, gateway_factory, tmp_path):
+    """A warm-up asks no backend, but the socket remembers what it carries: it is a request like
+    any (one rpm token, the HTTP rule), open only while it is answered (max_streams 1: warm-ups
+    in a row are all admitted). Before, no limit counted warm-ups: a client at its rpm went on
+    adding to what its socket held. Refused, a message is not read: one carrying an mcp tool's
+    secret keeps it out of the flow file as a refused turn does."""
+    key = "carol-key-0123456789abcdef"
+    flows = tmp_path / "ws.mitm"
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0", "-w", str(flows), env={
+        "RESP2CHAT_CLIENTS": json.dumps([{"name": "carol", "key": key, "rpm": 2, "max_streams": 1}])})
+    auth = {"authorization": f"Bearer {key}"}
+    client = WSClient(gw.base_url, headers=auth)
+    warm = {"type": "response.create", "model": "demo-model", "input": [user("hello")], "generate": False}
+    assert done(client.turn(warm))["status"] == "completed"
+    assert done(client.turn(warm))["status"] == "completed"
+    refused = client.turn(warm)[-1]  # (the third request of the minute)
+    assert refused["type"] == "error" and refused["status"] == 429, refused["type"]
+    assert refused["error"]["code"] == "rate_limit_exceeded"
+    assert "rpm" in refused["error"]["message"]
+    secret = "mcp-secret-token-9d41c7"
+    tool = {"type": "mcp", "server_label": "ev", "server_url": "https://mcp.example/sse",
+            "headers": {"authorization": f"Bearer {secret}"}, "require_approval": "never"}
+    [refused] = client.turn({**warm, "tools": [tool]})
+    assert refused["status"] == 429
+    client.close()
+    # the same bucket as HTTP: the client's turn there is refused too
+    r = requests.post(gw.base_url + "/responses", json={"model": "demo-model", "input": "hi"}, headers=auth, timeout=30)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+    gw.stop()
+    [flow] = [f for f in read_flows(flows) if f.websocket]
+    assert secret.encode() not in flows.read_bytes()
+    assert [t["status"] for t in flow.metadata["resp2chat"]["turns"]] == ["completed", "completed", "rejected",
+                                                                          "rejected"]
 
 
 @pytest.mark.parametrize("failing,status", [

@@ -7,11 +7,11 @@ Rules of this file:
 - ``rpm`` and ``tpm`` are token buckets, as OpenAI's limits are: a bucket holds up to the limit
   and refills continuously at the limit per minute. A turn (or another request that makes a
   backend work: a passthrough such as embeddings, input_tokens; its tokens: ``Meter``, the
-  answer's own usage) takes one request token when it is
-  admitted; its backend tokens (prompt + output, the backend's own usage) are taken from the
-  token bucket when it ends, which may drive it below zero. A turn is admitted while the request
-  bucket holds a whole token and the token bucket holds more than nothing, and while the client
-  has fewer than ``max_streams`` turns open.
+  answer's own usage; a Responses WebSocket's warm-up: no backend, but the socket remembers it)
+  takes one request token when it is admitted; its backend tokens (prompt + output, the
+  backend's own usage) are taken from the token bucket when it ends, which may drive it below
+  zero. A turn is admitted while the request bucket holds a whole token and the token bucket
+  holds more than nothing, and while the client has fewer than ``max_streams`` turns open.
 - Refused: ``429`` with ``code: rate_limit_exceeded``, ``Retry-After`` (and ``retry-after-ms``)
   saying when the first bucket in the way has refilled enough, and OpenAI's headers. Every turn's
   answer carries ``x-ratelimit-limit-*``, ``x-ratelimit-remaining-*`` and

@@ -27,7 +27,8 @@ checked against the real Codex CLI 0.169.0; docs/codex.md has the details)::
 
 A continued request is resolved against this connection's own recent responses first (Codex
 sends ``store: false``: nothing is in the response store), then against the response store.
-``Connection.keep`` bounds the memory: Codex only ever continues its last response. A
+``Connection.keep`` bounds the memory (Codex only ever continues its last response), and
+``max_bytes`` its size (the addon's: ``max_request_body_mb``, what one message may carry). A
 continuation that fails (refused, or its turn failed) drops the response it continued from the
 memory (``forget``, as the Open Responses spec says): continuing from it again is
 ``previous_response_not_found``, unless the response store holds it. The memory
@@ -222,22 +223,32 @@ def final_response(sse: bytes) -> dict | None:
 
 class Connection:
     """What one socket remembers: for each of its last ``keep`` responses, the whole conversation
-    it ended (its request's items, then its output), so a request can continue it."""
+    it ended (its request's items, then its output), so a request can continue it; and of them
+    at most ``max_bytes`` (None: no bound), counted by the size ``remember`` is given for each
+    (the addon: its lowered chat request and its output, about its bytes as JSON). Past it the
+    oldest are forgotten; a conversation larger than that alone is not remembered, and the
+    others stay. Either way, continuing a forgotten one is ``previous_response_not_found``
+    (unless the response store holds it), as the Open Responses spec says of an evicted id.
+    Counted per conversation, though a chain's share their items: a bound on what is held,
+    whatever the client sends (a chain of warm-ups, each adding a message's worth, grew it
+    without end)."""
 
-    def __init__(self, keep: int = 4) -> None:
-        self.keep = keep
-        self._responses: OrderedDict[str, list] = OrderedDict()
+    def __init__(self, keep: int = 4, max_bytes: int | None = None) -> None:
+        self.keep, self.max_bytes = keep, max_bytes
+        self._responses: OrderedDict[str, tuple[list, int]] = OrderedDict()  # id -> (conversation, its size)
+        self.bytes = 0  # the sizes remembered, together
 
     def __len__(self) -> int:
         return len(self._responses)
 
     def history(self, response_id: str) -> list | None:
-        return self._responses.get(response_id)
+        found = self._responses.get(response_id)
+        return found[0] if found is not None else None
 
     def lookup(self, stored: Callable[[str], list | None] | None) -> Callable[[str], list | None]:
         """``begin_turn``'s history: this connection's responses, then the response store."""
         def history(response_id: str) -> list | None:
-            found = self._responses.get(response_id)
+            found = self.history(response_id)
             return found if found is not None or stored is None else stored(response_id)
         return history
 
@@ -260,9 +271,18 @@ class Connection:
     def forget(self, response_id: str) -> None:
         """A continuation of ``response_id`` failed (4xx or 5xx): the connection drops it, so
         continuing from it again is ``previous_response_not_found`` (the spec's rule)."""
-        self._responses.pop(response_id, None)
+        found = self._responses.pop(response_id, None)
+        if found is not None:
+            self.bytes -= found[1]
 
-    def remember(self, response_id: str, items: list) -> None:
-        self._responses[response_id] = items
-        while len(self._responses) > self.keep:
-            self._responses.popitem(last=False)
+    def remember(self, response_id: str, items: list, size: int = 0) -> bool:
+        """Keep ``items``, the conversation ``response_id`` ended (``size``: its bytes, about).
+        False: larger than ``max_bytes`` alone, not kept."""
+        self.forget(response_id)
+        if self.max_bytes is not None and size > self.max_bytes:
+            return False
+        self._responses[response_id] = (items, size)
+        self.bytes += size
+        while len(self._responses) > self.keep or (self.max_bytes is not None and self.bytes > self.max_bytes):
+            self.bytes -= self._responses.popitem(last=False)[1][1]
+        return True

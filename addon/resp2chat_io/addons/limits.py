@@ -7,9 +7,9 @@ store addon picks when the setting changes (``StoredResponses.limit_state``). No
 which.
 
 ``admit`` is asked once per turn before anything else is done for it (``Turns.admit``: HTTP and
-the WebSocket alike, reads never); a turn it admitted is released when it ends (its backend
-tokens spent from the token bucket), however it ends, where it was admitted (its ``Ticket``),
-once.
+the WebSocket alike, where every message is asked, a warm-up too; reads never); a turn it
+admitted is released when it ends (its backend tokens spent from the token bucket), however it
+ends, where it was admitted (its ``Ticket``), once.
 
 A limit bounds everything a client makes a backend do, not only turns: the other requests that
 reach a backend (``backend_work``: a passthrough that is not a read, such as ``POST

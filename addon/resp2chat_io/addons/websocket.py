@@ -9,6 +9,10 @@
   (``Turns.parse``: the same chat bytes), sent to the backend by the relay (an ``Exchange``),
   its events sent back one message each; ``previous_response_id`` continues a response of this
   connection; a warm-up (``generate: false``) is answered at once, without the backend.
+- every client message is a request against its client's limits (``Turns.admit``, the HTTP
+  rule), admitted before it is read: a client past them costs no decoding, and a warm-up counts
+  too (one request for ``rpm``, open while it is answered; no backend tokens). What the socket
+  remembers is bounded: ``max_request_body_mb`` of it (``remembered``, ws.Connection).
 - the flow (the upgrade) records every turn in ``flow.metadata["resp2chat"]["turns"]``: the
   message, the chat request, the backend's stream and the events sent; ``flow.comment`` sums
   the socket up; finished turns go to ``Turns.finished`` listeners and the request log.
@@ -25,6 +29,7 @@ Owns ``responses_websocket``.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import time
@@ -73,7 +78,7 @@ class OpenSocket:
     headers: http.Headers  # the upgrade's, as the client sent them (its turns' client headers; the flow's get redacted)
     client: str | None = None  # the client the gate named at the upgrade (clients), checked again at each message
     spec: ClientSpec | None = None  # (that client then: a key revoked or given anew since is refused)
-    conn: ws.Connection = field(default_factory=ws.Connection)
+    conn: ws.Connection = field(default_factory=ws.Connection)  # (``open``: at most max_message bytes of it)
     messages: int = 0  # client messages so far (each gets its own request id: request_id(flow)_n)
     turns: int = 0
     recorded: int = 0  # bytes of turn records in the flow's metadata
@@ -99,6 +104,12 @@ class Message:
     turn: Turn | None = None  # its turn, once lowered
     run: TurnRun | None = None  # its turn in flight (a warm-up has none: no backend)
     sent: list = field(default_factory=list)  # (event type, message) as sent, for the record
+
+
+def remembered(turn: Turn, output: list = ()) -> int:
+    """What a conversation the socket remembers is counted as (ws.Connection's ``max_bytes``): its
+    lowered chat request, which carries all of it (no work: the bytes are made), and its output."""
+    return len(turn.chat_body) + (len(json.dumps(output, ensure_ascii=False)) if output else 0)
 
 
 @fails_closed
@@ -167,7 +178,7 @@ class ResponsesWebSocket(Owner):
                       self.max_message)
         name = flow.metadata.get(META, {}).get("client")
         live = OpenSocket(flow, sock, req.url, self.upstreams.owner_of(flow), req.headers.copy(), name,
-                          self.gate.callers.get(flow.id))
+                          self.gate.callers.get(flow.id), ws.Connection(max_bytes=self.max_message))
         meta = flow.metadata.setdefault(META, {})
         meta.update(transport="websocket", turns=[])  # (each turn records its upstream: _finish)
         self.live[flow.id] = self.by_client[flow.client_conn.id] = live  # (websocket_end or error forgets it)
@@ -313,14 +324,16 @@ class ResponsesWebSocket(Owner):
             if len(body) > self.max_message:  # (mitmproxy refuses one first: ``oversized``)
                 raise self._too_large()
             client = self._client(live)
+            # every message is a request, admitted before it is read, as an HTTP body is
+            # (http_turns.py): a client past its limits costs no decoding. A warm-up too: it asks
+            # no backend, but the socket remembers what it carries (rpm bounds how fast)
+            verdict = await turns.admit(client, turn_id)
+            if verdict is not None and not verdict.admitted:
+                raise verdict.error(client.name)
             data = await turns.decode(body)  # (a large message off the loop, as an HTTP body)
             create = ws.parse_message(data)
             if create is None:
-                return  # response.processed: nothing to say
-            if not create.warmup:  # (a warm-up asks no backend: no limit counts it)
-                verdict = await turns.admit(client, turn_id)
-                if verdict is not None and not verdict.admitted:
-                    raise verdict.error(client.name)
+                return  # response.processed: nothing to say (its request given back below, spent)
             m.request = turns.check(create.body, client)
             self._redact(live, m, mcp.redact_text(m.text, create.body))
             if create.body.get("background") is True:  # (it outlives its connection: HTTP's, polled)
@@ -332,7 +345,7 @@ class ResponsesWebSocket(Owner):
         except GatewayError as err:
             if create is not None and create.previous is not None:
                 live.conn.forget(create.previous)  # (a failed continuation evicts what it continued)
-            if m.request is None and data is not None and b'"mcp"' in body:  # refused before its tools were read
+            if m.request is None and b'"mcp"' in body:  # refused before its tools were read (or before it was)
                 self._redact(live, m, UNREAD_MCP)
             turns.release(client, turn_id)  # (before the client hears of it: below, again, is nothing)
             self._refuse(live, m, err, send)
@@ -362,7 +375,7 @@ class ResponsesWebSocket(Owner):
         if create.warmup:
             reader = Reader(turn.translator(turns.max_event), MAX_ENTRY_BYTES, self.upstreams.secrets_for(live.headers))
             out(reader.apply(ws.Warmup()))
-            live.conn.remember(turn.ctx.response_id, turn.items)
+            live.conn.remember(turn.ctx.response_id, turn.items, remembered(turn))
             self._warmed(live, m, reader)
             return
         live.turns += 1
@@ -385,7 +398,8 @@ class ResponsesWebSocket(Owner):
         out(run.reader.finish())
         done = self._finish(live, m)
         if done.status in CONTINUABLE:
-            live.conn.remember(turn.ctx.response_id, turn.items + run.reader.translator.output)
+            output = run.reader.translator.output
+            live.conn.remember(turn.ctx.response_id, turn.items + output, remembered(turn, output))
         elif done.status == "failed" and create.previous is not None:
             live.conn.forget(create.previous)  # (as a refused continuation: ws.Connection.forget)
 
@@ -448,7 +462,8 @@ class ResponsesWebSocket(Owner):
         send(ws.messages(events))
         final = ws.final_response(events) or {}
         if final.get("status") in CONTINUABLE:
-            live.conn.remember(final["id"], turn.items + final.get("output", []))
+            output = final.get("output") or []
+            live.conn.remember(final["id"], turn.items + output, remembered(turn, output))
         self._record(live, {"responses_request": m.text, "request_id": m.request_id,
                             "chat_request": RecordText(turn.chat_body),
                             "response_id": final.get("id"), "status": final.get("status", "unfinished"),
@@ -460,7 +475,7 @@ class ResponsesWebSocket(Owner):
         return True
 
     def _warmed(self, live: OpenSocket, m: Message, reader: Reader) -> None:
-        """Record a warm-up (answered without the backend: no turn, nothing to count)."""
+        """Record a warm-up (answered without the backend: no turn; its request was admitted like any)."""
         turn, t = m.turn, reader.translator
         self._record(live, {"responses_request": m.text, "request_id": m.request_id,
                             "response_id": turn.ctx.response_id, "created_at": turn.ctx.created_at,
