@@ -586,6 +586,32 @@ def test_headers_go_to_their_server_only_and_are_never_recorded(gateway_factory,
     assert out.returncode == 0 and [r["outcome"] for r in results] == ["same", "same"], out.stdout
 
 
+def test_a_request_refused_for_its_limits_keeps_no_mcp_secret_in_the_flow(gateway_factory, everything, seen,
+                                                                         upstream, tmp_path):
+    """A client past its ``rpm`` is refused before its body is read (it costs no decoding), so
+    its hosted MCP tool's ``authorization`` and headers were never redacted: the flow file kept
+    them as sent. Now a refused request that may carry them keeps none of its body, as one
+    refused by the gate after its body came in, or one whose body does not parse."""
+    key = "sk-carol-" + "c" * 32
+    flows = tmp_path / "flows"
+    gw = gateway_factory(upstream.origin, "-w", str(flows), "--set",
+                         "resp2chat_clients=" + json.dumps([{"name": "carol", "key": key, "rpm": 1}]),
+                         env={"RESP2CHAT_MCP_SERVERS": allowed(everything, seen[0])})
+    auth = {"authorization": f"Bearer {key}"}
+    turn = {"model": "demo-model", "input": "hi",
+            "tools": [mcp_tool("seen", authorization=CLIENT_TOKEN, headers={"x-tenant": "tenant-7f7e2b"})]}
+    assert post_turn(gw, {"model": "demo-model", "input": "hi"}, auth).status_code == 200  # (its one request)
+    r = post_turn(gw, turn, auth)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded", r.text
+    broken = json.dumps(turn).encode()[:-2]  # (does not parse: refused before its tools were read)
+    assert post_turn(gw, broken, auth).status_code in (400, 429)
+    gw.stop()
+    saved = flows.read_bytes()
+    for secret in (CLIENT_TOKEN, "tenant-7f7e2b", key):
+        assert secret.encode() not in saved and secret not in gw.log(), secret
+    assert saved.count(b"not kept: refused before it was read") >= 2
+
+
 def test_the_gateways_tool_servers_never_get_the_upstream_key_or_a_client_key(gateway_factory, everything, seen,
                                                                               upstream, tmp_path):
     """A team's gateway (an upstream key, clients made with ``keys add``) runs a client's hosted

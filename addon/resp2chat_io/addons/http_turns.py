@@ -63,6 +63,15 @@ FIRST_SLICE = 2048  # backend bytes translated before the first tick's answer go
 # what the flow keeps of a request refused before its tools were read (the caps) that may hold an
 # mcp tool's headers, which are never recorded
 UNREAD_MCP = "[not kept: refused before it was read, and it may carry what an mcp tool holds for its server]"
+
+
+def unread(meta: dict, req: http.Request, body: bytes) -> None:
+    """A request refused before its tools were read (its key, its limits, a body that does not
+    parse): the flow keeps none of it when it may carry what an ``mcp`` tool holds for its server
+    (``authorization``, ``headers``), which only a request read whole has redacted."""
+    if b'"mcp"' in body:
+        meta["responses_request"] = UNREAD_MCP
+        req.content = UNREAD_MCP.encode()
 HOP_KEPT = frozenset({"connection", "keep-alive"})  # the client's, on the flow's request: its connection's fate
 
 
@@ -189,12 +198,14 @@ class HttpTurns:
         except GatewayError as err:
             meta["status"] = "rejected"
             flow.response = refusal(flow, err)
+            unread(meta, req, body)
             return
         verdict = await self.turns.admit(client, flow.id)  # (the client's limits: before anything else)
         limits = verdict.headers if verdict is not None else ()
         if verdict is not None and not verdict.admitted:
             meta["status"] = "rejected"
             flow.response = refusal(flow, verdict.error(client.name), verdict.refusal_headers)
+            unread(meta, req, body)
             return
         owner = self.upstreams.owner_of(flow)  # (before the client's credentials are left behind below)
         raw = data = None
@@ -225,9 +236,8 @@ class HttpTurns:
             self.turns.release(client, flow.id)
             if isinstance(raw, dict) and mcp.client_secrets(raw):  # (the flow keeps the request it refused)
                 req.content = meta["responses_request"].encode()
-            elif raw is None and data is not None and b'"mcp"' in body:  # refused before its tools were read
-                meta["responses_request"] = UNREAD_MCP
-                req.content = UNREAD_MCP.encode()
+            elif raw is None:
+                unread(meta, req, body)
             await offload.discard(data, len(body))
             return
         except BaseException:
