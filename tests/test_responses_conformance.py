@@ -168,29 +168,38 @@ def test_a_missing_required_field_is_missing_required_parameter_on_every_transpo
     assert (r.status_code, r.json()["error"]["code"]) == (400, "missing_required_parameter"), r.text
 
 
-# --- a stored prompt template: refused, not dropped ------------------------------------------------
+# --- a stored prompt template, moderation: refused, not dropped ----------------------------------
 
 
-def test_a_prompt_template_is_refused_on_every_transport_not_run_without_it(own_gateway, upstream):
+UNSUPPORTED = [
+    ("prompt", {"id": "pmpt_123", "variables": {"city": "Paris"}}),
+    ("moderation", {"model": "omni-moderation-latest", "policy": {"input": {"mode": "block"}, "output": {"mode": "block"}}}),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), UNSUPPORTED, ids=[f for f, _ in UNSUPPORTED])
+def test_a_field_asking_for_what_the_gateway_cannot_do_is_refused_on_every_transport(own_gateway, upstream,
+                                                                                       field, value):
     """``prompt`` (openai-python ``ResponseCreateParams.prompt``) names a template in OpenAI's
     prompt store, which the gateway does not have: the turn ran without it (a 200 answering
-    something else); now a 400 naming it, as the README promises for what it cannot do."""
+    something else). ``moderation`` asks OpenAI's moderation model to score or block the input
+    and output: the turn ran unmoderated, what it was asked to block answered. Now a 400 naming
+    the field, as the README promises for what it cannot do; null asks for nothing."""
     upstream.clear()
-    template = {"id": "pmpt_123", "variables": {"city": "Paris"}}
     with pytest.raises(openai.BadRequestError) as err:
-        openai_client(own_gateway).responses.create(model="demo-model", input="hi", prompt=template)
-    assert (err.value.body["param"], err.value.body["code"]) == ("prompt", "unsupported_parameter"), err.value.body
+        openai_client(own_gateway).responses.create(model="demo-model", input="hi", **{field: value})
+    assert (err.value.body["param"], err.value.body["code"]) == (field, "unsupported_parameter"), err.value.body
     ws = WSClient(own_gateway.base_url)
     try:
-        [error] = ws.turn({"type": "response.create", "model": "demo-model", "input": "hi", "prompt": template})
+        [error] = ws.turn({"type": "response.create", "model": "demo-model", "input": "hi", field: value})
     finally:
         ws.close()
-    assert (error["error"]["param"], error["error"]["code"]) == ("prompt", "unsupported_parameter"), error
+    assert (error["error"]["param"], error["error"]["code"]) == (field, "unsupported_parameter"), error
     r = requests.post(f"{own_gateway.base_url}/responses/input_tokens",
-                      json={"model": "demo-model", "input": "hi", "prompt": template}, timeout=30)
-    assert (r.status_code, r.json()["error"]["param"]) == (400, "prompt"), r.text
+                      json={"model": "demo-model", "input": "hi", field: value}, timeout=30)
+    assert (r.status_code, r.json()["error"]["param"]) == (400, field), r.text
     assert upstream.requests() == []
-    r = requests.post(f"{own_gateway.base_url}/responses", json={"model": "demo-model", "input": "hi", "prompt": None},
+    r = requests.post(f"{own_gateway.base_url}/responses", json={"model": "demo-model", "input": "hi", field: None},
                       timeout=30)
     assert r.status_code == 200, r.text  # (null asks for nothing)
 

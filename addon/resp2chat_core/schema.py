@@ -210,6 +210,8 @@ UNSUPPORTED_ITEMS = {
 UNSUPPORTED_FIELDS = {
     "prompt": "stored prompt templates (prompt.id) live in OpenAI's prompt store, which this gateway does not "
               "have; send the template's text as instructions or input",
+    "moderation": "the gateway runs no moderation model: what it was asked to score or block would be answered "
+                  "unmoderated; moderate before or after the gateway",
 }
 
 
