@@ -6,6 +6,7 @@ The loop, its items and lowering alone: test_mcp_core.py."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import subprocess
 import threading
@@ -586,30 +587,42 @@ def test_headers_go_to_their_server_only_and_are_never_recorded(gateway_factory,
     assert out.returncode == 0 and [r["outcome"] for r in results] == ["same", "same"], out.stdout
 
 
-def test_a_request_refused_for_its_limits_keeps_no_mcp_secret_in_the_flow(gateway_factory, everything, seen,
-                                                                         upstream, tmp_path):
+def test_a_request_refused_before_it_was_read_keeps_no_mcp_secret_in_the_flow(gateway_factory, everything, seen,
+                                                                            upstream, tmp_path):
     """A client past its ``rpm`` is refused before its body is read (it costs no decoding), so
     its hosted MCP tool's ``authorization`` and headers were never redacted: the flow file kept
-    them as sent. Now a refused request that may carry them keeps none of its body, as one
-    refused by the gate after its body came in, or one whose body does not parse."""
+    them as sent — for a turn, a compressed turn, a turn spelling ``mcp`` with a JSON escape, an
+    ``input_tokens`` call (read or refused). Now a Responses request refused before it was read
+    keeps none of its body when it may carry them (redact.unread), and one read keeps it
+    without them."""
     key = "sk-carol-" + "c" * 32
     flows = tmp_path / "flows"
     gw = gateway_factory(upstream.origin, "-w", str(flows), "--set",
-                         "resp2chat_clients=" + json.dumps([{"name": "carol", "key": key, "rpm": 1}]),
+                         "resp2chat_clients=" + json.dumps([{"name": "carol", "key": key, "rpm": 2}]),
                          env={"RESP2CHAT_MCP_SERVERS": allowed(everything, seen[0])})
     auth = {"authorization": f"Bearer {key}"}
     turn = {"model": "demo-model", "input": "hi",
             "tools": [mcp_tool("seen", authorization=CLIENT_TOKEN, headers={"x-tenant": "tenant-7f7e2b"})]}
-    assert post_turn(gw, {"model": "demo-model", "input": "hi"}, auth).status_code == 200  # (its one request)
-    r = post_turn(gw, turn, auth)
-    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded", r.text
+    counted = requests.post(f"{gw.base_url}/responses/input_tokens", json=turn, headers=auth, timeout=30)
+    assert counted.status_code == 200, counted.text  # (read: kept without the secrets)
+    assert post_turn(gw, {"model": "demo-model", "input": "hi"}, auth).status_code == 200  # (its last request)
+    refused = [
+        post_turn(gw, turn, auth),
+        post_turn(gw, gzip.compress(json.dumps(turn).encode()), {**auth, "content-encoding": "gzip"}),
+        post_turn(gw, json.dumps(turn).replace('"mcp"', '"\\u006dcp"').encode(), auth),
+        requests.post(f"{gw.base_url}/responses/input_tokens", json=turn, headers=auth, timeout=30),
+    ]
+    assert [r.status_code for r in refused] == [429] * 4, [r.text for r in refused]
     broken = json.dumps(turn).encode()[:-2]  # (does not parse: refused before its tools were read)
     assert post_turn(gw, broken, auth).status_code in (400, 429)
     gw.stop()
     saved = flows.read_bytes()
     for secret in (CLIENT_TOKEN, "tenant-7f7e2b", key):
         assert secret.encode() not in saved and secret not in gw.log(), secret
-    assert saved.count(b"not kept: refused before it was read") >= 2
+    kept = [f.request.get_content(strict=False) for f in read_flows(flows) if f.request.method == "POST"]
+    assert not any(s.encode() in k for k in kept for s in (CLIENT_TOKEN, "tenant-7f7e2b"))  # (nor compressed)
+    assert sum(b"not kept: refused before it was read" in k for k in kept) == 5, kept
+    assert any(b'"[redacted]"' in k for k in kept)  # (the input_tokens call it read)
 
 
 def test_the_gateways_tool_servers_never_get_the_upstream_key_or_a_client_key(gateway_factory, everything, seen,

@@ -172,7 +172,8 @@ def test_redis_down_503_for_what_needs_it_plain_turns_work_recovery_automatic(up
             client.responses.create(model="demo-model", input="after", previous_response_id=first.id)
         assert err.value.status_code == 503 and err.value.code == "store_unavailable"
         assert "Redis" in err.value.message
-        assert requests.get(f"{gw.base_url}/responses/{first.id}").status_code == 503
+        got = requests.get(f"{gw.base_url}/responses/{first.id}")
+        assert got.status_code == 503 and (got.headers["retry-after"], got.headers["retry-after-ms"]) == ("1", "1000")
         plain = client.responses.create(model="demo-model", input="a plain turn")  # needs no store
         assert plain.output_text == "You said: a plain turn"
         assert scrape(gw)[("resp2chat_state_store_up", ())] == 0

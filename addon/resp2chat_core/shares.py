@@ -131,8 +131,8 @@ class Shares:
 def by_client(total: tuple[int, int], held: dict[str, tuple[int, int]], forwarded: tuple[int, int],
               clients: Iterable[tuple[str, str]]) -> list[tuple[str, str, int, int]]:
     """Who fills the store, as /metrics shows it: ``(client, kind, entries, bytes)`` rows whose
-    sums are ``total``. ``clients``: each configured client's (name, owner) (the ``default``
-    client's owner is ``SHARED``: it is the shared row); ``held``: what those owners and
+    sums are ``total``. ``clients``: each configured client's (name, owner) (``gateway_api_key``'s
+    ``default`` client's owner is ``SHARED``: it is the shared row); ``held``: what those owners and
     ``SHARED`` hold; ``forwarded``: what every ``auth-…`` owner holds together. A configured
     client is its row by name (kind ``client``); the rest are ``("", kind)``: ``shared``,
     ``forwarded``, and ``former`` (clients' identities no configured client has now, and what

@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 from mitmproxy import ctx, exceptions, http
 
 from resp2chat_core.errors import GatewayError, error_json
+from resp2chat_core.limits import retry_headers
 from resp2chat_core.gate import RESPONSES_PATHS  # noqa: F401 — (re-exported: the addons import it from here)
 
 from resp2chat_core import settings as S
@@ -74,10 +75,9 @@ def refusal(flow: http.HTTPFlow, err: GatewayError, extra: tuple = ()) -> http.R
     """A request the gateway refuses (``GatewayError``): its status and OpenAI error body, with
     the request id (``x-request-id``), ``retry-after`` when the store is down, and ``extra``
     headers (a client's rate-limit headers)."""
-    headers = {"x_request_id": request_id(flow)}
+    response = json_response(err.status, err.body(), x_request_id=request_id(flow))
     if err.code == "store_unavailable":
-        headers["retry_after"] = "1"
-    response = json_response(err.status, err.body(), **headers)
+        response.headers.update(retry_headers(1))
     response.headers.update(extra)
     return response
 

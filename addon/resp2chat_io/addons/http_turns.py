@@ -60,18 +60,6 @@ FAILED_STATUS = {
 }
 COMPACT_PATHS = tuple(p + "/compact" for p in RESPONSES_PATHS)  # POST /v1/responses/compact
 FIRST_SLICE = 2048  # backend bytes translated before the first tick's answer goes out (TurnStream)
-# what the flow keeps of a request refused before its tools were read (the caps) that may hold an
-# mcp tool's headers, which are never recorded
-UNREAD_MCP = "[not kept: refused before it was read, and it may carry what an mcp tool holds for its server]"
-
-
-def unread(meta: dict, req: http.Request, body: bytes) -> None:
-    """A request refused before its tools were read (its key, its limits, a body that does not
-    parse): the flow keeps none of it when it may carry what an ``mcp`` tool holds for its server
-    (``authorization``, ``headers``), which only a request read whole has redacted."""
-    if b'"mcp"' in body:
-        meta["responses_request"] = UNREAD_MCP
-        req.content = UNREAD_MCP.encode()
 HOP_KEPT = frozenset({"connection", "keep-alive"})  # the client's, on the flow's request: its connection's fate
 
 
@@ -90,6 +78,7 @@ def note_request(meta: dict, body: bytes | None, raw: object = None) -> None:
     if body is not None:
         meta["responses_request"] = RecordText(body)
     if isinstance(raw, dict):
+        meta["read"] = True  # (its mcp tools' secrets dealt with here: redact.unread leaves it be)
         if mcp.client_secrets(raw):
             meta["responses_request"] = mcp.redact_text(request_text(meta), raw)
         model, pck = raw.get("model"), raw.get("prompt_cache_key")
@@ -198,14 +187,12 @@ class HttpTurns:
         except GatewayError as err:
             meta["status"] = "rejected"
             flow.response = refusal(flow, err)
-            unread(meta, req, body)
             return
         verdict = await self.turns.admit(client, flow.id)  # (the client's limits: before anything else)
         limits = verdict.headers if verdict is not None else ()
         if verdict is not None and not verdict.admitted:
             meta["status"] = "rejected"
             flow.response = refusal(flow, verdict.error(client.name), verdict.refusal_headers)
-            unread(meta, req, body)
             return
         owner = self.upstreams.owner_of(flow)  # (before the client's credentials are left behind below)
         raw = data = None
@@ -234,10 +221,8 @@ class HttpTurns:
             meta["status"] = "rejected"
             flow.response = refusal(flow, err, limits)
             self.turns.release(client, flow.id)
-            if isinstance(raw, dict) and mcp.client_secrets(raw):  # (the flow keeps the request it refused)
-                req.content = meta["responses_request"].encode()
-            elif raw is None:
-                unread(meta, req, body)
+            if isinstance(raw, dict) and mcp.client_secrets(raw):  # (the flow keeps the request it refused; one
+                req.content = meta["responses_request"].encode()  # refused before it was read: redact.unread)
             await offload.discard(data, len(body))
             return
         except BaseException:

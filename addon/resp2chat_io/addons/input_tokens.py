@@ -26,6 +26,7 @@ import h11
 from mitmproxy import http
 
 from resp2chat_core import gate as G
+from resp2chat_core import mcp
 from resp2chat_core.errors import GatewayError
 from resp2chat_core import usage  # (the estimate's rule, without a tokenizer)
 from resp2chat_core.routing import Candidate
@@ -58,8 +59,11 @@ class InputTokens:
         meta = flow.metadata.setdefault(META, {})
         owner = self.upstreams.owner_of(flow)
         try:
-            raw = self.turns.check(await self.turns.decode(req.get_content(strict=False) or b""),
-                                   self.gate.client(meta.get("client")))
+            body = req.get_content(strict=False) or b""
+            raw = self.turns.check(await self.turns.decode(body), self.gate.client(meta.get("client")))
+            meta["read"] = True  # (the flow keeps it without its mcp tools' secrets: redact.unread leaves it be)
+            if mcp.client_secrets(raw):
+                req.content = mcp.redact_text(body.decode("utf-8", "replace"), raw).encode()
             earlier = await self.turns.lookup(raw, owner)
             turn = self.turns.lower({**raw, "stream": False, "store": False, "background": False}, earlier, owner=owner,
                                     request_id=request_id(flow))

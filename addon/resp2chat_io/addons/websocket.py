@@ -54,7 +54,7 @@ from resp2chat_io.relay.upstream import failure
 
 from .base import (META, RESPONSES_PATHS, Owner, RecordText, fails_closed, log, refusal, request_id,
                    show_url)
-from .http_turns import UNREAD_MCP
+from .redact import UNREAD_MCP, may_hold_mcp
 from .outcomes import Outcome
 from .server_replay import not_recorded
 from .turns import UNRECORDED, Finished, TurnRun
@@ -345,7 +345,7 @@ class ResponsesWebSocket(Owner):
         except GatewayError as err:
             if create is not None and create.previous is not None:
                 live.conn.forget(create.previous)  # (a failed continuation evicts what it continued)
-            if m.request is None and b'"mcp"' in body:  # refused before its tools were read (or before it was)
+            if m.request is None and may_hold_mcp(body):  # refused before its tools were read (or before it was)
                 self._redact(live, m, UNREAD_MCP)
             turns.release(client, turn_id)  # (before the client hears of it: below, again, is nothing)
             self._refuse(live, m, err, send)
