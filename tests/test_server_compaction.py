@@ -7,12 +7,16 @@ the openai SDK, a WebSocket client and the OpenAI Agents SDK."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
 import requests
 
-from helpers import check_stream, cli_env, openai_client, parse_sse, post_turn, run_cli, scrape, start_gateway
+from helpers import (
+    LocalServer, QuietHandler, chat_chunk, chat_sse, check_stream, cli_env, openai_client, parse_sse, post_turn, run_cli,
+    scrape, send_json, send_sse, start_gateway,
+)
 from resp2chat_core.compaction import COMPACTION_PROMPT, SUMMARY_PREFIX
 from wsclient import WSClient
 
@@ -166,3 +170,37 @@ def test_tpm_and_the_metrics_count_both_rounds(tmp_path, upstream):
         assert 6000 - spent - 60 <= left <= 6000 - spent + refilled, (left, spent, prompts)
     finally:
         gw.stop()
+
+
+class _NoSummary(QuietHandler):
+    """A backend that fails the compaction request (``status``: 500 with an error body; 200: an
+    empty answer) and answers anything else: ``bodies``, every chat request."""
+
+    status = 500
+    bodies: list[dict] = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        type(self).bodies.append(body)
+        if body["messages"][-1]["content"] != COMPACTION_PROMPT:
+            send_sse(self, chat_sse(chat_chunk({"content": "answer"}), chat_chunk(finish="stop")))
+        elif self.status == 500:
+            send_json(self, 500, {"error": {"message": "out of memory", "type": "server_error"}})
+        else:
+            send_sse(self, chat_sse(chat_chunk(finish="stop")))
+
+
+@pytest.mark.parametrize("status", [500, 200])
+def test_a_compaction_round_without_a_summary_fails_the_turn_and_no_answer_runs(gateway_factory, status):
+    _NoSummary.status, _NoSummary.bodies = status, []
+    with LocalServer(_NoSummary) as backend:
+        gw = gateway_factory(backend.url, "--set", "resp2chat_max_replay_entries=0")
+        raw = requests.post(f"{gw.base_url}/responses", timeout=30, json={
+            "model": "demo-model", "input": HISTORY, "stream": True, "context_management": OVER}).content
+        events = check_stream(raw, parse_sse(raw)[0]["response"]["id"])
+        end = events[-1]
+        assert end["type"] == "response.failed" and end["response"]["output"] == []
+        assert end["response"]["error"]["code"] == "server_error"
+        assert len(_NoSummary.bodies) == 1  # (the answer round never ran)
+        r = post_turn(gw, {"model": "demo-model", "input": HISTORY, "context_management": OVER})
+        assert r.status_code >= 500 and r.json()["error"]["code"] == "server_error", r.text
