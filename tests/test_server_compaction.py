@@ -204,3 +204,38 @@ def test_a_compaction_round_without_a_summary_fails_the_turn_and_no_answer_runs(
         assert len(_NoSummary.bodies) == 1  # (the answer round never ran)
         r = post_turn(gw, {"model": "demo-model", "input": HISTORY, "context_management": OVER})
         assert r.status_code >= 500 and r.json()["error"]["code"] == "server_error", r.text
+
+
+class _SlowSummary(QuietHandler):
+    """A backend whose summary takes ~2.5 s to stream (a word every 0.5 s); answers at once."""
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        if body["messages"][-1]["content"] != COMPACTION_PROMPT:
+            send_sse(self, chat_sse(chat_chunk({"content": "answer"}), chat_chunk(finish="stop")))
+            return
+        pieces = [chat_sse(chat_chunk({"content": f"word{i} "}), done=False) for i in range(5)] + [
+            chat_sse(chat_chunk(finish="stop"))]
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("content-length", str(sum(map(len, pieces))))
+        self.end_headers()
+        for piece in pieces:
+            self.wfile.write(piece)
+            self.wfile.flush()
+            time.sleep(0.5)
+
+
+def test_the_client_hears_keepalives_while_the_summary_is_written(gateway_factory):
+    """The summary streams to nobody: without keepalives a client's idle timer (Codex's, a
+    proxy's) would see a silent stream for as long as the backend writes it."""
+    with LocalServer(_SlowSummary) as backend:
+        gw = gateway_factory(backend.url, "--set", "resp2chat_max_replay_entries=0", "--set",
+                             "resp2chat_keepalive_secs=1")
+        raw = requests.post(f"{gw.base_url}/responses", timeout=30, json={
+            "model": "demo-model", "input": HISTORY, "stream": True, "context_management": OVER}).content
+        events = check_stream(raw, parse_sse(raw)[0]["response"]["id"])
+        before = [e["type"] for e in events][:[e["type"] for e in events].index("response.output_item.added")]
+        assert before.count("response.in_progress") >= 3, before  # (the first, then one a second)
+        assert events[-1]["response"]["output"][0]["type"] == "compaction"
+        assert "word4" not in raw.decode()  # (the summary is sealed, never streamed)

@@ -302,7 +302,13 @@ async def _compact(ex: Exchange, client: UpstreamClient, headers: list[tuple[byt
     round's. False: the turn is over (its failure is in the channel)."""
     plan = ex.compaction
     reader = plan.reader(ex.max_event)
-    outcome = await client.call(ex.candidates[0], headers, plan.summary_body, ex.channel, reader.feed)
+    # (the summary streams to nobody: the client hears keepalives meanwhile, as while steps run)
+    call = asyncio.ensure_future(client.call(ex.candidates[0], headers, plan.summary_body, ex.channel, reader.feed))
+    try:
+        await _kept_alive(ex, call, ex.candidates[0].keepalive)
+    finally:
+        call.cancel()
+    outcome = call.result()
     reader.finish()
     ex.compaction_work = plan.work(reader) if outcome.answered or reader.text() else None
     if ex.channel.closed:
@@ -337,16 +343,21 @@ async def _run_steps(ex: Exchange, client: UpstreamClient, steps: list, sessions
     out: list = []
     try:
         for step, task in zip(steps, tasks):
-            while not task.done():
-                await asyncio.wait((task,), timeout=every if every != float("inf") else None)
-                if not task.done():
-                    ex.channel.event(Keepalive())  # (a data event: Codex's idle timer ignores SSE comments)
+            await _kept_alive(ex, task, every)
             out.append(_ended(ex, step, task.result()))
     finally:
         for task in tasks:  # (the turn was cancelled, or a step failed: the others stop)
             task.cancel()
             task.add_done_callback(mcp_client.retrieve)
     return out
+
+
+async def _kept_alive(ex: Exchange, task: asyncio.Future, every: float) -> None:
+    """Wait for ``task``, the client told every ``every`` seconds that the turn is alive."""
+    while not task.done():
+        await asyncio.wait((task,), timeout=every if every != float("inf") else None)
+        if not task.done():
+            ex.channel.event(Keepalive())  # (a data event: Codex's idle timer ignores SSE comments)
 
 
 async def _bounded(bound: asyncio.Semaphore, work):
