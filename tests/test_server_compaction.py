@@ -14,8 +14,8 @@ import pytest
 import requests
 
 from helpers import (
-    LocalServer, QuietHandler, chat_chunk, chat_sse, check_stream, cli_env, openai_client, parse_sse, post_turn, run_cli,
-    scrape, send_json, send_sse, start_gateway,
+    LocalServer, QuietHandler, chat_chunk, chat_sse, check_stream, cli_env, openai_client, parse_sse, post_turn,
+    run_cli, scrape, send_json, send_sse, start_gateway,
 )
 from resp2chat_core.compaction import COMPACTION_PROMPT, SUMMARY_PREFIX
 from wsclient import WSClient
@@ -98,7 +98,8 @@ def test_the_stream_opens_with_the_compaction_item(own_gateway, upstream):
     events = check_stream(raw, parse_sse(raw)[0]["response"]["id"])
     items = [(e["type"], e["output_index"], e["item"]["type"]) for e in events if e["type"].startswith(
         "response.output_item.") and e["item"]["type"] != "reasoning"]
-    assert items[:2] == [("response.output_item.added", 0, "compaction"), ("response.output_item.done", 0, "compaction")]
+    assert items[:2] == [("response.output_item.added", 0, "compaction"),
+                         ("response.output_item.done", 0, "compaction")]
     assert [i[2] for i in items[2:]] == ["message", "message"]
     end = events[-1]["response"]
     assert end["status"] == "completed" and kinds(end["output"]) == ["compaction", "message"]
@@ -186,12 +187,18 @@ class _NoSummary(QuietHandler):
             send_sse(self, chat_sse(chat_chunk({"content": "answer"}), chat_chunk(finish="stop")))
         elif self.status == 500:
             send_json(self, 500, {"error": {"message": "out of memory", "type": "server_error"}})
+        elif self.status == "error object":  # (in a 200 stream)
+            send_sse(self, chat_sse({"error": {"message": "This model's maximum context length is 4096 tokens",
+                                               "type": "invalid_request_error", "code": "context_length_exceeded"}}))
         else:
             send_sse(self, chat_sse(chat_chunk(finish="stop")))
 
 
-@pytest.mark.parametrize("status", [500, 200])
-def test_a_compaction_round_without_a_summary_fails_the_turn_and_no_answer_runs(gateway_factory, status):
+@pytest.mark.parametrize("status, code", [(500, "server_error"), (200, "server_error"),
+                                          ("error object", "context_length_exceeded")])
+def test_a_compaction_round_without_a_summary_fails_the_turn_and_no_answer_runs(gateway_factory, status, code):
+    """The backend's failure as any turn's (its error object's code: Codex acts on it), else
+    ``server_error``."""
     _NoSummary.status, _NoSummary.bodies = status, []
     with LocalServer(_NoSummary) as backend:
         gw = gateway_factory(backend.url, "--set", "resp2chat_max_replay_entries=0")
@@ -200,10 +207,10 @@ def test_a_compaction_round_without_a_summary_fails_the_turn_and_no_answer_runs(
         events = check_stream(raw, parse_sse(raw)[0]["response"]["id"])
         end = events[-1]
         assert end["type"] == "response.failed" and end["response"]["output"] == []
-        assert end["response"]["error"]["code"] == "server_error"
+        assert end["response"]["error"]["code"] == code
         assert len(_NoSummary.bodies) == 1  # (the answer round never ran)
         r = post_turn(gw, {"model": "demo-model", "input": HISTORY, "context_management": OVER})
-        assert r.status_code >= 500 and r.json()["error"]["code"] == "server_error", r.text
+        assert r.status_code >= 400 and r.json()["error"]["code"] == code, r.text
 
 
 class _SlowSummary(QuietHandler):

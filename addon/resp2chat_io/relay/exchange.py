@@ -41,8 +41,8 @@ import h11
 
 from resp2chat_core import mcp, routing, websearch
 from resp2chat_core.channel import (
-    Accepted, Channel, Compacted, Keepalive, McpApproval, McpCalled, McpCalling, McpListed, McpListing, Oversized, Rerouted,
-    SearchDone, SearchStarted, Stopped,
+    Accepted, Channel, Compacted, Keepalive, McpApproval, McpCalled, McpCalling, McpListed, McpListing, Oversized,
+    Rerouted, SearchDone, SearchStarted, Stopped, UpstreamFailed,
 )
 from resp2chat_core.compaction import ServerCompaction
 from resp2chat_core.routing import Candidate
@@ -317,7 +317,9 @@ async def _compact(ex: Exchange, client: UpstreamClient, headers: list[tuple[byt
     if not outcome.answered or not summary or plan.sealer is None:
         why = ("the gateway has no seal key for the compaction summary" if plan.sealer is None and summary else
                "the backend wrote no summary for the compaction")
-        ex.channel.event(failure(502, why, "server_error", "server_error"))
+        # (the backend's own error object in its stream, if it sent one: errors.py words it)
+        ex.channel.event(UpstreamFailed(502, reader.error) if reader.error and plan.sealer is not None
+                         else failure(502, why, "server_error", "server_error"))
         return False
     ex.channel.event(Compacted(plan.item(summary), reader.output_tokens()))
     bodies = plan.answer(summary)
