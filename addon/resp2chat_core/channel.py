@@ -210,8 +210,21 @@ class Stopped:
         return t.fail(self.code, self.message)
 
 
+@dataclass(frozen=True, slots=True)
+class Compacted:
+    """The turn's compaction round wrote its summary (server-side compaction: compaction.py):
+    ``item`` is the sealed compaction item, the output's first; ``output_tokens``, the summary's
+    (the client's usage counts them)."""
+
+    item: dict
+    output_tokens: int = 0
+
+    def apply(self, t) -> bytes:
+        return t.compacted(self.item, self.output_tokens)
+
+
 Event = Union[Accepted, Keepalive, UpstreamFailed, UpstreamJSON, SearchStarted, SearchDone, McpListing, McpListed,
-              McpCalling, McpCalled, McpApproval, Rerouted, Oversized, Stopped]
+              McpCalling, McpCalled, McpApproval, Rerouted, Oversized, Stopped, Compacted]
 Item = Union[bytes, Event]
 
 

@@ -29,6 +29,25 @@ that turn's Response the endpoint's answer, ``{id, object: "response.compaction"
 output, usage}``, whose output (the conversation's user messages, then the compaction item) is
 the whole input of the client's next turn, on either transport.
 
+Server-side compaction (``context_management: [{"type": "compaction", "compact_threshold": N}]``
+on a turn, either transport: the OpenAI Agents SDKs send it) runs on the same machinery, as a
+round before the answer (``ServerCompaction``; the relay runs it: relay/exchange.py)::
+
+    turn whose chat request, as lowered, is at least N tokens (usage.estimate of its bytes: known
+    before any call, for every client, byte-deterministic; the backend's usage of the last turn
+    is not known to a stateless client's turn)
+      round 1: the summary request above (the whole conversation, this turn's input included,
+               COMPACTION_PROMPT last) ──▶ backend's summary, read whole, never streamed to the client
+      ──▶ the client hears output_item.added/done of one sealed ``compaction`` item, output[0]
+      round 2: the turn again on the compacted input, the compact endpoint's rule: the
+               conversation's user messages, then the compaction item (lowered as always) ──▶ the answer
+    stored (previous_response_id): the user messages, then the output (compaction item first):
+    the next turn's prefix is round 2's, byte for byte.
+
+Below the threshold the turn is the one it always was (same bytes). Usage the client reads: round
+2's, plus the summary's output tokens (the tool loop's rule: the last prompt, every completion);
+``tpm`` spends both rounds whole. The summary is the backend model's, not OpenAI's opaque state.
+
 Codex counts ``output_item.done`` events and needs exactly one compaction item and a
 ``response.completed``: so the summary is sent whole at the end (one item, no deltas), a summary
 cut by the backend's length limit is still a summary (completed, not incomplete), and a backend
@@ -37,12 +56,19 @@ that wrote no text at all fails the turn with ``server_error`` (Codex retries it
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+from .chatstream import ChunkReader
 from .errors import GatewayError
 from .inputs import COMPACTION as ITEM, COMPACTION_TRIGGER as TRIGGER, facts
 from .lowering import Lowered, encode
 from .seal import Sealer, SealError
 from .sse import MAX_EVENT
+from .toolloop import Work
 from .translator import Kind, Phase, Translator
+from .usage import estimate, to_responses_usage, tokens
 
 PURPOSE = "compaction"  # the seal purpose: a sealed reasoning text cannot pass for a summary
 
@@ -115,10 +141,11 @@ def open_item(item: dict, i: int, sealer: Sealer | None) -> str:
             param=f"input[{i}].encrypted_content", code="invalid_encrypted_content") from None
 
 
-def summary_request(lowered: Lowered) -> Lowered:
+def summary_request(lowered: Lowered, copy: bool = False) -> Lowered:
     """The chat request that asks the backend for the summary: the conversation as lowered
-    for a normal turn, the prompt last, and no tool calls (the tools stay: same prefix)."""
-    chat = lowered.chat
+    for a normal turn, the prompt last, and no tool calls (the tools stay: same prefix).
+    ``copy``: ``lowered`` stays as it was (its chat is not changed)."""
+    chat = {**lowered.chat, "messages": list(lowered.chat["messages"])} if copy else lowered.chat
     chat["messages"].append({"role": "user", "content": COMPACTION_PROMPT})
     if "tools" in chat:
         chat["tool_choice"] = "none"
@@ -161,20 +188,131 @@ def compacted(response: dict, conversation: list) -> dict:
     conversation's user messages (as output items: ids, ``input_text`` parts), then the sealed
     compaction item; the turn's usage."""
     suffix = response["id"].removeprefix("resp_")
-    users = []
-    for item in conversation:
-        if not isinstance(item, dict) or item.get("role") != "user" or item.get("type", "message") != "message":
-            continue
+    out = []
+    for item in users(conversation):
         content = item.get("content")
         if isinstance(content, str):
             content = [{"type": "input_text", "text": content}]
-        users.append({"id": item.get("id") or f"msg_{suffix}_u{len(users)}", "type": "message", "status": "completed",
-                      "role": "user", "content": content})
+        out.append({"id": item.get("id") or f"msg_{suffix}_u{len(out)}", "type": "message", "status": "completed",
+                    "role": "user", "content": content})
     usage = response.get("usage") or {"input_tokens": 0, "input_tokens_details": {"cached_tokens": 0},
                                       "output_tokens": 0, "output_tokens_details": {"reasoning_tokens": 0},
                                       "total_tokens": 0}
     return {"id": response["id"], "object": "response.compaction", "created_at": response["created_at"],
-            "output": [*users, *(i for i in response["output"] if i.get("type") == ITEM)], "usage": usage}
+            "output": [*out, *(i for i in response["output"] if i.get("type") == ITEM)], "usage": usage}
+
+
+def users(conversation: list) -> list:
+    """The compact endpoint's rule: what of a conversation stays beside its compaction item, its
+    user messages (as they are)."""
+    return [item for item in conversation if isinstance(item, dict) and item.get("role") == "user"
+            and item.get("type", "message") == "message"]
+
+
+def threshold(raw: dict) -> int | None:
+    """A request's ``context_management``: the ``compact_threshold`` of its compaction entry
+    (None: none asked). ``GatewayError`` names ``context_management[i]`` for an entry that is
+    not one, and a type other than ``compaction`` is unsupported."""
+    entries = raw.get("context_management")
+    if entries is None:
+        return None
+    if not isinstance(entries, list):
+        raise GatewayError("context_management: a list of entries", param="context_management", code="invalid_type")
+    found = None
+    for i, entry in enumerate(entries):
+        param = f"context_management[{i}]"
+        if not isinstance(entry, dict):
+            raise GatewayError(f"{param}: an object", param=param, code="invalid_type")
+        kind = entry.get("type")
+        if not isinstance(kind, str):
+            raise GatewayError(f"{param}.type: required, a string", param=f"{param}.type", code="invalid_type")
+        if kind != "compaction":
+            raise GatewayError(f"{param}.type: {kind[:100]!r} not supported (only \"compaction\")",
+                               param=f"{param}.type", code="unsupported_value")
+        for key in entry:
+            if key not in ("type", "compact_threshold"):
+                raise GatewayError(f"{param}.{str(key)[:100]}: unknown parameter", param=f"{param}.{str(key)[:100]}",
+                                   code="unknown_parameter")
+        value = entry.get("compact_threshold")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise GatewayError(f"{param}.compact_threshold: required, a non-negative integer (tokens)",
+                               param=f"{param}.compact_threshold", code="invalid_value")
+        if found is not None:
+            raise GatewayError(f"{param}: only one compaction entry", param=param, code="invalid_value")
+        found = value
+    return found
+
+
+@dataclass
+class ServerCompaction:
+    """A turn's compaction round (``context_management``, its threshold crossed): what the relay
+    sends first, and how the answer round's requests are made from its summary."""
+
+    summary_body: bytes  # the chat request that asks for the summary (the first candidate's)
+    # summary -> the answer round's chat request of each candidate, in order (None: the first's)
+    answer: Callable[[str], list]
+    sealer: Sealer | None
+
+    def reader(self, max_event: int = MAX_EVENT) -> "SummaryReader":
+        return SummaryReader(max_event)
+
+    def item(self, summary: str) -> dict:
+        """The compaction item (without its id: the translator gives it one)."""
+        return {"type": ITEM, "encrypted_content": self.sealer.seal(PURPOSE, summary)}
+
+    def work(self, reader: "SummaryReader") -> Work:
+        """What the round made the backend do: for ``tpm``, its usage's total, else the estimate
+        of its request and summary; its usage (Responses shape) for the metrics."""
+        used = tokens(reader.usage) if reader.usage else None
+        return Work(used if used is not None else estimate(len(self.summary_body) + len(reader.text().encode())),
+                    to_responses_usage(reader.usage) if reader.usage else None)
+
+
+_THINK = re.compile(r"<think>.*?</think>", re.S)
+
+
+class SummaryReader:
+    """Reads the summary round's stream (chatstream's reader: every dialect), passing nothing
+    on (``feed`` returns b""): its text, usage, and whether it failed."""
+
+    def __init__(self, max_event: int = MAX_EVENT) -> None:
+        self._reader = ChunkReader(self, max_event)
+        self._text: list[str] = []
+        self.usage: dict | None = None
+        self.error: bytes | None = None
+
+    def feed(self, data: bytes) -> bytes:
+        self._reader.feed(data)
+        return b""
+
+    def finish(self) -> None:
+        self._reader.finish()
+
+    def text(self) -> str:
+        """The summary (think blocks a backend wrote into its text left out)."""
+        return _THINK.sub("", "".join(self._text)).split("</think>")[-1].strip()
+
+    def output_tokens(self) -> int:
+        return to_responses_usage(self.usage)["output_tokens"] if self.usage else 0
+
+    def on_text(self, text: str) -> None:
+        self._text.append(text)
+
+    def on_usage(self, usage: dict) -> None:
+        self.usage = usage
+
+    def on_error(self, body: bytes) -> None:
+        self.error = body
+
+    def on_garbage(self, text: str, what: str) -> None:
+        self.error = text.encode()[:1000]
+
+    def on_start(self) -> None: pass
+    def on_reasoning(self, text: str) -> None: pass
+    def on_logprobs(self, entries: list) -> None: pass
+    def on_tool(self, key, call_id, name, args) -> None: pass
+    def on_finish(self, reason: str) -> None: pass
+    def on_done(self) -> None: pass
 
 
 def _type(item) -> str | None:

@@ -57,7 +57,7 @@ from typing import Callable, Protocol
 
 from .chatstream import ChunkReader, wire_call
 from .sse import MAX_EVENT
-from .usage import estimate, to_responses_usage, tokens
+from .usage import estimate, summed, to_responses_usage, tokens
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 NOT_RUN = "Not run: this response's max_tool_calls was reached."  # what the model reads of a call past it
@@ -203,15 +203,7 @@ class ToolLoop:
                 usages = [*usages, self._filter.usage]
         total = None
         for u in usages:
-            r = to_responses_usage(u)
-            if total is None:
-                total = r
-                continue
-            for name in ("input_tokens", "output_tokens", "total_tokens"):
-                total[name] += r[name]
-            for details in ("input_tokens_details", "output_tokens_details"):
-                for name, value in r[details].items():
-                    total[details][name] += value
+            total = summed(total, to_responses_usage(u))
         return Work(spent, total)
 
     def _round(self, usage: dict | None, chars: int, failed: bool) -> int:

@@ -79,7 +79,8 @@ backend is silent), ``fail_upstream`` (the backend's HTTP error, or a connect/st
 body), ``search_started``/``search_done`` (a web search the gateway runs: a ``web_search_call``
 item, see websearch.py), ``mcp_listing``/``mcp_listed``, ``mcp_calling``/``mcp_called`` and
 ``mcp_approval`` (hosted MCP tools the gateway runs: ``mcp_list_tools``, ``mcp_call`` and
-``mcp_approval_request`` items, see mcp.py), ``oversized`` (the relay saw the backend send an SSE event past
+``mcp_approval_request`` items, see mcp.py), ``compacted`` (server-side compaction's sealed
+``compaction`` item, before the answer: compaction.py), ``oversized`` (the relay saw the backend send an SSE event past
 ``max_upstream_event_mb``; the translator's own parser sees it otherwise: sse.py). A backend chunk shaped like anything else is just an unknown chunk.
 """
 
@@ -439,6 +440,15 @@ class Translator:
             self._item_done(item, index)
         return self._flush()
 
+    def compacted(self, item: dict, output_tokens: int = 0) -> bytes:
+        """The turn's compaction round is over: its ``compaction`` item (output[0]); the
+        summary's ``output_tokens`` join the usage the client reads."""
+        if self.phase is not Phase.DONE:
+            index, done = self._own_item("cmp", lambda item_id: {"id": item_id, **item})
+            self._item_done(done, index)
+            self.compacted_tokens = output_tokens
+        return self._flush()
+
     def _own_item(self, prefix: str, make) -> tuple[int, dict]:
         """An item of the gateway's own tool runs, opened after what the model said so far."""
         self._start()
@@ -457,6 +467,9 @@ class Translator:
         """Responses usage (converted once from the upstream's last usage object)."""
         if self._usage is None and self._usage_raw is not None:
             self._usage = to_responses_usage(self._usage_raw)
+            if self.compacted_tokens:  # (server-side compaction: the summary is output of the turn too)
+                self._usage["output_tokens"] += self.compacted_tokens
+                self._usage["total_tokens"] += self.compacted_tokens
         return self._usage
 
     def response(self) -> dict:
@@ -471,6 +484,7 @@ class Translator:
     # --- upstream events -------------------------------------------------------------------
 
     _saw_done = False
+    compacted_tokens = 0  # the compaction round's output tokens (``compacted``)
     observer = None  # optional callable(kind, text) for live display: "reasoning" | "text" | "tool" | "end"
     _status: str | None = None
     _incomplete: dict | None = None

@@ -27,6 +27,7 @@ from .schema import parse_request
 from .seal import Sealer
 from .sse import MAX_EVENT
 from .translator import Translator, TurnContext
+from .usage import estimate
 
 @dataclass(frozen=True)
 class Caps:
@@ -132,6 +133,9 @@ class Turn:
     continued: int = 0  # how many of ``items`` came from that conversation (the rest are the turn's own)
     background: bool = False  # it runs in the gateway, off the client's connection (background.py)
     max_tool_calls: int | None = None  # the request's: bounds the calls the gateway runs for it (toolloop.py)
+    # server-side compaction (context_management, its threshold crossed): a summary round runs
+    # before the answer (compaction.py); None: the turn runs as it is
+    server_compaction: compaction.ServerCompaction | None = None
 
     def translator(self, max_event: int = MAX_EVENT) -> Translator:
         """``max_event``: the largest SSE event its backend may send (``max_upstream_event_mb``)."""
@@ -285,6 +289,11 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
         opts, *others = route(model if isinstance(model, str) else "")
     asked = raw  # (as the client sent it: the Response echoes this, previous_response_id included)
     conversations.check_metadata(asked.get("metadata"))  # (echoed: OpenAI's limits, as a conversation's)
+    limit = compaction.threshold(asked)  # (context_management: validated whatever the turn)
+    if limit is not None and conversations.named(asked) is not None:
+        raise GatewayError("context_management: not supported together with conversation here (the conversation "
+                           "would keep every item the compaction replaces); use previous_response_id",
+                           param="context_management", code="unsupported_parameter")
     raw, items, summarize = conversation(raw, found, sealer)
     tools = raw.get("tools")
     key = ToolsCache.key(tools, opts) if tools_cache is not None and tools and isinstance(tools, list) else None
@@ -309,6 +318,9 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
         echo_json = dumps_spliced(response.echo(asked, req, lowered.chat, tools=[]), "tools", known.echo_tools)[1:-1]
     else:
         echo_json = response.echo_json(response.echo(asked, req, lowered.chat))
+    server = None
+    if limit is not None and not summarize and lowered.mcp is None and estimate(len(lowered.body)) >= limit:
+        server = _server_compaction(raw, items or [], lowered, opts, others, texts, sealer)
     if summarize:
         lowered = compaction.summary_request(lowered)
     ctx = TurnContext(response_id=response_id, created_at=created_at, model=req.model,
@@ -338,8 +350,27 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
     return Turn(lowered.body, lowered.client_stream, ctx,
                 web_search=not summarize and any(t.kind == "web_search" for t in lowered.tool_map.targets.values()),
                 mcp=lowered.mcp if not summarize else None,
-                items=items if (store or keep_items or named) and items is not None else [], store=store,
+                items=([] if items is None or not (store or keep_items or named) else
+                       compaction.users(items) if server is not None else items), store=store,
                 prompt_cache_key=pck if isinstance(pck, str) and pck else None,
                 alternates=tuple(alternates), compaction=summarize, conversation=named,
                 background=asked.get("background") is True, max_tool_calls=req.max_tool_calls,
-                continued=len(found.earlier) if named is not None and found.earlier is not None else 0)
+                continued=len(found.earlier) if named is not None and found.earlier is not None else 0,
+                server_compaction=server)
+
+
+def _server_compaction(raw: dict, items: list, lowered, opts: LoweringOptions, others: Sequence[LoweringOptions],
+                       texts: TextCache | None, sealer: Sealer | None) -> compaction.ServerCompaction:
+    """A turn's compaction round (compaction.py): its summary request (the turn's own, the
+    prompt last), and the answer round's requests from the summary: the conversation's user
+    messages, then the compaction item lowered as any later turn lowers it (SUMMARY_PREFIX), for
+    each candidate (the first's options, then each fallback's: None when the same)."""
+    kept = compaction.users(items)
+
+    def answer(summary: str) -> list:
+        opened = {**raw, "input": [*kept, {"type": "message", "role": "user",
+                                           "content": compaction.SUMMARY_PREFIX + summary}]}
+        req = parse_request(opened)
+        return [lower(req, opts, texts=texts).body, *(None if alt == opts else lower(req, alt, texts=texts).body
+                                                      for alt in others)]
+    return compaction.ServerCompaction(compaction.summary_request(lowered, copy=True).body, answer, sealer)

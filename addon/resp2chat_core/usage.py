@@ -110,6 +110,21 @@ def _detail(u: dict, *names: str) -> dict:
     return {}
 
 
+def summed(total: dict | None, more: dict | None) -> dict | None:
+    """Two Responses usages as one (every count added; None: neither), for a turn of several
+    backend calls (the tool loop's rounds, a compaction round). ``total`` is not changed."""
+    if more is None or total is None:
+        return more if total is None else total
+    out = {**total, "input_tokens_details": dict(total["input_tokens_details"]),
+           "output_tokens_details": dict(total["output_tokens_details"])}
+    for name in ("input_tokens", "output_tokens", "total_tokens"):
+        out[name] += more[name]
+    for details in ("input_tokens_details", "output_tokens_details"):
+        for name, value in more[details].items():
+            out[details][name] = out[details].get(name, 0) + value
+    return out
+
+
 def usage_note(u: dict | None, lead: str = " · ") -> str:
     """A Responses usage as flow comments and log lines show it (``" · in 812 (cached 768) out
     31"``); "" for none."""

@@ -46,7 +46,7 @@ from resp2chat_core.conversations import Landing, named
 from resp2chat_core.errors import GatewayError, gateway_failure
 from resp2chat_core.labels import shown
 from resp2chat_core.lowering import LoweringOptions
-from resp2chat_core.usage import estimate
+from resp2chat_core.usage import estimate, summed, tokens
 from resp2chat_core.replay import MAX_ENTRY_BYTES, replay_key
 from resp2chat_core.requestbody import body_digest
 from resp2chat_core.response import CONTINUABLE
@@ -285,7 +285,8 @@ class Turns(Owner):
                             self.upstreams.headers_for(turn, client_headers),
                             search=self.search.settings if turn.web_search else None,
                             mcp=turn.mcp, max_mcp_rounds=self.hosted.max_rounds if turn.mcp is not None else 0,
-                            max_tool_calls=turn.max_tool_calls, model=turn.ctx.model, max_event=self.max_event)
+                            max_tool_calls=turn.max_tool_calls, model=turn.ctx.model, max_event=self.max_event,
+                            compaction=turn.server_compaction)
         # the configured secrets, and the client's credential when it goes to the backend (a
         # backend may repeat it: upstreams.forwarded)
         hidden = self.upstreams.secrets_for(client_headers)
@@ -350,8 +351,7 @@ class Turns(Owner):
                         client=run.client, turn_id=ex.turn_id, landed=run.landed,
                         estimate=0 if ex.channel.sent is None or (t.error and not t.output_chars) else
                         estimate(len(turn.chat_body) + t.output_chars),
-                        work=None if ex.loop is None else ex.loop.work(t.error is not None)
-                        if ex.channel.sent is not None else Work(0, None))
+                        work=_work(ex, t, turn) if ex.channel.sent is not None else Work(0, None))
         return done, record
 
     async def land(self, run: TurnRun) -> None:
@@ -431,6 +431,24 @@ class Turns(Owner):
         log.warning(f"resp2chat: the stream of {run.request_id} failed: {type(exc).__name__}: {exc}", exc_info=exc)
         return run.reader.fail("server_error", gateway_failure("stream this response", run.request_id),
                                f"{type(exc).__name__}: {exc}")
+
+
+def _work(ex: Exchange, t, turn: Turn) -> Work | None:
+    """What a turn's backend did, for ``tpm`` (limits.py) and the metrics (None: its usage says
+    it): the tool loop's rounds (``ToolLoop.work``), and a compaction round's besides the
+    answer's (compaction.py: the client's usage counts only the summary's output of that round)."""
+    work = ex.loop.work(t.error is not None) if ex.loop is not None else None
+    extra = ex.compaction_work
+    if extra is None:
+        return work
+    if work is None:  # (the answer round's own: its usage without the summary's output tokens)
+        usage = t.usage and {**t.usage, "output_tokens": t.usage["output_tokens"] - t.compacted_tokens,
+                             "total_tokens": t.usage["total_tokens"] - t.compacted_tokens}
+        used = tokens(usage)
+        if used is None:  # (no usage: its estimate, 0 when it failed without output)
+            used = 0 if t.error and not t.output_chars else estimate(len(ex.answering.body) + t.output_chars)
+        work = Work(used, usage)
+    return Work(work.tokens + extra.tokens, summed(work.usage, extra.usage))
 
 
 def _retrieve(task: asyncio.Task) -> None:

@@ -20,11 +20,18 @@ mcp.py, over one session per server for the whole turn: ``mcp.Sessions``) at onc
 in the order the model asked, whatever order they end in; while the client waits for them, a
 ``Keepalive`` every ``keepalive_secs`` (the upstream's), as during a backend's long prefill.
 A turn without the gateway's tools makes no loop: one call, its bytes straight into the channel.
+
+Server-side compaction (``Exchange.compaction``: compaction.py ``ServerCompaction``) is one round
+before all that: the summary request to the first candidate (no fallback), read whole and never
+passed on (``SummaryReader``), its sealed item told to the client (``Compacted``: output[0]);
+then every candidate's body is the answer round's (the compacted conversation), and the turn
+runs as any other.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -34,15 +41,16 @@ import h11
 
 from resp2chat_core import mcp, routing, websearch
 from resp2chat_core.channel import (
-    Accepted, Channel, Keepalive, McpApproval, McpCalled, McpCalling, McpListed, McpListing, Oversized, Rerouted,
-    SearchDone, SearchStarted, Stopped,
+    Accepted, Channel, Compacted, Keepalive, McpApproval, McpCalled, McpCalling, McpListed, McpListing, Oversized,
+    Rerouted, SearchDone, SearchStarted, Stopped, UpstreamFailed,
 )
+from resp2chat_core.compaction import ServerCompaction
 from resp2chat_core.routing import Candidate
 from resp2chat_core.sse import MAX_EVENT
-from resp2chat_core.toolloop import Finish, ToolLoop
+from resp2chat_core.toolloop import Finish, ToolLoop, Work
 
 from . import mcp as mcp_client
-from .upstream import CallEnd, UpstreamClient
+from .upstream import CallEnd, UpstreamClient, failure
 
 log = logging.getLogger("resp2chat.relay")
 PARALLEL_STEPS = 4  # steps of one round (the model's calls, the prelude's listings) that run at once at most
@@ -92,6 +100,10 @@ class Exchange:
     # the tool loop of the candidate answering (or being asked), once its first round is sent: what
     # its rounds made the backend do (``ToolLoop.work``: what tpm spends); None: no loop
     loop: ToolLoop | None = None
+    # server-side compaction: its round runs first (``_compact``); and what that round made the
+    # backend do (tpm spends it besides the answer's; None: it did not run)
+    compaction: ServerCompaction | None = None
+    compaction_work: Work | None = None
 
     def mcp_server(self, label: str) -> str:
         """The operator's name (mcp_servers label) of the server a request's label binds to."""
@@ -242,6 +254,8 @@ async def _rounds(ex: Exchange, client: UpstreamClient, sessions: mcp_client.Ses
     """The turn's upstream calls: one, or (``sessions``: a turn with the gateway's tools) the
     tool loop's rounds and steps."""
     headers = list(ex.headers)
+    if ex.compaction is not None and not await _compact(ex, client, headers):
+        return
     looped = sessions is not None
     prelude: list = []
     if looped:  # before round 1 (mcp: listings, approved calls), once for every candidate
@@ -282,6 +296,38 @@ async def _rounds(ex: Exchange, client: UpstreamClient, sessions: mcp_client.Ses
         outcome = await client.call(to, headers, loop.body, ex.channel, loop.feed)
 
 
+async def _compact(ex: Exchange, client: UpstreamClient, headers: list[tuple[bytes, bytes]]) -> bool:
+    """The compaction round (compaction.py): the summary request to the first candidate, its
+    summary sealed into the item the client hears first, every candidate's body then the answer
+    round's. False: the turn is over (its failure is in the channel)."""
+    plan = ex.compaction
+    reader = plan.reader(ex.max_event)
+    # (the summary streams to nobody: the client hears keepalives meanwhile, as while steps run)
+    call = asyncio.ensure_future(client.call(ex.candidates[0], headers, plan.summary_body, ex.channel, reader.feed))
+    try:
+        await _kept_alive(ex, call, ex.candidates[0].keepalive)
+    finally:
+        call.cancel()
+    outcome = call.result()
+    reader.finish()
+    ex.compaction_work = plan.work(reader) if outcome.answered or reader.text() else None
+    if ex.channel.closed:
+        return False
+    summary = reader.text()
+    if not outcome.answered or not summary or plan.sealer is None:
+        why = ("the gateway has no seal key for the compaction summary" if plan.sealer is None and summary else
+               "the backend wrote no summary for the compaction")
+        # (the backend's own error object in its stream, if it sent one: errors.py words it)
+        ex.channel.event(UpstreamFailed(502, reader.error) if reader.error and plan.sealer is not None
+                         else failure(502, why, "server_error", "server_error"))
+        return False
+    ex.channel.event(Compacted(plan.item(summary), reader.output_tokens()))
+    bodies = plan.answer(summary)
+    ex.candidates = tuple(dataclasses.replace(to, body=body or bodies[0])
+                          for to, body in zip(ex.candidates, bodies))
+    return True
+
+
 async def _run_steps(ex: Exchange, client: UpstreamClient, steps: list, sessions: mcp_client.Sessions) -> list:
     """Run one round's steps (or the prelude's) at once, at most ``PARALLEL_STEPS``: each is
     told to the client as it starts, all in the order the model asked, and as it ends, in the
@@ -299,16 +345,21 @@ async def _run_steps(ex: Exchange, client: UpstreamClient, steps: list, sessions
     out: list = []
     try:
         for step, task in zip(steps, tasks):
-            while not task.done():
-                await asyncio.wait((task,), timeout=every if every != float("inf") else None)
-                if not task.done():
-                    ex.channel.event(Keepalive())  # (a data event: Codex's idle timer ignores SSE comments)
+            await _kept_alive(ex, task, every)
             out.append(_ended(ex, step, task.result()))
     finally:
         for task in tasks:  # (the turn was cancelled, or a step failed: the others stop)
             task.cancel()
             task.add_done_callback(mcp_client.retrieve)
     return out
+
+
+async def _kept_alive(ex: Exchange, task: asyncio.Future, every: float) -> None:
+    """Wait for ``task``, the client told every ``every`` seconds that the turn is alive."""
+    while not task.done():
+        await asyncio.wait((task,), timeout=every if every != float("inf") else None)
+        if not task.done():
+            ex.channel.event(Keepalive())  # (a data event: Codex's idle timer ignores SSE comments)
 
 
 async def _bounded(bound: asyncio.Semaphore, work):

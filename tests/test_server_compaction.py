@@ -1,0 +1,248 @@
+"""Server-side compaction: ``context_management: [{"type": "compaction", "compact_threshold": N}]``
+on a turn (resp2chat_core/compaction.py ``ServerCompaction``), through a real mitmdump and the
+scripted demo backend (which answers "You said: " + the last line of the last user message: so
+its summary is "You said: Write the summary now.", the compaction prompt's last line), driven by
+the openai SDK, a WebSocket client and the OpenAI Agents SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+import requests
+
+from helpers import (
+    LocalServer, QuietHandler, chat_chunk, chat_sse, check_stream, cli_env, openai_client, parse_sse, post_turn,
+    run_cli, scrape, send_json, send_sse, start_gateway,
+)
+from resp2chat_core.compaction import COMPACTION_PROMPT, SUMMARY_PREFIX
+from wsclient import WSClient
+
+HISTORY = [{"role": "user", "content": "my name is Ada"},
+           {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hello Ada"}]},
+           {"role": "user", "content": "I like tea"}]
+OVER = [{"type": "compaction", "compact_threshold": 1}]  # every request is over it
+UNDER = [{"type": "compaction", "compact_threshold": 1_000_000}]
+SUMMARY = "You said: Write the summary now."
+COMPACTED = [{"role": "user", "content": "my name is Ada"}, {"role": "user", "content": "I like tea"},
+             {"role": "user", "content": SUMMARY_PREFIX + SUMMARY}]  # the answer round's messages
+
+
+def kinds(output) -> list[str]:
+    """The output's item types, reasoning left out (the demo backend reasons before it answers)."""
+    return [o["type"] if isinstance(o, dict) else o.type for o in output
+            if (o["type"] if isinstance(o, dict) else o.type) != "reasoning"]
+
+
+def said(messages: list[dict]) -> list[dict]:
+    """Chat messages without what lowering adds to an assistant's (its reasoning)."""
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def test_over_the_threshold_the_turn_compacts_first_then_answers_on_the_compacted_input(own_gateway, upstream):
+    client = openai_client(own_gateway)
+    upstream.clear()
+    r = client.responses.create(model="demo-model", input=HISTORY, context_management=OVER)
+    assert kinds(r.output) == ["compaction", "message"]
+    assert r.output[0].encrypted_content.startswith("r2c1.") and "Ada" not in r.output[0].encrypted_content
+    assert r.output_text == "You said: " + SUMMARY
+    summary, answer = upstream.requests()
+    # the compaction request: the whole conversation, the prompt last, as POST /v1/responses/compact sends it
+    assert [m["content"] for m in summary["messages"]][:-1] == ["my name is Ada", "Hello Ada", "I like tea"]
+    assert summary["messages"][-1] == {"role": "user", "content": COMPACTION_PROMPT}
+    assert answer["messages"] == COMPACTED  # the user messages, then the summary in the item's place
+    # the usage: the answer's, plus the summary the turn wrote
+    assert r.usage.output_tokens > len("You said: You said: Write the summary now.".split())
+    # stored: the next turn (previous_response_id, no context_management) continues from the compacted state
+    upstream.clear()
+    later = client.responses.create(model="demo-model", previous_response_id=r.id, input="what do I like?")
+    assert later.output_text == "You said: what do I like?"
+    (sent,) = upstream.requests()
+    assert said(sent["messages"]) == [*COMPACTED, {"role": "assistant", "content": "You said: " + SUMMARY},
+                                {"role": "user", "content": "what do I like?"}]
+    items = requests.get(f"{own_gateway.base_url}/responses/{r.id}/input_items", timeout=10).json()["data"]
+    assert [i["role"] for i in items] == ["user", "user"]
+
+
+def test_under_the_threshold_the_turn_is_the_one_it_always_was(own_gateway, upstream):
+    client = openai_client(own_gateway)
+    upstream.clear()
+    plain = client.responses.create(model="demo-model", input=HISTORY, store=False)
+    managed = client.responses.create(model="demo-model", input=HISTORY, store=False, context_management=UNDER)
+    assert kinds(managed.output) == ["message"] and managed.output_text == plain.output_text
+    first, second = upstream.requests()
+    assert first == second  # (one chat request each, the same)
+
+
+def test_a_stateless_client_appends_the_output_and_the_item_lowers_to_one_summary_message(own_gateway, upstream):
+    """The Agents SDK's rule (sandbox compaction's process_context): the client drops what came
+    before the compaction item and sends the output on."""
+    client = openai_client(own_gateway)
+    r = client.responses.create(model="demo-model", input=HISTORY, store=False, context_management=OVER)
+    later = [o.model_dump(exclude_none=True, warnings=False) for o in r.output] + [
+        {"role": "user", "content": "what do I like?"}]
+    upstream.clear()
+    assert client.responses.create(model="demo-model", input=later, store=False).output_text == \
+        "You said: what do I like?"
+    (sent,) = upstream.requests()
+    assert said(sent["messages"]) == [{"role": "user", "content": SUMMARY_PREFIX + SUMMARY},
+                                {"role": "assistant", "content": "You said: " + SUMMARY},
+                                {"role": "user", "content": "what do I like?"}]
+
+
+def test_the_stream_opens_with_the_compaction_item(own_gateway, upstream):
+    raw = requests.post(f"{own_gateway.base_url}/responses", timeout=30, json={
+        "model": "demo-model", "input": HISTORY, "stream": True, "context_management": OVER}).content
+    events = check_stream(raw, parse_sse(raw)[0]["response"]["id"])
+    items = [(e["type"], e["output_index"], e["item"]["type"]) for e in events if e["type"].startswith(
+        "response.output_item.") and e["item"]["type"] != "reasoning"]
+    assert items[:2] == [("response.output_item.added", 0, "compaction"),
+                         ("response.output_item.done", 0, "compaction")]
+    assert [i[2] for i in items[2:]] == ["message", "message"]
+    end = events[-1]["response"]
+    assert end["status"] == "completed" and kinds(end["output"]) == ["compaction", "message"]
+
+
+def test_the_websocket_compacts_as_http_does(own_gateway, upstream):
+    ws = WSClient(own_gateway.base_url)
+    upstream.clear()
+    events = ws.turn({"type": "response.create", "model": "demo-model", "input": HISTORY, "store": False,
+                      "context_management": OVER})
+    ws.close()
+    assert kinds(events[-1]["response"]["output"]) == ["compaction", "message"]
+    assert upstream.requests()[-1]["messages"] == COMPACTED
+
+
+@pytest.mark.parametrize("entries, param, code", [
+    ([{"type": "truncation"}], "context_management[0].type", "unsupported_value"),
+    ([{"type": "compaction", "compact_threshold": -1}], "context_management[0].compact_threshold", "invalid_value"),
+    ([{"type": "compaction", "compact_threshold": 5}, "x"], "context_management[1]", "invalid_type"),
+    ({"type": "compaction"}, "context_management", "invalid_type"),
+])
+def test_an_entry_it_cannot_run_is_a_400_naming_it(own_gateway, upstream, entries, param, code):
+    upstream.clear()
+    r = post_turn(own_gateway, {"model": "demo-model", "input": "hi", "context_management": entries})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param and r.json()["error"]["code"] == code
+    assert upstream.requests() == []
+
+
+def test_the_agents_sdk_sends_it_through_model_settings(own_gateway, upstream):
+    from agents import Agent, ModelSettings, OpenAIResponsesModel, Runner, set_tracing_disabled
+
+    set_tracing_disabled(True)
+    model = OpenAIResponsesModel(model="demo-model", openai_client=openai_client(
+        own_gateway, api_key="unused", asynchronous=True))
+    agent = Agent(name="a", model=model, model_settings=ModelSettings(context_management=OVER))
+    upstream.clear()
+    result = asyncio.run(Runner.run(agent, "my name is Ada"))
+    assert result.final_output == "You said: " + SUMMARY
+    assert kinds(result.raw_responses[0].output) == ["compaction", "message"]
+    summary, answer = upstream.requests()
+    assert summary["messages"][-1]["content"] == COMPACTION_PROMPT
+    assert answer["messages"][-1]["content"] == SUMMARY_PREFIX + SUMMARY
+
+
+def test_tpm_and_the_metrics_count_both_rounds(tmp_path, upstream):
+    """The client's usage is the answer's (plus the summary's output), but its backend read two
+    prompts: tpm spends both rounds whole (as the tool loop's rounds: limits.py), and the
+    metrics count both."""
+    from resp2chat_io.demo_upstream import canonical_prompt, prompt_tokens
+
+    key = run_cli(tmp_path, "keys", "add", "carol", "--tpm", "6000").stdout.strip()
+    gw = start_gateway(upstream.origin, tmp_path, "--set", "resp2chat_max_replay_entries=0", env=cli_env(tmp_path))
+    try:
+        auth = {"authorization": f"Bearer {key}"}
+        upstream.clear()
+        start = time.monotonic()
+        r = post_turn(gw, {"model": "demo-model", "input": HISTORY, "context_management": OVER}, auth)
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        summary, answer = upstream.requests()
+        prompts = [prompt_tokens(canonical_prompt(body)) for body in (summary, answer)]
+        assert usage["input_tokens"] == prompts[1]  # (the client's: the context its answer used)
+        spent = sum(prompts) + usage["output_tokens"]  # (both rounds' outputs are in the client's)
+        tokens = {dict(labels)["kind"]: value for (name, labels), value in scrape(gw, **auth).items()
+                  if name == "resp2chat_tokens_total"}
+        assert (tokens["prompt"], tokens["output"]) == (sum(prompts), usage["output_tokens"]), (tokens, prompts)
+        left = int(post_turn(gw, {"model": "demo-model", "input": "x"}, auth).headers["x-ratelimit-remaining-tokens"])
+        refilled = (time.monotonic() - start) * 100 + 1  # (6000 a minute come back)
+        assert 6000 - spent - 60 <= left <= 6000 - spent + refilled, (left, spent, prompts)
+    finally:
+        gw.stop()
+
+
+class _NoSummary(QuietHandler):
+    """A backend that fails the compaction request (``status``: 500 with an error body; 200: an
+    empty answer) and answers anything else: ``bodies``, every chat request."""
+
+    status = 500
+    bodies: list[dict] = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        type(self).bodies.append(body)
+        if body["messages"][-1]["content"] != COMPACTION_PROMPT:
+            send_sse(self, chat_sse(chat_chunk({"content": "answer"}), chat_chunk(finish="stop")))
+        elif self.status == 500:
+            send_json(self, 500, {"error": {"message": "out of memory", "type": "server_error"}})
+        elif self.status == "error object":  # (in a 200 stream)
+            send_sse(self, chat_sse({"error": {"message": "This model's maximum context length is 4096 tokens",
+                                               "type": "invalid_request_error", "code": "context_length_exceeded"}}))
+        else:
+            send_sse(self, chat_sse(chat_chunk(finish="stop")))
+
+
+@pytest.mark.parametrize("status, code", [(500, "server_error"), (200, "server_error"),
+                                          ("error object", "context_length_exceeded")])
+def test_a_compaction_round_without_a_summary_fails_the_turn_and_no_answer_runs(gateway_factory, status, code):
+    """The backend's failure as any turn's (its error object's code: Codex acts on it), else
+    ``server_error``."""
+    _NoSummary.status, _NoSummary.bodies = status, []
+    with LocalServer(_NoSummary) as backend:
+        gw = gateway_factory(backend.url, "--set", "resp2chat_max_replay_entries=0")
+        raw = requests.post(f"{gw.base_url}/responses", timeout=30, json={
+            "model": "demo-model", "input": HISTORY, "stream": True, "context_management": OVER}).content
+        events = check_stream(raw, parse_sse(raw)[0]["response"]["id"])
+        end = events[-1]
+        assert end["type"] == "response.failed" and end["response"]["output"] == []
+        assert end["response"]["error"]["code"] == code
+        assert len(_NoSummary.bodies) == 1  # (the answer round never ran)
+        r = post_turn(gw, {"model": "demo-model", "input": HISTORY, "context_management": OVER})
+        assert r.status_code >= 400 and r.json()["error"]["code"] == code, r.text
+
+
+class _SlowSummary(QuietHandler):
+    """A backend whose summary takes ~2.5 s to stream (a word every 0.5 s); answers at once."""
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        if body["messages"][-1]["content"] != COMPACTION_PROMPT:
+            send_sse(self, chat_sse(chat_chunk({"content": "answer"}), chat_chunk(finish="stop")))
+            return
+        pieces = [chat_sse(chat_chunk({"content": f"word{i} "}), done=False) for i in range(5)] + [
+            chat_sse(chat_chunk(finish="stop"))]
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("content-length", str(sum(map(len, pieces))))
+        self.end_headers()
+        for piece in pieces:
+            self.wfile.write(piece)
+            self.wfile.flush()
+            time.sleep(0.5)
+
+
+def test_the_client_hears_keepalives_while_the_summary_is_written(gateway_factory):
+    """The summary streams to nobody: without keepalives a client's idle timer (Codex's, a
+    proxy's) would see a silent stream for as long as the backend writes it."""
+    with LocalServer(_SlowSummary) as backend:
+        gw = gateway_factory(backend.url, "--set", "resp2chat_max_replay_entries=0", "--set",
+                             "resp2chat_keepalive_secs=1")
+        raw = requests.post(f"{gw.base_url}/responses", timeout=30, json={
+            "model": "demo-model", "input": HISTORY, "stream": True, "context_management": OVER}).content
+        events = check_stream(raw, parse_sse(raw)[0]["response"]["id"])
+        before = [e["type"] for e in events][:[e["type"] for e in events].index("response.output_item.added")]
+        assert before.count("response.in_progress") >= 3, before  # (the first, then one a second)
+        assert events[-1]["response"]["output"][0]["type"] == "compaction"
+        assert "word4" not in raw.decode()  # (the summary is sealed, never streamed)
