@@ -20,8 +20,10 @@ Rules of this file:
 
 What /metrics shows of who fills the store (``by_client``): each configured client's entries and
 bytes under its name, the rest lumped by kind (owner.py ``kind``): never an owner, so a label is
-bounded by the ``clients`` setting and names no credential. ``Shares`` keeps each kind's totals
-as it goes (Redis: the ``owners:kinds`` hash its script keeps), so the figures cost O(clients).
+bounded by the ``clients`` setting and names no credential. The shared owner and each client are
+read by owner (``held``); ``Shares`` keeps only the forwarded credentials' total as it goes
+(``forwarded_held``; Redis: the ``owners:kinds`` hash its script keeps), so the figures cost
+O(clients).
 
 Costs: ``add`` and ``victim`` are O(log n) in the owners (a heap per measure whose stale entries
 are put right when they come up, rebuilt when they outnumber the live ones: amortized), ``remove``
@@ -52,7 +54,7 @@ class Shares:
         # such a stale one is put right when it comes up (``victim``), so a removal pushes nothing
         self._heaps: tuple[list, list] = ([], [])
         self._pushed: tuple[dict, dict] = ({}, {})  # per measure: owner -> the newest key pushed for it
-        self._kinds: dict[str, list[int]] = {}  # owner.kind -> [entries, bytes] its owners hold
+        self._forwarded = [0, 0]  # [entries, bytes] every forwarded credential's owner holds (metrics)
 
     def __len__(self) -> int:  # (owners holding anything)
         return len(self._owned)
@@ -61,14 +63,14 @@ class Shares:
         """(entries, bytes) ``owner`` holds."""
         return len(self._owned.get(owner, ())), self._bytes.get(owner, 0)
 
-    def kind_held(self, of: str) -> tuple[int, int]:
-        """(entries, bytes) the owners of a kind (owner.py ``kind``) hold together."""
-        return tuple(self._kinds.get(of, (0, 0)))
+    def forwarded_held(self) -> tuple[int, int]:
+        """(entries, bytes) every forwarded credential's owner (owner.py ``kind``) holds together."""
+        return self._forwarded[0], self._forwarded[1]
 
     def _count(self, owner: str, entries: int, size: int) -> None:
-        held = self._kinds.setdefault(kind(owner), [0, 0])
-        held[0] += entries
-        held[1] += size
+        if kind(owner) == "forwarded":
+            self._forwarded[0] += entries
+            self._forwarded[1] += size
 
     def add(self, owner: str, entry_id: str, at: float, size: int) -> None:
         """``owner``'s entry ``entry_id`` stored at ``at`` (the newest: entries come in time order)."""

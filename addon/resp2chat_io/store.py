@@ -242,7 +242,7 @@ class ResponseStore:
         """``Figures`` from what the store keeps as it goes (its owners' shares): O(owners asked)."""
         self._evict()  # (what expired is not counted)
         return ((len(self._entries), self.bytes), {o: self._shares.held(o) for o in {*asked, owners.SHARED}},
-                self._shares.kind_held("forwarded"))
+                self._shares.forwarded_held())
 
     def _index(self, response_id: str, owner: str, items: list, response: dict) -> None:
         produced = output_items(response)
