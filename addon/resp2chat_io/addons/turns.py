@@ -441,9 +441,8 @@ def _work(ex: Exchange, t, turn: Turn) -> Work | None:
     extra = ex.compaction_work
     if extra is None:
         return work
-    if work is None:  # (the answer round's own: its usage without the summary's output tokens)
-        usage = t.usage and {**t.usage, "output_tokens": t.usage["output_tokens"] - t.compacted_tokens,
-                             "total_tokens": t.usage["total_tokens"] - t.compacted_tokens}
+    if work is None:  # (the answer round's own: its usage as the backend gave it)
+        usage = t.answer_usage
         work = Work(call_tokens(usage, len(ex.answering.body), t.output_chars, t.error is not None), usage)
     return Work(work.tokens + extra.tokens, summed(work.usage, extra.usage))
 
