@@ -87,6 +87,24 @@ def test_one_reader_of_a_usage_and_one_estimate():
     assert [U.estimate(n) for n in (0, 1, 4, 5, 8, 4001)] == [0, 1, 1, 2, 2, 1001]
 
 
+def test_one_rule_for_the_backend_tokens_of_one_call():
+    """usage.py ``call_tokens``: what tpm spends for one chat call (a turn's answer, a tool loop's
+    round): the usage's total when the backend gave one (any spelling; even a failed call's);
+    else the estimate of its chat request plus the output it sent; 0 when it failed without any
+    output (a refusal, a backend unreachable: it spent nothing)."""
+    from resp2chat_core import usage as U
+
+    chat = {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 112}
+    assert U.call_tokens(chat, 4000, 40, failed=False) == 112  # the backend's own total, not the estimate
+    assert U.call_tokens(U.to_responses_usage(chat), 4000, 40, failed=False) == 112
+    assert U.call_tokens({"input_tokens": 7, "output_tokens": 2}, 4000, 0, failed=True) == 9
+    assert U.call_tokens(None, 4000, 41, failed=False) == 1011  # (4000 + 41) / 4, rounded up
+    assert U.call_tokens({}, 4000, 0, failed=False) == 1000  # (no count in it: not a usage)
+    assert U.call_tokens(None, 4000, 0, failed=True) == 0  # failed without output: nothing spent
+    assert U.call_tokens(None, 4000, 3, failed=True) == 1001  # failed midway: what it read and wrote
+    assert U.call_tokens(None, 0, 0, failed=False) == 0
+
+
 def test_a_backends_retry_after_in_either_form_and_the_headers_that_pass_it_on():
     now = 1445412470.0  # 10 s before Wed, 21 Oct 2015 07:28:00 GMT
     seen = {v: L.backend_retry_after(v, now) for v in ("2", " 1.5 ", "Wed, 21 Oct 2015 07:28:00 GMT",

@@ -57,7 +57,7 @@ from typing import Callable, Protocol
 
 from .chatstream import ChunkReader, wire_call
 from .sse import MAX_EVENT
-from .usage import estimate, summed, to_responses_usage, tokens
+from .usage import call_tokens, summed, to_responses_usage
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 NOT_RUN = "Not run: this response's max_tool_calls was reached."  # what the model reads of a call past it
@@ -189,10 +189,9 @@ class ToolLoop:
 
     def work(self, failed: bool = False) -> Work:
         """What the turn's rounds made the backend do so far, the one in flight included (its
-        client left, or the turn was stopped, midway). A round's tokens are its usage's
-        ``total_tokens``; without one, ``usage.estimate`` of its chat request and the output it
-        sent (the backend read the one and wrote the other), but 0 for a round that failed
-        without any output (an error status, a backend unreachable or silent: spent nothing).
+        client left, or the turn was stopped, midway). A round's tokens are one call's
+        (``usage.call_tokens``): its usage's ``total_tokens``; without one, the estimate of its
+        chat request and the output it sent, but 0 for a round that failed without any output.
         ``failed``: the turn ended in an error (the translator's), so did the round in flight
         (the relay leaves a round whose call failed before ``end_round`` once its client has
         the failure)."""
@@ -207,11 +206,8 @@ class ToolLoop:
         return Work(spent, total)
 
     def _round(self, usage: dict | None, chars: int, failed: bool) -> int:
-        """The backend tokens of the round whose request is ``body`` (``work``'s rule)."""
-        used = tokens(usage)
-        if used is not None:
-            return used
-        return 0 if failed and not chars else estimate(len(self.body) + chars)
+        """The backend tokens of the round whose request is ``body`` (``usage.call_tokens``)."""
+        return call_tokens(usage, len(self.body), chars, failed)
 
     def end_round(self, ok: bool) -> tuple[bytes, Finish | list]:
         """(bytes still to pass on from this round, the next step). ``ok``: the backend

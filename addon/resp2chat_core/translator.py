@@ -62,7 +62,9 @@ normalized deltas. What they become is decided here:
 - Errors in a 200 stream (an error object, an error body served as ``text/event-stream``) ->
   ``response.failed`` with the code Codex acts on (errors.py); a payload or body that cannot be
   read -> ``server_error``, its text for the operator only.
-- Usage: the backend's last usage object, converted when a Response shows it (usage.py).
+- Usage: the backend's last usage object, converted when a Response shows it (usage.py) and
+  kept as the backend gave it (``answer_usage``); the client's (``usage``) adds a compaction
+  round's summary tokens to it (server-side compaction: compaction.py).
 
 Stateless reasoning: when the request asked for ``include: ["reasoning.encrypted_content"]``
 (``TurnContext.encrypted_reasoning``; Codex always does), each reasoning item also carries its
@@ -442,7 +444,7 @@ class Translator:
 
     def compacted(self, item: dict, output_tokens: int = 0) -> bytes:
         """The turn's compaction round is over: its ``compaction`` item (output[0]); the
-        summary's ``output_tokens`` join the usage the client reads."""
+        summary's ``output_tokens`` join the usage the client reads (``usage``)."""
         if self.phase is not Phase.DONE:
             index, done = self._own_item("cmp", lambda item_id: {"id": item_id, **item})
             self._item_done(done, index)
@@ -463,14 +465,22 @@ class Translator:
         return self.phase is Phase.DONE
 
     @property
-    def usage(self) -> dict | None:
-        """Responses usage (converted once from the upstream's last usage object)."""
+    def answer_usage(self) -> dict | None:
+        """The answer's usage as its backend gave it, in Responses shape (converted once from the
+        upstream's last usage object): a compaction round's is not in it."""
         if self._usage is None and self._usage_raw is not None:
             self._usage = to_responses_usage(self._usage_raw)
-            if self.compacted_tokens:  # (server-side compaction: the summary is output of the turn too)
-                self._usage["output_tokens"] += self.compacted_tokens
-                self._usage["total_tokens"] += self.compacted_tokens
         return self._usage
+
+    @property
+    def usage(self) -> dict | None:
+        """The turn's Responses usage as its client reads it: the answer's (``answer_usage``),
+        and, after server-side compaction, the summary's output tokens (output of the turn too)."""
+        usage = self.answer_usage
+        if usage is None or not self.compacted_tokens:
+            return usage
+        return {**usage, "output_tokens": usage["output_tokens"] + self.compacted_tokens,
+                "total_tokens": usage["total_tokens"] + self.compacted_tokens}
 
     def response(self) -> dict:
         """The Response object as it stands (final once ``done``)."""

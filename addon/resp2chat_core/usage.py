@@ -27,6 +27,13 @@ alike. Without a usage, one estimate, ``estimate``: ``BYTES_PER_TOKEN`` bytes a 
 of one counted as one (a tokenizer never makes no token of some bytes); the prompt's analysis
 (prefix.py), ``POST /v1/responses/input_tokens`` without a tokenizer, a turn or a passthrough
 answer cut short (what ``tpm`` spends then) all use it.
+
+The backend tokens one chat call spent (what a client's ``tpm`` spends), one rule,
+``call_tokens``: its usage's total when the backend gave one; else the estimate of its chat
+request and the output it sent (the backend read the one and wrote the other); 0 for a call
+that failed without any output (an error status, a backend unreachable or silent: it spent
+nothing). A turn's answer call (addons/turns.py) and each round of the tool loop (toolloop.py)
+use it.
 """
 
 from __future__ import annotations
@@ -38,6 +45,16 @@ def estimate(size: int) -> int:
     """Tokens in ``size`` bytes, without a tokenizer: ``BYTES_PER_TOKEN`` bytes a token, rounded
     up (0 only for nothing)."""
     return -(-size // BYTES_PER_TOKEN)
+
+
+def call_tokens(usage: object, request_bytes: int, output_chars: int, failed: bool) -> int:
+    """The backend tokens one chat call spent (the rule above): ``usage``'s total (``tokens``: any
+    spelling) when it is one; else ``estimate`` of ``request_bytes`` (its chat request's) plus
+    ``output_chars`` (what the backend sent); 0 when it ``failed`` without any output."""
+    used = tokens(usage)
+    if used is not None:
+        return used
+    return 0 if failed and not output_chars else estimate(request_bytes + output_chars)
 
 
 def counts(u: object) -> tuple[int, int, int] | None:

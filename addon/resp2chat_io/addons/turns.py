@@ -46,7 +46,7 @@ from resp2chat_core.conversations import Landing, named
 from resp2chat_core.errors import GatewayError, gateway_failure
 from resp2chat_core.labels import shown
 from resp2chat_core.lowering import LoweringOptions
-from resp2chat_core.usage import estimate, summed, tokens
+from resp2chat_core.usage import call_tokens, summed
 from resp2chat_core.replay import MAX_ENTRY_BYTES, replay_key
 from resp2chat_core.requestbody import body_digest
 from resp2chat_core.response import CONTINUABLE
@@ -349,8 +349,8 @@ class Turns(Owner):
                         took=time.monotonic() - run.started, skipped=tuple(ex.skipped), code=code, exchange=ex,
                         latency=None if ex.channel.sent is None else ex.channel.sent - run.started,
                         client=run.client, turn_id=ex.turn_id, landed=run.landed,
-                        estimate=0 if ex.channel.sent is None or (t.error and not t.output_chars) else
-                        estimate(len(turn.chat_body) + t.output_chars),
+                        estimate=0 if ex.channel.sent is None else
+                        call_tokens(None, len(turn.chat_body), t.output_chars, t.error is not None),
                         work=_work(ex, t, turn) if ex.channel.sent is not None else Work(0, None))
         return done, record
 
@@ -441,13 +441,9 @@ def _work(ex: Exchange, t, turn: Turn) -> Work | None:
     extra = ex.compaction_work
     if extra is None:
         return work
-    if work is None:  # (the answer round's own: its usage without the summary's output tokens)
-        usage = t.usage and {**t.usage, "output_tokens": t.usage["output_tokens"] - t.compacted_tokens,
-                             "total_tokens": t.usage["total_tokens"] - t.compacted_tokens}
-        used = tokens(usage)
-        if used is None:  # (no usage: its estimate, 0 when it failed without output)
-            used = 0 if t.error and not t.output_chars else estimate(len(ex.answering.body) + t.output_chars)
-        work = Work(used, usage)
+    if work is None:  # (the answer round's own: its usage as the backend gave it)
+        usage = t.answer_usage
+        work = Work(call_tokens(usage, len(ex.answering.body), t.output_chars, t.error is not None), usage)
     return Work(work.tokens + extra.tokens, summed(work.usage, extra.usage))
 
 
