@@ -6,7 +6,9 @@ leaving the response ``failed``, never ``in_progress`` forever (resp2chat_core/b
 from __future__ import annotations
 
 import json
+import re
 import signal
+import threading
 import time
 
 import openai
@@ -14,10 +16,10 @@ import pytest
 import requests
 
 from helpers import (
-    Endless, LocalServer, MiB, QuietHandler, chat_chunk, chat_sse, check_stream, memory, openai_client, parse_sse,
-    send_sse, start_gateway, wait_until,
+    Endless, LocalServer, MiB, QuietHandler, chat_chunk, chat_event, chat_sse, check_stream, http_chunk, iter_sse,
+    memory, openai_client, parse_sse, send_sse, start_gateway, start_sse, wait_until,
 )
-from resp2chat_core.background import LEASE_SECS
+from resp2chat_core.background import LEASE_SECS, MAX_EVENTS
 
 SLOW = "noreason\nwords: 40\nslow: 100"  # (the demo upstream: 40 words, 0.1 s apart: ~4 s)
 
@@ -293,7 +295,115 @@ def test_a_background_response_created_without_stream_leaves_no_events_behind(ga
             one()
         time.sleep(1)
         grown = memory(gw.proc.pid)["VmRSS"] - base
+        print("GROWN", grown / MiB)
         unstreamed = client.responses.create(model="m", input="one more", background=True)
         with pytest.raises(openai.BadRequestError):  # (never streamed: nothing to resume)
             list(client.responses.retrieve(unstreamed.id, stream=True))
     assert grown < 192 * MiB, f"24 ended, deleted background responses left the gateway holding {grown / MiB:.0f} MiB more"
+
+
+class Sized(QuietHandler):
+    """A chat backend answering the ``kib: N`` the request asks for: N KiB of text in 64 KiB
+    chunks, then ``end.``; one that asks ``pause`` waits for ``go`` before that end (``sent``
+    says it got there)."""
+
+    sent = threading.Event()
+    go = threading.Event()
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["content-length"]))
+        start_sse(self)
+        for _ in range(int(re.search(rb"kib: (\d+)", body)[1]) // 64):
+            self.wfile.write(http_chunk(chat_event({"content": "x" * (64 << 10)})))
+        self.wfile.flush()
+        if b"pause" in body:
+            type(self).sent.set()
+            type(self).go.wait(120)
+        self.wfile.write(http_chunk(chat_event({"content": "end."}) + chat_event(finish="stop") + b"data: [DONE]\n\n"))
+        self.wfile.write(http_chunk(b""))
+
+
+def not_kept(answer: requests.Response) -> bool:
+    """A resume refused because the events it asks for were not kept (the one error for it)."""
+    return answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_value" and \
+        "were not kept" in answer.json()["error"]["message"]
+
+
+def test_large_streamed_runs_leave_no_events_behind_once_they_end(gateway_factory):
+    """Background responses created with ``stream: true`` whose events pass ``MAX_EVENTS`` (4
+    MiB; a 3 MiB answer makes ~15 MiB: the text in the deltas and again in each ``.done`` and in
+    ``response.completed``) are not kept once they end, here as in the store: a resume is the
+    clear 400 (GET it without stream), while a small one resumes whole. The gateway kept the
+    last 64 runs' events whatever their size: 16 such runs, ended and deleted, left it holding
+    ~250 MiB more (at 64: ~1 GB, a team's gateway). Now what the runs leave to the next full
+    garbage collection (see the test above; ~60 MiB here). The ended logs it keeps are bounded in bytes too
+    (``KEPT_BYTES``)."""
+    with LocalServer(Sized) as backend:
+        gw = gateway_factory(backend.url, "--set", "resp2chat_max_replay_entries=0",
+                             env={"MALLOC_MMAP_THRESHOLD_": "131072"})
+        client = openai_client(gw)
+
+        def run(kib: int) -> str:
+            r = requests.post(f"{gw.base_url}/responses", stream=True, timeout=60, json={
+                "model": "m", "input": f"kib: {kib}", "background": True, "stream": True})
+            rid = next(iter_sse(r))["response"]["id"]
+            r.close()  # (the client goes away: it runs on)
+            done = poll(client, rid, 120)
+            assert done.status == "completed" and len(done.output_text) == kib * 1024 + 4
+            return rid
+
+        for _ in range(2):  # (what the first runs allocate once)
+            client.responses.delete(run(3 * 1024))
+        time.sleep(1)
+        base = memory(gw.proc.pid)["VmRSS"]
+        for _ in range(15):
+            client.responses.delete(run(3 * 1024))
+        large = run(3 * 1024)
+        time.sleep(1)
+        grown = memory(gw.proc.pid)["VmRSS"] - base
+        assert grown < 160 * MiB, f"16 large streamed background runs left the gateway holding {grown / MiB:.0f} MiB more"
+        resumed = requests.get(f"{gw.base_url}/responses/{large}?stream=true", timeout=60)
+        assert not_kept(resumed), (resumed.status_code, resumed.content[:300])
+        small = run(64)
+        raw = requests.get(f"{gw.base_url}/responses/{small}?stream=true", timeout=60).content
+        assert check_stream(raw, small)[-1]["type"] == "response.completed"
+
+
+def test_a_running_log_keeps_its_latest_events_and_its_clients_get_them_all(gateway_factory):
+    """While a streamed background response runs, the gateway holds its latest events only
+    (about ``MAX_EVENTS``, 4 MiB), not all of them: a client streaming it gets every event to the
+    end (the front goes only once every such client has it), a resume from a recent sequence
+    number streams the rest, and one from events that went is the clear 400 (the one "not kept"
+    error). The whole log was held while it ran (up to ~160 MiB for the largest answer a backend
+    may give: 32 MiB of text)."""
+    Sized.sent.clear()
+    Sized.go.clear()
+    with LocalServer(Sized) as backend:
+        gw = gateway_factory(backend.url, "--set", "resp2chat_max_replay_entries=0")
+        live = requests.post(f"{gw.base_url}/responses", stream=True, timeout=60, json={
+            "model": "m", "input": "pause, kib: 6144", "background": True, "stream": True})
+        raw, events, text = bytearray(), [], 0
+        reading = iter_sse(live, into=raw)
+        for event in reading:  # (6 MiB of text in deltas: past MAX_EVENTS while it runs)
+            events.append(event)
+            text += len(event.get("delta", ""))
+            if text == 6 * MiB:
+                break
+        assert Sized.sent.is_set() and len(raw) > MAX_EVENTS
+        rid, last = events[0]["response"]["id"], events[-1]["sequence_number"]
+        url = f"{gw.base_url}/responses/{rid}?stream=true"
+        from_start = requests.get(url, timeout=60, stream=True)
+        refused = not_kept(from_start)
+        from_start.close()
+        recent = requests.get(f"{url}&starting_after={last - 2}", timeout=60, stream=True)
+        assert recent.status_code == 200
+        Sized.go.set()  # (the backend ends its answer)
+        events += list(reading)
+        rest = parse_sse(recent.content)
+        assert refused, "a resume from the start of a run whose first events went was not refused"
+        assert [e["type"] for e in check_stream(bytes(raw), rid)] == [e["type"] for e in events]
+        assert "".join(e.get("delta", "") for e in events) == "x" * 6 * MiB + "end."
+        assert rest[0]["sequence_number"] == last - 1 and rest == events[last - 1:]
+        assert recent.content.endswith(b"data: [DONE]\n\n") and rest[-1]["type"] == "response.completed"
+        # once it ended: its events (more than MAX_EVENTS) were not kept, here as in the store
+        assert not_kept(requests.get(url, timeout=60))

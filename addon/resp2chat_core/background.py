@@ -17,7 +17,10 @@ Rules of this file:
   renewal never overwrites a cancellation.
 - A response created with ``stream: true`` keeps its events (``PRIVATE``'s ``events``, once it
   ended; the running gateway has them live): ``GET /v1/responses/{id}?stream=true&starting_after=N``
-  streams those after sequence number ``N`` (``after``).
+  streams those after sequence number ``N`` (``after``). At most ``MAX_EVENTS`` of them: a run
+  whose events pass it is stored without them (``ended``), and its gateway holds only the last
+  of them while it runs (addons/background.py ``Log``): a resume asking for events no longer
+  held is refused (``not_kept``), one error for both.
 """
 
 from __future__ import annotations
@@ -79,13 +82,13 @@ def ask_cancel(response: dict) -> dict:
     return {**response, PRIVATE: {**(response.get(PRIVATE) or {}), "cancel": True}}
 
 
-def ended(response: dict, events: bytes | None) -> dict:
+def ended(response: dict, events: bytes | None, whole: bool = True) -> dict:
     """The Response stored once it ended; ``events``: its stream (a streamed one), kept to resume
-    (unless larger than ``MAX_EVENTS``)."""
+    (unless larger than ``MAX_EVENTS``, or not ``whole``: its front was dropped while it ran)."""
     if events is None:
         return public(response)
-    kept = {"streamed": True} if len(events) > MAX_EVENTS else {"streamed": True, "events": events.decode("utf-8",
-                                                                                                      "replace")}
+    kept = {"streamed": True} if len(events) > MAX_EVENTS or not whole else {
+        "streamed": True, "events": events.decode("utf-8", "replace")}
     return {**response, PRIVATE: kept}
 
 
@@ -104,16 +107,42 @@ def after(sse: bytes, starting_after: int) -> bytes:
     ``sequence_number`` is above ``starting_after``."""
     out = []
     for block in sse.split(b"\n\n"):
-        at = block.find(b"\ndata: ")
-        if at < 0:
-            continue
-        try:
-            seq = json.loads(block[at + 7:]).get("sequence_number")
-        except ValueError:
-            continue
-        if isinstance(seq, int) and seq > starting_after:
+        seq = sequence_number(block)
+        if seq is not None and seq > starting_after:
             out.append(block + b"\n\n")
     return b"".join(out)
+
+
+def sequence_number(block: bytes) -> int | None:
+    """The ``sequence_number`` of one event (``event:``/``data:``, without its blank line)."""
+    at = block.find(b"\ndata: ")
+    if at < 0:
+        return None
+    try:
+        seq = json.loads(block[at + 7:]).get("sequence_number")
+    except ValueError:
+        return None
+    return seq if isinstance(seq, int) else None
+
+
+def not_kept() -> GatewayError:
+    """A resume asking for events not kept (more than ``MAX_EVENTS`` of them)."""
+    return GatewayError(f"the events of this response were not kept (past {MAX_EVENTS >> 20} MiB of them: only the "
+                        "latest while it runs, none once it ended): GET it without stream", param="stream",
+                        code="invalid_value")
+
+
+def lagged(sequence_number: int, behind: int) -> bytes:
+    """The end of a stream whose client fell ``behind`` bytes behind the response's events (it did
+    not read them): an ``error`` event, numbered after the last one it got, with OpenAI's fields
+    (``code``, ``message``, ``param``) and the Open Responses specification's (``status``,
+    ``error``); the response runs on."""
+    err = GatewayError(f"this stream fell {behind >> 20} MiB behind the response's events (its client did not read "
+                       "them) and was ended: the response runs on; GET it without stream once it ends",
+                       code="stream_lagged")
+    error = {"type": "error", "sequence_number": sequence_number, "status": err.status, **err.body(),
+             **{k: err.body()["error"][k] for k in ("code", "message", "param")}}
+    return b"event: error\ndata: " + json.dumps(error).encode() + b"\n\n"
 
 
 def starting_after(query) -> int:

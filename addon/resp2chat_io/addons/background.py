@@ -23,8 +23,21 @@ connection; clients poll, cancel and resume it (the rules: resp2chat_core/backgr
   of another replica: its events when it ends, read by one follower per response here, which
   every client streaming it shares and which stops when the last of them goes away).
 
-Runs that ended keep their ``Log`` here for a while (``KEPT``); the store keeps the rest. Only a
-streamed run has events in its ``Log``: one created without ``stream`` is never streamed.
+Only a streamed run has events in its ``Log``: one created without ``stream`` is never streamed.
+What this gateway holds of them is bounded in bytes (the team shares it):
+
+- A running ``Log`` holds about ``LIVE`` bytes of events (``MAX_EVENTS``, what the store keeps of
+  a run). Past it, its front goes, down to its last ``LIVE // 2`` bytes' events, but never what
+  a client streaming it has not taken yet: clients streaming it get every event to the end. A
+  client that falls ``LAG`` bytes behind (it does not read) is not waited for: its stream ends
+  with an ``error`` event (``stream_lagged``), the log going on without it. A new resume from
+  events that went (``starting_after`` before ``Log.gone``) gets the one "not kept" error
+  (``B.not_kept``), as a run of more than ``MAX_EVENTS`` gets once it ended (the store keeps
+  none of them). The trade-off: a large run can be resumed only from its last ~2 MiB of events
+  while it runs, and not at all once it ended (GET it without stream: its Response is whole).
+- Runs that ended keep their ``Log`` here for a while (whole, no larger than ``MAX_EVENTS``):
+  the last ``KEPT``, ``KEPT_BYTES`` of them at most, the oldest going first; the store keeps
+  the rest.
 """
 
 from __future__ import annotations
@@ -49,6 +62,9 @@ from .base import META, SSE_HEADERS, fails_closed, log, refused_on_failure, requ
 from .turns import TurnRun
 
 KEPT = 64  # ended runs whose events stay here (to resume from), besides the store
+KEPT_BYTES = 4 * B.MAX_EVENTS  # ... and their bytes at most (16 MiB: four of the largest kept), the oldest going first
+LIVE = B.MAX_EVENTS  # a running run's events held here (bytes), about: past it, its front goes (``Log``)
+LAG = 2 * B.MAX_EVENTS  # a client streaming a run this far behind its events is not waited for (``Log``)
 ENDING_TRIES = 8  # writes of a run's end, each over the version read
 POLL = 0.25  # seconds between two reads of a run of another replica
 CANCEL_WAIT = B.LEASE_SECS + 2 * B.RENEW_SECS  # seconds a cancellation waits for another replica's run to end
@@ -56,24 +72,67 @@ CANCEL_WAIT = B.LEASE_SECS + 2 * B.RENEW_SECS  # seconds a cancellation waits fo
 
 @dataclass(eq=False)
 class Log:
-    """A background response's events, as they come, and who is waiting for more."""
+    """A background response's events, as they come, and who is waiting for more; past ``LIVE``
+    bytes, its front goes (see the module's docstring)."""
 
-    sse: bytearray = field(default_factory=bytearray)
+    sse: bytearray = field(default_factory=bytearray)  # its events from ``base`` on
+    base: int = 0  # bytes of its events that went from its front
+    gone: int = -1  # the last sequence number among them (-1: none went)
     done: bool = False
-    feeds: set = field(default_factory=set)  # relay Feeds streaming it now
+    feeds: dict = field(default_factory=dict)  # relay Feeds streaming it now: their ``FeedStream``
     task: asyncio.Task | None = None  # a followed one's (``Background._follow``): the task reading the store
+
+    @property
+    def size(self) -> int:
+        """All its events' bytes, those that went included."""
+        return self.base + len(self.sse)
 
     def add(self, sse: bytes) -> None:
         if sse:
+            before = self.size
             self.sse += sse
+            if len(self.sse) > LIVE:
+                self._drop(before)
             for feed in self.feeds:
                 if feed.wake is not None:
                     feed.wake()
+
+    def _drop(self, before: int) -> None:
+        """Its front goes, down to its last ``LIVE // 2`` bytes' whole events, but not what a
+        feed has not taken (one that had not taken ``LAG`` bytes of what came ``before`` the
+        last events is cut: a turn's last events alone may be larger); in large pieces (each
+        copies what stays)."""
+        end = self.size
+        for feed, stream in list(self.feeds.items()):
+            if before - stream.at > LAG:
+                del self.feeds[feed]
+                stream.lagged(max(self.sequence_before(stream.at), stream.starting_after) + 1)
+                feed.end()
+        cut = min([end - LIVE // 2, *(stream.at for stream in self.feeds.values())]) - self.base
+        cut = self.sse.rfind(b"\n\n", 0, cut) + 2  # (after a whole event: a feed's place is one)
+        if cut < LIVE // 4:
+            return
+        self.gone = self.sequence_before(self.base + cut)
+        self.sse = self.sse[cut:]  # (what stays, in a buffer of its size: the old one is freed)
+        self.base += cut
+
+    def sequence_before(self, at: int) -> int:
+        """The sequence number of the event that ends at ``at`` (-1: none before it)."""
+        if at <= self.base:
+            return self.gone
+        end = at - self.base - 2
+        start = self.sse.rfind(b"\n\n", 0, end)
+        seq = B.sequence_number(bytes(self.sse[start + 2 if start >= 0 else 0:end]))
+        return seq if seq is not None else 1 << 62  # (every event has one: else nothing is resumed from here)
 
     def end(self) -> None:
         self.done = True
         for feed in self.feeds:
             feed.end()
+
+    def whole(self) -> bytes | None:
+        """All its events, none gone (else None)."""
+        return None if self.base else bytes(self.sse)
 
 
 @dataclass(eq=False)
@@ -93,21 +152,33 @@ class Run:
 
 class FeedStream:
     """The stream callable of a flow a ``Feed`` answers: at each relay tick, the log's events
-    it has not sent yet (those after ``starting_after``); ``data: [DONE]`` at the end."""
+    it has not sent yet (those after ``starting_after``); ``data: [DONE]`` at the end. ``at``:
+    where it is in the log (bytes, those gone from its front included)."""
 
-    __slots__ = ("log", "starting_after", "at", "ended")
+    __slots__ = ("log", "starting_after", "at", "ended", "cut")
 
     def __init__(self, log: Log, starting_after: int) -> None:
-        self.log, self.starting_after, self.at, self.ended = log, starting_after, 0, False
+        self.log, self.starting_after, self.at, self.ended, self.cut = log, starting_after, log.base, False, b""
 
     def __call__(self, data: bytes):
-        new = bytes(self.log.sse[self.at:])
+        if self.cut:  # (it lagged: its end)
+            out, self.cut, self.ended = self.cut + DONE, b"", True
+            return out
+        if self.ended:
+            return []
+        log = self.log
+        new = bytes(log.sse[self.at - log.base:])
         self.at += len(new)
         out = B.after(new, self.starting_after) if new else b""
-        if not data and not self.ended and self.log.done:
+        if not data and log.done:
             self.ended = True
             out += DONE
         return out or []
+
+    def lagged(self, sequence_number: int) -> None:
+        """Its client fell ``LAG`` behind: its stream ends with an ``error`` event, the log going on without it."""
+        self.log = None
+        self.cut = B.lagged(sequence_number, LAG)
 
 
 @fails_closed
@@ -117,7 +188,8 @@ class Background:
     def __init__(self, turns, store, relay) -> None:
         self.turns, self.store, self.relay = turns, store, relay
         self.runs: dict[str, Run] = {}  # running here, by response id
-        self.kept: OrderedDict[str, Log] = OrderedDict()  # ended here: their events (KEPT)
+        self.kept: OrderedDict[str, Log] = OrderedDict()  # ended here: their events (KEPT, KEPT_BYTES)
+        self.kept_bytes = 0
         self.feeds: dict[str, tuple[Feed, FeedStream, Log]] = {}  # flows a Feed answers, by flow id
         self.following: dict[tuple[str, str], Log] = {}  # runs of other replicas streamed here, by (id, owner)
 
@@ -199,13 +271,14 @@ class Background:
         its listeners told; its events kept here a while."""
         run, t = bg.run, bg.run.reader.translator
         final = t.response()
-        events = bytes(bg.log.sse) if bg.streamed else None
+        events = bg.log.whole() if bg.streamed else None  # (None for a streamed one: its front went)
+        stored = B.ended(final, None) if not bg.streamed else B.ended(final, events or b"", whole=events is not None)
         store = self.store.store
         try:
             for _ in range(ENDING_TRIES):  # (over what is there: a cancellation may have come in between)
                 entry = await store.get(bg.response_id, owner=bg.owner)
                 if entry is None or await store.put(bg.response_id, run.turn.items + final["output"],
-                                                    B.ended(final, events), owner=bg.owner, expect=entry["version"]):
+                                                    stored, owner=bg.owner, expect=entry["version"]):
                     break
             else:
                 log.warning(f"resp2chat: background {bg.response_id} not stored as it ended (larger than the store "
@@ -214,17 +287,24 @@ class Background:
             log.warning(f"resp2chat: background {bg.response_id} not stored: {exc}")
         finally:
             self.runs.pop(bg.response_id, None)
-            if bg.streamed:
-                self.kept[bg.response_id] = bg.log
-                while len(self.kept) > KEPT:
-                    self.kept.popitem(last=False)
+            if events is not None and len(events) <= B.MAX_EVENTS:  # (as the store keeps them: no larger)
+                bg.log.sse = events  # (one copy of them)
+                self.keep(bg.response_id, bg.log)
             bg.log.end()
             bg.ended.set()
-        # (what the client got: its events, or the Response queued)
-        answer = bytes(bg.log.sse) if bg.streamed else run.flow.response.content if run.flow.response else b""
+        # (what the client got: its events (those still here, when their front went), or the Response queued)
+        answer = (events if events is not None else bytes(bg.log.sse)) if bg.streamed else \
+            run.flow.response.content if run.flow.response else b""
         done, record = self.turns.settle(run, answer)
         run.flow.metadata.setdefault(META, {}).update(record)  # (the creating flow, for whoever still holds it)
         self.turns.ended(done, run.exchange.turn_id)
+
+    def keep(self, response_id: str, ended: Log) -> None:
+        """An ended run's log, kept here: the last ``KEPT``, ``KEPT_BYTES`` of them at most."""
+        self.kept[response_id] = ended
+        self.kept_bytes += len(ended.sse)
+        while len(self.kept) > KEPT or self.kept_bytes > KEPT_BYTES:
+            self.kept_bytes -= len(self.kept.popitem(last=False)[1].sse)
 
     async def done(self) -> None:
         """The gateway stops: what still runs ends ``failed`` (and is stored so), not in_progress;
@@ -277,6 +357,8 @@ class Background:
             source = bg.log if bg is not None and bg.owner == owner else None
             if source is not None and not bg.streamed:
                 raise not_streamed()
+            if source is not None and after < source.gone:  # (its events from there went: it runs on)
+                raise B.not_kept()
             if source is None:
                 entry = await self.store.get(response_id, owner)
                 if entry is None:
@@ -288,8 +370,7 @@ class Background:
                     raise not_streamed()
                 kept = self.kept.get(response_id)
                 if kept is None and not B.is_running(response) and B.stored_events(response) is None:
-                    raise GatewayError("the events of this response were not kept (more than the store keeps of "
-                                       "them): GET it without stream", param="stream", code="invalid_value")
+                    raise B.not_kept()
                 source = kept if kept is not None else self._follow(response_id, owner, response)
         if flow.response is not None:
             return
@@ -341,11 +422,11 @@ class Background:
     def feed(self, flow: http.HTTPFlow, source: Log, starting_after: int) -> None:
         """Answer ``flow`` with ``source``'s events after ``starting_after``, as they come: a
         relay ``Feed`` (the relay answers, ticking; ``responseheaders`` sets the stream callable)."""
-        feed = Feed(flow.id, secrets.token_urlsafe(24))
-        source.feeds.add(feed)
+        feed, stream = Feed(flow.id, secrets.token_urlsafe(24)), FeedStream(source, starting_after)
+        source.feeds[feed] = stream
         if source.done:
             feed.end()
-        self.feeds[flow.id] = (feed, FeedStream(source, starting_after), source)
+        self.feeds[flow.id] = (feed, stream, source)
         req = flow.request
         for name, value in self.relay.expect(feed):
             req.headers[name] = value
@@ -376,7 +457,7 @@ class Background:
         found = self.feeds.pop(flow.id, None)
         if found is not None:
             feed, _, source = found
-            source.feeds.discard(feed)
+            source.feeds.pop(feed, None)
             self.relay.forget(flow.id)
             if not source.feeds and source.task is not None and not source.done:
                 self._unfollow(source)
