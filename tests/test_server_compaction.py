@@ -128,6 +128,101 @@ def test_an_entry_it_cannot_run_is_a_400_naming_it(own_gateway, upstream, entrie
     assert upstream.requests() == []
 
 
+ENTRY = {"type": "compaction", "compact_threshold": 5}
+ONLY_ONE = ("context_management[1]", "invalid_value", "context_management[1]: only one compaction entry")
+NOT_AN_INT = "required, a non-negative integer (tokens)"
+
+
+@pytest.mark.parametrize("entries, expected", [
+    ({"type": "compaction"}, ("context_management", "invalid_type", "context_management: a list of entries")),
+    ("compaction", ("context_management", "invalid_type", "context_management: a list of entries")),
+    (["x"], ("context_management[0]", "invalid_type", "context_management[0]: an object")),
+    ([None], ("context_management[0]", "invalid_type", "context_management[0]: an object")),
+    ([{"compact_threshold": 5}], ("context_management[0].type", "invalid_type",
+                                  "context_management[0].type: required, a string")),
+    ([{"type": 5, "compact_threshold": 5}], ("context_management[0].type", "invalid_type",
+                                             "context_management[0].type: required, a string")),
+    ([{"type": "truncation"}], ("context_management[0].type", "unsupported_value",
+                                "context_management[0].type: 'truncation' not supported (only \"compaction\")")),
+    ([{"type": "t" * 150}], ("context_management[0].type", "unsupported_value",
+                             f"context_management[0].type: {'t' * 100!r} not supported (only \"compaction\")")),
+    ([{"type": "compaction"}], ("context_management[0].compact_threshold", "invalid_value",
+                                f"context_management[0].compact_threshold: {NOT_AN_INT}")),
+    *(([{"type": "compaction", "compact_threshold": value}], ("context_management[0].compact_threshold",
+                                                             "invalid_value",
+                                                             f"context_management[0].compact_threshold: {NOT_AN_INT}"))
+      for value in (-1, True, 5.0, "5", None)),
+    ([{**ENTRY, "keep": 1}], ("context_management[0].keep", "unknown_parameter",
+                              "context_management[0].keep: unknown parameter")),
+    ([{**ENTRY, "a[0]": 1}], ("context_management[0].a[0]", "unknown_parameter",
+                              "context_management[0].a[0]: unknown parameter")),
+    ([{**ENTRY, "k" * 150: 1}], (f"context_management[0].{'k' * 100}", "unknown_parameter",
+                                 f"context_management[0].{'k' * 100}: unknown parameter")),
+    # the first entry that is wrong, and in it: the type, then a key it does not know, then the threshold
+    ([{"type": "truncation", "keep": 1}], ("context_management[0].type", "unsupported_value",
+                                           "context_management[0].type: 'truncation' not supported (only \"compaction\")")),
+    ([{"type": "compaction", "compact_threshold": -1, "keep": 1}], ("context_management[0].keep", "unknown_parameter",
+                                                                    "context_management[0].keep: unknown parameter")),
+    (["x", {"type": "truncation"}], ("context_management[0]", "invalid_type", "context_management[0]: an object")),
+    ([ENTRY, "x"], ("context_management[1]", "invalid_type", "context_management[1]: an object")),
+    ([ENTRY, ENTRY], ONLY_ONE),
+    ([ENTRY, ENTRY, "x"], ONLY_ONE),
+    ([ENTRY, {"type": "compaction"}], ("context_management[1].compact_threshold", "invalid_value",
+                                       f"context_management[1].compact_threshold: {NOT_AN_INT}")),
+])
+def test_each_entry_error_names_its_place_code_and_reason(own_gateway, upstream, entries, expected):
+    upstream.clear()
+    r = post_turn(own_gateway, {"model": "demo-model", "input": "hi", "context_management": entries})
+    error = r.json()["error"]
+    assert r.status_code == 400 and (error["param"], error["code"], error["message"]) == expected, r.text
+    assert upstream.requests() == []
+
+
+def test_an_entry_error_comes_before_the_request_s_other_field_errors(own_gateway, upstream):
+    r = post_turn(own_gateway, {"model": "demo-model", "input": "hi", "temperature": 5,
+                                "context_management": [{"type": "compaction"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "context_management[0].compact_threshold"
+
+
+def test_the_websocket_and_input_tokens_refuse_an_entry_as_a_turn_does(own_gateway, upstream):
+    ws = WSClient(own_gateway.base_url)
+    [error] = ws.turn({"type": "response.create", "model": "demo-model", "input": "hi",
+                       "context_management": [{"type": "compaction"}]})
+    ws.close()
+    assert error["type"] == "error" and error["status"] == 400, error
+    assert (error["error"]["param"], error["error"]["code"]) == ("context_management[0].compact_threshold",
+                                                                  "invalid_value")
+    r = requests.post(own_gateway.base_url + "/responses/input_tokens", timeout=30, json={
+        "model": "demo-model", "input": "hi", "context_management": [{"type": "compaction", "compact_threshold": -1}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "context_management[0].compact_threshold", r.text
+
+
+@pytest.mark.parametrize("entries", [None, [], [{"type": "compaction", "compact_threshold": 10**30}]])
+def test_no_entry_or_a_threshold_never_reached_is_a_turn_as_any(own_gateway, upstream, entries):
+    upstream.clear()
+    r = post_turn(own_gateway, {"model": "demo-model", "input": HISTORY, "store": False,
+                                "context_management": entries})
+    assert r.status_code == 200, r.text
+    assert kinds(r.json()["output"]) == ["message"] and len(upstream.requests()) == 1
+    assert "context_management" not in upstream.requests()[0]
+
+
+def test_a_conversation_refuses_compaction_and_still_validates_the_entries(own_gateway, upstream):
+    client = openai_client(own_gateway)
+    conv = client.conversations.create().id
+    upstream.clear()
+    r = post_turn(own_gateway, {"model": "demo-model", "input": "hi", "conversation": conv, "context_management": OVER})
+    error = r.json()["error"]
+    assert r.status_code == 400 and (error["param"], error["code"]) == ("context_management", "unsupported_parameter")
+    assert error["message"].startswith("context_management: not supported together with conversation here")
+    r = post_turn(own_gateway, {"model": "demo-model", "input": "hi", "conversation": conv,
+                                "context_management": [{"type": "truncation"}]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_value", r.text
+    assert upstream.requests() == []
+    r = post_turn(own_gateway, {"model": "demo-model", "input": "hi", "conversation": conv, "context_management": []})
+    assert r.status_code == 200, r.text
+
+
 def test_the_agents_sdk_sends_it_through_model_settings(own_gateway, upstream):
     from agents import Agent, ModelSettings, OpenAIResponsesModel, Runner, set_tracing_disabled
 

@@ -31,7 +31,8 @@ the whole input of the client's next turn, on either transport.
 
 Server-side compaction (``context_management: [{"type": "compaction", "compact_threshold": N}]``
 on a turn, either transport: the OpenAI Agents SDKs send it) runs on the same machinery, as a
-round before the answer (``ServerCompaction``; the relay runs it: relay/exchange.py)::
+round before the answer (``ServerCompaction``; the relay runs it: relay/exchange.py; the entries
+are validated with the rest of the request, schema.py ``CompactionEntry``)::
 
     turn whose chat request, as lowered, is at least N tokens (usage.estimate of its bytes: known
     before any call, for every client, byte-deterministic; the backend's usage of the last turn
@@ -207,40 +208,6 @@ def users(conversation: list) -> list:
     user messages (as they are)."""
     return [item for item in conversation if isinstance(item, dict) and item.get("role") == "user"
             and item.get("type", "message") == "message"]
-
-
-def threshold(raw: dict) -> int | None:
-    """A request's ``context_management``: the ``compact_threshold`` of its compaction entry
-    (None: none asked). ``GatewayError`` names ``context_management[i]`` for an entry that is
-    not one, and a type other than ``compaction`` is unsupported."""
-    entries = raw.get("context_management")
-    if entries is None:
-        return None
-    if not isinstance(entries, list):
-        raise GatewayError("context_management: a list of entries", param="context_management", code="invalid_type")
-    found = None
-    for i, entry in enumerate(entries):
-        param = f"context_management[{i}]"
-        if not isinstance(entry, dict):
-            raise GatewayError(f"{param}: an object", param=param, code="invalid_type")
-        kind = entry.get("type")
-        if not isinstance(kind, str):
-            raise GatewayError(f"{param}.type: required, a string", param=f"{param}.type", code="invalid_type")
-        if kind != "compaction":
-            raise GatewayError(f"{param}.type: {kind[:100]!r} not supported (only \"compaction\")",
-                               param=f"{param}.type", code="unsupported_value")
-        for key in entry:
-            if key not in ("type", "compact_threshold"):
-                raise GatewayError(f"{param}.{str(key)[:100]}: unknown parameter", param=f"{param}.{str(key)[:100]}",
-                                   code="unknown_parameter")
-        value = entry.get("compact_threshold")
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise GatewayError(f"{param}.compact_threshold: required, a non-negative integer (tokens)",
-                               param=f"{param}.compact_threshold", code="invalid_value")
-        if found is not None:
-            raise GatewayError(f"{param}: only one compaction entry", param=param, code="invalid_value")
-        found = value
-    return found
 
 
 @dataclass

@@ -5,6 +5,8 @@ and metadata the gateway has no use for, and rejecting them would break clients 
 addition. What the gateway *does* read is typed strictly, and an item or tool type it cannot
 translate faithfully is an error naming its place (``input[3].type``), never a silent guess; so
 is a field asking for what it cannot do (``UNSUPPORTED_FIELDS``: ``unsupported_parameter``).
+One model is strict about its keys as well: a ``context_management`` entry (``CompactionEntry``),
+where a key the gateway does not know asks for a way of managing the context it would not keep.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from itertools import compress, count, repeat
 from operator import is_, is_not
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, Tag, TypeAdapter, ValidationError
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, StrictBool,
+                      StrictInt, Tag, TypeAdapter, ValidationError)
+from pydantic_core import PydanticCustomError
 
 from .errors import GatewayError
 
@@ -331,6 +335,34 @@ INCLUDES = ("reasoning.encrypted_content", "message.output_text.logprobs", "mess
             "web_search_call.action.sources", "code_interpreter_call.outputs")
 
 
+# --- server-side compaction (compaction.py) -------------------------------------------------
+
+
+class CompactionEntry(BaseModel):
+    """An entry of ``context_management``: ``{"type": "compaction", "compact_threshold": N}``
+    (tokens; no upper bound: a threshold never reached never compacts). No other key
+    (``extra="forbid"``). Its errors are said as ``_context_error`` says them."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["compaction"]
+    compact_threshold: StrictInt = Field(ge=0)
+
+
+ONE_ENTRY = "context_management_entries"  # (the error type of a second entry: _context_error)
+
+
+def _first_two(entries: Any) -> Any:
+    """Only the first two entries decide (a second one that is right is one too many): a list of
+    a million is not validated entry by entry."""
+    return entries[:2] if isinstance(entries, list) and len(entries) > 2 else entries
+
+
+def _one_entry(entries: list | None) -> list | None:
+    if entries is not None and len(entries) > 1:
+        raise PydanticCustomError(ONE_ENTRY, "only one compaction entry")
+    return entries
+
+
 class ResponsesRequest(_Model):
     model: str = Field(min_length=1)
     input: Union[str, list[Item]]
@@ -358,6 +390,14 @@ class ResponsesRequest(_Model):
     service_tier: str | None = None
     truncation: Literal["auto", "disabled"] | None = None
     metadata: dict[str, Any] | None = None
+    # server-side compaction (compaction.py): not lowered, nor echoed
+    context_management: Annotated[list[CompactionEntry] | None, BeforeValidator(_first_two),
+                                  AfterValidator(_one_entry)] = None
+
+    @property
+    def compact_threshold(self) -> int | None:
+        """The ``compact_threshold`` of the request's compaction entry (None: none asked)."""
+        return self.context_management[0].compact_threshold if self.context_management else None
 
 
 _BRANCH_LABELS = {
@@ -543,6 +583,10 @@ def _to_gateway_error(exc: ValidationError, data: dict, places: list[int] | None
     errors = exc.errors(include_url=False)
     if places is not None:
         errors = [{**err, "loc": _relocated(err["loc"], places)} for err in errors]
+    # context_management's errors first (compaction.py checked it before the rest of the request)
+    context = [err for err in errors if err["loc"][:1] == ("context_management",)]
+    if context:
+        return _context_error(min(context, key=_context_order))
     # A wrong item/tool type is reported by pydantic as a tag error: say so in plain words.
     for err in errors:
         if err["type"] == "union_tag_invalid":
@@ -563,6 +607,39 @@ def _to_gateway_error(exc: ValidationError, data: dict, places: list[int] | None
     if code == "missing_required_parameter" and param == "model":
         return GatewayError(MODEL_REQUIRED, param="model", code=code)
     return GatewayError(f"{param}: {err['msg']}", param=param or None, code=code)
+
+
+def _context_order(err: dict) -> tuple[int, int]:
+    """Which ``context_management`` error is the request's: the list that is not one, else the
+    first entry that is wrong, in it its type, then a key it does not know (in their order), then
+    its threshold; the second entry is one too many when the first two are right."""
+    loc = err["loc"]
+    if len(loc) == 1:
+        return (1, 4) if err["type"] == ONE_ENTRY else (-1, 0)
+    return loc[1], 0 if len(loc) == 2 else {"type": 1, "compact_threshold": 3}.get(loc[2], 2)
+
+
+def _context_error(err: dict) -> GatewayError:
+    """A ``context_management`` error (``_context_order``'s) in the words of the API's errors."""
+    where, rank = _context_order(err)
+    if where < 0:
+        return GatewayError("context_management: a list of entries", param="context_management", code="invalid_type")
+    param = f"context_management[{where}]"
+    if rank == 4:
+        return GatewayError(f"{param}: only one compaction entry", param=param, code="invalid_value")
+    if rank == 0:
+        return GatewayError(f"{param}: an object", param=param, code="invalid_type")
+    value = err.get("input")
+    if rank == 1 and err["type"] == "literal_error" and isinstance(value, str):
+        return GatewayError(f"{param}.type: {value[:100]!r} not supported (only \"compaction\")",
+                            param=f"{param}.type", code="unsupported_value")
+    if rank == 1:
+        return GatewayError(f"{param}.type: required, a string", param=f"{param}.type", code="invalid_type")
+    if rank == 3:
+        return GatewayError(f"{param}.compact_threshold: required, a non-negative integer (tokens)",
+                            param=f"{param}.compact_threshold", code="invalid_value")
+    key = f"{param}.{str(err['loc'][2])[:100]}"
+    return GatewayError(f"{key}: unknown parameter", param=key, code="unknown_parameter")
 
 
 # Every request that is lowered names its model, POST /v1/responses/input_tokens too (OpenAI's

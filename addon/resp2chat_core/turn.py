@@ -289,24 +289,24 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
         opts, *others = route(model if isinstance(model, str) else "")
     asked = raw  # (as the client sent it: the Response echoes this, previous_response_id included)
     conversations.check_metadata(asked.get("metadata"))  # (echoed: OpenAI's limits, as a conversation's)
-    limit = compaction.threshold(asked)  # (context_management: validated whatever the turn)
-    if limit is not None and conversations.named(asked) is not None:
-        raise GatewayError("context_management: not supported together with conversation here (the conversation "
-                           "would keep every item the compaction replaces); use previous_response_id",
-                           param="context_management", code="unsupported_parameter")
     raw, items, summarize = conversation(raw, found, sealer)
     tools = raw.get("tools")
     key = ToolsCache.key(tools, opts) if tools_cache is not None and tools and isinstance(tools, list) else None
     known = tools_cache.find(key) if key else None
     texts = tools_cache.texts if tools_cache is not None else None
+    # (known: these tools validated and lowered before; the rest of the request still is checked)
+    req = parse_request(raw if known is None else {k: v for k, v in raw.items() if k != "tools"},
+                        texts.items if texts is not None else None)
+    limit = req.compact_threshold  # (context_management, validated by the schema whatever the turn)
+    if limit is not None and conversations.named(asked) is not None:
+        raise GatewayError("context_management: not supported together with conversation here (the conversation "
+                           "would keep every item the compaction replaces); use previous_response_id",
+                           param="context_management", code="unsupported_parameter")
     if known is None:
-        req = parse_request(raw, texts.items if texts is not None else None)
         lowered = lower(req, opts, texts=texts, mcp_servers=mcp_servers)
         if key and lowered.mcp is None:  # (an mcp tool's functions depend on the conversation: not kept)
             known = tools_cache.add(key, tools, lowered.tool_map)
-    else:  # these tools validated and lowered before: the rest of the request still is checked
-        req = parse_request({k: v for k, v in raw.items() if k != "tools"},
-                            texts.items if texts is not None else None)
+    else:
         lowered = lower(req, opts, known.tool_map, known.chat_tools, texts)
     if not lowered.chat["messages"]:  # a chat request needs one message: no backend takes none
         raise GatewayError("nothing to send the model: the request has no input, instructions or earlier "
