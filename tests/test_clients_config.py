@@ -43,10 +43,11 @@ def sha(text: str) -> str:
 def test_a_plain_key_is_hashed_at_load_and_never_kept():
     alice, bob = parse_clients([
         {"name": "alice", "key": ALICE_KEY, "models": "qwen3-*", "rpm": 60},
-        {"name": "bob", "key_sha256": sha(BOB_KEY).upper(), "tpm": 100_000, "max_streams": 2},
+        {"name": "bob", "key_sha256": sha(BOB_KEY).upper(), "tpm": 100_000, "max_streams": 2,
+         "max_sockets": 3},
     ])
     assert alice == ClientSpec("alice", sha(ALICE_KEY), ("qwen3-*",), rpm=60)
-    assert bob == ClientSpec("bob", sha(BOB_KEY), ("*",), tpm=100_000, max_streams=2)  # hex digest lowercased
+    assert bob == ClientSpec("bob", sha(BOB_KEY), ("*",), tpm=100_000, max_streams=2, max_sockets=3)  # hex digest lowercased
     assert key_sha256(ALICE_KEY) == key_sha256(ALICE_KEY.encode()) == sha(ALICE_KEY)
     for spec in (alice, bob):
         held = json.dumps([getattr(spec, f) for f in spec.__dataclass_fields__]) + repr(spec)
@@ -99,6 +100,7 @@ def test_gateway_api_key_is_one_more_client_named_default():
     ([{"name": "alice", "key": ALICE_KEY, "rpm": 0}], "", "clients[0] ('alice').rpm", "whole number > 0"),
     ([{"name": "alice", "key": ALICE_KEY, "tpm": "1000"}], "", "clients[0] ('alice').tpm", "whole number > 0"),
     ([{"name": "alice", "key": ALICE_KEY, "max_streams": True}], "", "clients[0] ('alice').max_streams", "whole number"),
+    ([{"name": "alice", "key": ALICE_KEY, "max_sockets": 0}], "", "clients[0] ('alice').max_sockets", "whole number > 0"),
     ([{"name": "alice", "key": ALICE_KEY, "rpm": 2.5}], "", "clients[0] ('alice').rpm", "whole number"),
     ([{"name": "a", "key": ALICE_KEY}, {"name": "bob smith", "key": BOB_KEY}], "", "clients[1] ('bob smith').name", "letters, digits"),
     ([{"name": "al\nice", "key": ALICE_KEY}], "", "clients[0] ('al\\nice').name", "letters, digits"),
@@ -326,7 +328,7 @@ def test_keys_add_prints_the_key_once_and_stores_only_its_hash(tmp_path):
     path.parent.mkdir(parents=True)
     path.write_text("upstream_base_url: http://10.0.0.5:8000/v1\n")
     out = run_cli(tmp_path, "keys", "add", "alice", "--rpm", "60", "--tpm", "200000", "--max-streams", "4",
-                  "--models", "qwen3-*", "demo-model")
+                  "--max-sockets", "3", "--models", "qwen3-*", "demo-model")
     assert out.returncode == 0, out.stderr
     key = out.stdout.strip()
     assert out.stdout == key + "\n" and re.fullmatch(r"r2c-[A-Za-z0-9_-]{43}", key)  # stdout: the key alone
@@ -340,7 +342,8 @@ def test_keys_add_prints_the_key_once_and_stores_only_its_hash(tmp_path):
     assert re.fullmatch(r"[0-9a-f]{32}", ident)
     assert saved == {"upstream_base_url": "http://10.0.0.5:8000/v1",  # the rest of the file kept
                      "clients": [{"name": "alice", "id": ident, "key_sha256": sha(key),
-                                  "models": ["qwen3-*", "demo-model"], "rpm": 60, "tpm": 200000, "max_streams": 4}]}
+                                  "models": ["qwen3-*", "demo-model"], "rpm": 60, "tpm": 200000, "max_streams": 4,
+                                  "max_sockets": 3}]}
     second = run_cli(tmp_path, "keys", "add", "bob")
     assert second.returncode == 0 and second.stdout.strip() != key
     bob = yaml.safe_load(path.read_text())["clients"][1]
@@ -368,15 +371,16 @@ def test_keys_add_refuses_a_taken_or_invalid_name_and_bad_limits(tmp_path):
 
 def test_keys_list_shows_names_limits_and_fingerprints_never_keys(tmp_path):
     alice = run_cli(tmp_path, "keys", "add", "alice", "--rpm", "60", "--models", "qwen3-*").stdout.strip()
-    bob = run_cli(tmp_path, "keys", "add", "bob", "--tpm", "1500000", "--max-streams", "2").stdout.strip()
+    bob = run_cli(tmp_path, "keys", "add", "bob", "--tpm", "1500000", "--max-streams", "2",
+                  "--max-sockets", "4").stdout.strip()
     ids = {e["name"]: e["id"] for e in yaml.safe_load(config_file(tmp_path).read_text())["clients"]}
     out = run_cli(tmp_path, "keys", "list", RESP2CHAT_GATEWAY_API_KEY="gw-key-123456")
     assert out.returncode == 0, out.stderr
     rows = [line.split() for line in out.stdout.splitlines()[:4]]
-    assert rows == [["NAME", "KEY", "ID", "MODELS", "RPM", "TPM", "MAX", "STREAMS"],
-                    ["alice", sha(alice)[:8], ids["alice"][:8], "qwen3-*", "60", "-", "-"],
-                    ["bob", sha(bob)[:8], ids["bob"][:8], "*", "-", "1,500,000", "2"],
-                    ["default", sha("gw-key-123456")[:8], "-", "*", "-", "-", "-"]]
+    assert rows == [["NAME", "KEY", "ID", "MODELS", "RPM", "TPM", "MAX", "STREAMS", "MAX", "SOCKETS"],
+                    ["alice", sha(alice)[:8], ids["alice"][:8], "qwen3-*", "60", "-", "-", "-"],
+                    ["bob", sha(bob)[:8], ids["bob"][:8], "*", "-", "1,500,000", "2", "4"],
+                    ["default", sha("gw-key-123456")[:8], "-", "*", "-", "-", "-", "-"]]
     assert "default: the client of gateway_api_key" in out.stdout
     # a rotated key keeps its identity, a name revoked and added again has a new one
     rotated = run_cli(tmp_path, "keys", "rotate", "alice").stdout.strip()

@@ -14,6 +14,7 @@ import requests
 from resp2chat_core.compaction import COMPACTION_PROMPT, SUMMARY_PREFIX
 
 from helpers import Codex, logged_bodies, read_flows, resp2chat_cli
+from wsclient import WSClient
 
 pytestmark = pytest.mark.codex
 
@@ -159,6 +160,33 @@ def test_websocket_off_codex_falls_back_at_once(upstream, gateway_factory, cx, t
     upgrades = [f for f in read_flows(path) if f.request.method == "GET" and f.request.path == "/v1/responses"]
     assert [f.response.status_code for f in upgrades] == [426]  # one refusal, no retry, nothing forwarded
     assert json.loads(upgrades[0].response.content)["error"]["code"] == "websocket_disabled"
+
+
+@pytest.mark.parametrize("full", ["client", "gateway"])
+def test_codex_refused_a_socket_past_the_caps_falls_back_to_http(full, upstream, gateway_factory, cx, tmp_path):
+    """A client at its max_sockets (429) or a gateway at max_websockets (503) refuses the
+    upgrade; Codex falls back to HTTP and the turn is served. (Before, the socket was taken.)"""
+    path, key = tmp_path / "session.mitm", "carol-key-0123456789abcdef"
+    if full == "client":
+        gw = gateway_factory(upstream.origin, "-w", str(path), env={
+            "RESP2CHAT_CLIENTS": json.dumps([{"name": "carol", "key": key, "max_sockets": 1}])})
+        cx.env["CODEX_API_KEY"] = key
+    else:
+        gw = gateway_factory(upstream.origin, "-w", str(path), "--set", "resp2chat_max_websockets=1")
+    held = WSClient(gw.base_url, headers={"authorization": f"Bearer {key}"})  # (the one socket there is room for)
+    cx.configure_builtin(gw.base_url)
+    output = ok(cx.exec("say hi"))
+    held.close()
+    assert "You said: say hi" in output and "Falling back from WebSockets" in output, output
+    gw.stop()
+    flows = read_flows(path)
+    upgrades = [f for f in flows if f.request.method == "GET" and f.request.path == "/v1/responses"]
+    status, code = (429, "rate_limit_exceeded") if full == "client" else (503, "server_overloaded")
+    refused = [f for f in upgrades if f.websocket is None]
+    assert refused and {f.response.status_code for f in refused} == {status}
+    assert {json.loads(f.response.content)["error"]["code"] for f in refused} == {code}
+    assert len(upgrades) == len(refused) + 1  # (the one held) nothing else opened
+    assert [f.response.status_code for f in flows if f.request.method == "POST"] == [200]  # the turn, over HTTP
 
 
 def test_a_websocket_session_replays_offline_to_a_rerun_over_either_transport(upstream, gateway_factory, cx, tmp_path):

@@ -31,7 +31,7 @@ from helpers import (MITMWEB, Endless, LocalServer, cli_env, config_file, free_p
                      run_cli, scrape, start_gateway, wait_until)
 from test_teams import ALL, Team
 from test_websearch_e2e import BRAVE_KEY, SEARCH_PROMPT, WEB_SEARCH, _Brave
-from wsclient import WSClient
+from wsclient import WSClient, opened, refused_upgrade
 
 STOP_WITHIN = 8.0  # seconds from the CLI's edit to a stopped turn: the gate looks at the file every second
 
@@ -486,3 +486,33 @@ def test_limits_are_counted_for_the_identity_not_the_name(upstream, tmp_path, re
         assert [status(1, newcomer), status(0, newcomer), status(1, newcomer)] == [200, 200, 429]
     finally:
         next(team, None)
+
+
+def test_a_rotated_keys_open_socket_holds_no_slot_of_the_new_key_but_counts_until_it_closes(upstream, tmp_path):
+    """carol (max_sockets 1) holds a socket; ``keys rotate carol`` (a leaked key, say): that socket
+    serves nothing any more (its next message: 401 invalid_api_key), so it holds none of the new
+    key's slots (else whoever holds the old key could keep carol off sockets). What it remembers
+    is still in memory until it closes: it still counts for the gateway's max_websockets."""
+    gw = start_gateway(upstream.origin, tmp_path, "--set", "resp2chat_max_websockets=2", env=cli_env(tmp_path))
+    try:
+        bob = {"authorization": f"Bearer {run_cli(tmp_path, 'keys', 'add', 'bob').stdout.strip()}"}
+        old = {"authorization": f"Bearer {run_cli(tmp_path, 'keys', 'add', 'carol', '--max-sockets', '1').stdout.strip()}"}
+        wait_until(lambda: post_turn(gw, {"model": ALL, "input": "hi"}, old).status_code == 200, 10, "carol's key")
+        held = WSClient(gw.base_url, headers=old)
+        assert refused_upgrade(gw.base_url, old).status == 429
+        out = run_cli(tmp_path, "keys", "rotate", "carol")
+        assert out.returncode == 0, out.stderr
+        new = {"authorization": f"Bearer {out.stdout.strip()}"}
+        wait_until(lambda: post_turn(gw, {"model": ALL, "input": "hi"}, new).status_code == 200, 10, "the new key")
+        [refused] = held.turn({"type": "response.create", "model": ALL, "input": "still me?"})
+        assert refused["status"] == 401 and refused["error"]["code"] == "invalid_api_key", refused
+        mine = WSClient(gw.base_url, headers=new)  # the old key's socket holds no slot of carol's now
+        assert refused_upgrade(gw.base_url, new).status == 429  # (this one does)
+        full = refused_upgrade(gw.base_url, bob)  # two open on the gateway: the old key's counts
+        assert full.status == 503 and json.loads(full.body)["error"]["code"] == "server_overloaded"
+        held.close()
+        theirs = opened(gw.base_url, bob)
+        for sock in (mine, theirs):
+            sock.close()
+    finally:
+        gw.stop()

@@ -17,7 +17,7 @@ from resp2chat_core.errors import GatewayError
 
 from helpers import (DONE, LocalServer, QuietHandler, chat_event, logged_bodies, parse_sse, read_flows, tool_call,
                      user)
-from wsclient import Refused, WSClient
+from wsclient import Refused, WSClient, opened, refused_upgrade
 
 TOOLS = [{"type": "function", "name": "exec_command", "description": "run a command", "strict": False,
           "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}, "required": ["cmd"]}}]
@@ -369,6 +369,68 @@ def test_a_warm_up_is_a_request_against_its_clients_limits(upstream, gateway_fac
     assert secret.encode() not in flows.read_bytes()
     assert [t["status"] for t in flow.metadata["resp2chat"]["turns"]] == ["completed", "completed", "rejected",
                                                                           "rejected"]
+
+
+def test_a_client_past_its_max_sockets_is_refused_the_upgrade_until_one_closes(upstream, gateway_factory):
+    """Each socket holds up to max_request_body_mb (and its flow's records): a client's
+    max_sockets bounds how many it holds open at once on the replica. The next upgrade is a 429
+    rate_limit_exceeded with retry-after, before the relay takes it (no socket); the client's
+    HTTP turns and other clients' sockets go on; a socket closed (or dropped) frees its slot.
+    Before, sockets were not counted at all."""
+    carol, alice = "carol-key-0123456789abcdef", "alice-key-0123456789abcdef"
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0", env={
+        "RESP2CHAT_CLIENTS": json.dumps([{"name": "carol", "key": carol, "max_sockets": 2},
+                                         {"name": "alice", "key": alice}])})
+    auth = {"authorization": f"Bearer {carol}"}
+    first, second = WSClient(gw.base_url, headers=auth), WSClient(gw.base_url, headers=auth)
+    hi = {"type": "response.create", "model": "demo-model", "input": "hello"}
+    assert done(second.turn(hi))["output"][-1]["content"][0]["text"] == "You said: hello"
+    refused = refused_upgrade(gw.base_url, auth)
+    assert refused.status == 429, refused
+    error = json.loads(refused.body)["error"]
+    assert error["code"] == "rate_limit_exceeded" and "max_sockets 2" in error["message"], error
+    assert refused.headers["retry-after"] == "1" and refused.headers["retry-after-ms"] == "1000"
+    assert refused.headers["x-request-id"].startswith("req_")
+    # the refusal is the client's alone: its HTTP turns, another client's socket, its own open ones
+    r = requests.post(gw.base_url + "/responses", json={"model": "demo-model", "input": "over http"}, headers=auth,
+                      timeout=30)
+    assert r.status_code == 200, r.text
+    other = WSClient(gw.base_url, headers={"authorization": f"Bearer {alice}"})
+    assert done(other.turn(hi))["status"] == "completed"
+    assert done(first.turn(hi))["status"] == "completed"
+    first.close()  # closed: its slot is free again
+    third = opened(gw.base_url, auth)
+    assert done(third.turn(hi))["status"] == "completed"
+    assert refused_upgrade(gw.base_url, auth).status == 429
+    third.sock.close()  # dropped without a close frame (the client gone): its slot is free too
+    fourth = opened(gw.base_url, auth)
+    assert refused_upgrade(gw.base_url, auth).status == 429
+    for sock in (second, fourth, other):
+        sock.close()
+
+
+def test_the_gateway_bounds_its_open_sockets_keyless_too(upstream, gateway_factory):
+    """max_websockets bounds the sockets open on the gateway, all clients together, a keyless
+    gateway's too (anyone could open them): past it an upgrade is a 503 server_overloaded with
+    retry-after (the replica is full, not this client's doing), and HTTP is still served."""
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0",
+                         "--set", "resp2chat_max_websockets=2")
+    a, b = WSClient(gw.base_url), WSClient(gw.base_url)
+    refused = refused_upgrade(gw.base_url)
+    assert refused.status == 503, refused
+    error = json.loads(refused.body)["error"]
+    assert error["code"] == "server_overloaded" and error["type"] == "server_error", error
+    assert "max_websockets 2" in error["message"] and refused.headers["retry-after"] == "1"
+    r = requests.post(gw.base_url + "/responses", json={"model": "demo-model", "input": "over http"}, timeout=30)
+    assert r.status_code == 200, r.text
+    hi = {"type": "response.create", "model": "demo-model", "input": "hello"}
+    assert done(a.turn(hi))["status"] == "completed"
+    b.close()
+    c = opened(gw.base_url)
+    assert done(c.turn(hi))["status"] == "completed"
+    assert refused_upgrade(gw.base_url).status == 503
+    for sock in (a, c):
+        sock.close()
 
 
 @pytest.mark.parametrize("failing,status", [

@@ -17,9 +17,9 @@ TERMINAL = {*helpers.TERMINAL, "error"}  # a turn's last message on the socket
 
 
 class Refused(Exception):
-    def __init__(self, status: int, body: bytes):
+    def __init__(self, status: int, body: bytes, headers: dict | None = None):
         super().__init__(f"upgrade refused: {status} {body[:200]!r}")
-        self.status, self.body = status, body
+        self.status, self.body, self.headers = status, body, headers or {}
 
 
 class WSClient:
@@ -36,19 +36,27 @@ class WSClient:
         self.sock.sendall(self.ws.send(E.Request(host=url.netloc, target=url.path.rstrip("/") + path,
                                                  extra_headers=extra)))
         self.pending: list = []
-        refused, body = None, b""
+        try:
+            self._upgrade()
+        except Refused:
+            self.sock.close()  # (a refused upgrade's connection is not kept)
+            raise
+
+    def _upgrade(self) -> None:
+        refused, body, heads = None, b"", {}
         while True:
             for event in self._read():
                 if isinstance(event, E.AcceptConnection):
                     return
                 if isinstance(event, E.RejectConnection):
                     refused = event.status_code
+                    heads = {k.decode().lower(): v.decode() for k, v in event.headers}
                     if not event.has_body:
-                        raise Refused(refused, body)
+                        raise Refused(refused, body, heads)
                 elif isinstance(event, E.RejectData):
                     body += event.data
                     if event.body_finished:
-                        raise Refused(refused, body)
+                        raise Refused(refused, body, heads)
 
     def _read(self) -> list:
         data = self.sock.recv(1 << 20)
@@ -98,3 +106,24 @@ class WSClient:
             pass
         finally:
             self.sock.close()
+
+
+def opened(base_url: str, headers: dict | None = None, within: float = 10) -> WSClient:
+    """A socket, once the gateway has room for it (its ``max_sockets``, ``max_websockets``): a
+    socket its client closed stops counting once the gateway has seen it end, a moment later."""
+    def attempt() -> WSClient | None:
+        try:
+            return WSClient(base_url, headers=headers)
+        except Refused:
+            return None
+    return helpers.wait_until(attempt, within, "room for a socket")
+
+
+def refused_upgrade(base_url: str, headers: dict | None = None) -> Refused:
+    """The refusal of an upgrade that must be refused (an AssertionError if it was taken)."""
+    try:
+        sock = WSClient(base_url, headers=headers)
+    except Refused as refused:
+        return refused
+    sock.close()
+    raise AssertionError("the upgrade was taken")

@@ -2,7 +2,7 @@
 
 Rules of this file:
 - The ``clients`` setting is a list of ``{name, id, key | key_sha256, models, rpm, tpm,
-  max_streams}``. ``key`` (the client's key itself) is hashed here, at load, and never kept:
+  max_streams, max_sockets}``. ``key`` (the client's key itself) is hashed here, at load, and never kept:
   a ``ClientSpec`` holds only its SHA-256 (hex). ``resp2chat keys add`` writes ``key_sha256``,
   so the config file never holds a key it made, and a random ``id``: the identity that owns
   what the client stores (owner.py), kept by ``keys rotate``, new for a name added anew. ``id``
@@ -34,8 +34,8 @@ from .owner import of_client
 from .settings_error import SettingsError  # (not settings.py: it validates ``clients`` with parse_clients)
 
 DEFAULT = "default"  # the client gateway_api_key stands for
-FIELDS = ("name", "key", "key_sha256", "models", "rpm", "tpm", "max_streams", "id")
-LIMITS = ("rpm", "tpm", "max_streams")
+FIELDS = ("name", "key", "key_sha256", "models", "rpm", "tpm", "max_streams", "max_sockets", "id")
+LIMITS = ("rpm", "tpm", "max_streams", "max_sockets")
 MIN_KEY_LEN = 16  # a plain key in the config: shorter ones can be guessed (`keys add` makes 47 characters)
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 _KEY = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII without spaces: it travels in an HTTP header
@@ -59,6 +59,7 @@ class ClientSpec:
     rpm: int | None = None  # requests that make a backend work (turns, passthrough calls but reads, input_tokens) per minute
     tpm: int | None = None  # backend tokens per minute (prompt + output)
     max_streams: int | None = None  # such requests open at once
+    max_sockets: int | None = None  # Responses WebSockets open at once (on one replica: what they hold is its memory)
     # who holds it: ``keys add`` writes a random one, ``keys rotate`` keeps it; what the client stores
     # is this identity's (owner.of_client), so a name revoked and given to someone else is a new
     # owner. None: an entry without one (written by hand, or before ids): its name is its owner.

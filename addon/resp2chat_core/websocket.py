@@ -33,6 +33,8 @@ continuation that fails (refused, or its turn failed) drops the response it cont
 memory (``forget``, as the Open Responses spec says): continuing from it again is
 ``previous_response_not_found``, unless the response store holds it. The memory
 keeps conversations as the response store does, made whole (``Connection.conversation``).
+How many connections are open at once is bounded too (``no_room``: a client's ``max_sockets``,
+the gateway's ``max_websockets``): past either, the upgrade is refused and the client uses HTTP.
 """
 
 from __future__ import annotations
@@ -103,6 +105,28 @@ class Warmup:
 
     def apply(self, t) -> bytes:
         return t.accepted() + t.feed(b"data: [DONE]\n\n")
+
+
+SOCKET_RETRY = 1.0  # seconds a refused upgrade is told to wait (a socket closes when its session ends: unknown)
+
+
+def no_room(open_sockets: int, max_sockets: int, client: str | None = None, client_sockets: int = 0,
+            client_max: int | None = None) -> GatewayError | None:
+    """The refusal of a new socket's upgrade, or None: room for it. ``client_sockets`` of its
+    client's are open (``client_max``: its ``max_sockets``, None: no limit) and ``open_sockets``
+    in all (``max_sockets``: the gateway's ``max_websockets``, 0: no cap). The client's own limit
+    is a ``429 rate_limit_exceeded`` (its doing); the gateway's bound a ``503 server_overloaded``
+    (the replica's memory, filled by everyone: not this client's fault, and its HTTP turns are
+    still served). Either way the client may use HTTP (Codex falls back to it)."""
+    if client_max is not None and client_sockets >= client_max:
+        return GatewayError(f"rate limit reached for client {client!r}: Responses WebSockets open at once "
+                            f"(max_sockets {client_max}); close one, or use HTTP (POST /v1/responses)",
+                            code="rate_limit_exceeded", status=429, type="sockets")
+    if max_sockets and open_sockets >= max_sockets:
+        return GatewayError(f"this gateway has as many Responses WebSockets open as it serves at once "
+                            f"(max_websockets {max_sockets}); try again later, or use HTTP (POST /v1/responses)",
+                            code="server_overloaded", status=503, type="server_error")
+    return None
 
 
 def error_message(err: GatewayError) -> str:

@@ -231,12 +231,13 @@ def cmd_keys_list(args) -> int:
     unlimited = "-"
     rows = [(s.name, s.fingerprint, (s.id or "-")[:8], ", ".join(s.models),
              *(unlimited if getattr(s, k) is None else f"{getattr(s, k):,}" for k in LIMITS)) for s in specs]
-    sys.stdout.write(table(("NAME", "KEY", "ID", "MODELS", "RPM", "TPM", "MAX STREAMS"), rows, right=(4, 5, 6)))
+    sys.stdout.write(table(("NAME", "KEY", "ID", "MODELS", "RPM", "TPM", "MAX STREAMS", "MAX SOCKETS"), rows,
+                           right=(4, 5, 6, 7)))
     where = {"config file": str(path), "default": str(path)}.get(sources["clients"], sources["clients"])
     print(f"\nKEY: the first 8 hex digits of the key's SHA-256 (printf %s \"$KEY\" | sha256sum | cut -c1-8). "
           "ID: the first 8 of the client's identity, which owns its stored state and its limits' counts "
           "(keys rotate keeps it; -: none, its name does). "
-          f"RPM, TPM, MAX STREAMS -: no limit. Clients from {where}"
+          f"RPM, TPM, MAX STREAMS, MAX SOCKETS -: no limit. Clients from {where}"
           + ("; default: the client of gateway_api_key." if values["gateway_api_key"] else "."))
     return 0
 
@@ -623,6 +624,8 @@ def parser() -> argparse.ArgumentParser:
     ka.add_argument("--rpm", type=int, metavar="N", help="requests per minute at most (turns, embeddings and other passthrough calls but reads, input_tokens)")
     ka.add_argument("--tpm", type=int, metavar="N", help="backend tokens (prompt + output) per minute at most")
     ka.add_argument("--max-streams", dest="max_streams", type=int, metavar="N", help="such requests open at once at most")
+    ka.add_argument("--max-sockets", dest="max_sockets", type=int, metavar="N",
+                    help="Responses WebSockets open at once at most (Codex opens one per session; on each replica)")
     ka.add_argument("--models", nargs="+", metavar="GLOB", help="the model names it may use (globs; default: all)")
     ka.set_defaults(func=cmd_keys_add)
     kl = ks.add_parser("list", help="the clients: names, key fingerprints, models, limits (never keys)")

@@ -18,7 +18,8 @@
 - ``HttpTurns``       POST /v1/responses (and /compact): drives a turn through the relay, streams it, records it
 - ``InputTokens``     POST /v1/responses/input_tokens: the backend's tokenizer, else an estimate
 - ``ServerReplay``    --server-replay answers reruns of recorded turns (what varies between runs ignored)
-- ``ResponsesWebSocket`` ws://…/v1/responses: drives the same turns for each message of a socket
+- ``ResponsesWebSocket`` ws://…/v1/responses: drives the same turns for each message of a socket (how
+                      many are open: a client's max_sockets, max_websockets)
 - ``Upstreams``       passthrough_paths to the upstream (answers scrubbed); the relay's lifetime and timeouts
 - ``Outcomes``        how each POST /v1/responses ended, for the next two
 - ``Metrics``         GET /metrics (Prometheus)

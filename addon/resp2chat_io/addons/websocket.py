@@ -13,6 +13,11 @@
   rule), admitted before it is read: a client past them costs no decoding, and a warm-up counts
   too (one request for ``rpm``, open while it is answered; no backend tokens). What the socket
   remembers is bounded: ``max_request_body_mb`` of it (``remembered``, ws.Connection).
+- how many sockets are open is bounded, on this replica (their memory is its): a client's
+  ``max_sockets`` (``429 rate_limit_exceeded``) and the gateway's ``max_websockets`` (``503
+  server_overloaded``), both with ``retry-after``; past either, the upgrade is refused before the
+  relay takes it (``_no_room``; Codex then uses HTTP). A socket counts from its upgrade until it
+  is refused, fails or ends (``_end``: the only way out of ``live``).
 - the flow (the upgrade) records every turn in ``flow.metadata["resp2chat"]["turns"]``: the
   message, the chat request, the backend's stream and the events sent; ``flow.comment`` sums
   the socket up; finished turns go to ``Turns.finished`` listeners and the request log.
@@ -23,7 +28,7 @@
 - ``KeepUpgrades`` (added after mitmproxy's own server replay): ``server_replay_extra`` (kill,
   a status) never stops a socket's upgrade; its unrecorded turns get the extra instead.
 
-Owns ``responses_websocket``.
+Owns ``responses_websocket`` and ``max_websockets``.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from resp2chat_core.clients import ClientSpec, no_longer_accepted
 from resp2chat_core.channel import Reader
 from resp2chat_core.errors import GatewayError, gateway_failure
 from resp2chat_core.labels import shown
+from resp2chat_core.limits import retry_headers
 from resp2chat_core.replay import MAX_ENTRY_BYTES
 from resp2chat_core.response import CONTINUABLE
 from resp2chat_core.turn import Turn, session_key
@@ -164,8 +170,24 @@ class ResponsesWebSocket(Owner):
                 or not req.headers.get("sec-websocket-key"):
             self.refuse(flow, 400, "not a WebSocket upgrade: GET with Sec-WebSocket-Version: 13 and a "
                         "Sec-WebSocket-Key", "invalid_websocket_upgrade")
+        elif (full := self._no_room(flow)) is not None:
+            flow.response = refusal(flow, full, retry_headers(ws.SOCKET_RETRY))
         else:
             self.open(flow)
+
+    def _no_room(self, flow: http.HTTPFlow) -> GatewayError | None:
+        """Past its client's ``max_sockets`` or the gateway's ``max_websockets`` (``ws.no_room``),
+        counted on this replica (what a socket holds is its memory): the sockets in ``live``, from
+        their upgrade until it is refused, fails or the socket ends (``_end``). A client's count is
+        of its identity's sockets whose key is still accepted (a revoked or rotated key's socket
+        serves it no more, and holds no slot of the new key; it counts for the gateway until it
+        closes)."""
+        spec = self.gate.callers.get(flow.id)
+        limit = spec.max_sockets if spec is not None else None
+        mine = 0 if limit is None else sum(
+            1 for live in self.live.values()
+            if live.spec is not None and live.spec.identity == spec.identity and self.gate.accepts(live.spec))
+        return ws.no_room(len(self.live), self.s["max_websockets"], spec.name if spec else None, mine, limit)
 
     @staticmethod
     def refuse(flow: http.HTTPFlow, status: int, message: str, code: str, **headers: str) -> None:
