@@ -69,7 +69,7 @@ from .seal import Sealer, SealError
 from .sse import MAX_EVENT
 from .toolloop import Work
 from .translator import Kind, Phase, Translator
-from .usage import estimate, to_responses_usage, tokens
+from .usage import call_tokens, to_responses_usage
 
 PURPOSE = "compaction"  # the seal purpose: a sealed reasoning text cannot pass for a summary
 
@@ -230,8 +230,7 @@ class ServerCompaction:
     def work(self, reader: "SummaryReader") -> Work:
         """What the round made the backend do: for ``tpm``, its usage's total, else the estimate
         of its request and summary; its usage (Responses shape) for the metrics."""
-        used = tokens(reader.usage) if reader.usage else None
-        return Work(used if used is not None else estimate(len(self.summary_body) + len(reader.text().encode())),
+        return Work(call_tokens(reader.usage, len(self.summary_body), len(reader.text().encode()), False),
                     to_responses_usage(reader.usage) if reader.usage else None)
 
 

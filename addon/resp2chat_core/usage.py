@@ -32,8 +32,8 @@ The backend tokens one chat call spent (what a client's ``tpm`` spends), one rul
 ``call_tokens``: its usage's total when the backend gave one; else the estimate of its chat
 request and the output it sent (the backend read the one and wrote the other); 0 for a call
 that failed without any output (an error status, a backend unreachable or silent: it spent
-nothing). A turn's answer call (addons/turns.py) and each round of the tool loop (toolloop.py)
-use it.
+nothing). A turn's answer call (addons/turns.py), each round of the tool loop (toolloop.py) and
+server-side compaction's summary call (compaction.py) use it.
 """
 
 from __future__ import annotations
