@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import threading
 import time
 
@@ -16,10 +17,11 @@ import pytest
 import requests
 
 from helpers import (
-    Endless, LocalServer, MiB, QuietHandler, chat_chunk, chat_event, chat_sse, check_stream, http_chunk, iter_sse,
+    Endless, KiB, LocalServer, MiB, QuietHandler, chat_chunk, chat_event, chat_sse, check_stream, http_chunk, iter_sse,
     memory, openai_client, parse_sse, send_sse, start_gateway, start_sse, wait_until,
 )
 from resp2chat_core.background import LEASE_SECS, MAX_EVENTS
+from resp2chat_io.addons.background import LAG
 
 SLOW = "noreason\nwords: 40\nslow: 100"  # (the demo upstream: 40 words, 0.1 s apart: ~4 s)
 
@@ -295,6 +297,7 @@ def test_a_background_response_created_without_stream_leaves_no_events_behind(ga
             one()
         time.sleep(1)
         grown = memory(gw.proc.pid)["VmRSS"] - base
+        print("GROWN0", grown / MiB)
         print("GROWN", grown / MiB)
         unstreamed = client.responses.create(model="m", input="one more", background=True)
         with pytest.raises(openai.BadRequestError):  # (never streamed: nothing to resume)
@@ -361,6 +364,7 @@ def test_large_streamed_runs_leave_no_events_behind_once_they_end(gateway_factor
         large = run(3 * 1024)
         time.sleep(1)
         grown = memory(gw.proc.pid)["VmRSS"] - base
+        print("GROWN0", grown / MiB)
         assert grown < 160 * MiB, f"16 large streamed background runs left the gateway holding {grown / MiB:.0f} MiB more"
         resumed = requests.get(f"{gw.base_url}/responses/{large}?stream=true", timeout=60)
         assert not_kept(resumed), (resumed.status_code, resumed.content[:300])
@@ -407,3 +411,129 @@ def test_a_running_log_keeps_its_latest_events_and_its_clients_get_them_all(gate
         assert recent.content.endswith(b"data: [DONE]\n\n") and rest[-1]["type"] == "response.completed"
         # once it ended: its events (more than MAX_EVENTS) were not kept, here as in the store
         assert not_kept(requests.get(url, timeout=60))
+
+
+class Held(QuietHandler):
+    """A chat backend answering ``start.``, then the ``kib: N`` the request asks for (N KiB of
+    text in 64 KiB chunks), ``STEP`` at a time, each once ``more`` lets it (a test's client took
+    the one before: its reader is never far behind, however slow the machine), then, once ``go``
+    is set, ``end.``."""
+
+    STEP = 2 * MiB
+    more = threading.Semaphore(0)
+    go = threading.Event()
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["content-length"]))
+        start_sse(self)
+        self.wfile.write(http_chunk(chat_event({"content": "start."})))
+        self.wfile.flush()
+        for _ in range(int(re.search(rb"kib: (\d+)", body)[1]) * KiB // self.STEP):
+            assert type(self).more.acquire(timeout=120)
+            for _ in range(self.STEP // (64 * KiB)):
+                self.wfile.write(http_chunk(chat_event({"content": "x" * (64 * KiB)})))
+            self.wfile.flush()
+        type(self).go.wait(120)
+        self.wfile.write(http_chunk(chat_event({"content": "end."}) + chat_event(finish="stop") + b"data: [DONE]\n\n"))
+        self.wfile.write(http_chunk(b""))
+
+
+class Stalled:
+    """A client that asks for a stream, reads its first event, then stops reading (its socket's
+    receive buffer small, set before it connects: the window it offers stays small)."""
+
+    def __init__(self, gw, head: str, body: dict | None = None) -> None:
+        payload = json.dumps(body).encode() if body is not None else b""
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.settimeout(30)
+        self.sock.connect(("127.0.0.1", gw.port))
+        self.sock.sendall(f"{head} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                          f"content-length: {len(payload)}\r\n\r\n".encode() + payload)
+        self.raw = bytearray()
+        while b"\n\n" not in self.raw.partition(b"\r\n\r\n")[2]:
+            piece = self.sock.recv(4096)
+            assert piece, f"the gateway closed the stream: {self.raw[:500]!r}"
+            self.raw += piece
+        assert self.raw.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in self.raw.lower(), \
+            self.raw[:500]
+
+    def rest(self, idle: float = 10) -> tuple[bytes, bool]:
+        """It reads again, to its stream's end (or until nothing came for ``idle`` seconds): its
+        body (dechunked), and whether the stream ended."""
+        self.sock.settimeout(idle)
+        while not (ended := self.raw.endswith(b"\r\n0\r\n\r\n")):
+            try:
+                piece = self.sock.recv(1 << 20)
+            except TimeoutError:
+                break
+            if not piece:
+                break
+            self.raw += piece
+        self.sock.close()
+        body, pos, chunked = bytearray(), self.raw.index(b"\r\n\r\n") + 4, self.raw
+        while (end := chunked.find(b"\r\n", pos)) > 0 and (size := int(chunked[pos:end], 16)):
+            body += chunked[end + 2:end + 2 + size]
+            pos = end + 2 + size + 2
+        return bytes(body), ended
+
+
+def test_a_client_that_stops_reading_a_running_log_is_cut_and_the_run_goes_on(gateway_factory):
+    """A client streaming a background response that stops reading (its socket full, not closed)
+    is not waited for: once it is ``LAG`` (8 MiB) behind the response's events, its stream ends
+    with an ``error`` event (``stream_lagged``, numbered after the last event it got: it finds it
+    once it reads again), while the run goes on and a client streaming it live gets every event
+    to the end; the gateway does not hold what the stalled clients did not take (their sockets
+    and its buffers for them stay small: ~3 MiB each here). Both such clients: the one that
+    created it (``POST`` with ``stream``) and one that resumed it (``GET`` with ``starting_after``).
+    With no such cut, they held the run's events from where they stopped for as long as it ran."""
+    text = 24 * MiB  # (its deltas alone: far past LAG and what the sockets between hold)
+    Held.more = threading.Semaphore(0)
+    Held.go.clear()
+    with LocalServer(Held) as backend:
+        # (blocks of 128 KiB and more are mapped and unmapped: RSS follows what is freed; a
+        # stalled client is not closed meanwhile for taking none of its answer: its cut is the lag's)
+        gw = gateway_factory(backend.url, "--set", "resp2chat_max_replay_entries=0",
+                             "--set", "resp2chat_header_timeout_secs=600", env={"MALLOC_MMAP_THRESHOLD_": "131072"})
+        base = memory(gw.proc.pid)["VmRSS"]
+        created = Stalled(gw, "POST /v1/responses", {
+            "model": "m", "input": f"kib: {text // KiB}", "background": True, "stream": True})
+        rid = re.search(rb'"id": ?"(resp_[^"]+)"', created.raw)[1].decode()  # (its first event: response.created)
+        live = requests.get(f"{gw.base_url}/responses/{rid}?stream=true", stream=True, timeout=60)  # (from its start)
+        raw, events, got = bytearray(), [], 0
+        reading = iter_sse(live, into=raw)
+        for event in reading:
+            events.append(event)
+            if event.get("delta") == "start.":
+                break
+        resumed = Stalled(gw, f"GET /v1/responses/{rid}?stream=true&starting_after=1")
+        Held.more.release()  # (the backend sends its text: the stalled clients take none of it)
+        for event in reading:
+            events.append(event)
+            got += len(event.get("delta", ""))
+            if got == text:
+                break
+            if got % Held.STEP == 0:
+                Held.more.release()
+        grown = memory(gw.proc.pid)["VmRSS"] - base  # (the run waits for go, in progress)
+        for stalled, first in ((created, 0), (resumed, 2)):  # (they read again: the rest of their stream)
+            body, ended = stalled.rest()
+            assert ended and body.endswith(b"data: [DONE]\n\n"), \
+                f"a stalled client's stream did not end: {body[-300:]!r}"
+            lagged = parse_sse(body)
+            assert [e["type"] == "error" for e in lagged] == [False] * (len(lagged) - 1) + [True]
+            assert lagged[-1]["code"] == "stream_lagged" and lagged[-1]["error"]["code"] == "stream_lagged", lagged[-1]
+            assert [e["sequence_number"] for e in lagged] == list(range(first, first + len(lagged)))
+            assert lagged[:-1] == events[first:first + len(lagged) - 1] and len(body) < text - LAG // 2
+        client = openai_client(gw)
+        assert client.responses.retrieve(rid).status == "in_progress"  # (the run went on meanwhile)
+        Held.go.set()  # (the backend ends its answer)
+        events += list(reading)
+        done = poll(client, rid)
+    assert [e["type"] for e in check_stream(bytes(raw), rid)] == [e["type"] for e in events]
+    assert "".join(e.get("delta", "") for e in events) == done.output_text == "start." + "x" * text + "end."
+    assert raw.endswith(b"data: [DONE]\n\n") and events[-1]["type"] == "response.completed"
+    # (a generous bound: what the run itself holds meanwhile grows with its text, more than once;
+    # here ~68 MiB in all, ~86 with no cut; each stalled client's events held in the gateway's
+    # buffers would add ~24 MiB)
+    assert grown < 4 * text, f"the gateway held {grown / MiB:.0f} MiB more while its stalled clients waited"
