@@ -14,8 +14,8 @@ import pytest
 import requests
 
 from helpers import (
-    LocalServer, QuietHandler, chat_chunk, chat_sse, check_stream, cli_env, openai_client, parse_sse, post_turn,
-    run_cli, scrape, send_json, send_sse, start_gateway,
+    LocalServer, QuietHandler, chat_chunk, chat_sse, check_stream, cli_env, free_port, openai_client, parse_sse,
+    post_turn, read_flows, run_cli, scrape, send_json, send_sse, start_gateway,
 )
 from resp2chat_core.compaction import COMPACTION_PROMPT, SUMMARY_PREFIX
 from wsclient import WSClient
@@ -341,3 +341,110 @@ def test_the_client_hears_keepalives_while_the_summary_is_written(gateway_factor
         assert before.count("response.in_progress") >= 3, before  # (the first, then one a second)
         assert events[-1]["response"]["output"][0]["type"] == "compaction"
         assert "word4" not in raw.decode()  # (the summary is sealed, never streamed)
+
+
+class _Busy(QuietHandler):
+    """A backend that answers every chat request with ``status`` (and its ``Retry-After``), counted in ``calls``."""
+
+    status, retry_after, calls = 503, None, 0
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["content-length"]))
+        type(self).calls += 1
+        error = json.dumps({"error": {"message": "busy", "type": "server_error"}}).encode()
+        self.send_response(self.status)
+        for name, value in (("content-type", "application/json"), ("content-length", str(len(error))),
+                            ("retry-after", self.retry_after)):
+            if value is not None:
+                self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(error)
+
+
+def _upstreams(*entries: tuple[str, str]) -> tuple[str, str]:
+    return "--set", "resp2chat_upstreams=" + json.dumps([{"name": n, "base_url": u} for n, u in entries])
+
+
+@pytest.mark.parametrize("first", ["dead", "busy"])
+def test_the_summary_falls_back_as_the_answer_does_and_the_answer_stays_with_its_writer(
+        gateway_factory, upstream, tmp_path, first):
+    """The first upstream is down (a closed port: 502) or busy (503): the summary comes from the
+    next one, and so does the answer (the first is not asked again in the turn); the flow and
+    the record show the upstream that answered and the one fallen back from. The WebSocket alike."""
+    busy = type("Busy", (_Busy,), {"calls": 0})
+    with LocalServer(busy) as server:
+        down = f"http://127.0.0.1:{free_port()}/v1" if first == "dead" else server.url + "/v1"
+        flows = tmp_path / "flows.mitm"
+        gw = gateway_factory("http://127.0.0.1:9", "--set", "resp2chat_max_replay_entries=0", "-w", str(flows),
+                             *_upstreams((first, down), ("good", upstream.base_url)))
+        upstream.clear()
+        r = openai_client(gw).responses.create(model="demo-model", input=HISTORY, context_management=OVER)
+        assert kinds(r.output) == ["compaction", "message"] and r.output_text == "You said: " + SUMMARY
+        summary, answer = upstream.requests()
+        assert summary["messages"][-1] == {"role": "user", "content": COMPACTION_PROMPT}
+        assert answer["messages"] == COMPACTED
+        assert busy.calls == (1 if first == "busy" else 0)  # (the summary's try only)
+        upstream.clear()
+        ws = WSClient(gw.base_url)
+        events = ws.turn({"type": "response.create", "model": "demo-model", "input": HISTORY, "store": False,
+                          "context_management": OVER})
+        ws.close()
+        assert events[-1]["type"] == "response.completed", events[-1]
+        assert kinds(events[-1]["response"]["output"]) == ["compaction", "message"]
+        assert [m["messages"][-1]["content"] for m in upstream.requests()] == [COMPACTION_PROMPT,
+                                                                                SUMMARY_PREFIX + SUMMARY]
+    gw.stop()
+    flow = next(f for f in read_flows(flows) if f.request.path.endswith("/chat/completions"))
+    meta = flow.metadata["resp2chat"]
+    assert meta["upstream_name"] == "good" and flow.request.url == upstream.base_url + "/chat/completions"
+    assert meta["fallbacks"] == [{"upstream": first, "status": 502 if first == "dead" else 503}]
+
+
+def test_every_upstream_failing_the_summary_is_the_error_a_turn_gets(gateway_factory):
+    """As for any turn: one error naming every upstream tried, the last one's status, the
+    shortest Retry-After any gave; over HTTP (status), a stream and the WebSocket (response.failed)."""
+    slow = type("Slow", (_Busy,), {"status": 429, "retry_after": "30", "calls": 0})
+    soon = type("Soon", (_Busy,), {"status": 429, "retry_after": "7", "calls": 0})
+    with LocalServer(slow) as a, LocalServer(soon) as b:
+        gw = gateway_factory("http://127.0.0.1:9", "--set", "resp2chat_max_replay_entries=0",
+                             *_upstreams(("slow", a.url + "/v1"), ("soon", b.url + "/v1")))
+        r = post_turn(gw, {"model": "demo-model", "input": HISTORY, "context_management": OVER})
+        assert r.status_code == 429 and r.headers["retry-after"] == "7", (r.status_code, r.headers, r.text)
+        error = r.json()["error"]
+        assert "every upstream for model 'demo-model' failed" in error["message"], error
+        assert "slow (" in error["message"] and "soon (" in error["message"]
+        raw = requests.post(f"{gw.base_url}/responses", timeout=30, json={
+            "model": "demo-model", "input": HISTORY, "stream": True, "context_management": OVER}).content
+        end = check_stream(raw, parse_sse(raw)[0]["response"]["id"])[-1]
+        assert end["type"] == "response.failed" and end["response"]["error"]["code"] == "rate_limit_exceeded"
+        assert end["response"]["output"] == []
+        ws = WSClient(gw.base_url)
+        events = ws.turn({"type": "response.create", "model": "demo-model", "input": HISTORY, "store": False,
+                          "context_management": OVER})
+        ws.close()
+        assert events[-1]["type"] == "response.failed", events[-1]
+        assert events[-1]["response"]["error"]["code"] == "rate_limit_exceeded"
+        assert "every upstream" in events[-1]["response"]["error"]["message"]
+        assert slow.calls == soon.calls == 3  # (each asked once a turn: the summary; no answer round)
+
+
+def test_a_fallback_writes_the_summary_and_answers_with_its_own_lowering_and_think_tags(gateway_factory, upstream):
+    """The fallback's own settings (routing.py: per-upstream lowering) hold for both calls of
+    the turn: its summary request is its own lowering (max_completion_tokens), and its answer's
+    <think> tags are read its way ("off": they stay text), the compaction item before it."""
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    entries = [{"name": "dead", "base_url": dead},
+               {"name": "raw", "base_url": upstream.base_url, "think_tags": {"*": "off"},
+                "max_tokens_field": "max_completion_tokens"}]
+    gw = gateway_factory("http://127.0.0.1:9", "--set", "resp2chat_max_replay_entries=0",
+                         "--set", "resp2chat_upstreams=" + json.dumps(entries))
+    upstream.clear()
+    r = post_turn(gw, {"model": "demo-model", "input": HISTORY, "max_output_tokens": 200, "store": False,
+                       "context_management": OVER}, {"x-demo-dialect": "think"})
+    assert r.status_code == 200, r.text
+    output = r.json()["output"]
+    assert [o["type"] for o in output] == ["compaction", "message"], output  # ("off": no reasoning item)
+    assert "<think>" in output[1]["content"][0]["text"]
+    summary, answer = upstream.requests()
+    assert summary["messages"][-1]["content"] == COMPACTION_PROMPT
+    assert summary["max_completion_tokens"] == answer["max_completion_tokens"] == 200 and "max_tokens" not in summary

@@ -39,6 +39,8 @@ are validated with the rest of the request, schema.py ``CompactionEntry``)::
     is not known to a stateless client's turn)
       round 1: the summary request above (the whole conversation, this turn's input included,
                COMPACTION_PROMPT last) ──▶ backend's summary, read whole, never streamed to the client
+               (with several upstreams, it falls back as the answer does: routing.py's rule, one
+               walk of the candidates; the answer then starts from the upstream that wrote it)
       ──▶ the client hears output_item.added/done of one sealed ``compaction`` item, output[0]
       round 2: the turn again on the compacted input, the compact endpoint's rule: the
                conversation's user messages, then the compaction item (lowered as always) ──▶ the answer
@@ -219,6 +221,13 @@ class ServerCompaction:
     # summary -> the answer round's chat request of each candidate, in order (None: the first's)
     answer: Callable[[str], list]
     sealer: Sealer | None
+    # the summary request of each fallback candidate, in order (None: the first's): the summary
+    # falls back as the answer does (relay/exchange.py ``_walk``)
+    fallbacks: tuple[bytes | None, ...] = ()
+
+    def summary(self, i: int) -> bytes:
+        """The summary request of the ``i``-th candidate (0: the first)."""
+        return (self.fallbacks[i - 1] if i else None) or self.summary_body
 
     def reader(self, max_event: int = MAX_EVENT) -> "SummaryReader":
         return SummaryReader(max_event)
@@ -227,10 +236,11 @@ class ServerCompaction:
         """The compaction item (without its id: the translator gives it one)."""
         return {"type": ITEM, "encrypted_content": self.sealer.seal(PURPOSE, summary)}
 
-    def work(self, reader: "SummaryReader") -> Work:
-        """What the round made the backend do: for ``tpm``, its usage's total, else the estimate
-        of its request and summary; its usage (Responses shape) for the metrics."""
-        return Work(call_tokens(reader.usage, len(self.summary_body), len(reader.text().encode()), False),
+    def work(self, reader: "SummaryReader", i: int = 0) -> Work:
+        """What the round made the backend do (the ``i``-th candidate wrote the summary): for
+        ``tpm``, its usage's total, else the estimate of its request and summary; its usage
+        (Responses shape) for the metrics."""
+        return Work(call_tokens(reader.usage, len(self.summary(i)), len(reader.text().encode()), False),
                     to_responses_usage(reader.usage) if reader.usage else None)
 
 

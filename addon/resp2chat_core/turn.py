@@ -318,9 +318,7 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
         echo_json = dumps_spliced(response.echo(asked, req, lowered.chat, tools=[]), "tools", known.echo_tools)[1:-1]
     else:
         echo_json = response.echo_json(response.echo(asked, req, lowered.chat))
-    server = None
-    if limit is not None and not summarize and lowered.mcp is None and estimate(len(lowered.body)) >= limit:
-        server = _server_compaction(raw, items or [], lowered, opts, others, texts, sealer)
+    compact = limit is not None and not summarize and lowered.mcp is None and estimate(len(lowered.body)) >= limit
     if summarize:
         lowered = compaction.summary_request(lowered)
     ctx = TurnContext(response_id=response_id, created_at=created_at, model=req.model,
@@ -334,9 +332,11 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
     named = conversations.named(asked)
     pck = raw.get("prompt_cache_key")
     alternates: list[Alternate] = []
+    summaries: list[bytes | None] = []  # (server-side compaction: each fallback's summary request)
     for alt in others:  # each fallback upstream: its own byte-deterministic body
         if alt == opts:
             alternates.append(Alternate(None, ctx.think, lowered.tool_map))
+            summaries.append(None)
             continue
         same_tools = (alt.tool_denylist, alt.web_search) == (opts.tool_denylist, opts.web_search)
         if known is not None and same_tools:
@@ -345,8 +345,12 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
             other = lower(parse_request(raw) if known is not None else req, alt, texts=texts, mcp_servers=mcp_servers)
         if summarize:
             other = compaction.summary_request(other)
+        elif compact:
+            summaries.append(compaction.summary_request(other, copy=True).body)
         alternates.append(Alternate(other.body, alt.think_mode(other.chat["model"]), other.tool_map))
     ctx.tool_maps = tuple(a.tool_map for a in alternates)  # (a Rerouted event takes one)
+    server = _server_compaction(raw, items or [], lowered, opts, others, texts, sealer, tuple(summaries)) \
+        if compact else None
     return Turn(lowered.body, lowered.client_stream, ctx,
                 web_search=not summarize and any(t.kind == "web_search" for t in lowered.tool_map.targets.values()),
                 mcp=lowered.mcp if not summarize else None,
@@ -360,11 +364,13 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
 
 
 def _server_compaction(raw: dict, items: list, lowered, opts: LoweringOptions, others: Sequence[LoweringOptions],
-                       texts: TextCache | None, sealer: Sealer | None) -> compaction.ServerCompaction:
+                       texts: TextCache | None, sealer: Sealer | None,
+                       fallbacks: tuple[bytes | None, ...]) -> compaction.ServerCompaction:
     """A turn's compaction round (compaction.py): its summary request (the turn's own, the
-    prompt last), and the answer round's requests from the summary: the conversation's user
-    messages, then the compaction item lowered as any later turn lowers it (SUMMARY_PREFIX), for
-    each candidate (the first's options, then each fallback's: None when the same)."""
+    prompt last; ``fallbacks``: each fallback's, None when the first's), and the answer round's
+    requests from the summary: the conversation's user messages, then the compaction item
+    lowered as any later turn lowers it (SUMMARY_PREFIX), for each candidate (the first's
+    options, then each fallback's: None when the same)."""
     kept = compaction.users(items)
 
     def answer(summary: str) -> list:
@@ -373,4 +379,5 @@ def _server_compaction(raw: dict, items: list, lowered, opts: LoweringOptions, o
         req = parse_request(opened)
         return [lower(req, opts, texts=texts).body, *(None if alt == opts else lower(req, alt, texts=texts).body
                                                       for alt in others)]
-    return compaction.ServerCompaction(compaction.summary_request(lowered, copy=True).body, answer, sealer)
+    return compaction.ServerCompaction(compaction.summary_request(lowered, copy=True).body, answer, sealer,
+                                       fallbacks)

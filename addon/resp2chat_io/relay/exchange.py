@@ -10,8 +10,9 @@ read from a request.
 The turn's upstreams are one tuple of ``routing.Candidate``\\s, index 0 first, each with its own
 URL, key, headers, timeouts and body. A candidate's failure before its first byte goes no
 further than its ``Attempt`` while another candidate remains; the next one is called
-(routing.py's rule). Only the first round of a tool loop falls back (later rounds follow what
-the client already has).
+(routing.py's rule). One walk of the candidates does this (``_walk``), for every call of a turn
+that may fall back: a compaction round's summary request, and the answer's first round. Only
+the first round of a tool loop falls back (later rounds follow what the client already has).
 
 The tool loop (resp2chat_core/toolloop.py: web search, hosted MCP tools) is decided in the core;
 here its steps run: ``_run_steps`` runs a round's steps (Brave searches, MCP listings and calls:
@@ -22,10 +23,13 @@ in the order the model asked, whatever order they end in; while the client waits
 A turn without the gateway's tools makes no loop: one call, its bytes straight into the channel.
 
 Server-side compaction (``Exchange.compaction``: compaction.py ``ServerCompaction``) is one round
-before all that: the summary request to the first candidate (no fallback), read whole and never
-passed on (``SummaryReader``), its sealed item told to the client (``Compacted``: output[0]);
-then every candidate's body is the answer round's (the compacted conversation), and the turn
-runs as any other.
+before all that: the summary request (each candidate its own), through the walk as the answer's
+call, read whole and never passed on (``SummaryReader``), its sealed item told to the client
+(``Compacted``: output[0]); then every candidate's body is the answer round's (the compacted
+conversation), and the turn runs as any other, its walk starting from the candidate that wrote
+the summary (the ones before it failed a moment ago; it has just read the head of the prompt
+the answer starts with: its KV cache holds it). The failures of both walks make one error when
+every candidate failed (``routing.all_failed``), and the turn's record its ``skipped``.
 """
 
 from __future__ import annotations
@@ -252,9 +256,10 @@ async def _run(ex: Exchange, client: UpstreamClient) -> None:
 
 async def _rounds(ex: Exchange, client: UpstreamClient, sessions: mcp_client.Sessions | None) -> None:
     """The turn's upstream calls: one, or (``sessions``: a turn with the gateway's tools) the
-    tool loop's rounds and steps."""
+    tool loop's rounds and steps; a compaction round before them (``_compact``)."""
     headers = list(ex.headers)
-    if ex.compaction is not None and not await _compact(ex, client, headers):
+    failed: list[tuple[str, UpstreamFailed]] = []  # the candidates fallen back from (``_walk``), the summary's too
+    if ex.compaction is not None and not await _compact(ex, client, headers, failed):
         return
     looped = sessions is not None
     prelude: list = []
@@ -264,7 +269,8 @@ async def _rounds(ex: Exchange, client: UpstreamClient, sessions: mcp_client.Ses
         if ex.channel.closed:
             return
     if len(ex.candidates) > 1:
-        outcome, loop = await _first_answer(ex, client, headers, looped, prelude)
+        # (from the candidate that wrote the summary, when one did: ``_compact``)
+        outcome, loop = await _first_answer(ex, client, headers, looped, prelude, ex.answered, failed)
     else:  # (straight into the channel: no Attempt to watch for a failure to fall back from)
         only = ex.candidates[0]
         loop = ex.loop = _loop(ex, only.body) if looped else None
@@ -296,22 +302,33 @@ async def _rounds(ex: Exchange, client: UpstreamClient, sessions: mcp_client.Ses
         outcome = await client.call(to, headers, loop.body, ex.channel, loop.feed)
 
 
-async def _compact(ex: Exchange, client: UpstreamClient, headers: list[tuple[bytes, bytes]]) -> bool:
-    """The compaction round (compaction.py): the summary request to the first candidate, its
-    summary sealed into the item the client hears first, every candidate's body then the answer
-    round's. False: the turn is over (its failure is in the channel)."""
+async def _compact(ex: Exchange, client: UpstreamClient, headers: list[tuple[bytes, bytes]],
+                   failed: list[tuple[str, UpstreamFailed]]) -> bool:
+    """The compaction round (compaction.py): the summary request, through the turn's one walk of
+    its candidates (``_walk``: the first, then its fallbacks, as the answer), its summary sealed
+    into the item the client hears first, every candidate's body then the answer round's; the
+    answer then starts from the candidate that wrote the summary (``ex.answered``): those before
+    it failed a moment ago, and it has just read the conversation's head the answer's prompt
+    begins with. False: the turn is over (its failure is in the channel)."""
     plan = ex.compaction
     reader = plan.reader(ex.max_event)
-    # (the summary streams to nobody: the client hears keepalives meanwhile, as while steps run)
-    call = asyncio.ensure_future(client.call(ex.candidates[0], headers, plan.summary_body, ex.channel, reader.feed))
-    try:
-        await _kept_alive(ex, call, ex.candidates[0].keepalive)
-    finally:
-        call.cancel()
-    outcome = call.result()
+
+    async def call(i: int, to: Candidate, attempt: routing.Attempt) -> CallEnd:
+        nonlocal reader
+        reader = plan.reader(ex.max_event)  # (a fresh one for each candidate: nothing of a failed one's)
+        # (the summary streams to nobody: the client hears keepalives meanwhile, as while steps run)
+        task = asyncio.ensure_future(client.call(to, headers, plan.summary(i), attempt, reader.feed))
+        try:
+            await _kept_alive(ex, task, to.keepalive)
+        finally:
+            task.cancel()
+        return task.result()
+
+    outcome = await _walk(ex, 0, failed, call)
     reader.finish()
-    ex.compaction_work = plan.work(reader) if outcome.answered or reader.text() else None
-    if ex.channel.closed:
+    ex.compaction_work = plan.work(reader, ex.answered) if (outcome is not None and outcome.answered) or \
+        reader.text() else None
+    if outcome is None or ex.channel.closed:
         return False
     summary = reader.text()
     if not outcome.answered or not summary or plan.sealer is None:
@@ -321,6 +338,8 @@ async def _compact(ex: Exchange, client: UpstreamClient, headers: list[tuple[byt
         ex.channel.event(UpstreamFailed(502, reader.error) if reader.error and plan.sealer is not None
                          else failure(502, why, "server_error", "server_error"))
         return False
+    if ex.answered:  # (now: the translator takes a fallback's think tags and tools only before any item)
+        ex.channel.event(Rerouted(ex.answering.think, ex.answered))
     ex.channel.event(Compacted(plan.item(summary), reader.output_tokens()))
     bodies = plan.answer(summary)
     ex.candidates = tuple(dataclasses.replace(to, body=body or bodies[0])
@@ -421,22 +440,40 @@ def _ended(ex: Exchange, step, found):
 _json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
-async def _first_answer(ex: Exchange, client: UpstreamClient, headers: list[tuple[bytes, bytes]],
-                        looped: bool, prelude: list) -> tuple[CallEnd, ToolLoop | None]:
-    """Call the candidates in order until one answers (routing.py's rule); returns the outcome
-    and the tool loop of the one that answered (a turn with the gateway's tools only)."""
-    failed: list[tuple[str, object]] = []
-    last = len(ex.candidates) - 1
-    for i, to in enumerate(ex.candidates):
-        attempt = routing.Attempt(ex.channel, (Rerouted(to.think, i),) if i else ())  # (its think tags, its tools)
-        loop = ex.loop = _loop(ex, to.body) if looped else None
+async def _first_answer(ex: Exchange, client: UpstreamClient, headers: list[tuple[bytes, bytes]], looped: bool,
+                        prelude: list, start: int, failed: list) -> tuple[CallEnd, ToolLoop | None]:
+    """The answer's call, through the candidates from ``start`` on (``_walk``); returns the
+    outcome and the tool loop of the one that answered (a turn with the gateway's tools only)."""
+
+    async def call(i: int, to: Candidate, attempt: routing.Attempt) -> CallEnd:
+        loop = ex.loop = _loop(ex, to.body) if looped else None  # (its think tags, its tools)
         if loop is not None:
             loop.begin(prelude)
+        return await client.call(to, headers, loop.body if loop else to.body, attempt, loop.feed if loop else None)
+
+    outcome = await _walk(ex, start, failed, call)
+    return outcome or CallEnd.BROKEN, ex.loop
+
+
+async def _walk(ex: Exchange, start: int, failed: list[tuple[str, UpstreamFailed]],
+                call: Callable[[int, Candidate, routing.Attempt], Awaitable[CallEnd]]) -> CallEnd | None:
+    """The turn's one walk of its candidates, for every backend call that may fall back (the
+    summary's, the answer's first round): from ``start`` on, in order, each called through an
+    ``Attempt`` (``call(index, candidate, attempt)``), until one answers (routing.py's rule:
+    ``falls_back``, before its first byte). ``failed``: (name, failure) of the candidates fallen
+    back from in this turn, this walk's added: when the last fails too, one failure names them
+    all, with the shortest Retry-After (``routing.all_failed``). Returns the outcome of the one
+    that answered (``ex.answered``: its index); None: the turn failed (its failure is in the
+    channel)."""
+    last = len(ex.candidates) - 1
+    for i in range(start, last + 1):
+        to = ex.candidates[i]
+        attempt = routing.Attempt(ex.channel, (Rerouted(to.think, i),) if i else ())
         ex.answered = i
-        outcome = await client.call(to, headers, loop.body if loop else to.body, attempt, loop.feed if loop else None)
+        outcome = await call(i, to, attempt)
         failure = attempt.failure
         if failure is None:
-            return outcome, loop
+            return outcome
         if routing.falls_back(failure) and i < last:
             failed.append((to.name, failure))
             ex.skipped.append((to.name, failure.status))
@@ -446,7 +483,7 @@ async def _first_answer(ex: Exchange, client: UpstreamClient, headers: list[tupl
         if failed and routing.falls_back(failure):
             failure = routing.all_failed(ex.model, failed + [(to.name, failure)])
         ex.channel.event(failure)
-        return CallEnd.BROKEN, loop
+        return None
     raise AssertionError("not reached")
 
 
