@@ -448,3 +448,47 @@ def test_a_fallback_writes_the_summary_and_answers_with_its_own_lowering_and_thi
     summary, answer = upstream.requests()
     assert summary["messages"][-1]["content"] == COMPACTION_PROMPT
     assert summary["max_completion_tokens"] == answer["max_completion_tokens"] == 200 and "max_tokens" not in summary
+
+
+class _SummaryThenBusy(QuietHandler):
+    """A backend that writes the summary (its first chat request) and answers 503 after."""
+
+    calls = 0
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["content-length"]))
+        type(self).calls += 1
+        if type(self).calls == 1:
+            body = (b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":"Ada asked."}}]}\n\n'
+                    b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n')
+            status, ctype = 200, "text/event-stream"
+        else:
+            body, status, ctype = json.dumps({"error": {"message": "busy", "type": "server_error"}}).encode(), 503, \
+                "application/json"
+        self.send_response(status)
+        self.send_header("content-type", ctype)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_an_answer_falling_back_after_the_summary_is_read_its_upstreams_way(gateway_factory, upstream):
+    """The first upstream writes the summary, then fails the answer (503): the answer comes from
+    the fallback, read its way (``think_tags`` "off": its <think> stays text), though the output
+    already holds the compaction item."""
+    first = type("First", (_SummaryThenBusy,), {"calls": 0})
+    with LocalServer(first) as server:
+        entries = [{"name": "first", "base_url": server.url + "/v1"},
+                   {"name": "raw", "base_url": upstream.base_url, "think_tags": {"*": "off"}}]
+        gw = gateway_factory("http://127.0.0.1:9", "--set", "resp2chat_max_replay_entries=0",
+                             "--set", "resp2chat_upstreams=" + json.dumps(entries))
+        upstream.clear()
+        r = post_turn(gw, {"model": "demo-model", "input": HISTORY, "store": False, "context_management": OVER},
+                      {"x-demo-dialect": "think"})
+        assert r.status_code == 200, r.text
+        output = r.json()["output"]
+        assert [o["type"] for o in output] == ["compaction", "message"], output  # ("off": no reasoning item)
+        assert "<think>" in output[1]["content"][0]["text"], output
+        assert first.calls == 2  # (the summary, then the answer it failed)
+        (answer,) = upstream.requests()
+        assert answer["messages"][-1]["content"] == SUMMARY_PREFIX + "Ada asked."

@@ -366,8 +366,10 @@ class Translator:
 
     def rethink(self, mode: str, alternate: int = 0) -> bytes:
         """Another upstream answers (the ``alternate``-th fallback, routing.py): read ``<think>``
-        tags and tool calls its way. Only before any backend byte was translated."""
-        if self.phase is not Phase.DONE and not self._reader.saw_event and not self.output:
+        tags and tool calls its way. Only before any backend byte of the answer was translated
+        (the output may hold the compaction item server-side compaction put first)."""
+        if self.phase is not Phase.DONE and not self._reader.saw_event and \
+                all(item["type"] == "compaction" for item in self.output):
             self.ctx.think = mode
             self._think = ThinkSplitter(mode) if mode != "off" else None
             if isinstance(alternate, int) and 0 < alternate <= len(self.ctx.tool_maps):
