@@ -95,7 +95,6 @@ class OpenSocket:
     headers: http.Headers  # the upgrade's, as the client sent them (its turns' client headers; the flow's get redacted)
     client: str | None = None  # the client the gate named at the upgrade (clients), checked again at each message
     spec: ClientSpec | None = None  # (that client then: a key revoked or given anew since is refused)
-    closed: bool = False  # the gateway closed it (its key no longer accepted: ``_close``), waiting for it to end
     conn: ws.Connection = field(default_factory=ws.Connection)  # (``open``: at most max_message bytes of it)
     messages: int = 0  # client messages so far (each gets its own request id: request_id(flow)_n)
     turns: int = 0
@@ -109,6 +108,7 @@ class OpenSocket:
     dropped: int = 0  # messages not kept, and their bytes
     dropped_bytes: int = 0
     passing: object = None  # the newest message, not to be kept: it leaves the list at the next one's hook
+    closed: bool = False  # the gateway closed it (its key no longer accepted: ``_close``), waiting for it to end
 
 
 @dataclass(eq=False)
@@ -341,8 +341,9 @@ class ResponsesWebSocket(Owner):
 
     def _client(self, live: OpenSocket):
         """The socket's client as configured now: a key revoked (or changed) since the upgrade
-        is refused from its next message on, as a new request with it would be, and so is a
-        socket opened without a key once the gateway takes keys (``keys add`` since)."""
+        is refused, as a new request with it would be, and so is a socket opened without a key
+        once the gateway takes keys (``keys add`` since); the socket is closed after it
+        (``message``), if ``clients_changed`` has not closed it already."""
         if not self.gate.accepts(live.spec):
             raise no_longer_accepted()
         return self.gate.client(live.client)  # (as configured now: its limits reloaded; None: no keys)
