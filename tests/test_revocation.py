@@ -5,6 +5,9 @@ real ``resp2chat keys`` CLI edits the config file real mitmdump replicas watch.
   (an HTTP stream, a JSON turn, a WebSocket turn, a background response, a turn whose gateway's
   tool loop is waiting for a search): the backend call is closed and the client hears
   ``invalid_api_key``. Other clients' turns go on.
+- Its open WebSockets, idle or not, are closed by the gateway without waiting for the client
+  (an ``error``, ``invalid_api_key``, then a close frame 1008, after the turn in flight has
+  stopped): they hold no memory and no slot of ``max_websockets`` any more.
 - A gateway that took no keys and is locked with ``keys add`` stops the keyless turns it runs.
 - A name revoked and added again (someone else) owns none of its former holder's stored state;
   a rotated key keeps its client's; an entry written before ids keeps its name's.
@@ -74,6 +77,18 @@ def assert_stopped(events: list[dict]) -> None:
     assert final["response"]["output"][-1]["status"] == "incomplete"
 
 
+def assert_closed_for_its_key(sock: WSClient, within: float = STOP_WITHIN) -> None:
+    """The gateway closes a socket whose key is no longer accepted, without being sent anything:
+    an ``error`` (401 ``invalid_api_key``), then a close frame (1008, policy violation)."""
+    sock.sock.settimeout(within)
+    err = sock.next_message()
+    assert err is not None and err["type"] == "error", err
+    assert err["status"] == 401 and err["error"]["code"] == "invalid_api_key", err
+    assert err["error"]["type"] == "authentication_error", err
+    assert sock.next_message() is None and sock.closed is not None, "the socket is still open"
+    assert sock.closed[0] == 1008, sock.closed
+
+
 def running(origin: str, tmp_path, redis_server, clients: dict):
     """test_teams' two replicas sharing Redis, in front of ``origin``, with ``clients``; no key in their logs."""
     t = Team(SimpleNamespace(origin=origin), tmp_path, redis_server, clients)
@@ -100,7 +115,7 @@ def test_a_revoked_keys_turns_in_flight_stop_at_once_on_every_replica_and_transp
     a WebSocket of replica b; alice streams on replica a. ``keys revoke bob``: each of bob's turns
     ends within seconds — the stream and the socket's turn with ``response.failed``
     (``invalid_api_key``, the message cut ``incomplete``), the JSON turn with a 401 — and each of
-    their backend calls is closed; the socket's next message is refused; alice streams on."""
+    their backend calls is closed; then the gateway closes the socket; alice streams on."""
     team = endless_team
     deadline = time.monotonic() + 60
     bob_stream = team.sdk(0, "bob").responses.create(model=ALL, input="go on", stream=True)
@@ -138,9 +153,8 @@ def test_a_revoked_keys_turns_in_flight_stop_at_once_on_every_replica_and_transp
     n = len(alice_events)
     read_until(alice_iter, {"response.output_text.delta"}, time.monotonic() + 10, alice_events)
     assert len(alice_events) > n and len(Endless.closed) == 3
-    # the socket's next message is refused, as a new request with bob's key is
-    err = sock.turn({"type": "response.create", "model": ALL, "input": "still me"})[-1]
-    assert err["type"] == "error" and err["status"] == 401 and err["error"]["code"] == "invalid_api_key"
+    # then the gateway closes the socket, as a new request with bob's key would be refused
+    assert_closed_for_its_key(sock)
     sock.close()
     alice_stream.close()
     alice_key = f"Bearer {team.keys['alice']}"
@@ -177,8 +191,8 @@ def test_a_rotated_keys_stream_stops_and_the_new_key_goes_on(endless_team):
 def test_keyless_turns_stop_once_keys_add_locks_the_gateway(endless, tmp_path):
     """A loopback gateway without keys, then locked with ``keys add``: what it runs for requests
     that came without a key stops — a background response (stored ``failed``,
-    ``invalid_api_key``), an HTTP stream and a WebSocket turn — as their next request would be
-    refused."""
+    ``invalid_api_key``), an HTTP stream and a WebSocket turn (then its socket is closed) — as
+    their next request would be refused."""
     log = tmp_path / "access.jsonl"
     gw = start_gateway(endless.url, tmp_path, "--set", f"resp2chat_access_log_path={log}", env=cli_env(tmp_path))
     try:
@@ -207,7 +221,7 @@ def test_keyless_turns_stop_once_keys_add_locks_the_gateway(endless, tmp_path):
             # background response's creating request, answered at once; its turn ends as its own record)
         records = wait_until(lambda: len(ended()) == 3 and ended(), 10, "three turns ended")
         assert all(rec["status"] == "failed" and rec["code"] == "invalid_api_key" for rec in records), records
-        assert sock.turn({"type": "response.create", "model": ALL, "input": "and?"})[-1]["status"] == 401
+        assert_closed_for_its_key(sock)  # (as its next request would be refused)
         sock.close()
         assert queued.status == "queued"  # (the three: its turn, the stream, the socket's turn)
         assert post_turn(gw, {"model": ALL, "input": "hi"}).status_code == 401
@@ -488,31 +502,63 @@ def test_limits_are_counted_for_the_identity_not_the_name(upstream, tmp_path, re
         next(team, None)
 
 
-def test_a_rotated_keys_open_socket_holds_no_slot_of_the_new_key_but_counts_until_it_closes(upstream, tmp_path):
-    """carol (max_sockets 1) holds a socket; ``keys rotate carol`` (a leaked key, say): that socket
-    serves nothing any more (its next message: 401 invalid_api_key), so it holds none of the new
-    key's slots (else whoever holds the old key could keep carol off sockets). What it remembers
-    is still in memory until it closes: it still counts for the gateway's max_websockets."""
+def test_a_revoked_keys_sockets_are_closed_by_the_gateway_and_free_their_slots(endless, tmp_path):
+    """bob holds two sockets of a gateway with room for two (max_websockets 2): one idle, one
+    with a turn in flight on a backend that never ends; alice's upgrade is refused (503).
+    ``keys revoke bob``: without sending anything, the idle socket gets an ``error``
+    (``invalid_api_key``) and a close frame (1008); the other's turn stops (``response.failed``),
+    then the same. Their slots are free at once: alice's socket opens, and serves her."""
+    gw = start_gateway(endless.url, tmp_path, "--set", "resp2chat_max_websockets=2", env=cli_env(tmp_path))
+    try:
+        alice = {"authorization": f"Bearer {run_cli(tmp_path, 'keys', 'add', 'alice').stdout.strip()}"}
+        bob = {"authorization": f"Bearer {run_cli(tmp_path, 'keys', 'add', 'bob').stdout.strip()}"}
+        idle = opened(gw.base_url, bob)  # (once the gateway has read bob's key)
+        busy = WSClient(gw.base_url, headers=bob)
+        busy.send({"type": "response.create", "model": ALL, "input": "go on"})
+        seen: list = []
+        read_until(ws_events(busy), {"response.output_text.delta"}, time.monotonic() + 30, seen)
+        full = refused_upgrade(gw.base_url, alice)
+        assert full.status == 503 and json.loads(full.body)["error"]["code"] == "server_overloaded", full.body
+
+        assert run_cli(tmp_path, "keys", "revoke", "bob").returncode == 0
+        stop_by = time.monotonic() + STOP_WITHIN
+        read_until(ws_events(busy), {"response.failed", "response.completed", "error"}, stop_by, seen)
+        assert_stopped(seen)
+        assert_closed_for_its_key(busy, max(stop_by - time.monotonic(), 0.1))
+        assert_closed_for_its_key(idle, max(stop_by - time.monotonic(), 0.1))
+        wait_until(lambda: len(Endless.closed) == 1, STOP_WITHIN, "the turn's backend call closed")
+        mine = opened(gw.base_url, alice, within=3)  # (the closed sockets left the gateway's count)
+        mine.send({"type": "response.create", "model": ALL, "input": "go on"})
+        read_until(ws_events(mine), {"response.output_text.delta"}, time.monotonic() + 30, [])
+        another = opened(gw.base_url, alice, within=3)  # (both: bob's two are gone)
+        assert refused_upgrade(gw.base_url, alice).status == 503
+        for sock in (idle, busy, mine, another):
+            sock.close()
+        assert "WebSocket" in gw.log() and "closed: its key is no longer accepted" in gw.log()
+    finally:
+        gw.stop()
+
+
+def test_a_rotated_keys_open_socket_is_closed_and_holds_no_slot(upstream, tmp_path):
+    """carol (max_sockets 1) holds a socket; ``keys rotate carol`` (a leaked key, say): the
+    gateway closes that socket (``invalid_api_key``, 1008) without waiting for whoever holds the
+    old key, so it holds no slot, neither of the new key's nor of the gateway's max_websockets."""
     gw = start_gateway(upstream.origin, tmp_path, "--set", "resp2chat_max_websockets=2", env=cli_env(tmp_path))
     try:
         bob = {"authorization": f"Bearer {run_cli(tmp_path, 'keys', 'add', 'bob').stdout.strip()}"}
         old = {"authorization": f"Bearer {run_cli(tmp_path, 'keys', 'add', 'carol', '--max-sockets', '1').stdout.strip()}"}
-        wait_until(lambda: post_turn(gw, {"model": ALL, "input": "hi"}, old).status_code == 200, 10, "carol's key")
-        held = WSClient(gw.base_url, headers=old)
+        held = opened(gw.base_url, old)
         assert refused_upgrade(gw.base_url, old).status == 429
         out = run_cli(tmp_path, "keys", "rotate", "carol")
         assert out.returncode == 0, out.stderr
         new = {"authorization": f"Bearer {out.stdout.strip()}"}
-        wait_until(lambda: post_turn(gw, {"model": ALL, "input": "hi"}, new).status_code == 200, 10, "the new key")
-        [refused] = held.turn({"type": "response.create", "model": ALL, "input": "still me?"})
-        assert refused["status"] == 401 and refused["error"]["code"] == "invalid_api_key", refused
-        mine = WSClient(gw.base_url, headers=new)  # the old key's socket holds no slot of carol's now
+        assert_closed_for_its_key(held)
+        mine = opened(gw.base_url, new, within=3)  # the old key's socket held no slot of carol's
         assert refused_upgrade(gw.base_url, new).status == 429  # (this one does)
-        full = refused_upgrade(gw.base_url, bob)  # two open on the gateway: the old key's counts
+        theirs = opened(gw.base_url, bob, within=3)  # nor of the gateway's: two open, carol's and bob's
+        full = refused_upgrade(gw.base_url, bob)
         assert full.status == 503 and json.loads(full.body)["error"]["code"] == "server_overloaded"
-        held.close()
-        theirs = opened(gw.base_url, bob)
-        for sock in (mine, theirs):
+        for sock in (held, mine, theirs):
             sock.close()
     finally:
         gw.stop()

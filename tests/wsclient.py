@@ -36,6 +36,7 @@ class WSClient:
         self.sock.sendall(self.ws.send(E.Request(host=url.netloc, target=url.path.rstrip("/") + path,
                                                  extra_headers=extra)))
         self.pending: list = []
+        self.closed: tuple[int, str] | None = None  # the server's close frame (code, reason), once it came
         try:
             self._upgrade()
         except Refused:
@@ -68,14 +69,17 @@ class WSClient:
         self.sock.sendall(self.ws.send(E.TextMessage(data=text)))
 
     def next_message(self) -> dict | None:
-        """The next server message (None once the socket closed)."""
+        """The next server message (None once the socket closed: the messages before its close
+        frame first)."""
         while not self.pending:
+            if self.closed is not None:
+                return None
             events = self._read()
             for event in events:
                 if isinstance(event, E.TextMessage):
                     self.pending.append(json.loads(event.data))
                 elif isinstance(event, E.CloseConnection):
-                    return None
+                    self.closed = (event.code, event.reason)
                 elif isinstance(event, E.Ping):
                     self.sock.sendall(self.ws.send(event.response()))
         return self.pending.pop(0)

@@ -8,7 +8,9 @@ Rules of this file:
   (``begin_turn``), and the client gets the same events, each event one text message.
 - Bad input never closes the connection: it is an ``error`` message, and the next
   ``response.create`` is served as if nothing happened. A message is read with the HTTP body's
-  strict parser (requestbody.py): what one transport refuses, the other refuses alike.
+  strict parser (requestbody.py): what one transport refuses, the other refuses alike. (What
+  does close it is the gateway's: a key no longer accepted, an ``error`` then close code 1008:
+  resp2chat_io/addons/websocket.py.)
 
 Theory of operation (the contract, from codex-rs ``responses_websocket.rs`` and ``client.rs``,
 checked against the real Codex CLI 0.169.0; docs/codex.md has the details)::

@@ -90,6 +90,7 @@ def build() -> list:
     http_turns = HttpTurns(turns, upstreams, replay, store, gate, background)
     server_replay = ServerReplay(turns)
     sockets = ResponsesWebSocket(source, upstreams, turns, gate, server_replay, outcomes)
+    gate.reloaded.append(sockets.clients_changed)  # (and its sockets close: their turns stopped first, above)
     return [
         Listen(source, upstreams), HeadDeadline(source), gate, background, store, Conversations(store, upstreams), limits, replay, turns,
         http_turns, InputTokens(turns, upstreams, gate), server_replay, sockets,

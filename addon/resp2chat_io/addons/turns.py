@@ -308,9 +308,9 @@ class Turns(Owner):
         call is closed, its tool loop runs no further round or step, and it fails with
         ``invalid_api_key``, what it was writing closed ``incomplete`` as any failure closes it.
         Its transport ends it as usual: an HTTP stream with that ``response.failed``, a JSON
-        answer with a 401, a WebSocket turn likewise (the socket's next message is refused: its
-        own check), a background response stored ``failed``. Every replica reading the file
-        stops its own."""
+        answer with a 401, a WebSocket turn likewise (then the socket is closed: its own
+        listener, ResponsesWebSocket.clients_changed), a background response stored ``failed``.
+        Every replica reading the file stops its own."""
         stopped = Stopped(REVOKED, STOPPED)
         for run in list(self.in_flight.values()):
             if not accepts(run.client) and run.exchange.halt(stopped):

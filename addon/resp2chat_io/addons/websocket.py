@@ -18,6 +18,17 @@
   server_overloaded``), both with ``retry-after``; past either, the upgrade is refused before the
   relay takes it (``_no_room``; Codex then uses HTTP). A socket counts from its upgrade until it
   is refused, fails or ends (``_end``: the only way out of ``live``).
+- a socket whose key is no longer accepted (revoked, rotated, or none once the gateway takes
+  keys: ``Gate.accepts``; a client's ``models`` changed is not that) is closed by the gateway
+  when it hears of the change (``clients_changed``), without waiting for the client: an
+  ``error`` message (401 ``invalid_api_key``, what a message on it is refused with), then a
+  close frame, 1008 (policy violation: RFC 6455's code for "refused by the endpoint's policy",
+  what auth failures close with; 1011 would say the gateway failed, 4xxx codes no client
+  knows). A turn in flight on it first ends as every turn of that key does (Turns.clients_changed:
+  ``response.failed``, ``invalid_api_key``); the close follows it (``message``). A message that
+  comes first is refused, and the socket closed after it. The relay ends it then
+  (``Socket.close``), and mitmproxy's ``websocket_end`` takes it out of ``live``: its memory
+  and its slot of ``max_websockets`` are free.
 - the flow (the upgrade) records every turn in ``flow.metadata["resp2chat"]["turns"]``: the
   message, the chat request, the backend's stream and the events sent; ``flow.comment`` sums
   the socket up; finished turns go to ``Turns.finished`` listeners and the request log.
@@ -45,7 +56,7 @@ from mitmproxy.flow import Error
 from mitmproxy.utils import human
 
 from resp2chat_core import mcp, websocket as ws
-from resp2chat_core.clients import ClientSpec, no_longer_accepted
+from resp2chat_core.clients import REVOKED, ClientSpec, no_longer_accepted
 from resp2chat_core.channel import Reader
 from resp2chat_core.errors import GatewayError, gateway_failure
 from resp2chat_core.labels import shown
@@ -97,6 +108,7 @@ class OpenSocket:
     dropped: int = 0  # messages not kept, and their bytes
     dropped_bytes: int = 0
     passing: object = None  # the newest message, not to be kept: it leaves the list at the next one's hook
+    closed: bool = False  # the gateway closed it (its key no longer accepted: ``_close``), waiting for it to end
 
 
 @dataclass(eq=False)
@@ -110,6 +122,7 @@ class Message:
     turn: Turn | None = None  # its turn, once lowered
     run: TurnRun | None = None  # its turn in flight (a warm-up has none: no backend)
     sent: list = field(default_factory=list)  # (event type, message) as sent, for the record
+    refused: str | None = None  # the code it was refused with (``_refuse``)
 
 
 def remembered(turn: Turn, output: list = ()) -> int:
@@ -181,7 +194,7 @@ class ResponsesWebSocket(Owner):
         their upgrade until it is refused, fails or the socket ends (``_end``). A client's count is
         of its identity's sockets whose key is still accepted (a revoked or rotated key's socket
         serves it no more, and holds no slot of the new key; it counts for the gateway until it
-        closes)."""
+        has ended: the gateway closes it, ``clients_changed``)."""
         spec = self.gate.callers.get(flow.id)
         limit = spec.max_sockets if spec is not None else None
         mine = 0 if limit is None else sum(
@@ -303,10 +316,34 @@ class ResponsesWebSocket(Owner):
             log.warning(f"resp2chat: refusing an oversized WebSocket message failed: {type(exc).__name__}: {exc}",
                         exc_info=exc)
 
+    def clients_changed(self, accepts) -> None:
+        """The clients were reloaded (Gate.changed; ``accepts``: is the key a socket was opened
+        with still accepted?): a socket whose key is not is closed now (``_close``); one with a
+        turn in flight once that turn has ended (it was stopped: Turns.clients_changed), at the
+        end of its message (``message``)."""
+        for live in list(self.live.values()):
+            if live.current is None and not accepts(live.spec):
+                self._close(live)
+
+    def _close(self, live: OpenSocket, told: bool = False) -> None:
+        """Close a socket whose key is no longer accepted: the client hears why (unless ``told``:
+        the message it just sent was refused for it), then a close frame (1008: the module says
+        why); the relay ends it, and ``websocket_end`` takes it out of ``live``."""
+        if live.closed:
+            return
+        live.closed = True
+        err = no_longer_accepted()
+        live.sock.close(1008, "API key no longer accepted", [] if told else [ws.error_message(err)])
+        live.conn = ws.Connection(max_bytes=0)  # (what it remembers is let go now, not at its end)
+        live.flow.metadata[META]["closed_by_gateway"] = err.code
+        who = f"client {live.client!r}" if live.client is not None else "a socket without a key"
+        log.info(f"resp2chat: WebSocket {request_id(live.flow)} of {who} closed: its key is no longer accepted")
+
     def _client(self, live: OpenSocket):
         """The socket's client as configured now: a key revoked (or changed) since the upgrade
-        is refused from its next message on, as a new request with it would be, and so is a
-        socket opened without a key once the gateway takes keys (``keys add`` since)."""
+        is refused, as a new request with it would be, and so is a socket opened without a key
+        once the gateway takes keys (``keys add`` since); the socket is closed after it
+        (``message``), if ``clients_changed`` has not closed it already."""
         if not self.gate.accepts(live.spec):
             raise no_longer_accepted()
         return self.gate.client(live.client)  # (as configured now: its limits reloaded; None: no keys)
@@ -332,6 +369,8 @@ class ResponsesWebSocket(Owner):
             self._settled(live, m)
             self._refuse(live, m, GatewayError(gateway_failure("handle this message", m.request_id),
                                                code="server_error", status=500, type="server_error"), send)
+        if not live.closed and not self.gate.accepts(live.spec):  # (its key went while it was served)
+            self._close(live, told=m.refused == REVOKED)
 
     async def _message(self, live: OpenSocket, m: Message, message: str | bytes, send) -> None:
         """One message: turns.py's steps, as for an HTTP request (the same chat bytes), with this
@@ -391,6 +430,8 @@ class ResponsesWebSocket(Owner):
                 sent.extend(messages)
             send([message for _, message in messages])
 
+        if live.closed:
+            return  # (its key went while it was read: the socket is closing, nothing more is served)
         if self.server_replay is not None and self.server_replay.active \
                 and self._replay(live, m, send, create.warmup, client, turn_id):
             return  # answered from a recording (--server-replay)
@@ -449,6 +490,7 @@ class ResponsesWebSocket(Owner):
     def _refuse(self, live: OpenSocket, m: Message, err: GatewayError, send, **note) -> None:
         """A message the gateway answers itself with an ``error``: sent, recorded, counted."""
         send([ws.error_message(err)])
+        m.refused = err.code
         if len(m.text) > REFUSED_KEPT:
             note["responses_request_chars"] = len(m.text)
         self._record(live, {"responses_request": m.text[:REFUSED_KEPT], "request_id": m.request_id,

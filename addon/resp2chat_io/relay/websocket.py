@@ -13,6 +13,15 @@ the socket's ``on_message`` (resp2chat_io/addons/websocket.py), which answers th
 (a list of text messages). Reading goes on meanwhile: pings are answered, and a close frame or
 EOF (the client went away) cancels the message being served, and with it the backend call.
 
+How a socket ends: one way, whoever ends it. The read loop returns — at the client's close frame
+or EOF, or at the gateway's shutdown (its task cancelled) — and the message being served is
+cancelled (the worker), the connection closed; mitmproxy then ends the flow (the addon's
+``websocket_end``). The gateway closes a socket itself with ``Socket.close`` (a code, a reason,
+its last messages: the addon's, for a key no longer accepted): its last messages and a close
+frame go out, nothing more is read into the inbox nor served from it, and the client's answering
+close frame (mitmproxy answers at once) ends the read loop as a client's close does;
+``CLOSE_WAIT`` seconds without one, the connection is dropped, which ends it the same way.
+
 Bounds: a message larger than the socket's ``max_message`` (``max_request_body_mb``) closes the
 socket with 1009; none gets here, as mitmproxy refuses one while it arrives (the addon answers it
 with a 413 ``error`` through ``Socket.send``: resp2chat_io/mitm_websocket.py).
@@ -39,6 +48,7 @@ from .constants import READ
 log = logging.getLogger("resp2chat.relay")
 
 MAX_QUEUED = 16  # client messages waiting behind the one being served, at most
+CLOSE_WAIT = 5.0  # seconds the gateway's close frame waits for the client's before the connection is dropped
 
 Send = Callable[[list[str | bytes]], None]  # text messages: str, or UTF-8 bytes (framed as they are)
 
@@ -62,6 +72,17 @@ class Socket:
     on_message: Callable[[str | bytes, Send], Awaitable[None]]  # serves one client message (text, or binary)
     max_message: int  # bytes (characters of a text message) a client message may have: max_request_body_mb
     send: Send | None = None  # set once the socket is open: the addon answers a message mitmproxy refused with it
+    closing: tuple[int, str, list[str | bytes]] | None = None  # (``close``: its code, reason, last messages)
+    _close: Callable[[], None] | None = None  # set while the socket is served: sends ``closing`` now
+
+    def close(self, code: int, reason: str, last: list[str | bytes] = ()) -> None:
+        """The gateway closes the socket: ``last`` (text messages) then a close frame with
+        ``code`` and ``reason``, at once (or as soon as it is open: just after its ``101``). The
+        socket then ends as when its client closes it (``serve``). Only the first call counts."""
+        if self.closing is None:
+            self.closing = (code, reason, list(last))
+            if self._close is not None:
+                self._close()
 
 
 async def serve(sock: Socket, request: h11.Request, conn: h11.Connection, reader: asyncio.StreamReader,
@@ -86,7 +107,23 @@ async def serve(sock: Socket, request: h11.Request, conn: h11.Connection, reader
             writer.write(b"".join(text_frame(text) if text.__class__ is bytes else ws.send(TextMessage(data=text))
                                   for text in texts))
 
+    def close() -> None:
+        """``sock.closing`` sent; the messages still waiting are dropped, none is read any more."""
+        code, reason, last = sock.closing
+        send(last)
+        if ws.state is ConnectionState.OPEN and not writer.is_closing():
+            writer.write(ws.send(CloseConnection(code=code, reason=reason)))
+        while not inbox.empty():
+            inbox.get_nowait()
+        queued[0] = 0
+        room.set()
+        drop.append(asyncio.get_running_loop().call_later(CLOSE_WAIT, writer.transport.abort))
+
+    drop: list[asyncio.TimerHandle] = []
     sock.send = send
+    sock._close = close
+    if sock.closing is not None:  # (closed before it opened)
+        close()
 
     async def work() -> None:
         while True:
@@ -107,10 +144,12 @@ async def serve(sock: Socket, request: h11.Request, conn: h11.Connection, reader
         while True:
             for event in ws.events():
                 if isinstance(event, Message):
+                    if sock.closing is not None:
+                        continue  # (the gateway closed it: nothing more is served)
                     parts.append(event.data)
                     size += len(event.data)
                     if size > sock.max_message:
-                        writer.write(ws.send(CloseConnection(code=1009, reason="message too big: larger than max_request_body_mb")))
+                        sock.close(1009, "message too big: larger than max_request_body_mb")
                         return
                     if event.message_finished:
                         # a binary message stays bytes: the addon reads it as strictly as an HTTP body
@@ -132,5 +171,8 @@ async def serve(sock: Socket, request: h11.Request, conn: h11.Connection, reader
     except (ConnectionError, LocalProtocolError, RemoteProtocolError):
         pass
     finally:
+        sock._close = None
+        for timer in drop:
+            timer.cancel()
         worker.cancel()
         await asyncio.gather(worker, return_exceptions=True)
