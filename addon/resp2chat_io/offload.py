@@ -18,10 +18,11 @@ peak memory does not add up. Only decoding moves: checking the caps (turn.py ``c
 validating and lowering stay on the loop (the lowering caches and the store are not
 thread-safe), after the caps bounded what they walk.
 
-What a large body's flow leaves behind is freed here too: a full ``gc.collect()`` once
-``COLLECT`` bytes of large bodies came in since the last (``_reclaim``): a finished flow is
-cyclic garbage holding ~3x its body, which CPython's own collections, counting objects, leave
-for hundreds of turns.
+What a large body's flow leaves behind is freed here too: a ``gc.collect()`` once ``COLLECT``
+bytes of large bodies came in since the last (``_reclaim``): a finished flow is cyclic garbage
+holding ~3x its body, which CPython's own collections, counting objects, leave for hundreds of
+turns. What survives a collection is frozen (``gc.freeze``), so the next ones do not walk the
+caches again; every ``FULL``-th unfreezes it first.
 
 Limit: CPython's JSON decoder gives the GIL up only at those hooks (objects and numbers); a body
 that is nothing but millions of empty arrays still holds the loop for the ~1 s its decoding takes.
@@ -37,10 +38,12 @@ from concurrent.futures import ThreadPoolExecutor
 from resp2chat_core import requestbody
 
 LARGE = 1 << 20  # bytes: a body this large is decoded off the loop
-COLLECT = 16 << 20  # bytes of large bodies between two full collections of the garbage (``_reclaim``)
+COLLECT = 16 << 20  # bytes of large bodies between two collections of the garbage (``_reclaim``)
+FULL = 4  # every FULL-th of them walks what earlier ones froze as well (``_reclaim``)
 
 _worker: ThreadPoolExecutor | None = None
-_since = 0  # bytes of large bodies decoded since the last full collection
+_since = 0  # bytes of large bodies decoded since the last collection
+_collections = 0  # collections made (``_reclaim``)
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -73,12 +76,19 @@ def _reclaim(size: int) -> None:
     to a quarter of the long-lived ones (the full prefix cache: ~150k objects, hundreds of flows).
     Measured (test_prefix_cache.py, 24 sessions of 1.6 MB): without this, one full collection in
     48 turns and ~2 MB more in use every turn after it; with it, flat. Cost: ~120 ms of CPU a
-    collection over the full caches (docs/performance.md, the prefix cache's memory)."""
-    global _since
+    collection over the full caches, so what survives one is frozen (the next ones walk only
+    what came since: a few ms) and every ``FULL``-th walks it all again (garbage that was alive
+    when frozen, a turn in flight then, is freed at most ``FULL`` collections later)
+    (docs/performance.md, the prefix cache's memory)."""
+    global _since, _collections
     _since += size
     if _since >= COLLECT:
         _since = 0
+        _collections += 1
+        if _collections % FULL == 0:
+            gc.unfreeze()  # (every FULL-th: what was frozen is looked at again, its garbage freed)
         gc.collect()
+        gc.freeze()  # (what survived it, the caches above all, is not walked by the next ones)
 
 
 async def reduce(body: bytes, fn, keys: bool = False):
