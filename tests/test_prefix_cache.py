@@ -570,3 +570,36 @@ def test_a_gateway_fed_more_history_than_its_caches_hold_keeps_its_memory_bounde
     started, settled, end = seen[0], seen[15], seen[31]
     assert end["VmHWM"] - settled["VmHWM"] < 15_000, seen  # kB: flat once full
     assert end["VmHWM"] - started["VmHWM"] < 160_000, seen  # what the caches hold (docs/performance.md)
+
+
+def test_what_a_collection_froze_is_walked_again_when_no_more_large_bodies_come(monkeypatch):
+    """offload._reclaim freezes what survives its collection (the caches: later collections
+    skip them); garbage made of what it froze (a socket's flow that ended since, a mitmweb flow
+    cleared) is freed ``THAW_SECS`` after the last collection, not kept for as long as no large
+    body comes."""
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    monkeypatch.setattr(offload, "THAW_SECS", 0.2)
+    monkeypatch.setattr(offload, "_collections", 0)
+
+    async def run():
+        node = Node()
+        node.me = node  # (a cycle: only the collector frees it)
+        gone = weakref.ref(node)
+        offload._reclaim(offload.COLLECT)  # (a collection: node, alive, is frozen)
+        del node
+        gc.collect()
+        frozen = gone() is not None
+        await asyncio.sleep(1.0)
+        return frozen, gone() is None
+
+    try:
+        frozen, freed = asyncio.run(run())
+    finally:
+        gc.unfreeze()
+    assert frozen  # (what the freeze is for: collections skip it)
+    assert freed

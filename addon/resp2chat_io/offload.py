@@ -22,7 +22,8 @@ What a large body's flow leaves behind is freed here too: a ``gc.collect()`` onc
 bytes of large bodies came in since the last (``_reclaim``): a finished flow is cyclic garbage
 holding ~3x its body, which CPython's own collections, counting objects, leave for hundreds of
 turns. What survives a collection is frozen (``gc.freeze``), so the next ones do not walk the
-caches again; every ``FULL``-th unfreezes it first.
+caches again; every ``FULL``-th unfreezes it first, and so does ``_thaw``, ``THAW_SECS`` after
+the last collection (what was frozen then would otherwise be kept however long no large body came).
 
 Limit: CPython's JSON decoder gives the GIL up only at those hooks (objects and numbers); a body
 that is nothing but millions of empty arrays still holds the loop for the ~1 s its decoding takes.
@@ -40,10 +41,12 @@ from resp2chat_core import requestbody
 LARGE = 1 << 20  # bytes: a body this large is decoded off the loop
 COLLECT = 16 << 20  # bytes of large bodies between two collections of the garbage (``_reclaim``)
 FULL = 4  # every FULL-th of them walks what earlier ones froze as well (``_reclaim``)
+THAW_SECS = 60.0  # seconds after the last collection, what it froze is walked again (``_thaw``)
 
 _worker: ThreadPoolExecutor | None = None
 _since = 0  # bytes of large bodies decoded since the last collection
 _collections = 0  # collections made (``_reclaim``)
+_thawing: asyncio.TimerHandle | None = None  # the ``_thaw`` due after the last collection
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -78,9 +81,10 @@ def _reclaim(size: int) -> None:
     48 turns and ~2 MB more in use every turn after it; with it, flat. Cost: ~120 ms of CPU a
     collection over the full caches, so what survives one is frozen (the next ones walk only
     what came since: a few ms) and every ``FULL``-th walks it all again (garbage that was alive
-    when frozen, a turn in flight then, is freed at most ``FULL`` collections later)
-    (docs/performance.md, the prefix cache's memory)."""
-    global _since, _collections
+    when frozen, a turn in flight then, is freed at most ``FULL`` collections later, or
+    ``THAW_SECS`` after the last when no more large bodies come) (docs/performance.md, the
+    prefix cache's memory)."""
+    global _since, _collections, _thawing
     _since += size
     if _since >= COLLECT:
         _since = 0
@@ -89,6 +93,19 @@ def _reclaim(size: int) -> None:
             gc.unfreeze()  # (every FULL-th: what was frozen is looked at again, its garbage freed)
         gc.collect()
         gc.freeze()  # (what survived it, the caches above all, is not walked by the next ones)
+        if _thawing is not None:
+            _thawing.cancel()
+        _thawing = asyncio.get_running_loop().call_later(THAW_SECS, _thaw)
+
+
+def _thaw() -> None:
+    """No large body came for ``THAW_SECS`` after the last collection: what it froze is walked
+    again (a socket's flow, a mitmweb flow cleared, an addon graph a reload left: garbage since,
+    which no later collection would otherwise see), once."""
+    global _thawing
+    _thawing = None
+    gc.unfreeze()
+    gc.collect()
 
 
 async def reduce(body: bytes, fn, keys: bool = False):

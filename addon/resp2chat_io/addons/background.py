@@ -303,7 +303,7 @@ class Background:
         """An ended run's log, kept here: the last ``KEPT``, ``KEPT_BYTES`` of them at most."""
         self.kept[response_id] = ended
         self.kept_bytes += len(ended.sse)
-        while len(self.kept) > KEPT or self.kept_bytes > KEPT_BYTES:
+        while self.kept and (len(self.kept) > KEPT or self.kept_bytes > KEPT_BYTES):
             self.kept_bytes -= len(self.kept.popitem(last=False)[1].sse)
 
     async def done(self) -> None:
