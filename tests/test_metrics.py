@@ -239,6 +239,54 @@ def test_refused_passthrough_calls_are_counted_and_logged(upstream, gateway_fact
     assert carol not in log_path.read_text()
 
 
+def test_refused_upgrades_and_sockets_the_gateway_closed_are_counted_and_logged(upstream, tmp_path):
+    """An upgrade to the Responses WebSocket the gateway refuses (no key: the gate's 401; past
+    carol's max_sockets: 429; past the gateway's max_websockets: 503) counts in
+    ``resp2chat_refused_requests_total`` with route ``GET /v1/responses`` and has its access-log
+    line, as a refused passthrough call does; and so does a socket the gateway closes because
+    its key was revoked (``invalid_api_key``; its line's HTTP status the upgrade's 101). No turn
+    is counted. Before, none of them was anywhere."""
+    from wsclient import WSClient, refused_upgrade
+
+    log_path = tmp_path / "access.jsonl"
+    carol = {"authorization": "Bearer " + run_cli(tmp_path, "keys", "add", "carol", "--max-sockets", "1").stdout.strip()}
+    bob = {"authorization": "Bearer " + run_cli(tmp_path, "keys", "add", "bob").stdout.strip()}
+    gw = start_gateway(upstream.origin, tmp_path, "--set", "resp2chat_max_websockets=2",
+                       "--set", f"resp2chat_access_log_path={log_path}", env=cli_env(tmp_path))
+    try:
+        held = WSClient(gw.base_url, headers=carol)
+        refused = [refused_upgrade(gw.base_url), refused_upgrade(gw.base_url, carol)]
+        bobs = WSClient(gw.base_url, headers=bob)
+        refused.append(refused_upgrade(gw.base_url, bob))
+        assert [r.status for r in refused] == [401, 429, 503]
+        assert run_cli(tmp_path, "keys", "revoke", "bob").returncode == 0
+        bobs.sock.settimeout(8)
+        assert bobs.next_message()["error"]["code"] == "invalid_api_key"
+        assert bobs.next_message() is None and bobs.closed[0] == 1008
+        m = scrape(gw, **carol)
+        socket = dict(route="GET /v1/responses")
+        for labels, n in ((dict(socket, client="", status="rejected", code="invalid_api_key"), 1),
+                          (dict(socket, client="carol", status="rejected", code="rate_limit_exceeded"), 1),
+                          (dict(socket, client="bob", status="failed", code="server_overloaded"), 1),
+                          (dict(socket, client="bob", status="rejected", code="invalid_api_key"), 1)):
+            assert value(m, "resp2chat_refused_requests_total", **labels) == n, labels
+        assert sum(v for (name, _), v in m.items() if name == "resp2chat_refused_requests_total") == 4
+        assert not any(name == "resp2chat_turns_total" for name, _ in m)
+        lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+        assert [(x["path"], x["http_status"], x["code"], x["client"], x["status"]) for x in lines] == [
+            ("/v1/responses", 401, "invalid_api_key", None, "rejected"),
+            ("/v1/responses", 429, "rate_limit_exceeded", "carol", "rejected"),
+            ("/v1/responses", 503, "server_overloaded", "bob", "failed"),
+            ("/v1/responses", 101, "invalid_api_key", "bob", "rejected")]
+        assert [x["request_id"] for x in lines[:3]] == [r.headers["x-request-id"] for r in refused]
+        assert lines[3]["request_id"].startswith("req_") and lines[3]["total_ms"] > 0
+        held.close()
+        text = log_path.read_text()
+        assert carol["authorization"][7:] not in text and bob["authorization"][7:] not in text
+    finally:
+        gw.stop()
+
+
 def entry_bytes(store_dir) -> dict[str, int]:
     """Owner -> the bytes of its entries as the store counts them (an entry's compact JSON), from
     the store's directory copy."""

@@ -1,8 +1,10 @@
 """The access log: one JSON line per turn, however it ended (``access_log_path``; ``-``: stderr):
 each ``POST /v1/responses`` (refused and replayed ones included) and each turn on the Responses
 WebSocket (outcomes.py); and one per request that is not a turn but goes to a backend
-(``passthrough_paths``, ``input_tokens``) the gateway refused, with its ``"path"`` (a turn's
-line has none: ``resp2chat usage`` counts turns only).
+(``passthrough_paths``, ``input_tokens``, an upgrade to the Responses WebSocket) the gateway
+refused, and per socket it closed because its key is no longer accepted (``"http_status"``
+101: the upgrade's), with its ``"path"`` (a turn's line has none: ``resp2chat usage`` counts
+turns only).
 
 ``{"time", "request_id", "session", "model", "upstream", "client", "status", "code", "http_status",
 "input_tokens", "cached_tokens", "output_tokens", "gateway_ms", "ttft_ms", "total_ms"}`` (+ ``"fallbacks"``

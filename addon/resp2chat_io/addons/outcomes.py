@@ -18,7 +18,11 @@ use, a body it cannot read), as a ``rejected`` outcome (``failed``: a 5xx of its
 upstream answering the model list) with its ``path`` and ``route`` (the
 ``passthrough_paths`` entry it matched, or ``POST /v1/responses/input_tokens``: a bounded label).
 What the upstream answered is the upstream's (upstreams.py marks the flows it sends there,
-``FORWARDED``); a passthrough it served is not reported.
+``FORWARDED``); a passthrough it served is not reported. So does an upgrade to the Responses
+WebSocket the gateway refused (route ``WEBSOCKET``: the gate's 401, a client's ``max_sockets``
+429, the gateway's ``max_websockets`` 503 ``failed``, the transport off…), and a socket the
+gateway closed because its key is no longer accepted (addons/websocket.py ``emit``s it once a
+socket: ``rejected``, ``invalid_api_key``, HTTP status 101, the upgrade's, and its time open).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from .turns import NOT_RECORDED, SERVER_REPLAY
 from .upstreams import FORWARDED
 
 INPUT_TOKENS = "POST /v1/responses/input_tokens"
+WEBSOCKET = "GET /v1/responses"  # an upgrade to the Responses WebSocket, and the socket it opened (a route label)
 
 
 @dataclass(kw_only=True)
@@ -63,7 +68,7 @@ class Outcome:
     mcp_calls: tuple = ()  # (server: its mcp_servers label, outcome) of each MCP call the turn ran
     latency: float | None = None  # seconds from the request to its chat request handed to a backend
     path: str = ""  # a request that is not a turn: its path (bounded); "" for a turn
-    route: str = ""  # ... and the passthrough_paths entry it matched, or INPUT_TOKENS (a label)
+    route: str = ""  # ... and the passthrough_paths entry it matched, INPUT_TOKENS or WEBSOCKET (a label)
     at: float = field(default_factory=time.time)
 
 
@@ -147,14 +152,16 @@ class Outcomes:
         req, resp = flow.request, flow.response
         if resp.status_code < 400 or meta.get(FORWARDED) or flow.is_replay:
             return
-        route = self._route(req.method, req.path.split("?", 1)[0])
+        path = req.path.split("?", 1)[0]
+        upgrade = "websocket" in req.headers.get("upgrade", "").lower() and path in RESPONSES_PATHS
+        route = WEBSOCKET if upgrade else self._route(req.method, path)
         if route is None:
             return
         status = "rejected" if resp.status_code < 500 else "failed"  # (no upstream answered GET /v1/models)
         self.emit(Outcome(request_id=request_id(flow), session=None, model="", upstream="", status=status,
                           code=_error_code(resp), took=(resp.timestamp_end or time.time()) - req.timestamp_start,
                           http_status=resp.status_code, client=meta.get("client", ""),
-                          path=shown(req.path.split("?", 1)[0]), route=route))
+                          path=shown(path), route=route))
 
     def _route(self, method: str, path: str) -> str | None:
         """Which ``passthrough_paths`` entry a request matches (as ``METHOD /path``, ``/path/*``),

@@ -17,7 +17,8 @@
   ``max_sockets`` (``429 rate_limit_exceeded``) and the gateway's ``max_websockets`` (``503
   server_overloaded``), both with ``retry-after``; past either, the upgrade is refused before the
   relay takes it (``_no_room``; Codex then uses HTTP). A socket counts from its upgrade until it
-  is refused, fails or ends (``_end``: the only way out of ``live``).
+  is refused, fails or ends (``_end``: the only way out of ``live``). A refused upgrade is a
+  refused request in the metrics and the access log (outcomes.py, route ``GET /v1/responses``).
 - a socket whose key is no longer accepted (revoked, rotated, or none once the gateway takes
   keys: ``Gate.accepts``; a client's ``models`` changed is not that) is closed by the gateway
   when it hears of the change (``clients_changed``), without waiting for the client: an
@@ -28,7 +29,8 @@
   ``response.failed``, ``invalid_api_key``); the close follows it (``message``). A message that
   comes first is refused, and the socket closed after it. The relay ends it then
   (``Socket.close``), and mitmproxy's ``websocket_end`` takes it out of ``live``: its memory
-  and its slot of ``max_websockets`` are free.
+  and its slot of ``max_websockets`` are free. The close is counted once, as a refused upgrade
+  is (``Outcomes.emit``: ``invalid_api_key``, HTTP status 101).
 - the flow (the upgrade) records every turn in ``flow.metadata["resp2chat"]["turns"]``: the
   message, the chat request, the backend's stream and the events sent; ``flow.comment`` sums
   the socket up; finished turns go to ``Turns.finished`` listeners and the request log.
@@ -72,7 +74,7 @@ from resp2chat_io.relay.upstream import failure
 from .base import (META, RESPONSES_PATHS, Owner, RecordText, fails_closed, log, refusal, request_id,
                    show_url)
 from .redact import UNREAD_MCP, may_hold_mcp
-from .outcomes import Outcome
+from .outcomes import WEBSOCKET, Outcome
 from .server_replay import not_recorded
 from .turns import UNRECORDED, Finished, TurnRun
 RECORD_BUDGET = 64 << 20  # turn records kept on one socket's flow; later turns are noted without their bodies
@@ -338,6 +340,12 @@ class ResponsesWebSocket(Owner):
         live.flow.metadata[META]["closed_by_gateway"] = err.code
         who = f"client {live.client!r}" if live.client is not None else "a socket without a key"
         log.info(f"resp2chat: WebSocket {request_id(live.flow)} of {who} closed: its key is no longer accepted")
+        if self.outcomes is not None:  # (metrics and the access log: the socket refused, as a refused upgrade)
+            req = live.flow.request
+            self.outcomes.emit(Outcome(request_id=request_id(live.flow), session=None, model="", upstream="",
+                                       status="rejected", code=err.code or "", took=time.time() - req.timestamp_start,
+                                       http_status=101, client=live.client or "",
+                                       path=shown(req.path.split("?", 1)[0]), route=WEBSOCKET))
 
     def _client(self, live: OpenSocket):
         """The socket's client as configured now: a key revoked (or changed) since the upgrade
