@@ -110,7 +110,12 @@ class OpenSocket:
     dropped: int = 0  # messages not kept, and their bytes
     dropped_bytes: int = 0
     passing: object = None  # the newest message, not to be kept: it leaves the list at the next one's hook
-    closed: bool = False  # the gateway closed it (its key no longer accepted: ``_close``), waiting for it to end
+
+    @property
+    def closing(self) -> bool:
+        """The gateway closed it (``sock.closing``: its key no longer accepted, ``_close``; a
+        message too big, the relay's 1009), waiting for it to end: nothing more is served."""
+        return self.sock.closing is not None
 
 
 @dataclass(eq=False)
@@ -330,10 +335,10 @@ class ResponsesWebSocket(Owner):
     def _close(self, live: OpenSocket, told: bool = False) -> None:
         """Close a socket whose key is no longer accepted: the client hears why (unless ``told``:
         the message it just sent was refused for it), then a close frame (1008: the module says
-        why); the relay ends it, and ``websocket_end`` takes it out of ``live``."""
-        if live.closed:
+        why); the relay ends it, and ``websocket_end`` takes it out of ``live``. One the gateway
+        closes already (the relay's 1009) is let end so."""
+        if live.closing:
             return
-        live.closed = True
         err = no_longer_accepted()
         live.sock.close(1008, "API key no longer accepted", [] if told else [ws.error_message(err)])
         live.conn = ws.Connection(max_bytes=0)  # (what it remembers is let go now, not at its end)
@@ -377,7 +382,7 @@ class ResponsesWebSocket(Owner):
             self._settled(live, m)
             self._refuse(live, m, GatewayError(gateway_failure("handle this message", m.request_id),
                                                code="server_error", status=500, type="server_error"), send)
-        if not live.closed and not self.gate.accepts(live.spec):  # (its key went while it was served)
+        if not live.closing and not self.gate.accepts(live.spec):  # (its key went while it was served)
             self._close(live, told=m.refused == REVOKED)
 
     async def _message(self, live: OpenSocket, m: Message, message: str | bytes, send) -> None:
@@ -438,7 +443,7 @@ class ResponsesWebSocket(Owner):
                 sent.extend(messages)
             send([message for _, message in messages])
 
-        if live.closed:
+        if live.closing:
             return  # (its key went while it was read: the socket is closing, nothing more is served)
         if self.server_replay is not None and self.server_replay.active \
                 and self._replay(live, m, send, create.warmup, client, turn_id):
