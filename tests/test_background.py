@@ -373,6 +373,38 @@ def test_large_streamed_runs_leave_no_events_behind_once_they_end(gateway_factor
         assert check_stream(raw, small)[-1]["type"] == "response.completed"
 
 
+def test_a_resume_on_another_replica_of_a_large_run_is_the_same_400(gateway_factory, redis_server):
+    """A streamed background run on replica A whose events pass ``MAX_EVENTS`` keeps none once it
+    ended: a resume is the 400 "not kept" on A and on B alike. A resume B took while the run went
+    on (B follows it in Redis, and has answered its 200 then) ends with that error, as an
+    ``error`` event numbered after ``starting_after``. Before, B's stream was empty: ``data:
+    [DONE]`` alone, which no client can tell from a response that had no more events."""
+    Sized.sent.clear()
+    Sized.go.clear()
+    with LocalServer(Sized) as backend:
+        a, b = [gateway_factory(backend.url, "--set", "resp2chat_max_replay_entries=0",
+                                "--set", f"resp2chat_state_store_url={redis_server.url}") for _ in range(2)]
+        r = requests.post(f"{a.base_url}/responses", stream=True, timeout=60, json={
+            "model": "m", "input": "pause, kib: 3072", "background": True, "stream": True})
+        rid = next(iter_sse(r))["response"]["id"]
+        r.close()  # (the run goes on)
+        assert Sized.sent.wait(60)
+        following = requests.get(f"{b.base_url}/responses/{rid}?stream=true&starting_after=0", stream=True,
+                                 timeout=60)
+        assert following.status_code == 200, following.text
+        Sized.go.set()  # (the run ends: more than MAX_EVENTS of events, none kept)
+        assert poll(openai_client(a), rid, 120).status == "completed"
+        for gw in (a, b):
+            resumed = requests.get(f"{gw.base_url}/responses/{rid}?stream=true&starting_after=0", timeout=60)
+            assert not_kept(resumed), (gw.base_url, resumed.status_code, resumed.content[:300])
+        raw = following.content
+        assert raw.endswith(b"data: [DONE]\n\n"), raw[-300:]
+        [error] = parse_sse(raw)
+        assert error["type"] == "error" and error["sequence_number"] == 1, error
+        assert error["status"] == 400 and error["code"] == "invalid_value" and "were not kept" in error["message"]
+        assert error["error"]["code"] == "invalid_value"
+
+
 def test_a_running_log_keeps_its_latest_events_and_its_clients_get_them_all(gateway_factory):
     """While a streamed background response runs, the gateway holds its latest events only
     (about ``MAX_EVENTS``, 4 MiB), not all of them: a client streaming it gets every event to the

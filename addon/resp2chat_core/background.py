@@ -20,7 +20,8 @@ Rules of this file:
   streams those after sequence number ``N`` (``after``). At most ``MAX_EVENTS`` of them: a run
   whose events pass it is stored without them (``ended``), and its gateway holds only the last
   of them while it runs (addons/background.py ``Log``): a resume asking for events no longer
-  held is refused (``not_kept``), one error for both.
+  held is refused (``not_kept``), one error for both; a resume another replica answered while
+  the run went on gets it as its stream's end (``error_event``) when the run ended without them.
 """
 
 from __future__ import annotations
@@ -134,12 +135,17 @@ def not_kept() -> GatewayError:
 
 def lagged(sequence_number: int, behind: int) -> bytes:
     """The end of a stream whose client fell ``behind`` bytes behind the response's events (it did
-    not read them): an ``error`` event, numbered after the last one it got, with OpenAI's fields
-    (``code``, ``message``, ``param``) and the Open Responses specification's (``status``,
-    ``error``); the response runs on."""
-    err = GatewayError(f"this stream fell {behind >> 20} MiB behind the response's events (its client did not read "
-                       "them) and was ended: the response runs on; GET it without stream once it ends",
-                       code="stream_lagged")
+    not read them): an ``error`` event (``error_event``); the response runs on."""
+    return error_event(GatewayError(f"this stream fell {behind >> 20} MiB behind the response's events (its client "
+                                    "did not read them) and was ended: the response runs on; GET it without stream "
+                                    "once it ends", code="stream_lagged"), sequence_number)
+
+
+def error_event(err: GatewayError, sequence_number: int) -> bytes:
+    """The end of a resumed stream that cannot go on (``lagged``; ``not_kept`` once its 200 went
+    out: a run of another replica, followed, ended with its events not kept): an ``error``
+    event, numbered after the last one its client got, with OpenAI's fields (``code``,
+    ``message``, ``param``) and the Open Responses specification's (``status``, ``error``)."""
     error = {"type": "error", "sequence_number": sequence_number, "status": err.status, **err.body(),
              **{k: err.body()["error"][k] for k in ("code", "message", "param")}}
     return b"event: error\ndata: " + json.dumps(error).encode() + b"\n\n"

@@ -21,7 +21,9 @@ connection; clients poll, cancel and resume it (the rules: resp2chat_core/backgr
 - ``resume`` (``GET /v1/responses/{id}?stream=true&starting_after=N``, through the store addon):
   the events after ``N``, from this gateway's run, live, or once it ended, from the store (a run
   of another replica: its events when it ends, read by one follower per response here, which
-  every client streaming it shares and which stops when the last of them goes away).
+  every client streaming it shares and which stops when the last of them goes away; one that
+  ended with its events not kept ends their streams with the "not kept" error, an ``error``
+  event: their 200 went out while it ran).
 
 Only a streamed run has events in its ``Log``: one created without ``stream`` is never streamed.
 What this gateway holds of them is bounded in bytes (the team shares it):
@@ -79,6 +81,7 @@ class Log:
     base: int = 0  # bytes of its events that went from its front
     gone: int = -1  # the last sequence number among them (-1: none went)
     done: bool = False
+    refused: GatewayError | None = None  # a followed one that ended with its events not kept (``_poll``)
     feeds: dict = field(default_factory=dict)  # relay Feeds streaming it now: their ``FeedStream``
     task: asyncio.Task | None = None  # a followed one's (``Background._follow``): the task reading the store
 
@@ -172,6 +175,8 @@ class FeedStream:
         out = B.after(new, self.starting_after) if new else b""
         if not data and log.done:
             self.ended = True
+            if log.refused is not None:  # (it has no events: its client got none)
+                out += B.error_event(log.refused, self.starting_after + 1)
             out += DONE
         return out or []
 
@@ -401,7 +406,10 @@ class Background:
                 await asyncio.sleep(POLL)
                 entry = await self.store.get(response_id, owner)
                 if entry is None or not B.is_running(entry["response"]) or B.is_dead(entry["response"], time.time()):
-                    followed.add(B.stored_events(entry["response"]) or b"" if entry else b"")
+                    events = B.stored_events(entry["response"]) if entry else None
+                    if events is None and entry is not None and not B.is_running(entry["response"]):
+                        followed.refused = B.not_kept()  # (as a resume asked now is: ``resume``)
+                    followed.add(events or b"")
                     break
         except StateUnavailable as exc:
             log.warning(f"resp2chat: following background {response_id}: {exc}")
