@@ -20,8 +20,11 @@ The relay runs one candidate at a time through an ``Attempt``, a stand-in for th
 ``UpstreamFailed`` that arrives before anything was passed is held back. If the failure falls
 back and another candidate remains, nothing of it ever reaches the turn; the next candidate
 gets a fresh ``Attempt``. ``Keepalive`` events pass without committing (they are the gateway's
-own words to a waiting client, not part of an answer). When every candidate failed, one
-``UpstreamFailed`` names them all (``all_failed``), with the shortest ``Retry-After`` any gave.
+own words to a waiting client, not part of an answer). A call that passes nothing on (the
+compaction summary, read whole by the gateway) never commits by itself: once it answered, the
+relay commits it (``release``), so its ``Rerouted`` still goes before anything else. When every
+candidate failed, one ``UpstreamFailed`` names them all (``all_failed``), with the shortest
+``Retry-After`` any gave.
 """
 
 from __future__ import annotations
@@ -122,15 +125,19 @@ class Attempt:
         self.committed = False
         self.before = before
 
-    def _commit(self) -> None:
-        self.committed = True
-        for event in self.before:
-            self.channel.event(event)
+    def release(self) -> None:
+        """This candidate answers the turn: its ``before`` events go now, once (by itself it
+        commits at the first thing it passes on; a call that answered passing nothing on is
+        committed so, by the relay)."""
+        if not self.committed:
+            self.committed = True
+            for event in self.before:
+                self.channel.event(event)
 
     def data(self, chunk: bytes) -> None:
         if chunk:
             if not self.committed:
-                self._commit()
+                self.release()
             self.channel.data(chunk)
 
     def event(self, event: Event) -> None:
@@ -139,7 +146,7 @@ class Attempt:
                 self.failure = event
                 return
             if not isinstance(event, Keepalive):
-                self._commit()
+                self.release()
         self.channel.event(event)
 
     # what the relay's flow control reads and sets: the real channel's

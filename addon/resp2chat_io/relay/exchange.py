@@ -13,6 +13,8 @@ further than its ``Attempt`` while another candidate remains; the next one is ca
 (routing.py's rule). One walk of the candidates does this (``_walk``), for every call of a turn
 that may fall back: a compaction round's summary request, and the answer's first round. Only
 the first round of a tool loop falls back (later rounds follow what the client already has).
+A call that answered commits its ``Attempt`` (its ``Rerouted`` goes) even if it passed nothing
+on (the summary).
 
 The tool loop (resp2chat_core/toolloop.py: web search, hosted MCP tools) is decided in the core;
 here its steps run: ``_run_steps`` runs a round's steps (Brave searches, MCP listings and calls:
@@ -338,8 +340,6 @@ async def _compact(ex: Exchange, client: UpstreamClient, headers: list[tuple[byt
         ex.channel.event(UpstreamFailed(502, reader.error) if reader.error and plan.sealer is not None
                          else failure(502, why, "server_error", "server_error"))
         return False
-    if ex.answered:  # (now: the translator takes a fallback's think tags and tools only before any item)
-        ex.channel.event(Rerouted(ex.answering.think, ex.answered))
     ex.channel.event(Compacted(plan.item(summary), reader.output_tokens()))
     bodies = plan.answer(summary)
     ex.candidates = tuple(dataclasses.replace(to, body=body or bodies[0])
@@ -460,7 +460,9 @@ async def _walk(ex: Exchange, start: int, failed: list[tuple[str, UpstreamFailed
     """The turn's one walk of its candidates, for every backend call that may fall back (the
     summary's, the answer's first round): from ``start`` on, in order, each called through an
     ``Attempt`` (``call(index, candidate, attempt)``), until one answers (routing.py's rule:
-    ``falls_back``, before its first byte). ``failed``: (name, failure) of the candidates fallen
+    ``falls_back``, before its first byte). The one that answered is committed
+    (``Attempt.release``: its ``Rerouted`` goes before anything the caller tells the client
+    next). ``failed``: (name, failure) of the candidates fallen
     back from in this turn, this walk's added: when the last fails too, one failure names them
     all, with the shortest Retry-After (``routing.all_failed``). Returns the outcome of the one
     that answered (``ex.answered``: its index); None: the turn failed (its failure is in the
@@ -473,6 +475,7 @@ async def _walk(ex: Exchange, start: int, failed: list[tuple[str, UpstreamFailed
         outcome = await call(i, to, attempt)
         failure = attempt.failure
         if failure is None:
+            attempt.release()  # (one that passed nothing on, the summary: its Rerouted goes now)
             return outcome
         if routing.falls_back(failure) and i < last:
             failed.append((to.name, failure))
