@@ -492,3 +492,58 @@ def test_an_answer_falling_back_after_the_summary_is_read_its_upstreams_way(gate
         assert first.calls == 2  # (the summary, then the answer it failed)
         (answer,) = upstream.requests()
         assert answer["messages"][-1]["content"] == SUMMARY_PREFIX + "Ada asked."
+
+
+class _JsonSummary(QuietHandler):
+    """A backend that ignores ``stream``: it answers the summary request with one JSON body
+    (``summary``: a ``chat.completion``, or bytes as they are), the answer as a stream; ``bodies``,
+    every chat request."""
+
+    summary: object = None
+    bodies: list[dict] = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        type(self).bodies.append(body)
+        if body["messages"][-1]["content"] != COMPACTION_PROMPT:
+            send_sse(self, chat_sse(chat_chunk({"content": "answer"}), chat_chunk(finish="stop"), chat_chunk(
+                choices=[], usage={"prompt_tokens": 50, "completion_tokens": 3, "total_tokens": 53})))
+        elif isinstance(self.summary, bytes):
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(self.summary)))
+            self.end_headers()
+            self.wfile.write(self.summary)
+        else:
+            send_json(self, 200, self.summary)
+
+
+def test_a_summary_answered_with_json_is_the_summary_not_the_turn_s_answer(gateway_factory):
+    """A backend that ignores ``stream`` (a JSON ``chat.completion``) writes the summary as a
+    stream does: its text (think tags left out) sealed into the item, its usage counted; the
+    answer then runs. A JSON body that is no completion fails the turn as a garbage stream does,
+    and no answer runs."""
+    completion = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "up",
+                  "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                      "role": "assistant", "content": "<think>who is she?</think>Ada likes tea."}}],
+                  "usage": {"prompt_tokens": 100, "completion_tokens": 7, "total_tokens": 107}}
+    handler = type("Json", (_JsonSummary,), {"summary": completion, "bodies": []})
+    with LocalServer(handler) as backend:
+        gw = gateway_factory(backend.url, "--set", "resp2chat_max_replay_entries=0")
+        r = post_turn(gw, {"model": "demo-model", "input": HISTORY, "store": False, "context_management": OVER})
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert [o["type"] for o in out["output"]] == ["compaction", "message"], out["output"]
+        assert out["output"][1]["content"][0]["text"] == "answer"
+        assert out["usage"]["output_tokens"] == 3 + 7  # (the answer's, and the summary's output)
+        summary, answer = handler.bodies
+        assert summary["messages"][-1]["content"] == COMPACTION_PROMPT
+        assert answer["messages"][-1] == {"role": "user", "content": SUMMARY_PREFIX + "Ada likes tea."}
+        handler.summary, handler.bodies = b"<html>502 Bad Gateway</html>", []
+        raw = requests.post(f"{gw.base_url}/responses", timeout=30, json={
+            "model": "demo-model", "input": HISTORY, "stream": True, "store": False,
+            "context_management": OVER}).content
+        end = check_stream(raw, parse_sse(raw)[0]["response"]["id"])[-1]
+        assert end["type"] == "response.failed" and end["response"]["output"] == [], end
+        assert end["response"]["error"]["message"].startswith("upstream HTTP 502: "), end  # (as a garbage stream's)
+        assert len(handler.bodies) == 1  # (the answer round never ran)

@@ -40,7 +40,8 @@ are validated with the rest of the request, schema.py ``CompactionEntry``)::
       round 1: the summary request above (the whole conversation, this turn's input included,
                COMPACTION_PROMPT last) ──▶ backend's summary, read whole, never streamed to the client
                (with several upstreams, it falls back as the answer does: routing.py's rule, one
-               walk of the candidates; the answer then starts from the upstream that wrote it)
+               walk of the candidates; the answer then starts from the upstream that wrote it;
+               a whole JSON answer, ``stream`` ignored, is read as the stream is)
       ──▶ the client hears output_item.added/done of one sealed ``compaction`` item, output[0]
       round 2: the turn again on the compacted input, the compact endpoint's rule: the
                conversation's user messages, then the compaction item (lowered as always) ──▶ the answer
@@ -249,7 +250,9 @@ _THINK = re.compile(r"<think>.*?</think>", re.S)
 
 class SummaryReader:
     """Reads the summary round's stream (chatstream's reader: every dialect), passing nothing
-    on (``feed`` returns b""): its text, usage, and whether it failed."""
+    on (``feed`` returns b""), or the whole ``chat.completion`` of a backend that ignored
+    ``stream`` (``body``: the same reader's; a body that is no completion is an error, as a
+    garbage stream): its text, usage, and whether it failed."""
 
     def __init__(self, max_event: int = MAX_EVENT) -> None:
         self._reader = ChunkReader(self, max_event)
@@ -260,6 +263,9 @@ class SummaryReader:
     def feed(self, data: bytes) -> bytes:
         self._reader.feed(data)
         return b""
+
+    def body(self, body: bytes) -> None:
+        self._reader.body(body)
 
     def finish(self) -> None:
         self._reader.finish()
