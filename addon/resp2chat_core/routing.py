@@ -6,7 +6,9 @@ Rules of this file:
   order when the one before failed **before its first byte**: it could not be reached, or it
   answered 5xx or 429 (a gateway-observed silence is a 504). Never after anything of an answer
   reached the client, and never for another 4xx (the request itself is wrong; the next upstream
-  would say the same).
+  would say the same). A call the gateway reads whole and passes nothing of (server-side
+  compaction's summary: relay/exchange.py) fails before anything reached the client at any point
+  of it: it falls back on such a failure midway too.
 - Each entry may carry the per-backend settings (settings.py ``PER_UPSTREAM``, same names): an
   upstream's own value wins over the top-level one, so each candidate gets its own
   byte-deterministic chat body, timeouts and extra headers. The entry itself and its parsing
@@ -22,10 +24,9 @@ back and another candidate remains, nothing of it ever reaches the turn; the nex
 gets a fresh ``Attempt``. ``Keepalive`` events pass without committing (they are the gateway's
 own words to a waiting client, not part of an answer). A call that passes nothing on (the
 compaction summary, read whole by the gateway: its stream through the call's transform, a whole
-JSON answer through ``whole``) never commits by itself: once it answered, the
-relay commits it (``release``), so its ``Rerouted`` still goes before anything else. When every
-candidate failed, one ``UpstreamFailed`` names them all (``all_failed``), with the shortest
-``Retry-After`` any gave.
+JSON answer through ``whole``) never commits by itself: once it answered, the relay commits it
+(``release``), so its ``Rerouted`` still goes before anything else. When every candidate failed,
+one ``UpstreamFailed`` names them all (``all_failed``), with the shortest ``Retry-After`` any gave.
 """
 
 from __future__ import annotations
