@@ -14,8 +14,8 @@ import pytest
 import requests
 
 from helpers import (
-    LocalServer, QuietHandler, chat_chunk, chat_sse, check_stream, cli_env, free_port, openai_client, parse_sse,
-    post_turn, read_flows, run_cli, scrape, send_json, send_sse, start_gateway,
+    LocalServer, QuietHandler, chat_chunk, chat_event, chat_sse, check_stream, cli_env, free_port, http_chunk,
+    openai_client, parse_sse, post_turn, read_flows, run_cli, scrape, send_json, send_sse, start_gateway, start_sse,
 )
 from resp2chat_core.compaction import COMPACTION_PROMPT, SUMMARY_PREFIX
 from wsclient import WSClient
@@ -492,3 +492,119 @@ def test_an_answer_falling_back_after_the_summary_is_read_its_upstreams_way(gate
         assert first.calls == 2  # (the summary, then the answer it failed)
         (answer,) = upstream.requests()
         assert answer["messages"][-1]["content"] == SUMMARY_PREFIX + "Ada asked."
+
+
+class _JsonSummary(QuietHandler):
+    """A backend that ignores ``stream``: it answers the summary request with one JSON body
+    (``summary``: a ``chat.completion``, or bytes as they are), the answer as a stream; ``bodies``,
+    every chat request."""
+
+    summary: object = None
+    bodies: list[dict] = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        type(self).bodies.append(body)
+        if body["messages"][-1]["content"] != COMPACTION_PROMPT:
+            send_sse(self, chat_sse(chat_chunk({"content": "answer"}), chat_chunk(finish="stop"), chat_chunk(
+                choices=[], usage={"prompt_tokens": 50, "completion_tokens": 3, "total_tokens": 53})))
+        elif isinstance(self.summary, bytes):
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(self.summary)))
+            self.end_headers()
+            self.wfile.write(self.summary)
+        else:
+            send_json(self, 200, self.summary)
+
+
+def test_a_summary_answered_with_json_is_the_summary_not_the_turn_s_answer(gateway_factory):
+    """A backend that ignores ``stream`` (a JSON ``chat.completion``) writes the summary as a
+    stream does: its text (think tags left out) sealed into the item, its usage counted; the
+    answer then runs. A JSON body that is no completion fails the turn as a garbage stream does,
+    and no answer runs."""
+    completion = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "up",
+                  "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                      "role": "assistant", "content": "<think>who is she?</think>Ada likes tea."}}],
+                  "usage": {"prompt_tokens": 100, "completion_tokens": 7, "total_tokens": 107}}
+    handler = type("Json", (_JsonSummary,), {"summary": completion, "bodies": []})
+    with LocalServer(handler) as backend:
+        gw = gateway_factory(backend.url, "--set", "resp2chat_max_replay_entries=0")
+        r = post_turn(gw, {"model": "demo-model", "input": HISTORY, "store": False, "context_management": OVER})
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert [o["type"] for o in out["output"]] == ["compaction", "message"], out["output"]
+        assert out["output"][1]["content"][0]["text"] == "answer"
+        assert out["usage"]["output_tokens"] == 3 + 7  # (the answer's, and the summary's output)
+        summary, answer = handler.bodies
+        assert summary["messages"][-1]["content"] == COMPACTION_PROMPT
+        assert answer["messages"][-1] == {"role": "user", "content": SUMMARY_PREFIX + "Ada likes tea."}
+        handler.summary, handler.bodies = b"<html>502 Bad Gateway</html>", []
+        raw = requests.post(f"{gw.base_url}/responses", timeout=30, json={
+            "model": "demo-model", "input": HISTORY, "stream": True, "store": False,
+            "context_management": OVER}).content
+        end = check_stream(raw, parse_sse(raw)[0]["response"]["id"])[-1]
+        assert end["type"] == "response.failed" and end["response"]["output"] == [], end
+        assert end["response"]["error"]["message"].startswith("upstream HTTP 502: "), end  # (as a garbage stream's)
+        assert len(handler.bodies) == 1  # (the answer round never ran)
+
+
+class _HalfSummary(QuietHandler):
+    """A backend that streams part of the summary, then goes silent (``how``: "silent", past
+    the gateway's idle timeout) or closes the connection midway ("cut"); ``bodies``: the chat
+    requests it got."""
+
+    how = "silent"
+    bodies: list[bytes] = []
+    PIECE = "word " * 1000  # (four of them: 20000 bytes of summary, 5000 tokens' worth)
+
+    def do_POST(self):
+        type(self).bodies.append(self.rfile.read(int(self.headers["content-length"])))
+        start_sse(self)
+        for _ in range(4):
+            self.wfile.write(http_chunk(chat_event({"content": self.PIECE})))
+        self.wfile.flush()
+        if self.how == "silent":
+            time.sleep(3)
+        self.close_connection = True
+
+
+@pytest.mark.parametrize("how, status", [("silent", 504), ("cut", 502)])
+def test_a_summary_failing_midway_falls_back_and_tpm_spends_what_it_did(tmp_path, upstream, how, status):
+    """Nothing of the summary reaches the client, so one that fails midway (a silence past the
+    upstream's idle timeout, a connection cut) is written by the next upstream, which answers
+    too; tpm spends the failed call's work besides both rounds (its prompt and the text it
+    wrote: ``usage.call_tokens``' estimate, as for any call without usage)."""
+    from resp2chat_core.usage import estimate
+    from resp2chat_io.demo_upstream import canonical_prompt, prompt_tokens
+
+    half = type("Half", (_HalfSummary,), {"how": how, "bodies": []})
+    key = run_cli(tmp_path, "keys", "add", "carol", "--tpm", "30000").stdout.strip()
+    with LocalServer(half) as server:
+        entries = [{"name": "half", "base_url": server.url + "/v1", "upstream_idle_timeout_secs": 1},
+                   {"name": "good", "base_url": upstream.base_url}]
+        gw = start_gateway("http://127.0.0.1:9", tmp_path, "--set", "resp2chat_max_replay_entries=0",
+                           "--set", "resp2chat_upstreams=" + json.dumps(entries), env=cli_env(tmp_path))
+        try:
+            auth = {"authorization": f"Bearer {key}"}
+            upstream.clear()
+            start = time.monotonic()
+            r = post_turn(gw, {"model": "demo-model", "input": HISTORY, "store": False,
+                               "context_management": OVER}, auth)
+            assert r.status_code == 200, r.text
+            out = r.json()
+            assert kinds(out["output"]) == ["compaction", "message"], out["output"]
+            (failed,) = half.bodies  # (the summary's try only: the answer went to the one that wrote it)
+            summary, answer = upstream.requests()
+            assert json.loads(failed)["messages"][-1]["content"] == COMPACTION_PROMPT
+            assert answer["messages"] == COMPACTED
+            prompts = [prompt_tokens(canonical_prompt(body)) for body in (summary, answer)]
+            wasted = estimate(len(failed) + len((half.PIECE * 4).strip()))  # (the failed call: no usage)
+            spent = sum(prompts) + out["usage"]["output_tokens"] + wasted
+            left = int(post_turn(gw, {"model": "demo-model", "input": "x"}, auth).headers[
+                "x-ratelimit-remaining-tokens"])
+            refilled = (time.monotonic() - start) * 500 + 1  # (30000 a minute come back)
+            assert 30000 - spent - 60 <= left <= 30000 - spent + refilled, (left, spent, wasted, prompts)
+            assert f"upstream half failed writing the compaction summary (HTTP {status})" in gw.log()
+        finally:
+            gw.stop()

@@ -40,7 +40,9 @@ are validated with the rest of the request, schema.py ``CompactionEntry``)::
       round 1: the summary request above (the whole conversation, this turn's input included,
                COMPACTION_PROMPT last) ──▶ backend's summary, read whole, never streamed to the client
                (with several upstreams, it falls back as the answer does: routing.py's rule, one
-               walk of the candidates; the answer then starts from the upstream that wrote it)
+               walk of the candidates, but at any point of the summary, not only before its first
+               byte: nothing of it reached the client; the answer then starts from the upstream
+               that wrote it; a whole JSON answer, ``stream`` ignored, is read as the stream is)
       ──▶ the client hears output_item.added/done of one sealed ``compaction`` item, output[0]
       round 2: the turn again on the compacted input, the compact endpoint's rule: the
                conversation's user messages, then the compaction item (lowered as always) ──▶ the answer
@@ -49,7 +51,8 @@ are validated with the rest of the request, schema.py ``CompactionEntry``)::
 
 Below the threshold the turn is the one it always was (same bytes). Usage the client reads: round
 2's, plus the summary's output tokens (the tool loop's rule: the last prompt, every completion);
-``tpm`` spends both rounds whole. The summary is the backend model's, not OpenAI's opaque state.
+``tpm`` spends both rounds whole, and a summary call that failed midway before another upstream
+wrote it (``ServerCompaction.work``). The summary is the backend model's, not OpenAI's opaque state.
 
 Codex counts ``output_item.done`` events and needs exactly one compaction item and a
 ``response.completed``: so the summary is sent whole at the end (one item, no deltas), a summary
@@ -71,7 +74,7 @@ from .seal import Sealer, SealError
 from .sse import MAX_EVENT
 from .toolloop import Work
 from .translator import Kind, Phase, Translator
-from .usage import call_tokens, to_responses_usage
+from .usage import call_tokens, summed, to_responses_usage
 
 PURPOSE = "compaction"  # the seal purpose: a sealed reasoning text cannot pass for a summary
 
@@ -236,12 +239,18 @@ class ServerCompaction:
         """The compaction item (without its id: the translator gives it one)."""
         return {"type": ITEM, "encrypted_content": self.sealer.seal(PURPOSE, summary)}
 
-    def work(self, reader: "SummaryReader", i: int = 0) -> Work:
-        """What the round made the backend do (the ``i``-th candidate wrote the summary): for
-        ``tpm``, its usage's total, else the estimate of its request and summary; its usage
-        (Responses shape) for the metrics."""
-        return Work(call_tokens(reader.usage, len(self.summary(i)), len(reader.text().encode()), False),
-                    to_responses_usage(reader.usage) if reader.usage else None)
+    def work(self, calls: list[tuple[int, "SummaryReader", bool]]) -> Work | None:
+        """What the round made the backend do, every candidate's summary call together (``calls``:
+        each one's index, reader and whether it failed, in the order they ran): for ``tpm``, each
+        call's tokens (``usage.call_tokens``: its usage's total, else the estimate of its request
+        and of what it wrote; 0 for one that failed before any of it came, not for one that
+        failed midway: its backend read the prompt); their usages (Responses shape) summed for
+        the metrics. None: no call made the backend do anything."""
+        tokens, usage = 0, None
+        for i, reader, failed in calls:
+            tokens += call_tokens(reader.usage, len(self.summary(i)), len(reader.text().encode()), failed)
+            usage = summed(usage, to_responses_usage(reader.usage) if reader.usage else None)
+        return Work(tokens, usage) if tokens or usage else None
 
 
 _THINK = re.compile(r"<think>.*?</think>", re.S)
@@ -249,7 +258,9 @@ _THINK = re.compile(r"<think>.*?</think>", re.S)
 
 class SummaryReader:
     """Reads the summary round's stream (chatstream's reader: every dialect), passing nothing
-    on (``feed`` returns b""): its text, usage, and whether it failed."""
+    on (``feed`` returns b""), or the whole ``chat.completion`` of a backend that ignored
+    ``stream`` (``body``: the same reader's; a body that is no completion is an error, as a
+    garbage stream): its text, usage, and whether it failed."""
 
     def __init__(self, max_event: int = MAX_EVENT) -> None:
         self._reader = ChunkReader(self, max_event)
@@ -260,6 +271,9 @@ class SummaryReader:
     def feed(self, data: bytes) -> bytes:
         self._reader.feed(data)
         return b""
+
+    def body(self, body: bytes) -> None:
+        self._reader.body(body)
 
     def finish(self) -> None:
         self._reader.finish()

@@ -6,7 +6,9 @@ Rules of this file:
   order when the one before failed **before its first byte**: it could not be reached, or it
   answered 5xx or 429 (a gateway-observed silence is a 504). Never after anything of an answer
   reached the client, and never for another 4xx (the request itself is wrong; the next upstream
-  would say the same).
+  would say the same). A call the gateway reads whole and passes nothing of (server-side
+  compaction's summary: relay/exchange.py) fails before anything reached the client at any point
+  of it: it falls back on such a failure midway too.
 - Each entry may carry the per-backend settings (settings.py ``PER_UPSTREAM``, same names): an
   upstream's own value wins over the top-level one, so each candidate gets its own
   byte-deterministic chat body, timeouts and extra headers. The entry itself and its parsing
@@ -20,18 +22,21 @@ The relay runs one candidate at a time through an ``Attempt``, a stand-in for th
 ``UpstreamFailed`` that arrives before anything was passed is held back. If the failure falls
 back and another candidate remains, nothing of it ever reaches the turn; the next candidate
 gets a fresh ``Attempt``. ``Keepalive`` events pass without committing (they are the gateway's
-own words to a waiting client, not part of an answer). When every candidate failed, one
-``UpstreamFailed`` names them all (``all_failed``), with the shortest ``Retry-After`` any gave.
+own words to a waiting client, not part of an answer). A call that passes nothing on (the
+compaction summary, read whole by the gateway: its stream through the call's transform, a whole
+JSON answer through ``whole``) never commits by itself: once it answered, the relay commits it
+(``release``), so its ``Rerouted`` still goes before anything else. When every candidate failed,
+one ``UpstreamFailed`` names them all (``all_failed``), with the shortest ``Retry-After`` any gave.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from . import settings as S
-from .channel import Channel, Event, Keepalive, UpstreamFailed
+from .channel import Channel, Event, Keepalive, UpstreamFailed, UpstreamJSON
 from .errors import GatewayError, upstream_error_message
 from .limits import retry_seconds
 
@@ -112,34 +117,45 @@ def all_failed(model: str, tried: Sequence[tuple[str, UpstreamFailed]]) -> Upstr
 
 class Attempt:
     """A channel stand-in for one candidate's call (module docstring). ``before``: events that
-    go out just ahead of the first thing this candidate passes on (``Rerouted``)."""
+    go out just ahead of the first thing this candidate passes on (``Rerouted``). ``whole``:
+    where a backend's whole JSON answer (``UpstreamJSON``'s body) goes instead of on (None: on,
+    as any event): a call whose answer the gateway reads and passes nothing of (the summary)."""
 
-    __slots__ = ("channel", "failure", "committed", "before")
+    __slots__ = ("channel", "failure", "committed", "before", "whole")
 
-    def __init__(self, channel: Channel, before: tuple[Event, ...] = ()) -> None:
+    def __init__(self, channel: Channel, before: tuple[Event, ...] = (),
+                 whole: Callable[[bytes], None] | None = None) -> None:
         self.channel = channel
         self.failure: UpstreamFailed | None = None
         self.committed = False
         self.before = before
+        self.whole = whole
 
-    def _commit(self) -> None:
-        self.committed = True
-        for event in self.before:
-            self.channel.event(event)
+    def release(self) -> None:
+        """This candidate answers the turn: its ``before`` events go now, once (by itself it
+        commits at the first thing it passes on; a call that answered passing nothing on is
+        committed so, by the relay)."""
+        if not self.committed:
+            self.committed = True
+            for event in self.before:
+                self.channel.event(event)
 
     def data(self, chunk: bytes) -> None:
         if chunk:
             if not self.committed:
-                self._commit()
+                self.release()
             self.channel.data(chunk)
 
     def event(self, event: Event) -> None:
+        if self.whole is not None and isinstance(event, UpstreamJSON):
+            self.whole(event.body)
+            return
         if not self.committed:
             if isinstance(event, UpstreamFailed):
                 self.failure = event
                 return
             if not isinstance(event, Keepalive):
-                self._commit()
+                self.release()
         self.channel.event(event)
 
     # what the relay's flow control reads and sets: the real channel's

@@ -11,7 +11,7 @@ Answered by the gateway itself, behind the gate like every other path (beyond lo
 | ``resp2chat_time_to_first_token_seconds`` | upstream, model, client | request to the first event made from backend data |
 | ``resp2chat_turn_duration_seconds`` | upstream, model, client | request to the end of the turn |
 | ``resp2chat_tokens_total`` | upstream, model, client, kind | prompt, cached (prompt tokens the backend's KV cache served), output: what the backends reported, every round of a turn the gateway's tool loop ran (``Outcome.work``; its client's usage counts the last round's prompt only) |
-| ``resp2chat_fallbacks_total`` | upstream, status | an upstream failed before its first byte and the next one was tried |
+| ``resp2chat_fallbacks_total`` | upstream, status | an upstream failed before its first byte (a compaction summary's: at any point of it) and the next one was tried |
 | ``resp2chat_mcp_calls_total`` | server, outcome | hosted MCP tool calls the gateway ran, by server (its ``mcp_servers`` label) and outcome (completed, failed, timeout, approval_requested) |
 | ``resp2chat_replay_cache_hits_total`` / ``_misses_total`` | | replay-cache lookups |
 | ``resp2chat_replay_cache_entries`` | | entries (with Redis: after this replica's last write) |
@@ -77,8 +77,9 @@ class Metrics:
                                "(passthrough_paths, input_tokens, a WebSocket upgrade), answered by the gateway "
                                "with an error; sockets it closed for their key.",
                                ("route", "client", "status", "code"), registry=r)
-        self.fallbacks = Counter("resp2chat_fallbacks", "An upstream failed before its first byte and the next "
-                                 "was tried (upstream: the one that failed).", ("upstream", "status"), registry=r)
+        self.fallbacks = Counter("resp2chat_fallbacks", "An upstream failed before its first byte (a compaction "
+                                 "summary: at any point) and the next was tried (upstream: the one that failed).",
+                                 ("upstream", "status"), registry=r)
         self.mcp_calls = Counter("resp2chat_mcp_calls", "Hosted MCP tool calls the gateway ran, by server "
                                  "(mcp_servers label) and outcome.", ("server", "outcome"), registry=r)
         r.register(_Sizes(self))

@@ -13,6 +13,10 @@ further than its ``Attempt`` while another candidate remains; the next one is ca
 (routing.py's rule). One walk of the candidates does this (``_walk``), for every call of a turn
 that may fall back: a compaction round's summary request, and the answer's first round. Only
 the first round of a tool loop falls back (later rounds follow what the client already has).
+A call that answered commits its ``Attempt`` (its ``Rerouted`` goes) even if it passed nothing
+on. The summary passes nothing on, so its ``Attempt`` holds a failure at any point of it: a
+summary that fails midway (a silence; a cut, which ``_compact`` makes a 502 failure) falls back
+too, nothing of it having reached the client.
 
 The tool loop (resp2chat_core/toolloop.py: web search, hosted MCP tools) is decided in the core;
 here its steps run: ``_run_steps`` runs a round's steps (Brave searches, MCP listings and calls:
@@ -25,11 +29,14 @@ A turn without the gateway's tools makes no loop: one call, its bytes straight i
 Server-side compaction (``Exchange.compaction``: compaction.py ``ServerCompaction``) is one round
 before all that: the summary request (each candidate its own), through the walk as the answer's
 call, read whole and never passed on (``SummaryReader``), its sealed item told to the client
-(``Compacted``: output[0]); then every candidate's body is the answer round's (the compacted
+(``Compacted``: output[0]; a backend's whole JSON answer to it, ``stream`` ignored, is read by
+the same reader: ``Attempt.whole``); then every candidate's body is the answer round's (the compacted
 conversation), and the turn runs as any other, its walk starting from the candidate that wrote
 the summary (the ones before it failed a moment ago; it has just read the head of the prompt
 the answer starts with: its KV cache holds it). The failures of both walks make one error when
-every candidate failed (``routing.all_failed``), and the turn's record its ``skipped``.
+every candidate failed (``routing.all_failed``), and the turn's record its ``skipped``. What
+each summary call made its backend do, a failed one's too, is ``Exchange.compaction_work``
+(compaction.py ``ServerCompaction.work``: what ``tpm`` spends besides the answer).
 """
 
 from __future__ import annotations
@@ -312,22 +319,30 @@ async def _compact(ex: Exchange, client: UpstreamClient, headers: list[tuple[byt
     begins with. False: the turn is over (its failure is in the channel)."""
     plan = ex.compaction
     reader = plan.reader(ex.max_event)
+    calls: list = []  # (index, reader, failed) of each candidate's summary call: ``ServerCompaction.work``
 
     async def call(i: int, to: Candidate, attempt: routing.Attempt) -> CallEnd:
         nonlocal reader
         reader = plan.reader(ex.max_event)  # (a fresh one for each candidate: nothing of a failed one's)
+        # (a backend that ignored ``stream``: its whole JSON is the summary too, never the turn's answer)
+        attempt.whole = reader.body
         # (the summary streams to nobody: the client hears keepalives meanwhile, as while steps run)
         task = asyncio.ensure_future(client.call(to, headers, plan.summary(i), attempt, reader.feed))
         try:
             await _kept_alive(ex, task, to.keepalive)
         finally:
             task.cancel()
-        return task.result()
+        outcome = task.result()
+        reader.finish()
+        if not outcome.answered and attempt.failure is None and not ex.channel.closed:
+            # (cut short: the backend closed midway; a failure of the summary, as a silence, that falls back)
+            attempt.event(failure(502, f"the upstream {to.name} cut the compaction summary short",
+                                  "upstream_unavailable"))
+        calls.append((i, reader, attempt.failure is not None or not outcome.answered))
+        return outcome
 
-    outcome = await _walk(ex, 0, failed, call)
-    reader.finish()
-    ex.compaction_work = plan.work(reader, ex.answered) if (outcome is not None and outcome.answered) or \
-        reader.text() else None
+    outcome = await _walk(ex, 0, failed, call, summary=True)
+    ex.compaction_work = plan.work(calls)  # (a call that failed midway, fallen back from, spent tokens too)
     if outcome is None or ex.channel.closed:
         return False
     summary = reader.text()
@@ -338,8 +353,6 @@ async def _compact(ex: Exchange, client: UpstreamClient, headers: list[tuple[byt
         ex.channel.event(UpstreamFailed(502, reader.error) if reader.error and plan.sealer is not None
                          else failure(502, why, "server_error", "server_error"))
         return False
-    if ex.answered:  # (now: the translator takes a fallback's think tags and tools only before any item)
-        ex.channel.event(Rerouted(ex.answering.think, ex.answered))
     ex.channel.event(Compacted(plan.item(summary), reader.output_tokens()))
     bodies = plan.answer(summary)
     ex.candidates = tuple(dataclasses.replace(to, body=body or bodies[0])
@@ -456,11 +469,14 @@ async def _first_answer(ex: Exchange, client: UpstreamClient, headers: list[tupl
 
 
 async def _walk(ex: Exchange, start: int, failed: list[tuple[str, UpstreamFailed]],
-                call: Callable[[int, Candidate, routing.Attempt], Awaitable[CallEnd]]) -> CallEnd | None:
+                call: Callable[[int, Candidate, routing.Attempt], Awaitable[CallEnd]],
+                summary: bool = False) -> CallEnd | None:
     """The turn's one walk of its candidates, for every backend call that may fall back (the
     summary's, the answer's first round): from ``start`` on, in order, each called through an
     ``Attempt`` (``call(index, candidate, attempt)``), until one answers (routing.py's rule:
-    ``falls_back``, before its first byte). ``failed``: (name, failure) of the candidates fallen
+    ``falls_back``, before its first byte; the summary's, at any point of it: it passes nothing
+    on). The one that answered is committed (``Attempt.release``: its ``Rerouted`` goes before
+    anything the caller tells the client next). ``failed``: (name, failure) of the candidates fallen
     back from in this turn, this walk's added: when the last fails too, one failure names them
     all, with the shortest Retry-After (``routing.all_failed``). Returns the outcome of the one
     that answered (``ex.answered``: its index); None: the turn failed (its failure is in the
@@ -473,11 +489,13 @@ async def _walk(ex: Exchange, start: int, failed: list[tuple[str, UpstreamFailed
         outcome = await call(i, to, attempt)
         failure = attempt.failure
         if failure is None:
+            attempt.release()  # (one that passed nothing on, the summary: its Rerouted goes now)
             return outcome
         if routing.falls_back(failure) and i < last:
             failed.append((to.name, failure))
             ex.skipped.append((to.name, failure.status))
-            log.warning(f"resp2chat: upstream {to.name} failed before its first byte (HTTP {failure.status}): "
+            when = "writing the compaction summary" if summary else "before its first byte"
+            log.warning(f"resp2chat: upstream {to.name} failed {when} (HTTP {failure.status}): "
                         f"trying {ex.candidates[i + 1].name} for model {ex.model!r}")
             continue
         if failed and routing.falls_back(failure):
