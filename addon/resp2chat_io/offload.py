@@ -22,9 +22,9 @@ What a large body's flow leaves behind is freed here too: a ``gc.collect()`` onc
 bytes of large bodies came in since the last (``_reclaim``, each body counted once, where it is
 decoded: ``loads`` or ``reduce``): a finished flow is cyclic garbage holding ~3x its body, which
 CPython's own collections, counting objects, leave for hundreds of turns. The collection does
-not run in the hook of the body that makes it due: it runs once that turn's request is written
-to its backend (``sent``, called by relay/upstream.py), so the backend reads and prefills while
-the gateway collects; a body that reaches no backend through the relay (a refusal, a replay-cache
+not run in the hook of the body that makes it due: it runs once a turn's request is next
+written to a backend (``sent``, called by relay/upstream.py; that body's own turn's, unless
+another's went first), so the backend reads and prefills while the gateway collects; a body that reaches no backend through the relay (a refusal, a replay-cache
 hit, a passthrough, a conversation's items) leaves it due, and the next large body's ``_reclaim``
 runs it. What survives a collection is frozen (``gc.freeze``), so the next ones do not walk the
 caches again; every ``FULL``-th unfreezes it first, and so does ``_thaw``, ``THAW_SECS`` after
