@@ -573,8 +573,8 @@ def test_a_gateway_fed_more_history_than_its_caches_hold_keeps_its_memory_bounde
 
 
 def test_what_a_collection_froze_is_walked_again_when_no_more_large_bodies_come(monkeypatch):
-    """offload._reclaim freezes what survives its collection (the caches: later collections
-    skip them); garbage made of what it froze (a socket's flow that ended since, a mitmweb flow
+    """offload.py freezes what survives its collection (``_collect``: the caches, later
+    collections skip them); garbage made of what it froze (a socket's flow that ended since, a mitmweb flow
     cleared) is freed ``THAW_SECS`` after the last collection, not kept for as long as no large
     body comes."""
     import gc
@@ -585,12 +585,15 @@ def test_what_a_collection_froze_is_walked_again_when_no_more_large_bodies_come(
 
     monkeypatch.setattr(offload, "THAW_SECS", 0.2)
     monkeypatch.setattr(offload, "_collections", 0)
+    monkeypatch.setattr(offload, "_since", 0)
 
     async def run():
         node = Node()
         node.me = node  # (a cycle: only the collector frees it)
         gone = weakref.ref(node)
-        offload._reclaim(offload.COLLECT)  # (a collection: node, alive, is frozen)
+        offload._reclaim(offload.COLLECT)  # (a collection due…)
+        offload.sent()  # (…made once a request is sent: node, alive, is frozen)
+        await asyncio.sleep(0)
         del node
         gc.collect()
         frozen = gone() is not None
@@ -603,3 +606,58 @@ def test_what_a_collection_froze_is_walked_again_when_no_more_large_bodies_come(
         gc.unfreeze()
     assert frozen  # (what the freeze is for: collections skip it)
     assert freed
+
+
+def test_a_collection_is_made_once_the_turn_that_made_it_due_is_sent_not_in_its_hook(monkeypatch):
+    """The large body that makes a garbage collection due (offload._reclaim, every ``COLLECT``
+    bytes) does not pay for it in its hook, where the turn's own latency runs: its decode
+    returns without one, and the collection is made once the turn's chat request is written to
+    its backend (the relay's upstream client, here to the real demo upstream), while the backend
+    reads it. A body that reaches no backend (a refusal, a passthrough) leaves it due: the next
+    large body's decode makes it."""
+    import gc
+
+    from resp2chat_core.channel import Channel
+    from resp2chat_core.routing import Candidate
+    from resp2chat_io.relay.upstream import UpstreamClient
+
+    monkeypatch.setattr(offload, "_since", offload.COLLECT - 1)  # (the next large body makes one due)
+    monkeypatch.setattr(offload, "_collections", 0)
+    monkeypatch.setattr(offload, "_due", False, raising=False)
+    monkeypatch.setattr(offload, "_thawing", None)
+    server, base_url = demo_upstream.serve_in_thread()
+    chat = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "words: 3\nnoreason"}]})
+    to = Candidate("default", base_url + "/chat/completions", chat.encode())
+    big = json.dumps({"model": "m", "input": "x" * offload.LARGE}).encode()
+    channel, items, made = Channel(push=lambda got: items.extend(got)), [], []
+
+    def watch(phase: str, info: dict) -> None:
+        if phase == "start" and offload._collections > len(made):  # (one of offload's, not CPython's own)
+            made.append(channel.sent is not None)
+
+    async def turn():
+        await offload.loads(big)  # (the turn's hook: its body decoded)
+        in_hook = offload._collections
+        await UpstreamClient().call(to, [], to.body, channel)
+        return in_hook
+
+    async def unsent():
+        monkeypatch.setattr(offload, "_since", offload.COLLECT - 1)
+        await offload.loads(big)  # (due, and refused: no backend call)
+        due = offload._collections
+        await offload.loads(big)  # (the next large body)
+        return due, offload._collections
+
+    gc.callbacks.append(watch)
+    try:
+        in_hook = asyncio.run(turn())
+        assert in_hook == 0  # (none while the hook ran)
+        assert made == [True] and offload._collections == 1  # (one, the request written to the backend)
+        answer = b"".join(i for i in items if isinstance(i, bytes))  # (the backend answered it)
+        assert b"word2" in answer and answer.endswith(b"data: [DONE]\n\n")
+        assert asyncio.run(unsent()) == (1, 2)
+    finally:
+        gc.callbacks.remove(watch)
+        gc.unfreeze()
+        server.shutdown()
+        server.server_close()

@@ -19,9 +19,14 @@ validating and lowering stay on the loop (the lowering caches and the store are 
 thread-safe), after the caps bounded what they walk.
 
 What a large body's flow leaves behind is freed here too: a ``gc.collect()`` once ``COLLECT``
-bytes of large bodies came in since the last (``_reclaim``): a finished flow is cyclic garbage
-holding ~3x its body, which CPython's own collections, counting objects, leave for hundreds of
-turns. What survives a collection is frozen (``gc.freeze``), so the next ones do not walk the
+bytes of large bodies came in since the last (``_reclaim``, each body counted once, where it is
+decoded: ``loads`` or ``reduce``): a finished flow is cyclic garbage holding ~3x its body, which
+CPython's own collections, counting objects, leave for hundreds of turns. The collection does
+not run in the hook of the body that makes it due: it runs once a turn's request is next
+written to a backend (``sent``, called by relay/upstream.py; that body's own turn's, unless
+another's went first), so the backend reads and prefills while the gateway collects; a body that reaches no backend through the relay (a refusal, a replay-cache
+hit, a passthrough, a conversation's items) leaves it due, and the next large body's ``_reclaim``
+runs it. What survives a collection is frozen (``gc.freeze``), so the next ones do not walk the
 caches again; every ``FULL``-th unfreezes it first, and so does ``_thaw``, ``THAW_SECS`` after
 the last collection (what was frozen then would otherwise be kept however long no large body came).
 
@@ -40,12 +45,13 @@ from resp2chat_core import requestbody
 
 LARGE = 1 << 20  # bytes: a body this large is decoded off the loop
 COLLECT = 16 << 20  # bytes of large bodies between two collections of the garbage (``_reclaim``)
-FULL = 4  # every FULL-th of them walks what earlier ones froze as well (``_reclaim``)
+FULL = 4  # every FULL-th of them walks what earlier ones froze as well (``_collect``)
 THAW_SECS = 60.0  # seconds after the last collection, what it froze is walked again (``_thaw``)
 
 _worker: ThreadPoolExecutor | None = None
 _since = 0  # bytes of large bodies decoded since the last collection
-_collections = 0  # collections made (``_reclaim``)
+_due = False  # a collection is due: it runs at the next ``sent`` (or the next large body's ``_reclaim``)
+_collections = 0  # collections made (``_collect``)
 _thawing: asyncio.TimerHandle | None = None  # the ``_thaw`` due after the last collection
 
 
@@ -70,32 +76,53 @@ async def loads(body: bytes):
 
 
 def _reclaim(size: int) -> None:
-    """A full collection of the cyclic garbage once ``COLLECT`` bytes of large bodies came in
-    since the last. A finished flow is unreachable only through reference cycles (mitmproxy's
-    ``HttpStream`` and the layers around it, the turn's ``TurnRun``), so only the collector frees
-    it and what it holds: ~3x its body (the body, the request's record, the chat body). The
-    collector counts objects, not bytes, and a flow lives through the young collections its own
-    turn sets off, so it waits for a full one, which CPython runs once the objects promoted come
-    to a quarter of the long-lived ones (the full prefix cache: ~150k objects, hundreds of flows).
-    Measured (test_prefix_cache.py, 24 sessions of 1.6 MB): without this, one full collection in
-    48 turns and ~2 MB more in use every turn after it; with it, flat. Cost: ~120 ms of CPU a
-    collection over the full caches, so what survives one is frozen (the next ones walk only
-    what came since: a few ms) and every ``FULL``-th walks it all again (garbage that was alive
-    when frozen, a turn in flight then, is freed at most ``FULL`` collections later, or
-    ``THAW_SECS`` after the last when no more large bodies come) (docs/performance.md, the
-    prefix cache's memory)."""
-    global _since, _collections, _thawing
+    """A full collection of the cyclic garbage is due once ``COLLECT`` bytes of large bodies came
+    in since the last (it runs at ``sent``). A finished flow is unreachable only through reference
+    cycles (mitmproxy's ``HttpStream`` and the layers around it, the turn's ``TurnRun``), so only
+    the collector frees it and what it holds: ~3x its body (the body, the request's record, the
+    chat body). The collector counts objects, not bytes, and a flow lives through the young
+    collections its own turn sets off, so it waits for a full one, which CPython runs once the
+    objects promoted come to a quarter of the long-lived ones (the full prefix cache: ~150k
+    objects, hundreds of flows). Measured (test_prefix_cache.py, 24 sessions of 1.6 MB): without
+    this, one full collection in 48 turns and ~2 MB more in use every turn after it; with it,
+    flat. A collection still due when the next large body comes (the last one reached no
+    backend) runs here, in that body's hook."""
+    global _since, _due
+    if _due:
+        _collect()
     _since += size
     if _since >= COLLECT:
         _since = 0
-        _collections += 1
-        if _collections % FULL == 0:
-            gc.unfreeze()  # (every FULL-th: what was frozen is looked at again, its garbage freed)
-        gc.collect()
-        gc.freeze()  # (what survived it, the caches above all, is not walked by the next ones)
-        if _thawing is not None:
-            _thawing.cancel()
-        _thawing = asyncio.get_running_loop().call_later(THAW_SECS, _thaw)
+        _due = True
+
+
+def sent() -> None:
+    """A turn's request was written to its backend (relay/upstream.py): a collection due runs
+    now, after the hook or step that wrote it (``call_soon``), while the backend reads and
+    prefills it, not before the request left. (The kernel takes a loopback backend's body at
+    once; a remote one's tail still buffered waits for the collection.)"""
+    if _due:
+        asyncio.get_running_loop().call_soon(_collect)
+
+
+def _collect() -> None:
+    """The collection ``_reclaim`` made due, if it still is. Cost: ~120 ms of CPU over the full
+    caches, so what survives one is frozen (the next ones walk only what came since: a few ms)
+    and every ``FULL``-th walks it all again (garbage that was alive when frozen, a turn in flight
+    then, is freed at most ``FULL`` collections later, or ``THAW_SECS`` after the last when no
+    more large bodies come) (docs/performance.md, the prefix cache's memory)."""
+    global _due, _collections, _thawing
+    if not _due:
+        return
+    _due = False
+    _collections += 1
+    if _collections % FULL == 0:
+        gc.unfreeze()  # (every FULL-th: what was frozen is looked at again, its garbage freed)
+    gc.collect()
+    gc.freeze()  # (what survived it, the caches above all, is not walked by the next ones)
+    if _thawing is not None:
+        _thawing.cancel()
+    _thawing = asyncio.get_running_loop().call_later(THAW_SECS, _thaw)
 
 
 def _thaw() -> None:

@@ -43,6 +43,7 @@ from resp2chat_core.chunked import ChunkedDecoder, ChunkedError
 from resp2chat_core.limits import backend_retry_after
 from resp2chat_core.sse import Progress
 
+from .. import offload
 from .constants import READ
 
 MAX_ERROR_BODY = 1 << 20  # an error or JSON body is kept up to this much; the rest is not read
@@ -323,6 +324,7 @@ class UpstreamClient:
         up_writer.write(client.send(h11.Data(data=body)) + client.send(h11.EndOfMessage()))
         if channel.sent is None:  # (the turn's first request to a backend: the gateway's latency ends)
             channel.sent = time.monotonic()
+        offload.sent()  # (a garbage collection due is made next, while the backend reads the request)
 
         async def next_event():
             """h11's next event, reading from the backend as needed; None once it went silent."""
