@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -187,6 +188,28 @@ def test_codex_refused_a_socket_past_the_caps_falls_back_to_http(full, upstream,
     assert {json.loads(f.response.content)["error"]["code"] for f in refused} == {code}
     assert len(upgrades) == len(refused) + 1  # (the one held) nothing else opened
     assert [f.response.status_code for f in flows if f.request.method == "POST"] == [200]  # the turn, over HTTP
+
+
+def test_codex_waits_as_a_sockets_rate_limit_error_says_then_its_turn_is_served(upstream, gateway_factory, cx,
+                                                                                 tmp_path):
+    """A client at its rpm on the socket (rpm 1: Codex's warm-up took the minute's request) gets
+    an ``error`` message, 429 ``rate_limit_exceeded``, whose ``headers`` say ``retry-after`` (about
+    60 s): Codex 0.169 reads a socket's error as the HTTP error of that status with those headers,
+    waits that long and tries again, and the turn is served. Before, the error carried no wait:
+    Codex stopped at once ("exceeded retry limit, last status: 429 Too Many Requests")."""
+    path, key = tmp_path / "session.mitm", "carol-key-0123456789abcdef"
+    gw = gateway_factory(upstream.origin, "-w", str(path), "--set", "resp2chat_max_replay_entries=0", env={
+        "RESP2CHAT_CLIENTS": json.dumps([{"name": "carol", "key": key, "rpm": 1}])})
+    cx.env["CODEX_API_KEY"] = key
+    cx.configure_builtin(gw.base_url)
+    started = time.monotonic()
+    output = ok(cx.exec("say hi", timeout=150))
+    took = time.monotonic() - started
+    assert "You said: say hi" in output and 50 <= took <= 120, (took, output)
+    gw.stop()
+    turns = [t for f in read_flows(path) if f.websocket for t in f.metadata["resp2chat"]["turns"]]
+    assert [t["status"] for t in turns] == ["completed", "rejected", "completed"], turns  # warm-up, refused, served
+    assert turns[1]["error"]["code"] == "rate_limit_exceeded"
 
 
 def test_a_websocket_session_replays_offline_to_a_rerun_over_either_transport(upstream, gateway_factory, cx, tmp_path):

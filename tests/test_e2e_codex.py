@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from helpers import (NAME_RE, Codex, LocalServer, QuietHandler, chat_sse, send_sse, tool_call_chunk, tool_names,
+from helpers import (NAME_RE, Codex, LocalServer, QuietHandler, chat_chunk, chat_sse, send_sse, tool_call_chunk, tool_names,
                      write_png)
 
 pytestmark = pytest.mark.codex
@@ -314,3 +314,46 @@ def test_a_call_in_a_response_that_failed_is_not_run(codex_bin, tmp_path, gatewa
         run = codex.exec("go", timeout=90)
     assert run.returncode != 0 and "upstream" in run.output, run.output
     assert not (tmp_path / "ran").exists(), "the call of a failed response was run"
+
+
+# --- a backend's wait reaches Codex inside the stream --------------------------------------------
+
+
+class BusyOnce(QuietHandler):
+    """A backend whose first answer is a 503 with ``Retry-After: 3`` (after a short prefill, the
+    client's SSE head already sent), then answers; the time of each request in ``at``."""
+
+    at: list = []
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["content-length"]))
+        type(self).at.append(time.monotonic())
+        if len(type(self).at) == 1:
+            time.sleep(0.3)
+            body = json.dumps({"error": {"message": "loading the model", "type": "server_error"}}).encode()
+            self.send_response(503)
+            for name, value in (("content-type", "application/json"), ("content-length", str(len(body))),
+                                ("retry-after", "3")):
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        send_sse(self, chat_sse(chat_chunk({"content": "served after the wait"}), chat_chunk(finish="stop")))
+
+
+def test_codex_waits_as_a_backends_503_retry_after_says(codex_bin, tmp_path, gateway_factory):
+    """A streaming turn has its 200 before the backend answers: a backend's 503 with
+    ``Retry-After: 3`` reaches Codex inside ``response.failed`` (``error.headers``, which Codex
+    0.169 reads for any code), and Codex waits that long before its retry, which is served.
+    Before, the wait reached it nowhere: it retried after its own backoff (~0.2 s)."""
+    BusyOnce.at = []
+    with LocalServer(BusyOnce) as backend:
+        codex = Codex.at(codex_bin, tmp_path)
+        gw = gateway_factory(backend.url, "--set", "resp2chat_max_replay_entries=0")
+        codex.configure(gw.base_url)
+        set_retries(codex, stream=1)
+        run = codex.exec("hello", timeout=90)
+    assert run.returncode == 0 and "served after the wait" in run.stdout, diag(run, gw)
+    assert len(BusyOnce.at) == 2, BusyOnce.at
+    waited = BusyOnce.at[1] - BusyOnce.at[0] - 0.3  # (the 503 came 0.3 s after the first request)
+    assert 2.7 <= waited <= 6, f"Codex retried {waited:.2f} s after the 503's Retry-After: 3" + diag(run, gw)

@@ -381,6 +381,26 @@ def test_fail_upstream_http_errors(status, body, code):
     check_sdk(evs)
 
 
+@pytest.mark.parametrize("status,body,retry_after,message,headers", [
+    (429, b'{"error":{"message":"slow down"}}', "2", "upstream HTTP 429: slow down. Please try again in 2s.",
+     {"retry-after": "2", "retry-after-ms": "2000"}),
+    (503, b"Service Unavailable", "0.25", "upstream HTTP 503: the upstream failed (request id req_t; the gateway's "
+     "log has the details). Please try again in 250ms.", {"retry-after": "1", "retry-after-ms": "250"}),
+    # the backend's own words say it already: kept as they are, the header's wait beside them
+    (429, b'{"error":{"message":"Rate limit reached. Please try again in 20s."}}', "20",
+     "upstream HTTP 429: Rate limit reached. Please try again in 20s.", {"retry-after": "20", "retry-after-ms": "20000"}),
+    (503, b"Service Unavailable", None, "upstream HTTP 503: the upstream failed (request id req_t; the gateway's "
+     "log has the details)", None),
+])
+def test_a_backends_wait_is_in_the_failed_event(status, body, retry_after, message, headers):
+    """The stream's head has gone: the wait (``Retry-After``) is said inside the error, where
+    Codex 0.169 reads it: ``headers`` (any code) and OpenAI's words at the end of the message."""
+    tr = translator()
+    tr.ctx.request_id = "req_t"
+    err = check_stream(tr.fail_upstream(status, body, retry_after) + tr.finish())[-1]["response"]["error"]
+    assert (err["message"], err.get("headers")) == (message, headers)
+
+
 PLANTED = "password=hunter2 at 10.0.0.7"
 
 

@@ -16,6 +16,7 @@ from helpers import (
     retranslate, send_json, start_gateway, stop_process, wait_until,
 )
 from resp2chat_io.demo_upstream import serve_in_thread
+from wsclient import WSClient
 
 
 class Refusing:
@@ -157,6 +158,51 @@ def test_a_backends_retry_after_reaches_a_json_client_the_shortest_of_several(tm
     finally:
         gw.stop()
         for up in (slow, soon, busy, dated):
+            up.close()
+
+
+def test_a_backends_wait_reaches_a_stream_client_inside_response_failed(tmp_path):
+    """A streaming client has its 200 and the SSE head before the backend answers (the gateway
+    sends them at once, then keepalives while the backend prefills): the wait a backend's 429 or
+    503 gave (``Retry-After``) can only reach it inside ``response.failed``, the two ways Codex
+    0.169 reads one there (codex-rs sse/responses_error.rs): ``error.headers`` (``retry-after``,
+    whole seconds; read for any code) and, for ``rate_limit_exceeded``, the message ending "Please
+    try again in Ns." (OpenAI's words). Every upstream failing: the shortest wait. A WebSocket turn
+    gets the same event. Before, a 5xx's wait reached no stream client at all, a 429's only as
+    "(try again in Ns)" in the text."""
+    slow, busy = Refusing(429, "slow down", retry_after="3"), Refusing(503, retry_after="1.5")
+    worse = Refusing(503, retry_after="30")
+    gw = gateway_with(tmp_path, [{"name": "slow", "base_url": slow.base_url, "models": ["m"]},
+                                 {"name": "busy", "base_url": busy.base_url, "models": ["b"]},
+                                 {"name": "worse", "base_url": worse.base_url, "models": ["f"]},
+                                 {"name": "slow-too", "base_url": slow.base_url, "models": ["f"]}])
+    try:
+        errors = {}
+        for model in ("m", "b", "f"):
+            raw = requests.post(gw.base_url + "/responses", json={"model": model, "input": "hi", "stream": True},
+                                timeout=30)
+            assert raw.status_code == 200, raw.text
+            end = parse_sse(raw.content)[-1]
+            assert end["type"] == "response.failed", end
+            errors[model] = end["response"]["error"]
+        m, b, f = errors["m"], errors["b"], errors["f"]
+        assert m == {"code": "rate_limit_exceeded", "message": "upstream HTTP 429: slow down. Please try again in 3s.",
+                     "headers": {"retry-after": "3", "retry-after-ms": "3000"}}, m
+        assert b["code"] == "server_error" and b["message"].endswith("the gateway's log has the details). "
+                                                                      "Please try again in 1.5s."), b
+        assert b["headers"] == {"retry-after": "2", "retry-after-ms": "1500"}, b  # (Codex reads whole seconds)
+        assert f["code"] == "rate_limit_exceeded" and "every upstream for model 'f' failed" in f["message"], f
+        assert f["message"].endswith("Please try again in 3s.") and f["headers"]["retry-after"] == "3", f
+        ws = WSClient(gw.base_url)
+        events = ws.turn({"type": "response.create", "model": "b", "input": "hi"})
+        ws.close()
+        assert events[-1]["type"] == "response.failed" and events[-1]["response"]["error"]["headers"] == b["headers"]
+        # a JSON client has the wait in its headers, as before, and the same words
+        r = requests.post(gw.base_url + "/responses", json={"model": "m", "input": "hi"}, timeout=30)
+        assert (r.status_code, r.headers["retry-after"], r.json()["error"]["message"]) == (429, "3", m["message"])
+    finally:
+        gw.stop()
+        for up in (slow, busy, worse):
             up.close()
 
 

@@ -341,7 +341,8 @@ def test_a_warm_up_is_a_request_against_its_clients_limits(upstream, gateway_fac
     any (one rpm token, the HTTP rule), open only while it is answered (max_streams 1: warm-ups
     in a row are all admitted). Before, no limit counted warm-ups: a client at its rpm went on
     adding to what its socket held. Refused, a message is not read: one carrying an mcp tool's
-    secret keeps it out of the flow file as a refused turn does."""
+    secret keeps it out of the flow file as a refused turn does. The refusal says when to try
+    again (``headers``, as the HTTP 429 has them; before, a socket's error carried no wait)."""
     key = "carol-key-0123456789abcdef"
     flows = tmp_path / "ws.mitm"
     gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0", "-w", str(flows), env={
@@ -355,6 +356,11 @@ def test_a_warm_up_is_a_request_against_its_clients_limits(upstream, gateway_fac
     assert refused["type"] == "error" and refused["status"] == 429, refused["type"]
     assert refused["error"]["code"] == "rate_limit_exceeded"
     assert "rpm" in refused["error"]["message"]
+    # the wait as the HTTP 429's headers say it, where Codex reads a socket's error (status and
+    # headers: codex-rs responses_websocket.rs, WrappedWebsocketErrorEvent), and in OpenAI's words
+    wait = refused.get("headers") or {}
+    assert 1 <= int(wait.get("retry-after", 0)) <= 30 and int(wait["retry-after-ms"]) > 0, refused
+    assert refused["error"]["message"].endswith(f"Please try again in {wait['retry-after']}s."), refused
     secret = "mcp-secret-token-9d41c7"
     tool = {"type": "mcp", "server_label": "ev", "server_url": "https://mcp.example/sse",
             "headers": {"authorization": f"Bearer {secret}"}, "require_approval": "never"}

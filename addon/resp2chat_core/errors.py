@@ -16,13 +16,15 @@ from .chatstream import LONE_SURROGATE
 
 @dataclass
 class GatewayError(Exception):
-    """A request the gateway refuses; becomes ``status`` + ``{"error": {...}}``."""
+    """A request the gateway refuses; becomes ``status`` + ``{"error": {...}}``. ``retry_after``:
+    the seconds the client is told to wait, when the gateway knows (its ``retry-after``: limits.py)."""
 
     message: str
     param: str | None = None
     code: str | None = None
     status: int = 400
     type: str = "invalid_request_error"
+    retry_after: float | None = None
 
     def __str__(self) -> str:
         return self.message

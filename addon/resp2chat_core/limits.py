@@ -19,7 +19,11 @@ Rules of this file:
   openai SDK and Codex back off as they do against OpenAI.
 - ``retry_headers`` is the one way the gateway writes when to try again (``retry-after`` and
   ``retry-after-ms``): its own 429s, and a backend's ``Retry-After`` passed on to a JSON client
-  (``backend_retry_after`` reads that, in seconds or as a date).
+  (``backend_retry_after`` reads that, in seconds or as a date). Where no HTTP header can say it
+  (a stream whose head has gone, a WebSocket), the same headers go inside the error, as Codex
+  reads them there (``error.headers`` of ``response.failed``, ``headers`` of a socket's
+  ``error``), and the message ends in OpenAI's words, ``retry_phrase`` ("Please try again in
+  1.5s."): Codex reads a rate limit's wait from them.
 """
 
 from __future__ import annotations
@@ -74,9 +78,9 @@ class Verdict:
     def error(self, client: str) -> GatewayError:
         what = {"requests": "requests per minute (rpm)", "tokens": "tokens per minute (tpm)",
                 "streams": "requests open at once (max_streams)"}[self.why]
-        wait = math.ceil(self.retry_after)
-        return GatewayError(f"rate limit reached for client {client!r}: {what}; try again in {wait}s",
-                            code="rate_limit_exceeded", status=429, type=self.why)
+        return GatewayError(f"rate limit reached for client {client!r}: {what}. "
+                            + retry_phrase(math.ceil(self.retry_after)),
+                            code="rate_limit_exceeded", status=429, type=self.why, retry_after=self.retry_after)
 
     @property
     def refusal_headers(self) -> tuple[tuple[str, str], ...]:
@@ -89,6 +93,15 @@ def retry_headers(seconds: float) -> tuple[tuple[str, str], ...]:
     gateway writes them: its own 429s (``Verdict``) and a backend's wait passed on (http_turns.py)."""
     wait = max(seconds, 0.001)
     return ("retry-after", str(math.ceil(wait))), ("retry-after-ms", str(math.ceil(wait * 1000)))
+
+
+def retry_phrase(seconds: float) -> str:
+    """A wait as OpenAI's error messages say it ("Please try again in 1.898s.", "… in 20ms."):
+    Codex reads a ``rate_limit_exceeded``'s wait from "try again in" and a number of s, ms or
+    seconds, so never an exponent or minutes."""
+    if seconds < 1:
+        return f"Please try again in {math.ceil(max(seconds, 0.0) * 1000)}ms."
+    return f"Please try again in {f'{seconds:.3f}'.rstrip('0').rstrip('.')}s."
 
 
 def retry_seconds(value: str | None) -> float | None:

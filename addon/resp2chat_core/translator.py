@@ -61,7 +61,10 @@ normalized deltas. What they become is decided here:
   (``TurnContext.queued``) is created ``queued`` (``response.queued``) before it is in progress.
 - Errors in a 200 stream (an error object, an error body served as ``text/event-stream``) ->
   ``response.failed`` with the code Codex acts on (errors.py); a payload or body that cannot be
-  read -> ``server_error``, its text for the operator only.
+  read -> ``server_error``, its text for the operator only. A backend's error with a wait
+  (``Retry-After``, any code): the error's message ends "Please try again in Ns." and its
+  ``headers`` carry ``retry-after``/``retry-after-ms``, the two places Codex reads a wait in a
+  stream whose HTTP head has gone (limits.py).
 - Usage: the backend's last usage object, converted when a Response shows it (usage.py) and
   kept as the backend gave it (``answer_usage``); the client's (``usage``) adds a compaction
   round's summary tokens to it (server-side compaction: compaction.py).
@@ -89,6 +92,7 @@ item, see websearch.py), ``mcp_listing``/``mcp_listed``, ``mcp_calling``/``mcp_c
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from math import isfinite as _isfinite
 from enum import Enum
@@ -99,6 +103,7 @@ from .chatstream import NOT_OBJECT, ChunkReader
 from .errors import gateway_failure, sanitize, upstream_failure, withheld
 from .inputs import REASONING_PURPOSE
 from .jsonstring import InputStream
+from .limits import retry_headers, retry_phrase, retry_seconds
 from .seal import Sealer
 from .sse import MAX_EVENT
 from .think import BREAK, REASONING, WATCH, ThinkSplitter
@@ -160,6 +165,9 @@ _ITEM_TRANSITIONS = {
     (Kind.TOOL, Kind.TEXT): "switch",
     (Kind.TOOL, Kind.TOOL): "extend",  # a new index opens one more tool item beside the others
 }
+
+# A message that already says when to try again, as Codex reads it (codex-rs sse/responses_error.rs)
+_SAYS_WAIT = re.compile(r"(?i)try again in\s*\d+(?:\.\d+)?\s*(?:s|ms|seconds?)")
 
 # finish_reason -> how the response ends. Absent: completed ("stop", "tool_calls", "eos", …).
 _INCOMPLETE_REASONS = {
@@ -599,13 +607,15 @@ class Translator:
         """Another kind of delta arrives: release held content first, in order."""
         self._think_pieces(self._think.settle())
 
-    def _fail(self, code: str, message: str, detail: str | None = None, cut: bool = True) -> None:
-        """``cut``: close what is open (``_cut``); not when the output outgrew its bound."""
+    def _fail(self, code: str, message: str, detail: str | None = None, cut: bool = True,
+              headers: dict | None = None) -> None:
+        """``cut``: close what is open (``_cut``); not when the output outgrew its bound.
+        ``headers``: when to try again (``_fail_upstream``)."""
         if self.phase is not Phase.DONE:
             self._start()
             if cut:
                 self._cut()
-            self.error = {"code": code, "message": message}
+            self.error = {"code": code, "message": message, **({"headers": headers} if headers else {})}
             self.error_detail = detail
             self._emit_response("response.failed", "failed")
             self.phase = Phase.DONE
@@ -634,9 +644,13 @@ class Translator:
         code, message, detail = upstream_failure(status, body, self.ctx.request_id, own)
         if self.phase is not Phase.DONE:
             self.retry_after = retry_after
-        if retry_after and code == "rate_limit_exceeded" and "try again in" not in message:
-            message += f" (try again in {retry_after}s)"  # Codex reads its retry delay from this
-        self._fail(code, message, detail)
+        wait = retry_seconds(retry_after)
+        if wait is None:
+            return self._fail(code, message, detail)
+        if not _SAYS_WAIT.search(message):  # (a backend's own "Please try again in 20s." stays)
+            message = message.rstrip()
+            message += ("" if message.endswith((".", "!", "?")) else ".") + " " + retry_phrase(wait)
+        self._fail(code, message, detail, headers=dict(retry_headers(wait)))
 
     def _start(self) -> None:
         if self.phase is Phase.WAITING:

@@ -26,6 +26,7 @@ checked against the real Codex CLI 0.169.0; docs/codex.md has the details)::
               but the request is remembered as if answered (the next one continues it)
     client ── {"type": "response.processed", "response_id": …} ──▶ (an acknowledgement: silence)
     anything else ──▶ {"type": "error", "status": 400, "error": {message, type, param, code}}
+              (a refusal that knows when to try again, a client's limit: "headers": {retry-after, …})
 
 A continued request is resolved against this connection's own recent responses first (Codex
 sends ``store: false``: nothing is in the response store), then against the response store.
@@ -49,6 +50,7 @@ from typing import Callable
 
 from . import inputs, requestbody
 from .errors import GatewayError
+from .limits import retry_headers
 from .seal import Sealer
 from .sse import DONE
 
@@ -132,8 +134,11 @@ def no_room(open_sockets: int, max_sockets: int, client: str | None = None, clie
 
 
 def error_message(err: GatewayError) -> str:
-    """The ``error`` message Codex reads as the HTTP error it would have got (status and body)."""
-    return json.dumps({"type": "error", "status": err.status, **err.body()}, ensure_ascii=False)
+    """The ``error`` message Codex reads as the HTTP error it would have got (status and body),
+    with the ``headers`` that say when to try again when the refusal knows (``retry-after``:
+    codex-rs reads them there, ``WrappedWebsocketErrorEvent``)."""
+    wait = {"headers": dict(retry_headers(err.retry_after))} if err.retry_after is not None else {}
+    return json.dumps({"type": "error", "status": err.status, **err.body(), **wait}, ensure_ascii=False)
 
 
 def events(sse: bytes) -> list[tuple[str, bytes]]:

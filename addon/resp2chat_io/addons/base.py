@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 from mitmproxy import ctx, exceptions, http
 
 from resp2chat_core.errors import GatewayError, error_json
-from resp2chat_core.limits import retry_headers
+from resp2chat_core.limits import retry_headers, retry_phrase
 from resp2chat_core.gate import RESPONSES_PATHS  # noqa: F401 — (re-exported: the addons import it from here)
 
 from resp2chat_core import settings as S
@@ -73,11 +73,11 @@ def json_response(status: int, body: bytes | str | dict, **headers: str) -> http
 
 def refusal(flow: http.HTTPFlow, err: GatewayError, extra: tuple = ()) -> http.Response:
     """A request the gateway refuses (``GatewayError``): its status and OpenAI error body, with
-    the request id (``x-request-id``), ``retry-after`` when the store is down, and ``extra``
-    headers (a client's rate-limit headers)."""
+    the request id (``x-request-id``), ``retry-after`` when it says when to try again (the store
+    down, a client's limit), and ``extra`` headers (a client's rate-limit headers)."""
     response = json_response(err.status, err.body(), x_request_id=request_id(flow))
-    if err.code == "store_unavailable":
-        response.headers.update(retry_headers(1))
+    if err.retry_after is not None:
+        response.headers.update(retry_headers(err.retry_after))
     response.headers.update(extra)
     return response
 
@@ -85,8 +85,8 @@ def refusal(flow: http.HTTPFlow, err: GatewayError, extra: tuple = ()) -> http.R
 def store_unavailable(why: str) -> GatewayError:
     """The refusal of ``why`` while the shared state store (Redis) cannot be reached: a 503 with
     ``retry-after`` (``refusal``)."""
-    return GatewayError(f"{why}: the shared state store (Redis) cannot be reached right now; try again shortly",
-                        code="store_unavailable", status=503, type="server_error")
+    return GatewayError(f"{why}: the shared state store (Redis) cannot be reached right now. " + retry_phrase(1),
+                        code="store_unavailable", status=503, type="server_error", retry_after=1)
 
 
 @contextlib.contextmanager
