@@ -219,20 +219,25 @@ SEARCH_SSE = [chat_chunk({"role": "assistant", "tool_calls": [tool_call(0, "call
               chat_chunk(choices=[], usage={"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14})]
 
 
-@pytest.mark.parametrize("answers, queries", [
-    ([("json", SEARCH_JSON), ("json", ANSWER_JSON)], ["json round"]),  # round 1 answered whole
-    ([("sse", SEARCH_SSE), ("json", SEARCH_JSON), ("json", ANSWER_JSON)], ["sse round", "json round"]),  # a later round
-], ids=["first-round", "later-round"])
-def test_a_round_answered_with_json_runs_the_gateways_calls(gateway_factory, brave, answers, queries):
+@pytest.mark.parametrize("answers, queries, fallback", [
+    ([("json", SEARCH_JSON), ("json", ANSWER_JSON)], ["json round"], False),  # round 1 answered whole
+    ([("json", SEARCH_JSON), ("json", ANSWER_JSON)], ["json round"], True),  # … by a fallback upstream
+    ([("sse", SEARCH_SSE), ("json", SEARCH_JSON), ("json", ANSWER_JSON)], ["sse round", "json round"], False),
+], ids=["first-round", "first-round-after-a-fallback", "later-round"])
+def test_a_round_answered_with_json_runs_the_gateways_calls(gateway_factory, brave, answers, queries, fallback):
     """A backend that ignores ``stream`` answers a round of the loop with one JSON
     ``chat.completion``: the loop reads it as it reads a stream. Its call of the gateway's
     ``web_search`` runs (a Brave query, a web_search_call item, the next round asked with the
     results), never reaching the client as a function_call it cannot run; the turn ends with
-    the last round's answer, its usage the rounds' together."""
+    the last round's answer, its usage the rounds' together. (``fallback``: the first upstream
+    is down, the answer's first round goes through the walk of the candidates.)"""
     url, handler = brave
     backend = type("Rounds", (_Rounds,), {"answers": answers, "bodies": []})
     with LocalServer(backend) as server:
-        gw = gateway_factory(server.url, "--set", "resp2chat_max_replay_entries=0",
+        upstreams = [{"name": "down", "base_url": f"http://127.0.0.1:{free_port()}/v1"},
+                     {"name": "rounds", "base_url": server.url + "/v1"}]
+        gw = gateway_factory(*(("http://127.0.0.1:9", "--set", "resp2chat_upstreams=" + json.dumps(upstreams))
+                               if fallback else (server.url,)), "--set", "resp2chat_max_replay_entries=0",
                              env={"BRAVE_SEARCH_API_KEY": BRAVE_KEY, "RESP2CHAT_BRAVE_BASE_URL": url})
         for stream in (False, True):
             handler.queries, backend.bodies = [], []
@@ -255,3 +260,21 @@ def test_a_round_answered_with_json_runs_the_gateways_calls(gateway_factory, bra
             usage = final["usage"]  # the last round's prompt, every round's completion
             completion = [(what if how == "json" else what[-1])["usage"]["completion_tokens"] for how, what in answers]
             assert usage["input_tokens"] == 20 and usage["output_tokens"] == sum(completion), usage
+
+
+def test_a_round_answered_with_a_json_error_fails_the_turn_with_it(gateway_factory, brave):
+    """A later round answered 200 with a JSON error object (no completion): not the loop's to
+    read; the turn fails with the backend's error, as a turn without the loop does."""
+    url, _ = brave
+    error = {"error": {"message": "the model is overloaded now", "type": "server_error"}}
+    backend = type("Rounds", (_Rounds,), {"answers": [("sse", SEARCH_SSE), ("json", error)], "bodies": []})
+    with LocalServer(backend) as server:
+        gw = gateway_factory(server.url, "--set", "resp2chat_max_replay_entries=0",
+                             env={"BRAVE_SEARCH_API_KEY": BRAVE_KEY, "RESP2CHAT_BRAVE_BASE_URL": url})
+        r = requests.post(f"{gw.base_url}/responses", timeout=30, json={
+            "model": "demo-model", "input": "search", "tools": [WEB_SEARCH], "stream": True})
+        end = parse_sse(r.content)[-1]
+        assert end["type"] == "response.failed", end
+        assert "the model is overloaded now" in end["response"]["error"]["message"], end
+        assert [o["type"] for o in end["response"]["output"]] == ["web_search_call"]
+        assert len(backend.bodies) == 2
