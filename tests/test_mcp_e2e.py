@@ -673,6 +673,41 @@ def test_the_gateways_tool_servers_never_get_the_upstream_key_or_a_client_key(ga
         assert up_key not in json.dumps(got) and key not in json.dumps(got)
 
 
+
+def test_rounds_answered_with_json_run_the_mcp_calls_in_them(gateway_factory, everything, seen):
+    """A backend that ignores ``stream`` answers every round with one JSON ``chat.completion``:
+    the loop reads each as its stream; the call of ``mcp__ev__echo`` in the first runs on the
+    server (an mcp_call item, its output back to the model), never reaching the client as a
+    function_call; the second round's text is the answer."""
+    bodies: list[dict] = []
+
+    def completion(message: dict, finish: str) -> dict:
+        return {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "up", "choices": [
+            {"index": 0, "finish_reason": finish, "message": {"role": "assistant", "content": None, **message}}],
+            "usage": {"prompt_tokens": 20, "completion_tokens": 4, "total_tokens": 24}}
+
+    call = {"id": "call_m1", "type": "function",
+            "function": {"name": "mcp__ev__echo", "arguments": '{"message": "json round"}'}}
+    answers = [completion({"tool_calls": [call]}, "tool_calls"), completion({"content": "Echoed."}, "stop")]
+
+    class Rounds(QuietHandler):
+        def do_POST(self):
+            bodies.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+            send_json(self, 200, answers[len(bodies) - 1])
+
+    with LocalServer(Rounds) as backend:
+        gw = gateway_factory(backend.url, "--set", "resp2chat_max_replay_entries=0",
+                             env={"RESP2CHAT_MCP_SERVERS": allowed(everything, seen[0])})
+        resp = openai_client(gw).responses.create(model="demo-model", input="echo it", tools=[mcp_tool()])
+    assert resp.status == "completed"
+    assert kinds(resp.output) == ["mcp_list_tools", "mcp_call", "message"]
+    assert resp.output[1].name == "echo" and resp.output[1].output == "Echo: json round"
+    assert resp.output_text == "Echoed."
+    assert len(bodies) == 2
+    assistant, tool = bodies[1]["messages"][-2:]
+    assert assistant["tool_calls"][0]["function"]["name"] == "mcp__ev__echo"
+    assert tool == {"role": "tool", "tool_call_id": "call_m1", "content": "Echo: json round"}
+
 # --- metrics, and the WebSocket -----------------------------------------------------------------
 
 

@@ -151,6 +151,54 @@ def test_a_round_whose_body_holds_no_sse_event_reaches_the_translator_whole():
     assert alone.response()["status"] == "failed" and "model not found" in alone.response()["error"]["message"]
 
 
+def test_a_round_answered_with_one_json_body_is_read_as_its_stream():
+    """A backend that ignores ``stream`` answers each round with one JSON ``chat.completion``
+    (the relay hands it to ``ToolLoop.whole``): the loop reads it as the same answer streamed,
+    its search held back and run, its ending held, so the next round's request, the turn's end
+    and what the translator makes of it all are the stream's. An error body is not the loop's
+    (None: the translator reads it whole)."""
+    def completion(message: dict, finish: str, prompt: int, completion: int) -> bytes:
+        return json.dumps({"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "up", "choices": [
+            {"index": 0, "finish_reason": finish, "message": {"role": "assistant", **message}}],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                      "total_tokens": prompt + completion}}).encode()
+
+    call = {"id": "call_1", "type": "function", "function": {"name": "web_search", "arguments": '{"query": "q"}'}}
+    whole = [completion({"content": "Looking.", "reasoning_content": "hm", "tool_calls": [call]}, "tool_calls",
+                        100, 10),
+             completion({"content": "Here."}, "stop", 150, 5)]
+    streams = [chat_sse(chat_chunk({"reasoning_content": "hm"}), chat_chunk({"content": "Looking."}),
+                        tool_call_chunk(0, "call_1", "web_search", '{"query": "q"}'), chat_chunk(finish="tool_calls"),
+                        usage(100, 10)),
+               chat_sse(chat_chunk({"content": "Here."}), chat_chunk(finish="stop"), usage(150, 5))]
+    runs = []
+    for answers, read in ((streams, "feed"), (whole, "whole")):
+        turn = begin_turn(json.dumps({"model": "m", "input": "x", "stream": True}).encode(), LoweringOptions(),
+                          "resp_" + "b" * 32, 0)
+        translator = turn.translator()
+        loop = websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=5)
+        out, bodies, steps = b"", [], []
+        for answer in answers:
+            out += translator.feed(getattr(loop, read)(answer))
+            tail, step = loop.end_round(ok=True)
+            out += translator.feed(tail)
+            steps.append(step)
+            if isinstance(step, websearch.Finish):
+                out += translator.feed(step.tail)
+            else:
+                assert loop.next_round(["1. result"]) is None
+                bodies.append(json.loads(loop.body))
+        runs.append((out + translator.finish(), bodies, steps, translator.response()))
+    assert runs[1] == runs[0]
+    _, bodies, steps, response = runs[1]
+    assert steps[0] == [websearch.Search("call_1", "q")]
+    assert bodies[0]["messages"][-2]["tool_calls"][0]["function"] == call["function"]
+    assert [item["type"] for item in response["output"]] == ["reasoning", "message"]  # (no function_call)
+    assert response["usage"]["input_tokens"] == 150 and response["usage"]["output_tokens"] == 15
+    error = json.dumps({"error": {"message": "model not found", "type": "invalid_request_error"}}).encode()
+    assert websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=5).whole(error) is None
+
+
 def test_a_re_encoded_chunk_with_a_lone_surrogate_escape():
     loop = websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=5)
     out = loop.feed(b'data: {"choices":[{"index":0,"delta":{"content":"a\\ud800"},"finish_reason":"stop"}]}\n\n')

@@ -8,8 +8,12 @@ import threading
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+import requests
 
-from helpers import Codex, LocalServer, QuietHandler, free_port, openai_client, send_json, wait_until
+from helpers import (
+    Codex, LocalServer, QuietHandler, chat_chunk, chat_sse, free_port, openai_client, parse_sse, send_json, send_sse,
+    tool_call, wait_until,
+)
 
 BRAVE_KEY = "brave-planted-key-123456"
 WEB_SEARCH = {"type": "web_search"}
@@ -176,3 +180,101 @@ def test_search_loop_after_a_fallback_stays_on_the_upstream_that_answered(upstre
     first, second = upstream.requests()[-2:]  # both rounds went to demo, each with demo's own lowering
     assert first["max_completion_tokens"] == second["max_completion_tokens"] == 200
     assert second["messages"][-1]["role"] == "tool"
+
+
+class _Rounds(QuietHandler):
+    """A chat backend that answers each round as ``answers`` says, in order: ("json", a whole
+    ``chat.completion``: a backend that ignores ``stream``) or ("sse", chunks); ``bodies``: the
+    chat requests it got."""
+
+    answers: list = []
+    bodies: list = []
+
+    def do_POST(self):
+        type(self).bodies.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+        how, what = self.answers[len(self.bodies) - 1]
+        if how == "json":
+            send_json(self, 200, what)
+        else:
+            send_sse(self, chat_sse(*what))
+
+
+def _completion(message: dict, finish: str, completion_tokens: int) -> dict:
+    return {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "up",
+            "choices": [{"index": 0, "finish_reason": finish, "message": {"role": "assistant", **message}}],
+            "usage": {"prompt_tokens": 20, "completion_tokens": completion_tokens,
+                      "total_tokens": 20 + completion_tokens}}
+
+
+def _search_call(call_id: str, query: str) -> dict:
+    return {"id": call_id, "type": "function", "function": {"name": "web_search",
+                                                            "arguments": json.dumps({"query": query})}}
+
+
+SEARCH_JSON = _completion({"content": None, "tool_calls": [_search_call("call_j1", "json round")]}, "tool_calls", 5)
+ANSWER_JSON = _completion({"content": "Found it."}, "stop", 3)
+SEARCH_SSE = [chat_chunk({"role": "assistant", "tool_calls": [tool_call(0, "call_s1", "web_search",
+                                                                        '{"query": "sse round"}')]}),
+              chat_chunk(finish="tool_calls"),
+              chat_chunk(choices=[], usage={"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14})]
+
+
+@pytest.mark.parametrize("answers, queries, fallback", [
+    ([("json", SEARCH_JSON), ("json", ANSWER_JSON)], ["json round"], False),  # round 1 answered whole
+    ([("json", SEARCH_JSON), ("json", ANSWER_JSON)], ["json round"], True),  # … by a fallback upstream
+    ([("sse", SEARCH_SSE), ("json", SEARCH_JSON), ("json", ANSWER_JSON)], ["sse round", "json round"], False),
+], ids=["first-round", "first-round-after-a-fallback", "later-round"])
+def test_a_round_answered_with_json_runs_the_gateways_calls(gateway_factory, brave, answers, queries, fallback):
+    """A backend that ignores ``stream`` answers a round of the loop with one JSON
+    ``chat.completion``: the loop reads it as it reads a stream. Its call of the gateway's
+    ``web_search`` runs (a Brave query, a web_search_call item, the next round asked with the
+    results), never reaching the client as a function_call it cannot run; the turn ends with
+    the last round's answer, its usage the rounds' together. (``fallback``: the first upstream
+    is down, the answer's first round goes through the walk of the candidates.)"""
+    url, handler = brave
+    backend = type("Rounds", (_Rounds,), {"answers": answers, "bodies": []})
+    with LocalServer(backend) as server:
+        upstreams = [{"name": "down", "base_url": f"http://127.0.0.1:{free_port()}/v1"},
+                     {"name": "rounds", "base_url": server.url + "/v1"}]
+        gw = gateway_factory(*(("http://127.0.0.1:9", "--set", "resp2chat_upstreams=" + json.dumps(upstreams))
+                               if fallback else (server.url,)), "--set", "resp2chat_max_replay_entries=0",
+                             env={"BRAVE_SEARCH_API_KEY": BRAVE_KEY, "RESP2CHAT_BRAVE_BASE_URL": url})
+        for stream in (False, True):
+            handler.queries, backend.bodies = [], []
+            r = requests.post(f"{gw.base_url}/responses", timeout=30, json={
+                "model": "demo-model", "input": "search", "tools": [WEB_SEARCH], "stream": stream})
+            assert r.status_code == 200, r.text
+            final = parse_sse(r.content)[-1]["response"] if stream else r.json()
+            assert final["status"] == "completed", final
+            assert [o["type"] for o in final["output"]] == ["web_search_call"] * len(queries) + ["message"], final
+            assert [o["action"]["query"] for o in final["output"][:-1]] == queries
+            assert final["output"][-1]["content"][0]["text"] == "Found it."
+            assert [q["q"] for q in handler.queries] == queries
+            assert len(backend.bodies) == len(answers)
+            for asked, (how, what) in zip(backend.bodies[1:], answers):  # each round's results go to the next
+                call = (what["choices"][0]["message"] if how == "json" else what[0]["choices"][0]["delta"])
+                assistant, tool = asked["messages"][-2:]
+                assert assistant["tool_calls"][0]["id"] == call["tool_calls"][0]["id"]
+                assert tool["role"] == "tool" and tool["tool_call_id"] == call["tool_calls"][0]["id"]
+                assert tool["content"].startswith("Web search results for: ")
+            usage = final["usage"]  # the last round's prompt, every round's completion
+            completion = [(what if how == "json" else what[-1])["usage"]["completion_tokens"] for how, what in answers]
+            assert usage["input_tokens"] == 20 and usage["output_tokens"] == sum(completion), usage
+
+
+def test_a_round_answered_with_a_json_error_fails_the_turn_with_it(gateway_factory, brave):
+    """A later round answered 200 with a JSON error object (no completion): not the loop's to
+    read; the turn fails with the backend's error, as a turn without the loop does."""
+    url, _ = brave
+    error = {"error": {"message": "the model is overloaded now", "type": "server_error"}}
+    backend = type("Rounds", (_Rounds,), {"answers": [("sse", SEARCH_SSE), ("json", error)], "bodies": []})
+    with LocalServer(backend) as server:
+        gw = gateway_factory(server.url, "--set", "resp2chat_max_replay_entries=0",
+                             env={"BRAVE_SEARCH_API_KEY": BRAVE_KEY, "RESP2CHAT_BRAVE_BASE_URL": url})
+        r = requests.post(f"{gw.base_url}/responses", timeout=30, json={
+            "model": "demo-model", "input": "search", "tools": [WEB_SEARCH], "stream": True})
+        end = parse_sse(r.content)[-1]
+        assert end["type"] == "response.failed", end
+        assert "the model is overloaded now" in end["response"]["error"]["message"], end
+        assert [o["type"] for o in end["response"]["output"]] == ["web_search_call"]
+        assert len(backend.bodies) == 2

@@ -87,7 +87,8 @@ class UpstreamFailed:
 
 @dataclass(frozen=True, slots=True)
 class UpstreamJSON:
-    """The backend ignored ``stream: true`` and answered with one JSON body."""
+    """The backend ignored ``stream: true`` and answered with one JSON body (in a tool loop's
+    round, only one that is no completion: the loop reads a completion, ``ToolLoop.whole``)."""
 
     body: bytes
 

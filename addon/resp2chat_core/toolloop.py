@@ -23,6 +23,10 @@ Rules of this file:
   a choice's token ``logprobs`` stay on the text they came with: vLLM sends the last token and
   the finish reason in one chunk), and the translator reads that as it would have read the
   original.
+- A round answered with one JSON ``chat.completion`` (a backend that ignored ``stream``) is read
+  as its stream would be (``ToolLoop.whole``: ``ChunkReader.body``, the reader's own rule for a
+  whole body): the same calls held back, the same end held, the rest passed on in stream form.
+  An error or garbage body is not the loop's: the translator reads it whole, as any turn's.
 - A turn without the gateway's tools never meets this file: the relay makes no loop for it.
 
 Theory of operation::
@@ -116,9 +120,9 @@ class RoundResult:
 
 class ToolLoop:
     """One turn's rounds. Per round: ``body`` is the chat request to send, ``feed`` filters the
-    backend's stream, ``end_round(ok)`` says what comes next; after a list of steps the caller
-    runs them and hands what the model reads of each to ``next_round`` (None for a step that
-    gives the model nothing: an approval request). Before round 1, ``prelude`` steps (if any)
+    backend's stream (``whole``: its answer as one JSON body), ``end_round(ok)`` says what comes
+    next; after a list of steps the caller runs them and hands what the model reads of each to
+    ``next_round`` (None for a step that gives the model nothing: an approval request). Before round 1, ``prelude`` steps (if any)
     run and ``begin`` takes their results. A round whose stream holds an SSE event larger than
     ``max_event`` bytes is refused: ``feed`` returns None from then on and ``oversized`` is true
     (the caller stops reading and fails the turn). ``max_calls``: the request's ``max_tool_calls``
@@ -182,6 +186,13 @@ class ToolLoop:
     def feed(self, data: bytes) -> bytes | None:
         out = self._filter.feed(data)
         return None if self._filter.oversized else out
+
+    def whole(self, body: bytes) -> bytes | None:
+        """The round's answer as one JSON body (the backend ignored ``stream``), read as its
+        stream would be: what the translator may see of it, in stream form (the end held, as
+        ``feed`` holds it). None: it is no completion (an error, garbage): the caller hands it
+        to the translator whole, as it is."""
+        return self._filter.whole(body)
 
     @property
     def oversized(self) -> bool:
@@ -293,6 +304,17 @@ class RoundFilter:
     def oversized(self) -> bool:
         """An event of the round's stream outgrew the parser's bound (sse.py)."""
         return self._reader.parser.oversized
+
+    def whole(self, body: bytes) -> bytes | None:
+        """The round's answer as one JSON body (``ToolLoop.whole``); None: an error or garbage."""
+        self._whole, self._held = True, False
+        self._pieces.clear()
+        self._reader.body(body)
+        if self._passthrough:
+            return None
+        if self._pieces:
+            self._out.append(self._encode())
+        return self._flush()
 
     def finish(self) -> tuple[bytes, RoundResult]:
         for payload in self._reader.parser.finish():

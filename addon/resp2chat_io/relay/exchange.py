@@ -19,8 +19,10 @@ summary that fails midway (a silence; a cut, which ``_compact`` makes a 502 fail
 too, nothing of it having reached the client.
 
 The tool loop (resp2chat_core/toolloop.py: web search, hosted MCP tools) is decided in the core;
-here its steps run: ``_run_steps`` runs a round's steps (Brave searches, MCP listings and calls:
-mcp.py, over one session per server for the whole turn: ``mcp.Sessions``) at once, at most
+each round's answer goes through it (``ToolLoop.feed``: a stream; ``ToolLoop.whole``: a backend's
+whole JSON answer, ``stream`` ignored, read as its stream would be), and here its steps run:
+``_run_steps`` runs a round's steps (Brave searches, MCP listings and calls: mcp.py, over one
+session per server for the whole turn: ``mcp.Sessions``) at once, at most
 ``PARALLEL_STEPS``, and tells the client through the channel (``SearchStarted``… ``McpCalled``)
 in the order the model asked, whatever order they end in; while the client waits for them, a
 ``Keepalive`` every ``keepalive_secs`` (the upstream's), as during a backend's long prefill.
@@ -284,7 +286,7 @@ async def _rounds(ex: Exchange, client: UpstreamClient, sessions: mcp_client.Ses
         if loop is not None:
             loop.begin(prelude)
         outcome = await client.call(only, headers, loop.body if loop else only.body, ex.channel,
-                                    loop.feed if loop else None)
+                                    loop.feed if loop else None, loop.whole if loop else None)
     if loop is None:
         return
     to = ex.answering
@@ -306,7 +308,7 @@ async def _rounds(ex: Exchange, client: UpstreamClient, sessions: mcp_client.Ses
         if end is not None:  # (a call waits for the client's approval)
             ex.channel.data(end.tail)
             return
-        outcome = await client.call(to, headers, loop.body, ex.channel, loop.feed)
+        outcome = await client.call(to, headers, loop.body, ex.channel, loop.feed, loop.whole)
 
 
 async def _compact(ex: Exchange, client: UpstreamClient, headers: list[tuple[bytes, bytes]],
@@ -462,7 +464,8 @@ async def _first_answer(ex: Exchange, client: UpstreamClient, headers: list[tupl
         loop = ex.loop = _loop(ex, to.body) if looped else None  # (its think tags, its tools)
         if loop is not None:
             loop.begin(prelude)
-        return await client.call(to, headers, loop.body if loop else to.body, attempt, loop.feed if loop else None)
+        return await client.call(to, headers, loop.body if loop else to.body, attempt, loop.feed if loop else None,
+                                 loop.whole if loop else None)
 
     outcome = await _walk(ex, start, failed, call)
     return outcome or CallEnd.BROKEN, ex.loop

@@ -2,7 +2,9 @@
 
 ``UpstreamClient.call`` sends one chat request and hands what comes back to a turn's
 ``Channel`` (resp2chat_core/channel.py): the body of a 200 stream as data, everything else as
-typed events (``UpstreamFailed``, ``UpstreamJSON``, ``Keepalive``). It returns a ``CallEnd``.
+typed events (``UpstreamFailed``, ``UpstreamJSON``, ``Keepalive``); a 200 JSON body (a backend
+that ignored ``stream``) goes through the caller's ``whole`` first when it has one (the tool
+loop's: its stream form goes on as data). It returns a ``CallEnd``.
 
 The one deadline rule (``_Watch``): from the moment the request is sent, a backend that sends
 nothing for ``idle_timeout`` seconds fails the turn (``UpstreamFailed`` 504, code ``upstream_timeout``), before its answer
@@ -215,10 +217,13 @@ class UpstreamClient:
         return sum(len(c) for c in self._pool.values())
 
     async def call(self, to: Candidate, headers: list[tuple[bytes, bytes]], body: bytes, channel: Channel,
-                   transform: Callable[[bytes], bytes] | None = None) -> CallEnd:
+                   transform: Callable[[bytes], bytes] | None = None,
+                   whole: Callable[[bytes], bytes | None] | None = None) -> CallEnd:
         """POST ``body`` to the candidate ``to`` (its URL; its own headers and Authorization
         after ``headers``; its timeouts); the answer goes to ``channel`` (a 200 stream's bytes
-        through ``transform`` first). Never raises for backend trouble: it is reported.
+        through ``transform`` first; a 200 JSON body through ``whole``, its bytes then going on
+        as data, or as an ``UpstreamJSON`` where it returns None or there is none). Never
+        raises for backend trouble: it is reported.
 
         The call stops reading the backend (and closes its connection) when the consumer is done
         with the turn (``channel.closed``) and more of the body comes, or when ``transform``
@@ -238,8 +243,8 @@ class UpstreamClient:
                 return CallEnd.BROKEN
             outcome, heard = CallEnd.BROKEN, [False]
             try:
-                outcome = await self._roundtrip(target, headers, body, reader, writer, channel, transform, heard,
-                                               _Watch(to.idle_timeout, to.keepalive, channel, to.data_timeout))
+                outcome = await self._roundtrip(target, headers, body, reader, writer, channel, transform, whole,
+                                               heard, _Watch(to.idle_timeout, to.keepalive, channel, to.data_timeout))
             except (OSError, h11.ProtocolError) as exc:
                 if pooled and not heard[0]:
                     outcome = CallEnd.STALE
@@ -313,7 +318,7 @@ class UpstreamClient:
     # --- one request and its answer ------------------------------------------------------------
 
     async def _roundtrip(self, target: BackendUrl, headers, body: bytes, up_reader: asyncio.StreamReader,
-                        up_writer: asyncio.StreamWriter, channel: Channel, transform, heard: list[bool],
+                        up_writer: asyncio.StreamWriter, channel: Channel, transform, whole, heard: list[bool],
                         watch: _Watch) -> CallEnd:
         client = h11.Connection(h11.CLIENT)
         parts = target.parts
@@ -387,7 +392,11 @@ class UpstreamClient:
             wait = backend_retry_after(retry_after.decode("latin-1") if retry_after else None, time.time())
             channel.event(UpstreamFailed(status, bytes(held), wait))
         elif not stream:
-            channel.event(UpstreamJSON(bytes(held)))
+            data = whole(bytes(held)) if whole is not None else None
+            if data is None:
+                channel.event(UpstreamJSON(bytes(held)))
+            else:
+                channel.data(data)
         done = client.our_state is h11.DONE and client.their_state is h11.DONE
         return CallEnd.REUSABLE if done else (CallEnd.ENDED if stream else CallEnd.BROKEN)
 
