@@ -88,7 +88,8 @@ class UpstreamFailed:
 @dataclass(frozen=True, slots=True)
 class UpstreamJSON:
     """The backend ignored ``stream: true`` and answered with one JSON body (in a tool loop's
-    round, only one that is no completion: the loop reads a completion, ``ToolLoop.whole``)."""
+    round, only one that is no completion: the loop reads a completion, ``ToolLoop.whole``; never
+    in the compaction summary's call: its reader reads it, ``SummaryReader.body``)."""
 
     body: bytes
 

@@ -259,8 +259,9 @@ _THINK = re.compile(r"<think>.*?</think>", re.S)
 class SummaryReader:
     """Reads the summary round's stream (chatstream's reader: every dialect), passing nothing
     on (``feed`` returns b""), or the whole ``chat.completion`` of a backend that ignored
-    ``stream`` (``body``: the same reader's; a body that is no completion is an error, as a
-    garbage stream): its text, usage, and whether it failed."""
+    ``stream`` (``body``, the call's ``whole``: the same reader's, passing nothing on either; a
+    body that is no completion is an error, as a garbage stream): its text, usage, and whether
+    it failed."""
 
     def __init__(self, max_event: int = MAX_EVENT) -> None:
         self._reader = ChunkReader(self, max_event)
@@ -272,8 +273,9 @@ class SummaryReader:
         self._reader.feed(data)
         return b""
 
-    def body(self, body: bytes) -> None:
+    def body(self, body: bytes) -> bytes:
         self._reader.body(body)
+        return b""
 
     def finish(self) -> None:
         self._reader.finish()

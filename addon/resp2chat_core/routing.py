@@ -24,7 +24,7 @@ back and another candidate remains, nothing of it ever reaches the turn; the nex
 gets a fresh ``Attempt``. ``Keepalive`` events pass without committing (they are the gateway's
 own words to a waiting client, not part of an answer). A call that passes nothing on (the
 compaction summary, read whole by the gateway: its stream through the call's transform, a whole
-JSON answer through ``whole``) never commits by itself: once it answered, the relay commits it
+JSON answer through the call's ``whole``, relay/upstream.py) never commits by itself: once it answered, the relay commits it
 (``release``), so its ``Rerouted`` still goes before anything else. When every candidate failed,
 one ``UpstreamFailed`` names them all (``all_failed``), with the shortest ``Retry-After`` any gave.
 """
@@ -33,10 +33,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 from . import settings as S
-from .channel import Channel, Event, Keepalive, UpstreamFailed, UpstreamJSON
+from .channel import Channel, Event, Keepalive, UpstreamFailed
 from .errors import GatewayError, upstream_error_message
 from .limits import retry_seconds
 
@@ -117,19 +117,15 @@ def all_failed(model: str, tried: Sequence[tuple[str, UpstreamFailed]]) -> Upstr
 
 class Attempt:
     """A channel stand-in for one candidate's call (module docstring). ``before``: events that
-    go out just ahead of the first thing this candidate passes on (``Rerouted``). ``whole``:
-    where a backend's whole JSON answer (``UpstreamJSON``'s body) goes instead of on (None: on,
-    as any event): a call whose answer the gateway reads and passes nothing of (the summary)."""
+    go out just ahead of the first thing this candidate passes on (``Rerouted``)."""
 
-    __slots__ = ("channel", "failure", "committed", "before", "whole")
+    __slots__ = ("channel", "failure", "committed", "before")
 
-    def __init__(self, channel: Channel, before: tuple[Event, ...] = (),
-                 whole: Callable[[bytes], None] | None = None) -> None:
+    def __init__(self, channel: Channel, before: tuple[Event, ...] = ()) -> None:
         self.channel = channel
         self.failure: UpstreamFailed | None = None
         self.committed = False
         self.before = before
-        self.whole = whole
 
     def release(self) -> None:
         """This candidate answers the turn: its ``before`` events go now, once (by itself it
@@ -147,9 +143,6 @@ class Attempt:
             self.channel.data(chunk)
 
     def event(self, event: Event) -> None:
-        if self.whole is not None and isinstance(event, UpstreamJSON):
-            self.whole(event.body)
-            return
         if not self.committed:
             if isinstance(event, UpstreamFailed):
                 self.failure = event

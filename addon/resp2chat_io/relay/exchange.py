@@ -32,7 +32,7 @@ Server-side compaction (``Exchange.compaction``: compaction.py ``ServerCompactio
 before all that: the summary request (each candidate its own), through the walk as the answer's
 call, read whole and never passed on (``SummaryReader``), its sealed item told to the client
 (``Compacted``: output[0]; a backend's whole JSON answer to it, ``stream`` ignored, is read by
-the same reader: ``Attempt.whole``); then every candidate's body is the answer round's (the compacted
+the same reader: the call's ``whole``); then every candidate's body is the answer round's (the compacted
 conversation), and the turn runs as any other, its walk starting from the candidate that wrote
 the summary (the ones before it failed a moment ago; it has just read the head of the prompt
 the answer starts with: its KV cache holds it). The failures of both walks make one error when
@@ -326,10 +326,9 @@ async def _compact(ex: Exchange, client: UpstreamClient, headers: list[tuple[byt
     async def call(i: int, to: Candidate, attempt: routing.Attempt) -> CallEnd:
         nonlocal reader
         reader = plan.reader(ex.max_event)  # (a fresh one for each candidate: nothing of a failed one's)
-        # (a backend that ignored ``stream``: its whole JSON is the summary too, never the turn's answer)
-        attempt.whole = reader.body
-        # (the summary streams to nobody: the client hears keepalives meanwhile, as while steps run)
-        task = asyncio.ensure_future(client.call(to, headers, plan.summary(i), attempt, reader.feed))
+        # (the summary streams to nobody: the client hears keepalives meanwhile, as while steps run;
+        # a backend that ignored ``stream``: its whole JSON is the summary too, never the turn's answer)
+        task = asyncio.ensure_future(client.call(to, headers, plan.summary(i), attempt, reader.feed, reader.body))
         try:
             await _kept_alive(ex, task, to.keepalive)
         finally:

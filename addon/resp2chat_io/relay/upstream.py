@@ -4,7 +4,7 @@
 ``Channel`` (resp2chat_core/channel.py): the body of a 200 stream as data, everything else as
 typed events (``UpstreamFailed``, ``UpstreamJSON``, ``Keepalive``); a 200 JSON body (a backend
 that ignored ``stream``) goes through the caller's ``whole`` first when it has one (the tool
-loop's: its stream form goes on as data). It returns a ``CallEnd``.
+loop's: its stream form goes on as data; the compaction summary's reader: nothing goes on). It returns a ``CallEnd``.
 
 The one deadline rule (``_Watch``): from the moment the request is sent, a backend that sends
 nothing for ``idle_timeout`` seconds fails the turn (``UpstreamFailed`` 504, code ``upstream_timeout``), before its answer
