@@ -501,6 +501,7 @@ class _JsonSummary(QuietHandler):
 
     summary: object = None
     bodies: list[dict] = []
+    close = False  # the JSON answer says ``connection: close`` (it is whole all the same)
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
@@ -508,26 +509,30 @@ class _JsonSummary(QuietHandler):
         if body["messages"][-1]["content"] != COMPACTION_PROMPT:
             send_sse(self, chat_sse(chat_chunk({"content": "answer"}), chat_chunk(finish="stop"), chat_chunk(
                 choices=[], usage={"prompt_tokens": 50, "completion_tokens": 3, "total_tokens": 53})))
-        elif isinstance(self.summary, bytes):
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(self.summary)))
-            self.end_headers()
-            self.wfile.write(self.summary)
-        else:
-            send_json(self, 200, self.summary)
+            return
+        data = self.summary if isinstance(self.summary, bytes) else json.dumps(self.summary).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        if self.close:
+            self.send_header("connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(data)
 
 
-def test_a_summary_answered_with_json_is_the_summary_not_the_turn_s_answer(gateway_factory):
+@pytest.mark.parametrize("close", [False, True])
+def test_a_summary_answered_with_json_is_the_summary_not_the_turn_s_answer(gateway_factory, close):
     """A backend that ignores ``stream`` (a JSON ``chat.completion``) writes the summary as a
     stream does: its text (think tags left out) sealed into the item, its usage counted; the
     answer then runs. A JSON body that is no completion fails the turn as a garbage stream does,
-    and no answer runs."""
+    and no answer runs. A whole body is an answer whether or not the backend keeps the
+    connection (``close``: HTTP/1.0 servers, a server that closes after its share of requests)."""
     completion = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "up",
                   "choices": [{"index": 0, "finish_reason": "stop", "message": {
                       "role": "assistant", "content": "<think>who is she?</think>Ada likes tea."}}],
                   "usage": {"prompt_tokens": 100, "completion_tokens": 7, "total_tokens": 107}}
-    handler = type("Json", (_JsonSummary,), {"summary": completion, "bodies": []})
+    handler = type("Json", (_JsonSummary,), {"summary": completion, "bodies": [], "close": close})
     with LocalServer(handler) as backend:
         gw = gateway_factory(backend.url, "--set", "resp2chat_max_replay_entries=0")
         r = post_turn(gw, {"model": "demo-model", "input": HISTORY, "store": False, "context_management": OVER})

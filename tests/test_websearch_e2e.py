@@ -195,6 +195,15 @@ class _Rounds(QuietHandler):
         how, what = self.answers[len(self.bodies) - 1]
         if how == "json":
             send_json(self, 200, what)
+        elif how == "json-close":  # (the same, saying ``connection: close``: whole all the same)
+            data = json.dumps(what).encode()
+            self.send_response(200)
+            for name, value in (("content-type", "application/json"), ("content-length", str(len(data))),
+                                ("connection", "close")):
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(data)
+            self.close_connection = True
         else:
             send_sse(self, chat_sse(*what))
 
@@ -223,7 +232,8 @@ SEARCH_SSE = [chat_chunk({"role": "assistant", "tool_calls": [tool_call(0, "call
     ([("json", SEARCH_JSON), ("json", ANSWER_JSON)], ["json round"], False),  # round 1 answered whole
     ([("json", SEARCH_JSON), ("json", ANSWER_JSON)], ["json round"], True),  # … by a fallback upstream
     ([("sse", SEARCH_SSE), ("json", SEARCH_JSON), ("json", ANSWER_JSON)], ["sse round", "json round"], False),
-], ids=["first-round", "first-round-after-a-fallback", "later-round"])
+    ([("json-close", SEARCH_JSON), ("json-close", ANSWER_JSON)], ["json round"], False),  # … connection: close
+], ids=["first-round", "first-round-after-a-fallback", "later-round", "closing-the-connection"])
 def test_a_round_answered_with_json_runs_the_gateways_calls(gateway_factory, brave, answers, queries, fallback):
     """A backend that ignores ``stream`` answers a round of the loop with one JSON
     ``chat.completion``: the loop reads it as it reads a stream. Its call of the gateway's
@@ -252,13 +262,13 @@ def test_a_round_answered_with_json_runs_the_gateways_calls(gateway_factory, bra
             assert [q["q"] for q in handler.queries] == queries
             assert len(backend.bodies) == len(answers)
             for asked, (how, what) in zip(backend.bodies[1:], answers):  # each round's results go to the next
-                call = (what["choices"][0]["message"] if how == "json" else what[0]["choices"][0]["delta"])
+                call = (what["choices"][0]["message"] if how != "sse" else what[0]["choices"][0]["delta"])
                 assistant, tool = asked["messages"][-2:]
                 assert assistant["tool_calls"][0]["id"] == call["tool_calls"][0]["id"]
                 assert tool["role"] == "tool" and tool["tool_call_id"] == call["tool_calls"][0]["id"]
                 assert tool["content"].startswith("Web search results for: ")
             usage = final["usage"]  # the last round's prompt, every round's completion
-            completion = [(what if how == "json" else what[-1])["usage"]["completion_tokens"] for how, what in answers]
+            completion = [(what if how != "sse" else what[-1])["usage"]["completion_tokens"] for how, what in answers]
             assert usage["input_tokens"] == 20 and usage["output_tokens"] == sum(completion), usage
 
 

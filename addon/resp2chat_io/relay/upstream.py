@@ -388,6 +388,8 @@ class UpstreamClient:
                         break  # the rest is not read: nothing more of it would be kept
             elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
                 break
+        # (a 200 body all of which came: not cut, not cut off at MAX_ERROR_BODY)
+        whole_body = status == 200 and isinstance(event, h11.EndOfMessage)
         if status != 200:
             wait = backend_retry_after(retry_after.decode("latin-1") if retry_after else None, time.time())
             channel.event(UpstreamFailed(status, bytes(held), wait))
@@ -398,7 +400,9 @@ class UpstreamClient:
             else:
                 channel.data(data)
         done = client.our_state is h11.DONE and client.their_state is h11.DONE
-        return CallEnd.REUSABLE if done else (CallEnd.ENDED if stream else CallEnd.BROKEN)
+        # (a whole body answered, whether or not the backend keeps the connection: ``connection:
+        # close``, HTTP/1.0, leave h11 in MUST_CLOSE; a JSON summary or loop round read so is whole)
+        return CallEnd.REUSABLE if done else (CallEnd.ENDED if stream or whole_body else CallEnd.BROKEN)
 
     async def _pump(self, up_reader, up_writer, trailing: bytes, put, channel: Channel, watch: _Watch,
                     keep: bool) -> CallEnd:
