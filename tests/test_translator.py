@@ -391,10 +391,15 @@ def test_fail_upstream_http_errors(status, body, code):
      "upstream HTTP 429: Rate limit reached. Please try again in 20s.", {"retry-after": "20", "retry-after-ms": "20000"}),
     (503, b"Service Unavailable", None, "upstream HTTP 503: the upstream failed (request id req_t; the gateway's "
      "log has the details)", None),
+    # an hour (a backend in maintenance): the words say it; the headers Codex waits by, at most a minute
+    (503, b"Service Unavailable", "3600", "upstream HTTP 503: the upstream failed (request id req_t; the gateway's "
+     "log has the details). Please try again in 3600s.", {"retry-after": "60", "retry-after-ms": "60000"}),
 ])
 def test_a_backends_wait_is_in_the_failed_event(status, body, retry_after, message, headers):
     """The stream's head has gone: the wait (``Retry-After``) is said inside the error, where
-    Codex 0.169 reads it: ``headers`` (any code) and OpenAI's words at the end of the message."""
+    Codex 0.169 reads it: ``headers`` (any code; at most ``MAX_TOLD_WAIT``, the openai SDK's own
+    bound: a client is never told to sit an hour in one turn) and OpenAI's words at the end of
+    the message."""
     tr = translator()
     tr.ctx.request_id = "req_t"
     err = check_stream(tr.fail_upstream(status, body, retry_after) + tr.finish())[-1]["response"]["error"]

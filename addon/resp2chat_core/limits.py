@@ -95,6 +95,9 @@ def retry_headers(seconds: float) -> tuple[tuple[str, str], ...]:
     return ("retry-after", str(math.ceil(wait))), ("retry-after-ms", str(math.ceil(wait * 1000)))
 
 
+MAX_TOLD_WAIT = 60.0  # seconds: the longest wait a stream's error tells its client to sit out (``retry_headers``)
+
+
 def retry_phrase(seconds: float) -> str:
     """A wait as OpenAI's error messages say it ("Please try again in 1.898s.", "… in 20ms."):
     Codex reads a ``rate_limit_exceeded``'s wait from "try again in" and a number of s, ms or

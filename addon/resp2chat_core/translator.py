@@ -63,8 +63,8 @@ normalized deltas. What they become is decided here:
   ``response.failed`` with the code Codex acts on (errors.py); a payload or body that cannot be
   read -> ``server_error``, its text for the operator only. A backend's error with a wait
   (``Retry-After``, any code): the error's message ends "Please try again in Ns." and its
-  ``headers`` carry ``retry-after``/``retry-after-ms``, the two places Codex reads a wait in a
-  stream whose HTTP head has gone (limits.py).
+  ``headers`` carry ``retry-after``/``retry-after-ms`` (at most ``MAX_TOLD_WAIT``), the two
+  places Codex reads a wait in a stream whose HTTP head has gone (limits.py).
 - Usage: the backend's last usage object, converted when a Response shows it (usage.py) and
   kept as the backend gave it (``answer_usage``); the client's (``usage``) adds a compaction
   round's summary tokens to it (server-side compaction: compaction.py).
@@ -103,7 +103,7 @@ from .chatstream import NOT_OBJECT, ChunkReader
 from .errors import gateway_failure, sanitize, upstream_failure, withheld
 from .inputs import REASONING_PURPOSE
 from .jsonstring import InputStream
-from .limits import retry_headers, retry_phrase, retry_seconds
+from .limits import MAX_TOLD_WAIT, retry_headers, retry_phrase, retry_seconds
 from .seal import Sealer
 from .sse import MAX_EVENT
 from .think import BREAK, REASONING, WATCH, ThinkSplitter
@@ -650,7 +650,9 @@ class Translator:
         if not _SAYS_WAIT.search(message):  # (a backend's own "Please try again in 20s." stays)
             message = message.rstrip()
             message += ("" if message.endswith((".", "!", "?")) else ".") + " " + retry_phrase(wait)
-        self._fail(code, message, detail, headers=dict(retry_headers(wait)))
+        # (Codex waits as long as the headers say, for any code: never longer than MAX_TOLD_WAIT, the
+        # openai SDK's own bound; the words keep the backend's wait, the headers come first for Codex)
+        self._fail(code, message, detail, headers=dict(retry_headers(min(wait, MAX_TOLD_WAIT))))
 
     def _start(self) -> None:
         if self.phase is Phase.WAITING:
