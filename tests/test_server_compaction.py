@@ -560,6 +560,7 @@ class _HalfSummary(QuietHandler):
     requests it got."""
 
     how = "silent"
+    field = "content"  # what the model writes before it fails ("reasoning_content": it only thought)
     bodies: list[bytes] = []
     PIECE = "word " * 1000  # (four of them: 20000 bytes of summary, 5000 tokens' worth)
 
@@ -567,23 +568,24 @@ class _HalfSummary(QuietHandler):
         type(self).bodies.append(self.rfile.read(int(self.headers["content-length"])))
         start_sse(self)
         for _ in range(4):
-            self.wfile.write(http_chunk(chat_event({"content": self.PIECE})))
+            self.wfile.write(http_chunk(chat_event({self.field: self.PIECE})))
         self.wfile.flush()
         if self.how == "silent":
             time.sleep(3)
         self.close_connection = True
 
 
-@pytest.mark.parametrize("how, status", [("silent", 504), ("cut", 502)])
-def test_a_summary_failing_midway_falls_back_and_tpm_spends_what_it_did(tmp_path, upstream, how, status):
+@pytest.mark.parametrize("how, status, field", [("silent", 504, "content"), ("cut", 502, "content"),
+                                                ("cut", 502, "reasoning_content")])
+def test_a_summary_failing_midway_falls_back_and_tpm_spends_what_it_did(tmp_path, upstream, how, status, field):
     """Nothing of the summary reaches the client, so one that fails midway (a silence past the
     upstream's idle timeout, a connection cut) is written by the next upstream, which answers
-    too; tpm spends the failed call's work besides both rounds (its prompt and the text it
-    wrote: ``usage.call_tokens``' estimate, as for any call without usage)."""
+    too; tpm spends the failed call's work besides both rounds (its prompt and what it wrote,
+    its reasoning too: ``usage.call_tokens``' estimate, as for any call without usage)."""
     from resp2chat_core.usage import estimate
     from resp2chat_io.demo_upstream import canonical_prompt, prompt_tokens
 
-    half = type("Half", (_HalfSummary,), {"how": how, "bodies": []})
+    half = type("Half", (_HalfSummary,), {"how": how, "field": field, "bodies": []})
     key = run_cli(tmp_path, "keys", "add", "carol", "--tpm", "30000").stdout.strip()
     with LocalServer(half) as server:
         entries = [{"name": "half", "base_url": server.url + "/v1", "upstream_idle_timeout_secs": 1},
@@ -604,7 +606,8 @@ def test_a_summary_failing_midway_falls_back_and_tpm_spends_what_it_did(tmp_path
             assert json.loads(failed)["messages"][-1]["content"] == COMPACTION_PROMPT
             assert answer["messages"] == COMPACTED
             prompts = [prompt_tokens(canonical_prompt(body)) for body in (summary, answer)]
-            wasted = estimate(len(failed) + len((half.PIECE * 4).strip()))  # (the failed call: no usage)
+            written = half.PIECE * 4  # (the failed call: no usage; its text as the summary's, stripped)
+            wasted = estimate(len(failed) + len(written.strip() if field == "content" else written))
             spent = sum(prompts) + out["usage"]["output_tokens"] + wasted
             left = int(post_turn(gw, {"model": "demo-model", "input": "x"}, auth).headers[
                 "x-ratelimit-remaining-tokens"])

@@ -243,12 +243,13 @@ class ServerCompaction:
         """What the round made the backend do, every candidate's summary call together (``calls``:
         each one's index, reader and whether it failed, in the order they ran): for ``tpm``, each
         call's tokens (``usage.call_tokens``: its usage's total, else the estimate of its request
-        and of what it wrote; 0 for one that failed before any of it came, not for one that
-        failed midway: its backend read the prompt); their usages (Responses shape) summed for
-        the metrics. None: no call made the backend do anything."""
+        and of what it wrote, its reasoning too; 0 for one that failed before any of it came, not
+        for one that failed midway: its backend read the prompt); their usages (Responses shape)
+        summed for the metrics. None: no call made the backend do anything."""
         tokens, usage = 0, None
         for i, reader, failed in calls:
-            tokens += call_tokens(reader.usage, len(self.summary(i)), len(reader.text().encode()), failed)
+            written = len(reader.text().encode()) + reader.reasoned  # (a reasoning model's thinking too)
+            tokens += call_tokens(reader.usage, len(self.summary(i)), written, failed)
             usage = summed(usage, to_responses_usage(reader.usage) if reader.usage else None)
         return Work(tokens, usage) if tokens or usage else None
 
@@ -266,6 +267,7 @@ class SummaryReader:
     def __init__(self, max_event: int = MAX_EVENT) -> None:
         self._reader = ChunkReader(self, max_event)
         self._text: list[str] = []
+        self.reasoned = 0  # bytes of reasoning the backend wrote (what it did: ``ServerCompaction.work``)
         self.usage: dict | None = None
         self.error: bytes | None = None
 
@@ -300,7 +302,8 @@ class SummaryReader:
         self.error = text.encode()[:1000]
 
     def on_start(self) -> None: pass
-    def on_reasoning(self, text: str) -> None: pass
+    def on_reasoning(self, text: str) -> None:
+        self.reasoned += len(text.encode())
     def on_logprobs(self, entries: list) -> None: pass
     def on_tool(self, key, call_id, name, args) -> None: pass
     def on_finish(self, reason: str) -> None: pass
