@@ -82,15 +82,12 @@ class Verdict:
                             + retry_phrase(math.ceil(self.retry_after)),
                             code="rate_limit_exceeded", status=429, type=self.why, retry_after=self.retry_after)
 
-    @property
-    def refusal_headers(self) -> tuple[tuple[str, str], ...]:
-        return (*self.headers, *retry_headers(self.retry_after))
-
 
 def retry_headers(seconds: float) -> tuple[tuple[str, str], ...]:
     """The headers that tell a client when to try again, as the openai SDK reads them (Codex as
     well): ``retry-after`` (whole seconds, rounded up) and ``retry-after-ms``. The one way the
-    gateway writes them: its own 429s (``Verdict``) and a backend's wait passed on (http_turns.py)."""
+    gateway writes them: its refusals that know a wait (``GatewayError.retry_after``: base.refusal,
+    a socket's error event), a backend's wait passed on (http_turns.py, a stream's error)."""
     wait = max(seconds, 0.001)
     return ("retry-after", str(math.ceil(wait))), ("retry-after-ms", str(math.ceil(wait * 1000)))
 

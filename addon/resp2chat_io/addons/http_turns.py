@@ -192,7 +192,7 @@ class HttpTurns:
         limits = verdict.headers if verdict is not None else ()
         if verdict is not None and not verdict.admitted:
             meta["status"] = "rejected"
-            flow.response = refusal(flow, verdict.error(client.name), verdict.refusal_headers)
+            flow.response = refusal(flow, verdict.error(client.name), verdict.headers)
             return
         owner = self.upstreams.owner_of(flow)  # (before the client's credentials are left behind below)
         raw = data = None

@@ -119,7 +119,7 @@ class Limits:
             return
         if not verdict.admitted:
             flow.metadata.setdefault(META, {})["status"] = "rejected"
-            flow.response = refusal(flow, verdict.error(client.name), verdict.refusal_headers)
+            flow.response = refusal(flow, verdict.error(client.name), verdict.headers)
             return
         self._work[flow.id] = (verdict, None)
 
