@@ -412,7 +412,8 @@ def test_a_resume_on_another_replica_ends_with_an_error_when_the_run_is_deleted_
     (``response_not_found``), as an ``error`` event; one whose replica dies (its lease passes)
     ends with what a GET of it says then: ``server_error``, the gateway running it stopped.
     Before, both streams were ``data: [DONE]`` alone, which no client can tell from a response
-    that had no more events."""
+    that had no more events. A resume of the dead one asked afterwards is refused so too (it was
+    a 400 saying it had not been created with stream: true, once a GET had stored it failed)."""
     a, b = [gateway_factory(upstream.origin, "--set", f"resp2chat_state_store_url={redis_server.url}")
             for _ in range(2)]
 
@@ -447,6 +448,10 @@ def test_a_resume_on_another_replica_ends_with_an_error_when_the_run_is_deleted_
     failed = openai_client(b).responses.retrieve(rid)
     assert failed.status == "failed" and (died["code"], died["message"]) == (failed.error.code, failed.error.message)
     assert died["code"] == "server_error" and died["status"] == 500, died
+    # a resume asked now (its failure stored by that GET, or about to be) is refused with the same
+    for _ in range(2):
+        resumed = requests.get(f"{b.base_url}/responses/{rid}?stream=true&starting_after=3", timeout=30)
+        assert resumed.status_code == 500 and resumed.json()["error"]["message"] == died["message"], resumed.text
 
 
 def test_a_running_log_keeps_its_latest_events_and_its_clients_get_them_all(gateway_factory):

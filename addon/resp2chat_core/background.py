@@ -23,7 +23,8 @@ Rules of this file:
   held is refused (``not_kept``), one error for both. A resume another replica answered while
   the run went on (its 200 gone out) gets, when the run ended without events for it, what a
   request for it would get then as its stream's end (``error_event``, ``without_events``): that
-  error, ``not_found`` when it was deleted, ``died`` when its gateway died.
+  error, ``not_found`` when it was deleted, ``died`` when its gateway died (a resume of a dead
+  one is refused so: its events died with its gateway; ``dead`` keeps that it was streamed).
 """
 
 from __future__ import annotations
@@ -74,8 +75,10 @@ def is_dead(response: dict, now: float) -> bool:
 
 
 def dead(response: dict) -> dict:
-    """What a dead running response is: ``failed``, with the reason."""
-    return {**public(response), "status": "failed", "error": DEAD}
+    """What a dead running response is: ``failed``, with the reason (stored so, it keeps whether
+    it was streamed: a resume of it is told it died, ``without_events``)."""
+    streamed = (response.get(PRIVATE) or {}).get("streamed")
+    return {**public(response), "status": "failed", "error": DEAD, **({PRIVATE: {"streamed": True}} if streamed else {})}
 
 
 def cancel_asked(response: dict) -> bool:
@@ -141,8 +144,9 @@ def died() -> GatewayError:
 
 
 def without_events(response_id: str, response: dict | None, now: float) -> GatewayError:
-    """Why a followed run of another replica ended without events for its streams (their 200
-    went out while it ran: ``error_event``), as a request for it would be answered then:
+    """Why a resume of a run that ended (or died) without events cannot stream: as a resume
+    asked then is refused, and a followed run of another replica's streams end (their 200
+    went out while it ran: ``error_event``):
     ``not_found`` (deleted meanwhile), ``died`` (its gateway died: its lease passed, or a GET
     stored it ``failed`` so), else ``not_kept``."""
     if response is None:

@@ -24,7 +24,8 @@ connection; clients poll, cancel and resume it (the rules: resp2chat_core/backgr
   every client streaming it shares and which stops when the last of them goes away; one that
   ended without events for them ends their streams with what a request for it would get then,
   as an ``error`` event (their 200 went out while it ran): the "not kept" error, the 404 of a
-  response deleted meanwhile, ``server_error`` when its replica died: its lease passed).
+  response deleted meanwhile, ``server_error`` when its replica died (its lease passed: a
+  resume asked then is refused with it): ``B.without_events``).
 
 Only a streamed run has events in its ``Log``: one created without ``stream`` is never streamed.
 What this gateway holds of them is bounded in bytes (the team shares it):
@@ -372,9 +373,10 @@ class Background:
                 if not response.get("background") or not (response.get(B.PRIVATE) or {}).get("streamed") and \
                         B.stored_events(response) is None:
                     raise not_streamed()
-                kept = self.kept.get(response_id)
-                if kept is None and not B.is_running(response) and B.stored_events(response) is None:
-                    raise B.not_kept()
+                kept, now = self.kept.get(response_id), time.time()
+                if kept is None and (not B.is_running(response) or B.is_dead(response, now)) and \
+                        B.stored_events(response) is None:
+                    raise B.without_events(response_id, response, now)  # (not kept, or its replica died)
                 source = kept if kept is not None else self._follow(response_id, owner, response)
         if flow.response is not None:
             return
