@@ -405,6 +405,55 @@ def test_a_resume_on_another_replica_of_a_large_run_is_the_same_400(gateway_fact
         assert error["error"]["code"] == "invalid_value"
 
 
+def test_a_resume_on_another_replica_ends_with_an_error_when_the_run_is_deleted_or_dies(upstream, gateway_factory,
+                                                                                         redis_server):
+    """A resume replica B took of a run of replica A (B follows it in Redis, its 200 gone out)
+    whose response is deleted meanwhile ends with the 404 a GET of it answers then
+    (``response_not_found``), as an ``error`` event; one whose replica dies (its lease passes)
+    ends with what a GET of it says then: ``server_error``, the gateway running it stopped.
+    Before, both streams were ``data: [DONE]`` alone, which no client can tell from a response
+    that had no more events. A resume of the dead one asked afterwards is refused so too (it was
+    a 400 saying it had not been created with stream: true, once a GET had stored it failed)."""
+    a, b = [gateway_factory(upstream.origin, "--set", f"resp2chat_state_store_url={redis_server.url}")
+            for _ in range(2)]
+
+    def follow() -> tuple[str, requests.Response]:
+        r = requests.post(f"{a.base_url}/responses", stream=True, timeout=30, json={
+            "model": "demo-model", "input": "noreason\nwords: 400\nslow: 100", "background": True, "stream": True})
+        rid = next(iter_sse(r))["response"]["id"]
+        r.close()  # (the run goes on)
+        following = requests.get(f"{b.base_url}/responses/{rid}?stream=true&starting_after=3", stream=True,
+                                 timeout=LEASE_SECS + 30)
+        assert following.status_code == 200, following.text
+        return rid, following
+
+    def error(raw: bytes) -> dict:
+        assert raw.endswith(b"data: [DONE]\n\n"), raw[-300:]
+        [event] = parse_sse(raw)
+        assert event["type"] == "error" and event["sequence_number"] == 4, event
+        assert event["error"]["code"] == event["code"] and event["error"]["message"] == event["message"]
+        return event
+
+    rid, following = follow()
+    assert requests.delete(f"{b.base_url}/responses/{rid}", timeout=30).json()["deleted"] is True
+    gone = error(following.content)
+    assert gone["status"] == 404 and gone["code"] == "response_not_found" and rid in gone["message"], gone
+    assert requests.get(f"{b.base_url}/responses/{rid}", timeout=30).status_code == 404
+
+    rid, following = follow()
+    time.sleep(1)
+    a.proc.send_signal(signal.SIGKILL)
+    a.proc.wait(10)
+    died = error(following.content)
+    failed = openai_client(b).responses.retrieve(rid)
+    assert failed.status == "failed" and (died["code"], died["message"]) == (failed.error.code, failed.error.message)
+    assert died["code"] == "server_error" and died["status"] == 500, died
+    # a resume asked now (its failure stored by that GET, or about to be) is refused with the same
+    for _ in range(2):
+        resumed = requests.get(f"{b.base_url}/responses/{rid}?stream=true&starting_after=3", timeout=30)
+        assert resumed.status_code == 500 and resumed.json()["error"]["message"] == died["message"], resumed.text
+
+
 def test_a_running_log_keeps_its_latest_events_and_its_clients_get_them_all(gateway_factory):
     """While a streamed background response runs, the gateway holds its latest events only
     (about ``MAX_EVENTS``, 4 MiB), not all of them: a client streaming it gets every event to the

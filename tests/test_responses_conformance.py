@@ -14,7 +14,9 @@ import pytest
 import requests
 from openai.types.responses import Response
 
-from helpers import chat_chunk, chat_sse, check_sdk, check_stream, openai_client, tool_call_chunk
+from helpers import (
+    chat_chunk, chat_sse, check_sdk, check_stream, openai_client, parse_sse, tool_call_chunk, wait_until,
+)
 from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.translator import OUTPUT_TOO_LARGE, Translator
 from resp2chat_core.turn import begin_turn
@@ -221,6 +223,28 @@ def test_a_backend_429_keeps_its_retry_after_for_a_json_client(own_gateway, upst
         openai_client(own_gateway, max_retries=1).responses.create(model="demo-model", input="error: 429 slow down")
     waited = time.monotonic() - started
     assert len(upstream.requests()) == 2 and waited >= 1.9, waited  # (the SDK's own backoff: under a second)
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_stored_failure_keeps_only_the_schemas_error_fields(own_gateway, background):
+    """A streamed turn the backend refused with ``429`` and ``Retry-After: 2``: its
+    ``response.failed`` event's error carries ``headers`` (``retry-after``, ``retry-after-ms``:
+    where Codex reads the wait), but the Response stored (and a GET of it, later) has the
+    schema's ``code`` and ``message`` alone: the wait was out of date there, in a field the
+    Responses API does not define. An ordinary stored turn and a background one alike."""
+    raw = requests.post(f"{own_gateway.base_url}/responses", timeout=30, json={
+        "model": "demo-model", "input": "error: 429 slow down", "stream": True, "background": background}).content
+    failed = check_stream(raw, parse_sse(raw)[0]["response"]["id"])[-1]
+    assert failed["type"] == "response.failed", failed
+    assert failed["response"]["error"]["headers"] == {"retry-after": "2", "retry-after-ms": "2000"}, failed
+    rid = failed["response"]["id"]
+    if background:
+        wait_until(lambda: requests.get(f"{own_gateway.base_url}/responses/{rid}", timeout=30).json()["status"]
+                   == "failed", 10, "stored as it ended")
+    stored = requests.get(f"{own_gateway.base_url}/responses/{rid}", timeout=30).json()
+    assert stored["status"] == "failed" and stored["error"] == {
+        "code": "rate_limit_exceeded", "message": failed["response"]["error"]["message"]}, stored["error"]
+    Response.model_validate(stored)
 
 
 # --- an incomplete response: the item the model was writing is incomplete ---------------------------

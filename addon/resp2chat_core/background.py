@@ -20,8 +20,11 @@ Rules of this file:
   streams those after sequence number ``N`` (``after``). At most ``MAX_EVENTS`` of them: a run
   whose events pass it is stored without them (``ended``), and its gateway holds only the last
   of them while it runs (addons/background.py ``Log``): a resume asking for events no longer
-  held is refused (``not_kept``), one error for both; a resume another replica answered while
-  the run went on gets it as its stream's end (``error_event``) when the run ended without them.
+  held is refused (``not_kept``), one error for both. A resume another replica answered while
+  the run went on (its 200 gone out) gets, when the run ended without events for it, what a
+  request for it would get then as its stream's end (``error_event``, ``without_events``): that
+  error, ``not_found`` when it was deleted, ``died`` when its gateway died (a resume of a dead
+  one is refused so: its events died with its gateway; ``dead`` keeps that it was streamed).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import json
 
 from . import response
 from .errors import GatewayError
+from .labels import shown
 
 PRIVATE = "_resp2chat_background"  # the stored Response's key for what only gateways read
 LEASE_SECS = 10.0  # how long a running response's last write vouches for it
@@ -71,8 +75,10 @@ def is_dead(response: dict, now: float) -> bool:
 
 
 def dead(response: dict) -> dict:
-    """What a dead running response is: ``failed``, with the reason."""
-    return {**public(response), "status": "failed", "error": DEAD}
+    """What a dead running response is: ``failed``, with the reason (stored so, it keeps whether
+    it was streamed: a resume of it is told it died, ``without_events``)."""
+    streamed = (response.get(PRIVATE) or {}).get("streamed")
+    return {**public(response), "status": "failed", "error": DEAD, **({PRIVATE: {"streamed": True}} if streamed else {})}
 
 
 def cancel_asked(response: dict) -> bool:
@@ -126,6 +132,30 @@ def sequence_number(block: bytes) -> int | None:
     return seq if isinstance(seq, int) else None
 
 
+def not_found(response_id: str) -> GatewayError:
+    """A response the store does not hold (never was, expired, or deleted): what a GET of it answers."""
+    return GatewayError(f"no stored response {shown(response_id)!r}", code="response_not_found", status=404)
+
+
+def died() -> GatewayError:
+    """A resume of a response whose gateway died (``dead``): its events died with it; ``DEAD``,
+    as a GET of it says then."""
+    return GatewayError(DEAD["message"], code=DEAD["code"], status=500, type="server_error")
+
+
+def without_events(response_id: str, response: dict | None, now: float) -> GatewayError:
+    """Why a resume of a run that ended (or died) without events cannot stream: as a resume
+    asked then is refused, and a followed run of another replica's streams end (their 200
+    went out while it ran: ``error_event``):
+    ``not_found`` (deleted meanwhile), ``died`` (its gateway died: its lease passed, or a GET
+    stored it ``failed`` so), else ``not_kept``."""
+    if response is None:
+        return not_found(response_id)
+    if is_dead(response, now) or response.get("error") == DEAD:
+        return died()
+    return not_kept()
+
+
 def not_kept() -> GatewayError:
     """A resume asking for events not kept (more than ``MAX_EVENTS`` of them)."""
     return GatewayError(f"the events of this response were not kept (past {MAX_EVENTS >> 20} MiB of them: only the "
@@ -142,8 +172,8 @@ def lagged(sequence_number: int, behind: int) -> bytes:
 
 
 def error_event(err: GatewayError, sequence_number: int) -> bytes:
-    """The end of a resumed stream that cannot go on (``lagged``; ``not_kept`` once its 200 went
-    out: a run of another replica, followed, ended with its events not kept): an ``error``
+    """The end of a resumed stream that cannot go on (``lagged``; ``without_events`` once its 200
+    went out: a run of another replica, followed, ended without events for it): an ``error``
     event, numbered after the last one its client got, with OpenAI's fields (``code``,
     ``message``, ``param``) and the Open Responses specification's (``status``, ``error``)."""
     error = {"type": "error", "sequence_number": sequence_number, "status": err.status, **err.body(),

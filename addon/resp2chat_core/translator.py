@@ -64,7 +64,9 @@ normalized deltas. What they become is decided here:
   read -> ``server_error``, its text for the operator only. A backend's error with a wait
   (``Retry-After``, any code): the error's message ends "Please try again in Ns." and its
   ``headers`` carry ``retry-after``/``retry-after-ms`` (at most ``MAX_TOLD_WAIT``), the two
-  places Codex reads a wait in a stream whose HTTP head has gone (limits.py).
+  places Codex reads a wait in a stream whose HTTP head has gone (limits.py). Those ``headers``
+  are the event's alone: the Response object (``response``: stored, a GET's) has the schema's
+  ``code`` and ``message``.
 - Usage: the backend's last usage object, converted when a Response shows it (usage.py) and
   kept as the backend gave it (``answer_usage``); the client's (``usage``) adds a compaction
   round's summary tokens to it (server-side compaction: compaction.py).
@@ -493,8 +495,13 @@ class Translator:
                 "total_tokens": usage["total_tokens"] + self.compacted_tokens}
 
     def response(self) -> dict:
-        """The Response object as it stands (final once ``done``)."""
-        return _loads(self._response_json(self.status, self._incomplete))
+        """The Response object as it stands (final once ``done``): what is stored, and a GET
+        shows. Its ``error`` has the schema's fields alone: a wait's ``headers`` are the
+        ``response.failed`` event's (``_fail_upstream``), out of date once it went out."""
+        result = _loads(self._response_json(self.status, self._incomplete))
+        if self.error is not None and "headers" in self.error:
+            result["error"] = {k: v for k, v in result["error"].items() if k != "headers"}
+        return result
 
     @property
     def status(self) -> str:

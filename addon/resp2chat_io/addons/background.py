@@ -22,8 +22,10 @@ connection; clients poll, cancel and resume it (the rules: resp2chat_core/backgr
   the events after ``N``, from this gateway's run, live, or once it ended, from the store (a run
   of another replica: its events when it ends, read by one follower per response here, which
   every client streaming it shares and which stops when the last of them goes away; one that
-  ended with its events not kept ends their streams with the "not kept" error, an ``error``
-  event: their 200 went out while it ran).
+  ended without events for them ends their streams with what a request for it would get then,
+  as an ``error`` event (their 200 went out while it ran): the "not kept" error, the 404 of a
+  response deleted meanwhile, ``server_error`` when its replica died (its lease passed: a
+  resume asked then is refused with it): ``B.without_events``).
 
 Only a streamed run has events in its ``Log``: one created without ``stream`` is never streamed.
 What this gateway holds of them is bounded in bytes (the team shares it):
@@ -54,7 +56,6 @@ from mitmproxy import http
 
 from resp2chat_core import background as B
 from resp2chat_core.errors import GatewayError
-from resp2chat_core.labels import shown
 from resp2chat_core.sse import DONE
 from resp2chat_io.relay import Feed
 from resp2chat_io.relay.upstream import failure
@@ -81,7 +82,7 @@ class Log:
     base: int = 0  # bytes of its events that went from its front
     gone: int = -1  # the last sequence number among them (-1: none went)
     done: bool = False
-    refused: GatewayError | None = None  # a followed one that ended with its events not kept (``_poll``)
+    refused: GatewayError | None = None  # a followed one that ended without events for its feeds (``_poll``)
     feeds: dict = field(default_factory=dict)  # relay Feeds streaming it now: their ``FeedStream``
     task: asyncio.Task | None = None  # a followed one's (``Background._follow``): the task reading the store
 
@@ -334,7 +335,7 @@ class Background:
         while True:
             entry = await self.store.get(response_id, owner)
             if entry is None:
-                raise GatewayError(f"no stored response {shown(response_id)!r}", code="response_not_found", status=404)
+                raise B.not_found(response_id)
             response = entry["response"]
             if not response.get("background"):
                 raise GatewayError("only a background response can be cancelled", param="response_id",
@@ -367,15 +368,15 @@ class Background:
             if source is None:
                 entry = await self.store.get(response_id, owner)
                 if entry is None:
-                    raise GatewayError(f"no stored response {shown(response_id)!r}", code="response_not_found",
-                                       status=404)
+                    raise B.not_found(response_id)
                 response = entry["response"]
                 if not response.get("background") or not (response.get(B.PRIVATE) or {}).get("streamed") and \
                         B.stored_events(response) is None:
                     raise not_streamed()
-                kept = self.kept.get(response_id)
-                if kept is None and not B.is_running(response) and B.stored_events(response) is None:
-                    raise B.not_kept()
+                kept, now = self.kept.get(response_id), time.time()
+                if kept is None and (not B.is_running(response) or B.is_dead(response, now)) and \
+                        B.stored_events(response) is None:
+                    raise B.without_events(response_id, response, now)  # (not kept, or its replica died)
                 source = kept if kept is not None else self._follow(response_id, owner, response)
         if flow.response is not None:
             return
@@ -405,10 +406,11 @@ class Background:
             while True:
                 await asyncio.sleep(POLL)
                 entry = await self.store.get(response_id, owner)
-                if entry is None or not B.is_running(entry["response"]) or B.is_dead(entry["response"], time.time()):
-                    events = B.stored_events(entry["response"]) if entry else None
-                    if events is None and entry is not None and not B.is_running(entry["response"]):
-                        followed.refused = B.not_kept()  # (as a resume asked now is: ``resume``)
+                response, now = entry["response"] if entry else None, time.time()
+                if response is None or not B.is_running(response) or B.is_dead(response, now):
+                    events = B.stored_events(response) if response else None
+                    if events is None:  # (deleted, dead, or its events not kept: as a request now is answered)
+                        followed.refused = B.without_events(response_id, response, now)
                     followed.add(events or b"")
                     break
         except StateUnavailable as exc:

@@ -243,8 +243,7 @@ class StoredResponses(Owner):
         if flow.response is not None:
             return
         if entry is None:  # (a conversation's id is no response's: ``get``'s kind)
-            flow.response = refusal(flow, GatewayError(f"no stored response {shown(response_id)!r}",
-                                                       code="response_not_found", status=404))
+            flow.response = refusal(flow, B.not_found(response_id))
         elif page is not None:
             flow.response = self.input_items(flow, entry, page, self.sealer)
         elif method == "GET":
