@@ -210,6 +210,32 @@ def test_a_backends_wait_reaches_a_stream_client_inside_response_failed(tmp_path
             up.close()
 
 
+def test_an_offline_replay_of_a_failed_stream_stores_it_without_its_wait(tmp_path):
+    """A recorded ``response.failed`` replayed offline (``--server-replay``) reaches the client as
+    recorded, its wait included; the Response stored for it, which a GET shows, has the schema's
+    error fields alone, as a live turn's has (the wait is out of date once it went out)."""
+    busy, flows = Refusing(503, retry_after="3"), tmp_path / "failed.mitm"
+    body = {"model": "b", "input": "hi", "stream": True}
+    gw = gateway_with(tmp_path, [{"name": "busy", "base_url": busy.base_url, "models": ["b"]}], "-w", str(flows))
+    try:
+        live = requests.post(gw.base_url + "/responses", json=body, timeout=30)
+    finally:
+        gw.stop()
+        busy.close()
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    offline = gateway_with(tmp_path, [{"name": "busy", "base_url": dead, "models": ["b"]}], "--server-replay", str(flows))
+    try:
+        again = requests.post(offline.base_url + "/responses", json=body, timeout=30)
+        assert again.status_code == 200 and again.content == live.content
+        failed = parse_sse(again.content)[-1]["response"]
+        assert failed["status"] == "failed" and failed["error"]["headers"]["retry-after"] == "3", failed
+        stored = requests.get(f"{offline.base_url}/responses/{failed['id']}", timeout=30).json()
+        assert stored["status"] == "failed", stored
+        assert stored["error"] == {"code": failed["error"]["code"], "message": failed["error"]["message"]}, stored
+    finally:
+        offline.stop()
+
+
 def test_models_route_by_glob_and_models_list_merges(tmp_path, demo_pair):
     other = Refusing(500, models=("qwen3-coder", "demo-model", "not-routed"))
     entries = [{"name": "qwen", "base_url": other.base_url, "models": ["qwen*", "demo-*"]},
