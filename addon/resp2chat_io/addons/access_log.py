@@ -65,7 +65,7 @@ class AccessLog(Owner):
             line["path"] = o.path
         if o.skipped:
             line["fallbacks"] = [{"upstream": name, "status": status} for name, status in o.skipped]
-        if o.work is not None and o.work != o.usage:
+        if o.work is not None and o.work is not o.usage and o.work != o.usage:  # (most turns: the same)
             line.update(_tokens("backend_", o.work))
         self.file.write(json.dumps(line, ensure_ascii=False) + "\n")
         if self.file is sys.stderr:
