@@ -191,18 +191,20 @@ def looping(request, tmp_path):
             env = {"RESP2CHAT_MCP_SERVERS": json.dumps([{"label": "ev", "url": everything, "timeout_secs": 30}])}
             tool = {"type": "mcp", "server_label": "ev", "require_approval": "never"}
         gw = start_gateway(backend.url, tmp_path, "--set", "resp2chat_max_replay_entries=0",
+                           "--set", f"resp2chat_access_log_path={tmp_path / 'access.jsonl'}",
                            env=cli_env(tmp_path, **env))
         stack.callback(gw.stop)
         yield gw, key, tool
 
 
 @pytest.mark.parametrize("looping", ["web_search", "mcp"], indirect=True)
-def test_tpm_spends_every_round_of_the_gateways_tool_loop(looping):
+def test_tpm_spends_every_round_of_the_gateways_tool_loop(looping, tmp_path):
     """The model calls the gateway's tool 5 times: the backend answers 6 chat requests of 1000
     prompt tokens each, 6060 tokens of work for a client with tpm 3000. The client's usage is
     the turn's (the last round's prompt, every round's completion: 1060), but tpm spends all 6060
     (before: 1060, and the client's next turn was admitted with 1940 'remaining'). The metrics
-    count the backends' work too."""
+    count the backends' work too, and so do the access log (its ``backend_*`` counts beside the
+    client's) and ``resp2chat usage`` (before: the client's 1000, a sixth of the work)."""
     gw, key, tool = looping
     auth = {"authorization": f"Bearer {key}"}
     r = post_turn(gw, {"model": ALL, "input": "use the tool a lot", "tools": [tool]}, auth)
@@ -217,6 +219,16 @@ def test_tpm_spends_every_round_of_the_gateways_tool_loop(looping):
     tokens = {labels: value for (name, labels), value in scrape(gw, **auth).items() if name == "resp2chat_tokens_total"}
     by_kind = {dict(labels)["kind"]: value for labels, value in tokens.items()}
     assert by_kind == {"prompt": 6000, "output": 60}, tokens
+    log = tmp_path / "access.jsonl"
+    wait_until(lambda: log.exists() and len(log.read_text().splitlines()) == 2, what="two access-log lines")
+    looped, refused = [json.loads(line) for line in log.read_text().splitlines()]
+    assert (looped["input_tokens"], looped["output_tokens"]) == (1000, 60), looped
+    assert (looped["backend_input_tokens"], looped["backend_output_tokens"]) == (6000, 60), looped
+    assert refused["status"] == "rejected" and "backend_input_tokens" not in refused, refused
+    out = run_cli(tmp_path, "usage", str(log), "--json")
+    assert out.returncode == 0, out.stderr
+    total = json.loads(out.stdout)["total"]
+    assert (total["turns"], total["prompt_tokens"], total["output_tokens"]) == (2, 6000, 60), total
 
 
 @pytest.mark.parametrize("looping", ["web_search"], indirect=True)

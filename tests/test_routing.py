@@ -98,7 +98,8 @@ def test_an_attempt_holds_back_a_failure_before_the_first_byte_only():
 
 
 def test_all_failed_names_every_upstream_and_keeps_the_last_status():
-    failure = all_failed("qwen3", [("a", UpstreamFailed(502, json.dumps({"error": {"message": "cannot connect"}}).encode())),
+    failure = all_failed("qwen3", [("a", UpstreamFailed(502, json.dumps({"error": {"message": "cannot connect"}}).encode(),
+                                                        own=True)),  # (the relay's: no say in the wait)
                                    ("b", UpstreamFailed(429, b'{"error": {"message": "slow down"}}', "7"))])
     message = json.loads(failure.body)["error"]["message"]
     assert failure.status == 429 and failure.retry_after == "7"
@@ -108,9 +109,15 @@ def test_all_failed_names_every_upstream_and_keeps_the_last_status():
 
 def test_all_failed_asks_for_the_shortest_wait_any_upstream_gave():
     busy = lambda wait: UpstreamFailed(429, b'{"error": {"message": "slow down"}}', wait)  # noqa: E731
-    tried = [("a", busy("30")), ("b", busy("1.5")), ("c", busy(None)), ("d", busy("7"))]
+    tried = [("a", busy("30")), ("b", busy("1.5")), ("d", busy("7"))]
     assert all_failed("m", tried).retry_after == "1.5"  # (a retry goes through every upstream again)
     assert all_failed("m", [("a", busy(None)), ("b", busy(None))]).retry_after is None
+    # one that asked for no wait may be ready at once: the client backs off by itself, it is not
+    # told another's 30 s
+    assert all_failed("m", [("a", busy("30")), ("c", busy(None))]).retry_after is None
+    assert all_failed("m", [("c", UpstreamFailed(504, b"")), ("a", busy("1.5"))]).retry_after is None
+    # what the relay saw itself (unreachable, silent) says nothing of when: the others' wait holds
+    assert all_failed("m", [("c", UpstreamFailed(504, b"", own=True)), ("a", busy("1.5"))]).retry_after == "1.5"
 
 
 def test_each_candidate_gets_its_own_deterministic_body():

@@ -141,23 +141,27 @@ def test_all_upstreams_down_is_one_clear_error_naming_them(tmp_path):
 def test_a_backends_retry_after_reaches_a_json_client_the_shortest_of_several(tmp_path):
     """The openai SDK waits as ``retry-after``/``retry-after-ms`` say: a backend's wait is passed
     on (a 503's too, a 502 here), an HTTP date as the seconds until then; when every upstream
-    failed, the shortest wait any gave (a retry goes through them all again)."""
+    failed, the shortest wait any gave (a retry goes through them all again), and none when one
+    of them gave none (a plain 504: it may be ready at once, the client backs off by itself)."""
     slow, soon = Refusing(429, "slow down", retry_after="30"), Refusing(429, "slow down", retry_after="7")
     busy, dated = Refusing(503, retry_after="5"), Refusing(503, retry_after="Wed, 21 Oct 2015 07:28:00 GMT")
-    gw = gateway_with(tmp_path, [{"name": "soon", "base_url": soon.base_url, "models": ["m"]},
+    plain = Refusing(504)
+    gw = gateway_with(tmp_path, [{"name": "soon", "base_url": soon.base_url, "models": ["m", "n"]},
                                  {"name": "slow", "base_url": slow.base_url, "models": ["m"]},  # (the last: 30)
                                  {"name": "busy", "base_url": busy.base_url, "models": ["b"]},
-                                 {"name": "dated", "base_url": dated.base_url, "models": ["d"]}])
+                                 {"name": "dated", "base_url": dated.base_url, "models": ["d"]},
+                                 {"name": "plain", "base_url": plain.base_url, "models": ["n"]}])
     try:
         waits = {}
-        for model in ("m", "b", "d"):
+        for model in ("m", "b", "d", "n"):
             r = requests.post(gw.base_url + "/responses", json={"model": model, "input": "hi"}, timeout=30)
             waits[model] = (r.status_code, r.headers.get("retry-after"), r.headers.get("retry-after-ms"))
-        assert waits == {"m": (429, "7", "7000"), "b": (502, "5", "5000"), "d": (502, "1", "1")}, waits
-        assert len(slow.calls) == len(soon.calls) == 1
+        assert waits == {"m": (429, "7", "7000"), "b": (502, "5", "5000"), "d": (502, "1", "1"),
+                         "n": (502, None, None)}, waits
+        assert len(slow.calls) == 1 and len(soon.calls) == 2 and len(plain.calls) == 1
     finally:
         gw.stop()
-        for up in (slow, soon, busy, dated):
+        for up in (slow, soon, busy, dated, plain):
             up.close()
 
 
@@ -204,6 +208,32 @@ def test_a_backends_wait_reaches_a_stream_client_inside_response_failed(tmp_path
         gw.stop()
         for up in (slow, busy, worse):
             up.close()
+
+
+def test_an_offline_replay_of_a_failed_stream_stores_it_without_its_wait(tmp_path):
+    """A recorded ``response.failed`` replayed offline (``--server-replay``) reaches the client as
+    recorded, its wait included; the Response stored for it, which a GET shows, has the schema's
+    error fields alone, as a live turn's has (the wait is out of date once it went out)."""
+    busy, flows = Refusing(503, retry_after="3"), tmp_path / "failed.mitm"
+    body = {"model": "b", "input": "hi", "stream": True}
+    gw = gateway_with(tmp_path, [{"name": "busy", "base_url": busy.base_url, "models": ["b"]}], "-w", str(flows))
+    try:
+        live = requests.post(gw.base_url + "/responses", json=body, timeout=30)
+    finally:
+        gw.stop()
+        busy.close()
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    offline = gateway_with(tmp_path, [{"name": "busy", "base_url": dead, "models": ["b"]}], "--server-replay", str(flows))
+    try:
+        again = requests.post(offline.base_url + "/responses", json=body, timeout=30)
+        assert again.status_code == 200 and again.content == live.content
+        failed = parse_sse(again.content)[-1]["response"]
+        assert failed["status"] == "failed" and failed["error"]["headers"]["retry-after"] == "3", failed
+        stored = requests.get(f"{offline.base_url}/responses/{failed['id']}", timeout=30).json()
+        assert stored["status"] == "failed", stored
+        assert stored["error"] == {"code": failed["error"]["code"], "message": failed["error"]["message"]}, stored
+    finally:
+        offline.stop()
 
 
 def test_models_route_by_glob_and_models_list_merges(tmp_path, demo_pair):

@@ -165,6 +165,17 @@ def echo(raw: dict, req, chat: dict | None = None, tools=None) -> dict:
     return out
 
 
+def as_stored(response: dict) -> dict:
+    """A Response as it is stored and a GET shows it: its ``error`` with the schema's fields
+    alone. A wait's ``headers`` are the ``response.failed`` event's (Codex reads them there), out
+    of date once it went out (a live turn's, ``Translator.response``; a replayed recording's,
+    ``websocket.final_response``)."""
+    error = response.get("error")
+    if isinstance(error, dict) and "headers" in error:
+        return {**response, "error": {k: v for k, v in error.items() if k != "headers"}}
+    return response
+
+
 def echo_json(echoed: dict) -> str:
     """``echo``'s fields as JSON members, without the braces (what ``response_json`` appends)."""
     return _dumps(echoed)[1:-1]

@@ -26,7 +26,8 @@ own words to a waiting client, not part of an answer). A call that passes nothin
 compaction summary, read whole by the gateway: its stream through the call's transform, a whole
 JSON answer through the call's ``whole``, relay/upstream.py) never commits by itself: once it answered, the relay commits it
 (``release``), so its ``Rerouted`` still goes before anything else. When every candidate failed,
-one ``UpstreamFailed`` names them all (``all_failed``), with the shortest ``Retry-After`` any gave.
+one ``UpstreamFailed`` names them all (``all_failed``), with the shortest ``Retry-After`` any gave
+(none when a backend answered without one: it may be ready at once).
 """
 
 from __future__ import annotations
@@ -103,7 +104,11 @@ def all_failed(model: str, tried: Sequence[tuple[str, UpstreamFailed]]) -> Upstr
     """One failure naming every upstream tried (and why), with the last one's status and the
     shortest wait any of them asked for (``Retry-After``): a client's retry goes through every
     upstream again, so it may be answered as soon as the first of them is ready; the longest
-    would keep it waiting for the slowest, the last one's is a matter of order."""
+    would keep it waiting for the slowest, the last one's is a matter of order. A backend that
+    answered without a wait (a plain 503/504, a 429 without the header) may be ready at once:
+    then none is told, and the client backs off as it does by itself (Codex, the openai SDK:
+    well under a second at first), rather than sitting out another upstream's 30 s. What the
+    relay saw itself (``own``: unreachable, silent) says nothing of when: it has no say."""
     reasons = []
     for name, failure in tried:
         message, _ = upstream_error_message(failure.status, failure.body)
@@ -111,8 +116,10 @@ def all_failed(model: str, tried: Sequence[tuple[str, UpstreamFailed]]) -> Upstr
     last = tried[-1][1]
     text = f"every upstream for model {model!r} failed: " + "; ".join(reasons)
     body = json.dumps({"error": {"message": text, "type": "upstream_unavailable"}}).encode()
-    waits = [f.retry_after for _, f in tried if retry_seconds(f.retry_after) is not None]
-    return UpstreamFailed(last.status, body, min(waits, key=retry_seconds, default=None))
+    answered = [f for _, f in tried if not f.own]
+    if any(retry_seconds(f.retry_after) is None for f in answered):
+        return UpstreamFailed(last.status, body, None)
+    return UpstreamFailed(last.status, body, min((f.retry_after for f in answered), key=retry_seconds, default=None))
 
 
 class Attempt:

@@ -496,12 +496,8 @@ class Translator:
 
     def response(self) -> dict:
         """The Response object as it stands (final once ``done``): what is stored, and a GET
-        shows. Its ``error`` has the schema's fields alone: a wait's ``headers`` are the
-        ``response.failed`` event's (``_fail_upstream``), out of date once it went out."""
-        result = _loads(self._response_json(self.status, self._incomplete))
-        if self.error is not None and "headers" in self.error:
-            result["error"] = {k: v for k, v in result["error"].items() if k != "headers"}
-        return result
+        shows: its ``error`` without the wait ``_fail_upstream`` told (``response.as_stored``)."""
+        return response.as_stored(_loads(self._response_json(self.status, self._incomplete)))
 
     @property
     def status(self) -> str:

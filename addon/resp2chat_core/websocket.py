@@ -51,6 +51,7 @@ from typing import Callable
 from . import inputs, requestbody
 from .errors import GatewayError
 from .limits import retry_headers
+from .response import as_stored
 from .seal import Sealer
 from .sse import DONE
 
@@ -241,7 +242,8 @@ def canonical(sse: bytes) -> bytes:
 
 def final_response(sse: bytes) -> dict | None:
     """The Response object of a stream's last event (its terminal event; an HTTP stream's
-    ``data: [DONE]`` after it, sse.DONE, is not an event)."""
+    ``data: [DONE]`` after it, sse.DONE, is not an event), as it is stored (``response.as_stored``:
+    a recorded ``response.failed``'s wait is the event's alone)."""
     end = len(sse) - len(DONE) if sse.endswith(DONE) else len(sse)
     at = sse.rfind(b"data: ", 0, end)
     try:
@@ -249,7 +251,7 @@ def final_response(sse: bytes) -> dict | None:
     except ValueError:
         return None
     response = event.get("response") if isinstance(event, dict) else None
-    return response if isinstance(response, dict) else None
+    return as_stored(response) if isinstance(response, dict) else None
 
 
 class Connection:

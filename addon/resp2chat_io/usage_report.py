@@ -4,8 +4,10 @@ Reads the access log's JSON lines (resp2chat_io/addons/access_log.py): every lin
 however it ended (a line with a ``path``, a refused passthrough call, is not one: left out). The day is the line's ``time`` (UTC); ``client`` names who made the turn (a
 line without one, written before the gateway knew its clients or by one without keys, counts
 as ``-``). Tokens are the backend's own counts: ``input_tokens`` (prompt), ``cached_tokens`` (of
-those, served from the backend's KV cache), ``output_tokens``; a turn without usage (refused,
-failed before the backend answered) counts as a turn with no tokens.
+those, served from the backend's KV cache), ``output_tokens``; where the backends did more than
+the client's usage says (the gateway's tool loop ran several rounds, a compaction summary was
+written), the line's ``backend_*`` counts, what the metrics and ``tpm`` count too; a turn without
+usage (refused, failed before the backend answered) counts as a turn with no tokens.
 
 What is not an access-log line — one cut short by a crash or a rotation, the rest of a stderr
 log when ``access_log_path`` is ``-`` — is skipped and counted, never guessed at.
@@ -73,7 +75,8 @@ def record(line: bytes) -> tuple[str, str, str, Totals] | None:
         return None
     if "path" in data:
         return NOT_A_TURN
-    counts = [data.get(k) for k in TOKENS]
+    work = any(f"backend_{k}" in data for k in TOKENS)  # (the backends did more than the client's usage)
+    counts = [data.get(f"backend_{k}" if work else k) for k in TOKENS]
     if not all(c is None or (isinstance(c, int) and not isinstance(c, bool) and c >= 0) for c in counts):
         return None
     client = data.get("client")

@@ -8,7 +8,10 @@ turns only).
 
 ``{"time", "request_id", "session", "model", "upstream", "client", "status", "code", "http_status",
 "input_tokens", "cached_tokens", "output_tokens", "gateway_ms", "ttft_ms", "total_ms"}`` (+ ``"fallbacks"``
-when upstreams were fallen back from). No content, no headers, no keys: what an operator needs to
+when upstreams were fallen back from; + ``"backend_input_tokens"``, ``"backend_cached_tokens"``,
+``"backend_output_tokens"`` when the backends did more than the client's usage says: every round
+of the gateway's tool loop, a compaction summary; ``Outcome.work``, what the metrics and ``tpm``
+count, and ``resp2chat usage`` too). No content, no headers, no keys: what an operator needs to
 follow a session and a latency, nothing a user said. What a client chose (its model name and
 session key) is bounded (resp2chat_core/labels.py ``shown``): a line stays a line.
 """
@@ -54,9 +57,7 @@ class AccessLog(Owner):
             "model": shown(o.model), "upstream": o.upstream, "client": o.client or None, "status": o.status,
             "code": shown(o.code),
             "http_status": o.http_status,
-            "input_tokens": u.get("input_tokens"),
-            "cached_tokens": (u.get("input_tokens_details") or {}).get("cached_tokens"),
-            "output_tokens": u.get("output_tokens"),
+            **_tokens("", u),
             "gateway_ms": None if o.latency is None else round(o.latency * 1000, 2),
             "ttft_ms": None if o.ttft is None else round(o.ttft * 1000, 1), "total_ms": round(o.took * 1000, 1),
         }
@@ -64,6 +65,15 @@ class AccessLog(Owner):
             line["path"] = o.path
         if o.skipped:
             line["fallbacks"] = [{"upstream": name, "status": status} for name, status in o.skipped]
+        if o.work is not None and o.work is not o.usage and o.work != o.usage:  # (most turns: the same)
+            line.update(_tokens("backend_", o.work))
         self.file.write(json.dumps(line, ensure_ascii=False) + "\n")
         if self.file is sys.stderr:
             self.file.flush()
+
+
+def _tokens(prefix: str, usage: dict) -> dict:
+    """A Responses usage as the line's token counts (``prefix``: ``backend_`` for the work)."""
+    return {prefix + "input_tokens": usage.get("input_tokens"),
+            prefix + "cached_tokens": (usage.get("input_tokens_details") or {}).get("cached_tokens"),
+            prefix + "output_tokens": usage.get("output_tokens")}

@@ -158,10 +158,17 @@ class Outcomes:
         if route is None:
             return
         status = "rejected" if resp.status_code < 500 else "failed"  # (no upstream answered GET /v1/models)
+        self.refused(flow, route, _error_code(resp), resp.status_code, meta.get("client", ""),
+                     (resp.timestamp_end or time.time()) - req.timestamp_start, status)
+
+    def refused(self, flow: http.HTTPFlow, route: str, code: str, http_status: int, client: str,
+                took: float, status: str = "rejected") -> None:
+        """A request that was not a turn, refused (or failed) by the gateway: no session, model
+        or upstream; its path cut at ``?`` and bounded (``_other``; a WebSocket the gateway
+        closed for its key, ``websocket._close``)."""
         self.emit(Outcome(request_id=request_id(flow), session=None, model="", upstream="", status=status,
-                          code=_error_code(resp), took=(resp.timestamp_end or time.time()) - req.timestamp_start,
-                          http_status=resp.status_code, client=meta.get("client", ""),
-                          path=shown(path), route=route))
+                          code=code, took=took, http_status=http_status, client=client,
+                          path=shown(flow.request.path.split("?", 1)[0]), route=route))
 
     def _route(self, method: str, path: str) -> str | None:
         """Which ``passthrough_paths`` entry a request matches (as ``METHOD /path``, ``/path/*``),

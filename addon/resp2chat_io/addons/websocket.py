@@ -346,11 +346,8 @@ class ResponsesWebSocket(Owner):
         who = f"client {live.client!r}" if live.client is not None else "a socket without a key"
         log.info(f"resp2chat: WebSocket {request_id(live.flow)} of {who} closed: its key is no longer accepted")
         if self.outcomes is not None:  # (metrics and the access log: the socket refused, as a refused upgrade)
-            req = live.flow.request
-            self.outcomes.emit(Outcome(request_id=request_id(live.flow), session=None, model="", upstream="",
-                                       status="rejected", code=err.code or "", took=time.time() - req.timestamp_start,
-                                       http_status=101, client=live.client or "",
-                                       path=shown(req.path.split("?", 1)[0]), route=WEBSOCKET))
+            self.outcomes.refused(live.flow, WEBSOCKET, err.code or "", 101, live.client or "",
+                                  time.time() - live.flow.request.timestamp_start)
 
     def _client(self, live: OpenSocket):
         """The socket's client as configured now: a key revoked (or changed) since the upgrade
