@@ -4,12 +4,18 @@ and the real `resp2chat start`."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
 import subprocess
+import time
 
 import pytest
 import requests
 
-from helpers import ADDON, MITMDUMP, RESP2CHAT, cli_env, free_port, stop_process, wait_until
+from helpers import (ADDON, MITMDUMP, MITMWEB, RESP2CHAT, cli_env, free_port, listening_ports, openai_client,
+                     start_gateway, stop_process, wait_until)
+from wsclient import WSClient
 
 GATEWAY_KEY = "gwkey-0123456789abcdef"
 
@@ -94,7 +100,50 @@ def test_an_invalid_set_value_stops_resp2chat_start(tmp_path, upstream, setting,
     assert needle in out, out
 
 
-# --- the script changes on disk while the gateway runs --------------------------------------------
+# --- the script changes on disk, or in mitmproxy's options, while the gateway runs ----------------
+
+
+def started_from_a_copy(tmp_path, upstream, *extra: str, program=MITMDUMP):
+    """A gateway (keyed, no replay cache, a 2 s header deadline) run from a copy of its script in
+    ``tmp_path``: (the gateway, its script, its openai client, a first turn stored, the ports it
+    listens on)."""
+    script = tmp_path / "resp2chat.py"
+    shutil.copy(ADDON, script)
+    gw = start_gateway(upstream.origin, tmp_path, "--set", f"resp2chat_gateway_api_key={GATEWAY_KEY}",
+                       "--set", "resp2chat_max_replay_entries=0", "--set", "resp2chat_header_timeout_secs=2",
+                       *extra, addon=script, program=program)
+    try:
+        client = openai_client(gw, api_key=GATEWAY_KEY)
+        first = client.responses.create(model="demo-model", input="remember me")
+        return gw, script, client, first, listening_ports(gw.proc.pid)
+    except Exception:
+        gw.stop()
+        raise
+
+
+def goes_on_whole(gw, upstream, client, first, ports) -> None:
+    """The one gateway started goes on whole: the key and the header deadline (a connection that
+    sends no request head is closed) hold, the stored first turn is continued over HTTP and the
+    WebSocket, both reach the backend, and it listens on the ports it listened on (one relay)."""
+    refused = requests.get(gw.base_url + "/models", timeout=10)
+    assert refused.status_code == 401, (refused.status_code, refused.text[:300])
+    silent = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+    assert silent.recv(1) == b""  # (closed: no request head within header_timeout_secs)
+    silent.close()
+    upstream.clear()
+    on = client.responses.create(model="demo-model", input="and now?", previous_response_id=first.id)
+    assert on.status == "completed" and on.output_text == "You said: and now?"
+    assert [m["content"] for m in upstream.requests()[-1]["messages"]][:1] == ["remember me"]
+    ws = WSClient(gw.base_url, headers={"authorization": f"Bearer {GATEWAY_KEY}"})
+    try:
+        events = ws.turn({"type": "response.create", "model": "demo-model", "input": "by socket",
+                          "previous_response_id": on.id})
+    finally:
+        ws.close()
+    assert events[-1]["type"] == "response.completed", events[-1]
+    assert len(upstream.requests()) == 2  # (both turns went to the backend as chat requests)
+    assert listening_ports(gw.proc.pid) == ports  # (one relay, as before)
+    assert "cannot be called from sync context" not in gw.log()
 
 
 def test_a_reloaded_script_leaves_the_gateway_as_it_was(tmp_path, upstream):
@@ -108,24 +157,8 @@ def test_a_reloaded_script_leaves_the_gateway_as_it_was(tmp_path, upstream):
     gateway's script is not reloaded (its code under resp2chat_io would not be either): a warning
     says to restart it, and the one set of addons goes on whole, its state too (a stored
     response, the relay: no second one listening), over HTTP and the WebSocket."""
-    import os
-    import shutil
-    import socket
-    import time
-
-    from helpers import listening_ports, openai_client, start_gateway
-    from wsclient import WSClient
-
-    script = tmp_path / "resp2chat.py"
-    shutil.copy(ADDON, script)
-    gw = start_gateway(upstream.origin, tmp_path, "--set", f"resp2chat_gateway_api_key={GATEWAY_KEY}",
-                       "--set", "resp2chat_max_replay_entries=0", "--set", "resp2chat_header_timeout_secs=2",
-                       addon=script)
+    gw, script, client, first, ports = started_from_a_copy(tmp_path, upstream)
     try:
-        client = openai_client(gw, api_key=GATEWAY_KEY)
-        first = client.responses.create(model="demo-model", input="remember me")
-        ports = listening_ports(gw.proc.pid)
-
         def change(n: int) -> None:
             loaded = gw.log().count("Loading script")
             later = time.time() + 10 * n
@@ -135,25 +168,65 @@ def test_a_reloaded_script_leaves_the_gateway_as_it_was(tmp_path, upstream):
                        30, f"change {n} noticed", gw.proc)
 
         change(1)
-        refused = requests.get(gw.base_url + "/models", timeout=10)
-        assert refused.status_code == 401, (refused.status_code, refused.text[:300])
-        silent = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
-        assert silent.recv(1) == b""  # (closed: no request head within header_timeout_secs)
-        silent.close()
-        upstream.clear()
-        on = client.responses.create(model="demo-model", input="and now?", previous_response_id=first.id)
-        assert on.status == "completed" and on.output_text == "You said: and now?"
-        assert [m["content"] for m in upstream.requests()[-1]["messages"]][:1] == ["remember me"]
-        ws = WSClient(gw.base_url, headers={"authorization": f"Bearer {GATEWAY_KEY}"})
-        try:
-            events = ws.turn({"type": "response.create", "model": "demo-model", "input": "by socket",
-                              "previous_response_id": on.id})
-        finally:
-            ws.close()
-        assert events[-1]["type"] == "response.completed", events[-1]
-        assert len(upstream.requests()) == 2  # (both turns went to the backend as chat requests)
-        assert listening_ports(gw.proc.pid) == ports  # (one relay, as before)
+        goes_on_whole(gw, upstream, client, first, ports)
         change(2)  # (the first did not stop mitmproxy's watcher)
         assert gw.log().count("Loading script") == 1 and "Traceback" not in gw.log()
+    finally:
+        gw.stop()
+
+
+def test_the_scripts_option_does_not_unload_the_gateway(tmp_path, upstream):
+    """mitmproxy's ``scripts`` option changed while it runs, here in mitmweb's options (its REST
+    API, as its editor sends them): a value without the gateway's script would unload it
+    (``ScriptLoader.configure``: its ``done`` hooks called synchronously, refused half-way: the
+    header deadline gone, the half-removed gateway still serving unseen by name, every later value
+    without it failing in mitmproxy, "No such addon", and one naming it and another path to it
+    building a second gateway beside it, with a second relay port). Such a value is refused, a
+    400 saying why, the option as it was; a second copy of the gateway loaded beside it is refused
+    by mitmproxy (its addons' names are taken: no second relay) and can be unloaded again; the one
+    gateway goes on whole."""
+    web_port, password = free_port(), "web-" + "p" * 24
+    gw, script, client, first, ports = started_from_a_copy(
+        tmp_path, upstream, "--set", f"web_port={web_port}", "--set", "web_host=127.0.0.1",
+        "--set", "web_open_browser=false", "--set", f"web_password={password}", program=MITMWEB)
+    try:
+        xsrf = "x" * 32  # (mitmweb's double-submit check: the same value as cookie and header)
+        web = dict(headers={"authorization": f"Bearer {password}", "X-XSRFToken": xsrf},
+                   cookies={"_mitmproxy_xsrf": xsrf}, timeout=10)
+        again = tmp_path / "again.py"  # (another path to the same gateway)
+        again.symlink_to(script)
+
+        def scripts(value: list) -> requests.Response:
+            return requests.put(f"http://127.0.0.1:{web_port}/options", json={"scripts": value}, **web)
+
+        for value in ([], [str(again)]):
+            r = scripts(value)
+            assert r.status_code == 400, (value, r.status_code, r.text)
+            assert f"the gateway's script {script} is not unloaded" in r.text, r.text
+        assert scripts([str(script), str(again)]).status_code == 200
+        wait_until(lambda: "An addon called 'resp2chat_listen' already exists" in gw.log(), 30,
+                   "the second copy refused", gw.proc)
+        assert client.responses.create(model="demo-model", input="both?").output_text == "You said: both?"
+        assert listening_ports(gw.proc.pid) == ports  # (no second relay, no second demo upstream)
+        assert scripts([str(script)]).status_code == 200
+        wait_until(lambda: f"Un-loading script: {again}" in gw.log(), 30, "the second copy unloaded", gw.proc)
+        options = requests.get(f"http://127.0.0.1:{web_port}/options", **web).json()
+        assert options["scripts"]["value"] == [str(script)]
+        goes_on_whole(gw, upstream, client, first, ports)
+    finally:
+        gw.stop()
+
+
+def test_the_gateways_script_gone_from_disk_leaves_it_as_it_was(tmp_path, upstream):
+    """A deploy that deletes the gateway's script and writes it again: mitmproxy's watcher, finding
+    the file gone, drops it from ``scripts``, which would unload the gateway (as above). The
+    gateway is kept, with a warning saying so, and goes on whole once the file is back."""
+    gw, script, client, first, ports = started_from_a_copy(tmp_path, upstream)
+    try:
+        aside = script.rename(tmp_path / "resp2chat.py.deploying")
+        wait_until(lambda: f"Removing script {script}" in gw.log(), 30, "the file's absence noticed", gw.proc)
+        aside.rename(script)
+        goes_on_whole(gw, upstream, client, first, ports)
+        assert f"the gateway's script {script} is not unloaded (its file was gone" in gw.log()
     finally:
         gw.stop()

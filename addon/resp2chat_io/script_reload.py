@@ -1,4 +1,5 @@
-"""The gateway's script is not reloaded when its file changes: one gateway per process.
+"""The gateway's script is not reloaded when its file changes, nor unloaded by the ``scripts``
+option: one gateway per process.
 
 mitmproxy watches every ``-s`` script and reloads it when its file's mtime moves
 (``Script.loadscript``): it removes the script's addons (``AddonManager.remove``, which calls their
@@ -19,15 +20,39 @@ three ways:
 
 So ``install()`` (called by ``build()``) keeps a script whose addons are the gateway's as it is
 when its file changes, and says so once per change (a warning: a restart runs the new file).
-Every other script reloads as mitmproxy does. ``install`` refuses a ``Script`` whose
-``loadscript`` is no longer the one it wraps (checked against mitmproxy 12.3)."""
+Every other script reloads as mitmproxy does.
+
+mitmproxy's ``scripts`` option unloads a script the same way (``ScriptLoader.configure``: a
+``remove``, its ``done`` hooks called synchronously) when a new value lacks its path: mitmweb's
+options (``PUT /options``), a ``set scripts=…`` command, and the script watcher itself when the
+file is gone (a deploy that deletes and writes it again). That stopped half-way too (the header
+deadline's ``done`` run, the file's watcher cancelled), and worse: the script manager kept the
+half-removed script, whose addons went on serving out of mitmproxy's
+lookup, so every later value without its path failed ("No such addon") and a value that loaded
+another copy of the gateway (another path to the file) then built a second gateway beside it,
+in the hook chain after the first (its ``running`` hooks refused: a second relay port bound that
+nothing serves, a second demo upstream). And an unload that worked would leave mitmproxy a plain
+proxy to the backend (no key, Host or path check). So a value of ``scripts`` without the running
+gateway's script is refused (``OptionsError``: mitmproxy puts the option back, mitmweb answers
+400 saying why, and the watcher of a file that is gone ends, with a warning): the gateway stops
+with its process. A second copy of the gateway loaded beside it is refused by mitmproxy itself
+(``An addon called 'resp2chat_listen' already exists``), the first one's addons keeping their
+names. Other scripts load and unload as mitmproxy does.
+
+``install`` refuses a ``Script`` whose ``loadscript``, or a ``ScriptLoader`` whose ``configure``,
+is no longer the one it wraps (checked against mitmproxy 12.3)."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import inspect
 import logging
 
+from mitmproxy import ctx, exceptions
 from mitmproxy.addons import script
+
+from . import mitm_hooks
 
 log = logging.getLogger("resp2chat")
 _original = getattr(script.Script, "loadscript", None)
@@ -48,12 +73,43 @@ def loadscript(self) -> None:
     _original(self)
 
 
+def refuse_unload(loader, updated) -> None:
+    """Refuse a ``scripts`` value without the running gateway's script (module docstring)."""
+    if "scripts" not in updated:
+        return
+    for sc in loader.addons:
+        if sc.path in ctx.options.scripts or sc.ns is None or not _is_gateway(sc.ns):
+            continue
+        try:
+            watcher = sc.reloadtask is not None and asyncio.current_task() is sc.reloadtask
+        except RuntimeError:  # (no event loop: not the watcher)
+            watcher = False
+        why = ("its file was gone: mitmproxy no longer watches it" if watcher
+               else "the scripts option no longer names it")
+        refused = (f"resp2chat: the gateway's script {sc.path} is not unloaded ({why}): the gateway goes on as it was "
+                   "started, its state kept (unloaded, it would leave a plain proxy to the backend); stop the "
+                   "process to stop it, restart it to run another script")
+        if watcher:  # (the refusal ends mitmproxy's watcher, which says nothing of it)
+            log.warning(refused)
+        raise exceptions.OptionsError(refused)
+
+
 def install() -> None:
-    """Keep the gateway's script on a change of its file (once; again changes nothing)."""
+    """Keep the gateway's script on a change of its file or of ``scripts`` (once; again changes nothing)."""
     if getattr(script.Script.loadscript, "resp2chat", False):
         return
-    if _original is None or _original.__qualname__ != "Script.loadscript":
+    mitm_hooks.install()  # (first: it replaces ScriptLoader.configure, which is wrapped here)
+    configure = script.ScriptLoader.configure
+    if _original is None or _original.__qualname__ != "Script.loadscript" \
+            or inspect.unwrap(configure).__qualname__ != "ScriptLoader.configure":
         raise RuntimeError("mitmproxy's script loading changed: resp2chat_io/script_reload.py needs a look")
+
+    @functools.wraps(configure)
+    def refusing(self, updated) -> None:
+        refuse_unload(self, updated)
+        configure(self, updated)
+
     wrapped = functools.wraps(_original)(loadscript)
     wrapped.resp2chat = True
+    script.ScriptLoader.configure = refusing
     script.Script.loadscript = wrapped
