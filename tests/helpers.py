@@ -588,12 +588,21 @@ def shown_settings(tmp_path: Path, env: dict) -> tuple[subprocess.CompletedProce
     return options, shown, gw.log()
 
 
-def send_json(handler, status: int, obj) -> None:
-    """Answer from a test upstream (BaseHTTPRequestHandler) with a JSON body."""
-    body = json.dumps(obj).encode()
+def send_json(handler, status: int, obj, *, close: bool = False, headers: dict | None = None) -> None:
+    """Answer from a test upstream (BaseHTTPRequestHandler) with a whole JSON body (its length
+    declared): ``obj`` as JSON (bytes: as they are, JSON or not); ``headers`` added (one whose
+    value is None is not sent, e.g. ``retry-after``); with ``close``, ``connection: close`` and
+    the connection closed after it (the body is whole all the same)."""
+    body = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
     handler.send_response(status)
     handler.send_header("content-type", "application/json")
     handler.send_header("content-length", str(len(body)))
+    for name, value in (headers or {}).items():
+        if value is not None:
+            handler.send_header(name, value)
+    if close:
+        handler.send_header("connection", "close")
+        handler.close_connection = True
     handler.end_headers()
     handler.wfile.write(body)
 

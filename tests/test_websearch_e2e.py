@@ -196,14 +196,7 @@ class _Rounds(QuietHandler):
         if how == "json":
             send_json(self, 200, what)
         elif how == "json-close":  # (the same, saying ``connection: close``: whole all the same)
-            data = json.dumps(what).encode()
-            self.send_response(200)
-            for name, value in (("content-type", "application/json"), ("content-length", str(len(data))),
-                                ("connection", "close")):
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(data)
-            self.close_connection = True
+            send_json(self, 200, what, close=True)
         else:
             send_sse(self, chat_sse(*what))
 
