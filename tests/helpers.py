@@ -459,6 +459,16 @@ def chat_chunk(delta: dict | None = None, finish: str | None = None, **fields) -
             "choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}], **fields}
 
 
+def chat_completion(message: dict, finish: str, prompt_tokens: int = 20, completion_tokens: int = 4) -> dict:
+    """A whole ``chat.completion`` as a backend that ignores ``stream`` answers: one choice (index
+    0), the assistant's ``message`` (its fields: ``content``, ``tool_calls``…) ended by ``finish``,
+    and its usage."""
+    return {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "up",
+            "choices": [{"index": 0, "finish_reason": finish, "message": {"role": "assistant", **message}}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}}
+
+
 def tool_call(index: int, id: str | None = None, name: str | None = None, args: str | None = None, *,
               nulls: bool = False) -> dict:
     """One entry of a chunk's ``delta.tool_calls`` as a backend streams it: ``index``, then
