@@ -459,6 +459,16 @@ def chat_chunk(delta: dict | None = None, finish: str | None = None, **fields) -
             "choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}], **fields}
 
 
+def chat_completion(message: dict, finish: str, prompt_tokens: int = 20, completion_tokens: int = 4) -> dict:
+    """A whole ``chat.completion`` as a backend that ignores ``stream`` answers: one choice (index
+    0), the assistant's ``message`` (its fields: ``content``, ``tool_calls``…) ended by ``finish``,
+    and its usage."""
+    return {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "up",
+            "choices": [{"index": 0, "finish_reason": finish, "message": {"role": "assistant", **message}}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}}
+
+
 def tool_call(index: int, id: str | None = None, name: str | None = None, args: str | None = None, *,
               nulls: bool = False) -> dict:
     """One entry of a chunk's ``delta.tool_calls`` as a backend streams it: ``index``, then
@@ -588,12 +598,21 @@ def shown_settings(tmp_path: Path, env: dict) -> tuple[subprocess.CompletedProce
     return options, shown, gw.log()
 
 
-def send_json(handler, status: int, obj) -> None:
-    """Answer from a test upstream (BaseHTTPRequestHandler) with a JSON body."""
-    body = json.dumps(obj).encode()
+def send_json(handler, status: int, obj, *, close: bool = False, headers: dict | None = None) -> None:
+    """Answer from a test upstream (BaseHTTPRequestHandler) with a whole JSON body (its length
+    declared): ``obj`` as JSON (bytes: as they are, JSON or not); ``headers`` added (one whose
+    value is None is not sent, e.g. ``retry-after``); with ``close``, ``connection: close`` and
+    the connection closed after it (the body is whole all the same)."""
+    body = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
     handler.send_response(status)
     handler.send_header("content-type", "application/json")
     handler.send_header("content-length", str(len(body)))
+    for name, value in (headers or {}).items():
+        if value is not None:
+            handler.send_header(name, value)
+    if close:
+        handler.send_header("connection", "close")
+        handler.close_connection = True
     handler.end_headers()
     handler.wfile.write(body)
 

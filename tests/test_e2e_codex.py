@@ -14,8 +14,8 @@ import uuid
 
 import pytest
 
-from helpers import (NAME_RE, Codex, LocalServer, QuietHandler, chat_chunk, chat_sse, send_sse, tool_call_chunk, tool_names,
-                     write_png)
+from helpers import (NAME_RE, Codex, LocalServer, QuietHandler, chat_chunk, chat_sse, send_json, send_sse,
+                     tool_call_chunk, tool_names, write_png)
 
 pytestmark = pytest.mark.codex
 
@@ -330,13 +330,8 @@ class BusyOnce(QuietHandler):
         type(self).at.append(time.monotonic())
         if len(type(self).at) == 1:
             time.sleep(0.3)
-            body = json.dumps({"error": {"message": "loading the model", "type": "server_error"}}).encode()
-            self.send_response(503)
-            for name, value in (("content-type", "application/json"), ("content-length", str(len(body))),
-                                ("retry-after", "3")):
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(body)
+            send_json(self, 503, {"error": {"message": "loading the model", "type": "server_error"}},
+                      headers={"retry-after": "3"})
             return
         send_sse(self, chat_sse(chat_chunk({"content": "served after the wait"}), chat_chunk(finish="stop")))
 

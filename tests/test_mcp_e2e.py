@@ -16,9 +16,9 @@ import pytest
 import requests
 
 from helpers import (
-    ADDON, ECHO_CALL, MITMDUMP, LocalServer, QuietHandler, check_sdk, check_stream, cli_env, free_port, gateway_env,
-    iter_sse, openai_client, parse_sse, post_turn, read_flows, retranslate, run_cli, scrape, send_json,
-    serve_everything, shown_settings, start_gateway, wait_until,
+    ADDON, ECHO_CALL, MITMDUMP, LocalServer, QuietHandler, chat_completion, check_sdk, check_stream, cli_env,
+    free_port, gateway_env, iter_sse, openai_client, parse_sse, post_turn, read_flows, retranslate, run_cli, scrape,
+    send_json, serve_everything, shown_settings, start_gateway, wait_until,
 )
 
 CLIENT_TOKEN = "client-mcp-token-5f3a9c"  # a client's authorization for the server (a secret)
@@ -681,14 +681,10 @@ def test_rounds_answered_with_json_run_the_mcp_calls_in_them(gateway_factory, ev
     function_call; the second round's text is the answer."""
     bodies: list[dict] = []
 
-    def completion(message: dict, finish: str) -> dict:
-        return {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "up", "choices": [
-            {"index": 0, "finish_reason": finish, "message": {"role": "assistant", "content": None, **message}}],
-            "usage": {"prompt_tokens": 20, "completion_tokens": 4, "total_tokens": 24}}
-
     call = {"id": "call_m1", "type": "function",
             "function": {"name": "mcp__ev__echo", "arguments": '{"message": "json round"}'}}
-    answers = [completion({"tool_calls": [call]}, "tool_calls"), completion({"content": "Echoed."}, "stop")]
+    answers = [chat_completion({"content": None, "tool_calls": [call]}, "tool_calls"),
+               chat_completion({"content": "Echoed."}, "stop")]
 
     class Rounds(QuietHandler):
         def do_POST(self):

@@ -29,6 +29,21 @@ def value(samples: dict, name: str, **labels) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def assert_refused(gw, headers: dict, log_path, *, counted: list[dict], logged: list[tuple]) -> list[dict]:
+    """The gateway's /metrics (asked with ``headers``) count each of ``counted`` (labels) once in
+    ``resp2chat_refused_requests_total``, nothing else there, and no turn; its access log (at
+    ``log_path``) has the lines ``logged``, each as (path, http_status, code, client, status).
+    Returns those lines."""
+    m = scrape(gw, **headers)
+    for labels in counted:
+        assert value(m, "resp2chat_refused_requests_total", **labels) == 1, labels
+    assert sum(v for (name, _), v in m.items() if name == "resp2chat_refused_requests_total") == len(counted)
+    assert not any(name == "resp2chat_turns_total" for name, _ in m)
+    lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert [(x["path"], x["http_status"], x["code"], x["client"], x["status"]) for x in lines] == logged
+    return lines
+
+
 def test_metrics_and_access_log_per_upstream(upstream, tmp_path):
     log_path = tmp_path / "access.jsonl"
     dead = f"http://127.0.0.1:{free_port()}/v1"
@@ -213,28 +228,23 @@ def test_refused_passthrough_calls_are_counted_and_logged(upstream, gateway_fact
                requests.post(gw.base_url + "/responses/input_tokens", json={"model": "demo-model", "input": "x"},
                              headers=auth, timeout=30)]
     assert [r.status_code for r in answers] == [401, 404, 400, 400, 404, 200, 200, 200, 429, 429]
-    m = scrape(gw, **auth)
     embeddings = dict(route="POST /v1/embeddings", status="rejected")
-    for labels, n in ((dict(embeddings, client="", code="invalid_api_key"), 1),
-                      (dict(embeddings, client="carol", code="model_not_found"), 1),
-                      (dict(embeddings, client="carol", code="invalid_json"), 1),
-                      (dict(embeddings, client="carol", code="invalid_value"), 1),
-                      (dict(embeddings, client="carol", code="rate_limit_exceeded"), 1),
-                      (dict(route="GET /v1/models/*", status="rejected", client="carol", code="model_not_found"), 1),
-                      (dict(route="POST /v1/responses/input_tokens", status="rejected", client="carol",
-                            code="rate_limit_exceeded"), 1)):
-        assert value(m, "resp2chat_refused_requests_total", **labels) == n, labels
-    assert sum(v for (name, _), v in m.items() if name == "resp2chat_refused_requests_total") == 7
-    assert not any(name == "resp2chat_turns_total" for name, _ in m)
-    lines = [json.loads(line) for line in log_path.read_text().splitlines()]
-    assert [(x["path"], x["http_status"], x["code"], x["client"], x["status"]) for x in lines] == [
+    lines = assert_refused(gw, auth, log_path, counted=[
+        dict(embeddings, client="", code="invalid_api_key"),
+        dict(embeddings, client="carol", code="model_not_found"),
+        dict(embeddings, client="carol", code="invalid_json"),
+        dict(embeddings, client="carol", code="invalid_value"),
+        dict(embeddings, client="carol", code="rate_limit_exceeded"),
+        dict(route="GET /v1/models/*", status="rejected", client="carol", code="model_not_found"),
+        dict(route="POST /v1/responses/input_tokens", status="rejected", client="carol", code="rate_limit_exceeded"),
+    ], logged=[
         ("/v1/embeddings", 401, "invalid_api_key", None, "rejected"),
         ("/v1/embeddings", 404, "model_not_found", "carol", "rejected"),
         ("/v1/embeddings", 400, "invalid_json", "carol", "rejected"),
         ("/v1/embeddings", 400, "invalid_value", "carol", "rejected"),
         ("/v1/models/other", 404, "model_not_found", "carol", "rejected"),
         ("/v1/embeddings", 429, "rate_limit_exceeded", "carol", "rejected"),
-        ("/v1/responses/input_tokens", 429, "rate_limit_exceeded", "carol", "rejected")]
+        ("/v1/responses/input_tokens", 429, "rate_limit_exceeded", "carol", "rejected")])
     assert [x["request_id"] for x in lines] == [r.headers["x-request-id"] for r in answers if r.status_code >= 400]
     assert carol not in log_path.read_text()
 
@@ -263,21 +273,17 @@ def test_refused_upgrades_and_sockets_the_gateway_closed_are_counted_and_logged(
         bobs.sock.settimeout(8)
         assert bobs.next_message()["error"]["code"] == "invalid_api_key"
         assert bobs.next_message() is None and bobs.closed[0] == 1008
-        m = scrape(gw, **carol)
         socket = dict(route="GET /v1/responses")
-        for labels, n in ((dict(socket, client="", status="rejected", code="invalid_api_key"), 1),
-                          (dict(socket, client="carol", status="rejected", code="rate_limit_exceeded"), 1),
-                          (dict(socket, client="bob", status="failed", code="server_overloaded"), 1),
-                          (dict(socket, client="bob", status="rejected", code="invalid_api_key"), 1)):
-            assert value(m, "resp2chat_refused_requests_total", **labels) == n, labels
-        assert sum(v for (name, _), v in m.items() if name == "resp2chat_refused_requests_total") == 4
-        assert not any(name == "resp2chat_turns_total" for name, _ in m)
-        lines = [json.loads(line) for line in log_path.read_text().splitlines()]
-        assert [(x["path"], x["http_status"], x["code"], x["client"], x["status"]) for x in lines] == [
+        lines = assert_refused(gw, carol, log_path, counted=[
+            dict(socket, client="", status="rejected", code="invalid_api_key"),
+            dict(socket, client="carol", status="rejected", code="rate_limit_exceeded"),
+            dict(socket, client="bob", status="failed", code="server_overloaded"),
+            dict(socket, client="bob", status="rejected", code="invalid_api_key"),
+        ], logged=[
             ("/v1/responses", 401, "invalid_api_key", None, "rejected"),
             ("/v1/responses", 429, "rate_limit_exceeded", "carol", "rejected"),
             ("/v1/responses", 503, "server_overloaded", "bob", "failed"),
-            ("/v1/responses", 101, "invalid_api_key", "bob", "rejected")]
+            ("/v1/responses", 101, "invalid_api_key", "bob", "rejected")])
         assert [x["request_id"] for x in lines[:3]] == [r.headers["x-request-id"] for r in refused]
         assert lines[3]["request_id"].startswith("req_") and lines[3]["total_ms"] > 0
         held.close()

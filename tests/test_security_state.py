@@ -465,13 +465,7 @@ class _Echoing(QuietHandler):
 
     def do_GET(self):
         auth = self.headers.get("authorization", "")
-        data = json.dumps({"object": "list", "data": [], "echo": auth}).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("x-echo", auth)
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, 200, {"object": "list", "data": [], "echo": auth}, headers={"x-echo": auth})
 
 
 def test_a_forwarded_credential_is_a_secret_of_its_request(gateway_factory, tmp_path):

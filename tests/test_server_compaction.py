@@ -351,14 +351,8 @@ class _Busy(QuietHandler):
     def do_POST(self):
         self.rfile.read(int(self.headers["content-length"]))
         type(self).calls += 1
-        error = json.dumps({"error": {"message": "busy", "type": "server_error"}}).encode()
-        self.send_response(self.status)
-        for name, value in (("content-type", "application/json"), ("content-length", str(len(error))),
-                            ("retry-after", self.retry_after)):
-            if value is not None:
-                self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(error)
+        send_json(self, self.status, {"error": {"message": "busy", "type": "server_error"}},
+                  headers={"retry-after": self.retry_after})
 
 
 def _upstreams(*entries: tuple[str, str]) -> tuple[str, str]:
@@ -459,17 +453,10 @@ class _SummaryThenBusy(QuietHandler):
         self.rfile.read(int(self.headers["content-length"]))
         type(self).calls += 1
         if type(self).calls == 1:
-            body = (b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":"Ada asked."}}]}\n\n'
-                    b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n')
-            status, ctype = 200, "text/event-stream"
+            send_sse(self, b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":"Ada asked."}}]}\n\n'
+                           b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n')
         else:
-            body, status, ctype = json.dumps({"error": {"message": "busy", "type": "server_error"}}).encode(), 503, \
-                "application/json"
-        self.send_response(status)
-        self.send_header("content-type", ctype)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+            send_json(self, 503, {"error": {"message": "busy", "type": "server_error"}})
 
 
 def test_an_answer_falling_back_after_the_summary_is_read_its_upstreams_way(gateway_factory, upstream):
@@ -510,15 +497,7 @@ class _JsonSummary(QuietHandler):
             send_sse(self, chat_sse(chat_chunk({"content": "answer"}), chat_chunk(finish="stop"), chat_chunk(
                 choices=[], usage={"prompt_tokens": 50, "completion_tokens": 3, "total_tokens": 53})))
             return
-        data = self.summary if isinstance(self.summary, bytes) else json.dumps(self.summary).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(data)))
-        if self.close:
-            self.send_header("connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, 200, self.summary, close=self.close)
 
 
 @pytest.mark.parametrize("close", [False, True])

@@ -35,14 +35,8 @@ class Refusing:
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
                 outer.calls.append({"body": json.loads(body), "authorization": self.headers.get("authorization")})
-                error = json.dumps({"error": {"message": message, "type": "server_error"}}).encode()
-                self.send_response(status)
-                for name, value in (("content-type", "application/json"), ("content-length", str(len(error))),
-                                    ("retry-after", retry_after)):
-                    if value is not None:
-                        self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(error)
+                send_json(self, status, {"error": {"message": message, "type": "server_error"}},
+                          headers={"retry-after": retry_after})
 
         self.server = LocalServer(Handler)
         self.base_url = self.server.url + "/v1"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from helpers import chat_chunk, chat_event, chat_sse, parse_chat_sse, parse_sse, tool_call_chunk
+from helpers import chat_chunk, chat_completion, chat_event, chat_sse, parse_chat_sse, parse_sse, tool_call_chunk
 from resp2chat_core import toolloop, websearch
 from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.turn import begin_turn
@@ -158,10 +158,7 @@ def test_a_round_answered_with_one_json_body_is_read_as_its_stream():
     and what the translator makes of it all are the stream's. An error body is not the loop's
     (None: the translator reads it whole)."""
     def completion(message: dict, finish: str, prompt: int, completion: int) -> bytes:
-        return json.dumps({"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "up", "choices": [
-            {"index": 0, "finish_reason": finish, "message": {"role": "assistant", **message}}],
-            "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                      "total_tokens": prompt + completion}}).encode()
+        return json.dumps(chat_completion(message, finish, prompt, completion)).encode()
 
     call = {"id": "call_1", "type": "function", "function": {"name": "web_search", "arguments": '{"query": "q"}'}}
     whole = [completion({"content": "Looking.", "reasoning_content": "hm", "tool_calls": [call]}, "tool_calls",

@@ -11,8 +11,8 @@ import pytest
 import requests
 
 from helpers import (
-    Codex, LocalServer, QuietHandler, chat_chunk, chat_sse, free_port, openai_client, parse_sse, send_json, send_sse,
-    tool_call, wait_until,
+    Codex, LocalServer, QuietHandler, chat_chunk, chat_completion, chat_sse, free_port, openai_client, parse_sse,
+    send_json, send_sse, tool_call, wait_until,
 )
 
 BRAVE_KEY = "brave-planted-key-123456"
@@ -196,23 +196,9 @@ class _Rounds(QuietHandler):
         if how == "json":
             send_json(self, 200, what)
         elif how == "json-close":  # (the same, saying ``connection: close``: whole all the same)
-            data = json.dumps(what).encode()
-            self.send_response(200)
-            for name, value in (("content-type", "application/json"), ("content-length", str(len(data))),
-                                ("connection", "close")):
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(data)
-            self.close_connection = True
+            send_json(self, 200, what, close=True)
         else:
             send_sse(self, chat_sse(*what))
-
-
-def _completion(message: dict, finish: str, completion_tokens: int) -> dict:
-    return {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "up",
-            "choices": [{"index": 0, "finish_reason": finish, "message": {"role": "assistant", **message}}],
-            "usage": {"prompt_tokens": 20, "completion_tokens": completion_tokens,
-                      "total_tokens": 20 + completion_tokens}}
 
 
 def _search_call(call_id: str, query: str) -> dict:
@@ -220,8 +206,9 @@ def _search_call(call_id: str, query: str) -> dict:
                                                             "arguments": json.dumps({"query": query})}}
 
 
-SEARCH_JSON = _completion({"content": None, "tool_calls": [_search_call("call_j1", "json round")]}, "tool_calls", 5)
-ANSWER_JSON = _completion({"content": "Found it."}, "stop", 3)
+SEARCH_JSON = chat_completion({"content": None, "tool_calls": [_search_call("call_j1", "json round")]}, "tool_calls",
+                              completion_tokens=5)
+ANSWER_JSON = chat_completion({"content": "Found it."}, "stop", completion_tokens=3)
 SEARCH_SSE = [chat_chunk({"role": "assistant", "tool_calls": [tool_call(0, "call_s1", "web_search",
                                                                         '{"query": "sse round"}')]}),
               chat_chunk(finish="tool_calls"),
