@@ -19,8 +19,9 @@ summary that fails midway (a silence; a cut, which ``_compact`` makes a 502 fail
 too, nothing of it having reached the client.
 
 The tool loop (resp2chat_core/toolloop.py: web search, hosted MCP tools) is decided in the core;
-each round's answer goes through it (``ToolLoop.feed``: a stream; ``ToolLoop.whole``: a backend's
-whole JSON answer, ``stream`` ignored, read as its stream would be), and here its steps run:
+each round's answer goes through it (the call's reader, upstream.py ``Reader``: ``ToolLoop.feed``,
+a stream; ``ToolLoop.whole``, a backend's whole JSON answer, ``stream`` ignored, read as its stream
+would be), and here its steps run:
 ``_run_steps`` runs a round's steps (Brave searches, MCP listings and calls: mcp.py, over one
 session per server for the whole turn: ``mcp.Sessions``) at once, at most
 ``PARALLEL_STEPS``, and tells the client through the channel (``SearchStarted``… ``McpCalled``)
@@ -32,7 +33,7 @@ Server-side compaction (``Exchange.compaction``: compaction.py ``ServerCompactio
 before all that: the summary request (each candidate its own), through the walk as the answer's
 call, read whole and never passed on (``SummaryReader``), its sealed item told to the client
 (``Compacted``: output[0]; a backend's whole JSON answer to it, ``stream`` ignored, is read by
-the same reader: the call's ``whole``); then every candidate's body is the answer round's (the compacted
+the same reader: its ``whole``, as the loop's); then every candidate's body is the answer round's (the compacted
 conversation), and the turn runs as any other, its walk starting from the candidate that wrote
 the summary (the ones before it failed a moment ago; it has just read the head of the prompt
 the answer starts with: its KV cache holds it). The failures of both walks make one error when
@@ -285,8 +286,7 @@ async def _rounds(ex: Exchange, client: UpstreamClient, sessions: mcp_client.Ses
         loop = ex.loop = _loop(ex, only.body) if looped else None
         if loop is not None:
             loop.begin(prelude)
-        outcome = await client.call(only, headers, loop.body if loop else only.body, ex.channel,
-                                    loop.feed if loop else None, loop.whole if loop else None)
+        outcome = await client.call(only, headers, loop.body if loop else only.body, ex.channel, loop)
     if loop is None:
         return
     to = ex.answering
@@ -308,7 +308,7 @@ async def _rounds(ex: Exchange, client: UpstreamClient, sessions: mcp_client.Ses
         if end is not None:  # (a call waits for the client's approval)
             ex.channel.data(end.tail)
             return
-        outcome = await client.call(to, headers, loop.body, ex.channel, loop.feed, loop.whole)
+        outcome = await client.call(to, headers, loop.body, ex.channel, loop)
 
 
 async def _compact(ex: Exchange, client: UpstreamClient, headers: list[tuple[bytes, bytes]],
@@ -328,7 +328,7 @@ async def _compact(ex: Exchange, client: UpstreamClient, headers: list[tuple[byt
         reader = plan.reader(ex.max_event)  # (a fresh one for each candidate: nothing of a failed one's)
         # (the summary streams to nobody: the client hears keepalives meanwhile, as while steps run;
         # a backend that ignored ``stream``: its whole JSON is the summary too, never the turn's answer)
-        task = asyncio.ensure_future(client.call(to, headers, plan.summary(i), attempt, reader.feed, reader.body))
+        task = asyncio.ensure_future(client.call(to, headers, plan.summary(i), attempt, reader))
         try:
             await _kept_alive(ex, task, to.keepalive)
         finally:
@@ -463,8 +463,7 @@ async def _first_answer(ex: Exchange, client: UpstreamClient, headers: list[tupl
         loop = ex.loop = _loop(ex, to.body) if looped else None  # (its think tags, its tools)
         if loop is not None:
             loop.begin(prelude)
-        return await client.call(to, headers, loop.body if loop else to.body, attempt, loop.feed if loop else None,
-                                 loop.whole if loop else None)
+        return await client.call(to, headers, loop.body if loop else to.body, attempt, loop)
 
     outcome = await _walk(ex, start, failed, call)
     return outcome or CallEnd.BROKEN, ex.loop

@@ -2,9 +2,11 @@
 
 ``UpstreamClient.call`` sends one chat request and hands what comes back to a turn's
 ``Channel`` (resp2chat_core/channel.py): the body of a 200 stream as data, everything else as
-typed events (``UpstreamFailed``, ``UpstreamJSON``, ``Keepalive``); a 200 JSON body (a backend
-that ignored ``stream``) goes through the caller's ``whole`` first when it has one (the tool
-loop's: its stream form goes on as data; the compaction summary's reader: nothing goes on). It returns a ``CallEnd``.
+typed events (``UpstreamFailed``, ``UpstreamJSON``, ``Keepalive``). A call may have a ``Reader``
+between the backend and the channel (the tool loop's round, resp2chat_core/toolloop.py
+``ToolLoop``; the compaction summary's, compaction.py ``SummaryReader``): a 200 stream's bytes go
+through its ``feed``, a 200 JSON body (a backend that ignored ``stream``) through its ``whole``
+(the loop's: its stream form goes on as data; the summary's: nothing goes on). It returns a ``CallEnd``.
 
 The one deadline rule (``_Watch``): from the moment the request is sent, a backend that sends
 nothing for ``idle_timeout`` seconds fails the turn (``UpstreamFailed`` 504, code ``upstream_timeout``), before its answer
@@ -34,7 +36,7 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import h11
@@ -54,6 +56,18 @@ DEFERRED = 16 << 10  # a deferred stream (_BodyPump.defer) wakes the loop only p
 READ_AT_ONCE = 256 << 10  # what a drain reads at most (asyncio's own read size)
 _HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"host",
                   b"proxy-connection", b"te", b"upgrade", b"trailer"})
+
+
+class Reader(Protocol):
+    """What a call's answer goes through before its channel (``UpstreamClient.call``)."""
+
+    def feed(self, data: bytes) -> bytes | None:
+        """A piece of a 200 stream -> what the channel gets of it; None: read no more of it (the
+        reader refused the stream: its caller reports why)."""
+
+    def whole(self, body: bytes) -> bytes | None:
+        """A 200 JSON body (``stream`` ignored) -> what the channel gets of it, as data; None: it
+        is no answer the reader reads (an error, garbage): it goes on whole (``UpstreamJSON``)."""
 
 
 class CallEnd(enum.Enum):
@@ -217,24 +231,23 @@ class UpstreamClient:
         return sum(len(c) for c in self._pool.values())
 
     async def call(self, to: Candidate, headers: list[tuple[bytes, bytes]], body: bytes, channel: Channel,
-                   transform: Callable[[bytes], bytes] | None = None,
-                   whole: Callable[[bytes], bytes | None] | None = None) -> CallEnd:
+                   reader: Reader | None = None) -> CallEnd:
         """POST ``body`` to the candidate ``to`` (its URL; its own headers and Authorization
-        after ``headers``; its timeouts); the answer goes to ``channel`` (a 200 stream's bytes
-        through ``transform`` first; a 200 JSON body through ``whole``, its bytes then going on
-        as data, or as an ``UpstreamJSON`` where it returns None or there is none). Never
-        raises for backend trouble: it is reported.
+        after ``headers``; its timeouts); the answer goes to ``channel`` (with a ``reader``: a
+        200 stream's bytes through ``reader.feed`` first; a 200 JSON body through
+        ``reader.whole``, its bytes then going on as data, or as an ``UpstreamJSON`` where it
+        returns None or there is no reader). Never raises for backend trouble: it is reported.
 
         The call stops reading the backend (and closes its connection) when the consumer is done
-        with the turn (``channel.closed``) and more of the body comes, or when ``transform``
+        with the turn (``channel.closed``) and more of the body comes, or when ``reader.feed``
         returns None (it refused the stream: the caller reports why)."""
         target = BackendUrl(to.url)
         headers = [*headers, *to.headers] + ([(b"authorization", to.authorization)] if to.authorization else [])
         for attempt in (1, 2):
             try:
                 # a second attempt (the pooled connection was stale) takes a fresh connection
-                reader, writer, pooled = await self._connect(target.key, pooled=attempt == 1,
-                                                             timeout=to.connect_timeout)
+                up_reader, up_writer, pooled = await self._connect(target.key, pooled=attempt == 1,
+                                                                   timeout=to.connect_timeout)
             except (OSError, asyncio.TimeoutError) as exc:
                 reason = f"timed out after {to.connect_timeout:g} s" if isinstance(exc, asyncio.TimeoutError) \
                     else (exc.strerror or str(exc))
@@ -243,8 +256,8 @@ class UpstreamClient:
                 return CallEnd.BROKEN
             outcome, heard = CallEnd.BROKEN, [False]
             try:
-                outcome = await self._roundtrip(target, headers, body, reader, writer, channel, transform, whole,
-                                               heard, _Watch(to.idle_timeout, to.keepalive, channel, to.data_timeout))
+                outcome = await self._roundtrip(target, headers, body, up_reader, up_writer, channel, reader, heard,
+                                                _Watch(to.idle_timeout, to.keepalive, channel, to.data_timeout))
             except (OSError, h11.ProtocolError) as exc:
                 if pooled and not heard[0]:
                     outcome = CallEnd.STALE
@@ -254,9 +267,9 @@ class UpstreamClient:
                         channel.event(failure(502, f"the upstream connection failed: {exc}", "upstream_unavailable"))
             finally:
                 if outcome is CallEnd.REUSABLE:
-                    self._pool.setdefault(target.key, []).append((reader, writer))
+                    self._pool.setdefault(target.key, []).append((up_reader, up_writer))
                 else:
-                    writer.close()
+                    up_writer.close()
             if outcome is not CallEnd.STALE:
                 return outcome
         return CallEnd.BROKEN  # not reached: a fresh connection is never stale
@@ -318,8 +331,8 @@ class UpstreamClient:
     # --- one request and its answer ------------------------------------------------------------
 
     async def _roundtrip(self, target: BackendUrl, headers, body: bytes, up_reader: asyncio.StreamReader,
-                        up_writer: asyncio.StreamWriter, channel: Channel, transform, whole, heard: list[bool],
-                        watch: _Watch) -> CallEnd:
+                        up_writer: asyncio.StreamWriter, channel: Channel, reader: Reader | None,
+                        heard: list[bool], watch: _Watch) -> CallEnd:
         client = h11.Connection(h11.CLIENT)
         parts = target.parts
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -353,12 +366,12 @@ class UpstreamClient:
 
         def put(data: bytes) -> bool:
             """A 200 stream's bytes to the channel; False: read no more of it (the turn is over,
-            or ``transform`` refused the stream)."""
+            or the reader refused the stream)."""
             if channel.closed:
                 return False
             if not (data := watch.heard(data)):
                 return True  # (comments before the first data: no answer yet)
-            if transform is not None and (data := transform(data)) is None:
+            if reader is not None and (data := reader.feed(data)) is None:
                 return False
             channel.data(data)
             return True
@@ -394,7 +407,7 @@ class UpstreamClient:
             wait = backend_retry_after(retry_after.decode("latin-1") if retry_after else None, time.time())
             channel.event(UpstreamFailed(status, bytes(held), wait))
         elif not stream:
-            data = whole(bytes(held)) if whole is not None else None
+            data = reader.whole(bytes(held)) if reader is not None else None
             if data is None:
                 channel.event(UpstreamJSON(bytes(held)))
             else:
