@@ -342,7 +342,7 @@ async def _compact(ex: Exchange, client: UpstreamClient, headers: list[tuple[byt
         calls.append((i, reader, attempt.failure is not None or not outcome.answered))
         return outcome
 
-    outcome = await _walk(ex, 0, failed, call, summary=True)
+    outcome = await _walk(ex, 0, failed, call, "writing the compaction summary")
     ex.compaction_work = plan.work(calls)  # (a call that failed midway, fallen back from, spent tokens too)
     if outcome is None or ex.channel.closed:
         return False
@@ -465,13 +465,12 @@ async def _first_answer(ex: Exchange, client: UpstreamClient, headers: list[tupl
             loop.begin(prelude)
         return await client.call(to, headers, loop.body if loop else to.body, attempt, loop)
 
-    outcome = await _walk(ex, start, failed, call)
+    outcome = await _walk(ex, start, failed, call, "before its first byte")
     return outcome or CallEnd.BROKEN, ex.loop
 
 
 async def _walk(ex: Exchange, start: int, failed: list[tuple[str, UpstreamFailed]],
-                call: Callable[[int, Candidate, routing.Attempt], Awaitable[CallEnd]],
-                summary: bool = False) -> CallEnd | None:
+                call: Callable[[int, Candidate, routing.Attempt], Awaitable[CallEnd]], when: str) -> CallEnd | None:
     """The turn's one walk of its candidates, for every backend call that may fall back (the
     summary's, the answer's first round): from ``start`` on, in order, each called through an
     ``Attempt`` (``call(index, candidate, attempt)``), until one answers (routing.py's rule:
@@ -479,7 +478,8 @@ async def _walk(ex: Exchange, start: int, failed: list[tuple[str, UpstreamFailed
     on). The one that answered is committed (``Attempt.release``: its ``Rerouted`` goes before
     anything the caller tells the client next). ``failed``: (name, failure) of the candidates fallen
     back from in this turn, this walk's added: when the last fails too, one failure names them
-    all, with the shortest Retry-After (``routing.all_failed``). Returns the outcome of the one
+    all, with the shortest Retry-After (``routing.all_failed``). ``when``: the log's words for
+    when a candidate fallen back from failed ("before its first byte"). Returns the outcome of the one
     that answered (``ex.answered``: its index); None: the turn failed (its failure is in the
     channel)."""
     last = len(ex.candidates) - 1
@@ -495,7 +495,6 @@ async def _walk(ex: Exchange, start: int, failed: list[tuple[str, UpstreamFailed
         if routing.falls_back(failure) and i < last:
             failed.append((to.name, failure))
             ex.skipped.append((to.name, failure.status))
-            when = "writing the compaction summary" if summary else "before its first byte"
             log.warning(f"resp2chat: upstream {to.name} failed {when} (HTTP {failure.status}): "
                         f"trying {ex.candidates[i + 1].name} for model {ex.model!r}")
             continue
