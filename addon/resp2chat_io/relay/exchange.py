@@ -64,7 +64,7 @@ from resp2chat_core.sse import MAX_EVENT
 from resp2chat_core.toolloop import Finish, ToolLoop, Work
 
 from . import mcp as mcp_client
-from .upstream import CallEnd, UpstreamClient, failure
+from .upstream import CallEnd, TooLarge, UpstreamClient, failure
 
 log = logging.getLogger("resp2chat.relay")
 PARALLEL_STEPS = 4  # steps of one round (the model's calls, the prelude's listings) that run at once at most
@@ -509,6 +509,6 @@ async def _brave(client: UpstreamClient, s: SearchSettings, query: str) -> tuple
     url, headers = websearch.brave_request(s.brave_base_url, s.brave_api_key, query, s.brave_max_results)
     try:
         status, body = await client.get(url, headers)
-    except (OSError, asyncio.TimeoutError, h11.ProtocolError) as exc:
+    except (OSError, asyncio.TimeoutError, h11.ProtocolError, TooLarge) as exc:
         return f"Web search failed: {type(exc).__name__}: {exc}", []
     return websearch.read_brave(query, status, body, s.brave_max_results, s.brave_api_key)
