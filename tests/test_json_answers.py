@@ -131,3 +131,21 @@ def test_a_model_list_past_1_mib_is_read_whole(gateway_factory):
         assert r.status_code == 200, r.text[:300]
         ids = [m["id"] for m in r.json()["data"]]
         assert ids == [f"model-{i}" for i in range(3000)], ids[:5]
+
+
+def test_a_whole_json_answer_past_the_bound_falls_back_to_the_next_upstream(gateway_factory, upstream):
+    """Nothing of a body past the bound reached the client (it is read whole before anything
+    goes on): with several upstreams the next one answers, as after any failure before the
+    first byte (routing.py's rule), and the log says which failed and why."""
+    Whole.calls = []
+    with LocalServer(Whole) as backend:
+        upstreams = [{"name": "whole", "base_url": backend.url + "/v1"},
+                     {"name": "demo", "base_url": upstream.base_url}]
+        gw = gateway_factory("http://127.0.0.1:9", "--set", "resp2chat_max_replay_entries=0",
+                             "--set", "resp2chat_max_upstream_event_mb=1",
+                             "--set", "resp2chat_upstreams=" + json.dumps(upstreams))
+        r = _turn(gw, "huge", False)
+        assert r.status_code == 200 and r.json()["status"] == "completed", r.text[:300]
+        assert [c["model"] for c in Whole.calls] == ["huge"]
+        wait_until(lambda: "upstream whole failed before its first byte (HTTP 502): trying demo" in gw.log(),
+                   what="the fallback's log line")
