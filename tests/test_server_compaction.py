@@ -14,8 +14,9 @@ import pytest
 import requests
 
 from helpers import (
-    LocalServer, QuietHandler, chat_chunk, chat_event, chat_sse, check_stream, cli_env, free_port, http_chunk,
-    openai_client, parse_sse, post_turn, read_flows, run_cli, scrape, send_json, send_sse, start_gateway, start_sse,
+    LocalServer, QuietHandler, chat_chunk, chat_completion, chat_event, chat_sse, check_stream, cli_env, free_port,
+    http_chunk, openai_client, parse_sse, post_turn, read_flows, run_cli, scrape, send_json, send_sse, start_gateway,
+    start_sse,
 )
 from resp2chat_core.compaction import COMPACTION_PROMPT, SUMMARY_PREFIX
 from wsclient import WSClient
@@ -531,6 +532,25 @@ def test_a_summary_answered_with_json_is_the_summary_not_the_turn_s_answer(gatew
         assert end["type"] == "response.failed" and end["response"]["output"] == [], end
         assert end["response"]["error"]["message"].startswith("upstream HTTP 502: "), end  # (as a garbage stream's)
         assert len(handler.bodies) == 1  # (the answer round never ran)
+
+
+def test_a_summary_answered_with_json_past_1_mib_is_read_whole(gateway_factory):
+    """A long summary (1.7 MB) from a backend that ignores ``stream``: its JSON body is read whole
+    (the relay's bound for a 200 JSON body is an answer's, 32 MiB), sealed into the item, the
+    answer round asked with it. Before, the body was cut at 1 MiB and read as garbage: the turn
+    failed and no answer ran."""
+    long = "".join(f"word{i} " for i in range(200_000)).strip()
+    completion = chat_completion({"content": long}, "stop", prompt_tokens=100, completion_tokens=200_000)
+    handler = type("Json", (_JsonSummary,), {"summary": completion, "bodies": []})
+    with LocalServer(handler) as backend:
+        gw = gateway_factory(backend.url, "--set", "resp2chat_max_replay_entries=0")
+        r = post_turn(gw, {"model": "demo-model", "input": HISTORY, "store": False, "context_management": OVER},
+                      timeout=60)
+        assert r.status_code == 200, r.text[:300]
+        out = r.json()
+        assert [o["type"] for o in out["output"]] == ["compaction", "message"], out["output"]
+        summary, answer = handler.bodies
+        assert answer["messages"][-1] == {"role": "user", "content": SUMMARY_PREFIX + long}
 
 
 class _HalfSummary(QuietHandler):

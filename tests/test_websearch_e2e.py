@@ -259,6 +259,37 @@ def test_a_round_answered_with_json_runs_the_gateways_calls(gateway_factory, bra
             assert usage["input_tokens"] == 20 and usage["output_tokens"] == sum(completion), usage
 
 
+LONG = "".join(f"word{i} " for i in range(200_000))  # 1.7 MB: past the 1 MiB an error body is read up to
+
+
+def test_rounds_answered_with_json_past_1_mib_are_read_whole(gateway_factory, brave):
+    """A backend that ignores ``stream`` answers a round with a JSON body past 1 MiB: round 1 a
+    call of the gateway's ``web_search`` with 1.7 MB of arguments (besides its query), round 2 an
+    answer of 1.7 MB. Each is read whole (the relay's bound for a 200 JSON body is an answer's,
+    32 MiB): the search runs, the next round gets the call back whole, the answer is the turn's.
+    Before, each body was cut at 1 MiB and read as garbage: the turn failed at round 1."""
+    url, handler = brave
+    call = {"id": "call_big", "type": "function",
+            "function": {"name": "web_search", "arguments": json.dumps({"query": "big round", "why": LONG})}}
+    answers = [("json", chat_completion({"content": None, "tool_calls": [call]}, "tool_calls", completion_tokens=5)),
+               ("json", chat_completion({"content": LONG}, "stop", completion_tokens=3))]
+    backend = type("Rounds", (_Rounds,), {"answers": answers, "bodies": []})
+    with LocalServer(backend) as server:
+        gw = gateway_factory(server.url, "--set", "resp2chat_max_replay_entries=0",
+                             env={"BRAVE_SEARCH_API_KEY": BRAVE_KEY, "RESP2CHAT_BRAVE_BASE_URL": url})
+        handler.queries = []
+        r = requests.post(f"{gw.base_url}/responses", timeout=60, json={
+            "model": "demo-model", "input": "search", "tools": [WEB_SEARCH], "stream": True})
+        final = parse_sse(r.content)[-1]["response"]
+        assert final["status"] == "completed", final["error"]
+        assert [o["type"] for o in final["output"]] == ["web_search_call", "message"]
+        assert final["output"][0]["action"]["query"] == "big round"
+        assert final["output"][1]["content"][0]["text"] == LONG
+        assert [q["q"] for q in handler.queries] == ["big round"]
+        assistant = backend.bodies[1]["messages"][-2]
+        assert assistant["tool_calls"][0]["function"]["arguments"] == call["function"]["arguments"]
+
+
 def test_a_round_answered_with_a_json_error_fails_the_turn_with_it(gateway_factory, brave):
     """A later round answered 200 with a JSON error object (no completion): not the loop's to
     read; the turn fails with the backend's error, as a turn without the loop does."""

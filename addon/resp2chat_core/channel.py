@@ -89,7 +89,7 @@ class UpstreamFailed:
 class UpstreamJSON:
     """The backend ignored ``stream: true`` and answered with one JSON body (in a tool loop's
     round, only one that is no completion: the loop reads a completion, ``ToolLoop.whole``; never
-    in the compaction summary's call: its reader reads it, ``SummaryReader.body``)."""
+    in the compaction summary's call: its reader reads it, ``SummaryReader.whole``)."""
 
     body: bytes
 

@@ -260,9 +260,10 @@ _THINK = re.compile(r"<think>.*?</think>", re.S)
 class SummaryReader:
     """Reads the summary round's stream (chatstream's reader: every dialect), passing nothing
     on (``feed`` returns b""), or the whole ``chat.completion`` of a backend that ignored
-    ``stream`` (``body``, the call's ``whole``: the same reader's, passing nothing on either; a
-    body that is no completion is an error, as a garbage stream): its text, usage, and whether
-    it failed."""
+    ``stream`` (``whole``, as the tool loop's ``ToolLoop.whole``: the same reader's, passing
+    nothing on either; a body that is no completion is an error, as a garbage stream): its
+    text, usage, and whether it failed. The relay's call reads the answer through it
+    (relay/upstream.py ``Reader``)."""
 
     def __init__(self, max_event: int = MAX_EVENT) -> None:
         self._reader = ChunkReader(self, max_event)
@@ -275,7 +276,7 @@ class SummaryReader:
         self._reader.feed(data)
         return b""
 
-    def body(self, body: bytes) -> bytes:
+    def whole(self, body: bytes) -> bytes:
         self._reader.body(body)
         return b""
 

@@ -23,8 +23,8 @@ The relay runs one candidate at a time through an ``Attempt``, a stand-in for th
 back and another candidate remains, nothing of it ever reaches the turn; the next candidate
 gets a fresh ``Attempt``. ``Keepalive`` events pass without committing (they are the gateway's
 own words to a waiting client, not part of an answer). A call that passes nothing on (the
-compaction summary, read whole by the gateway: its stream through the call's transform, a whole
-JSON answer through the call's ``whole``, relay/upstream.py) never commits by itself: once it answered, the relay commits it
+compaction summary, read whole by the gateway: its stream and a whole JSON answer through the
+call's reader, relay/upstream.py ``Reader``) never commits by itself: once it answered, the relay commits it
 (``release``), so its ``Rerouted`` still goes before anything else. When every candidate failed,
 one ``UpstreamFailed`` names them all (``all_failed``), with the shortest ``Retry-After`` any gave
 (none when a backend answered without one: it may be ready at once).

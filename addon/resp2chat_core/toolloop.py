@@ -120,7 +120,8 @@ class RoundResult:
 
 class ToolLoop:
     """One turn's rounds. Per round: ``body`` is the chat request to send, ``feed`` filters the
-    backend's stream (``whole``: its answer as one JSON body), ``end_round(ok)`` says what comes
+    backend's stream (``whole``: its answer as one JSON body; the loop is the relay call's
+    reader, relay/upstream.py ``Reader``), ``end_round(ok)`` says what comes
     next; after a list of steps the caller runs them and hands what the model reads of each to
     ``next_round`` (None for a step that gives the model nothing: an approval request). Before round 1, ``prelude`` steps (if any)
     run and ``begin`` takes their results. A round whose stream holds an SSE event larger than

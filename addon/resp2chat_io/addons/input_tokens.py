@@ -30,6 +30,7 @@ from resp2chat_core import mcp
 from resp2chat_core.errors import GatewayError
 from resp2chat_core import usage  # (the estimate's rule, without a tokenizer)
 from resp2chat_core.routing import Candidate
+from resp2chat_io.relay.upstream import TooLarge
 
 from .base import META, fails_closed, json_response, log, refusal, request_id
 
@@ -99,6 +100,6 @@ class InputTokens:
             status, answer = await asyncio.wait_for(self.upstreams.relay.client.get(url, headers, _dumps(body).encode()),
                                                     TOKENIZE_SECS)
             return json.loads(answer) if status == 200 else None
-        except (OSError, ValueError, asyncio.TimeoutError, h11.ProtocolError) as exc:
+        except (OSError, ValueError, asyncio.TimeoutError, h11.ProtocolError, TooLarge) as exc:
             log.info(f"resp2chat: input_tokens: {url}: {type(exc).__name__}: {exc}")
             return None

@@ -19,8 +19,9 @@ summary that fails midway (a silence; a cut, which ``_compact`` makes a 502 fail
 too, nothing of it having reached the client.
 
 The tool loop (resp2chat_core/toolloop.py: web search, hosted MCP tools) is decided in the core;
-each round's answer goes through it (``ToolLoop.feed``: a stream; ``ToolLoop.whole``: a backend's
-whole JSON answer, ``stream`` ignored, read as its stream would be), and here its steps run:
+each round's answer goes through it (the call's reader, upstream.py ``Reader``: ``ToolLoop.feed``,
+a stream; ``ToolLoop.whole``, a backend's whole JSON answer, ``stream`` ignored, read as its stream
+would be), and here its steps run:
 ``_run_steps`` runs a round's steps (Brave searches, MCP listings and calls: mcp.py, over one
 session per server for the whole turn: ``mcp.Sessions``) at once, at most
 ``PARALLEL_STEPS``, and tells the client through the channel (``SearchStarted``… ``McpCalled``)
@@ -32,7 +33,7 @@ Server-side compaction (``Exchange.compaction``: compaction.py ``ServerCompactio
 before all that: the summary request (each candidate its own), through the walk as the answer's
 call, read whole and never passed on (``SummaryReader``), its sealed item told to the client
 (``Compacted``: output[0]; a backend's whole JSON answer to it, ``stream`` ignored, is read by
-the same reader: the call's ``whole``); then every candidate's body is the answer round's (the compacted
+the same reader: its ``whole``, as the loop's); then every candidate's body is the answer round's (the compacted
 conversation), and the turn runs as any other, its walk starting from the candidate that wrote
 the summary (the ones before it failed a moment ago; it has just read the head of the prompt
 the answer starts with: its KV cache holds it). The failures of both walks make one error when
@@ -63,7 +64,7 @@ from resp2chat_core.sse import MAX_EVENT
 from resp2chat_core.toolloop import Finish, ToolLoop, Work
 
 from . import mcp as mcp_client
-from .upstream import CallEnd, UpstreamClient, failure
+from .upstream import CallEnd, TooLarge, UpstreamClient, failure
 
 log = logging.getLogger("resp2chat.relay")
 PARALLEL_STEPS = 4  # steps of one round (the model's calls, the prelude's listings) that run at once at most
@@ -285,8 +286,7 @@ async def _rounds(ex: Exchange, client: UpstreamClient, sessions: mcp_client.Ses
         loop = ex.loop = _loop(ex, only.body) if looped else None
         if loop is not None:
             loop.begin(prelude)
-        outcome = await client.call(only, headers, loop.body if loop else only.body, ex.channel,
-                                    loop.feed if loop else None, loop.whole if loop else None)
+        outcome = await client.call(only, headers, loop.body if loop else only.body, ex.channel, loop)
     if loop is None:
         return
     to = ex.answering
@@ -308,7 +308,7 @@ async def _rounds(ex: Exchange, client: UpstreamClient, sessions: mcp_client.Ses
         if end is not None:  # (a call waits for the client's approval)
             ex.channel.data(end.tail)
             return
-        outcome = await client.call(to, headers, loop.body, ex.channel, loop.feed, loop.whole)
+        outcome = await client.call(to, headers, loop.body, ex.channel, loop)
 
 
 async def _compact(ex: Exchange, client: UpstreamClient, headers: list[tuple[bytes, bytes]],
@@ -328,7 +328,7 @@ async def _compact(ex: Exchange, client: UpstreamClient, headers: list[tuple[byt
         reader = plan.reader(ex.max_event)  # (a fresh one for each candidate: nothing of a failed one's)
         # (the summary streams to nobody: the client hears keepalives meanwhile, as while steps run;
         # a backend that ignored ``stream``: its whole JSON is the summary too, never the turn's answer)
-        task = asyncio.ensure_future(client.call(to, headers, plan.summary(i), attempt, reader.feed, reader.body))
+        task = asyncio.ensure_future(client.call(to, headers, plan.summary(i), attempt, reader))
         try:
             await _kept_alive(ex, task, to.keepalive)
         finally:
@@ -342,7 +342,7 @@ async def _compact(ex: Exchange, client: UpstreamClient, headers: list[tuple[byt
         calls.append((i, reader, attempt.failure is not None or not outcome.answered))
         return outcome
 
-    outcome = await _walk(ex, 0, failed, call, summary=True)
+    outcome = await _walk(ex, 0, failed, call, "writing the compaction summary")
     ex.compaction_work = plan.work(calls)  # (a call that failed midway, fallen back from, spent tokens too)
     if outcome is None or ex.channel.closed:
         return False
@@ -463,16 +463,14 @@ async def _first_answer(ex: Exchange, client: UpstreamClient, headers: list[tupl
         loop = ex.loop = _loop(ex, to.body) if looped else None  # (its think tags, its tools)
         if loop is not None:
             loop.begin(prelude)
-        return await client.call(to, headers, loop.body if loop else to.body, attempt, loop.feed if loop else None,
-                                 loop.whole if loop else None)
+        return await client.call(to, headers, loop.body if loop else to.body, attempt, loop)
 
-    outcome = await _walk(ex, start, failed, call)
+    outcome = await _walk(ex, start, failed, call, "before its first byte")
     return outcome or CallEnd.BROKEN, ex.loop
 
 
 async def _walk(ex: Exchange, start: int, failed: list[tuple[str, UpstreamFailed]],
-                call: Callable[[int, Candidate, routing.Attempt], Awaitable[CallEnd]],
-                summary: bool = False) -> CallEnd | None:
+                call: Callable[[int, Candidate, routing.Attempt], Awaitable[CallEnd]], when: str) -> CallEnd | None:
     """The turn's one walk of its candidates, for every backend call that may fall back (the
     summary's, the answer's first round): from ``start`` on, in order, each called through an
     ``Attempt`` (``call(index, candidate, attempt)``), until one answers (routing.py's rule:
@@ -480,7 +478,8 @@ async def _walk(ex: Exchange, start: int, failed: list[tuple[str, UpstreamFailed
     on). The one that answered is committed (``Attempt.release``: its ``Rerouted`` goes before
     anything the caller tells the client next). ``failed``: (name, failure) of the candidates fallen
     back from in this turn, this walk's added: when the last fails too, one failure names them
-    all, with the shortest Retry-After (``routing.all_failed``). Returns the outcome of the one
+    all, with the shortest Retry-After (``routing.all_failed``). ``when``: the log's words for
+    when a candidate fallen back from failed ("before its first byte"). Returns the outcome of the one
     that answered (``ex.answered``: its index); None: the turn failed (its failure is in the
     channel)."""
     last = len(ex.candidates) - 1
@@ -496,7 +495,6 @@ async def _walk(ex: Exchange, start: int, failed: list[tuple[str, UpstreamFailed
         if routing.falls_back(failure) and i < last:
             failed.append((to.name, failure))
             ex.skipped.append((to.name, failure.status))
-            when = "writing the compaction summary" if summary else "before its first byte"
             log.warning(f"resp2chat: upstream {to.name} failed {when} (HTTP {failure.status}): "
                         f"trying {ex.candidates[i + 1].name} for model {ex.model!r}")
             continue
@@ -511,6 +509,6 @@ async def _brave(client: UpstreamClient, s: SearchSettings, query: str) -> tuple
     url, headers = websearch.brave_request(s.brave_base_url, s.brave_api_key, query, s.brave_max_results)
     try:
         status, body = await client.get(url, headers)
-    except (OSError, asyncio.TimeoutError, h11.ProtocolError) as exc:
+    except (OSError, asyncio.TimeoutError, h11.ProtocolError, TooLarge) as exc:
         return f"Web search failed: {type(exc).__name__}: {exc}", []
     return websearch.read_brave(query, status, body, s.brave_max_results, s.brave_api_key)

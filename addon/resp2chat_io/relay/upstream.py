@@ -2,9 +2,13 @@
 
 ``UpstreamClient.call`` sends one chat request and hands what comes back to a turn's
 ``Channel`` (resp2chat_core/channel.py): the body of a 200 stream as data, everything else as
-typed events (``UpstreamFailed``, ``UpstreamJSON``, ``Keepalive``); a 200 JSON body (a backend
-that ignored ``stream``) goes through the caller's ``whole`` first when it has one (the tool
-loop's: its stream form goes on as data; the compaction summary's reader: nothing goes on). It returns a ``CallEnd``.
+typed events (``UpstreamFailed``, ``UpstreamJSON``, ``Keepalive``). A call may have a ``Reader``
+between the backend and the channel (the tool loop's round, resp2chat_core/toolloop.py
+``ToolLoop``; the compaction summary's, compaction.py ``SummaryReader``): a 200 stream's bytes go
+through its ``feed``, a 200 JSON body (a backend that ignored ``stream``) through its ``whole``
+(the loop's: its stream form goes on as data; the summary's: nothing goes on), read whole first
+up to ``max_answer`` (an answer's bound: ``MAX_ANSWER``; an error body only up to
+``MAX_ERROR_BODY``). It returns a ``CallEnd``.
 
 The one deadline rule (``_Watch``): from the moment the request is sent, a backend that sends
 nothing for ``idle_timeout`` seconds fails the turn (``UpstreamFailed`` 504, code ``upstream_timeout``), before its answer
@@ -34,7 +38,7 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import h11
@@ -43,17 +47,36 @@ from resp2chat_core.routing import Candidate
 from resp2chat_core.channel import Channel, Keepalive, UpstreamFailed, UpstreamJSON
 from resp2chat_core.chunked import ChunkedDecoder, ChunkedError
 from resp2chat_core.limits import backend_retry_after
-from resp2chat_core.sse import Progress
+from resp2chat_core.sse import MAX_EVENT, Progress
+from resp2chat_core.translator import OUTPUT_EVENTS, OUTPUT_TOO_LARGE
 
 from .. import offload
 from .constants import READ
 
-MAX_ERROR_BODY = 1 << 20  # an error or JSON body is kept up to this much; the rest is not read
+MAX_ERROR_BODY = 1 << 20  # an error body is kept up to this much; the rest is not read
+# A 200 JSON body (a whole answer: ``stream`` ignored; a model list, a tokenizer's count) is read
+# whole up to ``UpstreamClient.max_answer``: the bound of an answer's output however it comes,
+# OUTPUT_EVENTS × max_upstream_event_mb (32 MiB by default; translator.py, which holds a streamed
+# answer's output up to as much). Past it the call fails (``upstream_output_too_large``) and the
+# rest is not read: never a body cut and read as if whole.
+MAX_ANSWER = OUTPUT_EVENTS * MAX_EVENT
 FULL = 1 << 20  # backend bytes waiting in a channel before the relay stops reading the backend
 DEFERRED = 16 << 10  # a deferred stream (_BodyPump.defer) wakes the loop only past this many bytes queued
 READ_AT_ONCE = 256 << 10  # what a drain reads at most (asyncio's own read size)
 _HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"host",
                   b"proxy-connection", b"te", b"upgrade", b"trailer"})
+
+
+class Reader(Protocol):
+    """What a call's answer goes through before its channel (``UpstreamClient.call``)."""
+
+    def feed(self, data: bytes) -> bytes | None:
+        """A piece of a 200 stream -> what the channel gets of it; None: read no more of it (the
+        reader refused the stream: its caller reports why)."""
+
+    def whole(self, body: bytes) -> bytes | None:
+        """A 200 JSON body (``stream`` ignored) -> what the channel gets of it, as data; None: it
+        is no answer the reader reads (an error, garbage): it goes on whole (``UpstreamJSON``)."""
 
 
 class CallEnd(enum.Enum):
@@ -198,12 +221,17 @@ class _Watch:
         return True
 
 
+class TooLarge(Exception):
+    """A 200 body past ``UpstreamClient.max_answer`` (``get``): not read whole, not returned."""
+
+
 class UpstreamClient:
     def __init__(self) -> None:
         self.connect_timeout: float | None = 10.0
         self.idle_timeout = 60.0  # float("inf"): no limit
         self.keepalive = 15.0
         self.verify_tls = True
+        self.max_answer = MAX_ANSWER  # bytes of a 200 JSON body read at most (OUTPUT_EVENTS × max_upstream_event_mb)
         self._pool: dict[tuple, list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
 
     def close(self) -> None:
@@ -217,24 +245,23 @@ class UpstreamClient:
         return sum(len(c) for c in self._pool.values())
 
     async def call(self, to: Candidate, headers: list[tuple[bytes, bytes]], body: bytes, channel: Channel,
-                   transform: Callable[[bytes], bytes] | None = None,
-                   whole: Callable[[bytes], bytes | None] | None = None) -> CallEnd:
+                   reader: Reader | None = None) -> CallEnd:
         """POST ``body`` to the candidate ``to`` (its URL; its own headers and Authorization
-        after ``headers``; its timeouts); the answer goes to ``channel`` (a 200 stream's bytes
-        through ``transform`` first; a 200 JSON body through ``whole``, its bytes then going on
-        as data, or as an ``UpstreamJSON`` where it returns None or there is none). Never
-        raises for backend trouble: it is reported.
+        after ``headers``; its timeouts); the answer goes to ``channel`` (with a ``reader``: a
+        200 stream's bytes through ``reader.feed`` first; a 200 JSON body through
+        ``reader.whole``, its bytes then going on as data, or as an ``UpstreamJSON`` where it
+        returns None or there is no reader). Never raises for backend trouble: it is reported.
 
         The call stops reading the backend (and closes its connection) when the consumer is done
-        with the turn (``channel.closed``) and more of the body comes, or when ``transform``
+        with the turn (``channel.closed``) and more of the body comes, or when ``reader.feed``
         returns None (it refused the stream: the caller reports why)."""
         target = BackendUrl(to.url)
         headers = [*headers, *to.headers] + ([(b"authorization", to.authorization)] if to.authorization else [])
         for attempt in (1, 2):
             try:
                 # a second attempt (the pooled connection was stale) takes a fresh connection
-                reader, writer, pooled = await self._connect(target.key, pooled=attempt == 1,
-                                                             timeout=to.connect_timeout)
+                up_reader, up_writer, pooled = await self._connect(target.key, pooled=attempt == 1,
+                                                                   timeout=to.connect_timeout)
             except (OSError, asyncio.TimeoutError) as exc:
                 reason = f"timed out after {to.connect_timeout:g} s" if isinstance(exc, asyncio.TimeoutError) \
                     else (exc.strerror or str(exc))
@@ -243,8 +270,8 @@ class UpstreamClient:
                 return CallEnd.BROKEN
             outcome, heard = CallEnd.BROKEN, [False]
             try:
-                outcome = await self._roundtrip(target, headers, body, reader, writer, channel, transform, whole,
-                                               heard, _Watch(to.idle_timeout, to.keepalive, channel, to.data_timeout))
+                outcome = await self._roundtrip(target, headers, body, up_reader, up_writer, channel, reader, heard,
+                                                _Watch(to.idle_timeout, to.keepalive, channel, to.data_timeout))
             except (OSError, h11.ProtocolError) as exc:
                 if pooled and not heard[0]:
                     outcome = CallEnd.STALE
@@ -254,17 +281,18 @@ class UpstreamClient:
                         channel.event(failure(502, f"the upstream connection failed: {exc}", "upstream_unavailable"))
             finally:
                 if outcome is CallEnd.REUSABLE:
-                    self._pool.setdefault(target.key, []).append((reader, writer))
+                    self._pool.setdefault(target.key, []).append((up_reader, up_writer))
                 else:
-                    writer.close()
+                    up_writer.close()
             if outcome is not CallEnd.STALE:
                 return outcome
         return CallEnd.BROKEN  # not reached: a fresh connection is never stale
 
     async def get(self, url: str, headers: list[tuple[bytes, bytes]], body: bytes | None = None) -> tuple[int, bytes]:
         """A plain GET (with ``body``: a POST of it) on a fresh connection (web search, a
-        backend's model list or tokenizer), whole body (up to ``MAX_ERROR_BODY``), bounded by
-        idle_timeout."""
+        backend's model list or tokenizer), whole body (a 200's up to ``max_answer``, else
+        ``TooLarge``: a model list of hundreds of models, the token ids of a long prompt pass 1 MiB;
+        an error's up to ``MAX_ERROR_BODY``), bounded by idle_timeout."""
         target = BackendUrl(url)
         reader, writer, _ = await self._connect(target.key, pooled=False)
         try:
@@ -286,8 +314,10 @@ class UpstreamClient:
                 elif isinstance(event, h11.Response):
                     status = event.status_code
                 elif isinstance(event, h11.Data):
-                    data += event.data[:MAX_ERROR_BODY - len(data)]
-                    if len(data) >= MAX_ERROR_BODY:  # the rest is not read (the connection is closed)
+                    if status == 200 and len(data) + len(event.data) > self.max_answer:
+                        raise TooLarge(f"the answer is larger than {self.max_answer / (1 << 20):g} MiB")
+                    data += event.data[:MAX_ERROR_BODY - len(data)] if status != 200 else event.data
+                    if status != 200 and len(data) >= MAX_ERROR_BODY:  # the rest is not read (closed)
                         return status, bytes(data)
                 elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
                     return status, bytes(data)
@@ -318,8 +348,8 @@ class UpstreamClient:
     # --- one request and its answer ------------------------------------------------------------
 
     async def _roundtrip(self, target: BackendUrl, headers, body: bytes, up_reader: asyncio.StreamReader,
-                        up_writer: asyncio.StreamWriter, channel: Channel, transform, whole, heard: list[bool],
-                        watch: _Watch) -> CallEnd:
+                        up_writer: asyncio.StreamWriter, channel: Channel, reader: Reader | None,
+                        heard: list[bool], watch: _Watch) -> CallEnd:
         client = h11.Connection(h11.CLIENT)
         parts = target.parts
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -353,12 +383,12 @@ class UpstreamClient:
 
         def put(data: bytes) -> bool:
             """A 200 stream's bytes to the channel; False: read no more of it (the turn is over,
-            or ``transform`` refused the stream)."""
+            or the reader refused the stream)."""
             if channel.closed:
                 return False
             if not (data := watch.heard(data)):
                 return True  # (comments before the first data: no answer yet)
-            if transform is not None and (data := transform(data)) is None:
+            if reader is not None and (data := reader.feed(data)) is None:
                 return False
             channel.data(data)
             return True
@@ -371,7 +401,12 @@ class UpstreamClient:
             keep = event.http_version == b"1.1" and b"close" not in hdrs.get(b"connection", b"").lower()
             return await self._pump(up_reader, up_writer, client.trailing_data[0], put, channel, watch, keep)
 
-        held = bytearray()  # an error or JSON body, kept to be reported whole (up to MAX_ERROR_BODY)
+        # an error body, kept to be reported (up to MAX_ERROR_BODY), or a 200 JSON body, read whole
+        # (up to max_answer: past it, one declared so or one that grows so, the call fails)
+        held = bytearray()
+        declared = hdrs.get(b"content-length", b"")
+        if not stream and status == 200 and declared.isdigit() and int(declared) > self.max_answer:
+            return _too_large(channel, self.max_answer)
         while True:
             event = await next_event()
             if event is None:
@@ -382,21 +417,27 @@ class UpstreamClient:
                         return CallEnd.BROKEN
                     if channel.size > FULL:
                         await _taken(channel, watch)  # a slow client: push back on the backend
+                elif status == 200:
+                    if len(held) + len(event.data) > self.max_answer:
+                        return _too_large(channel, self.max_answer)  # (the rest is not read)
+                    held += event.data
                 else:
                     held += event.data[:MAX_ERROR_BODY - len(held)]
                     if len(held) >= MAX_ERROR_BODY:
                         break  # the rest is not read: nothing more of it would be kept
             elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
                 break
-        # (a 200 body all of which came: not cut, not cut off at MAX_ERROR_BODY)
+        # (a 200 body all of which came: not cut)
         whole_body = status == 200 and isinstance(event, h11.EndOfMessage)
+        got = bytes(held)
+        del held  # (one copy of a body of up to max_answer held, not two)
         if status != 200:
             wait = backend_retry_after(retry_after.decode("latin-1") if retry_after else None, time.time())
-            channel.event(UpstreamFailed(status, bytes(held), wait))
+            channel.event(UpstreamFailed(status, got, wait))
         elif not stream:
-            data = whole(bytes(held)) if whole is not None else None
+            data = reader.whole(got) if reader is not None else None
             if data is None:
-                channel.event(UpstreamJSON(bytes(held)))
+                channel.event(UpstreamJSON(got))
             else:
                 channel.data(data)
         done = client.our_state is h11.DONE and client.their_state is h11.DONE
@@ -427,6 +468,15 @@ class UpstreamClient:
                 channel.reads = None
             transport.set_protocol(original)
             pump.close()
+
+
+def _too_large(channel: Channel, limit: int) -> CallEnd:
+    """A 200 JSON body past ``limit`` (``max_answer``): the call fails, its connection closed.
+    Before anything of it went on (a fallback upstream may answer instead: routing.py's rule)."""
+    channel.event(failure(502, f"the upstream answered with one JSON body (stream ignored) larger than "
+                               f"{limit / (1 << 20):g} MiB ({OUTPUT_EVENTS} × max_upstream_event_mb): the "
+                               "upstream request was dropped", "upstream_error", OUTPUT_TOO_LARGE))
+    return CallEnd.BROKEN
 
 
 async def _taken(channel: Channel, watch: _Watch) -> None:
