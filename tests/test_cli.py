@@ -42,6 +42,27 @@ def test_configure_interactive_reads_real_stdin(tmp_path, upstream):
     assert yaml.safe_load(path.read_text()) == saved
 
 
+
+def test_configure_interactive_keeps_what_the_file_says(tmp_path):
+    """Enter at every question keeps the file's upstream: `demo` stays the demo (not the
+    default URL, which would stop the demo), and a file with `upstreams` gets no
+    `upstream_base_url` beside them (the gateway refuses to start with both)."""
+    path = config_file(tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_text("upstream_base_url: demo\n")
+    out = run_cli(tmp_path, "configure", stdin="\n\n\n\n")
+    assert out.returncode == 0, out.stderr
+    assert "Chat Completions base URL [demo]:" in out.stdout
+    assert yaml.safe_load(path.read_text()) == {"upstream_base_url": "demo"}
+
+    upstreams = [{"name": "fleet", "base_url": "http://127.0.0.1:9/v1", "models": ["*"]}]
+    path.write_text(yaml.safe_dump({"upstreams": upstreams}))
+    out = run_cli(tmp_path, "configure", stdin="\n\n\n\n")
+    assert out.returncode == 0, out.stderr
+    assert "Chat Completions base URL" not in out.stdout and "upstreams" in out.stdout
+    assert "no model list from http://127.0.0.1:9/v1/models: nothing answers there" in out.stdout
+    assert yaml.safe_load(path.read_text()) == {"upstreams": upstreams}
+
 def test_configure_non_interactive_and_typed_values(tmp_path):
     out = run_cli(tmp_path, "configure", "-y", "--upstream-base-url", "https://llm.example/api/v1",
                   "--set", 'model_map={"gpt-5": "qwen3"}', "--set", "tool_denylist=web_search,view_image",

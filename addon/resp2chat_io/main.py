@@ -89,19 +89,29 @@ def cmd_configure(args) -> int:
         for name, raw in given.items():
             values[name] = S.parse(S.BY_NAME[name], raw, "command line")
         if interactive:
-            values["upstream_base_url"] = _ask("Chat Completions base URL", S.first_upstream(values))
-            S.validate("upstream_base_url", values["upstream_base_url"])
-            key = _ask("Upstream API key (empty for none)", "[keep]" if values["upstream_api_key"] else "")
-            if key != "[keep]":
-                values["upstream_api_key"] = key
-            models = list_models(values["upstream_base_url"], values["upstream_api_key"])
+            entries = values["upstreams"] if not values["upstream_base_url"] else []
+            if entries:  # an upstream_base_url beside them would stop the gateway: the file keeps them
+                names = ", ".join(str(e.get("name") or e.get("base_url")) for e in entries)
+                print(f"(upstreams: {names}; edit {path} to change them)")
+                url, api_key = S.first_upstream(values), entries[0].get("api_key") or ""
+            else:  # the file's value is the answer Enter keeps (`demo` too), else the default
+                url = values["upstream_base_url"] = _ask("Chat Completions base URL",
+                                                         values["upstream_base_url"] or S.DEFAULT_UPSTREAM)
+                S.validate("upstream_base_url", url)
+                key = _ask("Upstream API key (empty for none)", "[keep]" if values["upstream_api_key"] else "")
+                if key != "[keep]":
+                    values["upstream_api_key"] = key
+                api_key = values["upstream_api_key"]
+            models = [] if url == "demo" else list_models(url, api_key)
             if models:
                 print("Models offered by the upstream:")
                 for i, m in enumerate(models, 1):
                     window = context_window(m)
                     print(f"  {i}. {m['id']}" + (f"  (context {window})" if window else ""))
+            elif url == "demo":
+                print("(the bundled demo upstream serves demo-model)")
             else:
-                print("(the upstream did not list models at /models; type a name)")
+                print(f"(no model list from {url.rstrip('/')}/models: nothing answers there, or it lists none; type a name)")
             choice = _ask("Model to use", values["upstream_model"] or (models[0]["id"] if models else ""))
             if choice.isdigit() and models and 1 <= int(choice) <= len(models):
                 choice = models[int(choice) - 1]["id"]
