@@ -348,6 +348,22 @@ def test_print_config_is_valid_codex_toml_with_context_window(tmp_path, upstream
     assert keyed["model_providers"]["resp2chat"]["env_key"] == "RESP2CHAT_GATEWAY_API_KEY"
 
 
+
+def test_print_config_says_when_it_does_not_know_the_model(tmp_path, upstream):
+    """A backend that is down (or lists no models) leaves print-config only a placeholder model
+    name: it says so, naming where it asked, instead of handing Codex `demo-model` in silence."""
+    run_cli(tmp_path, "configure", "-y", "--upstream-base-url", "http://127.0.0.1:9/v1")
+    out = run_cli(tmp_path, "print-config")
+    assert out.returncode == 0, out.stderr
+    assert tomllib.loads(out.stdout)["model"] == "demo-model"
+    assert "no model list from http://127.0.0.1:9/v1/models" in out.stderr and "upstream_model" in out.stderr
+    assert "--offline" in run_cli(tmp_path, "print-config", "--offline").stderr
+    # a model it knows, from the upstream or upstream_model, and the demo's own: nothing to say
+    for env in ({"RESP2CHAT_UPSTREAM_BASE_URL": upstream.base_url}, {"RESP2CHAT_UPSTREAM_MODEL": "qwen3-coder"},
+                {"RESP2CHAT_UPSTREAM_BASE_URL": "demo"}):
+        quiet = run_cli(tmp_path, "print-config", **env)
+        assert quiet.returncode == 0 and "model" not in quiet.stderr, (env, quiet.stderr)
+
 @pytest.mark.codex
 def test_print_config_drives_real_codex(tmp_path, upstream, codex_bin):
     gw = start_gateway(upstream.origin, tmp_path, env=cli_env(tmp_path))

@@ -534,6 +534,14 @@ def selected_model(values: dict, models: list[dict]) -> str:
 def cmd_print_config(args) -> int:
     values, _, _ = _settings()
     models = [] if args.offline else list_models(S.first_upstream(values), values["upstream_api_key"])
+    configured = values["upstreams"] or values["upstream_base_url"] not in ("", "demo")
+    if not models and not values["upstream_model"] and configured:
+        # no name from the backend nor the settings: the demo's (right only for a gateway running the demo)
+        asked = ("--offline: no model list asked" if args.offline else
+                 f"no model list from {S.first_upstream(values).rstrip('/')}/models "
+                 "(nothing answers there, or it lists none)")
+        print(f"resp2chat: {asked}: the config names model \"{selected_model(values, models)}\", a placeholder: "
+              "put your backend's model name there, or set upstream_model (resp2chat configure)", file=sys.stderr)
     catalog = None
     if args.catalog:
         codex_bin = args.codex or shutil.which("codex")
