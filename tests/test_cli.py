@@ -63,6 +63,22 @@ def test_configure_interactive_keeps_what_the_file_says(tmp_path):
     assert "no model list from http://127.0.0.1:9/v1/models: nothing answers there" in out.stdout
     assert yaml.safe_load(path.read_text()) == {"upstreams": upstreams}
 
+
+def test_a_misspelled_setting_in_the_file_is_named_not_shown(tmp_path, upstream):
+    """A setting the file misspells may be a secret (`upstream_api_ky: sk-…`): start-up and the
+    CLI name it and the setting meant, never its value (as for a misspelled `--set`)."""
+    path = config_file(tmp_path)
+    path.parent.mkdir(parents=True)
+    secret = "sk-typo-secret-5555"
+    path.write_text(f"upstream_api_ky: {secret}\n")
+    mitmdump = subprocess.run([str(MITMDUMP), "-s", str(ADDON), "--mode", f"reverse:{upstream.origin}",
+                               "--listen-port", str(free_port()), "--set", f"confdir={tmp_path / 'conf'}"],
+                              capture_output=True, text=True, timeout=60, env=cli_env(tmp_path), cwd=tmp_path)
+    for out in (mitmdump, run_cli(tmp_path, "start"), run_cli(tmp_path, "print-config", "--offline")):
+        text = out.stdout + out.stderr
+        assert out.returncode != 0 and "upstream_api_ky" in text, text
+        assert "did you mean upstream_api_key?" in text and secret not in text, text
+
 def test_configure_non_interactive_and_typed_values(tmp_path):
     out = run_cli(tmp_path, "configure", "-y", "--upstream-base-url", "https://llm.example/api/v1",
                   "--set", 'model_map={"gpt-5": "qwen3"}', "--set", "tool_denylist=web_search,view_image",
