@@ -348,6 +348,20 @@ def test_start_demo_serves_the_demo_even_with_upstreams_configured(tmp_path):
         _stop(proc)
 
 
+@pytest.mark.parametrize("args", [("keys", "list"), ("print-config", "--offline"), ("usage", "-")])
+def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path, args):
+    """`resp2chat keys list | head -1`: the reader closes the pipe before the command wrote its
+    lines; the command ends quietly (Python's BrokenPipeError traceback was printed before)."""
+    run_cli(tmp_path, "keys", "add", "alice")
+    log = "".join(json.dumps({"time": "2026-03-01T00:00:00Z", "request_id": f"req_{i}", "model": "m", "client": "alice",
+                              "status": "completed", "input_tokens": 1, "output_tokens": 1}) + "\n" for i in range(50))
+    proc = subprocess.Popen([str(RESP2CHAT), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=cli_env(tmp_path), cwd=tmp_path)
+    proc.stdout.close()  # the reader is gone before the first line
+    _, err = proc.communicate(log.encode(), timeout=60)
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
+
+
 # --- print-config ------------------------------------------------------------------------------
 
 

@@ -712,6 +712,9 @@ def main(argv: list[str] | None = None) -> int:
     except PermissionError as exc:  # (a file it may not write: config.write_file says why)
         print(f"resp2chat: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `resp2chat keys list | head`: the reader left, nothing to tell it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no second error at exit's flush)
+        return 1
 
 
 if __name__ == "__main__":
