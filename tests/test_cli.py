@@ -42,6 +42,43 @@ def test_configure_interactive_reads_real_stdin(tmp_path, upstream):
     assert yaml.safe_load(path.read_text()) == saved
 
 
+
+def test_configure_interactive_keeps_what_the_file_says(tmp_path):
+    """Enter at every question keeps the file's upstream: `demo` stays the demo (not the
+    default URL, which would stop the demo), and a file with `upstreams` gets no
+    `upstream_base_url` beside them (the gateway refuses to start with both)."""
+    path = config_file(tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_text("upstream_base_url: demo\n")
+    out = run_cli(tmp_path, "configure", stdin="\n\n\n\n")
+    assert out.returncode == 0, out.stderr
+    assert "Chat Completions base URL [demo]:" in out.stdout
+    assert yaml.safe_load(path.read_text()) == {"upstream_base_url": "demo"}
+
+    upstreams = [{"name": "fleet", "base_url": "http://127.0.0.1:9/v1", "models": ["*"]}]
+    path.write_text(yaml.safe_dump({"upstreams": upstreams}))
+    out = run_cli(tmp_path, "configure", stdin="\n\n\n\n")
+    assert out.returncode == 0, out.stderr
+    assert "Chat Completions base URL" not in out.stdout and "upstreams" in out.stdout
+    assert "no model list from http://127.0.0.1:9/v1/models: nothing answers there" in out.stdout
+    assert yaml.safe_load(path.read_text()) == {"upstreams": upstreams}
+
+
+def test_a_misspelled_setting_in_the_file_is_named_not_shown(tmp_path, upstream):
+    """A setting the file misspells may be a secret (`upstream_api_ky: sk-…`): start-up and the
+    CLI name it and the setting meant, never its value (as for a misspelled `--set`)."""
+    path = config_file(tmp_path)
+    path.parent.mkdir(parents=True)
+    secret = "sk-typo-secret-5555"
+    path.write_text(f"upstream_api_ky: {secret}\n")
+    mitmdump = subprocess.run([str(MITMDUMP), "-s", str(ADDON), "--mode", f"reverse:{upstream.origin}",
+                               "--listen-port", str(free_port()), "--set", f"confdir={tmp_path / 'conf'}"],
+                              capture_output=True, text=True, timeout=60, env=cli_env(tmp_path), cwd=tmp_path)
+    for out in (mitmdump, run_cli(tmp_path, "start"), run_cli(tmp_path, "print-config", "--offline")):
+        text = out.stdout + out.stderr
+        assert out.returncode != 0 and "upstream_api_ky" in text, text
+        assert "did you mean upstream_api_key?" in text and secret not in text, text
+
 def test_configure_non_interactive_and_typed_values(tmp_path):
     out = run_cli(tmp_path, "configure", "-y", "--upstream-base-url", "https://llm.example/api/v1",
                   "--set", 'model_map={"gpt-5": "qwen3"}', "--set", "tool_denylist=web_search,view_image",
@@ -311,6 +348,20 @@ def test_start_demo_serves_the_demo_even_with_upstreams_configured(tmp_path):
         _stop(proc)
 
 
+@pytest.mark.parametrize("args", [("keys", "list"), ("print-config", "--offline"), ("usage", "-")])
+def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path, args):
+    """`resp2chat keys list | head -1`: the reader closes the pipe before the command wrote its
+    lines; the command ends quietly (Python's BrokenPipeError traceback was printed before)."""
+    run_cli(tmp_path, "keys", "add", "alice")
+    log = "".join(json.dumps({"time": "2026-03-01T00:00:00Z", "request_id": f"req_{i}", "model": "m", "client": "alice",
+                              "status": "completed", "input_tokens": 1, "output_tokens": 1}) + "\n" for i in range(50))
+    proc = subprocess.Popen([str(RESP2CHAT), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=cli_env(tmp_path), cwd=tmp_path)
+    proc.stdout.close()  # the reader is gone before the first line
+    _, err = proc.communicate(log.encode(), timeout=60)
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
+
+
 # --- print-config ------------------------------------------------------------------------------
 
 
@@ -326,6 +377,22 @@ def test_print_config_is_valid_codex_toml_with_context_window(tmp_path, upstream
     keyed = tomllib.loads(run_cli(tmp_path, "print-config", "--offline", RESP2CHAT_GATEWAY_API_KEY="gw").stdout)
     assert keyed["model_providers"]["resp2chat"]["env_key"] == "RESP2CHAT_GATEWAY_API_KEY"
 
+
+
+def test_print_config_says_when_it_does_not_know_the_model(tmp_path, upstream):
+    """A backend that is down (or lists no models) leaves print-config only a placeholder model
+    name: it says so, naming where it asked, instead of handing Codex `demo-model` in silence."""
+    run_cli(tmp_path, "configure", "-y", "--upstream-base-url", "http://127.0.0.1:9/v1")
+    out = run_cli(tmp_path, "print-config")
+    assert out.returncode == 0, out.stderr
+    assert tomllib.loads(out.stdout)["model"] == "demo-model"
+    assert "no model list from http://127.0.0.1:9/v1/models" in out.stderr and "upstream_model" in out.stderr
+    assert "--offline" in run_cli(tmp_path, "print-config", "--offline").stderr
+    # a model it knows, from the upstream or upstream_model, and the demo's own: nothing to say
+    for env in ({"RESP2CHAT_UPSTREAM_BASE_URL": upstream.base_url}, {"RESP2CHAT_UPSTREAM_MODEL": "qwen3-coder"},
+                {"RESP2CHAT_UPSTREAM_BASE_URL": "demo"}):
+        quiet = run_cli(tmp_path, "print-config", **env)
+        assert quiet.returncode == 0 and "model" not in quiet.stderr, (env, quiet.stderr)
 
 @pytest.mark.codex
 def test_print_config_drives_real_codex(tmp_path, upstream, codex_bin):

@@ -19,6 +19,7 @@ that is still read in all three places, with a deprecation note.
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from dataclasses import dataclass
@@ -319,8 +320,10 @@ def resolve(file_values: Mapping[str, Any], env: Mapping[str, str]) -> tuple[dic
     """Defaults < file < environment. Returns (values, where each value came from). An old
     name (``Field.aliases``) counts as its field's name, below the new name in each layer."""
     unknown = sorted(set(file_values) - set(BY_NAME) - set(ALIASES))
-    if unknown:
-        raise SettingsError(unknown[0], file_values[unknown[0]], f"unknown setting (known: {', '.join(BY_NAME)})", "config file")
+    if unknown:  # its value unsaid: a misspelled name may hold a secret (`upstream_api_ky: sk-…`)
+        near = difflib.get_close_matches(str(unknown[0]), BY_NAME, 1)
+        raise SettingsError(unknown[0], "[hidden]", "unknown setting " + (f"(did you mean {near[0]}?)" if near else
+                                                                         f"(known: {', '.join(BY_NAME)})"), "config file")
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for f in FIELDS:

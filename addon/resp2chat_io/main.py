@@ -89,19 +89,29 @@ def cmd_configure(args) -> int:
         for name, raw in given.items():
             values[name] = S.parse(S.BY_NAME[name], raw, "command line")
         if interactive:
-            values["upstream_base_url"] = _ask("Chat Completions base URL", S.first_upstream(values))
-            S.validate("upstream_base_url", values["upstream_base_url"])
-            key = _ask("Upstream API key (empty for none)", "[keep]" if values["upstream_api_key"] else "")
-            if key != "[keep]":
-                values["upstream_api_key"] = key
-            models = list_models(values["upstream_base_url"], values["upstream_api_key"])
+            entries = values["upstreams"] if not values["upstream_base_url"] else []
+            if entries:  # an upstream_base_url beside them would stop the gateway: the file keeps them
+                names = ", ".join(str(e.get("name") or e.get("base_url")) for e in entries)
+                print(f"(upstreams: {names}; edit {path} to change them)")
+                url, api_key = S.first_upstream(values), entries[0].get("api_key") or ""
+            else:  # the file's value is the answer Enter keeps (`demo` too), else the default
+                url = values["upstream_base_url"] = _ask("Chat Completions base URL",
+                                                         values["upstream_base_url"] or S.DEFAULT_UPSTREAM)
+                S.validate("upstream_base_url", url)
+                key = _ask("Upstream API key (empty for none)", "[keep]" if values["upstream_api_key"] else "")
+                if key != "[keep]":
+                    values["upstream_api_key"] = key
+                api_key = values["upstream_api_key"]
+            models = [] if url == "demo" else list_models(url, api_key)
             if models:
                 print("Models offered by the upstream:")
                 for i, m in enumerate(models, 1):
                     window = context_window(m)
                     print(f"  {i}. {m['id']}" + (f"  (context {window})" if window else ""))
+            elif url == "demo":
+                print("(the bundled demo upstream serves demo-model)")
             else:
-                print("(the upstream did not list models at /models; type a name)")
+                print(f"(no model list from {url.rstrip('/')}/models: nothing answers there, or it lists none; type a name)")
             choice = _ask("Model to use", values["upstream_model"] or (models[0]["id"] if models else ""))
             if choice.isdigit() and models and 1 <= int(choice) <= len(models):
                 choice = models[int(choice) - 1]["id"]
@@ -524,6 +534,14 @@ def selected_model(values: dict, models: list[dict]) -> str:
 def cmd_print_config(args) -> int:
     values, _, _ = _settings()
     models = [] if args.offline else list_models(S.first_upstream(values), values["upstream_api_key"])
+    configured = values["upstreams"] or values["upstream_base_url"] not in ("", "demo")
+    if not models and not values["upstream_model"] and configured:
+        # no name from the backend nor the settings: the demo's (right only for a gateway running the demo)
+        asked = ("--offline: no model list asked" if args.offline else
+                 f"no model list from {S.first_upstream(values).rstrip('/')}/models "
+                 "(nothing answers there, or it lists none)")
+        print(f"resp2chat: {asked}: the config names model \"{selected_model(values, models)}\", a placeholder: "
+              "put your backend's model name there, or set upstream_model (resp2chat configure)", file=sys.stderr)
     catalog = None
     if args.catalog:
         codex_bin = args.codex or shutil.which("codex")
@@ -693,6 +711,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except PermissionError as exc:  # (a file it may not write: config.write_file says why)
         print(f"resp2chat: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `resp2chat keys list | head`: the reader left, nothing to tell it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no second error at exit's flush)
         return 1
 
 
