@@ -6,7 +6,7 @@ SHELL := /bin/bash
 VENV      := .venv
 PY        := $(VENV)/bin/python
 TOOLS     := .tools
-CODEX_VER := 0.169.0
+CODEX_VER := 0.171.0
 CODEX     := $(TOOLS)/codex-$(CODEX_VER)/node_modules/.bin/codex
 # the Vercel AI SDK, a third-party Responses client the tests drive (tests/test_client_libraries.py), with
 # its two Responses providers: @ai-sdk/openai, and @ai-sdk/open-responses (1.x pairs with ai 6)

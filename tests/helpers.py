@@ -1141,7 +1141,7 @@ def codex_bin_path() -> str | None:
     env = os.environ.get("CODEX_BIN")
     if env:
         return env
-    local = ROOT / ".tools" / "codex-0.169.0" / "node_modules" / ".bin" / "codex"
+    local = ROOT / ".tools" / "codex-0.171.0" / "node_modules" / ".bin" / "codex"
     return str(local) if local.exists() else shutil.which("codex")
 
 

@@ -2,11 +2,12 @@
 
     python tests/recordings.py recordings/
 
-Each scenario runs Codex CLI 0.169.0 headless against a fresh `mitmdump -s addon/resp2chat.py -w
-FILE` in front of the scripted upstream: on a custom provider, or on Codex's built-in provider
-(`openai_base_url`: the WebSocket transport, remote compaction). Codex runs in a fixed working directory
-(`WORKDIR`), because its requests carry the cwd: replaying a recording with real Codex needs the
-same path (and date) to produce byte-identical requests.
+Each scenario runs the pinned Codex CLI (the Makefile's CODEX_VER; recordings/ holds 0.169.0's)
+headless against a fresh `mitmdump -s addon/resp2chat.py -w FILE` in front of the scripted
+upstream: on a custom provider, or on Codex's built-in provider (`openai_base_url`: the WebSocket
+transport, remote compaction). Codex runs in a fixed working directory (`WORKDIR`), because its
+requests carry the cwd: replaying a recording with real Codex needs the same path (and date) to
+produce byte-identical requests.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""The real Codex CLI 0.169.0 on its built-in provider (``openai_base_url``), and on a custom
-provider with ``supports_websockets = true``, through a real mitmdump: the Responses WebSocket
-transport, remote compaction, and the refusal when the transport is off."""
+"""The real Codex CLI (the Makefile's CODEX_VER) on its built-in provider (``openai_base_url``),
+and on a custom provider with ``supports_websockets = true``, through a real mitmdump: the
+Responses WebSocket transport, remote compaction, and the refusal when the transport is off."""
 
 from __future__ import annotations
 

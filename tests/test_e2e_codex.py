@@ -1,4 +1,5 @@
-"""End to end: the real Codex CLI 0.169.0 -> real mitmdump + addon -> the scripted chat upstream.
+"""End to end: the real Codex CLI (the Makefile's CODEX_VER) -> real mitmdump + addon -> the
+scripted chat upstream.
 
 Each test runs `codex exec` headless (see helpers.Codex) and checks both what a user sees
 (Codex's stdout/stderr, files in the workdir) and what the chat backend received.
