@@ -63,14 +63,14 @@ venv: $(VENV)/.stamp
 $(CODEX):
 	@command -v npm >/dev/null || { echo "error: npm is needed to install Codex CLI"; exit 1; }
 	mkdir -p $(TOOLS)/codex-$(CODEX_VER)
-	cd $(TOOLS)/codex-$(CODEX_VER) && npm install --no-audit --no-fund --silent @openai/codex@$(CODEX_VER)
+	cd $(TOOLS)/codex-$(CODEX_VER) && npm install --prefix . --no-audit --no-fund --silent @openai/codex@$(CODEX_VER)
 
 codex: $(CODEX)
 
 $(AI_SDK):
 	@command -v npm >/dev/null || { echo "error: npm is needed to install the Vercel AI SDK"; exit 1; }
 	mkdir -p $(AI_SDK_DIR)
-	cd $(AI_SDK_DIR) && npm install --no-audit --no-fund --silent ai@$(AI_SDK_VER) @ai-sdk/openai@3.0.141 \
+	cd $(AI_SDK_DIR) && npm install --prefix . --no-audit --no-fund --silent ai@$(AI_SDK_VER) @ai-sdk/openai@3.0.141 \
 	  @ai-sdk/open-responses@$(OPEN_RESPONSES_VER) zod@3.25.76
 
 ai-sdk: $(AI_SDK)
@@ -78,14 +78,14 @@ ai-sdk: $(AI_SDK)
 $(AGENTS_JS):
 	@command -v npm >/dev/null || { echo "error: npm is needed to install the OpenAI Agents SDK for JavaScript"; exit 1; }
 	mkdir -p $(AGENTS_JS_DIR)
-	cd $(AGENTS_JS_DIR) && npm install --no-audit --no-fund --silent @openai/agents@$(AGENTS_JS_VER) openai@7.60.0 zod@4.6.7
+	cd $(AGENTS_JS_DIR) && npm install --prefix . --no-audit --no-fund --silent @openai/agents@$(AGENTS_JS_VER) openai@7.60.0 zod@4.6.7
 
 agents-js: $(AGENTS_JS)
 
 $(MCP_EVERYTHING):
 	@command -v npm >/dev/null || { echo "error: npm is needed to install the MCP test server"; exit 1; }
 	mkdir -p $(MCP_EVERYTHING_DIR)
-	cd $(MCP_EVERYTHING_DIR) && npm install --no-audit --no-fund --silent @modelcontextprotocol/server-everything@$(MCP_EVERYTHING_VER)
+	cd $(MCP_EVERYTHING_DIR) && npm install --prefix . --no-audit --no-fund --silent @modelcontextprotocol/server-everything@$(MCP_EVERYTHING_VER)
 
 mcp-everything: $(MCP_EVERYTHING)
 

@@ -230,6 +230,41 @@ def test_an_offline_replay_of_a_failed_stream_stores_it_without_its_wait(tmp_pat
         offline.stop()
 
 
+@pytest.mark.parametrize("answer", ["fastapi", "html"])
+def test_a_base_url_without_v1_is_named_in_the_404s_error(tmp_path, answer):
+    """The commonest set-up mistake, a base URL without its ``/v1``: the backend answers the chat
+    request with a 404 (vLLM's FastAPI: ``{"detail": "Not Found"}``; another server: an HTML
+    page). The client's error says where to look (before: "upstream HTTP 404: Not Found", code
+    invalid_prompt, nothing more). A 404 about a model (Ollama's "model not found") is left as
+    it is."""
+
+    class NoV1(QuietHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            if answer == "html":
+                self.send_error(404)
+            else:
+                send_json(self, 404, {"detail": "Not Found"})
+
+    with LocalServer(NoV1) as server:
+        ollama = Refusing(404, 'model "m2" not found, try pulling it first')
+        gw = gateway_with(tmp_path, [{"name": "local", "base_url": server.url, "models": ["m"]},
+                                     {"name": "ollama", "base_url": ollama.base_url, "models": ["m2"]}])
+        try:
+            for stream in (False, True):
+                r = requests.post(gw.base_url + "/responses", json={"model": "m", "input": "hi", "stream": stream},
+                                  timeout=30)
+                error = parse_sse(r.content)[-1]["response"]["error"] if stream else r.json()["error"]
+                assert (r.status_code, error["code"]) == (200 if stream else 400, "invalid_prompt"), r.text
+                assert error["message"].startswith("upstream HTTP 404: ") and (
+                    "is the gateway's upstream base URL right? Most servers want it to end in /v1" in error["message"]), error
+            r = requests.post(gw.base_url + "/responses", json={"model": "m2", "input": "hi"}, timeout=30)
+            assert r.json()["error"]["message"] == 'upstream HTTP 404: model "m2" not found, try pulling it first', r.text
+        finally:
+            gw.stop()
+            ollama.close()
+
+
 def test_models_route_by_glob_and_models_list_merges(tmp_path, demo_pair):
     other = Refusing(500, models=("qwen3-coder", "demo-model", "not-routed"))
     entries = [{"name": "qwen", "base_url": other.base_url, "models": ["qwen*", "demo-*"]},

@@ -166,6 +166,12 @@ def gateway_failure(what: str, request_id: str = "") -> str:
     return f"the gateway failed to {what}" + (f" (request id {request_id})" if request_id else "")
 
 
+# A backend's 404 to the chat request that is not about a model (Ollama's "model not found"): it
+# has no chat completions where the gateway asked, most often a base URL without its /v1.
+NO_SUCH_PATH = ("the backend has no chat completions where the gateway asked: is the gateway's upstream base URL"
+                " right? Most servers want it to end in /v1")
+
+
 def upstream_failure(status: int | None, body: bytes, request_id: str = "",
                      own: bool = False) -> tuple[str, str, str]:
     """An upstream failure as (Responses error code, the client's message, the operator's detail).
@@ -175,6 +181,9 @@ def upstream_failure(status: int | None, body: bytes, request_id: str = "",
     code (relay/upstream.py ``failure``)."""
     message, upstream_code = upstream_error_message(status, body)
     code = classify_upstream_error(status, message, upstream_code)
+    wrong_url = status == 404 and not own and "model" not in message.lower()  # (NO_SUCH_PATH)
+    if wrong_url:
+        message += f" ({NO_SUCH_PATH})"
     if own:
         try:
             error = json.loads(body)["error"]
@@ -183,5 +192,5 @@ def upstream_failure(status: int | None, body: bytes, request_id: str = "",
             said = message
         return code, said + (f" (request id {request_id})" if request_id else ""), message
     if for_operator_only(status, body, upstream_code):
-        return code, withheld(status, request_id), message
+        return code, withheld(status, request_id, NO_SUCH_PATH if wrong_url else "the upstream failed"), message
     return code, message, message
