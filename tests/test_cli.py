@@ -412,6 +412,38 @@ def test_print_config_says_when_it_does_not_know_the_model(tmp_path, upstream):
         assert quiet.returncode == 0 and "model" not in quiet.stderr, (env, quiet.stderr)
 
 @pytest.mark.codex
+class _KeyedModels(QuietHandler):
+    """A backend whose /models answers only its own key."""
+
+    KEY = "sk-fleet-own-key-0123"
+
+    def do_GET(self):
+        ok = self.headers.get("authorization") == f"Bearer {self.KEY}"
+        body = json.dumps({"data": [{"id": "fleet-model", "max_model_len": 32768}]} if ok else
+                          {"error": {"message": "bad key"}}).encode()
+        self.send_response(200 if ok else 401)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_print_config_asks_the_first_upstream_with_its_own_key(tmp_path):
+    """With ``upstreams``, print-config asked the first one for its models with the top-level
+    upstream_api_key (not that entry's, the one the gateway sends): refused, a placeholder model."""
+    with LocalServer(_KeyedModels) as server:
+        config_file(tmp_path).parent.mkdir(parents=True)
+        config_file(tmp_path).write_text(yaml.safe_dump({
+            "upstream_api_key": "sk-top-level-not-the-fleets",
+            "upstreams": [{"name": "fleet", "base_url": server.url + "/v1", "api_key": _KeyedModels.KEY,
+                           "models": ["*"]}]}))
+        out = run_cli(tmp_path, "print-config")
+    assert out.returncode == 0, out.stderr
+    config = tomllib.loads(out.stdout)
+    assert config["model"] == "fleet-model" and config["model_context_window"] == 32768, out.stdout
+    assert "placeholder" not in out.stderr, out.stderr
+
+
 def test_print_config_drives_real_codex(tmp_path, upstream, codex_bin):
     gw = start_gateway(upstream.origin, tmp_path, env=cli_env(tmp_path))
     env = cli_env(tmp_path, RESP2CHAT_UPSTREAM_BASE_URL=upstream.base_url, RESP2CHAT_BIND_ADDR=f"127.0.0.1:{gw.port}")

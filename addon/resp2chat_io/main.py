@@ -56,6 +56,15 @@ def context_window(model: dict) -> int | None:
     return None
 
 
+def first_upstream_key(values: dict) -> str:
+    """The key the gateway sends to ``S.first_upstream``: with ``upstreams`` (and no
+    ``upstream_base_url``), that entry's own ``api_key`` (upstream_api_key is not theirs)."""
+    entries = values["upstreams"] if not values["upstream_base_url"] else []
+    if entries and isinstance(entries[0], dict):
+        return entries[0].get("api_key") or ""
+    return values["upstream_api_key"]
+
+
 # --- configure -------------------------------------------------------------------------------
 
 
@@ -93,7 +102,7 @@ def cmd_configure(args) -> int:
             if entries:  # an upstream_base_url beside them would stop the gateway: the file keeps them
                 names = ", ".join(str(e.get("name") or e.get("base_url")) for e in entries)
                 print(f"(upstreams: {names}; edit {path} to change them)")
-                url, api_key = S.first_upstream(values), entries[0].get("api_key") or ""
+                url, api_key = S.first_upstream(values), first_upstream_key(values)
             else:  # the file's value is the answer Enter keeps (`demo` too), else the default
                 url = values["upstream_base_url"] = _ask("Chat Completions base URL",
                                                          values["upstream_base_url"] or S.DEFAULT_UPSTREAM)
@@ -544,7 +553,7 @@ def selected_model(values: dict, models: list[dict]) -> str:
 
 def cmd_print_config(args) -> int:
     values, _, _ = _settings()
-    models = [] if args.offline else list_models(S.first_upstream(values), values["upstream_api_key"])
+    models = [] if args.offline else list_models(S.first_upstream(values), first_upstream_key(values))
     configured = values["upstreams"] or values["upstream_base_url"] not in ("", "demo")
     if not models and not values["upstream_model"] and configured:
         # no name from the backend nor the settings: the demo's (right only for a gateway running the demo)
