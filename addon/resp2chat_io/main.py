@@ -184,8 +184,8 @@ def cmd_keys_add(args) -> int:
             # (the identity: what the client stores is its, not the name's: owner.py; a name revoked
             # and added again is someone else's)
             entry = {"name": args.name, "id": new_client_id(), "key_sha256": key_sha256(key)}
-            if args.models:
-                entry["models"] = list(args.models)
+            if args.models is not None:  # (an empty glob, `--models ''`, is refused, never read as "all")
+                entry["models"] = [glob.strip() for value in args.models for glob in value.split(",")]
             entry.update({k: getattr(args, k) for k in LIMITS if getattr(args, k) is not None})
             gateway_key = os.environ.get("RESP2CHAT_GATEWAY_API_KEY") or values["gateway_api_key"]
             spec = parse_clients(clients + [entry], gateway_key)[len(clients)]
@@ -664,7 +664,10 @@ def parser() -> argparse.ArgumentParser:
     ka.add_argument("--max-streams", dest="max_streams", type=int, metavar="N", help="such requests open at once at most")
     ka.add_argument("--max-sockets", dest="max_sockets", type=int, metavar="N",
                     help="Responses WebSockets open at once at most (Codex opens one per session; on each replica)")
-    ka.add_argument("--models", nargs="+", metavar="GLOB", help="the model names it may use (globs; default: all)")
+    # (one value, commas between globs, repeatable: a list of values would swallow the name after it)
+    ka.add_argument("--models", action="append", metavar="GLOB[,GLOB…]",
+                    help="the model names it may use: globs, separated by commas, or the option repeated "
+                    "(default: all)")
     ka.set_defaults(func=cmd_keys_add)
     kl = ks.add_parser("list", help="the clients: names, key fingerprints, models, limits (never keys)")
     kl.set_defaults(func=cmd_keys_list)
