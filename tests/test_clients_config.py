@@ -374,11 +374,14 @@ def test_keys_add_refuses_a_taken_or_invalid_name_and_bad_limits(tmp_path):
     assert run_cli(tmp_path, "keys", "add", "alice").returncode == 0
     before = config_file(tmp_path).read_text()
     for args, needle in [(("alice",), "a client named 'alice' exists already"),
-                         (("bob smith",), "clients[1] ('bob smith').name"),
-                         (("bob", "--rpm", "0"), "clients[1] ('bob').rpm: 0 is invalid"),
-                         (("bob", "--models", ""), "clients[1] ('bob').models")]:
+                         # worded for the command typed, not as the config file's clients[1]
+                         (("bob smith",), "invalid client name 'bob smith': expected a name of letters, digits"),
+                         (("bob", "--rpm", "0"), "--rpm 0: expected a whole number > 0"),
+                         (("bob", "--max-streams", "-2"), "--max-streams -2: expected a whole number > 0"),
+                         (("bob", "--models", ""), "--models '': expected a non-empty list")]:
         out = run_cli(tmp_path, "keys", "add", *args)
         assert out.returncode == 2 and needle in out.stderr and out.stdout == "", (args, out.stderr)
+        assert "clients[" not in out.stderr, out.stderr
     assert config_file(tmp_path).read_text() == before  # nothing written, no key printed
     # with gateway_api_key set, "default" is its client
     out = run_cli(tmp_path, "keys", "add", "default", RESP2CHAT_GATEWAY_API_KEY="gw-key-123456")

@@ -190,11 +190,27 @@ def cmd_keys_add(args) -> int:
             gateway_key = os.environ.get("RESP2CHAT_GATEWAY_API_KEY") or values["gateway_api_key"]
             spec = parse_clients(clients + [entry], gateway_key)[len(clients)]
         except S.SettingsError as exc:
-            return _fail(str(exc))
+            return _fail(_as_typed(exc, len(clients)))
         values["clients"] = clients + [entry]
         write_settings(path, values)
     _hand_over(key, f"added client {spec.name!r} to {path}", spec)
     return 0
+
+
+def _as_typed(exc: S.SettingsError, at: int) -> str:
+    """An error in the entry ``keys add`` made (``clients[AT]``), worded for the command the user
+    typed (the name, the option) rather than for the config file's list; any other as it is."""
+    label = f"clients[{at}]"
+    if not exc.field.startswith((label + " ", label + ".")):
+        return str(exc)
+    field = exc.field.rpartition(".")[2]
+    if field == "name":
+        return f"invalid client name {exc.value!r}: {exc.why}"
+    if field == "models" and isinstance(exc.value, list):
+        return f"--models {','.join(map(str, exc.value))!r}: {exc.why}"
+    if field in LIMITS:
+        return f"--{field.replace('_', '-')} {exc.value}: {exc.why}"
+    return str(exc)
 
 
 def _hand_over(key: str, what: str, spec) -> None:
