@@ -146,6 +146,8 @@ def test_invalid_settings_stop_start_up(tmp_path, env, needle):
                           capture_output=True, text=True, timeout=30, env=cli_env(tmp_path, **env), cwd=tmp_path)
     assert proc.returncode != 0
     assert needle in proc.stdout + proc.stderr
+    # one line says why, nothing says it listens (mitmproxy exits right after binding)
+    assert "Traceback" not in proc.stdout + proc.stderr and "listening at" not in proc.stdout + proc.stderr
 
 
 def test_invalid_config_file_stops_start_up(tmp_path):

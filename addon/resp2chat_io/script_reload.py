@@ -47,7 +47,8 @@ error check stopped it. ``install`` replaces that handler (a module global, look
 gateway's own first load calls it) for such an error of the gateway's code: the message alone, one
 error line. mitmproxy's start-up error check then ends the process (exit code 1) as before, right
 after binding its servers and before any addon's ``running``; their "listening at" line, which
-would say otherwise, is left out. Any other script error is logged as mitmproxy logs it (and a
+would say otherwise, is left out after any error the gateway logs before mitmproxy runs (``StartupError``:
+also an invalid value in the environment or the config file, or of a ``--set``). Any other script error is logged as mitmproxy logs it (and a
 value refused while it runs is mitmproxy's to report: the option keeps its old value).
 
 ``install`` refuses a ``Script`` whose ``loadscript``, a ``ScriptLoader`` whose ``configure``, or a
@@ -129,9 +130,20 @@ def script_error(path: str, exc: Exception) -> None:
         _error_handler(path, exc)
         return
     log.error(str(exc))  # (at start-up, an error logged: mitmproxy's error check ends the process, exit 1)
-    loader = ctx.master.addons.get("scriptloader")
-    if loader is not None and not loader.is_running:
-        logging.getLogger("mitmproxy.proxy.mode_servers").addFilter(_not_listening)
+
+
+class StartupError(logging.Handler):
+    """The gateway's errors (its ``resp2chat`` logger): one logged before mitmproxy runs means
+    mitmproxy's start-up error check ends the process once its servers are bound, so their
+    "listening at" line, which would say otherwise, is left out."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        loader = ctx.master.addons.get("scriptloader") if getattr(ctx, "master", None) else None
+        if loader is not None and not loader.is_running:
+            logging.getLogger("mitmproxy.proxy.mode_servers").addFilter(_not_listening)
 
 
 def _not_listening(record: logging.LogRecord) -> bool:
@@ -158,4 +170,5 @@ def install() -> None:
     wrapped.resp2chat = True
     script.ScriptLoader.configure = refusing
     script.script_error_handler = script_error
+    log.addHandler(StartupError())
     script.Script.loadscript = wrapped
