@@ -146,6 +146,8 @@ def test_invalid_settings_stop_start_up(tmp_path, env, needle):
                           capture_output=True, text=True, timeout=30, env=cli_env(tmp_path, **env), cwd=tmp_path)
     assert proc.returncode != 0
     assert needle in proc.stdout + proc.stderr
+    # one line says why, nothing says it listens (mitmproxy exits right after binding)
+    assert "Traceback" not in proc.stdout + proc.stderr and "listening at" not in proc.stdout + proc.stderr
 
 
 def test_invalid_config_file_stops_start_up(tmp_path):
@@ -266,6 +268,23 @@ def test_start_set_bind_addr_wins_over_environment(tmp_path, upstream):
         out = _stop(proc)
     assert f"gateway on http://127.0.0.1:{wanted}/v1" in out and f"listening at 127.0.0.1:{wanted}" in out, out
     assert str(env_port) not in out
+
+
+def test_start_says_it_listens_on_every_interface(tmp_path, upstream):
+    """``bind_addr: 0.0.0.0:PORT``: ``start`` said "gateway on http://127.0.0.1:PORT/v1", as if it
+    listened on loopback alone. It says it listens on every interface, and the URL to use here."""
+    port = free_port()
+    proc = subprocess.Popen([str(RESP2CHAT), "start"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path,
+                            env=cli_env(tmp_path, RESP2CHAT_BIND_ADDR=f"0.0.0.0:{port}",
+                                        RESP2CHAT_GATEWAY_API_KEY="gwkey-0123456789abcdef",
+                                        RESP2CHAT_UPSTREAM_BASE_URL=upstream.base_url))
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
+    finally:
+        out = _stop(proc)
+    assert (f"gateway listening on every IPv4 interface (0.0.0.0:{port}; from this machine: "
+            f"http://127.0.0.1:{port}/v1) -> {upstream.base_url}") in out, out
+    assert "gateway on http://127.0.0.1" not in out and f"listening at *:{port}" in out, out
 
 
 @pytest.mark.parametrize("how", ["--listen-port", "-p", "--set", "-p after --set"])
@@ -395,6 +414,38 @@ def test_print_config_says_when_it_does_not_know_the_model(tmp_path, upstream):
         assert quiet.returncode == 0 and "model" not in quiet.stderr, (env, quiet.stderr)
 
 @pytest.mark.codex
+class _KeyedModels(QuietHandler):
+    """A backend whose /models answers only its own key."""
+
+    KEY = "sk-fleet-own-key-0123"
+
+    def do_GET(self):
+        ok = self.headers.get("authorization") == f"Bearer {self.KEY}"
+        body = json.dumps({"data": [{"id": "fleet-model", "max_model_len": 32768}]} if ok else
+                          {"error": {"message": "bad key"}}).encode()
+        self.send_response(200 if ok else 401)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_print_config_asks_the_first_upstream_with_its_own_key(tmp_path):
+    """With ``upstreams``, print-config asked the first one for its models with the top-level
+    upstream_api_key (not that entry's, the one the gateway sends): refused, a placeholder model."""
+    with LocalServer(_KeyedModels) as server:
+        config_file(tmp_path).parent.mkdir(parents=True)
+        config_file(tmp_path).write_text(yaml.safe_dump({
+            "upstream_api_key": "sk-top-level-not-the-fleets",
+            "upstreams": [{"name": "fleet", "base_url": server.url + "/v1", "api_key": _KeyedModels.KEY,
+                           "models": ["*"]}]}))
+        out = run_cli(tmp_path, "print-config")
+    assert out.returncode == 0, out.stderr
+    config = tomllib.loads(out.stdout)
+    assert config["model"] == "fleet-model" and config["model_context_window"] == 32768, out.stdout
+    assert "placeholder" not in out.stderr, out.stderr
+
+
 def test_print_config_drives_real_codex(tmp_path, upstream, codex_bin):
     gw = start_gateway(upstream.origin, tmp_path, env=cli_env(tmp_path))
     env = cli_env(tmp_path, RESP2CHAT_UPSTREAM_BASE_URL=upstream.base_url, RESP2CHAT_BIND_ADDR=f"127.0.0.1:{gw.port}")

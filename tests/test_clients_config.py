@@ -328,7 +328,7 @@ def test_keys_add_prints_the_key_once_and_stores_only_its_hash(tmp_path):
     path.parent.mkdir(parents=True)
     path.write_text("upstream_base_url: http://10.0.0.5:8000/v1\n")
     out = run_cli(tmp_path, "keys", "add", "alice", "--rpm", "60", "--tpm", "200000", "--max-streams", "4",
-                  "--max-sockets", "3", "--models", "qwen3-*", "demo-model")
+                  "--max-sockets", "3", "--models", "qwen3-*,demo-model")
     assert out.returncode == 0, out.stderr
     key = out.stdout.strip()
     assert out.stdout == key + "\n" and re.fullmatch(r"r2c-[A-Za-z0-9_-]{43}", key)  # stdout: the key alone
@@ -354,15 +354,34 @@ def test_keys_add_prints_the_key_once_and_stores_only_its_hash(tmp_path):
     assert table.lookup(key).name == "alice" and table.lookup(second.stdout.strip()).name == "bob"
 
 
+def test_keys_add_models_before_the_name(tmp_path):
+    """``keys add --models 'qwen3-*' carol``: ``--models`` took every word after it (carol too),
+    and argparse refused the command for a missing name. One value, commas between globs, the
+    option repeatable; the README's form (the name first) works as before."""
+    first = run_cli(tmp_path, "keys", "add", "--models", "qwen3-*", "carol")
+    assert first.returncode == 0, first.stderr
+    again = run_cli(tmp_path, "keys", "add", "--models", "qwen3-*, llama-*", "--models", "demo-model", "dave")
+    assert again.returncode == 0, again.stderr
+    readme = run_cli(tmp_path, "keys", "add", "erin", "--rpm", "60", "--max-streams", "4", "--models", "qwen3-*")
+    assert readme.returncode == 0, readme.stderr
+    clients = {e["name"]: e for e in yaml.safe_load(config_file(tmp_path).read_text())["clients"]}
+    assert {name: e["models"] for name, e in clients.items()} == {
+        "carol": ["qwen3-*"], "dave": ["qwen3-*", "llama-*", "demo-model"], "erin": ["qwen3-*"]}
+    assert clients["erin"]["rpm"] == 60 and clients["erin"]["max_streams"] == 4
+
+
 def test_keys_add_refuses_a_taken_or_invalid_name_and_bad_limits(tmp_path):
     assert run_cli(tmp_path, "keys", "add", "alice").returncode == 0
     before = config_file(tmp_path).read_text()
     for args, needle in [(("alice",), "a client named 'alice' exists already"),
-                         (("bob smith",), "clients[1] ('bob smith').name"),
-                         (("bob", "--rpm", "0"), "clients[1] ('bob').rpm: 0 is invalid"),
-                         (("bob", "--models", ""), "clients[1] ('bob').models")]:
+                         # worded for the command typed, not as the config file's clients[1]
+                         (("bob smith",), "invalid client name 'bob smith': expected a name of letters, digits"),
+                         (("bob", "--rpm", "0"), "--rpm 0: expected a whole number > 0"),
+                         (("bob", "--max-streams", "-2"), "--max-streams -2: expected a whole number > 0"),
+                         (("bob", "--models", ""), "--models '': expected a non-empty list")]:
         out = run_cli(tmp_path, "keys", "add", *args)
         assert out.returncode == 2 and needle in out.stderr and out.stdout == "", (args, out.stderr)
+        assert "clients[" not in out.stderr, out.stderr
     assert config_file(tmp_path).read_text() == before  # nothing written, no key printed
     # with gateway_api_key set, "default" is its client
     out = run_cli(tmp_path, "keys", "add", "default", RESP2CHAT_GATEWAY_API_KEY="gw-key-123456")

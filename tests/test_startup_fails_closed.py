@@ -100,6 +100,40 @@ def test_an_invalid_set_value_stops_resp2chat_start(tmp_path, upstream, setting,
     assert needle in out, out
 
 
+REFUSED = {
+    "no key beyond loopback": ({}, ["--listen-host", "0.0.0.0"],
+                               "resp2chat: listening on 0.0.0.0 needs gateway_api_key or clients"),
+    "upstream_base_url beside upstreams": (
+        {"RESP2CHAT_UPSTREAM_BASE_URL": "http://127.0.0.1:9/v1",
+         "RESP2CHAT_UPSTREAMS": '[{"name": "fleet", "base_url": "http://127.0.0.1:9/v1"}]'},
+        ["--listen-host", "127.0.0.1"], "resp2chat: upstream_base_url and upstreams are both set"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_a_refused_setting_is_one_line_and_no_listening(tmp_path, upstream, case):
+    """A setting the gateway refuses as it loads (an OptionsError from its configure) was shown
+    as mitmproxy's "error in script" with a Python traceback, and mitmproxy then said it was
+    "listening at *:PORT" before it exited. Now: the message alone, exit 1, never a listener."""
+    env, listen, needle = REFUSED[case]
+    port = free_port()
+    rc, out = run_to_exit([str(MITMDUMP), "-s", str(ADDON), "--mode", f"reverse:{upstream.origin}", *listen,
+                           "--listen-port", str(port), "--set", f"confdir={tmp_path / 'mitm'}"],
+                          cli_env(tmp_path, **env), port, tmp_path)
+    assert rc == 1 and needle in out, out
+    assert "Traceback" not in out and "error in script" not in out and "listening at" not in out, out
+    assert [line for line in out.splitlines() if "resp2chat:" in line] == \
+        [line for line in out.splitlines() if needle in line], out  # (one line says it)
+
+
+def test_resp2chat_start_with_a_refused_setting_says_it_in_one_line(tmp_path):
+    port = free_port()
+    rc, out = run_to_exit([str(RESP2CHAT), "start", "--demo"], cli_env(tmp_path, RESP2CHAT_BIND_ADDR=f"0.0.0.0:{port}"),
+                          port, tmp_path)
+    assert rc == 1 and "resp2chat: listening on 0.0.0.0 needs gateway_api_key or clients" in out, out
+    assert "Traceback" not in out and "listening at" not in out, out
+
+
 # --- the script changes on disk, or in mitmproxy's options, while the gateway runs ----------------
 
 

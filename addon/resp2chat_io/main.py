@@ -56,6 +56,15 @@ def context_window(model: dict) -> int | None:
     return None
 
 
+def first_upstream_key(values: dict) -> str:
+    """The key the gateway sends to ``S.first_upstream``: with ``upstreams`` (and no
+    ``upstream_base_url``), that entry's own ``api_key`` (upstream_api_key is not theirs)."""
+    entries = values["upstreams"] if not values["upstream_base_url"] else []
+    if entries and isinstance(entries[0], dict):
+        return entries[0].get("api_key") or ""
+    return values["upstream_api_key"]
+
+
 # --- configure -------------------------------------------------------------------------------
 
 
@@ -93,7 +102,7 @@ def cmd_configure(args) -> int:
             if entries:  # an upstream_base_url beside them would stop the gateway: the file keeps them
                 names = ", ".join(str(e.get("name") or e.get("base_url")) for e in entries)
                 print(f"(upstreams: {names}; edit {path} to change them)")
-                url, api_key = S.first_upstream(values), entries[0].get("api_key") or ""
+                url, api_key = S.first_upstream(values), first_upstream_key(values)
             else:  # the file's value is the answer Enter keeps (`demo` too), else the default
                 url = values["upstream_base_url"] = _ask("Chat Completions base URL",
                                                          values["upstream_base_url"] or S.DEFAULT_UPSTREAM)
@@ -175,17 +184,33 @@ def cmd_keys_add(args) -> int:
             # (the identity: what the client stores is its, not the name's: owner.py; a name revoked
             # and added again is someone else's)
             entry = {"name": args.name, "id": new_client_id(), "key_sha256": key_sha256(key)}
-            if args.models:
-                entry["models"] = list(args.models)
+            if args.models is not None:  # (an empty glob, `--models ''`, is refused, never read as "all")
+                entry["models"] = [glob.strip() for value in args.models for glob in value.split(",")]
             entry.update({k: getattr(args, k) for k in LIMITS if getattr(args, k) is not None})
             gateway_key = os.environ.get("RESP2CHAT_GATEWAY_API_KEY") or values["gateway_api_key"]
             spec = parse_clients(clients + [entry], gateway_key)[len(clients)]
         except S.SettingsError as exc:
-            return _fail(str(exc))
+            return _fail(_as_typed(exc, len(clients)))
         values["clients"] = clients + [entry]
         write_settings(path, values)
     _hand_over(key, f"added client {spec.name!r} to {path}", spec)
     return 0
+
+
+def _as_typed(exc: S.SettingsError, at: int) -> str:
+    """An error in the entry ``keys add`` made (``clients[AT]``), worded for the command the user
+    typed (the name, the option) rather than for the config file's list; any other as it is."""
+    label = f"clients[{at}]"
+    if not exc.field.startswith((label + " ", label + ".")):
+        return str(exc)
+    field = exc.field.rpartition(".")[2]
+    if field == "name":
+        return f"invalid client name {exc.value!r}: {exc.why}"
+    if field == "models" and isinstance(exc.value, list):
+        return f"--models {','.join(map(str, exc.value))!r}: {exc.why}"
+    if field in LIMITS:
+        return f"--{field.replace('_', '-')} {exc.value}: {exc.why}"
+    return str(exc)
 
 
 def _hand_over(key: str, what: str, spec) -> None:
@@ -408,7 +433,7 @@ def cmd_start(args) -> int:
     cmd, env = build_start_command(args, values, sources)
     where = ("demo upstream" if "demo" in (env.get("RESP2CHAT_UPSTREAM_BASE_URL"), values["upstream_base_url"]) else
              ", ".join(f"{u['name']} ({u['base_url']})" for u in values["upstreams"]) or S.first_upstream(values))
-    print(f"resp2chat: gateway on {gateway_url(values)} -> {where}", file=sys.stderr)
+    print(f"resp2chat: gateway {where_it_listens(values)} -> {where}", file=sys.stderr)
     sys.stdout.flush()
     os.execvpe(cmd[0], cmd, env)  # signals (Ctrl-C, systemd stop) go straight to mitmproxy
 
@@ -456,6 +481,17 @@ def gateway_url(values: dict) -> str:
         return f"http://{host}:{port}/v1"
     names = [h for h in values["public_hosts"] if "*" not in h]
     return f"https://{names[0].split(':')[0] if names else host}:{port}/v1"
+
+
+def where_it_listens(values: dict) -> str:
+    """What ``start`` says of its listen address: ``on URL``, or, with a wildcard ``bind_addr``
+    (0.0.0.0, ::), that it listens on every interface, and the URL clients use here."""
+    host, _ = S.parse_bind(values["bind_addr"])
+    if host not in ("0.0.0.0", "::"):
+        return f"on {gateway_url(values)}"
+    every = "every IPv4 interface" if host == "0.0.0.0" else "every interface"
+    reach = "e.g." if values["tls_cert_file"] else "from this machine:"
+    return f"listening on {every} ({values['bind_addr']}; {reach} {gateway_url(values)})"
 
 
 def key_env(values: dict, given: str | None = None) -> str | None:
@@ -533,7 +569,7 @@ def selected_model(values: dict, models: list[dict]) -> str:
 
 def cmd_print_config(args) -> int:
     values, _, _ = _settings()
-    models = [] if args.offline else list_models(S.first_upstream(values), values["upstream_api_key"])
+    models = [] if args.offline else list_models(S.first_upstream(values), first_upstream_key(values))
     configured = values["upstreams"] or values["upstream_base_url"] not in ("", "demo")
     if not models and not values["upstream_model"] and configured:
         # no name from the backend nor the settings: the demo's (right only for a gateway running the demo)
@@ -644,7 +680,10 @@ def parser() -> argparse.ArgumentParser:
     ka.add_argument("--max-streams", dest="max_streams", type=int, metavar="N", help="such requests open at once at most")
     ka.add_argument("--max-sockets", dest="max_sockets", type=int, metavar="N",
                     help="Responses WebSockets open at once at most (Codex opens one per session; on each replica)")
-    ka.add_argument("--models", nargs="+", metavar="GLOB", help="the model names it may use (globs; default: all)")
+    # (one value, commas between globs, repeatable: a list of values would swallow the name after it)
+    ka.add_argument("--models", action="append", metavar="GLOB[,GLOB…]",
+                    help="the model names it may use: globs, separated by commas, or the option repeated "
+                    "(default: all)")
     ka.set_defaults(func=cmd_keys_add)
     kl = ks.add_parser("list", help="the clients: names, key fingerprints, models, limits (never keys)")
     kl.set_defaults(func=cmd_keys_list)

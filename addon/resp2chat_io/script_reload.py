@@ -39,8 +39,20 @@ with its process. A second copy of the gateway loaded beside it is refused by mi
 (``An addon called 'resp2chat_listen' already exists``), the first one's addons keeping their
 names. Other scripts load and unload as mitmproxy does.
 
-``install`` refuses a ``Script`` whose ``loadscript``, or a ``ScriptLoader`` whose ``configure``,
-is no longer the one it wraps (checked against mitmproxy 12.3)."""
+A setting the gateway refuses at start-up (``bind_addr`` beyond loopback without a key,
+``upstream_base_url`` beside ``upstreams``…: an ``OptionsError`` from its ``configure``, which
+mitmproxy calls as it loads the script) was logged by ``script.script_error_handler`` as "error in
+script" with a traceback, and mitmproxy went on to print "listening at *:PORT" before its start-up
+error check stopped it. ``install`` replaces that handler (a module global, looked up when the
+gateway's own first load calls it) for such an error of the gateway's code: the message alone, one
+error line. mitmproxy's start-up error check then ends the process (exit code 1) as before, right
+after binding its servers and before any addon's ``running``; their "listening at" line, which
+would say otherwise, is left out after any error the gateway logs before mitmproxy runs (``StartupError``:
+also an invalid value in the environment or the config file, or of a ``--set``). Any other script error is logged as mitmproxy logs it (and a
+value refused while it runs is mitmproxy's to report: the option keeps its old value).
+
+``install`` refuses a ``Script`` whose ``loadscript``, a ``ScriptLoader`` whose ``configure``, or a
+``script_error_handler``, is no longer the one it wraps (checked against mitmproxy 12.3)."""
 
 from __future__ import annotations
 
@@ -48,6 +60,8 @@ import asyncio
 import functools
 import inspect
 import logging
+import os
+from pathlib import Path
 
 from mitmproxy import ctx, exceptions
 from mitmproxy.addons import script
@@ -56,6 +70,8 @@ from . import mitm_hooks
 
 log = logging.getLogger("resp2chat")
 _original = getattr(script.Script, "loadscript", None)
+_error_handler = getattr(script, "script_error_handler", None)
+_OWN_CODE = str(Path(__file__).resolve().parent) + os.sep  # (resp2chat_io: the gateway's addons)
 
 
 def _is_gateway(ns) -> bool:
@@ -94,6 +110,46 @@ def refuse_unload(loader, updated) -> None:
         raise exceptions.OptionsError(refused)
 
 
+def refused_setting(exc: BaseException) -> bool:
+    """An ``OptionsError`` raised by the gateway's own code (its message says what and why)."""
+    if not isinstance(exc, exceptions.OptionsError):
+        return False
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.startswith(_OWN_CODE):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def script_error(path: str, exc: Exception) -> None:
+    """``script.script_error_handler``, but a setting the gateway refuses is its message alone
+    (at start-up, without the "listening at" line of the servers mitmproxy then stops: module
+    docstring)."""
+    if not refused_setting(exc):
+        _error_handler(path, exc)
+        return
+    log.error(str(exc))  # (at start-up, an error logged: mitmproxy's error check ends the process, exit 1)
+
+
+class StartupError(logging.Handler):
+    """The gateway's errors (its ``resp2chat`` logger): one logged before mitmproxy runs means
+    mitmproxy's start-up error check ends the process once its servers are bound, so their
+    "listening at" line, which would say otherwise, is left out."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        loader = ctx.master.addons.get("scriptloader") if getattr(ctx, "master", None) else None
+        if loader is not None and not loader.is_running:
+            logging.getLogger("mitmproxy.proxy.mode_servers").addFilter(_not_listening)
+
+
+def _not_listening(record: logging.LogRecord) -> bool:
+    return " listening at " not in record.getMessage()
+
+
 def install() -> None:
     """Keep the gateway's script on a change of its file or of ``scripts`` (once; again changes nothing)."""
     if getattr(script.Script.loadscript, "resp2chat", False):
@@ -101,7 +157,8 @@ def install() -> None:
     mitm_hooks.install()  # (first: it replaces ScriptLoader.configure, which is wrapped here)
     configure = script.ScriptLoader.configure
     if _original is None or _original.__qualname__ != "Script.loadscript" \
-            or inspect.unwrap(configure).__qualname__ != "ScriptLoader.configure":
+            or inspect.unwrap(configure).__qualname__ != "ScriptLoader.configure" \
+            or getattr(_error_handler, "__qualname__", None) != "script_error_handler":
         raise RuntimeError("mitmproxy's script loading changed: resp2chat_io/script_reload.py needs a look")
 
     @functools.wraps(configure)
@@ -112,4 +169,6 @@ def install() -> None:
     wrapped = functools.wraps(_original)(loadscript)
     wrapped.resp2chat = True
     script.ScriptLoader.configure = refusing
+    script.script_error_handler = script_error
+    log.addHandler(StartupError())
     script.Script.loadscript = wrapped
