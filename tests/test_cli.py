@@ -413,7 +413,7 @@ def test_print_config_says_when_it_does_not_know_the_model(tmp_path, upstream):
         quiet = run_cli(tmp_path, "print-config", **env)
         assert quiet.returncode == 0 and "model" not in quiet.stderr, (env, quiet.stderr)
 
-@pytest.mark.codex
+
 class _KeyedModels(QuietHandler):
     """A backend whose /models answers only its own key."""
 
@@ -446,6 +446,7 @@ def test_print_config_asks_the_first_upstream_with_its_own_key(tmp_path):
     assert "placeholder" not in out.stderr, out.stderr
 
 
+@pytest.mark.codex
 def test_print_config_drives_real_codex(tmp_path, upstream, codex_bin):
     gw = start_gateway(upstream.origin, tmp_path, env=cli_env(tmp_path))
     env = cli_env(tmp_path, RESP2CHAT_UPSTREAM_BASE_URL=upstream.base_url, RESP2CHAT_BIND_ADDR=f"127.0.0.1:{gw.port}")
