@@ -272,7 +272,7 @@ def test_start_set_bind_addr_wins_over_environment(tmp_path, upstream):
 
 def test_start_says_it_listens_on_every_interface(tmp_path, upstream):
     """``bind_addr: 0.0.0.0:PORT``: ``start`` said "gateway on http://127.0.0.1:PORT/v1", as if it
-    listened on loopback alone. It says it listens on every interface, and the URL to use here."""
+    listened on loopback alone. It says it starts on every interface, and the URL to use here."""
     port = free_port()
     proc = subprocess.Popen([str(RESP2CHAT), "start"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path,
                             env=cli_env(tmp_path, RESP2CHAT_BIND_ADDR=f"0.0.0.0:{port}",
@@ -282,7 +282,7 @@ def test_start_says_it_listens_on_every_interface(tmp_path, upstream):
         wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
     finally:
         out = _stop(proc)
-    assert (f"gateway listening on every IPv4 interface (0.0.0.0:{port}; from this machine: "
+    assert (f"starting the gateway on every IPv4 interface (0.0.0.0:{port}; from this machine: "
             f"http://127.0.0.1:{port}/v1) -> {upstream.base_url}") in out, out
     assert "gateway on http://127.0.0.1" not in out and f"listening at *:{port}" in out, out
 

@@ -130,8 +130,13 @@ def test_resp2chat_start_with_a_refused_setting_says_it_in_one_line(tmp_path):
     port = free_port()
     rc, out = run_to_exit([str(RESP2CHAT), "start", "--demo"], cli_env(tmp_path, RESP2CHAT_BIND_ADDR=f"0.0.0.0:{port}"),
                           port, tmp_path)
-    assert rc == 1 and "resp2chat: listening on 0.0.0.0 needs gateway_api_key or clients" in out, out
+    refusal = "resp2chat: listening on 0.0.0.0 needs gateway_api_key or clients"
+    assert rc == 1 and refusal in out, out
     assert "Traceback" not in out and "listening at" not in out, out
+    # `start` spoke before mitmproxy ran: it said "gateway listening on every IPv4 interface"
+    # above the refusal, as if it listened; the refusal's own line is the only one that says it
+    assert [line for line in out.splitlines() if "listening" in line] == \
+        [line for line in out.splitlines() if refusal in line], out
 
 
 # --- the script changes on disk, or in mitmproxy's options, while the gateway runs ----------------

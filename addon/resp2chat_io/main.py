@@ -433,7 +433,8 @@ def cmd_start(args) -> int:
     cmd, env = build_start_command(args, values, sources)
     where = ("demo upstream" if "demo" in (env.get("RESP2CHAT_UPSTREAM_BASE_URL"), values["upstream_base_url"]) else
              ", ".join(f"{u['name']} ({u['base_url']})" for u in values["upstreams"]) or S.first_upstream(values))
-    print(f"resp2chat: gateway {where_it_listens(values)} -> {where}", file=sys.stderr)
+    # (said before mitmproxy runs: the gateway may still refuse a setting as it loads, so "starting")
+    print(f"resp2chat: starting the gateway {where_it_listens(values)} -> {where}", file=sys.stderr)
     sys.stdout.flush()
     os.execvpe(cmd[0], cmd, env)  # signals (Ctrl-C, systemd stop) go straight to mitmproxy
 
@@ -485,13 +486,13 @@ def gateway_url(values: dict) -> str:
 
 def where_it_listens(values: dict) -> str:
     """What ``start`` says of its listen address: ``on URL``, or, with a wildcard ``bind_addr``
-    (0.0.0.0, ::), that it listens on every interface, and the URL clients use here."""
+    (0.0.0.0, ::), ``on every interface`` and the URL clients use here."""
     host, _ = S.parse_bind(values["bind_addr"])
     if host not in ("0.0.0.0", "::"):
         return f"on {gateway_url(values)}"
     every = "every IPv4 interface" if host == "0.0.0.0" else "every interface"
     reach = "e.g." if values["tls_cert_file"] else "from this machine:"
-    return f"listening on {every} ({values['bind_addr']}; {reach} {gateway_url(values)})"
+    return f"on {every} ({values['bind_addr']}; {reach} {gateway_url(values)})"
 
 
 def key_env(values: dict, given: str | None = None) -> str | None:
