@@ -61,14 +61,21 @@ class Field:
 DEFAULT_UPSTREAM = "http://127.0.0.1:8000/v1"
 
 
+def first_upstream_entry(values: dict) -> dict | None:
+    """The first of ``upstreams`` when the gateway goes there (no ``upstream_base_url`` beside
+    them: the gateway refuses both), else None. The one place that decides it: the base URL
+    (``first_upstream``), the key and the models the ``resp2chat`` command uses come from it."""
+    entries = values.get("upstreams") or []
+    if values.get("upstream_base_url") or not isinstance(entries, list) or not entries:
+        return None
+    return entries[0] if isinstance(entries[0], dict) else None
+
+
 def first_upstream(values: dict) -> str:
     """The base URL a gateway with these settings is started toward (mitmproxy's reverse target,
     what the ``resp2chat`` command lists models from): ``upstream_base_url``, else the first of
     ``upstreams`` (routing.py picks per model), else ``DEFAULT_UPSTREAM`` (also for ``demo``)."""
-    url = values.get("upstream_base_url") or ""
-    entries = values.get("upstreams") or []
-    if not url and isinstance(entries, list) and entries and isinstance(entries[0], dict):
-        url = entries[0].get("base_url") or ""
+    url = values.get("upstream_base_url") or (first_upstream_entry(values) or {}).get("base_url") or ""
     return url if url and url != "demo" else DEFAULT_UPSTREAM
 
 

@@ -59,10 +59,8 @@ def context_window(model: dict) -> int | None:
 def first_upstream_key(values: dict) -> str:
     """The key the gateway sends to ``S.first_upstream``: with ``upstreams`` (and no
     ``upstream_base_url``), that entry's own ``api_key`` (upstream_api_key is not theirs)."""
-    entries = values["upstreams"] if not values["upstream_base_url"] else []
-    if entries and isinstance(entries[0], dict):
-        return entries[0].get("api_key") or ""
-    return values["upstream_api_key"]
+    entry = S.first_upstream_entry(values)
+    return (entry.get("api_key") or "") if entry is not None else values["upstream_api_key"]
 
 
 # --- configure -------------------------------------------------------------------------------
@@ -98,9 +96,9 @@ def cmd_configure(args) -> int:
         for name, raw in given.items():
             values[name] = S.parse(S.BY_NAME[name], raw, "command line")
         if interactive:
-            entries = values["upstreams"] if not values["upstream_base_url"] else []
-            if entries:  # an upstream_base_url beside them would stop the gateway: the file keeps them
-                names = ", ".join(str(e.get("name") or e.get("base_url")) for e in entries)
+            # with upstreams, no upstream_base_url asked: one beside them would stop the gateway
+            if S.first_upstream_entry(values) is not None:  # (the file keeps them)
+                names = ", ".join(str(e.get("name") or e.get("base_url")) for e in values["upstreams"])
                 print(f"(upstreams: {names}; edit {path} to change them)")
                 url, api_key = S.first_upstream(values), first_upstream_key(values)
             else:  # the file's value is the answer Enter keeps (`demo` too), else the default
