@@ -38,8 +38,11 @@ def test_settings_are_checked_and_failures_are_explained(upstream, tmp_path):
         resp2chat_io.start(upstream.base_url, max_tokens_field="n")
     with pytest.raises(resp2chat_io.GatewayError):  # StartError's old name (README named it) still catches it
         resp2chat_io.start(upstream.base_url, max_tokens_field="n")
-    with pytest.raises(StartError, match="unknown setting 'colour'"):
+    with pytest.raises(StartError, match=r"colour: unknown setting \(README: Configuration lists them\)"):
         resp2chat_io.start(upstream.base_url, colour="red")
+    with pytest.raises(StartError) as err:  # a misspelt name: the one meant (not every name), its value never shown
+        resp2chat_io.start(upstream.base_url, upstream_api_ky="sk-secret-654321")
+    assert str(err.value) == "upstream_api_ky: unknown setting (did you mean upstream_api_key?)", err.value
     with pytest.raises(StartError, match=r"upstreams\[0\] \('a'\).base_url"):
         resp2chat_io.start(upstreams=[{"name": "a"}])
     with pytest.raises(StartError) as err:  # a misspelt key: named, its value never shown

@@ -79,6 +79,24 @@ def test_a_misspelled_setting_in_the_file_is_named_not_shown(tmp_path, upstream)
         assert out.returncode != 0 and "upstream_api_ky" in text, text
         assert "did you mean upstream_api_key?" in text and secret not in text, text
 
+
+def test_a_misspelled_set_is_named_with_the_setting_meant(tmp_path, upstream):
+    """``configure --set`` listed every setting's name after a misspelled one (only the config
+    file's said which it meant): each entry point says "did you mean", never the value."""
+    secret = "sk-typo-secret-6666"
+    configure = run_cli(tmp_path, "configure", "-y", "--set", f"upstream_api_ky={secret}")
+    assert configure.returncode == 2, configure.stderr
+    assert "--set upstream_api_ky: unknown setting (did you mean upstream_api_key?)" in configure.stderr, configure.stderr
+    assert secret not in configure.stderr and "max_sessions" not in configure.stderr, configure.stderr
+    assert not config_file(tmp_path).exists()
+    # `start` hands --set on to mitmdump, whose SetCheck names it as mitmproxy's option
+    start = run_cli(tmp_path, "start", "--", "--set", f"resp2chat_upstream_api_ky={secret}",
+                    RESP2CHAT_BIND_ADDR=f"127.0.0.1:{free_port()}", RESP2CHAT_UPSTREAM_BASE_URL=upstream.base_url)
+    text = start.stdout + start.stderr
+    assert start.returncode != 0, text
+    assert ("--set resp2chat_upstream_api_ky: unknown setting (did you mean resp2chat_upstream_api_key?)"
+            in text and secret not in text), text
+
 def test_configure_non_interactive_and_typed_values(tmp_path):
     out = run_cli(tmp_path, "configure", "-y", "--upstream-base-url", "https://llm.example/api/v1",
                   "--set", 'model_map={"gpt-5": "qwen3"}', "--set", "tool_denylist=web_search,view_image",

@@ -50,7 +50,7 @@ def run_to_exit(args: list[str], env: dict, port: int, cwd) -> tuple[int, str]:
 @pytest.mark.parametrize("setting,needle", [
     ("resp2chat_max_sessions=lots", "resp2chat_max_sessions='lots' is invalid"),
     ("resp2chat_responses_websocket=maybe", "resp2chat_responses_websocket='maybe' is invalid"),
-    ("resp2chat_max_sesions=3", "resp2chat_max_sesions: unknown setting"),
+    ("resp2chat_max_sesions=3", "resp2chat_max_sesions: unknown setting (did you mean resp2chat_max_sessions?)"),
 ])
 def test_an_invalid_set_value_stops_mitmdump(tmp_path, upstream, setting, needle):
     port = free_port()

@@ -175,6 +175,14 @@ def owned_by(owner: str) -> tuple[Field, ...]:
     return tuple(f for f in FIELDS if f.owner == owner)
 
 
+def unknown_setting(name: str, prefix: str = "") -> str:
+    """Why NAME is refused, wherever it was given (the config file, ``--set``, ``start()``): the
+    setting it may have meant (as typed there: ``prefix``, e.g. ``resp2chat_`` for a mitmproxy
+    option), never its value (a misspelled name may hold a secret: ``upstream_api_ky: sk-…``)."""
+    near = difflib.get_close_matches(str(name), BY_NAME, 1)
+    return "unknown setting " + (f"(did you mean {prefix}{near[0]}?)" if near else "(README: Configuration lists them)")
+
+
 def deprecated(old: str) -> str:
     new = ALIASES[old].name
     return f"{old} is deprecated: it is now called {new} (the old name still works)"
@@ -328,9 +336,7 @@ def resolve(file_values: Mapping[str, Any], env: Mapping[str, str]) -> tuple[dic
     name (``Field.aliases``) counts as its field's name, below the new name in each layer."""
     unknown = sorted(set(file_values) - set(BY_NAME) - set(ALIASES))
     if unknown:  # its value unsaid: a misspelled name may hold a secret (`upstream_api_ky: sk-…`)
-        near = difflib.get_close_matches(str(unknown[0]), BY_NAME, 1)
-        raise SettingsError(unknown[0], "[hidden]", "unknown setting " + (f"(did you mean {near[0]}?)" if near else
-                                                                         f"(known: {', '.join(BY_NAME)})"), "config file")
+        raise SettingsError(unknown[0], "[hidden]", unknown_setting(unknown[0]), "config file")
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for f in FIELDS:

@@ -63,7 +63,7 @@ def _option_value(name: str, value: Any) -> str:
         name = S.ALIASES[name].name
     field = S.BY_NAME.get(name)
     if field is None:
-        raise StartError(f"unknown setting {name!r} (known: {', '.join(S.BY_NAME)})")
+        raise StartError(f"{name}: {S.unknown_setting(name)}")
     try:
         if field.kind in ("map", "entries") and not isinstance(value, str):
             text = json.dumps(value)

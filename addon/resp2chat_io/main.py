@@ -89,7 +89,7 @@ def cmd_configure(args) -> int:
             print(f"resp2chat: {S.deprecated(name)}", file=sys.stderr)
             name = S.ALIASES[name].name
         if name not in S.BY_NAME:
-            return _fail(f"--set {name}: unknown setting (known: {', '.join(S.BY_NAME)})")
+            return _fail(f"--set {name}: {S.unknown_setting(name)}")
         given[name] = raw
     interactive = not args.yes
     try:

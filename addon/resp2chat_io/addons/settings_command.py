@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import difflib
 import json
 
 from mitmproxy import command, exceptions
@@ -75,9 +74,8 @@ class SetCheck:
             if name not in opts:
                 if name.startswith("resp2chat_"):
                     del opts.deferred[name]
-                    near = difflib.get_close_matches(name.removeprefix("resp2chat_"), S.BY_NAME, 1)
-                    log.error(f"resp2chat: --set {name}: unknown setting"  # its value unsaid: maybe a misnamed secret
-                              + (f" (did you mean resp2chat_{near[0]}?)" if near else " (README: Configuration)"))
+                    log.error(f"resp2chat: --set {name}: "  # its value unsaid: maybe a misnamed secret
+                              + S.unknown_setting(name.removeprefix("resp2chat_"), "resp2chat_"))
                 continue
             try:
                 if given is not None:
