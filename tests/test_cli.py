@@ -464,6 +464,44 @@ def test_print_config_asks_the_first_upstream_with_its_own_key(tmp_path):
     assert "placeholder" not in out.stderr, out.stderr
 
 
+class _TwoModels(QuietHandler):
+    """A backend whose /models lists an embedding model first, then the chat model."""
+
+    def do_GET(self):
+        body = json.dumps({"data": [{"id": "embed-small", "max_model_len": 8192},
+                                    {"id": "qwen3-coder", "max_model_len": 65536}]}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_print_config_picks_a_model_the_first_upstream_serves(tmp_path):
+    """With ``upstreams``, print-config took the first model the first entry's backend lists,
+    though that entry's ``models`` globs do not match it: the gateway sends that name elsewhere
+    (or nowhere). It takes the first the entry serves; none served: the placeholder, and why."""
+    with LocalServer(_TwoModels) as server:
+        config_file(tmp_path).parent.mkdir(parents=True)
+        config_file(tmp_path).write_text(yaml.safe_dump({"upstreams": [
+            {"name": "coder", "base_url": server.url + "/v1", "models": ["qwen3-*"]},
+            {"name": "rest", "base_url": "http://127.0.0.1:9/v1"}]}))
+        out = run_cli(tmp_path, "print-config")
+        assert out.returncode == 0, out.stderr
+        config = tomllib.loads(out.stdout)
+        assert config["model"] == "qwen3-coder" and config["model_context_window"] == 65536, out.stdout
+        assert "placeholder" not in out.stderr, out.stderr
+
+        config_file(tmp_path).write_text(yaml.safe_dump({"upstreams": [
+            {"name": "coder", "base_url": server.url + "/v1", "models": ["llama-*", "gpt-*"]}]}))
+        out = run_cli(tmp_path, "print-config")
+    assert out.returncode == 0, out.stderr
+    config = tomllib.loads(out.stdout)
+    assert config["model"] == "demo-model" and "model_context_window" not in config, out.stdout
+    assert (f"none of the models {server.url}/v1/models lists matches the first of upstreams' models "
+            "(llama-*, gpt-*)") in out.stderr and "placeholder" in out.stderr, out.stderr
+
+
 @pytest.mark.codex
 def test_print_config_drives_real_codex(tmp_path, upstream, codex_bin):
     gw = start_gateway(upstream.origin, tmp_path, env=cli_env(tmp_path))

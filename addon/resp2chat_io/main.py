@@ -568,13 +568,21 @@ def selected_model(values: dict, models: list[dict]) -> str:
 
 def cmd_print_config(args) -> int:
     values, _, _ = _settings()
-    models = [] if args.offline else list_models(S.first_upstream(values), first_upstream_key(values))
+    listed = [] if args.offline else list_models(S.first_upstream(values), first_upstream_key(values))
+    entry = S.first_upstream_entry(values)
+    spec = S.parse_upstreams([entry])[0] if entry is not None else None
+    # (with upstreams, a model the first entry's globs do not match goes elsewhere: not one of its own)
+    models = [m for m in listed if spec is None or spec.serves(m["id"])]
     configured = values["upstreams"] or values["upstream_base_url"] not in ("", "demo")
     if not models and not values["upstream_model"] and configured:
         # no name from the backend nor the settings: the demo's (right only for a gateway running the demo)
-        asked = ("--offline: no model list asked" if args.offline else
-                 f"no model list from {S.first_upstream(values).rstrip('/')}/models "
-                 "(nothing answers there, or it lists none)")
+        where = f"{S.first_upstream(values).rstrip('/')}/models"
+        if args.offline:
+            asked = "--offline: no model list asked"
+        elif listed and spec is not None:
+            asked = f"none of the models {where} lists matches the first of upstreams' models ({', '.join(spec.models)})"
+        else:
+            asked = f"no model list from {where} (nothing answers there, or it lists none)"
         print(f"resp2chat: {asked}: the config names model \"{selected_model(values, models)}\", a placeholder: "
               "put your backend's model name there, or set upstream_model (resp2chat configure)", file=sys.stderr)
     catalog = None
