@@ -399,6 +399,33 @@ def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path, args):
     assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
 
 
+def test_a_key_written_to_a_closed_output_is_said_lost(tmp_path):
+    """`resp2chat keys add bob | true`: the client was written, its key went nowhere (the file
+    keeps only its SHA-256), and the command ended quietly. It says so, and fails."""
+    def behind_a_closed_pipe(*args):
+        read, write = os.pipe()
+        os.close(read)  # the reader is gone before the key
+        try:
+            return subprocess.run([str(RESP2CHAT), *args], stdout=write, stderr=subprocess.PIPE, text=True,
+                                  env=cli_env(tmp_path), cwd=tmp_path, timeout=60)
+        finally:
+            os.close(write)
+
+    added = behind_a_closed_pipe("keys", "add", "bob")
+    assert added.returncode != 0, added.stderr
+    assert "added client 'bob'" in added.stderr and "the key was not shown: the output was closed" in added.stderr
+    assert "run `resp2chat keys rotate bob`" in added.stderr and "Traceback" not in added.stderr, added.stderr
+    first = yaml.safe_load(config_file(tmp_path).read_text())["clients"][0]["key_sha256"]
+
+    rotated = behind_a_closed_pipe("keys", "rotate", "bob")
+    assert rotated.returncode != 0, rotated.stderr
+    assert "the key was not shown" in rotated.stderr and "keys rotate bob" in rotated.stderr, rotated.stderr
+    assert yaml.safe_load(config_file(tmp_path).read_text())["clients"][0]["key_sha256"] != first
+
+    shown = run_cli(tmp_path, "keys", "rotate", "bob")  # the way out it names: a key, shown
+    assert shown.returncode == 0 and shown.stdout.startswith("r2c-") and "not shown" not in shown.stderr, shown.stderr
+
+
 # --- print-config ------------------------------------------------------------------------------
 
 

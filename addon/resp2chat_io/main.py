@@ -191,8 +191,7 @@ def cmd_keys_add(args) -> int:
             return _fail(_as_typed(exc, len(clients)))
         values["clients"] = clients + [entry]
         write_settings(path, values)
-    _hand_over(key, f"added client {spec.name!r} to {path}", spec)
-    return 0
+    return _hand_over(key, f"added client {spec.name!r} to {path}", spec)
 
 
 def _as_typed(exc: S.SettingsError, at: int) -> str:
@@ -211,9 +210,17 @@ def _as_typed(exc: S.SettingsError, at: int) -> str:
     return str(exc)
 
 
-def _hand_over(key: str, what: str, spec) -> None:
-    """The new key on stdout, alone (``KEY=$(resp2chat keys add NAME)`` works); what to do with it on stderr."""
-    print(key, flush=True)
+def _hand_over(key: str, what: str, spec) -> int:
+    """The new key on stdout, alone (``KEY=$(resp2chat keys add NAME)`` works); what to do with it
+    on stderr. Its output closed (``keys add NAME | true``): the key is lost, and it says so (1)."""
+    try:
+        print(key, flush=True)
+    except BrokenPipeError:
+        _stdout_gone()
+        print(f"resp2chat: {what}, but the key was not shown: the output was closed, and the config file "
+              f"keeps only its SHA-256, so no one has it: run `resp2chat keys rotate {spec.name}` for a new "
+              f"one (or `resp2chat keys revoke {spec.name}`)", file=sys.stderr)
+        return 1
     env = CLIENT_KEY_ENV
     print(f"""resp2chat: {what}: key fingerprint {spec.fingerprint}, models {', '.join(spec.models)}, {_limits(spec)}.
 The key above is shown only this once (the config file keeps its SHA-256): hand it to {spec.name} now.
@@ -222,6 +229,7 @@ They keep it in an environment variable, e.g. export {env}=<the key>, and use it
   Codex, built-in provider: printenv {env} | codex login --with-api-key   (once; `codex exec` also reads CODEX_API_KEY)
   SDKs:                     api_key=<the key>, base_url=<the gateway>/v1""", file=sys.stderr)
     _overridden()
+    return 0
 
 
 def cmd_keys_rotate(args) -> int:
@@ -247,9 +255,8 @@ def cmd_keys_rotate(args) -> int:
             return _fail(str(exc))
         values["clients"] = clients
         write_settings(path, values)
-    _hand_over(key, f"a new key for client {spec.name!r} in {path} (the old one no longer works; what it stored "
-                    "stays its own)", spec)
-    return 0
+    return _hand_over(key, f"a new key for client {spec.name!r} in {path} (the old one no longer works; what it "
+                           "stored stays its own)", spec)
 
 
 def cmd_keys_list(args) -> int:
@@ -759,8 +766,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resp2chat: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # `resp2chat keys list | head`: the reader left, nothing to tell it
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no second error at exit's flush)
+        _stdout_gone()
         return 1
+
+
+def _stdout_gone() -> None:
+    """stdout's reader left: what is still buffered goes nowhere (no second error at exit's flush)."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":
