@@ -8,7 +8,7 @@
   ``max_upstream_event_mb``, the largest SSE event a backend may send (each turn's reader of the
   backend's stream is bounded by it: ``Turns`` reads it for a turn's translator and exchange;
   the relay's client reads a whole 200 JSON body up to ``OUTPUT_EVENTS`` times it, the bound of
-  an answer's output: relay/upstream.py ``MAX_ANSWER``).
+  an answer's output: translator.py ``output_bound``).
 - ``upstreams``: several named upstreams instead of one, each serving some models, later ones
   the fallbacks of earlier ones (resp2chat_core/routing.py); ``routing_key_header``: the
   session key goes upstream in that header (session affinity behind a router such as smg).
@@ -48,7 +48,7 @@ from resp2chat_core import settings as S
 from resp2chat_core.turn import Turn, session_key
 from resp2chat_core.channel import Scrubber, scrub
 from resp2chat_core.errors import GatewayError, error_json
-from resp2chat_core.translator import OUTPUT_EVENTS
+from resp2chat_core.translator import output_bound
 from resp2chat_io import offload
 from resp2chat_io.relay import KEY_HEADER, TURN_HEADER, Relay
 
@@ -141,7 +141,7 @@ class Upstreams(Owner):
         client.idle_timeout = self.s["upstream_idle_timeout_secs"] or float("inf")
         client.verify_tls = not getattr(ctx.options, "ssl_insecure", False)
         # (a 200 JSON body read whole, every call's: an answer's output bound, translator.py)
-        client.max_answer = OUTPUT_EVENTS * (self.s["max_upstream_event_mb"] << 20)
+        client.max_answer = output_bound(self.s["max_upstream_event_mb"] << 20)
         self.relay.window = self.s["coalesce_ms"] / 1000  # (each turn's news: resp2chat_core/channel.py)
         self.secrets = S.secret_values(self.s)
 

@@ -48,7 +48,7 @@ from resp2chat_core.channel import Channel, Keepalive, UpstreamFailed, UpstreamJ
 from resp2chat_core.chunked import ChunkedDecoder, ChunkedError
 from resp2chat_core.limits import backend_retry_after
 from resp2chat_core.sse import MAX_EVENT, Progress
-from resp2chat_core.translator import OUTPUT_EVENTS, OUTPUT_TOO_LARGE
+from resp2chat_core.translator import OUTPUT_EVENTS, OUTPUT_TOO_LARGE, output_bound
 
 from .. import offload
 from .constants import READ
@@ -56,10 +56,10 @@ from .constants import READ
 MAX_ERROR_BODY = 1 << 20  # an error body is kept up to this much; the rest is not read
 # A 200 JSON body (a whole answer: ``stream`` ignored; a model list, a tokenizer's count) is read
 # whole up to ``UpstreamClient.max_answer``: the bound of an answer's output however it comes,
-# OUTPUT_EVENTS × max_upstream_event_mb (32 MiB by default; translator.py, which holds a streamed
-# answer's output up to as much). Past it the call fails (``upstream_output_too_large``) and the
-# rest is not read: never a body cut and read as if whole.
-MAX_ANSWER = OUTPUT_EVENTS * MAX_EVENT
+# translator.py ``output_bound`` (OUTPUT_EVENTS × max_upstream_event_mb, 32 MiB by default: the
+# translator holds a streamed answer's output up to as much). Past it the call fails
+# (``upstream_output_too_large``) and the rest is not read: never a body cut and read as if whole.
+MAX_ANSWER = output_bound(MAX_EVENT)
 FULL = 1 << 20  # backend bytes waiting in a channel before the relay stops reading the backend
 DEFERRED = 16 << 10  # a deferred stream (_BodyPump.defer) wakes the loop only past this many bytes queued
 READ_AT_ONCE = 256 << 10  # what a drain reads at most (asyncio's own read size)
