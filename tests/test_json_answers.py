@@ -13,7 +13,7 @@ import json
 
 import requests
 
-from helpers import LocalServer, MiB, Peak, QuietHandler, chat_completion, parse_sse, post_turn, wait_until
+from helpers import LocalServer, MiB, Peak, QuietHandler, chat_completion, parse_sse, post_turn, send_json, wait_until
 
 TEXT = "".join(f"word{i} " for i in range(300_000))  # 2.5 MB of text: past 1 MiB
 
@@ -33,7 +33,10 @@ class Whole(QuietHandler):
 
     def do_GET(self):
         models = [{"id": f"model-{i}", "object": "model", "description": "d" * 500} for i in range(3000)]
-        self._send(json.dumps({"object": "list", "data": models}).encode())
+        try:
+            self._send(json.dumps({"object": "list", "data": models}).encode())
+        except OSError:  # (a gateway that reads no more of it: test_a_model_list_past_its_own_bound…)
+            self.close_connection = True
 
     def do_POST(self):
         model = json.loads(self.rfile.read(int(self.headers["content-length"])))["model"]
@@ -131,6 +134,62 @@ def test_a_model_list_past_1_mib_is_read_whole(gateway_factory):
         assert r.status_code == 200, r.text[:300]
         ids = [m["id"] for m in r.json()["data"]]
         assert ids == [f"model-{i}" for i in range(3000)], ids[:5]
+
+
+class ChunkedList(QuietHandler):
+    """``GET /v1/models``: a 1.6 MB list as ``Whole``'s, chunked (its length not declared: it
+    grows past a bound only as it is read)."""
+
+    def do_GET(self):
+        data = json.dumps({"object": "list", "data": [
+            {"id": f"chunked-{i}", "object": "model", "description": "d" * 500} for i in range(3000)]}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        try:
+            for at in range(0, len(data), 64 << 10):
+                piece = data[at:at + (64 << 10)]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            pass
+        self.close_connection = True
+
+
+class Few(QuietHandler):
+    def do_GET(self):
+        send_json(self, 200, {"object": "list", "data": [{"id": "few-1", "object": "model"}]})
+
+
+def test_a_model_list_past_its_own_bound_is_left_out_with_a_clear_reason(gateway_factory):
+    """The relay's ``get`` (a model list, a tokenizer's token ids) reads a 200 body up to
+    ``max_upstream_event_mb`` (its own bound), not up to an answer's (8 × it): with 1 MiB, a 1.6 MB
+    list, declared (``Whole``) or chunked (``ChunkedList``), leaves its
+    upstream out of the merged ``GET /v1/models``, the log saying why; with none left, a 502 that
+    says no upstream answered. Neither hangs nor breaks the gateway (before: read whole up to
+    8 MiB, the lists merged)."""
+    with LocalServer(Whole) as many, LocalServer(ChunkedList) as chunked, LocalServer(Few) as few:
+        upstreams = [{"name": "many", "base_url": many.url + "/v1"},
+                     {"name": "chunked", "base_url": chunked.url + "/v1", "models": ["chunked-*"]},
+                     {"name": "few", "base_url": few.url + "/v1", "models": ["few-*"]}]
+        gw = gateway_factory("http://127.0.0.1:9", "--set", "resp2chat_max_upstream_event_mb=1",
+                             "--set", "resp2chat_upstreams=" + json.dumps(upstreams))
+        r = requests.get(gw.base_url + "/models", timeout=60)
+        assert r.status_code == 200, r.text[:300]
+        assert [m["id"] for m in r.json()["data"]] == ["few-1"], r.text[:300]
+        for name in ("many", "chunked"):
+            line = f"GET /models from upstream {name}: TooLarge: the answer is larger than 1 MiB (max_upstream_event_mb)"
+            wait_until(lambda: line in gw.log(), what=f"{name}'s reason")  # noqa: B023
+    with LocalServer(Whole) as many:
+        gw = gateway_factory("http://127.0.0.1:9", "--set", "resp2chat_max_upstream_event_mb=1", "--set",
+                             "resp2chat_upstreams=" + json.dumps([{"name": "many", "base_url": many.url + "/v1"},
+                                                                 {"name": "few", "base_url": "http://127.0.0.1:9/v1",
+                                                                  "models": ["few-*"]}]))
+        r = requests.get(gw.base_url + "/models", timeout=60)
+        assert r.status_code == 502, r.text[:300]
+        assert r.json()["error"]["message"] == "no upstream answered GET /models (tried many, few)", r.text[:300]
+        assert requests.get(gw.base_url.removesuffix("/v1") + "/healthz", timeout=10).status_code == 200
 
 
 def test_a_whole_json_answer_past_the_bound_falls_back_to_the_next_upstream(gateway_factory, upstream):

@@ -230,19 +230,28 @@ def test_an_offline_replay_of_a_failed_stream_stores_it_without_its_wait(tmp_pat
         offline.stop()
 
 
-@pytest.mark.parametrize("answer", ["fastapi", "html"])
+@pytest.mark.parametrize("answer", ["fastapi", "html", "go", "llamacpp"])
 def test_a_base_url_without_v1_is_named_in_the_404s_error(tmp_path, answer):
     """The commonest set-up mistake, a base URL without its ``/v1``: the backend answers the chat
     request with a 404 (vLLM's FastAPI: ``{"detail": "Not Found"}``; another server: an HTML
-    page). The client's error says where to look (before: "upstream HTTP 404: Not Found", code
-    invalid_prompt, nothing more). A 404 about a model (Ollama's "model not found") is left as
-    it is."""
+    page; Go's router, Ollama's: ``404 page not found`` as plain text; llama.cpp: a JSON error
+    "File Not Found"). The client's error says where to look (before: "upstream HTTP 404: Not
+    Found", code invalid_prompt, nothing more). A 404 about a model (Ollama's "model not found")
+    is left as it is (and any other 404 an API wrote: the next test)."""
 
     class NoV1(QuietHandler):
         def do_POST(self):
             self.rfile.read(int(self.headers.get("content-length") or 0))
             if answer == "html":
                 self.send_error(404)
+            elif answer == "go":
+                self.send_response(404)
+                self.send_header("content-type", "text/plain; charset=utf-8")
+                self.send_header("content-length", "18")
+                self.end_headers()
+                self.wfile.write(b"404 page not found")
+            elif answer == "llamacpp":
+                send_json(self, 404, {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}})
             else:
                 send_json(self, 404, {"detail": "Not Found"})
 
@@ -263,6 +272,34 @@ def test_a_base_url_without_v1_is_named_in_the_404s_error(tmp_path, answer):
         finally:
             gw.stop()
             ollama.close()
+
+
+def test_a_404_an_api_wrote_is_not_taken_for_a_wrong_base_url(tmp_path):
+    """OpenRouter answers a request no provider of its model can serve (tools, here) with a 404
+    and its reason: that is the client's error as the backend wrote it, without the hint of a
+    base URL missing its ``/v1`` (before: every 404 not naming "model" got it, sending the
+    operator after a base URL that was right)."""
+    reason = ("No endpoints found that support tool use. To learn more about provider routing, visit: "
+              "https://openrouter.ai/docs/provider-routing")
+
+    class OpenRouter(QuietHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            send_json(self, 404, {"error": {"message": reason, "code": 404}})
+
+    with LocalServer(OpenRouter) as server:
+        gw = gateway_with(tmp_path, [{"name": "openrouter", "base_url": server.url + "/api/v1", "models": ["*"]}])
+        try:
+            turn = {"model": "qwen/qwen3-coder", "input": "hi",
+                    "tools": [{"type": "function", "name": "f", "parameters": {"type": "object", "properties": {}}}]}
+            for stream in (False, True):
+                r = requests.post(gw.base_url + "/responses", json={**turn, "stream": stream}, timeout=30)
+                error = parse_sse(r.content)[-1]["response"]["error"] if stream else r.json()["error"]
+                assert (r.status_code, error["code"]) == (200 if stream else 400, "invalid_prompt"), r.text
+                assert error["message"] == f"upstream HTTP 404: {reason}", error
+                assert "/v1" not in error["message"].removesuffix(reason), error
+        finally:
+            gw.stop()
 
 
 def test_models_route_by_glob_and_models_list_merges(tmp_path, demo_pair):

@@ -166,10 +166,32 @@ def gateway_failure(what: str, request_id: str = "") -> str:
     return f"the gateway failed to {what}" + (f" (request id {request_id})" if request_id else "")
 
 
-# A backend's 404 to the chat request that is not about a model (Ollama's "model not found"): it
-# has no chat completions where the gateway asked, most often a base URL without its /v1.
+# A backend's 404 to the chat request that says its path is not there (``path_miss``): it has no
+# chat completions where the gateway asked, most often a base URL without its /v1. A 404 an API
+# wrote about the request (Ollama's "model not found", OpenRouter's "No endpoints found that
+# support tool use") is its own message, without the hint.
 NO_SUCH_PATH = ("the backend has no chat completions where the gateway asked: is the gateway's upstream base URL"
                 " right? Most servers want it to end in /v1")
+# What a server's router says of a path it has no route for, as the whole message: FastAPI's
+# {"detail": "Not Found"}, llama.cpp's "File Not Found", Go's "404 page not found", aiohttp's
+# "404: Not Found", OpenAI's "Invalid URL (POST /chat/completions)", Express's "Cannot POST /…".
+_PATH_MISS_RE = re.compile(r"(?:404:? )?(?:(?:file|page|resource|route|path|url) )?not found\.?"
+                           r"|invalid url\b.*|cannot (?:post|get) /.*", re.I | re.S)
+
+
+def path_miss(body: bytes) -> bool:
+    """Whether a 404's body says its path is not there, not something about the request: empty,
+    not JSON (an HTML page, a router's plain text), or a JSON error whose message is a router's
+    (``_PATH_MISS_RE``)."""
+    text = body.decode("utf-8", "replace").strip()
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return "model" not in text.lower()  # (empty, HTML, plain text: Ollama's "model … not found" aside)
+    if not isinstance(data, dict):
+        return False
+    message, _ = upstream_error_message(404, body)
+    return bool(_PATH_MISS_RE.fullmatch(message.removeprefix("upstream HTTP 404: ").strip()))
 
 
 def upstream_failure(status: int | None, body: bytes, request_id: str = "",
@@ -181,7 +203,7 @@ def upstream_failure(status: int | None, body: bytes, request_id: str = "",
     code (relay/upstream.py ``failure``)."""
     message, upstream_code = upstream_error_message(status, body)
     code = classify_upstream_error(status, message, upstream_code)
-    wrong_url = status == 404 and not own and "model" not in message.lower()  # (NO_SUCH_PATH)
+    wrong_url = status == 404 and not own and path_miss(body)  # (NO_SUCH_PATH)
     if wrong_url:
         message += f" ({NO_SUCH_PATH})"
     if own:

@@ -233,6 +233,14 @@ DELTA_COST, ITEM_COST, LOGPROB_COST = 64, 4096, 256
 OUTPUT_TOO_LARGE = "upstream_output_too_large"
 
 
+def output_bound(max_event: int) -> int:
+    """The bound of a turn's answer, in bytes, for a backend whose largest event is ``max_event``
+    (``max_upstream_event_mb``): OUTPUT_EVENTS × it. The one rule: the output a translator holds,
+    and the one whole JSON body of a backend that ignored ``stream`` (relay/upstream.py
+    ``max_answer``)."""
+    return OUTPUT_EVENTS * max_event
+
+
 class Translator:
     def __init__(self, ctx: TurnContext, max_event: int = MAX_EVENT):
         """``max_event``: the largest SSE event (or line) the backend may send, in bytes
@@ -249,7 +257,7 @@ class Translator:
         self.retry_after: str | None = None  # the backend's Retry-After, when its error failed the turn
         self.events = 0  # also the next sequence_number
         self._reader = ChunkReader(self, max_event)  # chatstream.py: the backend's chunks -> the on_* calls below
-        self._max_output = OUTPUT_EVENTS * max_event
+        self._max_output = output_bound(max_event)
         self._output_size = 0  # what the turn's output holds, as OUTPUT_EVENTS counts it
         self.output_chars = 0  # characters of output the backend sent (text, reasoning, tool arguments)
         self._parser = self._reader.parser

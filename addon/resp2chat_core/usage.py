@@ -20,8 +20,9 @@ Reasoning tokens: ``completion_tokens_details.reasoning_tokens``, else a top-lev
 ``find_usage`` runs on every chunk and only looks; ``to_responses_usage`` runs once, when a
 Response object that shows usage is written.
 
-One reader of a usage object's counts, in any spelling (chat's, the Responses API's, a
-passthrough answer's): ``counts``. What the limits spend (``tpm``) is its total, ``tokens``: a
+One reader of a Responses usage's counts as the access log and the metrics show them (input,
+cached, output): ``breakdown``. One reader of a usage object's counts, in any spelling (chat's,
+the Responses API's, a passthrough answer's): ``counts``. What the limits spend (``tpm``) is its total, ``tokens``: a
 turn's Responses usage (addons/limits.py) and a passthrough answer's own (limits.py ``Meter``)
 alike. Without a usage, one estimate, ``estimate``: ``BYTES_PER_TOKEN`` bytes a token, a part
 of one counted as one (a tokenizer never makes no token of some bytes); the prompt's analysis
@@ -78,6 +79,15 @@ def tokens(u: object) -> int | None:
     None: not a usage."""
     found = counts(u)
     return None if found is None else found[2]
+
+
+def breakdown(u: dict | None) -> tuple[object, object, object]:
+    """(input, cached, output) tokens of a Responses usage (``to_responses_usage``'s shape) as
+    the access log and the metrics read them: ``input_tokens``,
+    ``input_tokens_details.cached_tokens``, ``output_tokens``; None where one is missing (or no
+    usage)."""
+    u = u or {}
+    return u.get("input_tokens"), (u.get("input_tokens_details") or {}).get("cached_tokens"), u.get("output_tokens")
 
 
 def _first(u: dict, *names: str) -> int | None:

@@ -23,6 +23,7 @@ import sys
 import time
 
 from resp2chat_core.labels import shown
+from resp2chat_core.usage import breakdown
 
 from .base import Owner
 from .outcomes import Outcome
@@ -50,14 +51,13 @@ class AccessLog(Owner):
     def write(self, o: Outcome) -> None:
         if self.file is None:
             return
-        u = o.usage or {}
         line = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(o.at)) + f".{int(o.at % 1 * 1000):03d}Z",
             "request_id": o.request_id, "session": None if o.session is None else shown(o.session),
             "model": shown(o.model), "upstream": o.upstream, "client": o.client or None, "status": o.status,
             "code": shown(o.code),
             "http_status": o.http_status,
-            **_tokens("", u),
+            **_tokens("", o.usage),
             "gateway_ms": None if o.latency is None else round(o.latency * 1000, 2),
             "ttft_ms": None if o.ttft is None else round(o.ttft * 1000, 1), "total_ms": round(o.took * 1000, 1),
         }
@@ -72,8 +72,6 @@ class AccessLog(Owner):
             self.file.flush()
 
 
-def _tokens(prefix: str, usage: dict) -> dict:
+def _tokens(prefix: str, usage: dict | None) -> dict:
     """A Responses usage as the line's token counts (``prefix``: ``backend_`` for the work)."""
-    return {prefix + "input_tokens": usage.get("input_tokens"),
-            prefix + "cached_tokens": (usage.get("input_tokens_details") or {}).get("cached_tokens"),
-            prefix + "output_tokens": usage.get("output_tokens")}
+    return dict(zip((prefix + "input_tokens", prefix + "cached_tokens", prefix + "output_tokens"), breakdown(usage)))

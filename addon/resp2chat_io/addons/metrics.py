@@ -38,6 +38,7 @@ from __future__ import annotations
 from mitmproxy import http
 
 from resp2chat_core.labels import code_label, label_safe
+from resp2chat_core.usage import breakdown
 
 from .base import fails_closed
 from .outcomes import Outcome
@@ -113,9 +114,8 @@ class Metrics:
         self.duration.labels(o.upstream, model, client).observe(o.took)
         if o.latency is not None:
             self.latency.labels(o.upstream, model, client).observe(o.latency)
-        u = o.work or {}  # (the backends' work: a tool loop's every round)
-        for kind, value in (("prompt", u.get("input_tokens")), ("output", u.get("output_tokens")),
-                            ("cached", (u.get("input_tokens_details") or {}).get("cached_tokens"))):
+        prompt, cached, output = breakdown(o.work)  # (the backends' work: a tool loop's every round)
+        for kind, value in (("prompt", prompt), ("output", output), ("cached", cached)):
             if isinstance(value, int) and value > 0:
                 self.tokens.labels(o.upstream, model, client, kind).inc(value)
 

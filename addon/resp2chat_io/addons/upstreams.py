@@ -7,8 +7,9 @@
   mitmproxy's ``ssl_insecure``) and
   ``max_upstream_event_mb``, the largest SSE event a backend may send (each turn's reader of the
   backend's stream is bounded by it: ``Turns`` reads it for a turn's translator and exchange;
-  the relay's client reads a whole 200 JSON body up to ``OUTPUT_EVENTS`` times it, the bound of
-  an answer's output: relay/upstream.py ``MAX_ANSWER``).
+  the relay's client reads a chat call's whole 200 JSON body up to ``OUTPUT_EVENTS`` times it,
+  the bound of an answer's output: translator.py ``output_bound``; a model list's, a tokenizer's
+  up to it: relay/upstream.py ``max_get``).
 - ``upstreams``: several named upstreams instead of one, each serving some models, later ones
   the fallbacks of earlier ones (resp2chat_core/routing.py); ``routing_key_header``: the
   session key goes upstream in that header (session affinity behind a router such as smg).
@@ -48,7 +49,7 @@ from resp2chat_core import settings as S
 from resp2chat_core.turn import Turn, session_key
 from resp2chat_core.channel import Scrubber, scrub
 from resp2chat_core.errors import GatewayError, error_json
-from resp2chat_core.translator import OUTPUT_EVENTS
+from resp2chat_core.translator import output_bound
 from resp2chat_io import offload
 from resp2chat_io.relay import KEY_HEADER, TURN_HEADER, Relay
 
@@ -140,8 +141,10 @@ class Upstreams(Owner):
         client.connect_timeout = self.s["connect_timeout_secs"] or None
         client.idle_timeout = self.s["upstream_idle_timeout_secs"] or float("inf")
         client.verify_tls = not getattr(ctx.options, "ssl_insecure", False)
-        # (a 200 JSON body read whole, every call's: an answer's output bound, translator.py)
-        client.max_answer = OUTPUT_EVENTS * (self.s["max_upstream_event_mb"] << 20)
+        # (a 200 JSON body read whole: a chat call's up to an answer's output bound, translator.py;
+        # a model list's, a tokenizer's, a web search's up to the largest event)
+        client.max_get = self.s["max_upstream_event_mb"] << 20
+        client.max_answer = output_bound(client.max_get)
         self.relay.window = self.s["coalesce_ms"] / 1000  # (each turn's news: resp2chat_core/channel.py)
         self.secrets = S.secret_values(self.s)
 

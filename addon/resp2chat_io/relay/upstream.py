@@ -48,18 +48,21 @@ from resp2chat_core.channel import Channel, Keepalive, UpstreamFailed, UpstreamJ
 from resp2chat_core.chunked import ChunkedDecoder, ChunkedError
 from resp2chat_core.limits import backend_retry_after
 from resp2chat_core.sse import MAX_EVENT, Progress
-from resp2chat_core.translator import OUTPUT_EVENTS, OUTPUT_TOO_LARGE
+from resp2chat_core.translator import OUTPUT_EVENTS, OUTPUT_TOO_LARGE, output_bound
 
 from .. import offload
 from .constants import READ
 
 MAX_ERROR_BODY = 1 << 20  # an error body is kept up to this much; the rest is not read
-# A 200 JSON body (a whole answer: ``stream`` ignored; a model list, a tokenizer's count) is read
-# whole up to ``UpstreamClient.max_answer``: the bound of an answer's output however it comes,
-# OUTPUT_EVENTS × max_upstream_event_mb (32 MiB by default; translator.py, which holds a streamed
-# answer's output up to as much). Past it the call fails (``upstream_output_too_large``) and the
-# rest is not read: never a body cut and read as if whole.
-MAX_ANSWER = OUTPUT_EVENTS * MAX_EVENT
+# A 200 JSON body of a chat call (a whole answer: ``stream`` ignored) is read whole up to
+# ``UpstreamClient.max_answer``: the bound of an answer's output however it comes,
+# translator.py ``output_bound`` (OUTPUT_EVENTS × max_upstream_event_mb, 32 MiB by default: the
+# translator holds a streamed answer's output up to as much). Past it the call fails
+# (``upstream_output_too_large``) and the rest is not read: never a body cut and read as if whole.
+# ``get``'s 200 body (a model list, a tokenizer's token ids, a web search's results) has a bound
+# of its own, ``UpstreamClient.max_get``: max_upstream_event_mb (4 MiB by default: a list of
+# thousands of models, the ids of a prompt of ~500k tokens), past it ``TooLarge``.
+MAX_ANSWER = output_bound(MAX_EVENT)
 FULL = 1 << 20  # backend bytes waiting in a channel before the relay stops reading the backend
 DEFERRED = 16 << 10  # a deferred stream (_BodyPump.defer) wakes the loop only past this many bytes queued
 READ_AT_ONCE = 256 << 10  # what a drain reads at most (asyncio's own read size)
@@ -222,7 +225,7 @@ class _Watch:
 
 
 class TooLarge(Exception):
-    """A 200 body past ``UpstreamClient.max_answer`` (``get``): not read whole, not returned."""
+    """A 200 body past ``UpstreamClient.max_get`` (``get``): not read whole, not returned."""
 
 
 class UpstreamClient:
@@ -232,6 +235,7 @@ class UpstreamClient:
         self.keepalive = 15.0
         self.verify_tls = True
         self.max_answer = MAX_ANSWER  # bytes of a 200 JSON body read at most (OUTPUT_EVENTS × max_upstream_event_mb)
+        self.max_get = MAX_EVENT  # bytes of ``get``'s 200 body read at most (max_upstream_event_mb)
         self._pool: dict[tuple, list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
 
     def close(self) -> None:
@@ -290,9 +294,9 @@ class UpstreamClient:
 
     async def get(self, url: str, headers: list[tuple[bytes, bytes]], body: bytes | None = None) -> tuple[int, bytes]:
         """A plain GET (with ``body``: a POST of it) on a fresh connection (web search, a
-        backend's model list or tokenizer), whole body (a 200's up to ``max_answer``, else
-        ``TooLarge``: a model list of hundreds of models, the token ids of a long prompt pass 1 MiB;
-        an error's up to ``MAX_ERROR_BODY``), bounded by idle_timeout."""
+        backend's model list or tokenizer), whole body (a 200's up to ``max_get``, else
+        ``TooLarge``, declared so or grown so: a model list of thousands of models, the token ids
+        of a long prompt pass 1 MiB; an error's up to ``MAX_ERROR_BODY``), bounded by idle_timeout."""
         target = BackendUrl(url)
         reader, writer, _ = await self._connect(target.key, pooled=False)
         try:
@@ -313,9 +317,12 @@ class UpstreamClient:
                     conn.receive_data(await asyncio.wait_for(reader.read(READ), timeout))
                 elif isinstance(event, h11.Response):
                     status = event.status_code
+                    declared = dict(event.headers).get(b"content-length", b"")
+                    if status == 200 and declared.isdigit() and int(declared) > self.max_get:
+                        raise TooLarge(self._too_large())
                 elif isinstance(event, h11.Data):
-                    if status == 200 and len(data) + len(event.data) > self.max_answer:
-                        raise TooLarge(f"the answer is larger than {self.max_answer / (1 << 20):g} MiB")
+                    if status == 200 and len(data) + len(event.data) > self.max_get:
+                        raise TooLarge(self._too_large())
                     data += event.data[:MAX_ERROR_BODY - len(data)] if status != 200 else event.data
                     if status != 200 and len(data) >= MAX_ERROR_BODY:  # the rest is not read (closed)
                         return status, bytes(data)
@@ -323,6 +330,9 @@ class UpstreamClient:
                     return status, bytes(data)
         finally:
             writer.close()
+
+    def _too_large(self) -> str:
+        return f"the answer is larger than {self.max_get / (1 << 20):g} MiB (max_upstream_event_mb)"
 
     # --- connections ---------------------------------------------------------------------------
 
