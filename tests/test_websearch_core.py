@@ -7,8 +7,10 @@ import json
 
 from helpers import chat_chunk, chat_completion, chat_event, chat_sse, parse_chat_sse, parse_sse, tool_call_chunk
 from resp2chat_core import toolloop, websearch
+from resp2chat_core.chatstream import ChunkReader
 from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.turn import begin_turn
+from test_chatstream import Calls
 
 
 def usage(prompt, completion) -> dict:
@@ -194,6 +196,62 @@ def test_a_round_answered_with_one_json_body_is_read_as_its_stream():
     assert response["usage"]["input_tokens"] == 150 and response["usage"]["output_tokens"] == 15
     error = json.dumps({"error": {"message": "model not found", "type": "invalid_request_error"}}).encode()
     assert websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=5).whole(error) is None
+
+
+def test_a_whole_answer_past_one_events_bound_goes_on_in_several_events_within_it():
+    """A round's whole JSON answer may be up to 8 × the bound of one SSE event (``max_event``),
+    its deltas all in one payload: the filter passes them on in several events, each within the
+    bound the translator's parser holds, and they read back as the same deltas in the same order
+    (long ones cut into several of their kind: text, reasoning, a call's arguments, logprobs),
+    the same bytes every time. The translator behind it makes of them the Response it makes of
+    the answer in one event (read without a bound). Before: one event, refused by the parser."""
+    bound = 256 << 10  # (and 2 MiB an answer's bound: 8 × it)
+    text = "".join(f"w\u00f6rd{i} \"q\"\\\n\x01\U0001f600 " for i in range(15_000))  # 1 to 6 bytes a char
+    reasoning = "".join(f"step{i}; " for i in range(30_000))
+    args = json.dumps({"cmd": text}, ensure_ascii=False)
+    lp = [{"token": f"t{i}" + "x" * 400, "logprob": -0.5, "bytes": [116], "top_logprobs": []} for i in range(1_000)]
+    calls = [{"id": "call_s", "type": "function", "function": {"name": "web_search", "arguments": '{"query": "q"}'}},
+             {"id": "call_x", "type": "function", "function": {"name": "exec", "arguments": args}}]
+    answer = chat_completion({"reasoning_content": reasoning, "content": text, "tool_calls": calls}, "tool_calls")
+    answer["choices"][0]["logprobs"] = {"content": lp}
+    body = json.dumps(answer, ensure_ascii=False).encode()
+    split, whole = (websearch.SearchLoop(json.dumps(CHAT).encode(), 5, max_event).whole(body)
+                    for max_event in (bound, 1 << 30))
+    assert websearch.SearchLoop(json.dumps(CHAT).encode(), 5, bound).whole(body) == split
+    assert len(parse_chat_sse(whole)) == 1 and len(whole) > 4 * bound
+    events = split.split(b"\n\n")[:-1]
+    assert len(events) > 4 and max(len(e) + 2 for e in events) <= bound
+
+    def read(out: bytes, max_event: int) -> list[tuple]:
+        sink = Calls()
+        reader = ChunkReader(sink, max_event)
+        reader.feed(out)
+        reader.finish()
+        assert not reader.parser.oversized
+        merged: list[tuple] = []  # the deltas, those of a kind in a row (of a call) joined
+        for what, *value in sink.calls[1:]:
+            last = merged[-1] if merged else (None,)
+            if what == "tool" and last[0] == "tool" and last[1] == value[0]:
+                merged[-1] = (*last[:4], last[4] + value[3])
+            elif what == last[0] and what != "tool":
+                merged[-1] = (what, last[1] + value[0])
+            else:
+                merged.append((what, *value))
+        return merged
+
+    assert read(split, bound) == read(whole, 1 << 30) == [("logprobs", lp), ("reasoning", reasoning), ("text", text),
+                                          ("tool", "call_x", "call_x", "exec", args)]
+    turn = begin_turn(json.dumps({"model": "m", "input": "x", "stream": True, "top_logprobs": 1}).encode(),
+                      LoweringOptions(), "resp_" + "d" * 32, 0)
+    responses = []
+    for out, max_event in ((split, bound), (whole, 1 << 30)):
+        translator = turn.translator(max_event)
+        translator.feed(out)
+        translator.feed(toolloop.final_chunks("tool_calls", []))
+        translator.finish()
+        responses.append(translator.response())
+    assert responses[0] == responses[1]
+    assert responses[0]["status"] == "completed" and responses[0]["output"][-1]["arguments"] == args
 
 
 def test_a_re_encoded_chunk_with_a_lone_surrogate_escape():

@@ -259,6 +259,25 @@ def test_a_round_answered_with_json_runs_the_gateways_calls(gateway_factory, bra
             assert usage["input_tokens"] == 20 and usage["output_tokens"] == sum(completion), usage
 
 
+def _search_turns(gateway_factory, brave, answers: list, streams=(True,)) -> list[tuple[list, list]]:
+    """A gateway before a ``_Rounds`` backend that answers each turn's rounds with ``answers``:
+    a search turn per ``stream`` of ``streams``, each (its events: a client that did not stream
+    gets its Response as the last, the chat requests its rounds sent)."""
+    url, handler = brave
+    backend = type("Rounds", (_Rounds,), {"answers": answers, "bodies": []})
+    turns = []
+    with LocalServer(backend) as server:
+        gw = gateway_factory(server.url, "--set", "resp2chat_max_replay_entries=0",
+                             env={"BRAVE_SEARCH_API_KEY": BRAVE_KEY, "RESP2CHAT_BRAVE_BASE_URL": url})
+        for stream in streams:
+            handler.queries, backend.bodies = [], []
+            r = requests.post(f"{gw.base_url}/responses", timeout=120, json={
+                "model": "demo-model", "input": "search", "tools": [WEB_SEARCH], "stream": stream})
+            assert r.status_code == 200, r.text[:300]
+            turns.append((parse_sse(r.content) if stream else [{"response": r.json()}], backend.bodies))
+    return turns
+
+
 LONG = "".join(f"word{i} " for i in range(200_000))  # 1.7 MB: past the 1 MiB an error body is read up to
 
 
@@ -268,26 +287,49 @@ def test_rounds_answered_with_json_past_1_mib_are_read_whole(gateway_factory, br
     answer of 1.7 MB. Each is read whole (the relay's bound for a 200 JSON body is an answer's,
     32 MiB): the search runs, the next round gets the call back whole, the answer is the turn's.
     Before, each body was cut at 1 MiB and read as garbage: the turn failed at round 1."""
-    url, handler = brave
+    _, handler = brave
     call = {"id": "call_big", "type": "function",
             "function": {"name": "web_search", "arguments": json.dumps({"query": "big round", "why": LONG})}}
     answers = [("json", chat_completion({"content": None, "tool_calls": [call]}, "tool_calls", completion_tokens=5)),
                ("json", chat_completion({"content": LONG}, "stop", completion_tokens=3))]
-    backend = type("Rounds", (_Rounds,), {"answers": answers, "bodies": []})
-    with LocalServer(backend) as server:
-        gw = gateway_factory(server.url, "--set", "resp2chat_max_replay_entries=0",
-                             env={"BRAVE_SEARCH_API_KEY": BRAVE_KEY, "RESP2CHAT_BRAVE_BASE_URL": url})
-        handler.queries = []
-        r = requests.post(f"{gw.base_url}/responses", timeout=60, json={
-            "model": "demo-model", "input": "search", "tools": [WEB_SEARCH], "stream": True})
-        final = parse_sse(r.content)[-1]["response"]
+    ((events, bodies),) = _search_turns(gateway_factory, brave, answers)
+    final = events[-1]["response"]
+    assert final["status"] == "completed", final["error"]
+    assert [o["type"] for o in final["output"]] == ["web_search_call", "message"]
+    assert final["output"][0]["action"]["query"] == "big round"
+    assert final["output"][1]["content"][0]["text"] == LONG
+    assert [q["q"] for q in handler.queries] == ["big round"]
+    assistant = bodies[1]["messages"][-2]
+    assert assistant["tool_calls"][0]["function"]["arguments"] == call["function"]["arguments"]
+
+
+BIG = "".join(f"word{i} \u00e9 \"q\"\n" for i in range(300_000))  # 5.9 MiB as JSON: past the 4 MiB of one event
+THOUGHT = "".join(f"step{i}; " for i in range(200_000))  # 2.2 MiB
+
+
+def test_a_round_answered_with_json_past_one_events_bound_reaches_the_client_whole(gateway_factory, brave):
+    """At the default settings (``max_upstream_event_mb`` 4), the round after a search is
+    answered with one JSON body of 8 MiB (``stream`` ignored): 5.9 MiB of text, 2.2 MiB of
+    reasoning. An answer is bounded at 8 × 4 MiB, not at one event's 4 MiB: the loop passes it
+    on as several events, each within the bound, and the client gets both whole, in a completed
+    response, streamed or not. Before, the loop wrote the answer's deltas as one event and the
+    translator refused it: ``upstream_event_too_large``."""
+    search = chat_completion({"content": None, "tool_calls": [_search_call("call_b1", "big answer")]}, "tool_calls",
+                             completion_tokens=5)
+    answer = json.dumps(chat_completion({"reasoning_content": THOUGHT, "content": BIG}, "stop", completion_tokens=3),
+                        ensure_ascii=False).encode()
+    assert 8 << 20 < len(answer) < 9 << 20
+    streamed, whole = _search_turns(gateway_factory, brave, [("json", search), ("json", answer)], (True, False))
+    for events, bodies in (streamed, whole):
+        final = events[-1]["response"]
         assert final["status"] == "completed", final["error"]
-        assert [o["type"] for o in final["output"]] == ["web_search_call", "message"]
-        assert final["output"][0]["action"]["query"] == "big round"
-        assert final["output"][1]["content"][0]["text"] == LONG
-        assert [q["q"] for q in handler.queries] == ["big round"]
-        assistant = backend.bodies[1]["messages"][-2]
-        assert assistant["tool_calls"][0]["function"]["arguments"] == call["function"]["arguments"]
+        assert [o["type"] for o in final["output"]] == ["web_search_call", "reasoning", "message"]
+        assert final["output"][0]["action"]["query"] == "big answer" and len(bodies) == 2
+        assert final["output"][1]["content"][0]["text"] == THOUGHT
+        text = final["output"][2]["content"][0]["text"]
+        assert len(text) == len(BIG) and text == BIG
+    deltas = [e["delta"] for e in streamed[0] if e["type"] == "response.output_text.delta"]
+    assert len(deltas) > 1 and "".join(deltas) == BIG
 
 
 def test_a_round_answered_with_a_json_error_fails_the_turn_with_it(gateway_factory, brave):

@@ -25,7 +25,8 @@ Rules of this file:
   original.
 - A round answered with one JSON ``chat.completion`` (a backend that ignored ``stream``) is read
   as its stream would be (``ToolLoop.whole``: ``ChunkReader.body``, the reader's own rule for a
-  whole body): the same calls held back, the same end held, the rest passed on in stream form.
+  whole body): the same calls held back, the same end held, the rest passed on in stream form,
+  in events each within the bound of one (``max_event``; the body may be 8 × that: ``_encode``).
   An error or garbage body is not the loop's: the translator reads it whole, as any turn's.
 - A turn without the gateway's tools never meets this file: the relay makes no loop for it.
 
@@ -274,6 +275,57 @@ class ToolLoop:
 
 _REASONING, _TEXT, _TOOL = range(3)  # the order a delta is read in (chatstream.ChunkReader._delta)
 _LOGPROBS = -1  # a choice's logprobs: read before its delta, so they open a choice of their own
+_ENVELOPE = len(_event({"object": "chat.completion.chunk", "choices": []}))  # an event's bytes around its choices
+_PIECE = 64  # bytes around a piece's value in its event, at most (its choice, key, commas)
+_WIDEST = 6  # bytes a character of a string takes in an event, at most (\u001f; a lone surrogate's escape)
+
+
+def _size(value) -> int:
+    return len(_dumps(value).encode("utf-8", "backslashreplace"))
+
+
+def _cut(pieces: list, room: int):
+    """(kind, value, cost) for each piece of ``RoundFilter._pieces`` (a call's as its
+    ``tool_calls`` entry: ``chatstream.wire_call``), ``cost`` the bytes it adds to its chunk's
+    event at most. A piece that alone would pass ``room`` is cut into several of its kind, each
+    within it, that read back as it: a text or reasoning into parts of it, a call's arguments
+    into the naming delta and argument deltas of the same call, logprobs into runs of their
+    entries. (An entry of logprobs larger than ``room`` on its own stays whole, and so does a
+    call whose id or name takes half of it: the translator refuses its event, as it would the
+    backend's.)"""
+    step = max(1, (room - _PIECE - 2) // _WIDEST)  # characters of a string that fit, whatever they are
+    for i in range(0, len(pieces), 2):
+        kind, value = pieces[i], pieces[i + 1]
+        if kind == _TOOL:
+            key, call_id, name, args = value
+            head = max(_size(wire_call(key, call_id, name, "")), _size(wire_call(key, None, None, "")))
+            fits = (room - _PIECE - head) // _WIDEST
+            if args is None or len(args) <= fits or 2 * head > room:  # (an id or name that large: no call to cut)
+                parts = [args]
+            else:
+                parts = [args[at:at + fits] for at in range(0, len(args), fits)]
+            for n, part in enumerate(parts):
+                entry = wire_call(key, call_id, name, part) if n == 0 else wire_call(key, None, None, part)
+                yield kind, entry, _size(entry) + _PIECE
+        elif kind == _LOGPROBS:
+            size = _size(value)
+            if size + _PIECE <= room:
+                yield kind, value, size + _PIECE
+                continue
+            run: list = []
+            size = 0
+            for entry in value:
+                cost = _size(entry) + 1
+                if run and size + cost + _PIECE > room:
+                    yield kind, run, size + _PIECE
+                    run, size = [], 0
+                run.append(entry)
+                size += cost
+            yield kind, run, size + _PIECE
+        else:
+            for at in range(0, len(value), step):
+                part = value[at:at + step]
+                yield kind, part, _size(part) + _PIECE
 
 
 class RoundFilter:
@@ -350,16 +402,25 @@ class RoundFilter:
             self._out.append(self._encode())  # what is left of it
 
     def _encode(self) -> bytes:
-        """The payload's deltas (without what is held back) as one chunk that reads back as the
-        same deltas in the same order: a new choice (index 0 too) where a delta cannot hold the
+        """The payload's deltas (without what is held back) as chunks that read back as the same
+        deltas in the same order: a new choice (index 0 too) where a delta cannot hold the
         next piece after the last, and one for each ``logprobs`` (the translator reads them
-        before the delta of their choice, as the tokens of the text that follows)."""
+        before the delta of their choice, as the tokens of the text that follows). One chunk,
+        unless its event would pass the parser's bound (``max_event``: a whole body's deltas,
+        up to 8 × that, come as one payload): then several, each within it, a text, reasoning,
+        call's arguments or logprobs too long for one cut into several deltas of their kind
+        (``_cut``)."""
+        room = self._reader.parser.max_event - _ENVELOPE
+        events: list[bytes] = []
         choices: list[dict] = []
         delta: dict = {}
         rank = _TOOL + 1
-        pieces = self._pieces
-        for i in range(0, len(pieces), 2):
-            kind, value = pieces[i], pieces[i + 1]
+        size = 0
+        for kind, value, cost in _cut(self._pieces, room):
+            if choices and size + cost > room:  # a full chunk: the next one begins with a new choice
+                events.append(_event({"object": "chat.completion.chunk", "choices": choices}))
+                choices, size, rank = [], 0, _TOOL + 1
+            size += cost
             if kind == _LOGPROBS:
                 delta = {}
                 choices.append({"index": 0, "delta": delta, "logprobs": {"content": value}})
@@ -375,7 +436,8 @@ class RoundFilter:
                 delta["content"] = value
             else:
                 delta.setdefault("tool_calls", []).append(value)
-        return _event({"object": "chat.completion.chunk", "choices": choices})
+        events.append(_event({"object": "chat.completion.chunk", "choices": choices}))
+        return b"".join(events)
 
     def _flush(self) -> bytes:
         out = b"".join(self._out)
@@ -414,7 +476,7 @@ class RoundFilter:
         if self._owns(call[1]):
             self._held = True  # the gateway runs it: the client never sees it
         else:
-            self._pieces += (_TOOL, wire_call(key, call_id, name, args))
+            self._pieces += (_TOOL, (key, call_id, name, args))  # (written by _cut: wire_call)
 
     def on_logprobs(self, entries: list) -> None:
         self._pieces += (_LOGPROBS, entries)  # (a chunk written again keeps them: _encode)
