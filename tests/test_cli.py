@@ -269,6 +269,54 @@ def test_start_uses_configured_upstream(tmp_path, upstream):
         out = _stop(proc)
     assert f"gateway on http://127.0.0.1:{port}/v1 -> {upstream.base_url}" in out
     assert f"listening at 127.0.0.1:{port}" in out and "*:8080" not in out
+    assert "warning" not in out, out  # the backend answers: nothing to warn about
+
+
+def _start_configured(tmp_path, config: dict) -> tuple[subprocess.Popen, int]:
+    config_file(tmp_path).parent.mkdir(parents=True)
+    config_file(tmp_path).write_text(yaml.safe_dump(config))
+    return _start(tmp_path)
+
+
+def _warnings(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("resp2chat: warning:")]
+
+
+def _nothing_at(url: str) -> str:
+    return (f"resp2chat: warning: nothing answers at {url} (connection refused): is the backend running? "
+            "The gateway starts anyway.")
+
+
+def test_start_warns_when_nothing_answers_at_the_upstream(tmp_path):
+    """The backend not running (or a wrong port in upstream_base_url): ``start`` said nothing, and
+    the first turn failed. It says so at once, one line naming the URL (never the key), and the
+    gateway starts all the same (the backend may come up later)."""
+    closed = f"http://127.0.0.1:{free_port()}/v1"  # (a port just freed: nothing listens there)
+    proc, port = _start_configured(tmp_path, {"upstream_base_url": closed, "upstream_api_key": "sk-never-shown-4242"})
+    try:
+        assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+    finally:
+        out = _stop(proc)
+    assert _warnings(out) == [_nothing_at(closed)], out
+    assert "sk-never-shown-4242" not in out
+
+
+def test_start_warns_of_each_upstream_entry_that_does_not_answer(tmp_path, upstream):
+    """With ``upstreams``: every entry is checked (at once), only the silent ones are named, in
+    one line; a ``demo`` entry is the gateway's own (not checked)."""
+    closed = f"http://127.0.0.1:{free_port()}/v1"
+    proc, port = _start_configured(tmp_path, {"upstreams": [
+        {"name": "gone", "base_url": closed, "api_key": "sk-entry-never-shown", "models": ["gone-*"]},
+        {"name": "here", "base_url": upstream.base_url, "models": ["demo-*"]},
+        {"name": "toy", "base_url": "demo", "models": ["*"]},
+    ]})
+    try:
+        client = openai_client(f"http://127.0.0.1:{port}/v1")
+        assert client.responses.create(model="demo-model", input="still here").output_text == "You said: still here"
+    finally:
+        out = _stop(proc)
+    assert _warnings(out) == [_nothing_at(closed)], out
+    assert "sk-entry-never-shown" not in out
 
 
 def test_start_set_bind_addr_wins_over_environment(tmp_path, upstream):

@@ -8,7 +8,10 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import sys
+import threading
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -307,12 +310,54 @@ def cmd_keys_revoke(args) -> int:
 # --- start -----------------------------------------------------------------------------------
 
 
+def unanswered(urls, timeout: float = 1.5) -> dict[str, str]:
+    """The URLs at whose host and port nothing accepts a TCP connection within ``timeout``, all
+    tried at once (so ``start`` waits ``timeout`` at most, however many): url -> why. Sends nothing
+    (no request, no key), and connects as the gateway does (directly: no HTTP(S)_PROXY)."""
+    urls = list(dict.fromkeys(urls))
+    why: dict[str, str] = {}
+
+    def connect(url: str) -> None:
+        parts = urlsplit(url)
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            socket.create_connection((parts.hostname, port), timeout=timeout).close()
+            why[url] = ""
+        except ConnectionRefusedError:
+            why[url] = "connection refused"
+        except socket.gaierror:
+            why[url] = f"unknown host {parts.hostname}"
+        except (OSError, ValueError) as exc:  # (a timeout: said below)
+            if not isinstance(exc, TimeoutError):
+                why[url] = getattr(exc, "strerror", None) or str(exc)
+
+    threads = [threading.Thread(target=connect, args=(url,), daemon=True) for url in urls]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return {url: why.get(url) or f"no answer within {timeout:g} s" for url in urls if why.get(url) != ""}
+
+
 def _upstream_answers(url: str) -> bool:
-    try:
-        requests.get(url.rstrip("/") + "/models", timeout=1.5)
-        return True
-    except requests.RequestException:
-        return False
+    return not unanswered([url])
+
+
+def _gives_mode(mitmproxy_args) -> bool:
+    return any(a == "--mode" or a.startswith("--mode=") for a in mitmproxy_args)
+
+
+def probed_upstreams(values: dict, demo: bool, mitmproxy_args) -> list[str]:
+    """The base URLs a gateway with these settings sends to, which ``start`` checks: none for the
+    demo upstream (the gateway serves it itself), nor for a ``--mode`` of the user's own."""
+    if demo:
+        return []
+    if values["upstream_base_url"]:
+        return [values["upstream_base_url"]]
+    if values["upstreams"]:
+        return [u["base_url"] for u in values["upstreams"] if u.get("base_url") not in (None, "", "demo")]
+    return [] if _gives_mode(mitmproxy_args) else [S.DEFAULT_UPSTREAM]
 
 
 def build_start_command(args, values: dict, sources: dict) -> tuple[list[str], dict]:
@@ -328,7 +373,7 @@ def build_start_command(args, values: dict, sources: dict) -> tuple[list[str], d
         if not args.demo:
             print(f"resp2chat: no backend configured and none at {S.DEFAULT_UPSTREAM}: serving the bundled "
                   "demo upstream (configure one with `resp2chat configure`)", file=sys.stderr)
-    if not any(a == "--mode" or a.startswith("--mode=") for a in args.mitmproxy_args):
+    if not _gives_mode(args.mitmproxy_args):
         # Name the listen address in the mode so mitmproxy never binds its default *:8080 first.
         # (the demo upstream's port is only known inside the addon, which routes /v1 to it)
         target = urlsplit(S.DEFAULT_UPSTREAM if demo else S.first_upstream(values))
@@ -436,10 +481,16 @@ def cmd_start(args) -> int:
     if (refused := start_bind(values, sources, args.mitmproxy_args)) is not None:
         return _fail(refused)
     cmd, env = build_start_command(args, values, sources)
-    where = ("demo upstream" if "demo" in (env.get("RESP2CHAT_UPSTREAM_BASE_URL"), values["upstream_base_url"]) else
+    demo = "demo" in (env.get("RESP2CHAT_UPSTREAM_BASE_URL"), values["upstream_base_url"])
+    where = ("demo upstream" if demo else
              ", ".join(f"{u['name']} ({u['base_url']})" for u in values["upstreams"]) or S.first_upstream(values))
     # (said before mitmproxy runs: the gateway may still refuse a setting as it loads, so "starting")
     print(f"resp2chat: starting the gateway {where_it_listens(values)} -> {where}", file=sys.stderr)
+    # A backend not running (or a wrong host or port) said now, not at the first turn; the gateway
+    # starts all the same: the backend may come up later (systemd starts both at once).
+    if silent := unanswered(probed_upstreams(values, demo, args.mitmproxy_args)):
+        print("resp2chat: warning: nothing answers at " + ", ".join(f"{url} ({why})" for url, why in silent.items())
+              + ": is the backend running? The gateway starts anyway.", file=sys.stderr)
     sys.stdout.flush()
     os.execvpe(cmd[0], cmd, env)  # signals (Ctrl-C, systemd stop) go straight to mitmproxy
 
