@@ -15,12 +15,17 @@ stream), and server replay that ignores the recorded upstream address. Also:
   mitmproxy's confdir, given to mitmproxy as its certificate for every name (``certs``): mitmproxy
   then accepts HTTPS from clients on the same port, and the gate refuses plain HTTP. Listening
   beyond loopback without it is said loudly at start-up: the key and every prompt travel in clear.
+- stdout line-buffered: mitmproxy's log (warnings, a failed turn's error) goes there, flushed only
+  by its flow lines; with none (``flow_detail=0``, deploy/'s unit) and stdout no terminal
+  (journald, a file), Python held 8 KiB of it before the first line showed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import os
+import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -47,6 +52,11 @@ class Listen(Owner):
         self.upstreams = upstreams
         self._rebind = False
         self._warned: tuple | None = None
+
+    def load(self, loader) -> None:
+        super().load(loader)
+        if isinstance(sys.stdout, io.TextIOWrapper) and not sys.stdout.line_buffering:
+            sys.stdout.reconfigure(line_buffering=True)  # each log line at once (see above)
 
     def apply(self, updated: set[str]) -> None:
         opts, changes = ctx.options, {}
