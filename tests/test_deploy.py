@@ -4,11 +4,17 @@ seal-key set-ups an admin makes on the gateway host."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import shutil
 import subprocess
+import time
+from pathlib import Path
 
-from helpers import ROOT, post_turn, start_gateway, wait_until
+import requests
+
+from helpers import ADDON, MITMDUMP, ROOT, free_port, gateway_env, post_turn, start_gateway, stop_process, wait_until
 
 UNIT = ROOT / "deploy" / "systemd" / "resp2chat@.service"
 
@@ -73,3 +79,58 @@ def test_a_certificate_codex_refuses_is_said_at_start_up(tmp_path):
                 assert "Codex CLI refuses" not in gw.log()
         finally:
             gw.stop()
+
+
+def gateway_exit(tmp_path, config: Path, *prefix: str, timeout: float = 30) -> tuple[int | None, str]:
+    """A gateway started (``prefix``: a command it runs under) with ``config`` as its config
+    file: its exit code once it stopped, else None once it answered ``/healthz``; its log."""
+    port = free_port()
+    log = tmp_path / f"gateway-{port}.log"
+    proc = subprocess.Popen([*prefix, str(MITMDUMP), "-s", str(ADDON), "--mode", "reverse:http://127.0.0.1:9",
+                             "--listen-host", "127.0.0.1", "--listen-port", str(port),
+                             "--set", f"confdir={tmp_path / 'mitmconf'}"],
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=tmp_path,
+                            env={**gateway_env(), "HOME": str(tmp_path), "RESP2CHAT_CONFIG": str(config)})
+    try:
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).ok:
+                    return None, log.read_text()
+            except requests.RequestException:
+                time.sleep(0.2)
+        return proc.poll(), log.read_text()
+    finally:
+        stop_process(proc)
+
+
+def test_a_seal_key_the_gateway_cannot_make_or_read_stops_it_at_start_up(tmp_path):
+    """Without seal_key the gateway seals with a per-install key in seal.key beside the config
+    file. deploy/'s layout (/etc/resp2chat root-owned, the replicas' user reads it) leaves it
+    nowhere to make one: before, it started and then answered every turn with a 500
+    (server_error; the PermissionError in its log only). Now it stops at start-up saying why
+    and what to do; so does a seal.key that is not one (empty: a crash mid-write elsewhere)."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    config = etc / "config.yaml"
+    config.write_text("upstream_base_url: demo\n")
+    (etc / "seal.key").write_bytes(b"")
+    code, log = gateway_exit(tmp_path, config)
+    assert code not in (None, 0), log[-3000:]
+    assert f"{etc / 'seal.key'} is not a seal key" in log and "set seal_key" in log, log[-3000:]
+    (etc / "seal.key").unlink()
+    if os.geteuid() == 0 and shutil.which("setpriv"):
+        # the replicas' user may read the directory, not write it: root without the capabilities
+        # that pass over file modes, in a directory of another user's
+        os.chown(etc, 65534, 65534)
+        code, log = gateway_exit(tmp_path, config, "setpriv", "--inh-caps=-all",
+                                 "--bounding-set=-dac_override,-dac_read_search,-fowner")
+        assert code not in (None, 0), log[-3000:]
+        assert "Permission denied" in log and str(etc) in log and "Set seal_key" in log, log[-3000:]
+        assert not (etc / "seal.key").exists()
+    # given a seal_key, it starts and needs no file
+    config.write_text("upstream_base_url: demo\nseal_key: one-long-random-secret-0123456789\n")
+    code, log = gateway_exit(tmp_path, config, *(("setpriv", "--inh-caps=-all",
+                                                 "--bounding-set=-dac_override,-dac_read_search,-fowner")
+                                                if os.geteuid() == 0 and shutil.which("setpriv") else ()))
+    assert code is None, log[-3000:]
