@@ -609,6 +609,10 @@ def cmd_print_config(args) -> int:
                                   base_url=args.base_url))
     if args.builtin:
         print(f"resp2chat: before the first interactive `codex`, once: {codex_login_line(env)}", file=sys.stderr)
+    if not args.base_url and S.parse_bind(values["bind_addr"])[0] in ("0.0.0.0", "::"):
+        print(f"resp2chat: the base URL above is this machine's ({gateway_url(values)}; bind_addr "
+              f"{values['bind_addr']} listens on every interface): for a teammate's Codex, give the one they "
+              "reach the gateway by: --base-url https://NAME/v1", file=sys.stderr)
     return 0
 
 
