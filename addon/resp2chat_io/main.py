@@ -644,7 +644,8 @@ def cmd_usage(args) -> int:
                          "gateway writes one JSON line per turn there")
         if where == "-":
             return _fail("access_log_path is '-' (the gateway's stderr): name the file that output goes to, or "
-                         "pipe it in, e.g. journalctl -u resp2chat -o cat | resp2chat usage -")
+                         "pipe it in: journalctl -u 'resp2chat@*' -o cat | resp2chat usage - (deploy/'s units), "
+                         "journalctl --user -u resp2chat -o cat | resp2chat usage - (README's user unit)")
         files = [where]
     return usage_main(files, args.since, args.json)
 
