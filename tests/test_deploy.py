@@ -12,9 +12,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import requests
 
-from helpers import ADDON, MITMDUMP, ROOT, free_port, gateway_env, post_turn, start_gateway, stop_process, wait_until
+from helpers import ADDON, MITMDUMP, ROOT, Codex, free_port, gateway_env, post_turn, start_gateway, stop_process, wait_until
 
 UNIT = ROOT / "deploy" / "systemd" / "resp2chat@.service"
 
@@ -134,3 +135,27 @@ def test_a_seal_key_the_gateway_cannot_make_or_read_stops_it_at_start_up(tmp_pat
                                                  "--bounding-set=-dac_override,-dac_read_search,-fowner")
                                                 if os.geteuid() == 0 and shutil.which("setpriv") else ()))
     assert code is None, log[-3000:]
+
+
+@pytest.mark.codex
+def test_codex_refuses_what_the_warning_says_and_takes_the_leaf_it_suggests(tmp_path, codex_bin):
+    """What the start-up warning above claims of Codex CLI, checked: trusting the certificate
+    itself (CODEX_CA_CERTIFICATE), it cannot connect to a gateway serving `openssl req -x509`'s
+    default; the leaf the warning's openssl line makes, it takes."""
+    plain = openssl_cert(tmp_path, "plain", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1")
+    leaf = openssl_cert(tmp_path, "leaf", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                        "-addext", "basicConstraints=critical,CA:FALSE")
+    for name, (cert, key), works in (("plain", plain, False), ("leaf", leaf, True)):
+        gw = start_gateway("http://127.0.0.1:9", tmp_path, "--set", "resp2chat_upstream_base_url=demo",
+                           "--set", f"resp2chat_tls_cert_file={cert}", "--set", f"resp2chat_tls_key_file={key}")
+        try:
+            assert ("Codex CLI refuses" in gw.log()) != works
+            cx = Codex.at(codex_bin, tmp_path / name, env={"CODEX_CA_CERTIFICATE": cert})
+            cx.configure(f"https://localhost:{gw.port}/v1")
+            try:  # (refused, it retries the handshake for minutes: what matters is it never got through)
+                run = cx.exec(f"hello over {name}", timeout=60 if works else 15)
+                assert (run.returncode == 0 and f"You said: hello over {name}" in run.output) == works, run.output[-2000:]
+            except subprocess.TimeoutExpired:
+                assert not works
+        finally:
+            gw.stop()
