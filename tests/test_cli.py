@@ -491,6 +491,20 @@ def test_print_config_is_valid_codex_toml_with_context_window(tmp_path, upstream
 
 
 
+def test_print_config_on_a_gateway_of_every_interface_says_to_give_the_teams_url(tmp_path):
+    """On a team's gateway host (bind_addr 0.0.0.0), the URL print-config makes is this
+    machine's loopback, no URL for a teammate's Codex: it says so and how to give theirs."""
+    env = {"RESP2CHAT_BIND_ADDR": "0.0.0.0:4777", "RESP2CHAT_GATEWAY_API_KEY": "team-key-0123456789abcdef"}
+    out = run_cli(tmp_path, "print-config", "--offline", **env)
+    assert out.returncode == 0, out.stderr
+    assert tomllib.loads(out.stdout)["model_providers"]["resp2chat"]["base_url"] == "http://127.0.0.1:4777/v1"
+    assert "--base-url" in out.stderr and "0.0.0.0:4777" in out.stderr, out.stderr
+    given = run_cli(tmp_path, "print-config", "--offline", "--base-url", "https://llm.example.com/v1", **env)
+    assert tomllib.loads(given.stdout)["model_providers"]["resp2chat"]["base_url"] == "https://llm.example.com/v1"
+    assert "--base-url" not in given.stderr
+    assert "--base-url" not in run_cli(tmp_path, "print-config", "--offline", RESP2CHAT_BIND_ADDR="127.0.0.1:4777").stderr
+
+
 def test_print_config_says_when_it_does_not_know_the_model(tmp_path, upstream):
     """A backend that is down (or lists no models) leaves print-config only a placeholder model
     name: it says so, naming where it asked, instead of handing Codex `demo-model` in silence."""

@@ -603,6 +603,9 @@ def test_usage_reads_the_configured_access_log_and_refuses_none_or_stderr(tmp_pa
     assert unset.returncode == 2 and "no access log: name the files, or set access_log_path" in unset.stderr
     stderr = run_cli(tmp_path, "usage", RESP2CHAT_ACCESS_LOG_PATH="-")
     assert stderr.returncode == 2 and "access_log_path is '-'" in stderr.stderr
+    # the journal's commands that read it: deploy/'s units (resp2chat@PORT), README's user unit
+    assert "journalctl -u 'resp2chat@*' -o cat | resp2chat usage -" in stderr.stderr
+    assert "journalctl --user -u resp2chat -o cat | resp2chat usage -" in stderr.stderr
     missing = run_cli(tmp_path, "usage", str(tmp_path / "nope.jsonl"))
     assert missing.returncode == 2 and "cannot read" in missing.stderr
     piped = subprocess.run([str(RESP2CHAT), "usage", "-", "--json"], input=log.read_text(), capture_output=True,

@@ -660,6 +660,10 @@ def cmd_print_config(args) -> int:
                                   base_url=args.base_url))
     if args.builtin:
         print(f"resp2chat: before the first interactive `codex`, once: {codex_login_line(env)}", file=sys.stderr)
+    if not args.base_url and S.parse_bind(values["bind_addr"])[0] in ("0.0.0.0", "::"):
+        print(f"resp2chat: the base URL above is this machine's ({gateway_url(values)}; bind_addr "
+              f"{values['bind_addr']} listens on every interface): for a teammate's Codex, give the one they "
+              "reach the gateway by: --base-url https://NAME/v1", file=sys.stderr)
     return 0
 
 
@@ -691,7 +695,8 @@ def cmd_usage(args) -> int:
                          "gateway writes one JSON line per turn there")
         if where == "-":
             return _fail("access_log_path is '-' (the gateway's stderr): name the file that output goes to, or "
-                         "pipe it in, e.g. journalctl -u resp2chat -o cat | resp2chat usage -")
+                         "pipe it in: journalctl -u 'resp2chat@*' -o cat | resp2chat usage - (deploy/'s units), "
+                         "journalctl --user -u resp2chat -o cat | resp2chat usage - (README's user unit)")
         files = [where]
     return usage_main(files, args.since, args.json)
 

@@ -13,14 +13,20 @@ stream), and server replay that ignores the recorded upstream address. Also:
   every stream is verified on (addons/gate.py).
 - TLS: ``tls_cert_file`` + ``tls_key_file`` become one PEM (key, certificate, chain; 0600) in
   mitmproxy's confdir, given to mitmproxy as its certificate for every name (``certs``): mitmproxy
-  then accepts HTTPS from clients on the same port, and the gate refuses plain HTTP. Listening
+  then accepts HTTPS from clients on the same port, and the gate refuses plain HTTP. A certificate
+  Codex CLI refuses (a CA's, none of subjectAltName) is said at start-up. Listening
   beyond loopback without it is said loudly at start-up: the key and every prompt travel in clear.
+- stdout line-buffered: mitmproxy's log (warnings, a failed turn's error) goes there, flushed only
+  by its flow lines; with none (``flow_detail=0``, deploy/'s unit) and stdout no terminal
+  (journald, a file), Python held 8 KiB of it before the first line showed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import os
+import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -47,6 +53,12 @@ class Listen(Owner):
         self.upstreams = upstreams
         self._rebind = False
         self._warned: tuple | None = None
+        self._warned_cert: tuple | None = None
+
+    def load(self, loader) -> None:
+        super().load(loader)
+        if isinstance(sys.stdout, io.TextIOWrapper) and not sys.stdout.line_buffering:
+            sys.stdout.reconfigure(line_buffering=True)  # each log line at once (see above)
 
     def apply(self, updated: set[str]) -> None:
         opts, changes = ctx.options, {}
@@ -102,7 +114,26 @@ class Listen(Owner):
             return own
         path = Path(os.path.expanduser(opts.confdir)) / TLS_PEM
         write_private(path, tls_pem(cert, key))
+        self.warn_leaf(cert)
         return [*own, f"*={path}"]
+
+    def warn_leaf(self, cert_file: str) -> None:
+        """A certificate Codex CLI refuses (rustls: a CA certificate as the server's, or one that
+        names no subjectAltName) where curl and the openai SDK take it: said once per file, as a
+        warning, with how to make one every client takes. What `openssl req -x509 -subj
+        /CN=host` makes by default is both."""
+        problems = leaf_problems(Path(cert_file).expanduser().read_bytes())
+        state = (cert_file, tuple(problems))
+        if state == self._warned_cert:
+            return
+        self._warned_cert = state
+        if problems:
+            log.warning(
+                f"resp2chat: WARNING: tls_cert_file {cert_file} {' and '.join(problems)}: curl and the openai SDK "
+                "accept it, but Codex CLI refuses it (it only says 'Reconnecting...'). Give the gateway a leaf "
+                "certificate that names its host: e.g. openssl req -x509 -newkey rsa:2048 -nodes -days 365 "
+                "-keyout gw.key -out gw.crt -subj /CN=HOST -addext subjectAltName=DNS:HOST "
+                "-addext basicConstraints=critical,CA:FALSE (or one your CA signed)")
 
     def warn_clear(self, modes: list[str], listen_host: str) -> None:
         """Beyond loopback without TLS: said once per setting, as a warning (it shows at any
@@ -158,6 +189,24 @@ def tls_pem(cert_file: str, key_file: str) -> bytes:
     if chain[0].public_key() != key.public_key():
         raise exceptions.OptionsError(f"resp2chat: tls_key_file {key_file} is not the key of tls_cert_file {cert_file}")
     return key_pem.rstrip(b"\n") + b"\n" + cert_pem
+
+
+def leaf_problems(cert_pem: bytes) -> list[str]:
+    """What makes the first certificate of ``cert_pem`` unfit as a server's for every client."""
+    from cryptography import x509
+
+    leaf = x509.load_pem_x509_certificates(cert_pem)[0]
+    problems = []
+    try:
+        if leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            problems.append("is a CA certificate (basicConstraints CA:TRUE, openssl req -x509's default)")
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        problems.append("names no subjectAltName (a CN alone)")
+    return problems
 
 
 def write_private(path: Path, data: bytes) -> None:

@@ -37,7 +37,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable
 
-from mitmproxy import http
+from mitmproxy import exceptions, http
 
 from resp2chat_core import settings as S
 from resp2chat_core.channel import Reader, Stopped, record_events, scrub
@@ -174,6 +174,14 @@ class Turns(Owner):
         self.caps = Caps.from_settings(self.s)
         self.max_event = self.s["max_upstream_event_mb"] << 20
         self._seal_key = self._seal_id = None
+        try:  # now, not at the first turn: a key it cannot make stops the start, saying why
+            self.seal_key()
+        except (OSError, keys.KeyFileError) as exc:
+            why = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename else str(exc)
+            raise exceptions.OptionsError(
+                f"resp2chat: seal_key is not set and the gateway's own seal key ({keys.key_path()}) cannot be "
+                f"made or read: {why}. Set seal_key (a long random secret, the same on every replica), or let "
+                f"this user write {keys.key_path().parent}") from None
 
     def seal_key(self) -> bytes:
         """The key for resp2chat_core/seal.py (made on first use when ``seal_key`` is unset)."""
