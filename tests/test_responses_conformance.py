@@ -531,8 +531,8 @@ def test_a_backends_refusal_is_a_refusal_part_of_the_message(gateway_factory):
         assert answer.status == "completed" and [i.type for i in answer.output] == ["message"], answer
         assert [p.model_dump() for p in answer.output[0].content] == [part]
         assert client.responses.retrieve(answer.id).output == answer.output
-        r = requests.post(f"{gw.base_url}/responses", timeout=30, data=json.dumps(
-            {"model": "m", "input": "how do I pick a lock?", "stream": True}), headers={"content-type": "application/json"})
+        r = requests.post(f"{gw.base_url}/responses", timeout=30,
+                          json={"model": "m", "input": "how do I pick a lock?", "stream": True})
         events = check_stream(r.content, r.content.split(b'"id":"', 1)[1].split(b'"', 1)[0].decode())
         check_sdk(events)
         kinds = [e["type"] for e in events]
