@@ -502,11 +502,12 @@ def test_a_failed_response_is_stored_with_its_error_and_not_gone_on_from(upstrea
 
 class Refuses(QuietHandler):
     """A chat backend that refuses, as OpenAI's Chat Completions API does: ``delta.refusal``
-    pieces in a stream (``message.refusal`` in a whole body, content null), finish ``stop``."""
+    pieces in a stream, finish ``stop``; asked for a "whole" answer, it ignores ``stream`` and
+    sends one ``chat.completion`` (``message.refusal``, content null)."""
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-        if body.get("stream"):
+        if "whole" not in json.dumps(body["messages"]):
             send_sse(self, chat_sse(chat_chunk({"role": "assistant", "content": ""}),
                                     chat_chunk({"refusal": "I can't"}), chat_chunk({"refusal": " help with that."}),
                                     chat_chunk({}, "stop")))
@@ -531,6 +532,8 @@ def test_a_backends_refusal_is_a_refusal_part_of_the_message(gateway_factory):
         assert answer.status == "completed" and [i.type for i in answer.output] == ["message"], answer
         assert [p.model_dump() for p in answer.output[0].content] == [part]
         assert client.responses.retrieve(answer.id).output == answer.output
+        whole = client.responses.create(model="m", input="whole: how do I pick a lock?")
+        assert [p.model_dump() for p in whole.output[0].content] == [part], whole
         r = requests.post(f"{gw.base_url}/responses", timeout=30,
                           json={"model": "m", "input": "how do I pick a lock?", "stream": True})
         events = check_stream(r.content, r.content.split(b'"id":"', 1)[1].split(b'"', 1)[0].decode())
