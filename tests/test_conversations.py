@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -88,6 +89,24 @@ def test_refusals(gw, upstream):
     assert err.value.body["code"] == "conversation_not_found"
     with pytest.raises(openai.BadRequestError):
         client.responses.create(model="demo-model", input="hi", previous_response_id=conv.id)
+
+
+def test_a_json_turn_its_conversation_could_not_take_is_not_called_the_upstreams_error(gw, upstream):
+    """A conversation deleted while its turn runs: a JSON client's answer is the 404
+    ``conversation_not_found`` (the write's own status). Its ``type`` said ``upstream_error``,
+    though the backend answered and the gateway's store refused: now ``invalid_request_error``,
+    as a conversation not found is everywhere else (``GET`` of it, a turn naming it)."""
+    client = openai_client(gw)
+    conv = client.conversations.create().id
+    deleting = threading.Timer(0.5, lambda: requests.delete(f"{gw.base_url}/conversations/{conv}", timeout=10))
+    deleting.start()
+    r = requests.post(f"{gw.base_url}/responses", timeout=30,
+                      json={"model": "demo-model", "input": "noreason\nslow: 1500\nhello", "conversation": conv})
+    deleting.join()
+    assert r.status_code == 404 and r.json()["error"]["code"] == "conversation_not_found", r.text
+    assert r.json()["error"]["type"] == "invalid_request_error", r.text
+    assert requests.get(f"{gw.base_url}/conversations/{conv}", timeout=10).json()["error"]["type"] == \
+        "invalid_request_error"
 
 
 def test_a_conversation_takes_the_compaction_items_the_gateway_made(gw, upstream):
