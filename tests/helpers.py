@@ -670,11 +670,11 @@ CREATED = 1795311942
 
 DELTAS = {
     "response.output_text.delta", "response.reasoning_summary_text.delta", "response.reasoning_text.delta",
-    "response.function_call_arguments.delta", "response.custom_tool_call_input.delta",
+    "response.function_call_arguments.delta", "response.custom_tool_call_input.delta", "response.refusal.delta",
 }
 ITEM_EVENTS = DELTAS | {  # the events of one output item, between its output_item.added and .done
     "response.output_text.done", "response.reasoning_summary_text.done", "response.reasoning_text.done",
-    "response.function_call_arguments.done", "response.custom_tool_call_input.done",
+    "response.function_call_arguments.done", "response.custom_tool_call_input.done", "response.refusal.done",
     "response.content_part.added", "response.content_part.done",
     "response.reasoning_summary_part.added", "response.reasoning_summary_part.done",
 }
@@ -886,6 +886,10 @@ SPEC = {
                           "output_index": "integer", "summary_index": "integer", "delta": "string"},
     "SummaryDoneEvent": {"type": "string", "sequence_number": "integer", "item_id": "string",
                          "output_index": "integer", "summary_index": "integer", "text": "string"},
+    "RefusalDeltaEvent": {"type": "string", "sequence_number": "integer", "item_id": "string",
+                          "output_index": "integer", "content_index": "integer", "delta": "string"},
+    "RefusalDoneEvent": {"type": "string", "sequence_number": "integer", "item_id": "string",
+                         "output_index": "integer", "content_index": "integer", "refusal": "string"},
     "ArgumentsDeltaEvent": {"type": "string", "sequence_number": "integer", "item_id": "string",
                             "output_index": "integer", "delta": "string"},
     "ArgumentsDoneEvent": {"type": "string", "sequence_number": "integer", "item_id": "string",
@@ -909,6 +913,7 @@ SPEC_EVENTS = {
     "response.reasoning_text.delta": "ReasoningDeltaEvent", "response.reasoning_text.done": "ReasoningDoneEvent",
     "response.reasoning_summary_text.delta": "SummaryDeltaEvent",
     "response.reasoning_summary_text.done": "SummaryDoneEvent",
+    "response.refusal.delta": "RefusalDeltaEvent", "response.refusal.done": "RefusalDoneEvent",
     "response.function_call_arguments.delta": "ArgumentsDeltaEvent",
     "response.function_call_arguments.done": "ArgumentsDoneEvent",
     "error": "WebSocketErrorEvent",

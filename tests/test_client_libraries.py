@@ -346,3 +346,21 @@ def test_pydantic_ai_structured_output(pai_model, upstream):
     result = asyncio.run(Agent(pai_model, output_type=NativeOutput(Answer)).run("answer as JSON\njson"))
     assert result.output == Answer(answer="You said: json")
     assert_response_format(upstream.requests()[-1])
+
+
+def test_open_responses_reads_how_a_turn_ended(ai_sdk_dir, gateway):
+    """What the provider reads of a turn's end, streamed and whole: an incomplete response's
+    ``incomplete_details.reason`` (its finish reason ``length``) and usage, a failed one's
+    ``error.code`` (finish reason ``error``), and a refused request's status. (Its error schema
+    requires ``param`` as a string, so of the gateway's JSON error, OpenAI's envelope with
+    ``"param": null``, it shows only the HTTP status text.)"""
+    out = ai_sdk(ai_sdk_dir, "endings", gateway.base_url, "open-responses")
+    length = out["length"]
+    assert length["stream"]["finish"] == length["whole"]["finish"] == "length"
+    assert length["stream"]["raw"] == length["whole"]["raw"] == "max_output_tokens"
+    assert length["whole"]["text"] == "You said: length"
+    inp, outp, reasoning = length["stream"]["tokens"]
+    assert inp > 0 and outp > reasoning > 0 and length["whole"]["tokens"] == [inp, outp]
+    assert out["failed"]["stream"]["finish"] == "error" and out["failed"]["stream"]["raw"] == "server_error"
+    assert out["refused"]["stream"]["finish"] == "error" and out["refused"]["stream"]["raw"] == "invalid_prompt"
+    assert out["refused"]["whole"]["status"] == 400 and "Bad Gateway" in out["failed"]["whole"]["error"]

@@ -6,6 +6,8 @@ copy and Redis shared by two replicas (appends from both at once all land)."""
 from __future__ import annotations
 
 import asyncio
+import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -87,6 +89,58 @@ def test_refusals(gw, upstream):
     assert err.value.body["code"] == "conversation_not_found"
     with pytest.raises(openai.BadRequestError):
         client.responses.create(model="demo-model", input="hi", previous_response_id=conv.id)
+
+
+def test_a_json_turn_its_conversation_could_not_take_is_not_called_the_upstreams_error(gw, upstream):
+    """A conversation deleted while its turn runs: a JSON client's answer is the 404
+    ``conversation_not_found`` (the write's own status). Its ``type`` said ``upstream_error``,
+    though the backend answered and the gateway's store refused: now ``invalid_request_error``,
+    as a conversation not found is everywhere else (``GET`` of it, a turn naming it)."""
+    client = openai_client(gw)
+    conv = client.conversations.create().id
+    deleting = threading.Timer(0.5, lambda: requests.delete(f"{gw.base_url}/conversations/{conv}", timeout=10))
+    deleting.start()
+    r = requests.post(f"{gw.base_url}/responses", timeout=30,
+                      json={"model": "demo-model", "input": "noreason\nslow: 1500\nhello", "conversation": conv})
+    deleting.join()
+    assert r.status_code == 404 and r.json()["error"]["code"] == "conversation_not_found", r.text
+    assert r.json()["error"]["type"] == "invalid_request_error", r.text
+    assert requests.get(f"{gw.base_url}/conversations/{conv}", timeout=10).json()["error"]["type"] == \
+        "invalid_request_error"
+
+
+def test_a_conversation_takes_the_compaction_items_the_gateway_made(gw, upstream):
+    """``POST /v1/responses/compact``'s output is the whole input of a later turn; a turn in a
+    conversation with it as input keeps it there, and the conversation lists its sealed
+    ``compaction`` item. Creating a conversation with those items (a client seeding one from a
+    compaction, or copying one it listed), or adding them to one, was a 400 ("compaction items
+    hold another provider's encrypted state"), for the very item the gateway made and listed.
+    Now they are taken as the turn takes them: the next turn reads the summary in them. An
+    item the gateway did not seal is still refused, saying so."""
+    client = openai_client(gw)
+    first = client.responses.create(model="demo-model", input="my name is Ada")
+    compacted = requests.post(f"{gw.base_url}/responses/compact", timeout=30,
+                              json={"model": "demo-model", "previous_response_id": first.id}).json()
+    assert [i["type"] for i in compacted["output"]] == ["message", "compaction"], compacted
+    r = requests.post(f"{gw.base_url}/conversations", json={"items": compacted["output"]}, timeout=10)
+    assert r.status_code == 200, r.text
+    conv = r.json()["id"]
+    listed = check_listed(requests.get(f"{gw.base_url}/conversations/{conv}/items?order=asc", timeout=10).json(),
+                          "ConversationItem")
+    assert [i["type"] for i in listed] == ["message", "compaction"]
+    assert listed[1]["encrypted_content"] == compacted["output"][1]["encrypted_content"]
+    upstream.clear()
+    client.responses.create(model="demo-model", input="what is my name", conversation=conv)
+    sent = upstream.requests()[-1]["messages"]
+    assert "my name is Ada" in json.dumps(sent) and "encrypted_content" not in json.dumps(sent), sent
+    other = client.conversations.create()
+    r = requests.post(f"{gw.base_url}/conversations/{other.id}/items", json={"items": [listed[1]]}, timeout=10)
+    assert r.status_code == 200 and r.json()["data"][0]["type"] == "compaction", r.text
+    forged = {**listed[1], "encrypted_content": "not-sealed-here"}
+    for path in ("", f"/{other.id}/items"):
+        r = requests.post(f"{gw.base_url}/conversations{path}", json={"items": [user("hi"), forged]}, timeout=10)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "items[1].encrypted_content", r.text
+        assert r.json()["error"]["code"] == "invalid_encrypted_content", r.text
 
 
 @pytest.mark.parametrize("stream", [False, True])

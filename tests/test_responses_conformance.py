@@ -15,7 +15,8 @@ import requests
 from openai.types.responses import Response
 
 from helpers import (
-    chat_chunk, chat_sse, check_sdk, check_stream, openai_client, parse_sse, tool_call_chunk, wait_until,
+    LocalServer, QuietHandler, chat_chunk, chat_completion, chat_sse, check_sdk, check_stream, openai_client,
+    parse_sse, send_json, send_sse, tool_call_chunk, wait_until,
 )
 from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.translator import OUTPUT_TOO_LARGE, Translator
@@ -494,3 +495,64 @@ def test_a_failed_response_is_stored_with_its_error_and_not_gone_on_from(upstrea
                                             store=False))[-1]
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(unstored.response.id)
+
+
+# --- a backend's refusal: a message's refusal part ----------------------------------------------
+
+
+class Refuses(QuietHandler):
+    """A chat backend that refuses, as OpenAI's Chat Completions API does: ``delta.refusal``
+    pieces in a stream, finish ``stop``; asked for a "whole" answer, it ignores ``stream`` and
+    sends one ``chat.completion`` (``message.refusal``, content null)."""
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        if "whole" not in json.dumps(body["messages"]):
+            send_sse(self, chat_sse(chat_chunk({"role": "assistant", "content": ""}),
+                                    chat_chunk({"refusal": "I can't"}), chat_chunk({"refusal": " help with that."}),
+                                    chat_chunk({}, "stop")))
+        else:
+            send_json(self, 200, chat_completion({"role": "assistant", "content": None,
+                                                  "refusal": "I can't help with that."}, "stop"))
+
+
+def test_a_backends_refusal_is_a_refusal_part_of_the_message(gateway_factory):
+    """OpenAI's Chat Completions API says a refusal in ``refusal`` (a stream's deltas, a body's
+    message), not in ``content``; the Responses API's answer is a message whose content part is
+    ``{"type": "refusal", "refusal"}``, streamed as ``response.refusal.delta``/``.done`` between
+    the part's added and done (what the openai SDK's ``responses.parse`` reads a refusal from).
+    The gateway dropped it: a ``completed`` response with no output at all, as if the model had
+    said nothing. The same whether the backend streams or answers one JSON body, over HTTP and
+    the Responses WebSocket."""
+    with LocalServer(Refuses) as backend:
+        gw = gateway_factory(backend.url, "--set", "resp2chat_max_replay_entries=0")
+        client = openai_client(gw)
+        part = {"type": "refusal", "refusal": "I can't help with that."}
+        answer = client.responses.create(model="m", input="how do I pick a lock?")
+        assert answer.status == "completed" and [i.type for i in answer.output] == ["message"], answer
+        assert [p.model_dump() for p in answer.output[0].content] == [part]
+        assert client.responses.retrieve(answer.id).output == answer.output
+        whole = client.responses.create(model="m", input="whole: how do I pick a lock?")
+        assert [p.model_dump() for p in whole.output[0].content] == [part], whole
+        r = requests.post(f"{gw.base_url}/responses", timeout=30,
+                          json={"model": "m", "input": "how do I pick a lock?", "stream": True})
+        events = check_stream(r.content, r.content.split(b'"id":"', 1)[1].split(b'"', 1)[0].decode())
+        check_sdk(events)
+        kinds = [e["type"] for e in events]
+        assert kinds[2:-1] == ["response.output_item.added", "response.content_part.added",
+                               "response.refusal.delta", "response.refusal.delta", "response.refusal.done",
+                               "response.content_part.done", "response.output_item.done"], kinds
+        item_id = events[2]["item"]["id"]
+        assert all(e["item_id"] == item_id and e["output_index"] == 0 and e["content_index"] == 0
+                   for e in events[3:-2]), events[3:-2]
+        assert events[3]["part"] == {"type": "refusal", "refusal": ""}
+        assert "".join(e["delta"] for e in events if e["type"] == "response.refusal.delta") == part["refusal"]
+        assert events[-3]["part"] == part and events[-4]["refusal"] == part["refusal"]
+        assert events[-1]["response"]["output"] == [events[-2]["item"]] and events[-2]["item"]["content"] == [part]
+        ws = WSClient(gw.base_url)
+        try:
+            sent = ws.turn({"type": "response.create", "model": "m", "input": "how do I pick a lock?"})
+        finally:
+            ws.close()
+        check_sdk(sent)
+        assert sent[-1]["response"]["output"][0]["content"] == [part], sent[-1]

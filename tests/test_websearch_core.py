@@ -132,6 +132,17 @@ def test_a_chunk_with_a_search_and_a_client_call_goes_on_without_the_search():
     assert isinstance(step, websearch.Finish)  # the client runs its call first
 
 
+def test_a_re_encoded_chunk_keeps_the_models_refusal():
+    """A chunk that also holds the gateway's own call is written again without it: its text,
+    refusal (``delta.refusal``: the translator makes it the message's refusal part) and the
+    client's deltas stay, in the order the reader read them."""
+    loop = websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=5)
+    both = chat_chunk({"content": "well", "refusal": "I can't search that.", "tool_calls": [
+        {"id": "s", "type": "function", "function": {"name": "web_search", "arguments": {"query": "q"}}}]})
+    out = parse_chat_sse(loop.feed(chat_sse(both, chat_chunk(finish="stop"))))
+    assert out[0]["choices"][0]["delta"] == {"content": "well", "refusal": "I can't search that."}, out
+
+
 def test_a_round_whose_body_holds_no_sse_event_reaches_the_translator_whole():
     """A completion (or an error) written as one pretty-printed JSON body under the stream's
     content type: the reader reads it whole at the end of the round, the filter passes the

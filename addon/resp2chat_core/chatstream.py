@@ -32,6 +32,9 @@ Dialects (tests/fixtures/dialects/ holds one recorded-shape stream per rule belo
   as the upstream's think mode says.
 - Content: a string, or a list of parts (strings, ``{"type": "text", "text": …}``, Mistral's
   thinking parts, in order): ``on_text``. Empty text is no delta.
+- Refusal: ``delta.refusal`` (``message.refusal`` of a whole completion; OpenAI's, Azure's and
+  the providers OpenRouter passes it on from), a non-empty string, read after the content:
+  ``on_refusal``.
 - Tool calls: each entry of ``delta.tool_calls`` is one ``on_tool(key, call_id, name, args)``.
   The *call key* says which call a delta belongs to: the entry's ``index``, else its ``id``
   (Mistral and Ollama send whole calls without index), else its position in the list. The
@@ -124,6 +127,9 @@ class Sink(Protocol):
 
     def on_text(self, text: str) -> None:
         """Answer text (non-empty; ``<think>`` tags in it are left as they are)."""
+
+    def on_refusal(self, text: str) -> None:
+        """The model's refusal text (non-empty): what it says instead of an answer."""
 
     def on_logprobs(self, entries: list) -> None:
         """The choice's ``logprobs.content`` (non-empty list, as the backend sent it), before the
@@ -304,6 +310,9 @@ class ChunkReader:
                 sink.on_text(content)
             elif content.__class__ is list:
                 self._parts(content)
+        refusal = delta.get("refusal")
+        if refusal and refusal.__class__ is str:
+            sink.on_refusal(refusal)
         calls = delta.get("tool_calls")
         if calls and calls.__class__ is list:
             for pos, call in enumerate(calls):

@@ -305,6 +305,7 @@ class SummaryReader:
     def on_start(self) -> None: pass
     def on_reasoning(self, text: str) -> None:
         self.reasoned += len(text.encode())
+    def on_refusal(self, text: str) -> None: pass  # (a refusal is no summary: none is written)
     def on_logprobs(self, entries: list) -> None: pass
     def on_tool(self, key, call_id, name, args) -> None: pass
     def on_finish(self, reason: str) -> None: pass

@@ -7,8 +7,9 @@ Rules of this file:
   module's conversation object, owned like a response, bounded and expiring like one).
 - A conversation is ``{"id", "object": "conversation", "created_at", "metadata"}`` and its
   items, oldest first, each with an id (listing.py ``with_ids``: its own, else a fresh one). Items are
-  Responses input items (validated as a request's ``input`` is: ``new_items``), at most
-  ``MAX_NEW_ITEMS`` per request, as OpenAI takes them.
+  Responses input items (validated as a request's ``input`` is: ``new_items``; a ``compaction``
+  item as a turn takes one: it must be one the gateway sealed), at most ``MAX_NEW_ITEMS`` per
+  request, as OpenAI takes them.
 - A Responses request with ``conversation`` (an id, or ``{"id": …}``: ``named``) takes the
   conversation's items as its history, and the turn's input and output are appended to it, in
   one write, when it completes (addons/store.py); with ``previous_response_id`` it is a 400
@@ -22,7 +23,9 @@ Rules of this file:
 from __future__ import annotations
 
 from .channel import Reader
+from .compaction import open_item
 from .errors import GatewayError
+from .inputs import COMPACTION
 from .schema import parse_request
 
 ID_PREFIX = "conv_"
@@ -73,9 +76,11 @@ def check_metadata(value: object, param: str = "metadata") -> dict:
     return value
 
 
-def new_items(value: object, param: str = "items") -> list:
+def new_items(value: object, param: str = "items", sealer=None) -> list:
     """Items a request adds to a conversation, validated as a Responses request's ``input``
-    (the same 400s, named ``items[i]…``); None: none."""
+    (the same 400s, named ``items[i]…``); None: none. A ``compaction`` item (the compact
+    endpoint's, or one a turn put in a conversation and its items list showed) is taken as a
+    turn's input takes it: one ``sealer`` opens (compaction.open_item), else a 400 saying so."""
     if value is None:
         return []
     if not isinstance(value, list):
@@ -85,7 +90,12 @@ def new_items(value: object, param: str = "items") -> list:
                            code="array_above_max_length")
     if value:
         try:
-            parse_request({"model": "-", "input": value})
+            checked = list(value)
+            for i, item in enumerate(value):
+                if isinstance(item, dict) and item.get("type") == COMPACTION:
+                    open_item(item, i, sealer)
+                    checked[i] = {"role": "user", "content": "-"}  # (its place kept: the others' names hold)
+            parse_request({"model": "-", "input": checked})
         except GatewayError as err:
             where = (err.param or "input").replace("input", param, 1)
             raise GatewayError(err.message.replace("input", param, 1), param=where, code=err.code) from None

@@ -124,6 +124,9 @@ class _ChatLines:
     def on_text(self, text: str) -> None:
         self.add("content", text)
 
+    def on_refusal(self, text: str) -> None:
+        self.add("refusal", text)
+
     def on_tool(self, key, call_id: str | None, name: str | None, args: str | None) -> None:
         label = f"tool_call[{self.calls.setdefault(key, len(self.calls))}]"
         if name is not None:

@@ -273,7 +273,7 @@ class ToolLoop:
         return None
 
 
-_REASONING, _TEXT, _TOOL = range(3)  # the order a delta is read in (chatstream.ChunkReader._delta)
+_REASONING, _TEXT, _REFUSAL, _TOOL = range(4)  # the order a delta is read in (chatstream.ChunkReader._delta)
 _LOGPROBS = -1  # a choice's logprobs: read before its delta, so they open a choice of their own
 _ENVELOPE = len(_event({"object": "chat.completion.chunk", "choices": []}))  # an event's bytes around its choices
 _PIECE = 64  # bytes around a piece's value in its event, at most (its choice, key, commas)
@@ -434,6 +434,8 @@ class RoundFilter:
                 delta["reasoning_content"] = value
             elif kind == _TEXT:
                 delta["content"] = value
+            elif kind == _REFUSAL:
+                delta["refusal"] = value
             else:
                 delta.setdefault("tool_calls", []).append(value)
         events.append(_event({"object": "chat.completion.chunk", "choices": choices}))
@@ -462,6 +464,10 @@ class RoundFilter:
     def on_text(self, text: str) -> None:
         self._content.append(text)
         self._pieces += (_TEXT, text)
+        self.chars += len(text)
+
+    def on_refusal(self, text: str) -> None:
+        self._pieces += (_REFUSAL, text)
         self.chars += len(text)
 
     def on_tool(self, key, call_id: str | None, name: str | None, args: str | None) -> None:

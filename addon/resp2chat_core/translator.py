@@ -15,13 +15,18 @@ Rules of this file:
 
 Theory of operation
 -------------------
-Upstream chunks carry deltas of three kinds: reasoning, text, and tool calls (by ``index``). The
+Upstream chunks carry deltas of four kinds: reasoning, text, refusal, and tool calls (by ``index``). The
 Responses stream wants *items*: a reasoning item, a message item, one item per tool call, each
 opened (``output_item.added``), filled (delta events) and closed (``output_item.done``), in
 output order. So the translator keeps at most one *open kind* of item. A delta of the open kind
 extends it; a delta of another kind closes what is open and opens its own item. Tool calls are
 the one kind that can hold several items open at once (parallel calls stream by index, and a
 backend may interleave them), all closed together when another kind or the end arrives.
+
+A refusal (the backend's ``refusal``: OpenAI's Chat Completions API says one there, not in
+``content``) is a message item too, whose content part is ``{"type": "refusal", "refusal"}``,
+streamed as ``response.refusal.delta``/``.done``: what the Responses API answers when a model
+refuses.
 
 Two state machines, both as tables:
 
@@ -148,6 +153,7 @@ class Kind(Enum):
     NONE = "none"
     REASONING = "reasoning"
     TEXT = "text"
+    REFUSAL = "refusal"
     TOOL = "tool"
 
 
@@ -156,15 +162,23 @@ class Kind(Enum):
 _ITEM_TRANSITIONS = {
     (Kind.NONE, Kind.REASONING): "switch",
     (Kind.NONE, Kind.TEXT): "switch",
+    (Kind.NONE, Kind.REFUSAL): "switch",
     (Kind.NONE, Kind.TOOL): "switch",
     (Kind.REASONING, Kind.REASONING): "extend",
     (Kind.REASONING, Kind.TEXT): "switch",
+    (Kind.REASONING, Kind.REFUSAL): "switch",
     (Kind.REASONING, Kind.TOOL): "switch",
     (Kind.TEXT, Kind.REASONING): "switch",
     (Kind.TEXT, Kind.TEXT): "extend",
+    (Kind.TEXT, Kind.REFUSAL): "switch",  # (a message of its own: one part per message item here)
     (Kind.TEXT, Kind.TOOL): "switch",
+    (Kind.REFUSAL, Kind.REASONING): "switch",
+    (Kind.REFUSAL, Kind.TEXT): "switch",
+    (Kind.REFUSAL, Kind.REFUSAL): "extend",
+    (Kind.REFUSAL, Kind.TOOL): "switch",
     (Kind.TOOL, Kind.REASONING): "switch",
     (Kind.TOOL, Kind.TEXT): "switch",
+    (Kind.TOOL, Kind.REFUSAL): "switch",
     (Kind.TOOL, Kind.TOOL): "extend",  # a new index opens one more tool item beside the others
 }
 
@@ -552,6 +566,14 @@ class Translator:
             return
         self._think_pieces(think.feed(text))
 
+    def on_refusal(self, text: str) -> None:
+        if self._outgrown(len(text)):
+            return
+        self._lp = None  # (logprobs are the output text's)
+        if self._think is not None:
+            self._settle_think()
+        self._delta(Kind.REFUSAL, text)
+
     def on_tool(self, key, call_id: str | None, name: str | None, args: str | None) -> None:
         if self._outgrown(len(args or "")):
             return
@@ -757,6 +779,12 @@ class Translator:
                 f'"sequence_number":{seq},"item_id":"{self._item_id}","output_index":{self._item_index},'
                 f'"content_index":0,"delta":{delta},"logprobs":{lp}}}\n\n'
             )
+        elif kind is Kind.REFUSAL:
+            self._out.append(
+                'event: response.refusal.delta\ndata: {"type":"response.refusal.delta",'
+                f'"sequence_number":{seq},"item_id":"{self._item_id}","output_index":{self._item_index},'
+                f'"content_index":0,"delta":{delta}}}\n\n'
+            )
         elif self.ctx.summary:
             self._out.append(
                 'event: response.reasoning_summary_text.delta\ndata: {"type":'
@@ -814,7 +842,13 @@ class Translator:
             return  # tool items open one by one in on_tool
         self._item_index = self._alloc_index()
         self._text = []
-        if kind is Kind.TEXT:
+        if kind is Kind.REFUSAL:
+            self._item_id = f"msg_{self._suffix}_{self._item_index}"
+            self._emit("response.output_item.added", output_index=self._item_index, item={
+                "id": self._item_id, "type": "message", "status": "in_progress", "role": "assistant", "content": []})
+            self._emit("response.content_part.added", item_id=self._item_id, output_index=self._item_index,
+                       content_index=0, part={"type": "refusal", "refusal": ""})
+        elif kind is Kind.TEXT:
             self._item_id = f"msg_{self._suffix}_{self._item_index}"
             self._item_lp = []
             self._emit("response.output_item.added", output_index=self._item_index, item={
@@ -846,6 +880,14 @@ class Translator:
             part = {"type": "output_text", "text": text, "annotations": [], "logprobs": lp}
             ids = {"item_id": self._item_id, "output_index": self._item_index}
             self._emit("response.output_text.done", **ids, content_index=0, text=text, logprobs=lp)
+            self._emit("response.content_part.done", **ids, content_index=0, part=part)
+            self._item_done({"id": self._item_id, "type": "message", "status": status,
+                             "role": "assistant", "content": [part]})
+        elif kind is Kind.REFUSAL:
+            text = "".join(self._text)
+            part = {"type": "refusal", "refusal": text}
+            ids = {"item_id": self._item_id, "output_index": self._item_index}
+            self._emit("response.refusal.done", **ids, content_index=0, refusal=text)
             self._emit("response.content_part.done", **ids, content_index=0, part=part)
             self._item_done({"id": self._item_id, "type": "message", "status": status,
                              "role": "assistant", "content": [part]})

@@ -73,6 +73,27 @@ const scenarios = {
     return { first: first.text, second: second.text, reasoning: first.reasoningText ?? "" };
   },
 
+  // how a turn ended, as the provider reads it: the finish reason (incomplete_details.reason;
+  // a failed response's error code), the usage, and a JSON error body's message
+  async endings() {
+    const ended = async (prompt) => {
+      const streamed = streamText({ model, prompt, onError: () => {} });
+      for await (const _ of streamed.fullStream);
+      const out = { stream: { finish: await streamed.finishReason, raw: await streamed.rawFinishReason } };
+      const usage = await streamed.usage;
+      out.stream.tokens = [usage.inputTokens, usage.outputTokens, usage.outputTokenDetails?.reasoningTokens];
+      try {
+        const whole = await generateText({ model, prompt });
+        out.whole = { finish: whole.finishReason, raw: whole.rawFinishReason, text: whole.text,
+                      tokens: [whole.usage.inputTokens, whole.usage.outputTokens] };
+      } catch (err) {
+        out.whole = { error: err.message, status: err.statusCode };
+      }
+      return out;
+    };
+    return { length: await ended("length"), failed: await ended("midstream-error"), refused: await ended("error: 400 no") };
+  },
+
   async structured() {
     const result = await generateText({
       model,

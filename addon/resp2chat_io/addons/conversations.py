@@ -73,7 +73,7 @@ class Conversations:
         store = self.store
         if shape == "":  # POST: a new conversation
             metadata = C.check_metadata(body.get("metadata"))
-            items = listing.with_ids(C.new_items(body.get("items")), new_item_id)
+            items = listing.with_ids(C.new_items(body.get("items"), sealer=store.sealer), new_item_id)
             obj = C.conversation_object(C.ID_PREFIX + uuid.uuid4().hex, int(time.time()), metadata)
             if not await store.store.put(obj["id"], items, obj, owner=owner):
                 raise GatewayError("the conversation is larger than the store keeps (max_session_memory_mb)",
@@ -88,7 +88,7 @@ class Conversations:
                 items, {**obj, "metadata": metadata}, {**obj, "metadata": metadata}))
         if shape == "/{id}/items" and method == "POST":
             page = listing.page_query(query)
-            added = await store.append(conversation_id, C.new_items(body.get("items")), owner)
+            added = await store.append(conversation_id, C.new_items(body.get("items"), sealer=store.sealer), owner)
             return listing.page(added, listing.Page(limit=len(added) or 1, order="asc", include=page.include),
                                 store.sealer)
         if shape == "/{id}/items/{id}" and method == "DELETE":

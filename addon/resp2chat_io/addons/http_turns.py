@@ -58,6 +58,14 @@ FAILED_STATUS = {
     "conversation_too_large": 413,
     "conversation_busy": 409,
 }
+# ... and its error's ``type`` when the failure is not the backend's (else ``upstream_error``)
+FAILED_TYPE = {
+    "invalid_api_key": "authentication_error",
+    "store_unavailable": "server_error",
+    "conversation_not_found": "invalid_request_error",
+    "conversation_too_large": "invalid_request_error",
+    "conversation_busy": "invalid_request_error",
+}
 COMPACT_PATHS = tuple(p + "/compact" for p in RESPONSES_PATHS)  # POST /v1/responses/compact
 FIRST_SLICE = 2048  # backend bytes translated before the first tick's answer goes out (TurnStream)
 HOP_KEPT = frozenset({"connection", "keep-alive"})  # the client's, on the flow's request: its connection's fate
@@ -392,7 +400,7 @@ class HttpTurns:
         if result["status"] == "failed":
             err = result["error"]
             status = FAILED_STATUS.get(err["code"], 502)
-            body = error_json(err["message"], status_type="authentication_error" if status == 401 else "upstream_error",
+            body = error_json(err["message"], status_type=FAILED_TYPE.get(err["code"], "upstream_error"),
                               code=err["code"])
             wait = retry_seconds(translator.retry_after)  # the backend's: the SDK's retry waits as it asked
         else:
