@@ -45,26 +45,19 @@ from .base import (ABANDON, JSON_HEADERS, META, SSE_HEADERS, RESPONSES_PATHS, TU
                    fails_closed, json_response, log, refusal, request_id, show_url)
 from .turns import UNRECORDED, TurnRun, new_response_id
 
-# HTTP status for a non-streaming client whose response failed, by error code.
-FAILED_STATUS = {
-    "context_length_exceeded": 400,
-    "invalid_prompt": 400,
-    "rate_limit_exceeded": 429,
-    "invalid_api_key": 401,  # its key was revoked while it ran (Turns.clients_changed)
-    "insufficient_quota": 429,
+# HTTP status and error type for a non-streaming client whose response failed, by error code
+# (another code: 502, upstream_error).
+FAILED = {
+    "context_length_exceeded": (400, "upstream_error"),
+    "invalid_prompt": (400, "upstream_error"),
+    "rate_limit_exceeded": (429, "upstream_error"),
+    "invalid_api_key": (401, "authentication_error"),  # its key was revoked while it ran (Turns.clients_changed)
+    "insufficient_quota": (429, "upstream_error"),
     # a completed turn its conversation could not take (Turns.land): the write's own status
-    "store_unavailable": 503,
-    "conversation_not_found": 404,
-    "conversation_too_large": 413,
-    "conversation_busy": 409,
-}
-# ... and its error's ``type`` when the failure is not the backend's (else ``upstream_error``)
-FAILED_TYPE = {
-    "invalid_api_key": "authentication_error",
-    "store_unavailable": "server_error",
-    "conversation_not_found": "invalid_request_error",
-    "conversation_too_large": "invalid_request_error",
-    "conversation_busy": "invalid_request_error",
+    "store_unavailable": (503, "server_error"),
+    "conversation_not_found": (404, "invalid_request_error"),
+    "conversation_too_large": (413, "invalid_request_error"),
+    "conversation_busy": (409, "invalid_request_error"),
 }
 COMPACT_PATHS = tuple(p + "/compact" for p in RESPONSES_PATHS)  # POST /v1/responses/compact
 FIRST_SLICE = 2048  # backend bytes translated before the first tick's answer goes out (TurnStream)
@@ -399,8 +392,8 @@ class HttpTurns:
         wait = None
         if result["status"] == "failed":
             err = result["error"]
-            status = FAILED_STATUS.get(err["code"], 502)
-            body = error_json(err["message"], status_type=FAILED_TYPE.get(err["code"], "upstream_error"),
+            status, kind = FAILED.get(err["code"], (502, "upstream_error"))
+            body = error_json(err["message"], status_type=kind,
                               code=err["code"])
             wait = retry_seconds(translator.retry_after)  # the backend's: the SDK's retry waits as it asked
         else:
