@@ -141,6 +141,8 @@ def test_a_socket_turns_translator_merges_each_deliverys_runs_as_the_coalescer_d
             if pick < 0.45:
                 lp = {"logprobs": logprob(n)} if logprobs and rng.random() < 0.4 else {}
                 items.append(chat_event(choices=[{"index": 0, "delta": {"content": text}, "finish_reason": None, **lp}]))
+            elif pick < 0.52:  # a refusal (OpenAI's chat API says one in delta.refusal)
+                items.append(chat_event({"refusal": text}))
             elif pick < 0.6:
                 items.append(chat_event({"reasoning_content": text}))
             elif pick < 0.75:

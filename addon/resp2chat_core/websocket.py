@@ -162,7 +162,7 @@ def messages(sse: bytes) -> list[str]:
 
 DELTAS = frozenset({"response.output_text.delta", "response.reasoning_summary_text.delta",
                     "response.reasoning_text.delta", "response.function_call_arguments.delta",
-                    "response.custom_tool_call_input.delta"})
+                    "response.custom_tool_call_input.delta", "response.refusal.delta"})
 
 
 class Coalescer:
