@@ -119,6 +119,14 @@ def test_a_seal_key_the_gateway_cannot_make_or_read_stops_it_at_start_up(tmp_pat
     code, log = gateway_exit(tmp_path, config)
     assert code not in (None, 0), log[-3000:]
     assert f"{etc / 'seal.key'} is not a seal key" in log and "set seal_key" in log, log[-3000:]
+    # a reader of recorded flows serving none (`mitmdump -n -r`) needs no key: it loads and reads
+    flows = tmp_path / "none.mitm"
+    flows.write_bytes(b"")
+    read = subprocess.run([str(MITMDUMP), "-n", "-r", str(flows), "-s", str(ADDON)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=60, env={**gateway_env(), "HOME": str(tmp_path),
+                                                         "RESP2CHAT_CONFIG": str(config)})
+    assert read.returncode == 0 and "seal" not in read.stdout + read.stderr, read.stdout + read.stderr
+    assert (etc / "seal.key").read_bytes() == b""
     (etc / "seal.key").unlink()
     if os.geteuid() == 0 and shutil.which("setpriv"):
         # the replicas' user may read the directory, not write it: root without the capabilities

@@ -1,7 +1,8 @@
 """The gateway's per-install seal key (resp2chat_core/seal.py), kept like the config file.
 
 ``seal_key`` set (file, environment or --set): that secret, shared by every replica given it.
-Unset: a random 32-byte key made once, on first use, in ``seal.key`` beside the config file
+Unset: a random 32-byte key made once, when a gateway that serves starts (addons/turns.py: one
+it cannot make stops the start), in ``seal.key`` beside the config file
 (0600 in a 0700 directory), so sealed items survive a restart of this install. It is written to
 a temporary file and linked into place, so no process ever reads a half-written key; a key file
 that is not exactly 32 bytes is refused (an empty one would derive a key anyone can compute).

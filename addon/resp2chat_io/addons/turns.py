@@ -37,7 +37,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable
 
-from mitmproxy import exceptions, http
+from mitmproxy import ctx, exceptions, http
 
 from resp2chat_core import settings as S
 from resp2chat_core.channel import Reader, Stopped, record_events, scrub
@@ -173,7 +173,11 @@ class Turns(Owner):
         self.lowering_records = {name: lowering_record(opts) for name, opts in self.lowering_by_upstream.items()}
         self.caps = Caps.from_settings(self.s)
         self.max_event = self.s["max_upstream_event_mb"] << 20
+        if self._seal_key is not None and S.BY_NAME["seal_key"].option not in updated:
+            return  # (the key in use stays: another setting changed)
         self._seal_key = self._seal_id = None
+        if not ctx.options.server:
+            return  # (reading flows, serving none: `mitmdump -n -r`; no key made until a turn needs one)
         try:  # now, not at the first turn: a key it cannot make stops the start, saying why
             self.seal_key()
         except (OSError, keys.KeyFileError) as exc:
@@ -184,7 +188,8 @@ class Turns(Owner):
                 f"this user write {keys.key_path().parent}") from None
 
     def seal_key(self) -> bytes:
-        """The key for resp2chat_core/seal.py (made on first use when ``seal_key`` is unset)."""
+        """The key for resp2chat_core/seal.py (when ``seal_key`` is unset, the install's: made at
+        the start of a gateway that serves, ``apply``; by a flow reader's first turn)."""
         if self._seal_key is None:
             self._seal_key = keys.seal_key(self.s["seal_key"])
         return self._seal_key
