@@ -554,10 +554,10 @@ def test_print_config_asks_the_first_upstream_with_its_own_key(tmp_path):
 
 
 class _TwoModels(QuietHandler):
-    """A backend whose /models lists an embedding model first, then the chat model."""
+    """A backend whose /models lists an entry whose id is no name, an embedding model, then the chat model."""
 
     def do_GET(self):
-        body = json.dumps({"data": [{"id": "embed-small", "max_model_len": 8192},
+        body = json.dumps({"data": [{"id": 7}, {"id": "embed-small", "max_model_len": 8192},  # (an id no name)
                                     {"id": "qwen3-coder", "max_model_len": 65536}]}).encode()
         self.send_response(200)
         self.send_header("content-type", "application/json")

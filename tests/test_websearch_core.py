@@ -141,6 +141,12 @@ def test_a_re_encoded_chunk_keeps_the_models_refusal():
         {"id": "s", "type": "function", "function": {"name": "web_search", "arguments": {"query": "q"}}}]})
     out = parse_chat_sse(loop.feed(chat_sse(both, chat_chunk(finish="stop"))))
     assert out[0]["choices"][0]["delta"] == {"content": "well", "refusal": "I can't search that."}, out
+    # the round's assistant message, the next round's history, keeps what the model said: its
+    # refusal as text, as a refusal part of a client's history is lowered (lowering.py)
+    _, step = loop.end_round(ok=True)
+    assert step == [websearch.Search("s", "q")]
+    loop.next_round(["1. result"])
+    assert json.loads(loop.body)["messages"][-2]["content"] == "wellI can't search that."
 
 
 def test_a_round_whose_body_holds_no_sse_event_reaches_the_translator_whole():

@@ -287,9 +287,10 @@ def _size(value) -> int:
 def _cut(pieces: list, room: int):
     """(kind, value, cost) for each piece of ``RoundFilter._pieces`` (a call's as its
     ``tool_calls`` entry: ``chatstream.wire_call``), ``cost`` the bytes it adds to its chunk's
-    event at most. A piece that alone would pass ``room`` is cut into several of its kind, each
-    within it, that read back as it: a text or reasoning into parts of it, a call's arguments
-    into the naming delta and argument deltas of the same call, logprobs into runs of their
+    event at most. A piece that may pass ``room`` is cut into several of its kind, each within
+    it, that read back as it: a text, reasoning or refusal longer than what fits whatever its
+    characters are (``step``) into parts of that many, a call's arguments that pass it into the
+    naming delta and argument deltas of the same call, logprobs that pass it into runs of their
     entries. (An entry of logprobs larger than ``room`` on its own stays whole, and so does a
     call whose id or name takes half of it: the translator refuses its event, as it would the
     backend's.)"""
@@ -299,7 +300,7 @@ def _cut(pieces: list, room: int):
         if kind == _TOOL:
             key, call_id, name, args = value
             head = max(_size(wire_call(key, call_id, name, "")), _size(wire_call(key, None, None, "")))
-            fits = (room - _PIECE - head) // _WIDEST
+            fits = max(1, (room - _PIECE - head) // _WIDEST)
             if args is None or len(args) <= fits or 2 * head > room:  # (an id or name that large: no call to cut)
                 parts = [args]
             else:
@@ -467,6 +468,7 @@ class RoundFilter:
         self.chars += len(text)
 
     def on_refusal(self, text: str) -> None:
+        self._content.append(text)  # (the round's history: a refusal is what it said, as lowering.py reads one)
         self._pieces += (_REFUSAL, text)
         self.chars += len(text)
 

@@ -45,7 +45,7 @@ def list_models(base_url: str, api_key: str = "", timeout: float = 3.0) -> list[
     except (requests.RequestException, ValueError):
         return []
     models = data.get("data") if isinstance(data, dict) else None
-    return [m for m in models or () if isinstance(m, dict) and m.get("id")]
+    return [m for m in models or () if isinstance(m, dict) and isinstance(m.get("id"), str) and m["id"]]
 
 
 def context_window(model: dict) -> int | None:

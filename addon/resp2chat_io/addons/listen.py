@@ -122,7 +122,10 @@ class Listen(Owner):
         names no subjectAltName) where curl and the openai SDK take it: said once per file, as a
         warning, with how to make one every client takes. What `openssl req -x509 -subj
         /CN=host` makes by default is both."""
-        problems = leaf_problems(Path(cert_file).expanduser().read_bytes())
+        try:
+            problems = leaf_problems(Path(cert_file).expanduser().read_bytes())
+        except (OSError, ValueError):  # (what cryptography cannot read further: tls_pem took it; no advice)
+            return
         state = (cert_file, tuple(problems))
         if state == self._warned_cert:
             return
