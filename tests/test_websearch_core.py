@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import json
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from helpers import chat_chunk, chat_completion, chat_event, chat_sse, parse_chat_sse, parse_sse, tool_call_chunk
 from resp2chat_core import toolloop, websearch
 from resp2chat_core.chatstream import ChunkReader
 from resp2chat_core.lowering import LoweringOptions
+from resp2chat_core.translator import OUTPUT_TOO_LARGE, OVERSIZED
 from resp2chat_core.turn import begin_turn
 from test_chatstream import Calls
 
@@ -215,6 +219,58 @@ def test_a_round_answered_with_one_json_body_is_read_as_its_stream():
     assert websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=5).whole(error) is None
 
 
+# Characters a whole answer's strings are made of: plain, JSON's escapes (quotes, backslashes,
+# control characters: 2 to 6 bytes), 2 to 4 bytes of UTF-8, think tags, and lone surrogates (a
+# backend's "\ud800" escape: the reader reads U+FFFD; the body goes out with backslashreplace).
+_PIECES = st.one_of(st.characters(), st.sampled_from(
+    ['"', "\\", "\n", "\r", "\t", "\x00", "\x01", "\x1f", "\x7f", "\u2028", "\u00f6", "\U0001f600", "\ud800",
+     "\udfff", "<think>", "</think>", " "]))
+
+
+def _long_text(data, bound: int, min_size: int = 0) -> str:
+    """A string of up to ~2 × ``bound`` bytes: a short run of ``_PIECES`` repeated."""
+    run = "".join(data.draw(st.lists(_PIECES, min_size=max(1, min_size), max_size=12)))
+    most = 2 * bound // max(1, len(run.encode("utf-8", "backslashreplace")))
+    return run * data.draw(st.integers(min_value=min(1, most) if min_size else 0, max_value=most))
+
+
+def _merged(calls: list[tuple], drop=None) -> list[tuple]:
+    """The deltas a sink was told, those of a kind in a row joined (a call's: of the same call),
+    without the calls ``drop(name)`` says the gateway holds; the rest (start, usage…) left out.
+    A call's key is told as the rank of its call among those kept (a key is the reader's name
+    for a call: a held call before it may change it, not which deltas are one call)."""
+    merged: list[tuple] = []
+    names: dict = {}
+    ranks: dict = {}
+    for what, *value in calls:
+        if what == "tool":
+            key, _, name, _ = value
+            names[key] = names.get(key) or name  # (the filter's: a call is named by its first name)
+            if drop is not None and drop(names[key]):
+                continue
+            value[0] = ranks.setdefault(key, len(ranks))
+        elif what not in ("text", "reasoning", "refusal", "logprobs"):
+            continue
+        last = merged[-1] if merged else (None,)
+        if what == "tool" and last[0] == "tool" and last[1] == value[0]:
+            args = None if last[4] is None and value[3] is None else (last[4] or "") + (value[3] or "")
+            merged[-1] = (*last[:4], args)
+        elif what == last[0] and what != "tool":
+            merged[-1] = (what, last[1] + value[0])
+        else:
+            merged.append((what, *value))
+    return merged
+
+
+def _read(out: bytes, max_event: int) -> list[tuple]:
+    sink = Calls()
+    reader = ChunkReader(sink, max_event)
+    reader.feed(out)
+    reader.finish()
+    assert not reader.parser.oversized
+    return sink.calls
+
+
 def test_a_whole_answer_past_one_events_bound_goes_on_in_several_events_within_it():
     """A round's whole JSON answer may be up to 8 × the bound of one SSE event (``max_event``),
     its deltas all in one payload: the filter passes them on in several events, each within the
@@ -239,25 +295,8 @@ def test_a_whole_answer_past_one_events_bound_goes_on_in_several_events_within_i
     events = split.split(b"\n\n")[:-1]
     assert len(events) > 4 and max(len(e) + 2 for e in events) <= bound
 
-    def read(out: bytes, max_event: int) -> list[tuple]:
-        sink = Calls()
-        reader = ChunkReader(sink, max_event)
-        reader.feed(out)
-        reader.finish()
-        assert not reader.parser.oversized
-        merged: list[tuple] = []  # the deltas, those of a kind in a row (of a call) joined
-        for what, *value in sink.calls[1:]:
-            last = merged[-1] if merged else (None,)
-            if what == "tool" and last[0] == "tool" and last[1] == value[0]:
-                merged[-1] = (*last[:4], last[4] + value[3])
-            elif what == last[0] and what != "tool":
-                merged[-1] = (what, last[1] + value[0])
-            else:
-                merged.append((what, *value))
-        return merged
-
-    assert read(split, bound) == read(whole, 1 << 30) == [("logprobs", lp), ("reasoning", reasoning), ("text", text),
-                                          ("tool", "call_x", "call_x", "exec", args)]
+    assert _merged(_read(split, bound)) == _merged(_read(whole, 1 << 30)) == [
+        ("logprobs", lp), ("reasoning", reasoning), ("text", text), ("tool", 0, "call_x", "exec", args)]
     turn = begin_turn(json.dumps({"model": "m", "input": "x", "stream": True, "top_logprobs": 1}).encode(),
                       LoweringOptions(), "resp_" + "d" * 32, 0)
     responses = []
@@ -269,6 +308,83 @@ def test_a_whole_answer_past_one_events_bound_goes_on_in_several_events_within_i
         responses.append(translator.response())
     assert responses[0] == responses[1]
     assert responses[0]["status"] == "completed" and responses[0]["output"][-1]["arguments"] == args
+
+
+@settings(max_examples=100, deadline=None, derandomize=True, database=None)
+@given(data=st.data())
+def test_property_a_whole_answer_split_within_any_bound_reads_back_as_itself(data):
+    """Any whole answer (text, reasoning, refusal, client calls with any ids, names, indexes and
+    arguments, a held web_search call, logprobs) past a small bound: every event the filter
+    writes is within it (the translator's parser refuses none), the same bytes on a second run,
+    and they read back as the deltas the answer holds, less the held call: the Response the
+    translator makes of them is the one it makes of the answer unsplit."""
+    # (max_upstream_event_mb is 1 at least; the core takes any bound: small ones cut more)
+    bound = data.draw(st.integers(min_value=4 << 10, max_value=64 << 10), label="bound")
+    message: dict = {"role": "assistant"}
+    if data.draw(st.booleans()):
+        message[data.draw(st.sampled_from(["reasoning_content", "reasoning"]))] = _long_text(data, bound, 1)
+    if data.draw(st.booleans()):  # as a string, or Mistral's parts (thinking between texts)
+        text = _long_text(data, bound)
+        if data.draw(st.booleans()):
+            text = [text, {"type": "thinking", "thinking": [{"type": "text", "text": _long_text(data, bound // 4)}]},
+                    {"type": "text", "text": _long_text(data, bound // 4)}]
+        message["content"] = text
+    if data.draw(st.booleans()):
+        message["refusal"] = _long_text(data, bound // 2, 1)
+    calls = []
+    for _ in range(data.draw(st.integers(min_value=0, max_value=3))):
+        shape = data.draw(st.sampled_from(["none", "object", "string"]))  # (an object: Ollama's, encoded once)
+        args = None if shape == "none" else _long_text(data, bound)
+        call = {"type": "function", "function": {"name": data.draw(st.text(max_size=12)),
+                                                 "arguments": {"cmd": args} if shape == "object" else args}}
+        call_id = data.draw(st.one_of(st.none(), st.sampled_from(["call_a", "call_b", "0"]), st.text(max_size=12)))
+        if call_id is not None:
+            call["id"] = call_id
+        index = data.draw(st.one_of(st.none(), st.integers(min_value=0, max_value=2)))
+        if index is not None:
+            call["index"] = index
+        calls.append(call)
+    if data.draw(st.booleans()):  # the gateway's own call, held back, anywhere among them
+        calls.insert(data.draw(st.integers(min_value=0, max_value=len(calls))),
+                     {"id": "call_s", "type": "function", "function": {"name": "web_search", "arguments": '{"query":"q"}'}})
+    if calls:
+        message["tool_calls"] = calls
+    answer = chat_completion(message, "tool_calls" if calls else "stop")
+    if data.draw(st.booleans()):
+        tokens = data.draw(st.lists(st.lists(_PIECES, min_size=1, max_size=4).map("".join), max_size=12)) \
+            * data.draw(st.integers(min_value=1, max_value=bound // 256))
+        answer["choices"][0]["logprobs"] = {"content": [
+            {"token": t, "logprob": -0.25 * i, "bytes": list(t.encode("utf-8", "backslashreplace")),
+             "top_logprobs": [{"token": t, "logprob": -0.5, "bytes": None}]} for i, t in enumerate(tokens)]}
+    body = json.dumps(answer, ensure_ascii=False).encode("utf-8", "backslashreplace")
+    huge = 1 << 30
+
+    def whole(max_event: int) -> bytes:
+        return websearch.SearchLoop(json.dumps(CHAT).encode(), 5, max_event).whole(body)
+
+    split, unsplit = whole(bound), whole(huge)
+    assert whole(bound) == split  # the same bytes every time
+    events = split.split(b"\n\n")
+    assert events[-1] == b"" and all(len(e) <= bound for e in events)
+    answered = _merged(_read(body, huge), lambda name: name == "web_search")
+    assert _merged(_read(split, bound)) == _merged(_read(unsplit, huge)) == answered
+    turn = begin_turn(json.dumps({"model": "m", "input": "x", "stream": True, "top_logprobs": 1}).encode(),
+                      LoweringOptions(think_tags={"*": "off"}), "resp_" + "e" * 32, 0)
+    # (think tags off: think.py's splitter reads "<think><think>" in one delta otherwise than
+    # cut after a "<", a matter of its own, not of the cut)
+    responses = []
+    for out, max_event in ((split, bound), (split, huge), (unsplit, huge)):
+        translator = turn.translator(max_event)
+        translator.feed(out)
+        translator.feed(toolloop.final_chunks(answer["choices"][0]["finish_reason"], []))
+        translator.finish()
+        responses.append(translator.response())
+        # (the bound's translator holds 8 × it of output, each item and token of logprobs counted
+        # more than its bytes: a large answer may outgrow that, as it would have streamed)
+        assert translator.error is None or translator.error["code"] == OUTPUT_TOO_LARGE != OVERSIZED
+    assert responses[1] == responses[2] and responses[1]["status"] == "completed"
+    if responses[0]["status"] == "completed":
+        assert responses[0] == responses[2]
 
 
 def test_a_re_encoded_chunk_with_a_lone_surrogate_escape():
