@@ -540,11 +540,17 @@ def gateway_url(values: dict) -> str:
     return f"https://{names[0].split(':')[0] if names else host}:{port}/v1"
 
 
+def wildcard_host(values: dict) -> str | None:
+    """``bind_addr``'s host when it is a wildcard (0.0.0.0, ::: every interface), else None."""
+    host, _ = S.parse_bind(values["bind_addr"])
+    return host if host in ("0.0.0.0", "::") else None
+
+
 def where_it_listens(values: dict) -> str:
     """What ``start`` says of its listen address: ``on URL``, or, with a wildcard ``bind_addr``
-    (0.0.0.0, ::), ``on every interface`` and the URL clients use here."""
-    host, _ = S.parse_bind(values["bind_addr"])
-    if host not in ("0.0.0.0", "::"):
+    (``wildcard_host``), ``on every interface`` and the URL clients use here."""
+    host = wildcard_host(values)
+    if host is None:
         return f"on {gateway_url(values)}"
     every = "every IPv4 interface" if host == "0.0.0.0" else "every interface"
     reach = "e.g." if values["tls_cert_file"] else "from this machine:"
@@ -660,7 +666,7 @@ def cmd_print_config(args) -> int:
                                   base_url=args.base_url))
     if args.builtin:
         print(f"resp2chat: before the first interactive `codex`, once: {codex_login_line(env)}", file=sys.stderr)
-    if not args.base_url and S.parse_bind(values["bind_addr"])[0] in ("0.0.0.0", "::"):
+    if not args.base_url and wildcard_host(values) is not None:
         print(f"resp2chat: the base URL above is this machine's ({gateway_url(values)}; bind_addr "
               f"{values['bind_addr']} listens on every interface): for a teammate's Codex, give the one they "
               "reach the gateway by: --base-url https://NAME/v1", file=sys.stderr)
