@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from helpers import chat_chunk, chat_completion, chat_event, chat_sse, parse_chat_sse, parse_sse, tool_call_chunk
@@ -344,9 +344,11 @@ def test_property_a_whole_answer_split_within_any_bound_reads_back_as_itself(dat
         if index is not None:
             call["index"] = index
         calls.append(call)
-    if data.draw(st.booleans()):  # the gateway's own call, held back, anywhere among them
+    if data.draw(st.booleans()):  # the gateway's own call, held back, anywhere among them (on an index too)
+        held = {"id": "call_s", "type": "function", "function": {"name": "web_search", "arguments": '{"query":"q"}'}}
+        index = data.draw(st.one_of(st.none(), st.integers(min_value=0, max_value=2)))
         calls.insert(data.draw(st.integers(min_value=0, max_value=len(calls))),
-                     {"id": "call_s", "type": "function", "function": {"name": "web_search", "arguments": '{"query":"q"}'}})
+                     held if index is None else {"index": index, **held})
     if calls:
         message["tool_calls"] = calls
     answer = chat_completion(message, "tool_calls" if calls else "stop")
@@ -508,3 +510,64 @@ def test_a_search_after_the_last_round_is_not_run_again():
     assert again[0]["choices"][0]["delta"]["tool_calls"][0]["id"] == "s2"  # passed on, not held
     _, step = loop.end_round(ok=True)
     assert isinstance(step, websearch.Finish)
+
+
+def _round(chunks: list) -> bytes:
+    """What the translator reads of one round's ``chunks`` (dicts): the loop's output, its tail."""
+    loop = websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=5)
+    out = loop.feed(chat_sse(*chunks, chat_chunk(finish="tool_calls")))
+    return out + loop.end_round(ok=True)[0]
+
+
+def _one(index, call_id, name, args) -> dict:
+    return {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": args}}
+
+
+def test_client_calls_on_a_reused_index_and_id_around_a_held_call_stay_two_calls():
+    """A backend that numbers every call 0 and sends one id twice: f "A", the held web_search,
+    g "B", all index 0, f's and g's id the same. The reader reads three calls (a new id on a
+    named index opens a call: call_s after call_a, then call_a after call_s); the client must
+    get two, f "A" and g "B", whether each call comes in chunks of its own (passed on), all in
+    one chunk (written again) or in a whole body. Before: one call f "AB" (g's naming delta,
+    without call_s before it, read as f's again)."""
+    f, s, g = _one(0, "call_a", "f", "A"), _one(0, "call_s", "web_search", '{"query":"q"}'), _one(0, "call_a", "g", "B")
+    want = [("tool", 0, "call_a", "f", "A"), ("tool", 1, "call_a", "g", "B")]
+    stream = [chat_chunk({"tool_calls": [c]}) for c in (f, s, g)]
+    backend = chat_sse(*stream, chat_chunk(finish="tool_calls"))
+    assert _merged(_read(backend, 1 << 20), lambda name: name == "web_search") == want  # (the reader's three, less one)
+    assert _merged(_read(_round(stream), 1 << 20)) == want  # each in its own chunk
+    assert _merged(_read(_round([chat_chunk({"tool_calls": [f, s, g]})]), 1 << 20)) == want  # one chunk
+    split = [chat_chunk({"tool_calls": [dict(f, function={"name": "f", "arguments": ""})]}),
+             chat_chunk({"tool_calls": [{"index": 0, "function": {"arguments": "A"}}]}), chat_chunk({"tool_calls": [s]}),
+             chat_chunk({"tool_calls": [dict(g, function={"name": "g", "arguments": ""})]}),
+             chat_chunk({"tool_calls": [{"index": 0, "function": {"arguments": "B"}}]})]
+    assert _merged(_read(_round(split), 1 << 20)) == want  # arguments after the name: g's go on as g's
+    whole = websearch.SearchLoop(json.dumps(CHAT).encode(), 5).whole(
+        json.dumps(chat_completion({"tool_calls": [f, s, g]}, "tool_calls")).encode())
+    assert _merged(_read(whole, 1 << 20)) == want
+
+
+_CALL_IDS = st.sampled_from([None, "call_a", "call_b", "call_s"])
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(st.lists(st.lists(st.tuples(st.one_of(st.none(), st.integers(0, 1)), _CALL_IDS,
+                                   st.sampled_from([None, "f", "g", "web_search"]), st.sampled_from([None, "A", "B"])),
+                         min_size=1, max_size=3), min_size=1, max_size=8))
+def test_property_a_streamed_round_reads_back_as_its_calls_less_the_held_ones(chunks):
+    """Any round of streamed tool-call deltas (indexes reused, ids repeated, names and arguments
+    in any order, web_search calls among them) reads back, behind the filter, as the calls the
+    reader reads of the backend's stream less the held ones: the same deltas, grouped into the
+    same calls. (Each call's first delta names it: a delta before the name cannot be known as
+    the gateway's, and goes on.)"""
+    stream = [chat_chunk({"tool_calls": [
+        {**({"index": i} if i is not None else {}), **({"id": c} if c else {}),
+         "function": {**({"name": n} if n else {}), **({"arguments": a} if a else {})}} for i, c, n, a in chunk]})
+        for chunk in chunks]
+    backend = chat_sse(*stream, chat_chunk(finish="tool_calls"))
+    named: set = set()
+    for what, *value in _read(backend, 1 << 20):
+        if what == "tool":
+            assume(value[0] in named or value[2] is not None)
+            named.add(value[0])
+    assert _merged(_read(_round(stream), 1 << 20)) == _merged(_read(backend, 1 << 20), lambda name: name == "web_search")

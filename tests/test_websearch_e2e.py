@@ -348,3 +348,43 @@ def test_a_round_answered_with_a_json_error_fails_the_turn_with_it(gateway_facto
         assert "the model is overloaded now" in end["response"]["error"]["message"], end
         assert [o["type"] for o in end["response"]["output"]] == ["web_search_call"]
         assert len(backend.bodies) == 2
+
+
+def test_client_calls_sharing_an_index_and_an_id_around_the_search_call_reach_the_client_as_two(gateway_factory, brave):
+    """A backend that numbers every call 0 and sends one id for two calls streams the client's
+    exec_command "A", the gateway's web_search, the client's read_file "B", each in chunks of
+    its own, then the same three in one chunk. The search is held (the client has calls to run
+    first: the turn ends), and the client (the openai SDK, streamed or not) gets both calls with
+    their names and arguments. Before: one function_call exec_command with "AB" (read_file's
+    naming delta, without the search call before it, read as more of exec_command)."""
+    url, handler = brave
+    a = {"index": 0, "id": "call_a", "type": "function", "function": {"name": "exec_command", "arguments": ""}}
+    s = {"index": 0, **_search_call("call_s", "between")}
+    b = {"index": 0, "id": "call_a", "type": "function", "function": {"name": "read_file", "arguments": ""}}
+    own = [chat_chunk({"role": "assistant", "tool_calls": [a]}),
+           chat_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"cmd": "A"}'}}]}),
+           chat_chunk({"tool_calls": [s]}), chat_chunk({"tool_calls": [b]}),
+           chat_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"path": "B"}'}}]})]
+    one = [chat_chunk({"role": "assistant", "tool_calls": [
+        {**a, "function": {"name": "exec_command", "arguments": '{"cmd": "A"}'}}, s,
+        {**b, "function": {"name": "read_file", "arguments": '{"path": "B"}'}}]})]
+    end = [chat_chunk(finish="tool_calls"),
+           chat_chunk(choices=[], usage={"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14})]
+    read_file = {"type": "function", "name": "read_file",
+                 "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}}
+    for chunks in (own, one):
+        backend = type("Rounds", (_Rounds,), {"answers": [("sse", chunks + end)] * 2, "bodies": []})
+        with LocalServer(backend) as server:
+            gw = gateway_factory(server.url, "--set", "resp2chat_max_replay_entries=0",
+                                 env={"BRAVE_SEARCH_API_KEY": BRAVE_KEY, "RESP2CHAT_BRAVE_BASE_URL": url})
+            client = openai_client(gw)
+            for stream in (True, False):
+                handler.queries = []
+                kw = dict(model="demo-model", input="run both", tools=[WEB_SEARCH, EXEC, read_file])
+                final = list(client.responses.create(stream=True, **kw))[-1].response if stream \
+                    else client.responses.create(**kw)
+                assert final.status == "completed", final.error
+                assert [(o.type, o.call_id, o.name, o.arguments) for o in final.output] == [
+                    ("function_call", "call_a", "exec_command", '{"cmd": "A"}'),
+                    ("function_call", "call_a", "read_file", '{"path": "B"}')]
+                assert handler.queries == []  # (the client's calls first: the search is not run)

@@ -22,7 +22,9 @@ Rules of this file:
   held parts (``chatstream.wire_call`` writes a call so that it reads back under its own key;
   a choice's token ``logprobs`` stay on the text they came with: vLLM sends the last token and
   the finish reason in one chunk), and the translator reads that as it would have read the
-  original.
+  original. The translator's reader keys calls as the filter's does, less the held ones: where
+  only a held call told a client's call from the one before it on its index (the same id
+  again), that call goes on, every delta of it, under an index of its own (``_wire_key``).
 - A round answered with one JSON ``chat.completion`` (a backend that ignored ``stream``) is read
   as its stream would be (``ToolLoop.whole``: ``ChunkReader.body``, the reader's own rule for a
   whole body): the same calls held back, the same end held, the rest passed on in stream form,
@@ -337,11 +339,13 @@ class RoundFilter:
         self._owns = owns
         self._reader = ChunkReader(self, max_event)
         self._out: list[bytes] = []
-        self._held = False  # the payload being read has something held back: re-encode it
+        self._held = False  # the payload being read has something held back (or a call to move): re-encode it
         self._pieces: list = []  # its deltas, in order, flat: kind, value, kind, value, …
         self._whole = False  # reading a body that held no SSE event
         self._passthrough = False  # … and it is an error or garbage: the translator reads it as it is
         self._calls: dict = {}  # call key -> [id, name, argument pieces]
+        self._moved: dict = {}  # call key -> the index it goes on under (``_wire_key``)
+        self._last_id: dict = {}  # index -> the id of the last call the translator's reader named on it
         self._content: list[str] = []
         self._reasoning: list[str] = []
         self._finish: str | None = None
@@ -474,7 +478,8 @@ class RoundFilter:
 
     def on_tool(self, key, call_id: str | None, name: str | None, args: str | None) -> None:
         call = self._calls.get(key)
-        if call is None:
+        new = call is None
+        if new:
             call = self._calls[key] = [call_id or f"call_ws_{len(self._calls)}", name or "", []]
         elif name and not call[1]:
             call[1] = name
@@ -484,7 +489,33 @@ class RoundFilter:
         if self._owns(call[1]):
             self._held = True  # the gateway runs it: the client never sees it
         else:
-            self._pieces += (_TOOL, (key, call_id, name, args))  # (written by _cut: wire_call)
+            wire = self._wire_key(key, call_id, name, new)
+            if wire is not key:
+                self._held = True  # (written again, under its own index)
+            self._pieces += (_TOOL, (wire, call_id, name, args))  # (written by _cut: wire_call)
+
+    def _wire_key(self, key, call_id: str | None, name: str | None, new: bool):
+        """The key a client call's delta goes on under: its own, or, for a call whose key would
+        not read back as it, an index of its own. The reader (chatstream.py) opens a new call
+        on an index when a naming delta brings an id other than that of the last named call
+        there; behind the filter the held calls are gone, so the translator's reader compares
+        with the last *client* call named there (``_last_id`` mirrors that). A call the
+        filter's reader opened (after a held call's id) with the id of the client call before
+        it on its index would be read as more of that call: it and all its later deltas go on
+        under a negative index (no backend sends one), one per such call."""
+        moved = self._moved.get(key)
+        if moved is not None:
+            return moved
+        if name is None:
+            return key  # (only a naming delta may open a call)
+        index = key[0] if key.__class__ is tuple else key
+        last = self._last_id
+        if index not in last or (call_id is not None and last[index] != call_id):
+            last[index] = call_id  # the translator's reader opens a call here, as the filter's did (or names its first)
+        elif new:
+            moved = self._moved[key] = -1 - len(self._moved)
+            return moved
+        return key
 
     def on_logprobs(self, entries: list) -> None:
         self._pieces += (_LOGPROBS, entries)  # (a chunk written again keeps them: _encode)
