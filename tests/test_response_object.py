@@ -14,7 +14,8 @@ import json
 import openai
 import pytest
 
-from helpers import DONE, chat_chunk, chat_event, chat_sse, parse_sse, spec_errors
+from helpers import (DONE, LocalServer, QuietHandler, chat_chunk, chat_completion, chat_event, chat_sse,
+                     openai_client, parse_sse, send_json, send_sse, spec_errors)
 from resp2chat_core.errors import GatewayError
 from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.turn import Found, begin_turn
@@ -190,6 +191,49 @@ def test_logprobs_through_the_gateway(client, upstream):
     part = response.output[-1].content[0]
     assert "".join(t.token for t in part.logprobs) == part.text == "You said: hello"
     assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].token == t.token for t in part.logprobs)
+
+
+class ReasoningWithLogprobs(QuietHandler):
+    """A backend whose answers hold reasoning and text with logprobs, by model: ``whole``, one JSON
+    ``chat.completion`` (``stream`` ignored) with ``reasoning_content``, ``content`` and the
+    choice's ``logprobs``; ``streamed``, chunks of reasoning with logprobs (the reasoning
+    tokens'), then one with a reasoning delta, a content delta and logprobs, then text without."""
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        assert body["logprobs"] is True and body["top_logprobs"] == 1
+        if body["model"] == "whole":
+            answer = chat_completion({"reasoning_content": "Let me think.", "content": "Hello"}, "stop")
+            answer["choices"][0]["logprobs"] = {"content": [lp("Hel", -0.25), lp("lo", -0.5)]}
+            send_json(self, 200, answer)
+            return
+        chunks = [chat_chunk({"reasoning_content": "Let me"}), chat_chunk({"reasoning_content": " think.", "content": "Hel"}),
+                  chat_chunk({"content": "lo"}), chat_chunk(finish="stop")]
+        chunks[0]["choices"][0]["logprobs"] = {"content": [lp("Let", -0.75), lp(" me", -0.75)]}
+        chunks[1]["choices"][0]["logprobs"] = {"content": [lp("Hel", -0.25)]}
+        send_sse(self, chat_sse(*chunks))
+
+
+def test_logprobs_of_an_answer_with_reasoning_through_the_gateway(gateway_factory):
+    """Through a real mitmdump and the openai SDK: an answer whose chunk (or whole JSON body)
+    holds reasoning and text has its logprobs on the text, streamed or not; the reasoning's own
+    tokens (a chunk of reasoning alone) and the next chunk's text get none. Before, the
+    reasoning in the same chunk dropped them: ``logprobs: []``."""
+    with LocalServer(ReasoningWithLogprobs) as backend:
+        gw = gateway_factory(backend.url, "--set", "resp2chat_max_replay_entries=0")
+        client = openai_client(gw)
+        asked = dict(input="hi", top_logprobs=1, include=["message.output_text.logprobs"])
+        for model, tokens in (("whole", [("Hel", -0.25), ("lo", -0.5)]), ("streamed", [("Hel", -0.25)])):
+            response = client.responses.create(model=model, **asked)
+            events = list(client.responses.create(model=model, stream=True, **asked))
+            for final in (response, events[-1].response):
+                assert [o.type for o in final.output] == ["reasoning", "message"], model
+                part = final.output[-1].content[0]
+                assert part.text == "Hello" and [(t.token, t.logprob) for t in part.logprobs] == tokens, model
+            deltas = [(e.delta, [t.token for t in e.logprobs]) for e in events if e.type == "response.output_text.delta"]
+            assert deltas == ([("Hello", ["Hel", "lo"])] if model == "whole" else [("Hel", ["Hel"]), ("lo", [])])
+            (done,) = [e for e in events if e.type == "response.output_text.done"]
+            assert [t.token for t in done.logprobs] == [t for t, _ in tokens]
 
 
 def test_the_sdk_gets_the_400s_naming_the_field(client):

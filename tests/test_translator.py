@@ -680,3 +680,77 @@ def test_envelope_is_not_learnt_from_a_delta_key_that_decoding_overrides(dup):
     out = check_stream(t.feed(chat_sse(first, second, chat_chunk(finish="stop"))) + t.finish())
     assert [e["delta"] for e in out if e["type"] == "response.output_text.delta"] == ["A", "A"]
     assert t._reader.hits == 0
+
+
+# --- logprobs: on the text of their chunk, whatever else it holds ---------------------------
+
+
+def lp_translator(think: str = "auto") -> Translator:
+    """A translator of a turn that asked for logprobs (``top_logprobs``)."""
+    body = {"model": "m", "input": "hi", "top_logprobs": 1}
+    opts = LoweringOptions(think_tags={"*": think})
+    return begin_turn(json.dumps(body).encode(), opts, RESP_ID, CREATED).translator()
+
+
+def lp(*tokens: str) -> list[dict]:
+    """A choice's ``logprobs.content`` for ``tokens``, as the output_text's logprobs say them too."""
+    return [{"token": t, "logprob": -0.5, "bytes": list(t.encode()), "top_logprobs": []} for t in tokens]
+
+
+def with_lp(delta: dict, entries: list, finish: str | None = None, key: str = "delta") -> dict:
+    chunk = chat_chunk(delta, finish)
+    choice = chunk["choices"][0]
+    choice["logprobs"] = {"content": entries}
+    if key != "delta":
+        choice[key] = choice.pop("delta")
+    return chunk
+
+
+def text_logprobs(evs) -> tuple[list, list]:
+    """(each output_text delta's logprobs, the done part's)."""
+    done = of(evs, "response.output_text.done")
+    assert len(done) == 1 and done[0]["logprobs"] == items(evs)[-1]["content"][0]["logprobs"]
+    return [e["logprobs"] for e in of(evs, "response.output_text.delta")], done[0]["logprobs"]
+
+
+def test_a_whole_answer_with_reasoning_keeps_its_logprobs_on_the_output_text():
+    """A non-streamed chat.completion with reasoning, content and ``logprobs.content``: the
+    logprobs are the output text's (the reader hands them over after the reasoning, before the
+    text; before, the reasoning dropped them)."""
+    body = {"id": "chatcmpl-9", "object": "chat.completion", "created": 1, "model": "up",
+            "choices": [{"index": 0, "finish_reason": "stop", "logprobs": {"content": lp("Hel", "lo")},
+                         "message": {"role": "assistant", "reasoning_content": "think", "content": "Hello"}}]}
+    for think in ("auto", "off"):
+        evs = check_stream(lp_translator(think).translate_json(json.dumps(body).encode()))
+        assert [i["type"] for i in items(evs)] == ["reasoning", "message"]
+        assert text_logprobs(evs) == ([lp("Hel", "lo")], lp("Hel", "lo"))
+        check_sdk(evs)
+
+
+@pytest.mark.parametrize("key", ["reasoning_content", "reasoning"])
+def test_a_chunks_logprobs_go_on_its_text_and_no_later_chunks(key):
+    """A chunk with a reasoning delta, a content delta and logprobs: they go on its text (the
+    text delta, the done part); the next chunk's text, without logprobs, gets none; a chunk of
+    reasoning alone with logprobs (a backend's reasoning tokens) gives them to no text."""
+    evs = run(chat_sse(chat_chunk({key: "Hmm."}), with_lp({key: " ok", "content": "He"}, lp("He")),
+                       chat_chunk({"content": "llo"}), with_lp({key: "more"}, lp("more")),
+                       chat_chunk({"content": " there"}), chat_chunk(finish="stop")), lp_translator())
+    assert [i["type"] for i in items(evs)] == ["reasoning", "message", "reasoning", "message"]
+    first, second = [e for e in of(evs, "response.output_text.done")]
+    assert [(e["delta"], e["logprobs"]) for e in of(evs, "response.output_text.delta")] == [
+        ("He", lp("He")), ("llo", []), (" there", [])]
+    assert (first["text"], first["logprobs"], second["text"], second["logprobs"]) == ("Hello", lp("He"), " there", [])
+    check_sdk(evs)
+
+
+def test_the_logprobs_of_a_think_block_are_not_the_answers():
+    """``<think>`` in content (think.py): a chunk that ends inside the think block is reasoning,
+    its logprobs no text's; the chunk that closes it and begins the answer gives the answer its
+    logprobs (all of that chunk's: they are not split by token). Before, every think chunk's
+    logprobs piled up on the first answer delta."""
+    evs = run(chat_sse(with_lp({"content": "<think>a"}, lp("<think>", "a")), with_lp({"content": "b"}, lp("b")),
+                       with_lp({"content": "</think>Hi"}, lp("</think>", "Hi")), chat_chunk({"content": "!"}),
+                       chat_chunk(finish="stop")), lp_translator())
+    assert [i["type"] for i in items(evs)] == ["reasoning", "message"]
+    assert text_logprobs(evs) == ([lp("</think>", "Hi"), []], lp("</think>", "Hi"))
+    check_sdk(evs)

@@ -296,7 +296,7 @@ def test_a_whole_answer_past_one_events_bound_goes_on_in_several_events_within_i
     assert len(events) > 4 and max(len(e) + 2 for e in events) <= bound
 
     assert _merged(_read(split, bound)) == _merged(_read(whole, 1 << 30)) == [
-        ("logprobs", lp), ("reasoning", reasoning), ("text", text), ("tool", 0, "call_x", "exec", args)]
+        ("reasoning", reasoning), ("logprobs", lp), ("text", text), ("tool", 0, "call_x", "exec", args)]
     turn = begin_turn(json.dumps({"model": "m", "input": "x", "stream": True, "top_logprobs": 1}).encode(),
                       LoweringOptions(), "resp_" + "d" * 32, 0)
     responses = []

@@ -48,9 +48,13 @@ Dialects (tests/fixtures/dialects/ holds one recorded-shape stream per rule belo
   compact encoder. Arguments are passed on as they come; what a finished call's arguments mean
   is the consumer's business (the translator's ``_function_arguments``).
 - Logprobs: the choice's ``logprobs.content`` (a list of ``{"token", "logprob", "bytes",
-  "top_logprobs"}``: OpenAI, vLLM, llama.cpp when the request asked for ``logprobs``):
-  ``on_logprobs``, before that choice's delta; a chunk with logprobs is never learnt as an
-  envelope (they differ from chunk to chunk).
+  "top_logprobs"}``: OpenAI, vLLM, llama.cpp when the request asked for ``logprobs``) are the
+  tokens of that choice's text: ``on_logprobs`` right before its first ``on_text`` (after its
+  reasoning: a whole message, or a chunk, may hold both); a choice with no text (reasoning
+  alone, a refusal, tool calls: a backend's reasoning tokens) has none, so they never reach a
+  later chunk's text. A choice that says nothing but logprobs (no delta, or an empty one) has
+  them told before the text that follows. A chunk with logprobs is never learnt as an envelope
+  (they differ from chunk to chunk).
 - ``finish_reason``: a non-empty string, lowercased: ``on_finish``, after that choice's delta.
 - Usage, in all its places (usage.py): a chunk's ``usage`` or Groq's ``x_groq.usage``
   (``find_usage``), read before the chunk's choices, each one replacing the last; Kimi's
@@ -132,8 +136,9 @@ class Sink(Protocol):
         """The model's refusal text (non-empty): what it says instead of an answer."""
 
     def on_logprobs(self, entries: list) -> None:
-        """The choice's ``logprobs.content`` (non-empty list, as the backend sent it), before the
-        deltas of the same chunk."""
+        """The choice's ``logprobs.content`` (non-empty list, as the backend sent it): the tokens
+        of the text that follows (right before the choice's first ``on_text``; never for a
+        choice without text)."""
 
     def on_tool(self, key, call_id: str | None, name: str | None, args: str | None) -> None:
         """A tool-call delta. ``key`` (hashable) is the same for every delta of one call."""
@@ -277,18 +282,20 @@ class ChunkReader:
             if not isinstance(choice, dict) or (choice.get("index") or 0) != 0:
                 continue  # n > 1 is never requested: the first choice is the answer
             logprobs = choice.get("logprobs")
-            if logprobs and logprobs.__class__ is dict:
-                content = logprobs.get("content")
-                if content and content.__class__ is list:
-                    sink.on_logprobs(content)  # (before the deltas they are the tokens of)
             delta = choice.get("delta")
             if delta is None:
                 delta = choice.get("message")  # a whole chat.completion
+            if logprobs:
+                content = logprobs.get("content") if logprobs.__class__ is dict else None
+                logprobs = content if content and content.__class__ is list else None
+                if logprobs is not None and not delta:
+                    sink.on_logprobs(logprobs)  # (a choice of logprobs alone: the text that follows is theirs)
+                    logprobs = None
             if delta and isinstance(delta, dict):
                 if payload is not None and usage is None and len(choices) == 1 and not choice.get("finish_reason") \
                         and not choice.get("usage") and not logprobs:
                     self._learn(payload, delta)
-                self._delta(delta)
+                self._delta(delta, logprobs)
             reason = choice.get("finish_reason")
             if reason and isinstance(reason, str):
                 per_choice = choice.get("usage")
@@ -299,7 +306,9 @@ class ChunkReader:
                 if self.stopped:
                     return
 
-    def _delta(self, delta: dict) -> None:
+    def _delta(self, delta: dict, logprobs: list | None = None) -> None:
+        """``logprobs``: the choice's ``logprobs.content``, told right before its first text (none:
+        they are no text's)."""
         sink = self.sink
         reasoning = delta.get("reasoning_content") or delta.get("reasoning")
         if reasoning and reasoning.__class__ is str:
@@ -307,9 +316,11 @@ class ChunkReader:
         content = delta.get("content")
         if content:
             if content.__class__ is str:
+                if logprobs is not None:
+                    sink.on_logprobs(logprobs)
                 sink.on_text(content)
             elif content.__class__ is list:
-                self._parts(content)
+                self._parts(content, logprobs)
         refusal = delta.get("refusal")
         if refusal and refusal.__class__ is str:
             sink.on_refusal(refusal)
@@ -319,14 +330,14 @@ class ChunkReader:
                 if call.__class__ is dict:
                     self._call(pos, call)
 
-    def _parts(self, parts: list) -> None:
+    def _parts(self, parts: list, logprobs: list | None) -> None:
         """Content as a list of parts: Mistral's ``{"type": "thinking", "thinking": [{"type":
-        "text", "text": …}]}`` reasoning and ``{"type": "text", "text": …}`` text, in order."""
+        "text", "text": …}]}`` reasoning and ``{"type": "text", "text": …}`` text, in order
+        (``logprobs`` before the first text)."""
         sink = self.sink
         for part in parts:
             if part.__class__ is str:
-                if part:
-                    sink.on_text(part)
+                text = part
             elif part.__class__ is not dict:
                 continue
             elif part.get("type") == "thinking":
@@ -335,10 +346,14 @@ class ChunkReader:
                     text = piece.get("text") if isinstance(piece, dict) else piece
                     if text and isinstance(text, str):
                         sink.on_reasoning(text)
+                continue
             else:
                 text = part.get("text")
-                if text and isinstance(text, str):
-                    sink.on_text(text)
+            if text and isinstance(text, str):
+                if logprobs is not None:
+                    sink.on_logprobs(logprobs)
+                    logprobs = None
+                sink.on_text(text)
 
     def _call(self, pos: int, call: dict) -> None:
         fn = call.get("function")

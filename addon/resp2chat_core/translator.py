@@ -52,6 +52,11 @@ normalized deltas. What they become is decided here:
 - ``<think>…</think>`` inside text: ``think.ThinkSplitter`` turns the tags into reasoning
   deltas, tags split across chunks included, as the upstream's think mode says (``TurnContext
   .think``; ``rethink`` when a fallback answers). It costs nothing once the think block is over.
+- Logprobs (asked for: ``TurnContext.logprobs``): the reader hands a choice's over right before
+  its text, so they go on the next text delta (text held back, blank or a possible tag, takes
+  them along); what another kind of delta finds left is no text's and goes. A content delta
+  that ends inside a think block, or right after its closing tag, was no answer text: its
+  logprobs go too (``_NO_TEXT_YET``).
 - Tool calls: one item per call key; arguments that come before the call's name are held until
   it comes; arguments are normalized once, at the end (``_function_arguments``).
 - Endings: ``[DONE]``; or a finish_reason and then the end of the body (no ``[DONE]``: Ollama
@@ -113,7 +118,7 @@ from .jsonstring import InputStream
 from .limits import MAX_TOLD_WAIT, retry_headers, retry_phrase, retry_seconds
 from .seal import Sealer
 from .sse import MAX_EVENT
-from .think import BREAK, REASONING, WATCH, ThinkSplitter
+from .think import AFTER, BREAK, REASONING, THINK, THINK_LEAD, WATCH, ThinkSplitter
 from .toolmap import ToolMap
 from .usage import to_responses_usage
 
@@ -192,6 +197,9 @@ _INCOMPLETE_REASONS = {
     "model_length": "max_output_tokens",  # Mistral: the context filled up while generating
     "content_filter": "content_filter",
 }
+# think.py states in which a content delta ends with no answer text of its own (inside the think
+# block, or just after its closing tag): the logprobs it came with are reasoning's (``on_text``)
+_NO_TEXT_YET = frozenset((THINK, THINK_LEAD, AFTER))
 _FAILED_REASONS = frozenset({
     "error",  # OpenRouter / Mistral: the provider failed mid-generation
     "abort",  # sglang / vLLM: the request was aborted server-side
@@ -545,9 +553,9 @@ class Translator:
     def on_reasoning(self, text: str) -> None:
         if self._outgrown(len(text)):
             return
-        self._lp = None  # (logprobs of reasoning tokens are not the output text's)
         if self._think is not None:
-            self._settle_think()
+            self._settle_think()  # (held text goes out with its logprobs)
+        self._lp = None  # (what is left is no text's: held blank text that is dropped, logprobs alone)
         self._delta(Kind.REASONING, text)
 
     def on_logprobs(self, entries: list) -> None:
@@ -565,21 +573,23 @@ class Translator:
             self._delta(Kind.TEXT, text)  # plain text, or text that cannot hold (part of) a tag
             return
         self._think_pieces(think.feed(text))
+        if self._lp is not None and think.state in _NO_TEXT_YET:
+            self._lp = None  # (this delta's tokens went to reasoning, a tag or dropped blanks: no text's)
 
     def on_refusal(self, text: str) -> None:
         if self._outgrown(len(text)):
             return
-        self._lp = None  # (logprobs are the output text's)
         if self._think is not None:
             self._settle_think()
+        self._lp = None  # (logprobs are the output text's)
         self._delta(Kind.REFUSAL, text)
 
     def on_tool(self, key, call_id: str | None, name: str | None, args: str | None) -> None:
         if self._outgrown(len(args or "")):
             return
-        self._lp = None
         if self._think is not None:
             self._settle_think()
+        self._lp = None
         tool = self._tools.get(key) if self.open is Kind.TOOL else None
         if tool is None:
             if name is None:  # arguments before the name: hold them
