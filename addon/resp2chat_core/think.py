@@ -91,7 +91,7 @@ class ThinkSplitter:
                 if buf.startswith(OPEN):  # configured "open" but the model wrote the tag anyway
                     buf = buf[len(OPEN):]
                     continue
-                if OPEN.startswith(buf) and not CLOSE.startswith(buf):
+                if OPEN.startswith(buf):  # (a lone "<" too: the next delta says which tag it starts)
                     self.held = buf
                     return out
                 self.state = THINK
