@@ -395,6 +395,40 @@ def test_think_splitter_units(chunks, expected):
     assert got == expected
 
 
+def _split_think(mode: str, deltas: list[str]) -> list[tuple[str, str]]:
+    """The splitter's pieces for these deltas, runs of one kind joined (how a client reads them)."""
+    sp = ThinkSplitter(mode)
+    out: list[tuple[str, str]] = []
+    for kind, text in [p for d in deltas for p in sp.feed(d)] + sp.flush():
+        if out and kind == out[-1][0] and kind != "break":
+            out[-1] = (kind, out[-1][1] + text)
+        else:
+            out.append((kind, text))
+    return out
+
+
+_THINK_BITS = st.sampled_from(["<think>", "</think>", "<", "</", "<th", "</thi", "think>", ">", "/", " ", "\n",
+                               "a", "b c", "<thinking>"])
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(mode=st.sampled_from(["auto", "open"]), bits=st.lists(_THINK_BITS, max_size=12), data=st.data())
+def test_property_think_split_does_not_depend_on_where_the_deltas_cut(mode, bits, data):
+    """The same content, cut into deltas anywhere, reads back as the same reasoning and text
+    (the module's promise: the answer depends on the content, not on how it was cut)."""
+    text = "".join(bits)
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(text) - 1)), max_size=8))) if len(text) > 1 else []
+    deltas = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+    assert _split_think(mode, deltas) == _split_think(mode, [text] if text else [])
+
+
+def test_think_a_second_opening_tag_is_dropped_wherever_the_stream_cuts_it():
+    """``<think><think>`` (found by the property test above): one delta gave no reasoning, while
+    cut before the second ``<`` it gave a reasoning item ``<think>``."""
+    for deltas in (["<think><think>x</think>y"], ["<think><", "think>x</think>y"], ["<think>", "<", "think>x</think>y"]):
+        assert _split_think("auto", deltas) == [("reasoning", "x"), ("text", "y")], deltas
+
+
 # --- 3. end to end through a real mitmdump -----------------------------------------------------
 
 

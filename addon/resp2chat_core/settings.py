@@ -448,6 +448,14 @@ def is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
+WILDCARD_HOSTS = ("0.0.0.0", "::")  # a bind host that listens on every interface
+
+
+def reach_host(host: str) -> str:
+    """The host a client on this machine connects to, for a listen host (a wildcard or none: 127.0.0.1)."""
+    return "127.0.0.1" if not host or host in WILDCARD_HOSTS else host
+
+
 def to_option(field: Field, value: Any) -> Any:
     """A settings value as its mitmproxy option value (maps travel as JSON strings)."""
     if field.kind == "map":

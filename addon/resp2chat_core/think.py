@@ -9,8 +9,9 @@ the stream starts inside the thinking and only the closing tag ever arrives.
 ``ThinkSplitter`` turns content deltas into ``(kind, text)`` pieces, kind being ``REASONING``,
 ``TEXT`` or ``BREAK`` (close the text item that is open: its text was reasoning after all).
 Tags may be split across deltas (``"<thi"`` + ``"nk>"``): a suffix that could still become a
-tag is held back until the next delta decides, and released by ``flush``. The output depends
-only on the sequence of deltas, never on how the bytes carrying them were split.
+tag is held back until the next delta decides, and released by ``flush``. What the pieces
+read as (runs of one kind joined) depends only on the content, never on where the deltas cut
+it (test_dialects' property test).
 
 States (``mode`` picks the first one)::
 
@@ -91,7 +92,7 @@ class ThinkSplitter:
                 if buf.startswith(OPEN):  # configured "open" but the model wrote the tag anyway
                     buf = buf[len(OPEN):]
                     continue
-                if OPEN.startswith(buf) and not CLOSE.startswith(buf):
+                if OPEN.startswith(buf):  # (a lone "<" too: the next delta says which tag it starts)
                     self.held = buf
                     return out
                 self.state = THINK

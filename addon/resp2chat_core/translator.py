@@ -40,7 +40,9 @@ Two state machines, both as tables:
 
 Text and reasoning that are only whitespace do not open an item (Qwen-style models emit
 "\\n\\n" between thinking and a tool call or the answer); if real text of the same kind follows,
-they are prepended without their line breaks (indentation stays, blank lines go).
+they are prepended to it. An item's text never starts with a line break, wherever the backend
+cut it (indentation stays, blank lines go): a streamed answer and the same answer whole read the
+same (tests/test_answer_forms.py).
 
 Reading the backend
 -------------------
@@ -762,13 +764,16 @@ class Translator:
             self._ws_kind = kind
             return
         # (the table says "extend" exactly when the kinds match: skip the lookup then)
-        if self.open is not kind and _ITEM_TRANSITIONS[(self.open, kind)] == "switch":
-            self._close_open()
-            self._open_item(kind)
-        if self._ws:
+        if self.open is not kind:
+            # An item's text never starts with a line break, however the backend cut it: keep
+            # indentation, drop the blank lines that separate thinking from the answer.
             if self._ws_kind is kind:
-                # Keep indentation, drop the blank lines that separate thinking from the answer.
-                text = "".join(self._ws).lstrip("\r\n") + text
+                text = "".join(self._ws) + text
+            text = text.lstrip("\r\n")
+            if _ITEM_TRANSITIONS[(self.open, kind)] == "switch":
+                self._close_open()
+                self._open_item(kind)
+        if self._ws:
             self._ws, self._ws_kind = [], Kind.NONE
         self._text.append(text)
         if self.observer is not None:

@@ -177,7 +177,7 @@ def start(upstream_base_url: str | None = None, *, host: str = "127.0.0.1", port
         with log_file.open("ab") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env=process_env, cwd=workdir)
-        gw = Gateway(proc, "127.0.0.1" if host in ("0.0.0.0", "::", "") else host, chosen, log_file, None)
+        gw = Gateway(proc, S.reach_host(host), chosen, log_file, None)
         why = _wait_ready(gw, timeout)
         if why is None:
             gw._workdir = workdir

@@ -533,7 +533,7 @@ def gateway_url(values: dict) -> str:
     """Where clients reach the gateway: http://, or https:// with tls_cert_file (then by its first
     public_hosts name, which the certificate names, if there is one)."""
     host, port = S.parse_bind(values["bind_addr"])
-    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    host = S.reach_host(host)
     if not values["tls_cert_file"]:
         return f"http://{host}:{port}/v1"
     names = [h for h in values["public_hosts"] if "*" not in h]
@@ -543,7 +543,7 @@ def gateway_url(values: dict) -> str:
 def wildcard_host(values: dict) -> str | None:
     """``bind_addr``'s host when it is a wildcard (0.0.0.0, ::: every interface), else None."""
     host, _ = S.parse_bind(values["bind_addr"])
-    return host if host in ("0.0.0.0", "::") else None
+    return host if host in S.WILDCARD_HOSTS else None
 
 
 def where_it_listens(values: dict) -> str:
