@@ -4,8 +4,8 @@ whole ``chat.completion`` give a client the same Response.
 The translator reads both through the one chunk reader (chatstream.py), but what it makes of a
 delta may depend on where the backend cut the text (whitespace held back, ``<think>`` tags held
 until the next delta decides). This property test draws answers (reasoning, text, a refusal,
-client calls) and cuts each string anywhere, and checks the streamed Response equals the whole
-one, item for item. It found two rules that depended on the cut: a second ``<think>`` cut after
+client calls, token logprobs) and cuts each string anywhere, and checks the streamed Response
+equals the whole one, item for item. It found two rules that depended on the cut: a second ``<think>`` cut after
 its ``<``, and an answer's leading line breaks cut from its text.
 """
 
@@ -28,7 +28,7 @@ _IDS = re.compile(r'"(id|call_id|item_id)": ?"[^"]*"')
 
 
 def _translator():
-    body = {"model": "m", "input": "hi", "stream": True, "tools": _TOOLS}
+    body = {"model": "m", "input": "hi", "stream": True, "tools": _TOOLS, "top_logprobs": 1}
     return begin_turn(json.dumps(body).encode(), LoweringOptions(), RESP_ID, CREATED).translator()
 
 
@@ -46,12 +46,22 @@ def _cut(data, text: str) -> list[str]:
     return [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
 
 
+def _logprobs(piece: str) -> list[dict]:
+    """One token for a piece of text (a backend's ``logprobs.content`` entry)."""
+    return [{"token": piece, "logprob": -0.25, "bytes": list(piece.encode("utf-8", "surrogatepass")),
+             "top_logprobs": []}]
+
+
 @settings(max_examples=200, deadline=None, derandomize=True)
 @given(reasoning=st.none() | _TEXT, content=st.none() | _TEXT, refusal=st.none() | _TEXT,
        calls=st.lists(st.tuples(st.sampled_from(["f", "g"]), st.sampled_from(["{}", '{"a":1}', '{"s":"x y"}', ""])),
                       max_size=3),
-       finish=st.sampled_from(["stop", "length", "tool_calls"]), data=st.data())
-def test_property_a_streamed_answer_reads_as_the_same_answer_whole(reasoning, content, refusal, calls, finish, data):
+       finish=st.sampled_from(["stop", "length", "tool_calls"]), logprobs=st.booleans(), data=st.data())
+def test_property_a_streamed_answer_reads_as_the_same_answer_whole(reasoning, content, refusal, calls, finish,
+                                                                    logprobs, data):
+    """With ``logprobs``, each text chunk carries its tokens' and the whole answer all of them
+    (not with ``<think>`` in the text: streamed, a think block's tokens are no text's, while a
+    whole answer's cannot be told apart)."""
     message = {k: v for k, v in (("reasoning_content", reasoning), ("content", content), ("refusal", refusal))
                if v is not None}
     if calls:
@@ -59,8 +69,14 @@ def test_property_a_streamed_answer_reads_as_the_same_answer_whole(reasoning, co
                                  for i, (n, a) in enumerate(calls)]
     whole = chat_completion(message, finish)
     chunks = [chat_chunk({"role": "assistant"})]
+    logprobs = logprobs and "<think>" not in (content or "") and "</think>" not in (content or "")
     for key in ("reasoning_content", "content", "refusal"):
-        chunks += [chat_chunk({key: piece}) for piece in _cut(data, message.get(key) or "")]
+        pieces = _cut(data, message.get(key) or "")
+        chunks += [chat_chunk({key: piece}) for piece in pieces]
+        if key == "content" and logprobs and pieces:
+            for chunk, piece in zip(chunks[-len(pieces):], pieces):
+                chunk["choices"][0]["logprobs"] = {"content": _logprobs(piece)}
+            whole["choices"][0]["logprobs"] = {"content": [t for piece in pieces for t in _logprobs(piece)]}
     for i, (name, args) in enumerate(calls):
         chunks.append(chat_chunk({"tool_calls": [{"index": i, "id": f"call_{i}", "type": "function",
                                                   "function": {"name": name, "arguments": ""}}]}))
