@@ -863,7 +863,8 @@ def test_every_item_type_the_schema_accepts_reaches_the_backend():
     assert set(MINIMAL_ITEMS) | set(SILENT_ITEMS) == set(ITEM_TYPES)
     plain = json.loads(begin_turn(json.dumps({"model": "m", "input": "hi"}).encode(), LoweringOptions(), "resp_x", 0).chat_body)
     for kind, item in MINIMAL_ITEMS.items():
-        call = MINIMAL_ITEMS.get(kind.removesuffix("_output") if kind.endswith("_call_output") else "")
+        call = MINIMAL_ITEMS.get(kind.removesuffix("_output") if kind.endswith("_call_output") else
+                                 "tool_search_call" if kind == "tool_search_output" else "")  # (an output answers a call)
         body = {"model": "m", "input": [{"role": "user", "content": "hi"}, *([call] if call else []),
                                         *(item if isinstance(item, list) else [item])]}
         chat = json.loads(begin_turn(json.dumps(body).encode(), LoweringOptions(), "resp_x", 0).chat_body)

@@ -491,15 +491,12 @@ def _lower_input(req: ResponsesRequest, flatten: bool, reasoning_field: str = "r
             query = (item.action or {}).get("query") or ""
             conv.note(f"(searched the web for: {query})" if query else "(searched the web)")
         elif isinstance(item, ToolOutputItem):
-            call_id = _call_id(item, where)
-            if call_id not in conv.calls:  # (never an orphan tool message upstream: OpenAI's 400)
-                raise GatewayError(f"{where}: no tool call found for {item.type} with call_id {shown(call_id)!r}",
-                                   param=f"{where}.call_id", code="invalid_value")
+            call_id = _answered_call(item, where, conv.calls)
             text, images = _split_output(item.output, f"{where}.output")
             conv.add({"role": "tool", "tool_call_id": call_id, "content": text})
             conv._tool_images.extend(images)
         elif isinstance(item, ToolSearchOutputItem):
-            conv.add({"role": "tool", "tool_call_id": _call_id(item, where), "content": dumps(item.tools)})
+            conv.add({"role": "tool", "tool_call_id": _answered_call(item, where, conv.calls), "content": dumps(item.tools)})
         elif isinstance(item, AdditionalToolsItem):
             pass  # its tools joined the request's tools (inputs.py); no message
         elif isinstance(item, McpCallItem):  # a call the gateway ran (mcp.py): the call and its result
@@ -535,6 +532,16 @@ def _approval_request(items: list, i: int, request_id: str) -> McpApprovalReques
         if isinstance(earlier, McpApprovalRequestItem) and earlier.id == request_id:
             return earlier
     raise mcp.unknown_request(request_id)
+
+
+def _answered_call(item, where: str, calls: set) -> str:
+    """The call id a tool output answers: a call of the conversation (never an orphan tool
+    message upstream: OpenAI's 400)."""
+    call_id = _call_id(item, where)
+    if call_id not in calls:
+        raise GatewayError(f"{where}: no tool call found for {item.type} with call_id {shown(call_id)!r}",
+                           param=f"{where}.call_id", code="invalid_value")
+    return call_id
 
 
 def _call_id(item, where: str) -> str:

@@ -79,7 +79,7 @@ class ReasoningItem(_Model):
 class FunctionCallItem(_Model):
     type: Literal["function_call"]
     call_id: str
-    name: str
+    name: str = Field(min_length=1)  # (a chat backend takes no nameless call)
     arguments: str
     namespace: str | None = None
 
@@ -87,7 +87,7 @@ class FunctionCallItem(_Model):
 class CustomToolCallItem(_Model):
     type: Literal["custom_tool_call"]
     call_id: str
-    name: str
+    name: str = Field(min_length=1)  # (a chat backend takes no nameless call)
     input: str
     namespace: str | None = None
 

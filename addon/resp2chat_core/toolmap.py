@@ -156,6 +156,14 @@ def build_tool_map(tools, denylist: frozenset[str] = frozenset(), web_search: bo
 _CHOICE_MODES = ("auto", "none", "required")
 
 
+def _namespace(named: dict, where: str) -> str | None:
+    """A tool_choice entry's ``namespace``: a string, or none."""
+    ns = named.get("namespace")
+    if ns is not None and not isinstance(ns, str):
+        raise GatewayError(f"{where}.namespace: a string", param=f"{where}.namespace", code="invalid_value")
+    return ns
+
+
 def lower_tool_choice(choice, tmap: ToolMap) -> tuple[object, list[dict]]:
     """Return ``(chat tool_choice or None, chat tools)``; ``allowed_tools`` narrows the list."""
     tools = tmap.chat_tools
@@ -172,7 +180,7 @@ def lower_tool_choice(choice, tmap: ToolMap) -> tuple[object, list[dict]]:
             name = choice["function"].get("name")  # the Chat Completions spelling (vLLM and smg take it too)
         if not isinstance(name, str) or not name:
             raise GatewayError("tool_choice.name: required for a named tool", param="tool_choice.name", code="invalid_value")
-        cname = chat_name(name, choice.get("namespace"))
+        cname = chat_name(name, _namespace(choice, "tool_choice"))
         if cname not in tmap.targets:
             raise GatewayError(f"tool_choice: no tool named {name!r} in tools", param="tool_choice.name", code="invalid_value")
         return {"type": "function", "function": {"name": cname}}, tools
@@ -180,12 +188,21 @@ def lower_tool_choice(choice, tmap: ToolMap) -> tuple[object, list[dict]]:
         mode = choice.get("mode", "auto")
         if mode not in ("auto", "required"):
             raise GatewayError(f"tool_choice.mode: unknown mode {mode!r}", param="tool_choice.mode", code="invalid_value")
+        listed = choice.get("tools")
+        if listed is not None and not isinstance(listed, list):
+            raise GatewayError("tool_choice.tools: a list of tools", param="tool_choice.tools", code="invalid_value")
         allowed = set()
-        for t in choice.get("tools") or ():
-            if isinstance(t, dict) and t.get("type") == "local_shell":
+        for j, t in enumerate(listed or ()):
+            where = f"tool_choice.tools[{j}]"
+            if not isinstance(t, dict):
+                raise GatewayError(f"{where}: a tool object", param=where, code="invalid_value")
+            if t.get("type") == "local_shell":
                 allowed.add(LOCAL_SHELL_NAME)
-            elif isinstance(t, dict) and t.get("name"):
-                allowed.add(chat_name(t["name"], t.get("namespace")))
+            elif t.get("name") is not None:
+                if not isinstance(t["name"], str):
+                    raise GatewayError(f"{where}.name: a string", param=f"{where}.name", code="invalid_value")
+                if t["name"]:
+                    allowed.add(chat_name(t["name"], _namespace(t, where)))
         return mode, [t for t in tools if t["function"]["name"] in allowed]
     if kind == "mcp":  # a hosted MCP server's tool (mcp.py): its function once its tools are listed
         for cname, target in tmap.targets.items():

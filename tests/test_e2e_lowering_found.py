@@ -1,0 +1,35 @@
+"""End to end through a real mitmdump (the openai SDK, the scripted backend): requests that
+tests/test_lowering_property.py found the lowering got wrong are a 400 naming the field, and
+nothing reaches the backend."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+F_TOOL = {"type": "function", "name": "f", "parameters": {"type": "object", "properties": {}}}
+
+
+@pytest.mark.parametrize("kw,param", [
+    # a tool_choice namespace that is no string: was a 500 (AttributeError in toolmap.chat_name)
+    ({"input": "hi", "tools": [F_TOOL], "tool_choice": {"type": "function", "name": "f", "namespace": 1}},
+     "tool_choice.namespace"),
+    ({"input": "hi", "tools": [F_TOOL], "tool_choice": {"type": "allowed_tools", "tools": [{"type": "function",
+                                                                                          "name": 7}]}},
+     "tool_choice.tools[0].name"),
+    # a call without a name: went upstream as a tool call named "" (no backend takes it)
+    ({"input": [{"role": "user", "content": "hi"},
+                {"type": "function_call", "call_id": "call_a", "name": "", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "call_a", "output": "ok"}]}, "input[1].name"),
+    # a tool_search_output answering no call: went upstream as an orphan tool message
+    ({"input": [{"role": "user", "content": "hi"},
+                {"type": "tool_search_output", "call_id": "call_made_up", "execution": "client", "tools": []}]},
+     "input[1].call_id"),
+])
+def test_what_lowering_cannot_send_is_a_400_naming_the_field(client, upstream, kw, param):
+    upstream.clear()
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model="demo-model", **kw)
+    assert err.value.status_code == 400
+    assert err.value.body["param"] == param and err.value.body["code"] == "invalid_value"
+    assert upstream.requests() == []
