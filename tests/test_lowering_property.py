@@ -386,6 +386,20 @@ def test_allowed_tools_still_narrows_by_name_and_namespace():
 
 
 @pytest.mark.parametrize("call", [
+    {"type": "mcp_call", "id": "mcp_1", "server_label": "", "name": "echo", "arguments": "{}", "output": "ok"},
+    {"type": "mcp_call", "id": "mcp_1", "server_label": "docs", "name": "", "arguments": "{}", "output": "ok"},
+    {"type": "mcp_approval_request", "id": "mcpr_1", "server_label": "", "name": "echo", "arguments": "{}"},
+    {"type": "mcp_approval_request", "id": "mcpr_1", "server_label": "docs", "name": "", "arguments": "{}"},
+])
+def test_an_mcp_item_without_a_server_label_or_name_is_a_400(call):
+    """Such an item went upstream as a call named ``mcp____`` (a tool no server has)."""
+    err = refusal({"model": "m", "input": [{"role": "user", "content": "hi"}, call]})
+    field = "name" if call["server_label"] else "server_label"
+    assert (err.param, err.code, err.status) == (f"input[1].{field}", "invalid_value", 400)
+
+
+
+@pytest.mark.parametrize("call", [
     {"type": "function_call", "call_id": "c1", "name": "", "arguments": "{}"},
     {"type": "custom_tool_call", "call_id": "c1", "name": "", "input": "x"},
 ])

@@ -21,6 +21,10 @@ F_TOOL = {"type": "function", "name": "f", "parameters": {"type": "object", "pro
     ({"input": [{"role": "user", "content": "hi"},
                 {"type": "function_call", "call_id": "call_a", "name": "", "arguments": "{}"},
                 {"type": "function_call_output", "call_id": "call_a", "output": "ok"}]}, "input[1].name"),
+    # an MCP call without a name: went upstream as a call named mcp____
+    ({"input": [{"role": "user", "content": "hi"},
+                {"type": "mcp_call", "id": "mcp_1", "server_label": "docs", "name": "", "arguments": "{}",
+                 "output": "ok"}]}, "input[1].name"),
     # a tool_search_output answering no call: went upstream as an orphan tool message
     ({"input": [{"role": "user", "content": "hi"},
                 {"type": "tool_search_output", "call_id": "call_made_up", "execution": "client", "tools": []}]},

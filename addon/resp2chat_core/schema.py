@@ -152,8 +152,8 @@ class McpListToolsItem(_Model):
 class McpCallItem(_Model):
     type: Literal["mcp_call"]
     id: str
-    server_label: str
-    name: str
+    server_label: str = Field(min_length=1)  # (a nameless one would go upstream as mcp____)
+    name: str = Field(min_length=1)
     arguments: str = ""
     output: str | None = None
     error: Any = None
@@ -163,8 +163,8 @@ class McpCallItem(_Model):
 class McpApprovalRequestItem(_Model):
     type: Literal["mcp_approval_request"]
     id: str
-    server_label: str
-    name: str
+    server_label: str = Field(min_length=1)  # (a nameless one would go upstream as mcp____)
+    name: str = Field(min_length=1)
     arguments: str = ""
 
 
