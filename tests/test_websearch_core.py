@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from hypothesis import assume, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from helpers import chat_chunk, chat_completion, chat_event, chat_sse, parse_chat_sse, parse_sse, tool_call_chunk
@@ -316,8 +316,9 @@ def test_property_a_whole_answer_split_within_any_bound_reads_back_as_itself(dat
     """Any whole answer (text, reasoning, refusal, client calls with any ids, names, indexes and
     arguments, a held web_search call, logprobs) past a small bound: every event the filter
     writes is within it (the translator's parser refuses none), the same bytes on a second run,
-    and they read back as the deltas the answer holds, less the held call: the Response the
-    translator makes of them is the one it makes of the answer unsplit."""
+    and they read back as the deltas the answer holds, less the held call and any call without a
+    name (an empty one: none, as the translator reads it): the Response the translator makes of
+    them is the one it makes of the answer unsplit."""
     # (max_upstream_event_mb is 1 at least; the core takes any bound: small ones cut more)
     bound = data.draw(st.integers(min_value=4 << 10, max_value=64 << 10), label="bound")
     message: dict = {"role": "assistant"}
@@ -368,7 +369,8 @@ def test_property_a_whole_answer_split_within_any_bound_reads_back_as_itself(dat
     assert whole(bound) == split  # the same bytes every time
     events = split.split(b"\n\n")
     assert events[-1] == b"" and all(len(e) <= bound for e in events)
-    answered = _merged(_read(body, huge), lambda name: name == "web_search")
+    # (less the held call, and a call without a name: none, as the translator reads it)
+    answered = _merged(_read(body, huge), lambda name: name is None or name == "web_search")
     assert _merged(_read(split, bound)) == _merged(_read(unsplit, huge)) == answered
     turn = begin_turn(json.dumps({"model": "m", "input": "x", "stream": True, "top_logprobs": 1}).encode(),
                       LoweringOptions(think_tags={"*": "off"}), "resp_" + "e" * 32, 0)
@@ -547,27 +549,127 @@ def test_client_calls_on_a_reused_index_and_id_around_a_held_call_stay_two_calls
     assert _merged(_read(whole, 1 << 20)) == want
 
 
+
+def _client_sees(answer: bytes, read: str = "feed") -> tuple[list, object, toolloop.ToolLoop]:
+    """(what a client gets of a round answered with ``answer``, streamed, or whole with ``read``
+    "whole", through the filter and a real translator: the turn's function calls if it ends
+    there, else the items added so far; the loop's next step; the loop)."""
+    turn = begin_turn(json.dumps({"model": "m", "input": "x", "stream": True}).encode(), LoweringOptions(),
+                      "resp_" + "f" * 32, 0)
+    translator = turn.translator()
+    loop = websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=5)
+    out = translator.feed(getattr(loop, read)(answer))
+    tail, step = loop.end_round(ok=True)
+    out += translator.feed(tail)
+    if isinstance(step, websearch.Finish):
+        out += translator.feed(step.tail) + translator.finish()
+        response = translator.response()
+        assert response["status"] == "completed", response
+        return [(o["call_id"], o["name"], o["arguments"]) for o in response["output"]], step, loop
+    return [e["item"] for e in parse_sse(out) if e["type"] == "response.output_item.added"] if out else [], step, loop
+
+
+def test_a_calls_deltas_before_its_name_wait_for_it():
+    """Some backends send a call's id or arguments before its name; whose call it is (the
+    gateway's, held back, or the client's) comes with the name. The held web_search's arguments
+    come first on index 0, then the client's exec on index 0 (a new id), then a client's exec
+    whose arguments come first on index 1: the client gets the two execs, each with its own
+    arguments whole, and nothing of the search, streamed or in one JSON body. Before: the
+    search's first arguments went on, and the translator gave them to the next call named on
+    index 0 (exec '{"query": {"cmd": "ls"}')."""
+    entries = [{"index": 0, "id": "call_s", "type": "function", "function": {"arguments": '{"query": '}},
+               {"index": 0, "function": {"name": "web_search", "arguments": '"q"}'}},
+               {"index": 0, "id": "call_f", "type": "function", "function": {"name": "exec", "arguments": ""}},
+               {"index": 0, "function": {"arguments": '{"cmd": "ls"}'}},
+               {"index": 1, "function": {"arguments": '{"cmd": '}},
+               {"index": 1, "id": "call_g", "type": "function", "function": {"name": "exec", "arguments": '"pwd"}'}}]
+    want = [("call_f", "exec", '{"cmd": "ls"}'), ("call_g", "exec", '{"cmd": "pwd"}')]
+    stream = chat_sse(*[chat_chunk({"tool_calls": [e]}) for e in entries], chat_chunk(finish="tool_calls"))
+    one = chat_sse(chat_chunk({"tool_calls": entries}), chat_chunk(finish="tool_calls"))
+    whole = json.dumps(chat_completion({"tool_calls": entries}, "tool_calls")).encode()
+    for answer, read in ((stream, "feed"), (one, "feed"), (whole, "whole")):
+        calls, step, _ = _client_sees(answer, read)
+        assert calls == want, read
+        assert isinstance(step, websearch.Finish)  # (the client's calls first)
+
+
+def test_a_call_that_never_gets_a_name_is_no_call():
+    """A call whose deltas never bring a name by the end of the round: the translator holds its
+    arguments for a name that never comes, and it never reaches the client; the filter drops it
+    too: no client call (the gateway's search runs), not in the next round's history (a call
+    without a name, which a backend refuses). Before: read as a client's call, it ended the
+    turn there, its search not run."""
+    search = {"index": 0, "id": "call_s", "type": "function",
+              "function": {"name": "web_search", "arguments": '{"query": "q"}'}}
+    nameless = {"index": 1, "id": "call_x", "type": "function", "function": {"arguments": '{"cmd": "ls"}'}}
+    turn = begin_turn(json.dumps({"model": "m", "input": "x", "stream": True}).encode(), LoweringOptions(),
+                      "resp_" + "f" * 32, 0)
+    alone = turn.translator()  # (what the translator makes of a nameless call: nothing)
+    alone.feed(chat_sse(chat_chunk({"tool_calls": [nameless]}), chat_chunk(finish="stop")))
+    alone.finish()
+    assert alone.response()["output"] == []
+    stream = chat_sse(chat_chunk({"tool_calls": [search]}), chat_chunk({"tool_calls": [nameless]}),
+                      chat_chunk(finish="tool_calls"))
+    whole = json.dumps(chat_completion({"tool_calls": [nameless, search]}, "tool_calls")).encode()
+    for answer, read in ((stream, "feed"), (whole, "whole")):
+        added, step, loop = _client_sees(answer, read)
+        assert step == [websearch.Search("call_s", "q")], read
+        assert added == [], read  # nothing of either call
+        assert loop.next_round(["1. result"]) is None
+        assistant = json.loads(loop.body)["messages"][-2]
+        assert [c["id"] for c in assistant["tool_calls"]] == ["call_s"]
+
 _CALL_IDS = st.sampled_from([None, "call_a", "call_b", "call_s"])
 
 
 @settings(max_examples=300, deadline=None, derandomize=True, database=None)
-@given(st.lists(st.lists(st.tuples(st.one_of(st.none(), st.integers(0, 1)), _CALL_IDS,
-                                   st.sampled_from([None, "f", "g", "web_search"]), st.sampled_from([None, "A", "B"])),
+@given(st.lists(st.lists(st.tuples(st.sampled_from([0, 1, None]), _CALL_IDS,
+                                   st.sampled_from([None, "web_search", "f", "g"]), st.sampled_from(["A", None, "B"])),
                          min_size=1, max_size=3), min_size=1, max_size=8))
+@example([[(0, "call_s", None, "A")], [(0, None, "web_search", "B")], [(0, "call_a", "f", "A")]])  # (the held
+# search's "A" came before its name: on main the translator gave it to f, the next call named on index 0)
 def test_property_a_streamed_round_reads_back_as_its_calls_less_the_held_ones(chunks):
     """Any round of streamed tool-call deltas (indexes reused, ids repeated, names and arguments
-    in any order, web_search calls among them) reads back, behind the filter, as the calls the
-    reader reads of the backend's stream less the held ones: the same deltas, grouped into the
-    same calls. (Each call's first delta names it: a delta before the name cannot be known as
-    the gateway's, and goes on.)"""
+    in any order, ids and arguments before a call's name, calls never named, web_search calls
+    among them) reads back, behind the filter, as the calls the translator reads of the
+    backend's stream less the held ones (``_opened``: each with its id, name and arguments
+    whole, those before its name too; a call never named is none). Where each call's first
+    delta names it, the same deltas too, grouped into the same calls (a delta before a name
+    waits for it: it goes on right before the naming one, or not at all)."""
     stream = [chat_chunk({"tool_calls": [
         {**({"index": i} if i is not None else {}), **({"id": c} if c else {}),
          "function": {**({"name": n} if n else {}), **({"arguments": a} if a else {})}} for i, c, n, a in chunk]})
         for chunk in chunks]
     backend = chat_sse(*stream, chat_chunk(finish="tool_calls"))
+    behind = _read(_round(stream), 1 << 20)
+    read = _read(backend, 1 << 20)
+    assert _opened(behind) == _opened(read, lambda name: name == "web_search")
     named: set = set()
-    for what, *value in _read(backend, 1 << 20):
+    for what, *value in read:
         if what == "tool":
-            assume(value[0] in named or value[2] is not None)
+            if value[0] not in named and value[2] is None:
+                return  # (a delta before its call's name: it moves, to right before the naming one)
             named.add(value[0])
-    assert _merged(_read(_round(stream), 1 << 20)) == _merged(_read(backend, 1 << 20), lambda name: name == "web_search")
+    assert _merged(behind) == _merged(read, lambda name: name == "web_search")
+
+
+def _opened(calls: list[tuple], drop=None) -> list[tuple]:
+    """The calls the translator makes of the deltas a sink was told (translator.py ``on_tool``,
+    for a stream of calls alone): (id, name, arguments) each, in the order they open. A call
+    opens at the first delta of its key that has a name, with that delta's id and the arguments
+    its key had before it; later deltas of its key add theirs; a key never named is no call;
+    the calls ``drop(name)`` says the gateway holds are left out."""
+    opened: dict = {}
+    early: dict = {}
+    for what, *value in calls:
+        if what != "tool":
+            continue
+        key, call_id, name, args = value
+        call = opened.get(key)
+        if call is None:
+            if name is None:
+                early[key] = early.get(key, "") + (args or "")
+                continue
+            call = opened[key] = [call_id, name, early.pop(key, "")]
+        call[2] += args or ""
+    return [tuple(call) for call in opened.values() if drop is None or not drop(call[1])]

@@ -388,3 +388,75 @@ def test_client_calls_sharing_an_index_and_an_id_around_the_search_call_reach_th
                     ("function_call", "call_a", "exec_command", '{"cmd": "A"}'),
                     ("function_call", "call_a", "read_file", '{"path": "B"}')]
                 assert handler.queries == []  # (the client's calls first: the search is not run)
+
+
+def test_a_calls_arguments_before_its_name_go_where_the_name_says(gateway_factory, brave):
+    """A backend that sends a call's id and arguments before its name: the gateway's web_search
+    on index 0, then the client's exec_command on index 0 (a new id), then the client's
+    read_file whose arguments come before its name on index 1, streamed in chunks of their own
+    or answered in one JSON body. Whose call it is comes with the name: the search's arguments
+    never reach the client, and the client (the openai SDK, streamed or not) gets both its calls
+    with their own arguments whole. Before: the search's first arguments went on and became
+    exec_command's ('{"query": {"cmd": "A"}')."""
+    url, handler = brave
+    entries = [{"index": 0, "id": "call_s", "type": "function", "function": {"arguments": '{"query": '}},
+               {"index": 0, "function": {"name": "web_search", "arguments": '"between"}'}},
+               {"index": 0, "id": "call_a", "type": "function", "function": {"name": "exec_command", "arguments": ""}},
+               {"index": 0, "function": {"arguments": '{"cmd": "A"}'}},
+               {"index": 1, "function": {"arguments": '{"path": '}},
+               {"index": 1, "id": "call_b", "type": "function", "function": {"name": "read_file", "arguments": '"B"}'}}]
+    streamed = [chat_chunk({"role": "assistant", "tool_calls": [entries[0]]}),
+                *[chat_chunk({"tool_calls": [e]}) for e in entries[1:]], chat_chunk(finish="tool_calls"),
+                chat_chunk(choices=[], usage={"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14})]
+    whole = chat_completion({"content": None, "tool_calls": entries}, "tool_calls", completion_tokens=4)
+    read_file = {"type": "function", "name": "read_file",
+                 "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}}
+    for answer in (("sse", streamed), ("json", whole)):
+        backend = type("Rounds", (_Rounds,), {"answers": [answer] * 2, "bodies": []})
+        with LocalServer(backend) as server:
+            gw = gateway_factory(server.url, "--set", "resp2chat_max_replay_entries=0",
+                                 env={"BRAVE_SEARCH_API_KEY": BRAVE_KEY, "RESP2CHAT_BRAVE_BASE_URL": url})
+            client = openai_client(gw)
+            for stream in (True, False):
+                handler.queries = []
+                kw = dict(model="demo-model", input="run both", tools=[WEB_SEARCH, EXEC, read_file])
+                final = list(client.responses.create(stream=True, **kw))[-1].response if stream \
+                    else client.responses.create(**kw)
+                assert final.status == "completed", final.error
+                assert [(o.type, o.call_id, o.name, o.arguments) for o in final.output] == [
+                    ("function_call", "call_a", "exec_command", '{"cmd": "A"}'),
+                    ("function_call", "call_b", "read_file", '{"path": "B"}')], answer[0]
+                assert handler.queries == []  # (the client's calls first: the search is not run)
+
+
+def test_a_call_that_never_gets_a_name_does_not_stop_the_search(gateway_factory, brave):
+    """A round with the gateway's web_search and a call whose name never comes (its id and
+    arguments only), streamed or in one JSON body: the translator reads no call without a name,
+    so neither does the loop: the search runs, the next round's history has the search call
+    alone, and the client (the openai SDK) gets the search and the answer. Before: read as a
+    client's call, it ended the turn at round 1 with no output at all."""
+    url, handler = brave
+    search = {"index": 0, **_search_call("call_s", "nameless round")}
+    nameless = {"index": 1, "id": "call_x", "type": "function", "function": {"arguments": '{"cmd": "ls"}'}}
+    streamed = [chat_chunk({"role": "assistant", "tool_calls": [search]}), chat_chunk({"tool_calls": [nameless]}),
+                chat_chunk(finish="tool_calls"),
+                chat_chunk(choices=[], usage={"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14})]
+    whole = chat_completion({"content": None, "tool_calls": [nameless, search]}, "tool_calls", completion_tokens=4)
+    for answer in (("sse", streamed), ("json", whole)):
+        backend = type("Rounds", (_Rounds,), {"answers": [answer, ("json", ANSWER_JSON)] * 2, "bodies": []})
+        with LocalServer(backend) as server:
+            gw = gateway_factory(server.url, "--set", "resp2chat_max_replay_entries=0",
+                                 env={"BRAVE_SEARCH_API_KEY": BRAVE_KEY, "RESP2CHAT_BRAVE_BASE_URL": url})
+            client = openai_client(gw)
+            for stream in (True, False):
+                handler.queries = []
+                kw = dict(model="demo-model", input="search", tools=[WEB_SEARCH, EXEC])
+                final = list(client.responses.create(stream=True, **kw))[-1].response if stream \
+                    else client.responses.create(**kw)
+                assert final.status == "completed", final.error
+                assert [o.type for o in final.output] == ["web_search_call", "message"], answer[0]
+                assert final.output[0].action.query == "nameless round" and final.output_text == "Found it."
+                assert [q["q"] for q in handler.queries] == ["nameless round"]
+                assistant, tool = backend.bodies[-1]["messages"][-2:]
+                assert [c["id"] for c in assistant["tool_calls"]] == ["call_s"]
+                assert tool["tool_call_id"] == "call_s"

@@ -25,6 +25,13 @@ Rules of this file:
   original. The translator's reader keys calls as the filter's does, less the held ones: where
   only a held call told a client's call from the one before it on its index (the same id
   again), that call goes on, every delta of it, under an index of its own (``_wire_key``).
+- Whose a call is comes with its name, and some backends send a call's id or arguments first:
+  a call's deltas before its name are held until it comes. A held call's go with it; a
+  client's go on then, in order, right before its naming delta (the translator holds a call's
+  arguments until its name anyway, so it reads the same call). A call whose name never comes
+  is none, as the translator reads it (it never opens one, and drops what it held): nothing
+  of it goes on, it is no client call (the gateway's calls still run), and the round's
+  history leaves it out.
 - A round answered with one JSON ``chat.completion`` (a backend that ignored ``stream``) is read
   as its stream would be (``ToolLoop.whole``: ``ChunkReader.body``, the reader's own rule for a
   whole body): the same calls held back, the same end held, the rest passed on in stream form,
@@ -276,7 +283,8 @@ class ToolLoop:
 
 
 _REASONING, _TEXT, _REFUSAL, _TOOL = range(4)  # the order a delta is read in (chatstream.ChunkReader._delta)
-_LOGPROBS = -1  # a choice's logprobs: read before its delta, so they open a choice of their own
+_LOGPROBS = -1  # a choice's logprobs: told right before its first text (chatstream.py), so they
+# open a choice of their own, the one that text goes in
 _ENVELOPE = len(_event({"object": "chat.completion.chunk", "choices": []}))  # an event's bytes around its choices
 _PIECE = 64  # bytes around a piece's value in its event, at most (its choice, key, commas)
 _WIDEST = 6  # bytes a character of a string takes in an event, at most (\u001f; a lone surrogate's escape)
@@ -343,7 +351,8 @@ class RoundFilter:
         self._pieces: list = []  # its deltas, in order, flat: kind, value, kind, value, …
         self._whole = False  # reading a body that held no SSE event
         self._passthrough = False  # … and it is an error or garbage: the translator reads it as it is
-        self._calls: dict = {}  # call key -> [id, name, argument pieces]
+        self._calls: dict = {}  # call key -> [id or None, name ("": none yet), argument pieces]
+        self._nameless: dict = {}  # call key -> its deltas before its name: [(id, arguments)] (held: on_tool)
         self._moved: dict = {}  # call key -> the index it goes on under (``_wire_key``)
         self._last_id: dict = {}  # index -> the id of the last call the translator's reader named on it
         self._content: list[str] = []
@@ -385,7 +394,10 @@ class RoundFilter:
                 self._out.append(body + b"\n")  # the same stray lines: the translator reads them whole too
             elif self._pieces:
                 self._out.append(self._encode())
-        calls = list(self._calls.values())
+        # (a call still without a name is none: the translator never opens one, and drops the
+        # arguments it held for it; the filter passed nothing of it on)
+        calls = [(call_id or f"call_ws_{n}", name, pieces)
+                 for n, (call_id, name, pieces) in enumerate(self._calls.values()) if name]
         owned = [(call_id, name, "".join(pieces)) for call_id, name, pieces in calls if self._owns(name)]
         message: dict = {"role": "assistant", "content": "".join(self._content) or None}
         if self._reasoning:
@@ -478,19 +490,30 @@ class RoundFilter:
 
     def on_tool(self, key, call_id: str | None, name: str | None, args: str | None) -> None:
         call = self._calls.get(key)
-        new = call is None
+        new = call is None  # (its first naming delta, below: the one that opens it behind the filter too)
         if new:
-            call = self._calls[key] = [call_id or f"call_ws_{len(self._calls)}", name or "", []]
+            call = self._calls[key] = [call_id, name or "", []]
         elif name and not call[1]:
-            call[1] = name
+            call[1], new = name, True
+            call[0] = call_id or call[0]  # (the translator's id is its naming delta's)
         if args:
             call[2].append(args)
             self.chars += len(args)
+        if not call[1]:  # no name yet: whose call it is comes with the name (held till then)
+            self._held = True
+            if args:  # (one without arguments has nothing to hold: the translator reads the naming delta's id)
+                self._nameless.setdefault(key, []).append((call_id, args))
+            return
+        before = self._nameless.pop(key, None) if new and self._nameless else None
         if self._owns(call[1]):
-            self._held = True  # the gateway runs it: the client never sees it
+            self._held = True  # the gateway runs it: the client never sees it (nor what came before its name)
         else:
             wire = self._wire_key(key, call_id, name, new)
-            if wire is not key:
+            if before:  # its deltas before the name go on now, in order, right before the naming one
+                self._held = True
+                for early_id, early in before:
+                    self._pieces += (_TOOL, (wire, early_id, None, early))
+            elif wire is not key:
                 self._held = True  # (written again, under its own index)
             self._pieces += (_TOOL, (wire, call_id, name, args))  # (written by _cut: wire_call)
 
