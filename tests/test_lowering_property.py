@@ -419,3 +419,26 @@ def test_a_tool_search_output_that_answers_no_call_is_a_400_naming_the_call_id()
     chat = json.loads(lowered({"model": "m", "input": [{"role": "user", "content": "hi"}, call, output]},
                               LoweringOptions()))
     assert chat["messages"][-1] == {"role": "tool", "tool_call_id": "call_nowhere", "content": "[]"}
+
+
+def test_a_hosted_tool_search_output_answers_the_search_before_it_through_the_caches_too():
+    """OpenAI's server-executed tool search: a ``tool_search_call`` and its ``tool_search_output``
+    with ``call_id`` null, each with its own ``id`` (openai-python's ResponseToolSearchCall /
+    ResponseToolSearchOutputItem). The output answers the first search not yet answered (it was
+    refused as answering no call: its own id named none). The same bytes when an earlier turn
+    that ended between the two was lowered first (the prefix cache's checkpoint keeps it)."""
+    call = {"type": "tool_search_call", "id": "tsc_1", "call_id": None, "execution": "server", "arguments": {}}
+    output = {"type": "tool_search_output", "id": "tso_1", "call_id": None, "execution": "server", "tools": []}
+    first = {"model": "m", "input": [{"role": "user", "content": "hi"}, call]}
+    body = {"model": "m", "input": [*first["input"], output, {"role": "user", "content": "go on"}]}
+    cold = lowered(body, LoweringOptions())
+    assert not isinstance(cold, GatewayError), cold
+    chat = json.loads(cold)
+    assert [m.get("tool_call_id") for m in chat["messages"] if m["role"] == "tool"] == ["tsc_1"]
+    assert [c["id"] for m in chat["messages"] for c in m.get("tool_calls") or ()] == ["tsc_1"]
+    cache = ToolsCache()
+    lowered(first, LoweringOptions(), cache)
+    assert lowered(body, LoweringOptions(), cache) == cold
+    # an output with no search left to answer is still refused
+    err = refusal({"model": "m", "input": [*body["input"], output]})
+    assert (err.param, err.code) == ("input[4].call_id", "invalid_value")

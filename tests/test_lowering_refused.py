@@ -37,3 +37,19 @@ def test_what_lowering_cannot_send_is_a_400_naming_the_field(client, upstream, k
     assert err.value.status_code == 400
     assert err.value.body["param"] == param and err.value.body["code"] == "invalid_value"
     assert upstream.requests() == []
+
+
+def test_a_hosted_tool_search_from_openai_history_reaches_the_backend_answered(client, upstream):
+    """History from OpenAI's server-executed tool search (``call_id`` null on the call and its
+    output, each its own ``id``) goes on: the output answers the search before it. It was a 400,
+    the output's own id naming no call."""
+    upstream.clear()
+    client.responses.create(model="demo-model", input=[
+        {"role": "user", "content": "find a tool"},
+        {"type": "tool_search_call", "id": "tsc_1", "call_id": None, "execution": "server", "arguments": {},
+         "status": "completed"},
+        {"type": "tool_search_output", "id": "tso_1", "call_id": None, "execution": "server", "tools": [],
+         "status": "completed"},
+        {"role": "user", "content": "go on"}])
+    [sent] = upstream.requests()
+    assert [m.get("tool_call_id") for m in sent["messages"] if m["role"] == "tool"] == ["tsc_1"]

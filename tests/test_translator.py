@@ -754,3 +754,19 @@ def test_the_logprobs_of_a_think_block_are_not_the_answers():
     assert [i["type"] for i in items(evs)] == ["reasoning", "message"]
     assert text_logprobs(evs) == ([lp("</think>", "Hi"), []], lp("</think>", "Hi"))
     check_sdk(evs)
+
+
+def test_a_calls_arguments_before_its_name_wait_for_it_across_other_items():
+    """Arguments of call 1 before its name, text between, then its name: the call has them (the
+    text's item closing the open call dropped them: an empty call went to the client, while the
+    same stream through the tool loop kept them; found in review)."""
+    name = chat_tool_name("exec_command")
+    evs = run(chat_sse(
+        chat_chunk({"tool_calls": [tool_call(0, "call_f", name, '{"cmd": "ls"}')]}),
+        chat_chunk({"tool_calls": [tool_call(1, args='{"cmd": "pwd"}')]}),
+        chat_chunk({"content": "and"}),
+        chat_chunk({"tool_calls": [tool_call(1, "call_g", name, "")]}),
+        chat_chunk(finish="tool_calls")))
+    calls = [(i["call_id"], json.loads(i["arguments"])) for i in items(evs) if i["type"] == "function_call"]
+    assert calls == [("call_f", {"cmd": "ls"}), ("call_g", {"cmd": "pwd"})]
+    check_sdk(evs)

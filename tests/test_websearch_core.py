@@ -241,11 +241,13 @@ def _merged(calls: list[tuple], drop=None) -> list[tuple]:
     for a call: a held call before it may change it, not which deltas are one call)."""
     merged: list[tuple] = []
     names: dict = {}
+    for what, *value in calls:  # (whose a call is comes with its first name, wherever that comes)
+        if what == "tool":
+            names[value[0]] = names.get(value[0]) or value[2]
     ranks: dict = {}
     for what, *value in calls:
         if what == "tool":
-            key, _, name, _ = value
-            names[key] = names.get(key) or name  # (the filter's: a call is named by its first name)
+            key = value[0]
             if drop is not None and drop(names[key]):
                 continue
             value[0] = ranks.setdefault(key, len(ranks))
@@ -673,3 +675,29 @@ def _opened(calls: list[tuple], drop=None) -> list[tuple]:
             call = opened[key] = [call_id, name, early.pop(key, "")]
         call[2] += args or ""
     return [tuple(call) for call in opened.values() if drop is None or not drop(call[1])]
+
+
+def test_a_rounds_last_logprobs_without_text_stay_out_of_the_next_rounds_answer():
+    """vLLM ends a round with ``"delta": {}``, the finish reason and the end token's logprobs. A
+    choice of logprobs alone hands them to the text that follows (chatstream.py), and the finish
+    kept them: they went on the answer after the search (found in review)."""
+    def lp(token: str) -> dict:
+        return {"content": [{"token": token, "logprob": -1.0, "bytes": list(token.encode()), "top_logprobs": []}]}
+
+    turn = begin_turn(json.dumps({"model": "m", "input": "x", "stream": True, "top_logprobs": 1}).encode(),
+                      LoweringOptions(), "resp_" + "a" * 32, 0)
+    tr = turn.translator()
+    loop = websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=5)
+    end = chat_chunk(finish="tool_calls")
+    end["choices"][0]["logprobs"] = lp("<|eot|>")
+    out = tr.feed(loop.feed(chat_sse(tool_call_chunk(0, "call_1", "web_search", '{"query":"q"}'), end)))
+    tail, step = loop.end_round(ok=True)
+    out += tr.feed(tail) + tr.search_started("call_1", "q") + tr.search_done("call_1", ())
+    loop.next_round(["1. result"])
+    answer = chat_chunk({"content": "Answer"})
+    answer["choices"][0]["logprobs"] = lp("Answer")
+    out += tr.feed(loop.feed(chat_sse(answer, chat_chunk(finish="stop"))))
+    tail, step = loop.end_round(ok=True)
+    out += tr.feed(tail) + tr.feed(step.tail) + tr.finish()
+    deltas = [e for e in parse_sse(out) if e["type"] == "response.output_text.delta"]
+    assert [(e["delta"], [t["token"] for t in e["logprobs"]]) for e in deltas] == [("Answer", ["Answer"])]

@@ -356,6 +356,9 @@ class _Conversation:
         self._tool_calls: list[dict] = []
         self._tool_images: list[dict] = []  # images from tool outputs, shown after the tool run
         self.calls: set[str] = set()  # the ids of the tool calls so far: what a tool output may answer
+        # hosted tool searches (no call_id: OpenAI's server-executed ones) not answered yet, by item id:
+        # an output without a call_id answers the first
+        self.searches: list[str] = []
 
     def _assistant_open(self) -> bool:
         return bool(self._reasoning or self._notes or self._content is not None or self._tool_calls)
@@ -416,10 +419,11 @@ class _Conversation:
     def state(self) -> tuple:
         """What is being put together (copies): ``resume`` takes it back."""
         return (tuple(self._reasoning), tuple(self._notes), self._content, tuple(self._tool_calls),
-                tuple(self._tool_images))
+                tuple(self._tool_images), tuple(self.searches))
 
     def resume(self, messages: tuple, state: tuple, calls: frozenset) -> None:
-        reasoning, notes, self._content, tool_calls, images = state
+        reasoning, notes, self._content, tool_calls, images, searches = state
+        self.searches = list(searches)
         self.calls = set(calls)
         self.messages = list(messages)
         self._reasoning, self._notes, self._tool_calls, self._tool_images = (
@@ -485,7 +489,10 @@ def _lower_input(req: ResponsesRequest, flatten: bool, reasoning_field: str = "r
             conv.tool_call(_call_id(item, where), LOCAL_SHELL_NAME, dumps(args))
         elif isinstance(item, ToolSearchCallItem):
             args = item.arguments if isinstance(item.arguments, str) else dumps(item.arguments or {})
-            conv.tool_call(_call_id(item, where), TOOL_SEARCH_NAME, args)
+            call_id = _call_id(item, where)
+            conv.tool_call(call_id, TOOL_SEARCH_NAME, args)
+            if not item.call_id:
+                conv.searches.append(call_id)
         elif isinstance(item, WebSearchCallItem):
             # A hosted search ran on the server; the chat model only needs to know it happened.
             query = (item.action or {}).get("query") or ""
@@ -496,7 +503,13 @@ def _lower_input(req: ResponsesRequest, flatten: bool, reasoning_field: str = "r
             conv.add({"role": "tool", "tool_call_id": call_id, "content": text})
             conv._tool_images.extend(images)
         elif isinstance(item, ToolSearchOutputItem):
-            conv.add({"role": "tool", "tool_call_id": _answered_call(item, where, conv.calls), "content": dumps(item.tools)})
+            if not item.call_id and conv.searches:  # (a hosted search's output names no call: the first unanswered)
+                call_id = conv.searches.pop(0)
+            else:
+                call_id = _answered_call(item, where, conv.calls)
+                if call_id in conv.searches:
+                    conv.searches.remove(call_id)
+            conv.add({"role": "tool", "tool_call_id": call_id, "content": dumps(item.tools)})
         elif isinstance(item, AdditionalToolsItem):
             pass  # its tools joined the request's tools (inputs.py); no message
         elif isinstance(item, McpCallItem):  # a call the gateway ran (mcp.py): the call and its result

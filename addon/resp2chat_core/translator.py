@@ -56,7 +56,8 @@ normalized deltas. What they become is decided here:
   .think``; ``rethink`` when a fallback answers). It costs nothing once the think block is over.
 - Logprobs (asked for: ``TurnContext.logprobs``): the reader hands a choice's over right before
   its text, so they go on the next text delta (text held back, blank or a possible tag, takes
-  them along); what another kind of delta finds left is no text's and goes. A content delta
+  them along); what another kind of delta, or the gateway's own item (a search, an MCP call:
+  ``_own_item``), finds left is no text's and goes. A content delta
   that ends inside a think block, or right after its closing tag, was no answer text: its
   logprobs go too (``_NO_TEXT_YET``).
 - Tool calls: one item per call key; arguments that come before the call's name are held until
@@ -499,6 +500,7 @@ class Translator:
         """An item of the gateway's own tool runs, opened after what the model said so far."""
         self._start()
         self._close_open()
+        self._lp = None  # (logprobs a round ended with and no text took, vLLM's end token: not the next round's)
         index = self._alloc_index()
         item = make(f"{prefix}_{self._suffix}_{index}")
         self._emit("response.output_item.added", output_index=index, item=item)
@@ -929,7 +931,7 @@ class Translator:
                 self._close_tool(tool, status if tool is last else "completed")
             self._tools.clear()
             self._tool_list.clear()
-            self._tool_wait.clear()
+            # (``_tool_wait`` stays: arguments before a call's name wait for it across other items)
 
     def _item_done(self, item: dict, output_index: int | None = None) -> None:
         index = self._item_index if output_index is None else output_index
