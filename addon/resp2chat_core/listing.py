@@ -5,7 +5,9 @@ a stored response as ``GET /v1/responses/{id}`` shows them (its ``include``, the
 Rules of this file:
 - Sans-I/O and pure: the stores hand in the items, this file decides what a page of them is.
 - One shape for every list: ``{"object": "list", "data", "first_id", "last_id", "has_more"}``;
-  ``after`` (an item id: the page starts after it, in the chosen order), ``limit`` (1 to 100,
+  ``after`` (an item id: the page starts after it, in the chosen order; one that names no item
+  is a 400 naming ``after``; ids are unique in a list, were one there twice ``after`` names its
+  last place, so that walking the pages always ends), ``limit`` (1 to 100, in ASCII digits,
   default 20), ``order`` (``asc`` | ``desc``, default ``desc``: newest first, as OpenAI's), and
   ``include`` (what items show beyond the default: ``reasoning.encrypted_content``; the other
   values the API defines are accepted and change nothing here). A bad value is a 400 naming it.
@@ -72,7 +74,7 @@ def page_query(query) -> Page:
     one = {k: (get_all(k) or [None])[-1] for k in ("after", "limit", "order")}
     limit = DEFAULT_LIMIT
     if one["limit"] is not None:
-        if not one["limit"].isdigit() or not 1 <= int(one["limit"]) <= MAX_LIMIT:
+        if not (one["limit"].isascii() and one["limit"].isdigit()) or not 1 <= int(one["limit"]) <= MAX_LIMIT:
             raise GatewayError(f"limit: an integer from 1 to {MAX_LIMIT}", param="limit", code="invalid_value")
         limit = int(one["limit"])
     order = one["order"] if one["order"] is not None else "desc"
@@ -147,7 +149,8 @@ def page(items: list[dict], p: Page, sealer: Sealer | None = None) -> dict:
     ordered = items if p.order == "asc" else items[::-1]
     start = 0
     if p.after is not None:
-        at = next((i for i, item in enumerate(ordered) if item.get("id") == p.after), None)
+        # (its last place: were an id in the list twice, the walk still goes on, and ends)
+        at = next((i for i in range(len(ordered) - 1, -1, -1) if ordered[i].get("id") == p.after), None)
         if at is None:
             raise GatewayError(f"after: no item {p.after[:100]!r} in this list", param="after", code="invalid_value")
         start = at + 1

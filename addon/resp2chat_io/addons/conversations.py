@@ -88,7 +88,12 @@ class Conversations:
                 items, {**obj, "metadata": metadata}, {**obj, "metadata": metadata}))
         if shape == "/{id}/items" and method == "POST":
             page = listing.page_query(query)
-            added = await store.append(conversation_id, C.new_items(body.get("items"), sealer=store.sealer), owner)
+            new = listing.with_ids(C.new_items(body.get("items"), sealer=store.sealer), new_item_id)
+
+            def joined(items: list, obj: dict):  # (store.append's, with the ids checked against the held ones)
+                C.unique(new, items)
+                return items + new, obj, new
+            added = await store.rewrite(conversation_id, owner, joined)
             return listing.page(added, listing.Page(limit=len(added) or 1, order="asc", include=page.include),
                                 store.sealer)
         if shape == "/{id}/items/{id}" and method == "DELETE":
