@@ -59,3 +59,20 @@ def test_a_conversation_takes_no_item_id_twice(own_gateway):
     texts = [i.content[0].text for i in islice(client.conversations.items.list(conv.id, order="asc", limit=1), 20)]
     assert texts == ["b", "c", "d", "e"]
     assert client.conversations.items.retrieve("msg_mine", conversation_id=conv.id).content[0].text == "e"
+
+
+def test_items_sent_with_a_null_or_empty_id_are_listed_with_ids_of_their_own(own_gateway):
+    """``"id": null`` or ``""`` (a client's dump of an item it made) is no id: the item is
+    listed with one of its own (it was listed with the null one, and the SDK's walk, a page of one
+    at a time, stopped after the first page), in a response's input items and a conversation."""
+    client = openai_client(own_gateway)
+    sent = [said(None, "one") | {"id": None}, said(None, "two") | {"id": ""}, said(None, "three")]
+    response = client.responses.create(model="demo-model", input=sent)
+    listed = list(client.responses.input_items.list(response.id, order="asc", limit=1))
+    assert [i.content[0].text for i in listed] == ["one", "two", "three"] and all(i.id for i in listed)
+    conv = client.conversations.create(items=sent[:2])
+    added = client.conversations.items.create(conv.id, items=sent[:2])
+    assert all(i.id for i in added.data)
+    listed = list(client.conversations.items.list(conv.id, order="asc", limit=1))
+    assert [i.content[0].text for i in listed] == ["one", "two", "one", "two"] and len({i.id for i in listed}) == 4
+    assert client.conversations.items.retrieve(listed[0].id, conversation_id=conv.id).content[0].text == "one"

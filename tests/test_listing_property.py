@@ -65,15 +65,19 @@ REASONING = st.builds(lambda t, sealed: {"type": "reasoning", "summary": [], "co
 ITEM = st.one_of(MESSAGE, BARE_MESSAGE, CALL, OUTPUT, REASONING)
 LIMITS = st.one_of(st.integers(1, 4), st.integers(1, 100))  # (small ones often: many pages)
 IDS = st.sampled_from(["msg_a", "msg_b", "fc_c", "rs_d", "item_e", "x"])
+NO_IDS = st.sampled_from([(None,), ("",)])  # (an id of null or "": none)
 
 
 @st.composite
 def item_lists(draw, repeats: bool):
     """Items, some with a client's id (unique unless ``repeats``)."""
     items = draw(st.lists(ITEM, max_size=30))
-    given_ids = draw(st.lists(st.one_of(st.none(), IDS), min_size=len(items), max_size=len(items)))
+    given_ids = draw(st.lists(st.one_of(st.none(), NO_IDS, IDS), min_size=len(items), max_size=len(items)))
     out, used = [], set()
     for i, (item, given_id) in enumerate(zip(items, given_ids)):
+        if isinstance(given_id, tuple):  # ("id": null or "": no id, as a client may send it)
+            out.append({**item, "id": given_id[0]})
+            continue
         if given_id is not None:
             given_id = given_id if repeats else f"{given_id}_{i}"
             if not repeats and given_id in used:
@@ -108,6 +112,7 @@ def test_walking_the_pages_lists_every_item_once_in_order(items, limit, order, i
     listed = listing.listed_ids(items, "r1")
     assert [i["id"] for i in listed] == [i["id"] for i in listing.listed_ids(items, "r1")]  # (the same ids)
     expected = [i["id"] for i in listed][:: 1 if order == "asc" else -1]
+    assert all(isinstance(i, str) and i for i in expected)  # (an item without one, null or "", is given one)
     assert len(set(expected)) == len(expected)  # (the model: ids unique, given or made)
     pages = walk(listed, limit, order, frozenset({ENCRYPTED}) if include else frozenset())
     for n, p in enumerate(pages):
@@ -251,7 +256,7 @@ def listed(gw, conv: str, limit: int, order: str) -> list[str]:
 
 # an op: ("add", items, given ids (None: the gateway's)), ("delete", which one of the ids held), ("list", limit, order)
 OP = st.one_of(
-    st.tuples(st.just("add"), st.lists(ITEM, min_size=1, max_size=4), st.lists(st.one_of(st.none(), IDS),
+    st.tuples(st.just("add"), st.lists(ITEM, min_size=1, max_size=4), st.lists(st.one_of(st.none(), NO_IDS, IDS),
                                                                                  min_size=4, max_size=4)),
     st.tuples(st.just("delete"), st.integers(0, 50)),
     st.tuples(st.just("list"), st.integers(1, 7), st.sampled_from(["asc", "desc"])))
@@ -267,8 +272,9 @@ def test_conversation_items_added_and_deleted_list_as_the_model(conversations, f
     assert len(model) == len(first)
     for op in ops:
         if op[0] == "add":
-            items = [{**item, "id": given} if given else item for item, given in zip(op[1], op[2])]
-            given_ids = [i["id"] for i in items if "id" in i]
+            items = [{**item, "id": given[0] if isinstance(given, tuple) else given} if given else item
+                     for item, given in zip(op[1], op[2])]
+            given_ids = [i["id"] for i in items if i.get("id")]
             if len(set(given_ids)) < len(given_ids) or set(given_ids) & set(model):
                 with pytest.raises(GatewayError) as err:
                     gw("/{id}/items", "POST", [conv], {"items": items})
@@ -276,8 +282,8 @@ def test_conversation_items_added_and_deleted_list_as_the_model(conversations, f
                 continue
             added = gw("/{id}/items", "POST", [conv], {"items": items})
             ids = [d["id"] for d in added["data"]]
-            assert len(ids) == len(items) and all(i.get("id") in (None, x) for i, x in zip(items, ids))
-            assert not set(ids) & set(model)
+            assert len(ids) == len(items) and all(i.get("id") in (None, "", x) for i, x in zip(items, ids))
+            assert all(isinstance(x, str) and x for x in ids) and not set(ids) & set(model)
             model += ids
         elif op[0] == "delete":
             if not model:

@@ -11,10 +11,11 @@ Rules of this file:
   default 20), ``order`` (``asc`` | ``desc``, default ``desc``: newest first, as OpenAI's), and
   ``include`` (what items show beyond the default: ``reasoning.encrypted_content``; the other
   values the API defines are accepted and change nothing here). A bad value is a 400 naming it.
-- An item is listed with an ``id`` (one the client gave it, else ``listed_ids`` gives it one,
-  the same each time) and, for a message, its ``type`` and ``status`` and its content as parts
-  (a string becomes one ``input_text`` or, for the assistant, ``output_text`` part); a function
-  call or its output without a ``status`` (a client's input) is ``completed``.
+- An item is listed with an ``id`` (one the client gave it, else, none or a null or ``""``
+  one, ``listed_ids`` gives it one, the same each time) and, for a message, its ``type`` and
+  ``status`` and its content as parts (a string becomes one ``input_text`` or, for the
+  assistant, ``output_text`` part); a function call or its output without a ``status`` (a
+  client's input) is ``completed``.
 - A content part is listed with the fields the API's objects require of it even where the
   client's input left them out (``LISTED_PARTS``: an ``input_image``'s ``detail``, ``auto``, the
   API's default, and ``image_url``, null with a ``file_id``; an ``output_text``'s
@@ -84,12 +85,14 @@ def page_query(query) -> Page:
 
 
 def with_ids(items: list, make_id) -> list:
-    """``items`` each with an ``id``: its own, else ``make_id(kind, index)`` (``kind``: ``msg``
-    for a message, ``item`` otherwise; ``index``: its place in ``items``)."""
+    """``items`` each with an ``id``: its own, else (none, null or ``""``) ``make_id(kind,
+    index)`` (``kind``: ``msg`` for a message, ``item`` otherwise; ``index``: its place in
+    ``items``)."""
     out = []
     for i, item in enumerate(items):
         if isinstance(item, dict) and not (isinstance(item.get("id"), str) and item["id"]):
-            item = {"id": make_id("msg" if item.get("type", "message") == "message" else "item", i), **item}
+            made = make_id("msg" if item.get("type", "message") == "message" else "item", i)
+            item = {"id": made, **{k: v for k, v in item.items() if k != "id"}}
         out.append(item)
     return out
 
