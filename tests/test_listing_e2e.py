@@ -76,3 +76,19 @@ def test_items_sent_with_a_null_or_empty_id_are_listed_with_ids_of_their_own(own
     listed = list(client.conversations.items.list(conv.id, order="asc", limit=1))
     assert [i.content[0].text for i in listed] == ["one", "two", "one", "two"] and len({i.id for i in listed}) == 4
     assert client.conversations.items.retrieve(listed[0].id, conversation_id=conv.id).content[0].text == "one"
+
+
+def test_adding_or_getting_an_item_reads_only_include_from_the_query(own_gateway):
+    """``POST …/items`` and ``GET …/items/{item_id}`` take ``include`` (OpenAI's), not a list's
+    ``limit``/``order``/``after``: those are no reason for a 400 there; a bad ``include`` is."""
+    client = openai_client(own_gateway)
+    conv = client.conversations.create(items=[said("msg_one", "one")])
+    base = f"{own_gateway.base_url}/conversations/{conv.id}/items"
+    odd = "limit=0&order=up&after=msg_nowhere"
+    r = requests.post(f"{base}?{odd}", json={"items": [said(None, "two")]}, timeout=10)
+    assert r.status_code == 200 and r.json()["data"][0]["content"][0]["text"] == "two", r.text
+    r = requests.get(f"{base}/msg_one?{odd}", timeout=10)
+    assert r.status_code == 200 and r.json()["id"] == "msg_one", r.text
+    for r in (requests.post(f"{base}?include=nonsense", json={"items": [said(None, "x")]}, timeout=10),
+              requests.get(f"{base}/msg_one?include=nonsense", timeout=10)):
+        assert r.status_code == 400 and r.json()["error"]["param"] == "include", r.text
