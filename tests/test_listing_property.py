@@ -31,7 +31,7 @@ import asyncio
 import threading
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from resp2chat_core import listing
@@ -171,9 +171,13 @@ GOOD_LIMITS = {str(n) for n in range(1, 101)}
 @SETTINGS
 @given(st.dictionaries(st.sampled_from(["limit", "order", "include", "include[]", "after"]),
                        st.lists(st.one_of(st.text(max_size=5), st.sampled_from(
-                           ["0", "1", "100", "101", "20", "²", "٣", "-1", "1.5", "asc", "desc", "ASC",
+                           ["0", "1", "100", "101", "20", "²", "٣", "-1", "1.5", "9" * 5000, "0" * 5000 + "7",
+                            "asc", "desc", "ASC",
                             ENCRYPTED, "message.input_image.image_url", "nonsense", f"{ENCRYPTED},x"])),
                            min_size=1, max_size=2), max_size=4))
+@example({"limit": ["9" * 5000]})
+@example({"limit": ["0" * 5000 + "7"]})
+@example({"limit": ["²"]})
 def test_a_bad_limit_order_or_include_is_a_400_naming_it(query):
     last = {k: v[-1] for k, v in query.items()}
     includes = [x for k in ("include", "include[]") for v in query.get(k, ()) for x in v.split(",") if x]
@@ -186,7 +190,7 @@ def test_a_bad_limit_order_or_include_is_a_400_naming_it(query):
         assert err.status == 400 and bad.get(err.param), (query, err.param, err.message)
         return
     assert not any(bad.values()), (query, p)
-    assert p.limit == (int(last["limit"]) if "limit" in last else 20)
+    assert p.limit == (int(last["limit"].lstrip("0")) if "limit" in last else 20)
     assert p.order == last.get("order", "desc") and p.include == frozenset(includes)
 
 

@@ -28,6 +28,7 @@ Rules of this file:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from .errors import GatewayError
@@ -75,9 +76,10 @@ def page_query(query) -> Page:
     one = {k: (get_all(k) or [None])[-1] for k in ("after", "limit", "order")}
     limit = DEFAULT_LIMIT
     if one["limit"] is not None:
-        if not (one["limit"].isascii() and one["limit"].isdigit()) or not 1 <= int(one["limit"]) <= MAX_LIMIT:
+        digits = re.fullmatch(r"0*([1-9][0-9]{0,2})", one["limit"])  # (ASCII, and never too long for int)
+        if digits is None or int(digits[1]) > MAX_LIMIT:
             raise GatewayError(f"limit: an integer from 1 to {MAX_LIMIT}", param="limit", code="invalid_value")
-        limit = int(one["limit"])
+        limit = int(digits[1])
     order = one["order"] if one["order"] is not None else "desc"
     if order not in ORDERS:
         raise GatewayError("order: asc or desc", param="order", code="invalid_value")
