@@ -38,7 +38,7 @@ from resp2chat_core import listing
 from resp2chat_core.errors import GatewayError
 from resp2chat_core.seal import Sealer
 
-SETTINGS = settings(derandomize=True, deadline=None, max_examples=150,
+SETTINGS = settings(derandomize=True, deadline=None, max_examples=120,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 SEALER = Sealer(lambda: b"k" * 32)
 ENCRYPTED = "reasoning.encrypted_content"
