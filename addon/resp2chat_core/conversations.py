@@ -9,7 +9,8 @@ Rules of this file:
   items, oldest first, each with an id (listing.py ``with_ids``: its own, else a fresh one). Items are
   Responses input items (validated as a request's ``input`` is: ``new_items``; a ``compaction``
   item as a turn takes one: it must be one the gateway sealed), at most ``MAX_NEW_ITEMS`` per
-  request, as OpenAI takes them.
+  request, as OpenAI takes them; an id given twice, or one the conversation holds, is a 400
+  (``unique``: OpenAI's ``Duplicate item found``).
 - A Responses request with ``conversation`` (an id, or ``{"id": …}``: ``named``) takes the
   conversation's items as its history, and the turn's input and output are appended to it, in
   one write, when it completes (addons/store.py); with ``previous_response_id`` it is a 400
@@ -26,6 +27,7 @@ from .channel import Reader
 from .compaction import open_item
 from .errors import GatewayError
 from .inputs import COMPACTION
+from .labels import shown
 from .schema import parse_request
 
 ID_PREFIX = "conv_"
@@ -89,6 +91,7 @@ def new_items(value: object, param: str = "items", sealer=None) -> list:
         raise GatewayError(f"{param}: at most {MAX_NEW_ITEMS} items at a time", param=param,
                            code="array_above_max_length")
     if value:
+        unique(value, (), param)
         try:
             checked = list(value)
             for i, item in enumerate(value):
@@ -102,6 +105,18 @@ def new_items(value: object, param: str = "items", sealer=None) -> list:
     return value
 
 
+def unique(items: list, held: list, param: str = "items") -> None:
+    """``GatewayError`` for an item whose ``id`` one before it in ``items`` has, or one of the
+    conversation's ``held`` items (OpenAI's ``Duplicate item found with id …``): each id names
+    one item, its ``GET``, its ``DELETE`` and a list's ``after``."""
+    seen = {i.get("id") for i in held if isinstance(i, dict)}
+    for n, item in enumerate(items):
+        item_id = item.get("id") if isinstance(item, dict) else None
+        if isinstance(item_id, str) and item_id:
+            if item_id in seen:
+                raise GatewayError(f"{param}[{n}].id: duplicate item found with id {shown(item_id)!r} (an id names one "
+                                   "item of a conversation)", param=f"{param}[{n}].id", code="invalid_value")
+            seen.add(item_id)
 
 
 class Landing(Reader):

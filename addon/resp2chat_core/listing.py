@@ -5,14 +5,17 @@ a stored response as ``GET /v1/responses/{id}`` shows them (its ``include``, the
 Rules of this file:
 - Sans-I/O and pure: the stores hand in the items, this file decides what a page of them is.
 - One shape for every list: ``{"object": "list", "data", "first_id", "last_id", "has_more"}``;
-  ``after`` (an item id: the page starts after it, in the chosen order), ``limit`` (1 to 100,
+  ``after`` (an item id: the page starts after it, in the chosen order; one that names no item
+  is a 400 naming ``after``; ids are unique in a list, were one there twice ``after`` names its
+  last place, so that walking the pages always ends), ``limit`` (1 to 100, in ASCII digits,
   default 20), ``order`` (``asc`` | ``desc``, default ``desc``: newest first, as OpenAI's), and
   ``include`` (what items show beyond the default: ``reasoning.encrypted_content``; the other
   values the API defines are accepted and change nothing here). A bad value is a 400 naming it.
-- An item is listed with an ``id`` (one the client gave it, else ``listed_ids`` gives it one,
-  the same each time) and, for a message, its ``type`` and ``status`` and its content as parts
-  (a string becomes one ``input_text`` or, for the assistant, ``output_text`` part); a function
-  call or its output without a ``status`` (a client's input) is ``completed``.
+- An item is listed with an ``id`` (one the client gave it, else, none or a null or ``""``
+  one, ``listed_ids`` gives it one, the same each time) and, for a message, its ``type`` and
+  ``status`` and its content as parts (a string becomes one ``input_text`` or, for the
+  assistant, ``output_text`` part); a function call or its output without a ``status`` (a
+  client's input) is ``completed``.
 - A content part is listed with the fields the API's objects require of it even where the
   client's input left them out (``LISTED_PARTS``: an ``input_image``'s ``detail``, ``auto``, the
   API's default, and ``image_url``, null with a ``file_id``; an ``output_text``'s
@@ -25,6 +28,7 @@ Rules of this file:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from .errors import GatewayError
@@ -72,9 +76,10 @@ def page_query(query) -> Page:
     one = {k: (get_all(k) or [None])[-1] for k in ("after", "limit", "order")}
     limit = DEFAULT_LIMIT
     if one["limit"] is not None:
-        if not one["limit"].isdigit() or not 1 <= int(one["limit"]) <= MAX_LIMIT:
+        digits = re.fullmatch(r"0*([1-9][0-9]{0,2})", one["limit"])  # (ASCII, and never too long for int)
+        if digits is None or int(digits[1]) > MAX_LIMIT:
             raise GatewayError(f"limit: an integer from 1 to {MAX_LIMIT}", param="limit", code="invalid_value")
-        limit = int(one["limit"])
+        limit = int(digits[1])
     order = one["order"] if one["order"] is not None else "desc"
     if order not in ORDERS:
         raise GatewayError("order: asc or desc", param="order", code="invalid_value")
@@ -82,12 +87,14 @@ def page_query(query) -> Page:
 
 
 def with_ids(items: list, make_id) -> list:
-    """``items`` each with an ``id``: its own, else ``make_id(kind, index)`` (``kind``: ``msg``
-    for a message, ``item`` otherwise; ``index``: its place in ``items``)."""
+    """``items`` each with an ``id``: its own, else (none, null or ``""``) ``make_id(kind,
+    index)`` (``kind``: ``msg`` for a message, ``item`` otherwise; ``index``: its place in
+    ``items``)."""
     out = []
     for i, item in enumerate(items):
         if isinstance(item, dict) and not (isinstance(item.get("id"), str) and item["id"]):
-            item = {"id": make_id("msg" if item.get("type", "message") == "message" else "item", i), **item}
+            made = make_id("msg" if item.get("type", "message") == "message" else "item", i)
+            item = {"id": made, **{k: v for k, v in item.items() if k != "id"}}
         out.append(item)
     return out
 
@@ -147,7 +154,8 @@ def page(items: list[dict], p: Page, sealer: Sealer | None = None) -> dict:
     ordered = items if p.order == "asc" else items[::-1]
     start = 0
     if p.after is not None:
-        at = next((i for i, item in enumerate(ordered) if item.get("id") == p.after), None)
+        # (its last place: were an id in the list twice, the walk still goes on, and ends)
+        at = next((i for i in range(len(ordered) - 1, -1, -1) if ordered[i].get("id") == p.after), None)
         if at is None:
             raise GatewayError(f"after: no item {p.after[:100]!r} in this list", param="after", code="invalid_value")
         start = at + 1

@@ -87,9 +87,14 @@ class Conversations:
             return await store.rewrite(conversation_id, owner, lambda items, obj: (
                 items, {**obj, "metadata": metadata}, {**obj, "metadata": metadata}))
         if shape == "/{id}/items" and method == "POST":
-            page = listing.page_query(query)
-            added = await store.append(conversation_id, C.new_items(body.get("items"), sealer=store.sealer), owner)
-            return listing.page(added, listing.Page(limit=len(added) or 1, order="asc", include=page.include),
+            include = listing.include_query(query)  # (its only query, as OpenAI's)
+            new = listing.with_ids(C.new_items(body.get("items"), sealer=store.sealer), new_item_id)
+
+            def joined(items: list, obj: dict):  # (store.append's, with the ids checked against the held ones)
+                C.unique(new, items)
+                return items + new, obj, new
+            added = await store.rewrite(conversation_id, owner, joined)
+            return listing.page(added, listing.Page(limit=len(added) or 1, order="asc", include=include),
                                 store.sealer)
         if shape == "/{id}/items/{id}" and method == "DELETE":
             item_id = ids[1]
@@ -108,13 +113,13 @@ class Conversations:
             return C.deleted(conversation_id)
         if shape == "/{id}":
             return entry["response"]
-        page = listing.page_query(query)
         if shape == "/{id}/items":
-            return listing.page(entry["items"], page, store.sealer)
+            return listing.page(entry["items"], listing.page_query(query), store.sealer)
+        include = listing.include_query(query)  # (an item's only query, as OpenAI's)
         item = next((i for i in entry["items"] if isinstance(i, dict) and i.get("id") == ids[1]), None)
         if item is None:
             raise item_not_found(ids[1])
-        return listing.as_listed(item, page.include, store.sealer)
+        return listing.as_listed(item, include, store.sealer)
 
 
 def item_not_found(item_id: str) -> GatewayError:
