@@ -6,7 +6,8 @@ history the request started from, its own input, then its output — plus the Re
 for ``GET /v1/responses/{id}``. Entries expire after ``ttl`` seconds (oldest first); beyond ``max_entries`` or
 ``max_bytes`` the owner holding the most loses its oldest (resp2chat_core/shares.py: one owner's
 writes push out its own entries, not everyone's). With a directory, entries are also written there (one
-0600 JSON file each, directory 0700) and read back after a restart.
+0600 JSON file each, directory 0700, with its version and the items it holds) and read back after
+a restart, answering as before it.
 
 Every entry has an owner (resp2chat_core/owner.py): ``get``, ``delete`` and ``items``
 see only the caller's, so another owner's response or item is exactly an unknown one.
@@ -204,10 +205,10 @@ class ResponseStore:
         self._drop(response_id)
         now = self.clock()
         self._keep(response_id, now, data, owner)
-        self._index(response_id, owner, items, response)
+        held = self._index(response_id, owner, items, response)
         self._versions[response_id] = version + 1
-        if self.dir:
-            head = json.dumps({"stored_at": now, "owner": owner}).encode()[:-1]
+        if self.dir:  # (its version and what it holds, digests: as they were after a restart)
+            head = json.dumps({"stored_at": now, "owner": owner, "version": version + 1, "held": held}).encode()[:-1]
             _write_private(self.dir / f"{response_id}.json", head + b',"entry":' + data + b"}")
         self._evict(keep=response_id)
         return True
@@ -244,22 +245,29 @@ class ResponseStore:
         return ((len(self._entries), self.bytes), {o: self._shares.held(o) for o in {*asked, owners.SHARED}},
                 self._shares.forwarded_held())
 
-    def _index(self, response_id: str, owner: str, items: list, response: dict) -> None:
-        produced = output_items(response)
-        held: dict[str, None] = {}
-        for item_id, item in produced.items():
-            key, digest = (owner, item_id), item_digest(item)
-            found = self._items.get(key)
+    def _index(self, response_id: str, owner: str, items: list, response: dict,
+               was_held: dict[str, str] | None = None) -> dict[str, str]:
+        """Index what the entry holds: the items its response produced, and those of its
+        conversation it holds unchanged (``was_held``, read back from the directory: what it held
+        when written, though the response that produced one may be gone since). Returns them
+        (id -> digest)."""
+        held: dict[str, str] = {}
+        for item_id, item in output_items(response).items():
+            held[item_id] = item_digest(item)
+        for item_id, digest in (was_held or {}).items():
+            held.setdefault(item_id, digest)
+        for item_id, digest in held.items():
+            found = self._items.get((owner, item_id))
             if found is None or found[0] != digest:
-                found = self._items[key] = (digest, [])
+                found = self._items[(owner, item_id)] = (digest, [])
             found[1].append(response_id)
-            held[item_id] = None
-        for item_id, item in held_items(items, produced):
+        for item_id, item in held_items(items, held):
             found = self._items.get((owner, item_id))
             if found is not None and item_id not in held and item_digest(item) == found[0]:
                 found[1].append(response_id)
-                held[item_id] = None
+                held[item_id] = found[0]
         self._item_ids[response_id] = tuple(held)
+        return held
 
     def _unindex(self, response_id: str, owner: str) -> None:
         for item_id in self._item_ids.pop(response_id, ()):
@@ -308,15 +316,19 @@ class ResponseStore:
                 continue
             try:
                 record = json.loads(path.read_bytes())
+                held = record.get("held") or {}  # (a file written before these two: none, version 1)
+                if not all(isinstance(k, str) and isinstance(v, str) for k, v in held.items()):
+                    raise ValueError("held")
                 found.append((float(record["stored_at"]), path.stem,
                               json.dumps(record["entry"], ensure_ascii=False, separators=(",", ":")).encode(),
-                              owners.check(record.get("owner", owners.SHARED))))
-            except (OSError, ValueError, KeyError, TypeError):
+                              owners.check(record.get("owner", owners.SHARED)), int(record.get("version", 1)), held))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 path.unlink(missing_ok=True)  # a torn or foreign file: not ours to keep
-        for stored_at, rid, data, owner in sorted(found):  # (each owner's share rebuilt too)
+        for stored_at, rid, data, owner, version, held in sorted(found, key=lambda f: f[:2]):  # (shares rebuilt too)
             self._keep(rid, stored_at, data, owner)
+            self._versions[rid] = version
             entry = json.loads(data)
-            self._index(rid, owner, entry["items"], entry["response"])
+            self._index(rid, owner, entry["items"], entry["response"], held)
         self._evict()
 
 
