@@ -52,8 +52,10 @@ def test_any_replica_continues_any_conversation(upstream, tmp_path, redis_server
         with pytest.raises(openai.NotFoundError):
             ca.responses.retrieve(first.id)
         assert r.get(f"resp2chat:item:{item_id}") == third.id.encode()  # still held by the third
-        ca.responses.delete(third.id)  # the holder goes: so does its items' index
-        assert r.get(f"resp2chat:item:{item_id}") is None
+        ca.responses.delete(third.id)  # the newest holder goes: the second, holding it too, takes over
+        assert r.get(f"resp2chat:item:{item_id}") == second.id.encode()
+        ca.responses.delete(second.id)  # the last holder goes: so does its items' index
+        assert r.get(f"resp2chat:item:{item_id}") is None and not r.exists(f"resp2chat:holders:{item_id}")
     finally:
         for g in (a, b):
             g.stop()

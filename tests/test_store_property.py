@@ -9,12 +9,6 @@ becomes a holder too); what clients put in their input never resolves.
 
 Bounds are far off (eviction: tests/test_store_shares.py compares it), and nothing expires (the
 memory stores' clock moves by hand; Redis's ttl is an hour).
-
-Where Redis's rule differs (``items``): it keeps only the NEWEST holder of an item
-(redis_state.py's key table: ``item:{id}``, dropped with that response), the memory store every
-holder. Dropping the newest holder (``delete``, or a rewrite of it that no longer holds the
-item) forgets the item in Redis while an older holder of it still lives. The model follows each
-store's rule (``Model.newest_only``), so the test keeps the two known and everything else the same.
 """
 
 from __future__ import annotations
@@ -52,29 +46,18 @@ def altered(item: dict) -> dict:
 
 
 class Model:
-    """Entries by (owner, id): their items, Response, version, and the item ids each holds.
-    ``newest_only``: Redis's rule (an item resolves through the newest response that held it,
-    and is forgotten with it); otherwise memory's (through any live response holding it)."""
+    """Entries by (owner, id): their items, Response, version, and the item ids each holds. An
+    item resolves through any live response of its owner holding it."""
 
-    def __init__(self, newest_only: bool) -> None:
-        self.newest_only = newest_only
+    def __init__(self) -> None:
         self.entries: dict[tuple[str, str], dict] = {}
-        self.newest: dict[tuple[str, str], str] = {}  # (owner, item id) -> the newest holder (Redis)
         self.produced: dict[str, dict] = {}  # item id -> the item as the gateway produced it (ids are unique)
 
     def resolves(self, owner: str, item_id: str) -> bool:
-        if self.newest_only:
-            return (owner, item_id) in self.newest
         return any(item_id in e["held"] for (o, _), e in self.entries.items() if o == owner)
 
     def _drop(self, owner: str, rid: str) -> bool:
-        found = self.entries.pop((owner, rid), None)
-        if found is None:
-            return False
-        for iid in found["held"]:
-            if self.newest.get((owner, iid)) == rid:
-                del self.newest[(owner, iid)]
-        return True
+        return self.entries.pop((owner, rid), None) is not None
 
     def put(self, owner: str, rid: str, items: list, response: dict, expect: int | None) -> bool:
         found = self.entries.get((owner, rid))
@@ -90,8 +73,6 @@ class Model:
             if iid and iid not in output and iid in self.produced and self.resolves(owner, iid) \
                     and item_digest(item) == item_digest(self.produced[iid]):
                 held.add(iid)
-        for iid in held:
-            self.newest[(owner, iid)] = rid
         self.entries[(owner, rid)] = {"items": items, "response": response, "version": version + 1, "held": held}
         return True
 
@@ -134,8 +115,7 @@ class Run:
         self.memory = ResponseStore(ttl=1e9, clock=self.clock, **BIG)
         self.disk = self.restarted()
         self.redis = redis
-        self.models = {"memory": Model(newest_only=False), "disk": Model(newest_only=False),
-                       "redis": Model(newest_only=True)}  # (one each: a put changes its model)
+        self.models = {"memory": Model(), "disk": Model(), "redis": Model()}  # (one each: a put changes its model)
         self.model = self.models["memory"]
         self.ids: list[tuple[str, str]] = []  # every (owner, id) put so far
         self.client_ids = itertools.count()

@@ -13,7 +13,8 @@ otherwise, so another owner's id is exactly a key that does not exist:
 | key | type | what |
 | --- | --- | --- |
 | ``resp2chat:{ns}response:{id}`` | hash | ``data``: the entry JSON (items + Response, as store.py keeps it; a conversation's, under its ``conv_…`` id); ``v``: its version (store.py: a write may name the version it replaces); ``items``: the ids of the items it holds (below); ``d:{item_id}``: each one's digest (store.py ``item_digest``). Expires after ``session_ttl_hours`` |
-| ``resp2chat:{ns}item:{item_id}`` | string | the id of the newest stored response of that owner holding the item unchanged, for an item the gateway produced (a response's output; never a client's input): item references. Same expiry, dropped with that response |
+| ``resp2chat:{ns}item:{item_id}`` | string | the id of the newest stored response of that owner holding the item unchanged, for an item the gateway produced (a response's output; never a client's input): item references. Same expiry; when that response goes, the newest other holder (below) takes over with its expiry, none: the key goes |
+| ``resp2chat:{ns}holders:{item_id}`` | sorted set | every stored response of that owner holding the item unchanged, by time (store.py: the item lives while one of them does); emptied when the item is produced again otherwise. Same expiry |
 | ``resp2chat:entries`` | sorted set | ``{ns}{id}`` of every owner's entries by the time they were stored (Redis's clock): what expires first |
 | ``resp2chat:entries:sizes`` / ``:bytes`` | hash / integer | each entry's size (by ``{ns}{id}``) and their sum: ``max_session_memory_mb`` |
 | ``resp2chat:{ns}owned`` | sorted set | the owner's own entries (``{ns}{id}``) by time: which of its entries is oldest |
@@ -208,8 +209,25 @@ local function drop(member)
   local ids = redis.call('HGET', key, 'items')
   if ids then
     for iid in string.gmatch(ids, '%S+') do
-      local ikey = prefix .. ns .. 'item:' .. iid
-      if redis.call('GET', ikey) == rid then redis.call('DEL', ikey) end
+      local ikey, hkey = prefix .. ns .. 'item:' .. iid, prefix .. ns .. 'holders:' .. iid
+      redis.call('ZREM', hkey, rid)
+      if redis.call('GET', ikey) == rid then
+        -- the newest holder goes: the newest other one still holding it takes over, with its expiry
+        local digest, next_holder = redis.call('HGET', key, 'd:' .. iid), nil
+        for _, h in ipairs(redis.call('ZREVRANGE', hkey, 0, -1)) do
+          if redis.call('HGET', prefix .. ns .. 'response:' .. h, 'd:' .. iid) == digest then
+            next_holder = h
+            break
+          end
+          redis.call('ZREM', hkey, h)  -- (gone meanwhile: a key Redis expired)
+        end
+        local left = next_holder and redis.call('PTTL', prefix .. ns .. 'response:' .. next_holder) or -1
+        if left > 0 then
+          redis.call('SET', ikey, next_holder, 'PX', left)
+        else
+          redis.call('DEL', ikey, hkey)
+        end
+      end
     end
   end
   redis.call('DEL', key)
@@ -289,10 +307,19 @@ for iid, digest in string.gmatch(others, '(%S+) (%S+)') do
   end
 end
 local key = prefix .. ns .. 'response:' .. id
+for _, iid in ipairs(held) do  -- (an item produced again otherwise than its holders hold it: they hold it no more)
+  local holder = redis.call('GET', prefix .. ns .. 'item:' .. iid)
+  if not holder or redis.call('HGET', prefix .. ns .. 'response:' .. holder, 'd:' .. iid) ~= digests[iid] then
+    redis.call('DEL', prefix .. ns .. 'holders:' .. iid)
+  end
+end
 redis.call('HSET', key, 'data', data, 'items', table.concat(held, ' '), 'v', version + 1)
 for _, iid in ipairs(held) do
+  local hkey = prefix .. ns .. 'holders:' .. iid
   redis.call('HSET', key, 'd:' .. iid, digests[iid])
   redis.call('SET', prefix .. ns .. 'item:' .. iid, id, 'EX', ttl)
+  redis.call('ZADD', hkey, now, id)
+  redis.call('EXPIRE', hkey, ttl)
 end
 redis.call('EXPIRE', key, ttl)
 account(member, now, #data)
