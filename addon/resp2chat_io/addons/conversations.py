@@ -88,12 +88,8 @@ class Conversations:
                 items, {**obj, "metadata": metadata}, {**obj, "metadata": metadata}))
         if shape == "/{id}/items" and method == "POST":
             include = listing.include_query(query)  # (its only query, as OpenAI's)
-            new = listing.with_ids(C.new_items(body.get("items"), sealer=store.sealer), new_item_id)
-
-            def joined(items: list, obj: dict):  # (store.append's, with the ids checked against the held ones)
-                C.unique(new, items)
-                return items + new, obj, new
-            added = await store.rewrite(conversation_id, owner, joined)
+            added = await store.append(conversation_id, C.new_items(body.get("items"), sealer=store.sealer), owner,
+                                       check=C.unique)  # (an id the conversation holds: a 400)
             return listing.page(added, listing.Page(limit=len(added) or 1, order="asc", include=include),
                                 store.sealer)
         if shape == "/{id}/items/{id}" and method == "DELETE":

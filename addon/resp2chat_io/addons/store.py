@@ -191,11 +191,17 @@ class StoredResponses(Owner):
             self.writes.start(f"conversation {shown(turn.conversation)} not updated",
                               self.append(turn.conversation, added, turn.owner))
 
-    async def append(self, conversation_id: str, items: list, owner: str) -> list:
+    async def append(self, conversation_id: str, items: list, owner: str, check=None) -> list:
         """Items join a conversation, in one write; returns them with their ids (the ones they
-        lack, made here). ``rewrite``'s errors."""
+        lack, made here). ``check(items, held)`` may refuse them against the items the
+        conversation holds (raises). ``rewrite``'s errors."""
         items = listing.with_ids(items, new_item_id)
-        return await self.rewrite(conversation_id, owner, lambda old, obj: (old + items, obj, items))
+
+        def joined(held: list, obj: dict):
+            if check is not None:
+                check(items, held)
+            return held + items, obj, items
+        return await self.rewrite(conversation_id, owner, joined)
 
     async def rewrite(self, conversation_id: str, owner: str, change):
         """A conversation changed in one write over the version it was read from (another write
