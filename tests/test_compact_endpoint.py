@@ -29,7 +29,9 @@ def test_compact_answers_the_user_messages_then_one_sealed_compaction_item(own_g
     assert [(u.type, u.role, u.content[0].text) for u in users] == [
         ("message", "user", "my name is Ada"), ("message", "user", "I like tea")]
     assert item.type == "compaction" and item.encrypted_content.startswith("r2c1.")
-    assert "Ada" not in item.encrypted_content  # (sealed: only this gateway reads it)
+    # sealed, only this gateway reads it: the summary the backend wrote is not in it (a phrase with spaces,
+    # which base64 never spells by chance, as it could a short name)
+    assert "You said: Write the summary now." not in item.encrypted_content
     assert compacted.usage.input_tokens > 0
     # the backend was asked for the summary: the conversation, then the compaction prompt, not stored
     (sent,) = upstream.requests()

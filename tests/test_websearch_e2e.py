@@ -350,6 +350,28 @@ def test_a_round_answered_with_a_json_error_fails_the_turn_with_it(gateway_facto
         assert len(backend.bodies) == 2
 
 
+def _sdk_turns(gateway_factory, brave, answers: list, tools: list, text: str):
+    """A gateway before a ``_Rounds`` backend that answers each turn's rounds with ``answers``,
+    and the openai SDK's turn through it, streamed then not: each (its final Response, the
+    searches it ran, the backend), as it comes."""
+    url, handler = brave
+    backend = type("Rounds", (_Rounds,), {"answers": answers, "bodies": []})
+    with LocalServer(backend) as server:
+        gw = gateway_factory(server.url, "--set", "resp2chat_max_replay_entries=0",
+                             env={"BRAVE_SEARCH_API_KEY": BRAVE_KEY, "RESP2CHAT_BRAVE_BASE_URL": url})
+        client = openai_client(gw)
+        for stream in (True, False):
+            handler.queries = []
+            kw = dict(model="demo-model", input=text, tools=tools)
+            final = list(client.responses.create(stream=True, **kw))[-1].response if stream \
+                else client.responses.create(**kw)
+            yield final, handler.queries, backend
+
+
+READ_FILE = {"type": "function", "name": "read_file",
+             "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}}
+
+
 def test_client_calls_sharing_an_index_and_an_id_around_the_search_call_reach_the_client_as_two(gateway_factory, brave):
     """A backend that numbers every call 0 and sends one id for two calls streams the client's
     exec_command "A", the gateway's web_search, the client's read_file "B", each in chunks of
@@ -357,7 +379,6 @@ def test_client_calls_sharing_an_index_and_an_id_around_the_search_call_reach_th
     first: the turn ends), and the client (the openai SDK, streamed or not) gets both calls with
     their names and arguments. Before: one function_call exec_command with "AB" (read_file's
     naming delta, without the search call before it, read as more of exec_command)."""
-    url, handler = brave
     a = {"index": 0, "id": "call_a", "type": "function", "function": {"name": "exec_command", "arguments": ""}}
     s = {"index": 0, **_search_call("call_s", "between")}
     b = {"index": 0, "id": "call_a", "type": "function", "function": {"name": "read_file", "arguments": ""}}
@@ -370,24 +391,14 @@ def test_client_calls_sharing_an_index_and_an_id_around_the_search_call_reach_th
         {**b, "function": {"name": "read_file", "arguments": '{"path": "B"}'}}]})]
     end = [chat_chunk(finish="tool_calls"),
            chat_chunk(choices=[], usage={"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14})]
-    read_file = {"type": "function", "name": "read_file",
-                 "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}}
     for chunks in (own, one):
-        backend = type("Rounds", (_Rounds,), {"answers": [("sse", chunks + end)] * 2, "bodies": []})
-        with LocalServer(backend) as server:
-            gw = gateway_factory(server.url, "--set", "resp2chat_max_replay_entries=0",
-                                 env={"BRAVE_SEARCH_API_KEY": BRAVE_KEY, "RESP2CHAT_BRAVE_BASE_URL": url})
-            client = openai_client(gw)
-            for stream in (True, False):
-                handler.queries = []
-                kw = dict(model="demo-model", input="run both", tools=[WEB_SEARCH, EXEC, read_file])
-                final = list(client.responses.create(stream=True, **kw))[-1].response if stream \
-                    else client.responses.create(**kw)
-                assert final.status == "completed", final.error
-                assert [(o.type, o.call_id, o.name, o.arguments) for o in final.output] == [
-                    ("function_call", "call_a", "exec_command", '{"cmd": "A"}'),
-                    ("function_call", "call_a", "read_file", '{"path": "B"}')]
-                assert handler.queries == []  # (the client's calls first: the search is not run)
+        for final, queries, _ in _sdk_turns(gateway_factory, brave, [("sse", chunks + end)] * 2,
+                                            [WEB_SEARCH, EXEC, READ_FILE], "run both"):
+            assert final.status == "completed", final.error
+            assert [(o.type, o.call_id, o.name, o.arguments) for o in final.output] == [
+                ("function_call", "call_a", "exec_command", '{"cmd": "A"}'),
+                ("function_call", "call_a", "read_file", '{"path": "B"}')]
+            assert queries == []  # (the client's calls first: the search is not run)
 
 
 def test_a_calls_arguments_before_its_name_go_where_the_name_says(gateway_factory, brave):
@@ -398,7 +409,6 @@ def test_a_calls_arguments_before_its_name_go_where_the_name_says(gateway_factor
     never reach the client, and the client (the openai SDK, streamed or not) gets both its calls
     with their own arguments whole. Before: the search's first arguments went on and became
     exec_command's ('{"query": {"cmd": "A"}')."""
-    url, handler = brave
     entries = [{"index": 0, "id": "call_s", "type": "function", "function": {"arguments": '{"query": '}},
                {"index": 0, "function": {"name": "web_search", "arguments": '"between"}'}},
                {"index": 0, "id": "call_a", "type": "function", "function": {"name": "exec_command", "arguments": ""}},
@@ -409,24 +419,14 @@ def test_a_calls_arguments_before_its_name_go_where_the_name_says(gateway_factor
                 *[chat_chunk({"tool_calls": [e]}) for e in entries[1:]], chat_chunk(finish="tool_calls"),
                 chat_chunk(choices=[], usage={"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14})]
     whole = chat_completion({"content": None, "tool_calls": entries}, "tool_calls", completion_tokens=4)
-    read_file = {"type": "function", "name": "read_file",
-                 "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}}
     for answer in (("sse", streamed), ("json", whole)):
-        backend = type("Rounds", (_Rounds,), {"answers": [answer] * 2, "bodies": []})
-        with LocalServer(backend) as server:
-            gw = gateway_factory(server.url, "--set", "resp2chat_max_replay_entries=0",
-                                 env={"BRAVE_SEARCH_API_KEY": BRAVE_KEY, "RESP2CHAT_BRAVE_BASE_URL": url})
-            client = openai_client(gw)
-            for stream in (True, False):
-                handler.queries = []
-                kw = dict(model="demo-model", input="run both", tools=[WEB_SEARCH, EXEC, read_file])
-                final = list(client.responses.create(stream=True, **kw))[-1].response if stream \
-                    else client.responses.create(**kw)
-                assert final.status == "completed", final.error
-                assert [(o.type, o.call_id, o.name, o.arguments) for o in final.output] == [
-                    ("function_call", "call_a", "exec_command", '{"cmd": "A"}'),
-                    ("function_call", "call_b", "read_file", '{"path": "B"}')], answer[0]
-                assert handler.queries == []  # (the client's calls first: the search is not run)
+        for final, queries, _ in _sdk_turns(gateway_factory, brave, [answer] * 2, [WEB_SEARCH, EXEC, READ_FILE],
+                                            "run both"):
+            assert final.status == "completed", final.error
+            assert [(o.type, o.call_id, o.name, o.arguments) for o in final.output] == [
+                ("function_call", "call_a", "exec_command", '{"cmd": "A"}'),
+                ("function_call", "call_b", "read_file", '{"path": "B"}')], answer[0]
+            assert queries == []  # (the client's calls first: the search is not run)
 
 
 def test_a_call_that_never_gets_a_name_does_not_stop_the_search(gateway_factory, brave):
@@ -435,7 +435,6 @@ def test_a_call_that_never_gets_a_name_does_not_stop_the_search(gateway_factory,
     so neither does the loop: the search runs, the next round's history has the search call
     alone, and the client (the openai SDK) gets the search and the answer. Before: read as a
     client's call, it ended the turn at round 1 with no output at all."""
-    url, handler = brave
     search = {"index": 0, **_search_call("call_s", "nameless round")}
     nameless = {"index": 1, "id": "call_x", "type": "function", "function": {"arguments": '{"cmd": "ls"}'}}
     streamed = [chat_chunk({"role": "assistant", "tool_calls": [search]}), chat_chunk({"tool_calls": [nameless]}),
@@ -443,20 +442,12 @@ def test_a_call_that_never_gets_a_name_does_not_stop_the_search(gateway_factory,
                 chat_chunk(choices=[], usage={"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14})]
     whole = chat_completion({"content": None, "tool_calls": [nameless, search]}, "tool_calls", completion_tokens=4)
     for answer in (("sse", streamed), ("json", whole)):
-        backend = type("Rounds", (_Rounds,), {"answers": [answer, ("json", ANSWER_JSON)] * 2, "bodies": []})
-        with LocalServer(backend) as server:
-            gw = gateway_factory(server.url, "--set", "resp2chat_max_replay_entries=0",
-                                 env={"BRAVE_SEARCH_API_KEY": BRAVE_KEY, "RESP2CHAT_BRAVE_BASE_URL": url})
-            client = openai_client(gw)
-            for stream in (True, False):
-                handler.queries = []
-                kw = dict(model="demo-model", input="search", tools=[WEB_SEARCH, EXEC])
-                final = list(client.responses.create(stream=True, **kw))[-1].response if stream \
-                    else client.responses.create(**kw)
-                assert final.status == "completed", final.error
-                assert [o.type for o in final.output] == ["web_search_call", "message"], answer[0]
-                assert final.output[0].action.query == "nameless round" and final.output_text == "Found it."
-                assert [q["q"] for q in handler.queries] == ["nameless round"]
-                assistant, tool = backend.bodies[-1]["messages"][-2:]
-                assert [c["id"] for c in assistant["tool_calls"]] == ["call_s"]
-                assert tool["tool_call_id"] == "call_s"
+        for final, queries, backend in _sdk_turns(gateway_factory, brave, [answer, ("json", ANSWER_JSON)] * 2,
+                                                  [WEB_SEARCH, EXEC], "search"):
+            assert final.status == "completed", final.error
+            assert [o.type for o in final.output] == ["web_search_call", "message"], answer[0]
+            assert final.output[0].action.query == "nameless round" and final.output_text == "Found it."
+            assert [q["q"] for q in queries] == ["nameless round"]
+            assistant, tool = backend.bodies[-1]["messages"][-2:]
+            assert [c["id"] for c in assistant["tool_calls"]] == ["call_s"]
+            assert tool["tool_call_id"] == "call_s"
