@@ -67,6 +67,14 @@ def test_bind_addr_is_where_it_listens(upstream):
         resp2chat_io.start(upstream.base_url, bind_addr=f"127.0.0.1:{port}", port=port + 1)
 
 
+def test_an_ipv6_host_is_where_it_listens_and_its_url_has_brackets(upstream):
+    """``host="::1"``: the free port was looked for on IPv4 (a ``socket()`` cannot bind ::1) and
+    ``gw.url`` was ``http://::1:PORT/v1``, which no client parses."""
+    with resp2chat_io.start(upstream.base_url, host="::1") as gw:
+        assert gw.url == f"http://[::1]:{gw.port}/v1"
+        assert openai_client(gw.url).responses.create(model="demo-model", input="v6").output_text == "You said: v6"
+
+
 def test_several_upstreams_and_mitmproxy_arguments(upstream, tmp_path):
     flows = tmp_path / "flows.mitm"
     entries = [{"name": "main", "base_url": upstream.base_url, "models": ["demo-*"]}]

@@ -353,6 +353,26 @@ def test_start_says_it_listens_on_every_interface(tmp_path, upstream):
     assert "gateway on http://127.0.0.1" not in out and f"listening at *:{port}" in out, out
 
 
+def test_start_on_ipv6_loopback_listens_and_names_a_url_clients_can_use(tmp_path, upstream):
+    """``bind_addr: [::1]:PORT``: ``start`` handed mitmproxy ``@[::1]:PORT`` (it failed to listen:
+    "Name or service not known") and said ``http://::1:PORT/v1``, a URL no client parses. It
+    listens on ::1 and says ``http://[::1]:PORT/v1``, which the openai SDK and print-config use."""
+    port = free_port()
+    env = cli_env(tmp_path, RESP2CHAT_BIND_ADDR=f"[::1]:{port}", RESP2CHAT_UPSTREAM_BASE_URL=upstream.base_url)
+    proc = subprocess.Popen([str(RESP2CHAT), "start"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path,
+                            env=env)
+    try:
+        wait_http(f"http://[::1]:{port}/healthz", proc=proc)
+        client = openai_client(f"http://[::1]:{port}/v1")
+        assert client.responses.create(model="demo-model", input="over v6").output_text == "You said: over v6"
+    finally:
+        out = _stop(proc)
+    assert f"starting the gateway on http://[::1]:{port}/v1 -> {upstream.base_url}" in out, out
+    printed = run_cli(tmp_path, "print-config", "--offline", RESP2CHAT_BIND_ADDR=f"[::1]:{port}")
+    provider = tomllib.loads(printed.stdout)["model_providers"]["resp2chat"]
+    assert provider["base_url"] == f"http://[::1]:{port}/v1", printed.stderr
+
+
 @pytest.mark.parametrize("how", ["--listen-port", "-p", "--set", "-p after --set"])
 def test_start_listen_port_wins_over_bind_addr(tmp_path, upstream, how):
     """``resp2chat start -- --listen-port N``: ``start`` names bind_addr in ``--mode`` (its

@@ -456,6 +456,18 @@ def reach_host(host: str) -> str:
     return "127.0.0.1" if not host or host in WILDCARD_HOSTS else host
 
 
+def url_host(host: str) -> str:
+    """A host as a URL names it: an IPv6 address in brackets (``http://[::1]:8080``)."""
+    return f"[{host}]" if ":" in host else host
+
+
+def listen_spec(addr: str) -> str:
+    """``bind_addr`` as mitmproxy's mode spec ends (``reverse:URL@HOST:PORT``): the host without
+    brackets, which mitmproxy would keep as part of the name (it splits at the last colon)."""
+    host, port = parse_bind(addr)
+    return f"{host}:{port}"
+
+
 def to_option(field: Field, value: Any) -> Any:
     """A settings value as its mitmproxy option value (maps travel as JSON strings)."""
     if field.kind == "map":

@@ -52,7 +52,7 @@ def _mitmdump() -> str:
 
 
 def _free_port(host: str) -> int:
-    with socket.socket() as s:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
@@ -88,7 +88,7 @@ class Gateway:
 
     @property
     def origin(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"http://{S.url_host(self.host)}:{self.port}"
 
     @property
     def url(self) -> str:

@@ -377,7 +377,7 @@ def build_start_command(args, values: dict, sources: dict) -> tuple[list[str], d
         # Name the listen address in the mode so mitmproxy never binds its default *:8080 first.
         # (the demo upstream's port is only known inside the addon, which routes /v1 to it)
         target = urlsplit(S.DEFAULT_UPSTREAM if demo else S.first_upstream(values))
-        cmd += ["--mode", f"reverse:{target.scheme}://{target.netloc}@{values['bind_addr']}"]
+        cmd += ["--mode", f"reverse:{target.scheme}://{target.netloc}@{S.listen_spec(values['bind_addr'])}"]
     if args.raw:
         cmd += ["--set", "resp2chat_raw=true", "--set", "flow_detail=0", "--set", "termlog_verbosity=warn"]
     cmd += args.mitmproxy_args
@@ -533,7 +533,7 @@ def gateway_url(values: dict) -> str:
     """Where clients reach the gateway: http://, or https:// with tls_cert_file (then by its first
     public_hosts name, which the certificate names, if there is one)."""
     host, port = S.parse_bind(values["bind_addr"])
-    host = S.reach_host(host)
+    host = S.url_host(S.reach_host(host))
     if not values["tls_cert_file"]:
         return f"http://{host}:{port}/v1"
     names = [h for h in values["public_hosts"] if "*" not in h]
