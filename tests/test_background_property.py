@@ -7,11 +7,15 @@ one a GET and a second cancellation give; the events a running log holds stay bo
 The core and the running log (``Log``, its ``FeedStream``s) first, with many examples (the log's
 bounds made small); then a few examples through a real mitmdump gateway and the scripted
 upstream. Found: a ``starting_after`` of digits that are not ASCII (``²``) or of more than 4300
-of them was a 500 (``int`` refused what ``str.isdigit`` took), and ``١`` was taken as 1.
+of them was a 500 (``int`` refused what ``str.isdigit`` took), and ``١`` was taken as 1; a
+cancellation whose write lost a race (another replica's GET storing the run ``failed``, the run
+ending) answered ``cancelled`` while the store kept, and a GET and a second cancel answered,
+something else.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -26,6 +30,7 @@ from resp2chat_core.errors import GatewayError
 from resp2chat_core.sse import DONE
 from resp2chat_io.addons import background as A
 from resp2chat_io.relay.server import Feed
+from resp2chat_io.store import ResponseStore
 
 SETTINGS = dict(derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                         HealthCheck.function_scoped_fixture])
@@ -112,6 +117,51 @@ def test_a_running_log_streams_each_resume_its_tail_and_stays_bounded(monkeypatc
             assert error["sequence_number"] == n + 1 + len(kept) and got.endswith(DONE)
         else:
             assert bytes(got) == tail + DONE, (n, log.gone)
+
+
+# --- a cancellation racing other writers ---------------------------------------------------------
+
+
+class Racing:
+    """The store addon's ``get`` over a real ``ResponseStore``, where other replicas write between
+    a read and the write that follows it: after the k-th read, ``moves[k]`` (a GET of a dead run
+    stores it ``failed``, as ``Store.seen`` does; the run's replica renews it, or ends it, as
+    ``_renew`` and ``_end`` do, a cancellation asked making it end ``cancelled``); once they ran
+    out, the run ends at the next read (it heeded the cancellation)."""
+
+    def __init__(self, moves: list[str]) -> None:
+        self.store, self.moves, self.reads = ResponseStore(ttl=3600, max_entries=100, max_bytes=1 << 20), moves, 0
+
+    async def get(self, response_id: str, owner: str):
+        entry = await self.store.get(response_id, owner=owner)
+        move = self.moves[self.reads] if self.reads < len(self.moves) else "ends"
+        self.reads += 1
+        if entry is not None and B.is_running(entry["response"]):
+            response, now = entry["response"], time.time()
+            new = {"seen": B.dead(response) if B.is_dead(response, now) else None,
+                   "renews": None if B.is_dead(response, now) else B.running({**response, "status": "in_progress"}, now),
+                   "ends": {**B.public(response), "status": "cancelled" if B.cancel_asked(response) else "completed"},
+                   "none": None}[move]
+            if new is not None:
+                await self.store.put(response_id, [], new, owner=owner, expect=entry["version"])
+        return entry
+
+
+@settings(max_examples=150, **SETTINGS)
+@given(st.lists(st.sampled_from(["none", "seen", "renews", "ends"]), max_size=6), st.booleans())
+def test_a_cancellation_answers_what_the_store_then_holds(monkeypatch, moves, dead):
+    """A cancellation of a run of another replica (alive, or dead: its lease passed), whatever
+    the other replicas write meanwhile, answers the response as it ended, as the store keeps it:
+    a GET says the same, a second cancellation too."""
+    monkeypatch.setattr(A, "POLL", 0)
+    racing = Racing(moves)
+    queued = {"id": "resp_r", "object": "response", "status": "queued", "background": True, "output": []}
+    asyncio.run(racing.store.put("resp_r", [], B.running(queued, time.time() - (100 if dead else 0)), owner=""))
+    background = A.Background(None, racing, None)
+    answer = asyncio.run(background.cancel("resp_r", ""))
+    stored = asyncio.run(racing.store.get("resp_r", owner=""))["response"]
+    assert not B.is_running(stored) and answer == B.public(stored), (answer["status"], stored["status"])
+    assert asyncio.run(background.cancel("resp_r", "")) == answer
 
 
 # --- through a real gateway ----------------------------------------------------------------------

@@ -345,9 +345,10 @@ class Background:
                 return B.public(response)
             if B.is_dead(response, now) or time.monotonic() > deadline:  # nobody runs it: it ends here
                 ended = {**B.public(response), "status": "cancelled"}
-                await store.put(response_id, entry["items"], ended, owner=owner, expect=entry["version"])
-                return ended
-            if not B.cancel_asked(response):  # another replica runs it: asked there, at its next renewal
+                if await store.put(response_id, entry["items"], ended, owner=owner, expect=entry["version"]):
+                    return ended
+                # (another write came in between (a GET stored it failed, its run ended): read again)
+            elif not B.cancel_asked(response):  # another replica runs it: asked there, at its next renewal
                 await store.put(response_id, entry["items"], B.ask_cancel(response), owner=owner,
                                 expect=entry["version"])
             await asyncio.sleep(POLL)
