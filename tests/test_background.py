@@ -158,6 +158,34 @@ def test_any_replica_answers_the_poll_and_a_dead_one_leaves_it_failed(upstream, 
         b.stop()
 
 
+def test_runs_ended_elsewhere_while_their_replica_stalled_stay_ended(upstream, gateway_factory, redis_server):
+    """Replica A runs two background responses and stalls (SIGSTOP) past their lease: replica B
+    takes them for dead, and a cancellation there stores them ``cancelled``. When A comes back,
+    each run reads that it ended (the one still running at its renewal, the one whose backend
+    answered meanwhile as it ends) and leaves it so: GETs and a second cancellation answer
+    ``cancelled``, as the first did. A's renewal stored one ``in_progress`` again over the
+    cancellation, and the ends of both stored them ``completed``."""
+    a, b = [gateway_factory(upstream.origin, "--set", f"resp2chat_state_store_url={redis_server.url}")
+            for _ in range(2)]
+    on_a, on_b = openai_client(a), openai_client(b)
+    ids = [on_a.responses.create(model="demo-model", input=f"noreason\nwords: {words}\nslow: 50", background=True).id
+           for words in (100, 800)]  # (~5 s: its backend answers while A stalls; ~40 s: it runs on after)
+    wait_until(lambda: {on_b.responses.retrieve(i).status for i in ids} == {"in_progress"}, 10, "they run")
+    a.proc.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(LEASE_SECS + 1)
+        assert [on_b.responses.cancel(i).status for i in ids] == ["cancelled"] * 2
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
+    seen = set()
+    for _ in range(12):  # (A's renewals come within RENEW_SECS)
+        seen |= {(i, on_b.responses.retrieve(i).status) for i in ids}
+        time.sleep(0.25)
+    assert seen == {(i, "cancelled") for i in ids}, seen
+    assert [(on_a.responses.cancel(i).status, on_a.responses.retrieve(i).status) for i in ids] == \
+        [("cancelled", "cancelled")] * 2
+
+
 def test_a_gateway_that_stops_leaves_it_failed_on_disk(upstream, gateway_factory, tmp_path):
     args = ("--set", f"resp2chat_session_store_dir={tmp_path / 'store'}")
     gw = gateway_factory(upstream.origin, *args)

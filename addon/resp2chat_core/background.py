@@ -186,7 +186,10 @@ def starting_after(query) -> int:
     value = query.get("starting_after")
     if value is None:
         return -1
-    if not value.isdigit():
-        raise GatewayError("starting_after: a sequence number (an integer from 0)", param="starting_after",
-                           code="invalid_value")
-    return int(value)
+    try:  # (ASCII digits only: str.isdigit takes "²" and "١" too; int() refuses past 4300 digits)
+        if value.isascii() and value.isdigit():
+            return int(value)
+    except ValueError:
+        pass
+    raise GatewayError("starting_after: a sequence number (an integer from 0)", param="starting_after",
+                       code="invalid_value")

@@ -17,7 +17,9 @@ connection; clients poll, cancel and resume it (the rules: resp2chat_core/backgr
   exchange halted), and is stored ``failed`` with ``invalid_api_key``.
 - ``cancel`` (``POST /v1/responses/{id}/cancel``, through the store addon): a run of this
   gateway is stopped at once (its backend call closed: the task is cancelled) and ends
-  ``cancelled``; one of another replica is asked to stop through the store, and waited for.
+  ``cancelled``; one of another replica is asked to stop through the store, and waited for
+  (one whose replica died, or that did not stop within ``CANCEL_WAIT``, is stored ``cancelled``
+  here, over the version read: a write that came in between is read again, never answered over).
 - ``resume`` (``GET /v1/responses/{id}?stream=true&starting_after=N``, through the store addon):
   the events after ``N``, from this gateway's run, live, or once it ended, from the store (a run
   of another replica: its events when it ends, read by one follower per response here, which
@@ -250,14 +252,15 @@ class Background:
 
     async def _renew(self, bg: Run) -> None:
         """Every ``RENEW_SECS`` while it runs: store it again (``in_progress``, a fresh lease),
-        over the version read; a cancellation asked there stops it."""
+        over the version read; a cancellation asked there stops it, as its end stored there does
+        (another replica took it for dead while this one stalled: as that replica answered it)."""
         store = self.store.store
         while True:
             try:
                 entry = await store.get(bg.response_id, owner=bg.owner)
                 if entry is None:
                     return  # deleted meanwhile: it runs on, and is not stored again
-                if B.cancel_asked(entry["response"]):
+                if B.cancel_asked(entry["response"]) or not B.is_running(entry["response"]):
                     self.stop(bg, "cancel")
                     return
                 current = {**bg.run.reader.translator.response(), B.PRIVATE: entry["response"].get(B.PRIVATE)}
@@ -273,17 +276,19 @@ class Background:
             bg.task.cancel()
 
     async def _end(self, bg: Run) -> None:
-        """It ended: stored as it ended (over what is there: not if deleted meanwhile), settled,
-        its listeners told; its events kept here a while."""
+        """It ended: stored as it ended (over what is there: not if deleted meanwhile, nor once
+        another replica ended it, ``_renew``), settled, its listeners told; its events kept here
+        a while (those of a response stored so)."""
         run, t = bg.run, bg.run.reader.translator
         final = t.response()
         events = bg.log.whole() if bg.streamed else None  # (None for a streamed one: its front went)
         stored = B.ended(final, None) if not bg.streamed else B.ended(final, events or b"", whole=events is not None)
-        store = self.store.store
+        store, elsewhere = self.store.store, False
         try:
             for _ in range(ENDING_TRIES):  # (over what is there: a cancellation may have come in between)
                 entry = await store.get(bg.response_id, owner=bg.owner)
-                if entry is None or await store.put(bg.response_id, run.turn.items + final["output"],
+                elsewhere = entry is not None and not B.is_running(entry["response"])
+                if entry is None or elsewhere or await store.put(bg.response_id, run.turn.items + final["output"],
                                                     stored, owner=bg.owner, expect=entry["version"]):
                     break
             else:
@@ -293,7 +298,7 @@ class Background:
             log.warning(f"resp2chat: background {bg.response_id} not stored: {exc}")
         finally:
             self.runs.pop(bg.response_id, None)
-            if events is not None and len(events) <= B.MAX_EVENTS:  # (as the store keeps them: no larger)
+            if events is not None and len(events) <= B.MAX_EVENTS and not elsewhere:  # (as the store keeps them)
                 bg.log.sse = events  # (one copy of them)
                 self.keep(bg.response_id, bg.log)
             bg.log.end()
@@ -345,9 +350,10 @@ class Background:
                 return B.public(response)
             if B.is_dead(response, now) or time.monotonic() > deadline:  # nobody runs it: it ends here
                 ended = {**B.public(response), "status": "cancelled"}
-                await store.put(response_id, entry["items"], ended, owner=owner, expect=entry["version"])
-                return ended
-            if not B.cancel_asked(response):  # another replica runs it: asked there, at its next renewal
+                if await store.put(response_id, entry["items"], ended, owner=owner, expect=entry["version"]):
+                    return ended
+                # (another write came in between (a GET stored it failed, its run ended): read again)
+            elif not B.cancel_asked(response):  # another replica runs it: asked there, at its next renewal
                 await store.put(response_id, entry["items"], B.ask_cancel(response), owner=owner,
                                 expect=entry["version"])
             await asyncio.sleep(POLL)
