@@ -520,6 +520,8 @@ def _lower_input(req: ResponsesRequest, flatten: bool, reasoning_field: str = "r
             # denied: the model is told so under the request's call; approved: the call runs (an
             # mcp_call item follows, or the loop runs it first: mcp.pending_of)
             asked = _approval_request(items, i, item.approval_request_id)
+            if _answered_before(items, i, item, where):
+                continue  # the same answer again: it was lowered (or runs) once
             if not item.approve:
                 conv.tool_call(asked.id, mcp.chat_name_of(mcp_names or {}, asked.server_label, asked.name),
                                asked.arguments or "{}")
@@ -545,6 +547,19 @@ def _approval_request(items: list, i: int, request_id: str) -> McpApprovalReques
         if isinstance(earlier, McpApprovalRequestItem) and earlier.id == request_id:
             return earlier
     raise mcp.unknown_request(request_id)
+
+
+def _answered_before(items: list, i: int, item: McpApprovalResponseItem, where: str) -> bool:
+    """An earlier ``mcp_approval_response`` answered the same request the same way (True); the
+    other way is a 400 (a call both run and denied)."""
+    for earlier in items[:i]:
+        if isinstance(earlier, McpApprovalResponseItem) and earlier.approval_request_id == item.approval_request_id:
+            if bool(earlier.approve) != bool(item.approve):
+                raise GatewayError(f"{where}: approval_request_id {shown(item.approval_request_id)!r} was answered "
+                                   "the other way before: an approval request is answered once (approve or deny)",
+                                   param=f"{where}.approve", code="invalid_value")
+            return True
+    return False
 
 
 def _answered_call(item, where: str, calls: set) -> str:

@@ -1,0 +1,115 @@
+"""Hosted MCP tools (resp2chat_core/mcp.py, the tool loop's mcp kind) under random listings and
+approval histories, without sockets: through the real ``turn.begin_turn`` and ``ToolLoop``.
+
+- the functions: for any tools 1-3 servers list (unicode, long, dots, names that clash with each
+  other, with other servers' and with the client's own tools once made chat names), every chat
+  function name is valid (``^[a-zA-Z0-9_-]{1,64}$``), unique, and the same whether the tools
+  were listed in this turn (``McpTools.begin``) or a later turn finds the listing in its history
+  (lowering): a later turn maps the model's earlier calls back to the same tool; each maps back
+  to its (server_label, tool), and a call to it runs that tool on that server.
+- approvals: any sequence of ``mcp_approval_response`` items (approve, deny, an unknown request,
+  the same answer again) either runs an approved call once (never again in a later turn that
+  holds its ``mcp_call``), tells the model of a denial once, or is a clear 400 (an unknown
+  request; a request answered both ways); the chat request never holds a tool call id twice.
+
+Derandomized: the same examples every run.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from helpers import NAME_RE
+from resp2chat_core import mcp
+from resp2chat_core.errors import GatewayError
+from resp2chat_core.lowering import LoweringOptions
+from resp2chat_core.toolloop import ToolLoop
+from resp2chat_core.turn import begin_turn
+
+RESP = "resp_" + "p" * 32
+SETTINGS = settings(max_examples=120, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+def begin(specs, tools, input_, **extra):
+    body = {"model": "m", "input": input_, "tools": tools, **extra}
+    return begin_turn(json.dumps(body).encode(), LoweringOptions(), RESP, 0, mcp_servers=specs)
+
+
+def chat_ids(chat: dict) -> list[str]:
+    """Every tool call id of the chat request's assistant messages, in order."""
+    return [c["id"] for m in chat["messages"] if m.get("role") == "assistant" for c in m.get("tool_calls") or ()]
+
+
+def answered(chat: dict) -> None:
+    """Each tool message answers an earlier call; no call id twice."""
+    ids = chat_ids(chat)
+    assert len(ids) == len(set(ids)), ids
+    seen = set()
+    for m in chat["messages"]:
+        seen |= {c["id"] for c in m.get("tool_calls") or ()}
+        if m.get("role") == "tool":
+            assert m["tool_call_id"] in seen
+
+
+# --- approvals ----------------------------------------------------------------------------------
+
+SPEC = mcp.parse_servers([{"label": "ev", "url": "http://127.0.0.1:9/mcp"}])
+LISTED = {"type": "mcp_list_tools", "id": "mcpl_1", "server_label": "ev",
+          "tools": [{"name": "echo", "input_schema": {"type": "object"}}]}
+
+
+def asked(n: int) -> dict:
+    return {"type": "mcp_approval_request", "id": f"mcpr_{n}", "server_label": "ev", "name": "echo",
+            "arguments": json.dumps({"message": n})}
+
+
+def answer(request_id: str, approve: bool) -> dict:
+    return {"type": "mcp_approval_response", "approval_request_id": request_id, "approve": approve,
+            **({} if approve else {"reason": "no"})}
+
+
+ANSWERS = st.lists(st.tuples(st.integers(0, 3), st.booleans()), max_size=6)  # (request n; 3: unknown, approve)
+
+
+@SETTINGS
+@given(requests=st.integers(1, 3), answers=ANSWERS, ran_first=st.booleans())
+def test_any_approval_answers_run_a_call_once_tell_a_denial_once_or_are_a_400(requests, answers, ran_first):
+    history = [{"role": "user", "content": "hi"}, LISTED, *[asked(n) for n in range(requests)]]
+    items = history + [answer(f"mcpr_{n}", a) for n, a in answers]
+    decisions: dict[str, set] = {}
+    for n, a in answers:
+        decisions.setdefault(f"mcpr_{n}", set()).add(a)
+    unknown = any(n >= requests for n, _ in answers)
+    both = any(len(d) > 1 for d in decisions.values())
+    try:
+        t = begin(SPEC, [{"type": "mcp", "server_label": "ev"}], items)
+    except GatewayError as err:
+        assert 400 <= err.status < 500 and (unknown or both), err.message
+        return
+    assert not unknown and not both
+    approved = [r for r, d in decisions.items() if d == {True}]
+    denied = [r for r, d in decisions.items() if d == {False}]
+    assert [p.request_id for p in t.mcp.pending] == approved  # each approved call once, in order
+    chat = json.loads(t.chat_body)
+    answered(chat)
+    told = [m["tool_call_id"] for m in chat["messages"]
+            if m.get("role") == "tool" and m["content"].startswith("The user denied")]
+    assert told == denied  # each denial once
+    loop = ToolLoop(t.chat_body, [mcp.McpTools(t.mcp, max_rounds=3)])
+    steps = loop.prelude()
+    assert [s.approval_request_id for s in steps] == approved
+    loop.begin([f"ran {s.call_id}" for s in steps])
+    answered(json.loads(loop.body))
+    # the next turn holds the calls that ran (mcp_call items with their approval_request_id) and
+    # the client's answers again (a client that resends them): nothing runs twice
+    ran = [{"type": "mcp_call", "id": f"mcp_{s.call_id}", "server_label": "ev", "name": "echo", "status": "completed",
+            "arguments": s.arguments, "output": "ok", "approval_request_id": s.call_id} for s in steps]
+    again = items + ran + ([answer(r, True) for r in approved] if ran_first else [])
+    later = begin(SPEC, [{"type": "mcp", "server_label": "ev"}], again)
+    assert later.mcp.pending == ()
+    answered(json.loads(later.chat_body))
