@@ -113,3 +113,73 @@ def test_any_approval_answers_run_a_call_once_tell_a_denial_once_or_are_a_400(re
     later = begin(SPEC, [{"type": "mcp", "server_label": "ev"}], again)
     assert later.mcp.pending == ()
     answered(json.loads(later.chat_body))
+
+
+# --- the functions ------------------------------------------------------------------------------
+
+LABELS = st.sampled_from(["ev", "a.b", "a_b", "A-1", "x" * 64, "mcp", "s"])
+TOOL_NAMES = st.one_of(
+    st.sampled_from(["echo", "get-sum", "read.file", "read_file", "read file", "émoji😀", "x" * 70, "x" * 64,
+                     "echo_2", "a" * 40 + "." + "b" * 30, "a" * 40 + "_" + "b" * 30, "_", "-"]),
+    st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=80))
+
+
+@st.composite
+def setups(draw):
+    labels = draw(st.lists(LABELS, min_size=1, max_size=3, unique=True))
+    listings = {label: draw(st.lists(TOOL_NAMES, max_size=6)) for label in labels}
+    made = [mcp.base_name(label, name) for label, names in listings.items() for name in names]
+    client = draw(st.lists(st.one_of(st.sampled_from(made or ["f"]), st.sampled_from(made or ["f"]).map(
+        lambda n: n[:62] + "_2"), st.just("exec")), max_size=3, unique=True))
+    allowed = {label: draw(st.none() | st.lists(st.sampled_from(names), max_size=2)) if names else None
+               for label, names in listings.items()}
+    choice = draw(st.sampled_from([None, "auto", "required"]))
+    return labels, listings, client, allowed, choice
+
+
+def listed(label: str, names: list[str]) -> list[dict]:
+    return [mcp.listed_tool(name, f"{label} {name}", {"type": "object", "properties": {}}, None) for name in names]
+
+
+def offered(chat: dict) -> list[str]:
+    return [t["function"]["name"] for t in chat.get("tools") or ()]
+
+
+@SETTINGS
+@given(setup=setups())
+def test_the_functions_are_valid_unique_the_same_in_every_turn_and_map_back(setup):
+    labels, listings, client, allowed, choice = setup
+    specs = mcp.parse_servers([{"label": label, "url": f"http://127.0.0.1:9/{n}"} for n, label in enumerate(labels)])
+    tools = [{"type": "function", "name": name, "parameters": {"type": "object"}} for name in client] + [
+        {"type": "mcp", "server_label": label, "require_approval": "never",
+         **({"allowed_tools": allowed[label]} if allowed[label] is not None else {})} for label in labels]
+    extra = {}
+    if choice == "allowed_tools":
+        extra["tool_choice"] = {"type": "allowed_tools", "mode": "auto",
+                                "tools": [{"type": "function", "name": n} for n in client[:1]]}
+    elif choice is not None:
+        extra["tool_choice"] = choice
+    # this turn lists the servers: the loop offers their functions in round 1
+    first = begin(specs, tools, "hi", **extra)
+    kind = mcp.McpTools(first.mcp, max_rounds=3)
+    loop = ToolLoop(first.chat_body, [kind])
+    loop.begin([tuple(listed(label, listings[label])) for label in labels])
+    round1 = json.loads(loop.body)
+    # a later turn finds the listings in its history
+    items = [{"role": "user", "content": "hi"}] + [
+        {"type": "mcp_list_tools", "id": f"mcpl_{n}", "server_label": label, "tools": listed(label, listings[label])}
+        for n, label in enumerate(labels)]
+    later = begin(specs, tools, items, **extra)
+    chat = json.loads(later.chat_body)
+    assert offered(round1) == offered(chat)
+    assert kind.names == later.mcp.names  # the model's earlier calls map back to the same tools
+    names = offered(chat)
+    assert all(NAME_RE.match(n) for n in names) and len(names) == len(set(names))
+    want = {(label, name) for label in labels for name in listings[label]
+            if allowed[label] is None or name in allowed[label]}
+    assert set(later.mcp.names.values()) == want
+    assert set(names) >= set(later.mcp.names)
+    # a call to each function runs its tool on its server
+    for cname, (label, name) in later.mcp.names.items():
+        step = mcp.McpTools(later.mcp, max_rounds=3).step("c1", cname, "{}")
+        assert (step.label, step.name, step.server.label) == (label, name, label)

@@ -380,14 +380,17 @@ def functions(servers: tuple[Server, ...], listings: dict[str, tuple[dict, ...]]
               taken: set[str]) -> list[tuple[str, dict, Target]]:
     """The chat functions of the servers' listed tools (``listings``: label -> the listing's
     tools), the allowed ones, in the servers' order and the listing's; each name unique against
-    ``taken`` (the client's tools, which keep theirs), which it joins. Pure: the same servers,
-    listings and taken names give the same functions, whichever turn asks."""
+    ``taken`` (the client's tools, which keep theirs), which it joins; one per tool (a listing
+    that names a tool twice offers its first). Pure: the same servers, listings and taken names
+    give the same functions, whichever turn asks."""
     out = []
     for s in servers:
+        made = set()
         for tool in listings.get(s.label) or ():
             name = tool.get("name")
-            if not isinstance(name, str) or not name or not s.allows(name, read_only(tool)):
+            if not isinstance(name, str) or not name or name in made or not s.allows(name, read_only(tool)):
                 continue
+            made.add(name)
             cname = unique(base_name(s.label, name), taken)
             parameters = tool.get("input_schema")
             parameters = {k: v for k, v in parameters.items() if k != "$schema"} if isinstance(parameters, dict) \
