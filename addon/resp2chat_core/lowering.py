@@ -633,7 +633,7 @@ def lower(req: ResponsesRequest, opts: LoweringOptions = LoweringOptions(), know
     if hosted is not None:
         mcp_names = mcp.names_of(tmap)
         hosted.names = {cname: key for key, cname in mcp_names.items()}
-        hosted.pending = mcp.pending_of(req.input) if isinstance(req.input, list) else ()
+        hosted.pending = mcp.pending_of(req.input, hosted.servers) if isinstance(req.input, list) else ()
     tool_choice, tools = lower_tool_choice(req.tool_choice, tmap)
     if hosted is not None and hosted.unlisted:  # round 1 offers their tools: its choice is made there
         raw = req.tool_choice

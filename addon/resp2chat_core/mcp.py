@@ -694,9 +694,11 @@ def listings_of(items: list) -> dict[str, tuple[dict, ...]]:
     return found
 
 
-def pending_of(items: list) -> tuple[Pending, ...]:
+def pending_of(items: list, servers: tuple[Server, ...] = ()) -> tuple[Pending, ...]:
     """The approved ``mcp_approval_request``\\s of a conversation that no ``mcp_call`` ran yet;
-    ``GatewayError`` for a response to a request the conversation does not hold."""
+    ``GatewayError`` for a response to a request the conversation does not hold, or to one for a
+    tool its server (``servers``: the request's) does not allow: a request item is the client's
+    word (it may send any), and an approval never runs more than a model's call could."""
     requests, ran, approved = {}, set(), []
     for i, item in enumerate(items):
         kind = getattr(item, "type", None)
@@ -709,8 +711,17 @@ def pending_of(items: list) -> tuple[Pending, ...]:
                 raise unknown_request(item.approval_request_id)
             if item.approve:
                 approved.append(item.approval_request_id)
-    return tuple(Pending(r, requests[r].server_label, requests[r].name, requests[r].arguments)
-                 for r in dict.fromkeys(approved) if r not in ran)
+    pending = tuple(Pending(r, requests[r].server_label, requests[r].name, requests[r].arguments)
+                    for r in dict.fromkeys(approved) if r not in ran)
+    by_label, listings = {s.label: s for s in servers}, listings_of(items)
+    for p in pending:
+        server = by_label.get(p.label)
+        listed = next((t for t in listings.get(p.label, ()) if t.get("name") == p.name), {})
+        if server is not None and not server.allows(p.name, read_only(listed)):
+            raise GatewayError(f"mcp_approval_response: approval_request_id {str(p.request_id)[:200]!r} asks to run "
+                               f"{str(p.name)[:200]!r}, a tool of server {p.label!r} that allowed_tools (the "
+                               "request's or the operator's) does not allow", param="input", code="invalid_value")
+    return pending
 
 
 def unknown_request(request_id: str) -> GatewayError:
