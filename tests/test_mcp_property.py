@@ -154,7 +154,13 @@ def setups(draw):
         lambda n: n[:62] + "_2"), st.just("exec")), max_size=3, unique=True))
     allowed = {label: draw(st.none() | st.lists(st.sampled_from(names), max_size=2)) if names else None
                for label, names in listings.items()}
-    choice = draw(st.sampled_from([None, "auto", "required"]))
+    choice = draw(st.sampled_from([None, "auto", "required", "allowed_tools"]))
+    if choice == "allowed_tools":  # the client's first function, and a server's tools or one of them
+        label = draw(st.sampled_from(labels))
+        names = draw(st.none() | st.sampled_from(listings[label] or ["none"]))
+        choice = {"type": "allowed_tools", "mode": "auto", "tools": [
+            {"type": "function", "name": n} for n in client[:1]] + draw(st.sampled_from([[], [
+                {"type": "mcp", "server_label": label, **({"name": names} if names is not None else {})}]]))}
     return labels, listings, client, allowed, choice
 
 
@@ -174,12 +180,7 @@ def test_the_functions_are_valid_unique_the_same_in_every_turn_and_map_back(setu
     tools = [{"type": "function", "name": name, "parameters": {"type": "object"}} for name in client] + [
         {"type": "mcp", "server_label": label, "require_approval": "never",
          **({"allowed_tools": allowed[label]} if allowed[label] is not None else {})} for label in labels]
-    extra = {}
-    if choice == "allowed_tools":
-        extra["tool_choice"] = {"type": "allowed_tools", "mode": "auto",
-                                "tools": [{"type": "function", "name": n} for n in client[:1]]}
-    elif choice is not None:
-        extra["tool_choice"] = choice
+    extra = {"tool_choice": choice} if choice is not None else {}
     # this turn lists the servers: the loop offers their functions in round 1
     first = begin(specs, tools, "hi", **extra)
     kind = mcp.McpTools(first.mcp, max_rounds=3)
@@ -199,7 +200,10 @@ def test_the_functions_are_valid_unique_the_same_in_every_turn_and_map_back(setu
     want = {(label, name) for label in labels for name in listings[label]
             if allowed[label] is None or name in allowed[label]}
     assert set(later.mcp.names.values()) == want
-    assert set(names) >= set(later.mcp.names)
+    chosen = [(e["server_label"], e.get("name")) for e in choice["tools"] if e["type"] == "mcp"] \
+        if isinstance(choice, dict) else None  # (allowed_tools narrows what is offered)
+    assert {later.mcp.names[n] for n in names if n in later.mcp.names} == {
+        key for key in want if chosen is None or (key[0], None) in chosen or key in chosen}
     # a call to each function runs its tool on its server
     for cname, (label, name) in later.mcp.names.items():
         step = mcp.McpTools(later.mcp, max_rounds=3).step("c1", cname, "{}")

@@ -33,7 +33,9 @@ from .schema import (
     ReasoningItem, RefusalPart, ResponsesRequest, ToolOutputItem, ToolSearchCallItem, ToolSearchOutputItem,
     WebSearchCallItem,
 )
-from .toolmap import LOCAL_SHELL_NAME, TOOL_SEARCH_NAME, ToolMap, build_tool_map, chat_name, lower_tool_choice
+from .toolmap import (
+    LOCAL_SHELL_NAME, TOOL_SEARCH_NAME, ToolMap, build_tool_map, chat_name, lower_tool_choice, mcp_allowed,
+)
 
 
 @dataclass(frozen=True)
@@ -634,6 +636,8 @@ def lower(req: ResponsesRequest, opts: LoweringOptions = LoweringOptions(), know
         mcp_names = mcp.names_of(tmap)
         hosted.names = {cname: key for key, cname in mcp_names.items()}
         hosted.pending = mcp.pending_of(req.input, hosted.servers) if isinstance(req.input, list) else ()
+        hosted.taken = frozenset(n for n, t in tmap.targets.items() if t.kind != mcp.KIND)
+        hosted.allowed = mcp_allowed(req.tool_choice)
     tool_choice, tools = lower_tool_choice(req.tool_choice, tmap)
     if hosted is not None and hosted.unlisted:  # round 1 offers their tools: its choice is made there
         raw = req.tool_choice

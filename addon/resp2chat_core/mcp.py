@@ -12,7 +12,8 @@ answers the model with their results, in one turn (toolloop.py). What lives here
   the request's label, allowed tools, approval rule and headers). A client's headers go to that
   server only; ``client_secrets`` are their values, which the gateway scrubs from what it records.
 - ``functions``: a server's listed tools as chat functions, named ``mcp__<label>__<tool>``
-  (sanitized, and made unique against the client's own tools and the other servers').
+  (sanitized, and made unique against the client's own tools and the other servers'), the same
+  in every turn (a ``tool_choice``'s ``allowed_tools`` narrows what is offered, not the names).
 - ``McpTools``: the tool kind the loop runs: which calls are the gateway's, whether a call needs
   the client's approval (``require_approval``), what goes back to the model.
 - the items the client sees (``mcp_list_tools``, ``mcp_call``, ``mcp_approval_request``) and the
@@ -38,7 +39,7 @@ from typing import Any
 
 from .errors import GatewayError
 from .labels import HEADER_NAME, OPERATOR_NAME  # (a server label is an OPERATOR_NAME)
-from .toolmap import Target, chat_name
+from .toolmap import Target, chat_name, mcp_chosen
 
 KIND = "mcp"  # the loop's name for this kind, and the Target kind of its functions
 # Headers the MCP client writes itself (framing, hop-by-hop, the protocol's own): a client or the
@@ -580,6 +581,8 @@ class McpTurn:
     pending: tuple[Pending, ...] = ()
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
+    taken: frozenset[str] | None = None  # the names of the request's other functions (all, before any narrowing)
+    allowed: frozenset | None = None  # a tool_choice allowed_tools' mcp tools (toolmap.mcp_allowed); None: all
 
     @property
     def unlisted(self) -> tuple[Server, ...]:
@@ -664,10 +667,14 @@ class McpTools:
         """The chat request's tools with every server's functions made again from the listings
         (the client's tools first, theirs after, as lowering puts them)."""
         own = [t for t in chat_tools if t.get("function", {}).get("name") not in self.names]
-        taken = {t.get("function", {}).get("name") for t in own}
+        # (named against all the request's functions, as lowering names them: a tool choice's
+        # allowed_tools narrows what is offered, not the names)
+        taken = set(self.turn.taken) if self.turn.taken is not None else {t.get("function", {}).get("name") for t in own}
         made = functions(self.turn.servers, self.listings, taken)
         self.names = {cname: (target.namespace, target.name) for cname, _, target in made}
-        return own + [definition for _, definition, _ in made]
+        allowed = self.turn.allowed
+        return own + [definition for _, definition, target in made
+                      if allowed is None or mcp_chosen(allowed, target.namespace, target.name)]
 
     def step(self, call_id: str, name: str, arguments: str) -> Call | Approve:
         label, tool = self.names[name]
