@@ -259,6 +259,15 @@ def test_an_approved_call_runs_in_the_next_turn(mcp_gateway, upstream):
     (only,) = upstream.requests()  # the call ran before the model was asked again
     assistant, tool = only["messages"][-2:]
     assert assistant["tool_calls"][0]["id"] == request.id and tool["content"] == "Echo: hello mcp"
+    # the same answer again in a later turn runs nothing again; the other answer is a 400
+    for approve in (True, False):
+        r = post_turn(mcp_gateway, {"model": "demo-model", "previous_response_id": done.id, "input": [
+            {"type": "mcp_approval_response", "approval_request_id": request.id, "approve": approve}],
+            "tools": [mcp_tool(require_approval="always")]})
+        if approve:
+            assert r.status_code == 200 and "mcp_call" not in kinds(r.json()["output"])
+        else:
+            assert r.status_code == 400 and "answered the other way" in r.json()["error"]["message"]
 
 
 def test_a_denied_call_is_told_to_the_model(mcp_gateway, upstream):

@@ -208,3 +208,48 @@ def test_the_functions_are_valid_unique_the_same_in_every_turn_and_map_back(setu
     for cname, (label, name) in later.mcp.names.items():
         step = mcp.McpTools(later.mcp, max_rounds=3).step("c1", cname, "{}")
         assert (step.label, step.name, step.server.label) == (label, name, label)
+
+
+# --- results ------------------------------------------------------------------------------------
+
+_TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40)
+BLOCKS = st.lists(st.one_of(
+    st.builds(lambda t, n: {"type": "text", "text": t * n}, _TEXT, st.integers(1, 80)),
+    st.builds(lambda m: {"type": "image", "data": "aGk=", "mimeType": m}, st.sampled_from(["image/png", ""])),
+    st.just({"type": "audio", "data": "aGk=", "mimeType": "audio/wav"}),
+    st.builds(lambda t: {"type": "resource", "resource": {"uri": "file:///x", "text": t}}, _TEXT),
+    st.just({"type": "resource", "resource": {"uri": "file:///b", "blob": "aGk="}}),
+    st.just({"type": "resource_link", "uri": "file:///l", "name": "l"}),
+    st.just({"type": "mystery"}), st.just("not a block")), max_size=5)
+
+
+@SETTINGS
+@given(content=BLOCKS, structured=st.none() | st.dictionaries(_TEXT, _TEXT, max_size=2), is_error=st.booleans(),
+       limit=st.integers(1, 600))
+def test_any_result_is_a_bounded_well_formed_item_and_model_text(content, structured, is_error, limit):
+    """A call's result of any shape (as relay/mcp.py makes the item of it): the ``mcp_call`` item
+    the client gets is one the openai SDK reads, its text at most ``max_output_kb`` (and the note
+    of what was cut), and the model reads that text (or the error) once."""
+    from helpers import check_sdk, check_stream
+
+    output = mcp.output_text(content, structured, limit)
+    cut = output.split("\n[output truncated: ")
+    assert len(cut[0].encode()) <= limit and len(cut) <= 2
+    error = {"type": "mcp_tool_execution_error", "content": [{"type": "text", "text": output}]} if is_error else None
+    t = begin(SPEC, [{"type": "mcp", "server_label": "ev"}], "hi", stream=True)
+    tr = t.translator()
+    from resp2chat_core.channel import McpCalled
+    out = tr.accepted() + tr.mcp_calling("c1", "ev", "echo", "{}")
+    out += McpCalled("c1", None if is_error else output, json.dumps(error) if error else None).apply(tr)
+    out += tr.feed(b'data: {"choices":[{"index":0,"delta":{"content":"ok"},"finish_reason":"stop"}]}\n\n'
+                   b"data: [DONE]\n\n") + tr.finish()
+    events = check_stream(out, RESP)
+    check_sdk(events)
+    (item,) = [o for o in events[-1]["response"]["output"] if o["type"] == "mcp_call"]
+    if is_error:
+        assert item["status"] == "failed" and item["output"] is None
+        assert mcp.result_text(None, item["error"]) == "Error: the MCP tool call failed: " + (
+            output or "the tool reported an error")
+    else:
+        assert item["status"] == "completed" and item["output"] == output
+        assert mcp.result_text(item["output"], None) == output
