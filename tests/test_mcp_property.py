@@ -136,6 +136,16 @@ def test_an_approval_runs_no_tool_its_server_does_not_allow(operator, request_fi
     assert json.loads(denied.chat_body)["messages"][-1]["content"] == "The user denied this tool call: no"
 
 
+
+def test_an_approval_runs_the_request_it_answers():
+    """A request item after the answer, with the same id (a client's input may hold any), is not
+    the one approved: the approved call runs with what the client saw when it approved."""
+    items = [{"role": "user", "content": "hi"}, LISTED, asked(0), answer("mcpr_0", True),
+             {**asked(0), "arguments": '{"message": "other"}'}]
+    (pending,) = begin(SPEC, [{"type": "mcp", "server_label": "ev"}], items).mcp.pending
+    assert pending.arguments == asked(0)["arguments"]
+
+
 # --- the functions ------------------------------------------------------------------------------
 
 LABELS = st.sampled_from(["ev", "a.b", "a_b", "A-1", "x" * 64, "mcp", "s"])

@@ -669,7 +669,8 @@ class McpTools:
         own = [t for t in chat_tools if t.get("function", {}).get("name") not in self.names]
         # (named against all the request's functions, as lowering names them: a tool choice's
         # allowed_tools narrows what is offered, not the names)
-        taken = set(self.turn.taken) if self.turn.taken is not None else {t.get("function", {}).get("name") for t in own}
+        taken = set(self.turn.taken) if self.turn.taken is not None \
+            else {t.get("function", {}).get("name") for t in own}
         made = functions(self.turn.servers, self.listings, taken)
         self.names = {cname: (target.namespace, target.name) for cname, _, target in made}
         allowed = self.turn.allowed
@@ -706,7 +707,7 @@ def pending_of(items: list, servers: tuple[Server, ...] = ()) -> tuple[Pending, 
     ``GatewayError`` for a response to a request the conversation does not hold, or to one for a
     tool its server (``servers``: the request's) does not allow: a request item is the client's
     word (it may send any), and an approval never runs more than a model's call could."""
-    requests, ran, approved = {}, set(), []
+    requests, ran, approved = {}, set(), {}
     for i, item in enumerate(items):
         kind = getattr(item, "type", None)
         if kind == "mcp_approval_request":
@@ -716,10 +717,10 @@ def pending_of(items: list, servers: tuple[Server, ...] = ()) -> tuple[Pending, 
         elif kind == "mcp_approval_response":
             if item.approval_request_id not in requests:
                 raise unknown_request(item.approval_request_id)
-            if item.approve:
-                approved.append(item.approval_request_id)
-    pending = tuple(Pending(r, requests[r].server_label, requests[r].name, requests[r].arguments)
-                    for r in dict.fromkeys(approved) if r not in ran)
+            if item.approve and item.approval_request_id not in approved:  # (it answers the last one before it)
+                approved[item.approval_request_id] = requests[item.approval_request_id]
+    pending = tuple(Pending(r, asked.server_label, asked.name, asked.arguments)
+                    for r, asked in approved.items() if r not in ran)
     by_label, listings = {s.label: s for s in servers}, listings_of(items)
     for p in pending:
         server = by_label.get(p.label)
