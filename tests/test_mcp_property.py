@@ -27,7 +27,7 @@ from helpers import NAME_RE
 from resp2chat_core import mcp
 from resp2chat_core.errors import GatewayError
 from resp2chat_core.lowering import LoweringOptions
-from resp2chat_core.toolloop import ToolLoop
+from resp2chat_core.toolloop import Finish, ToolLoop
 from resp2chat_core.turn import begin_turn
 
 RESP = "resp_" + "p" * 32
@@ -144,6 +144,26 @@ def test_an_approval_runs_the_request_it_answers():
              {**asked(0), "arguments": '{"message": "other"}'}]
     (pending,) = begin(SPEC, [{"type": "mcp", "server_label": "ev"}], items).mcp.pending
     assert pending.arguments == asked(0)["arguments"]
+
+
+
+def test_approved_calls_count_against_max_tool_calls():
+    """``max_tool_calls`` bounds the calls the gateway runs in a response: the approved calls it
+    runs before round 1 too (spent: round 1 offers none of its functions, and a call the model
+    makes anyway is not the gateway's to run)."""
+    from helpers import chat_chunk, chat_sse, tool_call_chunk
+
+    items = [{"role": "user", "content": "hi"}, LISTED, asked(0), answer("mcpr_0", True)]
+    for max_calls, offered_after in ((1, []), (2, ["mcp__ev__echo"])):
+        t = begin(SPEC, [{"type": "mcp", "server_label": "ev", "require_approval": "never"}], items,
+                  max_tool_calls=max_calls)
+        loop = ToolLoop(t.chat_body, [mcp.McpTools(t.mcp, max_rounds=3)], max_calls=t.max_tool_calls)
+        (step,) = loop.prelude()
+        loop.begin(["ran"])
+        assert [f["function"]["name"] for f in json.loads(loop.body).get("tools") or ()] == offered_after
+        loop.feed(chat_sse(tool_call_chunk(0, "c1", "mcp__ev__echo", "{}"), chat_chunk(finish="tool_calls")))
+        _, then = loop.end_round(ok=True)
+        assert len(then) == 1 if offered_after else isinstance(then, Finish)  # (spent: the turn ends, nothing runs)
 
 
 # --- the functions ------------------------------------------------------------------------------
