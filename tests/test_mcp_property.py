@@ -10,7 +10,10 @@ approval histories, without sockets: through the real ``turn.begin_turn`` and ``
 - approvals: any sequence of ``mcp_approval_response`` items (approve, deny, an unknown request,
   the same answer again) either runs an approved call once (never again in a later turn that
   holds its ``mcp_call``), tells the model of a denial once, or is a clear 400 (an unknown
-  request; a request answered both ways); the chat request never holds a tool call id twice.
+  request; a request answered both ways; one for a tool ``allowed_tools`` refuses); the chat
+  request never holds a tool call id twice; ``max_tool_calls`` counts the approved calls.
+- results: any shape of a call's result is an ``mcp_call`` item the openai SDK reads, its text
+  within ``max_output_kb``. (Against a real MCP server: test_mcp_relay_property.py.)
 
 Derandomized: the same examples every run.
 """
