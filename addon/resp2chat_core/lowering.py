@@ -33,7 +33,9 @@ from .schema import (
     ReasoningItem, RefusalPart, ResponsesRequest, ToolOutputItem, ToolSearchCallItem, ToolSearchOutputItem,
     WebSearchCallItem,
 )
-from .toolmap import LOCAL_SHELL_NAME, TOOL_SEARCH_NAME, ToolMap, build_tool_map, chat_name, lower_tool_choice
+from .toolmap import (
+    LOCAL_SHELL_NAME, TOOL_SEARCH_NAME, ToolMap, build_tool_map, chat_name, lower_tool_choice, mcp_allowed,
+)
 
 
 @dataclass(frozen=True)
@@ -520,6 +522,8 @@ def _lower_input(req: ResponsesRequest, flatten: bool, reasoning_field: str = "r
             # denied: the model is told so under the request's call; approved: the call runs (an
             # mcp_call item follows, or the loop runs it first: mcp.pending_of)
             asked = _approval_request(items, i, item.approval_request_id)
+            if _answered_before(items, i, item, where):
+                continue  # the same answer again: it was lowered (or runs) once
             if not item.approve:
                 conv.tool_call(asked.id, mcp.chat_name_of(mcp_names or {}, asked.server_label, asked.name),
                                asked.arguments or "{}")
@@ -545,6 +549,19 @@ def _approval_request(items: list, i: int, request_id: str) -> McpApprovalReques
         if isinstance(earlier, McpApprovalRequestItem) and earlier.id == request_id:
             return earlier
     raise mcp.unknown_request(request_id)
+
+
+def _answered_before(items: list, i: int, item: McpApprovalResponseItem, where: str) -> bool:
+    """An earlier ``mcp_approval_response`` answered the same request the same way (True); the
+    other way is a 400 (a call both run and denied)."""
+    for earlier in items[:i]:
+        if isinstance(earlier, McpApprovalResponseItem) and earlier.approval_request_id == item.approval_request_id:
+            if bool(earlier.approve) != bool(item.approve):
+                raise GatewayError(f"{where}: approval_request_id {shown(item.approval_request_id)!r} was answered "
+                                   "the other way before: an approval request is answered once (approve or deny)",
+                                   param=f"{where}.approve", code="invalid_value")
+            return True
+    return False
 
 
 def _answered_call(item, where: str, calls: set) -> str:
@@ -618,7 +635,9 @@ def lower(req: ResponsesRequest, opts: LoweringOptions = LoweringOptions(), know
     if hosted is not None:
         mcp_names = mcp.names_of(tmap)
         hosted.names = {cname: key for key, cname in mcp_names.items()}
-        hosted.pending = mcp.pending_of(req.input) if isinstance(req.input, list) else ()
+        hosted.pending = mcp.pending_of(req.input, hosted.servers) if isinstance(req.input, list) else ()
+        hosted.taken = frozenset(n for n, t in tmap.targets.items() if t.kind != mcp.KIND)
+        hosted.allowed = mcp_allowed(req.tool_choice)
     tool_choice, tools = lower_tool_choice(req.tool_choice, tmap)
     if hosted is not None and hosted.unlisted:  # round 1 offers their tools: its choice is made there
         raw = req.tool_choice

@@ -12,7 +12,8 @@ answers the model with their results, in one turn (toolloop.py). What lives here
   the request's label, allowed tools, approval rule and headers). A client's headers go to that
   server only; ``client_secrets`` are their values, which the gateway scrubs from what it records.
 - ``functions``: a server's listed tools as chat functions, named ``mcp__<label>__<tool>``
-  (sanitized, and made unique against the client's own tools and the other servers').
+  (sanitized, and made unique against the client's own tools and the other servers'), the same
+  in every turn (a ``tool_choice``'s ``allowed_tools`` narrows what is offered, not the names).
 - ``McpTools``: the tool kind the loop runs: which calls are the gateway's, whether a call needs
   the client's approval (``require_approval``), what goes back to the model.
 - the items the client sees (``mcp_list_tools``, ``mcp_call``, ``mcp_approval_request``) and the
@@ -38,7 +39,7 @@ from typing import Any
 
 from .errors import GatewayError
 from .labels import HEADER_NAME, OPERATOR_NAME  # (a server label is an OPERATOR_NAME)
-from .toolmap import Target, chat_name
+from .toolmap import Target, chat_name, mcp_chosen
 
 KIND = "mcp"  # the loop's name for this kind, and the Target kind of its functions
 # Headers the MCP client writes itself (framing, hop-by-hop, the protocol's own): a client or the
@@ -380,14 +381,17 @@ def functions(servers: tuple[Server, ...], listings: dict[str, tuple[dict, ...]]
               taken: set[str]) -> list[tuple[str, dict, Target]]:
     """The chat functions of the servers' listed tools (``listings``: label -> the listing's
     tools), the allowed ones, in the servers' order and the listing's; each name unique against
-    ``taken`` (the client's tools, which keep theirs), which it joins. Pure: the same servers,
-    listings and taken names give the same functions, whichever turn asks."""
+    ``taken`` (the client's tools, which keep theirs), which it joins; one per tool (a listing
+    that names a tool twice offers its first). Pure: the same servers, listings and taken names
+    give the same functions, whichever turn asks."""
     out = []
     for s in servers:
+        made = set()
         for tool in listings.get(s.label) or ():
             name = tool.get("name")
-            if not isinstance(name, str) or not name or not s.allows(name, read_only(tool)):
+            if not isinstance(name, str) or not name or name in made or not s.allows(name, read_only(tool)):
                 continue
+            made.add(name)
             cname = unique(base_name(s.label, name), taken)
             parameters = tool.get("input_schema")
             parameters = {k: v for k, v in parameters.items() if k != "$schema"} if isinstance(parameters, dict) \
@@ -577,6 +581,8 @@ class McpTurn:
     pending: tuple[Pending, ...] = ()
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
+    taken: frozenset[str] | None = None  # the names of the request's other functions (all, before any narrowing)
+    allowed: frozenset | None = None  # a tool_choice allowed_tools' mcp tools (toolmap.mcp_allowed); None: all
 
     @property
     def unlisted(self) -> tuple[Server, ...]:
@@ -661,10 +667,15 @@ class McpTools:
         """The chat request's tools with every server's functions made again from the listings
         (the client's tools first, theirs after, as lowering puts them)."""
         own = [t for t in chat_tools if t.get("function", {}).get("name") not in self.names]
-        taken = {t.get("function", {}).get("name") for t in own}
+        # (named against all the request's functions, as lowering names them: a tool choice's
+        # allowed_tools narrows what is offered, not the names)
+        taken = set(self.turn.taken) if self.turn.taken is not None \
+            else {t.get("function", {}).get("name") for t in own}
         made = functions(self.turn.servers, self.listings, taken)
         self.names = {cname: (target.namespace, target.name) for cname, _, target in made}
-        return own + [definition for _, definition, _ in made]
+        allowed = self.turn.allowed
+        return own + [definition for _, definition, target in made
+                      if allowed is None or mcp_chosen(allowed, target.namespace, target.name)]
 
     def step(self, call_id: str, name: str, arguments: str) -> Call | Approve:
         label, tool = self.names[name]
@@ -691,10 +702,12 @@ def listings_of(items: list) -> dict[str, tuple[dict, ...]]:
     return found
 
 
-def pending_of(items: list) -> tuple[Pending, ...]:
+def pending_of(items: list, servers: tuple[Server, ...] = ()) -> tuple[Pending, ...]:
     """The approved ``mcp_approval_request``\\s of a conversation that no ``mcp_call`` ran yet;
-    ``GatewayError`` for a response to a request the conversation does not hold."""
-    requests, ran, approved = {}, set(), []
+    ``GatewayError`` for a response to a request the conversation does not hold, or to one for a
+    tool its server (``servers``: the request's) does not allow: a request item is the client's
+    word (it may send any), and an approval never runs more than a model's call could."""
+    requests, ran, approved = {}, set(), {}
     for i, item in enumerate(items):
         kind = getattr(item, "type", None)
         if kind == "mcp_approval_request":
@@ -704,10 +717,19 @@ def pending_of(items: list) -> tuple[Pending, ...]:
         elif kind == "mcp_approval_response":
             if item.approval_request_id not in requests:
                 raise unknown_request(item.approval_request_id)
-            if item.approve:
-                approved.append(item.approval_request_id)
-    return tuple(Pending(r, requests[r].server_label, requests[r].name, requests[r].arguments)
-                 for r in dict.fromkeys(approved) if r not in ran)
+            if item.approve and item.approval_request_id not in approved:  # (it answers the last one before it)
+                approved[item.approval_request_id] = requests[item.approval_request_id]
+    pending = tuple(Pending(r, asked.server_label, asked.name, asked.arguments)
+                    for r, asked in approved.items() if r not in ran)
+    by_label, listings = {s.label: s for s in servers}, listings_of(items)
+    for p in pending:
+        server = by_label.get(p.label)
+        listed = next((t for t in listings.get(p.label, ()) if t.get("name") == p.name), {})
+        if server is not None and not server.allows(p.name, read_only(listed)):
+            raise GatewayError(f"mcp_approval_response: approval_request_id {str(p.request_id)[:200]!r} asks to run "
+                               f"{str(p.name)[:200]!r}, a tool of server {p.label!r} that allowed_tools (the "
+                               "request's or the operator's) does not allow", param="input", code="invalid_value")
+    return pending
 
 
 def unknown_request(request_id: str) -> GatewayError:

@@ -51,7 +51,8 @@ Theory of operation::
            answers with mcp_approval_response in its next turn
 
 Each kind bounds its own rounds (``max_rounds``: ``max_web_search_rounds``, ``max_mcp_rounds``).
-The request's ``max_tool_calls`` bounds the calls the loop runs, of all kinds together (OpenAI's:
+The request's ``max_tool_calls`` bounds the calls the loop runs, of all kinds together, the
+prelude's approved calls too (OpenAI's:
 "any further attempts to call a tool by the model will be ignored"): a round's calls past it are
 not run (the model reads ``NOT_RUN`` for each), and once it is spent no round offers the
 gateway's functions any more.
@@ -180,7 +181,9 @@ class ToolLoop:
 
     def begin(self, results: list) -> None:
         """The prelude's steps ran (``results[i]`` answers ``prelude()[i]``): round 1's request
-        takes what they gave. Pure: each candidate upstream's loop takes the same results."""
+        takes what they gave. Pure: each candidate upstream's loop takes the same results. The
+        prelude's calls (steps with a ``call_id``: mcp's approved calls) are this turn's calls
+        too: ``max_tool_calls`` counts them (spent, round 1 offers none of the gateway's functions)."""
         steps = self.prelude()
         if not steps:
             return
@@ -189,6 +192,11 @@ class ToolLoop:
             begun = getattr(kind, "begin", None)
             if begun is not None:
                 chat = begun(chat, steps, results)
+        ran = sum(1 for step in steps if getattr(step, "call_id", None) is not None)
+        if self.calls_left is not None and ran:
+            self.calls_left = max(0, self.calls_left - ran)
+            if self.calls_left == 0:
+                chat = without(chat, set().union(*(kind.function_names() for kind in self.kinds)))
         self._chat = chat
         self.body = _dumps(chat).encode()
 

@@ -164,6 +164,22 @@ def _namespace(named: dict, where: str) -> str | None:
     return ns
 
 
+def mcp_allowed(choice) -> frozenset | None:
+    """The hosted MCP tools a ``tool_choice`` ``allowed_tools`` names
+    (``{"type": "mcp", "server_label", "name"?}``): (server_label, tool name or None: all its
+    tools) pairs (``mcp_chosen``); None for a ``tool_choice`` of another kind (no narrowing)."""
+    if not isinstance(choice, dict) or choice.get("type") != "allowed_tools":
+        return None
+    listed = choice.get("tools") if isinstance(choice.get("tools"), list) else []
+    return frozenset((t.get("server_label"), t.get("name") if isinstance(t.get("name"), str) else None)
+                     for t in listed if isinstance(t, dict) and t.get("type") == "mcp")
+
+
+def mcp_chosen(allowed: frozenset, label: str | None, name: str) -> bool:
+    """``mcp_allowed``'s pairs let the model use the tool ``name`` of server ``label``."""
+    return (label, name) in allowed or (label, None) in allowed
+
+
 def lower_tool_choice(choice, tmap: ToolMap) -> tuple[object, list[dict]]:
     """Return ``(chat tool_choice or None, chat tools)``; ``allowed_tools`` narrows the list."""
     tools = tmap.chat_tools
@@ -198,11 +214,16 @@ def lower_tool_choice(choice, tmap: ToolMap) -> tuple[object, list[dict]]:
                 raise GatewayError(f"{where}: a tool object", param=where, code="invalid_value")
             if t.get("type") == "local_shell":
                 allowed.add(LOCAL_SHELL_NAME)
+            elif t.get("type") == "mcp":
+                continue  # (a hosted MCP server's tools: below)
             elif t.get("name") is not None:
                 if not isinstance(t["name"], str):
                     raise GatewayError(f"{where}.name: a string", param=f"{where}.name", code="invalid_value")
                 if t["name"]:
                     allowed.add(chat_name(t["name"], _namespace(t, where)))
+        hosted = mcp_allowed(choice)  # a server's listed tools, or one of them by name
+        allowed |= {cname for cname, target in tmap.targets.items()
+                    if target.kind == "mcp" and mcp_chosen(hosted, target.namespace, target.name)}
         return mode, [t for t in tools if t["function"]["name"] in allowed]
     if kind == "mcp":  # a hosted MCP server's tool (mcp.py): its function once its tools are listed
         for cname, target in tmap.targets.items():

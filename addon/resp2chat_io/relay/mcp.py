@@ -25,6 +25,10 @@ A failing server fails its step, never the turn: a listing gives the client an
 ``mcp_list_tools`` item with ``error`` and the model no tools of it; a call an ``mcp_call`` item
 with ``error``, and the model reads why.
 
+Allowed tools: before a call, ``allowed_tools`` (the operator's, the request's) is checked again
+against the server's own listing (``_refused``): a tool allowed as read-only must be so there,
+whatever listing the conversation holds (a stateless input's is the client's word).
+
 Secrets: the headers a server gets (the operator's ``headers``, a client's ``headers`` and
 ``authorization``) go to that server only, are never logged, and are scrubbed from what the server
 sends back (``Server.secrets``) before it reaches the model, the client or a record.
@@ -247,9 +251,12 @@ async def call_tool(server: mcp.Server, name: str, arguments: str,
         with anyio.fail_after(server.spec.timeout_secs):
             client = await sessions.client(server)
             try:  # (the session's one listing, before its calls: the SDK would list per call otherwise)
-                await sessions.tools(server)
+                page = await sessions.tools(server)
             except Exception:  # noqa: BLE001 — not the call's: the SDK lists again itself
-                pass
+                page = None
+            refused = await _refused(server, name, page, client)
+            if refused is not None:
+                return None, {"type": "mcp_protocol_error", "code": -32602, "message": refused}
             result = await client.call_tool(name, args)
     except BaseException as exc:  # noqa: BLE001 — anything a server does fails its call, not the turn
         if isinstance(exc, anyio.get_cancelled_exc_class()):
@@ -268,6 +275,28 @@ async def call_tool(server: mcp.Server, name: str, arguments: str,
     if result.is_error:
         return None, {"type": "mcp_tool_execution_error", "content": [{"type": "text", "text": output}]}
     return output, None
+
+
+async def _refused(server: mcp.Server, name: str, page, client) -> str | None:
+    """Why ``allowed_tools`` (the operator's, the request's) refuses the call, or None. A tool
+    allowed as read-only is so by the server's own listing (``readOnlyHint``), not the one the
+    conversation holds: that one may be the client's word (an ``mcp_list_tools`` item of a
+    stateless input). Not found (or the listing failed): not read-only."""
+    if server.allows(name, False):
+        return None
+    found, seen = None, 0
+    while page is not None and found is None:
+        found = next((t for t in page.tools if t.name == name), None)
+        seen += len(page.tools)
+        if found is not None or not page.next_cursor or seen >= mcp.MAX_LISTED:
+            break
+        page = await client.list_tools(cursor=page.next_cursor)
+    annotations = found.annotations.model_dump(by_alias=True, exclude_none=True) \
+        if found is not None and found.annotations else None
+    if server.allows(name, mcp.read_only({"annotations": annotations})):
+        return None
+    return (f"MCP server {server.spec.label}: {name[:200]!r} is not a tool allowed_tools (the request's or the "
+            "operator's) allows: the server does not list it as read-only")
 
 
 def _why(server: mcp.Server, exc: BaseException) -> str:

@@ -1,0 +1,98 @@
+"""The gateway's MCP client (resp2chat_io/relay/mcp.py) against a real MCP server (the official
+SDK's, ``mcp_script_server.py``) that serves random tool lists and results: whatever a server
+lists and answers, a listing is tools (or why it failed), their functions are valid, unique chat
+names that map back, and a call is an output within ``max_output_kb`` (and the note of what was
+cut) or an error the ``mcp_call`` item holds, never an exception. Derandomized, bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from helpers import NAME_RE, free_port, stop_process, wait_until
+from resp2chat_core import mcp
+from resp2chat_io.relay import mcp as relay
+
+HERE = Path(__file__).parent
+LIMIT_KB = 1
+
+
+@pytest.fixture(scope="module")
+def script_server(tmp_path_factory):
+    """The scripted server on a free port: (its server binding, the script file it serves)."""
+    script = tmp_path_factory.mktemp("mcp-script") / "script.json"
+    script.write_text(json.dumps({"tools": [], "results": {}}))
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(HERE / "mcp_script_server.py"), str(port), str(script)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/mcp"
+
+        def up() -> bool:
+            import socket
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_until(up, 20, "the scripted MCP server listening", proc)
+        (spec,) = mcp.parse_servers([{"label": "sc", "url": url, "max_output_kb": LIMIT_KB, "timeout_secs": 10}])
+        yield mcp.Server("sc", spec, approval=mcp.NEVER), script
+    finally:
+        stop_process(proc)
+
+
+_TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=30)
+NAMES = st.one_of(st.sampled_from(["echo", "a.b", "a_b", "a b", "émoji😀", "x" * 70, "x" * 64, "echo_2", "-", "/"]),
+                  _TEXT.filter(bool))
+BLOCKS = st.lists(st.one_of(
+    st.builds(lambda t, n: {"type": "text", "text": t * n}, _TEXT, st.integers(1, 80)),
+    st.just({"type": "image", "data": "aGk=", "mimeType": "image/png"}),
+    st.just({"type": "audio", "data": "aGk=", "mimeType": "audio/wav"}),
+    st.builds(lambda t: {"type": "resource", "resource": {"uri": "file:///x", "text": t}}, _TEXT),
+    st.just({"type": "resource", "resource": {"uri": "file:///b", "blob": "aGk="}}),
+    st.just({"type": "resource_link", "uri": "file:///l", "name": "l"})), max_size=4)
+RESULTS = st.fixed_dictionaries({"content": BLOCKS}, optional={
+    "isError": st.booleans(), "structuredContent": st.dictionaries(_TEXT, _TEXT, max_size=2)})
+TOOLS = st.lists(st.tuples(NAMES, st.none() | st.booleans(), RESULTS), max_size=5)
+
+
+@settings(max_examples=10, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(tools=TOOLS)
+@example(tools=[("a.b", None, {"content": []}), ("a_b", True, {"content": [], "isError": True}),
+                ("a.b", False, {"content": [{"type": "text", "text": "é" * 2000}]})])  # (a name listed twice)
+def test_any_listing_and_result_of_a_real_server(script_server, tools):
+    server, script = script_server
+    listed = [{"name": name, "inputSchema": {"type": "object"},
+               **({"annotations": {"readOnlyHint": ro}} if ro is not None else {})} for name, ro, _ in tools]
+    script.write_text(json.dumps({"tools": listed, "results": {name: r for name, _, r in tools}}))
+
+    async def turn():
+        sessions = relay.Sessions()
+        try:
+            got, why = await relay.list_tools(server, sessions)
+            assert why is None, why
+            made = mcp.functions((server,), {"sc": got}, {"exec"})
+            calls = [await relay.call_tool(server, target.name, "{}", sessions) for _, _, target in made]
+            return got, made, calls
+        finally:
+            sessions.close()
+
+    got, made, calls = asyncio.run(turn())
+    assert [t["name"] for t in got] == [name for name, _, _ in tools]
+    names = [cname for cname, _, _ in made]
+    assert all(NAME_RE.match(n) for n in names) and len(set(names)) == len(names) and "exec" not in names
+    assert sorted(target.name for _, _, target in made) == sorted({name for name, _, _ in tools})
+    results = {name: r for name, _, r in tools}  # (the last of a name: the script's)
+    for (_, _, target), (output, error) in zip(made, calls):
+        text = output if error is None else error["content"][0]["text"]
+        assert (error is None) == (output is not None)
+        assert len(text.split("\n[output truncated: ")[0].encode()) <= LIMIT_KB << 10
+        if error is not None:
+            assert error["type"] == "mcp_tool_execution_error" and results[target.name].get("isError")
