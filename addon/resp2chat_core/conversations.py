@@ -14,9 +14,11 @@ Rules of this file:
 - A Responses request with ``conversation`` (an id, or ``{"id": …}``: ``named``) takes the
   conversation's items as its history, and the turn's input and output are appended to it, in
   one write, when it completes (addons/store.py); with ``previous_response_id`` it is a 400
-  (turn.py). That write lands before the client can see the turn's end, on any transport: the
-  turn's ``Landing`` reader holds its terminal event until then (addons/turns.py ``Turns.land``),
-  and a write that fails ends the turn ``failed`` instead (``Landing.unland``).
+  (turn.py), and so is an input that gives an id twice or one the conversation holds (turn.py
+  ``conversation`` asks ``unique``, before the turn runs). That write lands before the client
+  can see the turn's end, on any transport: the turn's ``Landing`` reader holds its terminal
+  event until then (addons/turns.py ``Turns.land``), and a write that fails ends the turn
+  ``failed`` instead (``Landing.unland``).
 - ``metadata``: at most 16 string pairs, keys up to 64 characters, values up to 512 (OpenAI's),
   a conversation's and a Responses request's alike (``check_metadata``: turn.py asks it too).
 """

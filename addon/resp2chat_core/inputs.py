@@ -69,7 +69,8 @@ def _is_reference(item: object) -> bool:
 
 class Facts(NamedTuple):
     """What the walks of a request's items outside the caches ask of them (``check_caps``,
-    ``reference_ids``, ``expand``, ``compaction.prepare``), found in one pass (``FACTS``)."""
+    ``reference_ids``, ``expand``, ``compaction.prepare``, turn.py's ids given twice), found in
+    one pass (``FACTS``)."""
 
     parts: int = 0  # content parts: the lengths of the items' content, output and summary lists
     more_tools: bool = False  # an additional_tools item
