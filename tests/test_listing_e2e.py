@@ -5,6 +5,7 @@ the same bad queries alike."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 
 import openai
@@ -174,3 +175,24 @@ def test_adding_or_getting_an_item_reads_only_include_from_the_query(own_gateway
     for r in (requests.post(f"{base}?include=nonsense", json={"items": [said(None, "x")]}, timeout=10),
               requests.get(f"{base}/msg_one?include=nonsense", timeout=10)):
         assert r.status_code == 400 and r.json()["error"]["param"] == "include", r.text
+
+
+def test_of_two_turns_at_once_giving_one_new_id_only_the_first_to_land_joins_the_conversation(own_gateway, upstream):
+    """Two turns at once give the conversation the same new id: both pass the check as they begin
+    (it holds neither yet), and the conversation's write checks again (``Turns.land``): the turn
+    that lands second ends as a write that failed does, here a 400 naming the id, and adds
+    nothing. Both were appended: the id twice."""
+    client = openai_client(own_gateway)
+    conv = client.conversations.create()
+    upstream.clear()
+    body = {"model": "demo-model", "conversation": conv.id, "input": [said("msg_race", "noreason\nslow: 1500\nhi")]}
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: requests.post(f"{own_gateway.base_url}/responses", json=body, timeout=30),
+                                range(2)))
+    assert len(upstream.requests()) == 2  # (both ran: neither was refused as it began)
+    assert sorted(r.status_code for r in answers) == [200, 400], [r.text for r in answers]
+    refused = next(r for r in answers if r.status_code == 400).json()["error"]
+    assert (refused["type"], refused["code"]) == ("invalid_request_error", "invalid_value"), refused
+    assert "not added to its conversation: input[0].id: duplicate item found" in refused["message"], refused
+    ids = [i["id"] for i in conversation_items(client, conv.id)]
+    assert ids.count("msg_race") == 1 and len(ids) == 2, ids  # (one turn's input and answer)
