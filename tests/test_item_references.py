@@ -11,6 +11,7 @@ import requests
 from resp2chat_core import inputs
 from resp2chat_core.errors import GatewayError
 from resp2chat_core.seal import Sealer
+from resp2chat_core.turn import Found, conversation
 from resp2chat_io.store import ResponseStore
 
 from helpers import Clock, parse_sse, post_turn
@@ -145,6 +146,41 @@ def test_item_facts_of_a_history_walked_before_are_those_of_a_fresh_walk():
         assert memo.of(changed + [{"id": "x"}]) == fresh(changed + [{"id": "x"}])
     assert fresh(history[:3] + [{"type": "compaction", "encrypted_content": "x"}]).compaction == (3,)
     assert 0 < len(memo._runs) <= 2
+
+
+def test_an_item_id_the_turns_conversation_would_hold_twice_is_refused_naming_it():
+    """turn.conversation (begin_turn, either transport): an id given twice in the input, a
+    reference to an item the input (or the conversation it goes on) already holds, or an id that
+    conversation holds, is conversations.unique's 400 naming the client's index; ids null or empty
+    are none, and a history that already held an id twice (stored before this rule) is not the
+    turn's. A long history walked before (inputs.FACTS, extended) finds them as a fresh walk."""
+    def said(item_id, text="x"):
+        return {"type": "message", "role": "user", "content": text, **({"id": item_id} if item_id is not None else {})}
+
+    def refused(raw, found=Found()):
+        with pytest.raises(GatewayError) as err:
+            conversation({"model": "m", **raw}, found)
+        assert (err.value.status, err.value.code) == (400, "invalid_value")
+        return err.value.param, err.value.message
+
+    ref = {"type": "item_reference", "id": "msg_1"}
+    found = Found(items={"msg_1": conv(1)[2]})
+    assert refused({"input": [said("a"), said(None), said("a")]})[0] == "input[2].id"
+    assert refused({"input": [ref, said(None), ref]}, found)[0] == "input[2].id"
+    assert refused({"input": [conv(1)[2], ref]}, found)[0] == "input[1].id"
+    param, message = refused({"input": [said("b"), said("a")], "conversation": "conv_1"},
+                             Found(earlier=[said("a"), said("c")]))
+    assert param == "input[1].id" and "duplicate item found with id 'a'" in message and "the conversation holds" in message
+    param, message = refused({"input": [ref], "previous_response_id": "resp_1"}, Found(conv(1), found.items))
+    assert param == "input[0].id" and "previous_response_id" in message
+    for raw, found_, n in (({"input": [said(None), said(""), said(""), {**said(None), "id": None}, ref]}, found, 5),
+                           ({"input": [said("d")], "conversation": "conv_1"}, Found(earlier=[said("a"), said("a")]), 3),
+                           ({"input": "a", "conversation": "conv_1"}, Found(earlier=[said("a")]), 2)):
+        assert len(conversation({"model": "m", **raw}, found_)[1]) == n  # (taken)
+    history = [said(f"msg_h{i}") for i in range(inputs.ItemFacts.MIN_ITEMS * 2)]
+    conversation({"model": "m", "input": history}, Found())  # (walked: the next list goes on from it)
+    assert refused({"input": history + [said(None), said("msg_h3")]})[0] == f"input[{len(history) + 1}].id"
+    assert inputs.facts(history + [said(None), said("msg_h3")]).twice == (len(history) + 1,)
 
 
 # --- through a real mitmdump -------------------------------------------------------------------

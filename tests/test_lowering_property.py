@@ -440,5 +440,6 @@ def test_a_hosted_tool_search_output_answers_the_search_before_it_through_the_ca
     lowered(first, LoweringOptions(), cache)
     assert lowered(body, LoweringOptions(), cache) == cold
     # an output with no search left to answer is still refused
-    err = refusal({"model": "m", "input": [*body["input"], output]})
+    again = {**output, "id": "tso_2"}  # (an id of its own: one given twice is refused for that first)
+    err = refusal({"model": "m", "input": [*body["input"], again]})
     assert (err.param, err.code) == ("input[4].call_id", "invalid_value")

@@ -14,9 +14,11 @@ Rules of this file:
 - A Responses request with ``conversation`` (an id, or ``{"id": …}``: ``named``) takes the
   conversation's items as its history, and the turn's input and output are appended to it, in
   one write, when it completes (addons/store.py); with ``previous_response_id`` it is a 400
-  (turn.py). That write lands before the client can see the turn's end, on any transport: the
-  turn's ``Landing`` reader holds its terminal event until then (addons/turns.py ``Turns.land``),
-  and a write that fails ends the turn ``failed`` instead (``Landing.unland``).
+  (turn.py), and so is an input that gives an id twice or one the conversation holds (turn.py
+  ``conversation`` asks ``unique``, before the turn runs). That write lands before the client
+  can see the turn's end, on any transport: the turn's ``Landing`` reader holds its terminal
+  event until then (addons/turns.py ``Turns.land``), and a write that fails ends the turn
+  ``failed`` instead (``Landing.unland``).
 - ``metadata``: at most 16 string pairs, keys up to 64 characters, values up to 512 (OpenAI's),
   a conversation's and a Responses request's alike (``check_metadata``: turn.py asks it too).
 """
@@ -105,17 +107,21 @@ def new_items(value: object, param: str = "items", sealer=None) -> list:
     return value
 
 
-def unique(items: list, held: list, param: str = "items") -> None:
+def unique(items: list, held: list, param: str = "items", holder: str = "the conversation") -> None:
     """``GatewayError`` for an item whose ``id`` one before it in ``items`` has, or one of the
-    conversation's ``held`` items (OpenAI's ``Duplicate item found with id …``): each id names
-    one item, its ``GET``, its ``DELETE`` and a list's ``after``."""
-    seen = {i.get("id") for i in held if isinstance(i, dict)}
+    ``held`` items (``holder``'s: the conversation's, or the one a turn goes on from) (OpenAI's
+    ``Duplicate item found with id …``): each id names one item, its ``GET``, its ``DELETE``
+    and a list's ``after``."""
+    kept = {i.get("id") for i in held if isinstance(i, dict)}
+    seen: set = set()
     for n, item in enumerate(items):
         item_id = item.get("id") if isinstance(item, dict) else None
         if isinstance(item_id, str) and item_id:
-            if item_id in seen:
-                raise GatewayError(f"{param}[{n}].id: duplicate item found with id {shown(item_id)!r} (an id names one "
-                                   "item of a conversation)", param=f"{param}[{n}].id", code="invalid_value")
+            if item_id in seen or item_id in kept:
+                where = "an item before it in the request has it" if item_id in seen else f"{holder} holds it"
+                raise GatewayError(f"{param}[{n}].id: duplicate item found with id {shown(item_id)!r} ({where}; an id "
+                                   "names one item): remove duplicate items and try again", param=f"{param}[{n}].id",
+                                   code="invalid_value")
             seen.add(item_id)
 
 

@@ -69,13 +69,16 @@ def _is_reference(item: object) -> bool:
 
 class Facts(NamedTuple):
     """What the walks of a request's items outside the caches ask of them (``check_caps``,
-    ``reference_ids``, ``expand``, ``compaction.prepare``), found in one pass (``FACTS``)."""
+    ``reference_ids``, ``expand``, ``compaction.prepare``, turn.py's ids given twice), found in
+    one pass (``FACTS``)."""
 
     parts: int = 0  # content parts: the lengths of the items' content, output and summary lists
     more_tools: bool = False  # an additional_tools item
     refs: tuple = ()  # (index, id) of each reference
     work: bool = False  # an item ``expand`` changes or reads (reasoning, additional_tools)
     compaction: tuple = ()  # the indices of compaction items and triggers
+    ids: frozenset = frozenset()  # the ids the items (not references) have
+    twice: tuple = ()  # the indices of items whose id one before them has (conversations.unique says so)
 
 
 def parts_of(item: dict) -> int:
@@ -92,23 +95,30 @@ def parts_of(item: dict) -> int:
 def _walk(items: list, start: int, facts: Facts) -> Facts:
     """``facts`` (of ``items[:start]``) with ``items[start:]``'s added."""
     parts, more_tools, work = facts.parts, facts.more_tools, facts.work
-    refs, compaction = list(facts.refs), list(facts.compaction)
+    refs, compaction, twice = list(facts.refs), list(facts.compaction), list(facts.twice)
+    ids = set(facts.ids)
     for i in range(start, len(items)):
         item = items[i]
         if not isinstance(item, dict):
             continue
         parts += parts_of(item)
         kind = item.get("type")
-        if kind is None or kind == "item_reference":
-            if _is_reference(item):
-                refs.append((i, item.get("id")))
-        elif kind == "reasoning":
+        if (kind is None or kind == "item_reference") and _is_reference(item):
+            refs.append((i, item.get("id")))
+            continue
+        item_id = item.get("id")
+        if isinstance(item_id, str) and item_id:
+            if item_id in ids:
+                twice.append(i)
+            else:
+                ids.add(item_id)
+        if kind == "reasoning":
             work = True
         elif kind == "additional_tools":
             work = more_tools = True
         elif kind == COMPACTION or kind == COMPACTION_TRIGGER:
             compaction.append(i)
-    return Facts(parts, more_tools, tuple(refs), work, tuple(compaction))
+    return Facts(parts, more_tools, tuple(refs), work, tuple(compaction), frozenset(ids), tuple(twice))
 
 
 class ItemFacts:

@@ -234,7 +234,10 @@ def conversation(raw: dict, found: Found, sealer: Sealer | None = None) -> tuple
     ``(raw for lowering, the conversation as input items, is a compaction request)``; no
     ``input`` is none (``[]``), and the items are None when ``input`` is neither a string nor a
     list (validation names it). ``GatewayError`` for a reference, a sealed item
-    or a previous response that cannot be used."""
+    or a previous response that cannot be used, and for an item id given twice: twice in the
+    input, or one the conversation it goes on (``conversation``, ``previous_response_id``)
+    holds (conversations.py ``unique``, OpenAI's ``Duplicate item found``; a reference counts as
+    the item it names: either way the turn's conversation would hold one id twice)."""
     previous, _ = wanted(raw)
     named = conversations.named(raw)
     items = inputs.as_items(raw.get("input"))
@@ -257,7 +260,13 @@ def conversation(raw: dict, found: Found, sealer: Sealer | None = None) -> tuple
     # the conversation it continues in front, then references, sealed reasoning and
     # additional_tools across the whole of it (inputs.py)
     resolve = (lambda ids: {i: found.items[i] for i in ids if i in found.items})
+    before = len(earlier) if earlier else 0
+    known = inputs.facts(earlier + items if earlier else items)  # (as expand walks it: one walk, inputs.FACTS)
     raw, items = inputs.expand(raw, items, resolve, sealer, earlier)
+    if known.twice and known.twice[-1] >= before or known.refs and known.refs[-1][0] >= before:
+        # (an id in the input twice, or one the conversation holds; a reference, the item it names)
+        conversations.unique(items[before:], earlier or (), "input", "the conversation" if named is not None
+                             else "the conversation previous_response_id continues")
     kept, opened, summarize = compaction.prepare(items, sealer)
     if opened is not items:
         raw = {**raw, "input": opened}

@@ -58,6 +58,7 @@ FAILED = {
     "conversation_not_found": (404, "invalid_request_error"),
     "conversation_too_large": (413, "invalid_request_error"),
     "conversation_busy": (409, "invalid_request_error"),
+    "invalid_value": (400, "invalid_request_error"),  # an input id another turn gave it meanwhile (as at the start)
 }
 COMPACT_PATHS = tuple(p + "/compact" for p in RESPONSES_PATHS)  # POST /v1/responses/compact
 FIRST_SLICE = 2048  # backend bytes translated before the first tick's answer goes out (TurnStream)

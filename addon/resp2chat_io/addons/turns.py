@@ -42,7 +42,7 @@ from mitmproxy import ctx, exceptions, http
 from resp2chat_core import settings as S
 from resp2chat_core.channel import Reader, Stopped, record_events, scrub
 from resp2chat_core.clients import REVOKED, STOPPED, ClientSpec, allows_model, not_allowed
-from resp2chat_core.conversations import Landing, named
+from resp2chat_core.conversations import Landing, named, unique
 from resp2chat_core.errors import GatewayError, gateway_failure
 from resp2chat_core.labels import shown
 from resp2chat_core.lowering import LoweringOptions
@@ -383,8 +383,13 @@ class Turns(Owner):
             t = reader.translator
             if t.error is not None or t.response()["status"] not in CONTINUABLE:
                 return  # (a failed turn adds nothing; an incomplete one is the client's to go on from)
-            added = turn.items[turn.continued:] + t.output
-            write = asyncio.ensure_future(self.store.append(turn.conversation, added, turn.owner))
+            own = turn.items[turn.continued:]
+            added = own + t.output
+            # (its input's ids were checked against the conversation as the turn began: turn.py; a
+            # turn that ran meanwhile may have given one of them, and then this one does not land)
+            check = functools.partial(_unique_input, len(own)) if any(
+                isinstance(i, dict) and i.get("id") for i in own) else None
+            write = asyncio.ensure_future(self.store.append(turn.conversation, added, turn.owner, check=check))
             write.add_done_callback(_retrieve)
             run.landed = True
             await asyncio.shield(write)  # (cancelled: the client left, the write still lands)
@@ -458,6 +463,12 @@ def _work(ex: Exchange, t, turn: Turn) -> Work | None:
         usage = t.answer_usage
         work = Work(call_tokens(usage, len(ex.answering.body), t.output_chars, t.error is not None), usage)
     return Work(work.tokens + extra.tokens, summed(work.usage, extra.usage))
+
+
+def _unique_input(n: int, items: list, held: list) -> None:
+    """A conversation turn's write: the first ``n`` of ``items`` (its input; its output's ids are
+    new) may give no id the conversation holds (``conversations.unique``, as the turn began)."""
+    unique(items[:n], held, "input")
 
 
 def _retrieve(task: asyncio.Task) -> None:
