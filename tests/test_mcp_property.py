@@ -142,12 +142,17 @@ def test_an_approval_runs_no_tool_its_server_does_not_allow(operator, request_fi
 
 def test_an_approval_runs_the_request_it_answers():
     """A request item after the answer, with the same id (a client's input may hold any), is not
-    the one approved: the approved call runs with what the client saw when it approved."""
-    items = [{"role": "user", "content": "hi"}, LISTED, asked(0), answer("mcpr_0", True),
-             {**asked(0), "arguments": '{"message": "other"}'}]
+    the one approved: the approved call runs with what the client saw when it approved. Such an
+    input is refused before that (an id names one item: ``conversations.unique``); with the second
+    request under an id of its own, the approval still runs the one it names."""
+    other = {**asked(0), "arguments": '{"message": "other"}'}
+    items = [{"role": "user", "content": "hi"}, LISTED, asked(0), answer("mcpr_0", True), other]
+    with pytest.raises(GatewayError, match="duplicate item found") as err:
+        begin(SPEC, [{"type": "mcp", "server_label": "ev"}], items)
+    assert err.value.param == "input[4].id"
+    items[-1] = {**other, "id": "mcpr_other"}
     (pending,) = begin(SPEC, [{"type": "mcp", "server_label": "ev"}], items).mcp.pending
     assert pending.arguments == asked(0)["arguments"]
-
 
 
 def test_approved_calls_count_against_max_tool_calls():
