@@ -1,0 +1,97 @@
+"""The limits' rule (resp2chat_core/limits.py) under random sequences of turns, token usages and
+waits, the clock moved by hand: what a client is told always agrees with what is decided.
+
+- ``x-ratelimit-remaining-*`` is never negative nor above ``x-ratelimit-limit-*``;
+- a turn is refused (429) iff a bucket lacks what it needs (a whole request token; more than
+  no token) or ``max_streams`` turns are open, and the headers say so (remaining 0 for the
+  limit in the way);
+- ``Retry-After`` and ``retry-after-ms`` are whole positive numbers, and a client that waits
+  either (its turns ended: a stream's wait is a guess) is admitted: not refused again by
+  another bucket that was also in the way.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from resp2chat_core import limits as L
+
+DURATION = re.compile(r"^(?:\d+ms|(?:\d+m)?\d+s)$")
+
+steps = st.lists(st.one_of(
+    st.tuples(st.just("turn")),
+    st.tuples(st.just("end"), st.integers(0, 8), st.integers(0, 1500)),  # one open turn ends, its tokens
+    st.tuples(st.just("wait"), st.floats(0, 90, allow_nan=False)),
+), max_size=30)
+
+
+def _level(bucket: L.Bucket, now: float) -> float:
+    return min(bucket.capacity, bucket.level + max(0.0, now - bucket.at) * bucket.capacity / L.WINDOW)
+
+
+def _told(verdict: L.Verdict) -> tuple[int, int]:
+    told = dict(L.retry_headers(verdict.error("carol").retry_after))
+    assert told.keys() == {"retry-after", "retry-after-ms"}
+    assert told["retry-after"].isdigit() and told["retry-after-ms"].isdigit(), told
+    return int(told["retry-after"]), int(told["retry-after-ms"])
+
+
+@settings(derandomize=True, max_examples=400, deadline=None, database=None)
+@given(rpm=st.none() | st.integers(1, 6), tpm=st.none() | st.integers(1, 300),
+       max_streams=st.none() | st.integers(1, 3), sequence=steps)
+def test_what_a_client_is_told_agrees_with_what_is_decided(rpm, tpm, max_streams, sequence):
+    now = 1000.0
+    requests = L.Bucket.full(rpm, now) if rpm is not None else None
+    tokens = L.Bucket.full(tpm, now) if tpm is not None else None
+    open_turns: list[int] = []
+    for step in sequence:
+        if step[0] == "wait":
+            now += step[1]
+            continue
+        if step[0] == "end":
+            if open_turns:
+                open_turns.pop(step[1] % len(open_turns))
+                if tokens is not None:
+                    L.spend(now, tokens, step[2])
+            continue
+        need_r = _level(requests, now) >= 1 if requests is not None else True
+        need_t = _level(tokens, now) > 0 if tokens is not None else True
+        room = max_streams is None or len(open_turns) < max_streams
+        verdict = L.decide(now, rpm, requests, tpm, tokens, len(open_turns), max_streams)
+        assert verdict.admitted == (need_r and need_t and room), (verdict, need_r, need_t, room)
+        heads = dict(verdict.headers)
+        for limit, kind, bucket in ((rpm, "requests", requests), (tpm, "tokens", tokens)):
+            if limit is None:
+                assert f"x-ratelimit-limit-{kind}" not in heads
+                continue
+            assert heads[f"x-ratelimit-limit-{kind}"] == str(limit)
+            assert 0 <= int(heads[f"x-ratelimit-remaining-{kind}"]) <= limit, heads
+            assert DURATION.match(heads[f"x-ratelimit-reset-{kind}"]), heads
+            if not verdict.admitted and verdict.why == kind:
+                assert heads[f"x-ratelimit-remaining-{kind}"] == "0", heads
+        if verdict.admitted:
+            open_turns.append(1)
+            continue
+        assert verdict.why == ("requests" if not need_r else "tokens" if not need_t else "streams")
+        seconds, ms = _told(verdict)
+        assert seconds >= 1 and ms >= 1 and seconds * 1000 >= ms
+        for waited in (ms / 1000, float(seconds)):  # (the openai SDK reads retry-after-ms, others retry-after)
+            later_r, later_t = copy.deepcopy(requests), copy.deepcopy(tokens)
+            assert L.decide(now + waited, rpm, later_r, tpm, later_t, 0, max_streams).admitted, \
+                (verdict, waited, later_r, later_t)
+
+
+def test_a_wait_covers_every_bucket_in_the_way_not_only_the_first():
+    """The case the property found: a request token back in 60 s, the tokens back in 120 s: the
+    client was told 60, and refused again (for tpm) when it came back."""
+    requests, tokens = L.Bucket.full(1, 0.0), L.Bucket.full(1, 0.0)
+    assert L.decide(0.0, 1, requests, 1, tokens, 0, None).admitted
+    L.spend(0.0, tokens, 3)  # (two below zero)
+    refused = L.decide(0.0, 1, requests, 1, tokens, 0, None)
+    assert refused.why == "requests" and 120.0 <= refused.retry_after < 120.01
+    assert not L.decide(60.0, 1, copy.deepcopy(requests), 1, copy.deepcopy(tokens), 0, None).admitted
+    assert L.decide(120.01, 1, requests, 1, tokens, 0, None).admitted
