@@ -12,6 +12,7 @@ waits, the clock moved by hand: what a client is told always agrees with what is
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import re
 
@@ -19,6 +20,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from resp2chat_core import limits as L
+from resp2chat_core.clients import LIMITS, parse_clients
+from resp2chat_core.settings_error import SettingsError
+from resp2chat_io.limit_state import LocalLimits
 
 DURATION = re.compile(r"^(?:\d+ms|(?:\d+m)?\d+s)$")
 
@@ -95,3 +99,30 @@ def test_a_wait_covers_every_bucket_in_the_way_not_only_the_first():
     assert refused.why == "requests" and 120.0 <= refused.retry_after < 120.01
     assert not L.decide(60.0, 1, copy.deepcopy(requests), 1, copy.deepcopy(tokens), 0, None).admitted
     assert L.decide(120.01, 1, requests, 1, tokens, 0, None).admitted
+
+
+# --- a limit's value: refused when configured, or one every request can be decided with ----------
+
+limit_values = st.one_of(
+    st.none(), st.booleans(), st.integers(-3, 3), st.integers(1, 10**15), st.integers(10**300, 10**400),
+    st.floats(allow_nan=True), st.text(max_size=5), st.lists(st.integers(0, 3), max_size=2))
+
+
+@settings(derandomize=True, max_examples=150, deadline=None, database=None)
+@given(values=st.fixed_dictionaries({k: limit_values for k in LIMITS}))
+def test_a_limit_is_refused_at_configure_time_or_every_request_is_decided(values):
+    entry = {"name": "carol", "key": "k" * 20, **values}
+    try:
+        spec, = parse_clients([entry])
+    except SettingsError as err:
+        assert str(err).startswith("clients[0] ('carol').") and "whole number" in str(err), err
+        return
+    state = LocalLimits()
+    for n in range(3):
+        verdict, ticket = asyncio.run(state.admit(spec, f"t{n}"))
+        for name, value in verdict.headers:
+            assert re.fullmatch(r"\d+|\d+ms|(?:\d+m)?\d+s", value), (name, value)
+        if not verdict.admitted:
+            _told(verdict)
+        if ticket is not None:
+            ticket.release(spec.tpm, 10**6)
