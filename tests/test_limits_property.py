@@ -14,15 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import itertools
 import re
 
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from resp2chat_core import limits as L
 from resp2chat_core.clients import LIMITS, parse_clients
 from resp2chat_core.settings_error import SettingsError
-from resp2chat_io.limit_state import LocalLimits
+from resp2chat_io import limit_state
+from resp2chat_io.limit_state import LocalLimits, RedisLimits
+from resp2chat_io.redis_state import KEY_ROOT, RedisState
+from resp2chat_io.store import Writes
 
 DURATION = re.compile(r"^(?:\d+ms|(?:\d+m)?\d+s)$")
 
@@ -126,3 +130,91 @@ def test_a_limit_is_refused_at_configure_time_or_every_request_is_decided(values
             _told(verdict)
         if ticket is not None:
             ticket.release(spec.tpm, 10**6)
+
+
+# --- the same rule in this process and in Redis (a real redis-server) -----------------------------
+#
+# Levels start whole and turns take whole tokens; the clock is real, but a test of a few seconds
+# refills less than one token (rpm <= 3, tpm <= 9), and tokens are spent two at a time from an odd
+# tpm, so no level sits on a threshold: both stores must decide every turn alike.
+
+names = itertools.count()
+redis_steps = st.lists(st.one_of(
+    st.tuples(st.just("turn")),
+    st.tuples(st.just("end"), st.integers(0, 5), st.sampled_from((0, 2, 4))),
+), max_size=14)
+
+
+def _figures(verdict: L.Verdict) -> tuple:
+    heads = dict(verdict.headers)
+    return verdict.admitted, verdict.why, heads.get("x-ratelimit-remaining-requests"), \
+        heads.get("x-ratelimit-remaining-tokens")
+
+
+async def _side_by_side(url: str, spec, sequence) -> None:
+    state, writes = RedisState(url), Writes()
+    stores = {"memory": LocalLimits(), "redis": RedisLimits(state, LocalLimits(), writes)}
+    open_turns: dict[str, list] = {"memory": [], "redis": []}
+    try:
+        for n, step in enumerate(sequence):
+            if step[0] == "end":
+                for where in stores:
+                    if open_turns[where]:
+                        open_turns[where].pop(step[1] % len(open_turns[where])).release(spec.tpm, step[2])
+                await writes.landed()
+                continue
+            seen = {}
+            for where, store in stores.items():
+                verdict, ticket = await store.admit(spec, f"turn{n}")
+                seen[where] = _figures(verdict)
+                assert (ticket is not None) == verdict.admitted
+                if ticket is not None:
+                    assert ticket.home is store  # (Redis answered: not the fallback)
+                    open_turns[where].append(ticket)
+            assert seen["memory"] == seen["redis"], (n, seen)
+        for where in stores:  # every turn ends: nothing stays open, anywhere
+            for ticket in open_turns[where]:
+                ticket.release(spec.tpm, 2)
+        await writes.landed()
+        assert not any(c.open for c in stores["memory"]._clients.values())
+        assert await state.client.zcard(f"{KEY_ROOT}limits:{spec.identity}:streams") == 0
+    finally:
+        await state.close()
+
+
+@settings(derandomize=True, max_examples=40, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(rpm=st.none() | st.integers(1, 3), tpm=st.none() | st.sampled_from((1, 3, 5, 9)),
+       max_streams=st.none() | st.integers(1, 2), sequence=redis_steps)
+def test_this_process_and_redis_decide_alike_and_nothing_stays_open(rpm, tpm, max_streams, sequence, redis_server):
+    spec, = parse_clients([{"name": f"c{next(names)}", "key": "k" * 20, "rpm": rpm, "tpm": tpm,
+                            "max_streams": max_streams}])
+    asyncio.run(_side_by_side(redis_server.url, spec, sequence))
+
+
+def test_a_long_turn_keeps_counting_in_redis_while_its_replica_refreshes_it(redis_server, monkeypatch):
+    """An open turn outlived its streams key: the heartbeat refreshed the turn's score but never
+    the key's expiry (2 leases after the client's last admission), so a turn longer than that (3
+    minutes) stopped counting and max_streams let another in. The lease shortened to 1 s."""
+    monkeypatch.setattr(limit_state, "LEASE", 1.0)
+    spec, = parse_clients([{"name": "carol", "key": "k" * 20, "max_streams": 1}])
+
+    async def run() -> None:
+        state, writes = RedisState(redis_server.url), Writes()
+        redis = RedisLimits(state, LocalLimits(), writes)
+        try:
+            verdict, ticket = await redis.admit(spec, "long")
+            assert verdict.admitted
+            for _ in range(8):  # 3.2 s: past the key's 2 s, the turn refreshed every 0.4 s
+                await asyncio.sleep(0.4)
+                await redis.refresh([ticket])
+            busy, none = await redis.admit(spec, "next")
+            assert (busy.admitted, busy.why, none) == (False, "streams", None)
+            ticket.release(None, 0)
+            await writes.landed()
+            verdict, later = await redis.admit(spec, "next")
+            assert verdict.admitted and later.home is redis
+        finally:
+            await state.close()
+
+    asyncio.run(run())

@@ -11,7 +11,8 @@ store addon picks one when ``state_store_url`` changes (addons/store.py ``limit_
   not) is a hash of the two
   buckets' levels and times (Redis's clock); ``…:streams`` a sorted set of the client's open
   turns, scored by their last heartbeat: a replica refreshes its open turns every ``HEARTBEAT``
-  seconds, so the turns of a replica that died stop counting after ``LEASE``. Redis down
+  seconds (and the set's expiry with them: a turn outlives the admission that set it), so the
+  turns of a replica that died stop counting after ``LEASE``. Redis down
   (``StateUnavailable``): the decision falls back to this replica's own state, a
   ``LocalLimits`` (plain turns go on, as everywhere else; the log says Redis is down), until
   Redis answers again.
@@ -101,10 +102,11 @@ return 1
 """
 
 _HEARTBEAT = """
-local key, now_ignored = KEYS[1], ARGV[1]
+local key, lease = KEYS[1], tonumber(ARGV[1])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 for i = 2, #ARGV do redis.call('ZADD', key, 'XX', now, ARGV[i]) end
+redis.call('EXPIRE', key, math.ceil(lease * 2))  -- (none: nothing is made)
 return 1
 """
 
@@ -223,7 +225,7 @@ class RedisLimits:
             key = f"{KEY_ROOT}limits:{who}:streams"
             try:
                 await self.state.call("refresh open turns", lambda c, key=key, turns=turns: script(keys=[key],
-                                                                                              args=[0, *turns]))
+                                                                                              args=[LEASE, *turns]))
             except StateUnavailable:
                 break
             except Exception as exc:  # noqa: BLE001 — a heartbeat must not die
