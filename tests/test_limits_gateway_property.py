@@ -3,7 +3,8 @@ Redis's through a real redis-server), a client with ``max_streams`` 1, and a ran
 requests that end every way one can — completed, refused by the gateway, failed by the backend
 before or midway, cut by the backend, left by their client midway, over HTTP and the Responses
 WebSocket, embeddings and input_tokens too. After each, the client's one slot comes back (a
-leak would keep every later request at 429 ``max_streams``), and at the end nothing is open.
+leak would keep every later request at 429 ``max_streams``), so does its one socket
+(``max_sockets``), and at the end nothing is open.
 The turns of this file: tests/test_limits_property.py for the rule itself."""
 
 from __future__ import annotations
@@ -17,15 +18,15 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from helpers import cli_env, open_embedding, post_turn, run_cli, scrape, start_gateway, wait_until
-from wsclient import WSClient
+from wsclient import opened
 
 ALL = "demo-model"
 
 
 @pytest.fixture(params=["memory", "redis"])
 def carol(request, upstream, tmp_path):
-    """A gateway and the key of its one client, carol (``--max-streams 1``)."""
-    out = run_cli(tmp_path, "keys", "add", "carol", "--max-streams", "1")
+    """A gateway and the key of its one client, carol (``--max-streams 1 --max-sockets 1``)."""
+    out = run_cli(tmp_path, "keys", "add", "carol", "--max-streams", "1", "--max-sockets", "1")
     assert out.returncode == 0, out.stderr
     extra = ()
     if request.param == "redis":
@@ -52,7 +53,7 @@ def _left_midway(gw, key: str, body: bytes) -> None:
 
 
 def _socket(gw, key: str, message: dict, leave: bool = False) -> None:
-    client = WSClient(gw.base_url, headers=_auth(key))
+    client = opened(gw.base_url, headers=_auth(key))  # (its one socket given back: a leak would time out)
     try:
         client.send({"type": "response.create", "model": ALL, **message})
         if leave:
