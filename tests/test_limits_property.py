@@ -218,3 +218,27 @@ def test_a_long_turn_keeps_counting_in_redis_while_its_replica_refreshes_it(redi
             await state.close()
 
     asyncio.run(run())
+
+
+def test_a_debt_of_tokens_outlives_an_hour_in_redis(redis_server):
+    """A turn may spend many minutes of a client's tpm (a long prompt, a small tpm): its Redis
+    key expired an hour after the client's last request, and an expired key is a full bucket:
+    the debt was forgiven there, never in this process."""
+    spec, = parse_clients([{"name": "carol", "key": "k" * 20, "tpm": 10}])
+
+    async def run() -> None:
+        state, writes = RedisState(redis_server.url), Writes()
+        redis = RedisLimits(state, LocalLimits(), writes)
+        key = f"{KEY_ROOT}limits:{spec.identity}"
+        try:
+            verdict, ticket = await redis.admit(spec, "big")
+            ticket.release(spec.tpm, 2010)  # 2000 below zero: 200 minutes at 10 a minute
+            await writes.landed()
+            assert await state.client.ttl(key) >= 200 * 60
+            refused, _ = await redis.admit(spec, "again")  # (a refused request writes the key too)
+            assert not refused.admitted and refused.retry_after > 199 * 60
+            assert await state.client.ttl(key) >= 199 * 60
+        finally:
+            await state.close()
+
+    asyncio.run(run())

@@ -9,7 +9,8 @@ store addon picks one when ``state_store_url`` changes (addons/store.py ``limit_
   replicas cannot both take the last token). ``resp2chat:limits:{identity}`` (the client's
   ``ClientSpec.identity``: a name revoked and added again starts afresh, a rotated key does
   not) is a hash of the two
-  buckets' levels and times (Redis's clock); ``…:streams`` a sorted set of the client's open
+  buckets' levels and times (Redis's clock), kept an hour after the client's last request, or
+  until a debt of tokens has refilled if that is later (an expired key is full buckets); ``…:streams`` a sorted set of the client's open
   turns, scored by their last heartbeat: a replica refreshes its open turns every ``HEARTBEAT``
   seconds (and the set's expiry with them: a turn outlives the admission that set it), so the
   turns of a replica that died stop counting after ``LEASE``. Redis down
@@ -76,8 +77,12 @@ if why == '' then
   end
 end
 if rpm > 0 then redis.call('HSET', key, 'r', tostring(rl), 'rt', tostring(now)) end
-if tpm > 0 then redis.call('HSET', key, 't', tostring(tl), 'tt', tostring(now)) end
-redis.call('EXPIRE', key, 3600)
+local ttl = 3600  -- (past a debt's refill: a turn may spend many minutes of tpm, and an expired key is full)
+if tpm > 0 then
+  redis.call('HSET', key, 't', tostring(tl), 'tt', tostring(now))
+  ttl = math.max(ttl, math.ceil((tpm - tl) * 60 / tpm) + 60)
+end
+redis.call('EXPIRE', key, ttl)
 return {why, tostring(rl), tostring(tl), tostring(now), open}
 """
 
@@ -96,7 +101,7 @@ if tpm > 0 and used > 0 then
     if l > tpm then l = tpm end
   end
   redis.call('HSET', key, 't', tostring(l - used), 'tt', tostring(now))
-  redis.call('EXPIRE', key, 3600)
+  redis.call('EXPIRE', key, math.max(3600, math.ceil((tpm - l + used) * 60 / tpm) + 60))
 end
 return 1
 """
