@@ -25,8 +25,10 @@ ALL = "demo-model"
 
 @pytest.fixture(params=["memory", "redis"])
 def carol(request, upstream, tmp_path):
-    """A gateway and the key of its one client, carol (``--max-streams 1 --max-sockets 1``)."""
-    out = run_cli(tmp_path, "keys", "add", "carol", "--max-streams", "1", "--max-sockets", "1")
+    """A gateway and the key of its one client, carol (``--max-streams 1 --max-sockets 1``, the
+    demo model only)"""
+    out = run_cli(tmp_path, "keys", "add", "carol", "--max-streams", "1", "--max-sockets", "1",
+                  "--models", "demo-*")
     assert out.returncode == 0, out.stderr
     extra = ()
     if request.param == "redis":
@@ -72,6 +74,12 @@ def _request(kind: str, gw, key: str) -> None:
         post_turn(gw, {"model": ALL, "input": script, "stream": stream == "stream"}, auth)
     elif kind == "http left midway":
         _left_midway(gw, key, b'{"model": "demo-model", "input": "words: 40 slow: 50", "stream": true}')
+    elif kind.startswith("http background"):
+        started = post_turn(gw, {"model": ALL, "input": "words: 40 slow: 50", "background": True}, auth)
+        assert started.status_code == 200, started.text
+        if kind.endswith("cancelled"):
+            cancelled = requests.post(f"{gw.base_url}/responses/{started.json()['id']}/cancel", headers=auth, timeout=30)
+            assert cancelled.status_code == 200, cancelled.text
     elif kind == "http bad body":
         assert post_turn(gw, b'{"model": ', auth).status_code == 400
     elif kind == "http other model":
@@ -88,6 +96,10 @@ def _request(kind: str, gw, key: str) -> None:
             _socket(gw, key, {"input": script})
     elif kind == "embeddings":
         requests.post(gw.base_url + "/embeddings", json={"model": ALL, "input": "x"}, headers=auth, timeout=30)
+    elif kind.endswith("other model"):  # (not carol's: a 404 of the gateway's)
+        path = "/responses/input_tokens" if kind.startswith("input_tokens") else "/embeddings"
+        answer = requests.post(gw.base_url + path, json={"model": "qwen3-x", "input": "x"}, headers=auth, timeout=30)
+        assert answer.status_code == 404, answer.text
     elif kind == "embeddings left midway":
         with open_embedding(gw, key, ["slow: 300", "b", "c"]):
             pass
@@ -100,8 +112,10 @@ def _request(kind: str, gw, key: str) -> None:
 
 KINDS = ("http hi stream", "http hi json", "http error: 500 boom stream", "http error: 429 busy json",
          "http midstream-error stream", "http truncate stream", "http truncate json", "http left midway",
-         "http bad body", "http other model", "ws hi", "ws error: 500 boom", "ws midstream-error", "ws truncate",
-         "ws warm-up", "ws left midway", "ws bad message", "embeddings", "embeddings left midway", "input_tokens")
+         "http bad body", "http other model", "http background", "http background cancelled",
+         "ws hi", "ws error: 500 boom", "ws midstream-error", "ws truncate", "ws warm-up", "ws left midway",
+         "ws bad message", "embeddings", "embeddings left midway", "embeddings other model",
+         "input_tokens", "input_tokens other model")
 
 
 def _slot_free(gw, key: str) -> bool:
