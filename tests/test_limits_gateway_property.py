@@ -45,8 +45,8 @@ def _auth(key: str) -> dict:
 def _left_midway(gw, key: str, body: bytes) -> None:
     """A streamed turn its client leaves once the answer has begun."""
     with socket.create_connection(("127.0.0.1", gw.port), timeout=30) as sock:
-        sock.sendall(b"POST /v1/responses HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer %s\r\n"
-                     b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (key.encode(), len(body), body))
+        head = b"POST /v1/responses HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer %s\r\n" % key.encode()
+        sock.sendall(head + b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
         got = b""
         while b"response.output_text.delta" not in got:
             more = sock.recv(65536)
@@ -78,7 +78,8 @@ def _request(kind: str, gw, key: str) -> None:
         started = post_turn(gw, {"model": ALL, "input": "words: 40 slow: 50", "background": True}, auth)
         assert started.status_code == 200, started.text
         if kind.endswith("cancelled"):
-            cancelled = requests.post(f"{gw.base_url}/responses/{started.json()['id']}/cancel", headers=auth, timeout=30)
+            cancel = f"{gw.base_url}/responses/{started.json()['id']}/cancel"
+            cancelled = requests.post(cancel, headers=auth, timeout=30)
             assert cancelled.status_code == 200, cancelled.text
     elif kind == "http bad body":
         assert post_turn(gw, b'{"model": ', auth).status_code == 400
