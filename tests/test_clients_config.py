@@ -482,6 +482,21 @@ def test_a_gateway_starts_with_clients_from_keys_add(tmp_path, upstream):
     assert key not in gw.log()
 
 
+
+def test_a_client_with_the_longest_name_and_no_id_is_served(tmp_path, upstream):
+    """An entry written by hand (no id: its name owns its state) may have a 64-character name:
+    its owner, ``client.`` + the name, was too long, and every request of it failed (a 500)."""
+    name = "n" * 64
+    clients = json.dumps([{"name": name, "key": ALICE_KEY, "rpm": 5}])
+    gw = start_gateway(upstream.origin, tmp_path, "--set", f"resp2chat_clients={clients}", env=cli_env(tmp_path))
+    try:
+        client = openai_client(gw, api_key=ALICE_KEY)
+        answer = client.responses.create(model="demo-model", input="hello")
+        assert answer.output_text == "You said: hello"
+        assert client.responses.retrieve(answer.id).id == answer.id  # (stored under its owner, and found)
+    finally:
+        gw.stop()
+
 # --- resp2chat usage -------------------------------------------------------------------------------
 
 

@@ -16,18 +16,23 @@ import asyncio
 import copy
 import itertools
 import re
+import string
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from resp2chat_core import limits as L
+from resp2chat_core import owner
 from resp2chat_core.clients import LIMITS, parse_clients
+from resp2chat_core.labels import OPERATOR_NAME
 from resp2chat_core.settings_error import SettingsError
 from resp2chat_io import limit_state
 from resp2chat_io.limit_state import LocalLimits, RedisLimits
 from resp2chat_io.redis_state import KEY_ROOT, RedisState
 from resp2chat_io.store import Writes
 
+NAME_CHARS = string.ascii_letters + string.digits + "_.-"  # (a name: labels.OPERATOR_NAME)
+ID_CHARS = string.ascii_letters + string.digits + "_-"
 DURATION = re.compile(r"^(?:\d+ms|(?:\d+m)?\d+s)$")
 
 steps = st.lists(st.one_of(
@@ -242,3 +247,17 @@ def test_a_debt_of_tokens_outlives_an_hour_in_redis(redis_server):
             await state.close()
 
     asyncio.run(run())
+
+
+@settings(derandomize=True, max_examples=200, deadline=None, database=None)
+@given(name=st.integers(0, 63).flatmap(lambda n: st.text(NAME_CHARS, min_size=n + 1, max_size=n + 1)),
+       ident=st.none() | st.integers(16, 48).flatmap(lambda n: st.text(ID_CHARS, min_size=n, max_size=n)))
+def test_every_client_the_config_takes_has_an_identity(name, ident):
+    """A name of 58 to 64 characters without an id (written by hand) was taken, and every request
+    of its client failed: ``client.`` + the name was not an owner."""
+    assume(OPERATOR_NAME.match(name))
+    entry = {"name": name, "key": "k" * 20, "tpm": 5, **({"id": ident} if ident is not None else {})}
+    spec, = parse_clients([entry])
+    assert owner.check(spec.identity) == spec.identity
+    verdict, ticket = asyncio.run(LocalLimits().admit(spec, "t"))
+    assert verdict.admitted and ticket.key == spec.identity
