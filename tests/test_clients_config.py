@@ -102,6 +102,9 @@ def test_gateway_api_key_is_one_more_client_named_default():
     ([{"name": "alice", "key": ALICE_KEY, "max_streams": True}], "", "clients[0] ('alice').max_streams", "whole number"),
     ([{"name": "alice", "key": ALICE_KEY, "max_sockets": 0}], "", "clients[0] ('alice').max_sockets", "whole number > 0"),
     ([{"name": "alice", "key": ALICE_KEY, "rpm": 2.5}], "", "clients[0] ('alice').rpm", "whole number"),
+    # too large to count (10**400 cannot even become a float: every request was a 500)
+    ([{"name": "alice", "key": ALICE_KEY, "tpm": 10**400}], "", "clients[0] ('alice').tpm", "at most 1,000,000,000,000"),
+    ([{"name": "alice", "key": ALICE_KEY, "rpm": 10**12 + 1}], "", "clients[0] ('alice').rpm", "at most"),
     ([{"name": "a", "key": ALICE_KEY}, {"name": "bob smith", "key": BOB_KEY}], "", "clients[1] ('bob smith').name", "letters, digits"),
     ([{"name": "al\nice", "key": ALICE_KEY}], "", "clients[0] ('al\\nice').name", "letters, digits"),
     ([{"name": "x" * 65, "key": ALICE_KEY}], "", f"clients[0] ('{'x' * 65}').name", "up to 64"),
@@ -196,6 +199,8 @@ def test_file_watch_sees_every_write_and_nothing_else(tmp_path):
     ('[{"name": "alice", "key": "%s"}, {"name": "bob", "key": "%s", "rpm": 0}]' % (ALICE_KEY, BOB_KEY), "",
      ("clients[1] ('bob').rpm", ": 0 is invalid")),
     ('[{"name": "alice", "key": "%s", "colour": "%s"}]' % (ALICE_KEY, BOB_KEY), "", ("clients[0] ('alice').colour", "")),
+    ('[{"name": "alice", "key": "%s", "tpm": 1%s}]' % (ALICE_KEY, "0" * 400), "",
+     ("clients[0] ('alice').tpm", "")),
     ('[{"name": "alice", "key": "%s"}, {"name": "bob", "key": "%s"}]' % (ALICE_KEY, ALICE_KEY), "",
      ("clients[1] ('bob').key", ": '[hidden]' is invalid: clients[0] ('alice') has the same key")),
     ('[{"name": "default", "key": "%s"}]' % ALICE_KEY, BOB_KEY, ("clients[0] ('default').name", "")),
@@ -476,6 +481,21 @@ def test_a_gateway_starts_with_clients_from_keys_add(tmp_path, upstream):
         gw.stop()
     assert key not in gw.log()
 
+
+
+def test_a_client_with_the_longest_name_and_no_id_is_served(tmp_path, upstream):
+    """An entry written by hand (no id: its name owns its state) may have a 64-character name:
+    its owner, ``client.`` + the name, was too long, and every request of it failed (a 500)."""
+    name = "n" * 64
+    clients = json.dumps([{"name": name, "key": ALICE_KEY, "rpm": 5}])
+    gw = start_gateway(upstream.origin, tmp_path, "--set", f"resp2chat_clients={clients}", env=cli_env(tmp_path))
+    try:
+        client = openai_client(gw, api_key=ALICE_KEY)
+        answer = client.responses.create(model="demo-model", input="hello")
+        assert answer.output_text == "You said: hello"
+        assert client.responses.retrieve(answer.id).id == answer.id  # (stored under its owner, and found)
+    finally:
+        gw.stop()
 
 # --- resp2chat usage -------------------------------------------------------------------------------
 

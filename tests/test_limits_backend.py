@@ -105,6 +105,22 @@ def test_max_streams_holds_embeddings_while_a_turn_streams_and_the_other_way(lim
                "the left embedding released")
 
 
+def test_a_429s_wait_covers_every_limit_in_the_way_not_only_the_first(limited):
+    """rpm and tpm both spent: the client is told to wait until both have refilled (it was told
+    rpm's 60 s, and refused again for tpm when it came back)."""
+    gw, key = limited("--rpm", "1", "--tpm", "1")
+    auth = {"authorization": f"Bearer {key}"}
+    first = post_turn(gw, {"model": ALL, "input": "hi"}, auth)
+    assert first.status_code == 200, first.text
+    used = first.json()["usage"]["total_tokens"]
+    assert used > 2
+    refused = post_turn(gw, {"model": ALL, "input": "hi"}, auth)
+    assert refused.status_code == 429 and "(rpm)" in refused.json()["error"]["message"], refused.text
+    tokens_back = (used - 1) * 60  # seconds: 1 - used tokens back above 0 at one a minute
+    assert tokens_back - 5 <= int(refused.headers["retry-after"]) <= tokens_back + 1, (used, refused.headers)
+    assert int(refused.headers["retry-after-ms"]) > (tokens_back - 5) * 1000
+
+
 def test_tpm_spends_the_embeddings_usage_and_a_cut_answer_its_size(limited):
     gw, key = limited("--tpm", "2000")
     sdk = openai_client(gw, api_key=key)

@@ -36,6 +36,10 @@ from .settings_error import SettingsError  # (not settings.py: it validates ``cl
 DEFAULT = "default"  # the client gateway_api_key stands for
 FIELDS = ("name", "key", "key_sha256", "models", "rpm", "tpm", "max_streams", "max_sockets", "id")
 LIMITS = ("rpm", "tpm", "max_streams", "max_sockets")
+# the largest limit (rpm, tpm, max_streams, max_sockets): far past any real one, and exact in a
+# float and in Redis's Lua numbers, where the buckets are counted (a larger int, 10**400, cannot
+# even become a float: every request of the client would have failed with a 500)
+MAX_LIMIT = 10**12
 MIN_KEY_LEN = 16  # a plain key in the config: shorter ones can be guessed (`keys add` makes 47 characters)
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 _KEY = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII without spaces: it travels in an HTTP header
@@ -190,8 +194,9 @@ def parse_clients(entries: Sequence[Any], gateway_api_key: str = "") -> tuple[Cl
         limits = {}
         for limit in LIMITS:
             value = entry.get(limit)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise bad(limit, "expected a whole number > 0 (leave it out for no limit)")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 0 < value <= MAX_LIMIT):
+                raise bad(limit, f"expected a whole number > 0, at most {MAX_LIMIT:,} (leave it out for no limit)")
             limits[limit] = value
         ident = entry.get("id")
         if ident is not None:

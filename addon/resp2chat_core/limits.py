@@ -13,10 +13,10 @@ Rules of this file:
   zero. A turn is admitted while the request bucket holds a whole token and the token bucket
   holds more than nothing, and while the client has fewer than ``max_streams`` turns open.
 - Refused: ``429`` with ``code: rate_limit_exceeded``, ``Retry-After`` (and ``retry-after-ms``)
-  saying when the first bucket in the way has refilled enough, and OpenAI's headers. Every turn's
-  answer carries ``x-ratelimit-limit-*``, ``x-ratelimit-remaining-*`` and
-  ``x-ratelimit-reset-*`` (``requests`` and ``tokens``; only for a limit the client has), so the
-  openai SDK and Codex back off as they do against OpenAI.
+  saying when every bucket in the way has refilled enough (``why`` names the first), and
+  OpenAI's headers. Every turn's answer carries ``x-ratelimit-limit-*``,
+  ``x-ratelimit-remaining-*`` and ``x-ratelimit-reset-*`` (``requests`` and ``tokens``; only
+  for a limit the client has), so the openai SDK and Codex back off as they do against OpenAI.
 - ``retry_headers`` is the one way the gateway writes when to try again (``retry-after`` and
   ``retry-after-ms``): its own 429s, and a backend's ``Retry-After`` passed on to a JSON client
   (``backend_retry_after`` reads that, in seconds or as a date). Where no HTTP header can say it
@@ -173,8 +173,13 @@ def verdict(why: str, rpm: int | None, requests: Bucket | None, tpm: int | None,
     heads = headers(rpm, requests, tpm, tokens)
     if not why:
         return Verdict(True, heads)
-    wait = requests.wait(1) if why == "requests" else max(tokens.wait(1e-9), 0.001) if why == "tokens" else 1.0
-    return Verdict(False, heads, wait, why)
+    if why == "streams":
+        return Verdict(False, heads, 1.0, why)
+    # until every bucket in the way has refilled enough, not only the first: a client that waits
+    # ``Retry-After`` is not refused again by the other one
+    waits = [requests.wait(1) if requests is not None and requests.level < 1 else 0.0,
+             max(tokens.wait(1e-9), 0.001) if tokens is not None and tokens.level <= 0 else 0.0]
+    return Verdict(False, heads, max(waits), why)
 
 
 def spend(now: float, tokens: Bucket, used: int) -> None:

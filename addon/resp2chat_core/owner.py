@@ -34,7 +34,10 @@ import hashlib
 import re
 
 SHARED = ""
-_VALID = re.compile(r"[A-Za-z0-9_.-]{0,64}")  # safe as a Redis key part (no ':', no space) and a label
+# safe as a Redis key part (no ':', no space) and a label; as long as ``client.`` and the longest
+# name a client may have (64: labels.OPERATOR_NAME; a bound of 64 here failed such a client at
+# every request)
+_VALID = re.compile(r"[A-Za-z0-9_.-]{0,71}")
 
 
 def of_credential(authorization: str | None) -> str:

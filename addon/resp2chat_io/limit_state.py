@@ -9,9 +9,11 @@ store addon picks one when ``state_store_url`` changes (addons/store.py ``limit_
   replicas cannot both take the last token). ``resp2chat:limits:{identity}`` (the client's
   ``ClientSpec.identity``: a name revoked and added again starts afresh, a rotated key does
   not) is a hash of the two
-  buckets' levels and times (Redis's clock); ``…:streams`` a sorted set of the client's open
+  buckets' levels and times (Redis's clock), kept an hour after the client's last request, or
+  until a debt of tokens has refilled if that is later (an expired key is full buckets); ``…:streams`` a sorted set of the client's open
   turns, scored by their last heartbeat: a replica refreshes its open turns every ``HEARTBEAT``
-  seconds, so the turns of a replica that died stop counting after ``LEASE``. Redis down
+  seconds (and the set's expiry with them: a turn outlives the admission that set it), so the
+  turns of a replica that died stop counting after ``LEASE``. Redis down
   (``StateUnavailable``): the decision falls back to this replica's own state, a
   ``LocalLimits`` (plain turns go on, as everywhere else; the log says Redis is down), until
   Redis answers again.
@@ -75,8 +77,12 @@ if why == '' then
   end
 end
 if rpm > 0 then redis.call('HSET', key, 'r', tostring(rl), 'rt', tostring(now)) end
-if tpm > 0 then redis.call('HSET', key, 't', tostring(tl), 'tt', tostring(now)) end
-redis.call('EXPIRE', key, 3600)
+local ttl = 3600  -- (past a debt's refill: a turn may spend many minutes of tpm, and an expired key is full)
+if tpm > 0 then
+  redis.call('HSET', key, 't', tostring(tl), 'tt', tostring(now))
+  ttl = math.max(ttl, math.ceil((tpm - tl) * 60 / tpm) + 60)
+end
+redis.call('EXPIRE', key, ttl)
 return {why, tostring(rl), tostring(tl), tostring(now), open}
 """
 
@@ -95,16 +101,17 @@ if tpm > 0 and used > 0 then
     if l > tpm then l = tpm end
   end
   redis.call('HSET', key, 't', tostring(l - used), 'tt', tostring(now))
-  redis.call('EXPIRE', key, 3600)
+  redis.call('EXPIRE', key, math.max(3600, math.ceil((tpm - l + used) * 60 / tpm) + 60))
 end
 return 1
 """
 
 _HEARTBEAT = """
-local key, now_ignored = KEYS[1], ARGV[1]
+local key, lease = KEYS[1], tonumber(ARGV[1])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 for i = 2, #ARGV do redis.call('ZADD', key, 'XX', now, ARGV[i]) end
+redis.call('EXPIRE', key, math.ceil(lease * 2))  -- (none: nothing is made)
 return 1
 """
 
@@ -223,7 +230,7 @@ class RedisLimits:
             key = f"{KEY_ROOT}limits:{who}:streams"
             try:
                 await self.state.call("refresh open turns", lambda c, key=key, turns=turns: script(keys=[key],
-                                                                                              args=[0, *turns]))
+                                                                                              args=[LEASE, *turns]))
             except StateUnavailable:
                 break
             except Exception as exc:  # noqa: BLE001 — a heartbeat must not die
