@@ -73,7 +73,9 @@ class Backend(QuietHandler):
             Backend.received.append(body)
         kind, what = Backend.answer
         if kind == "status":
-            send_json(self, what, {"error": {"message": f"backend says {what}", "type": "x", "code": None}})
+            code = "context_length_exceeded" if what == 413 else None
+            send_json(self, what, {"error": {"message": f"backend says {what}", "type": "x", "code": code}},
+                      headers={"retry-after": "2"} if what == 429 else None)
         elif kind == "cut":  # the stream's head and some events, then the connection drops
             self.send_response(200)
             self.send_header("content-type", "text/event-stream")
@@ -108,7 +110,7 @@ def answers(draw) -> tuple:
     """One backend answer: ("sse", bytes), ("cut", bytes) or ("status", int)."""
     form = draw(st.sampled_from(["sse"] * 6 + ["cut", "status", "empty", "error", "whole"]))
     if form == "status":
-        return "status", draw(st.sampled_from([400, 401, 404, 429, 500, 503]))
+        return "status", draw(st.sampled_from([400, 401, 404, 413, 429, 500, 503]))
     if form == "empty":
         return "sse", draw(st.sampled_from([chat_sse(), b"", b"data: {}\n\n"]))
     if form == "whole":  # a backend that ignores ``stream``
@@ -118,7 +120,13 @@ def answers(draw) -> tuple:
         return "sse", json.dumps(chat_completion(message, draw(st.sampled_from(["stop", "length"])))).encode()
     chunks = [chat_chunk({"role": "assistant"})]
     for key in draw(st.lists(st.sampled_from(["reasoning_content", "content", "refusal"]), max_size=3, unique=True)):
-        chunks += [chat_chunk({key: piece}) for piece in draw(st.lists(_TEXT.filter(bool), min_size=1, max_size=3))]
+        pieces = draw(st.lists(_TEXT.filter(bool), min_size=1, max_size=3))
+        logprobs = key == "content" and draw(st.booleans())
+        for piece in pieces:
+            chunks.append(chat_chunk({key: piece}))
+            if logprobs:
+                chunks[-1]["choices"][0]["logprobs"] = {"content": [
+                    {"token": piece, "logprob": -0.5, "bytes": list(piece.encode()), "top_logprobs": []}]}
     calls = draw(st.lists(st.sampled_from(["f", "g", "c", "local_shell"]), max_size=2))
     for i, name in enumerate(calls):
         chunks.append(chat_chunk({"tool_calls": [{"index": i, "id": f"call_{i}", "type": "function",
@@ -127,7 +135,9 @@ def answers(draw) -> tuple:
                    for a in draw(st.sampled_from([["{}"], ['{"a"', ": 1}"], [], ['{"input": "*** Begin', ' Patch"}'],
                                                   ['{"command": ["ls"]}']]))]
     if form == "error":
-        return "sse", chat_sse(*chunks, {"error": {"message": "overloaded", "type": "server_error"}}, done=False)
+        code = draw(st.sampled_from([None, "context_length_exceeded", "rate_limit_exceeded"]))
+        return "sse", chat_sse(*chunks, {"error": {"message": "overloaded", "type": "server_error", "code": code}},
+                               done=False)
     finish = draw(st.sampled_from(["stop", "length", "tool_calls", "content_filter"]))
     chunks.append(chat_chunk(finish=finish))
     if draw(st.booleans()):
@@ -140,7 +150,9 @@ def answers(draw) -> tuple:
 @st.composite
 def requests_(draw) -> dict:
     """A turn's request, but its input."""
-    body: dict = {"model": MODEL, "store": draw(st.booleans())}
+    body: dict = {"model": MODEL, "store": draw(st.sampled_from([True, False, None]))}
+    if body["store"] is None:
+        del body["store"]  # (the default: stored)
     if draw(st.booleans()):
         body["tools"] = _TOOLS + draw(st.sampled_from([[], [{"type": "custom", "name": "c", "description": "raw"},
                                                             {"type": "local_shell"}]]))
@@ -151,8 +163,7 @@ def requests_(draw) -> dict:
         body["instructions"] = draw(st.sampled_from(["Be brief.", "Answer in JSON."]))
     if draw(st.booleans()):
         body["metadata"] = {"k": "v"}
-    if draw(st.booleans()):
-        body["include"] = ["reasoning.encrypted_content"]
+    body["include"] = draw(st.sampled_from([[], ["reasoning.encrypted_content"], ["message.output_text.logprobs"]]))
     if draw(st.booleans()):
         body["text"] = {"format": _SCHEMA}
     for key, values in _MORE.items():
@@ -234,7 +245,7 @@ def _run(gw, transport: str, body: dict, script: list, chain: str, first, refer:
             if conv is not None:
                 request["conversation"] = conv
             elif previous is not None:
-                if body["store"] or transport == "ws" or previous["status"] == "failed":
+                if body.get("store", True) or transport == "ws" or previous["status"] == "failed":
                     request["previous_response_id"] = previous["id"]  # (a failed one: refused alike)
                 else:  # nothing stored: an HTTP client sends the whole conversation again
                     request["input"] = conversation + new
@@ -250,7 +261,7 @@ def _run(gw, transport: str, body: dict, script: list, chain: str, first, refer:
                 r = post_turn(gw, {**request, "stream": transport == "http-stream"})
                 end = _sse_of_http(r) if transport == "http-stream" or r.status_code != 200 else ("whole", r.json())
             previous = _response(end)
-            stored = _stored(gw, previous["id"]) if previous is not None and body["store"] else None
+            stored = _stored(gw, previous["id"]) if previous is not None and body.get("store", True) else None
             if conv is not None:
                 r = requests.get(f"{gw.base_url}/conversations/{conv}/items", params={"order": "asc"}, timeout=10)
                 stored = (stored, r.status_code, r.json())
@@ -346,7 +357,7 @@ def _outcome(end: tuple, store: bool) -> tuple:
        chain=st.sampled_from(["previous", "conversation", "stream true", "stream false", "retry", "warm-up"]),
        first=st.sampled_from(_FIRST), refer=st.booleans())
 def test_property_a_turn_runs_the_same_over_http_and_the_websocket(rig, body, script, chain, first, refer):
-    store = body["store"] and chain != "warm-up"  # (the first turn continues a warm-up: previous_response_id)
+    store = body.get("store", True) and chain != "warm-up"  # (the first turn continues a warm-up: previous_response_id)
     if chain == "retry" and not store:
         chain = "previous"  # (over HTTP, the whole conversation again; the socket forgot it: the spec's rule)
     http_stream, sent_stream = _run(rig, "http-stream", body, script, chain, first, refer)
