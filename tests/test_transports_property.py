@@ -165,7 +165,8 @@ def requests_(draw) -> dict:
         body["metadata"] = {"k": "v"}
     body["include"] = draw(st.sampled_from([[], ["reasoning.encrypted_content"], ["message.output_text.logprobs"]]))
     if draw(st.booleans()):
-        body["text"] = {"format": _SCHEMA}
+        body["text"] = draw(st.sampled_from([{"format": _SCHEMA}, {"format": {"type": "json_object"}},
+                                             {"verbosity": "low"}, {"format": {"type": "json_schema"}}]))
     for key, values in _MORE.items():
         if draw(st.integers(0, 7)) == 0:
             body[key] = draw(st.sampled_from(values))
@@ -177,7 +178,8 @@ _MORE = {  # other fields a request may carry, some of them wrong
     "reasoning": [{"effort": "low", "summary": "auto"}, {"effort": "high"}, {"summary": "bogus"}],
     "truncation": ["auto"], "user": ["u"], "prompt_cache_key": ["k"], "service_tier": ["auto", "flex"],
     "top_logprobs": [2], "max_tool_calls": [1], "stream_options": [{"include_obfuscation": False}],
-    "safety_identifier": ["s"], "bogus": [1], "prompt": [{"id": "pmpt_1"}],
+    "safety_identifier": ["s"], "bogus": [1], "prompt": [{"id": "pmpt_1"}], "generate": [True],
+    "metadata": [{"k" * 65: "v"}, {"k": "v" * 513}],
 }
 
 
