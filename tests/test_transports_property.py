@@ -242,7 +242,9 @@ def _run(gw, transport: str, body: dict, script: list, chain: str, first, refer:
             Backend.answer = answer
             if chain == "retry" and previous is not None and previous["status"] == "failed":
                 previous = good
-            new = _next_input(k, previous, first, refer)
+            # (a failed turn's output is no client's to answer: a non-streaming one never saw it)
+            new = _next_input(k, previous if previous is None or previous["status"] != "failed" else None, first,
+                              refer)
             request = {**body, "input": new}
             if conv is not None:
                 request["conversation"] = conv
