@@ -58,6 +58,22 @@ def test_input_items_carry_every_field_the_sdk_and_spec_require_of_a_part(own_ga
                                           "input_image", "input_text"]
 
 
+def test_an_extension_item_is_listed_with_the_status_the_spec_requires(own_gateway):
+    """An item of a type the spec does not define (Codex's ``additional_tools``) is listed with
+    ``id``, ``type`` and ``status``, which the spec requires of every item (found by
+    test_transports_property.py: a conversation's list lacked the status), in a response's input
+    items as in a conversation's."""
+    tools = {"type": "additional_tools", "tools": [{"type": "function", "name": "f", "parameters": {}}]}
+    conv = requests.post(f"{own_gateway.base_url}/conversations", json={}, timeout=10).json()["id"]
+    r = requests.post(f"{own_gateway.base_url}/responses", timeout=30, json={
+        "model": "demo-model", "conversation": conv, "input": [tools, {"role": "user", "content": "hi"}]})
+    lists = [requests.get(f"{own_gateway.base_url}/responses/{r.json()['id']}/input_items", timeout=10),
+             requests.get(f"{own_gateway.base_url}/conversations/{conv}/items", timeout=10)]
+    for listed in lists:
+        (item,) = [i for i in listed.json()["data"] if i["type"] == "additional_tools"]
+        assert item["status"] == "completed" and item["id"], item  # (requests' hook checks the list: check_body)
+
+
 def test_input_items_show_sealed_reasoning_only_when_included(own_gateway):
     client = openai_client(own_gateway)
     first = client.responses.create(model="demo-model", input="hi", store=False,

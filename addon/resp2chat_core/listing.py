@@ -14,8 +14,9 @@ Rules of this file:
 - An item is listed with an ``id`` (one the client gave it, else, none or a null or ``""``
   one, ``listed_ids`` gives it one, the same each time) and, for a message, its ``type`` and
   ``status`` and its content as parts (a string becomes one ``input_text`` or, for the
-  assistant, ``output_text`` part); a function call or its output without a ``status`` (a
-  client's input) is ``completed``.
+  assistant, ``output_text`` part); a function call or its output, or an item of a type the
+  spec does not define (Codex's ``additional_tools``: the spec requires a ``status`` of it),
+  without a ``status`` (a client's input) is ``completed``.
 - A content part is listed with the fields the API's objects require of it even where the
   client's input left them out (``LISTED_PARTS``: an ``input_image``'s ``detail``, ``auto``, the
   API's default, and ``image_url``, null with a ``file_id``; an ``output_text``'s
@@ -37,6 +38,7 @@ from .schema import INCLUDES as _INCLUDES
 from .seal import Sealer
 
 DEFAULT_LIMIT, MAX_LIMIT = 20, 100
+UNSTATUSED = ("reasoning", "compaction")  # the item types the spec lists without a status
 ORDERS = ("asc", "desc")
 ENCRYPTED = INCLUDE_REASONING
 INCLUDES = frozenset(_INCLUDES)  # (the item lists' include values are a turn's: schema.py)
@@ -137,7 +139,7 @@ def as_listed(item, include: frozenset = frozenset(), sealer: Sealer | None = No
                 "content": _listed_parts(content)}
     elif item.get("type") in TOOL_OUTPUTS and isinstance(item.get("output"), list):
         item = {**item, "output": _listed_parts(item["output"])}
-    if item.get("type") in ("function_call", "function_call_output") and not item.get("status"):
+    if not item.get("status") and item.get("type") not in UNSTATUSED:
         item = {**item, "status": "completed"}  # (a client's own, as its input had it: OpenAI lists it so)
     if item.get("type") == "reasoning":
         if ENCRYPTED not in include:
