@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+import json
+import re
+
 import requests
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from helpers import parse_sse
 
@@ -31,3 +37,76 @@ def test_a_hit_is_no_hit_once_what_the_request_refers_to_is_gone(upstream, gatew
         assert r.status_code in (400, 404), r.text[:300]
         assert "not found" in r.text, r.text[:300]
     assert len(upstream.requests()) == 3
+
+
+# --- a hit answers what its miss answered, and leaves the same stored state --------------------
+
+TOOL = {"type": "function", "name": "lookup", "description": "look a thing up",
+        "parameters": {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}}
+
+requests_drawn = st.fixed_dictionaries({
+    "say": st.sampled_from(["hello {n}", 'call: lookup {{"q": "n{n}"}}', "json {n}", "words: 5\nn{n}"]),
+    "stream": st.booleans(),
+    "store": st.sampled_from([None, True, False]),
+    "instructions": st.sampled_from([None, "be brief"]),
+    "include": st.sampled_from([None, ["reasoning.encrypted_content"]]),
+    "metadata": st.sampled_from([None, {"who": "prop"}]),
+    "tools": st.sampled_from([None, [TOOL]]),
+    "temperature": st.sampled_from([None, 0.5]),
+    "reasoning": st.sampled_from([None, {"summary": "auto"}]),
+})
+
+
+def _as_miss(answer: bytes, hit_id: str, miss_id: str) -> bytes:
+    """A hit's answer with its miss's response id (item and call ids derive from it), timestamps blanked."""
+    new, old = hit_id.removeprefix("resp_").encode(), miss_id.removeprefix("resp_").encode()
+    return _times(answer.replace(new, old).replace(new[:16], old[:16]))
+
+
+def _times(raw: bytes) -> bytes:
+    return re.sub(rb'"(created_at|completed_at)": ?\d+', rb'"\1":0', raw)
+
+
+def _response_id(raw: bytes, stream: bool) -> str:
+    return parse_sse(raw)[-1]["response"]["id"] if stream else json.loads(raw)["id"]
+
+
+def test_a_hit_answers_and_stores_what_its_miss_did(upstream, gateway_factory):
+    """Random requests (streamed or not, stored or not, tools, instructions, include, metadata,
+    sampling, a reasoning summary), each sent twice: the second is answered from the cache, byte
+    for byte the first's answer under its own response id and times; stored, it reads back as
+    the first (``GET``, its input items), and a turn continuing it sends the backend the very
+    chat request a turn continuing the first does."""
+    gw = gateway_factory(upstream.origin)
+    url = gw.base_url + "/responses"
+    count = itertools.count()
+
+    @settings(derandomize=True, max_examples=10, deadline=None, database=None)
+    @given(drawn=requests_drawn)
+    def check(drawn):
+        n = next(count)
+        body = {"model": "demo-model", "input": drawn["say"].format(n=n)}
+        body.update({k: v for k, v in drawn.items() if k != "say" and v is not None})
+        before = len(upstream.requests())
+        miss, hit = (requests.post(url, json=body, timeout=30) for _ in range(2))
+        assert miss.status_code == hit.status_code == 200, miss.text[:300]
+        assert len(upstream.requests()) == before + 1  # (the second: a hit)
+        stream = drawn["stream"]
+        miss_id, hit_id = _response_id(miss.content, stream), _response_id(hit.content, stream)
+        assert hit_id != miss_id
+        assert _as_miss(hit.content, hit_id, miss_id) == _times(miss.content)
+        if drawn["store"] is False:
+            return
+        for path in ("", "/input_items"):
+            got = [requests.get(f"{url}/{rid}{path}", timeout=30) for rid in (miss_id, hit_id)]
+            assert got[0].status_code == got[1].status_code == 200, got[1].text[:300]
+            assert _as_miss(got[1].content, hit_id, miss_id) == _times(got[0].content), path
+        sent = []
+        for rid in (miss_id, hit_id):
+            follow = requests.post(url, json={"model": "demo-model", "input": f"and then {n}", "previous_response_id": rid,
+                                              **({"tools": [TOOL]} if drawn["tools"] else {})}, timeout=30)
+            assert follow.status_code == 200, follow.text[:300]
+            sent.append(json.dumps(upstream.requests()[-1]).encode())
+        assert _as_miss(sent[1], hit_id, miss_id) == sent[0]
+
+    check()
