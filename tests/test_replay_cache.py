@@ -6,11 +6,13 @@ import itertools
 import json
 import re
 
+import pytest
 import requests
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import parse_sse
+from helpers import ROOT, parse_sse, read_flows
+from recordings import SEAL_KEY
 
 
 def test_a_hit_is_no_hit_once_what_the_request_refers_to_is_gone(upstream, gateway_factory):
@@ -110,3 +112,32 @@ def test_a_hit_answers_and_stores_what_its_miss_did(upstream, gateway_factory):
         assert _as_miss(sent[1], hit_id, miss_id) == sent[0]
 
     check()
+
+
+# --- preloaded answers hold what this gateway sealed, or are not preloaded ---------------------
+
+
+@pytest.mark.parametrize("key", [SEAL_KEY, "another-seal-key-of-this-install"])
+def test_a_preloaded_answer_is_served_only_when_its_sealed_contents_open_here(gateway_factory, key):
+    """An answer holds what its gateway sealed (``encrypted_content``), which only that key
+    opens: preloaded from a recording made under another key, a client would be handed reasoning
+    it cannot send back (400 "sealed by another key"). So such an answer is not preloaded: the
+    request goes to its (here dead) backend as a miss would."""
+    recording = ROOT / "recordings" / "plain-answer.mitm"
+    flow = [f for f in read_flows(recording) if "resp2chat" in f.metadata][0]
+    assert b'"encrypted_content":"r2c1.' in flow.response.content  # (the recording holds sealed reasoning)
+    gw = gateway_factory("http://127.0.0.1:9", "--set", f"resp2chat_replay_preload={recording}",
+                         "--set", f"resp2chat_upstream_base_url={flow.metadata['resp2chat']['upstream']}",
+                         "--set", f"resp2chat_seal_key={key}")
+    r = requests.post(gw.base_url + "/responses", data=flow.metadata["resp2chat"]["responses_request"].encode(),
+                      headers={"content-type": "application/json"}, timeout=30)
+    if key != SEAL_KEY:
+        assert b"response.completed" not in r.content, r.content[:300]
+        return
+    done = parse_sse(r.content)[-1]["response"]
+    assert done["status"] == "completed"
+    sealed = [o for o in done["output"] if o.get("encrypted_content")]
+    assert sealed  # …and this gateway opens it again: a stateless turn that sends it back is lowered
+    again = requests.post(gw.base_url + "/responses", json={
+        "model": done["model"], "store": False, "input": [*sealed, {"role": "user", "content": "go on"}]}, timeout=30)
+    assert "sealed" not in again.text, again.text[:300]

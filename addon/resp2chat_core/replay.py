@@ -55,6 +55,24 @@ def unpack_fresh(entry: bytes, response_id: str, created_at: int) -> bytes:
     return _COMPLETED_AT.sub(b'"completed_at":%d' % created_at, body)
 
 
+_SEALED = re.compile(rb'"encrypted_content": ?"(r2c1\.[A-Za-z0-9_-]*)"')  # (seal.py SEALED_PREFIX)
+
+
+def opens_here(answer: bytes, unseal, purposes: tuple[str, ...]) -> bool:
+    """Whether every ``encrypted_content`` the gateway sealed in an answer opens with this
+    gateway's key (``unseal``: ``Sealer.unseal``), for one of ``purposes``: a recorded answer
+    sealed under another key is no answer of this gateway (its client could not send it back)."""
+    def opens(token: str) -> bool:
+        for purpose in purposes:
+            try:
+                unseal(purpose, token)
+                return True
+            except ValueError:  # (seal.SealError)
+                pass
+        return False
+    return all(opens(m[1].decode()) for m in _SEALED.finditer(answer))
+
+
 # --- offline replay that matches a rerun (``--server-replay``; addons/server_replay.py) -------
 
 # What differs between two runs of the same Codex session, blanked before two chat requests are
