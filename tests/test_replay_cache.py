@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import re
@@ -144,3 +145,61 @@ def test_a_preloaded_answer_is_served_only_when_its_sealed_contents_open_here(ga
     again = requests.post(gw.base_url + "/responses", json={
         "model": done["model"], "store": False, "input": [*sealed, {"role": "user", "content": "go on"}]}, timeout=30)
     assert "sealed" not in again.text, again.text[:300]
+
+
+# --- the key: one per request, whatever the prefix cache kept (pure) ----------------------------
+
+OWNERS = ("", "client.a", "auth-" + "0" * 32)
+CONTEXTS = ("http://u/v1\nLoweringOptions()\nseal a", "http://u/v1\nLoweringOptions()\nseal b")
+steps = st.lists(st.tuples(
+    st.sampled_from(["append", "resend", "edit-old", "reorder", "tail", "fork", "cut"]),
+    st.integers(0, 10**6), st.sampled_from([0, 1, 2]), st.sampled_from([0, 1]), st.booleans(),
+    st.booleans()), min_size=2, max_size=12)
+
+
+@settings(derandomize=True, max_examples=60, deadline=None, database=None)
+@given(sequence=steps)
+def test_two_requests_share_a_replay_key_only_when_they_are_the_same_request(sequence):
+    """Sessions of bodies sharing long histories (turns appended, an old item edited deep inside,
+    members reordered, the last member changed, forks, cut short, sent again, compact or spaced
+    JSON) decoded through the prefix cache, which keeps hash states of what it decoded (small
+    steps here) and hashes only what is new: two keys are equal exactly when the bodies are the
+    same bytes, from the same owner, in the same context; each key is the one a cold cache gives."""
+    import resp2chat_core.requestbody as rb
+    from resp2chat_core.replay import replay_key
+
+    saved = rb.PREFIXES, rb.PREFIX_MIN, rb.DIGEST_STEP
+    rb.PREFIXES, rb.PREFIX_MIN, rb.DIGEST_STEP = rb.Prefixes(max_bytes=1 << 20, entries=4), 0, 256
+    try:
+        items: list = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi " * 40}]}]
+        forks: list = []
+        seen: dict[tuple, str] = {}
+        for op, n, owner, context, spaced, ask in sequence:
+            if op == "append":
+                items = items + [{"type": "message", "role": "assistant" if n % 2 else "user",
+                                  "content": [{"type": "output_text", "text": f"turn {n} " * (n % 50)}]}]
+            elif op == "edit-old" and items:
+                i = n % len(items)
+                items = items[:i] + [{**items[i], "content": [{"type": "input_text", "text": f"edited {n}"}]}] + items[i + 1:]
+            elif op == "fork":
+                forks.append(items)
+                items = items + [{"type": "message", "role": "user", "content": f"fork {n}"}]
+            elif op == "cut" and len(items) > 1:
+                items = items[:1 + n % (len(items) - 1)]
+            elif op == "resend" and forks:
+                items = forks[n % len(forks)]
+            members = {"model": "m", "input": items, "stream": n % 3 == 0 if op == "tail" else True}
+            if op == "reorder":
+                members = dict(reversed(list(members.items())))
+            body = json.dumps(members, indent=1 if spaced else None, separators=None if spaced else (",", ":")).encode()
+            rb.loads(body)
+            if not ask:
+                continue  # (a turn the cache is not asked for hashes nothing)
+            key = replay_key(CONTEXTS[context], rb.body_digest(body), OWNERS[owner])
+            assert key == replay_key(CONTEXTS[context], hashlib.sha256(body).digest(), OWNERS[owner])
+            request = (body, owner, context)
+            for other, other_key in seen.items():
+                assert (other == request) == (other_key == key)
+            seen[request] = key
+    finally:
+        rb.PREFIXES, rb.PREFIX_MIN, rb.DIGEST_STEP = saved
