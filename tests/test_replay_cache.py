@@ -58,6 +58,7 @@ requests_drawn = st.fixed_dictionaries({
     "temperature": st.sampled_from([None, 0.5]),
     "reasoning": st.sampled_from([None, {"summary": "auto"}]),
     "context_management": st.sampled_from([None, [{"type": "compaction", "compact_threshold": 1}]]),
+    "prior": st.sampled_from([None, "previous", "sent back"]),  # continues a stored response, or sends its items back
 })
 
 
@@ -77,7 +78,8 @@ def _response_id(raw: bytes, stream: bool) -> str:
 
 def test_a_hit_answers_and_stores_what_its_miss_did(upstream, gateway_factory):
     """Random requests (streamed or not, stored or not, tools, instructions, include, metadata,
-    sampling, a reasoning summary, server-side compaction), each sent twice: the second is answered from the cache, byte
+    sampling, a reasoning summary, server-side compaction; continuing a stored response, or
+    sending one's items back, sealed reasoning too), each sent twice: the second is answered from the cache, byte
     for byte the first's answer under its own response id and times; stored, it reads back as
     the first (``GET``, its input items), and a turn continuing it sends the backend the very
     chat request a turn continuing the first does."""
@@ -90,7 +92,14 @@ def test_a_hit_answers_and_stores_what_its_miss_did(upstream, gateway_factory):
     def check(drawn):
         n = next(count)
         body = {"model": "demo-model", "input": drawn["say"].format(n=n)}
-        body.update({k: v for k, v in drawn.items() if k != "say" and v is not None})
+        body.update({k: v for k, v in drawn.items() if k not in ("say", "prior") and v is not None})
+        if drawn["prior"] is not None:
+            prior = requests.post(url, json={"model": "demo-model", "input": f"before {n}", "store": drawn["prior"] == "previous",
+                                             "include": ["reasoning.encrypted_content"]}, timeout=30).json()
+            if drawn["prior"] == "previous":
+                body["previous_response_id"] = prior["id"]
+            else:
+                body["input"] = [*prior["output"], {"role": "user", "content": body["input"]}]
         before = len(upstream.requests())
         miss = requests.post(url, json=body, timeout=30)
         after = len(upstream.requests())

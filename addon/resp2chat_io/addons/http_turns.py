@@ -287,6 +287,8 @@ class HttpTurns:
         flow.comment = f"replay cache hit · {response_id}"
         if items is not None:
             final = final_response(answer) if stream else json.loads(answer)
+            if final["output"] and final["output"][0].get("type") == compaction.ITEM:  # (the turn compacted its
+                items = compaction.users(items)  # conversation first, server-side: what it stored, turn.py begin_turn)
             self.store.put(response_id, items + final["output"], final, owner=owner)
         return True
 
