@@ -58,6 +58,10 @@ requests_drawn = st.fixed_dictionaries({
     "temperature": st.sampled_from([None, 0.5]),
     "reasoning": st.sampled_from([None, {"summary": "auto"}]),
     "context_management": st.sampled_from([None, [{"type": "compaction", "compact_threshold": 1}]]),
+    "text": st.sampled_from([None, {"format": {"type": "json_object"}}, {"verbosity": "low"}]),
+    "tool_choice": st.sampled_from([None, "auto", "none"]),
+    "prompt_cache_key": st.sampled_from([None, "pck"]),
+    "max_output_tokens": st.sampled_from([None, 500]),
     "prior": st.sampled_from([None, "previous", "sent back"]),  # continues a stored response, or sends its items back
 })
 
