@@ -12,7 +12,8 @@ import requests
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import ROOT, parse_sse, read_flows
+from helpers import ROOT, Upstream, parse_sse, read_flows, wait_until
+from resp2chat_io.demo_upstream import serve_in_thread
 from recordings import SEAL_KEY
 
 
@@ -216,3 +217,35 @@ def test_two_requests_share_a_replay_key_only_when_they_are_the_same_request(seq
             seen[request] = key
     finally:
         rb.PREFIXES, rb.PREFIX_MIN, rb.DIGEST_STEP = saved
+
+
+# --- the upstream chosen is part of what a key says ----------------------------------------------
+
+
+def test_replicas_routing_a_model_elsewhere_do_not_share_its_answers(gateway_factory, redis_server):
+    """Replicas sharing Redis whose ``upstreams`` list the same backends but route a model to
+    another one (its ``models`` globs: a configuration being rolled out) give other answers: a
+    request one replica sent to backend a is sent to backend b by the other, not answered with
+    a's answer from the shared replay cache."""
+    servers = [serve_in_thread() for _ in range(2)]
+    try:
+        a, b = (Upstream(url, server) for server, url in servers)
+
+        def routing(first_models: list) -> str:
+            return "resp2chat_upstreams=" + json.dumps([{"name": "a", "base_url": a.base_url, "models": first_models},
+                                                        {"name": "b", "base_url": b.base_url, "models": ["*"]}])
+        shared = ("--set", f"resp2chat_state_store_url={redis_server.url}", "--set", "resp2chat_seal_key=one-key-for-both-replicas")
+        to_a, to_b = (gateway_factory("http://127.0.0.1:9", *shared, "--set", routing(models))
+                      for models in (["demo-*"], ["other-*"]))
+        body = {"model": "demo-model", "input": "which backend?"}
+        assert requests.post(to_a.base_url + "/responses", json=body, timeout=30).status_code == 200
+        assert (len(a.requests()), len(b.requests())) == (1, 0)
+        wait_until(lambda: redis_server.client().zcard("resp2chat:replays") == 1, 20, "the replay stored")
+        assert requests.post(to_a.base_url + "/responses", json=body, timeout=30).status_code == 200
+        assert len(a.requests()) == 1  # (the same routing: a hit)
+        assert requests.post(to_b.base_url + "/responses", json=body, timeout=30).status_code == 200
+        assert (len(a.requests()), len(b.requests())) == (1, 1)
+    finally:
+        for server, _ in servers:
+            server.shutdown()
+            server.server_close()
