@@ -249,3 +249,20 @@ def test_replicas_routing_a_model_elsewhere_do_not_share_its_answers(gateway_fac
         for server, _ in servers:
             server.shutdown()
             server.server_close()
+
+
+def test_a_hit_echoes_the_request_as_the_miss_did(upstream, gateway_factory):
+    """A hit swaps the Response's own id and times, and nothing the request set: a tool schema or
+    a text format holding ``created_at``/``completed_at`` numbers is echoed as it was sent."""
+    gw = gateway_factory(upstream.origin)
+    stamps = {"type": "object", "properties": {"completed_at": {"type": "integer"}, "created_at": {"type": "integer"}},
+              "examples": [{"completed_at": 7, "created_at": 7}]}
+    body = {"model": "demo-model", "input": "json", "tools": [{**TOOL, "parameters": {**TOOL["parameters"], "default": {
+        "completed_at": 8}}}], "text": {"format": {"type": "json_schema", "name": "stamps", "schema": stamps}}}
+    for stream in (False, True):
+        for _ in range(2):  # a miss, then a hit
+            r = requests.post(gw.base_url + "/responses", json={**body, "stream": stream}, timeout=30)
+            done = parse_sse(r.content)[-1]["response"] if stream else r.json()
+            assert done["status"] == "completed"
+            assert done["tools"][0]["parameters"]["default"] == {"completed_at": 8}
+            assert done["text"]["format"]["schema"]["examples"] == [{"completed_at": 7, "created_at": 7}]

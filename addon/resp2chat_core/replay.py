@@ -39,20 +39,21 @@ def entry_flags(entry: bytes) -> tuple[bool, bool]:
     return fields[2] == b"1", fields[3] == b"1"
 
 
-_CREATED_AT = re.compile(rb'"created_at": ?[0-9]+')  # (an SSE answer's compact JSON, or a JSON body's)
-_COMPLETED_AT = re.compile(rb'"completed_at": ?[0-9]+')
+# The Response's own times, where response.py writes them, just after its id (an SSE answer's
+# compact JSON, or a JSON body's): only these, never a number the request set that the Response
+# echoes (a tool's schema, a text format's may hold "created_at"/"completed_at" members).
+_TIMES = rb'("id": ?"resp_%s", ?"object": ?"response", ?"created_at": ?)[0-9]+(, ?"status": ?"[a-z_]+", ?"completed_at": ?)([0-9]+|null)'
 
 
 def unpack_fresh(entry: bytes, response_id: str, created_at: int) -> bytes:
     """The stored answer under a new response id and creation time (``completed_at`` too: a
     cached answer completes as it is created)."""
     head, _, body = entry.partition(b"\n")
-    old_id, old_created = head.decode().split(" ")[:2]
+    old_id = head.decode().split(" ")[0]
     old, new = old_id.removeprefix("resp_").encode(), response_id.removeprefix("resp_").encode()
     body = body.replace(old, new).replace(old[:16], new[:16])  # item ids, then generated call ids
-    body = _CREATED_AT.sub(lambda m: b'"created_at":%d' % created_at if m[0].endswith(old_created.encode()) else m[0],
-                           body)
-    return _COMPLETED_AT.sub(b'"completed_at":%d' % created_at, body)
+    stamp = b"%d" % created_at
+    return re.sub(_TIMES % re.escape(new), lambda m: m[1] + stamp + m[2] + (m[3] if m[3] == b"null" else stamp), body)
 
 
 _SEALED = re.compile(rb'"encrypted_content": ?"(r2c1\.[A-Za-z0-9_-]*)"')  # (seal.py SEALED_PREFIX)
