@@ -1,9 +1,10 @@
 """Replay cache: completed answers keyed by the SHA-256 of the exact client request.
 
-An identical request (same bytes, same upstream, same settings, same owner) is answered from
-memory with the very answer the client got the first time, its response id and ``created_at``
-swapped for fresh ones (item and call ids derive from the response id, so they change with it). Only answers that
-completed are kept. FIFO with a fixed number of entries and a per-entry size cap, so memory is
+An identical request (same bytes, same upstreams serving the same models, same settings, same
+owner) is answered from memory with the very answer the client got the first time, its response
+id and its own ``created_at``/``completed_at`` swapped for fresh ones (item and call ids derive
+from the response id, so they change with it); what the request referred to must still be
+there (addons/http_turns.py ``_answer_hit``). Only answers that completed are kept. FIFO with a fixed number of entries and a per-entry size cap, so memory is
 bounded whatever the traffic. This file says what an entry and its key are; the caches that
 hold them (this process's memory, or Redis) are resp2chat_io's (store.py, redis_state.py).
 
