@@ -305,7 +305,8 @@ def test_replay_cache_preload_from_flow_file(gateway_factory):
     recording = ROOT / "recordings" / "plain-answer.mitm"
     flow = turns(recording)[0]
     gw = gateway_factory(DEAD_UPSTREAM, "--set", f"resp2chat_replay_preload={recording}",
-                         "--set", f"resp2chat_upstream_base_url={flow.metadata['resp2chat']['upstream']}")
+                         "--set", f"resp2chat_upstream_base_url={flow.metadata['resp2chat']['upstream']}",
+                         "--set", f"resp2chat_seal_key={SEAL_KEY}")  # (the recording's: its answer holds what it sealed)
     # the cache is keyed on the request's exact bytes: send what Codex sent
     r = requests.post(gw.base_url + "/responses", data=flow.metadata["resp2chat"]["responses_request"].encode(),
                       headers={"content-type": "application/json"}, timeout=30)

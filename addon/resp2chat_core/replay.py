@@ -1,9 +1,10 @@
 """Replay cache: completed answers keyed by the SHA-256 of the exact client request.
 
-An identical request (same bytes, same upstream, same settings, same owner) is answered from
-memory with the very answer the client got the first time, its response id and ``created_at``
-swapped for fresh ones (item and call ids derive from the response id, so they change with it). Only answers that
-completed are kept. FIFO with a fixed number of entries and a per-entry size cap, so memory is
+An identical request (same bytes, same upstreams serving the same models, same settings, same
+owner) is answered from memory with the very answer the client got the first time, its response
+id and its own ``created_at``/``completed_at`` swapped for fresh ones (item and call ids derive
+from the response id, so they change with it); what the request referred to must still be
+there (addons/http_turns.py ``_answer_hit``). Only answers that completed are kept. FIFO with a fixed number of entries and a per-entry size cap, so memory is
 bounded whatever the traffic. This file says what an entry and its key are; the caches that
 hold them (this process's memory, or Redis) are resp2chat_io's (store.py, redis_state.py).
 
@@ -39,20 +40,39 @@ def entry_flags(entry: bytes) -> tuple[bool, bool]:
     return fields[2] == b"1", fields[3] == b"1"
 
 
-_CREATED_AT = re.compile(rb'"created_at": ?[0-9]+')  # (an SSE answer's compact JSON, or a JSON body's)
-_COMPLETED_AT = re.compile(rb'"completed_at": ?[0-9]+')
+# The Response's own times, where response.py writes them, just after its id (an SSE answer's
+# compact JSON, or a JSON body's): only these, never a number the request set that the Response
+# echoes (a tool's schema, a text format's may hold "created_at"/"completed_at" members).
+_TIMES = rb'("id": ?"resp_%s", ?"object": ?"response", ?"created_at": ?)[0-9]+(, ?"status": ?"[a-z_]+", ?"completed_at": ?)([0-9]+|null)'
 
 
 def unpack_fresh(entry: bytes, response_id: str, created_at: int) -> bytes:
     """The stored answer under a new response id and creation time (``completed_at`` too: a
     cached answer completes as it is created)."""
     head, _, body = entry.partition(b"\n")
-    old_id, old_created = head.decode().split(" ")[:2]
+    old_id = head.decode().split(" ")[0]
     old, new = old_id.removeprefix("resp_").encode(), response_id.removeprefix("resp_").encode()
     body = body.replace(old, new).replace(old[:16], new[:16])  # item ids, then generated call ids
-    body = _CREATED_AT.sub(lambda m: b'"created_at":%d' % created_at if m[0].endswith(old_created.encode()) else m[0],
-                           body)
-    return _COMPLETED_AT.sub(b'"completed_at":%d' % created_at, body)
+    stamp = b"%d" % created_at
+    return re.sub(_TIMES % re.escape(new), lambda m: m[1] + stamp + m[2] + (m[3] if m[3] == b"null" else stamp), body)
+
+
+_SEALED = re.compile(rb'"encrypted_content": ?"(r2c1\.[A-Za-z0-9_-]*)"')  # (seal.py SEALED_PREFIX)
+
+
+def opens_here(answer: bytes, unseal, purposes: tuple[str, ...]) -> bool:
+    """Whether every ``encrypted_content`` the gateway sealed in an answer opens with this
+    gateway's key (``unseal``: ``Sealer.unseal``), for one of ``purposes``: a recorded answer
+    sealed under another key is no answer of this gateway (its client could not send it back)."""
+    def opens(token: str) -> bool:
+        for purpose in purposes:
+            try:
+                unseal(purpose, token)
+                return True
+            except ValueError:  # (seal.SealError)
+                pass
+        return False
+    return all(opens(m[1].decode()) for m in _SEALED.finditer(answer))
 
 
 # --- offline replay that matches a rerun (``--server-replay``; addons/server_replay.py) -------

@@ -37,6 +37,7 @@ from resp2chat_core.labels import shown
 from resp2chat_core.limits import retry_headers, retry_seconds
 from resp2chat_core.replay import entry_flags, unpack_fresh
 from resp2chat_core.sse import DONE
+from resp2chat_core.turn import wanted
 from resp2chat_core.usage import usage_note
 from resp2chat_core.websocket import final_response
 from resp2chat_io import offload
@@ -268,14 +269,16 @@ class HttpTurns:
 
     def _answer_hit(self, flow: http.HTTPFlow, entry: bytes, raw: dict, found, owner: str, limits: tuple) -> bool:
         """A replay-cache hit answers at once, under a fresh response id; stored when the client
-        wants it stored (its conversation made whole, not lowered). False: the request cannot
-        be answered any more (its previous response expired…): it goes on as a turn, which says
-        why."""
+        wants it stored (its conversation made whole, not lowered; also when it refers to stored
+        state, to know it is still there). False: the request cannot be answered any more (its
+        previous response, or an item it references, expired or was deleted): it goes on as a
+        turn, which says why, as a miss would."""
         stream, store = entry_flags(entry)
         try:
-            items = self.turns.conversation(raw, found) if store else None
+            items = self.turns.conversation(raw, found) if store or wanted(raw) != (None, ()) else None
         except GatewayError:
             return False
+        items = items if store else None
         response_id, created_at = new_response_id(), int(time.time())
         answer = unpack_fresh(entry, response_id, created_at)
         headers = SSE_HEADERS if stream else {**JSON_HEADERS, "cache-control": "no-cache"}
@@ -285,6 +288,8 @@ class HttpTurns:
         flow.comment = f"replay cache hit · {response_id}"
         if items is not None:
             final = final_response(answer) if stream else json.loads(answer)
+            if final["output"] and final["output"][0].get("type") == compaction.ITEM:  # (the turn compacted its
+                items = compaction.users(items)  # conversation first, server-side: what it stored, turn.py begin_turn)
             self.store.put(response_id, items + final["output"], final, owner=owner)
         return True
 

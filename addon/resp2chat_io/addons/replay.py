@@ -12,7 +12,8 @@ completed turns come in as a ``finished`` listener.
 
 An answer is served only to its owner (``Upstreams.owner_of``: the key covers it): with
 ``forward_client_auth`` a request with another credential, or none, is the backend's to judge,
-never a hit. Preloaded answers belong to the single-key owner.
+never a hit. Preloaded answers belong to the single-key owner; an answer holding what another
+seal key sealed (a recording of another install) is not preloaded.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import re
 
 from mitmproxy import ctx, exceptions, http
 
-from resp2chat_core import mcp, owner as owners
-from resp2chat_core.replay import pack
+from resp2chat_core import compaction, mcp, owner as owners
+from resp2chat_core.inputs import REASONING_PURPOSE
+from resp2chat_core.replay import opens_here, pack
 from resp2chat_io.store import Replays
 
 from .base import META, Owner, fails_closed, log
@@ -94,7 +96,9 @@ class ReplayCache(Owner):
             if isinstance(f, http.HTTPFlow) and meta.get("status") == "completed" and f.response:
                 created = re.search(rb'"created_at":(\d+)', f.response.content or b"")
                 request = json.loads(meta["responses_request"]) if created and meta.get("response_id") else {}
-                if request and not mcp.mcp_tools(request.get("tools")):  # (as ``finished`` keeps none)
+                # (as ``finished`` keeps no MCP turn; an answer sealed under another key is not this gateway's)
+                if request and not mcp.mcp_tools(request.get("tools")) and opens_here(
+                        f.response.content, self.turns.sealer.unseal, (REASONING_PURPOSE, compaction.PURPOSE)):
                     key = self.turns.replay_key(
                         self.upstreams.cache_context(f) if self.upstreams.specs else meta.get("upstream", ""),
                         meta["responses_request"].encode(), owners.SHARED)

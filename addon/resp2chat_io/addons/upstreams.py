@@ -168,9 +168,10 @@ class Upstreams(Owner):
         return self.endpoints[spec.name]
 
     def cache_context(self, flow: http.HTTPFlow) -> str:
-        """What, besides the request, decides which backends may answer (the replay cache key)."""
+        """What, besides the request, decides which backends may answer (the replay cache key):
+        each upstream's URL and the models it serves (which one a model goes to, in order)."""
         if self.specs:
-            return "\n".join(f"{s.name}={self.endpoints[s.name].url}" for s in self.specs)
+            return "\n".join(f"{s.name}={self.endpoints[s.name].url} {s.models!r}" for s in self.specs)
         return self.target(flow).url
 
     def authorization(self, spec: S.UpstreamSpec | None, client: str | None) -> str | None:
