@@ -17,6 +17,11 @@ F_TOOL = {"type": "function", "name": "f", "parameters": {"type": "object", "pro
     ({"input": "hi", "tools": [F_TOOL], "tool_choice": {"type": "allowed_tools", "tools": [{"type": "function",
                                                                                           "name": 7}]}},
      "tool_choice.tools[0].name"),
+    # an allowed_tools MCP entry whose server_label or name is no string: a 500 (unhashable in a set)
+    ({"input": "hi", "tools": [F_TOOL], "tool_choice": {"type": "allowed_tools", "tools": [
+        {"type": "mcp", "server_label": ["x"]}]}}, "tool_choice.tools[0].server_label"),
+    ({"input": "hi", "tools": [F_TOOL], "tool_choice": {"type": "allowed_tools", "tools": [
+        {"type": "mcp", "server_label": "x", "name": {"a": 1}}]}}, "tool_choice.tools[0].name"),
     # a call without a name: went upstream as a tool call named "" (no backend takes it)
     ({"input": [{"role": "user", "content": "hi"},
                 {"type": "function_call", "call_id": "call_a", "name": "", "arguments": "{}"},
@@ -53,3 +58,15 @@ def test_a_hosted_tool_search_from_openai_history_reaches_the_backend_answered(c
         {"role": "user", "content": "go on"}])
     [sent] = upstream.requests()
     assert [m.get("tool_call_id") for m in sent["messages"] if m["role"] == "tool"] == ["tsc_1"]
+
+
+def test_a_stored_item_whose_id_is_no_string_does_not_fail_the_turns_after_it(client, upstream):
+    """An item id that is no string (the schema takes any) was kept in the stored response; a
+    later turn on it whose input gave an id again (an item_reference) was a 500: the duplicate-id
+    check could not put the stored one in a set. Only string ids name items."""
+    other = client.responses.create(model="demo-model", input="elsewhere")
+    first = client.responses.create(model="demo-model", input=[
+        {"type": "message", "role": "user", "content": "hi", "id": {"odd": 1}}])
+    later = client.responses.create(model="demo-model", previous_response_id=first.id, input=[
+        {"type": "item_reference", "id": other.output[-1].id}, {"role": "user", "content": "again"}])
+    assert later.status == "completed"

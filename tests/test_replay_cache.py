@@ -132,6 +132,25 @@ def test_a_hit_answers_and_stores_what_its_miss_did(upstream, gateway_factory):
     check()
 
 
+def test_a_hit_of_codexs_compaction_request_stores_what_its_miss_stores(upstream, gateway_factory):
+    """Codex's compaction request (a trailing ``compaction_trigger``, stored): its miss keeps the
+    whole conversation beside the compaction item; its hit kept only the user messages (server-side
+    compaction's rule, taken for it because both answers start with a compaction item)."""
+    gw = gateway_factory(upstream.origin)
+    url = gw.base_url + "/responses"
+    body = {"model": "demo-model", "store": True, "input": [
+        {"role": "user", "content": "my name is Ada"},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hello Ada"}]},
+        {"role": "user", "content": "I like tea"}, {"type": "compaction_trigger"}]}
+    upstream.clear()
+    miss, hit = (requests.post(url, json=body, timeout=30).json() for _ in range(2))
+    assert len(upstream.requests()) == 1  # (the second: a hit)
+    assert [o["type"] for o in hit["output"]] == [o["type"] for o in miss["output"]] == ["compaction"]
+    listed = [requests.get(f"{url}/{r['id']}/input_items", params={"order": "asc"}, timeout=30).json()["data"]
+              for r in (miss, hit)]
+    assert [i.get("role") for i in listed[1]] == [i.get("role") for i in listed[0]] == ["user", "assistant", "user"]
+
+
 # --- preloaded answers hold what this gateway sealed, or are not preloaded ---------------------
 
 

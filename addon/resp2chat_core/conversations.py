@@ -112,7 +112,7 @@ def unique(items: list, held: list, param: str = "items", holder: str = "the con
     ``held`` items (``holder``'s: the conversation's, or the one a turn goes on from) (OpenAI's
     ``Duplicate item found with id …``): each id names one item, its ``GET``, its ``DELETE``
     and a list's ``after``."""
-    kept = {i.get("id") for i in held if isinstance(i, dict)}
+    kept = {i.get("id") for i in held if isinstance(i, dict) and isinstance(i.get("id"), str)}  # (only a string names one)
     seen: set = set()
     for n, item in enumerate(items):
         item_id = item.get("id") if isinstance(item, dict) else None

@@ -14,9 +14,10 @@ Rules of this file:
 - An item is listed with an ``id`` (one the client gave it, else, none or a null or ``""``
   one, ``listed_ids`` gives it one, the same each time) and, for a message, its ``type`` and
   ``status`` and its content as parts (a string becomes one ``input_text`` or, for the
-  assistant, ``output_text`` part); a function call or its output, or an item of a type the
-  spec does not define (Codex's ``additional_tools``: the spec requires a ``status`` of it),
-  without a ``status`` (a client's input) is ``completed``.
+  assistant, ``output_text`` part); any other item without a ``status`` (a client's input:
+  a function call or its output, one of a type the spec does not define, Codex's
+  ``additional_tools``; the spec requires a ``status`` of each) is ``completed``, but for the
+  types the spec lists without one (``UNSTATUSED``: reasoning, compaction).
 - A content part is listed with the fields the API's objects require of it even where the
   client's input left them out (``LISTED_PARTS``: an ``input_image``'s ``detail``, ``auto``, the
   API's default, and ``image_url``, null with a ``file_id``; an ``output_text``'s

@@ -171,8 +171,17 @@ def mcp_allowed(choice) -> frozenset | None:
     if not isinstance(choice, dict) or choice.get("type") != "allowed_tools":
         return None
     listed = choice.get("tools") if isinstance(choice.get("tools"), list) else []
-    return frozenset((t.get("server_label"), t.get("name") if isinstance(t.get("name"), str) else None)
-                     for t in listed if isinstance(t, dict) and t.get("type") == "mcp")
+    chosen = set()
+    for j, t in enumerate(listed):
+        if isinstance(t, dict) and t.get("type") == "mcp":
+            where = f"tool_choice.tools[{j}]"
+            if not isinstance(t.get("server_label"), str):
+                raise GatewayError(f"{where}.server_label: a string", param=f"{where}.server_label",
+                                   code="invalid_value")
+            if t.get("name") is not None and not isinstance(t["name"], str):
+                raise GatewayError(f"{where}.name: a string", param=f"{where}.name", code="invalid_value")
+            chosen.add((t["server_label"], t.get("name")))
+    return frozenset(chosen)
 
 
 def mcp_chosen(allowed: frozenset, label: str | None, name: str) -> bool:

@@ -275,7 +275,8 @@ class HttpTurns:
         turn, which says why, as a miss would."""
         stream, store = entry_flags(entry)
         try:
-            items = self.turns.conversation(raw, found) if store or wanted(raw) != (None, ()) else None
+            items, summarize = self.turns.conversation(raw, found) if store or wanted(raw) != (None, ()) \
+                else (None, False)
         except GatewayError:
             return False
         items = items if store else None
@@ -288,8 +289,10 @@ class HttpTurns:
         flow.comment = f"replay cache hit · {response_id}"
         if items is not None:
             final = final_response(answer) if stream else json.loads(answer)
-            if final["output"] and final["output"][0].get("type") == compaction.ITEM:  # (the turn compacted its
-                items = compaction.users(items)  # conversation first, server-side: what it stored, turn.py begin_turn)
+            if not summarize and final["output"] and final["output"][0].get("type") == compaction.ITEM:
+                # (the turn compacted its conversation first, server-side: what it stored, turn.py
+                # begin_turn; Codex's compaction request keeps the whole of it, as its miss did)
+                items = compaction.users(items)
             self.store.put(response_id, items + final["output"], final, owner=owner)
         return True
 

@@ -261,10 +261,12 @@ class Turns(Owner):
         turn.ctx.clock = time.time  # (completed_at: the core reads no clock)
         return turn
 
-    def conversation(self, raw: dict, found: Found) -> list:
+    def conversation(self, raw: dict, found: Found) -> tuple[list, bool]:
         """A request's whole conversation as a stored response keeps it, without lowering it (a
-        replay-cache hit stores its answer after it): ``GatewayError`` like ``lower``."""
-        return conversation(raw, found, self.sealer)[1] or []
+        replay-cache hit stores its answer after it), and whether it is a compaction request
+        (Codex's ``compaction_trigger``): ``GatewayError`` like ``lower``."""
+        _, items, summarize = conversation(raw, found, self.sealer)
+        return items or [], summarize
 
     def route(self, model: str) -> list[LoweringOptions]:
         """Several upstreams: the lowering options of each one serving ``model``, in order."""
