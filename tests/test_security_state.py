@@ -50,7 +50,8 @@ def test_an_owner_is_a_digest_never_the_credential():
     a, c = owner.of_credential(KEY_A), owner.of_credential(KEY_C)
     assert a == owner.of_credential(KEY_A) and a != c and owner.of_credential(None) not in (a, c, owner.SHARED)
     assert "alpha" not in a and owner.check(a) == a and owner.check(owner.SHARED) == ""
-    for bad in ("has:colon", "has space", "x" * 65):
+    assert owner.check("client." + "x" * 64) == "client." + "x" * 64  # (a hand-written client's longest name)
+    for bad in ("has:colon", "has space", "x" * 72):
         with pytest.raises(ValueError):
             owner.check(bad)
 

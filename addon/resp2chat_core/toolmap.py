@@ -173,9 +173,9 @@ def mcp_allowed(choice) -> frozenset | None:
     listed = choice.get("tools") if isinstance(choice.get("tools"), list) else []
     chosen = set()
     for j, t in enumerate(listed):
-        if isinstance(t, dict) and t.get("type") == "mcp":
-            where = f"tool_choice.tools[{j}]"
-            if not isinstance(t.get("server_label"), str):
+        if isinstance(t, dict) and t.get("type") == "mcp" and t.get("server_label") is not None:
+            where = f"tool_choice.tools[{j}]"  # (one without a server_label names no server's tools)
+            if not isinstance(t["server_label"], str):
                 raise GatewayError(f"{where}.server_label: a string", param=f"{where}.server_label",
                                    code="invalid_value")
             if t.get("name") is not None and not isinstance(t["name"], str):
