@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import openai
 import pytest
+from hypothesis import given, settings, strategies as st
 import requests
 
 from resp2chat_core import inputs
@@ -241,3 +242,23 @@ def test_references_after_a_replay_cache_hit_and_a_restart(upstream, gateway_fac
     r = requests.post(again.base_url + "/responses", json=follow, timeout=30)
     assert r.status_code == 200, r.text
     assert upstream.requests()[-1]["messages"][1]["content"] == "You said: cached question"
+
+
+@settings(max_examples=60, derandomize=True, deadline=None)
+@given(st.lists(st.lists(st.one_of(st.none(), st.sampled_from([f"msg_{i}" for i in range(40)]),
+                                   st.text("abc", min_size=1, max_size=3)), max_size=12), min_size=1, max_size=25))
+def test_item_facts_of_a_conversation_going_on_turn_by_turn_are_a_fresh_walks(turns):
+    """A conversation that goes on by a few items a turn (ids new, repeated, absent), walked
+    turn by turn through one memo as Codex's HTTP turns are: each turn's facts (the ids it
+    holds, the items whose id one before them has) are those of a fresh walk; the ids are held
+    in at most log2(n) + 1 layers (inputs.Ids), so a turn adds its own ids without copying
+    the others."""
+    memo = inputs.ItemFacts(runs=2)
+    history = [{"role": "user", "content": "q"}] * inputs.ItemFacts.MIN_ITEMS
+    for ids in turns:
+        history = history + [{"role": "user", "content": "a", **({"id": i} if i else {})} for i in ids]
+        got, fresh = memo.of(history), inputs.ItemFacts().of(history)
+        assert got == fresh and set(got.ids) == {item["id"] for item in history if "id" in item}
+        assert got.twice == fresh.twice == tuple(
+            n for n, item in enumerate(history) if "id" in item and any(o.get("id") == item["id"] for o in history[:n]))
+        assert len(got.ids._layers) <= max(1, len(got.ids)).bit_length()

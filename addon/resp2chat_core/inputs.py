@@ -67,6 +67,46 @@ def _is_reference(item: object) -> bool:
     return kind == "item_reference" or (kind is None and "id" in item and "role" not in item and "content" not in item)
 
 
+class Ids:
+    """A set of ids held as frozensets, each less than half the size of the one before: adding a
+    few ids (a conversation that goes on by a few items a turn) costs O(those ids) amortized
+    O(log n) an id, not a copy of every id held; a lookup looks in at most log2(n) layers.
+    Immutable; equal to another holding the same ids, however layered."""
+
+    __slots__ = ("_layers",)
+
+    def __init__(self, layers: tuple = ()):
+        self._layers = layers
+
+    def __contains__(self, item_id: object) -> bool:
+        return any(item_id in layer for layer in self._layers)
+
+    def __iter__(self):
+        for layer in self._layers:
+            yield from layer
+
+    def __len__(self) -> int:
+        return sum(map(len, self._layers))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Ids) and len(self) == len(other) and all(i in other for i in self)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self))
+
+    def __repr__(self) -> str:
+        return f"Ids({sorted(self)!r})"
+
+    def plus(self, new: set) -> Ids:
+        if not new:
+            return self
+        layers, last = self._layers, frozenset(new)
+        while layers and 2 * len(last) >= len(layers[-1]):
+            last = layers[-1] | last
+            layers = layers[:-1]
+        return Ids(layers + (last,))
+
+
 class Facts(NamedTuple):
     """What the walks of a request's items outside the caches ask of them (``check_caps``,
     ``reference_ids``, ``expand``, ``compaction.prepare``, turn.py's ids given twice), found in
@@ -77,7 +117,7 @@ class Facts(NamedTuple):
     refs: tuple = ()  # (index, id) of each reference
     work: bool = False  # an item ``expand`` changes or reads (reasoning, additional_tools)
     compaction: tuple = ()  # the indices of compaction items and triggers
-    ids: frozenset = frozenset()  # the ids the items (not references) have
+    ids: Ids = Ids()  # the ids the items (not references) have
     twice: tuple = ()  # the indices of items whose id one before them has (conversations.unique says so)
 
 
@@ -96,7 +136,7 @@ def _walk(items: list, start: int, facts: Facts) -> Facts:
     """``facts`` (of ``items[:start]``) with ``items[start:]``'s added."""
     parts, more_tools, work = facts.parts, facts.more_tools, facts.work
     refs, compaction, twice = list(facts.refs), list(facts.compaction), list(facts.twice)
-    ids = set(facts.ids)
+    ids, new = facts.ids, set()
     for i in range(start, len(items)):
         item = items[i]
         if not isinstance(item, dict):
@@ -108,17 +148,17 @@ def _walk(items: list, start: int, facts: Facts) -> Facts:
             continue
         item_id = item.get("id")
         if isinstance(item_id, str) and item_id:
-            if item_id in ids:
+            if item_id in new or item_id in ids:
                 twice.append(i)
             else:
-                ids.add(item_id)
+                new.add(item_id)
         if kind == "reasoning":
             work = True
         elif kind == "additional_tools":
             work = more_tools = True
         elif kind == COMPACTION or kind == COMPACTION_TRIGGER:
             compaction.append(i)
-    return Facts(parts, more_tools, tuple(refs), work, tuple(compaction), frozenset(ids), tuple(twice))
+    return Facts(parts, more_tools, tuple(refs), work, tuple(compaction), ids.plus(new), tuple(twice))
 
 
 class ItemFacts:
