@@ -19,12 +19,11 @@ import asyncio
 import json
 import time
 
-import pytest
 import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import iter_sse, parse_sse, start_gateway
+from helpers import iter_sse, parse_sse
 from resp2chat_core import background as B
 from resp2chat_core.errors import GatewayError
 from resp2chat_core.sse import DONE
@@ -167,14 +166,6 @@ def test_a_cancellation_answers_what_the_store_then_holds(monkeypatch, moves, de
 # --- through a real gateway ----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def gw(upstream, tmp_path_factory):
-    gateway = start_gateway(upstream.origin, tmp_path_factory.mktemp("background"),
-                            "--set", "resp2chat_max_replay_entries=0")
-    yield gateway
-    gateway.stop()
-
-
 def create(gw, words: int, stream: bool):
     """A background response of ``words`` words 20 ms apart: its id, and (created with ``stream``)
     a function reading the rest of its stream: all of it, as its client got it."""
@@ -202,38 +193,38 @@ def resume(gw, rid: str, n: int | str, stream: bool = True) -> requests.Response
 @settings(max_examples=5, **SETTINGS)
 @given(st.integers(2, 12), st.lists(st.integers(-1, 40), min_size=1, max_size=3),
        st.sampled_from(["²", "١", "1" * 4301, "-1", "1.5", "", "0x1"]))
-def test_a_resume_from_any_sequence_number_is_the_tail(gw, words, ns, bad):
+def test_a_resume_from_any_sequence_number_is_the_tail(gateway, words, ns, bad):
     """Resumes asked while the run goes on and once it ended, from any ``starting_after`` (past
     the end included): each streams exactly the tail of the creating client's stream, byte for
     byte, and ends; a bad ``starting_after`` is a 400 naming it."""
-    rid, rest = create(gw, words, stream=True)
-    live = [(n, resume(gw, rid, n)) for n in ns]
+    rid, rest = create(gateway, words, stream=True)
+    live = [(n, resume(gateway, rid, n)) for n in ns]
     raw = rest()
     assert raw.endswith(DONE)
-    for when, answers in (("live", live), ("ended", [(n, resume(gw, rid, n, stream=False)) for n in ns])):
+    for when, answers in (("live", live), ("ended", [(n, resume(gateway, rid, n, stream=False)) for n in ns])):
         for n, answer in answers:
             assert answer.status_code == 200 and answer.content == B.after(raw, n) + DONE, (when, n, answer.content[-300:])
-    refused = resume(gw, rid, bad, stream=False)
+    refused = resume(gateway, rid, bad, stream=False)
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "starting_after", (bad, refused.text)
 
 
 @settings(max_examples=5, **SETTINGS)
 @given(st.sampled_from([0, 0.02, 0.1, 0.3]), st.booleans(), st.lists(st.integers(-1, 8), max_size=2))
-def test_a_cancellation_at_any_point_is_one_answer_and_streams_end(gw, delay, stream, ns):
+def test_a_cancellation_at_any_point_is_one_answer_and_streams_end(gateway, delay, stream, ns):
     """A cancellation at any point of a run: it answers it ``cancelled`` (or ``completed``, had it
     ended first), as a GET and a second cancellation do; the streams that followed it end, each
     the tail of its events as a resume from the start gives them once it ended."""
-    rid, rest = create(gw, 20, stream)
-    followers = [(n, resume(gw, rid, n)) for n in ns] if stream else []
+    rid, rest = create(gateway, 20, stream)
+    followers = [(n, resume(gateway, rid, n)) for n in ns] if stream else []
     time.sleep(delay)
-    cancelled = requests.post(f"{gw.base_url}/responses/{rid}/cancel", timeout=30)
-    again = requests.post(f"{gw.base_url}/responses/{rid}/cancel", timeout=30)
-    got = requests.get(f"{gw.base_url}/responses/{rid}", timeout=30)
+    cancelled = requests.post(f"{gateway.base_url}/responses/{rid}/cancel", timeout=30)
+    again = requests.post(f"{gateway.base_url}/responses/{rid}/cancel", timeout=30)
+    got = requests.get(f"{gateway.base_url}/responses/{rid}", timeout=30)
     assert cancelled.status_code == again.status_code == got.status_code == 200
     assert cancelled.json()["status"] in ("cancelled", "completed") and cancelled.json() == again.json() == got.json()
     if stream:
         raw = rest()
-        assert raw == resume(gw, rid, -1, stream=False).content and raw.endswith(DONE)
+        assert raw == resume(gateway, rid, -1, stream=False).content and raw.endswith(DONE)
         assert parse_sse(raw)[-1]["type"] == f"response.{cancelled.json()['status']}"
         for n, follower in followers:
             assert follower.content == B.after(raw, n) + DONE, (n, follower.content[-300:])

@@ -230,11 +230,18 @@ def test_shaping_settings_and_credentials(tmp_path, capture):
 # --- start -----------------------------------------------------------------------------------
 
 
-def _start(tmp_path, *args, **env) -> tuple[subprocess.Popen, int]:
-    port = free_port()
+def _start(tmp_path, *args, bind: str = "127.0.0.1:{port}", port: int | None = None, host: str = "127.0.0.1",
+           **env) -> tuple[subprocess.Popen, int]:
+    """``resp2chat start *args`` with ``RESP2CHAT_BIND_ADDR`` ``bind`` (``{port}``: a free port,
+    or ``port``), once ``http://HOST:PORT/healthz`` answers: the process and the port."""
+    port = port or free_port()
     proc = subprocess.Popen([str(RESP2CHAT), "start", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=cli_env(tmp_path, RESP2CHAT_BIND_ADDR=f"127.0.0.1:{port}", **env), cwd=tmp_path)
-    wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
+                            env=cli_env(tmp_path, RESP2CHAT_BIND_ADDR=bind.format(port=port), **env), cwd=tmp_path)
+    try:
+        wait_http(f"http://{host}:{port}/healthz", proc=proc)
+    except BaseException:
+        _stop(proc)
+        raise
     return proc, port
 
 
@@ -322,12 +329,9 @@ def test_start_warns_of_each_upstream_entry_that_does_not_answer(tmp_path, upstr
 def test_start_set_bind_addr_wins_over_environment(tmp_path, upstream):
     # --set wins over the environment and the file, also for the address `start` names in --mode
     env_port, wanted = free_port(), free_port()
-    proc = subprocess.Popen([str(RESP2CHAT), "start", "--", "--set", f"resp2chat_bind_addr=127.0.0.1:{wanted}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path,
-                            env=cli_env(tmp_path, RESP2CHAT_BIND_ADDR=f"127.0.0.1:{env_port}",
-                                        RESP2CHAT_UPSTREAM_BASE_URL=upstream.base_url))
+    proc, _ = _start(tmp_path, "--", "--set", f"resp2chat_bind_addr=127.0.0.1:{wanted}", bind=f"127.0.0.1:{env_port}",
+                     port=wanted, RESP2CHAT_UPSTREAM_BASE_URL=upstream.base_url)
     try:
-        wait_http(f"http://127.0.0.1:{wanted}/healthz", proc=proc)
         client = openai_client(f"http://127.0.0.1:{wanted}/v1")
         assert client.responses.create(model="demo-model", input="set wins").output_text == "You said: set wins"
     finally:
@@ -339,15 +343,9 @@ def test_start_set_bind_addr_wins_over_environment(tmp_path, upstream):
 def test_start_says_it_listens_on_every_interface(tmp_path, upstream):
     """``bind_addr: 0.0.0.0:PORT``: ``start`` said "gateway on http://127.0.0.1:PORT/v1", as if it
     listened on loopback alone. It says it starts on every interface, and the URL to use here."""
-    port = free_port()
-    proc = subprocess.Popen([str(RESP2CHAT), "start"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path,
-                            env=cli_env(tmp_path, RESP2CHAT_BIND_ADDR=f"0.0.0.0:{port}",
-                                        RESP2CHAT_GATEWAY_API_KEY="gwkey-0123456789abcdef",
-                                        RESP2CHAT_UPSTREAM_BASE_URL=upstream.base_url))
-    try:
-        wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
-    finally:
-        out = _stop(proc)
+    proc, port = _start(tmp_path, bind="0.0.0.0:{port}", RESP2CHAT_GATEWAY_API_KEY="gwkey-0123456789abcdef",
+                        RESP2CHAT_UPSTREAM_BASE_URL=upstream.base_url)
+    out = _stop(proc)
     assert (f"starting the gateway on every IPv4 interface (0.0.0.0:{port}; from this machine: "
             f"http://127.0.0.1:{port}/v1) -> {upstream.base_url}") in out, out
     assert "gateway on http://127.0.0.1" not in out and f"listening at *:{port}" in out, out
@@ -357,12 +355,8 @@ def test_start_on_ipv6_loopback_listens_and_names_a_url_clients_can_use(tmp_path
     """``bind_addr: [::1]:PORT``: ``start`` handed mitmproxy ``@[::1]:PORT`` (it failed to listen:
     "Name or service not known") and said ``http://::1:PORT/v1``, a URL no client parses. It
     listens on ::1 and says ``http://[::1]:PORT/v1``, which the openai SDK and print-config use."""
-    port = free_port()
-    env = cli_env(tmp_path, RESP2CHAT_BIND_ADDR=f"[::1]:{port}", RESP2CHAT_UPSTREAM_BASE_URL=upstream.base_url)
-    proc = subprocess.Popen([str(RESP2CHAT), "start"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path,
-                            env=env)
+    proc, port = _start(tmp_path, bind="[::1]:{port}", host="[::1]", RESP2CHAT_UPSTREAM_BASE_URL=upstream.base_url)
     try:
-        wait_http(f"http://[::1]:{port}/healthz", proc=proc)
         client = openai_client(f"http://[::1]:{port}/v1")
         assert client.responses.create(model="demo-model", input="over v6").output_text == "You said: over v6"
     finally:
@@ -384,11 +378,9 @@ def test_start_listen_port_wins_over_bind_addr(tmp_path, upstream, how):
              "--set": ["--set", f"listen_port={wanted}"],
              # mitmproxy applies its --set values first, its flags after: the flag wins
              "-p after --set": ["--set", f"listen_port={free_port()}", "-p", str(wanted)]}[how]
-    proc = subprocess.Popen([str(RESP2CHAT), "start", "--", *given], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            cwd=tmp_path, env=cli_env(tmp_path, RESP2CHAT_BIND_ADDR=f"127.0.0.1:{env_port}",
-                                                      RESP2CHAT_UPSTREAM_BASE_URL=upstream.base_url))
+    proc, _ = _start(tmp_path, "--", *given, bind=f"127.0.0.1:{env_port}", port=wanted,
+                     RESP2CHAT_UPSTREAM_BASE_URL=upstream.base_url)
     try:
-        wait_http(f"http://127.0.0.1:{wanted}/healthz", proc=proc)
         client = openai_client(f"http://127.0.0.1:{wanted}/v1")
         assert client.responses.create(model="demo-model", input="port wins").output_text == "You said: port wins"
         assert env_port not in listening_ports(proc.pid)

@@ -43,7 +43,10 @@ def entry_flags(entry: bytes) -> tuple[bool, bool]:
 # The Response's own times, where response.py writes them, just after its id (an SSE answer's
 # compact JSON, or a JSON body's): only these, never a number the request set that the Response
 # echoes (a tool's schema, a text format's may hold "created_at"/"completed_at" members).
-_TIMES = rb'("id": ?"resp_%s", ?"object": ?"response", ?"created_at": ?)[0-9]+(, ?"status": ?"[a-z_]+", ?"completed_at": ?)([0-9]+|null)'
+# Compiled once: the id is matched as a group and compared in the replacement (a pattern per
+# response id would be a new compile on every hit, churning ``re``'s cache).
+_TIMES = re.compile(rb'("id": ?"resp_([^"\\]*)", ?"object": ?"response", ?"created_at": ?)[0-9]+'
+                    rb'(, ?"status": ?"[a-z_]+", ?"completed_at": ?)([0-9]+|null)')
 
 
 def unpack_fresh(entry: bytes, response_id: str, created_at: int) -> bytes:
@@ -54,7 +57,12 @@ def unpack_fresh(entry: bytes, response_id: str, created_at: int) -> bytes:
     old, new = old_id.removeprefix("resp_").encode(), response_id.removeprefix("resp_").encode()
     body = body.replace(old, new).replace(old[:16], new[:16])  # item ids, then generated call ids
     stamp = b"%d" % created_at
-    return re.sub(_TIMES % re.escape(new), lambda m: m[1] + stamp + m[2] + (m[3] if m[3] == b"null" else stamp), body)
+
+    def fresh(m: re.Match) -> bytes:
+        if m[2] != new:  # (another response's, echoed)
+            return m[0]
+        return m[1] + stamp + m[3] + (m[4] if m[4] == b"null" else stamp)
+    return _TIMES.sub(fresh, body)
 
 
 _SEALED = re.compile(rb'"encrypted_content": ?"(r2c1\.[A-Za-z0-9_-]*)"')  # (seal.py SEALED_PREFIX)
