@@ -47,8 +47,9 @@ def test_streams_count_the_turns_open_now_and_the_first_limit_in_the_way_is_name
 
 
 def test_durations_are_written_as_openai_writes_them():
-    assert [L.duration(s) for s in (0.0201, 0.999, 1.0, 6.2, 59.5, 60.0, 90.0, 3600.0)] == \
-        ["21ms", "999ms", "1s", "7s", "1m0s", "1m0s", "1m30s", "60m0s"]
+    """A full bucket resets in ``0s``, as OpenAI writes it (it was ``0ms``)."""
+    assert [L.duration(s) for s in (0.0, -0.5, 0.0201, 0.999, 1.0, 6.2, 59.5, 60.0, 90.0, 3600.0)] == \
+        ["0s", "0s", "21ms", "999ms", "1s", "7s", "1m0s", "1m0s", "1m30s", "60m0s"]
 
 
 def test_a_passthrough_answers_usage_is_read_from_its_ends_only():

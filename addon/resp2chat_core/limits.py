@@ -129,7 +129,10 @@ def backend_retry_after(value: str | None, now: float) -> str | None:
 
 
 def duration(seconds: float) -> str:
-    """A duration as OpenAI writes it in ``x-ratelimit-reset-*``: ``20ms``, ``6s``, ``1m30s``."""
+    """A duration as OpenAI writes it in ``x-ratelimit-reset-*``: ``20ms``, ``6s``, ``1m30s``
+    (none: ``0s``, a bucket already full)."""
+    if seconds <= 0:
+        return "0s"
     if seconds < 1:
         return f"{math.ceil(seconds * 1000)}ms"
     whole = math.ceil(seconds)
