@@ -646,3 +646,30 @@ def test_a_client_that_stops_reading_a_running_log_is_cut_and_the_run_goes_on(ga
     # here ~68 MiB in all, ~86 with no cut; each stalled client's events held in the gateway's
     # buffers would add ~24 MiB)
     assert grown < 4 * text, f"the gateway held {grown / MiB:.0f} MiB more while its stalled clients waited"
+
+
+def test_a_resume_of_a_streamed_run_cancelled_after_its_replica_died_says_why(upstream, gateway_factory, redis_server):
+    """Replica A runs a streamed background response and dies; past its lease a cancellation on
+    replica B ends it ``cancelled`` there. A resume of it then was refused as if it had been
+    created without ``stream: true`` (B stored it without saying it was streamed); it is refused
+    saying its events went with the gateway that ran it. A GET and a second cancellation still
+    answer ``cancelled``."""
+    a, b = [gateway_factory(upstream.origin, "--set", f"resp2chat_state_store_url={redis_server.url}")
+            for _ in range(2)]
+    r = requests.post(f"{a.base_url}/responses", stream=True, timeout=30, json={
+        "model": "demo-model", "input": "noreason\nwords: 400\nslow: 100", "background": True, "stream": True})
+    rid = next(iter_sse(r))["response"]["id"]
+    r.close()  # (the run goes on)
+    time.sleep(1)
+    a.proc.send_signal(signal.SIGKILL)
+    a.proc.wait(10)
+    time.sleep(LEASE_SECS + 1)
+    on_b = openai_client(b)
+    assert on_b.responses.cancel(rid).status == "cancelled"
+    resumed = requests.get(f"{b.base_url}/responses/{rid}?stream=true", timeout=30)
+    assert resumed.status_code == 400, resumed.text
+    error = resumed.json()["error"]
+    assert error["param"] == "stream" and "went with that gateway" in error["message"], error
+    assert "created with stream: true" not in error["message"]
+    assert on_b.responses.retrieve(rid).status == on_b.responses.cancel(rid).status == "cancelled"
+    assert "orphaned" not in requests.get(f"{b.base_url}/responses/{rid}", timeout=30).text

@@ -40,6 +40,7 @@ LEASE_SECS = 10.0  # how long a running response's last write vouches for it
 RENEW_SECS = 2.0  # how often the running gateway writes it again (and reads a cancellation)
 RUNNING = ("queued", "in_progress")
 MAX_EVENTS = 4 << 20  # a streamed response's events kept with it to resume from, at most (bytes)
+ORPHANED = "orphaned"  # (under PRIVATE: ``cancelled_here``)
 DEAD = {"code": "server_error", "message": "the gateway running this background response stopped before it finished"}
 
 
@@ -79,6 +80,16 @@ def dead(response: dict) -> dict:
     it was streamed: a resume of it is told it died, ``without_events``)."""
     streamed = (response.get(PRIVATE) or {}).get("streamed")
     return {**public(response), "status": "failed", "error": DEAD, **({PRIVATE: {"streamed": True}} if streamed else {})}
+
+
+def cancelled_here(response: dict) -> dict:
+    """What a running response nobody runs any more (dead, or deaf to the cancellation) is once
+    a cancellation ends it where it was asked: ``cancelled``; a streamed one says so, and that
+    its events went with the gateway that ran it (``ORPHANED``: a resume of it is told why,
+    ``without_events``)."""
+    streamed = (response.get(PRIVATE) or {}).get("streamed")
+    return {**public(response), "status": "cancelled",
+            **({PRIVATE: {"streamed": True, ORPHANED: True}} if streamed else {})}
 
 
 def cancel_asked(response: dict) -> bool:
@@ -153,6 +164,10 @@ def without_events(response_id: str, response: dict | None, now: float) -> Gatew
         return not_found(response_id)
     if is_dead(response, now) or response.get("error") == DEAD:
         return died()
+    if (response.get(PRIVATE) or {}).get(ORPHANED):
+        return GatewayError("this background response was cancelled after the gateway running it stopped answering: "
+                            "its events went with that gateway; GET it without stream", param="stream",
+                            code="invalid_value")
     return not_kept()
 
 

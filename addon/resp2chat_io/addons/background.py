@@ -349,9 +349,9 @@ class Background:
             if not B.is_running(response):
                 return B.public(response)
             if B.is_dead(response, now) or time.monotonic() > deadline:  # nobody runs it: it ends here
-                ended = {**B.public(response), "status": "cancelled"}
+                ended = B.cancelled_here(response)
                 if await store.put(response_id, entry["items"], ended, owner=owner, expect=entry["version"]):
-                    return ended
+                    return B.public(ended)
                 # (another write came in between (a GET stored it failed, its run ended): read again)
             elif not B.cancel_asked(response):  # another replica runs it: asked there, at its next renewal
                 await store.put(response_id, entry["items"], B.ask_cancel(response), owner=owner,
