@@ -270,6 +270,41 @@ def test_replicas_routing_a_model_elsewhere_do_not_share_its_answers(gateway_fac
             server.server_close()
 
 
+def test_replicas_sending_their_backend_other_keys_or_headers_do_not_share_answers(gateway_factory, redis_server):
+    """Replicas sharing Redis whose upstream gets another key or other ``upstream_headers`` (an
+    account, an OpenRouter provider order: another answer) do not answer each other's requests
+    from the shared replay cache; replicas configured alike do. With one upstream and with an
+    ``upstreams`` entry's own key and headers."""
+    server, url = serve_in_thread()
+    try:
+        backend = Upstream(url, server)
+        shared = ("--set", f"resp2chat_state_store_url={redis_server.url}", "--set", "resp2chat_seal_key=one-key-for-both-replicas")
+
+        def one(key: str, order: str):
+            return gateway_factory(backend.origin, *shared, "--set", f"resp2chat_upstream_api_key={key}", "--set",
+                                   "resp2chat_upstream_headers=" + json.dumps({"X-Provider-Order": order}))
+
+        def listed(key: str, order: str):
+            return gateway_factory("http://127.0.0.1:9", *shared, "--set", "resp2chat_upstreams=" + json.dumps(
+                [{"name": "a", "base_url": backend.base_url, "api_key": key,
+                  "upstream_headers": {"X-Provider-Order": order}}]))
+
+        for n, make in enumerate((one, listed)):
+            gateways = [make("sk-account-one-0123456789", "a"), make("sk-account-one-0123456789", "a"),
+                        make("sk-account-one-0123456789", "b"), make("sk-account-two-0123456789", "a")]
+            body = {"model": "demo-model", "input": f"whose answer? {n}"}
+            sent = []
+            for gw in gateways:
+                before = len(backend.requests())
+                assert requests.post(gw.base_url + "/responses", json=body, timeout=30).status_code == 200
+                sent.append(len(backend.requests()) - before)
+                wait_until(lambda: redis_server.client().zcard("resp2chat:replays") >= 1, 20, "the replay stored")
+            assert sent == [1, 0, 1, 1], (make.__name__, sent)  # (alike: a hit; another order, another key: misses)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_hit_echoes_the_request_as_the_miss_did(upstream, gateway_factory):
     """A hit swaps the Response's own id and times, and nothing the request set: a tool schema or
     a text format holding ``created_at``/``completed_at`` numbers is echoed as it was sent."""

@@ -100,7 +100,7 @@ class ReplayCache(Owner):
                 if request and not mcp.mcp_tools(request.get("tools")) and opens_here(
                         f.response.content, self.turns.sealer.unseal, (REASONING_PURPOSE, compaction.PURPOSE)):
                     key = self.turns.replay_key(
-                        self.upstreams.cache_context(f) if self.upstreams.specs else meta.get("upstream", ""),
+                        self.upstreams.cache_context(f, None if self.upstreams.specs else meta.get("upstream", "")),
                         meta["responses_request"].encode(), owners.SHARED)
                     entry = pack(meta["response_id"], int(created[1]), f.response.content,
                                  stream=request.get("stream") is True, store=request.get("store") is not False)

@@ -167,12 +167,16 @@ class Upstreams(Owner):
     def endpoint(self, spec: S.UpstreamSpec) -> Upstream:
         return self.endpoints[spec.name]
 
-    def cache_context(self, flow: http.HTTPFlow) -> str:
-        """What, besides the request, decides which backends may answer (the replay cache key):
-        each upstream's URL and the models it serves (which one a model goes to, in order)."""
+    def cache_context(self, flow: http.HTTPFlow, url: str | None = None) -> str:
+        """What, besides the request, decides which backends may answer and how (the replay
+        cache key): each upstream's URL, the models it serves (which one a model goes to, in
+        order), and what it is sent besides the request (its key and ``upstream_headers``: an
+        account, an OpenRouter provider order; by digest: the context is hashed, and never
+        holds a secret itself). ``url``: the one upstream's, as a recorded flow names it."""
         if self.specs:
-            return "\n".join(f"{s.name}={self.endpoints[s.name].url} {s.models!r}" for s in self.specs)
-        return self.target(flow).url
+            return "\n".join(f"{s.name}={self.endpoints[s.name].url} {s.models!r} {_sent(s.api_key, s.settings(self.s))}"
+                             for s in self.specs)
+        return f"{self.target(flow).url if url is None else url} {_sent(self.s['upstream_api_key'], self.s)}"
 
     def authorization(self, spec: S.UpstreamSpec | None, client: str | None) -> str | None:
         """The Authorization header an upstream gets: its key; else the client's, only with
@@ -383,6 +387,12 @@ def _model(body, twice: frozenset) -> object:
         raise GatewayError("the request body names 'model' more than once: name it once (the gateway checks "
                            "the last, a backend may take the first)", param="model", code="invalid_value")
     return body.get("model") if isinstance(body, dict) else None
+
+
+def _sent(api_key: str, settings: dict) -> str:
+    """A digest of what an upstream is sent besides the request: its key, its extra headers."""
+    sent = json.dumps([api_key or "", sorted(settings["upstream_headers"].items())])
+    return hashlib.sha256(sent.encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
 
 def _bearer(value: str | None) -> bytes | None:
