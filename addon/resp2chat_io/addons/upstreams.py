@@ -105,6 +105,7 @@ class Upstreams(Owner):
         self.specs: tuple[S.UpstreamSpec, ...] = ()  # several upstreams (empty: one)
         self.endpoints: dict[str, Upstream] = {}  # by upstream name
         self.secrets: tuple[bytes, ...] = ()  # every configured secret (settings.secret_values)
+        self.sent: dict[str, str] = {"": ""}  # by upstream name ("": the one): ``_sent``, for the replay key
         # what reads a passthrough answer's usage on its way, for a client with limits
         # (addons/limits.py ``Limits.meter``; None: nothing)
         self.meter = lambda flow: None
@@ -132,6 +133,8 @@ class Upstreams(Owner):
                 "belongs to (upstreams[N].upstream_headers)")
         self.endpoints = {s.name: Upstream(self._demo_url() if s.base_url == "demo" else s.base_url)
                           for s in self.specs}
+        self.sent = {"": _sent(self.s["upstream_api_key"], self.s),
+                     **{s.name: _sent(s.api_key, s.settings(self.s)) for s in self.specs}}
         if url == "demo":
             url = self._demo_url()
         self.configured = Upstream(url) if url else None
@@ -174,9 +177,9 @@ class Upstreams(Owner):
         account, an OpenRouter provider order; by digest: the context is hashed, and never
         holds a secret itself). ``url``: the one upstream's, as a recorded flow names it."""
         if self.specs:
-            return "\n".join(f"{s.name}={self.endpoints[s.name].url} {s.models!r} {_sent(s.api_key, s.settings(self.s))}"
-                             for s in self.specs)
-        return f"{self.target(flow).url if url is None else url} {_sent(self.s['upstream_api_key'], self.s)}"
+            return "\n".join(f"{s.name}={self.endpoints[s.name].url} {s.models!r} {self.sent[s.name]}"
+                              for s in self.specs)
+        return f"{self.target(flow).url if url is None else url} {self.sent['']}"
 
     def authorization(self, spec: S.UpstreamSpec | None, client: str | None) -> str | None:
         """The Authorization header an upstream gets: its key; else the client's, only with
