@@ -105,9 +105,11 @@ def describe_responses_sse(raw: bytes) -> str:
 
 
 def describe_chat_sse(raw: bytes) -> str:
-    """A backend's chat stream (or whole JSON body), one line per run of deltas."""
+    """A backend's chat stream (or whole JSON body), one line per run of deltas. Read whole:
+    without the bound of one event (the gateway that recorded it read it within its own
+    ``max_upstream_event_mb``, which may be larger than the default)."""
     view = _ChatLines()
-    reader = ChunkReader(view)
+    reader = ChunkReader(view, max(len(raw), 1))
     reader.feed(raw)
     reader.finish()
     view.flush()
