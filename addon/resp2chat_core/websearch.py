@@ -67,11 +67,18 @@ class WebSearchTools:
 
     @staticmethod
     def step(call_id: str, name: str, arguments: str) -> Search:
+        """The model's call: its arguments' ``query`` (none, or null: no query; not a string: its
+        JSON); arguments that are no JSON object (or nested deeper than the decoder goes) are the
+        query as they are."""
         try:
-            query = json.loads(arguments or "{}").get("query", "")
-        except (ValueError, AttributeError):
-            query = arguments
-        return Search(call_id, str(query))
+            args = json.loads(arguments or "{}")
+        except (ValueError, RecursionError):
+            args = None
+        if not isinstance(args, dict):
+            return Search(call_id, arguments)
+        query = args.get("query")
+        return Search(call_id, query if isinstance(query, str) else "" if query is None
+                      else json.dumps(query, ensure_ascii=False))
 
 
 def SearchLoop(body: bytes, max_rounds: int, max_event: int = MAX_EVENT,  # noqa: N802
