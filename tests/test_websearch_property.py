@@ -154,7 +154,7 @@ def _run(script: list[tuple[bytes, bool]], answers: list[tuple[int, bytes]], max
          max_calls: int | None, cuts: list[int]) -> tuple[bytes, list, int]:
     """A turn as exchange.py ``_rounds`` runs it, searches answered with ``answers`` in turn
     (status 0: a connection closed, as ``_brave`` words it): (the client's stream, the searches
-    run (call id, query), the rounds the backend answered)."""
+    run (round, call id, query), the rounds the backend answered)."""
     body = {"model": "m", "input": "x", "stream": True, "tools": [{"type": "web_search"}, EXEC]}
     if max_calls is not None:
         body["max_tool_calls"] = max_calls
@@ -182,7 +182,7 @@ def _run(script: list[tuple[bytes, bool]], answers: list[tuple[int, bytes]], max
             status, answer = answers[len(ran) % len(answers)]
             text, urls = websearch.read_brave(s.query, status, answer, 3, KEY) if status else \
                 ("Web search failed: ConnectionResetError", [])
-            ran.append((s.call_id, s.query))
+            ran.append((n, s.call_id, s.query))
             out += tr.search_done(s.call_id, tuple(urls))
             texts.append(text)
         end = loop.next_round(texts)
@@ -207,9 +207,9 @@ def test_property_the_search_loop_is_one_valid_stream(script, answers, max_round
     events = check_stream(out, RESP_ID)
     end = events[-1]["response"]
     items = [o for o in end["output"] if o["type"] == "web_search_call"]
-    assert [(o["status"], o["action"]["query"]) for o in items] == [("completed", q) for _, q in ran]
+    assert [(o["status"], o["action"]["query"]) for o in items] == [("completed", q) for _, _, q in ran]
     assert len({o["id"] for o in items}) == len(items)
-    assert len({call_id for call_id, _ in ran}) == len(ran), ran  # (one id per search: its item, its tool message)
+    assert len(set((k, call_id) for k, call_id, _ in ran)) == len(ran), ran  # (a round's searches: an id each)
     if max_calls is not None:
         assert len(ran) <= max_calls
     for o in items:
