@@ -370,3 +370,32 @@ def _canonical(sse: bytes) -> list[dict]:
     from helpers import parse_sse
 
     return [e for e in parse_sse(ws.canonical(sse)) if e["type"] != "response.in_progress"]
+
+
+class Silent(QuietHandler):
+    """A search server that takes the request and never answers."""
+
+    def do_GET(self) -> None:
+        threading.Event().wait(30)
+
+
+def test_a_search_server_that_never_answers_is_no_hang(tmp_path):
+    """A search that never answers ends when the upstream idle timeout says (the relay's GET is
+    bounded by it): the item completes, the model reads that the search failed, the turn goes on."""
+    Backend.script = [(_searching("q"), True), (chat_sse(chat_chunk({"content": "ok"}), chat_chunk(finish="stop")), True)]
+    Backend.received.clear()
+    with LocalServer(Backend) as backend, LocalServer(Silent) as search:
+        gw = start_gateway(backend.url, tmp_path, "--set", "resp2chat_max_replay_entries=0",
+                           "--set", "resp2chat_upstream_idle_timeout_secs=2",
+                           env={"RESP2CHAT_BRAVE_API_KEY": KEY, "RESP2CHAT_BRAVE_BASE_URL": search.url})
+        try:
+            r = post_turn(gw, {"model": "m", "input": "x", "tools": [{"type": "web_search"}], "stream": True},
+                          timeout=20)
+        finally:
+            gw.stop()
+    final = check_stream(r.content.removesuffix(b"data: [DONE]\n\n"), json.loads(
+        r.content[r.content.rfind(b"data: {") + 6:r.content.rfind(b"\n\ndata: [DONE]")])["response"]["id"])[-1]
+    assert final["response"]["status"] == "completed"
+    assert [o["status"] for o in final["response"]["output"] if o["type"] == "web_search_call"] == ["completed"]
+    tool = json.loads(Backend.received[-1])["messages"][-1]
+    assert tool["role"] == "tool" and tool["content"].startswith("Web search failed: TimeoutError"), tool
