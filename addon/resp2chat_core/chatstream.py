@@ -105,9 +105,14 @@ def _whole(value):
 
 
 def _loads(text: str | bytes):
-    value = json.loads(text)
-    if _SURROGATE_ESCAPE.search(text if text.__class__ is str else text.decode("utf-8", "replace")):
-        value = _whole(value)
+    """``json.loads``, lone surrogates made U+FFFD. ValueError for JSON nested deeper than the
+    decoder (or ``_whole``) recurses: no JSON this reader can read, as any other it cannot decode."""
+    try:
+        value = json.loads(text)
+        if _SURROGATE_ESCAPE.search(text if text.__class__ is str else text.decode("utf-8", "replace")):
+            value = _whole(value)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
     return value
 
 
@@ -214,12 +219,12 @@ class ChunkReader:
             # Same envelope as an earlier plain delta chunk: decode only the delta (see _learn).
             try:
                 delta, end = _raw_decode(payload, len(env[0]))
-            except ValueError:
+                if end == len(payload) - len(env[1]) and delta.__class__ is dict and _SURROGATE_ESCAPE.search(payload):
+                    delta = _whole(delta)
+            except (ValueError, RecursionError):  # (nested too deeply: the slow path says garbage)
                 delta, end = None, 0
             if end == len(payload) - len(env[1]) and delta.__class__ is dict:
                 self.hits += 1
-                if _SURROGATE_ESCAPE.search(payload):
-                    delta = _whole(delta)
                 if delta:
                     self._delta(delta)
                 return
@@ -405,7 +410,7 @@ class ChunkReader:
             # (a duplicate "delta" key later on, or one spelled with escapes, would win instead).
             probe = _loads(payload[:start] + '{"\\u0000":0}' + payload[end:])
             kept = probe["choices"][0]["delta"]
-        except (ValueError, LookupError, TypeError):
+        except (ValueError, LookupError, TypeError, RecursionError):
             return
         if value == delta and kept == {"\x00": 0}:
             self._envelope = (payload[:start], payload[end:])

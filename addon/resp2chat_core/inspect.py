@@ -3,6 +3,11 @@
 Raw SSE is hundreds of one-token events; a person wants to see the conversation. Runs of deltas
 for the same item collapse into one line with the joined text. The backend's chat stream is read
 by chatstream.py, the reader the translator uses: the view shows what the translator read.
+
+Total: a view shows whatever a flow holds (a client's refused request, a backend's broken
+stream, a recording of another version), never raises. A value that is not what its place
+expects (an event that is no object, a ``response`` that is no object, a field of another type)
+is shown as it is, or left out.
 """
 
 from __future__ import annotations
@@ -13,20 +18,36 @@ from .chatstream import NOT_JSON, NOT_OBJECT, NOT_SSE, ChunkReader
 from .sse import SSEParser
 
 
-def _events(raw: bytes) -> list[dict | str]:
+def _events(raw: bytes) -> list:
     parser = SSEParser(max(len(raw), 1))  # (a recorded body, already held whole: every event of it is shown)
-    out: list[dict | str] = []
+    out: list = []
     for payload in parser.feed(raw) + parser.finish():
         try:
             out.append(json.loads(payload))
-        except ValueError:
+        except (ValueError, RecursionError):
             out.append(payload)
     return out
 
 
-def _short(text: str, width: int = 400) -> str:
-    text = json.dumps(text, ensure_ascii=False)
+def _short(text, width: int = 400) -> str:
+    try:
+        text = json.dumps(text, ensure_ascii=False)
+    except (ValueError, TypeError, RecursionError):
+        text = '"…"'
     return text if len(text) <= width else text[:width] + "…\""
+
+
+def _dict(value) -> dict:
+    """``value`` where an object belongs: itself, or an empty one."""
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value) -> list:
+    return value if isinstance(value, list) else []
+
+
+def _str(value, default: str = "") -> str:
+    return value if isinstance(value, str) else default
 
 
 def describe_responses_sse(raw: bytes) -> str:
@@ -40,10 +61,14 @@ def describe_responses_sse(raw: bytes) -> str:
 
     for ev in _events(raw):
         if not isinstance(ev, dict):
-            close_run(), lines.append(f"       (not JSON) {ev[:80]}")
+            close_run()
             run = None
+            lines.append(f"       (not JSON) {ev[:80]}" if isinstance(ev, str) else
+                         f"       (not a JSON object) {_short(ev, 80)}")
             continue
-        kind, seq = ev.get("type", "?"), ev.get("sequence_number", -1)
+        kind, seq = _str(ev.get("type"), "?"), ev.get("sequence_number", -1)
+        if not isinstance(seq, (int, float, str)):
+            seq = _short(seq, 20)
         if kind.endswith(".delta"):
             item = ev.get("item_id", "")
             if run and run[0] == kind and run[1] == item:
@@ -56,22 +81,23 @@ def describe_responses_sse(raw: bytes) -> str:
         run = None
         detail = ""
         if "response" in ev:
-            r = ev["response"]
+            r = _dict(ev["response"])
             detail = f"status={r.get('status')}"
             if r.get("error"):
-                detail += f" error={r['error'].get('code')}: {r['error'].get('message')}"
+                error = _dict(r["error"])
+                detail += f" error={error.get('code')}: {error.get('message')}"
             if r.get("usage"):
-                u = r["usage"]
+                u = _dict(r["usage"])
                 detail += (f" usage: in={u.get('input_tokens')} (cached "
-                           f"{(u.get('input_tokens_details') or {}).get('cached_tokens')}) out={u.get('output_tokens')}")
+                           f"{_dict(u.get('input_tokens_details')).get('cached_tokens')}) out={u.get('output_tokens')}")
             if r.get("incomplete_details"):
-                detail += f" incomplete={r['incomplete_details'].get('reason')}"
+                detail += f" incomplete={_dict(r['incomplete_details']).get('reason')}"
         elif "item" in ev:
-            it = ev["item"]
+            it = _dict(ev["item"])
             detail = f"#{ev.get('output_index')} {it.get('type')} {it.get('id', '')}"
             if it.get("name"):
-                detail += f" {it.get('namespace') + '.' if it.get('namespace') else ''}{it['name']}"
-            if ev["type"].endswith(".done") and it.get("type") in ("function_call", "custom_tool_call"):
+                detail += f" {str(it.get('namespace')) + '.' if it.get('namespace') else ''}{it['name']}"
+            if kind.endswith(".done") and it.get("type") in ("function_call", "custom_tool_call"):
                 detail += " " + _short(it.get("arguments", it.get("input", "")), 200)
         lines.append(f"{seq:>5}  {kind}  {detail}".rstrip())
     close_run()
@@ -79,9 +105,11 @@ def describe_responses_sse(raw: bytes) -> str:
 
 
 def describe_chat_sse(raw: bytes) -> str:
-    """A backend's chat stream (or whole JSON body), one line per run of deltas."""
+    """A backend's chat stream (or whole JSON body), one line per run of deltas. Read whole:
+    without the bound of one event (the gateway that recorded it read it within its own
+    ``max_upstream_event_mb``, which may be larger than the default)."""
     view = _ChatLines()
-    reader = ChunkReader(view)
+    reader = ChunkReader(view, max(len(raw), 1))
     reader.feed(raw)
     reader.finish()
     view.flush()
@@ -146,7 +174,7 @@ class _ChatLines:
     def on_error(self, body: bytes) -> None:
         try:
             text = json.dumps(json.loads(body), ensure_ascii=False)
-        except ValueError:
+        except (ValueError, RecursionError):
             text = body.decode("utf-8", "replace")
         self.line(f"error: {text}")
 
@@ -161,21 +189,25 @@ def _content_text(content) -> str:
     if isinstance(content, str):
         return content
     out = []
-    for p in content or ():
+    for p in _list(content):
         if isinstance(p, dict):
-            out.append(p.get("text") or p.get("refusal") or (f"[{p.get('type')}]"))
+            out.append(str(p.get("text") or p.get("refusal") or (f"[{p.get('type')}]")))
     return " ".join(out)
 
 
-def describe_responses_request(body: dict) -> str:
-    lines = [f"model={body.get('model')} stream={body.get('stream')} tools={len(body.get('tools') or [])}"
+def describe_responses_request(body) -> str:
+    body = _dict(body)
+    lines = [f"model={body.get('model')} stream={body.get('stream')} tools={len(_list(body.get('tools')))}"
              f" tool_choice={body.get('tool_choice')} reasoning={body.get('reasoning')}"]
     if body.get("instructions"):
         lines.append(f"instructions: {_short(body['instructions'], 200)}")
     items = body.get("input")
-    items = [{"role": "user", "content": items}] if isinstance(items, str) else items or []
+    items = [{"role": "user", "content": items}] if isinstance(items, str) else _list(items)
     for i, it in enumerate(items):
-        kind = it.get("type", "message")
+        if not isinstance(it, dict):
+            lines.append(f"[{i}] (not an object) {_short(it, 200)}")
+            continue
+        kind = _str(it.get("type", "message"), "?")
         if kind == "message":
             lines.append(f"[{i}] {it.get('role')}: {_short(_content_text(it.get('content')), 200)}")
         elif kind in ("function_call", "custom_tool_call"):
@@ -187,21 +219,24 @@ def describe_responses_request(body: dict) -> str:
             lines.append(f"[{i}] reasoning: {_short(_content_text(it.get('summary')), 200)}")
         else:
             lines.append(f"[{i}] {kind}")
-    tools = [t.get("name") or t.get("type") for t in body.get("tools") or ()]
+    tools = [_dict(t).get("name") or _dict(t).get("type") or t for t in _list(body.get("tools"))]
     if tools:
         lines.append("tools: " + ", ".join(map(str, tools)))
     return "\n".join(lines)
 
 
-def describe_chat_request(body: dict) -> str:
-    lines = [f"model={body.get('model')} tools={len(body.get('tools') or [])} tool_choice={body.get('tool_choice')}"]
-    for i, m in enumerate(body.get("messages") or ()):
+def describe_chat_request(body) -> str:
+    body = _dict(body)
+    lines = [f"model={body.get('model')} tools={len(_list(body.get('tools')))} tool_choice={body.get('tool_choice')}"]
+    for i, m in enumerate(_list(body.get("messages"))):
+        m = _dict(m)
         text = _content_text(m.get("content"))
         extra = ""
         if m.get("reasoning_content"):
             extra += f" reasoning={_short(m['reasoning_content'], 80)}"
-        for tc in m.get("tool_calls") or ():
-            extra += f" call {tc.get('id')} {tc['function']['name']}({tc['function']['arguments'][:120]})"
+        for tc in _list(m.get("tool_calls")):
+            fn = _dict(_dict(tc).get("function"))
+            extra += f" call {_dict(tc).get('id')} {fn.get('name')}({str(fn.get('arguments'))[:120]})"
         if m.get("tool_call_id"):
             extra += f" for {m['tool_call_id']}"
         lines.append(f"[{i}] {m.get('role')}: {_short(text, 200)}{extra}")

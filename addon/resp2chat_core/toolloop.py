@@ -403,9 +403,19 @@ class RoundFilter:
             elif self._pieces:
                 self._out.append(self._encode())
         # (a call still without a name is none: the translator never opens one, and drops the
-        # arguments it held for it; the filter passed nothing of it on)
-        calls = [(call_id or f"call_ws_{n}", name, pieces)
-                 for n, (call_id, name, pieces) in enumerate(self._calls.values()) if name]
+        # arguments it held for it; the filter passed nothing of it on. Each call gets an id of its
+        # own: a backend that gave two calls one id (or none, and one of its ids is call_ws_<n>)
+        # would make two steps, items and tool messages of one id, which the translator and the
+        # backend's next request read as one call)
+        calls, ids = [], set()
+        for n, (call_id, name, pieces) in enumerate(self._calls.values()):
+            if not name:
+                continue
+            call_id = call_id or f"call_ws_{n}"
+            while call_id in ids:
+                call_id = f"{call_id}_{n}"
+            ids.add(call_id)
+            calls.append((call_id, name, pieces))
         owned = [(call_id, name, "".join(pieces)) for call_id, name, pieces in calls if self._owns(name)]
         message: dict = {"role": "assistant", "content": "".join(self._content) or None}
         if self._reasoning:

@@ -67,11 +67,18 @@ class WebSearchTools:
 
     @staticmethod
     def step(call_id: str, name: str, arguments: str) -> Search:
+        """The model's call: its arguments' ``query`` (none, or null: no query; not a string: its
+        JSON); arguments that are no JSON object (or nested deeper than the decoder goes) are the
+        query as they are."""
         try:
-            query = json.loads(arguments or "{}").get("query", "")
-        except (ValueError, AttributeError):
-            query = arguments
-        return Search(call_id, str(query))
+            args = json.loads(arguments or "{}")
+        except (ValueError, RecursionError):
+            args = None
+        if not isinstance(args, dict):
+            return Search(call_id, arguments)
+        query = args.get("query")
+        return Search(call_id, query if isinstance(query, str) else "" if query is None
+                      else json.dumps(query, ensure_ascii=False))
 
 
 def SearchLoop(body: bytes, max_rounds: int, max_event: int = MAX_EVENT,  # noqa: N802
@@ -101,24 +108,34 @@ def read_brave(query: str, status: int, body: bytes, limit: int, api_key: str) -
         data = json.loads(body)
     except ValueError as exc:
         return f"Web search failed: the answer is not JSON: {exc}", []
+    except RecursionError:
+        return "Web search failed: the answer is JSON nested too deeply", []
     return format_results(query, data, limit)
 
 
 _TAG = re.compile(r"<[^>]+>")
 
 
-def format_results(query: str, data: dict, limit: int) -> tuple[str, list[str]]:
-    """Brave Search JSON -> (tool message text, source URLs)."""
-    results = ((data.get("web") or {}).get("results") or [])[:limit] if isinstance(data, dict) else []
+def _plain(value) -> str:
+    """A result's title or snippet: its tags out, its entities decoded ("" for one that is no string)."""
+    return html.unescape(_TAG.sub("", value)) if isinstance(value, str) else ""
+
+
+def format_results(query: str, data, limit: int) -> tuple[str, list[str]]:
+    """Brave Search JSON -> (tool message text, source URLs). An answer of another shape is read
+    as far as it is one: a ``web.results`` that is no list is none, a result that is no object is
+    left out, and so is a field that is no string (a result without a URL is no source)."""
+    web = data.get("web") if isinstance(data, dict) else None
+    results = web.get("results") if isinstance(web, dict) else None
+    results = [r for r in results if isinstance(r, dict)][:limit] if isinstance(results, list) else []
     if not results:
         return f"No web results for: {query}", []
     lines, urls = [f"Web search results for: {query}", ""], []
     for i, r in enumerate(results, 1):
-        title = html.unescape(_TAG.sub("", str(r.get("title", ""))))
-        snippet = html.unescape(_TAG.sub("", str(r.get("description", ""))))
-        url = str(r.get("url", ""))
-        urls.append(url)
-        lines += [f"{i}. {title}", f"   {url}", f"   {snippet}"]
+        url = r.get("url") if isinstance(r.get("url"), str) else ""
+        if url:
+            urls.append(url)
+        lines += [f"{i}. {_plain(r.get('title'))}", f"   {url}", f"   {_plain(r.get('description'))}"]
     return "\n".join(lines), urls
 
 
