@@ -21,7 +21,8 @@ connection; clients poll, cancel and resume it (the rules: resp2chat_core/backgr
   (one whose replica died, or that did not stop within ``CANCEL_WAIT``, is stored ``cancelled``
   here, over the version read: a write that came in between is read again, never answered over).
 - ``resume`` (``GET /v1/responses/{id}?stream=true&starting_after=N``, through the store addon):
-  the events after ``N``, from this gateway's run, live, or once it ended, from the store (a run
+  the events after ``N``, from this gateway's run, live (while the store holds it: one deleted
+  while it runs is a 404, as a GET of it), or once it ended, from the store (a run
   of another replica: its events when it ends, read by one follower per response here, which
   every client streaming it shares and which stops when the last of them goes away; one that
   ended without events for them ends their streams with what a request for it would get then,
@@ -367,6 +368,8 @@ class Background:
             after = B.starting_after(flow.request.query)
             bg = self.runs.get(response_id)
             source = bg.log if bg is not None and bg.owner == owner else None
+            if source is not None and await self.store.get(response_id, owner) is None:
+                raise B.not_found(response_id)  # (deleted while it runs: gone, as for a GET)
             if source is not None and not bg.streamed:
                 raise not_streamed()
             if source is not None and after < source.gone:  # (its events from there went: it runs on)
