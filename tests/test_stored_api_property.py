@@ -492,3 +492,14 @@ def test_a_background_response_cancelled_on_another_replica_keeps_its_conversati
         assert "my name is Ada" in json.dumps(sent["messages"]), sent["messages"]
     finally:
         a.proc.send_signal(signal.SIGCONT)
+
+
+def test_a_background_response_the_store_cannot_keep_is_refused_at_once(upstream, gateway_factory):
+    """A background response is read from the store: one whose conversation the store cannot
+    keep (larger than ``max_session_memory_mb``) is a 413 naming its input, not a ``queued``
+    response that a poll finds nowhere and whose run ends unkept."""
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_session_memory_mb=1")
+    r = requests.post(f"{gw.base_url}/responses", timeout=30, json={
+        "model": "demo-model", "background": True, "input": [{"role": "user", "content": "x" * (1 << 20)},
+                                                             {"role": "user", "content": "noreason\nhi"}]})
+    assert error_of(r) == (413, "input", "conversation_too_large"), (r.status_code, r.text[:300])

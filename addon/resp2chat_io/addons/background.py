@@ -2,13 +2,16 @@
 connection; clients poll, cancel and resume it (the rules: resp2chat_core/background.py).
 
 - ``queue``, then ``start`` (HttpTurns, for a ``POST /v1/responses`` with ``background: true``):
-  stored at once as ``queued``, then the turn's exchange runs as a task of its own, awaited
+  stored at once as ``queued``, with its conversation as every stored response (its input items
+  are listed from then on; a store that cannot keep it refuses the request: 413), then the turn's
+  exchange runs as a task of its own, awaited
   directly on the relay's upstream client as a WebSocket turn is (its events go to the run's
   ``Log``). The
   client gets that Response as its JSON body, or, streaming, the run's events as they come
   (``feed``: a relay ``Feed``), and may go away: the turn goes on.
 - While it runs, the task writes the response again every ``RENEW_SECS`` (``in_progress``,
-  with a lease: a replica that dies leaves it to be read as ``failed``), and reads a
+  with a lease: a replica that dies leaves it to be read as ``failed``; its conversation and the
+  output so far with it, what a cancellation on another replica ends it with), and reads a
   cancellation another replica asked for. When it ends, the final Response is stored (any
   status: the poll must see it), with its events when the client streamed; the turn is settled
   and its listeners hear of it as any turn's (metrics, access log, limits, a conversation).
@@ -208,12 +211,16 @@ class Background:
         """A background turn, stored ``queued`` (before it starts: a poll finds it at once);
         returns that Response. ``store_unavailable`` when the store cannot take it."""
         queued = B.queued(turn.ctx)
-        try:
-            await self.store.store.put(turn.ctx.response_id, [],
-                                       B.running({**queued, B.PRIVATE: {"streamed": turn.client_stream}}, time.time()),
-                                       owner=turn.owner)
+        try:  # (with its conversation: its input items are listed, and kept by a cancellation elsewhere, from now)
+            kept = await self.store.store.put(turn.ctx.response_id, turn.items,
+                                              B.running({**queued, B.PRIVATE: {"streamed": turn.client_stream}},
+                                                        time.time()), owner=turn.owner)
         except StateUnavailable:
             raise store_unavailable("background") from None
+        if not kept:  # (it would be polled as unknown: never stored)
+            raise GatewayError("background: this response's conversation is larger than the response store keeps "
+                               "(max_session_memory_mb, max_sessions), and a background response is read from "
+                               "there", param="input", code="conversation_too_large", status=413)
         return queued
 
     def start(self, run: TurnRun) -> Run:
@@ -265,8 +272,8 @@ class Background:
                     self.stop(bg, "cancel")
                     return
                 current = {**bg.run.reader.translator.response(), B.PRIVATE: entry["response"].get(B.PRIVATE)}
-                await store.put(bg.response_id, [], B.running(current, time.time()), owner=bg.owner,
-                                expect=entry["version"])
+                await store.put(bg.response_id, bg.run.turn.items + current["output"], B.running(current, time.time()),
+                                owner=bg.owner, expect=entry["version"])
             except StateUnavailable as exc:
                 log.warning(f"resp2chat: background {bg.response_id}: {exc}")
             await asyncio.sleep(B.RENEW_SECS)
