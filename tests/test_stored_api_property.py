@@ -27,8 +27,24 @@ Properties (hypothesis draws requests, chains, pages, ids):
   error, never a 5xx;
 - with client keys, one client can neither read, list, delete, resume, cancel nor continue
   another's response, and its attempts change nothing;
-- a background response: its input items are its input while it runs too, and once deleted it
-  is gone for a resume as for a GET.
+- a background response: its input items are its input while it runs too, and once a replica
+  that took it for dead cancelled it (with Redis), whose continuation has the whole conversation;
+  once deleted it is gone for a resume as for a GET; one the store cannot keep is a 413 at once.
+
+Found here (each test failed before its fix): input_tokens counted a request a turn refuses (a
+``stream``/``store``/``background`` that is no boolean, ``background`` without ``store``): it
+lowered it with those three replaced; a background response was stored without its conversation
+until it ended (no input items while it ran, none ever once cancelled by another replica, whose
+continuation lost its history), and one the store could not keep answered ``queued`` and was
+never found; a resume of one deleted while it ran here streamed it on.
+
+What held (no bug): input_tokens equals the turn's ``usage.input_tokens`` (vLLM's ``/tokenize``
+on the scripted upstream), with ``previous_response_id`` too, and never calls the model; GET is
+the final Response field for field; input_items pages without loss or repeat; a deleted response
+is a 404/``previous_response_not_found`` everywhere; odd ids are 4xx (a percent-encoded one is the
+gate's 400 ``invalid_path``); one client never reaches another's response. (Server-side
+compaction, ``context_management``, is where the two counts differ by design: input_tokens counts
+the request, the turn's usage the answer round after its compaction.)
 
 Derandomized: the same examples every run; few of them (each is a few gateway round trips).
 """
