@@ -2,13 +2,16 @@
 connection; clients poll, cancel and resume it (the rules: resp2chat_core/background.py).
 
 - ``queue``, then ``start`` (HttpTurns, for a ``POST /v1/responses`` with ``background: true``):
-  stored at once as ``queued``, then the turn's exchange runs as a task of its own, awaited
+  stored at once as ``queued``, with its conversation as every stored response (its input items
+  are listed from then on; a store that cannot keep it refuses the request: 413), then the turn's
+  exchange runs as a task of its own, awaited
   directly on the relay's upstream client as a WebSocket turn is (its events go to the run's
   ``Log``). The
   client gets that Response as its JSON body, or, streaming, the run's events as they come
   (``feed``: a relay ``Feed``), and may go away: the turn goes on.
 - While it runs, the task writes the response again every ``RENEW_SECS`` (``in_progress``,
-  with a lease: a replica that dies leaves it to be read as ``failed``), and reads a
+  with a lease: a replica that dies leaves it to be read as ``failed``; its conversation and the
+  output so far with it, what a cancellation on another replica ends it with), and reads a
   cancellation another replica asked for. When it ends, the final Response is stored (any
   status: the poll must see it), with its events when the client streamed; the turn is settled
   and its listeners hear of it as any turn's (metrics, access log, limits, a conversation).
@@ -21,7 +24,8 @@ connection; clients poll, cancel and resume it (the rules: resp2chat_core/backgr
   (one whose replica died, or that did not stop within ``CANCEL_WAIT``, is stored ``cancelled``
   here, over the version read: a write that came in between is read again, never answered over).
 - ``resume`` (``GET /v1/responses/{id}?stream=true&starting_after=N``, through the store addon):
-  the events after ``N``, from this gateway's run, live, or once it ended, from the store (a run
+  the events after ``N``, from this gateway's run, live (while the store holds it: one deleted
+  while it runs is a 404, as a GET of it), or once it ended, from the store (a run
   of another replica: its events when it ends, read by one follower per response here, which
   every client streaming it shares and which stops when the last of them goes away; one that
   ended without events for them ends their streams with what a request for it would get then,
@@ -207,12 +211,16 @@ class Background:
         """A background turn, stored ``queued`` (before it starts: a poll finds it at once);
         returns that Response. ``store_unavailable`` when the store cannot take it."""
         queued = B.queued(turn.ctx)
-        try:
-            await self.store.store.put(turn.ctx.response_id, [],
-                                       B.running({**queued, B.PRIVATE: {"streamed": turn.client_stream}}, time.time()),
-                                       owner=turn.owner)
+        try:  # (with its conversation: its input items are listed, and kept by a cancellation elsewhere, from now)
+            kept = await self.store.store.put(turn.ctx.response_id, turn.items,
+                                              B.running({**queued, B.PRIVATE: {"streamed": turn.client_stream}},
+                                                        time.time()), owner=turn.owner)
         except StateUnavailable:
             raise store_unavailable("background") from None
+        if not kept:  # (it would be polled as unknown: never stored)
+            raise GatewayError("background: this response's conversation is larger than the response store keeps "
+                               "(max_session_memory_mb, max_sessions), and a background response is read from "
+                               "there", param="input", code="conversation_too_large", status=413)
         return queued
 
     def start(self, run: TurnRun) -> Run:
@@ -264,8 +272,8 @@ class Background:
                     self.stop(bg, "cancel")
                     return
                 current = {**bg.run.reader.translator.response(), B.PRIVATE: entry["response"].get(B.PRIVATE)}
-                await store.put(bg.response_id, [], B.running(current, time.time()), owner=bg.owner,
-                                expect=entry["version"])
+                await store.put(bg.response_id, bg.run.turn.items + current["output"], B.running(current, time.time()),
+                                owner=bg.owner, expect=entry["version"])
             except StateUnavailable as exc:
                 log.warning(f"resp2chat: background {bg.response_id}: {exc}")
             await asyncio.sleep(B.RENEW_SECS)
@@ -367,6 +375,8 @@ class Background:
             after = B.starting_after(flow.request.query)
             bg = self.runs.get(response_id)
             source = bg.log if bg is not None and bg.owner == owner else None
+            if source is not None and await self.store.get(response_id, owner) is None:
+                raise B.not_found(response_id)  # (deleted while it runs: gone, as for a GET)
             if source is not None and not bg.streamed:
                 raise not_streamed()
             if source is not None and after < source.gone:  # (its events from there went: it runs on)

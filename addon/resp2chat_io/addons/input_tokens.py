@@ -1,7 +1,8 @@
 """``POST /v1/responses/input_tokens``: how many tokens a Responses request's input is.
 
 The request is made whole and lowered as a turn would be (``Turns``: decode, check, lookup,
-lower: the history ``previous_response_id`` continues, references, sealed items, tools), and
+lower: the history ``previous_response_id`` continues, references, sealed items, tools; what a
+turn refuses, it refuses with the same error, ``stream``, ``store`` and ``background`` included), and
 its chat request is counted by the backend that would get it (its first upstream), where the
 backend has a tokenizer:
 
@@ -66,8 +67,9 @@ class InputTokens:
             if mcp.client_secrets(raw):
                 req.content = mcp.redact_text(body.decode("utf-8", "replace"), raw).encode()
             earlier = await self.turns.lookup(raw, owner)
-            turn = self.turns.lower({**raw, "stream": False, "store": False, "background": False}, earlier, owner=owner,
-                                    request_id=request_id(flow))
+            # (as it is: what a turn refuses, a stream, store or background it cannot take, it refuses
+            # alike; they change no message or tool, so not the count)
+            turn = self.turns.lower(raw, earlier, owner=owner, request_id=request_id(flow))
         except GatewayError as err:
             flow.response = refusal(flow, err)
             return
