@@ -99,13 +99,15 @@ SUMMARY_PREFIX = ("[Summary of the conversation so far. The earlier turns were c
                   "context; continue the work from here.]\n\n")
 
 
-def prepare(items: list, sealer: Sealer | None) -> tuple[list, list, bool]:
+def prepare(items: list, sealer: Sealer | None, before: int = 0) -> tuple[list, list, bool]:
     """A request's input items -> (items to keep, items to lower, is a compaction request).
 
     The trailing ``compaction_trigger`` is taken off both lists. In the items to lower, each
     compaction item becomes the user message that carries its summary; the items to keep (what
     a stored response remembers) keep the sealed item. ``GatewayError`` names an item the
-    gateway did not make, or one that was altered, and a trigger anywhere but last.
+    gateway did not make, or one that was altered, and a trigger anywhere but last: by its place
+    in the client's own input, the first ``before`` items being the stored conversation the
+    request continues (named as inputs.expand names an item: ``where``).
     """
     kept = untriggered(items)
     compaction = kept is not items
@@ -115,13 +117,24 @@ def prepare(items: list, sealer: Sealer | None) -> tuple[list, list, bool]:
     for i, item in enumerate(kept):
         kind = _type(item)
         if kind == TRIGGER:
-            raise GatewayError(f"input[{i}]: compaction_trigger must be the last input item",
-                               param=f"input[{i}].type", code="invalid_value")
+            name, param = where(i, before, "type")
+            raise GatewayError(f"{name}: compaction_trigger must be the last input item", param=param,
+                               code="invalid_value")
         if kind == ITEM:
             if lowered is kept:
                 lowered = list(kept)
-            lowered[i] = {"type": "message", "role": "user", "content": SUMMARY_PREFIX + open_item(item, i, sealer)}
+            lowered[i] = {"type": "message", "role": "user",
+                          "content": SUMMARY_PREFIX + open_item(item, i, sealer, before)}
     return kept, lowered, compaction
+
+
+def where(i: int, before: int, field: str) -> tuple[str, str]:
+    """How item ``i`` of a conversation whose first ``before`` items are stored is named in an
+    error (message, param): by its place in the client's input, or as the stored conversation's
+    (inputs.expand's words)."""
+    if i >= before:
+        return f"input[{i - before}]", f"input[{i - before}].{field}"
+    return f"item {i} of the conversation previous_response_id continues ({field})", "previous_response_id"
 
 
 def untriggered(items: list) -> list:
@@ -129,22 +142,24 @@ def untriggered(items: list) -> list:
     return items[:-1] if items and _type(items[-1]) == TRIGGER else items
 
 
-def open_item(item: dict, i: int, sealer: Sealer | None) -> str:
-    """The summary a compaction item carries (``GatewayError`` if it is not one of ours)."""
+def open_item(item: dict, i: int, sealer: Sealer | None, before: int = 0) -> str:
+    """The summary a compaction item carries (``GatewayError`` if it is not one of ours; ``i``,
+    ``before``: its place, ``where``)."""
+    name, param = where(i, before, "encrypted_content")
     token = item.get("encrypted_content")
     if not isinstance(token, str) or not token:
-        raise GatewayError(f"input[{i}]: a compaction item needs its encrypted_content",
-                           param=f"input[{i}].encrypted_content", code="invalid_value")
+        raise GatewayError(f"{name}: a compaction item needs its encrypted_content", param=param,
+                           code="invalid_value")
     if sealer is None:
-        raise GatewayError(f"input[{i}]: compaction items cannot be read here (no seal key)",
-                           param=f"input[{i}].encrypted_content", code="invalid_encrypted_content")
+        raise GatewayError(f"{name}: compaction items cannot be read here (no seal key)", param=param,
+                           code="invalid_encrypted_content")
     try:
         return sealer.unseal(PURPOSE, token)
     except SealError as exc:
         raise GatewayError(
-            f"input[{i}]: this compaction item was not made by this gateway, or was altered ({exc}); "
+            f"{name}: this compaction item was not made by this gateway, or was altered ({exc}); "
             "start a new session, or give the gateway the seal_key that made it",
-            param=f"input[{i}].encrypted_content", code="invalid_encrypted_content") from None
+            param=param, code="invalid_encrypted_content") from None
 
 
 def summary_request(lowered: Lowered, copy: bool = False) -> Lowered:
