@@ -62,10 +62,12 @@ that wrote no text at all fails the turn with ``server_error`` (Codex retries it
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Callable
 
+from .channel import UpstreamFailed
 from .chatstream import ChunkReader
 from .errors import GatewayError
 from .inputs import COMPACTION as ITEM, COMPACTION_TRIGGER as TRIGGER, facts
@@ -73,7 +75,8 @@ from .lowering import Lowered, encode
 from .seal import Sealer, SealError
 from .sse import MAX_EVENT
 from .toolloop import Work
-from .translator import Kind, Phase, Translator
+from .translator import (DELTA_COST, OUTPUT_EVENTS, OUTPUT_TOO_LARGE, OVERSIZED, _FAILED_REASONS as FAILED_REASONS,
+                         Kind, Phase, Translator, output_bound)
 from .usage import call_tokens, summed, to_responses_usage
 
 PURPOSE = "compaction"  # the seal purpose: a sealed reasoning text cannot pass for a summary
@@ -278,25 +281,41 @@ class SummaryReader:
     ``stream`` (``whole``, as the tool loop's ``ToolLoop.whole``: the same reader's, passing
     nothing on either; a body that is no completion is an error, as a garbage stream): its
     text, usage, and whether it failed. The relay's call reads the answer through it
-    (relay/upstream.py ``Reader``)."""
+    (relay/upstream.py ``Reader``).
+
+    A summary is whole only as an answer is (the translator's rules, so the compact endpoint's
+    summary and this one read the same stream alike): ended by a finish reason or ``[DONE]``
+    (``ended``; else it stopped short), and without a failure (``failure``): the backend's error
+    object, an event that is no JSON, a finish reason of failure, an SSE event past
+    ``max_event``, or more output than an answer may hold (``output_bound``: what it holds is
+    bounded as an answer's is). On a failure ``feed`` returns None: the call reads no more."""
 
     def __init__(self, max_event: int = MAX_EVENT) -> None:
         self._reader = ChunkReader(self, max_event)
         self._text: list[str] = []
+        self._size = 0  # the output held, as the translator counts an answer's (``Translator._outgrown``)
+        self._max_output = output_bound(max_event)
         self.reasoned = 0  # bytes of reasoning the backend wrote (what it did: ``ServerCompaction.work``)
         self.usage: dict | None = None
-        self.error: bytes | None = None
+        self.failure: UpstreamFailed | None = None  # why what came is no summary (the turn fails with it)
+        self.ended = False  # a finish reason or [DONE] came
 
-    def feed(self, data: bytes) -> bytes:
-        self._reader.feed(data)
-        return b""
+    def feed(self, data: bytes) -> bytes | None:
+        if self.failure is None:
+            self._reader.feed(data)
+            if self._reader.parser.oversized:
+                self._fail(OVERSIZED, f"the upstream sent an SSE event larger than max_upstream_event_mb "
+                                      f"({self._reader.parser.max_event / (1 << 20):g} MiB) in the compaction "
+                                      "summary: the turn was ended and the upstream request dropped")
+        return b"" if self.failure is None else None
 
     def whole(self, body: bytes) -> bytes:
         self._reader.body(body)
         return b""
 
     def finish(self) -> None:
-        self._reader.finish()
+        if self.failure is None:
+            self._reader.finish()
 
     def text(self) -> str:
         """The summary (think blocks a backend wrote into its text left out)."""
@@ -305,26 +324,54 @@ class SummaryReader:
     def output_tokens(self) -> int:
         return to_responses_usage(self.usage)["output_tokens"] if self.usage else 0
 
+    def _fail(self, code: str, message: str) -> None:
+        if self.failure is None:
+            self.failure = UpstreamFailed(502, json.dumps({"error": {"message": message, "type": "upstream_error",
+                                                                     "code": code}}).encode(), own=True)
+            self._reader.stopped = True
+
+    def _outgrown(self, chars: int) -> bool:
+        self._size += chars + DELTA_COST
+        if self._size <= self._max_output:
+            return False
+        self._fail(OUTPUT_TOO_LARGE, f"the upstream's compaction summary outgrew {self._max_output / (1 << 20):g} MiB "
+                                     f"({OUTPUT_EVENTS} × max_upstream_event_mb): the turn was ended and the "
+                                     "upstream request dropped")
+        return True
+
     def on_text(self, text: str) -> None:
-        self._text.append(text)
+        if not self._outgrown(len(text)):
+            self._text.append(text)
 
     def on_usage(self, usage: dict) -> None:
         self.usage = usage
 
     def on_error(self, body: bytes) -> None:
-        self.error = body
+        if self.failure is None:
+            self.failure = UpstreamFailed(502, body)  # (the backend's own error object: its code)
+            self._reader.stopped = True
 
     def on_garbage(self, text: str, what: str) -> None:
-        self.error = text.encode()[:1000]
+        if self.failure is None:
+            self.failure = UpstreamFailed(502, text.encode()[:1000])
+            self._reader.stopped = True
+
+    def on_finish(self, reason: str) -> None:
+        self.ended = True
+        if reason in FAILED_REASONS:  # (as an answer's: translator.py)
+            self._fail("server_error", f"upstream stopped generating the compaction summary: finish_reason {reason!r}")
+
+    def on_done(self) -> None:
+        self.ended = True
 
     def on_start(self) -> None: pass
     def on_reasoning(self, text: str) -> None:
-        self.reasoned += len(text.encode())
-    def on_refusal(self, text: str) -> None: pass  # (a refusal is no summary: none is written)
+        if not self._outgrown(len(text)):
+            self.reasoned += len(text.encode())
+    def on_refusal(self, text: str) -> None:  # (a refusal is no summary: none is written)
+        self._outgrown(len(text))
     def on_logprobs(self, entries: list) -> None: pass
     def on_tool(self, key, call_id, name, args) -> None: pass
-    def on_finish(self, reason: str) -> None: pass
-    def on_done(self) -> None: pass
 
 
 def _type(item) -> str | None:
