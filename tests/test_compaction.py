@@ -208,3 +208,31 @@ def test_an_item_is_named_by_its_place_in_the_client_s_own_input_when_it_continu
             begin_turn(json.dumps(body).encode(), LoweringOptions(), RESP_ID, 1, Found(earlier=stored), sealer=SEALER)
         assert (err.value.param, err.value.code) == (param, code), (new, err.value.param, str(err.value))
         assert str(err.value).startswith(starts), str(err.value)
+
+
+@pytest.mark.parametrize("pieces, summary", [
+    (["<think>plan", "</think>Goal: tea."], "Goal: tea."),
+    (["plan</think>", "Goal: tea."], "Goal: tea."),  # (a think block without its <think>: no part of it)
+    (["pl", "an</th", "ink>Goal: tea."], "Goal: tea."),
+    (["Goal: <think>x</think> tea"], "tea"),
+    (["<think>only thinking"], None),  # (no summary at all)
+    (["Goal: tea.", " <think>"], "Goal: tea. <think>"),
+])
+def test_server_side_compaction_reads_think_tags_as_the_compact_endpoint_does(pieces, summary):
+    """The summary of server-side compaction (``SummaryReader``) and of the compact endpoint
+    (``CompactionTranslator``) are the same text for the same stream: <think> tags read the
+    upstream's way (think.py, the default ``auto`` here), text that turns out to be reasoning
+    (its </think> came without a <think>) dropped. Before, the reader cut at the last </think> and
+    left out <think>…</think> wherever it stood, and kept an unclosed <think>: a summary the
+    endpoint had no summary for; the endpoint kept what came before a lone </think>."""
+    from resp2chat_core.compaction import SummaryReader
+
+    stream = b"".join(chat_event({"content": p}) for p in pieces) + chat_event(finish="stop") + DONE
+    reader = SummaryReader()
+    reader.feed(stream)
+    reader.finish()
+    events = summarize(turn(compaction_request()), stream)
+    final = events[-1]["response"]
+    endpoint = SEALER.unseal(PURPOSE, final["output"][0]["encrypted_content"]) if final["status"] == "completed" \
+        else None
+    assert (reader.text() or None, endpoint) == (summary, summary)

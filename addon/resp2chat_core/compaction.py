@@ -63,7 +63,6 @@ that wrote no text at all fails the turn with ``server_error`` (Codex retries it
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -74,6 +73,7 @@ from .inputs import COMPACTION as ITEM, COMPACTION_TRIGGER as TRIGGER, facts
 from .lowering import Lowered, encode
 from .seal import Sealer, SealError
 from .sse import MAX_EVENT
+from .think import BREAK, TEXT, ThinkSplitter
 from .toolloop import Work
 from .translator import (DELTA_COST, OUTPUT_EVENTS, OUTPUT_TOO_LARGE, OVERSIZED, _FAILED_REASONS as FAILED_REASONS,
                          Kind, Phase, Translator, output_bound)
@@ -250,8 +250,9 @@ class ServerCompaction:
         """The summary request of the ``i``-th candidate (0: the first)."""
         return (self.fallbacks[i - 1] if i else None) or self.summary_body
 
-    def reader(self, max_event: int = MAX_EVENT) -> "SummaryReader":
-        return SummaryReader(max_event)
+    def reader(self, max_event: int = MAX_EVENT, think: str = "auto") -> "SummaryReader":
+        """A summary call's reader (``think``: how its candidate's <think> tags are read, think.py)."""
+        return SummaryReader(max_event, think)
 
     def item(self, summary: str) -> dict:
         """The compaction item (without its id: the translator gives it one)."""
@@ -272,9 +273,6 @@ class ServerCompaction:
         return Work(tokens, usage) if tokens or usage else None
 
 
-_THINK = re.compile(r"<think>.*?</think>", re.S)
-
-
 class SummaryReader:
     """Reads the summary round's stream (chatstream's reader: every dialect), passing nothing
     on (``feed`` returns b""), or the whole ``chat.completion`` of a backend that ignored
@@ -283,15 +281,18 @@ class SummaryReader:
     text, usage, and whether it failed. The relay's call reads the answer through it
     (relay/upstream.py ``Reader``).
 
-    A summary is whole only as an answer is (the translator's rules, so the compact endpoint's
-    summary and this one read the same stream alike): ended by a finish reason or ``[DONE]``
-    (``ended``; else it stopped short), and without a failure (``failure``): the backend's error
-    object, an event that is no JSON, a finish reason of failure, an SSE event past
-    ``max_event``, or more output than an answer may hold (``output_bound``: what it holds is
-    bounded as an answer's is). On a failure ``feed`` returns None: the call reads no more."""
+    A summary is read as an answer is (the translator's rules, so the compact endpoint's summary,
+    ``CompactionTranslator``, and this one read the same stream alike): its ``<think>`` tags the
+    upstream's way (``think``: think.py; text found to be reasoning after all is none of it), and
+    it is whole only when ended by a finish reason or ``[DONE]`` (``ended``; else it stopped
+    short) without a failure (``failure``): the backend's error object, an event that is no JSON,
+    a finish reason of failure, an SSE event past ``max_event``, or more output than an answer
+    may hold (``output_bound``: what it holds is bounded as an answer's is). On a failure
+    ``feed`` returns None: the call reads no more."""
 
-    def __init__(self, max_event: int = MAX_EVENT) -> None:
+    def __init__(self, max_event: int = MAX_EVENT, think: str = "auto") -> None:
         self._reader = ChunkReader(self, max_event)
+        self._think = ThinkSplitter(think) if think != "off" else None  # None: plain text
         self._text: list[str] = []
         self._size = 0  # the output held, as the translator counts an answer's (``Translator._outgrown``)
         self._max_output = output_bound(max_event)
@@ -316,10 +317,11 @@ class SummaryReader:
     def finish(self) -> None:
         if self.failure is None:
             self._reader.finish()
+            self._flush()
 
     def text(self) -> str:
-        """The summary (think blocks a backend wrote into its text left out)."""
-        return _THINK.sub("", "".join(self._text)).split("</think>")[-1].strip()
+        """The summary (the think blocks a backend wrote into its text left out)."""
+        return "".join(self._text).strip()
 
     def output_tokens(self) -> int:
         return to_responses_usage(self.usage)["output_tokens"] if self.usage else 0
@@ -339,9 +341,35 @@ class SummaryReader:
                                      "upstream request dropped")
         return True
 
+    def _pieces(self, pieces: list) -> None:
+        """What the think-tag splitter made of the text (think.py)."""
+        for kind, text in pieces:
+            if kind == TEXT:
+                self._text.append(text)
+            elif kind == BREAK:  # (what came as text was a think block without its <think>)
+                self.reasoned += len("".join(self._text).encode())
+                self._text.clear()
+            else:
+                self.reasoned += len(text.encode())
+        if self._think is not None and self._think.passing:
+            self._think = None  # (the think block, if any, is over: plain text from now on)
+
+    def _settle(self) -> None:
+        """Another kind of delta: the text held goes first (as the translator's ``_settle_think``)."""
+        if self._think is not None:
+            self._pieces(self._think.settle())
+
+    def _flush(self) -> None:
+        if self._think is not None:
+            self._pieces(self._think.flush())
+
     def on_text(self, text: str) -> None:
-        if not self._outgrown(len(text)):
+        if self._outgrown(len(text)):
+            return
+        if self._think is None:
             self._text.append(text)
+        else:
+            self._pieces(self._think.feed(text))
 
     def on_usage(self, usage: dict) -> None:
         self.usage = usage
@@ -358,20 +386,25 @@ class SummaryReader:
 
     def on_finish(self, reason: str) -> None:
         self.ended = True
+        self._flush()
         if reason in FAILED_REASONS:  # (as an answer's: translator.py)
             self._fail("server_error", f"upstream stopped generating the compaction summary: finish_reason {reason!r}")
 
     def on_done(self) -> None:
         self.ended = True
+        self._flush()
 
     def on_start(self) -> None: pass
     def on_reasoning(self, text: str) -> None:
         if not self._outgrown(len(text)):
+            self._settle()
             self.reasoned += len(text.encode())
     def on_refusal(self, text: str) -> None:  # (a refusal is no summary: none is written)
-        self._outgrown(len(text))
+        if not self._outgrown(len(text)):
+            self._settle()
     def on_logprobs(self, entries: list) -> None: pass
-    def on_tool(self, key, call_id, name, args) -> None: pass
+    def on_tool(self, key, call_id, name, args) -> None:
+        self._settle()  # (a call, never asked for, is not heard; it ends a think block as any other delta)
 
 
 def _type(item) -> str | None:
@@ -392,6 +425,15 @@ class CompactionTranslator(Translator):
             self._summary.append(text)
             if self.observer is not None:
                 self.observer("text", text)
+
+    def _think_pieces(self, pieces: list) -> None:
+        # (a think block without its <think>: what came as text before its </think> was reasoning,
+        # no part of the summary; SummaryReader reads it alike)
+        breaks = [k for k, (kind, _) in enumerate(pieces) if kind == BREAK]
+        if breaks:
+            self._summary.clear()
+            pieces = pieces[breaks[-1] + 1:]
+        super()._think_pieces(pieces)
 
     def on_tool(self, key, call_id, name, args) -> None:
         # tool_choice is "none": a backend that calls a tool anyway is not heard (it still ends

@@ -328,7 +328,7 @@ async def _compact(ex: Exchange, client: UpstreamClient, headers: list[tuple[byt
 
     async def call(i: int, to: Candidate, attempt: routing.Attempt) -> CallEnd:
         nonlocal reader
-        reader = plan.reader(ex.max_event)  # (a fresh one for each candidate: nothing of a failed one's)
+        reader = plan.reader(ex.max_event, to.think)  # (a fresh one for each candidate: nothing of a failed one's)
         # (the summary streams to nobody: the client hears keepalives meanwhile, as while steps run;
         # a backend that ignored ``stream``: its whole JSON is the summary too, never the turn's answer)
         task = asyncio.ensure_future(client.call(to, headers, plan.summary(i), attempt, reader))
