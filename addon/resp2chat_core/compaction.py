@@ -70,6 +70,7 @@ from .channel import UpstreamFailed
 from .chatstream import ChunkReader
 from .errors import GatewayError
 from .inputs import COMPACTION as ITEM, COMPACTION_TRIGGER as TRIGGER, facts
+from .listing import as_listed
 from .lowering import Lowered, encode
 from .seal import Sealer, SealError
 from .sse import MAX_EVENT
@@ -209,16 +210,14 @@ def compact_request(raw: dict) -> dict:
 
 def compacted(response: dict, conversation: list) -> dict:
     """``POST /v1/responses/compact``'s answer from its turn's completed Response: the
-    conversation's user messages (as output items: ids, ``input_text`` parts), then the sealed
-    compaction item; the turn's usage."""
+    conversation's user messages (as output items: ids, their content as the API's objects hold
+    it, listing.py ``as_listed``: a string as one ``input_text``, an ``input_image``'s ``detail``),
+    then the sealed compaction item; the turn's usage."""
     suffix = response["id"].removeprefix("resp_")
     out = []
     for item in users(conversation):
-        content = item.get("content")
-        if isinstance(content, str):
-            content = [{"type": "input_text", "text": content}]
         out.append({"id": item.get("id") or f"msg_{suffix}_u{len(out)}", "type": "message", "status": "completed",
-                    "role": "user", "content": content})
+                    "role": "user", "content": as_listed(item)["content"]})
     usage = response.get("usage") or {"input_tokens": 0, "input_tokens_details": {"cached_tokens": 0},
                                       "output_tokens": 0, "output_tokens_details": {"reasoning_tokens": 0},
                                       "total_tokens": 0}
