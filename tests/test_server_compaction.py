@@ -719,3 +719,20 @@ def test_a_summary_the_backend_failed_midway_is_no_summary(gateway_factory, answ
         assert end["type"] == "response.failed" and end["response"]["error"]["code"] == code, end
         assert end["response"]["output"] == []
         assert [b["messages"][-1]["content"] for b in Failing.bodies] == [COMPACTION_PROMPT] * 3  # (no answer round)
+
+
+def test_the_summary_is_free_text_whatever_format_the_answer_has(own_gateway, upstream):
+    """A turn whose answer must be JSON of a schema (``text.format``; the Agents SDK's
+    ``output_type``): its summary request asks for no format (a summary is prose for whoever
+    continues, and the format is no part of the prompt the backend caches), its answer round
+    does. Before, the summary request carried the answer's ``response_format``: a backend that
+    enforces it wrote the summary as an object of the answer's shape."""
+    schema = {"type": "json_schema", "name": "out", "strict": True, "schema": {
+        "type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"], "additionalProperties": False}}
+    upstream.clear()
+    r = post_turn(own_gateway, {"model": "demo-model", "input": HISTORY, "store": False, "text": {"format": schema},
+                                "context_management": OVER})
+    assert r.status_code == 200, r.text
+    summary, answer = upstream.requests()
+    assert summary["messages"][-1]["content"] == COMPACTION_PROMPT and "response_format" not in summary
+    assert answer["response_format"]["type"] == "json_schema"

@@ -168,10 +168,13 @@ def open_item(item: dict, i: int, sealer: Sealer | None, before: int = 0) -> str
 
 def summary_request(lowered: Lowered, copy: bool = False) -> Lowered:
     """The chat request that asks the backend for the summary: the conversation as lowered
-    for a normal turn, the prompt last, and no tool calls (the tools stay: same prefix).
-    ``copy``: ``lowered`` stays as it was (its chat is not changed)."""
+    for a normal turn, the prompt last, and no tool calls (the tools stay: same prefix). The
+    summary is free text: not held to the answer's ``response_format`` (a turn's ``text.format``:
+    a json_schema would make it an object of the answer's shape; the format is no part of the
+    prompt the backend caches). ``copy``: ``lowered`` stays as it was (its chat is not changed)."""
     chat = {**lowered.chat, "messages": list(lowered.chat["messages"])} if copy else lowered.chat
     chat["messages"].append({"role": "user", "content": COMPACTION_PROMPT})
+    chat.pop("response_format", None)
     if "tools" in chat:
         chat["tool_choice"] = "none"
     return Lowered(chat=chat, body=encode(chat), tool_map=lowered.tool_map, client_stream=lowered.client_stream)
