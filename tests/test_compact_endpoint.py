@@ -11,7 +11,7 @@ import openai
 import pytest
 import requests
 
-from helpers import openai_client
+from helpers import PNG, openai_client
 from resp2chat_core.compaction import COMPACTION_PROMPT, SUMMARY_PREFIX
 from wsclient import WSClient
 
@@ -97,3 +97,19 @@ def test_a_backend_failure_is_the_error_it_would_be_for_a_response(own_gateway, 
     r = requests.post(own_gateway.base_url + "/responses/compact", data=json.dumps({"model": "m", "input": "x"}),
                       timeout=10)
     assert r.status_code == 415  # (a JSON body: the content type is checked at the head, as for /v1/responses)
+
+
+def test_the_user_messages_are_answered_as_the_api_s_objects_hold_them(own_gateway, upstream):
+    """A user message's content as the spec's CompactionResponse holds it (an ``input_image``'s
+    ``detail``, "auto" when the client left it out, as the item lists show it: listing.py); and
+    the answer is still the whole input of a later turn. Before, the parts were answered as the
+    client sent them: no ``detail``, not a CompactionResponse (helpers.check_body)."""
+    image = {"type": "input_image", "image_url": PNG}
+    compacted = requests.post(own_gateway.base_url + "/responses/compact", timeout=30, json={
+        "model": "demo-model", "input": [{"role": "user", "content": [{"type": "input_text", "text": "see"}, image]}]})
+    assert compacted.status_code == 200, compacted.text
+    output = compacted.json()["output"]
+    assert output[0]["content"] == [{"type": "input_text", "text": "see"}, {**image, "detail": "auto"}]
+    later = requests.post(own_gateway.base_url + "/responses", timeout=30, json={
+        "model": "demo-model", "input": output + [{"role": "user", "content": "and?"}], "store": False})
+    assert later.status_code == 200 and later.json()["status"] == "completed", later.text

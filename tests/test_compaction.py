@@ -177,3 +177,62 @@ def test_through_the_gateway_a_forged_item_is_a_400_naming_it(gateway):
     assert r.json()["error"]["param"] == f"input[{index}].encrypted_content"
     assert r.json()["error"]["code"] == "invalid_encrypted_content"
     assert r.json()["error"]["message"].startswith(f"input[{index}]: ")
+
+
+def test_an_item_is_named_by_its_place_in_the_client_s_own_input_when_it_continues_a_response():
+    """A compaction item (or a trigger) that cannot be used, in the input of a request that
+    continues a stored response: the 400 names its place in the client's input, as every other
+    item's error does (inputs.expand), not its place in the whole conversation (which the client
+    never sent); one in the stored conversation names the previous response. Before, both were
+    named input[<place in the whole conversation>]: an index past the client's input, or one that
+    named another of its items."""
+    from resp2chat_core.turn import Found
+
+    earlier = [{"role": "user", "content": "hi"},
+               {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "hello"}]}]
+    forged = {"type": "compaction", "encrypted_content": seal(derive_key("another gateway"), PURPOSE, "Goal: mine")}
+    cases = [
+        ([{"role": "user", "content": "more"}, forged, {"role": "user", "content": "and?"}], earlier,
+         "input[1].encrypted_content", "input[1]: ", "invalid_encrypted_content"),
+        ([forged, {"role": "user", "content": "and?"}], earlier, "input[0].encrypted_content", "input[0]: ",
+         "invalid_encrypted_content"),
+        ([{"type": "compaction"}], earlier, "input[0].encrypted_content", "input[0]: ", "invalid_value"),
+        ([{"type": "compaction_trigger"}, {"role": "user", "content": "and?"}], earlier, "input[0].type", "input[0]: ",
+         "invalid_value"),
+        ([{"role": "user", "content": "and?"}], [*earlier, forged], "previous_response_id",
+         "item 2 of the conversation previous_response_id continues", "invalid_encrypted_content"),
+    ]
+    for new, stored, param, starts, code in cases:
+        body = {"model": "m", "previous_response_id": "resp_stored", "input": new}
+        with pytest.raises(GatewayError) as err:
+            begin_turn(json.dumps(body).encode(), LoweringOptions(), RESP_ID, 1, Found(earlier=stored), sealer=SEALER)
+        assert (err.value.param, err.value.code) == (param, code), (new, err.value.param, str(err.value))
+        assert str(err.value).startswith(starts), str(err.value)
+
+
+@pytest.mark.parametrize("pieces, summary", [
+    (["<think>plan", "</think>Goal: tea."], "Goal: tea."),
+    (["plan</think>", "Goal: tea."], "Goal: tea."),  # (a think block without its <think>: no part of it)
+    (["pl", "an</th", "ink>Goal: tea."], "Goal: tea."),
+    (["Goal: <think>x</think> tea"], "tea"),
+    (["<think>only thinking"], None),  # (no summary at all)
+    (["Goal: tea.", " <think>"], "Goal: tea. <think>"),
+])
+def test_server_side_compaction_reads_think_tags_as_the_compact_endpoint_does(pieces, summary):
+    """The summary of server-side compaction (``SummaryReader``) and of the compact endpoint
+    (``CompactionTranslator``) are the same text for the same stream: <think> tags read the
+    upstream's way (think.py, the default ``auto`` here), text that turns out to be reasoning
+    (its </think> came without a <think>) dropped. Before, the reader cut at the last </think> and
+    left out <think>…</think> wherever it stood, and kept an unclosed <think>: a summary the
+    endpoint had no summary for; the endpoint kept what came before a lone </think>."""
+    from resp2chat_core.compaction import SummaryReader
+
+    stream = b"".join(chat_event({"content": p}) for p in pieces) + chat_event(finish="stop") + DONE
+    reader = SummaryReader()
+    reader.feed(stream)
+    reader.finish()
+    events = summarize(turn(compaction_request()), stream)
+    final = events[-1]["response"]
+    endpoint = SEALER.unseal(PURPOSE, final["output"][0]["encrypted_content"]) if final["status"] == "completed" \
+        else None
+    assert (reader.text() or None, endpoint) == (summary, summary)

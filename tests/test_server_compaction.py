@@ -16,7 +16,7 @@ import requests
 from helpers import (
     LocalServer, QuietHandler, chat_chunk, chat_completion, chat_event, chat_sse, check_stream, cli_env, free_port,
     http_chunk, openai_client, parse_sse, post_turn, read_flows, run_cli, scrape, send_json, send_sse, start_gateway,
-    start_sse,
+    start_sse, wait_until,
 )
 from resp2chat_core.compaction import COMPACTION_PROMPT, SUMMARY_PREFIX
 from wsclient import WSClient
@@ -616,3 +616,123 @@ def test_a_summary_failing_midway_falls_back_and_tpm_spends_what_it_did(tmp_path
             assert f"upstream half failed writing the compaction summary (HTTP {status})" in gw.log()
         finally:
             gw.stop()
+
+
+class _LongSummary(QuietHandler):
+    """A backend whose summary (its answer to the compaction prompt) is ``size`` bytes of text in
+    deltas of ``delta`` characters, then finished, as fast as it is read; anything else is answered
+    at once. ``calls``: per summary call, the bytes sent and whether the gateway cut it."""
+
+    size, delta = 0, 1000
+    calls: list[dict] = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        if body["messages"][-1]["content"] != COMPACTION_PROMPT:
+            send_sse(self, chat_sse(chat_chunk({"content": "answer"}), chat_chunk(finish="stop")))
+            return
+        call = {"sent": 0, "cut": False}
+        type(self).calls.append(call)
+        start_sse(self)
+        piece = http_chunk(chat_event({"content": "x" * self.delta}) * max(1, (256 << 10) // (self.delta + 100)))
+        try:
+            while call["sent"] < self.size:
+                self.wfile.write(piece)
+                call["sent"] += len(piece)
+            self.wfile.write(http_chunk(chat_event(finish="stop") + b"data: [DONE]\n\n") + b"0\r\n\r\n")
+        except OSError:
+            call["cut"] = True
+            self.close_connection = True
+
+
+@pytest.mark.parametrize("delta, size, code", [(1000, 40 << 20, "upstream_output_too_large"),
+                                               ((3 << 20) // 2, 1, "upstream_event_too_large")])
+def test_a_summary_past_the_gateway_s_bounds_fails_the_turn_as_an_answer_would(gateway_factory, delta, size, code):
+    """A summary the backend streams past the bound of an answer's output (8 × max_upstream_event_mb:
+    8 MiB with 1), or in an SSE event past max_upstream_event_mb: the turn fails with the code an
+    answer (and the compact endpoint's summary) gets, the backend call is cut, no answer round runs.
+    Before, the summary's reader held whatever came (no bound: a backend that never stops grew the
+    gateway without end) and an event past the bound was dropped silently: the summary cut short
+    was sealed and answered on as if whole."""
+    handler = type("Long", (_LongSummary,), {"size": size, "delta": delta, "calls": []})
+    with LocalServer(handler) as backend:
+        gw = gateway_factory(backend.url, "--set", "resp2chat_max_replay_entries=0",
+                             "--set", "resp2chat_max_upstream_event_mb=1")
+        compact = requests.post(gw.base_url + "/responses/compact", json={"model": "demo-model", "input": HISTORY},
+                                timeout=60)
+        assert compact.status_code == 502 and compact.json()["error"]["code"] == code, compact.text[:300]
+        r = post_turn(gw, {"model": "demo-model", "input": HISTORY, "store": False, "context_management": OVER})
+        assert r.status_code == 502 and r.json()["error"]["code"] == code, r.text[:300]
+        ws = WSClient(gw.base_url)
+        end = ws.turn({"type": "response.create", "model": "demo-model", "input": HISTORY, "store": False,
+                       "context_management": OVER})[-1]
+        ws.close()
+        assert end["type"] == "response.failed" and end["response"]["error"]["code"] == code, end
+        assert end["response"]["output"] == []
+        assert len(handler.calls) == 3  # (the summary's calls only: no answer round ran)
+        if size > 1:  # (a summary that would not end by itself: its calls are cut, not read to their end)
+            wait_until(lambda: all(call["cut"] for call in handler.calls), what="the summary calls cut")
+        assert all(call["sent"] < 32 << 20 for call in handler.calls), handler.calls
+
+
+_PARTIAL = chat_chunk({"role": "assistant", "content": "Goal: the first half of a summary"})
+
+
+@pytest.mark.parametrize("answer, code", [
+    (chat_sse(_PARTIAL, {"error": {"message": "overloaded", "type": "server_error", "code": "context_length_exceeded"}},
+              done=False), "context_length_exceeded"),
+    (chat_sse(_PARTIAL, "this is no JSON", chat_chunk(finish="stop")), "server_error"),
+    (chat_sse(_PARTIAL, chat_chunk(finish="error")), "server_error"),
+    (chat_sse(_PARTIAL, chat_chunk(finish="abort"), done=False), "server_error"),
+    (chat_sse(_PARTIAL, done=False), "server_error"),
+    (json.dumps(chat_completion({"content": "Goal: the first half"}, "error")).encode(), "server_error"),
+])
+def test_a_summary_the_backend_failed_midway_is_no_summary(gateway_factory, answer, code):
+    """A summary whose stream the backend failed after some text (an error object, an event that is
+    no JSON, a ``finish_reason`` of failure, a stream that stopped with neither a finish reason nor
+    [DONE]) fails the turn, with the code the compact endpoint's summary (and any answer) gets from
+    the same stream. Before, the text before the failure was sealed as the summary and the turn
+    answered on it, as if the backend had written it whole."""
+    class Failing(QuietHandler):
+        bodies: list[dict] = []
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            type(self).bodies.append(body)
+            if body["messages"][-1]["content"] != COMPACTION_PROMPT:
+                send_sse(self, chat_sse(chat_chunk({"content": "answer"}), chat_chunk(finish="stop")))
+            elif answer.startswith(b"{"):
+                send_json(self, 200, answer)
+            else:
+                send_sse(self, answer)
+
+    with LocalServer(Failing) as backend:
+        gw = gateway_factory(backend.url, "--set", "resp2chat_max_replay_entries=0")
+        compact = requests.post(gw.base_url + "/responses/compact", json={"model": "demo-model", "input": HISTORY},
+                                timeout=30)
+        assert compact.status_code >= 400 and compact.json()["error"]["code"] == code, compact.text
+        r = post_turn(gw, {"model": "demo-model", "input": HISTORY, "store": False, "context_management": OVER})
+        assert r.status_code == compact.status_code and r.json()["error"]["code"] == code, r.text
+        raw = requests.post(f"{gw.base_url}/responses", timeout=30, json={
+            "model": "demo-model", "input": HISTORY, "stream": True, "context_management": OVER}).content
+        end = check_stream(raw, parse_sse(raw)[0]["response"]["id"])[-1]
+        assert end["type"] == "response.failed" and end["response"]["error"]["code"] == code, end
+        assert end["response"]["output"] == []
+        assert [b["messages"][-1]["content"] for b in Failing.bodies] == [COMPACTION_PROMPT] * 3  # (no answer round)
+
+
+def test_the_summary_is_free_text_whatever_format_the_answer_has(own_gateway, upstream):
+    """A turn whose answer must be JSON of a schema (``text.format``; the Agents SDK's
+    ``output_type``): its summary request asks for no format (a summary is prose for whoever
+    continues, and the format is no part of the prompt the backend caches), its answer round
+    does. Before, the summary request carried the answer's ``response_format``: a backend that
+    enforces it wrote the summary as an object of the answer's shape."""
+    schema = {"type": "json_schema", "name": "out", "strict": True, "schema": {
+        "type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"], "additionalProperties": False}}
+    upstream.clear()
+    r = post_turn(own_gateway, {"model": "demo-model", "input": HISTORY, "store": False, "text": {"format": schema},
+                                "context_management": OVER})
+    assert r.status_code == 200, r.text
+    summary, answer = upstream.requests()
+    assert summary["messages"][-1]["content"] == COMPACTION_PROMPT and "response_format" not in summary
+    assert answer["response_format"]["type"] == "json_schema"

@@ -62,18 +62,22 @@ that wrote no text at all fails the turn with ``server_error`` (Codex retries it
 
 from __future__ import annotations
 
-import re
+import json
 from dataclasses import dataclass
 from typing import Callable
 
+from .channel import UpstreamFailed
 from .chatstream import ChunkReader
 from .errors import GatewayError
 from .inputs import COMPACTION as ITEM, COMPACTION_TRIGGER as TRIGGER, facts
+from .listing import as_listed
 from .lowering import Lowered, encode
 from .seal import Sealer, SealError
 from .sse import MAX_EVENT
+from .think import BREAK, TEXT, ThinkSplitter
 from .toolloop import Work
-from .translator import Kind, Phase, Translator
+from .translator import (DELTA_COST, OUTPUT_EVENTS, OUTPUT_TOO_LARGE, OVERSIZED, _FAILED_REASONS as FAILED_REASONS,
+                         Kind, Phase, Translator, output_bound)
 from .usage import call_tokens, summed, to_responses_usage
 
 PURPOSE = "compaction"  # the seal purpose: a sealed reasoning text cannot pass for a summary
@@ -99,13 +103,15 @@ SUMMARY_PREFIX = ("[Summary of the conversation so far. The earlier turns were c
                   "context; continue the work from here.]\n\n")
 
 
-def prepare(items: list, sealer: Sealer | None) -> tuple[list, list, bool]:
+def prepare(items: list, sealer: Sealer | None, before: int = 0) -> tuple[list, list, bool]:
     """A request's input items -> (items to keep, items to lower, is a compaction request).
 
     The trailing ``compaction_trigger`` is taken off both lists. In the items to lower, each
     compaction item becomes the user message that carries its summary; the items to keep (what
     a stored response remembers) keep the sealed item. ``GatewayError`` names an item the
-    gateway did not make, or one that was altered, and a trigger anywhere but last.
+    gateway did not make, or one that was altered, and a trigger anywhere but last: by its place
+    in the client's own input, the first ``before`` items being the stored conversation the
+    request continues (named as inputs.expand names an item: ``where``).
     """
     kept = untriggered(items)
     compaction = kept is not items
@@ -115,13 +121,24 @@ def prepare(items: list, sealer: Sealer | None) -> tuple[list, list, bool]:
     for i, item in enumerate(kept):
         kind = _type(item)
         if kind == TRIGGER:
-            raise GatewayError(f"input[{i}]: compaction_trigger must be the last input item",
-                               param=f"input[{i}].type", code="invalid_value")
+            name, param = where(i, before, "type")
+            raise GatewayError(f"{name}: compaction_trigger must be the last input item", param=param,
+                               code="invalid_value")
         if kind == ITEM:
             if lowered is kept:
                 lowered = list(kept)
-            lowered[i] = {"type": "message", "role": "user", "content": SUMMARY_PREFIX + open_item(item, i, sealer)}
+            lowered[i] = {"type": "message", "role": "user",
+                          "content": SUMMARY_PREFIX + open_item(item, i, sealer, before)}
     return kept, lowered, compaction
+
+
+def where(i: int, before: int, field: str) -> tuple[str, str]:
+    """How item ``i`` of a conversation whose first ``before`` items are stored is named in an
+    error (message, param): by its place in the client's input, or as the stored conversation's
+    (inputs.expand's words)."""
+    if i >= before:
+        return f"input[{i - before}]", f"input[{i - before}].{field}"
+    return f"item {i} of the conversation previous_response_id continues ({field})", "previous_response_id"
 
 
 def untriggered(items: list) -> list:
@@ -129,30 +146,35 @@ def untriggered(items: list) -> list:
     return items[:-1] if items and _type(items[-1]) == TRIGGER else items
 
 
-def open_item(item: dict, i: int, sealer: Sealer | None) -> str:
-    """The summary a compaction item carries (``GatewayError`` if it is not one of ours)."""
+def open_item(item: dict, i: int, sealer: Sealer | None, before: int = 0) -> str:
+    """The summary a compaction item carries (``GatewayError`` if it is not one of ours; ``i``,
+    ``before``: its place, ``where``)."""
+    name, param = where(i, before, "encrypted_content")
     token = item.get("encrypted_content")
     if not isinstance(token, str) or not token:
-        raise GatewayError(f"input[{i}]: a compaction item needs its encrypted_content",
-                           param=f"input[{i}].encrypted_content", code="invalid_value")
+        raise GatewayError(f"{name}: a compaction item needs its encrypted_content", param=param,
+                           code="invalid_value")
     if sealer is None:
-        raise GatewayError(f"input[{i}]: compaction items cannot be read here (no seal key)",
-                           param=f"input[{i}].encrypted_content", code="invalid_encrypted_content")
+        raise GatewayError(f"{name}: compaction items cannot be read here (no seal key)", param=param,
+                           code="invalid_encrypted_content")
     try:
         return sealer.unseal(PURPOSE, token)
     except SealError as exc:
         raise GatewayError(
-            f"input[{i}]: this compaction item was not made by this gateway, or was altered ({exc}); "
+            f"{name}: this compaction item was not made by this gateway, or was altered ({exc}); "
             "start a new session, or give the gateway the seal_key that made it",
-            param=f"input[{i}].encrypted_content", code="invalid_encrypted_content") from None
+            param=param, code="invalid_encrypted_content") from None
 
 
 def summary_request(lowered: Lowered, copy: bool = False) -> Lowered:
     """The chat request that asks the backend for the summary: the conversation as lowered
-    for a normal turn, the prompt last, and no tool calls (the tools stay: same prefix).
-    ``copy``: ``lowered`` stays as it was (its chat is not changed)."""
+    for a normal turn, the prompt last, and no tool calls (the tools stay: same prefix). The
+    summary is free text: not held to the answer's ``response_format`` (a turn's ``text.format``:
+    a json_schema would make it an object of the answer's shape; the format is no part of the
+    prompt the backend caches). ``copy``: ``lowered`` stays as it was (its chat is not changed)."""
     chat = {**lowered.chat, "messages": list(lowered.chat["messages"])} if copy else lowered.chat
     chat["messages"].append({"role": "user", "content": COMPACTION_PROMPT})
+    chat.pop("response_format", None)
     if "tools" in chat:
         chat["tool_choice"] = "none"
     return Lowered(chat=chat, body=encode(chat), tool_map=lowered.tool_map, client_stream=lowered.client_stream)
@@ -191,16 +213,14 @@ def compact_request(raw: dict) -> dict:
 
 def compacted(response: dict, conversation: list) -> dict:
     """``POST /v1/responses/compact``'s answer from its turn's completed Response: the
-    conversation's user messages (as output items: ids, ``input_text`` parts), then the sealed
-    compaction item; the turn's usage."""
+    conversation's user messages (as output items: ids, their content as the API's objects hold
+    it, listing.py ``as_listed``: a string as one ``input_text``, an ``input_image``'s ``detail``),
+    then the sealed compaction item; the turn's usage."""
     suffix = response["id"].removeprefix("resp_")
     out = []
     for item in users(conversation):
-        content = item.get("content")
-        if isinstance(content, str):
-            content = [{"type": "input_text", "text": content}]
         out.append({"id": item.get("id") or f"msg_{suffix}_u{len(out)}", "type": "message", "status": "completed",
-                    "role": "user", "content": content})
+                    "role": "user", "content": as_listed(item)["content"]})
     usage = response.get("usage") or {"input_tokens": 0, "input_tokens_details": {"cached_tokens": 0},
                                       "output_tokens": 0, "output_tokens_details": {"reasoning_tokens": 0},
                                       "total_tokens": 0}
@@ -232,8 +252,9 @@ class ServerCompaction:
         """The summary request of the ``i``-th candidate (0: the first)."""
         return (self.fallbacks[i - 1] if i else None) or self.summary_body
 
-    def reader(self, max_event: int = MAX_EVENT) -> "SummaryReader":
-        return SummaryReader(max_event)
+    def reader(self, max_event: int = MAX_EVENT, think: str = "auto") -> "SummaryReader":
+        """A summary call's reader (``think``: how its candidate's <think> tags are read, think.py)."""
+        return SummaryReader(max_event, think)
 
     def item(self, summary: str) -> dict:
         """The compaction item (without its id: the translator gives it one)."""
@@ -254,62 +275,138 @@ class ServerCompaction:
         return Work(tokens, usage) if tokens or usage else None
 
 
-_THINK = re.compile(r"<think>.*?</think>", re.S)
-
-
 class SummaryReader:
     """Reads the summary round's stream (chatstream's reader: every dialect), passing nothing
     on (``feed`` returns b""), or the whole ``chat.completion`` of a backend that ignored
     ``stream`` (``whole``, as the tool loop's ``ToolLoop.whole``: the same reader's, passing
     nothing on either; a body that is no completion is an error, as a garbage stream): its
     text, usage, and whether it failed. The relay's call reads the answer through it
-    (relay/upstream.py ``Reader``)."""
+    (relay/upstream.py ``Reader``).
 
-    def __init__(self, max_event: int = MAX_EVENT) -> None:
+    A summary is read as an answer is (the translator's rules, so the compact endpoint's summary,
+    ``CompactionTranslator``, and this one read the same stream alike): its ``<think>`` tags the
+    upstream's way (``think``: think.py; text found to be reasoning after all is none of it), and
+    it is whole only when ended by a finish reason or ``[DONE]`` (``ended``; else it stopped
+    short) without a failure (``failure``): the backend's error object, an event that is no JSON,
+    a finish reason of failure, an SSE event past ``max_event``, or more output than an answer
+    may hold (``output_bound``: what it holds is bounded as an answer's is). On a failure
+    ``feed`` returns None: the call reads no more."""
+
+    def __init__(self, max_event: int = MAX_EVENT, think: str = "auto") -> None:
         self._reader = ChunkReader(self, max_event)
+        self._think = ThinkSplitter(think) if think != "off" else None  # None: plain text
         self._text: list[str] = []
+        self._size = 0  # the output held, as the translator counts an answer's (``Translator._outgrown``)
+        self._max_output = output_bound(max_event)
         self.reasoned = 0  # bytes of reasoning the backend wrote (what it did: ``ServerCompaction.work``)
         self.usage: dict | None = None
-        self.error: bytes | None = None
+        self.failure: UpstreamFailed | None = None  # why what came is no summary (the turn fails with it)
+        self.ended = False  # a finish reason or [DONE] came
 
-    def feed(self, data: bytes) -> bytes:
-        self._reader.feed(data)
-        return b""
+    def feed(self, data: bytes) -> bytes | None:
+        if self.failure is None:
+            self._reader.feed(data)
+            if self._reader.parser.oversized:
+                self._fail(OVERSIZED, f"the upstream sent an SSE event larger than max_upstream_event_mb "
+                                      f"({self._reader.parser.max_event / (1 << 20):g} MiB) in the compaction "
+                                      "summary: the turn was ended and the upstream request dropped")
+        return b"" if self.failure is None else None
 
     def whole(self, body: bytes) -> bytes:
         self._reader.body(body)
         return b""
 
     def finish(self) -> None:
-        self._reader.finish()
+        if self.failure is None:
+            self._reader.finish()
+            self._flush()
 
     def text(self) -> str:
-        """The summary (think blocks a backend wrote into its text left out)."""
-        return _THINK.sub("", "".join(self._text)).split("</think>")[-1].strip()
+        """The summary (the think blocks a backend wrote into its text left out)."""
+        return "".join(self._text).strip()
 
     def output_tokens(self) -> int:
         return to_responses_usage(self.usage)["output_tokens"] if self.usage else 0
 
+    def _fail(self, code: str, message: str) -> None:
+        if self.failure is None:
+            self.failure = UpstreamFailed(502, json.dumps({"error": {"message": message, "type": "upstream_error",
+                                                                     "code": code}}).encode(), own=True)
+            self._reader.stopped = True
+
+    def _outgrown(self, chars: int) -> bool:
+        self._size += chars + DELTA_COST
+        if self._size <= self._max_output:
+            return False
+        self._fail(OUTPUT_TOO_LARGE, f"the upstream's compaction summary outgrew {self._max_output / (1 << 20):g} MiB "
+                                     f"({OUTPUT_EVENTS} × max_upstream_event_mb): the turn was ended and the "
+                                     "upstream request dropped")
+        return True
+
+    def _pieces(self, pieces: list) -> None:
+        """What the think-tag splitter made of the text (think.py)."""
+        for kind, text in pieces:
+            if kind == TEXT:
+                self._text.append(text)
+            elif kind == BREAK:  # (what came as text was a think block without its <think>)
+                self.reasoned += len("".join(self._text).encode())
+                self._text.clear()
+            else:
+                self.reasoned += len(text.encode())
+        if self._think is not None and self._think.passing:
+            self._think = None  # (the think block, if any, is over: plain text from now on)
+
+    def _settle(self) -> None:
+        """Another kind of delta: the text held goes first (as the translator's ``_settle_think``)."""
+        if self._think is not None:
+            self._pieces(self._think.settle())
+
+    def _flush(self) -> None:
+        if self._think is not None:
+            self._pieces(self._think.flush())
+
     def on_text(self, text: str) -> None:
-        self._text.append(text)
+        if self._outgrown(len(text)):
+            return
+        if self._think is None:
+            self._text.append(text)
+        else:
+            self._pieces(self._think.feed(text))
 
     def on_usage(self, usage: dict) -> None:
         self.usage = usage
 
     def on_error(self, body: bytes) -> None:
-        self.error = body
+        if self.failure is None:
+            self.failure = UpstreamFailed(502, body)  # (the backend's own error object: its code)
+            self._reader.stopped = True
 
     def on_garbage(self, text: str, what: str) -> None:
-        self.error = text.encode()[:1000]
+        if self.failure is None:
+            self.failure = UpstreamFailed(502, text.encode()[:1000])
+            self._reader.stopped = True
+
+    def on_finish(self, reason: str) -> None:
+        self.ended = True
+        self._flush()
+        if reason in FAILED_REASONS:  # (as an answer's: translator.py)
+            self._fail("server_error", f"upstream stopped generating the compaction summary: finish_reason {reason!r}")
+
+    def on_done(self) -> None:
+        self.ended = True
+        self._flush()
 
     def on_start(self) -> None: pass
     def on_reasoning(self, text: str) -> None:
-        self.reasoned += len(text.encode())
-    def on_refusal(self, text: str) -> None: pass  # (a refusal is no summary: none is written)
+        if not self._outgrown(len(text)):
+            self._settle()
+            self.reasoned += len(text.encode())
+    def on_refusal(self, text: str) -> None:  # (a refusal is no summary: none is written)
+        if not self._outgrown(len(text)):
+            self._settle()
     def on_logprobs(self, entries: list) -> None: pass
-    def on_tool(self, key, call_id, name, args) -> None: pass
-    def on_finish(self, reason: str) -> None: pass
-    def on_done(self) -> None: pass
+    def on_tool(self, key, call_id, name, args) -> None:
+        self._settle()  # (a call, never asked for, is not heard; it ends a think block as any other delta)
 
 
 def _type(item) -> str | None:
@@ -330,6 +427,15 @@ class CompactionTranslator(Translator):
             self._summary.append(text)
             if self.observer is not None:
                 self.observer("text", text)
+
+    def _think_pieces(self, pieces: list) -> None:
+        # (a think block without its <think>: what came as text before its </think> was reasoning,
+        # no part of the summary; SummaryReader reads it alike)
+        breaks = [k for k, (kind, _) in enumerate(pieces) if kind == BREAK]
+        if breaks:
+            self._summary.clear()
+            pieces = pieces[breaks[-1] + 1:]
+        super()._think_pieces(pieces)
 
     def on_tool(self, key, call_id, name, args) -> None:
         # tool_choice is "none": a backend that calls a tool anyway is not heard (it still ends

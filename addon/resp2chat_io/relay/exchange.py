@@ -15,8 +15,11 @@ that may fall back: a compaction round's summary request, and the answer's first
 the first round of a tool loop falls back (later rounds follow what the client already has).
 A call that answered commits its ``Attempt`` (its ``Rerouted`` goes) even if it passed nothing
 on. The summary passes nothing on, so its ``Attempt`` holds a failure at any point of it: a
-summary that fails midway (a silence; a cut, which ``_compact`` makes a 502 failure) falls back
-too, nothing of it having reached the client.
+summary that fails midway (a silence; a cut, or a stream ended with neither a finish reason nor
+[DONE], which ``_compact`` makes a 502 failure) falls back too, nothing of it having reached the
+client. What its reader finds is no summary (``SummaryReader.failure``: the backend's error
+object, garbage, a finish reason of failure, an event or an output past the bounds) fails the
+turn as it would fail an answer, and does not fall back.
 
 The tool loop (resp2chat_core/toolloop.py: web search, hosted MCP tools) is decided in the core;
 each round's answer goes through it (the call's reader, upstream.py ``Reader``: ``ToolLoop.feed``,
@@ -325,7 +328,7 @@ async def _compact(ex: Exchange, client: UpstreamClient, headers: list[tuple[byt
 
     async def call(i: int, to: Candidate, attempt: routing.Attempt) -> CallEnd:
         nonlocal reader
-        reader = plan.reader(ex.max_event)  # (a fresh one for each candidate: nothing of a failed one's)
+        reader = plan.reader(ex.max_event, to.think)  # (a fresh one for each candidate: nothing of a failed one's)
         # (the summary streams to nobody: the client hears keepalives meanwhile, as while steps run;
         # a backend that ignored ``stream``: its whole JSON is the summary too, never the turn's answer)
         task = asyncio.ensure_future(client.call(to, headers, plan.summary(i), attempt, reader))
@@ -335,24 +338,28 @@ async def _compact(ex: Exchange, client: UpstreamClient, headers: list[tuple[byt
             task.cancel()
         outcome = task.result()
         reader.finish()
-        if not outcome.answered and attempt.failure is None and not ex.channel.closed:
-            # (cut short: the backend closed midway; a failure of the summary, as a silence, that falls back)
+        if reader.failure is None and not reader.ended and attempt.failure is None and not ex.channel.closed:
+            # (cut short: the backend closed midway, or its stream ended with neither a finish reason nor
+            # [DONE], as an answer's would fail; a failure of the summary, as a silence, that falls back)
             attempt.event(failure(502, f"the upstream {to.name} cut the compaction summary short",
                                   "upstream_unavailable"))
-        calls.append((i, reader, attempt.failure is not None or not outcome.answered))
+        calls.append((i, reader, attempt.failure is not None or reader.failure is not None or not outcome.answered))
         return outcome
 
     outcome = await _walk(ex, 0, failed, call, "writing the compaction summary")
     ex.compaction_work = plan.work(calls)  # (a call that failed midway, fallen back from, spent tokens too)
     if outcome is None or ex.channel.closed:
         return False
+    if reader.failure is not None:
+        # what came is no summary: the backend's own error object in its stream (errors.py words it),
+        # garbage, a finish reason of failure, an event or an output past the gateway's bounds
+        ex.channel.event(reader.failure)
+        return False
     summary = reader.text()
-    if not outcome.answered or not summary or plan.sealer is None:
+    if not summary or plan.sealer is None:
         why = ("the gateway has no seal key for the compaction summary" if plan.sealer is None and summary else
                "the backend wrote no summary for the compaction")
-        # (the backend's own error object in its stream, if it sent one: errors.py words it)
-        ex.channel.event(UpstreamFailed(502, reader.error) if reader.error and plan.sealer is not None
-                         else failure(502, why, "server_error", "server_error"))
+        ex.channel.event(failure(502, why, "server_error", "server_error"))
         return False
     ex.channel.event(Compacted(plan.item(summary), reader.output_tokens()))
     bodies = plan.answer(summary)
