@@ -4,10 +4,10 @@
 | --- | --- |
 | ``POST /v1/conversations`` ``{metadata, items}`` | the conversation object |
 | ``GET /v1/conversations/{id}`` | the conversation object |
-| ``POST /v1/conversations/{id}`` ``{metadata}`` | the conversation, its metadata replaced |
+| ``POST /v1/conversations/{id}`` ``{metadata}`` | the conversation, its metadata replaced (``metadata`` required: null clears it) |
 | ``DELETE /v1/conversations/{id}`` | ``{id, object: "conversation.deleted", deleted: true}`` |
 | ``GET /v1/conversations/{id}/items`` (``after``, ``limit``, ``order``, ``include``) | a list of its items (listing.py) |
-| ``POST /v1/conversations/{id}/items`` ``{items}`` (``include``) | a list of the items added, with their ids |
+| ``POST /v1/conversations/{id}/items`` ``{items}`` (``include``) | a list of the items added (1 to 20: required), with their ids |
 | ``GET /v1/conversations/{id}/items/{item_id}`` (``include``) | the item |
 | ``DELETE /v1/conversations/{id}/items/{item_id}`` | the conversation object |
 
