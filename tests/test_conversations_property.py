@@ -5,7 +5,7 @@ conversation is its owner, its metadata and a list of (id, role, text) items.
 Property tests (hypothesis, derandomized: the same examples every run):
 
 - a random sequence of creates, metadata updates, deletes, item adds, item deletes, item GETs,
-  list walks and turns naming the conversation (HTTP JSON and streamed) agrees with the model on
+  list walks and turns naming the conversation (HTTP JSON, streamed, the WebSocket) agrees with the model on
   every read, on the memory store and on Redis shared by two replicas (each operation on either
   one): both agree with the model, so with each other;
 - a turn lowers exactly the conversation's items as they are then (deleted ones gone), then its
@@ -36,8 +36,10 @@ import requests
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from openai.types import conversations as T
+from openai.types.responses import Response
 
 from helpers import openai_client, start_gateway
+from wsclient import WSClient
 from redis_server import RedisServer, missing
 
 KEYS = ("sk-conv-prop-owner-one-0001", "sk-conv-prop-owner-two-0002")  # (forward_client_auth: two owners)
@@ -145,7 +147,7 @@ OPS = {  # (kind: (weight, its arguments))
     "drop": (4, st.tuples(WHO, CONV, st.integers(0, 99))),
     "get": (2, st.tuples(WHO, CONV, st.integers(0, 99))),
     "list": (3, st.tuples(WHO, CONV, st.integers(1, 5), st.sampled_from(["asc", "desc"]))),
-    "turn": (5, st.tuples(WHO, CONV, st.booleans())),
+    "turn": (5, st.tuples(WHO, CONV, st.sampled_from(["json", "stream", "ws"]))),
 }
 OP = st.sampled_from([k for k, (w, _) in OPS.items() for _ in range(w)]).flatmap(
     lambda k: OPS[k][1].map(lambda args: (k.removesuffix("_many"), *args)))
@@ -309,13 +311,24 @@ class Run:
             after = p["last_id"]
         raise AssertionError(f"the walk of {conv.id} does not end: {out}")
 
-    def turn_in(self, client, conv: Conv, stream: bool) -> None:
-        """A turn naming the conversation lowers exactly its items, then its input and output join it."""
+    def turn_in(self, client, conv: Conv, how: str) -> None:
+        """A turn naming the conversation (a JSON answer, a stream, the WebSocket) lowers exactly
+        its items, then its input and output join it."""
         text = f"noreason\nturn {next(COUNTER)}"
+        event(f"turn: {how}")
         self.upstream.clear()
-        if stream:
+        if how == "stream":
             events = list(client.responses.create(model="demo-model", input=text, conversation=conv.id, stream=True))
             response = events[-1].response
+        elif how == "ws":  # (on the replica this client asks)
+            ws = WSClient(str(client.base_url).rstrip("/"), headers={"authorization": f"Bearer {client.api_key}"})
+            try:
+                events = ws.turn({"type": "response.create", "model": "demo-model", "input": text,
+                                  "conversation": {"id": conv.id}})
+            finally:
+                ws.close()
+            assert events[-1]["type"] == "response.completed", events[-1]
+            response = Response.model_validate(events[-1]["response"])
         else:
             response = client.responses.create(model="demo-model", input=text, conversation={"id": conv.id})
         assert response.status == "completed" and response.conversation.id == conv.id, response
