@@ -80,11 +80,22 @@ def check_metadata(value: object, param: str = "metadata") -> dict:
     return value
 
 
-def new_items(value: object, param: str = "items", sealer=None) -> list:
+def required(body: dict, name: str) -> object:
+    """A field the request must give (OpenAI's ``missing_required_parameter``): its value."""
+    if name not in body:
+        raise GatewayError(f"{name}: required", param=name, code="missing_required_parameter")
+    return body[name]
+
+
+def new_items(value: object, param: str = "items", sealer=None, *, some: bool = False) -> list:
     """Items a request adds to a conversation, validated as a Responses request's ``input``
-    (the same 400s, named ``items[i]…``); None: none. A ``compaction`` item (the compact
+    (the same 400s, named ``items[i]…``); None: none (``some``: at least one is required, as
+    ``POST …/items`` requires, whose answer lists them). A ``compaction`` item (the compact
     endpoint's, or one a turn put in a conversation and its items list showed) is taken as a
     turn's input takes it: one ``sealer`` opens (compaction.open_item), else a 400 saying so."""
+    if some and not value and (value is None or isinstance(value, list)):
+        raise GatewayError(f"{param}: 1 to {MAX_NEW_ITEMS} items to add", param=param,
+                           code="empty_array" if value == [] else "missing_required_parameter")
     if value is None:
         return []
     if not isinstance(value, list):

@@ -112,11 +112,13 @@ def _shape(segments: list[str], table: dict) -> str | None:
 
 
 def path_ids(path: str) -> list[str]:
-    """The ids a path of ``endpoint`` names, in order (``/v1/conversations/conv_1/items/msg_2``:
-    ``["conv_1", "msg_2"]``)."""
+    """The ids a path of ``endpoint`` names, in order, percent-decoded
+    (``/v1/conversations/conv_1/items/msg%202``: ``["conv_1", "msg 2"]``; ``disguised`` lets
+    through a path whose ids alone are encoded)."""
     kind, shape, _ = endpoint(path) or ("", "", ())
     prefix = next(p for p in (RESPONSES_PATHS if kind == "responses" else CONVERSATIONS) if path.startswith(p))
-    return [s[1:] for p, s in zip(_SEGMENT.findall(shape), _SEGMENT.findall(path[len(prefix):])) if p == "/{id}"]
+    return [unquote(s[1:]) for p, s in zip(_SEGMENT.findall(shape), _SEGMENT.findall(path[len(prefix):]))
+            if p == "/{id}"]
 
 
 def takes_json(method: str, path: str) -> bool:
@@ -174,10 +176,16 @@ def canonical(path: str) -> bool:
 
 def disguised(path: str) -> bool:
     """A path that only once percent-decoded and normalised names one the gateway answers itself:
-    it must not reach a backend as it is."""
+    it must not reach a backend as it is. A path that already is one of the gateway's endpoints,
+    and the same one decoded (only its ids percent-encoded: a client's item id with a space or a
+    non-ASCII letter, as the SDKs put it in ``…/items/{item_id}``), is none: the gateway answers
+    it, and reads its ids decoded (``path_ids``)."""
     normal = posixpath.normpath(unquote(path)) if path else path
     normal = "/" + normal.lstrip("/")
     if normal == path:
+        return False
+    found = endpoint(path)
+    if found is not None and endpoint(normal) == found:
         return False
     return any(normal == p or normal.startswith(p + "/") for p in GATEWAY_PATHS)
 

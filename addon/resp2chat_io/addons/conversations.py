@@ -4,10 +4,10 @@
 | --- | --- |
 | ``POST /v1/conversations`` ``{metadata, items}`` | the conversation object |
 | ``GET /v1/conversations/{id}`` | the conversation object |
-| ``POST /v1/conversations/{id}`` ``{metadata}`` | the conversation, its metadata replaced |
+| ``POST /v1/conversations/{id}`` ``{metadata}`` | the conversation, its metadata replaced (``metadata`` required: null clears it) |
 | ``DELETE /v1/conversations/{id}`` | ``{id, object: "conversation.deleted", deleted: true}`` |
 | ``GET /v1/conversations/{id}/items`` (``after``, ``limit``, ``order``, ``include``) | a list of its items (listing.py) |
-| ``POST /v1/conversations/{id}/items`` ``{items}`` (``include``) | a list of the items added, with their ids |
+| ``POST /v1/conversations/{id}/items`` ``{items}`` (``include``) | a list of the items added (1 to 20: required), with their ids |
 | ``GET /v1/conversations/{id}/items/{item_id}`` (``include``) | the item |
 | ``DELETE /v1/conversations/{id}/items/{item_id}`` | the conversation object |
 
@@ -83,15 +83,14 @@ class Conversations:
         if not C.is_id(conversation_id):
             raise C.not_found(conversation_id)
         if shape == "/{id}" and method == "POST":
-            metadata = C.check_metadata(body.get("metadata"))
+            metadata = C.check_metadata(C.required(body, "metadata"))  # (OpenAI requires it: none never erases it)
             return await store.rewrite(conversation_id, owner, lambda items, obj: (
                 items, {**obj, "metadata": metadata}, {**obj, "metadata": metadata}))
         if shape == "/{id}/items" and method == "POST":
             include = listing.include_query(query)  # (its only query, as OpenAI's)
-            added = await store.append(conversation_id, C.new_items(body.get("items"), sealer=store.sealer), owner,
-                                       check=C.unique)  # (an id the conversation holds: a 400)
-            return listing.page(added, listing.Page(limit=len(added) or 1, order="asc", include=include),
-                                store.sealer)
+            items = C.new_items(body.get("items"), sealer=store.sealer, some=True)
+            added = await store.append(conversation_id, items, owner, check=C.unique)  # (an id it holds: a 400)
+            return listing.page(added, listing.Page(limit=len(added), order="asc", include=include), store.sealer)
         if shape == "/{id}/items/{id}" and method == "DELETE":
             item_id = ids[1]
 

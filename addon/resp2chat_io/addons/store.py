@@ -23,6 +23,7 @@ responses and items, so another owner's id is exactly an unknown one (404,
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import uuid
 
@@ -41,7 +42,8 @@ from resp2chat_io.store import ReplayEntries, Replays, ResponseStore, StateUnava
 from .base import Owner, fails_closed, json_response, log, refused_on_failure, refusal, store_unavailable
 
 FRESH_POLL = 0.05  # seconds between two asks for an id not known yet
-APPEND_TRIES = 8  # writes of a conversation's new items, each over the version it read
+APPEND_TRIES = 16  # writes of a conversation's change, each over the version it read
+APPEND_WAIT, APPEND_WAIT_MAX = 0.002, 0.1  # seconds: after a lost race, a random wait up to this, doubled each time
 
 
 def failed_previous(response_id: str) -> GatewayError:
@@ -205,12 +207,15 @@ class StoredResponses(Owner):
 
     async def rewrite(self, conversation_id: str, owner: str, change):
         """A conversation changed in one write over the version it was read from (another write
-        in between, on any replica: read again, change again). ``change(items, object)`` gives
-        ``(items, object, result)``; returns ``result``. ``conversations.not_found`` when it is
-        gone; a ``GatewayError`` when the store would not keep it (too large), or it changed
-        too often meanwhile."""
+        in between, on any replica: read again, change again, after a random wait that grows
+        with each lost race, so that many writers at once spread out and all land). ``change(items,
+        object)`` gives ``(items, object, result)``; returns ``result``. ``conversations.not_found``
+        when it is gone; a ``GatewayError`` when the store would not keep it (too large), or it
+        changed too often meanwhile."""
         tried = None
-        for _ in range(APPEND_TRIES):
+        for n in range(APPEND_TRIES):
+            if n:
+                await asyncio.sleep(random.uniform(0, min(APPEND_WAIT_MAX, APPEND_WAIT * 2 ** n)))
             entry = await self.get(conversation_id, owner, "conversation")
             if entry is None:
                 raise conversations.not_found(conversation_id)
