@@ -262,7 +262,7 @@ def _not_json(item: Any, within: tuple = ()) -> str | None:
         within += (item,)
         for key, value in (item.items() if isinstance(item, dict) else ((None, v) for v in item)):
             if isinstance(item, dict) and not isinstance(key, str):
-                return f"the key {key!r} is a {type(key).__name__}, not a string (quote it)"
+                return f"the key {key!r} is no string but a {type(key).__name__} (quote it)"
             if (why := _not_json(value, within)) is not None:
                 return why
         return None
