@@ -41,9 +41,9 @@ LIMITS = ("rpm", "tpm", "max_streams", "max_sockets")
 # even become a float: every request of the client would have failed with a 500)
 MAX_LIMIT = 10**12
 MIN_KEY_LEN = 16  # a plain key in the config: shorter ones can be guessed (`keys add` makes 47 characters)
-_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
-_KEY = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII without spaces: it travels in an HTTP header
-_ID = re.compile(r"^[A-Za-z0-9_-]{16,48}$")  # a client's identity (``keys add`` writes 32 hex digits): part of its owner
+_HEX64 = re.compile(r"^[0-9a-fA-F]{64}\Z")
+_KEY = re.compile(r"^[\x21-\x7e]+\Z")  # printable ASCII without spaces: it travels in an HTTP header
+_ID = re.compile(r"^[A-Za-z0-9_-]{16,48}\Z")  # a client's identity (``keys add`` writes 32 hex digits): part of its owner
 
 
 def key_sha256(key: str | bytes) -> str:

@@ -21,8 +21,8 @@ SHOWN = 200  # characters of a client string in a log line, the access log or a 
 LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+=-]{0,127}")  # a model name as backends spell them
 # an operator's name for an upstream, a client or an MCP server (settings.py, clients.py, mcp.py):
 # safe in metric labels, log lines and store keys as it is
-OPERATOR_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")  # an HTTP header name (RFC 9110 token)
+OPERATOR_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # (\Z: `$` takes a last newline)
+HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}\Z")  # an HTTP header name (RFC 9110 token)
 CODE = re.compile(r"[a-z0-9_]{0,64}")  # an error code or incomplete reason
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import re
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -187,8 +188,11 @@ def deprecated(old: str) -> str:
     new = ALIASES[old].name
     return f"{old} is deprecated: it is now called {new} (the old name still works)"
 
+# a whole-number setting at most (as a client's limits: clients.py MAX_LIMIT): hours, seconds, MiB past it
+# no longer fit a float or a C timeout (a store's expiry of every turn failed)
+MAX_WHOLE = 10**12
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
-_HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):(\d{1,5})$")
+_HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):(\d{1,5})\Z")
 
 
 def coerce(field: Field, value: Any, source: str = "") -> Any:
@@ -205,6 +209,8 @@ def coerce(field: Field, value: Any, source: str = "") -> Any:
             number = int(value, 10) if isinstance(value, str) else value
             if not isinstance(number, int) or number < 0:
                 raise SettingsError(field.name, value, "expected a whole number >= 0", source)
+            if number > MAX_WHOLE:
+                raise SettingsError(field.name, value, f"expected a whole number >= 0, at most {MAX_WHOLE:,}", source)
             return number
         if k == "bool":
             if isinstance(value, bool):
@@ -213,10 +219,12 @@ def coerce(field: Field, value: Any, source: str = "") -> Any:
             if text in _TRUE or text in _FALSE:
                 return text in _TRUE
             raise SettingsError(field.name, value, "expected true or false", source)
-        if k == "map":
-            data = json.loads(value) if isinstance(value, str) else value
+        if k == "map":  # ("": none, as --set's empty value is)
+            data = (json.loads(value) if value.strip() else {}) if isinstance(value, str) else value
             if not isinstance(data, dict):
                 raise SettingsError(field.name, value, "expected a mapping (YAML) or a JSON object", source)
+            if (why := _not_json(data)) is not None:
+                raise SettingsError(field.name, value, why, source)
             return data
         if k == "list":
             if isinstance(value, str):
@@ -234,12 +242,35 @@ def coerce(field: Field, value: Any, source: str = "") -> Any:
             for i, entry in enumerate(data):
                 if not isinstance(entry, dict):
                     raise SettingsError(f"{field.name}[{i}]", "[hidden]", "expected a mapping (YAML) or a JSON object", source)
+                if (why := _not_json(entry)) is not None:
+                    raise SettingsError(f"{field.name}[{i}]", "[hidden]", why, source)
             return [dict(e) for e in data]
     except (ValueError, TypeError) as exc:
         if isinstance(exc, SettingsError):
             raise
         raise SettingsError(field.name, value, str(exc), source) from None
     raise AssertionError(k)
+
+
+def _not_json(item: Any, within: tuple = ()) -> str | None:
+    """Why a map's or an entry's value (as YAML made it) is no JSON value, or None. What the
+    gateway makes of one is JSON: mitmproxy's option value, a chat body, a listing. YAML also makes
+    dates, binary, sets, keys that are numbers, .inf and .nan, and values that hold themselves."""
+    if isinstance(item, (dict, list)):
+        if any(item is outer for outer in within):
+            return "a value holds itself (a YAML alias of what it is in)"
+        within += (item,)
+        for key, value in (item.items() if isinstance(item, dict) else ((None, v) for v in item)):
+            if isinstance(item, dict) and not isinstance(key, str):
+                return f"the key {key!r} is no string but a {type(key).__name__} (quote it)"
+            if (why := _not_json(value, within)) is not None:
+                return why
+        return None
+    if isinstance(item, float) and not math.isfinite(item):
+        return "a number is not finite (.inf, .nan)"
+    if item is not None and not isinstance(item, (str, int, float)):
+        return f"a value is a {type(item).__name__}, which JSON has not (a date? quote it)"
+    return None
 
 
 def parse(field: Field, value: Any, source: str = "") -> Any:
@@ -266,6 +297,7 @@ _CHOICES = {
     "history_reasoning_field": ("reasoning_content", "reasoning", "none"),
 }
 _MAP_VALUES = {
+    "model_map": (lambda v: isinstance(v, str), "a string (a model name)"),
     "think_tags": (lambda v: v in THINK_MODES, _either(THINK_MODES)),
     "reasoning_effort_map": (lambda v: isinstance(v, str), "a string"),
     "model_extra_params": (lambda v: isinstance(v, dict), "a JSON object"),
@@ -334,7 +366,8 @@ def validate(name: str, value: Any) -> None:
 def resolve(file_values: Mapping[str, Any], env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
     """Defaults < file < environment. Returns (values, where each value came from). An old
     name (``Field.aliases``) counts as its field's name, below the new name in each layer."""
-    unknown = sorted(set(file_values) - set(BY_NAME) - set(ALIASES))
+    # (YAML keys may be numbers, true, dates: each named as text)
+    unknown = sorted(map(str, set(file_values) - set(BY_NAME) - set(ALIASES)))
     if unknown:  # its value unsaid: a misspelled name may hold a secret (`upstream_api_ky: sk-…`)
         raise SettingsError(unknown[0], "[hidden]", unknown_setting(unknown[0]), "config file")
     values: dict[str, Any] = {}
@@ -403,7 +436,7 @@ def parse_upstreams(value: Sequence[dict]) -> tuple[UpstreamSpec, ...]:
                 value = "[hidden]"
             return SettingsError(f"{label}.{key}", value, why)
 
-        unknown = sorted(set(entry) - set(_OWN) - set(PER_UPSTREAM))
+        unknown = sorted(map(str, set(entry) - set(_OWN) - set(PER_UPSTREAM)))
         if unknown:
             raise bad(unknown[0], f"unknown field (known: {', '.join(_OWN + PER_UPSTREAM)})")
         name = entry.get("name")

@@ -57,26 +57,28 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def _option_value(name: str, value: Any) -> str:
-    """A setting as ``--set`` text, checked against the settings table first."""
+def _option_values(name: str, value: Any) -> list[str]:
+    """A setting as ``--set`` texts, checked against the settings table first: one, or for a list
+    one per entry, as mitmproxy reads a list option (an empty list: the bare ``--set NAME``)."""
     if name in S.ALIASES:
         name = S.ALIASES[name].name
     field = S.BY_NAME.get(name)
     if field is None:
         raise StartError(f"{name}: {S.unknown_setting(name)}")
     try:
+        if field.kind == "list":
+            entries = S.parse(field, value if isinstance(value, str) else list(value), "start()")
+            return [f"resp2chat_{name}={entry}" for entry in entries] or [f"resp2chat_{name}"]
         if field.kind in ("map", "entries") and not isinstance(value, str):
             text = json.dumps(value)
-        elif field.kind == "list" and not isinstance(value, str):
-            text = json.dumps(list(value))
         elif field.kind == "bool":
-            text = "true" if value else "false"
+            text = "true" if S.parse(field, value, "start()") else "false"  # ("false", "off": false)
         else:
             text = str(value)
         S.parse(field, text, "start()")
     except S.SettingsError as exc:
         raise StartError(str(exc)) from None
-    return f"resp2chat_{name}={text}"
+    return [f"resp2chat_{name}={text}"]
 
 
 class Gateway:
@@ -144,7 +146,7 @@ def start(upstream_base_url: str | None = None, *, host: str = "127.0.0.1", port
     """
     if upstream_base_url is not None:
         settings["upstream_base_url"] = upstream_base_url
-    options = [_option_value(name, value) for name, value in settings.items()]
+    options = [option for name, value in settings.items() for option in _option_values(name, value)]
     if "bind_addr" in settings:  # (checked just above) the address named in --mode below: it wins over --set
         if port or host != "127.0.0.1":
             raise StartError("bind_addr says what host= and port= say: give one or the other")

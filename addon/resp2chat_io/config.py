@@ -13,7 +13,7 @@ from typing import Any, Iterator, Mapping
 
 import yaml
 
-from resp2chat_core.settings import FIELDS, SettingsError, resolve
+from resp2chat_core.settings import ALIASES, BY_NAME, FIELDS, SettingsError, resolve
 
 
 def config_path(env: Mapping[str, str] = os.environ) -> Path:
@@ -26,17 +26,59 @@ def config_path(env: Mapping[str, str] = os.environ) -> Path:
 
 def read_file(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return {}
+    except (OSError, UnicodeDecodeError) as exc:  # a directory, not this user's to read, not UTF-8
+        why = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror or type(exc).__name__
+        raise SettingsError("config file", str(path), f"cannot be read: {why}") from None
     try:
-        data = yaml.safe_load(text)
+        data, node = _load(text)
     except yaml.YAMLError as exc:
         raise SettingsError("config file", str(path), f"not valid YAML: {yaml_problem(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 — a value its tag does not fit (`!!int abc`, `!!bool x`): PyYAML
+        # raises a plain ValueError, KeyError… whose words quote the value, a key maybe; or nested too deep
+        raise SettingsError("config file", str(path), f"not valid YAML: a value it cannot read ({type(exc).__name__}: "
+                            "a tag its value does not fit, such as !!int abc?)") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise SettingsError("config file", str(path), "expected a mapping of setting: value")
+    return _as_written(data, node)
+
+
+def _load(text: str) -> tuple[Any, yaml.Node | None]:
+    """``yaml.safe_load``, with the node tree it was made of (what the text says, as written)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        return (loader.construct_document(node) if node is not None else None), node
+    finally:
+        loader.dispose()
+
+
+_STR, _NULL = "tag:yaml.org,2002:str", "tag:yaml.org,2002:null"
+# Settings of one scalar (a string, a whole number, true/false), old names too: read from the text
+# as written, as the environment and --set give it. YAML's own reading of an unquoted scalar made
+# another setting of some: `upstream_model: 1.10` was "1.1", `seal_key: 01234567` the octal number
+# 342391, `max_sessions: 017` 15 (the environment's 017 is 17), `1:30` the number 90.
+_SCALARS = frozenset(name for name, f in {**BY_NAME, **ALIASES}.items() if f.kind in ("str", "int", "bool"))
+
+
+def _as_written(data: dict, node: yaml.Node) -> dict:
+    """``data`` with each scalar setting as its text says it (``_SCALARS``); a setting given twice
+    is an error (YAML keeps the last value without a word)."""
+    seen: set[str] = set()
+    for key, value in node.value:
+        if not (isinstance(key, yaml.ScalarNode) and key.tag == _STR):
+            continue
+        if key.value in seen:
+            raise SettingsError(key.value, "[hidden]", "given twice in the config file (which one was meant?)",
+                                "config file")
+        seen.add(key.value)
+        if (key.value in _SCALARS and key.value in data and isinstance(value, yaml.ScalarNode)
+                and value.style is None and value.tag not in (_STR, _NULL)):
+            data[key.value] = value.value
     return data
 
 

@@ -84,6 +84,7 @@ def cmd_configure(args) -> int:
         values, _ = S.resolve(read_file(path), {})
     except S.SettingsError as exc:
         return _fail(str(exc))
+    before = dict(values)
     given = {name: getattr(args, name) for name in ("upstream_base_url", "upstream_api_key", "upstream_model", "bind_addr")
              if getattr(args, name) is not None}
     for item in args.set or ():
@@ -130,7 +131,15 @@ def cmd_configure(args) -> int:
             S.validate("bind_addr", values["bind_addr"])
     except S.SettingsError as exc:
         return _fail(str(exc))
-    write_settings(path, values)
+    # What this run set (given, or answered otherwise than the file said) goes over the file as it
+    # is now, under the lock `keys` takes: a `keys add` while the questions were asked is kept.
+    changed = {name: value for name, value in values.items() if name in given or value != before[name]}
+    with editing(path):
+        try:
+            now, _ = S.resolve(read_file(path), {})
+        except S.SettingsError as exc:
+            return _fail(str(exc))
+        write_settings(path, {**now, **changed})
     print(f"wrote {path}")
     return 0
 
@@ -175,6 +184,7 @@ def _limits(spec) -> str:
 def cmd_keys_add(args) -> int:
     path = config_path()
     with editing(path):
+        clients = None
         try:
             values = _file_values(path)
             clients = list(values["clients"])
@@ -190,8 +200,8 @@ def cmd_keys_add(args) -> int:
             entry.update({k: getattr(args, k) for k in LIMITS if getattr(args, k) is not None})
             gateway_key = os.environ.get("RESP2CHAT_GATEWAY_API_KEY") or values["gateway_api_key"]
             spec = parse_clients(clients + [entry], gateway_key)[len(clients)]
-        except S.SettingsError as exc:
-            return _fail(_as_typed(exc, len(clients)))
+        except S.SettingsError as exc:  # (the file's own error, before clients: as it is)
+            return _fail(str(exc) if clients is None else _as_typed(exc, len(clients)))
         values["clients"] = clients + [entry]
         write_settings(path, values)
     return _hand_over(key, f"added client {spec.name!r} to {path}", spec)

@@ -22,6 +22,8 @@ import json
 import sys
 import time
 
+from mitmproxy import exceptions
+
 from resp2chat_core.labels import shown
 from resp2chat_core.usage import breakdown
 
@@ -39,9 +41,14 @@ class AccessLog(Owner):
         outcomes.listeners.append(self.write)
 
     def apply(self, updated: set[str]) -> None:
-        self.done()
         path = self.s["access_log_path"]
-        self.file = sys.stderr if path == "-" else (open(path, "a", buffering=1) if path else None)
+        try:  # (the new file first: one it cannot open is refused, in one line, and the log in use kept)
+            file = sys.stderr if path == "-" else (open(path, "a", buffering=1) if path else None)
+        except OSError as exc:
+            raise exceptions.OptionsError(f"resp2chat: access_log_path: cannot open {path}: "
+                                          f"{exc.strerror or type(exc).__name__}") from None
+        self.done()
+        self.file = file
 
     def done(self) -> None:
         if self.file is not None and self.file is not sys.stderr:

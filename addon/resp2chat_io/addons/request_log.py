@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 
-from mitmproxy import http
+from mitmproxy import exceptions, http
 
 from resp2chat_core.turn import session_key
 
@@ -29,9 +29,14 @@ class RequestLog(Owner):
         self.file = None
 
     def apply(self, updated: set[str]) -> None:
-        self.done()
         path = self.s["upstream_request_log_path"]
-        self.file = open(path, "a", buffering=1) if path else None
+        try:  # (the new file first: one it cannot open is refused, in one line, and the log in use kept)
+            file = open(path, "a", buffering=1) if path else None
+        except OSError as exc:
+            raise exceptions.OptionsError(f"resp2chat: upstream_request_log_path: cannot open {path}: "
+                                          f"{exc.strerror or type(exc).__name__}") from None
+        self.done()
+        self.file = file
 
     def done(self) -> None:
         if self.file:

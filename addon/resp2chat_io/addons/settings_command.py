@@ -27,6 +27,8 @@ class SettingsCommand:
             value = self.source.value(f.name)
             if f.name in S.SECRET_FIELDS:
                 value = "[set]" if value else ""
+            elif f.name == "upstream_headers":
+                value = _headers(value)
             elif f.kind == "entries":
                 value = [_entry(f.name, e) for e in value]
             shown[f.name] = value
@@ -46,8 +48,15 @@ def _entry(field: str, entry: dict) -> dict:
             v = v[:8].lower() + "…"
         elif field == "mcp_servers" and k == "headers" and isinstance(v, dict):
             v = {h: "[set]" for h in v}
+        elif field == "upstreams" and k == "upstream_headers" and isinstance(v, dict):
+            v = _headers(v)
         shown[k] = v
     return shown
+
+
+def _headers(headers: dict) -> dict:
+    """``upstream_headers`` with the values of credential-like ones hidden (secrets: settings.py)."""
+    return {h: "[set]" if S.credential_header(str(h)) else v for h, v in headers.items()}
 
 
 class SetCheck:

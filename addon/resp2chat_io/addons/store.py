@@ -87,8 +87,17 @@ class StoredResponses(Owner):
         config = tuple(self.s[f.name] for f in self.fields)
         if config == self._config:
             return
+        before = dict(zip((f.name for f in self.fields), self._config or ()))
         self._config = config
         url = self.s["state_store_url"]
+        if (isinstance(self.store, ResponseStore) and not url and not before.get("state_store_url")
+                and before.get("session_store_dir") == self.s["session_store_dir"]):
+            # only a bound changed (an option set while it runs): the same store under the new
+            # bounds (past them, its oldest go); one made anew would have started empty
+            self.store.ttl = self.s["session_ttl_hours"] * 3600
+            self.store.max_entries = self.s["max_sessions"]
+            self.store.max_bytes = self.s["max_session_memory_mb"] << 20
+            return
         if self.state is not None and self.state.url != url:
             asyncio.ensure_future(self.state.close())
             self.state = None
