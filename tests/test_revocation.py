@@ -547,6 +547,12 @@ def test_a_rotated_keys_open_socket_is_closed_and_holds_no_slot(upstream, tmp_pa
     try:
         bob = {"authorization": f"Bearer {run_cli(tmp_path, 'keys', 'add', 'bob').stdout.strip()}"}
         old = {"authorization": f"Bearer {run_cli(tmp_path, 'keys', 'add', 'carol', '--max-sockets', '1').stdout.strip()}"}
+        # (the gateway reads its file within about a second: until then it has no clients and lets
+        # anyone in, carol's first socket as nobody's; once it refuses no key and takes carol's, it
+        # knows carol and her max_sockets, written with her key)
+        wait_until(lambda: post_turn(gw, {"model": ALL, "input": "hi"}).status_code == 401, 10, "keys needed")
+        wait_until(lambda: requests.get(f"{gw.base_url}/models", headers=old, timeout=10).status_code == 200, 10,
+                   "carol's key taken")
         held = opened(gw.base_url, old)
         assert refused_upgrade(gw.base_url, old).status == 429
         out = run_cli(tmp_path, "keys", "rotate", "carol")
