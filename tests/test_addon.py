@@ -353,7 +353,7 @@ async def test_turn_recorded_when_client_hangs_up_after_completed(gw, backend):
     assert f.request.url == backend.url + "/v1/chat/completions"
 
 
-async def test_configure_acts_on_what_changed(gw, backend):
+async def test_configure_acts_on_what_changed(gw, backend, tmp_path):
     store_before = gw["store"].store
     relay_client = gw["upstreams"].relay.client
     assert relay_client.verify_tls is True
@@ -361,8 +361,10 @@ async def test_configure_acts_on_what_changed(gw, backend):
     assert relay_client.verify_tls is False
     gw.tctx.options.update(resp2chat_max_replay_entries=7)
     assert gw["replay"].cache.capacity == 7 and gw["store"].store is store_before  # the store was not rebuilt
-    gw.tctx.options.update(resp2chat_session_ttl_hours=1)
-    assert gw["store"].store is not store_before
+    gw.tctx.options.update(resp2chat_session_ttl_hours=1)  # a bound: the same store (what it holds kept), bound anew
+    assert gw["store"].store is store_before and store_before.ttl == 3600
+    gw.tctx.options.update(resp2chat_session_store_dir=str(tmp_path / "store"))  # another place: another store
+    assert gw["store"].store is not store_before and gw["store"].store.dir == tmp_path / "store"
 
 
 def test_gateway_defaults_loopback_4000_lazy():
