@@ -336,10 +336,12 @@ def test_start_gives_list_settings_as_the_gateway_reads_them(upstream):
 
 def test_options_changed_while_the_gateway_runs(tmp_path, upstream):
     """A bound of the store changed at run time keeps what is stored (the store was made anew,
-    empty); a log path the gateway cannot open is refused, the log it writes kept."""
+    empty); a log path the gateway cannot open is refused, the log it writes kept (the access log
+    and the upstream request log alike: addons/base.py ``open_log``)."""
     web_port, password = free_port(), "web-" + "p" * 24
-    log = tmp_path / "access.log"
+    log, requests_log = tmp_path / "access.log", tmp_path / "upstream.jsonl"
     gw = start_gateway(upstream.origin, tmp_path, "--set", f"resp2chat_access_log_path={log}",
+                       "--set", f"resp2chat_upstream_request_log_path={requests_log}",
                        "--set", "resp2chat_max_replay_entries=0",
                        "--set", f"web_port={web_port}", "--set", "web_host=127.0.0.1", "--set", "web_open_browser=false",
                        "--set", f"web_password={password}", env=cli_env(tmp_path), program=MITMWEB)
@@ -358,10 +360,15 @@ def test_options_changed_while_the_gateway_runs(tmp_path, upstream):
         got = requests.get(f"{gw.base_url}/responses/{rid}", timeout=10)
         assert got.status_code == 200, got.text
         lines = wait_until(lambda: log.exists() and log.read_text().count("\n"), what="the access log's line")
-        refused = put(resp2chat_access_log_path=str(tmp_path / "no-such-dir" / "x.log"))
-        assert refused.status_code == 400 and "access_log_path" in refused.text, refused.text
+        sent = wait_until(lambda: requests_log.exists() and requests_log.read_text().count("\n"),
+                          what="the upstream request log's line")
+        for name in ("access_log_path", "upstream_request_log_path"):
+            refused = put(**{f"resp2chat_{name}": str(tmp_path / "no-such-dir" / "x.log")})
+            assert refused.status_code == 400 and name in refused.text and "no-such-dir" in refused.text, refused.text
+            assert "\n" not in refused.text.strip(), refused.text
         assert post_turn(gw, {"model": "demo-model", "input": "again"}).status_code == 200
         wait_until(lambda: log.read_text().count("\n") > lines, what="the next line in the same log")
+        wait_until(lambda: requests_log.read_text().count("\n") > sent, what="the next line in the same request log")
         assert "Traceback" not in gw.log() and "Addon error" not in gw.log()
     finally:
         gw.stop()

@@ -22,12 +22,10 @@ import json
 import sys
 import time
 
-from mitmproxy import exceptions
-
 from resp2chat_core.labels import shown
 from resp2chat_core.usage import breakdown
 
-from .base import Owner
+from .base import Owner, close_log, open_log
 from .outcomes import Outcome
 
 
@@ -41,18 +39,12 @@ class AccessLog(Owner):
         outcomes.listeners.append(self.write)
 
     def apply(self, updated: set[str]) -> None:
-        path = self.s["access_log_path"]
-        try:  # (the new file first: one it cannot open is refused, in one line, and the log in use kept)
-            file = sys.stderr if path == "-" else (open(path, "a", buffering=1) if path else None)
-        except OSError as exc:
-            raise exceptions.OptionsError(f"resp2chat: access_log_path: cannot open {path}: "
-                                          f"{exc.strerror or type(exc).__name__}") from None
+        file = open_log("access_log_path", self.s["access_log_path"], stderr=True)
         self.done()
         self.file = file
 
     def done(self) -> None:
-        if self.file is not None and self.file is not sys.stderr:
-            self.file.close()
+        close_log(self.file)
         self.file = None
 
     def write(self, o: Outcome) -> None:

@@ -13,6 +13,7 @@ import functools
 import inspect
 import json
 import logging
+import sys
 from typing import Any, Callable, Sequence
 
 from mitmproxy import ctx, exceptions, http
@@ -192,6 +193,29 @@ def fails_closed(cls):
                     fail_closed(flow, _where, exc)
         setattr(cls, name, functools.wraps(hook)(wrapped))
     return cls
+
+
+def open_log(setting: str, path: str, stderr: bool = False):
+    """The log file a setting names (``access_log_path``, ``upstream_request_log_path``), opened to
+    append one line at a time; None when ``path`` is empty; with ``stderr``, ``-`` is the process's
+    stderr. Open the new file before closing the one in use: one that cannot be opened is refused
+    in one line naming the setting and the path (an ``OptionsError``: mitmproxy keeps the options
+    as they were, or stops at start-up), and the log in use is kept."""
+    if not path:
+        return None
+    if stderr and path == "-":
+        return sys.stderr
+    try:
+        return open(path, "a", buffering=1)
+    except OSError as exc:
+        raise exceptions.OptionsError(f"resp2chat: {setting}: cannot open {path}: "
+                                      f"{exc.strerror or type(exc).__name__}") from None
+
+
+def close_log(file) -> None:
+    """Closes a log ``open_log`` gave (never stderr)."""
+    if file is not None and file is not sys.stderr:
+        file.close()
 
 
 class SettingsSource:

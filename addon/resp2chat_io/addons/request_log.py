@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import time
 
-from mitmproxy import exceptions, http
+from mitmproxy import http
 
 from resp2chat_core.turn import session_key
 
-from .base import Owner
+from .base import Owner, close_log, open_log
 
 
 class RequestLog(Owner):
@@ -29,19 +29,13 @@ class RequestLog(Owner):
         self.file = None
 
     def apply(self, updated: set[str]) -> None:
-        path = self.s["upstream_request_log_path"]
-        try:  # (the new file first: one it cannot open is refused, in one line, and the log in use kept)
-            file = open(path, "a", buffering=1) if path else None
-        except OSError as exc:
-            raise exceptions.OptionsError(f"resp2chat: upstream_request_log_path: cannot open {path}: "
-                                          f"{exc.strerror or type(exc).__name__}") from None
+        file = open_log("upstream_request_log_path", self.s["upstream_request_log_path"])
         self.done()
         self.file = file
 
     def done(self) -> None:
-        if self.file:
-            self.file.close()
-            self.file = None
+        close_log(self.file)
+        self.file = None
 
     def started(self, run) -> None:
         """A turns.py ``started`` listener (HTTP and the WebSocket alike): the request its first
