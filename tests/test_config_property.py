@@ -430,3 +430,50 @@ def test_the_settings_command_hides_credential_headers(tmp_path):
     assert shown is not None, run.stdout[-2000:]
     assert shown["upstreams"][0]["upstream_headers"] == {"api-key": "[set]", "HTTP-Referer": "https://app.example"}
     assert SECRET not in json.dumps(shown) and SECRET not in run.stdout + run.stderr
+
+
+# --- an old name beside its new one: the new one wins, in every layer ----------------------------------
+
+OLD, NEW = "request_timeout_secs", "upstream_idle_timeout_secs"  # (settings.py: the one renamed field)
+
+
+def test_the_new_name_wins_over_the_old_one_given_beside_it(tmp_path):
+    """A setting given under its old name and its new one in the same place: the new one is used
+    wherever each stands, and a warning names the old one as ignored (never a value). The
+    ``--set`` pair gave the old name's value (the addon read the aliases last), ``configure
+    --set`` the last one typed."""
+    assert S.ALIASES[OLD].name == NEW
+    ways = {"--set, new first": ({}, ("--set", f"resp2chat_{NEW}=30", "--set", f"resp2chat_{OLD}=90")),
+            "--set, old first": ({}, ("--set", f"resp2chat_{OLD}=90", "--set", f"resp2chat_{NEW}=30")),
+            "environment": ({S.BY_NAME[NEW].env: "30", "RESP2CHAT_" + OLD.upper(): "90"}, ())}
+    for way, (env, args) in ways.items():
+        run, shown = gateway_settings(tmp_path, env, *args)
+        assert shown is not None, (way, run.stdout[-2000:])
+        assert shown[NEW] == 30, (way, shown[NEW])
+        text = run.stdout + run.stderr
+        assert re.search(rf"{OLD}\b.*ignored.*{NEW}", text, re.I), (way, text[-3000:])
+        assert "90" not in "".join(line for line in text.splitlines() if "ignored" in line), (way, text[-3000:])
+    path = config_file(tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for document in (f"{NEW}: 30\n{OLD}: 90\n", f"{OLD}: 90\n{NEW}: 30\n"):
+        path.write_text(document)
+        run, shown = gateway_settings(tmp_path, {})
+        assert shown is not None and shown[NEW] == 30, (document, run.stdout[-2000:])
+        assert re.search(rf"{OLD}\b.*ignored.*{NEW}", run.stdout + run.stderr, re.I), run.stdout[-3000:]
+    path.unlink()
+    for args in ((f"{NEW}=30", f"{OLD}=90"), (f"{OLD}=90", f"{NEW}=30")):
+        out = run_cli(tmp_path, "configure", "-y", *(a for arg in args for a in ("--set", arg)))
+        assert out.returncode == 0, out.stderr
+        saved = yaml.safe_load(path.read_text())
+        assert saved[NEW] == 30 and OLD not in saved, (args, saved)
+        assert re.search(rf"{OLD}\b.*ignored.*{NEW}", out.stderr, re.I), out.stderr
+        path.unlink()
+
+
+def test_start_takes_the_new_name_over_the_old_one(upstream):
+    """``start(request_timeout_secs=…, upstream_idle_timeout_secs=…)``: both became ``--set`` of
+    the new name, the later one winning in mitmproxy: the old name's when it came last."""
+    with resp2chat_io.start(upstream.base_url, **{NEW: 30, OLD: 90}) as gw:
+        given = [a for a in gw.proc.args if a.startswith(f"resp2chat_{NEW}=")]
+        assert given == [f"resp2chat_{NEW}=30"], gw.proc.args
+        assert requests.get(gw.url + "/models", timeout=10).status_code == 200

@@ -14,7 +14,8 @@ while it validates an entry of ``clients``, for ``validate`` here, without impor
 
 Each field names its ``owner``: the addon (resp2chat_io/addons/) that declares its option and
 hands it on to its consumer under the same name. A renamed field keeps its old name as an alias
-that is still read in all three places, with a deprecation note.
+that is still read in all three places, with a deprecation note; beside the new name in the
+same place, it is ignored (with a warning: ``shadowed``), the new name wins.
 """
 
 from __future__ import annotations
@@ -386,6 +387,19 @@ def resolve(file_values: Mapping[str, Any], env: Mapping[str, str]) -> tuple[dic
                 break
         values[f.name], sources[f.name] = parse(f, value, given), source
     return values, sources
+
+
+def shadowed(file_values: Mapping[str, Any], env: Mapping[str, str]) -> list[str]:
+    """An old name given beside its field's new name in the same place (the file, the environment):
+    ignored, as ``resolve`` reads the new one. What to warn of, in words naming both (never a value)."""
+    notes = []
+    for f in FIELDS:
+        for old in f.aliases:
+            if f.name in file_values and old in file_values:
+                notes.append(f"{old} in the config file is ignored: {f.name} is there too (the new name wins)")
+            if f.env in env and "RESP2CHAT_" + old.upper() in env:
+                notes.append(f"RESP2CHAT_{old.upper()} is ignored: {f.env} is set too (the new name wins)")
+    return notes
 
 
 # --- several upstreams: one entry of ``upstreams`` ---------------------------------------------

@@ -146,6 +146,9 @@ def start(upstream_base_url: str | None = None, *, host: str = "127.0.0.1", port
     """
     if upstream_base_url is not None:
         settings["upstream_base_url"] = upstream_base_url
+    # an old name beside its new one: the new one wins, as everywhere (both were --set of the new name)
+    settings = {name: value for name, value in settings.items()
+                if not (name in S.ALIASES and S.ALIASES[name].name in settings)}
     options = [option for name, value in settings.items() for option in _option_values(name, value)]
     if "bind_addr" in settings:  # (checked just above) the address named in --mode below: it wins over --set
         if port or host != "127.0.0.1":

@@ -87,11 +87,16 @@ def cmd_configure(args) -> int:
     before = dict(values)
     given = {name: getattr(args, name) for name in ("upstream_base_url", "upstream_api_key", "upstream_model", "bind_addr")
              if getattr(args, name) is not None}
+    typed = {item.partition("=")[0] for item in args.set or ()}
     for item in args.set or ():
         name, _, raw = item.partition("=")
         if name in S.ALIASES:
+            new = S.ALIASES[name].name
+            if new in typed:  # (an old name beside the new one: the new one wins, wherever each stands)
+                print(f"resp2chat: --set {name} is ignored: {new} is set too (the new name wins)", file=sys.stderr)
+                continue
             print(f"resp2chat: {S.deprecated(name)}", file=sys.stderr)
-            name = S.ALIASES[name].name
+            name = new
         if name not in S.BY_NAME:
             return _fail(f"--set {name}: {S.unknown_setting(name)}")
         given[name] = raw
@@ -399,6 +404,7 @@ def set_settings(mitmproxy_args) -> dict:
     old name as its field): name -> the text given (a list setting: every one; a bare
     ``--set resp2chat_NAME``: ``true``, as mitmproxy reads it)."""
     given: dict = {}
+    old: dict = {}  # (under an old name: below the new name, as the addon reads them)
     args = list(mitmproxy_args)
     for i, arg in enumerate(args):
         if arg.startswith("--set="):
@@ -413,11 +419,12 @@ def set_settings(mitmproxy_args) -> dict:
         if field is None:
             continue
         text = text if eq else "true"
+        into = given if name == field.name else old
         if field.kind == "list":
-            given.setdefault(field.name, []).append(text)
+            into.setdefault(field.name, []).append(text)
         else:
-            given[field.name] = text
-    return given
+            into[field.name] = text
+    return old | given
 
 
 def listen_args(mitmproxy_args) -> dict:

@@ -13,10 +13,11 @@ import functools
 import inspect
 import json
 import logging
+import os
 import sys
 from typing import Any, Callable, Sequence
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import ctx, exceptions, http, optmanager
 
 from resp2chat_core.errors import GatewayError, error_json
 from resp2chat_core.limits import retry_headers, retry_phrase
@@ -24,7 +25,7 @@ from resp2chat_core.gate import RESPONSES_PATHS  # noqa: F401 — (re-exported: 
 
 from resp2chat_core import settings as S
 from resp2chat_io import META
-from resp2chat_io.config import load_settings
+from resp2chat_io.config import config_path, read_file
 from resp2chat_io.relay import KEY_HEADER, TURN_HEADER
 from resp2chat_io.store import StateUnavailable
 
@@ -221,14 +222,23 @@ def close_log(file) -> None:
 class SettingsSource:
     def __init__(self) -> None:
         self.base: dict | None = None  # environment + file, under --set
+        self.warned: set[str] = set()  # (each warning once a process, not at every configure)
+
+    def warn(self, message: str) -> None:
+        if message not in self.warned:
+            self.warned.add(message)
+            log.warning(f"resp2chat: {message}")
 
     def load(self) -> dict:
         if self.base is None:
             try:
-                self.base, sources, _ = load_settings()
+                file_values = read_file(config_path())
+                self.base, sources = S.resolve(file_values, os.environ)
                 for name, source in sources.items():
                     if "deprecated" in source or any(source == "RESP2CHAT_" + a.upper() for a in S.BY_NAME[name].aliases):
-                        log.warning(f"resp2chat: {S.deprecated(S.BY_NAME[name].aliases[0])} ({source})")
+                        self.warn(f"{S.deprecated(S.BY_NAME[name].aliases[0])} ({source})")
+                for note in S.shadowed(file_values, os.environ):
+                    self.warn(note)
             except S.SettingsError as exc:
                 log.error(f"resp2chat: {exc}")  # an error at start-up stops mitmdump (errorcheck)
                 self.base = {f.name: f.default for f in S.FIELDS}
@@ -245,10 +255,14 @@ class SettingsSource:
         value = getattr(ctx.options, f.option)
         if S.hidden_default(f.name) and not value:
             value = self.load()[f.name]
-        for old in f.aliases:
+        for old in f.aliases:  # (below the new name: one given beside it is ignored)
             given = getattr(ctx.options, "resp2chat_" + old, None)
-            if given is not None:
-                log.warning(f"resp2chat: {S.deprecated(old)} (--set resp2chat_{old})")
+            if given is None:
+                continue
+            if _given(f.option):
+                self.warn(f"--set resp2chat_{old} is ignored: resp2chat_{f.name} is set too (the new name wins)")
+            else:
+                self.warn(f"{S.deprecated(old)} (--set resp2chat_{old})")
                 value = given
         if f.kind == "map" and not value:
             value = "{}"
@@ -259,6 +273,14 @@ class SettingsSource:
             return {n: self.value(n) for n in names}
         except S.SettingsError as exc:
             raise exceptions.OptionsError(str(exc)) from None
+
+
+def _given(option: str) -> bool:
+    """Whether ``option`` was given a value (``--set``, mitmweb's editor), even its default's.
+    (mitmproxy's public ``has_changed`` compares with the default, which here is what the
+    environment or the file say: the same value given again would not count.)"""
+    opt = ctx.options._options.get(option)
+    return opt is not None and opt.value is not optmanager.unset
 
 
 class Owner:
