@@ -677,3 +677,18 @@ def test_readme_documents_every_setting_and_command():
                 "resp2chat keys rotate",
                 "resp2chat usage", "make test"):
         assert cmd in readme, cmd
+
+
+def test_start_takes_an_empty_set_of_a_list_as_an_empty_list(tmp_path, upstream):
+    """``resp2chat start -- --set resp2chat_passthrough_paths=`` (none): ``start`` and the gateway
+    read the list of one empty string, and both refused it (exit 2: "'' is invalid"). It is the
+    empty list, as ``RESP2CHAT_PASSTHROUGH_PATHS=`` is: nothing passes through."""
+    proc, port = _start(tmp_path, "--", "--set", "resp2chat_passthrough_paths=",
+                        RESP2CHAT_UPSTREAM_BASE_URL=upstream.base_url)
+    try:
+        assert requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).status_code == 404
+        client = openai_client(f"http://127.0.0.1:{port}/v1")
+        assert client.responses.create(model="demo-model", input="still here").output_text == "You said: still here"
+    finally:
+        out = _stop(proc)
+    assert "invalid" not in out and "Traceback" not in out, out

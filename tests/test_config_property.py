@@ -477,3 +477,18 @@ def test_start_takes_the_new_name_over_the_old_one(upstream):
         given = [a for a in gw.proc.args if a.startswith(f"resp2chat_{NEW}=")]
         assert given == [f"resp2chat_{NEW}=30"], gw.proc.args
         assert requests.get(gw.url + "/models", timeout=10).status_code == 200
+
+
+# --- an empty --set of a list is an empty list -----------------------------------------------------------
+
+LIST_FIELDS = [f.name for f in S.FIELDS if f.kind == "list"]
+
+
+def test_an_empty_set_of_a_list_is_an_empty_list(tmp_path):
+    """``--set resp2chat_<list>=`` (what a script writes for "none": ``--set resp2chat_x=$HOSTS``)
+    was the list of one empty string, where the environment's ``RESP2CHAT_X=`` and the bare
+    ``--set resp2chat_x`` are the empty list: ``passthrough_paths=`` stopped the gateway (no
+    path ''), ``tool_denylist=`` denied a tool named '' (test_cli: ``resp2chat start`` too)."""
+    run, shown = gateway_settings(tmp_path, {}, *(a for name in LIST_FIELDS for a in ("--set", f"resp2chat_{name}=")))
+    assert shown is not None, (run.stdout + run.stderr)[-3000:]
+    assert {name: shown[name] for name in LIST_FIELDS} == {name: [] for name in LIST_FIELDS}

@@ -235,7 +235,9 @@ def coerce(field: Field, value: Any, source: str = "") -> Any:
                 data = list(value) if isinstance(value, tuple) else value  # mitmproxy's Sequence[str]
             if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
                 raise SettingsError(field.name, value, "expected a list of strings", source)
-            return list(data)
+            # (no entry is blank: `--set resp2chat_NAME=`, which mitmproxy reads as [""], is the
+            # empty list, as the bare `--set resp2chat_NAME` and the environment's `NAME=` are)
+            return [x for x in data if x.strip()]
         if k == "entries":
             data = json.loads(value) if isinstance(value, str) and value.strip() else (value or [])
             if not isinstance(data, list):
