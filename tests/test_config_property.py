@@ -492,3 +492,32 @@ def test_an_empty_set_of_a_list_is_an_empty_list(tmp_path):
     run, shown = gateway_settings(tmp_path, {}, *(a for name in LIST_FIELDS for a in ("--set", f"resp2chat_{name}=")))
     assert shown is not None, (run.stdout + run.stderr)[-3000:]
     assert {name: shown[name] for name in LIST_FIELDS} == {name: [] for name in LIST_FIELDS}
+
+
+# --- a RESP2CHAT_* variable that is no setting: one warning, never its value ---------------------------------
+
+
+# no settings, yet read: the client key print-config names, the test suite's, make's and deploy/run-here.sh's
+OWN_VARIABLES = ["RESP2CHAT_API_KEY", "RESP2CHAT_LLAMACPP_DIR", "RESP2CHAT_REGEN_DIALECTS", "RESP2CHAT_RUN_DIR"]
+
+
+def test_a_misspelt_variable_is_warned_of_once_by_name_never_its_value(tmp_path):
+    """``RESP2CHAT_UPSTREAM_MODLE=qwen3`` was ignored without a word: the gateway went on with
+    another model. It starts as before, with one line naming the variable and the setting it may
+    have meant, never the value (a misspelt ``…_API_KY`` holds a key). The variables of resp2chat
+    itself and of its tests, bench and deploy/ that are no settings are not warned of."""
+    env = {"RESP2CHAT_UPSTREAM_MODLE": SECRET, "RESP2CHAT_UPSTREAM_API_KY": SECRET,
+           "resp2chat_max_sessions": SECRET,  # (lowercase: no variable the gateway reads either)
+           **{name: "x" for name in OWN_VARIABLES}, "RESP2CHAT_CONFIG": str(tmp_path / "none.yaml")}
+    run, shown = gateway_settings(tmp_path, env)
+    assert shown is not None and run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    text = run.stdout + run.stderr
+    assert SECRET not in text, text[-3000:]
+    warned = [line for line in text.splitlines() if "RESP2CHAT_" in line.upper() and "ignored" in line]
+    assert len(warned) == 3, warned
+    for typed, meant in (("RESP2CHAT_UPSTREAM_MODLE", "RESP2CHAT_UPSTREAM_MODEL"),
+                         ("RESP2CHAT_UPSTREAM_API_KY", "RESP2CHAT_UPSTREAM_API_KEY"),
+                         ("resp2chat_max_sessions", "RESP2CHAT_MAX_SESSIONS")):
+        assert sum(typed in line and meant in line for line in warned) == 1, (typed, warned)
+    for name in [*OWN_VARIABLES, "RESP2CHAT_CONFIG"]:
+        assert not any(name in line for line in warned), (name, warned)

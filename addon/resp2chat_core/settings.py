@@ -391,6 +391,33 @@ def resolve(file_values: Mapping[str, Any], env: Mapping[str, str]) -> tuple[dic
     return values, sources
 
 
+# RESP2CHAT_* variables that are no setting, yet read: not warned of (``unknown_variables``)
+NOT_SETTINGS = frozenset({
+    "RESP2CHAT_CONFIG",  # the config file's path (resp2chat_io/config.py)
+    "RESP2CHAT_API_KEY",  # a client's own key, which Codex sends (print-config's env_key)
+    "RESP2CHAT_LLAMACPP_DIR",  # where llama.cpp is built: the Makefile, tests/, deploy/run-here.sh
+    "RESP2CHAT_REGEN_DIALECTS",  # tests/test_dialects.py: rewrite the expected events
+    "RESP2CHAT_RUN_DIR",  # deploy/run-here.sh: where its replicas keep their files
+})
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """A variable named like a setting's (``RESP2CHAT_…``, in any case) that is none, nor one of
+    ``NOT_SETTINGS``: the gateway ignores it. What to warn of, one line each naming it and the
+    closest known name, never its value (a misspelt ``RESP2CHAT_UPSTREAM_API_KY`` holds a key)."""
+    known = {f.env for f in FIELDS} | {"RESP2CHAT_" + old.upper() for old in ALIASES} | NOT_SETTINGS
+    notes = []
+    for name in sorted(env):
+        if not name.upper().startswith("RESP2CHAT_") or name in known:
+            continue
+        # (the names after the prefix compared: the prefix alone made any name look alike)
+        near = difflib.get_close_matches(name.upper().removeprefix("RESP2CHAT_"),
+                                         [k.removeprefix("RESP2CHAT_") for k in known], 1)
+        notes.append(f"the environment's {name} is no setting, and is ignored"
+                     + (f" (did you mean RESP2CHAT_{near[0]}?)" if near else " (README: Configuration lists them)"))
+    return notes
+
+
 def shadowed(file_values: Mapping[str, Any], env: Mapping[str, str]) -> list[str]:
     """An old name given beside its field's new name in the same place (the file, the environment):
     ignored, as ``resolve`` reads the new one. What to warn of, in words naming both (never a value)."""

@@ -237,7 +237,7 @@ class SettingsSource:
                 for name, source in sources.items():
                     if "deprecated" in source or any(source == "RESP2CHAT_" + a.upper() for a in S.BY_NAME[name].aliases):
                         self.warn(f"{S.deprecated(S.BY_NAME[name].aliases[0])} ({source})")
-                for note in S.shadowed(file_values, os.environ):
+                for note in S.shadowed(file_values, os.environ) + S.unknown_variables(os.environ):
                     self.warn(note)
             except S.SettingsError as exc:
                 log.error(f"resp2chat: {exc}")  # an error at start-up stops mitmdump (errorcheck)
