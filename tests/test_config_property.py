@@ -521,3 +521,49 @@ def test_a_misspelt_variable_is_warned_of_once_by_name_never_its_value(tmp_path)
         assert sum(typed in line and meant in line for line in warned) == 1, (typed, warned)
     for name in [*OWN_VARIABLES, "RESP2CHAT_CONFIG"]:
         assert not any(name in line for line in warned), (name, warned)
+
+
+# --- an upstreams entry's one-value settings mean what their text says, as at the top ------------------------
+
+ENTRY_SCALARS = [name for name in S.PER_UPSTREAM if S.BY_NAME[name].kind in ("str", "int", "bool")]
+BASE = "http://127.0.0.1:9/v1"
+
+
+def _entry_outcome(env: dict):
+    try:
+        values = load_settings(env)[0]
+        spec = S.parse_upstreams(values["upstreams"])[0]
+        return "ok", (spec.name, spec.api_key, spec.models, spec.overrides)
+    except S.SettingsError:
+        return "refused", None
+
+
+@settings(max_examples=150, **SETTINGS)
+@given(st.sampled_from(ENTRY_SCALARS + ["name", "api_key", "models"]), TEXT)
+def test_an_upstream_entry_value_means_the_same_in_the_file_and_the_environment(tmp_path, field, text):
+    """An ``upstreams`` entry's ``upstream_model: 1.10`` was YAML's number 1.1 (another model),
+    ``connect_timeout_secs: 017`` the octal 15, ``name: 1.10`` or ``api_key: 0123`` refused as no
+    string, where the top level and ``RESP2CHAT_UPSTREAMS``' ``"1.10"`` mean the text."""
+    try:
+        node = yaml.compose(f"k: {text}\n").value[0][1]
+    except yaml.YAMLError:
+        node = None
+    assume(isinstance(node, yaml.ScalarNode) and node.value == text and not node.tag.endswith(":null"))
+    entry = {"name": "a", "base_url": BASE, field: text}
+    path = tmp_path / "config.yaml"
+    path.write_text("upstreams:\n" + "".join(f"  {'-' if i == 0 else ' '} {k}: {v}\n"
+                                             for i, (k, v) in enumerate(entry.items())))
+    in_file = _entry_outcome({"RESP2CHAT_CONFIG": str(path)})
+    in_env = _entry_outcome({"RESP2CHAT_CONFIG": str(tmp_path / "none.yaml"), "RESP2CHAT_UPSTREAMS": json.dumps([entry])})
+    assert in_file == in_env, (path.read_text(), in_file, in_env)
+
+
+def test_an_upstream_entry_value_as_written_in_a_real_gateway(tmp_path):
+    path = config_file(tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"upstreams:\n  - name: a\n    base_url: {BASE}\n    upstream_model: 1.10\n"
+                    "    connect_timeout_secs: 017\n    models: [gpt-5]\n")
+    run, shown = gateway_settings(tmp_path, {})
+    assert shown is not None, (run.stdout + run.stderr)[-3000:]
+    entry = shown["upstreams"][0]
+    assert entry["upstream_model"] == "1.10" and int(entry["connect_timeout_secs"]) == 17, entry

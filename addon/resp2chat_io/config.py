@@ -13,7 +13,7 @@ from typing import Any, Iterator, Mapping
 
 import yaml
 
-from resp2chat_core.settings import ALIASES, BY_NAME, FIELDS, SettingsError, resolve
+from resp2chat_core.settings import ALIASES, BY_NAME, FIELDS, PER_UPSTREAM, SettingsError, resolve
 
 
 def config_path(env: Mapping[str, str] = os.environ) -> Path:
@@ -63,11 +63,15 @@ _STR, _NULL = "tag:yaml.org,2002:str", "tag:yaml.org,2002:null"
 # another setting of some: `upstream_model: 1.10` was "1.1", `seal_key: 01234567` the octal number
 # 342391, `max_sessions: 017` 15 (the environment's 017 is 17), `1:30` the number 90.
 _SCALARS = frozenset(name for name, f in {**BY_NAME, **ALIASES}.items() if f.kind in ("str", "int", "bool"))
+# The same inside an entry of ``upstreams``: the settings of one scalar it may set for itself,
+# and its own name, api_key, base_url and models (one pattern), as RESP2CHAT_UPSTREAMS' JSON strings.
+_ENTRY_SCALARS = frozenset(name for name in PER_UPSTREAM if name in _SCALARS) | {"name", "base_url", "api_key", "models"}
 
 
 def _as_written(data: dict, node: yaml.Node) -> dict:
-    """``data`` with each scalar setting as its text says it (``_SCALARS``); a setting given twice
-    is an error (YAML keeps the last value without a word)."""
+    """``data`` with each scalar setting as its text says it (``_SCALARS``; in an entry of
+    ``upstreams``, ``_ENTRY_SCALARS``); a setting given twice is an error (YAML keeps the last
+    value without a word)."""
     seen: set[str] = set()
     for key, value in node.value:
         if not (isinstance(key, yaml.ScalarNode) and key.tag == _STR):
@@ -76,10 +80,23 @@ def _as_written(data: dict, node: yaml.Node) -> dict:
             raise SettingsError(key.value, "[hidden]", "given twice in the config file (which one was meant?)",
                                 "config file")
         seen.add(key.value)
-        if (key.value in _SCALARS and key.value in data and isinstance(value, yaml.ScalarNode)
-                and value.style is None and value.tag not in (_STR, _NULL)):
-            data[key.value] = value.value
+        if key.value in _SCALARS and key.value in data:
+            _text(data, key.value, value)
+        elif key.value == "upstreams" and isinstance(value, yaml.SequenceNode) and isinstance(data.get(key.value), list) \
+                and len(value.value) == len(data[key.value]):
+            for entry, item in zip(data[key.value], value.value):
+                if isinstance(entry, dict) and isinstance(item, yaml.MappingNode):
+                    for k, v in item.value:  # (in order: a key given twice is YAML's last, as in `entry`)
+                        if isinstance(k, yaml.ScalarNode) and k.tag == _STR and k.value in _ENTRY_SCALARS:
+                            _text(entry, k.value, v)
     return data
+
+
+def _text(data: dict, key: str, node: yaml.Node) -> None:
+    """``data[key]`` as its text says, when ``node`` is a plain scalar YAML read as no string (a
+    number, a date, true/false): not quoted, not null."""
+    if isinstance(node, yaml.ScalarNode) and node.style is None and node.tag not in (_STR, _NULL):
+        data[key] = node.value
 
 
 def yaml_problem(exc: yaml.YAMLError) -> str:
