@@ -60,18 +60,23 @@ def memory_gateways(upstream, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def redis_gateways(upstream, tmp_path_factory):
+def redis(tmp_path_factory):
     if missing():
         pytest.fail(missing())
+    server = RedisServer(tmp_path_factory.mktemp("conv-redis-server") / "redis").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_gateways(upstream, redis, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("conv-redis")
-    server = RedisServer(tmp / "redis").start()
-    gws = [start_gateway(upstream.origin, tmp, "--set", f"resp2chat_state_store_url={server.url}", "--set",
+    gws = [start_gateway(upstream.origin, tmp, "--set", f"resp2chat_state_store_url={redis.url}", "--set",
                          "resp2chat_forward_client_auth=true", "--set", "resp2chat_max_replay_entries=0")
            for _ in range(2)]
     yield gws
     for gw in gws:
         gw.stop()
-    server.stop()
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -580,3 +585,31 @@ def test_items_may_reference_stored_items_as_a_turn_input_may(gateways):
     # a turn on the conversation reads the referenced items as its history
     turn = client.responses.create(model="demo-model", conversation=conv.id, input="go on")
     assert turn.status == "completed"
+
+
+def test_an_unknown_conversation_on_redis_is_a_404_at_once(redis_gateways, redis):
+    """An id another replica wrote a moment ago may not be in Redis yet, so the store asks again
+    for up to its ``fresh_wait`` (2 s, every 50 ms) before an id is unknown. That holds for a
+    response (stored after its client saw its id), never for a conversation: its create, and
+    every change, is in Redis before its answer. Every unknown conversation id (a typo, one
+    deleted) was asked ~40 times and answered 404 after 2 s; it is now asked once."""
+    client = openai_client(redis_gateways[0], api_key=KEYS[0])
+    conv = client.conversations.create(items=[{"role": "user", "content": "hi"}])
+    client.conversations.delete(conv.id)
+    r = redis.client()
+
+    def calls() -> int:
+        return sum(v["calls"] for k, v in r.info("commandstats").items() if k != "cmdstat_info")
+
+    for ask in (lambda: client.conversations.retrieve(conv.id),
+                lambda: client.conversations.items.list("conv_" + "0" * 32),
+                lambda: client.conversations.items.create(conv.id, items=[{"role": "user", "content": "x"}]),
+                lambda: client.responses.create(model="demo-model", input="x", conversation=conv.id)):
+        before = calls()
+        with pytest.raises(openai.NotFoundError):
+            ask()
+        assert calls() - before <= 4, calls() - before
+    before = calls()  # (a response id is still asked again: stored after its client saw it)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve("resp_" + "0" * 32)
+    assert calls() - before > 10
