@@ -60,18 +60,23 @@ def memory_gateways(upstream, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def redis_gateways(upstream, tmp_path_factory):
+def redis(tmp_path_factory):
     if missing():
         pytest.fail(missing())
+    server = RedisServer(tmp_path_factory.mktemp("conv-redis-server") / "redis").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_gateways(upstream, redis, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("conv-redis")
-    server = RedisServer(tmp / "redis").start()
-    gws = [start_gateway(upstream.origin, tmp, "--set", f"resp2chat_state_store_url={server.url}", "--set",
+    gws = [start_gateway(upstream.origin, tmp, "--set", f"resp2chat_state_store_url={redis.url}", "--set",
                          "resp2chat_forward_client_auth=true", "--set", "resp2chat_max_replay_entries=0")
            for _ in range(2)]
     yield gws
     for gw in gws:
         gw.stop()
-    server.stop()
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -525,3 +530,86 @@ def test_many_appends_at_once_on_two_replicas_all_land(redis_gateways):
     listed = list(clients[1].conversations.items.list(conv, order="asc", limit=100))
     assert sorted(i.id for i in listed) == sorted(ids) and len(set(ids)) == n
     assert sorted(i.content[0].text for i in listed) == sorted(f"at once {k}" for k in range(n))
+
+
+def test_an_item_id_no_path_can_name_is_refused_where_it_would_be_kept(memory_gateways):
+    """An item id holding ``/`` (or the whole id ``.``/``..``) cannot be addressed as
+    ``…/items/{item_id}``: encoded, the gate refuses the path (``%2F`` names another endpoint
+    once decoded), and unencoded it is another path. The gateway kept such an item, which could
+    then never be read nor deleted by its id. It is now a 400 wherever a conversation would
+    keep it: a create, an items request, and a turn naming the conversation. A turn that names
+    no conversation keeps taking it (nothing reads it by path)."""
+    client = openai_client(memory_gateways[0], api_key=KEYS[0])
+    conv = client.conversations.create(items=[{"id": "msg_ok", "role": "user", "content": "hi"}])
+    for bad in ("msg/1", "a/b/c", "/", ".", ".."):
+        item = {"id": bad, "role": "user", "content": "x"}
+        with pytest.raises(openai.BadRequestError) as err:
+            client.conversations.create(items=[{"role": "user", "content": "first"}, item])
+        assert err.value.body["param"] == "items[1].id" and err.value.body["code"] == "invalid_value", err.value.body
+        with pytest.raises(openai.BadRequestError) as err:
+            client.conversations.items.create(conv.id, items=[item])
+        assert err.value.body["param"] == "items[0].id", err.value.body
+        with pytest.raises(openai.BadRequestError) as err:
+            client.responses.create(model="demo-model", conversation=conv.id, input=[item])
+        assert err.value.body["param"] == "input[0].id", err.value.body
+    assert [i.id for i in client.conversations.items.list(conv.id)] == ["msg_ok"]  # (nothing kept)
+    assert client.responses.create(model="demo-model", input=[{"id": "msg/1", "role": "user", "content": "x"}],
+                                   store=False).status == "completed"
+
+
+def test_items_may_reference_stored_items_as_a_turn_input_may(gateways):
+    """``POST …/items`` and a create take Responses input items, ``item_reference`` among them
+    (the openai SDK's types allow it): the item a reference names (a stored response's output,
+    the owner's) joins the conversation. The gateway refused every reference (400 "item
+    references need the response store"). An unknown id, or another owner's, is a 400
+    ``item_not_found``, and nothing is added."""
+    client = openai_client(gateways[0], api_key=KEYS[0])
+    other = openai_client(gateways[-1], api_key=KEYS[1])
+    first = client.responses.create(model="demo-model", input="q?").output[-1]
+    answer = client.responses.create(model="demo-model", input="again?").output[-1]
+    conv = client.conversations.create(items=[{"type": "item_reference", "id": first.id}])
+    added = client.conversations.items.create(conv.id, items=[{"type": "item_reference", "id": answer.id},
+                                                             {"role": "user", "content": "more"}])
+    assert [i.id for i in added.data][0] == answer.id
+    listed = list(client.conversations.items.list(conv.id, order="asc"))
+    assert [i.id for i in listed][:2] == [first.id, answer.id]
+    assert listed[0].content[0].text == first.content[0].text and listed[1].content[0].text == answer.content[0].text
+    assert listed[2].content[0].text == "more"
+    for ref, who in (("msg_nowhere", client), (answer.id, other)):
+        target = conv.id if who is client else who.conversations.create().id
+        with pytest.raises(openai.BadRequestError) as err:
+            who.conversations.items.create(target, items=[{"role": "user", "content": "x"},
+                                                          {"type": "item_reference", "id": ref}])
+        assert err.value.body["code"] == "item_not_found" and err.value.body["param"] == "items[1].id", err.value.body
+    assert len(list(client.conversations.items.list(conv.id))) == 3
+    # a turn on the conversation reads the referenced items as its history
+    turn = client.responses.create(model="demo-model", conversation=conv.id, input="go on")
+    assert turn.status == "completed"
+
+
+def test_an_unknown_conversation_on_redis_is_a_404_at_once(redis_gateways, redis):
+    """An id another replica wrote a moment ago may not be in Redis yet, so the store asks again
+    for up to its ``fresh_wait`` (2 s, every 50 ms) before an id is unknown. That holds for a
+    response (stored after its client saw its id), never for a conversation: its create, and
+    every change, is in Redis before its answer. Every unknown conversation id (a typo, one
+    deleted) was asked ~40 times and answered 404 after 2 s; it is now asked once."""
+    client = openai_client(redis_gateways[0], api_key=KEYS[0])
+    conv = client.conversations.create(items=[{"role": "user", "content": "hi"}])
+    client.conversations.delete(conv.id)
+    r = redis.client()
+
+    def calls() -> int:
+        return sum(v["calls"] for k, v in r.info("commandstats").items() if k != "cmdstat_info")
+
+    for ask in (lambda: client.conversations.retrieve(conv.id),
+                lambda: client.conversations.items.list("conv_" + "0" * 32),
+                lambda: client.conversations.items.create(conv.id, items=[{"role": "user", "content": "x"}]),
+                lambda: client.responses.create(model="demo-model", input="x", conversation=conv.id)):
+        before = calls()
+        with pytest.raises(openai.NotFoundError):
+            ask()
+        assert calls() - before <= 4, calls() - before
+    before = calls()  # (a response id is still asked again: stored after its client saw it)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve("resp_" + "0" * 32)
+    assert calls() - before > 10

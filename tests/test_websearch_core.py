@@ -479,7 +479,7 @@ def test_brave_request_and_answers():
     assert (b"x-subscription-token", b"k-123") in headers
     text, urls = websearch.read_brave("q", 200, json.dumps({"web": {"results": [
         {"title": "<b>T</b> &amp; U", "url": "https://x", "description": "d"}] * 5}}).encode(), 2, "k-123")
-    assert urls == ["https://x", "https://x"] and "1. T & U" in text and "3." not in text
+    assert urls == [("https://x", "T & U")] * 2 and "1. T & U" in text and "3." not in text
     text, urls = websearch.read_brave("q", 429, b'{"error": "quota for k-123"}', 2, "k-123")
     assert urls == [] and text.startswith("Web search failed (HTTP 429)") and "k-123" not in text
     assert websearch.read_brave("q", 200, b"<html>", 2, "k")[0].startswith("Web search failed")
@@ -490,7 +490,7 @@ def test_the_client_sees_a_web_search_call_item():
     turn = begin_turn(json.dumps({"model": "m", "input": "x", "stream": True, "tools": [{"type": "web_search"}]}).encode(),
                       LoweringOptions(web_search=True), "resp_" + "a" * 32, 0)
     t = turn.translator()
-    out = t.accepted() + t.search_started("call_1", "mitmproxy") + t.search_done("call_1", ("https://x",))
+    out = t.accepted() + t.search_started("call_1", "mitmproxy") + t.search_done("call_1", (("https://x", "X"),))
     out += t.feed(chat_sse(chat_chunk({"content": "done"}), chat_chunk(finish="stop"))) + t.finish()
     events = parse_sse(out)
     types = [e["type"] for e in events]
@@ -498,7 +498,7 @@ def test_the_client_sees_a_web_search_call_item():
     assert types[i:i + 5] == ["response.output_item.added", *websearch.STARTED_EVENTS, websearch.DONE_EVENT,
                               "response.output_item.done"]
     item = events[-1]["response"]["output"][0]
-    assert item == websearch.call_item(item["id"], "mitmproxy", ("https://x",))
+    assert item == websearch.call_item(item["id"], "mitmproxy", (("https://x", "X"),))
     assert item["action"]["sources"] == [{"type": "url", "url": "https://x"}]
 
 
@@ -701,3 +701,15 @@ def test_a_rounds_last_logprobs_without_text_stay_out_of_the_next_rounds_answer(
     out += tr.feed(tail) + tr.feed(step.tail) + tr.finish()
     deltas = [e for e in parse_sse(out) if e["type"] == "response.output_text.delta"]
     assert [(e["delta"], [t["token"] for t in e["logprobs"]]) for e in deltas] == [("Answer", ["Answer"])]
+
+
+def test_citations_name_each_whole_url_in_text_order():
+    sources = {"https://a.example/x": "A", "https://a.example/x/y": "AY", "https://é.example": "É"}
+    text = "é https://a.example/x/y, then https://a.example/x. https://a.example/xz and (https://é.example)"
+    cites = websearch.citations(text, sources)
+    assert [(c["url"], c["title"]) for c in cites] == [
+        ("https://a.example/x/y", "AY"), ("https://a.example/x", "A"), ("https://é.example", "É")]
+    assert all(text[c["start_index"]:c["end_index"]] == c["url"] and c["type"] == "url_citation" for c in cites)
+    assert websearch.citations("no links here", sources) == [] and websearch.citations(text, {}) == []
+    twice = websearch.citations("https://a.example/x and https://a.example/x", sources)
+    assert [c["start_index"] for c in twice] == [0, 24]

@@ -25,6 +25,7 @@ class _Brave(QuietHandler):
     queries: list[dict] = []
     status = 200
     hold: threading.Event | None = None  # set: each search waits for it (a search in flight)
+    description = "snippet &amp; text {i}"  # (each result's, {i} its number)
 
     def do_GET(self):
         url = urlsplit(self.path)
@@ -35,12 +36,12 @@ class _Brave(QuietHandler):
             self.hold.wait(60)
         send_json(self, self.status, {"error": "quota exhausted"} if self.status != 200 else {"web": {"results": [
             {"title": f"<strong>Result {i}</strong> for {q['q'][0]}", "url": f"https://example.org/{i}",
-             "description": f"snippet &amp; text {i}"} for i in range(1, 9)]}})
+             "description": self.description.format(i=i)} for i in range(1, 9)]}})
 
 
 @pytest.fixture
 def brave():
-    _Brave.queries, _Brave.status, _Brave.hold = [], 200, None
+    _Brave.queries, _Brave.status, _Brave.hold, _Brave.description = [], 200, None, "snippet &amp; text {i}"
     with LocalServer(_Brave) as server:
         yield server.url, _Brave
 
@@ -85,6 +86,41 @@ def test_search_loop_is_one_continuous_stream(search_gateway, upstream, brave):
     assert tool["content"].startswith("Web search results for: mitmproxy addons\n\n1. Result 1 for mitmproxy addons")
     # one usage for the whole turn: the last round's prompt, every round's completion
     assert final.usage.input_tokens > 0 and final.usage.output_tokens > 0
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_the_answer_cites_the_sources_it_names(search_gateway, brave, stream):
+    """OpenAI's web search annotates the answer's text with ``url_citation``s: where it names a
+    source, which one (URL, title). The gateway's never did (``annotations`` always empty), so a
+    client showing sources (the Agents SDK's, a chat UI's) showed none. Each place the message
+    names a URL of a search the turn ran, as a whole, is now one: in the final message and in the
+    stream (``response.output_text.annotation.added``, before the text's ``done``). A URL that
+    only starts a longer one is none."""
+    _, handler = brave
+    # (the demo model answers "The tool returned: <the results' last line>", the 3rd result's description)
+    handler.description = "see https://example.org/{i}/more, or https://example.org/1."
+    client = openai_client(search_gateway)
+    if stream:
+        events = list(client.responses.create(model="demo-model", input=SEARCH_PROMPT, tools=[WEB_SEARCH],
+                                              stream=True))
+        types = [e.type for e in events]
+        added = [e for e in events if e.type == "response.output_text.annotation.added"]
+        assert len(added) == 1 and types.index(added[0].type) < types.index("response.output_text.done")
+        assert added[0].annotation_index == 0 and added[0].content_index == 0
+        final = events[-1].response
+        said = added[0].annotation
+        assert added[0].item_id == final.output[-1].id and (said if isinstance(said, dict) else said.model_dump()) \
+            == final.output[-1].content[0].annotations[0].model_dump()
+    else:
+        final = client.responses.create(model="demo-model", input=SEARCH_PROMPT, tools=[WEB_SEARCH])
+    text = final.output[-1].content[0]
+    assert text.text == "The tool returned: see https://example.org/3/more, or https://example.org/1."
+    (cite,) = text.annotations
+    assert cite.type == "url_citation" and cite.url == "https://example.org/1"
+    assert cite.title == "Result 1 for mitmproxy addons" and text.text[cite.start_index:cite.end_index] == cite.url
+    # a turn that searched nothing cites nothing
+    plain = client.responses.create(model="demo-model", input="see https://example.org/1", tools=[WEB_SEARCH])
+    assert plain.output[-1].content[0].annotations == []
 
 
 def test_non_streaming_client_gets_the_whole_loop(search_gateway):

@@ -132,12 +132,13 @@ def test_any_search_answer_is_text_the_model_reads():
                  {"web": {"results": [{"title": None, "url": None, "description": None}]}}, {"web": "x"}, [1],
                  {"web": {"results": [{"url": 5}, {"url": "https://ok"}]}}):
         text, urls = websearch.read_brave("q", 200, json.dumps(body).encode(), 5, KEY)
-        assert isinstance(text, str) and all(isinstance(u, str) and u for u in urls), (body, urls)
+        assert isinstance(text, str) and all(isinstance(u, str) and u and isinstance(t, str) for u, t in urls), \
+            (body, urls)
         assert "None" not in text, text
     text, urls = websearch.read_brave("q", 200, b"[" * 100_000, 5, KEY)
     assert text.startswith("Web search failed") and urls == []
     assert websearch.read_brave("q", 200, json.dumps({"web": {"results": [{"url": 5}, {"url": "https://ok"}]}})
-                                .encode(), 5, KEY)[1] == ["https://ok"]
+                                .encode(), 5, KEY)[1] == [("https://ok", "")]
 
 
 def test_a_query_that_is_no_string():

@@ -158,7 +158,7 @@ def test_a_socket_turns_translator_merges_each_deliverys_runs_as_the_coalescer_d
             elif pick < 0.92:
                 items.append(ch.Keepalive())
             elif pick < 0.96:
-                items += [ch.SearchStarted(f"s{n}", "q"), ch.SearchDone(f"s{n}", ("https://a.example",))]
+                items += [ch.SearchStarted(f"s{n}", "q"), ch.SearchDone(f"s{n}", (("https://a.example", "A"),))]
             else:
                 items += [ch.McpCalling(f"m{n}", "label", "tool", '{"a":1}'), ch.McpCalled(f"m{n}", "out")]
         end = rng.random()

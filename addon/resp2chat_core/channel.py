@@ -111,7 +111,7 @@ class SearchStarted:
 @dataclass(frozen=True, slots=True)
 class SearchDone:
     call_id: str
-    sources: tuple[str, ...]
+    sources: tuple[tuple[str, str], ...]  # (URL, title) each: websearch.read_brave's
 
     def apply(self, t) -> bytes:
         return t.search_done(self.call_id, self.sources)

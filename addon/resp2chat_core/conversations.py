@@ -10,7 +10,8 @@ Rules of this file:
   Responses input items (validated as a request's ``input`` is: ``new_items``; a ``compaction``
   item as a turn takes one: it must be one the gateway sealed), at most ``MAX_NEW_ITEMS`` per
   request, as OpenAI takes them; an id given twice, or one the conversation holds, is a 400
-  (``unique``: OpenAI's ``Duplicate item found``).
+  (``unique``: OpenAI's ``Duplicate item found``), and so is one no ``…/items/{item_id}`` path
+  can name (``addressable``). An ``item_reference`` adds the stored item it names.
 - A Responses request with ``conversation`` (an id, or ``{"id": …}``: ``named``) takes the
   conversation's items as its history, and the turn's input and output are appended to it, in
   one write, when it completes (addons/store.py); with ``previous_response_id`` it is a 400
@@ -25,10 +26,11 @@ Rules of this file:
 
 from __future__ import annotations
 
+from . import inputs
 from .channel import Reader
 from .compaction import open_item
 from .errors import GatewayError
-from .inputs import COMPACTION
+from .inputs import COMPACTION, Resolve
 from .labels import shown
 from .schema import parse_request
 
@@ -87,12 +89,16 @@ def required(body: dict, name: str) -> object:
     return body[name]
 
 
-def new_items(value: object, param: str = "items", sealer=None, *, some: bool = False) -> list:
+def new_items(value: object, param: str = "items", sealer=None, *, some: bool = False,
+              resolve: Resolve | None = None) -> list:
     """Items a request adds to a conversation, validated as a Responses request's ``input``
     (the same 400s, named ``items[i]…``); None: none (``some``: at least one is required, as
     ``POST …/items`` requires, whose answer lists them). A ``compaction`` item (the compact
     endpoint's, or one a turn put in a conversation and its items list showed) is taken as a
-    turn's input takes it: one ``sealer`` opens (compaction.open_item), else a 400 saying so."""
+    turn's input takes it: one ``sealer`` opens (compaction.open_item), else a 400 saying so.
+    An ``item_reference`` becomes the item it names (``resolve``: the owner's stored items, as a
+    turn's input finds them; inputs.py ``expand``, which says what an unknown one is); the items
+    returned are the ones to keep. Every id must be ``addressable``."""
     if some and not value and (value is None or isinstance(value, list)):
         raise GatewayError(f"{param}: 1 to {MAX_NEW_ITEMS} items to add", param=param,
                            code="empty_array" if value == [] else "missing_required_parameter")
@@ -104,8 +110,11 @@ def new_items(value: object, param: str = "items", sealer=None, *, some: bool = 
         raise GatewayError(f"{param}: at most {MAX_NEW_ITEMS} items at a time", param=param,
                            code="array_above_max_length")
     if value:
-        unique(value, (), param)
         try:
+            if resolve is not None and inputs.reference_ids(value):
+                value = inputs.expand({}, value, resolve)[1]
+            unique(value, (), param)
+            addressable(value, param)
             checked = list(value)
             for i, item in enumerate(value):
                 if isinstance(item, dict) and item.get("type") == COMPACTION:
@@ -116,6 +125,18 @@ def new_items(value: object, param: str = "items", sealer=None, *, some: bool = 
             where = (err.param or "input").replace("input", param, 1)
             raise GatewayError(err.message.replace("input", param, 1), param=where, code=err.code) from None
     return value
+
+
+def addressable(items: list, param: str = "items") -> None:
+    """``GatewayError`` for an item a conversation would keep under an id no path can name:
+    ``…/items/{item_id}`` is read with the id decoded, so an id holding ``/``, or the whole id
+    ``.`` or ``..`` (a path's dot segments), would name another path, or none."""
+    for n, item in enumerate(items):
+        item_id = item.get("id") if isinstance(item, dict) else None
+        if isinstance(item_id, str) and ("/" in item_id or item_id in (".", "..")):
+            raise GatewayError(f"{param}[{n}].id: {shown(item_id)!r} cannot name a conversation's item (its "
+                               "…/items/{item_id} path would be another path): an id may not hold '/' nor be '.' "
+                               "or '..'", param=f"{param}[{n}].id", code="invalid_value")
 
 
 def unique(items: list, held: list, param: str = "items", holder: str = "the conversation") -> None:

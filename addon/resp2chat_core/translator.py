@@ -310,6 +310,7 @@ class Translator:
         self._ws_kind = Kind.NONE
         self._tools: dict[object, _Tool] = {}  # open tool items by upstream key (index, else id)
         self._running: dict[str, tuple[int, dict]] = {}  # the gateway's tool runs in flight: key -> (index, item)
+        self._cited: dict[str, str] = {}  # the sources of the web searches run so far: URL -> title
         self._tool_list: list[_Tool] = []  # open tool items in output order
         self._tool_wait: dict[object, list[str]] = {}  # args seen before the call's name
         self._think = ThinkSplitter(ctx.think) if ctx.think != "off" else None  # None: plain text
@@ -433,10 +434,14 @@ class Translator:
                 self._emit(event, output_index=index, item_id=item["id"])
         return self._flush()
 
-    def search_done(self, call_id: str, sources: tuple[str, ...]) -> bytes:
+    def search_done(self, call_id: str, sources: tuple[tuple[str, str], ...]) -> bytes:
+        """A web search ended with ``sources`` ((URL, title) each): its item closes, and text the
+        model writes from now on cites them (``_close_open``: ``url_citation`` annotations)."""
         found = self._running.pop(call_id, None)
         if found is not None and self.phase is not Phase.DONE:
             index, item = found
+            for url, title in sources:
+                self._cited.setdefault(url, title)
             self._emit(websearch.DONE_EVENT, output_index=index, item_id=item["id"])
             self._item_done(websearch.call_item(item["id"], item["action"]["query"], sources), index)
         return self._flush()
@@ -894,8 +899,12 @@ class Translator:
         if kind is Kind.TEXT:
             text = "".join(self._text)
             lp = self._item_lp
-            part = {"type": "output_text", "text": text, "annotations": [], "logprobs": lp}
+            cited = websearch.citations(text, self._cited) if self._cited else []
+            part = {"type": "output_text", "text": text, "annotations": cited, "logprobs": lp}
             ids = {"item_id": self._item_id, "output_index": self._item_index}
+            for n, annotation in enumerate(cited):
+                self._emit(websearch.ANNOTATION_EVENT, **ids, content_index=0, annotation_index=n,
+                           annotation=annotation)
             self._emit("response.output_text.done", **ids, content_index=0, text=text, logprobs=lp)
             self._emit("response.content_part.done", **ids, content_index=0, part=part)
             self._item_done({"id": self._item_id, "type": "message", "status": status,

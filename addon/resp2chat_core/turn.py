@@ -267,6 +267,8 @@ def conversation(raw: dict, found: Found, sealer: Sealer | None = None) -> tuple
         # (an id in the input twice, or one the conversation holds; a reference, the item it names)
         conversations.unique(items[before:], earlier or (), "input", "the conversation" if named is not None
                              else "the conversation previous_response_id continues")
+    if named is not None:  # (the conversation keeps them: each must be one its items path can name)
+        conversations.addressable(items[before:], "input")
     kept, opened, summarize = compaction.prepare(items, sealer, before)
     if opened is not items:
         raw = {**raw, "input": opened}

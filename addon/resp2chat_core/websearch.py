@@ -96,9 +96,12 @@ def brave_request(base_url: str, api_key: str, query: str, count: int) -> tuple[
     return url, [(b"accept", b"application/json"), (b"x-subscription-token", api_key.encode())]
 
 
-def read_brave(query: str, status: int, body: bytes, limit: int, api_key: str) -> tuple[str, list[str]]:
-    """A Brave answer -> (text for the model, source URLs). A failure is text the model can read,
-    not a failed turn."""
+Source = tuple[str, str]  # a result the model read: (URL, title)
+
+
+def read_brave(query: str, status: int, body: bytes, limit: int, api_key: str) -> tuple[str, list[Source]]:
+    """A Brave answer -> (text for the model, its sources). A failure is text the model can
+    read, not a failed turn."""
     if status != 200:
         message = body.decode("utf-8", "replace")[:300]
         if api_key:
@@ -121,10 +124,11 @@ def _plain(value) -> str:
     return html.unescape(_TAG.sub("", value)) if isinstance(value, str) else ""
 
 
-def format_results(query: str, data, limit: int) -> tuple[str, list[str]]:
-    """Brave Search JSON -> (tool message text, source URLs). An answer of another shape is read
-    as far as it is one: a ``web.results`` that is no list is none, a result that is no object is
-    left out, and so is a field that is no string (a result without a URL is no source)."""
+def format_results(query: str, data, limit: int) -> tuple[str, list[Source]]:
+    """Brave Search JSON -> (tool message text, sources: (URL, title) each). An answer of
+    another shape is read as far as it is one: a ``web.results`` that is no list is none, a
+    result that is no object is left out, and so is a field that is no string (a result without
+    a URL is no source)."""
     web = data.get("web") if isinstance(data, dict) else None
     results = web.get("results") if isinstance(web, dict) else None
     results = [r for r in results if isinstance(r, dict)][:limit] if isinstance(results, list) else []
@@ -133,22 +137,46 @@ def format_results(query: str, data, limit: int) -> tuple[str, list[str]]:
     lines, urls = [f"Web search results for: {query}", ""], []
     for i, r in enumerate(results, 1):
         url = r.get("url") if isinstance(r.get("url"), str) else ""
+        title = _plain(r.get("title"))
         if url:
-            urls.append(url)
-        lines += [f"{i}. {_plain(r.get('title'))}", f"   {url}", f"   {_plain(r.get('description'))}"]
+            urls.append((url, title))
+        lines += [f"{i}. {title}", f"   {url}", f"   {_plain(r.get('description'))}"]
     return "\n".join(lines), urls
 
 
 # --- the client's events ---------------------------------------------------------------------
 
 
-def call_item(item_id: str, query: str, sources: tuple[str, ...] | None = None) -> dict:
+def call_item(item_id: str, query: str, sources: tuple[Source, ...] | None = None) -> dict:
     """The ``web_search_call`` item: in progress (no sources yet) or completed."""
     action: dict = {"type": "search", "query": query}
     if sources is None:
         return {"id": item_id, "type": "web_search_call", "status": "in_progress", "action": action}
-    action["sources"] = [{"type": "url", "url": u} for u in sources if isinstance(u, str)]
+    action["sources"] = [{"type": "url", "url": url} for url, _ in sources]
     return {"id": item_id, "type": "web_search_call", "status": "completed", "action": action}
+
+
+_URL_GOES_ON = re.compile(r"[A-Za-z0-9/_~%?#=&+@-]")  # (a URL's next character: the text names a longer one)
+ANNOTATION_EVENT = "response.output_text.annotation.added"
+
+
+def citations(text: str, sources: dict[str, str]) -> list[dict]:
+    """The ``url_citation`` annotations of a message's text: each place it names a source's URL
+    as a whole (not the start of a longer one; a sentence's full stop after it is no part of
+    it), with that source's title, in text order. ``sources``: URL -> title, of every search
+    the turn ran before; indices count the text's characters."""
+    found: list[tuple[int, int, str]] = []
+    taken: set[int] = set()
+    for url in sorted(sources, key=len, reverse=True):  # (a longer URL first: a shorter one inside is no citation)
+        at = text.find(url)
+        while at != -1:
+            end = at + len(url)
+            if at not in taken and not (end < len(text) and _URL_GOES_ON.match(text, end)):
+                found.append((at, end, url))
+                taken.update(range(at, end))
+            at = text.find(url, end)
+    return [{"type": "url_citation", "start_index": a, "end_index": b, "url": url, "title": sources[url]}
+            for a, b, url in sorted(found)]
 
 
 STARTED_EVENTS = ("response.web_search_call.in_progress", "response.web_search_call.searching")

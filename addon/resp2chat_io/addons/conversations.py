@@ -29,6 +29,7 @@ from mitmproxy import http
 
 from resp2chat_core import conversations as C
 from resp2chat_core import gate as G
+from resp2chat_core import inputs
 from resp2chat_core import listing
 from resp2chat_core.errors import GatewayError
 from resp2chat_core.labels import shown
@@ -68,12 +69,19 @@ class Conversations:
             raise GatewayError("request body must be a JSON object", code="invalid_json")
         return data
 
+    async def _references(self, body: dict, owner: str):
+        """The stored items (``owner``'s) that ``body``'s items refer to, as a turn finds them."""
+        refs = tuple(dict.fromkeys(inputs.reference_ids(body.get("items"))))
+        found = (await self.store.lookup(None, refs, owner=owner)).items if refs else {}
+        return lambda ids: {i: found[i] for i in ids if i in found}
+
     async def answer(self, shape: str, method: str, ids: list[str], body: dict, query, owner: str) -> dict:
         """What one request of the API answers (``GatewayError``: its refusal)."""
         store = self.store
         if shape == "":  # POST: a new conversation
             metadata = C.check_metadata(body.get("metadata"))
-            items = listing.with_ids(C.new_items(body.get("items"), sealer=store.sealer), new_item_id)
+            items = listing.with_ids(C.new_items(body.get("items"), sealer=store.sealer,
+                                                 resolve=await self._references(body, owner)), new_item_id)
             obj = C.conversation_object(C.ID_PREFIX + uuid.uuid4().hex, int(time.time()), metadata)
             if not await store.store.put(obj["id"], items, obj, owner=owner):
                 raise GatewayError("the conversation is larger than the store keeps (max_session_memory_mb)",
@@ -88,7 +96,8 @@ class Conversations:
                 items, {**obj, "metadata": metadata}, {**obj, "metadata": metadata}))
         if shape == "/{id}/items" and method == "POST":
             include = listing.include_query(query)  # (its only query, as OpenAI's)
-            items = C.new_items(body.get("items"), sealer=store.sealer, some=True)
+            items = C.new_items(body.get("items"), sealer=store.sealer, some=True,
+                                resolve=await self._references(body, owner))
             added = await store.append(conversation_id, items, owner, check=C.unique)  # (an id it holds: a 400)
             return listing.page(added, listing.Page(limit=len(added), order="asc", include=include), store.sealer)
         if shape == "/{id}/items/{id}" and method == "DELETE":

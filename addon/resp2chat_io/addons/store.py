@@ -10,8 +10,8 @@ did not say ``store: false`` (a ``finished`` listener of turns.py, and cache hit
 (resp2chat_io/redis_state.py). Either way it is one interface (store.py ``Store``),
 asynchronous, and nothing here asks which: ``lookup`` is the one lookup every turn makes before
 it is lowered (HTTP and WebSocket alike: turns.py), ``put`` runs through ``Writes`` (at once
-for memory, as a task for Redis), and an id the store does not know yet is asked again for up
-to the store's ``fresh_wait`` (another replica wrote it a moment ago) before it is unknown.
+for memory, as a task for Redis), and a response id the store does not know yet is asked again
+for up to the store's ``fresh_wait`` (another replica wrote it a moment ago) before it is unknown.
 Redis down: ``store_unavailable`` (503) for what needs it.
 
 Everything stored has an owner (resp2chat_core/owner.py; for a request, ``Upstreams.owner_of``):
@@ -173,11 +173,12 @@ class StoredResponses(Owner):
 
     async def get(self, response_id: str, owner: str, kind: str = "response") -> dict | None:
         """A stored entry of this ``kind`` (``response``, or ``conversation``: what its object
-        is), ``StateUnavailable`` when the store is down; an id the store does not know yet is
-        asked again for up to its ``fresh_wait`` (it may be on its way)."""
+        is), ``StateUnavailable`` when the store is down; a response id the store does not know yet
+        is asked again for up to its ``fresh_wait`` (it may be on its way: a response is stored
+        after its client saw it; a conversation is in the store before its create answers)."""
         entry = await self.store.get(response_id, owner=owner)
         waited = 0.0
-        while entry is None and waited < self.store.fresh_wait:
+        while entry is None and kind == "response" and waited < self.store.fresh_wait:
             await asyncio.sleep(FRESH_POLL)
             waited += FRESH_POLL
             entry = await self.store.get(response_id, owner=owner)
