@@ -291,7 +291,7 @@ def test_property_a_compaction_item_is_its_summary_in_place_or_a_400_naming_it(r
     assert _sent() == []
     field = "type" if how == "trigger" else "encrypted_content"
     assert error["param"] == f"input[{k}].{field}", (error, k)
-    assert error["message"].startswith(f"input[{k}]: "), error
+    assert error["message"].startswith(f"input[{k}].{field}: "), error  # (where param points: inputs.where)
     expected = {"trigger": "invalid_value", "empty": "invalid_value", "none": "invalid_value",
                 "number": "invalid_value", "list": "invalid_value", "missing": "invalid_value"}
     assert error["code"] == expected.get(how, "invalid_encrypted_content"), error

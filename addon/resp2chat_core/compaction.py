@@ -69,7 +69,7 @@ from typing import Callable
 from .channel import UpstreamFailed
 from .chatstream import ChunkReader
 from .errors import GatewayError
-from .inputs import COMPACTION as ITEM, COMPACTION_TRIGGER as TRIGGER, facts
+from .inputs import COMPACTION as ITEM, COMPACTION_TRIGGER as TRIGGER, facts, where
 from .listing import as_listed
 from .lowering import Lowered, encode
 from .seal import Sealer, SealError
@@ -111,7 +111,7 @@ def prepare(items: list, sealer: Sealer | None, before: int = 0) -> tuple[list, 
     a stored response remembers) keep the sealed item. ``GatewayError`` names an item the
     gateway did not make, or one that was altered, and a trigger anywhere but last: by its place
     in the client's own input, the first ``before`` items being the stored conversation the
-    request continues (named as inputs.expand names an item: ``where``).
+    request continues (inputs.py ``where``: as every input item's error names it).
     """
     kept = untriggered(items)
     compaction = kept is not items
@@ -132,15 +132,6 @@ def prepare(items: list, sealer: Sealer | None, before: int = 0) -> tuple[list, 
     return kept, lowered, compaction
 
 
-def where(i: int, before: int, field: str) -> tuple[str, str]:
-    """How item ``i`` of a conversation whose first ``before`` items are stored is named in an
-    error (message, param): by its place in the client's input, or as the stored conversation's
-    (inputs.expand's words)."""
-    if i >= before:
-        return f"input[{i - before}]", f"input[{i - before}].{field}"
-    return f"item {i} of the conversation previous_response_id continues ({field})", "previous_response_id"
-
-
 def untriggered(items: list) -> list:
     """``items`` without a trailing ``compaction_trigger`` (``items`` itself when there is none)."""
     return items[:-1] if items and _type(items[-1]) == TRIGGER else items
@@ -148,7 +139,7 @@ def untriggered(items: list) -> list:
 
 def open_item(item: dict, i: int, sealer: Sealer | None, before: int = 0) -> str:
     """The summary a compaction item carries (``GatewayError`` if it is not one of ours; ``i``,
-    ``before``: its place, ``where``)."""
+    ``before``: its place, inputs.py ``where``)."""
     name, param = where(i, before, "encrypted_content")
     token = item.get("encrypted_content")
     if not isinstance(token, str) or not token:
