@@ -27,8 +27,8 @@ import requests
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
-from helpers import (PNG, LocalServer, QuietHandler, chat_chunk, chat_completion, chat_sse, post_turn, send_json,
-                     send_sse, start_gateway)
+from helpers import (PNG, LocalServer, QuietHandler, chat_chunk, chat_completion, chat_sse, post_turn, send_cut,
+                     send_json, send_sse, start_gateway)
 from resp2chat_core.compaction import COMPACTION_PROMPT, PURPOSE, SUMMARY_PREFIX
 from resp2chat_core.seal import derive_key, seal
 from wsclient import WSClient
@@ -67,13 +67,7 @@ class Backend(QuietHandler):
         elif kind == "json":
             send_json(self, 200, what)
         elif kind == "cut":
-            self.send_response(200)
-            self.send_header("content-type", "text/event-stream")
-            self.send_header("content-length", str(len(what) + 100))
-            self.end_headers()
-            self.wfile.write(what)
-            self.wfile.flush()
-            self.close_connection = True
+            send_cut(self, what)
         else:
             send_sse(self, what)
 
