@@ -113,3 +113,36 @@ def test_the_user_messages_are_answered_as_the_api_s_objects_hold_them(own_gatew
     later = requests.post(own_gateway.base_url + "/responses", timeout=30, json={
         "model": "demo-model", "input": output + [{"role": "user", "content": "and?"}], "store": False})
     assert later.status_code == 200 and later.json()["status"] == "completed", later.text
+
+
+@pytest.mark.parametrize("transport", ["http", "websocket"])
+def test_a_stored_trigger_turn_continued_by_previous_response_id_goes_on_from_the_compacted_state(
+        own_gateway, upstream, transport):
+    """Codex's compaction turn (a trailing ``compaction_trigger``) stored (``store``; a socket
+    remembers it anyway) and continued with ``previous_response_id``: the backend gets what Codex
+    itself would send after it, the user messages, the summary, the new input; the turn the
+    compact endpoint and server-side compaction make. Before, the stored conversation was the
+    whole history with the item after it: the continuation sent everything the summary replaces,
+    and the summary too."""
+    trigger = [*HISTORY, {"type": "compaction_trigger"}]
+    upstream.clear()
+    if transport == "http":
+        client = openai_client(own_gateway)
+        first = requests.post(f"{own_gateway.base_url}/responses", timeout=30, json={
+            "model": "demo-model", "input": trigger, "store": True}).json()
+        assert [o["type"] for o in first["output"]] == ["compaction"], first
+        answer = client.responses.create(model="demo-model", previous_response_id=first["id"],
+                                         input="what do I like?").output_text
+    else:
+        ws = WSClient(own_gateway.base_url)
+        first = ws.turn({"type": "response.create", "model": "demo-model", "input": trigger, "store": False})[-1]
+        assert [o["type"] for o in first["response"]["output"]] == ["compaction"], first
+        events = ws.turn({"type": "response.create", "model": "demo-model", "store": False,
+                          "previous_response_id": first["response"]["id"], "input": "what do I like?"})
+        ws.close()
+        answer = events[-1]["response"]["output"][-1]["content"][0]["text"]
+    assert answer == "You said: what do I like?"
+    assert upstream.requests()[-1]["messages"] == [
+        {"role": "user", "content": "my name is Ada"}, {"role": "user", "content": "I like tea"},
+        {"role": "user", "content": SUMMARY_PREFIX + "You said: Write the summary now."},
+        {"role": "user", "content": "what do I like?"}]

@@ -159,9 +159,12 @@ def test_item_without_content_and_misplaced_trigger_are_400s():
 
 
 def test_stored_items_keep_the_sealed_item_and_drop_the_trigger():
+    from resp2chat_core.compaction import users
+
     body = {**compaction_request(), "store": True}
     t = turn(body)
-    assert t.store and t.items == body["input"][:-1]
+    # (a compaction turn keeps what Codex keeps, its user messages: the output brings the item)
+    assert t.store and t.items == users(body["input"][:-1]) and len(t.items) < len(body["input"]) - 1
     token = SEALER.seal(PURPOSE, "s")
     t2 = turn({**later_request(token), "store": True})
     assert {"type": "compaction", "encrypted_content": token} in t2.items
