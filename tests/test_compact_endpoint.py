@@ -146,3 +146,39 @@ def test_a_stored_trigger_turn_continued_by_previous_response_id_goes_on_from_th
         {"role": "user", "content": "my name is Ada"}, {"role": "user", "content": "I like tea"},
         {"role": "user", "content": SUMMARY_PREFIX + "You said: Write the summary now."},
         {"role": "user", "content": "what do I like?"}]
+
+
+def test_an_image_lowers_to_the_same_bytes_with_or_without_the_detail_the_api_lists(own_gateway, upstream):
+    """The compact endpoint answers an ``input_image`` with ``detail: "auto"`` (the API's default,
+    which its objects require); a client that goes on from that output and one that keeps its own
+    user messages as it sent them (Codex keeps its own) hold the same history, and the backend must
+    get the same bytes for it (its prefix cache), as it does for a stored response continued with
+    ``previous_response_id`` and the same one resent whole from ``input_items`` (which lists the
+    default too). Before, the listed default reached the backend as ``"detail": "auto"``: another
+    prompt for the same conversation."""
+    image = {"type": "input_image", "image_url": PNG}
+    said = [{"role": "user", "content": [{"type": "input_text", "text": "see"}, image]},
+            {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "a dot"}]}]
+    nxt = {"role": "user", "content": "and?"}
+    compacted = requests.post(own_gateway.base_url + "/responses/compact", timeout=30,
+                              json={"model": "demo-model", "input": said}).json()
+    *listed, item = compacted["output"]
+    bodies = []
+    for history in (listed, [said[0]]):
+        upstream.clear()
+        r = requests.post(own_gateway.base_url + "/responses", timeout=30, json={
+            "model": "demo-model", "input": [*history, item, nxt], "store": False})
+        assert r.status_code == 200, r.text
+        bodies.append(upstream.requests()[-1])
+    assert bodies[0] == bodies[1]
+    first = requests.post(own_gateway.base_url + "/responses", timeout=30,
+                          json={"model": "demo-model", "input": said[:1]}).json()
+    items = requests.get(f"{own_gateway.base_url}/responses/{first['id']}/input_items?order=asc", timeout=10).json()
+    bodies = []
+    for body in ({"previous_response_id": first["id"], "input": [nxt]},
+                 {"input": [*items["data"], *first["output"], nxt], "store": False}):
+        upstream.clear()
+        r = requests.post(own_gateway.base_url + "/responses", timeout=30, json={"model": "demo-model", **body})
+        assert r.status_code == 200, r.text
+        bodies.append(upstream.requests()[-1])
+    assert bodies[0] == bodies[1]
