@@ -736,3 +736,24 @@ def test_the_summary_is_free_text_whatever_format_the_answer_has(own_gateway, up
     summary, answer = upstream.requests()
     assert summary["messages"][-1]["content"] == COMPACTION_PROMPT and "response_format" not in summary
     assert answer["response_format"]["type"] == "json_schema"
+
+
+def test_a_websocket_warm_up_with_a_compaction_trigger_is_a_400_naming_generate(own_gateway, upstream):
+    """A warm-up (``generate: false``) answers at once without the backend, so it cannot write the
+    summary a ``compaction_trigger`` asks for (and the trigger is no part of what a continuation
+    remembers): a 400 naming ``generate``, the socket still serving; the same request generating
+    is compacted. A warm-up of a plain turn is still one. Before, the warm-up failed with
+    ``server_error`` ("the backend wrote no summary"), as if the backend had failed."""
+    trigger = [*HISTORY, {"type": "compaction_trigger"}]
+    ws = WSClient(own_gateway.base_url)
+    upstream.clear()
+    [error] = ws.turn({"type": "response.create", "generate": False, "model": "demo-model", "input": trigger})
+    assert error["type"] == "error" and error["status"] == 400, error
+    assert (error["error"]["param"], error["error"]["code"]) == ("generate", "unsupported_parameter"), error
+    assert "compaction_trigger" in error["error"]["message"], error
+    warm = ws.turn({"type": "response.create", "generate": False, "model": "demo-model", "input": HISTORY})[-1]
+    assert warm["type"] == "response.completed" and warm["response"]["output"] == [], warm
+    end = ws.turn({"type": "response.create", "model": "demo-model", "input": trigger, "store": False})[-1]
+    ws.close()
+    assert end["type"] == "response.completed" and kinds(end["response"]["output"]) == ["compaction"], end
+    assert [m["messages"][-1]["content"] for m in upstream.requests()] == [COMPACTION_PROMPT]
