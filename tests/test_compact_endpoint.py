@@ -182,3 +182,25 @@ def test_an_image_lowers_to_the_same_bytes_with_or_without_the_detail_the_api_li
         assert r.status_code == 200, r.text
         bodies.append(upstream.requests()[-1])
     assert bodies[0] == bodies[1]
+
+
+def test_a_stored_trigger_turn_answered_by_the_replay_cache_goes_on_from_the_compacted_state(gateway_factory,
+                                                                                               upstream):
+    """The same for a compaction turn the replay cache answers (the second of two alike): what it
+    stores is what a miss stores, the user messages (the output brings the item)."""
+    gw = gateway_factory(upstream.origin)  # (its replay cache on)
+    trigger = [*HISTORY, {"type": "compaction_trigger"}]
+    ids = []
+    for _ in range(2):
+        r = requests.post(f"{gw.base_url}/responses", timeout=30,
+                          json={"model": "demo-model", "input": trigger, "store": True})
+        assert r.status_code == 200 and [o["type"] for o in r.json()["output"]] == ["compaction"], r.text
+        ids.append(r.json()["id"])
+    upstream.clear()
+    r = requests.post(f"{gw.base_url}/responses", timeout=30, json={
+        "model": "demo-model", "previous_response_id": ids[1], "input": "what do I like?"})
+    assert r.status_code == 200, r.text
+    assert upstream.requests()[-1]["messages"] == [
+        {"role": "user", "content": "my name is Ada"}, {"role": "user", "content": "I like tea"},
+        {"role": "user", "content": SUMMARY_PREFIX + "You said: Write the summary now."},
+        {"role": "user", "content": "what do I like?"}]
