@@ -11,7 +11,7 @@ import openai
 import pytest
 import requests
 
-from helpers import PNG, openai_client
+from helpers import PNG, LocalServer, QuietHandler, chat_chunk, chat_sse, openai_client, send_sse
 from resp2chat_core.compaction import COMPACTION_PROMPT, SUMMARY_PREFIX
 from wsclient import WSClient
 
@@ -204,3 +204,32 @@ def test_a_stored_trigger_turn_answered_by_the_replay_cache_goes_on_from_the_com
         {"role": "user", "content": "my name is Ada"}, {"role": "user", "content": "I like tea"},
         {"role": "user", "content": SUMMARY_PREFIX + "You said: Write the summary now."},
         {"role": "user", "content": "what do I like?"}]
+
+
+def test_prompt_cache_fields_do_for_the_compact_endpoint_what_they_do_for_a_turn(gateway_factory):
+    """``prompt_cache_key`` names the session as a turn's does (its routing key upstream,
+    ``routing_key_header``); ``prompt_cache_retention`` and ``prompt_cache_options``, as on a turn,
+    are accepted and send the backend nothing (it has no such field): the summary request is the
+    bytes of the one without them."""
+    got: list[tuple[dict, bytes]] = []
+
+    class Recorder(QuietHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("content-length") or 0))
+            got.append(({k.lower(): v for k, v in self.headers.items()}, body))
+            send_sse(self, chat_sse(chat_chunk({"content": "Goal: tea."}), chat_chunk(finish="stop")))
+
+    with LocalServer(Recorder) as backend:
+        gw = gateway_factory(backend.url, "--set", "resp2chat_routing_key_header=x-smg-routing-key",
+                             "--set", "resp2chat_max_replay_entries=0")
+        cache = {"prompt_cache_key": "conv-7", "prompt_cache_retention": "24h",
+                 "prompt_cache_options": {"mode": "x"}}
+        for path, body in (("/responses/compact", {"model": "m", "input": HISTORY}),
+                           ("/responses", {"model": "m", "input": HISTORY, "store": False})):
+            got.clear()
+            for extra in ({}, cache):
+                r = requests.post(gw.base_url + path, json={**body, **extra}, timeout=30)
+                assert r.status_code == 200, (path, r.text)
+            (plain, plain_body), (keyed, keyed_body) = got
+            assert "x-smg-routing-key" not in plain and keyed["x-smg-routing-key"] == "conv-7", path
+            assert keyed_body == plain_body, path
