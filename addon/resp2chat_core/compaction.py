@@ -41,7 +41,8 @@ are validated with the rest of the request, schema.py ``CompactionEntry``)::
                COMPACTION_PROMPT last) ──▶ backend's summary, read whole, never streamed to the client
                (with several upstreams, it falls back as the answer does: routing.py's rule, one
                walk of the candidates, but at any point of the summary, not only before its first
-               byte: nothing of it reached the client; the answer then starts from the upstream
+               byte, and on what its reader finds is no summary (``SummaryReader.failure``):
+               nothing of it reached the client; the answer then starts from the upstream
                that wrote it; a whole JSON answer, ``stream`` ignored, is read as the stream is)
       ──▶ the client hears output_item.added/done of one sealed ``compaction`` item, output[0]
       round 2: the turn again on the compacted input, the compact endpoint's rule: the
