@@ -627,6 +627,19 @@ def send_sse(handler, data: bytes) -> None:
     handler.wfile.write(data)
 
 
+def send_cut(handler, data: bytes) -> None:
+    """Answer from a test upstream (BaseHTTPRequestHandler) with an SSE body cut short: 200, a
+    declared length 100 bytes past ``data``, ``data``, then the connection drops (a backend that
+    died midway: the gateway reads ``data`` and then the end of a body that is not whole)."""
+    handler.send_response(200)
+    handler.send_header("content-type", "text/event-stream")
+    handler.send_header("content-length", str(len(data) + 100))
+    handler.end_headers()
+    handler.wfile.write(data)
+    handler.wfile.flush()
+    handler.close_connection = True
+
+
 def send_text_chunk(handler, n: int) -> None:
     """One chat chunk with the content ``t<n> `` as one HTTP chunk, flushed: a test upstream
     (BaseHTTPRequestHandler) streaming a chunked SSE body at its own pace."""

@@ -11,7 +11,7 @@ import openai
 import pytest
 import requests
 
-from helpers import PNG, openai_client
+from helpers import PNG, LocalServer, QuietHandler, chat_chunk, chat_sse, openai_client, send_sse
 from resp2chat_core.compaction import COMPACTION_PROMPT, SUMMARY_PREFIX
 from wsclient import WSClient
 
@@ -113,3 +113,123 @@ def test_the_user_messages_are_answered_as_the_api_s_objects_hold_them(own_gatew
     later = requests.post(own_gateway.base_url + "/responses", timeout=30, json={
         "model": "demo-model", "input": output + [{"role": "user", "content": "and?"}], "store": False})
     assert later.status_code == 200 and later.json()["status"] == "completed", later.text
+
+
+@pytest.mark.parametrize("transport", ["http", "websocket"])
+def test_a_stored_trigger_turn_continued_by_previous_response_id_goes_on_from_the_compacted_state(
+        own_gateway, upstream, transport):
+    """Codex's compaction turn (a trailing ``compaction_trigger``) stored (``store``; a socket
+    remembers it anyway) and continued with ``previous_response_id``: the backend gets what Codex
+    itself would send after it, the user messages, the summary, the new input; the turn the
+    compact endpoint and server-side compaction make. Before, the stored conversation was the
+    whole history with the item after it: the continuation sent everything the summary replaces,
+    and the summary too."""
+    trigger = [*HISTORY, {"type": "compaction_trigger"}]
+    upstream.clear()
+    if transport == "http":
+        client = openai_client(own_gateway)
+        first = requests.post(f"{own_gateway.base_url}/responses", timeout=30, json={
+            "model": "demo-model", "input": trigger, "store": True}).json()
+        assert [o["type"] for o in first["output"]] == ["compaction"], first
+        answer = client.responses.create(model="demo-model", previous_response_id=first["id"],
+                                         input="what do I like?").output_text
+    else:
+        ws = WSClient(own_gateway.base_url)
+        first = ws.turn({"type": "response.create", "model": "demo-model", "input": trigger, "store": False})[-1]
+        assert [o["type"] for o in first["response"]["output"]] == ["compaction"], first
+        events = ws.turn({"type": "response.create", "model": "demo-model", "store": False,
+                          "previous_response_id": first["response"]["id"], "input": "what do I like?"})
+        ws.close()
+        answer = events[-1]["response"]["output"][-1]["content"][0]["text"]
+    assert answer == "You said: what do I like?"
+    assert upstream.requests()[-1]["messages"] == [
+        {"role": "user", "content": "my name is Ada"}, {"role": "user", "content": "I like tea"},
+        {"role": "user", "content": SUMMARY_PREFIX + "You said: Write the summary now."},
+        {"role": "user", "content": "what do I like?"}]
+
+
+def test_an_image_lowers_to_the_same_bytes_with_or_without_the_detail_the_api_lists(own_gateway, upstream):
+    """The compact endpoint answers an ``input_image`` with ``detail: "auto"`` (the API's default,
+    which its objects require); a client that goes on from that output and one that keeps its own
+    user messages as it sent them (Codex keeps its own) hold the same history, and the backend must
+    get the same bytes for it (its prefix cache), as it does for a stored response continued with
+    ``previous_response_id`` and the same one resent whole from ``input_items`` (which lists the
+    default too). Before, the listed default reached the backend as ``"detail": "auto"``: another
+    prompt for the same conversation."""
+    image = {"type": "input_image", "image_url": PNG}
+    said = [{"role": "user", "content": [{"type": "input_text", "text": "see"}, image]},
+            {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "a dot"}]}]
+    nxt = {"role": "user", "content": "and?"}
+    compacted = requests.post(own_gateway.base_url + "/responses/compact", timeout=30,
+                              json={"model": "demo-model", "input": said}).json()
+    *listed, item = compacted["output"]
+    bodies = []
+    for history in (listed, [said[0]]):
+        upstream.clear()
+        r = requests.post(own_gateway.base_url + "/responses", timeout=30, json={
+            "model": "demo-model", "input": [*history, item, nxt], "store": False})
+        assert r.status_code == 200, r.text
+        bodies.append(upstream.requests()[-1])
+    assert bodies[0] == bodies[1]
+    first = requests.post(own_gateway.base_url + "/responses", timeout=30,
+                          json={"model": "demo-model", "input": said[:1]}).json()
+    items = requests.get(f"{own_gateway.base_url}/responses/{first['id']}/input_items?order=asc", timeout=10).json()
+    bodies = []
+    for body in ({"previous_response_id": first["id"], "input": [nxt]},
+                 {"input": [*items["data"], *first["output"], nxt], "store": False}):
+        upstream.clear()
+        r = requests.post(own_gateway.base_url + "/responses", timeout=30, json={"model": "demo-model", **body})
+        assert r.status_code == 200, r.text
+        bodies.append(upstream.requests()[-1])
+    assert bodies[0] == bodies[1]
+
+
+def test_a_stored_trigger_turn_answered_by_the_replay_cache_goes_on_from_the_compacted_state(gateway_factory,
+                                                                                               upstream):
+    """The same for a compaction turn the replay cache answers (the second of two alike): what it
+    stores is what a miss stores, the user messages (the output brings the item)."""
+    gw = gateway_factory(upstream.origin)  # (its replay cache on)
+    trigger = [*HISTORY, {"type": "compaction_trigger"}]
+    ids = []
+    for _ in range(2):
+        r = requests.post(f"{gw.base_url}/responses", timeout=30,
+                          json={"model": "demo-model", "input": trigger, "store": True})
+        assert r.status_code == 200 and [o["type"] for o in r.json()["output"]] == ["compaction"], r.text
+        ids.append(r.json()["id"])
+    upstream.clear()
+    r = requests.post(f"{gw.base_url}/responses", timeout=30, json={
+        "model": "demo-model", "previous_response_id": ids[1], "input": "what do I like?"})
+    assert r.status_code == 200, r.text
+    assert upstream.requests()[-1]["messages"] == [
+        {"role": "user", "content": "my name is Ada"}, {"role": "user", "content": "I like tea"},
+        {"role": "user", "content": SUMMARY_PREFIX + "You said: Write the summary now."},
+        {"role": "user", "content": "what do I like?"}]
+
+
+def test_prompt_cache_fields_do_for_the_compact_endpoint_what_they_do_for_a_turn(gateway_factory):
+    """``prompt_cache_key`` names the session as a turn's does (its routing key upstream,
+    ``routing_key_header``); ``prompt_cache_retention`` and ``prompt_cache_options``, as on a turn,
+    are accepted and send the backend nothing (it has no such field): the summary request is the
+    bytes of the one without them."""
+    got: list[tuple[dict, bytes]] = []
+
+    class Recorder(QuietHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("content-length") or 0))
+            got.append(({k.lower(): v for k, v in self.headers.items()}, body))
+            send_sse(self, chat_sse(chat_chunk({"content": "Goal: tea."}), chat_chunk(finish="stop")))
+
+    with LocalServer(Recorder) as backend:
+        gw = gateway_factory(backend.url, "--set", "resp2chat_routing_key_header=x-smg-routing-key",
+                             "--set", "resp2chat_max_replay_entries=0")
+        cache = {"prompt_cache_key": "conv-7", "prompt_cache_retention": "24h",
+                 "prompt_cache_options": {"mode": "x"}}
+        for path, body in (("/responses/compact", {"model": "m", "input": HISTORY}),
+                           ("/responses", {"model": "m", "input": HISTORY, "store": False})):
+            got.clear()
+            for extra in ({}, cache):
+                r = requests.post(gw.base_url + path, json={**body, **extra}, timeout=30)
+                assert r.status_code == 200, (path, r.text)
+            (plain, plain_body), (keyed, keyed_body) = got
+            assert "x-smg-routing-key" not in plain and keyed["x-smg-routing-key"] == "conv-7", path
+            assert keyed_body == plain_body, path

@@ -136,13 +136,13 @@ def test_an_item_the_gateway_did_not_make_is_a_400_naming_it(token, why):
         turn(body)
     assert err.value.status == 400 and err.value.code == "invalid_encrypted_content", why
     assert err.value.param == f"input[{index}].encrypted_content"
-    assert str(err.value).startswith(f"input[{index}]: ")
+    assert str(err.value).startswith(f"input[{index}].encrypted_content: ")  # (where param points: inputs.where)
 
 
 def test_an_altered_item_is_refused():
     token = SEALER.seal(PURPOSE, "Goal: fix the login bug.")
     flipped = token[:-3] + ("A" if token[-3] != "A" else "B") + token[-2:]
-    with pytest.raises(GatewayError, match=r"input\[\d+\]: this compaction item was not made by this gateway"):
+    with pytest.raises(GatewayError, match=r"input\[\d+\]\.encrypted_content: this compaction item was not made by this gateway"):
         turn(later_request(flipped))
 
 
@@ -159,9 +159,12 @@ def test_item_without_content_and_misplaced_trigger_are_400s():
 
 
 def test_stored_items_keep_the_sealed_item_and_drop_the_trigger():
+    from resp2chat_core.compaction import users
+
     body = {**compaction_request(), "store": True}
     t = turn(body)
-    assert t.store and t.items == body["input"][:-1]
+    # (a compaction turn keeps what Codex keeps, its user messages: the output brings the item)
+    assert t.store and t.items == users(body["input"][:-1]) and len(t.items) < len(body["input"]) - 1
     token = SEALER.seal(PURPOSE, "s")
     t2 = turn({**later_request(token), "store": True})
     assert {"type": "compaction", "encrypted_content": token} in t2.items
@@ -176,7 +179,7 @@ def test_through_the_gateway_a_forged_item_is_a_400_naming_it(gateway):
     assert r.status_code == 400
     assert r.json()["error"]["param"] == f"input[{index}].encrypted_content"
     assert r.json()["error"]["code"] == "invalid_encrypted_content"
-    assert r.json()["error"]["message"].startswith(f"input[{index}]: ")
+    assert r.json()["error"]["message"].startswith(f"input[{index}].encrypted_content: ")
 
 
 def test_an_item_is_named_by_its_place_in_the_client_s_own_input_when_it_continues_a_response():
@@ -193,11 +196,11 @@ def test_an_item_is_named_by_its_place_in_the_client_s_own_input_when_it_continu
     forged = {"type": "compaction", "encrypted_content": seal(derive_key("another gateway"), PURPOSE, "Goal: mine")}
     cases = [
         ([{"role": "user", "content": "more"}, forged, {"role": "user", "content": "and?"}], earlier,
-         "input[1].encrypted_content", "input[1]: ", "invalid_encrypted_content"),
-        ([forged, {"role": "user", "content": "and?"}], earlier, "input[0].encrypted_content", "input[0]: ",
+         "input[1].encrypted_content", "input[1].encrypted_content: ", "invalid_encrypted_content"),
+        ([forged, {"role": "user", "content": "and?"}], earlier, "input[0].encrypted_content", "input[0].encrypted_content: ",
          "invalid_encrypted_content"),
-        ([{"type": "compaction"}], earlier, "input[0].encrypted_content", "input[0]: ", "invalid_value"),
-        ([{"type": "compaction_trigger"}, {"role": "user", "content": "and?"}], earlier, "input[0].type", "input[0]: ",
+        ([{"type": "compaction"}], earlier, "input[0].encrypted_content", "input[0].encrypted_content: ", "invalid_value"),
+        ([{"type": "compaction_trigger"}, {"role": "user", "content": "and?"}], earlier, "input[0].type", "input[0].type: ",
          "invalid_value"),
         ([{"role": "user", "content": "and?"}], [*earlier, forged], "previous_response_id",
          "item 2 of the conversation previous_response_id continues", "invalid_encrypted_content"),

@@ -27,8 +27,8 @@ import requests
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
-from helpers import (PNG, LocalServer, QuietHandler, chat_chunk, chat_completion, chat_sse, post_turn, send_json,
-                     send_sse, start_gateway)
+from helpers import (PNG, LocalServer, QuietHandler, chat_chunk, chat_completion, chat_sse, post_turn, send_cut,
+                     send_json, send_sse, start_gateway)
 from resp2chat_core.compaction import COMPACTION_PROMPT, PURPOSE, SUMMARY_PREFIX
 from resp2chat_core.seal import derive_key, seal
 from wsclient import WSClient
@@ -67,13 +67,7 @@ class Backend(QuietHandler):
         elif kind == "json":
             send_json(self, 200, what)
         elif kind == "cut":
-            self.send_response(200)
-            self.send_header("content-type", "text/event-stream")
-            self.send_header("content-length", str(len(what) + 100))
-            self.end_headers()
-            self.wfile.write(what)
-            self.wfile.flush()
-            self.close_connection = True
+            send_cut(self, what)
         else:
             send_sse(self, what)
 
@@ -291,7 +285,7 @@ def test_property_a_compaction_item_is_its_summary_in_place_or_a_400_naming_it(r
     assert _sent() == []
     field = "type" if how == "trigger" else "encrypted_content"
     assert error["param"] == f"input[{k}].{field}", (error, k)
-    assert error["message"].startswith(f"input[{k}]: "), error
+    assert error["message"].startswith(f"input[{k}].{field}: "), error  # (where param points: inputs.where)
     expected = {"trigger": "invalid_value", "empty": "invalid_value", "none": "invalid_value",
                 "number": "invalid_value", "list": "invalid_value", "missing": "invalid_value"}
     assert error["code"] == expected.get(how, "invalid_encrypted_content"), error

@@ -133,9 +133,10 @@ def test_a_hit_answers_and_stores_what_its_miss_did(upstream, gateway_factory):
 
 
 def test_a_hit_of_codexs_compaction_request_stores_what_its_miss_stores(upstream, gateway_factory):
-    """Codex's compaction request (a trailing ``compaction_trigger``, stored): its miss keeps the
-    whole conversation beside the compaction item; its hit kept only the user messages (server-side
-    compaction's rule, taken for it because both answers start with a compaction item)."""
+    """Codex's compaction request (a trailing ``compaction_trigger``, stored): its hit stores what
+    its miss does, the user messages beside the compaction item (what Codex keeps, server-side
+    compaction's rule: a continuation goes on from the compacted state; test_compact_endpoint.py).
+    Once, the miss kept the whole conversation and the hit only the user messages."""
     gw = gateway_factory(upstream.origin)
     url = gw.base_url + "/responses"
     body = {"model": "demo-model", "store": True, "input": [
@@ -148,7 +149,7 @@ def test_a_hit_of_codexs_compaction_request_stores_what_its_miss_stores(upstream
     assert [o["type"] for o in hit["output"]] == [o["type"] for o in miss["output"]] == ["compaction"]
     listed = [requests.get(f"{url}/{r['id']}/input_items", params={"order": "asc"}, timeout=30).json()["data"]
               for r in (miss, hit)]
-    assert [i.get("role") for i in listed[1]] == [i.get("role") for i in listed[0]] == ["user", "assistant", "user"]
+    assert [i.get("role") for i in listed[1]] == [i.get("role") for i in listed[0]] == ["user", "user"]
 
 
 # --- preloaded answers hold what this gateway sealed, or are not preloaded ---------------------

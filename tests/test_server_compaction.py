@@ -736,3 +736,55 @@ def test_the_summary_is_free_text_whatever_format_the_answer_has(own_gateway, up
     summary, answer = upstream.requests()
     assert summary["messages"][-1]["content"] == COMPACTION_PROMPT and "response_format" not in summary
     assert answer["response_format"]["type"] == "json_schema"
+
+
+def test_a_websocket_warm_up_with_a_compaction_trigger_is_a_400_naming_generate(own_gateway, upstream):
+    """A warm-up (``generate: false``) answers at once without the backend, so it cannot write the
+    summary a ``compaction_trigger`` asks for (and the trigger is no part of what a continuation
+    remembers): a 400 naming ``generate``, the socket still serving; the same request generating
+    is compacted. A warm-up of a plain turn is still one. Before, the warm-up failed with
+    ``server_error`` ("the backend wrote no summary"), as if the backend had failed."""
+    trigger = [*HISTORY, {"type": "compaction_trigger"}]
+    ws = WSClient(own_gateway.base_url)
+    upstream.clear()
+    [error] = ws.turn({"type": "response.create", "generate": False, "model": "demo-model", "input": trigger})
+    assert error["type"] == "error" and error["status"] == 400, error
+    assert (error["error"]["param"], error["error"]["code"]) == ("generate", "unsupported_parameter"), error
+    assert "compaction_trigger" in error["error"]["message"], error
+    warm = ws.turn({"type": "response.create", "generate": False, "model": "demo-model", "input": HISTORY})[-1]
+    assert warm["type"] == "response.completed" and warm["response"]["output"] == [], warm
+    end = ws.turn({"type": "response.create", "model": "demo-model", "input": trigger, "store": False})[-1]
+    ws.close()
+    assert end["type"] == "response.completed" and kinds(end["response"]["output"]) == ["compaction"], end
+    assert [m["messages"][-1]["content"] for m in upstream.requests()] == [COMPACTION_PROMPT]
+
+
+@pytest.mark.parametrize("answer", [
+    chat_sse({"error": {"message": "overloaded", "type": "server_error"}}, done=False),
+    chat_sse(_PARTIAL, {"error": {"message": "overloaded", "type": "server_error"}}, done=False),
+    chat_sse(_PARTIAL, chat_chunk(finish="error")),
+    chat_sse(_PARTIAL, "this is no JSON", chat_chunk(finish="stop")),
+])
+def test_a_summary_the_backend_fails_in_its_stream_falls_back_to_the_next_upstream(gateway_factory, upstream, answer):
+    """Nothing of the summary reaches the client, so a failure the backend streams in it (its error
+    object, a finish reason of failure, garbage; before any text or after some) is a failure before
+    the turn's first output: the next upstream writes the summary and answers, as for a silence or a
+    cut. Before, the turn failed with the first upstream's error though another upstream remained."""
+    class Failing(QuietHandler):
+        bodies: list[dict] = []
+
+        def do_POST(self):
+            type(self).bodies.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+            send_sse(self, answer)
+
+    with LocalServer(Failing) as backend:
+        gw = gateway_factory("http://127.0.0.1:9", "--set", "resp2chat_max_replay_entries=0",
+                             *_upstreams(("failing", backend.url + "/v1"), ("good", upstream.base_url)))
+        upstream.clear()
+        r = post_turn(gw, {"model": "demo-model", "input": HISTORY, "store": False, "context_management": OVER})
+        assert r.status_code == 200, r.text
+        assert kinds(r.json()["output"]) == ["compaction", "message"], r.json()["output"]
+        assert [b["messages"][-1]["content"] for b in Failing.bodies] == [COMPACTION_PROMPT]
+        assert [m["messages"][-1]["content"] for m in upstream.requests()] == [COMPACTION_PROMPT,
+                                                                                SUMMARY_PREFIX + SUMMARY]
+        assert "upstream failing failed writing the compaction summary" in gw.log()

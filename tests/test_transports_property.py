@@ -46,8 +46,8 @@ import requests
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
-from helpers import (LocalServer, QuietHandler, chat_chunk, chat_completion, chat_sse, parse_sse, post_turn, send_json, send_sse,
-                     start_gateway)
+from helpers import (LocalServer, QuietHandler, chat_chunk, chat_completion, chat_sse, parse_sse, post_turn, send_cut,
+                     send_json, send_sse, start_gateway)
 from resp2chat_core import websocket as ws
 from wsclient import WSClient
 
@@ -77,13 +77,7 @@ class Backend(QuietHandler):
             send_json(self, what, {"error": {"message": f"backend says {what}", "type": "x", "code": code}},
                       headers={"retry-after": "2"} if what == 429 else None)
         elif kind == "cut":  # the stream's head and some events, then the connection drops
-            self.send_response(200)
-            self.send_header("content-type", "text/event-stream")
-            self.send_header("content-length", str(len(what) + 100))
-            self.end_headers()
-            self.wfile.write(what)
-            self.wfile.flush()
-            self.close_connection = True
+            send_cut(self, what)
         else:
             send_sse(self, what)
 

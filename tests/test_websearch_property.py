@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, Phase, event, example, given, settings
 from hypothesis import strategies as st
 
 from helpers import (CREATED, RESP_ID, LocalServer, QuietHandler, chat_chunk, chat_sse, check_stream, post_turn,
-                     send_json, send_sse, start_gateway)
+                     send_cut, send_json, send_sse, start_gateway)
 from resp2chat_core import websearch
 from resp2chat_core import websocket as ws
 from resp2chat_core.lowering import LoweringOptions
@@ -236,16 +236,7 @@ class Backend(QuietHandler):
             Backend.received.append(body)
         k = sum(1 for m in json.loads(body)["messages"] if m.get("role") == "assistant" and m.get("tool_calls"))
         raw, ok = Backend.script[k] if k < len(Backend.script) else (_searching(f"again {k}"), True)
-        if ok:
-            send_sse(self, raw)
-            return
-        self.send_response(200)
-        self.send_header("content-type", "text/event-stream")
-        self.send_header("content-length", str(len(raw) + 100))
-        self.end_headers()
-        self.wfile.write(raw)
-        self.wfile.flush()
-        self.close_connection = True
+        (send_sse if ok else send_cut)(self, raw)
 
 
 class Search(QuietHandler):

@@ -41,7 +41,8 @@ are validated with the rest of the request, schema.py ``CompactionEntry``)::
                COMPACTION_PROMPT last) ──▶ backend's summary, read whole, never streamed to the client
                (with several upstreams, it falls back as the answer does: routing.py's rule, one
                walk of the candidates, but at any point of the summary, not only before its first
-               byte: nothing of it reached the client; the answer then starts from the upstream
+               byte, and on what its reader finds is no summary (``SummaryReader.failure``):
+               nothing of it reached the client; the answer then starts from the upstream
                that wrote it; a whole JSON answer, ``stream`` ignored, is read as the stream is)
       ──▶ the client hears output_item.added/done of one sealed ``compaction`` item, output[0]
       round 2: the turn again on the compacted input, the compact endpoint's rule: the
@@ -67,18 +68,15 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .channel import UpstreamFailed
-from .chatstream import ChunkReader
 from .errors import GatewayError
-from .inputs import COMPACTION as ITEM, COMPACTION_TRIGGER as TRIGGER, facts
+from .inputs import COMPACTION as ITEM, COMPACTION_TRIGGER as TRIGGER, facts, where
 from .listing import as_listed
 from .lowering import Lowered, encode
 from .seal import Sealer, SealError
 from .sse import MAX_EVENT
-from .think import BREAK, TEXT, ThinkSplitter
 from .toolloop import Work
-from .translator import (DELTA_COST, OUTPUT_EVENTS, OUTPUT_TOO_LARGE, OVERSIZED, _FAILED_REASONS as FAILED_REASONS,
-                         Kind, Phase, Translator, output_bound)
-from .usage import call_tokens, summed, to_responses_usage
+from .translator import Kind, Phase, Translator, TurnContext
+from .usage import call_tokens, summed
 
 PURPOSE = "compaction"  # the seal purpose: a sealed reasoning text cannot pass for a summary
 
@@ -111,7 +109,7 @@ def prepare(items: list, sealer: Sealer | None, before: int = 0) -> tuple[list, 
     a stored response remembers) keep the sealed item. ``GatewayError`` names an item the
     gateway did not make, or one that was altered, and a trigger anywhere but last: by its place
     in the client's own input, the first ``before`` items being the stored conversation the
-    request continues (named as inputs.expand names an item: ``where``).
+    request continues (inputs.py ``where``: as every input item's error names it).
     """
     kept = untriggered(items)
     compaction = kept is not items
@@ -132,15 +130,6 @@ def prepare(items: list, sealer: Sealer | None, before: int = 0) -> tuple[list, 
     return kept, lowered, compaction
 
 
-def where(i: int, before: int, field: str) -> tuple[str, str]:
-    """How item ``i`` of a conversation whose first ``before`` items are stored is named in an
-    error (message, param): by its place in the client's input, or as the stored conversation's
-    (inputs.expand's words)."""
-    if i >= before:
-        return f"input[{i - before}]", f"input[{i - before}].{field}"
-    return f"item {i} of the conversation previous_response_id continues ({field})", "previous_response_id"
-
-
 def untriggered(items: list) -> list:
     """``items`` without a trailing ``compaction_trigger`` (``items`` itself when there is none)."""
     return items[:-1] if items and _type(items[-1]) == TRIGGER else items
@@ -148,7 +137,7 @@ def untriggered(items: list) -> list:
 
 def open_item(item: dict, i: int, sealer: Sealer | None, before: int = 0) -> str:
     """The summary a compaction item carries (``GatewayError`` if it is not one of ours; ``i``,
-    ``before``: its place, ``where``)."""
+    ``before``: its place, inputs.py ``where``)."""
     name, param = where(i, before, "encrypted_content")
     token = item.get("encrypted_content")
     if not isinstance(token, str) or not token:
@@ -270,143 +259,9 @@ class ServerCompaction:
         tokens, usage = 0, None
         for i, reader, failed in calls:
             written = len(reader.text().encode()) + reader.reasoned  # (a reasoning model's thinking too)
-            tokens += call_tokens(reader.usage, len(self.summary(i)), written, failed)
-            usage = summed(usage, to_responses_usage(reader.usage) if reader.usage else None)
+            tokens += call_tokens(reader.chat_usage, len(self.summary(i)), written, failed)
+            usage = summed(usage, reader.answer_usage)
         return Work(tokens, usage) if tokens or usage else None
-
-
-class SummaryReader:
-    """Reads the summary round's stream (chatstream's reader: every dialect), passing nothing
-    on (``feed`` returns b""), or the whole ``chat.completion`` of a backend that ignored
-    ``stream`` (``whole``, as the tool loop's ``ToolLoop.whole``: the same reader's, passing
-    nothing on either; a body that is no completion is an error, as a garbage stream): its
-    text, usage, and whether it failed. The relay's call reads the answer through it
-    (relay/upstream.py ``Reader``).
-
-    A summary is read as an answer is (the translator's rules, so the compact endpoint's summary,
-    ``CompactionTranslator``, and this one read the same stream alike): its ``<think>`` tags the
-    upstream's way (``think``: think.py; text found to be reasoning after all is none of it), and
-    it is whole only when ended by a finish reason or ``[DONE]`` (``ended``; else it stopped
-    short) without a failure (``failure``): the backend's error object, an event that is no JSON,
-    a finish reason of failure, an SSE event past ``max_event``, or more output than an answer
-    may hold (``output_bound``: what it holds is bounded as an answer's is). On a failure
-    ``feed`` returns None: the call reads no more."""
-
-    def __init__(self, max_event: int = MAX_EVENT, think: str = "auto") -> None:
-        self._reader = ChunkReader(self, max_event)
-        self._think = ThinkSplitter(think) if think != "off" else None  # None: plain text
-        self._text: list[str] = []
-        self._size = 0  # the output held, as the translator counts an answer's (``Translator._outgrown``)
-        self._max_output = output_bound(max_event)
-        self.reasoned = 0  # bytes of reasoning the backend wrote (what it did: ``ServerCompaction.work``)
-        self.usage: dict | None = None
-        self.failure: UpstreamFailed | None = None  # why what came is no summary (the turn fails with it)
-        self.ended = False  # a finish reason or [DONE] came
-
-    def feed(self, data: bytes) -> bytes | None:
-        if self.failure is None:
-            self._reader.feed(data)
-            if self._reader.parser.oversized:
-                self._fail(OVERSIZED, f"the upstream sent an SSE event larger than max_upstream_event_mb "
-                                      f"({self._reader.parser.max_event / (1 << 20):g} MiB) in the compaction "
-                                      "summary: the turn was ended and the upstream request dropped")
-        return b"" if self.failure is None else None
-
-    def whole(self, body: bytes) -> bytes:
-        self._reader.body(body)
-        return b""
-
-    def finish(self) -> None:
-        if self.failure is None:
-            self._reader.finish()
-            self._flush()
-
-    def text(self) -> str:
-        """The summary (the think blocks a backend wrote into its text left out)."""
-        return "".join(self._text).strip()
-
-    def output_tokens(self) -> int:
-        return to_responses_usage(self.usage)["output_tokens"] if self.usage else 0
-
-    def _fail(self, code: str, message: str) -> None:
-        if self.failure is None:
-            self.failure = UpstreamFailed(502, json.dumps({"error": {"message": message, "type": "upstream_error",
-                                                                     "code": code}}).encode(), own=True)
-            self._reader.stopped = True
-
-    def _outgrown(self, chars: int) -> bool:
-        self._size += chars + DELTA_COST
-        if self._size <= self._max_output:
-            return False
-        self._fail(OUTPUT_TOO_LARGE, f"the upstream's compaction summary outgrew {self._max_output / (1 << 20):g} MiB "
-                                     f"({OUTPUT_EVENTS} × max_upstream_event_mb): the turn was ended and the "
-                                     "upstream request dropped")
-        return True
-
-    def _pieces(self, pieces: list) -> None:
-        """What the think-tag splitter made of the text (think.py)."""
-        for kind, text in pieces:
-            if kind == TEXT:
-                self._text.append(text)
-            elif kind == BREAK:  # (what came as text was a think block without its <think>)
-                self.reasoned += len("".join(self._text).encode())
-                self._text.clear()
-            else:
-                self.reasoned += len(text.encode())
-        if self._think is not None and self._think.passing:
-            self._think = None  # (the think block, if any, is over: plain text from now on)
-
-    def _settle(self) -> None:
-        """Another kind of delta: the text held goes first (as the translator's ``_settle_think``)."""
-        if self._think is not None:
-            self._pieces(self._think.settle())
-
-    def _flush(self) -> None:
-        if self._think is not None:
-            self._pieces(self._think.flush())
-
-    def on_text(self, text: str) -> None:
-        if self._outgrown(len(text)):
-            return
-        if self._think is None:
-            self._text.append(text)
-        else:
-            self._pieces(self._think.feed(text))
-
-    def on_usage(self, usage: dict) -> None:
-        self.usage = usage
-
-    def on_error(self, body: bytes) -> None:
-        if self.failure is None:
-            self.failure = UpstreamFailed(502, body)  # (the backend's own error object: its code)
-            self._reader.stopped = True
-
-    def on_garbage(self, text: str, what: str) -> None:
-        if self.failure is None:
-            self.failure = UpstreamFailed(502, text.encode()[:1000])
-            self._reader.stopped = True
-
-    def on_finish(self, reason: str) -> None:
-        self.ended = True
-        self._flush()
-        if reason in FAILED_REASONS:  # (as an answer's: translator.py)
-            self._fail("server_error", f"upstream stopped generating the compaction summary: finish_reason {reason!r}")
-
-    def on_done(self) -> None:
-        self.ended = True
-        self._flush()
-
-    def on_start(self) -> None: pass
-    def on_reasoning(self, text: str) -> None:
-        if not self._outgrown(len(text)):
-            self._settle()
-            self.reasoned += len(text.encode())
-    def on_refusal(self, text: str) -> None:  # (a refusal is no summary: none is written)
-        if not self._outgrown(len(text)):
-            self._settle()
-    def on_logprobs(self, entries: list) -> None: pass
-    def on_tool(self, key, call_id, name, args) -> None:
-        self._settle()  # (a call, never asked for, is not heard; it ends a think block as any other delta)
 
 
 def _type(item) -> str | None:
@@ -416,11 +271,19 @@ def _type(item) -> str | None:
 class CompactionTranslator(Translator):
     """The translator of a compaction turn: the backend's text becomes one sealed compaction
     item, sent whole when the backend is done. Reasoning and (unrequested) tool calls are
-    dropped; everything else (the gateway's own events, failures, usage) is a turn's."""
+    dropped; everything else (the gateway's own events, failures, usage, the output's bound)
+    is a turn's. The one reader of a summary: server-side compaction's is this too
+    (``SummaryReader``)."""
+
+    WHAT, IN = "compaction summary", " in the compaction summary"
 
     def __init__(self, ctx, max_event: int = MAX_EVENT) -> None:
         super().__init__(ctx, max_event)
         self._summary: list[str] = []
+
+    def summary(self) -> str:
+        """The summary so far (the think blocks a backend wrote into its text left out)."""
+        return "".join(self._summary).strip()
 
     def _delta(self, kind: Kind, text: str) -> None:
         if kind is Kind.TEXT:
@@ -428,14 +291,10 @@ class CompactionTranslator(Translator):
             if self.observer is not None:
                 self.observer("text", text)
 
-    def _think_pieces(self, pieces: list) -> None:
+    def _break(self) -> None:
         # (a think block without its <think>: what came as text before its </think> was reasoning,
-        # no part of the summary; SummaryReader reads it alike)
-        breaks = [k for k, (kind, _) in enumerate(pieces) if kind == BREAK]
-        if breaks:
-            self._summary.clear()
-            pieces = pieces[breaks[-1] + 1:]
-        super()._think_pieces(pieces)
+        # no part of the summary)
+        self._summary.clear()
 
     def on_tool(self, key, call_id, name, args) -> None:
         # tool_choice is "none": a backend that calls a tool anyway is not heard (it still ends
@@ -447,7 +306,7 @@ class CompactionTranslator(Translator):
         self._start()
         if self._think is not None:
             self._think_pieces(self._think.flush())
-        summary = "".join(self._summary).strip()
+        summary = self.summary()
         if not summary:
             self._fail("server_error", "the backend wrote no summary for the compaction")
             return
@@ -463,5 +322,109 @@ class CompactionTranslator(Translator):
             self.observer("end", "\n")
         self.finish_reason = None  # a summary cut at the length limit is still the summary
         self._emit_response("response.completed", "completed")
+        self.phase = Phase.DONE
+        self._reader.stopped = True
+
+
+class SummaryReader(CompactionTranslator):
+    """Reads the summary round's stream (server-side compaction), passing nothing on (``feed``
+    returns b""), or the whole ``chat.completion`` of a backend that ignored ``stream``
+    (``whole``, as the tool loop's ``ToolLoop.whole``: passing nothing on either; a body that is
+    no completion is an error, as a garbage stream): its text, usage, and whether it failed. The
+    relay's call reads the answer through it (relay/upstream.py ``Reader``).
+
+    It is the compact endpoint's translator (``CompactionTranslator``) with nobody listening: one
+    reader of a summary, so both read a stream alike (issue 22's "one reader" rule): its
+    ``<think>`` tags the upstream's way (``think``: think.py; text found to be reasoning after all
+    is none of it), the output's bound (translator.py ``output_bound``), the failing finish
+    reasons and their codes. A summary is whole only when ended by a finish reason or ``[DONE]``
+    (``ended``; else it stopped short: the relay makes that a failure that falls back) without a
+    ``failure``: the backend's error object or garbage (its own words, as an error answer's: the
+    turn's code is errors.py's), or the translator's own (a finish reason of failure, an SSE event
+    past ``max_event``, more output than an answer may hold). On a failure ``feed`` returns None:
+    the call reads no more. Its Response events are made and dropped (a summary's few)."""
+
+    def __init__(self, max_event: int = MAX_EVENT, think: str = "auto") -> None:
+        super().__init__(TurnContext(response_id="resp_summary", created_at=0, model="", think=think), max_event)
+        self.reasoned = 0  # bytes of reasoning the backend wrote (what it did: ``ServerCompaction.work``)
+        self.failure: UpstreamFailed | None = None  # why what came is no summary (the turn fails with it)
+        self.ended = False  # a finish reason or [DONE] came
+
+    # --- what the relay's call reads (relay/upstream.py ``Reader``) ------------------------------
+
+    def feed(self, data: bytes) -> bytes | None:
+        super().feed(data)  # (its events are nobody's)
+        return b"" if self.failure is None else None
+
+    def whole(self, body: bytes) -> bytes:
+        if self.phase is not Phase.DONE:
+            self._reader.body(body)
+        self._flush()
+        return b""
+
+    def finish(self) -> bytes:
+        """The body ended: what the parser holds, then a body that held no SSE event, read whole;
+        ending short is no ``failure`` here (``ended`` says it: the relay's to fall back from)."""
+        if self.phase is not Phase.DONE:
+            self._reader.finish()
+            if self.phase is not Phase.DONE and self._think is not None:
+                self._think_pieces(self._think.flush())
+        self._flush()
+        return b""
+
+    def text(self) -> str:
+        return self.summary()
+
+    @property
+    def chat_usage(self) -> dict | None:
+        """The backend's last usage object, as it gave it (``ServerCompaction.work``)."""
+        return self._usage_raw
+
+    def output_tokens(self) -> int:
+        usage = self.answer_usage
+        return usage["output_tokens"] if usage else 0
+
+    # --- the translator's, as a summary's ------------------------------------------------------
+
+    def _delta(self, kind: Kind, text: str) -> None:
+        if kind is Kind.REASONING:
+            self.reasoned += len(text.encode())
+        else:
+            super()._delta(kind, text)
+
+    def _break(self) -> None:
+        self.reasoned += len("".join(self._summary).encode())  # (it was reasoning after all)
+        super()._break()
+
+    def on_finish(self, reason: str) -> None:
+        self.ended = True
+        super().on_finish(reason)
+
+    def on_done(self) -> None:
+        self.ended = True
+        super().on_done()
+
+    def on_error(self, body: bytes) -> None:
+        if self.failure is None and self.phase is not Phase.DONE:
+            self.failure = UpstreamFailed(502, body)  # (the backend's own error object: its code)
+        super().on_error(body)
+
+    def on_garbage(self, text: str, what: str) -> None:
+        if self.failure is None and self.phase is not Phase.DONE:
+            self.failure = UpstreamFailed(502, text.encode()[:1000])
+        super().on_garbage(text, what)
+
+    def _fail(self, code: str, message: str, detail: str | None = None, cut: bool = True,
+              headers: dict | None = None) -> None:
+        if self.failure is None and self.phase is not Phase.DONE:
+            self.failure = UpstreamFailed(502, json.dumps({"error": {"message": message, "type": "upstream_error",
+                                                                     "code": code}}).encode(), own=True)
+        super()._fail(code, message, detail, cut, headers)
+
+    def _complete(self) -> None:
+        """Ended (a finish reason, then the end; ``[DONE]``): the summary is what it holds (the
+        relay seals it: ``ServerCompaction.item``)."""
+        if self._think is not None:
+            self._think_pieces(self._think.flush())
         self.phase = Phase.DONE
         self._reader.stopped = True

@@ -216,6 +216,18 @@ def facts(items: object) -> Facts:
     return FACTS.of(items) if isinstance(items, list) else Facts()
 
 
+def where(i: int, before: int, field: str) -> tuple[str, str]:
+    """How ``field`` of item ``i`` of a conversation whose first ``before`` items are the stored
+    conversation a request continues is named in an error: (the message's words, ``param``). An
+    item of the client's own input by its place there (``input[3].id`` in both: the message
+    points where ``param`` does), one of the stored conversation as the previous response's
+    (the client never sent it). The one rule of every input item's error (``expand``,
+    compaction.py ``prepare``)."""
+    if i >= before:
+        return f"input[{i - before}].{field}", f"input[{i - before}].{field}"
+    return f"item {i} of the conversation previous_response_id continues ({field})", "previous_response_id"
+
+
 def reference_ids(items: object) -> list[str]:
     """The ids an input list refers to (for a store that must fetch them before ``expand``)."""
     return [ref for _, ref in facts(items).refs if isinstance(ref, str) and ref]
@@ -229,13 +241,6 @@ def expand(raw: dict, items: list, resolve: Resolve | None = None,
     (``raw["input"]`` and the items returned are then the whole conversation)."""
     before = len(earlier) if earlier else 0
     whole = earlier + items if earlier else items
-
-    def where(i: int, field: str) -> tuple[str, str]:
-        """How item ``i`` of the whole conversation is named: (in a message, param)."""
-        if i >= before:
-            return f"input[{i - before}].{field}", f"input[{i - before}].{field}"
-        return f"item {i} of the conversation previous_response_id continues ({field})", "previous_response_id"
-
     known = facts(whole)
     refs = known.refs
     extra_tools: list = []
@@ -245,14 +250,14 @@ def expand(raw: dict, items: list, resolve: Resolve | None = None,
     if refs:
         for i, ref in refs:
             if not isinstance(ref, str) or not ref:
-                name, param = where(i, "id")
+                name, param = where(i, before, "id")
                 raise GatewayError(f"{name}: an item_reference needs the id of an item", param=param,
                                    code="invalid_value")
         found = resolve([ref for _, ref in refs]) if resolve is not None else {}
         for i, ref in refs:
             item = found.get(ref)
             if item is None:
-                name, param = where(i, "id")
+                name, param = where(i, before, "id")
                 raise GatewayError(
                     f"{name.removesuffix('.id')}: item {ref!r} not found (unknown, expired, or its response was not "
                     "stored)", param=param, code="item_not_found")
@@ -265,7 +270,7 @@ def expand(raw: dict, items: list, resolve: Resolve | None = None,
             try:
                 text = sealer.unseal(REASONING_PURPOSE, item["encrypted_content"])
             except SealError as exc:
-                name, param = where(i, "encrypted_content")
+                name, param = where(i, before, "encrypted_content")
                 raise GatewayError(
                     f"{name}: {exc} (reasoning this gateway did not seal cannot be read back; drop the item or "
                     "its encrypted_content)", param=param, code="invalid_encrypted_content") from None
@@ -275,7 +280,7 @@ def expand(raw: dict, items: list, resolve: Resolve | None = None,
         elif kind == "additional_tools":
             tools = item.get("tools")
             if not isinstance(tools, list):
-                name, param = where(i, "tools")
+                name, param = where(i, before, "tools")
                 raise GatewayError(f"{name}: a list of tools is required", param=param, code="invalid_value")
             extra_tools.extend(tools)
     raw = {**raw, "input": out}

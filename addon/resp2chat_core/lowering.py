@@ -306,7 +306,9 @@ def _image(part: ImagePart, where: str) -> dict:
         raise GatewayError(f"{where}: input_image needs image_url (file_id needs a file store)",
                            param=f"{where}.image_url", code="unsupported_file_id")
     image = {"url": part.image_url}
-    if part.detail:
+    if part.detail and part.detail != "auto":
+        # ("auto", the API's default, is the detail left out: an image the item lists show with it
+        # (listing.py), resent, lowers to the bytes of the one sent without: the backend's prefix cache)
         image["detail"] = part.detail
     return {"type": "image_url", "image_url": image}
 

@@ -546,6 +546,7 @@ class Translator:
     # --- upstream events -------------------------------------------------------------------
 
     _saw_done = False
+    WHAT, IN = "answer", ""  # what the output is, in a failure's words (a compaction summary's: compaction.py)
     compacted_tokens = 0  # the compaction round's output tokens (``compacted``)
     observer = None  # optional callable(kind, text) for live display: "reasoning" | "text" | "tool" | "end"
     _status: str | None = None
@@ -619,7 +620,7 @@ class Translator:
         if self._think is not None:
             self._think_pieces(self._think.flush())
         if reason in _FAILED_REASONS:
-            self._fail("server_error", f"upstream stopped generating: finish_reason {reason!r}")
+            self._fail("server_error", f"upstream stopped generating{self.IN}: finish_reason {reason!r}")
             return
         self._close_open("incomplete" if reason in _INCOMPLETE_REASONS else "completed")
         self.finish_reason = reason
@@ -648,12 +649,17 @@ class Translator:
     def _think_pieces(self, pieces: list[tuple[str, str]]) -> None:
         for kind, text in pieces:
             if kind == BREAK:
-                if self.open is Kind.TEXT:
-                    self._close_open()  # what streamed as text was a think block without its <think>
+                self._break()
             else:
                 self._delta(Kind.REASONING if kind == REASONING else Kind.TEXT, text)
         if self._think is not None and self._think.passing:
             self._think = None  # the think block (if any) is over: content is plain text from now on
+
+    def _break(self) -> None:
+        """What came as text so far was a think block without its <think> (think.py ``BREAK``):
+        the message it opened ends there (a compaction summary drops it: compaction.py)."""
+        if self.open is Kind.TEXT:
+            self._close_open()
 
     def _settle_think(self) -> None:
         """Another kind of delta arrives: release held content first, in order."""
@@ -675,7 +681,8 @@ class Translator:
 
     def _oversized(self, limit: int) -> None:
         self._fail(OVERSIZED, f"the upstream sent an SSE event larger than max_upstream_event_mb "
-                              f"({limit / (1 << 20):g} MiB): the turn was ended and the upstream request dropped")
+                              f"({limit / (1 << 20):g} MiB){self.IN}: the turn was ended and the upstream request "
+                              "dropped")
 
     def _outgrown(self, chars: int) -> bool:
         """A delta of ``chars`` more characters of output held: past the bound (OUTPUT_EVENTS),
@@ -686,7 +693,7 @@ class Translator:
             return False
         # (what is open is not closed: its done events and the failed Response would each repeat
         # the output that is too large to hold, four copies of it: tests/test_hostile_audit.py)
-        self._fail(OUTPUT_TOO_LARGE, f"the upstream's answer outgrew {self._max_output / (1 << 20):g} MiB "
+        self._fail(OUTPUT_TOO_LARGE, f"the upstream's {self.WHAT} outgrew {self._max_output / (1 << 20):g} MiB "
                                      f"({OUTPUT_EVENTS} × max_upstream_event_mb): the turn was ended and the "
                                      "upstream request dropped", cut=False)
         return True

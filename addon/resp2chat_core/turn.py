@@ -366,7 +366,7 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
                 web_search=not summarize and any(t.kind == "web_search" for t in lowered.tool_map.targets.values()),
                 mcp=lowered.mcp if not summarize else None,
                 items=([] if items is None or not (store or keep_items or named) else
-                       compaction.users(items) if server is not None else items), store=store,
+                       compaction.users(items) if server is not None or summarize else items), store=store,
                 prompt_cache_key=pck if isinstance(pck, str) and pck else None,
                 alternates=tuple(alternates), compaction=summarize, conversation=named,
                 background=asked.get("background") is True, max_tool_calls=req.max_tool_calls,

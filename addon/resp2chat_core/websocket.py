@@ -100,6 +100,13 @@ def parse_message(data: object) -> Create | None:
     generate = data.get("generate", True)
     if not isinstance(generate, bool):
         raise GatewayError("generate: expected true or false", param="generate", code="invalid_value")
+    items = data.get("input")
+    if not generate and isinstance(items, list) and items and isinstance(items[-1], dict) \
+            and items[-1].get("type") == inputs.COMPACTION_TRIGGER:
+        # (a warm-up asks no backend: no summary to answer with, and a continuation would not remember the trigger)
+        raise GatewayError("generate: false cannot carry a compaction_trigger (a warm-up asks no backend, and a "
+                           "compaction turn's answer is the summary the backend writes): send it with generate: true",
+                           param="generate", code="unsupported_parameter")
     return Create({k: v for k, v in data.items() if k not in NOT_REQUEST}, warmup=not generate)
 
 

@@ -289,9 +289,9 @@ class HttpTurns:
         flow.comment = f"replay cache hit · {response_id}"
         if items is not None:
             final = final_response(answer) if stream else json.loads(answer)
-            if not summarize and final["output"] and final["output"][0].get("type") == compaction.ITEM:
-                # (the turn compacted its conversation first, server-side: what it stored, turn.py
-                # begin_turn; Codex's compaction request keeps the whole of it, as its miss did)
+            if summarize or final["output"] and final["output"][0].get("type") == compaction.ITEM:
+                # (Codex's compaction request, or a turn that compacted its conversation first,
+                # server-side: the user messages, what its miss stored, turn.py begin_turn)
                 items = compaction.users(items)
             self.store.put(response_id, items + final["output"], final, owner=owner)
         return True

@@ -18,8 +18,9 @@ on. The summary passes nothing on, so its ``Attempt`` holds a failure at any poi
 summary that fails midway (a silence; a cut, or a stream ended with neither a finish reason nor
 [DONE], which ``_compact`` makes a 502 failure) falls back too, nothing of it having reached the
 client. What its reader finds is no summary (``SummaryReader.failure``: the backend's error
-object, garbage, a finish reason of failure, an event or an output past the bounds) fails the
-turn as it would fail an answer, and does not fall back.
+object, garbage, a finish reason of failure, an event or an output past the bounds) is such a
+failure too: it falls back while another candidate remains, and the last one's fails the turn
+as it would fail an answer.
 
 The tool loop (resp2chat_core/toolloop.py: web search, hosted MCP tools) is decided in the core;
 each round's answer goes through it (the call's reader, upstream.py ``Reader``: ``ToolLoop.feed``,
@@ -338,7 +339,12 @@ async def _compact(ex: Exchange, client: UpstreamClient, headers: list[tuple[byt
             task.cancel()
         outcome = task.result()
         reader.finish()
-        if reader.failure is None and not reader.ended and attempt.failure is None and not ex.channel.closed:
+        if reader.failure is not None and attempt.failure is None:
+            # what came is no summary (the backend's error object in its stream, garbage, a finish
+            # reason of failure, an event or an output past the gateway's bounds): nothing of it
+            # reached the client, so a failure before the turn's first output, as a cut (below)
+            attempt.event(reader.failure)
+        elif reader.failure is None and not reader.ended and attempt.failure is None and not ex.channel.closed:
             # (cut short: the backend closed midway, or its stream ended with neither a finish reason nor
             # [DONE], as an answer's would fail; a failure of the summary, as a silence, that falls back)
             attempt.event(failure(502, f"the upstream {to.name} cut the compaction summary short",
@@ -349,11 +355,6 @@ async def _compact(ex: Exchange, client: UpstreamClient, headers: list[tuple[byt
     outcome = await _walk(ex, 0, failed, call, "writing the compaction summary")
     ex.compaction_work = plan.work(calls)  # (a call that failed midway, fallen back from, spent tokens too)
     if outcome is None or ex.channel.closed:
-        return False
-    if reader.failure is not None:
-        # what came is no summary: the backend's own error object in its stream (errors.py words it),
-        # garbage, a finish reason of failure, an event or an output past the gateway's bounds
-        ex.channel.event(reader.failure)
         return False
     summary = reader.text()
     if not summary or plan.sealer is None:
