@@ -17,7 +17,7 @@ import openai
 import pytest
 import requests
 
-from helpers import (Endless, KiB, LocalServer, MiB, QuietHandler, chat_event, http_chunk, openai_client, parse_sse,
+from helpers import (Endless, KiB, LocalServer, QuietHandler, chat_event, http_chunk, openai_client, parse_sse,
                      start_sse, wait_until)
 from resp2chat_core import background as B
 from resp2chat_io.redis_state import RedisResponseStore, RedisState
@@ -275,23 +275,35 @@ def test_deleting_a_running_response_stops_its_backend_call(endless, gateway_fac
             client.responses.retrieve(queued.id)
 
 
-def test_a_resume_checks_include_and_survives_a_redis_blip(upstream, gateway_factory, redis_server):
+def test_a_resume_checks_include(upstream, gateway_factory):
     """A resume (``GET /v1/responses/{id}?stream=true``) refuses an ``include`` the API does not
-    define, as a GET does (400); on the replica running the response, it streams from that
-    replica's events when the store does not answer (Redis down: not known deleted), rather
-    than a 503."""
+    define, as a GET of it does: a 400 naming ``include``."""
+    gw = gateway_factory(upstream.origin)
+    client = openai_client(gw)
+    stream = client.responses.create(model="demo-model", input=SLOW, background=True, stream=True)
+    first = next(iter(stream))
+    stream.close()
+    for ask in ("", "?stream=true&"):
+        bad = requests.get(f"{gw.base_url}/responses/{first.response.id}{ask or '?'}include=nonsense", timeout=10)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "include", (ask, bad.text)
+    good = requests.get(f"{gw.base_url}/responses/{first.response.id}?stream=true&include=reasoning.encrypted_content",
+                        timeout=30)
+    assert good.status_code == 200 and parse_sse(good.content)[-1]["type"] == "response.completed"
+
+
+def test_a_resume_on_the_replica_running_it_survives_a_redis_blip(upstream, gateway_factory, redis_server):
+    """A resume on the replica running the response streams from that replica's events when
+    the store does not answer (Redis down: the response is not known deleted), rather than
+    a 503."""
     gw = gateway_factory(upstream.origin, "--set", f"resp2chat_state_store_url={redis_server.url}")
     client = openai_client(gw)
     stream = client.responses.create(model="demo-model", input=SLOW, background=True, stream=True)
     first = next(iter(stream))
     stream.close()
-    rid = first.response.id
-    bad = requests.get(f"{gw.base_url}/responses/{rid}?stream=true&include=nonsense", timeout=10)
-    assert bad.status_code == 400 and bad.json()["error"]["param"] == "include"
     redis_server.stop()
     try:
-        resumed = requests.get(f"{gw.base_url}/responses/{rid}?stream=true&starting_after={first.sequence_number}",
-                               timeout=30)
+        resumed = requests.get(f"{gw.base_url}/responses/{first.response.id}?stream=true"
+                               f"&starting_after={first.sequence_number}", timeout=30)
         assert resumed.status_code == 200, resumed.text
         events = parse_sse(resumed.content)
         assert events[0]["sequence_number"] == first.sequence_number + 1 and events[-1]["type"] == "response.completed"
