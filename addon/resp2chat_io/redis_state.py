@@ -12,7 +12,7 @@ otherwise, so another owner's id is exactly a key that does not exist:
 
 | key | type | what |
 | --- | --- | --- |
-| ``resp2chat:{ns}response:{id}`` | hash | ``data``: the entry JSON (items + Response, as store.py keeps it; a conversation's, under its ``conv_…`` id); ``v``: its version (store.py: a write may name the version it replaces); ``items``: the ids of the items it holds (below); ``d:{item_id}``: each one's digest (store.py ``item_digest``). Expires after ``session_ttl_hours`` |
+| ``resp2chat:{ns}response:{id}`` | hash | ``data``: the entry JSON (items + Response, as store.py keeps it; a conversation's, under its ``conv_…`` id); ``v``: its version (store.py: a write may name the version it replaces); ``items``: the ids of the items it holds (below); ``d:{item_id}``: each one's digest (store.py ``item_digest``); ``in``, ``r``: where its input items end and its Response starts in the JSON (store.py ``encode_entry``). A running background response renewed (``renew``) has its JSON in two fields instead of ``data``: ``head`` (up to ``in``) and ``tail`` (the rest, which a renewal writes). Expires after ``session_ttl_hours`` |
 | ``resp2chat:{ns}item:{item_id}`` | string | the id of the newest stored response of that owner holding the item unchanged, for an item the gateway produced (a response's output; never a client's input): item references. Same expiry; when that response goes, the newest other holder (below) takes over with its expiry, none: the key goes |
 | ``resp2chat:{ns}holders:{item_id}`` | sorted set | every stored response of that owner holding the item unchanged, by time (store.py: the item lives while one of them does); emptied when the item is produced again otherwise. Same expiry |
 | ``resp2chat:entries`` | sorted set | ``{ns}{id}`` of every owner's entries by the time they were stored (Redis's clock): what expires first |
@@ -45,7 +45,9 @@ stay readable as they are (their hashes did not change); each write moves up to 
 oldest first, into ``entries`` and their owners' shares, and trims those not moved in yet first
 when over a cap (as that version did). A replica of that version still running meanwhile writes
 there and is moved in the same way; its deletes leave only a count that the next eviction or
-expiry drops.
+expiry drops. An entry a renewal split into ``head`` and ``tail`` has no ``data``: a replica of a
+version before renewals reads it as unknown until the run's end writes it whole again; one it
+wrote (no ``in``) is renewed by a whole ``put``.
 
 Redis unreachable: ``StateUnavailable`` is raised for what needs it (the addons answer 503 for
 ``previous_response_id`` and ``GET /v1/responses/{id}``; plain turns go on: a replay lookup is a

@@ -6,8 +6,9 @@ history the request started from, its own input, then its output — plus the Re
 for ``GET /v1/responses/{id}``. Entries expire after ``ttl`` seconds (oldest first); beyond ``max_entries`` or
 ``max_bytes`` the owner holding the most loses its oldest (resp2chat_core/shares.py: one owner's
 writes push out its own entries, not everyone's). With a directory, entries are also written there (one
-0600 JSON file each, directory 0700, with its version and the items it holds) and read back after
-a restart, answering as before it.
+0600 JSON file each, directory 0700, with its version and the items it holds; a running
+background response's renewals beside it, ``renew``) and read back after a restart, answering as
+before it.
 
 Every entry has an owner (resp2chat_core/owner.py): ``get``, ``delete`` and ``items``
 see only the caller's, so another owner's response or item is exactly an unknown one.
@@ -34,6 +35,12 @@ The store interface (``Store``) is asynchronous, whatever holds the entries: thi
 methods take an ``owner`` and answer for that owner only. ``fresh_wait``: how long an id the
 store does not know yet may still be on its way (another replica wrote it a moment ago): 0 here.
 ``Writes`` runs the writes of either without making a request wait for them.
+
+``renew``: a running background response's Response written again every 2 s (its lease, its
+output so far: addons/background.py) under the version check, its conversation neither decoded
+nor encoded (a 2.5 MB conversation's ``get`` and ``put`` took ~30 ms of the event loop, each
+time). An entry's JSON is its input items, then its output items, then its Response
+(``encode_entry``): a renewal keeps the bytes of the first part and writes the rest.
 """
 
 from __future__ import annotations

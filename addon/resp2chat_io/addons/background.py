@@ -10,11 +10,18 @@ connection; clients poll, cancel and resume it (the rules: resp2chat_core/backgr
   client gets that Response as its JSON body, or, streaming, the run's events as they come
   (``feed``: a relay ``Feed``), and may go away: the turn goes on.
 - While it runs, the task writes the response again every ``RENEW_SECS`` (``in_progress``,
-  with a lease: a replica that dies leaves it to be read as ``failed``; its conversation and the
-  output so far with it, what a cancellation on another replica ends it with), and reads a
-  cancellation another replica asked for. When it ends, the final Response is stored (any
-  status: the poll must see it), with its events when the client streamed; the turn is settled
-  and its listeners hear of it as any turn's (metrics, access log, limits, a conversation).
+  with a lease: a replica that dies leaves it to be read as ``failed``; the output so far with
+  it, what a cancellation on another replica ends it with): its Response alone, over the
+  version it wrote last (store.py ``renew``: its conversation is neither read nor written
+  again), which answers with the Response there when another write came in between: a
+  cancellation another replica asked for, its end stored elsewhere, or its deletion stops it.
+  When it ends, the final Response is stored (any status: the poll must see it), with its
+  events when the client streamed; the turn is settled and its listeners hear of it as any
+  turn's (metrics, access log, limits, a conversation). One the store can no longer keep (its
+  conversation and output past ``max_session_memory_mb``, at a renewal or at its end) ends
+  ``failed`` (``B.TOO_LARGE``), stored without its output, said once in the log.
+- ``deleted`` (``DELETE /v1/responses/{id}``, through the store addon): a run of this gateway
+  stops at once (its backend call closed); one of another replica at its next renewal.
 - A run whose key is revoked meanwhile (or, created on a keyless gateway, once keys are
   needed) stops as every turn in flight of that key does (``Turns.clients_changed``: its
   exchange halted), and is stored ``failed`` with ``invalid_api_key``.
@@ -23,9 +30,10 @@ connection; clients poll, cancel and resume it (the rules: resp2chat_core/backgr
   ``cancelled``; one of another replica is asked to stop through the store, and waited for
   (one whose replica died, or that did not stop within ``CANCEL_WAIT``, is stored ``cancelled``
   here, over the version read: a write that came in between is read again, never answered over).
-- ``resume`` (``GET /v1/responses/{id}?stream=true&starting_after=N``, through the store addon):
-  the events after ``N``, from this gateway's run, live (while the store holds it: one deleted
-  while it runs is a 404, as a GET of it), or once it ended, from the store (a run
+- ``resume`` (``GET /v1/responses/{id}?stream=true&starting_after=N``, through the store addon;
+  ``include`` checked as a GET's): the events after ``N``, from this gateway's run, live (while
+  the store holds it: one deleted while it runs is a 404, as a GET of it; the store not
+  answering, it is not known deleted), or once it ended, from the store (a run
   of another replica: its events when it ends, read by one follower per response here, which
   every client streaming it shares and which stops when the last of them goes away; one that
   ended without events for them ends their streams with what a request for it would get then,
