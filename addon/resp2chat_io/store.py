@@ -136,9 +136,10 @@ def encode_entry(items: list, response: dict) -> tuple[bytes, int, int]:
     response's conversation ends with its output; a conversation's entry has none)."""
     output = response.get("output") if isinstance(response, dict) else None
     cut = max(len(items) - (len(output) if isinstance(output, list) else 0), 0)
-    head = b'{"items":' + _dumps(items[:cut])[:-1]
+    given = _dumps(items[:cut])
     tail, at = entry_tail(cut > 0, items[cut:], response)
-    return head + tail, len(head), len(head) + at
+    head = len(given) + 8  # (b'{"items":' and the input items without their "]")
+    return b"".join((b'{"items":', memoryview(given)[:-1], tail)), head, head + at
 
 
 def entry_tail(after_input: bool, output: list, response: dict) -> tuple[bytes, int]:
