@@ -43,7 +43,7 @@ MAX_EVENTS = 4 << 20  # a streamed response's events kept with it to resume from
 ORPHANED = "orphaned"  # (under PRIVATE: ``cancelled_here``)
 DEAD = {"code": "server_error", "message": "the gateway running this background response stopped before it finished"}
 TOO_LARGE = {"code": "response_too_large", "message": "this background response grew larger than the response store "
-             "keeps (max_session_memory_mb): it was stopped, and is kept without its output"}
+             "keeps (max_session_memory_mb): it is kept without its output (stopped, if it still ran)"}
 
 
 def queued(ctx) -> dict:
