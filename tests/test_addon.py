@@ -23,6 +23,7 @@ from mitmproxy.proxy.layers.http import (
 )
 
 from helpers import DONE, chat_chunk, chat_event, chat_sse, codex_fixture, http_chunk, parse_sse
+from redis_server import RedisServer
 from resp2chat_io.addons import build
 
 SECRET = "sk-upstream-secret"
@@ -365,6 +366,23 @@ async def test_configure_acts_on_what_changed(gw, backend, tmp_path):
     assert gw["store"].store is store_before and store_before.ttl == 3600
     gw.tctx.options.update(resp2chat_session_store_dir=str(tmp_path / "store"))  # another place: another store
     assert gw["store"].store is not store_before and gw["store"].store.dir == tmp_path / "store"
+
+
+async def test_a_bound_set_at_run_time_keeps_the_redis_store(gw, redis_server, tmp_path):
+    """With ``state_store_url``, a bound set while the gateway runs keeps the same store (its
+    counts, its connection pool) under the new bound, as the memory store does (``rebound``):
+    its next write keeps to it. Another URL makes another."""
+    gw.tctx.options.update(resp2chat_state_store_url=redis_server.url)
+    store, state = gw["store"].store, gw["store"].state
+    for n in (1, 2):
+        assert await store.put(f"resp_bound0000{n}", [{"role": "user", "content": f"hi {n}"}], {"id": "r"})
+    gw.tctx.options.update(resp2chat_max_sessions=1, resp2chat_session_ttl_hours=2)
+    assert gw["store"].store is store and gw["store"].state is state and (store.max_entries, store.ttl) == (1, 7200)
+    assert len(store) == 2  # (what it counted: one made anew counts nothing until it writes)
+    assert await store.put("resp_bound00003", [], {"id": "r"}) and len(store) == 1
+    with RedisServer(tmp_path / "other") as other:
+        gw.tctx.options.update(resp2chat_state_store_url=other.url)
+        assert gw["store"].store is not store and gw["store"].state is not state
 
 
 def test_gateway_defaults_loopback_4000_lazy():

@@ -5,7 +5,10 @@ all answer alike, and as a plain model of store.py's docstring says: owners see 
 entries; ``put(…, expect=version)`` writes only over that version, every ``put`` counts it up;
 ``items`` resolves only items the gateway produced (a response's output), held unchanged by a
 live response of that owner (a later response holding an exact copy, whatever its keys' order,
-becomes a holder too); what clients put in their input never resolves.
+becomes a holder too); what clients put in their input never resolves. ``renew(…, expect=version)``
+(of an entry whose output is not indexed, as background.py renews one) replaces its Response and
+the output after its input items over that version only (else answers the Response there), and
+leaves what it holds as it was.
 
 Bounds are far off (eviction: tests/test_store_shares.py compares it), and nothing expires (the
 memory stores' clock moves by hand; Redis's ttl is an hour).
@@ -23,7 +26,7 @@ from hypothesis import strategies as st
 
 from helpers import Clock
 from resp2chat_io.redis_state import RedisResponseStore, RedisState
-from resp2chat_io.store import ResponseStore, item_digest
+from resp2chat_io.store import Renewal, ResponseStore, item_digest
 
 OWNERS = ("", "client.a", "auth-" + "0" * 32)
 TAGS = ("s", "a", "f")  # each owner's ids: gateway-made ids never meet across owners
@@ -76,6 +79,24 @@ class Model:
         self.entries[(owner, rid)] = {"items": items, "response": response, "version": version + 1, "held": held}
         return True
 
+    def renewable(self, owner: str, rid: str) -> bool:
+        """An entry whose output is not indexed (none, or a renewal's): what background.py renews
+        (its Response queued with no output, then its renewals')."""
+        found = self.entries.get((owner, rid))
+        return found is None or not found["held"] & {i["id"] for i in found["response"].get("output") or ()}
+
+    def renew(self, owner: str, rid: str, response: dict, expect: int) -> Renewal | None:
+        """Its Response replaced, and its output after its input items; what it holds as it was."""
+        found = self.entries.get((owner, rid))
+        if found is None:
+            return None
+        if found["version"] != expect:
+            return Renewal(found["version"], found["response"])
+        items, old = found["items"], found["response"].get("output") or ()
+        found.update(items=items[:len(items) - len(old)] + response["output"], response=response,
+                     version=expect + 1)
+        return Renewal(expect + 1)
+
     def get(self, owner: str, rid: str) -> dict | None:
         found = self.entries.get((owner, rid))
         return found and {"items": found["items"], "response": found["response"], "version": found["version"]}
@@ -100,9 +121,11 @@ put_op = st.tuples(
     st.sampled_from((None, None, "reused", "new")))  # the input's id: none, a produced one (altered), a client's
 ask_op = st.tuples(st.sampled_from(("get", "get", "delete")), owner_, st.integers(0, 1 << 16))
 items_op = st.tuples(st.just("items"), owner_, st.lists(st.integers(0, 1 << 16), min_size=1, max_size=4))
+renew_op = st.tuples(st.just("renew"), owner_, st.integers(0, 1 << 16), st.sampled_from(("right", "right", "wrong")),
+                     st.integers(0, 2))  # owner, which entry, expect, output items
 # (weighed by hand: mostly writes, a restart now and then)
-op_ = st.integers(0, 19).flatmap(lambda n: put_op if n < 9 else ask_op if n < 14 else items_op if n < 18
-                                 else st.just(("restart",)))
+op_ = st.integers(0, 23).flatmap(lambda n: put_op if n < 9 else ask_op if n < 14 else items_op if n < 18
+                                 else renew_op if n < 22 else st.just(("restart",)))
 ops = st.lists(op_, min_size=1, max_size=40)
 
 
@@ -182,6 +205,23 @@ class Run:
                 assert answer == model.put(owner, rid, items, response, expect), (name, "put", owner, rid, expect)
             if (owner, rid) not in self.ids:
                 self.ids.append((owner, rid))
+        elif op[0] == "renew":
+            _, o, n, expect, n_out = op
+            live = [(o2, i) for o2, i in self.ids if self.model.get(o2, i) and self.model.renewable(o2, i)]
+            if live and n % 4:  # (mostly an entry it can renew, by its owner; else another owner's, or none)
+                owner, rid = live[n % len(live)]
+            else:
+                owner, rid = OWNERS[o], self.some_id(OWNERS[o], n)
+                if not self.model.renewable(owner, rid):
+                    rid = "resp_unknown00"
+            current = self.model.get(owner, rid)
+            expect = (current["version"] if current else 1) + (expect == "wrong")
+            output = [{"type": "message", "id": f"msg_r{next(self.counter):06d}", "role": "assistant",
+                       "content": "so far"} for _ in range(n_out)]
+            response = {"id": rid, "object": "response", "status": "in_progress", "output": output}
+            for name, store, model in self.stores:
+                answer = await store.renew(rid, response, owner=owner, expect=expect)
+                assert answer == model.renew(owner, rid, response, expect), (name, "renew", owner, rid, expect)
         elif op[0] == "items":
             owner, ids = OWNERS[op[1]], [self.some_item_id(n) for n in op[2]]
             for name, store, model in self.stores:

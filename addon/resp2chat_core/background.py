@@ -42,6 +42,8 @@ RUNNING = ("queued", "in_progress")
 MAX_EVENTS = 4 << 20  # a streamed response's events kept with it to resume from, at most (bytes)
 ORPHANED = "orphaned"  # (under PRIVATE: ``cancelled_here``)
 DEAD = {"code": "server_error", "message": "the gateway running this background response stopped before it finished"}
+TOO_LARGE = {"code": "response_too_large", "message": "this background response grew larger than the response store "
+             "keeps (max_session_memory_mb): it is kept without its output (stopped, if it still ran)"}
 
 
 def queued(ctx) -> dict:
@@ -90,6 +92,15 @@ def cancelled_here(response: dict) -> dict:
     streamed = (response.get(PRIVATE) or {}).get("streamed")
     return {**public(response), "status": "cancelled",
             **({PRIVATE: {"streamed": True, ORPHANED: True}} if streamed else {})}
+
+
+def too_large(response: dict) -> dict:
+    """What an ended response the store cannot keep whole is stored as: ``failed``
+    (``TOO_LARGE``), without its output (its input items are kept, as when it was queued); a
+    streamed one without its events (a resume of it elsewhere is told they were not kept)."""
+    streamed = (response.get(PRIVATE) or {}).get("streamed")
+    return {**public(response), "status": "failed", "error": TOO_LARGE, "output": [],
+            **({PRIVATE: {"streamed": True}} if streamed else {})}
 
 
 def cancel_asked(response: dict) -> bool:

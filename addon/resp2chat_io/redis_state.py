@@ -12,7 +12,7 @@ otherwise, so another owner's id is exactly a key that does not exist:
 
 | key | type | what |
 | --- | --- | --- |
-| ``resp2chat:{ns}response:{id}`` | hash | ``data``: the entry JSON (items + Response, as store.py keeps it; a conversation's, under its ``conv_…`` id); ``v``: its version (store.py: a write may name the version it replaces); ``items``: the ids of the items it holds (below); ``d:{item_id}``: each one's digest (store.py ``item_digest``). Expires after ``session_ttl_hours`` |
+| ``resp2chat:{ns}response:{id}`` | hash | ``data``: the entry JSON (items + Response, as store.py keeps it; a conversation's, under its ``conv_…`` id); ``v``: its version (store.py: a write may name the version it replaces); ``items``: the ids of the items it holds (below); ``d:{item_id}``: each one's digest (store.py ``item_digest``); ``in``, ``r``: where its input items end and its Response starts in the JSON (store.py ``encode_entry``). A running background response renewed (``renew``) has its JSON in two fields instead of ``data``: ``head`` (up to ``in``) and ``tail`` (the rest, which a renewal writes). Expires after ``session_ttl_hours`` |
 | ``resp2chat:{ns}item:{item_id}`` | string | the id of the newest stored response of that owner holding the item unchanged, for an item the gateway produced (a response's output; never a client's input): item references. Same expiry; when that response goes, the newest other holder (below) takes over with its expiry, none: the key goes |
 | ``resp2chat:{ns}holders:{item_id}`` | sorted set | every stored response of that owner holding the item unchanged, by time (store.py: the item lives while one of them does); emptied when the item is produced again otherwise. Same expiry |
 | ``resp2chat:entries`` | sorted set | ``{ns}{id}`` of every owner's entries by the time they were stored (Redis's clock): what expires first |
@@ -45,7 +45,9 @@ stay readable as they are (their hashes did not change); each write moves up to 
 oldest first, into ``entries`` and their owners' shares, and trims those not moved in yet first
 when over a cap (as that version did). A replica of that version still running meanwhile writes
 there and is moved in the same way; its deletes leave only a count that the next eviction or
-expiry drops.
+expiry drops. An entry a renewal split into ``head`` and ``tail`` has no ``data``: a replica of a
+version before renewals reads it as unknown until the run's end writes it whole again; one it
+wrote (no ``in``) is renewed by a whole ``put``.
 
 Redis unreachable: ``StateUnavailable`` is raised for what needs it (the addons answer 503 for
 ``previous_response_id`` and ``GET /v1/responses/{id}``; plain turns go on: a replay lookup is a
@@ -66,8 +68,8 @@ import time
 from urllib.parse import urlsplit
 
 from resp2chat_core import owner as owners
-from resp2chat_io.store import (Figures, ReplayCounts, StateUnavailable, held_items, item_digest, output_items, pick,
-                                valid_id, valid_item_id)
+from resp2chat_io.store import (Figures, Renewal, ReplayCounts, StateUnavailable, encode_entry, entry_tail, held_items,
+                                item_digest, output_items, pick, valid_id, valid_item_id)
 
 log = logging.getLogger("resp2chat")
 
@@ -276,10 +278,24 @@ local function held_now()
 end
 """
 
+# Past the caps, what a write evicts (the entries of the version before not moved in yet first, then
+# the oldest of the owner holding the most; never ``member``): {count, bytes} after
+_EVICT = """
+local n, b = held_now()
+while n > max_n or b > max_b do
+  -- entries of the version before not moved in yet go first (they are the oldest), then shares
+  local gone = old_left and redis.call('ZRANGE', legacy, 0, 0)[1] or victim(n > max_n and by_count or by_bytes, member)
+  if gone == nil then break end
+  local freed = drop(gone)
+  if freed and not old_left then n, b = n - 1, b - tonumber(freed) else n, b = held_now() end
+end
+return {n, b}
+"""
+
 # ARGV: prefix, the response's member ({ns}{id}), its entry, the items it produced ("id digest …"),
 # the other items of its conversation with an id ("id digest …": held if produced before, unchanged),
-# ttl, max_sessions, max bytes, the version it replaces ("": any). Returns {count, bytes} ({-1, 0}:
-# another version is there)
+# ttl, max_sessions, max bytes, the version it replaces ("": any), where in the entry its input items end
+# and its Response starts (store.py ``encode_entry``). Returns {count, bytes} ({-1, 0}: another version is there)
 _PUT_RESPONSE = _DROP + """
 local member, data, produced, others = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local ttl, max_n, max_b = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
@@ -313,7 +329,7 @@ for _, iid in ipairs(held) do  -- (an item produced again otherwise than its hol
     redis.call('DEL', prefix .. ns .. 'holders:' .. iid)
   end
 end
-redis.call('HSET', key, 'data', data, 'items', table.concat(held, ' '), 'v', version + 1)
+redis.call('HSET', key, 'data', data, 'items', table.concat(held, ' '), 'v', version + 1, 'in', ARGV[10], 'r', ARGV[11])
 for _, iid in ipairs(held) do
   local hkey = prefix .. ns .. 'holders:' .. iid
   redis.call('HSET', key, 'd:' .. iid, digests[iid])
@@ -323,15 +339,48 @@ for _, iid in ipairs(held) do
 end
 redis.call('EXPIRE', key, ttl)
 account(member, now, #data)
-local n, b = held_now()
-while n > max_n or b > max_b do
-  -- entries of the version before not moved in yet go first (they are the oldest), then shares
-  local gone = old_left and redis.call('ZRANGE', legacy, 0, 0)[1] or victim(n > max_n and by_count or by_bytes, member)
-  if gone == nil then break end
-  local freed = drop(gone)
-  if freed and not old_left then n, b = n - 1, b - tonumber(freed) else n, b = held_now() end
+""" + _EVICT
+
+# A running response's Response written again (store.py ``ResponseStore.renew``), its input items left
+# where they are: a renewed entry is two fields, ``head`` (the entry's bytes up to its input items' end,
+# its ``in``) and ``tail`` (the rest: its output items, then its Response), which a renewal alone
+# writes (its first one splits ``data`` so, once: Lua copies a large string at ~5 ms/MB); the items it
+# holds stay as they were. ARGV: prefix, member, the new tail (without the comma after input items),
+# the version it replaces, ttl, max_sessions, max bytes, where the Response starts in that tail.
+# Returns {1, new version, count, bytes}; {0}: no such entry; {-1, version, the stored Response's JSON}:
+# another version is there; {-2, version, the entry}: written by a version of the gateway without
+# ``in`` (the caller puts it whole); {-3, version}: larger than the store keeps
+_RENEW_RESPONSE = _DROP + """
+local member, rest, expect = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local ttl, max_n, max_b, at = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local ns, id = split(member)
+local key = prefix .. ns .. 'response:' .. id
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+for _, old in ipairs(redis.call('ZRANGEBYSCORE', idx, '-inf', now - ttl)) do drop(old) end
+if redis.call('EXISTS', key) == 0 then return {0} end
+local found = redis.call('HMGET', key, 'v', 'in', 'r', 'tail')
+local version, cut, r, tail = tonumber(found[1] or '1'), tonumber(found[2]), tonumber(found[3]), found[4]
+if not cut or not r then return {-2, version, redis.call('HGET', key, 'data')} end
+if version ~= expect then
+  if tail then return {-1, version, string.sub(tail, r - cut + 1, -2)} end
+  return {-1, version, string.sub(redis.call('HGET', key, 'data'), r + 1, -2)}
 end
-return {n, b}
+if cut > 10 and string.sub(rest, 1, 1) ~= ']' then  -- (after input items: a comma before the output's)
+  rest, at = ',' .. rest, at + 1
+end
+if cut + #rest > max_b then return {-3, version} end
+if not tail then
+  redis.call('HSET', key, 'head', string.sub(redis.call('HGET', key, 'data'), 1, cut))
+  redis.call('HDEL', key, 'data')
+end
+redis.call('HSET', key, 'tail', rest, 'v', version + 1, 'r', cut + at)
+redis.call('EXPIRE', key, ttl)
+account(member, now, cut + #rest)
+local counts = (function()
+""" + _EVICT + """
+end)()
+return {1, version + 1, counts[1], counts[2]}
 """
 
 _DROP_RESPONSE = _DROP + """
@@ -370,7 +419,8 @@ class RedisState:
         self.client = aioredis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=IO_TIMEOUT,
                                               retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError])
         self._scripts = {name: self.client.register_script(text) for name, text in
-                         (("put_response", _PUT_RESPONSE), ("drop_response", _DROP_RESPONSE),
+                         (("put_response", _PUT_RESPONSE), ("renew_response", _RENEW_RESPONSE),
+                          ("drop_response", _DROP_RESPONSE),
                           ("put_replay", _PUT_REPLAY))}
         self.up = True
         self.closed = False  # (state_store_url changed: what still holds this one gets StateUnavailable)
@@ -446,6 +496,12 @@ def _item_ids(items: list, response: dict) -> tuple[str, str]:
     return pairs(produced.items()), pairs(held_items(items, produced))
 
 
+def _joined(parts) -> bytes | None:
+    """A renewed entry's JSON, from its ``head`` and ``tail`` (``_RENEW_RESPONSE``); None: none."""
+    head, tail = parts
+    return head + tail if head is not None and tail is not None else None
+
+
 class RedisResponseStore:
     """Stored responses in Redis: store.py's ``Store``. A response is written when its turn ends,
     a moment after the client read ``response.completed``: a client that continues (or GETs it)
@@ -462,9 +518,13 @@ class RedisResponseStore:
     def __len__(self) -> int:
         return self.count
 
+    def rebound(self, *, ttl: float, max_entries: int, max_bytes: int) -> None:
+        """New bounds (an option set while it runs): the next write keeps to them."""
+        self.ttl, self.max_entries, self.max_bytes = int(ttl), max_entries, max_bytes
+
     async def put(self, response_id: str, items: list, response: dict, *, owner: str = owners.SHARED,
                   expect: int | None = None) -> bool:
-        data = json.dumps({"items": items, "response": response}, ensure_ascii=False, separators=(",", ":")).encode()
+        data, cut, at = encode_entry(items, response)
         if len(data) > self.max_bytes or self.ttl <= 0 or self.max_entries <= 0:
             return False
         script = self.state.script("put_response")
@@ -472,11 +532,44 @@ class RedisResponseStore:
         member = namespace(owner) + response_id
         count, size = await self.state.call("store a response", lambda c: script(args=[
             KEY_ROOT, member, data, produced, others, self.ttl, self.max_entries, self.max_bytes,
-            "" if expect is None else expect]))
+            "" if expect is None else expect, cut, at]))
         if count < 0:
             return False  # (another version: the caller reads it again)
         self.count, self.bytes = count, size
         return True
+
+    async def renew(self, response_id: str, response: dict, *, owner: str = owners.SHARED,
+                    expect: int) -> Renewal | None:
+        """store.py ``ResponseStore.renew``, in one script: only the entry's bytes after its input
+        items go to Redis and back (its output so far, its Response)."""
+        if not valid_id(response_id):
+            return None
+        output = response.get("output")
+        # (whether the entry has input items, and so a comma before its output's, is Redis's to know)
+        rest, at = entry_tail(False, output if isinstance(output, list) else [], response)
+        script = self.state.script("renew_response")
+        member = namespace(owner) + response_id
+        found = await self.state.call("renew a stored response", lambda c: script(args=[
+            KEY_ROOT, member, rest, expect, self.ttl, self.max_entries, self.max_bytes, at]))
+        if found[0] == 1:
+            self.count, self.bytes = found[2], found[3]
+            return Renewal(found[1])
+        if found[0] == 0:
+            return None
+        if found[0] == -1:
+            return Renewal(found[1], json.loads(found[2]))
+        if found[0] == -3:
+            return Renewal(found[1], too_large=True)
+        entry = json.loads(found[2])  # (-2: written whole by a gateway of the version before)
+        if found[1] != expect:
+            return Renewal(found[1], entry["response"])
+        items, stored = entry["items"], entry["response"].get("output")
+        cut = max(len(items) - (len(stored) if isinstance(stored, list) else 0), 0)
+        if await self.put(response_id, items[:cut] + (output if isinstance(output, list) else []), response,
+                          owner=owner, expect=expect):
+            return Renewal(expect + 1)
+        return Renewal(expect, too_large=True) if len(encode_entry(items, response)[0]) > self.max_bytes else \
+            await self.renew(response_id, response, owner=owner, expect=expect)
 
     async def figures(self, asked) -> Figures:
         """``Figures`` of the whole shared store (every replica's writes), read in one MULTI of
@@ -503,7 +596,9 @@ class RedisResponseStore:
         if not valid_id(response_id):
             return None  # (a client's id that names no key of ours: another owner's namespace is out of reach)
         key = f"{KEY_ROOT}{namespace(owner)}response:{response_id}"
-        data, version = await self.state.call("read a stored response", lambda c: c.hmget(key, ["data", "v"]))
+        data, version, *parts = await self.state.call("read a stored response",
+                                                      lambda c: c.hmget(key, ["data", "v", "head", "tail"]))
+        data = data or _joined(parts)
         return {**json.loads(data), "version": int(version or 1)} if data else None
 
     async def delete(self, response_id: str, *, owner: str = owners.SHARED) -> bool:
@@ -529,8 +624,10 @@ class RedisResponseStore:
         found: dict[str, dict] = {}
         for response_id, wanted in by_response.items():
             key = f"{KEY_ROOT}{ns}response:{response_id}"
-            data, *digests = await self.state.call("read a stored response", lambda c, key=key, wanted=wanted: c.hmget(
-                key, ["data", *(f"d:{i}" for i in wanted)]))
+            data, head, tail, *digests = await self.state.call(
+                "read a stored response", lambda c, key=key, wanted=wanted: c.hmget(
+                    key, ["data", "head", "tail", *(f"d:{i}" for i in wanted)]))
+            data = data or _joined((head, tail))
             if data:
                 found.update(pick(json.loads(data), {i: d.decode() for i, d in zip(wanted, digests) if d}))
         return {i: found[i] for i in ids if i in found}

@@ -6,8 +6,9 @@ history the request started from, its own input, then its output — plus the Re
 for ``GET /v1/responses/{id}``. Entries expire after ``ttl`` seconds (oldest first); beyond ``max_entries`` or
 ``max_bytes`` the owner holding the most loses its oldest (resp2chat_core/shares.py: one owner's
 writes push out its own entries, not everyone's). With a directory, entries are also written there (one
-0600 JSON file each, directory 0700, with its version and the items it holds) and read back after
-a restart, answering as before it.
+0600 JSON file each, directory 0700, with its version and the items it holds; a running
+background response's renewals beside it, ``renew``) and read back after a restart, answering as
+before it.
 
 Every entry has an owner (resp2chat_core/owner.py): ``get``, ``delete`` and ``items``
 see only the caller's, so another owner's response or item is exactly an unknown one.
@@ -34,6 +35,12 @@ The store interface (``Store``) is asynchronous, whatever holds the entries: thi
 methods take an ``owner`` and answer for that owner only. ``fresh_wait``: how long an id the
 store does not know yet may still be on its way (another replica wrote it a moment ago): 0 here.
 ``Writes`` runs the writes of either without making a request wait for them.
+
+``renew``: a running background response's Response written again every 2 s (its lease, its
+output so far: addons/background.py) under the version check, its conversation neither decoded
+nor encoded (a 2.5 MB conversation's ``get`` and ``put`` took ~30 ms of the event loop, each
+time). An entry's JSON is its input items, then its output items, then its Response
+(``encode_entry``): a renewal keeps the bytes of the first part and writes the rest.
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ import tempfile
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from resp2chat_core import owner as owners
 from resp2chat_core.shares import BYTES, COUNT, Shares
@@ -103,6 +110,48 @@ bytes) of the whole store, of each owner asked (and ``SHARED``), and of every fo
 credential's owner together (owner.py ``kind``)."""
 
 
+class Renewal(NamedTuple):
+    """What ``renew`` did: written (``renewed``: ``version`` is the entry's new one), or not:
+    another version is there (``response``: the stored Response, read without its
+    conversation; ``version``: that version's), or the entry would be larger than the store
+    keeps (``too_large``)."""
+
+    version: int
+    response: dict | None = None
+    too_large: bool = False
+
+    @property
+    def renewed(self) -> bool:
+        return self.response is None and not self.too_large
+
+
+def _dumps(value) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def encode_entry(items: list, response: dict) -> tuple[bytes, int, int]:
+    """An entry's JSON (``{"items": …, "response": …}``, the same bytes however it is written),
+    and where in it its input items end and its Response starts (``renew`` keeps the first part
+    and writes the rest). Its input: the items before its Response's ``output`` (a stored
+    response's conversation ends with its output; a conversation's entry has none)."""
+    output = response.get("output") if isinstance(response, dict) else None
+    cut = max(len(items) - (len(output) if isinstance(output, list) else 0), 0)
+    given = _dumps(items[:cut])
+    tail, at = entry_tail(cut > 0, items[cut:], response)
+    head = len(given) + 8  # (b'{"items":' and the input items without their "]")
+    return b"".join((b'{"items":', memoryview(given)[:-1], tail)), head, head + at
+
+
+def entry_tail(after_input: bool, output: list, response: dict) -> tuple[bytes, int]:
+    """An entry's JSON after its input items (``encode_entry``): its output items, then its
+    Response; and where the Response starts in it."""
+    out = _dumps(output)[1:]  # (the list without its "[")
+    if after_input and output:
+        out = b"," + out
+    out += b',"response":'
+    return out + _dumps(response) + b"}", len(out)
+
+
 class Store(Protocol):
     """Stored responses, as every backing store offers them (asynchronous; per owner)."""
 
@@ -112,6 +161,12 @@ class Store(Protocol):
                   expect: int | None = None) -> bool: ...
 
     async def get(self, response_id: str, *, owner: str = owners.SHARED) -> dict | None: ...  # with its "version"
+
+    # a running response's Response written again, its conversation as it was: ``ResponseStore.renew``
+    async def renew(self, response_id: str, response: dict, *, owner: str = owners.SHARED,
+                    expect: int) -> Renewal | None: ...
+
+    def rebound(self, *, ttl: float, max_entries: int, max_bytes: int) -> None: ...  # new bounds, same entries
 
     async def delete(self, response_id: str, *, owner: str = owners.SHARED) -> bool: ...
 
@@ -166,11 +221,15 @@ class ResponseStore:
         self.ttl, self.max_entries, self.max_bytes = ttl, max_entries, max_bytes
         self.clock = clock
         self.dir = Path(directory).expanduser() if directory else None
-        self._entries: OrderedDict[str, tuple[float, bytes, str]] = OrderedDict()  # id -> (stored at, JSON, owner)
+        # id -> (stored at, JSON, owner); a renewed entry's JSON is a bytearray (``renew`` writes its end in place)
+        self._entries: OrderedDict[str, tuple[float, bytes | bytearray, str]] = OrderedDict()
         self._item_ids: dict[str, tuple[str, ...]] = {}  # response id -> the item ids it holds
         # (owner, item id) -> (its digest as produced, the response ids holding it unchanged, oldest first)
         self._items: dict[tuple[str, str], tuple[str, list[str]]] = {}
-        self._versions: dict[str, int] = {}  # entry id -> its version (the puts it has had)
+        self._versions: dict[str, int] = {}  # entry id -> its version (the puts and renewals it has had)
+        # entry id -> where its input items end and its Response starts in its JSON (``encode_entry``),
+        # and the version its directory file has (a renewal's is beside it: ``renew``)
+        self._parts: dict[str, tuple[int, int, int]] = {}
         self._shares = Shares()  # each owner's entries: who loses one past a cap
         self.bytes = 0
         if self.dir:
@@ -187,6 +246,11 @@ class ResponseStore:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def rebound(self, *, ttl: float, max_entries: int, max_bytes: int) -> None:
+        """New bounds (an option set while it runs): the same entries, past them its oldest go
+        (at the next call)."""
+        self.ttl, self.max_entries, self.max_bytes = ttl, max_entries, max_bytes
+
     async def put(self, response_id: str, items: list, response: dict, *, owner: str = owners.SHARED,
                   expect: int | None = None) -> bool:
         """Keep a response: ``items`` its whole conversation (inputs, then output), ``response``
@@ -199,19 +263,59 @@ class ResponseStore:
         version = self._versions.get(response_id, 0) if found is not None and found[2] == owner else 0
         if expect is not None and expect != version:
             return False
-        data = json.dumps({"items": items, "response": response}, ensure_ascii=False, separators=(",", ":")).encode()
+        data, cut, at = encode_entry(items, response)
         if len(data) > self.max_bytes or self.max_entries <= 0:
             return False  # larger than the whole store: keeping it would evict everything else
         self._drop(response_id)
         now = self.clock()
-        self._keep(response_id, now, data, owner)
+        self._keep(response_id, now, data, owner, (cut, at, version + 1))
         held = self._index(response_id, owner, items, response)
         self._versions[response_id] = version + 1
         if self.dir:  # (its version and what it holds, digests: as they were after a restart)
             head = json.dumps({"stored_at": now, "owner": owner, "version": version + 1, "held": held}).encode()[:-1]
             _write_private(self.dir / f"{response_id}.json", head + b',"entry":' + data + b"}")
+            (self.dir / f"{response_id}.renewal").unlink(missing_ok=True)  # (it renewed the file replaced)
         self._evict(keep=response_id)
         return True
+
+    async def renew(self, response_id: str, response: dict, *, owner: str = owners.SHARED,
+                    expect: int) -> Renewal | None:
+        """A running response written again (background.py: its status, lease and output so far):
+        ``response`` replaces the stored Response, and its ``output`` the output after the
+        conversation's input items, which are neither decoded nor encoded again. Only over
+        version ``expect``; None: no such entry (deleted, expired, another owner's).
+
+        The items it produced are not indexed for ``item_reference`` (the ``put`` of its end does
+        that): the response is not over. The directory copy: the Response beside the entry's file
+        (``{id}.renewal``, naming the version of the file it renews), which a restart reads over
+        that file's and a later ``put`` removes."""
+        owners.check(owner)
+        self._evict()
+        found = self._entries.get(response_id)
+        if found is None or found[2] != owner:
+            return None
+        version, (cut, at, base), data = self._versions.get(response_id, 1), self._parts[response_id], found[1]
+        if version != expect:
+            return Renewal(version, json.loads(data[at:-1]))
+        output = response.get("output")
+        tail, tail_at = entry_tail(cut > len(b'{"items":['), output if isinstance(output, list) else [], response)
+        if cut + len(tail) > self.max_bytes:
+            return Renewal(version, too_large=True)
+        now = self.clock()
+        del self._entries[response_id]
+        self._shares.remove(owner, response_id)
+        self.bytes -= len(data)
+        # (in place: its input items' bytes are not copied, but once, a put's bytes becoming a bytearray)
+        renewed = data if isinstance(data, bytearray) else bytearray(data)
+        del renewed[cut:]
+        renewed += tail
+        self._keep(response_id, now, renewed, owner, (cut, cut + tail_at, base))
+        self._versions[response_id] = version + 1
+        if self.dir:
+            _write_private(self.dir / f"{response_id}.renewal", _dumps(
+                {"base": base, "version": version + 1, "stored_at": now, "response": response}))
+        self._evict(keep=response_id)
+        return Renewal(version + 1)
 
     async def get(self, response_id: str, *, owner: str = owners.SHARED) -> dict | None:
         if not valid_id(response_id):
@@ -277,8 +381,9 @@ class ResponseStore:
                 if not found[1]:
                     del self._items[(owner, item_id)]
 
-    def _keep(self, response_id: str, now: float, data: bytes, owner: str) -> None:
+    def _keep(self, response_id: str, now: float, data: bytes, owner: str, parts: tuple[int, int, int]) -> None:
         self._entries[response_id] = (now, data, owner)
+        self._parts[response_id] = parts
         self._shares.add(owner, response_id, now, len(data))
         self.bytes += len(data)
 
@@ -287,11 +392,13 @@ class ResponseStore:
         if found is None:
             return False
         self._versions.pop(response_id, None)
+        self._parts.pop(response_id, None)
         self._unindex(response_id, found[2])
         self._shares.remove(found[2], response_id)
         self.bytes -= len(found[1])
         if self.dir:
             (self.dir / f"{response_id}.json").unlink(missing_ok=True)
+            (self.dir / f"{response_id}.renewal").unlink(missing_ok=True)
         return True
 
     def _evict(self, keep: str | None = None) -> None:
@@ -319,17 +426,47 @@ class ResponseStore:
                 held = record.get("held") or {}  # (a file written before these two: none, version 1)
                 if not all(isinstance(k, str) and isinstance(v, str) for k, v in held.items()):
                     raise ValueError("held")
-                found.append((float(record["stored_at"]), path.stem,
-                              json.dumps(record["entry"], ensure_ascii=False, separators=(",", ":")).encode(),
-                              owners.check(record.get("owner", owners.SHARED)), int(record.get("version", 1)), held))
+                stored_at, entry, base = float(record["stored_at"]), record["entry"], int(record.get("version", 1))
+                items, response, version = entry["items"], entry["response"], base
+                renewed = self._renewal(path.stem, base)
+                if renewed is not None:  # (a running response renewed since: its Response, over the file's)
+                    output = response.get("output") if isinstance(response, dict) else None
+                    cut = max(len(items) - (len(output) if isinstance(output, list) else 0), 0)
+                    new_output = renewed["response"].get("output")
+                    items = items[:cut] + (new_output if isinstance(new_output, list) else [])
+                    response, version = renewed["response"], int(renewed["version"])
+                    stored_at = max(stored_at, float(renewed["stored_at"]))
+                if not isinstance(items, list) or not isinstance(response, dict):
+                    raise ValueError("entry")
+                found.append((stored_at, path.stem, items, response, owners.check(record.get("owner", owners.SHARED)),
+                              version, base, held))
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 path.unlink(missing_ok=True)  # a torn or foreign file: not ours to keep
-        for stored_at, rid, data, owner, version, held in sorted(found, key=lambda f: f[:2]):  # (shares rebuilt too)
-            self._keep(rid, stored_at, data, owner)
+                path.with_suffix(".renewal").unlink(missing_ok=True)
+        for path in self.dir.glob("*_*.renewal"):  # (one whose entry's file is gone: a drop torn in between)
+            if not path.with_suffix(".json").exists():
+                path.unlink(missing_ok=True)
+        for stored_at, rid, items, response, owner, version, base, held in sorted(found, key=lambda f: f[:2]):
+            data, cut, at = encode_entry(items, response)  # (shares rebuilt too)
+            self._keep(rid, stored_at, data, owner, (cut, at, base))
             self._versions[rid] = version
-            entry = json.loads(data)
-            self._index(rid, owner, entry["items"], entry["response"], held)
+            self._index(rid, owner, items, response, held)
         self._evict()
+
+    def _renewal(self, response_id: str, base: int) -> dict | None:
+        """The renewal beside an entry's file (``renew``), if it renews that very file (a ``put``
+        after it, torn before it removed the renewal, wrote another: that one is gone)."""
+        path = self.dir / f"{response_id}.renewal"
+        try:
+            renewed = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            renewed = None
+        if not isinstance(renewed, dict) or renewed.get("base") != base or not isinstance(renewed.get("response"), dict):
+            path.unlink(missing_ok=True)
+            return None
+        return renewed
 
 
 def pick(entry: dict, wanted: dict[str, str]) -> dict[str, dict]:

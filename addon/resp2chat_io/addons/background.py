@@ -10,11 +10,18 @@ connection; clients poll, cancel and resume it (the rules: resp2chat_core/backgr
   client gets that Response as its JSON body, or, streaming, the run's events as they come
   (``feed``: a relay ``Feed``), and may go away: the turn goes on.
 - While it runs, the task writes the response again every ``RENEW_SECS`` (``in_progress``,
-  with a lease: a replica that dies leaves it to be read as ``failed``; its conversation and the
-  output so far with it, what a cancellation on another replica ends it with), and reads a
-  cancellation another replica asked for. When it ends, the final Response is stored (any
-  status: the poll must see it), with its events when the client streamed; the turn is settled
-  and its listeners hear of it as any turn's (metrics, access log, limits, a conversation).
+  with a lease: a replica that dies leaves it to be read as ``failed``; the output so far with
+  it, what a cancellation on another replica ends it with): its Response alone, over the
+  version it wrote last (store.py ``renew``: its conversation is neither read nor written
+  again), which answers with the Response there when another write came in between: a
+  cancellation another replica asked for, its end stored elsewhere, or its deletion stops it.
+  When it ends, the final Response is stored (any status: the poll must see it), with its
+  events when the client streamed; the turn is settled and its listeners hear of it as any
+  turn's (metrics, access log, limits, a conversation). One the store can no longer keep (its
+  conversation and output past ``max_session_memory_mb``, at a renewal or at its end) ends
+  ``failed`` (``B.TOO_LARGE``), stored without its output, said once in the log.
+- ``deleted`` (``DELETE /v1/responses/{id}``, through the store addon): a run of this gateway
+  stops at once (its backend call closed); one of another replica at its next renewal.
 - A run whose key is revoked meanwhile (or, created on a keyless gateway, once keys are
   needed) stops as every turn in flight of that key does (``Turns.clients_changed``: its
   exchange halted), and is stored ``failed`` with ``invalid_api_key``.
@@ -23,9 +30,10 @@ connection; clients poll, cancel and resume it (the rules: resp2chat_core/backgr
   ``cancelled``; one of another replica is asked to stop through the store, and waited for
   (one whose replica died, or that did not stop within ``CANCEL_WAIT``, is stored ``cancelled``
   here, over the version read: a write that came in between is read again, never answered over).
-- ``resume`` (``GET /v1/responses/{id}?stream=true&starting_after=N``, through the store addon):
-  the events after ``N``, from this gateway's run, live (while the store holds it: one deleted
-  while it runs is a 404, as a GET of it), or once it ended, from the store (a run
+- ``resume`` (``GET /v1/responses/{id}?stream=true&starting_after=N``, through the store addon;
+  ``include`` checked as a GET's): the events after ``N``, from this gateway's run, live (while
+  the store holds it: one deleted while it runs is a 404, as a GET of it; the store not
+  answering, it is not known deleted), or once it ended, from the store (a run
   of another replica: its events when it ends, read by one follower per response here, which
   every client streaming it shares and which stops when the last of them goes away; one that
   ended without events for them ends their streams with what a request for it would get then,
@@ -60,7 +68,7 @@ from dataclasses import dataclass, field
 
 from mitmproxy import http
 
-from resp2chat_core import background as B
+from resp2chat_core import background as B, listing
 from resp2chat_core.errors import GatewayError
 from resp2chat_core.sse import DONE
 from resp2chat_io.relay import Feed
@@ -157,6 +165,7 @@ class Run:
     task: asyncio.Task | None = None
     stopping: str = ""  # why it is being stopped: "cancel" (a client), "shutdown" (the gateway)
     calling: bool = True  # its backend call runs (only then can it be stopped: what follows is its end)
+    version: int = 1  # the stored entry's version it last wrote (``queue``'s write is the first)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -244,6 +253,8 @@ class Background:
                 asyncio.current_task().uncancel()
                 if bg.stopping == "shutdown":
                     add(reader.translator.fail(B.DEAD["code"], B.DEAD["message"]))
+                elif bg.stopping == "too_large":
+                    add(reader.translator.fail(B.TOO_LARGE["code"], B.TOO_LARGE["message"]))
                 else:
                     add(reader.translator.cancel())
             except Exception as exc:  # noqa: BLE001 — a bug of ours: the turn still ends clearly
@@ -259,21 +270,35 @@ class Background:
         await self._end(bg)
 
     async def _renew(self, bg: Run) -> None:
-        """Every ``RENEW_SECS`` while it runs: store it again (``in_progress``, a fresh lease),
-        over the version read; a cancellation asked there stops it, as its end stored there does
-        (another replica took it for dead while this one stalled: as that replica answered it)."""
-        store = self.store.store
+        """Every ``RENEW_SECS`` while it runs: store its Response again (``in_progress``, a fresh
+        lease, its output so far), over the version it wrote last (store.py ``renew``: its
+        conversation is not read nor written again); another write there since (read back, the
+        Response alone): a cancellation asked stops it, as its end stored there does (another
+        replica took it for dead while this one stalled: as that replica answered it), else it
+        is renewed over that one. A renewal larger than the store keeps ends it ``failed``
+        (``B.TOO_LARGE``): kept running, it could not be stored, nor read as it ends."""
+        store, private = self.store.store, {"streamed": bg.streamed}
         while True:
             try:
-                entry = await store.get(bg.response_id, owner=bg.owner)
-                if entry is None:
-                    return  # deleted meanwhile: it runs on, and is not stored again
-                if B.cancel_asked(entry["response"]) or not B.is_running(entry["response"]):
-                    self.stop(bg, "cancel")
+                current = {**bg.run.reader.translator.response(), B.PRIVATE: private}
+                renewal = await store.renew(bg.response_id, B.running(current, time.time()), owner=bg.owner,
+                                            expect=bg.version)
+                if renewal is None:  # deleted meanwhile (on another replica): it stops, and is not stored again
+                    self.stop(bg, "deleted")
                     return
-                current = {**bg.run.reader.translator.response(), B.PRIVATE: entry["response"].get(B.PRIVATE)}
-                await store.put(bg.response_id, bg.run.turn.items + current["output"], B.running(current, time.time()),
-                                owner=bg.owner, expect=entry["version"])
+                if renewal.response is not None:  # (another write: as it is now)
+                    if B.cancel_asked(renewal.response) or not B.is_running(renewal.response):
+                        self.stop(bg, "cancel")
+                        return
+                    bg.version, private = renewal.version, renewal.response.get(B.PRIVATE) or {}
+                    continue  # (renewed over it at once)
+                if renewal.too_large:
+                    log.warning(f"resp2chat: background {bg.response_id} stopped: its conversation and output "
+                                "are larger than the response store keeps (max_session_memory_mb); it ends failed "
+                                f"({B.TOO_LARGE['code']})")
+                    self.stop(bg, "too_large")
+                    return
+                bg.version = renewal.version
             except StateUnavailable as exc:
                 log.warning(f"resp2chat: background {bg.response_id}: {exc}")
             await asyncio.sleep(B.RENEW_SECS)
@@ -284,29 +309,37 @@ class Background:
             bg.task.cancel()
 
     async def _end(self, bg: Run) -> None:
-        """It ended: stored as it ended (over what is there: not if deleted meanwhile, nor once
-        another replica ended it, ``_renew``), settled, its listeners told; its events kept here
-        a while (those of a response stored so)."""
+        """It ended: stored as it ended (over the version it wrote last, or what is there: not if
+        deleted meanwhile, nor once another replica ended it, ``_renew``), settled, its listeners
+        told; its events kept here a while (those of a response stored so). Larger than the
+        store keeps, it is stored ``failed`` without its output (``B.too_large``)."""
         run, t = bg.run, bg.run.reader.translator
         final = t.response()
         events = bg.log.whole() if bg.streamed else None  # (None for a streamed one: its front went)
         stored = B.ended(final, None) if not bg.streamed else B.ended(final, events or b"", whole=events is not None)
-        store, elsewhere = self.store.store, False
+        items, store, elsewhere, shrunk = run.turn.items + final["output"], self.store.store, False, False
         try:
             for _ in range(ENDING_TRIES):  # (over what is there: a cancellation may have come in between)
-                entry = await store.get(bg.response_id, owner=bg.owner)
-                elsewhere = entry is not None and not B.is_running(entry["response"])
-                if entry is None or elsewhere or await store.put(bg.response_id, run.turn.items + final["output"],
-                                                    stored, owner=bg.owner, expect=entry["version"]):
+                if await store.put(bg.response_id, items, stored, owner=bg.owner, expect=bg.version):
                     break
+                entry = await store.get(bg.response_id, owner=bg.owner)  # (why not: read it)
+                elsewhere = entry is not None and not B.is_running(entry["response"])
+                if entry is None or elsewhere:
+                    break
+                if entry["version"] == bg.version and not shrunk:  # (larger than it keeps)
+                    if bg.stopping != "too_large":  # (else ``_renew`` said so)
+                        log.warning(f"resp2chat: background {bg.response_id} is larger than the response store keeps "
+                                    f"(max_session_memory_mb): stored failed ({B.TOO_LARGE['code']}), without its "
+                                    "output")
+                    items, stored, shrunk = run.turn.items, B.too_large(stored), True
+                bg.version = entry["version"]
             else:
-                log.warning(f"resp2chat: background {bg.response_id} not stored as it ended (larger than the store "
-                            "keeps?): it will read as failed")
+                log.warning(f"resp2chat: background {bg.response_id} not stored as it ended: it will read as failed")
         except StateUnavailable as exc:
             log.warning(f"resp2chat: background {bg.response_id} not stored: {exc}")
         finally:
             self.runs.pop(bg.response_id, None)
-            if events is not None and len(events) <= B.MAX_EVENTS and not elsewhere:  # (as the store keeps them)
+            if events is not None and len(events) <= B.MAX_EVENTS and not elsewhere and not shrunk:  # (as stored)
                 bg.log.sse = events  # (one copy of them)
                 self.keep(bg.response_id, bg.log)
             bg.log.end()
@@ -373,9 +406,10 @@ class Background:
         a refusal, or a ``Feed``)."""
         with refused_on_failure(flow, f"GET {flow.request.path.split('?', 1)[0]}"):
             after = B.starting_after(flow.request.query)
+            listing.include_query(flow.request.query)  # (a value the API does not define: a 400, as a GET's)
             bg = self.runs.get(response_id)
             source = bg.log if bg is not None and bg.owner == owner else None
-            if source is not None and await self.store.get(response_id, owner) is None:
+            if source is not None and await self._deleted(response_id, owner):
                 raise B.not_found(response_id)  # (deleted while it runs: gone, as for a GET)
             if source is not None and not bg.streamed:
                 raise not_streamed()
@@ -397,6 +431,23 @@ class Background:
         if flow.response is not None:
             return
         self.feed(flow, source, after)
+
+    async def _deleted(self, response_id: str, owner: str) -> bool:
+        """Whether a run of this gateway was deleted (the store does not hold it); the store
+        unreachable: not known deleted (its log here has its events)."""
+        try:
+            return await self.store.get(response_id, owner) is None
+        except StateUnavailable as exc:
+            log.warning(f"resp2chat: resuming background {response_id} from this gateway's events: {exc}")
+            return False
+
+    def deleted(self, response_id: str, owner: str) -> None:
+        """A background response was deleted (``DELETE /v1/responses/{id}``): its run here, if it
+        runs here, stops (its backend call closed); one of another replica stops at its next
+        renewal (``_renew``: the entry is gone)."""
+        bg = self.runs.get(response_id)
+        if bg is not None and bg.owner == owner:
+            self.stop(bg, "deleted")
 
     def _follow(self, response_id: str, owner: str, response: dict) -> Log:
         """A log of a response that runs (or ran) on another replica: its events once it ends

@@ -90,13 +90,13 @@ class StoredResponses(Owner):
         before = dict(zip((f.name for f in self.fields), self._config or ()))
         self._config = config
         url = self.s["state_store_url"]
-        if (isinstance(self.store, ResponseStore) and not url and not before.get("state_store_url")
+        if (self.store is not None and before.get("state_store_url") == url
                 and before.get("session_store_dir") == self.s["session_store_dir"]):
             # only a bound changed (an option set while it runs): the same store under the new
-            # bounds (past them, its oldest go); one made anew would have started empty
-            self.store.ttl = self.s["session_ttl_hours"] * 3600
-            self.store.max_entries = self.s["max_sessions"]
-            self.store.max_bytes = self.s["max_session_memory_mb"] << 20
+            # bounds (past them, its oldest go); one made anew would have started empty (memory), or
+            # lost the counts it had (Redis)
+            self.store.rebound(ttl=self.s["session_ttl_hours"] * 3600, max_entries=self.s["max_sessions"],
+                               max_bytes=self.s["max_session_memory_mb"] << 20)
             return
         if self.state is not None and self.state.url != url:
             asyncio.ensure_future(self.state.close())
@@ -261,6 +261,7 @@ class StoredResponses(Owner):
             entry = await self.get(response_id, owner)
             if entry is not None and method == "DELETE":
                 await self.store.delete(response_id, owner=owner)
+                self.background.deleted(response_id, owner)  # (a background run here stops)
         if flow.response is not None:
             return
         if entry is None:  # (a conversation's id is no response's: ``get``'s kind)
