@@ -1,0 +1,158 @@
+"""An adversarial hunt through real mitmdump gateways and a real backend that records what it
+gets (tests/test_security_gate.py's echo): what a browser, an odd request target or a client's
+own headers can make a gateway hand a backend.
+
+- A request target of odd spellings (percent-encoding, double slashes, dot segments, ``;``):
+  whatever reaches the backend is a path ``passthrough_paths`` lets through, as the backend may
+  read it (decoded and normalised), never one of the gateway's own, and nothing is a 500.
+- A browser's cross-site request that carries no ``Origin`` (an ``<img>``, a ``<script>``, a link:
+  no-cors GETs) says so in ``Sec-Fetch-Site``: refused like one with an ``Origin`` not listed.
+- A client's ``Proxy-Authorization`` (the credential of a proxy, RFC 9110 §11.7.2: spent by the
+  first proxy that takes it) reaches no backend, on a passthrough call as on a turn, and a flow
+  file keeps it ``[redacted]``.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from urllib.parse import unquote
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from helpers import LocalServer, read_flows, start_gateway
+from test_security_gate import UP_KEY, _Echo, error_of, raw
+
+from resp2chat_core import gate as G
+
+PROXY_CREDENTIAL = "Basic cHJveHl1c2VyOnByb3h5LXBhc3Mtc2VjcmV0LTQyNDI="  # proxyuser:proxy-pass-secret-4242
+
+
+def _echo_gateway(tmp):
+    """A gateway (upstream key set, flows written) in front of an echoing backend: (gateway,
+    backend, flow file); both stopped on the way out."""
+    _Echo.seen = []
+    server = LocalServer(_Echo)
+    server.seen = _Echo.seen
+    flows = tmp / "flows.mitm"
+    gw = start_gateway(server.url, tmp, "--set", f"resp2chat_upstream_api_key={UP_KEY}",
+                       "--set", "resp2chat_max_replay_entries=0", "-w", str(flows))
+    try:
+        yield gw, server, flows
+    finally:
+        gw.stop()
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def echo_gateway(tmp_path_factory):
+    """One for the module."""
+    yield from _echo_gateway(tmp_path_factory.mktemp("echo-gateway"))
+
+
+@pytest.fixture
+def own_echo_gateway(tmp_path):
+    """One of the test's own (its flow file read once it stopped)."""
+    yield from _echo_gateway(tmp_path)
+
+
+def _get(port: int, target: str, extra: str = "") -> tuple[int, dict, bytes]:
+    return raw(port, f"GET {target} HTTP/1.1\r\nhost: 127.0.0.1\r\n{extra}connection: close\r\n\r\n".encode())
+
+
+# --- odd request targets --------------------------------------------------------------------
+
+_PIECES = ["v1", "models", "responses", "conversations", "files", "embeddings", "healthz", "metrics", "m",
+           "..", ".", "", "%2e%2e", "%2E", "%2f", "%2F..", "%252e%252e", "%72esponses", "..;", ";x", "%00", "%5c",
+           "a%2fb", "%20", "~", "%"]
+_RULES = G.parse_passthrough(G.DEFAULT_PASSTHROUGH)
+
+
+def _allowed_for_a_backend(method: str, target: str) -> bool:
+    """A request a backend may get: a default passthrough path, the same read plain and
+    decoded-and-normalised (a backend that decodes it is led nowhere else)."""
+    path = target.split("?", 1)[0]
+    normal = posixpath.normpath(unquote(path))
+    return (any(r.matches_path(path) and r.matches_path(normal) and r.method in (None, method) for r in _RULES)
+            and not any(normal == p or normal.startswith(p + "/") for p in G.GATEWAY_PATHS))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(method=st.sampled_from(["GET", "POST", "DELETE"]),
+       pieces=st.lists(st.sampled_from(_PIECES), min_size=1, max_size=5),
+       query=st.sampled_from(["", "?x=1", "?x=../../files", "?stream=true"]))
+def test_odd_targets_reach_a_backend_only_as_an_allowed_path(echo_gateway, method, pieces, query):
+    gw, server, _ = echo_gateway
+    target = "/" + "/".join(pieces) + query
+    before = len(server.seen)
+    body = b'{"model": "m", "input": "hi"}'
+    status, headers, _ = raw(gw.port, (f"{method} {target} HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+                                       f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
+                                       f"connection: close\r\n\r\n").encode() + body)
+    assert status < 500, (target, status)
+    for line, _, _ in server.seen[before:]:
+        got_method, got_target, version = line.split(" ")
+        assert version == "HTTP/1.1" and got_target.startswith("/"), line
+        assert (got_method, got_target) == ("POST", "/v1/chat/completions") or _allowed_for_a_backend(
+            got_method, got_target), (target, line)
+
+
+# --- a browser's cross-site request without Origin -------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["/v1/models", "/v1/responses/resp_x", "/metrics"])
+def test_a_cross_site_request_without_origin_is_refused(echo_gateway, target):
+    """Chrome, Firefox and Safari send no ``Origin`` on a no-cors GET (``<img src>``, ``<script
+    src>``, a prefetch) but say ``Sec-Fetch-Site: cross-site``: a page on any site would have
+    the loopback gateway spend its upstream key and read its stored responses for it."""
+    gw, server, _ = echo_gateway
+    before = len(server.seen)
+    status, headers, body = _get(gw.port, target, "sec-fetch-site: cross-site\r\nsec-fetch-mode: no-cors\r\n"
+                                                  "sec-fetch-dest: image\r\n")
+    assert status == 403, (status, body)
+    assert error_of(body)["code"] == "origin_not_allowed"
+    assert headers["x-request-id"].startswith("req_")
+    assert server.seen[before:] == []
+    # what a person typing the URL sends (none), or a page of the same site: as before
+    for site in ("none", "same-origin"):
+        status, _, body = _get(gw.port, "/v1/models", f"sec-fetch-site: {site}\r\n")
+        assert status == 200, (site, body)
+
+
+# --- a client's proxy credential ---------------------------------------------------------------
+
+
+def test_a_clients_proxy_credential_reaches_no_backend_nor_a_flow(own_echo_gateway):
+    gw, server, flows = own_echo_gateway
+    before = len(server.seen)
+    status, _, _ = _get(gw.port, "/v1/models", f"proxy-authorization: {PROXY_CREDENTIAL}\r\n")
+    assert status == 200
+    body = json.dumps({"model": "m", "input": "hi", "stream": False}).encode()
+    status, _, answer = raw(gw.port, (f"POST /v1/responses HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+                                      f"proxy-authorization: {PROXY_CREDENTIAL}\r\ncontent-type: application/json\r\n"
+                                      f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body)
+    assert status == 200, answer
+    got = server.seen[before:]
+    assert [line.split(" ")[1] for line, _, _ in got] == ["/v1/models", "/v1/chat/completions"]
+    for line, headers, _ in got:
+        assert "proxy-authorization" not in headers, line
+        assert headers["authorization"] == f"Bearer {UP_KEY}"  # (the upstream's key, as ever)
+    status, _, _ = _get(gw.port, "/v1/files", f"proxy-authorization: {PROXY_CREDENTIAL}\r\n")
+    assert status == 404  # (refused: its flow keeps the client's request as it came)
+    gw.stop()  # (the flow file whole)
+    kept = [f for f in read_flows(flows) if f.request.headers.get("proxy-authorization")]
+    assert [f.request.path for f in kept] == ["/v1/files"]
+    assert kept[0].request.headers["proxy-authorization"] == "[redacted]"
+    assert PROXY_CREDENTIAL.encode() not in flows.read_bytes()
+
+
+def test_the_cross_site_rule():
+    assert G.origin_refusal(None, [], "cross-site").code == "origin_not_allowed"
+    assert G.origin_refusal(None, [], " Cross-Site ").status == 403
+    for site in (None, "none", "same-origin", "same-site"):
+        assert G.origin_refusal(None, [], site) is None
+    assert G.origin_refusal(None, ["*"], "cross-site") is None  # (every page let in)
+    assert G.origin_refusal(None, ["https://app.example"], "cross-site") is not None  # (no Origin to match)
+    assert G.origin_refusal("https://app.example", ["https://app.example"], "cross-site") is None
