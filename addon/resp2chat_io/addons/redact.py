@@ -1,7 +1,7 @@
 """Last in line: flow files (-w), mitmweb and clients never see a credential.
 
 - the request's ``authorization``/``x-api-key`` become ``[redacted]`` in the flow (the upstream key
-  the gateway put there, or a client's);
+  the gateway put there, or a client's), and so does a client's ``proxy-authorization``;
 - every configured secret (settings.secret_values), and the client's own credential when the
   request forwards it (``forward_client_auth``: Upstreams.forwarded), is scrubbed from every header of the flow and
   from an answer's body: a body the gateway made or holds whole is scrubbed before it goes out; a
@@ -69,7 +69,7 @@ class Redact:
 
 
 def redact(flow: http.HTTPFlow, secrets: tuple[bytes, ...] = ()) -> None:
-    for name in ("authorization", "x-api-key"):
+    for name in ("authorization", "x-api-key", "proxy-authorization"):
         if name in flow.request.headers:
             flow.request.headers[name] = "[redacted]"
     if not secrets:

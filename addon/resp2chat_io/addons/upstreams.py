@@ -222,7 +222,9 @@ class Upstreams(Owner):
 
     def authorize(self, flow: http.HTTPFlow, spec: S.UpstreamSpec | None = None) -> None:
         """A passthrough call: the upstream key replaces the client's credentials (which go
-        upstream only with ``forward_client_auth``, when the gateway itself has no key)."""
+        upstream only with ``forward_client_auth``, when the gateway itself has no key). A
+        ``proxy-authorization`` is a proxy's, the gateway's at most: never a backend's (as on a
+        turn: ``_NOT_FORWARDED``)."""
         headers = flow.request.headers
         value = self.authorization(spec, headers.get("authorization"))
         if value:
@@ -230,6 +232,7 @@ class Upstreams(Owner):
         else:
             headers.pop("authorization", None)
         headers.pop("x-api-key", None)
+        headers.pop("proxy-authorization", None)
 
     def candidates(self, turn: Turn, flow: http.HTTPFlow, client_auth: str | None) -> tuple[routing.Candidate, ...]:
         """A turn's upstreams in the order they are tried (routing.py's rule), each with its URL,
