@@ -16,16 +16,19 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 from urllib.parse import unquote
 
 import pytest
+import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import LocalServer, read_flows, start_gateway
+from helpers import LocalServer, QuietHandler, read_flows, start_gateway
 from test_security_gate import UP_KEY, _Echo, error_of, raw
 
 from resp2chat_core import gate as G
+from resp2chat_core.channel import Scrubber, scrub
 
 PROXY_CREDENTIAL = "Basic cHJveHl1c2VyOnByb3h5LXBhc3Mtc2VjcmV0LTQyNDI="  # proxyuser:proxy-pass-secret-4242
 
@@ -156,3 +159,91 @@ def test_the_cross_site_rule():
     assert G.origin_refusal(None, ["*"], "cross-site") is None  # (every page let in)
     assert G.origin_refusal(None, ["https://app.example"], "cross-site") is not None  # (no Origin to match)
     assert G.origin_refusal("https://app.example", ["https://app.example"], "cross-site") is None
+
+
+# --- a secret a backend repeats JSON-escaped ---------------------------------------------------
+
+ESCAPING_KEY = "Zm9vYmFy/c2VjcmV0+a2V5cGxhbnRlZA/x=="  # (a base64 key: '/', '+' and '=' in it)
+
+
+def _escaped(text: str, how: str) -> str:
+    """``text`` as a JSON encoder writes it inside a string: PHP's json_encode (``\\/``), .NET's
+    System.Text.Json (``+`` as ``\\u002B``), every mark as ``\\u00xx`` (lower-case hex)."""
+    if how == "php":
+        return text.replace("/", "\\/")
+    if how == "dotnet":
+        return text.replace("+", "\\u002B")
+    return "".join(c if c.isalnum() else f"\\u{ord(c):04x}" for c in text)
+
+
+class _Escaping(QuietHandler):
+    """A backend that repeats the Authorization it got, JSON-escaped every way ``_escaped`` knows:
+    in the model list (200) and in a chat request's 401."""
+
+    def _any(self):
+        n = int(self.headers.get("content-length") or 0)
+        self.rfile.read(n)
+        said = " / ".join(_escaped(self.headers.get("authorization", ""), how) for how in ("php", "dotnet", "all"))
+        body = ('{"object": "list", "data": [], "error": {"message": "invalid key: %s", "type": "invalid_request_error",'
+                ' "code": "invalid_api_key"}}' % said).encode()
+        self.send_response(401 if self.path.endswith("/chat/completions") else 200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _any
+
+
+def _pieces_of_the_key(text: str) -> list[str]:
+    """The runs of 6 or more letters and digits of ESCAPING_KEY found in ``text`` (what a client
+    reads of it)."""
+    runs = [r for r in re.split(r"[^A-Za-z0-9]", ESCAPING_KEY) if len(r) >= 6]
+    return [r for r in runs if r in text]
+
+
+def test_a_key_a_backend_repeats_json_escaped_reaches_no_client_nor_flow(tmp_path):
+    """A backend written in PHP escapes '/' (``\\/``), one in .NET '+' (``\\u002B``): a key with
+    either in it, repeated in a passthrough answer, passed the scrubber (it looks for the key's
+    bytes) and the client's JSON parser read the key whole; in a turn's error, the key-like
+    pattern cut it at its first '/' and the rest of it went to the client."""
+    flows = tmp_path / "flows.mitm"
+    with LocalServer(_Escaping) as server:
+        gw = start_gateway(server.url, tmp_path, "--set", f"resp2chat_upstream_api_key={ESCAPING_KEY}",
+                           "--set", "resp2chat_max_replay_entries=0", "-w", str(flows))
+        try:
+            listed = requests.get(gw.base_url + "/models", timeout=30)
+            assert listed.status_code == 200
+            seen = [json.dumps(listed.json(), ensure_ascii=False)]
+            for stream in (False, True):
+                turn = requests.post(gw.base_url + "/responses", json={"model": "m", "input": "hi", "stream": stream},
+                                     timeout=30)
+                seen.append(turn.text if stream else json.dumps(turn.json(), ensure_ascii=False))
+                if stream:
+                    seen += [json.dumps(json.loads(line[6:]), ensure_ascii=False) for line in turn.text.splitlines()
+                             if line.startswith("data: {")]
+        finally:
+            gw.stop()
+    assert "invalid key" in seen[0] and "invalid key" in seen[1]  # (the backend's words, passed on)
+    for text in seen:
+        assert _pieces_of_the_key(text) == [], text
+    kept = flows.read_bytes().decode("latin-1")
+    assert _pieces_of_the_key(kept) == []
+    assert _pieces_of_the_key(gw.log()) == []
+
+
+@settings(max_examples=80, deadline=None)
+@given(how=st.sampled_from(["plain", "php", "dotnet", "all"]), before=st.text(max_size=20),
+       after=st.text(max_size=20), cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=4))
+def test_the_scrubber_finds_a_json_escaped_secret_split_anywhere(how, before, after, cuts):
+    secret = ESCAPING_KEY.encode()
+    written = ESCAPING_KEY if how == "plain" else _escaped(ESCAPING_KEY, how)
+    data = json.dumps(before)[1:-1].encode() + written.encode() + json.dumps(after)[1:-1].encode()
+    assert scrub(data, (secret,)).count(b"[redacted]") == 1
+    scrubber, out, at = Scrubber((secret,)), b"", 0
+    for cut in sorted(c for c in cuts if c <= len(data)) + [len(data)]:
+        out += b"".join(scrubber(data[at:cut]) if cut > at else [])
+        at = max(at, cut)
+    out += b"".join(scrubber(b""))
+    assert out == scrub(data, (secret,))
+    assert _pieces_of_the_key(json.loads(b'"' + out + b'"')) == []
