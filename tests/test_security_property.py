@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from helpers import LocalServer, QuietHandler, read_flows, start_gateway
 from test_security_gate import UP_KEY, _Echo, error_of, raw
+from wsclient import WSClient
 
 from resp2chat_core import gate as G
 from resp2chat_core.channel import Scrubber, scrub
@@ -247,3 +248,45 @@ def test_the_scrubber_finds_a_json_escaped_secret_split_anywhere(how, before, af
     out += b"".join(scrubber(b""))
     assert out == scrub(data, (secret,))
     assert _pieces_of_the_key(json.loads(b'"' + out + b'"')) == []
+
+
+# --- what an auth proxy in front of the gateway adds ------------------------------------------------
+
+# What a team's SSO proxy in front of the gateway puts on every request (oauth2-proxy's cookie and
+# tokens, AWS ALB's, Cloudflare Access's), and another API's key in a client's own header: the
+# user's credentials for other services, none of them the backend's.
+FRONT = {"cookie": "_oauth2_proxy=sso-session-planted-1111", "x-forwarded-access-token": "ya29.sso-access-planted-2222",
+         "x-auth-request-access-token": "ya29.sso-access-planted-3333", "x-amzn-oidc-accesstoken": "alb-planted-4444",
+         "api-key": "azure-client-planted-5555", "x-goog-api-key": "AIza-client-planted-6666"}
+KEPT = {"session_id": "codex-session-1", "x-trace-id": "trace-77", "openai-organization": "org-1"}
+
+
+def test_credentials_of_other_services_reach_no_backend_nor_a_flow(own_echo_gateway):
+    """A client's headers go on to the backend (Codex's session headers, a trace id), but not
+    those named like a credential: an SSO proxy's session cookie or access token (valid for the
+    user's other services) went to every backend, a hosted provider's too, and into flow files."""
+    gw, server, flows = own_echo_gateway
+    before = len(server.seen)
+    headers = {**FRONT, **KEPT}
+    assert requests.get(gw.base_url + "/models", headers=headers, timeout=30).status_code == 200
+    assert requests.post(gw.base_url + "/embeddings", headers=headers, json={"model": "m", "input": "hi"},
+                         timeout=30).status_code == 200
+    assert requests.post(gw.base_url + "/responses", headers=headers, json={"model": "m", "input": "hi", "stream": False},
+                         timeout=30).status_code == 200
+    socket_headers = {k: v for k, v in headers.items() if k != "cookie"}
+    sock = WSClient(gw.base_url, headers={**socket_headers, "cookie": FRONT["cookie"]})
+    try:
+        assert sock.turn({"type": "response.create", "model": "m", "input": "hi"})[-1]["type"] == "response.completed"
+    finally:
+        sock.close()
+    got = server.seen[before:]
+    assert [line.split(" ")[:2] for line, _, _ in got] == [["GET", "/v1/models"], ["POST", "/v1/embeddings"],
+                                                          ["POST", "/v1/chat/completions"], ["POST", "/v1/chat/completions"]]
+    for line, seen, _ in got:
+        assert not set(FRONT) & set(seen), (line, seen)
+        assert not any(v in json.dumps(seen) for v in FRONT.values()), line
+        assert {k: seen.get(k) for k in KEPT} == KEPT, line  # (the others still go on)
+        assert seen["authorization"] == f"Bearer {UP_KEY}"
+    gw.stop()
+    kept = flows.read_bytes()
+    assert not [v for v in FRONT.values() if v.encode() in kept]
