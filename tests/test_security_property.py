@@ -17,6 +17,9 @@ from __future__ import annotations
 import json
 import posixpath
 import re
+import socket
+import threading
+import time
 from urllib.parse import unquote
 
 import pytest
@@ -24,7 +27,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import LocalServer, QuietHandler, read_flows, start_gateway
+from helpers import LocalServer, MiB, Peak, QuietHandler, read_flows, start_gateway
 from test_security_gate import UP_KEY, _Echo, error_of, raw
 from wsclient import WSClient
 
@@ -290,3 +293,99 @@ def test_credentials_of_other_services_reach_no_backend_nor_a_flow(own_echo_gate
     gw.stop()
     kept = flows.read_bytes()
     assert not [v for v in FRONT.values() if v.encode() in kept]
+
+
+# --- a backend's broken or endless response head (passthrough) ----------------------------------
+
+
+class _RawBackend:
+    """A backend that answers every request with ``answer(request bytes)`` as it is, then closes."""
+
+    def __init__(self, answer) -> None:
+        self.answer = answer
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        try:
+            request = conn.recv(65536)
+            for piece in self.answer(request):
+                conn.sendall(piece)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _echoed_auth(request: bytes) -> bytes:
+    return next((line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
+                 if line.lower().startswith(b"authorization:")), b"none")
+
+
+def HEAD_CUT(request: bytes) -> list[bytes]:
+    """A head that ends with its connection, half way."""
+    return [b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-echo: " + _echoed_auth(request) + b"\r\n"]
+
+
+def HEAD_BAD(request: bytes) -> list[bytes]:
+    """A head with a line that is no header field."""
+    return [b"HTTP/1.1 200 OK\r\nx-echo " + _echoed_auth(request) + b"\r\ncontent-length: 0\r\n\r\n"]
+
+
+@pytest.mark.parametrize("answer", [HEAD_CUT, HEAD_BAD], ids=["cut-in-its-head", "a-bad-header-line"])
+def test_a_backends_broken_head_repeating_the_key_reaches_no_client_log_or_flow(tmp_path, answer):
+    """mitmproxy's 502 for a response head it could not read quoted the backend's bytes (its
+    whole head so far, or the bad line): a backend repeating the Authorization it got handed the
+    upstream key to the client (an HTML page), the gateway's log and the flow file."""
+    backend = _RawBackend(answer)
+    flows = tmp_path / "flows.mitm"
+    gw = start_gateway(backend.url, tmp_path, "--set", f"resp2chat_upstream_api_key={UP_KEY}",
+                       "--set", "resp2chat_max_replay_entries=0", "-w", str(flows))
+    try:
+        got = requests.get(gw.base_url + "/models", timeout=30)
+        assert got.status_code == 502
+        assert UP_KEY not in got.text and "sk-upstream" not in got.text, got.text
+    finally:
+        gw.stop()
+        backend.close()
+    assert UP_KEY not in gw.log()
+    assert UP_KEY.encode() not in flows.read_bytes()
+
+
+def test_a_backends_endless_response_head_is_cut_with_memory_bounded(tmp_path):
+    """A passthrough answer's head is bounded as a request's is: 200 MiB of one header line held
+    +1000 MiB (its bytes, then their repr in the 502 page) and took 37 s before."""
+    total = 64 << 20
+
+    def endless(request):
+        yield b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-big: "
+        for _ in range(total >> 20):
+            yield b"a" * (1 << 20)
+
+    backend = _RawBackend(endless)
+    gw = start_gateway(backend.url, tmp_path, "--set", "resp2chat_max_replay_entries=0")
+    try:
+        requests.get(gw.base_url + "/models", timeout=30)  # (once: what the process holds anyway)
+        peak = Peak(gw.proc.pid)
+        started = time.monotonic()
+        got = requests.get(gw.base_url + "/models", timeout=60)
+        assert got.status_code == 502 and "aaaa" not in got.text, got.text[:300]
+        assert time.monotonic() - started < 10
+        assert peak.grown < 16 * MiB, peak.grown / MiB
+    finally:
+        gw.stop()
+        backend.close()
