@@ -366,6 +366,30 @@ def test_a_backends_broken_head_repeating_the_key_reaches_no_client_log_or_flow(
     assert UP_KEY.encode() not in flows.read_bytes()
 
 
+
+def _reason_echo(request: bytes) -> list[bytes]:
+    """A whole answer whose status line's reason phrase repeats the Authorization it got."""
+    return [b"HTTP/1.1 200 " + _echoed_auth(request) + b"\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"]
+
+
+def test_a_key_a_backend_repeats_in_its_reason_phrase_reaches_no_client_log_or_flow(tmp_path):
+    """Headers and body were scrubbed, the status line's reason phrase was passed on as it came:
+    the client read the upstream key in ``HTTP/1.1 200 Bearer sk-…``, so did the log and the flow."""
+    backend = _RawBackend(_reason_echo)
+    flows = tmp_path / "flows.mitm"
+    gw = start_gateway(backend.url, tmp_path, "--set", f"resp2chat_upstream_api_key={UP_KEY}",
+                       "--set", "resp2chat_max_replay_entries=0", "-w", str(flows))
+    try:
+        got = requests.get(gw.base_url + "/models", timeout=30)
+        assert got.status_code == 200 and got.json() == {}
+        assert UP_KEY not in got.reason, got.reason
+    finally:
+        gw.stop()
+        backend.close()
+    assert UP_KEY not in gw.log()
+    assert UP_KEY.encode() not in flows.read_bytes()
+
+
 def test_a_backends_endless_response_head_is_cut_with_memory_bounded(tmp_path):
     """A passthrough answer's head is bounded as a request's is: 200 MiB of one header line held
     +1000 MiB (its bytes, then their repr in the 502 page) and took 37 s before."""

@@ -80,6 +80,8 @@ def redact(flow: http.HTTPFlow, secrets: tuple[bytes, ...] = ()) -> None:
     resp = flow.response
     if resp is not None:
         scrub_headers(resp.headers, secrets)
+        if resp.reason:  # (a backend's status line: its reason phrase may repeat a key too)
+            resp.reason = scrub(resp.reason.encode("latin-1", "replace"), secrets).decode("latin-1")
         if resp.raw_content and "content-encoding" not in resp.headers:
             body = scrub(resp.raw_content, secrets)
             if body is not resp.raw_content:

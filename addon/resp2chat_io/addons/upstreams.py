@@ -316,6 +316,8 @@ class Upstreams(Owner):
                 or resp.data.content is not None:
             return  # (an answer made here, whole: Redact scrubs it)
         secrets = self.secrets_for(flow.request.headers)
+        if resp.reason and any(s.decode("latin-1") in resp.reason for s in secrets):  # (the status line too)
+            resp.reason = scrub(resp.reason.encode("latin-1"), secrets).decode("latin-1")
         for name, value in resp.headers.items(multi=True):
             if any(s.decode("latin-1") in value for s in secrets):
                 resp.headers.set_all(name, [scrub(v.encode("latin-1"), secrets).decode("latin-1")
