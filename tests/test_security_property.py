@@ -390,6 +390,31 @@ def test_a_key_a_backend_repeats_in_its_reason_phrase_reaches_no_client_log_or_f
     assert UP_KEY.encode() not in flows.read_bytes()
 
 
+
+def _bad_chunk(request: bytes) -> list[bytes]:
+    """A chunked answer whose first chunk header is the Authorization it got."""
+    return [b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+            + _echoed_auth(request) + b"\r\n"]
+
+
+def test_a_key_a_backend_repeats_as_a_bad_chunk_reaches_no_log_or_flow(tmp_path):
+    """mitmproxy's error for a body it could not read quoted the bytes (``illegal chunk header:
+    bytearray(b'Bearer sk-…')``) into the log and the flow's error."""
+    backend = _RawBackend(_bad_chunk)
+    flows = tmp_path / "flows.mitm"
+    gw = start_gateway(backend.url, tmp_path, "--set", f"resp2chat_upstream_api_key={UP_KEY}",
+                       "--set", "resp2chat_max_replay_entries=0", "-w", str(flows))
+    try:
+        with pytest.raises(requests.exceptions.ChunkedEncodingError):  # (its head went out: the body breaks off)
+            requests.get(gw.base_url + "/models", timeout=30).content
+    finally:
+        gw.stop()
+        backend.close()
+    assert "illegal chunk header" in gw.log()  # (what went wrong is still said)
+    assert UP_KEY not in gw.log()
+    assert UP_KEY.encode() not in flows.read_bytes()
+
+
 def test_a_backends_endless_response_head_is_cut_with_memory_bounded(tmp_path):
     """A passthrough answer's head is bounded as a request's is: 200 MiB of one header line held
     +1000 MiB (its bytes, then their repr in the 502 page) and took 37 s before."""

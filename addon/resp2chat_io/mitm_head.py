@@ -61,10 +61,25 @@ MAX_UPSTREAM_HEAD = 4 * MAX_HEAD
 
 
 def _quiet(message: str) -> str:
-    """What a response head mitmproxy could not parse is called, without the backend's bytes
-    (``Cannot parse HTTP response: Invalid header line: b'…'`` quoted the line)."""
-    return "Cannot parse the upstream's HTTP response head" if message.startswith("Cannot parse HTTP response") \
-        else message
+    """mitmproxy's words for an answer it could not read, without the backend's bytes (``Cannot
+    parse HTTP response: Invalid header line: b'…'``, ``HTTP/1 protocol error: illegal chunk
+    header: bytearray(b'…')`` quoted them): cut where they begin."""
+    if message.startswith("Cannot parse HTTP response"):
+        return "Cannot parse the upstream's HTTP response head"
+    cut = min((i for i in (message.find(q) for q in ("bytearray(", "b'", 'b"')) if i >= 0), default=-1)
+    return message if cut < 0 else message[:cut].rstrip(": ") + " (the upstream's bytes not shown)"
+
+
+def _quiet_body(read_body):
+    """``Http1Client.read_body`` whose errors do not quote the backend's bytes (``_quiet``)."""
+    def quiet_read_body(self, event):
+        for command in read_body(self, event):
+            if isinstance(command, ReceiveHttp) and isinstance(command.event, ResponseProtocolError):
+                command.event.message = _quiet(command.event.message)
+            yield command
+
+    quiet_read_body.resp2chat = True
+    return quiet_read_body
 
 
 def _bounded_response(read_headers):
@@ -99,11 +114,12 @@ def _bounded_response(read_headers):
 def install() -> None:
     """Bound every HTTP/1 request head mitmproxy reads from now on, and every response head
     (once)."""
-    for layer, wrap in ((getattr(_http1, "Http1Server", None), _bounded),
-                        (getattr(_http1, "Http1Client", None), _bounded_response)):
-        current = getattr(layer, "read_headers", None)
+    for layer, state, wrap in ((getattr(_http1, "Http1Server", None), "read_headers", _bounded),
+                               (getattr(_http1, "Http1Client", None), "read_headers", _bounded_response),
+                               (getattr(_http1, "Http1Client", None), "read_body", _quiet_body)):
+        current = getattr(layer, state, None)
         if getattr(current, "resp2chat", False):
             continue
         if current is None or not hasattr(layer, "done"):
             raise RuntimeError("mitmproxy's HTTP/1 layer changed: resp2chat_io/mitm_head.py needs a look")
-        layer.read_headers = wrap(current)
+        setattr(layer, state, wrap(current))
