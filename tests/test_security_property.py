@@ -9,7 +9,12 @@ own headers can make a gateway hand a backend.
   no-cors GETs) says so in ``Sec-Fetch-Site``: refused like one with an ``Origin`` not listed.
 - A client's ``Proxy-Authorization`` (the credential of a proxy, RFC 9110 §11.7.2: spent by the
   first proxy that takes it) reaches no backend, on a passthrough call as on a turn, and a flow
-  file keeps it ``[redacted]``.
+  file keeps it ``[redacted]``; nor does any header named like a credential (an SSO proxy's
+  cookie or token in front of the gateway, another API's key).
+- A key a backend repeats reaches no client, log or flow however it comes: JSON-escaped (PHP's
+  ``\\/``, .NET's ``\\u002B``) in a passthrough answer or a turn's error, in the reason phrase of
+  its status line, in a response head that breaks off or does not parse, as a bad chunk header.
+- A backend's endless response head is cut, its memory bounded (measured: /proc/PID/status).
 """
 
 from __future__ import annotations
