@@ -49,7 +49,9 @@ gateway's own events came (``gateway``), so a recording can be translated again 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import re
 from dataclasses import dataclass
 from typing import Callable, Union, get_args
 
@@ -432,23 +434,73 @@ def _bytes_joined(items: list[Item]) -> list[Item]:
 
 
 def scrub(data: bytes, secrets: tuple[bytes, ...]) -> bytes:
+    """``data`` with each of ``secrets`` replaced by ``[redacted]``: as its bytes, and as a JSON
+    string may write it (``_escaped``: a backend's JSON answer that repeats a key, PHP's
+    ``\\/``, .NET's ``\\u002B``, which its client's parser reads back as the key)."""
     for secret in secrets:
         if secret in data:
             data = data.replace(secret, b"[redacted]")
+        if b"\\" in data:
+            escaped = _escaped(secret)
+            if escaped is not None and escaped[0] in data:
+                clean, found = escaped[1].subn(b"[redacted]", data)
+                data = clean if found else data  # (the same object when nothing was found: redact.py)
     return data
+
+
+@functools.lru_cache(maxsize=256)
+def _escaped(secret: bytes) -> tuple[bytes, re.Pattern] | None:
+    """(a part of ``secret`` every spelling of it holds as is: its longest run of ASCII letters and
+    digits, which no JSON encoder escapes; a pattern of its JSON spellings: each of its other
+    characters as it is or ``\\uXXXX`` in either case, a ``/`` also ``\\/``), or None when only
+    its bytes spell it (letters and digits alone, or not UTF-8)."""
+    try:
+        text = secret.decode()
+    except UnicodeDecodeError:
+        return None
+    if text.isascii() and text.isalnum():
+        return None
+    parts = []
+    for c in text:
+        if c.isascii() and c.isalnum():
+            parts.append(re.escape(c.encode()))
+            continue
+        forms = [re.escape(c.encode())] + [br"\\u" + "".join(f"[{h.lower()}{h.upper()}]" if h.isalpha() else h
+                                                            for h in f"{u:04x}").encode()
+                                           for u in _utf16(c)]
+        if len(forms) > 2:  # (a surrogate pair: both escapes in a row)
+            forms = [forms[0], b"".join(forms[1:])]
+        if c == "/":
+            forms.append(br"\\/")
+        parts.append(b"(?:" + b"|".join(forms) + b")")
+    anchor = max(re.findall(r"[A-Za-z0-9]+", text), key=len, default="").encode()
+    return anchor, re.compile(b"".join(parts))
+
+
+def _utf16(c: str) -> list[int]:
+    """The UTF-16 code units of one character (JSON's ``\\u`` escapes)."""
+    units = c.encode("utf-16-be")
+    return [int.from_bytes(units[i:i + 2], "big") for i in range(0, len(units), 2)]
+
+
+def scrub_keep(secrets: tuple[bytes, ...]) -> int:
+    """The longest any of ``secrets`` may be spelled (``scrub``), in bytes: a JSON escape is 6
+    bytes (12 for a character past U+FFFF, 4 bytes plain)."""
+    return max((len(s) if _escaped(s) is None else 6 * len(s) for s in secrets), default=1)
 
 
 class Scrubber:
     """``scrub`` for a body that passes in pieces (mitmproxy's stream callable: a passthrough
-    answer): it holds back the last ``len(longest secret) - 1`` bytes of what it has seen, so a
-    secret split between two pieces is still found; ``b""`` (the end) lets the rest go. Returns a
-    list of pieces, never an empty piece (mitmproxy would send it as the end of a chunked body)."""
+    answer): it holds back the last bytes of what it has seen, one less than the longest spelling
+    of a secret (``scrub_keep``), so a secret split between two pieces is still found; ``b""``
+    (the end) lets the rest go. Returns a list of pieces, never an empty piece (mitmproxy would
+    send it as the end of a chunked body)."""
 
     __slots__ = ("secrets", "keep", "tail")
 
     def __init__(self, secrets: tuple[bytes, ...]) -> None:
         self.secrets = secrets
-        self.keep = max((len(s) for s in secrets), default=1) - 1
+        self.keep = scrub_keep(secrets) - 1
         self.tail = b""
 
     def __call__(self, data: bytes) -> list[bytes]:

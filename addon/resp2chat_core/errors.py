@@ -88,7 +88,9 @@ def classify_upstream_error(status: int | None, message: str, upstream_code: obj
     return "server_error"
 
 
-_SECRET_RE = re.compile(r"(?i)(bearer\s+|api[_-]?key[\"'=: ]+|sk-)[A-Za-z0-9._\-]{6,}")
+# (the whole token: a key is cut at no mark but a space, a quote or a bracket, else the rest of a
+# base64 key, past its first '/' or '+', would reach the client)
+_SECRET_RE = re.compile(r"(?i)(bearer\s+|api[_-]?key[\"'=: ]+|sk-)[^\s\"'`<>()\[\]{},;]{6,}")
 
 
 def sanitize(text: str, limit: int = 2000) -> str:

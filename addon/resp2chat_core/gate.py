@@ -9,7 +9,8 @@ Each check returns ``None`` (let it in) or the ``GatewayError`` the client gets;
   another site — as are the bind host and ``public_hosts``. Any other DNS name must be listed in
   ``public_hosts``, a wildcard bind (``0.0.0.0``) included.
 - ``origin_refusal``: a request that carries an ``Origin`` (a browser's; command-line clients and
-  SDKs send none) is refused unless ``allowed_origins`` lists it.
+  SDKs send none) is refused unless ``allowed_origins`` lists it, and so is a browser's
+  cross-site request without one (``Sec-Fetch-Site: cross-site``: a no-cors GET).
 - ``route``: what serves a path (the gateway itself, or the upstream through
   ``passthrough_paths``), or the 404/405 for a path or method nobody serves.
 - ``content_type_refusal``: a turn's body is JSON: ``application/json`` or any ``+json`` type.
@@ -332,9 +333,18 @@ def origin_allowed(origin: str, allowed_origins) -> bool:
     return any(a.strip() == "*" or normal_origin(a) == o for a in allowed_origins)
 
 
-def origin_refusal(origin: str | None, allowed_origins) -> GatewayError | None:
-    """A request with an ``Origin`` comes from a web page: only the pages in ``allowed_origins``."""
-    if origin is None or origin_allowed(origin, allowed_origins):
+def origin_refusal(origin: str | None, allowed_origins, fetch_site: str | None = None) -> GatewayError | None:
+    """A request with an ``Origin`` comes from a web page: only the pages in ``allowed_origins``.
+    A browser sends no ``Origin`` on a cross-site GET that needs no CORS (``<img src>``, ``<script
+    src>``, a link followed): its ``Sec-Fetch-Site: cross-site`` (``fetch_site``) says it is
+    another site's page all the same, refused unless ``allowed_origins`` has ``*``."""
+    if origin is None:
+        if (fetch_site or "").strip().lower() != "cross-site" or any(a.strip() == "*" for a in allowed_origins):
+            return None
+        return GatewayError(
+            "requests from web pages are refused unless their origin is in allowed_origins (Sec-Fetch-Site: "
+            "cross-site, without an Origin)", param="allowed_origins", code="origin_not_allowed", status=403)
+    if origin_allowed(origin, allowed_origins):
         return None
     return GatewayError(
         f"requests from web pages are refused unless their origin is in allowed_origins (Origin: {origin[:100]!r})",

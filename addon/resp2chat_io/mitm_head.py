@@ -1,5 +1,6 @@
-"""One narrow patch of mitmproxy 12's HTTP/1 server side: a request head is bounded while it
-arrives.
+"""Two narrow patches of mitmproxy 12's HTTP/1 layer: a request head is bounded while it
+arrives; a backend's response head too, and mitmproxy's 502 for one it could not read no longer
+quotes it (``_bounded_response``).
 
 Why. mitmproxy gathers a client's request head in its HTTP/1 layer until the blank line that
 ends it (``mitmproxy/proxy/layers/http/_http1.py``, ``Http1Server.read_headers``: "FIXME: protect
@@ -26,6 +27,8 @@ from mitmproxy import http
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers.http import _http1
+from mitmproxy.proxy.layers.http._base import ReceiveHttp
+from mitmproxy.proxy.layers.http._events import ErrorCode, ResponseProtocolError
 
 from resp2chat_core.gate import MAX_HEAD, head_too_large
 from resp2chat_io.addons.base import JSON_HEADERS, request_id_of
@@ -52,12 +55,71 @@ def _bounded(read_headers):
     return bounded_read_headers
 
 
+# A backend's response head (a passthrough answer's: turns go through the relay, which bounds its
+# own) larger than this without its end is cut: the relay reads mitmproxy's heads up to as much.
+MAX_UPSTREAM_HEAD = 4 * MAX_HEAD
+
+
+def _quiet(message: str) -> str:
+    """mitmproxy's words for an answer it could not read, without the backend's bytes (``Cannot
+    parse HTTP response: Invalid header line: b'…'``, ``HTTP/1 protocol error: illegal chunk
+    header: bytearray(b'…')`` quoted them): cut where they begin."""
+    if message.startswith("Cannot parse HTTP response"):
+        return "Cannot parse the upstream's HTTP response head"
+    cut = min((i for i in (message.find(q) for q in ("bytearray(", "b'", 'b"')) if i >= 0), default=-1)
+    return message if cut < 0 else message[:cut].rstrip(": ") + " (the upstream's bytes not shown)"
+
+
+def _quiet_body(read_body):
+    """``Http1Client.read_body`` whose errors do not quote the backend's bytes (``_quiet``)."""
+    def quiet_read_body(self, event):
+        for command in read_body(self, event):
+            if isinstance(command, ReceiveHttp) and isinstance(command.event, ResponseProtocolError):
+                command.event.message = _quiet(command.event.message)
+            yield command
+
+    quiet_read_body.resp2chat = True
+    return quiet_read_body
+
+
+def _bounded_response(read_headers):
+    """``Http1Client.read_headers`` (a backend's response head) without its two faults: a head of
+    any size was gathered (200 MiB held +1000 MiB: its bytes, then their repr), and the 502 for a
+    head that broke off (or did not parse) quoted the backend's bytes — to the client's error
+    page, the log and the flow — so a backend repeating the ``Authorization`` it got handed out
+    the upstream key. Now: past ``MAX_UPSTREAM_HEAD`` without its end the head is dropped and the
+    connection closed; a head cut by its connection is said to be so (``server closed
+    connection``), and one that does not parse by ``_quiet``, neither with its bytes."""
+    def bounded_response_headers(self, event):
+        if isinstance(event, events.ConnectionClosed) and self.buf:
+            self.buf.maybe_extract_at_most(len(self.buf))  # (a head never ended: dropped, not quoted)
+        for command in read_headers(self, event):
+            if isinstance(command, ReceiveHttp) and isinstance(command.event, ResponseProtocolError):
+                command.event.message = _quiet(command.event.message)
+            yield command
+        if isinstance(event, events.DataReceived) and len(self.buf) > MAX_UPSTREAM_HEAD \
+                and self.stream_id is not None \
+                and getattr(self.state, "__func__", None) is bounded_response_headers:  # (its end not in yet)
+            self.buf.maybe_extract_at_most(len(self.buf))  # (dropped)
+            self.state = self.done
+            yield commands.CloseConnection(self.conn)
+            yield ReceiveHttp(ResponseProtocolError(
+                self.stream_id, f"the upstream's response head is larger than {MAX_UPSTREAM_HEAD >> 10} KiB",
+                ErrorCode.GENERIC_SERVER_ERROR))
+
+    bounded_response_headers.resp2chat = True
+    return bounded_response_headers
+
+
 def install() -> None:
-    """Bound every HTTP/1 request head mitmproxy reads from now on (once)."""
-    server = getattr(_http1, "Http1Server", None)
-    current = getattr(server, "read_headers", None)
-    if getattr(current, "resp2chat", False):
-        return
-    if current is None or not hasattr(server, "done"):
-        raise RuntimeError("mitmproxy's HTTP/1 layer changed: resp2chat_io/mitm_head.py needs a look")
-    server.read_headers = _bounded(current)
+    """Bound every HTTP/1 request head mitmproxy reads from now on, and every response head
+    (once)."""
+    for layer, state, wrap in ((getattr(_http1, "Http1Server", None), "read_headers", _bounded),
+                               (getattr(_http1, "Http1Client", None), "read_headers", _bounded_response),
+                               (getattr(_http1, "Http1Client", None), "read_body", _quiet_body)):
+        current = getattr(layer, state, None)
+        if getattr(current, "resp2chat", False):
+            continue
+        if current is None or not hasattr(layer, "done"):
+            raise RuntimeError("mitmproxy's HTTP/1 layer changed: resp2chat_io/mitm_head.py needs a look")
+        setattr(layer, state, wrap(current))

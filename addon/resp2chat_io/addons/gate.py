@@ -146,7 +146,8 @@ class Gate(Owner):
                 code="https_required", status=400))
         hosts = [req.host_header] + ([req.authority] if req.authority and not req.is_http2 else [])
         err = (G.host_refusal(hosts, S.parse_bind(self.s["bind_addr"])[0], self.s["public_hosts"])
-               or G.origin_refusal(req.headers.get("origin"), self.s["allowed_origins"]))
+               or G.origin_refusal(req.headers.get("origin"), self.s["allowed_origins"],
+                                   req.headers.get("sec-fetch-site")))
         if err:
             return self.refuse(flow, err)
         if not req.is_http2:

@@ -1,7 +1,8 @@
 """Last in line: flow files (-w), mitmweb and clients never see a credential.
 
 - the request's ``authorization``/``x-api-key`` become ``[redacted]`` in the flow (the upstream key
-  the gateway put there, or a client's);
+  the gateway put there, or a client's), and so does every header named like a credential
+  (``settings.credential_header``: ``proxy-authorization``, a cookie, an SSO proxy's token);
 - every configured secret (settings.secret_values), and the client's own credential when the
   request forwards it (``forward_client_auth``: Upstreams.forwarded), is scrubbed from every header of the flow and
   from an answer's body: a body the gateway made or holds whole is scrubbed before it goes out; a
@@ -20,6 +21,7 @@ from __future__ import annotations
 from mitmproxy import http
 
 from resp2chat_core import gate as G
+from resp2chat_core import settings as S
 from resp2chat_core.channel import scrub
 
 from .base import META, fails_closed
@@ -69,8 +71,8 @@ class Redact:
 
 
 def redact(flow: http.HTTPFlow, secrets: tuple[bytes, ...] = ()) -> None:
-    for name in ("authorization", "x-api-key"):
-        if name in flow.request.headers:
+    for name in set(flow.request.headers.keys()):
+        if S.credential_header(name):  # (authorization, x-api-key, a cookie, an SSO proxy's token…)
             flow.request.headers[name] = "[redacted]"
     if not secrets:
         return
@@ -78,6 +80,8 @@ def redact(flow: http.HTTPFlow, secrets: tuple[bytes, ...] = ()) -> None:
     resp = flow.response
     if resp is not None:
         scrub_headers(resp.headers, secrets)
+        if resp.reason:  # (a backend's status line: its reason phrase may repeat a key too)
+            resp.reason = scrub(resp.reason.encode("latin-1", "replace"), secrets).decode("latin-1")
         if resp.raw_content and "content-encoding" not in resp.headers:
             body = scrub(resp.raw_content, secrets)
             if body is not resp.raw_content:

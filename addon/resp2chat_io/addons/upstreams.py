@@ -222,7 +222,8 @@ class Upstreams(Owner):
 
     def authorize(self, flow: http.HTTPFlow, spec: S.UpstreamSpec | None = None) -> None:
         """A passthrough call: the upstream key replaces the client's credentials (which go
-        upstream only with ``forward_client_auth``, when the gateway itself has no key)."""
+        upstream only with ``forward_client_auth``, when the gateway itself has no key); no other
+        header named like a credential goes on (``forwarded_header``, as on a turn)."""
         headers = flow.request.headers
         value = self.authorization(spec, headers.get("authorization"))
         if value:
@@ -230,6 +231,8 @@ class Upstreams(Owner):
         else:
             headers.pop("authorization", None)
         headers.pop("x-api-key", None)
+        for name in [n for n in headers.keys() if S.credential_header(n) and n.lower() != "authorization"]:
+            headers.pop(name, None)  # (a proxy's credential, a cookie, another service's key)
 
     def candidates(self, turn: Turn, flow: http.HTTPFlow, client_auth: str | None) -> tuple[routing.Candidate, ...]:
         """A turn's upstreams in the order they are tried (routing.py's rule), each with its URL,
@@ -255,7 +258,7 @@ class Upstreams(Owner):
         without its credentials, hop-by-hop, framing or handshake headers, then the chat request's
         content type, and the session's routing key (``routing_key_header``)."""
         out = [(name.lower().encode(), value.encode("utf-8", "surrogateescape"))
-               for name, value in client.items(multi=True) if name.lower() not in _NOT_FORWARDED]
+               for name, value in client.items(multi=True) if forwarded_header(name)]
         out += [(b"content-type", b"application/json"), (b"accept", b"text/event-stream"),
                 (b"accept-encoding", b"identity")]  # (the translator reads raw bytes)
         affinity = self.routing_key(session_key(turn.prompt_cache_key, client))
@@ -313,6 +316,8 @@ class Upstreams(Owner):
                 or resp.data.content is not None:
             return  # (an answer made here, whole: Redact scrubs it)
         secrets = self.secrets_for(flow.request.headers)
+        if resp.reason and any(s.decode("latin-1") in resp.reason for s in secrets):  # (the status line too)
+            resp.reason = scrub(resp.reason.encode("latin-1"), secrets).decode("latin-1")
         for name, value in resp.headers.items(multi=True):
             if any(s.decode("latin-1") in value for s in secrets):
                 resp.headers.set_all(name, [scrub(v.encode("latin-1"), secrets).decode("latin-1")
@@ -381,6 +386,15 @@ _NOT_FORWARDED = frozenset({
     "keep-alive", "te", "trailer", "upgrade", "proxy-connection", "expect", "content-type", "content-encoding",
     "accept", "accept-encoding", "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
     "sec-websocket-protocol", "sec-websocket-accept", TURN_HEADER, KEY_HEADER})
+
+
+def forwarded_header(name: str) -> bool:
+    """Whether a client's header goes on to a backend (a turn's, a passthrough call's): not a
+    hop-by-hop, framing or handshake header, nor a credential — the client's key for the gateway,
+    a proxy's, or one named like a credential (``settings.credential_header``: a cookie, the
+    session or access token an SSO proxy in front of the gateway adds, another API's key), which
+    is its holder's for other services, never a backend's (the backend gets its own key)."""
+    return name.lower() not in _NOT_FORWARDED and not S.credential_header(name)
 
 
 def _model(body, twice: frozenset) -> object:
