@@ -445,8 +445,6 @@ def test_a_backends_endless_response_head_is_cut_with_memory_bounded(tmp_path):
         backend.close()
 
 
-@pytest.mark.xfail(strict=True, reason="settings.credential_header knows no 'jwt' nor 'assertion': Cloudflare Access's "
-                                       "and Google IAP's identity tokens still go on (a fix for settings.py)")
 def test_an_identity_proxys_jwt_reaches_no_backend(own_echo_gateway):
     """Cloudflare Access and Google's IAP put the user's signed identity (a JWT) in
     ``Cf-Access-Jwt-Assertion`` / ``X-Goog-Iap-Jwt-Assertion``: a bearer credential for every

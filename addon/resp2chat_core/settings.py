@@ -142,7 +142,8 @@ FIELDS: tuple[Field, ...] = (
 BY_NAME = {f.name: f for f in FIELDS}
 ALIASES = {old: f for f in FIELDS for old in f.aliases}  # old name -> its field
 PER_UPSTREAM = tuple(f.name for f in FIELDS if f.per_upstream)  # what an ``upstreams`` entry may set for itself
-_CREDENTIAL = re.compile(r"(?i)key|token|secret|auth|password|cookie|signature")
+# (jwt, assertion: Cloudflare Access's Cf-Access-Jwt-Assertion, Google IAP's X-Goog-Iap-Jwt-Assertion)
+_CREDENTIAL = re.compile(r"(?i)key|token|secret|auth|password|cookie|signature|jwt|assertion|credential")
 
 
 def hidden_default(name: str) -> bool:
