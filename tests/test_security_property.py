@@ -19,12 +19,14 @@ own headers can make a gateway hand a backend.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import posixpath
 import re
 import socket
 import threading
 import time
+import types
 from urllib.parse import unquote
 
 import pytest
@@ -351,25 +353,35 @@ def HEAD_BAD(request: bytes) -> list[bytes]:
     return [b"HTTP/1.1 200 OK\r\nx-echo " + _echoed_auth(request) + b"\r\ncontent-length: 0\r\n\r\n"]
 
 
+@contextlib.contextmanager
+def _models_through(answer, tmp_path):
+    """``GET /models`` (passthrough) through a gateway recording flows, its backend answering
+    with ``answer``: yields the ``requests`` call to make, then checks that the upstream key is
+    in neither the gateway's log nor the flow file (``.log``: what the log said, once stopped)."""
+    backend = _RawBackend(answer)
+    flows = tmp_path / "flows.mitm"
+    gw = start_gateway(backend.url, tmp_path, "--set", f"resp2chat_upstream_api_key={UP_KEY}",
+                       "--set", "resp2chat_max_replay_entries=0", "-w", str(flows))
+    seen = types.SimpleNamespace(get=lambda: requests.get(gw.base_url + "/models", timeout=30), log="")
+    try:
+        yield seen
+    finally:
+        gw.stop()
+        backend.close()
+    seen.log = gw.log()
+    assert UP_KEY not in seen.log
+    assert UP_KEY.encode() not in flows.read_bytes()
+
+
 @pytest.mark.parametrize("answer", [HEAD_CUT, HEAD_BAD], ids=["cut-in-its-head", "a-bad-header-line"])
 def test_a_backends_broken_head_repeating_the_key_reaches_no_client_log_or_flow(tmp_path, answer):
     """mitmproxy's 502 for a response head it could not read quoted the backend's bytes (its
     whole head so far, or the bad line): a backend repeating the Authorization it got handed the
     upstream key to the client (an HTML page), the gateway's log and the flow file."""
-    backend = _RawBackend(answer)
-    flows = tmp_path / "flows.mitm"
-    gw = start_gateway(backend.url, tmp_path, "--set", f"resp2chat_upstream_api_key={UP_KEY}",
-                       "--set", "resp2chat_max_replay_entries=0", "-w", str(flows))
-    try:
-        got = requests.get(gw.base_url + "/models", timeout=30)
+    with _models_through(answer, tmp_path) as gw:
+        got = gw.get()
         assert got.status_code == 502
         assert UP_KEY not in got.text and "sk-upstream" not in got.text, got.text
-    finally:
-        gw.stop()
-        backend.close()
-    assert UP_KEY not in gw.log()
-    assert UP_KEY.encode() not in flows.read_bytes()
-
 
 
 def _reason_echo(request: bytes) -> list[bytes]:
@@ -380,20 +392,10 @@ def _reason_echo(request: bytes) -> list[bytes]:
 def test_a_key_a_backend_repeats_in_its_reason_phrase_reaches_no_client_log_or_flow(tmp_path):
     """Headers and body were scrubbed, the status line's reason phrase was passed on as it came:
     the client read the upstream key in ``HTTP/1.1 200 Bearer sk-…``, so did the log and the flow."""
-    backend = _RawBackend(_reason_echo)
-    flows = tmp_path / "flows.mitm"
-    gw = start_gateway(backend.url, tmp_path, "--set", f"resp2chat_upstream_api_key={UP_KEY}",
-                       "--set", "resp2chat_max_replay_entries=0", "-w", str(flows))
-    try:
-        got = requests.get(gw.base_url + "/models", timeout=30)
+    with _models_through(_reason_echo, tmp_path) as gw:
+        got = gw.get()
         assert got.status_code == 200 and got.json() == {}
         assert UP_KEY not in got.reason, got.reason
-    finally:
-        gw.stop()
-        backend.close()
-    assert UP_KEY not in gw.log()
-    assert UP_KEY.encode() not in flows.read_bytes()
-
 
 
 def _bad_chunk(request: bytes) -> list[bytes]:
@@ -405,19 +407,10 @@ def _bad_chunk(request: bytes) -> list[bytes]:
 def test_a_key_a_backend_repeats_as_a_bad_chunk_reaches_no_log_or_flow(tmp_path):
     """mitmproxy's error for a body it could not read quoted the bytes (``illegal chunk header:
     bytearray(b'Bearer sk-…')``) into the log and the flow's error."""
-    backend = _RawBackend(_bad_chunk)
-    flows = tmp_path / "flows.mitm"
-    gw = start_gateway(backend.url, tmp_path, "--set", f"resp2chat_upstream_api_key={UP_KEY}",
-                       "--set", "resp2chat_max_replay_entries=0", "-w", str(flows))
-    try:
+    with _models_through(_bad_chunk, tmp_path) as gw:
         with pytest.raises(requests.exceptions.ChunkedEncodingError):  # (its head went out: the body breaks off)
-            requests.get(gw.base_url + "/models", timeout=30).content
-    finally:
-        gw.stop()
-        backend.close()
-    assert "illegal chunk header" in gw.log()  # (what went wrong is still said)
-    assert UP_KEY not in gw.log()
-    assert UP_KEY.encode() not in flows.read_bytes()
+            gw.get().content
+    assert "illegal chunk header" in gw.log  # (what went wrong is still said)
 
 
 def test_a_backends_endless_response_head_is_cut_with_memory_bounded(tmp_path):
