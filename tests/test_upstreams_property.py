@@ -34,7 +34,7 @@ IDLE = 1  # the upstreams' upstream_idle_timeout_secs: "slow" stays silent past 
 
 # behaviour -> (falls back, what a client sees when it is the last one tried)
 FALLS_BACK = {"ok": None, "json": None, "429": True, "429-wait": True, "503": True, "500": True, "reset": True,
-              "slow": True, "400": False, "cut-after": False, "garbage": False, "error200": False}
+              "slow": True, "400": False, "cut-after": False, "cut-before": False, "garbage": False, "error200": False}
 BEHAVIOURS = sorted(FALLS_BACK)
 
 
@@ -68,8 +68,12 @@ class Backend:
         with self.lock:
             return [c for c in self.calls if c["text"] == text]
 
+    def words(self, h, body: dict) -> str:
+        """What its answer says."""
+        return f"answer from {self.name}"
+
     def answer(self, h, behaviour: str, body: dict) -> None:
-        words = f"answer from {self.name}"
+        words = self.words(h, body)
         if behaviour in ("429", "429-wait", "503", "500", "400"):
             status = int(behaviour[:3])
             send_json(h, status, {"error": {"message": f"{self.name} says {status}", "type": "x"}},
@@ -99,15 +103,20 @@ class Backend:
                 h.wfile.write(http_chunk(data))
                 h.wfile.flush()
 
-            if behaviour == "ok":
+            if behaviour in ("ok", "drip"):
                 event(chat_chunk({"role": "assistant", "content": ""}))
                 for word in words.split(" "):
                     event(chat_chunk({"content": word + " "}))
+                    if behaviour == "drip":  # (a model's slow pace: a client may hang up meanwhile)
+                        time.sleep(0.3)
                 event(chat_chunk({}, "stop"))
                 event(chat_chunk(choices=[], usage={"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}))
                 event(b"data: [DONE]\n\n")
             elif behaviour == "cut-after":
                 event(chat_chunk({"role": "assistant", "content": "partial "}))
+                h.close_connection = True
+                return
+            elif behaviour == "cut-before":  # (its head, then nothing: it closes)
                 h.close_connection = True
                 return
             elif behaviour == "garbage":
@@ -190,7 +199,7 @@ def _access_line(log, text_id: str, rid: str | None = None) -> dict:
     return wait_until(find, timeout=10, what="the access log line")
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
 @given(plan=st.lists(st.sampled_from(BEHAVIOURS), min_size=3, max_size=3),
        transport=st.sampled_from(["stream", "json", "ws"]))
 def test_fallbacks_follow_the_rule_and_each_upstream_gets_its_own(fleet, plan, transport):
