@@ -25,8 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers import (
-    LocalServer, QuietHandler, chat_chunk, check_sdk, http_chunk, parse_sse, send_json, start_gateway, terminal,
-    wait_until,
+    LocalServer, QuietHandler, chat_chunk, check_sdk, free_port, http_chunk, parse_sse, retranslate, send_json,
+    start_gateway, terminal, wait_until,
 )
 from wsclient import WSClient
 
@@ -326,3 +326,57 @@ def test_every_upstream_failing_is_named_with_the_last_ones_code_and_no_backends
         gw.stop()
         first.close()
         second.close()
+
+
+def test_turns_that_fell_back_or_failed_retranslate_and_replay_as_recorded(tmp_path):
+    """A recording of turns every behaviour ended or fell back from (``-w`` through a real
+    gateway, HTTP streamed and not, the WebSocket) translates again to the very events
+    (``resp2chat retranslate``: exit 0), and ``--server-replay`` of it with every backend gone
+    answers each HTTP turn with the recorded bytes."""
+    backends = {n: Backend(n) for n in NAMES}
+    entries = [{"name": n, "base_url": backends[n].base_url, "api_key": f"sk-{n}-0123456789", "models": ["*"],
+                "upstream_idle_timeout_secs": IDLE, "max_tokens_field": "max_completion_tokens" if n == "b" else "max_tokens"}
+               for n in NAMES]
+    flows = tmp_path / "fell-back.mitm"
+    gw = start_gateway("http://127.0.0.1:9", tmp_path, "--set", "resp2chat_upstreams=" + json.dumps(entries),
+                       "--set", "resp2chat_max_replay_entries=0", "-w", str(flows))
+    plans = [[b, "ok", "ok"] for b in BEHAVIOURS if b != "slow"] + [["503", "429-wait", "500"], ["reset", "slow", "429"]]
+    recorded = {}
+    try:
+        for n, plan in enumerate(plans):
+            for transport in ("stream", "json", "ws"):
+                text = f"turn {n} {transport}"
+                for name, behaviour in zip(NAMES, plan):
+                    backends[name].plan[text] = behaviour
+                body = {"model": "m", "input": text, "max_output_tokens": 40}
+                if transport == "ws":
+                    ws = WSClient(gw.base_url, timeout=30)
+                    try:
+                        ws.turn({"type": "response.create", **body})
+                    finally:
+                        ws.close()
+                else:
+                    r = requests.post(gw.base_url + "/responses", json={**body, "stream": transport == "stream"},
+                                      timeout=30)
+                    recorded[(text, transport)] = (r.status_code, r.content)
+    finally:
+        gw.stop()
+        for b in backends.values():
+            b.close()
+    out, results = retranslate(str(flows))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert results and all(r["outcome"] in ("same", "skipped") for r in results), results
+    dead = [{**e, "base_url": f"http://127.0.0.1:{free_port()}/v1"} for e in entries]
+    offline = start_gateway("http://127.0.0.1:9", tmp_path, "--set", "resp2chat_upstreams=" + json.dumps(dead),
+                            "--set", "resp2chat_max_replay_entries=0", "--server-replay", str(flows))
+    try:
+        for (text, transport), (status, content) in recorded.items():
+            r = requests.post(offline.base_url + "/responses", timeout=30,
+                              json={"model": "m", "input": text, "max_output_tokens": 40, "stream": transport == "stream"})
+            if status == 200 and transport == "stream":
+                assert r.content == content, (text, r.content[-300:], content[-300:])
+            elif status == 200:
+                assert (r.status_code, r.content) == (status, content), (text, r.status_code, r.content[-300:])
+        assert "Traceback" not in offline.log()
+    finally:
+        offline.stop()
