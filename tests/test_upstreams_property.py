@@ -25,16 +25,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers import (
-    LocalServer, QuietHandler, chat_chunk, check_sdk, free_port, http_chunk, parse_sse, retranslate, send_json,
-    start_gateway, terminal, wait_until,
+    LocalServer, QuietHandler, chat_chunk, check_sdk, free_port, http_chunk, parse_sse, retranslate, scrape,
+    send_json, start_gateway, terminal, wait_until,
 )
 from wsclient import WSClient
 
-IDLE = 1  # the upstreams' upstream_idle_timeout_secs: "slow" stays silent past it
+IDLE = 1  # the upstreams' upstream_idle_timeout_secs: "slow" stays silent past it (c's is SLOW_OK)
+SLOW_OK = 5  # c's upstream_idle_timeout_secs: it waits for a "slow" answer
+DATA = 1  # the upstreams' upstream_data_timeout_secs: "comments" sends only comments past it
 
 # behaviour -> (falls back, what a client sees when it is the last one tried)
 FALLS_BACK = {"ok": None, "json": None, "429": True, "429-wait": True, "503": True, "500": True, "reset": True,
-              "slow": True, "400": False, "cut-after": False, "cut-before": False, "garbage": False, "error200": False}
+              "slow": True, "400": False, "cut-after": False, "cut-before": False, "comments": True, "json-error": False, "sse-length": None, "garbage": False, "error200": False}
 BEHAVIOURS = sorted(FALLS_BACK)
 
 
@@ -84,9 +86,19 @@ class Backend:
         elif behaviour == "reset":
             h.close_connection = True
             h.connection.shutdown(2)
-        elif behaviour == "slow":
+        elif behaviour == "slow":  # (then an answer: an upstream whose own idle timeout is longer has it)
             time.sleep(IDLE * 2.5)
-            h.close_connection = True
+            self.answer(h, "ok", body)
+        elif behaviour == "json-error":
+            send_json(h, 200, {"error": {"message": f"{self.name} failed in a 200", "type": "invalid_request_error"}})
+        elif behaviour == "sse-length":  # (a whole SSE body, its length declared: no chunks)
+            chunks = [chat_chunk({"role": "assistant", "content": words}), chat_chunk({}, "stop")]
+            data = b"".join(f"data: {json.dumps(c)}\n\n".encode() for c in chunks) + b"data: [DONE]\n\n"
+            h.send_response(200)
+            h.send_header("content-type", "text/event-stream")
+            h.send_header("content-length", str(len(data)))
+            h.end_headers()
+            h.wfile.write(data)
         elif behaviour == "json" or (behaviour == "ok" and not body.get("stream")):
             send_json(h, 200, {"id": "c1", "object": "chat.completion", "created": 1, "model": body["model"],
                                "choices": [{"index": 0, "message": {"role": "assistant", "content": words},
@@ -116,6 +128,11 @@ class Backend:
                 event(chat_chunk({"role": "assistant", "content": "partial "}))
                 h.close_connection = True
                 return
+            elif behaviour == "comments":  # (SSE comments only, past the data timeout: no answer)
+                for _ in range(int(DATA * 3 / 0.3)):
+                    h.wfile.write(http_chunk(b": keep-alive\n\n"))
+                    h.wfile.flush()
+                    time.sleep(0.3)
             elif behaviour == "cut-before":  # (its head, then nothing: it closes)
                 h.close_connection = True
                 return
@@ -149,7 +166,8 @@ def fleet(tmp_path_factory):
     backends = {n: Backend(n) for n in NAMES}
     entries = [{"name": n, "base_url": backends[n].base_url, "api_key": f"sk-{n}-0123456789",
                 "models": ["*"], "upstream_headers": {"x-which": f"hdr-{n}"},
-                "model_map": {"m": f"model-for-{n}"}, "upstream_idle_timeout_secs": IDLE,
+                "model_map": {"m": f"model-for-{n}"}, "upstream_idle_timeout_secs": SLOW_OK if n == "c" else IDLE,
+                "upstream_data_timeout_secs": DATA,
                 "keepalive_secs": 1, "max_tokens_field": "max_completion_tokens" if n == "b" else "max_tokens"}
                for n in NAMES]
     log = tmp / "access.jsonl"
@@ -166,16 +184,18 @@ def _expected(plan: list[str]) -> tuple[list[str], str]:
     asked = []
     for name, behaviour in zip(NAMES, plan):
         asked.append(name)
+        if name == "c" and behaviour == "slow":  # (its own idle timeout is longer: it answers)
+            return asked, "ok"
         if not FALLS_BACK[behaviour]:
             return asked, behaviour
     return asked, plan[-1]
 
 
 # what a JSON client gets when this behaviour ends the turn (a backend's 5xx is the gateway's 502)
-STATUS = {"429": 429, "429-wait": 429, "503": 502, "500": 502, "reset": 502, "slow": 502, "400": 400}
+STATUS = {"429": 429, "429-wait": 429, "503": 502, "500": 502, "reset": 502, "slow": 502, "400": 400, "comments": 502}
 # the code a client gets when it ends the turn
 CODE = {"429": "rate_limit_exceeded", "429-wait": "rate_limit_exceeded", "503": "server_error", "500": "server_error",
-        "reset": "server_error", "slow": "upstream_timeout"}
+        "reset": "server_error", "slow": "upstream_timeout", "comments": "upstream_timeout"}
 
 
 def _check_sdk(events: list[dict]) -> None:
@@ -199,7 +219,7 @@ def _access_line(log, text_id: str, rid: str | None = None) -> dict:
     return wait_until(find, timeout=10, what="the access log line")
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(plan=st.lists(st.sampled_from(BEHAVIOURS), min_size=3, max_size=3),
        transport=st.sampled_from(["stream", "json", "ws"]))
 def test_fallbacks_follow_the_rule_and_each_upstream_gets_its_own(fleet, plan, transport):
@@ -246,7 +266,7 @@ def test_fallbacks_follow_the_rule_and_each_upstream_gets_its_own(fleet, plan, t
         assert call["body"][field] == 40 and len([k for k in ("max_tokens", "max_completion_tokens")
                                                    if k in call["body"]]) == 1
     answered = asked[-1]
-    if last in ("ok", "json"):
+    if last in ("ok", "json", "sse-length"):
         words = f"answer from {answered}"
         if end is not None:
             assert end["type"] == "response.completed", end
@@ -269,6 +289,9 @@ def test_fallbacks_follow_the_rule_and_each_upstream_gets_its_own(fleet, plan, t
             if len(asked) > 1 and FALLS_BACK[last]:
                 assert "every upstream for model 'm' failed" in error["message"], (plan, error)
                 assert all(f"{n} (" in error["message"] for n in asked), (plan, error)
+            if STATUS.get(last) == 429:  # (the shortest wait: none when one answered without)
+                waits = [p == "429-wait" for p in plan[:len(asked)] if p not in ("reset", "slow", "comments")]
+                assert (error.get("headers") or {}).get("retry-after") == ("7" if all(waits) else None), (plan, error)
         else:
             if status is not None:
                 assert http_status == status, (plan, http_status, r.text[:300])
@@ -280,7 +303,7 @@ def test_fallbacks_follow_the_rule_and_each_upstream_gets_its_own(fleet, plan, t
             if len(asked) > 1 and FALLS_BACK[last]:
                 assert "every upstream for model 'm' failed" in error["message"], (plan, error)
             if status == 429:
-                waits = [p == "429-wait" for p in plan[:len(asked)] if p not in ("reset", "slow")]
+                waits = [p == "429-wait" for p in plan[:len(asked)] if p not in ("reset", "slow", "comments")]
                 assert r.headers.get("retry-after") == ("7" if all(waits) else None), (plan, dict(r.headers))
     # a backend's 5xx words are for the operator: never a client's, whoever failed last
     shown = json.dumps(events) if end is not None else r.text
@@ -289,6 +312,30 @@ def test_fallbacks_follow_the_rule_and_each_upstream_gets_its_own(fleet, plan, t
         row = _access_line(log, text, rid)
         assert row["upstream"] == answered, (plan, row)
         assert [f["upstream"] for f in row.get("fallbacks", [])] == asked[:-1], (plan, row)
+
+
+def test_metrics_and_the_access_log_name_the_upstream_that_answered(fleet):
+    """After the turns above (HTTP and the WebSocket): ``resp2chat_turns_total`` by upstream and
+    ``resp2chat_fallbacks_total`` by upstream are what the access log's lines say, turn by turn."""
+    gw, backends, log = fleet
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    rows = [r for r in rows if "path" not in r]  # (turns: a refused passthrough has its path)
+    assert rows, "no turn ran"
+    samples = scrape(gw)
+    turns, fallbacks = {}, {}
+    for (name, labels), value in samples.items():
+        labels = dict(labels)
+        if name == "resp2chat_turns_total":
+            turns[labels["upstream"]] = turns.get(labels["upstream"], 0) + value
+        elif name == "resp2chat_fallbacks_total":
+            fallbacks[labels["upstream"]] = fallbacks.get(labels["upstream"], 0) + value
+    logged, fell = {}, {}
+    for r in rows:
+        logged[r["upstream"] or ""] = logged.get(r["upstream"] or "", 0) + 1
+        for f in r.get("fallbacks", ()):
+            fell[f["upstream"]] = fell.get(f["upstream"], 0) + 1
+    assert {k: v for k, v in turns.items() if v} == logged, (turns, logged)
+    assert {k: v for k, v in fallbacks.items() if v} == fell, (fallbacks, fell)
 
 
 def test_every_upstream_failing_is_named_with_the_last_ones_code_and_no_backends_5xx_words(tmp_path):
