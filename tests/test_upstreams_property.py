@@ -60,7 +60,7 @@ class Backend:
                 text = _last_text(body)
                 with outer.lock:
                     outer.calls.append({"body": body, "headers": {k.lower(): v for k, v in self.headers.items()},
-                                        "text": text})
+                                        "all": [(k.lower(), v) for k, v in self.headers.items()], "text": text})
                 outer.answer(self, outer.plan.get(text, "ok"), body)
 
         self.server = LocalServer(Handler)
@@ -230,8 +230,10 @@ def test_fallbacks_follow_the_rule_and_each_upstream_gets_its_own(fleet, plan, t
     asked, last = _expected(plan)
     body = {"model": "m", "input": text, "max_output_tokens": 40}
     http_status = None
+    # (a client's header of a name an upstream's upstream_headers set: the upstream's alone goes)
+    mine = {"x-which": "from-the-client", "x-client-note": "kept"}
     if transport == "ws":
-        ws = WSClient(gw.base_url, timeout=30)
+        ws = WSClient(gw.base_url, timeout=30, headers=mine)
         try:
             events = ws.turn({"type": "response.create", **body})
         finally:
@@ -239,14 +241,14 @@ def test_fallbacks_follow_the_rule_and_each_upstream_gets_its_own(fleet, plan, t
         _check_sdk(events)
         end = terminal(events)
     elif transport == "stream":
-        r = requests.post(gw.base_url + "/responses", json={**body, "stream": True}, timeout=30)
+        r = requests.post(gw.base_url + "/responses", json={**body, "stream": True}, timeout=30, headers=mine)
         assert r.status_code == 200, r.text[:300]
         events = parse_sse(r.content)
         _check_sdk(events)
         end = terminal(events)
         rid = r.headers.get("x-request-id")
     else:
-        r = requests.post(gw.base_url + "/responses", json=body, timeout=30)
+        r = requests.post(gw.base_url + "/responses", json=body, timeout=30, headers=mine)
         http_status = r.status_code
         end = None
         rid = r.headers.get("x-request-id")
@@ -261,7 +263,8 @@ def test_fallbacks_follow_the_rule_and_each_upstream_gets_its_own(fleet, plan, t
         call = got[n][0]
         assert call["body"]["model"] == f"model-for-{n}"
         assert call["headers"]["authorization"] == f"Bearer sk-{n}-0123456789"
-        assert call["headers"]["x-which"] == f"hdr-{n}"
+        assert [v for k, v in call["all"] if k == "x-which"] == [f"hdr-{n}"], (n, call["all"])
+        assert call["headers"]["x-client-note"] == "kept"
         field = "max_completion_tokens" if n == "b" else "max_tokens"
         assert call["body"][field] == 40 and len([k for k in ("max_tokens", "max_completion_tokens")
                                                    if k in call["body"]]) == 1
@@ -427,3 +430,26 @@ def test_turns_that_fell_back_or_failed_retranslate_and_replay_as_recorded(tmp_p
         assert "Traceback" not in offline.log()
     finally:
         offline.stop()
+
+
+def test_a_clients_header_never_goes_ahead_of_the_operators_of_that_name(tmp_path):
+    """``upstream_headers`` the operator set (Azure's ``api-key``, an OpenRouter provider order)
+    reach the backend alone, whatever the client sends under those names; the client's other
+    headers still go. Before, the client's went first, beside the operator's: a backend reading
+    the first value (most do) took the client's key or order."""
+    backend = Backend("azure")
+    gw = start_gateway(backend.server.url, tmp_path, "--set", "resp2chat_max_replay_entries=0", "--set",
+                       "resp2chat_upstream_headers=" + json.dumps({"api-key": "sk-azure-operator-0123456789",
+                                                                   "X-Provider-Order": "operator"}))
+    try:
+        r = requests.post(gw.base_url + "/responses", timeout=30, json={"model": "m", "input": "hi"},
+                          headers={"api-key": "sk-client-own-key-0123456789", "x-provider-order": "client",
+                                   "x-session-note": "mine"})
+        assert r.status_code == 200, r.text
+        sent = backend.calls[-1]["all"]
+        assert [v for k, v in sent if k == "api-key"] == ["sk-azure-operator-0123456789"], sent
+        assert [v for k, v in sent if k == "x-provider-order"] == ["operator"], sent
+        assert [v for k, v in sent if k == "x-session-note"] == ["mine"], sent
+    finally:
+        gw.stop()
+        backend.close()

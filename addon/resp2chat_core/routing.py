@@ -62,6 +62,15 @@ class Candidate:
     data_timeout: float = 300.0  # seconds without stream data (SSE comments are none) before it fails (inf: none)
     keepalive: float = 15.0  # seconds without data before the first between keepalive events (inf: off)
 
+    def sent(self, common: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """The headers this upstream gets: ``common`` (what every candidate gets: the client's
+        forwarded headers, affinity), then its own ``upstream_headers`` and key, which a header
+        of the same name in ``common`` never goes beside (a client's ``api-key`` or provider
+        order is not sent ahead of the operator's, where a backend would read the first)."""
+        own = [*self.headers, *([(b"authorization", self.authorization)] if self.authorization else [])]
+        names = {name for name, _ in own}
+        return [(n, v) for n, v in common if n not in names] + own
+
     @property
     def base_url(self) -> str:
         """Its base URL (``url`` without ``CHAT_PATH``): what a record calls its ``upstream``."""

@@ -260,7 +260,7 @@ class UpstreamClient:
         with the turn (``channel.closed``) and more of the body comes, or when ``reader.feed``
         returns None (it refused the stream: the caller reports why)."""
         target = BackendUrl(to.url)
-        headers = [*headers, *to.headers] + ([(b"authorization", to.authorization)] if to.authorization else [])
+        headers = to.sent(headers)
         for attempt in (1, 2):
             try:
                 # a second attempt (the pooled connection was stale) takes a fresh connection
