@@ -453,3 +453,27 @@ def test_a_clients_header_never_goes_ahead_of_the_operators_of_that_name(tmp_pat
     finally:
         gw.stop()
         backend.close()
+
+
+@pytest.mark.parametrize("transport", ["stream", "json", "ws"])
+def test_a_client_gone_while_an_upstream_is_silent_is_not_served_by_the_next(fleet, transport):
+    """The client hangs up while the first upstream is silent: when that one times out, the turn
+    is over; no fallback is asked to answer nobody (it would spend its tokens, and a client's
+    ``tpm``, for nothing)."""
+    gw, backends, _ = fleet
+    text = f"gone {transport} {uuid.uuid4().hex[:8]}"
+    backends["a"].plan[text] = "slow"
+    body = {"model": "m", "input": text}
+    if transport == "ws":
+        ws = WSClient(gw.base_url, timeout=30)
+        ws.send({"type": "response.create", **body})
+        time.sleep(0.3)
+        ws.sock.close()
+    else:
+        try:
+            requests.post(gw.base_url + "/responses", json={**body, "stream": transport == "stream"}, timeout=0.3)
+        except requests.exceptions.RequestException:  # (it stopped waiting)
+            pass
+    wait_until(lambda: backends["a"].calls_for(text), 5, "the first upstream asked")
+    time.sleep(IDLE * 2.5 + 1)  # (a's silence has run out by now)
+    assert backends["b"].calls_for(text) == [] and backends["c"].calls_for(text) == []
