@@ -36,7 +36,7 @@ DATA = 1  # the upstreams' upstream_data_timeout_secs: "comments" sends only com
 
 # behaviour -> (falls back, what a client sees when it is the last one tried)
 FALLS_BACK = {"ok": None, "json": None, "429": True, "429-wait": True, "503": True, "500": True, "reset": True,
-              "slow": True, "400": False, "cut-after": False, "cut-before": False, "comments": True, "json-error": False, "sse-length": None, "garbage": False, "error200": False}
+              "slow": True, "400": False, "cut-after": False, "cut-before": False, "comments": True, "not-http": True, "json-error": False, "sse-length": None, "garbage": False, "error200": False}
 BEHAVIOURS = sorted(FALLS_BACK)
 
 
@@ -83,6 +83,10 @@ class Backend:
         elif behaviour == "503-context":  # (an operator's words, and ones that would decide a code)
             send_json(h, 503, {"error": {"message": f"{self.name} says: maximum context length exceeded at "
                                                     "internal 10.1.2.3", "type": "x"}})
+        elif behaviour == "not-http":  # (bytes that are no HTTP answer, then the end)
+            h.close_connection = True
+            h.wfile.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+            h.wfile.flush()
         elif behaviour == "reset":
             h.close_connection = True
             h.connection.shutdown(2)
@@ -192,10 +196,10 @@ def _expected(plan: list[str]) -> tuple[list[str], str]:
 
 
 # what a JSON client gets when this behaviour ends the turn (a backend's 5xx is the gateway's 502)
-STATUS = {"429": 429, "429-wait": 429, "503": 502, "500": 502, "reset": 502, "slow": 502, "400": 400, "comments": 502}
+STATUS = {"429": 429, "429-wait": 429, "503": 502, "500": 502, "reset": 502, "slow": 502, "400": 400, "comments": 502, "not-http": 502}
 # the code a client gets when it ends the turn
 CODE = {"429": "rate_limit_exceeded", "429-wait": "rate_limit_exceeded", "503": "server_error", "500": "server_error",
-        "reset": "server_error", "slow": "upstream_timeout", "comments": "upstream_timeout"}
+        "reset": "server_error", "slow": "upstream_timeout", "comments": "upstream_timeout", "not-http": "server_error"}
 
 
 def _check_sdk(events: list[dict]) -> None:
@@ -293,7 +297,7 @@ def test_fallbacks_follow_the_rule_and_each_upstream_gets_its_own(fleet, plan, t
                 assert "every upstream for model 'm' failed" in error["message"], (plan, error)
                 assert all(f"{n} (" in error["message"] for n in asked), (plan, error)
             if STATUS.get(last) == 429:  # (the shortest wait: none when one answered without)
-                waits = [p == "429-wait" for p in plan[:len(asked)] if p not in ("reset", "slow", "comments")]
+                waits = [p == "429-wait" for p in plan[:len(asked)] if p not in ("reset", "slow", "comments", "not-http")]
                 assert (error.get("headers") or {}).get("retry-after") == ("7" if all(waits) else None), (plan, error)
         else:
             if status is not None:
@@ -306,7 +310,7 @@ def test_fallbacks_follow_the_rule_and_each_upstream_gets_its_own(fleet, plan, t
             if len(asked) > 1 and FALLS_BACK[last]:
                 assert "every upstream for model 'm' failed" in error["message"], (plan, error)
             if status == 429:
-                waits = [p == "429-wait" for p in plan[:len(asked)] if p not in ("reset", "slow", "comments")]
+                waits = [p == "429-wait" for p in plan[:len(asked)] if p not in ("reset", "slow", "comments", "not-http")]
                 assert r.headers.get("retry-after") == ("7" if all(waits) else None), (plan, dict(r.headers))
     # a backend's 5xx words are for the operator: never a client's, whoever failed last
     shown = json.dumps(events) if end is not None else r.text
@@ -477,3 +481,23 @@ def test_a_client_gone_while_an_upstream_is_silent_is_not_served_by_the_next(fle
     wait_until(lambda: backends["a"].calls_for(text), 5, "the first upstream asked")
     time.sleep(IDLE * 2.5 + 1)  # (a's silence has run out by now)
     assert backends["b"].calls_for(text) == [] and backends["c"].calls_for(text) == []
+
+
+def test_an_upstream_answering_no_http_falls_back_and_is_named(fleet):
+    """A backend that answers bytes that are no HTTP response (another service on its port, a
+    proxy's garbage) failed before its first byte: the next upstream answers; when it was the
+    last, the client's error says so. Before, it was taken for an answer that ended at once:
+    no fallback, and "upstream stream ended before the response was finished"."""
+    gw, backends, _ = fleet
+    for stream in (True, False):
+        text = f"no http {stream} {uuid.uuid4().hex[:8]}"
+        backends["a"].plan[text] = "not-http"
+        r = requests.post(gw.base_url + "/responses", json={"model": "m", "input": text, "stream": stream}, timeout=30)
+        assert r.status_code == 200 and "answer from b" in r.text, r.text[-500:]
+        assert len(backends["b"].calls_for(text)) == 1
+        text = f"none http {stream} {uuid.uuid4().hex[:8]}"
+        for b in backends.values():
+            b.plan[text] = "not-http"
+        r = requests.post(gw.base_url + "/responses", json={"model": "m", "input": text, "stream": stream}, timeout=30)
+        error = terminal(parse_sse(r.content))["response"]["error"] if stream else r.json()["error"]
+        assert "every upstream for model 'm' failed" in error["message"] and "no HTTP response" in error["message"], error

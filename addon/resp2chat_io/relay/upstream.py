@@ -272,7 +272,9 @@ class UpstreamClient:
                 channel.event(failure(502, f"cannot connect to the upstream {target.origin}: {reason}",
                                       "upstream_unavailable"))
                 return CallEnd.BROKEN
-            outcome, heard = CallEnd.BROKEN, [False]
+            # (heard: [any byte came from the backend, its answer's head came]: before the head, nothing
+            # of the answer reached the channel, so a failure then is reported, and may fall back)
+            outcome, heard = CallEnd.BROKEN, [False, False]
             try:
                 outcome = await self._roundtrip(target, headers, body, up_reader, up_writer, channel, reader, heard,
                                                 _Watch(to.idle_timeout, to.keepalive, channel, to.data_timeout))
@@ -281,8 +283,13 @@ class UpstreamClient:
                     outcome = CallEnd.STALE
                 else:
                     outcome = CallEnd.BROKEN
-                    if not heard[0]:
-                        channel.event(failure(502, f"the upstream connection failed: {exc}", "upstream_unavailable"))
+                    if heard[0] and not heard[1]:  # (bytes that are no HTTP answer: another service, a proxy's)
+                        channel.event(failure(502, f"the upstream {target.origin} answered with no HTTP response ({exc})",
+                                              "upstream_unavailable"))
+                    elif not heard[0]:
+                        why = "closed the connection before answering" if isinstance(exc, h11.ProtocolError) else \
+                            f"connection failed: {exc}"
+                        channel.event(failure(502, f"the upstream {why}", "upstream_unavailable"))
             finally:
                 if outcome is CallEnd.REUSABLE:
                     self._pool.setdefault(target.key, []).append((up_reader, up_writer))
@@ -387,6 +394,7 @@ class UpstreamClient:
                 return CallEnd.BROKEN
             if isinstance(event, h11.ConnectionClosed):
                 raise ConnectionResetError("closed before answering")
+        heard[1] = True
         hdrs = dict(event.headers)
         status, ctype, retry_after = event.status_code, hdrs.get(b"content-type", b""), hdrs.get(b"retry-after")
         stream = status == 200 and b"json" not in ctype
