@@ -36,7 +36,7 @@ DATA = 1  # the upstreams' upstream_data_timeout_secs: "comments" sends only com
 
 # behaviour -> (falls back, what a client sees when it is the last one tried)
 FALLS_BACK = {"ok": None, "json": None, "429": True, "429-wait": True, "503": True, "500": True, "reset": True,
-              "slow": True, "400": False, "cut-after": False, "cut-before": False, "comments": True, "not-http": True, "json-error": False, "sse-length": None, "garbage": False, "error200": False}
+              "slow": True, "400": False, "cut-after": False, "cut-before": True, "comments": True, "not-http": True, "json-error": False, "sse-length": None, "garbage": False, "error200": False}
 BEHAVIOURS = sorted(FALLS_BACK)
 
 
@@ -196,10 +196,11 @@ def _expected(plan: list[str]) -> tuple[list[str], str]:
 
 
 # what a JSON client gets when this behaviour ends the turn (a backend's 5xx is the gateway's 502)
-STATUS = {"429": 429, "429-wait": 429, "503": 502, "500": 502, "reset": 502, "slow": 502, "400": 400, "comments": 502, "not-http": 502}
+STATUS = {"429": 429, "429-wait": 429, "503": 502, "500": 502, "reset": 502, "slow": 502, "400": 400, "comments": 502, "not-http": 502, "cut-before": 502}
 # the code a client gets when it ends the turn
 CODE = {"429": "rate_limit_exceeded", "429-wait": "rate_limit_exceeded", "503": "server_error", "500": "server_error",
-        "reset": "server_error", "slow": "upstream_timeout", "comments": "upstream_timeout", "not-http": "server_error"}
+        "reset": "server_error", "slow": "upstream_timeout", "comments": "upstream_timeout", "not-http": "server_error",
+        "cut-before": "server_error"}
 
 
 def _check_sdk(events: list[dict]) -> None:
@@ -297,7 +298,7 @@ def test_fallbacks_follow_the_rule_and_each_upstream_gets_its_own(fleet, plan, t
                 assert "every upstream for model 'm' failed" in error["message"], (plan, error)
                 assert all(f"{n} (" in error["message"] for n in asked), (plan, error)
             if STATUS.get(last) == 429:  # (the shortest wait: none when one answered without)
-                waits = [p == "429-wait" for p in plan[:len(asked)] if p not in ("reset", "slow", "comments", "not-http")]
+                waits = [p == "429-wait" for p in plan[:len(asked)] if p not in ("reset", "slow", "comments", "not-http", "cut-before")]
                 assert (error.get("headers") or {}).get("retry-after") == ("7" if all(waits) else None), (plan, error)
         else:
             if status is not None:
@@ -310,7 +311,7 @@ def test_fallbacks_follow_the_rule_and_each_upstream_gets_its_own(fleet, plan, t
             if len(asked) > 1 and FALLS_BACK[last]:
                 assert "every upstream for model 'm' failed" in error["message"], (plan, error)
             if status == 429:
-                waits = [p == "429-wait" for p in plan[:len(asked)] if p not in ("reset", "slow", "comments", "not-http")]
+                waits = [p == "429-wait" for p in plan[:len(asked)] if p not in ("reset", "slow", "comments", "not-http", "cut-before")]
                 assert r.headers.get("retry-after") == ("7" if all(waits) else None), (plan, dict(r.headers))
     # a backend's 5xx words are for the operator: never a client's, whoever failed last
     shown = json.dumps(events) if end is not None else r.text
@@ -501,3 +502,24 @@ def test_an_upstream_answering_no_http_falls_back_and_is_named(fleet):
         r = requests.post(gw.base_url + "/responses", json={"model": "m", "input": text, "stream": stream}, timeout=30)
         error = terminal(parse_sse(r.content))["response"]["error"] if stream else r.json()["error"]
         assert "every upstream for model 'm' failed" in error["message"] and "no HTTP response" in error["message"], error
+
+
+def test_a_stream_cut_before_any_data_falls_back(fleet):
+    """A backend that sent its 200 head and closed before any data (vLLM sends its head at once,
+    then prefills: a crash meanwhile) gave no answer and nothing reached the client: the next
+    upstream answers, as after a silence or comments alone. When it was the last, the client's
+    error names it. Before, the turn failed there ("upstream stream ended before the response
+    was finished"), the fallbacks never asked."""
+    gw, backends, _ = fleet
+    for stream in (True, False):
+        text = f"cut before {stream} {uuid.uuid4().hex[:8]}"
+        backends["a"].plan[text] = "cut-before"
+        r = requests.post(gw.base_url + "/responses", json={"model": "m", "input": text, "stream": stream}, timeout=30)
+        assert r.status_code == 200 and "answer from b" in r.text, r.text[-500:]
+        text = f"all cut {stream} {uuid.uuid4().hex[:8]}"
+        for b in backends.values():
+            b.plan[text] = "cut-before"
+        r = requests.post(gw.base_url + "/responses", json={"model": "m", "input": text, "stream": stream}, timeout=30)
+        error = terminal(parse_sse(r.content))["response"]["error"] if stream else r.json()["error"]
+        assert "every upstream for model 'm' failed" in error["message"], error
+        assert "ended its stream before any data" in error["message"], error

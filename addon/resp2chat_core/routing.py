@@ -3,8 +3,9 @@
 Rules of this file:
 - The ``upstreams`` setting is an ordered list. A model goes to the *first* upstream whose
   ``models`` globs match the client's model name; every later match is a fallback, tried in
-  order when the one before failed **before its first byte**: it could not be reached, or it
-  answered 5xx or 429 (a gateway-observed silence is a 504). Never after anything of an answer
+  order when the one before failed **before its first byte**: it could not be reached (or
+  answered with no HTTP), it ended its stream before any data, or it answered 5xx or 429 (a
+  gateway-observed silence is a 504). Never after anything of an answer
   reached the client, and never for another 4xx (the request itself is wrong; the next upstream
   would say the same). A call the gateway reads whole and passes nothing of (server-side
   compaction's summary: relay/exchange.py) fails before anything reached the client at any point

@@ -480,7 +480,12 @@ class UpstreamClient:
                 pump.eof_received()  # what the StreamReader heard before the switch
             if not await watch.until(pump.outcome):
                 return CallEnd.BROKEN
-            return pump.outcome.result()
+            outcome = pump.outcome.result()
+            if outcome is CallEnd.BROKEN and not watch.streaming and not channel.closed:
+                # cut before any data (comments aside): no answer began, nothing reached the client; a
+                # failure before the first byte, as a silence is (the next upstream may answer)
+                channel.event(failure(502, "the upstream ended its stream before any data", "upstream_unavailable"))
+            return outcome
         finally:
             if channel.reads is pump:
                 channel.reads = None
