@@ -523,3 +523,39 @@ def test_a_stream_cut_before_any_data_falls_back(fleet):
         error = terminal(parse_sse(r.content))["response"]["error"] if stream else r.json()["error"]
         assert "every upstream for model 'm' failed" in error["message"], error
         assert "ended its stream before any data" in error["message"], error
+
+
+def test_16_turns_at_once_fall_back_each_once_and_answer_whole(fleet):
+    """16 turns at once (streamed, JSON, the WebSocket) whose first upstream refuses them: each
+    asks a once and b once, and each answer is b's, whole and coherent, under its own id."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    gw, backends, _ = fleet
+    texts = [f"crowd {i} {uuid.uuid4().hex[:6]}" for i in range(16)]
+    for text in texts:
+        backends["a"].plan[text], backends["b"].plan[text] = "503", "drip"
+
+    def one(i: int):
+        body = {"model": "m", "input": texts[i]}
+        if i % 3 == 2:
+            ws = WSClient(gw.base_url, timeout=30)
+            try:
+                events = ws.turn({"type": "response.create", **body})
+            finally:
+                ws.close()
+            return events[-1]["response"]
+        r = requests.post(gw.base_url + "/responses", json={**body, "stream": i % 3 == 0}, timeout=60)
+        assert r.status_code == 200, r.text[:300]
+        if i % 3 == 0:
+            events = parse_sse(r.content)
+            _check_sdk(events)
+            return terminal(events)["response"]
+        return r.json()
+
+    with ThreadPoolExecutor(16) as pool:
+        finals = list(pool.map(one, range(16)))
+    assert len({f["id"] for f in finals}) == 16
+    for text, final in zip(texts, finals):
+        assert final["status"] == "completed" and "answer from b" in json.dumps(final["output"]), final
+        assert len(backends["a"].calls_for(text)) == 1 and len(backends["b"].calls_for(text)) == 1
+        assert backends["c"].calls_for(text) == []
