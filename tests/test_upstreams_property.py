@@ -407,7 +407,7 @@ def test_turns_that_fell_back_or_failed_retranslate_and_replay_as_recorded(tmp_p
                 if transport == "ws":
                     ws = WSClient(gw.base_url, timeout=30)
                     try:
-                        ws.turn({"type": "response.create", **body})
+                        recorded[(text, transport)] = (200, terminal(ws.turn({"type": "response.create", **body})))
                     finally:
                         ws.close()
                 else:
@@ -426,6 +426,16 @@ def test_turns_that_fell_back_or_failed_retranslate_and_replay_as_recorded(tmp_p
                             "--set", "resp2chat_max_replay_entries=0", "--server-replay", str(flows))
     try:
         for (text, transport), (status, content) in recorded.items():
+            if transport == "ws":  # (a socket's completed turns replay, over the socket)
+                if content["response"]["status"] == "completed":
+                    ws = WSClient(offline.base_url, timeout=30)
+                    try:
+                        again = terminal(ws.turn({"type": "response.create", "model": "m", "input": text,
+                                                  "max_output_tokens": 40}))
+                    finally:
+                        ws.close()
+                    assert again == content, (text, again, content)
+                continue
             r = requests.post(offline.base_url + "/responses", timeout=30,
                               json={"model": "m", "input": text, "max_output_tokens": 40, "stream": transport == "stream"})
             if status == 200 and transport == "stream":
