@@ -53,7 +53,9 @@ class Backend:
 
         class Handler(QuietHandler):
             def do_GET(self):
-                send_json(self, 200, {"object": "list", "data": [{"id": "m", "object": "model"}]})
+                if outer.plan.get("GET /models") == "slow":
+                    time.sleep(IDLE * 3)
+                send_json(self, 200, {"object": "list", "data": [{"id": f"m-{outer.name}", "object": "model"}]})
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)))
@@ -569,3 +571,19 @@ def test_16_turns_at_once_fall_back_each_once_and_answer_whole(fleet):
         assert final["status"] == "completed" and "answer from b" in json.dumps(final["output"]), final
         assert len(backends["a"].calls_for(text)) == 1 and len(backends["b"].calls_for(text)) == 1
         assert backends["c"].calls_for(text) == []
+
+
+def test_the_merged_model_list_waits_for_each_upstream_its_own_time(fleet):
+    """``GET /v1/models`` asks every upstream; one silent past its own
+    ``upstream_idle_timeout_secs`` is left out then, not waited for as long as the top-level
+    setting says (60 s here). Before, every upstream's list was waited for the top-level time."""
+    gw, backends, _ = fleet
+    backends["a"].plan["GET /models"] = "slow"
+    try:
+        started = time.monotonic()
+        r = requests.get(gw.base_url + "/models", timeout=30)
+        took = time.monotonic() - started
+    finally:
+        backends["a"].plan.pop("GET /models")
+    assert r.status_code == 200 and [m["id"] for m in r.json()["data"]] == ["m-b", "m-c"], r.text
+    assert took < IDLE * 3, took

@@ -299,13 +299,15 @@ class UpstreamClient:
                 return outcome
         return CallEnd.BROKEN  # not reached: a fresh connection is never stale
 
-    async def get(self, url: str, headers: list[tuple[bytes, bytes]], body: bytes | None = None) -> tuple[int, bytes]:
+    async def get(self, url: str, headers: list[tuple[bytes, bytes]], body: bytes | None = None, *,
+                  connect_timeout: float | None | bool = False, idle_timeout: float | None = None) -> tuple[int, bytes]:
         """A plain GET (with ``body``: a POST of it) on a fresh connection (web search, a
         backend's model list or tokenizer), whole body (a 200's up to ``max_get``, else
         ``TooLarge``, declared so or grown so: a model list of thousands of models, the token ids
-        of a long prompt pass 1 MiB; an error's up to ``MAX_ERROR_BODY``), bounded by idle_timeout."""
+        of a long prompt pass 1 MiB; an error's up to ``MAX_ERROR_BODY``), bounded by idle_timeout
+        (``connect_timeout``, ``idle_timeout``: an upstream's own, else the client's)."""
         target = BackendUrl(url)
-        reader, writer, _ = await self._connect(target.key, pooled=False)
+        reader, writer, _ = await self._connect(target.key, pooled=False, timeout=connect_timeout)
         try:
             conn = h11.Connection(h11.CLIENT)
             parts = target.parts
@@ -317,7 +319,8 @@ class UpstreamClient:
                 writer.write(conn.send(h11.Data(data=body)))
             writer.write(conn.send(h11.EndOfMessage()))
             status, data = 0, bytearray()
-            timeout = None if self.idle_timeout == float("inf") else self.idle_timeout
+            idle = self.idle_timeout if idle_timeout is None else idle_timeout
+            timeout = None if idle == float("inf") else idle
             while True:
                 event = conn.next_event()
                 if event is h11.NEED_DATA:
