@@ -146,6 +146,9 @@ def check_turn(where: str, record: dict, history: History, sealer: Sealer | None
         if why:
             return Result(where, "skipped", [f"cannot lower it again: {why}"])
         return Result(where, "differs", [f"the recorded request is now refused: {err}"])
+    request_id = record.get("request_id")
+    if isinstance(request_id, str):  # (named in the failures the client saw: the gateway's own, a withheld 5xx)
+        turn.ctx.request_id = request_id
     completed = _COMPLETED.findall(answer)
     if completed:  # (when the recorded turn completed: the core reads no clock, the gateway's was then)
         turn.ctx.clock = lambda: int(completed[-1])

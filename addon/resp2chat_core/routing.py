@@ -3,8 +3,9 @@
 Rules of this file:
 - The ``upstreams`` setting is an ordered list. A model goes to the *first* upstream whose
   ``models`` globs match the client's model name; every later match is a fallback, tried in
-  order when the one before failed **before its first byte**: it could not be reached, or it
-  answered 5xx or 429 (a gateway-observed silence is a 504). Never after anything of an answer
+  order when the one before failed **before its first byte**: it could not be reached (or
+  answered with no HTTP), it ended its stream before any data, or it answered 5xx or 429 (a
+  gateway-observed silence is a 504). Never after anything of an answer
   reached the client, and never for another 4xx (the request itself is wrong; the next upstream
   would say the same). A call the gateway reads whole and passes nothing of (server-side
   compaction's summary: relay/exchange.py) fails before anything reached the client at any point
@@ -38,7 +39,7 @@ from typing import Sequence
 
 from . import settings as S
 from .channel import Channel, Event, Keepalive, UpstreamFailed
-from .errors import GatewayError, upstream_error_message
+from .errors import GatewayError, upstream_failure
 from .limits import retry_seconds
 
 CHAT_PATH = "/chat/completions"  # below an upstream's base URL: where its turns go
@@ -61,6 +62,15 @@ class Candidate:
     idle_timeout: float = 60.0  # seconds of upstream silence before the turn fails (inf: no limit)
     data_timeout: float = 300.0  # seconds without stream data (SSE comments are none) before it fails (inf: none)
     keepalive: float = 15.0  # seconds without data before the first between keepalive events (inf: off)
+
+    def sent(self, common: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """The headers this upstream gets: ``common`` (what every candidate gets: the client's
+        forwarded headers, affinity), then its own ``upstream_headers`` and key, which a header
+        of the same name in ``common`` never goes beside (a client's ``api-key`` or provider
+        order is not sent ahead of the operator's, where a backend would read the first)."""
+        own = [*self.headers, *([(b"authorization", self.authorization)] if self.authorization else [])]
+        names = {name for name, _ in own}
+        return [(n, v) for n, v in common if n not in names] + own
 
     @property
     def base_url(self) -> str:
@@ -101,25 +111,36 @@ def falls_back(failure: UpstreamFailed) -> bool:
 
 
 def all_failed(model: str, tried: Sequence[tuple[str, UpstreamFailed]]) -> UpstreamFailed:
-    """One failure naming every upstream tried (and why), with the last one's status and the
-    shortest wait any of them asked for (``Retry-After``): a client's retry goes through every
-    upstream again, so it may be answered as soon as the first of them is ready; the longest
+    """One failure naming every upstream tried (and why), with the last one's status and code,
+    and the shortest wait any of them asked for (``Retry-After``): a client's retry goes through
+    every upstream again, so it may be answered as soon as the first of them is ready; the longest
     would keep it waiting for the slowest, the last one's is a matter of order. A backend that
     answered without a wait (a plain 503/504, a 429 without the header) may be ready at once:
     then none is told, and the client backs off as it does by itself (Codex, the openai SDK:
     well under a second at first), rather than sitting out another upstream's 30 s. What the
-    relay saw itself (``own``: unreachable, silent) says nothing of when: it has no say."""
-    reasons = []
+    relay saw itself (``own``: unreachable, silent) says nothing of when: it has no say.
+
+    The failure is the gateway's own wording (``own``): each reason is what a client may read of
+    that upstream's failure (errors.py ``upstream_failure``: a backend's 5xx words are withheld),
+    the code is the last failure's (never read from the other upstreams' words), and the
+    backends' own words go to the operator only (``metadata.raw``: the turn's error detail)."""
+    shown, full = [], []
     for name, failure in tried:
-        message, _ = upstream_error_message(failure.status, failure.body)
-        reasons.append(f"{name} ({message})")
+        _, said, detail = upstream_failure(failure.status, failure.body, own=failure.own)
+        shown.append(f"{name} ({said})")
+        full.append(f"{name} ({detail})")
     last = tried[-1][1]
-    text = f"every upstream for model {model!r} failed: " + "; ".join(reasons)
-    body = json.dumps({"error": {"message": text, "type": "upstream_unavailable"}}).encode()
+    code = upstream_failure(last.status, last.body, own=last.own)[0]
+    head = f"every upstream for model {model!r} failed: "
+    error = {"message": head + "; ".join(shown), "type": "upstream_unavailable", "code": code}
+    if full != shown:
+        error["metadata"] = {"raw": "; ".join(full)}
+    body = json.dumps({"error": error}).encode()
     answered = [f for _, f in tried if not f.own]
     if any(retry_seconds(f.retry_after) is None for f in answered):
-        return UpstreamFailed(last.status, body, None)
-    return UpstreamFailed(last.status, body, min((f.retry_after for f in answered), key=retry_seconds, default=None))
+        return UpstreamFailed(last.status, body, None, own=True)
+    return UpstreamFailed(last.status, body, min((f.retry_after for f in answered), key=retry_seconds, default=None),
+                          own=True)
 
 
 class Attempt:

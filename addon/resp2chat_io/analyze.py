@@ -15,35 +15,50 @@ from resp2chat_core.turn import session_key
 def _session_of(meta: dict, headers) -> str:
     try:
         original = json.loads(meta.get("responses_request") or "{}")
-    except ValueError:
+    except (ValueError, TypeError):  # (not JSON, or not text: an edited record)
         original = {}
     return session_key(original.get("prompt_cache_key") if isinstance(original, dict) else None, headers) or "default"
 
 
 def read_flows(path: Path) -> list[tuple[float, str, dict]]:
-    from mitmproxy import http, io
+    """The chat requests of a flow file's turns. A file that is no whole flow file (cut short: a
+    gateway stopped while writing it) is named, not read in part; a turn whose record is not what
+    the gateway writes (edited by hand) is left out."""
+    from mitmproxy import exceptions, http, io
 
     out = []
     with path.open("rb") as fh:
-        for f in io.FlowReader(fh).stream():
-            meta = (f.metadata.get(META) or {}) if isinstance(f, http.HTTPFlow) else {}
-            if meta.get("transport") == "websocket":  # a Responses WebSocket: its turns' chat requests
-                for n, turn in enumerate(meta.get("turns") or ()):
-                    if turn.get("chat_request") and not turn.get("warmup"):  # (a warm-up never reached it)
-                        out.append((f.request.timestamp_start + n * 1e-6,
-                                    _session_of({"responses_request": turn.get("responses_request")}, f.request.headers),
-                                    json.loads(turn["chat_request"]), turn.get("usage")))
-                continue
-            if not isinstance(f, http.HTTPFlow) or not f.request.path.split("?")[0].endswith(CHAT_PATH):
-                continue
-            try:
-                chat = json.loads(f.request.content or b"")
-            except ValueError:
-                continue
-            if isinstance(chat, dict) and "messages" in chat:
-                meta = f.metadata.get(META) or {}
-                out.append((f.request.timestamp_start, _session_of(meta, f.request.headers), chat, meta.get("usage")))
+        try:
+            flows = list(io.FlowReader(fh).stream())
+        except exceptions.FlowReadException as exc:
+            raise SystemExit(f"resp2chat analyze: {path}: cannot read: {exc}") from None
+    for f in flows:
+        meta = f.metadata.get(META) if isinstance(f, http.HTTPFlow) else None
+        meta = meta if isinstance(meta, dict) else {}
+        if meta.get("transport") == "websocket":  # a Responses WebSocket: its turns' chat requests
+            turns = meta.get("turns")
+            for n, turn in enumerate(turns if isinstance(turns, list) else ()):
+                chat = _chat(turn.get("chat_request")) if isinstance(turn, dict) and not turn.get("warmup") else None
+                if chat is not None:  # (a warm-up never reached it)
+                    out.append((f.request.timestamp_start + n * 1e-6,
+                                _session_of({"responses_request": turn.get("responses_request")}, f.request.headers),
+                                chat, turn.get("usage")))
+            continue
+        if not isinstance(f, http.HTTPFlow) or not f.request.path.split("?")[0].endswith(CHAT_PATH):
+            continue
+        chat = _chat(f.request.content or b"")
+        if chat is not None:
+            out.append((f.request.timestamp_start, _session_of(meta, f.request.headers), chat, meta.get("usage")))
     return out
+
+
+def _chat(text) -> dict | None:
+    """A recorded chat request (its JSON text) as the analysis reads it; None: it is none."""
+    try:
+        chat = json.loads(text) if isinstance(text, (str, bytes)) else None
+    except ValueError:
+        return None
+    return chat if isinstance(chat, dict) and isinstance(chat.get("messages"), list) else None
 
 
 def read_jsonl(path: Path) -> list[tuple[float, str, dict]]:

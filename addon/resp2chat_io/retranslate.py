@@ -50,6 +50,8 @@ def check_file(path: Path, sealer: Sealer | None) -> list[Result]:
             if answer is not None and not record.get("chat_request"):  # an HTTP turn: the flow's request
                 # (unless a fallback answered: the flow shows what it got, the record the first's)
                 record = {**record, "chat_request": (flow.request.content or b"").decode("utf-8", "replace")}
+            if answer is not None and "request_id" not in record:  # an HTTP turn's: its answer's header
+                record = {**record, "request_id": flow.response.headers.get("x-request-id", "")}
             where = f"flow {number} ({flow.request.method} {flow.request.path}) {name}"
             results.append(check_turn(where, record, history, sealer, answer=answer, stream=streamed))
     return results

@@ -252,8 +252,7 @@ class HttpTurns:
         # (the client's connection headers stay: mitmproxy reads them for the client's side)
         kept = [(n.encode(), v.encode()) for n, v in req.headers.items(multi=True) if n.lower() in HOP_KEPT]
         req.url = first.url
-        req.headers = http.Headers([*kept, *ex.headers, *first.headers, (b"host", urlsplit(first.url).netloc.encode())]
-                                   + ([(b"authorization", first.authorization)] if first.authorization else []))
+        req.headers = http.Headers([*kept, *first.sent([*ex.headers, (b"host", urlsplit(first.url).netloc.encode())])])
         req.content = first.body
         for name, value in self.relay.expect(ex):
             req.headers[name] = value

@@ -57,7 +57,10 @@ class ReplayCache(Owner):
         # (at start, once every addon is configured: the keys need the lowering settings)
         self._running = True
         if ctx.options.resp2chat_replay_preload:
-            self._preload(ctx.options.resp2chat_replay_preload)
+            try:
+                self._preload(ctx.options.resp2chat_replay_preload)
+            except exceptions.OptionsError as exc:  # (start-up stops on it, saying why: no traceback)
+                log.error(str(exc))
 
     def apply(self, updated: set[str]) -> None:
         self.cache.resize(self.s["max_replay_entries"])  # (after the store addon's configure: a new one too)
@@ -90,20 +93,34 @@ class ReplayCache(Owner):
                 flows = list(io.FlowReader(fh).stream())
         except (OSError, exceptions.FlowReadException) as exc:
             raise exceptions.OptionsError(f"resp2chat_replay_preload: cannot read {path}: {exc}") from None
-        loaded = 0
+        loaded = unread = 0
         for f in flows:
-            meta = f.metadata.get(META) or {}
-            if isinstance(f, http.HTTPFlow) and meta.get("status") == "completed" and f.response:
-                created = re.search(rb'"created_at":(\d+)', f.response.content or b"")
+            meta = f.metadata.get(META) if isinstance(f, http.HTTPFlow) else None
+            if not isinstance(meta, dict) or meta.get("status") != "completed" or not f.response:
+                unread += meta is not None and not isinstance(meta, dict)
+                continue
+            # (its own times, as response.py writes them: an SSE answer's compact JSON, a JSON body's)
+            created = re.search(rb'"created_at": ?(\d+)', f.response.content or b"")
+            try:
                 request = json.loads(meta["responses_request"]) if created and meta.get("response_id") else {}
-                # (as ``finished`` keeps no MCP turn; an answer sealed under another key is not this gateway's)
-                if request and not mcp.mcp_tools(request.get("tools")) and opens_here(
-                        f.response.content, self.turns.sealer.unseal, (REASONING_PURPOSE, compaction.PURPOSE)):
-                    key = self.turns.replay_key(
-                        self.upstreams.cache_context(f, None if self.upstreams.specs else meta.get("upstream", "")),
-                        meta["responses_request"].encode(), owners.SHARED)
-                    entry = pack(meta["response_id"], int(created[1]), f.response.content,
-                                 stream=request.get("stream") is True, store=request.get("store") is not False)
-                    self.store.writes.start("replay cache entry not preloaded", self.cache.put(key, entry))
-                    loaded += 1  # (in Redis: as the loop runs; counted as kept)
+            except (ValueError, TypeError):  # (a record no gateway wrote: edited)
+                request = None
+            if not isinstance(request, dict) or not isinstance(meta.get("response_id", ""), str):
+                unread += 1
+                continue
+            # (as ``finished`` keeps no MCP turn; an answer sealed under another key is not this gateway's)
+            if request and not mcp.mcp_tools(request.get("tools")) and opens_here(
+                    f.response.content, self.turns.sealer.unseal, (REASONING_PURPOSE, compaction.PURPOSE)):
+                upstream = meta.get("upstream", "")
+                key = self.turns.replay_key(
+                    self.upstreams.cache_context(f, None if self.upstreams.specs else
+                                                 upstream if isinstance(upstream, str) else ""),
+                    meta["responses_request"].encode(), owners.SHARED)
+                entry = pack(meta["response_id"], int(created[1]), f.response.content,
+                             stream=request.get("stream") is True, store=request.get("store") is not False)
+                self.store.writes.start("replay cache entry not preloaded", self.cache.put(key, entry))
+                loaded += 1  # (in Redis: as the loop runs; counted as kept)
+        if unread:
+            log.warning(f"resp2chat: replay cache preload: {unread} turns of {path} left out: their record is not "
+                        "what the gateway writes (edited?)")
         log.info(f"resp2chat: replay cache preloaded with {loaded} answers from {path}")

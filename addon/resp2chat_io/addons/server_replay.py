@@ -105,16 +105,29 @@ class ServerReplay:
             flows = io.read_flows_from_paths(list(paths))
         except exceptions.FlowReadException as exc:
             raise exceptions.OptionsError(str(exc)) from None
-        recordings, others = Recordings(), []
+        recordings, others, unread = Recordings(), [], 0
         for f in flows:
-            meta = (f.metadata.get(META) or {}) if isinstance(f, http.HTTPFlow) else {}
+            meta = f.metadata.get(META) if isinstance(f, http.HTTPFlow) else None
+            if meta is not None and not isinstance(meta, dict):
+                unread += 1  # (a record no gateway wrote: edited)
+                continue
+            meta = meta or {}
             if meta.get("transport") == "websocket":
-                for n, turn in enumerate(meta.get("turns") or (), 1):
-                    if turn.get("chat_request") and turn.get("events") and turn.get("status") == "completed":
-                        recordings.add(turn["chat_request"].encode(), Answer(f"{f.id} turn {n}", sse=turn["events"].encode()),
-                                       WARMUP if turn.get("warmup") else "")
+                turns = meta.get("turns")
+                for n, turn in enumerate(turns if isinstance(turns, list) else (), 1):
+                    if not isinstance(turn, dict) or turn.get("status") != "completed" or not turn.get("chat_request"):
+                        continue
+                    if not isinstance(turn["chat_request"], str) or not isinstance(turn.get("events"), str):
+                        unread += 1  # (a record no gateway wrote: edited)
+                        continue
+                    recordings.add(turn["chat_request"].encode(), Answer(f"{f.id} turn {n}", sse=turn["events"].encode()),
+                                   WARMUP if turn.get("warmup") else "")
+                unread += not isinstance(turns, (list, type(None)))
             elif meta.get("responses_request") and f.response is not None and not meta.get("replay_cache") \
                     and f.request.path.split("?", 1)[0].endswith(CHAT_PATH):
+                if not isinstance(meta.get("chat_request") or "", str):
+                    unread += 1
+                    continue
                 content = f.response.content or b""
                 stream = f.response.headers.get("content-type", "").startswith("text/event-stream")
                 # under the chat request of the turn's first upstream, which is what a rerun lowers
@@ -124,6 +137,9 @@ class ServerReplay:
                                             json=None if stream else content, response=f.response))
             else:
                 others.append(f)
+        if unread:
+            log.warning(f"resp2chat: server replay: {unread} recorded turns left out: their record is not what the "
+                        "gateway writes (edited?)")
         self.recordings, self.others, self.loaded = recordings, others, paths
         log.info(f"resp2chat: server replay: {len(recordings)} recorded turns match reruns "
                  f"(tool wall times, chunk ids and the date ignored), {len(others)} other flows")

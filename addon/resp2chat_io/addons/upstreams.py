@@ -351,7 +351,9 @@ class Upstreams(Owner):
                 headers.append((b"authorization", auth.encode()))
             try:
                 url = (self.endpoints[spec.name] if spec is not None else self.target(flow)).url
-                status, body = await self.relay.client.get(url + "/models", headers)
+                own = routing.timeouts(spec.settings(self.s)) if spec is not None else {}  # (its own waits)
+                status, body = await self.relay.client.get(url + "/models", headers, **{
+                    k: v for k, v in own.items() if k in ("connect_timeout", "idle_timeout")})
                 data = json.loads(body) if status == 200 else None
             except Exception as exc:  # noqa: BLE001 - unreachable, not JSON, h11 errors…: that upstream is out
                 log.warning(f"resp2chat: GET /models from upstream {name}: {type(exc).__name__}: {exc}")

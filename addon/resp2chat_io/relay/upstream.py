@@ -260,7 +260,7 @@ class UpstreamClient:
         with the turn (``channel.closed``) and more of the body comes, or when ``reader.feed``
         returns None (it refused the stream: the caller reports why)."""
         target = BackendUrl(to.url)
-        headers = [*headers, *to.headers] + ([(b"authorization", to.authorization)] if to.authorization else [])
+        headers = to.sent(headers)
         for attempt in (1, 2):
             try:
                 # a second attempt (the pooled connection was stale) takes a fresh connection
@@ -272,7 +272,9 @@ class UpstreamClient:
                 channel.event(failure(502, f"cannot connect to the upstream {target.origin}: {reason}",
                                       "upstream_unavailable"))
                 return CallEnd.BROKEN
-            outcome, heard = CallEnd.BROKEN, [False]
+            # (heard: [any byte came from the backend, its answer's head came]: before the head, nothing
+            # of the answer reached the channel, so a failure then is reported, and may fall back)
+            outcome, heard = CallEnd.BROKEN, [False, False]
             try:
                 outcome = await self._roundtrip(target, headers, body, up_reader, up_writer, channel, reader, heard,
                                                 _Watch(to.idle_timeout, to.keepalive, channel, to.data_timeout))
@@ -281,8 +283,13 @@ class UpstreamClient:
                     outcome = CallEnd.STALE
                 else:
                     outcome = CallEnd.BROKEN
-                    if not heard[0]:
-                        channel.event(failure(502, f"the upstream connection failed: {exc}", "upstream_unavailable"))
+                    if heard[0] and not heard[1]:  # (bytes that are no HTTP answer: another service, a proxy's)
+                        channel.event(failure(502, f"the upstream {target.origin} answered with no HTTP response ({exc})",
+                                              "upstream_unavailable"))
+                    elif not heard[0]:
+                        why = "closed the connection before answering" if isinstance(exc, h11.ProtocolError) else \
+                            f"connection failed: {exc}"
+                        channel.event(failure(502, f"the upstream {why}", "upstream_unavailable"))
             finally:
                 if outcome is CallEnd.REUSABLE:
                     self._pool.setdefault(target.key, []).append((up_reader, up_writer))
@@ -292,13 +299,15 @@ class UpstreamClient:
                 return outcome
         return CallEnd.BROKEN  # not reached: a fresh connection is never stale
 
-    async def get(self, url: str, headers: list[tuple[bytes, bytes]], body: bytes | None = None) -> tuple[int, bytes]:
+    async def get(self, url: str, headers: list[tuple[bytes, bytes]], body: bytes | None = None, *,
+                  connect_timeout: float | None | bool = False, idle_timeout: float | None = None) -> tuple[int, bytes]:
         """A plain GET (with ``body``: a POST of it) on a fresh connection (web search, a
         backend's model list or tokenizer), whole body (a 200's up to ``max_get``, else
         ``TooLarge``, declared so or grown so: a model list of thousands of models, the token ids
-        of a long prompt pass 1 MiB; an error's up to ``MAX_ERROR_BODY``), bounded by idle_timeout."""
+        of a long prompt pass 1 MiB; an error's up to ``MAX_ERROR_BODY``), bounded by idle_timeout
+        (``connect_timeout``, ``idle_timeout``: an upstream's own, else the client's)."""
         target = BackendUrl(url)
-        reader, writer, _ = await self._connect(target.key, pooled=False)
+        reader, writer, _ = await self._connect(target.key, pooled=False, timeout=connect_timeout)
         try:
             conn = h11.Connection(h11.CLIENT)
             parts = target.parts
@@ -310,7 +319,8 @@ class UpstreamClient:
                 writer.write(conn.send(h11.Data(data=body)))
             writer.write(conn.send(h11.EndOfMessage()))
             status, data = 0, bytearray()
-            timeout = None if self.idle_timeout == float("inf") else self.idle_timeout
+            idle = self.idle_timeout if idle_timeout is None else idle_timeout
+            timeout = None if idle == float("inf") else idle
             while True:
                 event = conn.next_event()
                 if event is h11.NEED_DATA:
@@ -387,6 +397,7 @@ class UpstreamClient:
                 return CallEnd.BROKEN
             if isinstance(event, h11.ConnectionClosed):
                 raise ConnectionResetError("closed before answering")
+        heard[1] = True
         hdrs = dict(event.headers)
         status, ctype, retry_after = event.status_code, hdrs.get(b"content-type", b""), hdrs.get(b"retry-after")
         stream = status == 200 and b"json" not in ctype
@@ -472,7 +483,12 @@ class UpstreamClient:
                 pump.eof_received()  # what the StreamReader heard before the switch
             if not await watch.until(pump.outcome):
                 return CallEnd.BROKEN
-            return pump.outcome.result()
+            outcome = pump.outcome.result()
+            if outcome is CallEnd.BROKEN and not watch.streaming and not channel.closed:
+                # cut before any data (comments aside): no answer began, nothing reached the client; a
+                # failure before the first byte, as a silence is (the next upstream may answer)
+                channel.event(failure(502, "the upstream ended its stream before any data", "upstream_unavailable"))
+            return outcome
         finally:
             if channel.reads is pump:
                 channel.reads = None
