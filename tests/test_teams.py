@@ -397,7 +397,9 @@ def test_a_revoked_or_rotated_key_stops_its_background_responses_on_every_replic
     owners = {name: team.owner(name) for name in ("alice", "bob")}  # (bob's entry is gone once revoked)
 
     def stored(name: str, response_id: str) -> dict:
-        data = team.redis.hget(f"resp2chat:owner:{owners[name]}:response:{response_id}", "data")
+        data, head, tail = team.redis.hmget(f"resp2chat:owner:{owners[name]}:response:{response_id}",
+                                            ["data", "head", "tail"])  # (a renewed run's JSON: head + tail)
+        data = data or (head + tail if head is not None and tail is not None else None)
         return json.loads(data)["response"] if data else {}
 
     wait_until(lambda: stored("bob", bob_run.id).get("status") == "in_progress", 20, "bob's run under way")
