@@ -19,7 +19,8 @@ closes a connection whose client takes nothing of its answer (``Stalls``) and on
 body, arriving, came slower than ``MIN_BODY_RATE`` (16 KiB/s) over the last
 ``header_timeout_secs`` (``BodyRate``; its bytes counted by ``mitm_head``, as they are read: a
 head declaring 32 MiB, 16 MiB sent, then a byte every 10 s was held for as long as it trickled,
-12 of them +231 MiB).
+12 of them +231 MiB). Such a connection too is closed without an answer: a ``408`` written before
+closing a socket whose client still sends is mostly lost to the reset that unread bytes cause.
 
 How. Closed the way mitmproxy's own ``tcp_timeout`` closes one (``ConnectionHandler.on_timeout``):
 the client connection's handler task is cancelled, found through the proxyserver addon's
