@@ -4,7 +4,8 @@ mitmproxy holds a client connection until 600 s of silence (``tcp_timeout``), an
 resets that: a client sending half a request head, or a byte now and then, was held as long as
 it liked, unauthenticated. ``header_timeout_secs`` (resp2chat_io/addons/head_deadline.py) closes
 a connection that has not sent a whole head within it of connecting, or of its previous answer's
-end; a request under way and a WebSocket are never cut. Everything here runs through a real
+end; a request under way and a WebSocket are never cut by it, but a request body arriving slower
+than ``MIN_BODY_RATE`` over the last ``header_timeout_secs`` is. Everything here runs through a real
 mitmdump with a short deadline (``LIMIT``) and real clients; the time that must pass is measured
 by a control connection that the gateway closes, never by a sleep.
 """
