@@ -4,7 +4,8 @@ mitmproxy holds a client connection until 600 s of silence (``tcp_timeout``), an
 resets that: a client sending half a request head, or a byte now and then, was held as long as
 it liked, unauthenticated. ``header_timeout_secs`` (resp2chat_io/addons/head_deadline.py) closes
 a connection that has not sent a whole head within it of connecting, or of its previous answer's
-end; a request under way and a WebSocket are never cut. Everything here runs through a real
+end; a request under way and a WebSocket are never cut by it, but a request body arriving slower
+than ``MIN_BODY_RATE`` over the last ``header_timeout_secs`` is. Everything here runs through a real
 mitmdump with a short deadline (``LIMIT``) and real clients; the time that must pass is measured
 by a control connection that the gateway closes, never by a sleep.
 """
@@ -19,9 +20,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from resp2chat_core.head_deadline import MAX_WAITING, HeadDeadline
+from resp2chat_core.head_deadline import MAX_WAITING, MIN_BODY_RATE, BodyRate, HeadDeadline
 
-from helpers import Codex, Peak, open_fds, openai_client, read_flows, stream_turn, terminal, wait_until
+from helpers import Codex, Peak, memory, open_fds, openai_client, read_flows, stream_turn, terminal, wait_until
 from wsclient import WSClient
 
 LIMIT = 2  # header_timeout_secs of the gateways here
@@ -170,25 +171,84 @@ def test_an_idle_keep_alive_connection_is_closed_and_clients_reconnect(gw, upstr
     assert "Traceback" not in gw.log()
 
 
+def post_head(length: int) -> bytes:
+    return (b"POST /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n" % length)
+
+
 def test_a_request_under_way_is_never_cut(gw):
-    """Past the head, the deadline does not apply: a body uploaded slowly for two deadlines and
-    a streamed turn that lasts two deadlines are answered whole."""
-    body = json.dumps({"model": "demo-model", "input": "slowly uploaded"}).encode()
-    sock = connect(gw, b"POST /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
-                       b"content-length: %d\r\n\r\n" % len(body))
+    """Past the head, the head deadline does not apply: a body uploaded slowly (3× the minimum
+    rate, ``MIN_BODY_RATE``) for three deadlines and a streamed turn that lasts two deadlines are
+    answered whole. (A body slower than the minimum rate is cut: the test below.)"""
+    body = json.dumps({"model": "demo-model", "input": "slowly uploaded " + "x" * (9 * LIMIT * MIN_BODY_RATE)}).encode()
+    sock = connect(gw, post_head(len(body)))
     start = time.monotonic()
-    for i, byte in enumerate(body):  # the body over 2 deadlines
-        wait_until(lambda: time.monotonic() - start >= 2 * LIMIT * (i + 1) / len(body), what="the next byte's time")
-        sock.sendall(bytes([byte]))
+    rate, chunk = 3 * MIN_BODY_RATE, 4096
+    for i in range(0, len(body), chunk):  # the body over 3 deadlines, 4 KiB at a time
+        wait_until(lambda: time.monotonic() - start >= i / rate, what="the next chunk's time")
+        sock.sendall(body[i:i + chunk])
     got = answer(sock)
     assert got.startswith(b"HTTP/1.1 200"), got[:300]
     assert json.loads(got.partition(b"\r\n\r\n")[2])["status"] == "completed"
-    assert time.monotonic() - start >= 2 * LIMIT
+    assert time.monotonic() - start >= 3 * LIMIT - 1
 
     start = time.monotonic()
     events = stream_turn(gw, {"model": "demo-model", "input": "slow: 250\nwords: 30"})  # ~8 s of tokens
     assert terminal(events)["response"]["status"] == "completed"
     assert time.monotonic() - start >= 2 * LIMIT
+
+
+def stall_bodies(gw, n: int, sent: int) -> list[float]:
+    """``n`` heads declaring 3 × ``sent`` bytes of body, ``sent`` of it at once, then a byte every
+    0.5 s on each: how long after the stall began each was closed (or the ones still open after
+    ``LIMIT + 10`` seconds fail)."""
+    socks = [connect(gw, post_head(3 * sent)) for _ in range(n)]
+    for sock in socks:
+        sock.sendall(b"x" * sent)
+    stalled = time.monotonic()
+    open_, took = list(socks), []
+    while open_ and time.monotonic() - stalled < LIMIT + 10:
+        for sock in list(open_):
+            try:
+                sock.sendall(b"x")
+            except OSError:
+                pass
+            if closed(sock):
+                open_.remove(sock)
+                took.append(time.monotonic() - stalled)
+        tick = int((time.monotonic() - stalled) / 0.5) + 1
+        wait_until(lambda: time.monotonic() - stalled >= 0.5 * tick, what="the next byte's time")
+    assert not open_, f"{len(open_)} of {n} stalling bodies still open after {time.monotonic() - stalled:.1f} s"
+    for sock in socks:
+        sock.close()
+    return took
+
+
+def test_a_stalling_body_is_closed_and_its_bytes_let_go(gw):
+    """Heads that declare 24 MiB of body, 8 MiB of it sent at once, then a byte every 0.5 s (each
+    would reset mitmproxy's tcp_timeout): each is closed about ``LIMIT`` seconds after its body
+    stalled (its rate over the last ``LIMIT`` seconds fell below ``MIN_BODY_RATE``), and the
+    gateway lets their bytes go: a second round of them holds no more than the first did. Before
+    the rule they were held as long as the client liked (12 such, 16 MiB each: +231 MiB, all open
+    after 40 s), the head deadline stopping at the head."""
+    n, sent = 4, 8 << 20
+    pid = gw.proc.pid
+    assert terminal(stream_turn(gw, {"model": "demo-model", "input": "hi"}))["response"]["status"] == "completed"
+    before = memory(pid)["VmRSS"]
+    for round_ in range(2):
+        peak = Peak(pid)
+        took = stall_bodies(gw, n, sent)
+        assert LIMIT - 1 <= min(took) and max(took) < LIMIT + 4, took
+        grown = memory(pid)["VmHWM"] - before
+        assert grown < 3 * n * sent, f"{grown >> 20} MiB for {n} bodies of {sent >> 20} MiB"  # (mitmproxy copies them)
+        if round_ == 0:
+            first = grown
+            assert peak.grown > n * sent // 2  # (it did hold them while they came)
+    # (what Python frees its allocator keeps for reuse: RSS need not fall, but the second
+    # round's bodies reuse the first's memory, which they could not if it were still held)
+    assert grown < first + n * sent // 4, f"{first >> 20} MiB, then {grown >> 20} MiB"
+    assert requests.get(f"http://127.0.0.1:{gw.port}/healthz", timeout=5).status_code == 200
+    assert "Traceback" not in gw.log()
 
 
 def test_an_idle_websocket_is_not_closed(gw):
@@ -275,3 +335,23 @@ def test_the_rule_closes_the_oldest_waiting_past_the_cap():
     clock.ended("a", "r", 4)  # waits again, the newest
     assert clock.connected("e", 5) == ["c", "d"]
     assert len(clock) == 2 and clock.overdue(100) == ["a", "e"]
+
+
+def test_the_body_rule_wants_the_rate_over_each_window_not_since_the_head():
+    rule = BodyRate(window=10, rate=100)
+    assert not any(rule.sample("a", 0, 90 * t, t) for t in range(1, 10))  # (within the first window)
+    assert rule.sample("a", 0, 900, 10)  # 90 B/s over the first 10 s
+    rule = BodyRate(window=10, rate=100)
+    assert not any(rule.sample("b", 0, 10_000 * t, t) for t in range(1, 11))  # a fast start...
+    assert not any(rule.sample("b", 0, 100_000 + t, 10 + t) for t in range(1, 10))  # (its bytes in the window)
+    assert rule.sample("b", 0, 100_010, 20)  # ...then a stall: 10 bytes over the last 10 s
+    assert not rule.sample("b", 30, 0, 31)  # a new body on the connection starts afresh
+    rule = BodyRate(window=10, rate=100)
+    assert not any(rule.sample("c", 0, 101 * t, t) for t in range(1, 100))  # a slow honest one, never
+    rule.window = 0
+    assert not rule.sample("c", 0, 0, 1000)  # 0: no bound
+    rule = BodyRate(window=10, rate=100)
+    rule.sample("d", 0, 0, 5)
+    rule.keep({"e"})
+    assert not rule.sample("d", 0, 0, 9)  # (forgotten: its clock starts again at its head's time)
+    assert rule.sample("d", 0, 0, 10)

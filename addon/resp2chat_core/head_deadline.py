@@ -11,13 +11,16 @@ resets mitmproxy's own ``tcp_timeout``). Two bounds, applied by resp2chat_io/add
   ask sends its head within milliseconds of connecting).
 
 A connection with a request in flight (its head in, its answer not yet ended: a slow upload, a
-long stream) is not waiting, nor one upgraded to a WebSocket (its answer never ends here).
+long stream) is not waiting, nor one upgraded to a WebSocket (its answer never ends here). Its
+body, while it arrives, has its own bound (``BodyRate``: at least ``MIN_BODY_RATE`` over each
+``header_timeout_secs``), and a client that takes nothing of its answer its own (``Stalls``).
 Connections are named by the caller (mitmproxy's client id), requests too (a flow id); ``now``
 is any clock that does not go back (``time.monotonic``).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Hashable
 
 MAX_WAITING = 1000  # connections waiting for a head at once (~20 KB of the gateway's memory each)
@@ -120,6 +123,53 @@ class Stalls:
 
     def keep(self, conns) -> None:
         """Only ``conns`` are still open: the others are forgotten."""
+        self._seen = {conn: seen for conn, seen in self._seen.items() if conn in conns}
+
+    def gone(self, conn: Hashable) -> None:
+        self._seen.pop(conn, None)
+
+
+MIN_BODY_RATE = 16 << 10  # bytes a second a request body must bring, over each window (16 KiB/s)
+
+
+class BodyRate:
+    """Request bodies that arrive slower than ``rate`` bytes a second over the last ``window``
+    seconds (``header_timeout_secs``), once ``window`` seconds passed since their head.
+
+    The head deadline stops at the head: past it, a client that declared a large body and sends
+    a byte now and then was held as long as it liked, its body so far in memory (12 connections,
+    16 MiB each then a byte every 10 s: +231 MiB held, none closed). The bound is the usual one
+    (Apache's ``mod_reqtimeout`` ``MinRate``, nginx's ``client_body_timeout``): a body must keep
+    coming, at ``rate`` averaged over a sliding ``window`` (not since its head, which a fast start
+    would pay for a long stall after it). An honest slow upload above the rate is never cut,
+    however long it lasts. Sampled about once a second (``sample``) with the bytes of the body
+    arrived so far; ``since`` names the body (its head's time: a new one on the same connection
+    starts afresh)."""
+
+    def __init__(self, window: float, rate: int = MIN_BODY_RATE) -> None:
+        self.window = window  # seconds; 0: no bound
+        self.rate = rate
+        self._seen: dict[Hashable, tuple[float, deque]] = {}  # connection -> (since, [(time, bytes)])
+
+    def sample(self, conn: Hashable, since: float, received: int, now: float) -> bool:
+        """``received`` bytes of the body whose head came at ``since`` arrived on ``conn`` by
+        ``now``: whether fewer than ``rate * window`` came over the last ``window`` seconds (the
+        caller closes it, ``gone``)."""
+        if not self.window:
+            self._seen.pop(conn, None)
+            return False
+        seen = self._seen.get(conn)
+        if seen is None or seen[0] != since:
+            seen = self._seen[conn] = (since, deque([(since, 0)]))
+        history = seen[1]
+        history.append((now, received))
+        while len(history) > 1 and history[1][0] <= now - self.window:
+            history.popleft()  # (the first left is the last sample at least ``window`` ago)
+        start, before = history[0]
+        return now - since >= self.window and received - before < self.rate * self.window
+
+    def keep(self, conns) -> None:
+        """Only ``conns`` still have a body arriving: the others are forgotten."""
         self._seen = {conn: seen for conn, seen in self._seen.items() if conn in conns}
 
     def gone(self, conn: Hashable) -> None:

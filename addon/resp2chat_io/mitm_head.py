@@ -1,6 +1,7 @@
-"""Two narrow patches of mitmproxy 12's HTTP/1 layer: a request head is bounded while it
+"""Narrow patches of mitmproxy 12's HTTP/1 layer: a request head is bounded while it
 arrives; a backend's response head too, and mitmproxy's 502 for one it could not read no longer
-quotes it (``_bounded_response``).
+quotes it (``_bounded_response``); a request body's bytes are counted as they arrive, for the
+minimum body rate of addons/head_deadline.py (``_counted``, ``BODIES``).
 
 Why. mitmproxy gathers a client's request head in its HTTP/1 layer until the blank line that
 ends it (``mitmproxy/proxy/layers/http/_http1.py``, ``Http1Server.read_headers``: "FIXME: protect
@@ -21,7 +22,9 @@ Checked against mitmproxy 12.3 (tests/test_hostile_audit.py drives real sockets 
 from __future__ import annotations
 
 import json
+import time
 import uuid
+import weakref
 
 from mitmproxy import http
 from mitmproxy.net.http import http1
@@ -53,6 +56,42 @@ def _bounded(read_headers):
 
     bounded_read_headers.resp2chat = True
     return bounded_read_headers
+
+
+class Body:
+    """A request body arriving on a client connection: its head's time (``time.monotonic``), the
+    bytes of it arrived so far, and whether it is all in."""
+
+    __slots__ = ("since", "received", "done", "__weakref__")
+
+    def __init__(self, since: float, received: int) -> None:
+        self.since, self.received, self.done = since, received, False
+
+
+# Client connection id -> the body arriving on it now (or its last, done). Held by its HTTP/1
+# layer: an entry goes with its connection.
+BODIES: weakref.WeakValueDictionary[str, Body] = weakref.WeakValueDictionary()
+
+
+def _counted(read_body):
+    """``Http1Server.read_body`` that counts the bytes of the body as they arrive (``BODIES``),
+    for ``head_deadline.BodyRate``: mitmproxy keeps no count of a request body while it streams in
+    (its HTTP stream layer gathers it, and may be paused in a hook meanwhile); this layer sees
+    every byte the moment it is read off the socket. The first call comes with the head's last
+    read: what follows the head in the buffer is the body's first bytes."""
+    def counted_read_body(self, event):
+        body = getattr(self, "resp2chat_body", None)
+        if body is None or body.done:
+            body = self.resp2chat_body = Body(time.monotonic(), len(self.buf))
+            BODIES[self.conn.id] = body
+        elif isinstance(event, events.DataReceived):
+            body.received += len(event.data)
+        yield from read_body(self, event)
+        if getattr(self.state, "__func__", None) is not counted_read_body:
+            body.done = True
+
+    counted_read_body.resp2chat = True
+    return counted_read_body
 
 
 # A backend's response head (a passthrough answer's: turns go through the relay, which bounds its
@@ -115,6 +154,7 @@ def install() -> None:
     """Bound every HTTP/1 request head mitmproxy reads from now on, and every response head
     (once)."""
     for layer, state, wrap in ((getattr(_http1, "Http1Server", None), "read_headers", _bounded),
+                               (getattr(_http1, "Http1Server", None), "read_body", _counted),
                                (getattr(_http1, "Http1Client", None), "read_headers", _bounded_response),
                                (getattr(_http1, "Http1Client", None), "read_body", _quiet_body)):
         current = getattr(layer, state, None)

@@ -14,7 +14,13 @@ ended; a ``101`` upgrade never ends here: a WebSocket has no such deadline),
 ``client_disconnected``. mitmproxy runs the hooks after this one (and sends the answer) before
 the answer is really out, and may still be writing it to a slow reader: a sweep every second
 (``SWEEP_SECS``) closes an overdue connection only if its last flow is done (``flow.live`` false) and
-nothing waits in its socket's write buffer; otherwise its clock starts again.
+nothing waits in its socket's write buffer; otherwise its clock starts again. The same sweep
+closes a connection whose client takes nothing of its answer (``Stalls``) and one whose request
+body, arriving, came slower than ``MIN_BODY_RATE`` (16 KiB/s) over the last
+``header_timeout_secs`` (``BodyRate``; its bytes counted by ``mitm_head``, as they are read: a
+head declaring 32 MiB, 16 MiB sent, then a byte every 10 s was held for as long as it trickled,
+12 of them +231 MiB). Such a connection too is closed without an answer: a ``408`` written before
+closing a socket whose client still sends is mostly lost to the reset that unread bytes cause.
 
 How. Closed the way mitmproxy's own ``tcp_timeout`` closes one (``ConnectionHandler.on_timeout``):
 the client connection's handler task is cancelled, found through the proxyserver addon's
@@ -27,12 +33,13 @@ unasked could be read as the answer to a request the client sent at that moment.
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 import weakref
 
 from mitmproxy import connection, ctx, http
 
-from resp2chat_core.head_deadline import HeadDeadline as Clock, Stalls
+from resp2chat_core.head_deadline import BodyRate, HeadDeadline as Clock, Stalls
 
 from .. import mitm_head
 from .base import Owner, fails_closed, log
@@ -49,12 +56,13 @@ class HeadDeadline(Owner):
         super().__init__(source)
         self.clock = Clock(self.s["header_timeout_secs"])
         self.stalls = Stalls(self.s["header_timeout_secs"])
+        self.bodies = BodyRate(self.s["header_timeout_secs"])
         mitm_head.install()  # a request head is bounded while mitmproxy reads it (see there)
         self.last: dict[str, weakref.ref] = {}  # client id -> its last flow that ended
         self._sweep: asyncio.Task | None = None
 
     def apply(self, updated: set[str]) -> None:
-        self.clock.limit = self.stalls.limit = self.s["header_timeout_secs"]
+        self.clock.limit = self.stalls.limit = self.bodies.window = self.s["header_timeout_secs"]
 
     def running(self) -> None:
         if self._sweep is None:
@@ -92,6 +100,7 @@ class HeadDeadline(Owner):
     def forget(self, conn: str) -> None:
         self.clock.gone(conn)
         self.stalls.gone(conn)
+        self.bodies.gone(conn)
         self.last.pop(conn, None)
 
     # --- the sweep ---------------------------------------------------------------------------
@@ -116,6 +125,31 @@ class HeadDeadline(Owner):
                 self.sweep_stalls(now)
             except Exception as exc:  # noqa: BLE001 — (the next sweep tries again)
                 log.warning(f"resp2chat: the stalled reader sweep failed: {type(exc).__name__}: {exc}", exc_info=exc)
+            try:
+                self.sweep_bodies(now)
+            except Exception as exc:  # noqa: BLE001 — (the next sweep tries again)
+                log.warning(f"resp2chat: the slow body sweep failed: {type(exc).__name__}: {exc}", exc_info=exc)
+
+    def sweep_bodies(self, now: float) -> None:
+        """Close each client connection whose request body, arriving, brought less than
+        ``BodyRate.rate`` a second over the last ``header_timeout_secs`` (``BodyRate``; the bytes
+        counted as mitmproxy's HTTP/1 layer reads them: ``mitm_head.BODIES``): what it holds of
+        the body is let go, its flow ends in an error as when the client goes away."""
+        arriving = {conn: body for conn, body in list(mitm_head.BODIES.items()) if not body.done}
+        self.bodies.keep(arriving)
+        cut = False
+        for conn, body in arriving.items():
+            if self.bodies.sample(conn, body.since, body.received, now):
+                self.close(conn, f"its request body came slower than {self.bodies.rate >> 10} KiB/s "
+                                 f"over header_timeout_secs ({self.bodies.window} s)")
+                cut = True
+        if cut:
+            # A connection's layers refer to one another: once cancelled, the body they gathered
+            # is freed only by Python's cycle collector, which may not run for minutes on a quiet
+            # gateway (measured: 4 bodies of 8 MiB cut, a second round of them held as much
+            # again). Once the cancellations are through (the next turn of the loop, and some),
+            # one collection, at most once a sweep and only after a body was cut.
+            asyncio.get_running_loop().call_later(SWEEP_SECS / 2, gc.collect)
 
     def sweep_stalls(self, now: float) -> None:
         """Close each client connection that took nothing of its waiting answer for
