@@ -129,7 +129,7 @@ class Stalls:
         self._seen.pop(conn, None)
 
 
-MIN_BODY_RATE = 16 << 10  # bytes a second a request body must bring, over each window (16 KiB/s)
+MIN_BODY_RATE = 4 << 10  # bytes a second a request body must bring, over each window (4 KiB/s: 32 kbit/s)
 
 
 class BodyRate:

@@ -16,7 +16,7 @@ the answer is really out, and may still be writing it to a slow reader: a sweep 
 (``SWEEP_SECS``) closes an overdue connection only if its last flow is done (``flow.live`` false) and
 nothing waits in its socket's write buffer; otherwise its clock starts again. The same sweep
 closes a connection whose client takes nothing of its answer (``Stalls``) and one whose request
-body, arriving, came slower than ``MIN_BODY_RATE`` (16 KiB/s) over the last
+body, arriving, came slower than ``MIN_BODY_RATE`` (4 KiB/s) over the last
 ``header_timeout_secs`` (``BodyRate``; its bytes counted by ``mitm_head``, as they are read: a
 head declaring 32 MiB, 16 MiB sent, then a byte every 10 s was held for as long as it trickled,
 12 of them +231 MiB). Such a connection too is closed without an answer: a ``408`` written before
