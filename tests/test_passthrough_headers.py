@@ -49,6 +49,8 @@ class Needs:
                     send_json(self, 200, {"object": "list", "data": [{"id": m, "object": "model"} for m in models]})
                 elif self.path.startswith("/v1/models/") and self.path[11:] in models:
                     send_json(self, 200, {"id": self.path[11:], "object": "model"})
+                elif self.path == "/v1/files":
+                    send_json(self, 200, {"object": "list", "data": []})
                 else:
                     send_json(self, 404, {"error": {"message": "no such model"}})
 
@@ -75,11 +77,11 @@ def values(headers: list[tuple[str, str]], name: str) -> list[str]:
     return [v for n, v in headers if n == name]
 
 
-def one_upstream(tmp_path, backend: Needs, headers: dict, *extra: str):
+def one_upstream(tmp_path, backend: Needs, headers: dict, *extra: str, env: dict | None = None):
     """A gateway of one upstream (``upstream_base_url``) with these top-level ``upstream_headers``."""
     return start_gateway("http://127.0.0.1:9", tmp_path, "--set", f"resp2chat_upstream_base_url={backend.base_url}",
                          "--set", "resp2chat_upstream_headers=" + json.dumps(headers),
-                         "--set", "resp2chat_max_replay_entries=0", *extra)
+                         "--set", "resp2chat_max_replay_entries=0", *extra, env=env)
 
 
 def test_the_model_list_of_an_upstream_that_needs_a_header(tmp_path):
@@ -93,6 +95,30 @@ def test_the_model_list_of_an_upstream_that_needs_a_header(tmp_path):
         assert r.status_code == 200 and r.json()["id"] == "gpt-4o", r.text
         for got in backend.got("/v1/models") + backend.got("/v1/models/gpt-4o"):
             assert values(got, "api-key") == [A_SECRET], got
+    finally:
+        gw.stop()
+        backend.close()
+
+
+def test_an_operator_listed_path_and_a_limited_clients_model_list_get_the_header(tmp_path):
+    """A path ``passthrough_paths`` adds (``GET /v1/files``) goes as the default ones; a client
+    limited to some models gets ``GET /v1/models`` made by the gateway (its list filtered): with
+    the upstream's header too."""
+    backend = Needs({"api-key": A_SECRET}, ("gpt-4o", "o3"))
+    key = "team-key-0123456789abcdef"
+    gw = one_upstream(tmp_path, backend, {"api-key": A_SECRET},
+                      *(a for path in ("GET /v1/models", "GET /v1/models/*", "GET /v1/files")
+                        for a in ("--set", f"resp2chat_passthrough_paths={path}")),
+                      env={"RESP2CHAT_CLIENTS": json.dumps([{"name": "team", "key": key, "models": ["gpt-*"]}])})
+    try:
+        auth = {"authorization": f"Bearer {key}"}
+        r = requests.get(gw.base_url + "/files", headers=auth, timeout=30)
+        assert r.status_code == 200 and r.json() == {"object": "list", "data": []}, r.text
+        r = requests.get(gw.base_url + "/models", headers=auth, timeout=30)
+        assert r.status_code == 200 and [m["id"] for m in r.json()["data"]] == ["gpt-4o"], r.text
+        assert [(p, values(h, "api-key")) for p, h in backend.calls] == [("/v1/files", [A_SECRET]),
+                                                                         ("/v1/models", [A_SECRET])]
+        assert key not in json.dumps(backend.calls)
     finally:
         gw.stop()
         backend.close()
