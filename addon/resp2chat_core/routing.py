@@ -67,7 +67,9 @@ class Candidate:
         """The headers this upstream gets: ``common`` (what every candidate gets: the client's
         forwarded headers, affinity), then its own ``upstream_headers`` and key, which a header
         of the same name in ``common`` never goes beside (a client's ``api-key`` or provider
-        order is not sent ahead of the operator's, where a backend would read the first)."""
+        order is not sent ahead of the operator's, where a backend would read the first). The
+        one way an upstream's headers are made: a turn's, and a passthrough call's or the
+        merged model list's (addons/upstreams.py ``authorize``, ``merged_models``)."""
         own = [*self.headers, *([(b"authorization", self.authorization)] if self.authorization else [])]
         names = {name for name, _ in own}
         return [(n, v) for n, v in common if n not in names] + own

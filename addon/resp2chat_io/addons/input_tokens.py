@@ -96,8 +96,7 @@ class InputTokens:
     async def _ask(self, to: Candidate, url: str, body: dict) -> object:
         """One tokenizer call's JSON answer (None: not a 200 with JSON, or the backend could not
         be reached)."""
-        headers = [(b"content-type", b"application/json"), *to.headers] + (
-            [(b"authorization", to.authorization)] if to.authorization else [])
+        headers = to.sent([(b"content-type", b"application/json")])  # (its key, upstream_headers: as a turn)
         try:
             status, answer = await asyncio.wait_for(self.upstreams.relay.client.get(url, headers, _dumps(body).encode()),
                                                     TOKENIZE_SECS)

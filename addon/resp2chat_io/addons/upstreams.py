@@ -15,9 +15,10 @@
   session key goes upstream in that header (session affinity behind a router such as smg).
 - Runs the relay (resp2chat_io/relay/) for the lifetime of the gateway.
 - ``request``: a call the gate let through to the upstream (``passthrough_paths``: the gate
-  marks it) goes there with the upstream key, the path after ``/v1`` below the upstream's base
-  URL (with several upstreams: the first; ``GET /v1/models`` asks them all and merges the
-  lists).
+  marks it) goes there with the upstream key and its own ``upstream_headers``, as its turns
+  (``authorize``: ``candidate``'s ``Candidate.sent``), the path after ``/v1`` below the
+  upstream's base URL (with several upstreams: the first; ``GET /v1/models`` asks them all, each
+  with its own key and headers, and merges the lists).
 - A turn's way upstream (turns.py, for HTTP and the WebSocket alike): ``candidates`` (each
   upstream serving its model, in order, as a ``routing.Candidate``: URL, key, its own
   ``upstream_headers`` and timeouts, the turn's body for it) and ``headers_for`` (what every
@@ -221,36 +222,43 @@ class Upstreams(Owner):
         return owners.of_credential(flow.request.headers.get("authorization")) if forwarded else owners.SHARED
 
     def authorize(self, flow: http.HTTPFlow, spec: S.UpstreamSpec | None = None) -> None:
-        """A passthrough call: the upstream key replaces the client's credentials (which go
-        upstream only with ``forward_client_auth``, when the gateway itself has no key); no other
-        header named like a credential goes on (``forwarded_header``, as on a turn)."""
+        """A passthrough call: it gets its upstream's headers as that upstream's turns get them
+        (``candidate``'s ``Candidate.sent``): the upstream key replaces the client's credentials
+        (which go upstream only with ``forward_client_auth``, when the gateway itself has no key),
+        its own ``upstream_headers`` go alone (a client's header of the same name is not sent
+        beside them), and no other header named like a credential goes on (as ``forwarded_header``
+        on a turn). Names go lower-case, as a turn's."""
         headers = flow.request.headers
-        value = self.authorization(spec, headers.get("authorization"))
-        if value:
-            headers["authorization"] = value
+        to = self.candidate(spec, flow, headers.get("authorization"))
+        common = [(name.lower(), value) for name, value in headers.fields
+                  if name.lower() not in (b"authorization", b"x-api-key")
+                  and not S.credential_header(name.decode("latin-1"))]  # (a proxy's credential, a cookie…)
+        headers.fields = tuple(to.sent(common))
+
+    def candidate(self, spec: S.UpstreamSpec | None, flow: http.HTTPFlow, client_auth: str | None,
+                  body: bytes = b"", think: str = "auto") -> routing.Candidate:
+        """One upstream as it is called (``spec``; None: the one upstream), with its URL, key,
+        own ``upstream_headers`` (the entry's over the top-level ones) and timeouts: a turn's
+        candidate (with the turn's ``body`` for it), and what a passthrough call or the merged
+        model list sends that upstream (``Candidate.sent``: the one way its headers are made)."""
+        if spec is None:
+            own, name, url = self.s, "default", self.target(flow).url
         else:
-            headers.pop("authorization", None)
-        headers.pop("x-api-key", None)
-        for name in [n for n in headers.keys() if S.credential_header(n) and n.lower() != "authorization"]:
-            headers.pop(name, None)  # (a proxy's credential, a cookie, another service's key)
+            own, name, url = spec.settings(self.s), spec.name, self.endpoints[spec.name].url
+        return routing.Candidate(name, url + routing.CHAT_PATH, body, think,
+                                 _bearer(self.authorization(spec, client_auth)),
+                                 routing.header_pairs(own["upstream_headers"]), **routing.timeouts(own))
 
     def candidates(self, turn: Turn, flow: http.HTTPFlow, client_auth: str | None) -> tuple[routing.Candidate, ...]:
         """A turn's upstreams in the order they are tried (routing.py's rule), each with its URL,
         key, own headers and timeouts, and the turn's body for it (``Turn.alternates``)."""
         if not self.specs:
-            return (routing.Candidate("default", self.target(flow).url + routing.CHAT_PATH, turn.chat_body,
-                                      turn.ctx.think, _bearer(self.authorization(None, client_auth)),
-                                      routing.header_pairs(self.s["upstream_headers"]), **routing.timeouts(self.s)),)
+            return (self.candidate(None, flow, client_auth, turn.chat_body, turn.ctx.think),)
         specs = routing.candidates(self.specs, turn.ctx.model)
         bodies = [(turn.chat_body, turn.ctx.think)] + [(alt.body or turn.chat_body, alt.think)
                                                         for alt in turn.alternates]
-        out = []
-        for spec, (body, think) in zip(specs, bodies):
-            own = spec.settings(self.s)
-            out.append(routing.Candidate(spec.name, self.endpoints[spec.name].url + routing.CHAT_PATH, body, think,
-                                         _bearer(self.authorization(spec, client_auth)),
-                                         routing.header_pairs(own["upstream_headers"]), **routing.timeouts(own)))
-        return tuple(out)
+        return tuple(self.candidate(spec, flow, client_auth, body, think)
+                     for spec, (body, think) in zip(specs, bodies))
 
     def headers_for(self, turn: Turn, client) -> tuple[tuple[bytes, bytes], ...]:
         """What every candidate of a turn gets besides its body, key and own headers: the client's
@@ -346,14 +354,11 @@ class Upstreams(Owner):
 
         async def ask(spec: S.UpstreamSpec | None):
             name = spec.name if spec is not None else "default"
-            headers = [(b"accept", b"application/json")]
-            if auth := self.authorization(spec, client):
-                headers.append((b"authorization", auth.encode()))
             try:
-                url = (self.endpoints[spec.name] if spec is not None else self.target(flow)).url
-                own = routing.timeouts(spec.settings(self.s)) if spec is not None else {}  # (its own waits)
-                status, body = await self.relay.client.get(url + "/models", headers, **{
-                    k: v for k, v in own.items() if k in ("connect_timeout", "idle_timeout")})
+                to = self.candidate(spec, flow, client)  # (its key, own headers and waits, as its turns')
+                status, body = await self.relay.client.get(
+                    to.base_url + "/models", to.sent([(b"accept", b"application/json")]),
+                    connect_timeout=to.connect_timeout, idle_timeout=to.idle_timeout)
                 data = json.loads(body) if status == 200 else None
             except Exception as exc:  # noqa: BLE001 - unreachable, not JSON, h11 errors…: that upstream is out
                 log.warning(f"resp2chat: GET /models from upstream {name}: {type(exc).__name__}: {exc}")
