@@ -14,8 +14,9 @@ Rules of this file:
 What it does, in input order:
 
 - ``{"type": "item_reference", "id": …}`` (also the bare ``{"id": …}`` the API accepts) becomes
-  the item it names, from the response store: outputs and inputs of responses the gateway
-  stored (store.py keeps an index item id -> item that lives and dies with its response). The
+  the item it names, from the response store: an item a response the gateway stored produced
+  (its output; store.py keeps an index item id -> item that lives and dies with the responses
+  holding it unchanged; a client's own input item is never one: it cannot redefine an id). The
   Vercel AI SDK sends every earlier assistant message and reasoning item this way while ``store``
   is on (its default). Unknown or expired -> 400 ``item_not_found``.
 - A ``reasoning`` item whose ``encrypted_content`` this gateway sealed (``include:
