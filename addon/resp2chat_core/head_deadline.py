@@ -12,8 +12,8 @@ resets mitmproxy's own ``tcp_timeout``). Two bounds, applied by resp2chat_io/add
 
 A connection with a request in flight (its head in, its answer not yet ended: a slow upload, a
 long stream) is not waiting, nor one upgraded to a WebSocket (its answer never ends here). Its
-body, while it arrives, has its own bound (``BodyRate``: at least ``MIN_BODY_RATE`` over each
-``header_timeout_secs``), and a client that takes nothing of its answer its own (``Stalls``).
+body, while it arrives, has its own bound (``BodyRate``: at least ``min_request_body_rate_kb``,
+by default ``MIN_BODY_RATE``, over each ``header_timeout_secs``), and a client that takes nothing of its answer its own (``Stalls``).
 Connections are named by the caller (mitmproxy's client id), requests too (a flow id); ``now``
 is any clock that does not go back (``time.monotonic``).
 """
@@ -129,7 +129,7 @@ class Stalls:
         self._seen.pop(conn, None)
 
 
-MIN_BODY_RATE = 4 << 10  # bytes a second a request body must bring, over each window (4 KiB/s: 32 kbit/s)
+MIN_BODY_RATE = 4 << 10  # bytes a second a request body must bring, over each window, by default (4 KiB/s: 32 kbit/s)
 
 
 class BodyRate:
@@ -148,14 +148,14 @@ class BodyRate:
 
     def __init__(self, window: float, rate: int = MIN_BODY_RATE) -> None:
         self.window = window  # seconds; 0: no bound
-        self.rate = rate
+        self.rate = rate  # bytes a second (``min_request_body_rate_kb``); 0: no bound
         self._seen: dict[Hashable, tuple[float, deque]] = {}  # connection -> (since, [(time, bytes)])
 
     def sample(self, conn: Hashable, since: float, received: int, now: float) -> bool:
         """``received`` bytes of the body whose head came at ``since`` arrived on ``conn`` by
         ``now``: whether fewer than ``rate * window`` came over the last ``window`` seconds (the
         caller closes it, ``gone``)."""
-        if not self.window:
+        if not self.window or not self.rate:
             self._seen.pop(conn, None)
             return False
         seen = self._seen.get(conn)

@@ -16,7 +16,7 @@ the answer is really out, and may still be writing it to a slow reader: a sweep 
 (``SWEEP_SECS``) closes an overdue connection only if its last flow is done (``flow.live`` false) and
 nothing waits in its socket's write buffer; otherwise its clock starts again. The same sweep
 closes a connection whose client takes nothing of its answer (``Stalls``) and one whose request
-body, arriving, came slower than ``MIN_BODY_RATE`` (4 KiB/s) over the last
+body, arriving, came slower than ``min_request_body_rate_kb`` (4 KiB/s) over the last
 ``header_timeout_secs`` (``BodyRate``; its bytes counted by ``mitm_head``, as they are read: a
 head declaring 32 MiB, 16 MiB sent, then a byte every 10 s was held for as long as it trickled,
 12 of them +231 MiB). Such a connection too is closed without an answer: a ``408`` written before
@@ -56,13 +56,14 @@ class HeadDeadline(Owner):
         super().__init__(source)
         self.clock = Clock(self.s["header_timeout_secs"])
         self.stalls = Stalls(self.s["header_timeout_secs"])
-        self.bodies = BodyRate(self.s["header_timeout_secs"])
+        self.bodies = BodyRate(self.s["header_timeout_secs"], self.s["min_request_body_rate_kb"] << 10)
         mitm_head.install()  # a request head is bounded while mitmproxy reads it (see there)
         self.last: dict[str, weakref.ref] = {}  # client id -> its last flow that ended
         self._sweep: asyncio.Task | None = None
 
     def apply(self, updated: set[str]) -> None:
         self.clock.limit = self.stalls.limit = self.bodies.window = self.s["header_timeout_secs"]
+        self.bodies.rate = self.s["min_request_body_rate_kb"] << 10
 
     def running(self) -> None:
         if self._sweep is None:
@@ -140,8 +141,8 @@ class HeadDeadline(Owner):
         cut = False
         for conn, body in arriving.items():
             if self.bodies.sample(conn, body.since, body.received, now):
-                self.close(conn, f"its request body came slower than {self.bodies.rate >> 10} KiB/s "
-                                 f"over header_timeout_secs ({self.bodies.window} s)")
+                self.close(conn, f"its request body came slower than min_request_body_rate_kb "
+                                 f"({self.bodies.rate >> 10} KiB/s) over header_timeout_secs ({self.bodies.window} s)")
                 cut = True
         if cut:
             # A connection's layers refer to one another: once cancelled, the body they gathered
