@@ -20,9 +20,11 @@ from pathlib import Path
 import pytest
 import requests
 
+from resp2chat_core.gate import BodyBudget
 from resp2chat_core.head_deadline import MAX_WAITING, MIN_BODY_RATE, BodyRate, HeadDeadline
 
-from helpers import Codex, Peak, memory, open_fds, openai_client, read_flows, stream_turn, terminal, wait_until
+from helpers import (MITMWEB, KiB, Codex, Peak, cli_env, free_port, memory, open_fds, openai_client, read_flows, start_gateway,
+                     stream_turn, terminal, wait_until)
 from wsclient import WSClient
 
 LIMIT = 2  # header_timeout_secs of the gateways here
@@ -355,3 +357,196 @@ def test_the_body_rule_wants_the_rate_over_each_window_not_since_the_head():
     rule.keep({"e"})
     assert not rule.sample("d", 0, 0, 9)  # (forgotten: its clock starts again at its head's time)
     assert rule.sample("d", 0, 0, 10)
+
+
+def test_the_body_rule_with_no_rate_bounds_nothing():
+    rule = BodyRate(window=10, rate=0)  # (min_request_body_rate_kb 0)
+    assert not any(rule.sample("a", 0, 0, t) for t in range(1, 100))
+    rule.rate = 100  # (changed: applies at once)
+    assert rule.sample("a", 0, 0, 100)
+
+
+# --- how many bodies arrive at once (max_request_bodies_mb) ----------------------------------
+
+
+def test_the_body_budget_counts_declared_sizes_until_each_body_is_in():
+    budget = BodyBudget(cap=100)
+    assert budget.take("r1", "c1", 60) and budget.take("r2", "c2", 40) and budget.held == 100  # (up to the cap: in)
+    assert not budget.take("r3", "c3", 1) and budget.held == 100 and len(budget) == 2  # (past it: refused, not counted)
+    assert budget.take("r4", "c4", 0)  # (no body: no share)
+    budget.give_back("r1")
+    budget.give_back("r1")  # (twice: nothing more)
+    assert budget.held == 40 and budget.take("r3", "c3", 60) and not budget.take("r5", "c5", 1)
+    assert budget.take("r3", "c3", 60) and budget.held == 100  # (taken again by the same request: counted once)
+    budget.gone("c3")
+    budget.gone("c3")
+    assert budget.held == 40 and len(budget) == 1
+    budget.give_back("r2")
+    assert budget.held == 0 and budget.take("big", "c6", 500)  # (one body always, when none other arrives)
+    assert not budget.take("r7", "c7", 1)
+    budget.cap = 0  # (no cap: still counted, never refused)
+    assert budget.take("r7", "c7", 10**9) and budget.held == 500 + 10**9
+    budget.gone("c6")
+    budget.gone("c7")
+    assert budget.held == 0 and len(budget) == 0
+
+
+BODIES_LIMIT = {**DEADLINE, "RESP2CHAT_MAX_REQUEST_BODY_MB": "4"}
+MiB = 1 << 20
+
+
+def head_expecting(length: int) -> bytes:
+    """A turn's head declaring ``length`` bytes of body, sent only once the gateway says so
+    (``expect: 100-continue``: it answers ``100`` once the body is let in, else its refusal)."""
+    return post_head(length).replace(b"\r\n\r\n", b"\r\nexpect: 100-continue\r\n\r\n")
+
+
+def first_answer(sock: socket.socket) -> tuple[int, dict, bytes]:
+    """The status, header fields and body (an interim ``100`` has none) of the next answer."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        got = sock.recv(1 << 16)
+        assert got, f"closed before an answer: {data!r}"
+        data += got
+    head, _, rest = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ")[1])
+    fields = {k.strip().lower().decode(): v.strip().decode()
+              for k, _, v in (line.partition(b":") for line in head.split(b"\r\n")[1:])}
+    if status == 100:
+        return status, fields, b""
+    while len(rest) < int(fields["content-length"]):
+        rest += sock.recv(1 << 16)
+    return status, fields, rest
+
+
+def slow_bodies(gw, n: int, size: int, sent: int) -> tuple[list[socket.socket], list, int]:
+    """``n`` connections, one after the other, each with a head declaring ``size`` bytes of body
+    (``head_expecting``): each one let in sends ``sent`` bytes of it at once, then all of them
+    trickle the rest at twice ``MIN_BODY_RATE`` (just above the minimum: never cut) until two
+    deadlines passed. Returns the ones let in (still open), the refusals (status, fields, JSON)
+    and the gateway's peak memory meanwhile above where it was."""
+    peak = Peak(gw.proc.pid)
+    admitted, refused = [], []
+    for _ in range(n):
+        sock = connect(gw, head_expecting(size))
+        status, fields, body = first_answer(sock)
+        if status == 100:
+            sock.sendall(b"x" * sent)
+            admitted.append(sock)
+        else:
+            refused.append((status, fields, json.loads(body)))
+            sock.close()
+    start, chunk = time.monotonic(), 512
+    rate = 2 * MIN_BODY_RATE
+    given = 0
+    while time.monotonic() - start < 2 * LIMIT + 0.5:
+        due = int((time.monotonic() - start) * rate) - given  # (catching up after a slow turn of the machine)
+        if due >= chunk:
+            for sock in admitted:
+                sock.sendall(b"x" * due)
+            given += due
+        time.sleep(0.05)
+    assert not [s for s in admitted if closed(s)], "a body above the minimum rate was cut"
+    return admitted, refused, peak.grown
+
+
+@pytest.mark.parametrize("cap_mb", [16, 0], ids=["capped", "no-cap"])
+def test_slow_bodies_arriving_together_hold_at_most_max_request_bodies_mb(upstream, gateway_factory, cap_mb):
+    """24 connections each declaring a 4 MiB body (``max_request_body_mb`` 4), sending 3.75 MiB of
+    it at once then the rest just above the minimum rate, for two deadlines (the rate rule holds
+    none of them: each is an honest slow upload). With ``max_request_bodies_mb`` 16, four are let
+    in and the others refused at the head, their bodies unread: ``503 server_overloaded`` with
+    ``retry-after``; the gateway's peak memory grows by about the cap. Once the four go, their
+    share comes back: a body of the whole cap is let in. Without a cap (0, as before it existed)
+    all 24 are let in and held: the gateway's memory grows past the bound by about 90 MiB (the
+    ``no-cap`` case: what the ``capped`` one would measure without the budget)."""
+    n, size, sent = 24, 4 * MiB, 4 * MiB - 256 * KiB
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0",
+                         env={**BODIES_LIMIT, "RESP2CHAT_MAX_REQUEST_BODIES_MB": str(cap_mb)})
+    assert terminal(stream_turn(gw, {"model": "demo-model", "input": "hi"}))["response"]["status"] == "completed"
+    bound = 16 * MiB
+    admitted, refused, grown = slow_bodies(gw, n, size, sent)
+    try:
+        if not cap_mb:
+            assert len(admitted) == n and not refused
+            assert grown > bound + 32 * MiB, f"{grown >> 20} MiB for {n} bodies of {sent >> 20} MiB"
+            return
+        # (4 bodies of 3.75 MiB: 15 MiB; what mitmproxy's buffers and the refusals add is small)
+        assert grown < bound + 12 * MiB, f"{grown >> 20} MiB with max_request_bodies_mb {cap_mb}"
+        assert len(admitted) == 4 and len(refused) == n - 4, (len(admitted), len(refused))
+        for status, fields, body in refused:
+            assert status == 503 and fields["retry-after"] == "1" and fields.get("retry-after-ms") == "1000"
+            assert body["error"]["code"] == "server_overloaded" and "max_request_bodies_mb" in body["error"]["message"]
+            assert fields["x-request-id"] and fields["connection"] == "close"
+    finally:
+        for sock in admitted:
+            sock.close()
+    # their shares come back with their connections: four bodies again, not one more
+    def let_in() -> socket.socket | None:
+        sock = connect(gw, head_expecting(size))
+        if first_answer(sock)[0] == 100:
+            return sock
+        sock.close()
+        return None
+
+    again = [wait_until(let_in, what="a body let in again once the others went")]
+    try:
+        again += [let_in() for _ in range(4)]
+        assert [s is not None for s in again] == [True] * 4 + [False]
+    finally:
+        for sock in again:
+            if sock is not None:
+                sock.close()
+    assert "Traceback" not in gw.log()
+
+
+def test_min_request_body_rate_kb_changed_while_the_gateway_runs(upstream, tmp_path):
+    """``min_request_body_rate_kb`` set in mitmweb's options editor applies to the bodies arriving
+    from then on: at 64 KiB/s a body arriving at 16 KiB/s (four times the default minimum, never
+    cut by it: ``test_a_request_under_way_is_never_cut``) is cut about a deadline after its head;
+    at 0 a body that stops coming altogether is held (no minimum rate), and answered once the
+    rest of it comes."""
+    web_port, password = free_port(), "web-" + "p" * 24
+    gw = start_gateway(upstream.origin, tmp_path, "--set", "resp2chat_max_replay_entries=0",
+                       "--set", f"web_port={web_port}", "--set", "web_host=127.0.0.1", "--set", "web_open_browser=false",
+                       "--set", f"web_password={password}", env={**cli_env(tmp_path), **DEADLINE}, program=MITMWEB)
+
+    def put(**options):
+        xsrf = "x" * 32
+        return requests.put(f"http://127.0.0.1:{web_port}/options", json=options,
+                            headers={"authorization": f"Bearer {password}", "X-XSRFToken": xsrf},
+                            cookies={"_mitmproxy_xsrf": xsrf}, timeout=10)
+
+    try:
+        assert put(resp2chat_min_request_body_rate_kb=64).status_code == 200
+        body = json.dumps({"model": "demo-model", "input": "x" * (64 * LIMIT * KiB)}).encode()
+        sock = connect(gw, post_head(len(body)))
+        start, rate, sent = time.monotonic(), 4 * MIN_BODY_RATE, 0
+        while not closed(sock) and time.monotonic() - start < LIMIT + 6:
+            due = min(int((time.monotonic() - start) * rate), len(body) - 1)
+            if due > sent:
+                try:
+                    sock.sendall(body[sent:due])
+                except OSError:
+                    break
+                sent = due
+            time.sleep(0.05)
+        took = time.monotonic() - start
+        assert LIMIT - 1 <= took < LIMIT + 4, f"cut after {took:.1f} s ({sent} bytes sent)"
+        sock.close()
+
+        assert put(resp2chat_min_request_body_rate_kb=0).status_code == 200
+        body = json.dumps({"model": "demo-model", "input": "stalled then whole"}).encode()
+        sock = connect(gw, post_head(len(body)) + body[:10])
+        deadline_passed(gw)  # (both opened after the body stalled: two deadlines without a byte of it)
+        deadline_passed(gw)
+        assert not closed(sock)
+        sock.sendall(body[10:])
+        got = answer(sock)
+        assert got.startswith(b"HTTP/1.1 200"), got[:300]
+        done = json.loads(got.partition(b"\r\n\r\n")[2])
+        assert done["status"] == "completed" and "stalled then whole" in json.dumps(done["output"])
+        sock.close()
+        assert "Traceback" not in gw.log() and "Addon error" not in gw.log()
+    finally:
+        gw.stop()

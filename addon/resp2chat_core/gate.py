@@ -18,6 +18,8 @@ Each check returns ``None`` (let it in) or the ``GatewayError`` the client gets;
 - ``without_credentials``: a request target with a key put in it (a query parameter named like a
   credential, or a configured secret anywhere) redacted: the gate refuses it (a key in a URL
   reaches a backend's logs, the gateway's log and flow files, whatever the gateway checks).
+- ``BodyBudget``: the request bodies arriving at once, all clients together, by their declared
+  sizes (``max_request_bodies_mb``): one that would go past it is refused (``bodies_overloaded``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import ipaddress
 import posixpath
 import re
 from dataclasses import dataclass
+from typing import Hashable
 from urllib.parse import unquote, unquote_plus
 
 from .errors import GatewayError
@@ -40,6 +43,73 @@ GATEWAY_PATHS = (*RESPONSES_PATHS, *CONVERSATIONS, HEALTHZ, METRICS)
 # itself gathers a head without limit). Node's default is 16 KiB, nginx's 4 × 8 KiB; the relay
 # reads mitmproxy's request heads up to four times this (relay/server.py).
 MAX_HEAD = 32 << 10
+
+
+BODIES_RETRY_SECS = 1  # the wait a request refused by ``BodyBudget`` is told (its retry-after)
+
+
+class BodyBudget:
+    """The request-body bytes the gateway receives at once, all clients together: each request
+    takes its declared size (its ``content-length``: the gate refuses a body of unknown length)
+    from its head until its body is all in (or the request ends, or its connection goes).
+
+    Why. Each body is bounded (``max_request_body_mb``), and one that arrives slower than the
+    minimum rate is cut (head_deadline.py ``BodyRate``), but how many arrive at once was not: a
+    client (or many) sending each body just above the rate made the gateway hold as many of them
+    as it liked. Reserving at the head, by the declared size, is what bounds it: the bytes a
+    request may still bring are counted before it brings them, so the sum held never passes
+    ``cap`` — except that one body is always let in when none other is arriving, so a ``cap``
+    below the largest body a request may have never makes that body impossible. A request that
+    would go past it is refused at its head, its body unread (``bodies_overloaded``: 503 and
+    retry-after, which the openai SDK and Codex retry); it does not wait, as a wait would hold
+    its connection and head with no bound on how many wait.
+
+    Requests and their connections are named by the caller (a flow id, a client id)."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap  # bytes; 0: no cap (still counted)
+        self.held = 0
+        self._taken: dict[Hashable, tuple[Hashable, int]] = {}  # request -> (its connection, its size)
+        self._on: dict[Hashable, set] = {}  # connection -> its requests counted
+
+    def __len__(self) -> int:
+        """How many bodies arrive now (with a size)."""
+        return len(self._taken)
+
+    def take(self, request: Hashable, conn: Hashable, size: int) -> bool:
+        """Room for ``size`` more bytes of body (the request's declared size)? If so they are
+        counted until ``give_back`` (or ``gone``); else nothing is counted: the caller refuses it."""
+        if size <= 0 or request in self._taken:
+            return True
+        if self.cap and self.held and self.held + size > self.cap:
+            return False
+        self._taken[request] = (conn, size)
+        self._on.setdefault(conn, set()).add(request)
+        self.held += size
+        return True
+
+    def give_back(self, request: Hashable) -> None:
+        """The request's body is all in (or it ended): no longer counted (again: nothing)."""
+        taken = self._taken.pop(request, None)
+        if taken is not None:
+            self.held -= taken[1]
+            requests = self._on.get(taken[0])
+            if requests is not None:
+                requests.discard(request)
+                if not requests:
+                    del self._on[taken[0]]
+
+    def gone(self, conn: Hashable) -> None:
+        """The connection closed: whatever its requests took is given back."""
+        for request in list(self._on.get(conn, ())):
+            self.give_back(request)
+
+
+def bodies_overloaded(cap: int) -> GatewayError:
+    return GatewayError(f"this gateway is receiving as many request bodies as it holds at once "
+                        f"(max_request_bodies_mb {cap >> 20} MiB, all clients together); try again shortly",
+                        param="max_request_bodies_mb", code="server_overloaded", status=503, type="server_error",
+                        retry_after=BODIES_RETRY_SECS)
 
 
 def head_size(method: str, target: str, fields) -> int:

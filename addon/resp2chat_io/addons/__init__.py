@@ -4,9 +4,11 @@
 
 - ``Listen``          bind_addr, reverse mode, lazy connections (a gateway, not a proxy), TLS
 - ``HeadDeadline``    a client connection that sends no request head in time is closed
-                      (header_timeout_secs), at most 1000 wait for one at once
+                      (header_timeout_secs), at most 1000 wait for one at once; a body
+                      slower than min_request_body_rate_kb is cut
 - ``Gate``            /healthz, HTTPS, Host, Origin, the gateway key, which paths and methods are
-                      served (passthrough_paths), content type, body size: all at the head
+                      served (passthrough_paths), content type, body size, room among the bodies
+                      arriving at once (max_request_bodies_mb): all at the head
 - ``StoredResponses`` GET/DELETE /v1/responses/{id} (and its input_items); the one lookup of what a turn
                       refers to; a conversation's new items
 - ``Conversations``   the Conversations API (/v1/conversations…), on the response store

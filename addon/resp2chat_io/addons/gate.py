@@ -7,7 +7,9 @@ gateway's names: ``public_hosts``) and the ``Origin`` (``allowed_origins``, whos
 the gate answers); a path that names a gateway endpoint in disguise; the gateway key; whether
 anyone serves the path and method (the gateway, or the upstream through ``passthrough_paths``);
 a turn's content type; the body's declared size (``max_request_body_mb``; a body of unknown
-length, chunked, is refused with 411). A request let in has the client's credentials taken off
+length, chunked, is refused with 411); room for that body among those arriving at once, all
+clients together (``max_request_bodies_mb``, resp2chat_core/gate.py ``BodyBudget``: its declared
+size counted from the head until the body is in, else a 503 with retry-after). A request let in has the client's credentials taken off
 when they were the gateway key (they never leave the gateway) and is sent on in origin form.
 Once the body is in, a compressed one is decoded (bounded by the same limit:
 resp2chat_core/content_encoding.py), so every later hook reads plain JSON.
@@ -43,6 +45,7 @@ from resp2chat_core import gate as G
 from resp2chat_core import settings as S
 from resp2chat_core.clients import ClientSpec, ClientTable, accepted, no_longer_accepted, parse_clients
 from resp2chat_core.errors import GatewayError
+from resp2chat_core.limits import retry_headers
 from resp2chat_io.config import FileWatch, config_path, load_settings
 from resp2chat_io.relay import TURN_HEADER, HeadRefusal
 
@@ -92,6 +95,7 @@ class Gate(Owner):
         self.rules = G.parse_passthrough(self.s["passthrough_paths"])
         self.refused: dict[str, Refused] = {}  # flow id -> refused at its head, answered by the relay
         self.clients = ClientTable()
+        self.bodies = G.BodyBudget(self.s["max_request_bodies_mb"] << 20)  # the bodies arriving at once
         self.keyed = False  # the gateway takes keys: once so, no reload of the file makes it open
         # the client each request in progress was let in as, by flow id (until its response or
         # error): its key, not only its name, which a reload may give to another key meanwhile
@@ -104,6 +108,7 @@ class Gate(Owner):
 
     def apply(self, updated: set[str]) -> None:
         self.rules = G.parse_passthrough(self.s["passthrough_paths"])
+        self.bodies.cap = self.s["max_request_bodies_mb"] << 20  # (the bodies arriving keep their share)
         # `clients` with gateway_api_key (its `default` client): an invalid pair stops start-up
         try:
             table = ClientTable(parse_clients(self.s["clients"], self.s["gateway_api_key"]))
@@ -177,6 +182,8 @@ class Gate(Owner):
                 param="content-length", code="length_required", status=411))
         if size > self.limit:
             return self.too_large(flow)
+        if not self.bodies.take(flow.id, flow.client_conn.id, size):
+            return self.refuse(flow, G.bodies_overloaded(self.bodies.cap))
         meta = flow.metadata.setdefault(META, {})
         if where is G.PASSTHROUGH:
             meta[PASSTHROUGH] = True
@@ -201,6 +208,8 @@ class Gate(Owner):
         headers = {**JSON_HEADERS, "x-request-id": request_id(flow)}
         if isinstance(err, G.NotAllowed):
             headers["allow"] = err.allow
+        if err.retry_after is not None:
+            headers.update(retry_headers(err.retry_after))
         self.answer(flow, err.status, json.dumps(err.body()).encode(), headers)
 
     def too_large(self, flow: http.HTTPFlow, decoded: bool = False) -> None:
@@ -245,6 +254,7 @@ class Gate(Owner):
     # --- the body ---------------------------------------------------------------------------
 
     def request(self, flow: http.HTTPFlow) -> None:
+        self.bodies.give_back(flow.id)  # (its body is in: what holds it now is the request's)
         refused = self.refused.get(flow.id)
         if refused is not None:  # the relay answers it; later hooks must leave it alone
             if flow.response is None:
@@ -307,11 +317,15 @@ class Gate(Owner):
         self._end(flow)
 
     def _end(self, flow: http.HTTPFlow) -> None:
+        self.bodies.give_back(flow.id)  # (its body never came whole: the client went, or it was cut)
         self.callers.pop(flow.id, None)
         refused = self.refused.pop(flow.id, None)
         if refused is not None:
             self.relay.forget(flow.id)  # (never claimed: the client left first)
             show_url(flow, refused.url)
+
+    def client_disconnected(self, client) -> None:
+        self.bodies.gone(client.id)  # (a body cut with its connection, whatever hook its flow had)
 
     def identify(self, req: http.Request):
         """Who is calling: the client whose key the request presents (``Authorization: Bearer …``
