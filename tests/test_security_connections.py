@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -22,8 +23,9 @@ import requests
 
 from resp2chat_core.gate import BodyBudget
 from resp2chat_core.head_deadline import MAX_WAITING, MIN_BODY_RATE, BodyRate, HeadDeadline
+from resp2chat_io.demo_upstream import serve_in_thread
 
-from helpers import (MITMWEB, KiB, Codex, Peak, cli_env, free_port, memory, open_fds, openai_client, read_flows, start_gateway,
+from helpers import (MITMWEB, KiB, Codex, Peak, Upstream, cli_env, free_port, memory, open_fds, openai_client, read_flows, start_gateway,
                      stream_turn, terminal, wait_until)
 from wsclient import WSClient
 
@@ -550,3 +552,90 @@ def test_min_request_body_rate_kb_changed_while_the_gateway_runs(upstream, tmp_p
         assert "Traceback" not in gw.log() and "Addon error" not in gw.log()
     finally:
         gw.stop()
+
+
+# --- honest large uploads are never refused for room -------------------------------------------
+
+
+@pytest.fixture
+def wide_upstream():
+    """The demo backend with a context that takes a 2.5 MB Codex history (~640k tokens)."""
+    server, base_url = serve_in_thread(max_context=4 << 20)
+    yield Upstream(base_url, server)
+    server.shutdown()
+    server.server_close()
+
+
+def long_history(tag: str, size: int = 2_500_000) -> list[dict]:
+    """A Codex-like conversation of about ``size`` bytes of JSON: question/answer pairs, then a question."""
+    items, total, k = [], 0, 0
+    while total < size:
+        pair = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": f"{tag} question {k} " + "q" * 900}]},
+                {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "a" * 1000}]}]
+        items += pair
+        total += len(json.dumps(pair))
+        k += 1
+    return items + [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": f"{tag}: and now?"}]}]
+
+
+def test_honest_large_uploads_at_once_are_never_refused(wide_upstream, gateway_factory):
+    """8 Codex histories of 2.5 MB sent at once at loopback speed (the openai SDK, no retries)
+    through a gateway with the default ``max_request_bodies_mb``: every one is answered. With a
+    cap of 8 MiB, three such bodies arriving at once (7.2 MiB) are all let in, a fourth is not,
+    and the three are answered once whole."""
+    import concurrent.futures
+
+    gw = gateway_factory(wide_upstream.origin, "--set", "resp2chat_max_replay_entries=0")
+    client = openai_client(gw, timeout=120)
+    histories = [long_history(f"session {i}") for i in range(8)]
+    with concurrent.futures.ThreadPoolExecutor(len(histories)) as pool:
+        done = list(pool.map(lambda h: client.responses.create(model="demo-model", input=h), histories))
+    assert [r.status for r in done] == ["completed"] * len(histories)
+
+    gw = gateway_factory(wide_upstream.origin, "--set", "resp2chat_max_replay_entries=0",
+                         env={"RESP2CHAT_MAX_REQUEST_BODIES_MB": "8"})
+    bodies = [json.dumps({"model": "demo-model", "input": long_history(f"held {i}")}).encode() for i in range(4)]
+    socks = [connect(gw, head_expecting(len(b))) for b in bodies[:3]]
+    assert [first_answer(s)[0] for s in socks] == [100, 100, 100]
+    for sock, body in zip(socks, bodies):
+        sock.sendall(body[:len(body) // 2])
+    fourth = connect(gw, head_expecting(len(bodies[3])))
+    assert first_answer(fourth)[0] == 503
+    fourth.close()
+    for sock, body in zip(socks, bodies):
+        sock.sendall(body[len(body) // 2:])
+    for sock in socks:
+        got = answer(sock)
+        assert got.startswith(b"HTTP/1.1 200"), got[:300]
+        sock.close()
+
+
+def test_the_openai_sdk_retries_a_body_refused_for_room_and_gets_through(wide_upstream, gateway_factory):
+    """A 2.5 MB upload that finds the bodies arriving at the cap (``max_request_bodies_mb`` 4,
+    one arriving): the openai SDK reads the early 503 while it sends, waits its ``retry-after``
+    and tries again; once the other body is in, its retry is answered."""
+    import httpx
+
+    gw = gateway_factory(wide_upstream.origin, "--set", "resp2chat_max_replay_entries=0",
+                         env={"RESP2CHAT_MAX_REQUEST_BODIES_MB": "4"})
+    held = json.dumps({"model": "demo-model", "input": long_history("held")}).encode()
+    sock = connect(gw, head_expecting(len(held)))
+    assert first_answer(sock)[0] == 100
+    sock.sendall(held[:len(held) // 2])
+    statuses: list[int] = []
+    client = openai_client(gw, max_retries=3, timeout=120,
+                           http_client=httpx.Client(event_hooks={"response": [lambda r: statuses.append(r.status_code)]}))
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(client.responses.create(model="demo-model",
+                                                                                     input=long_history("retried"))))
+    worker.start()
+    try:
+        wait_until(lambda: 503 in statuses, what="the SDK's first attempt refused")
+        sock.sendall(held[len(held) // 2:])
+        got = answer(sock)
+        assert got.startswith(b"HTTP/1.1 200"), got[:300]
+    finally:
+        sock.close()
+        worker.join(60)
+    assert result and result[0].status == "completed"
+    assert statuses[0] == 503 and statuses[-1] == 200, statuses
