@@ -240,6 +240,22 @@ def start_gateway(upstream_url: str, tmp: Path, *extra: str, env: dict | None = 
     return gw
 
 
+def start_mitmweb_gateway(upstream_url: str, tmp: Path, *extra: str, env: dict | None = None):
+    """A gateway under mitmweb (``start_gateway``), and ``put(**options)``: its options editor's
+    ``PUT /options`` (what an operator changes while it runs), the response."""
+    web_port, password = free_port(), "web-" + "p" * 24
+    gw = start_gateway(upstream_url, tmp, *extra, "--set", f"web_port={web_port}", "--set", "web_host=127.0.0.1",
+                       "--set", "web_open_browser=false", "--set", f"web_password={password}", env=env, program=MITMWEB)
+
+    def put(**options):
+        xsrf = "x" * 32
+        return requests.put(f"http://127.0.0.1:{web_port}/options", json=options,
+                            headers={"authorization": f"Bearer {password}", "X-XSRFToken": xsrf},
+                            cookies={"_mitmproxy_xsrf": xsrf}, timeout=10)
+
+    return gw, put
+
+
 # --- asking a gateway, and what it answers (Responses SSE) ------------------------------------
 
 

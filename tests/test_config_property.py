@@ -23,7 +23,7 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from helpers import (ADDON, MITMDUMP, MITMWEB, RESP2CHAT, cli_env, config_file, free_port, post_turn, run_cli, start_gateway,
+from helpers import (ADDON, MITMDUMP, RESP2CHAT, cli_env, config_file, free_port, post_turn, run_cli, start_mitmweb_gateway,
                      wait_until)
 import resp2chat_io
 from resp2chat_core import settings as S
@@ -338,20 +338,10 @@ def test_options_changed_while_the_gateway_runs(tmp_path, upstream):
     """A bound of the store changed at run time keeps what is stored (the store was made anew,
     empty); a log path the gateway cannot open is refused, the log it writes kept (the access log
     and the upstream request log alike: addons/base.py ``open_log``)."""
-    web_port, password = free_port(), "web-" + "p" * 24
     log, requests_log = tmp_path / "access.log", tmp_path / "upstream.jsonl"
-    gw = start_gateway(upstream.origin, tmp_path, "--set", f"resp2chat_access_log_path={log}",
-                       "--set", f"resp2chat_upstream_request_log_path={requests_log}",
-                       "--set", "resp2chat_max_replay_entries=0",
-                       "--set", f"web_port={web_port}", "--set", "web_host=127.0.0.1", "--set", "web_open_browser=false",
-                       "--set", f"web_password={password}", env=cli_env(tmp_path), program=MITMWEB)
-
-    def put(**options):
-        xsrf = "x" * 32
-        return requests.put(f"http://127.0.0.1:{web_port}/options", json=options,
-                            headers={"authorization": f"Bearer {password}", "X-XSRFToken": xsrf},
-                            cookies={"_mitmproxy_xsrf": xsrf}, timeout=10)
-
+    gw, put = start_mitmweb_gateway(upstream.origin, tmp_path, "--set", f"resp2chat_access_log_path={log}",
+                                    "--set", f"resp2chat_upstream_request_log_path={requests_log}",
+                                    "--set", "resp2chat_max_replay_entries=0", env=cli_env(tmp_path))
     try:
         first = post_turn(gw, {"model": "demo-model", "input": "keep me"})
         assert first.status_code == 200, first.text

@@ -25,7 +25,7 @@ from resp2chat_core.gate import BodyBudget
 from resp2chat_core.head_deadline import MAX_WAITING, MIN_BODY_RATE, BodyRate, HeadDeadline
 from resp2chat_io.demo_upstream import serve_in_thread
 
-from helpers import (MITMWEB, KiB, Codex, Peak, Upstream, cli_env, free_port, memory, open_fds, openai_client, read_flows, start_gateway,
+from helpers import (KiB, Codex, Peak, Upstream, cli_env, memory, open_fds, openai_client, read_flows, start_mitmweb_gateway,
                      stream_turn, terminal, wait_until)
 from wsclient import WSClient
 
@@ -508,17 +508,8 @@ def test_min_request_body_rate_kb_changed_while_the_gateway_runs(upstream, tmp_p
     cut by it: ``test_a_request_under_way_is_never_cut``) is cut about a deadline after its head;
     at 0 a body that stops coming altogether is held (no minimum rate), and answered once the
     rest of it comes."""
-    web_port, password = free_port(), "web-" + "p" * 24
-    gw = start_gateway(upstream.origin, tmp_path, "--set", "resp2chat_max_replay_entries=0",
-                       "--set", f"web_port={web_port}", "--set", "web_host=127.0.0.1", "--set", "web_open_browser=false",
-                       "--set", f"web_password={password}", env={**cli_env(tmp_path), **DEADLINE}, program=MITMWEB)
-
-    def put(**options):
-        xsrf = "x" * 32
-        return requests.put(f"http://127.0.0.1:{web_port}/options", json=options,
-                            headers={"authorization": f"Bearer {password}", "X-XSRFToken": xsrf},
-                            cookies={"_mitmproxy_xsrf": xsrf}, timeout=10)
-
+    gw, put = start_mitmweb_gateway(upstream.origin, tmp_path, "--set", "resp2chat_max_replay_entries=0",
+                                    env={**cli_env(tmp_path), **DEADLINE})
     try:
         assert put(resp2chat_min_request_body_rate_kb=64).status_code == 200
         body = json.dumps({"model": "demo-model", "input": "x" * (64 * LIMIT * KiB)}).encode()
