@@ -630,3 +630,33 @@ def test_the_openai_sdk_retries_a_body_refused_for_room_and_gets_through(wide_up
         worker.join(60)
     assert result and result[0].status == "completed"
     assert statuses[0] == 503 and statuses[-1] == 200, statuses
+
+
+def test_codex_retries_a_turn_refused_for_room_and_gets_through(codex_bin, upstream, gateway_factory, tmp_path):
+    """Codex over HTTP with its own retries (``request_max_retries`` 4, its default) meets a
+    gateway whose bodies arriving are at ``max_request_bodies_mb`` (1 MiB, one arriving): its turn
+    is refused with the 503, and once the other body's connection is gone its retry is served."""
+    log = tmp_path / "access.log"
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0",
+                         "--set", f"resp2chat_access_log_path={log}", env={"RESP2CHAT_MAX_REQUEST_BODIES_MB": "1"})
+    sock = connect(gw, head_expecting(MiB))
+    assert first_answer(sock)[0] == 100
+    sock.sendall(b"x" * 1000)
+    cx = Codex.at(codex_bin, tmp_path)
+    cx.configure(gw.base_url)
+    config = cx.home / "config.toml"
+    config.write_text(config.read_text().replace("request_max_retries = 0", "request_max_retries = 4"))
+    runs: list = []
+    worker = threading.Thread(target=lambda: runs.append(cx.exec("hello through a full gateway")))
+    worker.start()
+    try:
+        wait_until(lambda: log.exists() and "server_overloaded" in log.read_text(), timeout=60,
+                   what="Codex's first attempt refused for room")
+    finally:
+        sock.close()
+        worker.join(150)
+    assert runs and runs[0].returncode == 0, runs[0].output if runs else "no run"
+    assert "You said: hello through a full gateway" in runs[0].output
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(x["http_status"], x["code"]) for x in lines][0] == (503, "server_overloaded")
+    assert lines[-1]["status"] == "completed"
