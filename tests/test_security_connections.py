@@ -424,8 +424,8 @@ def first_answer(sock: socket.socket) -> tuple[int, dict, bytes]:
 def slow_bodies(gw, n: int, size: int, sent: int) -> tuple[list[socket.socket], list, int]:
     """``n`` connections, one after the other, each with a head declaring ``size`` bytes of body
     (``head_expecting``): each one let in sends ``sent`` bytes of it at once, then all of them
-    trickle the rest at twice ``MIN_BODY_RATE`` (just above the minimum: never cut) until two
-    deadlines passed. Returns the ones let in (still open), the refusals (status, fields, JSON)
+    trickle the rest at three times ``MIN_BODY_RATE`` (above the minimum with room for a loaded
+    machine: never cut) until two deadlines passed. Returns the ones let in (still open), the refusals (status, fields, JSON)
     and the gateway's peak memory meanwhile above where it was."""
     peak = Peak(gw.proc.pid)
     admitted, refused = [], []
@@ -439,7 +439,7 @@ def slow_bodies(gw, n: int, size: int, sent: int) -> tuple[list[socket.socket], 
             refused.append((status, fields, json.loads(body)))
             sock.close()
     start, chunk = time.monotonic(), 512
-    rate = 2 * MIN_BODY_RATE
+    rate = 3 * MIN_BODY_RATE
     given = 0
     while time.monotonic() - start < 2 * LIMIT + 0.5:
         due = int((time.monotonic() - start) * rate) - given  # (catching up after a slow turn of the machine)
