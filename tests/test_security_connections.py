@@ -425,7 +425,8 @@ def slow_bodies(gw, n: int, size: int, sent: int) -> tuple[list[socket.socket], 
     """``n`` connections, one after the other, each with a head declaring ``size`` bytes of body
     (``head_expecting``): each one let in sends ``sent`` bytes of it at once, then all of them
     trickle the rest at three times ``MIN_BODY_RATE`` (above the minimum with room for a loaded
-    machine: never cut) until two deadlines passed. Returns the ones let in (still open), the refusals (status, fields, JSON)
+    machine: never cut) until two deadlines passed.
+    Returns the ones let in (still open), the refusals (status, fields, JSON)
     and the gateway's peak memory meanwhile above where it was."""
     peak = Peak(gw.proc.pid)
     admitted, refused = [], []
@@ -561,12 +562,14 @@ def long_history(tag: str, size: int = 2_500_000) -> list[dict]:
     """A Codex-like conversation of about ``size`` bytes of JSON: question/answer pairs, then a question."""
     items, total, k = [], 0, 0
     while total < size:
-        pair = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": f"{tag} question {k} " + "q" * 900}]},
+        pair = [{"type": "message", "role": "user",
+                 "content": [{"type": "input_text", "text": f"{tag} question {k} " + "q" * 900}]},
                 {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "a" * 1000}]}]
         items += pair
         total += len(json.dumps(pair))
         k += 1
-    return items + [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": f"{tag}: and now?"}]}]
+    return items + [{"type": "message", "role": "user",
+                     "content": [{"type": "input_text", "text": f"{tag}: and now?"}]}]
 
 
 def test_honest_large_uploads_at_once_are_never_refused(wide_upstream, gateway_factory):
@@ -614,8 +617,8 @@ def test_the_openai_sdk_retries_a_body_refused_for_room_and_gets_through(wide_up
     assert first_answer(sock)[0] == 100
     sock.sendall(held[:len(held) // 2])
     statuses: list[int] = []
-    client = openai_client(gw, max_retries=3, timeout=120,
-                           http_client=httpx.Client(event_hooks={"response": [lambda r: statuses.append(r.status_code)]}))
+    seen = httpx.Client(event_hooks={"response": [lambda r: statuses.append(r.status_code)]})
+    client = openai_client(gw, max_retries=3, timeout=120, http_client=seen)
     result: list = []
     worker = threading.Thread(target=lambda: result.append(client.responses.create(model="demo-model",
                                                                                      input=long_history("retried"))))

@@ -13,7 +13,8 @@ resets mitmproxy's own ``tcp_timeout``). Two bounds, applied by resp2chat_io/add
 A connection with a request in flight (its head in, its answer not yet ended: a slow upload, a
 long stream) is not waiting, nor one upgraded to a WebSocket (its answer never ends here). Its
 body, while it arrives, has its own bound (``BodyRate``: at least ``min_request_body_rate_kb``,
-by default ``MIN_BODY_RATE``, over each ``header_timeout_secs``), and a client that takes nothing of its answer its own (``Stalls``).
+by default ``MIN_BODY_RATE``, over each ``header_timeout_secs``), and a client that takes
+nothing of its answer its own (``Stalls``).
 Connections are named by the caller (mitmproxy's client id), requests too (a flow id); ``now``
 is any clock that does not go back (``time.monotonic``).
 """

@@ -9,8 +9,9 @@ anyone serves the path and method (the gateway, or the upstream through ``passth
 a turn's content type; the body's declared size (``max_request_body_mb``; a body of unknown
 length, chunked, is refused with 411); room for that body among those arriving at once, all
 clients together (``max_request_bodies_mb``, resp2chat_core/gate.py ``BodyBudget``: its declared
-size counted from the head until the body is in, else a 503 with retry-after). A request let in has the client's credentials taken off
-when they were the gateway key (they never leave the gateway) and is sent on in origin form.
+size counted from the head until the body is in, else a 503 with retry-after). A request let
+in has the client's credentials taken off when they were the gateway key (they never leave the
+gateway) and is sent on in origin form.
 Once the body is in, a compressed one is decoded (bounded by the same limit:
 resp2chat_core/content_encoding.py), so every later hook reads plain JSON.
 
