@@ -72,7 +72,7 @@ def test_any_yaml_document_loads_or_is_refused_in_one_line(tmp_path, entries):
     path = tmp_path / "config.yaml"
     path.write_text("\n".join(_line(k, v) for k, v in entries) + "\n")
     try:
-        values, _, _ = load_settings({"RESP2CHAT_CONFIG": str(path)})
+        values = load_settings({"RESP2CHAT_CONFIG": str(path)}).values
     except S.SettingsError as exc:
         message = str(exc)
         assert "\n" not in message and SECRET.lower() not in message.lower(), message
@@ -521,6 +521,23 @@ def test_a_misspelt_variable_is_warned_of_once_by_name_never_its_value(tmp_path)
         assert sum(typed in line and meant in line for line in warned) == 1, (typed, warned)
     for name in [*OWN_VARIABLES, "RESP2CHAT_CONFIG"]:
         assert not any(name in line for line in warned), (name, warned)
+
+
+def test_an_old_name_beside_its_new_one_in_the_file_is_warned_of_by_a_real_gateway(tmp_path):
+    """The file's old name given beside its new one is ignored, with a warning naming both (the
+    gateway compares what the file itself says: ``load_settings``' ``file_values``); an old name
+    alone is read, and warned of as deprecated."""
+    path = config_file(tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("request_timeout_secs: 5\nupstream_idle_timeout_secs: 7\n")
+    run, shown = gateway_settings(tmp_path, {})
+    assert shown is not None and shown["upstream_idle_timeout_secs"] == 7, (run.stdout + run.stderr)[-3000:]
+    text = run.stdout + run.stderr
+    assert "request_timeout_secs in the config file is ignored: upstream_idle_timeout_secs is there too" in text, text[-3000:]
+    path.write_text("request_timeout_secs: 5\n")
+    run, shown = gateway_settings(tmp_path, {})
+    assert shown is not None and shown["upstream_idle_timeout_secs"] == 5, (run.stdout + run.stderr)[-3000:]
+    assert "request_timeout_secs is deprecated" in run.stdout + run.stderr
 
 
 # --- an upstreams entry's one-value settings mean what their text says, as at the top ------------------------

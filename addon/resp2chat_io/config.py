@@ -9,7 +9,7 @@ import re
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, NamedTuple
 
 import yaml
 
@@ -120,11 +120,23 @@ def _unquoted(found: re.Match) -> str:
     return found[0] if len(inner) <= 2 or re.fullmatch(r"<[a-z ]+>", inner) else "'…'"
 
 
-def load_settings(env: Mapping[str, str] = os.environ) -> tuple[dict, dict, Path]:
-    """Resolved settings (defaults < file < env), where each came from, and the file's path."""
+class Loaded(NamedTuple):
+    """``load_settings``: the resolved settings (defaults < file < env), where each came from, the
+    file's path, and what the file itself says (``read_file``: ``settings.shadowed`` compares it
+    with the environment)."""
+
+    values: dict
+    sources: dict
+    path: Path
+    file_values: dict
+
+
+def load_settings(env: Mapping[str, str] = os.environ) -> Loaded:
+    """Resolved settings (defaults < file < env), where each came from, the file's path and its values."""
     path = config_path(env)
-    values, sources = resolve(read_file(path), env)
-    return values, sources, path
+    file_values = read_file(path)
+    values, sources = resolve(file_values, env)
+    return Loaded(values, sources, path, file_values)
 
 
 def write_file(path: Path, values: Mapping[str, Any]) -> None:
