@@ -483,6 +483,26 @@ def test_a_gateway_starts_with_clients_from_keys_add(tmp_path, upstream):
 
 
 
+def test_a_clients_limit_in_the_file_is_what_its_text_says(tmp_path, upstream):
+    """``rpm: 017`` in a ``clients`` entry of the config file was YAML's octal 15: the client got
+    15 requests a minute, ``max_streams: 010`` 8 (and ``name: 1.10`` stopped the gateway, a number). They mean their
+    text, as at the file's top level and in ``RESP2CHAT_CLIENTS``: 17 requests, the name "1.10"."""
+    path = config_file(tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"clients:\n  - name: 1.10\n    key: {ALICE_KEY}\n    rpm: 017\n    max_streams: 010\n")
+    gw = start_gateway(upstream.origin, tmp_path, env=cli_env(tmp_path))
+    try:
+        answer = openai_client(gw, api_key=ALICE_KEY).responses.with_raw_response.create(model="demo-model", input="hi")
+        assert answer.headers["x-ratelimit-limit-requests"] == "17", dict(answer.headers)
+        assert answer.parse().output_text == "You said: hi"
+    finally:
+        gw.stop()
+    listed = run_cli(tmp_path, "keys", "list")
+    rows = [line.split() for line in listed.stdout.splitlines() if line.startswith("1.10 ")]
+    assert listed.returncode == 0 and len(rows) == 1, listed.stdout + listed.stderr
+    assert rows[0][4:] == ["17", "-", "10", "-"], rows  # RPM, TPM, MAX STREAMS, MAX SOCKETS
+
+
 def test_a_client_with_the_longest_name_and_no_id_is_served(tmp_path, upstream):
     """An entry written by hand (no id: its name owns its state) may have a 64-character name:
     its owner, ``client.`` + the name, was too long, and every request of it failed (a 500)."""

@@ -584,3 +584,45 @@ def test_an_upstream_entry_value_as_written_in_a_real_gateway(tmp_path):
     assert shown is not None, (run.stdout + run.stderr)[-3000:]
     entry = shown["upstreams"][0]
     assert entry["upstream_model"] == "1.10" and int(entry["connect_timeout_secs"]) == 17, entry
+
+
+# --- a clients entry's fields mean what their text says, as an upstreams entry's ------------------------------
+
+CLIENT_KEY = "client-key-0123456789abcdef"
+
+
+def _client_outcome(env: dict):
+    try:
+        return "ok", parse_clients(load_settings(env).values["clients"])[0]
+    except S.SettingsError:
+        return "refused", None
+
+
+@settings(max_examples=150, **SETTINGS)
+@given(st.sampled_from(["name", "id", "models", "rpm", "tpm", "max_streams", "max_sockets"]), TEXT)
+def test_a_client_entry_value_means_the_same_in_the_file_and_the_environment(tmp_path, field, text):
+    """A ``clients`` entry's ``rpm: 017`` was YAML's octal 15 where ``RESP2CHAT_CLIENTS``' ``"017"``
+    was refused, ``name: 1.10`` refused as no string: the file's text and the variable's JSON
+    string mean the same (``rpm: 017`` is 17, as ``max_sessions: 017`` is at the top)."""
+    try:
+        node = yaml.compose(f"k: {text}\n").value[0][1]
+    except yaml.YAMLError:
+        node = None
+    assume(isinstance(node, yaml.ScalarNode) and node.value == text and not node.tag.endswith(":null"))
+    entry = {"name": "a", "key": CLIENT_KEY, field: text}
+    path = tmp_path / "config.yaml"
+    path.write_text("clients:\n" + "".join(f"  {'-' if i == 0 else ' '} {k}: {v}\n"
+                                           for i, (k, v) in enumerate(entry.items())))
+    in_file = _client_outcome({"RESP2CHAT_CONFIG": str(path)})
+    in_env = _client_outcome({"RESP2CHAT_CONFIG": str(tmp_path / "none.yaml"), "RESP2CHAT_CLIENTS": json.dumps([entry])})
+    assert in_file == in_env, (path.read_text(), in_file, in_env)
+
+
+def test_a_client_limit_is_its_text_in_the_file():
+    """The examples: a limit with a leading 0 or an underscore is the number its text says."""
+    for text, meant in (("017", 17), ("1_000", 1000), ("60", 60)):
+        (spec,) = parse_clients([{"name": "a", "key": CLIENT_KEY, "rpm": text}])
+        assert spec.rpm == meant
+    for text in ("0x1F", "1:30", "1.5", "0", "yes"):
+        with pytest.raises(S.SettingsError, match=r"clients\[0\] \('a'\)\.rpm"):
+            parse_clients([{"name": "a", "key": CLIENT_KEY, "rpm": text}])
