@@ -195,7 +195,7 @@ def parse_clients(entries: Sequence[Any], gateway_api_key: str = "") -> tuple[Cl
             raise bad("models", "expected a non-empty list of model name patterns ('*' for any)")
         limits = {}
         for limit in LIMITS:
-            value = _whole(entry.get(limit))
+            value = whole(entry.get(limit))
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or not 0 < value <= MAX_LIMIT):
                 raise bad(limit, f"expected a whole number > 0, at most {MAX_LIMIT:,} (leave it out for no limit)")
@@ -213,10 +213,11 @@ def parse_clients(entries: Sequence[Any], gateway_api_key: str = "") -> tuple[Cl
     return tuple(specs)
 
 
-def _whole(value: Any) -> Any:
+def whole(value: Any) -> Any:
     """A limit given as text (the config file's ``rpm: 017``, as written; a JSON string) as the
     whole number it says, as a whole-number setting reads it (settings.py ``coerce``: ``017`` is
-    17, ``1_000`` 1000); text that says none stays as it is (refused). Any other value as it is."""
+    17, ``1_000`` 1000); text that says none stays as it is (``parse_clients`` refuses it). Any
+    other value as it is."""
     if isinstance(value, str):
         try:
             return int(value, 10)

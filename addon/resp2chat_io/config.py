@@ -13,7 +13,7 @@ from typing import Any, Iterator, Mapping, NamedTuple
 
 import yaml
 
-from resp2chat_core.clients import FIELDS as CLIENT_FIELDS
+from resp2chat_core.clients import FIELDS as CLIENT_FIELDS, LIMITS, whole
 from resp2chat_core.settings import ALIASES, BY_NAME, FIELDS, PER_UPSTREAM, SettingsError, resolve
 
 
@@ -67,7 +67,8 @@ _SCALARS = frozenset(name for name, f in {**BY_NAME, **ALIASES}.items() if f.kin
 # The same inside an entry of a list of entries, as its environment variable's JSON strings: in
 # one of ``upstreams``, the settings of one scalar it may set for itself, and its own name,
 # api_key, base_url and models (one pattern); in one of ``clients``, every field (models: one
-# pattern), its limits parsed by clients.py as the text says (``rpm: 017`` was the octal 15).
+# pattern), its limits the whole numbers their text says (``rpm: 017`` was the octal 15): so
+# ``resp2chat keys``, rewriting the file, writes them as numbers.
 _ENTRY_SCALARS = {
     "upstreams": frozenset(name for name in PER_UPSTREAM if name in _SCALARS) | {"name", "base_url", "api_key", "models"},
     "clients": frozenset(CLIENT_FIELDS),
@@ -96,6 +97,8 @@ def _as_written(data: dict, node: yaml.Node) -> dict:
                     for k, v in item.value:  # (in order: a key given twice is YAML's last, as in `entry`)
                         if isinstance(k, yaml.ScalarNode) and k.tag == _STR and k.value in scalars:
                             _text(entry, k.value, v)
+                            if key.value == "clients" and k.value in LIMITS:
+                                entry[k.value] = whole(entry[k.value])
     return data
 
 
