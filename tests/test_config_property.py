@@ -27,7 +27,7 @@ from helpers import (ADDON, MITMDUMP, MITMWEB, RESP2CHAT, cli_env, config_file, 
                      wait_until)
 import resp2chat_io
 from resp2chat_core import settings as S
-from resp2chat_core.clients import parse_clients
+from resp2chat_core.clients import LIMITS, parse_clients
 from resp2chat_io.config import load_settings
 
 SETTINGS = dict(derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow,
@@ -540,38 +540,55 @@ def test_an_old_name_beside_its_new_one_in_the_file_is_warned_of_by_a_real_gatew
     assert "request_timeout_secs is deprecated" in run.stdout + run.stderr
 
 
-# --- an upstreams entry's one-value settings mean what their text says, as at the top ------------------------
+# --- an upstreams or clients entry's one-value fields mean what their text says, as at the top ----------------
 
 ENTRY_SCALARS = [name for name in S.PER_UPSTREAM if S.BY_NAME[name].kind in ("str", "int", "bool")]
 BASE = "http://127.0.0.1:9/v1"
+CLIENT_KEY = "client-key-0123456789abcdef"
 
 
-def _entry_outcome(env: dict):
+def _upstream(entries: list):
+    spec = S.parse_upstreams(entries)[0]
+    return spec.name, spec.api_key, spec.models, spec.overrides
+
+
+# a list of entries: an entry every field is added to, the fields of one value, what it is validated as
+LISTS = {
+    "upstreams": ({"name": "a", "base_url": BASE}, ENTRY_SCALARS + ["name", "api_key", "models"], _upstream),
+    "clients": ({"name": "a", "key": CLIENT_KEY}, ["name", "id", "models", *LIMITS], lambda e: parse_clients(e)[0]),
+}
+
+
+def _entry_outcome(env: dict, setting: str):
     try:
-        values = load_settings(env)[0]
-        spec = S.parse_upstreams(values["upstreams"])[0]
-        return "ok", (spec.name, spec.api_key, spec.models, spec.overrides)
+        return "ok", LISTS[setting][2](load_settings(env).values[setting])
     except S.SettingsError:
         return "refused", None
 
 
+@pytest.mark.parametrize("setting", list(LISTS))
 @settings(max_examples=150, **SETTINGS)
-@given(st.sampled_from(ENTRY_SCALARS + ["name", "api_key", "models"]), TEXT)
-def test_an_upstream_entry_value_means_the_same_in_the_file_and_the_environment(tmp_path, field, text):
+@given(data=st.data())
+def test_an_entry_value_means_the_same_in_the_file_and_the_environment(tmp_path, setting, data):
     """An ``upstreams`` entry's ``upstream_model: 1.10`` was YAML's number 1.1 (another model),
     ``connect_timeout_secs: 017`` the octal 15, ``name: 1.10`` or ``api_key: 0123`` refused as no
-    string, where the top level and ``RESP2CHAT_UPSTREAMS``' ``"1.10"`` mean the text."""
+    string, where the top level and ``RESP2CHAT_UPSTREAMS``' ``"1.10"`` mean the text; a
+    ``clients`` entry's ``rpm: 017`` was 15 where ``RESP2CHAT_CLIENTS``' ``"017"`` was refused,
+    ``name: 1.10`` refused: the file's text and the variable's JSON string mean the same."""
+    base, fields, _ = LISTS[setting]
+    field, text = data.draw(st.sampled_from(fields)), data.draw(TEXT)
     try:
         node = yaml.compose(f"k: {text}\n").value[0][1]
     except yaml.YAMLError:
         node = None
     assume(isinstance(node, yaml.ScalarNode) and node.value == text and not node.tag.endswith(":null"))
-    entry = {"name": "a", "base_url": BASE, field: text}
+    entry = {**base, field: text}
     path = tmp_path / "config.yaml"
-    path.write_text("upstreams:\n" + "".join(f"  {'-' if i == 0 else ' '} {k}: {v}\n"
-                                             for i, (k, v) in enumerate(entry.items())))
-    in_file = _entry_outcome({"RESP2CHAT_CONFIG": str(path)})
-    in_env = _entry_outcome({"RESP2CHAT_CONFIG": str(tmp_path / "none.yaml"), "RESP2CHAT_UPSTREAMS": json.dumps([entry])})
+    path.write_text(f"{setting}:\n" + "".join(f"  {'-' if i == 0 else ' '} {k}: {v}\n"
+                                               for i, (k, v) in enumerate(entry.items())))
+    in_file = _entry_outcome({"RESP2CHAT_CONFIG": str(path)}, setting)
+    in_env = _entry_outcome({"RESP2CHAT_CONFIG": str(tmp_path / "none.yaml"), S.BY_NAME[setting].env: json.dumps([entry])},
+                            setting)
     assert in_file == in_env, (path.read_text(), in_file, in_env)
 
 
@@ -586,36 +603,7 @@ def test_an_upstream_entry_value_as_written_in_a_real_gateway(tmp_path):
     assert entry["upstream_model"] == "1.10" and int(entry["connect_timeout_secs"]) == 17, entry
 
 
-# --- a clients entry's fields mean what their text says, as an upstreams entry's ------------------------------
-
-CLIENT_KEY = "client-key-0123456789abcdef"
-
-
-def _client_outcome(env: dict):
-    try:
-        return "ok", parse_clients(load_settings(env).values["clients"])[0]
-    except S.SettingsError:
-        return "refused", None
-
-
-@settings(max_examples=150, **SETTINGS)
-@given(st.sampled_from(["name", "id", "models", "rpm", "tpm", "max_streams", "max_sockets"]), TEXT)
-def test_a_client_entry_value_means_the_same_in_the_file_and_the_environment(tmp_path, field, text):
-    """A ``clients`` entry's ``rpm: 017`` was YAML's octal 15 where ``RESP2CHAT_CLIENTS``' ``"017"``
-    was refused, ``name: 1.10`` refused as no string: the file's text and the variable's JSON
-    string mean the same (``rpm: 017`` is 17, as ``max_sessions: 017`` is at the top)."""
-    try:
-        node = yaml.compose(f"k: {text}\n").value[0][1]
-    except yaml.YAMLError:
-        node = None
-    assume(isinstance(node, yaml.ScalarNode) and node.value == text and not node.tag.endswith(":null"))
-    entry = {"name": "a", "key": CLIENT_KEY, field: text}
-    path = tmp_path / "config.yaml"
-    path.write_text("clients:\n" + "".join(f"  {'-' if i == 0 else ' '} {k}: {v}\n"
-                                           for i, (k, v) in enumerate(entry.items())))
-    in_file = _client_outcome({"RESP2CHAT_CONFIG": str(path)})
-    in_env = _client_outcome({"RESP2CHAT_CONFIG": str(tmp_path / "none.yaml"), "RESP2CHAT_CLIENTS": json.dumps([entry])})
-    assert in_file == in_env, (path.read_text(), in_file, in_env)
+# --- a clients entry's limits are the numbers their text says ------------------------------------------------
 
 
 def test_a_client_limit_is_its_text_in_the_file():
