@@ -98,7 +98,8 @@ def test_gateway_api_key_is_one_more_client_named_default():
 
 @pytest.mark.parametrize("entries,gateway_key,field,why", [
     ([{"name": "alice", "key": ALICE_KEY, "rpm": 0}], "", "clients[0] ('alice').rpm", "whole number > 0"),
-    ([{"name": "alice", "key": ALICE_KEY, "tpm": "1000"}], "", "clients[0] ('alice').tpm", "whole number > 0"),
+    ([{"name": "alice", "key": ALICE_KEY, "tpm": "1k"}], "", "clients[0] ('alice').tpm", "whole number > 0"),
+    ([{"name": "alice", "key": ALICE_KEY, "tpm": "0x10"}], "", "clients[0] ('alice').tpm", "whole number > 0"),
     ([{"name": "alice", "key": ALICE_KEY, "max_streams": True}], "", "clients[0] ('alice').max_streams", "whole number"),
     ([{"name": "alice", "key": ALICE_KEY, "max_sockets": 0}], "", "clients[0] ('alice').max_sockets", "whole number > 0"),
     ([{"name": "alice", "key": ALICE_KEY, "rpm": 2.5}], "", "clients[0] ('alice').rpm", "whole number"),
@@ -481,6 +482,30 @@ def test_a_gateway_starts_with_clients_from_keys_add(tmp_path, upstream):
         gw.stop()
     assert key not in gw.log()
 
+
+
+def test_a_clients_limit_in_the_file_is_what_its_text_says(tmp_path, upstream):
+    """``rpm: 017`` in a ``clients`` entry of the config file was YAML's octal 15: the client got
+    15 requests a minute, ``max_streams: 010`` 8 (and ``name: 1.10`` stopped the gateway, a number). They mean their
+    text, as at the file's top level and in ``RESP2CHAT_CLIENTS``: 17 requests, the name "1.10"."""
+    path = config_file(tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"clients:\n  - name: 1.10\n    key: {ALICE_KEY}\n    rpm: 017\n    max_streams: 010\n")
+    gw = start_gateway(upstream.origin, tmp_path, env=cli_env(tmp_path))
+    try:
+        answer = openai_client(gw, api_key=ALICE_KEY).responses.with_raw_response.create(model="demo-model", input="hi")
+        assert answer.headers["x-ratelimit-limit-requests"] == "17", dict(answer.headers)
+        assert answer.parse().output_text == "You said: hi"
+    finally:
+        gw.stop()
+    listed = run_cli(tmp_path, "keys", "list")
+    rows = [line.split() for line in listed.stdout.splitlines() if line.startswith("1.10 ")]
+    assert listed.returncode == 0 and len(rows) == 1, listed.stdout + listed.stderr
+    assert rows[0][4:] == ["17", "-", "10", "-"], rows  # RPM, TPM, MAX STREAMS, MAX SOCKETS
+    # `keys add`, rewriting the file, keeps what it meant: the name a string, the limits numbers
+    assert run_cli(tmp_path, "keys", "add", "bob").returncode == 0
+    first = yaml.safe_load(path.read_text())["clients"][0]
+    assert (first["name"], first["rpm"], first["max_streams"]) == ("1.10", 17, 10), path.read_text()
 
 
 def test_a_client_with_the_longest_name_and_no_id_is_served(tmp_path, upstream):

@@ -27,7 +27,7 @@ from helpers import (ADDON, MITMDUMP, RESP2CHAT, cli_env, config_file, free_port
                      wait_until)
 import resp2chat_io
 from resp2chat_core import settings as S
-from resp2chat_core.clients import parse_clients
+from resp2chat_core.clients import LIMITS, parse_clients
 from resp2chat_io.config import load_settings
 
 SETTINGS = dict(derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow,
@@ -72,7 +72,7 @@ def test_any_yaml_document_loads_or_is_refused_in_one_line(tmp_path, entries):
     path = tmp_path / "config.yaml"
     path.write_text("\n".join(_line(k, v) for k, v in entries) + "\n")
     try:
-        values, _, _ = load_settings({"RESP2CHAT_CONFIG": str(path)})
+        values = load_settings({"RESP2CHAT_CONFIG": str(path)}).values
     except S.SettingsError as exc:
         message = str(exc)
         assert "\n" not in message and SECRET.lower() not in message.lower(), message
@@ -513,38 +513,72 @@ def test_a_misspelt_variable_is_warned_of_once_by_name_never_its_value(tmp_path)
         assert not any(name in line for line in warned), (name, warned)
 
 
-# --- an upstreams entry's one-value settings mean what their text says, as at the top ------------------------
+def test_an_old_name_beside_its_new_one_in_the_file_is_warned_of_by_a_real_gateway(tmp_path):
+    """The file's old name given beside its new one is ignored, with a warning naming both (the
+    gateway compares what the file itself says: ``load_settings``' ``file_values``); an old name
+    alone is read, and warned of as deprecated."""
+    path = config_file(tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("request_timeout_secs: 5\nupstream_idle_timeout_secs: 7\n")
+    run, shown = gateway_settings(tmp_path, {})
+    assert shown is not None and shown["upstream_idle_timeout_secs"] == 7, (run.stdout + run.stderr)[-3000:]
+    text = run.stdout + run.stderr
+    assert "request_timeout_secs in the config file is ignored: upstream_idle_timeout_secs is there too" in text, text[-3000:]
+    path.write_text("request_timeout_secs: 5\n")
+    run, shown = gateway_settings(tmp_path, {})
+    assert shown is not None and shown["upstream_idle_timeout_secs"] == 5, (run.stdout + run.stderr)[-3000:]
+    assert "request_timeout_secs is deprecated" in run.stdout + run.stderr
+
+
+# --- an upstreams or clients entry's one-value fields mean what their text says, as at the top ----------------
 
 ENTRY_SCALARS = [name for name in S.PER_UPSTREAM if S.BY_NAME[name].kind in ("str", "int", "bool")]
 BASE = "http://127.0.0.1:9/v1"
+CLIENT_KEY = "client-key-0123456789abcdef"
 
 
-def _entry_outcome(env: dict):
+def _upstream(entries: list):
+    spec = S.parse_upstreams(entries)[0]
+    return spec.name, spec.api_key, spec.models, spec.overrides
+
+
+# a list of entries: an entry every field is added to, the fields of one value, what it is validated as
+LISTS = {
+    "upstreams": ({"name": "a", "base_url": BASE}, ENTRY_SCALARS + ["name", "api_key", "models"], _upstream),
+    "clients": ({"name": "a", "key": CLIENT_KEY}, ["name", "id", "models", *LIMITS], lambda e: parse_clients(e)[0]),
+}
+
+
+def _entry_outcome(env: dict, setting: str):
     try:
-        values = load_settings(env)[0]
-        spec = S.parse_upstreams(values["upstreams"])[0]
-        return "ok", (spec.name, spec.api_key, spec.models, spec.overrides)
+        return "ok", LISTS[setting][2](load_settings(env).values[setting])
     except S.SettingsError:
         return "refused", None
 
 
+@pytest.mark.parametrize("setting", list(LISTS))
 @settings(max_examples=150, **SETTINGS)
-@given(st.sampled_from(ENTRY_SCALARS + ["name", "api_key", "models"]), TEXT)
-def test_an_upstream_entry_value_means_the_same_in_the_file_and_the_environment(tmp_path, field, text):
+@given(data=st.data())
+def test_an_entry_value_means_the_same_in_the_file_and_the_environment(tmp_path, setting, data):
     """An ``upstreams`` entry's ``upstream_model: 1.10`` was YAML's number 1.1 (another model),
     ``connect_timeout_secs: 017`` the octal 15, ``name: 1.10`` or ``api_key: 0123`` refused as no
-    string, where the top level and ``RESP2CHAT_UPSTREAMS``' ``"1.10"`` mean the text."""
+    string, where the top level and ``RESP2CHAT_UPSTREAMS``' ``"1.10"`` mean the text; a
+    ``clients`` entry's ``rpm: 017`` was 15 where ``RESP2CHAT_CLIENTS``' ``"017"`` was refused,
+    ``name: 1.10`` refused: the file's text and the variable's JSON string mean the same."""
+    base, fields, _ = LISTS[setting]
+    field, text = data.draw(st.sampled_from(fields)), data.draw(TEXT)
     try:
         node = yaml.compose(f"k: {text}\n").value[0][1]
     except yaml.YAMLError:
         node = None
     assume(isinstance(node, yaml.ScalarNode) and node.value == text and not node.tag.endswith(":null"))
-    entry = {"name": "a", "base_url": BASE, field: text}
+    entry = {**base, field: text}
     path = tmp_path / "config.yaml"
-    path.write_text("upstreams:\n" + "".join(f"  {'-' if i == 0 else ' '} {k}: {v}\n"
-                                             for i, (k, v) in enumerate(entry.items())))
-    in_file = _entry_outcome({"RESP2CHAT_CONFIG": str(path)})
-    in_env = _entry_outcome({"RESP2CHAT_CONFIG": str(tmp_path / "none.yaml"), "RESP2CHAT_UPSTREAMS": json.dumps([entry])})
+    path.write_text(f"{setting}:\n" + "".join(f"  {'-' if i == 0 else ' '} {k}: {v}\n"
+                                               for i, (k, v) in enumerate(entry.items())))
+    in_file = _entry_outcome({"RESP2CHAT_CONFIG": str(path)}, setting)
+    in_env = _entry_outcome({"RESP2CHAT_CONFIG": str(tmp_path / "none.yaml"), S.BY_NAME[setting].env: json.dumps([entry])},
+                            setting)
     assert in_file == in_env, (path.read_text(), in_file, in_env)
 
 
@@ -557,3 +591,16 @@ def test_an_upstream_entry_value_as_written_in_a_real_gateway(tmp_path):
     assert shown is not None, (run.stdout + run.stderr)[-3000:]
     entry = shown["upstreams"][0]
     assert entry["upstream_model"] == "1.10" and int(entry["connect_timeout_secs"]) == 17, entry
+
+
+# --- a clients entry's limits are the numbers their text says ------------------------------------------------
+
+
+def test_a_client_limit_is_its_text_in_the_file():
+    """The examples: a limit with a leading 0 or an underscore is the number its text says."""
+    for text, meant in (("017", 17), ("1_000", 1000), ("60", 60)):
+        (spec,) = parse_clients([{"name": "a", "key": CLIENT_KEY, "rpm": text}])
+        assert spec.rpm == meant
+    for text in ("0x1F", "1:30", "1.5", "0", "yes"):
+        with pytest.raises(S.SettingsError, match=r"clients\[0\] \('a'\)\.rpm"):
+            parse_clients([{"name": "a", "key": CLIENT_KEY, "rpm": text}])

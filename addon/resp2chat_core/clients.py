@@ -12,6 +12,8 @@ Rules of this file:
 - ``gateway_api_key``, when set, is one more client named ``default`` (all models, no limits).
 - Names are unique and safe as Prometheus label values and log fields (``labels.OPERATOR_NAME``);
   two clients never share a key.
+- A limit may come as text (the config file's fields are read as written: ``rpm: 017``; a JSON
+  string): the whole number it says, as a whole-number setting reads it (17).
 - Invalid entries stop start-up with ``SettingsError`` naming the entry and the field
   (``clients[1] ('alice').rpm: …``), as ``upstreams`` does; an error never shows a key.
 - ``ClientTable.lookup`` finds a presented key by hashing it once and looking the digest up in
@@ -193,7 +195,7 @@ def parse_clients(entries: Sequence[Any], gateway_api_key: str = "") -> tuple[Cl
             raise bad("models", "expected a non-empty list of model name patterns ('*' for any)")
         limits = {}
         for limit in LIMITS:
-            value = entry.get(limit)
+            value = whole(entry.get(limit))
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or not 0 < value <= MAX_LIMIT):
                 raise bad(limit, f"expected a whole number > 0, at most {MAX_LIMIT:,} (leave it out for no limit)")
@@ -209,6 +211,19 @@ def parse_clients(entries: Sequence[Any], gateway_api_key: str = "") -> tuple[Cl
     if gateway_api_key:
         specs.append(ClientSpec(DEFAULT, key_sha256(gateway_api_key)))
     return tuple(specs)
+
+
+def whole(value: Any) -> Any:
+    """A limit given as text (the config file's ``rpm: 017``, as written; a JSON string) as the
+    whole number it says, as a whole-number setting reads it (settings.py ``coerce``: ``017`` is
+    17, ``1_000`` 1000); text that says none stays as it is (``parse_clients`` refuses it). Any
+    other value as it is."""
+    if isinstance(value, str):
+        try:
+            return int(value, 10)
+        except ValueError:
+            return value
+    return value
 
 
 class ClientTable:

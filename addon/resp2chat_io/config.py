@@ -9,10 +9,11 @@ import re
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, NamedTuple
 
 import yaml
 
+from resp2chat_core.clients import FIELDS as CLIENT_FIELDS, LIMITS, whole
 from resp2chat_core.settings import ALIASES, BY_NAME, FIELDS, PER_UPSTREAM, SettingsError, resolve
 
 
@@ -63,15 +64,21 @@ _STR, _NULL = "tag:yaml.org,2002:str", "tag:yaml.org,2002:null"
 # another setting of some: `upstream_model: 1.10` was "1.1", `seal_key: 01234567` the octal number
 # 342391, `max_sessions: 017` 15 (the environment's 017 is 17), `1:30` the number 90.
 _SCALARS = frozenset(name for name, f in {**BY_NAME, **ALIASES}.items() if f.kind in ("str", "int", "bool"))
-# The same inside an entry of ``upstreams``: the settings of one scalar it may set for itself,
-# and its own name, api_key, base_url and models (one pattern), as RESP2CHAT_UPSTREAMS' JSON strings.
-_ENTRY_SCALARS = frozenset(name for name in PER_UPSTREAM if name in _SCALARS) | {"name", "base_url", "api_key", "models"}
+# The same inside an entry of a list of entries, as its environment variable's JSON strings: in
+# one of ``upstreams``, the settings of one scalar it may set for itself, and its own name,
+# api_key, base_url and models (one pattern); in one of ``clients``, every field (models: one
+# pattern), its limits the whole numbers their text says (``rpm: 017`` was the octal 15): so
+# ``resp2chat keys``, rewriting the file, writes them as numbers.
+_ENTRY_SCALARS = {
+    "upstreams": frozenset(name for name in PER_UPSTREAM if name in _SCALARS) | {"name", "base_url", "api_key", "models"},
+    "clients": frozenset(CLIENT_FIELDS),
+}
 
 
 def _as_written(data: dict, node: yaml.Node) -> dict:
     """``data`` with each scalar setting as its text says it (``_SCALARS``; in an entry of
-    ``upstreams``, ``_ENTRY_SCALARS``); a setting given twice is an error (YAML keeps the last
-    value without a word)."""
+    ``upstreams`` or ``clients``, ``_ENTRY_SCALARS``); a setting given twice is an error (YAML
+    keeps the last value without a word)."""
     seen: set[str] = set()
     for key, value in node.value:
         if not (isinstance(key, yaml.ScalarNode) and key.tag == _STR):
@@ -82,13 +89,16 @@ def _as_written(data: dict, node: yaml.Node) -> dict:
         seen.add(key.value)
         if key.value in _SCALARS and key.value in data:
             _text(data, key.value, value)
-        elif key.value == "upstreams" and isinstance(value, yaml.SequenceNode) and isinstance(data.get(key.value), list) \
-                and len(value.value) == len(data[key.value]):
+        elif key.value in _ENTRY_SCALARS and isinstance(value, yaml.SequenceNode) \
+                and isinstance(data.get(key.value), list) and len(value.value) == len(data[key.value]):
+            scalars = _ENTRY_SCALARS[key.value]
             for entry, item in zip(data[key.value], value.value):
                 if isinstance(entry, dict) and isinstance(item, yaml.MappingNode):
                     for k, v in item.value:  # (in order: a key given twice is YAML's last, as in `entry`)
-                        if isinstance(k, yaml.ScalarNode) and k.tag == _STR and k.value in _ENTRY_SCALARS:
+                        if isinstance(k, yaml.ScalarNode) and k.tag == _STR and k.value in scalars:
                             _text(entry, k.value, v)
+                            if key.value == "clients" and k.value in LIMITS:
+                                entry[k.value] = whole(entry[k.value])
     return data
 
 
@@ -120,11 +130,23 @@ def _unquoted(found: re.Match) -> str:
     return found[0] if len(inner) <= 2 or re.fullmatch(r"<[a-z ]+>", inner) else "'…'"
 
 
-def load_settings(env: Mapping[str, str] = os.environ) -> tuple[dict, dict, Path]:
-    """Resolved settings (defaults < file < env), where each came from, and the file's path."""
+class Loaded(NamedTuple):
+    """``load_settings``: the resolved settings (defaults < file < env), where each came from, the
+    file's path, and what the file itself says (``read_file``: ``settings.shadowed`` compares it
+    with the environment)."""
+
+    values: dict
+    sources: dict
+    path: Path
+    file_values: dict
+
+
+def load_settings(env: Mapping[str, str] = os.environ) -> Loaded:
+    """Resolved settings (defaults < file < env), where each came from, the file's path and its values."""
     path = config_path(env)
-    values, sources = resolve(read_file(path), env)
-    return values, sources, path
+    file_values = read_file(path)
+    values, sources = resolve(file_values, env)
+    return Loaded(values, sources, path, file_values)
 
 
 def write_file(path: Path, values: Mapping[str, Any]) -> None:

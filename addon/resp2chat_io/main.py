@@ -21,7 +21,7 @@ from resp2chat_core import settings as S
 from resp2chat_core.clients import DEFAULT, LIMITS, key_sha256, parse_clients
 from resp2chat_io import ADDON
 from resp2chat_io.columns import table
-from resp2chat_io.config import config_path, editing, load_settings, read_file, write_file
+from resp2chat_io.config import Loaded, config_path, editing, load_settings, read_file, write_file
 
 
 def _fail(message: str) -> int:
@@ -29,7 +29,7 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _settings() -> tuple[dict, dict, Path]:
+def _settings() -> Loaded:
     try:
         return load_settings()
     except S.SettingsError as exc:
@@ -278,7 +278,7 @@ def cmd_keys_rotate(args) -> int:
 
 
 def cmd_keys_list(args) -> int:
-    values, sources, path = _settings()
+    values, sources, path, _ = _settings()
     try:
         specs = parse_clients(values["clients"], values["gateway_api_key"])
     except S.SettingsError as exc:
@@ -485,7 +485,7 @@ def start_bind(values: dict, sources: dict, mitmproxy_args) -> str | None:
 
 
 def cmd_start(args) -> int:
-    values, sources, _ = _settings()
+    values, sources, _, _ = _settings()
     # --set wins over the environment and the file, in the addon (SettingsSource.value) and so
     # here, for what start reads itself: the listen address in --mode, the upstream, the URL shown.
     for name, text in set_settings(args.mitmproxy_args).items():
@@ -648,7 +648,7 @@ def selected_model(values: dict, models: list[dict]) -> str:
 
 
 def cmd_print_config(args) -> int:
-    values, _, _ = _settings()
+    values = _settings().values
     listed = [] if args.offline else list_models(S.first_upstream(values), first_upstream_key(values))
     entry = S.first_upstream_entry(values)
     spec = S.parse_upstreams([entry])[0] if entry is not None else None
@@ -711,7 +711,7 @@ def cmd_usage(args) -> int:
 
     files = args.files
     if not files:
-        values, _, path = _settings()
+        values, _, path, _ = _settings()
         where = values["access_log_path"]
         if not where:
             return _fail(f"no access log: name the files, or set access_log_path (config file {path}) so the "

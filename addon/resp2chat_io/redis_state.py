@@ -69,7 +69,7 @@ from urllib.parse import urlsplit
 
 from resp2chat_core import owner as owners
 from resp2chat_io.store import (Figures, Renewal, ReplayCounts, StateUnavailable, encode_entry, entry_tail, held_items,
-                                item_digest, output_items, pick, valid_id, valid_item_id)
+                                input_count, item_digest, output_items, pick, valid_id, valid_item_id)
 
 log = logging.getLogger("resp2chat")
 
@@ -563,9 +563,9 @@ class RedisResponseStore:
         entry = json.loads(found[2])  # (-2: written whole by a gateway of the version before)
         if found[1] != expect:
             return Renewal(found[1], entry["response"])
-        items, stored = entry["items"], entry["response"].get("output")
-        cut = max(len(items) - (len(stored) if isinstance(stored, list) else 0), 0)
-        if await self.put(response_id, items[:cut] + (output if isinstance(output, list) else []), response,
+        items = entry["items"]
+        given = items[:input_count(items, entry["response"])]
+        if await self.put(response_id, given + (output if isinstance(output, list) else []), response,
                           owner=owner, expect=expect):
             return Renewal(expect + 1)
         return Renewal(expect, too_large=True) if len(encode_entry(items, response)[0]) > self.max_bytes else \

@@ -26,7 +26,7 @@ def _sealer(given: str | None) -> Sealer | None:
     configured = given
     if not configured:
         try:
-            configured = load_settings()[0]["seal_key"]
+            configured = load_settings().values["seal_key"]
         except Exception:  # noqa: BLE001 — a broken config file only means: no configured key
             configured = ""
     if configured or keys.key_path().exists():

@@ -129,13 +129,18 @@ def _dumps(value) -> bytes:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+def input_count(items: list, response: dict) -> int:
+    """How many of an entry's ``items`` are its input: those before its Response's ``output`` (a
+    stored response's conversation ends with its output; a conversation's entry has none)."""
+    output = response.get("output") if isinstance(response, dict) else None
+    return max(len(items) - (len(output) if isinstance(output, list) else 0), 0)
+
+
 def encode_entry(items: list, response: dict) -> tuple[bytes, int, int]:
     """An entry's JSON (``{"items": …, "response": …}``, the same bytes however it is written),
-    and where in it its input items end and its Response starts (``renew`` keeps the first part
-    and writes the rest). Its input: the items before its Response's ``output`` (a stored
-    response's conversation ends with its output; a conversation's entry has none)."""
-    output = response.get("output") if isinstance(response, dict) else None
-    cut = max(len(items) - (len(output) if isinstance(output, list) else 0), 0)
+    and where in it its input items end (``input_count``) and its Response starts (``renew``
+    keeps the first part and writes the rest)."""
+    cut = input_count(items, response)
     given = _dumps(items[:cut])
     tail, at = entry_tail(cut > 0, items[cut:], response)
     head = len(given) + 8  # (b'{"items":' and the input items without their "]")
@@ -430,10 +435,8 @@ class ResponseStore:
                 items, response, version = entry["items"], entry["response"], base
                 renewed = self._renewal(path.stem, base)
                 if renewed is not None:  # (a running response renewed since: its Response, over the file's)
-                    output = response.get("output") if isinstance(response, dict) else None
-                    cut = max(len(items) - (len(output) if isinstance(output, list) else 0), 0)
                     new_output = renewed["response"].get("output")
-                    items = items[:cut] + (new_output if isinstance(new_output, list) else [])
+                    items = items[:input_count(items, response)] + (new_output if isinstance(new_output, list) else [])
                     response, version = renewed["response"], int(renewed["version"])
                     stored_at = max(stored_at, float(renewed["stored_at"]))
                 if not isinstance(items, list) or not isinstance(response, dict):

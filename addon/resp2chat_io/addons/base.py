@@ -25,7 +25,7 @@ from resp2chat_core.gate import RESPONSES_PATHS  # noqa: F401 — (re-exported: 
 
 from resp2chat_core import settings as S
 from resp2chat_io import META
-from resp2chat_io.config import config_path, read_file
+from resp2chat_io.config import load_settings
 from resp2chat_io.relay import KEY_HEADER, TURN_HEADER
 from resp2chat_io.store import StateUnavailable
 
@@ -232,8 +232,7 @@ class SettingsSource:
     def load(self) -> dict:
         if self.base is None:
             try:
-                file_values = read_file(config_path())
-                self.base, sources = S.resolve(file_values, os.environ)
+                self.base, sources, _, file_values = load_settings(os.environ)
                 for name, source in sources.items():
                     if "deprecated" in source or any(source == "RESP2CHAT_" + a.upper() for a in S.BY_NAME[name].aliases):
                         self.warn(f"{S.deprecated(S.BY_NAME[name].aliases[0])} ({source})")

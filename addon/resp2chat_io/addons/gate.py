@@ -398,7 +398,7 @@ class Gate(Owner):
     def _reload(self) -> None:
         fixed = getattr(ctx.options, "resp2chat_clients", "") or "RESP2CHAT_CLIENTS" in os.environ
         try:
-            values, _, _ = load_settings()
+            values = load_settings().values
         except Exception:
             if fixed:
                 return  # (the file's clients are not this gateway's, its other settings are read at start)

@@ -37,7 +37,7 @@ from resp2chat_core.shares import by_client
 from resp2chat_core.turn import Found
 from resp2chat_io.limit_state import LimitState, LocalLimits, RedisLimits
 from resp2chat_io.redis_state import RedisReplayCache, RedisResponseStore, RedisState, describe
-from resp2chat_io.store import ReplayEntries, Replays, ResponseStore, StateUnavailable, Store, Writes
+from resp2chat_io.store import ReplayEntries, Replays, ResponseStore, StateUnavailable, Store, Writes, input_count
 
 from .base import Owner, fails_closed, json_response, log, refused_on_failure, refusal, store_unavailable
 
@@ -294,7 +294,7 @@ class StoredResponses(Owner):
         """A stored response's input items (its whole conversation before its output), a page of
         them (listing.py); ids the items lack are given from the response's id."""
         items, response = entry["items"], entry["response"]
-        items = items[:len(items) - len(response.get("output") or ())]
+        items = items[:input_count(items, response)]
         try:
             return json_response(200, listing.page(listing.listed_ids(items, response["id"].removeprefix("resp_")),
                                                    page, sealer))

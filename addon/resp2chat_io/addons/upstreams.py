@@ -230,9 +230,8 @@ class Upstreams(Owner):
         on a turn). Names go lower-case, as a turn's."""
         headers = flow.request.headers
         to = self.candidate(spec, flow, headers.get("authorization"))
-        common = [(name.lower(), value) for name, value in headers.fields
-                  if name.lower() not in (b"authorization", b"x-api-key")
-                  and not S.credential_header(name.decode("latin-1"))]  # (a proxy's credential, a cookie…)
+        common = [(name.lower(), value) for name, value in headers.fields  # (authorization, x-api-key, a proxy's
+                  if not S.credential_header(name.decode("latin-1"))]  # credential, a cookie…: named like one)
         headers.fields = tuple(to.sent(common))
 
     def candidate(self, spec: S.UpstreamSpec | None, flow: http.HTTPFlow, client_auth: str | None,
