@@ -186,6 +186,63 @@ def test_runs_ended_elsewhere_while_their_replica_stalled_stay_ended(upstream, g
         [("cancelled", "cancelled")] * 2
 
 
+def test_a_cancellation_from_another_replica_writes_the_response_alone(endless, gateway_factory, redis_server):
+    """Replica A runs a background response with a large conversation; B is asked to cancel it:
+    B asks A through the store with a renewal (store.py ``renew``: the Response alone, under the
+    version check), not a whole ``put`` of the conversation. Watched in Redis (MONITOR) while A
+    is stopped, so that every write is B's: none carries the conversation. A then stops the run
+    at its next renewal, the cancellation answers ``cancelled``, and the conversation is intact
+    on either replica."""
+    import hashlib
+
+    from resp2chat_io.redis_state import _PUT_RESPONSE, _RENEW_RESPONSE
+
+    a, b = [gateway_factory(endless.url, "--set", f"resp2chat_state_store_url={redis_server.url}")
+            for _ in range(2)]
+    on_a, on_b = openai_client(a), openai_client(b)
+    marker = "conversation-marker-" + "x" * 200_000
+    given = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": marker}]},
+             {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "go on forever"}]}]
+    queued = on_a.responses.create(model="m", input=given, background=True)
+    wait_until(lambda: Endless.started, 10, "the backend call")
+    wait_until(lambda: on_b.responses.retrieve(queued.id).status == "in_progress", 10, "it runs")
+    time.sleep(2.5)  # (a renewal of A's went: the entry is as renewals leave it)
+    renew_sha, put_sha = (hashlib.sha1(text.encode()).hexdigest() for text in (_RENEW_RESPONSE, _PUT_RESPONSE))
+    seen: list[dict] = []
+    watching = threading.Event()
+    watching.set()
+
+    def watch():
+        with redis_server.client().monitor() as m:
+            for command in m.listen():
+                if not watching.is_set():
+                    return
+                seen.append(command)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    answer: list = []
+    a.proc.send_signal(signal.SIGSTOP)
+    try:
+        watcher.start()
+        time.sleep(0.3)
+        asking = threading.Thread(target=lambda: answer.append(on_b.responses.cancel(queued.id)), daemon=True)
+        asking.start()
+        time.sleep(1.5)  # (B reads it and asks; A, stopped, hears nothing yet)
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
+    watching.clear()
+    asking.join(30)
+    assert answer and answer[0].status == "cancelled", answer
+    scripts = [c["command"] for c in seen if c["command"].upper().startswith("EVALSHA")]
+    assert any(renew_sha in c for c in scripts), scripts  # B's ask went as a renewal…
+    assert not any(put_sha in c or "conversation-marker" in c for c in scripts), [c[:200] for c in scripts]
+    wait_until(lambda: Endless.closed, 10, "the backend call closed")
+    for client in (on_a, on_b):
+        assert client.responses.retrieve(queued.id).status == "cancelled"
+        listed = client.responses.input_items.list(queued.id, order="asc")
+        assert [item.content[0].text for item in listed.data] == [marker, "go on forever"]
+
+
 def test_a_gateway_that_stops_leaves_it_failed_on_disk(upstream, gateway_factory, tmp_path):
     args = ("--set", f"resp2chat_session_store_dir={tmp_path / 'store'}")
     gw = gateway_factory(upstream.origin, *args)
