@@ -5,6 +5,7 @@ leaving the response ``failed``, never ``in_progress`` forever (resp2chat_core/b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
@@ -409,6 +410,64 @@ class Sized(QuietHandler):
             type(self).go.wait(120)
         self.wfile.write(http_chunk(chat_event({"content": "end."}) + chat_event(finish="stop") + b"data: [DONE]\n\n"))
         self.wfile.write(http_chunk(b""))
+
+
+class Thoughtful(QuietHandler):
+    """A chat backend that reasons 1.5 MiB, starts its answer (the reasoning item is done: the
+    Response's output holds it), then waits for ``go`` (``sent``: it got there), then ends."""
+
+    sent = threading.Event()
+    go = threading.Event()
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["content-length"]))
+        start_sse(self)
+        for _ in range(24):
+            self.wfile.write(http_chunk(chat_event({"reasoning_content": "r" * (64 << 10)})))
+        self.wfile.write(http_chunk(chat_event({"content": "the answer"})))
+        self.wfile.flush()
+        type(self).sent.set()
+        type(self).go.wait(120)
+        with contextlib.suppress(OSError):  # (the gateway hung up: the run was stopped)
+            self.wfile.write(http_chunk(chat_event(finish="stop") + b"data: [DONE]\n\n"))
+            self.wfile.write(http_chunk(b""))
+
+
+def test_a_run_that_grows_past_the_store_ends_failed_response_too_large(gateway_factory):
+    """A background run whose output grows past what the store keeps (``max_session_memory_mb``
+    1: the backend reasons 1.5 MiB, starts its answer, then waits) is stopped at its next
+    renewal: its stream ends ``response.failed`` (``response_too_large``), a GET and a resume
+    say so, it is stored without its output, and nothing stays ``in_progress``. (It ran on
+    until the backend's silence timed it out: a renewal wrote the running Response without its
+    output, ``[]`` as a running Response's events carry it, so the bound never saw it grow.)"""
+    Thoughtful.sent.clear()
+    Thoughtful.go.clear()
+    with LocalServer(Thoughtful) as backend:
+        gw = gateway_factory(backend.url, "--set", "resp2chat_max_session_memory_mb=1",
+                             "--set", "resp2chat_max_replay_entries=0")
+        client = openai_client(gw)
+        try:
+            created = requests.post(f"{gw.base_url}/responses", timeout=60, stream=True, json={
+                "model": "m", "input": "think long", "background": True, "stream": True})
+            assert created.status_code == 200, created.text
+            events = list(iter_sse(created))
+            assert Thoughtful.sent.is_set()  # (it went past the bound while the backend still had more to say)
+        finally:
+            Thoughtful.go.set()
+        rid = events[0]["response"]["id"]
+        assert events[-1]["type"] == "response.failed", [e["type"] for e in events[-3:]]
+        assert events[-1]["response"]["error"]["code"] == "response_too_large", events[-1]["response"]["error"]
+        for _ in range(2):  # (and it stays so: no renewal writes it in_progress again)
+            got = client.responses.retrieve(rid)
+            assert (got.status, got.error.code, got.output) == ("failed", "response_too_large", [])
+            time.sleep(2.5)
+        resumed = requests.get(f"{gw.base_url}/responses/{rid}?stream=true&starting_after=0", timeout=30)
+        if resumed.status_code == 200:
+            last = parse_sse(resumed.content)[-1]
+            assert last["type"] == "response.failed" and last["response"]["error"]["code"] == "response_too_large"
+        else:
+            assert not_kept(resumed), resumed.text  # (its events were not kept with it: a GET says why)
+        assert client.responses.retrieve(rid).status == "failed"
 
 
 def not_kept(answer: requests.Response) -> bool:

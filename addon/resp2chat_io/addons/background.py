@@ -281,7 +281,9 @@ class Background:
         store, private = self.store.store, {"streamed": bg.streamed}
         while True:
             try:
-                current = {**bg.run.reader.translator.response(), B.PRIVATE: private}
+                t = bg.run.reader.translator  # (a running Response's own output is [], as its events carry it:
+                # the items finished so far go with it here, what a GET, a cancellation elsewhere and the bound see)
+                current = {**t.response(), "output": list(t.output), B.PRIVATE: private}
                 renewal = await store.renew(bg.response_id, B.running(current, time.time()), owner=bg.owner,
                                             expect=bg.version)
                 if renewal is None:  # deleted meanwhile (on another replica): it stops, and is not stored again
