@@ -217,9 +217,11 @@ class StoredResponses(Owner):
 
     async def append(self, conversation_id: str, items: list, owner: str, check=None) -> list:
         """Items join a conversation, in one write; returns them with their ids (the ones they
-        lack, made here). ``check(items, held)`` may refuse them against the items the
-        conversation holds (raises). ``rewrite``'s errors."""
+        lack, made here). Each must be one its items path can name (``conversations.addressable``,
+        whoever writes: a turn's, a replayed answer's, ``…/items``), and ``check(items, held)`` may
+        refuse them against the items the conversation holds (raises). ``rewrite``'s errors."""
         items = listing.with_ids(items, new_item_id)
+        conversations.addressable(items)  # (before anything is read: a replayed answer's output was never checked)
 
         def joined(held: list, obj: dict):
             if check is not None:
