@@ -210,31 +210,36 @@ def test_a_cancellation_from_another_replica_writes_the_response_alone(endless, 
     time.sleep(2.5)  # (a renewal of A's went: the entry is as renewals leave it)
     renew_sha, put_sha = (hashlib.sha1(text.encode()).hexdigest() for text in (_RENEW_RESPONSE, _PUT_RESPONSE))
     seen: list[dict] = []
-    watching = threading.Event()
+    watching, listening = threading.Event(), threading.Event()
     watching.set()
 
     def watch():
-        with redis_server.client().monitor() as m:
+        with redis_server.client().monitor() as m:  # (MONITOR answered: every command from now on is seen)
+            listening.set()
             for command in m.listen():
                 if not watching.is_set():
                     return
                 seen.append(command)
+
+    def scripts() -> list[str]:
+        return [c["command"] for c in list(seen) if c["command"].upper().startswith("EVALSHA")]
 
     watcher = threading.Thread(target=watch, daemon=True)
     answer: list = []
     a.proc.send_signal(signal.SIGSTOP)
     try:
         watcher.start()
-        time.sleep(0.3)
+        assert listening.wait(10)
         asking = threading.Thread(target=lambda: answer.append(on_b.responses.cancel(queued.id)), daemon=True)
         asking.start()
-        time.sleep(1.5)  # (B reads it and asks; A, stopped, hears nothing yet)
+        # (B reads it and asks, in one write; A, stopped, hears nothing yet: well within its lease)
+        wait_until(lambda: any(renew_sha in c or put_sha in c for c in scripts()), 6, "B's write")
     finally:
         a.proc.send_signal(signal.SIGCONT)
     watching.clear()
     asking.join(30)
     assert answer and answer[0].status == "cancelled", answer
-    scripts = [c["command"] for c in seen if c["command"].upper().startswith("EVALSHA")]
+    scripts = scripts()
     assert any(renew_sha in c for c in scripts), scripts  # B's ask went as a renewal…
     assert not any(put_sha in c or "conversation-marker" in c for c in scripts), [c[:200] for c in scripts]
     wait_until(lambda: Endless.closed, 10, "the backend call closed")
