@@ -5,6 +5,7 @@ leaving the response ``failed``, never ``in_progress`` forever (resp2chat_core/b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
@@ -186,6 +187,68 @@ def test_runs_ended_elsewhere_while_their_replica_stalled_stay_ended(upstream, g
         [("cancelled", "cancelled")] * 2
 
 
+def test_a_cancellation_from_another_replica_writes_the_response_alone(endless, gateway_factory, redis_server):
+    """Replica A runs a background response with a large conversation; B is asked to cancel it:
+    B asks A through the store with a renewal (store.py ``renew``: the Response alone, under the
+    version check), not a whole ``put`` of the conversation. Watched in Redis (MONITOR) while A
+    is stopped, so that every write is B's: none carries the conversation. A then stops the run
+    at its next renewal, the cancellation answers ``cancelled``, and the conversation is intact
+    on either replica."""
+    import hashlib
+
+    from resp2chat_io.redis_state import _PUT_RESPONSE, _RENEW_RESPONSE
+
+    a, b = [gateway_factory(endless.url, "--set", f"resp2chat_state_store_url={redis_server.url}")
+            for _ in range(2)]
+    on_a, on_b = openai_client(a), openai_client(b)
+    marker = "conversation-marker-" + "x" * 200_000
+    given = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": marker}]},
+             {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "go on forever"}]}]
+    queued = on_a.responses.create(model="m", input=given, background=True)
+    wait_until(lambda: Endless.started, 10, "the backend call")
+    wait_until(lambda: on_b.responses.retrieve(queued.id).status == "in_progress", 10, "it runs")
+    time.sleep(2.5)  # (a renewal of A's went: the entry is as renewals leave it)
+    renew_sha, put_sha = (hashlib.sha1(text.encode()).hexdigest() for text in (_RENEW_RESPONSE, _PUT_RESPONSE))
+    seen: list[dict] = []
+    watching, listening = threading.Event(), threading.Event()
+    watching.set()
+
+    def watch():
+        with redis_server.client().monitor() as m:  # (MONITOR answered: every command from now on is seen)
+            listening.set()
+            for command in m.listen():
+                if not watching.is_set():
+                    return
+                seen.append(command)
+
+    def scripts() -> list[str]:
+        return [c["command"] for c in list(seen) if c["command"].upper().startswith("EVALSHA")]
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    answer: list = []
+    a.proc.send_signal(signal.SIGSTOP)
+    try:
+        watcher.start()
+        assert listening.wait(10)
+        asking = threading.Thread(target=lambda: answer.append(on_b.responses.cancel(queued.id)), daemon=True)
+        asking.start()
+        # (B reads it and asks, in one write; A, stopped, hears nothing yet: well within its lease)
+        wait_until(lambda: any(renew_sha in c or put_sha in c for c in scripts()), 6, "B's write")
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
+    watching.clear()
+    asking.join(30)
+    assert answer and answer[0].status == "cancelled", answer
+    scripts = scripts()
+    assert any(renew_sha in c for c in scripts), scripts  # B's ask went as a renewal…
+    assert not any(put_sha in c or "conversation-marker" in c for c in scripts), [c[:200] for c in scripts]
+    wait_until(lambda: Endless.closed, 10, "the backend call closed")
+    for client in (on_a, on_b):
+        assert client.responses.retrieve(queued.id).status == "cancelled"
+        listed = client.responses.input_items.list(queued.id, order="asc")
+        assert [item.content[0].text for item in listed.data] == [marker, "go on forever"]
+
+
 def test_a_gateway_that_stops_leaves_it_failed_on_disk(upstream, gateway_factory, tmp_path):
     args = ("--set", f"resp2chat_session_store_dir={tmp_path / 'store'}")
     gw = gateway_factory(upstream.origin, *args)
@@ -352,6 +415,64 @@ class Sized(QuietHandler):
             type(self).go.wait(120)
         self.wfile.write(http_chunk(chat_event({"content": "end."}) + chat_event(finish="stop") + b"data: [DONE]\n\n"))
         self.wfile.write(http_chunk(b""))
+
+
+class Thoughtful(QuietHandler):
+    """A chat backend that reasons 1.5 MiB, starts its answer (the reasoning item is done: the
+    Response's output holds it), then waits for ``go`` (``sent``: it got there), then ends."""
+
+    sent = threading.Event()
+    go = threading.Event()
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["content-length"]))
+        start_sse(self)
+        for _ in range(24):
+            self.wfile.write(http_chunk(chat_event({"reasoning_content": "r" * (64 << 10)})))
+        self.wfile.write(http_chunk(chat_event({"content": "the answer"})))
+        self.wfile.flush()
+        type(self).sent.set()
+        type(self).go.wait(120)
+        with contextlib.suppress(OSError):  # (the gateway hung up: the run was stopped)
+            self.wfile.write(http_chunk(chat_event(finish="stop") + b"data: [DONE]\n\n"))
+            self.wfile.write(http_chunk(b""))
+
+
+def test_a_run_that_grows_past_the_store_ends_failed_response_too_large(gateway_factory):
+    """A background run whose output grows past what the store keeps (``max_session_memory_mb``
+    1: the backend reasons 1.5 MiB, starts its answer, then waits) is stopped at its next
+    renewal: its stream ends ``response.failed`` (``response_too_large``), a GET and a resume
+    say so, it is stored without its output, and nothing stays ``in_progress``. (It ran on
+    until the backend's silence timed it out: a renewal wrote the running Response without its
+    output, ``[]`` as a running Response's events carry it, so the bound never saw it grow.)"""
+    Thoughtful.sent.clear()
+    Thoughtful.go.clear()
+    with LocalServer(Thoughtful) as backend:
+        gw = gateway_factory(backend.url, "--set", "resp2chat_max_session_memory_mb=1",
+                             "--set", "resp2chat_max_replay_entries=0")
+        client = openai_client(gw)
+        try:
+            created = requests.post(f"{gw.base_url}/responses", timeout=60, stream=True, json={
+                "model": "m", "input": "think long", "background": True, "stream": True})
+            assert created.status_code == 200, created.text
+            events = list(iter_sse(created))
+            assert Thoughtful.sent.is_set()  # (it went past the bound while the backend still had more to say)
+        finally:
+            Thoughtful.go.set()
+        rid = events[0]["response"]["id"]
+        assert events[-1]["type"] == "response.failed", [e["type"] for e in events[-3:]]
+        assert events[-1]["response"]["error"]["code"] == "response_too_large", events[-1]["response"]["error"]
+        for _ in range(2):  # (and it stays so: no renewal writes it in_progress again)
+            got = client.responses.retrieve(rid)
+            assert (got.status, got.error.code, got.output) == ("failed", "response_too_large", [])
+            time.sleep(2.5)
+        resumed = requests.get(f"{gw.base_url}/responses/{rid}?stream=true&starting_after=0", timeout=30)
+        if resumed.status_code == 200:
+            last = parse_sse(resumed.content)[-1]
+            assert last["type"] == "response.failed" and last["response"]["error"]["code"] == "response_too_large"
+        else:
+            assert not_kept(resumed), resumed.text  # (its events were not kept with it: a GET says why)
+        assert client.responses.retrieve(rid).status == "failed"
 
 
 def not_kept(answer: requests.Response) -> bool:

@@ -119,6 +119,22 @@ async def test_a_renewal_costs_the_same_whatever_the_conversation(where):
         assert cost[sizes[0]] < 4 * cost[sizes[1]] + 0.003, cost
 
 
+async def test_a_deleted_response_leaves_a_tombstone_an_evicted_one_none(where):
+    """On every store: ``deleted`` says whether a ``delete`` removed an id (what a WebSocket's
+    memory asks before continuing a response it stored), for its owner only; an entry evicted
+    past a cap, one never stored, and one deleted by no one are not deleted."""
+    async with opened(where, max_entries=2) as make:
+        store = make()
+        for n in range(3):  # (the third evicts the first)
+            assert await store.put(f"resp_tomb{n:08d}", [], {"id": f"resp_tomb{n:08d}", "output": []}, owner="alice")
+        assert await store.get("resp_tomb00000000", owner="alice") is None
+        assert await store.delete("resp_tomb00000001", owner="alice")
+        assert not await store.delete("resp_tomb00000002", owner="bob")  # (another owner's: unknown)
+        assert [await store.deleted(f"resp_tomb{n:08d}", owner="alice") for n in range(3)] == [False, True, False]
+        assert not await store.deleted("resp_tomb00000001", owner="bob")
+        assert not await store.deleted("resp_nowhere0001", owner="alice")
+
+
 async def test_renewals_keep_the_entry_right(where):
     """On every store: a renewal writes the Response (its lease, its output, which the
     conversation ends with: the input items listed stay the input) over the version it names,

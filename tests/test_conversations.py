@@ -9,12 +9,13 @@ import asyncio
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import quote
 
 import openai
 import pytest
 import requests
 
-from helpers import EVERY_PART, check_listed, openai_client, start_gateway, user
+from helpers import EVERY_PART, check_listed, openai_client, start_gateway, user, wait_until
 from wsclient import WSClient
 
 
@@ -204,6 +205,42 @@ def test_turns_at_once_all_join_the_conversation(gw, upstream):
     assert sorted(t.removeprefix("noreason\n") for t in texts if t.startswith("noreason")) == [
         f"turn {i}" for i in range(8)]
     assert len(texts) == 16  # (each turn's input and answer, none lost)
+
+
+def test_a_replayed_answer_never_gives_a_conversation_an_item_no_path_can_name(upstream, gateway_factory, tmp_path):
+    """``--server-replay`` writes a replayed turn's items to its conversation after the answer
+    (no relay run landed them): through the same check as every conversation write
+    (conversations.py ``addressable``). A recording whose output item has the id ``..`` (edited,
+    or made by another gateway) answers the turn, but the conversation does not keep that item:
+    ``…/items/..`` could never name it. It was kept, listed and unreachable."""
+    from mitmproxy import io
+
+    recording, edited = tmp_path / "conv.mitm", tmp_path / "edited.mitm"
+    live = gateway_factory(upstream.origin, "-w", str(recording), "--set", "resp2chat_max_replay_entries=0")
+    conv = openai_client(live).conversations.create()
+    body = {"model": "demo-model", "input": "noreason\nwords: 3", "conversation": conv.id}
+    assert requests.post(f"{live.base_url}/responses", json=body, timeout=30).status_code == 200
+    live.stop()
+    with recording.open("rb") as fh, edited.open("wb") as out:
+        writer = io.FlowWriter(out)
+        for flow in io.FlowReader(fh).stream():
+            if getattr(flow, "metadata", {}).get("resp2chat", {}).get("responses_request"):  # (the turn alone)
+                answer = json.loads(flow.response.content)
+                answer["output"][-1]["id"] = ".."
+                flow.response.content = json.dumps(answer).encode()
+                writer.add(flow)
+    gw = gateway_factory("http://127.0.0.1:9", "--server-replay", str(edited))  # (no backend: the discard port)
+    client = openai_client(gw)
+    conv = client.conversations.create()
+    r = requests.post(f"{gw.base_url}/responses", json={**body, "conversation": conv.id}, timeout=30)
+    assert r.status_code == 200 and r.json()["output"][-1]["id"] == "..", r.text  # (answered as recorded)
+    wait_until(lambda: "not updated" in gw.log(), 10, "the conversation's write refused")
+    assert "cannot name a conversation's item" in gw.log()
+    listed = [item.id for item in client.conversations.items.list(conv.id)]
+    assert ".." not in listed, listed
+    for item_id in listed:
+        assert requests.get(f"{gw.base_url}/conversations/{conv.id}/items/{quote(item_id, safe='')}",
+                            timeout=10).status_code == 200
 
 
 def test_a_conversation_belongs_to_its_owner(upstream, gateway_factory):

@@ -352,6 +352,35 @@ def test_socket_turns_find_stored_responses_and_items_in_redis(upstream, tmp_pat
             g.stop()
 
 
+def test_a_response_deleted_on_another_replica_is_not_continued_from_a_sockets_memory(upstream, tmp_path,
+                                                                                     redis_server):
+    """A socket on one replica remembers a stored response it answered; another replica deletes
+    it over HTTP: the socket's continuation of it is previous_response_not_found, as over HTTP."""
+    from wsclient import WSClient
+
+    a, b = replicas(upstream, tmp_path, redis_server.url)
+    r = redis_server.client()
+    client = None
+    try:
+        client = WSClient(b.base_url)
+        create = {"type": "response.create", "model": "demo-model", "store": True}
+        first = client.turn({**create, "input": "remember the word apricot"})[-1]["response"]
+        wait_stored(r, first["id"])
+        second = client.turn({**create, "input": "and now?", "previous_response_id": first["id"]})
+        assert second[-1]["type"] == "response.completed", second[-1]  # (from the socket's memory)
+        assert requests.delete(f"{a.base_url}/responses/{first['id']}", timeout=10).json()["deleted"]
+        [error] = client.turn({**create, "input": "go on", "previous_response_id": first["id"]})
+        assert error["type"] == "error" and error["error"]["code"] == "previous_response_not_found", error
+        # what was not deleted is still continued
+        third = client.turn({**create, "input": "still here?", "previous_response_id": second[-1]["response"]["id"]})
+        assert third[-1]["type"] == "response.completed", third[-1]
+    finally:
+        if client is not None:
+            client.close()
+        for g in (a, b):
+            g.stop()
+
+
 def get_response(gw, response_id: str):
     return requests.get(f"{gw.base_url}/responses/{response_id}", timeout=10)
 

@@ -465,6 +465,28 @@ def test_a_failed_continuation_evicts_what_it_continued(gw, upstream, failing, s
     client.close()
 
 
+def test_a_response_deleted_over_http_is_not_continued_from_the_sockets_memory(gw, upstream):
+    """A socket remembers what it answered (no store read per turn); a stored response deleted
+    over HTTP meanwhile is gone for it too: continuing it is previous_response_not_found, as over
+    HTTP. One never stored (store: false) is continued from the memory alone."""
+    client = WSClient(gw.base_url)
+    base = {"type": "response.create", "model": "demo-model"}
+    kept = done(client.turn({**base, "store": True, "input": [user("keep this")]}))
+    unstored = done(client.turn({**base, "store": False, "input": [user("not stored")]}))
+    assert requests.delete(f"{gw.base_url}/responses/{kept['id']}", timeout=10).json()["deleted"]
+    over_http = requests.post(gw.base_url + "/responses", timeout=30, json={
+        "model": "demo-model", "previous_response_id": kept["id"], "input": "go on"})
+    assert over_http.status_code == 400 and over_http.json()["error"]["code"] == "previous_response_not_found"
+    [error] = client.turn({**base, "previous_response_id": kept["id"], "input": [user("go on")]})
+    assert error["type"] == "error" and error["error"]["code"] == "previous_response_not_found", error
+    assert error["status"] == 400
+    upstream.clear()
+    later = done(client.turn({**base, "store": False, "previous_response_id": unstored["id"], "input": [user("more")]}))
+    assert later["output"][-1]["content"][0]["text"] == "You said: more"
+    assert [m["content"] for m in upstream.requests()[-1]["messages"] if m["role"] == "user"] == ["not stored", "more"]
+    client.close()
+
+
 def test_bad_messages_get_an_error_and_the_socket_stays_usable(gw, upstream):
     client = WSClient(gw.base_url)
     cases = [

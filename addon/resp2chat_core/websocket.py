@@ -34,7 +34,10 @@ sends ``store: false``: nothing is in the response store), then against the resp
 ``max_bytes`` its size (the addon's: ``max_request_body_mb``, what one message may carry). A
 continuation that fails (refused, or its turn failed) drops the response it continued from the
 memory (``forget``, as the Open Responses spec says): continuing from it again is
-``previous_response_not_found``, unless the response store holds it. The memory
+``previous_response_not_found``, unless the response store holds it. A response the store was
+asked to keep too (``store`` not false) and that a ``DELETE`` removed since, on any replica, is
+not continued from the memory either (``Connection.stored``; the store addon asks the store
+whether it was deleted: one small read per such continuation, none for ``store: false``). The memory
 keeps conversations as the response store does, made whole (``Connection.conversation``).
 How many connections are open at once is bounded too (``no_room``: a client's ``max_sockets``,
 the gateway's ``max_websockets``): past either, the upgrade is refused and the client uses HTTP.
@@ -275,7 +278,8 @@ class Connection:
 
     def __init__(self, keep: int = 4, max_bytes: int | None = None) -> None:
         self.keep, self.max_bytes = keep, max_bytes
-        self._responses: OrderedDict[str, tuple[list, int]] = OrderedDict()  # id -> (conversation, its size)
+        # id -> (conversation, its size, whether the response store was asked to keep it too)
+        self._responses: OrderedDict[str, tuple[list, int, bool]] = OrderedDict()
         self.bytes = 0  # the sizes remembered, together
 
     def __len__(self) -> int:
@@ -284,6 +288,13 @@ class Connection:
     def history(self, response_id: str) -> list | None:
         found = self._responses.get(response_id)
         return found[0] if found is not None else None
+
+    def stored(self, response_id: str) -> bool:
+        """Whether ``response_id`` is remembered as one the response store keeps too (its request
+        did not say ``store: false``): a ``DELETE`` over HTTP may have removed it since, which
+        the memory does not hear of (the store addon asks the store: ``deleted``)."""
+        found = self._responses.get(response_id)
+        return found is not None and found[2]
 
     def lookup(self, stored: Callable[[str], list | None] | None) -> Callable[[str], list | None]:
         """``begin_turn``'s history: this connection's responses, then the response store."""
@@ -315,13 +326,14 @@ class Connection:
         if found is not None:
             self.bytes -= found[1]
 
-    def remember(self, response_id: str, items: list, size: int = 0) -> bool:
-        """Keep ``items``, the conversation ``response_id`` ended (``size``: its bytes, about).
-        False: larger than ``max_bytes`` alone, not kept."""
+    def remember(self, response_id: str, items: list, size: int = 0, stored: bool = False) -> bool:
+        """Keep ``items``, the conversation ``response_id`` ended (``size``: its bytes, about;
+        ``stored``: the response store was asked to keep it too). False: larger than
+        ``max_bytes`` alone, not kept."""
         self.forget(response_id)
         if self.max_bytes is not None and size > self.max_bytes:
             return False
-        self._responses[response_id] = (items, size)
+        self._responses[response_id] = (items, size, stored)
         self.bytes += size
         while len(self._responses) > self.keep or (self.max_bytes is not None and self.bytes > self.max_bytes):
             self.bytes -= self._responses.popitem(last=False)[1][1]

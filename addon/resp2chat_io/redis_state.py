@@ -15,6 +15,7 @@ otherwise, so another owner's id is exactly a key that does not exist:
 | ``resp2chat:{ns}response:{id}`` | hash | ``data``: the entry JSON (items + Response, as store.py keeps it; a conversation's, under its ``conv_…`` id); ``v``: its version (store.py: a write may name the version it replaces); ``items``: the ids of the items it holds (below); ``d:{item_id}``: each one's digest (store.py ``item_digest``); ``in``, ``r``: where its input items end and its Response starts in the JSON (store.py ``encode_entry``). A running background response renewed (``renew``) has its JSON in two fields instead of ``data``: ``head`` (up to ``in``) and ``tail`` (the rest, which a renewal writes). Expires after ``session_ttl_hours`` |
 | ``resp2chat:{ns}item:{item_id}`` | string | the id of the newest stored response of that owner holding the item unchanged, for an item the gateway produced (a response's output; never a client's input): item references. Same expiry; when that response goes, the newest other holder (below) takes over with its expiry, none: the key goes |
 | ``resp2chat:{ns}holders:{item_id}`` | sorted set | every stored response of that owner holding the item unchanged, by time (store.py: the item lives while one of them does); emptied when the item is produced again otherwise. Same expiry |
+| ``resp2chat:{ns}deleted:{id}`` | string | a tombstone: ``DELETE`` removed that entry (store.py ``deleted``: a WebSocket's memory is not continued from it). Expires after ``session_ttl_hours`` |
 | ``resp2chat:entries`` | sorted set | ``{ns}{id}`` of every owner's entries by the time they were stored (Redis's clock): what expires first |
 | ``resp2chat:entries:sizes`` / ``:bytes`` | hash / integer | each entry's size (by ``{ns}{id}``) and their sum: ``max_session_memory_mb`` |
 | ``resp2chat:{ns}owned`` | sorted set | the owner's own entries (``{ns}{id}``) by time: which of its entries is oldest |
@@ -387,6 +388,9 @@ _DROP_RESPONSE = _DROP + """
 local ns, rid = split(ARGV[2])
 local existed = redis.call('EXISTS', prefix .. ns .. 'response:' .. rid)
 drop(ARGV[2])
+if existed == 1 and tonumber(ARGV[3]) > 0 then
+  redis.call('SET', prefix .. ns .. 'deleted:' .. rid, '1', 'EX', ARGV[3])
+end
 return existed
 """
 
@@ -606,7 +610,15 @@ class RedisResponseStore:
             return False
         script = self.state.script("drop_response")
         member = namespace(owner) + response_id
-        return bool(await self.state.call("delete a stored response", lambda c: script(args=[KEY_ROOT, member])))
+        return bool(await self.state.call("delete a stored response",
+                                          lambda c: script(args=[KEY_ROOT, member, self.ttl])))
+
+    async def deleted(self, response_id: str, *, owner: str = owners.SHARED) -> bool:
+        """store.py ``ResponseStore.deleted``: its tombstone's ``EXISTS``, one round trip."""
+        if not valid_id(response_id):
+            return False
+        key = f"{KEY_ROOT}{namespace(owner)}deleted:{response_id}"
+        return bool(await self.state.call("ask whether a response was deleted", lambda c: c.exists(key)))
 
     async def items(self, item_ids, *, owner: str = owners.SHARED) -> dict[str, dict]:
         """``item_reference`` ids -> the owner's stored items, as the gateway produced them

@@ -36,6 +36,10 @@ methods take an ``owner`` and answer for that owner only. ``fresh_wait``: how lo
 store does not know yet may still be on its way (another replica wrote it a moment ago): 0 here.
 ``Writes`` runs the writes of either without making a request wait for them.
 
+``deleted``: whether a ``delete`` removed an id (a tombstone, for ``ttl``; the memory store
+keeps as many as it keeps entries): a WebSocket's memory asks it before continuing a stored
+response from there (one lookup, not a read of the entry).
+
 ``renew``: a running background response's Response written again every 2 s (its lease, its
 output so far: addons/background.py) under the version check, its conversation neither decoded
 nor encoded (a 2.5 MB conversation's ``get`` and ``put`` took ~30 ms of the event loop, each
@@ -175,6 +179,9 @@ class Store(Protocol):
 
     async def delete(self, response_id: str, *, owner: str = owners.SHARED) -> bool: ...
 
+    # whether a DELETE removed it (for ``ttl``; a WebSocket's memory asks before continuing one): ``deleted``
+    async def deleted(self, response_id: str, *, owner: str = owners.SHARED) -> bool: ...
+
     async def items(self, item_ids, *, owner: str = owners.SHARED) -> dict[str, dict]: ...
 
     async def figures(self, asked) -> Figures: ...  # who fills it (metrics): StateUnavailable when down
@@ -231,6 +238,7 @@ class ResponseStore:
         self._item_ids: dict[str, tuple[str, ...]] = {}  # response id -> the item ids it holds
         # (owner, item id) -> (its digest as produced, the response ids holding it unchanged, oldest first)
         self._items: dict[tuple[str, str], tuple[str, list[str]]] = {}
+        self._deleted: OrderedDict[tuple[str, str], float] = OrderedDict()  # (owner, id) -> when deleted (``deleted``)
         self._versions: dict[str, int] = {}  # entry id -> its version (the puts and renewals it has had)
         # entry id -> where its input items end and its Response starts in its JSON (``encode_entry``),
         # and the version its directory file has (a renewal's is beside it: ``renew``)
@@ -333,7 +341,22 @@ class ResponseStore:
 
     async def delete(self, response_id: str, *, owner: str = owners.SHARED) -> bool:
         found = self._entries.get(response_id)
-        return found is not None and found[2] == owner and self._drop(response_id)
+        if found is None or found[2] != owner or not self._drop(response_id):
+            return False
+        self._deleted[(owner, response_id)] = self.clock()
+        while len(self._deleted) > max(self.max_entries, 1):  # (as many as it keeps entries)
+            self._deleted.popitem(last=False)
+        return True
+
+    async def deleted(self, response_id: str, *, owner: str = owners.SHARED) -> bool:
+        """Whether a ``delete`` removed it, within ``ttl`` (a tombstone: what expired or was
+        evicted was not deleted). A WebSocket's memory keeps what its turns stored
+        (resp2chat_core/websocket.py ``Connection``) and asks this before continuing one, so a
+        response deleted over HTTP is not continued from there: one lookup, not a read."""
+        cutoff = self.clock() - self.ttl
+        while self._deleted and next(iter(self._deleted.values())) < cutoff:
+            self._deleted.popitem(last=False)
+        return (owner, response_id) in self._deleted
 
     async def items(self, item_ids, *, owner: str = owners.SHARED) -> dict[str, dict]:
         """The owner's items with these ids, as the gateway produced them (from the newest live

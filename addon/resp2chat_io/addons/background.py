@@ -27,7 +27,8 @@ connection; clients poll, cancel and resume it (the rules: resp2chat_core/backgr
   exchange halted), and is stored ``failed`` with ``invalid_api_key``.
 - ``cancel`` (``POST /v1/responses/{id}/cancel``, through the store addon): a run of this
   gateway is stopped at once (its backend call closed: the task is cancelled) and ends
-  ``cancelled``; one of another replica is asked to stop through the store, and waited for
+  ``cancelled``; one of another replica is asked to stop through the store (its Response
+  alone, written as a renewal is: ``renew``, under the version check), and waited for
   (one whose replica died, or that did not stop within ``CANCEL_WAIT``, is stored ``cancelled``
   here, over the version read: a write that came in between is read again, never answered over).
 - ``resume`` (``GET /v1/responses/{id}?stream=true&starting_after=N``, through the store addon;
@@ -280,7 +281,9 @@ class Background:
         store, private = self.store.store, {"streamed": bg.streamed}
         while True:
             try:
-                current = {**bg.run.reader.translator.response(), B.PRIVATE: private}
+                t = bg.run.reader.translator  # (a running Response's own output is [], as its events carry it:
+                # the items finished so far go with it here, what a GET, a cancellation elsewhere and the bound see)
+                current = {**t.response(), "output": list(t.output), B.PRIVATE: private}
                 renewal = await store.renew(bg.response_id, B.running(current, time.time()), owner=bg.owner,
                                             expect=bg.version)
                 if renewal is None:  # deleted meanwhile (on another replica): it stops, and is not stored again
@@ -395,8 +398,9 @@ class Background:
                     return B.public(ended)
                 # (another write came in between (a GET stored it failed, its run ended): read again)
             elif not B.cancel_asked(response):  # another replica runs it: asked there, at its next renewal
-                await store.put(response_id, entry["items"], B.ask_cancel(response), owner=owner,
-                                expect=entry["version"])
+                # (its Response alone, as a renewal: the conversation is neither encoded nor sent again; another
+                # write in between, or none there any more: read again)
+                await store.renew(response_id, B.ask_cancel(response), owner=owner, expect=entry["version"])
             await asyncio.sleep(POLL)
 
     # --- GET /v1/responses/{id}?stream=true -----------------------------------------------------

@@ -153,6 +153,8 @@ class StoredResponses(Owner):
         ``GatewayError``) when the store cannot be reached."""
         earlier = memory.history(previous) if memory is not None and previous is not None and kind == "response" \
             else None
+        if earlier is not None and memory.stored(previous) and await self._deleted(previous, owner):
+            return Found()  # (deleted over HTTP since, on any replica: unknown, as it is there)
         try:
             if previous is not None and earlier is None:
                 if kind == "conversation":  # (this gateway's appends to it land first: read your own turns)
@@ -170,6 +172,16 @@ class StoredResponses(Owner):
             raise store_unavailable(f"previous_response_id {shown(previous)!r}" if previous is not None
                                     else "item_reference") from None
         return Found(earlier, items)
+
+    async def _deleted(self, response_id: str, owner: str) -> bool:
+        """Whether a stored response a WebSocket remembers was deleted since (the store's
+        tombstone: one small read per continuation of a response it stored, instead of none;
+        the memory still spares reading and decoding the conversation). The store unreachable:
+        not known deleted, the memory answers (as for a turn with ``store: false``)."""
+        try:
+            return await self.store.deleted(response_id, owner=owner)
+        except StateUnavailable:
+            return False
 
     async def get(self, response_id: str, owner: str, kind: str = "response") -> dict | None:
         """A stored entry of this ``kind`` (``response``, or ``conversation``: what its object
@@ -205,9 +217,11 @@ class StoredResponses(Owner):
 
     async def append(self, conversation_id: str, items: list, owner: str, check=None) -> list:
         """Items join a conversation, in one write; returns them with their ids (the ones they
-        lack, made here). ``check(items, held)`` may refuse them against the items the
-        conversation holds (raises). ``rewrite``'s errors."""
+        lack, made here). Each must be one its items path can name (``conversations.addressable``,
+        whoever writes: a turn's, a replayed answer's, ``…/items``), and ``check(items, held)`` may
+        refuse them against the items the conversation holds (raises). ``rewrite``'s errors."""
         items = listing.with_ids(items, new_item_id)
+        conversations.addressable(items)  # (before anything is read: a replayed answer's output was never checked)
 
         def joined(held: list, obj: dict):
             if check is not None:

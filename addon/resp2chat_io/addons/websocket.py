@@ -472,7 +472,7 @@ class ResponsesWebSocket(Owner):
         done = self._finish(live, m)
         if done.status in CONTINUABLE:
             output = run.reader.translator.output
-            live.conn.remember(turn.ctx.response_id, turn.items + output, remembered(turn, output))
+            live.conn.remember(turn.ctx.response_id, turn.items + output, remembered(turn, output), stored=turn.store)
         elif done.status == "failed" and create.previous is not None:
             live.conn.forget(create.previous)  # (as a refused continuation: ws.Connection.forget)
 
