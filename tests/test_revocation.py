@@ -568,3 +568,68 @@ def test_a_rotated_keys_open_socket_is_closed_and_holds_no_slot(upstream, tmp_pa
             sock.close()
     finally:
         gw.stop()
+
+
+def _passthrough_stream(gw, key: str) -> socket.socket:
+    """A streamed ``POST /v1/chat/completions`` (a ``passthrough_paths`` entry) over a plain
+    socket, returned once its first chunk came (the backend's answer never ends by itself)."""
+    body = json.dumps({"model": ALL, "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer %s\r\n"
+                 b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (key.encode(), len(body), body))
+    got = b""
+    while b"t1 " not in got:
+        more = sock.recv(65536)
+        assert more, got
+        got += more
+    assert got.startswith(b"HTTP/1.1 200"), got
+    return sock
+
+
+def _ends_within(sock: socket.socket, seconds: float) -> bool:
+    """The answer on ``sock`` ends (its connection closed) within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    sock.settimeout(0.5)
+    while time.monotonic() < deadline:
+        try:
+            if not sock.recv(65536):
+                return True
+        except socket.timeout:
+            pass
+        except OSError:
+            return True
+    return False
+
+
+def test_a_revoked_keys_passthrough_stream_stops_and_frees_its_slot(endless, tmp_path, redis_server):
+    """``passthrough_paths`` with ``POST /v1/chat/completions``: bob (max_streams 1) and alice
+    each stream a chat completion straight from the backend, which never ends by itself.
+    ``keys revoke bob``: his stream ends at once (its connection closed: its head went long ago),
+    the backend call is dropped, and the slot it held (in Redis) is given back; alice's goes on. Before,
+    a revoked key's passthrough stream went on for as long as the backend sent."""
+    gw = start_gateway(endless.url, tmp_path, "--set", "resp2chat_passthrough_paths=POST /v1/chat/completions",
+                       "--set", f"resp2chat_state_store_url={redis_server.url}", env=cli_env(tmp_path))
+    redis = redis_server.client()
+    try:
+        alice = run_cli(tmp_path, "keys", "add", "alice").stdout.strip()
+        bob = run_cli(tmp_path, "keys", "add", "bob", "--max-streams", "1").stdout.strip()
+        wait_until(lambda: post_turn(gw, {"model": ALL, "input": "hi"}).status_code == 401, 10, "keys needed")
+        wait_until(lambda: requests.get(f"{gw.base_url}/models", headers={"authorization": f"Bearer {bob}"},
+                                        timeout=10).status_code == 404, 10, "bob's key taken")  # (not a passthrough)
+        theirs, his = _passthrough_stream(gw, alice), _passthrough_stream(gw, bob)
+        ident = next(c["id"] for c in yaml.safe_load(config_file(tmp_path).read_text())["clients"] if c["name"] == "bob")
+        slots = f"resp2chat:limits:id.{ident}:streams"
+        assert redis.zcard(slots) == 1
+        assert run_cli(tmp_path, "keys", "revoke", "bob").returncode == 0
+        assert _ends_within(his, STOP_WITHIN), "bob's passthrough stream goes on after his key was revoked"
+        wait_until(lambda: len(Endless.closed) == 1, 5, "bob's backend call closed")
+        wait_until(lambda: redis.zcard(slots) == 0, 5, "bob's slot given back")
+        assert not _ends_within(theirs, 1), "alice's stream stopped too"
+        theirs.close()
+        his.close()
+        wait_until(lambda: scrape(gw, authorization=f"Bearer {alice}")[("resp2chat_streams_in_flight", ())] == 0, 10,
+                   "nothing in flight")
+        assert "passthrough" in gw.log() and "of client 'bob' stopped: its key is no longer accepted" in gw.log()
+    finally:
+        gw.stop()
+    assert bob not in gw.log() and alice not in gw.log()

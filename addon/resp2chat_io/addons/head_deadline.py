@@ -166,22 +166,29 @@ class HeadDeadline(Owner):
             if transport is not None and self.stalls.sample(conn, transport.get_write_buffer_size(), now):
                 self.close(conn, f"the client took none of its answer for header_timeout_secs ({self.stalls.limit} s)")
 
-    @staticmethod
-    def _io(conn: str):
-        server = ctx.master.addons.get("proxyserver")
-        handler = server.connections.get(conn) if server is not None else None
-        return handler.transports.get(handler.client) if handler is not None else None
-
     def writing(self, conn: str) -> bool:
         """Bytes of an answer still wait in the connection's socket buffer (a slow reader)."""
-        io = self._io(conn)
+        io = _io(conn)
         transport = getattr(io.writer, "transport", None) if io is not None else None
         return transport is not None and transport.get_write_buffer_size() > 0
 
     def close(self, conn: str, why: str) -> None:
         self.forget(conn)
-        io = self._io(conn)
-        if io is None or io.handler is None:
-            return  # (gone already, or not a live connection: client replay)
-        log.debug(f"resp2chat: closing a client connection: {why}")
-        io.handler.cancel(why)
+        close_client(conn, why)
+
+
+def _io(conn: str):
+    server = ctx.master.addons.get("proxyserver")
+    handler = server.connections.get(conn) if server is not None else None
+    return handler.transports.get(handler.client) if handler is not None else None
+
+
+def close_client(conn: str, why: str) -> None:
+    """Close the client connection ``conn`` (its id) without an answer, as mitmproxy's own
+    ``tcp_timeout`` does (the module's docstring): its flow in progress ends in an error, as
+    when the client goes away. Also the gate's, for a passthrough of a revoked key (gate.py)."""
+    io = _io(conn)
+    if io is None or io.handler is None:
+        return  # (gone already, or not a live connection: client replay)
+    log.debug(f"resp2chat: closing a client connection: {why}")
+    io.handler.cancel(why)
