@@ -105,6 +105,34 @@ def test_max_streams_holds_embeddings_while_a_turn_streams_and_the_other_way(lim
                "the left embedding released")
 
 
+def test_every_answer_a_limited_client_gets_says_its_limits(limited):
+    """OpenAI's ``x-ratelimit-*`` on whatever a limited client asked that counted against its
+    limits: a JSON and a streamed turn, a cached answer, a background response created as JSON
+    and as a stream, a compaction, a token count, embeddings, a turn refused after it was
+    admitted. Before, a background response created with ``stream: true`` had none (its events
+    come from the run's log, answered by another hook than a turn's stream)."""
+    gw, key = limited("--rpm", "100", "--tpm", "100000")
+    auth = {"authorization": f"Bearer {key}"}
+
+    def post(path: str, body: dict) -> requests.Response:
+        return requests.post(gw.base_url + path, json={"model": ALL, **body}, headers=auth, timeout=30)
+
+    answers = {
+        "json": post("/responses", {"input": "one"}),
+        "stream": post("/responses", {"input": "two", "stream": True}),
+        "cached": post("/responses", {"input": "two", "stream": True}),
+        "background": post("/responses", {"input": "three", "background": True}),
+        "background stream": post("/responses", {"input": "four", "background": True, "stream": True}),
+        "compact": post("/responses/compact", {"input": "five"}),
+        "input_tokens": post("/responses/input_tokens", {"input": "six"}),
+        "embeddings": post("/embeddings", {"input": "seven"}),
+        "refused": post("/responses", {"input": "eight", "previous_response_id": "resp_nobody"}),
+    }
+    seen = {name: (r.status_code, r.headers.get("x-ratelimit-limit-requests"), r.headers.get("x-ratelimit-limit-tokens"),
+                   0 <= int(r.headers.get("x-ratelimit-remaining-requests", -1)) < 100) for name, r in answers.items()}
+    assert seen == {name: (400 if name == "refused" else 200, "100", "100000", True) for name in answers}, seen
+
+
 def test_a_429s_wait_covers_every_limit_in_the_way_not_only_the_first(limited):
     """rpm and tpm both spent: the client is told to wait until both have refilled (it was told
     rpm's 60 s, and refused again for tpm when it came back)."""
