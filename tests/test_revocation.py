@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import signal
 import socket
 import threading
 import time
@@ -30,7 +31,7 @@ import pytest
 import requests
 import yaml
 
-from helpers import (MITMWEB, Endless, LocalServer, cli_env, config_file, free_port, openai_client, post_turn,
+from helpers import (MITMWEB, Endless, LocalServer, cli_env, config_file, free_port, iter_sse, openai_client, post_turn,
                      run_cli, scrape, start_gateway, wait_until)
 from test_teams import ALL, Team
 from test_websearch_e2e import BRAVE_KEY, SEARCH_PROMPT, WEB_SEARCH, _Brave
@@ -633,3 +634,39 @@ def test_a_revoked_keys_passthrough_stream_stops_and_frees_its_slot(endless, tmp
     finally:
         gw.stop()
     assert bob not in gw.log() and alice not in gw.log()
+
+
+def test_a_turn_its_key_was_revoked_for_while_it_was_being_admitted_is_stopped(endless, tmp_path, redis_server):
+    """bob's turn has been let in (its key checked) and waits for its limits in Redis, which is
+    slow (stopped here); meanwhile ``keys revoke bob`` reloads the gateway's clients, when the
+    turn is not in flight yet, so nothing stops it then. Once Redis answers, the turn starts: it
+    must stop at once as every turn of that key in flight did, not run on (before, it streamed
+    for as long as the backend sent, the revoked key served)."""
+    gw = start_gateway(endless.url, tmp_path, "--set", f"resp2chat_state_store_url={redis_server.url}",
+                       env=cli_env(tmp_path))
+    try:
+        bob = {"authorization": f"Bearer {run_cli(tmp_path, 'keys', 'add', 'bob', '--max-streams', '5').stdout.strip()}"}
+        wait_until(lambda: requests.get(f"{gw.base_url}/models", headers=bob, timeout=10).status_code not in (401, 404),
+                   10, "bob's key taken")  # (the model list goes to the backend: whatever it answers)
+        redis_server.proc.send_signal(signal.SIGSTOP)
+        answer: dict = {}
+        try:
+            turn = threading.Thread(target=lambda: answer.update(r=requests.post(
+                f"{gw.base_url}/responses", json={"model": ALL, "input": "go on", "stream": True}, headers=bob,
+                stream=True, timeout=30)))
+            turn.start()
+            time.sleep(0.5)  # (its key checked: it waits for Redis)
+            assert run_cli(tmp_path, "keys", "revoke", "bob").returncode == 0
+            wait_until(lambda: requests.get(f"{gw.base_url}/models", headers=bob, timeout=10).status_code == 401, 10,
+                       "bob's key revoked")
+        finally:
+            redis_server.proc.send_signal(signal.SIGCONT)
+        turn.join(30)
+        r = answer["r"]
+        assert r.status_code == 200, r.text  # (its stream began: it had been let in)
+        seen: list = []
+        read_until(iter_sse(r), {"response.failed", "response.completed"}, time.monotonic() + STOP_WITHIN, seen)
+        assert seen[-1]["type"] == "response.failed" and seen[-1]["response"]["error"]["code"] == "invalid_api_key"
+        wait_until(lambda: len(Endless.closed) == len(Endless.started), 5, "no backend call left")
+    finally:
+        gw.stop()
