@@ -394,6 +394,8 @@ class Gate(Owner):
         they held (limits.py: the slot, the usage so far) is given back, as when a client goes
         away. Before, such a stream went on to its end, however long, after the key was revoked."""
         for flow_id, flow in list(self.passing.items()):
+            if flow.request.timestamp_end is None:
+                continue  # (its body still coming: ``request`` refuses it with a 401 once it is in)
             if not self.accepts(self.callers.get(flow_id)):
                 self.passing.pop(flow_id, None)
                 flow.metadata.setdefault(META, {})["closed_by_gateway"] = "invalid_api_key"
