@@ -47,7 +47,7 @@ from resp2chat_io.config import FileWatch, config_path, load_settings
 from resp2chat_io.relay import TURN_HEADER, HeadRefusal
 
 from .base import JSON_HEADERS, META, Owner, fails_closed, log, request_id, show_url
-from .head_deadline import close_client
+from .head_deadline import stop_flow
 
 RELOAD_EVERY = 1.0  # seconds between two looks at the config file (a revoked key is refused within that)
 READ_REFUSED = 64 << 10  # body bytes read at most of a request refused at its head
@@ -98,7 +98,7 @@ class Gate(Owner):
         # error): its key, not only its name, which a reload may give to another key meanwhile
         self.callers: dict[str, ClientSpec] = {}
         # the passthrough requests in progress (until their response or error), by flow id: a key
-        # no longer accepted has their client connections closed (``changed``), as its turns stop
+        # no longer accepted has them cut (``stop_passing``), as its turns stop
         self.passing: dict[str, http.HTTPFlow] = {}
         self._watch: asyncio.Task | None = None
         # told of every changed clients list (``changed``: the file reloaded, or the option set; with
@@ -388,11 +388,12 @@ class Gate(Owner):
             self.stop_passing()
 
     def stop_passing(self) -> None:
-        """The passthrough requests in progress of a key no longer accepted end now: their client
-        connections are closed (no answer can follow a head already sent: a streamed chat
-        completion, embeddings coming in pieces), so the backend call is dropped and whatever
-        they held (limits.py: the slot, the usage so far) is given back, as when a client goes
-        away. Before, such a stream went on to its end, however long, after the key was revoked."""
+        """The passthrough requests in progress of a key no longer accepted end now
+        (head_deadline.stop_flow: their backend connections are closed; no error can follow an
+        answer's head already sent, a streamed chat completion, embeddings coming in pieces: the
+        client sees the answer cut), and whatever they held (limits.py: the slot) is given back,
+        as when a client goes away. Before, such a stream went on to its end, however long,
+        after the key was revoked."""
         for flow_id, flow in list(self.passing.items()):
             if flow.request.timestamp_end is None:
                 continue  # (its body still coming: ``request`` refuses it with a 401 once it is in)
@@ -402,7 +403,7 @@ class Gate(Owner):
                 spec = self.callers.get(flow_id)
                 who = f"client {spec.name!r}" if spec is not None else "a request without a key"
                 log.info(f"resp2chat: passthrough {request_id(flow)} of {who} stopped: its key is no longer accepted")
-                close_client(flow.client_conn.id, "its API key is no longer accepted")
+                stop_flow(flow)
 
     def _reload(self) -> None:
         fixed = getattr(ctx.options, "resp2chat_clients", "") or "RESP2CHAT_CLIENTS" in os.environ

@@ -166,29 +166,37 @@ class HeadDeadline(Owner):
             if transport is not None and self.stalls.sample(conn, transport.get_write_buffer_size(), now):
                 self.close(conn, f"the client took none of its answer for header_timeout_secs ({self.stalls.limit} s)")
 
+    @staticmethod
+    def _io(conn: str):
+        server = ctx.master.addons.get("proxyserver")
+        handler = server.connections.get(conn) if server is not None else None
+        return handler.transports.get(handler.client) if handler is not None else None
+
     def writing(self, conn: str) -> bool:
         """Bytes of an answer still wait in the connection's socket buffer (a slow reader)."""
-        io = _io(conn)
+        io = self._io(conn)
         transport = getattr(io.writer, "transport", None) if io is not None else None
         return transport is not None and transport.get_write_buffer_size() > 0
 
     def close(self, conn: str, why: str) -> None:
         self.forget(conn)
-        close_client(conn, why)
+        io = self._io(conn)
+        if io is None or io.handler is None:
+            return  # (gone already, or not a live connection: client replay)
+        log.debug(f"resp2chat: closing a client connection: {why}")
+        io.handler.cancel(why)
 
 
-def _io(conn: str):
+def stop_flow(flow: http.HTTPFlow) -> None:
+    """End ``flow``, in progress, without touching the other requests of its client's
+    connection (an HTTP/2 one may carry other clients' requests, from a load balancer): its
+    backend connection is closed, as when the backend goes away (an answer under way ends as
+    mitmproxy ends one cut short: its HTTP/1 client connection closed, its HTTP/2 stream reset);
+    one not connected yet (its request still in the hooks) is killed once they are done. The
+    gate's, for a passthrough call of a key no longer accepted (gate.py ``stop_passing``)."""
     server = ctx.master.addons.get("proxyserver")
-    handler = server.connections.get(conn) if server is not None else None
-    return handler.transports.get(handler.client) if handler is not None else None
-
-
-def close_client(conn: str, why: str) -> None:
-    """Close the client connection ``conn`` (its id) without an answer, as mitmproxy's own
-    ``tcp_timeout`` does (the module's docstring): its flow in progress ends in an error, as
-    when the client goes away. Also the gate's, for a passthrough of a revoked key (gate.py)."""
-    io = _io(conn)
-    if io is None or io.handler is None:
-        return  # (gone already, or not a live connection: client replay)
-    log.debug(f"resp2chat: closing a client connection: {why}")
-    io.handler.cancel(why)
+    handler = server.connections.get(flow.client_conn.id) if server is not None else None
+    if handler is not None and flow.server_conn in handler.transports:
+        handler.close_connection(flow.server_conn)
+    elif flow.killable:
+        flow.kill()
