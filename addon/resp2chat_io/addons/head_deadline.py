@@ -188,12 +188,11 @@ class HeadDeadline(Owner):
 
 
 def stop_flow(flow: http.HTTPFlow) -> None:
-    """End ``flow``, in progress, without touching the other requests of its client's
-    connection (an HTTP/2 one may carry other clients' requests, from a load balancer): its
-    backend connection is closed, as when the backend goes away (an answer under way ends as
-    mitmproxy ends one cut short: its HTTP/1 client connection closed, its HTTP/2 stream reset);
-    one not connected yet (its request still in the hooks) is killed once they are done. The
-    gate's, for a passthrough call of a key no longer accepted (gate.py ``stop_passing``)."""
+    """End ``flow``, in progress: its backend connection is closed, as when the backend goes
+    away (an answer under way ends as mitmproxy ends one cut short: its client connection is
+    closed, the head having gone; before the head, mitmproxy's 502); one not connected yet (its
+    request still in the hooks) is killed once they are done. The gate's, for a passthrough
+    call of a key no longer accepted (gate.py ``stop_passing``)."""
     server = ctx.master.addons.get("proxyserver")
     handler = server.connections.get(flow.client_conn.id) if server is not None else None
     if handler is not None and flow.server_conn in handler.transports:
