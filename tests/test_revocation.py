@@ -670,4 +670,3 @@ def test_a_turn_its_key_was_revoked_for_while_it_was_being_admitted_is_stopped(e
         wait_until(lambda: len(Endless.closed) == len(Endless.started), 5, "no backend call left")
     finally:
         gw.stop()
-
