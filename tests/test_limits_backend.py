@@ -105,6 +105,34 @@ def test_max_streams_holds_embeddings_while_a_turn_streams_and_the_other_way(lim
                "the left embedding released")
 
 
+def test_every_answer_a_limited_client_gets_says_its_limits(limited):
+    """OpenAI's ``x-ratelimit-*`` on whatever a limited client asked that counted against its
+    limits: a JSON and a streamed turn, a cached answer, a background response created as JSON
+    and as a stream, a compaction, a token count, embeddings, a turn refused after it was
+    admitted. Before, a background response created with ``stream: true`` had none (its events
+    come from the run's log, answered by another hook than a turn's stream)."""
+    gw, key = limited("--rpm", "100", "--tpm", "100000")
+    auth = {"authorization": f"Bearer {key}"}
+
+    def post(path: str, body: dict) -> requests.Response:
+        return requests.post(gw.base_url + path, json={"model": ALL, **body}, headers=auth, timeout=30)
+
+    answers = {
+        "json": post("/responses", {"input": "one"}),
+        "stream": post("/responses", {"input": "two", "stream": True}),
+        "cached": post("/responses", {"input": "two", "stream": True}),
+        "background": post("/responses", {"input": "three", "background": True}),
+        "background stream": post("/responses", {"input": "four", "background": True, "stream": True}),
+        "compact": post("/responses/compact", {"input": "five"}),
+        "input_tokens": post("/responses/input_tokens", {"input": "six"}),
+        "embeddings": post("/embeddings", {"input": "seven"}),
+        "refused": post("/responses", {"input": "eight", "previous_response_id": "resp_nobody"}),
+    }
+    seen = {name: (r.status_code, r.headers.get("x-ratelimit-limit-requests"), r.headers.get("x-ratelimit-limit-tokens"),
+                   0 <= int(r.headers.get("x-ratelimit-remaining-requests", -1)) < 100) for name, r in answers.items()}
+    assert seen == {name: (400 if name == "refused" else 200, "100", "100000", True) for name in answers}, seen
+
+
 def test_a_429s_wait_covers_every_limit_in_the_way_not_only_the_first(limited):
     """rpm and tpm both spent: the client is told to wait until both have refilled (it was told
     rpm's 60 s, and refused again for tpm when it came back)."""
@@ -276,3 +304,39 @@ def test_tpm_spends_a_round_its_client_left_by_its_size(looping):
         wait_until(lambda: remaining() <= 3000 - cut + 150, 10, f"the cut turn's {cut} tokens spent")
     finally:
         _Looping.hold.set()
+
+
+class _Quota(QuietHandler):
+    """An embeddings backend that, as OpenAI and OpenRouter do, says its own account's limits in
+    ``x-ratelimit-*`` (the upstream key's: every client's together)."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["content-length"]))
+        send_json(self, 200, {"object": "list", "model": ALL, "data": [{"object": "embedding", "index": 0,
+                                                                        "embedding": [0.5]}],
+                              "usage": {"prompt_tokens": 3, "total_tokens": 3}},
+                  headers={"x-ratelimit-limit-requests": "10000", "x-ratelimit-remaining-requests": "9999",
+                           "x-ratelimit-reset-requests": "6ms", "x-ratelimit-limit-tokens": "2000000",
+                           "x-ratelimit-remaining-tokens": "1999997", "x-ratelimit-reset-tokens": "0s"})
+
+
+def test_a_passthrough_answer_says_the_clients_limits_not_a_mix_with_the_backends(tmp_path):
+    """carol has an ``rpm`` and no ``tpm``; her embeddings go to a backend that writes its own
+    account's ``x-ratelimit-*``. Her answer says her limits alone, as her turns' answers do:
+    before, it said her rpm beside the upstream account's tokens (2,000,000 a minute, the whole
+    team's), one answer mixing two sources. A client without limits gets the backend's as
+    they are (the only limits it has)."""
+    with LocalServer(_Quota) as backend:
+        carol = run_cli(tmp_path, "keys", "add", "carol", "--rpm", "5").stdout.strip()
+        dave = run_cli(tmp_path, "keys", "add", "dave").stdout.strip()
+        gw = start_gateway(backend.url, tmp_path, env=cli_env(tmp_path))
+        try:
+            mine = embed(gw, carol)
+            assert mine.status_code == 200, mine.text
+            said = {k: v for k, v in mine.headers.items() if k.startswith("x-ratelimit-")}
+            assert said == {"x-ratelimit-limit-requests": "5", "x-ratelimit-remaining-requests": "4",
+                            "x-ratelimit-reset-requests": "12s"}, said
+            theirs = embed(gw, dave)
+            assert theirs.headers["x-ratelimit-limit-tokens"] == "2000000"
+        finally:
+            gw.stop()

@@ -12,7 +12,7 @@ import requests
 from mitmproxy import http, io
 from mitmproxy.test import taddons
 
-from helpers import (ADDON, MITMDUMP, ROOT, MiB, Codex, cli_env, free_port, memory, openai_client, parse_sse,
+from helpers import (ADDON, MITMDUMP, ROOT, MiB, Codex, cli_env, free_port, memory, openai_client, parse_sse, run_cli,
                      read_flows, resp2chat_cli, wait_until)
 from recordings import SEAL_KEY
 from wsclient import WSClient
@@ -124,6 +124,33 @@ def test_a_replayed_turn_is_counted_and_stored(upstream, gateway_factory, tmp_pa
     assert [(x["upstream"], x["status"], x["code"], x["http_status"]) for x in lines] == [
         ("server-replay", "replayed", "", 200), ("server-replay", "failed", "not_recorded", 404)]
     assert lines[0]["output_tokens"] == final["usage"]["output_tokens"]
+
+
+def test_a_replayed_answer_another_client_reruns_does_not_take_the_first_ones(upstream, gateway_factory, tmp_path):
+    """A replayed answer keeps its recorded response id, so two clients rerunning the same
+    recorded turn are answered with the same id. Each stores it as its own owner; bob's rerun
+    must not replace alice's stored response (in memory, as in Redis, where each owner's keys
+    are apart): before, bob's took its place, and alice's id was a 404 to her."""
+    recording = tmp_path / "one.mitm"
+    body = {"model": "demo-model", "input": "keep me", "stream": True}
+    live = gateway_factory(upstream.origin, "-w", str(recording), "--set", "resp2chat_max_replay_entries=0")
+    assert requests.post(live.base_url + "/responses", json=body, timeout=30).status_code == 200
+    live.stop()
+    env = cli_env(tmp_path)
+    keys = {name: run_cli(tmp_path, "keys", "add", name).stdout.strip() for name in ("alice", "bob")}
+    gw = gateway_factory(DEAD_UPSTREAM, "--server-replay", str(recording), "--set", "server_replay_reuse=true", env=env)
+    auth = {name: {"authorization": f"Bearer {key}"} for name, key in keys.items()}
+    first = parse_sse(requests.post(gw.base_url + "/responses", json=body, headers=auth["alice"], timeout=30).content)
+    rid = first[-1]["response"]["id"]
+    mine = requests.get(f"{gw.base_url}/responses/{rid}", headers=auth["alice"], timeout=30)
+    assert mine.status_code == 200, mine.text
+    again = parse_sse(requests.post(gw.base_url + "/responses", json=body, headers=auth["bob"], timeout=30).content)
+    assert again[-1]["response"]["id"] == rid  # (the recorded id, for him too)
+    still = requests.get(f"{gw.base_url}/responses/{rid}", headers=auth["alice"], timeout=30)
+    assert still.status_code == 200, still.text
+    go_on = requests.post(gw.base_url + "/responses", headers=auth["alice"], timeout=30,
+                          json={"model": "demo-model", "input": "and?", "previous_response_id": rid})
+    assert go_on.status_code != 400, go_on.text  # (nothing recorded for it: server_replay_extra's answer)
 
 
 def test_a_replayed_turn_recorded_unfinished_is_counted_replayed(upstream, gateway_factory, tmp_path):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import signal
 import socket
 import threading
 import time
@@ -30,7 +31,7 @@ import pytest
 import requests
 import yaml
 
-from helpers import (MITMWEB, Endless, LocalServer, cli_env, config_file, free_port, openai_client, post_turn,
+from helpers import (MITMWEB, Endless, LocalServer, cli_env, config_file, free_port, iter_sse, openai_client, post_turn,
                      run_cli, scrape, start_gateway, wait_until)
 from test_teams import ALL, Team
 from test_websearch_e2e import BRAVE_KEY, SEARCH_PROMPT, WEB_SEARCH, _Brave
@@ -566,5 +567,106 @@ def test_a_rotated_keys_open_socket_is_closed_and_holds_no_slot(upstream, tmp_pa
         assert full.status == 503 and json.loads(full.body)["error"]["code"] == "server_overloaded"
         for sock in (held, mine, theirs):
             sock.close()
+    finally:
+        gw.stop()
+
+
+def _passthrough_stream(gw, key: str) -> socket.socket:
+    """A streamed ``POST /v1/chat/completions`` (a ``passthrough_paths`` entry) over a plain
+    socket, returned once its first chunk came (the backend's answer never ends by itself)."""
+    body = json.dumps({"model": ALL, "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer %s\r\n"
+                 b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (key.encode(), len(body), body))
+    got = b""
+    while b"t1 " not in got:
+        more = sock.recv(65536)
+        assert more, got
+        got += more
+    assert got.startswith(b"HTTP/1.1 200"), got
+    return sock
+
+
+def _ends_within(sock: socket.socket, seconds: float) -> bool:
+    """The answer on ``sock`` ends (its connection closed) within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    sock.settimeout(0.5)
+    while time.monotonic() < deadline:
+        try:
+            if not sock.recv(65536):
+                return True
+        except socket.timeout:
+            pass
+        except OSError:
+            return True
+    return False
+
+
+def test_a_revoked_keys_passthrough_stream_stops_and_frees_its_slot(endless, tmp_path, redis_server):
+    """``passthrough_paths`` with ``POST /v1/chat/completions``: bob (max_streams 1) and alice
+    each stream a chat completion straight from the backend, which never ends by itself.
+    ``keys revoke bob``: his stream ends at once (its connection closed: its head went long ago),
+    the backend call is dropped, and the slot it held (in Redis) is given back; alice's goes on. Before,
+    a revoked key's passthrough stream went on for as long as the backend sent."""
+    gw = start_gateway(endless.url, tmp_path, "--set", "resp2chat_passthrough_paths=POST /v1/chat/completions",
+                       "--set", f"resp2chat_state_store_url={redis_server.url}", env=cli_env(tmp_path))
+    redis = redis_server.client()
+    try:
+        alice = run_cli(tmp_path, "keys", "add", "alice").stdout.strip()
+        bob = run_cli(tmp_path, "keys", "add", "bob", "--max-streams", "1").stdout.strip()
+        wait_until(lambda: post_turn(gw, {"model": ALL, "input": "hi"}).status_code == 401, 10, "keys needed")
+        wait_until(lambda: requests.get(f"{gw.base_url}/models", headers={"authorization": f"Bearer {bob}"},
+                                        timeout=10).status_code == 404, 10, "bob's key taken")  # (not a passthrough)
+        theirs, his = _passthrough_stream(gw, alice), _passthrough_stream(gw, bob)
+        ident = next(c["id"] for c in yaml.safe_load(config_file(tmp_path).read_text())["clients"] if c["name"] == "bob")
+        slots = f"resp2chat:limits:id.{ident}:streams"
+        assert redis.zcard(slots) == 1
+        assert run_cli(tmp_path, "keys", "revoke", "bob").returncode == 0
+        assert _ends_within(his, STOP_WITHIN), "bob's passthrough stream goes on after his key was revoked"
+        wait_until(lambda: len(Endless.closed) == 1, 5, "bob's backend call closed")
+        wait_until(lambda: redis.zcard(slots) == 0, 5, "bob's slot given back")
+        assert not _ends_within(theirs, 1), "alice's stream stopped too"
+        theirs.close()
+        his.close()
+        wait_until(lambda: scrape(gw, authorization=f"Bearer {alice}")[("resp2chat_streams_in_flight", ())] == 0, 10,
+                   "nothing in flight")
+        assert "passthrough" in gw.log() and "of client 'bob' stopped: its key is no longer accepted" in gw.log()
+    finally:
+        gw.stop()
+    assert bob not in gw.log() and alice not in gw.log()
+
+
+def test_a_turn_its_key_was_revoked_for_while_it_was_being_admitted_is_stopped(endless, tmp_path, redis_server):
+    """bob's turn has been let in (its key checked) and waits for its limits in Redis, which is
+    slow (stopped here); meanwhile ``keys revoke bob`` reloads the gateway's clients, when the
+    turn is not in flight yet, so nothing stops it then. Once Redis answers, the turn starts: it
+    must stop at once as every turn of that key in flight did, not run on (before, it streamed
+    for as long as the backend sent, the revoked key served)."""
+    gw = start_gateway(endless.url, tmp_path, "--set", f"resp2chat_state_store_url={redis_server.url}",
+                       env=cli_env(tmp_path))
+    try:
+        bob = {"authorization": f"Bearer {run_cli(tmp_path, 'keys', 'add', 'bob', '--max-streams', '5').stdout.strip()}"}
+        wait_until(lambda: requests.get(f"{gw.base_url}/models", headers=bob, timeout=10).status_code not in (401, 404),
+                   10, "bob's key taken")  # (the model list goes to the backend: whatever it answers)
+        redis_server.proc.send_signal(signal.SIGSTOP)
+        answer: dict = {}
+        try:
+            turn = threading.Thread(target=lambda: answer.update(r=requests.post(
+                f"{gw.base_url}/responses", json={"model": ALL, "input": "go on", "stream": True}, headers=bob,
+                stream=True, timeout=30)))
+            turn.start()
+            time.sleep(0.5)  # (its key checked: it waits for Redis)
+            assert run_cli(tmp_path, "keys", "revoke", "bob").returncode == 0
+            wait_until(lambda: requests.get(f"{gw.base_url}/models", headers=bob, timeout=10).status_code == 401, 10,
+                       "bob's key revoked")
+        finally:
+            redis_server.proc.send_signal(signal.SIGCONT)
+        turn.join(30)
+        r = answer["r"]
+        assert r.status_code == 200, r.text  # (its stream began: it had been let in)
+        seen: list = []
+        read_until(iter_sse(r), {"response.failed", "response.completed"}, time.monotonic() + STOP_WITHIN, seen)
+        assert seen[-1]["type"] == "response.failed" and seen[-1]["response"]["error"]["code"] == "invalid_api_key"
+        wait_until(lambda: len(Endless.closed) == len(Endless.started), 5, "no backend call left")
     finally:
         gw.stop()

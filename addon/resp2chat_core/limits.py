@@ -37,6 +37,7 @@ from . import usage
 from .errors import GatewayError
 
 WINDOW = 60.0  # seconds: rpm and tpm refill over a minute
+STREAMS_RETRY = 1.0  # seconds: the wait told a client at its max_streams (``verdict``: a poll, not a promise)
 
 
 @dataclass
@@ -177,7 +178,12 @@ def verdict(why: str, rpm: int | None, requests: Bucket | None, tpm: int | None,
     if not why:
         return Verdict(True, heads)
     if why == "streams":
-        return Verdict(False, heads, 1.0, why)
+        # A slot comes back when one of the client's open turns ends, which nothing here can
+        # foresee (a stream's length is the model's; a turn may be on another replica): no wait is
+        # true, so the client is told to look again in a second, a polling interval (the openai
+        # SDK retries, twice by default, then shows the 429; Codex reads "try again in 1s").
+        # The buckets are not in the way (they are asked first): the wait is never theirs.
+        return Verdict(False, heads, STREAMS_RETRY, why)
     # until every bucket in the way has refilled enough, not only the first: a client that waits
     # ``Retry-After`` is not refused again by the other one
     waits = [requests.wait(1) if requests is not None and requests.level < 1 else 0.0,

@@ -269,11 +269,15 @@ class ResponseStore:
         """Keep a response: ``items`` its whole conversation (inputs, then output), ``response``
         the Response object (its ``output`` are the items it produced). ``expect``: only over
         that version of the entry (``get``'s ``version``; 0: none). False: not kept (another
-        version, or larger than the whole store)."""
+        version, larger than the whole store, or the id is another owner's: a replayed answer
+        keeps its recorded id, and one owner's put never takes the place of another's, as in
+        Redis, where each owner's keys are apart)."""
         owners.check(owner)
         self._evict()
         found = self._entries.get(response_id)
-        version = self._versions.get(response_id, 0) if found is not None and found[2] == owner else 0
+        if found is not None and found[2] != owner:
+            return False
+        version = self._versions.get(response_id, 0) if found is not None else 0
         if expect is not None and expect != version:
             return False
         data, cut, at = encode_entry(items, response)

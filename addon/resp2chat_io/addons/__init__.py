@@ -89,6 +89,7 @@ def build() -> list:
     turns.started += [request_log.started, raw.started]
     turns.finished += [limits.finished, replay.finished, store.finished, outcomes.finished, request_log.finished]
     gate.reloaded.append(turns.clients_changed)  # (a revoked key's turns in flight stop: background ones too)
+    turns.accepts = gate.accepts  # (and one that starts after the reload: Turns.start)
     http_turns = HttpTurns(turns, upstreams, replay, store, gate, background)
     server_replay = ServerReplay(turns)
     sockets = ResponsesWebSocket(source, upstreams, turns, gate, server_replay, outcomes)

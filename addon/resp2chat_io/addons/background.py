@@ -212,7 +212,8 @@ class Background:
         self.runs: dict[str, Run] = {}  # running here, by response id
         self.kept: OrderedDict[str, Log] = OrderedDict()  # ended here: their events (KEPT, KEPT_BYTES)
         self.kept_bytes = 0
-        self.feeds: dict[str, tuple[Feed, FeedStream, Log]] = {}  # flows a Feed answers, by flow id
+        # flows a Feed answers, by flow id (and the headers their answer's head gets: a new run's x-ratelimit-*)
+        self.feeds: dict[str, tuple[Feed, FeedStream, Log, tuple]] = {}
         self.following: dict[tuple[str, str], Log] = {}  # runs of other replicas streamed here, by (id, owner)
 
     # --- a background turn ------------------------------------------------------------------
@@ -500,14 +501,15 @@ class Background:
         if followed.task is not None:
             followed.task.cancel()
 
-    def feed(self, flow: http.HTTPFlow, source: Log, starting_after: int) -> None:
+    def feed(self, flow: http.HTTPFlow, source: Log, starting_after: int, headers: tuple = ()) -> None:
         """Answer ``flow`` with ``source``'s events after ``starting_after``, as they come: a
-        relay ``Feed`` (the relay answers, ticking; ``responseheaders`` sets the stream callable)."""
+        relay ``Feed`` (the relay answers, ticking; ``responseheaders`` sets the stream callable,
+        and ``headers``: the client's x-ratelimit-* when it creates the run, as any turn's head)."""
         feed, stream = Feed(flow.id, secrets.token_urlsafe(24)), FeedStream(source, starting_after)
         source.feeds[feed] = stream
         if source.done:
             feed.end()
-        self.feeds[flow.id] = (feed, stream, source)
+        self.feeds[flow.id] = (feed, stream, source, headers)
         req = flow.request
         for name, value in self.relay.expect(feed):
             req.headers[name] = value
@@ -525,6 +527,7 @@ class Background:
             resp.headers.pop(name, None)
         resp.headers.update(SSE_HEADERS)
         resp.headers["x-request-id"] = request_id(flow)
+        resp.headers.update(found[3])
         if flow.request.http_version == "HTTP/1.1":
             resp.headers["transfer-encoding"] = "chunked"
 
@@ -537,7 +540,7 @@ class Background:
     def _forget(self, flow: http.HTTPFlow) -> None:
         found = self.feeds.pop(flow.id, None)
         if found is not None:
-            feed, _, source = found
+            feed, _, source, _ = found
             source.feeds.pop(feed, None)
             self.relay.forget(flow.id)
             if not source.feeds and source.task is not None and not source.done:

@@ -51,6 +51,7 @@ from resp2chat_io.config import FileWatch, config_path, load_settings
 from resp2chat_io.relay import TURN_HEADER, HeadRefusal
 
 from .base import JSON_HEADERS, META, Owner, fails_closed, log, request_id, show_url
+from .head_deadline import stop_flow
 
 RELOAD_EVERY = 1.0  # seconds between two looks at the config file (a revoked key is refused within that)
 READ_REFUSED = 64 << 10  # body bytes read at most of a request refused at its head
@@ -101,6 +102,9 @@ class Gate(Owner):
         # the client each request in progress was let in as, by flow id (until its response or
         # error): its key, not only its name, which a reload may give to another key meanwhile
         self.callers: dict[str, ClientSpec] = {}
+        # the passthrough requests in progress (until their response or error), by flow id: a key
+        # no longer accepted has them cut (``stop_passing``), as its turns stop
+        self.passing: dict[str, http.HTTPFlow] = {}
         self._watch: asyncio.Task | None = None
         # told of every changed clients list (``changed``: the file reloaded, or the option set; with
         # ``accepts``, the rule from now on): the turns in flight of a key no longer accepted stop
@@ -188,6 +192,7 @@ class Gate(Owner):
         meta = flow.metadata.setdefault(META, {})
         if where is G.PASSTHROUGH:
             meta[PASSTHROUGH] = True
+            self.passing[flow.id] = flow
         if client is not None:
             self.callers[flow.id] = client
             meta["client"] = client.name  # (the name: who called, in the flow, the metrics, the access log)
@@ -320,6 +325,7 @@ class Gate(Owner):
     def _end(self, flow: http.HTTPFlow) -> None:
         self.bodies.give_back(flow.id)  # (its body never came whole: the client went, or it was cut)
         self.callers.pop(flow.id, None)
+        self.passing.pop(flow.id, None)
         refused = self.refused.pop(flow.id, None)
         if refused is not None:
             self.relay.forget(flow.id)  # (never claimed: the client left first)
@@ -394,6 +400,25 @@ class Gate(Owner):
         if table != before:
             for listener in self.reloaded:
                 listener(self.accepts)
+            self.stop_passing()
+
+    def stop_passing(self) -> None:
+        """The passthrough requests in progress of a key no longer accepted end now
+        (head_deadline.stop_flow: their backend connections are closed; no error can follow an
+        answer's head already sent, a streamed chat completion, embeddings coming in pieces: the
+        client sees the answer cut), and whatever they held (limits.py: the slot) is given back,
+        as when a client goes away. Before, such a stream went on to its end, however long,
+        after the key was revoked."""
+        for flow_id, flow in list(self.passing.items()):
+            if flow.request.timestamp_end is None:
+                continue  # (its body still coming: ``request`` refuses it with a 401 once it is in)
+            if not self.accepts(self.callers.get(flow_id)):
+                self.passing.pop(flow_id, None)
+                flow.metadata.setdefault(META, {})["closed_by_gateway"] = "invalid_api_key"
+                spec = self.callers.get(flow_id)
+                who = f"client {spec.name!r}" if spec is not None else "a request without a key"
+                log.info(f"resp2chat: passthrough {request_id(flow)} of {who} stopped: its key is no longer accepted")
+                stop_flow(flow)
 
     def _reload(self) -> None:
         fixed = getattr(ctx.options, "resp2chat_clients", "") or "RESP2CHAT_CLIENTS" in os.environ

@@ -186,3 +186,17 @@ class HeadDeadline(Owner):
             return  # (gone already, or not a live connection: client replay)
         log.debug(f"resp2chat: closing a client connection: {why}")
         io.handler.cancel(why)
+
+
+def stop_flow(flow: http.HTTPFlow) -> None:
+    """End ``flow``, in progress: its backend connection is closed, as when the backend goes
+    away (an answer under way ends as mitmproxy ends one cut short: its client connection is
+    closed, the head having gone; before the head, mitmproxy's 502); one not connected yet (its
+    request still in the hooks) is killed once they are done. The gate's, for a passthrough
+    call of a key no longer accepted (gate.py ``stop_passing``)."""
+    server = ctx.master.addons.get("proxyserver")
+    handler = server.connections.get(flow.client_conn.id) if server is not None else None
+    if handler is not None and flow.server_conn in handler.transports:
+        handler.close_connection(flow.server_conn)
+    elif flow.killable:
+        flow.kill()

@@ -234,7 +234,7 @@ class HttpTurns:
         if queued is not None:  # it runs in the gateway: the client gets it queued, or its events as they come
             bg = self.background.start(run)
             if turn.client_stream:
-                self.background.feed(flow, bg.log, -1)
+                self.background.feed(flow, bg.log, -1, limits)  # (x-ratelimit-*, as any turn's head)
             else:
                 flow.response = json_response(200, queued, x_request_id=run.request_id)
                 flow.response.headers.update(limits)

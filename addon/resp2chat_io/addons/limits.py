@@ -126,7 +126,13 @@ class Limits:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         admitted = self._work.get(flow.id)
         if admitted is not None and flow.response is not None:
-            flow.response.headers.update(admitted[0].headers)  # (x-ratelimit-*, as a turn's answer)
+            # the client's x-ratelimit-*, as a turn's answer has, and only those: a backend's own
+            # (its account's, every client's together) would sit beside them, one answer saying
+            # the client's rpm and the upstream key's tokens
+            headers = flow.response.headers
+            for name in [n for n in headers.keys() if n.lower().startswith("x-ratelimit-")]:
+                headers.pop(name, None)
+            headers.update(admitted[0].headers)
 
     def meter(self, flow: http.HTTPFlow) -> L.Meter | None:
         """A backend's answer to an admitted request, about to pass through (upstreams.py): what

@@ -146,6 +146,8 @@ class Turns(Owner):
         super().__init__(source)
         self.upstreams, self.search, self.store, self.limits, self.hosted = upstreams, search, store, limits, hosted
         self.in_flight: dict[str, TurnRun] = {}  # the turns in flight, both transports, by turn id
+        # is the key a turn was let in with still accepted? (Gate.accepts, wired by addons.build; None: always)
+        self.accepts: Callable[[ClientSpec | None], bool] | None = None
         self.started: list[Callable[[TurnRun], None]] = []
         self.finished: list[Callable[[Finished], None]] = []
         self.lowering = LoweringOptions()
@@ -314,6 +316,11 @@ class Turns(Owner):
         for listener in self.started:  # (one that fails fails the turn: nothing unrecorded goes upstream)
             listener(run)
         self.in_flight[turn_id] = run
+        if self.accepts is not None and not self.accepts(client):
+            # its key was checked before the steps that wait (its limits in Redis, the lookup, a large
+            # body's decoding, a background response's queueing): a reload meanwhile found it nowhere
+            # in flight (``clients_changed``). It stops now, as it would have then; it calls no backend.
+            self._stop(run)
         return run
 
     def clients_changed(self, accepts: Callable[[ClientSpec | None], bool]) -> None:
@@ -326,11 +333,16 @@ class Turns(Owner):
         answer with a 401, a WebSocket turn likewise (then the socket is closed: its own
         listener, ResponsesWebSocket.clients_changed), a background response stored ``failed``.
         Every replica reading the file stops its own."""
-        stopped = Stopped(REVOKED, STOPPED)
         for run in list(self.in_flight.values()):
-            if not accepts(run.client) and run.exchange.halt(stopped):
-                who = f"client {run.client.name!r}" if run.client is not None else "a request without a key"
-                log.info(f"resp2chat: {run.request_id} of {who} stopped: its key is no longer accepted")
+            if not accepts(run.client):
+                self._stop(run)
+
+    @staticmethod
+    def _stop(run: TurnRun) -> None:
+        """Stop a turn whose key is no longer accepted (``clients_changed``)."""
+        if run.exchange.halt(Stopped(REVOKED, STOPPED)):
+            who = f"client {run.client.name!r}" if run.client is not None else "a request without a key"
+            log.info(f"resp2chat: {run.request_id} of {who} stopped: its key is no longer accepted")
 
     def settle(self, run: TurnRun, answer: bytes, failed_in: str | None = None) -> tuple[Finished, dict]:
         """A turn that ended: the ``Finished`` its listeners get (``ended``) and its record (what
