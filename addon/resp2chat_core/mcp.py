@@ -49,7 +49,8 @@ RESERVED_HEADERS = frozenset({
     "proxy-connection", "proxy-authorization", "content-type", "content-encoding", "accept", "accept-encoding",
     "mcp-session-id", "mcp-protocol-version", "last-event-id"})
 MAX_LISTED = 512  # tools of one server a listing keeps (more are dropped: a model cannot use thousands)
-MAX_DESCRIPTION = 4096  # characters of a tool's description offered to the model
+MAX_DESCRIPTION = 4096  # characters of a tool's description kept (its listing's, and what the model is offered)
+MAX_LISTING = 1 << 20  # bytes of a listing's tools kept (their JSON): the tools past it are dropped, like past MAX_LISTED
 DEFAULT_TIMEOUT = 30  # seconds one listing or call may take (timeout_secs)
 DEFAULT_OUTPUT_KB = 64  # KiB of one call's output kept and given to the model (max_output_kb)
 _ENTRY = ("label", "url", "transport", "headers", "allowed_tools", "require_approval", "timeout_secs", "max_output_kb")
@@ -424,7 +425,9 @@ def names_of(tool_map) -> dict[tuple[str, str], str]:
 
 
 def listed_tool(name: str, description: str | None, input_schema: Any, annotations: Any) -> dict:
-    """One tool of an ``mcp_list_tools`` item."""
+    """One tool of an ``mcp_list_tools`` item (its description cut to ``MAX_DESCRIPTION``)."""
+    if isinstance(description, str):
+        description = description[:MAX_DESCRIPTION]
     return {"name": name, "description": description, "input_schema": input_schema if isinstance(input_schema, dict)
             else {"type": "object", "properties": {}}, "annotations": annotations if isinstance(annotations, dict) else None}
 

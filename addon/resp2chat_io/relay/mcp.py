@@ -20,7 +20,8 @@ server's ``timeout_secs`` (``anyio.fail_after``).
 
 Bounds: time (``timeout_secs``: the step fails with that said), what the server sends (``MAX_BODY``
 bytes per HTTP answer: its stream is cut there; the SDK itself bounds an SSE event), what is
-kept of a result (``max_output_kb``: mcp.output_text) and of a listing (``mcp.MAX_LISTED`` tools).
+kept of a result (``max_output_kb``: mcp.output_text) and of a listing (``mcp.MAX_LISTED`` tools,
+``mcp.MAX_LISTING`` bytes).
 A failing server fails its step, never the turn: a listing gives the client an
 ``mcp_list_tools`` item with ``error`` and the model no tools of it; a call an ``mcp_call`` item
 with ``error``, and the model reads why.
@@ -31,7 +32,8 @@ whatever listing the conversation holds (a stateless input's is the client's wor
 
 Secrets: the headers a server gets (the operator's ``headers``, a client's ``headers`` and
 ``authorization``) go to that server only, are never logged, and are scrubbed from what the server
-sends back (``Server.secrets``) before it reaches the model, the client or a record.
+sends back (``Server.secrets``: from a result, an error, a listing) before it reaches the model, the
+client or a record.
 """
 
 from __future__ import annotations
@@ -214,24 +216,49 @@ class Sessions:
 
 
 async def list_tools(server: mcp.Server, sessions: Sessions) -> tuple[tuple[dict, ...] | None, str | None]:
-    """The server's tools the request allows (``mcp.listed_tool`` dicts), or (None, why it failed)."""
+    """The server's tools the request allows (``mcp.listed_tool`` dicts), or (None, why it failed):
+    at most ``mcp.MAX_LISTED`` listed and ``mcp.MAX_LISTING`` bytes of allowed tools kept (the
+    pages after are not asked for), the server's secrets scrubbed from them (``_scrubbed``)."""
+    listed, seen, size, secrets = [], 0, 0, server.secrets()
     try:
         with anyio.fail_after(server.spec.timeout_secs):
             page = await sessions.tools(server)
-            tools, cursor = list(page.tools), page.next_cursor
-            while cursor and len(tools) < mcp.MAX_LISTED:
-                page = await (await sessions.client(server)).list_tools(cursor=cursor)
-                tools += page.tools
-                cursor = page.next_cursor
+            while True:
+                for tool in page.tools[:mcp.MAX_LISTED - seen]:
+                    annotations = tool.annotations.model_dump(by_alias=True, exclude_none=True) \
+                        if tool.annotations else None
+                    found = _scrubbed(mcp.listed_tool(tool.name, tool.description, tool.input_schema, annotations),
+                                      secrets)
+                    if server.allows(found["name"], mcp.read_only(found)):
+                        size += len(_encode(found))
+                        if size > mcp.MAX_LISTING:
+                            break
+                        listed.append(found)
+                seen += len(page.tools)
+                if not page.next_cursor or seen >= mcp.MAX_LISTED or size > mcp.MAX_LISTING:
+                    break
+                page = await (await sessions.client(server)).list_tools(cursor=page.next_cursor)
     except BaseException as exc:  # noqa: BLE001 — anything a server does fails its listing, not the turn
         if isinstance(exc, anyio.get_cancelled_exc_class()):
             raise
         return None, _why(server, exc)
-    listed = []
-    for tool in tools[:mcp.MAX_LISTED]:
-        annotations = tool.annotations.model_dump(by_alias=True, exclude_none=True) if tool.annotations else None
-        listed.append(mcp.listed_tool(tool.name, tool.description, tool.input_schema, annotations))
-    return tuple(t for t in listed if server.allows(t["name"], mcp.read_only(t))), None
+    return tuple(listed), None
+
+
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def _scrubbed(value, secrets: tuple[bytes, ...]):
+    """``value`` (a listed tool: JSON values) with ``secrets`` scrubbed from each string of it."""
+    if not secrets:
+        return value
+    if isinstance(value, str):
+        return scrub(value.encode("utf-8", "surrogatepass"), secrets).decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return {_scrubbed(k, secrets): _scrubbed(v, secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrubbed(v, secrets) for v in value]
+    return value
 
 
 async def call_tool(server: mcp.Server, name: str, arguments: str,

@@ -1,0 +1,100 @@
+"""Hosted MCP tools against servers that misbehave (tests/mcp_hostile.py), through a real mitmdump
+and the scripted chat backend: whatever a server does, the turn ends in bounded time with the
+failure said in its item, and nothing of the server's credentials reaches the backend."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from helpers import LocalServer, Peak, check_sdk, check_stream, parse_sse, post_turn, start_gateway
+from mcp_hostile import Hostile
+from resp2chat_core import mcp
+
+FAILING = ("hang", "drip", "garbage", "wrong_id", "cut", "huge")  # a call of these fails
+MODES = ("ok", "echo_auth", *FAILING, "fat_pages", "empty_pages", "bad_list")
+TIMEOUT = 3
+OPERATOR_TOKEN = "operator-hostile-key-7c1e0b"
+CLIENT_TOKEN = "client-hostile-token-93af2d"
+
+
+@pytest.fixture(scope="module")
+def hostile():
+    Hostile.calls.clear()
+    Hostile.seen_headers = []
+    with LocalServer(Hostile) as server:
+        yield server.url
+
+
+@pytest.fixture(scope="module")
+def hostile_gateway(upstream, hostile, tmp_path_factory):
+    servers = [{"label": m, "url": f"{hostile}/{m}/mcp", "timeout_secs": TIMEOUT,
+                "headers": {"x-operator-key": OPERATOR_TOKEN}} for m in MODES]
+    gw = start_gateway(upstream.origin, tmp_path_factory.mktemp("hostile-gateway"), "--set",
+                       "resp2chat_max_replay_entries=0", env={"RESP2CHAT_MCP_SERVERS": json.dumps(servers)})
+    yield gw
+    gw.stop()
+
+
+def tool(label: str, **extra) -> dict:
+    return {"type": "mcp", "server_label": label, "require_approval": "never", **extra}
+
+
+def turn(gw, mode: str, **extra) -> tuple[list[dict], float, bytes]:
+    """A streamed turn whose model calls ``mode``'s tool: its events (checked: the stream's
+    invariants, the openai SDK's models), how long it took, what the client got."""
+    started = time.monotonic()
+    r = post_turn(gw, {"model": "demo-model", "input": f"call: mcp__{mode}__say {{}}", "stream": True,
+                       "tools": [tool(mode, **extra)]}, timeout=60)
+    took = time.monotonic() - started
+    assert r.status_code == 200, r.text[:300]
+    evs = parse_sse(r.content)
+    check_stream(r.content, evs[0]["response"]["id"])
+    check_sdk(evs)
+    return evs, took, r.content
+
+
+@pytest.mark.parametrize("mode", FAILING)
+def test_a_server_that_misbehaves_fails_its_call_in_bounded_time(hostile_gateway, mode):
+    """A call that hangs, drips, is answered with garbage, a stranger's id, a cut stream or too
+    much: its mcp_call item fails with why, within timeout_secs, and the turn goes on."""
+    evs, took, _ = turn(hostile_gateway, mode)
+    assert took < TIMEOUT + 5
+    end = evs[-1]
+    assert end["type"] == "response.completed"
+    (call,) = [o for o in end["response"]["output"] if o["type"] == "mcp_call"]
+    assert call["status"] == "failed" and call["output"] is None
+    assert call["error"]["message"] and f"{mode}" in call["error"]["message"]
+    assert "response.mcp_call.failed" in [e["type"] for e in evs]
+    assert end["response"]["output"][-1]["type"] == "message"
+
+
+def test_a_server_that_repeats_its_credentials_reaches_no_one_with_them(hostile_gateway, upstream):
+    """The operator's and the client's headers for a server go to it only: a server that repeats
+    them in its listing (a tool's description) and in a result has them scrubbed before the
+    backend, the client or the log see them."""
+    upstream.clear()
+    evs, _, raw = turn(hostile_gateway, "echo_auth", headers={"x-client-key": CLIENT_TOKEN})
+    assert Hostile.seen_headers[-1]["x-client-key"] == CLIENT_TOKEN  # (the server had them)
+    assert Hostile.seen_headers[-1]["x-operator-key"] == OPERATOR_TOKEN
+    output = evs[-1]["response"]["output"]
+    assert "[redacted]" in output[0]["tools"][0]["description"] and "[redacted]" in output[2]["output"]
+    sent = json.dumps(upstream.requests())
+    assert "headers:" in sent
+    for secret in (OPERATOR_TOKEN, CLIENT_TOKEN):
+        assert secret not in sent and secret.encode() not in raw and secret not in hostile_gateway.log()
+
+
+def test_a_listing_is_bounded_in_bytes(hostile_gateway):
+    """A server that pages for ever, 7 MiB a page (descriptions and schemas of 512 KiB): the
+    listing keeps what fits mcp.MAX_LISTING bytes (each description cut to mcp.MAX_DESCRIPTION),
+    at once, and the gateway's memory does not grow with what the server sends."""
+    peak = Peak(hostile_gateway.proc.pid)
+    evs, took, raw = turn(hostile_gateway, "fat_pages")
+    listing = evs[-1]["response"]["output"][0]
+    assert listing["type"] == "mcp_list_tools" and listing["status"] == "completed" and listing["tools"]
+    assert len(json.dumps(listing["tools"])) <= mcp.MAX_LISTING
+    assert all(len(t["description"]) <= mcp.MAX_DESCRIPTION for t in listing["tools"])
+    assert took < TIMEOUT and peak.grown < 200 << 20, (took, peak.grown >> 20)
