@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from helpers import LocalServer, Peak, check_sdk, check_stream, parse_sse, post_turn, start_gateway
+from helpers import LocalServer, Peak, check_sdk, check_stream, openai_client, parse_sse, post_turn, start_gateway
 from mcp_hostile import Hostile
 from resp2chat_core import mcp
 
@@ -98,3 +98,40 @@ def test_a_listing_is_bounded_in_bytes(hostile_gateway):
     assert len(json.dumps(listing["tools"])) <= mcp.MAX_LISTING
     assert all(len(t["description"]) <= mcp.MAX_DESCRIPTION for t in listing["tools"])
     assert took < TIMEOUT and peak.grown < 200 << 20, (took, peak.grown >> 20)
+
+
+# --- approvals, stateless (store: false, the conversation sent back each turn) --------------------
+
+
+def test_a_stateless_approval_runs_its_call_once_whatever_the_client_sends_back(hostile_gateway):
+    """An approval runs its call in the turn that gets it; a client that sends the conversation
+    back without that turn's mcp_call (its answer kept), or with the approval twice, runs
+    nothing again; a new approval in the same input still runs."""
+    client = openai_client(hostile_gateway)
+    ask = [tool("ok", require_approval="always")]
+    first = [{"role": "user", "content": "call: mcp__ok__say {}"}]
+    asked = client.responses.create(model="demo-model", input=first, tools=ask, store=False)
+    listing, request = asked.output[0], asked.output[-1]
+    assert request.type == "mcp_approval_request"
+    approve = {"type": "mcp_approval_response", "approval_request_id": request.id, "approve": True}
+    history = [*first, listing.model_dump(exclude_none=True), request.model_dump(exclude_none=True), approve]
+    before = Hostile.calls["ok"]
+    done = client.responses.create(model="demo-model", input=history, tools=ask, store=False)
+    assert [o.type for o in done.output] == ["mcp_call", "reasoning", "message"] and Hostile.calls["ok"] == before + 1
+    answer = done.output[-1].model_dump(exclude_none=True)
+    for later in ([*history, answer, {"role": "user", "content": "thanks"}],  # (its mcp_call left out)
+                  [*history, approve, answer, {"role": "user", "content": "thanks"}],
+                  [*history, answer, approve, {"role": "user", "content": "thanks"}]):
+        again = client.responses.create(model="demo-model", input=later, tools=ask, store=False)
+        assert "mcp_call" not in [o.type for o in again.output] and again.output_text == "You said: thanks"
+        assert Hostile.calls["ok"] == before + 1
+    # a second request of the same conversation, approved: it runs, once
+    asked = client.responses.create(model="demo-model", input=[*history, answer, {"role": "user", "content":
+                                    "call: mcp__ok__say {}"}], tools=ask, store=False)
+    second = asked.output[-1]
+    more = [*history, answer, {"role": "user", "content": "call: mcp__ok__say {}"},
+            *(o.model_dump(exclude_none=True) for o in asked.output),
+            {"type": "mcp_approval_response", "approval_request_id": second.id, "approve": True}]
+    ran = client.responses.create(model="demo-model", input=more, tools=ask, store=False)
+    assert [o.approval_request_id for o in ran.output if o.type == "mcp_call"] == [second.id]
+    assert Hostile.calls["ok"] == before + 2

@@ -9,8 +9,9 @@ approval histories, without sockets: through the real ``turn.begin_turn`` and ``
   to its (server_label, tool), and a call to it runs that tool on that server.
 - approvals: any sequence of ``mcp_approval_response`` items (approve, deny, an unknown request,
   the same answer again) either runs an approved call once (never again in a later turn that
-  holds its ``mcp_call``), tells the model of a denial once, or is a clear 400 (an unknown
-  request; a request answered both ways; one for a tool ``allowed_tools`` refuses); the chat
+  holds its ``mcp_call``, or the model's answer after it: a client that left the ``mcp_call``
+  out), tells the model of a denial once, or is a clear 400 (an unknown request; a request
+  answered both ways; one for a tool ``allowed_tools`` refuses); the chat
   request never holds a tool call id twice; ``max_tool_calls`` counts the approved calls.
 - results: any shape of a call's result is an ``mcp_call`` item the openai SDK reads, its text
   within ``max_output_kb``. (Against a real MCP server: test_mcp_relay_property.py.)
@@ -80,8 +81,8 @@ ANSWERS = st.lists(st.tuples(st.integers(0, 3), st.booleans()), max_size=6)  # (
 
 
 @SETTINGS
-@given(requests=st.integers(1, 3), answers=ANSWERS, ran_first=st.booleans())
-def test_any_approval_answers_run_a_call_once_tell_a_denial_once_or_are_a_400(requests, answers, ran_first):
+@given(requests=st.integers(1, 3), answers=ANSWERS, ran_first=st.booleans(), dropped=st.booleans())
+def test_any_approval_answers_run_a_call_once_tell_a_denial_once_or_are_a_400(requests, answers, ran_first, dropped):
     history = [{"role": "user", "content": "hi"}, LISTED, *[asked(n) for n in range(requests)]]
     items = history + [answer(f"mcpr_{n}", a) for n, a in answers]
     decisions: dict[str, set] = {}
@@ -108,10 +109,13 @@ def test_any_approval_answers_run_a_call_once_tell_a_denial_once_or_are_a_400(re
     assert [s.approval_request_id for s in steps] == approved
     loop.begin([f"ran {s.call_id}" for s in steps])
     answered(json.loads(loop.body))
-    # the next turn holds the calls that ran (mcp_call items with their approval_request_id) and
-    # the client's answers again (a client that resends them): nothing runs twice
+    # the next turn holds the calls that ran (mcp_call items with their approval_request_id), or
+    # (``dropped``: a client that keeps only the answers) the model's answer after them, and the
+    # client's answers again (a client that resends them): nothing runs twice
     ran = [{"type": "mcp_call", "id": f"mcp_{s.call_id}", "server_label": "ev", "name": "echo", "status": "completed",
             "arguments": s.arguments, "output": "ok", "approval_request_id": s.call_id} for s in steps]
+    if dropped:
+        ran = [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "done"}]}]
     again = items + ran + ([answer(r, True) for r in approved] if ran_first else [])
     later = begin(SPEC, [{"type": "mcp", "server_label": "ev"}], again)
     assert later.mcp.pending == ()

@@ -706,11 +706,15 @@ def listings_of(items: list) -> dict[str, tuple[dict, ...]]:
 
 
 def pending_of(items: list, servers: tuple[Server, ...] = ()) -> tuple[Pending, ...]:
-    """The approved ``mcp_approval_request``\\s of a conversation that no ``mcp_call`` ran yet;
-    ``GatewayError`` for a response to a request the conversation does not hold, or to one for a
-    tool its server (``servers``: the request's) does not allow: a request item is the client's
-    word (it may send any), and an approval never runs more than a model's call could."""
+    """The approved ``mcp_approval_request``\\s of a conversation that no turn ran yet: none that an
+    ``mcp_call`` ran, and none answered before an item a turn makes (``_made``: the model's or the
+    gateway's) — the turn that got the answer ran the call first, and a client that sends the
+    conversation back without that ``mcp_call`` does not run it again. ``GatewayError`` for a
+    response to a request the conversation does not hold, or to one for a tool its server
+    (``servers``: the request's) does not allow: a request item is the client's word (it may send
+    any), and an approval never runs more than a model's call could."""
     requests, ran, approved = {}, set(), {}
+    last_made = max((i for i, item in enumerate(items) if _made(item)), default=-1)
     for i, item in enumerate(items):
         kind = getattr(item, "type", None)
         if kind == "mcp_approval_request":
@@ -720,6 +724,8 @@ def pending_of(items: list, servers: tuple[Server, ...] = ()) -> tuple[Pending, 
         elif kind == "mcp_approval_response":
             if item.approval_request_id not in requests:
                 raise unknown_request(item.approval_request_id)
+            if i < last_made:  # (a turn ran after it: the call ran then, or it is a 400 below)
+                ran.add(item.approval_request_id)
             if item.approve and item.approval_request_id not in approved:  # (it answers the last one before it)
                 approved[item.approval_request_id] = requests[item.approval_request_id]
     pending = tuple(Pending(r, asked.server_label, asked.name, asked.arguments)
@@ -733,6 +739,17 @@ def pending_of(items: list, servers: tuple[Server, ...] = ()) -> tuple[Pending, 
                                f"{str(p.name)[:200]!r}, a tool of server {p.label!r} that allowed_tools (the "
                                "request's or the operator's) does not allow", param="input", code="invalid_value")
     return pending
+
+
+# the items a turn makes (the model's, the gateway's), besides an assistant message
+_TURN_ITEMS = frozenset({"reasoning", "function_call", "custom_tool_call", "local_shell_call", "tool_search_call",
+                         "web_search_call", "mcp_list_tools", "mcp_call", "mcp_approval_request", "compaction"})
+
+
+def _made(item) -> bool:
+    """Did a turn make ``item`` (an input item): the model's answer or call, the gateway's item?"""
+    kind = getattr(item, "type", None)
+    return kind in _TURN_ITEMS or (kind in ("message", None) and getattr(item, "role", None) == "assistant")
 
 
 def unknown_request(request_id: str) -> GatewayError:
