@@ -15,6 +15,8 @@ properly in every mode; what a mode changes is ``tools/list`` or ``tools/call``:
                 a long schema)
     empty_pages ``tools/list`` pages for ever: each page no tool
     bad_list    ``tools/list`` is answered with a JSON-RPC error
+    redirect    every request is answered 307 to ``ok`` at another origin (localhost for 127.0.0.1)
+    hang_init   nothing is answered (the session never opens)
 
 ``Hostile.calls`` counts the ``tools/call`` requests by mode (for the tests that check what ran)."""
 
@@ -89,6 +91,17 @@ class Hostile(QuietHandler):
             self.send_response(202)
             self.send_header("content-length", "0")
             self.end_headers()
+            return
+        if mode == "redirect":  # (every request: to the ok server's path)
+            self.send_response(307)
+            host = self.headers.get("host", "")
+            other = host.replace("127.0.0.1", "localhost") if host.startswith("127.") else host  # (another origin)
+            self.send_header("location", f"http://{other}" + self.path.replace("/redirect/", "/ok/"))
+            self.send_header("content-length", "0")
+            self.end_headers()
+            return
+        if mode == "hang_init":
+            self._hold()
             return
         if method == "initialize":
             return self._json({"jsonrpc": "2.0", "id": rid, "result": {

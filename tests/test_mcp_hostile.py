@@ -14,7 +14,7 @@ from mcp_hostile import Hostile
 from resp2chat_core import mcp
 
 FAILING = ("hang", "drip", "garbage", "wrong_id", "cut", "huge")  # a call of these fails
-MODES = ("ok", "echo_auth", *FAILING, "fat_pages", "empty_pages", "bad_list")
+MODES = ("ok", "echo_auth", *FAILING, "fat_pages", "empty_pages", "bad_list", "redirect", "hang_init")
 TIMEOUT = 3
 OPERATOR_TOKEN = "operator-hostile-key-7c1e0b"
 CLIENT_TOKEN = "client-hostile-token-93af2d"
@@ -135,3 +135,35 @@ def test_a_stateless_approval_runs_its_call_once_whatever_the_client_sends_back(
     ran = client.responses.create(model="demo-model", input=more, tools=ask, store=False)
     assert [o.approval_request_id for o in ran.output if o.type == "mcp_call"] == [second.id]
     assert Hostile.calls["ok"] == before + 2
+
+
+
+@pytest.mark.parametrize("mode", ["redirect", "hang_init", "bad_list"])
+def test_a_listing_that_cannot_be_had_fails_its_item_in_bounded_time(hostile_gateway, mode):
+    """A server that redirects to another origin (not followed: the gateway reaches no address
+    but the configured ones), never opens its session, or refuses to list: the mcp_list_tools
+    item fails with why, and the turn goes on without its tools."""
+    n = len(Hostile.seen_headers)
+    evs, took, _ = turn(hostile_gateway, mode)
+    assert took < TIMEOUT + 5
+    listing = evs[-1]["response"]["output"][0]
+    assert listing["type"] == "mcp_list_tools" and listing["status"] == "failed" and listing["tools"] == []
+    assert mode in listing["error"] and "response.mcp_list_tools.failed" in [e["type"] for e in evs]
+    assert evs[-1]["type"] == "response.completed"
+    assert all(h["host"].startswith("127.0.0.1:") for h in Hostile.seen_headers[n:])  # (never the other origin)
+    if mode == "redirect":
+        assert "not followed" in listing["error"]
+
+
+@pytest.mark.parametrize("field,value", [("headers", {"x-k": "h\u00e9llo"}), ("headers", {"x-k": "a\x01b"}),
+                                         ("headers", {"x-k": "a\x7fb"}), ("authorization", "t\u00e9st-token")])
+def test_a_header_no_http_request_can_carry_is_a_400(hostile_gateway, field, value):
+    """A request's header value for its server that HTTP cannot carry (not printable ASCII) is
+    the client's error, said before anything runs; never a failed listing."""
+    n = len(Hostile.seen_headers)
+    r = post_turn(hostile_gateway, {"model": "demo-model", "input": "hi", "tools": [tool("ok", **{field: value})]})
+    assert r.status_code == 400, r.text[:300]
+    error = r.json()["error"]
+    assert error["code"] == "invalid_value" and error["param"].startswith(f"tools[0].{field}")
+    assert "h\u00e9llo" not in r.text and "t\u00e9st" not in r.text  # (a secret: never shown)
+    assert len(Hostile.seen_headers) == n

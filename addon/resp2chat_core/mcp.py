@@ -122,6 +122,12 @@ def parse_approval(value: Any, where: str, default: Approval) -> Approval:
                     parse_filter(value.get("never"), f"{where}.never"), default.mode == "always")
 
 
+def _sendable(value: str) -> bool:
+    """Can an HTTP request carry ``value`` as a header's value (what the MCP client's sends:
+    printable ASCII, spaces and tabs)?"""
+    return all(c == "\t" or " " <= c <= "~" for c in value)
+
+
 def _headers(value: Any, where: str) -> tuple[tuple[str, str], ...]:
     if value is None:
         return ()
@@ -132,8 +138,8 @@ def _headers(value: Any, where: str) -> tuple[tuple[str, str], ...]:
         if not isinstance(name, str) or not HEADER_NAME.match(name) or name.lower() in RESERVED_HEADERS:
             raise ValueError(f"{where}: {str(name)[:64]!r} cannot be set: not a header name, or one the MCP "
                              "client writes itself (framing, hop-by-hop, content type, the MCP session)")
-        if not isinstance(v, str) or any(c in v for c in "\r\n\x00"):
-            raise ValueError(f"{where}: {name!r}: expected a one-line string value")
+        if not isinstance(v, str) or not _sendable(v):
+            raise ValueError(f"{where}: {name!r}: expected a one-line string value of printable ASCII")
         out.append((name, v))
     return tuple(out)
 
@@ -356,8 +362,8 @@ def bind(tools: list[tuple[int, Any]], specs: tuple[ServerSpec, ...]) -> tuple[S
             param = str(exc).split(":", 1)[0]
             raise GatewayError(str(exc), param=param, code="invalid_value") from None
         if tool.authorization:
-            if any(c in tool.authorization for c in "\r\n\x00"):
-                raise GatewayError(f"{where}.authorization: expected a one-line token",
+            if not _sendable(tool.authorization):
+                raise GatewayError(f"{where}.authorization: expected a one-line token of printable ASCII",
                                    param=f"{where}.authorization", code="invalid_value")
             headers = (*[(k, v) for k, v in headers if k.lower() != "authorization"],
                        ("authorization", f"Bearer {tool.authorization}"))
