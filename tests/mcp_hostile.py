@@ -10,20 +10,24 @@ properly in every mode; what a mode changes is ``tools/list`` or ``tools/call``:
     garbage     a call is answered 200 application/json with bytes that are not JSON
     wrong_id    a call is answered with a JSON-RPC id it did not have
     cut         a call's SSE stream is cut mid-event
-    huge        a call is answered with a body past the gateway's 8 MiB bound
+    huge        a call is answered with a body past the gateway's 8 MiB bound (its tool ``small``
+                answers "said", after 0.5 s)
     fat_pages   ``tools/list`` pages for ever: each page 7 tools of 1 MiB (a long description,
                 a long schema)
     empty_pages ``tools/list`` pages for ever: each page no tool
     bad_list    ``tools/list`` is answered with a JSON-RPC error
     redirect    every request is answered 307 to ``ok`` at another origin (localhost for 127.0.0.1)
     hang_init   nothing is answered (the session never opens)
+    legacy      the older HTTP+SSE transport (``/legacy/sse``): a call answers 900 KiB of text
 
 ``Hostile.calls`` counts the ``tools/call`` requests by mode (for the tests that check what ran)."""
 
 from __future__ import annotations
 
 import json
+import queue
 import time
+import uuid
 from collections import Counter
 
 from helpers import QuietHandler
@@ -71,8 +75,10 @@ class Hostile(QuietHandler):
         except OSError:  # (the gateway left: what a test of a hanging server makes it do)
             pass
 
-    def do_GET(self):  # (the optional server-to-client stream: not offered)
-        self.send_response(405)
+    def do_GET(self):
+        if self.path.startswith("/legacy/sse"):
+            return self._legacy_stream()
+        self.send_response(405)  # (streamable HTTP's optional server-to-client stream: not offered)
         self.send_header("content-length", "0")
         self.end_headers()
 
@@ -81,12 +87,51 @@ class Hostile(QuietHandler):
         self.send_header("content-length", "0")
         self.end_headers()
 
+    # the older HTTP+SSE transport: a GET stream that carries every answer, messages POSTed
+    streams: dict[str, queue.Queue] = {}
+
+    def _legacy_stream(self) -> None:
+        sid = uuid.uuid4().hex
+        answers = type(self).streams[sid] = queue.Queue()
+        self._sse_head()
+        try:
+            self.wfile.write(f"event: endpoint\ndata: /legacy/messages?session_id={sid}\n\n".encode())
+            self.wfile.flush()
+            end = time.monotonic() + HOLD
+            while time.monotonic() < end:
+                try:
+                    answer = answers.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                self.wfile.write(b"event: message\ndata: " + json.dumps(answer).encode() + b"\n\n")
+                self.wfile.flush()
+        except OSError:
+            pass
+        finally:
+            type(self).streams.pop(sid, None)
+
     def do_POST(self):
         mode = self.path.strip("/").split("/")[0]
         headers = {k.lower(): v for k, v in self.headers.items()}
         type(self).seen_headers.append(headers)
         message = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)))
         method, rid = message.get("method"), message.get("id")
+        if mode == "legacy":  # (every answer on the session's stream; a call's: 900 KiB of text)
+            answers = type(self).streams[self.path.rsplit("=", 1)[1]]
+            self.send_response(202)
+            self.send_header("content-length", "0")
+            self.end_headers()
+            if method == "initialize":
+                answers.put({"jsonrpc": "2.0", "id": rid, "result": {
+                    "protocolVersion": message["params"]["protocolVersion"], "capabilities": {"tools": {}},
+                    "serverInfo": {"name": "hostile", "version": "1"}}})
+            elif method == "tools/list":
+                answers.put({"jsonrpc": "2.0", "id": rid, "result": {"tools": [_tool("say")]}})
+            elif method == "tools/call":
+                type(self).calls[mode] += 1
+                answers.put({"jsonrpc": "2.0", "id": rid, "result": {"content": [
+                    {"type": "text", "text": "x" * (900 << 10)}]}})
+            return
         if rid is None:  # a notification
             self.send_response(202)
             self.send_header("content-length", "0")
@@ -111,7 +156,7 @@ class Hostile(QuietHandler):
             return self._list(mode, rid, message.get("params") or {}, headers)
         if method == "tools/call":
             type(self).calls[mode] += 1
-            return self._call(mode, rid, headers)
+            return self._call(mode, rid, (message.get("params") or {}).get("name"), headers)
         self._json({"jsonrpc": "2.0", "id": rid, "error": {"code": -32601, "message": "no such method"}})
 
     def _list(self, mode: str, rid, params: dict, headers: dict) -> None:
@@ -125,13 +170,18 @@ class Hostile(QuietHandler):
             return self._json({"jsonrpc": "2.0", "id": rid, "result": {"tools": [], "nextCursor": str(n + 1)}})
         if mode == "bad_list":
             return self._json({"jsonrpc": "2.0", "id": rid, "error": {"code": -32000, "message": "no listing"}})
+        if mode == "huge":  # (and a tool that answers, a little later)
+            return self._json({"jsonrpc": "2.0", "id": rid, "result": {"tools": [_tool("say"), _tool("small")]}})
         description = "says something"
         if mode == "echo_auth":
             description = "headers: " + json.dumps(headers)
         return self._json({"jsonrpc": "2.0", "id": rid, "result": {"tools": [_tool("say", description)]}})
 
-    def _call(self, mode: str, rid, headers: dict) -> None:
+    def _call(self, mode: str, rid, name: str, headers: dict) -> None:
         text = "said"
+        if name == "small":
+            time.sleep(0.5)
+            return self._json({"jsonrpc": "2.0", "id": rid, "result": {"content": [{"type": "text", "text": text}]}})
         if mode == "hang":
             self._hold()
             return

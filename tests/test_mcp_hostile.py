@@ -32,6 +32,7 @@ def hostile():
 def hostile_gateway(upstream, hostile, tmp_path_factory):
     servers = [{"label": m, "url": f"{hostile}/{m}/mcp", "timeout_secs": TIMEOUT,
                 "headers": {"x-operator-key": OPERATOR_TOKEN}} for m in MODES]
+    servers.append({"label": "legacy", "url": f"{hostile}/legacy/sse", "transport": "sse", "timeout_secs": TIMEOUT})
     gw = start_gateway(upstream.origin, tmp_path_factory.mktemp("hostile-gateway"), "--set",
                        "resp2chat_max_replay_entries=0", env={"RESP2CHAT_MCP_SERVERS": json.dumps(servers)})
     yield gw
@@ -167,3 +168,29 @@ def test_a_header_no_http_request_can_carry_is_a_400(hostile_gateway, field, val
     assert error["code"] == "invalid_value" and error["param"].startswith(f"tools[0].{field}")
     assert "h\u00e9llo" not in r.text and "t\u00e9st" not in r.text  # (a secret: never shown)
     assert len(Hostile.seen_headers) == n
+
+
+
+def test_an_answer_too_large_fails_its_call_only(hostile_gateway):
+    """A call answered with more than the gateway reads (8 MiB) fails with that said; the other
+    call of the round, on the same session, still gets its answer."""
+    r = post_turn(hostile_gateway, {"model": "demo-model", "stream": True, "tools": [tool("huge")],
+                                    "input": "call: mcp__huge__say {}\ncall: mcp__huge__small {}"})
+    evs = parse_sse(r.content)
+    check_sdk(evs)
+    big, small = [o for o in evs[-1]["response"]["output"] if o["type"] == "mcp_call"]
+    assert small["status"] == "completed" and small["output"] == "said", small["error"]
+    assert big["status"] == "failed" and "larger than 8 MiB" in big["error"]["message"], big["error"]
+
+
+
+def test_the_older_sse_transport_bounds_each_answer_not_the_session(hostile_gateway):
+    """On the older HTTP+SSE transport every answer comes on one stream: a turn whose calls'
+    answers add up to more than 8 MiB (12 of 900 KiB) gets each of them."""
+    before = Hostile.calls["legacy"]
+    r = post_turn(hostile_gateway, {"model": "demo-model", "stream": True, "tools": [tool("legacy")],
+                                    "input": "\n".join(["call: mcp__legacy__say {}"] * 12)})
+    evs = parse_sse(r.content)
+    calls = [o for o in evs[-1]["response"]["output"] if o["type"] == "mcp_call"]
+    assert len(calls) == 12 and Hostile.calls["legacy"] == before + 12
+    assert all(c["status"] == "completed" for c in calls), [c["error"] for c in calls if c["error"]][:1]

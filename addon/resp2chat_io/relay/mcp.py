@@ -19,7 +19,8 @@ the server pages), and its calls. Each step (opening the session included) is wh
 server's ``timeout_secs`` (``anyio.fail_after``).
 
 Bounds: time (``timeout_secs``: the step fails with that said), what the server sends (``MAX_BODY``
-bytes per HTTP answer: its stream is cut there; the SDK itself bounds an SSE event), what is
+bytes per HTTP answer: its stream is cut there; an SSE answer ``MAX_EVENT`` bytes per event, the
+SDK's own bound, however long the stream: the older transport's lasts the session), what is
 kept of a result (``max_output_kb``: mcp.output_text) and of a listing (``mcp.MAX_LISTED`` tools,
 ``mcp.MAX_LISTING`` bytes).
 A failing server fails its step, never the turn: a listing gives the client an
@@ -51,6 +52,7 @@ from resp2chat_core import mcp
 from resp2chat_core.channel import scrub
 
 MAX_BODY = 8 << 20  # bytes of one HTTP answer of an MCP server (a listing, a result) read at most
+MAX_EVENT = 1 << 20  # bytes of one event of an SSE answer (the SDK bounds it; the older transport: its default, the same)
 MAX_ERROR = 2000  # characters of a server's error kept (for the item, the model, the log)
 TIMED_OUT = -32001  # the error code of a step past timeout_secs (the MCP SDK's own for a request timeout)
 
@@ -80,6 +82,12 @@ def _quiet() -> None:
             logger.addFilter(_Warnings())
 
 
+class TooLarge(httpx2.StreamError):
+    """An answer past ``MAX_BODY``. A ``StreamError``: the SDK fails the one message whose answer
+    it is, with this said (a transport error, ``ReadError``, would end the session: every other
+    call on it, running or to come, would fail with "Connection closed")."""
+
+
 class _Capped(httpx2.AsyncByteStream):
     def __init__(self, inner, limit: int) -> None:
         self.inner, self.limit = inner, limit
@@ -89,7 +97,7 @@ class _Capped(httpx2.AsyncByteStream):
         async for chunk in self.inner:
             seen += len(chunk)
             if seen > self.limit:
-                raise httpx2.ReadError(f"the MCP server's answer is larger than {self.limit >> 20} MiB")
+                raise TooLarge(f"the MCP server's answer is larger than {self.limit >> 20} MiB")
             yield chunk
 
     async def aclose(self) -> None:
@@ -97,14 +105,17 @@ class _Capped(httpx2.AsyncByteStream):
 
 
 class _Bounded(httpx2.AsyncBaseTransport):
-    """httpx2's transport, each answer's body read up to ``MAX_BODY`` bytes."""
+    """httpx2's transport, each answer's body read up to ``MAX_BODY`` bytes; but an SSE stream,
+    whose every event the SDK bounds itself (``MAX_EVENT``): it is not one answer but many (the
+    older transport's carries every answer of the session)."""
 
     def __init__(self) -> None:
         self.inner = httpx2.AsyncHTTPTransport(trust_env=False)
 
     async def handle_async_request(self, request):
         response = await self.inner.handle_async_request(request)
-        response.stream = _Capped(response.stream, MAX_BODY)
+        if not response.headers.get("content-type", "").lower().startswith("text/event-stream"):
+            response.stream = _Capped(response.stream, MAX_BODY)
         return response
 
     async def aclose(self) -> None:
@@ -128,7 +139,7 @@ async def _session(server: mcp.Server):
                                    sse_read_timeout=timeout, httpx_client_factory=_http)
         else:
             http = await stack.enter_async_context(_http(server.headers(), httpx2.Timeout(timeout)))
-            transport = streamable_http_client(server.spec.url, http_client=http)
+            transport = streamable_http_client(server.spec.url, http_client=http, max_sse_event_size=MAX_EVENT)
         yield await stack.enter_async_context(Client(
             transport, cache=None, client_info=Implementation(name="resp2chat", version="1"),
             read_timeout_seconds=timeout, mode="legacy" if sse else "auto"))
