@@ -10,6 +10,7 @@ properly in every mode; what a mode changes is ``tools/list`` or ``tools/call``:
     garbage     a call is answered 200 application/json with bytes that are not JSON
     wrong_id    a call is answered with a JSON-RPC id it did not have
     cut         a call's SSE stream is cut mid-event
+    cut_json    a call's JSON answer is cut short (its tool ``small`` answers "said", after 0.5 s)
     huge        a call is answered with a body past the gateway's 8 MiB bound (its tool ``small``
                 answers "said", after 0.5 s)
     fat_pages   ``tools/list`` pages for ever: each page 7 tools of 1 MiB (a long description,
@@ -170,7 +171,7 @@ class Hostile(QuietHandler):
             return self._json({"jsonrpc": "2.0", "id": rid, "result": {"tools": [], "nextCursor": str(n + 1)}})
         if mode == "bad_list":
             return self._json({"jsonrpc": "2.0", "id": rid, "error": {"code": -32000, "message": "no listing"}})
-        if mode == "huge":  # (and a tool that answers, a little later)
+        if mode in ("huge", "cut_json"):  # (and a tool that answers, a little later)
             return self._json({"jsonrpc": "2.0", "id": rid, "result": {"tools": [_tool("say"), _tool("small")]}})
         description = "says something"
         if mode == "echo_auth":
@@ -198,6 +199,15 @@ class Hostile(QuietHandler):
             self.wfile.write(b'event: message\ndata: {"jsonrpc": "2.0", "id": ' + json.dumps(rid).encode()
                              + b', "result": {"content": [{"type": "text", "te')
             self.wfile.flush()
+            return
+        if mode == "cut_json":
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", "1000")
+            self.send_header("connection", "close")
+            self.close_connection = True
+            self.end_headers()
+            self.wfile.write(b'{"jsonrpc": "2.0", "id": ' + json.dumps(rid).encode() + b', "resu')
             return
         if mode == "huge":
             chunk = "x" * (1 << 20)

@@ -13,7 +13,7 @@ from helpers import LocalServer, Peak, check_sdk, check_stream, openai_client, p
 from mcp_hostile import Hostile
 from resp2chat_core import mcp
 
-FAILING = ("hang", "drip", "garbage", "wrong_id", "cut", "huge")  # a call of these fails
+FAILING = ("hang", "drip", "garbage", "wrong_id", "cut", "cut_json", "huge")  # a call of these fails
 MODES = ("ok", "echo_auth", *FAILING, "fat_pages", "empty_pages", "bad_list", "redirect", "hang_init")
 TIMEOUT = 3
 OPERATOR_TOKEN = "operator-hostile-key-7c1e0b"
@@ -171,17 +171,17 @@ def test_a_header_no_http_request_can_carry_is_a_400(hostile_gateway, field, val
 
 
 
-def test_an_answer_too_large_fails_its_call_only(hostile_gateway):
-    """A call answered with more than the gateway reads (8 MiB) fails with that said; the other
-    call of the round, on the same session, still gets its answer."""
-    r = post_turn(hostile_gateway, {"model": "demo-model", "stream": True, "tools": [tool("huge")],
-                                    "input": "call: mcp__huge__say {}\ncall: mcp__huge__small {}"})
+@pytest.mark.parametrize("mode,why", [("huge", "larger than 8 MiB"), ("cut_json", "cut short")])
+def test_an_answer_too_large_or_cut_short_fails_its_call_only(hostile_gateway, mode, why):
+    """A call answered with more than the gateway reads (8 MiB), or with a body cut short, fails
+    (with that said); the other call of the round, on the same session, still gets its answer."""
+    r = post_turn(hostile_gateway, {"model": "demo-model", "stream": True, "tools": [tool(mode)],
+                                    "input": f"call: mcp__{mode}__say {{}}\ncall: mcp__{mode}__small {{}}"})
     evs = parse_sse(r.content)
     check_sdk(evs)
     big, small = [o for o in evs[-1]["response"]["output"] if o["type"] == "mcp_call"]
     assert small["status"] == "completed" and small["output"] == "said", small["error"]
-    assert big["status"] == "failed" and "larger than 8 MiB" in big["error"]["message"], big["error"]
-
+    assert big["status"] == "failed" and why in big["error"]["message"], big["error"]
 
 
 def test_the_older_sse_transport_bounds_each_answer_not_the_session(hostile_gateway):

@@ -82,10 +82,11 @@ def _quiet() -> None:
             logger.addFilter(_Warnings())
 
 
-class TooLarge(httpx2.StreamError):
-    """An answer past ``MAX_BODY``. A ``StreamError``: the SDK fails the one message whose answer
-    it is, with this said (a transport error, ``ReadError``, would end the session: every other
-    call on it, running or to come, would fail with "Connection closed")."""
+class Unread(httpx2.StreamError):
+    """An answer not read whole: past ``MAX_BODY``, or cut short (the server's connection broke).
+    A ``StreamError``: the SDK fails the one message whose answer it is, with this said (a
+    transport error, ``ReadError``, would end the session: every other call on it, running or to
+    come, would fail with "Connection closed")."""
 
 
 class _Capped(httpx2.AsyncByteStream):
@@ -94,11 +95,14 @@ class _Capped(httpx2.AsyncByteStream):
 
     async def __aiter__(self):
         seen = 0
-        async for chunk in self.inner:
-            seen += len(chunk)
-            if seen > self.limit:
-                raise TooLarge(f"the MCP server's answer is larger than {self.limit >> 20} MiB")
-            yield chunk
+        try:
+            async for chunk in self.inner:
+                seen += len(chunk)
+                if seen > self.limit:
+                    raise Unread(f"the MCP server's answer is larger than {self.limit >> 20} MiB")
+                yield chunk
+        except httpx2.TransportError as exc:
+            raise Unread(f"the MCP server's answer was cut short ({type(exc).__name__}: {exc})") from exc
 
     async def aclose(self) -> None:
         await self.inner.aclose()
