@@ -8,6 +8,7 @@ properly in every mode; what a mode changes is ``tools/list`` or ``tools/call``:
     hang        a call is never answered (the connection is held until the client leaves)
     drip        a call's SSE stream sends a comment every 0.1 s and never its result
     garbage     a call is answered 200 application/json with bytes that are not JSON
+    echo_garbage  the same, the values of the headers x-client-key and x-operator-key
     wrong_id    a call is answered with a JSON-RPC id it did not have
     cut         a call's SSE stream is cut mid-event
     cut_json    a call's JSON answer is cut short (its tool ``small`` answers "said", after 0.5 s)
@@ -192,6 +193,8 @@ class Hostile(QuietHandler):
             return
         if mode == "garbage":
             return self._json(b"<html>not json{{{")
+        if mode == "echo_garbage":  # (not JSON, with the headers the server got)
+            return self._json(f"{headers.get('x-client-key')} {headers.get('x-operator-key')}".encode())
         if mode == "wrong_id":
             return self._json({"jsonrpc": "2.0", "id": f"{rid}-not", "result": {"content": []}})
         if mode == "cut":

@@ -14,7 +14,7 @@ from mcp_hostile import Hostile
 from resp2chat_core import mcp
 
 FAILING = ("hang", "drip", "garbage", "wrong_id", "cut", "cut_json", "huge")  # a call of these fails
-MODES = ("ok", "echo_auth", *FAILING, "fat_pages", "empty_pages", "bad_list", "redirect", "hang_init")
+MODES = ("ok", "echo_auth", "echo_garbage", *FAILING, "fat_pages", "empty_pages", "bad_list", "redirect", "hang_init")
 TIMEOUT = 3
 OPERATOR_TOKEN = "operator-hostile-key-7c1e0b"
 CLIENT_TOKEN = "client-hostile-token-93af2d"
@@ -74,9 +74,11 @@ def test_a_server_that_misbehaves_fails_its_call_in_bounded_time(hostile_gateway
 
 def test_a_server_that_repeats_its_credentials_reaches_no_one_with_them(hostile_gateway, upstream):
     """The operator's and the client's headers for a server go to it only: a server that repeats
-    them in its listing (a tool's description) and in a result has them scrubbed before the
-    backend, the client or the log see them."""
+    them in its listing (a tool's description), in a result, or in an answer that is not JSON
+    (which the MCP SDK logs) has them scrubbed before the backend, the client or the log see them."""
     upstream.clear()
+    _, _, garbage = turn(hostile_gateway, "echo_garbage", headers={"x-client-key": CLIENT_TOKEN})
+    assert b"json_invalid" in garbage  # (what failed is said; the body is not quoted)
     evs, _, raw = turn(hostile_gateway, "echo_auth", headers={"x-client-key": CLIENT_TOKEN})
     assert Hostile.seen_headers[-1]["x-client-key"] == CLIENT_TOKEN  # (the server had them)
     assert Hostile.seen_headers[-1]["x-operator-key"] == OPERATOR_TOKEN
@@ -86,6 +88,8 @@ def test_a_server_that_repeats_its_credentials_reaches_no_one_with_them(hostile_
     assert "headers:" in sent
     for secret in (OPERATOR_TOKEN, CLIENT_TOKEN):
         assert secret not in sent and secret.encode() not in raw and secret not in hostile_gateway.log()
+        for piece in (secret[i:i + 12] for i in range(len(secret) - 11)):  # (nor a part of one)
+            assert piece not in sent and piece.encode() not in garbage and piece not in hostile_gateway.log()
 
 
 def test_a_listing_is_bounded_in_bytes(hostile_gateway):
@@ -194,3 +198,29 @@ def test_the_older_sse_transport_bounds_each_answer_not_the_session(hostile_gate
     calls = [o for o in evs[-1]["response"]["output"] if o["type"] == "mcp_call"]
     assert len(calls) == 12 and Hostile.calls["legacy"] == before + 12
     assert all(c["status"] == "completed" for c in calls), [c["error"] for c in calls if c["error"]][:1]
+
+
+def test_the_websocket_fails_a_call_and_keeps_credentials_the_same_way(hostile_gateway, upstream):
+    """The same over the Responses WebSocket: a hanging call fails within timeout_secs, the turn
+    completes, and the next turn on the socket runs; a server that repeats its credentials has
+    them scrubbed."""
+    from wsclient import WSClient
+
+    upstream.clear()
+    ws = WSClient(hostile_gateway.base_url)
+    try:
+        started = time.monotonic()
+        events = ws.turn({"type": "response.create", "model": "demo-model", "input": "call: mcp__hang__say {}",
+                          "tools": [tool("hang")]})
+        assert time.monotonic() - started < TIMEOUT + 5
+        check_sdk(events)
+        (call,) = [o for o in events[-1]["response"]["output"] if o["type"] == "mcp_call"]
+        assert events[-1]["type"] == "response.completed" and call["status"] == "failed"
+        events = ws.turn({"type": "response.create", "model": "demo-model", "input": "call: mcp__echo_auth__say {}",
+                          "tools": [tool("echo_auth", headers={"x-client-key": CLIENT_TOKEN})]})
+        check_sdk(events)
+        assert events[-1]["type"] == "response.completed"
+        raw = json.dumps(events) + json.dumps(upstream.requests())
+        assert "[redacted]" in raw and CLIENT_TOKEN not in raw and OPERATOR_TOKEN not in raw
+    finally:
+        ws.close()

@@ -43,6 +43,7 @@ import asyncio
 import json
 import logging
 import math
+import re
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import anyio
@@ -60,11 +61,15 @@ TIMED_OUT = -32001  # the error code of a step past timeout_secs (the MCP SDK's 
 class _Warnings(logging.Filter):
     """The SDK's and httpx2's log records as a gateway logs a turn's trouble: an error becomes a
     warning (nothing a request does may log an ERROR: mitmproxy's errorcheck), the chatter below
-    a warning (each HTTP request of a session) goes."""
+    a warning (each HTTP request of a session) goes, and so does a record's traceback: its
+    exception may quote what the server answered (a parse error quotes the body), which may
+    repeat the headers the server got (secrets); the step's failure is logged by the gateway,
+    scrubbed (``_why``)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno > logging.WARNING:
             record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info = record.exc_text = record.stack_info = None
         return record.levelno >= logging.WARNING
 
 
@@ -341,13 +346,19 @@ async def _refused(server: mcp.Server, name: str, page, client) -> str | None:
             "operator's) allows: the server does not list it as read-only")
 
 
+# what a validation error (pydantic's) quotes of its input: of the server's answer, cut in the middle,
+# so a secret it repeats is not whole there and scrubbing would not find it
+_EXCERPT = re.compile(r"input_value=.*, input_type=")
+
+
 def _why(server: mcp.Server, exc: BaseException) -> str:
-    """A failure as the item, the model and the log may show it: no header of the server's."""
+    """A failure as the item, the model and the log may show it: no header of the server's, and
+    no excerpt of its answer (``_EXCERPT``)."""
     if isinstance(exc, TimeoutError):
         return f"the MCP server {server.spec.label} did not answer within {server.spec.timeout_secs} s (timeout_secs)"
     inner = _innermost(exc)
     text = f"{type(inner).__name__}: {inner}" if str(inner) else type(inner).__name__
-    text = f"MCP server {server.spec.label}: {text}"[:MAX_ERROR]
+    text = f"MCP server {server.spec.label}: {_EXCERPT.sub('input_value=…, input_type=', text)}"[:MAX_ERROR]
     secrets = server.secrets()
     return scrub(text.encode(), secrets).decode("utf-8", "replace") if secrets else text
 
