@@ -18,6 +18,7 @@ MODES = ("ok", "echo_auth", "echo_garbage", *FAILING, "fat_pages", "empty_pages"
 TIMEOUT = 3
 OPERATOR_TOKEN = "operator-hostile-key-7c1e0b"
 CLIENT_TOKEN = "client-hostile-token-93af2d"
+URL_KEY = "url-key-5be0c1d7"  # (in the query of a configured URL)
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,7 @@ def hostile_gateway(upstream, hostile, tmp_path_factory):
     servers = [{"label": m, "url": f"{hostile}/{m}/mcp", "timeout_secs": TIMEOUT,
                 "headers": {"x-operator-key": OPERATOR_TOKEN}} for m in MODES]
     servers.append({"label": "legacy", "url": f"{hostile}/legacy/sse", "transport": "sse", "timeout_secs": TIMEOUT})
+    servers.append({"label": "refused", "url": f"{hostile}/ok/sse?key={URL_KEY}", "transport": "sse", "timeout_secs": TIMEOUT})
     gw = start_gateway(upstream.origin, tmp_path_factory.mktemp("hostile-gateway"), "--set",
                        "resp2chat_max_replay_entries=0", env={"RESP2CHAT_MCP_SERVERS": json.dumps(servers)})
     yield gw
@@ -224,3 +226,13 @@ def test_the_websocket_fails_a_call_and_keeps_credentials_the_same_way(hostile_g
         assert "[redacted]" in raw and CLIENT_TOKEN not in raw and OPERATOR_TOKEN not in raw
     finally:
         ws.close()
+
+
+
+def test_a_failure_never_shows_the_servers_url(hostile_gateway):
+    """A server that refuses the older transport's stream (405): the listing fails naming the
+    server by its label, never by its configured URL (a key in it, where the server is)."""
+    evs, _, raw = turn(hostile_gateway, "refused")
+    listing = evs[-1]["response"]["output"][0]
+    assert listing["status"] == "failed" and "405" in listing["error"] and "refused" in listing["error"]
+    assert URL_KEY.encode() not in raw and "/ok/sse" not in listing["error"] and URL_KEY not in hostile_gateway.log()

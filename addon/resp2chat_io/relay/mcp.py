@@ -349,16 +349,19 @@ async def _refused(server: mcp.Server, name: str, page, client) -> str | None:
 # what a validation error (pydantic's) quotes of its input: of the server's answer, cut in the middle,
 # so a secret it repeats is not whole there and scrubbing would not find it
 _EXCERPT = re.compile(r"input_value=.*, input_type=")
+_URL = re.compile(r"for url '[^']*'")  # (httpx's HTTPStatusError names the URL it asked: the operator's, a secret in it)
 
 
 def _why(server: mcp.Server, exc: BaseException) -> str:
-    """A failure as the item, the model and the log may show it: no header of the server's, and
-    no excerpt of its answer (``_EXCERPT``)."""
+    """A failure as the item, the model and the log may show it: no header of the server's, no
+    excerpt of its answer (``_EXCERPT``), not its configured url (the client is not shown where
+    the server is, nor a key its url may hold: its label names it)."""
     if isinstance(exc, TimeoutError):
         return f"the MCP server {server.spec.label} did not answer within {server.spec.timeout_secs} s (timeout_secs)"
     inner = _innermost(exc)
     text = f"{type(inner).__name__}: {inner}" if str(inner) else type(inner).__name__
-    text = f"MCP server {server.spec.label}: {_EXCERPT.sub('input_value=…, input_type=', text)}"[:MAX_ERROR]
+    text = _EXCERPT.sub("input_value=…, input_type=", text).replace(server.spec.url, "its url")
+    text = f"MCP server {server.spec.label}: {_URL.sub('for its url', text)}"[:MAX_ERROR]
     secrets = server.secrets()
     return scrub(text.encode(), secrets).decode("utf-8", "replace") if secrets else text
 
