@@ -148,15 +148,19 @@ def test_an_approval_runs_the_request_it_answers():
     """A request item after the answer, with the same id (a client's input may hold any), is not
     the one approved: the approved call runs with what the client saw when it approved. Such an
     input is refused before that (an id names one item: ``conversations.unique``); with the second
-    request under an id of its own, the approval still runs the one it names."""
+    request under an id of its own, the approval still runs the one it names (the second put
+    before the answer: one after it was made by a later turn, which ran the approved call first,
+    so nothing runs again: ``mcp.pending_of``)."""
     other = {**asked(0), "arguments": '{"message": "other"}'}
     items = [{"role": "user", "content": "hi"}, LISTED, asked(0), answer("mcpr_0", True), other]
     with pytest.raises(GatewayError, match="duplicate item found") as err:
         begin(SPEC, [{"type": "mcp", "server_label": "ev"}], items)
     assert err.value.param == "input[4].id"
     items[-1] = {**other, "id": "mcpr_other"}
+    assert begin(SPEC, [{"type": "mcp", "server_label": "ev"}], items).mcp.pending == ()
+    items[3:] = [items[-1], items[3]]
     (pending,) = begin(SPEC, [{"type": "mcp", "server_label": "ev"}], items).mcp.pending
-    assert pending.arguments == asked(0)["arguments"]
+    assert pending.request_id == "mcpr_0" and pending.arguments == asked(0)["arguments"]
 
 
 def test_approved_calls_count_against_max_tool_calls():
