@@ -1,7 +1,8 @@
 """A misbehaving MCP server (streamable HTTP, spoken by hand: the SDK's own server cannot be made
 to break the protocol) for the hosted MCP tests: ``Hostile`` served by ``helpers.LocalServer``,
 one behaviour per path, ``/<mode>/mcp``. ``initialize`` and the notifications are answered
-properly in every mode; what a mode changes is ``tools/list`` or ``tools/call``:
+properly in every mode; what a mode changes is ``tools/list`` or ``tools/call`` of its tool ``say``
+(its tool ``small`` answers "said", after 0.5 s, in every mode that lists it):
 
     ok          one tool ``say`` that answers "said"
     echo_auth   ``say``'s description and result repeat the headers the server got
@@ -11,9 +12,8 @@ properly in every mode; what a mode changes is ``tools/list`` or ``tools/call``:
     echo_garbage  the same, the values of the headers x-client-key and x-operator-key
     wrong_id    a call is answered with a JSON-RPC id it did not have
     cut         a call's SSE stream is cut mid-event
-    cut_json    a call's JSON answer is cut short (its tool ``small`` answers "said", after 0.5 s)
-    huge        a call is answered with a body past the gateway's 8 MiB bound (its tool ``small``
-                answers "said", after 0.5 s)
+    cut_json    a call's JSON answer is cut short
+    huge        a call is answered with a body past the gateway's 8 MiB bound
     fat_pages   ``tools/list`` pages for ever: each page 7 tools of 1 MiB (a long description,
                 a long schema)
     empty_pages ``tools/list`` pages for ever: each page no tool
@@ -172,12 +172,10 @@ class Hostile(QuietHandler):
             return self._json({"jsonrpc": "2.0", "id": rid, "result": {"tools": [], "nextCursor": str(n + 1)}})
         if mode == "bad_list":
             return self._json({"jsonrpc": "2.0", "id": rid, "error": {"code": -32000, "message": "no listing"}})
-        if mode in ("huge", "cut_json"):  # (and a tool that answers, a little later)
-            return self._json({"jsonrpc": "2.0", "id": rid, "result": {"tools": [_tool("say"), _tool("small")]}})
         description = "says something"
         if mode == "echo_auth":
             description = "headers: " + json.dumps(headers)
-        return self._json({"jsonrpc": "2.0", "id": rid, "result": {"tools": [_tool("say", description)]}})
+        return self._json({"jsonrpc": "2.0", "id": rid, "result": {"tools": [_tool("say", description), _tool("small")]}})
 
     def _call(self, mode: str, rid, name: str, headers: dict) -> None:
         text = "said"

@@ -13,7 +13,9 @@ from helpers import LocalServer, Peak, check_sdk, check_stream, openai_client, p
 from mcp_hostile import Hostile
 from resp2chat_core import mcp
 
-FAILING = ("hang", "drip", "garbage", "wrong_id", "cut", "cut_json", "huge")  # a call of these fails
+FAILING = {"hang": "did not answer within", "drip": "did not answer within", "garbage": "json_invalid",  # a call
+           "wrong_id": "did not answer within", "cut": "ended without a response", "cut_json": "cut short",  # fails,
+           "huge": "larger than 8 MiB"}  # with that said
 MODES = ("ok", "echo_auth", "echo_garbage", *FAILING, "fat_pages", "empty_pages", "bad_list", "redirect", "hang_init")
 TIMEOUT = 3
 OPERATOR_TOKEN = "operator-hostile-key-7c1e0b"
@@ -59,17 +61,24 @@ def turn(gw, mode: str, **extra) -> tuple[list[dict], float, bytes]:
     return evs, took, r.content
 
 
-@pytest.mark.parametrize("mode", FAILING)
-def test_a_server_that_misbehaves_fails_its_call_in_bounded_time(hostile_gateway, mode):
-    """A call that hangs, drips, is answered with garbage, a stranger's id, a cut stream or too
-    much: its mcp_call item fails with why, within timeout_secs, and the turn goes on."""
-    evs, took, _ = turn(hostile_gateway, mode)
-    assert took < TIMEOUT + 5
+@pytest.mark.parametrize("mode,why", FAILING.items())
+def test_a_server_that_misbehaves_fails_its_call_in_bounded_time(hostile_gateway, mode, why):
+    """A call that hangs, drips, is answered with garbage, a stranger's id, a cut stream or body,
+    or too much: its mcp_call item fails with why, within timeout_secs, and the turn goes on; the
+    other call of the round, on the same session, gets its answer."""
+    started = time.monotonic()
+    r = post_turn(hostile_gateway, {"model": "demo-model", "stream": True, "tools": [tool(mode)],
+                                    "input": f"call: mcp__{mode}__say {{}}\ncall: mcp__{mode}__small {{}}"})
+    assert time.monotonic() - started < TIMEOUT + 5
+    evs = parse_sse(r.content)
+    check_stream(r.content, evs[0]["response"]["id"])
+    check_sdk(evs)
     end = evs[-1]
     assert end["type"] == "response.completed"
-    (call,) = [o for o in end["response"]["output"] if o["type"] == "mcp_call"]
-    assert call["status"] == "failed" and call["output"] is None
-    assert call["error"]["message"] and f"{mode}" in call["error"]["message"]
+    bad, small = [o for o in end["response"]["output"] if o["type"] == "mcp_call"]
+    assert bad["status"] == "failed" and bad["output"] is None
+    assert mode in bad["error"]["message"] and why in bad["error"]["message"], bad["error"]
+    assert small["status"] == "completed" and small["output"] == "said", small["error"]
     assert "response.mcp_call.failed" in [e["type"] for e in evs]
     assert end["response"]["output"][-1]["type"] == "message"
 
@@ -177,19 +186,6 @@ def test_a_header_no_http_request_can_carry_is_a_400(hostile_gateway, field, val
 
 
 
-@pytest.mark.parametrize("mode,why", [("huge", "larger than 8 MiB"), ("cut_json", "cut short")])
-def test_an_answer_too_large_or_cut_short_fails_its_call_only(hostile_gateway, mode, why):
-    """A call answered with more than the gateway reads (8 MiB), or with a body cut short, fails
-    (with that said); the other call of the round, on the same session, still gets its answer."""
-    r = post_turn(hostile_gateway, {"model": "demo-model", "stream": True, "tools": [tool(mode)],
-                                    "input": f"call: mcp__{mode}__say {{}}\ncall: mcp__{mode}__small {{}}"})
-    evs = parse_sse(r.content)
-    check_sdk(evs)
-    big, small = [o for o in evs[-1]["response"]["output"] if o["type"] == "mcp_call"]
-    assert small["status"] == "completed" and small["output"] == "said", small["error"]
-    assert big["status"] == "failed" and why in big["error"]["message"], big["error"]
-
-
 def test_the_older_sse_transport_bounds_each_answer_not_the_session(hostile_gateway):
     """On the older HTTP+SSE transport every answer comes on one stream: a turn whose calls'
     answers add up to more than 8 MiB (12 of 900 KiB) gets each of them."""
@@ -236,3 +232,5 @@ def test_a_failure_never_shows_the_servers_url(hostile_gateway):
     listing = evs[-1]["response"]["output"][0]
     assert listing["status"] == "failed" and "405" in listing["error"] and "refused" in listing["error"]
     assert URL_KEY.encode() not in raw and "/ok/sse" not in listing["error"] and URL_KEY not in hostile_gateway.log()
+
+
