@@ -154,7 +154,7 @@ def test_a_stateless_approval_runs_its_call_once_whatever_the_client_sends_back(
 
 
 
-@pytest.mark.parametrize("mode", ["redirect", "hang_init", "bad_list"])
+@pytest.mark.parametrize("mode", ["redirect", "hang_init", "bad_list", "empty_pages"])
 def test_a_listing_that_cannot_be_had_fails_its_item_in_bounded_time(hostile_gateway, mode):
     """A server that redirects to another origin (not followed: the gateway reaches no address
     but the configured ones), never opens its session, or refuses to list: the mcp_list_tools
@@ -232,5 +232,6 @@ def test_a_failure_never_shows_the_servers_url(hostile_gateway):
     listing = evs[-1]["response"]["output"][0]
     assert listing["status"] == "failed" and "405" in listing["error"] and "refused" in listing["error"]
     assert URL_KEY.encode() not in raw and "/ok/sse" not in listing["error"] and URL_KEY not in hostile_gateway.log()
+
 
 
