@@ -20,6 +20,7 @@ properly in every mode; what a mode changes is ``tools/list`` or ``tools/call`` 
     bad_list    ``tools/list`` is answered with a JSON-RPC error
     redirect    every request is answered 307 to ``ok`` at another origin (localhost for 127.0.0.1)
     hang_init   nothing is answered (the session never opens)
+    mixed       a call of a tool named as a mode misbehaves as that mode's ``say`` (``small``: answers)
     legacy      the older HTTP+SSE transport (``/legacy/sse``): a call answers 900 KiB of text
 
 ``Hostile.calls`` counts the ``tools/call`` requests by mode (for the tests that check what ran)."""
@@ -179,6 +180,8 @@ class Hostile(QuietHandler):
 
     def _call(self, mode: str, rid, name: str, headers: dict) -> None:
         text = "said"
+        if mode == "mixed":  # (the tool's name is the mode: ``small``, or another mode's misbehaviour)
+            mode = name
         if name == "small":
             time.sleep(0.5)
             return self._json({"jsonrpc": "2.0", "id": rid, "result": {"content": [{"type": "text", "text": text}]}})
