@@ -176,6 +176,12 @@ def test_the_history_lowers_calls_denials_and_pending_approvals():
     assert later.mcp.pending == ()  # it ran already
     err = refused([tool()], [{"type": "mcp_approval_response", "approval_request_id": "mcpr_x", "approve": True}])
     assert err.code == "invalid_value" and "mcpr_x" in err.message
+    # an approved call that has not run needs its server's mcp tool in the request (never dropped)
+    approving = [*history, {"type": "mcp_approval_response", "approval_request_id": "mcpr_9", "approve": True}]
+    for tools in ([], [{"type": "function", "name": "f"}]):
+        err = refused(tools, approving)
+        assert err.param == "tools" and "mcpr_9" in err.message and "'ev'" in err.message
+    assert turn([], [*approving, done]).mcp is None  # (it ran: nothing to run, no server needed)
 
 
 # --- the loop -----------------------------------------------------------------------------------

@@ -235,3 +235,26 @@ def test_a_failure_never_shows_the_servers_url(hostile_gateway):
 
 
 
+
+
+
+@pytest.mark.parametrize("tools", [[], [{"type": "function", "name": "f", "parameters": {"type": "object"}}],
+                                   [tool("hang")]])
+def test_an_approval_whose_server_has_no_tool_in_the_request_is_a_400(hostile_gateway, upstream, tools):
+    """An approved call can run only on a server the request has an mcp tool for (a request's
+    tools are its own, not the conversation's): without it, a 400 that says so, never an approval
+    dropped in silence (nothing ran, the model not told) nor a call that fails."""
+    upstream.clear()
+    before = Hostile.calls["ok"]
+    items = [{"role": "user", "content": "call: mcp__ok__say {}"},
+             {"type": "mcp_approval_request", "id": "mcpr_1", "server_label": "ok", "name": "say", "arguments": "{}"},
+             {"type": "mcp_approval_response", "approval_request_id": "mcpr_1", "approve": True}]
+    r = post_turn(hostile_gateway, {"model": "demo-model", "input": items, "tools": tools})
+    assert r.status_code == 400, r.text[:300]
+    error = r.json()["error"]
+    assert "mcpr_1" in error["message"] and "'ok'" in error["message"] and error["param"] == "tools"
+    assert upstream.requests() == [] and Hostile.calls["ok"] == before
+    # denied, it needs no server: the model is told
+    items[-1] = {**items[-1], "approve": False}
+    r = post_turn(hostile_gateway, {"model": "demo-model", "input": items, "tools": tools})
+    assert r.status_code == 200 and "denied" in upstream.requests()[-1]["messages"][-1]["content"]

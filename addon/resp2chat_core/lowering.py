@@ -640,6 +640,8 @@ def lower(req: ResponsesRequest, opts: LoweringOptions = LoweringOptions(), know
         hosted.pending = mcp.pending_of(req.input, hosted.servers) if isinstance(req.input, list) else ()
         hosted.taken = frozenset(n for n, t in tmap.targets.items() if t.kind != mcp.KIND)
         hosted.allowed = mcp_allowed(req.tool_choice)
+    elif isinstance(req.input, list) and any(isinstance(item, McpApprovalResponseItem) for item in req.input):
+        mcp.pending_of(req.input)  # (no mcp tool: an approved call that has not run is a 400)
     tool_choice, tools = lower_tool_choice(req.tool_choice, tmap)
     if hosted is not None and hosted.unlisted:  # round 1 offers their tools: its choice is made there
         raw = req.tool_choice

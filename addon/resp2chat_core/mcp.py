@@ -716,9 +716,10 @@ def pending_of(items: list, servers: tuple[Server, ...] = ()) -> tuple[Pending, 
     ``mcp_call`` ran, and none answered before an item a turn makes (``_made``: the model's or the
     gateway's) — the turn that got the answer ran the call first, and a client that sends the
     conversation back without that ``mcp_call`` does not run it again. ``GatewayError`` for a
-    response to a request the conversation does not hold, or to one for a tool its server
-    (``servers``: the request's) does not allow: a request item is the client's word (it may send
-    any), and an approval never runs more than a model's call could."""
+    response to a request the conversation does not hold, an approval of a call on a server the
+    request (``servers``: its mcp tools) has no tool for, or of one for a tool its server does
+    not allow: a request item is the client's word (it may send any), and an approval never runs
+    more than a model's call could."""
     requests, ran, approved = {}, set(), {}
     last_made = max((i for i, item in enumerate(items) if _made(item)), default=-1)
     for i, item in enumerate(items):
@@ -739,8 +740,13 @@ def pending_of(items: list, servers: tuple[Server, ...] = ()) -> tuple[Pending, 
     by_label, listings = {s.label: s for s in servers}, listings_of(items)
     for p in pending:
         server = by_label.get(p.label)
+        if server is None:
+            raise GatewayError(f"mcp_approval_response: approval_request_id {str(p.request_id)[:200]!r} approves a "
+                               f"call of MCP server {str(p.label)[:200]!r}, and tools has no mcp tool with that "
+                               "server_label to run it on (a request's tools are its own: send the mcp tool again)",
+                               param="tools", code="invalid_value")
         listed = next((t for t in listings.get(p.label, ()) if t.get("name") == p.name), {})
-        if server is not None and not server.allows(p.name, read_only(listed)):
+        if not server.allows(p.name, read_only(listed)):
             raise GatewayError(f"mcp_approval_response: approval_request_id {str(p.request_id)[:200]!r} asks to run "
                                f"{str(p.name)[:200]!r}, a tool of server {p.label!r} that allowed_tools (the "
                                "request's or the operator's) does not allow", param="input", code="invalid_value")
