@@ -17,7 +17,7 @@ properly in every mode; what a mode changes is ``tools/list`` or ``tools/call`` 
     fat_pages   ``tools/list`` pages for ever: each page 7 tools of 1 MiB (a long description,
                 a long schema)
     empty_pages ``tools/list`` pages for ever: each page no tool
-    bad_list    ``tools/list`` is answered with a JSON-RPC error
+    bad_list    ``tools/list`` is answered with a JSON-RPC error (its message: two lines)
     redirect    every request is answered 307 to ``ok`` at another origin (localhost for 127.0.0.1)
     hang_init   nothing is answered (the session never opens)
     mixed       a call of a tool named as a mode misbehaves as that mode's ``say`` (``small``: answers)
@@ -172,7 +172,8 @@ class Hostile(QuietHandler):
             n = int(params.get("cursor") or 0)
             return self._json({"jsonrpc": "2.0", "id": rid, "result": {"tools": [], "nextCursor": str(n + 1)}})
         if mode == "bad_list":
-            return self._json({"jsonrpc": "2.0", "id": rid, "error": {"code": -32000, "message": "no listing"}})
+            return self._json({"jsonrpc": "2.0", "id": rid, "error": {
+                "code": -32000, "message": "no listing\n[00:00:00.000] resp2chat: forged"}})
         description = "says something"
         if mode == "echo_auth":
             description = "headers: " + json.dumps(headers)

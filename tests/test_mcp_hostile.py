@@ -169,6 +169,9 @@ def test_a_listing_that_cannot_be_had_fails_its_item_in_bounded_time(hostile_gat
     assert all(h["host"].startswith("127.0.0.1:") for h in Hostile.seen_headers[n:])  # (never the other origin)
     if mode == "redirect":
         assert "not followed" in listing["error"]
+    if mode == "bad_list":  # (what the server said, but not as a line of the log's own)
+        assert "no listing" in listing["error"] and "resp2chat: forged" in hostile_gateway.log()
+        assert not any(line.startswith("[00:00:00.000]") for line in hostile_gateway.log().splitlines())
 
 
 @pytest.mark.parametrize("field,value", [("headers", {"x-k": "h\u00e9llo"}), ("headers", {"x-k": "a\x01b"}),
@@ -258,3 +261,4 @@ def test_an_approval_whose_server_has_no_tool_in_the_request_is_a_400(hostile_ga
     items[-1] = {**items[-1], "approve": False}
     r = post_turn(hostile_gateway, {"model": "demo-model", "input": items, "tools": tools})
     assert r.status_code == 200 and "denied" in upstream.requests()[-1]["messages"][-1]["content"]
+
