@@ -10,6 +10,7 @@ properly in every mode; what a mode changes is ``tools/list`` or ``tools/call`` 
     drip        a call's SSE stream sends a comment every 0.1 s and never its result
     garbage     a call is answered 200 application/json with bytes that are not JSON
     echo_garbage  the same, the values of the headers x-client-key and x-operator-key
+    straddle    a call's result has the value of x-client-key across its first 64 KiB
     wrong_id    a call is answered with a JSON-RPC id it did not have
     cut         a call's SSE stream is cut mid-event
     cut_json    a call's JSON answer is cut short
@@ -232,4 +233,6 @@ class Hostile(QuietHandler):
             return
         if mode == "echo_auth":
             text = "headers: " + json.dumps(headers)
+        if mode == "straddle":  # (the client's header across the 64 KiB the gateway keeps of a result)
+            text = "a" * ((64 << 10) - 16) + str(headers.get("x-client-key")) + "b" * 100
         self._json({"jsonrpc": "2.0", "id": rid, "result": {"content": [{"type": "text", "text": text}]}})

@@ -16,7 +16,7 @@ from resp2chat_core import mcp
 FAILING = {"hang": "did not answer within", "drip": "did not answer within", "garbage": "json_invalid",  # a call
            "wrong_id": "did not answer within", "cut": "ended without a response", "cut_json": "cut short",  # fails,
            "huge": "larger than 8 MiB"}  # with that said
-MODES = ("ok", "echo_auth", "echo_garbage", *FAILING, "fat_pages", "empty_pages", "bad_list", "redirect", "hang_init")
+MODES = ("ok", "echo_auth", "echo_garbage", "straddle", *FAILING, "fat_pages", "empty_pages", "bad_list", "redirect", "hang_init")
 TIMEOUT = 3
 OPERATOR_TOKEN = "operator-hostile-key-7c1e0b"
 CLIENT_TOKEN = "client-hostile-token-93af2d"
@@ -85,11 +85,14 @@ def test_a_server_that_misbehaves_fails_its_call_in_bounded_time(hostile_gateway
 
 def test_a_server_that_repeats_its_credentials_reaches_no_one_with_them(hostile_gateway, upstream):
     """The operator's and the client's headers for a server go to it only: a server that repeats
-    them in its listing (a tool's description), in a result, or in an answer that is not JSON
-    (which the MCP SDK logs) has them scrubbed before the backend, the client or the log see them."""
+    them in its listing (a tool's description), in a result (also across what is kept of it), or
+    in an answer that is not JSON (which the MCP SDK logs) has them scrubbed before the backend,
+    the client or the log see them, whole or in part."""
     upstream.clear()
     _, _, garbage = turn(hostile_gateway, "echo_garbage", headers={"x-client-key": CLIENT_TOKEN})
     assert b"json_invalid" in garbage  # (what failed is said; the body is not quoted)
+    _, _, straddled = turn(hostile_gateway, "straddle", headers={"x-client-key": CLIENT_TOKEN})
+    assert b"output truncated" in straddled
     evs, _, raw = turn(hostile_gateway, "echo_auth", headers={"x-client-key": CLIENT_TOKEN})
     assert Hostile.seen_headers[-1]["x-client-key"] == CLIENT_TOKEN  # (the server had them)
     assert Hostile.seen_headers[-1]["x-operator-key"] == OPERATOR_TOKEN
@@ -100,7 +103,7 @@ def test_a_server_that_repeats_its_credentials_reaches_no_one_with_them(hostile_
     for secret in (OPERATOR_TOKEN, CLIENT_TOKEN):
         assert secret not in sent and secret.encode() not in raw and secret not in hostile_gateway.log()
         for piece in (secret[i:i + 12] for i in range(len(secret) - 11)):  # (nor a part of one)
-            assert piece not in sent and piece.encode() not in garbage and piece not in hostile_gateway.log()
+            assert piece not in sent and piece.encode() not in garbage + straddled and piece not in hostile_gateway.log()
 
 
 def test_a_listing_is_bounded_in_bytes(hostile_gateway):

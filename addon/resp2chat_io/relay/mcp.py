@@ -269,7 +269,8 @@ _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def _scrubbed(value, secrets: tuple[bytes, ...]):
-    """``value`` (a listed tool: JSON values) with ``secrets`` scrubbed from each string of it."""
+    """``value`` (a listed tool, a result's content: JSON values) with ``secrets`` scrubbed from
+    each string of it."""
     if not secrets:
         return value
     if isinstance(value, str):
@@ -314,11 +315,9 @@ async def call_tool(server: mcp.Server, name: str, arguments: str,
             return None, {"type": "http_error", "code": status, "message": _why(server, exc)}
         return None, {"type": "mcp_protocol_error", "code": code if isinstance(code, int) else -32603,
                       "message": _why(server, exc)}
-    content = [block.model_dump(by_alias=True, exclude_none=True) for block in result.content or ()]
-    output = mcp.output_text(content, result.structured_content, limit)
-    secrets = server.secrets()
-    if secrets:
-        output = scrub(output.encode(), secrets).decode("utf-8", "replace")
+    secrets = server.secrets()  # (scrubbed before the output is cut: a secret across the cut stays whole)
+    content = [_scrubbed(block.model_dump(by_alias=True, exclude_none=True), secrets) for block in result.content or ()]
+    output = mcp.output_text(content, _scrubbed(result.structured_content, secrets), limit)
     if result.is_error:
         return None, {"type": "mcp_tool_execution_error", "content": [{"type": "text", "text": output}]}
     return output, None
