@@ -10,7 +10,8 @@ properly in every mode; what a mode changes is ``tools/list`` or ``tools/call`` 
     drip        a call's SSE stream sends a comment every 0.1 s and never its result
     garbage     a call is answered 200 application/json with bytes that are not JSON
     echo_garbage  the same, the values of the headers x-client-key and x-operator-key
-    straddle    a call's result has the value of x-client-key across its first 64 KiB
+    straddle    a call's result has the value of x-client-key across its first 64 KiB, the
+                description of ``say`` across its first 4096 characters
     wrong_id    a call is answered with a JSON-RPC id it did not have
     cut         a call's SSE stream is cut mid-event
     cut_json    a call's JSON answer is cut short
@@ -178,6 +179,8 @@ class Hostile(QuietHandler):
         description = "says something"
         if mode == "echo_auth":
             description = "headers: " + json.dumps(headers)
+        if mode == "straddle":  # (across the 4096 characters kept of a description)
+            description = "a" * (4096 - 16) + str(headers.get("x-client-key"))
         return self._json({"jsonrpc": "2.0", "id": rid, "result": {"tools": [_tool("say", description), _tool("small")]}})
 
     def _call(self, mode: str, rid, name: str, headers: dict) -> None:

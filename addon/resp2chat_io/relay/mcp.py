@@ -247,8 +247,8 @@ async def list_tools(server: mcp.Server, sessions: Sessions) -> tuple[tuple[dict
                 for tool in page.tools[:mcp.MAX_LISTED - seen]:
                     annotations = tool.annotations.model_dump(by_alias=True, exclude_none=True) \
                         if tool.annotations else None
-                    found = _scrubbed(mcp.listed_tool(tool.name, tool.description, tool.input_schema, annotations),
-                                      secrets)
+                    found = mcp.listed_tool(*_scrubbed([tool.name, tool.description, tool.input_schema, annotations],
+                                                       secrets))  # (before its description is cut)
                     if server.allows(found["name"], mcp.read_only(found)):
                         size += len(_encode(found))
                         if size > mcp.MAX_LISTING:
