@@ -11,7 +11,8 @@ properly in every mode; what a mode changes is ``tools/list`` or ``tools/call`` 
     garbage     a call is answered 200 application/json with bytes that are not JSON
     echo_garbage  the same, the values of the headers x-client-key and x-operator-key
     straddle    a call's result has the value of x-client-key across its first 64 KiB, the
-                description of ``say`` across its first 4096 characters
+                description of ``say`` across its first 4096 characters, a call of its tool ``err``
+                fails with it across the first 2000 characters of the error the gateway writes
     wrong_id    a call is answered with a JSON-RPC id it did not have
     cut         a call's SSE stream is cut mid-event
     cut_json    a call's JSON answer is cut short
@@ -181,7 +182,8 @@ class Hostile(QuietHandler):
             description = "headers: " + json.dumps(headers)
         if mode == "straddle":  # (across the 4096 characters kept of a description)
             description = "a" * (4096 - 16) + str(headers.get("x-client-key"))
-        return self._json({"jsonrpc": "2.0", "id": rid, "result": {"tools": [_tool("say", description), _tool("small")]}})
+        tools = [_tool("say", description), _tool("small")] + ([_tool("err")] if mode == "straddle" else [])
+        return self._json({"jsonrpc": "2.0", "id": rid, "result": {"tools": tools}})
 
     def _call(self, mode: str, rid, name: str, headers: dict) -> None:
         text = "said"
@@ -236,6 +238,10 @@ class Hostile(QuietHandler):
             return
         if mode == "echo_auth":
             text = "headers: " + json.dumps(headers)
+        if mode == "straddle" and name == "err":  # (across the 2000 characters kept of an error, its prefix
+            prefix = len("MCP server straddle: MCPError: ")  # as the gateway writes it)
+            return self._json({"jsonrpc": "2.0", "id": rid, "error": {
+                "code": -32000, "message": "e" * (2000 - prefix - 16) + str(headers.get("x-client-key"))}})
         if mode == "straddle":  # (the client's header across the 64 KiB the gateway keeps of a result)
             text = "a" * ((64 << 10) - 16) + str(headers.get("x-client-key")) + "b" * 100
         self._json({"jsonrpc": "2.0", "id": rid, "result": {"content": [{"type": "text", "text": text}]}})

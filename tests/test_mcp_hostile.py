@@ -93,6 +93,10 @@ def test_a_server_that_repeats_its_credentials_reaches_no_one_with_them(hostile_
     assert b"json_invalid" in garbage  # (what failed is said; the body is not quoted)
     _, _, straddled = turn(hostile_gateway, "straddle", headers={"x-client-key": CLIENT_TOKEN})
     assert b"output truncated" in straddled
+    r = post_turn(hostile_gateway, {"model": "demo-model", "input": "call: mcp__straddle__err {}",
+                                    "tools": [tool("straddle", headers={"x-client-key": CLIENT_TOKEN})]})
+    assert r.json()["output"][2]["error"]["message"].startswith("MCP server straddle: MCPError: eee")
+    straddled += r.content
     evs, _, raw = turn(hostile_gateway, "echo_auth", headers={"x-client-key": CLIENT_TOKEN})
     assert Hostile.seen_headers[-1]["x-client-key"] == CLIENT_TOKEN  # (the server had them)
     assert Hostile.seen_headers[-1]["x-operator-key"] == OPERATOR_TOKEN

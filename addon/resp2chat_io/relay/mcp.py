@@ -347,7 +347,7 @@ async def _refused(server: mcp.Server, name: str, page, client) -> str | None:
 
 # what a validation error (pydantic's) quotes of its input: of the server's answer, cut in the middle,
 # so a secret it repeats is not whole there and scrubbing would not find it
-_EXCERPT = re.compile(r"input_value=.*, input_type=")
+_EXCERPT = re.compile(r"input_value=.{0,160}, input_type=")  # (bounded: pydantic's excerpt is ~50 characters)
 _URL = re.compile(r"for url '[^']*'")  # (httpx's HTTPStatusError names the URL it asked: the operator's, a secret in it)
 
 
@@ -359,10 +359,10 @@ def _why(server: mcp.Server, exc: BaseException) -> str:
         return f"the MCP server {server.spec.label} did not answer within {server.spec.timeout_secs} s (timeout_secs)"
     inner = _innermost(exc)
     text = f"{type(inner).__name__}: {inner}" if str(inner) else type(inner).__name__
-    text = _EXCERPT.sub("input_value=…, input_type=", text).replace(server.spec.url, "its url")
-    text = f"MCP server {server.spec.label}: {_URL.sub('for its url', text)}"[:MAX_ERROR]
-    secrets = server.secrets()
-    return scrub(text.encode(), secrets).decode("utf-8", "replace") if secrets else text
+    text = _EXCERPT.sub("input_value=…, input_type=", text[:MAX_ERROR << 4]).replace(server.spec.url, "its url")
+    text = f"MCP server {server.spec.label}: {_URL.sub('for its url', text)}"
+    secrets = server.secrets()  # (scrubbed before it is cut: a secret across the cut stays whole)
+    return _scrubbed(text, secrets)[:MAX_ERROR]
 
 
 def _innermost(exc: BaseException) -> BaseException:
