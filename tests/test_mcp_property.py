@@ -144,6 +144,22 @@ def test_an_approval_runs_no_tool_its_server_does_not_allow(operator, request_fi
 
 
 
+def test_an_approval_runs_once_whatever_follows_it_of_the_turn_that_asked():
+    """An answer runs its call unless an item a later turn made follows it (that turn ran it):
+    the items of the turn that asked (the gateway's ids name it), which a client may keep after
+    its answer, are not a later turn's; an item no id names the turn of is."""
+    request = {**asked(0), "id": "mcpr_aaaa_2"}
+    same = {"type": "mcp_call", "id": "mcp_aaaa_3", "server_label": "ev", "name": "echo", "arguments": "{}",
+            "output": "ok", "status": "completed"}
+    later = {"type": "message", "role": "assistant", "id": "msg_bbbb_0", "content": [{"type": "output_text", "text": "x"}]}
+    start = [{"role": "user", "content": "hi"}, LISTED, request, answer("mcpr_aaaa_2", True)]
+    tools = [{"type": "mcp", "server_label": "ev"}]
+    for follows, runs in (([], True), ([same], True), ([later], False), ([same, later], False),
+                          ([{k: v for k, v in later.items() if k != "id"}], False)):
+        pending = begin(SPEC, tools, start + follows).mcp.pending
+        assert [p.request_id for p in pending] == (["mcpr_aaaa_2"] if runs else []), follows
+
+
 def test_an_approval_runs_the_request_it_answers():
     """A request item after the answer, with the same id (a client's input may hold any), is not
     the one approved: the approved call runs with what the client saw when it approved. Such an

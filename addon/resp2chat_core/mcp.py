@@ -713,15 +713,16 @@ def listings_of(items: list) -> dict[str, tuple[dict, ...]]:
 
 def pending_of(items: list, servers: tuple[Server, ...] = ()) -> tuple[Pending, ...]:
     """The approved ``mcp_approval_request``\\s of a conversation that no turn ran yet: none that an
-    ``mcp_call`` ran, and none answered before an item a turn makes (``_made``: the model's or the
-    gateway's) — the turn that got the answer ran the call first, and a client that sends the
-    conversation back without that ``mcp_call`` does not run it again. ``GatewayError`` for a
+    ``mcp_call`` ran, and none answered before an item a later turn made (``_later``: the model's
+    or the gateway's, not of the turn that asked) — the turn that got the answer ran the call
+    first, and a client that sends the conversation back without that ``mcp_call`` does not run
+    it again. ``GatewayError`` for a
     response to a request the conversation does not hold, an approval of a call on a server the
     request (``servers``: its mcp tools) has no tool for, or of one for a tool its server does
     not allow: a request item is the client's word (it may send any), and an approval never runs
     more than a model's call could."""
     requests, ran, approved = {}, set(), {}
-    last_made = max((i for i, item in enumerate(items) if _made(item)), default=-1)
+    later = _later(items)
     for i, item in enumerate(items):
         kind = getattr(item, "type", None)
         if kind == "mcp_approval_request":
@@ -731,7 +732,7 @@ def pending_of(items: list, servers: tuple[Server, ...] = ()) -> tuple[Pending, 
         elif kind == "mcp_approval_response":
             if item.approval_request_id not in requests:
                 raise unknown_request(item.approval_request_id)
-            if i < last_made:  # (a turn ran after it: the call ran then, or it is a 400 below)
+            if later(i, requests[item.approval_request_id].id):  # (a turn ran after it: the call ran then)
                 ran.add(item.approval_request_id)
             if item.approve and item.approval_request_id not in approved:  # (it answers the last one before it)
                 approved[item.approval_request_id] = requests[item.approval_request_id]
@@ -762,6 +763,35 @@ def _made(item) -> bool:
     """Did a turn make ``item`` (an input item): the model's answer or call, the gateway's item?"""
     kind = getattr(item, "type", None)
     return kind in _TURN_ITEMS or (kind in ("message", None) and getattr(item, "role", None) == "assistant")
+
+
+def _turn_of(item_id) -> str | None:
+    """The response an item id of the gateway's names (``<kind>_<response>_<index>``), or None."""
+    parts = item_id.split("_") if isinstance(item_id, str) else ()
+    return parts[1] if len(parts) == 3 and parts[1] and parts[2].isdigit() else None
+
+
+def _later(items: list):
+    """``later(i, request_id)``: is there, after ``items[i]``, an item a turn made (``_made``) that
+    is not of the turn that made the request ``request_id`` (a client may put its answer right
+    after the request, before the other items of that turn); an item whose turn is not known
+    (no id of the gateway's) is a later turn's. Linear: what follows each place is summed up once
+    (the turn of the nearest made item after it, and whether another turn's follows too)."""
+    after: list[tuple[bool, str | None, bool]] = [(False, None, False)] * (len(items) + 1)
+    for i in range(len(items) - 1, -1, -1):
+        made, nearest, mixed = after[i + 1]
+        if _made(items[i]):
+            turn = _turn_of(getattr(items[i], "id", None))
+            mixed = mixed or (made and (turn is None or turn != nearest))
+            made, nearest = True, turn
+        after[i] = (made, nearest, mixed)
+
+    def later(i: int, request_id: str) -> bool:
+        made, nearest, mixed = after[i + 1]
+        asked = _turn_of(request_id)
+        return made and (mixed or nearest is None or asked is None or nearest != asked)
+
+    return later
 
 
 def unknown_request(request_id: str) -> GatewayError:
