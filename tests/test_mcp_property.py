@@ -160,6 +160,23 @@ def test_an_approval_runs_once_whatever_follows_it_of_the_turn_that_asked():
         assert [p.request_id for p in pending] == (["mcpr_aaaa_2"] if runs else []), follows
 
 
+@SETTINGS
+@given(st.lists(st.tuples(st.sampled_from(["message", "reasoning", "mcp_call", "user", "function_call_output"]),
+                          st.sampled_from([None, "mcp_aaaa_1", "rs_bbbb_2", "msg_aaaa_3", "x_cccc", "fc_bbbb_4"])),
+                max_size=8),
+       st.sampled_from(["mcpr_aaaa_0", "mcpr_bbbb_0", "mcpr_0"]))
+def test_what_follows_an_answer_is_summed_up_right(follows, request_id):
+    """``mcp._later`` (linear) agrees with the question asked of every item after the answer."""
+    from types import SimpleNamespace
+
+    items = [SimpleNamespace(type="message" if kind == "user" else kind, role="user" if kind == "user" else "assistant",
+                             id=item_id) for kind, item_id in follows]
+    turn = mcp._turn_of(request_id)
+    for i in range(-1, len(items)):
+        expected = any(mcp._made(item) and (turn is None or mcp._turn_of(item.id) != turn) for item in items[i + 1:])
+        assert mcp._later(items)(i, request_id) == expected, (i, follows)
+
+
 def test_an_approval_runs_the_request_it_answers():
     """A request item after the answer, with the same id (a client's input may hold any), is not
     the one approved: the approved call runs with what the client saw when it approved. Such an
