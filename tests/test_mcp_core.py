@@ -176,6 +176,12 @@ def test_the_history_lowers_calls_denials_and_pending_approvals():
     assert later.mcp.pending == ()  # it ran already
     err = refused([tool()], [{"type": "mcp_approval_response", "approval_request_id": "mcpr_x", "approve": True}])
     assert err.code == "invalid_value" and "mcpr_x" in err.message
+    # an approved call that has not run needs its server's mcp tool in the request (never dropped)
+    approving = [*history, {"type": "mcp_approval_response", "approval_request_id": "mcpr_9", "approve": True}]
+    for tools in ([], [{"type": "function", "name": "f"}]):
+        err = refused(tools, approving)
+        assert err.param == "tools" and "mcpr_9" in err.message and "'ev'" in err.message
+    assert turn([], [*approving, done]).mcp is None  # (it ran: nothing to run, no server needed)
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -217,6 +223,12 @@ def test_the_tool_choice_reaches_round_one_once_the_tools_are_listed():
         loop.end_round(ok=True)
         loop.next_round(["3"])
         assert json.loads(loop.body)["tool_choice"] == "auto"
+    # a server the request has no mcp tool for cannot be chosen: a 400, as a function not in tools is
+    for tools in ([tool(require_approval="never")], [{"type": "function", "name": "f"}]):
+        with pytest.raises(GatewayError) as caught:
+            turn(tools, "hi", tool_choice={"type": "mcp", "server_label": "elsewhere", "name": "echo"})
+        err = caught.value
+        assert err.status == 400 and err.param == "tool_choice.server_label" and "'elsewhere'" in err.message
     # a listing that failed offers no tools: no tool choice either
     t = turn([tool(require_approval="never")], "hi", tool_choice="required")
     loop = ToolLoop(t.chat_body, [mcp.McpTools(t.mcp, max_rounds=5)])

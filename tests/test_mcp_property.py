@@ -9,8 +9,9 @@ approval histories, without sockets: through the real ``turn.begin_turn`` and ``
   to its (server_label, tool), and a call to it runs that tool on that server.
 - approvals: any sequence of ``mcp_approval_response`` items (approve, deny, an unknown request,
   the same answer again) either runs an approved call once (never again in a later turn that
-  holds its ``mcp_call``), tells the model of a denial once, or is a clear 400 (an unknown
-  request; a request answered both ways; one for a tool ``allowed_tools`` refuses); the chat
+  holds its ``mcp_call``, or the model's answer after it: a client that left the ``mcp_call``
+  out), tells the model of a denial once, or is a clear 400 (an unknown request; a request
+  answered both ways; one for a tool ``allowed_tools`` refuses); the chat
   request never holds a tool call id twice; ``max_tool_calls`` counts the approved calls.
 - results: any shape of a call's result is an ``mcp_call`` item the openai SDK reads, its text
   within ``max_output_kb``. (Against a real MCP server: test_mcp_relay_property.py.)
@@ -80,8 +81,8 @@ ANSWERS = st.lists(st.tuples(st.integers(0, 3), st.booleans()), max_size=6)  # (
 
 
 @SETTINGS
-@given(requests=st.integers(1, 3), answers=ANSWERS, ran_first=st.booleans())
-def test_any_approval_answers_run_a_call_once_tell_a_denial_once_or_are_a_400(requests, answers, ran_first):
+@given(requests=st.integers(1, 3), answers=ANSWERS, ran_first=st.booleans(), dropped=st.booleans())
+def test_any_approval_answers_run_a_call_once_tell_a_denial_once_or_are_a_400(requests, answers, ran_first, dropped):
     history = [{"role": "user", "content": "hi"}, LISTED, *[asked(n) for n in range(requests)]]
     items = history + [answer(f"mcpr_{n}", a) for n, a in answers]
     decisions: dict[str, set] = {}
@@ -108,10 +109,13 @@ def test_any_approval_answers_run_a_call_once_tell_a_denial_once_or_are_a_400(re
     assert [s.approval_request_id for s in steps] == approved
     loop.begin([f"ran {s.call_id}" for s in steps])
     answered(json.loads(loop.body))
-    # the next turn holds the calls that ran (mcp_call items with their approval_request_id) and
-    # the client's answers again (a client that resends them): nothing runs twice
+    # the next turn holds the calls that ran (mcp_call items with their approval_request_id), or
+    # (``dropped``: a client that keeps only the answers) the model's answer after them, and the
+    # client's answers again (a client that resends them): nothing runs twice
     ran = [{"type": "mcp_call", "id": f"mcp_{s.call_id}", "server_label": "ev", "name": "echo", "status": "completed",
             "arguments": s.arguments, "output": "ok", "approval_request_id": s.call_id} for s in steps]
+    if dropped:
+        ran = [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "done"}]}]
     again = items + ran + ([answer(r, True) for r in approved] if ran_first else [])
     later = begin(SPEC, [{"type": "mcp", "server_label": "ev"}], again)
     assert later.mcp.pending == ()
@@ -140,19 +144,56 @@ def test_an_approval_runs_no_tool_its_server_does_not_allow(operator, request_fi
 
 
 
+def test_an_approval_runs_once_whatever_follows_it_of_the_turn_that_asked():
+    """An answer runs its call unless an item a later turn made follows it (that turn ran it):
+    the items of the turn that asked (the gateway's ids name it), which a client may keep after
+    its answer, are not a later turn's; an item no id names the turn of is."""
+    request = {**asked(0), "id": "mcpr_aaaa_2"}
+    same = {"type": "mcp_call", "id": "mcp_aaaa_3", "server_label": "ev", "name": "echo", "arguments": "{}",
+            "output": "ok", "status": "completed"}
+    later = {"type": "message", "role": "assistant", "id": "msg_bbbb_0", "content": [{"type": "output_text", "text": "x"}]}
+    start = [{"role": "user", "content": "hi"}, LISTED, request, answer("mcpr_aaaa_2", True)]
+    tools = [{"type": "mcp", "server_label": "ev"}]
+    for follows, runs in (([], True), ([same], True), ([later], False), ([same, later], False),
+                          ([{k: v for k, v in later.items() if k != "id"}], False)):
+        pending = begin(SPEC, tools, start + follows).mcp.pending
+        assert [p.request_id for p in pending] == (["mcpr_aaaa_2"] if runs else []), follows
+
+
+@SETTINGS
+@given(st.lists(st.tuples(st.sampled_from(["message", "reasoning", "mcp_call", "user", "function_call_output"]),
+                          st.sampled_from([None, "mcp_aaaa_1", "rs_bbbb_2", "msg_aaaa_3", "x_cccc", "fc_bbbb_4"])),
+                max_size=8),
+       st.sampled_from(["mcpr_aaaa_0", "mcpr_bbbb_0", "mcpr_0"]))
+def test_what_follows_an_answer_is_summed_up_right(follows, request_id):
+    """``mcp._later`` (linear) agrees with the question asked of every item after the answer."""
+    from types import SimpleNamespace
+
+    items = [SimpleNamespace(type="message" if kind == "user" else kind, role="user" if kind == "user" else "assistant",
+                             id=item_id) for kind, item_id in follows]
+    turn = mcp._turn_of(request_id)
+    for i in range(-1, len(items)):
+        expected = any(mcp._made(item) and (turn is None or mcp._turn_of(item.id) != turn) for item in items[i + 1:])
+        assert mcp._later(items)(i, request_id) == expected, (i, follows)
+
+
 def test_an_approval_runs_the_request_it_answers():
     """A request item after the answer, with the same id (a client's input may hold any), is not
     the one approved: the approved call runs with what the client saw when it approved. Such an
     input is refused before that (an id names one item: ``conversations.unique``); with the second
-    request under an id of its own, the approval still runs the one it names."""
+    request under an id of its own, the approval still runs the one it names (the second put
+    before the answer: one after it was made by a later turn, which ran the approved call first,
+    so nothing runs again: ``mcp.pending_of``)."""
     other = {**asked(0), "arguments": '{"message": "other"}'}
     items = [{"role": "user", "content": "hi"}, LISTED, asked(0), answer("mcpr_0", True), other]
     with pytest.raises(GatewayError, match="duplicate item found") as err:
         begin(SPEC, [{"type": "mcp", "server_label": "ev"}], items)
     assert err.value.param == "input[4].id"
     items[-1] = {**other, "id": "mcpr_other"}
+    assert begin(SPEC, [{"type": "mcp", "server_label": "ev"}], items).mcp.pending == ()
+    items[3:] = [items[-1], items[3]]
     (pending,) = begin(SPEC, [{"type": "mcp", "server_label": "ev"}], items).mcp.pending
-    assert pending.arguments == asked(0)["arguments"]
+    assert pending.request_id == "mcpr_0" and pending.arguments == asked(0)["arguments"]
 
 
 def test_approved_calls_count_against_max_tool_calls():

@@ -2,7 +2,9 @@
 SDK's, ``mcp_script_server.py``) that serves random tool lists and results: whatever a server
 lists and answers, a listing is tools (or why it failed), their functions are valid, unique chat
 names that map back, and a call is an output within ``max_output_kb`` (and the note of what was
-cut) or an error the ``mcp_call`` item holds, never an exception. Derandomized, bounded."""
+cut) or an error the ``mcp_call`` item holds, never an exception; and against a server that
+misbehaves (``mcp_hostile.py``), whatever one answer does fails its call alone, never the session.
+Derandomized, bounded."""
 
 from __future__ import annotations
 
@@ -96,3 +98,44 @@ def test_any_listing_and_result_of_a_real_server(script_server, tools):
         assert len(text.split("\n[output truncated: ")[0].encode()) <= LIMIT_KB << 10
         if error is not None:
             assert error["type"] == "mcp_tool_execution_error" and results[target.name].get("isError")
+
+
+# --- a session survives whatever one answer on it does ------------------------------------------
+
+BEHAVIOURS = ("small", "garbage", "cut", "cut_json", "huge", "wrong_id")  # (tests/mcp_hostile.py's modes)
+
+
+@pytest.fixture(scope="module")
+def hostile_server():
+    from helpers import LocalServer
+    from mcp_hostile import Hostile
+
+    with LocalServer(Hostile) as http:
+        (spec,) = mcp.parse_servers([{"label": "mixed", "url": f"{http.url}/mixed/mcp", "timeout_secs": 2}])
+        yield mcp.Server("mixed", spec, approval=mcp.NEVER)
+
+
+@settings(max_examples=6, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(round_=st.lists(st.sampled_from(BEHAVIOURS), min_size=1, max_size=5))
+@example(round_=["huge", "small", "cut_json", "garbage"])
+def test_calls_of_one_session_fail_alone(hostile_server, round_):
+    """Calls run at once on one session (as a round's do), each answered its own way (well, with
+    garbage, cut short, too large, under another id): each answered well completes, each other
+    fails with an error its item holds, and a call after them on the same session completes."""
+
+    async def turn():
+        sessions = relay.Sessions()
+        try:
+            calls = await asyncio.gather(*(relay.call_tool(hostile_server, b, "{}", sessions) for b in round_))
+            return calls, await relay.call_tool(hostile_server, "small", "{}", sessions)
+        finally:
+            sessions.close()
+
+    calls, after = asyncio.run(turn())
+    for behaviour, (output, error) in zip(round_, calls):
+        if behaviour == "small":
+            assert (output, error) == ("said", None)
+        else:
+            assert output is None and error["type"] == "mcp_protocol_error" and error["message"], (behaviour, error)
+    assert after == ("said", None)

@@ -640,7 +640,15 @@ def lower(req: ResponsesRequest, opts: LoweringOptions = LoweringOptions(), know
         hosted.pending = mcp.pending_of(req.input, hosted.servers) if isinstance(req.input, list) else ()
         hosted.taken = frozenset(n for n, t in tmap.targets.items() if t.kind != mcp.KIND)
         hosted.allowed = mcp_allowed(req.tool_choice)
+    elif isinstance(req.input, list) and any(isinstance(item, McpApprovalResponseItem) for item in req.input):
+        mcp.pending_of(req.input)  # (no mcp tool: an approved call that has not run is a 400)
     tool_choice, tools = lower_tool_choice(req.tool_choice, tmap)
+    chosen = req.tool_choice
+    if isinstance(chosen, dict) and chosen.get("type") == mcp.KIND and (
+            hosted is None or chosen.get("server_label") not in {s.label for s in hosted.servers}):
+        raise GatewayError(f"tool_choice.server_label: tools has no mcp tool with server_label "
+                           f"{str(chosen.get('server_label'))[:200]!r}", param="tool_choice.server_label",
+                           code="invalid_value")  # (a server's tool not listed, or not yet: the model chooses)
     if hosted is not None and hosted.unlisted:  # round 1 offers their tools: its choice is made there
         raw = req.tool_choice
         if isinstance(raw, dict) and raw.get("type") == mcp.KIND and isinstance(raw.get("server_label"), str) \

@@ -49,7 +49,8 @@ RESERVED_HEADERS = frozenset({
     "proxy-connection", "proxy-authorization", "content-type", "content-encoding", "accept", "accept-encoding",
     "mcp-session-id", "mcp-protocol-version", "last-event-id"})
 MAX_LISTED = 512  # tools of one server a listing keeps (more are dropped: a model cannot use thousands)
-MAX_DESCRIPTION = 4096  # characters of a tool's description offered to the model
+MAX_DESCRIPTION = 4096  # characters of a tool's description kept (its listing's, and what the model is offered)
+MAX_LISTING = 1 << 20  # bytes of a listing's tools kept (their JSON): the tools past it are dropped, like past MAX_LISTED
 DEFAULT_TIMEOUT = 30  # seconds one listing or call may take (timeout_secs)
 DEFAULT_OUTPUT_KB = 64  # KiB of one call's output kept and given to the model (max_output_kb)
 _ENTRY = ("label", "url", "transport", "headers", "allowed_tools", "require_approval", "timeout_secs", "max_output_kb")
@@ -121,6 +122,12 @@ def parse_approval(value: Any, where: str, default: Approval) -> Approval:
                     parse_filter(value.get("never"), f"{where}.never"), default.mode == "always")
 
 
+def _sendable(value: str) -> bool:
+    """Can an HTTP request carry ``value`` as a header's value (what the MCP client's sends:
+    printable ASCII, spaces and tabs)?"""
+    return all(c == "\t" or " " <= c <= "~" for c in value)
+
+
 def _headers(value: Any, where: str) -> tuple[tuple[str, str], ...]:
     if value is None:
         return ()
@@ -131,8 +138,8 @@ def _headers(value: Any, where: str) -> tuple[tuple[str, str], ...]:
         if not isinstance(name, str) or not HEADER_NAME.match(name) or name.lower() in RESERVED_HEADERS:
             raise ValueError(f"{where}: {str(name)[:64]!r} cannot be set: not a header name, or one the MCP "
                              "client writes itself (framing, hop-by-hop, content type, the MCP session)")
-        if not isinstance(v, str) or any(c in v for c in "\r\n\x00"):
-            raise ValueError(f"{where}: {name!r}: expected a one-line string value")
+        if not isinstance(v, str) or not _sendable(v):
+            raise ValueError(f"{where}: {name!r}: expected a one-line string value of printable ASCII")
         out.append((name, v))
     return tuple(out)
 
@@ -355,8 +362,8 @@ def bind(tools: list[tuple[int, Any]], specs: tuple[ServerSpec, ...]) -> tuple[S
             param = str(exc).split(":", 1)[0]
             raise GatewayError(str(exc), param=param, code="invalid_value") from None
         if tool.authorization:
-            if any(c in tool.authorization for c in "\r\n\x00"):
-                raise GatewayError(f"{where}.authorization: expected a one-line token",
+            if not _sendable(tool.authorization):
+                raise GatewayError(f"{where}.authorization: expected a one-line token of printable ASCII",
                                    param=f"{where}.authorization", code="invalid_value")
             headers = (*[(k, v) for k, v in headers if k.lower() != "authorization"],
                        ("authorization", f"Bearer {tool.authorization}"))
@@ -424,7 +431,9 @@ def names_of(tool_map) -> dict[tuple[str, str], str]:
 
 
 def listed_tool(name: str, description: str | None, input_schema: Any, annotations: Any) -> dict:
-    """One tool of an ``mcp_list_tools`` item."""
+    """One tool of an ``mcp_list_tools`` item (its description cut to ``MAX_DESCRIPTION``)."""
+    if isinstance(description, str):
+        description = description[:MAX_DESCRIPTION]
     return {"name": name, "description": description, "input_schema": input_schema if isinstance(input_schema, dict)
             else {"type": "object", "properties": {}}, "annotations": annotations if isinstance(annotations, dict) else None}
 
@@ -703,11 +712,17 @@ def listings_of(items: list) -> dict[str, tuple[dict, ...]]:
 
 
 def pending_of(items: list, servers: tuple[Server, ...] = ()) -> tuple[Pending, ...]:
-    """The approved ``mcp_approval_request``\\s of a conversation that no ``mcp_call`` ran yet;
-    ``GatewayError`` for a response to a request the conversation does not hold, or to one for a
-    tool its server (``servers``: the request's) does not allow: a request item is the client's
-    word (it may send any), and an approval never runs more than a model's call could."""
+    """The approved ``mcp_approval_request``\\s of a conversation that no turn ran yet: none that an
+    ``mcp_call`` ran, and none answered before an item a later turn made (``_later``: the model's
+    or the gateway's, not of the turn that asked) — the turn that got the answer ran the call
+    first, and a client that sends the conversation back without that ``mcp_call`` does not run
+    it again. ``GatewayError`` for a
+    response to a request the conversation does not hold, an approval of a call on a server the
+    request (``servers``: its mcp tools) has no tool for, or of one for a tool its server does
+    not allow: a request item is the client's word (it may send any), and an approval never runs
+    more than a model's call could."""
     requests, ran, approved = {}, set(), {}
+    later = _later(items)
     for i, item in enumerate(items):
         kind = getattr(item, "type", None)
         if kind == "mcp_approval_request":
@@ -717,6 +732,8 @@ def pending_of(items: list, servers: tuple[Server, ...] = ()) -> tuple[Pending, 
         elif kind == "mcp_approval_response":
             if item.approval_request_id not in requests:
                 raise unknown_request(item.approval_request_id)
+            if later(i, requests[item.approval_request_id].id):  # (a turn ran after it: the call ran then)
+                ran.add(item.approval_request_id)
             if item.approve and item.approval_request_id not in approved:  # (it answers the last one before it)
                 approved[item.approval_request_id] = requests[item.approval_request_id]
     pending = tuple(Pending(r, asked.server_label, asked.name, asked.arguments)
@@ -724,12 +741,57 @@ def pending_of(items: list, servers: tuple[Server, ...] = ()) -> tuple[Pending, 
     by_label, listings = {s.label: s for s in servers}, listings_of(items)
     for p in pending:
         server = by_label.get(p.label)
+        if server is None:
+            raise GatewayError(f"mcp_approval_response: approval_request_id {str(p.request_id)[:200]!r} approves a "
+                               f"call of MCP server {str(p.label)[:200]!r}, and tools has no mcp tool with that "
+                               "server_label to run it on (a request's tools are its own: send the mcp tool again)",
+                               param="tools", code="invalid_value")
         listed = next((t for t in listings.get(p.label, ()) if t.get("name") == p.name), {})
-        if server is not None and not server.allows(p.name, read_only(listed)):
+        if not server.allows(p.name, read_only(listed)):
             raise GatewayError(f"mcp_approval_response: approval_request_id {str(p.request_id)[:200]!r} asks to run "
                                f"{str(p.name)[:200]!r}, a tool of server {p.label!r} that allowed_tools (the "
                                "request's or the operator's) does not allow", param="input", code="invalid_value")
     return pending
+
+
+# the items a turn makes (the model's, the gateway's), besides an assistant message
+_TURN_ITEMS = frozenset({"reasoning", "function_call", "custom_tool_call", "local_shell_call", "tool_search_call",
+                         "web_search_call", "mcp_list_tools", "mcp_call", "mcp_approval_request", "compaction"})
+
+
+def _made(item) -> bool:
+    """Did a turn make ``item`` (an input item): the model's answer or call, the gateway's item?"""
+    kind = getattr(item, "type", None)
+    return kind in _TURN_ITEMS or (kind in ("message", None) and getattr(item, "role", None) == "assistant")
+
+
+def _turn_of(item_id) -> str | None:
+    """The response an item id of the gateway's names (``<kind>_<response>_<index>``), or None."""
+    parts = item_id.split("_") if isinstance(item_id, str) else ()
+    return parts[1] if len(parts) == 3 and parts[1] and parts[2].isdigit() else None
+
+
+def _later(items: list):
+    """``later(i, request_id)``: is there, after ``items[i]``, an item a turn made (``_made``) that
+    is not of the turn that made the request ``request_id`` (a client may put its answer right
+    after the request, before the other items of that turn); an item whose turn is not known
+    (no id of the gateway's) is a later turn's. Linear: what follows each place is summed up once
+    (the turn of the nearest made item after it, and whether another turn's follows too)."""
+    after: list[tuple[bool, str | None, bool]] = [(False, None, False)] * (len(items) + 1)
+    for i in range(len(items) - 1, -1, -1):
+        made, nearest, mixed = after[i + 1]
+        if _made(items[i]):
+            turn = _turn_of(getattr(items[i], "id", None))
+            mixed = mixed or (made and (turn is None or turn != nearest))
+            made, nearest = True, turn
+        after[i] = (made, nearest, mixed)
+
+    def later(i: int, request_id: str) -> bool:
+        made, nearest, mixed = after[i + 1]
+        asked = _turn_of(request_id)
+        return made and (mixed or nearest is None or asked is None or nearest != asked)
+
+    return later
 
 
 def unknown_request(request_id: str) -> GatewayError:

@@ -63,6 +63,7 @@ from resp2chat_core.channel import (
     Rerouted, SearchDone, SearchStarted, Stopped, UpstreamFailed,
 )
 from resp2chat_core.compaction import ServerCompaction
+from resp2chat_core.labels import shown
 from resp2chat_core.routing import Candidate
 from resp2chat_core.sse import MAX_EVENT
 from resp2chat_core.toolloop import Finish, ToolLoop, Work
@@ -446,7 +447,7 @@ def _ended(ex: Exchange, step, found):
     if isinstance(step, mcp.ListTools):
         tools, error = found
         if error is not None:
-            log.warning(f"resp2chat: listing the tools of MCP server {step.server.spec.label} failed: {error}")
+            log.warning(f"resp2chat: listing the tools of MCP server {step.server.spec.label} failed: {shown(error)}")
         ex.channel.event(McpListed(step.server.label, _json(list(tools or ())), error))
         return tools
     if isinstance(step, mcp.Call):

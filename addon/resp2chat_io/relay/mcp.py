@@ -19,8 +19,10 @@ the server pages), and its calls. Each step (opening the session included) is wh
 server's ``timeout_secs`` (``anyio.fail_after``).
 
 Bounds: time (``timeout_secs``: the step fails with that said), what the server sends (``MAX_BODY``
-bytes per HTTP answer: its stream is cut there; the SDK itself bounds an SSE event), what is
-kept of a result (``max_output_kb``: mcp.output_text) and of a listing (``mcp.MAX_LISTED`` tools).
+bytes per HTTP answer: its stream is cut there; an SSE answer ``MAX_EVENT`` bytes per event, the
+SDK's own bound, however long the stream: the older transport's lasts the session), what is
+kept of a result (``max_output_kb``: mcp.output_text) and of a listing (``mcp.MAX_LISTED`` tools,
+``mcp.MAX_LISTING`` bytes).
 A failing server fails its step, never the turn: a listing gives the client an
 ``mcp_list_tools`` item with ``error`` and the model no tools of it; a call an ``mcp_call`` item
 with ``error``, and the model reads why.
@@ -31,7 +33,8 @@ whatever listing the conversation holds (a stateless input's is the client's wor
 
 Secrets: the headers a server gets (the operator's ``headers``, a client's ``headers`` and
 ``authorization``) go to that server only, are never logged, and are scrubbed from what the server
-sends back (``Server.secrets``) before it reaches the model, the client or a record.
+sends back (``Server.secrets``: from a result, an error, a listing) before it reaches the model, the
+client or a record.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import asyncio
 import json
 import logging
 import math
+import re
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import anyio
@@ -49,6 +53,7 @@ from resp2chat_core import mcp
 from resp2chat_core.channel import scrub
 
 MAX_BODY = 8 << 20  # bytes of one HTTP answer of an MCP server (a listing, a result) read at most
+MAX_EVENT = 1 << 20  # bytes of one event of an SSE answer (the SDK bounds it; the older transport: its default, the same)
 MAX_ERROR = 2000  # characters of a server's error kept (for the item, the model, the log)
 TIMED_OUT = -32001  # the error code of a step past timeout_secs (the MCP SDK's own for a request timeout)
 
@@ -56,11 +61,15 @@ TIMED_OUT = -32001  # the error code of a step past timeout_secs (the MCP SDK's 
 class _Warnings(logging.Filter):
     """The SDK's and httpx2's log records as a gateway logs a turn's trouble: an error becomes a
     warning (nothing a request does may log an ERROR: mitmproxy's errorcheck), the chatter below
-    a warning (each HTTP request of a session) goes."""
+    a warning (each HTTP request of a session) goes, and so does a record's traceback: its
+    exception may quote what the server answered (a parse error quotes the body), which may
+    repeat the headers the server got (secrets); the step's failure is logged by the gateway,
+    scrubbed (``_why``)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno > logging.WARNING:
             record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info = record.exc_text = record.stack_info = None
         return record.levelno >= logging.WARNING
 
 
@@ -78,31 +87,44 @@ def _quiet() -> None:
             logger.addFilter(_Warnings())
 
 
+class Unread(httpx2.StreamError):
+    """An answer not read whole: past ``MAX_BODY``, or cut short (the server's connection broke).
+    A ``StreamError``: the SDK fails the one message whose answer it is, with this said (a
+    transport error, ``ReadError``, would end the session: every other call on it, running or to
+    come, would fail with "Connection closed")."""
+
+
 class _Capped(httpx2.AsyncByteStream):
     def __init__(self, inner, limit: int) -> None:
         self.inner, self.limit = inner, limit
 
     async def __aiter__(self):
         seen = 0
-        async for chunk in self.inner:
-            seen += len(chunk)
-            if seen > self.limit:
-                raise httpx2.ReadError(f"the MCP server's answer is larger than {self.limit >> 20} MiB")
-            yield chunk
+        try:
+            async for chunk in self.inner:
+                seen += len(chunk)
+                if seen > self.limit:
+                    raise Unread(f"the MCP server's answer is larger than {self.limit >> 20} MiB")
+                yield chunk
+        except httpx2.TransportError as exc:
+            raise Unread(f"the MCP server's answer was cut short ({type(exc).__name__}: {exc})") from exc
 
     async def aclose(self) -> None:
         await self.inner.aclose()
 
 
 class _Bounded(httpx2.AsyncBaseTransport):
-    """httpx2's transport, each answer's body read up to ``MAX_BODY`` bytes."""
+    """httpx2's transport, each answer's body read up to ``MAX_BODY`` bytes; but an SSE stream,
+    whose every event the SDK bounds itself (``MAX_EVENT``): it is not one answer but many (the
+    older transport's carries every answer of the session)."""
 
     def __init__(self) -> None:
         self.inner = httpx2.AsyncHTTPTransport(trust_env=False)
 
     async def handle_async_request(self, request):
         response = await self.inner.handle_async_request(request)
-        response.stream = _Capped(response.stream, MAX_BODY)
+        if not response.headers.get("content-type", "").lower().startswith("text/event-stream"):
+            response.stream = _Capped(response.stream, MAX_BODY)
         return response
 
     async def aclose(self) -> None:
@@ -126,7 +148,7 @@ async def _session(server: mcp.Server):
                                    sse_read_timeout=timeout, httpx_client_factory=_http)
         else:
             http = await stack.enter_async_context(_http(server.headers(), httpx2.Timeout(timeout)))
-            transport = streamable_http_client(server.spec.url, http_client=http)
+            transport = streamable_http_client(server.spec.url, http_client=http, max_sse_event_size=MAX_EVENT)
         yield await stack.enter_async_context(Client(
             transport, cache=None, client_info=Implementation(name="resp2chat", version="1"),
             read_timeout_seconds=timeout, mode="legacy" if sse else "auto"))
@@ -214,24 +236,50 @@ class Sessions:
 
 
 async def list_tools(server: mcp.Server, sessions: Sessions) -> tuple[tuple[dict, ...] | None, str | None]:
-    """The server's tools the request allows (``mcp.listed_tool`` dicts), or (None, why it failed)."""
+    """The server's tools the request allows (``mcp.listed_tool`` dicts), or (None, why it failed):
+    at most ``mcp.MAX_LISTED`` listed and ``mcp.MAX_LISTING`` bytes of allowed tools kept (the
+    pages after are not asked for), the server's secrets scrubbed from them (``_scrubbed``)."""
+    listed, seen, size, secrets = [], 0, 0, server.secrets()
     try:
         with anyio.fail_after(server.spec.timeout_secs):
             page = await sessions.tools(server)
-            tools, cursor = list(page.tools), page.next_cursor
-            while cursor and len(tools) < mcp.MAX_LISTED:
-                page = await (await sessions.client(server)).list_tools(cursor=cursor)
-                tools += page.tools
-                cursor = page.next_cursor
+            while True:
+                for tool in page.tools[:mcp.MAX_LISTED - seen]:
+                    annotations = tool.annotations.model_dump(by_alias=True, exclude_none=True) \
+                        if tool.annotations else None
+                    found = mcp.listed_tool(*_scrubbed([tool.name, tool.description, tool.input_schema, annotations],
+                                                       secrets))  # (before its description is cut)
+                    if server.allows(found["name"], mcp.read_only(found)):
+                        size += len(_encode(found))
+                        if size > mcp.MAX_LISTING:
+                            break
+                        listed.append(found)
+                seen += len(page.tools)
+                if not page.next_cursor or seen >= mcp.MAX_LISTED or size > mcp.MAX_LISTING:
+                    break
+                page = await (await sessions.client(server)).list_tools(cursor=page.next_cursor)
     except BaseException as exc:  # noqa: BLE001 — anything a server does fails its listing, not the turn
         if isinstance(exc, anyio.get_cancelled_exc_class()):
             raise
         return None, _why(server, exc)
-    listed = []
-    for tool in tools[:mcp.MAX_LISTED]:
-        annotations = tool.annotations.model_dump(by_alias=True, exclude_none=True) if tool.annotations else None
-        listed.append(mcp.listed_tool(tool.name, tool.description, tool.input_schema, annotations))
-    return tuple(t for t in listed if server.allows(t["name"], mcp.read_only(t))), None
+    return tuple(listed), None
+
+
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def _scrubbed(value, secrets: tuple[bytes, ...]):
+    """``value`` (a listed tool, a result's content: JSON values) with ``secrets`` scrubbed from
+    each string of it."""
+    if not secrets:
+        return value
+    if isinstance(value, str):
+        return scrub(value.encode("utf-8", "surrogatepass"), secrets).decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return {_scrubbed(k, secrets): _scrubbed(v, secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrubbed(v, secrets) for v in value]
+    return value
 
 
 async def call_tool(server: mcp.Server, name: str, arguments: str,
@@ -267,11 +315,9 @@ async def call_tool(server: mcp.Server, name: str, arguments: str,
             return None, {"type": "http_error", "code": status, "message": _why(server, exc)}
         return None, {"type": "mcp_protocol_error", "code": code if isinstance(code, int) else -32603,
                       "message": _why(server, exc)}
-    content = [block.model_dump(by_alias=True, exclude_none=True) for block in result.content or ()]
-    output = mcp.output_text(content, result.structured_content, limit)
-    secrets = server.secrets()
-    if secrets:
-        output = scrub(output.encode(), secrets).decode("utf-8", "replace")
+    secrets = server.secrets()  # (scrubbed before the output is cut: a secret across the cut stays whole)
+    content = [_scrubbed(block.model_dump(by_alias=True, exclude_none=True), secrets) for block in result.content or ()]
+    output = mcp.output_text(content, _scrubbed(result.structured_content, secrets), limit)
     if result.is_error:
         return None, {"type": "mcp_tool_execution_error", "content": [{"type": "text", "text": output}]}
     return output, None
@@ -299,15 +345,24 @@ async def _refused(server: mcp.Server, name: str, page, client) -> str | None:
             "operator's) allows: the server does not list it as read-only")
 
 
+# what a validation error (pydantic's) quotes of its input: of the server's answer, cut in the middle,
+# so a secret it repeats is not whole there and scrubbing would not find it
+_EXCERPT = re.compile(r"input_value=.{0,160}, input_type=")  # (bounded: pydantic's excerpt is ~50 characters)
+_URL = re.compile(r"for url '[^']*'")  # (httpx's HTTPStatusError names the URL it asked: the operator's, a secret in it)
+
+
 def _why(server: mcp.Server, exc: BaseException) -> str:
-    """A failure as the item, the model and the log may show it: no header of the server's."""
+    """A failure as the item, the model and the log may show it: no header of the server's, no
+    excerpt of its answer (``_EXCERPT``), not its configured url (the client is not shown where
+    the server is, nor a key its url may hold: its label names it)."""
     if isinstance(exc, TimeoutError):
         return f"the MCP server {server.spec.label} did not answer within {server.spec.timeout_secs} s (timeout_secs)"
     inner = _innermost(exc)
     text = f"{type(inner).__name__}: {inner}" if str(inner) else type(inner).__name__
-    text = f"MCP server {server.spec.label}: {text}"[:MAX_ERROR]
-    secrets = server.secrets()
-    return scrub(text.encode(), secrets).decode("utf-8", "replace") if secrets else text
+    text = _EXCERPT.sub("input_value=…, input_type=", text[:MAX_ERROR << 4]).replace(server.spec.url, "its url")
+    text = f"MCP server {server.spec.label}: {_URL.sub('for its url', text)}"
+    secrets = server.secrets()  # (scrubbed before it is cut: a secret across the cut stays whole)
+    return _scrubbed(text, secrets)[:MAX_ERROR]
 
 
 def _innermost(exc: BaseException) -> BaseException:

@@ -1,0 +1,247 @@
+"""A misbehaving MCP server (streamable HTTP, spoken by hand: the SDK's own server cannot be made
+to break the protocol) for the hosted MCP tests: ``Hostile`` served by ``helpers.LocalServer``,
+one behaviour per path, ``/<mode>/mcp``. ``initialize`` and the notifications are answered
+properly in every mode; what a mode changes is ``tools/list`` or ``tools/call`` of its tool ``say``
+(its tool ``small`` answers "said", after 0.5 s, in every mode that lists it):
+
+    ok          one tool ``say`` that answers "said"
+    echo_auth   ``say``'s description and result repeat the headers the server got
+    hang        a call is never answered (the connection is held until the client leaves)
+    drip        a call's SSE stream sends a comment every 0.1 s and never its result
+    garbage     a call is answered 200 application/json with bytes that are not JSON
+    echo_garbage  the same, the values of the headers x-client-key and x-operator-key
+    straddle    a call's result has the value of x-client-key across its first 64 KiB, the
+                description of ``say`` across its first 4096 characters, a call of its tool ``err``
+                fails with it across the first 2000 characters of the error the gateway writes
+    wrong_id    a call is answered with a JSON-RPC id it did not have
+    cut         a call's SSE stream is cut mid-event
+    cut_json    a call's JSON answer is cut short
+    huge        a call is answered with a body past the gateway's 8 MiB bound
+    fat_pages   ``tools/list`` pages for ever: each page 7 tools of 1 MiB (a long description,
+                a long schema)
+    empty_pages ``tools/list`` pages for ever: each page no tool
+    bad_list    ``tools/list`` is answered with a JSON-RPC error (its message: two lines)
+    redirect    every request is answered 307 to ``ok`` at another origin (localhost for 127.0.0.1)
+    hang_init   nothing is answered (the session never opens)
+    mixed       a call of a tool named as a mode misbehaves as that mode's ``say`` (``small``: answers)
+    legacy      the older HTTP+SSE transport (``/legacy/sse``): a call answers 900 KiB of text
+
+``Hostile.calls`` counts the ``tools/call`` requests by mode (for the tests that check what ran)."""
+
+from __future__ import annotations
+
+import json
+import queue
+import time
+import uuid
+from collections import Counter
+
+from helpers import QuietHandler
+
+HOLD = 20  # seconds a hanging answer holds its connection at most (a test's bound: never a leak)
+
+
+def _tool(name: str = "say", description: str = "says something") -> dict:
+    return {"name": name, "description": description, "inputSchema": {"type": "object", "properties": {}}}
+
+
+class Hostile(QuietHandler):
+    calls: Counter = Counter()
+    seen_headers: list[dict] = []
+
+    def _json(self, obj, status: int = 200) -> None:
+        body = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _sse_head(self) -> None:
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("connection", "close")
+        self.close_connection = True
+        self.end_headers()
+
+    def _hold(self, write=None) -> None:
+        end = time.monotonic() + HOLD
+        try:
+            while time.monotonic() < end:
+                if write is not None:
+                    write()
+                time.sleep(0.1)
+        except OSError:
+            pass
+        self.close_connection = True
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except OSError:  # (the gateway left: what a test of a hanging server makes it do)
+            pass
+
+    def do_GET(self):
+        if self.path.startswith("/legacy/sse"):
+            return self._legacy_stream()
+        self.send_response(405)  # (streamable HTTP's optional server-to-client stream: not offered)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def do_DELETE(self):
+        self.send_response(200)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    # the older HTTP+SSE transport: a GET stream that carries every answer, messages POSTed
+    streams: dict[str, queue.Queue] = {}
+
+    def _legacy_stream(self) -> None:
+        sid = uuid.uuid4().hex
+        answers = type(self).streams[sid] = queue.Queue()
+        self._sse_head()
+        try:
+            self.wfile.write(f"event: endpoint\ndata: /legacy/messages?session_id={sid}\n\n".encode())
+            self.wfile.flush()
+            end = time.monotonic() + HOLD
+            while time.monotonic() < end:
+                try:
+                    answer = answers.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                self.wfile.write(b"event: message\ndata: " + json.dumps(answer).encode() + b"\n\n")
+                self.wfile.flush()
+        except OSError:
+            pass
+        finally:
+            type(self).streams.pop(sid, None)
+
+    def do_POST(self):
+        mode = self.path.strip("/").split("/")[0]
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        type(self).seen_headers.append(headers)
+        message = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)))
+        method, rid = message.get("method"), message.get("id")
+        if mode == "legacy":  # (every answer on the session's stream; a call's: 900 KiB of text)
+            answers = type(self).streams[self.path.rsplit("=", 1)[1]]
+            self.send_response(202)
+            self.send_header("content-length", "0")
+            self.end_headers()
+            if method == "initialize":
+                answers.put({"jsonrpc": "2.0", "id": rid, "result": {
+                    "protocolVersion": message["params"]["protocolVersion"], "capabilities": {"tools": {}},
+                    "serverInfo": {"name": "hostile", "version": "1"}}})
+            elif method == "tools/list":
+                answers.put({"jsonrpc": "2.0", "id": rid, "result": {"tools": [_tool("say")]}})
+            elif method == "tools/call":
+                type(self).calls[mode] += 1
+                answers.put({"jsonrpc": "2.0", "id": rid, "result": {"content": [
+                    {"type": "text", "text": "x" * (900 << 10)}]}})
+            return
+        if rid is None:  # a notification
+            self.send_response(202)
+            self.send_header("content-length", "0")
+            self.end_headers()
+            return
+        if mode == "redirect":  # (every request: to the ok server's path)
+            self.send_response(307)
+            host = self.headers.get("host", "")
+            other = host.replace("127.0.0.1", "localhost") if host.startswith("127.") else host  # (another origin)
+            self.send_header("location", f"http://{other}" + self.path.replace("/redirect/", "/ok/"))
+            self.send_header("content-length", "0")
+            self.end_headers()
+            return
+        if mode == "hang_init":
+            self._hold()
+            return
+        if method == "initialize":
+            return self._json({"jsonrpc": "2.0", "id": rid, "result": {
+                "protocolVersion": message["params"]["protocolVersion"], "capabilities": {"tools": {}},
+                "serverInfo": {"name": "hostile", "version": "1"}}})
+        if method == "tools/list":
+            return self._list(mode, rid, message.get("params") or {}, headers)
+        if method == "tools/call":
+            type(self).calls[mode] += 1
+            return self._call(mode, rid, (message.get("params") or {}).get("name"), headers)
+        self._json({"jsonrpc": "2.0", "id": rid, "error": {"code": -32601, "message": "no such method"}})
+
+    def _list(self, mode: str, rid, params: dict, headers: dict) -> None:
+        if mode == "fat_pages":
+            n = int(params.get("cursor") or 0)
+            fat = [{**_tool(f"t{n}_{i}", "d" * (1 << 19)), "inputSchema": {"type": "object", "properties": {
+                "x": {"type": "string", "description": "s" * (1 << 19)}}}} for i in range(7)]
+            return self._json({"jsonrpc": "2.0", "id": rid, "result": {"tools": fat, "nextCursor": str(n + 1)}})
+        if mode == "empty_pages":
+            n = int(params.get("cursor") or 0)
+            return self._json({"jsonrpc": "2.0", "id": rid, "result": {"tools": [], "nextCursor": str(n + 1)}})
+        if mode == "bad_list":
+            return self._json({"jsonrpc": "2.0", "id": rid, "error": {
+                "code": -32000, "message": "no listing\n[00:00:00.000] resp2chat: forged"}})
+        description = "says something"
+        if mode == "echo_auth":
+            description = "headers: " + json.dumps(headers)
+        if mode == "straddle":  # (across the 4096 characters kept of a description)
+            description = "a" * (4096 - 16) + str(headers.get("x-client-key"))
+        tools = [_tool("say", description), _tool("small")] + ([_tool("err")] if mode == "straddle" else [])
+        return self._json({"jsonrpc": "2.0", "id": rid, "result": {"tools": tools}})
+
+    def _call(self, mode: str, rid, name: str, headers: dict) -> None:
+        text = "said"
+        if mode == "mixed":  # (the tool's name is the mode: ``small``, or another mode's misbehaviour)
+            mode = name
+        if name == "small":
+            time.sleep(0.5)
+            return self._json({"jsonrpc": "2.0", "id": rid, "result": {"content": [{"type": "text", "text": text}]}})
+        if mode == "hang":
+            self._hold()
+            return
+        if mode == "drip":
+            self._sse_head()
+            self._hold(lambda: (self.wfile.write(b": ping\n\n"), self.wfile.flush()))
+            return
+        if mode == "garbage":
+            return self._json(b"<html>not json{{{")
+        if mode == "echo_garbage":  # (not JSON, with the headers the server got)
+            return self._json(f"{headers.get('x-client-key')} {headers.get('x-operator-key')}".encode())
+        if mode == "wrong_id":
+            return self._json({"jsonrpc": "2.0", "id": f"{rid}-not", "result": {"content": []}})
+        if mode == "cut":
+            self._sse_head()
+            self.wfile.write(b'event: message\ndata: {"jsonrpc": "2.0", "id": ' + json.dumps(rid).encode()
+                             + b', "result": {"content": [{"type": "text", "te')
+            self.wfile.flush()
+            return
+        if mode == "cut_json":
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", "1000")
+            self.send_header("connection", "close")
+            self.close_connection = True
+            self.end_headers()
+            self.wfile.write(b'{"jsonrpc": "2.0", "id": ' + json.dumps(rid).encode() + b', "resu')
+            return
+        if mode == "huge":
+            chunk = "x" * (1 << 20)
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("connection", "close")
+            self.close_connection = True
+            self.end_headers()
+            try:
+                self.wfile.write(b'{"jsonrpc": "2.0", "id": ' + json.dumps(rid).encode()
+                                 + b', "result": {"content": [{"type": "text", "text": "')
+                for _ in range(12):
+                    self.wfile.write(chunk.encode())
+                self.wfile.write(b'"}]}}')
+            except OSError:
+                pass
+            return
+        if mode == "echo_auth":
+            text = "headers: " + json.dumps(headers)
+        if mode == "straddle" and name == "err":  # (across the 2000 characters kept of an error, its prefix
+            prefix = len("MCP server straddle: MCPError: ")  # as the gateway writes it)
+            return self._json({"jsonrpc": "2.0", "id": rid, "error": {
+                "code": -32000, "message": "e" * (2000 - prefix - 16) + str(headers.get("x-client-key"))}})
+        if mode == "straddle":  # (the client's header across the 64 KiB the gateway keeps of a result)
+            text = "a" * ((64 << 10) - 16) + str(headers.get("x-client-key")) + "b" * 100
+        self._json({"jsonrpc": "2.0", "id": rid, "result": {"content": [{"type": "text", "text": text}]}})

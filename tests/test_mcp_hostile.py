@@ -1,0 +1,271 @@
+"""Hosted MCP tools against servers that misbehave (tests/mcp_hostile.py), through a real mitmdump
+and the scripted chat backend: whatever a server does, the turn ends in bounded time with the
+failure said in its item, and nothing of the server's credentials reaches the backend."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from helpers import LocalServer, Peak, check_sdk, check_stream, openai_client, parse_sse, post_turn, start_gateway
+from mcp_hostile import Hostile
+from resp2chat_core import mcp
+
+FAILING = {"hang": "did not answer within", "drip": "did not answer within", "garbage": "json_invalid",  # a call
+           "wrong_id": "did not answer within", "cut": "ended without a response", "cut_json": "cut short",  # fails,
+           "huge": "larger than 8 MiB"}  # with that said
+MODES = ("ok", "echo_auth", "echo_garbage", "straddle", *FAILING, "fat_pages", "empty_pages", "bad_list", "redirect", "hang_init")
+TIMEOUT = 3
+OPERATOR_TOKEN = "operator-hostile-key-7c1e0b"
+CLIENT_TOKEN = "client-hostile-token-93af2d"
+URL_KEY = "url-key-5be0c1d7"  # (in the query of a configured URL)
+
+
+@pytest.fixture(scope="module")
+def hostile():
+    Hostile.calls.clear()
+    Hostile.seen_headers = []
+    with LocalServer(Hostile) as server:
+        yield server.url
+
+
+@pytest.fixture(scope="module")
+def hostile_gateway(upstream, hostile, tmp_path_factory):
+    servers = [{"label": m, "url": f"{hostile}/{m}/mcp", "timeout_secs": TIMEOUT,
+                "headers": {"x-operator-key": OPERATOR_TOKEN}} for m in MODES]
+    servers.append({"label": "legacy", "url": f"{hostile}/legacy/sse", "transport": "sse", "timeout_secs": TIMEOUT})
+    servers.append({"label": "refused", "url": f"{hostile}/ok/sse?key={URL_KEY}", "transport": "sse", "timeout_secs": TIMEOUT})
+    gw = start_gateway(upstream.origin, tmp_path_factory.mktemp("hostile-gateway"), "--set",
+                       "resp2chat_max_replay_entries=0", env={"RESP2CHAT_MCP_SERVERS": json.dumps(servers)})
+    yield gw
+    gw.stop()
+
+
+def tool(label: str, **extra) -> dict:
+    return {"type": "mcp", "server_label": label, "require_approval": "never", **extra}
+
+
+def turn(gw, mode: str, **extra) -> tuple[list[dict], float, bytes]:
+    """A streamed turn whose model calls ``mode``'s tool: its events (checked: the stream's
+    invariants, the openai SDK's models), how long it took, what the client got."""
+    started = time.monotonic()
+    r = post_turn(gw, {"model": "demo-model", "input": f"call: mcp__{mode}__say {{}}", "stream": True,
+                       "tools": [tool(mode, **extra)]}, timeout=60)
+    took = time.monotonic() - started
+    assert r.status_code == 200, r.text[:300]
+    evs = parse_sse(r.content)
+    check_stream(r.content, evs[0]["response"]["id"])
+    check_sdk(evs)
+    return evs, took, r.content
+
+
+@pytest.mark.parametrize("mode,why", FAILING.items())
+def test_a_server_that_misbehaves_fails_its_call_in_bounded_time(hostile_gateway, mode, why):
+    """A call that hangs, drips, is answered with garbage, a stranger's id, a cut stream or body,
+    or too much: its mcp_call item fails with why, within timeout_secs, and the turn goes on; the
+    other call of the round, on the same session, gets its answer."""
+    started = time.monotonic()
+    r = post_turn(hostile_gateway, {"model": "demo-model", "stream": True, "tools": [tool(mode)],
+                                    "input": f"call: mcp__{mode}__say {{}}\ncall: mcp__{mode}__small {{}}"})
+    assert time.monotonic() - started < TIMEOUT + 5
+    evs = parse_sse(r.content)
+    check_stream(r.content, evs[0]["response"]["id"])
+    check_sdk(evs)
+    end = evs[-1]
+    assert end["type"] == "response.completed"
+    bad, small = [o for o in end["response"]["output"] if o["type"] == "mcp_call"]
+    assert bad["status"] == "failed" and bad["output"] is None
+    assert mode in bad["error"]["message"] and why in bad["error"]["message"], bad["error"]
+    assert small["status"] == "completed" and small["output"] == "said", small["error"]
+    assert "response.mcp_call.failed" in [e["type"] for e in evs]
+    assert end["response"]["output"][-1]["type"] == "message"
+
+
+def test_a_server_that_repeats_its_credentials_reaches_no_one_with_them(hostile_gateway, upstream):
+    """The operator's and the client's headers for a server go to it only: a server that repeats
+    them in its listing (a tool's description), in a result (also across what is kept of it), or
+    in an answer that is not JSON (which the MCP SDK logs) has them scrubbed before the backend,
+    the client or the log see them, whole or in part."""
+    upstream.clear()
+    _, _, garbage = turn(hostile_gateway, "echo_garbage", headers={"x-client-key": CLIENT_TOKEN})
+    assert b"json_invalid" in garbage  # (what failed is said; the body is not quoted)
+    _, _, straddled = turn(hostile_gateway, "straddle", headers={"x-client-key": CLIENT_TOKEN})
+    assert b"output truncated" in straddled
+    r = post_turn(hostile_gateway, {"model": "demo-model", "input": "call: mcp__straddle__err {}",
+                                    "tools": [tool("straddle", headers={"x-client-key": CLIENT_TOKEN})]})
+    assert r.json()["output"][2]["error"]["message"].startswith("MCP server straddle: MCPError: eee")
+    straddled += r.content
+    evs, _, raw = turn(hostile_gateway, "echo_auth", headers={"x-client-key": CLIENT_TOKEN})
+    assert Hostile.seen_headers[-1]["x-client-key"] == CLIENT_TOKEN  # (the server had them)
+    assert Hostile.seen_headers[-1]["x-operator-key"] == OPERATOR_TOKEN
+    output = evs[-1]["response"]["output"]
+    assert "[redacted]" in output[0]["tools"][0]["description"] and "[redacted]" in output[2]["output"]
+    sent = json.dumps(upstream.requests())
+    assert "headers:" in sent
+    for secret in (OPERATOR_TOKEN, CLIENT_TOKEN):
+        assert secret not in sent and secret.encode() not in raw and secret not in hostile_gateway.log()
+        for piece in (secret[i:i + 12] for i in range(len(secret) - 11)):  # (nor a part of one)
+            assert piece not in sent and piece.encode() not in garbage + straddled and piece not in hostile_gateway.log()
+
+
+def test_a_listing_is_bounded_in_bytes(hostile_gateway):
+    """A server that pages for ever, 7 MiB a page (descriptions and schemas of 512 KiB): the
+    listing keeps what fits mcp.MAX_LISTING bytes (each description cut to mcp.MAX_DESCRIPTION),
+    at once, and the gateway's memory does not grow with what the server sends."""
+    peak = Peak(hostile_gateway.proc.pid)
+    evs, took, raw = turn(hostile_gateway, "fat_pages")
+    listing = evs[-1]["response"]["output"][0]
+    assert listing["type"] == "mcp_list_tools" and listing["status"] == "completed" and listing["tools"]
+    assert len(json.dumps(listing["tools"])) <= mcp.MAX_LISTING
+    assert all(len(t["description"]) <= mcp.MAX_DESCRIPTION for t in listing["tools"])
+    assert took < TIMEOUT and peak.grown < 200 << 20, (took, peak.grown >> 20)
+
+
+# --- approvals, stateless (store: false, the conversation sent back each turn) --------------------
+
+
+def test_a_stateless_approval_runs_its_call_once_whatever_the_client_sends_back(hostile_gateway):
+    """An approval runs its call in the turn that gets it; a client that sends the conversation
+    back without that turn's mcp_call (its answer kept), or with the approval twice, runs
+    nothing again; a new approval in the same input still runs."""
+    client = openai_client(hostile_gateway)
+    ask = [tool("ok", require_approval="always")]
+    first = [{"role": "user", "content": "call: mcp__ok__say {}"}]
+    asked = client.responses.create(model="demo-model", input=first, tools=ask, store=False)
+    listing, request = asked.output[0], asked.output[-1]
+    assert request.type == "mcp_approval_request"
+    approve = {"type": "mcp_approval_response", "approval_request_id": request.id, "approve": True}
+    history = [*first, listing.model_dump(exclude_none=True), request.model_dump(exclude_none=True), approve]
+    before = Hostile.calls["ok"]
+    done = client.responses.create(model="demo-model", input=history, tools=ask, store=False)
+    assert [o.type for o in done.output] == ["mcp_call", "reasoning", "message"] and Hostile.calls["ok"] == before + 1
+    answer = done.output[-1].model_dump(exclude_none=True)
+    for later in ([*history, answer, {"role": "user", "content": "thanks"}],  # (its mcp_call left out)
+                  [*history, approve, answer, {"role": "user", "content": "thanks"}],
+                  [*history, answer, approve, {"role": "user", "content": "thanks"}]):
+        again = client.responses.create(model="demo-model", input=later, tools=ask, store=False)
+        assert "mcp_call" not in [o.type for o in again.output] and again.output_text == "You said: thanks"
+        assert Hostile.calls["ok"] == before + 1
+    # a second request of the same conversation, approved: it runs, once
+    asked = client.responses.create(model="demo-model", input=[*history, answer, {"role": "user", "content":
+                                    "call: mcp__ok__say {}"}], tools=ask, store=False)
+    second = asked.output[-1]
+    more = [*history, answer, {"role": "user", "content": "call: mcp__ok__say {}"},
+            *(o.model_dump(exclude_none=True) for o in asked.output),
+            {"type": "mcp_approval_response", "approval_request_id": second.id, "approve": True}]
+    ran = client.responses.create(model="demo-model", input=more, tools=ask, store=False)
+    assert [o.approval_request_id for o in ran.output if o.type == "mcp_call"] == [second.id]
+    assert Hostile.calls["ok"] == before + 2
+
+
+
+@pytest.mark.parametrize("mode", ["redirect", "hang_init", "bad_list", "empty_pages"])
+def test_a_listing_that_cannot_be_had_fails_its_item_in_bounded_time(hostile_gateway, mode):
+    """A server that redirects to another origin (not followed: the gateway reaches no address
+    but the configured ones), never opens its session, or refuses to list: the mcp_list_tools
+    item fails with why, and the turn goes on without its tools."""
+    n = len(Hostile.seen_headers)
+    evs, took, _ = turn(hostile_gateway, mode)
+    assert took < TIMEOUT + 5
+    listing = evs[-1]["response"]["output"][0]
+    assert listing["type"] == "mcp_list_tools" and listing["status"] == "failed" and listing["tools"] == []
+    assert mode in listing["error"] and "response.mcp_list_tools.failed" in [e["type"] for e in evs]
+    assert evs[-1]["type"] == "response.completed"
+    assert all(h["host"].startswith("127.0.0.1:") for h in Hostile.seen_headers[n:])  # (never the other origin)
+    if mode == "redirect":
+        assert "not followed" in listing["error"]
+    if mode == "bad_list":  # (what the server said, but not as a line of the log's own)
+        assert "no listing" in listing["error"] and "resp2chat: forged" in hostile_gateway.log()
+        assert not any(line.startswith("[00:00:00.000]") for line in hostile_gateway.log().splitlines())
+
+
+@pytest.mark.parametrize("field,value", [("headers", {"x-k": "h\u00e9llo"}), ("headers", {"x-k": "a\x01b"}),
+                                         ("headers", {"x-k": "a\x7fb"}), ("authorization", "t\u00e9st-token")])
+def test_a_header_no_http_request_can_carry_is_a_400(hostile_gateway, field, value):
+    """A request's header value for its server that HTTP cannot carry (not printable ASCII) is
+    the client's error, said before anything runs; never a failed listing."""
+    n = len(Hostile.seen_headers)
+    r = post_turn(hostile_gateway, {"model": "demo-model", "input": "hi", "tools": [tool("ok", **{field: value})]})
+    assert r.status_code == 400, r.text[:300]
+    error = r.json()["error"]
+    assert error["code"] == "invalid_value" and error["param"].startswith(f"tools[0].{field}")
+    assert "h\u00e9llo" not in r.text and "t\u00e9st" not in r.text  # (a secret: never shown)
+    assert len(Hostile.seen_headers) == n
+
+
+
+def test_the_older_sse_transport_bounds_each_answer_not_the_session(hostile_gateway):
+    """On the older HTTP+SSE transport every answer comes on one stream: a turn whose calls'
+    answers add up to more than 8 MiB (12 of 900 KiB) gets each of them."""
+    before = Hostile.calls["legacy"]
+    r = post_turn(hostile_gateway, {"model": "demo-model", "stream": True, "tools": [tool("legacy")],
+                                    "input": "\n".join(["call: mcp__legacy__say {}"] * 12)})
+    evs = parse_sse(r.content)
+    calls = [o for o in evs[-1]["response"]["output"] if o["type"] == "mcp_call"]
+    assert len(calls) == 12 and Hostile.calls["legacy"] == before + 12
+    assert all(c["status"] == "completed" for c in calls), [c["error"] for c in calls if c["error"]][:1]
+
+
+def test_the_websocket_fails_a_call_and_keeps_credentials_the_same_way(hostile_gateway, upstream):
+    """The same over the Responses WebSocket: a hanging call fails within timeout_secs, the turn
+    completes, and the next turn on the socket runs; a server that repeats its credentials has
+    them scrubbed."""
+    from wsclient import WSClient
+
+    upstream.clear()
+    ws = WSClient(hostile_gateway.base_url)
+    try:
+        started = time.monotonic()
+        events = ws.turn({"type": "response.create", "model": "demo-model", "input": "call: mcp__hang__say {}",
+                          "tools": [tool("hang")]})
+        assert time.monotonic() - started < TIMEOUT + 5
+        check_sdk(events)
+        (call,) = [o for o in events[-1]["response"]["output"] if o["type"] == "mcp_call"]
+        assert events[-1]["type"] == "response.completed" and call["status"] == "failed"
+        events = ws.turn({"type": "response.create", "model": "demo-model", "input": "call: mcp__echo_auth__say {}",
+                          "tools": [tool("echo_auth", headers={"x-client-key": CLIENT_TOKEN})]})
+        check_sdk(events)
+        assert events[-1]["type"] == "response.completed"
+        raw = json.dumps(events) + json.dumps(upstream.requests())
+        assert "[redacted]" in raw and CLIENT_TOKEN not in raw and OPERATOR_TOKEN not in raw
+    finally:
+        ws.close()
+
+
+
+def test_a_failure_never_shows_the_servers_url(hostile_gateway):
+    """A server that refuses the older transport's stream (405): the listing fails naming the
+    server by its label, never by its configured URL (a key in it, where the server is)."""
+    evs, _, raw = turn(hostile_gateway, "refused")
+    listing = evs[-1]["response"]["output"][0]
+    assert listing["status"] == "failed" and "405" in listing["error"] and "refused" in listing["error"]
+    assert URL_KEY.encode() not in raw and "/ok/sse" not in listing["error"] and URL_KEY not in hostile_gateway.log()
+
+
+
+
+
+
+@pytest.mark.parametrize("tools", [[], [{"type": "function", "name": "f", "parameters": {"type": "object"}}],
+                                   [tool("hang")]])
+def test_an_approval_whose_server_has_no_tool_in_the_request_is_a_400(hostile_gateway, upstream, tools):
+    """An approved call can run only on a server the request has an mcp tool for (a request's
+    tools are its own, not the conversation's): without it, a 400 that says so, never an approval
+    dropped in silence (nothing ran, the model not told) nor a call that fails."""
+    upstream.clear()
+    before = Hostile.calls["ok"]
+    items = [{"role": "user", "content": "call: mcp__ok__say {}"},
+             {"type": "mcp_approval_request", "id": "mcpr_1", "server_label": "ok", "name": "say", "arguments": "{}"},
+             {"type": "mcp_approval_response", "approval_request_id": "mcpr_1", "approve": True}]
+    r = post_turn(hostile_gateway, {"model": "demo-model", "input": items, "tools": tools})
+    assert r.status_code == 400, r.text[:300]
+    error = r.json()["error"]
+    assert "mcpr_1" in error["message"] and "'ok'" in error["message"] and error["param"] == "tools"
+    assert upstream.requests() == [] and Hostile.calls["ok"] == before
+    # denied, it needs no server: the model is told
+    items[-1] = {**items[-1], "approve": False}
+    r = post_turn(hostile_gateway, {"model": "demo-model", "input": items, "tools": tools})
+    assert r.status_code == 200 and "denied" in upstream.requests()[-1]["messages"][-1]["content"]
+
