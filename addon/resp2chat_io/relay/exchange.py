@@ -20,7 +20,9 @@ summary that fails midway (a silence; a cut, or a stream ended with neither a fi
 client. What its reader finds is no summary (``SummaryReader.failure``: the backend's error
 object, garbage, a finish reason of failure, an event or an output past the bounds) is such a
 failure too: it falls back while another candidate remains, and the last one's fails the turn
-as it would fail an answer.
+as it would fail an answer; so does a backend's ``context_length_exceeded`` (routing.py
+``summary_falls_back``: the next may hold more). A compaction turn (Codex's trigger, the compact
+endpoint) is that summary call alone: its answer is the item (``Summarized``).
 
 The tool loop (resp2chat_core/toolloop.py: web search, hosted MCP tools) is decided in the core;
 each round's answer goes through it (the call's reader, upstream.py ``Reader``: ``ToolLoop.feed``,
@@ -60,9 +62,9 @@ import h11
 from resp2chat_core import mcp, routing, websearch
 from resp2chat_core.channel import (
     Accepted, Channel, Compacted, Keepalive, McpApproval, McpCalled, McpCalling, McpListed, McpListing, Oversized,
-    Rerouted, SearchDone, SearchStarted, Stopped, UpstreamFailed,
+    Rerouted, SearchDone, SearchStarted, Stopped, Summarized, UpstreamFailed,
 )
-from resp2chat_core.compaction import ServerCompaction
+from resp2chat_core.compaction import NO_SEAL, NO_SUMMARY, ServerCompaction
 from resp2chat_core.routing import Candidate
 from resp2chat_core.sse import MAX_EVENT
 from resp2chat_core.toolloop import Finish, ToolLoop, Work
@@ -322,7 +324,9 @@ async def _compact(ex: Exchange, client: UpstreamClient, headers: list[tuple[byt
     into the item the client hears first, every candidate's body then the answer round's; the
     answer then starts from the candidate that wrote the summary (``ex.answered``): those before
     it failed a moment ago, and it has just read the conversation's head the answer's prompt
-    begins with. False: the turn is over (its failure is in the channel)."""
+    begins with. A compaction turn (``plan.answer`` None: Codex's trigger, the compact endpoint)
+    is this round alone: its answer is the sealed item with the backend's usage (``Summarized``).
+    False: the turn is over (its failure, or a compaction turn's answer, is in the channel)."""
     plan = ex.compaction
     reader = plan.reader(ex.max_event)
     calls: list = []  # (index, reader, failed) of each candidate's summary call: ``ServerCompaction.work``
@@ -352,15 +356,17 @@ async def _compact(ex: Exchange, client: UpstreamClient, headers: list[tuple[byt
         calls.append((i, reader, attempt.failure is not None or reader.failure is not None or not outcome.answered))
         return outcome
 
-    outcome = await _walk(ex, 0, failed, call, "writing the compaction summary")
+    outcome = await _walk(ex, 0, failed, call, "writing the compaction summary", routing.summary_falls_back)
     ex.compaction_work = plan.work(calls)  # (a call that failed midway, fallen back from, spent tokens too)
     if outcome is None or ex.channel.closed:
         return False
     summary = reader.text()
     if not summary or plan.sealer is None:
-        why = ("the gateway has no seal key for the compaction summary" if plan.sealer is None and summary else
-               "the backend wrote no summary for the compaction")
+        why = NO_SEAL if plan.sealer is None and summary else NO_SUMMARY
         ex.channel.event(failure(502, why, "server_error", "server_error"))
+        return False
+    if plan.answer is None:  # (a compaction turn: the summary is its answer)
+        ex.channel.event(Summarized(plan.item(summary), reader.chat_usage))
         return False
     ex.channel.event(Compacted(plan.item(summary), reader.output_tokens()))
     bodies = plan.answer(summary)
@@ -478,7 +484,8 @@ async def _first_answer(ex: Exchange, client: UpstreamClient, headers: list[tupl
 
 
 async def _walk(ex: Exchange, start: int, failed: list[tuple[str, UpstreamFailed]],
-                call: Callable[[int, Candidate, routing.Attempt], Awaitable[CallEnd]], when: str) -> CallEnd | None:
+                call: Callable[[int, Candidate, routing.Attempt], Awaitable[CallEnd]], when: str,
+                falls_back: Callable[[UpstreamFailed], bool] = routing.falls_back) -> CallEnd | None:
     """The turn's one walk of its candidates, for every backend call that may fall back (the
     summary's, the answer's first round): from ``start`` on, in order, each called through an
     ``Attempt`` (``call(index, candidate, attempt)``), until one answers (routing.py's rule:
@@ -487,7 +494,8 @@ async def _walk(ex: Exchange, start: int, failed: list[tuple[str, UpstreamFailed
     anything the caller tells the client next). ``failed``: (name, failure) of the candidates fallen
     back from in this turn, this walk's added: when the last fails too, one failure names them
     all, with the shortest Retry-After (``routing.all_failed``). ``when``: the log's words for
-    when a candidate fallen back from failed ("before its first byte"). Returns the outcome of the one
+    when a candidate fallen back from failed ("before its first byte"). ``falls_back``: which
+    failures do (routing.py; a summary's: ``summary_falls_back``). Returns the outcome of the one
     that answered (``ex.answered``: its index); None: the turn failed (its failure is in the
     channel)."""
     last = len(ex.candidates) - 1
@@ -500,13 +508,13 @@ async def _walk(ex: Exchange, start: int, failed: list[tuple[str, UpstreamFailed
         if failure is None:
             attempt.release()  # (one that passed nothing on, the summary: its Rerouted goes now)
             return outcome
-        if routing.falls_back(failure) and i < last:
+        if falls_back(failure) and i < last:
             failed.append((to.name, failure))
             ex.skipped.append((to.name, failure.status))
             log.warning(f"resp2chat: upstream {to.name} failed {when} (HTTP {failure.status}): "
                         f"trying {ex.candidates[i + 1].name} for model {ex.model!r}")
             continue
-        if failed and routing.falls_back(failure):
+        if failed and falls_back(failure):
             failure = routing.all_failed(ex.model, failed + [(to.name, failure)])
         ex.channel.event(failure)
         return None
