@@ -355,3 +355,22 @@ def test_a_conversation_too_long_for_every_upstream_is_context_length_exceeded(g
         assert events[-1]["type"] == end["type"] == "response.failed"
         assert len(first.bodies) == len(second.bodies) == 4
 
+
+def test_the_request_log_holds_each_summary_request_as_each_upstream_got_it(gateway_factory, upstream, tmp_path):
+    """The upstream request log (every chat request sent upstream, byte for byte, its upstream
+    named) of summaries the first upstream fails in its stream: the compact endpoint's, Codex's
+    trigger turn's (HTTP, the WebSocket), and an ordinary turn's server-side compaction (its summary,
+    then its answer)."""
+    failing = type("Failing", (_Failing,), {"how": "error object", "bodies": []})
+    log = tmp_path / "requests.jsonl"
+    with LocalServer(failing) as backend:
+        gw = _two(gateway_factory, backend.url + "/v1", upstream.base_url,
+                  "--set", f"resp2chat_upstream_request_log_path={log}")
+        upstream.clear()
+        _summaries(gw)
+        gw.stop()
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    sent = [("failing", b) for b in failing.bodies] + [("good", b) for b in upstream.requests()]
+    assert sorted((line["upstream"], json.dumps(line["body"], sort_keys=True)) for line in lines) == sorted(
+        (name, json.dumps(body, sort_keys=True)) for name, body in sent)
+

@@ -124,6 +124,9 @@ class Exchange:
     # backend do (tpm spends it besides the answer's; None: it did not run)
     compaction: ServerCompaction | None = None
     compaction_work: Work | None = None
+    # (candidate index, body) of each chat request the turn's walks sent, in order, once it ran a
+    # compaction round (the summary's, then the answer's first round; the request log writes them)
+    sent: list = field(default_factory=list)
 
     def mcp_server(self, label: str) -> str:
         """The operator's name (mcp_servers label) of the server a request's label binds to."""
@@ -292,7 +295,10 @@ async def _rounds(ex: Exchange, client: UpstreamClient, sessions: mcp_client.Ses
         loop = ex.loop = _loop(ex, only.body) if looped else None
         if loop is not None:
             loop.begin(prelude)
-        outcome = await client.call(only, headers, loop.body if loop else only.body, ex.channel, loop)
+        body = loop.body if loop else only.body
+        if ex.compaction is not None:
+            ex.sent.append((0, body))
+        outcome = await client.call(only, headers, body, ex.channel, loop)
     if loop is None:
         return
     to = ex.answering
@@ -336,6 +342,7 @@ async def _compact(ex: Exchange, client: UpstreamClient, headers: list[tuple[byt
         reader = plan.reader(ex.max_event, to.think)  # (a fresh one for each candidate: nothing of a failed one's)
         # (the summary streams to nobody: the client hears keepalives meanwhile, as while steps run;
         # a backend that ignored ``stream``: its whole JSON is the summary too, never the turn's answer)
+        ex.sent.append((i, plan.summary(i)))
         task = asyncio.ensure_future(client.call(to, headers, plan.summary(i), attempt, reader))
         try:
             await _kept_alive(ex, task, to.keepalive)
@@ -477,7 +484,10 @@ async def _first_answer(ex: Exchange, client: UpstreamClient, headers: list[tupl
         loop = ex.loop = _loop(ex, to.body) if looped else None  # (its think tags, its tools)
         if loop is not None:
             loop.begin(prelude)
-        return await client.call(to, headers, loop.body if loop else to.body, attempt, loop)
+        body = loop.body if loop else to.body
+        if ex.compaction is not None:
+            ex.sent.append((i, body))
+        return await client.call(to, headers, body, attempt, loop)
 
     outcome = await _walk(ex, start, failed, call, "before its first byte")
     return outcome or CallEnd.BROKEN, ex.loop
