@@ -13,7 +13,7 @@ import requests
 
 from helpers import (
     FIXTURES, PNG, LocalServer, QuietHandler, chat_chunk, chat_event, chat_sse, check_stream, http_chunk, openai_client,
-    parse_sse, send_cut, send_json, send_sse, start_sse,
+    parse_sse, send_cut, send_json, send_paced, send_sse, start_sse,
 )
 from resp2chat_core.compaction import COMPACTION_PROMPT, SUMMARY_PREFIX
 from wsclient import WSClient
@@ -374,3 +374,31 @@ def test_the_request_log_holds_each_summary_request_as_each_upstream_got_it(gate
     assert sorted((line["upstream"], json.dumps(line["body"], sort_keys=True)) for line in lines) == sorted(
         (name, json.dumps(body, sort_keys=True)) for name, body in sent)
 
+
+class _SlowSummary(QuietHandler):
+    """A backend whose summary takes ~2.5 s to stream: a word every 0.5 s."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["content-length"]))
+        send_paced(self, [chat_sse(chat_chunk({"content": f"word{i} "}), done=False) for i in range(5)] + [
+            chat_sse(chat_chunk(finish="stop"))], 0.5)
+
+
+def test_codex_hears_keepalives_while_the_backend_streams_the_summary(gateway_factory):
+    """Codex's trigger turn (HTTP and the WebSocket): the summary streams to nobody, so the client
+    hears a keepalive every keepalive_secs for as long as the backend writes it, as while it
+    thinks (Codex's idle timer: 300 s; a long summary of a slow model passes it). Before, the
+    keepalives stopped at the backend's first byte: the client heard nothing until the summary's end."""
+    with LocalServer(_SlowSummary) as backend:
+        gw = gateway_factory(backend.url, "--set", "resp2chat_max_replay_entries=0",
+                             "--set", "resp2chat_keepalive_secs=1")
+        codex = {**json.loads(CODEX.read_text())["body"], "model": "demo-model"}
+        raw = requests.post(gw.base_url + "/responses", json=codex, timeout=60).content
+        ws = WSClient(gw.base_url)
+        on_socket = ws.turn({"type": "response.create", **{k: v for k, v in codex.items() if k != "stream"}})
+        ws.close()
+        for events in (check_stream(raw, parse_sse(raw)[0]["response"]["id"]), on_socket):
+            kinds = [e["type"] for e in events]
+            before = kinds[:kinds.index("response.output_item.added")]
+            assert before.count("response.in_progress") >= 3, kinds  # (the first, then one a second)
+            assert events[-1]["type"] == "response.completed", events[-1]
