@@ -656,6 +656,19 @@ def send_cut(handler, data: bytes) -> None:
     handler.close_connection = True
 
 
+def send_paced(handler, pieces: list[bytes], pause: float) -> None:
+    """Answer from a test upstream (BaseHTTPRequestHandler) with an SSE body of a declared length
+    sent in ``pieces``, ``pause`` seconds after each: a backend writing slowly."""
+    handler.send_response(200)
+    handler.send_header("content-type", "text/event-stream")
+    handler.send_header("content-length", str(sum(map(len, pieces))))
+    handler.end_headers()
+    for piece in pieces:
+        handler.wfile.write(piece)
+        handler.wfile.flush()
+        time.sleep(pause)
+
+
 def send_text_chunk(handler, n: int) -> None:
     """One chat chunk with the content ``t<n> `` as one HTTP chunk, flushed: a test upstream
     (BaseHTTPRequestHandler) streaming a chunked SSE body at its own pace."""

@@ -14,7 +14,10 @@ import requests
 
 from resp2chat_core.compaction import COMPACTION_PROMPT, SUMMARY_PREFIX
 
-from helpers import Codex, logged_bodies, read_flows, resp2chat_cli
+from helpers import (
+    Codex, LocalServer, QuietHandler, chat_chunk, chat_sse, logged_bodies, read_flows, resp2chat_cli, send_json,
+    send_sse,
+)
 from wsclient import WSClient
 
 pytestmark = pytest.mark.codex
@@ -245,3 +248,85 @@ def test_a_websocket_session_replays_offline_to_a_rerun_over_either_transport(up
         else:  # the socket's recording answers HTTP turns as well: the match is on the chat request
             posts = [f for f in again if f.request.method == "POST"]
             assert len(posts) == 2 and all(f.metadata["resp2chat"].get("server_replay") for f in posts)
+
+
+class _SummariesFailMidway(QuietHandler):
+    """The first of two upstreams: it answers Codex's turns (by the demo backend's words, which it
+    asks), and fails every summary in its stream, after some text (its error object). ``summaries``:
+    the summary requests it got."""
+
+    origin = ""
+    summaries = 0
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["content-length"]))
+        if json.loads(body)["messages"][-1]["content"] == COMPACTION_PROMPT:
+            type(self).summaries += 1
+            send_sse(self, chat_sse(chat_chunk({"role": "assistant", "content": "Goal: half a summary"}),
+                                    {"error": {"message": "overloaded", "type": "server_error"}}, done=False))
+            return
+        answer = requests.post(self.origin + "/chat/completions", data=body, timeout=60,
+                               headers={"content-type": "application/json"})
+        send_sse(self, answer.content)
+
+
+@pytest.mark.parametrize("transport", ["websocket", "http"])
+def test_remote_compaction_a_backend_fails_midway_is_written_by_the_next_upstream(transport, upstream,
+                                                                                   gateway_factory, cx):
+    """The real Codex's remote compaction, over either transport, with two upstreams: the first fails
+    each summary in its stream; the next writes it and Codex goes on from it. Before, Codex printed
+    "Error running remote compact task" and the turn failed."""
+    first = type("First", (_SummariesFailMidway,), {"origin": upstream.base_url, "summaries": 0})
+    with LocalServer(first) as backend:
+        entries = [{"name": "first", "base_url": backend.url + "/v1"},
+                   {"name": "second", "base_url": upstream.base_url}]
+        socket = "true" if transport == "websocket" else "false"
+        gw = gateway_factory("http://127.0.0.1:9", "--set", "resp2chat_max_replay_entries=0",
+                             "--set", "resp2chat_upstreams=" + json.dumps(entries),
+                             "--set", f"resp2chat_responses_websocket={socket}")
+        cx.configure_builtin(gw.base_url, extra="model_auto_compact_token_limit = 50\n")
+        upstream.clear()
+        runs = [cx.exec("run: echo first"), cx.exec("resume", "--last", "second question")]
+        for run in runs:
+            output = ok(run)
+            assert "context compacted" in output and "Error running remote compact task" not in output, output
+        assert "You said: second question" in runs[-1].output
+        assert first.summaries >= 1
+        sent = upstream.requests()
+        summaries = [i for i, body in enumerate(sent) if body["messages"][-1]["content"] == COMPACTION_PROMPT]
+        assert len(summaries) == first.summaries  # (each written by the second)
+        assert {"role": "user", "content": SUMMARY_PREFIX + "You said: Write the summary now."} in sent[-1]["messages"]
+
+
+class _TooLongToSummarize(_SummariesFailMidway):
+    """Like ``_SummariesFailMidway``, but it finds every summary request too long for its context
+    (a 400 ``context_length_exceeded``, as vLLM words it)."""
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["content-length"]))
+        if json.loads(body)["messages"][-1]["content"] == COMPACTION_PROMPT:
+            type(self).summaries += 1
+            send_json(self, 400, {"error": {"message": "This model's maximum context length is 4096 tokens. However, "
+                                            "your messages resulted in 9000 tokens.", "type": "BadRequestError",
+                                            "code": 400}})
+            return
+        answer = requests.post(self.origin + "/chat/completions", data=body, timeout=60,
+                               headers={"content-type": "application/json"})
+        send_sse(self, answer.content)
+
+
+def test_remote_compaction_too_long_for_every_upstream_stops_codex_with_the_context_window_error(
+        upstream, gateway_factory, cx):
+    """Both upstreams find the conversation too long to summarize: each is asked (the next may hold
+    more), then Codex gets ``context_length_exceeded`` and says so, without retrying the compaction (a
+    ``server_error`` it retries). Before, the first's 400 was the client's: the second was never asked."""
+    first = type("First", (_TooLongToSummarize,), {"origin": upstream.base_url, "summaries": 0})
+    second = type("Second", (_TooLongToSummarize,), {"origin": upstream.base_url, "summaries": 0})
+    with LocalServer(first) as a, LocalServer(second) as b:
+        entries = [{"name": "first", "base_url": a.url + "/v1"}, {"name": "second", "base_url": b.url + "/v1"}]
+        gw = gateway_factory("http://127.0.0.1:9", "--set", "resp2chat_max_replay_entries=0",
+                             "--set", "resp2chat_upstreams=" + json.dumps(entries))
+        cx.configure_builtin(gw.base_url, extra="model_auto_compact_token_limit = 50\n")
+        run = cx.exec("run: echo first")  # (it compacts after the tool call, in the turn)
+    assert run.returncode != 0 and "ran out of room in the model's context window" in run.output, run.output
+    assert first.summaries == second.summaries == 1  # (each asked once; Codex retried nothing)

@@ -11,7 +11,10 @@ import openai
 import pytest
 import requests
 
-from helpers import PNG, LocalServer, QuietHandler, chat_chunk, chat_sse, openai_client, send_sse
+from helpers import (
+    FIXTURES, PNG, LocalServer, QuietHandler, chat_chunk, chat_event, chat_sse, check_stream, http_chunk, openai_client,
+    parse_sse, send_cut, send_json, send_paced, send_sse, start_sse,
+)
 from resp2chat_core.compaction import COMPACTION_PROMPT, SUMMARY_PREFIX
 from wsclient import WSClient
 
@@ -233,3 +236,169 @@ def test_prompt_cache_fields_do_for_the_compact_endpoint_what_they_do_for_a_turn
             (plain, plain_body), (keyed, keyed_body) = got
             assert "x-smg-routing-key" not in plain and keyed["x-smg-routing-key"] == "conv-7", path
             assert keyed_body == plain_body, path
+
+
+# --- a summary its backend fails: the next upstream writes it ----------------------------------
+
+CODEX = FIXTURES / "codex-0.169.0-builtin-provider" / "06-builtin-provider-remote-compaction.json"
+_PARTIAL = chat_chunk({"role": "assistant", "content": "Goal: the first half of a summary"})
+_TOO_LONG = {"error": {"message": "This model's maximum context length is 4096 tokens. However, you requested 9000",
+                       "type": "invalid_request_error", "code": "context_length_exceeded"}}
+
+
+class _Failing(QuietHandler):
+    """A backend that fails every summary it is asked for, ``how``: in its stream after some text
+    (its error object, a finish reason of failure, garbage, the connection cut), past the gateway's
+    output bound (8 MiB with max_upstream_event_mb=1), or too long for its context (a 400, or its
+    error object first thing in the stream). ``bodies``: the chat requests it got."""
+
+    how = "error object"
+    bodies: list[dict] = []
+
+    def do_POST(self):
+        type(self).bodies.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+        if self.how == "error object":
+            send_sse(self, chat_sse(_PARTIAL, {"error": {"message": "overloaded", "type": "server_error"}}, done=False))
+        elif self.how == "finish error":
+            send_sse(self, chat_sse(_PARTIAL, chat_chunk(finish="error")))
+        elif self.how == "garbage":
+            send_sse(self, chat_sse(_PARTIAL, "this is no JSON", chat_chunk(finish="stop")))
+        elif self.how == "cut":
+            send_cut(self, chat_sse(_PARTIAL, done=False))
+        elif self.how == "too long":
+            send_json(self, 400, _TOO_LONG)
+        elif self.how == "too long in stream":
+            send_sse(self, chat_sse(_TOO_LONG, done=False))
+        else:  # "bound": 9 MiB of summary, as fast as it is read
+            start_sse(self)
+            piece = http_chunk(chat_event({"content": "x" * 1000}) * 200)
+            try:
+                for _ in range((9 << 20) // len(piece) + 1):
+                    self.wfile.write(piece)
+                self.wfile.write(http_chunk(chat_event(finish="stop") + b"data: [DONE]\n\n") + b"0\r\n\r\n")
+            except OSError:
+                self.close_connection = True
+
+
+def _two(gateway_factory, first: str, second: str, *extra: str):
+    return gateway_factory("http://127.0.0.1:9", "--set", "resp2chat_max_replay_entries=0", *extra,
+                           "--set", "resp2chat_upstreams=" + json.dumps([{"name": "failing", "base_url": first},
+                                                                         {"name": "good", "base_url": second}]))
+
+
+def _summaries(gw) -> tuple[requests.Response, list, dict, requests.Response]:
+    """A summary asked for each way it comes: the compact endpoint's JSON answer, the turn Codex
+    0.169 sent (its real request, a trailing compaction_trigger) streamed over HTTP, the same over
+    the Responses WebSocket (its last event), and an ordinary turn's server-side compaction."""
+    codex = {**json.loads(CODEX.read_text())["body"], "model": "demo-model"}
+    compact = requests.post(gw.base_url + "/responses/compact", json={"model": "demo-model", "input": HISTORY},
+                            timeout=60)
+    raw = requests.post(gw.base_url + "/responses", json=codex, timeout=60).content
+    events = check_stream(raw, parse_sse(raw)[0]["response"]["id"])
+    ws = WSClient(gw.base_url)
+    end = ws.turn({"type": "response.create", **{k: v for k, v in codex.items() if k != "stream"}})[-1]
+    ws.close()
+    turn = requests.post(gw.base_url + "/responses", timeout=60, json={
+        "model": "demo-model", "input": HISTORY, "store": False,
+        "context_management": [{"type": "compaction", "compact_threshold": 1}]})
+    return compact, events, end, turn
+
+
+@pytest.mark.parametrize("how", ["error object", "finish error", "garbage", "cut", "bound", "too long",
+                                 "too long in stream"])
+def test_a_summary_its_backend_fails_is_written_by_the_next_upstream(gateway_factory, upstream, how):
+    """Nothing of the summary reaches the client before its end (it is read whole, then answered), so
+    a backend that fails it anywhere in its stream (its error object, a finish reason of failure,
+    garbage, a cut connection, the gateway's output bound), or finds the conversation too long for its
+    context (another upstream may hold more), is a failure before the turn's first output: the next
+    upstream writes the summary, for the compact endpoint and for Codex's trigger turn over HTTP and
+    the WebSocket alike, as for an ordinary turn's summary (server-side compaction). Before, only a
+    failure before the first byte fell back: these failed the compaction though another upstream
+    remained (Codex: "Error running remote compact task")."""
+    failing = type("Failing", (_Failing,), {"how": how, "bodies": []})
+    with LocalServer(failing) as backend:
+        gw = _two(gateway_factory, backend.url + "/v1", upstream.base_url, "--set", "resp2chat_max_upstream_event_mb=1")
+        upstream.clear()
+        compact, events, end, turn = _summaries(gw)
+        assert compact.status_code == 200, compact.text[:500]
+        assert [o["type"] for o in compact.json()["output"]] == ["message", "message", "compaction"], compact.json()
+        assert compact.json()["usage"]["output_tokens"] > 0  # (the usage of the summary the good one wrote)
+        assert events[-1]["type"] == "response.completed", events[-1]
+        assert [o["type"] for o in events[-1]["response"]["output"]] == ["compaction"]
+        assert [e["type"] for e in events if e["type"] == "response.output_item.done"] == ["response.output_item.done"]
+        assert end["type"] == "response.completed", end
+        assert [o["type"] for o in end["response"]["output"]] == ["compaction"]
+        assert turn.status_code == 200, turn.text[:500]
+        assert [o["type"] for o in turn.json()["output"] if o["type"] != "reasoning"] == ["compaction", "message"]
+        assert [b["messages"][-1]["content"] for b in failing.bodies] == [COMPACTION_PROMPT] * 4
+        assert [b["messages"][-1]["content"] for b in upstream.requests()] == [COMPACTION_PROMPT] * 4 + [
+            SUMMARY_PREFIX + "You said: Write the summary now."]
+        assert gw.log().count("upstream failing failed writing the compaction summary") == 4, gw.log()[-3000:]
+
+
+@pytest.mark.parametrize("how", ["too long", "too long in stream"])
+def test_a_conversation_too_long_for_every_upstream_is_context_length_exceeded(gateway_factory, how):
+    """Every upstream finds the conversation too long for its context: the client gets the code
+    Codex acts on (it stops, where it retries a ``server_error`` compaction with the same
+    conversation), naming each upstream; each was asked once."""
+    first = type("First", (_Failing,), {"how": how, "bodies": []})
+    second = type("Second", (_Failing,), {"how": how, "bodies": []})
+    with LocalServer(first) as a, LocalServer(second) as b:
+        gw = _two(gateway_factory, a.url + "/v1", b.url + "/v1")
+        compact, events, end, turn = _summaries(gw)
+        for error in (compact.json()["error"], events[-1]["response"]["error"], end["response"]["error"],
+                      turn.json()["error"]):
+            assert error["code"] == "context_length_exceeded", error
+            assert "every upstream for model 'demo-model' failed" in error["message"], error
+            assert "failing (" in error["message"] and "good (" in error["message"], error
+        assert compact.status_code == turn.status_code == 400, (compact.text, turn.text)
+        assert events[-1]["type"] == end["type"] == "response.failed"
+        assert len(first.bodies) == len(second.bodies) == 4
+
+
+def test_the_request_log_holds_each_summary_request_as_each_upstream_got_it(gateway_factory, upstream, tmp_path):
+    """The upstream request log (every chat request sent upstream, byte for byte, its upstream
+    named) of summaries the first upstream fails in its stream: the compact endpoint's, Codex's
+    trigger turn's (HTTP, the WebSocket), and an ordinary turn's server-side compaction (its summary,
+    then its answer)."""
+    failing = type("Failing", (_Failing,), {"how": "error object", "bodies": []})
+    log = tmp_path / "requests.jsonl"
+    with LocalServer(failing) as backend:
+        gw = _two(gateway_factory, backend.url + "/v1", upstream.base_url,
+                  "--set", f"resp2chat_upstream_request_log_path={log}")
+        upstream.clear()
+        _summaries(gw)
+        gw.stop()
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    sent = [("failing", b) for b in failing.bodies] + [("good", b) for b in upstream.requests()]
+    assert sorted((line["upstream"], json.dumps(line["body"], sort_keys=True)) for line in lines) == sorted(
+        (name, json.dumps(body, sort_keys=True)) for name, body in sent)
+
+
+class _SlowSummary(QuietHandler):
+    """A backend whose summary takes ~2.5 s to stream: a word every 0.5 s."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["content-length"]))
+        send_paced(self, [chat_sse(chat_chunk({"content": f"word{i} "}), done=False) for i in range(5)] + [
+            chat_sse(chat_chunk(finish="stop"))], 0.5)
+
+
+def test_codex_hears_keepalives_while_the_backend_streams_the_summary(gateway_factory):
+    """Codex's trigger turn (HTTP and the WebSocket): the summary streams to nobody, so the client
+    hears a keepalive every keepalive_secs for as long as the backend writes it, as while it
+    thinks (Codex's idle timer: 300 s; a long summary of a slow model passes it). Before, the
+    keepalives stopped at the backend's first byte: the client heard nothing until the summary's end."""
+    with LocalServer(_SlowSummary) as backend:
+        gw = gateway_factory(backend.url, "--set", "resp2chat_max_replay_entries=0",
+                             "--set", "resp2chat_keepalive_secs=1")
+        codex = {**json.loads(CODEX.read_text())["body"], "model": "demo-model"}
+        raw = requests.post(gw.base_url + "/responses", json=codex, timeout=60).content
+        ws = WSClient(gw.base_url)
+        on_socket = ws.turn({"type": "response.create", **{k: v for k, v in codex.items() if k != "stream"}})
+        ws.close()
+        for events in (check_stream(raw, parse_sse(raw)[0]["response"]["id"]), on_socket):
+            kinds = [e["type"] for e in events]
+            before = kinds[:kinds.index("response.output_item.added")]
+            assert before.count("response.in_progress") >= 3, kinds  # (the first, then one a second)
+            assert events[-1]["type"] == "response.completed", events[-1]

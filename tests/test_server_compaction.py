@@ -15,8 +15,8 @@ import requests
 
 from helpers import (
     LocalServer, QuietHandler, chat_chunk, chat_completion, chat_event, chat_sse, check_stream, cli_env, free_port,
-    http_chunk, openai_client, parse_sse, post_turn, read_flows, run_cli, scrape, send_json, send_sse, start_gateway,
-    start_sse, wait_until,
+    http_chunk, logged_bodies, openai_client, parse_sse, post_turn, read_flows, run_cli, scrape, send_json, send_paced,
+    send_sse, start_gateway, start_sse, wait_until,
 )
 from resp2chat_core.compaction import COMPACTION_PROMPT, SUMMARY_PREFIX
 from wsclient import WSClient
@@ -318,16 +318,8 @@ class _SlowSummary(QuietHandler):
         if body["messages"][-1]["content"] != COMPACTION_PROMPT:
             send_sse(self, chat_sse(chat_chunk({"content": "answer"}), chat_chunk(finish="stop")))
             return
-        pieces = [chat_sse(chat_chunk({"content": f"word{i} "}), done=False) for i in range(5)] + [
-            chat_sse(chat_chunk(finish="stop"))]
-        self.send_response(200)
-        self.send_header("content-type", "text/event-stream")
-        self.send_header("content-length", str(sum(map(len, pieces))))
-        self.end_headers()
-        for piece in pieces:
-            self.wfile.write(piece)
-            self.wfile.flush()
-            time.sleep(0.5)
+        send_paced(self, [chat_sse(chat_chunk({"content": f"word{i} "}), done=False) for i in range(5)] + [
+            chat_sse(chat_chunk(finish="stop"))], 0.5)
 
 
 def test_the_client_hears_keepalives_while_the_summary_is_written(gateway_factory):
@@ -531,7 +523,9 @@ def test_a_summary_answered_with_json_is_the_summary_not_the_turn_s_answer(gatew
             "context_management": OVER}).content
         end = check_stream(raw, parse_sse(raw)[0]["response"]["id"])[-1]
         assert end["type"] == "response.failed" and end["response"]["output"] == [], end
-        assert end["response"]["error"]["message"].startswith("upstream HTTP 502: "), end  # (as a garbage stream's)
+        message = end["response"]["error"]["message"]  # (a garbage stream's, the compact endpoint's: words withheld)
+        assert message.startswith("upstream error: upstream sent a body that is neither SSE nor JSON"), end
+        assert "html" not in message and "request id req_" in message, end
         assert len(handler.bodies) == 1  # (the answer round never ran)
 
 
@@ -788,3 +782,18 @@ def test_a_summary_the_backend_fails_in_its_stream_falls_back_to_the_next_upstre
         assert [m["messages"][-1]["content"] for m in upstream.requests()] == [COMPACTION_PROMPT,
                                                                                 SUMMARY_PREFIX + SUMMARY]
         assert "upstream failing failed writing the compaction summary" in gw.log()
+
+
+def test_the_request_log_holds_the_summary_request_then_the_answer_s(gateway_factory, upstream, tmp_path):
+    """The upstream request log holds each chat request the turn sent, byte for byte: its summary
+    request, then its answer's. Before, it held the turn's request as lowered before compaction,
+    which no upstream got, and neither of the two sent."""
+    log = tmp_path / "requests.jsonl"
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0",
+                         "--set", f"resp2chat_upstream_request_log_path={log}")
+    upstream.clear()
+    r = post_turn(gw, {"model": "demo-model", "input": HISTORY, "store": False, "context_management": OVER})
+    assert r.status_code == 200, r.text
+    gw.stop()
+    assert [json.loads(body) for body in logged_bodies(log)] == upstream.requests()
+    assert [b["messages"][-1]["content"] for b in upstream.requests()] == [COMPACTION_PROMPT, SUMMARY_PREFIX + SUMMARY]

@@ -227,8 +227,21 @@ class Compacted:
         return t.compacted(self.item, self.output_tokens)
 
 
+@dataclass(frozen=True, slots=True)
+class Summarized:
+    """A compaction turn's summary, read whole by the relay (Codex's trigger, the compact endpoint:
+    compaction.py): ``item`` is its sealed compaction item, the turn's answer; ``usage``, the
+    backend's usage object as it gave it (None: none)."""
+
+    item: dict
+    usage: dict | None = None
+
+    def apply(self, t) -> bytes:
+        return t.summarized(self.item, self.usage)
+
+
 Event = Union[Accepted, Keepalive, UpstreamFailed, UpstreamJSON, SearchStarted, SearchDone, McpListing, McpListed,
-              McpCalling, McpCalled, McpApproval, Rerouted, Oversized, Stopped, Compacted]
+              McpCalling, McpCalled, McpApproval, Rerouted, Oversized, Stopped, Compacted, Summarized]
 Item = Union[bytes, Event]
 
 
@@ -357,7 +370,8 @@ class Reader:
         self.cap = cap
         self.secrets = secrets
         # called once, when the first events made from backend data leave (time to first
-        # token: the metrics addon sets it; the core reads no clock)
+        # token: the metrics addon sets it; the core reads no clock; a compaction turn's, its
+        # summary the relay read whole: ``Summarized``)
         self.on_first: Callable[[], None] | None = None
         self.started = False  # the first events made from backend data left
         self.gateway: list[tuple[int, Event]] = []  # (backend bytes before it, event)
@@ -371,18 +385,23 @@ class Reader:
                 self.upstream_size += len(piece)
             out = self._out(self.translator.feed(item))
             if out and not self.started:
-                self.started = True
-                if self.channel is not None:
-                    self.channel.started = True  # from now on news may be held (Channel.window)
-                if self.on_first is not None:
-                    self.on_first()
+                self._first()
         else:
             if len(self.gateway) < 4096:
                 self.gateway.append((self.upstream_size, item))
             out = self._out(item.apply(self.translator))
+            if out and not self.started and item.__class__ is Summarized:  # (the backend's summary, read whole)
+                self._first()
         if self.channel is not None and self.translator.done:
             self.channel.closed = True
         return out
+
+    def _first(self) -> None:
+        self.started = True
+        if self.channel is not None:
+            self.channel.started = True  # from now on news may be held (Channel.window)
+        if self.on_first is not None:
+            self.on_first()
 
     def apply_all(self, items: list[Item]) -> bytes:
         """``apply`` of each item, in order: what a push consumer does with what the channel hands it.

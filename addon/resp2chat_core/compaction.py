@@ -29,6 +29,16 @@ that turn's Response the endpoint's answer, ``{id, object: "response.compaction"
 output, usage}``, whose output (the conversation's user messages, then the compaction item) is
 the whole input of the client's next turn, on either transport.
 
+Either way the summary is read whole before the client hears anything of it but keepalives: the
+relay runs such a turn as the round server-side compaction runs before its answer (below), alone
+(``ServerCompaction`` without an answer round; ``SummaryReader``), and hands the turn's
+translator the sealed item and the backend's usage (``CompactionTranslator.summarized``). So,
+with several upstreams, the summary falls back to the next one wherever it failed: before its
+first byte, in its stream (an error object, garbage, a finish reason of failure, a cut, the
+gateway's bounds), or with a context too short for the conversation (routing.py
+``summary_falls_back``); the last one's failure is the client's, with the code it would be for
+an answer (``context_length_exceeded``: Codex stops, it does not retry the same compaction).
+
 Server-side compaction (``context_management: [{"type": "compaction", "compact_threshold": N}]``
 on a turn, either transport: the OpenAI Agents SDKs send it) runs on the same machinery, as a
 round before the answer (``ServerCompaction``; the relay runs it: relay/exchange.py; the entries
@@ -96,6 +106,9 @@ commands run with the results that matter (errors verbatim).
 Be specific: exact paths, names, identifiers, values and error messages. Be concise: no \
 pleasantries, no repetition. Answer with the summary only.
 Write the summary now."""
+
+NO_SUMMARY = "the backend wrote no summary for the compaction"  # (server_error: Codex retries)
+NO_SEAL = "the gateway has no seal key for the compaction summary"
 
 SUMMARY_PREFIX = ("[Summary of the conversation so far. The earlier turns were compacted to save "
                   "context; continue the work from here.]\n\n")
@@ -227,11 +240,15 @@ def users(conversation: list) -> list:
 @dataclass
 class ServerCompaction:
     """A turn's compaction round (``context_management``, its threshold crossed): what the relay
-    sends first, and how the answer round's requests are made from its summary."""
+    sends first, and how the answer round's requests are made from its summary. A compaction
+    turn (Codex's trigger, the compact endpoint) is that round alone (``answer`` None): its
+    summary, read whole, falls back to the next upstream as the round's does, wherever it failed."""
 
     summary_body: bytes  # the chat request that asks for the summary (the first candidate's)
-    # summary -> the answer round's chat request of each candidate, in order (None: the first's)
-    answer: Callable[[str], list]
+    # summary -> the answer round's chat request of each candidate, in order (None: the first's);
+    # None: the summary is the turn's answer (a compaction turn: Codex's trigger, the compact
+    # endpoint; ``CompactionTranslator.summarized``), no answer round runs
+    answer: Callable[[str], list] | None
     sealer: Sealer | None
     # the summary request of each fallback candidate, in order (None: the first's): the summary
     # falls back as the answer does (relay/exchange.py ``_walk``)
@@ -302,20 +319,34 @@ class CompactionTranslator(Translator):
         if self._think is not None:
             self._settle_think()
 
+    def summarized(self, item: dict, usage: dict | None) -> bytes:
+        """The relay read the summary whole (``SummaryReader``, through the walk of the turn's
+        upstreams: relay/exchange.py ``_compact``): ``item`` is its sealed compaction item, ``usage``
+        the backend's usage object as it gave it (None: it gave none). The turn's answer is that
+        item, completed."""
+        if self.phase is not Phase.DONE:
+            self._start()
+            self._usage_raw, self._usage = usage, None
+            self._answer(item)
+        return self._flush()
+
     def _complete(self) -> None:
         self._start()
         if self._think is not None:
             self._think_pieces(self._think.flush())
         summary = self.summary()
         if not summary:
-            self._fail("server_error", "the backend wrote no summary for the compaction")
+            self._fail("server_error", NO_SUMMARY)
             return
         if self.ctx.sealer is None:
-            self._fail("server_error", "the gateway has no seal key for the compaction summary")
+            self._fail("server_error", NO_SEAL)
             return
+        self._answer({"type": ITEM, "encrypted_content": self.ctx.sealer.seal(PURPOSE, summary)})
+
+    def _answer(self, item: dict) -> None:
+        """The compaction item (without its id) is the answer, sent whole; the turn completes."""
         index = self._alloc_index()
-        item = {"id": f"cmp_{self._suffix}_{index}", "type": ITEM,
-                "encrypted_content": self.ctx.sealer.seal(PURPOSE, summary)}
+        item = {"id": f"cmp_{self._suffix}_{index}", **item}
         self._emit("response.output_item.added", output_index=index, item=item)
         self._item_done(item, index)
         if self.observer is not None:
@@ -327,7 +358,8 @@ class CompactionTranslator(Translator):
 
 
 class SummaryReader(CompactionTranslator):
-    """Reads the summary round's stream (server-side compaction), passing nothing on (``feed``
+    """Reads a summary's stream (server-side compaction's round; a compaction turn's, Codex's
+    trigger and the compact endpoint: relay/exchange.py ``_compact``), passing nothing on (``feed``
     returns b""), or the whole ``chat.completion`` of a backend that ignored ``stream``
     (``whole``, as the tool loop's ``ToolLoop.whole``: passing nothing on either; a body that is
     no completion is an error, as a garbage stream): its text, usage, and whether it failed. The
@@ -339,9 +371,11 @@ class SummaryReader(CompactionTranslator):
     is none of it), the output's bound (translator.py ``output_bound``), the failing finish
     reasons and their codes. A summary is whole only when ended by a finish reason or ``[DONE]``
     (``ended``; else it stopped short: the relay makes that a failure that falls back) without a
-    ``failure``: the backend's error object or garbage (its own words, as an error answer's: the
-    turn's code is errors.py's), or the translator's own (a finish reason of failure, an SSE event
-    past ``max_event``, more output than an answer may hold). On a failure ``feed`` returns None:
+    ``failure``: the backend's error object or garbage, or the translator's own (a finish reason
+    of failure, an SSE event past ``max_event``, more output than an answer may hold), as the
+    gateway's own 502 (it falls back) whose code and words are the ones a compaction turn's
+    translator gives the client for the same stream (errors.py's code; the backend's words the
+    operator's where they are withheld: ``metadata.raw``). On a failure ``feed`` returns None:
     the call reads no more. Its Response events are made and dropped (a summary's few)."""
 
     def __init__(self, max_event: int = MAX_EVENT, think: str = "auto") -> None:
@@ -404,21 +438,16 @@ class SummaryReader(CompactionTranslator):
         self.ended = True
         super().on_done()
 
-    def on_error(self, body: bytes) -> None:
-        if self.failure is None and self.phase is not Phase.DONE:
-            self.failure = UpstreamFailed(502, body)  # (the backend's own error object: its code)
-        super().on_error(body)
-
-    def on_garbage(self, text: str, what: str) -> None:
-        if self.failure is None and self.phase is not Phase.DONE:
-            self.failure = UpstreamFailed(502, text.encode()[:1000])
-        super().on_garbage(text, what)
-
     def _fail(self, code: str, message: str, detail: str | None = None, cut: bool = True,
               headers: dict | None = None) -> None:
+        # (every way a stream fails comes here: the backend's error object, garbage, a finish reason of
+        # failure, the bounds; its code and words are the ones the compact endpoint's translator
+        # would give the client, the backend's own words, when it withholds them, the operator's)
         if self.failure is None and self.phase is not Phase.DONE:
-            self.failure = UpstreamFailed(502, json.dumps({"error": {"message": message, "type": "upstream_error",
-                                                                     "code": code}}).encode(), own=True)
+            error = {"message": message, "type": "upstream_error", "code": code}
+            if detail and detail != message:
+                error["metadata"] = {"raw": detail}
+            self.failure = UpstreamFailed(502, json.dumps({"error": error}).encode(), own=True)
         super()._fail(code, message, detail, cut, headers)
 
     def _complete(self) -> None:

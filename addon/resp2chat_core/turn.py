@@ -134,7 +134,8 @@ class Turn:
     background: bool = False  # it runs in the gateway, off the client's connection (background.py)
     max_tool_calls: int | None = None  # the request's: bounds the calls the gateway runs for it (toolloop.py)
     # server-side compaction (context_management, its threshold crossed): a summary round runs
-    # before the answer (compaction.py); None: the turn runs as it is
+    # before the answer (compaction.py); a compaction turn (``compaction``) is that round alone;
+    # None: the turn runs as it is
     server_compaction: compaction.ServerCompaction | None = None
 
     def translator(self, max_event: int = MAX_EVENT) -> Translator:
@@ -361,7 +362,8 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
         alternates.append(Alternate(other.body, alt.think_mode(other.chat["model"]), other.tool_map))
     ctx.tool_maps = tuple(a.tool_map for a in alternates)  # (a Rerouted event takes one)
     server = _server_compaction(raw, items or [], lowered, opts, others, texts, sealer, tuple(summaries)) \
-        if compact else None
+        if compact else compaction.ServerCompaction(lowered.body, None, sealer, tuple(a.body for a in alternates)) \
+        if summarize else None  # (a compaction turn: that round alone, each candidate's body its summary request)
     return Turn(lowered.body, lowered.client_stream, ctx,
                 web_search=not summarize and any(t.kind == "web_search" for t in lowered.tool_map.targets.values()),
                 mcp=lowered.mcp if not summarize else None,

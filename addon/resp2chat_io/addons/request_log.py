@@ -5,7 +5,10 @@ like a flow file.
 
 A turn's request is written when it goes out to its (first) upstream; when fallbacks were tried
 (resp2chat_core/routing.py), each one's request, as that upstream got it, is written when the
-turn ends (a ``finished`` listener of turns.py)."""
+turn ends (a ``finished`` listener of turns.py). A turn with a compaction round (server-side
+compaction; a compaction turn: Codex's trigger, the compact endpoint) sends the summary request
+first; the rest it sent (the fallbacks' summary requests, the answer's) is written at its end
+(``Exchange.sent``)."""
 
 from __future__ import annotations
 
@@ -41,23 +44,31 @@ class RequestLog(Owner):
         """A turns.py ``started`` listener (HTTP and the WebSocket alike): the request its first
         upstream gets, as it goes out."""
         if self.file is not None:
-            self.write(run.flow, run.turn, run.exchange.candidates[0], several=len(self.turns.specs) > 0)
+            ex = run.exchange
+            self.write(run.flow, run.turn, ex.candidates[0], several=len(self.turns.specs) > 0,
+                       body=ex.compaction.summary(0) if ex.compaction is not None else None)
 
     def finished(self, done) -> None:
-        """A turns.py ``finished`` listener: the fallbacks' requests, when fallbacks were tried."""
+        """A turns.py ``finished`` listener: the fallbacks' requests, when fallbacks were tried;
+        after a compaction round, every request but the first (``Exchange.sent``)."""
         ex = done.exchange
-        if self.file is None or ex is None or not ex.answered:
+        if self.file is None or ex is None:
+            return
+        several = len(self.turns.specs) > 0
+        if ex.compaction is not None:
+            for i, body in ex.sent[1:]:
+                self.write(done.flow, done.turn, ex.candidates[i], several=several, body=body)
             return
         for candidate in ex.candidates[1:ex.answered + 1]:
             self.write(done.flow, done.turn, candidate, several=True)
 
-    def write(self, flow: http.HTTPFlow, turn, to, several: bool = False) -> None:
-        """One line for a chat request a turn sent the candidate ``to`` (its URL, its body;
-        ``several``: the upstream's name too)."""
+    def write(self, flow: http.HTTPFlow, turn, to, several: bool = False, body: bytes | None = None) -> None:
+        """One line for a chat request a turn sent the candidate ``to`` (its URL, ``body``: its body
+        unless another; ``several``: the upstream's name too)."""
         line = {"ts": time.time(), "flow": flow.id, "session": session_key(turn.prompt_cache_key, flow.request.headers),
                 "url": to.url}
         if several:
             line["upstream"] = to.name
         head = json.dumps(line, ensure_ascii=False)
         # the body spliced in as sent: byte for byte what the upstream got
-        self.file.write(f'{head[:-1]}, "body": {to.body.decode()}}}\n')
+        self.file.write(f'{head[:-1]}, "body": {(to.body if body is None else body).decode()}}}\n')

@@ -20,7 +20,9 @@ summary that fails midway (a silence; a cut, or a stream ended with neither a fi
 client. What its reader finds is no summary (``SummaryReader.failure``: the backend's error
 object, garbage, a finish reason of failure, an event or an output past the bounds) is such a
 failure too: it falls back while another candidate remains, and the last one's fails the turn
-as it would fail an answer.
+as it would fail an answer; so does a backend's ``context_length_exceeded`` (routing.py
+``summary_falls_back``: the next may hold more). A compaction turn (Codex's trigger, the compact
+endpoint) is that summary call alone: its answer is the item (``Summarized``).
 
 The tool loop (resp2chat_core/toolloop.py: web search, hosted MCP tools) is decided in the core;
 each round's answer goes through it (the call's reader, upstream.py ``Reader``: ``ToolLoop.feed``,
@@ -60,9 +62,9 @@ import h11
 from resp2chat_core import mcp, routing, websearch
 from resp2chat_core.channel import (
     Accepted, Channel, Compacted, Keepalive, McpApproval, McpCalled, McpCalling, McpListed, McpListing, Oversized,
-    Rerouted, SearchDone, SearchStarted, Stopped, UpstreamFailed,
+    Rerouted, SearchDone, SearchStarted, Stopped, Summarized, UpstreamFailed,
 )
-from resp2chat_core.compaction import ServerCompaction
+from resp2chat_core.compaction import NO_SEAL, NO_SUMMARY, ServerCompaction
 from resp2chat_core.labels import shown
 from resp2chat_core.routing import Candidate
 from resp2chat_core.sse import MAX_EVENT
@@ -123,6 +125,9 @@ class Exchange:
     # backend do (tpm spends it besides the answer's; None: it did not run)
     compaction: ServerCompaction | None = None
     compaction_work: Work | None = None
+    # (candidate index, body) of each chat request the turn's walks sent, in order, once it ran a
+    # compaction round (the summary's, then the answer's first round; the request log writes them)
+    sent: list = field(default_factory=list)
 
     def mcp_server(self, label: str) -> str:
         """The operator's name (mcp_servers label) of the server a request's label binds to."""
@@ -291,7 +296,10 @@ async def _rounds(ex: Exchange, client: UpstreamClient, sessions: mcp_client.Ses
         loop = ex.loop = _loop(ex, only.body) if looped else None
         if loop is not None:
             loop.begin(prelude)
-        outcome = await client.call(only, headers, loop.body if loop else only.body, ex.channel, loop)
+        body = loop.body if loop else only.body
+        if ex.compaction is not None:
+            ex.sent.append((0, body))
+        outcome = await client.call(only, headers, body, ex.channel, loop)
     if loop is None:
         return
     to = ex.answering
@@ -323,7 +331,9 @@ async def _compact(ex: Exchange, client: UpstreamClient, headers: list[tuple[byt
     into the item the client hears first, every candidate's body then the answer round's; the
     answer then starts from the candidate that wrote the summary (``ex.answered``): those before
     it failed a moment ago, and it has just read the conversation's head the answer's prompt
-    begins with. False: the turn is over (its failure is in the channel)."""
+    begins with. A compaction turn (``plan.answer`` None: Codex's trigger, the compact endpoint)
+    is this round alone: its answer is the sealed item with the backend's usage (``Summarized``).
+    False: the turn is over (its failure, or a compaction turn's answer, is in the channel)."""
     plan = ex.compaction
     reader = plan.reader(ex.max_event)
     calls: list = []  # (index, reader, failed) of each candidate's summary call: ``ServerCompaction.work``
@@ -333,6 +343,7 @@ async def _compact(ex: Exchange, client: UpstreamClient, headers: list[tuple[byt
         reader = plan.reader(ex.max_event, to.think)  # (a fresh one for each candidate: nothing of a failed one's)
         # (the summary streams to nobody: the client hears keepalives meanwhile, as while steps run;
         # a backend that ignored ``stream``: its whole JSON is the summary too, never the turn's answer)
+        ex.sent.append((i, plan.summary(i)))
         task = asyncio.ensure_future(client.call(to, headers, plan.summary(i), attempt, reader))
         try:
             await _kept_alive(ex, task, to.keepalive)
@@ -353,15 +364,17 @@ async def _compact(ex: Exchange, client: UpstreamClient, headers: list[tuple[byt
         calls.append((i, reader, attempt.failure is not None or reader.failure is not None or not outcome.answered))
         return outcome
 
-    outcome = await _walk(ex, 0, failed, call, "writing the compaction summary")
+    outcome = await _walk(ex, 0, failed, call, "writing the compaction summary", routing.summary_falls_back)
     ex.compaction_work = plan.work(calls)  # (a call that failed midway, fallen back from, spent tokens too)
     if outcome is None or ex.channel.closed:
         return False
     summary = reader.text()
     if not summary or plan.sealer is None:
-        why = ("the gateway has no seal key for the compaction summary" if plan.sealer is None and summary else
-               "the backend wrote no summary for the compaction")
+        why = NO_SEAL if plan.sealer is None and summary else NO_SUMMARY
         ex.channel.event(failure(502, why, "server_error", "server_error"))
+        return False
+    if plan.answer is None:  # (a compaction turn: the summary is its answer)
+        ex.channel.event(Summarized(plan.item(summary), reader.chat_usage))
         return False
     ex.channel.event(Compacted(plan.item(summary), reader.output_tokens()))
     bodies = plan.answer(summary)
@@ -472,14 +485,18 @@ async def _first_answer(ex: Exchange, client: UpstreamClient, headers: list[tupl
         loop = ex.loop = _loop(ex, to.body) if looped else None  # (its think tags, its tools)
         if loop is not None:
             loop.begin(prelude)
-        return await client.call(to, headers, loop.body if loop else to.body, attempt, loop)
+        body = loop.body if loop else to.body
+        if ex.compaction is not None:
+            ex.sent.append((i, body))
+        return await client.call(to, headers, body, attempt, loop)
 
     outcome = await _walk(ex, start, failed, call, "before its first byte")
     return outcome or CallEnd.BROKEN, ex.loop
 
 
 async def _walk(ex: Exchange, start: int, failed: list[tuple[str, UpstreamFailed]],
-                call: Callable[[int, Candidate, routing.Attempt], Awaitable[CallEnd]], when: str) -> CallEnd | None:
+                call: Callable[[int, Candidate, routing.Attempt], Awaitable[CallEnd]], when: str,
+                falls_back: Callable[[UpstreamFailed], bool] = routing.falls_back) -> CallEnd | None:
     """The turn's one walk of its candidates, for every backend call that may fall back (the
     summary's, the answer's first round): from ``start`` on, in order, each called through an
     ``Attempt`` (``call(index, candidate, attempt)``), until one answers (routing.py's rule:
@@ -488,7 +505,8 @@ async def _walk(ex: Exchange, start: int, failed: list[tuple[str, UpstreamFailed
     anything the caller tells the client next). ``failed``: (name, failure) of the candidates fallen
     back from in this turn, this walk's added: when the last fails too, one failure names them
     all, with the shortest Retry-After (``routing.all_failed``). ``when``: the log's words for
-    when a candidate fallen back from failed ("before its first byte"). Returns the outcome of the one
+    when a candidate fallen back from failed ("before its first byte"). ``falls_back``: which
+    failures do (routing.py; a summary's: ``summary_falls_back``). Returns the outcome of the one
     that answered (``ex.answered``: its index); None: the turn failed (its failure is in the
     channel)."""
     last = len(ex.candidates) - 1
@@ -501,13 +519,13 @@ async def _walk(ex: Exchange, start: int, failed: list[tuple[str, UpstreamFailed
         if failure is None:
             attempt.release()  # (one that passed nothing on, the summary: its Rerouted goes now)
             return outcome
-        if routing.falls_back(failure) and i < last:
+        if falls_back(failure) and i < last:
             failed.append((to.name, failure))
             ex.skipped.append((to.name, failure.status))
             log.warning(f"resp2chat: upstream {to.name} failed {when} (HTTP {failure.status}): "
                         f"trying {ex.candidates[i + 1].name} for model {ex.model!r}")
             continue
-        if failed and routing.falls_back(failure):
+        if failed and falls_back(failure):
             failure = routing.all_failed(ex.model, failed + [(to.name, failure)])
         ex.channel.event(failure)
         return None
