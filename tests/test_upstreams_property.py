@@ -254,9 +254,9 @@ def test_fallbacks_follow_the_rule_and_each_upstream_gets_its_own(fleet, plan, t
     # each backend asked at most once, in order, exactly those the rule says
     got = {n: backends[n].calls_for(text) for n in NAMES}
     assert [n for n in NAMES if got[n]] == asked, (plan, {n: len(c) for n, c in got.items()})
-    # (a reset on a pooled connection is taken for a stale one and tried once more on a fresh one)
-    assert all(len(got[n]) == 1 or len(got[n]) == 2 and plan[NAMES.index(n)] == "reset" for n in asked), \
-        (plan, {n: len(c) for n, c in got.items()})
+    # (once each: a reset after the request was written, a pooled connection's too, is no cue to send
+    # it again, relay/upstream.py: the backend may be running it)
+    assert all(len(got[n]) == 1 for n in asked), (plan, {n: len(c) for n, c in got.items()})
     # each its own model, key, header and lowering, never another's
     for n in asked:
         call = got[n][0]

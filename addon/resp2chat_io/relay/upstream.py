@@ -88,7 +88,6 @@ class CallEnd(enum.Enum):
     REUSABLE = "reusable"  # answered in full; the connection goes back to the pool
     ENDED = "ended"  # answered in full; the backend does not keep the connection
     BROKEN = "broken"  # failed or cut (reported to the channel); the connection is closed
-    STALE = "stale"  # a pooled connection the backend had closed meanwhile: retry on a fresh one
 
     @property
     def answered(self) -> bool:
@@ -224,6 +223,27 @@ class _Watch:
         return True
 
 
+def _still_open(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+    """Whether an idle pooled connection may carry a request: open on both sides, nothing unread
+    (a backend that closed it, or said anything unasked, is done with it). The socket itself is
+    asked too (a peek, without reading): a close the event loop has not yet handed to the stream
+    reader is seen so before the request is written, the last moment it can be (after, the
+    backend may have it: the call is never sent again, relay ``call``)."""
+    if w.is_closing() or r.at_eof() or r.exception() is not None or len(getattr(r, "_buffer", b"")):
+        return False
+    transport_sock = w.get_extra_info("socket")
+    if transport_sock is None:
+        return True
+    try:  # (asyncio's TransportSocket has no recv: a duplicate of its descriptor peeks)
+        with socket.fromfd(transport_sock.fileno(), transport_sock.family, transport_sock.type) as sock:
+            sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        return False  # (the end of the stream, b"", or bytes nobody asked for)
+    except (BlockingIOError, InterruptedError):
+        return True  # (nothing to read: open and silent)
+    except OSError:
+        return False  # (reset)
+
+
 class TooLarge(Exception):
     """A 200 body past ``UpstreamClient.max_get`` (``get``): not read whole, not returned."""
 
@@ -261,43 +281,38 @@ class UpstreamClient:
         returns None (it refused the stream: the caller reports why)."""
         target = BackendUrl(to.url)
         headers = to.sent(headers)
-        for attempt in (1, 2):
-            try:
-                # a second attempt (the pooled connection was stale) takes a fresh connection
-                up_reader, up_writer, pooled = await self._connect(target.key, pooled=attempt == 1,
-                                                                   timeout=to.connect_timeout)
-            except (OSError, asyncio.TimeoutError) as exc:
-                reason = f"timed out after {to.connect_timeout:g} s" if isinstance(exc, asyncio.TimeoutError) \
-                    else (exc.strerror or str(exc))
-                channel.event(failure(502, f"cannot connect to the upstream {target.origin}: {reason}",
+        try:
+            # (a pooled connection is taken only when found open just now, _still_open: the last point
+            # at which the backend provably has not got the request; once written, it is never sent again)
+            up_reader, up_writer, _ = await self._connect(target.key, timeout=to.connect_timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            reason = f"timed out after {to.connect_timeout:g} s" if isinstance(exc, asyncio.TimeoutError) \
+                else (exc.strerror or str(exc))
+            channel.event(failure(502, f"cannot connect to the upstream {target.origin}: {reason}",
+                                  "upstream_unavailable"))
+            return CallEnd.BROKEN
+        # (heard: [any byte came from the backend, its answer's head came]: before the head, nothing
+        # of the answer reached the channel, so a failure then is reported, and may fall back; a chat
+        # request is not idempotent, so one cut after it was written, pooled connection or not, is
+        # such a failure, not sent again: the backend may be running it)
+        outcome, heard = CallEnd.BROKEN, [False, False]
+        try:
+            outcome = await self._roundtrip(target, headers, body, up_reader, up_writer, channel, reader, heard,
+                                            _Watch(to.idle_timeout, to.keepalive, channel, to.data_timeout))
+        except (OSError, h11.ProtocolError) as exc:
+            if heard[0] and not heard[1]:  # (bytes that are no HTTP answer: another service, a proxy's)
+                channel.event(failure(502, f"the upstream {target.origin} answered with no HTTP response ({exc})",
                                       "upstream_unavailable"))
-                return CallEnd.BROKEN
-            # (heard: [any byte came from the backend, its answer's head came]: before the head, nothing
-            # of the answer reached the channel, so a failure then is reported, and may fall back)
-            outcome, heard = CallEnd.BROKEN, [False, False]
-            try:
-                outcome = await self._roundtrip(target, headers, body, up_reader, up_writer, channel, reader, heard,
-                                                _Watch(to.idle_timeout, to.keepalive, channel, to.data_timeout))
-            except (OSError, h11.ProtocolError) as exc:
-                if pooled and not heard[0]:
-                    outcome = CallEnd.STALE
-                else:
-                    outcome = CallEnd.BROKEN
-                    if heard[0] and not heard[1]:  # (bytes that are no HTTP answer: another service, a proxy's)
-                        channel.event(failure(502, f"the upstream {target.origin} answered with no HTTP response ({exc})",
-                                              "upstream_unavailable"))
-                    elif not heard[0]:
-                        why = "closed the connection before answering" if isinstance(exc, h11.ProtocolError) else \
-                            f"connection failed: {exc}"
-                        channel.event(failure(502, f"the upstream {why}", "upstream_unavailable"))
-            finally:
-                if outcome is CallEnd.REUSABLE:
-                    self._pool.setdefault(target.key, []).append((up_reader, up_writer))
-                else:
-                    up_writer.close()
-            if outcome is not CallEnd.STALE:
-                return outcome
-        return CallEnd.BROKEN  # not reached: a fresh connection is never stale
+            elif not heard[0]:
+                why = "closed the connection before answering" if isinstance(exc, h11.ProtocolError) else \
+                    f"connection failed: {exc}"
+                channel.event(failure(502, f"the upstream {why}", "upstream_unavailable"))
+        finally:
+            if outcome is CallEnd.REUSABLE:
+                self._pool.setdefault(target.key, []).append((up_reader, up_writer))
+            else:
+                up_writer.close()
+        return outcome
 
     async def get(self, url: str, headers: list[tuple[bytes, bytes]], body: bytes | None = None, *,
                   connect_timeout: float | None | bool = False, idle_timeout: float | None = None) -> tuple[int, bytes]:
@@ -352,7 +367,7 @@ class UpstreamClient:
         idle = self._pool.get(key) if pooled else None
         while idle:
             r, w = idle.pop()
-            if not w.is_closing() and not r.at_eof():
+            if _still_open(r, w):
                 return r, w, True
             w.close()
         scheme, host, port = key
