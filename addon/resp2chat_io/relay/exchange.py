@@ -471,7 +471,9 @@ async def _first_answer(ex: Exchange, client: UpstreamClient, headers: list[tupl
         loop = ex.loop = _loop(ex, to.body) if looped else None  # (its think tags, its tools)
         if loop is not None:
             loop.begin(prelude)
-        return await client.call(to, headers, loop.body if loop else to.body, attempt, loop)
+        # (an answer that ends empty, with another candidate after it: a failure before the first byte)
+        return await client.call(to, headers, loop.body if loop else to.body, attempt, loop,
+                                 fall_back=i < len(ex.candidates) - 1)
 
     outcome = await _walk(ex, start, failed, call, "before its first byte")
     return outcome or CallEnd.BROKEN, ex.loop

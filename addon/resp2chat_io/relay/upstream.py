@@ -47,7 +47,7 @@ from resp2chat_core.routing import Candidate
 from resp2chat_core.channel import Channel, Keepalive, UpstreamFailed, UpstreamJSON
 from resp2chat_core.chunked import ChunkedDecoder, ChunkedError
 from resp2chat_core.limits import backend_retry_after
-from resp2chat_core.sse import MAX_EVENT, Progress
+from resp2chat_core.sse import MAX_EVENT, Opening, Progress
 from resp2chat_core.translator import OUTPUT_EVENTS, OUTPUT_TOO_LARGE, output_bound
 
 from .. import offload
@@ -269,7 +269,7 @@ class UpstreamClient:
         return sum(len(c) for c in self._pool.values())
 
     async def call(self, to: Candidate, headers: list[tuple[bytes, bytes]], body: bytes, channel: Channel,
-                   reader: Reader | None = None) -> CallEnd:
+                   reader: Reader | None = None, fall_back: bool = False) -> CallEnd:
         """POST ``body`` to the candidate ``to`` (its URL; its own headers and Authorization
         after ``headers``; its timeouts); the answer goes to ``channel`` (with a ``reader``: a
         200 stream's bytes through ``reader.feed`` first; a 200 JSON body through
@@ -278,7 +278,11 @@ class UpstreamClient:
 
         The call stops reading the backend (and closes its connection) when the consumer is done
         with the turn (``channel.closed``) and more of the body comes, or when ``reader.feed``
-        returns None (it refused the stream: the caller reports why)."""
+        returns None (it refused the stream: the caller reports why).
+
+        ``fall_back``: another upstream may answer the turn if this one does not: a 200 stream
+        that ends without answering anything (sse.py ``Opening``: no choice in it) is then a
+        failure before the first byte (nothing of it reached the channel), not an empty answer."""
         target = BackendUrl(to.url)
         headers = to.sent(headers)
         try:
@@ -298,7 +302,8 @@ class UpstreamClient:
         outcome, heard = CallEnd.BROKEN, [False, False]
         try:
             outcome = await self._roundtrip(target, headers, body, up_reader, up_writer, channel, reader, heard,
-                                            _Watch(to.idle_timeout, to.keepalive, channel, to.data_timeout))
+                                            _Watch(to.idle_timeout, to.keepalive, channel, to.data_timeout),
+                                            fall_back)
         except (OSError, h11.ProtocolError) as exc:
             if heard[0] and not heard[1]:  # (bytes that are no HTTP answer: another service, a proxy's)
                 channel.event(failure(502, f"the upstream {target.origin} answered with no HTTP response ({exc})",
@@ -384,7 +389,7 @@ class UpstreamClient:
 
     async def _roundtrip(self, target: BackendUrl, headers, body: bytes, up_reader: asyncio.StreamReader,
                         up_writer: asyncio.StreamWriter, channel: Channel, reader: Reader | None,
-                        heard: list[bool], watch: _Watch) -> CallEnd:
+                        heard: list[bool], watch: _Watch, fall_back: bool = False) -> CallEnd:
         client = h11.Connection(h11.CLIENT)
         parts = target.parts
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -416,6 +421,7 @@ class UpstreamClient:
         hdrs = dict(event.headers)
         status, ctype, retry_after = event.status_code, hdrs.get(b"content-type", b""), hdrs.get(b"retry-after")
         stream = status == 200 and b"json" not in ctype
+        opening = Opening() if stream and fall_back else None  # (held until it answers anything)
 
         def put(data: bytes) -> bool:
             """A 200 stream's bytes to the channel; False: read no more of it (the turn is over,
@@ -424,10 +430,27 @@ class UpstreamClient:
                 return False
             if not (data := watch.heard(data)):
                 return True  # (comments before the first data: no answer yet)
+            if opening is not None and not opening.begun and not (data := opening.feed(data)):
+                return True  # (nothing but [DONE] or chunks without a choice yet: no answer)
             if reader is not None and (data := reader.feed(data)) is None:
                 return False
             channel.data(data)
             return True
+
+        def ended(outcome: CallEnd) -> CallEnd:
+            """The stream ended whole: one that answered nothing fails (the next upstream answers);
+            what was held of one that did goes on."""
+            if opening is None or opening.begun or not outcome.answered or channel.closed:
+                return outcome
+            if opening.empty():
+                channel.event(failure(502, "the upstream answered with an empty stream (no choices)",
+                                      "upstream_unavailable"))
+                return outcome
+            held = opening.release()
+            if reader is not None and (held := reader.feed(held)) is None:
+                return CallEnd.BROKEN
+            channel.data(held)
+            return outcome
 
         if not stream:
             watch.data = float("inf")  # (an error or JSON body: no SSE, no comments; its bytes are its progress)
@@ -435,7 +458,8 @@ class UpstreamClient:
             # Pooled afterwards only if the backend keeps the connection (cpp-httplib, llama.cpp's
             # server, says "close" when a connection has served its share).
             keep = event.http_version == b"1.1" and b"close" not in hdrs.get(b"connection", b"").lower()
-            return await self._pump(up_reader, up_writer, client.trailing_data[0], put, channel, watch, keep)
+            return ended(await self._pump(up_reader, up_writer, client.trailing_data[0], put, channel, watch, keep,
+                                          opening))
 
         # an error body, kept to be reported (up to MAX_ERROR_BODY), or a 200 JSON body, read whole
         # (up to max_answer: past it, one declared so or one that grows so, the call fails)
@@ -479,10 +503,10 @@ class UpstreamClient:
         done = client.our_state is h11.DONE and client.their_state is h11.DONE
         # (a whole body answered, whether or not the backend keeps the connection: ``connection:
         # close``, HTTP/1.0, leave h11 in MUST_CLOSE; a JSON summary or loop round read so is whole)
-        return CallEnd.REUSABLE if done else (CallEnd.ENDED if stream or whole_body else CallEnd.BROKEN)
+        return ended(CallEnd.REUSABLE if done else (CallEnd.ENDED if stream or whole_body else CallEnd.BROKEN))
 
     async def _pump(self, up_reader, up_writer, trailing: bytes, put, channel: Channel, watch: _Watch,
-                    keep: bool) -> CallEnd:
+                    keep: bool, opening: Opening | None = None) -> CallEnd:
         """A chunked 200 stream: the body goes from the backend's socket to the channel in the
         transport's own callback (``_BodyPump``)."""
         pump = _BodyPump(put, channel, watch, keep)
@@ -499,7 +523,8 @@ class UpstreamClient:
             if not await watch.until(pump.outcome):
                 return CallEnd.BROKEN
             outcome = pump.outcome.result()
-            if outcome is CallEnd.BROKEN and not watch.streaming and not channel.closed:
+            if outcome is CallEnd.BROKEN and (not watch.streaming or opening is not None and not opening.begun) \
+                    and not channel.closed:
                 # cut before any data (comments aside): no answer began, nothing reached the client; a
                 # failure before the first byte, as a silence is (the next upstream may answer)
                 channel.event(failure(502, "the upstream ended its stream before any data", "upstream_unavailable"))
