@@ -17,19 +17,26 @@ import threading
 import pytest
 import requests
 
-from helpers import LocalServer, QuietHandler, chat_chunk, chat_sse, post_turn, send_json, send_sse, stream_turn
+from helpers import (Codex, LocalServer, QuietHandler, chat_chunk, chat_sse, post_turn, send_json, send_sse,
+                     stream_turn)
+from test_e2e_codex import diag, set_retries
 
 
 class _Backend(QuietHandler):
-    """Behaves as the last word of the request's last message says."""
+    """Behaves as the last word of the request's last message says (``once-silent``: silent the
+    first time, then an answer). ``seen``: those words, one per request."""
 
     release = threading.Event()
+    seen: list[str] = []
 
     def do_POST(self):  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
         word = body["messages"][-1]["content"]
         word = word if isinstance(word, str) else word[-1]["text"]
         word = word.split()[-1]
+        type(self).seen.append(word)
+        if word == "once-silent" and type(self).seen.count(word) == 1:
+            word = "silent"
         if word == "silent":
             type(self).release.wait(30)
             return
@@ -48,6 +55,7 @@ class _Backend(QuietHandler):
 @pytest.fixture
 def gw(gateway_factory):
     _Backend.release.clear()
+    _Backend.seen = []
     with LocalServer(_Backend) as server:
         yield gateway_factory(server.url, "--set", "resp2chat_upstream_idle_timeout_secs=1", "--set", "resp2chat_keepalive_secs=0",
                               "--set", "resp2chat_max_upstream_event_mb=1", "--set", "resp2chat_max_replay_entries=0")
@@ -113,3 +121,20 @@ def test_the_codes_a_strict_client_takes_are_the_sdk_s_own():
     for code in CODEX_CODES:
         assert response_error(code, "m") == {"code": code, "message": "m"}  # (README's table: Codex's)
     assert response_error("store_unavailable", "m") == {"code": "server_error", "message": "m", "type": "store_unavailable"}
+
+
+@pytest.mark.codex
+def test_codex_acts_on_the_codes_as_before(gw, codex_bin, tmp_path):
+    """The real Codex CLI, two stream retries allowed: a gateway's own failure (a silent backend:
+    ``server_error``, type ``upstream_timeout``) is retried as the specific code was (Codex retries
+    any code it does not know), and the retry is answered; ``context_length_exceeded`` still ends
+    the turn at once with Codex's own words for it (its context window), never retried."""
+    codex = Codex.at(codex_bin, tmp_path)
+    codex.configure(gw.base_url)
+    set_retries(codex, stream=2)
+    run = codex.exec("please once-silent", timeout=90)
+    assert run.returncode == 0 and "hi" in run.stdout, diag(run, gw)
+    assert _Backend.seen.count("once-silent") == 2, _Backend.seen
+    run = codex.exec("please ctx", timeout=90)
+    assert run.returncode != 0 and "context window" in run.output, diag(run, gw)
+    assert _Backend.seen.count("ctx") == 1, _Backend.seen
