@@ -2,7 +2,8 @@
 
 Before a stream starts, an error is an HTTP status with an OpenAI error body. Once a Responses
 stream has started (or the client asked for one), it is a ``response.failed`` event whose
-``error.code`` is one Codex knows how to act on (see ``classify_upstream_error``).
+``error.code`` is one Codex knows how to act on (see ``classify_upstream_error``) and a strict
+client accepts (``response_error``: the gateway's own codes go to ``error.type``).
 """
 
 from __future__ import annotations
