@@ -759,7 +759,7 @@ def check_stream(raw: bytes, response_id: str = RESP_ID) -> list[dict]:
     done = [e for e in evs if e["type"] == "response.output_item.done"]
     open_ = set(added.values()) - {e["output_index"] for e in done}
     assert not open_ or end["status"] in ("failed", "cancelled") and (
-        open_ <= calls or end["error"]["code"] == "upstream_output_too_large"), f"items added never done: {open_}"
+        open_ <= calls or end["error"].get("type") == "upstream_output_too_large"), f"items added never done: {open_}"
     assert len(done) == len({e["output_index"] for e in done})
     assert end["output"] == [e["item"] for e in sorted(done, key=lambda e: e["output_index"])]
     return evs

@@ -218,7 +218,8 @@ def test_a_conversation_that_cannot_take_the_turn_fails_it(upstream, tmp_path, r
                 events = parse_sse(got["body"])
                 end = terminal(events)
                 assert end["type"] == "response.failed" and end["response"]["status"] == "failed", end
-                assert end["response"]["error"]["code"] == "store_unavailable"
+                # (errors.response_error: the gateway's own code is the type)
+                assert (end["response"]["error"]["code"], end["response"]["error"]["type"]) == ("server_error", "store_unavailable")
                 assert "not added to its conversation" in end["response"]["error"]["message"]
                 assert end["response"]["completed_at"] is None and end["response"]["output"]  # (what it said, kept)
                 assert [e["sequence_number"] for e in events] == list(range(len(events)))
@@ -236,7 +237,7 @@ def test_a_conversation_that_cannot_take_the_turn_fails_it(upstream, tmp_path, r
             client.conversations.delete(conv)
             events = [first] + ws.events()
             end = terminal(events)
-            assert end["type"] == "response.failed" and end["response"]["error"]["code"] == "conversation_not_found"
+            assert end["type"] == "response.failed" and end["response"]["error"]["type"] == "conversation_not_found"
         finally:
             ws.close()
         # the gateway logged warnings, no ERROR, and serves on
@@ -281,7 +282,7 @@ def test_the_landing_reader_holds_the_end_until_finish_and_can_make_it_failed():
         assert secret.decode() not in (out + end).decode() and bytes(reader.sent) == out + end  # (scrubbed, kept)
         if failed:
             assert events[-1]["type"] == "response.failed" and last["status"] == "failed"
-            assert last["error"]["code"] == "store_unavailable" and last["completed_at"] is None
+            assert last["error"]["type"] == "store_unavailable" and last["completed_at"] is None
             assert last["output"][0]["content"][0]["text"] == "the key is [redacted]"  # (what it said, kept)
             assert reader.translator.response()["status"] == "failed"  # (what the turn's listeners hear)
         else:

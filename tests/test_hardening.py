@@ -84,7 +84,7 @@ def test_silent_upstream_times_out_with_response_failed(slow_upstream, gateway_f
     gw = gateway_factory(f"http://127.0.0.1:{server.server_address[1]}", "--set", "resp2chat_request_timeout_secs=1",
                          "--set", "resp2chat_keepalive_secs=0")
     err = failed_error(stream_turn(gw, {"model": "m", "input": "anyone?"}))
-    assert err["code"] == "upstream_timeout" and "sent nothing for 1 s" in err["message"]
+    assert (err["code"], err["type"]) == ("server_error", "upstream_timeout") and "sent nothing for 1 s" in err["message"]
 
 
 @pytest.mark.parametrize("headers_first", [False, True], ids=["head-late", "head-first"])

@@ -103,7 +103,8 @@ def test_a_backend_answer_that_never_ends_is_cut_with_memory_bounded(gateway_fac
             events, got = _babbling_turn(gw, model, 96 * MiB)
             last = events[-1]
             assert last["type"] == "response.failed", (model, got >> 20, last["type"])
-            assert last["response"]["error"]["code"] == "upstream_output_too_large", last
+            assert (last["response"]["error"]["code"], last["response"]["error"]["type"]) == \
+                ("server_error", "upstream_output_too_large"), last
             assert "8 MiB" in last["response"]["error"]["message"], last
             assert peak.grown < 96 * MiB, f"{model}: the gateway grew {peak.grown / MiB:.0f} MiB"
             call = Babbler.calls[-1]
@@ -346,7 +347,8 @@ def test_a_backend_that_sends_only_comments_fails_the_turn_and_frees_its_slot(ga
         failed = streamed("comments")
         assert failed[-1]["type"] == "response.failed", [e["type"] for e in failed]
         error = failed[-1]["response"]["error"]
-        assert error["code"] == "upstream_timeout" and "sent no data for 4 s" in error["message"], error
+        assert (error["code"], error["type"]) == ("server_error", "upstream_timeout"), error
+        assert "sent no data for 4 s" in error["message"], error
         assert [e["type"] for e in failed].count("response.in_progress") >= 3  # keepalives while comments came
         wait_until(lambda: Commenter.calls[-1]["cut"], 10, "the backend call cut")
         ok = requests.post(gw.base_url + "/responses", json={"model": "queued", "input": "hi"}, headers=auth,
@@ -359,7 +361,7 @@ def test_a_backend_that_sends_only_comments_fails_the_turn_and_frees_its_slot(ga
         finally:
             ws.close()
         assert events[-1]["type"] == "response.failed", [e["type"] for e in events]
-        assert events[-1]["response"]["error"]["code"] == "upstream_timeout"
+        assert events[-1]["response"]["error"]["type"] == "upstream_timeout"
         wait_until(lambda: Commenter.calls[-1]["cut"], 10, "the socket turn's backend call cut")
         ok = requests.post(gw.base_url + "/responses", json={"model": "queued", "input": "hi"}, headers=auth,
                            timeout=20)

@@ -108,7 +108,7 @@ def test_a_whole_json_answer_past_the_bound_fails_the_turn_and_is_not_read(gatew
             end = parse_sse(_turn(gw, model, True).content)[-1]
             assert end["type"] == "response.failed", (model, end)
             error = end["response"]["error"]
-            assert error["code"] == "upstream_output_too_large", error
+            assert (error["code"], error["type"]) == ("server_error", "upstream_output_too_large"), error
             assert "larger than 8 MiB (8 × max_upstream_event_mb)" in error["message"], error
             call = Whole.calls[-1]
             wait_until(lambda: call["cut"] or call["done"], what=f"the {model} call ending")  # noqa: B023

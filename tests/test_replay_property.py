@@ -10,6 +10,7 @@ backend's words for that owner and model, never another's); 16 identical request
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 import uuid
@@ -20,7 +21,8 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import check_stream, parse_sse, resp2chat_cli, scrape, start_gateway, wait_until
+from helpers import (RESP2CHAT, check_stream, cli_env, free_port, parse_sse, resp2chat_cli, scrape, start_gateway,
+                     stop_process, wait_http, wait_until)
 from mitmproxy import http as mhttp
 from wsclient import WSClient
 from test_upstreams_property import Backend
@@ -259,25 +261,81 @@ def test_a_preloaded_json_answer_is_served_as_a_streamed_one_is(upstream, record
         gw.stop()
 
 
+def _flow_ends(path) -> list[tuple[int, str]]:
+    """Where each flow of a flow file ends (its byte offset), and its Responses request."""
+    from mitmproxy import io
+
+    ends = []
+    with path.open("rb") as fh:
+        for f in io.FlowReader(fh).stream():
+            ends.append((fh.tell(), str((f.metadata.get("resp2chat") or {}).get("responses_request") or "")))
+    return ends
+
+
 @settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
 @given(cut=st.floats(0.0, 0.999))
-def test_a_truncated_recording_is_named_not_a_traceback(recorded, tmp_path_factory, cut):
-    """A flow file cut anywhere (a gateway killed while writing it): retranslate and analyze say
-    they cannot read it, ``--server-replay`` and ``resp2chat_replay_preload`` refuse to start
-    saying why, none with a traceback, none hanging."""
+def test_a_truncated_recording_is_read_up_to_the_cut_never_a_traceback(recorded, tmp_path_factory, cut):
+    """A flow file cut anywhere (a gateway killed while writing it): retranslate and analyze read
+    it up to the cut or say they cannot, ``resp2chat_replay_preload`` starts (a cut before the
+    first whole flow: it refuses to start saying why), ``--server-replay`` given to mitmdump itself
+    starts or refuses saying why (mitmproxy reads it before the gateway loads: ``resp2chat start``
+    hands it the whole flows, the next test), none with a traceback, none hanging."""
     flows, _ = recorded
     data = flows.read_bytes()
     path = tmp_path_factory.mktemp("cut") / "cut.mitm"
     path.write_bytes(data[:int(len(data) * cut)])
+    whole = _flow_ends(flows)[0][0] <= len(path.read_bytes())
     for command in ("retranslate", "analyze"):
         out = resp2chat_cli(command, str(path), timeout=60)
         _no_traceback(out.stdout + out.stderr)
         if out.returncode:
             assert str(path) in out.stdout + out.stderr and "cannot read" in out.stdout + out.stderr, out
+        if command == "analyze" and whole:
+            assert out.returncode == 0, out.stderr
     for option in (("--server-replay", str(path)), ("--set", f"resp2chat_replay_preload={path}")):
         try:
             gw = start_gateway("http://127.0.0.1:9", path.parent, *option)
         except RuntimeError as exc:  # (refused to start: saying why)
+            assert not whole or option[0] == "--server-replay", str(exc)[-2000:]
             _no_traceback(str(exc))
             continue
         gw.stop()
+
+
+def test_a_recording_cut_in_a_flow_replays_the_flows_before_it(recorded, tmp_path):
+    """A real recording cut in the middle of its third flow: ``analyze`` reads the two whole turns
+    before the cut and warns where the file stops (byte, count); ``resp2chat start -- --server-replay``
+    replays those two byte for byte (mitmproxy's own replay, which reads the file before the
+    gateway loads, gets a copy of the whole flows) and ``resp2chat_replay_preload`` loads them,
+    each warning the same. Before, each refused the whole file ("Invalid data format."): the
+    gateway did not start."""
+    flows, answers = recorded
+    ends = _flow_ends(flows)
+    third = next(i for i, (_, request) in enumerate(ends) if '"hello 2"' in request)
+    data = flows.read_bytes()
+    at = (ends[third - 1][0] + ends[third][0]) // 2  # (in the middle of the third turn's flow)
+    path = tmp_path / "cut.mitm"
+    path.write_bytes(data[:at])
+    said = f"{path}: cut short or unreadable from byte {ends[third - 1][0]} of {at}"
+    out = resp2chat_cli("analyze", "--json", str(path), timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert said in out.stderr and f"the {third} whole flows before it were read" in out.stderr, out.stderr
+    assert len(json.loads(out.stdout)["requests"]) == 2, out.stdout[:500]
+
+    port = free_port()
+    log = tmp_path / "start.log"
+    proc = subprocess.Popen([str(RESP2CHAT), "start", "--", "--mode", f"reverse:http://127.0.0.1:9@127.0.0.1:{port}",
+                             "--server-replay", str(path), "--set", f"resp2chat_replay_preload={path}"],
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT, env=cli_env(tmp_path), cwd=tmp_path)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
+        for (text, stream), answer in zip(TURNS[:2], answers):
+            r = requests.post(f"http://127.0.0.1:{port}/v1/responses", timeout=30,
+                              json={"model": "demo-model", "input": text, "stream": stream})
+            assert r.status_code == 200 and r.content == answer, (text, r.text[:300])
+        said_log = log.read_text()
+        assert f"server replay: {said}" in said_log, said_log[-3000:]
+        assert f"replay cache preload: {said}" in said_log, said_log[-3000:]
+        _no_traceback(said_log)
+    finally:
+        stop_process(proc)

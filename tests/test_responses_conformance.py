@@ -431,9 +431,10 @@ def test_the_gateways_own_runs_close_and_the_output_bound_closes_nothing():
     tr = Translator(t.ctx, max_event=1024)  # (the bound: 8 × 1 KiB of output, each delta and item at its cost)
     out = tr.accepted() + tr.feed(chat_sse(chat_chunk({"reasoning_content": "hmm"}),
                                            *[chat_chunk({"content": "word "}) for _ in range(100)]))
-    evs = check_stream(out, "resp_x")  # (the gateway's own code is not in the SDK's enum: no check_sdk)
+    evs = check_stream(out, "resp_x")
+    check_sdk(evs)  # (the gateway's own code is the error's type: errors.py response_error)
     end = evs[-1]["response"]
-    assert (end["status"], end["error"]["code"]) == ("failed", OUTPUT_TOO_LARGE)
+    assert (end["status"], end["error"]["code"], end["error"]["type"]) == ("failed", "server_error", OUTPUT_TOO_LARGE)
     assert [i["type"] for i in end["output"]] == ["reasoning"]
     assert not [e for e in evs if e["type"] == "response.output_text.done"]
 

@@ -71,7 +71,8 @@ def assert_stopped(events: list[dict]) -> None:
     it was writing closed ``incomplete`` before it (Translator._cut, as any failure closes it)."""
     final = events[-1]
     assert final["type"] == "response.failed", final["type"]
-    assert final["response"]["error"]["code"] == "invalid_api_key", final["response"]["error"]
+    assert (final["response"]["error"]["code"], final["response"]["error"]["type"]) == ("server_error", "invalid_api_key"), \
+        final["response"]["error"]
     assert [e["type"] for e in events].count("response.failed") == 1
     done = [e for e in events if e["type"] == "response.output_item.done"]
     assert done and done[-1]["item"]["type"] == "message" and done[-1]["item"]["status"] == "incomplete", done
@@ -293,7 +294,7 @@ def test_a_revoked_keys_tool_loop_stops_while_its_search_runs(upstream, tmp_path
         assert run_cli(tmp_path, "keys", "revoke", "alice").returncode == 0
         read_until(it, {"response.failed", "response.completed"}, time.monotonic() + STOP_WITHIN, events)
         final = events[-1]
-        assert final["type"] == "response.failed" and final["response"]["error"]["code"] == "invalid_api_key"
+        assert final["type"] == "response.failed" and final["response"]["error"]["type"] == "invalid_api_key"
         calls = [o for o in final["response"]["output"] if o["type"] == "web_search_call"]
         assert [c["status"] for c in calls] == ["failed"], final["response"]["output"]
         assert len(upstream.requests()) == 1  # round 1 only: the loop ran no further round

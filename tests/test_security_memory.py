@@ -114,7 +114,7 @@ def _post(gw, body: dict) -> list[dict]:
 def _oversized(response: dict) -> None:
     assert response["status"] == "failed", response
     error = response["error"]
-    assert error["code"] == "upstream_event_too_large", error
+    assert (error["code"], error["type"]) == ("server_error", "upstream_event_too_large"), error
     assert "max_upstream_event_mb (4 MiB)" in error["message"], error
 
 

@@ -408,7 +408,7 @@ def test_a_revoked_or_rotated_key_stops_its_background_responses_on_every_replic
     ended = wait_until(lambda: (r := stored("bob", bob_run.id)).get("status") not in ("queued", "in_progress", None)
                        and r, 10, "bob's background response stopped")
     assert time.monotonic() - revoked_at < 8  # (its backend stream had ~20 s to go)
-    assert ended["status"] == "failed" and ended["error"]["code"] == "invalid_api_key", ended
+    assert ended["status"] == "failed" and ended["error"]["type"] == "invalid_api_key", ended
     # its turn is over on replica a (the backend call dropped), well before its stream's end
     alice_key = f"Bearer {team.keys['alice']}"
     wait_until(lambda: scrape(team.gws[0], authorization=alice_key)[("resp2chat_streams_in_flight", ())] == 0, 5,
@@ -427,14 +427,14 @@ def test_a_revoked_or_rotated_key_stops_its_background_responses_on_every_replic
     assert team.owner("alice") == owners["alice"]  # (rotation keeps the identity)
     ended = wait_until(lambda: (r := stored("alice", old.id)).get("status") not in ("queued", "in_progress", None)
                        and r, 10, "alice's old key's run stopped")
-    assert ended["status"] == "failed" and ended["error"]["code"] == "invalid_api_key", ended
+    assert ended["status"] == "failed" and ended["error"]["type"] == "invalid_api_key", ended
     # her new key reads what the old one started (the state is the client's), and nothing runs any more
     for gw in team.gws:
         wait_until(lambda: post_turn(gw, {"model": ALL, "input": "hi"}, {"authorization": f"Bearer {new_key}"})
                    .status_code == 200, 10, "the new key taken")
     assert post_turn(team.gws[0], {"model": ALL, "input": "hi"}, {"authorization": alice_key}).status_code == 401
     seen = openai_client(team.gws[0], api_key=new_key).responses.retrieve(old.id)
-    assert seen.status == "failed" and seen.error.code == "invalid_api_key"
+    assert seen.status == "failed" and (seen.error.code, seen.error.type) == ("server_error", "invalid_api_key")
     team.keys["alice-new"] = new_key  # (the fixture checks no key reached a log)
     for gw in team.gws:
         wait_until(lambda: scrape(gw, authorization=f"Bearer {new_key}")[("resp2chat_streams_in_flight", ())] == 0,

@@ -178,7 +178,8 @@ def test_a_per_upstream_idle_timeout_applies_to_that_upstream_only(tmp_path, dem
                          daemon=True).start()
         wait_until(lambda: quiet.headers("patient"), what="patient's request at the backend")
         err = _failed(stream_turn(gw, {"model": "quiet", "input": "x"}, timeout=30))  # quiet alone
-        assert err["code"] == "upstream_timeout" and "the upstream sent nothing for 1 s" in err["message"], err
+        assert (err["code"], err["type"]) == ("server_error", "upstream_timeout"), err
+        assert "the upstream sent nothing for 1 s" in err["message"], err
         whole = requests.post(gw.base_url + "/responses", json={"model": "quiet", "input": "x"}, timeout=30)
         error = whole.json()["error"]
         assert whole.status_code == 502 and (error["type"], error["code"]) == ("upstream_error", "upstream_timeout"), error

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 
 from . import response
-from .errors import GatewayError
+from .errors import GatewayError, response_error
 from .labels import shown
 
 PRIVATE = "_resp2chat_background"  # the stored Response's key for what only gateways read
@@ -81,7 +81,7 @@ def dead(response: dict) -> dict:
     """What a dead running response is: ``failed``, with the reason (stored so, it keeps whether
     it was streamed: a resume of it is told it died, ``without_events``)."""
     streamed = (response.get(PRIVATE) or {}).get("streamed")
-    return {**public(response), "status": "failed", "error": DEAD, **({PRIVATE: {"streamed": True}} if streamed else {})}
+    return {**public(response), "status": "failed", "error": response_error(DEAD["code"], DEAD["message"]), **({PRIVATE: {"streamed": True}} if streamed else {})}
 
 
 def cancelled_here(response: dict) -> dict:
@@ -99,7 +99,7 @@ def too_large(response: dict) -> dict:
     (``TOO_LARGE``), without its output (its input items are kept, as when it was queued); a
     streamed one without its events (a resume of it elsewhere is told they were not kept)."""
     streamed = (response.get(PRIVATE) or {}).get("streamed")
-    return {**public(response), "status": "failed", "error": TOO_LARGE, "output": [],
+    return {**public(response), "status": "failed", "error": response_error(TOO_LARGE["code"], TOO_LARGE["message"]), "output": [],
             **({PRIVATE: {"streamed": True}} if streamed else {})}
 
 
@@ -173,7 +173,7 @@ def without_events(response_id: str, response: dict | None, now: float) -> Gatew
     stored it ``failed`` so), else ``not_kept``."""
     if response is None:
         return not_found(response_id)
-    if is_dead(response, now) or response.get("error") == DEAD:
+    if is_dead(response, now) or response.get("error") == response_error(DEAD["code"], DEAD["message"]):
         return died()
     if (response.get(PRIVATE) or {}).get(ORPHANED):
         return GatewayError("this background response was cancelled after the gateway running it stopped answering: "

@@ -2,7 +2,8 @@
 
 Before a stream starts, an error is an HTTP status with an OpenAI error body. Once a Responses
 stream has started (or the client asked for one), it is a ``response.failed`` event whose
-``error.code`` is one Codex knows how to act on (see ``classify_upstream_error``).
+``error.code`` is one Codex knows how to act on (see ``classify_upstream_error``) and a strict
+client accepts (``response_error``: the gateway's own codes go to ``error.type``).
 """
 
 from __future__ import annotations
@@ -86,6 +87,43 @@ def classify_upstream_error(status: int | None, message: str, upstream_code: obj
     if status is not None and 400 <= status < 500:
         return "invalid_prompt"
     return "server_error"
+
+
+# --- a failed Response's error -------------------------------------------------------------------
+#
+# The rule: a failed Response's ``error.code`` (a ``response.failed`` event, a stored or JSON
+# Response) is always one a strict client accepts or one Codex acts on. openai-python types it
+# as a closed enum (``types/responses/response_error.py``: ``RESPONSE_CODES``), and its model
+# refuses any other; the real API's ``context_length_exceeded`` and ``insufficient_quota``,
+# which that enum lacks, Codex reads (``CODEX_CODES``), so they stay. Any other code the gateway
+# has for a failure (``upstream_timeout``, ``upstream_event_too_large``, ``response_too_large``,
+# a conversation write's ``store_unavailable``…) becomes ``server_error``, which Codex treats as
+# it treated the specific code (retried with its message), and the specific code goes to
+# ``error.type`` (the SDK's "original error type", a free string; the Open Responses spec's
+# error is ``code`` and ``message``, strings, and allows more). An HTTP error body (a client
+# that did not stream) keeps the specific code: its ``code`` is a free string for every client.
+RESPONSE_CODES = frozenset({
+    "server_error", "rate_limit_exceeded", "invalid_prompt", "data_residency_mismatch", "bio_policy",
+    "misalignment_policy_violation", "vector_store_timeout", "invalid_image", "invalid_image_format",
+    "invalid_base64_image", "invalid_image_url", "image_too_large", "image_too_small", "image_parse_error",
+    "image_content_policy_violation", "invalid_image_mode", "image_file_too_large", "unsupported_image_media_type",
+    "empty_image_file", "failed_to_download_image", "image_file_not_found"})
+CODEX_CODES = frozenset({"context_length_exceeded", "insufficient_quota", "rate_limit_exceeded",
+                         "server_is_overloaded", "invalid_prompt"})
+
+
+def response_error(code: str, message: str) -> dict:
+    """A failed Response's ``error`` for the gateway's ``code`` (the rule above)."""
+    if code in RESPONSE_CODES or code in CODEX_CODES:
+        return {"code": code, "message": message}
+    return {"code": "server_error", "message": message, "type": code}
+
+
+def specific_code(error: dict) -> str:
+    """The gateway's own code of a failed Response's ``error`` (``response_error``): its
+    ``type`` when the code stands for it, else the code."""
+    return str(error.get("type") or error.get("code") or "") if error.get("code") == "server_error" \
+        else str(error.get("code") or "")
 
 
 # (the whole token: a key is cut at no mark but a space, a quote or a bracket, else the rest of a

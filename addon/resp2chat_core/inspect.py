@@ -85,7 +85,8 @@ def describe_responses_sse(raw: bytes) -> str:
             detail = f"status={r.get('status')}"
             if r.get("error"):
                 error = _dict(r["error"])
-                detail += f" error={error.get('code')}: {error.get('message')}"
+                kind = f" ({error.get('type')})" if error.get("type") else ""  # (errors.response_error)
+                detail += f" error={error.get('code')}{kind}: {error.get('message')}"
             if r.get("usage"):
                 u = _dict(r["usage"])
                 detail += (f" usage: in={u.get('input_tokens')} (cached "

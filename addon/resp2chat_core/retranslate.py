@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from . import compaction, inputs, mcp, websocket
 from .channel import Reader, rebuild_event
-from .errors import GatewayError, error_json
+from .errors import GatewayError, error_json, specific_code
 from .lowering import LoweringOptions
 from .seal import SEALED_PREFIX, Sealer, SealError
 from .sse import DONE
@@ -191,7 +191,7 @@ def translate(turn, upstream: bytes, gateway_events: list | None, stream: bool =
         return bytes(out)
     result = reader.translator.response()  # as turns.py answers a client that did not stream
     if result["status"] == "failed":
-        return error_json(result["error"]["message"], status_type="upstream_error", code=result["error"]["code"])
+        return error_json(result["error"]["message"], status_type="upstream_error", code=specific_code(result["error"]))
     return json.dumps(result, ensure_ascii=False).encode()
 
 

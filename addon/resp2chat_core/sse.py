@@ -27,6 +27,8 @@ sets it to None: a body that was never SSE (a pretty-printed JSON error served a
 
 from __future__ import annotations
 
+import json
+
 # How the gateway's own HTTP Responses stream ends, after its terminal event (the Open Responses
 # spec's terminal event; OpenAI's API sends none, and every client in the suite takes it: README).
 # Only over HTTP: a WebSocket turn ends with its terminal event's message.
@@ -213,4 +215,57 @@ class Progress:
                 if end < 0:
                     return False
                 i = end + 1
+        return False
+
+
+class Opening:
+    """The start of a 200 chat stream, held until it answers anything (relay/upstream.py, while
+    the next upstream could still answer the turn instead). An empty answer, a stream properly
+    ended with no choice in it (``data: [DONE]`` alone, no event at all, chunks with an empty
+    ``choices`` such as a usage chunk), is no answer: nothing of it reached the client, so it
+    fails as a stream cut before any data does, and the next upstream is asked. The first event
+    with a choice, an error object, or anything the translator must judge (not JSON, a stray line
+    that is no SSE) begins the answer: ``feed`` then returns all that was held, and from then on
+    each piece as it is. Held at most ``limit`` bytes (then it begins: the translator decides)."""
+
+    __slots__ = ("_parser", "_held", "begun", "limit")
+
+    def __init__(self, limit: int = STRAY_MAX) -> None:
+        self._parser = SSEParser(limit)
+        self._held = bytearray()
+        self.begun = False
+        self.limit = limit
+
+    def feed(self, piece: bytes) -> bytes:
+        """What of ``piece`` (and of what was held) goes on now."""
+        if self.begun:
+            return piece
+        self._held += piece
+        if len(self._held) > self.limit or self._answers(self._parser.feed(piece)):
+            return self.release()
+        return b""
+
+    def release(self) -> bytes:
+        """The answer begins (or the caller lets it, the last upstream's): all that was held."""
+        self.begun = True
+        held, self._held = bytes(self._held), bytearray()
+        return held
+
+    def empty(self) -> bool:
+        """The stream ended: whether all it held answers nothing (its last event, without the
+        blank line that ends it, is read too)."""
+        return not self.begun and not self._answers(self._parser.feed(b"\n\n"))
+
+    def _answers(self, payloads: list[str]) -> bool:
+        if self._parser.stray or self._parser.oversized:
+            return True
+        for payload in payloads:
+            if payload.strip() == "[DONE]":
+                continue
+            try:
+                chunk = json.loads(payload)
+            except ValueError:
+                return True
+            if not isinstance(chunk, dict) or chunk.get("choices") or "error" in chunk:
+                return True
         return False

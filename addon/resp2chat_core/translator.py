@@ -115,7 +115,7 @@ from typing import Callable
 
 from . import mcp, response, websearch
 from .chatstream import NOT_OBJECT, ChunkReader
-from .errors import gateway_failure, sanitize, upstream_failure, withheld
+from .errors import gateway_failure, response_error, sanitize, upstream_failure, withheld
 from .inputs import REASONING_PURPOSE
 from .jsonstring import InputStream
 from .limits import MAX_TOLD_WAIT, retry_headers, retry_phrase, retry_seconds
@@ -673,7 +673,7 @@ class Translator:
             self._start()
             if cut:
                 self._cut()
-            self.error = {"code": code, "message": message, **({"headers": headers} if headers else {})}
+            self.error = {**response_error(code, message), **({"headers": headers} if headers else {})}
             self.error_detail = detail
             self._emit_response("response.failed", "failed")
             self.phase = Phase.DONE

@@ -21,17 +21,21 @@ def _session_of(meta: dict, headers) -> str:
 
 
 def read_flows(path: Path) -> list[tuple[float, str, dict]]:
-    """The chat requests of a flow file's turns. A file that is no whole flow file (cut short: a
-    gateway stopped while writing it) is named, not read in part; a turn whose record is not what
-    the gateway writes (edited by hand) is left out."""
-    from mitmproxy import exceptions, http, io
+    """The chat requests of a flow file's turns. A file cut short (a gateway stopped while writing
+    it) is read up to the cut, with a warning that says where (flowfile.py); one of which no flow
+    reads is named and refused; a turn whose record is not what the gateway writes (edited by
+    hand) is left out."""
+    from mitmproxy import exceptions, http
+
+    from . import flowfile
 
     out = []
-    with path.open("rb") as fh:
-        try:
-            flows = list(io.FlowReader(fh).stream())
-        except exceptions.FlowReadException as exc:
-            raise SystemExit(f"resp2chat analyze: {path}: cannot read: {exc}") from None
+    try:
+        flows, cut = flowfile.read(str(path))
+    except (OSError, exceptions.FlowReadException) as exc:
+        raise SystemExit(f"resp2chat analyze: {path}: cannot read: {exc}") from None
+    if cut is not None:
+        print(f"resp2chat analyze: warning: {cut}", file=sys.stderr)
     for f in flows:
         meta = f.metadata.get(META) if isinstance(f, http.HTTPFlow) else None
         meta = meta if isinstance(meta, dict) else {}

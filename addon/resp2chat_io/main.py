@@ -10,6 +10,7 @@ import secrets
 import shutil
 import socket
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -484,6 +485,47 @@ def start_bind(values: dict, sources: dict, mitmproxy_args) -> str | None:
     return None
 
 
+def whole_replays(mitmproxy_args) -> list[str]:
+    """mitmproxy's ``--server-replay FILE`` arguments, a file cut short (a gateway stopped while it
+    wrote it) replaced by a copy of its whole flows, with a warning that says where it was cut
+    (flowfile.py). mitmproxy's own server replay reads the files as it starts, before the gateway's
+    script loads, and refuses one cut short whole: ``start`` hands it what it can read. A file it
+    cannot read at all is left for mitmproxy to refuse, saying why."""
+    from mitmproxy import exceptions, io
+
+    from . import flowfile
+
+    args, out, copies = list(mitmproxy_args), [], None
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        path, form = None, None
+        if arg == "--server-replay" and i + 1 < len(args):
+            path, form = args[i + 1], "pair"
+        elif arg.startswith("--server-replay="):
+            path, form = arg.split("=", 1)[1], "joined"
+        if path is not None:
+            try:
+                flows, cut = flowfile.read(path)
+            except (OSError, exceptions.FlowReadException):
+                cut = None
+            if cut is not None:
+                copies = copies or tempfile.mkdtemp(prefix="resp2chat-replay-")
+                whole = os.path.join(copies, f"{len(out)}-{os.path.basename(path)}")
+                with open(whole, "wb") as fh:
+                    writer = io.FlowWriter(fh)
+                    for flow in flows:
+                        writer.add(flow)
+                print(f"resp2chat: warning: server replay: {cut}: replaying those (a copy: {whole})", file=sys.stderr)
+                path = whole
+            out += ["--server-replay", path] if form == "pair" else [f"--server-replay={path}"]
+            i += 2 if form == "pair" else 1
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
 def cmd_start(args) -> int:
     values, sources, _, _ = _settings()
     # --set wins over the environment and the file, in the addon (SettingsSource.value) and so
@@ -497,6 +539,7 @@ def cmd_start(args) -> int:
     # So do mitmproxy's own --listen-host/--listen-port (else the @address in --mode beat them)
     if (refused := start_bind(values, sources, args.mitmproxy_args)) is not None:
         return _fail(refused)
+    args.mitmproxy_args = whole_replays(args.mitmproxy_args)
     cmd, env = build_start_command(args, values, sources)
     demo = "demo" in (env.get("RESP2CHAT_UPSTREAM_BASE_URL"), values["upstream_base_url"])
     where = ("demo upstream" if demo else

@@ -35,10 +35,14 @@ def _sealer(given: str | None) -> Sealer | None:
 
 
 def check_file(path: Path, sealer: Sealer | None) -> list[Result]:
-    from mitmproxy import http, io
+    from mitmproxy import http
 
-    with path.open("rb") as fh:
-        flows = [f for f in io.FlowReader(fh).stream() if isinstance(f, http.HTTPFlow)]
+    from . import flowfile
+
+    read, cut = flowfile.read(str(path))
+    if cut is not None:  # (a recording cut short: the turns before the cut are checked)
+        print(f"warning: {cut}", file=sys.stderr)
+    flows = [f for f in read if isinstance(f, http.HTTPFlow)]
     results: list[Result] = []
     stored = History()  # previous_response_id over HTTP: the responses this file holds
     for number, flow in enumerate(flows, 1):

@@ -32,7 +32,7 @@ from mitmproxy import ctx, http
 from resp2chat_core import compaction, mcp
 from resp2chat_core.channel import Reader, scrub
 from resp2chat_core.conversations import named
-from resp2chat_core.errors import GatewayError, error_json, gateway_failure
+from resp2chat_core.errors import GatewayError, error_json, gateway_failure, specific_code
 from resp2chat_core.labels import shown
 from resp2chat_core.limits import retry_headers, retry_seconds
 from resp2chat_core.replay import entry_flags, unpack_fresh
@@ -400,9 +400,10 @@ class HttpTurns:
         wait = None
         if result["status"] == "failed":
             err = result["error"]
-            status, kind = FAILED.get(err["code"], (502, "upstream_error"))
+            code = specific_code(err)  # (errors.py response_error: the HTTP body keeps it)
+            status, kind = FAILED.get(code, (502, "upstream_error"))
             body = error_json(err["message"], status_type=kind,
-                              code=err["code"])
+                              code=code)
             wait = retry_seconds(translator.retry_after)  # the backend's: the SDK's retry waits as it asked
         else:
             if flow.metadata[META].get("client_path") in COMPACT_PATHS:  # the endpoint's own answer
@@ -429,7 +430,7 @@ class HttpTurns:
         path = flow.metadata[META].get("client_path", "/v1/responses")
         flow.comment = (
             f"POST {path} → {shown(turn.ctx.model)} · {done.status}"
-            + (f" ({done.code or t.error['code']})" if done.code or t.error else "")
+            + (f" ({done.code or specific_code(t.error)})" if done.code or t.error else "")
             + (f" · via {done.upstream}" + (f" (after {', '.join(n for n, _ in ex.skipped)})" if ex.skipped else "")
                if self.turns.specs else "")
             + usage_note(t.usage or {})

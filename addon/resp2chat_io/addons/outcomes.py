@@ -35,6 +35,7 @@ from typing import Callable
 from mitmproxy import http
 
 from resp2chat_core import gate as G
+from resp2chat_core.errors import specific_code
 from resp2chat_core.labels import shown
 from resp2chat_core.turn import session_key
 
@@ -86,7 +87,7 @@ class Outcomes:
         flow, t = done.flow, done.turn.active
         code = done.code
         if not code and t is not None and t.error:
-            code = t.error.get("code") or ""
+            code = specific_code(t.error)
         elif not code and done.status == "incomplete" and done.final and done.final.get("incomplete_details"):
             code = done.final["incomplete_details"].get("reason") or ""
         status = done.status

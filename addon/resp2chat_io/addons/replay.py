@@ -19,7 +19,6 @@ seal key sealed (a recording of another install) is not preloaded.
 from __future__ import annotations
 
 import json
-import os
 import re
 
 from mitmproxy import ctx, exceptions, http
@@ -27,6 +26,7 @@ from mitmproxy import ctx, exceptions, http
 from resp2chat_core import compaction, mcp, owner as owners
 from resp2chat_core.inputs import REASONING_PURPOSE
 from resp2chat_core.replay import opens_here, pack
+from resp2chat_io import flowfile
 from resp2chat_io.store import Replays
 
 from .base import META, Owner, fails_closed, log
@@ -86,13 +86,12 @@ class ReplayCache(Owner):
             self.store.writes.start("replay cache entry not kept", self.cache.put(key, entry))
 
     def _preload(self, path: str) -> None:
-        from mitmproxy import io
-
         try:
-            with open(os.path.expanduser(path), "rb") as fh:
-                flows = list(io.FlowReader(fh).stream())
+            flows, cut = flowfile.read(path)
         except (OSError, exceptions.FlowReadException) as exc:
             raise exceptions.OptionsError(f"resp2chat_replay_preload: cannot read {path}: {exc}") from None
+        if cut is not None:  # (a recording cut short: its whole flows are as good as ever)
+            log.warning(f"resp2chat: replay cache preload: {cut}")
         loaded = unread = 0
         for f in flows:
             meta = f.metadata.get(META) if isinstance(f, http.HTTPFlow) else None

@@ -32,13 +32,14 @@ import json
 import logging
 from dataclasses import dataclass
 
-from mitmproxy import ctx, exceptions, http, io
+from mitmproxy import ctx, exceptions, http
 
 from resp2chat_core.errors import GatewayError
 from resp2chat_core.replay import Recordings
 from resp2chat_core.routing import CHAT_PATH
 from resp2chat_core.websocket import final_response
 
+from .. import flowfile
 from .base import JSON_HEADERS, META, SSE_HEADERS, fails_closed, refusal, request_id
 from .turns import NOT_RECORDED, UNRECORDED
 
@@ -102,9 +103,14 @@ class ServerReplay:
 
     def read(self, paths: tuple[str, ...]) -> None:
         try:
-            flows = io.read_flows_from_paths(list(paths))
+            flows, cuts = flowfile.read_all(paths)
+        except OSError as exc:
+            raise exceptions.OptionsError(f"cannot read {exc.filename}: {exc.strerror}") from None
         except exceptions.FlowReadException as exc:
             raise exceptions.OptionsError(str(exc)) from None
+        for cut in cuts:  # (a recording cut short: its whole flows are as good as ever)
+            log.warning(f"resp2chat: server replay: {cut}")
+        self._read_here()
         recordings, others, unread = Recordings(), [], 0
         for f in flows:
             meta = f.metadata.get(META) if isinstance(f, http.HTTPFlow) else None
@@ -148,6 +154,18 @@ class ServerReplay:
             # flows that are no turns: keep serving reruns until stopped.
             ctx.options.update(keepserving=True)
         self.running()
+
+    @staticmethod
+    def _read_here() -> None:
+        """mitmproxy's own server replay reads the files too, once, and refuses one cut short
+        whole. At mitmdump's start it reads them before this script is loaded (a cut file stops
+        mitmdump there: ``resp2chat start`` hands it a copy of the whole flows, main.py
+        ``whole_replays``); set later (mitmweb, ``set server_replay``), this addon comes first
+        (scripts precede it) and tells it they were read: ``running`` hands it the flows that are
+        no turns."""
+        playback = ctx.master.addons.get("serverplayback") if ctx.master is not None else None
+        if playback is not None and hasattr(playback, "configured"):
+            playback.configured = True
 
     def running(self) -> None:
         """mitmproxy's server replay keeps the flows that are no turns (it loads all at start)."""

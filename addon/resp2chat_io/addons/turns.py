@@ -43,7 +43,7 @@ from resp2chat_core import settings as S
 from resp2chat_core.channel import Reader, Stopped, record_events, scrub
 from resp2chat_core.clients import REVOKED, STOPPED, ClientSpec, allows_model, not_allowed
 from resp2chat_core.conversations import Landing, named, unique
-from resp2chat_core.errors import GatewayError, gateway_failure
+from resp2chat_core.errors import GatewayError, gateway_failure, specific_code
 from resp2chat_core.labels import shown
 from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.usage import call_tokens, summed
@@ -367,7 +367,7 @@ class Turns(Owner):
             detail = scrub((t.error_detail or t.error["message"]).encode(), run.secrets).decode()
             message = scrub(t.error["message"].encode(), run.secrets).decode()  # (what the client got: scrubbed too)
             record["error"] = {**t.error, "message": message, "detail": detail}
-            log.warning(f"resp2chat: {run.request_id} failed ({t.error['code']}): {detail}")
+            log.warning(f"resp2chat: {run.request_id} failed ({specific_code(t.error)}): {detail}")
         record["usage"] = t.usage
         if ex.skipped:
             record["fallbacks"] = [{"upstream": n, "status": st} for n, st in ex.skipped]
@@ -433,7 +433,7 @@ class Turns(Owner):
         status = final.get("status", "unfinished") if final else "unfinished" if recorded else "failed"
         code = "" if recorded else NOT_RECORDED
         if final and (final.get("error") or final.get("incomplete_details")):
-            code = (final.get("error") or {}).get("code") or (final.get("incomplete_details") or {}).get("reason") or ""
+            code = specific_code(final.get("error") or {}) or (final.get("incomplete_details") or {}).get("reason") or ""
         done = Finished(flow=flow, turn=turn, status=status, response=final, answer=answer,
                         usage=(final or {}).get("usage"), upstream=SERVER_REPLAY, took=time.monotonic() - started,
                         code=code, client=client, turn_id=turn_id)

@@ -60,7 +60,7 @@ from mitmproxy.utils import human
 from resp2chat_core import mcp, websocket as ws
 from resp2chat_core.clients import REVOKED, ClientSpec, no_longer_accepted
 from resp2chat_core.channel import Reader
-from resp2chat_core.errors import GatewayError, gateway_failure
+from resp2chat_core.errors import GatewayError, gateway_failure, specific_code
 from resp2chat_core.labels import shown
 from resp2chat_core.limits import retry_headers
 from resp2chat_core.replay import MAX_ENTRY_BYTES
@@ -596,7 +596,7 @@ class ResponsesWebSocket(Owner):
             u = record.get("usage")
             log.info(f"{human.format_address(flow.client_conn.peername)}: WebSocket /v1/responses message "
                      f"{live.records} ({record.get('request_id')}) · {record['status']}"
-                     + (f" ({shown(str(record['error'].get('code')))})" if record.get("error") else "")
+                     + (f" ({shown(specific_code(record['error']))})" if record.get("error") else "")
                      + usage_note(u)
                      + (" · server replay" if record.get("server_replay") else ""))
         n = live.records

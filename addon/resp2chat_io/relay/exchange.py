@@ -488,7 +488,8 @@ async def _first_answer(ex: Exchange, client: UpstreamClient, headers: list[tupl
         body = loop.body if loop else to.body
         if ex.compaction is not None:
             ex.sent.append((i, body))
-        return await client.call(to, headers, body, attempt, loop)
+        # (an answer that ends empty, with another candidate after it: a failure before the first byte)
+        return await client.call(to, headers, body, attempt, loop, fall_back=i < len(ex.candidates) - 1)
 
     outcome = await _walk(ex, start, failed, call, "before its first byte")
     return outcome or CallEnd.BROKEN, ex.loop

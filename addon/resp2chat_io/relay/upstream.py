@@ -47,7 +47,7 @@ from resp2chat_core.routing import Candidate
 from resp2chat_core.channel import Channel, Keepalive, UpstreamFailed, UpstreamJSON
 from resp2chat_core.chunked import ChunkedDecoder, ChunkedError
 from resp2chat_core.limits import backend_retry_after
-from resp2chat_core.sse import MAX_EVENT, Progress
+from resp2chat_core.sse import MAX_EVENT, Opening, Progress
 from resp2chat_core.translator import OUTPUT_EVENTS, OUTPUT_TOO_LARGE, output_bound
 
 from .. import offload
@@ -88,7 +88,6 @@ class CallEnd(enum.Enum):
     REUSABLE = "reusable"  # answered in full; the connection goes back to the pool
     ENDED = "ended"  # answered in full; the backend does not keep the connection
     BROKEN = "broken"  # failed or cut (reported to the channel); the connection is closed
-    STALE = "stale"  # a pooled connection the backend had closed meanwhile: retry on a fresh one
 
     @property
     def answered(self) -> bool:
@@ -224,6 +223,27 @@ class _Watch:
         return True
 
 
+def _still_open(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+    """Whether an idle pooled connection may carry a request: open on both sides, nothing unread
+    (a backend that closed it, or said anything unasked, is done with it). The socket itself is
+    asked too (a peek, without reading): a close the event loop has not yet handed to the stream
+    reader is seen so before the request is written, the last moment it can be (after, the
+    backend may have it: the call is never sent again, relay ``call``)."""
+    if w.is_closing() or r.at_eof() or r.exception() is not None or len(getattr(r, "_buffer", b"")):
+        return False
+    transport_sock = w.get_extra_info("socket")
+    if transport_sock is None:
+        return True
+    try:  # (asyncio's TransportSocket has no recv: a duplicate of its descriptor peeks)
+        with socket.fromfd(transport_sock.fileno(), transport_sock.family, transport_sock.type) as sock:
+            sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        return False  # (the end of the stream, b"", or bytes nobody asked for)
+    except (BlockingIOError, InterruptedError):
+        return True  # (nothing to read: open and silent)
+    except OSError:
+        return False  # (reset)
+
+
 class TooLarge(Exception):
     """A 200 body past ``UpstreamClient.max_get`` (``get``): not read whole, not returned."""
 
@@ -249,7 +269,7 @@ class UpstreamClient:
         return sum(len(c) for c in self._pool.values())
 
     async def call(self, to: Candidate, headers: list[tuple[bytes, bytes]], body: bytes, channel: Channel,
-                   reader: Reader | None = None) -> CallEnd:
+                   reader: Reader | None = None, fall_back: bool = False) -> CallEnd:
         """POST ``body`` to the candidate ``to`` (its URL; its own headers and Authorization
         after ``headers``; its timeouts); the answer goes to ``channel`` (with a ``reader``: a
         200 stream's bytes through ``reader.feed`` first; a 200 JSON body through
@@ -258,46 +278,46 @@ class UpstreamClient:
 
         The call stops reading the backend (and closes its connection) when the consumer is done
         with the turn (``channel.closed``) and more of the body comes, or when ``reader.feed``
-        returns None (it refused the stream: the caller reports why)."""
+        returns None (it refused the stream: the caller reports why).
+
+        ``fall_back``: another upstream may answer the turn if this one does not: a 200 stream
+        that ends without answering anything (sse.py ``Opening``: no choice in it) is then a
+        failure before the first byte (nothing of it reached the channel), not an empty answer."""
         target = BackendUrl(to.url)
         headers = to.sent(headers)
-        for attempt in (1, 2):
-            try:
-                # a second attempt (the pooled connection was stale) takes a fresh connection
-                up_reader, up_writer, pooled = await self._connect(target.key, pooled=attempt == 1,
-                                                                   timeout=to.connect_timeout)
-            except (OSError, asyncio.TimeoutError) as exc:
-                reason = f"timed out after {to.connect_timeout:g} s" if isinstance(exc, asyncio.TimeoutError) \
-                    else (exc.strerror or str(exc))
-                channel.event(failure(502, f"cannot connect to the upstream {target.origin}: {reason}",
+        try:
+            # (a pooled connection is taken only when found open just now, _still_open: the last point
+            # at which the backend provably has not got the request; once written, it is never sent again)
+            up_reader, up_writer, _ = await self._connect(target.key, timeout=to.connect_timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            reason = f"timed out after {to.connect_timeout:g} s" if isinstance(exc, asyncio.TimeoutError) \
+                else (exc.strerror or str(exc))
+            channel.event(failure(502, f"cannot connect to the upstream {target.origin}: {reason}",
+                                  "upstream_unavailable"))
+            return CallEnd.BROKEN
+        # (heard: [any byte came from the backend, its answer's head came]: before the head, nothing
+        # of the answer reached the channel, so a failure then is reported, and may fall back; a chat
+        # request is not idempotent, so one cut after it was written, pooled connection or not, is
+        # such a failure, not sent again: the backend may be running it)
+        outcome, heard = CallEnd.BROKEN, [False, False]
+        try:
+            outcome = await self._roundtrip(target, headers, body, up_reader, up_writer, channel, reader, heard,
+                                            _Watch(to.idle_timeout, to.keepalive, channel, to.data_timeout),
+                                            fall_back)
+        except (OSError, h11.ProtocolError) as exc:
+            if heard[0] and not heard[1]:  # (bytes that are no HTTP answer: another service, a proxy's)
+                channel.event(failure(502, f"the upstream {target.origin} answered with no HTTP response ({exc})",
                                       "upstream_unavailable"))
-                return CallEnd.BROKEN
-            # (heard: [any byte came from the backend, its answer's head came]: before the head, nothing
-            # of the answer reached the channel, so a failure then is reported, and may fall back)
-            outcome, heard = CallEnd.BROKEN, [False, False]
-            try:
-                outcome = await self._roundtrip(target, headers, body, up_reader, up_writer, channel, reader, heard,
-                                                _Watch(to.idle_timeout, to.keepalive, channel, to.data_timeout))
-            except (OSError, h11.ProtocolError) as exc:
-                if pooled and not heard[0]:
-                    outcome = CallEnd.STALE
-                else:
-                    outcome = CallEnd.BROKEN
-                    if heard[0] and not heard[1]:  # (bytes that are no HTTP answer: another service, a proxy's)
-                        channel.event(failure(502, f"the upstream {target.origin} answered with no HTTP response ({exc})",
-                                              "upstream_unavailable"))
-                    elif not heard[0]:
-                        why = "closed the connection before answering" if isinstance(exc, h11.ProtocolError) else \
-                            f"connection failed: {exc}"
-                        channel.event(failure(502, f"the upstream {why}", "upstream_unavailable"))
-            finally:
-                if outcome is CallEnd.REUSABLE:
-                    self._pool.setdefault(target.key, []).append((up_reader, up_writer))
-                else:
-                    up_writer.close()
-            if outcome is not CallEnd.STALE:
-                return outcome
-        return CallEnd.BROKEN  # not reached: a fresh connection is never stale
+            elif not heard[0]:
+                why = "closed the connection before answering" if isinstance(exc, h11.ProtocolError) else \
+                    f"connection failed: {exc}"
+                channel.event(failure(502, f"the upstream {why}", "upstream_unavailable"))
+        finally:
+            if outcome is CallEnd.REUSABLE:
+                self._pool.setdefault(target.key, []).append((up_reader, up_writer))
+            else:
+                up_writer.close()
+        return outcome
 
     async def get(self, url: str, headers: list[tuple[bytes, bytes]], body: bytes | None = None, *,
                   connect_timeout: float | None | bool = False, idle_timeout: float | None = None) -> tuple[int, bytes]:
@@ -352,7 +372,7 @@ class UpstreamClient:
         idle = self._pool.get(key) if pooled else None
         while idle:
             r, w = idle.pop()
-            if not w.is_closing() and not r.at_eof():
+            if _still_open(r, w):
                 return r, w, True
             w.close()
         scheme, host, port = key
@@ -369,7 +389,7 @@ class UpstreamClient:
 
     async def _roundtrip(self, target: BackendUrl, headers, body: bytes, up_reader: asyncio.StreamReader,
                         up_writer: asyncio.StreamWriter, channel: Channel, reader: Reader | None,
-                        heard: list[bool], watch: _Watch) -> CallEnd:
+                        heard: list[bool], watch: _Watch, fall_back: bool = False) -> CallEnd:
         client = h11.Connection(h11.CLIENT)
         parts = target.parts
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -401,6 +421,7 @@ class UpstreamClient:
         hdrs = dict(event.headers)
         status, ctype, retry_after = event.status_code, hdrs.get(b"content-type", b""), hdrs.get(b"retry-after")
         stream = status == 200 and b"json" not in ctype
+        opening = Opening() if stream and fall_back else None  # (held until it answers anything)
 
         def put(data: bytes) -> bool:
             """A 200 stream's bytes to the channel; False: read no more of it (the turn is over,
@@ -409,10 +430,27 @@ class UpstreamClient:
                 return False
             if not (data := watch.heard(data)):
                 return True  # (comments before the first data: no answer yet)
+            if opening is not None and not opening.begun and not (data := opening.feed(data)):
+                return True  # (nothing but [DONE] or chunks without a choice yet: no answer)
             if reader is not None and (data := reader.feed(data)) is None:
                 return False
             channel.data(data)
             return True
+
+        def ended(outcome: CallEnd) -> CallEnd:
+            """The stream ended whole: one that answered nothing fails (the next upstream answers);
+            what was held of one that did goes on."""
+            if opening is None or opening.begun or not outcome.answered or channel.closed:
+                return outcome
+            if opening.empty():
+                channel.event(failure(502, "the upstream answered with an empty stream (no choices)",
+                                      "upstream_unavailable"))
+                return outcome
+            held = opening.release()
+            if reader is not None and (held := reader.feed(held)) is None:
+                return CallEnd.BROKEN
+            channel.data(held)
+            return outcome
 
         if not stream:
             watch.data = float("inf")  # (an error or JSON body: no SSE, no comments; its bytes are its progress)
@@ -420,7 +458,8 @@ class UpstreamClient:
             # Pooled afterwards only if the backend keeps the connection (cpp-httplib, llama.cpp's
             # server, says "close" when a connection has served its share).
             keep = event.http_version == b"1.1" and b"close" not in hdrs.get(b"connection", b"").lower()
-            return await self._pump(up_reader, up_writer, client.trailing_data[0], put, channel, watch, keep)
+            return ended(await self._pump(up_reader, up_writer, client.trailing_data[0], put, channel, watch, keep,
+                                          opening))
 
         # an error body, kept to be reported (up to MAX_ERROR_BODY), or a 200 JSON body, read whole
         # (up to max_answer: past it, one declared so or one that grows so, the call fails)
@@ -464,10 +503,10 @@ class UpstreamClient:
         done = client.our_state is h11.DONE and client.their_state is h11.DONE
         # (a whole body answered, whether or not the backend keeps the connection: ``connection:
         # close``, HTTP/1.0, leave h11 in MUST_CLOSE; a JSON summary or loop round read so is whole)
-        return CallEnd.REUSABLE if done else (CallEnd.ENDED if stream or whole_body else CallEnd.BROKEN)
+        return ended(CallEnd.REUSABLE if done else (CallEnd.ENDED if stream or whole_body else CallEnd.BROKEN))
 
     async def _pump(self, up_reader, up_writer, trailing: bytes, put, channel: Channel, watch: _Watch,
-                    keep: bool) -> CallEnd:
+                    keep: bool, opening: Opening | None = None) -> CallEnd:
         """A chunked 200 stream: the body goes from the backend's socket to the channel in the
         transport's own callback (``_BodyPump``)."""
         pump = _BodyPump(put, channel, watch, keep)
@@ -484,7 +523,8 @@ class UpstreamClient:
             if not await watch.until(pump.outcome):
                 return CallEnd.BROKEN
             outcome = pump.outcome.result()
-            if outcome is CallEnd.BROKEN and not watch.streaming and not channel.closed:
+            if outcome is CallEnd.BROKEN and (not watch.streaming or opening is not None and not opening.begun) \
+                    and not channel.closed:
                 # cut before any data (comments aside): no answer began, nothing reached the client; a
                 # failure before the first byte, as a silence is (the next upstream may answer)
                 channel.event(failure(502, "the upstream ended its stream before any data", "upstream_unavailable"))
