@@ -461,15 +461,16 @@ def test_a_run_that_grows_past_the_store_ends_failed_response_too_large(gateway_
             Thoughtful.go.set()
         rid = events[0]["response"]["id"]
         assert events[-1]["type"] == "response.failed", [e["type"] for e in events[-3:]]
-        assert events[-1]["response"]["error"]["code"] == "response_too_large", events[-1]["response"]["error"]
+        error = events[-1]["response"]["error"]  # (errors.response_error: the SDK's code, the gateway's in type)
+        assert (error["code"], error["type"]) == ("server_error", "response_too_large"), error
         for _ in range(2):  # (and it stays so: no renewal writes it in_progress again)
             got = client.responses.retrieve(rid)
-            assert (got.status, got.error.code, got.output) == ("failed", "response_too_large", [])
+            assert (got.status, got.error.code, got.error.type, got.output) == ("failed", "server_error", "response_too_large", [])
             time.sleep(2.5)
         resumed = requests.get(f"{gw.base_url}/responses/{rid}?stream=true&starting_after=0", timeout=30)
         if resumed.status_code == 200:
             last = parse_sse(resumed.content)[-1]
-            assert last["type"] == "response.failed" and last["response"]["error"]["code"] == "response_too_large"
+            assert last["type"] == "response.failed" and last["response"]["error"]["type"] == "response_too_large"
         else:
             assert not_kept(resumed), resumed.text  # (its events were not kept with it: a GET says why)
         assert client.responses.retrieve(rid).status == "failed"

@@ -667,7 +667,7 @@ def test_a_turn_its_key_was_revoked_for_while_it_was_being_admitted_is_stopped(e
         assert r.status_code == 200, r.text  # (its stream began: it had been let in)
         seen: list = []
         read_until(iter_sse(r), {"response.failed", "response.completed"}, time.monotonic() + STOP_WITHIN, seen)
-        assert seen[-1]["type"] == "response.failed" and seen[-1]["response"]["error"]["code"] == "invalid_api_key"
+        assert seen[-1]["type"] == "response.failed" and seen[-1]["response"]["error"]["type"] == "invalid_api_key"
         wait_until(lambda: len(Endless.closed) == len(Endless.started), 5, "no backend call left")
     finally:
         gw.stop()
