@@ -284,6 +284,51 @@ def test_a_denied_call_is_told_to_the_model(mcp_gateway, upstream):
     assert upstream.requests()[-1]["messages"][-1]["content"] == "The user denied this tool call: not today"
 
 
+@pytest.mark.parametrize("store", [False, True])
+@pytest.mark.parametrize("listed", [False, True])
+def test_an_input_of_only_the_approval_runs_the_call_and_continues(mcp_gateway, upstream, store, listed):
+    """A client continuing statelessly sends back the approval request and its answer alone (no
+    user message, no reasoning, the listing or not): the approved call runs once, and the model
+    is asked to go on with its result (it was "nothing to send the model", a 400)."""
+    client = openai_client(mcp_gateway)
+    tools = [mcp_tool(require_approval="always")]
+    asked = client.responses.create(model="demo-model", input=ECHO_CALL, tools=tools, store=False)
+    listing, request = asked.output[0], asked.output[-1]
+    assert (listing.type, request.type) == ("mcp_list_tools", "mcp_approval_request")
+    answer = {"type": "mcp_approval_response", "approval_request_id": request.id, "approve": True}
+    items = [listing.model_dump(exclude_none=True)] if listed else []
+    items += [request.model_dump(exclude_none=True), answer]
+    upstream.clear()
+    done = client.responses.create(model="demo-model", tools=tools, store=store, input=items)
+    assert done.status == "completed"
+    assert kinds(done.output) == [*(() if listed else ("mcp_list_tools",)), "mcp_call", "reasoning", "message"]
+    call = done.output[-3]
+    assert call.approval_request_id == request.id and call.output == "Echo: hello mcp" and call.error is None
+    assert done.output_text == "The tool returned: Echo: hello mcp"
+    (only,) = upstream.requests()  # the call ran once, before the model was asked
+    assistant, tool = only["messages"][-2:]
+    assert assistant["tool_calls"][0]["id"] == request.id and tool["content"] == "Echo: hello mcp"
+    # sent back with the call that ran, the approval runs nothing again
+    again = client.responses.create(model="demo-model", tools=tools, store=False,
+                                    input=[*items, *(o.model_dump(exclude_none=True) for o in done.output),
+                                           {"role": "user", "content": "thanks"}])
+    assert "mcp_call" not in kinds(again.output) and again.output_text == "You said: thanks"
+
+
+def test_an_input_that_gives_the_model_nothing_says_which_items(mcp_gateway):
+    """A listing and an approval request nobody answered: nothing to run, nothing for the model;
+    the 400 names the items, in the client's terms."""
+    client = openai_client(mcp_gateway)
+    tools = [mcp_tool(require_approval="always")]
+    asked = client.responses.create(model="demo-model", input=ECHO_CALL, tools=tools, store=False)
+    r = post_turn(mcp_gateway, {"model": "demo-model", "tools": tools, "store": False,
+                                "input": [asked.output[0].model_dump(), asked.output[-1].model_dump()]})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == "input" and "mcp_approval_request, mcp_list_tools" in error["message"]
+    assert "mcp_approval_response" in error["message"]
+
+
 def test_approval_rules_name_tools(mcp_gateway):
     """``{never: {tool_names}}``: those run at once, every other tool asks first."""
     client = openai_client(mcp_gateway)

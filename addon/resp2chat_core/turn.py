@@ -276,6 +276,21 @@ def conversation(raw: dict, found: Found, sealer: Sealer | None = None) -> tuple
     return raw, kept, summarize
 
 
+def nothing_to_send(items) -> GatewayError:
+    """The 400 of a request that lowers to no message, in the client's terms: which of its input
+    items give the model nothing (an ``mcp_list_tools``, an ``mcp_approval_request`` not answered,
+    or answered by an approval whose call ran in a later turn of the conversation)."""
+    kinds = sorted({str(getattr(item, "type", None) or "message")[:64] for item in items}) \
+        if isinstance(items, list) and items else []
+    if not kinds:
+        return GatewayError("nothing to send the model: the request has no input, instructions or earlier "
+                            "conversation", param="input", code="invalid_value")
+    return GatewayError(f"nothing to send the model: the input's items ({', '.join(kinds)}) give the model nothing "
+                        "to read (a tool listing, an approval request without an mcp_approval_response that approves "
+                        "a call not run yet), and the request has no instructions or earlier conversation; send the "
+                        "user's message, or continue with previous_response_id", param="input", code="invalid_value")
+
+
 def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, created_at: int,
                found: Found = Found(), *, tools_cache: ToolsCache | None = None, sealer: Sealer | None = None,
                route: Callable[[str], Sequence[LoweringOptions]] | None = None, keep_items: bool = False,
@@ -320,9 +335,10 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
             known = tools_cache.add(key, tools, lowered.tool_map)
     else:
         lowered = lower(req, opts, known.tool_map, known.chat_tools, texts)
-    if not lowered.chat["messages"]:  # a chat request needs one message: no backend takes none
-        raise GatewayError("nothing to send the model: the request has no input, instructions or earlier "
-                           "conversation", param="input", code="invalid_value")
+    if not lowered.chat["messages"] and not (lowered.mcp is not None and lowered.mcp.pending):
+        # a chat request needs one message: no backend takes none (an approved MCP call that has not
+        # run yet is two: it runs before round 1, and the model reads its call and result)
+        raise nothing_to_send(req.input)
     if lowered.mcp is not None:  # (what an mcp tool carries for its server is not echoed)
         echoed = mcp.redacted_tools(response.echo_tools(asked.get("tools")))
         echo_json = response.echo_json(response.echo(asked, req, lowered.chat, tools=echoed))
