@@ -263,6 +263,43 @@ def test_an_approved_call_runs_before_round_one():
     assert messages[-1] == {"role": "tool", "tool_call_id": "mcpr_9", "content": "Echo: "}
 
 
+def test_an_input_of_only_an_approval_lowers_to_the_call_it_runs():
+    """The approval request and its answer alone (a stateless client): no message before round 1,
+    then the call and its result; with nothing pending it is a 400 naming the input's items."""
+    asked = {"type": "mcp_approval_request", "id": "mcpr_9", "server_label": "ev", "name": "echo", "arguments": "{}"}
+    answer = {"type": "mcp_approval_response", "approval_request_id": "mcpr_9", "approve": True}
+    t = turn([tool()], [asked, answer])
+    assert json.loads(t.chat_body)["messages"] == []
+    loop = ToolLoop(t.chat_body, [mcp.McpTools(t.mcp, max_rounds=5)])
+    listing, step = loop.prelude()
+    assert isinstance(listing, mcp.ListTools) and step.approval_request_id == "mcpr_9"
+    loop.begin([(ECHO, SUM), "Echo: "])
+    assert [m["role"] for m in json.loads(loop.body)["messages"]] == ["assistant", "tool"]
+    err = refused([tool()], [LISTING, asked])
+    assert err.param == "input" and "(mcp_approval_request, mcp_list_tools)" in err.message
+
+
+def test_a_call_no_listing_offers_fails_without_reaching_the_client():
+    """A name that reads as a tool of one of the request's servers (``mcp__<label>__<tool>``)
+    and that the client did not declare is the gateway's: held back, it fails as a refused Call.
+    A client's function so named, or a server the request has no tool for, is the client's."""
+    t = turn([tool(require_approval="always"), tool("docs"), {"type": "function", "name": "mcp__docs__mine"}], "hi")
+    kind = mcp.McpTools(t.mcp, max_rounds=5)
+    kind.listed("ev", (ECHO,))  # (docs: its listing failed)
+    kind.retools(json.loads(t.chat_body).get("tools") or [])
+    assert kind.owns("mcp__ev__echo") and kind.owns("mcp__ev__nope") and kind.owns("mcp__docs__search")
+    assert not kind.owns("mcp__docs__mine") and not kind.owns("mcp__other__x") and not kind.owns("mcp__ev__")
+    nope, search = kind.step("c1", "mcp__ev__nope", "{}"), kind.step("c2", "mcp__docs__search", "{}")
+    assert (nope.label, nope.name, search.label, search.name) == ("ev", "nope", "docs", "search")
+    assert "lists no tool 'nope'" in nope.refused and "could not be listed" in search.refused  # (never an Approve)
+    assert isinstance(kind.step("c3", "mcp__ev__echo", "{}"), mcp.Approve)
+    loop = ToolLoop(t.chat_body, [kind])
+    out = loop.feed(chat_sse(tool_call_chunk(0, "c1", "mcp__docs__search", "{}"),
+                             tool_call_chunk(1, "c2", "mcp__docs__mine", "{}"), chat_chunk(finish="tool_calls")))
+    assert [c["choices"][0]["delta"]["tool_calls"][0]["function"]["name"] for c in parse_chat_sse(out)
+            if c.get("choices") and c["choices"][0]["delta"].get("tool_calls")] == ["mcp__docs__mine"]
+
+
 # --- what the client sees -----------------------------------------------------------------------
 
 

@@ -181,6 +181,43 @@ def test_a_listing_that_cannot_be_had_fails_its_item_in_bounded_time(hostile_gat
         assert not any(line.startswith("[00:00:00.000]") for line in hostile_gateway.log().splitlines())
 
 
+@pytest.mark.parametrize("mode", ["bad_list", "hang_init", "ok"])
+def test_a_call_of_a_tool_no_listing_offers_fails_as_an_mcp_call(hostile_gateway, mode):
+    """The model calls a tool of a server whose listing failed (or, listed, a tool it does not
+    list): the client never gets a function_call of a function it did not declare; the call
+    fails as an mcp_call item with its error, nothing reaches the server, and the model is told
+    and answers. Streamed (the events, checked) and not (the openai SDK)."""
+    before = dict(Hostile.calls)
+    name = "say" if mode != "ok" else "nope"
+    body = {"model": "demo-model", "input": f"call: mcp__{mode}__{name} {{\"x\": 1}}", "tools": [tool(mode)]}
+    r = post_turn(hostile_gateway, {**body, "stream": True}, timeout=60)
+    evs = parse_sse(r.content)
+    check_stream(r.content, evs[0]["response"]["id"])
+    check_sdk(evs)
+    assert "response.mcp_call.failed" in [e["type"] for e in evs]
+    done = openai_client(hostile_gateway).responses.create(**body)
+    for output in (evs[-1]["response"]["output"], [o.model_dump() for o in done.output]):
+        assert [o["type"] for o in output] == ["mcp_list_tools", "reasoning", "mcp_call", "reasoning", "message"]
+        listing, call = output[0], output[2]
+        assert (listing["status"] == "failed") == (mode != "ok")
+        assert call["status"] == "failed" and call["server_label"] == mode and call["name"] == name
+        assert call["arguments"] == '{"x": 1}' and call["output"] is None
+        assert f"MCP server {mode}" in call["error"]["message"] and repr(name) in call["error"]["message"]
+        assert output[-1]["content"][0]["text"].startswith("The tool returned: Error: the MCP tool call failed: ")
+    assert Hostile.calls == before  # (nothing ran)
+
+
+def test_a_function_the_client_declared_reaches_it_whatever_its_name(hostile_gateway):
+    """A client's own function named as a server's tool would be (mcp__<label>__<tool>) is the
+    client's: its call reaches the client as a function_call, the listing failed or not."""
+    done = openai_client(hostile_gateway).responses.create(
+        model="demo-model", input='call: mcp__bad_list__say {"x": 1}',
+        tools=[tool("bad_list"), {"type": "function", "name": "mcp__bad_list__say",
+                                  "parameters": {"type": "object", "properties": {}}}])
+    assert [o.type for o in done.output] == ["mcp_list_tools", "reasoning", "function_call"]
+    assert done.output[-1].name == "mcp__bad_list__say" and done.output[-1].arguments == '{"x": 1}'
+
+
 @pytest.mark.parametrize("field,value", [("headers", {"x-k": "h\u00e9llo"}), ("headers", {"x-k": "a\x01b"}),
                                          ("headers", {"x-k": "a\x7fb"}), ("authorization", "t\u00e9st-token")])
 def test_a_header_no_http_request_can_carry_is_a_400(hostile_gateway, field, value):

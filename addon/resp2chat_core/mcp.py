@@ -23,6 +23,7 @@ Theory of operation::
 
     first turn:  ListTools(server) ─▶ mcp_list_tools item ─▶ its tools offered as functions ─▶ round 1
     a round:     model calls mcp__s__t ─▶ approval needed? ── no ──▶ Call ─▶ mcp_call item ─▶ result to the model
+                 (a tool no listing offers, s a server of the request: a refused Call, a failed mcp_call)
                                                    └── yes ─▶ mcp_approval_request item; the turn ends
     next turn:   mcp_approval_response approve ─▶ the call runs first (Call, an mcp_call item)
                                        deny    ─▶ the model is told so (lowered: a tool message)
@@ -543,6 +544,7 @@ class Call:
     name: str
     arguments: str
     approval_request_id: str | None = None
+    refused: str | None = None  # why it fails without reaching the server (a tool no listing offers: McpTools.stray)
 
 
 @dataclass(frozen=True)
@@ -616,7 +618,23 @@ class McpTools:
         self.rounds = 0
 
     def owns(self, name: str) -> bool:
-        return name in self.names
+        """The function is one of the servers' listed tools, or reads as one (``stray``): its
+        call is the gateway's, never a function_call of a function the client did not declare."""
+        return name in self.names or self.stray(name) is not None
+
+    def stray(self, name: str) -> tuple[str, str] | None:
+        """(label, tool) of a name no listing offers that reads as a tool of one of the
+        request's servers, ``mcp__<label>__<tool>`` (the longest label that fits), and that is
+        not a function the client declared: the model called a tool of a server whose listing
+        failed, or one its server does not list (or allow). Such a call fails (``step``)."""
+        if name in self.names or not name.startswith("mcp__") or (self.turn.taken and name in self.turn.taken):
+            return None
+        found = None
+        for label in self.servers:
+            prefix = chat_name("", f"mcp__{label}__")
+            if len(name) > len(prefix) and name.startswith(prefix) and (found is None or len(prefix) > len(found[1])):
+                found = (label, prefix)
+        return (found[0], name[len(found[1]):]) if found else None
 
     def function_names(self) -> set[str]:
         return set(self.names)
@@ -687,6 +705,13 @@ class McpTools:
                       if allowed is None or mcp_chosen(allowed, target.namespace, target.name)]
 
     def step(self, call_id: str, name: str, arguments: str) -> Call | Approve:
+        if name not in self.names:  # (``stray``: it fails as an mcp_call, and the model reads why)
+            label, tool = self.stray(name)
+            why = f"MCP server {label}: " + (
+                f"no tool {tool[:200]!r} of it was offered (its tools could not be listed: see its mcp_list_tools "
+                "item's error)" if label not in self.listings else
+                f"it lists no tool {tool[:200]!r} that this request allows")
+            return Call(call_id, self.servers[label], label, tool, arguments, refused=why)
         label, tool = self.names[name]
         server = self.servers[label]
         listed = self.tools.get((label, tool)) or {}

@@ -444,9 +444,9 @@ async def _step(ex: Exchange, client: UpstreamClient, sessions: mcp_client.Sessi
     if isinstance(step, mcp.ListTools):
         return await mcp_client.list_tools(step.server, sessions)
     if isinstance(step, mcp.Call):
-        if step.server is None:
-            return None, {"type": "mcp_protocol_error", "code": -32602,
-                          "message": f"this request has no mcp tool with server_label {step.label!r}"}
+        if step.server is None or step.refused is not None:
+            return None, {"type": "mcp_protocol_error", "code": -32602, "message": step.refused
+                          or f"this request has no mcp tool with server_label {step.label!r}"}
         return await mcp_client.call_tool(step.server, step.name, step.arguments, sessions)
     return None  # (an approval request: nothing runs)
 
