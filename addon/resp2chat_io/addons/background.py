@@ -17,9 +17,13 @@ connection; clients poll, cancel and resume it (the rules: resp2chat_core/backgr
   cancellation another replica asked for, its end stored elsewhere, or its deletion stops it.
   When it ends, the final Response is stored (any status: the poll must see it), with its
   events when the client streamed; the turn is settled and its listeners hear of it as any
-  turn's (metrics, access log, limits, a conversation). One the store can no longer keep (its
+  turn's (metrics, access log, limits, a conversation). Its terminal event reaches a client
+  streaming it only once it is stored (its reader holds it: ``conversations.Landing``), and says
+  what the store keeps, so its stream and a poll agree. One the store can no longer keep (its
   conversation and output past ``max_session_memory_mb``, at a renewal or at its end) ends
-  ``failed`` (``B.TOO_LARGE``), stored without its output, said once in the log.
+  ``failed`` (``B.TOO_LARGE``), stored without its output, said once in the log (at its end: its
+  ``response.completed``, never sent, becomes that ``response.failed``); one that fits but for its
+  events is stored without them (a resume is told they were not kept).
 - ``deleted`` (``DELETE /v1/responses/{id}``, through the store addon): a run of this gateway
   stops at once (its backend call closed); one of another replica at its next renewal.
 - A run whose key is revoked meanwhile (or, created on a keyless gateway, once keys are
