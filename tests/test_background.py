@@ -478,16 +478,17 @@ def test_a_run_that_grows_past_the_store_ends_failed_response_too_large(gateway_
 
 class Wordy(QuietHandler):
     """A chat backend that answers at once with as many characters as the turn's text asks for
-    ("say 300000"), in 16 KiB deltas, then ends."""
+    ("say 300000"), in 16 KiB deltas, then ends (cut at its max_tokens when the text says "cut")."""
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-        size = int(re.search(r"say (\d+)", json.dumps(body["messages"][-1])).group(1))
+        said = json.dumps(body["messages"][-1])
+        size = int(re.search(r"say (\d+)", said).group(1))
         start_sse(self)
         self.wfile.write(http_chunk(chat_event({"role": "assistant", "content": ""})))
         for at in range(0, size, 16 << 10):
             self.wfile.write(http_chunk(chat_event({"content": "w" * min(16 << 10, size - at)})))
-        self.wfile.write(http_chunk(chat_event(finish="stop") + b"data: [DONE]\n\n"))
+        self.wfile.write(http_chunk(chat_event(finish="length" if "cut" in said else "stop") + b"data: [DONE]\n\n"))
         self.wfile.write(http_chunk(b""))
 
 
@@ -506,18 +507,20 @@ def test_a_stored_turn_that_ends_past_the_store_tells_its_client_what_the_store_
         gw = gateway_factory(backend.url, "--set", "resp2chat_max_session_memory_mb=1",
                              "--set", "resp2chat_max_replay_entries=0")
         client = openai_client(gw)
-        big = requests.post(f"{gw.base_url}/responses", timeout=60, json={
-            "model": "m", "input": "say 1200000", "background": True, "stream": True})
-        events = parse_sse(big.content)
-        rid = events[0]["response"]["id"]
-        assert events[-1]["type"] == "response.failed", [e["type"] for e in events[-3:]]
-        error = events[-1]["response"]["error"]
-        assert (error["code"], error["type"]) == ("server_error", "response_too_large"), error
-        got = client.responses.retrieve(rid)
-        assert (got.status, got.error.code, got.error.type, got.output) == ("failed", "server_error",
-                                                                             "response_too_large", [])
-        assert got.error.message == error["message"]
-        assert [e["sequence_number"] for e in events] == list(range(len(events)))  # (one terminal event)
+        for said in ("say 1200000", "say 1200000, cut"):  # (completed, and incomplete: its max_output_tokens)
+            big = requests.post(f"{gw.base_url}/responses", timeout=60, json={
+                "model": "m", "input": said, "background": True, "stream": True})
+            events = parse_sse(big.content)
+            rid = events[0]["response"]["id"]
+            assert events[-1]["type"] == "response.failed", [e["type"] for e in events[-3:]]
+            error = events[-1]["response"]["error"]
+            assert (error["code"], error["type"]) == ("server_error", "response_too_large"), error
+            got = client.responses.retrieve(rid)
+            assert (got.status, got.error.code, got.error.type, got.output) == ("failed", "server_error",
+                                                                                 "response_too_large", [])
+            assert got.error.message == error["message"] and got.incomplete_details is None
+            assert got.completed_at is None and events[-1]["response"]["completed_at"] is None
+            assert [e["sequence_number"] for e in events] == list(range(len(events)))  # (one terminal event)
 
         fits = requests.post(f"{gw.base_url}/responses", timeout=60, json={
             "model": "m", "input": "say 300000", "background": True, "stream": True})

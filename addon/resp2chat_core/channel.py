@@ -420,8 +420,8 @@ class Reader:
         return self._out(self.translator.fail(code, message, detail))
 
     def fail_instead(self, code: str, message: str) -> bytes:
-        """The ``response.completed`` the translator said, never sent, taken back: its
-        ``response.failed`` instead (``Translator.fail_instead``), as the client gets it."""
+        """The ``response.completed`` (or ``.incomplete``) the translator said, never sent, taken
+        back: its ``response.failed`` instead (``Translator.fail_instead``), as the client gets it."""
         return self._out(self.translator.fail_instead(code, message))
 
     def _out(self, out: bytes) -> bytes:
