@@ -476,6 +476,74 @@ def test_a_run_that_grows_past_the_store_ends_failed_response_too_large(gateway_
         assert client.responses.retrieve(rid).status == "failed"
 
 
+class Wordy(QuietHandler):
+    """A chat backend that answers at once with as many characters as the turn's text asks for
+    ("say 300000"), in 16 KiB deltas, then ends (cut at its max_tokens when the text says "cut")."""
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        said = json.dumps(body["messages"][-1])
+        size = int(re.search(r"say (\d+)", said).group(1))
+        start_sse(self)
+        self.wfile.write(http_chunk(chat_event({"role": "assistant", "content": ""})))
+        for at in range(0, size, 16 << 10):
+            self.wfile.write(http_chunk(chat_event({"content": "w" * min(16 << 10, size - at)})))
+        self.wfile.write(http_chunk(chat_event(finish="length" if "cut" in said else "stop") + b"data: [DONE]\n\n"))
+        self.wfile.write(http_chunk(b""))
+
+
+def test_a_stored_turn_that_ends_past_the_store_tells_its_client_what_the_store_keeps(gateway_factory):
+    """A turn whose output goes past what the store keeps (``max_session_memory_mb`` 1) only at
+    its end, before any renewal saw it grow. A background one streamed: the store is where it is
+    read from, so its client hears of its end only once it is stored, and hears what is stored:
+    ``response.failed`` (``response_too_large``), as a GET says (before, its stream said
+    ``response.completed`` while the store kept it ``failed``). One whose Response fits but whose
+    events do not (a 300 KiB answer: ~1.5 MiB of events) is stored ``completed`` without its
+    events, a resume told they were not kept (before: ``failed``, ``response_too_large``, after
+    a stream that said ``completed``). A turn that is not background keeps its answer
+    (``completed``: its client has it whole) and is not stored: a GET is the 404 of a response the
+    store does not hold, a continuation ``previous_response_not_found``, a warning says why."""
+    with LocalServer(Wordy) as backend:
+        gw = gateway_factory(backend.url, "--set", "resp2chat_max_session_memory_mb=1",
+                             "--set", "resp2chat_max_replay_entries=0")
+        client = openai_client(gw)
+        for said in ("say 1200000", "say 1200000, cut"):  # (completed, and incomplete: its max_output_tokens)
+            big = requests.post(f"{gw.base_url}/responses", timeout=60, json={
+                "model": "m", "input": said, "background": True, "stream": True})
+            events = parse_sse(big.content)
+            rid = events[0]["response"]["id"]
+            assert events[-1]["type"] == "response.failed", [e["type"] for e in events[-3:]]
+            error = events[-1]["response"]["error"]
+            assert (error["code"], error["type"]) == ("server_error", "response_too_large"), error
+            got = client.responses.retrieve(rid)
+            assert (got.status, got.error.code, got.error.type, got.output) == ("failed", "server_error",
+                                                                                 "response_too_large", [])
+            assert got.error.message == error["message"] and got.incomplete_details is None
+            assert got.completed_at is None and events[-1]["response"]["completed_at"] is None
+            assert [e["sequence_number"] for e in events] == list(range(len(events)))  # (one terminal event)
+
+        fits = requests.post(f"{gw.base_url}/responses", timeout=60, json={
+            "model": "m", "input": "say 300000", "background": True, "stream": True})
+        events = parse_sse(fits.content)
+        rid = events[0]["response"]["id"]
+        assert events[-1]["type"] == "response.completed", [e["type"] for e in events[-3:]]
+        got = client.responses.retrieve(rid)
+        assert got.status == "completed" and got.output_text == "w" * 300000, (got.status, got.error)
+        assert not_kept(requests.get(f"{gw.base_url}/responses/{rid}?stream=true&starting_after=0", timeout=30))
+
+        plain = requests.post(f"{gw.base_url}/responses", timeout=60, json={
+            "model": "m", "input": "say 1200000", "stream": True, "store": True})
+        events = parse_sse(plain.content)
+        assert events[-1]["type"] == "response.completed", [e["type"] for e in events[-3:]]
+        rid = events[-1]["response"]["id"]
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(rid)
+        with pytest.raises(openai.BadRequestError) as err:
+            client.responses.create(model="m", input="say 10", previous_response_id=rid)
+        assert err.value.code == "previous_response_not_found"
+        assert f"response {rid} not stored: the response store refused it (larger than it keeps" in gw.log(), gw.log()[-2000:]
+
+
 def not_kept(answer: requests.Response) -> bool:
     """A resume refused because the events it asks for were not kept (the one error for it)."""
     return answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_value" and \

@@ -300,6 +300,17 @@ def test_the_landing_reader_completes_what_a_stream_callable_did_not_take():
     events = parse_sse(out + reader.finish())
     assert events[-1]["type"] == "response.completed" and events[-1]["response"]["output"][0]["content"][0]["text"] \
         == "late"
+    # an incomplete one (its output cut at max_output_tokens) is added as a completed one is: a write
+    # that fails makes it failed too (before, it stayed incomplete, and not in its conversation)
+    reader, out = landing_reader()
+    reader.complete([chat_sse(chat_chunk({"content": "long"}), chat_chunk(finish="length"))])
+    assert reader.translator.response()["status"] == "incomplete"
+    reader.unland("store_unavailable", "not written")
+    events = parse_sse(out + reader.finish())
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    last = events[-1]["response"]
+    assert events[-1]["type"] == "response.failed" and last["error"]["type"] == "store_unavailable", last
+    assert last["incomplete_details"] is None and last["output"][0]["content"][0]["text"] == "long"
     reader, out = landing_reader()
     reader.complete([chat_sse(chat_chunk({"content": "cut"}), done=False)])  # (no finish, no [DONE]: failed)
     reader.unland("store_unavailable", "not written")

@@ -77,6 +77,12 @@ def test_which_failures_fall_back():
     assert falls_back(UpstreamFailed(503, b"")) and falls_back(UpstreamFailed(504, b""))
     assert falls_back(UpstreamFailed(429, b""))
     assert not falls_back(UpstreamFailed(400, b"context too long")) and not falls_back(UpstreamFailed(401, b""))
+    assert not falls_back(UpstreamFailed(400, b'{"error": {"message": "bad tool schema"}}'))
+    assert not falls_back(UpstreamFailed(404, b'{"error": {"message": "model not found"}}'))
+    # a conversation too long for this backend's context (its words or its code): the next may hold more
+    assert falls_back(UpstreamFailed(400, b'{"error": {"message": "This model\'s maximum context length is 4096"}}'))
+    assert falls_back(UpstreamFailed(400, b'{"error": {"message": "no", "code": "context_length_exceeded"}}'))
+    assert falls_back(UpstreamFailed(413, b'{"error": {"message": "prompt is too long: 210000 tokens"}}'))
 
 
 def test_an_attempt_holds_back_a_failure_before_the_first_byte_only():

@@ -24,7 +24,7 @@ class Refusing:
     ``retry_after``: its ``Retry-After`` header."""
 
     def __init__(self, status: int, message: str = "busy", models: tuple[str, ...] = ("other-model",),
-                 retry_after: str | None = None):
+                 retry_after: str | None = None, code: str | None = None):
         self.calls: list[dict] = []
         outer = self
 
@@ -35,7 +35,7 @@ class Refusing:
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
                 outer.calls.append({"body": json.loads(body), "authorization": self.headers.get("authorization")})
-                send_json(self, status, {"error": {"message": message, "type": "server_error"}},
+                send_json(self, status, {"error": {"message": message, "type": "server_error", "code": code}},
                           headers={"retry-after": retry_after})
 
         self.server = LocalServer(Handler)
@@ -111,6 +111,55 @@ def test_no_fallback_after_the_first_byte_nor_for_a_4xx(tmp_path, demo_pair):
         assert len(demo_pair[0].requests()) == 2
     finally:
         gw.stop()
+
+
+TOO_LONG = "This model's maximum context length is 4096 tokens. However, you requested 9000 tokens."
+
+
+@pytest.mark.parametrize("code", [None, "context_length_exceeded"])
+def test_a_conversation_too_long_for_one_upstream_falls_back_to_the_next(tmp_path, demo_pair, code):
+    """A backend's 400 "maximum context length" (``context_length_exceeded``, in its words or its
+    code) before the first byte of an ordinary turn's answer falls back: the next upstream may
+    have a larger context window. The client gets the next one's answer (JSON, a stream, the
+    WebSocket); every upstream too short: a 400 ``context_length_exceeded`` (the code Codex stops
+    or compacts on) naming each, over HTTP JSON and in ``response.failed``. Another 400 still
+    does not fall back."""
+    short, shorter = Refusing(400, TOO_LONG, code=code), Refusing(400, TOO_LONG.replace("4096", "2048"), code=code)
+    gw = gateway_with(tmp_path, [{"name": "short", "base_url": short.base_url, "models": ["m", "s"]},
+                                 {"name": "long", "base_url": demo_pair[0].base_url, "models": ["m"]},
+                                 {"name": "shorter", "base_url": shorter.base_url, "models": ["s"]}])
+    try:
+        r = requests.post(gw.base_url + "/responses", json={"model": "m", "input": "hello there"}, timeout=30)
+        assert r.status_code == 200 and r.json()["output"][-1]["content"][0]["text"] == "You said: hello there", r.text
+        raw = requests.post(gw.base_url + "/responses", json={"model": "m", "input": "hello again", "stream": True},
+                            timeout=30)
+        events = parse_sse(raw.content)
+        assert events[-1]["type"] == "response.completed", events[-1]
+        assert events[-1]["response"]["output"][-1]["content"][0]["text"] == "You said: hello again"
+        ws = WSClient(gw.base_url)
+        done = ws.turn({"type": "response.create", "model": "m", "input": "and once more"})
+        ws.close()
+        assert done[-1]["type"] == "response.completed", done[-1]
+        assert len(short.calls) == 3 and len(demo_pair[0].requests()) == 3
+        assert "upstream short failed before its first byte (HTTP 400)" in gw.log()
+
+        # every upstream too short: the code Codex acts on, the 400, each named
+        r = requests.post(gw.base_url + "/responses", json={"model": "s", "input": "hi"}, timeout=30)
+        raw = requests.post(gw.base_url + "/responses", json={"model": "s", "input": "hi", "stream": True},
+                            timeout=30)
+        end = parse_sse(raw.content)[-1]
+        assert r.status_code == 400 and raw.status_code == 200, (r.text, raw.text)
+        assert end["type"] == "response.failed", end
+        for error in (r.json()["error"], end["response"]["error"]):
+            assert error["code"] == "context_length_exceeded", error
+            assert error["message"].startswith("every upstream for model 's' failed: short (upstream HTTP 400: "
+                                               "This model's maximum context length is 4096"), error
+            assert "shorter (upstream HTTP 400: This model's maximum context length is 2048" in error["message"]
+        assert len(shorter.calls) == 2 and len(short.calls) == 5
+    finally:
+        gw.stop()
+        short.close()
+        shorter.close()
 
 
 def test_all_upstreams_down_is_one_clear_error_naming_them(tmp_path):

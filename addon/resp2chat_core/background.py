@@ -99,8 +99,10 @@ def too_large(response: dict) -> dict:
     (``TOO_LARGE``), without its output (its input items are kept, as when it was queued); a
     streamed one without its events (a resume of it elsewhere is told they were not kept)."""
     streamed = (response.get(PRIVATE) or {}).get("streamed")
-    return {**public(response), "status": "failed", "error": response_error(TOO_LARGE["code"], TOO_LARGE["message"]), "output": [],
-            **({PRIVATE: {"streamed": True}} if streamed else {})}
+    # (nothing of how it ended stays: a completed one's completed_at, an incomplete one's reason)
+    ended_so = {key: None for key in ("completed_at", "incomplete_details") if key in response}
+    return {**public(response), "status": "failed", "error": response_error(TOO_LARGE["code"], TOO_LARGE["message"]),
+            "output": [], **ended_so, **({PRIVATE: {"streamed": True}} if streamed else {})}
 
 
 def cancel_asked(response: dict) -> bool:

@@ -419,6 +419,11 @@ class Reader:
     def fail(self, code: str, message: str, detail: str | None = None) -> bytes:
         return self._out(self.translator.fail(code, message, detail))
 
+    def fail_instead(self, code: str, message: str) -> bytes:
+        """The ``response.completed`` (or ``.incomplete``) the translator said, never sent, taken
+        back: its ``response.failed`` instead (``Translator.fail_instead``), as the client gets it."""
+        return self._out(self.translator.fail_instead(code, message))
+
     def _out(self, out: bytes) -> bytes:
         if out:
             if self.secrets:

@@ -164,7 +164,9 @@ class Landing(Reader):
     turn's end (the client, and whoever it tells: another replica, a ``GET`` of the items) reads
     the conversation without them. ``complete`` translates what is left once the backend's stream
     ended (held too), ``finish`` lets the end go: every consumer calls it last, once the relay's
-    work for the turn (which writes the conversation: addons/turns.py ``Turns.land``) is over."""
+    work for the turn (which writes the conversation: addons/turns.py ``Turns.land``) is over.
+    A background turn's reader too (addons/background.py ``_end``: its terminal event goes once
+    the run is stored, ``Reader.fail_instead`` when the store could not keep it)."""
 
     __slots__ = ("held", "ahead")
 

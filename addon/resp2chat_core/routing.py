@@ -4,13 +4,14 @@ Rules of this file:
 - The ``upstreams`` setting is an ordered list. A model goes to the *first* upstream whose
   ``models`` globs match the client's model name; every later match is a fallback, tried in
   order when the one before failed **before its first byte**: it could not be reached (or
-  answered with no HTTP), it ended its stream before any data, or it answered 5xx or 429 (a
-  gateway-observed silence is a 504). Never after anything of an answer
-  reached the client, and never for another 4xx (the request itself is wrong; the next upstream
-  would say the same). A call the gateway reads whole and passes nothing of (a compaction
-  summary: server-side compaction's, a compaction turn's; relay/exchange.py) fails before
-  anything reached the client at any point of it: it falls back on such a failure midway too,
-  and on a conversation too long for the backend's context (``summary_falls_back``).
+  answered with no HTTP), it ended its stream before any data, it answered 5xx or 429 (a
+  gateway-observed silence is a 504), or it found the conversation too long for its context
+  (``context_length_exceeded``: a 400 "maximum context length"…; the next upstream may have a
+  larger window). Never after anything of an answer reached the client, and never for another
+  4xx (the request itself is wrong; the next upstream would say the same). A call the gateway
+  reads whole and passes nothing of (a compaction summary: server-side compaction's, a
+  compaction turn's; relay/exchange.py) fails before anything reached the client at any point
+  of it: it falls back on such a failure midway too (the same rule, ``falls_back``).
 - Each entry may carry the per-backend settings (settings.py ``PER_UPSTREAM``, same names): an
   upstream's own value wins over the top-level one, so each candidate gets its own
   byte-deterministic chat body, timeouts and extra headers. The entry itself and its parsing
@@ -110,16 +111,14 @@ def candidates(specs: Sequence[S.UpstreamSpec], model: str) -> tuple[S.UpstreamS
 
 
 def falls_back(failure: UpstreamFailed) -> bool:
-    """Worth trying the next upstream: unreachable (the relay's 502), silent (504), 5xx, 429."""
-    return failure.status >= 500 or failure.status == 429
-
-
-def summary_falls_back(failure: UpstreamFailed) -> bool:
-    """``falls_back``, for a compaction summary: also a conversation too long for the backend's
-    context (``context_length_exceeded``, a 400 or its error object): the summary asks for the
-    whole conversation and the prompt besides, and the next upstream may hold more. When none
-    is left the client gets the code (``all_failed``: the last one's), which Codex acts on."""
-    return falls_back(failure) or upstream_failure(failure.status, failure.body, own=failure.own)[0] == TOO_LONG
+    """Worth trying the next upstream: unreachable (the relay's 502), silent (504), 5xx, 429, and
+    a conversation too long for the backend's context (``context_length_exceeded``, a 400 or its
+    error object, errors.py ``classify_upstream_error``): the next upstream may hold more (a
+    compaction summary asks for the whole conversation and the prompt besides). When none is
+    left the client gets the code (``all_failed``: the last one's, with its 400), which Codex acts
+    on (it stops, or compacts)."""
+    return (failure.status >= 500 or failure.status == 429
+            or upstream_failure(failure.status, failure.body, own=failure.own)[0] == TOO_LONG)
 
 
 def all_failed(model: str, tried: Sequence[tuple[str, UpstreamFailed]]) -> UpstreamFailed:

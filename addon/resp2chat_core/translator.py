@@ -358,11 +358,13 @@ class Translator:
         return self._flush()
 
     def fail_instead(self, code: str, message: str) -> bytes:
-        """The ``response.completed`` just emitted (its bytes never sent: a conversation's write
-        held it, conversations.Landing) is taken back, and the response ends ``response.failed``
-        with ``code`` instead: the same sequence number, no ``completed_at``. Returns the failed
-        event; nothing when the response did not complete."""
-        if self.phase is not Phase.DONE or self.error is not None or self.response()["status"] != "completed":
+        """The ``response.completed`` (or ``response.incomplete``) just emitted (its bytes never
+        sent: a conversation's write or a background response's held it, conversations.Landing) is
+        taken back, and the response ends ``response.failed`` with ``code`` instead: the same
+        sequence number, no ``completed_at`` nor ``incomplete_details``. Returns the failed event;
+        nothing when the response did neither."""
+        if self.phase is not Phase.DONE or self.error is not None or self.response()["status"] not in (
+                "completed", "incomplete"):
             return b""
         self.phase, self.events, self._completed_at = Phase.STREAMING, self.events - 1, None
         return self.fail(code, message)

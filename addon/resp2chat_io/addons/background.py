@@ -17,9 +17,13 @@ connection; clients poll, cancel and resume it (the rules: resp2chat_core/backgr
   cancellation another replica asked for, its end stored elsewhere, or its deletion stops it.
   When it ends, the final Response is stored (any status: the poll must see it), with its
   events when the client streamed; the turn is settled and its listeners hear of it as any
-  turn's (metrics, access log, limits, a conversation). One the store can no longer keep (its
+  turn's (metrics, access log, limits, a conversation). Its terminal event reaches a client
+  streaming it only once it is stored (its reader holds it: ``conversations.Landing``), and says
+  what the store keeps, so its stream and a poll agree. One the store can no longer keep (its
   conversation and output past ``max_session_memory_mb``, at a renewal or at its end) ends
-  ``failed`` (``B.TOO_LARGE``), stored without its output, said once in the log.
+  ``failed`` (``B.TOO_LARGE``), stored without its output, said once in the log (at its end: its
+  ``response.completed``, never sent, becomes that ``response.failed``); one that fits but for its
+  events is stored without them (a resume is told they were not kept).
 - ``deleted`` (``DELETE /v1/responses/{id}``, through the store addon): a run of this gateway
   stops at once (its backend call closed); one of another replica at its next renewal.
 - A run whose key is revoked meanwhile (or, created on a keyless gateway, once keys are
@@ -70,6 +74,7 @@ from dataclasses import dataclass, field
 from mitmproxy import http
 
 from resp2chat_core import background as B, listing
+from resp2chat_core.conversations import terminal_event
 from resp2chat_core.errors import GatewayError
 from resp2chat_core.sse import DONE
 from resp2chat_io.relay import Feed
@@ -168,6 +173,7 @@ class Run:
     calling: bool = True  # its backend call runs (only then can it be stopped: what follows is its end)
     version: int = 1  # the stored entry's version it last wrote (``queue``'s write is the first)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
+    terminal: bytes = b""  # its terminal event, held until it is stored (``Background._end``)
 
 
 class FeedStream:
@@ -264,7 +270,12 @@ class Background:
                             exc_info=exc)
                 add(reader.apply(failure(502, "the gateway's relay failed", "server_error")))
             bg.calling = False
-            add(reader.finish())
+            # its end (held so far: conversations.Landing): what comes before its terminal event goes
+            # now, the terminal event once it is stored (``_end``: it says what the store keeps)
+            tail = reader.finish()
+            cut = terminal_event(tail)
+            add(tail[:cut])
+            bg.terminal = tail[cut:]
         finally:
             bg.calling = False
             renew.cancel()
@@ -315,13 +326,18 @@ class Background:
     async def _end(self, bg: Run) -> None:
         """It ended: stored as it ended (over the version it wrote last, or what is there: not if
         deleted meanwhile, nor once another replica ended it, ``_renew``), settled, its listeners
-        told; its events kept here a while (those of a response stored so). Larger than the
-        store keeps, it is stored ``failed`` without its output (``B.too_large``)."""
+        told; its events kept here a while (those of a response stored so). Its terminal event
+        (``bg.terminal``) reaches its client only then, and says what the store keeps: a client
+        told ``completed`` finds it so (its stream and a poll agree). Larger than the store keeps
+        with its events, it is stored without them (a resume is told they were not kept); larger
+        without them, ``failed`` without its output (``B.too_large``), its client told
+        ``response.failed`` instead of ``response.completed``."""
         run, t = bg.run, bg.run.reader.translator
         final = t.response()
-        events = bg.log.whole() if bg.streamed else None  # (None for a streamed one: its front went)
+        whole = bg.log.whole() if bg.streamed else None  # (None for a streamed one: its front went)
+        events = whole + bg.terminal if whole is not None else None
         stored = B.ended(final, None) if not bg.streamed else B.ended(final, events or b"", whole=events is not None)
-        items, store, elsewhere, shrunk = run.turn.items + final["output"], self.store.store, False, False
+        items, store, elsewhere, shrunk, unkept = run.turn.items + final["output"], self.store.store, False, False, False
         try:
             for _ in range(ENDING_TRIES):  # (over what is there: a cancellation may have come in between)
                 if await store.put(bg.response_id, items, stored, owner=bg.owner, expect=bg.version):
@@ -330,12 +346,19 @@ class Background:
                 elsewhere = entry is not None and not B.is_running(entry["response"])
                 if entry is None or elsewhere:
                     break
-                if entry["version"] == bg.version and not shrunk:  # (larger than it keeps)
+                if entry["version"] == bg.version and B.stored_events(stored) is not None:  # (larger than it keeps)
+                    log.warning(f"resp2chat: background {bg.response_id} with its events is larger than the response "
+                                "store keeps (max_session_memory_mb): stored without them (a resume is told they "
+                                "were not kept)")
+                    stored, unkept = B.ended(final, b"", whole=False), True
+                elif entry["version"] == bg.version and not shrunk:
                     if bg.stopping != "too_large":  # (else ``_renew`` said so)
                         log.warning(f"resp2chat: background {bg.response_id} is larger than the response store keeps "
                                     f"(max_session_memory_mb): stored failed ({B.TOO_LARGE['code']}), without its "
                                     "output")
                     items, stored, shrunk = run.turn.items, B.too_large(stored), True
+                    # (its client hears so: a completed one's end, never sent, becomes response.failed)
+                    bg.terminal = bg.run.reader.fail_instead(B.TOO_LARGE["code"], B.TOO_LARGE["message"]) or bg.terminal
                 bg.version = entry["version"]
             else:
                 log.warning(f"resp2chat: background {bg.response_id} not stored as it ended: it will read as failed")
@@ -343,14 +366,14 @@ class Background:
             log.warning(f"resp2chat: background {bg.response_id} not stored: {exc}")
         finally:
             self.runs.pop(bg.response_id, None)
-            if events is not None and len(events) <= B.MAX_EVENTS and not elsewhere and not shrunk:  # (as stored)
-                bg.log.sse = events  # (one copy of them)
-                self.keep(bg.response_id, bg.log)
+            if bg.streamed:
+                bg.log.add(bg.terminal)
+            if events is not None and len(events) <= B.MAX_EVENTS and not elsewhere and not shrunk and not unkept:
+                self.keep(bg.response_id, bg.log)  # (as stored: its log is ``events``, its terminal event added)
             bg.log.end()
             bg.ended.set()
         # (what the client got: its events (those still here, when their front went), or the Response queued)
-        answer = (events if events is not None else bytes(bg.log.sse)) if bg.streamed else \
-            run.flow.response.content if run.flow.response else b""
+        answer = bytes(bg.log.sse) if bg.streamed else run.flow.response.content if run.flow.response else b""
         done, record = self.turns.settle(run, answer)
         run.flow.metadata.setdefault(META, {}).update(record)  # (the creating flow, for whoever still holds it)
         self.turns.ended(done, run.exchange.turn_id)

@@ -197,8 +197,18 @@ class StoredResponses(Owner):
         return entry if entry is not None and entry["response"].get("object") == kind else None
 
     def put(self, response_id: str, items: list, final: dict, *, owner: str) -> None:
-        self.writes.start(f"response {response_id} not stored",
-                          self.store.put(response_id, items, final, owner=owner))
+        self.writes.start(f"response {response_id} not stored", self._put(response_id, items, final, owner))
+
+    async def _put(self, response_id: str, items: list, final: dict, owner: str) -> None:
+        """A turn's response stored after its client had it whole (not a background one's: that
+        one's client hears what was stored, addons/background.py). Refused (larger than the store
+        keeps), it is not kept: its client keeps its answer, a GET of it is the 404 of a response
+        the store does not hold, a continuation ``previous_response_not_found``; the log says why."""
+        if not await self.store.put(response_id, items, final, owner=owner) and self.s["max_sessions"] > 0 \
+                and self.s["session_ttl_hours"] > 0:
+            log.warning(f"resp2chat: response {response_id} not stored: the response store refused it (larger than "
+                        "it keeps, max_session_memory_mb; or the id is another client's): a GET of it is a 404, "
+                        "previous_response_id on it a 400 previous_response_not_found")
 
     def finished(self, done) -> None:
         turn = done.turn

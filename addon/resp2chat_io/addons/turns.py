@@ -307,7 +307,8 @@ class Turns(Owner):
         # the configured secrets, and the client's credential when it goes to the backend (a
         # backend may repeat it: upstreams.forwarded)
         hidden = self.upstreams.secrets_for(client_headers)
-        reader = Reader if turn.conversation is None else Landing  # (its end held until it is in the conversation)
+        # (its end held until it is in the conversation; a background one's, until it is stored: background.py)
+        reader = Reader if turn.conversation is None and not turn.background else Landing
         run = TurnRun(turn, exchange, reader(turn.translator(self.max_event), MAX_ENTRY_BYTES, hidden,
                                              exchange.channel), flow, started, client, limits, secrets=hidden)
         if turn.conversation is not None:

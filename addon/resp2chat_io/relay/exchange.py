@@ -20,8 +20,8 @@ summary that fails midway (a silence; a cut, or a stream ended with neither a fi
 client. What its reader finds is no summary (``SummaryReader.failure``: the backend's error
 object, garbage, a finish reason of failure, an event or an output past the bounds) is such a
 failure too: it falls back while another candidate remains, and the last one's fails the turn
-as it would fail an answer; so does a backend's ``context_length_exceeded`` (routing.py
-``summary_falls_back``: the next may hold more). A compaction turn (Codex's trigger, the compact
+as it would fail an answer; so does a backend's ``context_length_exceeded``, as an answer's
+does (routing.py ``falls_back``: the next may hold more). A compaction turn (Codex's trigger, the compact
 endpoint) is that summary call alone: its answer is the item (``Summarized``).
 
 The tool loop (resp2chat_core/toolloop.py: web search, hosted MCP tools) is decided in the core;
@@ -364,7 +364,7 @@ async def _compact(ex: Exchange, client: UpstreamClient, headers: list[tuple[byt
         calls.append((i, reader, attempt.failure is not None or reader.failure is not None or not outcome.answered))
         return outcome
 
-    outcome = await _walk(ex, 0, failed, call, "writing the compaction summary", routing.summary_falls_back)
+    outcome = await _walk(ex, 0, failed, call, "writing the compaction summary")
     ex.compaction_work = plan.work(calls)  # (a call that failed midway, fallen back from, spent tokens too)
     if outcome is None or ex.channel.closed:
         return False
@@ -496,8 +496,7 @@ async def _first_answer(ex: Exchange, client: UpstreamClient, headers: list[tupl
 
 
 async def _walk(ex: Exchange, start: int, failed: list[tuple[str, UpstreamFailed]],
-                call: Callable[[int, Candidate, routing.Attempt], Awaitable[CallEnd]], when: str,
-                falls_back: Callable[[UpstreamFailed], bool] = routing.falls_back) -> CallEnd | None:
+                call: Callable[[int, Candidate, routing.Attempt], Awaitable[CallEnd]], when: str) -> CallEnd | None:
     """The turn's one walk of its candidates, for every backend call that may fall back (the
     summary's, the answer's first round): from ``start`` on, in order, each called through an
     ``Attempt`` (``call(index, candidate, attempt)``), until one answers (routing.py's rule:
@@ -506,8 +505,7 @@ async def _walk(ex: Exchange, start: int, failed: list[tuple[str, UpstreamFailed
     anything the caller tells the client next). ``failed``: (name, failure) of the candidates fallen
     back from in this turn, this walk's added: when the last fails too, one failure names them
     all, with the shortest Retry-After (``routing.all_failed``). ``when``: the log's words for
-    when a candidate fallen back from failed ("before its first byte"). ``falls_back``: which
-    failures do (routing.py; a summary's: ``summary_falls_back``). Returns the outcome of the one
+    when a candidate fallen back from failed ("before its first byte"). Returns the outcome of the one
     that answered (``ex.answered``: its index); None: the turn failed (its failure is in the
     channel)."""
     last = len(ex.candidates) - 1
@@ -520,13 +518,13 @@ async def _walk(ex: Exchange, start: int, failed: list[tuple[str, UpstreamFailed
         if failure is None:
             attempt.release()  # (one that passed nothing on, the summary: its Rerouted goes now)
             return outcome
-        if falls_back(failure) and i < last:
+        if routing.falls_back(failure) and i < last:
             failed.append((to.name, failure))
             ex.skipped.append((to.name, failure.status))
             log.warning(f"resp2chat: upstream {to.name} failed {when} (HTTP {failure.status}): "
                         f"trying {ex.candidates[i + 1].name} for model {ex.model!r}")
             continue
-        if failed and falls_back(failure):
+        if failed and routing.falls_back(failure):
             failure = routing.all_failed(ex.model, failed + [(to.name, failure)])
         ex.channel.event(failure)
         return None
