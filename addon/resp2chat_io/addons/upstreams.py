@@ -362,6 +362,9 @@ class Upstreams(Owner):
         body = json.dumps(err.body()).encode()
         mitm_head.FAILED[flow.client_conn] = (flow.request, mitm_head.answer(err.status, body, request_id(flow)))
 
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._answered(flow)  # (an answer a later hook made: no head to wait for)
+
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._answered(flow)
         resp = flow.response
