@@ -23,12 +23,13 @@ import pytest
 import requests
 
 from helpers import cli_env, free_port, openai_client, post_turn, run_cli, start_gateway, wait_until
+from test_security_property import _RawBackend
 
 UP_KEY = "sk-upstream-planted-7777pqrs"
 WAIT = 1  # the gateway's connect_timeout_secs and upstream_idle_timeout_secs here
 
 
-class RawBackend:
+class RawBackend(_RawBackend):
     """A backend that reads a request and then does what the model in its path (``GET
     /v1/models/NAME``) or its body (``"model": NAME``) says: ``close`` (closes before answering),
     ``reset`` (resets the connection), ``cut`` (half a head repeating its Authorization, then
@@ -37,20 +38,8 @@ class RawBackend:
     ``slow`` (its head at once, its body ``3 * WAIT`` s later)."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(32)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.held, self.gone = 0, 0
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+        super().__init__(None)
 
     def _one(self, conn: socket.socket) -> None:
         try:
@@ -84,8 +73,6 @@ class RawBackend:
         finally:
             conn.close()
 
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")
