@@ -49,6 +49,12 @@ class RawBackend(_RawBackend):
                 if not more:
                     return
                 request += more
+            head, _, body = request.partition(b"\r\n\r\n")
+            size = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                         if line.lower().startswith(b"content-length:")), 0)
+            while len(body) < size and (more := conn.recv(65536)):
+                body += more
+            request = head + b"\r\n\r\n" + body
             auth = next((line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
                          if line.lower().startswith(b"authorization:")), b"none")
             what = next((w for w in ("close", "reset", "cut", "bad", "hang", "slow") if w.encode() in request), "close")
@@ -148,12 +154,16 @@ def test_the_openai_sdk_reads_the_json_error(gw):
 
 
 def test_an_unreachable_backend_is_a_json_502_for_requests_and_the_sdk(tmp_path):
-    """Nothing listens at the backend's port: ``cannot connect to the upstream …``, JSON."""
+    """Nothing listens at the backend's port: ``cannot connect to the upstream …``, JSON; the
+    gateway's log says so with the request id the client got."""
     gw = start_gateway(f"http://127.0.0.1:{free_port()}", tmp_path, "--set", f"resp2chat_upstream_api_key={UP_KEY}",
                        "--set", "resp2chat_max_replay_entries=0")
     try:
-        error = json_error(requests.get(f"{gw.base_url}/models", timeout=30), 502, "upstream_unavailable")
+        r = requests.get(f"{gw.base_url}/models", timeout=30)
+        error = json_error(r, 502, "upstream_unavailable")
         assert error["message"].startswith("cannot connect to the upstream http://127.0.0.1:"), error
+        rid = r.headers["x-request-id"]  # (what the operator looks for in the log)
+        wait_until(lambda: f"passthrough {rid} failed before its answer: cannot connect" in gw.log(), 10, "the log line")
         client = openai_client(gw)
         for call in (lambda: client.models.list(), lambda: client.embeddings.create(model="m", input="hi")):
             with pytest.raises(openai.APIStatusError) as err:

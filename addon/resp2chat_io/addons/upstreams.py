@@ -358,9 +358,12 @@ class Upstreams(Owner):
             return
         if flow.error.msg == mitm_flow.Error.KILLED_MESSAGE and not (meta.get("closed_by_gateway") or meta.get(TIMED_OUT)):
             return  # (killed by its operator: mitmproxy closes the connection, as asked)
-        err = failed_early(flow, meta)
+        if flow.error.msg.startswith("Client disconnected"):  # (mitmproxy's words: no one to answer)
+            return
+        err, rid = failed_early(flow, meta), request_id(flow)
+        log.warning(f"resp2chat: passthrough {rid} failed before its answer: {err.message}")
         body = json.dumps(err.body()).encode()
-        mitm_head.FAILED[flow.client_conn] = (flow.request, mitm_head.answer(err.status, body, request_id(flow)))
+        mitm_head.FAILED[flow.client_conn] = (flow.request, mitm_head.answer(err.status, body, rid))
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._answered(flow)  # (an answer a later hook made: no head to wait for)
