@@ -57,13 +57,16 @@ class RawBackend(_RawBackend):
             request = head + b"\r\n\r\n" + body
             auth = next((line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
                          if line.lower().startswith(b"authorization:")), b"none")
-            what = next((w for w in ("close", "reset", "cut", "bad", "hang", "slow") if w.encode() in request), "close")
+            line = head.split(b"\r\n", 1)[0].split(b" ")
+            what = line[1].rsplit(b"/", 1)[1].decode() if line[0] == b"GET" else json.loads(body)["model"]
             if what == "reset":
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             elif what == "cut":
                 conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-echo: " + auth + b"\r\n")
             elif what == "bad":
                 conn.sendall(b"HTTP/1.1 200 OK\r\nx-echo " + auth + b"\r\ncontent-length: 0\r\n\r\n")
+            elif what == "te":
+                conn.sendall(b"HTTP/1.1 200 OK\r\ntransfer-encoding: " + auth + b"\r\n\r\n")
             elif what == "slow":
                 conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n")
                 time.sleep(3 * WAIT)
@@ -78,7 +81,6 @@ class RawBackend(_RawBackend):
             pass
         finally:
             conn.close()
-
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +113,7 @@ def json_error(r: requests.Response, status: int, code: str) -> dict:
     return error
 
 
-@pytest.mark.parametrize("what", ["close", "reset", "cut", "bad"])
+@pytest.mark.parametrize("what", ["close", "reset", "cut", "bad", "te"])
 def test_a_backend_failing_before_its_head_is_a_json_502(gw, what):
     """Closed before answering, reset, half a head then closed, a head that does not parse (the
     last two repeating the upstream key): ``upstream_unavailable`` 502, JSON, its request id;

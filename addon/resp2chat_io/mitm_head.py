@@ -169,7 +169,7 @@ def _json_page(status: int, message: str = "") -> bytes:
     request head mitmproxy could not read) or the gateway's own answer for it (``FAILED``): a
     request id of its own."""
     if status == 502:
-        body = error_json(f"the upstream failed before its answer: {quiet(message) or 'no answer'}",
+        body = error_json(f"the upstream failed before its answer: {sanitize(quiet(message)) or 'no answer'}",
                           status_type="upstream_error", code="upstream_unavailable")
     else:  # (a request head it could not read: the client's own bytes, bounded)
         body = error_json(sanitize(message, 300) or "the request failed",

@@ -57,7 +57,7 @@ from resp2chat_core import owner as owners
 from resp2chat_core import settings as S
 from resp2chat_core.turn import Turn, session_key
 from resp2chat_core.channel import Scrubber, scrub
-from resp2chat_core.errors import GatewayError, error_json
+from resp2chat_core.errors import GatewayError, error_json, sanitize
 from resp2chat_core.translator import output_bound
 from resp2chat_io import mitm_head, offload
 from resp2chat_io.relay import KEY_HEADER, TURN_HEADER, Relay
@@ -361,6 +361,9 @@ class Upstreams(Owner):
         if flow.error.msg.startswith("Client disconnected"):  # (mitmproxy's words: no one to answer)
             return
         err, rid = failed_early(flow, meta), request_id(flow)
+        # (mitmproxy's words, cut where they quote the backend's bytes: a secret all the same is not shown)
+        err.message = sanitize(scrub(err.message.encode(), self.secrets_for(flow.request.headers)).decode(
+            "utf-8", "replace"))
         log.warning(f"resp2chat: passthrough {rid} failed before its answer: {err.message}")
         body = json.dumps(err.body()).encode()
         mitm_head.FAILED[flow.client_conn] = (flow.request, mitm_head.answer(err.status, body, rid))
