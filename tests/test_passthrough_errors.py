@@ -135,6 +135,30 @@ def test_a_backend_that_never_answers_is_a_json_504_in_time(gw, backend):
     wait_until(lambda: backend.gone > gone, 5, "the backend call dropped")
 
 
+def test_a_backend_that_never_takes_the_connection_is_a_json_504_in_time(tmp_path):
+    """A backend whose connections are never taken (its accept queue full: SYNs unanswered, as
+    a host that drops them): the connect itself is ended by the same deadline, a 504 (before:
+    mitmproxy's connect has no timeout of its own, ~2 min of the system's SYN retries, then its
+    502 page)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.1", port), timeout=5)  # (the queue's one place)
+    gw = start_gateway(f"http://127.0.0.1:{port}", tmp_path, "--set", "resp2chat_max_replay_entries=0",
+                       "--set", f"resp2chat_connect_timeout_secs={WAIT}",
+                       "--set", f"resp2chat_upstream_idle_timeout_secs={WAIT}")
+    try:
+        started = time.monotonic()
+        error = json_error(requests.get(f"{gw.base_url}/models", timeout=20), 504, "upstream_timeout")
+        assert time.monotonic() - started < 2 * WAIT + 5
+        assert "took no connection" in error["message"], error
+    finally:
+        gw.stop()
+        filler.close()
+        listener.close()
+
+
 def test_a_passthrough_whose_head_came_in_time_is_not_cut(gw):
     """The deadline is the head's: an answer whose head came at once and whose body takes
     longer than the deadline is passed on whole."""

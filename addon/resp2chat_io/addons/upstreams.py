@@ -469,8 +469,9 @@ def failed_early(flow: http.HTTPFlow, meta: dict) -> GatewayError:
                             "it was stopped before its answer", type="authentication_error", code=clients.REVOKED,
                             status=401)
     if meta.get(TIMED_OUT):
-        return GatewayError(f"the upstream {origin} sent no answer within {meta[TIMED_OUT]:g} s "
-                            "(upstream_idle_timeout_secs)", type="upstream_error", code="upstream_timeout", status=504)
+        what = "sent no answer" if flow.server_conn.timestamp_tcp_setup else "took no connection"
+        return GatewayError(f"the upstream {origin} {what} within {meta[TIMED_OUT]:g} s (connect_timeout_secs + "
+                            "upstream_idle_timeout_secs)", type="upstream_error", code="upstream_timeout", status=504)
     said = mitm_head.quiet(flow.error.msg) if flow.error else "no answer"
     if flow.server_conn.timestamp_tcp_setup is None:
         return GatewayError(f"cannot connect to the upstream {origin}: {said}", type="upstream_error",
