@@ -189,7 +189,8 @@ def test_an_unreachable_backend_is_a_json_502_for_requests_and_the_sdk(tmp_path)
         error = json_error(r, 502, "upstream_unavailable")
         assert error["message"].startswith("cannot connect to the upstream http://127.0.0.1:"), error
         rid = r.headers["x-request-id"]  # (what the operator looks for in the log)
-        wait_until(lambda: f"passthrough {rid} failed before its answer: cannot connect" in gw.log(), 10, "the log line")
+        wait_until(lambda: f"passthrough {rid} failed before its answer: cannot connect" in gw.log(), 10,
+                   "the log line")
         client = openai_client(gw)
         for call in (lambda: client.models.list(), lambda: client.embeddings.create(model="m", input="hi")):
             with pytest.raises(openai.APIStatusError) as err:

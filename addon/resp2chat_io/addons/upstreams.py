@@ -32,7 +32,8 @@
   passthrough that is not a read as a turn is counted).
 - ``error``: a passthrough call that failed before its answer's head (its backend refused the
   connection, closed or reset it before answering, sent a head that does not parse, sent none in
-  time: ``upstream_idle_timeout_secs``, or its key was revoked meanwhile) is answered with the
+  time: ``connect_timeout_secs`` + ``upstream_idle_timeout_secs``, ``_overdue``, or its key was
+  revoked meanwhile) is answered with the
   gateway's JSON error (``failed_early``: ``upstream_unavailable`` 502, ``upstream_timeout`` 504,
   ``invalid_api_key`` 401) and its request id, in place of mitmproxy's HTML page (sent by
   mitm_head.py ``FAILED``); never the backend's bytes.
@@ -48,9 +49,8 @@ import re
 from urllib.parse import urlsplit
 
 from mitmproxy import ctx, exceptions, http
-from mitmproxy.net.http import http1
-
 from mitmproxy import flow as mitm_flow
+from mitmproxy.net.http import http1
 
 from resp2chat_core import clients, content_encoding, routing
 from resp2chat_core import owner as owners
@@ -356,7 +356,8 @@ class Upstreams(Owner):
         meta = flow.metadata.get(META) or {}
         if flow.response is not None or not meta.get(PASSTHROUGH) or flow.is_replay or flow.error is None:
             return
-        if flow.error.msg == mitm_flow.Error.KILLED_MESSAGE and not (meta.get("closed_by_gateway") or meta.get(TIMED_OUT)):
+        stopped = meta.get("closed_by_gateway") or meta.get(TIMED_OUT)  # (by the gate, or _overdue)
+        if flow.error.msg == mitm_flow.Error.KILLED_MESSAGE and not stopped:
             return  # (killed by its operator: mitmproxy closes the connection, as asked)
         if flow.error.msg.startswith("Client disconnected"):  # (mitmproxy's words: no one to answer)
             return
