@@ -1,7 +1,10 @@
 """Narrow patches of mitmproxy 12's HTTP/1 layer: a request head is bounded while it
 arrives; a backend's response head too, and mitmproxy's 502 for one it could not read no longer
 quotes it (``_bounded_response``); a request body's bytes are counted as they arrive, for the
-minimum body rate of addons/head_deadline.py (``_counted``, ``BODIES``).
+minimum body rate of addons/head_deadline.py (``_counted``, ``BODIES``); the error mitmproxy
+answers itself (a passthrough call whose backend failed before its answer's head: refused,
+closed, reset, a head it could not read) is the gateway's JSON error, not mitmproxy's HTML page
+(``_json_page``, ``_json_errors``, ``FAILED``).
 
 Why. mitmproxy gathers a client's request head in its HTTP/1 layer until the blank line that
 ends it (``mitmproxy/proxy/layers/http/_http1.py``, ``Http1Server.read_headers``: "FIXME: protect
@@ -26,6 +29,8 @@ import time
 import uuid
 import weakref
 
+from mitmproxy.connection import ConnectionState
+
 from mitmproxy import http
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events
@@ -33,6 +38,7 @@ from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import ErrorCode, ResponseProtocolError
 
+from resp2chat_core.errors import error_json, sanitize
 from resp2chat_core.gate import MAX_HEAD, head_too_large
 from resp2chat_io.addons.base import JSON_HEADERS, request_id_of
 
@@ -99,7 +105,7 @@ def _counted(read_body):
 MAX_UPSTREAM_HEAD = 4 * MAX_HEAD
 
 
-def _quiet(message: str) -> str:
+def quiet(message: str) -> str:
     """mitmproxy's words for an answer it could not read, without the backend's bytes (``Cannot
     parse HTTP response: Invalid header line: b'…'``, ``HTTP/1 protocol error: illegal chunk
     header: bytearray(b'…')`` quoted them): cut where they begin."""
@@ -110,11 +116,11 @@ def _quiet(message: str) -> str:
 
 
 def _quiet_body(read_body):
-    """``Http1Client.read_body`` whose errors do not quote the backend's bytes (``_quiet``)."""
+    """``Http1Client.read_body`` whose errors do not quote the backend's bytes (``quiet``)."""
     def quiet_read_body(self, event):
         for command in read_body(self, event):
             if isinstance(command, ReceiveHttp) and isinstance(command.event, ResponseProtocolError):
-                command.event.message = _quiet(command.event.message)
+                command.event.message = quiet(command.event.message)
             yield command
 
     quiet_read_body.resp2chat = True
@@ -128,13 +134,13 @@ def _bounded_response(read_headers):
     page, the log and the flow — so a backend repeating the ``Authorization`` it got handed out
     the upstream key. Now: past ``MAX_UPSTREAM_HEAD`` without its end the head is dropped and the
     connection closed; a head cut by its connection is said to be so (``server closed
-    connection``), and one that does not parse by ``_quiet``, neither with its bytes."""
+    connection``), and one that does not parse by ``quiet``, neither with its bytes."""
     def bounded_response_headers(self, event):
         if isinstance(event, events.ConnectionClosed) and self.buf:
             self.buf.maybe_extract_at_most(len(self.buf))  # (a head never ended: dropped, not quoted)
         for command in read_headers(self, event):
             if isinstance(command, ReceiveHttp) and isinstance(command.event, ResponseProtocolError):
-                command.event.message = _quiet(command.event.message)
+                command.event.message = quiet(command.event.message)
             yield command
         if isinstance(event, events.DataReceived) and len(self.buf) > MAX_UPSTREAM_HEAD \
                 and self.stream_id is not None \
@@ -150,13 +156,62 @@ def _bounded_response(read_headers):
     return bounded_response_headers
 
 
+def answer(status: int, body: bytes, rid: str) -> bytes:
+    """A whole HTTP/1 error answer that ends its connection: the gateway's JSON ``body``."""
+    return http1.assemble_response(http.Response.make(status, body, {
+        **JSON_HEADERS, "x-request-id": rid, "connection": "close"}))
+
+
+def _json_page(status: int, message: str = "") -> bytes:
+    """mitmproxy's error answer (``_http1.make_error_response``: an HTML page, ``text/html``)
+    as the gateway's JSON error, its words ``quiet``: a 502 is the upstream's failure before its
+    answer's head (``upstream_unavailable``, as a turn's), a 4xx the client's. Without a flow (a
+    request head mitmproxy could not read) or the gateway's own answer for it (``FAILED``): a
+    request id of its own."""
+    if status == 502:
+        body = error_json(f"the upstream failed before its answer: {sanitize(quiet(message)) or 'no answer'}",
+                          status_type="upstream_error", code="upstream_unavailable")
+    else:  # (a request head it could not read: the client's own bytes, bounded)
+        body = error_json(sanitize(message, 300) or "the request failed",
+                          status_type="invalid_request_error" if status < 500 else "server_error")
+    return answer(status, body, request_id_of(str(uuid.uuid4())))
+
+
+# The gateway's answer to a request mitmproxy failed before its answer's head, by client
+# connection (an HTTP/1 connection carries one request at a time): (that request, the answer's
+# bytes), set in the ``error`` hook (addons/upstreams.py: a passthrough call, with its request
+# id and what the gateway knows of why: a timeout, a revoked key), sent by ``_json_errors``.
+FAILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _json_errors(send):
+    """``Http1Server.send`` that answers a request failed before its answer's head with what the
+    gateway made of it in the ``error`` hook (``FAILED``), even where mitmproxy would only close
+    the connection (a flow killed in its hooks); otherwise as mitmproxy does (``_json_page``)."""
+    def json_error_send(self, event):
+        own = FAILED.pop(self.conn, None) if isinstance(event, ResponseProtocolError) else None
+        if own is not None and own[0] is self.request and self.response is None:
+            if self.conn.state & ConnectionState.CAN_WRITE:
+                yield commands.SendData(self.conn, own[1])
+                yield commands.CloseConnection(self.conn)
+            return
+        yield from send(self, event)
+
+    json_error_send.resp2chat = True
+    return json_error_send
+
+
 def install() -> None:
-    """Bound every HTTP/1 request head mitmproxy reads from now on, and every response head
-    (once)."""
+    """Bound every HTTP/1 request head mitmproxy reads from now on, and every response head;
+    mitmproxy's own error answers are JSON (once)."""
+    if getattr(_http1, "make_error_response", None) is None:
+        raise RuntimeError("mitmproxy's HTTP/1 layer changed: resp2chat_io/mitm_head.py needs a look")
+    _http1.make_error_response = _json_page
     for layer, state, wrap in ((getattr(_http1, "Http1Server", None), "read_headers", _bounded),
                                (getattr(_http1, "Http1Server", None), "read_body", _counted),
                                (getattr(_http1, "Http1Client", None), "read_headers", _bounded_response),
-                               (getattr(_http1, "Http1Client", None), "read_body", _quiet_body)):
+                               (getattr(_http1, "Http1Client", None), "read_body", _quiet_body),
+                               (getattr(_http1, "Http1Server", None), "send", _json_errors)):
         current = getattr(layer, state, None)
         if getattr(current, "resp2chat", False):
             continue

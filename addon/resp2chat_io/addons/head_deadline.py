@@ -191,12 +191,26 @@ class HeadDeadline(Owner):
 def stop_flow(flow: http.HTTPFlow) -> None:
     """End ``flow``, in progress: its backend connection is closed, as when the backend goes
     away (an answer under way ends as mitmproxy ends one cut short: its client connection is
-    closed, the head having gone; before the head, mitmproxy's 502); one not connected yet (its
-    request still in the hooks) is killed once they are done. The gate's, for a passthrough
-    call of a key no longer accepted (gate.py ``stop_passing``)."""
+    closed, the head having gone; before the head, the gateway's JSON error: upstreams.py
+    ``error``); so is one still being opened (``_opening``); one not connected yet (its request
+    still in the hooks) is killed once they are done. The gate's, for a passthrough call of a
+    key no longer accepted (gate.py ``stop_passing``), and the deadline of a passthrough's answer
+    head (upstreams.py ``_overdue``)."""
     server = ctx.master.addons.get("proxyserver")
     handler = server.connections.get(flow.client_conn.id) if server is not None else None
+    opening = _opening(handler, flow) if handler is not None else None
     if handler is not None and flow.server_conn in handler.transports:
         handler.close_connection(flow.server_conn)
+    elif opening is not None:
+        handler.close_connection(opening)  # (its connect cancelled: mitmproxy's own has no timeout)
     elif flow.killable:
         flow.kill()
+
+
+def _opening(handler, flow: http.HTTPFlow):
+    """The backend connection mitmproxy is opening for ``flow`` (not its ``server_conn`` until
+    connected): of its client connection's handler, the one to its request's address not set
+    up yet (an HTTP/1 client connection carries one request at a time)."""
+    address = (flow.request.host, flow.request.port)
+    return next((conn for conn in list(handler.transports) if conn is not handler.client
+                 and conn.timestamp_tcp_setup is None and tuple(conn.address or ()) == address), None)

@@ -30,6 +30,13 @@
   compressed all the same is a 502 (a compressed body could hide a secret). For a client with
   limits, its backend's usage is read on the way (``meter``: addons/limits.py counts a
   passthrough that is not a read as a turn is counted).
+- ``error``: a passthrough call that failed before its answer's head (its backend refused the
+  connection, closed or reset it before answering, sent a head that does not parse, sent none in
+  time: ``connect_timeout_secs`` + ``upstream_idle_timeout_secs``, ``_overdue``, or its key was
+  revoked meanwhile) is answered with the
+  gateway's JSON error (``failed_early``: ``upstream_unavailable`` 502, ``upstream_timeout`` 504,
+  ``invalid_api_key`` 401) and its request id, in place of mitmproxy's HTML page (sent by
+  mitm_head.py ``FAILED``); never the backend's bytes.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ import re
 from urllib.parse import urlsplit
 
 from mitmproxy import ctx, exceptions, http
+from mitmproxy import flow as mitm_flow
 from mitmproxy.net.http import http1
 
 from resp2chat_core import clients, content_encoding, routing
@@ -49,15 +57,17 @@ from resp2chat_core import owner as owners
 from resp2chat_core import settings as S
 from resp2chat_core.turn import Turn, session_key
 from resp2chat_core.channel import Scrubber, scrub
-from resp2chat_core.errors import GatewayError, error_json
+from resp2chat_core.errors import GatewayError, error_json, sanitize
 from resp2chat_core.translator import output_bound
-from resp2chat_io import offload
+from resp2chat_io import mitm_head, offload
 from resp2chat_io.relay import KEY_HEADER, TURN_HEADER, Relay
 
 from .base import JSON_HEADERS, META, Owner, Refusal, fails_closed, refusal, request_id
 from .gate import PASSTHROUGH
+from .head_deadline import stop_flow
 
 FORWARDED = "forwarded"  # flow.metadata[META] key: a passthrough sent to the upstream (its answer is the upstream's)
+TIMED_OUT = "passthrough_timed_out"  # flow.metadata[META] key: the seconds a passthrough waited for its head in vain
 
 log = logging.getLogger("resp2chat")
 
@@ -110,6 +120,9 @@ class Upstreams(Owner):
         # what reads a passthrough answer's usage on its way, for a client with limits
         # (addons/limits.py ``Limits.meter``; None: nothing)
         self.meter = lambda flow: None
+        # flow id -> the timer that ends a passthrough call whose answer's head does not come
+        # in time (``_overdue``)
+        self.waiting: dict[str, asyncio.TimerHandle] = {}
 
     def _demo_url(self) -> str:
         if self.demo is None:
@@ -314,10 +327,53 @@ class Upstreams(Owner):
                 return
         self.target(flow).route(flow, req.path[3:] if path.startswith("/v1/") else req.path)  # (the query kept)
         flow.metadata[META][FORWARDED] = True  # (not refused here: outcomes.py)
-        self.authorize(flow, self.specs[0] if self.specs else None)
+        spec = self.specs[0] if self.specs else None
+        self.authorize(flow, spec)
         req.headers["accept-encoding"] = "identity"  # (responseheaders reads the answer for secrets)
+        to = self.candidate(spec, flow, None)  # (its timeouts, as its turns')
+        wait = (to.connect_timeout or 0) + to.idle_timeout
+        if wait < float("inf"):
+            self.waiting[flow.id] = asyncio.get_running_loop().call_later(wait, self._overdue, flow, wait)
+
+    def _overdue(self, flow: http.HTTPFlow, wait: float) -> None:
+        """A passthrough call whose answer's head did not come within ``connect_timeout_secs`` +
+        ``upstream_idle_timeout_secs`` of its request (a backend that took it and says nothing) is
+        ended (its backend connection closed): the client gets a 504 ``upstream_timeout``
+        (``error``), not mitmproxy's ``tcp_timeout`` (600 s) and a closed connection."""
+        self.waiting.pop(flow.id, None)
+        if flow.response is None and flow.error is None and flow.live:
+            flow.metadata.setdefault(META, {})[TIMED_OUT] = wait
+            log.info(f"resp2chat: passthrough {request_id(flow)}: no answer from the upstream within {wait:g} s")
+            stop_flow(flow)
+
+    def _answered(self, flow: http.HTTPFlow) -> None:
+        handle = self.waiting.pop(flow.id, None)
+        if handle is not None:
+            handle.cancel()
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._answered(flow)
+        meta = flow.metadata.get(META) or {}
+        if flow.response is not None or not meta.get(PASSTHROUGH) or flow.is_replay or flow.error is None:
+            return
+        stopped = meta.get("closed_by_gateway") or meta.get(TIMED_OUT)  # (by the gate, or _overdue)
+        if flow.error.msg == mitm_flow.Error.KILLED_MESSAGE and not stopped:
+            return  # (killed by its operator: mitmproxy closes the connection, as asked)
+        if flow.error.msg.startswith("Client disconnected"):  # (mitmproxy's words: no one to answer)
+            return
+        err, rid = failed_early(flow, meta), request_id(flow)
+        # (mitmproxy's words, cut where they quote the backend's bytes: a secret all the same is not shown)
+        err.message = sanitize(scrub(err.message.encode(), self.secrets_for(flow.request.headers)).decode(
+            "utf-8", "replace"))
+        log.warning(f"resp2chat: passthrough {rid} failed before its answer: {err.message}")
+        body = json.dumps(err.body()).encode()
+        mitm_head.FAILED[flow.client_conn] = (flow.request, mitm_head.answer(err.status, body, rid))
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._answered(flow)  # (an answer a later hook made: no head to wait for)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
+        self._answered(flow)
         resp = flow.response
         if resp is None or not (flow.metadata.get(META) or {}).get(PASSTHROUGH) or flow.is_replay == "response" \
                 or resp.data.content is not None:
@@ -401,6 +457,28 @@ def forwarded_header(name: str) -> bool:
     session or access token an SSO proxy in front of the gateway adds, another API's key), which
     is its holder's for other services, never a backend's (the backend gets its own key)."""
     return name.lower() not in _NOT_FORWARDED and not S.credential_header(name)
+
+
+def failed_early(flow: http.HTTPFlow, meta: dict) -> GatewayError:
+    """What a client is told of its passthrough call that failed before its answer's head: the
+    gateway's words (mitmproxy's, for what it saw of the backend, ``mitm_head.quiet``: never the
+    backend's bytes), the codes a turn's failure has."""
+    req = flow.request
+    origin = f"{req.scheme}://{req.host}:{req.port}"  # (no user info: the gateway's routing, Upstream)
+    if meta.get("closed_by_gateway") == clients.REVOKED:
+        return GatewayError("the API key this request was sent with is no longer accepted (revoked or changed): "
+                            "it was stopped before its answer", type="authentication_error", code=clients.REVOKED,
+                            status=401)
+    if meta.get(TIMED_OUT):
+        what = "sent no answer" if flow.server_conn.timestamp_tcp_setup else "took no connection"
+        return GatewayError(f"the upstream {origin} {what} within {meta[TIMED_OUT]:g} s (connect_timeout_secs + "
+                            "upstream_idle_timeout_secs)", type="upstream_error", code="upstream_timeout", status=504)
+    said = mitm_head.quiet(flow.error.msg) if flow.error else "no answer"
+    if flow.server_conn.timestamp_tcp_setup is None:
+        return GatewayError(f"cannot connect to the upstream {origin}: {said}", type="upstream_error",
+                            code="upstream_unavailable", status=502)
+    return GatewayError(f"the upstream {origin} failed before its answer: {said}", type="upstream_error",
+                        code="upstream_unavailable", status=502)
 
 
 def _model(body, twice: frozenset) -> object:

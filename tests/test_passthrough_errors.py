@@ -1,0 +1,236 @@
+"""A passthrough call (``passthrough_paths``: the model list, embeddings…) whose backend fails
+before its answer's head gets the gateway's JSON error, as every other gateway failure does, not
+mitmproxy's HTML page: real mitmdump gateways, real loopback backends made of raw sockets, real
+clients (requests, the openai SDK).
+
+Before, each of these was mitmproxy's ``502 Bad Gateway`` page (``text/html``: "server closed
+connection", "Connect call failed"…), which the openai SDK hands on as a raw text body (no
+``code``); a backend that took the request and said nothing held the client until mitmproxy's
+``tcp_timeout`` (600 s) and then closed the connection; a revoked key's passthrough cut before its
+head read as that page too; so did a request head mitmproxy could not read (its 400).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import threading
+import time
+
+import openai
+import pytest
+import requests
+
+from helpers import cli_env, free_port, openai_client, post_turn, run_cli, start_gateway, wait_until
+from test_security_property import _RawBackend
+
+UP_KEY = "sk-upstream-planted-7777pqrs"
+WAIT = 1  # the gateway's connect_timeout_secs and upstream_idle_timeout_secs here
+
+
+class RawBackend(_RawBackend):
+    """A backend that reads a request and then does what the model in its path (``GET
+    /v1/models/NAME``) or its body (``"model": NAME``) says: ``close`` (closes before answering),
+    ``reset`` (resets the connection), ``cut`` (half a head repeating its Authorization, then
+    closes), ``bad`` (a head with a line that is no header field, the Authorization in it),
+    ``hang`` (never answers: ``held`` counts them, ``gone`` those the gateway hung up on),
+    ``slow`` (its head at once, its body ``3 * WAIT`` s later)."""
+
+    def __init__(self) -> None:
+        self.held, self.gone = 0, 0
+        super().__init__(None)
+
+    def _one(self, conn: socket.socket) -> None:
+        try:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                more = conn.recv(65536)
+                if not more:
+                    return
+                request += more
+            head, _, body = request.partition(b"\r\n\r\n")
+            size = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                         if line.lower().startswith(b"content-length:")), 0)
+            while len(body) < size and (more := conn.recv(65536)):
+                body += more
+            request = head + b"\r\n\r\n" + body
+            auth = next((line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
+                         if line.lower().startswith(b"authorization:")), b"none")
+            line = head.split(b"\r\n", 1)[0].split(b" ")
+            what = line[1].rsplit(b"/", 1)[1].decode() if line[0] == b"GET" else json.loads(body)["model"]
+            if what == "reset":
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            elif what == "cut":
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-echo: " + auth + b"\r\n")
+            elif what == "bad":
+                conn.sendall(b"HTTP/1.1 200 OK\r\nx-echo " + auth + b"\r\ncontent-length: 0\r\n\r\n")
+            elif what == "te":
+                conn.sendall(b"HTTP/1.1 200 OK\r\ntransfer-encoding: " + auth + b"\r\n\r\n")
+            elif what == "slow":
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n")
+                time.sleep(3 * WAIT)
+                conn.sendall(b"{}")
+            elif what == "hang":
+                self.held += 1
+                conn.settimeout(None)
+                while conn.recv(65536):
+                    pass
+                self.gone += 1
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+
+@pytest.fixture(scope="module")
+def backend():
+    server = RawBackend()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def gw(backend, tmp_path_factory):
+    gateway = start_gateway(backend.url, tmp_path_factory.mktemp("passthrough-errors"),
+                            "--set", f"resp2chat_upstream_api_key={UP_KEY}", "--set", "resp2chat_max_replay_entries=0",
+                            "--set", f"resp2chat_connect_timeout_secs={WAIT}",
+                            "--set", f"resp2chat_upstream_idle_timeout_secs={WAIT}")
+    yield gateway
+    gateway.stop()
+    assert UP_KEY not in gateway.log()
+
+
+def json_error(r: requests.Response, status: int, code: str) -> dict:
+    """The gateway's JSON error of ``r``: its status, code and request id (in the body's words
+    nothing of the backend's: the upstream key it repeated)."""
+    assert r.status_code == status, (r.status_code, r.headers, r.text[:300])
+    assert r.headers.get("content-type", "").startswith("application/json"), (r.headers, r.text[:300])
+    error = r.json()["error"]
+    assert error["code"] == code and error["message"] and error["type"], error
+    assert r.headers["x-request-id"].startswith("req_")
+    assert UP_KEY not in r.text and "sk-upstream" not in r.text, r.text
+    return error
+
+
+@pytest.mark.parametrize("what", ["close", "reset", "cut", "bad", "te"])
+def test_a_backend_failing_before_its_head_is_a_json_502(gw, what):
+    """Closed before answering, reset, half a head then closed, a head that does not parse (the
+    last two repeating the upstream key): ``upstream_unavailable`` 502, JSON, its request id;
+    the model list and embeddings alike."""
+    json_error(requests.get(f"{gw.base_url}/models/{what}", timeout=30), 502, "upstream_unavailable")
+    json_error(requests.post(f"{gw.base_url}/embeddings", json={"model": what, "input": "hi"}, timeout=30),
+               502, "upstream_unavailable")
+
+
+def test_a_backend_that_never_answers_is_a_json_504_in_time(gw, backend):
+    """A backend that took the request and says nothing: after ``connect_timeout_secs`` +
+    ``upstream_idle_timeout_secs`` the client gets ``upstream_timeout`` 504 and the backend
+    call is dropped (before: nothing until mitmproxy's 600 s ``tcp_timeout``)."""
+    gone = backend.gone
+    started = time.monotonic()
+    error = json_error(requests.get(f"{gw.base_url}/models/hang", timeout=20), 504, "upstream_timeout")
+    assert time.monotonic() - started < 2 * WAIT + 5
+    assert "upstream_idle_timeout_secs" in error["message"]
+    wait_until(lambda: backend.gone > gone, 5, "the backend call dropped")
+
+
+def test_a_backend_that_never_takes_the_connection_is_a_json_504_in_time(tmp_path):
+    """A backend whose connections are never taken (its accept queue full: SYNs unanswered, as
+    a host that drops them): the connect itself is ended by the same deadline, a 504 (before:
+    mitmproxy's connect has no timeout of its own, ~2 min of the system's SYN retries, then its
+    502 page)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.1", port), timeout=5)  # (the queue's one place)
+    gw = start_gateway(f"http://127.0.0.1:{port}", tmp_path, "--set", "resp2chat_max_replay_entries=0",
+                       "--set", f"resp2chat_connect_timeout_secs={WAIT}",
+                       "--set", f"resp2chat_upstream_idle_timeout_secs={WAIT}")
+    try:
+        started = time.monotonic()
+        error = json_error(requests.get(f"{gw.base_url}/models", timeout=20), 504, "upstream_timeout")
+        assert time.monotonic() - started < 2 * WAIT + 5
+        assert "took no connection" in error["message"], error
+    finally:
+        gw.stop()
+        filler.close()
+        listener.close()
+
+
+def test_a_passthrough_whose_head_came_in_time_is_not_cut(gw):
+    """The deadline is the head's: an answer whose head came at once and whose body takes
+    longer than the deadline is passed on whole."""
+    r = requests.get(f"{gw.base_url}/models/slow", timeout=30)
+    assert r.status_code == 200 and r.json() == {}, r.text[:300]
+
+
+def test_the_openai_sdk_reads_the_json_error(gw):
+    """The SDK's ``APIStatusError`` carries the parsed error: its ``code`` and body (before: the
+    HTML page as a string, no code)."""
+    client = openai_client(gw)
+    with pytest.raises(openai.APIStatusError) as err:
+        client.models.retrieve("close")
+    assert err.value.status_code == 502 and err.value.code == "upstream_unavailable", err.value
+    assert isinstance(err.value.body, dict) and err.value.body["code"] == "upstream_unavailable"
+    with pytest.raises(openai.APIStatusError) as err:
+        client.embeddings.create(model="hang", input="hi")
+    assert err.value.status_code == 504 and err.value.code == "upstream_timeout", err.value
+
+
+def test_an_unreachable_backend_is_a_json_502_for_requests_and_the_sdk(tmp_path):
+    """Nothing listens at the backend's port: ``cannot connect to the upstream …``, JSON; the
+    gateway's log says so with the request id the client got."""
+    gw = start_gateway(f"http://127.0.0.1:{free_port()}", tmp_path, "--set", f"resp2chat_upstream_api_key={UP_KEY}",
+                       "--set", "resp2chat_max_replay_entries=0")
+    try:
+        r = requests.get(f"{gw.base_url}/models", timeout=30)
+        error = json_error(r, 502, "upstream_unavailable")
+        assert error["message"].startswith("cannot connect to the upstream http://127.0.0.1:"), error
+        rid = r.headers["x-request-id"]  # (what the operator looks for in the log)
+        wait_until(lambda: f"passthrough {rid} failed before its answer: cannot connect" in gw.log(), 10,
+                   "the log line")
+        client = openai_client(gw)
+        for call in (lambda: client.models.list(), lambda: client.embeddings.create(model="m", input="hi")):
+            with pytest.raises(openai.APIStatusError) as err:
+                call()
+            assert err.value.status_code == 502 and err.value.code == "upstream_unavailable", err.value
+            assert isinstance(err.value.body, dict) and "cannot connect" in err.value.body["message"]
+    finally:
+        gw.stop()
+    assert UP_KEY not in gw.log()
+
+
+def test_a_request_head_mitmproxy_cannot_read_is_a_json_400(gw):
+    """mitmproxy's own 400 for a request line it cannot read was its HTML page too."""
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        s.sendall(b"NOT AN HTTP REQUEST\r\n\r\n")
+        got = b""
+        while more := s.recv(65536):
+            got += more
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), got[:300]
+    assert b"content-type: application/json" in head.lower(), head
+    assert json.loads(body)["error"]["type"] == "invalid_request_error", body
+
+
+def test_a_revoked_keys_passthrough_cut_before_its_head_reads_as_json(backend, tmp_path):
+    """bob's model lookup waits on a backend that does not answer; ``keys revoke bob`` stops it
+    (its backend connection closed): bob reads ``invalid_api_key`` 401 JSON, not mitmproxy's
+    502 page for a server that closed the connection."""
+    gw = start_gateway(backend.url, tmp_path, "--set", "resp2chat_max_replay_entries=0", env=cli_env(tmp_path))
+    try:
+        bob = run_cli(tmp_path, "keys", "add", "bob").stdout.strip()
+        wait_until(lambda: post_turn(gw, {"model": "m", "input": "hi"}).status_code == 401, 10, "keys needed")
+        answer: dict = {}
+        held = backend.held
+        call = threading.Thread(target=lambda: answer.update(r=requests.get(
+            f"{gw.base_url}/models/hang", headers={"authorization": f"Bearer {bob}"}, timeout=30)))
+        call.start()
+        wait_until(lambda: backend.held > held, 10, "bob's call at the backend")
+        assert run_cli(tmp_path, "keys", "revoke", "bob").returncode == 0
+        call.join(20)
+        json_error(answer["r"], 401, "invalid_api_key")
+    finally:
+        gw.stop()
