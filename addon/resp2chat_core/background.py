@@ -44,6 +44,8 @@ ORPHANED = "orphaned"  # (under PRIVATE: ``cancelled_here``)
 DEAD = {"code": "server_error", "message": "the gateway running this background response stopped before it finished"}
 TOO_LARGE = {"code": "response_too_large", "message": "this background response grew larger than the response store "
              "keeps (max_session_memory_mb): it is kept without its output (stopped, if it still ran)"}
+# (as a failed Response carries them: errors.response_error, the SDK's code and the gateway's own in type)
+DEAD_ERROR, TOO_LARGE_ERROR = response_error(**DEAD), response_error(**TOO_LARGE)
 
 
 def queued(ctx) -> dict:
@@ -81,7 +83,8 @@ def dead(response: dict) -> dict:
     """What a dead running response is: ``failed``, with the reason (stored so, it keeps whether
     it was streamed: a resume of it is told it died, ``without_events``)."""
     streamed = (response.get(PRIVATE) or {}).get("streamed")
-    return {**public(response), "status": "failed", "error": response_error(DEAD["code"], DEAD["message"]), **({PRIVATE: {"streamed": True}} if streamed else {})}
+    return {**public(response), "status": "failed", "error": DEAD_ERROR,
+            **({PRIVATE: {"streamed": True}} if streamed else {})}
 
 
 def cancelled_here(response: dict) -> dict:
@@ -101,7 +104,7 @@ def too_large(response: dict) -> dict:
     streamed = (response.get(PRIVATE) or {}).get("streamed")
     # (nothing of how it ended stays: a completed one's completed_at, an incomplete one's reason)
     ended_so = {key: None for key in ("completed_at", "incomplete_details") if key in response}
-    return {**public(response), "status": "failed", "error": response_error(TOO_LARGE["code"], TOO_LARGE["message"]),
+    return {**public(response), "status": "failed", "error": TOO_LARGE_ERROR,
             "output": [], **ended_so, **({PRIVATE: {"streamed": True}} if streamed else {})}
 
 
@@ -175,7 +178,7 @@ def without_events(response_id: str, response: dict | None, now: float) -> Gatew
     stored it ``failed`` so), else ``not_kept``."""
     if response is None:
         return not_found(response_id)
-    if is_dead(response, now) or response.get("error") == response_error(DEAD["code"], DEAD["message"]):
+    if is_dead(response, now) or response.get("error") == DEAD_ERROR:
         return died()
     if (response.get(PRIVATE) or {}).get(ORPHANED):
         return GatewayError("this background response was cancelled after the gateway running it stopped answering: "
