@@ -234,18 +234,19 @@ class Upstreams(Owner):
             any(not s.api_key for s in self.specs) if self.specs else not self.s["upstream_api_key"])
         return owners.of_credential(flow.request.headers.get("authorization")) if forwarded else owners.SHARED
 
-    def authorize(self, flow: http.HTTPFlow, spec: S.UpstreamSpec | None = None) -> None:
+    def authorize(self, flow: http.HTTPFlow, spec: S.UpstreamSpec | None = None) -> routing.Candidate:
         """A passthrough call: it gets its upstream's headers as that upstream's turns get them
         (``candidate``'s ``Candidate.sent``): the upstream key replaces the client's credentials
         (which go upstream only with ``forward_client_auth``, when the gateway itself has no key),
         its own ``upstream_headers`` go alone (a client's header of the same name is not sent
         beside them), and no other header named like a credential goes on (as ``forwarded_header``
-        on a turn). Names go lower-case, as a turn's."""
+        on a turn). Names go lower-case, as a turn's. Returns that upstream as called (its timeouts)."""
         headers = flow.request.headers
         to = self.candidate(spec, flow, headers.get("authorization"))
         common = [(name.lower(), value) for name, value in headers.fields  # (authorization, x-api-key, a proxy's
                   if not S.credential_header(name.decode("latin-1"))]  # credential, a cookie…: named like one)
         headers.fields = tuple(to.sent(common))
+        return to
 
     def candidate(self, spec: S.UpstreamSpec | None, flow: http.HTTPFlow, client_auth: str | None,
                   body: bytes = b"", think: str = "auto") -> routing.Candidate:
@@ -327,10 +328,8 @@ class Upstreams(Owner):
                 return
         self.target(flow).route(flow, req.path[3:] if path.startswith("/v1/") else req.path)  # (the query kept)
         flow.metadata[META][FORWARDED] = True  # (not refused here: outcomes.py)
-        spec = self.specs[0] if self.specs else None
-        self.authorize(flow, spec)
+        to = self.authorize(flow, self.specs[0] if self.specs else None)  # (its timeouts, as its turns')
         req.headers["accept-encoding"] = "identity"  # (responseheaders reads the answer for secrets)
-        to = self.candidate(spec, flow, None)  # (its timeouts, as its turns')
         wait = (to.connect_timeout or 0) + to.idle_timeout
         if wait < float("inf"):
             self.waiting[flow.id] = asyncio.get_running_loop().call_later(wait, self._overdue, flow, wait)
