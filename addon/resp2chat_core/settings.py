@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 
 from .clients import parse_clients
 from .gate import DEFAULT_PASSTHROUGH, parse_passthrough
+from .head_deadline import MIN_BODY_RATE
 from .labels import HEADER_NAME, OPERATOR_NAME
 from .mcp import parse_servers as parse_mcp_servers, secret_values as mcp_secret_values
 from .settings_error import ENTRY_SECRETS, HOLDS_SECRETS, SECRET_FIELDS, SettingsError  # (S.SettingsError…)
@@ -136,7 +137,7 @@ FIELDS: tuple[Field, ...] = (
     Field("tls_cert_file", "str", "", "Serve HTTPS with this certificate (PEM, chain after it); with tls_key_file. Plain HTTP is then refused (but /healthz).", owner="listen"),
     Field("tls_key_file", "str", "", "The private key (PEM) of tls_cert_file.", owner="listen"),
     Field("header_timeout_secs", "int", 30, "A client connection must send a whole request head within this many seconds of connecting, or of the end of its previous answer (keep-alive); else it is closed, without an answer (clients open a new one). A request under way (a long stream) and a WebSocket have no such deadline; but a client that takes none of an answer waiting for it for this long is closed too (its turn ends, the backend call is dropped), and so is one whose request body, arriving, brings less than min_request_body_rate_kb (4 KiB/s) over the last this many seconds. At most 1000 connections wait for a head at once (past that the oldest waiting one is closed). 0: no deadline (mitmproxy's tcp_timeout, 600 s of silence, remains). A load balancer keeping idle connections to the gateway must drop them sooner than this (deploy/nginx.conf: keepalive_timeout 20s).", owner="connections"),
-    Field("min_request_body_rate_kb", "int", 4, "KiB a second a request body must bring, over each header_timeout_secs once that long passed since its head, while it arrives; else its connection is closed, without an answer, and what it held let go (an honest upload at least that fast is never cut, however long). 0: no minimum rate (header_timeout_secs 0 has none either).", owner="connections"),
+    Field("min_request_body_rate_kb", "int", MIN_BODY_RATE >> 10, "KiB a second a request body must bring, over each header_timeout_secs once that long passed since its head, while it arrives; else its connection is closed, without an answer, and what it held let go (an honest upload at least that fast is never cut, however long). 0: no minimum rate (header_timeout_secs 0 has none either).", owner="connections"),
     # --- clients (issue 23): who may call the gateway, each with its own key -------------------
     Field("clients", "entries", [], "The gateway's clients, each with its own key: a list of {name, id, key | key_sha256, models: [glob…], rpm, tpm, max_streams, max_sockets} (rpm: requests per minute that make a backend work: turns, passthrough calls but reads, input_tokens; tpm: backend tokens per minute, prompt + output; max_streams: such requests open at once; max_sockets: Responses WebSockets open at once, on each replica; a limit left out is none). A plain key is hashed at load; `resp2chat keys add NAME` stores only key_sha256, and a random id: the identity that owns what the client stores, kept by `keys rotate` (an entry without one is owned by its name). gateway_api_key, when set, is one more client named default.", owner="gate"),
 )
