@@ -176,6 +176,17 @@ class Run:
     terminal: bytes = b""  # its terminal event, held until it is stored (``Background._end``)
 
 
+@dataclass(frozen=True, slots=True)
+class Fed:
+    """A flow a ``Feed`` answers (``Background.feed``): the feed, its stream callable, the log it
+    reads, and the headers its answer's head gets besides (a new run's x-ratelimit-*)."""
+
+    feed: Feed
+    stream: FeedStream
+    source: Log
+    headers: tuple = ()
+
+
 class FeedStream:
     """The stream callable of a flow a ``Feed`` answers: at each relay tick, the log's events
     it has not sent yet (those after ``starting_after``); ``data: [DONE]`` at the end. ``at``:
@@ -218,8 +229,7 @@ class Background:
         self.runs: dict[str, Run] = {}  # running here, by response id
         self.kept: OrderedDict[str, Log] = OrderedDict()  # ended here: their events (KEPT, KEPT_BYTES)
         self.kept_bytes = 0
-        # flows a Feed answers, by flow id (and the headers their answer's head gets: a new run's x-ratelimit-*)
-        self.feeds: dict[str, tuple[Feed, FeedStream, Log, tuple]] = {}
+        self.feeds: dict[str, Fed] = {}  # flows a Feed answers, by flow id
         self.following: dict[tuple[str, str], Log] = {}  # runs of other replicas streamed here, by (id, owner)
 
     # --- a background turn ------------------------------------------------------------------
@@ -532,7 +542,7 @@ class Background:
         source.feeds[feed] = stream
         if source.done:
             feed.end()
-        self.feeds[flow.id] = (feed, stream, source, headers)
+        self.feeds[flow.id] = Fed(feed, stream, source, headers)
         req = flow.request
         for name, value in self.relay.expect(feed):
             req.headers[name] = value
@@ -544,13 +554,13 @@ class Background:
         if found is None or flow.response is None:
             return
         resp = flow.response
-        resp.stream = found[1]
+        resp.stream = found.stream
         resp.status_code, resp.reason = 200, "OK"
         for name in ("content-length", "content-encoding", "content-type", "transfer-encoding"):
             resp.headers.pop(name, None)
         resp.headers.update(SSE_HEADERS)
         resp.headers["x-request-id"] = request_id(flow)
-        resp.headers.update(found[3])
+        resp.headers.update(found.headers)
         if flow.request.http_version == "HTTP/1.1":
             resp.headers["transfer-encoding"] = "chunked"
 
@@ -563,8 +573,8 @@ class Background:
     def _forget(self, flow: http.HTTPFlow) -> None:
         found = self.feeds.pop(flow.id, None)
         if found is not None:
-            feed, _, source, _ = found
-            source.feeds.pop(feed, None)
+            source = found.source
+            source.feeds.pop(found.feed, None)
             self.relay.forget(flow.id)
             if not source.feeds and source.task is not None and not source.done:
                 self._unfollow(source)
