@@ -650,10 +650,9 @@ def lower(req: ResponsesRequest, opts: LoweringOptions = LoweringOptions(), know
                            f"{str(chosen.get('server_label'))[:200]!r}", param="tool_choice.server_label",
                            code="invalid_value")  # (a server's tool not listed, or not yet: the model chooses)
     if hosted is not None and hosted.unlisted:  # round 1 offers their tools: its choice is made there
-        raw = req.tool_choice
-        if isinstance(raw, dict) and raw.get("type") == mcp.KIND and isinstance(raw.get("server_label"), str) \
-                and isinstance(raw.get("name"), str):
-            hosted.tool_choice = mcp.Choice(raw["server_label"], raw["name"])
+        if isinstance(chosen, dict) and chosen.get("type") == mcp.KIND and isinstance(chosen.get("server_label"), str) \
+                and isinstance(chosen.get("name"), str):
+            hosted.tool_choice = mcp.Choice(chosen["server_label"], chosen["name"])
         else:
             hosted.tool_choice = tool_choice
         hosted.parallel_tool_calls = req.parallel_tool_calls

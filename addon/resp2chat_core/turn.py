@@ -377,9 +377,11 @@ def begin_turn(body: bytes | dict, opts: LoweringOptions, response_id: str, crea
             summaries.append(compaction.summary_request(other, copy=True).body)
         alternates.append(Alternate(other.body, alt.think_mode(other.chat["model"]), other.tool_map))
     ctx.tool_maps = tuple(a.tool_map for a in alternates)  # (a Rerouted event takes one)
-    server = _server_compaction(raw, items or [], lowered, opts, others, texts, sealer, tuple(summaries)) \
-        if compact else compaction.ServerCompaction(lowered.body, None, sealer, tuple(a.body for a in alternates)) \
-        if summarize else None  # (a compaction turn: that round alone, each candidate's body its summary request)
+    server = None
+    if compact:
+        server = _server_compaction(raw, items or [], lowered, opts, others, texts, sealer, tuple(summaries))
+    elif summarize:  # (a compaction turn: that round alone, each candidate's body its summary request)
+        server = compaction.ServerCompaction(lowered.body, None, sealer, tuple(a.body for a in alternates))
     return Turn(lowered.body, lowered.client_stream, ctx,
                 web_search=not summarize and any(t.kind == "web_search" for t in lowered.tool_map.targets.values()),
                 mcp=lowered.mcp if not summarize else None,

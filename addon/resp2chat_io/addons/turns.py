@@ -471,10 +471,12 @@ def _work(ex: Exchange, t, turn: Turn) -> Work | None:
     it): the tool loop's rounds (``ToolLoop.work``), and a compaction round's besides the
     answer's (compaction.py: the client's usage counts only the summary's output of that round);
     a compaction turn's is its round's alone (its summary calls: the answer is the summary)."""
-    work = ex.loop.work(t.error is not None) if ex.loop is not None else None
     extra = ex.compaction_work
-    if extra is None or turn.compaction:
-        return extra if turn.compaction else work
+    if turn.compaction:
+        return extra
+    work = ex.loop.work(t.error is not None) if ex.loop is not None else None
+    if extra is None:
+        return work
     if work is None:  # (the answer round's own: its usage as the backend gave it)
         usage = t.answer_usage
         work = Work(call_tokens(usage, len(ex.answering.body), t.output_chars, t.error is not None), usage)
