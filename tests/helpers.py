@@ -584,6 +584,67 @@ class LocalServer(ThreadingHTTPServer):
         self.close()
 
 
+class RawServer:
+    """A server on a raw loopback socket, for answers no HTTP server writes (a head cut short, a
+    reset, a request read and then nothing): each connection it accepts is served by ``serve(conn,
+    index)`` (``index``: 0 for the first, ``conns`` counts them) in a daemon thread of its own,
+    the connection closed after; ``url`` is its origin (``http://127.0.0.1:PORT``). ``close()``
+    stops accepting."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.conns = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns += 1
+            threading.Thread(target=self._serve, args=(conn, self.conns - 1), daemon=True).start()
+
+    def _serve(self, conn: socket.socket, index: int) -> None:
+        try:
+            self.serve(conn, index)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def serve(self, conn: socket.socket, index: int) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def read_request(conn: socket.socket, buf: bytearray) -> tuple[bytes, bytes] | None:
+    """One whole HTTP/1 request from a raw connection: (its head, its body by content-length);
+    None when the connection ends first. ``buf`` keeps what came after it (the next request of a
+    kept-alive connection)."""
+    while b"\r\n\r\n" not in buf:
+        data = conn.recv(65536)
+        if not data:
+            return None
+        buf += data
+    head, _, rest = bytes(buf).partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+    while len(rest) < length:
+        data = conn.recv(65536)
+        if not data:
+            return None
+        rest += data
+    buf[:] = rest[length:]
+    return head, rest[:length]
+
+
 def start_sse(handler) -> None:
     """A test upstream's (BaseHTTPRequestHandler) answer head: 200, an SSE body, chunked."""
     handler.send_response(200)

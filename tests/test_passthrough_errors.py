@@ -22,14 +22,14 @@ import openai
 import pytest
 import requests
 
-from helpers import cli_env, free_port, openai_client, post_turn, run_cli, start_gateway, wait_until
-from test_security_property import _RawBackend
+from helpers import (RawServer, cli_env, free_port, openai_client, post_turn, read_request, run_cli, start_gateway,
+                     wait_until)
 
 UP_KEY = "sk-upstream-planted-7777pqrs"
 WAIT = 1  # the gateway's connect_timeout_secs and upstream_idle_timeout_secs here
 
 
-class RawBackend(_RawBackend):
+class RawBackend(RawServer):
     """A backend that reads a request and then does what the model in its path (``GET
     /v1/models/NAME``) or its body (``"model": NAME``) says: ``close`` (closes before answering),
     ``reset`` (resets the connection), ``cut`` (half a head repeating its Authorization, then
@@ -39,48 +39,36 @@ class RawBackend(_RawBackend):
 
     def __init__(self) -> None:
         self.held, self.gone = 0, 0
-        super().__init__(None)
+        super().__init__()
 
-    def _one(self, conn: socket.socket) -> None:
-        try:
-            request = b""
-            while b"\r\n\r\n" not in request:
-                more = conn.recv(65536)
-                if not more:
-                    return
-                request += more
-            head, _, body = request.partition(b"\r\n\r\n")
-            size = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                         if line.lower().startswith(b"content-length:")), 0)
-            while len(body) < size and (more := conn.recv(65536)):
-                body += more
-            request = head + b"\r\n\r\n" + body
-            auth = next((line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
-                         if line.lower().startswith(b"authorization:")), b"none")
-            line = head.split(b"\r\n", 1)[0].split(b" ")
-            what = line[1].rsplit(b"/", 1)[1].decode() if line[0] == b"GET" else json.loads(body)["model"]
-            if what == "reset":
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            elif what == "cut":
-                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-echo: " + auth + b"\r\n")
-            elif what == "bad":
-                conn.sendall(b"HTTP/1.1 200 OK\r\nx-echo " + auth + b"\r\ncontent-length: 0\r\n\r\n")
-            elif what == "te":
-                conn.sendall(b"HTTP/1.1 200 OK\r\ntransfer-encoding: " + auth + b"\r\n\r\n")
-            elif what == "slow":
-                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n")
-                time.sleep(3 * WAIT)
-                conn.sendall(b"{}")
-            elif what == "hang":
-                self.held += 1
-                conn.settimeout(None)
-                while conn.recv(65536):
-                    pass
-                self.gone += 1
-        except OSError:
-            pass
-        finally:
-            conn.close()
+    def serve(self, conn: socket.socket, index: int) -> None:
+        got = read_request(conn, bytearray())
+        if got is None:
+            return
+        head, body = got
+        request = head + b"\r\n\r\n" + body
+        auth = next((line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
+                     if line.lower().startswith(b"authorization:")), b"none")
+        line = head.split(b"\r\n", 1)[0].split(b" ")
+        what = line[1].rsplit(b"/", 1)[1].decode() if line[0] == b"GET" else json.loads(body)["model"]
+        if what == "reset":
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        elif what == "cut":
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-echo: " + auth + b"\r\n")
+        elif what == "bad":
+            conn.sendall(b"HTTP/1.1 200 OK\r\nx-echo " + auth + b"\r\ncontent-length: 0\r\n\r\n")
+        elif what == "te":
+            conn.sendall(b"HTTP/1.1 200 OK\r\ntransfer-encoding: " + auth + b"\r\n\r\n")
+        elif what == "slow":
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n")
+            time.sleep(3 * WAIT)
+            conn.sendall(b"{}")
+        elif what == "hang":
+            self.held += 1
+            conn.settimeout(None)
+            while conn.recv(65536):
+                pass
+            self.gone += 1
 
 
 @pytest.fixture(scope="module")

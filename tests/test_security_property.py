@@ -24,7 +24,6 @@ import json
 import posixpath
 import re
 import socket
-import threading
 import time
 import types
 from urllib.parse import unquote
@@ -34,7 +33,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import LocalServer, MiB, Peak, QuietHandler, read_flows, start_gateway
+from helpers import LocalServer, MiB, Peak, QuietHandler, RawServer, read_flows, start_gateway
 from test_security_gate import UP_KEY, _Echo, error_of, raw
 from wsclient import WSClient
 
@@ -305,37 +304,17 @@ def test_credentials_of_other_services_reach_no_backend_nor_a_flow(own_echo_gate
 # --- a backend's broken or endless response head (passthrough) ----------------------------------
 
 
-class _RawBackend:
+class _RawBackend(RawServer):
     """A backend that answers every request with ``answer(request bytes)`` as it is, then closes."""
 
     def __init__(self, answer) -> None:
         self.answer = answer
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
-
-    def _one(self, conn: socket.socket) -> None:
-        try:
-            request = conn.recv(65536)
-            for piece in self.answer(request):
-                conn.sendall(piece)
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def close(self) -> None:
-        self.sock.close()
+    def serve(self, conn: socket.socket, index: int) -> None:
+        request = conn.recv(65536)
+        for piece in self.answer(request):
+            conn.sendall(piece)
 
 
 def _echoed_auth(request: bytes) -> bytes:

@@ -16,35 +16,12 @@ from __future__ import annotations
 import json
 import socket
 import struct
-import threading
 import time
 
 import pytest
 import requests
 
-from helpers import chat_chunk, parse_sse, start_gateway
-
-
-def _read_request(conn: socket.socket, buf: bytearray) -> bytes | None:
-    """One whole HTTP request from ``conn`` (its body by content-length); None at EOF."""
-    while b"\r\n\r\n" not in buf:
-        data = conn.recv(65536)
-        if not data:
-            return None
-        buf += data
-    head, _, rest = bytes(buf).partition(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value.strip())
-    while len(rest) < length:
-        data = conn.recv(65536)
-        if not data:
-            return None
-        rest += data
-    buf[:] = rest[length:]
-    return rest[:length]
+from helpers import RawServer, chat_chunk, parse_sse, read_request, start_gateway
 
 
 def _sse_answer(text: str) -> bytes:
@@ -53,7 +30,7 @@ def _sse_answer(text: str) -> bytes:
     return (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n" % len(body)) + body
 
 
-class RawBackend:
+class RawBackend(RawServer):
     """A chat backend on a raw loopback socket. ``answer(conn_index, request_index, text)`` says
     what to do with each request: ``bytes`` to send (the connection kept), ``"fin"`` (close after
     reading it), ``"rst"`` (reset after reading it), ``"close-later"`` (answer, then close the idle
@@ -62,43 +39,28 @@ class RawBackend:
     def __init__(self, answer) -> None:
         self.answer = answer
         self.requests: list[str] = []
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
-        self.conns = 0
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
+        self.url += "/v1"
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.conns += 1
-            threading.Thread(target=self._serve, args=(conn, self.conns - 1), daemon=True).start()
-
-    def _serve(self, conn: socket.socket, index: int) -> None:
+    def serve(self, conn: socket.socket, index: int) -> None:
         buf, n = bytearray(), 0
-        with conn:
-            while (body := _read_request(conn, buf)) is not None:
-                messages = json.loads(body)["messages"]
-                text = messages[-1]["content"]
-                text = text if isinstance(text, str) else "".join(p.get("text", "") for p in text)
-                self.requests.append(text)
-                what = self.answer(index, n, text)
-                n += 1
-                if what == "rst":
-                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    return
-                if what == "fin":
-                    return
-                if what == "close-later":
-                    conn.sendall(_sse_answer(f"answer to {text}"))
-                    time.sleep(0.3)
-                    return
-                conn.sendall(what)
-
-    def close(self) -> None:
-        self.sock.close()
+        while (request := read_request(conn, buf)) is not None:
+            messages = json.loads(request[1])["messages"]
+            text = messages[-1]["content"]
+            text = text if isinstance(text, str) else "".join(p.get("text", "") for p in text)
+            self.requests.append(text)
+            what = self.answer(index, n, text)
+            n += 1
+            if what == "rst":
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                return
+            if what == "fin":
+                return
+            if what == "close-later":
+                conn.sendall(_sse_answer(f"answer to {text}"))
+                time.sleep(0.3)
+                return
+            conn.sendall(what)
 
 
 @pytest.fixture
