@@ -189,7 +189,14 @@ def _json_errors(send):
     gateway made of it in the ``error`` hook (``FAILED``), even where mitmproxy would only close
     the connection (a flow killed in its hooks); otherwise as mitmproxy does (``_json_page``)."""
     def json_error_send(self, event):
-        own = FAILED.pop(self.conn, None) if isinstance(event, ResponseProtocolError) else None
+        # (every other event, each chunk of every answer, is mitmproxy's own generator as it is:
+        # no frame of ours between it and the connection)
+        if not isinstance(event, ResponseProtocolError):
+            return send(self, event)
+        return failed_send(self, event)
+
+    def failed_send(self, event):
+        own = FAILED.pop(self.conn, None)
         if own is not None and own[0] is self.request and self.response is None:
             if self.conn.state & ConnectionState.CAN_WRITE:
                 yield commands.SendData(self.conn, own[1])
