@@ -508,6 +508,24 @@ def test_a_clients_limit_in_the_file_is_what_its_text_says(tmp_path, upstream):
     assert (first["name"], first["rpm"], first["max_streams"]) == ("1.10", 17, 10), path.read_text()
 
 
+def test_keys_add_keeps_an_upstreams_numbers_and_switches_as_written(tmp_path):
+    """``keys add`` rewrites the whole file: an ``upstreams`` entry's whole-number and true/false
+    settings came back as quoted text (``connect_timeout_secs: '5'``: still read right, but no
+    longer what the operator wrote). They stay numbers and switches, as the text says (017 is 17),
+    and a string setting that looks like a number stays the string its text is."""
+    path = config_file(tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("upstreams:\n  - name: a\n    base_url: http://127.0.0.1:9/v1\n    models: ['*']\n"
+                    "    connect_timeout_secs: 017\n    keepalive_secs: 0\n    flatten_content: no\n"
+                    "    upstream_model: 1.10\n")
+    added = run_cli(tmp_path, "keys", "add", "bob")
+    assert added.returncode == 0, added.stderr
+    entry = yaml.safe_load(path.read_text())["upstreams"][0]
+    assert {k: entry[k] for k in ("connect_timeout_secs", "keepalive_secs", "flatten_content", "upstream_model")} == {
+        "connect_timeout_secs": 17, "keepalive_secs": 0, "flatten_content": False, "upstream_model": "1.10"}, path.read_text()
+    assert run_cli(tmp_path, "keys", "list").returncode == 0  # (the rewritten file still reads)
+
+
 def test_a_client_with_the_longest_name_and_no_id_is_served(tmp_path, upstream):
     """An entry written by hand (no id: its name owns its state) may have a 64-character name:
     its owner, ``client.`` + the name, was too long, and every request of it failed (a 500)."""

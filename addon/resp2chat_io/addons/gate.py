@@ -412,10 +412,10 @@ class Gate(Owner):
         for flow_id, flow in list(self.passing.items()):
             if flow.request.timestamp_end is None:
                 continue  # (its body still coming: ``request`` refuses it with a 401 once it is in)
-            if not self.accepts(self.callers.get(flow_id)):
+            spec = self.callers.get(flow_id)
+            if not self.accepts(spec):
                 self.passing.pop(flow_id, None)
                 flow.metadata.setdefault(META, {})["closed_by_gateway"] = "invalid_api_key"
-                spec = self.callers.get(flow_id)
                 who = f"client {spec.name!r}" if spec is not None else "a request without a key"
                 log.info(f"resp2chat: passthrough {request_id(flow)} of {who} stopped: its key is no longer accepted")
                 stop_flow(flow)
