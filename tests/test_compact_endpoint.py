@@ -13,7 +13,7 @@ import requests
 
 from helpers import (
     FIXTURES, PNG, LocalServer, QuietHandler, chat_chunk, chat_event, chat_sse, check_stream, http_chunk, openai_client,
-    parse_sse, send_cut, send_json, send_paced, send_sse, start_sse,
+    parse_sse, read_flows, send_cut, send_json, send_paced, send_sse, start_sse,
 )
 from resp2chat_core.compaction import COMPACTION_PROMPT, SUMMARY_PREFIX
 from wsclient import WSClient
@@ -402,3 +402,46 @@ def test_codex_hears_keepalives_while_the_backend_streams_the_summary(gateway_fa
             before = kinds[:kinds.index("response.output_item.added")]
             assert before.count("response.in_progress") >= 3, kinds  # (the first, then one a second)
             assert events[-1]["type"] == "response.completed", events[-1]
+
+
+_KEY = "sk-upstream-key-0123456789abcdef"
+
+
+class _Summarizer(QuietHandler):
+    """A backend that writes a summary in three pieces, one of them its own key (a backend that
+    echoes it), and answers anything else with "ok"."""
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        if body["messages"][-1]["content"] == COMPACTION_PROMPT:
+            send_sse(self, chat_sse(*(chat_chunk({"content": p}) for p in ("Ada likes tea. ", _KEY, " End.")),
+                                    chat_chunk(finish="stop")))
+        else:
+            send_sse(self, chat_sse(chat_chunk({"content": "ok"}), chat_chunk(finish="stop")))
+
+
+def test_a_compaction_rounds_backend_stream_is_in_its_flow_scrubbed(gateway_factory, tmp_path):
+    """A flow keeps a turn's backend stream (``upstream_sse``) for ``resp2chat retranslate`` and the
+    operator; a compaction round's summary streams to nobody, so its flow kept only the sealed item
+    the gateway made of it: the summary's own words were in no flow. Each way a summary comes (the
+    compact endpoint, Codex's trigger turn over HTTP and the WebSocket, an ordinary turn's
+    server-side compaction) now records it with its gateway event (``Summarized.sse``,
+    ``Compacted.sse``), the upstream's key scrubbed as everywhere in a flow."""
+    flows = tmp_path / "flows.mitm"
+    with LocalServer(_Summarizer) as backend:
+        gw = gateway_factory(backend.url, "-w", str(flows), "--set", "resp2chat_max_replay_entries=0",
+                             "--set", f"resp2chat_upstream_api_key={_KEY}")
+        compact, events, end, turn = _summaries(gw)
+        assert compact.status_code == turn.status_code == 200 and end["type"] == "response.completed"
+        gw.stop()
+    records = []
+    for flow in read_flows(flows):
+        meta = flow.metadata.get("resp2chat", {})
+        records += [meta] + list(meta.get("turns", []))
+    kept = [(name, fields["sse"]) for record in records for _, name, fields in record.get("gateway_events", ())
+            if name in ("Summarized", "Compacted")]
+    assert sorted(name for name, _ in kept) == ["Compacted"] + ["Summarized"] * 3, kept
+    for _, sse in kept:
+        assert '"Ada likes tea. "' in sse and '" End."' in sse and "[DONE]" in sse, sse
+        assert _KEY not in sse, sse
+    assert _KEY.encode() not in flows.read_bytes()

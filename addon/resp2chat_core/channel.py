@@ -218,10 +218,12 @@ class Stopped:
 class Compacted:
     """The turn's compaction round wrote its summary (server-side compaction: compaction.py):
     ``item`` is the sealed compaction item, the output's first; ``output_tokens``, the summary's
-    (the client's usage counts them)."""
+    (the client's usage counts them); ``sse``, what the backend sent of the summary, for the
+    flow's record (``record_events``: the turn's ``upstream_sse`` is its answer's alone)."""
 
     item: dict
     output_tokens: int = 0
+    sse: bytes = b""  # the summary's backend stream, as it came (compaction.py ``SummaryReader.sse``): for the flow record
 
     def apply(self, t) -> bytes:
         return t.compacted(self.item, self.output_tokens)
@@ -231,10 +233,11 @@ class Compacted:
 class Summarized:
     """A compaction turn's summary, read whole by the relay (Codex's trigger, the compact endpoint:
     compaction.py): ``item`` is its sealed compaction item, the turn's answer; ``usage``, the
-    backend's usage object as it gave it (None: none)."""
+    backend's usage object as it gave it (None: none); ``sse``, the summary's backend stream."""
 
     item: dict
     usage: dict | None = None
+    sse: bytes = b""  # the summary's backend stream, as it came (``Compacted.sse``)
 
     def apply(self, t) -> bytes:
         return t.summarized(self.item, self.usage)

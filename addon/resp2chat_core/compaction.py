@@ -357,6 +357,9 @@ class CompactionTranslator(Translator):
         self._reader.stopped = True
 
 
+KEPT_SSE = 1 << 20  # the summary's backend stream a flow's record keeps (``SummaryReader.sse``), bytes
+
+
 class SummaryReader(CompactionTranslator):
     """Reads a summary's stream (server-side compaction's round; a compaction turn's, Codex's
     trigger and the compact endpoint: relay/exchange.py ``_compact``), passing nothing on (``feed``
@@ -380,6 +383,8 @@ class SummaryReader(CompactionTranslator):
 
     def __init__(self, max_event: int = MAX_EVENT, think: str = "auto") -> None:
         super().__init__(TurnContext(response_id="resp_summary", created_at=0, model="", think=think), max_event)
+        self._sse: list[bytes] = []  # what the backend sent, up to KEPT_SSE bytes (``sse``)
+        self._kept = 0
         self.reasoned = 0  # bytes of reasoning the backend wrote (what it did: ``ServerCompaction.work``)
         self.failure: UpstreamFailed | None = None  # why what came is no summary (the turn fails with it)
         self.ended = False  # a finish reason or [DONE] came
@@ -387,10 +392,12 @@ class SummaryReader(CompactionTranslator):
     # --- what the relay's call reads (relay/upstream.py ``Reader``) ------------------------------
 
     def feed(self, data: bytes) -> bytes | None:
+        self._keep(data)
         super().feed(data)  # (its events are nobody's)
         return b"" if self.failure is None else None
 
     def whole(self, body: bytes) -> bytes:
+        self._keep(body)
         if self.phase is not Phase.DONE:
             self._reader.body(body)
         self._flush()
@@ -408,6 +415,20 @@ class SummaryReader(CompactionTranslator):
 
     def text(self) -> str:
         return self.summary()
+
+    @property
+    def sse(self) -> bytes:
+        """What the backend sent of the summary, as it came (its stream, or the whole JSON of one
+        that ignored ``stream``), up to ``KEPT_SSE`` bytes: the flow's record of the compaction
+        round (channel.py ``Summarized.sse``, ``Compacted.sse``), as a turn's ``upstream_sse``."""
+        return b"".join(self._sse)
+
+    def _keep(self, data: bytes) -> None:
+        room = KEPT_SSE - self._kept
+        if room > 0 and data:
+            piece = data if len(data) <= room else data[:room]
+            self._sse.append(piece)
+            self._kept += len(piece)
 
     @property
     def chat_usage(self) -> dict | None:

@@ -580,10 +580,11 @@ class ResponsesWebSocket(Owner):
         if live.records > MAX_RECORDS:
             meta["turns_dropped"] = live.records - MAX_RECORDS
         else:
-            size = sum(len(v) for v in record.values() if isinstance(v, (str, RecordText)))
+            size = sum(len(v) for v in record.values() if isinstance(v, (str, RecordText))) + sum(
+                len(v) for _, _, fields in record.get("gateway_events", ()) for v in fields.values() if isinstance(v, str))
             if live.recorded + size > RECORD_BUDGET:
                 record = {k: v for k, v in record.items() if k not in ("responses_request", "chat_request",
-                                                                        "upstream_sse", "events")}
+                                                                        "upstream_sse", "events", "gateway_events")}
                 record["truncated"] = True
             else:
                 live.recorded += size

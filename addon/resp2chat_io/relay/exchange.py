@@ -374,9 +374,9 @@ async def _compact(ex: Exchange, client: UpstreamClient, headers: list[tuple[byt
         ex.channel.event(failure(502, why, "server_error", "server_error"))
         return False
     if plan.answer is None:  # (a compaction turn: the summary is its answer)
-        ex.channel.event(Summarized(plan.item(summary), reader.chat_usage))
+        ex.channel.event(Summarized(plan.item(summary), reader.chat_usage, reader.sse))
         return False
-    ex.channel.event(Compacted(plan.item(summary), reader.output_tokens()))
+    ex.channel.event(Compacted(plan.item(summary), reader.output_tokens(), reader.sse))
     bodies = plan.answer(summary)
     ex.candidates = tuple(dataclasses.replace(to, body=body or bodies[0])
                           for to, body in zip(ex.candidates, bodies))
