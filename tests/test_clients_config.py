@@ -267,6 +267,27 @@ def test_another_clients_key_in_a_url_is_a_credential(tmp_path, upstream):
     assert ALICE_KEY not in r.text + gw.log()
 
 
+def test_a_key_keys_add_made_is_found_in_a_url_though_only_its_hash_is_configured(tmp_path, upstream):
+    """A key ``resp2chat keys add`` made is in the config only as its hash, so the gateway could not
+    know it in a URL unless the request also sent it as its own key: in a path segment or a
+    parameter not named like a credential it went on to the backend, into the gateway's log and
+    flows. Its shape (``r2c-`` and 43 URL-safe characters) is enough: refused (credential_in_url),
+    percent-encoded too, redacted from the flow and the log; nothing reaches the backend."""
+    assert run_cli(tmp_path, "keys", "add", "alice").returncode == 0
+    added = run_cli(tmp_path, "keys", "add", "bob")
+    bob = re.search(r"r2c-[A-Za-z0-9_-]{43}", added.stdout)[0]
+    flows = tmp_path / "flows.mitm"
+    gw = start_gateway(upstream.origin, tmp_path, "-w", str(flows), env=cli_env(tmp_path))
+    try:
+        for url in (f"/models/{bob}", f"/models?q={bob}", f"/models?q={bob.replace('-', '%2D')}"):
+            r = requests.get(gw.base_url + url, timeout=20)  # (no key of its own: nothing to compare with)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "credential_in_url", (url, r.text)
+        assert requests.get(gw.base_url + "/models/r2c-not-a-key", timeout=20).status_code != 400
+    finally:
+        gw.stop()
+    assert bob not in gw.log() and bob.encode() not in flows.read_bytes()
+
+
 # --- resp2chat keys ------------------------------------------------------------------------------
 
 

@@ -35,6 +35,12 @@ from .labels import OPERATOR_NAME, shown
 from .owner import of_client
 from .settings_error import SettingsError  # (not settings.py: it validates ``clients`` with parse_clients)
 
+# A key ``resp2chat keys`` makes: this prefix and 256 random bits (URL-safe base64, 43 characters),
+# recognisable in a leak report or by a secret scanner, and by the gate in a URL (gate.py
+# ``without_credentials``), where the config holds only its hash.
+KEY_PREFIX = "r2c-"
+KEY_SHAPE = re.compile(r"(?<![A-Za-z0-9_-])" + re.escape(KEY_PREFIX) + r"[A-Za-z0-9_-]{43}(?![A-Za-z0-9_-])")
+
 DEFAULT = "default"  # the client gateway_api_key stands for
 FIELDS = ("name", "key", "key_sha256", "models", "rpm", "tpm", "max_streams", "max_sockets", "id")
 LIMITS = ("rpm", "tpm", "max_streams", "max_sockets")

@@ -16,7 +16,7 @@ Each check returns ``None`` (let it in) or the ``GatewayError`` the client gets;
 - ``content_type_refusal``: a turn's body is JSON: ``application/json`` or any ``+json`` type.
 - ``disguised``: a path that names a gateway endpoint only once percent-decoded or normalised.
 - ``without_credentials``: a request target with a key put in it (a query parameter named like a
-  credential, or a configured secret anywhere) redacted: the gate refuses it (a key in a URL
+  credential, a configured secret or a key of the shape ``resp2chat keys`` makes anywhere) redacted: the gate refuses it (a key in a URL
   reaches a backend's logs, the gateway's log and flow files, whatever the gateway checks).
 - ``BodyBudget``: the request bodies arriving at once, all clients together, by their declared
   sizes (``max_request_bodies_mb``): one that would go past it is refused (``bodies_overloaded``).
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Hashable
 from urllib.parse import unquote, unquote_plus
 
+from .clients import KEY_SHAPE
 from .errors import GatewayError
 
 RESPONSES_PATHS = ("/v1/responses", "/responses")  # where clients create responses (and open the WebSocket)
@@ -270,8 +271,10 @@ REDACTED = "[redacted]"
 def without_credentials(target: str, secrets) -> str | None:
     """``target`` (a request's path and query) with every credential in it replaced by
     ``[redacted]``: the value of a query parameter named like one (``api_key``, ``key``,
-    ``access_token``…), and any of ``secrets`` (str) found in a part plain or percent-decoded;
-    None when it holds none."""
+    ``access_token``…), any of ``secrets`` (str) found in a part plain or percent-decoded, and
+    any client key of the shape ``resp2chat keys`` makes (``clients.KEY_SHAPE``: the config holds
+    only their hashes, so a path segment or an oddly named parameter would keep one); None when
+    it holds none."""
     path, sep, query = target.partition("?")
     parts = [path] + (query.split("&") if sep else [])
     clean = [_without_secrets(p, secrets) for p in parts]
@@ -285,6 +288,10 @@ def without_credentials(target: str, secrets) -> str | None:
 
 
 def _without_secrets(part: str, secrets) -> str:
+    if KEY_SHAPE.search(part) or KEY_SHAPE.search(unquote_plus(part)):
+        part = KEY_SHAPE.sub(REDACTED, part)
+        if KEY_SHAPE.search(unquote_plus(part)):
+            return REDACTED  # (one only encoded: all of it)
     if not any(s in part or s in unquote_plus(part) for s in secrets):
         return part
     for s in secrets:

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import requests
 
 from resp2chat_core import settings as S
-from resp2chat_core.clients import DEFAULT, LIMITS, key_sha256, parse_clients
+from resp2chat_core.clients import DEFAULT, KEY_PREFIX, LIMITS, key_sha256, parse_clients
 from resp2chat_io import ADDON
 from resp2chat_io.columns import table
 from resp2chat_io.config import Loaded, config_path, editing, load_settings, read_file, write_file
@@ -157,7 +157,7 @@ def write_settings(path: Path, values: dict) -> None:
 
 # --- keys ------------------------------------------------------------------------------------
 
-CLIENT_KEY_PREFIX = "r2c-"  # a resp2chat client key, recognisable in a leak report or a secret scanner
+CLIENT_KEY_PREFIX = KEY_PREFIX  # a resp2chat client key, recognisable in a leak report or a secret scanner
 CLIENT_KEY_ENV = "RESP2CHAT_API_KEY"  # where a developer keeps their client key (print-config --key-env)
 
 
