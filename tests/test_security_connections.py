@@ -373,24 +373,46 @@ def test_the_body_rule_with_no_rate_bounds_nothing():
 
 def test_the_body_budget_counts_declared_sizes_until_each_body_is_in():
     budget = BodyBudget(cap=100)
-    assert budget.take("r1", "c1", 60) and budget.take("r2", "c2", 40) and budget.held == 100  # (up to the cap: in)
-    assert not budget.take("r3", "c3", 1) and budget.held == 100 and len(budget) == 2  # (past it: refused, not counted)
-    assert budget.take("r4", "c4", 0)  # (no body: no share)
+    took = budget.take  # (None: taken; else the refusal)
+    assert took("r1", "c1", 60) is None and took("r2", "c2", 40) is None and budget.held == 100  # (up to the cap)
+    assert took("r3", "c3", 1).code == "server_overloaded" and budget.held == 100 and len(budget) == 2  # (past it)
+    assert took("r4", "c4", 0) is None  # (no body: no share)
     budget.give_back("r1")
     budget.give_back("r1")  # (twice: nothing more)
-    assert budget.held == 40 and budget.take("r3", "c3", 60) and not budget.take("r5", "c5", 1)
-    assert budget.take("r3", "c3", 60) and budget.held == 100  # (taken again by the same request: counted once)
+    assert budget.held == 40 and took("r3", "c3", 60) is None and took("r5", "c5", 1) is not None
+    assert took("r3", "c3", 60) is None and budget.held == 100  # (taken again by the same request: counted once)
     budget.gone("c3")
     budget.gone("c3")
     assert budget.held == 40 and len(budget) == 1
     budget.give_back("r2")
-    assert budget.held == 0 and budget.take("big", "c6", 500)  # (one body always, when none other arrives)
-    assert not budget.take("r7", "c7", 1)
+    assert budget.held == 0 and took("big", "c6", 500) is None  # (one body always, when none other arrives)
+    assert took("r7", "c7", 1) is not None
     budget.cap = 0  # (no cap: still counted, never refused)
-    assert budget.take("r7", "c7", 10**9) and budget.held == 500 + 10**9
+    assert took("r7", "c7", 10**9) is None and budget.held == 500 + 10**9
     budget.gone("c6")
     budget.gone("c7")
     assert budget.held == 0 and len(budget) == 0
+
+
+def test_one_client_holds_at_most_half_of_the_body_budget():
+    """One key's bodies arriving at once take at most half of ``max_request_bodies_mb``: past it
+    its next is refused (429, its own limit) while another client's still gets in; a client with
+    none arriving always gets one in; what it gives back is its share again."""
+    budget = BodyBudget(cap=100)
+    assert budget.take("a1", "ca", 30, "alice") is None and budget.take("a2", "ca", 20, "alice") is None
+    refused = budget.take("a3", "cb", 1, "alice")
+    assert (refused.status, refused.code) == (429, "rate_limit_exceeded") and "try again in 1s" in refused.message
+    assert budget.take("b1", "cc", 50, "bob") is None and budget.held == 100  # (the other half: bob's)
+    assert budget.take("c1", "cd", 1, "carol").code == "server_overloaded"  # (all of it held)
+    budget.give_back("b1")
+    budget.gone("ca")
+    assert budget.take("big", "ce", 60, "carol") is None  # (none of hers arriving: one body, past her half)
+    assert budget.take("c2", "ce", 1, "carol").code == "rate_limit_exceeded"
+    assert budget.take("a4", "cf", 40, "alice") is None and budget.held == 100
+    budget.give_back("a4")
+    budget.give_back("big")
+    assert budget.held == 0 and budget.take("x", "cg", 60, None) is None  # (no client: no share)
+    assert budget.take("y", "ch", 40, None) is None
 
 
 BODIES_LIMIT = {**DEADLINE, "RESP2CHAT_MAX_REQUEST_BODY_MB": "4"}
@@ -451,6 +473,38 @@ def slow_bodies(gw, n: int, size: int, sent: int) -> tuple[list[socket.socket], 
         time.sleep(0.05)
     assert not [s for s in admitted if closed(s)], "a body above the minimum rate was cut"
     return admitted, refused, peak.grown
+
+
+def test_one_clients_slow_uploads_leave_the_others_half_of_the_budget(upstream, gateway_factory):
+    """Two keyed clients, ``max_request_bodies_mb`` 8: alice's bodies arriving at once hold at most
+    4 MiB (her half): her second 3 MiB body is refused at its head (429 ``rate_limit_exceeded``,
+    ``retry-after``: her own limit, as the SDKs and Codex wait it out), while bob's gets in. Before,
+    alice alone could take the whole budget and every other client got 503s until her uploads ended."""
+    clients = [{"name": "alice", "key": "alice-key-0123456789abcdef"}, {"name": "bob", "key": "bob-key-0123456789abcdef"}]
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0",
+                         env={**BODIES_LIMIT, "RESP2CHAT_MAX_REQUEST_BODIES_MB": "8",
+                              "RESP2CHAT_CLIENTS": json.dumps(clients)})
+
+    def head(who: int) -> bytes:
+        return head_expecting(3 * MiB).replace(b"\r\n\r\n", b"\r\nauthorization: Bearer %s\r\n\r\n"
+                                                % clients[who]["key"].encode())
+
+    socks = [connect(gw, head(0))]
+    try:
+        assert first_answer(socks[0])[0] == 100
+        socks.append(connect(gw, head(0)))
+        status, fields, body = first_answer(socks[-1])
+        body = json.loads(body)
+        assert status == 429 and body["error"]["code"] == "rate_limit_exceeded", (status, body)
+        assert fields["retry-after"] == "1" and "max_request_bodies_mb" in body["error"]["message"]
+        socks.append(connect(gw, head(1)))
+        assert first_answer(socks[-1])[0] == 100  # (bob: the other half is his)
+        socks.append(connect(gw, head(1)))
+        status, _, body = first_answer(socks[-1])
+        assert status == 503 and json.loads(body)["error"]["code"] == "server_overloaded"  # (6 of 8 MiB held: all clients' room)
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 @pytest.mark.parametrize("cap_mb", [16, 0], ids=["capped", "no-cap"])

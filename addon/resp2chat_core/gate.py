@@ -19,7 +19,8 @@ Each check returns ``None`` (let it in) or the ``GatewayError`` the client gets;
   credential, a configured secret or a key of the shape ``resp2chat keys`` makes anywhere) redacted: the gate refuses it (a key in a URL
   reaches a backend's logs, the gateway's log and flow files, whatever the gateway checks).
 - ``BodyBudget``: the request bodies arriving at once, all clients together, by their declared
-  sizes (``max_request_bodies_mb``): one that would go past it is refused (``bodies_overloaded``).
+  sizes (``max_request_bodies_mb``): one that would go past it is refused (``bodies_overloaded``),
+  and so is one past its client's half of it (``client_bodies_overloaded``).
 """
 
 from __future__ import annotations
@@ -65,40 +66,58 @@ class BodyBudget:
     retry-after, which the openai SDK and Codex retry); it does not wait, as a wait would hold
     its connection and head with no bound on how many wait.
 
+    One client's share (``who``: its identity, where the gateway has several clients) is half of
+    ``cap``: past it, that client's next body is refused (``client_bodies_overloaded``: 429 and
+    retry-after) while the other half stays for the others, so one key's slow uploads cannot hold
+    off every other client's; a client with no body arriving always gets one in (the rule above).
+
     Requests and their connections are named by the caller (a flow id, a client id)."""
 
     def __init__(self, cap: int) -> None:
         self.cap = cap  # bytes; 0: no cap (still counted)
         self.held = 0
-        self._taken: dict[Hashable, tuple[Hashable, int]] = {}  # request -> (its connection, its size)
+        self._taken: dict[Hashable, tuple[Hashable, int, Hashable]] = {}  # request -> (its connection, size, who)
         self._on: dict[Hashable, set] = {}  # connection -> its requests counted
+        self._by: dict[Hashable, int] = {}  # who -> the bytes its requests hold
 
     def __len__(self) -> int:
         """How many bodies arrive now (with a size)."""
         return len(self._taken)
 
-    def take(self, request: Hashable, conn: Hashable, size: int) -> bool:
-        """Room for ``size`` more bytes of body (the request's declared size)? If so they are
-        counted until ``give_back`` (or ``gone``); else nothing is counted: the caller refuses it."""
+    def take(self, request: Hashable, conn: Hashable, size: int, who: Hashable = None) -> GatewayError | None:
+        """Room for ``size`` more bytes of body (the request's declared size)? If so (None) they
+        are counted until ``give_back`` (or ``gone``); else nothing is counted and the refusal the
+        caller answers with is returned: all clients' room, or ``who``'s share (None: no share)."""
         if size <= 0 or request in self._taken:
-            return True
+            return None
         if self.cap and self.held and self.held + size > self.cap:
-            return False
-        self._taken[request] = (conn, size)
+            return bodies_overloaded(self.cap)
+        mine = self._by.get(who, 0) if who is not None else 0
+        if self.cap and mine and mine + size > self.cap // 2:
+            return client_bodies_overloaded(self.cap)
+        self._taken[request] = (conn, size, who)
         self._on.setdefault(conn, set()).add(request)
         self.held += size
-        return True
+        if who is not None:
+            self._by[who] = mine + size
+        return None
 
     def give_back(self, request: Hashable) -> None:
         """The request's body is all in (or it ended): no longer counted (again: nothing)."""
         taken = self._taken.pop(request, None)
         if taken is not None:
-            self.held -= taken[1]
-            requests = self._on.get(taken[0])
+            conn, size, who = taken
+            self.held -= size
+            if who is not None:
+                if (left := self._by[who] - size) > 0:
+                    self._by[who] = left
+                else:
+                    del self._by[who]
+            requests = self._on.get(conn)
             if requests is not None:
                 requests.discard(request)
                 if not requests:
-                    del self._on[taken[0]]
+                    del self._on[conn]
 
     def gone(self, conn: Hashable) -> None:
         """The connection closed: whatever its requests took is given back."""
@@ -110,6 +129,13 @@ def bodies_overloaded(cap: int) -> GatewayError:
     return GatewayError(f"this gateway is receiving as many request bodies as it holds at once "
                         f"(max_request_bodies_mb {cap >> 20} MiB, all clients together); try again shortly",
                         param="max_request_bodies_mb", code="server_overloaded", status=503, type="server_error",
+                        retry_after=BODIES_RETRY_SECS)
+
+
+def client_bodies_overloaded(cap: int) -> GatewayError:
+    return GatewayError(f"your requests' bodies arriving at once already take your share of what this gateway "
+                        f"receives at once (half of max_request_bodies_mb {cap >> 20} MiB). Please try again in {BODIES_RETRY_SECS}s.",
+                        param="max_request_bodies_mb", code="rate_limit_exceeded", status=429, type="requests",
                         retry_after=BODIES_RETRY_SECS)
 
 

@@ -187,8 +187,10 @@ class Gate(Owner):
                 param="content-length", code="length_required", status=411))
         if size > self.limit:
             return self.too_large(flow)
-        if not self.bodies.take(flow.id, flow.client_conn.id, size):
-            return self.refuse(flow, G.bodies_overloaded(self.bodies.cap))
+        # (a client's share only where there are others: a gateway of one key may use it all)
+        who = client.identity if client is not None and len(self.clients) > 1 else None
+        if (err := self.bodies.take(flow.id, flow.client_conn.id, size, who)) is not None:
+            return self.refuse(flow, err)
         meta = flow.metadata.setdefault(META, {})
         if where is G.PASSTHROUGH:
             meta[PASSTHROUGH] = True
