@@ -407,6 +407,18 @@ def test_a_whole_number_past_any_use_is_refused_at_start(tmp_path, name):
     assert gateway_settings(tmp_path, {S.BY_NAME[name].env: str(10 ** 12)})[1][name] == 10 ** 12
 
 
+@pytest.mark.parametrize("text", ["30.5", "ten", "1e3"])
+def test_a_whole_number_setting_that_is_none_says_so_not_pythons_words(text):
+    """``connect_timeout_secs: 30.5`` (in the file, the environment, an upstream's entry) was
+    refused as "invalid literal for int() with base 10: '30.5'": Python's words, not the rule."""
+    with pytest.raises(S.SettingsError) as err:
+        S.parse(S.BY_NAME["connect_timeout_secs"], text, "environment")
+    assert "expected a whole number >= 0" in str(err.value) and "int()" not in str(err.value), str(err.value)
+    with pytest.raises(S.SettingsError) as err:
+        S.parse_upstreams([{"name": "a", "base_url": "http://127.0.0.1:9/v1", "connect_timeout_secs": text}])
+    assert "expected a whole number >= 0" in str(err.value) and "int()" not in str(err.value), str(err.value)
+
+
 def test_the_settings_command_hides_credential_headers(tmp_path):
     """``resp2chat.settings`` (README: "the effective settings with secrets hidden") showed the
     values of credential-like ``upstream_headers`` as they are, at the top and in each upstream:

@@ -215,7 +215,10 @@ def coerce(field: Field, value: Any, source: str = "") -> Any:
         if k == "int":
             if isinstance(value, bool):
                 raise SettingsError(field.name, value, "expected a whole number", source)
-            number = int(value, 10) if isinstance(value, str) else value
+            try:
+                number = int(value, 10) if isinstance(value, str) else value
+            except ValueError:  # (Python's words, "invalid literal for int() with base 10", are no help)
+                raise SettingsError(field.name, value, "expected a whole number >= 0", source) from None
             if not isinstance(number, int) or number < 0:
                 raise SettingsError(field.name, value, "expected a whole number >= 0", source)
             if number > MAX_WHOLE:
