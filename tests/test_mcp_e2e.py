@@ -17,8 +17,8 @@ import requests
 
 from helpers import (
     ADDON, ECHO_CALL, MITMDUMP, LocalServer, QuietHandler, chat_completion, check_sdk, check_stream, cli_env,
-    free_port, gateway_env, iter_sse, openai_client, parse_sse, post_turn, read_flows, retranslate, run_cli, scrape,
-    send_json, serve_everything, shown_settings, start_gateway, wait_until,
+    everything_bin, free_port, gateway_env, iter_sse, openai_client, parse_sse, post_turn, read_flows, retranslate,
+    run_cli, scrape, send_json, serve_everything, shown_settings, start_gateway, stop_process, wait_http, wait_until,
 )
 
 CLIENT_TOKEN = "client-mcp-token-5f3a9c"  # a client's authorization for the server (a secret)
@@ -837,3 +837,85 @@ def test_logprobs_survive_the_loop(mcp_gateway, upstream):
         assert "".join(t.token for t in part.logprobs) == part.text == "The tool returned: Echo: hello mcp"
         assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].token == t.token for t in part.logprobs)
     assert all(d.logprobs for d in deltas) and deltas[-1].delta == "mcp" and deltas[-1].logprobs[0].token == "mcp"
+
+
+# --- a server that goes away or restarts within a turn -----------------------------------------
+
+
+class _Rounds(QuietHandler):
+    """A chat backend for turns of several rounds (one JSON completion a request): in each of its
+    first ``rounds`` rounds it calls ``tool`` (``{"message": "call <n>"}``, n: the tool results it
+    has read), then it answers with the tool results it read; ``before(n)`` runs before it answers
+    round n (what a test does to the MCP server between two calls of one turn)."""
+
+    tool = "mcp__ev__echo"
+    rounds = 2
+    before = staticmethod(lambda n: None)
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)))
+        results = [m["content"] for m in body["messages"] if m["role"] == "tool"]
+        type(self).before(len(results))
+        if len(results) < self.rounds:
+            call = {"id": f"call_{len(results)}", "type": "function", "function": {
+                "name": self.tool, "arguments": json.dumps({"message": f"call {len(results)}"})}}
+            send_json(self, 200, chat_completion({"content": None, "tool_calls": [call]}, "tool_calls"))
+        else:
+            send_json(self, 200, chat_completion({"content": " | ".join(results)}, "stop"))
+
+
+class _Everything:
+    """server-everything (streamable HTTP) on one port, which a test stops and starts again: a
+    restarted server knows none of the sessions it had."""
+
+    def __init__(self, log) -> None:
+        self.port, self.log, self.proc = free_port(), log, None
+        self.url = f"http://127.0.0.1:{self.port}/mcp"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([everything_bin(), "streamableHttp"], env={**gateway_env(), "PORT": str(self.port)},
+                                     stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+        wait_http(self.url, proc=self.proc)
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+@pytest.mark.parametrize("case", ["restarted", "down_then_back"])
+def test_a_server_that_restarts_within_a_turn_costs_its_steps_a_new_session(tmp_path, case):
+    """A turn's session with a server that restarts between two of its steps (a new server knows
+    none of the old one's sessions): the next step opens a new session and runs, once. A server
+    down for one call: that call fails (it connected nowhere: tried once more on a new session,
+    no more), and the next call of the same turn, the server back, runs on a new session."""
+    server = _Everything(tmp_path / "everything.log")
+    server.start()
+    calls = {"restarted": 2, "down_then_back": 3}[case]
+
+    def before(n: int) -> None:  # (the backend's round n: the calls before it ran)
+        if case == "restarted" and n == 1:
+            server.stop()
+            server.start()
+        elif case == "down_then_back" and n == 1:
+            server.stop()
+        elif case == "down_then_back" and n == 2:
+            server.start()
+
+    _Rounds.rounds, _Rounds.before = calls, staticmethod(before)
+    try:
+        with LocalServer(_Rounds) as backend:
+            gw = start_gateway(backend.url, tmp_path, "--set", "resp2chat_max_replay_entries=0", env={
+                "RESP2CHAT_MCP_SERVERS": json.dumps([{"label": "ev", "url": server.url, "timeout_secs": 10}])})
+            try:
+                resp = openai_client(gw).responses.create(model="demo-model", input="go", tools=[mcp_tool()])
+            finally:
+                gw.stop()
+    finally:
+        server.stop()
+    ran = [o for o in resp.output if o.type == "mcp_call"]
+    assert len(ran) == calls, kinds(resp.output)
+    if case == "restarted":
+        assert [c.output for c in ran] == ["Echo: call 0", "Echo: call 1"], [c.error for c in ran]
+    else:
+        assert ran[0].output == "Echo: call 0" and ran[2].output == "Echo: call 2", [c.error for c in ran]
+        assert ran[1].output is None and "ConnectError" in ran[1].error.message
+    assert "Connection closed" not in resp.output_text

@@ -16,7 +16,8 @@ from resp2chat_core import mcp
 FAILING = {"hang": "did not answer within", "drip": "did not answer within", "garbage": "json_invalid",  # a call
            "wrong_id": "did not answer within", "cut": "ended without a response", "cut_json": "cut short",  # fails,
            "huge": "larger than 8 MiB"}  # with that said
-MODES = ("ok", "echo_auth", "echo_garbage", "straddle", *FAILING, "fat_pages", "empty_pages", "bad_list", "redirect", "hang_init")
+MODES = ("ok", "echo_auth", "echo_garbage", "straddle", *FAILING, "fat_pages", "empty_pages", "bad_list", "redirect",
+         "hang_init", "retry0", "resume0")
 TIMEOUT = 3
 OPERATOR_TOKEN = "operator-hostile-key-7c1e0b"
 CLIENT_TOKEN = "client-hostile-token-93af2d"
@@ -26,6 +27,7 @@ URL_KEY = "url-key-5be0c1d7"  # (in the query of a configured URL)
 @pytest.fixture(scope="module")
 def hostile():
     Hostile.calls.clear()
+    Hostile.gets.clear()
     Hostile.seen_headers = []
     with LocalServer(Hostile) as server:
         yield server.url
@@ -306,3 +308,27 @@ def test_an_approval_whose_server_has_no_tool_in_the_request_is_a_400(hostile_ga
     r = post_turn(hostile_gateway, {"model": "demo-model", "input": items, "tools": tools})
     assert r.status_code == 200 and "denied" in upstream.requests()[-1]["messages"][-1]["content"]
 
+
+
+def test_a_server_to_client_stream_is_never_asked_for(hostile_gateway):
+    """The gateway takes no request of a server's and reads none of its notifications: a
+    streamable HTTP session never asks for the server-to-client stream (a GET), so a server that
+    ends it at once with ``retry: 0`` is not asked again and again for the whole turn (the MCP
+    SDK reconnected as fast as it could, ~15 times a second)."""
+    before = sum(Hostile.gets.values())
+    r = post_turn(hostile_gateway, {"model": "demo-model", "tools": [tool("retry0")],
+                                    "input": "call: mcp__retry0__small {}\ncall: mcp__retry0__small {}"})
+    output = r.json()["output"]
+    assert [o["output"] for o in output if o["type"] == "mcp_call"] == ["said", "said"]
+    assert sum(Hostile.gets.values()) == before, dict(Hostile.gets)
+
+
+def test_a_call_whose_answer_ends_again_and_again_is_resumed_at_most_once_a_second(hostile_gateway):
+    """A server that ends a call's SSE answer with an event id and ``retry: 0``, and each
+    resumption of it (a GET with Last-Event-ID) the same way: the call fails within timeout_secs,
+    having asked the server again at most once a second (the MCP SDK asked as fast as it could)."""
+    before = Hostile.gets["resume0"]
+    evs, took, _ = turn(hostile_gateway, "resume0")
+    (call,) = [o for o in evs[-1]["response"]["output"] if o["type"] == "mcp_call"]
+    assert call["status"] == "failed" and "did not answer within" in call["error"]["message"]
+    assert Hostile.gets["resume0"] - before <= TIMEOUT + 1, Hostile.gets["resume0"] - before
