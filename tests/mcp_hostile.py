@@ -20,6 +20,8 @@ properly in every mode; what a mode changes is ``tools/list`` or ``tools/call`` 
     fat_pages   ``tools/list`` pages for ever: each page 7 tools of 1 MiB (a long description,
                 a long schema)
     empty_pages ``tools/list`` pages for ever: each page no tool
+    empty_tail  ``tools/list``'s first page lists ``say`` and ``small``, and names a next page: it, and
+                every one after, lists no tool and names a next one
     bad_list    ``tools/list`` is answered with a JSON-RPC error (its message: two lines)
     redirect    every request is answered 307 to ``ok`` at another origin (localhost for 127.0.0.1)
     hang_init   nothing is answered (the session never opens)
@@ -187,7 +189,7 @@ class Hostile(QuietHandler):
             fat = [{**_tool(f"t{n}_{i}", "d" * (1 << 19)), "inputSchema": {"type": "object", "properties": {
                 "x": {"type": "string", "description": "s" * (1 << 19)}}}} for i in range(7)]
             return self._json({"jsonrpc": "2.0", "id": rid, "result": {"tools": fat, "nextCursor": str(n + 1)}})
-        if mode == "empty_pages":
+        if mode == "empty_pages" or mode == "empty_tail" and params.get("cursor"):
             n = int(params.get("cursor") or 0)
             return self._json({"jsonrpc": "2.0", "id": rid, "result": {"tools": [], "nextCursor": str(n + 1)}})
         if mode == "bad_list":
@@ -199,7 +201,8 @@ class Hostile(QuietHandler):
         if mode == "straddle":  # (across the 4096 characters kept of a description)
             description = "a" * (4096 - 16) + str(headers.get("x-client-key"))
         tools = [_tool("say", description), _tool("small")] + ([_tool("err")] if mode == "straddle" else [])
-        return self._json({"jsonrpc": "2.0", "id": rid, "result": {"tools": tools}})
+        return self._json({"jsonrpc": "2.0", "id": rid, "result": {"tools": tools, **(
+            {"nextCursor": "1"} if mode == "empty_tail" else {})}})
 
     def _resume0(self) -> None:
         self._sse_head()

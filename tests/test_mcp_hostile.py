@@ -17,7 +17,7 @@ FAILING = {"hang": "did not answer within", "drip": "did not answer within", "ga
            "wrong_id": "did not answer within", "cut": "ended without a response", "cut_json": "cut short",  # fails,
            "huge": "larger than 8 MiB"}  # with that said
 MODES = ("ok", "echo_auth", "echo_garbage", "straddle", *FAILING, "fat_pages", "empty_pages", "bad_list", "redirect",
-         "hang_init", "retry0", "resume0")
+         "hang_init", "retry0", "resume0", "empty_tail")
 TIMEOUT = 3
 OPERATOR_TOKEN = "operator-hostile-key-7c1e0b"
 CLIENT_TOKEN = "client-hostile-token-93af2d"
@@ -178,6 +178,8 @@ def test_a_listing_that_cannot_be_had_fails_its_item_in_bounded_time(hostile_gat
     assert all(h["host"].startswith("127.0.0.1:") for h in Hostile.seen_headers[n:])  # (never the other origin)
     if mode == "redirect":
         assert "not followed" in listing["error"]
+    if mode == "empty_pages":  # (a cursor that never ends: a few pages, not timeout_secs)
+        assert took < TIMEOUT and f"sent {mcp.MAX_EMPTY_PAGES} pages without a tool" in listing["error"]
     if mode == "bad_list":  # (what the server said, but not as a line of the log's own)
         assert "no listing" in listing["error"] and "resp2chat: forged" in hostile_gateway.log()
         assert not any(line.startswith("[00:00:00.000]") for line in hostile_gateway.log().splitlines())
@@ -332,3 +334,12 @@ def test_a_call_whose_answer_ends_again_and_again_is_resumed_at_most_once_a_seco
     (call,) = [o for o in evs[-1]["response"]["output"] if o["type"] == "mcp_call"]
     assert call["status"] == "failed" and "did not answer within" in call["error"]["message"]
     assert Hostile.gets["resume0"] - before <= TIMEOUT + 1, Hostile.gets["resume0"] - before
+
+
+def test_a_listing_whose_pages_never_end_keeps_what_it_listed(hostile_gateway):
+    """A server whose first page lists tools, and whose pages after it list none and never end:
+    the listing stops after a few empty pages, at once, and offers what it listed."""
+    evs, took, _ = turn(hostile_gateway, "empty_tail")
+    output = evs[-1]["response"]["output"]
+    assert output[0]["status"] == "completed" and [t["name"] for t in output[0]["tools"]] == ["say", "small"]
+    assert [o["output"] for o in output if o["type"] == "mcp_call"] == ["said"] and took < TIMEOUT

@@ -52,6 +52,10 @@ RESERVED_HEADERS = frozenset({
 MAX_LISTED = 512  # tools of one server a listing keeps (more are dropped: a model cannot use thousands)
 MAX_DESCRIPTION = 4096  # characters of a tool's description kept (its listing's, and what the model is offered)
 MAX_LISTING = 1 << 20  # bytes of a listing's tools kept (their JSON): the tools past it are dropped, like past MAX_LISTED
+MAX_PAGES = 64  # pages of a server's tools/list asked at most (the tools of the pages after are dropped, like past
+# MAX_LISTED)
+MAX_EMPTY_PAGES = 4  # pages in a row without a tool asked at most (a cursor that never ends): a listing that has no tool
+# by then fails
 DEFAULT_TIMEOUT = 30  # seconds one listing or call may take (timeout_secs)
 DEFAULT_OUTPUT_KB = 64  # KiB of one call's output kept and given to the model (max_output_kb)
 _ENTRY = ("label", "url", "transport", "headers", "allowed_tools", "require_approval", "timeout_secs", "max_output_kb")

@@ -23,7 +23,8 @@ session) runs once more on the new one, within the same bound (``Sessions._again
 never asks for the server-to-client stream (``_Bounded``): the gateway takes no request of a
 server's and reads no notification.
 
-Bounds: time (``timeout_secs``: the step fails with that said), what the server sends (``MAX_BODY``
+Bounds: time (``timeout_secs``: the step fails with that said), pages of a listing (``mcp.MAX_PAGES``,
+``mcp.MAX_EMPTY_PAGES`` in a row without a tool: a cursor that never ends), what the server sends (``MAX_BODY``
 bytes per HTTP answer: its stream is cut there; an SSE answer ``MAX_EVENT`` bytes per event, the
 SDK's own bound, however long the stream: the older transport's lasts the session), what is
 kept of a result (``max_output_kb``: mcp.output_text) and of a listing (``mcp.MAX_LISTED`` tools,
@@ -354,12 +355,14 @@ class Sessions:
 async def list_tools(server: mcp.Server, sessions: Sessions) -> tuple[tuple[dict, ...] | None, str | None]:
     """The server's tools the request allows (``mcp.listed_tool`` dicts), or (None, why it failed):
     at most ``mcp.MAX_LISTED`` listed and ``mcp.MAX_LISTING`` bytes of allowed tools kept (the
-    pages after are not asked for), the server's secrets scrubbed from them (``_scrubbed``)."""
+    pages after are not asked for), at most ``mcp.MAX_PAGES`` pages, ``mcp.MAX_EMPTY_PAGES`` of them
+    in a row without a tool (``_paged_out``), the server's secrets scrubbed from them (``_scrubbed``)."""
     secrets = server.secrets()
 
     async def listing(held: _Held) -> tuple[dict, ...]:
         listed, seen, size = [], 0, 0
         page = await sessions.tools(server, held)
+        pages = [len(page.tools)]  # (the tools of each page asked)
         while True:
             for tool in page.tools[:mcp.MAX_LISTED - seen]:
                 annotations = tool.annotations.model_dump(by_alias=True, exclude_none=True) \
@@ -374,16 +377,37 @@ async def list_tools(server: mcp.Server, sessions: Sessions) -> tuple[tuple[dict
             seen += len(page.tools)
             if not page.next_cursor or seen >= mcp.MAX_LISTED or size > mcp.MAX_LISTING:
                 break
+            if _paged_out(pages):
+                if not seen:
+                    raise PagedOut(f"tools/list sent {len(pages)} pages without a tool, each naming a next one (a "
+                                   "cursor that never ends): the listing stops there")
+                break
             page = await (await asyncio.shield(held.ready)).list_tools(cursor=page.next_cursor)
+            pages.append(len(page.tools))
         return tuple(listed)
 
     try:
         with anyio.fail_after(server.spec.timeout_secs):
             return await sessions._again(server, listing), None
+    except PagedOut as exc:
+        return None, f"MCP server {server.spec.label}: {exc}"
     except BaseException as exc:  # noqa: BLE001 — anything a server does fails its listing, not the turn
         if isinstance(exc, anyio.get_cancelled_exc_class()):
             raise
         return None, _why(server, exc)
+
+
+class PagedOut(Exception):
+    """A listing that ends in no tool: its server paged ``mcp.MAX_EMPTY_PAGES`` times in a row
+    (or ``mcp.MAX_PAGES`` times) without one."""
+
+
+def _paged_out(pages: list[int]) -> bool:
+    """Are no more pages of a listing to be asked for (``pages``: the tools of each page so far)?
+    After ``mcp.MAX_PAGES`` pages, or ``mcp.MAX_EMPTY_PAGES`` in a row without a tool: a server
+    whose cursor never ends."""
+    empty = len(pages) - next((i + 1 for i in range(len(pages) - 1, -1, -1) if pages[i]), 0)
+    return len(pages) >= mcp.MAX_PAGES or empty >= mcp.MAX_EMPTY_PAGES
 
 
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
@@ -459,13 +483,14 @@ async def _refused(server: mcp.Server, name: str, page, client) -> str | None:
     stateless input). Not found (or the listing failed): not read-only."""
     if server.allows(name, False):
         return None
-    found, seen = None, 0
+    found, seen, pages = None, 0, [len(page.tools)] if page is not None else []
     while page is not None and found is None:
         found = next((t for t in page.tools if t.name == name), None)
         seen += len(page.tools)
-        if found is not None or not page.next_cursor or seen >= mcp.MAX_LISTED:
+        if found is not None or not page.next_cursor or seen >= mcp.MAX_LISTED or _paged_out(pages):
             break
         page = await client.list_tools(cursor=page.next_cursor)
+        pages.append(len(page.tools))
     annotations = found.annotations.model_dump(by_alias=True, exclude_none=True) \
         if found is not None and found.annotations else None
     if server.allows(name, mcp.read_only({"annotations": annotations})):
