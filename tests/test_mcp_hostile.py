@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 
 import pytest
 
@@ -343,3 +344,31 @@ def test_a_listing_whose_pages_never_end_keeps_what_it_listed(hostile_gateway):
     output = evs[-1]["response"]["output"]
     assert output[0]["status"] == "completed" and [t["name"] for t in output[0]["tools"]] == ["say", "small"]
     assert [o["output"] for o in output if o["type"] == "mcp_call"] == ["said"] and took < TIMEOUT
+
+
+@pytest.mark.parametrize("fs,fs2", [("ok", "echo_auth"), ("bad_list", "ok"), ("ok", "bad_list")])
+def test_two_servers_one_label_a_prefix_of_the_other(hostile_gateway, hostile, fs, fs2):
+    """A request's servers labelled ``fs`` and ``fs2`` (each by its url): each call reaches the
+    server of its own label, also when the other's listing failed (a call of a tool no listing
+    offers fails on the server its name reads as, the longest label); approvals name theirs."""
+    before = dict(Hostile.calls)
+    tools = [tool("fs", server_url=f"{hostile}/{fs}/mcp"), tool("fs2", server_url=f"{hostile}/{fs2}/mcp")]
+    done = openai_client(hostile_gateway).responses.create(
+        model="demo-model", tools=tools, input="call: mcp__fs__say {}\ncall: mcp__fs2__say {}")
+    listings = {o.server_label: o for o in done.output if o.type == "mcp_list_tools"}
+    assert {label: o.error is None for label, o in listings.items()} == {"fs": fs != "bad_list", "fs2": fs2 != "bad_list"}
+    calls = [o for o in done.output if o.type == "mcp_call"]
+    assert [(c.server_label, c.name) for c in calls] == [("fs", "say"), ("fs2", "say")]
+    for call, mode in zip(calls, (fs, fs2)):
+        if mode == "bad_list":  # (fails on its own server: nothing ran)
+            assert call.output is None and call.error.message.startswith(f"MCP server {call.server_label}: no tool 'say'")
+        else:
+            assert call.error is None and call.output.startswith("said" if mode == "ok" else "headers:")
+    assert Hostile.calls - Counter(before) == Counter(m for m in (fs, fs2) if m != "bad_list")
+    # approvals: each names its own server, and runs there
+    asked = openai_client(hostile_gateway).responses.create(
+        model="demo-model", tools=[{**t, "require_approval": "always"} for t in tools],
+        input="call: mcp__fs2__say {}\ncall: mcp__fs__say {}")
+    requests_ = [o for o in asked.output if o.type == "mcp_approval_request"]
+    assert [(r.server_label, r.name) for r in requests_] == [
+        (label, "say") for label, mode in (("fs2", fs2), ("fs", fs)) if mode != "bad_list"]
