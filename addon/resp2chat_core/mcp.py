@@ -496,6 +496,13 @@ def denied_text(reason: str | None) -> str:
     return "The user denied this tool call" + (f": {reason}" if reason else ".")
 
 
+def answer_text(label: str, name: str, approve: bool) -> str:
+    """The user's message an approval answer is lowered to when the conversation holds none
+    before it (an input of only the request and its answer: ``lowering``): a chat template may
+    refuse a conversation without a user message (Qwen3.5's: "No user query found")."""
+    return f"{'I approve' if approve else 'I deny'} the call of the tool {name} of the MCP server {label}."
+
+
 def output_text(content: list, structured: Any, limit: int) -> str:
     """A call's result content (MCP content blocks as dicts) as the text the model reads and the
     ``mcp_call`` item's ``output``: text blocks as they are, others described, at most ``limit``
