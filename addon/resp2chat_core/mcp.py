@@ -561,8 +561,10 @@ class Call:
 @dataclass(frozen=True)
 class Approve:
     """The model's call needs the client's approval: an ``mcp_approval_request`` item, and the
-    turn ends after this round."""
+    turn ends after this round. It runs nothing, and spends none of ``max_tool_calls``
+    (toolloop.py): the turn that runs the call, approved, counts it."""
 
+    spends = False  # (a class attribute: not a field)
     call_id: str
     label: str
     name: str
