@@ -30,9 +30,12 @@ properly in every mode; what a mode changes is ``tools/list`` or ``tools/call`` 
     retry0      the server-to-client stream (a GET) is answered ``retry: 0`` and closed at once
     resume0     a call's SSE answer (and each GET that resumes it) is an event id, ``retry: 0``, and
                 its end: never the result
+    refuse400   a session (an mcp-session-id); a call of ``say`` is answered HTTP 400 with a JSON-RPC
+                error naming its id (the server read it and refused it)
 
 ``Hostile.calls`` counts the ``tools/call`` requests by mode (for the tests that check what ran),
-``Hostile.gets`` the GET requests (a server-to-client stream asked for)."""
+``Hostile.gets`` the GET requests (a server-to-client stream asked for), ``Hostile.inits`` the
+``initialize`` requests (the sessions opened)."""
 
 from __future__ import annotations
 
@@ -54,6 +57,7 @@ def _tool(name: str = "say", description: str = "says something") -> dict:
 class Hostile(QuietHandler):
     calls: Counter = Counter()
     gets: Counter = Counter()
+    inits: Counter = Counter()
     seen_headers: list[dict] = []
 
     def _json(self, obj, status: int = 200, headers: dict | None = None) -> None:
@@ -172,10 +176,11 @@ class Hostile(QuietHandler):
             self._hold()
             return
         if method == "initialize":  # (retry0: a session, which the server-to-client stream needs)
+            type(self).inits[mode] += 1
             return self._json({"jsonrpc": "2.0", "id": rid, "result": {
                 "protocolVersion": message["params"]["protocolVersion"], "capabilities": {"tools": {}},
                 "serverInfo": {"name": "hostile", "version": "1"}}},
-                headers={"mcp-session-id": uuid.uuid4().hex} if mode in ("retry0", "resume0") else None)
+                headers={"mcp-session-id": uuid.uuid4().hex} if mode in ("retry0", "resume0", "refuse400") else None)
         if method == "tools/list":
             return self._list(mode, rid, message.get("params") or {}, headers)
         if method == "tools/call":
@@ -226,6 +231,8 @@ class Hostile(QuietHandler):
             return self._json(b"<html>not json{{{")
         if mode == "resume0":
             return self._resume0()
+        if mode == "refuse400":
+            return self._json({"jsonrpc": "2.0", "id": rid, "error": {"code": -32602, "message": "refused: bad say"}}, 400)
         if mode == "echo_garbage":  # (not JSON, with the headers the server got)
             return self._json(f"{headers.get('x-client-key')} {headers.get('x-operator-key')}".encode())
         if mode == "wrong_id":

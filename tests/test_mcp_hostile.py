@@ -18,7 +18,7 @@ FAILING = {"hang": "did not answer within", "drip": "did not answer within", "ga
            "wrong_id": "did not answer within", "cut": "ended without a response", "cut_json": "cut short",  # fails,
            "huge": "larger than 8 MiB"}  # with that said
 MODES = ("ok", "echo_auth", "echo_garbage", "straddle", *FAILING, "fat_pages", "empty_pages", "bad_list", "redirect",
-         "hang_init", "retry0", "resume0", "empty_tail")
+         "hang_init", "retry0", "resume0", "empty_tail", "refuse400")
 TIMEOUT = 3
 OPERATOR_TOKEN = "operator-hostile-key-7c1e0b"
 CLIENT_TOKEN = "client-hostile-token-93af2d"
@@ -29,6 +29,7 @@ URL_KEY = "url-key-5be0c1d7"  # (in the query of a configured URL)
 def hostile():
     Hostile.calls.clear()
     Hostile.gets.clear()
+    Hostile.inits.clear()
     Hostile.seen_headers = []
     with LocalServer(Hostile) as server:
         yield server.url
@@ -372,3 +373,16 @@ def test_two_servers_one_label_a_prefix_of_the_other(hostile_gateway, hostile, f
     requests_ = [o for o in asked.output if o.type == "mcp_approval_request"]
     assert [(r.server_label, r.name) for r in requests_] == [
         (label, "say") for label, mode in (("fs2", fs2), ("fs", fs)) if mode != "bad_list"]
+
+
+def test_a_call_the_server_refuses_with_a_400_keeps_its_session(hostile_gateway):
+    """A server that answers a call HTTP 400 with a JSON-RPC error naming it (it read the call and
+    refused it): the call fails with what the server said, once, and the session goes on (the
+    round's other call runs on it: one session). Only a 400 or 404 that answers no request is a
+    session the server no longer knows."""
+    calls, inits = Hostile.calls["refuse400"], Hostile.inits["refuse400"]
+    r = post_turn(hostile_gateway, {"model": "demo-model", "tools": [tool("refuse400")],
+                                    "input": "call: mcp__refuse400__say {}\ncall: mcp__refuse400__small {}"})
+    bad, small = [o for o in r.json()["output"] if o["type"] == "mcp_call"]
+    assert bad["status"] == "failed" and "refused: bad say" in bad["error"]["message"] and small["output"] == "said"
+    assert Hostile.calls["refuse400"] - calls == 2 and Hostile.inits["refuse400"] - inits == 1

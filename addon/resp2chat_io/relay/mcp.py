@@ -181,7 +181,7 @@ class _Bounded(httpx2.AsyncBaseTransport):
             if self.health is not None and response.status_code in (400, 404) and request.method == "POST" \
                     and "mcp-session-id" in request.headers:
                 body = await _read(response, MAX_ERROR_BODY)
-                if not _answers(body, request.content):  # the server does not know the session (404, the spec's;
+                if not _answers(body, request):  # the server does not know the session (404, the spec's;
                     self.health.broke(True)               # 400, many servers'): it ran nothing
                 response.stream = httpx2.ByteStream(body)
         return response
@@ -198,19 +198,19 @@ async def _read(response, limit: int) -> bytes:
             body += chunk
             if len(body) > limit:
                 return b""
-    except httpx2.HTTPError:
+    except (httpx2.HTTPError, httpx2.StreamError):  # (Unread: cut short)
         return b""
     finally:
         await response.stream.aclose()
     return body
 
 
-def _answers(body: bytes, sent: bytes) -> bool:
-    """Is ``body`` a JSON-RPC answer (an error) to the request ``sent``, by its id: the server read
-    the request, and refused it (the session goes on)?"""
+def _answers(body: bytes, sent) -> bool:
+    """Is ``body`` a JSON-RPC answer (an error) to the request ``sent`` (httpx2's), by its id: the
+    server read the request, and refused it (the session goes on)?"""
     try:
-        answer, request = json.loads(body), json.loads(sent)
-    except ValueError:
+        answer, request = json.loads(body), json.loads(sent.content)
+    except (ValueError, RecursionError, httpx2.RequestNotRead):  # (RecursionError: JSON nested too deep)
         return False
     return isinstance(answer, dict) and isinstance(request, dict) and answer.get("id") is not None \
         and answer.get("id") == request.get("id")
