@@ -127,7 +127,7 @@ class Health:
     that went away; or the server no longer knows the session: it restarted), and ``unsent``
     while every such failure left its request not run (the connection could not be made, or
     the server refused it for the session it does not know): a step that failed so may run
-    again, once, on a new session (``_step``)."""
+    again, once, on a new session (``Sessions._again``)."""
 
     def __init__(self) -> None:
         self.dead = False
@@ -181,8 +181,8 @@ class _Bounded(httpx2.AsyncBaseTransport):
             if self.health is not None and response.status_code in (400, 404) and request.method == "POST" \
                     and "mcp-session-id" in request.headers:
                 body = await _read(response, MAX_ERROR_BODY)
-                if not _answers(body, request):  # the server does not know the session (404, the spec's;
-                    self.health.broke(True)               # 400, many servers'): it ran nothing
+                if not _answers(body, request):  # the server does not know the session (a 404, the spec's; a
+                    self.health.broke(True)  # 400, many servers'): it ran nothing
                 response.stream = httpx2.ByteStream(body)
         return response
 
@@ -192,7 +192,7 @@ class _Bounded(httpx2.AsyncBaseTransport):
 
 async def _read(response, limit: int) -> bytes:
     """The answer's body, up to ``limit`` bytes (b"" for one that breaks or is larger)."""
-    body = b""
+    body = bytearray()
     try:
         async for chunk in response.stream:
             body += chunk
@@ -202,7 +202,7 @@ async def _read(response, limit: int) -> bytes:
         return b""
     finally:
         await response.stream.aclose()
-    return body
+    return bytes(body)
 
 
 def _answers(body: bytes, sent) -> bool:
