@@ -20,13 +20,22 @@ properly in every mode; what a mode changes is ``tools/list`` or ``tools/call`` 
     fat_pages   ``tools/list`` pages for ever: each page 7 tools of 1 MiB (a long description,
                 a long schema)
     empty_pages ``tools/list`` pages for ever: each page no tool
+    empty_tail  ``tools/list``'s first page lists ``say`` and ``small``, and names a next page: it, and
+                every one after, lists no tool and names a next one
     bad_list    ``tools/list`` is answered with a JSON-RPC error (its message: two lines)
     redirect    every request is answered 307 to ``ok`` at another origin (localhost for 127.0.0.1)
     hang_init   nothing is answered (the session never opens)
     mixed       a call of a tool named as a mode misbehaves as that mode's ``say`` (``small``: answers)
     legacy      the older HTTP+SSE transport (``/legacy/sse``): a call answers 900 KiB of text
+    retry0      the server-to-client stream (a GET) is answered ``retry: 0`` and closed at once
+    resume0     a call's SSE answer (and each GET that resumes it) is an event id, ``retry: 0``, and
+                its end: never the result
+    refuse400   a session (an mcp-session-id); a call of ``say`` is answered HTTP 400 with a JSON-RPC
+                error naming its id (the server read it and refused it)
 
-``Hostile.calls`` counts the ``tools/call`` requests by mode (for the tests that check what ran)."""
+``Hostile.calls`` counts the ``tools/call`` requests by mode (for the tests that check what ran),
+``Hostile.gets`` the GET requests (a server-to-client stream asked for), ``Hostile.inits`` the
+``initialize`` requests (the sessions opened)."""
 
 from __future__ import annotations
 
@@ -47,12 +56,16 @@ def _tool(name: str = "say", description: str = "says something") -> dict:
 
 class Hostile(QuietHandler):
     calls: Counter = Counter()
+    gets: Counter = Counter()
+    inits: Counter = Counter()
     seen_headers: list[dict] = []
 
-    def _json(self, obj, status: int = 200) -> None:
+    def _json(self, obj, status: int = 200, headers: dict | None = None) -> None:
         body = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
         self.send_response(status)
         self.send_header("content-type", "application/json")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("content-length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -84,6 +97,14 @@ class Hostile(QuietHandler):
     def do_GET(self):
         if self.path.startswith("/legacy/sse"):
             return self._legacy_stream()
+        mode = self.path.strip("/").split("/")[0]
+        type(self).gets[mode] += 1
+        if mode == "resume0" and self.headers.get("last-event-id"):
+            return self._resume0()
+        if mode == "retry0":  # (reconnect at once, says the server, and ends the stream)
+            self._sse_head()
+            self.wfile.write(b"retry: 0\n\n")
+            return
         self.send_response(405)  # (streamable HTTP's optional server-to-client stream: not offered)
         self.send_header("content-length", "0")
         self.end_headers()
@@ -154,10 +175,12 @@ class Hostile(QuietHandler):
         if mode == "hang_init":
             self._hold()
             return
-        if method == "initialize":
+        if method == "initialize":  # (retry0: a session, which the server-to-client stream needs)
+            type(self).inits[mode] += 1
             return self._json({"jsonrpc": "2.0", "id": rid, "result": {
                 "protocolVersion": message["params"]["protocolVersion"], "capabilities": {"tools": {}},
-                "serverInfo": {"name": "hostile", "version": "1"}}})
+                "serverInfo": {"name": "hostile", "version": "1"}}},
+                headers={"mcp-session-id": uuid.uuid4().hex} if mode in ("retry0", "resume0", "refuse400") else None)
         if method == "tools/list":
             return self._list(mode, rid, message.get("params") or {}, headers)
         if method == "tools/call":
@@ -171,7 +194,7 @@ class Hostile(QuietHandler):
             fat = [{**_tool(f"t{n}_{i}", "d" * (1 << 19)), "inputSchema": {"type": "object", "properties": {
                 "x": {"type": "string", "description": "s" * (1 << 19)}}}} for i in range(7)]
             return self._json({"jsonrpc": "2.0", "id": rid, "result": {"tools": fat, "nextCursor": str(n + 1)}})
-        if mode == "empty_pages":
+        if mode == "empty_pages" or mode == "empty_tail" and params.get("cursor"):
             n = int(params.get("cursor") or 0)
             return self._json({"jsonrpc": "2.0", "id": rid, "result": {"tools": [], "nextCursor": str(n + 1)}})
         if mode == "bad_list":
@@ -183,7 +206,12 @@ class Hostile(QuietHandler):
         if mode == "straddle":  # (across the 4096 characters kept of a description)
             description = "a" * (4096 - 16) + str(headers.get("x-client-key"))
         tools = [_tool("say", description), _tool("small")] + ([_tool("err")] if mode == "straddle" else [])
-        return self._json({"jsonrpc": "2.0", "id": rid, "result": {"tools": tools}})
+        return self._json({"jsonrpc": "2.0", "id": rid, "result": {"tools": tools, **(
+            {"nextCursor": "1"} if mode == "empty_tail" else {})}})
+
+    def _resume0(self) -> None:
+        self._sse_head()
+        self.wfile.write(b"event: message\nid: e1\nretry: 0\ndata: \n\n")
 
     def _call(self, mode: str, rid, name: str, headers: dict) -> None:
         text = "said"
@@ -201,6 +229,10 @@ class Hostile(QuietHandler):
             return
         if mode == "garbage":
             return self._json(b"<html>not json{{{")
+        if mode == "resume0":
+            return self._resume0()
+        if mode == "refuse400":
+            return self._json({"jsonrpc": "2.0", "id": rid, "error": {"code": -32602, "message": "refused: bad say"}}, 400)
         if mode == "echo_garbage":  # (not JSON, with the headers the server got)
             return self._json(f"{headers.get('x-client-key')} {headers.get('x-operator-key')}".encode())
         if mode == "wrong_id":

@@ -261,3 +261,48 @@ def test_logprobs_come_from_the_server(llama, gateway_factory):
     # the server's tokens (the text's leading whitespace is not shown: translator.py)
     assert part.logprobs and "".join(t.token for t in part.logprobs).lstrip() == part.text
     assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in part.logprobs)
+
+
+# --- a chat template that wants a user message: a continued approval ------------------------------
+
+STRICT_TEMPLATE = Path(__file__).resolve().parent / "llamacpp" / "Qwen3.5-4B.jinja"  # (llama.cpp's copy of
+# Qwen3.5's own: it refuses a conversation without a user message, "No user query found in messages.")
+
+
+@pytest.fixture(scope="module")
+def strict_llama(tmp_path_factory):
+    why = kv_figure.missing_build()
+    if why:
+        pytest.fail(why, pytrace=False)
+    server = kv_figure.LlamaServer(tmp_path_factory.mktemp("strict-llama") / "llama-server.log", ctx=4096,
+                                   n_predict=8, extra=("--chat-template-file", str(STRICT_TEMPLATE))).start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("approve", [True, False])
+def test_an_approval_continued_alone_reaches_a_template_that_wants_a_user_message(strict_llama, everything,
+                                                                                  gateway_factory, approve):
+    """An input of only an approval request and its answer (a stateless client that kept neither
+    the user's message nor the rest of the turn): the chat request begins with a user message
+    saying what the user answered, so a chat template that refuses a conversation without one
+    (Qwen3.5's) takes it; the approved call runs once. Continued by previous_response_id, the
+    stored conversation's user message comes first, as it was."""
+    gw = gateway_factory(strict_llama.origin, "--set", NO_REPLAY, env={"RESP2CHAT_MCP_SERVERS": json.dumps(
+        [{"label": "ev", "url": everything}])})
+    client = openai_client(gw)
+    tools = [{"type": "mcp", "server_label": "ev", "require_approval": "always"}]
+    asked = {"type": "mcp_approval_request", "id": "mcpr_strict1", "server_label": "ev", "name": "echo",
+             "arguments": json.dumps({"message": "strict"})}
+    answer = {"type": "mcp_approval_response", "approval_request_id": "mcpr_strict1", "approve": approve}
+    done = client.responses.create(model=MODEL, tools=tools, input=[asked, answer], store=False, max_output_tokens=16)
+    assert done.status in ("completed", "incomplete"), done.error
+    ran = [o for o in done.output if o.type == "mcp_call"]
+    assert [c.output for c in ran] == (["Echo: strict"] if approve else [])
+    # the same, continuing a stored turn that asked (its user message first)
+    first = client.responses.create(model=MODEL, tools=tools, max_output_tokens=16,
+                                    input=[{"role": "user", "content": "echo strict, please"}, asked])
+    done = client.responses.create(model=MODEL, tools=tools, previous_response_id=first.id, input=[answer],
+                                   max_output_tokens=16)
+    assert done.status in ("completed", "incomplete"), done.error
+    assert [c.output for c in done.output if c.type == "mcp_call"] == (["Echo: strict"] if approve else [])

@@ -264,17 +264,26 @@ def test_an_approved_call_runs_before_round_one():
 
 
 def test_an_input_of_only_an_approval_lowers_to_the_call_it_runs():
-    """The approval request and its answer alone (a stateless client): no message before round 1,
-    then the call and its result; with nothing pending it is a 400 naming the input's items."""
+    """The approval request and its answer alone (a stateless client): the user's answer as the
+    first message (a chat template may want one before a call), then the call and its result;
+    denied, the same before the call and what the model is told; with nothing pending it is a 400
+    naming the input's items."""
     asked = {"type": "mcp_approval_request", "id": "mcpr_9", "server_label": "ev", "name": "echo", "arguments": "{}"}
     answer = {"type": "mcp_approval_response", "approval_request_id": "mcpr_9", "approve": True}
     t = turn([tool()], [asked, answer])
-    assert json.loads(t.chat_body)["messages"] == []
+    assert json.loads(t.chat_body)["messages"] == [
+        {"role": "user", "content": "I approve the call of the tool echo of the MCP server ev."}]
     loop = ToolLoop(t.chat_body, [mcp.McpTools(t.mcp, max_rounds=5)])
     listing, step = loop.prelude()
     assert isinstance(listing, mcp.ListTools) and step.approval_request_id == "mcpr_9"
     loop.begin([(ECHO, SUM), "Echo: "])
-    assert [m["role"] for m in json.loads(loop.body)["messages"]] == ["assistant", "tool"]
+    assert [m["role"] for m in json.loads(loop.body)["messages"]] == ["user", "assistant", "tool"]
+    t = turn([tool()], [asked, {**answer, "approve": False}])
+    assert [(m["role"], m["content"]) for m in json.loads(t.chat_body)["messages"]] == [
+        ("user", "I deny the call of the tool echo of the MCP server ev."), ("assistant", None),
+        ("tool", "The user denied this tool call.")]
+    t = turn([tool()], [{"role": "user", "content": "echo"}, asked, answer])  # (a user message before: as it was)
+    assert json.loads(t.chat_body)["messages"] == [{"role": "user", "content": "echo"}]
     err = refused([tool()], [LISTING, asked])
     assert err.param == "input" and "(mcp_approval_request, mcp_list_tools)" in err.message
 

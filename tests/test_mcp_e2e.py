@@ -17,8 +17,8 @@ import requests
 
 from helpers import (
     ADDON, ECHO_CALL, MITMDUMP, LocalServer, QuietHandler, chat_completion, check_sdk, check_stream, cli_env,
-    free_port, gateway_env, iter_sse, openai_client, parse_sse, post_turn, read_flows, retranslate, run_cli, scrape,
-    send_json, serve_everything, shown_settings, start_gateway, wait_until,
+    everything_bin, free_port, gateway_env, iter_sse, openai_client, parse_sse, post_turn, read_flows, retranslate,
+    run_cli, scrape, send_json, serve_everything, shown_settings, start_gateway, stop_process, wait_http, wait_until,
 )
 
 CLIENT_TOKEN = "client-mcp-token-5f3a9c"  # a client's authorization for the server (a secret)
@@ -837,3 +837,139 @@ def test_logprobs_survive_the_loop(mcp_gateway, upstream):
         assert "".join(t.token for t in part.logprobs) == part.text == "The tool returned: Echo: hello mcp"
         assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].token == t.token for t in part.logprobs)
     assert all(d.logprobs for d in deltas) and deltas[-1].delta == "mcp" and deltas[-1].logprobs[0].token == "mcp"
+
+
+# --- a server that goes away or restarts within a turn -----------------------------------------
+
+
+class _Rounds(QuietHandler):
+    """A chat backend for turns of several rounds (one JSON completion a request): in each of its
+    first ``rounds`` rounds that offer its server's tools it calls ``tool`` (``{"message": "call <n>"}``,
+    n: the tool results it has read), then it answers with the tool results it read; ``before(n)`` runs before it answers
+    round n (what a test does to the MCP server between two calls of one turn)."""
+
+    tool = "mcp__ev__echo"
+    rounds = 2
+    before = staticmethod(lambda n: None)
+    bodies: list[dict] = []  # the chat requests it got
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)))
+        results = [m["content"] for m in body["messages"] if m["role"] == "tool"]
+        type(self).bodies.append(body)
+        type(self).before(len(results))
+        prefix = self.tool.rsplit("__", 1)[0] + "__"  # (a round that offers none of the server's tools: an answer)
+        if len(results) < self.rounds and any(t["function"]["name"].startswith(prefix) for t in body.get("tools") or ()):
+            call = {"id": f"call_{len(results)}", "type": "function", "function": {
+                "name": self.tool, "arguments": json.dumps({"message": f"call {len(results)}"})}}
+            send_json(self, 200, chat_completion({"content": None, "tool_calls": [call]}, "tool_calls"))
+        else:
+            send_json(self, 200, chat_completion({"content": " | ".join(results)}, "stop"))
+
+
+class _Everything:
+    """server-everything (streamable HTTP) on one port, which a test stops and starts again: a
+    restarted server knows none of the sessions it had."""
+
+    def __init__(self, log) -> None:
+        self.port, self.log, self.proc = free_port(), log, None
+        self.url = f"http://127.0.0.1:{self.port}/mcp"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([everything_bin(), "streamableHttp"], env={**gateway_env(), "PORT": str(self.port)},
+                                     stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+        wait_http(self.url, proc=self.proc)
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+@pytest.mark.parametrize("case", ["restarted", "down_then_back"])
+def test_a_server_that_restarts_within_a_turn_costs_its_steps_a_new_session(tmp_path, case):
+    """A turn's session with a server that restarts between two of its steps (a new server knows
+    none of the old one's sessions): the next step opens a new session and runs, once. A server
+    down for one call: that call fails (it connected nowhere: tried once more on a new session,
+    no more), and the next call of the same turn, the server back, runs on a new session."""
+    server = _Everything(tmp_path / "everything.log")
+    server.start()
+    calls = {"restarted": 2, "down_then_back": 3}[case]
+
+    def before(n: int) -> None:  # (the backend's round n: the calls before it ran)
+        if case == "restarted" and n == 1:
+            server.stop()
+            server.start()
+        elif case == "down_then_back" and n == 1:
+            server.stop()
+        elif case == "down_then_back" and n == 2:
+            server.start()
+
+    _Rounds.tool, _Rounds.rounds, _Rounds.before = "mcp__ev__echo", calls, staticmethod(before)
+    try:
+        with LocalServer(_Rounds) as backend:
+            gw = start_gateway(backend.url, tmp_path, "--set", "resp2chat_max_replay_entries=0", env={
+                "RESP2CHAT_MCP_SERVERS": json.dumps([{"label": "ev", "url": server.url, "timeout_secs": 10}])})
+            try:
+                resp = openai_client(gw).responses.create(model="demo-model", input="go", tools=[mcp_tool()])
+            finally:
+                gw.stop()
+    finally:
+        server.stop()
+    ran = [o for o in resp.output if o.type == "mcp_call"]
+    assert len(ran) == calls, kinds(resp.output)
+    if case == "restarted":
+        assert [c.output for c in ran] == ["Echo: call 0", "Echo: call 1"], [c.error for c in ran]
+    else:
+        assert ran[0].output == "Echo: call 0" and ran[2].output == "Echo: call 2", [c.error for c in ran]
+        assert ran[1].output is None and "ConnectError" in ran[1].error.message
+    assert "Connection closed" not in resp.output_text
+
+
+# --- what spends max_tool_calls and max_mcp_rounds -----------------------------------------------
+
+
+def test_a_call_waiting_for_approval_or_denied_spends_no_tool_call(mcp_gateway):
+    """``max_tool_calls`` counts the calls the gateway runs: a call that waits for the client's
+    approval runs nothing in the turn that asks (approved, it counts in the turn that runs it;
+    denied, nowhere), so the other call of its round runs within a bound of one; the turn that
+    tells the model of a denial has its whole bound for the calls the model makes then."""
+    client = openai_client(mcp_gateway)
+    tools = [mcp_tool(require_approval={"always": {"tool_names": ["echo"]}, "never": {"tool_names": ["get-sum"]}})]
+    asked = client.responses.create(model="demo-model", tools=tools, max_tool_calls=1, input=(
+        'call: mcp__ev__echo {"message": "a"}\ncall: mcp__ev__get-sum {"a": 1, "b": 2}'))
+    assert kinds(asked.output) == ["mcp_list_tools", "reasoning", "mcp_approval_request", "mcp_call"]
+    request, ran = asked.output[2], asked.output[3]
+    assert ran.name == "get-sum" and "3" in ran.output
+    denied = client.responses.create(model="demo-model", tools=tools, max_tool_calls=1, previous_response_id=asked.id,
+                                     input=[{"type": "mcp_approval_response", "approval_request_id": request.id,
+                                             "approve": False},
+                                            {"role": "user", "content": 'call: mcp__ev__get-sum {"a": 2, "b": 2}'}])
+    assert [(o.name, "4" in o.output) for o in denied.output if o.type == "mcp_call"] == [("get-sum", True)]
+    approved = client.responses.create(model="demo-model", tools=tools, max_tool_calls=1, previous_response_id=asked.id,
+                                       input=[{"type": "mcp_approval_response", "approval_request_id": request.id,
+                                               "approve": True}])
+    assert [(o.name, o.output) for o in approved.output if o.type == "mcp_call"] == [("echo", "Echo: a")]
+
+
+
+def test_a_call_refused_without_running_spends_a_tool_call_and_a_round(tmp_path, everything):
+    """A call the gateway refuses without reaching the server (a tool its server does not list)
+    spends one of ``max_tool_calls`` and its round one of ``max_mcp_rounds``: the bounds are on
+    what the model asks for, so a model that asks again and again for what it cannot have stops
+    there (each time it is told why), and the round after offers no MCP tool."""
+    _Rounds.tool, _Rounds.rounds, _Rounds.before, _Rounds.bodies = "mcp__ev__nope", 100, staticmethod(lambda n: None), []
+    with LocalServer(_Rounds) as backend:
+        gw = start_gateway(backend.url, tmp_path, "--set", "resp2chat_max_replay_entries=0", "--set",
+                           "resp2chat_max_mcp_rounds=3", env={"RESP2CHAT_MCP_SERVERS": json.dumps(
+                               [{"label": "ev", "url": everything}])})
+        try:
+            for max_calls, refused in ((2, 2), (None, 3)):
+                _Rounds.bodies = []
+                resp = openai_client(gw).responses.create(model="demo-model", input="go", tools=[mcp_tool()],
+                                                          **({"max_tool_calls": max_calls} if max_calls else {}))
+                calls = [o for o in resp.output if o.type == "mcp_call"]
+                assert len(calls) == refused and all(c.error and "lists no tool 'nope'" in c.error.message
+                                                     for c in calls)
+                assert len(_Rounds.bodies) == refused + 1 and resp.output[-1].type == "message"
+                assert not any(t["function"]["name"].startswith("mcp__ev__") for t in _Rounds.bodies[-1].get("tools") or ())
+        finally:
+            gw.stop()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 
 import pytest
 
@@ -16,7 +17,8 @@ from resp2chat_core import mcp
 FAILING = {"hang": "did not answer within", "drip": "did not answer within", "garbage": "json_invalid",  # a call
            "wrong_id": "did not answer within", "cut": "ended without a response", "cut_json": "cut short",  # fails,
            "huge": "larger than 8 MiB"}  # with that said
-MODES = ("ok", "echo_auth", "echo_garbage", "straddle", *FAILING, "fat_pages", "empty_pages", "bad_list", "redirect", "hang_init")
+MODES = ("ok", "echo_auth", "echo_garbage", "straddle", *FAILING, "fat_pages", "empty_pages", "bad_list", "redirect",
+         "hang_init", "retry0", "resume0", "empty_tail", "refuse400")
 TIMEOUT = 3
 OPERATOR_TOKEN = "operator-hostile-key-7c1e0b"
 CLIENT_TOKEN = "client-hostile-token-93af2d"
@@ -26,6 +28,8 @@ URL_KEY = "url-key-5be0c1d7"  # (in the query of a configured URL)
 @pytest.fixture(scope="module")
 def hostile():
     Hostile.calls.clear()
+    Hostile.gets.clear()
+    Hostile.inits.clear()
     Hostile.seen_headers = []
     with LocalServer(Hostile) as server:
         yield server.url
@@ -176,6 +180,8 @@ def test_a_listing_that_cannot_be_had_fails_its_item_in_bounded_time(hostile_gat
     assert all(h["host"].startswith("127.0.0.1:") for h in Hostile.seen_headers[n:])  # (never the other origin)
     if mode == "redirect":
         assert "not followed" in listing["error"]
+    if mode == "empty_pages":  # (a cursor that never ends: a few pages, not timeout_secs)
+        assert took < TIMEOUT and f"sent {mcp.MAX_EMPTY_PAGES} pages without a tool" in listing["error"]
     if mode == "bad_list":  # (what the server said, but not as a line of the log's own)
         assert "no listing" in listing["error"] and "resp2chat: forged" in hostile_gateway.log()
         assert not any(line.startswith("[00:00:00.000]") for line in hostile_gateway.log().splitlines())
@@ -306,3 +312,77 @@ def test_an_approval_whose_server_has_no_tool_in_the_request_is_a_400(hostile_ga
     r = post_turn(hostile_gateway, {"model": "demo-model", "input": items, "tools": tools})
     assert r.status_code == 200 and "denied" in upstream.requests()[-1]["messages"][-1]["content"]
 
+
+
+def test_a_server_to_client_stream_is_never_asked_for(hostile_gateway):
+    """The gateway takes no request of a server's and reads none of its notifications: a
+    streamable HTTP session never asks for the server-to-client stream (a GET), so a server that
+    ends it at once with ``retry: 0`` is not asked again and again for the whole turn (the MCP
+    SDK reconnected as fast as it could, ~15 times a second)."""
+    before = sum(Hostile.gets.values())
+    r = post_turn(hostile_gateway, {"model": "demo-model", "tools": [tool("retry0")],
+                                    "input": "call: mcp__retry0__small {}\ncall: mcp__retry0__small {}"})
+    output = r.json()["output"]
+    assert [o["output"] for o in output if o["type"] == "mcp_call"] == ["said", "said"]
+    assert sum(Hostile.gets.values()) == before, dict(Hostile.gets)
+
+
+def test_a_call_whose_answer_ends_again_and_again_is_resumed_at_most_once_a_second(hostile_gateway):
+    """A server that ends a call's SSE answer with an event id and ``retry: 0``, and each
+    resumption of it (a GET with Last-Event-ID) the same way: the call fails within timeout_secs,
+    having asked the server again at most once a second (the MCP SDK asked as fast as it could)."""
+    before = Hostile.gets["resume0"]
+    evs, took, _ = turn(hostile_gateway, "resume0")
+    (call,) = [o for o in evs[-1]["response"]["output"] if o["type"] == "mcp_call"]
+    assert call["status"] == "failed" and "did not answer within" in call["error"]["message"]
+    assert Hostile.gets["resume0"] - before <= TIMEOUT + 1, Hostile.gets["resume0"] - before
+
+
+def test_a_listing_whose_pages_never_end_keeps_what_it_listed(hostile_gateway):
+    """A server whose first page lists tools, and whose pages after it list none and never end:
+    the listing stops after a few empty pages, at once, and offers what it listed."""
+    evs, took, _ = turn(hostile_gateway, "empty_tail")
+    output = evs[-1]["response"]["output"]
+    assert output[0]["status"] == "completed" and [t["name"] for t in output[0]["tools"]] == ["say", "small"]
+    assert [o["output"] for o in output if o["type"] == "mcp_call"] == ["said"] and took < TIMEOUT
+
+
+@pytest.mark.parametrize("fs,fs2", [("ok", "echo_auth"), ("bad_list", "ok"), ("ok", "bad_list")])
+def test_two_servers_one_label_a_prefix_of_the_other(hostile_gateway, hostile, fs, fs2):
+    """A request's servers labelled ``fs`` and ``fs2`` (each by its url): each call reaches the
+    server of its own label, also when the other's listing failed (a call of a tool no listing
+    offers fails on the server its name reads as, the longest label); approvals name theirs."""
+    before = dict(Hostile.calls)
+    tools = [tool("fs", server_url=f"{hostile}/{fs}/mcp"), tool("fs2", server_url=f"{hostile}/{fs2}/mcp")]
+    done = openai_client(hostile_gateway).responses.create(
+        model="demo-model", tools=tools, input="call: mcp__fs__say {}\ncall: mcp__fs2__say {}")
+    listings = {o.server_label: o for o in done.output if o.type == "mcp_list_tools"}
+    assert {label: o.error is None for label, o in listings.items()} == {"fs": fs != "bad_list", "fs2": fs2 != "bad_list"}
+    calls = [o for o in done.output if o.type == "mcp_call"]
+    assert [(c.server_label, c.name) for c in calls] == [("fs", "say"), ("fs2", "say")]
+    for call, mode in zip(calls, (fs, fs2)):
+        if mode == "bad_list":  # (fails on its own server: nothing ran)
+            assert call.output is None and call.error.message.startswith(f"MCP server {call.server_label}: no tool 'say'")
+        else:
+            assert call.error is None and call.output.startswith("said" if mode == "ok" else "headers:")
+    assert Hostile.calls - Counter(before) == Counter(m for m in (fs, fs2) if m != "bad_list")
+    # approvals: each names its own server, and runs there
+    asked = openai_client(hostile_gateway).responses.create(
+        model="demo-model", tools=[{**t, "require_approval": "always"} for t in tools],
+        input="call: mcp__fs2__say {}\ncall: mcp__fs__say {}")
+    requests_ = [o for o in asked.output if o.type == "mcp_approval_request"]
+    assert [(r.server_label, r.name) for r in requests_] == [
+        (label, "say") for label, mode in (("fs2", fs2), ("fs", fs)) if mode != "bad_list"]
+
+
+def test_a_call_the_server_refuses_with_a_400_keeps_its_session(hostile_gateway):
+    """A server that answers a call HTTP 400 with a JSON-RPC error naming it (it read the call and
+    refused it): the call fails with what the server said, once, and the session goes on (the
+    round's other call runs on it: one session). Only a 400 or 404 that answers no request is a
+    session the server no longer knows."""
+    calls, inits = Hostile.calls["refuse400"], Hostile.inits["refuse400"]
+    r = post_turn(hostile_gateway, {"model": "demo-model", "tools": [tool("refuse400")],
+                                    "input": "call: mcp__refuse400__say {}\ncall: mcp__refuse400__small {}"})
+    bad, small = [o for o in r.json()["output"] if o["type"] == "mcp_call"]
+    assert bad["status"] == "failed" and "refused: bad say" in bad["error"]["message"] and small["output"] == "said"
+    assert Hostile.calls["refuse400"] - calls == 2 and Hostile.inits["refuse400"] - inits == 1

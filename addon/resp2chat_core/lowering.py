@@ -526,6 +526,9 @@ def _lower_input(req: ResponsesRequest, flatten: bool, reasoning_field: str = "r
             asked = _approval_request(items, i, item.approval_request_id)
             if _answered_before(items, i, item, where):
                 continue  # the same answer again: it was lowered (or runs) once
+            if not any(m["role"] == "user" for m in conv.messages):  # (the user's answer, as the conversation's
+                # first user message: a chat template may refuse a call and its result without one before them)
+                conv.add({"role": "user", "content": mcp.answer_text(asked.server_label, asked.name, item.approve)})
             if not item.approve:
                 conv.tool_call(asked.id, mcp.chat_name_of(mcp_names or {}, asked.server_label, asked.name),
                                asked.arguments or "{}")

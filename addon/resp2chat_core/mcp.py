@@ -52,6 +52,10 @@ RESERVED_HEADERS = frozenset({
 MAX_LISTED = 512  # tools of one server a listing keeps (more are dropped: a model cannot use thousands)
 MAX_DESCRIPTION = 4096  # characters of a tool's description kept (its listing's, and what the model is offered)
 MAX_LISTING = 1 << 20  # bytes of a listing's tools kept (their JSON): the tools past it are dropped, like past MAX_LISTED
+MAX_PAGES = 64  # pages of a server's tools/list asked at most (the tools of the pages after are dropped, like past
+# MAX_LISTED)
+MAX_EMPTY_PAGES = 4  # pages in a row without a tool asked at most (a cursor that never ends): a listing that has no tool
+# by then fails
 DEFAULT_TIMEOUT = 30  # seconds one listing or call may take (timeout_secs)
 DEFAULT_OUTPUT_KB = 64  # KiB of one call's output kept and given to the model (max_output_kb)
 _ENTRY = ("label", "url", "transport", "headers", "allowed_tools", "require_approval", "timeout_secs", "max_output_kb")
@@ -492,6 +496,13 @@ def denied_text(reason: str | None) -> str:
     return "The user denied this tool call" + (f": {reason}" if reason else ".")
 
 
+def answer_text(label: str, name: str, approve: bool) -> str:
+    """The user's message an approval answer is lowered to when the conversation holds none
+    before it (an input of only the request and its answer: ``lowering``): a chat template may
+    refuse a conversation without a user message (Qwen3.5's: "No user query found")."""
+    return f"{'I approve' if approve else 'I deny'} the call of the tool {name} of the MCP server {label}."
+
+
 def output_text(content: list, structured: Any, limit: int) -> str:
     """A call's result content (MCP content blocks as dicts) as the text the model reads and the
     ``mcp_call`` item's ``output``: text blocks as they are, others described, at most ``limit``
@@ -550,8 +561,10 @@ class Call:
 @dataclass(frozen=True)
 class Approve:
     """The model's call needs the client's approval: an ``mcp_approval_request`` item, and the
-    turn ends after this round."""
+    turn ends after this round. It runs nothing, and spends none of ``max_tool_calls``
+    (toolloop.py): the turn that runs the call, approved, counts it."""
 
+    spends = False  # (a class attribute: not a field)
     call_id: str
     label: str
     name: str

@@ -55,7 +55,11 @@ The request's ``max_tool_calls`` bounds the calls the loop runs, of all kinds to
 prelude's approved calls too (OpenAI's:
 "any further attempts to call a tool by the model will be ignored"): a round's calls past it are
 not run (the model reads ``NOT_RUN`` for each), and once it is spent no round offers the
-gateway's functions any more.
+gateway's functions any more. A step that runs nothing (``spends`` false: mcp's ``Approve``, a call
+that waits for the client's approval) spends none of it: the turn that runs the call, if the client
+approves it, counts it then. A call the gateway refuses without running it (mcp's: a tool no listing
+offers, or one allowed_tools refuses) spends one, and its round one of its kind's: the bounds are on
+what the model asks for, so a model that keeps asking for what it cannot have stops.
 Usage of the combined turn, as the client reads it: the last round's prompt (it holds every
 earlier round: the context the turn used) plus every round's completion tokens. What the turn
 made its backend do is more, every round's prompt again (``Work``, ``ToolLoop.work``): a
@@ -146,7 +150,7 @@ class ToolLoop:
         self.kinds = kinds
         self.max_event = max_event
         self.calls_left = max_calls  # (None: unbounded)
-        self._skipped = 0  # the last round's calls past ``max_calls``: not run
+        self._placed: list = []  # for each call of the last round, its step's place (None: past ``max_calls``, not run)
         self._chat: dict | None = None
         self._filter = RoundFilter(self.owns, max_event)
         self._usages: list[dict] = []
@@ -258,11 +262,16 @@ class ToolLoop:
             # Nothing for the gateway to run, or the client has tool calls to run first: the turn ends here.
             return tail, Finish(final_chunks(result.finish_reason, self._usages))
         self._result = result
-        run = result.calls if self.calls_left is None else result.calls[:self.calls_left]
-        self._skipped = len(result.calls) - len(run)
-        if self.calls_left is not None:
-            self.calls_left -= len(run)
-        self._steps = [self._kind(name).step(call_id, name, args) for call_id, name, args in run]
+        self._steps, self._placed = [], []
+        for call_id, name, args in result.calls:  # (in order: the calls past max_tool_calls are not run)
+            step = self._kind(name).step(call_id, name, args)
+            if self.calls_left is not None and getattr(step, "spends", True):
+                if self.calls_left == 0:
+                    self._placed.append(None)
+                    continue
+                self.calls_left -= 1
+            self._placed.append(len(self._steps))
+            self._steps.append(step)
         return tail, list(self._steps)
 
     def next_round(self, texts: list) -> Finish | None:
@@ -270,7 +279,7 @@ class ToolLoop:
         ``steps[i]`` (None: nothing, an approval request). Returns ``Finish`` when the turn ends
         here (a call waits for the client's approval), else None: ``body`` is the next round's."""
         result, self._result = self._result, None
-        texts = [*texts, *[NOT_RUN] * self._skipped]  # (the calls past max_tool_calls: ran, none)
+        texts = [NOT_RUN if at is None else texts[at] for at in self._placed]  # (past max_tool_calls: not run)
         used = {self._kind(name).name for _, name, _ in result.calls}
         for kind in self.kinds:
             if kind.name in used:

@@ -16,9 +16,15 @@ the session's ``tools/list``: a session lists its server's tools once (``Session
 listing step's first page, or one before the first call of a turn that lists nothing), not once
 per call. So a turn costs a server one initialize, at most one ``tools/list`` (more pages when
 the server pages), and its calls. Each step (opening the session included) is whole under the
-server's ``timeout_secs`` (``anyio.fail_after``).
+server's ``timeout_secs`` (``anyio.fail_after``). A session that dies within the turn (its server
+went away, or restarted and no longer knows it) is opened again by the next step; a step whose
+request it ran nothing of (the connection could not be made, or the server did not know the
+session) runs once more on the new one, within the same bound (``Sessions._again``). The session
+never asks for the server-to-client stream (``_Bounded``): the gateway takes no request of a
+server's and reads no notification.
 
-Bounds: time (``timeout_secs``: the step fails with that said), what the server sends (``MAX_BODY``
+Bounds: time (``timeout_secs``: the step fails with that said), pages of a listing (``mcp.MAX_PAGES``,
+``mcp.MAX_EMPTY_PAGES`` in a row without a tool: a cursor that never ends), what the server sends (``MAX_BODY``
 bytes per HTTP answer: its stream is cut there; an SSE answer ``MAX_EVENT`` bytes per event, the
 SDK's own bound, however long the stream: the older transport's lasts the session), what is
 kept of a result (``max_output_kb``: mcp.output_text) and of a listing (``mcp.MAX_LISTED`` tools,
@@ -56,6 +62,8 @@ MAX_BODY = 8 << 20  # bytes of one HTTP answer of an MCP server (a listing, a re
 MAX_EVENT = 1 << 20  # bytes of one event of an SSE answer (the SDK bounds it; the older transport: its default, the same)
 MAX_ERROR = 2000  # characters of a server's error kept (for the item, the model, the log)
 TIMED_OUT = -32001  # the error code of a step past timeout_secs (the MCP SDK's own for a request timeout)
+RESUME_EVERY = 1.0  # seconds between two resumptions of a session's answers at least (the SDK's default retry)
+MAX_ERROR_BODY = 64 << 10  # bytes of a 400 or 404 answer read to tell a lost session from a refused request
 
 
 class _Warnings(logging.Filter):
@@ -113,27 +121,105 @@ class _Capped(httpx2.AsyncByteStream):
         await self.inner.aclose()
 
 
+class Health:
+    """How a session's HTTP went (its ``_Bounded`` transport tells): ``dead`` once a request of
+    it failed in a way that ends the session (the SDK ends it on any transport error: a server
+    that went away; or the server no longer knows the session: it restarted), and ``unsent``
+    while every such failure left its request not run (the connection could not be made, or
+    the server refused it for the session it does not know): a step that failed so may run
+    again, once, on a new session (``Sessions._again``)."""
+
+    def __init__(self) -> None:
+        self.dead = False
+        self.unsent = True
+
+    def broke(self, unsent: bool) -> None:
+        self.dead = True
+        self.unsent = self.unsent and unsent
+
+
 class _Bounded(httpx2.AsyncBaseTransport):
     """httpx2's transport, each answer's body read up to ``MAX_BODY`` bytes; but an SSE stream,
     whose every event the SDK bounds itself (``MAX_EVENT``): it is not one answer but many (the
-    older transport's carries every answer of the session)."""
+    older transport's carries every answer of the session).
 
-    def __init__(self) -> None:
+    ``health``: what becomes of the session (``Health``). ``streamable``: a streamable HTTP
+    session, whose optional server-to-client stream (a GET without ``Last-Event-ID``) is answered
+    405 here, never asked of the server: the gateway takes no request of a server's (it offers no
+    sampling, elicitation or roots) and reads no notification, and a server that ends that stream
+    at once, ``retry: 0``, had the SDK open it again as fast as it could for the whole turn. (A
+    GET with ``Last-Event-ID`` resumes a call's answer: it goes to the server, ``RESUME_EVERY``
+    seconds after the one before at the soonest, whatever ``retry`` the server asked for: a server
+    that ends each resumption at once with ``retry: 0`` had the SDK ask ~300 times a second until
+    the call's ``timeout_secs``.) The ``DELETE`` that ends a session that is dead already is not
+    sent either."""
+
+    def __init__(self, health: Health | None = None, streamable: bool = False) -> None:
         self.inner = httpx2.AsyncHTTPTransport(trust_env=False)
+        self.health, self.streamable = health, streamable
+        self.resumed = -math.inf  # (when the last resumption was asked: anyio's clock)
 
     async def handle_async_request(self, request):
-        response = await self.inner.handle_async_request(request)
+        if self.streamable and request.method == "GET":
+            if "last-event-id" not in request.headers:
+                return httpx2.Response(405, request=request)
+            wait = self.resumed + RESUME_EVERY - anyio.current_time()
+            if wait > 0:
+                await anyio.sleep(wait)
+            self.resumed = anyio.current_time()
+        if self.health is not None and self.health.dead and request.method == "DELETE":
+            return httpx2.Response(204, request=request)  # (a session that ended is not ended again: its server is
+            # gone, or no longer knows it)
+        try:
+            response = await self.inner.handle_async_request(request)
+        except httpx2.TransportError as exc:
+            if self.health is not None:  # (the SDK ends the session; a request that could not connect was not sent)
+                self.health.broke(isinstance(exc, (httpx2.ConnectError, httpx2.ConnectTimeout)))
+            raise
         if not response.headers.get("content-type", "").lower().startswith("text/event-stream"):
             response.stream = _Capped(response.stream, MAX_BODY)
+            if self.health is not None and response.status_code in (400, 404) and request.method == "POST" \
+                    and "mcp-session-id" in request.headers:
+                body = await _read(response, MAX_ERROR_BODY)
+                if not _answers(body, request):  # the server does not know the session (a 404, the spec's; a
+                    self.health.broke(True)  # 400, many servers'): it ran nothing
+                response.stream = httpx2.ByteStream(body)
         return response
 
     async def aclose(self) -> None:
         await self.inner.aclose()
 
 
+async def _read(response, limit: int) -> bytes:
+    """The answer's body, up to ``limit`` bytes (b"" for one that breaks or is larger)."""
+    body = bytearray()
+    try:
+        async for chunk in response.stream:
+            body += chunk
+            if len(body) > limit:
+                return b""
+    except (httpx2.HTTPError, httpx2.StreamError):  # (Unread: cut short)
+        return b""
+    finally:
+        await response.stream.aclose()
+    return bytes(body)
+
+
+def _answers(body: bytes, sent) -> bool:
+    """Is ``body`` a JSON-RPC answer (an error) to the request ``sent`` (httpx2's), by its id: the
+    server read the request, and refused it (the session goes on)?"""
+    try:
+        answer, request = json.loads(body), json.loads(sent.content)
+    except (ValueError, RecursionError, httpx2.RequestNotRead):  # (RecursionError: JSON nested too deep)
+        return False
+    return isinstance(answer, dict) and isinstance(request, dict) and answer.get("id") is not None \
+        and answer.get("id") == request.get("id")
+
+
 @asynccontextmanager
-async def _session(server: mcp.Server):
-    """One short MCP session with ``server``: connected and initialized, closed on the way out."""
+async def _session(server: mcp.Server, health: Health):
+    """One short MCP session with ``server``: connected and initialized, closed on the way out;
+    ``health`` says how its HTTP goes."""
     from mcp.client import Client  # (the SDK is imported on a gateway's first MCP step, not at its start)
     from mcp.client.sse import sse_client
     from mcp.client.streamable_http import streamable_http_client
@@ -145,19 +231,22 @@ async def _session(server: mcp.Server):
     async with AsyncExitStack() as stack:
         if sse:  # the older transport: the SDK makes its client with ours
             transport = sse_client(server.spec.url, headers=server.headers(), timeout=timeout,
-                                   sse_read_timeout=timeout, httpx_client_factory=_http)
+                                   sse_read_timeout=timeout,
+                                   httpx_client_factory=lambda **kw: _http(**kw, transport=_Bounded(health)))
         else:
-            http = await stack.enter_async_context(_http(server.headers(), httpx2.Timeout(timeout)))
+            http = await stack.enter_async_context(_http(server.headers(), httpx2.Timeout(timeout),
+                                                         transport=_Bounded(health, streamable=True)))
             transport = streamable_http_client(server.spec.url, http_client=http, max_sse_event_size=MAX_EVENT)
         yield await stack.enter_async_context(Client(
             transport, cache=None, client_info=Implementation(name="resp2chat", version="1"),
             read_timeout_seconds=timeout, mode="legacy" if sse else "auto"))
 
 
-def _http(headers=None, timeout=None, auth=None) -> httpx2.AsyncClient:
+def _http(headers=None, timeout=None, auth=None, transport=None) -> httpx2.AsyncClient:
     """The HTTP client a step talks to its server with: answers bounded (``_Bounded``), no proxy
     from the environment (the configured URL is where it goes), redirects the SDK's rule."""
-    return httpx2.AsyncClient(headers=headers, timeout=timeout, auth=auth, transport=_Bounded(), trust_env=False)
+    return httpx2.AsyncClient(headers=headers, timeout=timeout, auth=auth, transport=transport or _Bounded(),
+                              trust_env=False)
 
 
 _HELD: set[asyncio.Task] = set()  # the tasks holding sessions open (a strong reference until they end)
@@ -172,13 +261,14 @@ def retrieve(future: asyncio.Future) -> None:
 class _Held:
     """One server's session of a turn, held open by a task of its own (anyio's scopes are left in
     the task that entered them): connected and initialized within the server's ``timeout_secs``,
-    then open until ``stop``."""
+    then open until ``stop``. ``health``: how its HTTP goes (``Health``)."""
 
     def __init__(self, server: mcp.Server) -> None:
         loop = asyncio.get_running_loop()
         self.ready: asyncio.Future = loop.create_future()  # the SDK's client, once initialized
         self.ready.add_done_callback(retrieve)
         self.stop = asyncio.Event()
+        self.health = Health()
         self.listing: asyncio.Future | None = None  # the session's tools/list (its first page)
         self.task = loop.create_task(self._hold(server))
         _HELD.add(self.task)
@@ -187,7 +277,7 @@ class _Held:
     async def _hold(self, server: mcp.Server) -> None:
         try:
             with anyio.CancelScope(deadline=anyio.current_time() + server.spec.timeout_secs) as scope:
-                async with _session(server) as client:
+                async with _session(server, self.health) as client:
                     scope.deadline = math.inf  # (the bound is on connecting; each step has its own)
                     self.ready.set_result(client)
                     await self.stop.wait()
@@ -199,29 +289,56 @@ class _Held:
             if isinstance(exc, asyncio.CancelledError):
                 raise
 
+    @property
+    def ended(self) -> bool:
+        """The session is no more: it failed or ended, or its HTTP broke (``Health.dead``)."""
+        return self.task.done() or self.health.dead
+
+    def lost_unrun(self) -> bool:
+        """The session opened, then ended of failures that ran nothing (``Health``): a step that
+        failed on it may run again on a new one."""
+        return self.health.dead and self.health.unsent and self.ready.done() and not self.ready.cancelled() \
+            and self.ready.exception() is None
+
 
 class Sessions:
     """A turn's MCP sessions: one per server (by the request's label for it), opened by the
     turn's first step on it, shared by the steps after (at once too), closed by ``close`` when
-    the turn ends. A session that failed or ended is opened again by the next step."""
+    the turn ends. A session that failed or ended (its server went away, or restarted and no
+    longer knows it) is opened again by the next step; a step that failed as its session ended,
+    its request not run (``_Held.lost_unrun``), runs again, once, on a new one (``_again``): a
+    server restarted between two steps of a turn costs them a new session, nothing more."""
 
     def __init__(self) -> None:
         self._held: dict[str, _Held] = {}
 
     def _get(self, server: mcp.Server) -> _Held:
         held = self._held.get(server.label)
-        if held is None or held.task.done():
+        if held is None or held.ended:
+            if held is not None:
+                held.stop.set()  # (an ended session's task leaves it)
             held = self._held[server.label] = _Held(server)
         return held
+
+    async def _again(self, server: mcp.Server, step):
+        """``step(held)`` on the server's session; once more on a new session if it failed as
+        the session it ran on ended without running it (``_Held.lost_unrun``)."""
+        held = self._get(server)
+        try:
+            return await step(held)
+        except Exception:
+            if not held.lost_unrun():
+                raise
+        return await step(self._get(server))
 
     async def client(self, server: mcp.Server):
         """The SDK's client of the server's session (opened now if need be)."""
         return await asyncio.shield(self._get(server).ready)
 
-    async def tools(self, server: mcp.Server):
+    async def tools(self, server: mcp.Server, held: _Held | None = None):
         """The first page of the server's ``tools/list``, asked once per session (again only if
         it failed): the listing step's, and what the SDK checks call results against."""
-        held = self._get(server)
+        held = held or self._get(server)
         client = await asyncio.shield(held.ready)
         if held.listing is None or (held.listing.done() and (held.listing.cancelled() or held.listing.exception())):
             held.listing = asyncio.ensure_future(client.list_tools())
@@ -238,31 +355,59 @@ class Sessions:
 async def list_tools(server: mcp.Server, sessions: Sessions) -> tuple[tuple[dict, ...] | None, str | None]:
     """The server's tools the request allows (``mcp.listed_tool`` dicts), or (None, why it failed):
     at most ``mcp.MAX_LISTED`` listed and ``mcp.MAX_LISTING`` bytes of allowed tools kept (the
-    pages after are not asked for), the server's secrets scrubbed from them (``_scrubbed``)."""
-    listed, seen, size, secrets = [], 0, 0, server.secrets()
+    pages after are not asked for), at most ``mcp.MAX_PAGES`` pages, ``mcp.MAX_EMPTY_PAGES`` of them
+    in a row without a tool (``_paged_out``), the server's secrets scrubbed from them (``_scrubbed``)."""
+    secrets = server.secrets()
+
+    async def listing(held: _Held) -> tuple[dict, ...]:
+        listed, seen, size = [], 0, 0
+        page = await sessions.tools(server, held)
+        pages = [len(page.tools)]  # (the tools of each page asked)
+        while True:
+            for tool in page.tools[:mcp.MAX_LISTED - seen]:
+                annotations = tool.annotations.model_dump(by_alias=True, exclude_none=True) \
+                    if tool.annotations else None
+                found = mcp.listed_tool(*_scrubbed([tool.name, tool.description, tool.input_schema, annotations],
+                                                   secrets))  # (before its description is cut)
+                if server.allows(found["name"], mcp.read_only(found)):
+                    size += len(_encode(found))
+                    if size > mcp.MAX_LISTING:
+                        break
+                    listed.append(found)
+            seen += len(page.tools)
+            if not page.next_cursor or seen >= mcp.MAX_LISTED or size > mcp.MAX_LISTING:
+                break
+            if _paged_out(pages):
+                if not seen:
+                    raise PagedOut(f"tools/list sent {len(pages)} pages without a tool, each naming a next one (a "
+                                   "cursor that never ends): the listing stops there")
+                break
+            page = await (await asyncio.shield(held.ready)).list_tools(cursor=page.next_cursor)
+            pages.append(len(page.tools))
+        return tuple(listed)
+
     try:
         with anyio.fail_after(server.spec.timeout_secs):
-            page = await sessions.tools(server)
-            while True:
-                for tool in page.tools[:mcp.MAX_LISTED - seen]:
-                    annotations = tool.annotations.model_dump(by_alias=True, exclude_none=True) \
-                        if tool.annotations else None
-                    found = mcp.listed_tool(*_scrubbed([tool.name, tool.description, tool.input_schema, annotations],
-                                                       secrets))  # (before its description is cut)
-                    if server.allows(found["name"], mcp.read_only(found)):
-                        size += len(_encode(found))
-                        if size > mcp.MAX_LISTING:
-                            break
-                        listed.append(found)
-                seen += len(page.tools)
-                if not page.next_cursor or seen >= mcp.MAX_LISTED or size > mcp.MAX_LISTING:
-                    break
-                page = await (await sessions.client(server)).list_tools(cursor=page.next_cursor)
+            return await sessions._again(server, listing), None
+    except PagedOut as exc:
+        return None, f"MCP server {server.spec.label}: {exc}"
     except BaseException as exc:  # noqa: BLE001 — anything a server does fails its listing, not the turn
         if isinstance(exc, anyio.get_cancelled_exc_class()):
             raise
         return None, _why(server, exc)
-    return tuple(listed), None
+
+
+class PagedOut(Exception):
+    """A listing that ends in no tool: its server paged ``mcp.MAX_EMPTY_PAGES`` times in a row
+    (or ``mcp.MAX_PAGES`` times) without one."""
+
+
+def _paged_out(pages: list[int]) -> bool:
+    """Are no more pages of a listing to be asked for (``pages``: the tools of each page so far)?
+    After ``mcp.MAX_PAGES`` pages, or ``mcp.MAX_EMPTY_PAGES`` in a row without a tool: a server
+    whose cursor never ends."""
+    empty = len(pages) - next((i + 1 for i in range(len(pages) - 1, -1, -1) if pages[i]), 0)
+    return len(pages) >= mcp.MAX_PAGES or empty >= mcp.MAX_EMPTY_PAGES
 
 
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
@@ -295,17 +440,25 @@ async def call_tool(server: mcp.Server, name: str, arguments: str,
         return None, {"type": "mcp_protocol_error", "code": -32602,
                       "message": "the model's arguments are not a JSON object"}
     limit = server.spec.max_output_kb << 10
+
+    async def call(held: _Held):
+        client = await asyncio.shield(held.ready)
+        try:  # (the session's one listing, before its calls: the SDK would list per call otherwise)
+            page = await sessions.tools(server, held)
+        except Exception:  # noqa: BLE001 — not the call's (the SDK lists again itself), unless the session is lost
+            if held.lost_unrun():
+                raise
+            page = None
+        refused = await _refused(server, name, page, client)
+        if refused is not None:
+            return refused
+        return await client.call_tool(name, args)
+
     try:
         with anyio.fail_after(server.spec.timeout_secs):
-            client = await sessions.client(server)
-            try:  # (the session's one listing, before its calls: the SDK would list per call otherwise)
-                page = await sessions.tools(server)
-            except Exception:  # noqa: BLE001 — not the call's: the SDK lists again itself
-                page = None
-            refused = await _refused(server, name, page, client)
-            if refused is not None:
-                return None, {"type": "mcp_protocol_error", "code": -32602, "message": refused}
-            result = await client.call_tool(name, args)
+            result = await sessions._again(server, call)
+            if isinstance(result, str):
+                return None, {"type": "mcp_protocol_error", "code": -32602, "message": result}
     except BaseException as exc:  # noqa: BLE001 — anything a server does fails its call, not the turn
         if isinstance(exc, anyio.get_cancelled_exc_class()):
             raise
@@ -330,13 +483,14 @@ async def _refused(server: mcp.Server, name: str, page, client) -> str | None:
     stateless input). Not found (or the listing failed): not read-only."""
     if server.allows(name, False):
         return None
-    found, seen = None, 0
+    found, seen, pages = None, 0, [len(page.tools)] if page is not None else []
     while page is not None and found is None:
         found = next((t for t in page.tools if t.name == name), None)
         seen += len(page.tools)
-        if found is not None or not page.next_cursor or seen >= mcp.MAX_LISTED:
+        if found is not None or not page.next_cursor or seen >= mcp.MAX_LISTED or _paged_out(pages):
             break
         page = await client.list_tools(cursor=page.next_cursor)
+        pages.append(len(page.tools))
     annotations = found.annotations.model_dump(by_alias=True, exclude_none=True) \
         if found is not None and found.annotations else None
     if server.allows(name, mcp.read_only({"annotations": annotations})):
