@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -725,12 +724,11 @@ def test_citations_name_each_whole_url_in_text_order():
     assert [c["start_index"] for c in twice] == [0, 24]
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (sixteenth session): a nameless call's id, on the index of a "
-                                       "named call after it, is dropped by the filter; the reader keeps it")
 def test_a_nameless_calls_id_on_a_named_calls_index_reads_the_same_split_and_unsplit():
     """A whole answer's call without a name, with an id, on the index of a named call after it:
-    read unsplit, the two are one call with that id; the filter drops the nameless delta and its
-    id with it. Strict: passes (and so fails here) once the two agree."""
+    read unsplit, the two are one call with that id. Before: the filter held a delta before its
+    call's name only for its arguments, and one without (an id alone) went nowhere: the call
+    behind the filter had no id (found by the split-answer property, the sixteenth session)."""
     calls = [{"type": "function", "function": {"name": "", "arguments": None}},
              {"id": "call_a", "index": 2, "type": "function", "function": {"name": "", "arguments": None}},
              {"type": "function", "function": {"name": "0", "arguments": None}}]

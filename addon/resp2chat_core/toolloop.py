@@ -360,7 +360,7 @@ class RoundFilter:
         self._whole = False  # reading a body that held no SSE event
         self._passthrough = False  # … and it is an error or garbage: the translator reads it as it is
         self._calls: dict = {}  # call key -> [id or None, name ("": none yet), argument pieces]
-        self._nameless: dict = {}  # call key -> its deltas before its name: [(id, arguments)] (held: on_tool)
+        self._nameless: dict = {}  # call key -> its deltas before its name: [(id, arguments)], each (held: on_tool)
         self._moved: dict = {}  # call key -> the index it goes on under (``_wire_key``)
         self._last_id: dict = {}  # index -> the id of the last call the translator's reader named on it
         self._content: list[str] = []
@@ -519,8 +519,7 @@ class RoundFilter:
             self.chars += len(args)
         if not call[1]:  # no name yet: whose call it is comes with the name (held till then)
             self._held = True
-            if args:  # (one without arguments has nothing to hold: the translator reads the naming delta's id)
-                self._nameless.setdefault(key, []).append((call_id, args))
+            self._nameless.setdefault(key, []).append((call_id, args))  # (every one: its id, too, is the call's)
             return
         before = self._nameless.pop(key, None) if new and self._nameless else None
         if self._owns(call[1]):
