@@ -770,3 +770,17 @@ def test_a_calls_arguments_before_its_name_wait_for_it_across_other_items():
     calls = [(i["call_id"], json.loads(i["arguments"])) for i in items(evs) if i["type"] == "function_call"]
     assert calls == [("call_f", {"cmd": "ls"}), ("call_g", {"cmd": "pwd"})]
     check_sdk(evs)
+
+
+def test_a_calls_id_before_its_name_is_its_call_id():
+    """A backend that sends a call's id before its name (the naming delta without one): the
+    client's call has the backend's id (the reader tells it with the name: chatstream.py), so
+    its output goes back to the backend under the id the backend gave. Before: made up."""
+    name = chat_tool_name("exec_command")
+    evs = run(chat_sse(chat_chunk({"tool_calls": [{"index": 0, "id": "call_b", "type": "function",
+                                                   "function": {"arguments": ""}}]}),
+                       chat_chunk({"tool_calls": [tool_call(0, name=name, args='{"cmd": "ls"}')]}),
+                       chat_chunk(finish="tool_calls")))
+    assert [(i["call_id"], i["arguments"]) for i in items(evs)] == [("call_b", '{"cmd": "ls"}')]
+    check_sdk(evs)
+

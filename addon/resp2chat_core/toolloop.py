@@ -513,7 +513,7 @@ class RoundFilter:
             call = self._calls[key] = [call_id, name or "", []]
         elif name and not call[1]:
             call[1], new = name, True
-            call[0] = call_id or call[0]  # (the translator's id is its naming delta's)
+            call[0] = call_id  # (the naming delta's id, as the reader tells it: chatstream.py)
         if args:
             call[2].append(args)
             self.chars += len(args)
