@@ -685,6 +685,50 @@ def _opened(calls: list[tuple], drop=None) -> list[tuple]:
     return [tuple(call) for call in opened.values() if drop is None or not drop(call[1])]
 
 
+def _entry(index, call_id, name, args) -> dict:
+    """A ``tool_calls`` entry; ``index`` "absent": none (None: ``"index": null``), other fields
+    left out where None."""
+    return {**({} if index == "absent" else {"index": index}), **({"id": call_id} if call_id is not None else {}),
+            "function": {**({"name": name} if name is not None else {}), **({"arguments": args} if args is not None else {})}}
+
+
+_THINK_TEXT = st.sampled_from(["<thi", "nk>", "<think>", "</think>", "</thi", "a", " "])
+_ROUND_DELTA = st.one_of(
+    st.builds(lambda t: {"content": t}, _THINK_TEXT), st.builds(lambda t: {"reasoning_content": t}, _THINK_TEXT),
+    st.lists(st.builds(_entry, st.sampled_from(["absent", None, 0, 1]), st.sampled_from([None, "call_a", "call_b"]),
+                       st.sampled_from([None, "f", "g"]), st.sampled_from([None, "", "A", {"o": 1}])),
+             min_size=1, max_size=2).map(lambda calls: {"tool_calls": calls}))
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(st.lists(_ROUND_DELTA, min_size=1, max_size=8), st.sampled_from(["auto", "on", "off"]))
+@example([{"tool_calls": [{"function": {}}]}, {"content": "<think>"}], "auto")  # (a call never named, first)
+@example([{"content": "<thi"}, {"tool_calls": [{"index": 0, "function": {"arguments": "A"}}]}, {"content": "nk>"},
+          {"tool_calls": [{"index": 0, "id": "call_a", "function": {"name": "f"}}]}], "on")  # (one named later)
+@example([{"tool_calls": [{"index": 1, "id": "call_a", "function": {"arguments": ""}}]},
+          {"tool_calls": [{"index": 1, "function": {"name": "f", "arguments": "A"}}]}], "off")  # (its id before its name)
+def test_property_a_round_without_a_search_reads_the_same_behind_the_filter(deltas, think):
+    """Any round of text, reasoning and tool-call deltas (``<think>`` tags cut anywhere, calls
+    with or without index, ids, names and arguments, in any order) that calls no search: the
+    translator behind the filter writes byte for byte what it writes alone (test_dialects' rule
+    for its fixtures, on any stream). The filter moves a delta before its call's name to right
+    before that name, or drops it with a call never named. Before: the translator alone let such
+    a delta settle the text held before it, a ``<think>`` tag being read (a call's id before its
+    name too, once the reader kept it: the filter dropped it)."""
+    backend = chat_sse(*[chat_chunk(d) for d in deltas], chat_chunk(finish="stop"))
+    turn = begin_turn(json.dumps({"model": "m", "input": "x", "stream": True}).encode(), LoweringOptions(),
+                      "resp_" + "c" * 32, 0)
+    turn.ctx.think = think
+    alone = turn.translator()
+    want = alone.feed(backend) + alone.finish()
+    behind = turn.translator()
+    loop = websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=5)
+    got = b"".join(behind.feed(loop.feed(backend[i:i + 40])) for i in range(0, len(backend), 40))
+    tail, step = loop.end_round(ok=True)
+    got += behind.feed(tail) + behind.feed(step.tail) + behind.finish()
+    assert got == want
+
+
 def test_a_rounds_last_logprobs_without_text_stay_out_of_the_next_rounds_answer():
     """vLLM ends a round with ``"delta": {}``, the finish reason and the end token's logprobs. A
     choice of logprobs alone hands them to the text that follows (chatstream.py), and the finish
