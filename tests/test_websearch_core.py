@@ -267,6 +267,23 @@ def _merged(calls: list[tuple], drop=None) -> list[tuple]:
     return merged
 
 
+def _moved(calls: list[tuple]) -> list[tuple]:
+    """What a sink was told, each call's deltas before its name moved to right before its naming
+    delta, a call never named left out: what a consumer makes of a call's early deltas (held till
+    the name, then the call's: the translator's ``_tool_wait``), and where the filter puts them."""
+    out: list[tuple] = []
+    early: dict = {}
+    for what, *value in calls:
+        if what == "tool" and early.get(value[0], ()) is not None:
+            if value[2] is None:
+                early.setdefault(value[0], []).append((what, *value))
+                continue
+            out += early.get(value[0]) or []
+            early[value[0]] = None  # (named)
+        out.append((what, *value))
+    return out
+
+
 def _read(out: bytes, max_event: int) -> list[tuple]:
     sink = Calls()
     reader = ChunkReader(sink, max_event)
@@ -340,15 +357,13 @@ def test_property_a_whole_answer_split_within_any_bound_reads_back_as_itself(dat
     calls = []
     for _ in range(data.draw(st.integers(min_value=0, max_value=3))):
         name = data.draw(st.text(max_size=12))
-        # (a call without a name brings nothing else here: one with an id or arguments, on the index
-        # of a named call after it, gives that call its id and arguments as the reader reads the
-        # answer unsplit, and the filter drops them; found and left, the sixteenth session's note)
-        shape = data.draw(st.sampled_from(["none", "object", "string"])) if name else "none"  # (object: Ollama's)
+        # (a call without a name may bring an id and arguments: on the index of a named call after
+        # it, they are that call's, as the reader reads the answer unsplit)
+        shape = data.draw(st.sampled_from(["none", "object", "string"]))  # (object: Ollama's)
         args = None if shape == "none" else _long_text(data, bound)
         call = {"type": "function", "function": {"name": name,
                                                  "arguments": {"cmd": args} if shape == "object" else args}}
-        call_id = data.draw(st.one_of(st.none(), st.sampled_from(["call_a", "call_b", "0"]), st.text(max_size=12))) \
-            if name else None
+        call_id = data.draw(st.one_of(st.none(), st.sampled_from(["call_a", "call_b", "0"]), st.text(max_size=12)))
         if call_id is not None:
             call["id"] = call_id
         index = data.draw(st.one_of(st.none(), st.integers(min_value=0, max_value=2)))
@@ -379,8 +394,9 @@ def test_property_a_whole_answer_split_within_any_bound_reads_back_as_itself(dat
     assert whole(bound) == split  # the same bytes every time
     events = split.split(b"\n\n")
     assert events[-1] == b"" and all(len(e) <= bound for e in events)
-    # (less the held call, and a call without a name: none, as the translator reads it)
-    answered = _merged(_read(body, huge), lambda name: name is None or name == "web_search")
+    # (less the held call, and a call never named: none, as the translator reads it; a call's
+    # deltas before its name, which the filter moves to right before it, there)
+    answered = _merged(_moved(_read(body, huge)), lambda name: name == "web_search")
     assert _merged(_read(split, bound)) == _merged(_read(unsplit, huge)) == answered
     turn = begin_turn(json.dumps({"model": "m", "input": "x", "stream": True, "top_logprobs": 1}).encode(),
                       LoweringOptions(think_tags={"*": "off"}), "resp_" + "e" * 32, 0)
@@ -629,38 +645,41 @@ def test_a_call_that_never_gets_a_name_is_no_call():
         assistant = json.loads(loop.body)["messages"][-2]
         assert [c["id"] for c in assistant["tool_calls"]] == ["call_s"]
 
-_CALL_IDS = st.sampled_from([None, "call_a", "call_b", "call_s"])
+_CALL_IDS = st.sampled_from([None, "", "call_a", "call_b", "call_s"])
 
 
 @settings(max_examples=300, deadline=None, derandomize=True, database=None)
-@given(st.lists(st.lists(st.tuples(st.sampled_from([0, 1, None]), _CALL_IDS,
-                                   st.sampled_from([None, "web_search", "f", "g"]), st.sampled_from(["A", None, "B"])),
+@given(st.lists(st.lists(st.tuples(st.sampled_from([0, 1, None, "absent"]), _CALL_IDS,
+                                   st.sampled_from([None, "", "web_search", "f", "g"]),
+                                   st.sampled_from(["A", None, "B", "", {"q": 1}])),
                          min_size=1, max_size=3), min_size=1, max_size=8))
 @example([[(0, "call_s", None, "A")], [(0, None, "web_search", "B")], [(0, "call_a", "f", "A")]])  # (the held
 # search's "A" came before its name: on main the translator gave it to f, the next call named on index 0)
+@example([[(1, "call_a", None, None)], [(0, "call_s", "web_search", "A")], [(1, None, "f", "B")]])  # (f's id
+# before its name, without arguments: the filter dropped it, and f had none behind it)
+@example([[(None, "call_b", None, {"q": 1})], [(None, "call_b", "f", None)], [("absent", None, None, "A")],
+          [(0, "call_s", "web_search", "")], [("absent", None, "g", None)]])  # (index null and absent)
 def test_property_a_streamed_round_reads_back_as_its_calls_less_the_held_ones(chunks):
-    """Any round of streamed tool-call deltas (indexes reused, ids repeated, names and arguments
-    in any order, ids and arguments before a call's name, calls never named, web_search calls
-    among them) reads back, behind the filter, as the calls the translator reads of the
-    backend's stream less the held ones (``_opened``: each with its id, name and arguments
-    whole, those before its name too; a call never named is none). Where each call's first
-    delta names it, the same deltas too, grouped into the same calls (a delta before a name
-    waits for it: it goes on right before the naming one, or not at all)."""
-    stream = [chat_chunk({"tool_calls": [
-        {**({"index": i} if i is not None else {}), **({"id": c} if c else {}),
-         "function": {**({"name": n} if n else {}), **({"arguments": a} if a else {})}} for i, c, n, a in chunk]})
-        for chunk in chunks]
+    """Any round of streamed tool-call deltas (indexes reused, null or absent, ids repeated,
+    names and arguments in any order, arguments as JSON objects, ids and arguments before a
+    call's name, calls never named, web_search calls among them) reads back, behind the filter,
+    as the calls the translator reads of the backend's stream less the held ones (``_opened``:
+    each with its id, name and arguments whole, those before its name too; a call never named
+    is none), and as the same deltas, grouped into the same calls, where a delta before its
+    call's name goes on right before the naming one (``_moved``), or not at all. The searches
+    the loop runs have the ids the reader read."""
+    stream = [chat_chunk({"tool_calls": [_entry(*entry) for entry in chunk]}) for chunk in chunks]
     backend = chat_sse(*stream, chat_chunk(finish="tool_calls"))
-    behind = _read(_round(stream), 1 << 20)
+    loop = websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=5)
+    out = loop.feed(backend)
+    tail, step = loop.end_round(ok=True)
+    behind = _read(out + tail, 1 << 20)
     read = _read(backend, 1 << 20)
     assert _opened(behind) == _opened(read, lambda name: name == "web_search")
-    named: set = set()
-    for what, *value in read:
-        if what == "tool":
-            if value[0] not in named and value[2] is None:
-                return  # (a delta before its call's name: it moves, to right before the naming one)
-            named.add(value[0])
-    assert _merged(behind) == _merged(read, lambda name: name == "web_search")
+    assert _merged(behind) == _merged(_moved(read), lambda name: name == "web_search")
+    ids = [call_id for call_id, _, _ in _opened(read)]
+    if isinstance(step, list) and all(ids) and len(set(ids)) == len(ids):  # (else the loop makes ids up)
+        assert [search.call_id for search in step] == ids
 
 
 def _opened(calls: list[tuple], drop=None) -> list[tuple]:
@@ -777,4 +796,5 @@ def test_a_nameless_calls_id_on_a_named_calls_index_reads_the_same_split_and_uns
              {"type": "function", "function": {"name": "0", "arguments": None}}]
     body = json.dumps(chat_completion({"role": "assistant", "tool_calls": calls}, "tool_calls")).encode()
     split = websearch.SearchLoop(json.dumps(CHAT).encode(), 5, 4096).whole(body)
-    assert _merged(_read(split, 4096)) == _merged(_read(body, 1 << 30), lambda name: name is None)
+    assert _merged(_read(split, 4096)) == _merged(_read(body, 1 << 30), lambda name: name is None) \
+        == [("tool", 0, "call_a", "0", None)]
