@@ -362,6 +362,7 @@ class RoundFilter:
         self._calls: dict = {}  # call key -> [id or None, name ("": none yet), argument pieces]
         self._nameless: dict = {}  # call key -> its deltas before its name: [(id, arguments)], each (held: on_tool)
         self._moved: dict = {}  # call key -> the index it goes on under (``_wire_key``)
+        self._taken: set = set()  # … those indexes
         self._last_id: dict = {}  # index -> the id of the last call the translator's reader named on it
         self._content: list[str] = []
         self._reasoning: list[str] = []
@@ -542,7 +543,10 @@ class RoundFilter:
         with the last *client* call named there (``_last_id`` mirrors that). A call the
         filter's reader opened (after a held call's id) with the id of the client call before
         it on its index would be read as more of that call: it and all its later deltas go on
-        under a negative index (no backend sends one), one per such call."""
+        under a negative index of its own, one per such call, none a client call of the
+        backend's was named on. (No backend should send a negative index; a call of one that
+        does, named on an index a moved call took, moves too: else the translator's reader
+        would read it, or the moved call's later deltas, as the other call's.)"""
         moved = self._moved.get(key)
         if moved is not None:
             return moved
@@ -550,12 +554,19 @@ class RoundFilter:
             return key  # (only a naming delta may open a call)
         index = key[0] if key.__class__ is tuple else key
         last = self._last_id
-        if index not in last or (call_id is not None and last[index] != call_id):
+        if index in self._taken and new:
+            pass  # (a moved call's index: this one moves too)
+        elif index not in last or (call_id is not None and last[index] != call_id):
             last[index] = call_id  # the translator's reader opens a call here, as the filter's did (or names its first)
-        elif new:
-            moved = self._moved[key] = -1 - len(self._moved)
-            return moved
-        return key
+            return key
+        elif not new:
+            return key
+        moved = -1 - len(self._moved)
+        while moved in last or moved in self._taken:
+            moved -= 1
+        self._moved[key] = moved
+        self._taken.add(moved)
+        return moved
 
     def on_logprobs(self, entries: list) -> None:
         self._pieces += (_LOGPROBS, entries)  # (a chunk written again keeps them: _encode)
