@@ -27,8 +27,9 @@ Rules of this file:
   again), that call goes on, every delta of it, under an index of its own (``_wire_key``).
 - Whose a call is comes with its name, and some backends send a call's id or arguments first:
   a call's deltas before its name are held until it comes. A held call's go with it; a
-  client's go on then, in order, right before its naming delta (the translator holds a call's
-  arguments until its name anyway, so it reads the same call). A call whose name never comes
+  client's go on then, every one (an id alone too: the reader gives the call an id sent before
+  its name), in order, right before its naming delta (the translator holds a call's arguments
+  until its name anyway, and such a delta settles no text it holds, so it reads the same call). A call whose name never comes
   is none, as the translator reads it (it never opens one, and drops what it held): nothing
   of it goes on, it is no client call (the gateway's calls still run), and the round's
   history leaves it out.
