@@ -79,6 +79,31 @@ def test_a_new_id_on_a_named_index_is_a_new_call():
     assert [c[1] for c in got[1:]] == [0, 0]
 
 
+def test_an_id_before_the_name_is_the_calls():
+    """A call's id sent before its name, the name without one: the naming delta is told that id
+    (the first its key gave), so every consumer (translator, web-search filter, contentview)
+    reads the call with the backend's id; its own id, when it has one, wins. That id is the
+    call's: the same id named again on its index is more of it, not a new call. Before: the
+    naming delta was told None (the translator made an id up) and the same id named again
+    opened a second call."""
+    got = read(chat_chunk({"tool_calls": [{"index": 0, "id": "first", "function": {"arguments": ""}}]}),
+               chat_chunk({"tool_calls": [{"index": 0, "id": "second", "function": {"arguments": "1"}}]}),
+               chat_chunk({"tool_calls": [{"index": 0, "function": {"name": "f", "arguments": "2"}}]}),
+               chat_chunk({"tool_calls": [{"index": 0, "id": "first", "function": {"name": "f", "arguments": "3"}}]}),
+               # index null and missing: keyed by the id, so the naming delta brings it anyway
+               chat_chunk({"tool_calls": [{"index": None, "id": "k", "function": {"arguments": {"a": 1}}}]}),
+               chat_chunk({"tool_calls": [{"id": "k", "function": {"name": "g"}}]}),
+               # an id after the name is no longer the call's: the naming delta's (None) stays
+               chat_chunk({"tool_calls": [{"index": 1, "function": {"name": "h"}}]}),
+               chat_chunk({"tool_calls": [{"index": 1, "id": "late", "function": {"arguments": "{}"}}]}),
+               chat_chunk({"tool_calls": [{"index": 2, "id": "own", "function": {"arguments": "x"}}]}),
+               chat_chunk({"tool_calls": [{"index": 2, "id": "named", "function": {"name": "k"}}]}))
+    assert got[1:] == [("tool", 0, "first", None, ""), ("tool", 0, "second", None, "1"), ("tool", 0, "first", "f", "2"),
+                       ("tool", 0, "first", "f", "3"), ("tool", "k", "k", None, '{"a":1}'), ("tool", "k", "k", "g", None),
+                       ("tool", 1, None, "h", None), ("tool", 1, "late", None, "{}"),
+                       ("tool", 2, "own", None, "x"), ("tool", 2, "named", "k", None)]
+
+
 def test_usage_in_all_its_places():
     top = {"prompt_tokens": 1}
     groq = {"prompt_tokens": 2}

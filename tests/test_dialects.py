@@ -110,7 +110,8 @@ def translate(name: str, pieces: list[bytes] | None = None, summary: bool = Fals
 
 
 def _call_id(call_id: str, suffix: str) -> str:
-    return "<generated>" if suffix and suffix in call_id else call_id
+    # (the translator's: call_<the response id's first 16 characters after resp_>_<output index>)
+    return "<generated>" if suffix and re.fullmatch(rf"call_{re.escape(suffix[:16])}_\d+", call_id) else call_id
 
 
 def _item(item: dict, suffix: str) -> dict:

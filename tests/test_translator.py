@@ -770,3 +770,36 @@ def test_a_calls_arguments_before_its_name_wait_for_it_across_other_items():
     calls = [(i["call_id"], json.loads(i["arguments"])) for i in items(evs) if i["type"] == "function_call"]
     assert calls == [("call_f", {"cmd": "ls"}), ("call_g", {"cmd": "pwd"})]
     check_sdk(evs)
+
+
+def test_a_calls_id_before_its_name_is_its_call_id():
+    """A backend that sends a call's id before its name (the naming delta without one): the
+    client's call has the backend's id (the reader tells it with the name: chatstream.py), so
+    its output goes back to the backend under the id the backend gave. Before: made up."""
+    name = chat_tool_name("exec_command")
+    evs = run(chat_sse(chat_chunk({"tool_calls": [{"index": 0, "id": "call_b", "type": "function",
+                                                   "function": {"arguments": ""}}]}),
+                       chat_chunk({"tool_calls": [tool_call(0, name=name, args='{"cmd": "ls"}')]}),
+                       chat_chunk(finish="tool_calls")))
+    assert [(i["call_id"], i["arguments"]) for i in items(evs)] == [("call_b", '{"cmd": "ls"}')]
+    check_sdk(evs)
+
+
+@pytest.mark.parametrize("think", ["auto", "on"])
+def test_a_delta_before_a_calls_name_settles_no_held_text(think):
+    """A tool delta that waits for its call's name makes nothing, so the text held before it
+    (``<think>`` tags being read: think.py) is not settled by it: the text reads as it would
+    without it, the way the web-search filter passes it on (it moves such a delta to right
+    before the call's naming delta, or drops it with a call never named). Before: the held
+    "<thi" went out as text ("<thi" "nk>r</think>ok" read as text alone), and a never-named
+    delta first made the "<think>" that followed text in auto mode."""
+    def answer(*deltas):
+        tr = lp_translator(think)
+        return [(i["type"], i.get("content") or i.get("summary")) for i in items(run(chat_sse(
+            *[chat_chunk(d) for d in deltas], chat_chunk(finish="stop")), tr))]
+
+    nameless = {"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}
+    text = [{"content": "<thi"}, {"content": "nk>r</think>ok"}]
+    assert answer(text[0], nameless, text[1]) == answer(*text)
+    assert answer(nameless, *text) == answer(*text)
+    assert answer(*text)[-1][1][0]["text"] == "ok"

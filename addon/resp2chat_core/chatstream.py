@@ -43,6 +43,8 @@ Dialects (tests/fixtures/dialects/ holds one recorded-shape stream per rule belo
   (Ollama, Mistral, Kimi/Groq), possibly with a ``finish_reason`` of ``stop``. A new id with a
   name on a key whose call already has a name is a new call (servers that number every call 0):
   it gets a key of its own, ``(index, n)``, and later deltas of that index belong to it.
+  A call's id is its naming delta's; a naming delta without one is told the first id an earlier
+  delta of its key gave (an id sent before the name: the call's, as every consumer reads it).
   ``call_id`` and ``name`` are non-empty strings or None; ``args`` is a string or None:
   arguments sent as a JSON value (some servers send parsed objects) are encoded once, with the
   compact encoder. Arguments are passed on as they come; what a finished call's arguments mean
@@ -170,7 +172,7 @@ class ChunkReader:
     ``unread`` at the end. A sink that wants nothing more sets ``stopped``."""
 
     __slots__ = ("sink", "parser", "saw_event", "stopped", "hits", "misses", "_envelope", "_usage_seen",
-                 "_keys", "_named")
+                 "_keys", "_named", "_early")
 
     def __init__(self, sink: Sink, max_event: int = MAX_EVENT) -> None:
         self.sink = sink
@@ -181,7 +183,8 @@ class ChunkReader:
         self._envelope: tuple[str, str] | None = None  # the bytes around a learnt chunk's delta
         self._usage_seen = False
         self._keys: dict = {}  # raw call key -> the key of its current call (only after a reuse)
-        self._named: dict = {}  # call key -> the id of its first delta with a name
+        self._named: dict = {}  # call key -> the id of its call (as its first delta with a name was told)
+        self._early: dict = {}  # call key not named yet -> the first id one of its deltas gave
 
     # --- bytes ---------------------------------------------------------------------------------
 
@@ -380,10 +383,15 @@ class ChunkReader:
         if name is not None:
             named = self._named
             if key not in named:
+                early = self._early.pop(key, None) if self._early else None
+                if call_id is None:
+                    call_id = early  # (the id its key's deltas before the name gave)
                 named[key] = call_id
             elif call_id is not None and named[key] != call_id:
                 key = self._keys[raw] = (raw, len(named))  # a new call that reuses a known index
                 named[key] = call_id
+        elif call_id is not None and key not in self._named and key not in self._early:
+            self._early[key] = call_id  # a call's id before its name: the call's, if the name comes without one
         self.sink.on_tool(key, call_id, name, args)
 
     def _learn(self, payload: str, delta: dict) -> None:

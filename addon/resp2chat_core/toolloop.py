@@ -27,8 +27,9 @@ Rules of this file:
   again), that call goes on, every delta of it, under an index of its own (``_wire_key``).
 - Whose a call is comes with its name, and some backends send a call's id or arguments first:
   a call's deltas before its name are held until it comes. A held call's go with it; a
-  client's go on then, in order, right before its naming delta (the translator holds a call's
-  arguments until its name anyway, so it reads the same call). A call whose name never comes
+  client's go on then, every one (an id alone too: the reader gives the call an id sent before
+  its name), in order, right before its naming delta (the translator holds a call's arguments
+  until its name anyway, and such a delta settles no text it holds, so it reads the same call). A call whose name never comes
   is none, as the translator reads it (it never opens one, and drops what it held): nothing
   of it goes on, it is no client call (the gateway's calls still run), and the round's
   history leaves it out.
@@ -369,8 +370,9 @@ class RoundFilter:
         self._whole = False  # reading a body that held no SSE event
         self._passthrough = False  # … and it is an error or garbage: the translator reads it as it is
         self._calls: dict = {}  # call key -> [id or None, name ("": none yet), argument pieces]
-        self._nameless: dict = {}  # call key -> its deltas before its name: [(id, arguments)] (held: on_tool)
+        self._nameless: dict = {}  # call key -> its deltas before its name: [(id, arguments)], each (held: on_tool)
         self._moved: dict = {}  # call key -> the index it goes on under (``_wire_key``)
+        self._taken: set = set()  # … those indexes
         self._last_id: dict = {}  # index -> the id of the last call the translator's reader named on it
         self._content: list[str] = []
         self._reasoning: list[str] = []
@@ -522,14 +524,13 @@ class RoundFilter:
             call = self._calls[key] = [call_id, name or "", []]
         elif name and not call[1]:
             call[1], new = name, True
-            call[0] = call_id or call[0]  # (the translator's id is its naming delta's)
+            call[0] = call_id  # (the naming delta's id, as the reader tells it: chatstream.py)
         if args:
             call[2].append(args)
             self.chars += len(args)
         if not call[1]:  # no name yet: whose call it is comes with the name (held till then)
             self._held = True
-            if args:  # (one without arguments has nothing to hold: the translator reads the naming delta's id)
-                self._nameless.setdefault(key, []).append((call_id, args))
+            self._nameless.setdefault(key, []).append((call_id, args))  # (every one: its id, too, is the call's)
             return
         before = self._nameless.pop(key, None) if new and self._nameless else None
         if self._owns(call[1]):
@@ -552,7 +553,10 @@ class RoundFilter:
         with the last *client* call named there (``_last_id`` mirrors that). A call the
         filter's reader opened (after a held call's id) with the id of the client call before
         it on its index would be read as more of that call: it and all its later deltas go on
-        under a negative index (no backend sends one), one per such call."""
+        under a negative index of its own, one per such call, none a client call of the
+        backend's was named on. (No backend should send a negative index; a call of one that
+        does, named on an index a moved call took, moves too: else the translator's reader
+        would read it, or the moved call's later deltas, as the other call's.)"""
         moved = self._moved.get(key)
         if moved is not None:
             return moved
@@ -560,12 +564,19 @@ class RoundFilter:
             return key  # (only a naming delta may open a call)
         index = key[0] if key.__class__ is tuple else key
         last = self._last_id
-        if index not in last or (call_id is not None and last[index] != call_id):
+        if index in self._taken and new:
+            pass  # (a moved call's index: this one moves too)
+        elif index not in last or (call_id is not None and last[index] != call_id):
             last[index] = call_id  # the translator's reader opens a call here, as the filter's did (or names its first)
-        elif new:
-            moved = self._moved[key] = -1 - len(self._moved)
-            return moved
-        return key
+            return key
+        elif not new:
+            return key
+        moved = -1 - len(self._moved)
+        while moved in last or moved in self._taken:
+            moved -= 1
+        self._moved[key] = moved
+        self._taken.add(moved)
+        return moved
 
     def on_logprobs(self, entries: list) -> None:
         self._pieces += (_LOGPROBS, entries)  # (a chunk written again keeps them: _encode)

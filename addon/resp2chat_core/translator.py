@@ -599,12 +599,18 @@ class Translator:
     def on_tool(self, key, call_id: str | None, name: str | None, args: str | None) -> None:
         if self._outgrown(len(args or "")):
             return
+        if name is None and (self.open is not Kind.TOOL or key not in self._tools):
+            # A delta before its call's name: its arguments wait for it (toolloop.py's filter moves
+            # the delta there). Nothing goes out, so it settles no text held before it.
+            if args:
+                self._tool_wait.setdefault(key, []).append(args)
+            return
         if self._think is not None:
             self._settle_think()
         self._lp = None
         tool = self._tools.get(key) if self.open is Kind.TOOL else None
         if tool is None:
-            if name is None:  # arguments before the name: hold them
+            if name is None:  # (its call's item closed as the held text went out: as above)
                 if args:
                     self._tool_wait.setdefault(key, []).append(args)
                 return
