@@ -22,8 +22,8 @@ import openai
 import pytest
 import requests
 
-from helpers import (RawServer, cli_env, free_port, openai_client, post_turn, read_request, run_cli, start_gateway,
-                     wait_until)
+from helpers import (RawServer, cli_env, free_port, openai_client, post_turn, read_request, run_cli, scrape,
+                     start_gateway, wait_until)
 
 UP_KEY = "sk-upstream-planted-7777pqrs"
 WAIT = 1  # the gateway's connect_timeout_secs and upstream_idle_timeout_secs here
@@ -35,6 +35,7 @@ class RawBackend(RawServer):
     ``reset`` (resets the connection), ``cut`` (half a head repeating its Authorization, then
     closes), ``bad`` (a head with a line that is no header field, the Authorization in it),
     ``hang`` (never answers: ``held`` counts them, ``gone`` those the gateway hung up on),
+    ``gzip`` (a compressed answer),
     ``slow`` (its head at once, its body ``3 * WAIT`` s later)."""
 
     def __init__(self) -> None:
@@ -57,6 +58,8 @@ class RawBackend(RawServer):
             conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-echo: " + auth + b"\r\n")
         elif what == "bad":
             conn.sendall(b"HTTP/1.1 200 OK\r\nx-echo " + auth + b"\r\ncontent-length: 0\r\n\r\n")
+        elif what == "gzip":  # (a compressed answer, although asked for none: the gateway's 502)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: 4\r\n\r\nabcd")
         elif what == "te":
             conn.sendall(b"HTTP/1.1 200 OK\r\ntransfer-encoding: " + auth + b"\r\n\r\n")
         elif what == "slow":
@@ -80,13 +83,31 @@ def backend():
 
 @pytest.fixture(scope="module")
 def gw(backend, tmp_path_factory):
-    gateway = start_gateway(backend.url, tmp_path_factory.mktemp("passthrough-errors"),
-                            "--set", f"resp2chat_upstream_api_key={UP_KEY}", "--set", "resp2chat_max_replay_entries=0",
-                            "--set", f"resp2chat_connect_timeout_secs={WAIT}",
-                            "--set", f"resp2chat_upstream_idle_timeout_secs={WAIT}")
+    tmp = tmp_path_factory.mktemp("passthrough-errors")
+    gateway = start_gateway(backend.url, tmp, "--set", f"resp2chat_upstream_api_key={UP_KEY}",
+                            "--set", "resp2chat_max_replay_entries=0", "--set", f"resp2chat_connect_timeout_secs={WAIT}",
+                            "--set", f"resp2chat_upstream_idle_timeout_secs={WAIT}",
+                            "--set", f"resp2chat_access_log_path={tmp / 'access.jsonl'}")
+    gateway.access = tmp / "access.jsonl"
     yield gateway
     gateway.stop()
-    assert UP_KEY not in gateway.log()
+    assert UP_KEY not in gateway.log() + gateway.access.read_text()
+
+
+def logged(gw, rid: str) -> dict:
+    """The access-log line of request ``rid`` (waited for: a line is written as its flow ends)."""
+    def line():
+        text = gw.access.read_text() if gw.access.exists() else ""
+        return next((x for x in map(json.loads, text.splitlines()) if x["request_id"] == rid), None)
+    wait_until(line, 10, f"the access-log line of {rid}")
+    return line()
+
+
+def refused(gw, headers: dict | None = None, **labels) -> float:
+    """``resp2chat_refused_requests_total`` for ``labels`` (client "" unless given), asked with
+    ``headers``."""
+    key = tuple(sorted({"client": "", **labels}.items()))
+    return scrape(gw, **(headers or {})).get(("resp2chat_refused_requests_total", key), 0.0)
 
 
 def json_error(r: requests.Response, status: int, code: str) -> dict:
@@ -154,6 +175,29 @@ def test_a_passthrough_whose_head_came_in_time_is_not_cut(gw):
     assert r.status_code == 200 and r.json() == {}, r.text[:300]
 
 
+def test_a_passthrough_failed_before_its_head_is_logged_and_counted(gw):
+    """Each failure before the answer's head is the gateway's own error (502, 504), so it is in
+    the access log (its path, status ``failed``, its code and HTTP status, its request id) and in
+    ``resp2chat_refused_requests_total`` by its ``passthrough_paths`` entry, as the gateway's
+    other errors for such requests are; the path is the client's, not the upstream's. So is the
+    gateway's 502 in place of a compressed answer. Before, neither said anything of them."""
+    cases = [("GET /v1/models/*", lambda: requests.get(f"{gw.base_url}/models/close", timeout=30), 502,
+              "upstream_unavailable", "/v1/models/close"),
+             ("POST /v1/embeddings", lambda: requests.post(f"{gw.base_url}/embeddings", json={"model": "hang", "input": "x"},
+                                                           timeout=30), 504, "upstream_timeout", "/v1/embeddings"),
+             ("GET /v1/models/*", lambda: requests.get(f"{gw.base_url}/models/gzip", timeout=30), 502,
+              "upstream_encoded", "/v1/models/gzip")]
+    for route, call, status, code, path in cases:
+        before = refused(gw, route=route, status="failed", code=code)
+        r = call()
+        json_error(r, status, code)
+        line = logged(gw, r.headers["x-request-id"])
+        assert (line["path"], line["http_status"], line["status"], line["code"], line["upstream"]) == \
+            (path, status, "failed", code, ""), line
+        assert line["total_ms"] > 0
+        wait_until(lambda: refused(gw, route=route, status="failed", code=code) == before + 1, 10, f"{route} counted")
+
+
 def test_the_openai_sdk_reads_the_json_error(gw):
     """The SDK's ``APIStatusError`` carries the parsed error: its ``code`` and body (before: the
     HTML page as a string, no code)."""
@@ -206,10 +250,14 @@ def test_a_request_head_mitmproxy_cannot_read_is_a_json_400(gw):
 def test_a_revoked_keys_passthrough_cut_before_its_head_reads_as_json(backend, tmp_path):
     """bob's model lookup waits on a backend that does not answer; ``keys revoke bob`` stops it
     (its backend connection closed): bob reads ``invalid_api_key`` 401 JSON, not mitmproxy's
-    502 page for a server that closed the connection."""
-    gw = start_gateway(backend.url, tmp_path, "--set", "resp2chat_max_replay_entries=0", env=cli_env(tmp_path))
+    502 page for a server that closed the connection; the access log and the metrics have it
+    as ``rejected``, as a socket the gateway closed for its key."""
+    gw = start_gateway(backend.url, tmp_path, "--set", "resp2chat_max_replay_entries=0",
+                       "--set", f"resp2chat_access_log_path={tmp_path / 'access.jsonl'}", env=cli_env(tmp_path))
+    gw.access = tmp_path / "access.jsonl"
     try:
         bob = run_cli(tmp_path, "keys", "add", "bob").stdout.strip()
+        ops = {"authorization": "Bearer " + run_cli(tmp_path, "keys", "add", "ops").stdout.strip()}
         wait_until(lambda: post_turn(gw, {"model": "m", "input": "hi"}).status_code == 401, 10, "keys needed")
         answer: dict = {}
         held = backend.held
@@ -220,5 +268,9 @@ def test_a_revoked_keys_passthrough_cut_before_its_head_reads_as_json(backend, t
         assert run_cli(tmp_path, "keys", "revoke", "bob").returncode == 0
         call.join(20)
         json_error(answer["r"], 401, "invalid_api_key")
+        line = logged(gw, answer["r"].headers["x-request-id"])
+        assert (line["path"], line["http_status"], line["status"], line["code"], line["client"]) == \
+            ("/v1/models/hang", 401, "rejected", "invalid_api_key", "bob"), line
+        assert refused(gw, ops, route="GET /v1/models/*", status="rejected", code="invalid_api_key", client="bob") == 1
     finally:
         gw.stop()

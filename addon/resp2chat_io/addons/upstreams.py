@@ -36,7 +36,9 @@
   revoked meanwhile) is answered with the
   gateway's JSON error (``failed_early``: ``upstream_unavailable`` 502, ``upstream_timeout`` 504,
   ``invalid_api_key`` 401) and its request id, in place of mitmproxy's HTML page (sent by
-  mitm_head.py ``FAILED``); never the backend's bytes.
+  mitm_head.py ``FAILED``); never the backend's bytes. Being the gateway's own answer, it is in
+  the access log and ``resp2chat_refused_requests_total`` (``ENDED``, for outcomes.py), as is
+  the 502 for a compressed answer.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import hashlib
 import json
 import logging
 import re
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from mitmproxy import ctx, exceptions, http
@@ -66,7 +69,21 @@ from .base import JSON_HEADERS, META, Owner, Refusal, fails_closed, refusal, req
 from .gate import PASSTHROUGH
 from .head_deadline import stop_flow
 
-FORWARDED = "forwarded"  # flow.metadata[META] key: a passthrough sent to the upstream (its answer is the upstream's)
+# flow.metadata[META] key: a passthrough sent to the upstream (its answer is the upstream's): its
+# path as the client sent it (without the query; the request's is the upstream's from then on)
+FORWARDED = "forwarded"
+# flow.metadata[META] key: a passthrough sent to the upstream that the gateway itself ended (an
+# ``Ended``): with its own error before the answer's head (``error``), or in place of the answer
+# (``responseheaders``: a compressed one)
+ENDED = "passthrough_ended"
+
+
+class Ended(NamedTuple):
+    """How the gateway ended a passthrough it had sent on, as outcomes.py reports it."""
+
+    status: str  # failed (an error of the gateway's own, 5xx), rejected (4xx: a key revoked meanwhile)
+    code: str  # the gateway's error code
+    http_status: int  # what the client was answered
 TIMED_OUT = "passthrough_timed_out"  # flow.metadata[META] key: the seconds a passthrough waited for its head in vain
 
 log = logging.getLogger("resp2chat")
@@ -327,7 +344,7 @@ class Upstreams(Owner):
                 flow.response = refusal(flow, err)
                 return
         self.target(flow).route(flow, req.path[3:] if path.startswith("/v1/") else req.path)  # (the query kept)
-        flow.metadata[META][FORWARDED] = True  # (not refused here: outcomes.py)
+        flow.metadata[META][FORWARDED] = path  # (not refused here: outcomes.py)
         to = self.authorize(flow, self.specs[0] if self.specs else None)  # (its timeouts, as its turns')
         req.headers["accept-encoding"] = "identity"  # (responseheaders reads the answer for secrets)
         wait = (to.connect_timeout or 0) + to.idle_timeout
@@ -365,6 +382,7 @@ class Upstreams(Owner):
         err.message = sanitize(scrub(err.message.encode(), self.secrets_for(flow.request.headers)).decode(
             "utf-8", "replace"))
         log.warning(f"resp2chat: passthrough {rid} failed before its answer: {err.message}")
+        meta[ENDED] = Ended("failed" if err.status >= 500 else "rejected", err.code, err.status)  # (outcomes.py)
         body = json.dumps(err.body()).encode()
         mitm_head.FAILED[flow.client_conn] = (flow.request, mitm_head.answer(err.status, body, rid))
 
@@ -390,6 +408,7 @@ class Upstreams(Owner):
                               "what it cannot check for secrets", status_type="upstream_error", code="upstream_encoded")
             flow.response = http.Response.make(502, body, {**JSON_HEADERS, "x-request-id": request_id(flow)})
             flow.response.stream = Refusal(body)
+            flow.metadata[META][ENDED] = Ended("failed", "upstream_encoded", 502)
             return
         scrubber, meter = Scrubber(secrets), self.meter(flow)
         resp.stream = scrubber if meter is None else lambda data: scrubber(meter(data))
