@@ -35,7 +35,7 @@ class RawBackend(RawServer):
     ``reset`` (resets the connection), ``cut`` (half a head repeating its Authorization, then
     closes), ``bad`` (a head with a line that is no header field, the Authorization in it),
     ``hang`` (never answers: ``held`` counts them, ``gone`` those the gateway hung up on),
-    ``gzip`` (a compressed answer),
+    ``gzip`` (a compressed answer), ``ok`` (``{}`` at once),
     ``slow`` (its head at once, its body ``3 * WAIT`` s later)."""
 
     def __init__(self) -> None:
@@ -58,6 +58,8 @@ class RawBackend(RawServer):
             conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-echo: " + auth + b"\r\n")
         elif what == "bad":
             conn.sendall(b"HTTP/1.1 200 OK\r\nx-echo " + auth + b"\r\ncontent-length: 0\r\n\r\n")
+        elif what == "ok":
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
         elif what == "gzip":  # (a compressed answer, although asked for none: the gateway's 502)
             conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: 4\r\n\r\nabcd")
         elif what == "te":
@@ -196,6 +198,47 @@ def test_a_passthrough_failed_before_its_head_is_logged_and_counted(gw):
             (path, status, "failed", code, ""), line
         assert line["total_ms"] > 0
         wait_until(lambda: refused(gw, route=route, status="failed", code=code) == before + 1, 10, f"{route} counted")
+
+
+# A mitmproxy script loaded after the gateway whose request hook takes 3 * WAIT s for a model
+# lookup of "ok" (an operator's own addon waiting on something; the gateway's own slow hooks,
+# limits on Redis, run before the passthrough is sent on)
+SLOW_HOOK = f"""
+import asyncio
+
+
+class Slow:
+    async def request(self, flow):
+        if flow.request.path.endswith("/models/ok"):
+            await asyncio.sleep({3 * WAIT})
+
+
+addons = [Slow()]
+"""
+
+
+def test_the_deadline_of_a_passthroughs_head_starts_when_it_is_sent(backend, tmp_path):
+    """The wait for an answer's head (``connect_timeout_secs`` + ``upstream_idle_timeout_secs``)
+    is the backend's: it starts once the request left the gateway's hooks for its backend. A
+    hook after the gateway's that takes longer than that (an operator's addon; so would an
+    interception in mitmweb) delays the call, it does not fail it. Before, the deadline ran from
+    the gateway's own request hook: the client got a 504 ``upstream_timeout`` "the upstream took
+    no connection", the backend never asked (and, counted, a failure of the upstream's)."""
+    script = tmp_path / "slow_hook.py"
+    script.write_text(SLOW_HOOK)
+    gw = start_gateway(backend.url, tmp_path, "--set", "resp2chat_max_replay_entries=0",
+                       "--set", f"resp2chat_connect_timeout_secs={WAIT}",
+                       "--set", f"resp2chat_upstream_idle_timeout_secs={WAIT}", "-s", str(script))
+    try:
+        conns = backend.conns
+        started = time.monotonic()
+        r = requests.get(f"{gw.base_url}/models/ok", timeout=30)
+        assert r.status_code == 200 and r.json() == {}, r.text[:300]
+        assert time.monotonic() - started >= 3 * WAIT and backend.conns == conns + 1
+        # (the deadline itself still holds once the call is sent)
+        json_error(requests.get(f"{gw.base_url}/models/hang", timeout=20), 504, "upstream_timeout")
+    finally:
+        gw.stop()
 
 
 def test_the_openai_sdk_reads_the_json_error(gw):

@@ -193,9 +193,10 @@ def stop_flow(flow: http.HTTPFlow) -> None:
     away (an answer under way ends as mitmproxy ends one cut short: its client connection is
     closed, the head having gone; before the head, the gateway's JSON error: upstreams.py
     ``error``); so is one still being opened (``_opening``); one not connected yet (its request
-    still in the hooks) is killed once they are done. The gate's, for a passthrough call of a
-    key no longer accepted (gate.py ``stop_passing``), and the deadline of a passthrough's answer
-    head (upstreams.py ``_overdue``)."""
+    still in the hooks: the gate's case only) is killed once they are done. The gate's, for a
+    passthrough call of a key no longer accepted (gate.py ``stop_passing``), and the deadline of
+    a passthrough's answer head (upstreams.py ``_overdue``: armed once the request left its
+    hooks, so connecting or sent)."""
     server = ctx.master.addons.get("proxyserver")
     handler = server.connections.get(flow.client_conn.id) if server is not None else None
     opening = _opening(handler, flow) if handler is not None else None

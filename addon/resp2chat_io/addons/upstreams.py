@@ -32,8 +32,8 @@
   passthrough that is not a read as a turn is counted).
 - ``error``: a passthrough call that failed before its answer's head (its backend refused the
   connection, closed or reset it before answering, sent a head that does not parse, sent none in
-  time: ``connect_timeout_secs`` + ``upstream_idle_timeout_secs``, ``_overdue``, or its key was
-  revoked meanwhile) is answered with the
+  time: ``connect_timeout_secs`` + ``upstream_idle_timeout_secs`` from its request leaving the
+  gateway's hooks, ``_sent``, ``_overdue``, or its key was revoked meanwhile) is answered with the
   gateway's JSON error (``failed_early``: ``upstream_unavailable`` 502, ``upstream_timeout`` 504,
   ``invalid_api_key`` 401) and its request id, in place of mitmproxy's HTML page (sent by
   mitm_head.py ``FAILED``); never the backend's bytes. Being the gateway's own answer, it is in
@@ -137,9 +137,9 @@ class Upstreams(Owner):
         # what reads a passthrough answer's usage on its way, for a client with limits
         # (addons/limits.py ``Limits.meter``; None: nothing)
         self.meter = lambda flow: None
-        # flow id -> the timer that ends a passthrough call whose answer's head does not come
-        # in time (``_overdue``)
-        self.waiting: dict[str, asyncio.TimerHandle] = {}
+        # flow id -> a passthrough call's wait for its backend (``Waits``: the timer that ends it
+        # when its answer's head does not come in time, ``_overdue``)
+        self.calls: dict[str, Waits] = {}
 
     def _demo_url(self) -> str:
         if self.demo is None:
@@ -347,25 +347,39 @@ class Upstreams(Owner):
         flow.metadata[META][FORWARDED] = path  # (not refused here: outcomes.py)
         to = self.authorize(flow, self.specs[0] if self.specs else None)  # (its timeouts, as its turns')
         req.headers["accept-encoding"] = "identity"  # (responseheaders reads the answer for secrets)
-        wait = (to.connect_timeout or 0) + to.idle_timeout
-        if wait < float("inf"):
-            self.waiting[flow.id] = asyncio.get_running_loop().call_later(wait, self._overdue, flow, wait)
+        if to.idle_timeout < float("inf"):
+            self.calls[flow.id] = Waits((to.connect_timeout or 0) + to.idle_timeout)
+            mitm_head.LEAVING[flow] = self._sent  # (the head's deadline starts once it left every hook)
 
-    def _overdue(self, flow: http.HTTPFlow, wait: float) -> None:
+    def _sent(self, flow: http.HTTPFlow) -> None:
+        """``flow``'s request left every hook for its backend (mitm_head.py ``LEAVING``): the
+        wait for its answer's head, the backend's, starts now. Not at the gateway's own request
+        hook: a hook after it (an operator's addon), an interception in mitmweb, are the
+        gateway's wait, which no backend is to blame for (and which stopped the call, untried,
+        as the upstream's ``upstream_timeout``)."""
+        waits = self.calls.get(flow.id)
+        if waits is not None and waits.timer is None:
+            waits.timer = asyncio.get_running_loop().call_later(waits.head, self._overdue, flow)
+
+    def _overdue(self, flow: http.HTTPFlow) -> None:
         """A passthrough call whose answer's head did not come within ``connect_timeout_secs`` +
-        ``upstream_idle_timeout_secs`` of its request (a backend that took it and says nothing) is
-        ended (its backend connection closed): the client gets a 504 ``upstream_timeout``
-        (``error``), not mitmproxy's ``tcp_timeout`` (600 s) and a closed connection."""
-        self.waiting.pop(flow.id, None)
+        ``upstream_idle_timeout_secs`` of its request leaving for its backend (a backend that took
+        it and says nothing, or takes no connection) is ended (its backend connection closed, or
+        its connect): the client gets a 504 ``upstream_timeout`` (``error``), not mitmproxy's
+        ``tcp_timeout`` (600 s) and a closed connection."""
+        waits = self.calls.get(flow.id)
+        if waits is None:
+            return
+        waits.timer = None
         if flow.response is None and flow.error is None and flow.live:
-            flow.metadata.setdefault(META, {})[TIMED_OUT] = wait
-            log.info(f"resp2chat: passthrough {request_id(flow)}: no answer from the upstream within {wait:g} s")
+            flow.metadata.setdefault(META, {})[TIMED_OUT] = waits.head
+            log.info(f"resp2chat: passthrough {request_id(flow)}: no answer from the upstream within {waits.head:g} s")
             stop_flow(flow)
 
     def _answered(self, flow: http.HTTPFlow) -> None:
-        handle = self.waiting.pop(flow.id, None)
-        if handle is not None:
-            handle.cancel()
+        waits = self.calls.pop(flow.id, None)
+        if waits is not None and waits.timer is not None:
+            waits.timer.cancel()
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._answered(flow)
@@ -466,6 +480,18 @@ _NOT_FORWARDED = frozenset({
     "keep-alive", "te", "trailer", "upgrade", "proxy-connection", "expect", "content-type", "content-encoding",
     "accept", "accept-encoding", "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
     "sec-websocket-protocol", "sec-websocket-accept", TURN_HEADER, KEY_HEADER})
+
+
+class Waits:
+    """A passthrough call's wait for its backend: ``head``, the seconds its answer's head may
+    take from its request leaving the gateway (``connect_timeout_secs`` +
+    ``upstream_idle_timeout_secs``), and the timer running."""
+
+    __slots__ = ("head", "timer")
+
+    def __init__(self, head: float) -> None:
+        self.head = head
+        self.timer: asyncio.TimerHandle | None = None
 
 
 def forwarded_header(name: str) -> bool:
