@@ -27,6 +27,7 @@ from helpers import (RawServer, cli_env, free_port, openai_client, post_turn, re
 
 UP_KEY = "sk-upstream-planted-7777pqrs"
 WAIT = 1  # the gateway's connect_timeout_secs and upstream_idle_timeout_secs here
+BIG = 48 << 20  # more than every socket buffer between a backend and a client that reads nothing
 
 
 class RawBackend(RawServer):
@@ -35,11 +36,16 @@ class RawBackend(RawServer):
     ``reset`` (resets the connection), ``cut`` (half a head repeating its Authorization, then
     closes), ``bad`` (a head with a line that is no header field, the Authorization in it),
     ``hang`` (never answers: ``held`` counts them, ``gone`` those the gateway hung up on),
-    ``gzip`` (a compressed answer), ``ok`` (``{}`` at once),
-    ``slow`` (its head at once, its body ``3 * WAIT`` s later)."""
+    ``gzip`` (a compressed answer), ``ok`` (``{}`` at once), ``stall``, ``stall-eof``,
+    ``stall-chunked`` (a head and part of a body, by content-length, by its connection's end,
+    chunked; then nothing (not JSON: the suite's requests hook would read it whole): ``stalled`` counts them, ``unstalled`` those the gateway hung up
+    on), ``drip`` (an SSE event every ``WAIT / 3`` s for ``3 * WAIT`` s), ``big`` (``BIG``
+    bytes at once),
+    ``slow`` (its head at once, then a byte of its body every ``WAIT / 2`` s, ``3 * WAIT`` s
+    in all)."""
 
     def __init__(self) -> None:
-        self.held, self.gone = 0, 0
+        self.held, self.gone, self.stalled, self.unstalled = 0, 0, 0, 0
         super().__init__()
 
     def serve(self, conn: socket.socket, index: int) -> None:
@@ -65,9 +71,30 @@ class RawBackend(RawServer):
         elif what == "te":
             conn.sendall(b"HTTP/1.1 200 OK\r\ntransfer-encoding: " + auth + b"\r\n\r\n")
         elif what == "slow":
-            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n")
-            time.sleep(3 * WAIT)
-            conn.sendall(b"{}")
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 6\r\n\r\n")
+            for byte in b"[1,2] ":
+                time.sleep(WAIT / 2)
+                conn.sendall(bytes([byte]))
+        elif what in ("stall", "stall-eof", "stall-chunked"):  # (part of a body, then silence)
+            head = {"stall": b"content-length: 10\r\n", "stall-eof": b"",
+                    "stall-chunked": b"transfer-encoding: chunked\r\n"}[what]
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n" + head + b"\r\n"
+                         + (b"2\r\n[1\r\n" if what == "stall-chunked" else b"[1"))
+            self.stalled += 1
+            conn.settimeout(None)
+            while conn.recv(65536):
+                pass
+            self.unstalled += 1
+        elif what == "drip":  # (an SSE stream: an event every WAIT / 3 s, 3 * WAIT s long)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            for i in range(9):
+                time.sleep(WAIT / 3)
+                event = b"data: %d\n\n" % i
+                conn.sendall(b"%x\r\n%s\r\n" % (len(event), event))
+            conn.sendall(b"0\r\n\r\n")
+        elif what == "big":  # (BIG bytes at once: a client that reads slowly holds them up)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n" % BIG)
+            conn.sendall(b"x" * BIG)
         elif what == "hang":
             self.held += 1
             conn.settimeout(None)
@@ -96,12 +123,15 @@ def gw(backend, tmp_path_factory):
     assert UP_KEY not in gateway.log() + gateway.access.read_text()
 
 
-def logged(gw, rid: str) -> dict:
-    """The access-log line of request ``rid`` (waited for: a line is written as its flow ends)."""
+def logged(gw, rid: str | None = None, path: str | None = None) -> dict:
+    """The access-log line of request ``rid`` (or the last of ``path``: a passthrough answer has
+    the backend's headers, no request id of the gateway's), waited for: a line is written as its
+    flow ends."""
     def line():
         text = gw.access.read_text() if gw.access.exists() else ""
-        return next((x for x in map(json.loads, text.splitlines()) if x["request_id"] == rid), None)
-    wait_until(line, 10, f"the access-log line of {rid}")
+        return next((x for x in reversed([json.loads(t) for t in text.splitlines()])
+                     if x["request_id"] == rid or x["path"] == path), None)
+    wait_until(line, 10, f"the access-log line of {rid or path}")
     return line()
 
 
@@ -172,9 +202,10 @@ def test_a_backend_that_never_takes_the_connection_is_a_json_504_in_time(tmp_pat
 
 def test_a_passthrough_whose_head_came_in_time_is_not_cut(gw):
     """The deadline is the head's: an answer whose head came at once and whose body takes
-    longer than the deadline is passed on whole."""
+    longer than that deadline, its bytes never ``upstream_idle_timeout_secs`` apart, is passed
+    on whole."""
     r = requests.get(f"{gw.base_url}/models/slow", timeout=30)
-    assert r.status_code == 200 and r.json() == {}, r.text[:300]
+    assert r.status_code == 200 and r.json() == [1, 2], r.text[:300]
 
 
 def test_a_passthrough_failed_before_its_head_is_logged_and_counted(gw):
@@ -198,6 +229,48 @@ def test_a_passthrough_failed_before_its_head_is_logged_and_counted(gw):
             (path, status, "failed", code, ""), line
         assert line["total_ms"] > 0
         wait_until(lambda: refused(gw, route=route, status="failed", code=code) == before + 1, 10, f"{route} counted")
+
+
+@pytest.mark.parametrize("what", ["stall", "stall-eof", "stall-chunked"])
+def test_a_passthrough_whose_body_stalls_is_cut_in_time(gw, backend, what):
+    """A backend that sends its answer's head and part of its body, then nothing: after
+    ``upstream_idle_timeout_secs`` without a byte the answer is cut (its client connection
+    closed, as mitmproxy ends one whose backend broke off: the client reads a body cut short,
+    whatever the backend's framing: one that ends with its connection goes to the client
+    chunked), the backend call is dropped, and the access log and
+    ``resp2chat_refused_requests_total`` say so (``failed``, ``upstream_timeout``, the HTTP status
+    of the head the client got). Before, the client and the backend connection were held until
+    the backend gave up (here: never)."""
+    route = dict(route="GET /v1/models/*", status="failed", code="upstream_timeout")
+    before, unstalled = refused(gw, **route), backend.unstalled
+    started = time.monotonic()
+    with requests.get(f"{gw.base_url}/models/{what}", stream=True, timeout=20) as r:
+        assert r.status_code == 200
+        with pytest.raises(requests.exceptions.ChunkedEncodingError):
+            r.content  # noqa: B018
+    assert time.monotonic() - started < WAIT + 5
+    wait_until(lambda: backend.unstalled > unstalled, 5, "the backend call dropped")
+    line = logged(gw, path=f"/v1/models/{what}")
+    assert (line["http_status"], line["status"], line["code"]) == (200, "failed", "upstream_timeout"), line
+    wait_until(lambda: refused(gw, **route) == before + 1, 10, "counted")
+    assert f"passthrough {line['request_id']}: the upstream sent nothing for {WAIT} s" in gw.log()
+
+
+def test_a_passthrough_that_keeps_sending_is_not_cut(gw):
+    """The wait is between bytes: an SSE stream longer than ``upstream_idle_timeout_secs`` whose
+    events come more often than that is passed on whole."""
+    r = requests.get(f"{gw.base_url}/models/drip", timeout=30)
+    assert r.status_code == 200 and r.text == "".join(f"data: {i}\n\n" for i in range(9)), r.text[:300]
+
+
+def test_a_client_that_reads_slowly_is_not_taken_for_a_silent_backend(gw):
+    """A client that takes nothing of a large answer for longer than the wait holds the backend
+    up (mitmproxy reads the backend only as the client takes its answer): that silence is the
+    client's, and the answer is passed on whole once it reads."""
+    with requests.get(f"{gw.base_url}/models/big", stream=True, timeout=30) as r:
+        assert r.status_code == 200
+        time.sleep(3 * WAIT)
+        assert len(r.content) == BIG
 
 
 # A mitmproxy script loaded after the gateway whose request hook takes 3 * WAIT s for a model

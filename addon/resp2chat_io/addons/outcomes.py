@@ -21,7 +21,8 @@ What the upstream answered is the upstream's (upstreams.py marks the flows it se
 ``FORWARDED``); a passthrough it served is not reported. One the gateway ended itself once sent
 on is (upstreams.py ``ENDED``): its JSON error for a backend that failed before its answer's head
 (``failed``: ``upstream_unavailable`` 502, ``upstream_timeout`` 504; ``rejected``:
-``invalid_api_key``, its key revoked meanwhile), its 502 for a compressed answer. So does an upgrade to the Responses
+``invalid_api_key``, its key revoked meanwhile), its 502 for a compressed answer, an answer it
+cut because its backend went silent midway (``failed``, ``upstream_timeout``, the head's status). So does an upgrade to the Responses
 WebSocket the gateway refused (route ``WEBSOCKET``: the gate's 401, a client's ``max_sockets``
 429, the gateway's ``max_websockets`` 503 ``failed``, the transport off…), and a socket the
 gateway closed because its key is no longer accepted (addons/websocket.py ``emit``s it once a
