@@ -76,7 +76,7 @@ class Metrics:
                               "KV cache), output; every round of a turn the gateway's tool loop ran.", (*by, "kind"), registry=r)
         self.refused = Counter("resp2chat_refused_requests", "Requests that are not turns but go to a backend "
                                "(passthrough_paths, input_tokens, a WebSocket upgrade), answered by the gateway "
-                               "with an error; sockets it closed for their key.",
+                               "with an error (or a passthrough answer it cut); sockets it closed for their key.",
                                ("route", "client", "status", "code"), registry=r)
         self.fallbacks = Counter("resp2chat_fallbacks", "An upstream failed before its first byte (a compaction "
                                  "summary: at any point) and the next was tried (upstream: the one that failed).",
