@@ -22,11 +22,12 @@ import openai
 import pytest
 import requests
 
-from helpers import (RawServer, cli_env, free_port, openai_client, post_turn, read_request, run_cli, start_gateway,
-                     wait_until)
+from helpers import (RawServer, cli_env, free_port, openai_client, post_turn, read_request, run_cli, scrape,
+                     start_gateway, wait_until)
 
 UP_KEY = "sk-upstream-planted-7777pqrs"
 WAIT = 1  # the gateway's connect_timeout_secs and upstream_idle_timeout_secs here
+BIG = 48 << 20  # more than every socket buffer between a backend and a client that reads nothing
 
 
 class RawBackend(RawServer):
@@ -35,10 +36,16 @@ class RawBackend(RawServer):
     ``reset`` (resets the connection), ``cut`` (half a head repeating its Authorization, then
     closes), ``bad`` (a head with a line that is no header field, the Authorization in it),
     ``hang`` (never answers: ``held`` counts them, ``gone`` those the gateway hung up on),
-    ``slow`` (its head at once, its body ``3 * WAIT`` s later)."""
+    ``gzip`` (a compressed answer), ``ok`` (``{}`` at once), ``stall``, ``stall-eof``,
+    ``stall-chunked`` (a head and part of a body, by content-length, by its connection's end,
+    chunked; then nothing (not JSON: the suite's requests hook would read it whole): ``stalled`` counts them, ``unstalled`` those the gateway hung up
+    on), ``drip`` (an SSE event every ``WAIT / 3`` s for ``3 * WAIT`` s), ``big`` (``BIG``
+    bytes at once),
+    ``slow`` (its head at once, then a byte of its body every ``WAIT / 2`` s, ``3 * WAIT`` s
+    in all)."""
 
     def __init__(self) -> None:
-        self.held, self.gone = 0, 0
+        self.held, self.gone, self.stalled, self.unstalled = 0, 0, 0, 0
         super().__init__()
 
     def serve(self, conn: socket.socket, index: int) -> None:
@@ -57,12 +64,37 @@ class RawBackend(RawServer):
             conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-echo: " + auth + b"\r\n")
         elif what == "bad":
             conn.sendall(b"HTTP/1.1 200 OK\r\nx-echo " + auth + b"\r\ncontent-length: 0\r\n\r\n")
+        elif what == "ok":
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+        elif what == "gzip":  # (a compressed answer, although asked for none: the gateway's 502)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: 4\r\n\r\nabcd")
         elif what == "te":
             conn.sendall(b"HTTP/1.1 200 OK\r\ntransfer-encoding: " + auth + b"\r\n\r\n")
         elif what == "slow":
-            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n")
-            time.sleep(3 * WAIT)
-            conn.sendall(b"{}")
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 6\r\n\r\n")
+            for byte in b"[1,2] ":
+                time.sleep(WAIT / 2)
+                conn.sendall(bytes([byte]))
+        elif what in ("stall", "stall-eof", "stall-chunked"):  # (part of a body, then silence)
+            head = {"stall": b"content-length: 10\r\n", "stall-eof": b"",
+                    "stall-chunked": b"transfer-encoding: chunked\r\n"}[what]
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n" + head + b"\r\n"
+                         + (b"2\r\n[1\r\n" if what == "stall-chunked" else b"[1"))
+            self.stalled += 1
+            conn.settimeout(None)
+            while conn.recv(65536):
+                pass
+            self.unstalled += 1
+        elif what == "drip":  # (an SSE stream: an event every WAIT / 3 s, 3 * WAIT s long)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            for i in range(9):
+                time.sleep(WAIT / 3)
+                event = b"data: %d\n\n" % i
+                conn.sendall(b"%x\r\n%s\r\n" % (len(event), event))
+            conn.sendall(b"0\r\n\r\n")
+        elif what == "big":  # (BIG bytes at once: a client that reads slowly holds them up)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n" % BIG)
+            conn.sendall(b"x" * BIG)
         elif what == "hang":
             self.held += 1
             conn.settimeout(None)
@@ -80,13 +112,34 @@ def backend():
 
 @pytest.fixture(scope="module")
 def gw(backend, tmp_path_factory):
-    gateway = start_gateway(backend.url, tmp_path_factory.mktemp("passthrough-errors"),
-                            "--set", f"resp2chat_upstream_api_key={UP_KEY}", "--set", "resp2chat_max_replay_entries=0",
-                            "--set", f"resp2chat_connect_timeout_secs={WAIT}",
-                            "--set", f"resp2chat_upstream_idle_timeout_secs={WAIT}")
+    tmp = tmp_path_factory.mktemp("passthrough-errors")
+    gateway = start_gateway(backend.url, tmp, "--set", f"resp2chat_upstream_api_key={UP_KEY}",
+                            "--set", "resp2chat_max_replay_entries=0", "--set", f"resp2chat_connect_timeout_secs={WAIT}",
+                            "--set", f"resp2chat_upstream_idle_timeout_secs={WAIT}",
+                            "--set", f"resp2chat_access_log_path={tmp / 'access.jsonl'}")
+    gateway.access = tmp / "access.jsonl"
     yield gateway
     gateway.stop()
-    assert UP_KEY not in gateway.log()
+    assert UP_KEY not in gateway.log() + gateway.access.read_text()
+
+
+def logged(gw, rid: str | None = None, path: str | None = None) -> dict:
+    """The access-log line of request ``rid`` (or the last of ``path``: a passthrough answer has
+    the backend's headers, no request id of the gateway's), waited for: a line is written as its
+    flow ends."""
+    def line():
+        text = gw.access.read_text() if gw.access.exists() else ""
+        return next((x for x in reversed([json.loads(t) for t in text.splitlines()])
+                     if x["request_id"] == rid or x["path"] == path), None)
+    wait_until(line, 10, f"the access-log line of {rid or path}")
+    return line()
+
+
+def refused(gw, headers: dict | None = None, **labels) -> float:
+    """``resp2chat_refused_requests_total`` for ``labels`` (client "" unless given), asked with
+    ``headers``."""
+    key = tuple(sorted({"client": "", **labels}.items()))
+    return scrape(gw, **(headers or {})).get(("resp2chat_refused_requests_total", key), 0.0)
 
 
 def json_error(r: requests.Response, status: int, code: str) -> dict:
@@ -149,9 +202,116 @@ def test_a_backend_that_never_takes_the_connection_is_a_json_504_in_time(tmp_pat
 
 def test_a_passthrough_whose_head_came_in_time_is_not_cut(gw):
     """The deadline is the head's: an answer whose head came at once and whose body takes
-    longer than the deadline is passed on whole."""
+    longer than that deadline, its bytes never ``upstream_idle_timeout_secs`` apart, is passed
+    on whole."""
     r = requests.get(f"{gw.base_url}/models/slow", timeout=30)
-    assert r.status_code == 200 and r.json() == {}, r.text[:300]
+    assert r.status_code == 200 and r.json() == [1, 2], r.text[:300]
+
+
+def test_a_passthrough_failed_before_its_head_is_logged_and_counted(gw):
+    """Each failure before the answer's head is the gateway's own error (502, 504), so it is in
+    the access log (its path, status ``failed``, its code and HTTP status, its request id) and in
+    ``resp2chat_refused_requests_total`` by its ``passthrough_paths`` entry, as the gateway's
+    other errors for such requests are; the path is the client's, not the upstream's. So is the
+    gateway's 502 in place of a compressed answer. Before, neither said anything of them."""
+    cases = [("GET /v1/models/*", lambda: requests.get(f"{gw.base_url}/models/close", timeout=30), 502,
+              "upstream_unavailable", "/v1/models/close"),
+             ("POST /v1/embeddings", lambda: requests.post(f"{gw.base_url}/embeddings", json={"model": "hang", "input": "x"},
+                                                           timeout=30), 504, "upstream_timeout", "/v1/embeddings"),
+             ("GET /v1/models/*", lambda: requests.get(f"{gw.base_url}/models/gzip", timeout=30), 502,
+              "upstream_encoded", "/v1/models/gzip")]
+    for route, call, status, code, path in cases:
+        before = refused(gw, route=route, status="failed", code=code)
+        r = call()
+        json_error(r, status, code)
+        line = logged(gw, r.headers["x-request-id"])
+        assert (line["path"], line["http_status"], line["status"], line["code"], line["upstream"]) == \
+            (path, status, "failed", code, ""), line
+        assert line["total_ms"] > 0
+        wait_until(lambda: refused(gw, route=route, status="failed", code=code) == before + 1, 10, f"{route} counted")
+
+
+@pytest.mark.parametrize("what", ["stall", "stall-eof", "stall-chunked"])
+def test_a_passthrough_whose_body_stalls_is_cut_in_time(gw, backend, what):
+    """A backend that sends its answer's head and part of its body, then nothing: after
+    ``upstream_idle_timeout_secs`` without a byte the answer is cut (its client connection
+    closed, as mitmproxy ends one whose backend broke off: the client reads a body cut short,
+    whatever the backend's framing: one that ends with its connection goes to the client
+    chunked), the backend call is dropped, and the access log and
+    ``resp2chat_refused_requests_total`` say so (``failed``, ``upstream_timeout``, the HTTP status
+    of the head the client got). Before, the client and the backend connection were held until
+    the backend gave up (here: never)."""
+    route = dict(route="GET /v1/models/*", status="failed", code="upstream_timeout")
+    before, unstalled = refused(gw, **route), backend.unstalled
+    started = time.monotonic()
+    with requests.get(f"{gw.base_url}/models/{what}", stream=True, timeout=20) as r:
+        assert r.status_code == 200
+        with pytest.raises(requests.exceptions.ChunkedEncodingError):
+            r.content  # noqa: B018
+    assert time.monotonic() - started < WAIT + 5
+    wait_until(lambda: backend.unstalled > unstalled, 5, "the backend call dropped")
+    line = logged(gw, path=f"/v1/models/{what}")
+    assert (line["http_status"], line["status"], line["code"]) == (200, "failed", "upstream_timeout"), line
+    wait_until(lambda: refused(gw, **route) == before + 1, 10, "counted")
+    assert f"passthrough {line['request_id']}: the upstream sent nothing for {WAIT} s" in gw.log()
+
+
+def test_a_passthrough_that_keeps_sending_is_not_cut(gw):
+    """The wait is between bytes: an SSE stream longer than ``upstream_idle_timeout_secs`` whose
+    events come more often than that is passed on whole."""
+    r = requests.get(f"{gw.base_url}/models/drip", timeout=30)
+    assert r.status_code == 200 and r.text == "".join(f"data: {i}\n\n" for i in range(9)), r.text[:300]
+
+
+def test_a_client_that_reads_slowly_is_not_taken_for_a_silent_backend(gw):
+    """A client that takes nothing of a large answer for longer than the wait holds the backend
+    up (mitmproxy reads the backend only as the client takes its answer): that silence is the
+    client's, and the answer is passed on whole once it reads."""
+    with requests.get(f"{gw.base_url}/models/big", stream=True, timeout=30) as r:
+        assert r.status_code == 200
+        time.sleep(3 * WAIT)
+        assert len(r.content) == BIG
+
+
+# A mitmproxy script loaded after the gateway whose request hook takes 3 * WAIT s for a model
+# lookup of "ok" (an operator's own addon waiting on something; the gateway's own slow hooks,
+# limits on Redis, run before the passthrough is sent on)
+SLOW_HOOK = f"""
+import asyncio
+
+
+class Slow:
+    async def request(self, flow):
+        if flow.request.path.endswith("/models/ok"):
+            await asyncio.sleep({3 * WAIT})
+
+
+addons = [Slow()]
+"""
+
+
+def test_the_deadline_of_a_passthroughs_head_starts_when_it_is_sent(backend, tmp_path):
+    """The wait for an answer's head (``connect_timeout_secs`` + ``upstream_idle_timeout_secs``)
+    is the backend's: it starts once the request left the gateway's hooks for its backend. A
+    hook after the gateway's that takes longer than that (an operator's addon; so would an
+    interception in mitmweb) delays the call, it does not fail it. Before, the deadline ran from
+    the gateway's own request hook: the client got a 504 ``upstream_timeout`` "the upstream took
+    no connection", the backend never asked (and, counted, a failure of the upstream's)."""
+    script = tmp_path / "slow_hook.py"
+    script.write_text(SLOW_HOOK)
+    gw = start_gateway(backend.url, tmp_path, "--set", "resp2chat_max_replay_entries=0",
+                       "--set", f"resp2chat_connect_timeout_secs={WAIT}",
+                       "--set", f"resp2chat_upstream_idle_timeout_secs={WAIT}", "-s", str(script))
+    try:
+        conns = backend.conns
+        started = time.monotonic()
+        r = requests.get(f"{gw.base_url}/models/ok", timeout=30)
+        assert r.status_code == 200 and r.json() == {}, r.text[:300]
+        assert time.monotonic() - started >= 3 * WAIT and backend.conns == conns + 1
+        # (the deadline itself still holds once the call is sent)
+        json_error(requests.get(f"{gw.base_url}/models/hang", timeout=20), 504, "upstream_timeout")
+    finally:
+        gw.stop()
 
 
 def test_the_openai_sdk_reads_the_json_error(gw):
@@ -206,10 +366,14 @@ def test_a_request_head_mitmproxy_cannot_read_is_a_json_400(gw):
 def test_a_revoked_keys_passthrough_cut_before_its_head_reads_as_json(backend, tmp_path):
     """bob's model lookup waits on a backend that does not answer; ``keys revoke bob`` stops it
     (its backend connection closed): bob reads ``invalid_api_key`` 401 JSON, not mitmproxy's
-    502 page for a server that closed the connection."""
-    gw = start_gateway(backend.url, tmp_path, "--set", "resp2chat_max_replay_entries=0", env=cli_env(tmp_path))
+    502 page for a server that closed the connection; the access log and the metrics have it
+    as ``rejected``, as a socket the gateway closed for its key."""
+    gw = start_gateway(backend.url, tmp_path, "--set", "resp2chat_max_replay_entries=0",
+                       "--set", f"resp2chat_access_log_path={tmp_path / 'access.jsonl'}", env=cli_env(tmp_path))
+    gw.access = tmp_path / "access.jsonl"
     try:
         bob = run_cli(tmp_path, "keys", "add", "bob").stdout.strip()
+        ops = {"authorization": "Bearer " + run_cli(tmp_path, "keys", "add", "ops").stdout.strip()}
         wait_until(lambda: post_turn(gw, {"model": "m", "input": "hi"}).status_code == 401, 10, "keys needed")
         answer: dict = {}
         held = backend.held
@@ -220,5 +384,9 @@ def test_a_revoked_keys_passthrough_cut_before_its_head_reads_as_json(backend, t
         assert run_cli(tmp_path, "keys", "revoke", "bob").returncode == 0
         call.join(20)
         json_error(answer["r"], 401, "invalid_api_key")
+        line = logged(gw, answer["r"].headers["x-request-id"])
+        assert (line["path"], line["http_status"], line["status"], line["code"], line["client"]) == \
+            ("/v1/models/hang", 401, "rejected", "invalid_api_key", "bob"), line
+        assert refused(gw, ops, route="GET /v1/models/*", status="rejected", code="invalid_api_key", client="bob") == 1
     finally:
         gw.stop()

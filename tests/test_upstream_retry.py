@@ -34,7 +34,9 @@ class RawBackend(RawServer):
     """A chat backend on a raw loopback socket. ``answer(conn_index, request_index, text)`` says
     what to do with each request: ``bytes`` to send (the connection kept), ``"fin"`` (close after
     reading it), ``"rst"`` (reset after reading it), ``"close-later"`` (answer, then close the idle
-    connection a moment later). ``requests``: the last user text of every request received."""
+    connection a moment later), ``"chatter-later"`` (answer, then send an answer nobody asked for
+    on the idle connection a moment later, and keep it), ``"chatter-at-once"`` (the same, sent
+    with the answer). ``requests``: the last user text of every request received."""
 
     def __init__(self, answer) -> None:
         self.answer = answer
@@ -60,6 +62,15 @@ class RawBackend(RawServer):
                 conn.sendall(_sse_answer(f"answer to {text}"))
                 time.sleep(0.3)
                 return
+            if what in ("chatter-later", "chatter-at-once"):
+                unasked = b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\nunasked"
+                if what == "chatter-at-once":
+                    conn.sendall(_sse_answer(f"answer to {text}") + unasked)
+                    continue
+                conn.sendall(_sse_answer(f"answer to {text}"))
+                time.sleep(0.3)
+                conn.sendall(unasked)
+                continue
             conn.sendall(what)
 
 
@@ -112,6 +123,21 @@ def test_a_pooled_connection_the_backend_closed_while_idle_is_not_used(two):
     holder["answer"] = lambda c, n, text: "close-later"
     assert "answer to first" in _said(_turn(gw, "first"))
     time.sleep(1)  # (the backend closed its side meanwhile)
+    end = _turn(gw, "second")
+    assert end["type"] == "response.completed" and "answer to second" in _said(end), end
+    assert a.requests == ["first", "second"] and b.requests == [] and a.conns == 2
+
+
+@pytest.mark.parametrize("when", ["chatter-later", "chatter-at-once"])
+def test_a_pooled_connection_the_backend_spoke_on_while_idle_is_not_used(two, when):
+    """A kept-alive connection on which the backend sent bytes nobody asked for after its
+    answer, while it sat in the pool or right behind the answer (here a whole answer: read as
+    the next request's, it would answer it with the wrong text), is not taken: the request goes
+    once, on a fresh connection, to the same backend."""
+    gw, a, b, holder = two
+    holder["answer"] = lambda c, n, text: when
+    assert "answer to first" in _said(_turn(gw, "first"))
+    time.sleep(1)  # (the backend spoke meanwhile)
     end = _turn(gw, "second")
     assert end["type"] == "response.completed" and "answer to second" in _said(end), end
     assert a.requests == ["first", "second"] and b.requests == [] and a.conns == 2

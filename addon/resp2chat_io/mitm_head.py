@@ -4,7 +4,8 @@ quotes it (``_bounded_response``); a request body's bytes are counted as they ar
 minimum body rate of addons/head_deadline.py (``_counted``, ``BODIES``); the error mitmproxy
 answers itself (a passthrough call whose backend failed before its answer's head: refused,
 closed, reset, a head it could not read) is the gateway's JSON error, not mitmproxy's HTML page
-(``_json_page``, ``_json_errors``, ``FAILED``).
+(``_json_page``, ``_json_errors``, ``FAILED``); and the HTTP layer says when a request leaves
+its hooks for its backend (``_leaving``, ``LEAVING``: a passthrough's deadline starts there).
 
 Why. mitmproxy gathers a client's request head in its HTTP/1 layer until the blank line that
 ends it (``mitmproxy/proxy/layers/http/_http1.py``, ``Http1Server.read_headers``: "FIXME: protect
@@ -24,6 +25,7 @@ Checked against mitmproxy 12.3 (tests/test_hostile_audit.py drives real sockets 
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 import uuid
@@ -34,6 +36,7 @@ from mitmproxy.connection import ConnectionState
 from mitmproxy import http
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events
+from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import ErrorCode, ResponseProtocolError
@@ -208,9 +211,30 @@ def _json_errors(send):
     return json_error_send
 
 
+# A flow -> what is called (with it) once its request left every hook for its backend: mitmproxy
+# takes a connection for it next, opened or kept (addons/upstreams.py: a passthrough call's deadline
+# for its answer's head starts there, not in the gateway's own request hook, which the hooks after
+# it and an operator's interception follow). Once; an entry goes with its flow.
+LEAVING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _leaving(make_server_connection):
+    """``HttpStream.make_server_connection``, called once a request is through its hooks (the
+    ``request`` hook, every addon's, and an interception's resume) and not answered by one of
+    them: what ``LEAVING`` holds for its flow is called first."""
+    def leaving_make_server_connection(self):
+        then = LEAVING.pop(self.flow, None)
+        if then is not None:
+            then(self.flow)
+        return (yield from make_server_connection(self))
+
+    leaving_make_server_connection.resp2chat = True
+    return leaving_make_server_connection
+
+
 def install() -> None:
     """Bound every HTTP/1 request head mitmproxy reads from now on, and every response head;
-    mitmproxy's own error answers are JSON (once)."""
+    mitmproxy's own error answers are JSON; a request leaving its hooks is told (once)."""
     if getattr(_http1, "make_error_response", None) is None:
         raise RuntimeError("mitmproxy's HTTP/1 layer changed: resp2chat_io/mitm_head.py needs a look")
     _http1.make_error_response = _json_page
@@ -225,3 +249,9 @@ def install() -> None:
         if current is None or not hasattr(layer, "done"):
             raise RuntimeError("mitmproxy's HTTP/1 layer changed: resp2chat_io/mitm_head.py needs a look")
         setattr(layer, state, wrap(current))
+    stream = getattr(http_layer, "HttpStream", None)
+    current = getattr(stream, "make_server_connection", None)
+    if not getattr(current, "resp2chat", False):
+        if current is None or not inspect.isgeneratorfunction(current):
+            raise RuntimeError("mitmproxy's HTTP layer changed: resp2chat_io/mitm_head.py needs a look")
+        stream.make_server_connection = _leaving(current)

@@ -2,7 +2,8 @@
 each ``POST /v1/responses`` (refused and replayed ones included) and each turn on the Responses
 WebSocket (outcomes.py); and one per request that is not a turn but goes to a backend
 (``passthrough_paths``, ``input_tokens``, an upgrade to the Responses WebSocket) the gateway
-refused, and per socket it closed because its key is no longer accepted (``"http_status"``
+refused or answered with its own error (a passthrough whose backend failed before its answer's
+head) or cut (its backend silent midway), and per socket it closed because its key is no longer accepted (``"http_status"``
 101: the upgrade's), with its ``"path"`` (a turn's line has none: ``resp2chat usage`` counts
 turns only).
 

@@ -115,7 +115,7 @@ class HeadDeadline(Owner):
                 try:
                     last = self.last.get(conn)
                     flow = last() if last is not None else None
-                    if (flow is not None and flow.live) or self.writing(conn):
+                    if (flow is not None and flow.live) or writing(conn):
                         self.clock.waiting(conn, now)  # (its answer is still going out)
                     else:
                         self.close(conn, f"no request head within header_timeout_secs ({limit} s)")
@@ -167,23 +167,34 @@ class HeadDeadline(Owner):
             if transport is not None and self.stalls.sample(conn, transport.get_write_buffer_size(), now):
                 self.close(conn, f"the client took none of its answer for header_timeout_secs ({self.stalls.limit} s)")
 
-    @staticmethod
-    def _io(conn: str):
-        server = ctx.master.addons.get("proxyserver")
-        handler = server.connections.get(conn) if server is not None else None
-        return handler.transports.get(handler.client) if handler is not None else None
-
-    def writing(self, conn: str) -> bool:
-        """Bytes of an answer still wait in the connection's socket buffer (a slow reader)."""
-        io = self._io(conn)
-        transport = getattr(io.writer, "transport", None) if io is not None else None
-        return transport is not None and transport.get_write_buffer_size() > 0
-
     def close(self, conn: str, why: str) -> None:
         self.forget(conn)
-        io = self._io(conn)
-        if io is None or io.handler is None:
-            return  # (gone already, or not a live connection: client replay)
+        close(conn, why)
+
+
+def _io(conn: str):
+    """The live client connection ``conn`` (an id) as mitmproxy's proxy server holds it (None: gone)."""
+    server = ctx.master.addons.get("proxyserver")
+    handler = server.connections.get(conn) if server is not None else None
+    return handler.transports.get(handler.client) if handler is not None else None
+
+
+def writing(conn: str) -> bool:
+    """Bytes of an answer still wait in the client connection's socket buffer (a slow reader;
+    ``conn``: its id). Also upstreams.py's: a passthrough's backend is not read meanwhile."""
+    io = _io(conn)
+    transport = getattr(io.writer, "transport", None) if io is not None else None
+    return transport is not None and transport.get_write_buffer_size() > 0
+
+
+def close(conn: str, why: str) -> None:
+    """Close the client connection ``conn`` (its id) as mitmproxy's ``tcp_timeout`` does, its
+    handler cancelled: its flow in progress ends in an error (``Client disconnected``), its
+    backend connections close, and an answer under way is cut where it is (what was written
+    goes out, then the connection's end: not the answer's). Nothing when it is gone already, or
+    not a live connection (client replay)."""
+    io = _io(conn)
+    if io is not None and io.handler is not None:
         log.debug(f"resp2chat: closing a client connection: {why}")
         io.handler.cancel(why)
 
@@ -193,9 +204,10 @@ def stop_flow(flow: http.HTTPFlow) -> None:
     away (an answer under way ends as mitmproxy ends one cut short: its client connection is
     closed, the head having gone; before the head, the gateway's JSON error: upstreams.py
     ``error``); so is one still being opened (``_opening``); one not connected yet (its request
-    still in the hooks) is killed once they are done. The gate's, for a passthrough call of a
-    key no longer accepted (gate.py ``stop_passing``), and the deadline of a passthrough's answer
-    head (upstreams.py ``_overdue``)."""
+    still in the hooks: the gate's case only) is killed once they are done. The gate's, for a
+    passthrough call of a key no longer accepted (gate.py ``stop_passing``), and the deadline of
+    a passthrough's answer head (upstreams.py ``_overdue``: armed once the request left its
+    hooks, so connecting or sent)."""
     server = ctx.master.addons.get("proxyserver")
     handler = server.connections.get(flow.client_conn.id) if server is not None else None
     opening = _opening(handler, flow) if handler is not None else None

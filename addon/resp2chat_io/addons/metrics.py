@@ -7,7 +7,7 @@ Answered by the gateway itself, behind the gate like every other path (beyond lo
 | --- | --- | --- |
 | ``resp2chat_streams_in_flight`` | | turns between request and end (streams open to clients) |
 | ``resp2chat_turns_total`` | upstream, model, client, status, code | every ``POST /v1/responses`` by how it ended (completed, incomplete, failed, unfinished, rejected, replayed) and error code |
-| ``resp2chat_refused_requests_total`` | route, client, status, code | requests that are not turns but go to a backend (``passthrough_paths``, ``input_tokens``, an upgrade to the Responses WebSocket) the gateway answered itself with an error: ``route`` the ``passthrough_paths`` entry (or ``POST /v1/responses/input_tokens``, ``GET /v1/responses``), status ``rejected`` (4xx) or ``failed`` (5xx); and sockets the gateway closed for their key (``GET /v1/responses``, ``rejected``, ``invalid_api_key``) |
+| ``resp2chat_refused_requests_total`` | route, client, status, code | requests that are not turns but go to a backend (``passthrough_paths``, ``input_tokens``, an upgrade to the Responses WebSocket) the gateway answered itself with an error: ``route`` the ``passthrough_paths`` entry (or ``POST /v1/responses/input_tokens``, ``GET /v1/responses``), status ``rejected`` (4xx) or ``failed`` (5xx: a passthrough call's backend failing before its answer's head too; and an answer cut for its backend's silence midway, ``upstream_timeout`` with the head's HTTP status: upstreams.py ``ENDED``); and sockets the gateway closed for their key (``GET /v1/responses``, ``rejected``, ``invalid_api_key``) |
 | ``resp2chat_time_to_first_token_seconds`` | upstream, model, client | request to the first event made from backend data |
 | ``resp2chat_turn_duration_seconds`` | upstream, model, client | request to the end of the turn |
 | ``resp2chat_tokens_total`` | upstream, model, client, kind | prompt, cached (prompt tokens the backend's KV cache served), output: what the backends reported, every round of a turn the gateway's tool loop ran (``Outcome.work``; its client's usage counts the last round's prompt only) |
@@ -76,7 +76,7 @@ class Metrics:
                               "KV cache), output; every round of a turn the gateway's tool loop ran.", (*by, "kind"), registry=r)
         self.refused = Counter("resp2chat_refused_requests", "Requests that are not turns but go to a backend "
                                "(passthrough_paths, input_tokens, a WebSocket upgrade), answered by the gateway "
-                               "with an error; sockets it closed for their key.",
+                               "with an error (or a passthrough answer it cut); sockets it closed for their key.",
                                ("route", "client", "status", "code"), registry=r)
         self.fallbacks = Counter("resp2chat_fallbacks", "An upstream failed before its first byte (a compaction "
                                  "summary: at any point) and the next was tried (upstream: the one that failed).",

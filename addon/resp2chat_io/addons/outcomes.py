@@ -18,7 +18,11 @@ use, a body it cannot read), as a ``rejected`` outcome (``failed``: a 5xx of its
 upstream answering the model list) with its ``path`` and ``route`` (the
 ``passthrough_paths`` entry it matched, or ``POST /v1/responses/input_tokens``: a bounded label).
 What the upstream answered is the upstream's (upstreams.py marks the flows it sends there,
-``FORWARDED``); a passthrough it served is not reported. So does an upgrade to the Responses
+``FORWARDED``); a passthrough it served is not reported. One the gateway ended itself once sent
+on is (upstreams.py ``ENDED``): its JSON error for a backend that failed before its answer's head
+(``failed``: ``upstream_unavailable`` 502, ``upstream_timeout`` 504; ``rejected``:
+``invalid_api_key``, its key revoked meanwhile), its 502 for a compressed answer, an answer it
+cut because its backend went silent midway (``failed``, ``upstream_timeout``, the head's status). So does an upgrade to the Responses
 WebSocket the gateway refused (route ``WEBSOCKET``: the gate's 401, a client's ``max_sockets``
 429, the gateway's ``max_websockets`` 503 ``failed``, the transport off…), and a socket the
 gateway closed because its key is no longer accepted (addons/websocket.py ``emit``s it once a
@@ -41,7 +45,7 @@ from resp2chat_core.turn import session_key
 
 from .base import META, RESPONSES_PATHS, fails_closed, log, request_id
 from .turns import NOT_RECORDED, SERVER_REPLAY
-from .upstreams import FORWARDED
+from .upstreams import ENDED, FORWARDED, Ended
 
 INPUT_TOKENS = "POST /v1/responses/input_tokens"
 WEBSOCKET = "GET /v1/responses"  # an upgrade to the Responses WebSocket, and the socket it opened (a route label)
@@ -123,6 +127,8 @@ class Outcomes:
         meta = flow.metadata.get(META) or {}
         turn = bool(meta.get("response_id"))  # (its request is the chat request by now)
         if flow.response is None:
+            if meta.get(ENDED) is not None:  # (a passthrough failed before its answer's head: the gateway's error)
+                self._other(flow, meta)
             return
         if not turn and (req.method != "POST" or req.path.split("?", 1)[0] not in RESPONSES_PATHS):
             self._other(flow, meta)
@@ -149,27 +155,37 @@ class Outcomes:
 
     def _other(self, flow: http.HTTPFlow, meta: dict) -> None:
         """A request that is not a turn: reported when it goes to a backend (a passthrough, the
-        token count) and the gateway refused it."""
+        token count) and the gateway refused it, or ended it itself once sent on (upstreams.py
+        ``ENDED``: its error before the answer's head)."""
         req, resp = flow.request, flow.response
-        if resp.status_code < 400 or meta.get(FORWARDED) or flow.is_replay:
+        if flow.is_replay:
             return
-        path = req.path.split("?", 1)[0]
+        if meta.get(FORWARDED):  # (its path the client's: the request's is the upstream's now)
+            ended: Ended | None = meta.get(ENDED)
+            if ended is None:
+                return  # (the upstream's answer)
+            path, status, code, http_status = meta[FORWARDED], ended.status, ended.code, ended.http_status
+        else:
+            if resp is None or resp.status_code < 400:
+                return
+            path, code, http_status = req.path.split("?", 1)[0], _error_code(resp), resp.status_code
+            status = "rejected" if http_status < 500 else "failed"  # (no upstream answered GET /v1/models)
         upgrade = "websocket" in req.headers.get("upgrade", "").lower() and path in RESPONSES_PATHS
         route = WEBSOCKET if upgrade else self._route(req.method, path)
         if route is None:
             return
-        status = "rejected" if resp.status_code < 500 else "failed"  # (no upstream answered GET /v1/models)
-        self.refused(flow, route, _error_code(resp), resp.status_code, meta.get("client", ""),
-                     (resp.timestamp_end or time.time()) - req.timestamp_start, status)
+        end = resp.timestamp_end if resp is not None else None
+        self.refused(flow, route, code, http_status, meta.get("client", ""),
+                     (end or time.time()) - req.timestamp_start, status, path)
 
     def refused(self, flow: http.HTTPFlow, route: str, code: str, http_status: int, client: str,
-                took: float, status: str = "rejected") -> None:
+                took: float, status: str = "rejected", path: str | None = None) -> None:
         """A request that was not a turn, refused (or failed) by the gateway: no session, model
-        or upstream; its path cut at ``?`` and bounded (``_other``; a WebSocket the gateway
-        closed for its key, ``websocket._close``)."""
+        or upstream; its path (``path``, else the request's) cut at ``?`` and bounded (``_other``;
+        a WebSocket the gateway closed for its key, ``websocket._close``)."""
         self.emit(Outcome(request_id=request_id(flow), session=None, model="", upstream="", status=status,
                           code=code, took=took, http_status=http_status, client=client,
-                          path=shown(flow.request.path.split("?", 1)[0]), route=route))
+                          path=shown((flow.request.path if path is None else path).split("?", 1)[0]), route=route))
 
     def _route(self, method: str, path: str) -> str | None:
         """Which ``passthrough_paths`` entry a request matches (as ``METHOD /path``, ``/path/*``),

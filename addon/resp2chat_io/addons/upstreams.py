@@ -29,14 +29,17 @@
   whole); it is asked for uncompressed (``accept-encoding: identity``), and one that comes
   compressed all the same is a 502 (a compressed body could hide a secret). For a client with
   limits, its backend's usage is read on the way (``meter``: addons/limits.py counts a
-  passthrough that is not a read as a turn is counted).
+  passthrough that is not a read as a turn is counted). Its body must not stop for
+  ``upstream_idle_timeout_secs`` (``_silent``: the answer is cut, its client's connection closed).
 - ``error``: a passthrough call that failed before its answer's head (its backend refused the
   connection, closed or reset it before answering, sent a head that does not parse, sent none in
-  time: ``connect_timeout_secs`` + ``upstream_idle_timeout_secs``, ``_overdue``, or its key was
-  revoked meanwhile) is answered with the
+  time: ``connect_timeout_secs`` + ``upstream_idle_timeout_secs`` from its request leaving the
+  gateway's hooks, ``_sent``, ``_overdue``, or its key was revoked meanwhile) is answered with the
   gateway's JSON error (``failed_early``: ``upstream_unavailable`` 502, ``upstream_timeout`` 504,
   ``invalid_api_key`` 401) and its request id, in place of mitmproxy's HTML page (sent by
-  mitm_head.py ``FAILED``); never the backend's bytes.
+  mitm_head.py ``FAILED``); never the backend's bytes. Being the gateway's own answer, it is in
+  the access log and ``resp2chat_refused_requests_total`` (``ENDED``, for outcomes.py), as are
+  the 502 for a compressed answer and a cut.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ import hashlib
 import json
 import logging
 import re
+import time
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from mitmproxy import ctx, exceptions, http
@@ -64,9 +69,25 @@ from resp2chat_io.relay import KEY_HEADER, TURN_HEADER, Relay
 
 from .base import JSON_HEADERS, META, Owner, Refusal, fails_closed, refusal, request_id
 from .gate import PASSTHROUGH
-from .head_deadline import stop_flow
+from .head_deadline import close, stop_flow, writing
 
-FORWARDED = "forwarded"  # flow.metadata[META] key: a passthrough sent to the upstream (its answer is the upstream's)
+# flow.metadata[META] key: a passthrough sent to the upstream (its answer is the upstream's): its
+# path as the client sent it (without the query; the request's is the upstream's from then on)
+FORWARDED = "forwarded"
+# flow.metadata[META] key: a passthrough sent to the upstream that the gateway itself ended (an
+# ``Ended``): with its own error before the answer's head (``error``), in place of the answer
+# (``responseheaders``: a compressed one), or cut midway (``_silent``: its backend went silent)
+ENDED = "passthrough_ended"
+
+
+class Ended(NamedTuple):
+    """How the gateway ended a passthrough it had sent on, as outcomes.py reports it."""
+
+    status: str  # failed (an error of the gateway's own, 5xx; a cut), rejected (4xx: a key revoked meanwhile)
+    code: str  # the gateway's error code
+    http_status: int  # what the client was answered (a cut answer: its head's)
+
+
 TIMED_OUT = "passthrough_timed_out"  # flow.metadata[META] key: the seconds a passthrough waited for its head in vain
 
 log = logging.getLogger("resp2chat")
@@ -120,9 +141,9 @@ class Upstreams(Owner):
         # what reads a passthrough answer's usage on its way, for a client with limits
         # (addons/limits.py ``Limits.meter``; None: nothing)
         self.meter = lambda flow: None
-        # flow id -> the timer that ends a passthrough call whose answer's head does not come
-        # in time (``_overdue``)
-        self.waiting: dict[str, asyncio.TimerHandle] = {}
+        # flow id -> a passthrough call's wait for its backend (``Waits``: the timer that ends it
+        # when its answer's head does not come in time, ``_overdue``)
+        self.calls: dict[str, Waits] = {}
 
     def _demo_url(self) -> str:
         if self.demo is None:
@@ -327,32 +348,78 @@ class Upstreams(Owner):
                 flow.response = refusal(flow, err)
                 return
         self.target(flow).route(flow, req.path[3:] if path.startswith("/v1/") else req.path)  # (the query kept)
-        flow.metadata[META][FORWARDED] = True  # (not refused here: outcomes.py)
+        flow.metadata[META][FORWARDED] = path  # (not refused here: outcomes.py)
         to = self.authorize(flow, self.specs[0] if self.specs else None)  # (its timeouts, as its turns')
         req.headers["accept-encoding"] = "identity"  # (responseheaders reads the answer for secrets)
-        wait = (to.connect_timeout or 0) + to.idle_timeout
-        if wait < float("inf"):
-            self.waiting[flow.id] = asyncio.get_running_loop().call_later(wait, self._overdue, flow, wait)
+        if to.idle_timeout < float("inf"):
+            self.calls[flow.id] = Waits((to.connect_timeout or 0) + to.idle_timeout, to.idle_timeout)
+            mitm_head.LEAVING[flow] = self._sent  # (the head's deadline starts once it left every hook)
 
-    def _overdue(self, flow: http.HTTPFlow, wait: float) -> None:
+    def _sent(self, flow: http.HTTPFlow) -> None:
+        """``flow``'s request left every hook for its backend (mitm_head.py ``LEAVING``): the
+        wait for its answer's head, the backend's, starts now. Not at the gateway's own request
+        hook: a hook after it (an operator's addon), an interception in mitmweb, are the
+        gateway's wait, which no backend is to blame for (and which stopped the call, untried,
+        as the upstream's ``upstream_timeout``)."""
+        waits = self.calls.get(flow.id)
+        if waits is not None and waits.timer is None:
+            waits.timer = asyncio.get_running_loop().call_later(waits.head, self._overdue, flow)
+
+    def _overdue(self, flow: http.HTTPFlow) -> None:
         """A passthrough call whose answer's head did not come within ``connect_timeout_secs`` +
-        ``upstream_idle_timeout_secs`` of its request (a backend that took it and says nothing) is
-        ended (its backend connection closed): the client gets a 504 ``upstream_timeout``
-        (``error``), not mitmproxy's ``tcp_timeout`` (600 s) and a closed connection."""
-        self.waiting.pop(flow.id, None)
+        ``upstream_idle_timeout_secs`` of its request leaving for its backend (a backend that took
+        it and says nothing, or takes no connection) is ended (its backend connection closed, or
+        its connect): the client gets a 504 ``upstream_timeout`` (``error``), not mitmproxy's
+        ``tcp_timeout`` (600 s) and a closed connection."""
+        waits = self.calls.get(flow.id)
+        if waits is None:
+            return
+        waits.timer = None
         if flow.response is None and flow.error is None and flow.live:
-            flow.metadata.setdefault(META, {})[TIMED_OUT] = wait
-            log.info(f"resp2chat: passthrough {request_id(flow)}: no answer from the upstream within {wait:g} s")
+            flow.metadata.setdefault(META, {})[TIMED_OUT] = waits.head
+            log.info(f"resp2chat: passthrough {request_id(flow)}: no answer from the upstream within {waits.head:g} s")
             stop_flow(flow)
 
+    def _silent(self, flow: http.HTTPFlow) -> None:
+        """A passthrough answer whose backend sent nothing of its body for
+        ``upstream_idle_timeout_secs`` (its head came: a backend stalled midway) is cut: its client
+        connection closed (head_deadline.py ``close``), its backend's with it, as mitmproxy ends
+        an answer whose backend broke off: the client reads a body cut short, not its end (the
+        backend's connection closed instead would end one that ends with its connection as if
+        whole: ``responseheaders`` sends those chunked). The access log and metrics say so
+        (``ENDED``: ``failed``, ``upstream_timeout``). A silence while the client has not taken what
+        it was sent is the client's (mitmproxy reads the backend only as the client takes its
+        answer): the wait starts again. Checked once the wait is up since the last byte: each
+        byte only notes its time (``Waits.heard``)."""
+        waits = self.calls.get(flow.id)
+        if waits is None:
+            return
+        waits.timer = None
+        if flow.response is None or flow.error is not None or not flow.live:
+            return
+        now = time.monotonic()
+        if now - waits.last >= waits.idle and writing(flow.client_conn.id):
+            waits.last = now  # (the client's wait, not the backend's silence)
+        if now - waits.last < waits.idle:
+            waits.timer = asyncio.get_running_loop().call_later(waits.last + waits.idle - now, self._silent, flow)
+            return
+        meta = flow.metadata.setdefault(META, {})
+        meta[ENDED] = Ended("failed", "upstream_timeout", flow.response.status_code)
+        log.info(f"resp2chat: passthrough {request_id(flow)}: the upstream sent nothing for {waits.idle:g} s "
+                 "(upstream_idle_timeout_secs) in the middle of its answer: cut")
+        close(flow.client_conn.id, "its passthrough answer's backend went silent")
+
     def _answered(self, flow: http.HTTPFlow) -> None:
-        handle = self.waiting.pop(flow.id, None)
-        if handle is not None:
-            handle.cancel()
+        waits = self.calls.pop(flow.id, None)
+        if waits is not None and waits.timer is not None:
+            waits.timer.cancel()
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._answered(flow)
         meta = flow.metadata.get(META) or {}
+        if flow.response is not None and flow.error is not None and meta.get(ENDED) is not None:
+            # (cut by ``_silent``: mitmproxy's words are of a client that went away)
+            flow.error.msg = "the upstream sent nothing for upstream_idle_timeout_secs: its answer was cut"
         if flow.response is not None or not meta.get(PASSTHROUGH) or flow.is_replay or flow.error is None:
             return
         stopped = meta.get("closed_by_gateway") or meta.get(TIMED_OUT)  # (by the gate, or _overdue)
@@ -365,6 +432,7 @@ class Upstreams(Owner):
         err.message = sanitize(scrub(err.message.encode(), self.secrets_for(flow.request.headers)).decode(
             "utf-8", "replace"))
         log.warning(f"resp2chat: passthrough {rid} failed before its answer: {err.message}")
+        meta[ENDED] = Ended("failed" if err.status >= 500 else "rejected", err.code, err.status)  # (outcomes.py)
         body = json.dumps(err.body()).encode()
         mitm_head.FAILED[flow.client_conn] = (flow.request, mitm_head.answer(err.status, body, rid))
 
@@ -372,7 +440,8 @@ class Upstreams(Owner):
         self._answered(flow)  # (an answer a later hook made: no head to wait for)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        self._answered(flow)
+        waits = self.calls.get(flow.id)
+        self._answered(flow)  # (the head came)
         resp = flow.response
         if resp is None or not (flow.metadata.get(META) or {}).get(PASSTHROUGH) or flow.is_replay == "response" \
                 or resp.data.content is not None:
@@ -390,13 +459,24 @@ class Upstreams(Owner):
                               "what it cannot check for secrets", status_type="upstream_error", code="upstream_encoded")
             flow.response = http.Response.make(502, body, {**JSON_HEADERS, "x-request-id": request_id(flow)})
             flow.response.stream = Refusal(body)
+            flow.metadata[META][ENDED] = Ended("failed", "upstream_encoded", 502)
             return
         scrubber, meter = Scrubber(secrets), self.meter(flow)
         resp.stream = scrubber if meter is None else lambda data: scrubber(meter(data))
-        if secrets and http1.expected_http_body_size(flow.request, resp) not in (0, -1) \
-                and flow.request.http_version == "HTTP/1.1":
-            resp.headers.pop("content-length", None)  # (a scrubbed body may be longer or shorter)
+        size = http1.expected_http_body_size(flow.request, resp)  # (0: none; -1: to the connection's end)
+        if waits is not None and size != 0:
+            # the body's bytes must not stop for upstream_idle_timeout_secs (``_silent``)
+            self.calls[flow.id], waits.last = waits, time.monotonic()
+            resp.stream = waits.heard(resp.stream)
+            waits.timer = asyncio.get_running_loop().call_later(waits.idle, self._silent, flow)
+        if flow.request.http_version == "HTTP/1.1" and size != 0 and (secrets or size == -1):
+            # (a scrubbed body may be longer or shorter than declared; one that ends with its
+            # connection could not show its client a cut, ``_silent``: each goes chunked, the
+            # latter on a connection that ends with it, as before)
+            resp.headers.pop("content-length", None)
             resp.headers["transfer-encoding"] = "chunked"
+            if size == -1:
+                resp.headers["connection"] = "close"
 
     async def merged_models(self, flow: http.HTTPFlow, allowed: tuple[str, ...] | None = None) -> None:
         """``GET /v1/models`` made here: with several upstreams, every upstream's list (the models
@@ -447,6 +527,28 @@ _NOT_FORWARDED = frozenset({
     "keep-alive", "te", "trailer", "upgrade", "proxy-connection", "expect", "content-type", "content-encoding",
     "accept", "accept-encoding", "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
     "sec-websocket-protocol", "sec-websocket-accept", TURN_HEADER, KEY_HEADER})
+
+
+class Waits:
+    """A passthrough call's waits for its backend: ``head``, the seconds its answer's head may
+    take from its request leaving the gateway (``connect_timeout_secs`` +
+    ``upstream_idle_timeout_secs``), ``idle``, the seconds between two reads of its body
+    (``upstream_idle_timeout_secs``), ``last``, the time of the last (``time.monotonic``), and
+    the timer running."""
+
+    __slots__ = ("head", "idle", "last", "timer")
+
+    def __init__(self, head: float, idle: float) -> None:
+        self.head, self.idle, self.last = head, idle, 0.0
+        self.timer: asyncio.TimerHandle | None = None
+
+    def heard(self, stream):
+        """``stream`` (an answer's stream function) noting the time of each read."""
+        def heard(data: bytes):
+            self.last = time.monotonic()
+            return stream(data)
+
+        return heard
 
 
 def forwarded_header(name: str) -> bool:

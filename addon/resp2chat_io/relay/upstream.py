@@ -223,13 +223,47 @@ class _Watch:
         return True
 
 
+class _Idle(asyncio.Protocol):
+    """Stands in for a pooled connection's protocol while it waits in the pool (``_pooled``): what
+    the backend does meanwhile, unasked (bytes, its end, a reset), is noted (``heard``) and
+    kept from the connection's stream reader, which stays as it was when pooled: empty (the
+    answer was read whole, nothing after it). The connection's end still reaches the stream
+    objects (``connection_lost``)."""
+
+    def __init__(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol, self.heard = protocol, False
+
+    def data_received(self, data: bytes) -> None:
+        self.heard = True
+
+    def eof_received(self) -> bool:
+        self.heard = True
+        return False  # (the transport closes)
+
+    def connection_lost(self, exc) -> None:
+        self.heard = True
+        self.protocol.connection_lost(exc)
+
+
+def _pooled(w: asyncio.StreamWriter) -> None:
+    """A connection goes into the pool: ``_Idle`` hears it until it is taken (``_still_open``)."""
+    w.transport.set_protocol(_Idle(w.transport.get_protocol()))
+
+
 def _still_open(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
-    """Whether an idle pooled connection may carry a request: open on both sides, nothing unread
-    (a backend that closed it, or said anything unasked, is done with it). The socket itself is
-    asked too (a peek, without reading): a close the event loop has not yet handed to the stream
-    reader is seen so before the request is written, the last moment it can be (after, the
-    backend may have it: the call is never sent again, relay ``call``)."""
-    if w.is_closing() or r.at_eof() or r.exception() is not None or len(getattr(r, "_buffer", b"")):
+    """An idle pooled connection taken from the pool (its own protocol back, ``_Idle``'s
+    undone): whether it may carry a request: open on both sides, nothing unread (a backend that
+    closed it, or said anything unasked, is done with it: ``_Idle.heard``; its stream reader is
+    as it was when pooled). The socket itself is asked too (a peek, without reading): bytes or a
+    close the event loop has not read yet are seen so before the request is written, the last
+    moment it can be (after, the backend may have it: the call is never sent again, relay
+    ``call``)."""
+    idle = w.transport.get_protocol()
+    if isinstance(idle, _Idle):
+        w.transport.set_protocol(idle.protocol)
+        if idle.heard:
+            return False
+    if w.is_closing() or r.at_eof() or r.exception() is not None:
         return False
     transport_sock = w.get_extra_info("socket")
     if transport_sock is None:
@@ -314,6 +348,7 @@ class UpstreamClient:
                 channel.event(failure(502, f"the upstream {why}", "upstream_unavailable"))
         finally:
             if outcome is CallEnd.REUSABLE:
+                _pooled(up_writer)
                 self._pool.setdefault(target.key, []).append((up_reader, up_writer))
             else:
                 up_writer.close()
@@ -500,7 +535,9 @@ class UpstreamClient:
                 channel.event(UpstreamJSON(got))
             else:
                 channel.data(data)
-        done = client.our_state is h11.DONE and client.their_state is h11.DONE
+        # (pooled only with nothing after the answer: bytes the backend sent unasked right behind
+        # it, in h11's buffer, would be lost with it, the connection taken all the same)
+        done = client.our_state is h11.DONE and client.their_state is h11.DONE and not client.trailing_data[0]
         # (a whole body answered, whether or not the backend keeps the connection: ``connection:
         # close``, HTTP/1.0, leave h11 in MUST_CLOSE; a JSON summary or loop round read so is whole)
         return ended(CallEnd.REUSABLE if done else (CallEnd.ENDED if stream or whole_body else CallEnd.BROKEN))
@@ -523,6 +560,8 @@ class UpstreamClient:
             if not await watch.until(pump.outcome):
                 return CallEnd.BROKEN
             outcome = pump.outcome.result()
+            if outcome is CallEnd.REUSABLE and pump.unasked:
+                outcome = CallEnd.ENDED  # (bytes after the last chunk, in a read of their own)
             if outcome is CallEnd.BROKEN and (not watch.streaming or opening is not None and not opening.begun) \
                     and not channel.closed:
                 # cut before any data (comments aside): no answer began, nothing reached the client; a
@@ -572,6 +611,7 @@ class _BodyPump(asyncio.Protocol):
         self.paused = False
         self.sock = None  # the backend's plain TCP socket, when its reads may be deferred
         self.deferred = False
+        self.unasked = False  # bytes came after the stream's end (the connection is not pooled)
 
     # --- deferred reads (``Channel.reads``; relay/exchange.py ``_Window`` says when) ----------
 
@@ -611,7 +651,10 @@ class _BodyPump(asyncio.Protocol):
                 pass  # (closed meanwhile)
 
     def data_received(self, data: bytes) -> None:
-        if self.outcome.done() or not data:
+        if self.outcome.done():
+            self.unasked = self.unasked or bool(data)
+            return
+        if not data:
             return
         self.watch.last = time.monotonic()
         try:
