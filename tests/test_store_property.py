@@ -2,7 +2,7 @@
 memory store, the memory store with its directory copy (restarted now and then: a new store
 reading the same directory), and ``RedisResponseStore`` on a real redis-server. After each step
 all answer alike, and as a plain model of store.py's docstring says: owners see only their own
-entries; ``put(…, expect=version)`` writes only over that version, every ``put`` counts it up;
+entries (two owners' entries of one id are two entries); ``put(…, expect=version)`` writes only over that version, every ``put`` counts it up;
 ``items`` resolves only items the gateway produced (a response's output), held unchanged by a
 live response of that owner (a later response holding an exact copy, whatever its keys' order,
 becomes a holder too); what clients put in their input never resolves. ``renew(…, expect=version)``
@@ -21,7 +21,7 @@ import itertools
 import tempfile
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from helpers import Clock
@@ -29,12 +29,12 @@ from resp2chat_io.redis_state import RedisResponseStore, RedisState
 from resp2chat_io.store import Renewal, ResponseStore, item_digest
 
 OWNERS = ("", "client.a", "auth-" + "0" * 32)
-TAGS = ("s", "a", "f")  # each owner's ids: gateway-made ids never meet across owners
+TAGS = ("s", "a", "f")  # each owner's own id 0 (ids 1 to 3 are every owner's: a replayed answer keeps its id)
 BIG = dict(max_entries=10_000, max_bytes=64 << 20)
 
 
 def entry_id(owner: int, kind: int, k: int) -> str:
-    return f"{('resp', 'conv')[kind]}_{TAGS[owner]}{k:07d}"
+    return f"{('resp', 'conv')[kind]}_{TAGS[owner] if k < 1 else 'x'}{k:07d}"
 
 
 def reordered(item: dict) -> dict:
@@ -262,5 +262,8 @@ def redis_url(redis_server):
 @settings(derandomize=True, max_examples=120, deadline=None, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(sequence=ops)
+@example(sequence=[  # two owners put one id (a replayed answer's), renew it, and one deletes his
+    ("put", 0, 0, 2, None, "fresh", 0, [], 1, None), ("put", 1, 0, 2, None, "fresh", 0, [], 2, None),
+    ("renew", 0, 1, "right", 1), ("delete", 1, 0), ("put", 2, 0, 2, None, "fresh", 0, [], 1, None)])
 def test_every_store_answers_as_the_docstring_says(sequence, redis_url, tmp_path):
     asyncio.run(run(sequence, tempfile.mkdtemp(dir=tmp_path), redis_url))

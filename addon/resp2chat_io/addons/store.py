@@ -207,7 +207,7 @@ class StoredResponses(Owner):
         if not await self.store.put(response_id, items, final, owner=owner) and self.s["max_sessions"] > 0 \
                 and self.s["session_ttl_hours"] > 0:
             log.warning(f"resp2chat: response {response_id} not stored: the response store refused it (larger than "
-                        "it keeps, max_session_memory_mb; or the id is another client's): a GET of it is a 404, "
+                        "it keeps, max_session_memory_mb): a GET of it is a 404, "
                         "previous_response_id on it a 400 previous_response_not_found")
 
     def finished(self, done) -> None:
