@@ -46,7 +46,15 @@ response from there (one lookup, not a read of the entry).
 output so far: addons/background.py) under the version check, its conversation neither decoded
 nor encoded (a 2.5 MB conversation's ``get`` and ``put`` took ~30 ms of the event loop, each
 time). An entry's JSON is its input items, then its output items, then its Response
-(``encode_entry``): a renewal keeps the bytes of the first part and writes the rest.
+(``encode_entry``): a renewal keeps the bytes of the first part and writes the rest. A renewal
+that ends it (``ended``: a cancellation or a death stored by another replica than the one that
+ran it) indexes its output as a ``put`` would, still without its conversation.
+
+``status``: what a poll of a running background response reads (a cancellation waiting for
+another replica to stop it, a resume following it there): its Response's ``brief``
+(resp2chat_core/background.py: status, lease, cancellation asked), kept beside the entry by
+every ``put`` and ``renew`` (Redis: the fields ``s`` and ``sv``), with its version: a few dozen
+bytes, however large its conversation and output.
 """
 
 from __future__ import annotations
@@ -64,6 +72,7 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 
 from resp2chat_core import owner as owners
+from resp2chat_core.background import brief
 from resp2chat_core.shares import BYTES, COUNT, Shares
 from resp2chat_core.replay import MAX_ENTRY_BYTES
 
@@ -175,7 +184,10 @@ class Store(Protocol):
 
     # a running response's Response written again, its conversation as it was: ``ResponseStore.renew``
     async def renew(self, response_id: str, response: dict, *, owner: str = owners.SHARED,
-                    expect: int) -> Renewal | None: ...
+                    expect: int, ended: bool = False) -> Renewal | None: ...
+
+    # its Response's brief (background.py ``brief``: status, lease) with its "version": ``ResponseStore.status``
+    async def status(self, response_id: str, *, owner: str = owners.SHARED) -> dict | None: ...
 
     def rebound(self, *, ttl: float, max_entries: int, max_bytes: int) -> None: ...  # new bounds, same entries
 
@@ -254,6 +266,7 @@ class ResponseStore:
         # (owner, id) -> where its input items end and its Response starts in its JSON (``encode_entry``),
         # and the version its directory file has (a renewal's is beside it: ``renew``)
         self._parts: dict[Key, tuple[int, int, int]] = {}
+        self._briefs: dict[Key, dict] = {}  # (owner, id) -> its Response's brief (``status``)
         self._shares = Shares()  # each owner's entries: who loses one past a cap
         self.bytes = 0
         if self.dir:
@@ -295,6 +308,7 @@ class ResponseStore:
         self._keep(key, now, data, (cut, at, version + 1))
         held = self._index(key, items, response)
         self._versions[key] = version + 1
+        self._briefs[key] = brief(response)
         if self.dir:  # (its version and what it holds, digests: as they were after a restart)
             head = json.dumps({"stored_at": now, "owner": owner, "version": version + 1, "held": held}).encode()[:-1]
             _write_private(self._path(key, ".json"), head + b',"entry":' + data + b"}")
@@ -303,14 +317,17 @@ class ResponseStore:
         return True
 
     async def renew(self, response_id: str, response: dict, *, owner: str = owners.SHARED,
-                    expect: int) -> Renewal | None:
+                    expect: int, ended: bool = False) -> Renewal | None:
         """A running response written again (background.py: its status, lease and output so far):
         ``response`` replaces the stored Response, and its ``output`` the output after the
         conversation's input items, which are neither decoded nor encoded again. Only over
         version ``expect``; None: no such entry (deleted, expired, another owner's).
 
         The items it produced are not indexed for ``item_reference`` (the ``put`` of its end does
-        that): the response is not over. The directory copy: the Response beside the entry's file
+        that): the response is not over. ``ended``: it is over (a replica that did not run it
+        ends it: cancelled, or failed once its own died), and its output items are indexed as a
+        ``put`` indexes them (those of its conversation it holds were indexed when it was put);
+        it is not renewed again after. The directory copy: the Response beside the entry's file
         (``{id}.renewal``, naming the version of the file it renews), which a restart reads over
         that file's and a later ``put`` removes."""
         key = (owners.check(owner), response_id)
@@ -335,6 +352,9 @@ class ResponseStore:
         renewed += tail
         self._keep(key, now, renewed, (cut, cut + tail_at, base))
         self._versions[key] = version + 1
+        self._briefs[key] = brief(response)
+        if ended:
+            self._index_output(key, response)
         if self.dir:
             _write_private(self._path(key, ".renewal"), _dumps(
                 {"base": base, "version": version + 1, "stored_at": now, "response": response}))
@@ -350,6 +370,16 @@ class ResponseStore:
         if not found:
             return None
         return {**json.loads(found[1]), "version": self._versions.get(key, 1)}
+
+    async def status(self, response_id: str, *, owner: str = owners.SHARED) -> dict | None:
+        """The entry's Response's ``brief`` (status, lease, cancellation asked) and its
+        ``version``, without reading the entry; None: no such entry."""
+        if not valid_id(response_id):
+            return None
+        self._evict()
+        key = (owner, response_id)
+        found = self._briefs.get(key) if key in self._entries else None
+        return None if found is None else {**found, "version": self._versions.get(key, 1)}
 
     async def delete(self, response_id: str, *, owner: str = owners.SHARED) -> bool:
         key = (owner, response_id)
@@ -413,6 +443,21 @@ class ResponseStore:
         self._item_ids[key] = tuple(held)
         return held
 
+    def _index_output(self, key: Key, response: dict) -> None:
+        """Index the items a renewed response produced (``renew``'s ``ended``), besides what it
+        holds already: as ``_index`` indexes a put's."""
+        owner, response_id = key
+        held = dict.fromkeys(self._item_ids.get(key, ()))
+        for item_id, item in output_items(response).items():
+            digest = item_digest(item)
+            found = self._items.get((owner, item_id))
+            if found is None or found[0] != digest:
+                found = self._items[(owner, item_id)] = (digest, [])
+            if response_id not in found[1]:
+                found[1].append(response_id)
+            held[item_id] = None
+        self._item_ids[key] = tuple(held)
+
     def _unindex(self, key: Key) -> None:
         owner, response_id = key
         for item_id in self._item_ids.pop(key, ()):
@@ -434,6 +479,7 @@ class ResponseStore:
             return False
         self._versions.pop(key, None)
         self._parts.pop(key, None)
+        self._briefs.pop(key, None)
         self._unindex(key)
         self._shares.remove(*key)
         self.bytes -= len(found[1])
@@ -502,6 +548,7 @@ class ResponseStore:
             data, cut, at = encode_entry(items, response)  # (shares rebuilt too)
             self._keep(key, stored_at, data, (cut, at, base))
             self._versions[key] = version
+            self._briefs[key] = brief(response)
             self._index(key, items, response, held)
         self._evict()
 
