@@ -249,6 +249,106 @@ def test_a_cancellation_from_another_replica_writes_the_response_alone(endless, 
         assert [item.content[0].text for item in listed.data] == [marker, "go on forever"]
 
 
+def redis_traffic(r) -> tuple[int, int, int]:
+    """What Redis has sent and received in all (bytes), and the commands it ran (each poll is one)."""
+    stats = r.info("stats")
+    calls = sum(v["calls"] for v in r.info("commandstats").values())
+    return stats["total_net_output_bytes"], stats["total_net_input_bytes"], calls
+
+
+def large_given(marker: str, ask: str) -> list[dict]:
+    return [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": marker}]},
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": ask}]}]
+
+
+def test_a_cancellation_waiting_on_another_replica_polls_the_status_alone(endless, gateway_factory, redis_server):
+    """Replica B is asked to cancel a streamed run of replica A whose conversation is large
+    (300 KB), which a client of B's follows (a resume: B's follower): B asks A through the store,
+    then waits for A to stop the run, polling the store every ``POLL``, as its follower does. A
+    poll reads the response's status alone (store.py ``status``: a small field), not the whole
+    entry: watched in Redis (INFO: bytes sent, commands run) while A is stopped (SIGSTOP, well
+    within its lease), so every command is B's. Before, each poll read the whole entry (~300 KB,
+    four times a second, each). The follower's client gets the run's end."""
+    a, b = [gateway_factory(endless.url, "--set", f"resp2chat_state_store_url={redis_server.url}")
+            for _ in range(2)]
+    on_a, on_b = openai_client(a), openai_client(b)
+    marker = "conversation-marker-" + "x" * 300_000
+    created = requests.post(f"{a.base_url}/responses", stream=True, timeout=30, json={
+        "model": "m", "input": large_given(marker, "go on forever"), "background": True, "stream": True})
+    queued = on_a.responses.retrieve(next(iter_sse(created))["response"]["id"])
+    created.close()  # (the run goes on)
+    wait_until(lambda: Endless.started, 10, "the backend call")
+    wait_until(lambda: on_b.responses.retrieve(queued.id).status == "in_progress", 10, "it runs")
+    following = requests.get(f"{b.base_url}/responses/{queued.id}?stream=true", stream=True, timeout=60)
+    assert following.status_code == 200, following.text
+    time.sleep(2.5)  # (a renewal of A's went: the entry is as renewals leave it)
+    r, key = redis_server.client(), f"resp2chat:response:{queued.id}"
+    answer: list = []
+    a.proc.send_signal(signal.SIGSTOP)
+    try:
+        asking = threading.Thread(target=lambda: answer.append(on_b.responses.cancel(queued.id)), daemon=True)
+        asking.start()
+        wait_until(lambda: b'"cancel":true' in (r.hget(key, "tail") or b""), 5, "B asks A to stop")
+        sent, _, calls = redis_traffic(r)
+        time.sleep(2)
+        sent_after, _, calls_after = redis_traffic(r)
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
+    asking.join(30)
+    assert answer and answer[0].status == "cancelled", answer
+    polls = calls_after - calls - 2  # (INFO's own)
+    print(f"B's polls in 2 s: {polls}, {sent_after - sent} bytes sent by Redis")
+    assert polls >= 8, polls  # (POLL: 0.25 s, the cancellation's and the follower's)
+    assert sent_after - sent < 16 * KiB, f"{sent_after - sent} bytes read in {polls} polls"
+    assert parse_sse(following.content)[-1]["type"] == "response.cancelled"
+    assert on_a.responses.retrieve(queued.id).status == "cancelled"
+    assert [i.content[0].text for i in on_b.responses.input_items.list(queued.id, order="asc").data] == \
+        [marker, "go on forever"]
+
+
+def test_a_run_whose_replica_died_is_ended_elsewhere_without_its_conversation_written_again(
+        upstream, gateway_factory, redis_server):
+    """Replica A runs two background responses with a large conversation (300 KB) and dies
+    (SIGKILL); past their lease, replica B ends one with a cancellation (``cancelled``) and the
+    other with a GET (``failed``, ``server_error``). Each is written there as a renewal (store.py
+    ``renew(…, ended=True)``: its Response and output alone, the output indexed as a ``put``
+    indexes it), not a whole ``put`` that sent the conversation to Redis again: watched as the
+    bytes Redis received. What A's renewals stored of each run's output (a finished reasoning
+    item) is kept, and an ``item_reference`` to it resolves afterwards; the conversation is
+    intact."""
+    a, b = [gateway_factory(upstream.origin, "--set", f"resp2chat_state_store_url={redis_server.url}")
+            for _ in range(2)]
+    on_a, on_b = openai_client(a), openai_client(b)
+    marker = "conversation-marker-" + "x" * 300_000
+    ids = [on_a.responses.create(model="demo-model", input=large_given(marker, f"words: 400\nslow: 100\n{n}"),
+                                 background=True).id for n in range(2)]
+
+    def reasoned(rid: str):  # (a renewal stored the reasoning item, finished: the answer's words go on)
+        found = on_b.responses.retrieve(rid)
+        return found.status == "in_progress" and [o for o in found.output if o.type == "reasoning"]
+    held = [wait_until(lambda rid=rid: reasoned(rid), 15, "a renewal with the reasoning item")[0] for rid in ids]
+    a.proc.send_signal(signal.SIGKILL)
+    a.proc.wait(10)
+    time.sleep(LEASE_SECS + 1)
+    r = redis_server.client()
+    _, received, _ = redis_traffic(r)
+    assert on_b.responses.cancel(ids[0]).status == "cancelled"
+    _, cancelled, _ = redis_traffic(r)
+    key, version = f"resp2chat:response:{ids[1]}", int(r.hget(f"resp2chat:response:{ids[1]}", "v"))
+    assert on_b.responses.retrieve(ids[1]).status == "failed"
+    wait_until(lambda: int(r.hget(key, "v")) > version, 10, "the GET's write")
+    _, failed, _ = redis_traffic(r)
+    print(f"bytes Redis received: the cancellation {cancelled - received}, the GET {failed - cancelled}")
+    assert cancelled - received < 64 * KiB and failed - cancelled < 64 * KiB, (cancelled - received, failed - cancelled)
+    for rid, item, status in zip(ids, held, ("cancelled", "failed")):
+        ended = on_b.responses.retrieve(rid)
+        assert ended.status == status and [o.id for o in ended.output] == [item.id]
+        assert [i.content[0].text for i in on_b.responses.input_items.list(rid, order="asc").data][0] == marker
+        go_on = on_b.responses.create(model="demo-model", input=[{"type": "item_reference", "id": item.id},
+                                                                 {"role": "user", "content": "noreason\nand?"}])
+        assert go_on.status == "completed"
+
+
 def test_a_gateway_that_stops_leaves_it_failed_on_disk(upstream, gateway_factory, tmp_path):
     args = ("--set", f"resp2chat_session_store_dir={tmp_path / 'store'}")
     gw = gateway_factory(upstream.origin, *args)

@@ -135,6 +135,43 @@ async def test_a_deleted_response_leaves_a_tombstone_an_evicted_one_none(where):
         assert not await store.deleted("resp_nowhere0001", owner="alice")
 
 
+async def test_a_status_is_the_responses_brief_whatever_wrote_it(where):
+    """On every store: ``status`` is the stored Response's brief (background.py ``brief``: status,
+    lease, a cancellation asked) and the entry's version, after a put, renewals and a renewal that
+    ends it, for its owner only (another owner's entry of the same id has its own). In Redis it
+    reads the fields ``s``/``sv``; an entry whose brief is of another version (a replica of the
+    version before renewed it, writing no brief) or has none is read whole instead, still right."""
+    rid = "resp_status000001"
+    async with opened(where) as make:
+        store = make()
+        queued = running(rid, [])
+        assert await store.put(rid, conversation(50 * KiB), queued, owner="alice")
+        assert await store.put(rid, [], {"id": rid, "object": "response", "status": "completed"}, owner="bob")
+        assert await store.status(rid, owner="alice") == {**B.brief(queued), "version": 1}
+        assert B.is_running(await store.status(rid, owner="alice"))
+        asked = B.ask_cancel(running(rid, [out(0)]))
+        assert (await store.renew(rid, asked, owner="alice", expect=1)).renewed
+        found = await store.status(rid, owner="alice")
+        assert found == {"status": "in_progress", "background": True, B.PRIVATE: {
+            "until": asked[B.PRIVATE]["until"], "cancel": True}, "version": 2} and B.cancel_asked(found)
+        ended = B.cancelled_here(asked)
+        assert (await store.renew(rid, ended, owner="alice", expect=2, ended=True)).renewed
+        assert await store.status(rid, owner="alice") == {"status": "cancelled", "background": True, "version": 3}
+        assert await store.items(["msg_out0000"], owner="alice") == {"msg_out0000": out(0)}  # (indexed as it ended)
+        assert await store.status(rid, owner="bob") == {"status": "completed", "background": False, "version": 1}
+        assert await store.status(rid, owner="carol") is None and await store.status("not an id") is None
+        if where[0] == "directory":  # (read back after a restart: its renewal's)
+            again = make()
+            assert await again.status(rid, owner="alice") == {"status": "cancelled", "background": True, "version": 3}
+            assert await again.items(["msg_out0000"], owner="alice") == {"msg_out0000": out(0)}
+        if where[0] == "redis":  # as a replica of the version before leaves it: a renewal without a brief
+            r = make().state.client
+            await r.hset(f"resp2chat:owner:alice:response:{rid}", mapping={"v": 4})
+            assert await store.status(rid, owner="alice") == {"status": "cancelled", "background": True, "version": 4}
+            await r.hdel(f"resp2chat:owner:alice:response:{rid}", "s", "sv")
+            assert await store.status(rid, owner="alice") == {"status": "cancelled", "background": True, "version": 4}
+
+
 async def test_renewals_keep_the_entry_right(where):
     """On every store: a renewal writes the Response (its lease, its output, which the
     conversation ends with: the input items listed stay the input) over the version it names,

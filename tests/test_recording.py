@@ -126,11 +126,15 @@ def test_a_replayed_turn_is_counted_and_stored(upstream, gateway_factory, tmp_pa
     assert lines[0]["output_tokens"] == final["usage"]["output_tokens"]
 
 
-def test_a_replayed_answer_another_client_reruns_does_not_take_the_first_ones(upstream, gateway_factory, tmp_path):
+@pytest.mark.parametrize("where", ["memory", "directory", "redis"])
+def test_a_replayed_answer_two_clients_rerun_is_kept_for_each(upstream, gateway_factory, tmp_path, where, request):
     """A replayed answer keeps its recorded response id, so two clients rerunning the same
-    recorded turn are answered with the same id. Each stores it as its own owner; bob's rerun
-    must not replace alice's stored response (in memory, as in Redis, where each owner's keys
-    are apart): before, bob's took its place, and alice's id was a 404 to her."""
+    recorded turn are answered with the same id. Each stores it as its own owner, on every
+    store alike (entries keyed by (owner, id), as in Redis, where each owner's keys are apart):
+    bob's rerun neither replaces alice's stored response (before that was fixed, alice's id was a
+    404 to her) nor is refused for him (before, the memory and directory stores kept only the first
+    owner's: bob's GET was a 404, his continuation ``previous_response_not_found``); bob's DELETE
+    removes his alone, and a directory store restarted keeps both apart."""
     recording = tmp_path / "one.mitm"
     body = {"model": "demo-model", "input": "keep me", "stream": True}
     live = gateway_factory(upstream.origin, "-w", str(recording), "--set", "resp2chat_max_replay_entries=0")
@@ -138,19 +142,41 @@ def test_a_replayed_answer_another_client_reruns_does_not_take_the_first_ones(up
     live.stop()
     env = cli_env(tmp_path)
     keys = {name: run_cli(tmp_path, "keys", "add", name).stdout.strip() for name in ("alice", "bob")}
-    gw = gateway_factory(DEAD_UPSTREAM, "--server-replay", str(recording), "--set", "server_replay_reuse=true", env=env)
+    store = () if where == "memory" else ("--set", f"resp2chat_session_store_dir={tmp_path / 'store'}") \
+        if where == "directory" else ("--set", f"resp2chat_state_store_url={request.getfixturevalue('redis_server').url}")
+    args = (DEAD_UPSTREAM, "--server-replay", str(recording), "--set", "server_replay_reuse=true", *store)
+    gw = gateway_factory(*args, env=env)
     auth = {name: {"authorization": f"Bearer {key}"} for name, key in keys.items()}
+
+    def get(who: str, rid: str) -> requests.Response:
+        return requests.get(f"{gw.base_url}/responses/{rid}", headers=auth[who], timeout=30)
+
+    def stored(who: str, rid: str) -> bool:  # (Redis: a response is written a moment after its turn)
+        return get(who, rid).status_code == 200
+
     first = parse_sse(requests.post(gw.base_url + "/responses", json=body, headers=auth["alice"], timeout=30).content)
     rid = first[-1]["response"]["id"]
-    mine = requests.get(f"{gw.base_url}/responses/{rid}", headers=auth["alice"], timeout=30)
-    assert mine.status_code == 200, mine.text
+    wait_until(lambda: stored("alice", rid), 10, "alice's stored")
+    assert get("bob", rid).status_code == 404  # (another owner's: unknown)
     again = parse_sse(requests.post(gw.base_url + "/responses", json=body, headers=auth["bob"], timeout=30).content)
     assert again[-1]["response"]["id"] == rid  # (the recorded id, for him too)
-    still = requests.get(f"{gw.base_url}/responses/{rid}", headers=auth["alice"], timeout=30)
-    assert still.status_code == 200, still.text
-    go_on = requests.post(gw.base_url + "/responses", headers=auth["alice"], timeout=30,
-                          json={"model": "demo-model", "input": "and?", "previous_response_id": rid})
-    assert go_on.status_code != 400, go_on.text  # (nothing recorded for it: server_replay_extra's answer)
+    wait_until(lambda: stored("bob", rid), 10, "bob's stored")
+    assert get("alice", rid).status_code == 200
+    for who in ("alice", "bob"):
+        go_on = requests.post(gw.base_url + "/responses", headers=auth[who], timeout=30,
+                              json={"model": "demo-model", "input": "and?", "previous_response_id": rid})
+        assert go_on.status_code != 400, (who, go_on.text)  # (nothing recorded for it: server_replay_extra's answer)
+    if where == "directory":  # a restart reads both back, each its owner's
+        gw.stop()
+        gw = gateway_factory(*args, env=env)
+        assert stored("alice", rid) and stored("bob", rid)
+    gone = requests.delete(f"{gw.base_url}/responses/{rid}", headers=auth["bob"], timeout=30)
+    assert gone.status_code == 200 and get("bob", rid).status_code == 404
+    assert get("alice", rid).status_code == 200  # (his DELETE removed his alone)
+    if where == "directory":
+        gw.stop()
+        gw = gateway_factory(*args, env=env)
+        assert stored("alice", rid) and get("bob", rid).status_code == 404
 
 
 def test_a_replayed_turn_recorded_unfinished_is_counted_replayed(upstream, gateway_factory, tmp_path):

@@ -2,13 +2,14 @@
 memory store, the memory store with its directory copy (restarted now and then: a new store
 reading the same directory), and ``RedisResponseStore`` on a real redis-server. After each step
 all answer alike, and as a plain model of store.py's docstring says: owners see only their own
-entries; ``put(…, expect=version)`` writes only over that version, every ``put`` counts it up;
+entries (two owners' entries of one id are two entries); ``put(…, expect=version)`` writes only over that version, every ``put`` counts it up;
 ``items`` resolves only items the gateway produced (a response's output), held unchanged by a
 live response of that owner (a later response holding an exact copy, whatever its keys' order,
 becomes a holder too); what clients put in their input never resolves. ``renew(…, expect=version)``
 (of an entry whose output is not indexed, as background.py renews one) replaces its Response and
 the output after its input items over that version only (else answers the Response there), and
-leaves what it holds as it was.
+leaves what it holds as it was, but for one that ends it (``ended``), whose output it holds then.
+``status`` is the Response's brief (background.py ``brief``) and its version, as ``get`` has them.
 
 Bounds are far off (eviction: tests/test_store_shares.py compares it), and nothing expires (the
 memory stores' clock moves by hand; Redis's ttl is an hour).
@@ -21,20 +22,21 @@ import itertools
 import tempfile
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from helpers import Clock
 from resp2chat_io.redis_state import RedisResponseStore, RedisState
+from resp2chat_core.background import PRIVATE, brief
 from resp2chat_io.store import Renewal, ResponseStore, item_digest
 
 OWNERS = ("", "client.a", "auth-" + "0" * 32)
-TAGS = ("s", "a", "f")  # each owner's ids: gateway-made ids never meet across owners
+TAGS = ("s", "a", "f")  # each owner's own id 0 (ids 1 to 3 are every owner's: a replayed answer keeps its id)
 BIG = dict(max_entries=10_000, max_bytes=64 << 20)
 
 
 def entry_id(owner: int, kind: int, k: int) -> str:
-    return f"{('resp', 'conv')[kind]}_{TAGS[owner]}{k:07d}"
+    return f"{('resp', 'conv')[kind]}_{TAGS[owner] if k < 1 else 'x'}{k:07d}"
 
 
 def reordered(item: dict) -> dict:
@@ -85,8 +87,9 @@ class Model:
         found = self.entries.get((owner, rid))
         return found is None or not found["held"] & {i["id"] for i in found["response"].get("output") or ()}
 
-    def renew(self, owner: str, rid: str, response: dict, expect: int) -> Renewal | None:
-        """Its Response replaced, and its output after its input items; what it holds as it was."""
+    def renew(self, owner: str, rid: str, response: dict, expect: int, ended: bool) -> Renewal | None:
+        """Its Response replaced, and its output after its input items; what it holds as it was,
+        but for a renewal that ends it, whose output it holds then (as a put's)."""
         found = self.entries.get((owner, rid))
         if found is None:
             return None
@@ -95,7 +98,15 @@ class Model:
         items, old = found["items"], found["response"].get("output") or ()
         found.update(items=items[:len(items) - len(old)] + response["output"], response=response,
                      version=expect + 1)
+        if ended:
+            output = {i["id"]: i for i in response["output"]}
+            self.produced.update(output)
+            found["held"] |= set(output)
         return Renewal(expect + 1)
+
+    def status(self, owner: str, rid: str) -> dict | None:
+        found = self.entries.get((owner, rid))
+        return found and {**brief(found["response"]), "version": found["version"]}
 
     def get(self, owner: str, rid: str) -> dict | None:
         found = self.entries.get((owner, rid))
@@ -122,7 +133,8 @@ put_op = st.tuples(
 ask_op = st.tuples(st.sampled_from(("get", "get", "delete")), owner_, st.integers(0, 1 << 16))
 items_op = st.tuples(st.just("items"), owner_, st.lists(st.integers(0, 1 << 16), min_size=1, max_size=4))
 renew_op = st.tuples(st.just("renew"), owner_, st.integers(0, 1 << 16), st.sampled_from(("right", "right", "wrong")),
-                     st.integers(0, 2))  # owner, which entry, expect, output items
+                     st.integers(0, 2),  # owner, which entry, expect, output items
+                     st.sampled_from(("running", "running", "asked", "ended")))  # what it writes
 # (weighed by hand: mostly writes, a restart now and then)
 op_ = st.integers(0, 23).flatmap(lambda n: put_op if n < 9 else ask_op if n < 14 else items_op if n < 18
                                  else renew_op if n < 22 else st.just(("restart",)))
@@ -206,7 +218,7 @@ class Run:
             if (owner, rid) not in self.ids:
                 self.ids.append((owner, rid))
         elif op[0] == "renew":
-            _, o, n, expect, n_out = op
+            _, o, n, expect, n_out, how = op
             live = [(o2, i) for o2, i in self.ids if self.model.get(o2, i) and self.model.renewable(o2, i)]
             if live and n % 4:  # (mostly an entry it can renew, by its owner; else another owner's, or none)
                 owner, rid = live[n % len(live)]
@@ -218,10 +230,13 @@ class Run:
             expect = (current["version"] if current else 1) + (expect == "wrong")
             output = [{"type": "message", "id": f"msg_r{next(self.counter):06d}", "role": "assistant",
                        "content": "so far"} for _ in range(n_out)]
-            response = {"id": rid, "object": "response", "status": "in_progress", "output": output}
+            response = {"id": rid, "object": "response", "status": "cancelled" if how == "ended" else "in_progress",
+                        "background": True, "output": output,
+                        PRIVATE: {"until": float(n), "streamed": True, **({"cancel": True} if how == "asked" else {})}}
             for name, store, model in self.stores:
-                answer = await store.renew(rid, response, owner=owner, expect=expect)
-                assert answer == model.renew(owner, rid, response, expect), (name, "renew", owner, rid, expect)
+                answer = await store.renew(rid, response, owner=owner, expect=expect, ended=how == "ended")
+                assert answer == model.renew(owner, rid, response, expect, how == "ended"), \
+                    (name, "renew", owner, rid, expect, how)
         elif op[0] == "items":
             owner, ids = OWNERS[op[1]], [self.some_item_id(n) for n in op[2]]
             for name, store, model in self.stores:
@@ -236,6 +251,8 @@ class Run:
             for _, rid in self.ids:
                 seen = [await store.get(rid, owner=owner) for _, store, _ in self.stores]
                 assert seen[0] == seen[1] == seen[2] == self.model.get(owner, rid), (owner, rid, seen)
+                seen = [await store.status(rid, owner=owner) for _, store, _ in self.stores]
+                assert seen[0] == seen[1] == seen[2] == self.model.status(owner, rid), (owner, rid, seen)
         assert await self.memory.figures(OWNERS) == await self.disk.figures(OWNERS) == \
             await self.redis.figures(OWNERS)
 
@@ -262,5 +279,9 @@ def redis_url(redis_server):
 @settings(derandomize=True, max_examples=120, deadline=None, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(sequence=ops)
+@example(sequence=[  # two owners put one id (a replayed answer's), renew it, and one deletes his
+    ("put", 0, 0, 2, None, "fresh", 0, [], 1, None), ("put", 1, 0, 2, None, "fresh", 0, [], 2, None),
+    ("renew", 0, 1, "right", 1, "running"), ("delete", 1, 0), ("put", 2, 0, 2, None, "fresh", 0, [], 1, None),
+    ("renew", 2, 1, "right", 2, "ended"), ("items", 2, [0, 1, 2, 3, 4, 5])])
 def test_every_store_answers_as_the_docstring_says(sequence, redis_url, tmp_path):
     asyncio.run(run(sequence, tempfile.mkdtemp(dir=tmp_path), redis_url))

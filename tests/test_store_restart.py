@@ -42,6 +42,34 @@ async def test_an_item_held_by_a_later_response_outlives_its_producer_across_a_r
     assert await again.delete("resp_second001") and await again.items(["msg_0001"]) == {}
 
 
+async def test_two_owners_entries_of_one_id_are_two_files_and_the_version_befores_are_renamed(tmp_path):
+    """Each owner's entry is its own file (``{id}@{owner}.json``; the shared owner's ``{id}.json``),
+    so two owners of one id (a replayed answer's) are both read back after a restart. A file the
+    version before named ``{id}.json`` whatever its owner (and its renewal) is read back as its
+    owner's and renamed; a file whose name says another owner than the one it holds is not read."""
+    store = ResponseStore(clock=Clock(), directory=str(tmp_path), **BIG)
+    rid = "resp_replayed0001"
+    for owner in ("", "client.a"):
+        assert await store.put(rid, [user(f"from {owner!r}")], {"id": rid, "output": []}, owner=owner)
+    assert await store.renew(rid, {"id": rid, "status": "in_progress", "output": [user("so far")]}, owner="client.a",
+                             expect=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{rid}.json", f"{rid}@client.a.json",
+                                                          f"{rid}@client.a.renewal"]
+    again = ResponseStore(clock=Clock(), directory=str(tmp_path), **BIG)
+    assert [(await again.get(rid, owner=o))["items"][0] for o in ("", "client.a")] == \
+        [user("from ''"), user("from 'client.a'")]
+    # as the version before left it: client.a's under {id}.json (the shared owner's gone)
+    assert await again.delete(rid)
+    for suffix in (".json", ".renewal"):
+        (tmp_path / f"{rid}@client.a{suffix}").rename(tmp_path / f"{rid}{suffix}")
+    (tmp_path / "resp_misnamed0001@client.b.json").write_bytes((tmp_path / f"{rid}.json").read_bytes())
+    moved = ResponseStore(clock=Clock(), directory=str(tmp_path), **BIG)
+    entry = await moved.get(rid, owner="client.a")
+    assert entry["version"] == 2 and entry["items"][-1] == user("so far") and await moved.get(rid) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{rid}@client.a.json", f"{rid}@client.a.renewal"]
+    assert len(moved) == 1 and await moved.get("resp_misnamed0001", owner="client.b") is None
+
+
 def test_a_conversation_takes_new_items_after_a_restart(upstream, gateway_factory, tmp_path):
     args = ("--set", f"resp2chat_session_store_dir={tmp_path / 'store'}")
     first = gateway_factory(upstream.origin, *args)

@@ -50,10 +50,12 @@ def test_the_entry_being_written_is_never_its_own_victim():
     # the writer's one large entry makes it the largest: the next largest owner gives way
     s = shares_of(("small", "s1", 100), ("small", "s2", 100), ("other", "o1", 150), ("writer", "w1", 900))
     assert s.victim(BYTES) == ("writer", "w1")
-    assert s.victim(BYTES, keep="w1") == ("small", "s1")
+    assert s.victim(BYTES, keep=("writer", "w1")) == ("small", "s1")
     s.add("writer", "w0", 5.0, 10)
-    assert s.victim(BYTES, keep="w0") == ("writer", "w1")  # it holds another one: that goes
-    assert shares_of(("only", "x", 1)).victim(COUNT, keep="x") is None
+    assert s.victim(BYTES, keep=("writer", "w0")) == ("writer", "w1")  # it holds another one: that goes
+    assert shares_of(("only", "x", 1)).victim(COUNT, keep=("only", "x")) is None
+    # (by owner and id: another owner's entry of the same id is not the one being written)
+    assert shares_of(("a", "x", 5), ("b", "x", 1)).victim(BYTES, keep=("b", "x")) == ("a", "x")
 
 
 def test_many_changes_keep_the_choice_right():
@@ -128,7 +130,8 @@ async def test_the_directory_copy_rebuilds_each_owners_share_after_a_restart(tmp
     for i in b[7:]:
         await put(again, "client.b", i)
     assert await kept(again, "client.a", a) == a and await kept(again, "client.b", b) == b[-7:]
-    assert sorted(p.stem for p in (tmp_path / "store").glob("resp_*.json")) == sorted(a + b[-7:])
+    assert sorted(p.stem for p in (tmp_path / "store").glob("resp_*.json")) == sorted(
+        [f"{i}@client.a" for i in a] + [f"{i}@client.b" for i in b[-7:]])  # (each owner's file its own)
 
 
 # --- Redis: the same choices, and the version before's entries ------------------------------------
@@ -139,8 +142,8 @@ def redis_kept(r) -> set[str]:
 
 
 async def test_redis_keeps_what_memory_keeps(redis_server):
-    """One random sequence of writes, rewrites and deletes by four owners (the shared one too),
-    through the memory store and the Lua script, caps on count and bytes: after each step both
+    """One random sequence of writes, rewrites and deletes by four owners (the shared one too; an
+    owner writing an id another owner holds too), through the memory store and the Lua script, caps on count and bytes: after each step both
     hold the same entries, and Redis's accounting adds up, and both show the same figures of who
     fills them (/metrics: each owner's, the forwarded credentials' together), the Redis ones
     kept by its script (counted again from the shares when its count went missing, as after
@@ -161,13 +164,15 @@ async def test_redis_keeps_what_memory_keeps(redis_server):
                 o, i = rng.choice(written)
                 assert await memory.delete(i, owner=o) == await redis.delete(i, owner=o)
             else:
-                o, i = (rng.choice(written) if written and rng.random() < 0.2
-                        else (owner, f"resp_{step:08d}"))
+                again = rng.random() if written else 1.0
+                # (its own entry again; another owner's id, as a replayed answer keeps its recorded id; a new one)
+                o, i = rng.choice(written) if again < 0.2 else (owner, rng.choice(written)[1]) if again < 0.3 \
+                    else (owner, f"resp_{step:08d}")
                 text = "z" * rng.choice((10, 50, 300, 1500))
                 for store in (memory, redis):
                     assert await store.put(i, [{"role": "user", "content": text}], {"id": i}, owner=o)
                 written.append((o, i))
-            assert redis_kept(r) == {namespace(o) + i for i, (_, _, o) in memory._entries.items()}, step
+            assert redis_kept(r) == {namespace(o) + i for o, i in memory._entries}, step
             assert r.zcard("resp2chat:entries") == len(memory)
             assert int(r.get("resp2chat:entries:bytes") or 0) == memory.bytes
             held = {k.decode(): int(v) for k, v in r.hgetall("resp2chat:owners:bytes").items()}

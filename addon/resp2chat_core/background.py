@@ -14,7 +14,8 @@ Rules of this file:
 - Cancelling one running elsewhere (another replica) is asked through the store: ``cancel``
   set under ``PRIVATE``; the replica running it reads that at its next renewal and stops the
   backend call. Every write there is over the version read (store.py ``expect``), so a
-  renewal never overwrites a cancellation.
+  renewal never overwrites a cancellation. Whoever waits for it to end meanwhile polls its
+  ``brief`` alone (its status, lease and that flag: store.py ``status``), not the whole entry.
 - A response created with ``stream: true`` keeps its events (``PRIVATE``'s ``events``, once it
   ended; the running gateway has them live): ``GET /v1/responses/{id}?stream=true&starting_after=N``
   streams those after sequence number ``N`` (``after``). At most ``MAX_EVENTS`` of them: a run
@@ -67,6 +68,17 @@ def running(response: dict, now: float, lease: bool = True) -> dict:
     if lease:
         private["until"] = now + LEASE_SECS
     return {**response, PRIVATE: private}
+
+
+def brief(response: dict) -> dict:
+    """What a poll of a stored response reads (store.py ``status``, kept beside each entry): its
+    ``status``, whether it is a background one, and under ``PRIVATE`` its lease and whether a
+    cancellation was asked; ``is_running``, ``is_dead`` and ``cancel_asked`` read it as they
+    read the Response. A few dozen bytes, whatever its conversation, output and events."""
+    private = response.get(PRIVATE) or {}
+    kept = {key: private[key] for key in ("until", "cancel") if key in private}
+    return {"status": response.get("status"), "background": response.get("background") is True,
+            **({PRIVATE: kept} if kept else {})}
 
 
 def is_running(response: dict) -> bool:

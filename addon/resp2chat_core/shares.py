@@ -94,9 +94,10 @@ class Shares:
         if not owned:
             del self._owned[owner], self._bytes[owner], self._pushed[COUNT][owner], self._pushed[BYTES][owner]
 
-    def victim(self, measure: int, keep: str | None = None) -> tuple[str, str] | None:
+    def victim(self, measure: int, keep: tuple[str, str] | None = None) -> tuple[str, str] | None:
         """(owner, entry id) to evict when the cap of ``measure`` (``COUNT``, ``BYTES``) is over:
-        the oldest entry of the owner holding the most, not ``keep`` (the entry being written)."""
+        the oldest entry of the owner holding the most, not ``keep`` (the entry being written, by
+        (owner, entry id): another owner's entry of the same id is another entry)."""
         heap, passed, found = self._heaps[measure], [], None
         while heap and found is None:
             top = heapq.heappop(heap)
@@ -107,7 +108,7 @@ class Shares:
                 self._push(owner, measure)
                 continue
             passed.append(top)
-            found = next(((owner, eid) for eid in self._owned[owner] if eid != keep), None)
+            found = next(((owner, eid) for eid in self._owned[owner] if (owner, eid) != keep), None)
         for top in passed:
             heapq.heappush(heap, top)
         return found

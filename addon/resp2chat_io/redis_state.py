@@ -12,7 +12,7 @@ otherwise, so another owner's id is exactly a key that does not exist:
 
 | key | type | what |
 | --- | --- | --- |
-| ``resp2chat:{ns}response:{id}`` | hash | ``data``: the entry JSON (items + Response, as store.py keeps it; a conversation's, under its ``conv_…`` id); ``v``: its version (store.py: a write may name the version it replaces); ``items``: the ids of the items it holds (below); ``d:{item_id}``: each one's digest (store.py ``item_digest``); ``in``, ``r``: where its input items end and its Response starts in the JSON (store.py ``encode_entry``). A running background response renewed (``renew``) has its JSON in two fields instead of ``data``: ``head`` (up to ``in``) and ``tail`` (the rest, which a renewal writes). Expires after ``session_ttl_hours`` |
+| ``resp2chat:{ns}response:{id}`` | hash | ``data``: the entry JSON (items + Response, as store.py keeps it; a conversation's, under its ``conv_…`` id); ``v``: its version (store.py: a write may name the version it replaces); ``s``: its Response's brief (resp2chat_core/background.py ``brief``: status, lease, a cancellation asked; what store.py ``status`` reads), ``sv``: the version it is of; ``items``: the ids of the items it holds (below); ``d:{item_id}``: each one's digest (store.py ``item_digest``); ``in``, ``r``: where its input items end and its Response starts in the JSON (store.py ``encode_entry``). A running background response renewed (``renew``) has its JSON in two fields instead of ``data``: ``head`` (up to ``in``) and ``tail`` (the rest, which a renewal writes). Expires after ``session_ttl_hours`` |
 | ``resp2chat:{ns}item:{item_id}`` | string | the id of the newest stored response of that owner holding the item unchanged, for an item the gateway produced (a response's output; never a client's input): item references. Same expiry; when that response goes, the newest other holder (below) takes over with its expiry, none: the key goes |
 | ``resp2chat:{ns}holders:{item_id}`` | sorted set | every stored response of that owner holding the item unchanged, by time (store.py: the item lives while one of them does); emptied when the item is produced again otherwise. Same expiry |
 | ``resp2chat:{ns}deleted:{id}`` | string | a tombstone: ``DELETE`` removed that entry (store.py ``deleted``: a WebSocket's memory is not continued from it). Expires after ``session_ttl_hours`` |
@@ -69,6 +69,7 @@ import time
 from urllib.parse import urlsplit
 
 from resp2chat_core import owner as owners
+from resp2chat_core.background import brief
 from resp2chat_io.store import (Figures, Renewal, ReplayCounts, StateUnavailable, encode_entry, entry_tail, held_items,
                                 input_count, item_digest, output_items, pick, valid_id, valid_item_id)
 
@@ -269,6 +270,24 @@ local function victim(set, keep)
   end
   return nil
 end
+-- what an entry holds indexed (``held``: item ids; ``digests``: each one's), the entry ``id`` (its hash
+-- ``key``) their newest holder: an item produced again otherwise than its holders hold it, they hold it
+-- no more
+local function hold(key, ns, id, held, digests, now, ttl)
+  for _, iid in ipairs(held) do
+    local holder = redis.call('GET', prefix .. ns .. 'item:' .. iid)
+    if not holder or redis.call('HGET', prefix .. ns .. 'response:' .. holder, 'd:' .. iid) ~= digests[iid] then
+      redis.call('DEL', prefix .. ns .. 'holders:' .. iid)
+    end
+  end
+  for _, iid in ipairs(held) do
+    local hkey = prefix .. ns .. 'holders:' .. iid
+    redis.call('HSET', key, 'd:' .. iid, digests[iid])
+    redis.call('SET', prefix .. ns .. 'item:' .. iid, id, 'EX', ttl)
+    redis.call('ZADD', hkey, now, id)
+    redis.call('EXPIRE', hkey, ttl)
+  end
+end
 -- (entries, bytes) the store holds
 local function held_now()
   local n, b = redis.call('ZCARD', idx), tonumber(redis.call('GET', total) or '0')
@@ -296,7 +315,8 @@ return {n, b}
 # ARGV: prefix, the response's member ({ns}{id}), its entry, the items it produced ("id digest …"),
 # the other items of its conversation with an id ("id digest …": held if produced before, unchanged),
 # ttl, max_sessions, max bytes, the version it replaces ("": any), where in the entry its input items end
-# and its Response starts (store.py ``encode_entry``). Returns {count, bytes} ({-1, 0}: another version is there)
+# and its Response starts (store.py ``encode_entry``), its Response's brief (store.py ``status``: the
+# fields ``s``, and ``sv`` the version it is of). Returns {count, bytes} ({-1, 0}: another version is there)
 _PUT_RESPONSE = _DROP + """
 local member, data, produced, others = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local ttl, max_n, max_b = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
@@ -324,20 +344,9 @@ for iid, digest in string.gmatch(others, '(%S+) (%S+)') do
   end
 end
 local key = prefix .. ns .. 'response:' .. id
-for _, iid in ipairs(held) do  -- (an item produced again otherwise than its holders hold it: they hold it no more)
-  local holder = redis.call('GET', prefix .. ns .. 'item:' .. iid)
-  if not holder or redis.call('HGET', prefix .. ns .. 'response:' .. holder, 'd:' .. iid) ~= digests[iid] then
-    redis.call('DEL', prefix .. ns .. 'holders:' .. iid)
-  end
-end
-redis.call('HSET', key, 'data', data, 'items', table.concat(held, ' '), 'v', version + 1, 'in', ARGV[10], 'r', ARGV[11])
-for _, iid in ipairs(held) do
-  local hkey = prefix .. ns .. 'holders:' .. iid
-  redis.call('HSET', key, 'd:' .. iid, digests[iid])
-  redis.call('SET', prefix .. ns .. 'item:' .. iid, id, 'EX', ttl)
-  redis.call('ZADD', hkey, now, id)
-  redis.call('EXPIRE', hkey, ttl)
-end
+redis.call('HSET', key, 'data', data, 'items', table.concat(held, ' '), 'v', version + 1, 'in', ARGV[10], 'r', ARGV[11],
+           's', ARGV[12], 'sv', version + 1)
+hold(key, ns, id, held, digests, now, ttl)
 redis.call('EXPIRE', key, ttl)
 account(member, now, #data)
 """ + _EVICT
@@ -346,8 +355,10 @@ account(member, now, #data)
 # where they are: a renewed entry is two fields, ``head`` (the entry's bytes up to its input items' end,
 # its ``in``) and ``tail`` (the rest: its output items, then its Response), which a renewal alone
 # writes (its first one splits ``data`` so, once: Lua copies a large string at ~5 ms/MB); the items it
-# holds stay as they were. ARGV: prefix, member, the new tail (without the comma after input items),
-# the version it replaces, ttl, max_sessions, max bytes, where the Response starts in that tail.
+# holds stay as they were, but for a renewal that ends it (store.py ``renew``'s ``ended``), which indexes
+# the items its Response produced as a put does. ARGV: prefix, member, the new tail (without the comma after
+# input items), the version it replaces, ttl, max_sessions, max bytes, where the Response starts in that tail,
+# its Response's brief (as a put's), the items it produced ("id digest …"; "": none indexed).
 # Returns {1, new version, count, bytes}; {0}: no such entry; {-1, version, the stored Response's JSON}:
 # another version is there; {-2, version, the entry}: written by a version of the gateway without
 # ``in`` (the caller puts it whole); {-3, version}: larger than the store keeps
@@ -375,8 +386,20 @@ if not tail then
   redis.call('HSET', key, 'head', string.sub(redis.call('HGET', key, 'data'), 1, cut))
   redis.call('HDEL', key, 'data')
 end
-redis.call('HSET', key, 'tail', rest, 'v', version + 1, 'r', cut + at)
+redis.call('HSET', key, 'tail', rest, 'v', version + 1, 'r', cut + at, 's', ARGV[9], 'sv', version + 1)
 redis.call('EXPIRE', key, ttl)
+if ARGV[10] ~= '' then
+  local ids, produced, digests, has = redis.call('HGET', key, 'items') or '', {}, {}, {}
+  for iid in string.gmatch(ids, '%S+') do has[iid] = true end
+  for iid, digest in string.gmatch(ARGV[10], '(%S+) (%S+)') do
+    produced[#produced + 1], digests[iid] = iid, digest
+    if not has[iid] then
+      ids, has[iid] = ids == '' and iid or ids .. ' ' .. iid, true
+    end
+  end
+  redis.call('HSET', key, 'items', ids)
+  hold(key, ns, id, produced, digests, now, ttl)
+end
 account(member, now, cut + #rest)
 local counts = (function()
 """ + _EVICT + """
@@ -489,15 +512,21 @@ def namespace(owner: str) -> str:
     return f"owner:{owners.check(owner)}:" if owner else ""
 
 
+def _pairs(found) -> str:
+    """(id, item) pairs as ``"id digest …"`` (only ids that can be the gateway's: no spaces)."""
+    return " ".join(dict.fromkeys(f"{iid} {item_digest(item)}" for iid, item in found if valid_item_id(iid)))
+
+
 def _item_ids(items: list, response: dict) -> tuple[str, str]:
     """For ``put``: the items a response produced, and the other items of its conversation with
-    an id (each may be one produced earlier, held unchanged), as ``"id digest …"`` (only ids that
-    can be the gateway's: no spaces)."""
+    an id (each may be one produced earlier, held unchanged), as ``_pairs``."""
     produced = output_items(response)
+    return _pairs(produced.items()), _pairs(held_items(items, produced))
 
-    def pairs(found) -> str:
-        return " ".join(dict.fromkeys(f"{iid} {item_digest(item)}" for iid, item in found if valid_item_id(iid)))
-    return pairs(produced.items()), pairs(held_items(items, produced))
+
+def _brief(response: dict) -> bytes:
+    """A Response's brief (resp2chat_core/background.py ``brief``), as the field ``s`` keeps it."""
+    return json.dumps(brief(response), separators=(",", ":")).encode()
 
 
 def _joined(parts) -> bytes | None:
@@ -536,16 +565,17 @@ class RedisResponseStore:
         member = namespace(owner) + response_id
         count, size = await self.state.call("store a response", lambda c: script(args=[
             KEY_ROOT, member, data, produced, others, self.ttl, self.max_entries, self.max_bytes,
-            "" if expect is None else expect, cut, at]))
+            "" if expect is None else expect, cut, at, _brief(response)]))
         if count < 0:
             return False  # (another version: the caller reads it again)
         self.count, self.bytes = count, size
         return True
 
     async def renew(self, response_id: str, response: dict, *, owner: str = owners.SHARED,
-                    expect: int) -> Renewal | None:
+                    expect: int, ended: bool = False) -> Renewal | None:
         """store.py ``ResponseStore.renew``, in one script: only the entry's bytes after its input
-        items go to Redis and back (its output so far, its Response)."""
+        items go to Redis and back (its output so far, its Response); ``ended``: with the ids and
+        digests of the items it produced, indexed there."""
         if not valid_id(response_id):
             return None
         output = response.get("output")
@@ -553,8 +583,9 @@ class RedisResponseStore:
         rest, at = entry_tail(False, output if isinstance(output, list) else [], response)
         script = self.state.script("renew_response")
         member = namespace(owner) + response_id
+        produced = _pairs(output_items(response).items()) if ended else ""
         found = await self.state.call("renew a stored response", lambda c: script(args=[
-            KEY_ROOT, member, rest, expect, self.ttl, self.max_entries, self.max_bytes, at]))
+            KEY_ROOT, member, rest, expect, self.ttl, self.max_entries, self.max_bytes, at, _brief(response), produced]))
         if found[0] == 1:
             self.count, self.bytes = found[2], found[3]
             return Renewal(found[1])
@@ -573,7 +604,7 @@ class RedisResponseStore:
                           owner=owner, expect=expect):
             return Renewal(expect + 1)
         return Renewal(expect, too_large=True) if len(encode_entry(items, response)[0]) > self.max_bytes else \
-            await self.renew(response_id, response, owner=owner, expect=expect)
+            await self.renew(response_id, response, owner=owner, expect=expect, ended=ended)
 
     async def figures(self, asked) -> Figures:
         """``Figures`` of the whole shared store (every replica's writes), read in one MULTI of
@@ -604,6 +635,20 @@ class RedisResponseStore:
                                                       lambda c: c.hmget(key, ["data", "v", "head", "tail"]))
         data = data or _joined(parts)
         return {**json.loads(data), "version": int(version or 1)} if data else None
+
+    async def status(self, response_id: str, *, owner: str = owners.SHARED) -> dict | None:
+        """store.py ``ResponseStore.status``: the fields ``v``, ``s`` and ``sv`` of its hash, one
+        round trip of a few dozen bytes. An entry whose brief is not of its version (written by a
+        version of the gateway before briefs, or renewed by one since) is read whole instead."""
+        if not valid_id(response_id):
+            return None
+        key = f"{KEY_ROOT}{namespace(owner)}response:{response_id}"
+        version, found, of = await self.state.call("read a stored response's status",
+                                                   lambda c: c.hmget(key, ["v", "s", "sv"]))
+        if version is not None and found is not None and of == version:
+            return {**json.loads(found), "version": int(version)}
+        entry = await self.get(response_id, owner=owner) if version is not None else None
+        return None if entry is None else {**brief(entry["response"]), "version": entry["version"]}
 
     async def delete(self, response_id: str, *, owner: str = owners.SHARED) -> bool:
         if not valid_id(response_id):

@@ -7,11 +7,13 @@ for ``GET /v1/responses/{id}``. Entries expire after ``ttl`` seconds (oldest fir
 ``max_bytes`` the owner holding the most loses its oldest (resp2chat_core/shares.py: one owner's
 writes push out its own entries, not everyone's). With a directory, entries are also written there (one
 0600 JSON file each, directory 0700, with its version and the items it holds; a running
-background response's renewals beside it, ``renew``) and read back after a restart, answering as
-before it.
+background response's renewals beside it, ``renew``; ``{id}@{owner}.json`` but for the shared owner's)
+and read back after a restart, answering as before it.
 
 Every entry has an owner (resp2chat_core/owner.py): ``get``, ``delete`` and ``items``
-see only the caller's, so another owner's response or item is exactly an unknown one.
+see only the caller's, so another owner's response or item is exactly an unknown one. Entries
+are keyed by (owner, id), on every store alike (Redis: a namespace per owner): two owners' entries
+of one id (a replayed answer keeps its recorded id) are two entries, each its owner's alone.
 
 Items are found by id too (``item_reference``), but only items the gateway itself produced: an
 index (owner, item id) -> the item's digest as the gateway output it, and the stored responses of
@@ -44,7 +46,15 @@ response from there (one lookup, not a read of the entry).
 output so far: addons/background.py) under the version check, its conversation neither decoded
 nor encoded (a 2.5 MB conversation's ``get`` and ``put`` took ~30 ms of the event loop, each
 time). An entry's JSON is its input items, then its output items, then its Response
-(``encode_entry``): a renewal keeps the bytes of the first part and writes the rest.
+(``encode_entry``): a renewal keeps the bytes of the first part and writes the rest. A renewal
+that ends it (``ended``: a cancellation or a death stored by another replica than the one that
+ran it) indexes its output as a ``put`` would, still without its conversation.
+
+``status``: what a poll of a running background response reads (a cancellation waiting for
+another replica to stop it, a resume following it there): its Response's ``brief``
+(resp2chat_core/background.py: status, lease, cancellation asked), kept beside the entry by
+every ``put`` and ``renew`` (Redis: the fields ``s`` and ``sv``), with its version: a few dozen
+bytes, however large its conversation and output.
 """
 
 from __future__ import annotations
@@ -62,6 +72,7 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 
 from resp2chat_core import owner as owners
+from resp2chat_core.background import brief
 from resp2chat_core.shares import BYTES, COUNT, Shares
 from resp2chat_core.replay import MAX_ENTRY_BYTES
 
@@ -173,7 +184,10 @@ class Store(Protocol):
 
     # a running response's Response written again, its conversation as it was: ``ResponseStore.renew``
     async def renew(self, response_id: str, response: dict, *, owner: str = owners.SHARED,
-                    expect: int) -> Renewal | None: ...
+                    expect: int, ended: bool = False) -> Renewal | None: ...
+
+    # its Response's brief (background.py ``brief``: status, lease) with its "version": ``ResponseStore.status``
+    async def status(self, response_id: str, *, owner: str = owners.SHARED) -> dict | None: ...
 
     def rebound(self, *, ttl: float, max_entries: int, max_bytes: int) -> None: ...  # new bounds, same entries
 
@@ -224,8 +238,16 @@ class Writes:
             await asyncio.gather(*self._running, return_exceptions=True)
 
 
+Key = tuple[str, str]
+"""An entry of the memory store: (owner, id). Each owner's ids are apart, as Redis's keys are (a
+replayed answer keeps its recorded id: two clients rerunning one recorded turn each keep it)."""
+
+
 class ResponseStore:
-    """The store in this process's memory (and a directory, when given): ``Store``."""
+    """The store in this process's memory (and a directory, when given): ``Store``. Its entries
+    are keyed by (owner, id) (``Key``); in the directory, one owner's file is ``{id}@{owner}.json``
+    (the shared owner's ``{id}.json``, as every file was named before owners were apart: a file so
+    named of another owner is renamed when read back)."""
 
     fresh_wait = 0.0  # (what this process wrote, it knows at once)
 
@@ -233,16 +255,18 @@ class ResponseStore:
         self.ttl, self.max_entries, self.max_bytes = ttl, max_entries, max_bytes
         self.clock = clock
         self.dir = Path(directory).expanduser() if directory else None
-        # id -> (stored at, JSON, owner); a renewed entry's JSON is a bytearray (``renew`` writes its end in place)
-        self._entries: OrderedDict[str, tuple[float, bytes | bytearray, str]] = OrderedDict()
-        self._item_ids: dict[str, tuple[str, ...]] = {}  # response id -> the item ids it holds
-        # (owner, item id) -> (its digest as produced, the response ids holding it unchanged, oldest first)
+        # (owner, id) -> (stored at, JSON); a renewed entry's JSON is a bytearray (``renew`` writes its end in place)
+        self._entries: OrderedDict[Key, tuple[float, bytes | bytearray]] = OrderedDict()
+        self._item_ids: dict[Key, tuple[str, ...]] = {}  # (owner, response id) -> the item ids it holds
+        # (owner, item id) -> (its digest as produced, the ids of that owner's responses holding it unchanged,
+        # oldest first)
         self._items: dict[tuple[str, str], tuple[str, list[str]]] = {}
-        self._deleted: OrderedDict[tuple[str, str], float] = OrderedDict()  # (owner, id) -> when deleted (``deleted``)
-        self._versions: dict[str, int] = {}  # entry id -> its version (the puts and renewals it has had)
-        # entry id -> where its input items end and its Response starts in its JSON (``encode_entry``),
+        self._deleted: OrderedDict[Key, float] = OrderedDict()  # (owner, id) -> when deleted (``deleted``)
+        self._versions: dict[Key, int] = {}  # (owner, id) -> its version (the puts and renewals it has had)
+        # (owner, id) -> where its input items end and its Response starts in its JSON (``encode_entry``),
         # and the version its directory file has (a renewal's is beside it: ``renew``)
-        self._parts: dict[str, tuple[int, int, int]] = {}
+        self._parts: dict[Key, tuple[int, int, int]] = {}
+        self._briefs: dict[Key, dict] = {}  # (owner, id) -> its Response's brief (``status``)
         self._shares = Shares()  # each owner's entries: who loses one past a cap
         self.bytes = 0
         if self.dir:
@@ -269,49 +293,49 @@ class ResponseStore:
         """Keep a response: ``items`` its whole conversation (inputs, then output), ``response``
         the Response object (its ``output`` are the items it produced). ``expect``: only over
         that version of the entry (``get``'s ``version``; 0: none). False: not kept (another
-        version, larger than the whole store, or the id is another owner's: a replayed answer
-        keeps its recorded id, and one owner's put never takes the place of another's, as in
-        Redis, where each owner's keys are apart)."""
-        owners.check(owner)
+        version, or larger than the whole store). Another owner's entry of the same id is
+        another entry (a replayed answer keeps its recorded id)."""
+        key = (owners.check(owner), response_id)
         self._evict()
-        found = self._entries.get(response_id)
-        if found is not None and found[2] != owner:
-            return False
-        version = self._versions.get(response_id, 0) if found is not None else 0
+        version = self._versions.get(key, 0) if key in self._entries else 0
         if expect is not None and expect != version:
             return False
         data, cut, at = encode_entry(items, response)
         if len(data) > self.max_bytes or self.max_entries <= 0:
             return False  # larger than the whole store: keeping it would evict everything else
-        self._drop(response_id)
+        self._drop(key)
         now = self.clock()
-        self._keep(response_id, now, data, owner, (cut, at, version + 1))
-        held = self._index(response_id, owner, items, response)
-        self._versions[response_id] = version + 1
+        self._keep(key, now, data, (cut, at, version + 1))
+        held = self._index(key, items, response)
+        self._versions[key] = version + 1
+        self._briefs[key] = brief(response)
         if self.dir:  # (its version and what it holds, digests: as they were after a restart)
             head = json.dumps({"stored_at": now, "owner": owner, "version": version + 1, "held": held}).encode()[:-1]
-            _write_private(self.dir / f"{response_id}.json", head + b',"entry":' + data + b"}")
-            (self.dir / f"{response_id}.renewal").unlink(missing_ok=True)  # (it renewed the file replaced)
-        self._evict(keep=response_id)
+            _write_private(self._path(key, ".json"), head + b',"entry":' + data + b"}")
+            self._path(key, ".renewal").unlink(missing_ok=True)  # (it renewed the file replaced)
+        self._evict(keep=key)
         return True
 
     async def renew(self, response_id: str, response: dict, *, owner: str = owners.SHARED,
-                    expect: int) -> Renewal | None:
+                    expect: int, ended: bool = False) -> Renewal | None:
         """A running response written again (background.py: its status, lease and output so far):
         ``response`` replaces the stored Response, and its ``output`` the output after the
         conversation's input items, which are neither decoded nor encoded again. Only over
         version ``expect``; None: no such entry (deleted, expired, another owner's).
 
         The items it produced are not indexed for ``item_reference`` (the ``put`` of its end does
-        that): the response is not over. The directory copy: the Response beside the entry's file
+        that): the response is not over. ``ended``: it is over (a replica that did not run it
+        ends it: cancelled, or failed once its own died), and its output items are indexed as a
+        ``put`` indexes them (those of its conversation it holds were indexed when it was put);
+        it is not renewed again after. The directory copy: the Response beside the entry's file
         (``{id}.renewal``, naming the version of the file it renews), which a restart reads over
         that file's and a later ``put`` removes."""
-        owners.check(owner)
+        key = (owners.check(owner), response_id)
         self._evict()
-        found = self._entries.get(response_id)
-        if found is None or found[2] != owner:
+        found = self._entries.get(key)
+        if found is None:
             return None
-        version, (cut, at, base), data = self._versions.get(response_id, 1), self._parts[response_id], found[1]
+        version, (cut, at, base), data = self._versions.get(key, 1), self._parts[key], found[1]
         if version != expect:
             return Renewal(version, json.loads(data[at:-1]))
         output = response.get("output")
@@ -319,35 +343,49 @@ class ResponseStore:
         if cut + len(tail) > self.max_bytes:
             return Renewal(version, too_large=True)
         now = self.clock()
-        del self._entries[response_id]
+        del self._entries[key]
         self._shares.remove(owner, response_id)
         self.bytes -= len(data)
         # (in place: its input items' bytes are not copied, but once, a put's bytes becoming a bytearray)
         renewed = data if isinstance(data, bytearray) else bytearray(data)
         del renewed[cut:]
         renewed += tail
-        self._keep(response_id, now, renewed, owner, (cut, cut + tail_at, base))
-        self._versions[response_id] = version + 1
+        self._keep(key, now, renewed, (cut, cut + tail_at, base))
+        self._versions[key] = version + 1
+        self._briefs[key] = brief(response)
+        if ended:
+            self._index_output(key, response)
         if self.dir:
-            _write_private(self.dir / f"{response_id}.renewal", _dumps(
+            _write_private(self._path(key, ".renewal"), _dumps(
                 {"base": base, "version": version + 1, "stored_at": now, "response": response}))
-        self._evict(keep=response_id)
+        self._evict(keep=key)
         return Renewal(version + 1)
 
     async def get(self, response_id: str, *, owner: str = owners.SHARED) -> dict | None:
         if not valid_id(response_id):
             return None
         self._evict()
-        found = self._entries.get(response_id)
-        if not found or found[2] != owner:
+        key = (owner, response_id)
+        found = self._entries.get(key)
+        if not found:
             return None
-        return {**json.loads(found[1]), "version": self._versions.get(response_id, 1)}
+        return {**json.loads(found[1]), "version": self._versions.get(key, 1)}
+
+    async def status(self, response_id: str, *, owner: str = owners.SHARED) -> dict | None:
+        """The entry's Response's ``brief`` (status, lease, cancellation asked) and its
+        ``version``, without reading the entry; None: no such entry."""
+        if not valid_id(response_id):
+            return None
+        self._evict()
+        key = (owner, response_id)
+        found = self._briefs.get(key) if key in self._entries else None
+        return None if found is None else {**found, "version": self._versions.get(key, 1)}
 
     async def delete(self, response_id: str, *, owner: str = owners.SHARED) -> bool:
-        found = self._entries.get(response_id)
-        if found is None or found[2] != owner or not self._drop(response_id):
+        key = (owner, response_id)
+        if not self._drop(key):
             return False
-        self._deleted[(owner, response_id)] = self.clock()
+        self._deleted[key] = self.clock()
         while len(self._deleted) > max(self.max_entries, 1):  # (as many as it keeps entries)
             self._deleted.popitem(last=False)
         return True
@@ -373,7 +411,7 @@ class ResponseStore:
             if found and found[1]:
                 by_response.setdefault(found[1][-1], {})[item_id] = found[0]
         return {item_id: item for response_id, wanted in by_response.items()
-                for item_id, item in pick(json.loads(self._entries[response_id][1]), wanted).items()}
+                for item_id, item in pick(json.loads(self._entries[(owner, response_id)][1]), wanted).items()}
 
     async def figures(self, asked) -> Figures:
         """``Figures`` from what the store keeps as it goes (its owners' shares): O(owners asked)."""
@@ -381,12 +419,12 @@ class ResponseStore:
         return ((len(self._entries), self.bytes), {o: self._shares.held(o) for o in {*asked, owners.SHARED}},
                 self._shares.forwarded_held())
 
-    def _index(self, response_id: str, owner: str, items: list, response: dict,
-               was_held: dict[str, str] | None = None) -> dict[str, str]:
+    def _index(self, key: Key, items: list, response: dict, was_held: dict[str, str] | None = None) -> dict[str, str]:
         """Index what the entry holds: the items its response produced, and those of its
         conversation it holds unchanged (``was_held``, read back from the directory: what it held
         when written, though the response that produced one may be gone since). Returns them
         (id -> digest)."""
+        owner, response_id = key
         held: dict[str, str] = {}
         for item_id, item in output_items(response).items():
             held[item_id] = item_digest(item)
@@ -402,65 +440,96 @@ class ResponseStore:
             if found is not None and item_id not in held and item_digest(item) == found[0]:
                 found[1].append(response_id)
                 held[item_id] = found[0]
-        self._item_ids[response_id] = tuple(held)
+        self._item_ids[key] = tuple(held)
         return held
 
-    def _unindex(self, response_id: str, owner: str) -> None:
-        for item_id in self._item_ids.pop(response_id, ()):
+    def _index_output(self, key: Key, response: dict) -> None:
+        """Index the items a renewed response produced (``renew``'s ``ended``), besides what it
+        holds already: as ``_index`` indexes a put's."""
+        owner, response_id = key
+        held = dict.fromkeys(self._item_ids.get(key, ()))
+        for item_id, item in output_items(response).items():
+            digest = item_digest(item)
+            found = self._items.get((owner, item_id))
+            if found is None or found[0] != digest:
+                found = self._items[(owner, item_id)] = (digest, [])
+            if response_id not in found[1]:
+                found[1].append(response_id)
+            held[item_id] = None
+        self._item_ids[key] = tuple(held)
+
+    def _unindex(self, key: Key) -> None:
+        owner, response_id = key
+        for item_id in self._item_ids.pop(key, ()):
             found = self._items.get((owner, item_id))
             if found is not None and response_id in found[1]:
                 found[1].remove(response_id)
                 if not found[1]:
                     del self._items[(owner, item_id)]
 
-    def _keep(self, response_id: str, now: float, data: bytes, owner: str, parts: tuple[int, int, int]) -> None:
-        self._entries[response_id] = (now, data, owner)
-        self._parts[response_id] = parts
-        self._shares.add(owner, response_id, now, len(data))
+    def _keep(self, key: Key, now: float, data: bytes, parts: tuple[int, int, int]) -> None:
+        self._entries[key] = (now, data)
+        self._parts[key] = parts
+        self._shares.add(*key, now, len(data))
         self.bytes += len(data)
 
-    def _drop(self, response_id: str) -> bool:
-        found = self._entries.pop(response_id, None)
+    def _drop(self, key: Key) -> bool:
+        found = self._entries.pop(key, None)
         if found is None:
             return False
-        self._versions.pop(response_id, None)
-        self._parts.pop(response_id, None)
-        self._unindex(response_id, found[2])
-        self._shares.remove(found[2], response_id)
+        self._versions.pop(key, None)
+        self._parts.pop(key, None)
+        self._briefs.pop(key, None)
+        self._unindex(key)
+        self._shares.remove(*key)
         self.bytes -= len(found[1])
         if self.dir:
-            (self.dir / f"{response_id}.json").unlink(missing_ok=True)
-            (self.dir / f"{response_id}.renewal").unlink(missing_ok=True)
+            self._path(key, ".json").unlink(missing_ok=True)
+            self._path(key, ".renewal").unlink(missing_ok=True)
         return True
 
-    def _evict(self, keep: str | None = None) -> None:
+    def _evict(self, keep: Key | None = None) -> None:
         """Drop what expired (oldest first), then, while over a cap, the oldest entry of the owner
         holding the most (shares.py): never ``keep``, the entry just written."""
         cutoff = self.clock() - self.ttl
         while self._entries:
-            oldest_id, (stored_at, _, _) = next(iter(self._entries.items()))
+            oldest, (stored_at, _) = next(iter(self._entries.items()))
             if stored_at >= cutoff:
                 break
-            self._drop(oldest_id)
+            self._drop(oldest)
         while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
             found = self._shares.victim(COUNT if len(self._entries) > self.max_entries else BYTES, keep)
             if found is None:
                 break
-            self._drop(found[1])
+            self._drop(found)
+
+    def _path(self, key: Key, suffix: str) -> Path:
+        """An entry's file in the directory (``.json``), or its renewal's (``.renewal``)."""
+        owner, response_id = key
+        return self.dir / f"{response_id}{'@' + owner if owner else ''}{suffix}"
 
     def _load_dir(self) -> None:
         found = []
-        for path in self.dir.glob("*_*.json"):  # (resp_… and conv_…: _ID)
-            if not _ID.match(path.stem):
+        for path in list(self.dir.glob("*_*.json")):  # (resp_… and conv_…: _ID; a list: some are renamed)
+            response_id, at, named = path.stem.partition("@")
+            if not _ID.match(response_id):
                 continue
             try:
                 record = json.loads(path.read_bytes())
                 held = record.get("held") or {}  # (a file written before these two: none, version 1)
                 if not all(isinstance(k, str) and isinstance(v, str) for k, v in held.items()):
                     raise ValueError("held")
+                owner = owners.check(record.get("owner", owners.SHARED))
+                if owner != named and (at or self._path((owner, response_id), ".json").exists()):
+                    raise ValueError("owner")  # (not the owner its name says; or named so before, and there twice)
+                key = (owner, response_id)
+                if path != self._path(key, ".json"):  # (named as before owners were apart: renamed to its name)
+                    if path.with_suffix(".renewal").exists():
+                        os.replace(path.with_suffix(".renewal"), self._path(key, ".renewal"))
+                    os.replace(path, self._path(key, ".json"))
                 stored_at, entry, base = float(record["stored_at"]), record["entry"], int(record.get("version", 1))
                 items, response, version = entry["items"], entry["response"], base
-                renewed = self._renewal(path.stem, base)
+                renewed = self._renewal(key, base)
                 if renewed is not None:  # (a running response renewed since: its Response, over the file's)
                     new_output = renewed["response"].get("output")
                     items = items[:input_count(items, response)] + (new_output if isinstance(new_output, list) else [])
@@ -468,25 +537,25 @@ class ResponseStore:
                     stored_at = max(stored_at, float(renewed["stored_at"]))
                 if not isinstance(items, list) or not isinstance(response, dict):
                     raise ValueError("entry")
-                found.append((stored_at, path.stem, items, response, owners.check(record.get("owner", owners.SHARED)),
-                              version, base, held))
+                found.append((stored_at, key, items, response, version, base, held))
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 path.unlink(missing_ok=True)  # a torn or foreign file: not ours to keep
                 path.with_suffix(".renewal").unlink(missing_ok=True)
         for path in self.dir.glob("*_*.renewal"):  # (one whose entry's file is gone: a drop torn in between)
             if not path.with_suffix(".json").exists():
                 path.unlink(missing_ok=True)
-        for stored_at, rid, items, response, owner, version, base, held in sorted(found, key=lambda f: f[:2]):
+        for stored_at, key, items, response, version, base, held in sorted(found, key=lambda f: f[:2]):
             data, cut, at = encode_entry(items, response)  # (shares rebuilt too)
-            self._keep(rid, stored_at, data, owner, (cut, at, base))
-            self._versions[rid] = version
-            self._index(rid, owner, items, response, held)
+            self._keep(key, stored_at, data, (cut, at, base))
+            self._versions[key] = version
+            self._briefs[key] = brief(response)
+            self._index(key, items, response, held)
         self._evict()
 
-    def _renewal(self, response_id: str, base: int) -> dict | None:
+    def _renewal(self, key: Key, base: int) -> dict | None:
         """The renewal beside an entry's file (``renew``), if it renews that very file (a ``put``
         after it, torn before it removed the renewal, wrote another: that one is gone)."""
-        path = self.dir / f"{response_id}.renewal"
+        path = self._path(key, ".renewal")
         try:
             renewed = json.loads(path.read_bytes())
         except FileNotFoundError:

@@ -32,15 +32,18 @@ connection; clients poll, cancel and resume it (the rules: resp2chat_core/backgr
 - ``cancel`` (``POST /v1/responses/{id}/cancel``, through the store addon): a run of this
   gateway is stopped at once (its backend call closed: the task is cancelled) and ends
   ``cancelled``; one of another replica is asked to stop through the store (its Response
-  alone, written as a renewal is: ``renew``, under the version check), and waited for
-  (one whose replica died, or that did not stop within ``CANCEL_WAIT``, is stored ``cancelled``
-  here, over the version read: a write that came in between is read again, never answered over).
+  alone, written as a renewal is: ``renew``, under the version check), and waited for, its
+  status alone read every ``POLL`` (store.py ``status``); one whose replica died, or that did
+  not stop within ``CANCEL_WAIT``, is stored ``cancelled`` here, over the version read (a write
+  that came in between is read again, never answered over), as a renewal that ends it
+  (``renew(…, ended=True)``: its output so far indexed, its conversation not written again).
 - ``resume`` (``GET /v1/responses/{id}?stream=true&starting_after=N``, through the store addon;
   ``include`` checked as a GET's): the events after ``N``, from this gateway's run, live (while
   the store holds it: one deleted while it runs is a 404, as a GET of it; the store not
   answering, it is not known deleted), or once it ended, from the store (a run
   of another replica: its events when it ends, read by one follower per response here, which
-  every client streaming it shares and which stops when the last of them goes away; one that
+  every client streaming it shares, reading its status alone until it ended, and which stops
+  when the last of them goes away; one that
   ended without events for them ends their streams with what a request for it would get then,
   as an ``error`` event (their 200 went out while it ran): the "not kept" error, the 404 of a
   response deleted meanwhile, ``server_error`` when its replica died (its lease passed: a
@@ -428,14 +431,32 @@ class Background:
                 return B.public(response)
             if B.is_dead(response, now) or time.monotonic() > deadline:  # nobody runs it: it ends here
                 ended = B.cancelled_here(response)
-                if await store.put(response_id, entry["items"], ended, owner=owner, expect=entry["version"]):
+                # (its Response alone, as a renewal that ends it: its output indexed as a put's, its
+                # conversation neither encoded nor sent again)
+                renewal = await store.renew(response_id, ended, owner=owner, expect=entry["version"], ended=True)
+                if renewal is not None and renewal.too_large:  # (the store's bounds shrank since it ran)
+                    ended = B.too_large(ended)
+                    renewal = await store.renew(response_id, ended, owner=owner, expect=entry["version"], ended=True)
+                if renewal is not None and renewal.renewed:
                     return B.public(ended)
-                # (another write came in between (a GET stored it failed, its run ended): read again)
+                # (another write came in between (a GET stored it failed, its run ended), or it is gone: read again)
             elif not B.cancel_asked(response):  # another replica runs it: asked there, at its next renewal
                 # (its Response alone, as a renewal: the conversation is neither encoded nor sent again; another
                 # write in between, or none there any more: read again)
                 await store.renew(response_id, B.ask_cancel(response), owner=owner, expect=entry["version"])
+            await self._until_changed(response_id, owner, deadline)
+
+    async def _until_changed(self, response_id: str, owner: str, deadline: float) -> None:
+        """Wait, for a cancellation of a response another replica runs, until there is something
+        to do: it ended, died or is gone, no cancellation is asked of it (the ask lost to another
+        write), or ``deadline`` (monotonic) passed. Every ``POLL`` its status alone is read (store.py
+        ``status``: a few dozen bytes), not its entry (its conversation and output)."""
+        while True:
             await asyncio.sleep(POLL)
+            status = await self.store.store.status(response_id, owner=owner)
+            if status is None or not B.is_running(status) or B.is_dead(status, time.time()) or \
+                    not B.cancel_asked(status) or time.monotonic() > deadline:
+                return
 
     # --- GET /v1/responses/{id}?stream=true -----------------------------------------------------
 
@@ -471,10 +492,10 @@ class Background:
         self.feed(flow, source, after)
 
     async def _deleted(self, response_id: str, owner: str) -> bool:
-        """Whether a run of this gateway was deleted (the store does not hold it); the store
-        unreachable: not known deleted (its log here has its events)."""
+        """Whether a run of this gateway was deleted (the store does not hold it: its status, not
+        its entry, is read); the store unreachable: not known deleted (its log here has its events)."""
         try:
-            return await self.store.get(response_id, owner) is None
+            return await self.store.store.status(response_id, owner=owner) is None
         except StateUnavailable as exc:
             log.warning(f"resp2chat: resuming background {response_id} from this gateway's events: {exc}")
             return False
@@ -505,12 +526,16 @@ class Background:
         return followed
 
     async def _poll(self, key: tuple[str, str], followed: Log) -> None:
-        """Every ``POLL``: the followed response from the store, until it ended (or is dead)."""
+        """Every ``POLL``: the followed response's status (store.py ``status``: not its entry),
+        until it ended (or is dead, or gone); then its entry, once."""
         response_id, owner = key
         try:
             while True:
                 await asyncio.sleep(POLL)
-                entry = await self.store.get(response_id, owner)
+                status = await self.store.store.status(response_id, owner=owner)
+                if status is not None and B.is_running(status) and not B.is_dead(status, time.time()):
+                    continue
+                entry = await self.store.get(response_id, owner) if status is not None else None
                 response, now = entry["response"] if entry else None, time.time()
                 if response is None or not B.is_running(response) or B.is_dead(response, now):
                     events = B.stored_events(response) if response else None

@@ -207,7 +207,7 @@ class StoredResponses(Owner):
         if not await self.store.put(response_id, items, final, owner=owner) and self.s["max_sessions"] > 0 \
                 and self.s["session_ttl_hours"] > 0:
             log.warning(f"resp2chat: response {response_id} not stored: the response store refused it (larger than "
-                        "it keeps, max_session_memory_mb; or the id is another client's): a GET of it is a 404, "
+                        "it keeps, max_session_memory_mb): a GET of it is a 404, "
                         "previous_response_id on it a 400 previous_response_not_found")
 
     def finished(self, done) -> None:
@@ -301,12 +301,13 @@ class StoredResponses(Owner):
 
     async def seen(self, response_id: str, entry: dict, owner: str) -> dict:
         """A stored Response as a client sees it: a background one whose gateway died is
-        ``failed`` (and stored so, over what was read), never ``in_progress`` forever."""
+        ``failed`` (and stored so, over what was read, as a renewal that ends it: its output so far
+        indexed, its conversation not written again), never ``in_progress`` forever."""
         response = entry["response"]
         if B.is_dead(response, time.time()):
             response = B.dead(response)
-            self.writes.start(f"response {response_id} not stored", self.store.put(
-                response_id, entry["items"], response, owner=owner, expect=entry["version"]))
+            self.writes.start(f"response {response_id} not stored", self.store.renew(
+                response_id, response, owner=owner, expect=entry["version"], ended=True))
         return B.public(response)
 
     async def _cancel(self, flow: http.HTTPFlow, response_id: str, owner: str) -> None:
