@@ -206,6 +206,33 @@ def test_the_loop_lists_then_calls_then_answers():
     assert [f["function"]["name"] for f in nxt["tools"]] == ["exec"]  # max_mcp_rounds spent
 
 
+def test_a_call_past_a_spent_bound_is_the_gateways_refused_and_the_turn_ends():
+    """Once ``max_mcp_rounds`` (or ``max_tool_calls``) is spent the round offers no MCP tool; a
+    call the model makes of one anyway is still held back (never a client's function_call): a
+    ``Call`` refused with the bound it is past, that reaches no server, and the turn ends after
+    its round (``Finish``: no round after it, where the model would only ask again)."""
+    for max_rounds, max_calls, bound in ((1, None, "max_mcp_rounds"), (5, 1, "max_tool_calls")):
+        t = turn([tool(require_approval="never"), {"type": "function", "name": "exec"}], "hi")
+        loop = ToolLoop(t.chat_body, [mcp.McpTools(t.mcp, max_rounds=max_rounds)], max_calls=max_calls)
+        loop.prelude()
+        loop.begin([(ECHO, SUM)])
+        loop.feed(chat_sse(tool_call_chunk(0, "c1", "mcp__ev__echo", '{"message":"x"}'), chat_chunk(finish="tool_calls")))
+        _, steps = loop.end_round(ok=True)
+        assert steps[0].refused is None and loop.next_round(["Echo: x"]) is None
+        assert [f["function"]["name"] for f in json.loads(loop.body)["tools"]] == ["exec"]
+        assert loop.owns("mcp__ev__echo") and loop.owns("mcp__ev__nope") and not loop.owns("exec")
+        out = loop.feed(chat_sse(tool_call_chunk(0, "c2", "mcp__ev__get-sum", '{"a":1}'),
+                                 tool_call_chunk(1, "c3", "mcp__ev__nope", "{}"), chat_chunk(finish="tool_calls")))
+        assert parse_chat_sse(out) == []  # held back, both: the gateway's, not the client's
+        _, steps = loop.end_round(ok=True)
+        assert [(s.call_id, s.label, s.name) for s in steps] == [("c2", "ev", "get-sum"), ("c3", "ev", "nope")]
+        assert all(isinstance(s, mcp.Call) and s.refused.startswith("Not run: ") and bound in s.refused
+                   for s in steps), steps
+        end = loop.next_round(["Error: " + s.refused for s in steps])
+        assert isinstance(end, Finish)
+        assert [c["choices"][0]["finish_reason"] for c in parse_chat_sse(end.tail) if isinstance(c, dict) and c.get("choices")] == ["tool_calls"]
+
+
 def test_the_tool_choice_reaches_round_one_once_the_tools_are_listed():
     """A first turn's request has no tools to choose among until the listing: round 1 gets the
     client's choice then (``required``, an mcp tool by name, parallel_tool_calls); the round

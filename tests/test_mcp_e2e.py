@@ -850,6 +850,7 @@ class _Rounds(QuietHandler):
 
     tool = "mcp__ev__echo"
     rounds = 2
+    always = False  # call it in a round that offers none of the server's tools too (a model that ignores them)
     before = staticmethod(lambda n: None)
     bodies: list[dict] = []  # the chat requests it got
 
@@ -859,7 +860,8 @@ class _Rounds(QuietHandler):
         type(self).bodies.append(body)
         type(self).before(len(results))
         prefix = self.tool.rsplit("__", 1)[0] + "__"  # (a round that offers none of the server's tools: an answer)
-        if len(results) < self.rounds and any(t["function"]["name"].startswith(prefix) for t in body.get("tools") or ()):
+        if len(results) < self.rounds and (self.always or any(t["function"]["name"].startswith(prefix)
+                                                              for t in body.get("tools") or ())):
             call = {"id": f"call_{len(results)}", "type": "function", "function": {
                 "name": self.tool, "arguments": json.dumps({"message": f"call {len(results)}"})}}
             send_json(self, 200, chat_completion({"content": None, "tool_calls": [call]}, "tool_calls"))
@@ -903,7 +905,7 @@ def test_a_server_that_restarts_within_a_turn_costs_its_steps_a_new_session(tmp_
         elif case == "down_then_back" and n == 2:
             server.start()
 
-    _Rounds.tool, _Rounds.rounds, _Rounds.before = "mcp__ev__echo", calls, staticmethod(before)
+    _Rounds.tool, _Rounds.rounds, _Rounds.before, _Rounds.always = "mcp__ev__echo", calls, staticmethod(before), False
     try:
         with LocalServer(_Rounds) as backend:
             gw = start_gateway(backend.url, tmp_path, "--set", "resp2chat_max_replay_entries=0", env={
@@ -957,6 +959,7 @@ def test_a_call_refused_without_running_spends_a_tool_call_and_a_round(tmp_path,
     what the model asks for, so a model that asks again and again for what it cannot have stops
     there (each time it is told why), and the round after offers no MCP tool."""
     _Rounds.tool, _Rounds.rounds, _Rounds.before, _Rounds.bodies = "mcp__ev__nope", 100, staticmethod(lambda n: None), []
+    _Rounds.always = False
     with LocalServer(_Rounds) as backend:
         gw = start_gateway(backend.url, tmp_path, "--set", "resp2chat_max_replay_entries=0", "--set",
                            "resp2chat_max_mcp_rounds=3", env={"RESP2CHAT_MCP_SERVERS": json.dumps(
@@ -973,3 +976,56 @@ def test_a_call_refused_without_running_spends_a_tool_call_and_a_round(tmp_path,
                 assert not any(t["function"]["name"].startswith("mcp__ev__") for t in _Rounds.bodies[-1].get("tools") or ())
         finally:
             gw.stop()
+
+
+@pytest.mark.parametrize("bound", ["max_tool_calls", "max_mcp_rounds"])
+def test_a_call_past_the_bounds_is_a_failed_mcp_call_and_the_turn_ends(tmp_path, everything, bound):
+    """Once a turn's ``max_tool_calls`` or ``max_mcp_rounds`` is spent, the next round offers no MCP
+    tool; a model that calls one anyway (a stray call, ``_Rounds.always``) gets no function_call of
+    a function the client never declared: its call is an ``mcp_call`` that failed, saying which
+    bound was spent, and the turn ends there, ``completed`` (OpenAI's: "any further attempts to
+    call a tool by the model will be ignored"; ``incomplete`` would need a reason the openai SDK
+    does not know) — in the JSON answer, the stream and the stored Response alike."""
+    _Rounds.tool, _Rounds.rounds, _Rounds.before, _Rounds.bodies = "mcp__ev__echo", 100, staticmethod(lambda n: None), []
+    _Rounds.always = True
+    extra = {"max_tool_calls": 1} if bound == "max_tool_calls" else {}
+    try:
+        with LocalServer(_Rounds) as backend:
+            gw = start_gateway(backend.url, tmp_path, "--set", "resp2chat_max_replay_entries=0", "--set",
+                               "resp2chat_max_mcp_rounds=2", env={"RESP2CHAT_MCP_SERVERS": json.dumps(
+                                   [{"label": "ev", "url": everything}])})
+            try:
+                client = openai_client(gw)
+                ran = 1 if bound == "max_tool_calls" else 2
+                for stream in (False, True):
+                    _Rounds.bodies = []
+                    body = {"model": "demo-model", "input": "go", "tools": [mcp_tool()], "stream": stream, **extra}
+                    r = post_turn(gw, body)
+                    assert r.status_code == 200, r.text
+                    if stream:
+                        events = check_stream(r.content, parse_sse(r.content)[0]["response"]["id"])
+                        check_sdk(events)
+                        types = [e["type"] for e in events]
+                        assert types[-1] == "response.completed" and "response.mcp_call.failed" in types
+                        assert not any(t.startswith("response.function_call") for t in types)
+                        resp = events[-1]["response"]
+                    else:
+                        resp = r.json()
+                    for answer in (resp, client.responses.retrieve(resp["id"]).model_dump()):
+                        assert answer["status"] == "completed" and answer["incomplete_details"] is None
+                        output = answer["output"]
+                        assert "function_call" not in kinds(output), kinds(output)
+                        calls = [o for o in output if o["type"] == "mcp_call"]
+                        assert len(calls) == ran + 1, kinds(output)
+                        assert [c["output"] for c in calls[:ran]] == [f"Echo: call {n}" for n in range(ran)]
+                        last = calls[-1]
+                        assert last["status"] == "failed" and last["output"] is None and last["name"] == "echo"
+                        assert last["server_label"] == "ev" and bound in last["error"]["message"], last["error"]
+                    # the backend was asked once per round that ran a call, and once more: no round after the refused call
+                    assert len(_Rounds.bodies) == ran + 1
+                    assert not any(t["function"]["name"].startswith("mcp__ev__")
+                                   for t in _Rounds.bodies[-1].get("tools") or ())
+            finally:
+                gw.stop()
+    finally:
+        _Rounds.always = False

@@ -199,7 +199,7 @@ def test_an_approval_runs_the_request_it_answers():
 def test_approved_calls_count_against_max_tool_calls():
     """``max_tool_calls`` bounds the calls the gateway runs in a response: the approved calls it
     runs before round 1 too (spent: round 1 offers none of its functions, and a call the model
-    makes anyway is not the gateway's to run)."""
+    makes anyway runs nothing: it is refused, a failed mcp_call, and the turn ends after it)."""
     from helpers import chat_chunk, chat_sse, tool_call_chunk
 
     items = [{"role": "user", "content": "hi"}, LISTED, asked(0), answer("mcpr_0", True)]
@@ -212,7 +212,9 @@ def test_approved_calls_count_against_max_tool_calls():
         assert [f["function"]["name"] for f in json.loads(loop.body).get("tools") or ()] == offered_after
         loop.feed(chat_sse(tool_call_chunk(0, "c1", "mcp__ev__echo", "{}"), chat_chunk(finish="tool_calls")))
         _, then = loop.end_round(ok=True)
-        assert len(then) == 1 if offered_after else isinstance(then, Finish)  # (spent: the turn ends, nothing runs)
+        assert len(then) == 1 and (then[0].refused is None) == bool(offered_after)
+        if not offered_after:  # (spent: refused, nothing runs, and the turn ends)
+            assert "max_tool_calls" in then[0].refused and isinstance(loop.next_round(["Error: not run"]), Finish)
 
 
 # --- the functions ------------------------------------------------------------------------------

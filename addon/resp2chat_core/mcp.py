@@ -732,6 +732,18 @@ class McpTools:
             return Approve(call_id, label, tool, arguments)
         return Call(call_id, server, label, tool, arguments)
 
+    def refuse(self, call_id: str, name: str, arguments: str, bound: str) -> Call:
+        """A call the model made once ``bound`` (``max_tool_calls``, ``max_mcp_rounds``) was spent,
+        its function no longer offered: a ``Call`` refused with why, a failed ``mcp_call`` that
+        reaches no server (never a function_call of a function the client did not declare); the
+        turn ends after its round (toolloop.py)."""
+        label, tool = self.names.get(name) or self.stray(name)
+        why = (f"Not run: this response's max_tool_calls was reached, and the model called {tool[:200]!r} of MCP "
+               f"server {label} anyway" if bound == "max_tool_calls" else
+               f"Not run: the {self.max_rounds} rounds of MCP tool calls this gateway runs in one response "
+               f"(max_mcp_rounds) were spent, and the model called {tool[:200]!r} of MCP server {label} anyway")
+        return Call(call_id, self.servers[label], label, tool, arguments, refused=why)
+
     def pending_calls(self) -> list[Call]:
         return [Call(p.request_id, self.servers.get(p.label), p.label, p.name, p.arguments, p.request_id)
                 for p in self.turn.pending]

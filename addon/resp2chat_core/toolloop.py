@@ -110,6 +110,10 @@ class ServerTool(Protocol):
 
     def step(self, call_id: str, name: str, arguments: str): ...
 
+    # optional: ``refuse(call_id, name, arguments, bound)``, the step of a call past a spent bound
+    # (``bound``: the setting's name), which runs nothing and tells the client why (mcp: a failed
+    # mcp_call); a kind without it lets such a call go to the client (``ToolLoop.owns``)
+
 
 @dataclass(frozen=True)
 class Finish:
@@ -157,6 +161,7 @@ class ToolLoop:
         self._usages: list[dict] = []
         self._result: RoundResult | None = None
         self._steps: list = []
+        self._refused = False  # the last round refused a call past a spent bound (``end_round``): the turn ends
         self._open = True  # a round's request is (about to be) with the backend: ``body``, ``_filter``
         self._spent = 0  # backend tokens of the rounds that ended (``work``)
 
@@ -165,15 +170,24 @@ class ToolLoop:
         return max((k.rounds for k in self.kinds), default=0)
 
     def owns(self, name: str) -> bool:
-        """The function is one the gateway runs (the filter holds its calls back). Not once its
-        kind's rounds are spent: a call the model makes anyway (its function is not offered
-        any more) goes to the client as any unknown function does, and the loop ends."""
-        if self.calls_left == 0:
-            return False
+        """The function is one the gateway runs (the filter holds its calls back). Once its
+        kind's rounds or ``max_tool_calls`` are spent (its function is not offered any more), a
+        call the model makes anyway is the gateway's still for a kind that refuses one (``refuse``)
+        (mcp: a failed ``mcp_call``, and the turn ends: ``end_round``); a kind that does not
+        (web search) lets it go to the client as any unknown function does, and the loop ends."""
         for kind in self.kinds:
             if kind.owns(name):
-                return kind.rounds < kind.max_rounds
+                return self._bound(kind) is None or hasattr(kind, "refuse")
         return False
+
+    def _bound(self, kind) -> str | None:
+        """Which bound of the turn leaves ``kind`` no call to run any more (the words its
+        refusal says), or None."""
+        if self.calls_left == 0:
+            return "max_tool_calls"
+        if kind.rounds >= kind.max_rounds:
+            return f"max_{kind.name}_rounds"
+        return None
 
     def _kind(self, name: str):
         return next(k for k in self.kinds if k.owns(name))
@@ -264,8 +278,16 @@ class ToolLoop:
             return tail, Finish(final_chunks(result.finish_reason, self._usages))
         self._result = result
         self._steps, self._placed = [], []
+        spent = {kind.name: self._bound(kind) for kind in self.kinds}  # (before this round's calls spend any)
+        self._refused = False
         for call_id, name, args in result.calls:  # (in order: the calls past max_tool_calls are not run)
-            step = self._kind(name).step(call_id, name, args)
+            kind = self._kind(name)
+            if spent[kind.name] is not None:  # a call past a bound spent before this round: refused, the turn ends
+                self._refused = True
+                self._placed.append(len(self._steps))
+                self._steps.append(kind.refuse(call_id, name, args, spent[kind.name]))
+                continue
+            step = kind.step(call_id, name, args)
             if self.calls_left is not None and getattr(step, "spends", True):
                 if self.calls_left == 0:
                     self._placed.append(None)
@@ -285,7 +307,9 @@ class ToolLoop:
         for kind in self.kinds:
             if kind.name in used:
                 kind.rounds += 1
-        if any(text is None for text in texts):  # the client decides first (mcp_approval_request)
+        if self._refused or any(text is None for text in texts):
+            # a call past a spent bound was refused (the model would only ask again), or the client
+            # decides first (mcp_approval_request): the turn ends with this round
             return Finish(final_chunks(result.finish_reason, self._usages))
         if self._chat is None:
             self._chat = json.loads(self.body)
