@@ -56,7 +56,12 @@ The request's ``max_tool_calls`` bounds the calls the loop runs, of all kinds to
 prelude's approved calls too (OpenAI's:
 "any further attempts to call a tool by the model will be ignored"): a round's calls past it are
 not run (the model reads ``NOT_RUN`` for each), and once it is spent no round offers the
-gateway's functions any more. A step that runs nothing (``spends`` false: mcp's ``Approve``, a call
+gateway's functions any more. A call the model makes anyway, once a bound is spent (its kind's
+rounds, or ``max_tool_calls``), is still the gateway's for a kind that ``refuse``-s it (mcp: a
+``Call`` refused with the bound's name, a failed ``mcp_call`` that reaches no server, never a
+``function_call`` of a function the client never declared): the round's steps run, and the turn
+ends after it, ``completed`` (no round after it: the model would only ask again). A kind without
+``refuse`` (web search) lets such a call go to the client, and the loop ends. A step that runs nothing (``spends`` false: mcp's ``Approve``, a call
 that waits for the client's approval) spends none of it: the turn that runs the call, if the client
 approves it, counts it then. A call the gateway refuses without running it (mcp's: a tool no listing
 offers, or one allowed_tools refuses) spends one, and its round one of its kind's: the bounds are on
