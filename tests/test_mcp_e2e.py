@@ -860,8 +860,10 @@ class _Rounds(QuietHandler):
         type(self).bodies.append(body)
         type(self).before(len(results))
         prefix = self.tool.rsplit("__", 1)[0] + "__"  # (a round that offers none of the server's tools: an answer)
-        if len(results) < self.rounds and (self.always or any(t["function"]["name"].startswith(prefix)
-                                                              for t in body.get("tools") or ())):
+        # (``always``: until it reads that a call was refused, "Not run: …", as a model would)
+        offered = any(t["function"]["name"].startswith(prefix) for t in body.get("tools") or ())
+        if len(results) < self.rounds and (offered and not self.always
+                                           or self.always and not any("Not run: " in r for r in results)):
             call = {"id": f"call_{len(results)}", "type": "function", "function": {
                 "name": self.tool, "arguments": json.dumps({"message": f"call {len(results)}"})}}
             send_json(self, 200, chat_completion({"content": None, "tool_calls": [call]}, "tool_calls"))
@@ -985,7 +987,9 @@ def test_a_call_past_the_bounds_is_a_failed_mcp_call_and_the_turn_ends(tmp_path,
     a function the client never declared: its call is an ``mcp_call`` that failed, saying which
     bound was spent, and the turn ends there, ``completed`` (OpenAI's: "any further attempts to
     call a tool by the model will be ignored"; ``incomplete`` would need a reason the openai SDK
-    does not know) — in the JSON answer, the stream and the stored Response alike."""
+    does not know) — in the JSON answer, the stream and the stored Response alike. The Agents SDK
+    takes such a response (no message, hosted tool calls) as a step and asks again, the failed
+    call in its input: the model, having read why, answers."""
     _Rounds.tool, _Rounds.rounds, _Rounds.before, _Rounds.bodies = "mcp__ev__echo", 100, staticmethod(lambda n: None), []
     _Rounds.always = True
     extra = {"max_tool_calls": 1} if bound == "max_tool_calls" else {}
@@ -1025,6 +1029,20 @@ def test_a_call_past_the_bounds_is_a_failed_mcp_call_and_the_turn_ends(tmp_path,
                     assert len(_Rounds.bodies) == ran + 1
                     assert not any(t["function"]["name"].startswith("mcp__ev__")
                                    for t in _Rounds.bodies[-1].get("tools") or ())
+                # the Agents SDK: a response of hosted tool calls and no message makes it ask again (its
+                # NextStepRunAgain), with the failed mcp_call in the input; the model, having read why, answers
+                # (a function_call of a tool the agent does not have would have failed the run instead)
+                from agents import Agent, HostedMCPTool, ModelSettings, OpenAIResponsesModel, Runner, set_tracing_disabled
+
+                set_tracing_disabled(True)
+                model = OpenAIResponsesModel(model="demo-model", openai_client=openai_client(gw, asynchronous=True))
+                agent = Agent(name="m", model=model, tools=[HostedMCPTool(tool_config=mcp_tool())],
+                              model_settings=ModelSettings(extra_body=extra or None))
+                result = asyncio.run(Runner.run(agent, "go"))
+                calls = [item.raw_item for item in result.new_items if item.type == "tool_call_item"]
+                assert [getattr(c, "type", "") for c in calls] == ["mcp_call"] * (ran + 1)
+                assert calls[-1].status == "failed" and bound in calls[-1].error.message
+                assert "Not run: " in result.final_output and len(result.raw_responses) == 2
             finally:
                 gw.stop()
     finally:
