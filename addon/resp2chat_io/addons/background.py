@@ -16,7 +16,8 @@ connection; clients poll, cancel and resume it (the rules: resp2chat_core/backgr
   again), which answers with the Response there when another write came in between: a
   cancellation another replica asked for, its end stored elsewhere, or its deletion stops it.
   When it ends, the final Response is stored (any status: the poll must see it), with its
-  events when the client streamed; the turn is settled and its listeners hear of it as any
+  events when the client streamed, as a renewal that ends it (``renew(…, ended=True)``: its
+  output indexed as a ``put``'s; its conversation, stored when it was queued, not sent again); the turn is settled and its listeners hear of it as any
   turn's (metrics, access log, limits, a conversation). Its terminal event reaches a client
   streaming it only once it is stored (its reader holds it: ``conversations.Landing``), and says
   what the store keeps, so its stream and a poll agree. One the store can no longer keep (its
