@@ -385,6 +385,24 @@ def test_a_run_that_ends_on_its_replica_stores_its_end_without_its_conversation_
     assert go_on.status == "completed"
 
 
+def test_a_run_that_names_a_conversation_leaves_its_items_there(upstream, gateway_factory, redis_server):
+    """A background turn naming a conversation (the Conversations API), on a gateway sharing
+    Redis: once it ended on its replica (its end a renewal that ends it, not a ``put``), the
+    conversation holds its input and output, and a later turn of the conversation sees them."""
+    client = openai_client(gateway_factory(upstream.origin, "--set", f"resp2chat_state_store_url={redis_server.url}"))
+    conv = client.conversations.create(items=[{"type": "message", "role": "user", "content": "noreason\nwords: 2"}])
+    queued = client.responses.create(model="demo-model", conversation=conv.id, background=True,
+                                     input="noreason\nwords: 20\nslow: 50")
+    ended = poll(client, queued.id)
+    assert ended.status == "completed", ended
+    listed = client.conversations.items.list(conv.id, order="asc").data
+    assert [i.type for i in listed] == ["message"] * 3 and listed[-1].id == ended.output[-1].id, listed
+    upstream.clear()
+    later = client.responses.create(model="demo-model", conversation=conv.id, input="noreason\nand?")
+    assert later.status == "completed"
+    assert ended.output_text in json.dumps(upstream.requests()[-1])
+
+
 def test_a_gateway_that_stops_leaves_it_failed_on_disk(upstream, gateway_factory, tmp_path):
     args = ("--set", f"resp2chat_session_store_dir={tmp_path / 'store'}")
     gw = gateway_factory(upstream.origin, *args)
