@@ -349,6 +349,60 @@ def test_a_run_whose_replica_died_is_ended_elsewhere_without_its_conversation_wr
         assert go_on.status == "completed"
 
 
+def test_a_run_that_ends_on_its_replica_stores_its_end_without_its_conversation_written_again(
+        upstream, gateway_factory, redis_server):
+    """A background response continuing a stored one whose conversation is large (300 KB) runs
+    and ends on its replica: its end is written as a renewal that ends it (store.py ``renew(…,
+    ended=True)``: its Response and output alone, the output indexed as a ``put`` indexes it),
+    not a whole ``put`` that sent the conversation to Redis again (it went once, when it was
+    queued): watched as the bytes Redis received from while it runs to its end. A later turn
+    continuing it (``previous_response_id``) still gets the whole conversation, its output
+    included, and an ``item_reference`` to its output resolves."""
+    gw = gateway_factory(upstream.origin, "--set", f"resp2chat_state_store_url={redis_server.url}")
+    client = openai_client(gw)
+    marker = "conversation-marker-" + "x" * 300_000
+    first = client.responses.create(model="demo-model", input=large_given(marker, "noreason\nwords: 3"))
+    queued = client.responses.create(model="demo-model", previous_response_id=first.id, background=True,
+                                     input="noreason\nwords: 30\nslow: 100")
+    wait_until(lambda: client.responses.retrieve(queued.id).status == "in_progress", 10, "it runs")
+    r = redis_server.client()
+    _, received, _ = redis_traffic(r)
+    ended = poll(client, queued.id)
+    _, stored, _ = redis_traffic(r)
+    print(f"bytes Redis received from its run to its end: {stored - received}")
+    assert ended.status == "completed", ended
+    assert stored - received < 64 * KiB, stored - received
+    answer = ended.output[-1]
+    listed = [i for i in client.responses.input_items.list(queued.id, order="asc").data]
+    assert listed[0].content[0].text == marker and len(listed) == 4, [i.type for i in listed]
+    upstream.clear()
+    later = client.responses.create(model="demo-model", previous_response_id=queued.id, input="noreason\nand?")
+    assert later.status == "completed"
+    sent = json.dumps(upstream.requests()[-1])
+    assert marker in sent and ended.output_text in sent and "words: 30" in sent, sent[-2000:]
+    go_on = client.responses.create(model="demo-model", input=[{"type": "item_reference", "id": answer.id},
+                                                               {"role": "user", "content": "noreason\nand?"}])
+    assert go_on.status == "completed"
+
+
+def test_a_run_that_names_a_conversation_leaves_its_items_there(upstream, gateway_factory, redis_server):
+    """A background turn naming a conversation (the Conversations API), on a gateway sharing
+    Redis: once it ended on its replica (its end a renewal that ends it, not a ``put``), the
+    conversation holds its input and output, and a later turn of the conversation sees them."""
+    client = openai_client(gateway_factory(upstream.origin, "--set", f"resp2chat_state_store_url={redis_server.url}"))
+    conv = client.conversations.create(items=[{"type": "message", "role": "user", "content": "noreason\nwords: 2"}])
+    queued = client.responses.create(model="demo-model", conversation=conv.id, background=True,
+                                     input="noreason\nwords: 20\nslow: 50")
+    ended = poll(client, queued.id)
+    assert ended.status == "completed", ended
+    listed = client.conversations.items.list(conv.id, order="asc").data
+    assert [i.type for i in listed] == ["message"] * 3 and listed[-1].id == ended.output[-1].id, listed
+    upstream.clear()
+    later = client.responses.create(model="demo-model", conversation=conv.id, input="noreason\nand?")
+    assert later.status == "completed"
+    assert ended.output_text in json.dumps(upstream.requests()[-1])
+
+
 def test_a_gateway_that_stops_leaves_it_failed_on_disk(upstream, gateway_factory, tmp_path):
     args = ("--set", f"resp2chat_session_store_dir={tmp_path / 'store'}")
     gw = gateway_factory(upstream.origin, *args)

@@ -249,8 +249,9 @@ async def test_a_restart_reads_a_renewal_only_over_the_file_it_renewed(tmp_path)
 def test_a_running_response_leaves_its_conversations_file_alone(upstream, gateway_factory, tmp_path):
     """A background response of a 400 KiB conversation (what the demo model takes) on a gateway with a store directory: while
     it runs, its renewals write its Response beside the entry's file (``.renewal``), never the
-    file itself; its input items are listed meanwhile; its end writes the file (the renewal
-    goes), which a restarted gateway reads."""
+    file itself; its input items are listed meanwhile; its end is a renewal too (one that ends
+    it: store.py ``renew(…, ended=True)``), the file still untouched, which a restarted gateway
+    reads with the renewal over it."""
     store = tmp_path / "store"
     args = ("--set", f"resp2chat_session_store_dir={store}")
     client = openai_client(gateway_factory(upstream.origin, *args))
@@ -271,7 +272,10 @@ def test_a_running_response_leaves_its_conversations_file_alone(upstream, gatewa
     listed = client.responses.input_items.list(queued.id, order="asc")
     assert [len(i.content[0].text) for i in listed.data] == [400 * KiB, len(SLOW)]
     done = wait_until(lambda: (r := client.responses.retrieve(queued.id)).status == "completed" and r, 30, "its end")
-    assert len(done.output_text.split()) == 40 and not renewal.exists()
+    assert len(done.output_text.split()) == 40
+    assert json.loads(renewal.read_bytes())["response"]["status"] == "completed"
+    ended = os.stat(path)
+    assert (ended.st_ino, ended.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     again = openai_client(gateway_factory(upstream.origin, *args))
     assert again.responses.retrieve(queued.id).output_text == done.output_text
 

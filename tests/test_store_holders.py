@@ -52,3 +52,31 @@ def test_an_item_reference_resolves_after_a_later_response_was_deleted(upstream,
         assert upstream.requests()[-1]["messages"][1]["content"] == "You said: first question"
     finally:
         gw.stop()
+
+
+async def test_what_a_background_response_holds_lives_as_long_as_it_once_it_ended(redis_server):
+    """In Redis an item's key expires with its newest holder's write (``ttl`` from it). A
+    background response holds the items of its conversation from when it was queued (its
+    ``put``); its end, a renewal that ends it (store.py ``renew(…, ended=True)``), writes it
+    again, and what it holds lives as long as it does from then, as when its end was a ``put``:
+    an item of its conversation still resolves after the response that produced it expired, as
+    the item it produced does (in memory an item resolves while any holder of it lives)."""
+    import asyncio
+
+    state = RedisState(redis_server.url)
+    answer = {"type": "message", "id": "msg_0001", "role": "assistant", "content": "first answer"}
+    made = {"type": "message", "id": "msg_0002", "role": "assistant", "content": "its answer"}
+    try:
+        store = RedisResponseStore(state, ttl=3, **BIG)
+        assert await store.put("resp_first0001", [user("first"), answer], {"id": "resp_first0001", "output": [answer]})
+        assert await store.put("resp_backgr001", [user("first"), answer, user("go on")],
+                               {"id": "resp_backgr001", "status": "queued", "output": []})
+        await asyncio.sleep(2)
+        assert (await store.renew("resp_backgr001", {"id": "resp_backgr001", "status": "completed", "output": [made]},
+                                  expect=1, ended=True)).renewed
+        await asyncio.sleep(1.8)  # (the first response's ttl passed, not the background one's since its end)
+        assert await store.get("resp_first0001") is None
+        assert (await store.get("resp_backgr001"))["items"][-1] == made
+        assert await store.items(["msg_0001", "msg_0002"]) == {"msg_0001": answer, "msg_0002": made}
+    finally:
+        await state.close()

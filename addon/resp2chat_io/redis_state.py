@@ -356,9 +356,11 @@ account(member, now, #data)
 # its ``in``) and ``tail`` (the rest: its output items, then its Response), which a renewal alone
 # writes (its first one splits ``data`` so, once: Lua copies a large string at ~5 ms/MB); the items it
 # holds stay as they were, but for a renewal that ends it (store.py ``renew``'s ``ended``), which indexes
-# the items its Response produced as a put does. ARGV: prefix, member, the new tail (without the comma after
-# input items), the version it replaces, ttl, max_sessions, max bytes, where the Response starts in that tail,
-# its Response's brief (as a put's), the items it produced ("id digest …"; "": none indexed).
+# the items its Response produced as a put does, and holds again what it held (its conversation's items:
+# an item's key expires with its newest holder's write; they live as long as it from its end, as after a
+# put of its end). ARGV: prefix, member, the new tail (without the comma after input items), the version it
+# replaces, ttl, max_sessions, max bytes, where the Response starts in that tail, its Response's brief (as a
+# put's), the items it produced ("id digest …"; "": none indexed).
 # Returns {1, new version, count, bytes}; {0}: no such entry; {-1, version, the stored Response's JSON}:
 # another version is there; {-2, version, the entry}: written by a version of the gateway without
 # ``in`` (the caller puts it whole); {-3, version}: larger than the store keeps
@@ -389,16 +391,24 @@ end
 redis.call('HSET', key, 'tail', rest, 'v', version + 1, 'r', cut + at, 's', ARGV[9], 'sv', version + 1)
 redis.call('EXPIRE', key, ttl)
 if ARGV[10] ~= '' then
-  local ids, produced, digests, has = redis.call('HGET', key, 'items') or '', {}, {}, {}
-  for iid in string.gmatch(ids, '%S+') do has[iid] = true end
+  -- (what it held, its conversation's items, held again from now, as a put's end held them: an item's key
+  -- expires with its newest holder's write)
+  -- (what it held already, held again from now: its conversation's items, as a put's end held them)
+  local ids, held, digests, has = redis.call('HGET', key, 'items') or '', {}, {}, {}
+  for iid in string.gmatch(ids, '%S+') do
+    local digest = redis.call('HGET', key, 'd:' .. iid)
+    has[iid] = true
+    if digest then held[#held + 1], digests[iid] = iid, digest end
+  end
   for iid, digest in string.gmatch(ARGV[10], '(%S+) (%S+)') do
-    produced[#produced + 1], digests[iid] = iid, digest
     if not has[iid] then
       ids, has[iid] = ids == '' and iid or ids .. ' ' .. iid, true
     end
+    if not digests[iid] then held[#held + 1] = iid end
+    digests[iid] = digest
   end
   redis.call('HSET', key, 'items', ids)
-  hold(key, ns, id, produced, digests, now, ttl)
+  hold(key, ns, id, held, digests, now, ttl)
 end
 account(member, now, cut + #rest)
 local counts = (function()

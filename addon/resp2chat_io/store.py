@@ -47,8 +47,8 @@ output so far: addons/background.py) under the version check, its conversation n
 nor encoded (a 2.5 MB conversation's ``get`` and ``put`` took ~30 ms of the event loop, each
 time). An entry's JSON is its input items, then its output items, then its Response
 (``encode_entry``): a renewal keeps the bytes of the first part and writes the rest. A renewal
-that ends it (``ended``: a cancellation or a death stored by another replica than the one that
-ran it) indexes its output as a ``put`` would, still without its conversation.
+that ends it (``ended``: its end on the replica that ran it, or a cancellation or a death stored
+by another one) indexes its output as a ``put`` would, still without its conversation.
 
 ``status``: what a poll of a running background response reads (a cancellation waiting for
 another replica to stop it, a resume following it there): its Response's ``brief``
@@ -323,10 +323,11 @@ class ResponseStore:
         conversation's input items, which are neither decoded nor encoded again. Only over
         version ``expect``; None: no such entry (deleted, expired, another owner's).
 
-        The items it produced are not indexed for ``item_reference`` (the ``put`` of its end does
-        that): the response is not over. ``ended``: it is over (a replica that did not run it
-        ends it: cancelled, or failed once its own died), and its output items are indexed as a
-        ``put`` indexes them (those of its conversation it holds were indexed when it was put);
+        The items it produced are not indexed for ``item_reference`` (its end does that): the
+        response is not over. ``ended``: it is over (the replica that ran it ends it, or one that
+        did not: cancelled, or failed once its own died), and its output items are indexed as a
+        ``put`` indexes them (those of its conversation it holds were indexed when it was put;
+        Redis holds them again from then, as a ``put`` would);
         it is not renewed again after. The directory copy: the Response beside the entry's file
         (``{id}.renewal``, naming the version of the file it renews), which a restart reads over
         that file's and a later ``put`` removes."""

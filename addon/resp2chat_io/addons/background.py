@@ -16,7 +16,8 @@ connection; clients poll, cancel and resume it (the rules: resp2chat_core/backgr
   again), which answers with the Response there when another write came in between: a
   cancellation another replica asked for, its end stored elsewhere, or its deletion stops it.
   When it ends, the final Response is stored (any status: the poll must see it), with its
-  events when the client streamed; the turn is settled and its listeners hear of it as any
+  events when the client streamed, as a renewal that ends it (``renew(…, ended=True)``: its
+  output indexed as a ``put``'s; its conversation, stored when it was queued, not sent again); the turn is settled and its listeners hear of it as any
   turn's (metrics, access log, limits, a conversation). Its terminal event reaches a client
   streaming it only once it is stored (its reader holds it: ``conversations.Landing``), and says
   what the store keeps, so its stream and a poll agree. One the store can no longer keep (its
@@ -350,29 +351,36 @@ class Background:
         whole = bg.log.whole() if bg.streamed else None  # (None for a streamed one: its front went)
         events = whole + bg.terminal if whole is not None else None
         stored = B.ended(final, None) if not bg.streamed else B.ended(final, events or b"", whole=events is not None)
-        items, store, elsewhere, shrunk, unkept = run.turn.items + final["output"], self.store.store, False, False, False
+        store, elsewhere, shrunk, unkept = self.store.store, False, False, False
         try:
-            for _ in range(ENDING_TRIES):  # (over what is there: a cancellation may have come in between)
-                if await store.put(bg.response_id, items, stored, owner=bg.owner, expect=bg.version):
+            # (its Response and output alone, as a renewal that ends it: store.py ``renew(…, ended=True)``, its
+            # output indexed as a put's; its conversation, stored when it was queued, is neither encoded nor sent
+            # again. Over what is there: a cancellation may have come in between)
+            for _ in range(ENDING_TRIES):
+                renewal = await store.renew(bg.response_id, stored, owner=bg.owner, expect=bg.version, ended=True)
+                if renewal is None:  # (deleted meanwhile: not stored again)
                     break
-                entry = await store.get(bg.response_id, owner=bg.owner)  # (why not: read it)
-                elsewhere = entry is not None and not B.is_running(entry["response"])
-                if entry is None or elsewhere:
+                if renewal.renewed:
+                    bg.version = renewal.version
                     break
-                if entry["version"] == bg.version and B.stored_events(stored) is not None:  # (larger than it keeps)
+                if renewal.response is not None:  # (another write: ended there, or a cancellation asked)
+                    elsewhere = not B.is_running(renewal.response)
+                    if elsewhere:
+                        break
+                elif B.stored_events(stored) is not None:  # (larger than it keeps)
                     log.warning(f"resp2chat: background {bg.response_id} with its events is larger than the response "
                                 "store keeps (max_session_memory_mb): stored without them (a resume is told they "
                                 "were not kept)")
                     stored, unkept = B.ended(final, b"", whole=False), True
-                elif entry["version"] == bg.version and not shrunk:
+                elif not shrunk:
                     if bg.stopping != "too_large":  # (else ``_renew`` said so)
                         log.warning(f"resp2chat: background {bg.response_id} is larger than the response store keeps "
                                     f"(max_session_memory_mb): stored failed ({B.TOO_LARGE['code']}), without its "
                                     "output")
-                    items, stored, shrunk = run.turn.items, B.too_large(stored), True
+                    stored, shrunk = B.too_large(stored), True
                     # (its client hears so: a completed one's end, never sent, becomes response.failed)
                     bg.terminal = bg.run.reader.fail_instead(B.TOO_LARGE["code"], B.TOO_LARGE["message"]) or bg.terminal
-                bg.version = entry["version"]
+                bg.version = renewal.version
             else:
                 log.warning(f"resp2chat: background {bg.response_id} not stored as it ended: it will read as failed")
         except StateUnavailable as exc:
