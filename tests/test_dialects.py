@@ -44,7 +44,7 @@ from helpers import (
     CREATED, DELTAS, FIXTURES, RESP_ID, TERMINAL, LocalServer, QuietHandler, check_sdk, check_stream, openai_client,
     parse_sse, start_gateway,
 )
-from resp2chat_core import websearch
+from resp2chat_core import toolloop, websearch
 from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.think import ThinkSplitter
 from resp2chat_core.translator import Translator
@@ -292,7 +292,7 @@ def test_behind_the_web_search_filter(name):
     tr = translator(name)
     out = b"".join(tr.feed(loop.feed(piece)) for piece in _odd_pieces(name, body))
     tail, step = loop.end_round(ok=True)
-    assert isinstance(step, websearch.Finish)
+    assert isinstance(step, toolloop.Finish)
     out += tr.feed(tail) + tr.feed(step.tail) + tr.finish()
     assert out == translate(name)
 

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers import CREATED, RESP_ID, chat_chunk, chat_sse, parse_sse
-from resp2chat_core import websearch
+from resp2chat_core import toolloop, websearch
 from resp2chat_core.chatstream import ChunkReader
 from resp2chat_core.inspect import (
     describe_chat_request, describe_chat_sse, describe_responses_request, describe_responses_sse,
@@ -92,7 +92,7 @@ def test_a_value_nested_too_deep_is_no_exception():
         assert [c[0] for c in sink.calls] == ["garbage"], sink.calls
         loop = websearch.SearchLoop(json.dumps({"model": "m", "messages": [], "tools": [websearch.TOOL]}).encode(), 2)
         passed = loop.feed(raw)  # (the round filter, in the relay: the translator then fails the turn, its code)
-        assert isinstance(loop.end_round(ok=True)[1], websearch.Finish) and isinstance(passed, bytes)
+        assert isinstance(loop.end_round(ok=True)[1], toolloop.Finish) and isinstance(passed, bytes)
         assert "not JSON" in describe_chat_sse(raw) or "neither SSE nor JSON" in describe_chat_sse(raw)
         assert "(not JSON)" in describe_responses_sse(raw) or describe_responses_sse(raw) == ""
 

@@ -57,7 +57,7 @@ def test_a_search_round_then_an_answer_is_one_stream_with_one_ending():
     second = chat_sse(chat_chunk({"content": "Here."}), chat_chunk(finish="stop"), usage(150, 5))
     assert parse_chat_sse(loop.feed(second)) == [chat_chunk({"content": "Here."})]
     _, step = loop.end_round(ok=True)
-    assert isinstance(step, websearch.Finish)
+    assert isinstance(step, toolloop.Finish)
     end = parse_chat_sse(step.tail)
     assert end[0]["choices"][0]["finish_reason"] == "stop" and end[-1] == "[DONE]"
     # the context the turn used (the last prompt) and every round's completion
@@ -91,7 +91,7 @@ def test_max_tool_calls_bounds_the_calls_run_across_rounds():
                                             chat_chunk(finish="tool_calls"))))
     assert [c["choices"][0]["delta"]["tool_calls"][0]["id"] for c in out if c["choices"][0]["delta"]] == ["s3"]
     _, step = loop.end_round(ok=True)
-    assert isinstance(step, websearch.Finish)
+    assert isinstance(step, toolloop.Finish)
 
 
 def test_client_tools_in_the_same_round_end_the_turn_there():
@@ -100,7 +100,7 @@ def test_client_tools_in_the_same_round_end_the_turn_there():
                                             tool_call_chunk(1, "e", "exec", "{}"), chat_chunk(finish="tool_calls"))))
     assert [c["choices"][0]["delta"]["tool_calls"][0]["id"] for c in out] == ["e"]  # only the client's call
     _, step = loop.end_round(ok=True)
-    assert isinstance(step, websearch.Finish)
+    assert isinstance(step, toolloop.Finish)
     assert parse_chat_sse(step.tail)[0]["choices"][0]["finish_reason"] == "tool_calls"
 
 
@@ -134,7 +134,7 @@ def test_a_chunk_with_a_search_and_a_client_call_goes_on_without_the_search():
     assert [c["choices"][0]["delta"] for c in out] == [
         {"tool_calls": [{"id": "e", "function": {"name": "exec", "arguments": '{"cmd":"ls"}'}}]}]
     _, step = loop.end_round(ok=True)
-    assert isinstance(step, websearch.Finish)  # the client runs its call first
+    assert isinstance(step, toolloop.Finish)  # the client runs its call first
 
 
 def test_a_re_encoded_chunk_keeps_the_models_refusal():
@@ -204,7 +204,7 @@ def test_a_round_answered_with_one_json_body_is_read_as_its_stream():
             tail, step = loop.end_round(ok=True)
             out += translator.feed(tail)
             steps.append(step)
-            if isinstance(step, websearch.Finish):
+            if isinstance(step, toolloop.Finish):
                 out += translator.feed(step.tail)
             else:
                 assert loop.next_round(["1. result"]) is None
@@ -453,7 +453,7 @@ def test_a_failed_or_cut_round_ends_the_loop_as_it_ended():
     loop = websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=5)
     loop.feed(b'data: {"choices":[{"index":0,"delta":{"content":"par')
     _, step = loop.end_round(ok=False)
-    assert step == websearch.Finish(b"")  # nothing added: the translator reports the stream as cut
+    assert step == toolloop.Finish(b"")  # nothing added: the translator reports the stream as cut
     loop = websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=5)
     loop.feed(chat_event({"content": "x"}, finish="length"))
     _, step = loop.end_round(ok=False)
@@ -537,7 +537,7 @@ def test_a_search_after_the_last_round_is_not_run_again():
                                               chat_chunk(finish="tool_calls"))))
     assert again[0]["choices"][0]["delta"]["tool_calls"][0]["id"] == "s2"  # passed on, not held
     _, step = loop.end_round(ok=True)
-    assert isinstance(step, websearch.Finish)
+    assert isinstance(step, toolloop.Finish)
 
 
 def _round(chunks: list) -> bytes:
@@ -587,7 +587,7 @@ def _client_sees(answer: bytes, read: str = "feed") -> tuple[list, object, tooll
     out = translator.feed(getattr(loop, read)(answer))
     tail, step = loop.end_round(ok=True)
     out += translator.feed(tail)
-    if isinstance(step, websearch.Finish):
+    if isinstance(step, toolloop.Finish):
         out += translator.feed(step.tail) + translator.finish()
         response = translator.response()
         assert response["status"] == "completed", response
@@ -616,7 +616,7 @@ def test_a_calls_deltas_before_its_name_wait_for_it():
     for answer, read in ((stream, "feed"), (one, "feed"), (whole, "whole")):
         calls, step, _ = _client_sees(answer, read)
         assert calls == want, read
-        assert isinstance(step, websearch.Finish)  # (the client's calls first)
+        assert isinstance(step, toolloop.Finish)  # (the client's calls first)
 
 
 def test_a_call_that_never_gets_a_name_is_no_call():

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 from helpers import (CREATED, RESP_ID, LocalServer, QuietHandler, chat_chunk, chat_sse, check_stream, post_turn,
                      send_cut, send_json, send_sse, start_gateway)
-from resp2chat_core import websearch
+from resp2chat_core import toolloop, websearch
 from resp2chat_core import websocket as ws
 from resp2chat_core.lowering import LoweringOptions
 from resp2chat_core.turn import begin_turn
@@ -174,7 +174,7 @@ def _run(script: list[tuple[bytes, bool]], answers: list[tuple[int, bytes]], max
             at = cut
         tail, step = loop.end_round(ok)
         out += tr.feed(tail)
-        if isinstance(step, websearch.Finish):
+        if isinstance(step, toolloop.Finish):
             out += tr.feed(step.tail)
             break
         for s in step:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from urllib.parse import urlencode
 
 from .sse import MAX_EVENT
-from .toolloop import Finish, ToolLoop  # noqa: F401 (Finish: the loop's end, as callers of SearchLoop read it)
+from .toolloop import ToolLoop
 
 NAME = "web_search"  # the function offered to the model
 PARAMETERS = {

@@ -42,5 +42,5 @@ def _responseheaders(self, flow):
     channel.wake = wake
 
 
-Turns.responseheaders = _responseheaders
+HttpTurns.responseheaders = _responseheaders
 addons = resp2chat.addons
