@@ -75,8 +75,9 @@ def test_the_last_round_has_no_web_search_tool():
 
 def test_max_tool_calls_bounds_the_calls_run_across_rounds():
     """The request's max_tool_calls (2): a round's third search is not run (the model reads that
-    it was not), no later round offers the search, and a search the model makes anyway goes to
-    the client as any function it was not offered does: the turn ends there."""
+    it was not), no later round offers the search, and a search the model makes anyway is held
+    back (never the client's function_call): a ``Search`` refused with the bound, and the turn
+    ends after its round."""
     loop = websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=5, max_calls=2)
     loop.feed(chat_sse(*[tool_call_chunk(i, f"s{i}", "web_search", f'{{"query": "q{i}"}}') for i in range(3)],
                        chat_chunk(finish="tool_calls")))
@@ -89,9 +90,11 @@ def test_max_tool_calls_bounds_the_calls_run_across_rounds():
     assert [t["function"]["name"] for t in nxt["tools"]] == ["exec"]  # (rounds were left: the calls were not)
     out = parse_chat_sse(loop.feed(chat_sse(tool_call_chunk(0, "s3", "web_search", '{"query": "q3"}'),
                                             chat_chunk(finish="tool_calls"))))
-    assert [c["choices"][0]["delta"]["tool_calls"][0]["id"] for c in out if c["choices"][0]["delta"]] == ["s3"]
-    _, step = loop.end_round(ok=True)
-    assert isinstance(step, toolloop.Finish)
+    assert not [c for c in out if c["choices"][0]["delta"].get("tool_calls")]  # held back: the gateway's
+    _, steps = loop.end_round(ok=True)
+    assert [(s.call_id, s.query) for s in steps] == [("s3", "q3")]
+    assert steps[0].refused.startswith("Not run: ") and "max_tool_calls" in steps[0].refused
+    assert isinstance(loop.next_round([steps[0].refused]), toolloop.Finish)
 
 
 def test_client_tools_in_the_same_round_end_the_turn_there():
@@ -528,16 +531,18 @@ def test_the_client_sees_a_web_search_call_item():
 
 def test_a_search_after_the_last_round_is_not_run_again():
     """The last round offers no web_search; a model that calls it anyway does not loop: the call
-    goes to the client as an unknown function's, and the turn ends."""
+    is refused (a failed web_search_call, never the client's function_call: the client declared
+    none), and the turn ends after its round."""
     loop = websearch.SearchLoop(json.dumps(CHAT).encode(), max_rounds=1)
     loop.feed(chat_sse(tool_call_chunk(0, "s1", "web_search", '{"query": "q"}'), chat_chunk(finish="tool_calls")))
     _, step = loop.end_round(ok=True)
     loop.next_round(["r"])
     again = parse_chat_sse(loop.feed(chat_sse(tool_call_chunk(0, "s2", "web_search", '{"query": "q"}'),
                                               chat_chunk(finish="tool_calls"))))
-    assert again[0]["choices"][0]["delta"]["tool_calls"][0]["id"] == "s2"  # passed on, not held
-    _, step = loop.end_round(ok=True)
-    assert isinstance(step, toolloop.Finish)
+    assert not [c for c in again if c["choices"][0]["delta"].get("tool_calls")]  # held back, not passed on
+    _, steps = loop.end_round(ok=True)
+    assert [(s.call_id, s.query) for s in steps] == [("s2", "q")] and "max_web_search_rounds" in steps[0].refused
+    assert isinstance(loop.next_round([steps[0].refused]), toolloop.Finish)
 
 
 def _round(chunks: list) -> bytes:

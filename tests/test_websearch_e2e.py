@@ -11,8 +11,8 @@ import pytest
 import requests
 
 from helpers import (
-    Codex, LocalServer, QuietHandler, chat_chunk, chat_completion, chat_sse, free_port, openai_client, parse_sse,
-    send_json, send_sse, tool_call, wait_until,
+    Codex, LocalServer, QuietHandler, chat_chunk, chat_completion, chat_sse, check_sdk, check_stream, free_port,
+    openai_client, parse_sse, post_turn, send_json, send_sse, start_gateway, tool_call, wait_until,
 )
 
 BRAVE_KEY = "brave-planted-key-123456"
@@ -487,3 +487,69 @@ def test_a_call_that_never_gets_a_name_does_not_stop_the_search(gateway_factory,
             assistant, tool = backend.bodies[-1]["messages"][-2:]
             assert [c["id"] for c in assistant["tool_calls"]] == ["call_s"]
             assert tool["tool_call_id"] == "call_s"
+
+
+class _SearchesAlways(QuietHandler):
+    """A chat backend whose model calls web_search in every round, offered or not (a model that
+    ignores the tools it is given), until it reads that a call was not run; then it answers with
+    what it read."""
+
+    bodies: list[dict] = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)))
+        type(self).bodies.append(body)
+        results = [m["content"] for m in body["messages"] if m["role"] == "tool"]
+        if not any("Not run: " in r for r in results):
+            call = {"id": f"call_{len(results)}", "type": "function", "function": {
+                "name": "web_search", "arguments": json.dumps({"query": f"q{len(results)}"})}}
+            send_json(self, 200, chat_completion({"content": None, "tool_calls": [call]}, "tool_calls"))
+        else:
+            send_json(self, 200, chat_completion({"content": " | ".join(results)}, "stop"))
+
+
+@pytest.mark.parametrize("bound", ["max_tool_calls", "max_web_search_rounds"])
+def test_a_search_past_the_bounds_is_a_failed_web_search_call_and_the_turn_ends(tmp_path, brave, bound):
+    """Once a turn's ``max_tool_calls`` or ``max_web_search_rounds`` is spent, the next round offers
+    no web_search; a model that calls it anyway gets no ``function_call`` of a function the client
+    never declared (web_search is the gateway's): the call is a ``web_search_call`` that failed,
+    no search runs, and the turn ends there, ``completed`` — the JSON answer, the stream and the
+    stored Response alike (as a hosted MCP call past them: test_mcp_e2e.py). Before: a
+    function_call ``web_search`` reached the client, which has no such function."""
+    url, handler = brave
+    extra = {"max_tool_calls": 1} if bound == "max_tool_calls" else {}
+    with LocalServer(_SearchesAlways) as backend:
+        gw = start_gateway(backend.url, tmp_path, "--set", "resp2chat_max_replay_entries=0",
+                           "--set", "resp2chat_max_web_search_rounds=2",
+                           env={"BRAVE_SEARCH_API_KEY": BRAVE_KEY, "RESP2CHAT_BRAVE_BASE_URL": url})
+        try:
+            client = openai_client(gw)
+            ran = 1 if bound == "max_tool_calls" else 2
+            for stream in (False, True):
+                _SearchesAlways.bodies, handler.queries = [], []
+                body = {"model": "demo-model", "input": "look it up", "tools": [WEB_SEARCH], "stream": stream,
+                        **extra}
+                r = post_turn(gw, body)
+                assert r.status_code == 200, r.text
+                if stream:
+                    events = check_stream(r.content, parse_sse(r.content)[0]["response"]["id"])
+                    check_sdk(events)
+                    types = [e["type"] for e in events]
+                    assert types[-1] == "response.completed", types
+                    assert not any(t.startswith("response.function_call") for t in types), types
+                    assert types.count("response.web_search_call.completed") == ran, types
+                    resp = events[-1]["response"]
+                else:
+                    resp = r.json()
+                for answer in (resp, client.responses.retrieve(resp["id"]).model_dump()):
+                    assert answer["status"] == "completed" and answer["incomplete_details"] is None
+                    output = answer["output"]
+                    assert [o["type"] for o in output] == ["web_search_call"] * (ran + 1), output
+                    assert [o["status"] for o in output] == ["completed"] * ran + ["failed"], output
+                    assert [o["action"]["query"] for o in output] == [f"q{n}" for n in range(ran + 1)]
+                assert [q["q"] for q in handler.queries] == [f"q{n}" for n in range(ran)]  # the last one: no search
+                # the backend was asked once per round that ran a search, and once more: no round after the refused call
+                assert len(_SearchesAlways.bodies) == ran + 1
+                assert not any(t["function"]["name"] == "web_search" for t in _SearchesAlways.bodies[-1].get("tools") or ())
+        finally:
+            gw.stop()

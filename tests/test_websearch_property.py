@@ -181,6 +181,10 @@ def _run(script: list[tuple[bytes, bool]], answers: list[tuple[int, bytes]], max
             out += tr.search_started(s.call_id, s.query)
         texts = []
         for s in step:
+            if s.refused is not None:  # past a spent bound: no search, a failed item
+                out += tr.search_done(s.call_id, (), True)
+                texts.append(s.refused)
+                continue
             status, answer = answers[sum(s.query.encode()) % len(answers)]
             text, urls = websearch.read_brave(s.query, status, answer, 3, KEY) if status else \
                 ("Web search failed: ConnectionResetError", [])
@@ -188,6 +192,10 @@ def _run(script: list[tuple[bytes, bool]], answers: list[tuple[int, bytes]], max
             out += tr.search_done(s.call_id, tuple(urls))
             texts.append(text)
         end = loop.next_round(texts)
+        if isinstance(end, toolloop.Finish):  # (a call past a spent bound was refused: the turn ends)
+            assert any(s.refused is not None for s in step)
+            out += tr.feed(end.tail)
+            break
         assert end is None
     return out + tr.finish(), ran, n
 
@@ -208,8 +216,9 @@ def test_property_the_search_loop_is_one_valid_stream(script, answers, max_round
     out, ran, n = _run(script, answers, max_rounds, max_calls, cuts)
     events = check_stream(out, RESP_ID)
     end = events[-1]["response"]
-    items = [o for o in end["output"] if o["type"] == "web_search_call"]
+    items = [o for o in end["output"] if o["type"] == "web_search_call" and o["status"] != "failed"]
     assert [(o["status"], o["action"]["query"]) for o in items] == [("completed", q) for _, _, q in ran]
+    assert not any(o["type"] == "function_call" and o["name"] == "web_search" for o in end["output"])
     assert len({o["id"] for o in items}) == len(items)
     assert len(set((k, call_id) for k, call_id, _ in ran)) == len(ran), ran  # (a round's searches: an id each)
     if max_calls is not None:
@@ -320,7 +329,10 @@ def test_property_a_search_turn_is_the_same_on_every_transport(rig, script, answ
     assert evs[-1]["response"] == final
     # each search ran is one completed item, whatever the search server answered (its failure is
     # text for the model), and no turn fails for what a search server answered
-    assert [o["status"] for o in final["output"] if o["type"] == "web_search_call"] == ["completed"] * len(queries)
+    # (and a search past the bounds is a failed item, no search run: never a function_call web_search)
+    assert [o["status"] for o in final["output"]
+            if o["type"] == "web_search_call" and o["status"] != "failed"] == ["completed"] * len(queries)
+    assert not any(o["type"] == "function_call" and o["name"] == "web_search" for o in final["output"])
     assert "relay failed" not in json.dumps(final.get("error")), final["error"]
     assert len(queries) <= (max_calls if max_calls is not None else 2 * 4)
     event(f"ends {final['status']} {(final.get('error') or {}).get('code', '')}")

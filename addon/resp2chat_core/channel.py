@@ -114,9 +114,10 @@ class SearchStarted:
 class SearchDone:
     call_id: str
     sources: tuple[tuple[str, str], ...]  # (URL, title) each: websearch.read_brave's
+    failed: bool = False  # no search ran: the gateway refused the call (past a spent bound)
 
     def apply(self, t) -> bytes:
-        return t.search_done(self.call_id, self.sources)
+        return t.search_done(self.call_id, self.sources, bool(self.failed))
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,11 +57,11 @@ prelude's approved calls too (OpenAI's:
 "any further attempts to call a tool by the model will be ignored"): a round's calls past it are
 not run (the model reads ``NOT_RUN`` for each), and once it is spent no round offers the
 gateway's functions any more. A call the model makes anyway, once a bound is spent (its kind's
-rounds, or ``max_tool_calls``), is still the gateway's for a kind that ``refuse``-s it (mcp: a
-``Call`` refused with the bound's name, a failed ``mcp_call`` that reaches no server, never a
-``function_call`` of a function the client never declared): the round's steps run, and the turn
-ends after it, ``completed`` (no round after it: the model would only ask again). A kind without
-``refuse`` (web search) lets such a call go to the client, and the loop ends. A step that runs nothing (``spends`` false: mcp's ``Approve``, a call
+rounds, or ``max_tool_calls``), is still the gateway's: its kind ``refuse``-s it (mcp: a ``Call``
+refused with the bound's name, a failed ``mcp_call`` that reaches no server; web search: a failed
+``web_search_call`` that searches nothing; never a ``function_call`` of a function the client never
+declared): the round's steps run, and the turn ends after it, ``completed`` (no round after it: the
+model would only ask again). A step that runs nothing (``spends`` false: mcp's ``Approve``, a call
 that waits for the client's approval) spends none of it: the turn that runs the call, if the client
 approves it, counts it then. A call the gateway refuses without running it (mcp's: a tool no listing
 offers, or one allowed_tools refuses) spends one, and its round one of its kind's: the bounds are on
@@ -115,9 +115,9 @@ class ServerTool(Protocol):
 
     def step(self, call_id: str, name: str, arguments: str): ...
 
-    # optional: ``refuse(call_id, name, arguments, bound)``, the step of a call past a spent bound
-    # (``bound``: the setting's name), which runs nothing and tells the client why (mcp: a failed
-    # mcp_call); a kind without it lets such a call go to the client (``ToolLoop.owns``)
+    def refuse(self, call_id: str, name: str, arguments: str, bound: str):
+        """The step of a call past a spent bound (``bound``: the setting's name), which runs
+        nothing and tells the client why (a failed ``mcp_call``, a failed ``web_search_call``)."""
 
 
 @dataclass(frozen=True)
@@ -177,13 +177,9 @@ class ToolLoop:
     def owns(self, name: str) -> bool:
         """The function is one the gateway runs (the filter holds its calls back). Once its
         kind's rounds or ``max_tool_calls`` are spent (its function is not offered any more), a
-        call the model makes anyway is the gateway's still for a kind that refuses one (``refuse``)
-        (mcp: a failed ``mcp_call``, and the turn ends: ``end_round``); a kind that does not
-        (web search) lets it go to the client as any unknown function does, and the loop ends."""
-        for kind in self.kinds:
-            if kind.owns(name):
-                return self._bound(kind) is None or hasattr(kind, "refuse")
-        return False
+        call the model makes anyway is the gateway's still: its kind refuses it (``refuse``: a
+        failed item, and the turn ends: ``end_round``)."""
+        return any(kind.owns(name) for kind in self.kinds)
 
     def _bound(self, kind) -> str | None:
         """Which bound of the turn leaves ``kind`` no call to run any more (the words its

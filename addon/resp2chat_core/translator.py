@@ -436,16 +436,19 @@ class Translator:
                 self._emit(event, output_index=index, item_id=item["id"])
         return self._flush()
 
-    def search_done(self, call_id: str, sources: tuple[tuple[str, str], ...]) -> bytes:
+    def search_done(self, call_id: str, sources: tuple[tuple[str, str], ...], failed: bool = False) -> bytes:
         """A web search ended with ``sources`` ((URL, title) each): its item closes, and text the
-        model writes from now on cites them (``_close_open``: ``url_citation`` annotations)."""
+        model writes from now on cites them (``_close_open``: ``url_citation`` annotations).
+        ``failed``: no search ran (a call the gateway refused): the item closes failed, with no
+        ``response.web_search_call.completed`` (the spec has no event of its own for it)."""
         found = self._running.pop(call_id, None)
         if found is not None and self.phase is not Phase.DONE:
             index, item = found
             for url, title in sources:
                 self._cited.setdefault(url, title)
-            self._emit(websearch.DONE_EVENT, output_index=index, item_id=item["id"])
-            self._item_done(websearch.call_item(item["id"], item["action"]["query"], sources), index)
+            if not failed:
+                self._emit(websearch.DONE_EVENT, output_index=index, item_id=item["id"])
+            self._item_done(websearch.call_item(item["id"], item["action"]["query"], sources, failed), index)
         return self._flush()
 
     def mcp_listing(self, label: str) -> bytes:

@@ -46,6 +46,7 @@ TOOL = {"type": "function", "function": {
 class Search:
     call_id: str
     query: str
+    refused: str | None = None  # a call past a spent bound (``refuse``): why; no search runs, its item fails
 
 
 class WebSearchTools:
@@ -64,6 +65,17 @@ class WebSearchTools:
     @staticmethod
     def function_names() -> set[str]:
         return {NAME}
+
+    def refuse(self, call_id: str, name: str, arguments: str, bound: str) -> Search:
+        """A call the model made once ``bound`` (``max_tool_calls``, ``max_web_search_rounds``) was
+        spent, its function no longer offered: a ``Search`` refused with why, a failed
+        ``web_search_call`` that searches nothing (never a function_call of a function the client
+        did not declare); the turn ends after its round (toolloop.py)."""
+        why = ("Not run: this response's max_tool_calls was reached, and the model searched the web anyway"
+               if bound == "max_tool_calls" else
+               f"Not run: the {self.max_rounds} rounds of web searches this gateway runs in one response "
+               f"(max_web_search_rounds) were spent, and the model searched the web anyway")
+        return Search(call_id, self.step(call_id, name, arguments).query, refused=why)
 
     @staticmethod
     def step(call_id: str, name: str, arguments: str) -> Search:
@@ -147,11 +159,13 @@ def format_results(query: str, data, limit: int) -> tuple[str, list[Source]]:
 # --- the client's events ---------------------------------------------------------------------
 
 
-def call_item(item_id: str, query: str, sources: tuple[Source, ...] | None = None) -> dict:
-    """The ``web_search_call`` item: in progress (no sources yet) or completed."""
+def call_item(item_id: str, query: str, sources: tuple[Source, ...] | None = None, failed: bool = False) -> dict:
+    """The ``web_search_call`` item: in progress (no sources yet), completed, or failed (a call
+    the gateway refused: no search ran)."""
     action: dict = {"type": "search", "query": query}
-    if sources is None:
-        return {"id": item_id, "type": "web_search_call", "status": "in_progress", "action": action}
+    if sources is None or failed:
+        status = "failed" if failed else "in_progress"
+        return {"id": item_id, "type": "web_search_call", "status": status, "action": action}
     action["sources"] = [{"type": "url", "url": url} for url, _ in sources]
     return {"id": item_id, "type": "web_search_call", "status": "completed", "action": action}
 

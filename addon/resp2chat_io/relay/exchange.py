@@ -440,7 +440,7 @@ def _started(ex: Exchange, step) -> None:
 async def _step(ex: Exchange, client: UpstreamClient, sessions: mcp_client.Sessions, step):
     """Run one step: what it found (``_ended`` tells it)."""
     if isinstance(step, websearch.Search):
-        return await _brave(client, ex.search, step.query)
+        return (step.refused, []) if step.refused is not None else await _brave(client, ex.search, step.query)
     if isinstance(step, mcp.ListTools):
         return await mcp_client.list_tools(step.server, sessions)
     if isinstance(step, mcp.Call):
@@ -455,7 +455,7 @@ def _ended(ex: Exchange, step, found):
     """A step ended: its item closes; what the model reads of it."""
     if isinstance(step, websearch.Search):
         text, sources = found
-        ex.channel.event(SearchDone(step.call_id, tuple(sources)))
+        ex.channel.event(SearchDone(step.call_id, tuple(sources), step.refused is not None))
         return text
     if isinstance(step, mcp.ListTools):
         tools, error = found
