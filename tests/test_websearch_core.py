@@ -8,8 +8,10 @@ import json
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from helpers import chat_chunk, chat_completion, chat_event, chat_sse, parse_chat_sse, parse_sse, tool_call_chunk
-from resp2chat_core import toolloop, websearch
+from helpers import (
+    CREATED, RESP_ID, chat_chunk, chat_completion, chat_event, chat_sse, parse_chat_sse, parse_sse, tool_call_chunk,
+)
+from resp2chat_core import mcp, toolloop, websearch
 from resp2chat_core.errors import specific_code
 from resp2chat_core.chatstream import ChunkReader
 from resp2chat_core.lowering import LoweringOptions
@@ -807,3 +809,33 @@ def test_a_nameless_calls_id_on_a_named_calls_index_reads_the_same_split_and_uns
     split = websearch.SearchLoop(json.dumps(CHAT).encode(), 5, 4096).whole(body)
     assert _merged(_read(split, 4096)) == _merged(_read(body, 1 << 30), lambda name: name is None) \
         == [("tool", 0, "call_a", "0", None)]
+
+
+def test_a_round_that_also_ran_a_call_goes_on_past_a_refused_one():
+    """Web search's rounds spent, the model calls web_search anyway and, in the same round, a
+    hosted MCP tool still within its bounds: the search is refused (a failed item, no search) but
+    the MCP call runs, and the turn goes on to a round where the model reads both (before: the
+    turn ended with that round, the MCP call's result never read). A round in which every call
+    was refused still ends the turn (the model would only ask again)."""
+    servers = mcp.parse_servers([{"label": "ev", "url": "http://127.0.0.1:3001/mcp"}])
+    body = {"model": "m", "input": "hi", "tools": [{"type": "web_search"}, {"type": "mcp", "server_label": "ev",
+                                                                              "require_approval": "never"}]}
+    t = begin_turn(json.dumps(body).encode(), LoweringOptions(web_search=True), RESP_ID, CREATED, mcp_servers=servers)
+    echo = {"name": "echo", "input_schema": {"type": "object", "properties": {"message": {"type": "string"}}}}
+    loop = toolloop.ToolLoop(t.chat_body, [websearch.WebSearchTools(1), mcp.McpTools(t.mcp, max_rounds=5)])
+    loop.begin([(echo,)])
+    loop.feed(chat_sse(tool_call_chunk(0, "s1", "web_search", '{"query": "q1"}'), chat_chunk(finish="tool_calls")))
+    _, steps = loop.end_round(ok=True)
+    assert [s.refused for s in steps] == [None] and loop.next_round(["results 1"]) is None
+    assert "web_search" not in [f["function"]["name"] for f in json.loads(loop.body)["tools"]]  # its rounds spent
+    loop.feed(chat_sse(tool_call_chunk(0, "s2", "web_search", '{"query": "q2"}'),
+                       tool_call_chunk(1, "m1", "mcp__ev__echo", '{"message": "x"}'), chat_chunk(finish="tool_calls")))
+    _, steps = loop.end_round(ok=True)
+    assert [(type(s).__name__, s.refused is None) for s in steps] == [("Search", False), ("Call", True)]
+    assert loop.next_round([steps[0].refused, "Echo: x"]) is None  # the MCP call ran: the model reads it
+    assert [(m["tool_call_id"], m["content"]) for m in json.loads(loop.body)["messages"][-2:]] == [
+        ("s2", steps[0].refused), ("m1", "Echo: x")]
+    loop.feed(chat_sse(tool_call_chunk(0, "s3", "web_search", '{"query": "q3"}'), chat_chunk(finish="tool_calls")))
+    _, steps = loop.end_round(ok=True)
+    assert [s.refused is not None for s in steps] == [True]
+    assert isinstance(loop.next_round([steps[0].refused]), toolloop.Finish)  # every call refused: the turn ends

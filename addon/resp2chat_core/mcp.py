@@ -40,6 +40,7 @@ from typing import Any
 
 from .errors import GatewayError
 from .labels import HEADER_NAME, OPERATOR_NAME  # (a server label is an OPERATOR_NAME)
+from .toolloop import rounds_of
 from .toolmap import Target, chat_name, mcp_chosen
 
 KIND = "mcp"  # the loop's name for this kind, and the Target kind of its functions
@@ -740,7 +741,7 @@ class McpTools:
         label, tool = self.names.get(name) or self.stray(name)
         why = (f"Not run: this response's max_tool_calls was reached, and the model called {tool[:200]!r} of MCP "
                f"server {label} anyway" if bound == "max_tool_calls" else
-               f"Not run: the {self.max_rounds} rounds of MCP tool calls this gateway runs in one response "
+               f"Not run: the {rounds_of(self.max_rounds)} of MCP tool calls this gateway runs in one response "
                f"(max_mcp_rounds) were spent, and the model called {tool[:200]!r} of MCP server {label} anyway")
         return Call(call_id, self.servers[label], label, tool, arguments, refused=why)
 

@@ -60,8 +60,10 @@ gateway's functions any more. A call the model makes anyway, once a bound is spe
 rounds, or ``max_tool_calls``), is still the gateway's: its kind ``refuse``-s it (mcp: a ``Call``
 refused with the bound's name, a failed ``mcp_call`` that reaches no server; web search: a failed
 ``web_search_call`` that searches nothing; never a ``function_call`` of a function the client never
-declared): the round's steps run, and the turn ends after it, ``completed`` (no round after it: the
-model would only ask again). A step that runs nothing (``spends`` false: mcp's ``Approve``, a call
+declared): the round's steps run, and when every call of the round was refused the turn ends after
+it, ``completed`` (no round after it: the model would only ask again); a round in which another call
+ran goes on, the model reading both (each round that runs one spends its kind's rounds: the loop
+still ends). A step that runs nothing (``spends`` false: mcp's ``Approve``, a call
 that waits for the client's approval) spends none of it: the turn that runs the call, if the client
 approves it, counts it then. A call the gateway refuses without running it (mcp's: a tool no listing
 offers, or one allowed_tools refuses) spends one, and its round one of its kind's: the bounds are on
@@ -86,6 +88,11 @@ from .usage import call_tokens, summed, to_responses_usage
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 NOT_RUN = "Not run: this response's max_tool_calls was reached."  # what the model reads of a call past it
+
+
+def rounds_of(n: int) -> str:
+    """How a refusal past a kind's spent rounds names them: "1 round", "5 rounds"."""
+    return f"{n} round" if n == 1 else f"{n} rounds"
 
 
 def _event(obj) -> bytes:
@@ -166,7 +173,7 @@ class ToolLoop:
         self._usages: list[dict] = []
         self._result: RoundResult | None = None
         self._steps: list = []
-        self._refused = False  # the last round refused a call past a spent bound (``end_round``): the turn ends
+        self._refused = False  # the last round's calls were all refused, past a spent bound (``end_round``): the turn ends
         self._open = True  # a round's request is (about to be) with the backend: ``body``, ``_filter``
         self._spent = 0  # backend tokens of the rounds that ended (``work``)
 
@@ -280,11 +287,11 @@ class ToolLoop:
         self._result = result
         self._steps, self._placed = [], []
         spent = {kind.name: self._bound(kind) for kind in self.kinds}  # (before this round's calls spend any)
-        self._refused = False
+        refused = 0
         for call_id, name, args in result.calls:  # (in order: the calls past max_tool_calls are not run)
             kind = self._kind(name)
-            if spent[kind.name] is not None:  # a call past a bound spent before this round: refused, the turn ends
-                self._refused = True
+            if spent[kind.name] is not None:  # a call past a bound spent before this round: refused
+                refused += 1
                 self._placed.append(len(self._steps))
                 self._steps.append(kind.refuse(call_id, name, args, spent[kind.name]))
                 continue
@@ -296,6 +303,9 @@ class ToolLoop:
                 self.calls_left -= 1
             self._placed.append(len(self._steps))
             self._steps.append(step)
+        # every call of the round refused: the turn ends after it (the model would only ask again);
+        # one that ran besides: the model reads them all, and the kinds' bounds still end the loop
+        self._refused = refused > 0 and refused == len(self._steps)
         return tail, list(self._steps)
 
     def next_round(self, texts: list) -> Finish | None:
@@ -309,7 +319,7 @@ class ToolLoop:
             if kind.name in used:
                 kind.rounds += 1
         if self._refused or any(text is None for text in texts):
-            # a call past a spent bound was refused (the model would only ask again), or the client
+            # the round's calls were all refused, past a spent bound (the model would only ask again), or the client
             # decides first (mcp_approval_request): the turn ends with this round
             return Finish(final_chunks(result.finish_reason, self._usages))
         if self._chat is None:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from urllib.parse import urlencode
 
 from .sse import MAX_EVENT
-from .toolloop import ToolLoop
+from .toolloop import ToolLoop, rounds_of
 
 NAME = "web_search"  # the function offered to the model
 PARAMETERS = {
@@ -73,7 +73,7 @@ class WebSearchTools:
         did not declare); the turn ends after its round (toolloop.py)."""
         why = ("Not run: this response's max_tool_calls was reached, and the model searched the web anyway"
                if bound == "max_tool_calls" else
-               f"Not run: the {self.max_rounds} rounds of web searches this gateway runs in one response "
+               f"Not run: the {rounds_of(self.max_rounds)} of web searches this gateway runs in one response "
                f"(max_web_search_rounds) were spent, and the model searched the web anyway")
         return Search(call_id, self.step(call_id, name, arguments).query, refused=why)
 
