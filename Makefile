@@ -39,11 +39,12 @@ PYTHON ?= $(shell for c in python3.13 python3.12 \
 	  $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && { echo $$p; break; }; \
 	done)
 
-.PHONY: help venv codex ai-sdk agents-js mcp-everything llamacpp redis smg test test-fast run bench soak fuzz recordings clean
+.PHONY: help venv codex ai-sdk agents-js mcp-everything llamacpp redis smg lint test test-fast run bench soak fuzz recordings clean
 
 help:
 	@echo "make run        start the gateway on 127.0.0.1:4000 (bundled demo upstream if no backend is configured)"
 	@echo "make test       install everything needed and run every test"
+	@echo "make lint       pyflakes over the addon, the tests and the bench (make test runs it first)"
 	@echo "make test-fast  unit tests only (no mitmdump, no Codex CLI)"
 	@echo "make bench      benchmark against plain mitmproxy and codex-relay"
 	@echo "make soak       64 concurrent Codex-like streams for 60 s through a real mitmdump"
@@ -108,10 +109,13 @@ $(SMG):
 
 smg: $(SMG)
 
-test: venv codex ai-sdk agents-js mcp-everything llamacpp redis smg
+test: lint codex ai-sdk agents-js mcp-everything llamacpp redis smg
 	RESP2CHAT_LLAMACPP_DIR=$(LLAMA_CACHE) CODEX_BIN=$(abspath $(CODEX)) AI_SDK_DIR=$(abspath $(AI_SDK_DIR)) \
 	  AGENTS_JS_DIR=$(abspath $(AGENTS_JS_DIR)) MCP_EVERYTHING_BIN=$(abspath $(MCP_EVERYTHING)) \
-	  SMG_BIN=$(abspath $(SMG)) $(PY) -m pytest -q
+	  SMG_BIN=$(abspath $(SMG)) $(PY) -m pytest -q --durations=25
+
+lint: venv
+	$(PY) -m pyflakes addon tests bench
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not codex" tests/test_lowering.py tests/test_sse.py tests/test_translator.py

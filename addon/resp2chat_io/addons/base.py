@@ -21,7 +21,6 @@ from mitmproxy import ctx, exceptions, http, optmanager
 
 from resp2chat_core.errors import GatewayError, error_json
 from resp2chat_core.limits import retry_headers, retry_phrase
-from resp2chat_core.gate import RESPONSES_PATHS  # noqa: F401 — (re-exported: the addons import it from here)
 
 from resp2chat_core import settings as S
 from resp2chat_io import META

@@ -33,6 +33,7 @@ from resp2chat_core import compaction, mcp
 from resp2chat_core.channel import Reader, scrub
 from resp2chat_core.conversations import named
 from resp2chat_core.errors import GatewayError, error_json, gateway_failure, specific_code
+from resp2chat_core.gate import RESPONSES_PATHS
 from resp2chat_core.labels import shown
 from resp2chat_core.limits import retry_headers, retry_seconds
 from resp2chat_core.replay import entry_flags, unpack_fresh
@@ -42,7 +43,7 @@ from resp2chat_core.usage import usage_note
 from resp2chat_core.websocket import final_response
 from resp2chat_io import offload
 
-from .base import (ABANDON, JSON_HEADERS, META, SSE_HEADERS, RESPONSES_PATHS, TURN_HEADER, RecordText, Refusal,
+from .base import (ABANDON, JSON_HEADERS, META, SSE_HEADERS, TURN_HEADER, RecordText, Refusal,
                    fails_closed, json_response, log, refusal, request_id, show_url)
 from .turns import UNRECORDED, TurnRun, new_response_id
 

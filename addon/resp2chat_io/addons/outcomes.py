@@ -43,7 +43,7 @@ from resp2chat_core.errors import specific_code
 from resp2chat_core.labels import shown
 from resp2chat_core.turn import session_key
 
-from .base import META, RESPONSES_PATHS, fails_closed, log, request_id
+from .base import META, fails_closed, log, request_id
 from .turns import NOT_RECORDED, SERVER_REPLAY
 from .upstreams import ENDED, FORWARDED, Ended
 
@@ -130,7 +130,7 @@ class Outcomes:
             if meta.get(ENDED) is not None:  # (a passthrough failed before its answer's head: the gateway's error)
                 self._other(flow, meta)
             return
-        if not turn and (req.method != "POST" or req.path.split("?", 1)[0] not in RESPONSES_PATHS):
+        if not turn and (req.method != "POST" or req.path.split("?", 1)[0] not in G.RESPONSES_PATHS):
             self._other(flow, meta)
             return
         # What the request said counts only once the gate let it in (turns.py, the replay cache
@@ -170,7 +170,7 @@ class Outcomes:
                 return
             path, code, http_status = req.path.split("?", 1)[0], _error_code(resp), resp.status_code
             status = "rejected" if http_status < 500 else "failed"  # (no upstream answered GET /v1/models)
-        upgrade = "websocket" in req.headers.get("upgrade", "").lower() and path in RESPONSES_PATHS
+        upgrade = "websocket" in req.headers.get("upgrade", "").lower() and path in G.RESPONSES_PATHS
         route = WEBSOCKET if upgrade else self._route(req.method, path)
         if route is None:
             return

@@ -61,6 +61,7 @@ from resp2chat_core import mcp, websocket as ws
 from resp2chat_core.clients import REVOKED, ClientSpec, no_longer_accepted
 from resp2chat_core.channel import Reader
 from resp2chat_core.errors import GatewayError, gateway_failure, specific_code
+from resp2chat_core.gate import RESPONSES_PATHS
 from resp2chat_core.labels import shown
 from resp2chat_core.limits import retry_headers
 from resp2chat_core.replay import MAX_ENTRY_BYTES
@@ -71,8 +72,7 @@ from resp2chat_io import mitm_websocket, offload
 from resp2chat_io.relay import Socket
 from resp2chat_io.relay.upstream import failure
 
-from .base import (META, RESPONSES_PATHS, Owner, RecordText, fails_closed, log, refusal, request_id,
-                   show_url)
+from .base import META, Owner, RecordText, fails_closed, log, refusal, request_id, show_url
 from .redact import UNREAD_MCP, may_hold_mcp
 from .outcomes import WEBSOCKET, Outcome
 from .server_replay import not_recorded
