@@ -32,10 +32,17 @@ properly in every mode; what a mode changes is ``tools/list`` or ``tools/call`` 
                 its end: never the result
     refuse400   a session (an mcp-session-id); a call of ``say`` is answered HTTP 400 with a JSON-RPC
                 error naming its id (the server read it and refused it)
+    proxy400    a session; a call of ``say`` is answered HTTP 400 text/html, no JSON-RPC (a proxy's: the
+                gateway takes it for a session the server does not know); of its tool ``cut``, after
+                0.5 s, as ``cut``'s
+    one_conn    a session; every answer but the listing's closes its connection, and the server stops
+                listening (it takes no new connection) before it answers ``tools/list``: a round's first
+                call runs on the listing's kept-alive connection (``say``: answers "said" after 1 s),
+                the others cannot connect (one ``Hostile`` server per such test)
 
 ``Hostile.calls`` counts the ``tools/call`` requests by mode (for the tests that check what ran),
 ``Hostile.gets`` the GET requests (a server-to-client stream asked for), ``Hostile.inits`` the
-``initialize`` requests (the sessions opened)."""
+``initialize`` requests (the sessions opened), ``Hostile.runs`` the calls by (mode, tool)."""
 
 from __future__ import annotations
 
@@ -58,12 +65,15 @@ class Hostile(QuietHandler):
     calls: Counter = Counter()
     gets: Counter = Counter()
     inits: Counter = Counter()
+    runs: Counter = Counter()
     seen_headers: list[dict] = []
 
-    def _json(self, obj, status: int = 200, headers: dict | None = None) -> None:
+    def _json(self, obj, status: int = 200, headers: dict | None = None, kind: str = "application/json") -> None:
         body = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
         self.send_response(status)
-        self.send_header("content-type", "application/json")
+        self.send_header("content-type", kind)
+        if (headers or {}).get("connection") == "close":
+            self.close_connection = True
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         self.send_header("content-length", str(len(body)))
@@ -162,6 +172,9 @@ class Hostile(QuietHandler):
         if rid is None:  # a notification
             self.send_response(202)
             self.send_header("content-length", "0")
+            if mode == "one_conn":
+                self.send_header("connection", "close")
+                self.close_connection = True
             self.end_headers()
             return
         if mode == "redirect":  # (every request: to the ok server's path)
@@ -180,11 +193,16 @@ class Hostile(QuietHandler):
             return self._json({"jsonrpc": "2.0", "id": rid, "result": {
                 "protocolVersion": message["params"]["protocolVersion"], "capabilities": {"tools": {}},
                 "serverInfo": {"name": "hostile", "version": "1"}}},
-                headers={"mcp-session-id": uuid.uuid4().hex} if mode in ("retry0", "resume0", "refuse400") else None)
+                headers={"mcp-session-id": uuid.uuid4().hex, **({"connection": "close"} if mode == "one_conn" else {})}
+                if mode in ("retry0", "resume0", "refuse400", "proxy400", "one_conn") else None)
         if method == "tools/list":
+            if mode == "one_conn":  # (no new connection from now on: refused)
+                self.server.shutdown()
+                self.server.socket.close()
             return self._list(mode, rid, message.get("params") or {}, headers)
         if method == "tools/call":
             type(self).calls[mode] += 1
+            type(self).runs[mode, (message.get("params") or {}).get("name")] += 1
             return self._call(mode, rid, (message.get("params") or {}).get("name"), headers)
         self._json({"jsonrpc": "2.0", "id": rid, "error": {"code": -32601, "message": "no such method"}})
 
@@ -205,7 +223,8 @@ class Hostile(QuietHandler):
             description = "headers: " + json.dumps(headers)
         if mode == "straddle":  # (across the 4096 characters kept of a description)
             description = "a" * (4096 - 16) + str(headers.get("x-client-key"))
-        tools = [_tool("say", description), _tool("small")] + ([_tool("err")] if mode == "straddle" else [])
+        tools = [_tool("say", description), _tool("small")] + ([_tool("err")] if mode == "straddle" else []) \
+            + ([_tool("cut")] if mode == "proxy400" else [])
         return self._json({"jsonrpc": "2.0", "id": rid, "result": {"tools": tools, **(
             {"nextCursor": "1"} if mode == "empty_tail" else {})}})
 
@@ -217,6 +236,9 @@ class Hostile(QuietHandler):
         text = "said"
         if mode == "mixed":  # (the tool's name is the mode: ``small``, or another mode's misbehaviour)
             mode = name
+        if mode == "proxy400" and name == "cut":
+            time.sleep(0.5)
+            mode = "cut"
         if name == "small":
             time.sleep(0.5)
             return self._json({"jsonrpc": "2.0", "id": rid, "result": {"content": [{"type": "text", "text": text}]}})
@@ -233,6 +255,10 @@ class Hostile(QuietHandler):
             return self._resume0()
         if mode == "refuse400":
             return self._json({"jsonrpc": "2.0", "id": rid, "error": {"code": -32602, "message": "refused: bad say"}}, 400)
+        if mode == "proxy400":
+            return self._json(b"<html>400 Bad Request</html>", 400, kind="text/html")
+        if mode == "one_conn":
+            time.sleep(1)
         if mode == "echo_garbage":  # (not JSON, with the headers the server got)
             return self._json(f"{headers.get('x-client-key')} {headers.get('x-operator-key')}".encode())
         if mode == "wrong_id":

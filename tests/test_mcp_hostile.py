@@ -18,7 +18,7 @@ FAILING = {"hang": "did not answer within", "drip": "did not answer within", "ga
            "wrong_id": "did not answer within", "cut": "ended without a response", "cut_json": "cut short",  # fails,
            "huge": "larger than 8 MiB"}  # with that said
 MODES = ("ok", "echo_auth", "echo_garbage", "straddle", *FAILING, "fat_pages", "empty_pages", "bad_list", "redirect",
-         "hang_init", "retry0", "resume0", "empty_tail", "refuse400")
+         "hang_init", "retry0", "resume0", "empty_tail", "refuse400", "proxy400")
 TIMEOUT = 3
 OPERATOR_TOKEN = "operator-hostile-key-7c1e0b"
 CLIENT_TOKEN = "client-hostile-token-93af2d"
@@ -386,3 +386,51 @@ def test_a_call_the_server_refuses_with_a_400_keeps_its_session(hostile_gateway)
     bad, small = [o for o in r.json()["output"] if o["type"] == "mcp_call"]
     assert bad["status"] == "failed" and "refused: bad say" in bad["error"]["message"] and small["output"] == "said"
     assert Hostile.calls["refuse400"] - calls == 2 and Hostile.inits["refuse400"] - inits == 1
+
+
+def test_a_call_that_ran_is_not_run_again_when_another_of_its_round_lost_the_session(hostile_gateway):
+    """Calls of one round on one session: a proxy answers one HTTP 400, no JSON-RPC (the gateway
+    takes it for a session the server no longer knows: that call ran nothing, and runs once more
+    on a new session), while the server runs the others: each runs once, never again on the new
+    session (a tool with side effects ran twice), the one answered ends with its output (its
+    session stays open while it runs), the one whose answer is cut fails."""
+    Hostile.runs.clear()
+    inits = Hostile.inits["proxy400"]
+    r = post_turn(hostile_gateway, {"model": "demo-model", "tools": [tool("proxy400")], "input":
+                                    "call: mcp__proxy400__say {}\ncall: mcp__proxy400__small {}\n"
+                                    "call: mcp__proxy400__cut {}"})
+    assert r.status_code == 200, r.text[:300]
+    output = r.json()["output"]
+    bad, small, cut = [o for o in output if o["type"] == "mcp_call"]
+    assert Hostile.runs["proxy400", "small"] == 1 and Hostile.runs["proxy400", "cut"] == 1, dict(Hostile.runs)
+    assert Hostile.runs["proxy400", "say"] == 2  # (it ran nothing, the gateway was told: once more, new session)
+    assert Hostile.inits["proxy400"] - inits == 2
+    assert bad["status"] == "failed" and "proxy400" in bad["error"]["message"], bad
+    assert small["status"] == "completed" and small["output"] == "said", small["error"]
+    assert cut["status"] == "failed" and "ended without a response" in cut["error"]["message"], cut["error"]
+    assert output[-1]["type"] == "message"
+
+
+def test_a_call_that_ran_is_not_run_again_when_another_of_its_round_could_not_connect(upstream, tmp_path):
+    """Two calls of one round on one session, its one kept-alive connection: the server runs the
+    call that has it, and refuses the other's new connection (it takes none any more): that one
+    fails (it ran nothing: once more on a new session, which cannot connect either), and the
+    one that ran runs once and ends with its output."""
+    Hostile.runs.clear()
+    with LocalServer(Hostile) as server:
+        servers = [{"label": "one_conn", "url": f"{server.url}/one_conn/mcp", "timeout_secs": TIMEOUT}]
+        gw = start_gateway(upstream.origin, tmp_path, "--set", "resp2chat_max_replay_entries=0",
+                           env={"RESP2CHAT_MCP_SERVERS": json.dumps(servers)})
+        try:
+            r = post_turn(gw, {"model": "demo-model", "tools": [tool("one_conn")],
+                               "input": "call: mcp__one_conn__say {}\ncall: mcp__one_conn__say {}"})
+        finally:
+            gw.stop()
+    assert r.status_code == 200, r.text[:300]
+    output = r.json()["output"]
+    calls = [o for o in output if o["type"] == "mcp_call"]
+    assert Hostile.runs["one_conn", "say"] == 1, dict(Hostile.runs)
+    assert sorted(c["status"] for c in calls) == ["completed", "failed"], calls
+    ran, refused = sorted(calls, key=lambda c: c["status"])
+    assert ran["output"] == "said" and "ConnectError" in refused["error"]["message"], refused["error"]
+    assert output[-1]["type"] == "message"

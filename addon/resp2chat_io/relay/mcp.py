@@ -18,9 +18,12 @@ per call. So a turn costs a server one initialize, at most one ``tools/list`` (m
 the server pages), and its calls. Each step (opening the session included) is whole under the
 server's ``timeout_secs`` (``anyio.fail_after``). A session that dies within the turn (its server
 went away, or restarted and no longer knows it) is opened again by the next step; a step whose
-request it ran nothing of (the connection could not be made, or the server did not know the
-session) runs once more on the new one, within the same bound (``Sessions._again``). The session
-never asks for the server-to-client stream (``_Bounded``): the gateway takes no request of a
+own request did not run (the connection could not be made, or the server did not know the
+session: ``Health.unrun``, by JSON-RPC id) runs once more on the new one, within the same bound
+(``Sessions._again``); a step whose request the server may have got never does, whatever became of
+the round's other requests (a tool with side effects would run twice), and the dead session stays
+open until the steps on it end (one the server runs gets its answer; a request that could not
+connect fails alone: ``_unconnected``). The session never asks for the server-to-client stream (``_Bounded``): the gateway takes no request of a
 server's and reads no notification.
 
 Bounds: time (``timeout_secs``: the step fails with that said), pages of a listing (``mcp.MAX_PAGES``,
@@ -46,6 +49,7 @@ client or a record.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import math
@@ -124,18 +128,46 @@ class _Capped(httpx2.AsyncByteStream):
 class Health:
     """How a session's HTTP went (its ``_Bounded`` transport tells): ``dead`` once a request of
     it failed in a way that ends the session (the SDK ends it on any transport error: a server
-    that went away; or the server no longer knows the session: it restarted), and ``unsent``
-    while every such failure left its request not run (the connection could not be made, or
-    the server refused it for the session it does not know): a step that failed so may run
-    again, once, on a new session (``Sessions._again``)."""
+    that went away; or the server no longer knows the session: it restarted); ``unrun``: the
+    JSON-RPC ids of its requests that failed so without running (the connection could not be
+    made, or the server refused it for the session it does not know). A step whose own request
+    is one of them may run again, once, on a new session (``Sessions._again``); a step whose
+    request the server may have got never does (a tool with side effects would run twice), also
+    when another request of the session, at once, ended the session without running."""
 
     def __init__(self) -> None:
         self.dead = False
-        self.unsent = True
+        self.unrun: set = set()
 
-    def broke(self, unsent: bool) -> None:
+    def broke(self, rid, unrun: bool) -> None:
         self.dead = True
-        self.unsent = self.unsent and unsent
+        if unrun and rid is not None:
+            self.unrun.add(rid)
+
+
+class _Step:
+    """A step's own requests on a session: ``last``, the JSON-RPC id of the last it sent (None:
+    none yet). The SDK sends a request in the context of the task that asks for it
+    (``ContextSendStream``), so the transport finds the step there (``_STEP``) and tells it."""
+
+    def __init__(self) -> None:
+        self.last = None
+
+
+_STEP: contextvars.ContextVar[_Step | None] = contextvars.ContextVar("resp2chat_mcp_step", default=None)
+
+
+def _rpc(request) -> tuple:
+    """The JSON-RPC id and method of a POSTed request (None for the id: a notification, or not
+    JSON-RPC)."""
+    try:
+        message = json.loads(request.content)
+    except (ValueError, RecursionError, httpx2.RequestNotRead):
+        return None, None
+    if not isinstance(message, dict):
+        return None, None
+    rid = message.get("id")
+    return rid if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None, message.get("method")
 
 
 class _Bounded(httpx2.AsyncBaseTransport):
@@ -170,24 +202,40 @@ class _Bounded(httpx2.AsyncBaseTransport):
         if self.health is not None and self.health.dead and request.method == "DELETE":
             return httpx2.Response(204, request=request)  # (a session that ended is not ended again: its server is
             # gone, or no longer knows it)
+        rid, method = _rpc(request) if request.method == "POST" else (None, None)
+        step = _STEP.get()
+        if step is not None and rid is not None:
+            step.last = rid
         try:
             response = await self.inner.handle_async_request(request)
         except httpx2.TransportError as exc:
-            if self.health is not None:  # (the SDK ends the session; a request that could not connect was not sent)
-                self.health.broke(isinstance(exc, (httpx2.ConnectError, httpx2.ConnectTimeout)))
-            raise
+            unsent = isinstance(exc, (httpx2.ConnectError, httpx2.ConnectTimeout))
+            if self.health is not None:  # (a request that could not connect was not sent)
+                self.health.broke(rid, unsent)
+            if unsent and self.streamable and rid is not None and method != "initialize":
+                return _unconnected(request, rid, exc)  # (the SDK fails that request alone)
+            raise  # (the SDK ends the session: every request on it fails)
         if not response.headers.get("content-type", "").lower().startswith("text/event-stream"):
             response.stream = _Capped(response.stream, MAX_BODY)
             if self.health is not None and response.status_code in (400, 404) and request.method == "POST" \
                     and "mcp-session-id" in request.headers:
                 body = await _read(response, MAX_ERROR_BODY)
                 if not _answers(body, request):  # the server does not know the session (a 404, the spec's; a
-                    self.health.broke(True)  # 400, many servers'): it ran nothing
+                    self.health.broke(rid, True)  # 400, many servers'): it ran nothing
                 response.stream = httpx2.ByteStream(body)
         return response
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+def _unconnected(request, rid, exc: Exception) -> httpx2.Response:
+    """A request of a session that could not connect, answered here with a JSON-RPC error naming
+    it (503): the SDK fails that request alone, where a transport error would end the session
+    and fail every other request on it, one the server has and may answer included."""
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return httpx2.Response(503, request=request, json={"jsonrpc": "2.0", "id": rid, "error": {
+        "code": -32000, "message": f"could not connect to the server ({text})"}})
 
 
 async def _read(response, limit: int) -> bytes:
@@ -269,6 +317,8 @@ class _Held:
         self.ready.add_done_callback(retrieve)
         self.stop = asyncio.Event()
         self.health = Health()
+        self.steps = 0  # the steps on it now
+        self.retired = False  # a new session took its place: it ends once no step is on it
         self.listing: asyncio.Future | None = None  # the session's tools/list (its first page)
         self.task = loop.create_task(self._hold(server))
         _HELD.add(self.task)
@@ -294,11 +344,12 @@ class _Held:
         """The session is no more: it failed or ended, or its HTTP broke (``Health.dead``)."""
         return self.task.done() or self.health.dead
 
-    def lost_unrun(self) -> bool:
-        """The session opened, then ended of failures that ran nothing (``Health``): a step that
-        failed on it may run again on a new one."""
-        return self.health.dead and self.health.unsent and self.ready.done() and not self.ready.cancelled() \
-            and self.ready.exception() is None
+    def lost_unrun(self, step: _Step | None) -> bool:
+        """The session opened, then ended, and ``step``'s own request (the last it sent) did not
+        run (``Health.unrun``), or it sent none: the step, failed on it, may run again on a new
+        one."""
+        return self.health.dead and (step is None or step.last is None or step.last in self.health.unrun) \
+            and self.ready.done() and not self.ready.cancelled() and self.ready.exception() is None
 
 
 class Sessions:
@@ -306,30 +357,43 @@ class Sessions:
     turn's first step on it, shared by the steps after (at once too), closed by ``close`` when
     the turn ends. A session that failed or ended (its server went away, or restarted and no
     longer knows it) is opened again by the next step; a step that failed as its session ended,
-    its request not run (``_Held.lost_unrun``), runs again, once, on a new one (``_again``): a
-    server restarted between two steps of a turn costs them a new session, nothing more."""
+    its own request not run (``_Held.lost_unrun``), runs again, once, on a new one (``_again``): a
+    server restarted between two steps of a turn costs them a new session, nothing more. An ended
+    session is left (``stop``) once no step is on it (``_Held.steps``), or when the turn ends."""
 
     def __init__(self) -> None:
         self._held: dict[str, _Held] = {}
+        self._retired: list[_Held] = []  # (sessions that ended, a new one in their place)
 
     def _get(self, server: mcp.Server) -> _Held:
         held = self._held.get(server.label)
         if held is None or held.ended:
-            if held is not None:
-                held.stop.set()  # (an ended session's task leaves it)
+            if held is not None:  # (an ended session's task leaves it once no step is on it: a step's
+                held.retired = True  # request the server has may still be answered, the session's other requests
+                self._retired.append(held)  # having failed: one that could not connect, one its server refused)
+                if not held.steps:
+                    held.stop.set()
             held = self._held[server.label] = _Held(server)
         return held
 
     async def _again(self, server: mcp.Server, step):
         """``step(held)`` on the server's session; once more on a new session if it failed as
-        the session it ran on ended without running it (``_Held.lost_unrun``)."""
-        held = self._get(server)
-        try:
-            return await step(held)
-        except Exception:
-            if not held.lost_unrun():
-                raise
-        return await step(self._get(server))
+        the session it ran on ended without running its own request (``_Held.lost_unrun``: the
+        step's requests are told to it, ``_STEP``)."""
+        for again in (False, True):
+            held, mine = self._get(server), _Step()
+            token = _STEP.set(mine)
+            held.steps += 1
+            try:
+                return await step(held)
+            except Exception:
+                if again or not held.lost_unrun(mine):
+                    raise
+            finally:
+                _STEP.reset(token)
+                held.steps -= 1
+                if held.retired and not held.steps:
+                    held.stop.set()
 
     async def client(self, server: mcp.Server):
         """The SDK's client of the server's session (opened now if need be)."""
@@ -347,9 +411,10 @@ class Sessions:
 
     def close(self) -> None:
         """The turn ended: every session closes (its task leaves it: the SDK ends the session)."""
-        for held in self._held.values():
+        for held in (*self._held.values(), *self._retired):
             held.stop.set()
         self._held.clear()
+        self._retired.clear()
 
 
 async def list_tools(server: mcp.Server, sessions: Sessions) -> tuple[tuple[dict, ...] | None, str | None]:
@@ -446,7 +511,7 @@ async def call_tool(server: mcp.Server, name: str, arguments: str,
         try:  # (the session's one listing, before its calls: the SDK would list per call otherwise)
             page = await sessions.tools(server, held)
         except Exception:  # noqa: BLE001 — not the call's (the SDK lists again itself), unless the session is lost
-            if held.lost_unrun():
+            if held.lost_unrun(_STEP.get()):
                 raise
             page = None
         refused = await _refused(server, name, page, client)
