@@ -314,6 +314,52 @@ def test_the_deadline_of_a_passthroughs_head_starts_when_it_is_sent(backend, tmp
         gw.stop()
 
 
+# A mitmproxy script loaded after the gateway whose request hook takes 3 * WAIT s for a request
+# marked ``x-slow`` (an operator's addon; a streamed body's end waits upstream for it)
+SLOW_STREAMED_HOOK = f"""
+import asyncio
+
+
+class Slow:
+    async def request(self, flow):
+        if flow.request.headers.get("x-slow"):
+            await asyncio.sleep({3 * WAIT})
+
+
+addons = [Slow()]
+"""
+
+
+def test_the_deadline_of_a_passthroughs_head_holds_for_a_streamed_request_body(backend, tmp_path):
+    """A request body mitmproxy streams (``stream_large_bodies`` set by the operator; an addon
+    may ask it too) goes to its backend as it arrives, its connection made before the ``request``
+    hook, so the deadline of the answer's head, which starts when the request leaves every hook,
+    starts with the body's end, after them: a backend that takes the body and says nothing is a
+    504 ``upstream_timeout`` in time. Before, that deadline never started for such a request: the
+    client waited for mitmproxy's ``tcp_timeout`` (600 s). A hook after the gateway's that takes
+    longer than the deadline (the body's end waits for it) still delays the call, not fails it."""
+    script = tmp_path / "slow_hook.py"
+    script.write_text(SLOW_STREAMED_HOOK)
+    gw = start_gateway(backend.url, tmp_path, "--set", "stream_large_bodies=1", "--set", "resp2chat_max_replay_entries=0",
+                       "--set", f"resp2chat_connect_timeout_secs={WAIT}",
+                       "--set", f"resp2chat_upstream_idle_timeout_secs={WAIT}", "-s", str(script))
+    try:
+        gone = backend.gone
+        started = time.monotonic()
+        r = requests.post(f"{gw.base_url}/embeddings", json={"model": "hang", "input": "x" * 1000}, timeout=20)
+        json_error(r, 504, "upstream_timeout")
+        assert time.monotonic() - started < 2 * WAIT + 5
+        wait_until(lambda: backend.gone > gone, 5, "the backend call dropped")
+        assert "Streaming request to" in gw.log()  # (mitmproxy's words: the body was streamed)
+        started = time.monotonic()
+        r = requests.post(f"{gw.base_url}/embeddings", json={"model": "ok", "input": "x" * 1000},
+                          headers={"x-slow": "1"}, timeout=30)
+        assert r.status_code == 200 and r.json() == {}, r.text[:300]
+        assert time.monotonic() - started >= 3 * WAIT
+    finally:
+        gw.stop()
+
+
 def test_the_openai_sdk_reads_the_json_error(gw):
     """The SDK's ``APIStatusError`` carries the parsed error: its ``code`` and body (before: the
     HTML page as a string, no code)."""

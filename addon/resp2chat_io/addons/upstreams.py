@@ -356,11 +356,12 @@ class Upstreams(Owner):
             mitm_head.LEAVING[flow] = self._sent  # (the head's deadline starts once it left every hook)
 
     def _sent(self, flow: http.HTTPFlow) -> None:
-        """``flow``'s request left every hook for its backend (mitm_head.py ``LEAVING``): the
-        wait for its answer's head, the backend's, starts now. Not at the gateway's own request
-        hook: a hook after it (an operator's addon), an interception in mitmweb, are the
-        gateway's wait, which no backend is to blame for (and which stopped the call, untried,
-        as the upstream's ``upstream_timeout``)."""
+        """``flow``'s request left every hook for its backend (mitm_head.py ``LEAVING``: as it
+        takes its connection; a body mitmproxy streams, ``stream_large_bodies``, at that body's
+        end, its connection taken at its head): the wait for its answer's head, the backend's,
+        starts now. Not at the gateway's own request hook: a hook after it (an operator's
+        addon), an interception in mitmweb, are the gateway's wait, which no backend is to blame
+        for (and which stopped the call, untried, as the upstream's ``upstream_timeout``)."""
         waits = self.calls.get(flow.id)
         if waits is not None and waits.timer is None:
             waits.timer = asyncio.get_running_loop().call_later(waits.head, self._overdue, flow)
