@@ -442,11 +442,20 @@ class Upstreams(Owner):
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         waits = self.calls.get(flow.id)
-        self._answered(flow)  # (the head came)
+        if waits is not None and waits.timer is not None:
+            waits.timer.cancel()  # (the head came: its deadline is over)
+            waits.timer = None
+        if not self._pass_on(flow, waits):
+            self.calls.pop(flow.id, None)  # (no body to wait for: the call's waits are over)
+
+    def _pass_on(self, flow: http.HTTPFlow, waits: Waits | None) -> bool:
+        """A passthrough answer's head came: it goes on scrubbed (its body streamed through
+        ``Scrubber``), or as the gateway's 502 if compressed. True: its body is to come and
+        ``waits`` wait for it (``_silent``)."""
         resp = flow.response
         if resp is None or not (flow.metadata.get(META) or {}).get(PASSTHROUGH) or flow.is_replay == "response" \
                 or resp.data.content is not None:
-            return  # (an answer made here, whole: Redact scrubs it)
+            return False  # (an answer made here, whole: Redact scrubs it)
         secrets = self.secrets_for(flow.request.headers)
         if resp.reason and any(s.decode("latin-1") in resp.reason for s in secrets):  # (the status line too)
             resp.reason = scrub(resp.reason.encode("latin-1"), secrets).decode("latin-1")
@@ -461,15 +470,10 @@ class Upstreams(Owner):
             flow.response = http.Response.make(502, body, {**JSON_HEADERS, "x-request-id": request_id(flow)})
             flow.response.stream = Refusal(body)
             flow.metadata[META][ENDED] = Ended("failed", "upstream_encoded", 502)
-            return
+            return False
         scrubber, meter = Scrubber(secrets), self.meter(flow)
         resp.stream = scrubber if meter is None else lambda data: scrubber(meter(data))
         size = http1.expected_http_body_size(flow.request, resp)  # (0: none; -1: to the connection's end)
-        if waits is not None and size != 0:
-            # the body's bytes must not stop for upstream_idle_timeout_secs (``_silent``)
-            self.calls[flow.id], waits.last = waits, time.monotonic()
-            resp.stream = waits.heard(resp.stream)
-            waits.timer = asyncio.get_running_loop().call_later(waits.idle, self._silent, flow)
         if flow.request.http_version == "HTTP/1.1" and size != 0 and (secrets or size == -1):
             # (a scrubbed body may be longer or shorter than declared; one that ends with its
             # connection could not show its client a cut, ``_silent``: each goes chunked, the
@@ -478,6 +482,13 @@ class Upstreams(Owner):
             resp.headers["transfer-encoding"] = "chunked"
             if size == -1:
                 resp.headers["connection"] = "close"
+        if waits is None or size == 0:
+            return False
+        # the body's bytes must not stop for upstream_idle_timeout_secs (``_silent``)
+        waits.last = time.monotonic()
+        resp.stream = waits.heard(resp.stream)
+        waits.timer = asyncio.get_running_loop().call_later(waits.idle, self._silent, flow)
+        return True
 
     async def merged_models(self, flow: http.HTTPFlow, allowed: tuple[str, ...] | None = None) -> None:
         """``GET /v1/models`` made here: with several upstreams, every upstream's list (the models
