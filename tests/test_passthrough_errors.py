@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import subprocess
 import threading
 import time
 
@@ -24,10 +25,12 @@ import requests
 
 from helpers import (RawServer, cli_env, free_port, openai_client, post_turn, read_request, run_cli, scrape,
                      start_gateway, wait_until)
+import test_security_gate
 
 UP_KEY = "sk-upstream-planted-7777pqrs"
 WAIT = 1  # the gateway's connect_timeout_secs and upstream_idle_timeout_secs here
 BIG = 48 << 20  # more than every socket buffer between a backend and a client that reads nothing
+tls_files = test_security_gate.tls_files  # (a fixture: the gateway's certificate, its CA)
 
 
 class RawBackend(RawServer):
@@ -254,6 +257,33 @@ def test_a_passthrough_whose_body_stalls_is_cut_in_time(gw, backend, what):
     assert (line["http_status"], line["status"], line["code"]) == (200, "failed", "upstream_timeout"), line
     wait_until(lambda: refused(gw, **route) == before + 1, 10, "counted")
     assert f"passthrough {line['request_id']}: the upstream sent nothing for {WAIT} s" in gw.log()
+
+
+def test_a_cut_ends_its_own_call_only_for_a_client_preferring_http2(backend, tls_files, tmp_path):
+    """A cut (``_silent``) closes its client's connection, and the check that its client is not
+    reading (``writing``) is the connection's: both are one call's because the gateway speaks
+    HTTP/1.1 alone, one request at a time on a connection (listen.py turns mitmproxy's ``http2``
+    off, even when the operator sets it on), so over TLS a client that prefers h2 gets HTTP/1.1
+    by ALPN. curl asking two calls at once, multiplexed on one connection where it can (h2 first
+    in its ALPN): the one whose backend stalls is cut in time, the other, longer than that, goes
+    on whole. Over HTTP/2 (measured with listen.py's guard taken out) one connection carries both,
+    and the cut ends both."""
+    gw = start_gateway(backend.url, tmp_path, "--set", f"resp2chat_tls_cert_file={tls_files['cert']}",
+                       "--set", f"resp2chat_tls_key_file={tls_files['key']}", "--set", "http2=true",
+                       "--set", "resp2chat_max_replay_entries=0", "--set", f"resp2chat_connect_timeout_secs={WAIT}",
+                       "--set", f"resp2chat_upstream_idle_timeout_secs={WAIT}")
+    try:
+        base = f"https://localhost:{gw.port}/v1/models"
+        out = subprocess.run(["curl", "-sS", "--http2", "--parallel", "--cacert", str(tls_files["ca"]),
+                              "-w", "%{url} %{http_version} %{response_code} %{exitcode}\n",
+                              "-o", str(tmp_path / "drip"), f"{base}/drip", "-o", str(tmp_path / "stall"), f"{base}/stall"],
+                             capture_output=True, timeout=60)
+        calls = {line.split()[0].rsplit("/", 1)[1]: line.split()[1:] for line in out.stdout.decode().splitlines()}
+        assert calls["drip"] == ["1.1", "200", "0"], (calls, out.stderr)
+        assert (tmp_path / "drip").read_bytes() == b"".join(b"data: %d\n\n" % i for i in range(9))
+        assert calls["stall"][:2] == ["1.1", "200"] and calls["stall"][2] != "0", (calls, out.stderr)  # (cut)
+    finally:
+        gw.stop()
 
 
 def test_a_passthrough_that_keeps_sending_is_not_cut(gw):

@@ -391,7 +391,10 @@ class Upstreams(Owner):
         (``ENDED``: ``failed``, ``upstream_timeout``). A silence while the client has not taken what
         it was sent is the client's (mitmproxy reads the backend only as the client takes its
         answer): the wait starts again. Checked once the wait is up since the last byte: each
-        byte only notes its time (``Waits.heard``)."""
+        byte only notes its time (``Waits.heard``). The connection closed and the check that its
+        client is reading are this call's alone: the gateway's clients speak HTTP/1.1, one request
+        at a time on a connection (listen.py turns ``http2`` off: over HTTP/2 one connection would
+        carry other calls, and this close would end them too)."""
         waits = self.calls.get(flow.id)
         if waits is None:
             return
