@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import subprocess
 import threading
 import time
 
@@ -24,10 +25,12 @@ import requests
 
 from helpers import (RawServer, cli_env, free_port, openai_client, post_turn, read_request, run_cli, scrape,
                      start_gateway, wait_until)
+import test_security_gate
 
 UP_KEY = "sk-upstream-planted-7777pqrs"
 WAIT = 1  # the gateway's connect_timeout_secs and upstream_idle_timeout_secs here
 BIG = 48 << 20  # more than every socket buffer between a backend and a client that reads nothing
+tls_files = test_security_gate.tls_files  # (a fixture: the gateway's certificate, its CA)
 
 
 class RawBackend(RawServer):
@@ -256,6 +259,33 @@ def test_a_passthrough_whose_body_stalls_is_cut_in_time(gw, backend, what):
     assert f"passthrough {line['request_id']}: the upstream sent nothing for {WAIT} s" in gw.log()
 
 
+def test_a_cut_ends_its_own_call_only_for_a_client_preferring_http2(backend, tls_files, tmp_path):
+    """A cut (``_silent``) closes its client's connection, and the check that its client is not
+    reading (``writing``) is the connection's: both are one call's because the gateway speaks
+    HTTP/1.1 alone, one request at a time on a connection (listen.py turns mitmproxy's ``http2``
+    off, even when the operator sets it on), so over TLS a client that prefers h2 gets HTTP/1.1
+    by ALPN. curl asking two calls at once, multiplexed on one connection where it can (h2 first
+    in its ALPN): the one whose backend stalls is cut in time, the other, longer than that, goes
+    on whole. Over HTTP/2 (measured with listen.py's guard taken out) one connection carries both,
+    and the cut ends both."""
+    gw = start_gateway(backend.url, tmp_path, "--set", f"resp2chat_tls_cert_file={tls_files['cert']}",
+                       "--set", f"resp2chat_tls_key_file={tls_files['key']}", "--set", "http2=true",
+                       "--set", "resp2chat_max_replay_entries=0", "--set", f"resp2chat_connect_timeout_secs={WAIT}",
+                       "--set", f"resp2chat_upstream_idle_timeout_secs={WAIT}")
+    try:
+        base = f"https://localhost:{gw.port}/v1/models"
+        out = subprocess.run(["curl", "-sS", "--http2", "--parallel", "--cacert", str(tls_files["ca"]),
+                              "-w", "%{url} %{http_version} %{response_code} %{exitcode}\n",
+                              "-o", str(tmp_path / "drip"), f"{base}/drip", "-o", str(tmp_path / "stall"), f"{base}/stall"],
+                             capture_output=True, timeout=60)
+        calls = {line.split()[0].rsplit("/", 1)[1]: line.split()[1:] for line in out.stdout.decode().splitlines()}
+        assert calls["drip"] == ["1.1", "200", "0"], (calls, out.stderr)
+        assert (tmp_path / "drip").read_bytes() == b"".join(b"data: %d\n\n" % i for i in range(9))
+        assert calls["stall"][:2] == ["1.1", "200"] and calls["stall"][2] != "0", (calls, out.stderr)  # (cut)
+    finally:
+        gw.stop()
+
+
 def test_a_passthrough_that_keeps_sending_is_not_cut(gw):
     """The wait is between bytes: an SSE stream longer than ``upstream_idle_timeout_secs`` whose
     events come more often than that is passed on whole."""
@@ -310,6 +340,52 @@ def test_the_deadline_of_a_passthroughs_head_starts_when_it_is_sent(backend, tmp
         assert time.monotonic() - started >= 3 * WAIT and backend.conns == conns + 1
         # (the deadline itself still holds once the call is sent)
         json_error(requests.get(f"{gw.base_url}/models/hang", timeout=20), 504, "upstream_timeout")
+    finally:
+        gw.stop()
+
+
+# A mitmproxy script loaded after the gateway whose request hook takes 3 * WAIT s for a request
+# marked ``x-slow`` (an operator's addon; a streamed body's end waits upstream for it)
+SLOW_STREAMED_HOOK = f"""
+import asyncio
+
+
+class Slow:
+    async def request(self, flow):
+        if flow.request.headers.get("x-slow"):
+            await asyncio.sleep({3 * WAIT})
+
+
+addons = [Slow()]
+"""
+
+
+def test_the_deadline_of_a_passthroughs_head_holds_for_a_streamed_request_body(backend, tmp_path):
+    """A request body mitmproxy streams (``stream_large_bodies`` set by the operator; an addon
+    may ask it too) goes to its backend as it arrives, its connection made before the ``request``
+    hook, so the deadline of the answer's head, which starts when the request leaves every hook,
+    starts with the body's end, after them: a backend that takes the body and says nothing is a
+    504 ``upstream_timeout`` in time. Before, that deadline never started for such a request: the
+    client waited for mitmproxy's ``tcp_timeout`` (600 s). A hook after the gateway's that takes
+    longer than the deadline (the body's end waits for it) still delays the call, not fails it."""
+    script = tmp_path / "slow_hook.py"
+    script.write_text(SLOW_STREAMED_HOOK)
+    gw = start_gateway(backend.url, tmp_path, "--set", "stream_large_bodies=1", "--set", "resp2chat_max_replay_entries=0",
+                       "--set", f"resp2chat_connect_timeout_secs={WAIT}",
+                       "--set", f"resp2chat_upstream_idle_timeout_secs={WAIT}", "-s", str(script))
+    try:
+        gone = backend.gone
+        started = time.monotonic()
+        r = requests.post(f"{gw.base_url}/embeddings", json={"model": "hang", "input": "x" * 1000}, timeout=20)
+        json_error(r, 504, "upstream_timeout")
+        assert time.monotonic() - started < 2 * WAIT + 5
+        wait_until(lambda: backend.gone > gone, 5, "the backend call dropped")
+        assert "Streaming request to" in gw.log()  # (mitmproxy's words: the body was streamed)
+        started = time.monotonic()
+        r = requests.post(f"{gw.base_url}/embeddings", json={"model": "ok", "input": "x" * 1000},
+                          headers={"x-slow": "1"}, timeout=30)
+        assert r.status_code == 200 and r.json() == {}, r.text[:300]
+        assert time.monotonic() - started >= 3 * WAIT
     finally:
         gw.stop()
 

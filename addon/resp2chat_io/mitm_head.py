@@ -5,7 +5,8 @@ minimum body rate of addons/head_deadline.py (``_counted``, ``BODIES``); the err
 answers itself (a passthrough call whose backend failed before its answer's head: refused,
 closed, reset, a head it could not read) is the gateway's JSON error, not mitmproxy's HTML page
 (``_json_page``, ``_json_errors``, ``FAILED``); and the HTTP layer says when a request leaves
-its hooks for its backend (``_leaving``, ``LEAVING``: a passthrough's deadline starts there).
+its hooks for its backend (``_leaving``, ``_streamed`` for a body mitmproxy streams, ``LEAVING``:
+a passthrough's deadline starts there).
 
 Why. mitmproxy gathers a client's request head in its HTTP/1 layer until the blank line that
 ends it (``mitmproxy/proxy/layers/http/_http1.py``, ``Http1Server.read_headers``: "FIXME: protect
@@ -39,7 +40,7 @@ from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
-from mitmproxy.proxy.layers.http._events import ErrorCode, ResponseProtocolError
+from mitmproxy.proxy.layers.http._events import ErrorCode, RequestEndOfMessage, ResponseProtocolError
 
 from resp2chat_core.errors import error_json, sanitize
 from resp2chat_core.gate import MAX_HEAD, head_too_large
@@ -212,9 +213,11 @@ def _json_errors(send):
 
 
 # A flow -> what is called (with it) once its request left every hook for its backend: mitmproxy
-# takes a connection for it next, opened or kept (addons/upstreams.py: a passthrough call's deadline
-# for its answer's head starts there, not in the gateway's own request hook, which the hooks after
-# it and an operator's interception follow). Once; an entry goes with its flow.
+# takes a connection for it next, opened or kept (``_leaving``), or, its body streamed, sends that
+# body's end on the connection it took at the head (``_streamed``). addons/upstreams.py: a
+# passthrough call's deadline for its answer's head starts there, not in the gateway's own request
+# hook, which the hooks after it and an operator's interception follow. Once; an entry goes with
+# its flow.
 LEAVING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -230,6 +233,23 @@ def _leaving(make_server_connection):
 
     leaving_make_server_connection.resp2chat = True
     return leaving_make_server_connection
+
+
+def _streamed(state_stream_request_body):
+    """``HttpStream.state_stream_request_body``: a request body mitmproxy streams
+    (``stream_large_bodies``, an addon's ``request.stream``) goes upstream as it arrives, its
+    connection made at its head, before the ``request`` hook (``make_server_connection`` finds no
+    ``LEAVING`` entry yet); the request leaves its hooks at its body's end, once every ``request``
+    hook is done and that end is sent on: what ``LEAVING`` holds for its flow is called then."""
+    def leaving_state_stream_request_body(self, event):
+        yield from state_stream_request_body(self, event)
+        if isinstance(event, RequestEndOfMessage):
+            then = LEAVING.pop(self.flow, None)
+            if then is not None:
+                then(self.flow)
+
+    leaving_state_stream_request_body.resp2chat = True
+    return leaving_state_stream_request_body
 
 
 def install() -> None:
@@ -250,8 +270,11 @@ def install() -> None:
             raise RuntimeError("mitmproxy's HTTP/1 layer changed: resp2chat_io/mitm_head.py needs a look")
         setattr(layer, state, wrap(current))
     stream = getattr(http_layer, "HttpStream", None)
-    current = getattr(stream, "make_server_connection", None)
-    if not getattr(current, "resp2chat", False):
-        if current is None or not inspect.isgeneratorfunction(current):
+    for state, wrap, generator in (("make_server_connection", _leaving, True),
+                                   ("state_stream_request_body", _streamed, False)):  # (behind @expect)
+        current = getattr(stream, state, None)
+        if getattr(current, "resp2chat", False):
+            continue
+        if current is None or (generator and not inspect.isgeneratorfunction(current)):
             raise RuntimeError("mitmproxy's HTTP layer changed: resp2chat_io/mitm_head.py needs a look")
-        stream.make_server_connection = _leaving(current)
+        setattr(stream, state, wrap(current))

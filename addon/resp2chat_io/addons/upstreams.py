@@ -356,11 +356,12 @@ class Upstreams(Owner):
             mitm_head.LEAVING[flow] = self._sent  # (the head's deadline starts once it left every hook)
 
     def _sent(self, flow: http.HTTPFlow) -> None:
-        """``flow``'s request left every hook for its backend (mitm_head.py ``LEAVING``): the
-        wait for its answer's head, the backend's, starts now. Not at the gateway's own request
-        hook: a hook after it (an operator's addon), an interception in mitmweb, are the
-        gateway's wait, which no backend is to blame for (and which stopped the call, untried,
-        as the upstream's ``upstream_timeout``)."""
+        """``flow``'s request left every hook for its backend (mitm_head.py ``LEAVING``: as it
+        takes its connection; a body mitmproxy streams, ``stream_large_bodies``, at that body's
+        end, its connection taken at its head): the wait for its answer's head, the backend's,
+        starts now. Not at the gateway's own request hook: a hook after it (an operator's
+        addon), an interception in mitmweb, are the gateway's wait, which no backend is to blame
+        for (and which stopped the call, untried, as the upstream's ``upstream_timeout``)."""
         waits = self.calls.get(flow.id)
         if waits is not None and waits.timer is None:
             waits.timer = asyncio.get_running_loop().call_later(waits.head, self._overdue, flow)
@@ -390,7 +391,10 @@ class Upstreams(Owner):
         (``ENDED``: ``failed``, ``upstream_timeout``). A silence while the client has not taken what
         it was sent is the client's (mitmproxy reads the backend only as the client takes its
         answer): the wait starts again. Checked once the wait is up since the last byte: each
-        byte only notes its time (``Waits.heard``)."""
+        byte only notes its time (``Waits.heard``). The connection closed and the check that its
+        client is reading are this call's alone: the gateway's clients speak HTTP/1.1, one request
+        at a time on a connection (listen.py turns ``http2`` off: over HTTP/2 one connection would
+        carry other calls, and this close would end them too)."""
         waits = self.calls.get(flow.id)
         if waits is None:
             return
@@ -441,11 +445,20 @@ class Upstreams(Owner):
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         waits = self.calls.get(flow.id)
-        self._answered(flow)  # (the head came)
+        if waits is not None and waits.timer is not None:
+            waits.timer.cancel()  # (the head came: its deadline is over)
+            waits.timer = None
+        if not self._pass_on(flow, waits):
+            self.calls.pop(flow.id, None)  # (no body to wait for: the call's waits are over)
+
+    def _pass_on(self, flow: http.HTTPFlow, waits: Waits | None) -> bool:
+        """A passthrough answer's head came: it goes on scrubbed (its body streamed through
+        ``Scrubber``), or as the gateway's 502 if compressed. True: its body is to come and
+        ``waits`` wait for it (``_silent``)."""
         resp = flow.response
         if resp is None or not (flow.metadata.get(META) or {}).get(PASSTHROUGH) or flow.is_replay == "response" \
                 or resp.data.content is not None:
-            return  # (an answer made here, whole: Redact scrubs it)
+            return False  # (an answer made here, whole: Redact scrubs it)
         secrets = self.secrets_for(flow.request.headers)
         if resp.reason and any(s.decode("latin-1") in resp.reason for s in secrets):  # (the status line too)
             resp.reason = scrub(resp.reason.encode("latin-1"), secrets).decode("latin-1")
@@ -460,15 +473,10 @@ class Upstreams(Owner):
             flow.response = http.Response.make(502, body, {**JSON_HEADERS, "x-request-id": request_id(flow)})
             flow.response.stream = Refusal(body)
             flow.metadata[META][ENDED] = Ended("failed", "upstream_encoded", 502)
-            return
+            return False
         scrubber, meter = Scrubber(secrets), self.meter(flow)
         resp.stream = scrubber if meter is None else lambda data: scrubber(meter(data))
         size = http1.expected_http_body_size(flow.request, resp)  # (0: none; -1: to the connection's end)
-        if waits is not None and size != 0:
-            # the body's bytes must not stop for upstream_idle_timeout_secs (``_silent``)
-            self.calls[flow.id], waits.last = waits, time.monotonic()
-            resp.stream = waits.heard(resp.stream)
-            waits.timer = asyncio.get_running_loop().call_later(waits.idle, self._silent, flow)
         if flow.request.http_version == "HTTP/1.1" and size != 0 and (secrets or size == -1):
             # (a scrubbed body may be longer or shorter than declared; one that ends with its
             # connection could not show its client a cut, ``_silent``: each goes chunked, the
@@ -477,6 +485,13 @@ class Upstreams(Owner):
             resp.headers["transfer-encoding"] = "chunked"
             if size == -1:
                 resp.headers["connection"] = "close"
+        if waits is None or size == 0:
+            return False
+        # the body's bytes must not stop for upstream_idle_timeout_secs (``_silent``)
+        waits.last = time.monotonic()
+        resp.stream = waits.heard(resp.stream)
+        waits.timer = asyncio.get_running_loop().call_later(waits.idle, self._silent, flow)
+        return True
 
     async def merged_models(self, flow: http.HTTPFlow, allowed: tuple[str, ...] | None = None) -> None:
         """``GET /v1/models`` made here: with several upstreams, every upstream's list (the models
