@@ -344,13 +344,19 @@ def test_the_deadline_of_a_passthroughs_head_starts_when_it_is_sent(backend, tmp
         gw.stop()
 
 
-# A mitmproxy script loaded after the gateway whose request hook takes 3 * WAIT s for a request
-# marked ``x-slow`` (an operator's addon; a streamed body's end waits upstream for it)
+# A mitmproxy script loaded after the gateway (an operator's addon) that streams every request body
+# (``request.stream``: the gateway turns ``stream_large_bodies`` off, an addon may still ask it),
+# and whose request hook takes 3 * WAIT s for a request marked ``x-slow`` (a streamed body's end
+# waits upstream for it)
 SLOW_STREAMED_HOOK = f"""
 import asyncio
 
 
 class Slow:
+    def requestheaders(self, flow):
+        if flow.response is None:
+            flow.request.stream = True
+
     async def request(self, flow):
         if flow.request.headers.get("x-slow"):
             await asyncio.sleep({3 * WAIT})
@@ -361,8 +367,8 @@ addons = [Slow()]
 
 
 def test_the_deadline_of_a_passthroughs_head_holds_for_a_streamed_request_body(backend, tmp_path):
-    """A request body mitmproxy streams (``stream_large_bodies`` set by the operator; an addon
-    may ask it too) goes to its backend as it arrives, its connection made before the ``request``
+    """A request body mitmproxy streams (an addon's ``request.stream``: the gateway turns
+    ``stream_large_bodies`` off) goes to its backend as it arrives, its connection made before the ``request``
     hook, so the deadline of the answer's head, which starts when the request leaves every hook,
     starts with the body's end, after them: a backend that takes the body and says nothing is a
     504 ``upstream_timeout`` in time. Before, that deadline never started for such a request: the
@@ -370,7 +376,7 @@ def test_the_deadline_of_a_passthroughs_head_holds_for_a_streamed_request_body(b
     longer than the deadline (the body's end waits for it) still delays the call, not fails it."""
     script = tmp_path / "slow_hook.py"
     script.write_text(SLOW_STREAMED_HOOK)
-    gw = start_gateway(backend.url, tmp_path, "--set", "stream_large_bodies=1", "--set", "resp2chat_max_replay_entries=0",
+    gw = start_gateway(backend.url, tmp_path, "--set", "resp2chat_max_replay_entries=0",
                        "--set", f"resp2chat_connect_timeout_secs={WAIT}",
                        "--set", f"resp2chat_upstream_idle_timeout_secs={WAIT}", "-s", str(script))
     try:

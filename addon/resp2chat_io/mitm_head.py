@@ -237,7 +237,7 @@ def _leaving(make_server_connection):
 
 def _streamed(state_stream_request_body):
     """``HttpStream.state_stream_request_body``: a request body mitmproxy streams
-    (``stream_large_bodies``, an addon's ``request.stream``) goes upstream as it arrives, its
+    (an addon's ``request.stream``; listen.py turns ``stream_large_bodies`` off) goes upstream as it arrives, its
     connection made at its head, before the ``request`` hook (``make_server_connection`` finds no
     ``LEAVING`` entry yet); the request leaves its hooks at its body's end, once every ``request``
     hook is done and that end is sent on: what ``LEAVING`` holds for its flow is called then."""

@@ -11,6 +11,11 @@ stream), and server replay that ignores the recorded upstream address. Also:
   sets its own (``Upstream.route``, the relay).
 - ``http2`` off: clients speak HTTP/1.1 (over TLS too), the protocol every refusal at the head and
   every stream is verified on (addons/gate.py).
+- ``stream_large_bodies`` off: mitmproxy would send a request body larger than it upstream as it
+  arrives, its head at once, before any ``request`` hook: a turn's Responses body to the chat
+  backend as it is, a passthrough without its upstream key or before a limited client's model is
+  checked. The gateway reads every request body whole (each bounded: ``max_request_body_mb``,
+  ``max_request_bodies_mb``) and streams every answer itself, so the option has nothing to give.
 - TLS: ``tls_cert_file`` + ``tls_key_file`` become one PEM (key, certificate, chain; 0600) in
   mitmproxy's confdir, given to mitmproxy as its certificate for every name (``certs``): mitmproxy
   then accepts HTTPS from clients on the same port, and the gate refuses plain HTTP. A certificate
@@ -46,7 +51,7 @@ class Listen(Owner):
     also_reads = ("gateway_api_key", "clients", "upstream_base_url")
     watches = ("mode", "listen_host", "listen_port", "server_replay", "connection_strategy",
                "store_streamed_bodies", "server_replay_ignore_host", "server_replay_ignore_port",
-               "keep_host_header", "http2", "certs", "confdir")
+               "keep_host_header", "http2", "stream_large_bodies", "certs", "confdir")
 
     def __init__(self, source, upstreams) -> None:
         super().__init__(source)
@@ -72,6 +77,8 @@ class Listen(Owner):
             changes["keep_host_header"] = True
         if opts.http2:
             changes["http2"] = False
+        if opts.stream_large_bodies:
+            changes["stream_large_bodies"] = None
         certs = self.certs(opts)
         if certs != list(opts.certs):
             changes["certs"] = certs

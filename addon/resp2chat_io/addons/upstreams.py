@@ -357,7 +357,7 @@ class Upstreams(Owner):
 
     def _sent(self, flow: http.HTTPFlow) -> None:
         """``flow``'s request left every hook for its backend (mitm_head.py ``LEAVING``: as it
-        takes its connection; a body mitmproxy streams, ``stream_large_bodies``, at that body's
+        takes its connection; a body mitmproxy streams, an addon's ``request.stream``, at that body's
         end, its connection taken at its head): the wait for its answer's head, the backend's,
         starts now. Not at the gateway's own request hook: a hook after it (an operator's
         addon), an interception in mitmweb, are the gateway's wait, which no backend is to blame
