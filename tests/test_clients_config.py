@@ -288,6 +288,25 @@ def test_a_key_keys_add_made_is_found_in_a_url_though_only_its_hash_is_configure
     assert bob not in gw.log() and bob.encode() not in flows.read_bytes()
 
 
+def test_a_key_beside_another_credential_in_a_url_is_redacted_too(tmp_path, upstream):
+    """bob puts alice's key (made by ``keys add``: only its hash configured, found by its shape)
+    in a URL right before his own key (a secret of the request: it presented it). Alone, alice's is
+    no key shape (a key character follows it); once bob's is redacted it is. Before, the shape was
+    looked for before the secrets were redacted: the flow and the log kept alice's key."""
+    alice = re.search(r"r2c-[A-Za-z0-9_-]{43}", run_cli(tmp_path, "keys", "add", "alice").stdout)[0]
+    bob = re.search(r"r2c-[A-Za-z0-9_-]{43}", run_cli(tmp_path, "keys", "add", "bob").stdout)[0]
+    flows = tmp_path / "flows.mitm"
+    gw = start_gateway(upstream.origin, tmp_path, "-w", str(flows), env=cli_env(tmp_path))
+    try:
+        for url in (f"/models/{alice}{bob}", f"/models?q={alice}{bob}", f"/models/{bob}{alice}"):
+            r = requests.get(gw.base_url + url, headers={"authorization": f"Bearer {bob}"}, timeout=20)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "credential_in_url", (url, r.text)
+    finally:
+        gw.stop()
+    for key in (alice, bob):
+        assert key not in gw.log() and key.encode() not in flows.read_bytes()
+
+
 # --- resp2chat keys ------------------------------------------------------------------------------
 
 

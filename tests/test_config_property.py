@@ -605,6 +605,21 @@ def test_an_upstream_entry_value_as_written_in_a_real_gateway(tmp_path):
     assert entry["upstream_model"] == "1.10" and int(entry["connect_timeout_secs"]) == 17, entry
 
 
+def test_an_entry_number_the_file_gives_out_of_range_is_refused_in_the_entry_s_words(tmp_path):
+    """A whole number in an entry of the file, an upstream's setting or a client's limit, is read
+    as its text says (config.py ``_typed``); one out of range is refused by the entry's own check,
+    showing it as the operator wrote it (a number), as the variable's JSON number is."""
+    path = tmp_path / "config.yaml"
+    for text, why in ((f"upstreams:\n  - name: a\n    base_url: {BASE}\n    connect_timeout_secs: -5\n",
+                       "connect_timeout_secs (from config file): -5 is invalid: expected a whole number >= 0"),
+                      (f"clients:\n  - name: a\n    key: {CLIENT_KEY}\n    rpm: -5\n",
+                       "clients[0] ('a').rpm (from config file): -5 is invalid: expected a whole number > 0")):
+        path.write_text(text)
+        with pytest.raises(S.SettingsError) as err:
+            load_settings({"RESP2CHAT_CONFIG": str(path)})
+        assert why in str(err.value), str(err.value)
+
+
 # --- a clients entry's limits are the numbers their text says ------------------------------------------------
 
 

@@ -789,6 +789,10 @@ def test_the_gate_rules():
              "/v1/models?a=1&API-KEY=[redacted]&b=2", "/v1/models?x_api_key=&token=t": "/v1/models?x_api_key=&token=[redacted]",
              "/v1/gw-key-1234/x": "/v1/[redacted]/x", "/v1/models?q=gw%2Dkey-1234": "/v1/models?[redacted]",
              "/v1/models?ke%79=zz": "/v1/models?ke%79=[redacted]"}
+    key = "r2c-" + "k" * 43  # (a client key's shape: clients.KEY_SHAPE)
+    clean |= {f"/v1/{key}/x": "/v1/[redacted]/x", f"/v1/models?q={key.replace('-', '%2D')}": "/v1/models?[redacted]",
+              f"/v1/{key}x": None, f"/v1/{key}/gw-key-1234": "/v1/[redacted]/[redacted]",
+              f"/v1/m?q={key}gw-key-1234": "/v1/m?[redacted]"}  # (a key once the secret beside it is out: all of it)
     for target, want in clean.items():
         assert G.without_credentials(target, keys) == want, target
     assert [G.is_json(t) for t in ("application/json", "Application/JSON; charset=utf-8", "application/vnd.x+json",

@@ -629,6 +629,39 @@ def test_the_socket_is_recorded_in_the_flow_file(gw, upstream):
     assert "response.completed  status=completed" in last.text
 
 
+def test_a_sockets_record_budget_counts_the_compaction_items_it_keeps(gateway_factory, tmp_path):
+    """A turn that compacts keeps its sealed compaction item in its record's ``gateway_events``
+    (``Compacted.item``: the summary, sealed, a third larger). Turns whose summaries are large
+    (~3 MiB each: an item of ~4.5 MB) fill the socket's record budget (RECORD_BUDGET, 64 MiB);
+    what the flow keeps of its turn records stays within it, their items counted. Before, the
+    budget counted a record's text only, not that item: the records kept held 71.9 MiB."""
+    from resp2chat_io.addons.websocket import RECORD_BUDGET
+    from test_server_compaction import HISTORY, OVER, _LongSummary
+
+    flows = tmp_path / "flows.mitm"
+    handler = type("Long", (_LongSummary,), {"size": (7 << 20) // 2, "calls": []})
+    with LocalServer(handler) as backend:
+        gw = gateway_factory(backend.url, "--set", "resp2chat_max_replay_entries=0", "-w", str(flows))
+        client = WSClient(gw.base_url, timeout=120)
+        for _ in range(6):
+            end = client.turn({"type": "response.create", "model": "demo-model", "input": HISTORY, "store": False,
+                               "context_management": OVER})[-1]
+            assert end["type"] == "response.completed", end
+            assert [o["type"] for o in end["response"]["output"]][0] == "compaction"
+        client.close()
+        gw.stop()
+    [flow] = [f for f in read_flows(flows) if f.websocket is not None]
+    records = flow.metadata["resp2chat"]["turns"]
+    assert [r["status"] for r in records] == ["completed"] * 6
+    kept = [r for r in records if not r.get("truncated")]
+    assert 0 < len(kept) < 6, "the budget is reached: the later turns are kept without their bodies"
+    assert all(r.get("truncated") for r in records[len(kept):])  # (the first ones kept, in order)
+    [item] = [fields["item"] for _, name, fields in kept[0]["gateway_events"] if name == "Compacted"]
+    assert len(item["encrypted_content"]) > 4 << 20  # (what the budget has to count)
+    size = sum(len(json.dumps(r, ensure_ascii=False)) for r in kept)
+    assert size <= RECORD_BUDGET + 1024 * len(kept), f"the records kept hold {size / (1 << 20):.1f} MiB"
+
+
 @pytest.mark.parametrize("extra", ["kill", "404"])
 def test_server_replay_extra_keeps_the_socket_open(upstream, gateway_factory, tmp_path, extra):
     """--server-replay with server_replay_extra kill (or a status): the upgrade is the gateway's

@@ -36,6 +36,7 @@ class WSClient:
         self.sock.sendall(self.ws.send(E.Request(host=url.netloc, target=url.path.rstrip("/") + path,
                                                  extra_headers=extra)))
         self.pending: list = []
+        self.partial = ""  # a text message wsproto handed over in pieces (a large one), until its last
         self.closed: tuple[int, str] | None = None  # the server's close frame (code, reason), once it came
         try:
             self._upgrade()
@@ -77,7 +78,10 @@ class WSClient:
             events = self._read()
             for event in events:
                 if isinstance(event, E.TextMessage):
-                    self.pending.append(json.loads(event.data))
+                    self.partial += event.data
+                    if event.message_finished:
+                        self.pending.append(json.loads(self.partial))
+                        self.partial = ""
                 elif isinstance(event, E.CloseConnection):
                     self.closed = (event.code, event.reason)
                 elif isinstance(event, E.Ping):

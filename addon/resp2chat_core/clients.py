@@ -220,10 +220,11 @@ def parse_clients(entries: Sequence[Any], gateway_api_key: str = "") -> tuple[Cl
 
 
 def whole(value: Any) -> Any:
-    """A limit given as text (the config file's ``rpm: 017``, as written; a JSON string) as the
-    whole number it says, as a whole-number setting reads it (settings.py ``coerce``: ``017`` is
+    """A whole number given as text (the config file's ``rpm: 017``, as written; a JSON string) as
+    the number it says, as a whole-number setting reads it (settings.py ``coerce``: ``017`` is
     17, ``1_000`` 1000); text that says none stays as it is (``parse_clients`` refuses it). Any
-    other value as it is."""
+    other value as it is. The one reading of a whole number in an entry: a client's limits here,
+    and config.py's (``_typed``) for the file's ``clients`` and ``upstreams`` entries."""
     if isinstance(value, str):
         try:
             return int(value, 10)

@@ -314,15 +314,18 @@ def without_credentials(target: str, secrets) -> str | None:
 
 
 def _without_secrets(part: str, secrets) -> str:
-    if KEY_SHAPE.search(part) or KEY_SHAPE.search(unquote_plus(part)):
-        part = KEY_SHAPE.sub(REDACTED, part)
-        if KEY_SHAPE.search(unquote_plus(part)):
-            return REDACTED  # (one only encoded: all of it)
-    if not any(s in part or s in unquote_plus(part) for s in secrets):
+    """``part`` (the path or one ``name=value`` of the query) with each credential in it, a secret
+    or a client key's shape, replaced by ``[redacted]`` where it is plain; one only there
+    percent-encoded (or still there once the plain ones are out): all of the part."""
+    def holds(text: str) -> bool:
+        return KEY_SHAPE.search(text) is not None or any(s in text for s in secrets)
+
+    if not (holds(part) or holds(unquote_plus(part))):
         return part
+    part = KEY_SHAPE.sub(REDACTED, part)
     for s in secrets:
         part = part.replace(s, REDACTED)
-    return part if not any(s in unquote_plus(part) for s in secrets) else REDACTED  # (one only encoded: all of it)
+    return REDACTED if holds(unquote_plus(part)) else part
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Mapping, NamedTuple
 import yaml
 
 from resp2chat_core.clients import FIELDS as CLIENT_FIELDS, LIMITS, whole
-from resp2chat_core.settings import ALIASES, BY_NAME, FIELDS, PER_UPSTREAM, SettingsError, coerce, resolve
+from resp2chat_core.settings import ALIASES, BY_NAME, FIELDS, PER_UPSTREAM, Field, SettingsError, coerce, resolve
 
 
 def config_path(env: Mapping[str, str] = os.environ) -> Path:
@@ -68,7 +68,7 @@ _SCALARS = frozenset(name for name, f in {**BY_NAME, **ALIASES}.items() if f.kin
 # one of ``upstreams``, the settings of one scalar it may set for itself, and its own name,
 # api_key, base_url and models (one pattern); in one of ``clients``, every field (models: one
 # pattern), its limits the whole numbers their text says (``rpm: 017`` was the octal 15); an
-# upstream's whole-number and true/false settings too (``_typed``): so ``resp2chat keys``,
+# upstream's whole-number and true/false settings too (both: ``_typed``): so ``resp2chat keys``,
 # rewriting the file, writes them as numbers.
 _ENTRY_SCALARS = {
     "upstreams": frozenset(name for name in PER_UPSTREAM if name in _SCALARS) | {"name", "base_url", "api_key", "models"},
@@ -99,22 +99,31 @@ def _as_written(data: dict, node: yaml.Node) -> dict:
                         if isinstance(k, yaml.ScalarNode) and k.tag == _STR and k.value in scalars:
                             _text(entry, k.value, v)
                             if key.value == "clients" and k.value in LIMITS:
-                                entry[k.value] = whole(entry[k.value])
+                                entry[k.value] = _typed("int", entry[k.value])
                             elif key.value == "upstreams" and k.value in PER_UPSTREAM:
-                                entry[k.value] = _typed(BY_NAME[k.value], entry[k.value])
+                                entry[k.value] = _typed(BY_NAME[k.value].kind, entry[k.value])
     return data
 
 
-def _typed(field, value: Any) -> Any:
-    """An upstream entry's whole-number or true/false setting read from its text as the setting
-    reads it (``coerce``: ``017`` is 17), so ``resp2chat keys``, rewriting the file, writes the
-    number, not the quoted text; text that says none stays as it is (``parse_upstreams`` refuses it)."""
-    if field.kind == "str" or not isinstance(value, str):
+_SWITCH = Field("switch", "bool", False, "")  # (how ``coerce`` reads true/false)
+
+
+def _typed(kind: str, value: Any) -> Any:
+    """An entry's field of ``kind`` (a client's limits: "int"; an upstream's own settings: theirs)
+    read from its text as a setting of that kind reads it: a whole number as ``clients.whole``
+    reads it (``017`` is 17, as settings.py ``coerce`` and ``RESP2CHAT_CLIENTS``' strings read
+    it), true/false as ``coerce`` does (``no`` is false). So ``resp2chat keys``, rewriting the file,
+    writes the number or the switch, not the quoted text. Text that says none stays as it is: the
+    entry's own check refuses it, in its words (``parse_upstreams``: "expected a whole number >= 0";
+    ``parse_clients``: "expected a whole number > 0…")."""
+    if not isinstance(value, str):
         return value
-    try:
-        return coerce(field, value)
-    except SettingsError:
-        return value
+    if kind == "int":
+        return whole(value)
+    if kind == "bool":
+        with contextlib.suppress(SettingsError):
+            return coerce(_SWITCH, value)
+    return value
 
 
 def _text(data: dict, key: str, node: yaml.Node) -> None:

@@ -77,7 +77,7 @@ from .redact import UNREAD_MCP, may_hold_mcp
 from .outcomes import WEBSOCKET, Outcome
 from .server_replay import not_recorded
 from .turns import UNRECORDED, Finished, TurnRun
-RECORD_BUDGET = 64 << 20  # turn records kept on one socket's flow; later turns are noted without their bodies
+RECORD_BUDGET = 64 << 20  # turn records kept on one socket's flow (``recorded_size``); later turns are noted without their bodies
 MAX_RECORDS = 1024  # turn records kept on one socket's flow; later turns are only counted
 MESSAGE_BUDGET = 16 << 20  # bytes of messages one socket's flow keeps in flow.websocket.messages (the first ones)
 MAX_MESSAGES = 4096  # messages one socket's flow keeps (the first ones); later ones are only counted
@@ -100,7 +100,7 @@ class OpenSocket:
     conn: ws.Connection = field(default_factory=ws.Connection)  # (``open``: at most max_message bytes of it)
     messages: int = 0  # client messages so far (each gets its own request id: request_id(flow)_n)
     turns: int = 0
-    recorded: int = 0  # bytes of turn records in the flow's metadata
+    recorded: int = 0  # what the turn records in the flow's metadata hold (``recorded_size``)
     records: int = 0  # turn records made (the flow keeps the first MAX_RECORDS)
     counts: dict = field(default_factory=dict)  # records by status ("warm-up" for warm-ups), for the comment
     usage: dict | None = None  # the last record's usage that had one
@@ -136,6 +136,19 @@ def remembered(turn: Turn, output: list = ()) -> int:
     """What a conversation the socket remembers is counted as (ws.Connection's ``max_bytes``): its
     lowered chat request, which carries all of it (no work: the bytes are made), and its output."""
     return len(turn.chat_body) + (len(json.dumps(output, ensure_ascii=False)) if output else 0)
+
+
+def recorded_size(value) -> int:
+    """What a turn record (or a value in it) counts for ``RECORD_BUDGET``: the characters of its
+    text, at any depth (``gateway_events``' fields too: a compaction item, ``Compacted.item``,
+    holds its whole summary sealed), a ``RecordText``'s bytes; a number or the like, its digits."""
+    if isinstance(value, (str, RecordText)):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(len(str(k)) + recorded_size(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return sum(recorded_size(v) for v in value)
+    return len(str(value))
 
 
 @fails_closed
@@ -580,8 +593,7 @@ class ResponsesWebSocket(Owner):
         if live.records > MAX_RECORDS:
             meta["turns_dropped"] = live.records - MAX_RECORDS
         else:
-            size = sum(len(v) for v in record.values() if isinstance(v, (str, RecordText))) + sum(
-                len(v) for _, _, fields in record.get("gateway_events", ()) for v in fields.values() if isinstance(v, str))
+            size = recorded_size(record)
             if live.recorded + size > RECORD_BUDGET:
                 record = {k: v for k, v in record.items() if k not in ("responses_request", "chat_request",
                                                                         "upstream_sse", "events", "gateway_events")}
