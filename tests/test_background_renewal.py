@@ -172,6 +172,33 @@ async def test_a_status_is_the_responses_brief_whatever_wrote_it(where):
             assert await store.status(rid, owner="alice") == {"status": "cancelled", "background": True, "version": 4}
 
 
+def write_before_versions(r, rid: str, response: dict, items: list) -> None:
+    """An entry as the gateway wrote it before entries had versions (before conversations): its
+    hash's ``data`` and ``items``, no ``v`` (nor ``s``, ``sv``, ``in``, ``r``), in the index of that
+    version (``resp2chat:responses``)."""
+    data = json.dumps({"items": items, "response": response}, separators=(",", ":"))
+    r.hset(f"resp2chat:response:{rid}", mapping={"data": data, "items": ""})
+    r.expire(f"resp2chat:response:{rid}", 3600)
+    r.zadd("resp2chat:responses", {rid: float(r.time()[0])})
+    r.hset("resp2chat:responses:sizes", rid, len(data))
+    r.incrby("resp2chat:responses:bytes", len(data))
+
+
+async def test_redis_reads_an_entry_written_before_versions_as_version_1(redis_server):
+    """An entry a gateway of the version before versions wrote (no ``v``): ``get`` and ``status``
+    agree, as version 1 (``status`` read it as gone, ``get`` as version 1)."""
+    rid = "resp_unversioned1"
+    response = {"id": rid, "object": "response", "status": "completed", "output": [out(0)]}
+    write_before_versions(redis_server.client(), rid, response, [message(0, 10)])
+    async with opened(("redis", redis_server.url)) as make:
+        store = make()
+        entry = await store.get(rid)
+        assert entry == {"items": [message(0, 10)], "response": response, "version": 1}
+        assert await store.status(rid) == {**B.brief(response), "version": 1} == \
+            {"status": "completed", "background": False, "version": 1}
+        assert await store.status(rid, owner="alice") is None  # (another owner's: unknown, as for get)
+
+
 async def test_renewals_keep_the_entry_right(where):
     """On every store: a renewal writes the Response (its lease, its output, which the
     conversation ends with: the input items listed stay the input) over the version it names,

@@ -649,7 +649,9 @@ class RedisResponseStore:
     async def status(self, response_id: str, *, owner: str = owners.SHARED) -> dict | None:
         """store.py ``ResponseStore.status``: the fields ``v``, ``s`` and ``sv`` of its hash, one
         round trip of a few dozen bytes. An entry whose brief is not of its version (written by a
-        version of the gateway before briefs, or renewed by one since) is read whole instead."""
+        version of the gateway before briefs, or renewed by one since), or that has no version
+        (written before versions: version 1, as ``get`` reads it), is read whole instead, as is
+        an id none is stored under (one more small round trip, once: a poll of it stops)."""
         if not valid_id(response_id):
             return None
         key = f"{KEY_ROOT}{namespace(owner)}response:{response_id}"
@@ -657,7 +659,7 @@ class RedisResponseStore:
                                                    lambda c: c.hmget(key, ["v", "s", "sv"]))
         if version is not None and found is not None and of == version:
             return {**json.loads(found), "version": int(version)}
-        entry = await self.get(response_id, owner=owner) if version is not None else None
+        entry = await self.get(response_id, owner=owner)
         return None if entry is None else {**brief(entry["response"]), "version": entry["version"]}
 
     async def delete(self, response_id: str, *, owner: str = owners.SHARED) -> bool:
