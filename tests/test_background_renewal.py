@@ -199,6 +199,36 @@ async def test_redis_reads_an_entry_written_before_versions_as_version_1(redis_s
         assert await store.status(rid, owner="alice") is None  # (another owner's: unknown, as for get)
 
 
+async def test_redis_writes_over_an_entry_written_before_versions_as_over_version_1(redis_server):
+    """A write over an entry of the version before versions names the version ``get`` read, 1,
+    and lands (the Lua script read the missing ``v`` as 0, a new entry: a write naming version 1
+    was refused, so a renewal of such an entry, which puts it whole, tried again forever); it
+    replaces that entry and its accounting, as over any other; a write naming another version
+    is refused."""
+    rid = "resp_unversioned2"
+    r = redis_server.client()
+    write_before_versions(r, rid, {"id": rid, "object": "response", "status": "completed", "output": []},
+                          [message(0, 10)])
+    async with opened(("redis", redis_server.url)) as make:
+        store = make()
+        assert (await store.get(rid))["version"] == 1
+        assert not await store.put(rid, [message(1, 10)], {"id": rid, "object": "response"}, expect=2)
+        assert await store.put(rid, [message(1, 10)], {"id": rid, "object": "response"}, expect=1)
+        entry = await store.get(rid)
+        assert entry["version"] == 2 and entry["items"] == [message(1, 10)]
+        assert await store.status(rid) == {"status": None, "background": False, "version": 2}
+        size = int(r.hget("resp2chat:entries:sizes", rid))
+        assert len(store) == r.zcard("resp2chat:entries") == 1 and not r.exists("resp2chat:responses")
+        assert int(r.get("resp2chat:entries:bytes")) == size == len(r.hget(f"resp2chat:response:{rid}", "data"))
+        write_before_versions(r, rid, {"id": rid, "object": "response", "status": "completed", "output": []},
+                              [message(0, 10)])
+        r.hdel(f"resp2chat:response:{rid}", "v", "in", "r", "s", "sv")  # (as that version left it again)
+        ended = {"id": rid, "object": "response", "status": "completed", "output": [out(0)]}
+        renewal = await store.renew(rid, ended, expect=1, ended=True)  # (put whole: the entry has no ``in``)
+        assert renewal.renewed and renewal.version == 2
+        assert (await store.get(rid))["items"] == [message(0, 10), out(0)]
+
+
 async def test_renewals_keep_the_entry_right(where):
     """On every store: a renewal writes the Response (its lease, its output, which the
     conversation ends with: the input items listed stay the input) over the version it names,
