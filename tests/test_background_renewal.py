@@ -229,6 +229,33 @@ async def test_redis_writes_over_an_entry_written_before_versions_as_over_versio
         assert (await store.get(rid))["items"] == [message(0, 10), out(0)]
 
 
+def test_a_gateway_answers_for_an_entry_written_before_versions(upstream, gateway_factory, redis_server):
+    """Through a real gateway on Redis, a response stored by a gateway of the version before
+    versions (a response this one stored, its hash then left as that version wrote it: ``data``
+    and ``items``, no ``v``) is a stored response like any: a GET of it, its input items, a
+    continuation from it; a cancellation and a resume of it are refused as for any response
+    that is not a background one (400), not as for one that is gone (404)."""
+    gw = gateway_factory(upstream.origin, "--set", f"resp2chat_state_store_url={redis_server.url}")
+    r, client = redis_server.client(), openai_client(gw)
+    first = client.responses.create(model="demo-model", input="noreason\nold question")
+    key = f"resp2chat:response:{first.id}"
+    wait_until(lambda: r.exists(key), 20, f"{first.id} stored")
+    r.hdel(key, "v", "s", "sv", "in", "r")
+    assert set(r.hkeys(key)) == {b"data", b"items"} | {k for k in r.hkeys(key) if k.startswith(b"d:")}
+    got = client.responses.retrieve(first.id)
+    assert (got.status, got.output_text, got.output[-1].id) == ("completed", first.output_text, first.output[-1].id)
+    listed = client.responses.input_items.list(first.id, order="asc").data
+    assert [i.content[0].text for i in listed] == ["noreason\nold question"]
+    upstream.clear()
+    follow = client.responses.create(model="demo-model", input="noreason\nnew question", previous_response_id=first.id)
+    assert follow.status == "completed"
+    assert [m["content"] for m in upstream.requests()[-1]["messages"]] == \
+        ["noreason\nold question", first.output_text, "noreason\nnew question"]
+    cancel = requests.post(f"{gw.base_url}/responses/{first.id}/cancel", timeout=10)
+    resume = requests.get(f"{gw.base_url}/responses/{first.id}?stream=true", timeout=10)
+    assert (cancel.status_code, resume.status_code) == (400, 400), (cancel.text, resume.text)
+
+
 async def test_renewals_keep_the_entry_right(where):
     """On every store: a renewal writes the Response (its lease, its output, which the
     conversation ends with: the input items listed stay the input) over the version it names,
