@@ -122,8 +122,8 @@ def test_a_running_log_streams_each_resume_its_tail_and_stays_bounded(monkeypatc
 
 
 class Racing:
-    """The store addon's ``get`` over a real ``ResponseStore``, where other replicas write between
-    a read and the write that follows it: after the k-th read, ``moves[k]`` (a GET of a dead run
+    """The store addon's ``get`` (and ``status``, which reads alone) over a real ``ResponseStore``,
+    where other replicas write between a read and the write that follows it: after the k-th read, ``moves[k]`` (a GET of a dead run
     stores it ``failed``, as ``Store.seen`` does; the run's replica renews it, or ends it, as
     ``_renew`` and ``_end`` do, a cancellation asked making it end ``cancelled``); once they ran
     out, the run ends at the next read (it heeded the cancellation)."""
@@ -144,6 +144,9 @@ class Racing:
             if new is not None:
                 await self.store.put(response_id, [], new, owner=owner, expect=entry["version"])
         return entry
+
+    async def status(self, response_id: str, owner: str):
+        return await self.store.status(response_id, owner=owner)
 
 
 @settings(max_examples=150, **SETTINGS)

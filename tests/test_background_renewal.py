@@ -172,6 +172,90 @@ async def test_a_status_is_the_responses_brief_whatever_wrote_it(where):
             assert await store.status(rid, owner="alice") == {"status": "cancelled", "background": True, "version": 4}
 
 
+def write_before_versions(r, rid: str, response: dict, items: list) -> None:
+    """An entry as the gateway wrote it before entries had versions (before conversations): its
+    hash's ``data`` and ``items``, no ``v`` (nor ``s``, ``sv``, ``in``, ``r``), in the index of that
+    version (``resp2chat:responses``)."""
+    data = json.dumps({"items": items, "response": response}, separators=(",", ":"))
+    r.hset(f"resp2chat:response:{rid}", mapping={"data": data, "items": ""})
+    r.expire(f"resp2chat:response:{rid}", 3600)
+    r.zadd("resp2chat:responses", {rid: float(r.time()[0])})
+    r.hset("resp2chat:responses:sizes", rid, len(data))
+    r.incrby("resp2chat:responses:bytes", len(data))
+
+
+async def test_redis_reads_an_entry_written_before_versions_as_version_1(redis_server):
+    """An entry a gateway of the version before versions wrote (no ``v``): ``get`` and ``status``
+    agree, as version 1 (``status`` read it as gone, ``get`` as version 1)."""
+    rid = "resp_unversioned1"
+    response = {"id": rid, "object": "response", "status": "completed", "output": [out(0)]}
+    write_before_versions(redis_server.client(), rid, response, [message(0, 10)])
+    async with opened(("redis", redis_server.url)) as make:
+        store = make()
+        entry = await store.get(rid)
+        assert entry == {"items": [message(0, 10)], "response": response, "version": 1}
+        assert await store.status(rid) == {**B.brief(response), "version": 1} == \
+            {"status": "completed", "background": False, "version": 1}
+        assert await store.status(rid, owner="alice") is None  # (another owner's: unknown, as for get)
+
+
+async def test_redis_writes_over_an_entry_written_before_versions_as_over_version_1(redis_server):
+    """A write over an entry of the version before versions names the version ``get`` read, 1,
+    and lands (the Lua script read the missing ``v`` as 0, a new entry: a write naming version 1
+    was refused, so a renewal of such an entry, which puts it whole, tried again forever); it
+    replaces that entry and its accounting, as over any other; a write naming another version
+    is refused."""
+    rid = "resp_unversioned2"
+    r = redis_server.client()
+    write_before_versions(r, rid, {"id": rid, "object": "response", "status": "completed", "output": []},
+                          [message(0, 10)])
+    async with opened(("redis", redis_server.url)) as make:
+        store = make()
+        assert (await store.get(rid))["version"] == 1
+        assert not await store.put(rid, [message(1, 10)], {"id": rid, "object": "response"}, expect=2)
+        assert await store.put(rid, [message(1, 10)], {"id": rid, "object": "response"}, expect=1)
+        entry = await store.get(rid)
+        assert entry["version"] == 2 and entry["items"] == [message(1, 10)]
+        assert await store.status(rid) == {"status": None, "background": False, "version": 2}
+        size = int(r.hget("resp2chat:entries:sizes", rid))
+        assert len(store) == r.zcard("resp2chat:entries") == 1 and not r.exists("resp2chat:responses")
+        assert int(r.get("resp2chat:entries:bytes")) == size == len(r.hget(f"resp2chat:response:{rid}", "data"))
+        write_before_versions(r, rid, {"id": rid, "object": "response", "status": "completed", "output": []},
+                              [message(0, 10)])
+        r.hdel(f"resp2chat:response:{rid}", "v", "in", "r", "s", "sv")  # (as that version left it again)
+        ended = {"id": rid, "object": "response", "status": "completed", "output": [out(0)]}
+        renewal = await store.renew(rid, ended, expect=1, ended=True)  # (put whole: the entry has no ``in``)
+        assert renewal.renewed and renewal.version == 2
+        assert (await store.get(rid))["items"] == [message(0, 10), out(0)]
+
+
+def test_a_gateway_answers_for_an_entry_written_before_versions(upstream, gateway_factory, redis_server):
+    """Through a real gateway on Redis, a response stored by a gateway of the version before
+    versions (a response this one stored, its hash then left as that version wrote it: ``data``
+    and ``items``, no ``v``) is a stored response like any: a GET of it, its input items, a
+    continuation from it; a cancellation and a resume of it are refused as for any response
+    that is not a background one (400), not as for one that is gone (404)."""
+    gw = gateway_factory(upstream.origin, "--set", f"resp2chat_state_store_url={redis_server.url}")
+    r, client = redis_server.client(), openai_client(gw)
+    first = client.responses.create(model="demo-model", input="noreason\nold question")
+    key = f"resp2chat:response:{first.id}"
+    wait_until(lambda: r.exists(key), 20, f"{first.id} stored")
+    r.hdel(key, "v", "s", "sv", "in", "r")
+    assert set(r.hkeys(key)) == {b"data", b"items"} | {k for k in r.hkeys(key) if k.startswith(b"d:")}
+    got = client.responses.retrieve(first.id)
+    assert (got.status, got.output_text, got.output[-1].id) == ("completed", first.output_text, first.output[-1].id)
+    listed = client.responses.input_items.list(first.id, order="asc").data
+    assert [i.content[0].text for i in listed] == ["noreason\nold question"]
+    upstream.clear()
+    follow = client.responses.create(model="demo-model", input="noreason\nnew question", previous_response_id=first.id)
+    assert follow.status == "completed"
+    assert [m["content"] for m in upstream.requests()[-1]["messages"]] == \
+        ["noreason\nold question", first.output_text, "noreason\nnew question"]
+    cancel = requests.post(f"{gw.base_url}/responses/{first.id}/cancel", timeout=10)
+    resume = requests.get(f"{gw.base_url}/responses/{first.id}?stream=true", timeout=10)
+    assert (cancel.status_code, resume.status_code) == (400, 400), (cancel.text, resume.text)
+
+
 async def test_renewals_keep_the_entry_right(where):
     """On every store: a renewal writes the Response (its lease, its output, which the
     conversation ends with: the input items listed stay the input) over the version it names,

@@ -48,7 +48,8 @@ when over a cap (as that version did). A replica of that version still running m
 there and is moved in the same way; its deletes leave only a count that the next eviction or
 expiry drops. An entry a renewal split into ``head`` and ``tail`` has no ``data``: a replica of a
 version before renewals reads it as unknown until the run's end writes it whole again; one it
-wrote (no ``in``) is renewed by a whole ``put``.
+wrote (no ``in``) is renewed by a whole ``put``. An entry written before versions (no ``v``) is
+version 1 to every read (``get``, ``status``) and write (``put``, ``renew``).
 
 Redis unreachable: ``StateUnavailable`` is raised for what needs it (the addons answer 503 for
 ``previous_response_id`` and ``GET /v1/responses/{id}``; plain turns go on: a replay lookup is a
@@ -328,7 +329,9 @@ for _, old in ipairs(redis.call('ZRANGEBYSCORE', idx, '-inf', now - ttl)) do dro
 if old_left then
   for _, old in ipairs(redis.call('ZRANGEBYSCORE', legacy, '-inf', now - ttl)) do drop(old) end
 end
-local version = tonumber(redis.call('HGET', prefix .. ns .. 'response:' .. id, 'v') or '0')
+local key = prefix .. ns .. 'response:' .. id
+-- (0: none there; an entry without ``v``, written before versions, is version 1, as ``get`` reads it)
+local version = tonumber(redis.call('HGET', key, 'v') or (redis.call('EXISTS', key) == 1 and '1' or '0'))
 if ARGV[9] ~= '' and tonumber(ARGV[9]) ~= version then return {-1, 0} end
 if version > 0 then drop(member) end  -- (the version it replaces; a new entry has nothing to drop)
 local held, digests = {}, {}
@@ -343,7 +346,6 @@ for iid, digest in string.gmatch(others, '(%S+) (%S+)') do
     end
   end
 end
-local key = prefix .. ns .. 'response:' .. id
 redis.call('HSET', key, 'data', data, 'items', table.concat(held, ' '), 'v', version + 1, 'in', ARGV[10], 'r', ARGV[11],
            's', ARGV[12], 'sv', version + 1)
 hold(key, ns, id, held, digests, now, ttl)
@@ -649,7 +651,9 @@ class RedisResponseStore:
     async def status(self, response_id: str, *, owner: str = owners.SHARED) -> dict | None:
         """store.py ``ResponseStore.status``: the fields ``v``, ``s`` and ``sv`` of its hash, one
         round trip of a few dozen bytes. An entry whose brief is not of its version (written by a
-        version of the gateway before briefs, or renewed by one since) is read whole instead."""
+        version of the gateway before briefs, or renewed by one since), or that has no version
+        (written before versions: version 1, as ``get`` reads it), is read whole instead, as is
+        an id none is stored under (one more small round trip, once: a poll of it stops)."""
         if not valid_id(response_id):
             return None
         key = f"{KEY_ROOT}{namespace(owner)}response:{response_id}"
@@ -657,7 +661,7 @@ class RedisResponseStore:
                                                    lambda c: c.hmget(key, ["v", "s", "sv"]))
         if version is not None and found is not None and of == version:
             return {**json.loads(found), "version": int(version)}
-        entry = await self.get(response_id, owner=owner) if version is not None else None
+        entry = await self.get(response_id, owner=owner)
         return None if entry is None else {**brief(entry["response"]), "version": entry["version"]}
 
     async def delete(self, response_id: str, *, owner: str = owners.SHARED) -> bool:

@@ -461,7 +461,7 @@ class Background:
         ``status``: a few dozen bytes), not its entry (its conversation and output)."""
         while True:
             await asyncio.sleep(POLL)
-            status = await self.store.store.status(response_id, owner=owner)
+            status = await self.store.status(response_id, owner)
             if status is None or not B.is_running(status) or B.is_dead(status, time.time()) or \
                     not B.cancel_asked(status) or time.monotonic() > deadline:
                 return
@@ -503,7 +503,7 @@ class Background:
         """Whether a run of this gateway was deleted (the store does not hold it: its status, not
         its entry, is read); the store unreachable: not known deleted (its log here has its events)."""
         try:
-            return await self.store.store.status(response_id, owner=owner) is None
+            return await self.store.status(response_id, owner) is None
         except StateUnavailable as exc:
             log.warning(f"resp2chat: resuming background {response_id} from this gateway's events: {exc}")
             return False
@@ -540,7 +540,7 @@ class Background:
         try:
             while True:
                 await asyncio.sleep(POLL)
-                status = await self.store.store.status(response_id, owner=owner)
+                status = await self.store.status(response_id, owner)
                 if status is not None and B.is_running(status) and not B.is_dead(status, time.time()):
                     continue
                 entry = await self.store.get(response_id, owner) if status is not None else None

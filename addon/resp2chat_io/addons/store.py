@@ -196,6 +196,12 @@ class StoredResponses(Owner):
             entry = await self.store.get(response_id, owner=owner)
         return entry if entry is not None and entry["response"].get("object") == kind else None
 
+    async def status(self, response_id: str, owner: str) -> dict | None:
+        """A stored response's status alone (store.py ``status``: its brief and version, a few
+        dozen bytes, not its entry), ``StateUnavailable`` when the store is down. What polls
+        read: an id the store does not know is None at once (``get`` waits for it)."""
+        return await self.store.status(response_id, owner=owner)
+
     def put(self, response_id: str, items: list, final: dict, *, owner: str) -> None:
         self.writes.start(f"response {response_id} not stored", self._put(response_id, items, final, owner))
 
