@@ -551,5 +551,10 @@ def test_a_search_past_the_bounds_is_a_failed_web_search_call_and_the_turn_ends(
                 # the backend was asked once per round that ran a search, and once more: no round after the refused call
                 assert len(_SearchesAlways.bodies) == ran + 1
                 assert not any(t["function"]["name"] == "web_search" for t in _SearchesAlways.bodies[-1].get("tools") or ())
+            # the next turn's history: the searches that ran, and the one that did not, as such
+            _SearchesAlways.bodies = []
+            post_turn(gw, {"model": "demo-model", "input": "and?", "previous_response_id": resp["id"], **extra})
+            history = json.dumps(_SearchesAlways.bodies[0]["messages"])
+            assert f"(searched the web for: q{ran - 1})" in history and f"(a web search for: q{ran} failed)" in history
         finally:
             gw.stop()

@@ -498,9 +498,13 @@ def _lower_input(req: ResponsesRequest, flatten: bool, reasoning_field: str = "r
             if not item.call_id:
                 conv.searches.append(call_id)
         elif isinstance(item, WebSearchCallItem):
-            # A hosted search ran on the server; the chat model only needs to know it happened.
+            # A hosted search ran on the server; the chat model only needs to know it happened
+            # (or, failed, that it did not: a call the gateway refused past its bounds ran nothing).
             query = (item.action or {}).get("query") or ""
-            conv.note(f"(searched the web for: {query})" if query else "(searched the web)")
+            if item.status == "failed":
+                conv.note(f"(a web search for: {query} failed)" if query else "(a web search failed)")
+            else:
+                conv.note(f"(searched the web for: {query})" if query else "(searched the web)")
         elif isinstance(item, ToolOutputItem):
             call_id = _answered_call(item, where, conv.calls)
             text, images = _split_output(item.output, f"{where}.output")

@@ -120,6 +120,7 @@ class WebSearchCallItem(_Model):
     type: Literal["web_search_call"]
     id: str | None = None
     action: dict[str, Any] | None = None
+    status: str | None = None
 
 
 class ToolOutputItem(_Model):
