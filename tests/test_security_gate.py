@@ -792,9 +792,11 @@ def test_the_gate_rules():
     key = "r2c-" + "k" * 43  # (a client key's shape: clients.KEY_SHAPE)
     clean |= {f"/v1/{key}/x": "/v1/[redacted]/x", f"/v1/models?q={key.replace('-', '%2D')}": "/v1/models?[redacted]",
               f"/v1/{key}x": None, f"/v1/{key}/gw-key-1234": "/v1/[redacted]/[redacted]",
-              f"/v1/m?q={key}gw-key-1234": "/v1/m?[redacted]"}  # (a key once the secret beside it is out: all of it)
+              f"/v1/m?q={key}gw-key-1234": "/v1/m?q=[redacted][redacted]"}  # (a key once the secret beside it is out)
     for target, want in clean.items():
         assert G.without_credentials(target, keys) == want, target
+    # a secret that holds a client key's shape goes whole (before: the shape went first, the rest of it stayed)
+    assert G.without_credentials(f"/v1/m?x=abc.{key}", [f"abc.{key}"]) == "/v1/m?x=[redacted]"
     assert [G.is_json(t) for t in ("application/json", "Application/JSON; charset=utf-8", "application/vnd.x+json",
                                    "text/plain", None, "", "application/x-www-form-urlencoded", "json")] \
         == [True, True, True, False, False, False, False, False]

@@ -538,6 +538,8 @@ def test_a_search_past_the_bounds_is_a_failed_web_search_call_and_the_turn_ends(
                     assert types[-1] == "response.completed", types
                     assert not any(t.startswith("response.function_call") for t in types), types
                     assert types.count("response.web_search_call.completed") == ran, types
+                    assert types.count("response.web_search_call.searching") == ran, types  # (none for the refused)
+                    assert types.count("response.web_search_call.in_progress") == ran + 1, types
                     resp = events[-1]["response"]
                 else:
                     resp = r.json()

@@ -178,7 +178,7 @@ def _run(script: list[tuple[bytes, bool]], answers: list[tuple[int, bytes]], max
             out += tr.feed(step.tail)
             break
         for s in step:
-            out += tr.search_started(s.call_id, s.query)
+            out += tr.search_started(s.call_id, s.query, s.refused is not None)
         texts = []
         for s in step:
             if s.refused is not None:  # past a spent bound: no search, a failed item

@@ -105,9 +105,10 @@ class SearchStarted:
 
     call_id: str
     query: str
+    refused: bool = False  # the gateway refused the call (past a spent bound): no search runs
 
     def apply(self, t) -> bytes:
-        return t.search_started(self.call_id, self.query)
+        return t.search_started(self.call_id, self.query, bool(self.refused))
 
 
 @dataclass(frozen=True, slots=True)

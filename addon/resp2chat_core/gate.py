@@ -322,9 +322,9 @@ def _without_secrets(part: str, secrets) -> str:
 
     if not (holds(part) or holds(unquote_plus(part))):
         return part
-    part = KEY_SHAPE.sub(REDACTED, part)
-    for s in secrets:
+    for s in secrets:  # (the secrets first: one may hold a key's shape, which would split it)
         part = part.replace(s, REDACTED)
+    part = KEY_SHAPE.sub(REDACTED, part)
     return REDACTED if holds(unquote_plus(part)) else part
 
 

@@ -737,7 +737,7 @@ class McpTools:
         """A call the model made once ``bound`` (``max_tool_calls``, ``max_mcp_rounds``) was spent,
         its function no longer offered: a ``Call`` refused with why, a failed ``mcp_call`` that
         reaches no server (never a function_call of a function the client did not declare); the
-        turn ends after its round (toolloop.py)."""
+        turn ends after its round unless another call of it ran (toolloop.py)."""
         label, tool = self.names.get(name) or self.stray(name)
         why = (f"Not run: this response's max_tool_calls was reached, and the model called {tool[:200]!r} of MCP "
                f"server {label} anyway" if bound == "max_tool_calls" else

@@ -185,7 +185,7 @@ class ToolLoop:
         """The function is one the gateway runs (the filter holds its calls back). Once its
         kind's rounds or ``max_tool_calls`` are spent (its function is not offered any more), a
         call the model makes anyway is the gateway's still: its kind refuses it (``refuse``: a
-        failed item, and the turn ends: ``end_round``)."""
+        failed item; the turn ends after a round whose calls were all refused: ``end_round``)."""
         return any(kind.owns(name) for kind in self.kinds)
 
     def _bound(self, kind) -> str | None:

@@ -428,11 +428,13 @@ class Translator:
             self._reader.body(body)
         return self.finish()
 
-    def search_started(self, call_id: str, query: str) -> bytes:
+    def search_started(self, call_id: str, query: str, refused: bool = False) -> bytes:
+        """A web search's item opens: ``…in_progress``, then ``…searching`` (not for one the
+        gateway refused: no search runs, ``search_done`` closes it failed)."""
         if self.phase is not Phase.DONE:
             index, item = self._own_item("ws", lambda item_id: websearch.call_item(item_id, query))
             self._running[call_id] = (index, item)
-            for event in websearch.STARTED_EVENTS:
+            for event in websearch.STARTED_EVENTS[:1] if refused else websearch.STARTED_EVENTS:
                 self._emit(event, output_index=index, item_id=item["id"])
         return self._flush()
 

@@ -70,7 +70,7 @@ class WebSearchTools:
         """A call the model made once ``bound`` (``max_tool_calls``, ``max_web_search_rounds``) was
         spent, its function no longer offered: a ``Search`` refused with why, a failed
         ``web_search_call`` that searches nothing (never a function_call of a function the client
-        did not declare); the turn ends after its round (toolloop.py)."""
+        did not declare); the turn ends after its round unless another call of it ran (toolloop.py)."""
         why = ("Not run: this response's max_tool_calls was reached, and the model searched the web anyway"
                if bound == "max_tool_calls" else
                f"Not run: the {rounds_of(self.max_rounds)} of web searches this gateway runs in one response "

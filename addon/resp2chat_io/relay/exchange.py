@@ -425,7 +425,7 @@ async def _bounded(bound: asyncio.Semaphore, work):
 def _started(ex: Exchange, step) -> None:
     """A step begins: its item opens (an approval request is whole at once)."""
     if isinstance(step, websearch.Search):
-        ex.channel.event(SearchStarted(step.call_id, step.query))
+        ex.channel.event(SearchStarted(step.call_id, step.query, step.refused is not None))
     elif isinstance(step, mcp.ListTools):
         ex.channel.event(McpListing(step.server.label))
     elif isinstance(step, mcp.Call):
