@@ -229,6 +229,30 @@ async def test_redis_writes_over_an_entry_written_before_versions_as_over_versio
         assert (await store.get(rid))["items"] == [message(0, 10), out(0)]
 
 
+
+async def test_redis_renewal_of_an_entry_before_versions_past_max_bytes_is_too_large(redis_server):
+    """A renewal of an entry of the version before (put whole, it has no ``in``) that ``put``
+    refuses for the store's bounds (past ``max_bytes``; a store keeping no more entries) is
+    ``too_large``, as any renewal past them: the size checked is the one ``put`` measured, the
+    entry's input and its new output, and the other bounds too (before: a refusal for a bound the
+    check did not see was read as another version's, and the renewal tried again until Python's
+    RecursionError)."""
+    rid = "resp_unversioned3"
+    r = redis_server.client()
+    write_before_versions(r, rid, {"id": rid, "object": "response", "status": "in_progress", "output": []},
+                          [message(0, 10)])
+    async with opened(("redis", redis_server.url), max_bytes=4096) as make:
+        store = make()
+        assert (await store.get(rid))["version"] == 1
+        grown = {"id": rid, "object": "response", "status": "completed", "output": [message(1, 8000, "assistant")]}
+        renewal = await store.renew(rid, grown, expect=1, ended=True)
+        assert renewal is not None and renewal.too_large and not renewal.renewed
+        assert (await store.get(rid))["items"] == [message(0, 10)]  # (left as it was)
+    async with opened(("redis", redis_server.url), max_entries=0) as make:  # (a store that keeps nothing more)
+        renewal = await make().renew(rid, {**grown, "output": []}, expect=1, ended=True)
+        assert renewal is not None and renewal.too_large
+
+
 def test_a_gateway_answers_for_an_entry_written_before_versions(upstream, gateway_factory, redis_server):
     """Through a real gateway on Redis, a response stored by a gateway of the version before
     versions (a response this one stored, its hash then left as that version wrote it: ``data``

@@ -611,12 +611,12 @@ class RedisResponseStore:
         if found[1] != expect:
             return Renewal(found[1], entry["response"])
         items = entry["items"]
-        given = items[:input_count(items, entry["response"])]
-        if await self.put(response_id, given + (output if isinstance(output, list) else []), response,
-                          owner=owner, expect=expect):
+        whole = items[:input_count(items, entry["response"])] + (output if isinstance(output, list) else [])
+        if await self.put(response_id, whole, response, owner=owner, expect=expect):
             return Renewal(expect + 1)
-        return Renewal(expect, too_large=True) if len(encode_entry(items, response)[0]) > self.max_bytes else \
-            await self.renew(response_id, response, owner=owner, expect=expect, ended=ended)
+        if len(encode_entry(whole, response)[0]) > self.max_bytes or self.ttl <= 0 or self.max_entries <= 0:
+            return Renewal(expect, too_large=True)  # (what ``put`` refused, not a version: no read again)
+        return await self.renew(response_id, response, owner=owner, expect=expect, ended=ended)  # (another version)
 
     async def figures(self, asked) -> Figures:
         """``Figures`` of the whole shared store (every replica's writes), read in one MULTI of
