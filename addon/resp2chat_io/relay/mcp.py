@@ -146,12 +146,16 @@ class Health:
 
 
 class _Step:
-    """A step's own requests on a session: ``last``, the JSON-RPC id of the last it sent (None:
-    none yet). The SDK sends a request in the context of the task that asks for it
-    (``ContextSendStream``), so the transport finds the step there (``_STEP``) and tells it."""
+    """A step's own requests on a session: ``calls``, the JSON-RPC ids of the ``tools/call``
+    requests it sent (what may not run twice; a listing may: it changes nothing). Not only the
+    last request it sent: after a call the SDK may list the tools from the same step, to check the
+    result (``validate_tool_result``: a tool the session's listing did not have, one on a page
+    after the first), and that listing's failing says nothing of the call. The SDK sends a
+    request in the context of the task that asks for it (``ContextSendStream``), so the transport
+    finds the step there (``_STEP``) and tells it."""
 
     def __init__(self) -> None:
-        self.last = None
+        self.calls: set = set()
 
 
 _STEP: contextvars.ContextVar[_Step | None] = contextvars.ContextVar("resp2chat_mcp_step", default=None)
@@ -204,14 +208,14 @@ class _Bounded(httpx2.AsyncBaseTransport):
             # gone, or no longer knows it)
         rid, method = _rpc(request) if request.method == "POST" else (None, None)
         step = _STEP.get()
-        if step is not None and rid is not None:
-            step.last = rid
+        if step is not None and rid is not None and method == "tools/call":
+            step.calls.add(rid)
         try:
             response = await self.inner.handle_async_request(request)
         except httpx2.TransportError as exc:
             unsent = isinstance(exc, (httpx2.ConnectError, httpx2.ConnectTimeout))
-            if self.health is not None:  # (a request that could not connect was not sent)
-                self.health.broke(rid, unsent)
+            if self.health is not None and method not in _OPENING:  # (a request that could not connect was
+                self.health.broke(rid, unsent)  # not sent; one that opens the session fails its opening)
             if unsent and self.streamable and rid is not None and method != "initialize":
                 return _unconnected(request, rid, exc)  # (the SDK fails that request alone)
             raise  # (the SDK ends the session: every request on it fails)
@@ -227,6 +231,11 @@ class _Bounded(httpx2.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+_OPENING = ("initialize", "server/discover")  # the requests that open a session: before it is one, the
+# session is not ``Health.broke`` by their failing (it fails to open, or, a ``server/discover`` that could not
+# connect answered ``_unconnected``, the SDK falls back to ``initialize``, and a session that opens is whole)
 
 
 def _unconnected(request, rid, exc: Exception) -> httpx2.Response:
@@ -345,10 +354,12 @@ class _Held:
         return self.task.done() or self.health.dead
 
     def lost_unrun(self, step: _Step | None) -> bool:
-        """The session opened, then ended, and ``step``'s own request (the last it sent) did not
-        run (``Health.unrun``), or it sent none: the step, failed on it, may run again on a new
-        one."""
-        return self.health.dead and (step is None or step.last is None or step.last in self.health.unrun) \
+        """The session opened, then ended, and none of ``step``'s calls ran: each ``tools/call`` it
+        sent is one of ``Health.unrun`` (or it sent none: a listing, a call that failed before it
+        was sent): the step, failed on it, may run again on a new one. (A listing's request the
+        server may have got does not count: a step's own listing, a page, the SDK's after a call,
+        the session's one listing, ``_Held.listing``, which another step may have sent.)"""
+        return self.health.dead and (step is None or step.calls <= self.health.unrun) \
             and self.ready.done() and not self.ready.cancelled() and self.ready.exception() is None
 
 
