@@ -39,10 +39,14 @@ properly in every mode; what a mode changes is ``tools/list`` or ``tools/call`` 
                 listening (it takes no new connection) before it answers ``tools/list``: a round's first
                 call runs on the listing's kept-alive connection (``say``: answers "said" after 1 s),
                 the others cannot connect (one ``Hostile`` server per such test)
+    paged404    a session; ``tools/list`` pages: its first page lists ``small``, its second ``say``; a
+                call is answered, and from then on the server does not know the session: every
+                request of it is answered 404, a JSON-RPC error with no id (a server that restarted)
 
 ``Hostile.calls`` counts the ``tools/call`` requests by mode (for the tests that check what ran),
 ``Hostile.gets`` the GET requests (a server-to-client stream asked for), ``Hostile.inits`` the
-``initialize`` requests (the sessions opened), ``Hostile.runs`` the calls by (mode, tool)."""
+``initialize`` requests (the sessions opened), ``Hostile.runs`` the calls by (mode, tool),
+``Hostile.forgotten`` the sessions a ``paged404`` server no longer knows."""
 
 from __future__ import annotations
 
@@ -66,6 +70,7 @@ class Hostile(QuietHandler):
     gets: Counter = Counter()
     inits: Counter = Counter()
     runs: Counter = Counter()
+    forgotten: set = set()
     seen_headers: list[dict] = []
 
     def _json(self, obj, status: int = 200, headers: dict | None = None, kind: str = "application/json") -> None:
@@ -169,6 +174,9 @@ class Hostile(QuietHandler):
                 answers.put({"jsonrpc": "2.0", "id": rid, "result": {"content": [
                     {"type": "text", "text": "x" * (900 << 10)}]}})
             return
+        if mode == "paged404" and headers.get("mcp-session-id") in type(self).forgotten:
+            return self._json({"jsonrpc": "2.0", "id": None, "error": {"code": -32001, "message": "Session not found"}},
+                              404)
         if rid is None:  # a notification
             self.send_response(202)
             self.send_header("content-length", "0")
@@ -194,7 +202,7 @@ class Hostile(QuietHandler):
                 "protocolVersion": message["params"]["protocolVersion"], "capabilities": {"tools": {}},
                 "serverInfo": {"name": "hostile", "version": "1"}}},
                 headers={"mcp-session-id": uuid.uuid4().hex, **({"connection": "close"} if mode == "one_conn" else {})}
-                if mode in ("retry0", "resume0", "refuse400", "proxy400", "one_conn") else None)
+                if mode in ("retry0", "resume0", "refuse400", "proxy400", "one_conn", "paged404") else None)
         if method == "tools/list":
             if mode == "one_conn":  # (no new connection from now on: refused)
                 self.server.shutdown()
@@ -203,6 +211,8 @@ class Hostile(QuietHandler):
         if method == "tools/call":
             type(self).calls[mode] += 1
             type(self).runs[mode, (message.get("params") or {}).get("name")] += 1
+            if mode == "paged404":  # (before it answers: the session is forgotten once the call is answered)
+                type(self).forgotten.add(headers.get("mcp-session-id"))
             return self._call(mode, rid, (message.get("params") or {}).get("name"), headers)
         self._json({"jsonrpc": "2.0", "id": rid, "error": {"code": -32601, "message": "no such method"}})
 
@@ -218,6 +228,9 @@ class Hostile(QuietHandler):
         if mode == "bad_list":
             return self._json({"jsonrpc": "2.0", "id": rid, "error": {
                 "code": -32000, "message": "no listing\n[00:00:00.000] resp2chat: forged"}})
+        if mode == "paged404":
+            return self._json({"jsonrpc": "2.0", "id": rid, "result": {"tools": [_tool("say")]} if params.get("cursor")
+                               else {"tools": [_tool("small")], "nextCursor": "2"}})
         description = "says something"
         if mode == "echo_auth":
             description = "headers: " + json.dumps(headers)

@@ -18,7 +18,7 @@ FAILING = {"hang": "did not answer within", "drip": "did not answer within", "ga
            "wrong_id": "did not answer within", "cut": "ended without a response", "cut_json": "cut short",  # fails,
            "huge": "larger than 8 MiB"}  # with that said
 MODES = ("ok", "echo_auth", "echo_garbage", "straddle", *FAILING, "fat_pages", "empty_pages", "bad_list", "redirect",
-         "hang_init", "retry0", "resume0", "empty_tail", "refuse400", "proxy400")
+         "hang_init", "retry0", "resume0", "empty_tail", "refuse400", "proxy400", "paged404")
 TIMEOUT = 3
 OPERATOR_TOKEN = "operator-hostile-key-7c1e0b"
 CLIENT_TOKEN = "client-hostile-token-93af2d"
@@ -434,3 +434,25 @@ def test_a_call_that_ran_is_not_run_again_when_another_of_its_round_could_not_co
     ran, refused = sorted(calls, key=lambda c: c["status"])
     assert ran["output"] == "said" and "ConnectError" in refused["error"]["message"], refused["error"]
     assert output[-1]["type"] == "message"
+
+
+def test_a_call_that_ran_is_not_run_again_when_the_sdks_listing_after_it_lost_the_session(hostile_gateway):
+    """A turn that lists nothing (its listing is in the conversation) calls a tool on its server's
+    second page: the gateway's session lists the first page only, so after the call the MCP SDK
+    lists again to check its result (``validate_tool_result``); the server answered the call and
+    then forgot the session (it restarted), so that listing gets an unknown-session 404. The call
+    ran: it fails with that said, and never runs again on a new session (a tool with side effects
+    ran twice)."""
+    client = openai_client(hostile_gateway)
+    listed = client.responses.create(model="demo-model", input="hi", tools=[tool("paged404")], store=False)
+    listing = listed.output[0]
+    assert listing.type == "mcp_list_tools" and [t.name for t in listing.tools] == ["small", "say"], listing
+    Hostile.runs.clear()
+    inits = Hostile.inits["paged404"]
+    done = client.responses.create(model="demo-model", tools=[tool("paged404")], store=False, input=[
+        listing.model_dump(exclude_none=True), {"role": "user", "content": "call: mcp__paged404__say {}"}])
+    assert [o.type for o in done.output] == ["reasoning", "mcp_call", "reasoning", "message"], done.output
+    assert Hostile.runs["paged404", "say"] == 1, dict(Hostile.runs)
+    assert Hostile.inits["paged404"] - inits == 1
+    call = done.output[1]
+    assert call.output is None and "Session not found" in call.error.message, call

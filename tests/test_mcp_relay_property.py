@@ -139,3 +139,37 @@ def test_calls_of_one_session_fail_alone(hostile_server, round_):
         else:
             assert output is None and error["type"] == "mcp_protocol_error" and error["message"], (behaviour, error)
     assert after == ("said", None)
+
+
+@pytest.mark.parametrize("method,session", [("server/discover", None), ("initialize", None), ("tools/call", "s1"),
+                                            ("tools/list", "s1")])
+def test_a_request_that_cannot_connect_ends_a_session_only_once_it_is_open(method, session):
+    """A request that cannot connect (nothing listens: refused): one that opens the session
+    (``server/discover``, ``initialize``) leaves it whole (it fails to open, or, a discover answered
+    with an error, the SDK falls back to initialize: a session that opens then is not dead, and the
+    next step does not open another); one of an open session (its mcp-session-id) ends it, its id
+    one of the requests that did not run. Each but initialize is answered with a JSON-RPC error
+    naming it (the SDK fails it alone)."""
+    import httpx2
+
+    port = free_port()
+
+    async def post():
+        health = relay.Health()
+        transport = relay._Bounded(health, streamable=True)
+        headers = {"content-type": "application/json", **({"mcp-session-id": session} if session else {})}
+        request = httpx2.Request("POST", f"http://127.0.0.1:{port}/mcp", headers=headers,
+                                 json={"jsonrpc": "2.0", "id": 7, "method": method, "params": {}})
+        try:
+            return health, await transport.handle_async_request(request)
+        except httpx2.ConnectError:
+            return health, None
+        finally:
+            await transport.aclose()
+
+    health, response = asyncio.run(post())
+    assert health.dead == (session is not None) and health.unrun == ({7} if session else set())
+    if method == "initialize":
+        assert response is None
+    else:
+        assert response.status_code == 503 and json.loads(response.read())["id"] == 7

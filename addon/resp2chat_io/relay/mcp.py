@@ -17,13 +17,14 @@ listing step's first page, or one before the first call of a turn that lists not
 per call. So a turn costs a server one initialize, at most one ``tools/list`` (more pages when
 the server pages), and its calls. Each step (opening the session included) is whole under the
 server's ``timeout_secs`` (``anyio.fail_after``). A session that dies within the turn (its server
-went away, or restarted and no longer knows it) is opened again by the next step; a step whose
-own request did not run (the connection could not be made, or the server did not know the
-session: ``Health.unrun``, by JSON-RPC id) runs once more on the new one, within the same bound
-(``Sessions._again``); a step whose request the server may have got never does, whatever became of
-the round's other requests (a tool with side effects would run twice), and the dead session stays
-open until the steps on it end (one the server runs gets its answer; a request that could not
-connect fails alone: ``_unconnected``). The session never asks for the server-to-client stream (``_Bounded``): the gateway takes no request of a
+went away, or restarted and no longer knows it) is opened again by the next step; a step that
+failed on it runs once more on the new one, within the same bound (``Sessions._again``), if none
+of its calls ran: a listing; a call whose ``tools/call`` did not run (the connection could not be
+made, or the server did not know the session: ``Health.unrun``, by JSON-RPC id; ``_Step.calls``).
+A call whose ``tools/call`` the server may have got never does, whatever became of the round's
+other requests or of its step's after it (the SDK's listing to check its result), a tool with
+side effects would run twice; and the dead session stays open until the steps on it end (one the
+server runs gets its answer; a request that could not connect fails alone: ``_unconnected``). The session never asks for the server-to-client stream (``_Bounded``): the gateway takes no request of a
 server's and reads no notification.
 
 Bounds: time (``timeout_secs``: the step fails with that said), pages of a listing (``mcp.MAX_PAGES``,
@@ -130,10 +131,12 @@ class Health:
     it failed in a way that ends the session (the SDK ends it on any transport error: a server
     that went away; or the server no longer knows the session: it restarted); ``unrun``: the
     JSON-RPC ids of its requests that failed so without running (the connection could not be
-    made, or the server refused it for the session it does not know). A step whose own request
-    is one of them may run again, once, on a new session (``Sessions._again``); a step whose
-    request the server may have got never does (a tool with side effects would run twice), also
-    when another request of the session, at once, ended the session without running."""
+    made, or the server refused it for the session it does not know). A step whose every
+    ``tools/call`` is one of them (a listing: none) may run again, once, on a new session
+    (``Sessions._again``); a step whose ``tools/call`` the server may have got never does (a tool
+    with side effects would run twice), also when another request of the session, at once, or of
+    the step after its call, ended the session without running. A request that opens the session
+    (``_OPENING``) breaks nothing: the session is not one yet."""
 
     def __init__(self) -> None:
         self.dead = False
@@ -146,12 +149,16 @@ class Health:
 
 
 class _Step:
-    """A step's own requests on a session: ``last``, the JSON-RPC id of the last it sent (None:
-    none yet). The SDK sends a request in the context of the task that asks for it
-    (``ContextSendStream``), so the transport finds the step there (``_STEP``) and tells it."""
+    """A step's own requests on a session: ``calls``, the JSON-RPC ids of the ``tools/call``
+    requests it sent (what may not run twice; a listing may: it changes nothing). Not only the
+    last request it sent: after a call the SDK may list the tools from the same step, to check the
+    result (``validate_tool_result``: a tool the session's listing did not have, one on a page
+    after the first), and that listing's failing says nothing of the call. The SDK sends a
+    request in the context of the task that asks for it (``ContextSendStream``), so the transport
+    finds the step there (``_STEP``) and tells it."""
 
     def __init__(self) -> None:
-        self.last = None
+        self.calls: set = set()
 
 
 _STEP: contextvars.ContextVar[_Step | None] = contextvars.ContextVar("resp2chat_mcp_step", default=None)
@@ -204,14 +211,14 @@ class _Bounded(httpx2.AsyncBaseTransport):
             # gone, or no longer knows it)
         rid, method = _rpc(request) if request.method == "POST" else (None, None)
         step = _STEP.get()
-        if step is not None and rid is not None:
-            step.last = rid
+        if step is not None and rid is not None and method == "tools/call":
+            step.calls.add(rid)
         try:
             response = await self.inner.handle_async_request(request)
         except httpx2.TransportError as exc:
             unsent = isinstance(exc, (httpx2.ConnectError, httpx2.ConnectTimeout))
-            if self.health is not None:  # (a request that could not connect was not sent)
-                self.health.broke(rid, unsent)
+            if self.health is not None and method not in _OPENING:  # (a request that could not connect was
+                self.health.broke(rid, unsent)  # not sent; one that opens the session fails its opening)
             if unsent and self.streamable and rid is not None and method != "initialize":
                 return _unconnected(request, rid, exc)  # (the SDK fails that request alone)
             raise  # (the SDK ends the session: every request on it fails)
@@ -227,6 +234,11 @@ class _Bounded(httpx2.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+_OPENING = ("initialize", "server/discover")  # the requests that open a session: before it is one, the
+# session is not ``Health.broke`` by their failing (it fails to open, or, a ``server/discover`` that could not
+# connect answered ``_unconnected``, the SDK falls back to ``initialize``, and a session that opens is whole)
 
 
 def _unconnected(request, rid, exc: Exception) -> httpx2.Response:
@@ -345,10 +357,12 @@ class _Held:
         return self.task.done() or self.health.dead
 
     def lost_unrun(self, step: _Step | None) -> bool:
-        """The session opened, then ended, and ``step``'s own request (the last it sent) did not
-        run (``Health.unrun``), or it sent none: the step, failed on it, may run again on a new
-        one."""
-        return self.health.dead and (step is None or step.last is None or step.last in self.health.unrun) \
+        """The session opened, then ended, and none of ``step``'s calls ran: each ``tools/call`` it
+        sent is one of ``Health.unrun`` (or it sent none: a listing, a call that failed before it
+        was sent): the step, failed on it, may run again on a new one. (A listing's request the
+        server may have got does not count: a step's own listing, a page, the SDK's after a call,
+        the session's one listing, ``_Held.listing``, which another step may have sent.)"""
+        return self.health.dead and (step is None or step.calls <= self.health.unrun) \
             and self.ready.done() and not self.ready.cancelled() and self.ready.exception() is None
 
 
@@ -357,7 +371,7 @@ class Sessions:
     turn's first step on it, shared by the steps after (at once too), closed by ``close`` when
     the turn ends. A session that failed or ended (its server went away, or restarted and no
     longer knows it) is opened again by the next step; a step that failed as its session ended,
-    its own request not run (``_Held.lost_unrun``), runs again, once, on a new one (``_again``): a
+    none of its calls run (``_Held.lost_unrun``), runs again, once, on a new one (``_again``): a
     server restarted between two steps of a turn costs them a new session, nothing more. An ended
     session is left (``stop``) once no step is on it (``_Held.steps``), or when the turn ends."""
 
@@ -378,8 +392,8 @@ class Sessions:
 
     async def _again(self, server: mcp.Server, step):
         """``step(held)`` on the server's session; once more on a new session if it failed as
-        the session it ran on ended without running its own request (``_Held.lost_unrun``: the
-        step's requests are told to it, ``_STEP``)."""
+        the session it ran on ended without running any of its calls (``_Held.lost_unrun``: the
+        step's ``tools/call`` requests are told to it, ``_STEP``)."""
         for again in (False, True):
             held, mine = self._get(server), _Step()
             token = _STEP.set(mine)
