@@ -122,7 +122,7 @@ def test_a_running_log_streams_each_resume_its_tail_and_stays_bounded(monkeypatc
 
 
 class Racing:
-    """The store addon's ``get`` (and ``status``, which reads alone) over a real ``ResponseStore``,
+    """The store addon's ``get`` (and ``status``, which reads alone; its writes passed through) over a real ``ResponseStore``,
     where other replicas write between a read and the write that follows it: after the k-th read, ``moves[k]`` (a GET of a dead run
     stores it ``failed``, as ``Store.seen`` does; the run's replica renews it, or ends it, as
     ``_renew`` and ``_end`` do, a cancellation asked making it end ``cancelled``); once they ran
@@ -147,6 +147,16 @@ class Racing:
 
     async def status(self, response_id: str, owner: str):
         return await self.store.status(response_id, owner=owner)
+
+    # (the store's writes, passed through as the store addon's are: what Background writes with)
+    async def put_now(self, response_id: str, items: list, response: dict, *, owner: str, expect=None):
+        return await self.store.put(response_id, items, response, owner=owner, expect=expect)
+
+    async def renew(self, response_id: str, response: dict, *, owner: str, expect: int, ended: bool = False):
+        return await self.store.renew(response_id, response, owner=owner, expect=expect, ended=ended)
+
+    async def delete(self, response_id: str, *, owner: str):
+        return await self.store.delete(response_id, owner=owner)
 
 
 @settings(max_examples=150, **SETTINGS)

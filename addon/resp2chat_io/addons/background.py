@@ -243,9 +243,9 @@ class Background:
         returns that Response. ``store_unavailable`` when the store cannot take it."""
         queued = B.queued(turn.ctx)
         try:  # (with its conversation: its input items are listed, and kept by a cancellation elsewhere, from now)
-            kept = await self.store.store.put(turn.ctx.response_id, turn.items,
-                                              B.running({**queued, B.PRIVATE: {"streamed": turn.client_stream}},
-                                                        time.time()), owner=turn.owner)
+            kept = await self.store.put_now(turn.ctx.response_id, turn.items,
+                                            B.running({**queued, B.PRIVATE: {"streamed": turn.client_stream}},
+                                                      time.time()), owner=turn.owner)
         except StateUnavailable:
             raise store_unavailable("background") from None
         if not kept:  # (it would be polled as unknown: never stored)
@@ -304,14 +304,14 @@ class Background:
         replica took it for dead while this one stalled: as that replica answered it), else it
         is renewed over that one. A renewal larger than the store keeps ends it ``failed``
         (``B.TOO_LARGE``): kept running, it could not be stored, nor read as it ends."""
-        store, private = self.store.store, {"streamed": bg.streamed}
+        private = {"streamed": bg.streamed}
         while True:
             try:
                 t = bg.run.reader.translator  # (a running Response's own output is [], as its events carry it:
                 # the items finished so far go with it here, what a GET, a cancellation elsewhere and the bound see)
                 current = {**t.response(), "output": list(t.output), B.PRIVATE: private}
-                renewal = await store.renew(bg.response_id, B.running(current, time.time()), owner=bg.owner,
-                                            expect=bg.version)
+                renewal = await self.store.renew(bg.response_id, B.running(current, time.time()), owner=bg.owner,
+                                                 expect=bg.version)
                 if renewal is None:  # deleted meanwhile (on another replica): it stops, and is not stored again
                     self.stop(bg, "deleted")
                     return
@@ -351,13 +351,14 @@ class Background:
         whole = bg.log.whole() if bg.streamed else None  # (None for a streamed one: its front went)
         events = whole + bg.terminal if whole is not None else None
         stored = B.ended(final, None) if not bg.streamed else B.ended(final, events or b"", whole=events is not None)
-        store, elsewhere, shrunk, unkept = self.store.store, False, False, False
+        elsewhere, shrunk, unkept = False, False, False
         try:
             # (its Response and output alone, as a renewal that ends it: store.py ``renew(…, ended=True)``, its
             # output indexed as a put's; its conversation, stored when it was queued, is neither encoded nor sent
             # again. Over what is there: a cancellation may have come in between)
             for _ in range(ENDING_TRIES):
-                renewal = await store.renew(bg.response_id, stored, owner=bg.owner, expect=bg.version, ended=True)
+                renewal = await self.store.renew(bg.response_id, stored, owner=bg.owner, expect=bg.version,
+                                                 ended=True)
                 if renewal is None:  # (deleted meanwhile: not stored again)
                     break
                 if renewal.renewed:
@@ -425,7 +426,7 @@ class Background:
         if bg is not None and bg.owner == owner:
             self.stop(bg, "cancel")
             await bg.ended.wait()
-        store, deadline = self.store.store, time.monotonic() + CANCEL_WAIT
+        deadline = time.monotonic() + CANCEL_WAIT
         while True:
             entry = await self.store.get(response_id, owner)
             if entry is None:
@@ -441,17 +442,18 @@ class Background:
                 ended = B.cancelled_here(response)
                 # (its Response alone, as a renewal that ends it: its output indexed as a put's, its
                 # conversation neither encoded nor sent again)
-                renewal = await store.renew(response_id, ended, owner=owner, expect=entry["version"], ended=True)
+                renewal = await self.store.renew(response_id, ended, owner=owner, expect=entry["version"], ended=True)
                 if renewal is not None and renewal.too_large:  # (the store's bounds shrank since it ran)
                     ended = B.too_large(ended)
-                    renewal = await store.renew(response_id, ended, owner=owner, expect=entry["version"], ended=True)
+                    renewal = await self.store.renew(response_id, ended, owner=owner, expect=entry["version"],
+                                                     ended=True)
                 if renewal is not None and renewal.renewed:
                     return B.public(ended)
                 # (another write came in between (a GET stored it failed, its run ended), or it is gone: read again)
             elif not B.cancel_asked(response):  # another replica runs it: asked there, at its next renewal
                 # (its Response alone, as a renewal: the conversation is neither encoded nor sent again; another
                 # write in between, or none there any more: read again)
-                await store.renew(response_id, B.ask_cancel(response), owner=owner, expect=entry["version"])
+                await self.store.renew(response_id, B.ask_cancel(response), owner=owner, expect=entry["version"])
             await self._until_changed(response_id, owner, deadline)
 
     async def _until_changed(self, response_id: str, owner: str, deadline: float) -> None:

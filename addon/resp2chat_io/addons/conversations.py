@@ -83,7 +83,7 @@ class Conversations:
             items = listing.with_ids(C.new_items(body.get("items"), sealer=store.sealer,
                                                  resolve=await self._references(body, owner)), new_item_id)
             obj = C.conversation_object(C.ID_PREFIX + uuid.uuid4().hex, int(time.time()), metadata)
-            if not await store.store.put(obj["id"], items, obj, owner=owner):
+            if not await store.put_now(obj["id"], items, obj, owner=owner):
                 raise GatewayError("the conversation is larger than the store keeps (max_session_memory_mb)",
                                    param="items", code="conversation_too_large", status=413)
             return obj
@@ -113,7 +113,7 @@ class Conversations:
         if entry is None:
             raise C.not_found(conversation_id)
         if method == "DELETE":  # /{id}
-            await store.store.delete(conversation_id, owner=owner)
+            await store.delete(conversation_id, owner=owner)
             return C.deleted(conversation_id)
         if shape == "/{id}":
             return entry["response"]

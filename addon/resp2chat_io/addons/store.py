@@ -12,7 +12,9 @@ asynchronous, and nothing here asks which: ``lookup`` is the one lookup every tu
 it is lowered (HTTP and WebSocket alike: turns.py), ``put`` runs through ``Writes`` (at once
 for memory, as a task for Redis), and a response id the store does not know yet is asked again
 for up to the store's ``fresh_wait`` (another replica wrote it a moment ago) before it is unknown.
-Redis down: ``store_unavailable`` (503) for what needs it.
+Redis down: ``store_unavailable`` (503) for what needs it. The other addons (background.py,
+conversations.py) reach the store through this one alone: ``get``, ``status``, and the store's
+own writes passed through (``put_now``, ``renew``, ``delete``).
 
 Everything stored has an owner (resp2chat_core/owner.py; for a request, ``Upstreams.owner_of``):
 ``GET``/``DELETE``, ``previous_response_id`` and ``item_reference`` see only their own owner's
@@ -29,7 +31,7 @@ import uuid
 
 from mitmproxy import http
 
-from resp2chat_core import background as B, conversations, gate as G, listing
+from resp2chat_core import background as B, conversations, gate as G, listing, owner as owners
 from resp2chat_core.errors import GatewayError
 from resp2chat_core.labels import shown
 from resp2chat_core.response import CONTINUABLE, STORED
@@ -37,7 +39,8 @@ from resp2chat_core.shares import by_client
 from resp2chat_core.turn import Found
 from resp2chat_io.limit_state import LimitState, LocalLimits, RedisLimits
 from resp2chat_io.redis_state import RedisReplayCache, RedisResponseStore, RedisState, describe
-from resp2chat_io.store import ReplayEntries, Replays, ResponseStore, StateUnavailable, Store, Writes, input_count
+from resp2chat_io.store import (Renewal, ReplayEntries, Replays, ResponseStore, StateUnavailable, Store, Writes,
+                                input_count)
 
 from .base import Owner, fails_closed, json_response, log, refused_on_failure, refusal, store_unavailable
 
@@ -201,6 +204,24 @@ class StoredResponses(Owner):
         dozen bytes, not its entry), ``StateUnavailable`` when the store is down. What polls
         read: an id the store does not know is None at once (``get`` waits for it)."""
         return await self.store.status(response_id, owner=owner)
+
+    # --- the store's writes, passed through (so its other addons reach the store through this one) --
+    # (``put_now``, not ``put``: this addon's ``put`` is a turn's write started in the background,
+    # that returns nothing; this one is the store's own, awaited, and says whether it was kept)
+
+    async def put_now(self, response_id: str, items: list, response: dict, *, owner: str = owners.SHARED,
+                      expect: int | None = None) -> bool:
+        """store.py ``put``: False when not kept (another version than ``expect``, or too large)."""
+        return await self.store.put(response_id, items, response, owner=owner, expect=expect)
+
+    async def renew(self, response_id: str, response: dict, *, owner: str = owners.SHARED,
+                    expect: int, ended: bool = False) -> Renewal | None:
+        """store.py ``renew``: None when there is no such entry (deleted, expired, another owner's)."""
+        return await self.store.renew(response_id, response, owner=owner, expect=expect, ended=ended)
+
+    async def delete(self, response_id: str, *, owner: str = owners.SHARED) -> bool:
+        """store.py ``delete``: whether there was such an entry to delete."""
+        return await self.store.delete(response_id, owner=owner)
 
     def put(self, response_id: str, items: list, final: dict, *, owner: str) -> None:
         self.writes.start(f"response {response_id} not stored", self._put(response_id, items, final, owner))
