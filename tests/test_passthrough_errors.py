@@ -344,15 +344,14 @@ def test_the_deadline_of_a_passthroughs_head_starts_when_it_is_sent(backend, tmp
         gw.stop()
 
 
-# A mitmproxy script loaded after the gateway (an operator's addon) that streams every request body
-# (``request.stream``: the gateway turns ``stream_large_bodies`` off, an addon may still ask it),
-# and whose request hook takes 3 * WAIT s for a request marked ``x-slow`` (a streamed body's end
-# waits upstream for it)
-SLOW_STREAMED_HOOK = f"""
+# A mitmproxy script loaded after the gateway (an operator's addon) that asks mitmproxy to stream
+# every request body (``request.stream``: the gateway turns ``stream_large_bodies`` off, an addon
+# may still ask it), and whose request hook takes 3 * WAIT s for a request marked ``x-slow``
+STREAMING_HOOK = f"""
 import asyncio
 
 
-class Slow:
+class Streaming:
     def requestheaders(self, flow):
         if flow.response is None:
             flow.request.stream = True
@@ -362,20 +361,54 @@ class Slow:
             await asyncio.sleep({3 * WAIT})
 
 
-addons = [Slow()]
+addons = [Streaming()]
 """
 
+echo = test_security_gate.echo  # (a fixture: a backend that echoes what it got)
 
-def test_the_deadline_of_a_passthroughs_head_holds_for_a_streamed_request_body(backend, tmp_path):
-    """A request body mitmproxy streams (an addon's ``request.stream``: the gateway turns
-    ``stream_large_bodies`` off) goes to its backend as it arrives, its connection made before the ``request``
-    hook, so the deadline of the answer's head, which starts when the request leaves every hook,
-    starts with the body's end, after them: a backend that takes the body and says nothing is a
-    504 ``upstream_timeout`` in time. Before, that deadline never started for such a request: the
-    client waited for mitmproxy's ``tcp_timeout`` (600 s). A hook after the gateway's that takes
-    longer than the deadline (the body's end waits for it) still delays the call, not fails it."""
-    script = tmp_path / "slow_hook.py"
-    script.write_text(SLOW_STREAMED_HOOK)
+
+def test_an_addons_request_stream_takes_no_body_past_the_gateways_hooks(echo, gateway_factory, tmp_path):
+    """An addon that sets ``request.stream`` in its ``requestheaders`` hook made mitmproxy send
+    the request on as it arrived, its head at once, before any ``request`` hook (as its
+    ``stream_large_bodies`` did: test_security_gate): a turn's Responses body went to the chat
+    backend as the client wrote it (the echo backend answered a 200 of its own), a passthrough
+    went without its upstream key (the client's instead), a limited client's other model reached
+    the backend. No request of the gateway's streams now: its body is read whole, every hook runs
+    first (mitm_head.py ``_whole``): the turn is lowered, each passthrough carries the upstream's
+    key, the other model is refused, and mitmproxy never says it streamed."""
+    script = tmp_path / "streaming_hook.py"
+    script.write_text(STREAMING_HOOK)
+    carol = "carol-key-0123456789abcdef"
+    gw = gateway_factory(echo.url, "-s", str(script), "--set", "resp2chat_max_replay_entries=0",
+                         env={"RESP2CHAT_UPSTREAM_API_KEY": "sk-upstream-key-for-echo-12345",
+                              "RESP2CHAT_CLIENTS": json.dumps([{"name": "carol", "key": carol, "models": ["qwen3-*"]}])})
+    auth = {"authorization": f"Bearer {carol}"}
+    r = requests.post(gw.base_url + "/responses", json={"model": "qwen3-8b", "input": "hello " * 50}, headers=auth,
+                      timeout=20)
+    assert r.status_code == 200, r.text[:300]
+    assert r.json()["output"][-1]["content"][0]["text"] == "the backend got 'Bearer [redacted]'"  # (scrubbed)
+    r = requests.post(gw.base_url + "/embeddings", json={"model": "other-embedder", "input": "x" * 100}, headers=auth,
+                      timeout=20)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text[:300]
+    r = requests.post(gw.base_url + "/embeddings", json={"model": "qwen3-embed", "input": "x" * 100}, headers=auth,
+                      timeout=20)
+    assert r.status_code == 200 and r.json()["path"] == "/v1/embeddings", r.text[:300]
+    assert [(line.split()[1], h.get("authorization")) for line, h, _ in echo.seen] == [
+        ("/v1/chat/completions", "Bearer sk-upstream-key-for-echo-12345"),
+        ("/v1/embeddings", "Bearer sk-upstream-key-for-echo-12345")]
+    assert json.loads(echo.seen[0][2])["messages"], echo.seen[0][2][:300]  # (a chat request: lowered)
+    assert "Streaming request to" not in gw.log()  # (mitmproxy's words for a body it streams)
+
+
+def test_the_deadline_of_a_passthroughs_head_holds_when_an_addon_asks_to_stream_its_body(backend, tmp_path):
+    """An addon's ``request.stream`` does not stream a passthrough's body (the test above): it
+    is read whole and sent once every hook is done, so the deadline of the answer's head starts
+    then, as for any other request: a backend that takes the body and says nothing is a 504
+    ``upstream_timeout`` in time, and a hook after the gateway's that takes longer than that
+    deadline delays the call, it does not fail it. (Before, such a body streamed to its backend
+    before the hooks, which mitm_head.py followed to its end to start that deadline.)"""
+    script = tmp_path / "streaming_hook.py"
+    script.write_text(STREAMING_HOOK)
     gw = start_gateway(backend.url, tmp_path, "--set", "resp2chat_max_replay_entries=0",
                        "--set", f"resp2chat_connect_timeout_secs={WAIT}",
                        "--set", f"resp2chat_upstream_idle_timeout_secs={WAIT}", "-s", str(script))
@@ -386,12 +419,12 @@ def test_the_deadline_of_a_passthroughs_head_holds_for_a_streamed_request_body(b
         json_error(r, 504, "upstream_timeout")
         assert time.monotonic() - started < 2 * WAIT + 5
         wait_until(lambda: backend.gone > gone, 5, "the backend call dropped")
-        assert "Streaming request to" in gw.log()  # (mitmproxy's words: the body was streamed)
         started = time.monotonic()
         r = requests.post(f"{gw.base_url}/embeddings", json={"model": "ok", "input": "x" * 1000},
                           headers={"x-slow": "1"}, timeout=30)
         assert r.status_code == 200 and r.json() == {}, r.text[:300]
         assert time.monotonic() - started >= 3 * WAIT
+        assert "Streaming request to" not in gw.log()
     finally:
         gw.stop()
 
