@@ -39,7 +39,8 @@ class RawBackend(RawServer):
     ``reset`` (resets the connection), ``cut`` (half a head repeating its Authorization, then
     closes), ``bad`` (a head with a line that is no header field, the Authorization in it),
     ``hang`` (never answers: ``held`` counts them, ``gone`` those the gateway hung up on),
-    ``gzip`` (a compressed answer), ``ok`` (``{}`` at once), ``stall``, ``stall-eof``,
+    ``gzip`` (a compressed answer), ``ok`` (``{}`` at once), ``rid`` (the same, with an
+    ``x-request-id`` of its own), ``stall``, ``stall-eof``,
     ``stall-chunked`` (a head and part of a body, by content-length, by its connection's end,
     chunked; then nothing (not JSON: the suite's requests hook would read it whole): ``stalled`` counts them, ``unstalled`` those the gateway hung up
     on), ``drip`` (an SSE event every ``WAIT / 3`` s for ``3 * WAIT`` s), ``big`` (``BIG``
@@ -69,6 +70,9 @@ class RawBackend(RawServer):
             conn.sendall(b"HTTP/1.1 200 OK\r\nx-echo " + auth + b"\r\ncontent-length: 0\r\n\r\n")
         elif what == "ok":
             conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+        elif what == "rid":  # (an answer with a request id of the backend's own)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-request-id: backend-rid-42\r\n"
+                         b"content-length: 2\r\n\r\n{}")
         elif what == "gzip":  # (a compressed answer, although asked for none: the gateway's 502)
             conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: 4\r\n\r\nabcd")
         elif what == "te":
@@ -127,9 +131,8 @@ def gw(backend, tmp_path_factory):
 
 
 def logged(gw, rid: str | None = None, path: str | None = None) -> dict:
-    """The access-log line of request ``rid`` (or the last of ``path``: a passthrough answer has
-    the backend's headers, no request id of the gateway's), waited for: a line is written as its
-    flow ends."""
+    """The access-log line of request ``rid`` (or the last of ``path``), waited for: a line is
+    written as its flow ends."""
     def line():
         text = gw.access.read_text() if gw.access.exists() else ""
         return next((x for x in reversed([json.loads(t) for t in text.splitlines()])
@@ -234,6 +237,28 @@ def test_a_passthrough_failed_before_its_head_is_logged_and_counted(gw):
         wait_until(lambda: refused(gw, route=route, status="failed", code=code) == before + 1, 10, f"{route} counted")
 
 
+def test_a_passthrough_answer_carries_the_gateways_request_id(gw):
+    """A passthrough the backend answered carries the gateway's request id as ``x-request-id``,
+    as every answer of the gateway's does (its errors, its turns, a cut answer's head: the id its
+    access-log line and its log lines name); a request id of the backend's own goes on beside it
+    as ``x-upstream-request-id``. Before, the backend's answer went on without the gateway's id
+    (with the backend's own as ``x-request-id``, when it sent one)."""
+    seen = set()
+    for call in (lambda: requests.get(f"{gw.base_url}/models/ok", timeout=30),
+                 lambda: requests.post(f"{gw.base_url}/embeddings", json={"model": "ok", "input": "hi"}, timeout=30)):
+        r = call()
+        assert r.status_code == 200 and r.json() == {}, r.text[:300]
+        assert r.headers.get("x-request-id", "").startswith("req_"), r.headers
+        assert "x-upstream-request-id" not in r.headers, r.headers
+        seen.add(r.headers["x-request-id"])
+    r = requests.get(f"{gw.base_url}/models/rid", timeout=30)
+    assert r.status_code == 200 and r.json() == {}, r.text[:300]
+    assert r.headers.get("x-request-id", "").startswith("req_"), r.headers
+    assert r.headers["x-upstream-request-id"] == "backend-rid-42", r.headers
+    seen.add(r.headers["x-request-id"])
+    assert len(seen) == 3  # (each its own)
+
+
 @pytest.mark.parametrize("what", ["stall", "stall-eof", "stall-chunked"])
 def test_a_passthrough_whose_body_stalls_is_cut_in_time(gw, backend, what):
     """A backend that sends its answer's head and part of its body, then nothing: after
@@ -253,8 +278,9 @@ def test_a_passthrough_whose_body_stalls_is_cut_in_time(gw, backend, what):
             r.content  # noqa: B018
     assert time.monotonic() - started < WAIT + 5
     wait_until(lambda: backend.unstalled > unstalled, 5, "the backend call dropped")
-    line = logged(gw, path=f"/v1/models/{what}")
-    assert (line["http_status"], line["status"], line["code"]) == (200, "failed", "upstream_timeout"), line
+    line = logged(gw, r.headers["x-request-id"])  # (the cut answer's head carried its request id)
+    assert (line["path"], line["http_status"], line["status"], line["code"]) == \
+        (f"/v1/models/{what}", 200, "failed", "upstream_timeout"), line
     wait_until(lambda: refused(gw, **route) == before + 1, 10, "counted")
     assert f"passthrough {line['request_id']}: the upstream sent nothing for {WAIT} s" in gw.log()
 

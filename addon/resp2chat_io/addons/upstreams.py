@@ -26,7 +26,8 @@
   headers, and the session's routing key).
 - ``responseheaders``: a passthrough answer reaches the client with every configured secret
   scrubbed from its headers and its body (streamed through ``channel.Scrubber``, never held
-  whole); it is asked for uncompressed (``accept-encoding: identity``), and one that comes
+  whole), and the gateway's request id as ``x-request-id``, as every answer of the gateway's (the
+  backend's own, when it sent one, as ``x-upstream-request-id``); it is asked for uncompressed (``accept-encoding: identity``), and one that comes
   compressed all the same is a 502 (a compressed body could hide a secret). For a client with
   limits, its backend's usage is read on the way (``meter``: addons/limits.py counts a
   passthrough that is not a read as a turn is counted). Its body must not stop for
@@ -88,6 +89,9 @@ class Ended(NamedTuple):
     http_status: int  # what the client was answered (a cut answer: its head's)
 
 
+# The header a passthrough answer carries its backend's own ``x-request-id`` in (its
+# ``x-request-id`` is the gateway's request id, as every answer's)
+UPSTREAM_REQUEST_ID = "x-upstream-request-id"
 TIMED_OUT = "passthrough_timed_out"  # flow.metadata[META] key: the seconds a passthrough waited for its head in vain
 
 log = logging.getLogger("resp2chat")
@@ -474,6 +478,12 @@ class Upstreams(Owner):
             flow.response.stream = Refusal(body)
             flow.metadata[META][ENDED] = Ended("failed", "upstream_encoded", 502)
             return False
+        # (its request id, as every answer of the gateway's: the one its log lines name; the
+        # backend's own, if any, goes on beside it)
+        rid, theirs = request_id(flow), resp.headers.get_all("x-request-id")
+        if theirs and theirs != [rid]:
+            resp.headers.set_all(UPSTREAM_REQUEST_ID, theirs)
+        resp.headers["x-request-id"] = rid
         scrubber, meter = Scrubber(secrets), self.meter(flow)
         resp.stream = scrubber if meter is None else lambda data: scrubber(meter(data))
         size = http1.expected_http_body_size(flow.request, resp)  # (0: none; -1: to the connection's end)
@@ -523,7 +533,8 @@ class Upstreams(Owner):
         if all(a is None for a in answers):
             flow.response = http.Response.make(502, error_json(
                 "no upstream answered GET /models (tried " + ", ".join(s.name if s else "default" for s in specs) + ")",
-                status_type="upstream_error", code="upstream_unavailable"), JSON_HEADERS)
+                status_type="upstream_error", code="upstream_unavailable"),
+                {**JSON_HEADERS, "x-request-id": request_id(flow)})
             return
         merged, seen = [], set()
         for models in answers:
@@ -531,7 +542,8 @@ class Upstreams(Owner):
                 if m["id"] not in seen:
                     seen.add(m["id"])
                     merged.append(m)
-        flow.response = http.Response.make(200, json.dumps({"object": "list", "data": merged}), JSON_HEADERS)
+        flow.response = http.Response.make(200, json.dumps({"object": "list", "data": merged}),
+                                           {**JSON_HEADERS, "x-request-id": request_id(flow)})
 
 
 _HEADER_VALUE = re.compile(r"^[\x21-\x7e]{1,256}$")
