@@ -40,7 +40,9 @@
   ``invalid_api_key`` 401) and its request id, in place of mitmproxy's HTML page (sent by
   mitm_head.py ``FAILED``); never the backend's bytes. Being the gateway's own answer, it is in
   the access log and ``resp2chat_refused_requests_total`` (``ENDED``, for outcomes.py), as are
-  the 502 for a compressed answer and a cut.
+  the 502 for a compressed answer and a cut: for silence (``_silent``), or by the gate once its
+  answer's head had gone, its key no longer accepted (gate.py ``stop_passing``: ``rejected``,
+  ``invalid_api_key``, the head's status).
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ from .head_deadline import close, stop_flow, writing
 FORWARDED = "forwarded"
 # flow.metadata[META] key: a passthrough sent to the upstream that the gateway itself ended (an
 # ``Ended``): with its own error before the answer's head (``error``), in place of the answer
-# (``responseheaders``: a compressed one), or cut midway (``_silent``: its backend went silent)
+# (``responseheaders``: a compressed one), or cut midway (``_silent``: its backend went silent;
+# ``error``: the gate cut it, its key revoked)
 ENDED = "passthrough_ended"
 
 
@@ -425,9 +428,15 @@ class Upstreams(Owner):
     def error(self, flow: http.HTTPFlow) -> None:
         self._answered(flow)
         meta = flow.metadata.get(META) or {}
-        if flow.response is not None and flow.error is not None and meta.get(ENDED) is not None:
-            # (cut by ``_silent``: mitmproxy's words are of a client that went away)
-            flow.error.msg = "the upstream sent nothing for upstream_idle_timeout_secs: its answer was cut"
+        if flow.response is not None and flow.error is not None and meta.get(FORWARDED) and not flow.is_replay:
+            if meta.get(ENDED) is None and meta.get("closed_by_gateway") == clients.REVOKED:
+                # (cut by the gate, its key revoked once the answer's head had gone: gate.py
+                # ``stop_passing``; the access log and metrics say so, as of a cut for silence)
+                meta[ENDED] = Ended("rejected", clients.REVOKED, flow.response.status_code)
+                flow.error.msg = "the API key this request was sent with is no longer accepted: its answer was cut"
+            elif meta.get(ENDED) is not None and meta[ENDED].code == "upstream_timeout":
+                # (cut by ``_silent``: mitmproxy's words are of a client that went away)
+                flow.error.msg = "the upstream sent nothing for upstream_idle_timeout_secs: its answer was cut"
         if flow.response is not None or not meta.get(PASSTHROUGH) or flow.is_replay or flow.error is None:
             return
         stopped = meta.get("closed_by_gateway") or meta.get(TIMED_OUT)  # (by the gate, or _overdue)
