@@ -664,6 +664,9 @@ def test_a_turn_its_key_was_revoked_for_while_it_was_being_admitted_is_stopped(e
                        env=cli_env(tmp_path))
     try:
         bob = {"authorization": f"Bearer {run_cli(tmp_path, 'keys', 'add', 'bob', '--max-streams', '5').stdout.strip()}"}
+        # (the gateway takes keys only once it read bob's: before, a keyless request passed too, and
+        # that reload could come while Redis was stopped, after the check)
+        wait_until(lambda: requests.get(f"{gw.base_url}/models", timeout=10).status_code == 401, 10, "keys needed")
         wait_until(lambda: requests.get(f"{gw.base_url}/models", headers=bob, timeout=10).status_code not in (401, 404),
                    10, "bob's key taken")  # (the model list goes to the backend: whatever it answers)
         redis_server.proc.send_signal(signal.SIGSTOP)
