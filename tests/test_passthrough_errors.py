@@ -39,7 +39,8 @@ class RawBackend(RawServer):
     ``reset`` (resets the connection), ``cut`` (half a head repeating its Authorization, then
     closes), ``bad`` (a head with a line that is no header field, the Authorization in it),
     ``hang`` (never answers: ``held`` counts them, ``gone`` those the gateway hung up on),
-    ``gzip`` (a compressed answer), ``ok`` (``{}`` at once), ``stall``, ``stall-eof``,
+    ``gzip`` (a compressed answer), ``ok`` (``{}`` at once), ``rid`` (the same, with an
+    ``x-request-id`` of its own), ``stall``, ``stall-eof``,
     ``stall-chunked`` (a head and part of a body, by content-length, by its connection's end,
     chunked; then nothing (not JSON: the suite's requests hook would read it whole): ``stalled`` counts them, ``unstalled`` those the gateway hung up
     on), ``drip`` (an SSE event every ``WAIT / 3`` s for ``3 * WAIT`` s), ``big`` (``BIG``
@@ -69,6 +70,9 @@ class RawBackend(RawServer):
             conn.sendall(b"HTTP/1.1 200 OK\r\nx-echo " + auth + b"\r\ncontent-length: 0\r\n\r\n")
         elif what == "ok":
             conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+        elif what == "rid":  # (an answer with a request id of the backend's own)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-request-id: backend-rid-42\r\n"
+                         b"content-length: 2\r\n\r\n{}")
         elif what == "gzip":  # (a compressed answer, although asked for none: the gateway's 502)
             conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: 4\r\n\r\nabcd")
         elif what == "te":
@@ -127,9 +131,8 @@ def gw(backend, tmp_path_factory):
 
 
 def logged(gw, rid: str | None = None, path: str | None = None) -> dict:
-    """The access-log line of request ``rid`` (or the last of ``path``: a passthrough answer has
-    the backend's headers, no request id of the gateway's), waited for: a line is written as its
-    flow ends."""
+    """The access-log line of request ``rid`` (or the last of ``path``), waited for: a line is
+    written as its flow ends."""
     def line():
         text = gw.access.read_text() if gw.access.exists() else ""
         return next((x for x in reversed([json.loads(t) for t in text.splitlines()])
@@ -234,6 +237,28 @@ def test_a_passthrough_failed_before_its_head_is_logged_and_counted(gw):
         wait_until(lambda: refused(gw, route=route, status="failed", code=code) == before + 1, 10, f"{route} counted")
 
 
+def test_a_passthrough_answer_carries_the_gateways_request_id(gw):
+    """A passthrough the backend answered carries the gateway's request id as ``x-request-id``,
+    as every answer of the gateway's does (its errors, its turns, a cut answer's head: the id its
+    access-log line and its log lines name); a request id of the backend's own goes on beside it
+    as ``x-upstream-request-id``. Before, the backend's answer went on without the gateway's id
+    (with the backend's own as ``x-request-id``, when it sent one)."""
+    seen = set()
+    for call in (lambda: requests.get(f"{gw.base_url}/models/ok", timeout=30),
+                 lambda: requests.post(f"{gw.base_url}/embeddings", json={"model": "ok", "input": "hi"}, timeout=30)):
+        r = call()
+        assert r.status_code == 200 and r.json() == {}, r.text[:300]
+        assert r.headers.get("x-request-id", "").startswith("req_"), r.headers
+        assert "x-upstream-request-id" not in r.headers, r.headers
+        seen.add(r.headers["x-request-id"])
+    r = requests.get(f"{gw.base_url}/models/rid", timeout=30)
+    assert r.status_code == 200 and r.json() == {}, r.text[:300]
+    assert r.headers.get("x-request-id", "").startswith("req_"), r.headers
+    assert r.headers["x-upstream-request-id"] == "backend-rid-42", r.headers
+    seen.add(r.headers["x-request-id"])
+    assert len(seen) == 3  # (each its own)
+
+
 @pytest.mark.parametrize("what", ["stall", "stall-eof", "stall-chunked"])
 def test_a_passthrough_whose_body_stalls_is_cut_in_time(gw, backend, what):
     """A backend that sends its answer's head and part of its body, then nothing: after
@@ -253,8 +278,9 @@ def test_a_passthrough_whose_body_stalls_is_cut_in_time(gw, backend, what):
             r.content  # noqa: B018
     assert time.monotonic() - started < WAIT + 5
     wait_until(lambda: backend.unstalled > unstalled, 5, "the backend call dropped")
-    line = logged(gw, path=f"/v1/models/{what}")
-    assert (line["http_status"], line["status"], line["code"]) == (200, "failed", "upstream_timeout"), line
+    line = logged(gw, r.headers["x-request-id"])  # (the cut answer's head carried its request id)
+    assert (line["path"], line["http_status"], line["status"], line["code"]) == \
+        (f"/v1/models/{what}", 200, "failed", "upstream_timeout"), line
     wait_until(lambda: refused(gw, **route) == before + 1, 10, "counted")
     assert f"passthrough {line['request_id']}: the upstream sent nothing for {WAIT} s" in gw.log()
 
@@ -344,15 +370,14 @@ def test_the_deadline_of_a_passthroughs_head_starts_when_it_is_sent(backend, tmp
         gw.stop()
 
 
-# A mitmproxy script loaded after the gateway (an operator's addon) that streams every request body
-# (``request.stream``: the gateway turns ``stream_large_bodies`` off, an addon may still ask it),
-# and whose request hook takes 3 * WAIT s for a request marked ``x-slow`` (a streamed body's end
-# waits upstream for it)
-SLOW_STREAMED_HOOK = f"""
+# A mitmproxy script loaded after the gateway (an operator's addon) that asks mitmproxy to stream
+# every request body (``request.stream``: the gateway turns ``stream_large_bodies`` off, an addon
+# may still ask it), and whose request hook takes 3 * WAIT s for a request marked ``x-slow``
+STREAMING_HOOK = f"""
 import asyncio
 
 
-class Slow:
+class Streaming:
     def requestheaders(self, flow):
         if flow.response is None:
             flow.request.stream = True
@@ -362,20 +387,54 @@ class Slow:
             await asyncio.sleep({3 * WAIT})
 
 
-addons = [Slow()]
+addons = [Streaming()]
 """
 
+echo = test_security_gate.echo  # (a fixture: a backend that echoes what it got)
 
-def test_the_deadline_of_a_passthroughs_head_holds_for_a_streamed_request_body(backend, tmp_path):
-    """A request body mitmproxy streams (an addon's ``request.stream``: the gateway turns
-    ``stream_large_bodies`` off) goes to its backend as it arrives, its connection made before the ``request``
-    hook, so the deadline of the answer's head, which starts when the request leaves every hook,
-    starts with the body's end, after them: a backend that takes the body and says nothing is a
-    504 ``upstream_timeout`` in time. Before, that deadline never started for such a request: the
-    client waited for mitmproxy's ``tcp_timeout`` (600 s). A hook after the gateway's that takes
-    longer than the deadline (the body's end waits for it) still delays the call, not fails it."""
-    script = tmp_path / "slow_hook.py"
-    script.write_text(SLOW_STREAMED_HOOK)
+
+def test_an_addons_request_stream_takes_no_body_past_the_gateways_hooks(echo, gateway_factory, tmp_path):
+    """An addon that sets ``request.stream`` in its ``requestheaders`` hook made mitmproxy send
+    the request on as it arrived, its head at once, before any ``request`` hook (as its
+    ``stream_large_bodies`` did: test_security_gate): a turn's Responses body went to the chat
+    backend as the client wrote it (the echo backend answered a 200 of its own), a passthrough
+    went without its upstream key (the client's instead), a limited client's other model reached
+    the backend. No request of the gateway's streams now: its body is read whole, every hook runs
+    first (mitm_head.py ``_whole``): the turn is lowered, each passthrough carries the upstream's
+    key, the other model is refused, and mitmproxy never says it streamed."""
+    script = tmp_path / "streaming_hook.py"
+    script.write_text(STREAMING_HOOK)
+    carol = "carol-key-0123456789abcdef"
+    gw = gateway_factory(echo.url, "-s", str(script), "--set", "resp2chat_max_replay_entries=0",
+                         env={"RESP2CHAT_UPSTREAM_API_KEY": "sk-upstream-key-for-echo-12345",
+                              "RESP2CHAT_CLIENTS": json.dumps([{"name": "carol", "key": carol, "models": ["qwen3-*"]}])})
+    auth = {"authorization": f"Bearer {carol}"}
+    r = requests.post(gw.base_url + "/responses", json={"model": "qwen3-8b", "input": "hello " * 50}, headers=auth,
+                      timeout=20)
+    assert r.status_code == 200, r.text[:300]
+    assert r.json()["output"][-1]["content"][0]["text"] == "the backend got 'Bearer [redacted]'"  # (scrubbed)
+    r = requests.post(gw.base_url + "/embeddings", json={"model": "other-embedder", "input": "x" * 100}, headers=auth,
+                      timeout=20)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text[:300]
+    r = requests.post(gw.base_url + "/embeddings", json={"model": "qwen3-embed", "input": "x" * 100}, headers=auth,
+                      timeout=20)
+    assert r.status_code == 200 and r.json()["path"] == "/v1/embeddings", r.text[:300]
+    assert [(line.split()[1], h.get("authorization")) for line, h, _ in echo.seen] == [
+        ("/v1/chat/completions", "Bearer sk-upstream-key-for-echo-12345"),
+        ("/v1/embeddings", "Bearer sk-upstream-key-for-echo-12345")]
+    assert json.loads(echo.seen[0][2])["messages"], echo.seen[0][2][:300]  # (a chat request: lowered)
+    assert "Streaming request to" not in gw.log()  # (mitmproxy's words for a body it streams)
+
+
+def test_the_deadline_of_a_passthroughs_head_holds_when_an_addon_asks_to_stream_its_body(backend, tmp_path):
+    """An addon's ``request.stream`` does not stream a passthrough's body (the test above): it
+    is read whole and sent once every hook is done, so the deadline of the answer's head starts
+    then, as for any other request: a backend that takes the body and says nothing is a 504
+    ``upstream_timeout`` in time, and a hook after the gateway's that takes longer than that
+    deadline delays the call, it does not fail it. (Before, such a body streamed to its backend
+    before the hooks, which mitm_head.py followed to its end to start that deadline.)"""
+    script = tmp_path / "streaming_hook.py"
+    script.write_text(STREAMING_HOOK)
     gw = start_gateway(backend.url, tmp_path, "--set", "resp2chat_max_replay_entries=0",
                        "--set", f"resp2chat_connect_timeout_secs={WAIT}",
                        "--set", f"resp2chat_upstream_idle_timeout_secs={WAIT}", "-s", str(script))
@@ -386,12 +445,12 @@ def test_the_deadline_of_a_passthroughs_head_holds_for_a_streamed_request_body(b
         json_error(r, 504, "upstream_timeout")
         assert time.monotonic() - started < 2 * WAIT + 5
         wait_until(lambda: backend.gone > gone, 5, "the backend call dropped")
-        assert "Streaming request to" in gw.log()  # (mitmproxy's words: the body was streamed)
         started = time.monotonic()
         r = requests.post(f"{gw.base_url}/embeddings", json={"model": "ok", "input": "x" * 1000},
                           headers={"x-slow": "1"}, timeout=30)
         assert r.status_code == 200 and r.json() == {}, r.text[:300]
         assert time.monotonic() - started >= 3 * WAIT
+        assert "Streaming request to" not in gw.log()
     finally:
         gw.stop()
 

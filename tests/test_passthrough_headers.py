@@ -114,8 +114,10 @@ def test_an_operator_listed_path_and_a_limited_clients_model_list_get_the_header
         auth = {"authorization": f"Bearer {key}"}
         r = requests.get(gw.base_url + "/files", headers=auth, timeout=30)
         assert r.status_code == 200 and r.json() == {"object": "list", "data": []}, r.text
+        assert r.headers["x-request-id"].startswith("req_")  # (the gateway's id on the backend's answer)
         r = requests.get(gw.base_url + "/models", headers=auth, timeout=30)
         assert r.status_code == 200 and [m["id"] for m in r.json()["data"]] == ["gpt-4o"], r.text
+        assert r.headers["x-request-id"].startswith("req_")  # (the gateway's own answer, as its errors)
         assert [(p, values(h, "api-key")) for p, h in backend.calls] == [("/v1/files", [A_SECRET]),
                                                                          ("/v1/models", [A_SECRET])]
         assert key not in json.dumps(backend.calls)

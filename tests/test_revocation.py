@@ -572,9 +572,10 @@ def test_a_rotated_keys_open_socket_is_closed_and_holds_no_slot(upstream, tmp_pa
         gw.stop()
 
 
-def _passthrough_stream(gw, key: str) -> socket.socket:
+def _passthrough_stream(gw, key: str) -> tuple[socket.socket, bytes]:
     """A streamed ``POST /v1/chat/completions`` (a ``passthrough_paths`` entry) over a plain
-    socket, returned once its first chunk came (the backend's answer never ends by itself)."""
+    socket, returned once its first chunk came (the backend's answer never ends by itself), with
+    what it read by then (the answer's head, the first chunk)."""
     body = json.dumps({"model": ALL, "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
     sock = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer %s\r\n"
@@ -585,7 +586,7 @@ def _passthrough_stream(gw, key: str) -> socket.socket:
         assert more, got
         got += more
     assert got.startswith(b"HTTP/1.1 200"), got
-    return sock
+    return sock, got
 
 
 def _ends_within(sock: socket.socket, seconds: float) -> bool:
@@ -608,9 +609,15 @@ def test_a_revoked_keys_passthrough_stream_stops_and_frees_its_slot(endless, tmp
     each stream a chat completion straight from the backend, which never ends by itself.
     ``keys revoke bob``: his stream ends at once (its connection closed: its head went long ago),
     the backend call is dropped, and the slot it held (in Redis) is given back; alice's goes on. Before,
-    a revoked key's passthrough stream went on for as long as the backend sent."""
+    a revoked key's passthrough stream went on for as long as the backend sent.
+    The cut is the gateway's doing, so the access log has it (``rejected``, ``invalid_api_key``,
+    the head's 200, under the request id the answer's head carried) and
+    ``resp2chat_refused_requests_total`` counts it, as a cut for a backend's silence (before:
+    neither said anything of it)."""
+    access = tmp_path / "access.jsonl"
     gw = start_gateway(endless.url, tmp_path, "--set", "resp2chat_passthrough_paths=POST /v1/chat/completions",
-                       "--set", f"resp2chat_state_store_url={redis_server.url}", env=cli_env(tmp_path))
+                       "--set", f"resp2chat_state_store_url={redis_server.url}",
+                       "--set", f"resp2chat_access_log_path={access}", env=cli_env(tmp_path))
     redis = redis_server.client()
     try:
         alice = run_cli(tmp_path, "keys", "add", "alice").stdout.strip()
@@ -618,7 +625,11 @@ def test_a_revoked_keys_passthrough_stream_stops_and_frees_its_slot(endless, tmp
         wait_until(lambda: post_turn(gw, {"model": ALL, "input": "hi"}).status_code == 401, 10, "keys needed")
         wait_until(lambda: requests.get(f"{gw.base_url}/models", headers={"authorization": f"Bearer {bob}"},
                                         timeout=10).status_code == 404, 10, "bob's key taken")  # (not a passthrough)
-        theirs, his = _passthrough_stream(gw, alice), _passthrough_stream(gw, bob)
+        (theirs, _), (his, head) = _passthrough_stream(gw, alice), _passthrough_stream(gw, bob)
+        rid = next(line.split(b":", 1)[1].strip().decode() for line in head.split(b"\r\n\r\n")[0].split(b"\r\n")
+                   if line.lower().startswith(b"x-request-id:"))
+        route = ("resp2chat_refused_requests_total", (("client", "bob"), ("code", "invalid_api_key"),
+                                                      ("route", "POST /v1/chat/completions"), ("status", "rejected")))
         ident = next(c["id"] for c in yaml.safe_load(config_file(tmp_path).read_text())["clients"] if c["name"] == "bob")
         slots = f"resp2chat:limits:id.{ident}:streams"
         assert redis.zcard(slots) == 1
@@ -626,6 +637,12 @@ def test_a_revoked_keys_passthrough_stream_stops_and_frees_its_slot(endless, tmp
         assert _ends_within(his, STOP_WITHIN), "bob's passthrough stream goes on after his key was revoked"
         wait_until(lambda: len(Endless.closed) == 1, 5, "bob's backend call closed")
         wait_until(lambda: redis.zcard(slots) == 0, 5, "bob's slot given back")
+        lines = lambda: [json.loads(x) for x in access.read_text().splitlines()] if access.exists() else []  # noqa: E731
+        wait_until(lambda: any(x["request_id"] == rid for x in lines()), 10, "bob's cut in the access log")
+        line = next(x for x in lines() if x["request_id"] == rid)
+        assert (line["path"], line["client"], line["status"], line["code"], line["http_status"]) == \
+            ("/v1/chat/completions", "bob", "rejected", "invalid_api_key", 200), line
+        wait_until(lambda: scrape(gw, authorization=f"Bearer {alice}").get(route) == 1, 10, "bob's cut counted")
         assert not _ends_within(theirs, 1), "alice's stream stopped too"
         theirs.close()
         his.close()
@@ -647,6 +664,9 @@ def test_a_turn_its_key_was_revoked_for_while_it_was_being_admitted_is_stopped(e
                        env=cli_env(tmp_path))
     try:
         bob = {"authorization": f"Bearer {run_cli(tmp_path, 'keys', 'add', 'bob', '--max-streams', '5').stdout.strip()}"}
+        # (the gateway takes keys only once it read bob's: before, a keyless request passed too, and
+        # that reload could come while Redis was stopped, after the check)
+        wait_until(lambda: requests.get(f"{gw.base_url}/models", timeout=10).status_code == 401, 10, "keys needed")
         wait_until(lambda: requests.get(f"{gw.base_url}/models", headers=bob, timeout=10).status_code not in (401, 404),
                    10, "bob's key taken")  # (the model list goes to the backend: whatever it answers)
         redis_server.proc.send_signal(signal.SIGSTOP)

@@ -4,9 +4,9 @@ quotes it (``_bounded_response``); a request body's bytes are counted as they ar
 minimum body rate of addons/head_deadline.py (``_counted``, ``BODIES``); the error mitmproxy
 answers itself (a passthrough call whose backend failed before its answer's head: refused,
 closed, reset, a head it could not read) is the gateway's JSON error, not mitmproxy's HTML page
-(``_json_page``, ``_json_errors``, ``FAILED``); and the HTTP layer says when a request leaves
-its hooks for its backend (``_leaving``, ``_streamed`` for a body mitmproxy streams, ``LEAVING``:
-a passthrough's deadline starts there).
+(``_json_page``, ``_json_errors``, ``FAILED``); the HTTP layer says when a request leaves
+its hooks for its backend (``_leaving``, ``LEAVING``: a passthrough's deadline starts there);
+and no request of the gateway's is streamed past its hooks, whatever an addon asks (``_whole``).
 
 Why. mitmproxy gathers a client's request head in its HTTP/1 layer until the blank line that
 ends it (``mitmproxy/proxy/layers/http/_http1.py``, ``Http1Server.read_headers``: "FIXME: protect
@@ -40,7 +40,7 @@ from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
-from mitmproxy.proxy.layers.http._events import ErrorCode, RequestEndOfMessage, ResponseProtocolError
+from mitmproxy.proxy.layers.http._events import ErrorCode, ResponseProtocolError
 
 from resp2chat_core.errors import error_json, sanitize
 from resp2chat_core.gate import MAX_HEAD, head_too_large
@@ -213,8 +213,8 @@ def _json_errors(send):
 
 
 # A flow -> what is called (with it) once its request left every hook for its backend: mitmproxy
-# takes a connection for it next, opened or kept (``_leaving``), or, its body streamed, sends that
-# body's end on the connection it took at the head (``_streamed``). addons/upstreams.py: a
+# takes a connection for it next, opened or kept (``_leaving``; a request body is never streamed
+# ahead of its hooks, ``_whole``, so that connection is taken after them). addons/upstreams.py: a
 # passthrough call's deadline for its answer's head starts there, not in the gateway's own request
 # hook, which the hooks after it and an operator's interception follow. Once; an entry goes with
 # its flow.
@@ -235,21 +235,27 @@ def _leaving(make_server_connection):
     return leaving_make_server_connection
 
 
-def _streamed(state_stream_request_body):
-    """``HttpStream.state_stream_request_body``: a request body mitmproxy streams
-    (an addon's ``request.stream``; listen.py turns ``stream_large_bodies`` off) goes upstream as it arrives, its
-    connection made at its head, before the ``request`` hook (``make_server_connection`` finds no
-    ``LEAVING`` entry yet); the request leaves its hooks at its body's end, once every ``request``
-    hook is done and that end is sent on: what ``LEAVING`` holds for its flow is called then."""
-    def leaving_state_stream_request_body(self, event):
-        yield from state_stream_request_body(self, event)
-        if isinstance(event, RequestEndOfMessage):
-            then = LEAVING.pop(self.flow, None)
-            if then is not None:
-                then(self.flow)
+def _whole(start_request_stream):
+    """``HttpStream.start_request_stream``: mitmproxy streams a request body an addon asked it to
+    (``request.stream`` set in a ``requestheaders`` hook; listen.py turns ``stream_large_bodies``
+    off) to its destination as it arrives, its head sent at once, before any ``request`` hook:
+    a turn went to the chat backend as the client wrote it (not lowered), a passthrough without
+    its upstream key (with the client's credentials, a client limited to some models unchecked, a
+    revoked key's body let through). No request of the gateway's streams: its body is read whole
+    (``request.stream`` turned off, mitmproxy's own way for a body it does not stream), so every
+    ``request`` hook runs first, as for any other request. Only the gate's refusal at the head
+    (addons/gate.py ``Unread``, a body dropped on its way to the relay) streams."""
+    def whole_start_request_stream(self):
+        from resp2chat_io.addons.gate import Unread  # (here: gate.py imports this module)
 
-    leaving_state_stream_request_body.resp2chat = True
-    return leaving_state_stream_request_body
+        if not isinstance(self.flow.request.stream, Unread):
+            self.flow.request.stream = False
+            self.client_state = self.state_consume_request_body
+            return
+        yield from start_request_stream(self)
+
+    whole_start_request_stream.resp2chat = True
+    return whole_start_request_stream
 
 
 def install() -> None:
@@ -271,7 +277,7 @@ def install() -> None:
         setattr(layer, state, wrap(current))
     stream = getattr(http_layer, "HttpStream", None)
     for state, wrap, generator in (("make_server_connection", _leaving, True),
-                                   ("state_stream_request_body", _streamed, False)):  # (behind @expect)
+                                   ("start_request_stream", _whole, True)):
         current = getattr(stream, state, None)
         if getattr(current, "resp2chat", False):
             continue

@@ -26,7 +26,8 @@
   headers, and the session's routing key).
 - ``responseheaders``: a passthrough answer reaches the client with every configured secret
   scrubbed from its headers and its body (streamed through ``channel.Scrubber``, never held
-  whole); it is asked for uncompressed (``accept-encoding: identity``), and one that comes
+  whole), and the gateway's request id as ``x-request-id``, as every answer of the gateway's (the
+  backend's own, when it sent one, as ``x-upstream-request-id``); it is asked for uncompressed (``accept-encoding: identity``), and one that comes
   compressed all the same is a 502 (a compressed body could hide a secret). For a client with
   limits, its backend's usage is read on the way (``meter``: addons/limits.py counts a
   passthrough that is not a read as a turn is counted). Its body must not stop for
@@ -39,7 +40,9 @@
   ``invalid_api_key`` 401) and its request id, in place of mitmproxy's HTML page (sent by
   mitm_head.py ``FAILED``); never the backend's bytes. Being the gateway's own answer, it is in
   the access log and ``resp2chat_refused_requests_total`` (``ENDED``, for outcomes.py), as are
-  the 502 for a compressed answer and a cut.
+  the 502 for a compressed answer and a cut: for silence (``_silent``), or by the gate once its
+  answer's head had gone, its key no longer accepted (gate.py ``stop_passing``: ``rejected``,
+  ``invalid_api_key``, the head's status).
 """
 
 from __future__ import annotations
@@ -76,7 +79,8 @@ from .head_deadline import close, stop_flow, writing
 FORWARDED = "forwarded"
 # flow.metadata[META] key: a passthrough sent to the upstream that the gateway itself ended (an
 # ``Ended``): with its own error before the answer's head (``error``), in place of the answer
-# (``responseheaders``: a compressed one), or cut midway (``_silent``: its backend went silent)
+# (``responseheaders``: a compressed one), or cut midway (``_silent``: its backend went silent;
+# ``error``: the gate cut it, its key revoked)
 ENDED = "passthrough_ended"
 
 
@@ -88,6 +92,9 @@ class Ended(NamedTuple):
     http_status: int  # what the client was answered (a cut answer: its head's)
 
 
+# The header a passthrough answer carries its backend's own ``x-request-id`` in (its
+# ``x-request-id`` is the gateway's request id, as every answer's)
+UPSTREAM_REQUEST_ID = "x-upstream-request-id"
 TIMED_OUT = "passthrough_timed_out"  # flow.metadata[META] key: the seconds a passthrough waited for its head in vain
 
 log = logging.getLogger("resp2chat")
@@ -421,9 +428,15 @@ class Upstreams(Owner):
     def error(self, flow: http.HTTPFlow) -> None:
         self._answered(flow)
         meta = flow.metadata.get(META) or {}
-        if flow.response is not None and flow.error is not None and meta.get(ENDED) is not None:
-            # (cut by ``_silent``: mitmproxy's words are of a client that went away)
-            flow.error.msg = "the upstream sent nothing for upstream_idle_timeout_secs: its answer was cut"
+        if flow.response is not None and flow.error is not None and meta.get(FORWARDED) and not flow.is_replay:
+            if meta.get(ENDED) is None and meta.get("closed_by_gateway") == clients.REVOKED:
+                # (cut by the gate, its key revoked once the answer's head had gone: gate.py
+                # ``stop_passing``; the access log and metrics say so, as of a cut for silence)
+                meta[ENDED] = Ended("rejected", clients.REVOKED, flow.response.status_code)
+                flow.error.msg = "the API key this request was sent with is no longer accepted: its answer was cut"
+            elif meta.get(ENDED) is not None and meta[ENDED].code == "upstream_timeout":
+                # (cut by ``_silent``: mitmproxy's words are of a client that went away)
+                flow.error.msg = "the upstream sent nothing for upstream_idle_timeout_secs: its answer was cut"
         if flow.response is not None or not meta.get(PASSTHROUGH) or flow.is_replay or flow.error is None:
             return
         stopped = meta.get("closed_by_gateway") or meta.get(TIMED_OUT)  # (by the gate, or _overdue)
@@ -474,6 +487,12 @@ class Upstreams(Owner):
             flow.response.stream = Refusal(body)
             flow.metadata[META][ENDED] = Ended("failed", "upstream_encoded", 502)
             return False
+        # (its request id, as every answer of the gateway's: the one its log lines name; the
+        # backend's own, if any, goes on beside it)
+        rid, theirs = request_id(flow), resp.headers.get_all("x-request-id")
+        if theirs and theirs != [rid]:
+            resp.headers.set_all(UPSTREAM_REQUEST_ID, theirs)
+        resp.headers["x-request-id"] = rid
         scrubber, meter = Scrubber(secrets), self.meter(flow)
         resp.stream = scrubber if meter is None else lambda data: scrubber(meter(data))
         size = http1.expected_http_body_size(flow.request, resp)  # (0: none; -1: to the connection's end)
@@ -523,7 +542,8 @@ class Upstreams(Owner):
         if all(a is None for a in answers):
             flow.response = http.Response.make(502, error_json(
                 "no upstream answered GET /models (tried " + ", ".join(s.name if s else "default" for s in specs) + ")",
-                status_type="upstream_error", code="upstream_unavailable"), JSON_HEADERS)
+                status_type="upstream_error", code="upstream_unavailable"),
+                {**JSON_HEADERS, "x-request-id": request_id(flow)})
             return
         merged, seen = [], set()
         for models in answers:
@@ -531,7 +551,8 @@ class Upstreams(Owner):
                 if m["id"] not in seen:
                     seen.add(m["id"])
                     merged.append(m)
-        flow.response = http.Response.make(200, json.dumps({"object": "list", "data": merged}), JSON_HEADERS)
+        flow.response = http.Response.make(200, json.dumps({"object": "list", "data": merged}),
+                                           {**JSON_HEADERS, "x-request-id": request_id(flow)})
 
 
 _HEADER_VALUE = re.compile(r"^[\x21-\x7e]{1,256}$")
