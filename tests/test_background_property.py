@@ -122,8 +122,9 @@ def test_a_running_log_streams_each_resume_its_tail_and_stays_bounded(monkeypatc
 
 
 class Racing:
-    """The store addon's ``get`` (and ``status``, which reads alone; its writes passed through) over a real ``ResponseStore``,
-    where other replicas write between a read and the write that follows it: after the k-th read, ``moves[k]`` (a GET of a dead run
+    """The store addon's ``get`` and ``status`` (its writes passed through) over a real ``ResponseStore``,
+    where other replicas write between a read and the write that follows it: after the k-th read (of
+    the entry, or of its status alone: a cancellation polls that), ``moves[k]`` (a GET of a dead run
     stores it ``failed``, as ``Store.seen`` does; the run's replica renews it, or ends it, as
     ``_renew`` and ``_end`` do, a cancellation asked making it end ``cancelled``); once they ran
     out, the run ends at the next read (it heeded the cancellation)."""
@@ -133,6 +134,16 @@ class Racing:
 
     async def get(self, response_id: str, owner: str):
         entry = await self.store.get(response_id, owner=owner)
+        await self._race(response_id, owner, entry)
+        return entry
+
+    async def status(self, response_id: str, owner: str):
+        brief = await self.store.status(response_id, owner=owner)
+        await self._race(response_id, owner, await self.store.get(response_id, owner=owner))
+        return brief
+
+    async def _race(self, response_id: str, owner: str, entry) -> None:
+        """What the other replicas write after a read (of the entry, or of its status alone)."""
         move = self.moves[self.reads] if self.reads < len(self.moves) else "ends"
         self.reads += 1
         if entry is not None and B.is_running(entry["response"]):
@@ -143,10 +154,6 @@ class Racing:
                    "none": None}[move]
             if new is not None:
                 await self.store.put(response_id, [], new, owner=owner, expect=entry["version"])
-        return entry
-
-    async def status(self, response_id: str, owner: str):
-        return await self.store.status(response_id, owner=owner)
 
     # (the store's writes, passed through as the store addon's are: what Background writes with)
     async def put_now(self, response_id: str, items: list, response: dict, *, owner: str, expect=None):
