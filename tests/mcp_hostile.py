@@ -47,7 +47,8 @@ properly in every mode; what a mode changes is ``tools/list`` or ``tools/call`` 
     paged_hang  the same, every ``tools/list`` after a call is never answered
     schema      ``say`` and ``good`` declare an output schema (an object with an integer ``n``):
                 ``say`` answers structured content that breaks it (``n`` a string), ``good`` content
-                that keeps it (``n``: 7)
+                that keeps it (``n``: 7), ``echo`` ``n`` the value of x-client-key after 50 a's; ``unschema``'s
+                schema is not a JSON Schema (its ``n`` of type 5)
 
 ``Hostile.calls`` counts the ``tools/call`` requests by mode (for the tests that check what ran),
 ``Hostile.gets`` the GET requests (a server-to-client stream asked for), ``Hostile.inits`` the
@@ -210,8 +211,8 @@ class Hostile(QuietHandler):
                 "protocolVersion": message["params"]["protocolVersion"], "capabilities": {"tools": {}},
                 "serverInfo": {"name": "hostile", "version": "1"}}},
                 headers={"mcp-session-id": uuid.uuid4().hex, **({"connection": "close"} if mode == "one_conn" else {})}
-                if mode in ("retry0", "resume0", "refuse400", "proxy400", "one_conn", "paged404", "paged_err", "paged_hang")
-                else None)
+                if mode in ("retry0", "resume0", "refuse400", "proxy400", "one_conn", "paged404", "paged_err",
+                            "paged_hang") else None)
         if method == "tools/list":
             if mode == "one_conn":  # (no new connection from now on: refused)
                 self.server.shutdown()
@@ -249,7 +250,8 @@ class Hostile(QuietHandler):
         if mode == "schema":
             typed = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
             return self._json({"jsonrpc": "2.0", "id": rid, "result": {"tools": [
-                {**_tool("say"), "outputSchema": typed}, {**_tool("good"), "outputSchema": typed}]}})
+                {**_tool(name), "outputSchema": typed} for name in ("say", "good", "echo")]
+                + [{**_tool("unschema"), "outputSchema": {"type": "object", "properties": {"n": {"type": 5}}}}]}})
         description = "says something"
         if mode == "echo_auth":
             description = "headers: " + json.dumps(headers)
@@ -275,7 +277,7 @@ class Hostile(QuietHandler):
             time.sleep(0.5)
             return self._json({"jsonrpc": "2.0", "id": rid, "result": {"content": [{"type": "text", "text": text}]}})
         if mode == "schema":
-            n = 7 if name == "good" else "seven"
+            n = {"good": 7, "echo": "a" * 50 + " " + str(headers.get("x-client-key"))}.get(name, "seven")
             return self._json({"jsonrpc": "2.0", "id": rid, "result": {
                 "content": [{"type": "text", "text": json.dumps({"n": n})}], "structuredContent": {"n": n}}})
         if mode == "hang":

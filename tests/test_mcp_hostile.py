@@ -482,12 +482,36 @@ def test_a_call_that_ran_keeps_its_result_when_its_server_cannot_list(hostile_ga
 def test_a_result_that_breaks_its_tools_output_schema_fails_its_call(hostile_gateway):
     """A tool that declares an output schema and answers structured content that breaks it: the
     call fails with what is wrong said (the MCP SDK's check, the spec's SHOULD: the server broke
-    its own contract); a result that keeps it is the call's output."""
+    its own contract), and that the server ran it (the model is not to take it for a call that did
+    not run; also when the schema is not one); a result that keeps it is the call's output."""
     r = post_turn(hostile_gateway, {"model": "demo-model", "tools": [tool("schema")],
-                                    "input": "call: mcp__schema__say {}\ncall: mcp__schema__good {}"})
+                                    "input": "call: mcp__schema__say {}\ncall: mcp__schema__good {}\n"
+                                             "call: mcp__schema__unschema {}"})
     assert r.status_code == 200, r.text[:300]
-    bad, good = [o for o in r.json()["output"] if o["type"] == "mcp_call"]
+    bad, good, unschema = [o for o in r.json()["output"] if o["type"] == "mcp_call"]
     assert bad["status"] == "failed" and bad["output"] is None, bad
-    assert "Invalid structured content returned by tool say" in bad["error"]["message"], bad["error"]
-    assert "'seven' is not of type 'integer'" in bad["error"]["message"], bad["error"]
+    message = bad["error"]["message"]
+    assert message.startswith("MCP server schema: OutputSchemaError: the server ran the call, but its result "
+                              "breaks the tool's output schema: tool say: 'seven' is not of type 'integer' (at $.n)")
     assert good["status"] == "completed" and json.loads(good["output"]) == {"n": 7}, good
+    assert unschema["status"] == "failed" and unschema["error"]["message"].startswith(
+        "MCP server schema: OutputSchemaError: the server ran the call, but the tool's output schema is not a JSON "
+        "Schema: tool unschema: 5 is not valid under any of the given schemas (at $.properties.n.type)"), unschema["error"]
+
+
+def test_a_result_that_breaks_its_output_schema_quoting_a_secret_reaches_no_one_with_it(hostile_gateway, upstream):
+    """A result that breaks its tool's output schema with a header the server got in it (a value
+    with spaces, which the schema error's pretty-printed instance split across lines): the call
+    fails saying what is wrong, and the secret, whole or in part, reaches neither the client, the
+    backend nor the log."""
+    upstream.clear()
+    secret = "client-key with-spaces 5e1f0a"
+    r = post_turn(hostile_gateway, {"model": "demo-model", "input": "call: mcp__schema__echo {}",
+                                    "tools": [tool("schema", headers={"x-client-key": secret})]})
+    assert r.status_code == 200, r.text[:300]
+    (call,) = [o for o in r.json()["output"] if o["type"] == "mcp_call"]
+    assert call["status"] == "failed" and "is not of type 'integer'" in call["error"]["message"], call
+    assert "[redacted]" in call["error"]["message"] and "the server ran the call" in call["error"]["message"], call
+    sent = json.dumps(upstream.requests())
+    for piece in (secret[i:i + 8] for i in range(len(secret) - 7)):
+        assert piece not in r.text and piece not in sent and piece not in hostile_gateway.log(), piece

@@ -318,7 +318,7 @@ def _check_listed_only(session) -> None:
     call: a call the server ran, its side effects done, reached the model as failed, its result
     lost. Checked here only against what the session listed, a call the server ran always ends
     with its result (or its tool error); a result that breaks the output schema of a tool listed
-    still fails (the SDK's error says why: the server broke its own contract).
+    still fails (``_schema_error`` says why, and that the server ran it: it broke its own contract).
 
     Why this and not the alternatives: sending the ``tools/call`` ourselves (``send_request``)
     would leave the SDK's call path, which does more than send it (the ``Mcp-Name`` and
@@ -334,10 +334,36 @@ def _check_listed_only(session) -> None:
     check = session.validate_tool_result
 
     async def validate_tool_result(name: str, result) -> None:
-        if name in getattr(session, "_tool_output_schemas", ()):
+        if name not in getattr(session, "_tool_output_schemas", ()):
+            return
+        try:
             await check(name, result)
+        except RuntimeError as exc:
+            raise _schema_error(name, exc) from None
 
     session.validate_tool_result = validate_tool_result
+
+
+def _schema_error(name: str, exc: RuntimeError) -> Exception:
+    """The SDK's error for a result that breaks its tool's output schema (or a schema that is not
+    one) as the call's: the schema error's own line (jsonschema's ``message``, where in the
+    result: ``json_path``), said to be a call the server ran (the model is not to take it for one
+    that did not run). Not the SDK's text, which adds the schema and the result's part pretty-
+    printed, a long string split across lines: a secret the server repeats there, split, is not
+    whole for ``_why`` to scrub."""
+    cause = exc.__cause__ or exc.__context__
+    message = getattr(cause, "message", None)
+    if not isinstance(message, str):
+        return exc  # (no structured content quoted: a result without any, a $ref that does not resolve)
+    path = getattr(cause, "json_path", None)
+    where = f" (at {path})" if isinstance(path, str) and path != "$" else ""
+    what = "the tool's output schema is not a JSON Schema" if type(cause).__name__ == "SchemaError" \
+        else "its result breaks the tool's output schema"
+    return OutputSchemaError(f"the server ran the call, but {what}: tool {name}: {message}{where}")
+
+
+class OutputSchemaError(RuntimeError):
+    """A call's result that breaks its tool's output schema (``_schema_error``)."""
 
 
 def _http(headers=None, timeout=None, auth=None, transport=None) -> httpx2.AsyncClient:
