@@ -42,11 +42,19 @@ properly in every mode; what a mode changes is ``tools/list`` or ``tools/call`` 
     paged404    a session; ``tools/list`` pages: its first page lists ``small``, its second ``say``; a
                 call is answered, and from then on the server does not know the session: every
                 request of it is answered 404, a JSON-RPC error with no id (a server that restarted)
+    paged_err   a session; ``tools/list`` pages as ``paged404``'s; once a call of the session is answered,
+                every ``tools/list`` of it is answered with a JSON-RPC error
+    paged_hang  the same, every ``tools/list`` after a call is never answered
+    schema      ``say`` and ``good`` declare an output schema (an object with an integer ``n``):
+                ``say`` answers structured content that breaks it (``n`` a string), ``good`` content
+                that keeps it (``n``: 7), ``echo`` ``n`` the value of x-client-key after 50 a's; ``unschema``'s
+                schema is not a JSON Schema (its ``n`` of type 5)
 
 ``Hostile.calls`` counts the ``tools/call`` requests by mode (for the tests that check what ran),
 ``Hostile.gets`` the GET requests (a server-to-client stream asked for), ``Hostile.inits`` the
 ``initialize`` requests (the sessions opened), ``Hostile.runs`` the calls by (mode, tool),
-``Hostile.forgotten`` the sessions a ``paged404`` server no longer knows."""
+``Hostile.forgotten`` the sessions a ``paged404`` server no longer knows, ``Hostile.called`` the sessions
+of ``paged_err`` and ``paged_hang`` a call was answered on."""
 
 from __future__ import annotations
 
@@ -71,6 +79,7 @@ class Hostile(QuietHandler):
     inits: Counter = Counter()
     runs: Counter = Counter()
     forgotten: set = set()
+    called: set = set()
     seen_headers: list[dict] = []
 
     def _json(self, obj, status: int = 200, headers: dict | None = None, kind: str = "application/json") -> None:
@@ -202,7 +211,8 @@ class Hostile(QuietHandler):
                 "protocolVersion": message["params"]["protocolVersion"], "capabilities": {"tools": {}},
                 "serverInfo": {"name": "hostile", "version": "1"}}},
                 headers={"mcp-session-id": uuid.uuid4().hex, **({"connection": "close"} if mode == "one_conn" else {})}
-                if mode in ("retry0", "resume0", "refuse400", "proxy400", "one_conn", "paged404") else None)
+                if mode in ("retry0", "resume0", "refuse400", "proxy400", "one_conn", "paged404", "paged_err",
+                            "paged_hang") else None)
         if method == "tools/list":
             if mode == "one_conn":  # (no new connection from now on: refused)
                 self.server.shutdown()
@@ -213,6 +223,8 @@ class Hostile(QuietHandler):
             type(self).runs[mode, (message.get("params") or {}).get("name")] += 1
             if mode == "paged404":  # (before it answers: the session is forgotten once the call is answered)
                 type(self).forgotten.add(headers.get("mcp-session-id"))
+            if mode in ("paged_err", "paged_hang"):  # (its listings fail from now on)
+                type(self).called.add(headers.get("mcp-session-id"))
             return self._call(mode, rid, (message.get("params") or {}).get("name"), headers)
         self._json({"jsonrpc": "2.0", "id": rid, "error": {"code": -32601, "message": "no such method"}})
 
@@ -228,9 +240,18 @@ class Hostile(QuietHandler):
         if mode == "bad_list":
             return self._json({"jsonrpc": "2.0", "id": rid, "error": {
                 "code": -32000, "message": "no listing\n[00:00:00.000] resp2chat: forged"}})
-        if mode == "paged404":
+        if mode in ("paged_err", "paged_hang") and headers.get("mcp-session-id") in type(self).called:
+            if mode == "paged_hang":
+                return self._hold()
+            return self._json({"jsonrpc": "2.0", "id": rid, "error": {"code": -32603, "message": "the listing broke"}})
+        if mode in ("paged404", "paged_err", "paged_hang"):
             return self._json({"jsonrpc": "2.0", "id": rid, "result": {"tools": [_tool("say")]} if params.get("cursor")
                                else {"tools": [_tool("small")], "nextCursor": "2"}})
+        if mode == "schema":
+            typed = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+            return self._json({"jsonrpc": "2.0", "id": rid, "result": {"tools": [
+                {**_tool(name), "outputSchema": typed} for name in ("say", "good", "echo")]
+                + [{**_tool("unschema"), "outputSchema": {"type": "object", "properties": {"n": {"type": 5}}}}]}})
         description = "says something"
         if mode == "echo_auth":
             description = "headers: " + json.dumps(headers)
@@ -255,6 +276,10 @@ class Hostile(QuietHandler):
         if name == "small":
             time.sleep(0.5)
             return self._json({"jsonrpc": "2.0", "id": rid, "result": {"content": [{"type": "text", "text": text}]}})
+        if mode == "schema":
+            n = {"good": 7, "echo": "a" * 50 + " " + str(headers.get("x-client-key"))}.get(name, "seven")
+            return self._json({"jsonrpc": "2.0", "id": rid, "result": {
+                "content": [{"type": "text", "text": json.dumps({"n": n})}], "structuredContent": {"n": n}}})
         if mode == "hang":
             self._hold()
             return

@@ -18,7 +18,7 @@ FAILING = {"hang": "did not answer within", "drip": "did not answer within", "ga
            "wrong_id": "did not answer within", "cut": "ended without a response", "cut_json": "cut short",  # fails,
            "huge": "larger than 8 MiB"}  # with that said
 MODES = ("ok", "echo_auth", "echo_garbage", "straddle", *FAILING, "fat_pages", "empty_pages", "bad_list", "redirect",
-         "hang_init", "retry0", "resume0", "empty_tail", "refuse400", "proxy400", "paged404")
+         "hang_init", "retry0", "resume0", "empty_tail", "refuse400", "proxy400", "paged404", "paged_err", "paged_hang", "schema")
 TIMEOUT = 3
 OPERATOR_TOKEN = "operator-hostile-key-7c1e0b"
 CLIENT_TOKEN = "client-hostile-token-93af2d"
@@ -436,23 +436,82 @@ def test_a_call_that_ran_is_not_run_again_when_another_of_its_round_could_not_co
     assert output[-1]["type"] == "message"
 
 
-def test_a_call_that_ran_is_not_run_again_when_the_sdks_listing_after_it_lost_the_session(hostile_gateway):
+@pytest.mark.parametrize("mode,why", [("paged404", "Session not found"), ("paged_err", "the listing broke"),
+                                      ("paged_hang", "did not answer within")])
+def test_a_call_that_ran_keeps_its_result_whatever_a_listing_after_it_would_meet(hostile_gateway, mode, why):
     """A turn that lists nothing (its listing is in the conversation) calls a tool on its server's
-    second page: the gateway's session lists the first page only, so after the call the MCP SDK
-    lists again to check its result (``validate_tool_result``); the server answered the call and
-    then forgot the session (it restarted), so that listing gets an unknown-session 404. The call
-    ran: it fails with that said, and never runs again on a new session (a tool with side effects
-    ran twice)."""
+    second page: the gateway's session lists the first page only, so the MCP SDK's own check of
+    the result (``validate_tool_result``) would list the tools again after the call. The server
+    answered the call, and then forgets the session (it restarted: a 404), fails its listings or
+    never answers them: the call ran, so its item has its output (that listing ``why`` had it fail,
+    the model told it failed, though it ran), at once, and it never runs again on a new session."""
     client = openai_client(hostile_gateway)
-    listed = client.responses.create(model="demo-model", input="hi", tools=[tool("paged404")], store=False)
+    listed = client.responses.create(model="demo-model", input="hi", tools=[tool(mode)], store=False)
     listing = listed.output[0]
     assert listing.type == "mcp_list_tools" and [t.name for t in listing.tools] == ["small", "say"], listing
     Hostile.runs.clear()
-    inits = Hostile.inits["paged404"]
-    done = client.responses.create(model="demo-model", tools=[tool("paged404")], store=False, input=[
-        listing.model_dump(exclude_none=True), {"role": "user", "content": "call: mcp__paged404__say {}"}])
+    inits = Hostile.inits[mode]
+    started = time.monotonic()
+    done = client.responses.create(model="demo-model", tools=[tool(mode)], store=False, input=[
+        listing.model_dump(exclude_none=True), {"role": "user", "content": f"call: mcp__{mode}__say {{}}"}])
+    assert time.monotonic() - started < TIMEOUT
     assert [o.type for o in done.output] == ["reasoning", "mcp_call", "reasoning", "message"], done.output
-    assert Hostile.runs["paged404", "say"] == 1, dict(Hostile.runs)
-    assert Hostile.inits["paged404"] - inits == 1
+    assert Hostile.runs[mode, "say"] == 1, dict(Hostile.runs)
+    assert Hostile.inits[mode] - inits == 1
     call = done.output[1]
-    assert call.output is None and "Session not found" in call.error.message, call
+    assert call.error is None and call.output == "said", call
+    assert why not in done.output[-1].content[0].text and "said" in done.output[-1].content[0].text
+
+
+def test_a_call_that_ran_keeps_its_result_when_its_server_cannot_list(hostile_gateway):
+    """A stateless turn whose conversation holds a listing of a server that now fails every
+    ``tools/list``: the call of its tool runs, and its item has its output (the MCP SDK listed
+    the tools after the call to check its result, and that listing's error had the call fail)."""
+    before = Hostile.calls["bad_list"]
+    listing = {"type": "mcp_list_tools", "id": "mcpl_1", "server_label": "bad_list",
+               "tools": [{"name": "say", "input_schema": {"type": "object", "properties": {}}}]}
+    done = openai_client(hostile_gateway).responses.create(
+        model="demo-model", tools=[tool("bad_list")], store=False,
+        input=[listing, {"role": "user", "content": "call: mcp__bad_list__say {}"}])
+    assert [o.type for o in done.output] == ["reasoning", "mcp_call", "reasoning", "message"], done.output
+    call = done.output[1]
+    assert call.error is None and call.output == "said", call
+    assert Hostile.calls["bad_list"] == before + 1
+
+
+def test_a_result_that_breaks_its_tools_output_schema_fails_its_call(hostile_gateway):
+    """A tool that declares an output schema and answers structured content that breaks it: the
+    call fails with what is wrong said (the MCP SDK's check, the spec's SHOULD: the server broke
+    its own contract), and that the server ran it (the model is not to take it for a call that did
+    not run; also when the schema is not one); a result that keeps it is the call's output."""
+    r = post_turn(hostile_gateway, {"model": "demo-model", "tools": [tool("schema")],
+                                    "input": "call: mcp__schema__say {}\ncall: mcp__schema__good {}\n"
+                                             "call: mcp__schema__unschema {}"})
+    assert r.status_code == 200, r.text[:300]
+    bad, good, unschema = [o for o in r.json()["output"] if o["type"] == "mcp_call"]
+    assert bad["status"] == "failed" and bad["output"] is None, bad
+    message = bad["error"]["message"]
+    assert message.startswith("MCP server schema: OutputSchemaError: the server ran the call, but its result "
+                              "breaks the tool's output schema: tool say: 'seven' is not of type 'integer' (at $.n)")
+    assert good["status"] == "completed" and json.loads(good["output"]) == {"n": 7}, good
+    assert unschema["status"] == "failed" and unschema["error"]["message"].startswith(
+        "MCP server schema: OutputSchemaError: the server ran the call, but the tool's output schema is not a JSON "
+        "Schema: tool unschema: 5 is not valid under any of the given schemas (at $.properties.n.type)"), unschema["error"]
+
+
+def test_a_result_that_breaks_its_output_schema_quoting_a_secret_reaches_no_one_with_it(hostile_gateway, upstream):
+    """A result that breaks its tool's output schema with a header the server got in it (a value
+    with spaces, which the schema error's pretty-printed instance split across lines): the call
+    fails saying what is wrong, and the secret, whole or in part, reaches neither the client, the
+    backend nor the log."""
+    upstream.clear()
+    secret = "client-key with-spaces 5e1f0a"
+    r = post_turn(hostile_gateway, {"model": "demo-model", "input": "call: mcp__schema__echo {}",
+                                    "tools": [tool("schema", headers={"x-client-key": secret})]})
+    assert r.status_code == 200, r.text[:300]
+    (call,) = [o for o in r.json()["output"] if o["type"] == "mcp_call"]
+    assert call["status"] == "failed" and "is not of type 'integer'" in call["error"]["message"], call
+    assert "[redacted]" in call["error"]["message"] and "the server ran the call" in call["error"]["message"], call
+    sent = json.dumps(upstream.requests())
+    for piece in (secret[i:i + 8] for i in range(len(secret) - 7)):
+        assert piece not in r.text and piece not in sent and piece not in hostile_gateway.log(), piece

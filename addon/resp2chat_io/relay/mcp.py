@@ -14,18 +14,20 @@ and which closes when the turn ends: nothing of a server outlives its turn, and 
 closes it. The SDK checks a call's result against the tool's output schema, which it takes from
 the session's ``tools/list``: a session lists its server's tools once (``Sessions.tools``: the
 listing step's first page, or one before the first call of a turn that lists nothing), not once
-per call. So a turn costs a server one initialize, at most one ``tools/list`` (more pages when
-the server pages), and its calls. Each step (opening the session included) is whole under the
+per call, and the check never lists them itself (``_check_listed_only``: a tool the session did
+not list goes unchecked; that listing's failing after a call the server ran lost its result).
+So a turn costs a server one initialize, at most one ``tools/list`` (more pages when the server
+pages), and its calls. Each step (opening the session included) is whole under the
 server's ``timeout_secs`` (``anyio.fail_after``). A session that dies within the turn (its server
 went away, or restarted and no longer knows it) is opened again by the next step; a step that
 failed on it runs once more on the new one, within the same bound (``Sessions._again``), if none
 of its calls ran: a listing; a call whose ``tools/call`` did not run (the connection could not be
 made, or the server did not know the session: ``Health.unrun``, by JSON-RPC id; ``_Step.calls``).
 A call whose ``tools/call`` the server may have got never does, whatever became of the round's
-other requests or of its step's after it (the SDK's listing to check its result), a tool with
-side effects would run twice; and the dead session stays open until the steps on it end (one the
-server runs gets its answer; a request that could not connect fails alone: ``_unconnected``). The session never asks for the server-to-client stream (``_Bounded``): the gateway takes no request of a
-server's and reads no notification.
+other requests or of its step's after it, a tool with side effects would run twice; and the dead
+session stays open until the steps on it end (one the server runs gets its answer; a request that
+could not connect fails alone: ``_unconnected``). The session never asks for the server-to-client
+stream (``_Bounded``): the gateway takes no request of a server's and reads no notification.
 
 Bounds: time (``timeout_secs``: the step fails with that said), pages of a listing (``mcp.MAX_PAGES``,
 ``mcp.MAX_EMPTY_PAGES`` in a row without a tool: a cursor that never ends), what the server sends (``MAX_BODY``
@@ -151,9 +153,9 @@ class Health:
 class _Step:
     """A step's own requests on a session: ``calls``, the JSON-RPC ids of the ``tools/call``
     requests it sent (what may not run twice; a listing may: it changes nothing). Not only the
-    last request it sent: after a call the SDK may list the tools from the same step, to check the
-    result (``validate_tool_result``: a tool the session's listing did not have, one on a page
-    after the first), and that listing's failing says nothing of the call. The SDK sends a
+    last request it sent: the SDK may send more of the same step after a call (a listing, and the
+    call once more, after a call the server refused for a stale listing: ``HEADER_MISMATCH``), and
+    their failing says nothing of the call. The SDK sends a
     request in the context of the task that asks for it (``ContextSendStream``), so the transport
     finds the step there (``_STEP``) and tells it."""
 
@@ -297,9 +299,71 @@ async def _session(server: mcp.Server, health: Health):
             http = await stack.enter_async_context(_http(server.headers(), httpx2.Timeout(timeout),
                                                          transport=_Bounded(health, streamable=True)))
             transport = streamable_http_client(server.spec.url, http_client=http, max_sse_event_size=MAX_EVENT)
-        yield await stack.enter_async_context(Client(
+        client = await stack.enter_async_context(Client(
             transport, cache=None, client_info=Implementation(name="resp2chat", version="1"),
             read_timeout_seconds=timeout, mode="legacy" if sse else "auto"))
+        _check_listed_only(client.session)
+        yield client
+
+
+def _check_listed_only(session) -> None:
+    """The SDK's session (``ClientSession``), whose check of a call's result against the tool's
+    output schema (``validate_tool_result``, which ``call_tool`` runs once the server answered)
+    runs only for a tool the session has listed: it never lists the tools itself.
+
+    The SDK's check, for a tool its session's listings lack (one on a page after the first the
+    session asked, a tool of a session whose listing failed, one no page lists), sends a
+    ``tools/list`` first; and that request's failing (the server restarted and no longer knows the
+    session: a 404; it fails its listings; it does not answer within ``timeout_secs``) failed the
+    call: a call the server ran, its side effects done, reached the model as failed, its result
+    lost. Checked here only against what the session listed, a call the server ran always ends
+    with its result (or its tool error); a result that breaks the output schema of a tool listed
+    still fails (``_schema_error`` says why, and that the server ran it: it broke its own contract).
+
+    Why this and not the alternatives: sending the ``tools/call`` ourselves (``send_request``)
+    would leave the SDK's call path, which does more than send it (the ``Mcp-Name`` and
+    ``Mcp-Param-*`` headers, a call the server refuses for a stale listing, ``HEADER_MISMATCH``, sent
+    again after a listing, input-required rounds, extension results); listing every page once per
+    session would cost every server every page of its tools each turn, and would still leave the
+    SDK listing after a call when the listing failed, was cut (``mcp.MAX_LISTED``, ``_paged_out``)
+    or lacks the tool. The SDK's listing after a call asked its first page only, so a tool on a
+    later page was never checked by it either: no check is lost but those of a session whose own
+    listing failed. (What the session listed: the SDK's own ``_tool_output_schemas``, every page it
+    absorbed, a private name of mcp 2.3's: a later SDK without it has no result checked, never one
+    lost; tests/test_mcp_hostile.py's output schema test fails then.)"""
+    check = session.validate_tool_result
+
+    async def validate_tool_result(name: str, result) -> None:
+        if name not in getattr(session, "_tool_output_schemas", ()):
+            return
+        try:
+            await check(name, result)
+        except RuntimeError as exc:
+            raise _schema_error(name, exc) from None
+
+    session.validate_tool_result = validate_tool_result
+
+
+def _schema_error(name: str, exc: RuntimeError) -> Exception:
+    """The SDK's error for a result that breaks its tool's output schema (or a schema that is not
+    one) as the call's: the schema error's own line (jsonschema's ``message``, where in the
+    result: ``json_path``), said to be a call the server ran (the model is not to take it for one
+    that did not run). Not the SDK's text, which adds the schema and the result's part pretty-
+    printed, a long string split across lines: a secret the server repeats there, split, is not
+    whole for ``_why`` to scrub."""
+    cause = exc.__cause__ or exc.__context__
+    message = getattr(cause, "message", None)
+    if not isinstance(message, str):
+        return exc  # (no structured content quoted: a result without any, a $ref that does not resolve)
+    path = getattr(cause, "json_path", None)
+    where = f" (at {path})" if isinstance(path, str) and path != "$" else ""
+    what = "the tool's output schema is not a JSON Schema" if type(cause).__name__ == "SchemaError" \
+        else "its result breaks the tool's output schema"
+    return OutputSchemaError(f"the server ran the call, but {what}: tool {name}: {message}{where}")
+
+
+class OutputSchemaError(RuntimeError):
+    """A call's result that breaks its tool's output schema (``_schema_error``)."""
 
 
 def _http(headers=None, timeout=None, auth=None, transport=None) -> httpx2.AsyncClient:
@@ -415,7 +479,8 @@ class Sessions:
 
     async def tools(self, server: mcp.Server, held: _Held | None = None):
         """The first page of the server's ``tools/list``, asked once per session (again only if
-        it failed): the listing step's, and what the SDK checks call results against."""
+        it failed): the listing step's, and what the SDK checks call results against (with any
+        page after it a step asked: ``_check_listed_only``)."""
         held = held or self._get(server)
         client = await asyncio.shield(held.ready)
         if held.listing is None or (held.listing.done() and (held.listing.cancelled() or held.listing.exception())):
@@ -522,9 +587,9 @@ async def call_tool(server: mcp.Server, name: str, arguments: str,
 
     async def call(held: _Held):
         client = await asyncio.shield(held.ready)
-        try:  # (the session's one listing, before its calls: the SDK would list per call otherwise)
+        try:  # (the session's one listing, before its calls: the output schemas results are checked against)
             page = await sessions.tools(server, held)
-        except Exception:  # noqa: BLE001 — not the call's (the SDK lists again itself), unless the session is lost
+        except Exception:  # noqa: BLE001 — not the call's (its result goes unchecked), unless the session is lost
             if held.lost_unrun(_STEP.get()):
                 raise
             page = None
