@@ -15,8 +15,8 @@ import requests
 from resp2chat_core.compaction import COMPACTION_PROMPT, SUMMARY_PREFIX
 
 from helpers import (
-    Codex, LocalServer, QuietHandler, chat_chunk, chat_sse, logged_bodies, read_flows, resp2chat_cli, send_json,
-    send_sse,
+    Codex, LocalServer, QuietHandler, chat_chunk, chat_sse, logged_bodies, openai_client, read_flows, resp2chat_cli,
+    send_json, send_sse,
 )
 from wsclient import WSClient
 
@@ -195,24 +195,32 @@ def test_codex_refused_a_socket_past_the_caps_falls_back_to_http(full, upstream,
 
 def test_codex_waits_as_a_sockets_rate_limit_error_says_then_its_turn_is_served(upstream, gateway_factory, cx,
                                                                                  tmp_path):
-    """A client at its rpm on the socket (rpm 1: Codex's warm-up took the minute's request) gets
-    an ``error`` message, 429 ``rate_limit_exceeded``, whose ``headers`` say ``retry-after`` (about
-    60 s): Codex 0.169 reads a socket's error as the HTTP error of that status with those headers,
-    waits that long and tries again, and the turn is served. Before, the error carried no wait:
-    Codex stopped at once ("exceeded retry limit, last status: 429 Too Many Requests")."""
-    path, key = tmp_path / "session.mitm", "carol-key-0123456789abcdef"
+    """A client at its rpm on the socket gets an ``error`` message, 429 ``rate_limit_exceeded``,
+    whose ``headers`` say ``retry-after``: Codex 0.169 reads a socket's error as the HTTP error of
+    that status with those headers, waits that long and tries again, and the turn is served. Before,
+    the error carried no wait: Codex stopped at once ("exceeded retry limit, last status: 429 Too
+    Many Requests"). rpm 4, a request every 15 s (rpm 1 made it a minute's wait), three of them
+    taken over HTTP just before: Codex's warm-up takes the last one, its turn is refused for what is
+    left of the 15 s, and refused once alone (a try before the wait told would be refused again)."""
+    rpm, path, key = 4, tmp_path / "session.mitm", "carol-key-0123456789abcdef"
     gw = gateway_factory(upstream.origin, "-w", str(path), "--set", "resp2chat_max_replay_entries=0", env={
-        "RESP2CHAT_CLIENTS": json.dumps([{"name": "carol", "key": key, "rpm": 1}])})
+        "RESP2CHAT_CLIENTS": json.dumps([{"name": "carol", "key": key, "rpm": rpm}])})
     cx.env["CODEX_API_KEY"] = key
     cx.configure_builtin(gw.base_url)
+    http = openai_client(gw, api_key=key)
+    for n in range(rpm - 1):
+        http.responses.create(model="demo-model", input=f"take {n}", store=False)
     started = time.monotonic()
     output = ok(cx.exec("say hi", timeout=150))
     took = time.monotonic() - started
-    assert "You said: say hi" in output and 50 <= took <= 120, (took, output)
+    assert "You said: say hi" in output, output
     gw.stop()
     turns = [t for f in read_flows(path) if f.websocket for t in f.metadata["resp2chat"]["turns"]]
+    # (two completed alone: Codex took over 15 s to reach its turn, and the bucket had refilled)
     assert [t["status"] for t in turns] == ["completed", "rejected", "completed"], turns  # warm-up, refused, served
     assert turns[1]["error"]["code"] == "rate_limit_exceeded"
+    told = int(re.search(r"Please try again in (\d+)s\.$", turns[1]["error"]["message"])[1])
+    assert 1 <= told <= 60 / rpm and told - 1 <= took <= told + 45, (told, took, output)
 
 
 def test_a_websocket_session_replays_offline_to_a_rerun_over_either_transport(upstream, gateway_factory, cx, tmp_path):
