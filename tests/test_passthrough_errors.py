@@ -393,19 +393,27 @@ addons = [Streaming()]
 echo = test_security_gate.echo  # (a fixture: a backend that echoes what it got)
 
 
-def test_an_addons_request_stream_takes_no_body_past_the_gateways_hooks(echo, gateway_factory, tmp_path):
-    """An addon that sets ``request.stream`` in its ``requestheaders`` hook made mitmproxy send
-    the request on as it arrived, its head at once, before any ``request`` hook (as its
-    ``stream_large_bodies`` did: test_security_gate): a turn's Responses body went to the chat
-    backend as the client wrote it (the echo backend answered a 200 of its own), a passthrough
-    went without its upstream key (the client's instead), a limited client's other model reached
-    the backend. No request of the gateway's streams now: its body is read whole, every hook runs
-    first (mitm_head.py ``_whole``): the turn is lowered, each passthrough carries the upstream's
-    key, the other model is refused, and mitmproxy never says it streamed."""
-    script = tmp_path / "streaming_hook.py"
-    script.write_text(STREAMING_HOOK)
+@pytest.mark.parametrize("way", ["option", "addon"])
+def test_a_request_body_asked_to_stream_goes_past_no_hook_of_the_gateway(way, echo, gateway_factory, tmp_path):
+    """mitmproxy sends a request body it is asked to stream (its ``stream_large_bodies`` option,
+    for a body larger than it; an addon that sets ``request.stream`` in its ``requestheaders``
+    hook, ``STREAMING_HOOK``) on as it arrives, its head at once, before any ``request`` hook: a
+    turn's Responses body went to the chat backend as the client wrote it (the echo backend
+    answered a 200 of its own), a passthrough went without its upstream key (the client's
+    instead), with the client's encodings, before a client limited to some models was checked.
+    The gateway reads every request body whole (each is bounded: ``max_request_body_mb``): it
+    turns the option off (listen.py, as it does ``http2``) and streams no request an addon asks
+    it to (mitm_head.py ``_whole``): the turn is lowered, each passthrough carries the upstream's
+    key, the limited client's other model reaches no backend, and mitmproxy never says it
+    streamed."""
+    if way == "option":
+        asks = ("--set", "stream_large_bodies=1")
+    else:
+        script = tmp_path / "streaming_hook.py"
+        script.write_text(STREAMING_HOOK)
+        asks = ("-s", str(script))
     carol = "carol-key-0123456789abcdef"
-    gw = gateway_factory(echo.url, "-s", str(script), "--set", "resp2chat_max_replay_entries=0",
+    gw = gateway_factory(echo.url, *asks, "--set", "resp2chat_max_replay_entries=0",
                          env={"RESP2CHAT_UPSTREAM_API_KEY": "sk-upstream-key-for-echo-12345",
                               "RESP2CHAT_CLIENTS": json.dumps([{"name": "carol", "key": carol, "models": ["qwen3-*"]}])})
     auth = {"authorization": f"Bearer {carol}"}
@@ -423,6 +431,7 @@ def test_an_addons_request_stream_takes_no_body_past_the_gateways_hooks(echo, ga
         ("/v1/chat/completions", "Bearer sk-upstream-key-for-echo-12345"),
         ("/v1/embeddings", "Bearer sk-upstream-key-for-echo-12345")]
     assert json.loads(echo.seen[0][2])["messages"], echo.seen[0][2][:300]  # (a chat request: lowered)
+    assert all(h.get("accept-encoding") in (None, "identity") for _, h, _ in echo.seen), echo.seen
     assert "Streaming request to" not in gw.log()  # (mitmproxy's words for a body it streams)
 
 
