@@ -12,6 +12,7 @@ head read as that page too; so did a request head mitmproxy could not read (its 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import struct
@@ -160,6 +161,25 @@ def json_error(r: requests.Response, status: int, code: str) -> dict:
     return error
 
 
+@contextlib.contextmanager
+def waiting_gateway(origin: str, tmp_path, hook: str | None = None):
+    """A gateway on ``origin`` that waits ``WAIT`` s for a connection and ``WAIT`` s more for an
+    answer's head (``connect_timeout_secs``, ``upstream_idle_timeout_secs``), replay cache off,
+    with ``hook`` (a mitmproxy script's text) loaded after it; stopped on leaving."""
+    hooked = ()
+    if hook is not None:
+        script = tmp_path / "hook.py"
+        script.write_text(hook)
+        hooked = ("-s", str(script))
+    gw = start_gateway(origin, tmp_path, "--set", "resp2chat_max_replay_entries=0",
+                       "--set", f"resp2chat_connect_timeout_secs={WAIT}",
+                       "--set", f"resp2chat_upstream_idle_timeout_secs={WAIT}", *hooked)
+    try:
+        yield gw
+    finally:
+        gw.stop()
+
+
 @pytest.mark.parametrize("what", ["close", "reset", "cut", "bad", "te"])
 def test_a_backend_failing_before_its_head_is_a_json_502(gw, what):
     """Closed before answering, reset, half a head then closed, a head that does not parse (the
@@ -192,16 +212,13 @@ def test_a_backend_that_never_takes_the_connection_is_a_json_504_in_time(tmp_pat
     listener.listen(0)
     port = listener.getsockname()[1]
     filler = socket.create_connection(("127.0.0.1", port), timeout=5)  # (the queue's one place)
-    gw = start_gateway(f"http://127.0.0.1:{port}", tmp_path, "--set", "resp2chat_max_replay_entries=0",
-                       "--set", f"resp2chat_connect_timeout_secs={WAIT}",
-                       "--set", f"resp2chat_upstream_idle_timeout_secs={WAIT}")
     try:
-        started = time.monotonic()
-        error = json_error(requests.get(f"{gw.base_url}/models", timeout=20), 504, "upstream_timeout")
-        assert time.monotonic() - started < 2 * WAIT + 5
-        assert "took no connection" in error["message"], error
+        with waiting_gateway(f"http://127.0.0.1:{port}", tmp_path) as gw:
+            started = time.monotonic()
+            error = json_error(requests.get(f"{gw.base_url}/models", timeout=20), 504, "upstream_timeout")
+            assert time.monotonic() - started < 2 * WAIT + 5
+            assert "took no connection" in error["message"], error
     finally:
-        gw.stop()
         filler.close()
         listener.close()
 
@@ -353,12 +370,7 @@ def test_the_deadline_of_a_passthroughs_head_starts_when_it_is_sent(backend, tmp
     interception in mitmweb) delays the call, it does not fail it. Before, the deadline ran from
     the gateway's own request hook: the client got a 504 ``upstream_timeout`` "the upstream took
     no connection", the backend never asked (and, counted, a failure of the upstream's)."""
-    script = tmp_path / "slow_hook.py"
-    script.write_text(SLOW_HOOK)
-    gw = start_gateway(backend.url, tmp_path, "--set", "resp2chat_max_replay_entries=0",
-                       "--set", f"resp2chat_connect_timeout_secs={WAIT}",
-                       "--set", f"resp2chat_upstream_idle_timeout_secs={WAIT}", "-s", str(script))
-    try:
+    with waiting_gateway(backend.url, tmp_path, SLOW_HOOK) as gw:
         conns = backend.conns
         started = time.monotonic()
         r = requests.get(f"{gw.base_url}/models/ok", timeout=30)
@@ -366,8 +378,6 @@ def test_the_deadline_of_a_passthroughs_head_starts_when_it_is_sent(backend, tmp
         assert time.monotonic() - started >= 3 * WAIT and backend.conns == conns + 1
         # (the deadline itself still holds once the call is sent)
         json_error(requests.get(f"{gw.base_url}/models/hang", timeout=20), 504, "upstream_timeout")
-    finally:
-        gw.stop()
 
 
 # A mitmproxy script loaded after the gateway (an operator's addon) that asks mitmproxy to stream
@@ -442,12 +452,7 @@ def test_the_deadline_of_a_passthroughs_head_holds_when_an_addon_asks_to_stream_
     ``upstream_timeout`` in time, and a hook after the gateway's that takes longer than that
     deadline delays the call, it does not fail it. (Before, such a body streamed to its backend
     before the hooks, which mitm_head.py followed to its end to start that deadline.)"""
-    script = tmp_path / "streaming_hook.py"
-    script.write_text(STREAMING_HOOK)
-    gw = start_gateway(backend.url, tmp_path, "--set", "resp2chat_max_replay_entries=0",
-                       "--set", f"resp2chat_connect_timeout_secs={WAIT}",
-                       "--set", f"resp2chat_upstream_idle_timeout_secs={WAIT}", "-s", str(script))
-    try:
+    with waiting_gateway(backend.url, tmp_path, STREAMING_HOOK) as gw:
         gone = backend.gone
         started = time.monotonic()
         r = requests.post(f"{gw.base_url}/embeddings", json={"model": "hang", "input": "x" * 1000}, timeout=20)
@@ -460,8 +465,6 @@ def test_the_deadline_of_a_passthroughs_head_holds_when_an_addon_asks_to_stream_
         assert r.status_code == 200 and r.json() == {}, r.text[:300]
         assert time.monotonic() - started >= 3 * WAIT
         assert "Streaming request to" not in gw.log()
-    finally:
-        gw.stop()
 
 
 def test_the_openai_sdk_reads_the_json_error(gw):
