@@ -868,6 +868,34 @@ def check_sdk(evs: list[dict]) -> None:
                     pytrace=False)
 
 
+def ended_at_a_bound(gw, body: dict) -> tuple[list[str], list[dict]]:
+    """Post a turn (JSON or streamed, as ``body`` says) in which the model calls a gateway's tool
+    (web search, a hosted MCP tool) once its ``max_tool_calls`` or rounds are spent: the gateway
+    refuses that call and the turn ends ``completed``, no ``function_call`` of a function the
+    client never declared. Asserts that of the stream (``check_stream``, ``check_sdk``: its last
+    event ``response.completed``, no ``response.function_call…`` event), of the answer and of the
+    stored Response (status ``completed``, no ``incomplete_details``, no ``function_call`` item).
+    Returns the stream's event types ([] for JSON) and those two Responses, for the caller's own
+    checks of its calls."""
+    r = post_turn(gw, body)
+    assert r.status_code == 200, r.text
+    types: list[str] = []
+    if body.get("stream"):
+        events = check_stream(r.content, parse_sse(r.content)[0]["response"]["id"])
+        check_sdk(events)
+        types = [e["type"] for e in events]
+        assert types[-1] == "response.completed", types
+        assert not any(t.startswith("response.function_call") for t in types), types
+        resp = events[-1]["response"]
+    else:
+        resp = r.json()
+    answers = [resp, openai_client(gw).responses.retrieve(resp["id"]).model_dump()]
+    for answer in answers:
+        assert answer["status"] == "completed" and answer["incomplete_details"] is None, answer
+        assert "function_call" not in [o["type"] for o in answer["output"]], answer["output"]
+    return types, answers
+
+
 # --- the Open Responses specification (2026-04-24) ------------------------------------------
 #
 # A transcription, by hand, of what the specification requires of everything the gateway emits:

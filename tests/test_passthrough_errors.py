@@ -12,6 +12,7 @@ head read as that page too; so did a request head mitmproxy could not read (its 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import struct
@@ -160,6 +161,25 @@ def json_error(r: requests.Response, status: int, code: str) -> dict:
     return error
 
 
+@contextlib.contextmanager
+def waiting_gateway(origin: str, tmp_path, hook: str | None = None):
+    """A gateway on ``origin`` that waits ``WAIT`` s for a connection and ``WAIT`` s more for an
+    answer's head (``connect_timeout_secs``, ``upstream_idle_timeout_secs``), replay cache off,
+    with ``hook`` (a mitmproxy script's text) loaded after it; stopped on leaving."""
+    hooked = ()
+    if hook is not None:
+        script = tmp_path / "hook.py"
+        script.write_text(hook)
+        hooked = ("-s", str(script))
+    gw = start_gateway(origin, tmp_path, "--set", "resp2chat_max_replay_entries=0",
+                       "--set", f"resp2chat_connect_timeout_secs={WAIT}",
+                       "--set", f"resp2chat_upstream_idle_timeout_secs={WAIT}", *hooked)
+    try:
+        yield gw
+    finally:
+        gw.stop()
+
+
 @pytest.mark.parametrize("what", ["close", "reset", "cut", "bad", "te"])
 def test_a_backend_failing_before_its_head_is_a_json_502(gw, what):
     """Closed before answering, reset, half a head then closed, a head that does not parse (the
@@ -192,16 +212,13 @@ def test_a_backend_that_never_takes_the_connection_is_a_json_504_in_time(tmp_pat
     listener.listen(0)
     port = listener.getsockname()[1]
     filler = socket.create_connection(("127.0.0.1", port), timeout=5)  # (the queue's one place)
-    gw = start_gateway(f"http://127.0.0.1:{port}", tmp_path, "--set", "resp2chat_max_replay_entries=0",
-                       "--set", f"resp2chat_connect_timeout_secs={WAIT}",
-                       "--set", f"resp2chat_upstream_idle_timeout_secs={WAIT}")
     try:
-        started = time.monotonic()
-        error = json_error(requests.get(f"{gw.base_url}/models", timeout=20), 504, "upstream_timeout")
-        assert time.monotonic() - started < 2 * WAIT + 5
-        assert "took no connection" in error["message"], error
+        with waiting_gateway(f"http://127.0.0.1:{port}", tmp_path) as gw:
+            started = time.monotonic()
+            error = json_error(requests.get(f"{gw.base_url}/models", timeout=20), 504, "upstream_timeout")
+            assert time.monotonic() - started < 2 * WAIT + 5
+            assert "took no connection" in error["message"], error
     finally:
-        gw.stop()
         filler.close()
         listener.close()
 
@@ -353,12 +370,7 @@ def test_the_deadline_of_a_passthroughs_head_starts_when_it_is_sent(backend, tmp
     interception in mitmweb) delays the call, it does not fail it. Before, the deadline ran from
     the gateway's own request hook: the client got a 504 ``upstream_timeout`` "the upstream took
     no connection", the backend never asked (and, counted, a failure of the upstream's)."""
-    script = tmp_path / "slow_hook.py"
-    script.write_text(SLOW_HOOK)
-    gw = start_gateway(backend.url, tmp_path, "--set", "resp2chat_max_replay_entries=0",
-                       "--set", f"resp2chat_connect_timeout_secs={WAIT}",
-                       "--set", f"resp2chat_upstream_idle_timeout_secs={WAIT}", "-s", str(script))
-    try:
+    with waiting_gateway(backend.url, tmp_path, SLOW_HOOK) as gw:
         conns = backend.conns
         started = time.monotonic()
         r = requests.get(f"{gw.base_url}/models/ok", timeout=30)
@@ -366,8 +378,6 @@ def test_the_deadline_of_a_passthroughs_head_starts_when_it_is_sent(backend, tmp
         assert time.monotonic() - started >= 3 * WAIT and backend.conns == conns + 1
         # (the deadline itself still holds once the call is sent)
         json_error(requests.get(f"{gw.base_url}/models/hang", timeout=20), 504, "upstream_timeout")
-    finally:
-        gw.stop()
 
 
 # A mitmproxy script loaded after the gateway (an operator's addon) that asks mitmproxy to stream
@@ -393,19 +403,27 @@ addons = [Streaming()]
 echo = test_security_gate.echo  # (a fixture: a backend that echoes what it got)
 
 
-def test_an_addons_request_stream_takes_no_body_past_the_gateways_hooks(echo, gateway_factory, tmp_path):
-    """An addon that sets ``request.stream`` in its ``requestheaders`` hook made mitmproxy send
-    the request on as it arrived, its head at once, before any ``request`` hook (as its
-    ``stream_large_bodies`` did: test_security_gate): a turn's Responses body went to the chat
-    backend as the client wrote it (the echo backend answered a 200 of its own), a passthrough
-    went without its upstream key (the client's instead), a limited client's other model reached
-    the backend. No request of the gateway's streams now: its body is read whole, every hook runs
-    first (mitm_head.py ``_whole``): the turn is lowered, each passthrough carries the upstream's
-    key, the other model is refused, and mitmproxy never says it streamed."""
-    script = tmp_path / "streaming_hook.py"
-    script.write_text(STREAMING_HOOK)
+@pytest.mark.parametrize("way", ["option", "addon"])
+def test_a_request_body_asked_to_stream_goes_past_no_hook_of_the_gateway(way, echo, gateway_factory, tmp_path):
+    """mitmproxy sends a request body it is asked to stream (its ``stream_large_bodies`` option,
+    for a body larger than it; an addon that sets ``request.stream`` in its ``requestheaders``
+    hook, ``STREAMING_HOOK``) on as it arrives, its head at once, before any ``request`` hook: a
+    turn's Responses body went to the chat backend as the client wrote it (the echo backend
+    answered a 200 of its own), a passthrough went without its upstream key (the client's
+    instead), with the client's encodings, before a client limited to some models was checked.
+    The gateway reads every request body whole (each is bounded: ``max_request_body_mb``): it
+    turns the option off (listen.py, as it does ``http2``) and streams no request an addon asks
+    it to (mitm_head.py ``_whole``): the turn is lowered, each passthrough carries the upstream's
+    key, the limited client's other model reaches no backend, and mitmproxy never says it
+    streamed."""
+    if way == "option":
+        asks = ("--set", "stream_large_bodies=1")
+    else:
+        script = tmp_path / "streaming_hook.py"
+        script.write_text(STREAMING_HOOK)
+        asks = ("-s", str(script))
     carol = "carol-key-0123456789abcdef"
-    gw = gateway_factory(echo.url, "-s", str(script), "--set", "resp2chat_max_replay_entries=0",
+    gw = gateway_factory(echo.url, *asks, "--set", "resp2chat_max_replay_entries=0",
                          env={"RESP2CHAT_UPSTREAM_API_KEY": "sk-upstream-key-for-echo-12345",
                               "RESP2CHAT_CLIENTS": json.dumps([{"name": "carol", "key": carol, "models": ["qwen3-*"]}])})
     auth = {"authorization": f"Bearer {carol}"}
@@ -423,6 +441,7 @@ def test_an_addons_request_stream_takes_no_body_past_the_gateways_hooks(echo, ga
         ("/v1/chat/completions", "Bearer sk-upstream-key-for-echo-12345"),
         ("/v1/embeddings", "Bearer sk-upstream-key-for-echo-12345")]
     assert json.loads(echo.seen[0][2])["messages"], echo.seen[0][2][:300]  # (a chat request: lowered)
+    assert all(h.get("accept-encoding") in (None, "identity") for _, h, _ in echo.seen), echo.seen
     assert "Streaming request to" not in gw.log()  # (mitmproxy's words for a body it streams)
 
 
@@ -433,12 +452,7 @@ def test_the_deadline_of_a_passthroughs_head_holds_when_an_addon_asks_to_stream_
     ``upstream_timeout`` in time, and a hook after the gateway's that takes longer than that
     deadline delays the call, it does not fail it. (Before, such a body streamed to its backend
     before the hooks, which mitm_head.py followed to its end to start that deadline.)"""
-    script = tmp_path / "streaming_hook.py"
-    script.write_text(STREAMING_HOOK)
-    gw = start_gateway(backend.url, tmp_path, "--set", "resp2chat_max_replay_entries=0",
-                       "--set", f"resp2chat_connect_timeout_secs={WAIT}",
-                       "--set", f"resp2chat_upstream_idle_timeout_secs={WAIT}", "-s", str(script))
-    try:
+    with waiting_gateway(backend.url, tmp_path, STREAMING_HOOK) as gw:
         gone = backend.gone
         started = time.monotonic()
         r = requests.post(f"{gw.base_url}/embeddings", json={"model": "hang", "input": "x" * 1000}, timeout=20)
@@ -451,8 +465,6 @@ def test_the_deadline_of_a_passthroughs_head_holds_when_an_addon_asks_to_stream_
         assert r.status_code == 200 and r.json() == {}, r.text[:300]
         assert time.monotonic() - started >= 3 * WAIT
         assert "Streaming request to" not in gw.log()
-    finally:
-        gw.stop()
 
 
 def test_the_openai_sdk_reads_the_json_error(gw):

@@ -201,6 +201,17 @@ def deprecated(old: str) -> str:
 # no longer fit a float or a C timeout (a store's expiry of every turn failed)
 MAX_WHOLE = 10**12
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
+
+
+def coerce_bool(value: Any) -> bool | None:
+    """True or false as a bool setting reads it (``coerce``): a bool, or text such as ``yes``,
+    ``on``, ``1`` (``no``, ``off``, ``0``, blank: false); None when it says neither."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    return text in _TRUE if text in _TRUE or text in _FALSE else None
+
+
 _HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):(\d{1,5})\Z")
 
 
@@ -225,12 +236,9 @@ def coerce(field: Field, value: Any, source: str = "") -> Any:
                 raise SettingsError(field.name, value, f"expected a whole number >= 0, at most {MAX_WHOLE:,}", source)
             return number
         if k == "bool":
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in _TRUE or text in _FALSE:
-                return text in _TRUE
-            raise SettingsError(field.name, value, "expected true or false", source)
+            if (switch := coerce_bool(value)) is None:
+                raise SettingsError(field.name, value, "expected true or false", source)
+            return switch
         if k == "map":  # ("": none, as --set's empty value is)
             data = (json.loads(value) if value.strip() else {}) if isinstance(value, str) else value
             if not isinstance(data, dict):

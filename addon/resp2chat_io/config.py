@@ -14,7 +14,7 @@ from typing import Any, Iterator, Mapping, NamedTuple
 import yaml
 
 from resp2chat_core.clients import FIELDS as CLIENT_FIELDS, LIMITS, whole
-from resp2chat_core.settings import ALIASES, BY_NAME, FIELDS, PER_UPSTREAM, Field, SettingsError, coerce, resolve
+from resp2chat_core.settings import ALIASES, BY_NAME, FIELDS, PER_UPSTREAM, SettingsError, coerce_bool, resolve
 
 
 def config_path(env: Mapping[str, str] = os.environ) -> Path:
@@ -105,24 +105,20 @@ def _as_written(data: dict, node: yaml.Node) -> dict:
     return data
 
 
-_SWITCH = Field("switch", "bool", False, "")  # (how ``coerce`` reads true/false)
-
-
 def _typed(kind: str, value: Any) -> Any:
     """An entry's field of ``kind`` (a client's limits: "int"; an upstream's own settings: theirs)
     read from its text as a setting of that kind reads it: a whole number as ``clients.whole``
     reads it (``017`` is 17, as settings.py ``coerce`` and ``RESP2CHAT_CLIENTS``' strings read
-    it), true/false as ``coerce`` does (``no`` is false). So ``resp2chat keys``, rewriting the file,
-    writes the number or the switch, not the quoted text. Text that says none stays as it is: the
+    it), true/false as ``coerce_bool`` reads it for ``coerce`` (``no`` is false). So ``resp2chat
+    keys``, rewriting the file, writes the number or the switch, not the quoted text. Text that says none stays as it is: the
     entry's own check refuses it, in its words (``parse_upstreams``: "expected a whole number >= 0";
     ``parse_clients``: "expected a whole number > 0…")."""
     if not isinstance(value, str):
         return value
     if kind == "int":
         return whole(value)
-    if kind == "bool":
-        with contextlib.suppress(SettingsError):
-            return coerce(_SWITCH, value)
+    if kind == "bool" and (switch := coerce_bool(value)) is not None:
+        return switch
     return value
 
 

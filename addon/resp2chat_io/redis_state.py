@@ -569,9 +569,14 @@ class RedisResponseStore:
 
     async def put(self, response_id: str, items: list, response: dict, *, owner: str = owners.SHARED,
                   expect: int | None = None) -> bool:
+        return bool(await self._put(response_id, items, response, owner, expect))
+
+    async def _put(self, response_id: str, items: list, response: dict, owner: str, expect: int | None) -> bool | None:
+        """``put``, telling why it did not write: None, the store's bounds refuse the entry (past
+        ``max_bytes``, or a store that keeps nothing); False, another version is there."""
         data, cut, at = encode_entry(items, response)
         if len(data) > self.max_bytes or self.ttl <= 0 or self.max_entries <= 0:
-            return False
+            return None
         script = self.state.script("put_response")
         produced, others = _item_ids(items, response)
         member = namespace(owner) + response_id
@@ -612,9 +617,10 @@ class RedisResponseStore:
             return Renewal(found[1], entry["response"])
         items = entry["items"]
         whole = items[:input_count(items, entry["response"])] + (output if isinstance(output, list) else [])
-        if await self.put(response_id, whole, response, owner=owner, expect=expect):
+        written = await self._put(response_id, whole, response, owner, expect)
+        if written:
             return Renewal(expect + 1)
-        if len(encode_entry(whole, response)[0]) > self.max_bytes or self.ttl <= 0 or self.max_entries <= 0:
+        if written is None:
             return Renewal(expect, too_large=True)  # (what ``put`` refused, not a version: no read again)
         return await self.renew(response_id, response, owner=owner, expect=expect, ended=ended)  # (another version)
 
