@@ -507,8 +507,31 @@ def push(port: int, head: bytes, total: int, chunked: bool) -> tuple[int, bytes]
     return sent, answer
 
 
-def test_refused_bodies_are_not_read_and_memory_stays_flat(echo, gateway_factory):
-    gw = gateway_factory(echo.url, "--set", f"resp2chat_gateway_api_key={GW_KEY}", "--set", "flow_detail=0")
+# an operator's addon loaded after the gateway that asks mitmproxy, in the same hook, to stream every
+# request body (``True``) or to read it whole (``False``): neither may make it read a refused one
+OPERATOR_STREAM = """
+class Operator:
+    def requestheaders(self, flow):
+        flow.request.stream = {stream}
+
+
+addons = [Operator()]
+"""
+
+
+@pytest.mark.parametrize("operator", [None, True, False], ids=["gateway", "addon-streams", "addon-reads-whole"])
+def test_refused_bodies_are_not_read_and_memory_stays_flat(operator, echo, gateway_factory, tmp_path):
+    """A request refused at its head (no key, too large, of unknown length) is answered at once,
+    its connection closed after at most a few MiB of its body, none of it held: also when an
+    operator's addon after the gateway's sets ``request.stream`` in the same hook (mitm_head.py
+    ``_refusal_stands``; before, ``True`` had the body read whole into memory, without bound, and
+    the answer only once it was in)."""
+    hook = ()
+    if operator is not None:
+        script = tmp_path / "operator.py"
+        script.write_text(OPERATOR_STREAM.format(stream=operator))
+        hook = ("-s", str(script))
+    gw = gateway_factory(echo.url, "--set", f"resp2chat_gateway_api_key={GW_KEY}", "--set", "flow_detail=0", *hook)
     port, big = gw.port, 200 << 20
     post = f"POST /v1/responses HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\ncontent-type: application/json\r\n"
     before = memory(gw.proc.pid)

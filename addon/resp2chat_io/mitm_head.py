@@ -6,7 +6,9 @@ answers itself (a passthrough call whose backend failed before its answer's head
 closed, reset, a head it could not read) is the gateway's JSON error, not mitmproxy's HTML page
 (``_json_page``, ``_json_errors``, ``FAILED``); the HTTP layer says when a request leaves
 its hooks for its backend (``_leaving``, ``LEAVING``: a passthrough's deadline starts there);
-and no request of the gateway's is streamed past its hooks, whatever an addon asks (``_whole``).
+no request of the gateway's is streamed past its hooks, whatever an addon asks (``_whole``), and
+the body of one the gate refused at its head is dropped as it comes, whatever an addon asks
+(``_refusal_stands``).
 
 Why. mitmproxy gathers a client's request head in its HTTP/1 layer until the blank line that
 ends it (``mitmproxy/proxy/layers/http/_http1.py``, ``Http1Server.read_headers``: "FIXME: protect
@@ -235,6 +237,39 @@ def _leaving(make_server_connection):
     return leaving_make_server_connection
 
 
+# a request the gate refused at its head (addons/gate.py ``answer``): its body's ``Unread``, which
+# stands after the ``requestheaders`` hook whatever a later addon made of ``request.stream`` (``_refusal_stands``)
+REFUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _refusal_stands(state_wait_for_request_headers):
+    """``HttpStream.state_wait_for_request_headers``, whose ``requestheaders`` hook is followed,
+    for a request the gate refused at its head, by its ``Unread`` put back on ``request.stream``
+    (``REFUSED``) before mitmproxy decides how to read the body. An addon after the gate's (an
+    operator's script) may set ``request.stream`` in the same hook, mitmproxy's usual way to ask a
+    body streamed: ``True`` had ``_whole`` read the refused body whole, and ``False`` had mitmproxy
+    do it itself, with no bound (the gate refused it before counting it against
+    ``max_request_bodies_mb``: a body of any declared size, kept in memory while it came); now a
+    refused body is dropped as it arrives whatever an addon asks, its refusal sent at once. (A
+    response an addon set there instead is mitmproxy's to send once the body is in: not the gate's.)"""
+    def refusal_stands(self, event):
+        commands_ = state_wait_for_request_headers(self, event)
+        try:
+            command = next(commands_)
+            while True:
+                answer = yield command
+                if command.__class__ is http_layer.HttpRequestHeadersHook:
+                    unread = REFUSED.pop(self.flow, None)
+                    if unread is not None and self.flow.response is None:
+                        self.flow.request.stream = unread
+                command = commands_.send(answer)
+        except StopIteration as end:
+            return end.value
+
+    refusal_stands.resp2chat = True
+    return refusal_stands
+
+
 def _whole(start_request_stream):
     """``HttpStream.start_request_stream``: mitmproxy streams a request body an addon asked it to
     (``request.stream`` set in a ``requestheaders`` hook; listen.py turns ``stream_large_bodies``
@@ -276,8 +311,11 @@ def install() -> None:
             raise RuntimeError("mitmproxy's HTTP/1 layer changed: resp2chat_io/mitm_head.py needs a look")
         setattr(layer, state, wrap(current))
     stream = getattr(http_layer, "HttpStream", None)
+    if getattr(http_layer, "HttpRequestHeadersHook", None) is None:
+        raise RuntimeError("mitmproxy's HTTP layer changed: resp2chat_io/mitm_head.py needs a look")
     for state, wrap, generator in (("make_server_connection", _leaving, True),
-                                   ("start_request_stream", _whole, True)):
+                                   ("start_request_stream", _whole, True),
+                                   ("state_wait_for_request_headers", _refusal_stands, False)):
         current = getattr(stream, state, None)
         if getattr(current, "resp2chat", False):
             continue

@@ -25,7 +25,8 @@ that drops every byte (``Unread``), the relay sends the JSON refusal at once
 (``connection: close``), and once ``READ_REFUSED`` bytes of body went by the relay ends its
 connection, which makes mitmproxy close the client's. Trade-off: the client gets its 401/411/413
 while it may still be sending, then the connection ends (HTTP clients read an early answer:
-curl, httpx, urllib3); the gateway holds no body and reads at most ``READ_REFUSED`` of it.
+curl, httpx, urllib3); the gateway holds no body and reads at most ``READ_REFUSED`` of it,
+whatever an addon after the gate makes of ``request.stream`` (mitm_head.py ``_refusal_stands``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from resp2chat_core import settings as S
 from resp2chat_core.clients import ClientSpec, ClientTable, accepted, no_longer_accepted, parse_clients
 from resp2chat_core.errors import GatewayError
 from resp2chat_core.limits import retry_headers
+from resp2chat_io import mitm_head
 from resp2chat_io.config import FileWatch, config_path, load_settings
 from resp2chat_io.relay import TURN_HEADER, HeadRefusal
 
@@ -243,7 +245,7 @@ class Gate(Owner):
         req.headers.pop("expect", None)  # no "100 Continue": the client need not send the body at all
         req.headers["content-length"] = "0"  # (what the relay gets: nothing)
         req.scheme, (req.host, req.port) = "http", self.relay.address
-        req.stream = Unread(answer, READ_REFUSED)
+        req.stream = mitm_head.REFUSED[flow] = Unread(answer, READ_REFUSED)  # (it stands: an addon after may not read it)
         flow.metadata.setdefault(META, {})["refused"] = "at the head; body not read"
 
     def preflight(self, flow: http.HTTPFlow, path: str) -> None:
