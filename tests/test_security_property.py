@@ -259,6 +259,31 @@ def test_the_scrubber_finds_a_json_escaped_secret_split_anywhere(how, before, af
     assert _pieces_of_the_key(json.loads(b'"' + out + b'"')) == []
 
 
+@settings(max_examples=80, deadline=None)
+@given(short=st.text(alphabet="abcdefXYZ-_.~0123", min_size=4, max_size=12),
+       rest=st.text(alphabet="abcdefXYZ-_.~0123", min_size=1, max_size=12),
+       head=st.text(alphabet="abcdefXYZ-_.~0123", max_size=4), around=st.text(alphabet="/ =&q", max_size=6),
+       order=st.booleans(), cuts=st.lists(st.integers(min_value=0, max_value=60), max_size=3))
+def test_a_secret_inside_another_leaves_nothing_of_either(short, rest, head, around, order, cuts):
+    """Two secrets one of which holds the other (an upstream key, and a header value that begins
+    with it): whichever comes first in the secrets, no piece of the longer one is left, in a body
+    (``scrub``), in one that passes in pieces (``Scrubber``) or in a URL (``without_credentials``).
+    Before, the shorter one, replaced first, left the longer one's rest."""
+    long = head + short + rest
+    secrets = (short, long) if order else (long, short)
+    data = (around + long + around + short + around).encode()
+    clean = scrub(data, tuple(x.encode() for x in secrets))
+    assert clean.count(b"[redacted]") == 2 and clean.replace(b"[redacted]", b"") == (around * 3).encode(), clean
+    scrubber, out, at = Scrubber(tuple(x.encode() for x in secrets)), b"", 0
+    for cut in sorted(c for c in cuts if c <= len(data)) + [len(data)]:
+        out += b"".join(scrubber(data[at:cut]) if cut > at else [])
+        at = max(at, cut)
+    assert out + b"".join(scrubber(b"")) == clean
+    url = G.without_credentials(f"/v1/models?x={long}&y=1", secrets)
+    assert url is not None and long not in url and rest not in url.replace("[redacted]", "").partition("x=")[2][:len(rest) + 1] \
+        and url.startswith("/v1/models?x=") and url.endswith("&y=1") and "[redacted]" in url, url
+
+
 # --- what an auth proxy in front of the gateway adds ------------------------------------------------
 
 # What a team's SSO proxy in front of the gateway puts on every request (oauth2-proxy's cookie and

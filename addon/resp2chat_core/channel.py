@@ -465,8 +465,10 @@ def _bytes_joined(items: list[Item]) -> list[Item]:
 def scrub(data: bytes, secrets: tuple[bytes, ...]) -> bytes:
     """``data`` with each of ``secrets`` replaced by ``[redacted]``: as its bytes, and as a JSON
     string may write it (``_escaped``: a backend's JSON answer that repeats a key, PHP's
-    ``\\/``, .NET's ``\\u002B``, which its client's parser reads back as the key)."""
-    for secret in secrets:
+    ``\\/``, .NET's ``\\u002B``, which its client's parser reads back as the key). The longest
+    first (``_longest_first``): one secret inside another (an upstream key and a header value
+    that begins with it) would otherwise leave the longer one's rest."""
+    for secret in _longest_first(tuple(secrets)) if len(secrets) > 1 else secrets:
         if secret in data:
             data = data.replace(secret, b"[redacted]")
         if b"\\" in data:
@@ -475,6 +477,11 @@ def scrub(data: bytes, secrets: tuple[bytes, ...]) -> bytes:
                 clean, found = escaped[1].subn(b"[redacted]", data)
                 data = clean if found else data  # (the same object when nothing was found: redact.py)
     return data
+
+
+@functools.lru_cache(maxsize=64)
+def _longest_first(secrets: tuple[bytes, ...]) -> tuple[bytes, ...]:
+    return tuple(sorted(secrets, key=len, reverse=True))
 
 
 @functools.lru_cache(maxsize=256)
@@ -523,7 +530,13 @@ class Scrubber:
     answer): it holds back the last bytes of what it has seen, one less than the longest spelling
     of a secret (``scrub_keep``), so a secret split between two pieces is still found; ``b""``
     (the end) lets the rest go. Returns a list of pieces, never an empty piece (mitmproxy would
-    send it as the end of a chunked body)."""
+    send it as the end of a chunked body).
+
+    What it holds back is held as it came, not yet scrubbed, and what goes is cut where no
+    spelling of a secret begins before the cut and ends after it (``_clear``): so what goes is
+    scrubbed as the whole body would be. (Scrubbing all it had seen before cutting replaced a
+    secret inside another, longer one still coming, an upstream key at the start of a header
+    value: the longer one's rest went out with the next piece.)"""
 
     __slots__ = ("secrets", "keep", "tail")
 
@@ -536,10 +549,30 @@ class Scrubber:
         if not data:
             out, self.tail = scrub(self.tail, self.secrets), b""
         else:
-            buf = scrub(self.tail + data, self.secrets)
-            cut = max(len(buf) - self.keep, 0)
-            out, self.tail = buf[:cut], buf[cut:]
+            buf = self.tail + data
+            cut = self._clear(buf, len(buf) - self.keep)
+            out, self.tail = scrub(buf[:cut], self.secrets) if cut > 0 else b"", buf[max(cut, 0):]
         return [out] if out else []
+
+    def _clear(self, buf: bytes, cut: int) -> int:
+        """``cut`` moved back until no spelling of a secret (``scrub``'s) in ``buf`` begins
+        before it and ends after it."""
+        moved = True
+        while moved and cut > 0:
+            moved = False
+            for secret in self.secrets:
+                at = buf.find(secret, max(cut - len(secret) + 1, 0), cut + len(secret) - 1)
+                if 0 <= at < cut:
+                    cut, moved = at, True
+                escaped = _escaped(secret)
+                reach = 6 * len(secret)  # (the longest a spelling of it may be: scrub_keep)
+                if escaped is not None and b"\\" in buf[max(cut - reach, 0):cut + reach]:
+                    for at in range(max(cut - reach, 0), cut):
+                        found = escaped[1].match(buf, at)
+                        if found is not None and found.end() > cut:
+                            cut, moved = at, True
+                            break
+        return cut
 
 
 EVENTS = {cls.__name__: cls for cls in get_args(Event)}

@@ -322,8 +322,8 @@ def _without_secrets(part: str, secrets) -> str:
 
     if not (holds(part) or holds(unquote_plus(part))):
         return part
-    for s in secrets:  # (the secrets first: one may hold a key's shape, which would split it)
-        part = part.replace(s, REDACTED)
+    for s in sorted(secrets, key=len, reverse=True):  # (the secrets first: one may hold a key's shape, which
+        part = part.replace(s, REDACTED)  # would split it; the longest first: one may hold another)
     part = KEY_SHAPE.sub(REDACTED, part)
     return REDACTED if holds(unquote_plus(part)) else part
 
