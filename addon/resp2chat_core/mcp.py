@@ -221,9 +221,13 @@ def secret_values(value: list) -> list[str]:
 
 
 def _forms(value: str) -> list[str]:
-    """A secret header value, and the credential alone in an ``Authorization``-style value."""
+    """A secret header value, and the credential alone in an ``Authorization``-style value; each
+    also as Python quotes it (``repr``, where that differs: a backslash doubled, a quote escaped),
+    as an error's text may (the SDK's, jsonschema's: ``relay/mcp.py`` ``_schema_error``), where
+    ``channel.scrub`` would not find it as it is (it knows JSON's spellings, not Python's)."""
     scheme, _, credential = value.partition(" ")
-    return [value, credential] if credential and scheme.lower() in ("bearer", "basic", "token") else [value]
+    forms = [value, credential] if credential and scheme.lower() in ("bearer", "basic", "token") else [value]
+    return forms + [quoted for form in forms if (quoted := repr(form)[1:-1]) != form]
 
 
 # --- a request's mcp tools, bound to those servers ---------------------------------------------
