@@ -33,7 +33,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import LocalServer, MiB, Peak, QuietHandler, RawServer, read_flows, start_gateway
+from helpers import LocalServer, MiB, Peak, QuietHandler, RawServer, read_flows, read_request, start_gateway
 from test_security_gate import UP_KEY, _Echo, error_of, raw
 from wsclient import WSClient
 
@@ -330,16 +330,18 @@ def test_credentials_of_other_services_reach_no_backend_nor_a_flow(own_echo_gate
 
 
 class _RawBackend(RawServer):
-    """A backend that answers every request with ``answer(request bytes)`` as it is, then closes."""
+    """A backend that answers each connection's request with the pieces of ``answer(its head)``
+    as they are, then closes. The head is read whole (helpers.read_request): one ``recv`` may
+    hold part of it, the Authorization the answers repeat not in it."""
 
     def __init__(self, answer) -> None:
         self.answer = answer
         super().__init__()
 
     def serve(self, conn: socket.socket, index: int) -> None:
-        request = conn.recv(65536)
-        for piece in self.answer(request):
-            conn.sendall(piece)
+        if (request := read_request(conn, bytearray())) is not None:
+            for piece in self.answer(request[0]):
+                conn.sendall(piece)
 
 
 def _echoed_auth(request: bytes) -> bytes:

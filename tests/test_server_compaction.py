@@ -271,34 +271,43 @@ def test_tpm_and_the_metrics_count_both_rounds(tmp_path, upstream):
         gw.stop()
 
 
-class _NoSummary(QuietHandler):
-    """A backend that fails the compaction request (``status``: 500 with an error body; 200: an
-    empty answer) and answers anything else: ``bodies``, every chat request."""
+class _FailedSummary(QuietHandler):
+    """A backend that answers the compaction request with ``summary`` (``(status, body)``: a JSON
+    body when it begins with ``{``, else an SSE stream, status 200) and anything else with a
+    plain answer: ``bodies``, every chat request. A test sets both before its gateway runs."""
 
-    status = 500
+    summary: tuple[int, bytes] = (500, b"{}")
     bodies: list[dict] = []
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
         type(self).bodies.append(body)
+        status, answer = _FailedSummary.summary
         if body["messages"][-1]["content"] != COMPACTION_PROMPT:
             send_sse(self, chat_sse(chat_chunk({"content": "answer"}), chat_chunk(finish="stop")))
-        elif self.status == 500:
-            send_json(self, 500, {"error": {"message": "out of memory", "type": "server_error"}})
-        elif self.status == "error object":  # (in a 200 stream)
-            send_sse(self, chat_sse({"error": {"message": "This model's maximum context length is 4096 tokens",
-                                               "type": "invalid_request_error", "code": "context_length_exceeded"}}))
+        elif answer.startswith(b"{"):
+            send_json(self, status, answer)
         else:
-            send_sse(self, chat_sse(chat_chunk(finish="stop")))
+            send_sse(self, answer)
 
 
-@pytest.mark.parametrize("status, code", [(500, "server_error"), (200, "server_error"),
-                                          ("error object", "context_length_exceeded")])
-def test_a_compaction_round_without_a_summary_fails_the_turn_and_no_answer_runs(gateway_factory, status, code):
+def _failing_summary(summary: tuple[int, bytes]) -> LocalServer:
+    """A ``_FailedSummary`` backend answering summaries with ``summary``, its ``bodies`` emptied."""
+    _FailedSummary.summary, _FailedSummary.bodies = summary, []
+    return LocalServer(_FailedSummary)
+
+
+@pytest.mark.parametrize("summary, code", [
+    ((500, json.dumps({"error": {"message": "out of memory", "type": "server_error"}}).encode()), "server_error"),
+    ((200, chat_sse(chat_chunk(finish="stop"))), "server_error"),
+    ((200, chat_sse({"error": {"message": "This model's maximum context length is 4096 tokens",  # (in a 200 stream)
+                               "type": "invalid_request_error", "code": "context_length_exceeded"}})),
+     "context_length_exceeded"),
+], ids=["500", "200", "error object"])
+def test_a_compaction_round_without_a_summary_fails_the_turn_and_no_answer_runs(gateway_factory, summary, code):
     """The backend's failure as any turn's (its error object's code: Codex acts on it), else
     ``server_error``."""
-    _NoSummary.status, _NoSummary.bodies = status, []
-    with LocalServer(_NoSummary) as backend:
+    with _failing_summary(summary) as backend:
         gw = gateway_factory(backend.url, "--set", "resp2chat_max_replay_entries=0")
         raw = requests.post(f"{gw.base_url}/responses", timeout=30, json={
             "model": "demo-model", "input": HISTORY, "stream": True, "context_management": OVER}).content
@@ -306,7 +315,7 @@ def test_a_compaction_round_without_a_summary_fails_the_turn_and_no_answer_runs(
         end = events[-1]
         assert end["type"] == "response.failed" and end["response"]["output"] == []
         assert end["response"]["error"]["code"] == code
-        assert len(_NoSummary.bodies) == 1  # (the answer round never ran)
+        assert len(_FailedSummary.bodies) == 1  # (the answer round never ran)
         r = post_turn(gw, {"model": "demo-model", "input": HISTORY, "context_management": OVER})
         assert r.status_code >= 400 and r.json()["error"]["code"] == code, r.text
 
@@ -688,20 +697,7 @@ def test_a_summary_the_backend_failed_midway_is_no_summary(gateway_factory, answ
     [DONE]) fails the turn, with the code the compact endpoint's summary (and any answer) gets from
     the same stream. Before, the text before the failure was sealed as the summary and the turn
     answered on it, as if the backend had written it whole."""
-    class Failing(QuietHandler):
-        bodies: list[dict] = []
-
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-            type(self).bodies.append(body)
-            if body["messages"][-1]["content"] != COMPACTION_PROMPT:
-                send_sse(self, chat_sse(chat_chunk({"content": "answer"}), chat_chunk(finish="stop")))
-            elif answer.startswith(b"{"):
-                send_json(self, 200, answer)
-            else:
-                send_sse(self, answer)
-
-    with LocalServer(Failing) as backend:
+    with _failing_summary((200, answer)) as backend:
         gw = gateway_factory(backend.url, "--set", "resp2chat_max_replay_entries=0")
         compact = requests.post(gw.base_url + "/responses/compact", json={"model": "demo-model", "input": HISTORY},
                                 timeout=30)
@@ -713,7 +709,8 @@ def test_a_summary_the_backend_failed_midway_is_no_summary(gateway_factory, answ
         end = check_stream(raw, parse_sse(raw)[0]["response"]["id"])[-1]
         assert end["type"] == "response.failed" and end["response"]["error"]["code"] == code, end
         assert end["response"]["output"] == []
-        assert [b["messages"][-1]["content"] for b in Failing.bodies] == [COMPACTION_PROMPT] * 3  # (no answer round)
+        sent = [b["messages"][-1]["content"] for b in _FailedSummary.bodies]
+        assert sent == [COMPACTION_PROMPT] * 3  # (no answer round)
 
 
 def test_the_summary_is_free_text_whatever_format_the_answer_has(own_gateway, upstream):
@@ -765,21 +762,14 @@ def test_a_summary_the_backend_fails_in_its_stream_falls_back_to_the_next_upstre
     object, a finish reason of failure, garbage; before any text or after some) is a failure before
     the turn's first output: the next upstream writes the summary and answers, as for a silence or a
     cut. Before, the turn failed with the first upstream's error though another upstream remained."""
-    class Failing(QuietHandler):
-        bodies: list[dict] = []
-
-        def do_POST(self):
-            type(self).bodies.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
-            send_sse(self, answer)
-
-    with LocalServer(Failing) as backend:
+    with _failing_summary((200, answer)) as backend:
         gw = gateway_factory("http://127.0.0.1:9", "--set", "resp2chat_max_replay_entries=0",
                              *_upstreams(("failing", backend.url + "/v1"), ("good", upstream.base_url)))
         upstream.clear()
         r = post_turn(gw, {"model": "demo-model", "input": HISTORY, "store": False, "context_management": OVER})
         assert r.status_code == 200, r.text
         assert kinds(r.json()["output"]) == ["compaction", "message"], r.json()["output"]
-        assert [b["messages"][-1]["content"] for b in Failing.bodies] == [COMPACTION_PROMPT]
+        assert [b["messages"][-1]["content"] for b in _FailedSummary.bodies] == [COMPACTION_PROMPT]
         assert [m["messages"][-1]["content"] for m in upstream.requests()] == [COMPACTION_PROMPT,
                                                                                 SUMMARY_PREFIX + SUMMARY]
         assert "upstream failing failed writing the compaction summary" in gw.log()
