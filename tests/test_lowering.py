@@ -874,6 +874,27 @@ def test_every_item_type_the_schema_accepts_reaches_the_backend():
             assert chat != json.loads(begin_turn(json.dumps(alone).encode(), LoweringOptions(), "resp_x", 0).chat_body)
 
 
+def test_every_type_of_the_schema_can_be_hashed():
+    """Python 3.12.0–3.12.2's ``typing.Union`` hashes its members: a member ``Annotated`` with
+    metadata that cannot be hashed (pydantic's ``FailFast()``, a dataclass) made ``import
+    resp2chat_core.schema`` fail there (``TypeError: unhashable type: 'FailFast'``), so the
+    gateway could not start on a Python ``requires-python`` accepts; ``Field(fail_fast=True)``
+    does the same and can be hashed. Checked on this Python by hashing every annotation."""
+    import typing
+
+    from pydantic import BaseModel
+
+    import resp2chat_core.schema as schema_module
+    seen = [value for value in vars(schema_module).values()
+            if typing.get_origin(value) is not None or isinstance(value, type(typing.Annotated[int, 1]))]
+    seen += [annotation for model in vars(schema_module).values()
+             if isinstance(model, type) and issubclass(model, BaseModel)
+             for annotation in typing.get_type_hints(model, include_extras=True).values()]
+    assert len(seen) > 50
+    for annotation in seen:
+        hash(annotation)
+
+
 @pytest.mark.parametrize("field, bad", [
     ("include", "nope"),
     ("input", {"type": "message", "role": "nobody", "content": "a"}),

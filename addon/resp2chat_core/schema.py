@@ -16,7 +16,7 @@ from itertools import compress, count, repeat
 from operator import is_, is_not
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, FailFast, Field, StrictBool,
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, StrictBool,
                       StrictInt, Tag, TypeAdapter, ValidationError)
 from pydantic_core import PydanticCustomError
 
@@ -57,7 +57,7 @@ class ImagePart(_Model):
 
 
 ContentPart = Annotated[Union[TextPart, RefusalPart, ImagePart], Field(discriminator="type")]
-Content = Union[str, Annotated[list[ContentPart], FailFast()]]
+Content = Union[str, Annotated[list[ContentPart], Field(fail_fast=True)]]
 
 
 # --- input items ---------------------------------------------------------------------------
@@ -366,9 +366,9 @@ def _one_entry(entries: list | None) -> list | None:
 
 class ResponsesRequest(_Model):
     model: str = Field(min_length=1)
-    input: Union[str, Annotated[list[Item], FailFast()]]
+    input: Union[str, Annotated[list[Item], Field(fail_fast=True)]]
     instructions: str | None = None
-    tools: Annotated[list[Tool], FailFast()] | None = None
+    tools: Annotated[list[Tool], Field(fail_fast=True)] | None = None
     tool_choice: Union[str, dict[str, Any], None] = None
     parallel_tool_calls: StrictBool | None = None
     stream: StrictBool | None = False
@@ -379,7 +379,7 @@ class ResponsesRequest(_Model):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    include: Annotated[list[Literal[INCLUDES]], FailFast()] | None = None
+    include: Annotated[list[Literal[INCLUDES]], Field(fail_fast=True)] | None = None
     reasoning: ReasoningConfig | None = None
     text: TextConfig | None = None
     store: StrictBool | None = None
