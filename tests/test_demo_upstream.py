@@ -70,6 +70,11 @@ def test_models_and_health(base):
         assert requests.get(root + path, timeout=5).json() == {"status": "ok"}
     missing = requests.get(f"{base}/nope", timeout=5)
     assert missing.status_code == 404 and missing.json()["error"]["message"]
+    # one model, as a client asks for it before using it (the gateway passes GET /v1/models/{id} on)
+    assert requests.get(f"{base}/models/demo-model", timeout=5).json() == models["data"][0]
+    other = requests.get(f"{base}/models/other%2Fmodel", timeout=5)
+    assert other.status_code == 404 and other.json()["error"]["code"] == "model_not_found", other.text
+    assert "'other/model'" in other.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("dialect", DIALECTS)

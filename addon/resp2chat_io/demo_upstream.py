@@ -51,6 +51,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote
 
 MODEL_ID = "demo-model"
 ROLES = ("system", "user", "assistant", "tool")
@@ -675,10 +676,16 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         srv = self.server
+        model = {"id": MODEL_ID, "object": "model", "owned_by": "resp2chat-demo", "max_model_len": srv.max_context}
         if self.route == "/v1/models":
-            self._send_json(200, {"object": "list", "data": [{"id": MODEL_ID, "object": "model",
-                                                              "owned_by": "resp2chat-demo",
-                                                              "max_model_len": srv.max_context}]})
+            self._send_json(200, {"object": "list", "data": [model]})
+        elif self.route.startswith("/v1/models/"):  # (one model: what a client asks before using it)
+            name = unquote(self.route.removeprefix("/v1/models/"))
+            if name == MODEL_ID:
+                self._send_json(200, model)
+            else:
+                err = ApiError(404, f"The model '{name[:200]}' does not exist", code="model_not_found")
+                self._send_json(404, err.body())
         elif self.route in ("/health", "/healthz"):
             self._send_json(200, {"status": "ok"})
         elif self.route == "/_requests":
