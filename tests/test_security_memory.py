@@ -453,3 +453,56 @@ def test_a_message_in_many_small_frames_is_bounded_the_same(upstream, gateway_fa
     thread.join(60)
     client.sock.close()
     assert requests.get(gw.base_url.removesuffix("/v1") + "/healthz", timeout=5).status_code == 200
+
+
+# --- compressed request bodies -------------------------------------------------------------------
+
+
+def test_compressed_bombs_are_inflated_off_the_loop_and_a_get_carries_no_body(upstream, gateway_factory):
+    """A compressed request body of a few KiB may inflate to ``max_request_body_mb``: 32 KiB of
+    gzip, 32 MiB of zeros, ~50-100 ms of CPU each. It was inflated in the gate's ``request``
+    hook, on the event loop, for any method and path: a keyed client's few connections sending
+    it in a loop held every stream and ``/healthz`` (12 of them: 0.7 s at the median). Now it is
+    inflated in the worker (offload.py ``inflate``), one at a time, while the loop serves the
+    others; and a GET or HEAD with a body is refused at its head, its body unread (no endpoint
+    reads one)."""
+    import gzip
+
+    gw = gateway_factory(upstream.origin, "--set", "flow_detail=0")
+    bomb = gzip.compress(b"\0" * (31 << 20), 9)
+    assert len(bomb) < 64 << 10
+    head = {"content-type": "application/json", "content-encoding": "gzip"}
+    r = requests.get(gw.base_url + "/models", data=bomb, headers=head, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_body", r.text[:300]
+    assert "GET request carries no body" in r.json()["error"]["message"]
+    stop, sent = threading.Event(), []
+
+    def flood() -> None:
+        with requests.Session() as s:
+            while not stop.is_set():
+                answer = s.post(gw.base_url + "/responses", data=bomb, headers=head, timeout=60)
+                assert answer.status_code == 400, answer.text[:300]  # (zeros: not JSON)
+                sent.append(1)
+
+    threads = [threading.Thread(target=flood, daemon=True) for _ in range(8)]
+    for t in threads:
+        t.start()
+    waits = []
+    try:
+        wait_until(lambda: len(sent) >= 4, 60, "the flood under way")
+        with requests.Session() as s:
+            for _ in range(40):
+                started = time.monotonic()
+                assert s.get(gw.base_url.removesuffix("/v1") + "/healthz", timeout=30).status_code == 200
+                waits.append(time.monotonic() - started)
+                time.sleep(0.05)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    waits.sort()
+    assert len(sent) >= 8, sent
+    # (on the loop, eight such clients held /healthz for ~0.5 s at the median; off it, a few ms)
+    assert waits[len(waits) // 2] < 0.1, waits
+    r = requests.post(gw.base_url + "/responses", json={"model": "m", "input": "hi"}, timeout=30)
+    assert r.status_code == 200, r.text[:300]

@@ -1,4 +1,5 @@
-"""Work too big for mitmproxy's one event loop: a large request body decoded in a worker thread.
+"""Work too big for mitmproxy's one event loop: a large request body decoded in a worker thread
+(and a compressed one inflated there: ``inflate``).
 
 mitmproxy runs every hook of every flow on one asyncio loop: while a hook decodes a 25 MB body,
 ``/healthz`` and every open stream wait. A body of ``LARGE`` bytes or more is decoded in a worker
@@ -73,6 +74,15 @@ async def loads(body: bytes):
         return value
     return await asyncio.get_running_loop().run_in_executor(_pool(), functools.partial(requestbody.loads, body,
                                                                                        yielding=True))
+
+
+async def inflate(decode, body: bytes, *args):
+    """``decode(body, *args)`` (a compressed request body's: addons/gate.py), in the worker: a
+    body of a few KiB may inflate to ``max_request_body_mb`` (~50-100 ms of CPU for 32 MiB of
+    zeros), which on the loop held every stream and ``/healthz`` (a client's 12 connections
+    sending 32 KiB of gzip each: ``/healthz`` 0.7 s at the median). One worker, one body at a
+    time (as for JSON), so what they inflate to at once is one body's, not the sum of all."""
+    return await asyncio.get_running_loop().run_in_executor(_pool(), functools.partial(decode, body, *args))
 
 
 def _reclaim(size: int) -> None:

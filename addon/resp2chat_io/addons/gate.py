@@ -48,7 +48,7 @@ from resp2chat_core import settings as S
 from resp2chat_core.clients import ClientSpec, ClientTable, accepted, no_longer_accepted, parse_clients
 from resp2chat_core.errors import GatewayError
 from resp2chat_core.limits import retry_headers
-from resp2chat_io import mitm_head
+from resp2chat_io import mitm_head, offload
 from resp2chat_io.config import FileWatch, config_path, load_settings
 from resp2chat_io.relay import TURN_HEADER, HeadRefusal
 
@@ -189,6 +189,10 @@ class Gate(Owner):
                 param="content-length", code="length_required", status=411))
         if size > self.limit:
             return self.too_large(flow)
+        if size and req.method in ("GET", "HEAD"):
+            # (no endpoint reads one; it was read, and inflated when compressed, for nothing)
+            return self.refuse(flow, GatewayError(f"a {req.method} request carries no body", param="body",
+                                                  code="invalid_body"))
         # (a client's share only where there are others: a gateway of one key may use it all)
         who = client.identity if client is not None and len(self.clients) > 1 else None
         if (err := self.bodies.take(flow.id, flow.client_conn.id, size, who)) is not None:
@@ -263,7 +267,7 @@ class Gate(Owner):
 
     # --- the body ---------------------------------------------------------------------------
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    async def request(self, flow: http.HTTPFlow) -> None:
         self.bodies.give_back(flow.id)  # (its body is in: what holds it now is the request's)
         refused = self.refused.get(flow.id)
         if refused is not None:  # the relay answers it; later hooks must leave it alone
@@ -281,14 +285,16 @@ class Gate(Owner):
         if len(req.raw_content or b"") > self.limit:
             self.too_large(flow)
         elif "content-encoding" in req.headers:
-            self.decode(flow)
+            await self.decode(flow)
 
-    def decode(self, flow: http.HTTPFlow) -> None:
-        """A compressed body becomes the plain body (no ``content-encoding``), or a clear error."""
+    async def decode(self, flow: http.HTTPFlow) -> None:
+        """A compressed body becomes the plain body (no ``content-encoding``), or a clear error;
+        inflated off the loop (offload.py ``inflate``)."""
         req = flow.request
         header = req.headers.get("content-encoding", "")
         try:
-            body = content_encoding.decode(req.raw_content or b"", header, self.limit) if req.raw_content else b""
+            body = await offload.inflate(content_encoding.decode, req.raw_content, header, self.limit) \
+                if req.raw_content else b""
         except content_encoding.TooLarge:
             self.too_large(flow, decoded=True)
             return
