@@ -22,7 +22,7 @@ from helpers import (
     memory, openai_client, parse_sse, send_sse, start_gateway, start_sse, wait_until,
 )
 from resp2chat_core.background import LEASE_SECS, MAX_EVENTS
-from resp2chat_io.addons.background import LAG
+from resp2chat_io.addons.background import LAG, LAG_SECS
 
 SLOW = "noreason\nwords: 40\nslow: 100"  # (the demo upstream: 40 words, 0.1 s apart: ~4 s)
 
@@ -933,7 +933,8 @@ class Stalled:
 
 def test_a_client_that_stops_reading_a_running_log_is_cut_and_the_run_goes_on(gateway_factory):
     """A client streaming a background response that stops reading (its socket full, not closed)
-    is not waited for: once it is ``LAG`` (8 MiB) behind the response's events, its stream ends
+    is not waited for: once it is ``LAG`` (8 MiB) behind the response's events and took nothing
+    for ``LAG_SECS`` since, its stream ends
     with an ``error`` event (``stream_lagged``, numbered after the last event it got: it finds it
     once it reads again), while the run goes on and a client streaming it live gets every event
     to the end; the gateway does not hold what the stalled clients did not take (their sockets
@@ -969,6 +970,7 @@ def test_a_client_that_stops_reading_a_running_log_is_cut_and_the_run_goes_on(ga
             if got % Held.STEP == 0:
                 Held.more.release()
         grown = memory(gw.proc.pid)["VmRSS"] - base  # (the run waits for go, in progress)
+        time.sleep(LAG_SECS + 1)  # (LAG behind, and nothing taken for LAG_SECS: cut)
         for stalled, first in ((created, 0), (resumed, 2)):  # (they read again: the rest of their stream)
             body, ended = stalled.rest()
             assert ended and body.endswith(b"data: [DONE]\n\n"), \
@@ -1017,3 +1019,46 @@ def test_a_resume_of_a_streamed_run_cancelled_after_its_replica_died_says_why(up
     assert "created with stream: true" not in error["message"]
     assert on_b.responses.retrieve(rid).status == on_b.responses.cancel(rid).status == "cancelled"
     assert "orphaned" not in requests.get(f"{b.base_url}/responses/{rid}", timeout=30).text
+
+
+def test_slow_readers_of_a_kept_log_hold_a_piece_each_not_the_log(upstream, gateway_factory):
+    """Resumes of an ended run's kept events (~3 MB) by clients that read next to nothing: each
+    tick handed the client all it had not taken, so every such connection held a copy of the log
+    in its write buffer (the red team: ~5.5 MB a connection, 500 of them 2.9 GB, for a GET each).
+    Now a feed hands out ``PIECE`` bytes a tick, the next once the client took the last: what a
+    slow reader holds is a piece; a client that reads gets every event, in order, to ``[DONE]``."""
+    from resp2chat_io.addons.background import PIECE
+
+    gw = gateway_factory(upstream.origin, "--set", "flow_detail=0")
+    first = requests.post(f"{gw.base_url}/responses", timeout=120, json={
+        "model": "demo-model", "input": "noreason\nwords: 12000", "background": True, "stream": True})
+    events = parse_sse(first.content)
+    assert events[-1]["type"] == "response.completed" and len(first.content) > 2 * MiB, len(first.content)
+    rid = events[0]["response"]["id"]
+    head = (f"GET /v1/responses/{rid}?stream=true&starting_after=0 HTTP/1.1\r\n"
+            f"host: 127.0.0.1:{gw.port}\r\n\r\n").encode()
+    base = memory(gw.proc.pid)["VmRSS"]
+    slow = []
+    try:
+        for _ in range(40):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", gw.port))
+            s.sendall(head)
+            slow.append(s)
+        for s in slow:
+            s.settimeout(10)
+            assert s.recv(16).startswith(b"HTTP/1.1 200")  # (answered: a reader that takes next to nothing)
+        time.sleep(2)
+        grown = memory(gw.proc.pid)["VmRSS"] - base
+        # (before: each held the log, 40 x ~3 MB; now a piece and the socket's buffer each)
+        assert grown < 40 * (PIECE + 512 * KiB), f"{grown >> 20} MiB for 40 slow readers"
+        # a reader that reads gets it all, in order, while they wait
+        resumed = requests.get(f"{gw.base_url}/responses/{rid}?stream=true&starting_after=0", timeout=60)
+        again = parse_sse(resumed.content)
+        assert resumed.content.endswith(b"data: [DONE]\n\n")
+        assert [e["sequence_number"] for e in again] == [e["sequence_number"] for e in events[1:]]
+        assert [e["sequence_number"] for e in again] == list(range(1, len(again) + 1))
+    finally:
+        for s in slow:
+            s.close()

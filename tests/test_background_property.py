@@ -94,7 +94,7 @@ def test_a_running_log_streams_each_resume_its_tail_and_stays_bounded(monkeypatc
             else:
                 feed = Feed("flow", "secret")
                 feed.wake = lambda: None
-                log.feeds[feed] = stream = A.FeedStream(log, n)
+                log.feeds[feed] = stream = A.FeedStream(log, n, feed)
                 feeds.append((stream, n, bytearray()))
         log.add(chunk)
         for stream, _, got in feeds:

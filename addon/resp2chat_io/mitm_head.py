@@ -46,6 +46,7 @@ from mitmproxy.proxy.layers.http._events import ErrorCode, ResponseProtocolError
 
 from resp2chat_core.errors import error_json, sanitize
 from resp2chat_core.gate import MAX_HEAD, head_too_large
+from resp2chat_io import META
 from resp2chat_io.addons.base import JSON_HEADERS, request_id_of
 
 
@@ -270,6 +271,42 @@ def _refusal_stands(state_wait_for_request_headers):
     return refusal_stands
 
 
+class _Sink:
+    """A streamed answer's body buffer that keeps nothing (``_unkept``): mitmproxy adds each piece
+    it sends to ``response_body_buf`` (``store_streamed_bodies``, which listen.py turns on, so flow
+    files keep a turn's translated stream) and makes it the flow's body at the end."""
+
+    __slots__ = ()
+
+    def __iadd__(self, data):
+        return self
+
+    def __bytes__(self) -> bytes:
+        return b""
+
+    def __len__(self) -> int:
+        return 0
+
+    def clear(self) -> None:
+        pass
+
+
+def _unkept(start_response_stream):
+    """``HttpStream.start_response_stream``: a background run's events streamed again to a client
+    (a resume: addons/background.py ``Background.feed``, its flow's ``background_stream``) are
+    not kept in its flow as well. The run's ``Log`` keeps them once, for every client; the flow's
+    copy grew with what the client's socket took, so each slow reader held about the whole log
+    (40 resumes of a 3 MB log: ~120 MiB, with ``PIECE`` already bounding what waits to be written).
+    The flow of a resume shows its head, not its events."""
+    def unkept_start_response_stream(self):
+        yield from start_response_stream(self)
+        if (self.flow.metadata.get(META) or {}).get("background_stream"):
+            self.response_body_buf = _Sink()
+
+    unkept_start_response_stream.resp2chat = True
+    return unkept_start_response_stream
+
+
 def _whole(start_request_stream):
     """``HttpStream.start_request_stream``: mitmproxy streams a request body an addon asked it to
     (``request.stream`` set in a ``requestheaders`` hook; listen.py turns ``stream_large_bodies``
@@ -315,6 +352,7 @@ def install() -> None:
         raise RuntimeError("mitmproxy's HTTP layer changed: resp2chat_io/mitm_head.py needs a look")
     for state, wrap, generator in (("make_server_connection", _leaving, True),
                                    ("start_request_stream", _whole, True),
+                                   ("start_response_stream", _unkept, True),
                                    ("state_wait_for_request_headers", _refusal_stands, False)):
         current = getattr(stream, state, None)
         if getattr(current, "resp2chat", False):

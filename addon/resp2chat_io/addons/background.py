@@ -56,7 +56,8 @@ What this gateway holds of them is bounded in bytes (the team shares it):
 - A running ``Log`` holds about ``LIVE`` bytes of events (``MAX_EVENTS``, what the store keeps of
   a run). Past it, its front goes, down to its last ``LIVE // 2`` bytes' events, but never what
   a client streaming it has not taken yet: clients streaming it get every event to the end. A
-  client that falls ``LAG`` bytes behind (it does not read) is not waited for: its stream ends
+  client that falls ``LAG`` bytes behind and took nothing for ``LAG_SECS`` (it does not read) is
+  not waited for: its stream ends
   with an ``error`` event (``stream_lagged``), the log going on without it. A new resume from
   events that went (``starting_after`` before ``Log.gone``) gets the one "not kept" error
   (``B.not_kept``), as a run of more than ``MAX_EVENTS`` gets once it ended (the store keeps
@@ -65,6 +66,12 @@ What this gateway holds of them is bounded in bytes (the team shares it):
 - Runs that ended keep their ``Log`` here for a while (whole, no larger than ``MAX_EVENTS``):
   the last ``KEPT``, ``KEPT_BYTES`` of them at most, the oldest going first; the store keeps
   the rest.
+- A client streaming a log is given at most ``PIECE`` bytes of it a tick (``FeedStream``), the
+  next piece on a tick of its own, which mitmproxy reads only once the client's socket has taken
+  the last one (its ``drain_writers``): what waits for a slow reader is a piece, never the log.
+  (Before, each tick copied all it had not sent into the client's write buffer: a keyed client's
+  resumes of one 3.9 MB log that read a few bytes every few seconds held ~5.5 MB each, 500 of
+  them 2.9 GB.)
 """
 
 from __future__ import annotations
@@ -92,6 +99,8 @@ KEPT = 64  # ended runs whose events stay here (to resume from), besides the sto
 KEPT_BYTES = 4 * B.MAX_EVENTS  # ... and their bytes at most (16 MiB: four of the largest kept), the oldest going first
 LIVE = B.MAX_EVENTS  # a running run's events held here (bytes), about: past it, its front goes (``Log``)
 LAG = 2 * B.MAX_EVENTS  # a client streaming a run this far behind its events is not waited for (``Log``)
+LAG_SECS = 2.0  # ... and then took nothing for this long (a client that reads is handed its next piece sooner)
+PIECE = 256 << 10  # bytes of a log a feed hands its client a tick: whole events, up to the one that ends past it
 ENDING_TRIES = 8  # writes of a run's end, each over the version read
 POLL = 0.25  # seconds between two reads of a run of another replica
 CANCEL_WAIT = B.LEASE_SECS + 2 * B.RENEW_SECS  # seconds a cancellation waits for another replica's run to end
@@ -109,6 +118,7 @@ class Log:
     refused: GatewayError | None = None  # a followed one that ended without events for its feeds (``_poll``)
     feeds: dict = field(default_factory=dict)  # relay Feeds streaming it now: their ``FeedStream``
     task: asyncio.Task | None = None  # a followed one's (``Background._follow``): the task reading the store
+    later: object = None  # the loop's ``call_later`` (``Background``): a lagging feed is looked at again then
 
     @property
     def size(self) -> int:
@@ -132,10 +142,12 @@ class Log:
         copies what stays)."""
         end = self.size
         for feed, stream in list(self.feeds.items()):
-            if before - stream.at > LAG:
-                del self.feeds[feed]
-                stream.lagged(max(self.sequence_before(stream.at), stream.starting_after) + 1)
-                feed.end()
+            if before - stream.at > LAG and not stream.watched:  # (cut if it takes nothing meanwhile: ``_lagging``)
+                if self.later is None:
+                    self._lagging(feed, stream, stream.calls)  # (no loop's timer: at once)
+                else:
+                    stream.watched = True
+                    self.later(LAG_SECS, self._lagging, feed, stream, stream.calls)
         cut = min([end - LIVE // 2, *(stream.at for stream in self.feeds.values())]) - self.base
         cut = self.sse.rfind(b"\n\n", 0, cut) + 2  # (after a whole event: a feed's place is one)
         if cut < LIVE // 4:
@@ -143,6 +155,17 @@ class Log:
         self.gone = self.sequence_before(self.base + cut)
         self.sse = self.sse[cut:]  # (what stays, in a buffer of its size: the old one is freed)
         self.base += cut
+
+    def _lagging(self, feed, stream: FeedStream, calls: int) -> None:
+        """``stream`` was ``LAG`` behind ``LAG_SECS`` ago: its client took nothing since (it was
+        not called: mitmproxy reads its next tick once the client took the last piece), and it is
+        still that far behind: it is cut, the log going on without it."""
+        stream.watched = False
+        if self.feeds.get(feed) is not stream or stream.calls != calls or self.size - stream.at <= LAG:
+            return
+        del self.feeds[feed]
+        stream.lagged(max(self.sequence_before(stream.at), stream.starting_after) + 1)
+        feed.end()
 
     def sequence_before(self, at: int) -> int:
         """The sequence number of the event that ends at ``at`` (-1: none before it)."""
@@ -154,9 +177,11 @@ class Log:
         return seq if seq is not None else 1 << 62  # (every event has one: else nothing is resumed from here)
 
     def end(self) -> None:
+        """It ended: each feed's stream ends once it has handed its client all of it (``FeedStream``)."""
         self.done = True
         for feed in self.feeds:
-            feed.end()
+            if feed.wake is not None:
+                feed.wake()
 
     def whole(self) -> bytes | None:
         """All its events, none gone (else None)."""
@@ -193,29 +218,44 @@ class Fed:
 
 class FeedStream:
     """The stream callable of a flow a ``Feed`` answers: at each relay tick, the log's events
-    it has not sent yet (those after ``starting_after``); ``data: [DONE]`` at the end. ``at``:
-    where it is in the log (bytes, those gone from its front included)."""
+    it has not sent yet (those after ``starting_after``), at most ``PIECE`` bytes of them (the
+    rest on a tick it asks for: ``feed.wake``); once it has sent all of an ended log,
+    ``data: [DONE]``, and the feed ends (the relay ends the body). ``at``: where it is in the log
+    (bytes, those gone from its front included)."""
 
-    __slots__ = ("log", "starting_after", "at", "ended", "cut")
+    __slots__ = ("log", "feed", "starting_after", "at", "ended", "cut", "calls", "watched")
 
-    def __init__(self, log: Log, starting_after: int) -> None:
-        self.log, self.starting_after, self.at, self.ended, self.cut = log, starting_after, log.base, False, b""
+    def __init__(self, log: Log, starting_after: int, feed: Feed) -> None:
+        self.log, self.feed, self.starting_after = log, feed, starting_after
+        self.at, self.ended, self.cut = log.base, False, b""
+        self.calls = 0  # calls so far: mitmproxy reads a tick only once its client took the last piece
+        self.watched = False  # found ``LAG`` behind: ``Log._lagging`` looks again
 
     def __call__(self, data: bytes):
+        self.calls += 1
         if self.cut:  # (it lagged: its end)
             out, self.cut, self.ended = self.cut + DONE, b"", True
             return out
         if self.ended:
             return []
         log = self.log
-        new = bytes(log.sse[self.at - log.base:])
+        start = self.at - log.base
+        end = len(log.sse)
+        if data and end - start > PIECE:  # (the body's end, b"": all of it, nothing is lost)
+            cut = log.sse.find(b"\n\n", start + PIECE - 2)  # (whole events, the one across PIECE with them)
+            end = cut + 2 if cut >= 0 else end
+        new = bytes(log.sse[start:end])
         self.at += len(new)
         out = B.after(new, self.starting_after) if new else b""
-        if not data and log.done:
+        if self.at < log.size:
+            if self.feed.wake is not None:
+                self.feed.wake()  # (the next piece: mitmproxy reads its tick once the client took this one)
+        elif log.done:
             self.ended = True
             if log.refused is not None:  # (it has no events: its client got none)
                 out += B.error_event(log.refused, self.starting_after + 1)
             out += DONE
+            self.feed.end()
         return out or []
 
     def lagged(self, sequence_number: int) -> None:
@@ -258,6 +298,7 @@ class Background:
         """Run ``run``'s turn (queued) in the background, off any connection."""
         turn = run.turn
         bg = Run(turn.ctx.response_id, turn.owner, run, turn.client_stream)
+        bg.log.later = asyncio.get_running_loop().call_later
         self.runs[bg.response_id] = bg
         bg.task = asyncio.ensure_future(self._run(bg))
         return bg
@@ -524,14 +565,14 @@ class Background:
         every client streaming it here (``following``); it stops when the run ends or the last
         of them goes (``_forget``)."""
         if not B.is_running(response):
-            followed = Log()
+            followed = Log(later=asyncio.get_running_loop().call_later)
             followed.add(B.stored_events(response))
             followed.done = True
             return followed
         key = (response_id, owner)
         followed = self.following.get(key)
         if followed is None:
-            followed = self.following[key] = Log()
+            followed = self.following[key] = Log(later=asyncio.get_running_loop().call_later)
             followed.task = asyncio.ensure_future(self._poll(key, followed))
         return followed
 
@@ -573,10 +614,9 @@ class Background:
         """Answer ``flow`` with ``source``'s events after ``starting_after``, as they come: a
         relay ``Feed`` (the relay answers, ticking; ``responseheaders`` sets the stream callable,
         and ``headers``: the client's x-ratelimit-* when it creates the run, as any turn's head)."""
-        feed, stream = Feed(flow.id, secrets.token_urlsafe(24)), FeedStream(source, starting_after)
+        feed = Feed(flow.id, secrets.token_urlsafe(24))
+        stream = FeedStream(source, starting_after, feed)  # (an ended log: it ends the feed once it sent all of it)
         source.feeds[feed] = stream
-        if source.done:
-            feed.end()
         self.feeds[flow.id] = Fed(feed, stream, source, headers)
         req = flow.request
         for name, value in self.relay.expect(feed):
