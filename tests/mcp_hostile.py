@@ -47,7 +47,7 @@ properly in every mode; what a mode changes is ``tools/list`` or ``tools/call`` 
     paged_hang  the same, every ``tools/list`` after a call is never answered
     schema      ``say`` and ``good`` declare an output schema (an object with an integer ``n``):
                 ``say`` answers structured content that breaks it (``n`` a string), ``good`` content
-                that keeps it (``n``: 7), ``echo`` ``n`` the value of x-client-key after 50 a's; ``unschema``'s
+                that keeps it (``n``: 7), ``echo`` ``n`` the value of x-client-key after 50 a's and a ``"``; ``unschema``'s
                 schema is not a JSON Schema (its ``n`` of type 5)
 
 ``Hostile.calls`` counts the ``tools/call`` requests by mode (for the tests that check what ran),
@@ -277,7 +277,7 @@ class Hostile(QuietHandler):
             time.sleep(0.5)
             return self._json({"jsonrpc": "2.0", "id": rid, "result": {"content": [{"type": "text", "text": text}]}})
         if mode == "schema":
-            n = {"good": 7, "echo": "a" * 50 + " " + str(headers.get("x-client-key"))}.get(name, "seven")
+            n = {"good": 7, "echo": "a" * 50 + " \" " + str(headers.get("x-client-key"))}.get(name, "seven")
             return self._json({"jsonrpc": "2.0", "id": rid, "result": {
                 "content": [{"type": "text", "text": json.dumps({"n": n})}], "structuredContent": {"n": n}}})
         if mode == "hang":
