@@ -19,7 +19,7 @@ import requests
 
 from helpers import (
     Endless, KiB, LocalServer, MiB, QuietHandler, chat_chunk, chat_event, chat_sse, check_stream, http_chunk, iter_sse,
-    memory, openai_client, parse_sse, send_sse, start_gateway, start_sse, wait_until,
+    memory, openai_client, parse_sse, read_flows, send_sse, start_gateway, start_sse, wait_until,
 )
 from resp2chat_core.background import LEASE_SECS, MAX_EVENTS
 from resp2chat_io.addons.background import LAG, LAG_SECS
@@ -1021,7 +1021,7 @@ def test_a_resume_of_a_streamed_run_cancelled_after_its_replica_died_says_why(up
     assert "orphaned" not in requests.get(f"{b.base_url}/responses/{rid}", timeout=30).text
 
 
-def test_slow_readers_of_a_kept_log_hold_a_piece_each_not_the_log(upstream, gateway_factory):
+def test_slow_readers_of_a_kept_log_hold_a_piece_each_not_the_log(upstream, gateway_factory, tmp_path):
     """Resumes of an ended run's kept events (~3 MB) by clients that read next to nothing: each
     tick handed the client all it had not taken, so every such connection held a copy of the log
     in its write buffer (the red team: ~5.5 MB a connection, 500 of them 2.9 GB, for a GET each).
@@ -1029,7 +1029,8 @@ def test_slow_readers_of_a_kept_log_hold_a_piece_each_not_the_log(upstream, gate
     slow reader holds is a piece; a client that reads gets every event, in order, to ``[DONE]``."""
     from resp2chat_io.addons.background import PIECE
 
-    gw = gateway_factory(upstream.origin, "--set", "flow_detail=0")
+    flows_path = tmp_path / "flows.mitm"
+    gw = gateway_factory(upstream.origin, "--set", "flow_detail=0", "-w", str(flows_path))
     first = requests.post(f"{gw.base_url}/responses", timeout=120, json={
         "model": "demo-model", "input": "noreason\nwords: 12000", "background": True, "stream": True})
     events = parse_sse(first.content)
@@ -1062,3 +1063,12 @@ def test_slow_readers_of_a_kept_log_hold_a_piece_each_not_the_log(upstream, gate
     finally:
         for s in slow:
             s.close()
+    gw.stop()
+    # the flow of the turn that created it keeps the stream its client got; a resume's flow keeps
+    # none of it (the log is kept once, for every client: mitm_head.py ``_unkept``)
+    flows = read_flows(flows_path)
+    created = [f for f in flows if f.request.method == "POST"]
+    resumes = [f for f in flows if f.request.method == "GET" and "/responses/" in f.request.path and f.response is not None]
+    assert len(created) == 1 and created[0].response.content == first.content
+    kept = [f.response.content for f in resumes]  # (None: one its client closed mid-stream)
+    assert b"" in kept and set(kept) <= {b"", None}, [len(c) if c else c for c in kept]

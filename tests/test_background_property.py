@@ -118,6 +118,33 @@ def test_a_running_log_streams_each_resume_its_tail_and_stays_bounded(monkeypatc
             assert bytes(got) == tail + DONE, (n, log.gone)
 
 
+def test_a_slow_reader_of_a_running_log_is_handed_one_piece_at_a_time():
+    """A running log grows while its client reads nothing: each growth asked its feed for a tick,
+    and each of its own pieces asked for one more, so ticks piled up in the relay's connection;
+    once the client took something, mitmproxy read them all at once and called the stream for each
+    with no drain between: the backlog went into the client's write buffer after all (up to
+    ``LAG``, the review of the PIECE change). One tick on its way at a time (``FeedStream.poke``):
+    however many come, what one burst of ticks hands out is a piece."""
+    log, ticks = A.Log(), []
+    feed = Feed("flow", "secret")
+    feed.wake = lambda: ticks.append(1)
+    log.feeds[feed] = stream = A.FeedStream(log, -1, feed)
+    ticks.append(1)  # (the one the relay sends as it starts)
+    chunk = 100 << 10
+    for i in range(40):
+        log.add(event(i, chunk))  # (the client reads nothing meanwhile)
+    out, burst = bytearray(), len(ticks)
+    ticks.clear()
+    for _ in range(burst):  # (the client took a little: mitmproxy reads every tick waiting, calling the stream for each)
+        out += bytes(stream(b".") or b"")
+    assert 0 < len(out) <= A.PIECE + 2 * chunk, len(out)
+    assert len(ticks) == 1  # (the next piece's, read once the client took this one)
+    while ticks:  # a client that reads gets the rest, in order
+        ticks.pop()
+        out += bytes(stream(b".") or b"")
+    assert bytes(out) == b"".join(event(i, chunk) for i in range(40))
+
+
 # --- a cancellation racing other writers ---------------------------------------------------------
 
 

@@ -293,14 +293,14 @@ class _Sink:
 
 def _unkept(start_response_stream):
     """``HttpStream.start_response_stream``: a background run's events streamed again to a client
-    (a resume: addons/background.py ``Background.feed``, its flow's ``background_stream``) are
+    (a resume: addons/background.py ``Background.resume``, its flow's ``background_resume``) are
     not kept in its flow as well. The run's ``Log`` keeps them once, for every client; the flow's
     copy grew with what the client's socket took, so each slow reader held about the whole log
     (40 resumes of a 3 MB log: ~120 MiB, with ``PIECE`` already bounding what waits to be written).
     The flow of a resume shows its head, not its events."""
     def unkept_start_response_stream(self):
         yield from start_response_stream(self)
-        if (self.flow.metadata.get(META) or {}).get("background_stream"):
+        if (self.flow.metadata.get(META) or {}).get("background_resume"):
             self.response_body_buf = _Sink()
 
     unkept_start_response_stream.resp2chat = True

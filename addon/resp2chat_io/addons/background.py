@@ -131,9 +131,8 @@ class Log:
             self.sse += sse
             if len(self.sse) > LIVE:
                 self._drop(before)
-            for feed in self.feeds:
-                if feed.wake is not None:
-                    feed.wake()
+            for stream in self.feeds.values():
+                stream.poke()
 
     def _drop(self, before: int) -> None:
         """Its front goes, down to its last ``LIVE // 2`` bytes' whole events, but not what a
@@ -179,9 +178,8 @@ class Log:
     def end(self) -> None:
         """It ended: each feed's stream ends once it has handed its client all of it (``FeedStream``)."""
         self.done = True
-        for feed in self.feeds:
-            if feed.wake is not None:
-                feed.wake()
+        for stream in self.feeds.values():
+            stream.poke()
 
     def whole(self) -> bytes | None:
         """All its events, none gone (else None)."""
@@ -223,16 +221,25 @@ class FeedStream:
     ``data: [DONE]``, and the feed ends (the relay ends the body). ``at``: where it is in the log
     (bytes, those gone from its front included)."""
 
-    __slots__ = ("log", "feed", "starting_after", "at", "ended", "cut", "calls", "watched")
+    __slots__ = ("log", "feed", "starting_after", "at", "ended", "cut", "calls", "watched", "asked")
 
     def __init__(self, log: Log, starting_after: int, feed: Feed) -> None:
         self.log, self.feed, self.starting_after = log, feed, starting_after
         self.at, self.ended, self.cut = log.base, False, b""
         self.calls = 0  # calls so far: mitmproxy reads a tick only once its client took the last piece
         self.watched = False  # found ``LAG`` behind: ``Log._lagging`` looks again
+        self.asked = True  # a tick is on its way (the relay sends one as it starts)
+
+    def poke(self) -> None:
+        """A tick, unless one is on its way: one at a time, so that mitmproxy, reading many at
+        once after its client took the last piece, does not hand it many pieces in a row."""
+        if not self.asked and self.feed.wake is not None:
+            self.asked = True
+            self.feed.wake()
 
     def __call__(self, data: bytes):
         self.calls += 1
+        self.asked = False
         if self.cut:  # (it lagged: its end)
             out, self.cut, self.ended = self.cut + DONE, b"", True
             return out
@@ -248,8 +255,7 @@ class FeedStream:
         self.at += len(new)
         out = B.after(new, self.starting_after) if new else b""
         if self.at < log.size:
-            if self.feed.wake is not None:
-                self.feed.wake()  # (the next piece: mitmproxy reads its tick once the client took this one)
+            self.poke()  # (the next piece: mitmproxy reads its tick once the client took this one)
         elif log.done:
             self.ended = True
             if log.refused is not None:  # (it has no events: its client got none)
@@ -541,6 +547,7 @@ class Background:
         if flow.response is not None:
             return
         self.feed(flow, source, after)
+        flow.metadata[META]["background_resume"] = True  # (its flow keeps none of the log: mitm_head.py ``_unkept``)
 
     async def _deleted(self, response_id: str, owner: str) -> bool:
         """Whether a run of this gateway was deleted (the store does not hold it: its status, not
