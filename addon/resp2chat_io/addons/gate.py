@@ -288,13 +288,20 @@ class Gate(Owner):
             await self.decode(flow)
 
     async def decode(self, flow: http.HTTPFlow) -> None:
-        """A compressed body becomes the plain body (no ``content-encoding``), or a clear error;
-        inflated off the loop (offload.py ``inflate``)."""
+        """A compressed body becomes the plain body (no ``content-encoding``), or a clear error:
+        on the loop up to ``offload.LARGE`` bytes (a small one waits for no other body), larger
+        off it, in the worker (offload.py ``inflate``: one that may inflate to the limit holds up
+        no stream)."""
         req = flow.request
         header = req.headers.get("content-encoding", "")
+        small = min(self.limit, offload.LARGE)
         try:
-            body = await offload.inflate(content_encoding.decode, req.raw_content, header, self.limit) \
-                if req.raw_content else b""
+            try:
+                body = content_encoding.decode(req.raw_content, header, small) if req.raw_content else b""
+            except content_encoding.TooLarge:
+                if small >= self.limit:
+                    raise
+                body = await offload.inflate(content_encoding.decode, req.raw_content, header, self.limit)
         except content_encoding.TooLarge:
             self.too_large(flow, decoded=True)
             return
