@@ -212,6 +212,17 @@ def replica_prompt_tokens(llamas: list[LlamaServer]) -> list[int]:
     return out
 
 
+def _print_failures(tmp: Path) -> None:
+    """A failed turn's traces, before the scratch folder goes: the lines of each server's and
+    gateway's log that speak of an error (a rare upstream 500 was seen once, its cause lost)."""
+    for log in sorted(tmp.rglob("*.log")):
+        lines = [line for line in log.read_text(errors="replace").splitlines()
+                 if any(word in line.lower() for word in ("error", " 500", "failed", "exception"))]
+        if lines:
+            print(f"--- {log.relative_to(tmp)} (lines naming an error, the last 20)", file=sys.stderr)
+            print("\n".join(lines[-20:]), file=sys.stderr)
+
+
 def run_fleet(tmp: Path, policy: str, sessions: int = 8, turns: int = 4, replicas: int = 2, slots: int = 8,
               prompt_chars: int = 2400) -> dict:
     """One measurement: fresh servers, ``sessions`` concurrent sessions, the figure for ``policy``."""
@@ -238,6 +249,8 @@ def run_fleet(tmp: Path, policy: str, sessions: int = 8, turns: int = 4, replica
             runs = list(pool.map(lambda i: run_session(i, gateways, turns, developer, tools), range(sessions)))
         took = time.monotonic() - t0
         shares = [r.share() for r in runs]
+        if any(r.error for r in runs):
+            _print_failures(tmp)
         ok = [s for s in shares if s is not None]
         return {
             "policy": policy, "sessions": sessions, "turns": turns, "replicas": replicas, "slots": slots,
