@@ -1274,6 +1274,23 @@ def serve_everything(tmp_path_factory, transport: str, path: str, ready):
         stop_process(proc)
 
 
+def serve_script(script: Path):
+    """tests/mcp_script_server.py (the official MCP SDK's server, what ``script`` says) on a free
+    port until the generator ends: its URL, once it listens."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "mcp_script_server.py"), str(port), str(script)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def up() -> bool:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_until(up, 20, "the scripted MCP server listening", proc)
+        yield f"http://127.0.0.1:{port}/mcp"
+    finally:
+        stop_process(proc)
+
+
 # --- Codex CLI --------------------------------------------------------------------------------
 
 

@@ -10,7 +10,9 @@ from collections import Counter
 
 import pytest
 
-from helpers import LocalServer, Peak, check_sdk, check_stream, openai_client, parse_sse, post_turn, start_gateway
+from helpers import (
+    LocalServer, Peak, check_sdk, check_stream, openai_client, parse_sse, post_turn, serve_script, start_gateway,
+)
 from mcp_hostile import Hostile
 from resp2chat_core import mcp
 
@@ -516,3 +518,51 @@ def test_a_result_that_breaks_its_output_schema_quoting_a_secret_reaches_no_one_
     sent = json.dumps(upstream.requests())
     for piece in (secret[i:i + 8] for i in range(len(secret) - 7)):
         assert piece not in r.text and piece not in sent and piece not in hostile_gateway.log(), piece
+
+
+# --- a real server of the 2026-07-28 protocol (the MCP SDK's own, tests/mcp_script_server.py) -----
+
+
+ROUTE = {"name": "route", "inputSchema": {"type": "object", "properties": {
+    "region": {"type": "string", "x-mcp-header": "Region"}}}}  # (its region goes in an Mcp-Param-Region header too)
+
+
+@pytest.fixture(scope="module")
+def paged(upstream, tmp_path_factory):
+    """The SDK's server, one tool a page: ``small``, then ``route`` (an argument the server wants in
+    a header, as its listing says), each request it gets logged; a gateway it is ``paged`` of."""
+    folder = tmp_path_factory.mktemp("mcp-paged")
+    script, log = folder / "script.json", folder / "requests.log"
+    script.write_text(json.dumps({"page": 1, "log": str(log), "tools": [{**ROUTE, "name": "small"}, ROUTE],
+                                  "results": {"route": {"content": [{"type": "text", "text": "routed"}]}}}))
+    for url in serve_script(script):
+        servers = [{"label": "paged", "url": url, "timeout_secs": TIMEOUT}]
+        gw = start_gateway(upstream.origin, folder, "--set", "resp2chat_max_replay_entries=0",
+                           env={"RESP2CHAT_MCP_SERVERS": json.dumps(servers)})
+        try:
+            yield gw, log
+        finally:
+            gw.stop()
+
+
+def test_a_call_the_server_refuses_for_a_listing_it_lacks_runs_once_more_after_one(paged):
+    """A stateless turn (its listing in the conversation) calls a tool on the server's second
+    page: the turn's session lists the first page only, so the call goes without the header its
+    tool's listing asks for, and the server refuses it (``HEADER_MISMATCH``: it ran nothing). The
+    MCP SDK lists the tools again, finds it, and sends the call once more, with it: the call runs
+    once, and its item has its output."""
+    gw, log = paged
+    client = openai_client(gw)
+    listing = client.responses.create(model="demo-model", input="hi", tools=[tool("paged")], store=False).output[0]
+    assert listing.type == "mcp_list_tools" and [t.name for t in listing.tools] == ["small", "route"], listing
+    log.write_text("")
+    done = client.responses.create(model="demo-model", tools=[tool("paged")], store=False, input=[
+        listing.model_dump(exclude_none=True), {"role": "user", "content": 'call: mcp__paged__route {"region": "eu"}'}])
+    assert [o.type for o in done.output] == ["reasoning", "mcp_call", "reasoning", "message"], done.output
+    call = done.output[1]
+    assert call.error is None and call.output == "routed", call
+    asked = [(r["method"], r["name"] or r["cursor"], r["status"]) for r in map(json.loads, log.read_text().splitlines())
+             if r["method"].startswith("tools/")]
+    assert asked == [("tools/list", None, 200), ("tools/call", "route", 400),  # (the session's listing, a page)
+                     ("tools/list", None, 200), ("tools/list", "1", 200),  # (the SDK's, until it finds the tool)
+                     ("tools/call", "route", 200)], asked

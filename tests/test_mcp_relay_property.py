@@ -10,19 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from helpers import NAME_RE, free_port, stop_process, wait_until
+from helpers import NAME_RE, free_port, serve_script
 from resp2chat_core import mcp
 from resp2chat_io.relay import mcp as relay
 
-HERE = Path(__file__).parent
 LIMIT_KB = 1
 
 
@@ -31,22 +27,9 @@ def script_server(tmp_path_factory):
     """The scripted server on a free port: (its server binding, the script file it serves)."""
     script = tmp_path_factory.mktemp("mcp-script") / "script.json"
     script.write_text(json.dumps({"tools": [], "results": {}}))
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(HERE / "mcp_script_server.py"), str(port), str(script)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        url = f"http://127.0.0.1:{port}/mcp"
-
-        def up() -> bool:
-            import socket
-            with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", port)) == 0
-
-        wait_until(up, 20, "the scripted MCP server listening", proc)
+    for url in serve_script(script):
         (spec,) = mcp.parse_servers([{"label": "sc", "url": url, "max_output_kb": LIMIT_KB, "timeout_secs": 10}])
         yield mcp.Server("sc", spec, approval=mcp.NEVER), script
-    finally:
-        stop_process(proc)
 
 
 _TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=30)
