@@ -11,7 +11,7 @@ from resp2chat_core import settings as S
 from resp2chat_core.channel import Channel, Keepalive, Rerouted, UpstreamFailed, UpstreamJSON
 from resp2chat_core.errors import GatewayError
 from resp2chat_core.lowering import LoweringOptions
-from resp2chat_core.routing import Attempt, all_failed, candidates, falls_back
+from resp2chat_core.routing import KINDS, Attempt, all_failed, candidates, deciding, falls_back, kind
 from resp2chat_core.settings import parse_upstreams
 from resp2chat_core.turn import ToolsCache, begin_turn
 
@@ -103,7 +103,43 @@ def test_an_attempt_holds_back_a_failure_before_the_first_byte_only():
     assert ch.on_take is print and at.size == ch.size == 0
 
 
-def test_all_failed_names_every_upstream_and_keeps_the_last_status():
+RATE = UpstreamFailed(429, b'{"error": {"message": "slow down"}}', "7")
+QUOTA = UpstreamFailed(429, b'{"error": {"message": "You exceeded your current quota", "code": "insufficient_quota"}}')
+DOWN = UpstreamFailed(503, b'{"error": {"message": "overloaded"}}', "2")
+UNREACHABLE = UpstreamFailed(502, json.dumps({"error": {"message": "cannot connect"}}).encode(), own=True)
+SILENT = UpstreamFailed(504, json.dumps({"error": {"message": "no answer", "code": "upstream_timeout"}}).encode(),
+                        own=True)
+LONG = UpstreamFailed(400, b'{"error": {"message": "This model\'s maximum context length is 4096 tokens"}}')
+
+
+def test_each_failure_that_falls_back_is_of_one_kind():
+    assert [kind(f) for f in (RATE, QUOTA, DOWN, UNREACHABLE, SILENT, LONG)] == [
+        "rate_limited", "out_of_quota", "down", "down", "down", "too_long"]
+    assert kind(UpstreamFailed(401, b"")) == "other" and set(KINDS) == {"rate_limited", "down", "too_long", "out_of_quota"}
+    assert all(falls_back(f) for f in (RATE, QUOTA, DOWN, UNREACHABLE, SILENT, LONG))
+
+
+@pytest.mark.parametrize("tried,decides", [
+    # a rate limit anywhere: the client waits and retries (whatever came after it, or before)
+    ([RATE, DOWN], RATE), ([DOWN, RATE], RATE), ([UNREACHABLE, LONG, RATE], RATE), ([QUOTA, RATE], RATE),
+    # an outage beats what a retry cannot cure (a conversation too long, a quota): the first outage
+    ([LONG, DOWN], DOWN), ([DOWN, LONG], DOWN), ([QUOTA, UNREACHABLE], UNREACHABLE), ([SILENT, DOWN], SILENT),
+    ([UNREACHABLE, SILENT], UNREACHABLE),
+    # too long everywhere it was not a quota: compact (Codex), not "quota exceeded"
+    ([LONG, QUOTA], LONG), ([QUOTA, LONG], LONG), ([LONG, LONG], LONG),
+    ([QUOTA, QUOTA], QUOTA),
+])
+def test_the_failure_that_decides_is_the_one_that_tells_the_client_what_to_do(tried, decides):
+    assert deciding(tried) is decides
+    codes = {RATE: ("rate_limit_exceeded", 429), DOWN: ("server_error", 503), UNREACHABLE: ("server_error", 502),
+             SILENT: ("upstream_timeout", 504), LONG: ("context_length_exceeded", 400), QUOTA: ("insufficient_quota", 429)}
+    failure = all_failed("m", [(f"u{i}", f) for i, f in enumerate(tried)])
+    error = json.loads(failure.body)["error"]
+    assert (error["code"], failure.status) == codes[decides], (tried, error, failure.status)
+    assert all(f"u{i} (" in error["message"] for i in range(len(tried)))  # (each named, whichever decides)
+
+
+def test_all_failed_names_every_upstream_with_the_deciding_status():
     failure = all_failed("qwen3", [("a", UpstreamFailed(502, json.dumps({"error": {"message": "cannot connect"}}).encode(),
                                                         own=True)),  # (the relay's: no say in the wait)
                                    ("b", UpstreamFailed(429, b'{"error": {"message": "slow down"}}', "7"))])

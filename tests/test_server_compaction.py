@@ -399,8 +399,9 @@ def test_the_summary_falls_back_as_the_answer_does_and_the_answer_stays_with_its
 
 
 def test_every_upstream_failing_the_summary_is_the_error_a_turn_gets(gateway_factory):
-    """As for any turn: one error naming every upstream tried, the last one's status, the
-    shortest Retry-After any gave; over HTTP (status), a stream and the WebSocket (response.failed)."""
+    """As for any turn: one error naming every upstream tried, the status that decides (routing.py
+    ``deciding``), the shortest Retry-After any gave; over HTTP (status), a stream and the WebSocket
+    (response.failed)."""
     slow = type("Slow", (_Busy,), {"status": 429, "retry_after": "30", "calls": 0})
     soon = type("Soon", (_Busy,), {"status": 429, "retry_after": "7", "calls": 0})
     with LocalServer(slow) as a, LocalServer(soon) as b:

@@ -171,7 +171,7 @@ def test_all_upstreams_down_is_one_clear_error_naming_them(tmp_path):
         failed = parse_sse(r.content)[-1]
         assert failed["type"] == "response.failed"
         error = failed["response"]["error"]
-        assert error["code"] == "rate_limit_exceeded"  # the last one's status: Codex waits and retries
+        assert error["code"] == "rate_limit_exceeded"  # the 429 decides (routing.py deciding): Codex waits and retries
         assert "every upstream for model 'm' failed" in error["message"]
         assert "dead (" in error["message"] and "limited (upstream HTTP 429: slow down)" in error["message"]
         r = requests.post(gw.base_url + "/responses", json={"model": "m", "input": "hi"}, timeout=30)
@@ -181,11 +181,42 @@ def test_all_upstreams_down_is_one_clear_error_naming_them(tmp_path):
         busy.close()
 
 
+def test_upstreams_failing_differently_give_the_client_the_failure_it_can_act_on(tmp_path):
+    """Every upstream failed, each its own way (routing.py ``deciding``): a rate limit and then an
+    outage is the 429 (the client waits and retries), with the shortest wait they gave, not the
+    outage's 5xx it got before because that upstream came last; an outage and then a conversation
+    too long is the outage (a retry may be answered), not the 400 ``context_length_exceeded`` that
+    would have Codex stop or compact. Each upstream is named, over HTTP JSON and in a stream."""
+    limited, busy = Refusing(429, "slow down", retry_after="3"), Refusing(503, "overloaded", retry_after="9")
+    short = Refusing(400, TOO_LONG)
+    gw = gateway_with(tmp_path, [{"name": "limited", "base_url": limited.base_url, "models": ["m"]},
+                                 {"name": "busy", "base_url": busy.base_url, "models": ["m", "t"]},
+                                 {"name": "short", "base_url": short.base_url, "models": ["t"]}])
+    try:
+        for model, status, code, wait in (("m", 429, "rate_limit_exceeded", "3"), ("t", 502, "server_error", None)):
+            r = requests.post(gw.base_url + "/responses", json={"model": model, "input": "hi"}, timeout=30)
+            raw = requests.post(gw.base_url + "/responses", json={"model": model, "input": "hi", "stream": True},
+                                timeout=30)
+            end = parse_sse(raw.content)[-1]
+            assert end["type"] == "response.failed", end
+            assert (r.status_code, r.headers.get("retry-after")) == (status, wait), (model, r.status_code, r.text)
+            for error in (r.json()["error"], end["response"]["error"]):
+                assert error["code"] == code, (model, error)
+                assert error["message"].startswith(f"every upstream for model {model!r} failed: "), error
+            assert (end["response"]["error"].get("headers") or {}).get("retry-after") == wait, end["response"]["error"]
+        assert len(limited.calls) == 2 and len(busy.calls) == 4 and len(short.calls) == 2
+    finally:
+        gw.stop()
+        for up in (limited, busy, short):
+            up.close()
+
+
 def test_a_backends_retry_after_reaches_a_json_client_the_shortest_of_several(tmp_path):
     """The openai SDK waits as ``retry-after``/``retry-after-ms`` say: a backend's wait is passed
     on (a 503's too, a 502 here), an HTTP date as the seconds until then; when every upstream
     failed, the shortest wait any gave (a retry goes through them all again), and none when one
-    of them gave none (a plain 504: it may be ready at once, the client backs off by itself)."""
+    of them gave none (a plain 504: it may be ready at once, the client backs off by itself; the
+    429 before it still decides the status)."""
     slow, soon = Refusing(429, "slow down", retry_after="30"), Refusing(429, "slow down", retry_after="7")
     busy, dated = Refusing(503, retry_after="5"), Refusing(503, retry_after="Wed, 21 Oct 2015 07:28:00 GMT")
     plain = Refusing(504)
@@ -200,7 +231,7 @@ def test_a_backends_retry_after_reaches_a_json_client_the_shortest_of_several(tm
             r = requests.post(gw.base_url + "/responses", json={"model": model, "input": "hi"}, timeout=30)
             waits[model] = (r.status_code, r.headers.get("retry-after"), r.headers.get("retry-after-ms"))
         assert waits == {"m": (429, "7", "7000"), "b": (502, "5", "5000"), "d": (502, "1", "1"),
-                         "n": (502, None, None)}, waits
+                         "n": (429, None, None)}, waits  # (the 429 decides: routing.py deciding)
         assert len(slow.calls) == 1 and len(soon.calls) == 2 and len(plain.calls) == 1
     finally:
         gw.stop()

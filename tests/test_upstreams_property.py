@@ -8,8 +8,9 @@ one gateway with ``upstreams``, every model served by every entry in order. Hypo
 behaviours; each turn (HTTP streamed, HTTP JSON, the Responses WebSocket) is checked against
 README's rule (*Several upstreams with fallbacks*): a fallback exactly when an upstream failed
 before its first byte with an unreachable/silent/5xx/429, in order, each at most once, never
-after output; one coherent answer the openai SDK's models parse; the final failure the last
-one's; each backend its own model, key and headers; the access log naming who answered.
+after output; one coherent answer the openai SDK's models parse; the final failure the one
+that decides (routing.py ``deciding``: a 429, else the first outage); each backend its own model,
+key and headers; the access log naming who answered.
 """
 
 from __future__ import annotations
@@ -187,7 +188,9 @@ def fleet(tmp_path_factory):
 
 
 def _expected(plan: list[str]) -> tuple[list[str], str]:
-    """Which backends a turn asks, in order, and the behaviour of the one that ends it."""
+    """Which backends a turn asks, in order, and the behaviour that ends it: the answer, or the
+    failure the client gets (one that does not fall back; when every one fell back, the one that
+    decides: the first rate limit, else the first outage, routing.py ``deciding``)."""
     asked = []
     for name, behaviour in zip(NAMES, plan):
         asked.append(name)
@@ -195,10 +198,11 @@ def _expected(plan: list[str]) -> tuple[list[str], str]:
             return asked, "ok"
         if not FALLS_BACK[behaviour]:
             return asked, behaviour
-    return asked, plan[-1]
+    return asked, next((b for b in plan if b.startswith("429")), plan[0])
 
 
-# what a JSON client gets when this behaviour ends the turn (a backend's 5xx is the gateway's 502)
+# what a JSON client gets when this behaviour ends the turn, or decides its failure (a backend's 5xx is the
+# gateway's 502)
 STATUS = {"429": 429, "429-wait": 429, "503": 502, "500": 502, "reset": 502, "slow": 502, "400": 400, "comments": 502, "not-http": 502, "cut-before": 502}
 # the code a client gets when it ends the turn
 CODE = {"429": "rate_limit_exceeded", "429-wait": "rate_limit_exceeded", "503": "server_error", "500": "server_error",
@@ -340,10 +344,11 @@ def test_metrics_and_the_access_log_name_the_upstream_that_answered(fleet):
     assert {k: v for k, v in fallbacks.items() if v} == fell, (fallbacks, fell)
 
 
-def test_every_upstream_failing_is_named_with_the_last_ones_code_and_no_backends_5xx_words(tmp_path):
+def test_every_upstream_failing_is_named_with_the_deciding_code_and_no_backends_5xx_words(tmp_path):
     """When every upstream failed, the client's one error names each of them and why, in words a
     client may read: a backend's 5xx body is the operator's (errors.py), whichever upstream sent
-    it, and its words neither reach the client nor decide the code, which is the last failure's.
+    it, and its words neither reach the client nor decide the code, which is the deciding failure's
+    (routing.py ``deciding``: the 429, else the first outage).
     Before, the reasons were the backends' own words, shown whenever the last failure was a 4xx
     (a 429: an earlier 503's text reached the client, and its "maximum context length" made the
     code ``context_length_exceeded``: Codex would compact instead of retrying), and all withheld

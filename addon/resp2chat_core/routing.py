@@ -30,7 +30,33 @@ compaction summary, read whole by the gateway: its stream and a whole JSON answe
 call's reader, relay/upstream.py ``Reader``) never commits by itself: once it answered, the relay commits it
 (``release``), so its ``Rerouted`` still goes before anything else. When every candidate failed,
 one ``UpstreamFailed`` names them all (``all_failed``), with the shortest ``Retry-After`` any gave
-(none when a backend answered without one: it may be ready at once).
+(none when a backend answered without one: it may be ready at once), and the status and code of
+the failure that tells the client best what to do next (``deciding``, by ``KINDS``): not the last
+one's, which is a matter of the order the operator listed them in.
+
+Which failure decides (``KINDS``, first kind found wins; within a kind, the first upstream's, the
+one a retry asks first):
+
+    =============  =======================================  ==========================================
+    kind           failures                                 what the client does with it
+    =============  =======================================  ==========================================
+    rate_limited   429 (not ``insufficient_quota``)         waits (``Retry-After``) and retries: the
+                                                            openai SDK, Codex, LiteLLM's router (its
+                                                            cooldown) all retry a 429
+    down           5xx, unreachable (the relay's 502),      retries with its own backoff (the openai
+                   silent (504)                             SDK retries every 5xx, Codex too)
+    too_long       ``context_length_exceeded``              compacts, or stops (Codex): a retry of the
+                                                            same conversation would fail again
+    out_of_quota   429 ``insufficient_quota``               stops (Codex: "quota exceeded"): billing
+    =============  =======================================  ==========================================
+
+A failure a retry of the same request may cure beats one it cannot: a conversation too long for
+one upstream and another that is down is retried (the larger window may be back; compacting loses
+the conversation's detail for good), and a quota that ran out on one upstream hides no other's
+outage. A rate limit beats an outage: it is the failure that says it passes (and when), what a
+client's back-off is made for. A failure that does not fall back (another 4xx: the request is
+wrong there) is never one of them: it ends the walk and reaches the client as it is (relay/
+exchange.py ``_walk``), what failed before it named nowhere: the same request would fail so again.
 """
 
 from __future__ import annotations
@@ -115,17 +141,44 @@ def falls_back(failure: UpstreamFailed) -> bool:
     a conversation too long for the backend's context (``context_length_exceeded``, a 400 or its
     error object, errors.py ``classify_upstream_error``): the next upstream may hold more (a
     compaction summary asks for the whole conversation and the prompt besides). When none is
-    left the client gets the code (``all_failed``: the last one's, with its 400), which Codex acts
-    on (it stops, or compacts)."""
+    left the client gets the code (``all_failed``: every upstream too short, the 400), which Codex
+    acts on (it stops, or compacts)."""
     return (failure.status >= 500 or failure.status == 429
             or upstream_failure(failure.status, failure.body, own=failure.own)[0] == TOO_LONG)
 
 
+KINDS = ("rate_limited", "down", "too_long", "out_of_quota")  # the order in which a kind decides (module docstring)
+
+
+def kind(failure: UpstreamFailed) -> str:
+    """Which of ``KINDS`` a failure that falls back is (``falls_back``), by its Responses code
+    (errors.py ``upstream_failure``: the backend's own code or words, the relay's for its own
+    failures) and its status; "other" for one that does not fall back."""
+    code = upstream_failure(failure.status, failure.body, own=failure.own)[0]
+    if code == TOO_LONG:
+        return "too_long"
+    if code == "insufficient_quota":
+        return "out_of_quota"
+    if failure.status == 429:
+        return "rate_limited"
+    return "down" if failure.status >= 500 else "other"
+
+
+def deciding(failures: Sequence[UpstreamFailed]) -> UpstreamFailed:
+    """The failure whose status and code a client gets when every upstream failed (``failures``,
+    in the order they were tried): the first of the earliest kind in ``KINDS`` (module
+    docstring); the first failure when none is of one."""
+    rank = {k: i for i, k in enumerate(KINDS)}
+    return min(failures, key=lambda f: rank.get(kind(f), len(KINDS)))
+
+
 def all_failed(model: str, tried: Sequence[tuple[str, UpstreamFailed]]) -> UpstreamFailed:
-    """One failure naming every upstream tried (and why), with the last one's status and code,
-    and the shortest wait any of them asked for (``Retry-After``): a client's retry goes through
-    every upstream again, so it may be answered as soon as the first of them is ready; the longest
-    would keep it waiting for the slowest, the last one's is a matter of order. A backend that
+    """One failure naming every upstream tried (and why), with the status and code of the one
+    that tells the client best what to do next (``deciding``: a rate limit, else an outage, else a
+    conversation too long, else a quota), and the shortest wait any of them asked for
+    (``Retry-After``): a client's retry goes through every upstream again, so it may be answered
+    as soon as the first of them is ready; the longest would keep it waiting for the slowest, the
+    last one's is a matter of order. A backend that
     answered without a wait (a plain 503/504, a 429 without the header) may be ready at once:
     then none is told, and the client backs off as it does by itself (Codex, the openai SDK:
     well under a second at first), rather than sitting out another upstream's 30 s. What the
@@ -133,15 +186,15 @@ def all_failed(model: str, tried: Sequence[tuple[str, UpstreamFailed]]) -> Upstr
 
     The failure is the gateway's own wording (``own``): each reason is what a client may read of
     that upstream's failure (errors.py ``upstream_failure``: a backend's 5xx words are withheld),
-    the code is the last failure's (never read from the other upstreams' words), and the
+    the code is the deciding failure's (never read from the other upstreams' words), and the
     backends' own words go to the operator only (``metadata.raw``: the turn's error detail)."""
     shown, full = [], []
     for name, failure in tried:
         _, said, detail = upstream_failure(failure.status, failure.body, own=failure.own)
         shown.append(f"{name} ({said})")
         full.append(f"{name} ({detail})")
-    last = tried[-1][1]
-    code = upstream_failure(last.status, last.body, own=last.own)[0]
+    decides = deciding([f for _, f in tried])
+    code = upstream_failure(decides.status, decides.body, own=decides.own)[0]
     head = f"every upstream for model {model!r} failed: "
     error = {"message": head + "; ".join(shown), "type": "upstream_unavailable", "code": code}
     if full != shown:
@@ -149,8 +202,8 @@ def all_failed(model: str, tried: Sequence[tuple[str, UpstreamFailed]]) -> Upstr
     body = json.dumps({"error": error}).encode()
     answered = [f for _, f in tried if not f.own]
     if any(retry_seconds(f.retry_after) is None for f in answered):
-        return UpstreamFailed(last.status, body, None, own=True)
-    return UpstreamFailed(last.status, body, min((f.retry_after for f in answered), key=retry_seconds, default=None),
+        return UpstreamFailed(decides.status, body, None, own=True)
+    return UpstreamFailed(decides.status, body, min((f.retry_after for f in answered), key=retry_seconds, default=None),
                           own=True)
 
 

@@ -19,8 +19,8 @@ summary that fails midway (a silence; a cut, or a stream ended with neither a fi
 [DONE], which ``_compact`` makes a 502 failure) falls back too, nothing of it having reached the
 client. What its reader finds is no summary (``SummaryReader.failure``: the backend's error
 object, garbage, a finish reason of failure, an event or an output past the bounds) is such a
-failure too: it falls back while another candidate remains, and the last one's fails the turn
-as it would fail an answer; so does a backend's ``context_length_exceeded``, as an answer's
+failure too: it falls back while another candidate remains, and when the last fails too the turn
+fails as an answer's would (``routing.all_failed``); so does a backend's ``context_length_exceeded``, as an answer's
 does (routing.py ``falls_back``: the next may hold more). A compaction turn (Codex's trigger, the compact
 endpoint) is that summary call alone: its answer is the item (``Summarized``).
 
