@@ -468,9 +468,9 @@ def scrub(data: bytes, secrets: tuple[bytes, ...]) -> bytes:
     ``\\/``, .NET's ``\\u002B``, which its client's parser reads back as the key) or Python's
     ``repr`` inside a longer string (an error's text that quotes it: an httpx, requests or MCP
     SDK exception, ``\\\\`` for a backslash, ``\\'`` for a quote). The longest
-    first (``_longest_first``): one secret inside another (an upstream key and a header value
+    first (``longest_first``): one secret inside another (an upstream key and a header value
     that begins with it) would otherwise leave the longer one's rest."""
-    for secret in _longest_first(tuple(secrets)) if len(secrets) > 1 else secrets:
+    for secret in longest_first(tuple(secrets)) if len(secrets) > 1 else secrets:
         if secret in data:
             data = data.replace(secret, b"[redacted]")
         if b"\\" in data:
@@ -482,7 +482,9 @@ def scrub(data: bytes, secrets: tuple[bytes, ...]) -> bytes:
 
 
 @functools.lru_cache(maxsize=64)
-def _longest_first(secrets: tuple[bytes, ...]) -> tuple[bytes, ...]:
+def longest_first(secrets: tuple) -> tuple:
+    """``secrets`` (bytes or str), the longest first: what replaces them one by one (``scrub``,
+    gate.py ``without_credentials``) must meet one that holds another before the other."""
     return tuple(sorted(secrets, key=len, reverse=True))
 
 
