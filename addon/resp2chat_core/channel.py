@@ -581,7 +581,7 @@ class Scrubber:
                     cut, moved = at, True
                 escaped = _escaped(secret)
                 reach = 6 * len(secret)  # (the longest a spelling of it may be: scrub_keep)
-                if escaped is not None and b"\\" in buf[max(cut - reach, 0):cut + reach]:
+                if escaped is not None and buf.find(b"\\", max(cut - reach, 0), cut + reach) >= 0:  # (no copy)
                     for at in range(max(cut - reach, 0), cut):
                         found = escaped[1].match(buf, at)
                         if found is not None and found.end() > cut:
