@@ -504,7 +504,7 @@ def test_a_result_that_breaks_its_tools_output_schema_fails_its_call(hostile_gat
 def test_a_result_that_breaks_its_output_schema_quoting_a_secret_reaches_no_one_with_it(hostile_gateway, upstream):
     """A result that breaks its tool's output schema with a header the server got in it (a value
     with spaces, which the schema error's pretty-printed instance split across lines; with a
-    backslash and a quote, which its one line quotes as Python does: ``mcp._forms``): the call
+    backslash and a quote, which its one line quotes as Python does: ``channel.scrub``): the call
     fails saying what is wrong, and the secret, whole or in part, reaches neither the client, the
     backend nor the log."""
     upstream.clear()

@@ -19,6 +19,7 @@ own headers can make a gateway hand a backend.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import posixpath
@@ -30,14 +31,14 @@ from urllib.parse import unquote
 
 import pytest
 import requests
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from helpers import LocalServer, MiB, Peak, QuietHandler, RawServer, read_flows, read_request, start_gateway
 from test_security_gate import UP_KEY, _Echo, error_of, raw
 from wsclient import WSClient
 
-from resp2chat_core import gate as G
+from resp2chat_core import gate as G, settings as S
 from resp2chat_core.channel import Scrubber, scrub
 
 PROXY_CREDENTIAL = "Basic cHJveHl1c2VyOnByb3h5LXBhc3Mtc2VjcmV0LTQyNDI="  # proxyuser:proxy-pass-secret-4242
@@ -257,6 +258,46 @@ def test_the_scrubber_finds_a_json_escaped_secret_split_anywhere(how, before, af
     out += b"".join(scrubber(b""))
     assert out == scrub(data, (secret,))
     assert _pieces_of_the_key(json.loads(b'"' + out + b'"')) == []
+
+
+# what may be in a key (a configured secret is any string): quotes, a backslash, a tab, a mark past ASCII,
+# a control character Python's repr writes as \x7f
+_ODD_KEY = st.text(alphabet="ab12/-'\"\\\t\u00e9\x7f\U0001F600", min_size=1, max_size=10)
+
+
+@settings(max_examples=150, deadline=None)
+@given(key=_ODD_KEY, how=st.sampled_from(["repr", "repr-in-double-quotes", "json", "json-ascii"]),
+       before=st.text(alphabet="xy '\"\\", max_size=6), after=st.text(alphabet="xy '\"\\", max_size=6),
+       cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=4))
+def test_a_key_quoted_by_python_or_json_is_scrubbed_split_anywhere(key, how, before, after, cuts):
+    """An upstream key (no MCP header: ``settings.secret_values``) as an error's text quotes it,
+    inside a longer string: by Python (``repr``, an httpx or requests exception naming it: a
+    backslash doubled, a ``'`` escaped or not as the quotes around it were chosen, a control
+    character as ``\\x..``) or by a JSON encoder (``\\"``, ``\\\\``, ``\\t``, ``\\u00e9``): ``scrub`` and the
+    streaming ``Scrubber`` redact it, and what is left, read back the way it was written, holds no
+    key. Before, only MCP header values had Python's spellings (``mcp._forms``), and JSON's ``\\"``
+    and ``\\\\`` were no one's: the key went through whole."""
+    secret = "sk-" + key + "-0042"
+    secrets = S.secret_values({"upstream_api_key": secret})
+    assert secrets == (secret.encode(),)
+    text = before + secret + after
+    if how.startswith("repr"):
+        assume(how == "repr" or '"' not in text)  # (Python quotes with "..." only a string with no " in it)
+        written = repr(text) if how == "repr" else '"' + repr("'\"" + text)[4:-1].replace("\\'", "'") + '"'
+        read = ast.literal_eval
+    else:
+        written = json.dumps(text, ensure_ascii=how == "json-ascii")
+        read = json.loads
+    assert read(written) == text
+    data = ("error: " + written + " was refused").encode()
+    clean = scrub(data, secrets)
+    assert clean.count(b"[redacted]") == 1, (written, clean)
+    assert secret not in read(clean.decode()[len("error: "):-len(" was refused")]), clean
+    scrubber, out, at = Scrubber(secrets), b"", 0
+    for cut in sorted(c for c in cuts if c <= len(data)) + [len(data)]:
+        out += b"".join(scrubber(data[at:cut]) if cut > at else [])
+        at = max(at, cut)
+    assert out + b"".join(scrubber(b"")) == clean
 
 
 @settings(max_examples=80, deadline=None)

@@ -465,10 +465,12 @@ def _bytes_joined(items: list[Item]) -> list[Item]:
 def scrub(data: bytes, secrets: tuple[bytes, ...]) -> bytes:
     """``data`` with each of ``secrets`` replaced by ``[redacted]``: as its bytes, and as a JSON
     string may write it (``_escaped``: a backend's JSON answer that repeats a key, PHP's
-    ``\\/``, .NET's ``\\u002B``, which its client's parser reads back as the key). The longest
-    first (``_longest_first``): one secret inside another (an upstream key and a header value
+    ``\\/``, .NET's ``\\u002B``, which its client's parser reads back as the key) or Python's
+    ``repr`` inside a longer string (an error's text that quotes it: an httpx, requests or MCP
+    SDK exception, ``\\\\`` for a backslash, ``\\'`` for a quote). The longest
+    first (``longest_first``): one secret inside another (an upstream key and a header value
     that begins with it) would otherwise leave the longer one's rest."""
-    for secret in _longest_first(tuple(secrets)) if len(secrets) > 1 else secrets:
+    for secret in longest_first(tuple(secrets)) if len(secrets) > 1 else secrets:
         if secret in data:
             data = data.replace(secret, b"[redacted]")
         if b"\\" in data:
@@ -480,16 +482,21 @@ def scrub(data: bytes, secrets: tuple[bytes, ...]) -> bytes:
 
 
 @functools.lru_cache(maxsize=64)
-def _longest_first(secrets: tuple[bytes, ...]) -> tuple[bytes, ...]:
+def longest_first(secrets: tuple) -> tuple:
+    """``secrets`` (bytes or str), the longest first: what replaces them one by one (``scrub``,
+    gate.py ``without_credentials``) must meet one that holds another before the other."""
     return tuple(sorted(secrets, key=len, reverse=True))
 
 
 @functools.lru_cache(maxsize=256)
 def _escaped(secret: bytes) -> tuple[bytes, re.Pattern] | None:
     """(a part of ``secret`` every spelling of it holds as is: its longest run of ASCII letters and
-    digits, which no JSON encoder escapes; a pattern of its JSON spellings: each of its other
-    characters as it is or ``\\uXXXX`` in either case, a ``/`` also ``\\/``), or None when only
-    its bytes spell it (letters and digits alone, or not UTF-8)."""
+    digits, which neither JSON nor Python escapes; a pattern of its spellings: each of its other
+    characters as it is, as JSON may write it (``\\uXXXX`` in either case, a ``/`` also ``\\/``,
+    ``json.dumps``'s short escapes: ``\\"``, ``\\\\``, ``\\t``…) or as Python's ``repr`` does inside a
+    longer string (``_python``)), or None when only its bytes spell it (letters and digits alone,
+    or not UTF-8). A character no escape changes (most of a key's: ``-``, ``_``, ``.``) is
+    matched as it is: a secret of such characters costs what it did before these spellings."""
     try:
         text = secret.decode()
     except UnicodeDecodeError:
@@ -501,16 +508,22 @@ def _escaped(secret: bytes) -> tuple[bytes, re.Pattern] | None:
         if c.isascii() and c.isalnum():
             parts.append(re.escape(c.encode()))
             continue
-        forms = [re.escape(c.encode())] + [br"\\u" + "".join(f"[{h.lower()}{h.upper()}]" if h.isalpha() else h
-                                                            for h in f"{u:04x}").encode()
-                                           for u in _utf16(c)]
-        if len(forms) > 2:  # (a surrogate pair: both escapes in a row)
-            forms = [forms[0], b"".join(forms[1:])]
-        if c == "/":
-            forms.append(br"\\/")
+        units = [br"\\u" + "".join(f"[{h.lower()}{h.upper()}]" if h.isalpha() else h for h in f"{u:04x}").encode()
+                 for u in _utf16(c)]
+        forms = [re.escape(c.encode()), b"".join(units)]  # (a surrogate pair: both escapes in a row)
+        for other in ("\\/" if c == "/" else "", json.dumps(c, ensure_ascii=False)[1:-1], _python(c)):
+            if other and other != c and re.escape(other.encode()) not in forms:
+                forms.append(re.escape(other.encode()))
         parts.append(b"(?:" + b"|".join(forms) + b")")
     anchor = max(re.findall(r"[A-Za-z0-9]+", text), key=len, default="").encode()
     return anchor, re.compile(b"".join(parts))
+
+
+def _python(c: str) -> str:
+    """One character as ``repr`` writes it inside a longer string: a backslash doubled, ``'``
+    escaped (the text around it held both quotes; in one that held only ``'``, Python quotes with
+    ``"``, and it is as it is), a control or unprintable character as ``\\t``, ``\\x7f``, ``\\u200b``."""
+    return repr("'\"" + c)[4:-1]
 
 
 def _utf16(c: str) -> list[int]:
@@ -520,8 +533,10 @@ def _utf16(c: str) -> list[int]:
 
 
 def scrub_keep(secrets: tuple[bytes, ...]) -> int:
-    """The longest any of ``secrets`` may be spelled (``scrub``), in bytes: a JSON escape is 6
-    bytes (12 for a character past U+FFFF, 4 bytes plain)."""
+    """The longest any of ``secrets`` may be spelled (``scrub``), in bytes: 6 a byte of it. A JSON
+    escape is 6 bytes (12 for a character past U+FFFF, 4 bytes plain), Python's at most 4 for a
+    character of 1 or 2 bytes (``\\x7f``), 6 for one of 2 or 3 (``\\u200b``), 10 for one of 4
+    (``\\U000e0001``)."""
     return max((len(s) if _escaped(s) is None else 6 * len(s) for s in secrets), default=1)
 
 
@@ -566,7 +581,7 @@ class Scrubber:
                     cut, moved = at, True
                 escaped = _escaped(secret)
                 reach = 6 * len(secret)  # (the longest a spelling of it may be: scrub_keep)
-                if escaped is not None and b"\\" in buf[max(cut - reach, 0):cut + reach]:
+                if escaped is not None and buf.find(b"\\", max(cut - reach, 0), cut + reach) >= 0:  # (no copy)
                     for at in range(max(cut - reach, 0), cut):
                         found = escaped[1].match(buf, at)
                         if found is not None and found.end() > cut:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Hashable
 from urllib.parse import unquote, unquote_plus
 
+from .channel import longest_first
 from .clients import KEY_SHAPE
 from .errors import GatewayError
 
@@ -322,7 +323,7 @@ def _without_secrets(part: str, secrets) -> str:
 
     if not (holds(part) or holds(unquote_plus(part))):
         return part
-    for s in sorted(secrets, key=len, reverse=True):  # (the secrets first: one may hold a key's shape, which
+    for s in longest_first(tuple(secrets)):  # (the secrets first: one may hold a key's shape, which
         part = part.replace(s, REDACTED)  # would split it; the longest first: one may hold another)
     part = KEY_SHAPE.sub(REDACTED, part)
     return REDACTED if holds(unquote_plus(part)) else part

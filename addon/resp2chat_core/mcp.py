@@ -221,18 +221,11 @@ def secret_values(value: list) -> list[str]:
 
 
 def _forms(value: str) -> list[str]:
-    """A secret header value, and the credential alone in an ``Authorization``-style value; each
-    also as Python quotes it within a longer string (``repr``: a backslash doubled, a ``'``
-    escaped or not, as the quotes around it were chosen),
-    as an error's text may (the SDK's, jsonschema's: ``relay/mcp.py`` ``_schema_error``), where
-    ``channel.scrub`` would not find it as it is (it knows JSON's spellings, not Python's)."""
+    """A secret header value, and the credential alone in an ``Authorization``-style value. (How
+    an error's text may quote either, Python's ``repr`` in the SDK's or jsonschema's words,
+    ``relay/mcp.py`` ``_schema_error``, ``channel.scrub`` knows, as for every secret.)"""
     scheme, _, credential = value.partition(" ")
-    forms = [value, credential] if credential and scheme.lower() in ("bearer", "basic", "token") else [value]
-    quoted = []
-    for form in forms:
-        escaped = repr("'\"" + form)[4:-1]  # (inside '…' with its ' escaped: the text around it held both quotes)
-        quoted += [escaped, escaped.replace("\\'", "'")]  # (or inside "…": its ' as it is)
-    return list(dict.fromkeys(forms + quoted))
+    return [value, credential] if credential and scheme.lower() in ("bearer", "basic", "token") else [value]
 
 
 # --- a request's mcp tools, bound to those servers ---------------------------------------------
