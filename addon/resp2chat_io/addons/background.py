@@ -124,7 +124,7 @@ class Log:
     refused: GatewayError | None = None  # a followed one that ended without events for its feeds (``_poll``)
     feeds: dict = field(default_factory=dict)  # relay Feeds streaming it now: their ``FeedStream``
     task: asyncio.Task | None = None  # a followed one's (``Background._follow``): the task reading the store
-    later: object = None  # the loop's ``call_later`` (``Background``): a lagging feed is looked at again then
+    later: object = None  # the loop's ``call_later`` (``Background._log``): a lagging feed is looked at again then
 
     @property
     def size(self) -> int:
@@ -200,8 +200,8 @@ class Run:
     owner: str
     run: TurnRun
     streamed: bool  # the client asked for its events: they are kept, to resume from
-    home: object = None  # the store it was queued in (store.py ``Store``): its renewals and its end go there
-    log: Log = field(default_factory=Log)
+    home: object  # the store it was queued in (store.py ``Store``): its renewals and its end go there
+    log: Log  # (``Background._log``)
     task: asyncio.Task | None = None
     stopping: str = ""  # why it is being stopped: "cancel" (a client), "shutdown" (the gateway)
     calling: bool = True  # its backend call runs (only then can it be stopped: what follows is its end)
@@ -289,6 +289,12 @@ class Background:
         self.feeds: dict[str, Fed] = {}  # flows a Feed answers, by flow id
         self.following: dict[tuple[str, str], Log] = {}  # runs of other replicas streamed here, by (id, owner)
 
+    @staticmethod
+    def _log() -> Log:
+        """A log of this gateway (a run's, a followed one's): a lagging feed is looked at again
+        ``LAG_SECS`` later, on the loop's timer (``Log._drop``)."""
+        return Log(later=asyncio.get_running_loop().call_later)
+
     # --- a background turn ------------------------------------------------------------------
 
     async def queue(self, turn) -> tuple[dict, object]:
@@ -311,8 +317,7 @@ class Background:
     def start(self, run: TurnRun, home) -> Run:
         """Run ``run``'s turn (queued in the store ``home``) in the background, off any connection."""
         turn = run.turn
-        bg = Run(turn.ctx.response_id, turn.owner, run, turn.client_stream, home)
-        bg.log.later = asyncio.get_running_loop().call_later
+        bg = Run(turn.ctx.response_id, turn.owner, run, turn.client_stream, home, self._log())
         self.runs[bg.response_id] = bg
         bg.task = asyncio.ensure_future(self._run(bg))
         return bg
@@ -588,14 +593,14 @@ class Background:
         every client streaming it here (``following``); it stops when the run ends or the last
         of them goes (``_forget``)."""
         if not B.is_running(response):
-            followed = Log(later=asyncio.get_running_loop().call_later)
+            followed = self._log()
             followed.add(B.stored_events(response))
             followed.done = True
             return followed
         key = (response_id, owner)
         followed = self.following.get(key)
         if followed is None:
-            followed = self.following[key] = Log(later=asyncio.get_running_loop().call_later)
+            followed = self.following[key] = self._log()
             followed.task = asyncio.ensure_future(self._poll(key, followed))
         return followed
 
