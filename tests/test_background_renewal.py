@@ -18,10 +18,11 @@ import pytest
 import requests
 
 from helpers import (Endless, KiB, LocalServer, QuietHandler, chat_event, http_chunk, openai_client, parse_sse,
-                     start_sse, wait_until)
+                     start_gateway, start_mitmweb_gateway, start_sse, wait_until)
 from resp2chat_core import background as B
 from resp2chat_io.redis_state import RedisResponseStore, RedisState
 from resp2chat_io.store import ResponseStore
+from redis_server import RedisServer
 
 SLOW = "noreason\nwords: 40\nslow: 100"  # (the demo upstream: 40 words, 0.1 s apart: ~4 s)
 BOUNDS = dict(ttl=3600, max_entries=100, max_bytes=64 << 20)
@@ -486,3 +487,36 @@ def test_a_resume_on_the_replica_running_it_survives_a_redis_blip(upstream, gate
         assert events[0]["sequence_number"] == first.sequence_number + 1 and events[-1]["type"] == "response.completed"
     finally:
         redis_server.start()
+
+
+def test_a_run_ends_in_the_store_it_was_queued_in_when_state_store_url_changes(upstream, tmp_path, redis_server):
+    """``state_store_url`` changed while a background response runs (mitmweb's options): its
+    renewals and its end still go to the store it was queued in (before, its next renewal, in the
+    new store where it is not, read it as deleted and stopped it): its client gets it whole, and a
+    replica on the old store sees it completed; requests here read the new store, where it is
+    unknown (404, and a cancel does not stop it); the old Redis is let go once the run ended."""
+    gw, put = start_mitmweb_gateway(upstream.origin, tmp_path, "--set", f"resp2chat_state_store_url={redis_server.url}")
+    try:
+        events = iter(openai_client(gw).responses.create(model="demo-model", input=SLOW, background=True,
+                                                          stream=True))
+        rid = next(events).response.id
+        with RedisServer(tmp_path / "other") as other:
+            assert put(resp2chat_state_store_url=other.url).status_code == 200
+            assert requests.get(f"{gw.base_url}/responses/{rid}", timeout=10).status_code == 404
+            assert requests.post(f"{gw.base_url}/responses/{rid}/cancel", timeout=10).status_code == 404
+            rest = list(events)
+            assert rest[-1].type == "response.completed", [e.type for e in rest[-3:]]
+            streamed = rest[-1].response.output_text
+            assert len(streamed.split()) == 40
+            old = redis_server.client()
+            wait_until(lambda: len(old.client_list()) == 1, 10, "the gateway's connections to the old Redis closed")
+            old.close()
+        replica = start_gateway(upstream.origin, tmp_path, "--set", f"resp2chat_state_store_url={redis_server.url}")
+        try:
+            kept = openai_client(replica).responses.retrieve(rid)
+            assert kept.status == "completed" and kept.output_text == streamed
+        finally:
+            replica.stop()
+        assert "Traceback" not in gw.log(), gw.log()
+    finally:
+        gw.stop()

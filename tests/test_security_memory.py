@@ -506,3 +506,51 @@ def test_compressed_bombs_are_inflated_off_the_loop_and_a_get_carries_no_body(up
     assert waits[len(waits) // 2] < 0.1, waits
     r = requests.post(gw.base_url + "/responses", json={"model": "m", "input": "hi"}, timeout=30)
     assert r.status_code == 200, r.text[:300]
+
+
+def test_a_small_compressed_turn_waits_for_no_large_inflation(upstream, gateway_factory):
+    """A compressed body that inflates to less than ``offload.LARGE`` is inflated on the loop
+    (addons/gate.py ``decode``), not in the one worker: a client's small gzip'd turn is not
+    queued behind other clients' large inflations (bombs refused once they pass
+    ``max_request_body_mb``, ~55 ms of the worker each, six at a time). Compared with a bomb's
+    own time under that flood (the worker's line), not with an absolute time: through the worker,
+    a small turn took about as long as a bomb; on the loop, a small part of it."""
+    import gzip
+    import statistics
+
+    from resp2chat_io.offload import LARGE
+
+    gw = gateway_factory(upstream.origin, "--set", "flow_detail=0", "--set", "resp2chat_max_replay_entries=0")
+    bomb = gzip.compress(b"\0" * (40 << 20), 9)  # (inflated to the 32 MiB limit, in the worker: a 413)
+    head = {"content-type": "application/json", "content-encoding": "gzip"}
+    small = gzip.compress(json.dumps({"model": "m", "input": "hi"}).encode())
+    assert len(small) < LARGE
+    stop, bombs = threading.Event(), []
+
+    def flood() -> None:
+        with requests.Session() as s:
+            while not stop.is_set():
+                started = time.monotonic()
+                answer = s.post(gw.base_url + "/responses", data=bomb, headers=head, timeout=60)
+                assert answer.status_code == 413, answer.text[:300]
+                bombs.append(time.monotonic() - started)
+
+    threads = [threading.Thread(target=flood, daemon=True) for _ in range(6)]
+    for t in threads:
+        t.start()
+    turns = []
+    try:
+        wait_until(lambda: len(bombs) >= 12, 60, "the flood under way")
+        with requests.Session() as s:
+            for _ in range(12):
+                started = time.monotonic()
+                r = s.post(gw.base_url + "/responses", data=small, headers=head, timeout=30)
+                turns.append(time.monotonic() - started)
+                assert r.status_code == 200 and r.json()["status"] == "completed", r.text[:300]
+                time.sleep(0.02)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    waited, took = statistics.median(bombs[12:] or bombs), statistics.median(turns)
+    assert took < waited / 3, (took, waited, turns)

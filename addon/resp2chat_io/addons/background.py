@@ -25,6 +25,12 @@ connection; clients poll, cancel and resume it (the rules: resp2chat_core/backgr
   ``failed`` (``B.TOO_LARGE``), stored without its output, said once in the log (at its end: its
   ``response.completed``, never sent, becomes that ``response.failed``); one that fits but for its
   events is stored without them (a resume is told they were not kept).
+- A run lives in the store it was queued in (``Run.home``) to its end: when ``state_store_url``
+  changes meanwhile (mitmweb's options, ``--set``), its renewals and its end still go there (its
+  client streaming it gets every event; replicas still on that store see it end), never to the
+  new store, where it is not (read there as deleted, it stopped). Requests read the new store, as
+  for every response stored before the change: a GET, DELETE, cancel or resume of it here is a
+  404. A Redis left so is closed once its runs ended (addons/store.py ``_retire``, ``left``).
 - ``deleted`` (``DELETE /v1/responses/{id}``, through the store addon): a run of this gateway
   stops at once (its backend call closed); one of another replica at its next renewal.
 - A run whose key is revoked meanwhile (or, created on a keyless gateway, once keys are
@@ -118,7 +124,7 @@ class Log:
     refused: GatewayError | None = None  # a followed one that ended without events for its feeds (``_poll``)
     feeds: dict = field(default_factory=dict)  # relay Feeds streaming it now: their ``FeedStream``
     task: asyncio.Task | None = None  # a followed one's (``Background._follow``): the task reading the store
-    later: object = None  # the loop's ``call_later`` (``Background``): a lagging feed is looked at again then
+    later: object = None  # the loop's ``call_later`` (``Background._log``): a lagging feed is looked at again then
 
     @property
     def size(self) -> int:
@@ -194,7 +200,8 @@ class Run:
     owner: str
     run: TurnRun
     streamed: bool  # the client asked for its events: they are kept, to resume from
-    log: Log = field(default_factory=Log)
+    home: object  # the store it was queued in (store.py ``Store``): its renewals and its end go there
+    log: Log  # (``Background._log``)
     task: asyncio.Task | None = None
     stopping: str = ""  # why it is being stopped: "cancel" (a client), "shutdown" (the gateway)
     calling: bool = True  # its backend call runs (only then can it be stopped: what follows is its end)
@@ -282,29 +289,35 @@ class Background:
         self.feeds: dict[str, Fed] = {}  # flows a Feed answers, by flow id
         self.following: dict[tuple[str, str], Log] = {}  # runs of other replicas streamed here, by (id, owner)
 
+    @staticmethod
+    def _log() -> Log:
+        """A log of this gateway (a run's, a followed one's): a lagging feed is looked at again
+        ``LAG_SECS`` later, on the loop's timer (``Log._drop``)."""
+        return Log(later=asyncio.get_running_loop().call_later)
+
     # --- a background turn ------------------------------------------------------------------
 
-    async def queue(self, turn) -> dict:
+    async def queue(self, turn) -> tuple[dict, object]:
         """A background turn, stored ``queued`` (before it starts: a poll finds it at once);
-        returns that Response. ``store_unavailable`` when the store cannot take it."""
-        queued = B.queued(turn.ctx)
+        returns that Response and the store it is in (its run's: ``start``). ``store_unavailable``
+        when the store cannot take it."""
+        queued, home = B.queued(turn.ctx), self.store.store
         try:  # (with its conversation: its input items are listed, and kept by a cancellation elsewhere, from now)
             kept = await self.store.put_now(turn.ctx.response_id, turn.items,
                                             B.running({**queued, B.PRIVATE: {"streamed": turn.client_stream}},
-                                                      time.time()), owner=turn.owner)
+                                                      time.time()), owner=turn.owner, within=home)
         except StateUnavailable:
             raise store_unavailable("background") from None
         if not kept:  # (it would be polled as unknown: never stored)
             raise GatewayError("background: this response's conversation is larger than the response store keeps "
                                "(max_session_memory_mb, max_sessions), and a background response is read from "
                                "there", param="input", code="conversation_too_large", status=413)
-        return queued
+        return queued, home
 
-    def start(self, run: TurnRun) -> Run:
-        """Run ``run``'s turn (queued) in the background, off any connection."""
+    def start(self, run: TurnRun, home) -> Run:
+        """Run ``run``'s turn (queued in the store ``home``) in the background, off any connection."""
         turn = run.turn
-        bg = Run(turn.ctx.response_id, turn.owner, run, turn.client_stream)
-        bg.log.later = asyncio.get_running_loop().call_later
+        bg = Run(turn.ctx.response_id, turn.owner, run, turn.client_stream, home, self._log())
         self.runs[bg.response_id] = bg
         bg.task = asyncio.ensure_future(self._run(bg))
         return bg
@@ -358,7 +371,7 @@ class Background:
                 # the items finished so far go with it here, what a GET, a cancellation elsewhere and the bound see)
                 current = {**t.response(), "output": list(t.output), B.PRIVATE: private}
                 renewal = await self.store.renew(bg.response_id, B.running(current, time.time()), owner=bg.owner,
-                                                 expect=bg.version)
+                                                 expect=bg.version, within=bg.home)
                 if renewal is None:  # deleted meanwhile (on another replica): it stops, and is not stored again
                     self.stop(bg, "deleted")
                     return
@@ -405,7 +418,7 @@ class Background:
             # again. Over what is there: a cancellation may have come in between)
             for _ in range(ENDING_TRIES):
                 renewal = await self.store.renew(bg.response_id, stored, owner=bg.owner, expect=bg.version,
-                                                 ended=True)
+                                                 ended=True, within=bg.home)
                 if renewal is None:  # (deleted meanwhile: not stored again)
                     break
                 if renewal.renewed:
@@ -454,6 +467,12 @@ class Background:
         while self.kept and (len(self.kept) > KEPT or self.kept_bytes > KEPT_BYTES):
             self.kept_bytes -= len(self.kept.popitem(last=False)[1].sse)
 
+    async def left(self, store) -> None:
+        """Until no run here lives in ``store`` (one ``state_store_url`` no longer names: addons/store.py
+        closes it then)."""
+        while runs := [bg for bg in self.runs.values() if bg.home is store]:
+            await asyncio.gather(*(bg.ended.wait() for bg in runs))
+
     async def done(self) -> None:
         """The gateway stops: what still runs ends ``failed`` (and is stored so), not in_progress;
         the followers of other replicas' runs stop."""
@@ -470,7 +489,9 @@ class Background:
         """Cancel a background response (``GatewayError``: none such, or not a background one);
         returns it as it ended."""
         bg = self.runs.get(response_id)
-        if bg is not None and bg.owner == owner:
+        # (one queued in a store state_store_url no longer names is not in the one requests read: unknown, as a
+        # GET of it says; it runs on to its end)
+        if bg is not None and bg.owner == owner and bg.home is self.store.store:
             self.stop(bg, "cancel")
             await bg.ended.wait()
         deadline = time.monotonic() + CANCEL_WAIT
@@ -572,14 +593,14 @@ class Background:
         every client streaming it here (``following``); it stops when the run ends or the last
         of them goes (``_forget``)."""
         if not B.is_running(response):
-            followed = Log(later=asyncio.get_running_loop().call_later)
+            followed = self._log()
             followed.add(B.stored_events(response))
             followed.done = True
             return followed
         key = (response_id, owner)
         followed = self.following.get(key)
         if followed is None:
-            followed = self.following[key] = Log(later=asyncio.get_running_loop().call_later)
+            followed = self.following[key] = self._log()
             followed.task = asyncio.ensure_future(self._poll(key, followed))
         return followed
 

@@ -12,6 +12,15 @@ clients together (``max_request_bodies_mb``, resp2chat_core/gate.py ``BodyBudget
 size counted from the head until the body is in, else a 503 with retry-after). A request let
 in has the client's credentials taken off when they were the gateway key (they never leave the
 gateway) and is sent on in origin form.
+A GET or HEAD that declares a body is a 400 (``invalid_body``) at its head, its body unread, on
+every path (``/healthz`` aside: answered before), an operator's ``passthrough_paths`` included.
+Kept so on purpose: no endpoint of the gateway, and none of the backends it fronts (OpenAI's,
+llama.cpp, vLLM, Ollama), reads one (RFC 9110: a GET's content has no defined meaning); a
+backend, or a proxy before it, that ignores a GET's ``content-length`` would read the body as
+the next request on the connection: bytes a client wrote, reaching the backend past the gate
+(``passthrough_paths``, ``model_map``, the clients' limits; a keyless local backend serves
+them). Trade-off: a backend endpoint that does take a GET body cannot be passed through
+(expose it as a POST); the body budget would bound its size, not this risk.
 Once the body is in, a compressed one is decoded (bounded by the same limit:
 resp2chat_core/content_encoding.py), so every later hook reads plain JSON.
 
@@ -190,7 +199,9 @@ class Gate(Owner):
         if size > self.limit:
             return self.too_large(flow)
         if size and req.method in ("GET", "HEAD"):
-            # (no endpoint reads one; it was read, and inflated when compressed, for nothing)
+            # (no endpoint reads one, a passthrough path's neither: it would be read, and inflated when
+            # compressed, for nothing, and go to a backend that may take it for the next request: the
+            # module's docstring)
             return self.refuse(flow, GatewayError(f"a {req.method} request carries no body", param="body",
                                                   code="invalid_body"))
         # (a client's share only where there are others: a gateway of one key may use it all)

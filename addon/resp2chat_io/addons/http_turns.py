@@ -218,7 +218,7 @@ class HttpTurns:
                 return
             turn = self.turns.lower(raw, found, owner=owner, request_id=request_id(flow), keep_items=compact)
             meta["response_id"] = turn.ctx.response_id  # (a turn from now on: outcomes.py)
-            queued = await self.background.queue(turn) if turn.background else None  # (stored before it runs)
+            queued, home = await self.background.queue(turn) if turn.background else (None, None)  # (stored first)
             run = self.turns.start(turn, flow, turn_id=flow.id, started=started, client_headers=req.headers,
                                    client=client, limits=limits)
         except GatewayError as err:
@@ -233,7 +233,7 @@ class HttpTurns:
             self.turns.release(client, flow.id)  # (it fails closed: base.py)
             raise
         if queued is not None:  # it runs in the gateway: the client gets it queued, or its events as they come
-            bg = self.background.start(run)
+            bg = self.background.start(run, home)
             if turn.client_stream:
                 self.background.feed(flow, bg.log, -1, limits)  # (x-ratelimit-*, as any turn's head)
             else:

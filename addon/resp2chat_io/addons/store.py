@@ -14,7 +14,9 @@ for memory, as a task for Redis), and a response id the store does not know yet 
 for up to the store's ``fresh_wait`` (another replica wrote it a moment ago) before it is unknown.
 Redis down: ``store_unavailable`` (503) for what needs it. The other addons (background.py,
 conversations.py) reach the store through this one alone: ``get``, ``status``, and the store's
-own writes passed through (``put_now``, ``renew``, ``delete``).
+own writes passed through (``put_now``, ``renew``, ``delete``). A background run writes to the
+store it was queued in (``within``) to its end, when ``state_store_url`` changes meanwhile
+(addons/background.py); a Redis left behind is closed once its runs ended (``_retire``).
 
 Everything stored has an owner (resp2chat_core/owner.py; for a request, ``Upstreams.owner_of``):
 ``GET``/``DELETE``, ``previous_response_id`` and ``item_reference`` see only their own owner's
@@ -85,6 +87,7 @@ class StoredResponses(Owner):
         self.sealer = None  # the gateway's (Turns.sealer, set by build()): sealed reasoning in item lists
         self.background = None  # addons/background.py (set by build()): cancel, resume
         self._config: tuple | None = None
+        self._retiring: dict[RedisState, asyncio.Future] = {}  # Redis left behind, closed once its runs end
 
     def apply(self, updated: set[str]) -> None:
         config = tuple(self.s[f.name] for f in self.fields)
@@ -102,7 +105,7 @@ class StoredResponses(Owner):
                                max_bytes=self.s["max_session_memory_mb"] << 20)
             return
         if self.state is not None and self.state.url != url:
-            asyncio.ensure_future(self.state.close())
+            self._retire(self.state, self.store)
             self.state = None
             self.replay_cache, self.limit_state = ReplayEntries(0), self._local_limits
         if url:
@@ -121,6 +124,19 @@ class StoredResponses(Owner):
                                             max_bytes=self.s["max_session_memory_mb"] << 20)
         else:
             self.store = ResponseStore.from_settings(self.s)
+
+    def _retire(self, state: RedisState, store: Store | None) -> None:
+        """``state_store_url`` changed: the Redis it named is closed once no background run of
+        this gateway lives in it any more (``store``: each runs to its end in the store it was
+        queued in, addons/background.py ``left``)."""
+        async def close() -> None:
+            try:
+                if self.background is not None and store is not None:
+                    await self.background.left(store)
+            finally:
+                self._retiring.pop(state, None)
+                await state.close()
+        self._retiring[state] = asyncio.ensure_future(close())
 
     async def who_fills(self, clients) -> list[tuple[str, str, int, int]] | None:
         """What /metrics shows of the store (metrics.py): ``(client, kind, entries, bytes)`` rows
@@ -142,6 +158,9 @@ class StoredResponses(Owner):
 
     async def done(self) -> None:
         await self.writes.flush()  # (the replay cache's too)
+        for closing in list(self._retiring.values()):  # (closed now: its runs ended, Background.done came first)
+            closing.cancel()
+            await asyncio.gather(closing, return_exceptions=True)
         if self.state is not None:
             await self.state.close()
 
@@ -210,14 +229,16 @@ class StoredResponses(Owner):
     # that returns nothing; this one is the store's own, awaited, and says whether it was kept)
 
     async def put_now(self, response_id: str, items: list, response: dict, *, owner: str = owners.SHARED,
-                      expect: int | None = None) -> bool:
-        """store.py ``put``: False when not kept (another version than ``expect``, or too large)."""
-        return await self.store.put(response_id, items, response, owner=owner, expect=expect)
+                      expect: int | None = None, within: Store | None = None) -> bool:
+        """store.py ``put``: False when not kept (another version than ``expect``, or too large);
+        ``within``: that store (a background run's, ``Background.queue``), not the current one."""
+        return await (within or self.store).put(response_id, items, response, owner=owner, expect=expect)
 
     async def renew(self, response_id: str, response: dict, *, owner: str = owners.SHARED,
-                    expect: int, ended: bool = False) -> Renewal | None:
-        """store.py ``renew``: None when there is no such entry (deleted, expired, another owner's)."""
-        return await self.store.renew(response_id, response, owner=owner, expect=expect, ended=ended)
+                    expect: int, ended: bool = False, within: Store | None = None) -> Renewal | None:
+        """store.py ``renew``: None when there is no such entry (deleted, expired, another owner's);
+        ``within``: that store (a background run's own: the one it was queued in)."""
+        return await (within or self.store).renew(response_id, response, owner=owner, expect=expect, ended=ended)
 
     async def delete(self, response_id: str, *, owner: str = owners.SHARED) -> bool:
         """store.py ``delete``: whether there was such an entry to delete."""
