@@ -554,12 +554,40 @@ def test_usage_spellings(usage, expected):
           b'"{\\"message\\": \\"prompt is too long: 210000 tokens\\"}"}}}', "context_length_exceeded"),
     (None, b'{"error": {"message": "boom", "code": 502}}', "server_error"),
     (503, b'{"detail": "overloaded"}', "server_error"),
+    # the backend refused the gateway's key: the operator's, not the request's (errors.py KEY_REFUSED)
+    (401, b'{"error": {"message": "Incorrect API key provided: sk-x", "type": "invalid_request_error", '
+          b'"code": "invalid_api_key"}}', "upstream_key_refused"),
+    (401, b'{"error": {"message": "No auth credentials found", "code": 401}}', "upstream_key_refused"),
+    (403, b'{"type": "error", "error": {"type": "permission_error", "message": "Your API key does not have '
+          b'permission to use the specified resource."}}', "upstream_key_refused"),
+    (None, b'{"error": {"message": "User not found.", "code": 401}}', "upstream_key_refused"),
+    # a 403 about what the request says is the request's (OpenRouter's moderation, a guardrail)
+    (403, b'{"error": {"code": 403, "message": "m requires moderation on OpenRouter. Your input was flagged for '
+          b'\\"harassment\\"", "metadata": {"reasons": ["harassment"], "flagged_input": "..."}}}', "invalid_prompt"),
+    (403, b'{"error": {"message": "Request blocked: prompt injection patterns detected"}}', "invalid_prompt"),
+    (403, b'{"error": {"message": "no", "code": "content_policy_violation"}}', "invalid_prompt"),
 ])
 def test_error_classification_in_band(status, body, code):
     from resp2chat_core.errors import classify_upstream_error, upstream_error_message
 
     message, upstream_code = upstream_error_message(status, body)
     assert classify_upstream_error(status, message, upstream_code) == code
+
+
+def test_a_refused_key_is_the_operators_and_the_backends_words_are_not_the_clients():
+    """The gateway's key refused: the client reads the cause (no backend words: a 401 may echo
+    the key), the operator both; the client's own key refused (``forward_client_auth``) stays the
+    client's, in the backend's words, as any other 4xx."""
+    from resp2chat_core.errors import upstream_failure
+
+    body = b'{"error": {"message": "Incorrect API key provided: sk-proj-abcdef123456", "code": "invalid_api_key"}}'
+    code, said, detail = upstream_failure(401, body, "req_1")
+    assert code == "upstream_key_refused"
+    assert said.startswith("upstream HTTP 401: the upstream refused the gateway's credentials") and "req_1" in said
+    assert "upstream_api_key" in said and "Incorrect" not in said and "sk-proj" not in said
+    assert "Incorrect API key provided: sk-[redacted]" in detail and "upstream_api_key" in detail
+    assert upstream_failure(401, body, forwarded=True) == ("invalid_prompt", *[
+        "upstream HTTP 401: Incorrect API key provided: sk-[redacted]"] * 2)
 
 
 # --- the scripted upstream's extra dialects, through the session gateway ---------------------

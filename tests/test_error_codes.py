@@ -45,7 +45,9 @@ class _Backend(QuietHandler):
         errors = {"ctx": (400, "This model's maximum context length is 8192 tokens"),
                   "quota": (429, "You exceeded your current quota, please check your plan and billing details"),
                   "busy": (429, "Rate limit reached"),
-                  "bad": (400, "messages: something is wrong")}
+                  "bad": (400, "messages: something is wrong"),
+                  "keyless": (401, "Incorrect API key provided: sk-echoed-0123456789"),
+                  "moderated": (403, "m requires moderation on OpenRouter. Your input was flagged")}
         if word in errors:
             status, text = errors[word]
             return send_json(self, status, {"error": {"message": text, "type": "invalid_request_error"}})
@@ -73,10 +75,11 @@ def _strict_events(events: list[dict]) -> None:
 
 
 # (the gateway's own failures: the specific code goes to type; Codex retries either code alike)
-OWN = {"silent": "upstream_timeout", "huge": "upstream_event_too_large"}
-# (what Codex acts on, unchanged: README's table)
+# (and a backend's 401: the gateway's key refused, errors.py KEY_REFUSED: the operator's to fix)
+OWN = {"silent": "upstream_timeout", "huge": "upstream_event_too_large", "keyless": "upstream_key_refused"}
+# (what Codex acts on, unchanged: README's table; a 403 about what the request says is the request's)
 CODEX = {"ctx": "context_length_exceeded", "quota": "insufficient_quota", "busy": "rate_limit_exceeded",
-         "bad": "invalid_prompt"}
+         "bad": "invalid_prompt", "moderated": "invalid_prompt"}
 
 
 @pytest.mark.parametrize("word", [*OWN, *CODEX])
@@ -107,6 +110,11 @@ def test_json_client_keeps_the_specific_code_in_its_http_error(gw):
     every client (openai SDK ``APIError.code``): the gateway's specific code, as before."""
     r = post_turn(gw, {"model": "m", "input": "please silent"})
     assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_timeout", r.text
+    # the backend refused the gateway's key: a 502 naming the cause (never the 400 of a wrong request)
+    r = post_turn(gw, {"model": "m", "input": "please keyless"})
+    error = r.json()["error"]
+    assert (r.status_code, error["code"], error["type"]) == (502, "upstream_key_refused", "upstream_error"), r.text
+    assert "refused the gateway's credentials" in error["message"] and "sk-echoed" not in r.text
 
 
 def test_the_codes_a_strict_client_takes_are_the_sdk_s_own():
@@ -128,7 +136,8 @@ def test_codex_acts_on_the_codes_as_before(gw, codex_bin, tmp_path):
     """The real Codex CLI, two stream retries allowed: a gateway's own failure (a silent backend:
     ``server_error``, type ``upstream_timeout``) is retried as the specific code was (Codex retries
     any code it does not know), and the retry is answered; ``context_length_exceeded`` still ends
-    the turn at once with Codex's own words for it (its context window), never retried."""
+    the turn at once with Codex's own words for it (its context window), never retried; the
+    gateway's key refused by the backend ends it with the gateway's words for that, retried."""
     codex = Codex.at(codex_bin, tmp_path)
     codex.configure(gw.base_url)
     set_retries(codex, stream=2)
@@ -138,3 +147,8 @@ def test_codex_acts_on_the_codes_as_before(gw, codex_bin, tmp_path):
     run = codex.exec("please ctx", timeout=90)
     assert run.returncode != 0 and "context window" in run.output, diag(run, gw)
     assert _Backend.seen.count("ctx") == 1, _Backend.seen
+    # the backend refused the gateway's key: Codex tells its user the gateway's operator must fix it
+    # (not "your request is wrong"), after its retries (server_error: the key may be fixed meanwhile)
+    run = codex.exec("please keyless", timeout=90)
+    assert run.returncode != 0 and "refused the gateway's credentials" in run.output, diag(run, gw)
+    assert "sk-echoed" not in run.output and _Backend.seen.count("keyless") == 3, _Backend.seen

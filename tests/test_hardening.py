@@ -260,14 +260,19 @@ def test_secrets_never_reach_logs_flows_or_clients(gateway_factory, tmp_path):
                              env={"RESP2CHAT_UPSTREAM_API_KEY": key})
         client = openai_client(gw, api_key=client_key)
         events = list(client.responses.create(model="m", input="hi", stream=True))
-        with pytest.raises(openai.BadRequestError) as info:
+        with pytest.raises(openai.InternalServerError) as info:
             client.responses.create(model="m", input="hi")
         gw.stop()
-    message = events[-1].response.error.message
-    assert events[-1].type == "response.failed" and "Incorrect API key provided" in message
-    for text in (message, str(info.value), gw.log(), flows.read_bytes().decode("utf-8", "replace"), log.read_text()):
+    # the gateway's key refused: the client reads that (a 502, server_error), not the backend's words
+    error = events[-1].response.error
+    assert events[-1].type == "response.failed" and error.code == "server_error"
+    assert "refused the gateway's credentials" in error.message and "Incorrect API key" not in error.message
+    assert info.value.status_code == 502 and info.value.code == "upstream_key_refused"
+    for text in (error.message, str(info.value), gw.log(), flows.read_bytes().decode("utf-8", "replace"),
+                 log.read_text()):
         assert key not in text and client_key not in text
-    assert "[redacted]" in message
+    # the operator's log has the backend's words, scrubbed, once a turn
+    assert gw.log().count("Incorrect API key provided: sk-[redacted]") == 2, gw.log()
 
 
 class _HtmlError(QuietHandler):

@@ -235,7 +235,9 @@ def test_a_key_a_backend_repeats_json_escaped_reaches_no_client_nor_flow(tmp_pat
                              if line.startswith("data: {")]
         finally:
             gw.stop()
-    assert "invalid key" in seen[0] and "invalid key" in seen[1]  # (the backend's words, passed on)
+    assert "invalid key" in seen[0]  # (the backend's words, passed on: a passthrough answer)
+    # (a turn's 401 refused the gateway's key: the client reads that; the words are the operator's)
+    assert "refused the gateway's credentials" in seen[1] and "invalid key" in gw.log()
     for text in seen:
         assert _pieces_of_the_key(text) == [], text
     kept = flows.read_bytes().decode("latin-1")

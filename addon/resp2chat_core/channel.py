@@ -76,15 +76,19 @@ class Keepalive:
 class UpstreamFailed:
     """The backend answered with an error status, could not be reached, or went silent.
     ``body`` is the backend's own error body, or an OpenAI-style error the relay wrote (``own``:
-    the gateway's wording, shown to the client; a backend's 5xx words are not, errors.py)."""
+    the gateway's wording, shown to the client; a backend's 5xx words are not, errors.py).
+    ``forwarded``: the backend was sent the client's own credentials (routing.py
+    ``Candidate.forwarded``): a 401/403 refused those, not the gateway's key (errors.py
+    ``KEY_REFUSED``)."""
 
     status: int
     body: bytes
     retry_after: str | None = None
     own: bool = False
+    forwarded: bool = False
 
     def apply(self, t) -> bytes:
-        return t.fail_upstream(self.status, self.body, self.retry_after, self.own)
+        return t.fail_upstream(self.status, self.body, self.retry_after, self.own, self.forwarded)
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,13 +47,28 @@ def error_json(message: str, *, status_type: str = "invalid_request_error", para
 # rate_limit_exceeded is retried after the delay parsed from "try again in N s";
 # server_is_overloaded is fatal with a canned "model is at capacity" text (so we never send it:
 # an overloaded backend is worth retrying and its message worth showing); any other code is
-# retried with its message. A 4xx other than 429 can never succeed: invalid_prompt.
+# retried with its message. A 4xx other than 429 can never succeed: invalid_prompt; but a 401 or
+# 403 is the backend refusing the gateway's own key (``KEY_REFUSED``): the operator's to fix.
 _CONTEXT_RE = re.compile(
     r"context length|context window|maximum context|too many tokens|prompt is too long"
     r"|exceeds? the (?:available )?context|n_ctx|reduce the length",
     re.I,
 )
 _QUOTA_RE = re.compile(r"insufficient[_ ]quota|quota exceeded|billing|credit", re.I)
+
+# A backend's 401, or 403, to the gateway's chat request: it refused the credentials the gateway
+# sent (the operator's ``upstream_api_key``, an ``upstreams`` entry's ``api_key``: wrong, expired,
+# revoked, without access to the model), not anything of the client's request. The client gets a
+# ``server_error`` naming the cause (HTTP: 502 ``upstream_error``), never the backend's words (a
+# 401 body may echo the key); the next upstream is tried (routing.py ``refused_key``). Not a 403
+# about what the request says (OpenRouter's moderation: "your input was flagged", a content
+# filter, a guardrail, a refusal: ``_CONTENT_RE``), nor a refusal of the client's own credentials
+# (``forward_client_auth``: ``upstream_failure``'s ``forwarded``), which stay ``invalid_prompt``.
+KEY_REFUSED = "upstream_key_refused"
+REFUSED_WORDS = ("the upstream refused the gateway's credentials; the operator must check its key: upstream_api_key,"
+                 " or the upstreams entry's api_key")
+_CONTENT_RE = re.compile(r"moderat|flagged|content[ _-]?(?:policy|filter|management)|safety|refusal|guardrail"
+                         r"|prompt[ _-]?injection|policy[ _-]?violation", re.I)
 
 
 def _status_code(value: object) -> int | None:
@@ -68,7 +83,8 @@ def _status_code(value: object) -> int | None:
 
 
 def classify_upstream_error(status: int | None, message: str, upstream_code: object = None) -> str:
-    """Map an upstream failure (HTTP status and/or message) to a Responses error code.
+    """Map an upstream failure (HTTP status and/or message) to a Responses error code (or the
+    gateway's own ``KEY_REFUSED``, a ``server_error`` to a client: ``response_error``).
 
     A failure reported inside a 200 stream (mid-stream ``{"error": …}``, a JSON error body
     served with 200) has no useful HTTP status; the error's own numeric ``code`` stands in.
@@ -84,6 +100,8 @@ def classify_upstream_error(status: int | None, message: str, upstream_code: obj
         return "insufficient_quota" if _QUOTA_RE.search(message) else "rate_limit_exceeded"
     if status == 402 or _QUOTA_RE.search(message):
         return "insufficient_quota"
+    if status == 401 or (status == 403 and not _CONTENT_RE.search(f"{message} {code}")):
+        return KEY_REFUSED
     if status is not None and 400 <= status < 500:
         return "invalid_prompt"
     return "server_error"
@@ -173,8 +191,10 @@ def upstream_error_message(status: int | None, body: bytes) -> tuple[str, object
 # generic message with the upstream status and the gateway's request id; the words go to the
 # gateway's log and the flow (``Translator.error_detail``). A 4xx JSON error is written for the
 # client (context too long, invalid request, rate limited) and keeps its text, scrubbed of
-# key-like strings (``sanitize``) and of the configured keys (channel.scrub). What the gateway
-# itself observed (cannot connect, a stall, its own bug) is its own wording, shown as it is.
+# key-like strings (``sanitize``) and of the configured keys (channel.scrub); but not a backend's
+# refusal of the gateway's key (``KEY_REFUSED``): that is the operator's, and the client gets
+# ``REFUSED_WORDS``. What the gateway itself observed (cannot connect, a stall, its own bug) is
+# its own wording, shown as it is.
 
 
 def _json_error(body: bytes) -> bool:
@@ -235,14 +255,23 @@ def path_miss(body: bytes) -> bool:
 
 
 def upstream_failure(status: int | None, body: bytes, request_id: str = "",
-                     own: bool = False) -> tuple[str, str, str]:
+                     own: bool = False, forwarded: bool = False) -> tuple[str, str, str]:
     """An upstream failure as (Responses error code, the client's message, the operator's detail).
 
     ``own``: the relay wrote ``body`` itself (``channel.UpstreamFailed.own``): its message is
     the gateway's own wording, shown with the request id, and an error ``code`` it wrote is the
-    code (relay/upstream.py ``failure``)."""
+    code (relay/upstream.py ``failure``). ``forwarded``: the backend was sent the client's own
+    credentials (``forward_client_auth``): its 401/403 refused them, not the gateway's key, and
+    is the client's (``invalid_prompt``, the backend's words: as any other 4xx). The gateway's
+    key refused (``KEY_REFUSED``): the client gets ``REFUSED_WORDS``, the operator the
+    backend's words besides."""
     message, upstream_code = upstream_error_message(status, body)
     code = classify_upstream_error(status, message, upstream_code)
+    if code == KEY_REFUSED and not own:
+        if forwarded:
+            code = "invalid_prompt"
+        else:
+            return code, withheld(status, request_id, REFUSED_WORDS), f"{message} ({REFUSED_WORDS})"
     wrong_url = status == 404 and not own and path_miss(body)  # (NO_SUCH_PATH)
     if wrong_url:
         message += f" ({NO_SUCH_PATH})"

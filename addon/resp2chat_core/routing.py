@@ -91,6 +91,9 @@ class Candidate:
     idle_timeout: float = 60.0  # seconds of upstream silence before the turn fails (inf: no limit)
     data_timeout: float = 300.0  # seconds without stream data (SSE comments are none) before it fails (inf: none)
     keepalive: float = 15.0  # seconds without data before the first between keepalive events (inf: off)
+    # its authorization is the client's own, given or not (forward_client_auth: the gateway has no
+    # key for it), so a 401/403 refused the client's credentials, not the gateway's (errors.py KEY_REFUSED)
+    forwarded: bool = False
 
     def sent(self, common: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         """The headers this upstream gets: ``common`` (what every candidate gets: the client's

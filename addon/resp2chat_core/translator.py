@@ -398,10 +398,11 @@ class Translator:
         return self._flush()
 
     def fail_upstream(self, status: int | None, body: bytes, retry_after: str | None = None,
-                      own: bool = False) -> bytes:
+                      own: bool = False, forwarded: bool = False) -> bytes:
         """An upstream error body (HTTP error or JSON error) -> ``response.failed``. ``own``: the
-        relay wrote the body (a failure it observed), not the backend."""
-        self._fail_upstream(status, body, retry_after, own)
+        relay wrote the body (a failure it observed), not the backend; ``forwarded``: the
+        backend was sent the client's own credentials (errors.py ``upstream_failure``)."""
+        self._fail_upstream(status, body, retry_after, own, forwarded)
         return self._flush()
 
     def oversized(self, limit: int) -> bytes:
@@ -712,8 +713,8 @@ class Translator:
         return True
 
     def _fail_upstream(self, status: int | None, body: bytes, retry_after: str | None = None,
-                       own: bool = False) -> None:
-        code, message, detail = upstream_failure(status, body, self.ctx.request_id, own)
+                       own: bool = False, forwarded: bool = False) -> None:
+        code, message, detail = upstream_failure(status, body, self.ctx.request_id, own, forwarded)
         if self.phase is not Phase.DONE:
             self.retry_after = retry_after
         wait = retry_seconds(retry_after)

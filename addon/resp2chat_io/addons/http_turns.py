@@ -55,6 +55,7 @@ FAILED = {
     "rate_limit_exceeded": (429, "upstream_error"),
     "invalid_api_key": (401, "authentication_error"),  # its key was revoked while it ran (Turns.clients_changed)
     "insufficient_quota": (429, "upstream_error"),
+    "upstream_key_refused": (502, "upstream_error"),  # the backend refused the gateway's own key: the operator's (errors.py)
     # a completed turn its conversation could not take (Turns.land): the write's own status
     "store_unavailable": (503, "server_error"),
     "conversation_not_found": (404, "invalid_request_error"),

@@ -286,9 +286,14 @@ class Upstreams(Owner):
             own, name, url = self.s, "default", self.target(flow).url
         else:
             own, name, url = spec.settings(self.s), spec.name, self.endpoints[spec.name].url
+        keyed = spec.api_key if spec is not None else self.s["upstream_api_key"]
+        # (without a key of its own, with forward_client_auth: the client's credentials, or none it
+        # gave, are what the backend judges: its 401 is the client's, routing.Candidate.forwarded)
+        forwarded = not keyed and self.s["forward_client_auth"] and not self.s["gateway_api_key"]
         return routing.Candidate(name, url + routing.CHAT_PATH, body, think,
                                  _bearer(self.authorization(spec, client_auth)),
-                                 routing.header_pairs(own["upstream_headers"]), **routing.timeouts(own))
+                                 routing.header_pairs(own["upstream_headers"]), forwarded=bool(forwarded),
+                                 **routing.timeouts(own))
 
     def candidates(self, turn: Turn, flow: http.HTTPFlow, client_auth: str | None) -> tuple[routing.Candidate, ...]:
         """A turn's upstreams in the order they are tried (routing.py's rule), each with its URL,

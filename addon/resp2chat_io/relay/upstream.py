@@ -337,7 +337,7 @@ class UpstreamClient:
         try:
             outcome = await self._roundtrip(target, headers, body, up_reader, up_writer, channel, reader, heard,
                                             _Watch(to.idle_timeout, to.keepalive, channel, to.data_timeout),
-                                            fall_back)
+                                            fall_back, to.forwarded)
         except (OSError, h11.ProtocolError) as exc:
             if heard[0] and not heard[1]:  # (bytes that are no HTTP answer: another service, a proxy's)
                 channel.event(failure(502, f"the upstream {target.origin} answered with no HTTP response ({exc})",
@@ -424,7 +424,8 @@ class UpstreamClient:
 
     async def _roundtrip(self, target: BackendUrl, headers, body: bytes, up_reader: asyncio.StreamReader,
                         up_writer: asyncio.StreamWriter, channel: Channel, reader: Reader | None,
-                        heard: list[bool], watch: _Watch, fall_back: bool = False) -> CallEnd:
+                        heard: list[bool], watch: _Watch, fall_back: bool = False,
+                        forwarded: bool = False) -> CallEnd:
         client = h11.Connection(h11.CLIENT)
         parts = target.parts
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -528,7 +529,7 @@ class UpstreamClient:
         del held  # (one copy of a body of up to max_answer held, not two)
         if status != 200:
             wait = backend_retry_after(retry_after.decode("latin-1") if retry_after else None, time.time())
-            channel.event(UpstreamFailed(status, got, wait))
+            channel.event(UpstreamFailed(status, got, wait, forwarded=forwarded))
         elif not stream:
             data = reader.whole(got) if reader is not None else None
             if data is None:
