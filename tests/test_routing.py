@@ -76,7 +76,11 @@ def test_which_failures_fall_back():
     assert falls_back(UpstreamFailed(502, b""))  # could not connect (the relay's own)
     assert falls_back(UpstreamFailed(503, b"")) and falls_back(UpstreamFailed(504, b""))
     assert falls_back(UpstreamFailed(429, b""))
-    assert not falls_back(UpstreamFailed(400, b"context too long")) and not falls_back(UpstreamFailed(401, b""))
+    assert not falls_back(UpstreamFailed(400, b"context too long"))
+    # the gateway's key refused (a 401, a 403 not about the request's words): the next has its own key
+    assert falls_back(UpstreamFailed(401, b"")) and falls_back(REFUSED) and falls_back(FORBIDDEN)
+    # but not a 403 about what the request says (OpenRouter's moderation), nor the client's own key refused
+    assert not falls_back(FLAGGED) and not falls_back(UpstreamFailed(401, REFUSED.body, forwarded=True))
     assert not falls_back(UpstreamFailed(400, b'{"error": {"message": "bad tool schema"}}'))
     assert not falls_back(UpstreamFailed(404, b'{"error": {"message": "model not found"}}'))
     # a conversation too long for this backend's context (its words or its code): the next may hold more
@@ -110,13 +114,23 @@ UNREACHABLE = UpstreamFailed(502, json.dumps({"error": {"message": "cannot conne
 SILENT = UpstreamFailed(504, json.dumps({"error": {"message": "no answer", "code": "upstream_timeout"}}).encode(),
                         own=True)
 LONG = UpstreamFailed(400, b'{"error": {"message": "This model\'s maximum context length is 4096 tokens"}}')
+REFUSED = UpstreamFailed(401, b'{"error": {"message": "Incorrect API key provided: sk-proj-abcdef123456", '
+                              b'"code": "invalid_api_key"}}')
+FORBIDDEN = UpstreamFailed(403, b'{"error": {"message": "Project does not have access to model m"}}')
+FLAGGED = UpstreamFailed(403, b'{"error": {"code": 403, "message": "m requires moderation on OpenRouter. Your input '
+                              b'was flagged", "metadata": {"reasons": ["harassment"], "flagged_input": "..."}}}')
 
 
 def test_each_failure_that_falls_back_is_of_one_kind():
-    assert [kind(f) for f in (RATE, QUOTA, DOWN, UNREACHABLE, SILENT, LONG)] == [
-        "rate_limited", "out_of_quota", "down", "down", "down", "too_long"]
-    assert kind(UpstreamFailed(401, b"")) == "other" and set(KINDS) == {"rate_limited", "down", "too_long", "out_of_quota"}
-    assert all(falls_back(f) for f in (RATE, QUOTA, DOWN, UNREACHABLE, SILENT, LONG))
+    assert [kind(f) for f in (RATE, QUOTA, DOWN, UNREACHABLE, SILENT, LONG, REFUSED, FORBIDDEN)] == [
+        "rate_limited", "out_of_quota", "down", "down", "down", "too_long", "refused_key", "refused_key"]
+    assert kind(UpstreamFailed(400, b"")) == "other" and kind(FLAGGED) == "other"
+    assert set(KINDS) == {"rate_limited", "down", "too_long", "out_of_quota", "refused_key"}
+    assert all(falls_back(f) for f in (RATE, QUOTA, DOWN, UNREACHABLE, SILENT, LONG, REFUSED, FORBIDDEN))
+    # a compaction summary's refused key: the gateway's 502 that stands for it is still one
+    summary = UpstreamFailed(502, json.dumps({"error": {"message": "refused", "type": "upstream_error",
+                                                        "code": "upstream_key_refused"}}).encode(), own=True)
+    assert kind(summary) == "refused_key" and falls_back(summary)
 
 
 @pytest.mark.parametrize("tried,decides", [
@@ -128,11 +142,15 @@ def test_each_failure_that_falls_back_is_of_one_kind():
     # too long everywhere it was not a quota: compact (Codex), not "quota exceeded"
     ([LONG, QUOTA], LONG), ([QUOTA, LONG], LONG), ([LONG, LONG], LONG),
     ([QUOTA, QUOTA], QUOTA),
+    # a refused key last: nothing the client does cures it; what another upstream said may
+    ([REFUSED, RATE], RATE), ([REFUSED, DOWN], DOWN), ([LONG, REFUSED], LONG), ([REFUSED, QUOTA], QUOTA),
+    ([REFUSED, FORBIDDEN], REFUSED), ([FORBIDDEN, REFUSED], FORBIDDEN),
 ])
 def test_the_failure_that_decides_is_the_one_that_tells_the_client_what_to_do(tried, decides):
     assert deciding(tried) is decides
     codes = {RATE: ("rate_limit_exceeded", 429), DOWN: ("server_error", 503), UNREACHABLE: ("server_error", 502),
-             SILENT: ("upstream_timeout", 504), LONG: ("context_length_exceeded", 400), QUOTA: ("insufficient_quota", 429)}
+             SILENT: ("upstream_timeout", 504), LONG: ("context_length_exceeded", 400), QUOTA: ("insufficient_quota", 429),
+             REFUSED: ("upstream_key_refused", 401), FORBIDDEN: ("upstream_key_refused", 403)}
     failure = all_failed("m", [(f"u{i}", f) for i, f in enumerate(tried)])
     error = json.loads(failure.body)["error"]
     assert (error["code"], failure.status) == codes[decides], (tried, error, failure.status)
@@ -147,6 +165,17 @@ def test_all_failed_names_every_upstream_with_the_deciding_status():
     assert failure.status == 429 and failure.retry_after == "7"
     assert message.startswith("every upstream for model 'qwen3' failed: a (") and "cannot connect" in message
     assert "b (upstream HTTP 429: slow down)" in message
+
+
+def test_all_failed_of_refused_keys_names_the_cause_and_keeps_the_backends_words_for_the_operator():
+    failure = all_failed("m", [("a", REFUSED), ("b", FORBIDDEN)])
+    error = json.loads(failure.body)["error"]
+    assert error["code"] == "upstream_key_refused"
+    assert error["message"].count("refused the gateway's credentials") == 2, error["message"]
+    assert "Incorrect API key" not in error["message"] and "sk-proj" not in error["message"]
+    raw = error["metadata"]["raw"]  # (the turn's error detail: the operator's log)
+    assert "Incorrect API key provided: sk-[redacted]" in raw and "does not have access to model m" in raw
+    assert "abcdef123456" not in raw
 
 
 def test_all_failed_asks_for_the_shortest_wait_any_upstream_gave():

@@ -162,6 +162,58 @@ def test_a_conversation_too_long_for_one_upstream_falls_back_to_the_next(tmp_pat
         shorter.close()
 
 
+def test_an_upstream_that_refuses_the_gateways_key_falls_back_and_all_refusing_is_a_502(tmp_path, demo_pair):
+    """A backend's 401/403 refused the key the gateway sent it (errors.py ``KEY_REFUSED``): the
+    next upstream, with its own key, answers the turn (streamed or not); every upstream refusing is
+    a 502 ``upstream_key_refused`` (``server_error`` in a stream) naming each and the cause, never
+    a backend's words (they may echo the key: the log has them, scrubbed). A 403 about what the
+    request says (a moderation flag) is the request's: the 400, no fallback."""
+    echoed = "sk-stale-0123456789abcdef"
+    stale = Refusing(401, f"Incorrect API key provided: {echoed}", code="invalid_api_key")
+    denied = Refusing(403, "Project does not have access to model m")
+    flagged = Refusing(403, "m requires moderation on OpenRouter. Your input was flagged")
+    gw = gateway_with(tmp_path, [
+        {"name": "stale", "base_url": stale.base_url, "api_key": echoed, "models": ["m", "n"]},
+        {"name": "good", "base_url": demo_pair[0].base_url, "api_key": "sk-good-222222", "models": ["m"]},
+        {"name": "denied", "base_url": denied.base_url, "api_key": "sk-denied-33333", "models": ["n"]},
+        {"name": "flagged", "base_url": flagged.base_url, "models": ["f"]},
+        {"name": "spare", "base_url": demo_pair[1].base_url, "models": ["f"]}])
+    try:
+        r = requests.post(gw.base_url + "/responses", json={"model": "m", "input": "hello there"}, timeout=30)
+        assert r.status_code == 200 and r.json()["output"][-1]["content"][0]["text"] == "You said: hello there", r.text
+        events = parse_sse(requests.post(gw.base_url + "/responses", json={"model": "m", "input": "hi", "stream": True},
+                                         timeout=30).content)
+        assert events[-1]["type"] == "response.completed", events[-1]
+        assert len(stale.calls) == 2 and stale.calls[0]["authorization"] == f"Bearer {echoed}"
+        assert "upstream stale failed before its first byte (HTTP 401): refused the gateway's key" in gw.log()
+
+        # every upstream refused its key: the gateway's failure, named, in both shapes
+        r = requests.post(gw.base_url + "/responses", json={"model": "n", "input": "hi"}, timeout=30)
+        events = parse_sse(requests.post(gw.base_url + "/responses", json={"model": "n", "input": "hi", "stream": True},
+                                         timeout=30).content)
+        assert events[-1]["type"] == "response.failed", events[-1]
+        streamed = events[-1]["response"]["error"]
+        assert (r.status_code, r.json()["error"]["type"]) == (502, "upstream_error"), r.text
+        assert (r.json()["error"]["code"], streamed["code"], streamed["type"]) == (
+            "upstream_key_refused", "server_error", "upstream_key_refused"), (r.text, streamed)
+        for error in (r.json()["error"], streamed):
+            assert error["message"].startswith("every upstream for model 'n' failed: stale (upstream HTTP 401: the "
+                                               "upstream refused the gateway's credentials"), error
+            assert "denied (upstream HTTP 403: the upstream refused the gateway's credentials" in error["message"]
+            assert "Incorrect API key" not in error["message"] and "access to model" not in error["message"]
+        assert echoed not in r.text + json.dumps(events) + gw.log()
+        assert "Incorrect API key provided: sk-[redacted]" in gw.log() and "does not have access to model m" in gw.log()
+
+        # a 403 about what the request says: the client's, no fallback
+        r = requests.post(gw.base_url + "/responses", json={"model": "f", "input": "hi"}, timeout=30)
+        assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_prompt"), r.text
+        assert "Your input was flagged" in r.json()["error"]["message"] and demo_pair[1].requests() == []
+    finally:
+        gw.stop()
+        for up in (stale, denied, flagged):
+            up.close()
+
+
 def test_all_upstreams_down_is_one_clear_error_naming_them(tmp_path):
     busy = Refusing(429, "slow down")
     dead = f"http://127.0.0.1:{free_port()}/v1"

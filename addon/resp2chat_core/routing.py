@@ -5,12 +5,14 @@ Rules of this file:
   ``models`` globs match the client's model name; every later match is a fallback, tried in
   order when the one before failed **before its first byte**: it could not be reached (or
   answered with no HTTP), it ended its stream before any data, it answered 5xx or 429 (a
-  gateway-observed silence is a 504), or it found the conversation too long for its context
+  gateway-observed silence is a 504), it found the conversation too long for its context
   (``context_length_exceeded``: a 400 "maximum context length"…; the next upstream may have a
-  larger window). Never after anything of an answer reached the client, and never for another
-  4xx (the request itself is wrong; the next upstream would say the same). A call the gateway
-  reads whole and passes nothing of (a compaction summary: server-side compaction's, a
-  compaction turn's; relay/exchange.py) fails before anything reached the client at any point
+  larger window), or it refused the gateway's key (a 401/403: errors.py ``KEY_REFUSED``; the
+  next upstream has its own). Never after anything of an answer reached the client, and never
+  for another 4xx (the request itself is wrong; the next upstream would say the same; so is a
+  refusal of the client's own key, ``forward_client_auth``: it is part of the request). A call
+  the gateway reads whole and passes nothing of (a compaction summary: server-side compaction's,
+  a compaction turn's; relay/exchange.py) fails before anything reached the client at any point
   of it: it falls back on such a failure midway too (the same rule, ``falls_back``).
 - Each entry may carry the per-backend settings (settings.py ``PER_UPSTREAM``, same names): an
   upstream's own value wins over the top-level one, so each candidate gets its own
@@ -48,13 +50,18 @@ one a retry asks first):
     too_long       ``context_length_exceeded``              compacts, or stops (Codex): a retry of the
                                                             same conversation would fail again
     out_of_quota   429 ``insufficient_quota``               stops (Codex: "quota exceeded"): billing
+    refused_key    401/403: the backend refused the         retries (``server_error``; HTTP 502), the
+                   gateway's key (``KEY_REFUSED``)          message telling the operator to fix it
     =============  =======================================  ==========================================
 
 A failure a retry of the same request may cure beats one it cannot: a conversation too long for
 one upstream and another that is down is retried (the larger window may be back; compacting loses
 the conversation's detail for good), and a quota that ran out on one upstream hides no other's
-outage. A rate limit beats an outage: it is the failure that says it passes (and when), what a
-client's back-off is made for. A failure that does not fall back (another 4xx: the request is
+outage. A refused key comes last: nothing the client does cures it (only the operator), and what
+any other upstream said may (a compacted conversation fits the short one) or at least says
+truly why that one failed; whichever decides, every upstream is named with its reason. A rate
+limit beats an outage: it is the failure that says it passes (and when), what a client's
+back-off is made for. A failure that does not fall back (another 4xx: the request is
 wrong there) is never one of them: it ends the walk and reaches the client as it is (relay/
 exchange.py ``_walk``), what failed before it named nowhere: the same request would fail so again.
 """
@@ -67,7 +74,7 @@ from typing import Sequence
 
 from . import settings as S
 from .channel import Channel, Event, Keepalive, UpstreamFailed
-from .errors import GatewayError, upstream_failure
+from .errors import KEY_REFUSED, GatewayError, upstream_failure
 from .limits import retry_seconds
 
 CHAT_PATH = "/chat/completions"  # below an upstream's base URL: where its turns go
@@ -140,24 +147,32 @@ def candidates(specs: Sequence[S.UpstreamSpec], model: str) -> tuple[S.UpstreamS
 
 
 def falls_back(failure: UpstreamFailed) -> bool:
-    """Worth trying the next upstream: unreachable (the relay's 502), silent (504), 5xx, 429, and
-    a conversation too long for the backend's context (``context_length_exceeded``, a 400 or its
+    """Worth trying the next upstream: unreachable (the relay's 502), silent (504), 5xx, 429, a
+    conversation too long for the backend's context (``context_length_exceeded``, a 400 or its
     error object, errors.py ``classify_upstream_error``): the next upstream may hold more (a
-    compaction summary asks for the whole conversation and the prompt besides). When none is
+    compaction summary asks for the whole conversation and the prompt besides), and the gateway's
+    key refused (``KEY_REFUSED``, a 401/403): the next upstream is sent its own. When none is
     left the client gets the code (``all_failed``: every upstream too short, the 400), which Codex
     acts on (it stops, or compacts)."""
     return (failure.status >= 500 or failure.status == 429
-            or upstream_failure(failure.status, failure.body, own=failure.own)[0] == TOO_LONG)
+            or _code(failure) in (TOO_LONG, KEY_REFUSED))
 
 
-KINDS = ("rate_limited", "down", "too_long", "out_of_quota")  # the order in which a kind decides (module docstring)
+def _code(failure: UpstreamFailed) -> str:
+    """A failure's Responses code (errors.py ``upstream_failure``)."""
+    return upstream_failure(failure.status, failure.body, own=failure.own, forwarded=failure.forwarded)[0]
+
+
+KINDS = ("rate_limited", "down", "too_long", "out_of_quota", "refused_key")  # the order a kind decides in (module docstring)
 
 
 def kind(failure: UpstreamFailed) -> str:
     """Which of ``KINDS`` a failure that falls back is (``falls_back``), by its Responses code
     (errors.py ``upstream_failure``: the backend's own code or words, the relay's for its own
     failures) and its status; "other" for one that does not fall back."""
-    code = upstream_failure(failure.status, failure.body, own=failure.own)[0]
+    code = _code(failure)
+    if code == KEY_REFUSED:  # (a 401/403; or the gateway's 502 that stands for one: a compaction summary's)
+        return "refused_key"
     if code == TOO_LONG:
         return "too_long"
     if code == "insufficient_quota":
@@ -178,10 +193,10 @@ def deciding(failures: Sequence[UpstreamFailed]) -> UpstreamFailed:
 def all_failed(model: str, tried: Sequence[tuple[str, UpstreamFailed]]) -> UpstreamFailed:
     """One failure naming every upstream tried (and why), with the status and code of the one
     that tells the client best what to do next (``deciding``: a rate limit, else an outage, else a
-    conversation too long, else a quota), and the shortest wait any of them asked for
-    (``Retry-After``): a client's retry goes through every upstream again, so it may be answered
-    as soon as the first of them is ready; the longest would keep it waiting for the slowest, the
-    last one's is a matter of order. A backend that
+    conversation too long, else a quota, else a refused key), and the shortest wait any of them
+    asked for (``Retry-After``): a client's retry goes through every upstream again, so it may be
+    answered as soon as the first of them is ready; the longest would keep it waiting for the
+    slowest, the last one's is a matter of order. A backend that
     answered without a wait (a plain 503/504, a 429 without the header) may be ready at once:
     then none is told, and the client backs off as it does by itself (Codex, the openai SDK:
     well under a second at first), rather than sitting out another upstream's 30 s. What the
@@ -193,11 +208,11 @@ def all_failed(model: str, tried: Sequence[tuple[str, UpstreamFailed]]) -> Upstr
     backends' own words go to the operator only (``metadata.raw``: the turn's error detail)."""
     shown, full = [], []
     for name, failure in tried:
-        _, said, detail = upstream_failure(failure.status, failure.body, own=failure.own)
+        _, said, detail = upstream_failure(failure.status, failure.body, own=failure.own, forwarded=failure.forwarded)
         shown.append(f"{name} ({said})")
         full.append(f"{name} ({detail})")
     decides = deciding([f for _, f in tried])
-    code = upstream_failure(decides.status, decides.body, own=decides.own)[0]
+    code = _code(decides)
     head = f"every upstream for model {model!r} failed: "
     error = {"message": head + "; ".join(shown), "type": "upstream_unavailable", "code": code}
     if full != shown:

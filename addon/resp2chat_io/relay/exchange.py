@@ -521,7 +521,8 @@ async def _walk(ex: Exchange, start: int, failed: list[tuple[str, UpstreamFailed
         if routing.falls_back(failure) and i < last:
             failed.append((to.name, failure))
             ex.skipped.append((to.name, failure.status))
-            log.warning(f"resp2chat: upstream {to.name} failed {when} (HTTP {failure.status}): "
+            refused = " refused the gateway's key: check its api_key;" if routing.kind(failure) == "refused_key" else ""
+            log.warning(f"resp2chat: upstream {to.name} failed {when} (HTTP {failure.status}):{refused} "
                         f"trying {ex.candidates[i + 1].name} for model {ex.model!r}")
             continue
         if failed and routing.falls_back(failure):
