@@ -189,6 +189,12 @@ def test_all_failed_asks_for_the_shortest_wait_any_upstream_gave():
     assert all_failed("m", [("c", UpstreamFailed(504, b"")), ("a", busy("1.5"))]).retry_after is None
     # what the relay saw itself (unreachable, silent) says nothing of when: the others' wait holds
     assert all_failed("m", [("c", UpstreamFailed(504, b"", own=True)), ("a", busy("1.5"))]).retry_after == "1.5"
+    # a failure a retry cannot cure (too long, a quota, a refused key) says nothing of when either:
+    # the rate limit's wait holds (without it the openai SDK gave up after its two quick retries)
+    for cannot in (LONG, QUOTA, REFUSED, FORBIDDEN):
+        assert all_failed("m", [("a", busy("20")), ("b", cannot)]).retry_after == "20", cannot
+        assert all_failed("m", [("b", cannot), ("a", busy("20"))]).retry_after == "20", cannot
+    assert all_failed("m", [("b", LONG), ("c", QUOTA)]).retry_after is None  # (nothing to wait for)
 
 
 def test_each_candidate_gets_its_own_deterministic_body():

@@ -36,8 +36,8 @@ translator the sealed item and the backend's usage (``CompactionTranslator.summa
 with several upstreams, the summary falls back to the next one wherever it failed: before its
 first byte, in its stream (an error object, garbage, a finish reason of failure, a cut, the
 gateway's bounds), or with a context too short for the conversation (routing.py
-``falls_back``, as an answer's first round does); the last one's failure is the client's, with the code it would be for
-an answer (``context_length_exceeded``: Codex stops, it does not retry the same compaction).
+``falls_back``, as an answer's first round does); when every one failed, the client gets the failure
+it can act on (routing.py ``deciding``), with the code it would be for an answer (``context_length_exceeded``: Codex stops, it does not retry the same compaction).
 
 Server-side compaction (``context_management: [{"type": "compaction", "compact_threshold": N}]``
 on a turn, either transport: the OpenAI Agents SDKs send it) runs on the same machinery, as a

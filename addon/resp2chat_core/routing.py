@@ -163,6 +163,7 @@ def _code(failure: UpstreamFailed) -> str:
     return upstream_failure(failure.status, failure.body, own=failure.own, forwarded=failure.forwarded)[0]
 
 
+CURABLE = ("rate_limited", "down")  # the kinds a retry of the same request may cure: the only ones whose wait counts
 KINDS = ("rate_limited", "down", "too_long", "out_of_quota", "refused_key")  # the order a kind decides in (module docstring)
 
 
@@ -200,7 +201,10 @@ def all_failed(model: str, tried: Sequence[tuple[str, UpstreamFailed]]) -> Upstr
     answered without a wait (a plain 503/504, a 429 without the header) may be ready at once:
     then none is told, and the client backs off as it does by itself (Codex, the openai SDK:
     well under a second at first), rather than sitting out another upstream's 30 s. What the
-    relay saw itself (``own``: unreachable, silent) says nothing of when: it has no say.
+    relay saw itself (``own``: unreachable, silent) says nothing of when: it has no say; nor does
+    a failure a retry cannot cure (``CURABLE``: a conversation too long, a quota, a refused key),
+    which never carries a wait: without this, a rate limit's ``Retry-After: 20`` beside one was
+    dropped, and the openai SDK gave up after its two quick retries.
 
     The failure is the gateway's own wording (``own``): each reason is what a client may read of
     that upstream's failure (errors.py ``upstream_failure``: a backend's 5xx words are withheld),
@@ -218,10 +222,10 @@ def all_failed(model: str, tried: Sequence[tuple[str, UpstreamFailed]]) -> Upstr
     if full != shown:
         error["metadata"] = {"raw": "; ".join(full)}
     body = json.dumps({"error": error}).encode()
-    answered = [f for _, f in tried if not f.own]
-    if any(retry_seconds(f.retry_after) is None for f in answered):
+    waits = [f for _, f in tried if not f.own and kind(f) in CURABLE]
+    if any(retry_seconds(f.retry_after) is None for f in waits):
         return UpstreamFailed(decides.status, body, None, own=True)
-    return UpstreamFailed(decides.status, body, min((f.retry_after for f in answered), key=retry_seconds, default=None),
+    return UpstreamFailed(decides.status, body, min((f.retry_after for f in waits), key=retry_seconds, default=None),
                           own=True)
 
 
