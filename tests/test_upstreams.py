@@ -238,14 +238,15 @@ def test_upstreams_failing_differently_give_the_client_the_failure_it_can_act_on
     outage is the 429 (the client waits and retries), with the shortest wait they gave, not the
     outage's 5xx it got before because that upstream came last; an outage and then a conversation
     too long is the outage (a retry may be answered), not the 400 ``context_length_exceeded`` that
-    would have Codex stop or compact. Each upstream is named, over HTTP JSON and in a stream."""
+    would have Codex stop or compact, with the outage's wait (the conversation too long says
+    nothing of when: ``routing.CURABLE``). Each upstream is named, over HTTP JSON and in a stream."""
     limited, busy = Refusing(429, "slow down", retry_after="3"), Refusing(503, "overloaded", retry_after="9")
     short = Refusing(400, TOO_LONG)
     gw = gateway_with(tmp_path, [{"name": "limited", "base_url": limited.base_url, "models": ["m"]},
                                  {"name": "busy", "base_url": busy.base_url, "models": ["m", "t"]},
                                  {"name": "short", "base_url": short.base_url, "models": ["t"]}])
     try:
-        for model, status, code, wait in (("m", 429, "rate_limit_exceeded", "3"), ("t", 502, "server_error", None)):
+        for model, status, code, wait in (("m", 429, "rate_limit_exceeded", "3"), ("t", 502, "server_error", "9")):
             r = requests.post(gw.base_url + "/responses", json={"model": model, "input": "hi"}, timeout=30)
             raw = requests.post(gw.base_url + "/responses", json={"model": model, "input": "hi", "stream": True},
                                 timeout=30)
