@@ -569,3 +569,28 @@ def test_a_run_being_queued_when_state_store_url_changes_lives_in_the_store_it_w
     finally:
         old.close()
         gw.stop()
+
+
+def test_a_run_keeps_its_redis_when_session_store_dir_then_state_store_url_change(upstream, tmp_path, redis_server):
+    """With Redis, ``session_store_dir`` (the memory store's copy) changing is no new store: the
+    one a background run was queued in stays the current one, so a later ``state_store_url``
+    change still lets that Redis go only once the run ended there (before, a new store object was
+    made on the same Redis; the run, queued in the old object, was not waited for: the old Redis
+    was closed under it, its renewals and end failed, its entry left ``in_progress``)."""
+    gw, put = start_mitmweb_gateway(upstream.origin, tmp_path, "--set", f"resp2chat_state_store_url={redis_server.url}")
+    old = redis_server.client()
+    try:
+        queued = openai_client(gw).responses.create(model="demo-model", input="noreason\nwords: 20\nslow: 100",
+                                                    background=True)
+        with RedisServer(tmp_path / "other") as other:
+            assert put(resp2chat_session_store_dir=str(tmp_path / "dir")).status_code == 200
+            assert put(resp2chat_state_store_url=other.url).status_code == 200
+            assert stored_status(redis_server.url, queued.id)["status"] in B.RUNNING  # (switched while it ran)
+            ended = wait_until(lambda: B.is_running(s := stored_status(redis_server.url, queued.id)) is False and s,
+                               15, "the run ended in the old Redis")
+            assert ended["status"] == "completed", ended
+            wait_until(lambda: len(old.client_list()) == 1, 10, "the gateway's connections to the old Redis closed")
+        assert "Traceback" not in gw.log(), gw.log()
+    finally:
+        old.close()
+        gw.stop()

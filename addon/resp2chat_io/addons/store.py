@@ -97,10 +97,11 @@ class StoredResponses(Owner):
         self._config = config
         url = self.s["state_store_url"]
         if (self.store is not None and before.get("state_store_url") == url
-                and before.get("session_store_dir") == self.s["session_store_dir"]):
-            # only a bound changed (an option set while it runs): the same store under the new
-            # bounds (past them, its oldest go); one made anew would have started empty (memory), or
-            # lost the counts it had (Redis)
+                and (url or before.get("session_store_dir") == self.s["session_store_dir"])):
+            # only a bound changed (an option set while it runs; with Redis, session_store_dir too: it
+            # is the memory store's): the same store under the new bounds (past them, its oldest go);
+            # one made anew would have started empty (memory), or lost the counts it had (Redis), and
+            # be another than the one a background run lives in (``Run.home``: ``_retire``)
             self.store.rebound(ttl=self.s["session_ttl_hours"] * 3600, max_entries=self.s["max_sessions"],
                                max_bytes=self.s["max_session_memory_mb"] << 20)
             return
