@@ -159,9 +159,10 @@ class StoredResponses(Owner):
 
     async def done(self) -> None:
         await self.writes.flush()  # (the replay cache's too)
-        for closing in list(self._retiring.values()):  # (closed now: its runs ended, Background.done came first)
+        for state, closing in list(self._retiring.items()):  # (closed now: its runs ended, Background.done came first)
             closing.cancel()
             await asyncio.gather(closing, return_exceptions=True)
+            await state.close()  # (here: a task cancelled before its first step never runs its ``finally``)
         if self.state is not None:
             await self.state.close()
 
