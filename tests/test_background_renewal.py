@@ -504,6 +504,7 @@ def test_a_run_ends_in_the_store_it_was_queued_in_when_state_store_url_changes(u
         rid = next(events).response.id
         with RedisServer(tmp_path / "other") as other:
             assert put(resp2chat_state_store_url=other.url).status_code == 200
+            assert stored_status(redis_server.url, rid)["status"] in B.RUNNING  # (switched while it ran)
             assert requests.get(f"{gw.base_url}/responses/{rid}", timeout=10).status_code == 404
             assert requests.post(f"{gw.base_url}/responses/{rid}/cancel", timeout=10).status_code == 404
             rest = list(events)
