@@ -30,7 +30,11 @@ connection; clients poll, cancel and resume it (the rules: resp2chat_core/backgr
   client streaming it gets every event; replicas still on that store see it end), never to the
   new store, where it is not (read there as deleted, it stopped). Requests read the new store, as
   for every response stored before the change: a GET, DELETE, cancel or resume of it here is a
-  404. A Redis left so is closed once its runs ended (addons/store.py ``_retire``, ``left``).
+  404 where that store does not hold it; when ``state_store_url`` names its Redis again (A, B,
+  then A), it is found there: a GET reads it, a DELETE stops it at once, a cancel is asked
+  through the store as of another replica's run (it stops at its next renewal), a resume streams
+  this gateway's events. A Redis left so is closed once its runs ended, and those still being
+  queued there (``queue``'s first write) started and ended (addons/store.py ``_retire``, ``left``).
 - ``deleted`` (``DELETE /v1/responses/{id}``, through the store addon): a run of this gateway
   stops at once (its backend call closed); one of another replica at its next renewal.
 - A run whose key is revoked meanwhile (or, created on a keyless gateway, once keys are

@@ -128,8 +128,8 @@ class StoredResponses(Owner):
 
     def _retire(self, state: RedisState, store: Store | None) -> None:
         """``state_store_url`` changed: the Redis it named is closed once no background run of
-        this gateway lives in it any more (``store``: each runs to its end in the store it was
-        queued in, addons/background.py ``left``)."""
+        this gateway lives in it any more, nor is being queued there (``store``: each runs to its
+        end in the store it was queued in, addons/background.py ``left``)."""
         async def close() -> None:
             try:
                 if self.background is not None and store is not None:
