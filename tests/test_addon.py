@@ -371,7 +371,8 @@ async def test_configure_acts_on_what_changed(gw, backend, tmp_path):
 async def test_a_bound_set_at_run_time_keeps_the_redis_store(gw, redis_server, tmp_path):
     """With ``state_store_url``, a bound set while the gateway runs keeps the same store (its
     counts, its connection pool) under the new bound, as the memory store does (``rebound``):
-    its next write keeps to it. Another URL makes another."""
+    its next write keeps to it; so does ``session_store_dir`` (the memory store's copy). Another
+    URL makes another."""
     gw.tctx.options.update(resp2chat_state_store_url=redis_server.url)
     store, state = gw["store"].store, gw["store"].state
     for n in (1, 2):
@@ -380,6 +381,8 @@ async def test_a_bound_set_at_run_time_keeps_the_redis_store(gw, redis_server, t
     assert gw["store"].store is store and gw["store"].state is state and (store.max_entries, store.ttl) == (1, 7200)
     assert len(store) == 2  # (what it counted: one made anew counts nothing until it writes)
     assert await store.put("resp_bound00003", [], {"id": "r"}) and len(store) == 1
+    gw.tctx.options.update(resp2chat_session_store_dir=str(tmp_path / "store"))  # (the memory store's: Redis's the same)
+    assert gw["store"].store is store and gw["store"].state is state
     with RedisServer(tmp_path / "other") as other:
         gw.tctx.options.update(resp2chat_state_store_url=other.url)
         assert gw["store"].store is not store and gw["store"].state is not state

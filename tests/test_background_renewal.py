@@ -6,10 +6,12 @@ longer take it, is deleted, or cannot be asked (Redis down) while a client resum
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -502,6 +504,7 @@ def test_a_run_ends_in_the_store_it_was_queued_in_when_state_store_url_changes(u
         rid = next(events).response.id
         with RedisServer(tmp_path / "other") as other:
             assert put(resp2chat_state_store_url=other.url).status_code == 200
+            assert stored_status(redis_server.url, rid)["status"] in B.RUNNING  # (switched while it ran)
             assert requests.get(f"{gw.base_url}/responses/{rid}", timeout=10).status_code == 404
             assert requests.post(f"{gw.base_url}/responses/{rid}/cancel", timeout=10).status_code == 404
             rest = list(events)
@@ -519,4 +522,76 @@ def test_a_run_ends_in_the_store_it_was_queued_in_when_state_store_url_changes(u
             replica.stop()
         assert "Traceback" not in gw.log(), gw.log()
     finally:
+        gw.stop()
+
+
+def stored_status(url: str, response_id: str) -> dict | None:
+    """A response's status as the Redis at ``url`` holds it (store.py ``status``), read there."""
+    async def read():
+        state = RedisState(url)
+        try:
+            return await RedisResponseStore(state, **BOUNDS).status(response_id)
+        finally:
+            await state.close()
+    return asyncio.run(read())
+
+
+def test_a_run_being_queued_when_state_store_url_changes_lives_in_the_store_it_was_queued_in(upstream, tmp_path,
+                                                                                            redis_server):
+    """``state_store_url`` changed while a background response's first write (``Background.queue``:
+    stored ``queued``) is still in flight in the old Redis (held there: ``CLIENT PAUSE … WRITE``):
+    the old Redis is not closed under it (before, no run lived there yet, so it was closed at once:
+    the write was cut, or the run's renewals and end failed, the entry left ``queued`` there until
+    its lease ran out); it runs to its end there, and the old Redis is let go after."""
+    gw, put = start_mitmweb_gateway(upstream.origin, tmp_path, "--set", f"resp2chat_state_store_url={redis_server.url}")
+    old = redis_server.client()
+    try:
+        with RedisServer(tmp_path / "other") as other:
+            old.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")
+            created = {}
+            asked = threading.Thread(target=lambda: created.update(response=openai_client(gw).responses.create(
+                model="demo-model", input="noreason\nwords: 5", background=True)))
+            asked.start()
+            try:
+                wait_until(lambda: any("b" in c["flags"] for c in old.client_list()), 10,
+                           "the gateway's queued write held in the old Redis")
+                assert put(resp2chat_state_store_url=other.url).status_code == 200
+            finally:
+                old.execute_command("CLIENT", "UNPAUSE")
+                asked.join(30)
+            response = created["response"]  # (its queued Response: it was stored)
+            assert response.status == "queued"
+            ended = wait_until(lambda: B.is_running(s := stored_status(redis_server.url, response.id)) is False and s,
+                               15, "the run ended in the old Redis")
+            assert ended["status"] == "completed", ended
+            wait_until(lambda: len(old.client_list()) == 1, 10, "the gateway's connections to the old Redis closed")
+            assert stored_status(other.url, response.id) is None
+        assert "Traceback" not in gw.log(), gw.log()
+    finally:
+        old.close()
+        gw.stop()
+
+
+def test_a_run_keeps_its_redis_when_session_store_dir_then_state_store_url_change(upstream, tmp_path, redis_server):
+    """With Redis, ``session_store_dir`` (the memory store's copy) changing is no new store: the
+    one a background run was queued in stays the current one, so a later ``state_store_url``
+    change still lets that Redis go only once the run ended there (before, a new store object was
+    made on the same Redis; the run, queued in the old object, was not waited for: the old Redis
+    was closed under it, its renewals and end failed, its entry left ``in_progress``)."""
+    gw, put = start_mitmweb_gateway(upstream.origin, tmp_path, "--set", f"resp2chat_state_store_url={redis_server.url}")
+    old = redis_server.client()
+    try:
+        queued = openai_client(gw).responses.create(model="demo-model", input="noreason\nwords: 20\nslow: 100",
+                                                    background=True)
+        with RedisServer(tmp_path / "other") as other:
+            assert put(resp2chat_session_store_dir=str(tmp_path / "dir")).status_code == 200
+            assert put(resp2chat_state_store_url=other.url).status_code == 200
+            assert stored_status(redis_server.url, queued.id)["status"] in B.RUNNING  # (switched while it ran)
+            ended = wait_until(lambda: B.is_running(s := stored_status(redis_server.url, queued.id)) is False and s,
+                               15, "the run ended in the old Redis")
+            assert ended["status"] == "completed", ended
+            wait_until(lambda: len(old.client_list()) == 1, 10, "the gateway's connections to the old Redis closed")
+        assert "Traceback" not in gw.log(), gw.log()
+    finally:
+        old.close()
         gw.stop()

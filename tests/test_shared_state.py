@@ -443,3 +443,29 @@ async def test_a_turn_admitted_in_redis_ends_there_and_an_old_redis_is_never_reo
             await store.done()
         finally:
             other.stop()
+
+
+async def test_a_redis_left_behind_is_closed_when_the_gateway_stops_at_once(tmp_path, redis_server):
+    """``state_store_url`` changed, and the gateway stops before the old Redis's closing task
+    (addons/store.py ``_retire``) took its first step: ``done`` closes that Redis itself (a task
+    cancelled before its first step never runs its ``finally``: its connections stayed open)."""
+    from mitmproxy.test import taddons
+
+    from redis_server import RedisServer
+    from resp2chat_io.addons.base import SettingsSource
+    from resp2chat_io.addons.store import StoredResponses
+    from resp2chat_io.addons.upstreams import Upstreams
+
+    r = redis_server.client()
+    store = StoredResponses(SettingsSource(), Upstreams(SettingsSource()))
+    with taddons.context(store) as tctx, RedisServer(tmp_path / "other") as other:
+        tctx.options.add_option("resp2chat_seal_key", str, "", "(Turns declares it in a gateway)")
+        tctx.configure(store, resp2chat_state_store_url=redis_server.url)
+        old = store.state
+        assert await store.store.put("resp_left00001", [], {"id": "resp_left00001"})  # (a connection there)
+        assert len(r.client_list()) == 2
+        tctx.configure(store, resp2chat_state_store_url=other.url)
+        await store.done()  # (no await between: the old Redis's closing task has not started)
+        assert old.closed
+        wait_until(lambda: len(r.client_list()) == 1, 10, "the gateway's connection to the old Redis closed")
+    r.close()

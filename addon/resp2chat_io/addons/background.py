@@ -30,7 +30,11 @@ connection; clients poll, cancel and resume it (the rules: resp2chat_core/backgr
   client streaming it gets every event; replicas still on that store see it end), never to the
   new store, where it is not (read there as deleted, it stopped). Requests read the new store, as
   for every response stored before the change: a GET, DELETE, cancel or resume of it here is a
-  404. A Redis left so is closed once its runs ended (addons/store.py ``_retire``, ``left``).
+  404 where that store does not hold it; when ``state_store_url`` names its Redis again (A, B,
+  then A), it is found there: a GET reads it, a DELETE stops it at once, a cancel is asked
+  through the store as of another replica's run (it stops at its next renewal), a resume streams
+  this gateway's events. A Redis left so is closed once its runs ended, and those still being
+  queued there (``queue``'s first write) started and ended (addons/store.py ``_retire``, ``left``).
 - ``deleted`` (``DELETE /v1/responses/{id}``, through the store addon): a run of this gateway
   stops at once (its backend call closed); one of another replica at its next renewal.
 - A run whose key is revoked meanwhile (or, created on a keyless gateway, once keys are
@@ -284,6 +288,9 @@ class Background:
     def __init__(self, turns, store, relay) -> None:
         self.turns, self.store, self.relay = turns, store, relay
         self.runs: dict[str, Run] = {}  # running here, by response id
+        # being queued here (``queue``'s first write in flight, before ``start``), by response id: the store
+        # it goes to, and set once written (``left`` waits for it as for a run)
+        self.queuing: dict[str, tuple[object, asyncio.Event]] = {}
         self.kept: OrderedDict[str, Log] = OrderedDict()  # ended here: their events (KEPT, KEPT_BYTES)
         self.kept_bytes = 0
         self.feeds: dict[str, Fed] = {}  # flows a Feed answers, by flow id
@@ -302,12 +309,18 @@ class Background:
         returns that Response and the store it is in (its run's: ``start``). ``store_unavailable``
         when the store cannot take it."""
         queued, home = B.queued(turn.ctx), self.store.store
+        # (a store ``state_store_url`` no longer names is not closed under this write: ``left``; its run joins
+        # ``runs`` before ``left`` looks again: ``start`` follows this with no await between, HttpTurns)
+        self.queuing[turn.ctx.response_id] = home, (written := asyncio.Event())
         try:  # (with its conversation: its input items are listed, and kept by a cancellation elsewhere, from now)
             kept = await self.store.put_now(turn.ctx.response_id, turn.items,
                                             B.running({**queued, B.PRIVATE: {"streamed": turn.client_stream}},
                                                       time.time()), owner=turn.owner, within=home)
         except StateUnavailable:
             raise store_unavailable("background") from None
+        finally:
+            del self.queuing[turn.ctx.response_id]
+            written.set()
         if not kept:  # (it would be polled as unknown: never stored)
             raise GatewayError("background: this response's conversation is larger than the response store keeps "
                                "(max_session_memory_mb, max_sessions), and a background response is read from "
@@ -468,10 +481,11 @@ class Background:
             self.kept_bytes -= len(self.kept.popitem(last=False)[1].sse)
 
     async def left(self, store) -> None:
-        """Until no run here lives in ``store`` (one ``state_store_url`` no longer names: addons/store.py
-        closes it then)."""
-        while runs := [bg for bg in self.runs.values() if bg.home is store]:
-            await asyncio.gather(*(bg.ended.wait() for bg in runs))
+        """Until no run here lives in ``store``, nor is being queued there (one ``state_store_url`` no
+        longer names: addons/store.py closes it then)."""
+        while waits := [bg.ended for bg in self.runs.values() if bg.home is store] + \
+                [written for home, written in self.queuing.values() if home is store]:
+            await asyncio.gather(*(event.wait() for event in waits))
 
     async def done(self) -> None:
         """The gateway stops: what still runs ends ``failed`` (and is stored so), not in_progress;

@@ -97,10 +97,11 @@ class StoredResponses(Owner):
         self._config = config
         url = self.s["state_store_url"]
         if (self.store is not None and before.get("state_store_url") == url
-                and before.get("session_store_dir") == self.s["session_store_dir"]):
-            # only a bound changed (an option set while it runs): the same store under the new
-            # bounds (past them, its oldest go); one made anew would have started empty (memory), or
-            # lost the counts it had (Redis)
+                and (url or before.get("session_store_dir") == self.s["session_store_dir"])):
+            # only a bound changed (an option set while it runs; with Redis, session_store_dir too: it
+            # is the memory store's): the same store under the new bounds (past them, its oldest go);
+            # one made anew would have started empty (memory), or lost the counts it had (Redis), and
+            # be another than the one a background run lives in (``Run.home``: ``_retire``)
             self.store.rebound(ttl=self.s["session_ttl_hours"] * 3600, max_entries=self.s["max_sessions"],
                                max_bytes=self.s["max_session_memory_mb"] << 20)
             return
@@ -127,8 +128,8 @@ class StoredResponses(Owner):
 
     def _retire(self, state: RedisState, store: Store | None) -> None:
         """``state_store_url`` changed: the Redis it named is closed once no background run of
-        this gateway lives in it any more (``store``: each runs to its end in the store it was
-        queued in, addons/background.py ``left``)."""
+        this gateway lives in it any more, nor is being queued there (``store``: each runs to its
+        end in the store it was queued in, addons/background.py ``left``)."""
         async def close() -> None:
             try:
                 if self.background is not None and store is not None:
@@ -158,9 +159,10 @@ class StoredResponses(Owner):
 
     async def done(self) -> None:
         await self.writes.flush()  # (the replay cache's too)
-        for closing in list(self._retiring.values()):  # (closed now: its runs ended, Background.done came first)
+        for state, closing in list(self._retiring.items()):  # (closed now: its runs ended, Background.done came first)
             closing.cancel()
             await asyncio.gather(closing, return_exceptions=True)
+            await state.close()  # (here: a task cancelled before its first step never runs its ``finally``)
         if self.state is not None:
             await self.state.close()
 
