@@ -717,3 +717,134 @@ def test_codex_retries_a_turn_refused_for_room_and_gets_through(codex_bin, upstr
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [(x["http_status"], x["code"]) for x in lines][0] == (503, "server_overloaded")
     assert lines[-1]["status"] == "completed"
+
+
+# --- the gateway's own large answers, waiting for slow readers -----------------------------------
+
+PAGE_ITEMS, PAGE_TEXT = 4, 3900 * KiB  # a conversation whose items page is about 15 MiB
+
+
+def large_conversation(gw) -> tuple[str, int]:
+    """A conversation of ``PAGE_ITEMS`` messages of ``PAGE_TEXT`` each: its id and the size of its
+    items page (``GET /v1/conversations/{id}/items``)."""
+    items = [{"type": "message", "role": "user", "content": f"{i}" * PAGE_TEXT} for i in range(PAGE_ITEMS)]
+    made = requests.post(f"{gw.base_url}/conversations", json={"items": items}, timeout=60)
+    assert made.status_code == 200, made.text
+    conv = made.json()["id"]
+    page = requests.get(f"{gw.base_url}/conversations/{conv}/items", timeout=60)
+    assert page.status_code == 200 and len(page.json()["data"]) == PAGE_ITEMS
+    return conv, len(page.content)
+
+
+def items_get(conv: str) -> bytes:
+    return f"GET /v1/conversations/{conv}/items HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+
+
+def trickler(gw, conv: str) -> tuple[socket.socket, int, dict]:
+    """A raw-socket reader of the items page with a small receive buffer (the kernel takes little
+    of the answer for it): its socket, and the status and header fields of its answer (what it
+    read of the body: ``fields["read"]``)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * KiB)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", gw.port))
+    sock.sendall(items_get(conv))
+    data = b""
+    while b"\r\n\r\n" not in data:
+        got = sock.recv(256)
+        assert got, f"closed before an answer: {data!r}"
+        data += got
+    head, _, rest = data.partition(b"\r\n\r\n")
+    fields = {k.strip().lower().decode(): v.strip().decode()
+              for k, _, v in (line.partition(b":") for line in head.split(b"\r\n")[1:])}
+    return sock, int(head.split(b" ")[1]), {**fields, "read": rest}
+
+
+def trickle(socks: list[socket.socket], stop: threading.Event, cut: dict) -> None:
+    """Read 256 bytes of each socket every 0.25 s (1 KiB/s: a few bytes every few seconds, in
+    effect, against a minimum of 4 KiB/s) until ``stop``; ``cut``: socket index -> when the
+    gateway closed it (monotonic)."""
+    while not stop.is_set():
+        for i, sock in enumerate(socks):
+            if i in cut:
+                continue
+            sock.setblocking(False)
+            try:
+                sock.recv(256)
+            except (BlockingIOError, OSError):
+                pass
+            if sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != 1:  # (no longer ESTABLISHED: closed
+                cut[i] = time.monotonic()  # or reset by the gateway, whatever its receive buffer still holds)
+        time.sleep(0.25)
+
+
+@pytest.mark.parametrize("cap_mb", [48, 0], ids=["capped", "no-cap"])
+def test_slow_readers_of_large_answers_hold_at_most_max_answers_waiting_mb(upstream, gateway_factory, cap_mb):
+    """The red team's finding: clients GET a large page of the gateway's own (a conversation's
+    items, ~15 MiB here) and read it a few bytes at a time. Each answer waited whole in the
+    gateway's memory for as long as its client trickled (``Stalls`` never cut them: what waits
+    changes). With ``max_answers_waiting_mb`` 48, three are let out and the other seven refused
+    at once with ``503 server_overloaded`` and ``retry-after``; the gateway's memory grows by about
+    the cap; the tricklers are closed within a few seconds (here, on loopback, the kernel's send
+    buffer takes their reads: what waits in the gateway does not move, ``Stalls``; the rate rule
+    has its own test), after which their share is back and a normal client's read goes through. Without a cap (0, as before it
+    existed) all ten are let out and held, never cut: the memory grows by 150 MiB and more (what
+    the ``capped`` case measured before the budget)."""
+    n = 10
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0",
+                         env={**DEADLINE, "RESP2CHAT_MAX_ANSWERS_WAITING_MB": str(cap_mb)})
+    conv, size = large_conversation(gw)
+    assert 15 * MiB < size < 16 * MiB, size
+    base = memory(gw.proc.pid)["VmRSS"]
+    readers = [trickler(gw, conv) for _ in range(n)]
+    stop, cut = threading.Event(), {}
+    worker = threading.Thread(target=trickle, args=([s for s, status, _ in readers if status == 200], stop, cut))
+    worker.start()
+    try:
+        time.sleep(1.5)  # (a sweep: what the refused reads left is collected)
+        grown = memory(gw.proc.pid)["VmRSS"] - base
+        statuses = [status for _, status, _ in readers]
+        if not cap_mb:
+            assert statuses == [200] * n
+            assert grown > 150 * MiB, f"{grown >> 20} MiB held for {n} slow readers"
+            return
+        assert statuses == [200] * 3 + [503] * (n - 3), statuses
+        assert grown < cap_mb * MiB + 40 * MiB, f"{grown >> 20} MiB held with max_answers_waiting_mb {cap_mb}"
+        for sock, status, fields in readers[3:]:
+            assert fields["retry-after"] == "1" and fields.get("retry-after-ms") == "1000"
+            body = json.loads(answer_body(sock, fields))
+            assert body["error"]["code"] == "server_overloaded" and "max_answers_waiting_mb" in body["error"]["message"]
+        wait_until(lambda: len(cut) == 3, timeout=4 * LIMIT + 2, what="the tricklers closed")
+        page = requests.get(f"{gw.base_url}/conversations/{conv}/items", timeout=30)
+        assert page.status_code == 200 and len(page.content) == size
+    finally:
+        stop.set()
+        worker.join(5)
+        for sock, _, _ in readers:
+            sock.close()
+    assert "Traceback" not in gw.log()
+
+
+def answer_body(sock: socket.socket, fields: dict) -> bytes:
+    """The rest of an answer whose head ``trickler`` read (its body, by its content-length)."""
+    sock.setblocking(True)
+    body = fields["read"]
+    while len(body) < int(fields["content-length"]):
+        got = sock.recv(1 << 16)
+        if not got:
+            break
+        body += got
+    return body[:int(fields["content-length"])]
+
+
+def test_large_answers_read_one_after_another_on_a_keep_alive_connection_all_go_out(upstream, gateway_factory):
+    """A client reading large pages one after another on one keep-alive connection (the SDKs'
+    pagination): each answer's share of ``max_answers_waiting_mb`` (32 MiB here: two pages) is
+    given back once it is out, before the next is counted; none is refused."""
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0",
+                         env={**DEADLINE, "RESP2CHAT_MAX_ANSWERS_WAITING_MB": "32"})
+    conv, size = large_conversation(gw)
+    with requests.Session() as session:
+        got = [session.get(f"{gw.base_url}/conversations/{conv}/items", timeout=30) for _ in range(6)]
+    assert [(r.status_code, len(r.content)) for r in got] == [(200, size)] * 6
+    assert "Traceback" not in gw.log()
