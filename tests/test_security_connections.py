@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from resp2chat_core.gate import BodyBudget
+from resp2chat_core.gate import BodyBudget, answers_overloaded
 from resp2chat_core.head_deadline import MAX_WAITING, MIN_BODY_RATE, BodyRate, HeadDeadline
 from resp2chat_io.demo_upstream import serve_in_thread
 
@@ -413,6 +413,41 @@ def test_one_client_holds_at_most_half_of_the_body_budget():
     budget.give_back("big")
     assert budget.held == 0 and budget.take("x", "cg", 60, None) is None  # (no client: no share)
     assert budget.take("y", "ch", 40, None) is None
+
+
+
+def test_the_answers_budget_refuses_a_read_past_it_and_counts_a_paid_answer_always():
+    """The same budget for the gateway's own large answers waiting (``max_answers_waiting_mb``):
+    a read past it gets its own 503 (``answers_overloaded``, naming the setting); an answer the
+    client paid for (``must``) is counted whatever is held; a connection's share (``on``) goes
+    with it."""
+    budget = BodyBudget(cap=100, overloaded=answers_overloaded)
+    assert budget.take("read1", "c1", 70) is None and budget.on("c1") == 70
+    refused = budget.take("read2", "c2", 40)
+    assert (refused.status, refused.code, refused.retry_after) == (503, "server_overloaded", 1)
+    assert "max_answers_waiting_mb" in refused.message and refused.param == "max_answers_waiting_mb"
+    assert budget.take("turn", "c2", 40, must=True) is None and budget.held == 110  # (paid for: let out)
+    assert budget.take("turn2", "c1", 500, must=True) is None and budget.on("c1") == 570
+    assert budget.take("read3", "c3", 1) is not None
+    budget.gone("c1")
+    assert budget.held == 40 and budget.on("c1") == 0 and budget.take("read3", "c3", 60) is None
+    budget.give_back("turn")
+    budget.give_back("read3")
+    assert budget.held == 0 and budget.take("huge", "c4", 10**6) is None  # (one always, when none other waits)
+
+
+def test_the_rate_rule_on_an_answer_counts_the_bytes_taken():
+    """``BodyRate`` on an answer: what the client took (the answer's size less what still waits)
+    over each window; a fast start does not pay for a stall after it, a steady reader above the
+    rate is never cut, and a new answer on the connection (a new ``since``) starts afresh."""
+    size = 10_000
+    rule = BodyRate(window=10, rate=100)  # (1000 bytes a window)
+    assert not rule.sample("c", 0, size - 4000, 5)  # (the kernel took 6000 at once)
+    assert not rule.sample("c", 0, size - 4000, 10)  # (6000 over the first window)
+    assert rule.sample("c", 0, size - 3990, 16)  # (10 bytes over the last 10 s: cut)
+    steady = BodyRate(window=10, rate=100)
+    assert not any(steady.sample("d", 0, t * 150, t) for t in range(1, 60))  # (150 a second, above the rate)
+    assert not rule.sample("c", 100, 0, 101)  # (a new answer: its own first window)
 
 
 BODIES_LIMIT = {**DEADLINE, "RESP2CHAT_MAX_REQUEST_BODY_MB": "4"}
@@ -808,8 +843,8 @@ def test_slow_readers_of_large_answers_hold_at_most_max_answers_waiting_mb(upstr
             assert statuses == [200] * n
             assert grown > 150 * MiB, f"{grown >> 20} MiB held for {n} slow readers"
             return
-        assert statuses == [200] * 3 + [503] * (n - 3), statuses
         assert grown < cap_mb * MiB + 40 * MiB, f"{grown >> 20} MiB held with max_answers_waiting_mb {cap_mb}"
+        assert statuses == [200] * 3 + [503] * (n - 3), statuses
         for sock, status, fields in readers[3:]:
             assert fields["retry-after"] == "1" and fields.get("retry-after-ms") == "1000"
             body = json.loads(answer_body(sock, fields))
@@ -847,4 +882,41 @@ def test_large_answers_read_one_after_another_on_a_keep_alive_connection_all_go_
     with requests.Session() as session:
         got = [session.get(f"{gw.base_url}/conversations/{conv}/items", timeout=30) for _ in range(6)]
     assert [(r.status_code, len(r.content)) for r in got] == [(200, size)] * 6
+    assert "Traceback" not in gw.log()
+
+
+def test_a_reader_taking_a_large_answer_below_the_minimum_rate_is_reset(upstream, gateway_factory):
+    """A client that keeps taking its large answer, but slower than ``min_request_body_rate_kb``
+    over each ``header_timeout_secs``, is reset (``BodyRate`` on the bytes taken), its answer
+    dropped: here 1 MiB every half second (what waits in the gateway moves each time: ``Stalls``
+    never cuts it) against a minimum of 8 MiB/s (on loopback the kernel takes a few MiB at once:
+    the rate is raised to make the 15 MiB page a slow read). Before, it read the whole page."""
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0",
+                         env={**DEADLINE, "RESP2CHAT_MIN_REQUEST_BODY_RATE_KB": "8192"})
+    conv, size = large_conversation(gw)
+    sock = connect(gw, items_get(conv))
+    took, reset, started = 0, False, time.monotonic()
+    try:
+        while took < size + 256 and time.monotonic() - started < 5 * LIMIT:
+            chunk = 0
+            while chunk < MiB:
+                try:
+                    got = sock.recv(MiB - chunk)
+                except ConnectionResetError:
+                    got = b""
+                if not got:
+                    reset = True
+                    break
+                chunk += len(got)
+            took += chunk
+            if reset:
+                break
+            time.sleep(0.5)
+    finally:
+        sock.close()
+    assert reset and took < size, (reset, took >> 20, size >> 20)
+    assert time.monotonic() - started < 3 * LIMIT + 2
+    # (a normal read goes through: its share was given back with the connection)
+    page = requests.get(f"{gw.base_url}/conversations/{conv}/items", timeout=30)
+    assert page.status_code == 200 and len(page.content) == size
     assert "Traceback" not in gw.log()
