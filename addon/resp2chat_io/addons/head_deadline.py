@@ -27,7 +27,10 @@ the client connection's handler task is cancelled, found through the proxyserver
 ``connections`` (by client id); mitm_websocket.py's guard closes the socket should the
 cancellation land on a wait that drops it. No answer is sent: a plain close is what every HTTP
 client expects of an idle keep-alive connection (it opens a new one), where a ``408`` written
-unasked could be read as the answer to a request the client sent at that moment.
+unasked could be read as the answer to a request the client sent at that moment. A connection
+whose client reads too slowly (``Stalls``, the answers' rate) is reset instead (``SO_LINGER`` 0,
+the transport aborted): a plain close first flushes what waits, to that same client, as slowly
+as it reads: the answer stayed held in the gateway after the "close".
 
 Large answers the gateway builds itself. A stored response, its input items, a conversation's
 items page, a non-streamed turn's Response are built whole (up to tens of MiB) and handed to
