@@ -920,3 +920,28 @@ def test_a_reader_taking_a_large_answer_below_the_minimum_rate_is_reset(upstream
     page = requests.get(f"{gw.base_url}/conversations/{conv}/items", timeout=30)
     assert page.status_code == 200 and len(page.content) == size
     assert "Traceback" not in gw.log()
+
+
+def test_a_turns_answer_is_never_refused_for_room_but_a_read_is(upstream, gateway_factory):
+    """With ``max_answers_waiting_mb`` taken (a reader holds a 15 MiB page, one answer always let
+    out, against a cap of 15), a non-streamed turn's large Response, which the client paid the
+    backend for, goes out (counted: a cap it would pass refuses it if it were a read), but a read
+    of it, stored, is refused (503, retry-after) until the holder goes."""
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0",
+                         env={"RESP2CHAT_HEADER_TIMEOUT_SECS": "30", "RESP2CHAT_MAX_ANSWERS_WAITING_MB": "15"})
+    conv, size = large_conversation(gw)
+    words = "words: 20000"  # (~130 KiB of answer: counted)
+    holder, status, _ = trickler(gw, conv)
+    try:
+        assert status == 200  # (one always let out, though past the cap)
+        first = requests.post(f"{gw.base_url}/responses", json={"model": "demo-model", "input": words}, timeout=60)
+        assert first.status_code == 200 and first.json()["status"] == "completed" and len(first.content) > 128 * KiB
+        read = requests.get(f"{gw.base_url}/responses/{first.json()['id']}", timeout=30)
+        assert read.status_code == 503 and read.json()["error"]["code"] == "server_overloaded"
+        assert read.headers["retry-after"] == "1"
+    finally:
+        holder.close()
+    # (its share given back with its connection: the read goes through)
+    wait_until(lambda: requests.get(f"{gw.base_url}/responses/{first.json()['id']}", timeout=30).status_code == 200,
+               what="the read let out once the holder went")
+    assert "Traceback" not in gw.log()

@@ -64,7 +64,7 @@ from resp2chat_core import gate as G
 from resp2chat_core.head_deadline import BodyRate, HeadDeadline as Clock, Stalls
 
 from .. import mitm_head
-from .base import Owner, fails_closed, log, refusal
+from .base import META, Owner, fails_closed, log, refusal
 
 SWEEP_SECS = 1.0  # seconds between two sweeps at most (a quarter of the deadline when that is shorter)
 SMALL_ANSWER = 64 << 10  # a gateway-built answer below this is not counted in max_answers_waiting_mb
@@ -114,8 +114,8 @@ class HeadDeadline(Owner):
 
     def response(self, flow: http.HTTPFlow) -> None:
         if flow.websocket is None:
-            if flow.request.method in ("GET", "HEAD"):
-                self.answer(flow, must=False)  # (a read: refused past the budget)
+            if flow.request.method in ("GET", "HEAD") and G.endpoint(flow.request.path.split("?", 1)[0]):
+                self.answer(flow, must=False)  # (a read of the API: refused past the budget)
             self.ended(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
@@ -129,10 +129,11 @@ class HeadDeadline(Owner):
         """Count ``flow``'s answer, built whole by the gateway, in ``max_answers_waiting_mb``
         until it has left its connection's write buffer (``sweep_answers``); past the budget, a
         read (``must`` false) gets the refusal instead (a turn's Response, ``must``, never)."""
+        from .gate import PASSTHROUGH  # (here: gate.py imports this module)
         response, conn = flow.response, flow.client_conn.id
         if (response is None or response.stream or flow.websocket is not None or conn not in self.clock
-                or G.endpoint(flow.request.path.split("?", 1)[0]) is None):
-            return  # (the gateway's own API's answers only: a passthrough's are the upstream's)
+                or flow.metadata.get(META, {}).get(PASSTHROUGH)):
+            return  # (the gateway's own answers only: a passthrough's are the upstream's)
         size = len(response.raw_content or b"")
         if size < SMALL_ANSWER or flow.id in self.out.get(conn, (0, {}))[1]:
             return
