@@ -43,7 +43,7 @@
 
 from __future__ import annotations
 
-from resp2chat_io import mitm_hooks, script_reload, views
+from resp2chat_io import mitm_hooks, mitm_typecheck, script_reload, views
 
 from .access_log import AccessLog
 from .background import Background
@@ -73,6 +73,7 @@ from .websocket import ResponsesWebSocket
 
 def build() -> list:
     mitm_hooks.install()  # each hook only to the addons that have it (see there)
+    mitm_typecheck.install()  # a message's optional fields leave no cycle holding its answer (see there)
     script_reload.install()  # a change of the gateway's script file does not rebuild it (see there)
     views.register()
     source = SettingsSource()

@@ -83,7 +83,7 @@ class HeadDeadline(Owner):
         self.answers = G.BodyBudget(self.s["max_answers_waiting_mb"] << 20, overloaded=G.answers_overloaded)
         self.taking = BodyRate(self.s["header_timeout_secs"], self.s["min_request_body_rate_kb"] << 10)
         self.out: dict[str, tuple[float, dict[str, weakref.ref]]] = {}  # client id -> (since, its answers counted)
-        self.dropped = False  # a large answer was refused or cut since the last sweep (``sweep_answers``)
+        self.dropped = False  # a connection was cut holding a large answer since the last sweep (``sweep_answers``)
         mitm_head.install()  # a request head is bounded while mitmproxy reads it (see there)
         self.last: dict[str, weakref.ref] = {}  # client id -> its last flow that ended
         self._sweep: asyncio.Task | None = None
@@ -141,7 +141,6 @@ class HeadDeadline(Owner):
         err = self.answers.take(flow.id, conn, size, must=must)
         if err is not None:
             flow.response = refusal(flow, err)
-            self.dropped = True
             return
         since, counted = self.out.setdefault(conn, (time.monotonic(), {}))
         counted[flow.id] = weakref.ref(flow)
@@ -225,11 +224,10 @@ class HeadDeadline(Owner):
                            abort=True)
                 self.dropped = True
         if self.dropped:
-            # What building a refused answer left, and a cut connection's answer, are freed only
-            # by Python's cycle collector (the listing's parts, the cancelled layers: as for a
-            # body cut, ``sweep_bodies``), which large bytes never prompt: measured, each refused
-            # read of a 15 MiB page left ~45 MiB until it ran. One collection, at most once a
-            # sweep and only after an answer was dropped (the cut ones once cancelled: the next).
+            # A cut connection's answer is freed only by Python's cycle collector (its cancelled
+            # layers refer to one another, as a cut body's do: ``sweep_bodies``), which large
+            # bytes never prompt. One collection, at most once a sweep and only after a cut,
+            # once the cancellations are through.
             self.dropped = False
             asyncio.get_running_loop().call_later(SWEEP_SECS / 2, gc.collect)
 
