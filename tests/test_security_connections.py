@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from resp2chat_core.gate import BodyBudget
+from resp2chat_core.gate import BodyBudget, answers_overloaded
 from resp2chat_core.head_deadline import MAX_WAITING, MIN_BODY_RATE, BodyRate, HeadDeadline
 from resp2chat_io.demo_upstream import serve_in_thread
 
@@ -415,6 +415,41 @@ def test_one_client_holds_at_most_half_of_the_body_budget():
     assert budget.take("y", "ch", 40, None) is None
 
 
+
+def test_the_answers_budget_refuses_a_read_past_it_and_counts_a_paid_answer_always():
+    """The same budget for the gateway's own large answers waiting (``max_answers_waiting_mb``):
+    a read past it gets its own 503 (``answers_overloaded``, naming the setting); an answer the
+    client paid for (``must``) is counted whatever is held; a connection's share (``on``) goes
+    with it."""
+    budget = BodyBudget(cap=100, overloaded=answers_overloaded)
+    assert budget.take("read1", "c1", 70) is None and budget.on("c1") == 70
+    refused = budget.take("read2", "c2", 40)
+    assert (refused.status, refused.code, refused.retry_after) == (503, "server_overloaded", 1)
+    assert "max_answers_waiting_mb" in refused.message and refused.param == "max_answers_waiting_mb"
+    assert budget.take("turn", "c2", 40, must=True) is None and budget.held == 110  # (paid for: let out)
+    assert budget.take("turn2", "c1", 500, must=True) is None and budget.on("c1") == 570
+    assert budget.take("read3", "c3", 1) is not None
+    budget.gone("c1")
+    assert budget.held == 40 and budget.on("c1") == 0 and budget.take("read3", "c3", 60) is None
+    budget.give_back("turn")
+    budget.give_back("read3")
+    assert budget.held == 0 and budget.take("huge", "c4", 10**6) is None  # (one always, when none other waits)
+
+
+def test_the_rate_rule_on_an_answer_counts_the_bytes_taken():
+    """``BodyRate`` on an answer: what the client took (the answer's size less what still waits)
+    over each window; a fast start does not pay for a stall after it, a steady reader above the
+    rate is never cut, and a new answer on the connection (a new ``since``) starts afresh."""
+    size = 10_000
+    rule = BodyRate(window=10, rate=100)  # (1000 bytes a window)
+    assert not rule.sample("c", 0, size - 4000, 5)  # (the kernel took 6000 at once)
+    assert not rule.sample("c", 0, size - 4000, 10)  # (6000 over the first window)
+    assert rule.sample("c", 0, size - 3990, 16)  # (10 bytes over the last 10 s: cut)
+    steady = BodyRate(window=10, rate=100)
+    assert not any(steady.sample("d", 0, t * 150, t) for t in range(1, 60))  # (150 a second, above the rate)
+    assert not rule.sample("c", 100, 0, 101)  # (a new answer: its own first window)
+
+
 BODIES_LIMIT = {**DEADLINE, "RESP2CHAT_MAX_REQUEST_BODY_MB": "4"}
 MiB = 1 << 20
 
@@ -717,3 +752,234 @@ def test_codex_retries_a_turn_refused_for_room_and_gets_through(codex_bin, upstr
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [(x["http_status"], x["code"]) for x in lines][0] == (503, "server_overloaded")
     assert lines[-1]["status"] == "completed"
+
+
+# --- the gateway's own large answers, waiting for slow readers -----------------------------------
+
+PAGE_ITEMS, PAGE_TEXT = 4, 3900 * KiB  # a conversation whose items page is about 15 MiB
+
+
+def large_conversation(gw) -> tuple[str, int]:
+    """A conversation of ``PAGE_ITEMS`` messages of ``PAGE_TEXT`` each: its id and the size of its
+    items page (``GET /v1/conversations/{id}/items``)."""
+    items = [{"type": "message", "role": "user", "content": f"{i}" * PAGE_TEXT} for i in range(PAGE_ITEMS)]
+    made = requests.post(f"{gw.base_url}/conversations", json={"items": items}, timeout=60)
+    assert made.status_code == 200, made.text
+    conv = made.json()["id"]
+    page = requests.get(f"{gw.base_url}/conversations/{conv}/items", timeout=60)
+    assert page.status_code == 200 and len(page.json()["data"]) == PAGE_ITEMS
+    return conv, len(page.content)
+
+
+def items_get(conv: str) -> bytes:
+    return f"GET /v1/conversations/{conv}/items HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+
+
+def trickler(gw, conv: str) -> tuple[socket.socket, int, dict]:
+    """A raw-socket reader of the items page with a small receive buffer (the kernel takes little
+    of the answer for it): its socket, and the status and header fields of its answer (what it
+    read of the body: ``fields["read"]``)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * KiB)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", gw.port))
+    sock.sendall(items_get(conv))
+    data = b""
+    while b"\r\n\r\n" not in data:
+        got = sock.recv(256)
+        assert got, f"closed before an answer: {data!r}"
+        data += got
+    head, _, rest = data.partition(b"\r\n\r\n")
+    fields = {k.strip().lower().decode(): v.strip().decode()
+              for k, _, v in (line.partition(b":") for line in head.split(b"\r\n")[1:])}
+    return sock, int(head.split(b" ")[1]), {**fields, "read": rest}
+
+
+def trickle(socks: list[socket.socket], stop: threading.Event, cut: dict) -> None:
+    """Read 256 bytes of each socket every 0.25 s (1 KiB/s: a few bytes every few seconds, in
+    effect, against a minimum of 4 KiB/s) until ``stop``; ``cut``: socket index -> when the
+    gateway closed it (monotonic)."""
+    while not stop.is_set():
+        for i, sock in enumerate(socks):
+            if i in cut:
+                continue
+            sock.setblocking(False)
+            try:
+                sock.recv(256)
+            except (BlockingIOError, OSError):
+                pass
+            if sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != 1:  # (no longer ESTABLISHED: closed
+                cut[i] = time.monotonic()  # or reset by the gateway, whatever its receive buffer still holds)
+        time.sleep(0.25)
+
+
+@pytest.mark.parametrize("cap_mb", [48, 0], ids=["capped", "no-cap"])
+def test_slow_readers_of_large_answers_hold_at_most_max_answers_waiting_mb(upstream, gateway_factory, cap_mb):
+    """The red team's finding: clients GET a large page of the gateway's own (a conversation's
+    items, ~15 MiB here) and read it a few bytes at a time. Each answer waited whole in the
+    gateway's memory for as long as its client trickled (``Stalls`` never cut them: what waits
+    changes). With ``max_answers_waiting_mb`` 48, three are let out and the other seven refused
+    at once with ``503 server_overloaded`` and ``retry-after``; the gateway's memory grows by about
+    the cap; the tricklers are closed within a few seconds (here, on loopback, the kernel's send
+    buffer takes their reads: what waits in the gateway does not move, ``Stalls``; the rate rule
+    has its own test), after which their share is back and a normal client's read goes through. Without a cap (0, as before it
+    existed) all ten are let out and held, never cut: the memory grows by 150 MiB and more (what
+    the ``capped`` case measured before the budget)."""
+    n = 10
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0",
+                         env={**DEADLINE, "RESP2CHAT_MAX_ANSWERS_WAITING_MB": str(cap_mb)})
+    conv, size = large_conversation(gw)
+    assert 15 * MiB < size < 16 * MiB, size
+    base = memory(gw.proc.pid)["VmRSS"]
+    readers = [trickler(gw, conv) for _ in range(n)]
+    stop, cut = threading.Event(), {}
+    worker = threading.Thread(target=trickle, args=([s for s, status, _ in readers if status == 200], stop, cut))
+    worker.start()
+    try:
+        time.sleep(1.5)  # (a sweep: what the refused reads left is collected)
+        grown = memory(gw.proc.pid)["VmRSS"] - base
+        statuses = [status for _, status, _ in readers]
+        if not cap_mb:
+            assert statuses == [200] * n
+            assert grown > 150 * MiB, f"{grown >> 20} MiB held for {n} slow readers"
+            return
+        assert grown < cap_mb * MiB + 40 * MiB, f"{grown >> 20} MiB held with max_answers_waiting_mb {cap_mb}"
+        assert statuses == [200] * 3 + [503] * (n - 3), statuses
+        for sock, status, fields in readers[3:]:
+            assert fields["retry-after"] == "1" and fields.get("retry-after-ms") == "1000"
+            body = json.loads(answer_body(sock, fields))
+            assert body["error"]["code"] == "server_overloaded" and "max_answers_waiting_mb" in body["error"]["message"]
+        wait_until(lambda: len(cut) == 3, timeout=4 * LIMIT + 2, what="the tricklers closed")
+        page = requests.get(f"{gw.base_url}/conversations/{conv}/items", timeout=30)
+        assert page.status_code == 200 and len(page.content) == size
+    finally:
+        stop.set()
+        worker.join(5)
+        for sock, _, _ in readers:
+            sock.close()
+    assert "Traceback" not in gw.log()
+
+
+def answer_body(sock: socket.socket, fields: dict) -> bytes:
+    """The rest of an answer whose head ``trickler`` read (its body, by its content-length)."""
+    sock.setblocking(True)
+    body = fields["read"]
+    while len(body) < int(fields["content-length"]):
+        got = sock.recv(1 << 16)
+        if not got:
+            break
+        body += got
+    return body[:int(fields["content-length"])]
+
+
+def test_large_answers_read_one_after_another_on_a_keep_alive_connection_all_go_out(upstream, gateway_factory):
+    """A client reading large pages one after another on one keep-alive connection (the SDKs'
+    pagination): each answer's share of ``max_answers_waiting_mb`` (32 MiB here: two pages) is
+    given back once it is out, before the next is counted; none is refused."""
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0",
+                         env={**DEADLINE, "RESP2CHAT_MAX_ANSWERS_WAITING_MB": "32"})
+    conv, size = large_conversation(gw)
+    with requests.Session() as session:
+        got = [session.get(f"{gw.base_url}/conversations/{conv}/items", timeout=30) for _ in range(6)]
+    assert [(r.status_code, len(r.content)) for r in got] == [(200, size)] * 6
+    assert "Traceback" not in gw.log()
+
+
+def test_a_reader_taking_a_large_answer_below_the_minimum_rate_is_reset(upstream, gateway_factory):
+    """A client that keeps taking its large answer, but slower than ``min_request_body_rate_kb``
+    over each ``header_timeout_secs``, is reset (``BodyRate`` on the bytes taken), its answer
+    dropped: here 1 MiB every half second (what waits in the gateway moves each time: ``Stalls``
+    never cuts it) against a minimum of 8 MiB/s (on loopback the kernel takes a few MiB at once:
+    the rate is raised to make the 15 MiB page a slow read). Before, it read the whole page."""
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0",
+                         env={**DEADLINE, "RESP2CHAT_MIN_REQUEST_BODY_RATE_KB": "8192"})
+    conv, size = large_conversation(gw)
+    sock = connect(gw, items_get(conv))
+    took, reset, started = 0, False, time.monotonic()
+    try:
+        while took < size + 256 and time.monotonic() - started < 5 * LIMIT:
+            chunk = 0
+            while chunk < MiB:
+                try:
+                    got = sock.recv(MiB - chunk)
+                except ConnectionResetError:
+                    got = b""
+                if not got:
+                    reset = True
+                    break
+                chunk += len(got)
+            took += chunk
+            if reset:
+                break
+            time.sleep(0.5)
+    finally:
+        sock.close()
+    assert reset and took < size, (reset, took >> 20, size >> 20)
+    assert time.monotonic() - started < 3 * LIMIT + 2
+    # (a normal read goes through: its share was given back with the connection)
+    page = requests.get(f"{gw.base_url}/conversations/{conv}/items", timeout=30)
+    assert page.status_code == 200 and len(page.content) == size
+    assert "Traceback" not in gw.log()
+
+
+def test_a_turns_answer_is_never_refused_for_room_but_a_read_is(upstream, gateway_factory):
+    """With ``max_answers_waiting_mb`` taken (a reader holds a 15 MiB page, one answer always let
+    out, against a cap of 15), a non-streamed turn's large Response, which the client paid the
+    backend for, goes out (counted: a cap it would pass refuses it if it were a read), but a read
+    of it, stored, is refused (503, retry-after) until the holder goes."""
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0",
+                         env={"RESP2CHAT_HEADER_TIMEOUT_SECS": "30", "RESP2CHAT_MAX_ANSWERS_WAITING_MB": "15"})
+    conv, size = large_conversation(gw)
+    words = "words: 20000"  # (~130 KiB of answer: counted)
+    holder, status, _ = trickler(gw, conv)
+    try:
+        assert status == 200  # (one always let out, though past the cap)
+        first = requests.post(f"{gw.base_url}/responses", json={"model": "demo-model", "input": words}, timeout=60)
+        assert first.status_code == 200 and first.json()["status"] == "completed" and len(first.content) > 128 * KiB
+        read = requests.get(f"{gw.base_url}/responses/{first.json()['id']}", timeout=30)
+        assert read.status_code == 503 and read.json()["error"]["code"] == "server_overloaded"
+        assert read.headers["retry-after"] == "1"
+    finally:
+        holder.close()
+    # (its share given back with its connection: the read goes through)
+    wait_until(lambda: requests.get(f"{gw.base_url}/responses/{first.json()['id']}", timeout=30).status_code == 200,
+               what="the read let out once the holder went")
+    assert "Traceback" not in gw.log()
+
+
+def test_a_built_answer_leaves_no_cycle_holding_it():
+    """mitmproxy's type check of a new message's optional fields raised a ``TypeError`` it kept in
+    a local: a cycle, whose traceback kept the frames that made the answer (its dict, text and
+    bytes) until a cycle collection (+45 MiB for each 15 MiB page read). Patched
+    (``mitm_typecheck``), making an answer leaves nothing for the collector; the checks are the
+    same."""
+    import gc
+    import typing
+    from mitmproxy.utils import typecheck
+    from resp2chat_io import mitm_typecheck
+    from resp2chat_io.addons.base import json_response
+
+    mitm_typecheck.install()
+    gc.collect()
+    gc.disable()
+    try:
+        json_response(200, {"data": ["x" * MiB]})
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
+    assert typecheck.check_option_type is mitm_typecheck.check_option_type
+
+    def verdict(check, value, typeinfo) -> str:
+        try:
+            check("field", value, typeinfo)
+        except TypeError as err:
+            return str(err)
+        return "ok"
+
+    for value, typeinfo, ok in [(b"", bytes | None, True), (None, bytes | None, True), ("s", bytes | None, False),
+                                (1, float, True), ((1, "a"), tuple[int, str], True), ((1, 2), tuple[int, str], False),
+                                ((1,), tuple[int, str], False), (["a"], typing.Sequence[str], True),
+                                ([1], typing.Sequence[str], False), ("a", typing.Optional[str], True),
+                                (1, typing.Any, True), (1.5, int, False), (None, typing.Union[int, str], False)]:
+        got = verdict(mitm_typecheck.check_option_type, value, typeinfo)
+        assert (got == "ok") == ok and got == verdict(mitm_typecheck._original, value, typeinfo), (value, typeinfo, got)

@@ -20,7 +20,9 @@ Each check returns ``None`` (let it in) or the ``GatewayError`` the client gets;
   reaches a backend's logs, the gateway's log and flow files, whatever the gateway checks).
 - ``BodyBudget``: the request bodies arriving at once, all clients together, by their declared
   sizes (``max_request_bodies_mb``): one that would go past it is refused (``bodies_overloaded``),
-  and so is one past its client's half of it (``client_bodies_overloaded``).
+  and so is one past its client's half of it (``client_bodies_overloaded``). The same budget
+  bounds the gateway's own large answers waiting for their clients (``max_answers_waiting_mb``,
+  ``answers_overloaded``: resp2chat_io/addons/head_deadline.py counts them).
 """
 
 from __future__ import annotations
@@ -72,10 +74,18 @@ class BodyBudget:
     retry-after) while the other half stays for the others, so one key's slow uploads cannot hold
     off every other client's; a client with no body arriving always gets one in (the rule above).
 
+    The same bound, the other way (``overloaded=answers_overloaded``): the bytes of the large
+    answers the gateway built itself (a stored response, a conversation's items page, a
+    non-streamed turn's Response) still waiting in their clients' sockets, each counted from its
+    answer until it has left the write buffer (or its connection goes): a read that would go past
+    it is refused (``answers_overloaded``), an answer the client already paid for is counted all
+    the same, never refused (``take(..., must=True)``).
+
     Requests and their connections are named by the caller (a flow id, a client id)."""
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int, overloaded=None) -> None:
         self.cap = cap  # bytes; 0: no cap (still counted)
+        self.overloaded = overloaded or bodies_overloaded  # the refusal past ``cap`` (given ``cap``)
         self.held = 0
         self._taken: dict[Hashable, tuple[Hashable, int, Hashable]] = {}  # request -> (its connection, size, who)
         self._on: dict[Hashable, set] = {}  # connection -> its requests counted
@@ -85,16 +95,18 @@ class BodyBudget:
         """How many bodies arrive now (with a size)."""
         return len(self._taken)
 
-    def take(self, request: Hashable, conn: Hashable, size: int, who: Hashable = None) -> GatewayError | None:
+    def take(self, request: Hashable, conn: Hashable, size: int, who: Hashable = None,
+             must: bool = False) -> GatewayError | None:
         """Room for ``size`` more bytes of body (the request's declared size)? If so (None) they
         are counted until ``give_back`` (or ``gone``); else nothing is counted and the refusal the
-        caller answers with is returned: all clients' room, or ``who``'s share (None: no share)."""
+        caller answers with is returned: all clients' room, or ``who``'s share (None: no share).
+        ``must``: counted whatever is held, never refused."""
         if size <= 0 or request in self._taken:
             return None
-        if self.cap and self.held and self.held + size > self.cap:
-            return bodies_overloaded(self.cap)
+        if self.cap and self.held and self.held + size > self.cap and not must:
+            return self.overloaded(self.cap)
         mine = self._by.get(who, 0) if who is not None else 0
-        if self.cap and mine and mine + size > self.cap // 2:
+        if self.cap and mine and mine + size > self.cap // 2 and not must:
             return client_bodies_overloaded(self.cap)
         self._taken[request] = (conn, size, who)
         self._on.setdefault(conn, set()).add(request)
@@ -125,6 +137,10 @@ class BodyBudget:
         for request in list(self._on.get(conn, ())):
             self.give_back(request)
 
+    def on(self, conn: Hashable) -> int:
+        """The bytes the connection's requests hold now."""
+        return sum(self._taken[request][1] for request in self._on.get(conn, ()))
+
 
 def bodies_overloaded(cap: int) -> GatewayError:
     return GatewayError(f"this gateway is receiving as many request bodies as it holds at once "
@@ -137,6 +153,13 @@ def client_bodies_overloaded(cap: int) -> GatewayError:
     return GatewayError(f"your requests' bodies arriving at once already take your share of what this gateway "
                         f"receives at once (half of max_request_bodies_mb {cap >> 20} MiB). Please try again in {BODIES_RETRY_SECS}s.",
                         param="max_request_bodies_mb", code="rate_limit_exceeded", status=429, type="requests",
+                        retry_after=BODIES_RETRY_SECS)
+
+
+def answers_overloaded(cap: int) -> GatewayError:
+    return GatewayError(f"this gateway holds as many of its large answers waiting for their clients as it may at once "
+                        f"(max_answers_waiting_mb {cap >> 20} MiB, all clients together); try again shortly",
+                        param="max_answers_waiting_mb", code="server_overloaded", status=503, type="server_error",
                         retry_after=BODIES_RETRY_SECS)
 
 

@@ -14,7 +14,9 @@ A connection with a request in flight (its head in, its answer not yet ended: a 
 long stream) is not waiting, nor one upgraded to a WebSocket (its answer never ends here). Its
 body, while it arrives, has its own bound (``BodyRate``: at least ``min_request_body_rate_kb``,
 by default ``MIN_BODY_RATE``, over each ``header_timeout_secs``), and a client that takes
-nothing of its answer its own (``Stalls``).
+nothing of its answer its own (``Stalls``); so has a large answer the gateway built itself
+while its client takes it (``BodyRate`` again, the bytes taken: the answer's size less what still
+waits in the socket's write buffer; at the same rate).
 Connections are named by the caller (mitmproxy's client id), requests too (a flow id); ``now``
 is any clock that does not go back (``time.monotonic``).
 """
@@ -145,7 +147,16 @@ class BodyRate:
     would pay for a long stall after it). An honest slow upload above the rate is never cut,
     however long it lasts. Sampled about once a second (``sample``) with the bytes of the body
     arrived so far; ``since`` names the body (its head's time: a new one on the same connection
-    starts afresh)."""
+    starts afresh).
+
+    The same rule bounds how slowly a client may take a large answer the gateway built itself
+    (a stored response, a conversation's items page, a non-streamed turn's Response: whole, in
+    its connection's write buffer, counted by ``max_answers_waiting_mb``): the bytes "arrived"
+    are the bytes taken (the answers' size less what still waits in the buffer), ``since`` the
+    first answer's time. A client reading a few bytes every few seconds defeats ``Stalls`` (what
+    waits changes) but not this: it is closed after a window or two, its answer let go. The
+    trade-off: a genuinely slow link (below the rate) cannot read a large page; it can read it in
+    smaller pages (``limit``), or the operator lowers the rate."""
 
     def __init__(self, window: float, rate: int = MIN_BODY_RATE) -> None:
         self.window = window  # seconds; 0: no bound

@@ -5,7 +5,9 @@
 - ``Listen``          bind_addr, reverse mode, lazy connections (a gateway, not a proxy), TLS
 - ``HeadDeadline``    a client connection that sends no request head in time is closed
                       (header_timeout_secs), at most 1000 wait for one at once; a body
-                      slower than min_request_body_rate_kb is cut
+                      slower than min_request_body_rate_kb is cut; the gateway's own large answers
+                      waiting for their clients are bounded (max_answers_waiting_mb: a read past it
+                      is a 503), and one taken slower than that rate is reset
 - ``Gate``            /healthz, HTTPS, Host, Origin, the gateway key, which paths and methods are
                       served (passthrough_paths), content type, body size, room among the bodies
                       arriving at once (max_request_bodies_mb): all at the head
@@ -33,13 +35,15 @@
 - ``SettingsCommand`` the resp2chat.settings command
 - ``Egress``          the gate's other end: only what the gateway routed or answered goes on; CORS headers
 - ``Redact``          no credentials in flow files, mitmweb or answers
+- ``AnswersOut``      (added last, by HeadDeadline) a non-streamed turn's Response counted in
+                      max_answers_waiting_mb, never refused
 - ``SetCheck``        last to load: a --set value mitmproxy would fail to apply after loading is an error
                       at start-up, not a gateway silently left out (its only hook is load)
 """
 
 from __future__ import annotations
 
-from resp2chat_io import mitm_hooks, script_reload, views
+from resp2chat_io import mitm_hooks, mitm_typecheck, script_reload, views
 
 from .access_log import AccessLog
 from .background import Background
@@ -69,6 +73,7 @@ from .websocket import ResponsesWebSocket
 
 def build() -> list:
     mitm_hooks.install()  # each hook only to the addons that have it (see there)
+    mitm_typecheck.install()  # a message's optional fields leave no cycle holding its answer (see there)
     script_reload.install()  # a change of the gateway's script file does not rebuild it (see there)
     views.register()
     source = SettingsSource()

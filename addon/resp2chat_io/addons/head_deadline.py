@@ -27,24 +27,47 @@ the client connection's handler task is cancelled, found through the proxyserver
 ``connections`` (by client id); mitm_websocket.py's guard closes the socket should the
 cancellation land on a wait that drops it. No answer is sent: a plain close is what every HTTP
 client expects of an idle keep-alive connection (it opens a new one), where a ``408`` written
-unasked could be read as the answer to a request the client sent at that moment.
+unasked could be read as the answer to a request the client sent at that moment. A connection
+whose client reads too slowly (``Stalls``, the answers' rate) is reset instead (``SO_LINGER`` 0,
+the transport aborted): a plain close first flushes what waits, to that same client, as slowly
+as it reads: the answer stayed held in the gateway after the "close".
+
+Large answers the gateway builds itself. A stored response, its input items, a conversation's
+items page, a non-streamed turn's Response are built whole (up to tens of MiB) and handed to
+mitmproxy, which writes them into the client socket's write buffer, where they wait as long as
+the client takes to read them: 60 clients reading a 20 MiB page a few bytes every few seconds
+held +1.7 GB (``Stalls`` cuts only a client that takes nothing). Two bounds: each such answer of
+``SMALL_ANSWER`` or more is counted in ``max_answers_waiting_mb`` (resp2chat_core/gate.py
+``BodyBudget``, as request bodies are in theirs) from its answer until it has left the write
+buffer (the sweep: its flow done and nothing waits) or its connection closes; a read (a ``GET``
+of the gateway's own endpoints) that would go past it is refused with ``503 server_overloaded``
+and ``retry-after`` (``response``: before the other addons' hooks record it), an answer the
+client paid backend tokens for is counted, never refused (``AnswersOut``, last in the addon
+chain: a turn's Response is made in http_turns.py's ``response`` hook). And a connection whose
+client takes such answers slower than ``min_request_body_rate_kb`` over the last
+``header_timeout_secs`` is closed as the others are (``BodyRate``, the bytes taken: what was
+counted less what still waits), so a trickler holds its share for a window or two, not hours.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import socket
+import struct
 import time
 import weakref
 
 from mitmproxy import connection, ctx, http
 
+from resp2chat_core import gate as G
 from resp2chat_core.head_deadline import BodyRate, HeadDeadline as Clock, Stalls
 
 from .. import mitm_head
-from .base import Owner, fails_closed, log
+from .base import META, Owner, fails_closed, log, refusal
 
 SWEEP_SECS = 1.0  # seconds between two sweeps at most (a quarter of the deadline when that is shorter)
+SMALL_ANSWER = 64 << 10  # a gateway-built answer below this is not counted in max_answers_waiting_mb
 
 
 @fails_closed
@@ -57,17 +80,24 @@ class HeadDeadline(Owner):
         self.clock = Clock(self.s["header_timeout_secs"])
         self.stalls = Stalls(self.s["header_timeout_secs"])
         self.bodies = BodyRate(self.s["header_timeout_secs"], self.s["min_request_body_rate_kb"] << 10)
+        self.answers = G.BodyBudget(self.s["max_answers_waiting_mb"] << 20, overloaded=G.answers_overloaded)
+        self.taking = BodyRate(self.s["header_timeout_secs"], self.s["min_request_body_rate_kb"] << 10)
+        self.out: dict[str, tuple[float, dict[str, weakref.ref]]] = {}  # client id -> (since, its answers counted)
+        self.dropped = False  # a connection was cut holding a large answer since the last sweep (``sweep_answers``)
         mitm_head.install()  # a request head is bounded while mitmproxy reads it (see there)
         self.last: dict[str, weakref.ref] = {}  # client id -> its last flow that ended
         self._sweep: asyncio.Task | None = None
 
     def apply(self, updated: set[str]) -> None:
-        self.clock.limit = self.stalls.limit = self.bodies.window = self.s["header_timeout_secs"]
-        self.bodies.rate = self.s["min_request_body_rate_kb"] << 10
+        self.clock.limit = self.stalls.limit = self.bodies.window = self.taking.window = self.s["header_timeout_secs"]
+        self.bodies.rate = self.taking.rate = self.s["min_request_body_rate_kb"] << 10
+        self.answers.cap = self.s["max_answers_waiting_mb"] << 20  # (the answers waiting keep their share)
 
     def running(self) -> None:
         if self._sweep is None:
             self._sweep = asyncio.get_running_loop().create_task(self.sweep())
+        if ctx.master is not None and ctx.master.addons.get(AnswersOut.name) is None:
+            ctx.master.addons.add(AnswersOut(self))  # last: see there
 
     def done(self) -> None:
         if self._sweep is not None:
@@ -84,10 +114,50 @@ class HeadDeadline(Owner):
 
     def response(self, flow: http.HTTPFlow) -> None:
         if flow.websocket is None:
+            if flow.request.method in ("GET", "HEAD") and G.endpoint(flow.request.path.split("?", 1)[0]):
+                self.answer(flow, must=False)  # (a read of the API: refused past the budget)
             self.ended(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        self.answers.give_back(flow.id)  # (its answer, if counted, will not be written: its connection goes)
+        out = self.out.get(flow.client_conn.id)
+        if out is not None:
+            out[1].pop(flow.id, None)
         self.ended(flow)
+
+    def answer(self, flow: http.HTTPFlow, must: bool) -> None:
+        """Count ``flow``'s answer, built whole by the gateway, in ``max_answers_waiting_mb``
+        until it has left its connection's write buffer (``sweep_answers``); past the budget, a
+        read (``must`` false) gets the refusal instead (a turn's Response, ``must``, never)."""
+        from .gate import PASSTHROUGH  # (here: gate.py imports this module)
+        response, conn = flow.response, flow.client_conn.id
+        if (response is None or response.stream or flow.websocket is not None or conn not in self.clock
+                or flow.metadata.get(META, {}).get(PASSTHROUGH)):
+            return  # (the gateway's own answers only: a passthrough's are the upstream's)
+        size = len(response.raw_content or b"")
+        if size < SMALL_ANSWER or flow.id in self.out.get(conn, (0, {}))[1]:
+            return
+        self.settle(conn)  # (the answers before it on a keep-alive connection, out: given back first)
+        err = self.answers.take(flow.id, conn, size, must=must)
+        if err is not None:
+            flow.response = refusal(flow, err)
+            return
+        since, counted = self.out.setdefault(conn, (time.monotonic(), {}))
+        counted[flow.id] = weakref.ref(flow)
+
+    def settle(self, conn: str) -> bool:
+        """Give back the answers counted on ``conn`` if they are all out: their flows done and
+        nothing waits in its write buffer. Whether none is counted now."""
+        out = self.out.get(conn)
+        if out is None:
+            return True
+        pending = waiting(conn)
+        if pending is not None and (pending or any(f() is not None and f().live for f in out[1].values())):
+            return False
+        self.answers.gone(conn)
+        self.taking.gone(conn)
+        del self.out[conn]
+        return True
 
     def ended(self, flow: http.HTTPFlow) -> None:
         conn = flow.client_conn.id
@@ -103,6 +173,9 @@ class HeadDeadline(Owner):
         self.stalls.gone(conn)
         self.bodies.gone(conn)
         self.last.pop(conn, None)
+        self.answers.gone(conn)
+        self.taking.gone(conn)
+        self.out.pop(conn, None)
 
     # --- the sweep ---------------------------------------------------------------------------
 
@@ -130,6 +203,33 @@ class HeadDeadline(Owner):
                 self.sweep_bodies(now)
             except Exception as exc:  # noqa: BLE001 — (the next sweep tries again)
                 log.warning(f"resp2chat: the slow body sweep failed: {type(exc).__name__}: {exc}", exc_info=exc)
+            try:
+                self.sweep_answers(now)
+            except Exception as exc:  # noqa: BLE001 — (the next sweep tries again)
+                log.warning(f"resp2chat: the slow answer sweep failed: {type(exc).__name__}: {exc}", exc_info=exc)
+
+    def sweep_answers(self, now: float) -> None:
+        """Give back each connection's answers counted once they are out (``settle``), and close
+        each connection whose client took them slower than ``min_request_body_rate_kb`` over the
+        last ``header_timeout_secs`` (``BodyRate``: the bytes taken are the answers' size less
+        what still waits in the write buffer)."""
+        self.taking.keep(self.out)
+        for conn, (since, _) in list(self.out.items()):
+            if self.settle(conn):
+                continue
+            pending = waiting(conn) or 0
+            if self.taking.sample(conn, since, self.answers.on(conn) - pending, now):
+                self.close(conn, f"the client took its answer slower than min_request_body_rate_kb "
+                                 f"({self.taking.rate >> 10} KiB/s) over header_timeout_secs ({self.taking.window} s)",
+                           abort=True)
+                self.dropped = True
+        if self.dropped:
+            # A cut connection's answer is freed only by Python's cycle collector (its cancelled
+            # layers refer to one another, as a cut body's do: ``sweep_bodies``), which large
+            # bytes never prompt. One collection, at most once a sweep and only after a cut,
+            # once the cancellations are through.
+            self.dropped = False
+            asyncio.get_running_loop().call_later(SWEEP_SECS / 2, gc.collect)
 
     def sweep_bodies(self, now: float) -> None:
         """Close each client connection whose request body, arriving, brought less than
@@ -165,11 +265,12 @@ class HeadDeadline(Owner):
             io = handler.transports.get(handler.client)
             transport = getattr(io.writer, "transport", None) if io is not None else None
             if transport is not None and self.stalls.sample(conn, transport.get_write_buffer_size(), now):
-                self.close(conn, f"the client took none of its answer for header_timeout_secs ({self.stalls.limit} s)")
+                self.close(conn, f"the client took none of its answer for header_timeout_secs ({self.stalls.limit} s)",
+                           abort=True)
 
-    def close(self, conn: str, why: str) -> None:
+    def close(self, conn: str, why: str, abort: bool = False) -> None:
         self.forget(conn)
-        close(conn, why)
+        close(conn, why, abort)
 
 
 def _io(conn: str):
@@ -182,20 +283,49 @@ def _io(conn: str):
 def writing(conn: str) -> bool:
     """Bytes of an answer still wait in the client connection's socket buffer (a slow reader;
     ``conn``: its id). Also upstreams.py's: a passthrough's backend is not read meanwhile."""
+    return bool(waiting(conn))
+
+
+def waiting(conn: str) -> int | None:
+    """The bytes waiting in the client connection's socket buffer (``conn``: its id); None when
+    it is gone (or not a live connection)."""
     io = _io(conn)
     transport = getattr(io.writer, "transport", None) if io is not None else None
-    return transport is not None and transport.get_write_buffer_size() > 0
+    return transport.get_write_buffer_size() if transport is not None else None
 
 
-def close(conn: str, why: str) -> None:
+class AnswersOut:
+    """Last in the addon chain (``HeadDeadline.running`` adds it): the answers the gateway built
+    whole that ``HeadDeadline.response`` did not count, a non-streamed turn's Response above all
+    (http_turns.py makes it in its own ``response`` hook, after the deadline's), are counted in
+    ``max_answers_waiting_mb``, never refused: the client paid the backend for it."""
+
+    name = "resp2chat_answers_out"
+
+    def __init__(self, deadline: HeadDeadline) -> None:
+        self.deadline = deadline
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self.deadline.answer(flow, must=True)
+
+
+def close(conn: str, why: str, abort: bool = False) -> None:
     """Close the client connection ``conn`` (its id) as mitmproxy's ``tcp_timeout`` does, its
     handler cancelled: its flow in progress ends in an error (``Client disconnected``), its
     backend connections close, and an answer under way is cut where it is (what was written
     goes out, then the connection's end: not the answer's). Nothing when it is gone already, or
-    not a live connection (client replay)."""
+    not a live connection (client replay). ``abort``: what waits in its write buffer, and in the
+    kernel's, is dropped (a reset): a slow reader's answer is not kept, and written on, after the
+    close (a plain close flushes them first, as slowly as the client reads)."""
     io = _io(conn)
     if io is not None and io.handler is not None:
         log.debug(f"resp2chat: closing a client connection: {why}")
+        transport = getattr(io.writer, "transport", None)
+        if abort and transport is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:  # (a reset: else the kernel still sends what it holds, as slowly)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            transport.abort()
         io.handler.cancel(why)
 
 
