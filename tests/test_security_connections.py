@@ -823,8 +823,8 @@ def test_slow_readers_of_large_answers_hold_at_most_max_answers_waiting_mb(upstr
     the cap; the tricklers are closed within a few seconds (here, on loopback, the kernel's send
     buffer takes their reads: what waits in the gateway does not move, ``Stalls``; the rate rule
     has its own test), after which their share is back and a normal client's read goes through. Without a cap (0, as before it
-    existed) all ten are let out and held, never cut: the memory grows by 150 MiB and more (what
-    the ``capped`` case measured before the budget)."""
+    existed) all ten are let out and held, never cut: the memory grows by over 100 MiB (the kernel's send buffers take a few MiB of
+    each; the ``capped`` case measured 354 MiB before the budget)."""
     n = 10
     gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0",
                          env={**DEADLINE, "RESP2CHAT_MAX_ANSWERS_WAITING_MB": str(cap_mb)})
@@ -841,7 +841,9 @@ def test_slow_readers_of_large_answers_hold_at_most_max_answers_waiting_mb(upstr
         statuses = [status for _, status, _ in readers]
         if not cap_mb:
             assert statuses == [200] * n
-            assert grown > 150 * MiB, f"{grown >> 20} MiB held for {n} slow readers"
+            # (10 × 15 MiB, less what the kernel's send buffers took of each: 125–160 MiB measured;
+            # well past the capped case's bound below, 48 + 40)
+            assert grown > 100 * MiB, f"{grown >> 20} MiB held for {n} slow readers"
             return
         assert grown < cap_mb * MiB + 40 * MiB, f"{grown >> 20} MiB held with max_answers_waiting_mb {cap_mb}"
         assert statuses == [200] * 3 + [503] * (n - 3), statuses
