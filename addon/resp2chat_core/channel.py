@@ -467,7 +467,8 @@ def scrub(data: bytes, secrets: tuple[bytes, ...]) -> bytes:
     string may write it (``_escaped``: a backend's JSON answer that repeats a key, PHP's
     ``\\/``, .NET's ``\\u002B``, which its client's parser reads back as the key) or Python's
     ``repr`` inside a longer string (an error's text that quotes it: an httpx, requests or MCP
-    SDK exception, ``\\\\`` for a backslash, ``\\'`` for a quote). The longest
+    SDK exception, ``\\\\`` for a backslash, ``\\'`` for a quote), and JSON's spelling of that
+    (such a text in a Python backend's JSON error: ``\\\\'``). The longest
     first (``longest_first``): one secret inside another (an upstream key and a header value
     that begins with it) would otherwise leave the longer one's rest."""
     for secret in longest_first(tuple(secrets)) if len(secrets) > 1 else secrets:
@@ -493,10 +494,12 @@ def _escaped(secret: bytes) -> tuple[bytes, re.Pattern] | None:
     """(a part of ``secret`` every spelling of it holds as is: its longest run of ASCII letters and
     digits, which neither JSON nor Python escapes; a pattern of its spellings: each of its other
     characters as it is, as JSON may write it (``\\uXXXX`` in either case, a ``/`` also ``\\/``,
-    ``json.dumps``'s short escapes: ``\\"``, ``\\\\``, ``\\t``…) or as Python's ``repr`` does inside a
-    longer string (``_python``)), or None when only its bytes spell it (letters and digits alone,
-    or not UTF-8). A character no escape changes (most of a key's: ``-``, ``_``, ``.``) is
-    matched as it is: a secret of such characters costs what it did before these spellings."""
+    ``json.dumps``'s short escapes: ``\\"``, ``\\\\``, ``\\t``…), as Python's ``repr`` does inside a
+    longer string (``_python``) or as JSON writes that (a Python backend's error text in a JSON
+    answer: ``\\\\'`` for a quote, ``\\\\\\\\`` for a backslash, ``\\\\t`` for a tab)), or None
+    when only its bytes spell it (letters and digits alone, or not UTF-8). A character no escape
+    changes (most of a key's: ``-``, ``_``, ``.``) is matched as it is: a secret of such
+    characters costs what it did before these spellings."""
     try:
         text = secret.decode()
     except UnicodeDecodeError:
@@ -511,7 +514,9 @@ def _escaped(secret: bytes) -> tuple[bytes, re.Pattern] | None:
         units = [br"\\u" + "".join(f"[{h.lower()}{h.upper()}]" if h.isalpha() else h for h in f"{u:04x}").encode()
                  for u in _utf16(c)]
         forms = [re.escape(c.encode()), b"".join(units)]  # (a surrogate pair: both escapes in a row)
-        for other in ("\\/" if c == "/" else "", json.dumps(c, ensure_ascii=False)[1:-1], _python(c)):
+        python = _python(c)
+        for other in ("\\/" if c == "/" else "", json.dumps(c, ensure_ascii=False)[1:-1], python,
+                      json.dumps(python, ensure_ascii=False)[1:-1]):
             if other and other != c and re.escape(other.encode()) not in forms:
                 forms.append(re.escape(other.encode()))
         parts.append(b"(?:" + b"|".join(forms) + b")")
@@ -536,7 +541,8 @@ def scrub_keep(secrets: tuple[bytes, ...]) -> int:
     """The longest any of ``secrets`` may be spelled (``scrub``), in bytes: 6 a byte of it. A JSON
     escape is 6 bytes (12 for a character past U+FFFF, 4 bytes plain), Python's at most 4 for a
     character of 1 or 2 bytes (``\\x7f``), 6 for one of 2 or 3 (``\\u200b``), 10 for one of 4
-    (``\\U000e0001``)."""
+    (``\\U000e0001``); JSON's of Python's a byte more for each backslash Python wrote (4 for a
+    backslash, 5 for ``\\\\x7f``, 7 for ``\\\\u0378``, a character of 2 bytes, 11 for one of 4)."""
     return max((len(s) if _escaped(s) is None else 6 * len(s) for s in secrets), default=1)
 
 
