@@ -482,10 +482,12 @@ def scrub(data: bytes, secrets: tuple[bytes, ...]) -> bytes:
     return data
 
 
-@functools.lru_cache(maxsize=64)
 def longest_first(secrets: tuple) -> tuple:
     """``secrets`` (bytes or str), the longest first: what replaces them one by one (``scrub``,
-    gate.py ``without_credentials``) must meet one that holds another before the other."""
+    gate.py ``without_credentials``) must meet one that holds another before the other. Not
+    cached: they are a client's credentials too (what it presented, what it forwards, its MCP
+    headers), which a cache would keep after the request (the config holds only client keys'
+    hashes); a sort of a few is cheaper than the rest of a scrub."""
     return tuple(sorted(secrets, key=len, reverse=True))
 
 
