@@ -847,6 +847,27 @@ def test_no_client_key_is_kept_once_a_target_or_body_is_scrubbed():
     assert (sys.getrefcount(key), sys.getrefcount(raw_key)) == before  # (a cache that held it would hold a reference)
 
 
+def test_a_secrets_pattern_is_made_only_when_what_is_scrubbed_holds_its_anchor():
+    """Scrubbing looks for a secret's anchor (``channel._anchor``: its longest run of letters and
+    digits, which every spelling holds as is) before it makes the pattern of its JSON and Python
+    spellings (``channel._spellings``), whose compiling costs ~25 ms a KiB of secret on the event
+    loop: a body full of backslashes but without the anchor, scrubbed whole (``scrub``) or in
+    pieces (``Scrubber``), makes none; one that spells the secret makes it once and is scrubbed.
+    Before, any backslash (and every ``Scrubber``'s start) made it."""
+    from resp2chat_core import channel
+
+    secret = ("sk-" + os.urandom(8).hex() + "'q\\-" + "x-" * 2000).encode()  # (a client's MCP header, ~4 KiB)
+    made = channel._spellings.cache_info().misses
+    noisy = b'{"delta": "a \\"quoted\\" line\\nwith a \\\\ and sk and q, no key"}\n' * 40
+    scrubber = channel.Scrubber((secret,))
+    pieces = [piece for at in range(0, len(noisy), 333) for piece in scrubber(noisy[at:at + 333])] + scrubber(b"")
+    assert channel.scrub(noisy, (secret,)) is noisy and b"".join(pieces) == noisy
+    assert channel._spellings.cache_info().misses == made  # (no pattern made)
+    spelled = json.dumps({"error": repr("bad key " + secret.decode())}).encode()  # (JSON of Python's repr of it)
+    assert secret not in spelled and channel.scrub(spelled, (secret,)) == b'{"error": "\\"bad key [redacted]\\""}'
+    assert channel._spellings.cache_info().misses == made + 1
+
+
 def test_the_scrubber_finds_a_secret_split_anywhere():
     from resp2chat_core.channel import Scrubber
 

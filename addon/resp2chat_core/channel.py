@@ -464,7 +464,7 @@ def _bytes_joined(items: list[Item]) -> list[Item]:
 
 def scrub(data: bytes, secrets: tuple[bytes, ...]) -> bytes:
     """``data`` with each of ``secrets`` replaced by ``[redacted]``: as its bytes, and as a JSON
-    string may write it (``_escaped``: a backend's JSON answer that repeats a key, PHP's
+    string may write it (``_spellings``: a backend's JSON answer that repeats a key, PHP's
     ``\\/``, .NET's ``\\u002B``, which its client's parser reads back as the key) or Python's
     ``repr`` inside a longer string (an error's text that quotes it: an httpx, requests or MCP
     SDK exception, ``\\\\`` for a backslash, ``\\'`` for a quote), and JSON's spelling of that
@@ -475,9 +475,9 @@ def scrub(data: bytes, secrets: tuple[bytes, ...]) -> bytes:
         if secret in data:
             data = data.replace(secret, b"[redacted]")
         if b"\\" in data:
-            escaped = _escaped(secret)
-            if escaped is not None and escaped[0] in data:
-                clean, found = escaped[1].subn(b"[redacted]", data)
+            anchor = _anchor(secret)
+            if anchor is not None and anchor in data:  # (before the pattern: it costs ~25 ms a KiB of secret to make)
+                clean, found = _spellings(secret).subn(b"[redacted]", data)
                 data = clean if found else data  # (the same object when nothing was found: redact.py)
     return data
 
@@ -492,24 +492,33 @@ def longest_first(secrets: tuple) -> tuple:
 
 
 @functools.lru_cache(maxsize=256)
-def _escaped(secret: bytes) -> tuple[bytes, re.Pattern] | None:
-    """(a part of ``secret`` every spelling of it holds as is: its longest run of ASCII letters and
-    digits, which neither JSON nor Python escapes; a pattern of its spellings: each of its other
-    characters as it is, as JSON may write it (``\\uXXXX`` in either case, a ``/`` also ``\\/``,
-    ``json.dumps``'s short escapes: ``\\"``, ``\\\\``, ``\\t``…), as Python's ``repr`` does inside a
-    longer string (``_python``) or as JSON writes that (a Python backend's error text in a JSON
-    answer: ``\\\\'`` for a quote, ``\\\\\\\\`` for a backslash, ``\\\\t`` for a tab)), or None
-    when only its bytes spell it (letters and digits alone, or not UTF-8). A character no escape
-    changes (most of a key's: ``-``, ``_``, ``.``) is matched as it is: a secret of such
-    characters costs what it did before these spellings."""
+def _anchor(secret: bytes) -> bytes | None:
+    """A part of ``secret`` every spelling of it (``_spellings``) holds as is: its longest run of
+    ASCII letters and digits, which neither JSON nor Python escapes (``b""`` when it has none); or
+    None when only its bytes spell it (letters and digits alone, or not UTF-8). Cheap: what is
+    scrubbed is looked for it before the pattern is made."""
     try:
         text = secret.decode()
     except UnicodeDecodeError:
         return None
     if text.isascii() and text.isalnum():
         return None
+    return max(re.findall(r"[A-Za-z0-9]+", text), key=len, default="").encode()
+
+
+@functools.lru_cache(maxsize=256)
+def _spellings(secret: bytes) -> re.Pattern:
+    """A pattern of the spellings of ``secret`` (one ``_anchor`` is not None for): each of its
+    characters other than ASCII letters and digits as it is, as JSON may write it (``\\uXXXX`` in
+    either case, a ``/`` also ``\\/``, ``json.dumps``'s short escapes: ``\\"``, ``\\\\``, ``\\t``…), as
+    Python's ``repr`` does inside a longer string (``_python``) or as JSON writes that (a Python
+    backend's error text in a JSON answer: ``\\\\'`` for a quote, ``\\\\\\\\`` for a backslash, ``\\\\t``
+    for a tab). A character no escape changes (most of a key's: ``-``, ``_``, ``.``) is matched as
+    it is: a secret of such characters costs what it did before these spellings. Made only when
+    needed (what is scrubbed holds a backslash and the anchor): its compiling takes ~25 ms a KiB
+    of secret."""
     parts = []
-    for c in text:
+    for c in secret.decode():
         if c.isascii() and c.isalnum():
             parts.append(re.escape(c.encode()))
             continue
@@ -522,8 +531,7 @@ def _escaped(secret: bytes) -> tuple[bytes, re.Pattern] | None:
             if other and other != c and re.escape(other.encode()) not in forms:
                 forms.append(re.escape(other.encode()))
         parts.append(b"(?:" + b"|".join(forms) + b")")
-    anchor = max(re.findall(r"[A-Za-z0-9]+", text), key=len, default="").encode()
-    return anchor, re.compile(b"".join(parts))
+    return re.compile(b"".join(parts))
 
 
 def _python(c: str) -> str:
@@ -545,7 +553,7 @@ def scrub_keep(secrets: tuple[bytes, ...]) -> int:
     character of 1 or 2 bytes (``\\x7f``), 6 for one of 2 or 3 (``\\u200b``), 10 for one of 4
     (``\\U000e0001``); JSON's of Python's a byte more for each backslash Python wrote (4 for a
     backslash, 5 for ``\\\\x7f``, 7 for ``\\\\u0378``, a character of 2 bytes, 11 for one of 4)."""
-    return max((len(s) if _escaped(s) is None else 6 * len(s) for s in secrets), default=1)
+    return max((len(s) if _anchor(s) is None else 6 * len(s) for s in secrets), default=1)
 
 
 class Scrubber:
@@ -587,11 +595,13 @@ class Scrubber:
                 at = buf.find(secret, max(cut - len(secret) + 1, 0), cut + len(secret) - 1)
                 if 0 <= at < cut:
                     cut, moved = at, True
-                escaped = _escaped(secret)
+                anchor = _anchor(secret)
                 reach = 6 * len(secret)  # (the longest a spelling of it may be: scrub_keep)
-                if escaped is not None and buf.find(b"\\", max(cut - reach, 0), cut + reach) >= 0:  # (no copy)
-                    for at in range(max(cut - reach, 0), cut):
-                        found = escaped[1].match(buf, at)
+                low = max(cut - reach, 0)  # (a spelling across the cut lies in buf[low:cut + reach], its anchor too)
+                if anchor is not None and buf.find(b"\\", low, cut + reach) >= 0 and buf.find(anchor, low, cut + reach) >= 0:
+                    spellings = _spellings(secret)
+                    for at in range(low, cut):
+                        found = spellings.match(buf, at)
                         if found is not None and found.end() > cut:
                             cut, moved = at, True
                             break

@@ -60,7 +60,7 @@ MAX_EMPTY_PAGES = 4  # pages in a row without a tool asked at most (a cursor tha
 DEFAULT_TIMEOUT = 30  # seconds one listing or call may take (timeout_secs)
 MAX_HEADER_VALUE = 8192  # characters of one header value (a request's or the operator's) or a request's authorization at
 # most: what common servers take in one header line (nginx's 8k); each is a secret the gateway scrubs, whose pattern
-# (channel._escaped) costs time on the event loop as it grows
+# (channel._spellings) costs time on the event loop as it grows
 DEFAULT_OUTPUT_KB = 64  # KiB of one call's output kept and given to the model (max_output_kb)
 _ENTRY = ("label", "url", "transport", "headers", "allowed_tools", "require_approval", "timeout_secs", "max_output_kb")
 TRANSPORTS = ("streamable_http", "sse")  # the MCP HTTP transports: streamable HTTP, and the older HTTP+SSE
