@@ -5,7 +5,8 @@ own JSON shapes: camelCase), so a test changes what it serves between examples. 
 ``"page": N``, ``tools/list`` pages N tools a page (its cursor: the index of the page's first
 tool); ``"log": PATH``, a JSON line appended there for each JSON-RPC request the server got, as
 it got it and as it answered (``{"method", "name", "cursor", "status"}``; the SDK's own listing of
-a called tool's schema, which it checks the call's ``Mcp-Param-*`` headers against, is not one)."""
+a called tool's schema, which it checks the call's ``Mcp-Param-*`` headers against, is not one),
+written before the answer's last part is sent: once a client has the answer, its line is there."""
 
 from __future__ import annotations
 
@@ -48,7 +49,20 @@ def main(port: int, script: str) -> None:
             message = await receive()
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
-        body, status = b"".join(chunks), []
+        body, status, written = b"".join(chunks), [], []
+        try:
+            request = json.loads(body)
+        except ValueError:
+            request = {}
+        params = request.get("params") or {} if isinstance(request, dict) else {}
+
+        def write() -> None:
+            if not written:
+                written.append(True)
+                with open(log, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"method": request.get("method") if isinstance(request, dict) else None,
+                                        "name": params.get("name"), "cursor": params.get("cursor"),
+                                        "status": status[0] if status else None}) + "\n")
 
         async def replay():
             return {"type": "http.request", "body": body, "more_body": False}
@@ -56,18 +70,12 @@ def main(port: int, script: str) -> None:
         async def sent(message):
             if message["type"] == "http.response.start":
                 status.append(message["status"])
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                write()  # (before the answer's end goes: a test reads the log as soon as its turn is done)
             await send(message)
 
         await app(scope, replay, sent)
-        try:
-            request = json.loads(body)
-        except ValueError:
-            request = {}
-        params = request.get("params") or {} if isinstance(request, dict) else {}
-        with open(log, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"method": request.get("method") if isinstance(request, dict) else None,
-                                "name": params.get("name"), "cursor": params.get("cursor"),
-                                "status": status[0] if status else None}) + "\n")
+        write()  # (an answer that never ended: its line after all)
 
     uvicorn.run(logged, host="127.0.0.1", port=port, log_level="warning")
 

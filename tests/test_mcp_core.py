@@ -60,11 +60,15 @@ def test_mcp_servers_are_validated_and_their_headers_are_secrets():
                        ({"label": "ev", "url": "http://x", "timeout_secs": 0}, "timeout_secs"),
                        ({"label": "ev", "url": "http://x", "colour": 1}, "unknown field"),
                        ({"label": "ev", "url": "http://x", "headers": {"mcp-session-id": "s3cret-value"}}, "cannot be set"),
+                       ({"label": "ev", "url": "http://x", "headers": {"x-k": "s3cret-value" + "v" * mcp.MAX_HEADER_VALUE}},
+                        "'x-k': a value of 8204 characters, more than the 8192"),
                        ({"label": "ev", "url": "http://x", "require_approval": "sometimes"}, "require_approval"),
                        ({"label": "ev", "url": "http://x", "transport": "stdio"}, "transport")):
         with pytest.raises(S.SettingsError) as err:
             S.resolve({"mcp_servers": [entry]}, {})
         assert why in str(err.value) and "s3cret-value" not in str(err.value)
+    longest = {"label": "ev", "url": "http://x", "headers": {"x-k": "v" * mcp.MAX_HEADER_VALUE}}
+    assert mcp.parse_servers([longest])[0].headers == (("x-k", "v" * 8192),)  # (8 KiB: still taken)
     with pytest.raises(S.SettingsError, match="same label"):
         S.resolve({"mcp_servers": [{"label": "a", "url": "http://x"}, {"label": "a", "url": "http://y"}]}, {})
     env, _ = S.resolve({}, {"RESP2CHAT_MCP_SERVERS": json.dumps([{"label": "e", "url": "http://e/mcp"}])})

@@ -226,17 +226,26 @@ def test_a_function_the_client_declared_reaches_it_whatever_its_name(hostile_gat
     assert done.output[-1].name == "mcp__bad_list__say" and done.output[-1].arguments == '{"x": 1}'
 
 
+_LONG = "s3cret-" + "v" * 8186  # (8193 characters: one more than mcp.MAX_HEADER_VALUE)
+
+
 @pytest.mark.parametrize("field,value", [("headers", {"x-k": "h\u00e9llo"}), ("headers", {"x-k": "a\x01b"}),
-                                         ("headers", {"x-k": "a\x7fb"}), ("authorization", "t\u00e9st-token")])
+                                         ("headers", {"x-k": "a\x7fb"}), ("authorization", "t\u00e9st-token"),
+                                         ("headers", {"x-k": _LONG}), ("authorization", _LONG)])
 def test_a_header_no_http_request_can_carry_is_a_400(hostile_gateway, field, value):
-    """A request's header value for its server that HTTP cannot carry (not printable ASCII) is
-    the client's error, said before anything runs; never a failed listing."""
+    """A request's header value for its server that HTTP cannot carry (not printable ASCII), or
+    one longer than 8 KiB (``mcp.MAX_HEADER_VALUE``: a secret the gateway scrubs, whose pattern
+    costs event-loop time as it grows; before, any length went), is the client's error, said
+    before anything runs, naming the header, never its value; never a failed listing."""
     n = len(Hostile.seen_headers)
     r = post_turn(hostile_gateway, {"model": "demo-model", "input": "hi", "tools": [tool("ok", **{field: value})]})
     assert r.status_code == 400, r.text[:300]
     error = r.json()["error"]
     assert error["code"] == "invalid_value" and error["param"].startswith(f"tools[0].{field}")
-    assert "h\u00e9llo" not in r.text and "t\u00e9st" not in r.text  # (a secret: never shown)
+    assert "h\u00e9llo" not in r.text and "t\u00e9st" not in r.text and "s3cret" not in r.text  # (a secret: never shown)
+    assert "'x-k'" in error["message"] if field == "headers" else error["message"].startswith("tools[0].authorization")
+    if value in ({"x-k": _LONG}, _LONG):
+        assert "8193 characters, more than the 8192" in error["message"], error["message"]
     assert len(Hostile.seen_headers) == n
 
 

@@ -8,6 +8,7 @@ warning beyond loopback without it."""
 from __future__ import annotations
 
 import datetime
+import gc
 import gzip
 import ipaddress
 import json
@@ -15,6 +16,7 @@ import os
 import socket
 import ssl
 import subprocess
+import sys
 import time
 
 import httpx
@@ -823,6 +825,47 @@ def test_the_gate_rules():
     assert [G.is_json(t) for t in ("application/json", "Application/JSON; charset=utf-8", "application/vnd.x+json",
                                    "text/plain", None, "", "application/x-www-form-urlencoded", "json")] \
         == [True, True, True, False, False, False, False, False]
+
+
+def test_no_client_key_is_kept_once_a_target_or_body_is_scrubbed():
+    """A client's presented key, which the gate takes out of a request target
+    (``without_credentials``), and a credential it forwards, which ``scrub`` takes out of what a
+    backend says, are held by nothing once that is done: no cache keeps them (the gateway's config
+    holds only client keys' hashes). Before, ``longest_first``'s cache kept the last 64 lists of
+    them, the keys in plain text."""
+    from resp2chat_core import gate as G
+    from resp2chat_core.channel import scrub
+
+    key = "".join(["client-", os.urandom(12).hex()])  # (made here: no constant holds it, nothing interns it)
+    raw_key = key.encode()
+    before = sys.getrefcount(key), sys.getrefcount(raw_key)
+    target = G.without_credentials(f"/v1/models?x={key}", ["sk-up-0000-1234", key])
+    # (no backslash in what is scrubbed: JSON's and Python's spellings, channel._escaped's, are not looked for)
+    said = scrub(b"the key " + raw_key + b" is not allowed", (b"sk-up-0000-1234", raw_key))
+    assert (target, said) == ("/v1/models?x=[redacted]", b"the key [redacted] is not allowed")
+    gc.collect()
+    assert (sys.getrefcount(key), sys.getrefcount(raw_key)) == before  # (a cache that held it would hold a reference)
+
+
+def test_a_secrets_pattern_is_made_only_when_what_is_scrubbed_holds_its_anchor():
+    """Scrubbing looks for a secret's anchor (``channel._anchor``: its longest run of letters and
+    digits, which every spelling holds as is) before it makes the pattern of its JSON and Python
+    spellings (``channel._spellings``), whose compiling costs ~25 ms a KiB of secret on the event
+    loop: a body full of backslashes but without the anchor, scrubbed whole (``scrub``) or in
+    pieces (``Scrubber``), makes none; one that spells the secret makes it once and is scrubbed.
+    Before, any backslash (and every ``Scrubber``'s start) made it."""
+    from resp2chat_core import channel
+
+    secret = ("sk-" + os.urandom(8).hex() + "'q\\-" + "x-" * 2000).encode()  # (a client's MCP header, ~4 KiB)
+    made = channel._spellings.cache_info().misses
+    noisy = b'{"delta": "a \\"quoted\\" line\\nwith a \\\\ and sk and q, no key"}\n' * 40
+    scrubber = channel.Scrubber((secret,))
+    pieces = [piece for at in range(0, len(noisy), 333) for piece in scrubber(noisy[at:at + 333])] + scrubber(b"")
+    assert channel.scrub(noisy, (secret,)) is noisy and b"".join(pieces) == noisy
+    assert channel._spellings.cache_info().misses == made  # (no pattern made)
+    spelled = json.dumps({"error": repr("bad key " + secret.decode())}).encode()  # (JSON of Python's repr of it)
+    assert secret not in spelled and channel.scrub(spelled, (secret,)) == b'{"error": "\\"bad key [redacted]\\""}'
+    assert channel._spellings.cache_info().misses == made + 1
 
 
 def test_the_scrubber_finds_a_secret_split_anywhere():

@@ -268,7 +268,7 @@ _ODD_KEY = st.text(alphabet="ab12/-'\"\\\t\u00e9\x7f\U0001F600", min_size=1, max
 
 
 @settings(max_examples=150, deadline=None)
-@given(key=_ODD_KEY, how=st.sampled_from(["repr", "repr-in-double-quotes", "json", "json-ascii"]),
+@given(key=_ODD_KEY, how=st.sampled_from(["repr", "repr-in-double-quotes", "json", "json-ascii", "json-of-repr"]),
        before=st.text(alphabet="xy '\"\\", max_size=6), after=st.text(alphabet="xy '\"\\", max_size=6),
        cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=4))
 def test_a_key_quoted_by_python_or_json_is_scrubbed_split_anywhere(key, how, before, after, cuts):
@@ -277,8 +277,11 @@ def test_a_key_quoted_by_python_or_json_is_scrubbed_split_anywhere(key, how, bef
     backslash doubled, a ``'`` escaped or not as the quotes around it were chosen, a control
     character as ``\\x..``) or by a JSON encoder (``\\"``, ``\\\\``, ``\\t``, ``\\u00e9``): ``scrub`` and the
     streaming ``Scrubber`` redact it, and what is left, read back the way it was written, holds no
-    key. Before, only MCP header values had Python's spellings (``mcp._forms``), and JSON's ``\\"``
-    and ``\\\\`` were no one's: the key went through whole."""
+    key. Or by both: a Python backend's error text, quoting it, in its JSON answer (``json-of-repr``:
+    ``\\\\'`` for a quote, ``\\\\\\\\`` for a backslash). Before, only MCP header values had Python's
+    spellings (``mcp._forms``), and JSON's ``\\"`` and ``\\\\`` were no one's: the key went through
+    whole; and JSON's spelling of Python's was no one's either (a key with a ``'``, a ``\\`` or
+    a tab went through whole)."""
     secret = "sk-" + key + "-0042"
     secrets = S.secret_values({"upstream_api_key": secret})
     assert secrets == (secret.encode(),)
@@ -287,6 +290,9 @@ def test_a_key_quoted_by_python_or_json_is_scrubbed_split_anywhere(key, how, bef
         assume(how == "repr" or '"' not in text)  # (Python quotes with "..." only a string with no " in it)
         written = repr(text) if how == "repr" else '"' + repr("'\"" + text)[4:-1].replace("\\'", "'") + '"'
         read = ast.literal_eval
+    elif how == "json-of-repr":
+        written = json.dumps(repr(text))
+        read = lambda w: ast.literal_eval(json.loads(w))
     else:
         written = json.dumps(text, ensure_ascii=how == "json-ascii")
         read = json.loads

@@ -468,59 +468,74 @@ def _bytes_joined(items: list[Item]) -> list[Item]:
 
 def scrub(data: bytes, secrets: tuple[bytes, ...]) -> bytes:
     """``data`` with each of ``secrets`` replaced by ``[redacted]``: as its bytes, and as a JSON
-    string may write it (``_escaped``: a backend's JSON answer that repeats a key, PHP's
+    string may write it (``_spellings``: a backend's JSON answer that repeats a key, PHP's
     ``\\/``, .NET's ``\\u002B``, which its client's parser reads back as the key) or Python's
     ``repr`` inside a longer string (an error's text that quotes it: an httpx, requests or MCP
-    SDK exception, ``\\\\`` for a backslash, ``\\'`` for a quote). The longest
+    SDK exception, ``\\\\`` for a backslash, ``\\'`` for a quote), and JSON's spelling of that
+    (such a text in a Python backend's JSON error: ``\\\\'``). The longest
     first (``longest_first``): one secret inside another (an upstream key and a header value
     that begins with it) would otherwise leave the longer one's rest."""
     for secret in longest_first(tuple(secrets)) if len(secrets) > 1 else secrets:
         if secret in data:
             data = data.replace(secret, b"[redacted]")
         if b"\\" in data:
-            escaped = _escaped(secret)
-            if escaped is not None and escaped[0] in data:
-                clean, found = escaped[1].subn(b"[redacted]", data)
+            anchor = _anchor(secret)
+            if anchor is not None and anchor in data:  # (before the pattern: it costs ~25 ms a KiB of secret to make)
+                clean, found = _spellings(secret).subn(b"[redacted]", data)
                 data = clean if found else data  # (the same object when nothing was found: redact.py)
     return data
 
 
-@functools.lru_cache(maxsize=64)
 def longest_first(secrets: tuple) -> tuple:
     """``secrets`` (bytes or str), the longest first: what replaces them one by one (``scrub``,
-    gate.py ``without_credentials``) must meet one that holds another before the other."""
+    gate.py ``without_credentials``) must meet one that holds another before the other. Not
+    cached: they are a client's credentials too (what it presented, what it forwards, its MCP
+    headers), which a cache would keep after the request (the config holds only client keys'
+    hashes); a sort of a few is cheaper than the rest of a scrub."""
     return tuple(sorted(secrets, key=len, reverse=True))
 
 
 @functools.lru_cache(maxsize=256)
-def _escaped(secret: bytes) -> tuple[bytes, re.Pattern] | None:
-    """(a part of ``secret`` every spelling of it holds as is: its longest run of ASCII letters and
-    digits, which neither JSON nor Python escapes; a pattern of its spellings: each of its other
-    characters as it is, as JSON may write it (``\\uXXXX`` in either case, a ``/`` also ``\\/``,
-    ``json.dumps``'s short escapes: ``\\"``, ``\\\\``, ``\\t``…) or as Python's ``repr`` does inside a
-    longer string (``_python``)), or None when only its bytes spell it (letters and digits alone,
-    or not UTF-8). A character no escape changes (most of a key's: ``-``, ``_``, ``.``) is
-    matched as it is: a secret of such characters costs what it did before these spellings."""
+def _anchor(secret: bytes) -> bytes | None:
+    """A part of ``secret`` every spelling of it (``_spellings``) holds as is: its longest run of
+    ASCII letters and digits, which neither JSON nor Python escapes (``b""`` when it has none); or
+    None when only its bytes spell it (letters and digits alone, or not UTF-8). Cheap: what is
+    scrubbed is looked for it before the pattern is made."""
     try:
         text = secret.decode()
     except UnicodeDecodeError:
         return None
     if text.isascii() and text.isalnum():
         return None
+    return max(re.findall(r"[A-Za-z0-9]+", text), key=len, default="").encode()
+
+
+@functools.lru_cache(maxsize=256)
+def _spellings(secret: bytes) -> re.Pattern:
+    """A pattern of the spellings of ``secret`` (one ``_anchor`` is not None for): each of its
+    characters other than ASCII letters and digits as it is, as JSON may write it (``\\uXXXX`` in
+    either case, a ``/`` also ``\\/``, ``json.dumps``'s short escapes: ``\\"``, ``\\\\``, ``\\t``…), as
+    Python's ``repr`` does inside a longer string (``_python``) or as JSON writes that (a Python
+    backend's error text in a JSON answer: ``\\\\'`` for a quote, ``\\\\\\\\`` for a backslash, ``\\\\t``
+    for a tab). A character no escape changes (most of a key's: ``-``, ``_``, ``.``) is matched as
+    it is: a secret of such characters costs what it did before these spellings. Made only when
+    needed (what is scrubbed holds a backslash and the anchor): its compiling takes ~25 ms a KiB
+    of secret."""
     parts = []
-    for c in text:
+    for c in secret.decode():
         if c.isascii() and c.isalnum():
             parts.append(re.escape(c.encode()))
             continue
         units = [br"\\u" + "".join(f"[{h.lower()}{h.upper()}]" if h.isalpha() else h for h in f"{u:04x}").encode()
                  for u in _utf16(c)]
         forms = [re.escape(c.encode()), b"".join(units)]  # (a surrogate pair: both escapes in a row)
-        for other in ("\\/" if c == "/" else "", json.dumps(c, ensure_ascii=False)[1:-1], _python(c)):
+        python = _python(c)
+        for other in ("\\/" if c == "/" else "", json.dumps(c, ensure_ascii=False)[1:-1], python,
+                      json.dumps(python, ensure_ascii=False)[1:-1]):
             if other and other != c and re.escape(other.encode()) not in forms:
                 forms.append(re.escape(other.encode()))
         parts.append(b"(?:" + b"|".join(forms) + b")")
-    anchor = max(re.findall(r"[A-Za-z0-9]+", text), key=len, default="").encode()
-    return anchor, re.compile(b"".join(parts))
+    return re.compile(b"".join(parts))
 
 
 def _python(c: str) -> str:
@@ -540,8 +555,9 @@ def scrub_keep(secrets: tuple[bytes, ...]) -> int:
     """The longest any of ``secrets`` may be spelled (``scrub``), in bytes: 6 a byte of it. A JSON
     escape is 6 bytes (12 for a character past U+FFFF, 4 bytes plain), Python's at most 4 for a
     character of 1 or 2 bytes (``\\x7f``), 6 for one of 2 or 3 (``\\u200b``), 10 for one of 4
-    (``\\U000e0001``)."""
-    return max((len(s) if _escaped(s) is None else 6 * len(s) for s in secrets), default=1)
+    (``\\U000e0001``); JSON's of Python's a byte more for each backslash Python wrote (4 for a
+    backslash, 5 for ``\\\\x7f``, 7 for ``\\\\u0378``, a character of 2 bytes, 11 for one of 4)."""
+    return max((len(s) if _anchor(s) is None else 6 * len(s) for s in secrets), default=1)
 
 
 class Scrubber:
@@ -583,11 +599,13 @@ class Scrubber:
                 at = buf.find(secret, max(cut - len(secret) + 1, 0), cut + len(secret) - 1)
                 if 0 <= at < cut:
                     cut, moved = at, True
-                escaped = _escaped(secret)
+                anchor = _anchor(secret)
                 reach = 6 * len(secret)  # (the longest a spelling of it may be: scrub_keep)
-                if escaped is not None and buf.find(b"\\", max(cut - reach, 0), cut + reach) >= 0:  # (no copy)
-                    for at in range(max(cut - reach, 0), cut):
-                        found = escaped[1].match(buf, at)
+                low = max(cut - reach, 0)  # (a spelling across the cut lies in buf[low:cut + reach], its anchor too)
+                if anchor is not None and buf.find(b"\\", low, cut + reach) >= 0 and buf.find(anchor, low, cut + reach) >= 0:
+                    spellings = _spellings(secret)
+                    for at in range(low, cut):
+                        found = spellings.match(buf, at)
                         if found is not None and found.end() > cut:
                             cut, moved = at, True
                             break

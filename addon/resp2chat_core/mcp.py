@@ -58,6 +58,9 @@ MAX_PAGES = 64  # pages of a server's tools/list asked at most (the tools of the
 MAX_EMPTY_PAGES = 4  # pages in a row without a tool asked at most (a cursor that never ends): a listing that has no tool
 # by then fails
 DEFAULT_TIMEOUT = 30  # seconds one listing or call may take (timeout_secs)
+MAX_HEADER_VALUE = 8192  # characters of one header value (a request's or the operator's) or a request's authorization at
+# most: what common servers take in one header line (nginx's 8k); each is a secret the gateway scrubs, whose pattern
+# (channel._spellings) costs time on the event loop as it grows
 DEFAULT_OUTPUT_KB = 64  # KiB of one call's output kept and given to the model (max_output_kb)
 _ENTRY = ("label", "url", "transport", "headers", "allowed_tools", "require_approval", "timeout_secs", "max_output_kb")
 TRANSPORTS = ("streamable_http", "sse")  # the MCP HTTP transports: streamable HTTP, and the older HTTP+SSE
@@ -146,6 +149,9 @@ def _headers(value: Any, where: str) -> tuple[tuple[str, str], ...]:
                              "client writes itself (framing, hop-by-hop, content type, the MCP session)")
         if not isinstance(v, str) or not _sendable(v):
             raise ValueError(f"{where}: {name!r}: expected a one-line string value of printable ASCII")
+        if len(v) > MAX_HEADER_VALUE:
+            raise ValueError(f"{where}: {name!r}: a value of {len(v)} characters, more than the {MAX_HEADER_VALUE} "
+                             "a header value may have")
         out.append((name, v))
     return tuple(out)
 
@@ -372,6 +378,10 @@ def bind(tools: list[tuple[int, Any]], specs: tuple[ServerSpec, ...]) -> tuple[S
         if tool.authorization:
             if not _sendable(tool.authorization):
                 raise GatewayError(f"{where}.authorization: expected a one-line token of printable ASCII",
+                                   param=f"{where}.authorization", code="invalid_value")
+            if len(tool.authorization) > MAX_HEADER_VALUE:
+                raise GatewayError(f"{where}.authorization: a token of {len(tool.authorization)} characters, more than "
+                                   f"the {MAX_HEADER_VALUE} a header value may have",
                                    param=f"{where}.authorization", code="invalid_value")
             headers = (*[(k, v) for k, v in headers if k.lower() != "authorization"],
                        ("authorization", f"Bearer {tool.authorization}"))
