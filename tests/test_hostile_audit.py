@@ -524,3 +524,64 @@ def test_a_request_head_is_bounded_while_it_arrives(upstream, gateway_factory):
                        % (b"a" * (16 << 10), len(body), body))
     assert got.startswith(b"HTTP/1.1 200"), got[:300]
     assert requests.get(gw.base_url.removesuffix("/v1") + "/healthz", timeout=10).status_code == 200
+
+
+# --- what a client sends while its request is answered -------------------------------------------
+
+
+def _read_all(sock: socket.socket, into: bytearray) -> None:
+    try:
+        while chunk := sock.recv(65536):
+            into += chunk
+    except OSError:
+        pass
+
+
+def test_bytes_sent_while_a_turn_is_answered_are_bounded(upstream, gateway_factory):
+    """mitmproxy kept whatever a client sent after its request while that request was answered
+    (its HTTP/1 ``wait`` state: ``self.buf += data``), without bound: 128 MiB of junk sent during
+    a streamed turn were held (+128 MiB RSS). Now past 64 KiB it is dropped as it comes: the
+    turn's answer arrives whole, then the gateway closes the connection (the junk is never read as
+    a request)."""
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0")
+    body = json.dumps({"model": "demo-model", "input": "slow: 100\nwords: 12", "stream": True}).encode()
+    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+    got = bytearray()
+    sock.sendall(b"POST /v1/responses HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                 b"content-length: %d\r\n\r\n%s" % (len(body), body))
+    wait_until(lambda: sock.recv(1, socket.MSG_PEEK), what="the answer's head")
+    reader = threading.Thread(target=_read_all, args=(sock, got), daemon=True)
+    reader.start()
+    peak = Peak(gw.proc.pid)
+    junk = b"x" * MiB
+    try:
+        for _ in range(128):
+            sock.sendall(junk)
+    except OSError:
+        pass
+    reader.join(30)
+    assert not reader.is_alive(), "the gateway did not close the connection after the answer"
+    assert peak.grown < 24 * MiB, f"the gateway grew {peak.grown / MiB:.0f} MiB"
+    head, _, rest = bytes(got).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), got[:300]
+    assert b"transfer-encoding: chunked" in head.lower(), head
+    assert rest.endswith(b"\r\n0\r\n\r\n"), rest[-300:]  # (the answer whole, and nothing after it)
+    events = parse_sse(b"".join(rest.split(b"\r\n")[1::2]))
+    assert events[-1]["type"] == "response.completed", events[-1]
+    sock.close()
+
+
+def test_a_few_pipelined_requests_are_all_answered(upstream, gateway_factory):
+    """HTTP/1.1 pipelining of a few small requests still works with the bound above: three GETs
+    sent at once get three answers, in order, on the one connection."""
+    gw = gateway_factory(upstream.origin)
+    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+    get = b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n%s\r\n"
+    sock.sendall(get % b"" + get % b"" + get % b"connection: close\r\n")
+    got = bytearray()
+    _read_all(sock, got)
+    sock.close()
+    answers = bytes(got).split(b"HTTP/1.1 ")[1:]
+    assert len(answers) == 3, got
+    assert all(a.startswith(b"200") and a.endswith(b'{"status":"ok"}') for a in answers), got
+

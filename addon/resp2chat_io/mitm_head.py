@@ -8,7 +8,8 @@ closed, reset, a head it could not read) is the gateway's JSON error, not mitmpr
 its hooks for its backend (``_leaving``, ``LEAVING``: a passthrough's deadline starts there);
 no request of the gateway's is streamed past its hooks, whatever an addon asks (``_whole``), and
 the body of one the gate refused at its head is dropped as it comes, whatever an addon asks
-(``_refusal_stands``).
+(``_refusal_stands``); what a client sends while its request is answered is bounded
+(``_held``, ``MAX_PIPELINED``).
 
 Why. mitmproxy gathers a client's request head in its HTTP/1 layer until the blank line that
 ends it (``mitmproxy/proxy/layers/http/_http1.py``, ``Http1Server.read_headers``: "FIXME: protect
@@ -55,6 +56,46 @@ def _refusal() -> bytes:
     err = head_too_large()
     return http1.assemble_response(http.Response.make(err.status, json.dumps(err.body()).encode(), {
         **JSON_HEADERS, "x-request-id": request_id_of(str(uuid.uuid4())), "connection": "close"}))
+
+
+# What a client may send after its request, while that request is answered: a few pipelined heads.
+# mitmproxy's HTTP/1 server keeps every byte it reads in its buffer meanwhile (``Http1Connection.
+# _handle_event``: ``self.buf += data`` in its ``wait`` state too), without bound: a client sent
+# 400 MiB of junk after its streamed turn, +400 MiB RSS in 0.7 s.
+MAX_PIPELINED = 2 * MAX_HEAD
+
+
+def _held(wait):
+    """``Http1Server.wait`` (a request in, its answer on its way) that holds at most
+    ``MAX_PIPELINED`` bytes of what the client sends meanwhile: past it, what it held is dropped,
+    and so is all it sends after, the answer in flight is sent whole and the connection is closed
+    after it (``_closing``). A client pipelining a few requests of ordinary size gets them all
+    answered, one after another, as before."""
+    def held_wait(self, event):
+        if isinstance(event, events.DataReceived) and (
+                getattr(self, "resp2chat_overflow", False) or len(self.buf) > MAX_PIPELINED):
+            self.resp2chat_overflow = True
+            self.buf.maybe_extract_at_most(len(self.buf))  # (dropped)
+        yield from wait(self, event)
+
+    held_wait.resp2chat = True
+    return held_wait
+
+
+def _closing(mark_done):
+    """``Http1Server.mark_done``: a connection whose client sent more than ``MAX_PIPELINED``
+    while its request was answered (``_held``) is closed once that answer is done, not kept for
+    the next request (whose bytes were dropped)."""
+    def closing_mark_done(self, *, request=False, response=False):
+        yield from mark_done(self, request=request, response=response)
+        if getattr(self, "resp2chat_overflow", False) and self.request is None \
+                and getattr(self.state, "__func__", None) is type(self).read_headers:
+            self.buf.maybe_extract_at_most(len(self.buf))  # (dropped)
+            self.state = self.done
+            yield commands.CloseConnection(self.conn)
+
+    closing_mark_done.resp2chat = True
+    return closing_mark_done
 
 
 def _bounded(read_headers):
@@ -340,7 +381,9 @@ def install() -> None:
                                (getattr(_http1, "Http1Server", None), "read_body", _counted),
                                (getattr(_http1, "Http1Client", None), "read_headers", _bounded_response),
                                (getattr(_http1, "Http1Client", None), "read_body", _quiet_body),
-                               (getattr(_http1, "Http1Server", None), "send", _json_errors)):
+                               (getattr(_http1, "Http1Server", None), "send", _json_errors),
+                               (getattr(_http1, "Http1Server", None), "wait", _held),
+                               (getattr(_http1, "Http1Server", None), "mark_done", _closing)):
         current = getattr(layer, state, None)
         if getattr(current, "resp2chat", False):
             continue
