@@ -585,3 +585,25 @@ def test_a_few_pipelined_requests_are_all_answered(upstream, gateway_factory):
     assert len(answers) == 3, got
     assert all(a.startswith(b"200") and a.endswith(b'{"status":"ok"}') for a in answers), got
 
+
+def test_a_head_answer_has_no_body(upstream, gateway_factory):
+    """mitmproxy wrote the body of a gateway-built answer to a HEAD (``/healthz``'s, the 405 of
+    an API endpoint, a 404), so a keep-alive client read it as its next answer. Now a HEAD's
+    answer is its head alone (its content-length that of the body a GET gets): HEAD then GET on
+    one connection are two clean answers."""
+    gw = gateway_factory(upstream.origin)
+    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+    sock.sendall(b"HEAD /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n"
+                 b"HEAD /v1/responses HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n"
+                 b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n")
+    got = bytearray()
+    _read_all(sock, got)
+    sock.close()
+    first, _, rest = bytes(got).partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200"), got
+    assert b"content-length: 15" in first.lower(), first
+    second, _, rest = rest.partition(b"\r\n\r\n")
+    assert second.startswith(b"HTTP/1.1 "), got  # (the 405 of an API endpoint, or the gate's refusal)
+    third, _, body = rest.partition(b"\r\n\r\n")
+    assert third.startswith(b"HTTP/1.1 200"), got
+    assert body == b'{"status":"ok"}', got

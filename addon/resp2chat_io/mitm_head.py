@@ -9,7 +9,7 @@ its hooks for its backend (``_leaving``, ``LEAVING``: a passthrough's deadline s
 no request of the gateway's is streamed past its hooks, whatever an addon asks (``_whole``), and
 the body of one the gate refused at its head is dropped as it comes, whatever an addon asks
 (``_refusal_stands``); what a client sends while its request is answered is bounded
-(``_held``, ``MAX_PIPELINED``).
+(``_held``, ``MAX_PIPELINED``); the answer to a ``HEAD`` has no body (``_json_errors``).
 
 Why. mitmproxy gathers a client's request head in its HTTP/1 layer until the blank line that
 ends it (``mitmproxy/proxy/layers/http/_http1.py``, ``Http1Server.read_headers``: "FIXME: protect
@@ -43,7 +43,7 @@ from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
-from mitmproxy.proxy.layers.http._events import ErrorCode, ResponseProtocolError
+from mitmproxy.proxy.layers.http._events import ErrorCode, ResponseData, ResponseProtocolError
 
 from resp2chat_core.errors import error_json, sanitize
 from resp2chat_core.gate import MAX_HEAD, head_too_large
@@ -232,13 +232,33 @@ def _json_page(status: int, message: str = "") -> bytes:
 FAILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+_NOTHING = ()
+
+
+def _head(request) -> bool:
+    return request is not None and request.data.method.upper() == b"HEAD"
+
+
+def _head_only(raw: bytes) -> bytes:
+    """A whole HTTP/1 answer's head alone (its ``content-length`` that of the body it would have)."""
+    head, end, _ = raw.partition(b"\r\n\r\n")
+    return head + end
+
+
 def _json_errors(send):
     """``Http1Server.send`` that answers a request failed before its answer's head with what the
     gateway made of it in the ``error`` hook (``FAILED``), even where mitmproxy would only close
-    the connection (a flow killed in its hooks); otherwise as mitmproxy does (``_json_page``)."""
+    the connection (a flow killed in its hooks); otherwise as mitmproxy does (``_json_page``).
+    The answer to a ``HEAD`` is its head alone: mitmproxy wrote the body of any answer an addon
+    made (the gateway's ``405`` for an API endpoint, ``/healthz``, a ``404``) after its head, so
+    a keep-alive client read that body as its next answer (HTTP/1.1: a ``HEAD``'s answer has no
+    body; its ``content-length`` stays that of the body a ``GET`` would have). Every answer on an
+    HTTP/1 client connection passes here; a backend's answer to a ``HEAD`` has no body anyway."""
     def json_error_send(self, event):
         # (every other event, each chunk of every answer, is mitmproxy's own generator as it is:
         # no frame of ours between it and the connection)
+        if event.__class__ is ResponseData and _head(self.request):
+            return _NOTHING
         if not isinstance(event, ResponseProtocolError):
             return send(self, event)
         return failed_send(self, event)
@@ -247,10 +267,13 @@ def _json_errors(send):
         own = FAILED.pop(self.conn, None)
         if own is not None and own[0] is self.request and self.response is None:
             if self.conn.state & ConnectionState.CAN_WRITE:
-                yield commands.SendData(self.conn, own[1])
+                yield commands.SendData(self.conn, _head_only(own[1]) if _head(self.request) else own[1])
                 yield commands.CloseConnection(self.conn)
             return
-        yield from send(self, event)
+        for command in send(self, event):
+            if isinstance(command, commands.SendData) and _head(self.request):
+                command.data = _head_only(command.data)
+            yield command
 
     json_error_send.resp2chat = True
     return json_error_send
