@@ -820,9 +820,8 @@ def test_slow_readers_of_large_answers_hold_at_most_max_answers_waiting_mb(upstr
     gateway's memory for as long as its client trickled (``Stalls`` never cut them: what waits
     changes). With ``max_answers_waiting_mb`` 48, three are let out and the other seven refused
     at once with ``503 server_overloaded`` and ``retry-after``; the gateway's memory grows by about
-    the cap; the tricklers are closed within a few seconds (here, on loopback, the kernel's send
-    buffer takes their reads: what waits in the gateway does not move, ``Stalls``; the rate rule
-    has its own test), after which their share is back and a normal client's read goes through. Without a cap (0, as before it
+    the cap; the tricklers are closed within a few seconds (they take their answer slower than
+    ``min_request_body_rate_kb``: the rate rule), after which their share is back and a normal client's read goes through. Without a cap (0, as before it
     existed) all ten are let out and held, never cut: the memory grows by over 100 MiB (the kernel's send buffers take a few MiB of
     each; the ``capped`` case measured 354 MiB before the budget)."""
     n = 10
@@ -985,3 +984,71 @@ def test_a_built_answer_leaves_no_cycle_holding_it():
                                 (1, typing.Any, True), (1.5, int, False), (None, typing.Union[int, str], False)]:
         got = verdict(mitm_typecheck.check_option_type, value, typeinfo)
         assert (got == "ok") == ok and got == verdict(mitm_typecheck._original, value, typeinfo), (value, typeinfo, got)
+
+
+def small_page(gw, text: int = 60_000) -> tuple[str, int]:
+    """A conversation of one message of ``text`` characters (60 000: its items page just under
+    ``SMALL_ANSWER``, 64 KiB): its id and the page's size."""
+    made = requests.post(f"{gw.base_url}/conversations",
+                         json={"items": [{"type": "message", "role": "user", "content": "x" * text}]}, timeout=30)
+    conv = made.json()["id"]
+    page = requests.get(f"{gw.base_url}/conversations/{conv}/items", timeout=30)
+    assert page.status_code == 200
+    return conv, len(page.content)
+
+
+def test_pipelined_small_answers_are_counted_in_max_answers_waiting_mb(upstream, gateway_factory):
+    """The reviewer's finding: answers under 64 KiB were never counted, and mitmproxy answers each
+    pipelined request as soon as the last answer is written, read or not: 2000 pipelined GETs of a
+    60 KiB page on one unread socket held +113 MiB, never refused nor cut. Now a small answer behind
+    another still waiting is counted: past ``max_answers_waiting_mb`` (2 here) the pipelined reads
+    are refused (503), and so is another client's read, until the holder is cut (it reads nothing:
+    ``Stalls``) and its share is back."""
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0",
+                         env={**DEADLINE, "RESP2CHAT_MAX_ANSWERS_WAITING_MB": "2"})
+    conv, size = small_page(gw)
+    other, _ = small_page(gw, 100_000)  # (a page over 64 KiB: counted, on any connection)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * KiB)
+    sock.connect(("127.0.0.1", gw.port))
+    try:
+        sock.sendall(items_get(conv) * 200)
+        time.sleep(1)  # (the pipelined reads answered, as far as they go)
+        read = requests.get(f"{gw.base_url}/conversations/{other}/items", timeout=30)
+        assert read.status_code == 503 and read.json()["error"]["code"] == "server_overloaded", read.status_code
+        wait_until(lambda: sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != 1,  # (ESTABLISHED no more)
+                   timeout=3 * LIMIT + 2, what="the pipeliner cut")
+    finally:
+        sock.close()
+    wait_until(lambda: requests.get(f"{gw.base_url}/conversations/{other}/items", timeout=30).status_code == 200,
+               what="the read let out once the pipeliner went")
+    assert "Traceback" not in gw.log()
+
+
+def test_a_reader_taking_its_answer_above_the_rate_is_not_cut_while_the_kernel_queue_drains(upstream, gateway_factory):
+    """On loopback the kernel's send queue takes a few MiB of an answer: a client reading it well
+    above ``min_request_body_rate_kb`` (256 KiB/s against 4) drains only that queue for seconds,
+    asyncio's write buffer unmoved. Sampling that buffer alone, ``Stalls`` reset it as one that
+    "took none of its answer". What waits is now both (``TIOCOUTQ``): it reads on."""
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0", env=DEADLINE)
+    conv, size = large_conversation(gw)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * KiB)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", gw.port))
+    sock.sendall(items_get(conv))
+    took, started = 0, time.monotonic()
+    try:
+        while time.monotonic() - started < 3 * LIMIT + 1:
+            chunk = 0
+            while chunk < 64 * KiB:
+                got = sock.recv(64 * KiB - chunk)  # (a reset raises: the test fails)
+                assert got, f"closed after {took + chunk} bytes"
+                chunk += len(got)
+            took += chunk
+            time.sleep(0.25)
+        assert not closed(sock)
+    finally:
+        sock.close()
+    assert took < size  # (still reading: a slow read, not a whole one)
+    assert "Traceback" not in gw.log()

@@ -37,9 +37,10 @@ items page, a non-streamed turn's Response are built whole (up to tens of MiB) a
 mitmproxy, which writes them into the client socket's write buffer, where they wait as long as
 the client takes to read them: 60 clients reading a 20 MiB page a few bytes every few seconds
 held +1.7 GB (``Stalls`` cuts only a client that takes nothing). Two bounds: each such answer of
-``SMALL_ANSWER`` or more is counted in ``max_answers_waiting_mb`` (resp2chat_core/gate.py
-``BodyBudget``, as request bodies are in theirs) from its answer until it has left the write
-buffer (the sweep: its flow done and nothing waits) or its connection closes; a read (a ``GET``
+``SMALL_ANSWER`` or more (or any behind another still waiting: pipelined requests) is counted
+in ``max_answers_waiting_mb`` (resp2chat_core/gate.py ``BodyBudget``, as request bodies are in theirs) from its answer until it has left the write
+buffer (the sweep: its flow done and nothing waits; what waits is asyncio's write buffer and
+the kernel's unsent bytes, ``pending``) or its connection closes; a read (a ``GET``
 of the gateway's own endpoints) that would go past it is refused with ``503 server_overloaded``
 and ``retry-after`` (``response``: before the other addons' hooks record it), an answer the
 client paid backend tokens for is counted, never refused (``AnswersOut``, last in the addon
@@ -67,7 +68,13 @@ from .. import mitm_head
 from .base import META, Owner, fails_closed, log, refusal
 
 SWEEP_SECS = 1.0  # seconds between two sweeps at most (a quarter of the deadline when that is shorter)
-SMALL_ANSWER = 64 << 10  # a gateway-built answer below this is not counted in max_answers_waiting_mb
+SMALL_ANSWER = 64 << 10  # a gateway-built answer below this is not counted in max_answers_waiting_mb (unless others wait)
+try:
+    import fcntl
+    import termios
+    _TIOCOUTQ = getattr(termios, "TIOCOUTQ", None)  # (Linux: a socket's unsent bytes; ``unsent``)
+except ImportError:  # (not a Unix)
+    _TIOCOUTQ = None
 
 
 @fails_closed
@@ -135,7 +142,10 @@ class HeadDeadline(Owner):
                 or flow.metadata.get(META, {}).get(PASSTHROUGH)):
             return  # (the gateway's own answers only: a passthrough's are the upstream's)
         size = len(response.raw_content or b"")
-        if size < SMALL_ANSWER or flow.id in self.out.get(conn, (0, {}))[1]:
+        pending = waiting(conn) or 0
+        # (a small one too behind others still waiting: mitmproxy answers pipelined requests one
+        # after another, read or not; 2000 of 60 KiB on one unread socket held +113 MiB, uncounted)
+        if not pending and size < SMALL_ANSWER or flow.id in self.out.get(conn, (0, {}))[1]:
             return
         self.settle(conn)  # (the answers before it on a keep-alive connection, out: given back first)
         err = self.answers.take(flow.id, conn, size, must=must)
@@ -264,7 +274,7 @@ class HeadDeadline(Owner):
         for conn, handler in handlers.items():
             io = handler.transports.get(handler.client)
             transport = getattr(io.writer, "transport", None) if io is not None else None
-            if transport is not None and self.stalls.sample(conn, transport.get_write_buffer_size(), now):
+            if transport is not None and self.stalls.sample(conn, pending(transport), now):
                 self.close(conn, f"the client took none of its answer for header_timeout_secs ({self.stalls.limit} s)",
                            abort=True)
 
@@ -287,11 +297,31 @@ def writing(conn: str) -> bool:
 
 
 def waiting(conn: str) -> int | None:
-    """The bytes waiting in the client connection's socket buffer (``conn``: its id); None when
-    it is gone (or not a live connection)."""
+    """The bytes of answers waiting for the client connection ``conn`` (its id): in asyncio's
+    write buffer and, not sent yet, in the kernel's send queue (``unsent``); None when it is gone
+    (or not a live connection)."""
     io = _io(conn)
     transport = getattr(io.writer, "transport", None) if io is not None else None
-    return transport.get_write_buffer_size() if transport is not None else None
+    return pending(transport) if transport is not None else None
+
+
+def pending(transport) -> int:
+    """What waits to be written to ``transport``'s client: asyncio's write buffer and the
+    kernel's unsent bytes. The kernel's count too: on loopback its send queue takes up to a few
+    MiB, so a client reading slowly (but reading) moves only that, not asyncio's buffer, and was
+    taken for one that reads nothing (``Stalls``) or takes nothing of its answer (the rate)."""
+    return transport.get_write_buffer_size() + unsent(transport.get_extra_info("socket"))
+
+
+def unsent(sock) -> int:
+    """The bytes the kernel holds in ``sock``'s send queue, not yet sent (Linux's ``TIOCOUTQ``);
+    0 where that cannot be asked (another system, no socket)."""
+    if sock is None or _TIOCOUTQ is None:
+        return 0
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), _TIOCOUTQ, b"\0\0\0\0"))[0]
+    except (OSError, ValueError):
+        return 0
 
 
 class AnswersOut:
