@@ -824,17 +824,21 @@ def test_slow_readers_of_large_answers_hold_at_most_max_answers_waiting_mb(upstr
     ``min_request_body_rate_kb``: the rate rule), after which their share is back and a normal client's read goes through. Without a cap (0, as before it
     existed) all ten are let out and held, never cut: the memory grows by over 100 MiB (the kernel's send buffers take a few MiB of
     each; the ``capped`` case measured 354 MiB before the budget)."""
-    n = 10
+    n, limit = 10, 5  # (header_timeout_secs: longer than opening ten readers takes on a loaded machine, or
+    # the first are cut, their share back, before the last open; the trickling starts with the first)
     gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0",
-                         env={**DEADLINE, "RESP2CHAT_MAX_ANSWERS_WAITING_MB": str(cap_mb)})
+                         env={"RESP2CHAT_HEADER_TIMEOUT_SECS": str(limit), "RESP2CHAT_MAX_ANSWERS_WAITING_MB": str(cap_mb)})
     conv, size = large_conversation(gw)
     assert 15 * MiB < size < 16 * MiB, size
     base = memory(gw.proc.pid)["VmRSS"]
-    readers = [trickler(gw, conv) for _ in range(n)]
-    stop, cut = threading.Event(), {}
-    worker = threading.Thread(target=trickle, args=([s for s, status, _ in readers if status == 200], stop, cut))
+    stop, cut, trickling, readers = threading.Event(), {}, [], []
+    worker = threading.Thread(target=trickle, args=(trickling, stop, cut))
     worker.start()
     try:
+        for _ in range(n):
+            readers.append(trickler(gw, conv))
+            if readers[-1][1] == 200:
+                trickling.append(readers[-1][0])
         time.sleep(1.5)  # (a sweep: what the refused reads left is collected)
         grown = memory(gw.proc.pid)["VmRSS"] - base
         statuses = [status for _, status, _ in readers]
@@ -850,7 +854,7 @@ def test_slow_readers_of_large_answers_hold_at_most_max_answers_waiting_mb(upstr
             assert fields["retry-after"] == "1" and fields.get("retry-after-ms") == "1000"
             body = json.loads(answer_body(sock, fields))
             assert body["error"]["code"] == "server_overloaded" and "max_answers_waiting_mb" in body["error"]["message"]
-        wait_until(lambda: len(cut) == 3, timeout=4 * LIMIT + 2, what="the tricklers closed")
+        wait_until(lambda: len(cut) == 3, timeout=3 * limit + 2, what="the tricklers closed")
         page = requests.get(f"{gw.base_url}/conversations/{conv}/items", timeout=30)
         assert page.status_code == 200 and len(page.content) == size
     finally:
