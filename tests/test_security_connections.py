@@ -1056,3 +1056,36 @@ def test_a_reader_taking_its_answer_above_the_rate_is_not_cut_while_the_kernel_q
         sock.close()
     assert took < size  # (still reading: a slow read, not a whole one)
     assert "Traceback" not in gw.log()
+
+
+def test_one_client_holds_at_most_half_of_the_answers_budget(upstream, gateway_factory):
+    """Two keyed clients, ``max_answers_waiting_mb`` 4: alice, holding a 1.5 MiB page unread, is
+    refused a second (429 ``rate_limit_exceeded``: past her half, as with request bodies), while
+    bob's read of his own goes out. Before, one client could take the whole budget."""
+    clients = [{"name": "alice", "key": "alice-key-0123456789abcdef"}, {"name": "bob", "key": "bob-key-0123456789abcdef"}]
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0",
+                         env={"RESP2CHAT_HEADER_TIMEOUT_SECS": "30", "RESP2CHAT_MAX_ANSWERS_WAITING_MB": "4",
+                              "RESP2CHAT_CLIENTS": json.dumps(clients)})
+    auth = [{"authorization": f"Bearer {c['key']}"} for c in clients]
+    convs = []
+    for who in (0, 1):
+        made = requests.post(f"{gw.base_url}/conversations", headers=auth[who], timeout=30,
+                             json={"items": [{"type": "message", "role": "user", "content": "x" * (1536 * KiB)}]})
+        assert made.status_code == 200, made.text
+        convs.append(made.json()["id"])
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * KiB)
+    holder.settimeout(10)
+    holder.connect(("127.0.0.1", gw.port))
+    try:
+        holder.sendall(items_get(convs[0]).replace(b"\r\n\r\n", b"\r\nauthorization: %s\r\n\r\n"
+                                                   % auth[0]["authorization"].encode()))
+        assert holder.recv(64).startswith(b"HTTP/1.1 200")
+        second = requests.get(f"{gw.base_url}/conversations/{convs[0]}/items", headers=auth[0], timeout=30)
+        assert second.status_code == 429 and second.json()["error"]["code"] == "rate_limit_exceeded", second.status_code
+        assert second.headers["retry-after"] == "1"
+        other = requests.get(f"{gw.base_url}/conversations/{convs[1]}/items", headers=auth[1], timeout=30)
+        assert other.status_code == 200  # (bob: the other half is his)
+    finally:
+        holder.close()
+    assert "Traceback" not in gw.log()

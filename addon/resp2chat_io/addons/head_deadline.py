@@ -136,7 +136,7 @@ class HeadDeadline(Owner):
         """Count ``flow``'s answer, built whole by the gateway, in ``max_answers_waiting_mb``
         until it has left its connection's write buffer (``sweep_answers``); past the budget, a
         read (``must`` false) gets the refusal instead (a turn's Response, ``must``, never)."""
-        from .gate import PASSTHROUGH  # (here: gate.py imports this module)
+        from .gate import PASSTHROUGH, SHARE as G_SHARE  # (here: gate.py imports this module)
         response, conn = flow.response, flow.client_conn.id
         if (response is None or response.stream or flow.websocket is not None or conn not in self.clock
                 or flow.metadata.get(META, {}).get(PASSTHROUGH)):
@@ -148,7 +148,8 @@ class HeadDeadline(Owner):
         if not pending and size < SMALL_ANSWER or flow.id in self.out.get(conn, (0, {}))[1]:
             return
         self.settle(conn)  # (the answers before it on a keep-alive connection, out: given back first)
-        err = self.answers.take(flow.id, conn, size, must=must)
+        # (a client's share, as of request bodies: the gate's ``who``, where there are several)
+        err = self.answers.take(flow.id, conn, size, flow.metadata.get(META, {}).get(G_SHARE), must=must)
         if err is not None:
             flow.response = refusal(flow, err)
             return
