@@ -1089,3 +1089,39 @@ def test_one_client_holds_at_most_half_of_the_answers_budget(upstream, gateway_f
     finally:
         holder.close()
     assert "Traceback" not in gw.log()
+
+
+def test_adding_items_is_refused_before_it_adds_them_while_the_answers_budget_is_taken(upstream, gateway_factory):
+    """``POST /v1/conversations/{id}/items`` answers with every item it added: a gzip'd body of a
+    few KiB, MiB of answer, and it was counted as a paid-for answer, never refused (12 of them held
+    past ``max_answers_waiting_mb``). Refusing its answer would be too late (the items are in; the
+    retry adds them twice): it is refused before, while the answers waiting hold the budget
+    (503 ``server_overloaded``, nothing added), and goes through once they are out."""
+    import gzip
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0",
+                         env={"RESP2CHAT_HEADER_TIMEOUT_SECS": "30", "RESP2CHAT_MAX_ANSWERS_WAITING_MB": "2"})
+    held_conv, _ = small_page(gw, 3 * MiB)
+    target = requests.post(f"{gw.base_url}/conversations", json={}, timeout=30).json()["id"]
+    body = gzip.compress(json.dumps({"items": [{"type": "message", "role": "user", "content": "y" * MiB}]}).encode())
+    assert len(body) < 16 * KiB
+
+    def add() -> requests.Response:
+        return requests.post(f"{gw.base_url}/conversations/{target}/items", data=body, timeout=30,
+                             headers={"content-type": "application/json", "content-encoding": "gzip"})
+
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * KiB)
+    holder.settimeout(10)
+    holder.connect(("127.0.0.1", gw.port))
+    try:
+        holder.sendall(items_get(held_conv))
+        assert holder.recv(64).startswith(b"HTTP/1.1 200")  # (one always let out: 3 MiB against 2)
+        refused = add()
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_overloaded", refused.status_code
+        assert refused.headers["retry-after"] == "1"
+    finally:
+        holder.close()
+    wait_until(lambda: add().status_code == 200, what="the items added once the holder went")
+    page = requests.get(f"{gw.base_url}/conversations/{target}/items", timeout=30)
+    assert page.status_code == 200 and len(page.json()["data"]) == 1  # (added once: the refusal added nothing)
+    assert "Traceback" not in gw.log()

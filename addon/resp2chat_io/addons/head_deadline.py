@@ -44,7 +44,9 @@ the kernel's unsent bytes, ``pending``) or its connection closes; a read (a ``GE
 of the gateway's own endpoints) that would go past it is refused with ``503 server_overloaded``
 and ``retry-after`` (``response``: before the other addons' hooks record it), an answer the
 client paid backend tokens for is counted, never refused (``AnswersOut``, last in the addon
-chain: a turn's Response is made in http_turns.py's ``response`` hook). And a connection whose
+chain: a turn's Response is made in http_turns.py's ``response`` hook), and so is the answer of
+a request that changed something (a conversation's items added: its answer echoes them), which
+is refused instead before its work while the budget is taken (``request``). And a connection whose
 client takes such answers slower than ``min_request_body_rate_kb`` over the last
 ``header_timeout_secs`` is closed as the others are (``BodyRate``, the bytes taken: what was
 counted less what still waits), so a trickler holds its share for a window or two, not hours.
@@ -68,6 +70,7 @@ from .. import mitm_head
 from .base import META, Owner, fails_closed, log, refusal
 
 SWEEP_SECS = 1.0  # seconds between two sweeps at most (a quarter of the deadline when that is shorter)
+KEPT = "answer_kept"  # flow.metadata[META] key: its answer is counted in max_answers_waiting_mb, never refused (``AnswersOut``)
 SMALL_ANSWER = 64 << 10  # a gateway-built answer below this is not counted in max_answers_waiting_mb (unless others wait)
 try:
     import fcntl
@@ -118,6 +121,24 @@ class HeadDeadline(Owner):
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         self.clock.head(flow.client_conn.id, flow.id)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        """A request that changes something (other than a turn: ``POST /v1/responses`` and its
+        ``/compact``) is refused here, before its work, while the answers waiting hold
+        ``max_answers_waiting_mb`` already (``503 server_overloaded``): its answer, made once the
+        work is done, is then too late to refuse (the client's retry would do it twice: add a
+        conversation's items again), so, let in, it is counted, never refused (``KEPT``). Above
+        all ``POST /v1/conversations/{id}/items``, which answers with every item it added: a
+        gzip'd body of a few KiB, MiB of answer (12 of them held past the budget, uncounted)."""
+        if flow.response is not None or flow.request.method in ("GET", "HEAD") or flow.websocket is not None:
+            return
+        found = G.endpoint(flow.request.path.split("?", 1)[0])
+        if found is None or found[0] == "responses" and found[1] in ("", "/compact"):
+            return  # (not the gateway's own, or a turn: its Response is ``KEPT`` by http_turns.py)
+        if self.answers.cap and self.answers.held >= self.answers.cap:
+            flow.response = refusal(flow, G.answers_overloaded(self.answers.cap))
+        else:
+            flow.metadata.setdefault(META, {})[KEPT] = True
 
     def response(self, flow: http.HTTPFlow) -> None:
         if flow.websocket is None:
@@ -329,7 +350,10 @@ class AnswersOut:
     """Last in the addon chain (``HeadDeadline.running`` adds it): the answers the gateway built
     whole that ``HeadDeadline.response`` did not count, a non-streamed turn's Response above all
     (http_turns.py makes it in its own ``response`` hook, after the deadline's), are counted in
-    ``max_answers_waiting_mb``, never refused: the client paid the backend for it."""
+    ``max_answers_waiting_mb``. Those marked ``KEPT`` are counted, never refused: a turn's
+    Response (the client paid the backend for it; http_turns.py marks it) and the answer of a
+    request that changed something (``HeadDeadline.request``: refused before its work, if at
+    all). Any other (a turn's refusal, an error) is refused past the budget, as a read is."""
 
     name = "resp2chat_answers_out"
 
@@ -337,7 +361,7 @@ class AnswersOut:
         self.deadline = deadline
 
     def response(self, flow: http.HTTPFlow) -> None:
-        self.deadline.answer(flow, must=True)
+        self.deadline.answer(flow, must=bool(flow.metadata.get(META, {}).get(KEPT)))
 
 
 def close(conn: str, why: str, abort: bool = False) -> None:
