@@ -820,22 +820,25 @@ def test_slow_readers_of_large_answers_hold_at_most_max_answers_waiting_mb(upstr
     gateway's memory for as long as its client trickled (``Stalls`` never cut them: what waits
     changes). With ``max_answers_waiting_mb`` 48, three are let out and the other seven refused
     at once with ``503 server_overloaded`` and ``retry-after``; the gateway's memory grows by about
-    the cap; the tricklers are closed within a few seconds (here, on loopback, the kernel's send
-    buffer takes their reads: what waits in the gateway does not move, ``Stalls``; the rate rule
-    has its own test), after which their share is back and a normal client's read goes through. Without a cap (0, as before it
+    the cap; the tricklers are closed within a few seconds (they take their answer slower than
+    ``min_request_body_rate_kb``: the rate rule), after which their share is back and a normal client's read goes through. Without a cap (0, as before it
     existed) all ten are let out and held, never cut: the memory grows by over 100 MiB (the kernel's send buffers take a few MiB of
     each; the ``capped`` case measured 354 MiB before the budget)."""
-    n = 10
+    n, limit = 10, 5  # (header_timeout_secs: longer than opening ten readers takes on a loaded machine, or
+    # the first are cut, their share back, before the last open; the trickling starts with the first)
     gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0",
-                         env={**DEADLINE, "RESP2CHAT_MAX_ANSWERS_WAITING_MB": str(cap_mb)})
+                         env={"RESP2CHAT_HEADER_TIMEOUT_SECS": str(limit), "RESP2CHAT_MAX_ANSWERS_WAITING_MB": str(cap_mb)})
     conv, size = large_conversation(gw)
     assert 15 * MiB < size < 16 * MiB, size
     base = memory(gw.proc.pid)["VmRSS"]
-    readers = [trickler(gw, conv) for _ in range(n)]
-    stop, cut = threading.Event(), {}
-    worker = threading.Thread(target=trickle, args=([s for s, status, _ in readers if status == 200], stop, cut))
+    stop, cut, trickling, readers = threading.Event(), {}, [], []
+    worker = threading.Thread(target=trickle, args=(trickling, stop, cut))
     worker.start()
     try:
+        for _ in range(n):
+            readers.append(trickler(gw, conv))
+            if readers[-1][1] == 200:
+                trickling.append(readers[-1][0])
         time.sleep(1.5)  # (a sweep: what the refused reads left is collected)
         grown = memory(gw.proc.pid)["VmRSS"] - base
         statuses = [status for _, status, _ in readers]
@@ -851,7 +854,7 @@ def test_slow_readers_of_large_answers_hold_at_most_max_answers_waiting_mb(upstr
             assert fields["retry-after"] == "1" and fields.get("retry-after-ms") == "1000"
             body = json.loads(answer_body(sock, fields))
             assert body["error"]["code"] == "server_overloaded" and "max_answers_waiting_mb" in body["error"]["message"]
-        wait_until(lambda: len(cut) == 3, timeout=4 * LIMIT + 2, what="the tricklers closed")
+        wait_until(lambda: len(cut) == 3, timeout=3 * limit + 2, what="the tricklers closed")
         page = requests.get(f"{gw.base_url}/conversations/{conv}/items", timeout=30)
         assert page.status_code == 200 and len(page.content) == size
     finally:
@@ -985,3 +988,140 @@ def test_a_built_answer_leaves_no_cycle_holding_it():
                                 (1, typing.Any, True), (1.5, int, False), (None, typing.Union[int, str], False)]:
         got = verdict(mitm_typecheck.check_option_type, value, typeinfo)
         assert (got == "ok") == ok and got == verdict(mitm_typecheck._original, value, typeinfo), (value, typeinfo, got)
+
+
+def small_page(gw, text: int = 60_000) -> tuple[str, int]:
+    """A conversation of one message of ``text`` characters (60 000: its items page just under
+    ``SMALL_ANSWER``, 64 KiB): its id and the page's size."""
+    made = requests.post(f"{gw.base_url}/conversations",
+                         json={"items": [{"type": "message", "role": "user", "content": "x" * text}]}, timeout=30)
+    conv = made.json()["id"]
+    page = requests.get(f"{gw.base_url}/conversations/{conv}/items", timeout=30)
+    assert page.status_code == 200
+    return conv, len(page.content)
+
+
+def test_pipelined_small_answers_are_counted_in_max_answers_waiting_mb(upstream, gateway_factory):
+    """The reviewer's finding: answers under 64 KiB were never counted, and mitmproxy answers each
+    pipelined request as soon as the last answer is written, read or not: 2000 pipelined GETs of a
+    60 KiB page on one unread socket held +113 MiB, never refused nor cut. Now a small answer behind
+    another still waiting is counted: past ``max_answers_waiting_mb`` (2 here) the pipelined reads
+    are refused (503), and so is another client's read, until the holder is cut (it reads nothing:
+    ``Stalls``) and its share is back."""
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0",
+                         env={**DEADLINE, "RESP2CHAT_MAX_ANSWERS_WAITING_MB": "2"})
+    conv, size = small_page(gw)
+    other, _ = small_page(gw, 100_000)  # (a page over 64 KiB: counted, on any connection)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * KiB)
+    sock.connect(("127.0.0.1", gw.port))
+    try:
+        sock.sendall(items_get(conv) * 200)
+        time.sleep(1)  # (the pipelined reads answered, as far as they go)
+        read = requests.get(f"{gw.base_url}/conversations/{other}/items", timeout=30)
+        assert read.status_code == 503 and read.json()["error"]["code"] == "server_overloaded", read.status_code
+        wait_until(lambda: sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != 1,  # (ESTABLISHED no more)
+                   timeout=3 * LIMIT + 2, what="the pipeliner cut")
+    finally:
+        sock.close()
+    wait_until(lambda: requests.get(f"{gw.base_url}/conversations/{other}/items", timeout=30).status_code == 200,
+               what="the read let out once the pipeliner went")
+    assert "Traceback" not in gw.log()
+
+
+def test_a_reader_taking_its_answer_above_the_rate_is_not_cut_while_the_kernel_queue_drains(upstream, gateway_factory):
+    """On loopback the kernel's send queue takes a few MiB of an answer: a client reading it well
+    above ``min_request_body_rate_kb`` (256 KiB/s against 4) drains only that queue for seconds,
+    asyncio's write buffer unmoved. Sampling that buffer alone, ``Stalls`` reset it as one that
+    "took none of its answer". What waits is now both (``TIOCOUTQ``): it reads on."""
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0", env=DEADLINE)
+    conv, size = large_conversation(gw)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * KiB)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", gw.port))
+    sock.sendall(items_get(conv))
+    took, started = 0, time.monotonic()
+    try:
+        while time.monotonic() - started < 3 * LIMIT + 1:
+            chunk = 0
+            while chunk < 64 * KiB:
+                got = sock.recv(64 * KiB - chunk)  # (a reset raises: the test fails)
+                assert got, f"closed after {took + chunk} bytes"
+                chunk += len(got)
+            took += chunk
+            time.sleep(0.25)
+        assert not closed(sock)
+    finally:
+        sock.close()
+    assert took < size  # (still reading: a slow read, not a whole one)
+    assert "Traceback" not in gw.log()
+
+
+def test_one_client_holds_at_most_half_of_the_answers_budget(upstream, gateway_factory):
+    """Two keyed clients, ``max_answers_waiting_mb`` 4: alice, holding a 1.5 MiB page unread, is
+    refused a second (429 ``rate_limit_exceeded``: past her half, as with request bodies), while
+    bob's read of his own goes out. Before, one client could take the whole budget."""
+    clients = [{"name": "alice", "key": "alice-key-0123456789abcdef"}, {"name": "bob", "key": "bob-key-0123456789abcdef"}]
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0",
+                         env={"RESP2CHAT_HEADER_TIMEOUT_SECS": "30", "RESP2CHAT_MAX_ANSWERS_WAITING_MB": "4",
+                              "RESP2CHAT_CLIENTS": json.dumps(clients)})
+    auth = [{"authorization": f"Bearer {c['key']}"} for c in clients]
+    convs = []
+    for who in (0, 1):
+        made = requests.post(f"{gw.base_url}/conversations", headers=auth[who], timeout=30,
+                             json={"items": [{"type": "message", "role": "user", "content": "x" * (1536 * KiB)}]})
+        assert made.status_code == 200, made.text
+        convs.append(made.json()["id"])
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * KiB)
+    holder.settimeout(10)
+    holder.connect(("127.0.0.1", gw.port))
+    try:
+        holder.sendall(items_get(convs[0]).replace(b"\r\n\r\n", b"\r\nauthorization: %s\r\n\r\n"
+                                                   % auth[0]["authorization"].encode()))
+        assert holder.recv(64).startswith(b"HTTP/1.1 200")
+        second = requests.get(f"{gw.base_url}/conversations/{convs[0]}/items", headers=auth[0], timeout=30)
+        assert second.status_code == 429 and second.json()["error"]["code"] == "rate_limit_exceeded", second.status_code
+        assert second.headers["retry-after"] == "1"
+        other = requests.get(f"{gw.base_url}/conversations/{convs[1]}/items", headers=auth[1], timeout=30)
+        assert other.status_code == 200  # (bob: the other half is his)
+    finally:
+        holder.close()
+    assert "Traceback" not in gw.log()
+
+
+def test_adding_items_is_refused_before_it_adds_them_while_the_answers_budget_is_taken(upstream, gateway_factory):
+    """``POST /v1/conversations/{id}/items`` answers with every item it added: a gzip'd body of a
+    few KiB, MiB of answer, and it was counted as a paid-for answer, never refused (12 of them held
+    past ``max_answers_waiting_mb``). Refusing its answer would be too late (the items are in; the
+    retry adds them twice): it is refused before, while the answers waiting hold the budget
+    (503 ``server_overloaded``, nothing added), and goes through once they are out."""
+    import gzip
+    gw = gateway_factory(upstream.origin, "--set", "resp2chat_max_replay_entries=0",
+                         env={"RESP2CHAT_HEADER_TIMEOUT_SECS": "30", "RESP2CHAT_MAX_ANSWERS_WAITING_MB": "2"})
+    held_conv, _ = small_page(gw, 3 * MiB)
+    target = requests.post(f"{gw.base_url}/conversations", json={}, timeout=30).json()["id"]
+    body = gzip.compress(json.dumps({"items": [{"type": "message", "role": "user", "content": "y" * MiB}]}).encode())
+    assert len(body) < 16 * KiB
+
+    def add() -> requests.Response:
+        return requests.post(f"{gw.base_url}/conversations/{target}/items", data=body, timeout=30,
+                             headers={"content-type": "application/json", "content-encoding": "gzip"})
+
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * KiB)
+    holder.settimeout(10)
+    holder.connect(("127.0.0.1", gw.port))
+    try:
+        holder.sendall(items_get(held_conv))
+        assert holder.recv(64).startswith(b"HTTP/1.1 200")  # (one always let out: 3 MiB against 2)
+        refused = add()
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_overloaded", refused.status_code
+        assert refused.headers["retry-after"] == "1"
+    finally:
+        holder.close()
+    wait_until(lambda: add().status_code == 200, what="the items added once the holder went")
+    page = requests.get(f"{gw.base_url}/conversations/{target}/items", timeout=30)
+    assert page.status_code == 200 and len(page.json()["data"]) == 1  # (added once: the refusal added nothing)
+    assert "Traceback" not in gw.log()

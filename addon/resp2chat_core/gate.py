@@ -79,7 +79,8 @@ class BodyBudget:
     non-streamed turn's Response) still waiting in their clients' sockets, each counted from its
     answer until it has left the write buffer (or its connection goes): a read that would go past
     it is refused (``answers_overloaded``), an answer the client already paid for is counted all
-    the same, never refused (``take(..., must=True)``).
+    the same, never refused (``take(..., must=True)``); one client's share is half here too (the
+    same ``who``), so one key's slow readers cannot hold the reads of every other client off.
 
     Requests and their connections are named by the caller (a flow id, a client id)."""
 

@@ -67,6 +67,7 @@ from .head_deadline import stop_flow
 RELOAD_EVERY = 1.0  # seconds between two looks at the config file (a revoked key is refused within that)
 READ_REFUSED = 64 << 10  # body bytes read at most of a request refused at its head
 PASSTHROUGH = "passthrough"  # flow.metadata[META] key: the upstream serves this request (addons/upstreams.py)
+SHARE = "share"  # flow.metadata[META] key: whose share of a budget the request takes (BodyBudget ``who``: head_deadline.py too)
 CREDENTIALS = ("authorization", "x-api-key")
 _HEADER_LIST = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~ ,-]{0,1000}$")
 
@@ -209,6 +210,8 @@ class Gate(Owner):
         if (err := self.bodies.take(flow.id, flow.client_conn.id, size, who)) is not None:
             return self.refuse(flow, err)
         meta = flow.metadata.setdefault(META, {})
+        if who is not None:
+            meta[SHARE] = who  # (its answer's share of max_answers_waiting_mb too)
         if where is G.PASSTHROUGH:
             meta[PASSTHROUGH] = True
             self.passing[flow.id] = flow

@@ -37,13 +37,16 @@ items page, a non-streamed turn's Response are built whole (up to tens of MiB) a
 mitmproxy, which writes them into the client socket's write buffer, where they wait as long as
 the client takes to read them: 60 clients reading a 20 MiB page a few bytes every few seconds
 held +1.7 GB (``Stalls`` cuts only a client that takes nothing). Two bounds: each such answer of
-``SMALL_ANSWER`` or more is counted in ``max_answers_waiting_mb`` (resp2chat_core/gate.py
-``BodyBudget``, as request bodies are in theirs) from its answer until it has left the write
-buffer (the sweep: its flow done and nothing waits) or its connection closes; a read (a ``GET``
+``SMALL_ANSWER`` or more (or any behind another still waiting: pipelined requests) is counted
+in ``max_answers_waiting_mb`` (resp2chat_core/gate.py ``BodyBudget``, as request bodies are in theirs) from its answer until it has left the write
+buffer (the sweep: its flow done and nothing waits; what waits is asyncio's write buffer and
+the kernel's unsent bytes, ``pending``) or its connection closes; a read (a ``GET``
 of the gateway's own endpoints) that would go past it is refused with ``503 server_overloaded``
 and ``retry-after`` (``response``: before the other addons' hooks record it), an answer the
 client paid backend tokens for is counted, never refused (``AnswersOut``, last in the addon
-chain: a turn's Response is made in http_turns.py's ``response`` hook). And a connection whose
+chain: a turn's Response is made in http_turns.py's ``response`` hook), and so is the answer of
+a request that changed something (a conversation's items added: its answer echoes them), which
+is refused instead before its work while the budget is taken (``request``). And a connection whose
 client takes such answers slower than ``min_request_body_rate_kb`` over the last
 ``header_timeout_secs`` is closed as the others are (``BodyRate``, the bytes taken: what was
 counted less what still waits), so a trickler holds its share for a window or two, not hours.
@@ -67,7 +70,14 @@ from .. import mitm_head
 from .base import META, Owner, fails_closed, log, refusal
 
 SWEEP_SECS = 1.0  # seconds between two sweeps at most (a quarter of the deadline when that is shorter)
-SMALL_ANSWER = 64 << 10  # a gateway-built answer below this is not counted in max_answers_waiting_mb
+KEPT = "answer_kept"  # flow.metadata[META] key: its answer is counted in max_answers_waiting_mb, never refused (``AnswersOut``)
+SMALL_ANSWER = 64 << 10  # a gateway-built answer below this is not counted in max_answers_waiting_mb (unless others wait)
+try:
+    import fcntl
+    import termios
+    _TIOCOUTQ = getattr(termios, "TIOCOUTQ", None)  # (Linux: a socket's unsent bytes; ``unsent``)
+except ImportError:  # (not a Unix)
+    _TIOCOUTQ = None
 
 
 @fails_closed
@@ -112,6 +122,24 @@ class HeadDeadline(Owner):
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         self.clock.head(flow.client_conn.id, flow.id)
 
+    def request(self, flow: http.HTTPFlow) -> None:
+        """A request that changes something (other than a turn: ``POST /v1/responses`` and its
+        ``/compact``) is refused here, before its work, while the answers waiting hold
+        ``max_answers_waiting_mb`` already (``503 server_overloaded``): its answer, made once the
+        work is done, is then too late to refuse (the client's retry would do it twice: add a
+        conversation's items again), so, let in, it is counted, never refused (``KEPT``). Above
+        all ``POST /v1/conversations/{id}/items``, which answers with every item it added: a
+        gzip'd body of a few KiB, MiB of answer (12 of them held past the budget, uncounted)."""
+        if flow.response is not None or flow.request.method in ("GET", "HEAD") or flow.websocket is not None:
+            return
+        found = G.endpoint(flow.request.path.split("?", 1)[0])
+        if found is None or found[0] == "responses" and found[1] in ("", "/compact"):
+            return  # (not the gateway's own, or a turn: its Response is ``KEPT`` by http_turns.py)
+        if self.answers.cap and self.answers.held >= self.answers.cap:
+            flow.response = refusal(flow, G.answers_overloaded(self.answers.cap))
+        else:
+            flow.metadata.setdefault(META, {})[KEPT] = True
+
     def response(self, flow: http.HTTPFlow) -> None:
         if flow.websocket is None:
             if flow.request.method in ("GET", "HEAD") and G.endpoint(flow.request.path.split("?", 1)[0]):
@@ -129,16 +157,20 @@ class HeadDeadline(Owner):
         """Count ``flow``'s answer, built whole by the gateway, in ``max_answers_waiting_mb``
         until it has left its connection's write buffer (``sweep_answers``); past the budget, a
         read (``must`` false) gets the refusal instead (a turn's Response, ``must``, never)."""
-        from .gate import PASSTHROUGH  # (here: gate.py imports this module)
+        from .gate import PASSTHROUGH, SHARE as G_SHARE  # (here: gate.py imports this module)
         response, conn = flow.response, flow.client_conn.id
         if (response is None or response.stream or flow.websocket is not None or conn not in self.clock
                 or flow.metadata.get(META, {}).get(PASSTHROUGH)):
             return  # (the gateway's own answers only: a passthrough's are the upstream's)
         size = len(response.raw_content or b"")
-        if size < SMALL_ANSWER or flow.id in self.out.get(conn, (0, {}))[1]:
+        pending = waiting(conn) or 0
+        # (a small one too behind others still waiting: mitmproxy answers pipelined requests one
+        # after another, read or not; 2000 of 60 KiB on one unread socket held +113 MiB, uncounted)
+        if not pending and size < SMALL_ANSWER or flow.id in self.out.get(conn, (0, {}))[1]:
             return
         self.settle(conn)  # (the answers before it on a keep-alive connection, out: given back first)
-        err = self.answers.take(flow.id, conn, size, must=must)
+        # (a client's share, as of request bodies: the gate's ``who``, where there are several)
+        err = self.answers.take(flow.id, conn, size, flow.metadata.get(META, {}).get(G_SHARE), must=must)
         if err is not None:
             flow.response = refusal(flow, err)
             return
@@ -264,7 +296,7 @@ class HeadDeadline(Owner):
         for conn, handler in handlers.items():
             io = handler.transports.get(handler.client)
             transport = getattr(io.writer, "transport", None) if io is not None else None
-            if transport is not None and self.stalls.sample(conn, transport.get_write_buffer_size(), now):
+            if transport is not None and self.stalls.sample(conn, pending(transport), now):
                 self.close(conn, f"the client took none of its answer for header_timeout_secs ({self.stalls.limit} s)",
                            abort=True)
 
@@ -287,18 +319,41 @@ def writing(conn: str) -> bool:
 
 
 def waiting(conn: str) -> int | None:
-    """The bytes waiting in the client connection's socket buffer (``conn``: its id); None when
-    it is gone (or not a live connection)."""
+    """The bytes of answers waiting for the client connection ``conn`` (its id): in asyncio's
+    write buffer and, not sent yet, in the kernel's send queue (``unsent``); None when it is gone
+    (or not a live connection)."""
     io = _io(conn)
     transport = getattr(io.writer, "transport", None) if io is not None else None
-    return transport.get_write_buffer_size() if transport is not None else None
+    return pending(transport) if transport is not None else None
+
+
+def pending(transport) -> int:
+    """What waits to be written to ``transport``'s client: asyncio's write buffer and the
+    kernel's unsent bytes. The kernel's count too: on loopback its send queue takes up to a few
+    MiB, so a client reading slowly (but reading) moves only that, not asyncio's buffer, and was
+    taken for one that reads nothing (``Stalls``) or takes nothing of its answer (the rate)."""
+    return transport.get_write_buffer_size() + unsent(transport.get_extra_info("socket"))
+
+
+def unsent(sock) -> int:
+    """The bytes the kernel holds in ``sock``'s send queue, not yet sent (Linux's ``TIOCOUTQ``);
+    0 where that cannot be asked (another system, no socket)."""
+    if sock is None or _TIOCOUTQ is None:
+        return 0
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), _TIOCOUTQ, b"\0\0\0\0"))[0]
+    except (OSError, ValueError):
+        return 0
 
 
 class AnswersOut:
     """Last in the addon chain (``HeadDeadline.running`` adds it): the answers the gateway built
     whole that ``HeadDeadline.response`` did not count, a non-streamed turn's Response above all
     (http_turns.py makes it in its own ``response`` hook, after the deadline's), are counted in
-    ``max_answers_waiting_mb``, never refused: the client paid the backend for it."""
+    ``max_answers_waiting_mb``. Those marked ``KEPT`` are counted, never refused: a turn's
+    Response (the client paid the backend for it; http_turns.py marks it) and the answer of a
+    request that changed something (``HeadDeadline.request``: refused before its work, if at
+    all). Any other (a turn's refusal, an error) is refused past the budget, as a read is."""
 
     name = "resp2chat_answers_out"
 
@@ -306,7 +361,7 @@ class AnswersOut:
         self.deadline = deadline
 
     def response(self, flow: http.HTTPFlow) -> None:
-        self.deadline.answer(flow, must=True)
+        self.deadline.answer(flow, must=bool(flow.metadata.get(META, {}).get(KEPT)))
 
 
 def close(conn: str, why: str, abort: bool = False) -> None:

@@ -45,6 +45,7 @@ from resp2chat_io import offload
 
 from .base import (ABANDON, JSON_HEADERS, META, SSE_HEADERS, TURN_HEADER, RecordText, Refusal,
                    fails_closed, json_response, log, refusal, request_id, show_url)
+from .head_deadline import KEPT
 from .turns import UNRECORDED, TurnRun, new_response_id
 
 # HTTP status and error type for a non-streaming client whose response failed, by error code
@@ -287,6 +288,7 @@ class HttpTurns:
         flow.response = http.Response.make(200, answer, {**headers, "x-request-id": request_id(flow)})
         flow.response.headers.update(limits)
         flow.metadata[META].update(replay_cache="hit", response_id=response_id, status="completed")
+        flow.metadata[META][KEPT] = True  # (a turn's answer, stored: counted in max_answers_waiting_mb, never refused)
         flow.comment = f"replay cache hit · {response_id}"
         if items is not None:
             final = final_response(answer) if stream else json.loads(answer)
@@ -412,6 +414,7 @@ class HttpTurns:
                 result = compaction.compacted(result, run.turn.items)
             status, body = 200, json.dumps(result, ensure_ascii=False).encode()
         flow.response = json_response(status, scrub(body, run.secrets), x_request_id=run.request_id)
+        flow.metadata[META][KEPT] = True  # (paid for: counted in max_answers_waiting_mb, never refused)
         flow.response.headers.update(run.limits)
         if wait is not None:
             flow.response.headers.update(retry_headers(wait))
