@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from resp2chat_core.gate import BodyBudget, answers_overloaded
+from resp2chat_core.gate import BodyBudget, answers_overloaded, client_answers_overloaded
 from resp2chat_core.head_deadline import MAX_WAITING, MIN_BODY_RATE, BodyRate, HeadDeadline
 from resp2chat_io.demo_upstream import serve_in_thread
 
@@ -434,6 +434,12 @@ def test_the_answers_budget_refuses_a_read_past_it_and_counts_a_paid_answer_alwa
     budget.give_back("turn")
     budget.give_back("read3")
     assert budget.held == 0 and budget.take("huge", "c4", 10**6) is None  # (one always, when none other waits)
+    # a client past its half is told of the answers' share, not of request bodies (the re-read)
+    shared = BodyBudget(cap=100, overloaded=answers_overloaded, share_overloaded=client_answers_overloaded)
+    assert shared.take("a", "c1", 30, "alice") is None
+    mine = shared.take("b", "c2", 30, "alice")
+    assert (mine.status, mine.code, mine.param) == (429, "rate_limit_exceeded", "max_answers_waiting_mb"), mine
+    assert "max_request_bodies_mb" not in mine.message and "answers" in mine.message, mine.message
 
 
 def test_the_rate_rule_on_an_answer_counts_the_bytes_taken():
@@ -1083,6 +1089,7 @@ def test_one_client_holds_at_most_half_of_the_answers_budget(upstream, gateway_f
         assert holder.recv(64).startswith(b"HTTP/1.1 200")
         second = requests.get(f"{gw.base_url}/conversations/{convs[0]}/items", headers=auth[0], timeout=30)
         assert second.status_code == 429 and second.json()["error"]["code"] == "rate_limit_exceeded", second.status_code
+        assert second.json()["error"]["param"] == "max_answers_waiting_mb", second.text  # (not request bodies')
         assert second.headers["retry-after"] == "1"
         other = requests.get(f"{gw.base_url}/conversations/{convs[1]}/items", headers=auth[1], timeout=30)
         assert other.status_code == 200  # (bob: the other half is his)

@@ -22,7 +22,8 @@ Each check returns ``None`` (let it in) or the ``GatewayError`` the client gets;
   sizes (``max_request_bodies_mb``): one that would go past it is refused (``bodies_overloaded``),
   and so is one past its client's half of it (``client_bodies_overloaded``). The same budget
   bounds the gateway's own large answers waiting for their clients (``max_answers_waiting_mb``,
-  ``answers_overloaded``: resp2chat_io/addons/head_deadline.py counts them).
+  ``answers_overloaded``, a client past its half ``client_answers_overloaded``:
+  resp2chat_io/addons/head_deadline.py counts them).
 """
 
 from __future__ import annotations
@@ -84,9 +85,10 @@ class BodyBudget:
 
     Requests and their connections are named by the caller (a flow id, a client id)."""
 
-    def __init__(self, cap: int, overloaded=None) -> None:
+    def __init__(self, cap: int, overloaded=None, share_overloaded=None) -> None:
         self.cap = cap  # bytes; 0: no cap (still counted)
         self.overloaded = overloaded or bodies_overloaded  # the refusal past ``cap`` (given ``cap``)
+        self.share_overloaded = share_overloaded or client_bodies_overloaded  # past a client's half
         self.held = 0
         self._taken: dict[Hashable, tuple[Hashable, int, Hashable]] = {}  # request -> (its connection, size, who)
         self._on: dict[Hashable, set] = {}  # connection -> its requests counted
@@ -108,7 +110,7 @@ class BodyBudget:
             return self.overloaded(self.cap)
         mine = self._by.get(who, 0) if who is not None else 0
         if self.cap and mine and mine + size > self.cap // 2 and not must:
-            return client_bodies_overloaded(self.cap)
+            return self.share_overloaded(self.cap)
         self._taken[request] = (conn, size, who)
         self._on.setdefault(conn, set()).add(request)
         self.held += size
@@ -154,6 +156,13 @@ def client_bodies_overloaded(cap: int) -> GatewayError:
     return GatewayError(f"your requests' bodies arriving at once already take your share of what this gateway "
                         f"receives at once (half of max_request_bodies_mb {cap >> 20} MiB). Please try again in {BODIES_RETRY_SECS}s.",
                         param="max_request_bodies_mb", code="rate_limit_exceeded", status=429, type="requests",
+                        retry_after=BODIES_RETRY_SECS)
+
+
+def client_answers_overloaded(cap: int) -> GatewayError:
+    return GatewayError(f"your large answers waiting to be read already take your share of what this gateway holds "
+                        f"for its clients at once (half of max_answers_waiting_mb {cap >> 20} MiB). Please try again in {BODIES_RETRY_SECS}s.",
+                        param="max_answers_waiting_mb", code="rate_limit_exceeded", status=429, type="requests",
                         retry_after=BODIES_RETRY_SECS)
 
 

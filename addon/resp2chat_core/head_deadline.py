@@ -105,7 +105,7 @@ class Stalls:
     reads no more once 1 MiB waits): nothing grows, but nothing ends either. Its turn, its client's
     ``max_streams`` slot and the backend's request were held for as long as the socket lived.
     Sampled about once a second (``sample``): ``pending``, the bytes waiting for the client (in
-    asyncio's write buffer and, unsent, in the kernel's send queue), does not change while the
+    asyncio's write buffer and, not acknowledged yet, in the kernel's send queue), does not change while the
     client reads nothing (nothing can be sent); a client that reads, however slowly, changes it.
     Both buffers: on loopback the kernel's queue takes up to a few MiB, and a client reading
     steadily moves only that one for many seconds (taken, with asyncio's alone, for one that
@@ -156,7 +156,7 @@ class BodyRate:
     (a stored response, a conversation's items page, a non-streamed turn's Response: whole, in
     its connection's write buffer, counted by ``max_answers_waiting_mb``): the bytes "arrived"
     are the bytes taken (the answers' size less what still waits: asyncio's buffer and the
-    kernel's unsent bytes, as ``Stalls`` counts them), ``since`` the
+    kernel's bytes not acknowledged yet, as ``Stalls`` counts them), ``since`` the
     first answer's time. A client reading a few bytes every few seconds defeats ``Stalls`` (what
     waits changes) but not this: it is closed after a window or two, its answer let go. The
     trade-off: a genuinely slow link (below the rate) cannot read a large page; it can read it in

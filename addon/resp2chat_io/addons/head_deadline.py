@@ -40,7 +40,7 @@ held +1.7 GB (``Stalls`` cuts only a client that takes nothing). Two bounds: eac
 ``SMALL_ANSWER`` or more (or any behind another still waiting: pipelined requests) is counted
 in ``max_answers_waiting_mb`` (resp2chat_core/gate.py ``BodyBudget``, as request bodies are in theirs) from its answer until it has left the write
 buffer (the sweep: its flow done and nothing waits; what waits is asyncio's write buffer and
-the kernel's unsent bytes, ``pending``) or its connection closes; a read (a ``GET``
+the kernel's bytes the client has not acknowledged, ``pending``) or its connection closes; a read (a ``GET``
 of the gateway's own endpoints) that would go past it is refused with ``503 server_overloaded``
 and ``retry-after`` (``response``: before the other addons' hooks record it), an answer the
 client paid backend tokens for is counted, never refused (``AnswersOut``, last in the addon
@@ -75,7 +75,7 @@ SMALL_ANSWER = 64 << 10  # a gateway-built answer below this is not counted in m
 try:
     import fcntl
     import termios
-    _TIOCOUTQ = getattr(termios, "TIOCOUTQ", None)  # (Linux: a socket's unsent bytes; ``unsent``)
+    _TIOCOUTQ = getattr(termios, "TIOCOUTQ", None)  # (Linux: a socket's bytes not acknowledged yet; ``unsent``)
 except ImportError:  # (not a Unix)
     _TIOCOUTQ = None
 
@@ -90,7 +90,8 @@ class HeadDeadline(Owner):
         self.clock = Clock(self.s["header_timeout_secs"])
         self.stalls = Stalls(self.s["header_timeout_secs"])
         self.bodies = BodyRate(self.s["header_timeout_secs"], self.s["min_request_body_rate_kb"] << 10)
-        self.answers = G.BodyBudget(self.s["max_answers_waiting_mb"] << 20, overloaded=G.answers_overloaded)
+        self.answers = G.BodyBudget(self.s["max_answers_waiting_mb"] << 20, overloaded=G.answers_overloaded,
+                                    share_overloaded=G.client_answers_overloaded)
         self.taking = BodyRate(self.s["header_timeout_secs"], self.s["min_request_body_rate_kb"] << 10)
         self.out: dict[str, tuple[float, dict[str, weakref.ref]]] = {}  # client id -> (since, its answers counted)
         self.dropped = False  # a connection was cut holding a large answer since the last sweep (``sweep_answers``)
@@ -320,7 +321,7 @@ def writing(conn: str) -> bool:
 
 def waiting(conn: str) -> int | None:
     """The bytes of answers waiting for the client connection ``conn`` (its id): in asyncio's
-    write buffer and, not sent yet, in the kernel's send queue (``unsent``); None when it is gone
+    write buffer and, not acknowledged by the client yet, in the kernel's send queue (``unsent``); None when it is gone
     (or not a live connection)."""
     io = _io(conn)
     transport = getattr(io.writer, "transport", None) if io is not None else None
@@ -329,14 +330,14 @@ def waiting(conn: str) -> int | None:
 
 def pending(transport) -> int:
     """What waits to be written to ``transport``'s client: asyncio's write buffer and the
-    kernel's unsent bytes. The kernel's count too: on loopback its send queue takes up to a few
+    kernel's bytes the client has not acknowledged. The kernel's count too: on loopback its send queue takes up to a few
     MiB, so a client reading slowly (but reading) moves only that, not asyncio's buffer, and was
     taken for one that reads nothing (``Stalls``) or takes nothing of its answer (the rate)."""
     return transport.get_write_buffer_size() + unsent(transport.get_extra_info("socket"))
 
 
 def unsent(sock) -> int:
-    """The bytes the kernel holds in ``sock``'s send queue, not yet sent (Linux's ``TIOCOUTQ``);
+    """The bytes the kernel holds in ``sock``'s send queue, not acknowledged by the client yet (Linux's ``TIOCOUTQ``: sent or not; in flight on a slow network too);
     0 where that cannot be asked (another system, no socket)."""
     if sock is None or _TIOCOUTQ is None:
         return 0
